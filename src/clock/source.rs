@@ -1,0 +1,161 @@
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use governor::nanos::Nanos;
+
+/// The time source of an engine: wall-clock time for periods and windows, and a monotonic
+/// reading for the token buckets.
+///
+/// [`Clock::system`] is the default. [`Clock::fake`] returns a clock driven by a
+/// [`FakeClock`] handle, so tests can cross minute, day and month boundaries at will.
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::clock::Clock;
+/// let (clock, handle) = Clock::fake_at_unix(1_767_225_599); // 2025-12-31T23:59:59Z
+/// handle.advance(Duration::from_secs(1));
+/// assert_eq!(clock.unix_secs(), 1_767_225_600); // 2026-01-01T00:00:00Z
+/// ```
+#[derive(Clone)]
+pub struct Clock {
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    System {
+        quanta: quanta::Clock,
+        start: quanta::Instant,
+    },
+    Fake(FakeClock),
+}
+
+impl Clock {
+    /// The system clock (`SystemTime` for wall time, `quanta` for the monotonic reading).
+    pub fn system() -> Self {
+        let quanta = quanta::Clock::new();
+        let start = quanta.now();
+        Self {
+            inner: Inner::System { quanta, start },
+        }
+    }
+
+    /// A fake clock starting at the current wall time, and the handle that moves it.
+    pub fn fake() -> (Self, FakeClock) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self::fake_at_unix(now.as_secs() as i64)
+    }
+
+    /// A fake clock starting at `unix_secs`, and the handle that moves it.
+    pub fn fake_at_unix(unix_secs: i64) -> (Self, FakeClock) {
+        let handle = FakeClock {
+            nanos: Arc::new(AtomicI64::new(unix_secs.saturating_mul(1_000_000_000))),
+        };
+        (
+            Self {
+                inner: Inner::Fake(handle.clone()),
+            },
+            handle,
+        )
+    }
+
+    /// Wall-clock time in nanoseconds since the Unix epoch.
+    #[inline]
+    pub fn unix_nanos(&self) -> i64 {
+        match &self.inner {
+            Inner::System { .. } => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)),
+            Inner::Fake(f) => f.nanos.load(Ordering::Acquire),
+        }
+    }
+
+    /// Wall-clock time in whole seconds since the Unix epoch.
+    #[inline]
+    pub fn unix_secs(&self) -> i64 {
+        self.unix_nanos().div_euclid(1_000_000_000)
+    }
+
+    /// Whether this is a fake clock.
+    pub fn is_fake(&self) -> bool {
+        matches!(self.inner, Inner::Fake(_))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::system()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::System { .. } => f.write_str("Clock::System"),
+            Inner::Fake(c) => f
+                .debug_tuple("Clock::Fake")
+                .field(&c.nanos.load(Ordering::Relaxed))
+                .finish(),
+        }
+    }
+}
+
+impl governor::clock::Clock for Clock {
+    type Instant = Nanos;
+
+    #[inline]
+    fn now(&self) -> Nanos {
+        match &self.inner {
+            Inner::System { quanta, start } => Nanos::from(quanta.now().duration_since(*start)),
+            // The fake monotonic reading follows the fake wall time (which only moves forward).
+            Inner::Fake(f) => Nanos::from(f.nanos.load(Ordering::Acquire).max(0) as u64),
+        }
+    }
+}
+
+impl governor::clock::ReasonablyRealtime for Clock {}
+
+/// The handle of a fake [`Clock`]: moves its time forward.
+#[derive(Clone)]
+pub struct FakeClock {
+    nanos: Arc<AtomicI64>,
+}
+
+impl FakeClock {
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        let by = i64::try_from(by.as_nanos()).unwrap_or(i64::MAX);
+        self.nanos.fetch_add(by, Ordering::AcqRel);
+    }
+
+    /// Moves the clock forward to `unix_secs`.
+    ///
+    /// # Panics
+    /// If that is earlier than the clock's current time: fake time never goes back.
+    pub fn set_unix(&self, unix_secs: i64) {
+        let target = unix_secs.saturating_mul(1_000_000_000);
+        let prev = self.nanos.fetch_max(target, Ordering::AcqRel);
+        assert!(prev <= target, "a fake clock never goes back in time");
+    }
+
+    /// The current fake time, in seconds since the Unix epoch.
+    pub fn unix_secs(&self) -> i64 {
+        self.nanos.load(Ordering::Acquire).div_euclid(1_000_000_000)
+    }
+}
+
+impl fmt::Debug for FakeClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FakeClock")
+            .field(&self.nanos.load(Ordering::Relaxed))
+            .finish()
+    }
+}

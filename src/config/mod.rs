@@ -1,0 +1,323 @@
+//! Configuration: plans, meters, routes and tenant identification, read from one TOML file.
+//!
+//! The file is parsed once into typed values ([`Config`]); nothing at request time looks at
+//! strings from the file. Every error names the file, line, column and key path, and unknown
+//! keys are errors. The complete reference is `docs/configuration.md`.
+
+mod error;
+mod raw;
+mod validate;
+mod values;
+
+use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, time::Duration};
+
+pub use error::{ConfigError, ConfigErrorKind};
+pub use values::{
+    HeaderStyle, Identify, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError,
+    StatusSet, StoreErrorPolicy, TenantId,
+};
+
+/// A parsed and validated configuration.
+///
+/// ```
+/// let config = tollgate::Config::from_toml_str(r#"
+///     [plans.free]
+///     rate = "10/s"
+///     burst = 20
+///     quotas.requests = { limit = 1000, period = "day", mode = "hard" }
+///
+///     [tenants.acme]
+///     plan = "free"
+///     keys = ["tg_test_acme"]
+/// "#).unwrap();
+/// assert_eq!(config.plans().len(), 1);
+/// assert_eq!(config.plan(&"free".into()).unwrap().burst().get(), 20);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) identify: Identify,
+    pub(crate) on_unknown: OnUnknown,
+    pub(crate) limits: Limits,
+    pub(crate) usage: UsageSettings,
+    pub(crate) meters: Vec<MeterSpec>,
+    pub(crate) default_meter: MeterId,
+    pub(crate) plans: BTreeMap<PlanId, PlanSpec>,
+    pub(crate) routes: Vec<RouteSpec>,
+    pub(crate) tenants: Vec<TenantSpec>,
+}
+
+/// Bounds on the engine's memory and the response headers.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// The most tenants whose state is kept; idle tenants beyond it are evicted.
+    pub max_tenants: usize,
+    /// A tenant not seen for this long is evicted (its usage flushed, its lease returned).
+    pub idle_timeout: Duration,
+    /// Which rate-limit headers responses carry.
+    pub headers: HeaderStyle,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_window: Duration,
+    /// The most `Idempotency-Key`s remembered at once.
+    pub idempotency_capacity: u64,
+}
+
+/// How usage is aggregated, flushed and billed.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct UsageSettings {
+    /// How often the worker writes aggregated usage to the store.
+    pub flush_interval: Duration,
+    /// The length of an aggregation window (one billing meter event per tenant, meter, window).
+    pub window: Duration,
+    /// How long after its end a window is exported (late usage still lands in it).
+    pub grace: Duration,
+    /// Which statuses are billed; the others give their units back.
+    pub billable: StatusSet,
+    /// The default policy when the store cannot be reached.
+    pub on_store_error: StoreErrorPolicy,
+    /// How long a request may wait on the store before `on_store_error` applies.
+    pub store_timeout: Duration,
+}
+
+/// A meter: something that is counted and billed.
+#[derive(Debug, Clone)]
+pub struct MeterSpec {
+    pub(crate) id: MeterId,
+    pub(crate) event_name: String,
+    pub(crate) description: Option<String>,
+}
+
+impl MeterSpec {
+    /// The meter's name.
+    pub fn id(&self) -> &MeterId {
+        &self.id
+    }
+
+    /// The billing event name (the Stripe meter's `event_name`); the meter's name by default.
+    pub fn event_name(&self) -> &str {
+        &self.event_name
+    }
+
+    /// The free-text description, if any.
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+}
+
+/// A plan: a rate with its burst, and quotas per meter.
+#[derive(Debug, Clone)]
+pub struct PlanSpec {
+    pub(crate) id: PlanId,
+    pub(crate) rate: Option<Rate>,
+    pub(crate) burst: NonZeroU32,
+    pub(crate) on_store_error: Option<StoreErrorPolicy>,
+    pub(crate) quotas: BTreeMap<MeterId, QuotaSpec>,
+}
+
+impl PlanSpec {
+    /// The plan's name.
+    pub fn id(&self) -> &PlanId {
+        &self.id
+    }
+
+    /// The sustained rate, or `None` when the plan has no rate limit.
+    pub fn rate(&self) -> Option<Rate> {
+        self.rate
+    }
+
+    /// How many cells may be spent at once (defaults to the rate's count).
+    pub fn burst(&self) -> NonZeroU32 {
+        self.burst
+    }
+
+    /// The plan's policy when the store cannot be reached, if it overrides the global one.
+    pub fn on_store_error(&self) -> Option<StoreErrorPolicy> {
+        self.on_store_error
+    }
+
+    /// The quotas of the plan, by meter.
+    pub fn quotas(&self) -> &BTreeMap<MeterId, QuotaSpec> {
+        &self.quotas
+    }
+}
+
+/// A quota on one meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaSpec {
+    pub(crate) limit: NonZeroU64,
+    pub(crate) period: Period,
+    pub(crate) mode: QuotaMode,
+    pub(crate) lease: NonZeroU64,
+}
+
+impl QuotaSpec {
+    /// Units allowed per period.
+    pub fn limit(&self) -> NonZeroU64 {
+        self.limit
+    }
+
+    /// The calendar period.
+    pub fn period(&self) -> Period {
+        self.period
+    }
+
+    /// Hard (reject) or soft (admit and count overage).
+    pub fn mode(&self) -> QuotaMode {
+        self.mode
+    }
+
+    /// How many units a node reserves from the store at once.
+    pub fn lease(&self) -> NonZeroU64 {
+        self.lease
+    }
+}
+
+/// A route rule: method and path pattern, to a meter and a cost.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub(crate) method: Option<http::Method>,
+    pub(crate) pattern: crate::plan::RoutePattern,
+    pub(crate) meter: MeterId,
+    pub(crate) cost: NonZeroU32,
+}
+
+impl RouteSpec {
+    /// The method matched, or `None` for any method.
+    pub fn method(&self) -> Option<&http::Method> {
+        self.method.as_ref()
+    }
+
+    /// The path pattern as written.
+    pub fn path(&self) -> &str {
+        self.pattern.as_str()
+    }
+
+    /// The meter charged.
+    pub fn meter(&self) -> &MeterId {
+        &self.meter
+    }
+
+    /// Units charged (and rate cells spent) per request.
+    pub fn cost(&self) -> NonZeroU32 {
+        self.cost
+    }
+}
+
+/// A tenant declared in the file (for development and small deployments).
+#[derive(Clone)]
+pub struct TenantSpec {
+    pub(crate) id: TenantId,
+    pub(crate) plan: PlanId,
+    pub(crate) key_hashes: Vec<crate::tenant::KeyHash>,
+    pub(crate) stripe_customer: Option<String>,
+}
+
+impl std::fmt::Debug for TenantSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantSpec")
+            .field("id", &self.id)
+            .field("plan", &self.plan)
+            .field("keys", &self.key_hashes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TenantSpec {
+    /// The tenant's identifier.
+    pub fn id(&self) -> &TenantId {
+        &self.id
+    }
+
+    /// The tenant's plan.
+    pub fn plan(&self) -> &PlanId {
+        &self.plan
+    }
+
+    /// The SHA-256 hashes of the tenant's API keys (keys are never kept in clear).
+    pub fn key_hashes(&self) -> &[crate::tenant::KeyHash] {
+        &self.key_hashes
+    }
+
+    /// The tenant's Stripe customer id, if declared.
+    pub fn stripe_customer(&self) -> Option<&str> {
+        self.stripe_customer.as_deref()
+    }
+}
+
+impl Config {
+    /// Reads and validates the TOML file at `path`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, line, column and key of the first problem.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                ConfigErrorKind::Io,
+                "",
+                format!("cannot read the file: {e}"),
+            )
+            .in_file(Some(path.to_owned()))
+        })?;
+        validate::parse(&text).map_err(|e| e.in_file(Some(path.to_owned())))
+    }
+
+    /// Parses and validates a TOML document.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the line, column and key of the first problem.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        validate::parse(text)
+    }
+
+    /// How tenants are identified.
+    pub fn identify(&self) -> &Identify {
+        &self.identify
+    }
+
+    /// What a request with a missing or unknown tenant gets.
+    pub fn on_unknown(&self) -> &OnUnknown {
+        &self.on_unknown
+    }
+
+    /// Memory bounds and header style.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Usage aggregation, flushing and billing settings.
+    pub fn usage(&self) -> &UsageSettings {
+        &self.usage
+    }
+
+    /// The declared meters (`requests` always exists).
+    pub fn meters(&self) -> &[MeterSpec] {
+        &self.meters
+    }
+
+    /// The meter charged by requests that match no route.
+    pub fn default_meter(&self) -> &MeterId {
+        &self.default_meter
+    }
+
+    /// The plans, by name.
+    pub fn plans(&self) -> &BTreeMap<PlanId, PlanSpec> {
+        &self.plans
+    }
+
+    /// One plan by name.
+    pub fn plan(&self, id: &PlanId) -> Option<&PlanSpec> {
+        self.plans.get(id)
+    }
+
+    /// The route rules, in the order they are matched (the first match wins).
+    pub fn routes(&self) -> &[RouteSpec] {
+        &self.routes
+    }
+
+    /// The tenants declared in the file.
+    pub fn tenants(&self) -> &[TenantSpec] {
+        &self.tenants
+    }
+}

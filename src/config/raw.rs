@@ -1,0 +1,102 @@
+//! The TOML document as written, before validation. Every table denies unknown keys.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub(crate) identify: RawIdentify,
+    #[serde(default)]
+    pub(crate) limits: RawLimits,
+    #[serde(default)]
+    pub(crate) usage: RawUsage,
+    #[serde(default)]
+    pub(crate) meters: BTreeMap<String, RawMeter>,
+    #[serde(default)]
+    pub(crate) plans: BTreeMap<String, RawPlan>,
+    #[serde(default)]
+    pub(crate) routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub(crate) tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawIdentify {
+    pub(crate) source: Option<String>,
+    pub(crate) header: Option<String>,
+    pub(crate) unknown: Option<String>,
+    pub(crate) anonymous_plan: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub(crate) max_tenants: Option<u64>,
+    pub(crate) idle_timeout: Option<String>,
+    pub(crate) headers: Option<String>,
+    pub(crate) idempotency_window: Option<String>,
+    pub(crate) idempotency_capacity: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUsage {
+    pub(crate) flush_interval: Option<String>,
+    pub(crate) window: Option<String>,
+    pub(crate) grace: Option<String>,
+    pub(crate) billable: Option<Vec<String>>,
+    pub(crate) on_store_error: Option<String>,
+    pub(crate) store_timeout: Option<String>,
+    pub(crate) default_meter: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMeter {
+    pub(crate) description: Option<String>,
+    pub(crate) event_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPlan {
+    pub(crate) rate: Option<String>,
+    pub(crate) burst: Option<i64>,
+    pub(crate) on_store_error: Option<String>,
+    #[serde(default)]
+    pub(crate) quotas: BTreeMap<String, RawQuota>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawQuota {
+    pub(crate) limit: i64,
+    pub(crate) period: String,
+    pub(crate) mode: Option<String>,
+    pub(crate) anchor_day: Option<i64>,
+    pub(crate) lease: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub(crate) method: Option<String>,
+    pub(crate) path: String,
+    pub(crate) meter: Option<String>,
+    pub(crate) cost: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTenant {
+    pub(crate) plan: String,
+    #[serde(default)]
+    pub(crate) keys: Vec<String>,
+    #[serde(default)]
+    pub(crate) key_sha256: Vec<String>,
+    pub(crate) stripe_customer: Option<String>,
+}

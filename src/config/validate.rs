@@ -1,0 +1,673 @@
+//! From the TOML text to a validated [`Config`], with positions for every error.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    num::{NonZeroU32, NonZeroU64},
+    time::Duration,
+};
+
+use toml::de::{DeTable, DeValue};
+
+use super::{
+    raw::{RawConfig, RawPlan, RawQuota},
+    Config, ConfigError, ConfigErrorKind as Kind, HeaderStyle, Identify, Limits, MeterId,
+    MeterSpec, OnUnknown, Period, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec,
+    StatusSet, StoreErrorPolicy, TenantId, TenantSpec, UsageSettings,
+};
+use crate::{plan::RoutePattern, tenant::KeyHash};
+
+/// The document with spans, to place errors found after deserialization.
+struct Located<'a> {
+    text: &'a str,
+    root: Option<DeValue<'a>>,
+}
+
+impl Located<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, column)
+    }
+
+    /// The position of the value at `path` (dotted, with `[i]` for array items), or of its
+    /// closest ancestor present in the document.
+    fn find(&self, path: &str) -> Option<(usize, usize)> {
+        let mut node = self.root.as_ref()?;
+        let mut span = None;
+        for segment in split_path(path) {
+            let next = match segment {
+                Segment::Key(k) => node.get(k),
+                Segment::Index(i) => node.get(i),
+            };
+            match next {
+                Some(spanned) => {
+                    span = Some(spanned.span());
+                    node = spanned.get_ref();
+                }
+                None => break,
+            }
+        }
+        span.map(|s| self.position(s.start))
+    }
+
+    fn error(&self, kind: Kind, path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::new(kind, path, message).at(self.find(path))
+    }
+}
+
+enum Segment<'p> {
+    Key(&'p str),
+    Index(usize),
+}
+
+fn split_path(path: &str) -> impl Iterator<Item = Segment<'_>> {
+    path.split('.').filter(|s| !s.is_empty()).flat_map(|part| {
+        let (key, rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
+        let index = rest.trim_end_matches(']').parse().ok();
+        std::iter::once(Segment::Key(key)).chain(index.map(Segment::Index))
+    })
+}
+
+pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => {
+            let loc = Located { text, root: None };
+            let pos = e.span().map(|s| loc.position(s.start));
+            return Err(ConfigError::new(Kind::Syntax, "", e.message().trim().to_owned()).at(pos));
+        }
+    };
+    let loc = Located {
+        text,
+        root: Some(DeValue::Table(root.get_ref().clone())),
+    };
+    let raw: RawConfig = {
+        let de = toml::Deserializer::from(root);
+        serde_path_to_error::deserialize(de).map_err(|e| serde_error(&loc, e))?
+    };
+    Validator { loc: &loc }.config(raw)
+}
+
+fn serde_error(loc: &Located<'_>, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
+    let mut path = e.path().to_string();
+    if path == "." {
+        path.clear();
+    }
+    let inner = e.into_inner();
+    let message = inner.message().trim().to_owned();
+    let (kind, path) = match message.strip_prefix("unknown field `") {
+        Some(rest) => {
+            let field = rest.split('`').next().unwrap_or_default();
+            let full = if path.is_empty() {
+                field.to_owned()
+            } else if path == field || path.ends_with(&format!(".{field}")) {
+                path
+            } else {
+                format!("{path}.{field}")
+            };
+            (Kind::UnknownKey, full)
+        }
+        None => (Kind::InvalidValue, path),
+    };
+    let pos = inner
+        .span()
+        .map(|s| loc.position(s.start))
+        .or_else(|| loc.find(&path));
+    ConfigError::new(kind, path, message).at(pos)
+}
+
+struct Validator<'l, 'a> {
+    loc: &'l Located<'a>,
+}
+
+impl Validator<'_, '_> {
+    fn invalid(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        self.loc.error(Kind::InvalidValue, path, message)
+    }
+
+    fn duration(
+        &self,
+        path: &str,
+        value: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let d = humantime::parse_duration(value).map_err(|e| {
+            self.invalid(
+                path,
+                format!("{e}: write a duration such as \"10s\", \"15m\", \"1h\""),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.invalid(path, "must be longer than zero"));
+        }
+        Ok(d)
+    }
+
+    fn policy(&self, path: &str, value: &str) -> Result<StoreErrorPolicy, ConfigError> {
+        match value {
+            "fail-open" => Ok(StoreErrorPolicy::FailOpen),
+            "fail-closed" => Ok(StoreErrorPolicy::FailClosed),
+            _ => Err(self.invalid(path, "expected \"fail-open\" or \"fail-closed\"")),
+        }
+    }
+
+    fn positive(&self, path: &str, value: i64) -> Result<NonZeroU64, ConfigError> {
+        u64::try_from(value)
+            .ok()
+            .and_then(NonZeroU64::new)
+            .ok_or_else(|| {
+                self.invalid(
+                    path,
+                    format!("must be a whole number of at least 1, not {value}"),
+                )
+            })
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        // Meters: `requests` always exists.
+        let mut meters = vec![MeterSpec {
+            id: "requests".into(),
+            event_name: "requests".into(),
+            description: None,
+        }];
+        for (name, m) in &raw.meters {
+            let path = format!("meters.{name}");
+            check_name(self, &path, name)?;
+            let spec = MeterSpec {
+                id: name.as_str().into(),
+                event_name: m.event_name.clone().unwrap_or_else(|| name.clone()),
+                description: m.description.clone(),
+            };
+            if name == "requests" {
+                meters[0] = spec;
+            } else {
+                meters.push(spec);
+            }
+        }
+        if meters.len() > 64 {
+            return Err(self.invalid("meters", "at most 64 meters may be declared"));
+        }
+        let meter_ids: HashSet<&str> = meters.iter().map(|m| m.id.as_str()).collect();
+        let meter_ref = |path: &str, name: &str| -> Result<MeterId, ConfigError> {
+            if meter_ids.contains(name) {
+                Ok(name.into())
+            } else {
+                Err(self.loc.error(
+                    Kind::UnknownReference,
+                    path,
+                    format!("unknown meter `{name}`: declare it under [meters]"),
+                ))
+            }
+        };
+
+        let default_meter = meter_ref(
+            "usage.default_meter",
+            raw.usage.default_meter.as_deref().unwrap_or("requests"),
+        )?;
+
+        // Plans.
+        let mut plans = BTreeMap::new();
+        for (name, p) in &raw.plans {
+            check_name(self, &format!("plans.{name}"), name)?;
+            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, &meter_ref)?);
+        }
+        let plan_ref = |path: &str, name: &str| -> Result<PlanId, ConfigError> {
+            let id = PlanId::from(name);
+            if plans.contains_key(&id) {
+                Ok(id)
+            } else {
+                Err(self.loc.error(
+                    Kind::UnknownReference,
+                    path,
+                    format!("unknown plan `{name}`: declare it under [plans]"),
+                ))
+            }
+        };
+
+        // Identification.
+        let identify = match raw.identify.source.as_deref().unwrap_or("api-key") {
+            "api-key" => {
+                let header = raw.identify.header.as_deref().unwrap_or("x-api-key");
+                let header = http::HeaderName::try_from(header).map_err(|_| {
+                    self.invalid(
+                        "identify.header",
+                        format!("`{header}` is not a valid header name"),
+                    )
+                })?;
+                Identify::ApiKey { header }
+            }
+            "extension" => {
+                if raw.identify.header.is_some() {
+                    return Err(
+                        self.invalid("identify.header", "only used with source = \"api-key\"")
+                    );
+                }
+                Identify::Extension
+            }
+            _ => {
+                return Err(self.invalid("identify.source", "expected \"api-key\" or \"extension\""))
+            }
+        };
+        let on_unknown = match (
+            raw.identify.unknown.as_deref().unwrap_or("reject"),
+            &raw.identify.anonymous_plan,
+        ) {
+            ("reject", None) => OnUnknown::Reject,
+            ("reject", Some(_)) => {
+                return Err(self.invalid(
+                    "identify.anonymous_plan",
+                    "only used with unknown = \"anonymous\"",
+                ))
+            }
+            ("anonymous", Some(plan)) => {
+                OnUnknown::Anonymous(plan_ref("identify.anonymous_plan", plan)?)
+            }
+            ("anonymous", None) => {
+                return Err(self.invalid(
+                    "identify.unknown",
+                    "unknown = \"anonymous\" needs anonymous_plan",
+                ))
+            }
+            _ => {
+                return Err(self.invalid("identify.unknown", "expected \"reject\" or \"anonymous\""))
+            }
+        };
+
+        // Limits.
+        let l = &raw.limits;
+        let limits = Limits {
+            max_tenants: match l.max_tenants {
+                None => 100_000,
+                Some(0) => return Err(self.invalid("limits.max_tenants", "must be at least 1")),
+                Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            idle_timeout: self.duration(
+                "limits.idle_timeout",
+                l.idle_timeout.as_deref(),
+                Duration::from_secs(15 * 60),
+            )?,
+            headers: match l.headers.as_deref().unwrap_or("draft") {
+                "draft" => HeaderStyle::Draft,
+                "legacy" => HeaderStyle::Legacy,
+                "none" => HeaderStyle::None,
+                _ => {
+                    return Err(self.invalid(
+                        "limits.headers",
+                        "expected \"draft\", \"legacy\" or \"none\"",
+                    ))
+                }
+            },
+            idempotency_window: self.duration(
+                "limits.idempotency_window",
+                l.idempotency_window.as_deref(),
+                Duration::from_secs(24 * 3600),
+            )?,
+            idempotency_capacity: match l.idempotency_capacity {
+                None => 100_000,
+                Some(0) => {
+                    return Err(self.invalid("limits.idempotency_capacity", "must be at least 1"))
+                }
+                Some(n) => n,
+            },
+        };
+
+        // Usage.
+        let u = &raw.usage;
+        let mut billable = StatusSet::empty();
+        match &u.billable {
+            None => billable = StatusSet::default(),
+            Some(list) => {
+                for (i, item) in list.iter().enumerate() {
+                    let path = format!("usage.billable[{i}]");
+                    let (from, to) = item.split_once('-').unwrap_or((item, item));
+                    let parse = |s: &str| {
+                        s.trim()
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|c| (100..600).contains(c))
+                    };
+                    match (parse(from), parse(to)) {
+                        (Some(a), Some(b)) if a <= b => billable.insert_range(a, b),
+                        _ => {
+                            return Err(self.invalid(
+                                &path,
+                                "expected a status such as \"200\" or a range such as \"200-499\"",
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        let usage = UsageSettings {
+            flush_interval: self.duration(
+                "usage.flush_interval",
+                u.flush_interval.as_deref(),
+                Duration::from_secs(10),
+            )?,
+            window: self.duration(
+                "usage.window",
+                u.window.as_deref(),
+                Duration::from_secs(3600),
+            )?,
+            grace: self.duration("usage.grace", u.grace.as_deref(), Duration::from_secs(300))?,
+            billable,
+            on_store_error: match &u.on_store_error {
+                Some(v) => self.policy("usage.on_store_error", v)?,
+                None => StoreErrorPolicy::FailOpen,
+            },
+            store_timeout: self.duration(
+                "usage.store_timeout",
+                u.store_timeout.as_deref(),
+                Duration::from_millis(250),
+            )?,
+        };
+        if usage.window.as_secs() == 0
+            || usage.window.subsec_nanos() != 0
+            || 86_400 % usage.window.as_secs() != 0
+        {
+            return Err(self.invalid("usage.window", "must be a whole number of seconds that divides a day (such as \"1m\", \"15m\", \"1h\")"));
+        }
+        if usage.flush_interval >= usage.window {
+            return Err(self.invalid("usage.flush_interval", "must be shorter than usage.window"));
+        }
+
+        // Routes.
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        let mut seen = HashSet::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let base = format!("routes[{i}]");
+            let method = match r.method.as_deref() {
+                None | Some("*") => None,
+                Some(m) => Some(
+                    http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                        self.invalid(
+                            &format!("{base}.method"),
+                            format!("`{m}` is not an HTTP method"),
+                        )
+                    })?,
+                ),
+            };
+            let pattern = RoutePattern::parse(&r.path)
+                .map_err(|m| self.invalid(&format!("{base}.path"), m))?;
+            let meter = match &r.meter {
+                Some(m) => meter_ref(&format!("{base}.meter"), m)?,
+                None => default_meter.clone(),
+            };
+            let cost = match r.cost {
+                None => NonZeroU32::MIN,
+                Some(c) => u32::try_from(c)
+                    .ok()
+                    .and_then(NonZeroU32::new)
+                    .ok_or_else(|| {
+                        self.invalid(
+                            &format!("{base}.cost"),
+                            format!("must be a whole number from 1 to 4294967295, not {c}"),
+                        )
+                    })?,
+            };
+            if !seen.insert((method.clone(), pattern.shape())) {
+                return Err(self.loc.error(
+                    Kind::Conflict,
+                    &format!("{base}.path"),
+                    format!(
+                        "another route already matches {} {}",
+                        method.as_ref().map_or("*", |m| m.as_str()),
+                        r.path
+                    ),
+                ));
+            }
+            for plan in plans.values() {
+                if plan.rate.is_some() && cost > plan.burst {
+                    return Err(self.invalid(
+                        &format!("{base}.cost"),
+                        format!("cost {cost} is larger than the burst {} of plan `{}`: no request could ever pass", plan.burst, plan.id),
+                    ));
+                }
+            }
+            routes.push(RouteSpec {
+                method,
+                pattern,
+                meter,
+                cost,
+            });
+        }
+
+        // Tenants.
+        let mut tenants = Vec::with_capacity(raw.tenants.len());
+        let mut keys_seen = HashSet::new();
+        for (name, t) in &raw.tenants {
+            let base = format!("tenants.{name}");
+            let plan = plan_ref(&format!("{base}.plan"), &t.plan)?;
+            let mut key_hashes = Vec::new();
+            for (i, key) in t.keys.iter().enumerate() {
+                if let Err(m) = crate::tenant::check_api_key(key.as_bytes()) {
+                    return Err(self.invalid(&format!("{base}.keys[{i}]"), m));
+                }
+                key_hashes.push(KeyHash::of(key.as_bytes()));
+            }
+            for (i, hex) in t.key_sha256.iter().enumerate() {
+                let hash = KeyHash::from_hex(hex).ok_or_else(|| {
+                    self.invalid(
+                        &format!("{base}.key_sha256[{i}]"),
+                        "expected 64 hexadecimal digits (a SHA-256 digest)",
+                    )
+                })?;
+                key_hashes.push(hash);
+            }
+            for (i, hash) in key_hashes.iter().enumerate() {
+                if !keys_seen.insert(*hash) {
+                    return Err(self.loc.error(
+                        Kind::Conflict,
+                        &format!("{base}.keys[{i}]"),
+                        "this key is already given to a tenant",
+                    ));
+                }
+            }
+            tenants.push(TenantSpec {
+                id: TenantId::from(name.as_str()),
+                plan,
+                key_hashes,
+                stripe_customer: t.stripe_customer.clone(),
+            });
+        }
+
+        Ok(Config {
+            identify,
+            on_unknown,
+            limits,
+            usage,
+            meters,
+            default_meter,
+            plans,
+            routes,
+            tenants,
+        })
+    }
+
+    fn plan(
+        &self,
+        name: &str,
+        p: &RawPlan,
+        meter_ref: &dyn Fn(&str, &str) -> Result<MeterId, ConfigError>,
+    ) -> Result<PlanSpec, ConfigError> {
+        let base = format!("plans.{name}");
+        let rate =
+            match &p.rate {
+                None => None,
+                Some(r) => Some(r.parse::<Rate>().map_err(|e| {
+                    self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\""))
+                })?),
+            };
+        let burst = match (p.burst, rate) {
+            (Some(b), _) => {
+                let b = u32::try_from(b).ok().and_then(NonZeroU32::new);
+                b.ok_or_else(|| {
+                    self.invalid(
+                        &format!("{base}.burst"),
+                        "must be a whole number from 1 to 4294967295",
+                    )
+                })?
+            }
+            (None, Some(rate)) => rate.count(),
+            (None, None) => NonZeroU32::MAX,
+        };
+        if p.burst.is_some() && rate.is_none() {
+            return Err(self.invalid(&format!("{base}.burst"), "a burst needs a rate"));
+        }
+        let on_store_error = match &p.on_store_error {
+            Some(v) => Some(self.policy(&format!("{base}.on_store_error"), v)?),
+            None => None,
+        };
+        let mut quotas = BTreeMap::new();
+        for (meter, q) in &p.quotas {
+            let qbase = format!("{base}.quotas.{meter}");
+            let id = meter_ref(&qbase, meter)?;
+            quotas.insert(id, self.quota(&qbase, q)?);
+        }
+        Ok(PlanSpec {
+            id: name.into(),
+            rate,
+            burst,
+            on_store_error,
+            quotas,
+        })
+    }
+
+    fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {
+        let limit = self.positive(&format!("{base}.limit"), q.limit)?;
+        let period = match q.period.as_str() {
+            "day" => {
+                if q.anchor_day.is_some() {
+                    return Err(self.invalid(
+                        &format!("{base}.anchor_day"),
+                        "only monthly quotas have an anchor day",
+                    ));
+                }
+                Period::Day
+            }
+            "month" => {
+                let anchor_day = match q.anchor_day {
+                    None => 1,
+                    Some(d @ 1..=31) => d as u8,
+                    Some(d) => {
+                        return Err(self.invalid(
+                            &format!("{base}.anchor_day"),
+                            format!("must be a day of the month from 1 to 31, not {d}"),
+                        ))
+                    }
+                };
+                Period::Month { anchor_day }
+            }
+            other => {
+                return Err(self.invalid(
+                    &format!("{base}.period"),
+                    format!("expected \"day\" or \"month\", not \"{other}\""),
+                ))
+            }
+        };
+        let mode = match q.mode.as_deref().unwrap_or("hard") {
+            "hard" => QuotaMode::Hard,
+            "soft" => QuotaMode::Soft,
+            other => {
+                return Err(self.invalid(
+                    &format!("{base}.mode"),
+                    format!("expected \"hard\" or \"soft\", not \"{other}\""),
+                ))
+            }
+        };
+        let lease = match q.lease {
+            Some(l) => self.positive(&format!("{base}.lease"), l)?,
+            // A sixteenth of the limit, between 1 and 10,000 units.
+            None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
+        };
+        Ok(QuotaSpec {
+            limit,
+            period,
+            mode,
+            lease,
+        })
+    }
+}
+
+fn check_name(v: &Validator<'_, '_>, path: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(v.invalid(
+            path,
+            "names are 1 to 64 characters among letters, digits, '-', '_' and '.'",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ConfigError {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let e = err("[plans.free]\nrate = \"1/s\"\nrat = 3\n");
+        assert_eq!(e.kind(), Kind::UnknownKey);
+        assert_eq!(e.key(), "plans.free.rat");
+        assert_eq!(e.line(), Some(3));
+        let e = err("[usage]\nflush = \"1s\"\n");
+        assert_eq!(e.key(), "usage.flush");
+        assert_eq!((e.line(), e.column()), (Some(2), Some(1)));
+    }
+
+    #[test]
+    fn impossible_values_are_rejected_where_they_stand() {
+        let e =
+            err("[plans.free]\nrate = \"10/s\"\nburst = 2\n[[routes]]\npath = \"/x\"\ncost = 5\n");
+        assert_eq!(e.key(), "routes[0].cost");
+        assert_eq!(e.line(), Some(6));
+        let e = err("[tenants.a]\nplan = \"gold\"\n");
+        assert_eq!(e.kind(), Kind::UnknownReference);
+        assert_eq!((e.key(), e.line()), ("tenants.a.plan", Some(2)));
+        let e = err("[[routes]]\npath = \"/a/{id}\"\n[[routes]]\npath = \"/a/{other}\"\n");
+        assert_eq!(e.kind(), Kind::Conflict);
+        assert_eq!((e.key(), e.line()), ("routes[1].path", Some(4)));
+        let e = err("[plans.p.quotas.requests]\nlimit = 0\nperiod = \"day\"\n");
+        assert_eq!(
+            (e.key(), e.line()),
+            ("plans.p.quotas.requests.limit", Some(2))
+        );
+        let e = err("[plans.p]\nquotas.widgets = { limit = 5, period = \"day\" }\n");
+        assert_eq!(e.key(), "plans.p.quotas.widgets");
+        assert_eq!(e.line(), Some(2));
+    }
+
+    #[test]
+    fn type_errors_and_syntax_errors_have_positions() {
+        let e = err("[plans.free]\nburst = \"many\"\n");
+        assert_eq!(e.key(), "plans.free.burst");
+        assert_eq!(e.line(), Some(2));
+        let e = err("[plans.free\nrate = 1\n");
+        assert_eq!(e.kind(), Kind::Syntax);
+        assert_eq!(e.line(), Some(1));
+    }
+
+    #[test]
+    fn paths_split_with_indices() {
+        let segs: Vec<String> = split_path("routes[3].cost")
+            .map(|s| match s {
+                Segment::Key(k) => k.to_owned(),
+                Segment::Index(i) => i.to_string(),
+            })
+            .collect();
+        assert_eq!(segs, ["routes", "3", "cost"]);
+    }
+}

@@ -1,0 +1,427 @@
+//! Typed configuration values: identifiers, rates, periods, policies.
+
+use std::{fmt, num::NonZeroU32, str::FromStr, sync::Arc, time::Duration};
+
+macro_rules! id_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Creates the identifier from any string.
+            pub fn new(id: impl AsRef<str>) -> Self {
+                Self(Arc::from(id.as_ref()))
+            }
+
+            /// The identifier as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self::new(s)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(Arc::from(s))
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// The name of a plan, such as `free` or `metered`.
+    PlanId
+);
+id_newtype!(
+    /// The name of a meter, such as `requests` or `tokens`.
+    MeterId
+);
+id_newtype!(
+    /// The identifier of a tenant (a customer account).
+    TenantId
+);
+
+/// A request rate written so nobody misreads it: `"100/s"`, `"6000/min"`, `"50000/day"`.
+///
+/// ```
+/// use tollgate::config::Rate;
+/// let rate: Rate = "6000/min".parse().unwrap();
+/// assert_eq!(rate.count().get(), 6000);
+/// assert_eq!(rate.per().as_secs(), 60);
+/// assert!("0/s".parse::<Rate>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    count: NonZeroU32,
+    per: Duration,
+}
+
+impl Rate {
+    /// Builds a rate of `count` requests per `per`.
+    pub fn new(count: NonZeroU32, per: Duration) -> Option<Self> {
+        (!per.is_zero() && per / count.get() > Duration::ZERO).then_some(Self { count, per })
+    }
+
+    /// How many requests the rate admits per [`per`](Self::per).
+    pub fn count(&self) -> NonZeroU32 {
+        self.count
+    }
+
+    /// The time unit of the rate.
+    pub fn per(&self) -> Duration {
+        self.per
+    }
+
+    /// The interval after which one more request is allowed.
+    pub fn interval(&self) -> Duration {
+        self.per / self.count.get()
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "min",
+            3600 => "h",
+            86_400 => "day",
+            _ => return write!(f, "{}/{}", self.count, humantime::format_duration(self.per)),
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
+}
+
+/// Why a rate could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RateError {
+    /// The text is not of the form `COUNT/UNIT`.
+    #[error("expected a rate such as \"100/s\" or \"6000/min\"")]
+    Format,
+    /// The count is zero or not a whole number.
+    #[error("the count of a rate must be a whole number from 1 to 4294967295")]
+    Count,
+    /// The unit is not one of `s`, `min`, `h`, `day`.
+    #[error("unknown unit of a rate: use s, min, h or day")]
+    Unit,
+}
+
+impl FromStr for Rate {
+    type Err = RateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (count, unit) = s.trim().split_once('/').ok_or(RateError::Format)?;
+        let count: u32 = count
+            .trim()
+            .replace('_', "")
+            .parse()
+            .map_err(|_| RateError::Count)?;
+        let count = NonZeroU32::new(count).ok_or(RateError::Count)?;
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            _ => return Err(RateError::Unit),
+        };
+        Rate::new(count, per).ok_or(RateError::Count)
+    }
+}
+
+/// The calendar period of a quota, aligned to UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Period {
+    /// From midnight UTC to the next midnight UTC.
+    Day,
+    /// From a day of the month at midnight UTC (the billing anchor, 1 by default) to the same
+    /// day of the next month. An anchor past the end of a short month falls on its last day.
+    Month {
+        /// The day of the month the period starts on, 1 to 31.
+        anchor_day: u8,
+    },
+}
+
+impl Period {
+    /// The name used in policies and headers (`day`, `month`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month { .. } => "month",
+        }
+    }
+
+    /// The nominal length of the period in seconds (a month counts 30 days), for the
+    /// `RateLimit-Policy` window parameter.
+    pub fn nominal_secs(&self) -> u64 {
+        match self {
+            Period::Day => 86_400,
+            Period::Month { .. } => 30 * 86_400,
+        }
+    }
+
+    /// The period containing `unix_secs`, as `[start, end)` in Unix seconds.
+    pub fn bounds(&self, unix_secs: i64) -> (i64, i64) {
+        use chrono::{Datelike, NaiveDate, TimeZone, Utc};
+        match *self {
+            Period::Day => {
+                let start = unix_secs.div_euclid(86_400) * 86_400;
+                (start, start + 86_400)
+            }
+            Period::Month { anchor_day } => {
+                let at = Utc
+                    .timestamp_opt(unix_secs, 0)
+                    .single()
+                    .unwrap_or_default()
+                    .date_naive();
+                let anchor_in = |y: i32, m: u32| -> NaiveDate {
+                    let last = last_day_of_month(y, m);
+                    NaiveDate::from_ymd_opt(y, m, u32::from(anchor_day).min(last))
+                        .expect("a valid day of the month")
+                };
+                let prev = |y: i32, m: u32| if m == 1 { (y - 1, 12) } else { (y, m - 1) };
+                let next = |y: i32, m: u32| if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                let (y, m) = (at.year(), at.month());
+                let this = anchor_in(y, m);
+                let (start, end) = if at >= this {
+                    let (ny, nm) = next(y, m);
+                    (this, anchor_in(ny, nm))
+                } else {
+                    let (py, pm) = prev(y, m);
+                    (anchor_in(py, pm), this)
+                };
+                let secs = |d: NaiveDate| {
+                    d.and_hms_opt(0, 0, 0)
+                        .expect("midnight")
+                        .and_utc()
+                        .timestamp()
+                };
+                (secs(start), secs(end))
+            }
+        }
+    }
+}
+
+fn last_day_of_month(year: i32, month: u32) -> u32 {
+    use chrono::NaiveDate;
+    let (ny, nm) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    NaiveDate::from_ymd_opt(ny, nm, 1)
+        .and_then(|d| d.pred_opt())
+        .map(|d| chrono::Datelike::day(&d))
+        .unwrap_or(28)
+}
+
+/// What a quota does once the tenant's limit is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuotaMode {
+    /// Reject further requests with 429 until the period ends.
+    Hard,
+    /// Admit further requests and count them as overage.
+    Soft,
+}
+
+/// What a request gets when the store cannot be reached within its time limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoreErrorPolicy {
+    /// Admit the request (its usage is still recorded) and count the error.
+    FailOpen,
+    /// Reject the request with 503 and count the error.
+    FailClosed,
+}
+
+/// Which rate-limit headers responses carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HeaderStyle {
+    /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft-10 structured fields).
+    Draft,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    Legacy,
+    /// No rate-limit headers (`Retry-After` is still sent on 429).
+    None,
+}
+
+/// How the tenant of a request is identified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Identify {
+    /// An API key in a request header, looked up in the tenant directory.
+    ApiKey {
+        /// The header carrying the key (`x-api-key` by default).
+        header: http::HeaderName,
+    },
+    /// A [`Identity`](crate::Identity) that an authentication layer put in the request
+    /// extensions.
+    Extension,
+}
+
+/// What a request gets when its tenant is missing or unknown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnUnknown {
+    /// 401 with an `application/problem+json` body.
+    Reject,
+    /// Served under this plan, all such requests sharing one anonymous tenant.
+    Anonymous(PlanId),
+}
+
+/// The set of response statuses whose requests are billed.
+///
+/// By default every status but 5xx: a failed request gives its units back.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusSet {
+    bits: [u64; 10],
+}
+
+impl StatusSet {
+    /// The empty set.
+    pub fn empty() -> Self {
+        Self { bits: [0; 10] }
+    }
+
+    /// Adds the statuses from `from` to `to`, both included (100 to 599).
+    pub fn insert_range(&mut self, from: u16, to: u16) {
+        for code in from.max(100)..=to.min(599) {
+            let i = usize::from(code - 100);
+            self.bits[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Whether the set holds `status`.
+    #[inline]
+    pub fn contains(&self, status: u16) -> bool {
+        if !(100..600).contains(&status) {
+            return false;
+        }
+        let i = usize::from(status - 100);
+        self.bits[i / 64] & (1 << (i % 64)) != 0
+    }
+}
+
+impl Default for StatusSet {
+    fn default() -> Self {
+        let mut set = Self::empty();
+        set.insert_range(100, 499);
+        set
+    }
+}
+
+impl fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        let mut code = 100u16;
+        while code < 600 {
+            if self.contains(code) {
+                let start = code;
+                while code + 1 < 600 && self.contains(code + 1) {
+                    code += 1;
+                }
+                list.entry(&format_args!("{start}-{code}"));
+            }
+            code += 1;
+        }
+        list.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    fn ts(y: i32, m: u32, d: u32) -> i64 {
+        Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap().timestamp()
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(
+            "100/s".parse::<Rate>().unwrap().interval(),
+            Duration::from_millis(10)
+        );
+        assert_eq!("6_000/min".parse::<Rate>().unwrap().count().get(), 6000);
+        assert_eq!(
+            "1/day".parse::<Rate>().unwrap().per(),
+            Duration::from_secs(86_400)
+        );
+        assert_eq!("0/s".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("10/week".parse::<Rate>(), Err(RateError::Unit));
+        assert_eq!("10".parse::<Rate>(), Err(RateError::Format));
+        assert_eq!("-3/s".parse::<Rate>(), Err(RateError::Count));
+    }
+
+    #[test]
+    fn month_periods_follow_the_calendar() {
+        let m = Period::Month { anchor_day: 1 };
+        assert_eq!(
+            m.bounds(ts(2026, 2, 14) + 5),
+            (ts(2026, 2, 1), ts(2026, 3, 1))
+        );
+        assert_eq!(
+            m.bounds(ts(2026, 12, 31)),
+            (ts(2026, 12, 1), ts(2027, 1, 1))
+        );
+        let anchored = Period::Month { anchor_day: 31 };
+        // February has no 31st: the period starts on its last day.
+        assert_eq!(
+            anchored.bounds(ts(2026, 3, 1)),
+            (ts(2026, 2, 28), ts(2026, 3, 31))
+        );
+        assert_eq!(
+            anchored.bounds(ts(2026, 1, 30)),
+            (ts(2025, 12, 31), ts(2026, 1, 31))
+        );
+        let d = Period::Day;
+        assert_eq!(
+            d.bounds(ts(2024, 2, 29) + 86_399),
+            (ts(2024, 2, 29), ts(2024, 3, 1))
+        );
+    }
+
+    #[test]
+    fn status_sets() {
+        let s = StatusSet::default();
+        assert!(s.contains(200) && s.contains(404) && !s.contains(500) && !s.contains(99));
+        assert_eq!(format!("{s:?}"), "[100-499]");
+    }
+}

@@ -1,0 +1,132 @@
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::{
+    engine::Shared, idempotency::Idempotency, metrics::Totals, pipeline::Pipeline,
+    table::TenantTable, Metrics, Tollgate,
+};
+use crate::{
+    billing::BillingSink,
+    clock::Clock,
+    config::Config,
+    layer::TollgateLayer,
+    plan::Runtime,
+    store::{MemoryStore, Store},
+    tenant::{Fingerprinter, TAG_TENANT},
+    worker::Worker,
+};
+
+/// How many lease refills may wait for the worker; past that, requests refill themselves.
+const PREFETCH_QUEUE: usize = 1024;
+
+/// Builds a [`Tollgate`] engine, its tower layer and its [`Worker`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let config = tollgate::Config::from_toml_str("[plans.free]\nrate = \"10/s\"").unwrap();
+/// let (layer, worker) = tollgate::Tollgate::builder(config).build();
+/// let handle = layer.handle().clone();
+/// tokio::spawn(worker.run());
+/// // ... serve requests through `layer` ...
+/// handle.shutdown().await.unwrap();
+/// # }
+/// ```
+#[must_use]
+pub struct Builder {
+    config: Config,
+    store: Option<Arc<dyn Store>>,
+    sink: Option<Arc<dyn BillingSink>>,
+    clock: Option<Clock>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("store", &self.store)
+            .field("sink", &self.sink)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tollgate {
+    /// Starts building an engine from a configuration. Without a store it uses a
+    /// [`MemoryStore`]; without a billing sink closed windows stay unexported in the store.
+    pub fn builder(config: Config) -> Builder {
+        Builder {
+            config,
+            store: None,
+            sink: None,
+            clock: None,
+        }
+    }
+}
+
+impl Builder {
+    /// The store for counters, usage and the tenant directory.
+    pub fn store(self, store: impl Store) -> Self {
+        self.store_arc(Arc::new(store))
+    }
+
+    /// The store, already shared.
+    pub fn store_arc(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Where closed usage windows are exported.
+    pub fn billing_sink(mut self, sink: impl BillingSink) -> Self {
+        self.sink = Some(Arc::new(sink));
+        self
+    }
+
+    /// The clock (the system clock by default; [`Clock::fake`] in tests).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Builds the engine. Returns the tower layer (see [`TollgateLayer::handle`] for the engine
+    /// itself) and the [`Worker`] to spawn.
+    pub fn build(self) -> (TollgateLayer, Worker) {
+        let (tollgate, worker) = self.build_engine();
+        (TollgateLayer::new(tollgate), worker)
+    }
+
+    /// Builds the engine alone, for front doors other than tower.
+    pub fn build_engine(self) -> (Tollgate, Worker) {
+        let metrics = Arc::new(Metrics::register());
+        let limits = self.config.limits.clone();
+        let fp = Fingerprinter::random();
+        let runtime = Runtime::compile(self.config, &metrics);
+        let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            table: TenantTable::new(limits.max_tenants),
+            store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            sink: self.sink,
+            clock: self.clock.unwrap_or_default(),
+            idempotency: Idempotency::new(
+                limits.idempotency_window,
+                limits.idempotency_capacity,
+                fp.clone(),
+            ),
+            anonymous_fp: fp.of(TAG_TENANT, b"\0anonymous"),
+            fp,
+            metrics,
+            totals: Totals::default(),
+            prefetch: prefetch_tx,
+            pipeline: tokio::sync::Mutex::new(Pipeline::new()),
+            sweep_now: Notify::new(),
+            shutdown: shutdown_tx,
+        };
+        let tollgate = Tollgate {
+            shared: Arc::new(shared),
+        };
+        let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
+        (tollgate, worker)
+    }
+}

@@ -1,0 +1,115 @@
+//! Counters through the `metrics` facade, registered once when the engine is built (so the
+//! request path never formats a metric key). Install the recorder before building.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{counter, gauge, Counter, Gauge};
+
+use crate::response::RejectionKind;
+
+pub(crate) struct Metrics {
+    pub(crate) admitted: Counter,
+    rejected: [Counter; RejectionKind::ALL.len()],
+    pub(crate) usage_units: Counter,
+    pub(crate) refunded_units: Counter,
+    pub(crate) replays: Counter,
+    pub(crate) overage_units: Counter,
+    pub(crate) store_errors: Counter,
+    pub(crate) flushes: Counter,
+    pub(crate) flush_errors: Counter,
+    pub(crate) flushed_units: Counter,
+    pub(crate) exported_events: Counter,
+    pub(crate) dead_letters: Counter,
+    pub(crate) evictions: Counter,
+    pub(crate) tenants: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn register() -> Self {
+        Self {
+            admitted: counter!("tollgate_requests_admitted_total"),
+            rejected: RejectionKind::ALL
+                .map(|k| counter!("tollgate_requests_rejected_total", "reason" => k.label())),
+            usage_units: counter!("tollgate_usage_recorded_units_total"),
+            refunded_units: counter!("tollgate_usage_refunded_units_total"),
+            replays: counter!("tollgate_idempotent_replays_total"),
+            overage_units: counter!("tollgate_overage_units_total"),
+            store_errors: counter!("tollgate_store_errors_total"),
+            flushes: counter!("tollgate_flushes_total"),
+            flush_errors: counter!("tollgate_flush_errors_total"),
+            flushed_units: counter!("tollgate_usage_flushed_units_total"),
+            exported_events: counter!("tollgate_export_events_total"),
+            dead_letters: counter!("tollgate_export_dead_letters_total"),
+            evictions: counter!("tollgate_tenants_evicted_total"),
+            tenants: gauge!("tollgate_tenants_tracked"),
+        }
+    }
+
+    pub(crate) fn rejected(&self, kind: RejectionKind) -> &Counter {
+        let i = RejectionKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
+        &self.rejected[i]
+    }
+}
+
+/// Totals kept by the engine itself for the background paths (never touched per request).
+#[derive(Debug, Default)]
+pub(crate) struct Totals {
+    pub(crate) flushes: AtomicU64,
+    pub(crate) flushed_units: AtomicU64,
+    pub(crate) flush_errors: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) exported_events: AtomicU64,
+    pub(crate) exported_units: AtomicU64,
+    pub(crate) dead_letters: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+}
+
+impl Totals {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the engine's background counters, from [`Tollgate::stats`](crate::Tollgate::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Tenants whose state is held now.
+    pub tracked_tenants: usize,
+    /// Usage batches committed to the store.
+    pub flushes: u64,
+    /// Units committed to the store.
+    pub flushed_units: u64,
+    /// Flushes that failed (their batch is retried with the same id).
+    pub flush_errors: u64,
+    /// Store calls on the request path that failed or timed out.
+    pub store_errors: u64,
+    /// Meter events accepted by the billing sink.
+    pub exported_events: u64,
+    /// Units in those events.
+    pub exported_units: u64,
+    /// Aggregates whose export was refused for good.
+    pub dead_letters: u64,
+    /// Tenants evicted (idle, or over the cap).
+    pub evictions: u64,
+}
+
+impl Totals {
+    pub(crate) fn snapshot(&self, tracked_tenants: usize) -> Stats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            tracked_tenants,
+            flushes: l(&self.flushes),
+            flushed_units: l(&self.flushed_units),
+            flush_errors: l(&self.flush_errors),
+            store_errors: l(&self.store_errors),
+            exported_events: l(&self.exported_events),
+            exported_units: l(&self.exported_units),
+            dead_letters: l(&self.dead_letters),
+            evictions: l(&self.evictions),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! An admitted request, until its response is known.
+
+use std::{fmt, sync::Arc};
+
+use super::idempotency::Claim;
+use crate::{
+    config::{PlanId, TenantId},
+    response::{emit, Field, HeaderState},
+    tenant::TenantState,
+    usage::TenantContext,
+};
+
+/// An admitted request. Complete it with the response status: a billable status records the
+/// usage, any other gives the reserved units back. A ticket dropped without
+/// [`complete`](Self::complete) (the request was cancelled, or the service failed) gives its
+/// units back too.
+#[must_use = "complete the ticket with the response status, or its usage is refunded"]
+pub struct Ticket {
+    pub(crate) state: Arc<TenantState>,
+    pub(crate) headers: HeaderState,
+    pub(crate) cost: u32,
+    /// `false` for an idempotent replay: nothing is charged or recorded.
+    pub(crate) charged: bool,
+    /// The end of the quota period the units were taken from (`None`: no units taken).
+    pub(crate) quota_period_end: Option<i64>,
+    pub(crate) at: i64,
+    pub(crate) claim: Option<Claim>,
+    pub(crate) done: bool,
+}
+
+impl Ticket {
+    /// The tenant.
+    pub fn tenant(&self) -> &TenantId {
+        &self.state.id
+    }
+
+    /// The tenant's plan.
+    pub fn plan(&self) -> &PlanId {
+        &self.state.plan.id
+    }
+
+    /// Whether this request repeats an `Idempotency-Key` already charged (it is not charged).
+    pub fn is_replay(&self) -> bool {
+        !self.charged
+    }
+
+    /// The handle to put in the request extensions.
+    pub fn context(&self) -> TenantContext {
+        TenantContext::new(self.state.clone(), self.charged)
+    }
+
+    /// Writes the rate-limit header fields of the response through `put`.
+    pub fn for_each_header(&self, mut put: impl FnMut(Field, &str)) {
+        emit(&self.state.plan, &self.headers, None, &mut put);
+    }
+
+    /// Completes the request with its response status. Returns whether usage was recorded.
+    pub fn complete(mut self, status: u16) -> bool {
+        self.done = true;
+        if self.state.plan.billable.contains(status) {
+            if self.charged {
+                self.state
+                    .record(self.headers.meter, self.at, u64::from(self.cost));
+                self.state
+                    .plan
+                    .metrics
+                    .usage_units
+                    .increment(u64::from(self.cost));
+                return true;
+            }
+            false
+        } else {
+            self.refund();
+            false
+        }
+    }
+
+    fn refund(&mut self) {
+        if !self.charged {
+            return;
+        }
+        if let (Some(end), Some(cell)) =
+            (self.quota_period_end, self.state.quota(self.headers.meter))
+        {
+            cell.refund(u64::from(self.cost), end);
+        }
+        if let Some(claim) = self.claim.take() {
+            claim.release();
+        }
+        self.state
+            .plan
+            .metrics
+            .refunded_units
+            .increment(u64::from(self.cost));
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.done {
+            self.refund();
+        }
+    }
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket")
+            .field("tenant", &self.state.id)
+            .field("plan", &self.state.plan.id)
+            .field("cost", &self.cost)
+            .field("charged", &self.charged)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,156 @@
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::{
+    service::{put_header, reject},
+    TollgateBody,
+};
+use crate::{
+    engine::Ticket,
+    response::{Rejection, RejectionResponder},
+};
+
+type Resolving = Pin<Box<dyn Future<Output = Result<Ticket, Rejection>> + Send>>;
+
+pin_project! {
+    /// The response future of a [`TollgateService`](super::TollgateService).
+    pub struct ResponseFuture<S, B, P>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B, P, S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B, P, F> {
+        // Waiting on the store (an unseen tenant, or an empty quota lease).
+        Pending { resolving: Resolving, inner: Option<S>, request: Option<Request<B>>, responder: P },
+        // Admitted: the inner service runs.
+        Inner { #[pin] future: F, ticket: Option<Ticket> },
+        // Rejected without waiting.
+        Ready { response: Option<Response<Bytes>> },
+    }
+}
+
+impl<S, B, P> ResponseFuture<S, B, P>
+where
+    S: Service<Request<B>>,
+{
+    pub(crate) fn inner(future: S::Future, ticket: Ticket) -> Self {
+        Self {
+            state: State::Inner {
+                future,
+                ticket: Some(ticket),
+            },
+        }
+    }
+
+    pub(crate) fn ready(response: Response<Bytes>) -> Self {
+        Self {
+            state: State::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn pending(
+        resolving: Resolving,
+        inner: S,
+        request: Request<B>,
+        responder: P,
+    ) -> Self {
+        Self {
+            state: State::Pending {
+                resolving,
+                inner: Some(inner),
+                request: Some(request),
+                responder,
+            },
+        }
+    }
+}
+
+impl<S, B, P> std::fmt::Debug for ResponseFuture<S, B, P>
+where
+    S: Service<Request<B>>,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Pending { .. } => "pending",
+            State::Inner { .. } => "inner",
+            State::Ready { .. } => "ready",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+const DONE: &str = "ResponseFuture polled after completion";
+
+impl<S, B, ResBody, P> Future for ResponseFuture<S, B, P>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    P: RejectionResponder,
+{
+    type Output = Result<Response<TollgateBody<ResBody>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Pending {
+                    resolving,
+                    inner,
+                    request,
+                    responder,
+                } => match ready!(resolving.as_mut().poll(cx)) {
+                    Ok(ticket) => {
+                        let mut request = request.take().expect(DONE);
+                        request.extensions_mut().insert(ticket.context());
+                        let future = inner.take().expect(DONE).call(request);
+                        State::Inner {
+                            future,
+                            ticket: Some(ticket),
+                        }
+                    }
+                    Err(rejection) => {
+                        return Poll::Ready(Ok(
+                            reject(responder, rejection).map(TollgateBody::full)
+                        ));
+                    }
+                },
+                StateProj::Inner { future, ticket } => {
+                    let result = ready!(future.poll(cx));
+                    let ticket = ticket.take().expect(DONE);
+                    return Poll::Ready(match result {
+                        Ok(mut response) => {
+                            let headers = response.headers_mut();
+                            ticket
+                                .for_each_header(|field, value| put_header(headers, field, value));
+                            ticket.complete(response.status().as_u16());
+                            Ok(response.map(TollgateBody::inner))
+                        }
+                        // A service error is not billed: dropping the ticket gives its units back.
+                        Err(e) => Err(e),
+                    });
+                }
+                StateProj::Ready { response } => {
+                    return Poll::Ready(Ok(response.take().expect(DONE).map(TollgateBody::full)));
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}

@@ -1,0 +1,84 @@
+use tower_layer::Layer;
+
+use super::{FromConfig, TollgateService};
+use crate::{engine::Tollgate, response::ProblemJson};
+
+/// The tower layer: wraps a service so that every request is identified, rate-limited,
+/// checked against its quotas and metered by one shared [`Tollgate`] engine.
+///
+/// Cheap to clone; all clones (and all the services they make) share the engine and every
+/// tenant's state. Rejections are responses (`429`, `401`, `400`, `503` with an
+/// `application/problem+json` body), never service errors.
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let config = tollgate::Config::from_toml_str(r#"
+///     [plans.free]
+///     rate = "5/s"
+///     [tenants.acme]
+///     plan = "free"
+///     keys = ["tg_test_acme"]
+/// "#).unwrap();
+/// let (layer, worker) = tollgate::Tollgate::builder(config).build();
+/// tokio::spawn(worker.run());
+/// let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(layer);
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TollgateLayer<R = FromConfig, P = ProblemJson> {
+    tollgate: Tollgate,
+    resolver: R,
+    responder: P,
+}
+
+impl TollgateLayer {
+    /// A layer over `tollgate`, identifying tenants as configured and answering rejections
+    /// with problem+json.
+    pub fn new(tollgate: Tollgate) -> Self {
+        Self {
+            tollgate,
+            resolver: FromConfig,
+            responder: ProblemJson,
+        }
+    }
+}
+
+impl<R, P> TollgateLayer<R, P> {
+    /// The engine.
+    pub fn handle(&self) -> &Tollgate {
+        &self.tollgate
+    }
+
+    /// Identifies tenants with `resolver` instead.
+    pub fn resolver<R2>(self, resolver: R2) -> TollgateLayer<R2, P> {
+        TollgateLayer {
+            tollgate: self.tollgate,
+            resolver,
+            responder: self.responder,
+        }
+    }
+
+    /// Builds rejection responses with `responder` instead.
+    pub fn responder<P2>(self, responder: P2) -> TollgateLayer<R, P2> {
+        TollgateLayer {
+            tollgate: self.tollgate,
+            resolver: self.resolver,
+            responder,
+        }
+    }
+}
+
+impl<S, R: Clone, P: Clone> Layer<S> for TollgateLayer<R, P> {
+    type Service = TollgateService<S, R, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TollgateService::new(
+            inner,
+            self.tollgate.clone(),
+            self.resolver.clone(),
+            self.responder.clone(),
+        )
+    }
+}

@@ -1,0 +1,57 @@
+use http::Request;
+
+use crate::{config::Identify, tenant::Credential, Identity};
+
+/// Finds what identifies the tenant of a request.
+///
+/// Functions `fn(&Request<B>, &Identify) -> Credential<'_>` are resolvers too.
+///
+/// ```
+/// use tollgate::{config::Identify, Credential, TenantResolver};
+/// fn from_query<B>(req: &http::Request<B>, _: &Identify) -> Credential<'_> {
+///     match req.uri().query().and_then(|q| q.strip_prefix("key=")) {
+///         Some(key) => Credential::ApiKey(key.as_bytes()),
+///         None => Credential::Missing,
+///     }
+/// }
+/// fn assert_resolver<R: TenantResolver<()>>(_: R) {}
+/// assert_resolver(from_query::<()>);
+/// ```
+pub trait TenantResolver<B>: Clone + Send + Sync + 'static {
+    /// The credential of `request`; `identify` is the configured way.
+    fn resolve<'r>(&self, request: &'r Request<B>, identify: &Identify) -> Credential<'r>;
+}
+
+impl<B, F> TenantResolver<B> for F
+where
+    F: for<'r> Fn(&'r Request<B>, &Identify) -> Credential<'r> + Clone + Send + Sync + 'static,
+{
+    fn resolve<'r>(&self, request: &'r Request<B>, identify: &Identify) -> Credential<'r> {
+        self(request, identify)
+    }
+}
+
+/// The default resolver: follows `[identify]` in the configuration (an API key header, or an
+/// [`Identity`] in the request extensions).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FromConfig;
+
+impl<B> TenantResolver<B> for FromConfig {
+    #[inline]
+    fn resolve<'r>(&self, request: &'r Request<B>, identify: &Identify) -> Credential<'r> {
+        match identify {
+            Identify::ApiKey { header } => {
+                let mut values = request.headers().get_all(header).iter();
+                match (values.next(), values.next()) {
+                    (None, _) => Credential::Missing,
+                    (Some(v), None) => Credential::ApiKey(v.as_bytes()),
+                    (Some(_), Some(_)) => Credential::Malformed("the API key header is repeated"),
+                }
+            }
+            Identify::Extension => match request.extensions().get::<Identity>() {
+                Some(identity) => Credential::Tenant(identity.tenant().as_str()),
+                None => Credential::Missing,
+            },
+        }
+    }
+}

@@ -1,0 +1,124 @@
+use std::task::{Context, Poll};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use tower_service::Service;
+
+use super::{future::ResponseFuture, FromConfig, TenantResolver};
+use crate::{
+    engine::{Admission, RequestInfo, Tollgate},
+    response::{Field, ProblemJson, Rejection, RejectionResponder},
+};
+
+/// The service made by [`TollgateLayer`](super::TollgateLayer).
+///
+/// `poll_ready` only forwards to the inner service; the decision is made in `call`, and a
+/// rejection is a response with `type Error = S::Error`.
+#[derive(Debug, Clone)]
+pub struct TollgateService<S, R = FromConfig, P = ProblemJson> {
+    inner: S,
+    tollgate: Tollgate,
+    resolver: R,
+    responder: P,
+}
+
+impl<S, R, P> TollgateService<S, R, P> {
+    pub(crate) fn new(inner: S, tollgate: Tollgate, resolver: R, responder: P) -> Self {
+        Self {
+            inner,
+            tollgate,
+            resolver,
+            responder,
+        }
+    }
+
+    /// The engine.
+    pub fn handle(&self) -> &Tollgate {
+        &self.tollgate
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+impl<S, B, ResBody, R, P> Service<Request<B>> for TollgateService<S, R, P>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    R: TenantResolver<B>,
+    P: RejectionResponder,
+{
+    type Response = Response<super::TollgateBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, B, P>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // The clone that was driven to readiness serves this request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let admission = self.tollgate.admit_with(|identify| RequestInfo {
+            method: request.method().as_str(),
+            path: request.uri().path(),
+            credential: self.resolver.resolve(&request, identify),
+            idempotency_key: request
+                .headers()
+                .get(&IDEMPOTENCY_KEY)
+                .map(HeaderValue::as_bytes),
+        });
+        match admission {
+            Admission::Admitted(ticket) => {
+                request.extensions_mut().insert(ticket.context());
+                ResponseFuture::inner(inner.call(request), ticket)
+            }
+            Admission::Rejected(rejection) => {
+                ResponseFuture::ready(reject(&self.responder, rejection))
+            }
+            Admission::Pending(pending) => {
+                let tollgate = self.tollgate.clone();
+                let resolve = Box::pin(async move { tollgate.resolve(pending).await });
+                ResponseFuture::pending(resolve, inner, request, self.responder.clone())
+            }
+        }
+    }
+}
+
+/// The response to a rejection: the responder's, plus rate-limit headers, plus the rejection
+/// in the extensions.
+pub(crate) fn reject<P: RejectionResponder>(
+    responder: &P,
+    rejection: Rejection,
+) -> Response<bytes::Bytes> {
+    let mut response = responder.respond(&rejection);
+    let headers = response.headers_mut();
+    rejection.for_each_header(|field, value| put_header(headers, field, value));
+    response.extensions_mut().insert(rejection);
+    response
+}
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+#[inline]
+pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: &str) {
+    let name = match field {
+        Field::RateLimitPolicy => &RATELIMIT_POLICY,
+        Field::RateLimit => &RATELIMIT,
+        Field::RetryAfter => &http::header::RETRY_AFTER,
+        Field::XRateLimitLimit => &X_LIMIT,
+        Field::XRateLimitRemaining => &X_REMAINING,
+        Field::XRateLimitReset => &X_RESET,
+    };
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name.clone(), value);
+    }
+}

@@ -1,0 +1,25 @@
+#![doc = include_str!("../docs/crate.md")]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod billing;
+pub mod clock;
+pub mod config;
+mod engine;
+pub mod layer;
+pub mod plan;
+pub mod response;
+pub mod store;
+mod tenant;
+mod usage;
+mod worker;
+
+pub use config::Config;
+pub use engine::{
+    Admission, Builder, ExportReport, FlushReport, PendingAdmission, RequestInfo, ShutdownReport,
+    Stats, Ticket, Tollgate,
+};
+pub use layer::{TenantResolver, TollgateLayer, TollgateService};
+pub use response::{Rejection, RejectionKind, RejectionResponder};
+pub use tenant::{Credential, Identity, KeyHash};
+pub use usage::{TenantContext, UnknownMeter};
+pub use worker::Worker;

@@ -1,0 +1,219 @@
+//! The configuration compiled for the request path: indices instead of names, precomputed
+//! header values.
+
+use std::{collections::HashMap, fmt::Write as _, num::NonZeroU32, sync::Arc};
+
+use crate::{
+    config::{
+        Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaSpec, Rate, StatusSet,
+        StoreErrorPolicy, TenantId,
+    },
+    engine::Metrics,
+    store::TenantRecord,
+    tenant::KeyHash,
+};
+
+use super::RoutePattern;
+
+/// The meters of a configuration, by index.
+#[derive(Debug)]
+pub(crate) struct MeterTable {
+    pub(crate) ids: Box<[MeterId]>,
+}
+
+impl MeterTable {
+    pub(crate) fn index(&self, name: &str) -> Option<usize> {
+        self.ids.iter().position(|m| m.as_str() == name)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct RatePolicy {
+    pub(crate) quota: governor::Quota,
+    pub(crate) rate: Rate,
+    pub(crate) burst: NonZeroU32,
+}
+
+/// A plan ready for the request path.
+#[derive(Debug)]
+pub(crate) struct CompiledPlan {
+    pub(crate) id: PlanId,
+    pub(crate) rate: Option<RatePolicy>,
+    /// (meter index, quota), in meter order.
+    pub(crate) quotas: Box<[(usize, QuotaSpec)]>,
+    /// The `RateLimit-Policy` value for a request on each meter.
+    pub(crate) policy_header: Box<[Box<str>]>,
+    pub(crate) on_store_error: StoreErrorPolicy,
+    pub(crate) meters: Arc<MeterTable>,
+    pub(crate) billable: StatusSet,
+    pub(crate) header_style: HeaderStyle,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl CompiledPlan {
+    fn compile(
+        spec: &PlanSpec,
+        meters: &Arc<MeterTable>,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let rate = spec.rate.map(|rate| {
+            let quota = governor::Quota::with_period(rate.interval())
+                .expect("validated: the interval of a rate is never zero")
+                .allow_burst(spec.burst);
+            RatePolicy {
+                quota,
+                rate,
+                burst: spec.burst,
+            }
+        });
+        let quotas: Box<[(usize, QuotaSpec)]> = spec
+            .quotas
+            .iter()
+            .filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone())))
+            .collect();
+        let policy_header = (0..meters.ids.len())
+            .map(|m| {
+                let mut s = String::new();
+                if let Some(r) = &rate {
+                    let _ = write!(
+                        s,
+                        "\"rate\";q={};w={}",
+                        r.rate.count(),
+                        r.rate.per().as_secs().max(1)
+                    );
+                }
+                if let Some((_, q)) = quotas.iter().find(|(i, _)| *i == m) {
+                    if !s.is_empty() {
+                        s.push_str(", ");
+                    }
+                    let _ = write!(
+                        s,
+                        "\"{}-{}\";q={};w={}",
+                        meters.ids[m],
+                        q.period().name(),
+                        q.limit(),
+                        q.period().nominal_secs()
+                    );
+                }
+                s.into_boxed_str()
+            })
+            .collect();
+        Self {
+            id: spec.id.clone(),
+            rate,
+            quotas,
+            policy_header,
+            on_store_error: spec.on_store_error.unwrap_or(config.usage.on_store_error),
+            meters: meters.clone(),
+            billable: config.usage.billable.clone(),
+            header_style: config.limits.headers,
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct CompiledRoute {
+    method: Option<http::Method>,
+    pattern: RoutePattern,
+    pub(crate) meter: usize,
+    pub(crate) cost: u32,
+}
+
+/// Everything the request path needs from one configuration.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    pub(crate) config: Config,
+    pub(crate) plans: HashMap<PlanId, Arc<CompiledPlan>>,
+    pub(crate) routes: Box<[CompiledRoute]>,
+    pub(crate) default_meter: usize,
+    pub(crate) anonymous: Option<Arc<CompiledPlan>>,
+    /// The tenants declared in the file, consulted before the store.
+    pub(crate) static_keys: HashMap<KeyHash, TenantId>,
+    pub(crate) static_tenants: HashMap<TenantId, TenantRecord>,
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub(crate) challenge: Arc<str>,
+}
+
+impl Runtime {
+    pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>) -> Self {
+        let meters = Arc::new(MeterTable {
+            ids: config.meters.iter().map(|m| m.id.clone()).collect(),
+        });
+        let plans: HashMap<PlanId, Arc<CompiledPlan>> = config
+            .plans
+            .values()
+            .map(|p| {
+                (
+                    p.id.clone(),
+                    Arc::new(CompiledPlan::compile(p, &meters, &config, metrics)),
+                )
+            })
+            .collect();
+        let index = |m: &MeterId| {
+            meters
+                .index(m.as_str())
+                .expect("validated: routes name declared meters")
+        };
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| CompiledRoute {
+                method: r.method.clone(),
+                pattern: r.pattern.clone(),
+                meter: index(&r.meter),
+                cost: r.cost.get(),
+            })
+            .collect();
+        let default_meter = index(&config.default_meter);
+        let anonymous = match &config.on_unknown {
+            crate::config::OnUnknown::Anonymous(p) => plans.get(p).cloned(),
+            _ => None,
+        };
+        let mut static_keys = HashMap::new();
+        let mut static_tenants = HashMap::new();
+        for t in &config.tenants {
+            for k in &t.key_hashes {
+                static_keys.insert(*k, t.id.clone());
+            }
+            let record = TenantRecord {
+                id: t.id.clone(),
+                plan: t.plan.clone(),
+                customer: t.stripe_customer.clone(),
+            };
+            static_tenants.insert(t.id.clone(), record);
+        }
+        let challenge = match &config.identify {
+            crate::config::Identify::ApiKey { header } => format!("ApiKey header=\"{header}\""),
+            crate::config::Identify::Extension => "Bearer".to_owned(),
+        };
+        Self {
+            config,
+            plans,
+            routes,
+            default_meter,
+            anonymous,
+            static_keys,
+            static_tenants,
+            challenge: challenge.into(),
+        }
+    }
+
+    /// The meter and cost of a request: the first matching route, else the default meter at 1.
+    #[inline]
+    pub(crate) fn route(&self, method: &str, path: &str) -> (usize, u32) {
+        for r in self.routes.iter() {
+            if r.method.as_ref().is_none_or(|m| m.as_str() == method) && r.pattern.matches(path) {
+                return (r.meter, r.cost);
+            }
+        }
+        (self.default_meter, 1)
+    }
+}

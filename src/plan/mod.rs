@@ -1,0 +1,7 @@
+//! Plans and routes compiled for the request path.
+
+mod compiled;
+mod route;
+
+pub(crate) use compiled::{CompiledPlan, Runtime};
+pub use route::RoutePattern;

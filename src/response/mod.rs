@@ -1,0 +1,10 @@
+//! What clients see: rate-limit headers and RFC 9457 problem bodies.
+
+mod headers;
+mod problem;
+mod rejection;
+
+pub use headers::Field;
+pub(crate) use headers::{emit, HeaderState, PolicyStatus};
+pub use problem::{ProblemJson, RejectionResponder};
+pub use rejection::{Rejection, RejectionKind};

@@ -1,0 +1,55 @@
+use bytes::Bytes;
+use http::{header, HeaderValue, Response};
+
+use super::Rejection;
+
+/// Turns a [`Rejection`] into a response. Closures `Fn(&Rejection) -> Response<Bytes>` are
+/// responders too. The front door adds the rate-limit headers and `Retry-After` afterwards,
+/// and puts the rejection in the response extensions.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tollgate::{Rejection, RejectionResponder};
+/// let plain = |r: &Rejection| {
+///     http::Response::builder().status(r.status()).body(Bytes::from(r.detail().to_owned())).unwrap()
+/// };
+/// fn assert_responder<R: RejectionResponder>(_: &R) {}
+/// assert_responder(&plain);
+/// ```
+pub trait RejectionResponder: Clone + Send + Sync + 'static {
+    /// Builds the response for `rejection`.
+    fn respond(&self, rejection: &Rejection) -> Response<Bytes>;
+}
+
+impl<F> RejectionResponder for F
+where
+    F: Fn(&Rejection) -> Response<Bytes> + Clone + Send + Sync + 'static,
+{
+    fn respond(&self, rejection: &Rejection) -> Response<Bytes> {
+        self(rejection)
+    }
+}
+
+/// The default responder: an RFC 9457 `application/problem+json` body, with
+/// `WWW-Authenticate` on 401.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProblemJson;
+
+impl RejectionResponder for ProblemJson {
+    fn respond(&self, rejection: &Rejection) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::from(rejection.problem_json()));
+        *response.status_mut() = rejection.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(challenge) = rejection
+            .challenge()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            headers.insert(header::WWW_AUTHENTICATE, challenge);
+        }
+        response
+    }
+}

@@ -1,0 +1,218 @@
+use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
+
+use http::StatusCode;
+
+use super::{emit, Field, HeaderState};
+use crate::{config::TenantId, plan::CompiledPlan};
+
+/// Why a request was turned away.
+///
+/// Each kind has its own `type` URI in the problem body: the documentation of the variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// The tenant's rate (token bucket) is spent: 429.
+    RateLimited,
+    /// The tenant's hard quota for the period is spent: 429.
+    QuotaExceeded,
+    /// No credential identifies the tenant: 401.
+    MissingCredentials,
+    /// The API key or identity is not in the tenant directory: 401.
+    UnknownCredentials,
+    /// The credential cannot be read (empty, too long, not visible ASCII): 400.
+    MalformedCredentials,
+    /// The `Idempotency-Key` header cannot be read: 400.
+    MalformedIdempotencyKey,
+    /// The store did not answer in time and the plan fails closed: 503.
+    StoreUnavailable,
+}
+
+macro_rules! docs {
+    ($variant:literal) => {
+        concat!(
+            "https://docs.rs/tollgate/latest/tollgate/response/enum.RejectionKind.html#variant.",
+            $variant
+        )
+    };
+}
+
+impl RejectionKind {
+    /// The HTTP status of the response.
+    pub fn status(self) -> StatusCode {
+        match self {
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => {
+                StatusCode::UNAUTHORIZED
+            }
+            RejectionKind::MalformedCredentials | RejectionKind::MalformedIdempotencyKey => {
+                StatusCode::BAD_REQUEST
+            }
+            RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short, human-readable summary that does not change from one occurrence to the next.
+    pub fn title(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => "Rate limit exceeded",
+            RejectionKind::QuotaExceeded => "Quota exceeded",
+            RejectionKind::MissingCredentials => "Missing credentials",
+            RejectionKind::UnknownCredentials => "Unknown credentials",
+            RejectionKind::MalformedCredentials => "Malformed credentials",
+            RejectionKind::MalformedIdempotencyKey => "Malformed Idempotency-Key",
+            RejectionKind::StoreUnavailable => "Quota store unavailable",
+        }
+    }
+
+    /// The problem type URI.
+    pub fn problem_type(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => docs!("RateLimited"),
+            RejectionKind::QuotaExceeded => docs!("QuotaExceeded"),
+            RejectionKind::MissingCredentials => docs!("MissingCredentials"),
+            RejectionKind::UnknownCredentials => docs!("UnknownCredentials"),
+            RejectionKind::MalformedCredentials => docs!("MalformedCredentials"),
+            RejectionKind::MalformedIdempotencyKey => docs!("MalformedIdempotencyKey"),
+            RejectionKind::StoreUnavailable => docs!("StoreUnavailable"),
+        }
+    }
+
+    /// A stable label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => "rate_limited",
+            RejectionKind::QuotaExceeded => "quota_exceeded",
+            RejectionKind::MissingCredentials => "missing_credentials",
+            RejectionKind::UnknownCredentials => "unknown_credentials",
+            RejectionKind::MalformedCredentials => "malformed_credentials",
+            RejectionKind::MalformedIdempotencyKey => "malformed_idempotency_key",
+            RejectionKind::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    pub(crate) const ALL: [RejectionKind; 7] = [
+        RejectionKind::RateLimited,
+        RejectionKind::QuotaExceeded,
+        RejectionKind::MissingCredentials,
+        RejectionKind::UnknownCredentials,
+        RejectionKind::MalformedCredentials,
+        RejectionKind::MalformedIdempotencyKey,
+        RejectionKind::StoreUnavailable,
+    ];
+}
+
+/// A request turned away by tollgate. The front doors answer it with a response (never a
+/// service error) and put a clone in the response extensions.
+#[derive(Clone)]
+pub struct Rejection {
+    pub(crate) kind: RejectionKind,
+    pub(crate) detail: Cow<'static, str>,
+    pub(crate) policy: Option<String>,
+    pub(crate) retry_after: Option<u64>,
+    pub(crate) tenant: Option<TenantId>,
+    pub(crate) plan: Option<Arc<CompiledPlan>>,
+    pub(crate) headers: HeaderState,
+    pub(crate) challenge: Option<Arc<str>>,
+}
+
+impl Rejection {
+    pub(crate) fn new(kind: RejectionKind, detail: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+            policy: None,
+            retry_after: None,
+            tenant: None,
+            plan: None,
+            headers: HeaderState::default(),
+            challenge: None,
+        }
+    }
+
+    /// Why the request was rejected.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The response status.
+    pub fn status(&self) -> StatusCode {
+        self.kind.status()
+    }
+
+    /// What happened, for this occurrence.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The violated policy (`rate`, or `METER-PERIOD` such as `requests-day`), if any.
+    pub fn policy(&self) -> Option<&str> {
+        self.policy.as_deref()
+    }
+
+    /// How long to wait before retrying, when known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after.map(Duration::from_secs)
+    }
+
+    /// The tenant, when it was identified.
+    pub fn tenant(&self) -> Option<&TenantId> {
+        self.tenant.as_ref()
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401.
+    pub fn challenge(&self) -> Option<&str> {
+        self.challenge.as_deref()
+    }
+
+    /// Writes the rate-limit header fields and `Retry-After` of the response through `put`.
+    pub fn for_each_header(&self, mut put: impl FnMut(Field, &str)) {
+        match &self.plan {
+            Some(plan) => emit(plan, &self.headers, self.retry_after, &mut put),
+            None => {
+                if let Some(secs) = self.retry_after {
+                    put(Field::RetryAfter, itoa::Buffer::new().format(secs));
+                }
+            }
+        }
+    }
+
+    /// The RFC 9457 `application/problem+json` body.
+    ///
+    /// Members: `type`, `title`, `status`, `detail`, and when they apply `policy` (the violated
+    /// policy) and `retry_after` (seconds).
+    pub fn problem_json(&self) -> Vec<u8> {
+        let mut body = serde_json::json!({
+            "type": self.kind.problem_type(),
+            "title": self.kind.title(),
+            "status": self.status().as_u16(),
+            "detail": self.detail,
+        });
+        if let Some(policy) = &self.policy {
+            body["policy"] = policy.as_str().into();
+        }
+        if let Some(secs) = self.retry_after {
+            body["retry_after"] = secs.into();
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejection")
+            .field("kind", &self.kind)
+            .field("detail", &self.detail)
+            .field("policy", &self.policy)
+            .field("retry_after", &self.retry_after)
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind.title(), self.detail)
+    }
+}

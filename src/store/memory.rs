@@ -1,0 +1,370 @@
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    sync::Mutex,
+};
+
+use async_trait::async_trait;
+
+use super::{
+    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Store, StoreError, TenantRecord,
+    UsageAggregate, UsageBatch,
+};
+use crate::{config::TenantId, tenant::KeyHash};
+
+/// How many flush ids are remembered to make retried flushes no-ops. A retry comes within
+/// seconds of the first try, so the last 65,536 flushes are plenty.
+const FLUSH_IDS_KEPT: usize = 1 << 16;
+/// Fully exported aggregates are dropped this long after their window started.
+const EXPORTED_RETENTION_SECS: i64 = 2 * 86_400;
+
+/// The embedded store: everything in this process's memory, nothing to run.
+///
+/// It is the default of [`Tollgate::builder`](crate::Tollgate::builder). Its state lives as
+/// long as the process; a fleet of nodes needs a shared store instead.
+///
+/// Memory stays bounded: old quota periods are dropped when a new one is reserved, exported
+/// aggregates are dropped two days after their window, and only recent flush ids are kept.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// (tenant, meter) -> (period start, reserved units).
+    quotas: HashMap<(TenantId, crate::config::MeterId), (i64, u64)>,
+    usage: BTreeMap<ExportKey, Aggregate>,
+    flushes: HashSet<FlushId>,
+    flush_order: VecDeque<FlushId>,
+    keys: HashMap<KeyHash, TenantId>,
+    tenants: HashMap<TenantId, TenantRecord>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Aggregate {
+    quantity: u64,
+    exported: u64,
+    revision: u32,
+    in_flight: Option<u64>,
+    dead: bool,
+}
+
+impl Aggregate {
+    fn view(&self, key: &ExportKey, tenants: &HashMap<TenantId, TenantRecord>) -> UsageAggregate {
+        UsageAggregate {
+            key: key.clone(),
+            quantity: self.quantity,
+            exported: self.exported,
+            revision: self.revision,
+            in_flight: self.in_flight,
+            customer: tenants.get(&key.tenant).and_then(|t| t.customer.clone()),
+        }
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the whole store, so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every aggregate whose export was refused for good.
+    pub fn dead_letters(&self) -> Vec<ExportKey> {
+        self.lock()
+            .usage
+            .iter()
+            .filter(|(_, a)| a.dead)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn reserve(
+        &self,
+        key: &QuotaKey,
+        units: u64,
+        limit: Option<u64>,
+    ) -> Result<Grant, StoreError> {
+        let mut inner = self.lock();
+        let slot = inner
+            .quotas
+            .entry((key.tenant.clone(), key.meter.clone()))
+            .or_insert((key.period_start, 0));
+        if slot.0 < key.period_start {
+            *slot = (key.period_start, 0);
+        } else if slot.0 > key.period_start {
+            // A late call for a period that is over: nothing is left to reserve in it.
+            return Ok(Grant {
+                granted: 0,
+                reserved: 0,
+            });
+        }
+        let granted = match limit {
+            Some(limit) => units.min(limit.saturating_sub(slot.1)),
+            None => units,
+        };
+        slot.1 = slot.1.saturating_add(granted);
+        Ok(Grant {
+            granted,
+            reserved: slot.1,
+        })
+    }
+
+    async fn release(&self, key: &QuotaKey, units: u64) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(slot) = inner
+            .quotas
+            .get_mut(&(key.tenant.clone(), key.meter.clone()))
+        {
+            if slot.0 == key.period_start {
+                slot.1 = slot.1.saturating_sub(units);
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        let mut inner = self.lock();
+        if inner.flushes.contains(&batch.id) {
+            return Ok(CommitOutcome::AlreadyApplied);
+        }
+        for r in &batch.records {
+            let key = ExportKey {
+                tenant: r.tenant.clone(),
+                meter: r.meter.clone(),
+                window_start: r.window_start,
+            };
+            let agg = inner.usage.entry(key).or_default();
+            agg.quantity = agg.quantity.saturating_add(r.quantity);
+        }
+        inner.flushes.insert(batch.id.clone());
+        inner.flush_order.push_back(batch.id.clone());
+        while inner.flush_order.len() > FLUSH_IDS_KEPT {
+            if let Some(old) = inner.flush_order.pop_front() {
+                inner.flushes.remove(&old);
+            }
+        }
+        Ok(CommitOutcome::Applied)
+    }
+
+    async fn pending_exports(
+        &self,
+        window_start_before: i64,
+        limit: usize,
+    ) -> Result<Vec<UsageAggregate>, StoreError> {
+        let mut inner = self.lock();
+        let horizon = window_start_before - EXPORTED_RETENTION_SECS;
+        inner.usage.retain(|k, a| {
+            !(k.window_start < horizon
+                && ((a.exported == a.quantity && a.in_flight.is_none()) || a.dead))
+        });
+        let Inner { usage, tenants, .. } = &*inner;
+        Ok(usage
+            .iter()
+            .filter(|(k, a)| {
+                k.window_start < window_start_before
+                    && (a.quantity > a.exported || a.in_flight.is_some())
+                    && !a.dead
+            })
+            .take(limit)
+            .map(|(k, a)| a.view(k, tenants))
+            .collect())
+    }
+
+    async fn begin_export(
+        &self,
+        aggregate: &UsageAggregate,
+    ) -> Result<Option<UsageAggregate>, StoreError> {
+        let mut inner = self.lock();
+        let Inner { usage, tenants, .. } = &mut *inner;
+        match usage.get_mut(&aggregate.key) {
+            Some(a) if a.revision == aggregate.revision => {
+                if a.in_flight.is_none() {
+                    a.in_flight = Some(a.quantity);
+                }
+                Ok(Some(a.view(&aggregate.key, tenants)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn finish_export(&self, aggregate: &UsageAggregate) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        match inner.usage.get_mut(&aggregate.key) {
+            Some(a) if a.revision == aggregate.revision && a.in_flight.is_some() => {
+                a.exported = a.in_flight.take().unwrap_or(a.exported);
+                a.revision += 1;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        aggregate: &UsageAggregate,
+        _reason: &str,
+    ) -> Result<(), StoreError> {
+        if let Some(a) = self.lock().usage.get_mut(&aggregate.key) {
+            a.dead = true;
+        }
+        Ok(())
+    }
+
+    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .keys
+            .get(key)
+            .and_then(|t| inner.tenants.get(t))
+            .cloned())
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        Ok(self.lock().tenants.get(id).cloned())
+    }
+
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.tenants.insert(record.id.clone(), record.clone());
+        for key in keys {
+            inner.keys.insert(*key, record.id.clone());
+        }
+        Ok(())
+    }
+
+    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
+        self.lock().keys.remove(key);
+        Ok(())
+    }
+
+    async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
+        let inner = self.lock();
+        Ok(
+            match inner.quotas.get(&(key.tenant.clone(), key.meter.clone())) {
+                Some((start, n)) if *start == key.period_start => *n,
+                _ => 0,
+            },
+        )
+    }
+
+    async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.usage.get(key).map(|a| a.view(key, &inner.tenants)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::UsageRecord;
+
+    fn qk(p: i64) -> QuotaKey {
+        QuotaKey {
+            tenant: "t".into(),
+            meter: "requests".into(),
+            period_start: p,
+        }
+    }
+
+    #[tokio::test]
+    async fn hard_reservations_never_pass_the_limit() {
+        let s = MemoryStore::new();
+        assert_eq!(
+            s.reserve(&qk(0), 7, Some(10)).await.unwrap(),
+            Grant {
+                granted: 7,
+                reserved: 7
+            }
+        );
+        assert_eq!(
+            s.reserve(&qk(0), 7, Some(10)).await.unwrap(),
+            Grant {
+                granted: 3,
+                reserved: 10
+            }
+        );
+        assert_eq!(s.reserve(&qk(0), 1, Some(10)).await.unwrap().granted, 0);
+        s.release(&qk(0), 4).await.unwrap();
+        assert_eq!(s.reserve(&qk(0), 9, Some(10)).await.unwrap().granted, 4);
+        // A new period starts from zero and forgets the old one.
+        assert_eq!(
+            s.reserve(&qk(86_400), 9, Some(10)).await.unwrap().granted,
+            9
+        );
+        assert_eq!(s.reserve(&qk(0), 1, Some(10)).await.unwrap().granted, 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_commits_once_and_exports_move_by_revision() {
+        let s = MemoryStore::new();
+        let batch = UsageBatch {
+            id: FlushId("f1".into()),
+            records: vec![UsageRecord {
+                tenant: "t".into(),
+                meter: "requests".into(),
+                window_start: 0,
+                quantity: 5,
+            }],
+        };
+        assert_eq!(
+            s.commit_usage(&batch).await.unwrap(),
+            CommitOutcome::Applied
+        );
+        assert_eq!(
+            s.commit_usage(&batch).await.unwrap(),
+            CommitOutcome::AlreadyApplied
+        );
+        let pending = s.pending_exports(3600, 10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (
+                pending[0].quantity,
+                pending[0].exported,
+                pending[0].revision
+            ),
+            (5, 0, 0)
+        );
+        let fixed = s.begin_export(&pending[0]).await.unwrap().unwrap();
+        assert_eq!(fixed.in_flight, Some(5));
+        // Late usage does not change what the in-flight revision exports.
+        let late = UsageBatch {
+            id: FlushId("f2".into()),
+            records: vec![UsageRecord {
+                tenant: "t".into(),
+                meter: "requests".into(),
+                window_start: 0,
+                quantity: 2,
+            }],
+        };
+        s.commit_usage(&late).await.unwrap();
+        assert_eq!(
+            s.begin_export(&pending[0])
+                .await
+                .unwrap()
+                .unwrap()
+                .in_flight,
+            Some(5)
+        );
+        assert!(s.finish_export(&fixed).await.unwrap());
+        assert!(!s.finish_export(&fixed).await.unwrap(), "stale revision");
+        let next = s.pending_exports(3600, 10).await.unwrap();
+        assert_eq!(
+            (
+                next[0].quantity,
+                next[0].exported,
+                next[0].revision,
+                next[0].in_flight
+            ),
+            (7, 5, 1, None)
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! Where counters, usage and the tenant directory live: the [`Store`] trait and the embedded
+//! [`MemoryStore`]. A DynamoDB store shared by a fleet plugs into the same trait.
+
+mod memory;
+mod types;
+
+pub use memory::MemoryStore;
+pub use types::{
+    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Store, StoreError, TenantRecord,
+    UsageAggregate, UsageBatch, UsageRecord,
+};

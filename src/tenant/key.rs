@@ -1,0 +1,146 @@
+use std::{
+    fmt,
+    hash::{BuildHasher, Hasher},
+};
+
+use sha2::{Digest, Sha256};
+use siphasher::sip128::{Hasher128, SipHasher13};
+
+use crate::config::TenantId;
+
+/// The SHA-256 digest of an API key: the directory stores these, never the keys.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyHash([u8; 32]);
+
+impl KeyHash {
+    /// Hashes an API key.
+    pub fn of(key: &[u8]) -> Self {
+        Self(Sha256::digest(key).into())
+    }
+
+    /// Reads a digest written as 64 hexadecimal digits.
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(hex.trim(), &mut out).ok()?;
+        Some(Self(out))
+    }
+
+    /// The digest as 64 lowercase hexadecimal digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// The digest's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({}…)", &self.to_hex()[..12])
+    }
+}
+
+/// The longest API key accepted, in bytes.
+pub(crate) const MAX_KEY_LEN: usize = 256;
+
+/// Checks the syntax of an API key: 1 to 256 visible ASCII characters.
+pub(crate) fn check_api_key(key: &[u8]) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("the API key is empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err("the API key is longer than 256 characters");
+    }
+    if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err("the API key has characters other than visible ASCII");
+    }
+    Ok(())
+}
+
+/// What a request says about its tenant, as a [`TenantResolver`](crate::TenantResolver) finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Credential<'a> {
+    /// An API key, to be looked up in the tenant directory.
+    ApiKey(&'a [u8]),
+    /// A tenant identity already verified by an earlier layer (for example a JWT claim).
+    Tenant(&'a str),
+    /// Nothing identifies the tenant.
+    Missing,
+    /// Something was there but cannot be read; the reason is sent back in the 400 response.
+    Malformed(&'static str),
+}
+
+/// A verified tenant identity put in the request extensions by an authentication layer, for
+/// `identify.source = "extension"`.
+///
+/// ```
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(tollgate::Identity::new("acme"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    tenant: TenantId,
+}
+
+impl Identity {
+    /// The identity of `tenant`.
+    pub fn new(tenant: impl Into<TenantId>) -> Self {
+        Self {
+            tenant: tenant.into(),
+        }
+    }
+
+    /// The tenant.
+    pub fn tenant(&self) -> &TenantId {
+        &self.tenant
+    }
+}
+
+/// A 128-bit keyed digest of a credential: the low half finds the tenant's entry, the high
+/// half confirms it, so two credentials never share a tenant's state by accident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Fingerprint {
+    pub(crate) lo: u64,
+    pub(crate) hi: u64,
+}
+
+/// Computes fingerprints with SipHash-1-3 keyed by secrets drawn at start-up, so nobody outside
+/// the process can craft colliding keys.
+#[derive(Clone)]
+pub(crate) struct Fingerprinter {
+    k0: u64,
+    k1: u64,
+}
+
+pub(crate) const TAG_API_KEY: u8 = 1;
+pub(crate) const TAG_TENANT: u8 = 2;
+pub(crate) const TAG_IDEMPOTENCY: u8 = 3;
+
+impl Fingerprinter {
+    pub(crate) fn random() -> Self {
+        let a = std::collections::hash_map::RandomState::new();
+        let b = std::collections::hash_map::RandomState::new();
+        Self {
+            k0: a.hash_one(0x7011_6a7e_u64),
+            k1: b.hash_one(0x5eed_u64),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn of(&self, tag: u8, bytes: &[u8]) -> Fingerprint {
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        h.write_u8(tag);
+        h.write(bytes);
+        let h = h.finish128();
+        Fingerprint { lo: h.h1, hi: h.h2 }
+    }
+}
+
+impl fmt::Debug for Fingerprinter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Fingerprinter(..)")
+    }
+}

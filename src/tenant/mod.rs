@@ -1,0 +1,10 @@
+//! Tenants: how a request names its tenant, and the per-tenant state on the request path.
+
+mod key;
+mod state;
+
+pub(crate) use key::{
+    check_api_key, Fingerprint, Fingerprinter, TAG_API_KEY, TAG_IDEMPOTENCY, TAG_TENANT,
+};
+pub use key::{Credential, Identity, KeyHash};
+pub(crate) use state::{QuotaCell, Take, TenantState};

@@ -1,0 +1,292 @@
+//! The per-tenant state of the request path, reached through one map lookup: the token
+//! bucket, the quota leases and the usage counters.
+
+use std::sync::{
+    atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    Arc,
+};
+
+use governor::{
+    middleware::StateInformationMiddleware, state::InMemoryState, state::NotKeyed, RateLimiter,
+};
+
+use crate::{
+    clock::Clock,
+    config::{MeterId, QuotaMode, QuotaSpec, TenantId},
+    plan::CompiledPlan,
+};
+
+pub(crate) type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
+
+pub(crate) struct TenantState {
+    pub(crate) id: TenantId,
+    pub(crate) plan: Arc<CompiledPlan>,
+    pub(crate) customer: Option<String>,
+    pub(crate) clock: Clock,
+    pub(crate) window_secs: i64,
+    pub(crate) limiter: Option<Limiter>,
+    pub(crate) quotas: Box<[QuotaCell]>,
+    usage: Box<[UsageCell]>,
+    last_seen: AtomicI64,
+    evicted: AtomicBool,
+}
+
+impl std::fmt::Debug for TenantState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantState")
+            .field("id", &self.id)
+            .field("plan", &self.plan.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TenantState {
+    pub(crate) fn new(
+        id: TenantId,
+        plan: Arc<CompiledPlan>,
+        customer: Option<String>,
+        clock: Clock,
+        window_secs: i64,
+    ) -> Self {
+        let limiter = plan.rate.as_ref().map(|r| {
+            RateLimiter::direct_with_clock(r.quota, clock.clone())
+                .with_middleware::<StateInformationMiddleware>()
+        });
+        let quotas = plan
+            .quotas
+            .iter()
+            .map(|(meter, spec)| {
+                QuotaCell::new(*meter, plan.meters.ids[*meter].clone(), spec.clone())
+            })
+            .collect();
+        let usage = (0..plan.meters.ids.len())
+            .map(|_| UsageCell::default())
+            .collect();
+        let now = clock.unix_secs();
+        Self {
+            id,
+            plan,
+            customer,
+            clock,
+            window_secs,
+            limiter,
+            quotas,
+            usage,
+            last_seen: AtomicI64::new(now),
+            evicted: AtomicBool::new(false),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn touch(&self, now: i64) {
+        // Skip the store when the second has not changed: keeps the line shared between cores.
+        if self.last_seen.load(Ordering::Relaxed) != now {
+            self.last_seen.store(now, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn last_seen(&self) -> i64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub(crate) fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_evicted(&self) {
+        self.evicted.store(true, Ordering::Release);
+    }
+
+    #[inline]
+    pub(crate) fn quota(&self, meter: usize) -> Option<&QuotaCell> {
+        self.quotas.iter().find(|q| q.meter == meter)
+    }
+
+    /// Adds usage to the window containing `now` (Unix seconds).
+    #[inline]
+    pub(crate) fn record(&self, meter: usize, now: i64, quantity: u64) {
+        if let Some(cell) = self.usage.get(meter) {
+            cell.add(now.div_euclid(self.window_secs), quantity);
+        }
+    }
+
+    /// Takes all recorded usage: (meter index, window start in Unix seconds, quantity).
+    pub(crate) fn drain_usage(&self, mut out: impl FnMut(usize, i64, u64)) {
+        for (meter, cell) in self.usage.iter().enumerate() {
+            for slot in &cell.slots {
+                let window = slot.window.load(Ordering::Acquire);
+                let quantity = slot.quantity.swap(0, Ordering::AcqRel);
+                if quantity > 0 {
+                    out(meter, window * self.window_secs, quantity);
+                }
+            }
+        }
+    }
+}
+
+/// Two window slots per meter: the current window and the one before, each tagged with its
+/// window index so the worker attributes usage to the window it was recorded in.
+#[derive(Default)]
+struct UsageCell {
+    slots: [UsageSlot; 2],
+}
+
+#[derive(Default)]
+struct UsageSlot {
+    window: AtomicI64,
+    quantity: AtomicU64,
+}
+
+impl UsageCell {
+    #[inline]
+    fn add(&self, window: i64, quantity: u64) {
+        let slot = &self.slots[(window & 1) as usize];
+        if slot.window.load(Ordering::Relaxed) != window {
+            slot.window.store(window, Ordering::Release);
+        }
+        slot.quantity.fetch_add(quantity, Ordering::AcqRel);
+    }
+}
+
+/// The outcome of taking units from a local lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Taken; the tenant's remaining units (estimated across nodes) and whether this request is
+    /// beyond a soft limit.
+    Taken { remaining: u64, overage: bool },
+    /// The local lease is empty or belongs to a past period: ask the store.
+    NeedLease,
+    /// The hard limit of this period is spent.
+    Exhausted,
+}
+
+/// A tenant's allowance on one meter: a lease of units reserved from the store for one period.
+pub(crate) struct QuotaCell {
+    pub(crate) meter: usize,
+    pub(crate) meter_id: MeterId,
+    pub(crate) spec: QuotaSpec,
+    period_start: AtomicI64,
+    period_end: AtomicI64,
+    lease: AtomicI64,
+    reserved: AtomicU64,
+    exhausted: AtomicBool,
+    prefetching: AtomicBool,
+    pub(crate) refill: tokio::sync::Mutex<()>,
+}
+
+impl QuotaCell {
+    fn new(meter: usize, meter_id: MeterId, spec: QuotaSpec) -> Self {
+        Self {
+            meter,
+            meter_id,
+            spec,
+            period_start: AtomicI64::new(0),
+            period_end: AtomicI64::new(i64::MIN),
+            lease: AtomicI64::new(0),
+            reserved: AtomicU64::new(0),
+            exhausted: AtomicBool::new(false),
+            prefetching: AtomicBool::new(false),
+            refill: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn hard(&self) -> bool {
+        self.spec.mode() == QuotaMode::Hard
+    }
+
+    /// Takes `cost` units without waiting.
+    #[inline]
+    pub(crate) fn try_take(&self, cost: u64, now: i64) -> Take {
+        if now >= self.period_end.load(Ordering::Acquire) {
+            return Take::NeedLease;
+        }
+        let cost = cost as i64;
+        let before = self.lease.fetch_sub(cost, Ordering::AcqRel);
+        if before >= cost {
+            let (remaining, overage) = self.estimate(before - cost);
+            return Take::Taken { remaining, overage };
+        }
+        self.lease.fetch_add(cost, Ordering::AcqRel);
+        if self.hard() && self.exhausted.load(Ordering::Acquire) {
+            Take::Exhausted
+        } else {
+            Take::NeedLease
+        }
+    }
+
+    /// Takes `quantity` units even if that leaves the lease negative (usage that already
+    /// happened, reported by a handler). The next refill covers the debt.
+    pub(crate) fn force_take(&self, quantity: u64, now: i64) {
+        if now < self.period_end.load(Ordering::Acquire) {
+            self.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
+        }
+    }
+
+    /// Gives back units of a request that is not billed, if its period is still current.
+    pub(crate) fn refund(&self, cost: u64, period_end: i64) {
+        if self.period_end.load(Ordering::Acquire) == period_end {
+            self.lease.fetch_add(cost as i64, Ordering::AcqRel);
+            self.exhausted.store(false, Ordering::Release);
+        }
+    }
+
+    /// (remaining units across nodes, over a soft limit?) when `lease_left` units remain here.
+    fn estimate(&self, lease_left: i64) -> (u64, bool) {
+        let reserved = self.reserved.load(Ordering::Relaxed);
+        let used = reserved.saturating_sub(lease_left.max(0) as u64);
+        let limit = self.spec.limit().get();
+        (limit.saturating_sub(used), used > limit)
+    }
+
+    pub(crate) fn period(&self) -> (i64, i64) {
+        (
+            self.period_start.load(Ordering::Acquire),
+            self.period_end.load(Ordering::Acquire),
+        )
+    }
+
+    pub(crate) fn lease(&self) -> i64 {
+        self.lease.load(Ordering::Acquire)
+    }
+
+    /// Whether the lease is below its low watermark (a quarter of a lease) and no prefetch is
+    /// under way; claims the prefetch if so.
+    #[inline]
+    pub(crate) fn wants_prefetch(&self, now: i64) -> bool {
+        let low = (self.spec.lease().get() / 4).max(1) as i64;
+        now < self.period_end.load(Ordering::Relaxed)
+            && self.lease.load(Ordering::Relaxed) < low
+            && !self.exhausted.load(Ordering::Relaxed)
+            && !self.prefetching.swap(true, Ordering::AcqRel)
+    }
+
+    pub(crate) fn prefetch_done(&self) {
+        self.prefetching.store(false, Ordering::Release);
+    }
+
+    /// Starts a new period: returns the units left from the old one (negative: a debt).
+    /// Call with `refill` held.
+    pub(crate) fn roll_period(&self, start: i64, end: i64) -> i64 {
+        let left = self.lease.swap(0, Ordering::AcqRel);
+        self.exhausted.store(false, Ordering::Release);
+        self.reserved.store(0, Ordering::Release);
+        self.period_start.store(start, Ordering::Release);
+        self.period_end.store(end, Ordering::Release);
+        left
+    }
+
+    /// Adds units granted by the store. Call with `refill` held.
+    pub(crate) fn grant(&self, granted: u64, reserved: u64, asked: u64) {
+        self.reserved.store(reserved, Ordering::Release);
+        self.lease.fetch_add(granted as i64, Ordering::AcqRel);
+        if self.hard() && granted < asked {
+            self.exhausted.store(true, Ordering::Release);
+        }
+    }
+
+    /// Empties the lease (on eviction and shutdown): returns the units to give back.
+    pub(crate) fn take_all(&self) -> i64 {
+        self.lease.swap(0, Ordering::AcqRel)
+    }
+}

@@ -1,0 +1,5 @@
+//! Usage as handlers see it: the [`TenantContext`] in the request extensions.
+
+mod context;
+
+pub use context::{TenantContext, UnknownMeter};

@@ -1,0 +1,87 @@
+use std::time::Duration;
+
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
+
+use crate::engine::{Prefetch, Tollgate};
+
+/// The engine's background work: flushes usage every `usage.flush_interval` and exports
+/// closed windows, refills quota leases before they run out, evicts idle tenants.
+///
+/// Nothing runs unless the caller spawns [`run`](Self::run); there are no hidden threads.
+/// It returns after [`Tollgate::shutdown`], which does the final flush itself (so it also
+/// works where nothing runs between requests, such as AWS Lambda).
+#[must_use = "the worker does nothing until `run()` is spawned"]
+pub struct Worker {
+    tollgate: Tollgate,
+    prefetch: mpsc::Receiver<Prefetch>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    pub(crate) fn new(
+        tollgate: Tollgate,
+        prefetch: mpsc::Receiver<Prefetch>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            tollgate,
+            prefetch,
+            shutdown,
+        }
+    }
+
+    /// The engine this worker serves.
+    pub fn handle(&self) -> &Tollgate {
+        &self.tollgate
+    }
+
+    /// Runs until [`Tollgate::shutdown`] is called.
+    pub async fn run(mut self) {
+        let intervals = |t: &Tollgate| {
+            let c = t.config();
+            let sweep = (c.limits().idle_timeout / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(60));
+            (c.usage().flush_interval, sweep)
+        };
+        let (flush_every, sweep_every) = intervals(&self.tollgate);
+        let mut next_flush = Instant::now() + flush_every;
+        let mut next_sweep = Instant::now() + sweep_every;
+        loop {
+            if *self.shutdown.borrow() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => break,
+                Some(job) = self.prefetch.recv() => self.tollgate.prefetch(job).await,
+                _ = tokio::time::sleep_until(next_flush) => {
+                    if self.tollgate.flush().await.is_ok() {
+                        if let Err(e) = self.tollgate.export().await {
+                            tracing::warn!(error = %e, "usage export failed; retried at the next flush");
+                        }
+                    }
+                    let (flush_every, _) = intervals(&self.tollgate);
+                    next_flush = Instant::now() + flush_every;
+                }
+                _ = tokio::time::sleep_until(next_sweep) => {
+                    self.tollgate.sweep().await;
+                    let (_, sweep_every) = intervals(&self.tollgate);
+                    next_sweep = Instant::now() + sweep_every;
+                }
+                _ = self.tollgate.shared.sweep_now.notified() => {
+                    self.tollgate.sweep().await;
+                }
+            }
+        }
+        tracing::debug!("tollgate worker stopped");
+    }
+}
