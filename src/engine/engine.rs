@@ -624,6 +624,7 @@ impl Tollgate {
             // The units left in a period that is over cannot be used by anyone: drop them.
             cell.roll_period(start, end);
         }
+        cell.settle_unleased();
         let (start, _) = cell.period();
         let debt = (-cell.lease()).max(0) as u64;
         let want = cell.spec.lease().get().max(need).saturating_add(debt);

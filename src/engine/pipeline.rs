@@ -267,7 +267,11 @@ impl Tollgate {
                     ),
                     event_name: event_name(&rt, &agg.key.meter),
                     tenant: agg.key.tenant.clone(),
-                    customer: agg.customer.clone(),
+                    customer: agg.customer.clone().or_else(|| {
+                        rt.static_tenants
+                            .get(&agg.key.tenant)
+                            .and_then(|t| t.customer.clone())
+                    }),
                     meter: agg.key.meter.clone(),
                     window_start: agg.key.window_start,
                     window_end: agg.key.window_start + window,

@@ -169,6 +169,8 @@ pub(crate) struct QuotaCell {
     period_start: AtomicI64,
     period_end: AtomicI64,
     lease: AtomicI64,
+    /// Usage reported while no lease of the current period was held: settled by the next refill.
+    unleased: AtomicU64,
     reserved: AtomicU64,
     exhausted: AtomicBool,
     prefetching: AtomicBool,
@@ -184,6 +186,7 @@ impl QuotaCell {
             period_start: AtomicI64::new(0),
             period_end: AtomicI64::new(i64::MIN),
             lease: AtomicI64::new(0),
+            unleased: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
             prefetching: AtomicBool::new(false),
@@ -220,6 +223,8 @@ impl QuotaCell {
     pub(crate) fn force_take(&self, quantity: u64, now: i64) {
         if now < self.period_end.load(Ordering::Acquire) {
             self.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
+        } else {
+            self.unleased.fetch_add(quantity, Ordering::AcqRel);
         }
     }
 
@@ -274,6 +279,15 @@ impl QuotaCell {
         self.period_start.store(start, Ordering::Release);
         self.period_end.store(end, Ordering::Release);
         left
+    }
+
+    /// Moves usage reported outside any lease into the current lease (as a debt the refill
+    /// covers). Call with `refill` held, after [`roll_period`](Self::roll_period).
+    pub(crate) fn settle_unleased(&self) {
+        let debt = self.unleased.swap(0, Ordering::AcqRel);
+        if debt > 0 {
+            self.lease.fetch_sub(debt as i64, Ordering::AcqRel);
+        }
     }
 
     /// Adds units granted by the store. Call with `refill` held.

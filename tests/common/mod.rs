@@ -1,0 +1,163 @@
+//! A service behind tollgate, driven in-process with a fake clock.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tollgate::{
+    clock::{Clock, FakeClock},
+    layer::TollgateBody,
+    store::{MemoryStore, Store},
+    Config, TenantContext, Tollgate, TollgateService,
+};
+use tower::{Layer, ServiceExt};
+
+type Handler =
+    fn(
+        Request<Full<Bytes>>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+
+/// 2026-03-14T12:00:00Z
+pub const NOON: i64 = 1_773_489_600;
+
+fn handler(
+    req: Request<Full<Bytes>>,
+) -> Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>> {
+    Box::pin(async move {
+        let ctx = req.extensions().get::<TenantContext>().cloned();
+        let path = req.uri().path().to_owned();
+        let status = match path.as_str() {
+            "/fail" => StatusCode::INTERNAL_SERVER_ERROR,
+            "/missing" => StatusCode::NOT_FOUND,
+            _ => StatusCode::OK,
+        };
+        if let (Some(n), Some(ctx)) = (path.strip_prefix("/tokens/"), &ctx) {
+            ctx.record("tokens", n.parse().unwrap()).unwrap();
+        }
+        let who = ctx
+            .map(|c| format!("{} on {}", c.tenant(), c.plan()))
+            .unwrap_or_default();
+        Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(who)))
+            .unwrap())
+    })
+}
+
+pub struct Harness {
+    pub svc: TollgateService<tower::util::ServiceFn<Handler>>,
+    pub tollgate: Tollgate,
+    pub clock: FakeClock,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub rejection: Option<tollgate::Rejection>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+impl Harness {
+    pub fn new(toml: &str) -> Self {
+        Self::with_store(toml, Arc::new(MemoryStore::new()), NOON)
+    }
+
+    pub fn at(toml: &str, unix: i64) -> Self {
+        Self::with_store(toml, Arc::new(MemoryStore::new()), unix)
+    }
+
+    pub fn with_store(toml: &str, store: Arc<dyn Store>, unix: i64) -> Self {
+        let (clock, handle) = Clock::fake_at_unix(unix);
+        Self::build(toml, store, clock, handle)
+    }
+
+    pub fn build(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Self {
+        let config = Config::from_toml_str(toml).expect("valid test configuration");
+        let (layer, _worker) = Tollgate::builder(config)
+            .store_arc(store)
+            .clock(clock)
+            .build();
+        let tollgate = layer.handle().clone();
+        let svc = layer.layer(tower::service_fn(handler as Handler));
+        Self {
+            svc,
+            tollgate,
+            clock: handle,
+        }
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
+        let response: Response<TollgateBody<Full<Bytes>>> =
+            self.svc.clone().oneshot(req).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply {
+            status: parts.status,
+            rejection: parts.extensions.get().cloned(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Reply {
+        self.send(req("GET", path, Some(key), None)).await
+    }
+
+    pub async fn status(&self, path: &str, key: &str) -> u16 {
+        self.get(path, key).await.status.as_u16()
+    }
+}
+
+pub fn req(
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    idempotency: Option<&str>,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    if let Some(i) = idempotency {
+        b = b.header("idempotency-key", i);
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
+}
+
+/// Total units committed to the store for (tenant, meter) over the windows starting in
+/// [from, to), by walking the windows.
+pub async fn committed(
+    store: &dyn Store,
+    tenant: &str,
+    meter: &str,
+    from: i64,
+    to: i64,
+    window: i64,
+) -> u64 {
+    let mut total = 0;
+    let mut w = from - from.rem_euclid(window);
+    while w < to {
+        let key = tollgate::store::ExportKey {
+            tenant: tenant.into(),
+            meter: meter.into(),
+            window_start: w,
+        };
+        if let Some(a) = store.usage(&key).await.unwrap() {
+            total += a.quantity;
+        }
+        w += window;
+    }
+    total
+}

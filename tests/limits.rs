@@ -1,0 +1,296 @@
+//! Rate, burst, quotas, route costs, give-back and idempotency, through the tower layer.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{req, Harness, NOON};
+
+const PLANS: &str = r#"
+[meters.tokens]
+
+[plans.free]
+rate = "2/s"
+burst = 5
+quotas.requests = { limit = 5, period = "day", mode = "hard", lease = 2 }
+
+[plans.soft]
+quotas.requests = { limit = 2, period = "day", mode = "soft" }
+
+[plans.big]
+rate = "100/s"
+quotas.requests = { limit = 12, period = "month", mode = "hard", anchor_day = 1 }
+
+[[routes]]
+method = "POST"
+path = "/v1/generate"
+cost = 5
+
+[tenants.acme]
+plan = "free"
+keys = ["key-acme"]
+
+[tenants.softco]
+plan = "soft"
+keys = ["key-soft"]
+
+[tenants.bigco]
+plan = "big"
+keys = ["key-big"]
+"#;
+
+#[tokio::test]
+async fn rate_admits_the_burst_then_refills_at_the_rate() {
+    let toml = PLANS.replace(
+        "limit = 5, period = \"day\"",
+        "limit = 50, period = \"day\"",
+    );
+    let h = Harness::new(&toml);
+    for _ in 0..5 {
+        assert_eq!(h.status("/", "key-acme").await, 200);
+    }
+    let r = h.get("/", "key-acme").await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["policy"], "rate");
+    // One cell comes back every 500 ms.
+    h.clock.advance(Duration::from_millis(499));
+    assert_eq!(h.status("/", "key-acme").await, 429);
+    h.clock.advance(Duration::from_millis(1));
+    assert_eq!(h.status("/", "key-acme").await, 200);
+    assert_eq!(h.status("/", "key-acme").await, 429);
+}
+
+#[tokio::test]
+async fn a_hard_daily_quota_rejects_until_utc_midnight() {
+    // 23:59:50 UTC.
+    let h = Harness::at(PLANS, NOON + 12 * 3600 - 10);
+    for i in 0..5 {
+        assert_eq!(h.status("/", "key-acme").await, 200, "request {i}");
+        h.clock.advance(Duration::from_secs(1));
+    }
+    let r = h.get("/", "key-acme").await;
+    assert_eq!(r.status, 429);
+    let body = r.json();
+    assert_eq!(body["policy"], "requests-day");
+    assert_eq!(body["retry_after"], 5, "seconds to midnight");
+    assert_eq!(r.header("retry-after"), Some("5"));
+    h.clock.advance(Duration::from_secs(4));
+    assert_eq!(h.status("/", "key-acme").await, 429, "still the same day");
+    h.clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        h.status("/", "key-acme").await,
+        200,
+        "a new day, a new quota"
+    );
+}
+
+#[tokio::test]
+async fn a_monthly_quota_follows_the_calendar_month() {
+    // 2026-02-28T23:59:00Z: February has 28 days.
+    let h = Harness::at(PLANS, 1_772_323_140);
+    // Cost 5 per generate: 12 units allow two.
+    let post = || req("POST", "/v1/generate", Some("key-big"), None);
+    assert_eq!(h.send(post()).await.status, 200);
+    assert_eq!(h.send(post()).await.status, 200);
+    let r = h.send(post()).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["policy"], "requests-month");
+    assert_eq!(r.json()["retry_after"], 60);
+    // A GET costs 1: two units are left.
+    assert_eq!(h.status("/", "key-big").await, 200);
+    assert_eq!(h.status("/", "key-big").await, 200);
+    assert_eq!(h.status("/", "key-big").await, 429);
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        h.send(post()).await.status,
+        200,
+        "March 1st starts a new period"
+    );
+}
+
+#[tokio::test]
+async fn a_soft_quota_admits_past_its_limit_and_reports_zero_remaining() {
+    let h = Harness::new(PLANS);
+    for _ in 0..5 {
+        let r = h.get("/", "key-soft").await;
+        assert_eq!(r.status, 200);
+    }
+    let r = h.get("/", "key-soft").await;
+    assert_eq!(r.header("ratelimit"), Some("\"requests-day\";r=0;t=43200"));
+}
+
+#[tokio::test]
+async fn failed_requests_give_their_units_back() {
+    let h = Harness::new(PLANS);
+    // 5xx responses are not billable: they do not spend the daily quota of 5.
+    for _ in 0..3 {
+        assert_eq!(h.status("/fail", "key-acme").await, 500);
+        h.clock.advance(Duration::from_secs(1));
+    }
+    for _ in 0..5 {
+        assert_eq!(
+            h.status("/missing", "key-acme").await,
+            404,
+            "4xx is billable by default"
+        );
+        h.clock.advance(Duration::from_secs(1));
+    }
+    assert_eq!(h.status("/", "key-acme").await, 429);
+    h.tollgate.flush().await.unwrap();
+    let total = common::committed(
+        &**h.tollgate.store(),
+        "acme",
+        "requests",
+        NOON - 7200,
+        NOON + 7200,
+        3600,
+    )
+    .await;
+    assert_eq!(total, 5);
+}
+
+#[tokio::test]
+async fn an_idempotent_replay_is_neither_charged_nor_recorded_twice() {
+    let h = Harness::new(PLANS);
+    let post = |k: &str| req("POST", "/", Some("key-acme"), Some(k));
+    assert_eq!(h.send(post("order-1")).await.status, 200);
+    assert_eq!(h.send(post("order-1")).await.status, 200);
+    assert_eq!(h.send(post("order-1")).await.status, 200);
+    h.clock.advance(Duration::from_secs(2));
+    // Four more distinct requests fill the quota of 5: the replays took nothing.
+    for k in ["a", "b", "c", "d"] {
+        assert_eq!(h.send(post(k)).await.status, 200, "key {k}");
+        h.clock.advance(Duration::from_secs(1));
+    }
+    assert_eq!(h.send(post("e")).await.status, 429);
+    // A replay of a known key is still not charged, even with the quota spent.
+    assert_eq!(h.send(post("a")).await.status, 200);
+    h.tollgate.flush().await.unwrap();
+    let total = common::committed(
+        &**h.tollgate.store(),
+        "acme",
+        "requests",
+        NOON - 7200,
+        NOON + 7200,
+        3600,
+    )
+    .await;
+    assert_eq!(total, 5);
+    // A failed request releases its key: its retry is charged.
+    assert_eq!(
+        h.send(req("GET", "/fail", Some("key-soft"), Some("retry-me")))
+            .await
+            .status,
+        500
+    );
+    assert_eq!(
+        h.send(req("GET", "/", Some("key-soft"), Some("retry-me")))
+            .await
+            .status,
+        200
+    );
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(
+        common::committed(
+            &**h.tollgate.store(),
+            "softco",
+            "requests",
+            NOON - 7200,
+            NOON + 7200,
+            3600
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_of_another_tenant_is_charged() {
+    let h = Harness::new(PLANS);
+    assert_eq!(
+        h.send(req("GET", "/", Some("key-soft"), Some("k")))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        h.send(req("GET", "/", Some("key-big"), Some("k")))
+            .await
+            .status,
+        200
+    );
+    h.tollgate.flush().await.unwrap();
+    let store = h.tollgate.store().clone();
+    assert_eq!(
+        common::committed(
+            &*store,
+            "softco",
+            "requests",
+            NOON - 7200,
+            NOON + 7200,
+            3600
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        common::committed(&*store, "bigco", "requests", NOON - 7200, NOON + 7200, 3600).await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
+    let toml = r#"
+        [plans.p]
+        quotas.requests = { limit = 500, period = "day", mode = "hard", lease = 7 }
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+    "#;
+    let store: std::sync::Arc<dyn tollgate::store::Store> =
+        std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    // Two nodes (two engines) share one store, as a fleet shares one table.
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes = [
+        std::sync::Arc::new(Harness::build(
+            toml,
+            store.clone(),
+            clock.clone(),
+            handle.clone(),
+        )),
+        std::sync::Arc::new(Harness::build(toml, store.clone(), clock, handle)),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let node = nodes[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0u32;
+            for _ in 0..100 {
+                if node.status("/", "key-t").await == 200 {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    // 1,600 requests for 500 units: never more, and every unit leased is eventually used
+    // (a node gets the other's leftovers once that one is empty too, or keeps its own).
+    assert!(admitted <= 500, "admitted {admitted}");
+    assert!(
+        admitted >= 500 - 2 * 7,
+        "admitted {admitted}: at most one lease per node may be stranded"
+    );
+    for n in &nodes {
+        n.tollgate.flush().await.unwrap();
+    }
+    let committed =
+        common::committed(&*store, "t", "requests", NOON - 7200, NOON + 7200, 3600).await;
+    assert_eq!(committed, u64::from(admitted));
+}

@@ -1,0 +1,414 @@
+//! The usage pipeline: flushing conserves usage, the tenant cap holds, reloads keep counters,
+//! closed windows are exported exactly once.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use common::{req, Harness, NOON};
+use proptest::prelude::*;
+use tollgate::{
+    billing::{BillingSink, JsonlSink, MeterEvent, SinkError},
+    clock::Clock,
+    config::ConfigErrorKind,
+    store::{MemoryStore, Store},
+    Config, Tollgate,
+};
+
+fn tenants_config(n: usize, extra: &str) -> String {
+    let mut s = format!("{extra}\n[plans.p]\nrate = \"1000/s\"\nquotas.requests = {{ limit = 1000000, period = \"day\" }}\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"
+        ));
+    }
+    s
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Any interleaving of requests (billable or not), flushes, clock moves and evictions:
+    /// what the store holds equals what was billed, no more, no less.
+    #[test]
+    fn flushing_conserves_usage(ops in proptest::collection::vec((0usize..4, 0u8..6), 1..120)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let h = Harness::new(&tenants_config(4, "[limits]\nmax_tenants = 2\nidle_timeout = \"30s\""));
+            let mut billed = [0u64; 4];
+            for (tenant, op) in ops {
+                let key = format!("key-{tenant}");
+                match op {
+                    0 | 1 => if h.status("/", &key).await == 200 { billed[tenant] += 1 },
+                    2 => assert_eq!(h.status("/fail", &key).await, 500),
+                    3 => { h.tollgate.flush().await.unwrap(); }
+                    4 => h.clock.advance(Duration::from_secs(17 * 60)),
+                    _ => { h.tollgate.sweep().await; }
+                }
+            }
+            h.tollgate.flush().await.unwrap();
+            // Retired states are drained once nobody holds them: a second flush sees them gone.
+            h.tollgate.flush().await.unwrap();
+            for (i, want) in billed.iter().enumerate() {
+                let got = common::committed(&**h.tollgate.store(), &format!("t{i}"), "requests", NOON - 3600, NOON + 40 * 3600, 3600).await;
+                assert_eq!(got, *want, "tenant t{i}");
+            }
+            assert!(h.tollgate.stats().tracked_tenants <= 4);
+        });
+    }
+}
+
+#[tokio::test]
+async fn the_tenant_cap_holds_and_evicted_usage_is_kept() {
+    let h = Harness::new(&tenants_config(25, "[limits]\nmax_tenants = 10"));
+    for i in 0..25 {
+        assert_eq!(h.status("/", &format!("key-{i}")).await, 200);
+        h.clock.advance(Duration::from_secs(1));
+    }
+    assert_eq!(h.tollgate.stats().tracked_tenants, 25);
+    assert_eq!(h.tollgate.sweep().await, 15);
+    assert_eq!(h.tollgate.stats().tracked_tenants, 10);
+    // The most recently seen stay.
+    for i in 15..25 {
+        assert_eq!(h.status("/", &format!("key-{i}")).await, 200);
+    }
+    assert_eq!(h.tollgate.stats().tracked_tenants, 10);
+    h.tollgate.flush().await.unwrap();
+    let store = h.tollgate.store().clone();
+    for i in 0..25 {
+        let want = if i >= 15 { 2 } else { 1 };
+        assert_eq!(
+            common::committed(
+                &*store,
+                &format!("t{i}"),
+                "requests",
+                NOON - 3600,
+                NOON + 3600,
+                3600
+            )
+            .await,
+            want
+        );
+    }
+    assert_eq!(h.tollgate.stats().evictions, 15);
+}
+
+#[tokio::test]
+async fn idle_tenants_are_evicted_and_their_lease_returned() {
+    let h = Harness::new(&tenants_config(1, "[limits]\nidle_timeout = \"10m\""));
+    assert_eq!(h.status("/", "key-0").await, 200);
+    let key = tollgate::store::QuotaKey {
+        tenant: "t0".into(),
+        meter: "requests".into(),
+        period_start: NOON - 12 * 3600,
+    };
+    // A lease is a sixteenth of the limit, at most 10,000 units.
+    assert_eq!(h.tollgate.store().reserved(&key).await.unwrap(), 10_000);
+    h.clock.advance(Duration::from_secs(601));
+    assert_eq!(h.tollgate.sweep().await, 1);
+    assert_eq!(
+        h.tollgate.store().reserved(&key).await.unwrap(),
+        1,
+        "the unused units went back"
+    );
+    assert_eq!(h.tollgate.stats().tracked_tenants, 0);
+}
+
+#[tokio::test]
+async fn a_reload_keeps_counters_and_applies_new_plans() {
+    let v1 = r#"
+        [plans.p]
+        rate = "10/s"
+        quotas.requests = { limit = 5, period = "day", lease = 2 }
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+    "#;
+    let h = Harness::new(v1);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    let r = h.get("/", "key-t").await;
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"rate\";q=10;w=1, \"requests-day\";q=5;w=86400")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.toml");
+    std::fs::write(&path, v1.replace("10/s", "20/s")).unwrap();
+    h.tollgate.reload(Config::from_path(&path).unwrap()).await;
+    let r = h.get("/", "key-t").await;
+    assert_eq!(r.status, 200, "the fifth unit");
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some("\"rate\";q=20;w=1, \"requests-day\";q=5;w=86400")
+    );
+    assert_eq!(
+        h.status("/", "key-t").await,
+        429,
+        "4 before the reload + 1 after = the limit of 5"
+    );
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(
+        common::committed(
+            &**h.tollgate.store(),
+            "t",
+            "requests",
+            NOON - 3600,
+            NOON + 3600,
+            3600
+        )
+        .await,
+        5
+    );
+    // A bad file changes nothing and says where it is wrong.
+    std::fs::write(&path, "[plans.p]\nrate = \"fast\"\n").unwrap();
+    let err = Config::from_path(&path).unwrap_err();
+    assert_eq!(err.file(), Some(path.as_path()));
+    assert_eq!(
+        (err.line(), err.column(), err.key()),
+        (Some(2), Some(8), "plans.p.rate")
+    );
+    assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}:2:8: `plans.p.rate`: ", path.display())),
+        "{err}"
+    );
+}
+
+/// A sink that records events and fails on demand, as a network would.
+#[derive(Debug, Default)]
+struct Recording {
+    events: Mutex<Vec<MeterEvent>>,
+    /// Fail (after "sending") this many `tokens` events with a retryable error.
+    lose_acks: AtomicUsize,
+    /// Refuse events of this tenant for good.
+    refuse: Option<&'static str>,
+}
+
+#[async_trait]
+impl BillingSink for Recording {
+    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
+        if self.refuse == Some(event.tenant.as_str()) {
+            return Err(SinkError::Permanent("no such customer".into()));
+        }
+        self.events.lock().unwrap().push(event.clone());
+        if event.meter.as_str() == "tokens" && self.lose_acks.load(Ordering::SeqCst) > 0 {
+            self.lose_acks.fetch_sub(1, Ordering::SeqCst);
+            return Err(SinkError::Retryable(
+                "connection reset after the request was sent".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn engine_with_sink(config: &str, sink: Arc<Recording>) -> (Harness, Tollgate) {
+    #[derive(Debug)]
+    struct Shared(Arc<Recording>);
+    #[async_trait]
+    impl BillingSink for Shared {
+        async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
+            self.0.send(e).await
+        }
+    }
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let h = Harness::build(config, store.clone(), clock.clone(), handle);
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(config).unwrap())
+        .store_arc(store)
+        .clock(clock)
+        .billing_sink(Shared(sink))
+        .build_engine();
+    (h, engine)
+}
+
+const EXPORT: &str = r#"
+[usage]
+window = "1h"
+grace = "5m"
+flush_interval = "10s"
+[meters.tokens]
+event_name = "llm_tokens"
+[plans.p]
+[tenants.acme]
+plan = "p"
+keys = ["key-acme"]
+stripe_customer = "cus_123"
+[tenants.bad]
+plan = "p"
+keys = ["key-bad"]
+"#;
+
+#[tokio::test]
+async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {
+    let sink = Arc::new(Recording {
+        refuse: Some("bad"),
+        ..Default::default()
+    });
+    let (h, exporter) = engine_with_sink(EXPORT, sink.clone());
+    for _ in 0..3 {
+        h.get("/tokens/10", "key-acme").await;
+    }
+    h.get("/", "key-bad").await;
+    h.tollgate.flush().await.unwrap();
+    // The 12:00 window is open: nothing is exported.
+    assert_eq!(exporter.export().await.unwrap().events, 0);
+    h.clock.advance(Duration::from_secs(3600 + 299));
+    assert_eq!(
+        exporter.export().await.unwrap().events,
+        0,
+        "still in the grace period"
+    );
+    h.clock.advance(Duration::from_secs(1));
+    let report = exporter.export().await.unwrap();
+    assert_eq!(
+        (report.events, report.units, report.dead_letters),
+        (2, 33, 1)
+    );
+    let events = sink.events.lock().unwrap().clone();
+    assert_eq!(events.len(), 2);
+    let requests = events
+        .iter()
+        .find(|e| e.meter.as_str() == "requests")
+        .unwrap();
+    let tokens = events
+        .iter()
+        .find(|e| e.meter.as_str() == "tokens")
+        .unwrap();
+    assert_eq!((requests.value, tokens.value), (3, 30));
+    assert_eq!(tokens.event_name, "llm_tokens");
+    assert_eq!(tokens.customer.as_deref(), Some("cus_123"));
+    assert_eq!(
+        (tokens.window_start, tokens.window_end, tokens.timestamp),
+        (NOON, NOON + 3600, NOON + 3599)
+    );
+    assert_eq!(
+        tokens.identifier,
+        tollgate::billing::identifier(&"acme".into(), &"tokens".into(), NOON, 0)
+    );
+    // Exported once: a second export sends nothing.
+    assert_eq!(exporter.export().await.unwrap().events, 0);
+    assert_eq!(exporter.stats().dead_letters, 1);
+
+    // Late usage for the 12:00 window (recorded then, flushed now) becomes revision 1.
+    let late = tollgate::store::UsageBatch {
+        id: tollgate::store::FlushId("late".into()),
+        records: vec![tollgate::store::UsageRecord {
+            tenant: "acme".into(),
+            meter: "tokens".into(),
+            window_start: NOON,
+            quantity: 7,
+        }],
+    };
+    h.tollgate.store().commit_usage(&late).await.unwrap();
+    assert_eq!(exporter.export().await.unwrap().units, 7);
+    let last = sink.events.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last.value, last.revision), (7, 1));
+    assert_ne!(last.identifier, tokens.identifier);
+}
+
+#[tokio::test]
+async fn a_lost_acknowledgement_resends_the_same_event() {
+    let sink = Arc::new(Recording {
+        lose_acks: AtomicUsize::new(1),
+        ..Default::default()
+    });
+    let (h, exporter) = engine_with_sink(EXPORT, sink.clone());
+    h.get("/tokens/10", "key-acme").await;
+    h.tollgate.flush().await.unwrap();
+    h.clock.advance(Duration::from_secs(2 * 3600));
+    let first = exporter.export().await.unwrap();
+    assert!(first.deferred);
+    // Late usage arrives between the lost acknowledgement and the retry.
+    h.clock.set_unix(NOON + 2 * 3600);
+    let late = tollgate::store::UsageBatch {
+        id: tollgate::store::FlushId("late".into()),
+        records: vec![tollgate::store::UsageRecord {
+            tenant: "acme".into(),
+            meter: "tokens".into(),
+            window_start: NOON,
+            quantity: 5,
+        }],
+    };
+    h.tollgate.store().commit_usage(&late).await.unwrap();
+    while exporter.export().await.unwrap().events > 0 {}
+    let events = sink.events.lock().unwrap().clone();
+    let tokens: Vec<_> = events
+        .iter()
+        .filter(|e| e.meter.as_str() == "tokens")
+        .collect();
+    // The retry re-sends exactly what was sent (same identifier, same value): the receiver
+    // de-duplicates it; the late 5 go as the next revision.
+    assert_eq!(tokens.len(), 3);
+    assert_eq!(tokens[0], tokens[1]);
+    assert_eq!(
+        (tokens[0].value, tokens[2].value, tokens[2].revision),
+        (10, 5, 1)
+    );
+    let distinct: std::collections::HashSet<_> =
+        tokens.iter().map(|e| (&e.identifier, e.value)).collect();
+    assert_eq!(
+        distinct.iter().map(|(_, v)| v).sum::<u64>(),
+        15,
+        "after de-duplication: everything, once"
+    );
+}
+
+#[tokio::test]
+async fn the_jsonl_sink_writes_what_would_be_billed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("usage.jsonl");
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let config = Config::from_toml_str(EXPORT).unwrap();
+    let (layer, worker) = Tollgate::builder(config)
+        .clock(clock)
+        .billing_sink(JsonlSink::new(&path))
+        .build();
+    let tollgate = layer.handle().clone();
+    let running = tokio::spawn(worker.run());
+    let svc = tower::Layer::layer(
+        &layer,
+        tower::service_fn(
+            |_req: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::new(),
+                )))
+            },
+        ),
+    );
+    for _ in 0..4 {
+        let r = tower::ServiceExt::oneshot(svc.clone(), req("GET", "/", Some("key-acme"), None))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    fake.advance(Duration::from_secs(3 * 3600));
+    let report = tollgate.shutdown().await.unwrap();
+    assert_eq!((report.flush.units, report.export.events), (4, 1));
+    running.await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    let e = &lines[0];
+    assert_eq!(e["tenant"], "acme");
+    assert_eq!(e["customer"], "cus_123");
+    assert_eq!(e["meter"], "requests");
+    assert_eq!(e["event_name"], "requests");
+    assert_eq!(e["value"], 4);
+    assert_eq!(e["revision"], 0);
+    assert_eq!(e["window_start"], NOON);
+    assert!(e["identifier"].as_str().unwrap().starts_with("tg_"));
+}
