@@ -1,1 +1,123 @@
-fn main() {}
+//! Run with: `cargo run --example quickstart`
+//!
+//! An axum service behind tollgate, on the embedded in-memory store: no AWS or Stripe account.
+//! It listens on `127.0.0.1:$PORT` (3000 by default) and reads `examples/quickstart.toml`, or
+//! the file named by `TOLLGATE_CONFIG`. Closed usage windows are written as JSON lines to
+//! `tollgate-usage.jsonl` (or `TOLLGATE_USAGE_FILE`): what would be billed.
+//!
+//! Try:
+//! ```text
+//! curl -i localhost:3000/v1/items -H 'x-api-key: tg_test_free_acme'
+//! curl -i -X POST localhost:3000/v1/generate -H 'x-api-key: tg_test_free_acme'   # costs 5
+//! curl -i localhost:3000/v1/items                                                # 401
+//! for i in $(seq 25); do curl -s -o /dev/null -w '%{http_code} ' localhost:3000/v1/items \
+//!     -H 'x-api-key: tg_test_free_acme'; sleep 0.5; done                          # 200s, then 429s
+//! ```
+//! Stop it with Ctrl-C: it flushes, exports closed windows and prints what it did.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use axum::{
+    extract::Extension,
+    routing::{get, post},
+    Json, Router,
+};
+use serde_json::{json, Value};
+use tollgate::{billing::JsonlSink, Config, TenantContext, Tollgate};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tollgate=debug".into()),
+        )
+        .init();
+
+    let config_path = std::env::var_os("TOLLGATE_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.toml")));
+    let config = match Config::from_path(&config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let usage_file = std::env::var_os("TOLLGATE_USAGE_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("tollgate-usage.jsonl"));
+    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
+
+    println!("tollgate quickstart");
+    println!("  config:  {}", config_path.display());
+    for plan in config.plans().values() {
+        let rate = plan
+            .rate()
+            .map_or("unlimited".to_owned(), |r| format!("{r}, burst {}", plan.burst()));
+        let quotas: Vec<String> = plan
+            .quotas()
+            .iter()
+            .map(|(m, q)| format!("{} {m}/{} ({:?})", q.limit(), q.period().name(), q.mode()).to_lowercase())
+            .collect();
+        println!("  plan {:<8} rate {rate}; quotas: {}", plan.id(), quotas.join(", "));
+    }
+    for tenant in config.tenants() {
+        println!(
+            "  tenant {:<8} plan {:<6} ({} key)",
+            tenant.id(),
+            tenant.plan(),
+            tenant.key_hashes().len()
+        );
+    }
+    println!(
+        "  store:   embedded, in memory (usage flushed every {:?})",
+        config.usage().flush_interval
+    );
+    println!("  billing: closed windows written to {}", usage_file.display());
+
+    let (layer, worker) = Tollgate::builder(config)
+        .billing_sink(JsonlSink::new(&usage_file))
+        .build();
+    let tollgate = layer.handle().clone();
+    let worker = tokio::spawn(worker.run());
+
+    let app = Router::new()
+        .route("/", get(|| async { "hello from behind tollgate\n" }))
+        .route("/v1/items", get(items))
+        .route("/v1/generate", post(generate))
+        .layer(layer);
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("  listening on http://{addr}  (Ctrl-C to stop)");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+
+    let report = tollgate.shutdown().await?;
+    worker.await?;
+    let stats = tollgate.stats();
+    println!(
+        "stopped: flushed {} units in {} batches; exported {} events ({} units) to {}",
+        stats.flushed_units,
+        stats.flushes,
+        stats.exported_events,
+        stats.exported_units,
+        usage_file.display()
+    );
+    let _ = report;
+    Ok(())
+}
+
+async fn items(Extension(ctx): Extension<TenantContext>) -> Json<Value> {
+    Json(json!({ "tenant": ctx.tenant(), "plan": ctx.plan(), "items": ["apple", "pear"] }))
+}
+
+/// Costs 5 request units (a route rule) and reports the tokens it "generated".
+async fn generate(Extension(ctx): Extension<TenantContext>) -> Json<Value> {
+    let tokens = 120;
+    ctx.record("tokens", tokens).expect("the tokens meter is declared");
+    Json(json!({ "tenant": ctx.tenant(), "tokens": tokens, "text": "lorem ipsum" }))
+}

@@ -42,10 +42,7 @@ keys = ["key-big"]
 
 #[tokio::test]
 async fn rate_admits_the_burst_then_refills_at_the_rate() {
-    let toml = PLANS.replace(
-        "limit = 5, period = \"day\"",
-        "limit = 50, period = \"day\"",
-    );
+    let toml = PLANS.replace("limit = 5, period = \"day\"", "limit = 50, period = \"day\"");
     let h = Harness::new(&toml);
     for _ in 0..5 {
         assert_eq!(h.status("/", "key-acme").await, 200);
@@ -79,11 +76,7 @@ async fn a_hard_daily_quota_rejects_until_utc_midnight() {
     h.clock.advance(Duration::from_secs(4));
     assert_eq!(h.status("/", "key-acme").await, 429, "still the same day");
     h.clock.advance(Duration::from_secs(1));
-    assert_eq!(
-        h.status("/", "key-acme").await,
-        200,
-        "a new day, a new quota"
-    );
+    assert_eq!(h.status("/", "key-acme").await, 200, "a new day, a new quota");
 }
 
 #[tokio::test]
@@ -103,11 +96,7 @@ async fn a_monthly_quota_follows_the_calendar_month() {
     assert_eq!(h.status("/", "key-big").await, 200);
     assert_eq!(h.status("/", "key-big").await, 429);
     h.clock.advance(Duration::from_secs(60));
-    assert_eq!(
-        h.send(post()).await.status,
-        200,
-        "March 1st starts a new period"
-    );
+    assert_eq!(h.send(post()).await.status, 200, "March 1st starts a new period");
 }
 
 #[tokio::test]
@@ -186,9 +175,7 @@ async fn an_idempotent_replay_is_neither_charged_nor_recorded_twice() {
         500
     );
     assert_eq!(
-        h.send(req("GET", "/", Some("key-soft"), Some("retry-me")))
-            .await
-            .status,
+        h.send(req("GET", "/", Some("key-soft"), Some("retry-me"))).await.status,
         200
     );
     h.tollgate.flush().await.unwrap();
@@ -209,30 +196,12 @@ async fn an_idempotent_replay_is_neither_charged_nor_recorded_twice() {
 #[tokio::test]
 async fn the_same_idempotency_key_of_another_tenant_is_charged() {
     let h = Harness::new(PLANS);
-    assert_eq!(
-        h.send(req("GET", "/", Some("key-soft"), Some("k")))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        h.send(req("GET", "/", Some("key-big"), Some("k")))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("k"))).await.status, 200);
+    assert_eq!(h.send(req("GET", "/", Some("key-big"), Some("k"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
     let store = h.tollgate.store().clone();
     assert_eq!(
-        common::committed(
-            &*store,
-            "softco",
-            "requests",
-            NOON - 7200,
-            NOON + 7200,
-            3600
-        )
-        .await,
+        common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await,
         1
     );
     assert_eq!(
@@ -250,17 +219,11 @@ async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
         plan = "p"
         keys = ["key-t"]
     "#;
-    let store: std::sync::Arc<dyn tollgate::store::Store> =
-        std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(tollgate::store::MemoryStore::new());
     // Two nodes (two engines) share one store, as a fleet shares one table.
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes = [
-        std::sync::Arc::new(Harness::build(
-            toml,
-            store.clone(),
-            clock.clone(),
-            handle.clone(),
-        )),
+        std::sync::Arc::new(Harness::build(toml, store.clone(), clock.clone(), handle.clone())),
         std::sync::Arc::new(Harness::build(toml, store.clone(), clock, handle)),
     ];
     let mut tasks = Vec::new();
@@ -290,7 +253,6 @@ async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
     for n in &nodes {
         n.tollgate.flush().await.unwrap();
     }
-    let committed =
-        common::committed(&*store, "t", "requests", NOON - 7200, NOON + 7200, 3600).await;
+    let committed = common::committed(&*store, "t", "requests", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(committed, u64::from(admitted));
 }

@@ -24,11 +24,10 @@ use tollgate::{
 };
 
 fn tenants_config(n: usize, extra: &str) -> String {
-    let mut s = format!("{extra}\n[plans.p]\nrate = \"1000/s\"\nquotas.requests = {{ limit = 1000000, period = \"day\" }}\n");
+    let mut s =
+        format!("{extra}\n[plans.p]\nrate = \"1000/s\"\nquotas.requests = {{ limit = 1000000, period = \"day\" }}\n");
     for i in 0..n {
-        s.push_str(&format!(
-            "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"
-        ));
+        s.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"));
     }
     s
 }
@@ -86,15 +85,7 @@ async fn the_tenant_cap_holds_and_evicted_usage_is_kept() {
     for i in 0..25 {
         let want = if i >= 15 { 2 } else { 1 };
         assert_eq!(
-            common::committed(
-                &*store,
-                &format!("t{i}"),
-                "requests",
-                NOON - 3600,
-                NOON + 3600,
-                3600
-            )
-            .await,
+            common::committed(&*store, &format!("t{i}"), "requests", NOON - 3600, NOON + 3600, 3600).await,
             want
         );
     }
@@ -158,15 +149,7 @@ async fn a_reload_keeps_counters_and_applies_new_plans() {
     );
     h.tollgate.flush().await.unwrap();
     assert_eq!(
-        common::committed(
-            &**h.tollgate.store(),
-            "t",
-            "requests",
-            NOON - 3600,
-            NOON + 3600,
-            3600
-        )
-        .await,
+        common::committed(&**h.tollgate.store(), "t", "requests", NOON - 3600, NOON + 3600, 3600).await,
         5
     );
     // A bad file changes nothing and says where it is wrong.
@@ -264,27 +247,14 @@ async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {
     // The 12:00 window is open: nothing is exported.
     assert_eq!(exporter.export().await.unwrap().events, 0);
     h.clock.advance(Duration::from_secs(3600 + 299));
-    assert_eq!(
-        exporter.export().await.unwrap().events,
-        0,
-        "still in the grace period"
-    );
+    assert_eq!(exporter.export().await.unwrap().events, 0, "still in the grace period");
     h.clock.advance(Duration::from_secs(1));
     let report = exporter.export().await.unwrap();
-    assert_eq!(
-        (report.events, report.units, report.dead_letters),
-        (2, 33, 1)
-    );
+    assert_eq!((report.events, report.units, report.dead_letters), (2, 33, 1));
     let events = sink.events.lock().unwrap().clone();
     assert_eq!(events.len(), 2);
-    let requests = events
-        .iter()
-        .find(|e| e.meter.as_str() == "requests")
-        .unwrap();
-    let tokens = events
-        .iter()
-        .find(|e| e.meter.as_str() == "tokens")
-        .unwrap();
+    let requests = events.iter().find(|e| e.meter.as_str() == "requests").unwrap();
+    let tokens = events.iter().find(|e| e.meter.as_str() == "tokens").unwrap();
     assert_eq!((requests.value, tokens.value), (3, 30));
     assert_eq!(tokens.event_name, "llm_tokens");
     assert_eq!(tokens.customer.as_deref(), Some("cus_123"));
@@ -343,20 +313,13 @@ async fn a_lost_acknowledgement_resends_the_same_event() {
     h.tollgate.store().commit_usage(&late).await.unwrap();
     while exporter.export().await.unwrap().events > 0 {}
     let events = sink.events.lock().unwrap().clone();
-    let tokens: Vec<_> = events
-        .iter()
-        .filter(|e| e.meter.as_str() == "tokens")
-        .collect();
+    let tokens: Vec<_> = events.iter().filter(|e| e.meter.as_str() == "tokens").collect();
     // The retry re-sends exactly what was sent (same identifier, same value): the receiver
     // de-duplicates it; the late 5 go as the next revision.
     assert_eq!(tokens.len(), 3);
     assert_eq!(tokens[0], tokens[1]);
-    assert_eq!(
-        (tokens[0].value, tokens[2].value, tokens[2].revision),
-        (10, 5, 1)
-    );
-    let distinct: std::collections::HashSet<_> =
-        tokens.iter().map(|e| (&e.identifier, e.value)).collect();
+    assert_eq!((tokens[0].value, tokens[2].value, tokens[2].revision), (10, 5, 1));
+    let distinct: std::collections::HashSet<_> = tokens.iter().map(|e| (&e.identifier, e.value)).collect();
     assert_eq!(
         distinct.iter().map(|(_, v)| v).sum::<u64>(),
         15,
@@ -378,13 +341,9 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
     let running = tokio::spawn(worker.run());
     let svc = tower::Layer::layer(
         &layer,
-        tower::service_fn(
-            |_req: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
-                    bytes::Bytes::new(),
-                )))
-            },
-        ),
+        tower::service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+        }),
     );
     for _ in 0..4 {
         let r = tower::ServiceExt::oneshot(svc.clone(), req("GET", "/", Some("key-acme"), None))
@@ -397,10 +356,7 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
     assert_eq!((report.flush.units, report.export.events), (4, 1));
     running.await.unwrap();
     let text = std::fs::read_to_string(&path).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 1);
     let e = &lines[0];
     assert_eq!(e["tenant"], "acme");

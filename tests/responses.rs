@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use common::{req, Harness, NOON};
 use tollgate::{
     store::{
-        CommitOutcome, ExportKey, Grant, MemoryStore, QuotaKey, Store, StoreError, TenantRecord,
-        UsageAggregate, UsageBatch,
+        CommitOutcome, ExportKey, Grant, MemoryStore, QuotaKey, Store, StoreError, TenantRecord, UsageAggregate,
+        UsageBatch,
     },
     KeyHash, RejectionKind,
 };
@@ -44,12 +44,7 @@ keys = ["key-tok"]
 "#;
 
 fn problem_fields(body: &serde_json::Value) -> Vec<&str> {
-    let mut keys: Vec<&str> = body
-        .as_object()
-        .unwrap()
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     keys
 }
@@ -108,9 +103,7 @@ async fn a_quota_rejection_is_a_complete_problem() {
     );
     assert_eq!(body["policy"], "requests-day");
     assert_eq!(body["retry_after"], 43200);
-    let rejection = r
-        .rejection
-        .expect("the rejection is in the response extensions");
+    let rejection = r.rejection.expect("the rejection is in the response extensions");
     assert_eq!(rejection.kind(), RejectionKind::QuotaExceeded);
     assert_eq!(rejection.tenant().map(|t| t.as_str()), Some("acme"));
 }
@@ -133,10 +126,7 @@ async fn a_rate_rejection_is_a_complete_problem() {
     assert_eq!(body["title"], "Rate limit exceeded");
     assert_eq!(body["policy"], "rate");
     assert_eq!(body["retry_after"], 1);
-    assert_eq!(
-        body["detail"],
-        "the rate of plan `free` (10/s, burst 4) is spent"
-    );
+    assert_eq!(body["detail"], "the rate of plan `free` (10/s, burst 4) is spent");
 }
 
 #[tokio::test]
@@ -144,15 +134,9 @@ async fn missing_unknown_and_malformed_keys_get_4xx_and_create_no_state() {
     let h = Harness::new(CONFIG);
     let missing = h.send(req("GET", "/", None, None)).await;
     assert_eq!(missing.status, 401);
-    assert_eq!(
-        missing.header("www-authenticate"),
-        Some("ApiKey header=\"x-api-key\"")
-    );
+    assert_eq!(missing.header("www-authenticate"), Some("ApiKey header=\"x-api-key\""));
     assert_eq!(missing.json()["title"], "Missing credentials");
-    assert_eq!(
-        problem_fields(&missing.json()),
-        ["detail", "status", "title", "type"]
-    );
+    assert_eq!(problem_fields(&missing.json()), ["detail", "status", "title", "type"]);
 
     for _ in 0..50 {
         let unknown = h.get("/", "key-nobody").await;
@@ -168,10 +152,7 @@ async fn missing_unknown_and_malformed_keys_get_4xx_and_create_no_state() {
     }
     let non_ascii = http::Request::builder()
         .uri("/")
-        .header(
-            "x-api-key",
-            http::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
-        )
+        .header("x-api-key", http::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap())
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(h.send(non_ascii).await.status, 400);
@@ -182,9 +163,7 @@ async fn missing_unknown_and_malformed_keys_get_4xx_and_create_no_state() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(h.send(twice).await.status, 400);
-    let bad_idem = h
-        .send(req("GET", "/", Some("key-acme"), Some(&"x".repeat(256))))
-        .await;
+    let bad_idem = h.send(req("GET", "/", Some("key-acme"), Some(&"x".repeat(256)))).await;
     assert_eq!(bad_idem.status, 400);
     assert_eq!(bad_idem.json()["title"], "Malformed Idempotency-Key");
 
@@ -276,10 +255,7 @@ async fn identity_from_an_auth_layer_and_an_anonymous_plan() {
     let r = h.send(with_identity("acme")).await;
     assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"acme on pro"[..]));
     // Unknown identities and requests without one share the anonymous tenant's small budget.
-    assert_eq!(
-        &h.send(with_identity("stranger")).await.body[..],
-        b"anonymous on guest"
-    );
+    assert_eq!(&h.send(with_identity("stranger")).await.body[..], b"anonymous on guest");
     assert_eq!(h.send(req("GET", "/", None, None)).await.status, 200);
     assert_eq!(h.send(with_identity("other")).await.status, 429);
     assert_eq!(h.tollgate.stats().tracked_tenants, 2);
@@ -304,12 +280,7 @@ impl Flaky {
 
 #[async_trait]
 impl Store for Flaky {
-    async fn reserve(
-        &self,
-        key: &QuotaKey,
-        units: u64,
-        limit: Option<u64>,
-    ) -> Result<Grant, StoreError> {
+    async fn reserve(&self, key: &QuotaKey, units: u64, limit: Option<u64>) -> Result<Grant, StoreError> {
         self.check()?;
         self.inner.reserve(key, units, limit).await
     }
@@ -321,11 +292,7 @@ impl Store for Flaky {
         self.check()?;
         self.inner.commit_usage(batch).await
     }
-    async fn pending_exports(
-        &self,
-        before: i64,
-        limit: usize,
-    ) -> Result<Vec<UsageAggregate>, StoreError> {
+    async fn pending_exports(&self, before: i64, limit: usize) -> Result<Vec<UsageAggregate>, StoreError> {
         self.check()?;
         self.inner.pending_exports(before, limit).await
     }
@@ -344,10 +311,7 @@ impl Store for Flaky {
         self.check()?;
         self.inner.find_key(key).await
     }
-    async fn tenant(
-        &self,
-        id: &tollgate::config::TenantId,
-    ) -> Result<Option<TenantRecord>, StoreError> {
+    async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
         self.inner.tenant(id).await
     }
@@ -422,11 +386,7 @@ async fn store_errors_follow_the_plan_policy_and_lose_no_usage() {
         common::committed(&*store, "b", "requests", NOON - 7200, NOON + 7200, 3600).await,
         1
     );
-    assert_eq!(
-        h.status("/", "key-c").await,
-        200,
-        "found in the store once it is back"
-    );
+    assert_eq!(h.status("/", "key-c").await, 200, "found in the store once it is back");
 }
 
 #[test]

@@ -37,8 +37,7 @@ impl JsonlSink {
 #[async_trait]
 impl BillingSink for JsonlSink {
     async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
-        let mut line =
-            serde_json::to_vec(event).map_err(|e| SinkError::Permanent(e.to_string()))?;
+        let mut line = serde_json::to_vec(event).map_err(|e| SinkError::Permanent(e.to_string()))?;
         line.push(b'\n');
         let _guard = self.lock.lock().await;
         let mut file = tokio::fs::OpenOptions::new()
@@ -50,9 +49,7 @@ impl BillingSink for JsonlSink {
         file.write_all(&line)
             .await
             .map_err(|e| SinkError::Retryable(Box::new(e)))?;
-        file.flush()
-            .await
-            .map_err(|e| SinkError::Retryable(Box::new(e)))?;
+        file.flush().await.map_err(|e| SinkError::Retryable(Box::new(e)))?;
         Ok(())
     }
 }

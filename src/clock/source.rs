@@ -12,6 +12,11 @@ use governor::nanos::Nanos;
 /// The time source of an engine: wall-clock time for periods and windows, and a monotonic
 /// reading for the token buckets.
 ///
+/// The system clock reads the CPU's time-stamp counter (through `quanta`) and derives wall
+/// time from it with an offset taken from `SystemTime`; [`Clock::resync`] takes that offset
+/// again (the worker does it at every flush), so wall time never drifts further than one
+/// flush interval's worth of clock skew.
+///
 /// [`Clock::system`] is the default. [`Clock::fake`] returns a clock driven by a
 /// [`FakeClock`] handle, so tests can cross minute, day and month boundaries at will.
 ///
@@ -24,33 +29,50 @@ use governor::nanos::Nanos;
 /// ```
 #[derive(Clone)]
 pub struct Clock {
-    inner: Inner,
+    // One pointer: every tenant's token bucket holds a clone.
+    inner: Arc<Inner>,
 }
 
-#[derive(Clone)]
 enum Inner {
     System {
         quanta: quanta::Clock,
         start: quanta::Instant,
+        offset: AtomicI64,
     },
     Fake(FakeClock),
 }
 
 impl Clock {
-    /// The system clock (`SystemTime` for wall time, `quanta` for the monotonic reading).
+    /// The system clock.
     pub fn system() -> Self {
         let quanta = quanta::Clock::new();
         let start = quanta.now();
-        Self {
-            inner: Inner::System { quanta, start },
+        let clock = Self {
+            inner: Arc::new(Inner::System {
+                quanta,
+                start,
+                offset: AtomicI64::new(0),
+            }),
+        };
+        clock.resync();
+        clock
+    }
+
+    /// Takes the offset between the monotonic reading and `SystemTime` again (a no-op for a
+    /// fake clock).
+    pub fn resync(&self) {
+        if let Inner::System { quanta, start, offset } = &*self.inner {
+            let wall = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            let mono = i64::try_from(quanta.now().duration_since(*start).as_nanos()).unwrap_or(i64::MAX);
+            offset.store(wall - mono, Ordering::Release);
         }
     }
 
     /// A fake clock starting at the current wall time, and the handle that moves it.
     pub fn fake() -> (Self, FakeClock) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         Self::fake_at_unix(now.as_secs() as i64)
     }
 
@@ -61,7 +83,7 @@ impl Clock {
         };
         (
             Self {
-                inner: Inner::Fake(handle.clone()),
+                inner: Arc::new(Inner::Fake(handle.clone())),
             },
             handle,
         )
@@ -70,10 +92,11 @@ impl Clock {
     /// Wall-clock time in nanoseconds since the Unix epoch.
     #[inline]
     pub fn unix_nanos(&self) -> i64 {
-        match &self.inner {
-            Inner::System { .. } => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)),
+        match &*self.inner {
+            Inner::System { quanta, start, offset } => {
+                let mono = quanta.now().duration_since(*start).as_nanos() as i64;
+                mono + offset.load(Ordering::Relaxed)
+            }
             Inner::Fake(f) => f.nanos.load(Ordering::Acquire),
         }
     }
@@ -86,7 +109,7 @@ impl Clock {
 
     /// Whether this is a fake clock.
     pub fn is_fake(&self) -> bool {
-        matches!(self.inner, Inner::Fake(_))
+        matches!(*self.inner, Inner::Fake(_))
     }
 }
 
@@ -98,7 +121,7 @@ impl Default for Clock {
 
 impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.inner {
+        match &*self.inner {
             Inner::System { .. } => f.write_str("Clock::System"),
             Inner::Fake(c) => f
                 .debug_tuple("Clock::Fake")
@@ -113,8 +136,8 @@ impl governor::clock::Clock for Clock {
 
     #[inline]
     fn now(&self) -> Nanos {
-        match &self.inner {
-            Inner::System { quanta, start } => Nanos::from(quanta.now().duration_since(*start)),
+        match &*self.inner {
+            Inner::System { quanta, start, .. } => Nanos::from(quanta.now().duration_since(*start)),
             // The fake monotonic reading follows the fake wall time (which only moves forward).
             Inner::Fake(f) => Nanos::from(f.nanos.load(Ordering::Acquire).max(0) as u64),
         }

@@ -38,11 +38,7 @@ pub enum ConfigErrorKind {
 }
 
 impl ConfigError {
-    pub(crate) fn new(
-        kind: ConfigErrorKind,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn new(kind: ConfigErrorKind, key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             file: None,
             position: None,

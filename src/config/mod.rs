@@ -13,8 +13,8 @@ use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, t
 
 pub use error::{ConfigError, ConfigErrorKind};
 pub use values::{
-    HeaderStyle, Identify, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError,
-    StatusSet, StoreErrorPolicy, TenantId,
+    HeaderStyle, Identify, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet, StoreErrorPolicy,
+    TenantId,
 };
 
 /// A parsed and validated configuration.
@@ -253,12 +253,8 @@ impl Config {
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                ConfigErrorKind::Io,
-                "",
-                format!("cannot read the file: {e}"),
-            )
-            .in_file(Some(path.to_owned()))
+            ConfigError::new(ConfigErrorKind::Io, "", format!("cannot read the file: {e}"))
+                .in_file(Some(path.to_owned()))
         })?;
         validate::parse(&text).map_err(|e| e.in_file(Some(path.to_owned())))
     }

@@ -10,9 +10,9 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     raw::{RawConfig, RawPlan, RawQuota},
-    Config, ConfigError, ConfigErrorKind as Kind, HeaderStyle, Identify, Limits, MeterId,
-    MeterSpec, OnUnknown, Period, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec,
-    StatusSet, StoreErrorPolicy, TenantId, TenantSpec, UsageSettings,
+    Config, ConfigError, ConfigErrorKind as Kind, HeaderStyle, Identify, Limits, MeterId, MeterSpec, OnUnknown, Period,
+    PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, TenantId, TenantSpec,
+    UsageSettings,
 };
 use crate::{plan::RoutePattern, tenant::KeyHash};
 
@@ -110,10 +110,7 @@ fn serde_error(loc: &Located<'_>, e: serde_path_to_error::Error<toml::de::Error>
         }
         None => (Kind::InvalidValue, path),
     };
-    let pos = inner
-        .span()
-        .map(|s| loc.position(s.start))
-        .or_else(|| loc.find(&path));
+    let pos = inner.span().map(|s| loc.position(s.start)).or_else(|| loc.find(&path));
     ConfigError::new(kind, path, message).at(pos)
 }
 
@@ -126,21 +123,12 @@ impl Validator<'_, '_> {
         self.loc.error(Kind::InvalidValue, path, message)
     }
 
-    fn duration(
-        &self,
-        path: &str,
-        value: Option<&str>,
-        default: Duration,
-    ) -> Result<Duration, ConfigError> {
+    fn duration(&self, path: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
         let Some(value) = value else {
             return Ok(default);
         };
-        let d = humantime::parse_duration(value).map_err(|e| {
-            self.invalid(
-                path,
-                format!("{e}: write a duration such as \"10s\", \"15m\", \"1h\""),
-            )
-        })?;
+        let d = humantime::parse_duration(value)
+            .map_err(|e| self.invalid(path, format!("{e}: write a duration such as \"10s\", \"15m\", \"1h\"")))?;
         if d.is_zero() {
             return Err(self.invalid(path, "must be longer than zero"));
         }
@@ -159,12 +147,7 @@ impl Validator<'_, '_> {
         u64::try_from(value)
             .ok()
             .and_then(NonZeroU64::new)
-            .ok_or_else(|| {
-                self.invalid(
-                    path,
-                    format!("must be a whole number of at least 1, not {value}"),
-                )
-            })
+            .ok_or_else(|| self.invalid(path, format!("must be a whole number of at least 1, not {value}")))
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -232,25 +215,17 @@ impl Validator<'_, '_> {
         let identify = match raw.identify.source.as_deref().unwrap_or("api-key") {
             "api-key" => {
                 let header = raw.identify.header.as_deref().unwrap_or("x-api-key");
-                let header = http::HeaderName::try_from(header).map_err(|_| {
-                    self.invalid(
-                        "identify.header",
-                        format!("`{header}` is not a valid header name"),
-                    )
-                })?;
+                let header = http::HeaderName::try_from(header)
+                    .map_err(|_| self.invalid("identify.header", format!("`{header}` is not a valid header name")))?;
                 Identify::ApiKey { header }
             }
             "extension" => {
                 if raw.identify.header.is_some() {
-                    return Err(
-                        self.invalid("identify.header", "only used with source = \"api-key\"")
-                    );
+                    return Err(self.invalid("identify.header", "only used with source = \"api-key\""));
                 }
                 Identify::Extension
             }
-            _ => {
-                return Err(self.invalid("identify.source", "expected \"api-key\" or \"extension\""))
-            }
+            _ => return Err(self.invalid("identify.source", "expected \"api-key\" or \"extension\"")),
         };
         let on_unknown = match (
             raw.identify.unknown.as_deref().unwrap_or("reject"),
@@ -258,23 +233,13 @@ impl Validator<'_, '_> {
         ) {
             ("reject", None) => OnUnknown::Reject,
             ("reject", Some(_)) => {
-                return Err(self.invalid(
-                    "identify.anonymous_plan",
-                    "only used with unknown = \"anonymous\"",
-                ))
+                return Err(self.invalid("identify.anonymous_plan", "only used with unknown = \"anonymous\""))
             }
-            ("anonymous", Some(plan)) => {
-                OnUnknown::Anonymous(plan_ref("identify.anonymous_plan", plan)?)
-            }
+            ("anonymous", Some(plan)) => OnUnknown::Anonymous(plan_ref("identify.anonymous_plan", plan)?),
             ("anonymous", None) => {
-                return Err(self.invalid(
-                    "identify.unknown",
-                    "unknown = \"anonymous\" needs anonymous_plan",
-                ))
+                return Err(self.invalid("identify.unknown", "unknown = \"anonymous\" needs anonymous_plan"))
             }
-            _ => {
-                return Err(self.invalid("identify.unknown", "expected \"reject\" or \"anonymous\""))
-            }
+            _ => return Err(self.invalid("identify.unknown", "expected \"reject\" or \"anonymous\"")),
         };
 
         // Limits.
@@ -294,12 +259,7 @@ impl Validator<'_, '_> {
                 "draft" => HeaderStyle::Draft,
                 "legacy" => HeaderStyle::Legacy,
                 "none" => HeaderStyle::None,
-                _ => {
-                    return Err(self.invalid(
-                        "limits.headers",
-                        "expected \"draft\", \"legacy\" or \"none\"",
-                    ))
-                }
+                _ => return Err(self.invalid("limits.headers", "expected \"draft\", \"legacy\" or \"none\"")),
             },
             idempotency_window: self.duration(
                 "limits.idempotency_window",
@@ -308,9 +268,7 @@ impl Validator<'_, '_> {
             )?,
             idempotency_capacity: match l.idempotency_capacity {
                 None => 100_000,
-                Some(0) => {
-                    return Err(self.invalid("limits.idempotency_capacity", "must be at least 1"))
-                }
+                Some(0) => return Err(self.invalid("limits.idempotency_capacity", "must be at least 1")),
                 Some(n) => n,
             },
         };
@@ -324,12 +282,7 @@ impl Validator<'_, '_> {
                 for (i, item) in list.iter().enumerate() {
                     let path = format!("usage.billable[{i}]");
                     let (from, to) = item.split_once('-').unwrap_or((item, item));
-                    let parse = |s: &str| {
-                        s.trim()
-                            .parse::<u16>()
-                            .ok()
-                            .filter(|c| (100..600).contains(c))
-                    };
+                    let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|c| (100..600).contains(c));
                     match (parse(from), parse(to)) {
                         (Some(a), Some(b)) if a <= b => billable.insert_range(a, b),
                         _ => {
@@ -348,11 +301,7 @@ impl Validator<'_, '_> {
                 u.flush_interval.as_deref(),
                 Duration::from_secs(10),
             )?,
-            window: self.duration(
-                "usage.window",
-                u.window.as_deref(),
-                Duration::from_secs(3600),
-            )?,
+            window: self.duration("usage.window", u.window.as_deref(), Duration::from_secs(3600))?,
             grace: self.duration("usage.grace", u.grace.as_deref(), Duration::from_secs(300))?,
             billable,
             on_store_error: match &u.on_store_error {
@@ -365,11 +314,11 @@ impl Validator<'_, '_> {
                 Duration::from_millis(250),
             )?,
         };
-        if usage.window.as_secs() == 0
-            || usage.window.subsec_nanos() != 0
-            || 86_400 % usage.window.as_secs() != 0
-        {
-            return Err(self.invalid("usage.window", "must be a whole number of seconds that divides a day (such as \"1m\", \"15m\", \"1h\")"));
+        if usage.window.as_secs() == 0 || usage.window.subsec_nanos() != 0 || 86_400 % usage.window.as_secs() != 0 {
+            return Err(self.invalid(
+                "usage.window",
+                "must be a whole number of seconds that divides a day (such as \"1m\", \"15m\", \"1h\")",
+            ));
         }
         if usage.flush_interval >= usage.window {
             return Err(self.invalid("usage.flush_interval", "must be shorter than usage.window"));
@@ -383,31 +332,23 @@ impl Validator<'_, '_> {
             let method = match r.method.as_deref() {
                 None | Some("*") => None,
                 Some(m) => Some(
-                    http::Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                        self.invalid(
-                            &format!("{base}.method"),
-                            format!("`{m}` is not an HTTP method"),
-                        )
-                    })?,
+                    http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| self.invalid(&format!("{base}.method"), format!("`{m}` is not an HTTP method")))?,
                 ),
             };
-            let pattern = RoutePattern::parse(&r.path)
-                .map_err(|m| self.invalid(&format!("{base}.path"), m))?;
+            let pattern = RoutePattern::parse(&r.path).map_err(|m| self.invalid(&format!("{base}.path"), m))?;
             let meter = match &r.meter {
                 Some(m) => meter_ref(&format!("{base}.meter"), m)?,
                 None => default_meter.clone(),
             };
             let cost = match r.cost {
                 None => NonZeroU32::MIN,
-                Some(c) => u32::try_from(c)
-                    .ok()
-                    .and_then(NonZeroU32::new)
-                    .ok_or_else(|| {
-                        self.invalid(
-                            &format!("{base}.cost"),
-                            format!("must be a whole number from 1 to 4294967295, not {c}"),
-                        )
-                    })?,
+                Some(c) => u32::try_from(c).ok().and_then(NonZeroU32::new).ok_or_else(|| {
+                    self.invalid(
+                        &format!("{base}.cost"),
+                        format!("must be a whole number from 1 to 4294967295, not {c}"),
+                    )
+                })?,
             };
             if !seen.insert((method.clone(), pattern.shape())) {
                 return Err(self.loc.error(
@@ -424,7 +365,10 @@ impl Validator<'_, '_> {
                 if plan.rate.is_some() && cost > plan.burst {
                     return Err(self.invalid(
                         &format!("{base}.cost"),
-                        format!("cost {cost} is larger than the burst {} of plan `{}`: no request could ever pass", plan.burst, plan.id),
+                        format!(
+                            "cost {cost} is larger than the burst {} of plan `{}`: no request could ever pass",
+                            plan.burst, plan.id
+                        ),
                     ));
                 }
             }
@@ -495,22 +439,17 @@ impl Validator<'_, '_> {
         meter_ref: &dyn Fn(&str, &str) -> Result<MeterId, ConfigError>,
     ) -> Result<PlanSpec, ConfigError> {
         let base = format!("plans.{name}");
-        let rate =
-            match &p.rate {
-                None => None,
-                Some(r) => Some(r.parse::<Rate>().map_err(|e| {
-                    self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\""))
-                })?),
-            };
+        let rate = match &p.rate {
+            None => None,
+            Some(r) => Some(
+                r.parse::<Rate>()
+                    .map_err(|e| self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\"")))?,
+            ),
+        };
         let burst = match (p.burst, rate) {
             (Some(b), _) => {
                 let b = u32::try_from(b).ok().and_then(NonZeroU32::new);
-                b.ok_or_else(|| {
-                    self.invalid(
-                        &format!("{base}.burst"),
-                        "must be a whole number from 1 to 4294967295",
-                    )
-                })?
+                b.ok_or_else(|| self.invalid(&format!("{base}.burst"), "must be a whole number from 1 to 4294967295"))?
             }
             (None, Some(rate)) => rate.count(),
             (None, None) => NonZeroU32::MAX,
@@ -542,10 +481,7 @@ impl Validator<'_, '_> {
         let period = match q.period.as_str() {
             "day" => {
                 if q.anchor_day.is_some() {
-                    return Err(self.invalid(
-                        &format!("{base}.anchor_day"),
-                        "only monthly quotas have an anchor day",
-                    ));
+                    return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
                 }
                 Period::Day
             }
@@ -630,8 +566,7 @@ mod tests {
 
     #[test]
     fn impossible_values_are_rejected_where_they_stand() {
-        let e =
-            err("[plans.free]\nrate = \"10/s\"\nburst = 2\n[[routes]]\npath = \"/x\"\ncost = 5\n");
+        let e = err("[plans.free]\nrate = \"10/s\"\nburst = 2\n[[routes]]\npath = \"/x\"\ncost = 5\n");
         assert_eq!(e.key(), "routes[0].cost");
         assert_eq!(e.line(), Some(6));
         let e = err("[tenants.a]\nplan = \"gold\"\n");
@@ -641,10 +576,7 @@ mod tests {
         assert_eq!(e.kind(), Kind::Conflict);
         assert_eq!((e.key(), e.line()), ("routes[1].path", Some(4)));
         let e = err("[plans.p.quotas.requests]\nlimit = 0\nperiod = \"day\"\n");
-        assert_eq!(
-            (e.key(), e.line()),
-            ("plans.p.quotas.requests.limit", Some(2))
-        );
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.requests.limit", Some(2)));
         let e = err("[plans.p]\nquotas.widgets = { limit = 5, period = \"day\" }\n");
         assert_eq!(e.key(), "plans.p.quotas.widgets");
         assert_eq!(e.line(), Some(2));

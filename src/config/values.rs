@@ -147,11 +147,7 @@ impl FromStr for Rate {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (count, unit) = s.trim().split_once('/').ok_or(RateError::Format)?;
-        let count: u32 = count
-            .trim()
-            .replace('_', "")
-            .parse()
-            .map_err(|_| RateError::Count)?;
+        let count: u32 = count.trim().replace('_', "").parse().map_err(|_| RateError::Count)?;
         let count = NonZeroU32::new(count).ok_or(RateError::Count)?;
         let per = match unit.trim() {
             "s" | "sec" | "second" => Duration::from_secs(1),
@@ -212,8 +208,7 @@ impl Period {
                     .date_naive();
                 let anchor_in = |y: i32, m: u32| -> NaiveDate {
                     let last = last_day_of_month(y, m);
-                    NaiveDate::from_ymd_opt(y, m, u32::from(anchor_day).min(last))
-                        .expect("a valid day of the month")
+                    NaiveDate::from_ymd_opt(y, m, u32::from(anchor_day).min(last)).expect("a valid day of the month")
                 };
                 let prev = |y: i32, m: u32| if m == 1 { (y - 1, 12) } else { (y, m - 1) };
                 let next = |y: i32, m: u32| if m == 12 { (y + 1, 1) } else { (y, m + 1) };
@@ -226,12 +221,7 @@ impl Period {
                     let (py, pm) = prev(y, m);
                     (anchor_in(py, pm), this)
                 };
-                let secs = |d: NaiveDate| {
-                    d.and_hms_opt(0, 0, 0)
-                        .expect("midnight")
-                        .and_utc()
-                        .timestamp()
-                };
+                let secs = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
                 (secs(start), secs(end))
             }
         }
@@ -240,11 +230,7 @@ impl Period {
 
 fn last_day_of_month(year: i32, month: u32) -> u32 {
     use chrono::NaiveDate;
-    let (ny, nm) = if month == 12 {
-        (year + 1, 1)
-    } else {
-        (year, month + 1)
-    };
+    let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
     NaiveDate::from_ymd_opt(ny, nm, 1)
         .and_then(|d| d.pred_opt())
         .map(|d| chrono::Datelike::day(&d))
@@ -375,15 +361,9 @@ mod tests {
 
     #[test]
     fn rates_parse() {
-        assert_eq!(
-            "100/s".parse::<Rate>().unwrap().interval(),
-            Duration::from_millis(10)
-        );
+        assert_eq!("100/s".parse::<Rate>().unwrap().interval(), Duration::from_millis(10));
         assert_eq!("6_000/min".parse::<Rate>().unwrap().count().get(), 6000);
-        assert_eq!(
-            "1/day".parse::<Rate>().unwrap().per(),
-            Duration::from_secs(86_400)
-        );
+        assert_eq!("1/day".parse::<Rate>().unwrap().per(), Duration::from_secs(86_400));
         assert_eq!("0/s".parse::<Rate>(), Err(RateError::Count));
         assert_eq!("10/week".parse::<Rate>(), Err(RateError::Unit));
         assert_eq!("10".parse::<Rate>(), Err(RateError::Format));
@@ -393,29 +373,14 @@ mod tests {
     #[test]
     fn month_periods_follow_the_calendar() {
         let m = Period::Month { anchor_day: 1 };
-        assert_eq!(
-            m.bounds(ts(2026, 2, 14) + 5),
-            (ts(2026, 2, 1), ts(2026, 3, 1))
-        );
-        assert_eq!(
-            m.bounds(ts(2026, 12, 31)),
-            (ts(2026, 12, 1), ts(2027, 1, 1))
-        );
+        assert_eq!(m.bounds(ts(2026, 2, 14) + 5), (ts(2026, 2, 1), ts(2026, 3, 1)));
+        assert_eq!(m.bounds(ts(2026, 12, 31)), (ts(2026, 12, 1), ts(2027, 1, 1)));
         let anchored = Period::Month { anchor_day: 31 };
         // February has no 31st: the period starts on its last day.
-        assert_eq!(
-            anchored.bounds(ts(2026, 3, 1)),
-            (ts(2026, 2, 28), ts(2026, 3, 31))
-        );
-        assert_eq!(
-            anchored.bounds(ts(2026, 1, 30)),
-            (ts(2025, 12, 31), ts(2026, 1, 31))
-        );
+        assert_eq!(anchored.bounds(ts(2026, 3, 1)), (ts(2026, 2, 28), ts(2026, 3, 31)));
+        assert_eq!(anchored.bounds(ts(2026, 1, 30)), (ts(2025, 12, 31), ts(2026, 1, 31)));
         let d = Period::Day;
-        assert_eq!(
-            d.bounds(ts(2024, 2, 29) + 86_399),
-            (ts(2024, 2, 29), ts(2024, 3, 1))
-        );
+        assert_eq!(d.bounds(ts(2024, 2, 29) + 86_399), (ts(2024, 2, 29), ts(2024, 3, 1)));
     }
 
     #[test]

@@ -4,8 +4,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
-    engine::Shared, idempotency::Idempotency, metrics::Totals, pipeline::Pipeline,
-    table::TenantTable, Metrics, Tollgate,
+    engine::Shared, idempotency::Idempotency, metrics::Totals, pipeline::Pipeline, table::TenantTable, Metrics,
+    Tollgate,
 };
 use crate::{
     billing::BillingSink,
@@ -14,12 +14,14 @@ use crate::{
     layer::TollgateLayer,
     plan::Runtime,
     store::{MemoryStore, Store},
-    tenant::{Fingerprinter, TAG_TENANT},
+    tenant::Fingerprinter,
     worker::Worker,
 };
 
 /// How many lease refills may wait for the worker; past that, requests refill themselves.
 const PREFETCH_QUEUE: usize = 1024;
+/// Stripes of the locks that serialize lease refills.
+const REFILL_LOCKS: usize = 256;
 
 /// Builds a [`Tollgate`] engine, its tower layer and its [`Worker`].
 ///
@@ -109,19 +111,14 @@ impl Builder {
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             sink: self.sink,
             clock: self.clock.unwrap_or_default(),
-            idempotency: Idempotency::new(
-                limits.idempotency_window,
-                limits.idempotency_capacity,
-                fp.clone(),
-            ),
-            anonymous_fp: fp.of(TAG_TENANT, b"\0anonymous"),
-            fp,
+            idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity, fp),
             metrics,
             totals: Totals::default(),
             prefetch: prefetch_tx,
             pipeline: tokio::sync::Mutex::new(Pipeline::new()),
             sweep_now: Notify::new(),
             shutdown: shutdown_tx,
+            refill_locks: (0..REFILL_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         };
         let tollgate = Tollgate {
             shared: Arc::new(shared),

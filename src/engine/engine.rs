@@ -16,23 +16,18 @@ use super::{
     idempotency::{check_key, Claim, Idempotency},
     metrics::{Metrics, Stats, Totals},
     pipeline::Pipeline,
-    table::TenantTable,
+    table::{Lookup, TenantTable, ANONYMOUS},
     Ticket,
 };
 use crate::{
     billing::BillingSink,
     clock::Clock,
-    config::{QuotaMode, StoreErrorPolicy, TenantId},
+    config::{HeaderStyle, QuotaMode, StoreErrorPolicy, TenantId},
     plan::{CompiledPlan, Runtime},
     response::{HeaderState, PolicyStatus, Rejection, RejectionKind},
     store::{QuotaKey, Store, StoreError},
-    tenant::{
-        check_api_key, Credential, Fingerprint, Fingerprinter, KeyHash, QuotaCell, Take,
-        TenantState,
-    },
+    tenant::{check_api_key, Credential, KeyHash, QuotaRef, Take, TenantState},
 };
-
-use crate::tenant::{TAG_API_KEY, TAG_TENANT};
 
 /// A request as the engine sees it, whatever the framework.
 #[derive(Debug, Clone, Copy)]
@@ -69,10 +64,7 @@ pub struct PendingAdmission {
 }
 
 enum Stage {
-    Resolve {
-        credential: OwnedCredential,
-        fp: Fingerprint,
-    },
+    Resolve { credential: OwnedCredential },
     Quota(Box<Partial>),
 }
 
@@ -115,7 +107,6 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) sink: Option<Arc<dyn BillingSink>>,
     pub(crate) clock: Clock,
-    pub(crate) fp: Fingerprinter,
     pub(crate) idempotency: Idempotency,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) totals: Totals,
@@ -123,7 +114,8 @@ pub(crate) struct Shared {
     pub(crate) pipeline: tokio::sync::Mutex<Pipeline>,
     pub(crate) sweep_now: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
-    pub(crate) anonymous_fp: Fingerprint,
+    /// Serialize the refills of one quota cell (striped: the request path never takes them).
+    pub(crate) refill_locks: Box<[tokio::sync::Mutex<()>]>,
 }
 
 /// The engine: tenants, plans, counters and the usage pipeline, shared by every front door
@@ -161,10 +153,7 @@ impl Tollgate {
     /// Like [`admit`](Self::admit), for front doors that need the configured way of
     /// identifying tenants to describe the request.
     #[inline]
-    pub fn admit_with<'a>(
-        &self,
-        describe: impl FnOnce(&crate::config::Identify) -> RequestInfo<'a>,
-    ) -> Admission {
+    pub fn admit_with<'a>(&self, describe: impl FnOnce(&crate::config::Identify) -> RequestInfo<'a>) -> Admission {
         let rt = self.shared.runtime.load();
         let req = &describe(&rt.config.identify);
         if let Some(key) = req.idempotency_key {
@@ -172,34 +161,32 @@ impl Tollgate {
                 return self.reject(Rejection::new(RejectionKind::MalformedIdempotencyKey, why));
             }
         }
-        let fp = match req.credential {
+        let lookup = match req.credential {
             Credential::ApiKey(key) => {
                 if let Err(why) = check_api_key(key) {
                     return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why));
                 }
-                self.shared.fp.of(TAG_API_KEY, key)
+                Lookup::ApiKey(key)
             }
             Credential::Tenant(id) => {
-                if id.is_empty() || id.len() > 256 {
+                if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
                     return self.reject(Rejection::new(
                         RejectionKind::MalformedCredentials,
-                        "the tenant identity must be 1 to 256 bytes long",
+                        "the tenant identity must be 1 to 256 characters, none of them control characters",
                     ));
                 }
-                self.shared.fp.of(TAG_TENANT, id.as_bytes())
+                Lookup::Identity(id)
             }
-            Credential::Missing if rt.anonymous.is_some() => self.shared.anonymous_fp,
+            Credential::Missing if rt.anonymous.is_some() => Lookup::Identity(ANONYMOUS),
             Credential::Missing => {
                 let mut r = Rejection::new(
                     RejectionKind::MissingCredentials,
                     "the request does not identify its tenant",
                 );
-                r.challenge = Some(rt.challenge.clone());
+                r.inner.challenge = Some(rt.challenge.clone());
                 return self.reject(r);
             }
-            Credential::Malformed(why) => {
-                return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why))
-            }
+            Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
             #[allow(unreachable_patterns)]
             _ => {
                 return self.reject(Rejection::new(
@@ -210,16 +197,16 @@ impl Tollgate {
         };
         let (meter, cost) = rt.route(req.method, req.path);
         let now = self.shared.clock.unix_secs();
-        match self.shared.table.get(fp) {
+        match self.shared.table.get(lookup) {
             Some(state) => self.decide(state, meter, cost, req.idempotency_key, now),
             None => {
-                let credential = match req.credential {
-                    Credential::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
-                    Credential::Tenant(t) => OwnedCredential::Tenant(t.into()),
-                    _ => OwnedCredential::Anonymous,
+                let credential = match lookup {
+                    Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
+                    Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
+                    Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
                 };
                 Admission::Pending(PendingAdmission {
-                    stage: Stage::Resolve { credential, fp },
+                    stage: Stage::Resolve { credential },
                     meter,
                     cost,
                     idempotency_key: req.idempotency_key.map(Into::into),
@@ -238,8 +225,8 @@ impl Tollgate {
         } = pending;
         let partial = match stage {
             Stage::Quota(partial) => partial,
-            Stage::Resolve { credential, fp } => {
-                let state = match self.lookup(credential, fp).await {
+            Stage::Resolve { credential } => {
+                let state = match self.lookup(credential).await {
                     Ok(state) => state,
                     Err(rejection) => return Err(self.count(rejection)),
                 };
@@ -248,8 +235,7 @@ impl Tollgate {
                     Admission::Admitted(t) => return Ok(t),
                     Admission::Rejected(r) => return Err(r),
                     Admission::Pending(PendingAdmission {
-                        stage: Stage::Quota(p),
-                        ..
+                        stage: Stage::Quota(p), ..
                     }) => p,
                     Admission::Pending(_) => unreachable!("decide never asks to resolve a tenant"),
                 }
@@ -259,21 +245,13 @@ impl Tollgate {
     }
 
     /// Finds (or creates) the state of a tenant the table does not know yet.
-    async fn lookup(
-        &self,
-        credential: OwnedCredential,
-        fp: Fingerprint,
-    ) -> Result<Arc<TenantState>, Rejection> {
+    async fn lookup(&self, credential: OwnedCredential) -> Result<Arc<TenantState>, Rejection> {
         let rt = self.shared.runtime.load_full();
         let timeout = rt.config.usage.store_timeout;
         let record = match &credential {
             OwnedCredential::ApiKey(key) => {
                 let hash = KeyHash::of(key);
-                match rt
-                    .static_keys
-                    .get(&hash)
-                    .and_then(|t| rt.static_tenants.get(t))
-                {
+                match rt.static_keys.get(&hash).and_then(|t| rt.static_tenants.get(t)) {
                     Some(r) => Ok(Some(r.clone())),
                     None => with_timeout(timeout, self.shared.store.find_key(&hash)).await,
                 }
@@ -290,9 +268,7 @@ impl Tollgate {
                 self.store_error("find tenant", &e);
                 // Without a tenant nothing can be billed: only an anonymous plan can fail open.
                 return match &rt.anonymous {
-                    Some(plan) if plan.on_store_error == StoreErrorPolicy::FailOpen => {
-                        Ok(self.anonymous(&rt, plan))
-                    }
+                    Some(plan) if plan.on_store_error == StoreErrorPolicy::FailOpen => Ok(self.anonymous(&rt, plan)),
                     _ => Err(Rejection::new(
                         RejectionKind::StoreUnavailable,
                         "the tenant directory did not answer in time",
@@ -309,20 +285,24 @@ impl Tollgate {
                         RejectionKind::UnknownCredentials,
                         "the credential does not match any tenant",
                     );
-                    r.challenge = Some(rt.challenge.clone());
+                    r.inner.challenge = Some(rt.challenge.clone());
                     Err(r)
                 }
             };
         };
         let Some(plan) = rt.plans.get(&record.plan) else {
             tracing::error!(tenant = %record.id, plan = %record.plan, "tenant is on a plan the configuration does not declare");
-            return Err(Rejection::new(
-                RejectionKind::StoreUnavailable,
-                "the tenant's plan is not configured",
-            )
-            .with_retry_after(60));
+            return Err(
+                Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
+                    .with_retry_after(60),
+            );
         };
-        let state = self.shared.table.attach(fp, &record.id, || {
+        let lookup = match &credential {
+            OwnedCredential::ApiKey(key) => Lookup::ApiKey(key),
+            OwnedCredential::Tenant(id) => Lookup::Identity(id.as_str()),
+            OwnedCredential::Anonymous => Lookup::Identity(ANONYMOUS),
+        };
+        let state = self.shared.table.attach(lookup, &record.id, || {
             self.new_state(&rt, record.id.clone(), plan, record.customer.clone())
         });
         self.after_insert(&rt);
@@ -331,25 +311,19 @@ impl Tollgate {
 
     fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Arc<TenantState> {
         let id = TenantId::from("anonymous");
-        let state = self.shared.table.attach(self.shared.anonymous_fp, &id, || {
+        let state = self.shared.table.attach(Lookup::Identity(ANONYMOUS), &id, || {
             self.new_state(rt, id.clone(), plan, None)
         });
         self.after_insert(rt);
         state
     }
 
-    fn new_state(
-        &self,
-        rt: &Runtime,
-        id: TenantId,
-        plan: &Arc<CompiledPlan>,
-        customer: Option<String>,
-    ) -> TenantState {
+    fn new_state(&self, rt: &Runtime, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
         let window = rt.config.usage.window.as_secs() as i64;
         TenantState::new(
             id,
             plan.clone(),
-            customer,
+            customer.map(Arc::from),
             self.shared.clock.clone(),
             window,
         )
@@ -365,14 +339,7 @@ impl Tollgate {
 
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    fn decide(
-        &self,
-        state: Arc<TenantState>,
-        meter: usize,
-        cost: u32,
-        idem: Option<&[u8]>,
-        now: i64,
-    ) -> Admission {
+    fn decide(&self, state: Arc<TenantState>, meter: usize, cost: u32, idem: Option<&[u8]>, now: i64) -> Admission {
         state.touch(now);
         let (charged, claim) = match idem {
             None => (true, None),
@@ -389,10 +356,11 @@ impl Tollgate {
             (Some(limiter), Some(policy)) => {
                 let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
                 match limiter.check_n(cells) {
+                    // Header values are only computed when headers are sent.
+                    Ok(Ok(_)) if plan.header_style == HeaderStyle::None => None,
                     Ok(Ok(snapshot)) => {
                         let remaining = snapshot.remaining_burst_capacity();
-                        let empty =
-                            u64::from(policy.burst.get() - remaining.min(policy.burst.get()));
+                        let empty = u64::from(policy.burst.get() - remaining.min(policy.burst.get()));
                         let reset = ceil_secs(policy.rate.interval() * empty as u32);
                         Some(PolicyStatus {
                             limit: u64::from(policy.rate.count().get()),
@@ -418,8 +386,8 @@ impl Tollgate {
                                 plan.id, policy.rate, policy.burst
                             )),
                         );
-                        r.policy = Some("rate".to_owned());
-                        r.headers = HeaderState {
+                        r.inner.policy = Some("rate".to_owned());
+                        r.inner.headers = HeaderState {
                             meter,
                             rate: Some(status),
                             quota: None,
@@ -462,12 +430,7 @@ impl Tollgate {
     /// Takes quota units from the local lease. `Err(Err(_))`: the lease must be refilled first.
     #[inline]
     #[allow(clippy::result_large_err)]
-    fn take(
-        &self,
-        p: Partial,
-        meter: usize,
-        cost: u32,
-    ) -> Result<Ticket, Result<Rejection, Partial>> {
+    fn take(&self, p: Partial, meter: usize, cost: u32) -> Result<Ticket, Result<Rejection, Partial>> {
         let cell = match p.state.quota(meter) {
             Some(cell) if p.charged => cell,
             _ => return Ok(self.ticket(p, meter, cost, None, None)),
@@ -475,22 +438,18 @@ impl Tollgate {
         match cell.try_take(u64::from(cost), p.at) {
             Take::Taken { remaining, overage } => {
                 if overage {
-                    p.state
-                        .plan
-                        .metrics
-                        .overage_units
-                        .increment(u64::from(cost));
+                    p.state.plan.metrics.overage_units.increment(u64::from(cost));
                 }
                 let (_, end) = cell.period();
-                let status = PolicyStatus {
+                let status = (p.state.plan.header_style != HeaderStyle::None).then(|| PolicyStatus {
                     limit: cell.spec.limit().get(),
                     remaining,
                     reset_secs: (end - p.at).max(0) as u64,
-                };
+                });
                 if cell.wants_prefetch(p.at) {
                     self.request_prefetch(&p.state, meter, cell);
                 }
-                Ok(self.ticket(p, meter, cost, Some(status), Some(end)))
+                Ok(self.ticket(p, meter, cost, status, Some(end)))
             }
             Take::Exhausted => Err(Ok(self.quota_exceeded(p, meter))),
             Take::NeedLease => Err(Err(p)),
@@ -516,7 +475,7 @@ impl Tollgate {
             charged: p.charged,
             quota_period_end: period_end,
             at: p.at,
-            claim: p.claim,
+            claim: p.claim.map(Box::new),
             done: false,
         }
     }
@@ -542,8 +501,8 @@ impl Tollgate {
                 p.state.plan.id
             )),
         );
-        r.policy = Some(policy);
-        r.headers = HeaderState {
+        r.inner.policy = Some(policy);
+        r.inner.headers = HeaderState {
             meter,
             rate: p.rate,
             quota: Some(PolicyStatus {
@@ -556,12 +515,7 @@ impl Tollgate {
     }
 
     /// Refills the lease from the store (bounded by `store_timeout`), then takes the units.
-    async fn lease_and_take(
-        &self,
-        p: Partial,
-        meter: usize,
-        cost: u32,
-    ) -> Result<Ticket, Rejection> {
+    async fn lease_and_take(&self, p: Partial, meter: usize, cost: u32) -> Result<Ticket, Rejection> {
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let state = p.state.clone();
         let Some(cell) = state.quota(meter) else {
@@ -569,11 +523,10 @@ impl Tollgate {
         };
         let at = p.at;
         let refilled = with_timeout(timeout, async {
-            let _guard = cell.refill.lock().await;
+            let _guard = self.refill_lock(&state, meter).lock().await;
             let (_, end) = cell.period();
             if at >= end || cell.lease() < i64::from(cost) {
-                self.refill_locked(&state, cell, at, u64::from(cost))
-                    .await?;
+                self.refill_locked(&state, cell, at, u64::from(cost)).await?;
             }
             Ok(())
         })
@@ -614,7 +567,7 @@ impl Tollgate {
     pub(crate) async fn refill_locked(
         &self,
         state: &TenantState,
-        cell: &QuotaCell,
+        cell: QuotaRef<'_>,
         now: i64,
         need: u64,
     ) -> Result<(), StoreError> {
@@ -639,7 +592,14 @@ impl Tollgate {
         Ok(())
     }
 
-    fn request_prefetch(&self, state: &Arc<TenantState>, meter: usize, cell: &QuotaCell) {
+    /// The lock that serializes refills of `state`'s quota on `meter`.
+    pub(crate) fn refill_lock(&self, state: &TenantState, meter: usize) -> &tokio::sync::Mutex<()> {
+        let locks = &self.shared.refill_locks;
+        let at = (std::ptr::from_ref(state) as usize >> 6).wrapping_add(meter.wrapping_mul(0x9e37));
+        &locks[at % locks.len()]
+    }
+
+    fn request_prefetch(&self, state: &Arc<TenantState>, meter: usize, cell: QuotaRef<'_>) {
         if self
             .shared
             .prefetch
@@ -658,11 +618,11 @@ impl Tollgate {
     }
 
     fn count(&self, rejection: Rejection) -> Rejection {
-        self.shared.metrics.rejected(rejection.kind).increment(1);
+        self.shared.metrics.rejected(rejection.kind()).increment(1);
         tracing::debug!(
-            reason = rejection.kind.label(),
-            tenant = rejection.tenant.as_ref().map(|t| t.as_str()),
-            policy = rejection.policy.as_deref(),
+            reason = rejection.kind().label(),
+            tenant = rejection.tenant().map(|t| t.as_str()),
+            policy = rejection.policy(),
             "request rejected"
         );
         rejection
@@ -712,13 +672,13 @@ pub(crate) async fn with_timeout<T>(
 
 impl Rejection {
     pub(crate) fn with_retry_after(mut self, secs: u64) -> Self {
-        self.retry_after = Some(secs);
+        self.inner.retry_after = Some(secs);
         self
     }
 
     pub(crate) fn for_tenant(mut self, state: &TenantState) -> Self {
-        self.tenant = Some(state.id.clone());
-        self.plan = Some(state.plan.clone());
+        self.inner.tenant = Some(state.id.clone());
+        self.inner.plan = Some(state.plan.clone());
         self
     }
 }

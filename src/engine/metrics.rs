@@ -28,8 +28,7 @@ impl Metrics {
     pub(crate) fn register() -> Self {
         Self {
             admitted: counter!("tollgate_requests_admitted_total"),
-            rejected: RejectionKind::ALL
-                .map(|k| counter!("tollgate_requests_rejected_total", "reason" => k.label())),
+            rejected: RejectionKind::ALL.map(|k| counter!("tollgate_requests_rejected_total", "reason" => k.label())),
             usage_units: counter!("tollgate_usage_recorded_units_total"),
             refunded_units: counter!("tollgate_usage_refunded_units_total"),
             replays: counter!("tollgate_idempotent_replays_total"),
@@ -46,10 +45,7 @@ impl Metrics {
     }
 
     pub(crate) fn rejected(&self, kind: RejectionKind) -> &Counter {
-        let i = RejectionKind::ALL
-            .iter()
-            .position(|k| *k == kind)
-            .unwrap_or(0);
+        let i = RejectionKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         &self.rejected[i]
     }
 }

@@ -4,6 +4,7 @@ mod builder;
 #[allow(clippy::module_inception)]
 mod engine;
 mod idempotency;
+mod inline_key;
 mod metrics;
 mod pipeline;
 mod table;

@@ -86,6 +86,7 @@ impl Tollgate {
     /// The store error that stopped the flush; nothing is lost.
     pub async fn flush(&self) -> Result<FlushReport, StoreError> {
         let mut p = self.shared.pipeline.lock().await;
+        self.shared.clock.resync();
         let mut report = FlushReport::default();
         self.commit_pending(&mut p, &mut report).await?;
         let (records, leases) = self.drain();
@@ -113,11 +114,7 @@ impl Tollgate {
         Ok(report)
     }
 
-    async fn commit_pending(
-        &self,
-        p: &mut Pipeline,
-        report: &mut FlushReport,
-    ) -> Result<(), StoreError> {
+    async fn commit_pending(&self, p: &mut Pipeline, report: &mut FlushReport) -> Result<(), StoreError> {
         let timeout = self
             .shared
             .runtime
@@ -178,12 +175,7 @@ impl Tollgate {
         self.shared.table.for_each(|s| add(s));
         let mut dropped = Vec::new();
         {
-            let mut retired = self
-                .shared
-                .table
-                .retired
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut retired = self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner());
             retired.retain(|s| {
                 // Checked before draining: with no other holder, nothing can record after.
                 let sole = Arc::strong_count(s) == 1;
@@ -203,9 +195,7 @@ impl Tollgate {
                 quantity,
             })
             .collect();
-        records.sort_by(|a, b| {
-            (&a.tenant, &a.meter, a.window_start).cmp(&(&b.tenant, &b.meter, b.window_start))
-        });
+        records.sort_by(|a, b| (&a.tenant, &a.meter, a.window_start).cmp(&(&b.tenant, &b.meter, b.window_start)));
         (records, dropped)
     }
 
@@ -214,8 +204,8 @@ impl Tollgate {
         let now = self.shared.clock.unix_secs();
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         for state in states {
-            for cell in state.quotas.iter() {
-                let _guard = cell.refill.lock().await;
+            for cell in state.quotas() {
+                let _guard = self.refill_lock(&state, cell.meter).lock().await;
                 let left = cell.take_all();
                 let (start, end) = cell.period();
                 if left > 0 && now < end {
@@ -224,9 +214,7 @@ impl Tollgate {
                         meter: cell.meter_id.clone(),
                         period_start: start,
                     };
-                    if let Err(e) =
-                        with_timeout(timeout, self.shared.store.release(&key, left as u64)).await
-                    {
+                    if let Err(e) = with_timeout(timeout, self.shared.store.release(&key, left as u64)).await {
                         self.store_error("release lease", &e);
                     }
                 }
@@ -259,19 +247,13 @@ impl Tollgate {
                 };
                 let upto = agg.in_flight.unwrap_or(agg.quantity);
                 let event = MeterEvent {
-                    identifier: identifier(
-                        &agg.key.tenant,
-                        &agg.key.meter,
-                        agg.key.window_start,
-                        agg.revision,
-                    ),
+                    identifier: identifier(&agg.key.tenant, &agg.key.meter, agg.key.window_start, agg.revision),
                     event_name: event_name(&rt, &agg.key.meter),
                     tenant: agg.key.tenant.clone(),
-                    customer: agg.customer.clone().or_else(|| {
-                        rt.static_tenants
-                            .get(&agg.key.tenant)
-                            .and_then(|t| t.customer.clone())
-                    }),
+                    customer: agg
+                        .customer
+                        .clone()
+                        .or_else(|| rt.static_tenants.get(&agg.key.tenant).and_then(|t| t.customer.clone())),
                     meter: agg.key.meter.clone(),
                     window_start: agg.key.window_start,
                     window_end: agg.key.window_start + window,
@@ -321,8 +303,7 @@ impl Tollgate {
         let limits = &rt.config.limits;
         let cutoff = self.shared.clock.unix_secs() - limits.idle_timeout.as_secs() as i64;
         let mut seen = self.shared.table.last_seen();
-        let (mut evict, mut keep): (Vec<_>, Vec<_>) =
-            seen.drain(..).partition(|(t, _)| *t < cutoff);
+        let (mut evict, mut keep): (Vec<_>, Vec<_>) = seen.drain(..).partition(|(t, _)| *t < cutoff);
         if keep.len() > limits.max_tenants {
             keep.sort_by_key(|(t, _)| *t);
             let extra = keep.len() - limits.max_tenants;
@@ -333,10 +314,7 @@ impl Tollgate {
         if n > 0 {
             Totals::add(&self.shared.totals.evictions, n as u64);
             self.shared.metrics.evictions.increment(n as u64);
-            self.shared
-                .metrics
-                .tenants
-                .set(self.shared.table.len() as f64);
+            self.shared.metrics.tenants.set(self.shared.table.len() as f64);
             tracing::debug!(evicted = n, "tenants evicted");
         }
         self.return_leases(states).await;
@@ -380,7 +358,7 @@ impl Tollgate {
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
         let result = with_timeout(timeout, async {
-            let _guard = cell.refill.lock().await;
+            let _guard = self.refill_lock(&state, job.meter).lock().await;
             let low = (cell.spec.lease().get() / 4).max(1) as i64;
             if cell.lease() < low {
                 self.refill_locked(&state, cell, now, 0).await?;

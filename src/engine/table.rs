@@ -1,45 +1,30 @@
-//! The tenant table: credential fingerprint -> tenant state, in one map lookup.
+//! The tenant table: credential -> tenant state, in one map lookup.
 
-use std::{
-    hash::{BuildHasherDefault, Hasher},
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
 
-use crate::{
-    config::TenantId,
-    tenant::{Fingerprint, TenantState},
-};
+use super::inline_key::InlineKey;
+use crate::{config::TenantId, tenant::TenantState};
 
-/// The low half of a fingerprint is already a keyed hash: use it as is.
-#[derive(Default)]
-pub(crate) struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
+/// How a request names its tenant, as a key of the table.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Lookup<'a> {
+    ApiKey(&'a [u8]),
+    Identity(&'a str),
 }
 
-struct KeyEntry {
-    check: u64,
-    state: Arc<TenantState>,
-}
+/// The identity under which requests without a known tenant are served, when an anonymous
+/// plan is configured. Identities with control characters are refused, so none can be this.
+pub(crate) const ANONYMOUS: &str = "\0anonymous";
 
+/// Maps keyed by the credential itself, hashed with a per-process random seed: a hit always
+/// confirms the full credential, so two credentials can never share a tenant's state.
 pub(crate) struct TenantTable {
-    keys: DashMap<u64, KeyEntry, BuildHasherDefault<PassThrough>>,
-    tenants: DashMap<TenantId, Arc<TenantState>>,
+    api_keys: DashMap<InlineKey, Arc<TenantState>, RandomState>,
+    identities: DashMap<Box<str>, Arc<TenantState>, RandomState>,
+    tenants: DashMap<TenantId, Arc<TenantState>, RandomState>,
     /// States taken out of the maps (evicted, or replaced by a reload) that may still receive
     /// usage from requests in flight: drained at every flush until nobody else holds them.
     pub(crate) retired: Mutex<Vec<Arc<TenantState>>>,
@@ -47,31 +32,30 @@ pub(crate) struct TenantTable {
 
 impl TenantTable {
     pub(crate) fn new(capacity_hint: usize) -> Self {
-        let shards =
-            (std::thread::available_parallelism().map_or(4, |n| n.get()) * 16).next_power_of_two();
-        let cap = capacity_hint.min(1 << 20);
+        let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 16).next_power_of_two();
+        let cap = capacity_hint.min(1 << 16);
         Self {
-            keys: DashMap::with_capacity_and_hasher_and_shard_amount(
-                cap,
-                Default::default(),
-                shards,
-            ),
-            tenants: DashMap::with_capacity_and_shard_amount(cap, shards),
+            api_keys: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
+            identities: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
+            tenants: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
             retired: Mutex::new(Vec::new()),
         }
     }
 
     /// The live state for a credential, if it is known.
     #[inline]
-    pub(crate) fn get(&self, fp: Fingerprint) -> Option<Arc<TenantState>> {
-        let entry = self.keys.get(&fp.lo)?;
-        (entry.check == fp.hi && !entry.state.is_evicted()).then(|| entry.state.clone())
+    pub(crate) fn get(&self, lookup: Lookup<'_>) -> Option<Arc<TenantState>> {
+        let state = match lookup {
+            Lookup::ApiKey(key) => self.api_keys.get(key)?.clone(),
+            Lookup::Identity(id) => self.identities.get(id)?.clone(),
+        };
+        (!state.is_evicted()).then_some(state)
     }
 
-    /// The state of `id`, created by `make` if absent; `fp` then reaches it directly.
+    /// The state of `id`, created by `make` if absent; `lookup` then reaches it directly.
     pub(crate) fn attach(
         &self,
-        fp: Fingerprint,
+        lookup: Lookup<'_>,
         id: &TenantId,
         make: impl FnOnce() -> TenantState,
     ) -> Arc<TenantState> {
@@ -80,13 +64,10 @@ impl TenantTable {
             .entry(id.clone())
             .or_insert_with(|| Arc::new(make()))
             .clone();
-        self.keys.insert(
-            fp.lo,
-            KeyEntry {
-                check: fp.hi,
-                state: state.clone(),
-            },
-        );
+        match lookup {
+            Lookup::ApiKey(key) => self.api_keys.insert(key.into(), state.clone()),
+            Lookup::Identity(name) => self.identities.insert(name.into(), state.clone()),
+        };
         state
     }
 
@@ -118,7 +99,8 @@ impl TenantTable {
             }
         }
         if !out.is_empty() {
-            self.keys.retain(|_, e| !e.state.is_evicted());
+            self.api_keys.retain(|_, s| !s.is_evicted());
+            self.identities.retain(|_, s| !s.is_evicted());
             self.retired
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -138,7 +120,8 @@ impl std::fmt::Debug for TenantTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TenantTable")
             .field("tenants", &self.tenants.len())
-            .field("keys", &self.keys.len())
+            .field("api_keys", &self.api_keys.len())
+            .field("identities", &self.identities.len())
             .finish()
     }
 }

@@ -24,7 +24,7 @@ pub struct Ticket {
     /// The end of the quota period the units were taken from (`None`: no units taken).
     pub(crate) quota_period_end: Option<i64>,
     pub(crate) at: i64,
-    pub(crate) claim: Option<Claim>,
+    pub(crate) claim: Option<Box<Claim>>,
     pub(crate) done: bool,
 }
 
@@ -51,7 +51,11 @@ impl Ticket {
 
     /// Writes the rate-limit header fields of the response through `put`.
     pub fn for_each_header(&self, mut put: impl FnMut(Field, &str)) {
-        emit(&self.state.plan, &self.headers, None, &mut put);
+        self.emit(&mut |field, value| put(field, &value));
+    }
+
+    pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, std::borrow::Cow<'_, str>)) {
+        emit(&self.state.plan, &self.headers, None, put);
     }
 
     /// Completes the request with its response status. Returns whether usage was recorded.
@@ -59,13 +63,8 @@ impl Ticket {
         self.done = true;
         if self.state.plan.billable.contains(status) {
             if self.charged {
-                self.state
-                    .record(self.headers.meter, self.at, u64::from(self.cost));
-                self.state
-                    .plan
-                    .metrics
-                    .usage_units
-                    .increment(u64::from(self.cost));
+                self.state.record(self.headers.meter, self.at, u64::from(self.cost));
+                self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
                 return true;
             }
             false
@@ -79,19 +78,13 @@ impl Ticket {
         if !self.charged {
             return;
         }
-        if let (Some(end), Some(cell)) =
-            (self.quota_period_end, self.state.quota(self.headers.meter))
-        {
+        if let (Some(end), Some(cell)) = (self.quota_period_end, self.state.quota(self.headers.meter)) {
             cell.refund(u64::from(self.cost), end);
         }
         if let Some(claim) = self.claim.take() {
             claim.release();
         }
-        self.state
-            .plan
-            .metrics
-            .refunded_units
-            .increment(u64::from(self.cost));
+        self.state.plan.metrics.refunded_units.increment(u64::from(self.cost));
     }
 }
 

@@ -34,13 +34,20 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S, B, P, F> {
-        // Waiting on the store (an unseen tenant, or an empty quota lease).
-        Pending { resolving: Resolving, inner: Option<S>, request: Option<Request<B>>, responder: P },
+        // Waiting on the store (an unseen tenant, or an empty quota lease). Boxed: it is rare,
+        // and keeps the future small on the common path.
+        Pending { resolving: Resolving, waiting: Option<Box<Waiting<S, B, P>>> },
         // Admitted: the inner service runs.
         Inner { #[pin] future: F, ticket: Option<Ticket> },
         // Rejected without waiting.
         Ready { response: Option<Response<Bytes>> },
     }
+}
+
+struct Waiting<S, B, P> {
+    inner: S,
+    request: Request<B>,
+    responder: P,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -64,18 +71,15 @@ where
         }
     }
 
-    pub(crate) fn pending(
-        resolving: Resolving,
-        inner: S,
-        request: Request<B>,
-        responder: P,
-    ) -> Self {
+    pub(crate) fn pending(resolving: Resolving, inner: S, request: Request<B>, responder: P) -> Self {
         Self {
             state: State::Pending {
                 resolving,
-                inner: Some(inner),
-                request: Some(request),
-                responder,
+                waiting: Some(Box::new(Waiting {
+                    inner,
+                    request,
+                    responder,
+                })),
             },
         }
     }
@@ -91,9 +95,7 @@ where
             State::Inner { .. } => "inner",
             State::Ready { .. } => "ready",
         };
-        f.debug_struct("ResponseFuture")
-            .field("state", &state)
-            .finish()
+        f.debug_struct("ResponseFuture").field("state", &state).finish()
     }
 }
 
@@ -110,35 +112,34 @@ where
         let mut this = self.project();
         loop {
             let next = match this.state.as_mut().project() {
-                StateProj::Pending {
-                    resolving,
-                    inner,
-                    request,
-                    responder,
-                } => match ready!(resolving.as_mut().poll(cx)) {
-                    Ok(ticket) => {
-                        let mut request = request.take().expect(DONE);
-                        request.extensions_mut().insert(ticket.context());
-                        let future = inner.take().expect(DONE).call(request);
-                        State::Inner {
-                            future,
-                            ticket: Some(ticket),
+                StateProj::Pending { resolving, waiting } => {
+                    let outcome = ready!(resolving.as_mut().poll(cx));
+                    let Waiting {
+                        mut inner,
+                        mut request,
+                        responder,
+                    } = *waiting.take().expect(DONE);
+                    match outcome {
+                        Ok(ticket) => {
+                            request.extensions_mut().insert(ticket.context());
+                            let future = inner.call(request);
+                            State::Inner {
+                                future,
+                                ticket: Some(ticket),
+                            }
+                        }
+                        Err(rejection) => {
+                            return Poll::Ready(Ok(reject(&responder, rejection).map(TollgateBody::full)));
                         }
                     }
-                    Err(rejection) => {
-                        return Poll::Ready(Ok(
-                            reject(responder, rejection).map(TollgateBody::full)
-                        ));
-                    }
-                },
+                }
                 StateProj::Inner { future, ticket } => {
                     let result = ready!(future.poll(cx));
                     let ticket = ticket.take().expect(DONE);
                     return Poll::Ready(match result {
                         Ok(mut response) => {
                             let headers = response.headers_mut();
-                            ticket
-                                .for_each_header(|field, value| put_header(headers, field, value));
+                            ticket.emit(&mut |field, value| put_header(headers, field, value));
                             ticket.complete(response.status().as_u16());
                             Ok(response.map(TollgateBody::inner))
                         }

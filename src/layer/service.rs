@@ -67,19 +67,14 @@ where
             method: request.method().as_str(),
             path: request.uri().path(),
             credential: self.resolver.resolve(&request, identify),
-            idempotency_key: request
-                .headers()
-                .get(&IDEMPOTENCY_KEY)
-                .map(HeaderValue::as_bytes),
+            idempotency_key: request.headers().get(&IDEMPOTENCY_KEY).map(HeaderValue::as_bytes),
         });
         match admission {
             Admission::Admitted(ticket) => {
                 request.extensions_mut().insert(ticket.context());
                 ResponseFuture::inner(inner.call(request), ticket)
             }
-            Admission::Rejected(rejection) => {
-                ResponseFuture::ready(reject(&self.responder, rejection))
-            }
+            Admission::Rejected(rejection) => ResponseFuture::ready(reject(&self.responder, rejection)),
             Admission::Pending(pending) => {
                 let tollgate = self.tollgate.clone();
                 let resolve = Box::pin(async move { tollgate.resolve(pending).await });
@@ -91,13 +86,10 @@ where
 
 /// The response to a rejection: the responder's, plus rate-limit headers, plus the rejection
 /// in the extensions.
-pub(crate) fn reject<P: RejectionResponder>(
-    responder: &P,
-    rejection: Rejection,
-) -> Response<bytes::Bytes> {
+pub(crate) fn reject<P: RejectionResponder>(responder: &P, rejection: Rejection) -> Response<bytes::Bytes> {
     let mut response = responder.respond(&rejection);
     let headers = response.headers_mut();
-    rejection.for_each_header(|field, value| put_header(headers, field, value));
+    rejection.emit(&mut |field, value| put_header(headers, field, value));
     response.extensions_mut().insert(rejection);
     response
 }
@@ -109,7 +101,7 @@ static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining"
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 #[inline]
-pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: &str) {
+pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: std::borrow::Cow<'_, str>) {
     let name = match field {
         Field::RateLimitPolicy => &RATELIMIT_POLICY,
         Field::RateLimit => &RATELIMIT,
@@ -118,7 +110,12 @@ pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: &str) {
         Field::XRateLimitRemaining => &X_REMAINING,
         Field::XRateLimitReset => &X_RESET,
     };
-    if let Ok(value) = HeaderValue::from_str(value) {
+    let value = match value {
+        std::borrow::Cow::Borrowed(v) => HeaderValue::from_str(v),
+        // No copy: the string's buffer becomes the value's.
+        std::borrow::Cow::Owned(v) => HeaderValue::try_from(v),
+    };
+    if let Ok(value) = value {
         headers.insert(name.clone(), value);
     }
 }

@@ -4,10 +4,7 @@
 use std::{collections::HashMap, fmt::Write as _, num::NonZeroU32, sync::Arc};
 
 use crate::{
-    config::{
-        Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaSpec, Rate, StatusSet,
-        StoreErrorPolicy, TenantId,
-    },
+    config::{Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaSpec, Rate, StatusSet, StoreErrorPolicy, TenantId},
     engine::Metrics,
     store::TenantRecord,
     tenant::KeyHash,
@@ -57,12 +54,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl CompiledPlan {
-    fn compile(
-        spec: &PlanSpec,
-        meters: &Arc<MeterTable>,
-        config: &Config,
-        metrics: &Arc<Metrics>,
-    ) -> Self {
+    fn compile(spec: &PlanSpec, meters: &Arc<MeterTable>, config: &Config, metrics: &Arc<Metrics>) -> Self {
         let rate = spec.rate.map(|rate| {
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
@@ -82,12 +74,7 @@ impl CompiledPlan {
             .map(|m| {
                 let mut s = String::new();
                 if let Some(r) = &rate {
-                    let _ = write!(
-                        s,
-                        "\"rate\";q={};w={}",
-                        r.rate.count(),
-                        r.rate.per().as_secs().max(1)
-                    );
+                    let _ = write!(s, "\"rate\";q={};w={}", r.rate.count(), r.rate.per().as_secs().max(1));
                 }
                 if let Some((_, q)) = quotas.iter().find(|(i, _)| *i == m) {
                     if !s.is_empty() {

@@ -41,8 +41,7 @@ impl RoutePattern {
             body.split('/').collect()
         };
         for (i, part) in parts.iter().enumerate() {
-            let seg = if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}'))
-            {
+            let seg = if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}')) {
                 if i + 1 != parts.len() {
                     return Err("a {*rest} segment must be the last one".into());
                 }
@@ -52,9 +51,7 @@ impl RoutePattern {
                 check_param(name)?;
                 Seg::Param
             } else if part.contains(['{', '}', '*', '?', '#']) {
-                return Err(format!(
-                    "`{part}` is not a literal segment, a {{param}} or a {{*rest}}"
-                ));
+                return Err(format!("`{part}` is not a literal segment, a {{param}} or a {{*rest}}"));
             } else {
                 Seg::Literal((*part).into())
             };
@@ -104,10 +101,7 @@ impl RoutePattern {
             }
             match tail {
                 Some(t) => rest = t,
-                None => {
-                    return i + 1 == self.segments.len()
-                        || matches!(self.segments[i + 1], Seg::Rest)
-                }
+                None => return i + 1 == self.segments.len() || matches!(self.segments[i + 1], Seg::Rest),
             }
         }
         // All segments consumed: the path must be consumed too (a trailing '/' is tolerated).
@@ -117,9 +111,7 @@ impl RoutePattern {
 
 fn check_param(name: &str) -> Result<(), String> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(format!(
-            "`{name}` is not a parameter name (letters, digits, '_')"
-        ));
+        return Err(format!("`{name}` is not a parameter name (letters, digits, '_')"));
     }
     Ok(())
 }

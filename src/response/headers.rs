@@ -1,7 +1,7 @@
 //! Rate-limit header fields, framework-neutral: each front door maps a [`Field`] to its own
 //! header name type.
 
-use std::fmt::Write as _;
+use std::borrow::Cow;
 
 use crate::{config::HeaderStyle, plan::CompiledPlan};
 
@@ -54,44 +54,36 @@ pub(crate) struct HeaderState {
     pub(crate) quota: Option<PolicyStatus>,
 }
 
-/// Writes the header fields of a response through `put`.
+/// Writes the header fields of a response through `put`; computed values come owned, so a
+/// front door can turn them into header values without another copy.
 pub(crate) fn emit(
     plan: &CompiledPlan,
     state: &HeaderState,
     retry_after: Option<u64>,
-    put: &mut dyn FnMut(Field, &str),
+    put: &mut dyn FnMut(Field, Cow<'_, str>),
 ) {
+    let mut num = itoa::Buffer::new();
     match plan.header_style {
         HeaderStyle::Draft => {
-            if let Some(policy) = plan
-                .policy_header
-                .get(state.meter)
-                .filter(|p| !p.is_empty())
-            {
-                put(Field::RateLimitPolicy, policy);
+            if let Some(policy) = plan.policy_header.get(state.meter).filter(|p| !p.is_empty()) {
+                put(Field::RateLimitPolicy, Cow::Borrowed(policy));
             }
             if state.rate.is_some() || state.quota.is_some() {
-                let mut value = String::with_capacity(48);
+                let mut value = String::with_capacity(64);
                 if let Some(r) = &state.rate {
-                    let _ = write!(value, "\"rate\";r={};t={}", r.remaining, r.reset_secs);
+                    item(&mut value, "rate", "", r, &mut num);
                 }
-                if let (Some(q), Some((_, spec))) = (
-                    &state.quota,
-                    plan.quotas.iter().find(|(m, _)| *m == state.meter),
-                ) {
-                    if !value.is_empty() {
-                        value.push_str(", ");
-                    }
-                    let meter = &plan.meters.ids[state.meter];
-                    let _ = write!(
-                        value,
-                        "\"{meter}-{}\";r={};t={}",
+                if let (Some(q), Some((_, spec))) = (&state.quota, plan.quotas.iter().find(|(m, _)| *m == state.meter))
+                {
+                    item(
+                        &mut value,
+                        plan.meters.ids[state.meter].as_str(),
                         spec.period().name(),
-                        q.remaining,
-                        q.reset_secs
+                        q,
+                        &mut num,
                     );
                 }
-                put(Field::RateLimit, &value);
+                put(Field::RateLimit, Cow::Owned(value));
             }
         }
         HeaderStyle::Legacy => {
@@ -100,15 +92,31 @@ pub(crate) fn emit(
                 (r, q) => r.as_ref().or(q.as_ref()),
             };
             if let Some(p) = tightest {
-                let mut buf = itoa::Buffer::new();
-                put(Field::XRateLimitLimit, buf.format(p.limit));
-                put(Field::XRateLimitRemaining, buf.format(p.remaining));
-                put(Field::XRateLimitReset, buf.format(p.reset_secs));
+                put(Field::XRateLimitLimit, Cow::Borrowed(num.format(p.limit)));
+                put(Field::XRateLimitRemaining, Cow::Borrowed(num.format(p.remaining)));
+                put(Field::XRateLimitReset, Cow::Borrowed(num.format(p.reset_secs)));
             }
         }
         HeaderStyle::None => {}
     }
     if let Some(secs) = retry_after {
-        put(Field::RetryAfter, itoa::Buffer::new().format(secs));
+        put(Field::RetryAfter, Cow::Borrowed(num.format(secs)));
     }
+}
+
+/// Appends `"NAME[-PERIOD]";r=R;t=T` to a `RateLimit` list.
+fn item(out: &mut String, name: &str, period: &str, status: &PolicyStatus, num: &mut itoa::Buffer) {
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    out.push('"');
+    out.push_str(name);
+    if !period.is_empty() {
+        out.push('-');
+        out.push_str(period);
+    }
+    out.push_str("\";r=");
+    out.push_str(num.format(status.remaining));
+    out.push_str(";t=");
+    out.push_str(num.format(status.reset_secs));
 }

@@ -44,10 +44,7 @@ impl RejectionResponder for ProblemJson {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let Some(challenge) = rejection
-            .challenge()
-            .and_then(|c| HeaderValue::from_str(c).ok())
-        {
+        if let Some(challenge) = rejection.challenge().and_then(|c| HeaderValue::from_str(c).ok()) {
             headers.insert(header::WWW_AUTHENTICATE, challenge);
         }
         response

@@ -40,15 +40,9 @@ impl RejectionKind {
     /// The HTTP status of the response.
     pub fn status(self) -> StatusCode {
         match self {
-            RejectionKind::RateLimited | RejectionKind::QuotaExceeded => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
-            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => {
-                StatusCode::UNAUTHORIZED
-            }
-            RejectionKind::MalformedCredentials | RejectionKind::MalformedIdempotencyKey => {
-                StatusCode::BAD_REQUEST
-            }
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => StatusCode::UNAUTHORIZED,
+            RejectionKind::MalformedCredentials | RejectionKind::MalformedIdempotencyKey => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -107,6 +101,12 @@ impl RejectionKind {
 /// service error) and put a clone in the response extensions.
 #[derive(Clone)]
 pub struct Rejection {
+    // Boxed: rejections are the exception, and this keeps `Admission` small to move.
+    pub(crate) inner: Box<Details>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Details {
     pub(crate) kind: RejectionKind,
     pub(crate) detail: Cow<'static, str>,
     pub(crate) policy: Option<String>,
@@ -120,59 +120,68 @@ pub struct Rejection {
 impl Rejection {
     pub(crate) fn new(kind: RejectionKind, detail: impl Into<Cow<'static, str>>) -> Self {
         Self {
-            kind,
-            detail: detail.into(),
-            policy: None,
-            retry_after: None,
-            tenant: None,
-            plan: None,
-            headers: HeaderState::default(),
-            challenge: None,
+            inner: Box::new(Details {
+                kind,
+                detail: detail.into(),
+                policy: None,
+                retry_after: None,
+                tenant: None,
+                plan: None,
+                headers: HeaderState::default(),
+                challenge: None,
+            }),
         }
     }
 
     /// Why the request was rejected.
     pub fn kind(&self) -> RejectionKind {
-        self.kind
+        self.inner.kind
     }
 
     /// The response status.
     pub fn status(&self) -> StatusCode {
-        self.kind.status()
+        self.inner.kind.status()
     }
 
     /// What happened, for this occurrence.
     pub fn detail(&self) -> &str {
-        &self.detail
+        &self.inner.detail
     }
 
     /// The violated policy (`rate`, or `METER-PERIOD` such as `requests-day`), if any.
     pub fn policy(&self) -> Option<&str> {
-        self.policy.as_deref()
+        self.inner.policy.as_deref()
     }
 
     /// How long to wait before retrying, when known.
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after.map(Duration::from_secs)
+        self.inner.retry_after.map(Duration::from_secs)
     }
 
     /// The tenant, when it was identified.
     pub fn tenant(&self) -> Option<&TenantId> {
-        self.tenant.as_ref()
+        self.inner.tenant.as_ref()
     }
 
     /// The `WWW-Authenticate` challenge of a 401.
     pub fn challenge(&self) -> Option<&str> {
-        self.challenge.as_deref()
+        self.inner.challenge.as_deref()
     }
 
     /// Writes the rate-limit header fields and `Retry-After` of the response through `put`.
     pub fn for_each_header(&self, mut put: impl FnMut(Field, &str)) {
-        match &self.plan {
-            Some(plan) => emit(plan, &self.headers, self.retry_after, &mut put),
+        self.emit(&mut |field, value| put(field, &value));
+    }
+
+    pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, std::borrow::Cow<'_, str>)) {
+        match &self.inner.plan {
+            Some(plan) => emit(plan, &self.inner.headers, self.inner.retry_after, put),
             None => {
-                if let Some(secs) = self.retry_after {
-                    put(Field::RetryAfter, itoa::Buffer::new().format(secs));
+                if let Some(secs) = self.inner.retry_after {
+                    put(
+                        Field::RetryAfter,
+                        std::borrow::Cow::Borrowed(itoa::Buffer::new().format(secs)),
+                    );
                 }
             }
         }
@@ -184,15 +193,15 @@ impl Rejection {
     /// policy) and `retry_after` (seconds).
     pub fn problem_json(&self) -> Vec<u8> {
         let mut body = serde_json::json!({
-            "type": self.kind.problem_type(),
-            "title": self.kind.title(),
+            "type": self.inner.kind.problem_type(),
+            "title": self.inner.kind.title(),
             "status": self.status().as_u16(),
-            "detail": self.detail,
+            "detail": self.inner.detail,
         });
-        if let Some(policy) = &self.policy {
+        if let Some(policy) = &self.inner.policy {
             body["policy"] = policy.as_str().into();
         }
-        if let Some(secs) = self.retry_after {
+        if let Some(secs) = self.inner.retry_after {
             body["retry_after"] = secs.into();
         }
         serde_json::to_vec(&body).unwrap_or_default()
@@ -202,17 +211,17 @@ impl Rejection {
 impl fmt::Debug for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Rejection")
-            .field("kind", &self.kind)
-            .field("detail", &self.detail)
-            .field("policy", &self.policy)
-            .field("retry_after", &self.retry_after)
-            .field("tenant", &self.tenant)
+            .field("kind", &self.inner.kind)
+            .field("detail", &self.inner.detail)
+            .field("policy", &self.inner.policy)
+            .field("retry_after", &self.inner.retry_after)
+            .field("tenant", &self.inner.tenant)
             .finish_non_exhaustive()
     }
 }
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind.title(), self.detail)
+        write!(f, "{}: {}", self.inner.kind.title(), self.inner.detail)
     }
 }

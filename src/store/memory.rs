@@ -6,8 +6,7 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Store, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch,
+    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Store, StoreError, TenantRecord, UsageAggregate, UsageBatch,
 };
 use crate::{config::TenantId, tenant::KeyHash};
 
@@ -87,12 +86,7 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn reserve(
-        &self,
-        key: &QuotaKey,
-        units: u64,
-        limit: Option<u64>,
-    ) -> Result<Grant, StoreError> {
+    async fn reserve(&self, key: &QuotaKey, units: u64, limit: Option<u64>) -> Result<Grant, StoreError> {
         let mut inner = self.lock();
         let slot = inner
             .quotas
@@ -120,10 +114,7 @@ impl Store for MemoryStore {
 
     async fn release(&self, key: &QuotaKey, units: u64) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if let Some(slot) = inner
-            .quotas
-            .get_mut(&(key.tenant.clone(), key.meter.clone()))
-        {
+        if let Some(slot) = inner.quotas.get_mut(&(key.tenant.clone(), key.meter.clone())) {
             if slot.0 == key.period_start {
                 slot.1 = slot.1.saturating_sub(units);
             }
@@ -155,34 +146,24 @@ impl Store for MemoryStore {
         Ok(CommitOutcome::Applied)
     }
 
-    async fn pending_exports(
-        &self,
-        window_start_before: i64,
-        limit: usize,
-    ) -> Result<Vec<UsageAggregate>, StoreError> {
+    async fn pending_exports(&self, window_start_before: i64, limit: usize) -> Result<Vec<UsageAggregate>, StoreError> {
         let mut inner = self.lock();
         let horizon = window_start_before - EXPORTED_RETENTION_SECS;
         inner.usage.retain(|k, a| {
-            !(k.window_start < horizon
-                && ((a.exported == a.quantity && a.in_flight.is_none()) || a.dead))
+            !(k.window_start < horizon && ((a.exported == a.quantity && a.in_flight.is_none()) || a.dead))
         });
         let Inner { usage, tenants, .. } = &*inner;
         Ok(usage
             .iter()
             .filter(|(k, a)| {
-                k.window_start < window_start_before
-                    && (a.quantity > a.exported || a.in_flight.is_some())
-                    && !a.dead
+                k.window_start < window_start_before && (a.quantity > a.exported || a.in_flight.is_some()) && !a.dead
             })
             .take(limit)
             .map(|(k, a)| a.view(k, tenants))
             .collect())
     }
 
-    async fn begin_export(
-        &self,
-        aggregate: &UsageAggregate,
-    ) -> Result<Option<UsageAggregate>, StoreError> {
+    async fn begin_export(&self, aggregate: &UsageAggregate) -> Result<Option<UsageAggregate>, StoreError> {
         let mut inner = self.lock();
         let Inner { usage, tenants, .. } = &mut *inner;
         match usage.get_mut(&aggregate.key) {
@@ -208,11 +189,7 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn dead_letter(
-        &self,
-        aggregate: &UsageAggregate,
-        _reason: &str,
-    ) -> Result<(), StoreError> {
+    async fn dead_letter(&self, aggregate: &UsageAggregate, _reason: &str) -> Result<(), StoreError> {
         if let Some(a) = self.lock().usage.get_mut(&aggregate.key) {
             a.dead = true;
         }
@@ -221,11 +198,7 @@ impl Store for MemoryStore {
 
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         let inner = self.lock();
-        Ok(inner
-            .keys
-            .get(key)
-            .and_then(|t| inner.tenants.get(t))
-            .cloned())
+        Ok(inner.keys.get(key).and_then(|t| inner.tenants.get(t)).cloned())
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
@@ -248,12 +221,10 @@ impl Store for MemoryStore {
 
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let inner = self.lock();
-        Ok(
-            match inner.quotas.get(&(key.tenant.clone(), key.meter.clone())) {
-                Some((start, n)) if *start == key.period_start => *n,
-                _ => 0,
-            },
-        )
+        Ok(match inner.quotas.get(&(key.tenant.clone(), key.meter.clone())) {
+            Some((start, n)) if *start == key.period_start => *n,
+            _ => 0,
+        })
     }
 
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
@@ -296,10 +267,7 @@ mod tests {
         s.release(&qk(0), 4).await.unwrap();
         assert_eq!(s.reserve(&qk(0), 9, Some(10)).await.unwrap().granted, 4);
         // A new period starts from zero and forgets the old one.
-        assert_eq!(
-            s.reserve(&qk(86_400), 9, Some(10)).await.unwrap().granted,
-            9
-        );
+        assert_eq!(s.reserve(&qk(86_400), 9, Some(10)).await.unwrap().granted, 9);
         assert_eq!(s.reserve(&qk(0), 1, Some(10)).await.unwrap().granted, 0);
     }
 
@@ -315,22 +283,12 @@ mod tests {
                 quantity: 5,
             }],
         };
-        assert_eq!(
-            s.commit_usage(&batch).await.unwrap(),
-            CommitOutcome::Applied
-        );
-        assert_eq!(
-            s.commit_usage(&batch).await.unwrap(),
-            CommitOutcome::AlreadyApplied
-        );
+        assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::Applied);
+        assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::AlreadyApplied);
         let pending = s.pending_exports(3600, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(
-            (
-                pending[0].quantity,
-                pending[0].exported,
-                pending[0].revision
-            ),
+            (pending[0].quantity, pending[0].exported, pending[0].revision),
             (5, 0, 0)
         );
         let fixed = s.begin_export(&pending[0]).await.unwrap().unwrap();
@@ -346,24 +304,12 @@ mod tests {
             }],
         };
         s.commit_usage(&late).await.unwrap();
-        assert_eq!(
-            s.begin_export(&pending[0])
-                .await
-                .unwrap()
-                .unwrap()
-                .in_flight,
-            Some(5)
-        );
+        assert_eq!(s.begin_export(&pending[0]).await.unwrap().unwrap().in_flight, Some(5));
         assert!(s.finish_export(&fixed).await.unwrap());
         assert!(!s.finish_export(&fixed).await.unwrap(), "stale revision");
         let next = s.pending_exports(3600, 10).await.unwrap();
         assert_eq!(
-            (
-                next[0].quantity,
-                next[0].exported,
-                next[0].revision,
-                next[0].in_flight
-            ),
+            (next[0].quantity, next[0].exported, next[0].revision, next[0].in_flight),
             (7, 5, 1, None)
         );
     }

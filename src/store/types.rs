@@ -132,12 +132,7 @@ pub enum StoreError {
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Reserves up to `units` of `key` for the caller. With `limit`, the total reserved by all
     /// callers never exceeds it (a hard quota); without, everything asked is granted.
-    async fn reserve(
-        &self,
-        key: &QuotaKey,
-        units: u64,
-        limit: Option<u64>,
-    ) -> Result<Grant, StoreError>;
+    async fn reserve(&self, key: &QuotaKey, units: u64, limit: Option<u64>) -> Result<Grant, StoreError>;
 
     /// Gives back `units` reserved earlier and not used.
     async fn release(&self, key: &QuotaKey, units: u64) -> Result<(), StoreError>;
@@ -147,19 +142,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Aggregates of windows that started before `window_start_before` with usage not yet
     /// exported (or an export in flight), at most `limit` of them.
-    async fn pending_exports(
-        &self,
-        window_start_before: i64,
-        limit: usize,
-    ) -> Result<Vec<UsageAggregate>, StoreError>;
+    async fn pending_exports(&self, window_start_before: i64, limit: usize) -> Result<Vec<UsageAggregate>, StoreError>;
 
     /// Fixes what revision `aggregate.revision` exports: sets `in_flight` to the aggregate's
     /// current quantity, if no export is in flight and the revision has not moved. Returns the
     /// aggregate as stored after the call, or `None` when the revision moved.
-    async fn begin_export(
-        &self,
-        aggregate: &UsageAggregate,
-    ) -> Result<Option<UsageAggregate>, StoreError>;
+    async fn begin_export(&self, aggregate: &UsageAggregate) -> Result<Option<UsageAggregate>, StoreError>;
 
     /// Records that the in-flight export of `aggregate.revision` was accepted: `exported`
     /// becomes `in_flight` and the revision moves on. Returns `false` (and changes nothing)
@@ -167,8 +155,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn finish_export(&self, aggregate: &UsageAggregate) -> Result<bool, StoreError>;
 
     /// Parks an aggregate whose export was refused for good, so it is not retried.
-    async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str)
-        -> Result<(), StoreError>;
+    async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError>;
 
     /// The tenant owning the API key with this hash.
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError>;

@@ -53,7 +53,8 @@ pub(crate) fn check_api_key(key: &[u8]) -> Result<(), &'static str> {
     if key.len() > MAX_KEY_LEN {
         return Err("the API key is longer than 256 characters");
     }
-    if !key.iter().all(|b| (0x21..=0x7e).contains(b)) {
+    // A fold rather than `all`: no early exit, so the loop vectorizes.
+    if !key.iter().fold(true, |ok, &b| ok & (b.wrapping_sub(0x21) < 0x5e)) {
         return Err("the API key has characters other than visible ASCII");
     }
     Ok(())
@@ -88,9 +89,7 @@ pub struct Identity {
 impl Identity {
     /// The identity of `tenant`.
     pub fn new(tenant: impl Into<TenantId>) -> Self {
-        Self {
-            tenant: tenant.into(),
-        }
+        Self { tenant: tenant.into() }
     }
 
     /// The tenant.
@@ -99,8 +98,7 @@ impl Identity {
     }
 }
 
-/// A 128-bit keyed digest of a credential: the low half finds the tenant's entry, the high
-/// half confirms it, so two credentials never share a tenant's state by accident.
+/// A 128-bit keyed digest (of an idempotency key, with its tenant).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Fingerprint {
     pub(crate) lo: u64,
@@ -108,15 +106,13 @@ pub(crate) struct Fingerprint {
 }
 
 /// Computes fingerprints with SipHash-1-3 keyed by secrets drawn at start-up, so nobody outside
-/// the process can craft colliding keys.
+/// the process can craft colliding idempotency keys.
 #[derive(Clone)]
 pub(crate) struct Fingerprinter {
     k0: u64,
     k1: u64,
 }
 
-pub(crate) const TAG_API_KEY: u8 = 1;
-pub(crate) const TAG_TENANT: u8 = 2;
 pub(crate) const TAG_IDEMPOTENCY: u8 = 3;
 
 impl Fingerprinter {

@@ -6,9 +6,8 @@ use std::sync::{
     Arc,
 };
 
-use governor::{
-    middleware::StateInformationMiddleware, state::InMemoryState, state::NotKeyed, RateLimiter,
-};
+use governor::{middleware::StateInformationMiddleware, state::InMemoryState, state::NotKeyed, RateLimiter};
+use smallvec::SmallVec;
 
 use crate::{
     clock::Clock,
@@ -18,15 +17,20 @@ use crate::{
 
 pub(crate) type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
+/// Aligned to a cache line, so that the `Arc` counts (written by every request) do not share
+/// a line with the fields every request reads. Quota and usage cells are inline (for up to two
+/// quotas and two meters), so a request touches a few adjacent lines of one allocation.
+#[repr(align(64))]
 pub(crate) struct TenantState {
     pub(crate) id: TenantId,
     pub(crate) plan: Arc<CompiledPlan>,
-    pub(crate) customer: Option<String>,
+    pub(crate) customer: Option<Arc<str>>,
     pub(crate) clock: Clock,
     pub(crate) window_secs: i64,
     pub(crate) limiter: Option<Limiter>,
-    pub(crate) quotas: Box<[QuotaCell]>,
-    usage: Box<[UsageCell]>,
+    /// (meter index, cell), one per quota of the plan, in the plan's order.
+    quotas: SmallVec<[(u16, QuotaCell); 2]>,
+    usage: SmallVec<[UsageCell; 2]>,
     last_seen: AtomicI64,
     evicted: AtomicBool,
 }
@@ -44,24 +48,20 @@ impl TenantState {
     pub(crate) fn new(
         id: TenantId,
         plan: Arc<CompiledPlan>,
-        customer: Option<String>,
+        customer: Option<Arc<str>>,
         clock: Clock,
         window_secs: i64,
     ) -> Self {
         let limiter = plan.rate.as_ref().map(|r| {
-            RateLimiter::direct_with_clock(r.quota, clock.clone())
-                .with_middleware::<StateInformationMiddleware>()
+            RateLimiter::direct_with_clock(r.quota, clock.clone()).with_middleware::<StateInformationMiddleware>()
         });
         let quotas = plan
             .quotas
             .iter()
-            .map(|(meter, spec)| {
-                QuotaCell::new(*meter, plan.meters.ids[*meter].clone(), spec.clone())
-            })
+            .enumerate()
+            .map(|(i, (meter, _))| (*meter as u16, QuotaCell::new(i)))
             .collect();
-        let usage = (0..plan.meters.ids.len())
-            .map(|_| UsageCell::default())
-            .collect();
+        let usage = (0..plan.meters.ids.len()).map(|_| UsageCell::default()).collect();
         let now = clock.unix_secs();
         Self {
             id,
@@ -99,8 +99,23 @@ impl TenantState {
     }
 
     #[inline]
-    pub(crate) fn quota(&self, meter: usize) -> Option<&QuotaCell> {
-        self.quotas.iter().find(|q| q.meter == meter)
+    pub(crate) fn quota(&self, meter: usize) -> Option<QuotaRef<'_>> {
+        let (_, cell) = self.quotas.iter().find(|(m, _)| usize::from(*m) == meter)?;
+        Some(self.view(meter, cell))
+    }
+
+    fn view<'a>(&'a self, meter: usize, cell: &'a QuotaCell) -> QuotaRef<'a> {
+        QuotaRef {
+            cell,
+            meter,
+            spec: &self.plan.quotas[usize::from(cell.index)].1,
+            meter_id: &self.plan.meters.ids[meter],
+        }
+    }
+
+    /// Every quota of the tenant.
+    pub(crate) fn quotas(&self) -> impl Iterator<Item = QuotaRef<'_>> {
+        self.quotas.iter().map(|(m, cell)| self.view(usize::from(*m), cell))
     }
 
     /// Adds usage to the window containing `now` (Unix seconds).
@@ -162,38 +177,45 @@ pub(crate) enum Take {
 }
 
 /// A tenant's allowance on one meter: a lease of units reserved from the store for one period.
+/// Only the atomics live here; the quota's spec is read from the plan (see [`QuotaRef`]).
 pub(crate) struct QuotaCell {
-    pub(crate) meter: usize,
-    pub(crate) meter_id: MeterId,
-    pub(crate) spec: QuotaSpec,
+    /// Index of the quota in `plan.quotas`.
+    index: u8,
+    exhausted: AtomicBool,
+    prefetching: AtomicBool,
     period_start: AtomicI64,
     period_end: AtomicI64,
     lease: AtomicI64,
     /// Usage reported while no lease of the current period was held: settled by the next refill.
     unleased: AtomicU64,
     reserved: AtomicU64,
-    exhausted: AtomicBool,
-    prefetching: AtomicBool,
-    pub(crate) refill: tokio::sync::Mutex<()>,
 }
 
 impl QuotaCell {
-    fn new(meter: usize, meter_id: MeterId, spec: QuotaSpec) -> Self {
+    fn new(index: usize) -> Self {
         Self {
-            meter,
-            meter_id,
-            spec,
+            index: index as u8,
+            exhausted: AtomicBool::new(false),
+            prefetching: AtomicBool::new(false),
             period_start: AtomicI64::new(0),
             period_end: AtomicI64::new(i64::MIN),
             lease: AtomicI64::new(0),
             unleased: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
-            exhausted: AtomicBool::new(false),
-            prefetching: AtomicBool::new(false),
-            refill: tokio::sync::Mutex::new(()),
         }
     }
+}
 
+/// A quota cell with its spec and meter.
+#[derive(Clone, Copy)]
+pub(crate) struct QuotaRef<'a> {
+    cell: &'a QuotaCell,
+    pub(crate) meter: usize,
+    pub(crate) spec: &'a QuotaSpec,
+    pub(crate) meter_id: &'a MeterId,
+}
+
+impl QuotaRef<'_> {
     fn hard(&self) -> bool {
         self.spec.mode() == QuotaMode::Hard
     }
@@ -201,17 +223,18 @@ impl QuotaCell {
     /// Takes `cost` units without waiting.
     #[inline]
     pub(crate) fn try_take(&self, cost: u64, now: i64) -> Take {
-        if now >= self.period_end.load(Ordering::Acquire) {
+        let c = self.cell;
+        if now >= c.period_end.load(Ordering::Acquire) {
             return Take::NeedLease;
         }
         let cost = cost as i64;
-        let before = self.lease.fetch_sub(cost, Ordering::AcqRel);
+        let before = c.lease.fetch_sub(cost, Ordering::AcqRel);
         if before >= cost {
             let (remaining, overage) = self.estimate(before - cost);
             return Take::Taken { remaining, overage };
         }
-        self.lease.fetch_add(cost, Ordering::AcqRel);
-        if self.hard() && self.exhausted.load(Ordering::Acquire) {
+        c.lease.fetch_add(cost, Ordering::AcqRel);
+        if self.hard() && c.exhausted.load(Ordering::Acquire) {
             Take::Exhausted
         } else {
             Take::NeedLease
@@ -221,24 +244,26 @@ impl QuotaCell {
     /// Takes `quantity` units even if that leaves the lease negative (usage that already
     /// happened, reported by a handler). The next refill covers the debt.
     pub(crate) fn force_take(&self, quantity: u64, now: i64) {
-        if now < self.period_end.load(Ordering::Acquire) {
-            self.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
+        let c = self.cell;
+        if now < c.period_end.load(Ordering::Acquire) {
+            c.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
         } else {
-            self.unleased.fetch_add(quantity, Ordering::AcqRel);
+            c.unleased.fetch_add(quantity, Ordering::AcqRel);
         }
     }
 
     /// Gives back units of a request that is not billed, if its period is still current.
     pub(crate) fn refund(&self, cost: u64, period_end: i64) {
-        if self.period_end.load(Ordering::Acquire) == period_end {
-            self.lease.fetch_add(cost as i64, Ordering::AcqRel);
-            self.exhausted.store(false, Ordering::Release);
+        let c = self.cell;
+        if c.period_end.load(Ordering::Acquire) == period_end {
+            c.lease.fetch_add(cost as i64, Ordering::AcqRel);
+            c.exhausted.store(false, Ordering::Release);
         }
     }
 
     /// (remaining units across nodes, over a soft limit?) when `lease_left` units remain here.
     fn estimate(&self, lease_left: i64) -> (u64, bool) {
-        let reserved = self.reserved.load(Ordering::Relaxed);
+        let reserved = self.cell.reserved.load(Ordering::Relaxed);
         let used = reserved.saturating_sub(lease_left.max(0) as u64);
         let limit = self.spec.limit().get();
         (limit.saturating_sub(used), used > limit)
@@ -246,61 +271,64 @@ impl QuotaCell {
 
     pub(crate) fn period(&self) -> (i64, i64) {
         (
-            self.period_start.load(Ordering::Acquire),
-            self.period_end.load(Ordering::Acquire),
+            self.cell.period_start.load(Ordering::Acquire),
+            self.cell.period_end.load(Ordering::Acquire),
         )
     }
 
     pub(crate) fn lease(&self) -> i64 {
-        self.lease.load(Ordering::Acquire)
+        self.cell.lease.load(Ordering::Acquire)
     }
 
     /// Whether the lease is below its low watermark (a quarter of a lease) and no prefetch is
     /// under way; claims the prefetch if so.
     #[inline]
     pub(crate) fn wants_prefetch(&self, now: i64) -> bool {
+        let c = self.cell;
         let low = (self.spec.lease().get() / 4).max(1) as i64;
-        now < self.period_end.load(Ordering::Relaxed)
-            && self.lease.load(Ordering::Relaxed) < low
-            && !self.exhausted.load(Ordering::Relaxed)
-            && !self.prefetching.swap(true, Ordering::AcqRel)
+        now < c.period_end.load(Ordering::Relaxed)
+            && c.lease.load(Ordering::Relaxed) < low
+            && !c.exhausted.load(Ordering::Relaxed)
+            && !c.prefetching.swap(true, Ordering::AcqRel)
     }
 
     pub(crate) fn prefetch_done(&self) {
-        self.prefetching.store(false, Ordering::Release);
+        self.cell.prefetching.store(false, Ordering::Release);
     }
 
     /// Starts a new period: returns the units left from the old one (negative: a debt).
-    /// Call with `refill` held.
+    /// Call with the cell's refill lock held.
     pub(crate) fn roll_period(&self, start: i64, end: i64) -> i64 {
-        let left = self.lease.swap(0, Ordering::AcqRel);
-        self.exhausted.store(false, Ordering::Release);
-        self.reserved.store(0, Ordering::Release);
-        self.period_start.store(start, Ordering::Release);
-        self.period_end.store(end, Ordering::Release);
+        let c = self.cell;
+        let left = c.lease.swap(0, Ordering::AcqRel);
+        c.exhausted.store(false, Ordering::Release);
+        c.reserved.store(0, Ordering::Release);
+        c.period_start.store(start, Ordering::Release);
+        c.period_end.store(end, Ordering::Release);
         left
     }
 
     /// Moves usage reported outside any lease into the current lease (as a debt the refill
-    /// covers). Call with `refill` held, after [`roll_period`](Self::roll_period).
+    /// covers). Call with the refill lock held, after [`roll_period`](Self::roll_period).
     pub(crate) fn settle_unleased(&self) {
-        let debt = self.unleased.swap(0, Ordering::AcqRel);
+        let debt = self.cell.unleased.swap(0, Ordering::AcqRel);
         if debt > 0 {
-            self.lease.fetch_sub(debt as i64, Ordering::AcqRel);
+            self.cell.lease.fetch_sub(debt as i64, Ordering::AcqRel);
         }
     }
 
-    /// Adds units granted by the store. Call with `refill` held.
+    /// Adds units granted by the store. Call with the refill lock held.
     pub(crate) fn grant(&self, granted: u64, reserved: u64, asked: u64) {
-        self.reserved.store(reserved, Ordering::Release);
-        self.lease.fetch_add(granted as i64, Ordering::AcqRel);
+        let c = self.cell;
+        c.reserved.store(reserved, Ordering::Release);
+        c.lease.fetch_add(granted as i64, Ordering::AcqRel);
         if self.hard() && granted < asked {
-            self.exhausted.store(true, Ordering::Release);
+            c.exhausted.store(true, Ordering::Release);
         }
     }
 
     /// Empties the lease (on eviction and shutdown): returns the units to give back.
     pub(crate) fn take_all(&self) -> i64 {
-        self.lease.swap(0, Ordering::AcqRel)
+        self.cell.lease.swap(0, Ordering::AcqRel)
     }
 }

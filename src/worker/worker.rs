@@ -27,11 +27,7 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    pub(crate) fn new(
-        tollgate: Tollgate,
-        prefetch: mpsc::Receiver<Prefetch>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    pub(crate) fn new(tollgate: Tollgate, prefetch: mpsc::Receiver<Prefetch>, shutdown: watch::Receiver<bool>) -> Self {
         Self {
             tollgate,
             prefetch,
@@ -48,8 +44,7 @@ impl Worker {
     pub async fn run(mut self) {
         let intervals = |t: &Tollgate| {
             let c = t.config();
-            let sweep = (c.limits().idle_timeout / 4)
-                .clamp(Duration::from_secs(1), Duration::from_secs(60));
+            let sweep = (c.limits().idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
             (c.usage().flush_interval, sweep)
         };
         let (flush_every, sweep_every) = intervals(&self.tollgate);

@@ -15,9 +15,7 @@ use tollgate::{
 use tower::{Layer, ServiceExt};
 
 type Handler =
-    fn(
-        Request<Full<Bytes>>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+    fn(Request<Full<Bytes>>) -> Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
 
 /// 2026-03-14T12:00:00Z
 pub const NOON: i64 = 1_773_489_600;
@@ -85,10 +83,7 @@ impl Harness {
 
     pub fn build(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Self {
         let config = Config::from_toml_str(toml).expect("valid test configuration");
-        let (layer, _worker) = Tollgate::builder(config)
-            .store_arc(store)
-            .clock(clock)
-            .build();
+        let (layer, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
         let tollgate = layer.handle().clone();
         let svc = layer.layer(tower::service_fn(handler as Handler));
         Self {
@@ -99,8 +94,7 @@ impl Harness {
     }
 
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
-        let response: Response<TollgateBody<Full<Bytes>>> =
-            self.svc.clone().oneshot(req).await.unwrap();
+        let response: Response<TollgateBody<Full<Bytes>>> = self.svc.clone().oneshot(req).await.unwrap();
         let (parts, body) = response.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
         Reply {
@@ -120,12 +114,7 @@ impl Harness {
     }
 }
 
-pub fn req(
-    method: &str,
-    path: &str,
-    key: Option<&str>,
-    idempotency: Option<&str>,
-) -> Request<Full<Bytes>> {
+pub fn req(method: &str, path: &str, key: Option<&str>, idempotency: Option<&str>) -> Request<Full<Bytes>> {
     let mut b = Request::builder().method(method).uri(path);
     if let Some(k) = key {
         b = b.header("x-api-key", k);
@@ -138,14 +127,7 @@ pub fn req(
 
 /// Total units committed to the store for (tenant, meter) over the windows starting in
 /// [from, to), by walking the windows.
-pub async fn committed(
-    store: &dyn Store,
-    tenant: &str,
-    meter: &str,
-    from: i64,
-    to: i64,
-    window: i64,
-) -> u64 {
+pub async fn committed(store: &dyn Store, tenant: &str, meter: &str, from: i64, to: i64, window: i64) -> u64 {
     let mut total = 0;
     let mut w = from - from.rem_euclid(window);
     while w < to {

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Starts the quickstart on a free loopback port, checks what the README promises with curl,
+# stops it with SIGINT and checks that it flushed. Bounded: every wait has a limit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --locked --example quickstart
+work=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$port TOLLGATE_USAGE_FILE="$work/usage.jsonl" RUST_LOG=warn \
+  target/debug/examples/quickstart >"$work/out.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
+
+base="http://127.0.0.1:$port"
+for _ in $(seq 100); do
+  curl -s -o /dev/null "$base/" && break
+  sleep 0.1
+done
+
+passed=0
+failed=0
+check() { # name expected actual
+  if [ "$2" = "$3" ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL $1: expected $2, got $3"; fi
+}
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+free=(-H 'x-api-key: tg_test_free_acme')
+
+check "generate (cost 5)" 200 "$(code -X POST "$base/v1/generate" "${free[@]}")"
+check "items" 200 "$(code "$base/v1/items" "${free[@]}")"
+check "no key" 401 "$(code "$base/v1/items")"
+check "unknown key" 401 "$(code "$base/v1/items" -H 'x-api-key: nope')"
+check "bad key" 400 "$(code "$base/v1/items" -H 'x-api-key: a b')"
+check "policy header" '"rate";q=2;w=1, "requests-day";q=20;w=86400' \
+  "$(curl -s -D - -o /dev/null "$base/v1/items" "${free[@]}" | tr -d '\r' | sed -n 's/^ratelimit-policy: //p')"
+# 5 + 1 + 1 units spent: 13 more pass, then the daily quota of 20 is spent.
+statuses=""
+for _ in $(seq 14); do
+  statuses+="$(code "$base/v1/items" "${free[@]}") "
+  sleep 0.5
+done
+check "quota" "200 200 200 200 200 200 200 200 200 200 200 200 200 429 " "$statuses"
+check "problem type" "application/problem+json" \
+  "$(curl -s -o /dev/null -w '%{content_type}' "$base/v1/items" "${free[@]}")"
+check "pro tenant" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
+
+kill -INT $pid
+for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+check "graceful stop (21 request units + 120 tokens)" "stopped: flushed 141 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out.log" || true)"
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
