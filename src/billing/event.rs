@@ -68,7 +68,7 @@ pub enum SinkError {
     Permanent(String),
 }
 
-/// Where meter events go: Stripe Billing Meters, or a JSON-lines file ([`JsonlSink`]).
+/// Where meter events go: Stripe Billing Meters, or a JSON-lines file ([`JsonlSink`](super::JsonlSink)).
 ///
 /// Implementations must treat [`MeterEvent::identifier`] as an idempotency key: the same
 /// event may be sent again after a crash.

@@ -162,40 +162,61 @@ impl Tollgate {
         Ok(())
     }
 
-    /// Takes the usage of every tenant (retired ones included), aggregated per (tenant,
-    /// meter, window). Also returns the leases of retired states nobody holds any more.
+    /// Takes the usage of every tenant (retired ones included), one record per (tenant, meter,
+    /// window). Also returns the retired states nobody holds any more (their leases go back).
     fn drain(&self) -> (Vec<UsageRecord>, Vec<Arc<TenantState>>) {
-        let mut agg: HashMap<(TenantId, MeterId, i64), u64> = HashMap::new();
-        let mut add = |s: &TenantState| {
-            s.drain_usage(|m, window, q| {
-                *agg.entry((s.id.clone(), s.plan.meters.ids[m].clone(), window))
-                    .or_default() += q;
+        // A live tenant is in the table once: its records need no merging.
+        let mut records = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        self.shared.table.for_each(|s| {
+            s.drain_usage(|m, window_start, quantity| {
+                records.push(UsageRecord {
+                    tenant: s.id.clone(),
+                    meter: s.plan.meters.ids[m].clone(),
+                    window_start,
+                    quantity,
+                });
             });
-        };
-        self.shared.table.for_each(|s| add(s));
+        });
+        // Retired states may share a tenant with a live one (evicted, then seen again): merge.
         let mut dropped = Vec::new();
+        let mut retired_usage: HashMap<(TenantId, MeterId, i64), u64> = HashMap::new();
         {
             let mut retired = self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner());
             retired.retain(|s| {
                 // Checked before draining: with no other holder, nothing can record after.
                 let sole = Arc::strong_count(s) == 1;
-                add(s);
+                s.drain_usage(|m, window, q| {
+                    *retired_usage
+                        .entry((s.id.clone(), s.plan.meters.ids[m].clone(), window))
+                        .or_default() += q;
+                });
                 if sole {
                     dropped.push(s.clone());
                 }
                 !sole
             });
         }
-        let mut records: Vec<UsageRecord> = agg
-            .into_iter()
-            .map(|((tenant, meter, window_start), quantity)| UsageRecord {
-                tenant,
-                meter,
-                window_start,
-                quantity,
-            })
-            .collect();
-        records.sort_by(|a, b| (&a.tenant, &a.meter, a.window_start).cmp(&(&b.tenant, &b.meter, b.window_start)));
+        if !retired_usage.is_empty() {
+            for r in &mut records {
+                if let Some(q) = retired_usage.remove(&(r.tenant.clone(), r.meter.clone(), r.window_start)) {
+                    r.quantity += q;
+                }
+            }
+            records.extend(
+                retired_usage
+                    .into_iter()
+                    .map(|((tenant, meter, window_start), quantity)| UsageRecord {
+                        tenant,
+                        meter,
+                        window_start,
+                        quantity,
+                    }),
+            );
+        }
+        debug_assert!(records
+            .iter()
+            .all(|r| seen.insert((r.tenant.clone(), r.meter.clone(), r.window_start))));
         (records, dropped)
     }
 

@@ -8,7 +8,7 @@ use crate::{config::Identify, tenant::Credential, Identity};
 ///
 /// ```
 /// use tollgate::{config::Identify, Credential, TenantResolver};
-/// fn from_query<B>(req: &http::Request<B>, _: &Identify) -> Credential<'_> {
+/// fn from_query<'r, B>(req: &'r http::Request<B>, _: &Identify) -> Credential<'r> {
 ///     match req.uri().query().and_then(|q| q.strip_prefix("key=")) {
 ///         Some(key) => Credential::ApiKey(key.as_bytes()),
 ///         None => Credential::Missing,

@@ -14,15 +14,13 @@ use tollgate::{
 };
 use tower::{Layer, ServiceExt};
 
-type Handler =
-    fn(Request<Full<Bytes>>) -> Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
+type Handler = fn(Request<Full<Bytes>>) -> HandlerFuture;
 
 /// 2026-03-14T12:00:00Z
 pub const NOON: i64 = 1_773_489_600;
 
-fn handler(
-    req: Request<Full<Bytes>>,
-) -> Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>> {
+fn handler(req: Request<Full<Bytes>>) -> HandlerFuture {
     Box::pin(async move {
         let ctx = req.extensions().get::<TenantContext>().cloned();
         let path = req.uri().path().to_owned();
