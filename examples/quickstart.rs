@@ -13,7 +13,8 @@
 //! for i in $(seq 25); do curl -s -o /dev/null -w '%{http_code} ' localhost:3000/v1/items \
 //!     -H 'x-api-key: tg_test_free_acme'; sleep 0.5; done                          # 200s, then 429s
 //! ```
-//! Stop it with Ctrl-C: it flushes, exports closed windows and prints what it did.
+//! Edit the configuration and send SIGHUP (`kill -HUP <pid>`) to reload it without losing
+//! counters. Stop it with Ctrl-C: it flushes, exports closed windows and prints what it did.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -86,6 +87,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/v1/items", get(items))
         .route("/v1/generate", post(generate))
         .layer(layer);
+
+    // `kill -HUP <pid>` reloads the configuration: counters and recorded usage are kept.
+    #[cfg(unix)]
+    {
+        let tollgate = tollgate.clone();
+        let path = config_path.clone();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                match Config::from_path(&path) {
+                    Ok(config) => {
+                        tollgate.reload(config).await;
+                        println!("reloaded {}", path.display());
+                    }
+                    Err(e) => eprintln!("reload refused, the running configuration stays: {e}"),
+                }
+            }
+        });
+    }
 
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await?;

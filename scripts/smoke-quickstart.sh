@@ -44,6 +44,12 @@ check "problem type" "application/problem+json" \
   "$(curl -s -o /dev/null -w '%{content_type}' "$base/v1/items" "${free[@]}")"
 check "pro tenant" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
 
+# A reload keeps the counters: the free tenant's daily quota stays spent.
+kill -HUP $pid
+for _ in $(seq 50); do grep -q '^reloaded' "$work/out.log" && break; sleep 0.1; done
+check "reload" "reloaded" "$(grep -o '^reloaded' "$work/out.log" | head -1)"
+check "quota kept across reload" 429 "$(code "$base/v1/items" "${free[@]}")"
+
 kill -INT $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 check "graceful stop (21 request units + 120 tokens)" "stopped: flushed 141 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out.log" || true)"

@@ -4,7 +4,6 @@ mod builder;
 #[allow(clippy::module_inception)]
 mod engine;
 mod idempotency;
-mod inline_key;
 mod metrics;
 mod pipeline;
 mod table;

@@ -1,12 +1,17 @@
 //! The tenant table: credential -> tenant state, in one map lookup.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    hash::{BuildHasherDefault, Hasher},
+    sync::{Arc, Mutex},
+};
 
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
 
-use super::inline_key::InlineKey;
-use crate::{config::TenantId, tenant::TenantState};
+use crate::{
+    config::TenantId,
+    tenant::{Fingerprinter, TenantState, TAG_API_KEY, TAG_TENANT},
+};
 
 /// How a request names its tenant, as a key of the table.
 #[derive(Debug, Clone, Copy)]
@@ -19,11 +24,33 @@ pub(crate) enum Lookup<'a> {
 /// plan is configured. Identities with control characters are refused, so none can be this.
 pub(crate) const ANONYMOUS: &str = "\0anonymous";
 
-/// Maps keyed by the credential itself, hashed with a per-process random seed: a hit always
-/// confirms the full credential, so two credentials can never share a tenant's state.
+/// The digest is already a keyed hash: its low half is used as is.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
+
+/// Credentials map to tenant states by a 128-bit SipHash-1-3 digest keyed by secrets drawn at
+/// start-up (a PRF: nobody outside the process can make two credentials collide, and by
+/// chance they collide with probability about n²/2¹²⁹). Matching the whole digest stands for
+/// matching the whole credential, with 32-byte map entries that keep the table in cache.
 pub(crate) struct TenantTable {
-    api_keys: DashMap<InlineKey, Arc<TenantState>, RandomState>,
-    identities: DashMap<Box<str>, Arc<TenantState>, RandomState>,
+    digest: Fingerprinter,
+    credentials: DashMap<u128, Arc<TenantState>, BuildHasherDefault<PassThrough>>,
     tenants: DashMap<TenantId, Arc<TenantState>, RandomState>,
     /// States taken out of the maps (evicted, or replaced by a reload) that may still receive
     /// usage from requests in flight: drained at every flush until nobody else holds them.
@@ -35,20 +62,26 @@ impl TenantTable {
         let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 16).next_power_of_two();
         let cap = capacity_hint.min(1 << 16);
         Self {
-            api_keys: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
-            identities: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
+            digest: Fingerprinter::random(),
+            credentials: DashMap::with_capacity_and_hasher_and_shard_amount(cap, Default::default(), shards),
             tenants: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
             retired: Mutex::new(Vec::new()),
         }
     }
 
+    #[inline]
+    fn digest(&self, lookup: Lookup<'_>) -> u128 {
+        let f = match lookup {
+            Lookup::ApiKey(key) => self.digest.of(TAG_API_KEY, key),
+            Lookup::Identity(id) => self.digest.of(TAG_TENANT, id.as_bytes()),
+        };
+        (u128::from(f.hi) << 64) | u128::from(f.lo)
+    }
+
     /// The live state for a credential, if it is known.
     #[inline]
     pub(crate) fn get(&self, lookup: Lookup<'_>) -> Option<Arc<TenantState>> {
-        let state = match lookup {
-            Lookup::ApiKey(key) => self.api_keys.get(key)?.clone(),
-            Lookup::Identity(id) => self.identities.get(id)?.clone(),
-        };
+        let state = self.credentials.get(&self.digest(lookup))?.clone();
         (!state.is_evicted()).then_some(state)
     }
 
@@ -64,10 +97,7 @@ impl TenantTable {
             .entry(id.clone())
             .or_insert_with(|| Arc::new(make()))
             .clone();
-        match lookup {
-            Lookup::ApiKey(key) => self.api_keys.insert(key.into(), state.clone()),
-            Lookup::Identity(name) => self.identities.insert(name.into(), state.clone()),
-        };
+        self.credentials.insert(self.digest(lookup), state.clone());
         state
     }
 
@@ -99,8 +129,7 @@ impl TenantTable {
             }
         }
         if !out.is_empty() {
-            self.api_keys.retain(|_, s| !s.is_evicted());
-            self.identities.retain(|_, s| !s.is_evicted());
+            self.credentials.retain(|_, s| !s.is_evicted());
             self.retired
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -120,8 +149,7 @@ impl std::fmt::Debug for TenantTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TenantTable")
             .field("tenants", &self.tenants.len())
-            .field("api_keys", &self.api_keys.len())
-            .field("identities", &self.identities.len())
+            .field("credentials", &self.credentials.len())
             .finish()
     }
 }

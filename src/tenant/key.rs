@@ -98,7 +98,7 @@ impl Identity {
     }
 }
 
-/// A 128-bit keyed digest (of an idempotency key, with its tenant).
+/// A 128-bit keyed digest of a credential, or of an idempotency key with its tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Fingerprint {
     pub(crate) lo: u64,
@@ -106,13 +106,15 @@ pub(crate) struct Fingerprint {
 }
 
 /// Computes fingerprints with SipHash-1-3 keyed by secrets drawn at start-up, so nobody outside
-/// the process can craft colliding idempotency keys.
+/// the process can craft colliding inputs.
 #[derive(Clone)]
 pub(crate) struct Fingerprinter {
     k0: u64,
     k1: u64,
 }
 
+pub(crate) const TAG_API_KEY: u8 = 1;
+pub(crate) const TAG_TENANT: u8 = 2;
 pub(crate) const TAG_IDEMPOTENCY: u8 = 3;
 
 impl Fingerprinter {

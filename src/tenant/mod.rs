@@ -3,6 +3,6 @@
 mod key;
 mod state;
 
-pub(crate) use key::{check_api_key, Fingerprinter, TAG_IDEMPOTENCY};
+pub(crate) use key::{check_api_key, Fingerprinter, TAG_API_KEY, TAG_IDEMPOTENCY, TAG_TENANT};
 pub use key::{Credential, Identity, KeyHash};
 pub(crate) use state::{QuotaRef, Take, TenantState};

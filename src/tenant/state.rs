@@ -20,19 +20,22 @@ pub(crate) type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInfor
 /// Aligned to a cache line, so that the `Arc` counts (written by every request) do not share
 /// a line with the fields every request reads. Quota and usage cells are inline (for up to two
 /// quotas and two meters), so a request touches a few adjacent lines of one allocation.
-#[repr(align(64))]
+///
+/// `repr(C)`: the fields every request reads or writes come first, packed into as few lines as
+/// possible; the cold ones come last.
+#[repr(C, align(64))]
 pub(crate) struct TenantState {
-    pub(crate) id: TenantId,
+    evicted: AtomicBool,
+    last_seen: AtomicI64,
     pub(crate) plan: Arc<CompiledPlan>,
-    pub(crate) customer: Option<Arc<str>>,
-    pub(crate) clock: Clock,
     pub(crate) window_secs: i64,
     pub(crate) limiter: Option<Limiter>,
     /// (meter index, cell), one per quota of the plan, in the plan's order.
     quotas: SmallVec<[(u16, QuotaCell); 2]>,
     usage: SmallVec<[UsageCell; 2]>,
-    last_seen: AtomicI64,
-    evicted: AtomicBool,
+    pub(crate) id: TenantId,
+    pub(crate) customer: Option<Arc<str>>,
+    pub(crate) clock: Clock,
 }
 
 impl std::fmt::Debug for TenantState {
