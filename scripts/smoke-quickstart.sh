@@ -8,15 +8,22 @@ cargo build --locked --example quickstart
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 PORT=$port TOLLGATE_USAGE_FILE="$work/usage.jsonl" RUST_LOG=warn \
-  target/debug/examples/quickstart >"$work/out.log" 2>&1 &
+  "${CARGO_TARGET_DIR:-target}/debug/examples/quickstart" >"$work/out.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 
 base="http://127.0.0.1:$port"
+ready=no
 for _ in $(seq 100); do
-  curl -s -o /dev/null "$base/" && break
+  if curl -s -o /dev/null "$base/"; then ready=yes; break; fi
+  kill -0 $pid 2>/dev/null || break
   sleep 0.1
 done
+if [ "$ready" != yes ]; then
+  echo "the quickstart did not start:"; cat "$work/out.log"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
 
 passed=0
 failed=0
