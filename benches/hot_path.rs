@@ -1,6 +1,7 @@
 //! The request path side by side, in one criterion run: a bare tower service; the same
 //! service behind tollgate (admit + record, memory store, warm state), with and without
-//! rate-limit headers; and behind tower_governor keyed on the same `x-api-key` header.
+//! rate-limit headers (and, to price it, without the `TenantContext` extension); and behind
+//! tower_governor keyed on the same `x-api-key` header, with and without its headers.
 //! With 1, 10,000 and 1,000,000 tenants, on one thread and on two.
 //!
 //! Run with: `cargo bench --bench hot_path` (about 10 minutes; `-- one_thread` for half).
@@ -112,7 +113,12 @@ where
     start.elapsed() / threads as u32
 }
 
-fn tollgate_service(tenants: usize, headers: &str, rt: &tokio::runtime::Runtime) -> tollgate::TollgateService<Bare> {
+fn tollgate_service(
+    tenants: usize,
+    headers: &str,
+    context: bool,
+    rt: &tokio::runtime::Runtime,
+) -> tollgate::TollgateService<Bare> {
     let config = Config::from_toml_str(&format!(
         r#"
         [limits]
@@ -128,20 +134,13 @@ fn tollgate_service(tenants: usize, headers: &str, rt: &tokio::runtime::Runtime)
     let store = Arc::new(MemoryStore::new());
     rt.block_on(async {
         for i in 0..tenants {
-            let record = TenantRecord {
-                id: format!("t{i}").into(),
-                plan: "bench".into(),
-                customer: None,
-            };
-            store
-                .put_tenant(&record, &[KeyHash::of(key(i).as_bytes())])
-                .await
-                .unwrap();
+            let record = TenantRecord { id: format!("t{i}").into(), plan: "bench".into(), customer: None };
+            store.put_tenant(&record, &[KeyHash::of(key(i).as_bytes())]).await.unwrap();
         }
     });
     let (layer, worker) = Tollgate::builder(config).store_arc(store).build();
     rt.spawn(worker.run());
-    let mut svc = layer.layer(bare());
+    let mut svc = layer.tenant_context(context).layer(bare());
     // Warm: every tenant known, every lease reserved.
     rt.block_on(async {
         for i in 0..tenants {
@@ -163,18 +162,11 @@ fn bench(c: &mut Criterion) {
         None if quick => &[1, 1_000],
         None => &[1, 10_000, 1_000_000],
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     for &threads in &[1usize, 2] {
         let mut group = c.benchmark_group(if threads == 1 { "one_thread" } else { "two_threads" });
         group.throughput(Throughput::Elements(1));
-        group
-            .measurement_time(Duration::from_secs(4))
-            .warm_up_time(Duration::from_secs(1))
-            .sample_size(30);
+        group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(30);
         for &n in counts {
             let keys = Arc::new((0..n).map(key).collect::<Vec<_>>());
 
@@ -192,18 +184,14 @@ fn bench(c: &mut Criterion) {
             bench_governor(&mut group, "tower_governor", plain, &keys, threads, n, &rt);
             let with_headers =
                 GovernorLayer::new(config().key_extractor(ApiKeyHeader).use_headers().finish().unwrap()).layer(bare());
-            bench_governor(
-                &mut group,
-                "tower_governor_headers",
-                with_headers,
-                &keys,
-                threads,
-                n,
-                &rt,
-            );
+            bench_governor(&mut group, "tower_governor_headers", with_headers, &keys, threads, n, &rt);
 
-            for (name, style) in [("tollgate", "draft"), ("tollgate_no_headers", "none")] {
-                let svc = tollgate_service(n, style, &rt);
+            for (name, style, context) in [
+                ("tollgate", "draft", true),
+                ("tollgate_no_headers", "none", true),
+                ("tollgate_no_headers_no_context", "none", false),
+            ] {
+                let svc = tollgate_service(n, style, context, &rt);
                 group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                     b.iter_custom(|iters| run(&svc, &keys, threads, iters, rt.handle()))
                 });

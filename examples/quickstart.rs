@@ -52,9 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("tollgate quickstart");
     println!("  config:  {}", config_path.display());
     for plan in config.plans().values() {
-        let rate = plan
-            .rate()
-            .map_or("unlimited".to_owned(), |r| format!("{r}, burst {}", plan.burst()));
+        let rate = plan.rate().map_or("unlimited".to_owned(), |r| format!("{r}, burst {}", plan.burst()));
         let quotas: Vec<String> = plan
             .quotas()
             .iter()
@@ -63,22 +61,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("  plan {:<8} rate {rate}; quotas: {}", plan.id(), quotas.join(", "));
     }
     for tenant in config.tenants() {
-        println!(
-            "  tenant {:<8} plan {:<6} ({} key)",
-            tenant.id(),
-            tenant.plan(),
-            tenant.key_hashes().len()
-        );
+        println!("  tenant {:<8} plan {:<6} ({} key)", tenant.id(), tenant.plan(), tenant.key_hashes().len());
     }
-    println!(
-        "  store:   embedded, in memory (usage flushed every {:?})",
-        config.usage().flush_interval
-    );
+    println!("  store:   embedded, in memory (usage flushed every {:?})", config.usage().flush_interval);
     println!("  billing: closed windows written to {}", usage_file.display());
 
-    let (layer, worker) = Tollgate::builder(config)
-        .billing_sink(JsonlSink::new(&usage_file))
-        .build();
+    let (layer, worker) = Tollgate::builder(config).billing_sink(JsonlSink::new(&usage_file)).build();
     let tollgate = layer.handle().clone();
     let worker = tokio::spawn(worker.run());
 

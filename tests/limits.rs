@@ -119,24 +119,12 @@ async fn failed_requests_give_their_units_back() {
         h.clock.advance(Duration::from_secs(1));
     }
     for _ in 0..5 {
-        assert_eq!(
-            h.status("/missing", "key-acme").await,
-            404,
-            "4xx is billable by default"
-        );
+        assert_eq!(h.status("/missing", "key-acme").await, 404, "4xx is billable by default");
         h.clock.advance(Duration::from_secs(1));
     }
     assert_eq!(h.status("/", "key-acme").await, 429);
     h.tollgate.flush().await.unwrap();
-    let total = common::committed(
-        &**h.tollgate.store(),
-        "acme",
-        "requests",
-        NOON - 7200,
-        NOON + 7200,
-        3600,
-    )
-    .await;
+    let total = common::committed(&**h.tollgate.store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(total, 5);
 }
 
@@ -157,40 +145,13 @@ async fn an_idempotent_replay_is_neither_charged_nor_recorded_twice() {
     // A replay of a known key is still not charged, even with the quota spent.
     assert_eq!(h.send(post("a")).await.status, 200);
     h.tollgate.flush().await.unwrap();
-    let total = common::committed(
-        &**h.tollgate.store(),
-        "acme",
-        "requests",
-        NOON - 7200,
-        NOON + 7200,
-        3600,
-    )
-    .await;
+    let total = common::committed(&**h.tollgate.store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(total, 5);
     // A failed request releases its key: its retry is charged.
-    assert_eq!(
-        h.send(req("GET", "/fail", Some("key-soft"), Some("retry-me")))
-            .await
-            .status,
-        500
-    );
-    assert_eq!(
-        h.send(req("GET", "/", Some("key-soft"), Some("retry-me"))).await.status,
-        200
-    );
+    assert_eq!(h.send(req("GET", "/fail", Some("key-soft"), Some("retry-me"))).await.status, 500);
+    assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("retry-me"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
-    assert_eq!(
-        common::committed(
-            &**h.tollgate.store(),
-            "softco",
-            "requests",
-            NOON - 7200,
-            NOON + 7200,
-            3600
-        )
-        .await,
-        1
-    );
+    assert_eq!(common::committed(&**h.tollgate.store(), "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
 }
 
 #[tokio::test]
@@ -200,14 +161,8 @@ async fn the_same_idempotency_key_of_another_tenant_is_charged() {
     assert_eq!(h.send(req("GET", "/", Some("key-big"), Some("k"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
     let store = h.tollgate.store().clone();
-    assert_eq!(
-        common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await,
-        1
-    );
-    assert_eq!(
-        common::committed(&*store, "bigco", "requests", NOON - 7200, NOON + 7200, 3600).await,
-        1
-    );
+    assert_eq!(common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
+    assert_eq!(common::committed(&*store, "bigco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -246,10 +201,7 @@ async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
     // 1,600 requests for 500 units: never more, and every unit leased is eventually used
     // (a node gets the other's leftovers once that one is empty too, or keeps its own).
     assert!(admitted <= 500, "admitted {admitted}");
-    assert!(
-        admitted >= 500 - 2 * 7,
-        "admitted {admitted}: at most one lease per node may be stranded"
-    );
+    assert!(admitted >= 500 - 2 * 7, "admitted {admitted}: at most one lease per node may be stranded");
     for n in &nodes {
         n.tollgate.flush().await.unwrap();
     }

@@ -30,11 +30,7 @@ fn name(key: &Key) -> String {
 
 impl Recording {
     fn get(&self, key: &str) -> u64 {
-        self.counters
-            .lock()
-            .unwrap()
-            .get(key)
-            .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+        self.counters.lock().unwrap().get(key).map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -69,27 +65,19 @@ async fn counters_follow_admissions_rejections_usage_and_flushes() {
     let recorder = Recording::default();
     let (clock, _handle) = Clock::fake_at_unix(NOON);
     let (layer, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
-    let svc = layer.layer(tower::service_fn(
-        |_r: http::Request<http_body_util::Full<bytes::Bytes>>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
-        },
-    ));
+    let svc = layer.layer(tower::service_fn(|_r: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+    }));
     for _ in 0..3 {
         svc.clone().oneshot(req("GET", "/", Some("key-t"), None)).await.unwrap();
     }
     svc.clone().oneshot(req("GET", "/", None, None)).await.unwrap();
-    svc.clone()
-        .oneshot(req("GET", "/", Some("key-t"), Some("once")))
-        .await
-        .unwrap();
+    svc.clone().oneshot(req("GET", "/", Some("key-t"), Some("once"))).await.unwrap();
     layer.handle().flush().await.unwrap();
 
     assert_eq!(recorder.get("tollgate_requests_admitted_total"), 2);
     assert_eq!(recorder.get("tollgate_requests_rejected_total{reason=rate_limited}"), 2);
-    assert_eq!(
-        recorder.get("tollgate_requests_rejected_total{reason=missing_credentials}"),
-        1
-    );
+    assert_eq!(recorder.get("tollgate_requests_rejected_total{reason=missing_credentials}"), 1);
     assert_eq!(recorder.get("tollgate_usage_recorded_units_total"), 2);
     assert_eq!(recorder.get("tollgate_flushes_total"), 1);
     assert_eq!(recorder.get("tollgate_usage_flushed_units_total"), 2);

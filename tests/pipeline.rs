@@ -96,20 +96,13 @@ async fn the_tenant_cap_holds_and_evicted_usage_is_kept() {
 async fn idle_tenants_are_evicted_and_their_lease_returned() {
     let h = Harness::new(&tenants_config(1, "[limits]\nidle_timeout = \"10m\""));
     assert_eq!(h.status("/", "key-0").await, 200);
-    let key = tollgate::store::QuotaKey {
-        tenant: "t0".into(),
-        meter: "requests".into(),
-        period_start: NOON - 12 * 3600,
-    };
+    let key =
+        tollgate::store::QuotaKey { tenant: "t0".into(), meter: "requests".into(), period_start: NOON - 12 * 3600 };
     // A lease is a sixteenth of the limit, at most 10,000 units.
     assert_eq!(h.tollgate.store().reserved(&key).await.unwrap(), 10_000);
     h.clock.advance(Duration::from_secs(601));
     assert_eq!(h.tollgate.sweep().await, 1);
-    assert_eq!(
-        h.tollgate.store().reserved(&key).await.unwrap(),
-        1,
-        "the unused units went back"
-    );
+    assert_eq!(h.tollgate.store().reserved(&key).await.unwrap(), 1, "the unused units went back");
     assert_eq!(h.tollgate.stats().tracked_tenants, 0);
 }
 
@@ -128,44 +121,24 @@ async fn a_reload_keeps_counters_and_applies_new_plans() {
         assert_eq!(h.status("/", "key-t").await, 200);
     }
     let r = h.get("/", "key-t").await;
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some("\"rate\";q=10;w=1, \"requests-day\";q=5;w=86400")
-    );
+    assert_eq!(r.header("ratelimit-policy"), Some("\"rate\";q=10;w=1, \"requests-day\";q=5;w=86400"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, v1.replace("10/s", "20/s")).unwrap();
     h.tollgate.reload(Config::from_path(&path).unwrap()).await;
     let r = h.get("/", "key-t").await;
     assert_eq!(r.status, 200, "the fifth unit");
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some("\"rate\";q=20;w=1, \"requests-day\";q=5;w=86400")
-    );
-    assert_eq!(
-        h.status("/", "key-t").await,
-        429,
-        "4 before the reload + 1 after = the limit of 5"
-    );
+    assert_eq!(r.header("ratelimit-policy"), Some("\"rate\";q=20;w=1, \"requests-day\";q=5;w=86400"));
+    assert_eq!(h.status("/", "key-t").await, 429, "4 before the reload + 1 after = the limit of 5");
     h.tollgate.flush().await.unwrap();
-    assert_eq!(
-        common::committed(&**h.tollgate.store(), "t", "requests", NOON - 3600, NOON + 3600, 3600).await,
-        5
-    );
+    assert_eq!(common::committed(&**h.tollgate.store(), "t", "requests", NOON - 3600, NOON + 3600, 3600).await, 5);
     // A bad file changes nothing and says where it is wrong.
     std::fs::write(&path, "[plans.p]\nrate = \"fast\"\n").unwrap();
     let err = Config::from_path(&path).unwrap_err();
     assert_eq!(err.file(), Some(path.as_path()));
-    assert_eq!(
-        (err.line(), err.column(), err.key()),
-        (Some(2), Some(8), "plans.p.rate")
-    );
+    assert_eq!((err.line(), err.column(), err.key()), (Some(2), Some(8), "plans.p.rate"));
     assert_eq!(err.kind(), ConfigErrorKind::InvalidValue);
-    assert!(
-        err.to_string()
-            .starts_with(&format!("{}:2:8: `plans.p.rate`: ", path.display())),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with(&format!("{}:2:8: `plans.p.rate`: ", path.display())), "{err}");
 }
 
 /// A sink that records events and fails on demand, as a network would.
@@ -187,9 +160,7 @@ impl BillingSink for Recording {
         self.events.lock().unwrap().push(event.clone());
         if event.meter.as_str() == "tokens" && self.lose_acks.load(Ordering::SeqCst) > 0 {
             self.lose_acks.fetch_sub(1, Ordering::SeqCst);
-            return Err(SinkError::Retryable(
-                "connection reset after the request was sent".into(),
-            ));
+            return Err(SinkError::Retryable("connection reset after the request was sent".into()));
         }
         Ok(())
     }
@@ -234,10 +205,7 @@ keys = ["key-bad"]
 
 #[tokio::test]
 async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {
-    let sink = Arc::new(Recording {
-        refuse: Some("bad"),
-        ..Default::default()
-    });
+    let sink = Arc::new(Recording { refuse: Some("bad"), ..Default::default() });
     let (h, exporter) = engine_with_sink(EXPORT, sink.clone());
     for _ in 0..3 {
         h.get("/tokens/10", "key-acme").await;
@@ -258,14 +226,8 @@ async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {
     assert_eq!((requests.value, tokens.value), (3, 30));
     assert_eq!(tokens.event_name, "llm_tokens");
     assert_eq!(tokens.customer.as_deref(), Some("cus_123"));
-    assert_eq!(
-        (tokens.window_start, tokens.window_end, tokens.timestamp),
-        (NOON, NOON + 3600, NOON + 3599)
-    );
-    assert_eq!(
-        tokens.identifier,
-        tollgate::billing::identifier(&"acme".into(), &"tokens".into(), NOON, 0)
-    );
+    assert_eq!((tokens.window_start, tokens.window_end, tokens.timestamp), (NOON, NOON + 3600, NOON + 3599));
+    assert_eq!(tokens.identifier, tollgate::billing::identifier(&"acme".into(), &"tokens".into(), NOON, 0));
     // Exported once: a second export sends nothing.
     assert_eq!(exporter.export().await.unwrap().events, 0);
     assert_eq!(exporter.stats().dead_letters, 1);
@@ -289,10 +251,7 @@ async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {
 
 #[tokio::test]
 async fn a_lost_acknowledgement_resends_the_same_event() {
-    let sink = Arc::new(Recording {
-        lose_acks: AtomicUsize::new(1),
-        ..Default::default()
-    });
+    let sink = Arc::new(Recording { lose_acks: AtomicUsize::new(1), ..Default::default() });
     let (h, exporter) = engine_with_sink(EXPORT, sink.clone());
     h.get("/tokens/10", "key-acme").await;
     h.tollgate.flush().await.unwrap();
@@ -320,11 +279,7 @@ async fn a_lost_acknowledgement_resends_the_same_event() {
     assert_eq!(tokens[0], tokens[1]);
     assert_eq!((tokens[0].value, tokens[2].value, tokens[2].revision), (10, 5, 1));
     let distinct: std::collections::HashSet<_> = tokens.iter().map(|e| (&e.identifier, e.value)).collect();
-    assert_eq!(
-        distinct.iter().map(|(_, v)| v).sum::<u64>(),
-        15,
-        "after de-duplication: everything, once"
-    );
+    assert_eq!(distinct.iter().map(|(_, v)| v).sum::<u64>(), 15, "after de-duplication: everything, once");
 }
 
 #[tokio::test]
@@ -333,10 +288,7 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
     let path = dir.path().join("usage.jsonl");
     let (clock, fake) = Clock::fake_at_unix(NOON);
     let config = Config::from_toml_str(EXPORT).unwrap();
-    let (layer, worker) = Tollgate::builder(config)
-        .clock(clock)
-        .billing_sink(JsonlSink::new(&path))
-        .build();
+    let (layer, worker) = Tollgate::builder(config).clock(clock).billing_sink(JsonlSink::new(&path)).build();
     let tollgate = layer.handle().clone();
     let running = tokio::spawn(worker.run());
     let svc = tower::Layer::layer(
@@ -346,9 +298,7 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
         }),
     );
     for _ in 0..4 {
-        let r = tower::ServiceExt::oneshot(svc.clone(), req("GET", "/", Some("key-acme"), None))
-            .await
-            .unwrap();
+        let r = tower::ServiceExt::oneshot(svc.clone(), req("GET", "/", Some("key-acme"), None)).await.unwrap();
         assert_eq!(r.status(), 200);
     }
     fake.advance(Duration::from_secs(3 * 3600));

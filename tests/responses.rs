@@ -55,15 +55,9 @@ async fn admitted_responses_carry_draft_10_fields() {
     let r = h.get("/", "key-acme").await;
     assert_eq!(r.status, 200);
     assert_eq!(&r.body[..], b"acme on free");
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some("\"rate\";q=10;w=1, \"requests-day\";q=3;w=86400")
-    );
+    assert_eq!(r.header("ratelimit-policy"), Some("\"rate\";q=10;w=1, \"requests-day\";q=3;w=86400"));
     // 3 of 4 cells left, refilled in 100 ms (rounded up to 1 s); 2 of 3 units, 12 h to midnight.
-    assert_eq!(
-        r.header("ratelimit"),
-        Some("\"rate\";r=3;t=1, \"requests-day\";r=2;t=43200")
-    );
+    assert_eq!(r.header("ratelimit"), Some("\"rate\";r=3;t=1, \"requests-day\";r=2;t=43200"));
     assert_eq!(r.header("retry-after"), None);
     assert!(r.rejection.is_none());
 }
@@ -78,29 +72,17 @@ async fn a_quota_rejection_is_a_complete_problem() {
     assert_eq!(r.status, 429);
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     assert_eq!(r.header("retry-after"), Some("43200"));
-    assert_eq!(
-        r.header("ratelimit-policy"),
-        Some("\"rate\";q=10;w=1, \"requests-day\";q=3;w=86400")
-    );
-    assert_eq!(
-        r.header("ratelimit"),
-        Some("\"rate\";r=0;t=1, \"requests-day\";r=0;t=43200")
-    );
+    assert_eq!(r.header("ratelimit-policy"), Some("\"rate\";q=10;w=1, \"requests-day\";q=3;w=86400"));
+    assert_eq!(r.header("ratelimit"), Some("\"rate\";r=0;t=1, \"requests-day\";r=0;t=43200"));
     let body = r.json();
-    assert_eq!(
-        problem_fields(&body),
-        ["detail", "policy", "retry_after", "status", "title", "type"]
-    );
+    assert_eq!(problem_fields(&body), ["detail", "policy", "retry_after", "status", "title", "type"]);
     assert_eq!(
         body["type"],
         "https://docs.rs/tollgate/latest/tollgate/response/enum.RejectionKind.html#variant.QuotaExceeded"
     );
     assert_eq!(body["title"], "Quota exceeded");
     assert_eq!(body["status"], 429);
-    assert_eq!(
-        body["detail"],
-        "the day quota of 3 requests on plan `free` is spent until the period ends"
-    );
+    assert_eq!(body["detail"], "the day quota of 3 requests on plan `free` is spent until the period ends");
     assert_eq!(body["policy"], "requests-day");
     assert_eq!(body["retry_after"], 43200);
     let rejection = r.rejection.expect("the rejection is in the response extensions");
@@ -119,10 +101,7 @@ async fn a_rate_rejection_is_a_complete_problem() {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.header("ratelimit"), Some("\"rate\";r=0;t=1"));
     let body = r.json();
-    assert_eq!(
-        problem_fields(&body),
-        ["detail", "policy", "retry_after", "status", "title", "type"]
-    );
+    assert_eq!(problem_fields(&body), ["detail", "policy", "retry_after", "status", "title", "type"]);
     assert_eq!(body["title"], "Rate limit exceeded");
     assert_eq!(body["policy"], "rate");
     assert_eq!(body["retry_after"], 1);
@@ -167,11 +146,7 @@ async fn missing_unknown_and_malformed_keys_get_4xx_and_create_no_state() {
     assert_eq!(bad_idem.status, 400);
     assert_eq!(bad_idem.json()["title"], "Malformed Idempotency-Key");
 
-    assert_eq!(
-        h.tollgate.stats().tracked_tenants,
-        0,
-        "no request above created tenant state"
-    );
+    assert_eq!(h.tollgate.stats().tracked_tenants, 0, "no request above created tenant state");
 }
 
 #[tokio::test]
@@ -186,32 +161,20 @@ async fn legacy_and_no_headers() {
 
     let none = Harness::new(&format!("[limits]\nheaders = \"none\"\n{CONFIG}"));
     let r = none.get("/", "key-acme").await;
-    assert!(
-        r.headers.keys().all(|k| !k.as_str().contains("ratelimit")),
-        "{:?}",
-        r.headers
-    );
+    assert!(r.headers.keys().all(|k| !k.as_str().contains("ratelimit")), "{:?}", r.headers);
     for _ in 0..2 {
         none.get("/", "key-acme").await;
     }
     let r = none.get("/", "key-acme").await;
     assert_eq!(r.status, 429);
-    assert_eq!(
-        r.header("retry-after"),
-        Some("43200"),
-        "Retry-After is always sent on 429"
-    );
+    assert_eq!(r.header("retry-after"), Some("43200"), "Retry-After is always sent on 429");
 }
 
 #[tokio::test]
 async fn a_handler_records_tokens_that_count_against_the_quota() {
     let h = Harness::new(CONFIG);
     assert_eq!(h.status("/tokens/600", "key-tok").await, 200);
-    assert_eq!(
-        h.status("/tokens/500", "key-tok").await,
-        200,
-        "usage that happened is never refused"
-    );
+    assert_eq!(h.status("/tokens/500", "key-tok").await, 200, "usage that happened is never refused");
     // 1,100 of 1,000 tokens are spent: requests charged to the tokens meter are refused now,
     // requests on the requests meter (no quota on this plan) still pass.
     let r = h.get("/generate", "key-tok").await;
@@ -220,14 +183,8 @@ async fn a_handler_records_tokens_that_count_against_the_quota() {
     assert_eq!(h.status("/", "key-tok").await, 200);
     h.tollgate.flush().await.unwrap();
     let store = h.tollgate.store().clone();
-    assert_eq!(
-        common::committed(&*store, "tokco", "tokens", NOON - 7200, NOON + 7200, 3600).await,
-        1100
-    );
-    assert_eq!(
-        common::committed(&*store, "tokco", "requests", NOON - 7200, NOON + 7200, 3600).await,
-        3
-    );
+    assert_eq!(common::committed(&*store, "tokco", "tokens", NOON - 7200, NOON + 7200, 3600).await, 1100);
+    assert_eq!(common::committed(&*store, "tokco", "requests", NOON - 7200, NOON + 7200, 3600).await, 3);
 }
 
 #[tokio::test]
@@ -352,14 +309,7 @@ async fn store_errors_follow_the_plan_policy_and_lose_no_usage() {
     let h = Harness::with_store(config, store.clone(), NOON);
     store
         .inner
-        .put_tenant(
-            &TenantRecord {
-                id: "c".into(),
-                plan: "closed".into(),
-                customer: None,
-            },
-            &[KeyHash::of(b"key-c")],
-        )
+        .put_tenant(&TenantRecord { id: "c".into(), plan: "closed".into(), customer: None }, &[KeyHash::of(b"key-c")])
         .await
         .unwrap();
     assert_eq!(h.status("/", "key-a").await, 200);
@@ -378,14 +328,8 @@ async fn store_errors_follow_the_plan_policy_and_lose_no_usage() {
     assert!(h.tollgate.flush().await.is_err());
     store.down.store(false, Ordering::SeqCst);
     h.tollgate.flush().await.unwrap();
-    assert_eq!(
-        common::committed(&*store, "a", "requests", NOON - 7200, NOON + 7200, 3600).await,
-        2
-    );
-    assert_eq!(
-        common::committed(&*store, "b", "requests", NOON - 7200, NOON + 7200, 3600).await,
-        1
-    );
+    assert_eq!(common::committed(&*store, "a", "requests", NOON - 7200, NOON + 7200, 3600).await, 2);
+    assert_eq!(common::committed(&*store, "b", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
     assert_eq!(h.status("/", "key-c").await, 200, "found in the store once it is back");
 }
 
@@ -396,4 +340,27 @@ fn the_service_and_its_future_are_send() {
     assert_send(&h.svc);
     let fut = tower::ServiceExt::oneshot(h.svc.clone(), req("GET", "/", Some("key-acme"), None));
     assert_send(&fut);
+}
+
+#[tokio::test]
+async fn without_the_tenant_context_usage_is_still_recorded() {
+    use tower::{Layer, ServiceExt};
+    let (clock, _fake) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(CONFIG).unwrap();
+    let (layer, _worker) = tollgate::Tollgate::builder(config).clock(clock).build();
+    let tollgate = layer.handle().clone();
+    let svc = layer.tenant_context(false).layer(tower::service_fn(
+        |r: http::Request<http_body_util::Full<bytes::Bytes>>| async move {
+            let has_context = r.extensions().get::<tollgate::TenantContext>().is_some();
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                has_context.to_string(),
+            ))))
+        },
+    ));
+    let response = svc.oneshot(req("GET", "/", Some("key-acme"), None)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"false");
+    tollgate.flush().await.unwrap();
+    assert_eq!(common::committed(&**tollgate.store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
 }

@@ -22,10 +22,7 @@ pub struct JsonlSink {
 impl JsonlSink {
     /// A sink appending to `path` (created if missing).
     pub fn new(path: impl AsRef<Path>) -> Self {
-        Self {
-            path: path.as_ref().to_owned(),
-            lock: tokio::sync::Mutex::new(()),
-        }
+        Self { path: path.as_ref().to_owned(), lock: tokio::sync::Mutex::new(()) }
     }
 
     /// The file written.
@@ -46,9 +43,7 @@ impl BillingSink for JsonlSink {
             .open(&self.path)
             .await
             .map_err(|e| SinkError::Retryable(Box::new(e)))?;
-        file.write_all(&line)
-            .await
-            .map_err(|e| SinkError::Retryable(Box::new(e)))?;
+        file.write_all(&line).await.map_err(|e| SinkError::Retryable(Box::new(e)))?;
         file.flush().await.map_err(|e| SinkError::Retryable(Box::new(e)))?;
         Ok(())
     }

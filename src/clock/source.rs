@@ -34,11 +34,7 @@ pub struct Clock {
 }
 
 enum Inner {
-    System {
-        quanta: quanta::Clock,
-        start: quanta::Instant,
-        offset: AtomicI64,
-    },
+    System { quanta: quanta::Clock, start: quanta::Instant, offset: AtomicI64 },
     Fake(FakeClock),
 }
 
@@ -47,13 +43,7 @@ impl Clock {
     pub fn system() -> Self {
         let quanta = quanta::Clock::new();
         let start = quanta.now();
-        let clock = Self {
-            inner: Arc::new(Inner::System {
-                quanta,
-                start,
-                offset: AtomicI64::new(0),
-            }),
-        };
+        let clock = Self { inner: Arc::new(Inner::System { quanta, start, offset: AtomicI64::new(0) }) };
         clock.resync();
         clock
     }
@@ -78,15 +68,8 @@ impl Clock {
 
     /// A fake clock starting at `unix_secs`, and the handle that moves it.
     pub fn fake_at_unix(unix_secs: i64) -> (Self, FakeClock) {
-        let handle = FakeClock {
-            nanos: Arc::new(AtomicI64::new(unix_secs.saturating_mul(1_000_000_000))),
-        };
-        (
-            Self {
-                inner: Arc::new(Inner::Fake(handle.clone())),
-            },
-            handle,
-        )
+        let handle = FakeClock { nanos: Arc::new(AtomicI64::new(unix_secs.saturating_mul(1_000_000_000))) };
+        (Self { inner: Arc::new(Inner::Fake(handle.clone())) }, handle)
     }
 
     /// Wall-clock time in nanoseconds since the Unix epoch.
@@ -123,10 +106,7 @@ impl fmt::Debug for Clock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &*self.inner {
             Inner::System { .. } => f.write_str("Clock::System"),
-            Inner::Fake(c) => f
-                .debug_tuple("Clock::Fake")
-                .field(&c.nanos.load(Ordering::Relaxed))
-                .finish(),
+            Inner::Fake(c) => f.debug_tuple("Clock::Fake").field(&c.nanos.load(Ordering::Relaxed)).finish(),
         }
     }
 }
@@ -177,8 +157,6 @@ impl FakeClock {
 
 impl fmt::Debug for FakeClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("FakeClock")
-            .field(&self.nanos.load(Ordering::Relaxed))
-            .finish()
+        f.debug_tuple("FakeClock").field(&self.nanos.load(Ordering::Relaxed)).finish()
     }
 }

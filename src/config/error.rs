@@ -39,13 +39,7 @@ pub enum ConfigErrorKind {
 
 impl ConfigError {
     pub(crate) fn new(kind: ConfigErrorKind, key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            file: None,
-            position: None,
-            key: key.into(),
-            message: message.into(),
-            kind,
-        }
+        Self { file: None, position: None, key: key.into(), message: message.into(), kind }
     }
 
     pub(crate) fn at(mut self, position: Option<(usize, usize)>) -> Self {

@@ -78,10 +78,7 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
             return Err(ConfigError::new(Kind::Syntax, "", e.message().trim().to_owned()).at(pos));
         }
     };
-    let loc = Located {
-        text,
-        root: Some(DeValue::Table(root.get_ref().clone())),
-    };
+    let loc = Located { text, root: Some(DeValue::Table(root.get_ref().clone())) };
     let raw: RawConfig = {
         let de = toml::Deserializer::from(root);
         serde_path_to_error::deserialize(de).map_err(|e| serde_error(&loc, e))?
@@ -152,11 +149,7 @@ impl Validator<'_, '_> {
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         // Meters: `requests` always exists.
-        let mut meters = vec![MeterSpec {
-            id: "requests".into(),
-            event_name: "requests".into(),
-            description: None,
-        }];
+        let mut meters = vec![MeterSpec { id: "requests".into(), event_name: "requests".into(), description: None }];
         for (name, m) in &raw.meters {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
@@ -187,10 +180,7 @@ impl Validator<'_, '_> {
             }
         };
 
-        let default_meter = meter_ref(
-            "usage.default_meter",
-            raw.usage.default_meter.as_deref().unwrap_or("requests"),
-        )?;
+        let default_meter = meter_ref("usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
 
         // Plans.
         let mut plans = BTreeMap::new();
@@ -227,10 +217,7 @@ impl Validator<'_, '_> {
             }
             _ => return Err(self.invalid("identify.source", "expected \"api-key\" or \"extension\"")),
         };
-        let on_unknown = match (
-            raw.identify.unknown.as_deref().unwrap_or("reject"),
-            &raw.identify.anonymous_plan,
-        ) {
+        let on_unknown = match (raw.identify.unknown.as_deref().unwrap_or("reject"), &raw.identify.anonymous_plan) {
             ("reject", None) => OnUnknown::Reject,
             ("reject", Some(_)) => {
                 return Err(self.invalid("identify.anonymous_plan", "only used with unknown = \"anonymous\""))
@@ -286,10 +273,9 @@ impl Validator<'_, '_> {
                     match (parse(from), parse(to)) {
                         (Some(a), Some(b)) if a <= b => billable.insert_range(a, b),
                         _ => {
-                            return Err(self.invalid(
-                                &path,
-                                "expected a status such as \"200\" or a range such as \"200-499\"",
-                            ))
+                            return Err(
+                                self.invalid(&path, "expected a status such as \"200\" or a range such as \"200-499\"")
+                            )
                         }
                     }
                 }
@@ -354,11 +340,7 @@ impl Validator<'_, '_> {
                 return Err(self.loc.error(
                     Kind::Conflict,
                     &format!("{base}.path"),
-                    format!(
-                        "another route already matches {} {}",
-                        method.as_ref().map_or("*", |m| m.as_str()),
-                        r.path
-                    ),
+                    format!("another route already matches {} {}", method.as_ref().map_or("*", |m| m.as_str()), r.path),
                 ));
             }
             for plan in plans.values() {
@@ -372,12 +354,7 @@ impl Validator<'_, '_> {
                     ));
                 }
             }
-            routes.push(RouteSpec {
-                method,
-                pattern,
-                meter,
-                cost,
-            });
+            routes.push(RouteSpec { method, pattern, meter, cost });
         }
 
         // Tenants.
@@ -419,17 +396,7 @@ impl Validator<'_, '_> {
             });
         }
 
-        Ok(Config {
-            identify,
-            on_unknown,
-            limits,
-            usage,
-            meters,
-            default_meter,
-            plans,
-            routes,
-            tenants,
-        })
+        Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
     }
 
     fn plan(
@@ -442,8 +409,7 @@ impl Validator<'_, '_> {
         let rate = match &p.rate {
             None => None,
             Some(r) => Some(
-                r.parse::<Rate>()
-                    .map_err(|e| self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\"")))?,
+                r.parse::<Rate>().map_err(|e| self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\"")))?,
             ),
         };
         let burst = match (p.burst, rate) {
@@ -467,13 +433,7 @@ impl Validator<'_, '_> {
             let id = meter_ref(&qbase, meter)?;
             quotas.insert(id, self.quota(&qbase, q)?);
         }
-        Ok(PlanSpec {
-            id: name.into(),
-            rate,
-            burst,
-            on_store_error,
-            quotas,
-        })
+        Ok(PlanSpec { id: name.into(), rate, burst, on_store_error, quotas })
     }
 
     fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {
@@ -499,20 +459,18 @@ impl Validator<'_, '_> {
                 Period::Month { anchor_day }
             }
             other => {
-                return Err(self.invalid(
-                    &format!("{base}.period"),
-                    format!("expected \"day\" or \"month\", not \"{other}\""),
-                ))
+                return Err(
+                    self.invalid(&format!("{base}.period"), format!("expected \"day\" or \"month\", not \"{other}\""))
+                )
             }
         };
         let mode = match q.mode.as_deref().unwrap_or("hard") {
             "hard" => QuotaMode::Hard,
             "soft" => QuotaMode::Soft,
             other => {
-                return Err(self.invalid(
-                    &format!("{base}.mode"),
-                    format!("expected \"hard\" or \"soft\", not \"{other}\""),
-                ))
+                return Err(
+                    self.invalid(&format!("{base}.mode"), format!("expected \"hard\" or \"soft\", not \"{other}\""))
+                )
             }
         };
         let lease = match q.lease {
@@ -520,28 +478,18 @@ impl Validator<'_, '_> {
             // A sixteenth of the limit, between 1 and 10,000 units.
             None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
         };
-        Ok(QuotaSpec {
-            limit,
-            period,
-            mode,
-            lease,
-        })
+        Ok(QuotaSpec { limit, period, mode, lease })
     }
 }
 
 fn check_name(v: &Validator<'_, '_>, path: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
     if ok {
         Ok(())
     } else {
-        Err(v.invalid(
-            path,
-            "names are 1 to 64 characters among letters, digits, '-', '_' and '.'",
-        ))
+        Err(v.invalid(path, "names are 1 to 64 characters among letters, digits, '-', '_' and '.'"))
     }
 }
 

@@ -201,11 +201,7 @@ impl Period {
                 (start, start + 86_400)
             }
             Period::Month { anchor_day } => {
-                let at = Utc
-                    .timestamp_opt(unix_secs, 0)
-                    .single()
-                    .unwrap_or_default()
-                    .date_naive();
+                let at = Utc.timestamp_opt(unix_secs, 0).single().unwrap_or_default().date_naive();
                 let anchor_in = |y: i32, m: u32| -> NaiveDate {
                     let last = last_day_of_month(y, m);
                     NaiveDate::from_ymd_opt(y, m, u32::from(anchor_day).min(last)).expect("a valid day of the month")
@@ -231,10 +227,7 @@ impl Period {
 fn last_day_of_month(year: i32, month: u32) -> u32 {
     use chrono::NaiveDate;
     let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-    NaiveDate::from_ymd_opt(ny, nm, 1)
-        .and_then(|d| d.pred_opt())
-        .map(|d| chrono::Datelike::day(&d))
-        .unwrap_or(28)
+    NaiveDate::from_ymd_opt(ny, nm, 1).and_then(|d| d.pred_opt()).map(|d| chrono::Datelike::day(&d)).unwrap_or(28)
 }
 
 /// What a quota does once the tenant's limit is spent.

@@ -46,10 +46,7 @@ pub struct Builder {
 
 impl std::fmt::Debug for Builder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Builder")
-            .field("store", &self.store)
-            .field("sink", &self.sink)
-            .finish_non_exhaustive()
+        f.debug_struct("Builder").field("store", &self.store).field("sink", &self.sink).finish_non_exhaustive()
     }
 }
 
@@ -57,12 +54,7 @@ impl Tollgate {
     /// Starts building an engine from a configuration. Without a store it uses a
     /// [`MemoryStore`]; without a billing sink closed windows stay unexported in the store.
     pub fn builder(config: Config) -> Builder {
-        Builder {
-            config,
-            store: None,
-            sink: None,
-            clock: None,
-        }
+        Builder { config, store: None, sink: None, clock: None }
     }
 }
 
@@ -120,9 +112,7 @@ impl Builder {
             shutdown: shutdown_tx,
             refill_locks: (0..REFILL_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
         };
-        let tollgate = Tollgate {
-            shared: Arc::new(shared),
-        };
+        let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
         (tollgate, worker)
     }

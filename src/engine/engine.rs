@@ -89,10 +89,7 @@ impl fmt::Debug for PendingAdmission {
             Stage::Resolve { .. } => "resolve tenant",
             Stage::Quota(_) => "lease quota",
         };
-        f.debug_struct("PendingAdmission")
-            .field("stage", &stage)
-            .field("cost", &self.cost)
-            .finish()
+        f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.cost).finish()
     }
 }
 
@@ -179,21 +176,14 @@ impl Tollgate {
             }
             Credential::Missing if rt.anonymous.is_some() => Lookup::Identity(ANONYMOUS),
             Credential::Missing => {
-                let mut r = Rejection::new(
-                    RejectionKind::MissingCredentials,
-                    "the request does not identify its tenant",
-                );
+                let mut r =
+                    Rejection::new(RejectionKind::MissingCredentials, "the request does not identify its tenant");
                 r.inner.challenge = Some(rt.challenge.clone());
                 return self.reject(r);
             }
             Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
             #[allow(unreachable_patterns)]
-            _ => {
-                return self.reject(Rejection::new(
-                    RejectionKind::MalformedCredentials,
-                    "unsupported credential",
-                ))
-            }
+            _ => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, "unsupported credential")),
         };
         let (meter, cost) = rt.route(req.method, req.path);
         let now = self.shared.clock.unix_secs();
@@ -217,12 +207,7 @@ impl Tollgate {
 
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        let PendingAdmission {
-            stage,
-            meter,
-            cost,
-            idempotency_key,
-        } = pending;
+        let PendingAdmission { stage, meter, cost, idempotency_key } = pending;
         let partial = match stage {
             Stage::Quota(partial) => partial,
             Stage::Resolve { credential } => {
@@ -234,9 +219,7 @@ impl Tollgate {
                 match self.decide(state, meter, cost, idempotency_key.as_deref(), now) {
                     Admission::Admitted(t) => return Ok(t),
                     Admission::Rejected(r) => return Err(r),
-                    Admission::Pending(PendingAdmission {
-                        stage: Stage::Quota(p), ..
-                    }) => p,
+                    Admission::Pending(PendingAdmission { stage: Stage::Quota(p), .. }) => p,
                     Admission::Pending(_) => unreachable!("decide never asks to resolve a tenant"),
                 }
             }
@@ -281,10 +264,8 @@ impl Tollgate {
             return match &rt.anonymous {
                 Some(plan) => Ok(self.anonymous(&rt, plan)),
                 None => {
-                    let mut r = Rejection::new(
-                        RejectionKind::UnknownCredentials,
-                        "the credential does not match any tenant",
-                    );
+                    let mut r =
+                        Rejection::new(RejectionKind::UnknownCredentials, "the credential does not match any tenant");
                     r.inner.challenge = Some(rt.challenge.clone());
                     Err(r)
                 }
@@ -292,41 +273,33 @@ impl Tollgate {
         };
         let Some(plan) = rt.plans.get(&record.plan) else {
             tracing::error!(tenant = %record.id, plan = %record.plan, "tenant is on a plan the configuration does not declare");
-            return Err(
-                Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
-                    .with_retry_after(60),
-            );
+            return Err(Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
+                .with_retry_after(60));
         };
         let lookup = match &credential {
             OwnedCredential::ApiKey(key) => Lookup::ApiKey(key),
             OwnedCredential::Tenant(id) => Lookup::Identity(id.as_str()),
             OwnedCredential::Anonymous => Lookup::Identity(ANONYMOUS),
         };
-        let state = self.shared.table.attach(lookup, &record.id, || {
-            self.new_state(&rt, record.id.clone(), plan, record.customer.clone())
-        });
+        let state = self
+            .shared
+            .table
+            .attach(lookup, &record.id, || self.new_state(&rt, record.id.clone(), plan, record.customer.clone()));
         self.after_insert(&rt);
         Ok(state)
     }
 
     fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Arc<TenantState> {
         let id = TenantId::from("anonymous");
-        let state = self.shared.table.attach(Lookup::Identity(ANONYMOUS), &id, || {
-            self.new_state(rt, id.clone(), plan, None)
-        });
+        let state =
+            self.shared.table.attach(Lookup::Identity(ANONYMOUS), &id, || self.new_state(rt, id.clone(), plan, None));
         self.after_insert(rt);
         state
     }
 
     fn new_state(&self, rt: &Runtime, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
         let window = rt.config.usage.window.as_secs() as i64;
-        TenantState::new(
-            id,
-            plan.clone(),
-            customer.map(Arc::from),
-            self.shared.clock.clone(),
-            window,
-        )
+        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock.clone(), window)
     }
 
     fn after_insert(&self, rt: &Runtime) {
@@ -387,31 +360,19 @@ impl Tollgate {
                             )),
                         );
                         r.inner.policy = Some("rate".to_owned());
-                        r.inner.headers = HeaderState {
-                            meter,
-                            rate: Some(status),
-                            quota: None,
-                        };
+                        r.inner.headers = HeaderState { meter, rate: Some(status), quota: None };
                         return self.reject(r.with_retry_after(retry).for_tenant(&state));
                     }
                     Err(_) => {
-                        let r = Rejection::new(
-                            RejectionKind::RateLimited,
-                            "the request costs more than the plan's burst",
-                        );
+                        let r =
+                            Rejection::new(RejectionKind::RateLimited, "the request costs more than the plan's burst");
                         return self.reject(r.for_tenant(&state));
                     }
                 }
             }
             _ => None,
         };
-        let partial = Partial {
-            state,
-            rate,
-            claim,
-            charged,
-            at: now,
-        };
+        let partial = Partial { state, rate, claim, charged, at: now };
         match self.take(partial, meter, cost) {
             Ok(ticket) => {
                 self.shared.metrics.admitted.increment(1);
@@ -465,11 +426,7 @@ impl Tollgate {
         period_end: Option<i64>,
     ) -> Ticket {
         Ticket {
-            headers: HeaderState {
-                meter,
-                rate: p.rate,
-                quota,
-            },
+            headers: HeaderState { meter, rate: p.rate, quota },
             state: p.state,
             cost,
             charged: p.charged,
@@ -485,9 +442,7 @@ impl Tollgate {
             c.release();
         }
         let state = p.state.clone();
-        let cell = state
-            .quota(meter)
-            .expect("a quota rejection names a meter with a quota");
+        let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
         let retry = (end - p.at).max(1) as u64;
         let policy = format!("{}-{}", cell.meter_id, cell.spec.period().name());
@@ -505,11 +460,7 @@ impl Tollgate {
         r.inner.headers = HeaderState {
             meter,
             rate: p.rate,
-            quota: Some(PolicyStatus {
-                limit: cell.spec.limit().get(),
-                remaining: 0,
-                reset_secs: retry,
-            }),
+            quota: Some(PolicyStatus { limit: cell.spec.limit().get(), remaining: 0, reset_secs: retry }),
         };
         r.with_retry_after(retry).for_tenant(&p.state)
     }
@@ -552,10 +503,8 @@ impl Tollgate {
                         if let Some(c) = p.claim {
                             c.release();
                         }
-                        let r = Rejection::new(
-                            RejectionKind::StoreUnavailable,
-                            "the quota store did not answer in time",
-                        );
+                        let r =
+                            Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                         Err(self.count(r.with_retry_after(1).for_tenant(&p.state)))
                     }
                 }
@@ -581,11 +530,7 @@ impl Tollgate {
         let (start, _) = cell.period();
         let debt = (-cell.lease()).max(0) as u64;
         let want = cell.spec.lease().get().max(need).saturating_add(debt);
-        let key = QuotaKey {
-            tenant: state.id.clone(),
-            meter: cell.meter_id.clone(),
-            period_start: start,
-        };
+        let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id.clone(), period_start: start };
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
         let grant = self.shared.store.reserve(&key, want, limit).await?;
         cell.grant(grant.granted, grant.reserved, want);
@@ -600,15 +545,7 @@ impl Tollgate {
     }
 
     fn request_prefetch(&self, state: &Arc<TenantState>, meter: usize, cell: QuotaRef<'_>) {
-        if self
-            .shared
-            .prefetch
-            .try_send(Prefetch {
-                state: Arc::downgrade(state),
-                meter,
-            })
-            .is_err()
-        {
+        if self.shared.prefetch.try_send(Prefetch { state: Arc::downgrade(state), meter }).is_err() {
             cell.prefetch_done();
         }
     }

@@ -41,10 +41,7 @@ impl Claim {
 
 impl Idempotency {
     pub(crate) fn new(window: Duration, capacity: u64, fp: Fingerprinter) -> Self {
-        let seen = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .time_to_live(window)
-            .build();
+        let seen = moka::sync::Cache::builder().max_capacity(capacity).time_to_live(window).build();
         Self { seen, fp }
     }
 
@@ -58,17 +55,12 @@ impl Idempotency {
         let f = self.fp.of(TAG_IDEMPOTENCY, &material);
         let id = (u128::from(f.hi) << 64) | u128::from(f.lo);
         let entry = self.seen.entry(id).or_insert(());
-        entry.is_fresh().then(|| Claim {
-            set: self.clone(),
-            key: id,
-        })
+        entry.is_fresh().then(|| Claim { set: self.clone(), key: id })
     }
 }
 
 impl std::fmt::Debug for Idempotency {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Idempotency")
-            .field("entries", &self.seen.entry_count())
-            .finish()
+        f.debug_struct("Idempotency").field("entries", &self.seen.entry_count()).finish()
     }
 }

@@ -31,11 +31,7 @@ impl Pipeline {
     pub(crate) fn new() -> Self {
         use std::hash::BuildHasher;
         let nonce = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
-        Self {
-            pending: VecDeque::new(),
-            seq: 0,
-            node: format!("{nonce:016x}"),
-        }
+        Self { pending: VecDeque::new(), seq: 0, node: format!("{nonce:016x}") }
     }
 }
 
@@ -96,33 +92,18 @@ impl Tollgate {
             for chunk in records.chunks(max) {
                 p.seq += 1;
                 let id = FlushId(format!("{}-{:010}", p.node, p.seq));
-                p.pending.push_back(UsageBatch {
-                    id,
-                    records: chunk.to_vec(),
-                });
+                p.pending.push_back(UsageBatch { id, records: chunk.to_vec() });
             }
         }
         self.commit_pending(&mut p, &mut report).await?;
         if report.batches > 0 {
-            tracing::debug!(
-                batches = report.batches,
-                records = report.records,
-                units = report.units,
-                "usage flushed"
-            );
+            tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");
         }
         Ok(report)
     }
 
     async fn commit_pending(&self, p: &mut Pipeline, report: &mut FlushReport) -> Result<(), StoreError> {
-        let timeout = self
-            .shared
-            .runtime
-            .load()
-            .config
-            .usage
-            .store_timeout
-            .max(Duration::from_secs(2));
+        let timeout = self.shared.runtime.load().config.usage.store_timeout.max(Duration::from_secs(2));
         while let Some(batch) = p.pending.front() {
             let mut attempt = 0;
             let outcome = loop {
@@ -187,9 +168,7 @@ impl Tollgate {
                 // Checked before draining: with no other holder, nothing can record after.
                 let sole = Arc::strong_count(s) == 1;
                 s.drain_usage(|m, window, q| {
-                    *retired_usage
-                        .entry((s.id.clone(), s.plan.meters.ids[m].clone(), window))
-                        .or_default() += q;
+                    *retired_usage.entry((s.id.clone(), s.plan.meters.ids[m].clone(), window)).or_default() += q;
                 });
                 if sole {
                     dropped.push(s.clone());
@@ -203,20 +182,14 @@ impl Tollgate {
                     r.quantity += q;
                 }
             }
-            records.extend(
-                retired_usage
-                    .into_iter()
-                    .map(|((tenant, meter, window_start), quantity)| UsageRecord {
-                        tenant,
-                        meter,
-                        window_start,
-                        quantity,
-                    }),
-            );
+            records.extend(retired_usage.into_iter().map(|((tenant, meter, window_start), quantity)| UsageRecord {
+                tenant,
+                meter,
+                window_start,
+                quantity,
+            }));
         }
-        debug_assert!(records
-            .iter()
-            .all(|r| seen.insert((r.tenant.clone(), r.meter.clone(), r.window_start))));
+        debug_assert!(records.iter().all(|r| seen.insert((r.tenant.clone(), r.meter.clone(), r.window_start))));
         (records, dropped)
     }
 
@@ -230,11 +203,7 @@ impl Tollgate {
                 let left = cell.take_all();
                 let (start, end) = cell.period();
                 if left > 0 && now < end {
-                    let key = QuotaKey {
-                        tenant: state.id.clone(),
-                        meter: cell.meter_id.clone(),
-                        period_start: start,
-                    };
+                    let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id.clone(), period_start: start };
                     if let Err(e) = with_timeout(timeout, self.shared.store.release(&key, left as u64)).await {
                         self.store_error("release lease", &e);
                     }
@@ -395,9 +364,5 @@ impl Tollgate {
 }
 
 fn event_name(rt: &Runtime, meter: &MeterId) -> String {
-    rt.config
-        .meters
-        .iter()
-        .find(|m| &m.id == meter)
-        .map_or_else(|| meter.to_string(), |m| m.event_name.clone())
+    rt.config.meters.iter().find(|m| &m.id == meter).map_or_else(|| meter.to_string(), |m| m.event_name.clone())
 }

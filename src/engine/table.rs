@@ -92,11 +92,7 @@ impl TenantTable {
         id: &TenantId,
         make: impl FnOnce() -> TenantState,
     ) -> Arc<TenantState> {
-        let state = self
-            .tenants
-            .entry(id.clone())
-            .or_insert_with(|| Arc::new(make()))
-            .clone();
+        let state = self.tenants.entry(id.clone()).or_insert_with(|| Arc::new(make())).clone();
         self.credentials.insert(self.digest(lookup), state.clone());
         state
     }
@@ -113,10 +109,7 @@ impl TenantTable {
 
     /// (last seen, tenant) of every tenant.
     pub(crate) fn last_seen(&self) -> Vec<(i64, TenantId)> {
-        self.tenants
-            .iter()
-            .map(|e| (e.value().last_seen(), e.key().clone()))
-            .collect()
+        self.tenants.iter().map(|e| (e.value().last_seen(), e.key().clone())).collect()
     }
 
     /// Takes tenants out of the table; returns their states, which are also kept as retired.
@@ -130,10 +123,7 @@ impl TenantTable {
         }
         if !out.is_empty() {
             self.credentials.retain(|_, s| !s.is_evicted());
-            self.retired
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(out.iter().cloned());
+            self.retired.lock().unwrap_or_else(|e| e.into_inner()).extend(out.iter().cloned());
         }
         out
     }

@@ -26,17 +26,11 @@ pin_project! {
 
 impl<B> TollgateBody<B> {
     pub(crate) fn inner(body: B) -> Self {
-        Self {
-            kind: Kind::Inner { body },
-        }
+        Self { kind: Kind::Inner { body } }
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
-        Self {
-            kind: Kind::Full {
-                data: (!data.is_empty()).then_some(data),
-            },
-        }
+        Self { kind: Kind::Full { data: (!data.is_empty()).then_some(data) } }
     }
 }
 

@@ -48,6 +48,7 @@ struct Waiting<S, B, P> {
     inner: S,
     request: Request<B>,
     responder: P,
+    context: bool,
 }
 
 impl<S, B, P> ResponseFuture<S, B, P>
@@ -55,31 +56,18 @@ where
     S: Service<Request<B>>,
 {
     pub(crate) fn inner(future: S::Future, ticket: Ticket) -> Self {
-        Self {
-            state: State::Inner {
-                future,
-                ticket: Some(ticket),
-            },
-        }
+        Self { state: State::Inner { future, ticket: Some(ticket) } }
     }
 
     pub(crate) fn ready(response: Response<Bytes>) -> Self {
-        Self {
-            state: State::Ready {
-                response: Some(response),
-            },
-        }
+        Self { state: State::Ready { response: Some(response) } }
     }
 
-    pub(crate) fn pending(resolving: Resolving, inner: S, request: Request<B>, responder: P) -> Self {
+    pub(crate) fn pending(resolving: Resolving, inner: S, request: Request<B>, responder: P, context: bool) -> Self {
         Self {
             state: State::Pending {
                 resolving,
-                waiting: Some(Box::new(Waiting {
-                    inner,
-                    request,
-                    responder,
-                })),
+                waiting: Some(Box::new(Waiting { inner, request, responder, context })),
             },
         }
     }
@@ -114,19 +102,14 @@ where
             let next = match this.state.as_mut().project() {
                 StateProj::Pending { resolving, waiting } => {
                     let outcome = ready!(resolving.as_mut().poll(cx));
-                    let Waiting {
-                        mut inner,
-                        mut request,
-                        responder,
-                    } = *waiting.take().expect(DONE);
+                    let Waiting { mut inner, mut request, responder, context } = *waiting.take().expect(DONE);
                     match outcome {
                         Ok(ticket) => {
-                            request.extensions_mut().insert(ticket.context());
-                            let future = inner.call(request);
-                            State::Inner {
-                                future,
-                                ticket: Some(ticket),
+                            if context {
+                                request.extensions_mut().insert(ticket.context());
                             }
+                            let future = inner.call(request);
+                            State::Inner { future, ticket: Some(ticket) }
                         }
                         Err(rejection) => {
                             return Poll::Ready(Ok(reject(&responder, rejection).map(TollgateBody::full)));

@@ -31,17 +31,14 @@ pub struct TollgateLayer<R = FromConfig, P = ProblemJson> {
     tollgate: Tollgate,
     resolver: R,
     responder: P,
+    context: bool,
 }
 
 impl TollgateLayer {
     /// A layer over `tollgate`, identifying tenants as configured and answering rejections
     /// with problem+json.
     pub fn new(tollgate: Tollgate) -> Self {
-        Self {
-            tollgate,
-            resolver: FromConfig,
-            responder: ProblemJson,
-        }
+        Self { tollgate, resolver: FromConfig, responder: ProblemJson, context: true }
     }
 }
 
@@ -53,20 +50,20 @@ impl<R, P> TollgateLayer<R, P> {
 
     /// Identifies tenants with `resolver` instead.
     pub fn resolver<R2>(self, resolver: R2) -> TollgateLayer<R2, P> {
-        TollgateLayer {
-            tollgate: self.tollgate,
-            resolver,
-            responder: self.responder,
-        }
+        TollgateLayer { tollgate: self.tollgate, resolver, responder: self.responder, context: self.context }
+    }
+
+    /// Whether admitted requests carry a [`TenantContext`](crate::TenantContext) in their
+    /// extensions (the default). Services that never read it (no extra usage to record, no
+    /// need for the tenant in handlers) can turn it off and save its allocations.
+    pub fn tenant_context(mut self, enabled: bool) -> Self {
+        self.context = enabled;
+        self
     }
 
     /// Builds rejection responses with `responder` instead.
     pub fn responder<P2>(self, responder: P2) -> TollgateLayer<R, P2> {
-        TollgateLayer {
-            tollgate: self.tollgate,
-            resolver: self.resolver,
-            responder,
-        }
+        TollgateLayer { tollgate: self.tollgate, resolver: self.resolver, responder, context: self.context }
     }
 }
 
@@ -74,11 +71,6 @@ impl<S, R: Clone, P: Clone> Layer<S> for TollgateLayer<R, P> {
     type Service = TollgateService<S, R, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TollgateService::new(
-            inner,
-            self.tollgate.clone(),
-            self.resolver.clone(),
-            self.responder.clone(),
-        )
+        TollgateService::new(inner, self.tollgate.clone(), self.resolver.clone(), self.responder.clone(), self.context)
     }
 }

@@ -19,16 +19,12 @@ pub struct TollgateService<S, R = FromConfig, P = ProblemJson> {
     tollgate: Tollgate,
     resolver: R,
     responder: P,
+    context: bool,
 }
 
 impl<S, R, P> TollgateService<S, R, P> {
-    pub(crate) fn new(inner: S, tollgate: Tollgate, resolver: R, responder: P) -> Self {
-        Self {
-            inner,
-            tollgate,
-            resolver,
-            responder,
-        }
+    pub(crate) fn new(inner: S, tollgate: Tollgate, resolver: R, responder: P, context: bool) -> Self {
+        Self { inner, tollgate, resolver, responder, context }
     }
 
     /// The engine.
@@ -71,14 +67,16 @@ where
         });
         match admission {
             Admission::Admitted(ticket) => {
-                request.extensions_mut().insert(ticket.context());
+                if self.context {
+                    request.extensions_mut().insert(ticket.context());
+                }
                 ResponseFuture::inner(inner.call(request), ticket)
             }
             Admission::Rejected(rejection) => ResponseFuture::ready(reject(&self.responder, rejection)),
             Admission::Pending(pending) => {
                 let tollgate = self.tollgate.clone();
                 let resolve = Box::pin(async move { tollgate.resolve(pending).await });
-                ResponseFuture::pending(resolve, inner, request, self.responder.clone())
+                ResponseFuture::pending(resolve, inner, request, self.responder.clone(), self.context)
             }
         }
     }

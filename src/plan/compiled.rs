@@ -59,17 +59,10 @@ impl CompiledPlan {
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
                 .allow_burst(spec.burst);
-            RatePolicy {
-                quota,
-                rate,
-                burst: spec.burst,
-            }
+            RatePolicy { quota, rate, burst: spec.burst }
         });
-        let quotas: Box<[(usize, QuotaSpec)]> = spec
-            .quotas
-            .iter()
-            .filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone())))
-            .collect();
+        let quotas: Box<[(usize, QuotaSpec)]> =
+            spec.quotas.iter().filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone()))).collect();
         let policy_header = (0..meters.ids.len())
             .map(|m| {
                 let mut s = String::new();
@@ -131,24 +124,13 @@ pub(crate) struct Runtime {
 
 impl Runtime {
     pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>) -> Self {
-        let meters = Arc::new(MeterTable {
-            ids: config.meters.iter().map(|m| m.id.clone()).collect(),
-        });
+        let meters = Arc::new(MeterTable { ids: config.meters.iter().map(|m| m.id.clone()).collect() });
         let plans: HashMap<PlanId, Arc<CompiledPlan>> = config
             .plans
             .values()
-            .map(|p| {
-                (
-                    p.id.clone(),
-                    Arc::new(CompiledPlan::compile(p, &meters, &config, metrics)),
-                )
-            })
+            .map(|p| (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &config, metrics))))
             .collect();
-        let index = |m: &MeterId| {
-            meters
-                .index(m.as_str())
-                .expect("validated: routes name declared meters")
-        };
+        let index = |m: &MeterId| meters.index(m.as_str()).expect("validated: routes name declared meters");
         let routes = config
             .routes
             .iter()
@@ -170,11 +152,7 @@ impl Runtime {
             for k in &t.key_hashes {
                 static_keys.insert(*k, t.id.clone());
             }
-            let record = TenantRecord {
-                id: t.id.clone(),
-                plan: t.plan.clone(),
-                customer: t.stripe_customer.clone(),
-            };
+            let record = TenantRecord { id: t.id.clone(), plan: t.plan.clone(), customer: t.stripe_customer.clone() };
             static_tenants.insert(t.id.clone(), record);
         }
         let challenge = match &config.identify {

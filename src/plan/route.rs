@@ -35,11 +35,7 @@ impl RoutePattern {
             return Err(format!("a path pattern starts with '/', not \"{text}\""));
         };
         let mut segments = Vec::new();
-        let parts: Vec<&str> = if body.is_empty() {
-            Vec::new()
-        } else {
-            body.split('/').collect()
-        };
+        let parts: Vec<&str> = if body.is_empty() { Vec::new() } else { body.split('/').collect() };
         for (i, part) in parts.iter().enumerate() {
             let seg = if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}')) {
                 if i + 1 != parts.len() {
@@ -57,10 +53,7 @@ impl RoutePattern {
             };
             segments.push(seg);
         }
-        Ok(Self {
-            text: text.into(),
-            segments: segments.into(),
-        })
+        Ok(Self { text: text.into(), segments: segments.into() })
     }
 
     /// The pattern as written.

@@ -75,13 +75,7 @@ pub(crate) fn emit(
                 }
                 if let (Some(q), Some((_, spec))) = (&state.quota, plan.quotas.iter().find(|(m, _)| *m == state.meter))
                 {
-                    item(
-                        &mut value,
-                        plan.meters.ids[state.meter].as_str(),
-                        spec.period().name(),
-                        q,
-                        &mut num,
-                    );
+                    item(&mut value, plan.meters.ids[state.meter].as_str(), spec.period().name(), q, &mut num);
                 }
                 put(Field::RateLimit, Cow::Owned(value));
             }

@@ -29,10 +29,7 @@ pub enum RejectionKind {
 
 macro_rules! docs {
     ($variant:literal) => {
-        concat!(
-            "https://docs.rs/tollgate/latest/tollgate/response/enum.RejectionKind.html#variant.",
-            $variant
-        )
+        concat!("https://docs.rs/tollgate/latest/tollgate/response/enum.RejectionKind.html#variant.", $variant)
     };
 }
 
@@ -178,10 +175,7 @@ impl Rejection {
             Some(plan) => emit(plan, &self.inner.headers, self.inner.retry_after, put),
             None => {
                 if let Some(secs) = self.inner.retry_after {
-                    put(
-                        Field::RetryAfter,
-                        std::borrow::Cow::Borrowed(itoa::Buffer::new().format(secs)),
-                    );
+                    put(Field::RetryAfter, std::borrow::Cow::Borrowed(itoa::Buffer::new().format(secs)));
                 }
             }
         }

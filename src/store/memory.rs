@@ -75,12 +75,7 @@ impl MemoryStore {
 
     /// Every aggregate whose export was refused for good.
     pub fn dead_letters(&self) -> Vec<ExportKey> {
-        self.lock()
-            .usage
-            .iter()
-            .filter(|(_, a)| a.dead)
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.lock().usage.iter().filter(|(_, a)| a.dead).map(|(k, _)| k.clone()).collect()
     }
 }
 
@@ -88,28 +83,19 @@ impl MemoryStore {
 impl Store for MemoryStore {
     async fn reserve(&self, key: &QuotaKey, units: u64, limit: Option<u64>) -> Result<Grant, StoreError> {
         let mut inner = self.lock();
-        let slot = inner
-            .quotas
-            .entry((key.tenant.clone(), key.meter.clone()))
-            .or_insert((key.period_start, 0));
+        let slot = inner.quotas.entry((key.tenant.clone(), key.meter.clone())).or_insert((key.period_start, 0));
         if slot.0 < key.period_start {
             *slot = (key.period_start, 0);
         } else if slot.0 > key.period_start {
             // A late call for a period that is over: nothing is left to reserve in it.
-            return Ok(Grant {
-                granted: 0,
-                reserved: 0,
-            });
+            return Ok(Grant { granted: 0, reserved: 0 });
         }
         let granted = match limit {
             Some(limit) => units.min(limit.saturating_sub(slot.1)),
             None => units,
         };
         slot.1 = slot.1.saturating_add(granted);
-        Ok(Grant {
-            granted,
-            reserved: slot.1,
-        })
+        Ok(Grant { granted, reserved: slot.1 })
     }
 
     async fn release(&self, key: &QuotaKey, units: u64) -> Result<(), StoreError> {
@@ -128,11 +114,7 @@ impl Store for MemoryStore {
             return Ok(CommitOutcome::AlreadyApplied);
         }
         for r in &batch.records {
-            let key = ExportKey {
-                tenant: r.tenant.clone(),
-                meter: r.meter.clone(),
-                window_start: r.window_start,
-            };
+            let key = ExportKey { tenant: r.tenant.clone(), meter: r.meter.clone(), window_start: r.window_start };
             let agg = inner.usage.entry(key).or_default();
             agg.quantity = agg.quantity.saturating_add(r.quantity);
         }
@@ -239,30 +221,14 @@ mod tests {
     use crate::store::UsageRecord;
 
     fn qk(p: i64) -> QuotaKey {
-        QuotaKey {
-            tenant: "t".into(),
-            meter: "requests".into(),
-            period_start: p,
-        }
+        QuotaKey { tenant: "t".into(), meter: "requests".into(), period_start: p }
     }
 
     #[tokio::test]
     async fn hard_reservations_never_pass_the_limit() {
         let s = MemoryStore::new();
-        assert_eq!(
-            s.reserve(&qk(0), 7, Some(10)).await.unwrap(),
-            Grant {
-                granted: 7,
-                reserved: 7
-            }
-        );
-        assert_eq!(
-            s.reserve(&qk(0), 7, Some(10)).await.unwrap(),
-            Grant {
-                granted: 3,
-                reserved: 10
-            }
-        );
+        assert_eq!(s.reserve(&qk(0), 7, Some(10)).await.unwrap(), Grant { granted: 7, reserved: 7 });
+        assert_eq!(s.reserve(&qk(0), 7, Some(10)).await.unwrap(), Grant { granted: 3, reserved: 10 });
         assert_eq!(s.reserve(&qk(0), 1, Some(10)).await.unwrap().granted, 0);
         s.release(&qk(0), 4).await.unwrap();
         assert_eq!(s.reserve(&qk(0), 9, Some(10)).await.unwrap().granted, 4);
@@ -276,41 +242,25 @@ mod tests {
         let s = MemoryStore::new();
         let batch = UsageBatch {
             id: FlushId("f1".into()),
-            records: vec![UsageRecord {
-                tenant: "t".into(),
-                meter: "requests".into(),
-                window_start: 0,
-                quantity: 5,
-            }],
+            records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 5 }],
         };
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::Applied);
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::AlreadyApplied);
         let pending = s.pending_exports(3600, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
-        assert_eq!(
-            (pending[0].quantity, pending[0].exported, pending[0].revision),
-            (5, 0, 0)
-        );
+        assert_eq!((pending[0].quantity, pending[0].exported, pending[0].revision), (5, 0, 0));
         let fixed = s.begin_export(&pending[0]).await.unwrap().unwrap();
         assert_eq!(fixed.in_flight, Some(5));
         // Late usage does not change what the in-flight revision exports.
         let late = UsageBatch {
             id: FlushId("f2".into()),
-            records: vec![UsageRecord {
-                tenant: "t".into(),
-                meter: "requests".into(),
-                window_start: 0,
-                quantity: 2,
-            }],
+            records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 2 }],
         };
         s.commit_usage(&late).await.unwrap();
         assert_eq!(s.begin_export(&pending[0]).await.unwrap().unwrap().in_flight, Some(5));
         assert!(s.finish_export(&fixed).await.unwrap());
         assert!(!s.finish_export(&fixed).await.unwrap(), "stale revision");
         let next = s.pending_exports(3600, 10).await.unwrap();
-        assert_eq!(
-            (next[0].quantity, next[0].exported, next[0].revision, next[0].in_flight),
-            (7, 5, 1, None)
-        );
+        assert_eq!((next[0].quantity, next[0].exported, next[0].revision, next[0].in_flight), (7, 5, 1, None));
     }
 }

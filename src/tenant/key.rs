@@ -121,10 +121,7 @@ impl Fingerprinter {
     pub(crate) fn random() -> Self {
         let a = std::collections::hash_map::RandomState::new();
         let b = std::collections::hash_map::RandomState::new();
-        Self {
-            k0: a.hash_one(0x7011_6a7e_u64),
-            k1: b.hash_one(0x5eed_u64),
-        }
+        Self { k0: a.hash_one(0x7011_6a7e_u64), k1: b.hash_one(0x5eed_u64) }
     }
 
     #[inline]

@@ -40,10 +40,7 @@ pub(crate) struct TenantState {
 
 impl std::fmt::Debug for TenantState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantState")
-            .field("id", &self.id)
-            .field("plan", &self.plan.id)
-            .finish_non_exhaustive()
+        f.debug_struct("TenantState").field("id", &self.id).field("plan", &self.plan.id).finish_non_exhaustive()
     }
 }
 
@@ -58,12 +55,7 @@ impl TenantState {
         let limiter = plan.rate.as_ref().map(|r| {
             RateLimiter::direct_with_clock(r.quota, clock.clone()).with_middleware::<StateInformationMiddleware>()
         });
-        let quotas = plan
-            .quotas
-            .iter()
-            .enumerate()
-            .map(|(i, (meter, _))| (*meter as u16, QuotaCell::new(i)))
-            .collect();
+        let quotas = plan.quotas.iter().enumerate().map(|(i, (meter, _))| (*meter as u16, QuotaCell::new(i))).collect();
         let usage = (0..plan.meters.ids.len()).map(|_| UsageCell::default()).collect();
         let now = clock.unix_secs();
         Self {
@@ -273,10 +265,7 @@ impl QuotaRef<'_> {
     }
 
     pub(crate) fn period(&self) -> (i64, i64) {
-        (
-            self.cell.period_start.load(Ordering::Acquire),
-            self.cell.period_end.load(Ordering::Acquire),
-        )
+        (self.cell.period_start.load(Ordering::Acquire), self.cell.period_end.load(Ordering::Acquire))
     }
 
     pub(crate) fn lease(&self) -> i64 {

@@ -61,12 +61,7 @@ impl TenantContext {
     /// # Errors
     /// [`UnknownMeter`] when `meter` is not declared.
     pub fn record(&self, meter: &str, quantity: u64) -> Result<(), UnknownMeter> {
-        let index = self
-            .state
-            .plan
-            .meters
-            .index(meter)
-            .ok_or_else(|| UnknownMeter(meter.to_owned()))?;
+        let index = self.state.plan.meters.index(meter).ok_or_else(|| UnknownMeter(meter.to_owned()))?;
         if !self.charged || quantity == 0 {
             return Ok(());
         }

@@ -28,11 +28,7 @@ impl std::fmt::Debug for Worker {
 
 impl Worker {
     pub(crate) fn new(tollgate: Tollgate, prefetch: mpsc::Receiver<Prefetch>, shutdown: watch::Receiver<bool>) -> Self {
-        Self {
-            tollgate,
-            prefetch,
-            shutdown,
-        }
+        Self { tollgate, prefetch, shutdown }
     }
 
     /// The engine this worker serves.

@@ -32,13 +32,8 @@ fn handler(req: Request<Full<Bytes>>) -> HandlerFuture {
         if let (Some(n), Some(ctx)) = (path.strip_prefix("/tokens/"), &ctx) {
             ctx.record("tokens", n.parse().unwrap()).unwrap();
         }
-        let who = ctx
-            .map(|c| format!("{} on {}", c.tenant(), c.plan()))
-            .unwrap_or_default();
-        Ok(Response::builder()
-            .status(status)
-            .body(Full::new(Bytes::from(who)))
-            .unwrap())
+        let who = ctx.map(|c| format!("{} on {}", c.tenant(), c.plan())).unwrap_or_default();
+        Ok(Response::builder().status(status).body(Full::new(Bytes::from(who))).unwrap())
     })
 }
 
@@ -84,23 +79,14 @@ impl Harness {
         let (layer, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
         let tollgate = layer.handle().clone();
         let svc = layer.layer(tower::service_fn(handler as Handler));
-        Self {
-            svc,
-            tollgate,
-            clock: handle,
-        }
+        Self { svc, tollgate, clock: handle }
     }
 
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
         let response: Response<TollgateBody<Full<Bytes>>> = self.svc.clone().oneshot(req).await.unwrap();
         let (parts, body) = response.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        Reply {
-            status: parts.status,
-            rejection: parts.extensions.get().cloned(),
-            headers: parts.headers,
-            body,
-        }
+        Reply { status: parts.status, rejection: parts.extensions.get().cloned(), headers: parts.headers, body }
     }
 
     pub async fn get(&self, path: &str, key: &str) -> Reply {
@@ -129,11 +115,7 @@ pub async fn committed(store: &dyn Store, tenant: &str, meter: &str, from: i64, 
     let mut total = 0;
     let mut w = from - from.rem_euclid(window);
     while w < to {
-        let key = tollgate::store::ExportKey {
-            tenant: tenant.into(),
-            meter: meter.into(),
-            window_start: w,
-        };
+        let key = tollgate::store::ExportKey { tenant: tenant.into(), meter: meter.into(), window_start: w };
         if let Some(a) = store.usage(&key).await.unwrap() {
             total += a.quantity;
         }
