@@ -167,6 +167,7 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(if threads == 1 { "one_thread" } else { "two_threads" });
         group.throughput(Throughput::Elements(1));
         group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(30);
+        let mut kept = Vec::new();
         for &n in counts {
             let keys = Arc::new((0..n).map(key).collect::<Vec<_>>());
 
@@ -195,11 +196,15 @@ fn bench(c: &mut Criterion) {
                 group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                     b.iter_custom(|iters| run(&svc, &keys, threads, iters, rt.handle()))
                 });
-                // Stops the worker, so that no engine but the measured one uses a core.
+                // Stops the worker, so that no engine but the measured one uses a core; the
+                // engine is kept until the group ends, so that the next case's tenants get fresh
+                // memory rather than this one's freed and fragmented blocks.
                 rt.block_on(svc.handle().shutdown()).unwrap();
+                kept.push(svc);
             }
         }
         group.finish();
+        drop(kept);
     }
 }
 

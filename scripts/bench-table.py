@@ -1,29 +1,60 @@
 #!/usr/bin/env python3
-"""Reads criterion's estimates of the hot_path benchmark and prints the table of
-docs/performance.md: median ns per request, and each middleware's added cost over `bare`
-measured in the same run, as a ratio against tower_governor's."""
-import json, os, sys
+"""Reads criterion's estimates of the hot_path benchmark and prints the tables of
+docs/performance.md: median ns per request, and in brackets each middleware's added cost
+over `bare` measured in the same run. "ratio, no headers" is tollgate_no_headers' added cost
+divided by tower_governor's; "ratio, headers" is tollgate's divided by tower_governor_headers'.
 
-root = sys.argv[1] if len(sys.argv) > 1 else "target/criterion"
-cases = ["bare", "tower_governor", "tollgate_no_headers", "tower_governor_headers", "tollgate"]
+With several criterion folders (several whole runs), each cell is the median over the runs
+of that run's value, and the ratios are medians of the per-run ratios: shared machines are
+noisy, and a ratio is only meaningful within one run.
+
+Run with: python3 scripts/bench-table.py [target/criterion ...]"""
+import json, os, statistics, sys
+
+roots = sys.argv[1:] or ["target/criterion"]
+cases = ["bare", "tower_governor", "tollgate_no_headers_no_context", "tollgate_no_headers",
+         "tower_governor_headers", "tollgate"]
+
+
+def load(root, group, case, n):
+    path = os.path.join(root, group, case, str(n), "new", "estimates.json")
+    if os.path.exists(path):
+        return json.load(open(path))["median"]["point_estimate"]
+    return None
+
+
 for group in ["one_thread", "two_threads"]:
-    gdir = os.path.join(root, group)
-    if not os.path.isdir(gdir):
+    counts = set()
+    for root in roots:
+        d = os.path.join(root, group, "bare")
+        if os.path.isdir(d):
+            counts |= {int(n) for n in os.listdir(d) if n.isdigit()}
+    if not counts:
         continue
-    counts = sorted({int(n) for c in cases if os.path.isdir(os.path.join(gdir, c)) for n in os.listdir(os.path.join(gdir, c)) if n.isdigit()})
-    print(f"\n{group} (median ns per request; in brackets, added over bare)\n")
-    print("| tenants | " + " | ".join(cases) + " | tollgate_no_headers ÷ tower_governor (added) | tollgate ÷ tower_governor_headers (added) |")
+    print(f"\n{group}: median ns per request (added over bare); {len(roots)} run(s)\n")
+    print("| tenants | " + " | ".join(cases) + " | ratio, no headers | ratio, headers |")
     print("|---" * (len(cases) + 3) + "|")
-    for n in counts:
-        med = {}
+    for n in sorted(counts):
+        per_run = []
+        for root in roots:
+            m = {c: load(root, group, c, n) for c in cases}
+            if m["bare"] is not None:
+                per_run.append(m)
+        cells = []
         for c in cases:
-            path = os.path.join(gdir, c, str(n), "new", "estimates.json")
-            if os.path.exists(path):
-                med[c] = json.load(open(path))["median"]["point_estimate"]
-        if "bare" not in med:
-            continue
-        added = {c: med[c] - med["bare"] for c in med}
-        cells = [f"{med[c]:.0f}" + ("" if c == "bare" else f" (+{added[c]:.0f})") if c in med else "—" for c in cases]
+            vals = [r[c] for r in per_run if r[c] is not None]
+            added = [r[c] - r["bare"] for r in per_run if r[c] is not None]
+            if not vals:
+                cells.append("—")
+            elif c == "bare":
+                cells.append(f"{statistics.median(vals):.0f}")
+            else:
+                cells.append(f"{statistics.median(vals):.0f} (+{statistics.median(added):.0f})")
+
         def ratio(a, b):
-            return f"{added[a] / added[b]:.2f}" if a in added and b in added and added[b] > 0 else "—"
-        print(f"| {n:,} | " + " | ".join(cells) + f" | {ratio('tollgate_no_headers', 'tower_governor')} | {ratio('tollgate', 'tower_governor_headers')} |")
+            rs = [(r[a] - r["bare"]) / (r[b] - r["bare"]) for r in per_run
+                  if r[a] is not None and r[b] is not None and r[b] > r["bare"]]
+            return f"{statistics.median(rs):.2f}" if rs else "—"
+
+        print(f"| {n:,} | " + " | ".join(cells) + f" | {ratio('tollgate_no_headers', 'tower_governor')} | "
+              f"{ratio('tollgate', 'tower_governor_headers')} |")

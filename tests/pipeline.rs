@@ -186,6 +186,20 @@ fn engine_with_sink(config: &str, sink: Arc<Recording>) -> (Harness, Tollgate) {
     (h, engine)
 }
 
+/// Commits usage for acme's tokens in the 12:00 window, as a flush arriving late would.
+async fn commit_late_tokens(h: &Harness, quantity: u64) {
+    let late = tollgate::store::UsageBatch {
+        id: tollgate::store::FlushId(format!("late-{quantity}")),
+        records: vec![tollgate::store::UsageRecord {
+            tenant: "acme".into(),
+            meter: "tokens".into(),
+            window_start: NOON,
+            quantity,
+        }],
+    };
+    h.tollgate.store().commit_usage(&late).await.unwrap();
+}
+
 const EXPORT: &str = r#"
 [usage]
 window = "1h"
@@ -233,16 +247,7 @@ async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {
     assert_eq!(exporter.stats().dead_letters, 1);
 
     // Late usage for the 12:00 window (recorded then, flushed now) becomes revision 1.
-    let late = tollgate::store::UsageBatch {
-        id: tollgate::store::FlushId("late".into()),
-        records: vec![tollgate::store::UsageRecord {
-            tenant: "acme".into(),
-            meter: "tokens".into(),
-            window_start: NOON,
-            quantity: 7,
-        }],
-    };
-    h.tollgate.store().commit_usage(&late).await.unwrap();
+    commit_late_tokens(&h, 7).await;
     assert_eq!(exporter.export().await.unwrap().units, 7);
     let last = sink.events.lock().unwrap().last().cloned().unwrap();
     assert_eq!((last.value, last.revision), (7, 1));
@@ -260,16 +265,7 @@ async fn a_lost_acknowledgement_resends_the_same_event() {
     assert!(first.deferred);
     // Late usage arrives between the lost acknowledgement and the retry.
     h.clock.set_unix(NOON + 2 * 3600);
-    let late = tollgate::store::UsageBatch {
-        id: tollgate::store::FlushId("late".into()),
-        records: vec![tollgate::store::UsageRecord {
-            tenant: "acme".into(),
-            meter: "tokens".into(),
-            window_start: NOON,
-            quantity: 5,
-        }],
-    };
-    h.tollgate.store().commit_usage(&late).await.unwrap();
+    commit_late_tokens(&h, 5).await;
     while exporter.export().await.unwrap().events > 0 {}
     let events = sink.events.lock().unwrap().clone();
     let tokens: Vec<_> = events.iter().filter(|e| e.meter.as_str() == "tokens").collect();
