@@ -15,6 +15,10 @@ use crate::{config::TenantId, tenant::KeyHash};
 const FLUSH_IDS_KEPT: usize = 1 << 16;
 /// Fully exported aggregates are dropped this long after their window started.
 const EXPORTED_RETENTION_SECS: i64 = 2 * 86_400;
+/// Any aggregate is dropped this long after its window started, exported or not: a billing
+/// system no longer takes usage that old (Stripe: 35 days), and without a sink nothing else
+/// would ever drop it.
+const RETENTION_SECS: i64 = 35 * 86_400;
 
 /// The embedded store: everything in this process's memory, nothing to run.
 ///
@@ -22,7 +26,8 @@ const EXPORTED_RETENTION_SECS: i64 = 2 * 86_400;
 /// long as the process; a fleet of nodes needs a shared store instead.
 ///
 /// Memory stays bounded: old quota periods are dropped when a new one is reserved, exported
-/// aggregates are dropped two days after their window, and only recent flush ids are kept.
+/// aggregates are dropped two days after their window and all aggregates after 35 days
+/// (unexported ones with a warning), and only recent flush ids are kept.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -37,6 +42,31 @@ struct Inner {
     flush_order: VecDeque<FlushId>,
     keys: HashMap<KeyHash, TenantId>,
     tenants: HashMap<TenantId, TenantRecord>,
+    /// The newest window committed, and when aggregates were last pruned against it.
+    newest_window: i64,
+    pruned_at: i64,
+}
+
+impl Inner {
+    /// Drops aggregates past [`RETENTION_SECS`], at most once an hour of window time.
+    fn prune(&mut self) {
+        if self.newest_window - self.pruned_at < 3600 {
+            return;
+        }
+        self.pruned_at = self.newest_window;
+        let horizon = self.newest_window - RETENTION_SECS;
+        let mut unexported = 0u64;
+        self.usage.retain(|k, a| {
+            let keep = k.window_start >= horizon;
+            if !keep && !a.dead {
+                unexported += a.quantity - a.exported;
+            }
+            keep
+        });
+        if unexported > 0 {
+            tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -117,7 +147,9 @@ impl Store for MemoryStore {
             let key = ExportKey { tenant: r.tenant.clone(), meter: r.meter.clone(), window_start: r.window_start };
             let agg = inner.usage.entry(key).or_default();
             agg.quantity = agg.quantity.saturating_add(r.quantity);
+            inner.newest_window = inner.newest_window.max(r.window_start);
         }
+        inner.prune();
         inner.flushes.insert(batch.id.clone());
         inner.flush_order.push_back(batch.id.clone());
         while inner.flush_order.len() > FLUSH_IDS_KEPT {
@@ -235,6 +267,22 @@ mod tests {
         // A new period starts from zero and forgets the old one.
         assert_eq!(s.reserve(&qk(86_400), 9, Some(10)).await.unwrap().granted, 9);
         assert_eq!(s.reserve(&qk(0), 1, Some(10)).await.unwrap().granted, 0);
+    }
+
+    #[tokio::test]
+    async fn aggregates_older_than_the_retention_are_dropped_without_a_sink() {
+        let s = MemoryStore::new();
+        let batch = |id: &str, window_start: i64| UsageBatch {
+            id: FlushId(id.into()),
+            records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start, quantity: 1 }],
+        };
+        let key = |w| ExportKey { tenant: "t".into(), meter: "requests".into(), window_start: w };
+        s.commit_usage(&batch("a", 0)).await.unwrap();
+        s.commit_usage(&batch("b", RETENTION_SECS - 3600)).await.unwrap();
+        assert!(s.usage(&key(0)).await.unwrap().is_some(), "within 35 days");
+        s.commit_usage(&batch("c", RETENTION_SECS + 3600)).await.unwrap();
+        assert!(s.usage(&key(0)).await.unwrap().is_none(), "past 35 days");
+        assert!(s.usage(&key(RETENTION_SECS - 3600)).await.unwrap().is_some());
     }
 
     #[tokio::test]
