@@ -60,7 +60,8 @@ pub(crate) struct TenantTable {
 impl TenantTable {
     pub(crate) fn new(capacity_hint: usize) -> Self {
         let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 16).next_power_of_two();
-        let cap = capacity_hint.min(1 << 16);
+        // Grown on demand: a small service should not pay for its cap at start-up.
+        let cap = capacity_hint.min(1024);
         Self {
             digest: Fingerprinter::random(),
             credentials: DashMap::with_capacity_and_hasher_and_shard_amount(cap, Default::default(), shards),

@@ -39,9 +39,10 @@ impl Worker {
     /// Runs until [`Tollgate::shutdown`] is called.
     pub async fn run(mut self) {
         let intervals = |t: &Tollgate| {
-            let c = t.config();
-            let sweep = (c.limits().idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-            (c.usage().flush_interval, sweep)
+            // Read in place: the configuration (with its tenants) is not cloned per tick.
+            let rt = t.shared.runtime.load();
+            let sweep = (rt.config.limits.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            (rt.config.usage.flush_interval, sweep)
         };
         let (flush_every, sweep_every) = intervals(&self.tollgate);
         let mut next_flush = Instant::now() + flush_every;
