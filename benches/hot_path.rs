@@ -7,149 +7,16 @@
 //! Run with: `cargo bench --bench hot_path` (about 10 minutes; `-- one_thread` for half).
 //! Read the added cost of a middleware as its time minus `bare` in the same group.
 
-use std::{
-    convert::Infallible,
-    future::Future,
-    hint::black_box,
-    pin::pin,
-    sync::Arc,
-    task::{Context, Poll, Waker},
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
-use axum::body::Body;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use http::{HeaderValue, Request, Response};
-use tollgate::{
-    store::{MemoryStore, Store, TenantRecord},
-    Config, KeyHash, Tollgate,
-};
-use tower::{Layer, Service};
-use tower_governor::{governor::GovernorConfigBuilder, key_extractor::KeyExtractor, GovernorError, GovernorLayer};
+use http::{HeaderValue, Request};
+use tower::Service;
 
-#[derive(Clone)]
-struct ApiKeyHeader;
+#[path = "support/mod.rs"]
+mod support;
 
-impl KeyExtractor for ApiKeyHeader {
-    type Key = String;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
-        req.headers()
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or(GovernorError::UnableToExtractKey)
-    }
-}
-
-type Bare = tower::util::ServiceFn<fn(Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>>>;
-
-fn bare() -> Bare {
-    fn hello(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
-        std::future::ready(Ok(Response::new(Body::empty())))
-    }
-    tower::service_fn(hello as fn(_) -> _)
-}
-
-/// Drives a future that is ready at once (all the cases here are, on warm state).
-fn now<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(out) = f.as_mut().poll(&mut cx) {
-            return out;
-        }
-        std::thread::yield_now();
-    }
-}
-
-fn key(i: usize) -> HeaderValue {
-    HeaderValue::from_str(&format!("tg_live_{i:024}")).unwrap()
-}
-
-/// A small fast generator, so that large tenant counts are visited in a cache-unfriendly
-/// order, as real traffic does.
-struct Pick(u64);
-
-impl Pick {
-    #[inline]
-    fn next(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
-fn request(key: &HeaderValue) -> Request<Body> {
-    let mut req = Request::new(Body::empty());
-    req.headers_mut().insert("x-api-key", key.clone());
-    req
-}
-
-/// Runs `iters` requests on each of `threads` threads; returns the time per request of all
-/// threads together (wall time / (threads × iters)).
-fn run<S>(svc: &S, keys: &Arc<Vec<HeaderValue>>, threads: usize, iters: u64, rt: &tokio::runtime::Handle) -> Duration
-where
-    S: Service<Request<Body>> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    let start = Instant::now();
-    std::thread::scope(|scope| {
-        for t in 0..threads {
-            let mut svc = svc.clone();
-            let keys = keys.clone();
-            let rt = rt.clone();
-            scope.spawn(move || {
-                let _enter = rt.enter();
-                let mut pick = Pick(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
-                for _ in 0..iters {
-                    let k = &keys[pick.next(keys.len())];
-                    let _ = black_box(now(svc.call(request(k))));
-                }
-            });
-        }
-    });
-    start.elapsed() / threads as u32
-}
-
-fn tollgate_service(
-    tenants: usize,
-    headers: &str,
-    context: bool,
-    rt: &tokio::runtime::Runtime,
-) -> tollgate::TollgateService<Bare> {
-    let config = Config::from_toml_str(&format!(
-        r#"
-        [limits]
-        headers = "{headers}"
-        max_tenants = 2000000
-        # A rate no benchmark reaches: every request is admitted (and recorded).
-        [plans.bench]
-        rate = "1000000000/s"
-        quotas.requests = {{ limit = 1000000000000, period = "month", mode = "hard" }}
-        "#
-    ))
-    .unwrap();
-    let store = Arc::new(MemoryStore::new());
-    rt.block_on(async {
-        for i in 0..tenants {
-            let record = TenantRecord { id: format!("t{i}").into(), plan: "bench".into(), customer: None };
-            store.put_tenant(&record, &[KeyHash::of(key(i).as_bytes())]).await.unwrap();
-        }
-    });
-    let (layer, worker) = Tollgate::builder(config).store_arc(store).build();
-    rt.spawn(worker.run());
-    let mut svc = layer.tenant_context(context).layer(bare());
-    // Warm: every tenant known, every lease reserved.
-    rt.block_on(async {
-        for i in 0..tenants {
-            let r = svc.call(request(&key(i))).await.unwrap();
-            assert_eq!(r.status(), 200);
-        }
-    });
-    svc
-}
+use support::*;
 
 fn bench(c: &mut Criterion) {
     let quick = std::env::args().any(|a| a == "--test");
@@ -176,16 +43,8 @@ fn bench(c: &mut Criterion) {
                 b.iter_custom(|iters| run(&svc, &keys, threads, iters, rt.handle()))
             });
 
-            let config = || {
-                let mut b = GovernorConfigBuilder::default();
-                b.per_nanosecond(1).burst_size(1_000_000_000);
-                b
-            };
-            let plain = GovernorLayer::new(config().key_extractor(ApiKeyHeader).finish().unwrap()).layer(bare());
-            bench_governor(&mut group, "tower_governor", plain, &keys, threads, n, &rt);
-            let with_headers =
-                GovernorLayer::new(config().key_extractor(ApiKeyHeader).use_headers().finish().unwrap()).layer(bare());
-            bench_governor(&mut group, "tower_governor_headers", with_headers, &keys, threads, n, &rt);
+            bench_governor(&mut group, "tower_governor", governor(false, &keys), &keys, threads, n, &rt);
+            bench_governor(&mut group, "tower_governor_headers", governor(true, &keys), &keys, threads, n, &rt);
 
             for (name, style, context) in [
                 ("tollgate", "draft", true),
@@ -217,14 +76,9 @@ fn bench_governor<S>(
     n: usize,
     rt: &tokio::runtime::Runtime,
 ) where
-    S: Service<Request<Body>> + Clone + Send + 'static,
+    S: Service<Request<axum::body::Body>> + Clone + Send + 'static,
     S::Future: Send,
 {
-    // Warm: every tenant has its cell.
-    let mut warm = svc.clone();
-    for k in keys.iter() {
-        let _ = now(warm.call(request(k)));
-    }
     group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
         b.iter_custom(|iters| run(&svc, keys, threads, iters, rt.handle()))
     });

@@ -148,17 +148,47 @@ async fn an_idempotent_replay_is_neither_charged_nor_recorded_twice() {
     let total = common::committed(&**h.tollgate.store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(total, 5);
     // A failed request releases its key: its retry is charged.
-    assert_eq!(h.send(req("GET", "/fail", Some("key-soft"), Some("retry-me"))).await.status, 500);
-    assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("retry-me"))).await.status, 200);
+    assert_eq!(h.send(req("POST", "/fail", Some("key-soft"), Some("retry-me"))).await.status, 500);
+    assert_eq!(h.send(req("POST", "/", Some("key-soft"), Some("retry-me"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
     assert_eq!(common::committed(&**h.tollgate.store(), "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
 }
 
 #[tokio::test]
-async fn the_same_idempotency_key_of_another_tenant_is_charged() {
+async fn the_idempotency_key_is_honoured_only_on_the_configured_methods() {
+    // By default only POST and PATCH honour it: two GETs with one key are charged twice.
     let h = Harness::new(PLANS);
     assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("k"))).await.status, 200);
-    assert_eq!(h.send(req("GET", "/", Some("key-big"), Some("k"))).await.status, 200);
+    assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("k"))).await.status, 200);
+    // A malformed key on a method that ignores it is not read, so not refused.
+    assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some(&"x".repeat(300)))).await.status, 200);
+    assert_eq!(h.send(req("PATCH", "/", Some("key-soft"), Some("p"))).await.status, 200);
+    assert_eq!(h.send(req("PATCH", "/", Some("key-soft"), Some("p"))).await.status, 200);
+    h.tollgate.flush().await.unwrap();
+    let store = h.tollgate.store().clone();
+    assert_eq!(common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 4);
+
+    // Listed methods only (any case); POST is then charged every time.
+    let toml = format!("[limits]\nidempotency_methods = [\"get\"]\n{PLANS}");
+    let h = Harness::new(&toml);
+    assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("k"))).await.status, 200);
+    assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("k"))).await.status, 200);
+    assert_eq!(h.send(req("POST", "/", Some("key-soft"), Some("k"))).await.status, 200);
+    h.tollgate.flush().await.unwrap();
+    let store = h.tollgate.store().clone();
+    assert_eq!(common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 2);
+
+    let err = tollgate::Config::from_toml_str("[limits]\nidempotency_methods = [\"POST\", \"post\"]").unwrap_err();
+    assert!(err.to_string().contains("limits.idempotency_methods[1]"), "{err}");
+    let err = tollgate::Config::from_toml_str("[limits]\nidempotency_methods = [\"PO ST\"]").unwrap_err();
+    assert!(err.to_string().contains("is not an HTTP method"), "{err}");
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_of_another_tenant_is_charged() {
+    let h = Harness::new(PLANS);
+    assert_eq!(h.send(req("POST", "/", Some("key-soft"), Some("k"))).await.status, 200);
+    assert_eq!(h.send(req("POST", "/", Some("key-big"), Some("k"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
     let store = h.tollgate.store().clone();
     assert_eq!(common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);

@@ -142,7 +142,7 @@ async fn missing_unknown_and_malformed_keys_get_4xx_and_create_no_state() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(h.send(twice).await.status, 400);
-    let bad_idem = h.send(req("GET", "/", Some("key-acme"), Some(&"x".repeat(256)))).await;
+    let bad_idem = h.send(req("POST", "/", Some("key-acme"), Some(&"x".repeat(256)))).await;
     assert_eq!(bad_idem.status, 400);
     assert_eq!(bad_idem.json()["title"], "Malformed Idempotency-Key");
 

@@ -60,6 +60,9 @@ pub struct Limits {
     pub idempotency_window: Duration,
     /// The most `Idempotency-Key`s remembered at once.
     pub idempotency_capacity: u64,
+    /// The methods whose `Idempotency-Key` is honoured (`POST` and `PATCH` by default: the
+    /// others are idempotent by definition, and their key is not even read).
+    pub idempotency_methods: Vec<http::Method>,
 }
 
 /// How usage is aggregated, flushed and billed.

@@ -40,6 +40,7 @@ pub(crate) struct RawLimits {
     pub(crate) headers: Option<String>,
     pub(crate) idempotency_window: Option<String>,
     pub(crate) idempotency_capacity: Option<u64>,
+    pub(crate) idempotency_methods: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -258,6 +258,22 @@ impl Validator<'_, '_> {
                 Some(0) => return Err(self.invalid("limits.idempotency_capacity", "must be at least 1")),
                 Some(n) => n,
             },
+            idempotency_methods: match &l.idempotency_methods {
+                None => vec![http::Method::POST, http::Method::PATCH],
+                Some(list) => {
+                    let mut methods = Vec::with_capacity(list.len());
+                    for (i, m) in list.iter().enumerate() {
+                        let path = format!("limits.idempotency_methods[{i}]");
+                        let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                            .map_err(|_| self.invalid(&path, format!("`{m}` is not an HTTP method")))?;
+                        if methods.contains(&method) {
+                            return Err(self.invalid(&path, format!("`{method}` is listed twice")));
+                        }
+                        methods.push(method);
+                    }
+                    methods
+                }
+            },
         };
 
         // Usage.

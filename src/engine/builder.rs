@@ -94,7 +94,8 @@ impl Builder {
         let metrics = Arc::new(Metrics::register());
         let limits = self.config.limits.clone();
         let fp = Fingerprinter::random();
-        let runtime = Runtime::compile(self.config, &metrics);
+        let clock = self.clock.unwrap_or_default();
+        let runtime = Runtime::compile(self.config, &metrics, &clock);
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Shared {
@@ -102,7 +103,7 @@ impl Builder {
             table: TenantTable::new(limits.max_tenants),
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             sink: self.sink,
-            clock: self.clock.unwrap_or_default(),
+            clock,
             idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity, fp),
             metrics,
             totals: Totals::default(),

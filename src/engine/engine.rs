@@ -24,7 +24,7 @@ use crate::{
     clock::Clock,
     config::{HeaderStyle, QuotaMode, StoreErrorPolicy, TenantId},
     plan::{CompiledPlan, Runtime},
-    response::{HeaderState, PolicyStatus, Rejection, RejectionKind},
+    response::{HeaderState, Rejection, RejectionKind},
     store::{QuotaKey, Store, StoreError},
     tenant::{check_api_key, Credential, KeyHash, QuotaRef, Take, TenantState},
 };
@@ -77,7 +77,7 @@ enum OwnedCredential {
 /// A request that passed the rate check and waits for quota units.
 struct Partial {
     state: Arc<TenantState>,
-    rate: Option<PolicyStatus>,
+    headers: HeaderState,
     claim: Option<Claim>,
     charged: bool,
     at: i64,
@@ -115,6 +115,36 @@ pub(crate) struct Shared {
     pub(crate) refill_locks: Box<[tokio::sync::Mutex<()>]>,
 }
 
+/// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].
+#[derive(Clone)]
+pub(crate) struct RuntimeSource(Arc<Shared>);
+
+impl std::ops::Deref for RuntimeSource {
+    type Target = ArcSwap<Runtime>;
+
+    fn deref(&self) -> &ArcSwap<Runtime> {
+        &self.0.runtime
+    }
+}
+
+/// A front door's copy of the configuration in force: one relaxed load per request to see
+/// whether a reload replaced it, instead of a shared-counter update.
+#[derive(Clone)]
+pub(crate) struct RuntimeCache(arc_swap::Cache<RuntimeSource, Arc<Runtime>>);
+
+impl RuntimeCache {
+    #[inline]
+    pub(crate) fn load(&mut self) -> &Arc<Runtime> {
+        self.0.load()
+    }
+}
+
+impl fmt::Debug for RuntimeCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RuntimeCache")
+    }
+}
+
 /// The engine: tenants, plans, counters and the usage pipeline, shared by every front door
 /// and every clone of them. A cheap `Clone` handle.
 ///
@@ -148,11 +178,28 @@ impl Tollgate {
     }
 
     /// Like [`admit`](Self::admit), for front doors that need the configured way of
-    /// identifying tenants to describe the request.
+    /// identifying tenants to describe the request. An `Idempotency-Key` on a method the
+    /// configuration does not list (`limits.idempotency_methods`) is ignored.
     #[inline]
     pub fn admit_with<'a>(&self, describe: impl FnOnce(&crate::config::Identify) -> RequestInfo<'a>) -> Admission {
         let rt = self.shared.runtime.load();
-        let req = &describe(&rt.config.identify);
+        let mut req = describe(&rt.config.identify);
+        if !rt.honours_idempotency(req.method) {
+            req.idempotency_key = None;
+        }
+        self.admit_in(&rt, &req)
+    }
+
+    /// The configuration compiled for the request path, for front doors that keep a
+    /// [`RuntimeCache`].
+    pub(crate) fn runtime_cache(&self) -> RuntimeCache {
+        RuntimeCache(arc_swap::Cache::new(RuntimeSource(self.shared.clone())))
+    }
+
+    /// Decides on a request described against `rt`, whose `idempotency_key` is only set on
+    /// methods that honour it.
+    #[inline]
+    pub(crate) fn admit_in(&self, rt: &Runtime, req: &RequestInfo<'_>) -> Admission {
         if let Some(key) = req.idempotency_key {
             if let Err(why) = check_key(key) {
                 return self.reject(Rejection::new(RejectionKind::MalformedIdempotencyKey, why));
@@ -296,8 +343,8 @@ impl Tollgate {
     }
 
     fn new_state(&self, rt: &Runtime, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
-        let window = rt.config.usage.window.as_secs() as i64;
-        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock.clone(), window)
+        let _ = rt;
+        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock.clone())
     }
 
     fn after_insert(&self, rt: &Runtime) {
@@ -323,54 +370,41 @@ impl Tollgate {
             },
         };
         let plan = &state.plan;
-        let rate = match (&state.limiter, &plan.rate) {
-            (Some(limiter), Some(policy)) => {
-                let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
-                match limiter.check_n(cells) {
-                    // Header values are only computed when headers are sent.
-                    Ok(Ok(_)) if plan.header_style == HeaderStyle::None => None,
-                    Ok(Ok(snapshot)) => {
-                        let remaining = snapshot.remaining_burst_capacity();
-                        let empty = u64::from(policy.burst.get() - remaining.min(policy.burst.get()));
-                        let reset = ceil_secs(policy.rate.interval() * empty as u32);
-                        Some(PolicyStatus {
-                            limit: u64::from(policy.rate.count().get()),
-                            remaining: u64::from(remaining),
-                            reset_secs: reset,
-                        })
+        let mut headers = HeaderState::new(meter);
+        if let Some(policy) = &plan.rate {
+            let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
+            match policy.limiter.check(&state, cells) {
+                // Header values are only computed when headers are sent.
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(remaining))) => {
+                    let empty = policy.burst.get() - remaining.min(policy.burst.get());
+                    headers.set_rate(remaining, ceil_secs(policy.rate.interval() * empty));
+                }
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(self.shared.clock.now());
+                    let retry = ceil_secs(wait).max(1);
+                    if let Some(c) = claim {
+                        c.release();
                     }
-                    Ok(Err(not_until)) => {
-                        let wait = not_until.wait_time_from(self.shared.clock.now());
-                        let retry = ceil_secs(wait).max(1);
-                        if let Some(c) = claim {
-                            c.release();
-                        }
-                        let status = PolicyStatus {
-                            limit: u64::from(policy.rate.count().get()),
-                            remaining: 0,
-                            reset_secs: retry,
-                        };
-                        let mut r = Rejection::new(
-                            RejectionKind::RateLimited,
-                            Cow::Owned(format!(
-                                "the rate of plan `{}` ({}, burst {}) is spent",
-                                plan.id, policy.rate, policy.burst
-                            )),
-                        );
-                        r.inner.policy = Some("rate".to_owned());
-                        r.inner.headers = HeaderState { meter, rate: Some(status), quota: None };
-                        return self.reject(r.with_retry_after(retry).for_tenant(&state));
-                    }
-                    Err(_) => {
-                        let r =
-                            Rejection::new(RejectionKind::RateLimited, "the request costs more than the plan's burst");
-                        return self.reject(r.for_tenant(&state));
-                    }
+                    headers.set_rate(0, retry);
+                    let mut r = Rejection::new(
+                        RejectionKind::RateLimited,
+                        Cow::Owned(format!(
+                            "the rate of plan `{}` ({}, burst {}) is spent",
+                            plan.id, policy.rate, policy.burst
+                        )),
+                    );
+                    r.inner.policy = Some("rate".to_owned());
+                    r.inner.headers = headers;
+                    return self.reject(r.with_retry_after(retry).for_tenant(&state));
+                }
+                Err(_) => {
+                    let r = Rejection::new(RejectionKind::RateLimited, "the request costs more than the plan's burst");
+                    return self.reject(r.for_tenant(&state));
                 }
             }
-            _ => None,
-        };
-        let partial = Partial { state, rate, claim, charged, at: now };
+        }
+        let partial = Partial { state, headers, claim, charged, at: now };
         match self.take(partial, meter, cost) {
             Ok(ticket) => {
                 self.shared.metrics.admitted.increment(1);
@@ -391,53 +425,51 @@ impl Tollgate {
     // The large `Err` hands the partial admission back for the rare refill path; boxing it
     // would only add an allocation there.
     #[allow(clippy::result_large_err)]
-    fn take(&self, p: Partial, meter: usize, cost: u32) -> Result<Ticket, Result<Rejection, Partial>> {
+    fn take(&self, mut p: Partial, meter: usize, cost: u32) -> Result<Ticket, Result<Rejection, Partial>> {
         let cell = match p.state.quota(meter) {
             Some(cell) if p.charged => cell,
-            _ => return Ok(self.ticket(p, meter, cost, None, None)),
+            _ => return Ok(self.ticket(p, cost, None)),
         };
         match cell.try_take(u64::from(cost), p.at) {
-            Take::Taken { remaining, overage } => {
-                if overage {
-                    p.state.plan.metrics.overage_units.increment(u64::from(cost));
+            Take::Taken { left } => {
+                let end = cell.period_end();
+                let informed = p.state.plan.header_style != HeaderStyle::None;
+                // The estimate reads the cold part of the quota: only for soft quotas (overage)
+                // and headers.
+                if informed || !cell.hard() {
+                    let (remaining, overage) = cell.estimate(left);
+                    if overage {
+                        p.state.plan.metrics.overage_units.increment(u64::from(cost));
+                    }
+                    if informed {
+                        p.headers.set_quota(remaining, (end - p.at).max(0) as u64);
+                    }
                 }
-                let (_, end) = cell.period();
-                let status = (p.state.plan.header_style != HeaderStyle::None).then(|| PolicyStatus {
-                    limit: cell.spec.limit().get(),
-                    remaining,
-                    reset_secs: (end - p.at).max(0) as u64,
-                });
-                if cell.wants_prefetch(p.at) {
+                if cell.wants_prefetch(left) {
                     self.request_prefetch(&p.state, meter, cell);
                 }
-                Ok(self.ticket(p, meter, cost, status, Some(end)))
+                Ok(self.ticket(p, cost, Some(end)))
             }
             Take::Exhausted => Err(Ok(self.quota_exceeded(p, meter))),
             Take::NeedLease => Err(Err(p)),
         }
     }
 
-    fn ticket(
-        &self,
-        p: Partial,
-        meter: usize,
-        cost: u32,
-        quota: Option<PolicyStatus>,
-        period_end: Option<i64>,
-    ) -> Ticket {
+    #[inline]
+    fn ticket(&self, p: Partial, cost: u32, period_end: Option<i64>) -> Ticket {
         Ticket {
-            headers: HeaderState { meter, rate: p.rate, quota },
+            headers: p.headers,
             state: p.state,
             cost,
             charged: p.charged,
-            quota_period_end: period_end,
+            quota_period_end: period_end.unwrap_or(i64::MIN),
             at: p.at,
             claim: p.claim.map(Box::new),
             done: false,
         }
     }
 
-    fn quota_exceeded(&self, p: Partial, meter: usize) -> Rejection {
+    fn quota_exceeded(&self, mut p: Partial, meter: usize) -> Rejection {
         if let Some(c) = p.claim {
             c.release();
         }
@@ -445,23 +477,20 @@ impl Tollgate {
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
         let retry = (end - p.at).max(1) as u64;
-        let policy = format!("{}-{}", cell.meter_id, cell.spec.period().name());
+        let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
         let mut r = Rejection::new(
             RejectionKind::QuotaExceeded,
             Cow::Owned(format!(
                 "the {} quota of {} {} on plan `{}` is spent until the period ends",
                 cell.spec.period().name(),
                 cell.spec.limit(),
-                cell.meter_id,
+                cell.meter_id(),
                 p.state.plan.id
             )),
         );
         r.inner.policy = Some(policy);
-        r.inner.headers = HeaderState {
-            meter,
-            rate: p.rate,
-            quota: Some(PolicyStatus { limit: cell.spec.limit().get(), remaining: 0, reset_secs: retry }),
-        };
+        p.headers.set_quota(0, retry);
+        r.inner.headers = p.headers;
         r.with_retry_after(retry).for_tenant(&p.state)
     }
 
@@ -470,7 +499,7 @@ impl Tollgate {
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let state = p.state.clone();
         let Some(cell) = state.quota(meter) else {
-            return Ok(self.ticket(p, meter, cost, None, None));
+            return Ok(self.ticket(p, cost, None));
         };
         let at = p.at;
         let refilled = with_timeout(timeout, async {
@@ -497,7 +526,7 @@ impl Tollgate {
                 match p.state.plan.on_store_error {
                     StoreErrorPolicy::FailOpen => {
                         self.shared.metrics.admitted.increment(1);
-                        Ok(self.ticket(p, meter, cost, None, None))
+                        Ok(self.ticket(p, cost, None))
                     }
                     StoreErrorPolicy::FailClosed => {
                         if let Some(c) = p.claim {
@@ -530,7 +559,7 @@ impl Tollgate {
         let (start, _) = cell.period();
         let debt = (-cell.lease()).max(0) as u64;
         let want = cell.spec.lease().get().max(need).saturating_add(debt);
-        let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id.clone(), period_start: start };
+        let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id().clone(), period_start: start };
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
         let grant = self.shared.store.reserve(&key, want, limit).await?;
         cell.grant(grant.granted, grant.reserved, want);

@@ -10,8 +10,8 @@ mod table;
 mod ticket;
 
 pub use builder::Builder;
-pub(crate) use engine::Prefetch;
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};
+pub(crate) use engine::{Prefetch, RuntimeCache};
 pub(crate) use metrics::Metrics;
 pub use metrics::Stats;
 pub use pipeline::{ExportReport, FlushReport, ShutdownReport};

@@ -203,7 +203,8 @@ impl Tollgate {
                 let left = cell.take_all();
                 let (start, end) = cell.period();
                 if left > 0 && now < end {
-                    let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id.clone(), period_start: start };
+                    let key =
+                        QuotaKey { tenant: state.id.clone(), meter: cell.meter_id().clone(), period_start: start };
                     if let Err(e) = with_timeout(timeout, self.shared.store.release(&key, left as u64)).await {
                         self.store_error("release lease", &e);
                     }
@@ -315,7 +316,7 @@ impl Tollgate {
     /// kept (they live in the store and the usage pipeline); every tenant is resolved again
     /// under its new plan on its next request, with a fresh token bucket.
     pub async fn reload(&self, config: Config) {
-        let rt = Runtime::compile(config, &self.shared.metrics);
+        let rt = Runtime::compile(config, &self.shared.metrics, &self.shared.clock);
         self.shared.runtime.store(Arc::new(rt));
         let states = self.shared.table.evict_all();
         self.return_leases(states).await;

@@ -79,11 +79,17 @@ impl TenantTable {
         (u128::from(f.hi) << 64) | u128::from(f.lo)
     }
 
-    /// The live state for a credential, if it is known.
+    /// The state for a credential, if it is known. A state being evicted at this very moment
+    /// may still be returned: the usage recorded there is drained with the retired states, and
+    /// its lease given back when the last request holding it is done.
     #[inline]
     pub(crate) fn get(&self, lookup: Lookup<'_>) -> Option<Arc<TenantState>> {
-        let state = self.credentials.get(&self.digest(lookup))?.clone();
-        (!state.is_evicted()).then_some(state)
+        let entry = self.credentials.get(&self.digest(lookup))?;
+        let state = entry.value();
+        // Two plain loads first, one from each of the two lines this request writes (the Arc
+        // counts, the state's first line), so that both misses are in flight together.
+        std::hint::black_box((Arc::strong_count(state), state.warm()));
+        Some(state.clone())
     }
 
     /// The state of `id`, created by `make` if absent; `lookup` then reaches it directly.

@@ -17,14 +17,15 @@ use crate::{
 #[must_use = "complete the ticket with the response status, or its usage is refunded"]
 pub struct Ticket {
     pub(crate) state: Arc<TenantState>,
+    /// The meter, and what the rate-limit headers report.
     pub(crate) headers: HeaderState,
+    /// The end of the quota period the units were taken from (`i64::MIN`: no units taken).
+    pub(crate) quota_period_end: i64,
+    pub(crate) at: i64,
+    pub(crate) claim: Option<Box<Claim>>,
     pub(crate) cost: u32,
     /// `false` for an idempotent replay: nothing is charged or recorded.
     pub(crate) charged: bool,
-    /// The end of the quota period the units were taken from (`None`: no units taken).
-    pub(crate) quota_period_end: Option<i64>,
-    pub(crate) at: i64,
-    pub(crate) claim: Option<Box<Claim>>,
     pub(crate) done: bool,
 }
 
@@ -63,7 +64,7 @@ impl Ticket {
         self.done = true;
         if self.state.plan.billable.contains(status) {
             if self.charged {
-                self.state.record(self.headers.meter, self.at, u64::from(self.cost));
+                self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
                 self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
                 return true;
             }
@@ -78,8 +79,10 @@ impl Ticket {
         if !self.charged {
             return;
         }
-        if let (Some(end), Some(cell)) = (self.quota_period_end, self.state.quota(self.headers.meter)) {
-            cell.refund(u64::from(self.cost), end);
+        if self.quota_period_end != i64::MIN {
+            if let Some(cell) = self.state.quota(self.headers.meter()) {
+                cell.refund(u64::from(self.cost), self.quota_period_end);
+            }
         }
         if let Some(claim) = self.claim.take() {
             claim.release();

@@ -5,7 +5,7 @@ use tower_service::Service;
 
 use super::{future::ResponseFuture, FromConfig, TenantResolver};
 use crate::{
-    engine::{Admission, RequestInfo, Tollgate},
+    engine::{Admission, RequestInfo, RuntimeCache, Tollgate},
     response::{Field, ProblemJson, Rejection, RejectionResponder},
 };
 
@@ -17,6 +17,7 @@ use crate::{
 pub struct TollgateService<S, R = FromConfig, P = ProblemJson> {
     inner: S,
     tollgate: Tollgate,
+    runtime: RuntimeCache,
     resolver: R,
     responder: P,
     context: bool,
@@ -24,7 +25,7 @@ pub struct TollgateService<S, R = FromConfig, P = ProblemJson> {
 
 impl<S, R, P> TollgateService<S, R, P> {
     pub(crate) fn new(inner: S, tollgate: Tollgate, resolver: R, responder: P, context: bool) -> Self {
-        Self { inner, tollgate, resolver, responder, context }
+        Self { inner, runtime: tollgate.runtime_cache(), tollgate, resolver, responder, context }
     }
 
     /// The engine.
@@ -59,12 +60,20 @@ where
         // The clone that was driven to readiness serves this request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let admission = self.tollgate.admit_with(|identify| RequestInfo {
-            method: request.method().as_str(),
+        let rt = self.runtime.load();
+        let method = request.method().as_str();
+        let info = RequestInfo {
+            method,
             path: request.uri().path(),
-            credential: self.resolver.resolve(&request, identify),
-            idempotency_key: request.headers().get(&IDEMPOTENCY_KEY).map(HeaderValue::as_bytes),
-        });
+            credential: self.resolver.resolve(&request, &rt.config.identify),
+            // Only read on the methods that honour it.
+            idempotency_key: if rt.honours_idempotency(method) {
+                request.headers().get(&IDEMPOTENCY_KEY).map(HeaderValue::as_bytes)
+            } else {
+                None
+            },
+        };
+        let admission = self.tollgate.admit_in(rt, &info);
         match admission {
             Admission::Admitted(ticket) => {
                 if self.context {

@@ -3,11 +3,19 @@
 
 use std::{collections::HashMap, fmt::Write as _, num::NonZeroU32, sync::Arc};
 
+use governor::{
+    middleware::{NoOpMiddleware, StateInformationMiddleware},
+    nanos::Nanos,
+    InsufficientCapacity, NotUntil,
+};
+
 use crate::{
+    clock::Clock,
     config::{Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaSpec, Rate, StatusSet, StoreErrorPolicy, TenantId},
     engine::Metrics,
     store::TenantRecord,
     tenant::KeyHash,
+    tenant::{TenantCells, TenantState},
 };
 
 use super::RoutePattern;
@@ -26,9 +34,55 @@ impl MeterTable {
 
 #[derive(Debug)]
 pub(crate) struct RatePolicy {
-    pub(crate) quota: governor::Quota,
     pub(crate) rate: Rate,
     pub(crate) burst: NonZeroU32,
+    pub(crate) limiter: PlanLimiter,
+}
+
+type Keyed<MW> = governor::RateLimiter<Arc<TenantState>, TenantCells, Clock, MW>;
+
+/// The plan's rate limiter: one governor limiter (GCRA parameters and clock) for every tenant
+/// of the plan, each tenant's cell living in its own state. It reports the remaining burst
+/// only when headers need it.
+pub(crate) enum PlanLimiter {
+    Plain(Keyed<NoOpMiddleware<Nanos>>),
+    Informed(Keyed<StateInformationMiddleware>),
+}
+
+/// A conforming request: the remaining burst, when asked for.
+pub(crate) type Conforming = Option<u32>;
+
+impl PlanLimiter {
+    fn new(quota: governor::Quota, clock: &Clock, informed: bool) -> Self {
+        let limiter = governor::RateLimiter::new(quota, TenantCells, clock.clone());
+        if informed {
+            Self::Informed(limiter.with_middleware())
+        } else {
+            Self::Plain(limiter)
+        }
+    }
+
+    /// Takes `n` cells of `state`'s bucket.
+    #[inline]
+    pub(crate) fn check(
+        &self,
+        state: &Arc<TenantState>,
+        n: NonZeroU32,
+    ) -> Result<Result<Conforming, NotUntil<Nanos>>, InsufficientCapacity> {
+        match self {
+            Self::Plain(l) => l.check_key_n(state, n).map(|r| r.map(|()| None)),
+            Self::Informed(l) => l.check_key_n(state, n).map(|r| r.map(|s| Some(s.remaining_burst_capacity()))),
+        }
+    }
+}
+
+impl std::fmt::Debug for PlanLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain(_) => "PlanLimiter::Plain",
+            Self::Informed(_) => "PlanLimiter::Informed",
+        })
+    }
 }
 
 /// A plan ready for the request path.
@@ -38,6 +92,10 @@ pub(crate) struct CompiledPlan {
     pub(crate) rate: Option<RatePolicy>,
     /// (meter index, quota), in meter order.
     pub(crate) quotas: Box<[(usize, QuotaSpec)]>,
+    /// For each meter, the index of its quota in `quotas`.
+    pub(crate) quota_of: Box<[Option<u8>]>,
+    /// The usage window, in seconds.
+    pub(crate) window_secs: i64,
     /// The `RateLimit-Policy` value for a request on each meter.
     pub(crate) policy_header: Box<[Box<str>]>,
     pub(crate) on_store_error: StoreErrorPolicy,
@@ -47,6 +105,14 @@ pub(crate) struct CompiledPlan {
     pub(crate) metrics: Arc<Metrics>,
 }
 
+impl CompiledPlan {
+    /// The index of the usage window holding `now` (Unix seconds).
+    #[inline]
+    pub(crate) fn window_index(&self, now: i64) -> u32 {
+        now.div_euclid(self.window_secs) as u32
+    }
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
@@ -54,15 +120,26 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl CompiledPlan {
-    fn compile(spec: &PlanSpec, meters: &Arc<MeterTable>, config: &Config, metrics: &Arc<Metrics>) -> Self {
+    fn compile(
+        spec: &PlanSpec,
+        meters: &Arc<MeterTable>,
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        clock: &Clock,
+    ) -> Self {
+        let informed = config.limits.headers != HeaderStyle::None;
         let rate = spec.rate.map(|rate| {
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
                 .allow_burst(spec.burst);
-            RatePolicy { quota, rate, burst: spec.burst }
+            RatePolicy { rate, burst: spec.burst, limiter: PlanLimiter::new(quota, clock, informed) }
         });
-        let quotas: Box<[(usize, QuotaSpec)]> =
+        let mut quotas: Vec<(usize, QuotaSpec)> =
             spec.quotas.iter().filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone()))).collect();
+        quotas.sort_by_key(|(m, _)| *m);
+        let quotas: Box<[(usize, QuotaSpec)]> = quotas.into();
+        let quota_of =
+            (0..meters.ids.len()).map(|m| quotas.iter().position(|(i, _)| *i == m).map(|q| q as u8)).collect();
         let policy_header = (0..meters.ids.len())
             .map(|m| {
                 let mut s = String::new();
@@ -89,6 +166,8 @@ impl CompiledPlan {
             id: spec.id.clone(),
             rate,
             quotas,
+            quota_of,
+            window_secs: config.usage.window.as_secs().max(1) as i64,
             policy_header,
             on_store_error: spec.on_store_error.unwrap_or(config.usage.on_store_error),
             meters: meters.clone(),
@@ -120,15 +199,21 @@ pub(crate) struct Runtime {
     pub(crate) static_tenants: HashMap<TenantId, TenantRecord>,
     /// The `WWW-Authenticate` challenge of a 401.
     pub(crate) challenge: Arc<str>,
+    idempotency_methods: Box<[http::Method]>,
 }
 
 impl Runtime {
-    pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>) -> Self {
-        let meters = Arc::new(MeterTable { ids: config.meters.iter().map(|m| m.id.clone()).collect() });
+    pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>, clock: &Clock) -> Self {
+        // The default meter first: its cells sit on the line every request touches.
+        let mut ids: Vec<MeterId> = config.meters.iter().map(|m| m.id.clone()).collect();
+        if let Some(i) = ids.iter().position(|m| *m == config.default_meter) {
+            ids[..=i].rotate_right(1);
+        }
+        let meters = Arc::new(MeterTable { ids: ids.into() });
         let plans: HashMap<PlanId, Arc<CompiledPlan>> = config
             .plans
             .values()
-            .map(|p| (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &config, metrics))))
+            .map(|p| (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &config, metrics, clock))))
             .collect();
         let index = |m: &MeterId| meters.index(m.as_str()).expect("validated: routes name declared meters");
         let routes = config
@@ -160,7 +245,6 @@ impl Runtime {
             crate::config::Identify::Extension => "Bearer".to_owned(),
         };
         Self {
-            config,
             plans,
             routes,
             default_meter,
@@ -168,7 +252,15 @@ impl Runtime {
             static_keys,
             static_tenants,
             challenge: challenge.into(),
+            idempotency_methods: config.limits.idempotency_methods.clone().into(),
+            config,
         }
+    }
+
+    /// Whether an `Idempotency-Key` on a request with this method is honoured.
+    #[inline]
+    pub(crate) fn honours_idempotency(&self, method: &str) -> bool {
+        self.idempotency_methods.iter().any(|m| m.as_str() == method)
     }
 
     /// The meter and cost of a request: the first matching route, else the default meter at 1.

@@ -46,12 +46,69 @@ pub(crate) struct PolicyStatus {
 }
 
 /// What the headers of one response report: the meter of the request, the rate and quota
-/// state after its admission.
+/// state after its admission. Compact (24 bytes; the limits come from the plan), as it travels
+/// in every ticket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct HeaderState {
-    pub(crate) meter: usize,
-    pub(crate) rate: Option<PolicyStatus>,
-    pub(crate) quota: Option<PolicyStatus>,
+    quota_remaining: u64,
+    rate_remaining: u32,
+    rate_reset: u32,
+    quota_reset: u32,
+    meter: u16,
+    /// Bit 0: the rate is reported; bit 1: the quota is.
+    has: u8,
+}
+
+const RATE: u8 = 1;
+const QUOTA: u8 = 2;
+
+fn secs32(secs: u64) -> u32 {
+    u32::try_from(secs).unwrap_or(u32::MAX)
+}
+
+impl HeaderState {
+    pub(crate) fn new(meter: usize) -> Self {
+        Self { meter: meter as u16, ..Self::default() }
+    }
+
+    /// The meter index of the request.
+    #[inline]
+    pub(crate) fn meter(&self) -> usize {
+        usize::from(self.meter)
+    }
+
+    pub(crate) fn set_rate(&mut self, remaining: u32, reset_secs: u64) {
+        self.rate_remaining = remaining;
+        self.rate_reset = secs32(reset_secs);
+        self.has |= RATE;
+    }
+
+    pub(crate) fn set_quota(&mut self, remaining: u64, reset_secs: u64) {
+        self.quota_remaining = remaining;
+        self.quota_reset = secs32(reset_secs);
+        self.has |= QUOTA;
+    }
+
+    pub(crate) fn rate(&self, plan: &CompiledPlan) -> Option<PolicyStatus> {
+        let policy = plan.rate.as_ref().filter(|_| self.has & RATE != 0)?;
+        Some(PolicyStatus {
+            limit: u64::from(policy.rate.count().get()),
+            remaining: u64::from(self.rate_remaining),
+            reset_secs: u64::from(self.rate_reset),
+        })
+    }
+
+    pub(crate) fn quota(&self, plan: &CompiledPlan) -> Option<PolicyStatus> {
+        if self.has & QUOTA == 0 {
+            return None;
+        }
+        let index = (*plan.quota_of.get(self.meter())?)?;
+        Some(PolicyStatus {
+            limit: plan.quotas[usize::from(index)].1.limit().get(),
+            remaining: self.quota_remaining,
+            reset_secs: u64::from(self.quota_reset),
+        })
+    }
 }
 
 /// Writes the header fields of a response through `put`; computed values come owned, so a
@@ -63,25 +120,28 @@ pub(crate) fn emit(
     put: &mut dyn FnMut(Field, Cow<'_, str>),
 ) {
     let mut num = itoa::Buffer::new();
+    let (rate, quota) = match plan.header_style {
+        HeaderStyle::None => (None, None),
+        _ => (state.rate(plan), state.quota(plan)),
+    };
     match plan.header_style {
         HeaderStyle::Draft => {
-            if let Some(policy) = plan.policy_header.get(state.meter).filter(|p| !p.is_empty()) {
+            if let Some(policy) = plan.policy_header.get(state.meter()).filter(|p| !p.is_empty()) {
                 put(Field::RateLimitPolicy, Cow::Borrowed(policy));
             }
-            if state.rate.is_some() || state.quota.is_some() {
+            if rate.is_some() || quota.is_some() {
                 let mut value = String::with_capacity(64);
-                if let Some(r) = &state.rate {
+                if let Some(r) = &rate {
                     item(&mut value, "rate", "", r, &mut num);
                 }
-                if let (Some(q), Some((_, spec))) = (&state.quota, plan.quotas.iter().find(|(m, _)| *m == state.meter))
-                {
-                    item(&mut value, plan.meters.ids[state.meter].as_str(), spec.period().name(), q, &mut num);
+                if let (Some(q), Some((_, spec))) = (&quota, plan.quotas.iter().find(|(m, _)| *m == state.meter())) {
+                    item(&mut value, plan.meters.ids[state.meter()].as_str(), spec.period().name(), q, &mut num);
                 }
                 put(Field::RateLimit, Cow::Owned(value));
             }
         }
         HeaderStyle::Legacy => {
-            let tightest = match (&state.rate, &state.quota) {
+            let tightest = match (&rate, &quota) {
                 (Some(r), Some(q)) => Some(if q.remaining < r.remaining { q } else { r }),
                 (r, q) => r.as_ref().or(q.as_ref()),
             };

@@ -5,4 +5,4 @@ mod state;
 
 pub(crate) use key::{check_api_key, Fingerprinter, TAG_API_KEY, TAG_IDEMPOTENCY, TAG_TENANT};
 pub use key::{Credential, Identity, KeyHash};
-pub(crate) use state::{QuotaRef, Take, TenantState};
+pub(crate) use state::{QuotaRef, Take, TenantCells, TenantState};

@@ -1,13 +1,18 @@
-//! The per-tenant state of the request path, reached through one map lookup: the token
-//! bucket, the quota leases and the usage counters.
+//! The per-tenant state of the request path, reached through one map lookup: the GCRA cell,
+//! the quota leases and the usage counters.
 
-use std::sync::{
-    atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
-    Arc,
+use std::{
+    hash::{Hash, Hasher},
+    sync::{
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
+        Arc,
+    },
 };
 
-use governor::{middleware::StateInformationMiddleware, state::InMemoryState, state::NotKeyed, RateLimiter};
-use smallvec::SmallVec;
+use governor::{
+    nanos::Nanos,
+    state::{InMemoryState, NotKeyed, StateStore},
+};
 
 use crate::{
     clock::Clock,
@@ -15,27 +20,61 @@ use crate::{
     plan::CompiledPlan,
 };
 
-pub(crate) type Limiter = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
-
-/// Aligned to a cache line, so that the `Arc` counts (written by every request) do not share
-/// a line with the fields every request reads. Quota and usage cells are inline (for up to two
-/// quotas and two meters), so a request touches a few adjacent lines of one allocation.
+/// The state of one tenant.
 ///
-/// `repr(C)`: the fields every request reads or writes come first, packed into as few lines as
-/// possible; the cold ones come last.
+/// Laid out for the request path: everything a request on the plan's first meter reads or
+/// writes (the GCRA cell, the plan, the last-seen second, that meter's lease and usage slots)
+/// fills the first cache line; the rest is cold. Aligned to a cache line, so that the `Arc`
+/// counts sit on the line just before it and no other allocation shares it.
 #[repr(C, align(64))]
 pub(crate) struct TenantState {
-    evicted: AtomicBool,
-    last_seen: AtomicI64,
+    gcra: InMemoryState,
     pub(crate) plan: Arc<CompiledPlan>,
-    pub(crate) window_secs: i64,
-    pub(crate) limiter: Option<Limiter>,
-    /// (meter index, cell), one per quota of the plan, in the plan's order.
-    quotas: SmallVec<[(u16, QuotaCell); 2]>,
-    usage: SmallVec<[UsageCell; 2]>,
+    last_seen: AtomicI64,
+    first: MeterCell,
+    // Cold from here.
+    /// The cells of meters 1.. of the plan's meter table.
+    more: Box<[MeterCell]>,
+    /// One per quota of the plan, in the plan's order.
+    quotas: Box<[QuotaCold]>,
+    evicted: AtomicBool,
     pub(crate) id: TenantId,
     pub(crate) customer: Option<Arc<str>>,
     pub(crate) clock: Clock,
+}
+
+/// A tenant is its own rate-limiter key: governor reaches its GCRA cell through
+/// [`TenantCells`]. Two states are the same key only if they are the same state.
+impl PartialEq for TenantState {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for TenantState {}
+
+impl Hash for TenantState {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::ptr::hash(self, state);
+    }
+}
+
+/// governor's keyed state store over the GCRA cells that live in the tenants' states: one
+/// rate limiter per plan (its parameters, its clock) serves every tenant of the plan, and a
+/// tenant's rate state costs 8 bytes on the line the request touches anyway.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct TenantCells;
+
+impl StateStore for TenantCells {
+    type Key = Arc<TenantState>;
+
+    #[inline]
+    fn measure_and_replace<T, F, E>(&self, key: &Self::Key, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        key.gcra.measure_and_replace(&NotKeyed::NonKey, f)
+    }
 }
 
 impl std::fmt::Debug for TenantState {
@@ -45,30 +84,31 @@ impl std::fmt::Debug for TenantState {
 }
 
 impl TenantState {
-    pub(crate) fn new(
-        id: TenantId,
-        plan: Arc<CompiledPlan>,
-        customer: Option<Arc<str>>,
-        clock: Clock,
-        window_secs: i64,
-    ) -> Self {
-        let limiter = plan.rate.as_ref().map(|r| {
-            RateLimiter::direct_with_clock(r.quota, clock.clone()).with_middleware::<StateInformationMiddleware>()
-        });
-        let quotas = plan.quotas.iter().enumerate().map(|(i, (meter, _))| (*meter as u16, QuotaCell::new(i))).collect();
-        let usage = (0..plan.meters.ids.len()).map(|_| UsageCell::default()).collect();
+    pub(crate) fn new(id: TenantId, plan: Arc<CompiledPlan>, customer: Option<Arc<str>>, clock: Clock) -> Self {
+        let meters = plan.meters.ids.len().max(1);
+        let more = (1..meters).map(|_| MeterCell::default()).collect();
+        let quotas = plan.quotas.iter().map(|_| QuotaCold::default()).collect();
         let now = clock.unix_secs();
         Self {
-            id,
+            gcra: InMemoryState::default(),
             plan,
+            last_seen: AtomicI64::new(now),
+            first: MeterCell::default(),
+            more,
+            quotas,
+            evicted: AtomicBool::new(false),
+            id,
             customer,
             clock,
-            window_secs,
-            limiter,
-            quotas,
-            usage,
-            last_seen: AtomicI64::new(now),
-            evicted: AtomicBool::new(false),
+        }
+    }
+
+    #[inline]
+    fn meter(&self, meter: usize) -> Option<&MeterCell> {
+        if meter == 0 {
+            Some(&self.first)
+        } else {
+            self.more.get(meter - 1)
         }
     }
 
@@ -84,7 +124,6 @@ impl TenantState {
         self.last_seen.load(Ordering::Relaxed)
     }
 
-    #[inline]
     pub(crate) fn is_evicted(&self) -> bool {
         self.evicted.load(Ordering::Acquire)
     }
@@ -93,143 +132,155 @@ impl TenantState {
         self.evicted.store(true, Ordering::Release);
     }
 
+    /// The quota of the tenant's plan on `meter`, if it has one.
     #[inline]
     pub(crate) fn quota(&self, meter: usize) -> Option<QuotaRef<'_>> {
-        let (_, cell) = self.quotas.iter().find(|(m, _)| usize::from(*m) == meter)?;
-        Some(self.view(meter, cell))
+        let index = usize::from(*self.plan.quota_of.get(meter)?.as_ref()?);
+        Some(self.view(meter, index))
     }
 
-    fn view<'a>(&'a self, meter: usize, cell: &'a QuotaCell) -> QuotaRef<'a> {
+    #[inline]
+    fn view(&self, meter: usize, index: usize) -> QuotaRef<'_> {
         QuotaRef {
-            cell,
+            state: self,
+            hot: self.meter(meter).expect("every meter of the plan has a cell"),
+            index,
             meter,
-            spec: &self.plan.quotas[usize::from(cell.index)].1,
-            meter_id: &self.plan.meters.ids[meter],
+            spec: &self.plan.quotas[index].1,
         }
+    }
+
+    /// Reads the request-path line of the state, so that its cache miss overlaps with the one
+    /// of the `Arc` counts on the line before (a load can be in flight while the counts line
+    /// is fetched; the locked increment that follows would otherwise wait for it first).
+    #[inline]
+    pub(crate) fn warm(&self) -> i64 {
+        self.last_seen.load(Ordering::Relaxed)
     }
 
     /// Every quota of the tenant.
     pub(crate) fn quotas(&self) -> impl Iterator<Item = QuotaRef<'_>> {
-        self.quotas.iter().map(|(m, cell)| self.view(usize::from(*m), cell))
+        self.plan.quotas.iter().enumerate().map(|(i, (meter, _))| self.view(*meter, i))
     }
 
     /// Adds usage to the window containing `now` (Unix seconds).
     #[inline]
     pub(crate) fn record(&self, meter: usize, now: i64, quantity: u64) {
-        if let Some(cell) = self.usage.get(meter) {
-            cell.add(now.div_euclid(self.window_secs), quantity);
+        if let Some(cell) = self.meter(meter) {
+            cell.add(self.plan.window_index(now), quantity);
         }
     }
 
     /// Takes all recorded usage: (meter index, window start in Unix seconds, quantity).
     pub(crate) fn drain_usage(&self, mut out: impl FnMut(usize, i64, u64)) {
-        for (meter, cell) in self.usage.iter().enumerate() {
-            for slot in &cell.slots {
-                let window = slot.window.load(Ordering::Acquire);
-                let quantity = slot.quantity.swap(0, Ordering::AcqRel);
+        let window_secs = self.plan.window_secs;
+        let cells = std::iter::once(&self.first).chain(self.more.iter());
+        for (meter, cell) in cells.enumerate() {
+            for slot in 0..2 {
+                let window = cell.windows[slot].load(Ordering::Acquire);
+                let quantity = cell.quantity[slot].swap(0, Ordering::AcqRel);
                 if quantity > 0 {
-                    out(meter, window * self.window_secs, quantity);
+                    out(meter, i64::from(window) * window_secs, quantity);
                 }
             }
         }
     }
 }
 
-/// Two window slots per meter: the current window and the one before, each tagged with its
-/// window index so the worker attributes usage to the window it was recorded in.
-#[derive(Default)]
-struct UsageCell {
-    slots: [UsageSlot; 2],
+/// One meter of a tenant: the lease of its quota (if the plan has one on this meter) and two
+/// usage slots, the current window and the one before, each tagged with its window index so
+/// that the worker attributes usage to the window it was recorded in. 40 bytes.
+struct MeterCell {
+    lease: AtomicI64,
+    /// The end of the period the lease belongs to (`i64::MIN`: no lease yet).
+    period_end: AtomicI64,
+    windows: [AtomicU32; 2],
+    quantity: [AtomicU64; 2],
 }
 
-#[derive(Default)]
-struct UsageSlot {
-    window: AtomicI64,
-    quantity: AtomicU64,
-}
-
-impl UsageCell {
-    #[inline]
-    fn add(&self, window: i64, quantity: u64) {
-        let slot = &self.slots[(window & 1) as usize];
-        if slot.window.load(Ordering::Relaxed) != window {
-            slot.window.store(window, Ordering::Release);
+impl Default for MeterCell {
+    fn default() -> Self {
+        Self {
+            lease: AtomicI64::new(0),
+            period_end: AtomicI64::new(i64::MIN),
+            windows: Default::default(),
+            quantity: Default::default(),
         }
-        slot.quantity.fetch_add(quantity, Ordering::AcqRel);
     }
+}
+
+impl MeterCell {
+    #[inline]
+    fn add(&self, window: u32, quantity: u64) {
+        let slot = (window & 1) as usize;
+        if self.windows[slot].load(Ordering::Relaxed) != window {
+            self.windows[slot].store(window, Ordering::Release);
+        }
+        self.quantity[slot].fetch_add(quantity, Ordering::AcqRel);
+    }
+}
+
+/// The parts of a quota the request path reads only on its slow paths.
+#[derive(Default)]
+struct QuotaCold {
+    exhausted: AtomicBool,
+    prefetching: AtomicBool,
+    period_start: AtomicI64,
+    /// Usage reported while no lease of the current period was held: settled by the next refill.
+    unleased: AtomicU64,
+    reserved: AtomicU64,
 }
 
 /// The outcome of taking units from a local lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Take {
-    /// Taken; the tenant's remaining units (estimated across nodes) and whether this request is
-    /// beyond a soft limit.
-    Taken { remaining: u64, overage: bool },
+    /// Taken; `left` units remain in the local lease.
+    Taken { left: i64 },
     /// The local lease is empty or belongs to a past period: ask the store.
     NeedLease,
     /// The hard limit of this period is spent.
     Exhausted,
 }
 
-/// A tenant's allowance on one meter: a lease of units reserved from the store for one period.
-/// Only the atomics live here; the quota's spec is read from the plan (see [`QuotaRef`]).
-pub(crate) struct QuotaCell {
-    /// Index of the quota in `plan.quotas`.
-    index: u8,
-    exhausted: AtomicBool,
-    prefetching: AtomicBool,
-    period_start: AtomicI64,
-    period_end: AtomicI64,
-    lease: AtomicI64,
-    /// Usage reported while no lease of the current period was held: settled by the next refill.
-    unleased: AtomicU64,
-    reserved: AtomicU64,
-}
-
-impl QuotaCell {
-    fn new(index: usize) -> Self {
-        Self {
-            index: index as u8,
-            exhausted: AtomicBool::new(false),
-            prefetching: AtomicBool::new(false),
-            period_start: AtomicI64::new(0),
-            period_end: AtomicI64::new(i64::MIN),
-            lease: AtomicI64::new(0),
-            unleased: AtomicU64::new(0),
-            reserved: AtomicU64::new(0),
-        }
-    }
-}
-
 /// A quota cell with its spec and meter.
 #[derive(Clone, Copy)]
 pub(crate) struct QuotaRef<'a> {
-    cell: &'a QuotaCell,
+    state: &'a TenantState,
+    hot: &'a MeterCell,
+    index: usize,
     pub(crate) meter: usize,
     pub(crate) spec: &'a QuotaSpec,
-    pub(crate) meter_id: &'a MeterId,
 }
 
-impl QuotaRef<'_> {
-    fn hard(&self) -> bool {
+impl<'a> QuotaRef<'a> {
+    /// The parts of the quota only slow paths touch (another cache line).
+    #[inline]
+    fn cold(&self) -> &'a QuotaCold {
+        &self.state.quotas[self.index]
+    }
+
+    pub(crate) fn meter_id(&self) -> &'a MeterId {
+        &self.state.plan.meters.ids[self.meter]
+    }
+
+    pub(crate) fn hard(&self) -> bool {
         self.spec.mode() == QuotaMode::Hard
     }
 
-    /// Takes `cost` units without waiting.
+    /// Takes `cost` units without waiting. Reads only the meter's hot cell when it succeeds.
     #[inline]
     pub(crate) fn try_take(&self, cost: u64, now: i64) -> Take {
-        let c = self.cell;
-        if now >= c.period_end.load(Ordering::Acquire) {
+        let h = self.hot;
+        if now >= h.period_end.load(Ordering::Acquire) {
             return Take::NeedLease;
         }
         let cost = cost as i64;
-        let before = c.lease.fetch_sub(cost, Ordering::AcqRel);
+        let before = h.lease.fetch_sub(cost, Ordering::AcqRel);
         if before >= cost {
-            let (remaining, overage) = self.estimate(before - cost);
-            return Take::Taken { remaining, overage };
+            return Take::Taken { left: before - cost };
         }
-        c.lease.fetch_add(cost, Ordering::AcqRel);
-        if self.hard() && c.exhausted.load(Ordering::Acquire) {
+        h.lease.fetch_add(cost, Ordering::AcqRel);
+        if self.hard() && self.cold().exhausted.load(Ordering::Acquire) {
             Take::Exhausted
         } else {
             Take::NeedLease
@@ -239,88 +290,99 @@ impl QuotaRef<'_> {
     /// Takes `quantity` units even if that leaves the lease negative (usage that already
     /// happened, reported by a handler). The next refill covers the debt.
     pub(crate) fn force_take(&self, quantity: u64, now: i64) {
-        let c = self.cell;
-        if now < c.period_end.load(Ordering::Acquire) {
-            c.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
+        if now < self.hot.period_end.load(Ordering::Acquire) {
+            self.hot.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
         } else {
-            c.unleased.fetch_add(quantity, Ordering::AcqRel);
+            self.cold().unleased.fetch_add(quantity, Ordering::AcqRel);
         }
     }
 
     /// Gives back units of a request that is not billed, if its period is still current.
     pub(crate) fn refund(&self, cost: u64, period_end: i64) {
-        let c = self.cell;
-        if c.period_end.load(Ordering::Acquire) == period_end {
-            c.lease.fetch_add(cost as i64, Ordering::AcqRel);
-            c.exhausted.store(false, Ordering::Release);
+        if self.hot.period_end.load(Ordering::Acquire) == period_end {
+            self.hot.lease.fetch_add(cost as i64, Ordering::AcqRel);
+            self.cold().exhausted.store(false, Ordering::Release);
         }
     }
 
     /// (remaining units across nodes, over a soft limit?) when `lease_left` units remain here.
-    fn estimate(&self, lease_left: i64) -> (u64, bool) {
-        let reserved = self.cell.reserved.load(Ordering::Relaxed);
+    pub(crate) fn estimate(&self, lease_left: i64) -> (u64, bool) {
+        let reserved = self.cold().reserved.load(Ordering::Relaxed);
         let used = reserved.saturating_sub(lease_left.max(0) as u64);
         let limit = self.spec.limit().get();
         (limit.saturating_sub(used), used > limit)
     }
 
     pub(crate) fn period(&self) -> (i64, i64) {
-        (self.cell.period_start.load(Ordering::Acquire), self.cell.period_end.load(Ordering::Acquire))
+        (self.cold().period_start.load(Ordering::Acquire), self.hot.period_end.load(Ordering::Acquire))
+    }
+
+    /// The end of the period of the lease held.
+    #[inline]
+    pub(crate) fn period_end(&self) -> i64 {
+        self.hot.period_end.load(Ordering::Acquire)
     }
 
     pub(crate) fn lease(&self) -> i64 {
-        self.cell.lease.load(Ordering::Acquire)
+        self.hot.lease.load(Ordering::Acquire)
     }
 
-    /// Whether the lease is below its low watermark (a quarter of a lease) and no prefetch is
-    /// under way; claims the prefetch if so.
+    /// Whether `lease_left` is below the low watermark (a quarter of a lease) and no prefetch
+    /// is under way; claims the prefetch if so. Reads the cold part only below the watermark.
     #[inline]
-    pub(crate) fn wants_prefetch(&self, now: i64) -> bool {
-        let c = self.cell;
+    pub(crate) fn wants_prefetch(&self, lease_left: i64) -> bool {
         let low = (self.spec.lease().get() / 4).max(1) as i64;
-        now < c.period_end.load(Ordering::Relaxed)
-            && c.lease.load(Ordering::Relaxed) < low
-            && !c.exhausted.load(Ordering::Relaxed)
-            && !c.prefetching.swap(true, Ordering::AcqRel)
+        lease_left < low
+            && !self.cold().exhausted.load(Ordering::Relaxed)
+            && !self.cold().prefetching.swap(true, Ordering::AcqRel)
     }
 
     pub(crate) fn prefetch_done(&self) {
-        self.cell.prefetching.store(false, Ordering::Release);
+        self.cold().prefetching.store(false, Ordering::Release);
     }
 
     /// Starts a new period: returns the units left from the old one (negative: a debt).
     /// Call with the cell's refill lock held.
     pub(crate) fn roll_period(&self, start: i64, end: i64) -> i64 {
-        let c = self.cell;
-        let left = c.lease.swap(0, Ordering::AcqRel);
-        c.exhausted.store(false, Ordering::Release);
-        c.reserved.store(0, Ordering::Release);
-        c.period_start.store(start, Ordering::Release);
-        c.period_end.store(end, Ordering::Release);
+        let left = self.hot.lease.swap(0, Ordering::AcqRel);
+        self.cold().exhausted.store(false, Ordering::Release);
+        self.cold().reserved.store(0, Ordering::Release);
+        self.cold().period_start.store(start, Ordering::Release);
+        self.hot.period_end.store(end, Ordering::Release);
         left
     }
 
     /// Moves usage reported outside any lease into the current lease (as a debt the refill
     /// covers). Call with the refill lock held, after [`roll_period`](Self::roll_period).
     pub(crate) fn settle_unleased(&self) {
-        let debt = self.cell.unleased.swap(0, Ordering::AcqRel);
+        let debt = self.cold().unleased.swap(0, Ordering::AcqRel);
         if debt > 0 {
-            self.cell.lease.fetch_sub(debt as i64, Ordering::AcqRel);
+            self.hot.lease.fetch_sub(debt as i64, Ordering::AcqRel);
         }
     }
 
     /// Adds units granted by the store. Call with the refill lock held.
     pub(crate) fn grant(&self, granted: u64, reserved: u64, asked: u64) {
-        let c = self.cell;
-        c.reserved.store(reserved, Ordering::Release);
-        c.lease.fetch_add(granted as i64, Ordering::AcqRel);
+        self.cold().reserved.store(reserved, Ordering::Release);
+        self.hot.lease.fetch_add(granted as i64, Ordering::AcqRel);
         if self.hard() && granted < asked {
-            c.exhausted.store(true, Ordering::Release);
+            self.cold().exhausted.store(true, Ordering::Release);
         }
     }
 
     /// Empties the lease (on eviction and shutdown): returns the units to give back.
     pub(crate) fn take_all(&self) -> i64 {
-        self.cell.lease.swap(0, Ordering::AcqRel)
+        self.hot.lease.swap(0, Ordering::AcqRel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_path_fields_fill_one_cache_line() {
+        assert_eq!(std::mem::size_of::<MeterCell>(), 40);
+        assert_eq!(std::mem::offset_of!(TenantState, more), 64);
     }
 }

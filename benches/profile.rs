@@ -1,0 +1,49 @@
+//! Profiling harness (not a benchmark): runs one case in a loop so that `perf record` or
+//! `valgrind --tool=callgrind` sees only it. Usage:
+//! `cargo bench --bench profile -- <case> <tenants> <iterations>`
+//! where case is bare, tower_governor, tollgate, tollgate_no_headers, tollgate_no_headers_no_context.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::{hint::black_box, sync::Arc, time::Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let case = args.first().map_or("tollgate", String::as_str).to_owned();
+    let tenants: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+    let iters: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10_000_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let keys = Arc::new((0..tenants).map(support::key).collect::<Vec<_>>());
+    let per = match case.as_str() {
+        "bare" => time(&support::bare(), &keys, iters, &rt),
+        "tower_governor" => time(&support::governor(false, &keys), &keys, iters, &rt),
+        "tollgate" => time(&support::tollgate_service(tenants, "draft", true, &rt), &keys, iters, &rt),
+        "tollgate_no_headers" => time(&support::tollgate_service(tenants, "none", true, &rt), &keys, iters, &rt),
+        "tollgate_no_headers_no_context" => {
+            time(&support::tollgate_service(tenants, "none", false, &rt), &keys, iters, &rt)
+        }
+        "sizes" => {
+            let svc = support::tollgate_service(1, "none", false, &rt);
+            let f = tower::Service::call(&mut svc.clone(), support::request(&keys[0]));
+            println!(
+                "future {} bytes; request {} bytes",
+                std::mem::size_of_val(&f),
+                std::mem::size_of::<http::Request<axum::body::Body>>()
+            );
+            return;
+        }
+        other => panic!("unknown case {other}"),
+    };
+    println!("{case} {tenants}: {per:.1} ns/request");
+}
+
+fn time<S>(svc: &S, keys: &Arc<Vec<http::HeaderValue>>, iters: u64, rt: &tokio::runtime::Runtime) -> f64
+where
+    S: tower::Service<http::Request<axum::body::Body>> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let start = Instant::now();
+    black_box(support::run(svc, keys, 1, iters, rt.handle()));
+    start.elapsed().as_nanos() as f64 / iters as f64
+}

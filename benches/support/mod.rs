@@ -1,0 +1,173 @@
+//! What the benchmark and the profiling harness share: the services under test and the loop
+//! that drives them.
+
+#![allow(dead_code, missing_docs)]
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    hint::black_box,
+    pin::pin,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+    time::{Duration, Instant},
+};
+
+use axum::body::Body;
+use http::{HeaderValue, Request, Response};
+use tollgate::{
+    store::{MemoryStore, Store, TenantRecord},
+    Config, KeyHash, Tollgate,
+};
+use tower::{Layer, Service};
+use tower_governor::{governor::GovernorConfigBuilder, key_extractor::KeyExtractor, GovernorError, GovernorLayer};
+
+#[derive(Clone)]
+pub(crate) struct ApiKeyHeader;
+
+impl KeyExtractor for ApiKeyHeader {
+    type Key = String;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+pub(crate) type Bare =
+    tower::util::ServiceFn<fn(Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>>>;
+
+pub(crate) fn bare() -> Bare {
+    fn hello(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+        std::future::ready(Ok(Response::new(Body::empty())))
+    }
+    tower::service_fn(hello as fn(_) -> _)
+}
+
+/// Drives a future that is ready at once (all the cases here are, on warm state).
+pub(crate) fn now<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::yield_now();
+    }
+}
+
+pub(crate) fn key(i: usize) -> HeaderValue {
+    HeaderValue::from_str(&format!("tg_live_{i:024}")).unwrap()
+}
+
+/// A small fast generator, so that large tenant counts are visited in a cache-unfriendly
+/// order, as real traffic does.
+pub(crate) struct Pick(pub(crate) u64);
+
+impl Pick {
+    #[inline]
+    pub(crate) fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+pub(crate) fn request(key: &HeaderValue) -> Request<Body> {
+    let mut req = Request::new(Body::empty());
+    req.headers_mut().insert("x-api-key", key.clone());
+    req
+}
+
+/// Runs `iters` requests on each of `threads` threads; returns the time per request of all
+/// threads together (wall time / (threads × iters)).
+pub(crate) fn run<S>(
+    svc: &S,
+    keys: &Arc<Vec<HeaderValue>>,
+    threads: usize,
+    iters: u64,
+    rt: &tokio::runtime::Handle,
+) -> Duration
+where
+    S: Service<Request<Body>> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let mut svc = svc.clone();
+            let keys = keys.clone();
+            let rt = rt.clone();
+            scope.spawn(move || {
+                let _enter = rt.enter();
+                let mut pick = Pick(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
+                for _ in 0..iters {
+                    let k = &keys[pick.next(keys.len())];
+                    let _ = black_box(now(svc.call(request(k))));
+                }
+            });
+        }
+    });
+    start.elapsed() / threads as u32
+}
+
+pub(crate) fn tollgate_service(
+    tenants: usize,
+    headers: &str,
+    context: bool,
+    rt: &tokio::runtime::Runtime,
+) -> tollgate::TollgateService<Bare> {
+    let config = Config::from_toml_str(&format!(
+        r#"
+        [limits]
+        headers = "{headers}"
+        max_tenants = 2000000
+        # A rate no benchmark reaches: every request is admitted (and recorded).
+        [plans.bench]
+        rate = "1000000000/s"
+        quotas.requests = {{ limit = 1000000000000, period = "month", mode = "hard" }}
+        "#
+    ))
+    .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    rt.block_on(async {
+        for i in 0..tenants {
+            let record = TenantRecord { id: format!("t{i}").into(), plan: "bench".into(), customer: None };
+            store.put_tenant(&record, &[KeyHash::of(key(i).as_bytes())]).await.unwrap();
+        }
+    });
+    let (layer, worker) = Tollgate::builder(config).store_arc(store).build();
+    rt.spawn(worker.run());
+    let mut svc = layer.tenant_context(context).layer(bare());
+    // Warm: every tenant known, every lease reserved.
+    rt.block_on(async {
+        for i in 0..tenants {
+            let r = svc.call(request(&key(i))).await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    });
+    svc
+}
+
+/// tower_governor keyed on `x-api-key`, with or without its headers, every key warm.
+pub(crate) fn governor(
+    headers: bool,
+    keys: &[HeaderValue],
+) -> impl Service<Request<Body>, Response = Response<Body>, Future: Send> + Clone + Send + 'static {
+    let mut b = GovernorConfigBuilder::default();
+    b.per_nanosecond(1).burst_size(1_000_000_000);
+    let mut b = b.key_extractor(ApiKeyHeader);
+    if headers {
+        b.use_headers();
+    }
+    let svc = GovernorLayer::new(b.finish().unwrap()).layer(bare());
+    let mut warm = svc.clone();
+    for k in keys {
+        let _ = now(warm.call(request(k)));
+    }
+    svc
+}
