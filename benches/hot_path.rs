@@ -43,8 +43,8 @@ fn bench(c: &mut Criterion) {
                 b.iter_custom(|iters| run(&svc, &keys, threads, iters, rt.handle()))
             });
 
-            bench_governor(&mut group, "tower_governor", governor(false, &keys), &keys, threads, n, &rt);
-            bench_governor(&mut group, "tower_governor_headers", governor(true, &keys), &keys, threads, n, &rt);
+            bench_governor(&mut group, "tower_governor", governor(&keys), &keys, threads, n, &rt);
+            bench_governor(&mut group, "tower_governor_headers", governor_headers(&keys), &keys, threads, n, &rt);
 
             for (name, style, context) in [
                 ("tollgate", "draft", true),

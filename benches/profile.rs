@@ -17,7 +17,8 @@ fn main() {
     let keys = Arc::new((0..tenants).map(support::key).collect::<Vec<_>>());
     let per = match case.as_str() {
         "bare" => time(&support::bare(), &keys, iters, &rt),
-        "tower_governor" => time(&support::governor(false, &keys), &keys, iters, &rt),
+        "tower_governor" => time(&support::governor(&keys), &keys, iters, &rt),
+        "tower_governor_headers" => time(&support::governor_headers(&keys), &keys, iters, &rt),
         "tollgate" => time(&support::tollgate_service(tenants, "draft", true, &rt), &keys, iters, &rt),
         "tollgate_no_headers" => time(&support::tollgate_service(tenants, "none", true, &rt), &keys, iters, &rt),
         "tollgate_no_headers_no_context" => {

@@ -141,7 +141,7 @@ pub(crate) fn tollgate_service(
         }
     });
     let (layer, worker) = Tollgate::builder(config).store_arc(store).build();
-    rt.spawn(worker.run());
+    if std::env::var_os("NO_WORKER").is_none() { rt.spawn(worker.run()); } else { std::mem::forget(worker); }
     let mut svc = layer.tenant_context(context).layer(bare());
     // Warm: every tenant known, every lease reserved.
     rt.block_on(async {
@@ -153,18 +153,27 @@ pub(crate) fn tollgate_service(
     svc
 }
 
-/// tower_governor keyed on `x-api-key`, with or without its headers, every key warm.
+/// tower_governor keyed on `x-api-key`, without headers, every key warm.
 pub(crate) fn governor(
-    headers: bool,
     keys: &[HeaderValue],
 ) -> impl Service<Request<Body>, Response = Response<Body>, Future: Send> + Clone + Send + 'static {
     let mut b = GovernorConfigBuilder::default();
     b.per_nanosecond(1).burst_size(1_000_000_000);
-    let mut b = b.key_extractor(ApiKeyHeader);
-    if headers {
-        b.use_headers();
-    }
-    let svc = GovernorLayer::new(b.finish().unwrap()).layer(bare());
+    warm(GovernorLayer::new(b.key_extractor(ApiKeyHeader).finish().unwrap()).layer(bare()), keys)
+}
+
+/// The same with tower_governor's `use_headers()` (`x-ratelimit-*` on every response).
+pub(crate) fn governor_headers(
+    keys: &[HeaderValue],
+) -> impl Service<Request<Body>, Response = Response<Body>, Future: Send> + Clone + Send + 'static {
+    let mut b = GovernorConfigBuilder::default();
+    b.per_nanosecond(1).burst_size(1_000_000_000);
+    // `use_headers` returns a builder of another type: it must be chained.
+    let config = b.key_extractor(ApiKeyHeader).use_headers().finish().unwrap();
+    warm(GovernorLayer::new(config).layer(bare()), keys)
+}
+
+fn warm<S: Service<Request<Body>> + Clone>(svc: S, keys: &[HeaderValue]) -> S {
     let mut warm = svc.clone();
     for k in keys {
         let _ = now(warm.call(request(k)));

@@ -404,15 +404,25 @@ impl Tollgate {
                 }
             }
         }
-        let partial = Partial { state, headers, claim, charged, at: now };
-        match self.take(partial, meter, cost) {
-            Ok(ticket) => {
+        match self.take_units(&state, &mut headers, meter, cost, charged, now) {
+            Ok(quota_period_end) => {
                 self.shared.metrics.admitted.increment(1);
-                Admission::Admitted(ticket)
+                Admission::Admitted(Ticket {
+                    state,
+                    headers,
+                    quota_period_end,
+                    at: now,
+                    claim: claim.map(Box::new),
+                    cost,
+                    charged,
+                    done: false,
+                })
             }
-            Err(Ok(rejection)) => self.reject(rejection),
-            Err(Err(partial)) => Admission::Pending(PendingAdmission {
-                stage: Stage::Quota(Box::new(partial)),
+            Err(Take::Exhausted) => {
+                self.reject(self.quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
+            }
+            Err(_) => Admission::Pending(PendingAdmission {
+                stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
                 meter,
                 cost,
                 idempotency_key: None,
@@ -420,38 +430,56 @@ impl Tollgate {
         }
     }
 
-    /// Takes quota units from the local lease. `Err(Err(_))`: the lease must be refilled first.
+    /// Takes quota units from the local lease, in place. `Ok`: the end of the period they were
+    /// taken from (`i64::MIN`: none were, the meter has no quota or the request is a replay);
+    /// `Err`: [`Take::Exhausted`], or [`Take::NeedLease`] (refill the lease first).
     #[inline]
-    // The large `Err` hands the partial admission back for the rare refill path; boxing it
-    // would only add an allocation there.
-    #[allow(clippy::result_large_err)]
-    fn take(&self, mut p: Partial, meter: usize, cost: u32) -> Result<Ticket, Result<Rejection, Partial>> {
-        let cell = match p.state.quota(meter) {
-            Some(cell) if p.charged => cell,
-            _ => return Ok(self.ticket(p, cost, None)),
+    fn take_units(
+        &self,
+        state: &Arc<TenantState>,
+        headers: &mut HeaderState,
+        meter: usize,
+        cost: u32,
+        charged: bool,
+        at: i64,
+    ) -> Result<i64, Take> {
+        let cell = match state.quota(meter) {
+            Some(cell) if charged => cell,
+            _ => return Ok(i64::MIN),
         };
-        match cell.try_take(u64::from(cost), p.at) {
+        match cell.try_take(u64::from(cost), at) {
             Take::Taken { left } => {
                 let end = cell.period_end();
-                let informed = p.state.plan.header_style != HeaderStyle::None;
+                let informed = state.plan.header_style != HeaderStyle::None;
                 // The estimate reads the cold part of the quota: only for soft quotas (overage)
                 // and headers.
                 if informed || !cell.hard() {
                     let (remaining, overage) = cell.estimate(left);
                     if overage {
-                        p.state.plan.metrics.overage_units.increment(u64::from(cost));
+                        state.plan.metrics.overage_units.increment(u64::from(cost));
                     }
                     if informed {
-                        p.headers.set_quota(remaining, (end - p.at).max(0) as u64);
+                        headers.set_quota(remaining, (end - at).max(0) as u64);
                     }
                 }
                 if cell.wants_prefetch(left) {
-                    self.request_prefetch(&p.state, meter, cell);
+                    self.request_prefetch(state, meter, cell);
                 }
-                Ok(self.ticket(p, cost, Some(end)))
+                Ok(end)
             }
-            Take::Exhausted => Err(Ok(self.quota_exceeded(p, meter))),
-            Take::NeedLease => Err(Err(p)),
+            other => Err(other),
+        }
+    }
+
+    /// [`take_units`](Self::take_units) for a request that waited for a lease.
+    // The large `Err` hands the partial admission back for another refill; boxing it would
+    // only add an allocation there.
+    #[allow(clippy::result_large_err)]
+    fn take(&self, mut p: Partial, meter: usize, cost: u32) -> Result<Ticket, Result<Rejection, Partial>> {
+        match self.take_units(&p.state, &mut p.headers, meter, cost, p.charged, p.at) {
+            Ok(end) => Ok(self.ticket(p, cost, Some(end))),
+            Err(Take::Exhausted) => Err(Ok(self.quota_exceeded(p, meter))),
+            Err(_) => Err(Err(p)),
         }
     }
 

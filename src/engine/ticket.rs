@@ -4,7 +4,7 @@ use std::{fmt, sync::Arc};
 
 use super::idempotency::Claim;
 use crate::{
-    config::{PlanId, TenantId},
+    config::{HeaderStyle, PlanId, TenantId},
     response::{emit, Field, HeaderState},
     tenant::TenantState,
     usage::TenantContext,
@@ -55,8 +55,11 @@ impl Ticket {
         self.emit(&mut |field, value| put(field, &value));
     }
 
+    #[inline]
     pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, std::borrow::Cow<'_, str>)) {
-        emit(&self.state.plan, &self.headers, None, put);
+        if self.state.plan.header_style != HeaderStyle::None {
+            emit(&self.state.plan, &self.headers, None, put);
+        }
     }
 
     /// Completes the request with its response status. Returns whether usage was recorded.

@@ -61,13 +61,12 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let rt = self.runtime.load();
-        let method = request.method().as_str();
         let info = RequestInfo {
-            method,
+            method: request.method().as_str(),
             path: request.uri().path(),
             credential: self.resolver.resolve(&request, &rt.config.identify),
             // Only read on the methods that honour it.
-            idempotency_key: if rt.honours_idempotency(method) {
+            idempotency_key: if rt.honours_idempotency_method(request.method()) {
                 request.headers().get(&IDEMPOTENCY_KEY).map(HeaderValue::as_bytes)
             } else {
                 None

@@ -69,8 +69,11 @@ impl PlanLimiter {
         state: &Arc<TenantState>,
         n: NonZeroU32,
     ) -> Result<Result<Conforming, NotUntil<Nanos>>, InsufficientCapacity> {
+        // One cell (most routes) takes governor's simpler single-cell path.
         match self {
+            Self::Plain(l) if n.get() == 1 => Ok(l.check_key(state).map(|()| None)),
             Self::Plain(l) => l.check_key_n(state, n).map(|r| r.map(|()| None)),
+            Self::Informed(l) if n.get() == 1 => Ok(l.check_key(state).map(|s| Some(s.remaining_burst_capacity()))),
             Self::Informed(l) => l.check_key_n(state, n).map(|r| r.map(|s| Some(s.remaining_burst_capacity()))),
         }
     }
@@ -261,6 +264,13 @@ impl Runtime {
     #[inline]
     pub(crate) fn honours_idempotency(&self, method: &str) -> bool {
         self.idempotency_methods.iter().any(|m| m.as_str() == method)
+    }
+
+    /// [`honours_idempotency`](Self::honours_idempotency) for an [`http::Method`]: standard
+    /// methods compare without reading their names.
+    #[inline]
+    pub(crate) fn honours_idempotency_method(&self, method: &http::Method) -> bool {
+        self.idempotency_methods.iter().any(|m| m == method)
     }
 
     /// The meter and cost of a request: the first matching route, else the default meter at 1.
