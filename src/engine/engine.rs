@@ -1,12 +1,6 @@
 //! The shared engine: one per application, behind every front door.
 
-use std::{
-    borrow::Cow,
-    fmt,
-    num::NonZeroU32,
-    sync::{Arc, Weak},
-    time::Duration,
-};
+use std::{borrow::Cow, fmt, num::NonZeroU32, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use governor::clock::Clock as _;
@@ -26,7 +20,7 @@ use crate::{
     plan::{CompiledPlan, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{QuotaKey, Store, StoreError},
-    tenant::{check_api_key, Credential, KeyHash, QuotaRef, Take, TenantState},
+    tenant::{check_api_key, Credential, KeyHash, QuotaRef, Take, Tenant, TenantState},
 };
 
 /// A request as the engine sees it, whatever the framework.
@@ -76,7 +70,7 @@ enum OwnedCredential {
 
 /// A request that passed the rate check and waits for quota units.
 struct Partial {
-    state: Arc<TenantState>,
+    state: Tenant,
     headers: HeaderState,
     claim: Option<Claim>,
     charged: bool,
@@ -94,7 +88,7 @@ impl fmt::Debug for PendingAdmission {
 }
 
 pub(crate) struct Prefetch {
-    pub(crate) state: Weak<TenantState>,
+    pub(crate) state: Tenant,
     pub(crate) meter: usize,
 }
 
@@ -273,7 +267,7 @@ impl Tollgate {
     }
 
     /// Finds (or creates) the state of a tenant the table does not know yet.
-    async fn lookup(&self, credential: OwnedCredential) -> Result<Arc<TenantState>, Rejection> {
+    async fn lookup(&self, credential: OwnedCredential) -> Result<Tenant, Rejection> {
         let rt = self.shared.runtime.load_full();
         let timeout = rt.config.usage.store_timeout;
         let record = match &credential {
@@ -334,7 +328,7 @@ impl Tollgate {
         Ok(state)
     }
 
-    fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Arc<TenantState> {
+    fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
         let id = TenantId::from("anonymous");
         let state =
             self.shared.table.attach(Lookup::Identity(ANONYMOUS), &id, || self.new_state(rt, id.clone(), plan, None));
@@ -357,7 +351,7 @@ impl Tollgate {
 
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    fn decide(&self, state: Arc<TenantState>, meter: usize, cost: u32, idem: Option<&[u8]>, now: i64) -> Admission {
+    fn decide(&self, state: Tenant, meter: usize, cost: u32, idem: Option<&[u8]>, now: i64) -> Admission {
         state.touch(now);
         let (charged, claim) = match idem {
             None => (true, None),
@@ -436,7 +430,7 @@ impl Tollgate {
     #[inline]
     fn take_units(
         &self,
-        state: &Arc<TenantState>,
+        state: &Tenant,
         headers: &mut HeaderState,
         meter: usize,
         cost: u32,
@@ -601,8 +595,8 @@ impl Tollgate {
         &locks[at % locks.len()]
     }
 
-    fn request_prefetch(&self, state: &Arc<TenantState>, meter: usize, cell: QuotaRef<'_>) {
-        if self.shared.prefetch.try_send(Prefetch { state: Arc::downgrade(state), meter }).is_err() {
+    fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {
+        if self.shared.prefetch.try_send(Prefetch { state: state.clone(), meter }).is_err() {
             cell.prefetch_done();
         }
     }

@@ -17,7 +17,7 @@ use crate::{
     config::{Config, MeterId, TenantId},
     plan::Runtime,
     store::{CommitOutcome, FlushId, QuotaKey, StoreError, UsageBatch, UsageRecord},
-    tenant::TenantState,
+    tenant::Tenant,
 };
 
 /// Usage batches not yet committed, retried in order with their own ids.
@@ -145,7 +145,7 @@ impl Tollgate {
 
     /// Takes the usage of every tenant (retired ones included), one record per (tenant, meter,
     /// window). Also returns the retired states nobody holds any more (their leases go back).
-    fn drain(&self) -> (Vec<UsageRecord>, Vec<Arc<TenantState>>) {
+    fn drain(&self) -> (Vec<UsageRecord>, Vec<Tenant>) {
         // A live tenant is in the table once: its records need no merging.
         let mut records = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -166,7 +166,7 @@ impl Tollgate {
             let mut retired = self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner());
             retired.retain(|s| {
                 // Checked before draining: with no other holder, nothing can record after.
-                let sole = Arc::strong_count(s) == 1;
+                let sole = Tenant::count(s) == 1;
                 s.drain_usage(|m, window, q| {
                     *retired_usage.entry((s.id.clone(), s.plan.meters.ids[m].clone(), window)).or_default() += q;
                 });
@@ -194,7 +194,7 @@ impl Tollgate {
     }
 
     /// Gives the unused units of these states' current leases back to the store.
-    async fn return_leases(&self, states: Vec<Arc<TenantState>>) {
+    async fn return_leases(&self, states: Vec<Tenant>) {
         let now = self.shared.clock.unix_secs();
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         for state in states {
@@ -340,9 +340,14 @@ impl Tollgate {
 
     /// Refills a lease that fell below its low watermark.
     pub(crate) async fn prefetch(&self, job: Prefetch) {
-        let Some(state) = job.state.upgrade() else {
+        // A retired state needs no refill: its lease goes back when its last request is done.
+        let state = job.state;
+        if state.is_evicted() {
+            if let Some(cell) = state.quota(job.meter) {
+                cell.prefetch_done();
+            }
             return;
-        };
+        }
         let Some(cell) = state.quota(job.meter) else {
             return;
         };

@@ -2,7 +2,7 @@
 
 use std::{
     hash::{BuildHasherDefault, Hasher},
-    sync::{Arc, Mutex},
+    sync::Mutex,
 };
 
 use dashmap::DashMap;
@@ -10,7 +10,7 @@ use foldhash::fast::RandomState;
 
 use crate::{
     config::TenantId,
-    tenant::{Fingerprinter, TenantState, TAG_API_KEY, TAG_TENANT},
+    tenant::{Fingerprinter, Tenant, TenantState, TAG_API_KEY, TAG_TENANT},
 };
 
 /// How a request names its tenant, as a key of the table.
@@ -50,11 +50,11 @@ impl Hasher for PassThrough {
 /// matching the whole credential, with 32-byte map entries that keep the table in cache.
 pub(crate) struct TenantTable {
     digest: Fingerprinter,
-    credentials: DashMap<u128, Arc<TenantState>, BuildHasherDefault<PassThrough>>,
-    tenants: DashMap<TenantId, Arc<TenantState>, RandomState>,
+    credentials: DashMap<u128, Tenant, BuildHasherDefault<PassThrough>>,
+    tenants: DashMap<TenantId, Tenant, RandomState>,
     /// States taken out of the maps (evicted, or replaced by a reload) that may still receive
     /// usage from requests in flight: drained at every flush until nobody else holds them.
-    pub(crate) retired: Mutex<Vec<Arc<TenantState>>>,
+    pub(crate) retired: Mutex<Vec<Tenant>>,
 }
 
 impl TenantTable {
@@ -83,23 +83,13 @@ impl TenantTable {
     /// may still be returned: the usage recorded there is drained with the retired states, and
     /// its lease given back when the last request holding it is done.
     #[inline]
-    pub(crate) fn get(&self, lookup: Lookup<'_>) -> Option<Arc<TenantState>> {
-        let entry = self.credentials.get(&self.digest(lookup))?;
-        let state = entry.value();
-        // Two plain loads first, one from each of the two lines this request writes (the Arc
-        // counts, the state's first line), so that both misses are in flight together.
-        std::hint::black_box((Arc::strong_count(state), state.warm()));
-        Some(state.clone())
+    pub(crate) fn get(&self, lookup: Lookup<'_>) -> Option<Tenant> {
+        Some(self.credentials.get(&self.digest(lookup))?.value().clone())
     }
 
     /// The state of `id`, created by `make` if absent; `lookup` then reaches it directly.
-    pub(crate) fn attach(
-        &self,
-        lookup: Lookup<'_>,
-        id: &TenantId,
-        make: impl FnOnce() -> TenantState,
-    ) -> Arc<TenantState> {
-        let state = self.tenants.entry(id.clone()).or_insert_with(|| Arc::new(make())).clone();
+    pub(crate) fn attach(&self, lookup: Lookup<'_>, id: &TenantId, make: impl FnOnce() -> TenantState) -> Tenant {
+        let state = self.tenants.entry(id.clone()).or_insert_with(|| Tenant::new(make())).clone();
         self.credentials.insert(self.digest(lookup), state.clone());
         state
     }
@@ -108,7 +98,7 @@ impl TenantTable {
         self.tenants.len()
     }
 
-    pub(crate) fn for_each(&self, mut f: impl FnMut(&Arc<TenantState>)) {
+    pub(crate) fn for_each(&self, mut f: impl FnMut(&Tenant)) {
         for entry in self.tenants.iter() {
             f(entry.value());
         }
@@ -120,7 +110,7 @@ impl TenantTable {
     }
 
     /// Takes tenants out of the table; returns their states, which are also kept as retired.
-    pub(crate) fn evict(&self, ids: impl IntoIterator<Item = TenantId>) -> Vec<Arc<TenantState>> {
+    pub(crate) fn evict(&self, ids: impl IntoIterator<Item = TenantId>) -> Vec<Tenant> {
         let mut out = Vec::new();
         for id in ids {
             if let Some((_, state)) = self.tenants.remove(&id) {
@@ -136,7 +126,7 @@ impl TenantTable {
     }
 
     /// Takes every tenant out of the table.
-    pub(crate) fn evict_all(&self) -> Vec<Arc<TenantState>> {
+    pub(crate) fn evict_all(&self) -> Vec<Tenant> {
         let ids: Vec<TenantId> = self.tenants.iter().map(|e| e.key().clone()).collect();
         self.evict(ids)
     }

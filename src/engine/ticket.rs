@@ -1,12 +1,12 @@
 //! An admitted request, until its response is known.
 
-use std::{fmt, sync::Arc};
+use std::fmt;
 
 use super::idempotency::Claim;
 use crate::{
     config::{HeaderStyle, PlanId, TenantId},
     response::{emit, Field, HeaderState},
-    tenant::TenantState,
+    tenant::Tenant,
     usage::TenantContext,
 };
 
@@ -16,7 +16,7 @@ use crate::{
 /// units back too.
 #[must_use = "complete the ticket with the response status, or its usage is refunded"]
 pub struct Ticket {
-    pub(crate) state: Arc<TenantState>,
+    pub(crate) state: Tenant,
     /// The meter, and what the rate-limit headers report.
     pub(crate) headers: HeaderState,
     /// The end of the quota period the units were taken from (`i64::MIN`: no units taken).

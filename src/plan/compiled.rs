@@ -15,7 +15,7 @@ use crate::{
     engine::Metrics,
     store::TenantRecord,
     tenant::KeyHash,
-    tenant::{TenantCells, TenantState},
+    tenant::{Tenant, TenantCells},
 };
 
 use super::RoutePattern;
@@ -39,7 +39,7 @@ pub(crate) struct RatePolicy {
     pub(crate) limiter: PlanLimiter,
 }
 
-type Keyed<MW> = governor::RateLimiter<Arc<TenantState>, TenantCells, Clock, MW>;
+type Keyed<MW> = governor::RateLimiter<Tenant, TenantCells, Clock, MW>;
 
 /// The plan's rate limiter: one governor limiter (GCRA parameters and clock) for every tenant
 /// of the plan, each tenant's cell living in its own state. It reports the remaining burst
@@ -66,7 +66,7 @@ impl PlanLimiter {
     #[inline]
     pub(crate) fn check(
         &self,
-        state: &Arc<TenantState>,
+        state: &Tenant,
         n: NonZeroU32,
     ) -> Result<Result<Conforming, NotUntil<Nanos>>, InsufficientCapacity> {
         // One cell (most routes) takes governor's simpler single-cell path.

@@ -1,8 +1,10 @@
 //! Tenants: how a request names its tenant, and the per-tenant state on the request path.
 
+mod handle;
 mod key;
 mod state;
 
+pub(crate) use handle::Tenant;
 pub(crate) use key::{check_api_key, Fingerprinter, TAG_API_KEY, TAG_IDEMPOTENCY, TAG_TENANT};
 pub use key::{Credential, Identity, KeyHash};
 pub(crate) use state::{QuotaRef, Take, TenantCells, TenantState};

@@ -1,12 +1,9 @@
 //! The per-tenant state of the request path, reached through one map lookup: the GCRA cell,
 //! the quota leases and the usage counters.
 
-use std::{
-    hash::{Hash, Hasher},
-    sync::{
-        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering},
+    Arc,
 };
 
 use governor::{
@@ -14,23 +11,27 @@ use governor::{
     state::{InMemoryState, NotKeyed, StateStore},
 };
 
+use super::Tenant;
 use crate::{
     clock::Clock,
     config::{MeterId, QuotaMode, QuotaSpec, TenantId},
     plan::CompiledPlan,
 };
 
-/// The state of one tenant.
+/// The state of one tenant, shared through [`Tenant`](super::Tenant) handles.
 ///
 /// Laid out for the request path: everything a request on the plan's first meter reads or
-/// writes (the GCRA cell, the plan, the last-seen second, that meter's lease and usage slots)
-/// fills the first cache line; the rest is cold. Aligned to a cache line, so that the `Arc`
-/// counts sit on the line just before it and no other allocation shares it.
+/// writes (the handle count, the last-seen second, the GCRA cell, the plan, that meter's lease
+/// and usage slots) fills the first cache line; the rest is cold. Aligned to a cache line, so
+/// that no other allocation shares it.
 #[repr(C, align(64))]
 pub(crate) struct TenantState {
+    /// The number of [`Tenant`](super::Tenant) handles; only they touch it.
+    pub(super) refs: AtomicU32,
+    /// Unix seconds (`u32`: until 2106).
+    last_seen: AtomicU32,
     gcra: InMemoryState,
     pub(crate) plan: Arc<CompiledPlan>,
-    last_seen: AtomicI64,
     first: MeterCell,
     // Cold from here.
     /// The cells of meters 1.. of the plan's meter table.
@@ -43,22 +44,6 @@ pub(crate) struct TenantState {
     pub(crate) clock: Clock,
 }
 
-/// A tenant is its own rate-limiter key: governor reaches its GCRA cell through
-/// [`TenantCells`]. Two states are the same key only if they are the same state.
-impl PartialEq for TenantState {
-    fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self, other)
-    }
-}
-
-impl Eq for TenantState {}
-
-impl Hash for TenantState {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        std::ptr::hash(self, state);
-    }
-}
-
 /// governor's keyed state store over the GCRA cells that live in the tenants' states: one
 /// rate limiter per plan (its parameters, its clock) serves every tenant of the plan, and a
 /// tenant's rate state costs 8 bytes on the line the request touches anyway.
@@ -66,7 +51,7 @@ impl Hash for TenantState {
 pub(crate) struct TenantCells;
 
 impl StateStore for TenantCells {
-    type Key = Arc<TenantState>;
+    type Key = Tenant;
 
     #[inline]
     fn measure_and_replace<T, F, E>(&self, key: &Self::Key, f: F) -> Result<T, E>
@@ -90,9 +75,10 @@ impl TenantState {
         let quotas = plan.quotas.iter().map(|_| QuotaCold::default()).collect();
         let now = clock.unix_secs();
         Self {
+            refs: AtomicU32::new(1),
+            last_seen: AtomicU32::new(now as u32),
             gcra: InMemoryState::default(),
             plan,
-            last_seen: AtomicI64::new(now),
             first: MeterCell::default(),
             more,
             quotas,
@@ -115,13 +101,14 @@ impl TenantState {
     #[inline]
     pub(crate) fn touch(&self, now: i64) {
         // Skip the store when the second has not changed: keeps the line shared between cores.
+        let now = now as u32;
         if self.last_seen.load(Ordering::Relaxed) != now {
             self.last_seen.store(now, Ordering::Relaxed);
         }
     }
 
     pub(crate) fn last_seen(&self) -> i64 {
-        self.last_seen.load(Ordering::Relaxed)
+        i64::from(self.last_seen.load(Ordering::Relaxed))
     }
 
     pub(crate) fn is_evicted(&self) -> bool {
@@ -148,14 +135,6 @@ impl TenantState {
             meter,
             spec: &self.plan.quotas[index].1,
         }
-    }
-
-    /// Reads the request-path line of the state, so that its cache miss overlaps with the one
-    /// of the `Arc` counts on the line before (a load can be in flight while the counts line
-    /// is fetched; the locked increment that follows would otherwise wait for it first).
-    #[inline]
-    pub(crate) fn warm(&self) -> i64 {
-        self.last_seen.load(Ordering::Relaxed)
     }
 
     /// Every quota of the tenant.
@@ -384,5 +363,6 @@ mod tests {
     fn the_request_path_fields_fill_one_cache_line() {
         assert_eq!(std::mem::size_of::<MeterCell>(), 40);
         assert_eq!(std::mem::offset_of!(TenantState, more), 64);
+        assert_eq!(std::mem::offset_of!(TenantState, refs), 0);
     }
 }

@@ -1,8 +1,8 @@
-use std::{fmt, sync::Arc};
+use std::fmt;
 
 use crate::{
     config::{PlanId, TenantId},
-    tenant::TenantState,
+    tenant::Tenant,
 };
 
 /// The tenant of an admitted request, in its extensions: who is calling, on which plan, and a
@@ -20,7 +20,7 @@ use crate::{
 /// ```
 #[derive(Clone)]
 pub struct TenantContext {
-    state: Arc<TenantState>,
+    state: Tenant,
     charged: bool,
 }
 
@@ -30,7 +30,7 @@ pub struct TenantContext {
 pub struct UnknownMeter(pub String);
 
 impl TenantContext {
-    pub(crate) fn new(state: Arc<TenantState>, charged: bool) -> Self {
+    pub(crate) fn new(state: Tenant, charged: bool) -> Self {
         Self { state, charged }
     }
 
