@@ -1,7 +1,8 @@
 //! Profiling harness (not a benchmark): runs one case in a loop so that `perf record` or
 //! `valgrind --tool=callgrind` sees only it. Usage:
 //! `cargo bench --bench profile -- <case> <tenants> <iterations>`
-//! where case is bare, tower_governor, tollgate, tollgate_no_headers, tollgate_no_headers_no_context.
+//! where case is one of the benchmark's: bare, tower_governor, tower_governor_headers,
+//! tollgate, tollgate_headers, tollgate_defaults.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -19,11 +20,9 @@ fn main() {
         "bare" => time(&support::bare(), &keys, iters, &rt),
         "tower_governor" => time(&support::governor(&keys), &keys, iters, &rt),
         "tower_governor_headers" => time(&support::governor_headers(&keys), &keys, iters, &rt),
-        "tollgate" => time(&support::tollgate_service(tenants, "draft", true, &rt), &keys, iters, &rt),
-        "tollgate_no_headers" => time(&support::tollgate_service(tenants, "none", true, &rt), &keys, iters, &rt),
-        "tollgate_no_headers_no_context" => {
-            time(&support::tollgate_service(tenants, "none", false, &rt), &keys, iters, &rt)
-        }
+        "tollgate" => time(&support::tollgate_service(tenants, "none", false, &rt), &keys, iters, &rt),
+        "tollgate_headers" => time(&support::tollgate_service(tenants, "draft", false, &rt), &keys, iters, &rt),
+        "tollgate_defaults" => time(&support::tollgate_service(tenants, "draft", true, &rt), &keys, iters, &rt),
         "sizes" => {
             let svc = support::tollgate_service(1, "none", false, &rt);
             let f = tower::Service::call(&mut svc.clone(), support::request(&keys[0]));

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tenants=$1; rounds=$2; shift 2
-cases=${*:-bare tower_governor tollgate_no_headers_no_context tollgate_no_headers}
+cases=${*:-bare tower_governor tollgate tower_governor_headers tollgate_headers}
 bin=$(cargo bench --bench profile --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="profile"][-1])')
 iters=$(( tenants >= 1000000 ? 3000000 : 3000000 ))

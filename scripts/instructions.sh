@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tenants=${1:-1}; shift || true
-cases=${*:-bare tower_governor tollgate_no_headers_no_context tollgate_no_headers tollgate}
+cases=${*:-bare tower_governor tollgate tower_governor_headers tollgate_headers tollgate_defaults}
 bin=$(cargo bench --bench profile --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="profile"][-1])')
 count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$tenants" "$2" 2>&1 | sed -n 's/.*Collected : //p'; }

@@ -141,11 +141,7 @@ pub(crate) fn tollgate_service(
         }
     });
     let (layer, worker) = Tollgate::builder(config).store_arc(store).build();
-    if std::env::var_os("NO_WORKER").is_none() {
-        rt.spawn(worker.run());
-    } else {
-        std::mem::forget(worker);
-    }
+    rt.spawn(worker.run());
     let mut svc = layer.tenant_context(context).layer(bare());
     // Warm: every tenant known, every lease reserved.
     rt.block_on(async {

@@ -1,4 +1,5 @@
 use std::{
+    cell::Cell,
     fmt,
     sync::{
         atomic::{AtomicI64, Ordering},
@@ -111,16 +112,41 @@ impl fmt::Debug for Clock {
     }
 }
 
+thread_local! {
+    /// The wall time (Unix nanoseconds) of this thread's latest reading of a clock through
+    /// governor, so that a request reads the time-stamp counter once for its rate check and its
+    /// quota period and usage window.
+    static LAST_WALL: Cell<i64> = const { Cell::new(0) };
+}
+
+impl Clock {
+    /// The wall time, in Unix seconds, of the reading taken by this thread's latest governor
+    /// check: call right after one (on the same thread, nothing in between reads another
+    /// clock).
+    #[inline]
+    pub(crate) fn last_check_secs() -> i64 {
+        LAST_WALL.with(Cell::get).div_euclid(1_000_000_000)
+    }
+}
+
 impl governor::clock::Clock for Clock {
     type Instant = Nanos;
 
     #[inline]
     fn now(&self) -> Nanos {
-        match &*self.inner {
-            Inner::System { quanta, start, .. } => Nanos::from(quanta.now().duration_since(*start)),
+        let (mono, wall) = match &*self.inner {
+            Inner::System { quanta, start, offset } => {
+                let mono = quanta.now().duration_since(*start).as_nanos() as i64;
+                (mono, mono + offset.load(Ordering::Relaxed))
+            }
             // The fake monotonic reading follows the fake wall time (which only moves forward).
-            Inner::Fake(f) => Nanos::from(f.nanos.load(Ordering::Acquire).max(0) as u64),
-        }
+            Inner::Fake(f) => {
+                let wall = f.nanos.load(Ordering::Acquire);
+                (wall, wall)
+            }
+        };
+        LAST_WALL.with(|w| w.set(wall));
+        Nanos::from(mono.max(0) as u64)
     }
 }
 

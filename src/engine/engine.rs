@@ -225,9 +225,8 @@ impl Tollgate {
             Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
         };
         let (meter, cost) = rt.route(req.method, req.path);
-        let now = self.shared.clock.unix_secs();
         match self.shared.table.get(lookup) {
-            Some(state) => self.decide(state, meter, cost, req.idempotency_key, now),
+            Some(state) => self.decide(state, meter, cost, req.idempotency_key),
             None => {
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
@@ -254,8 +253,7 @@ impl Tollgate {
                     Ok(state) => state,
                     Err(rejection) => return Err(self.count(rejection)),
                 };
-                let now = self.shared.clock.unix_secs();
-                match self.decide(state, meter, cost, idempotency_key.as_deref(), now) {
+                match self.decide(state, meter, cost, idempotency_key.as_deref()) {
                     Admission::Admitted(t) => return Ok(t),
                     Admission::Rejected(r) => return Err(r),
                     Admission::Pending(PendingAdmission { stage: Stage::Quota(p), .. }) => p,
@@ -351,8 +349,7 @@ impl Tollgate {
 
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    fn decide(&self, state: Tenant, meter: usize, cost: u32, idem: Option<&[u8]>, now: i64) -> Admission {
-        state.touch(now);
+    fn decide(&self, state: Tenant, meter: usize, cost: u32, idem: Option<&[u8]>) -> Admission {
         let (charged, claim) = match idem {
             None => (true, None),
             Some(key) => match self.shared.idempotency.claim(&state.id, key) {
@@ -365,9 +362,13 @@ impl Tollgate {
         };
         let plan = &state.plan;
         let mut headers = HeaderState::new(meter);
-        if let Some(policy) = &plan.rate {
+        let now = if let Some(policy) = &plan.rate {
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
-            match policy.limiter.check(&state, cells) {
+            let checked = policy.limiter.check(&state, cells);
+            // The check read the clock: its reading is the request's time.
+            let now = Clock::last_check_secs();
+            state.touch(now);
+            match checked {
                 // Header values are only computed when headers are sent.
                 Ok(Ok(None)) => {}
                 Ok(Ok(Some(remaining))) => {
@@ -397,7 +398,12 @@ impl Tollgate {
                     return self.reject(r.for_tenant(&state));
                 }
             }
-        }
+            now
+        } else {
+            let now = self.shared.clock.unix_secs();
+            state.touch(now);
+            now
+        };
         match self.take_units(&state, &mut headers, meter, cost, charged, now) {
             Ok(quota_period_end) => {
                 self.shared.metrics.admitted.increment(1);

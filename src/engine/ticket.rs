@@ -5,7 +5,7 @@ use std::fmt;
 use super::idempotency::Claim;
 use crate::{
     config::{HeaderStyle, PlanId, TenantId},
-    response::{emit, Field, HeaderState},
+    response::{emit, Field, HeaderState, Value},
     tenant::Tenant,
     usage::TenantContext,
 };
@@ -52,11 +52,11 @@ impl Ticket {
 
     /// Writes the rate-limit header fields of the response through `put`.
     pub fn for_each_header(&self, mut put: impl FnMut(Field, &str)) {
-        self.emit(&mut |field, value| put(field, &value));
+        self.emit(&mut |field, value| put(field, value.as_str()));
     }
 
     #[inline]
-    pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, std::borrow::Cow<'_, str>)) {
+    pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, Value<'_>)) {
         if self.state.plan.header_style != HeaderStyle::None {
             emit(&self.state.plan, &self.headers, None, put);
         }

@@ -6,7 +6,7 @@ use tower_service::Service;
 use super::{future::ResponseFuture, FromConfig, TenantResolver};
 use crate::{
     engine::{Admission, RequestInfo, RuntimeCache, Tollgate},
-    response::{Field, ProblemJson, Rejection, RejectionResponder},
+    response::{Field, ProblemJson, Rejection, RejectionResponder, Value},
 };
 
 /// The service made by [`TollgateLayer`](super::TollgateLayer).
@@ -107,7 +107,7 @@ static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining"
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 #[inline]
-pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: std::borrow::Cow<'_, str>) {
+pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: Value<'_>) {
     let name = match field {
         Field::RateLimitPolicy => &RATELIMIT_POLICY,
         Field::RateLimit => &RATELIMIT,
@@ -117,9 +117,11 @@ pub(crate) fn put_header(headers: &mut HeaderMap, field: Field, value: std::borr
         Field::XRateLimitReset => &X_RESET,
     };
     let value = match value {
-        std::borrow::Cow::Borrowed(v) => HeaderValue::from_str(v),
+        // A value of the plan, built once from static bytes: a clone copies two pointers.
+        Value::Prebuilt(v) => Ok(v.clone()),
+        Value::Borrowed(v) => HeaderValue::from_str(v),
         // No copy: the string's buffer becomes the value's.
-        std::borrow::Cow::Owned(v) => HeaderValue::try_from(v),
+        Value::Owned(v) => HeaderValue::try_from(v),
     };
     if let Ok(value) = value {
         headers.insert(name.clone(), value);

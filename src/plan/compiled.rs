@@ -99,13 +99,27 @@ pub(crate) struct CompiledPlan {
     pub(crate) quota_of: Box<[Option<u8>]>,
     /// The usage window, in seconds.
     pub(crate) window_secs: i64,
-    /// The `RateLimit-Policy` value for a request on each meter.
-    pub(crate) policy_header: Box<[Box<str>]>,
+    /// The `RateLimit-Policy` value for a request on each meter (none: no policy applies).
+    pub(crate) policy_header: Box<[Option<http::HeaderValue>]>,
     pub(crate) on_store_error: StoreErrorPolicy,
     pub(crate) meters: Arc<MeterTable>,
     pub(crate) billable: StatusSet,
     pub(crate) header_style: HeaderStyle,
     pub(crate) metrics: Arc<Metrics>,
+}
+
+/// A `'static` copy of `s`: each distinct string is leaked once per process (policy header
+/// values: a few per configuration, bounded by the configurations loaded).
+fn intern(s: String) -> &'static str {
+    static SEEN: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut seen = SEEN.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = seen.get(s.as_str()) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(s.into_boxed_str());
+    seen.insert(leaked);
+    leaked
 }
 
 impl CompiledPlan {
@@ -162,7 +176,9 @@ impl CompiledPlan {
                         q.period().nominal_secs()
                     );
                 }
-                s.into_boxed_str()
+                // Built from static bytes, so that every response clones it without touching a
+                // shared count.
+                (!s.is_empty()).then(|| http::HeaderValue::from_static(intern(s)))
             })
             .collect();
         Self {

@@ -1,8 +1,6 @@
 //! Rate-limit header fields, framework-neutral: each front door maps a [`Field`] to its own
 //! header name type.
 
-use std::borrow::Cow;
-
 use crate::{config::HeaderStyle, plan::CompiledPlan};
 
 /// A response header field written by tollgate.
@@ -33,6 +31,24 @@ impl Field {
             Field::XRateLimitLimit => "x-ratelimit-limit",
             Field::XRateLimitRemaining => "x-ratelimit-remaining",
             Field::XRateLimitReset => "x-ratelimit-reset",
+        }
+    }
+}
+
+/// A header value as [`emit`] hands it over: a value built once (the policy of a plan), a
+/// borrowed string, or a string built for this response (handed over without another copy).
+pub(crate) enum Value<'a> {
+    Prebuilt(&'a http::HeaderValue),
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl Value<'_> {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Value::Prebuilt(v) => v.to_str().unwrap_or_default(),
+            Value::Borrowed(s) => s,
+            Value::Owned(s) => s,
         }
     }
 }
@@ -117,7 +133,7 @@ pub(crate) fn emit(
     plan: &CompiledPlan,
     state: &HeaderState,
     retry_after: Option<u64>,
-    put: &mut dyn FnMut(Field, Cow<'_, str>),
+    put: &mut dyn FnMut(Field, Value<'_>),
 ) {
     let mut num = itoa::Buffer::new();
     let (rate, quota) = match plan.header_style {
@@ -126,8 +142,8 @@ pub(crate) fn emit(
     };
     match plan.header_style {
         HeaderStyle::Draft => {
-            if let Some(policy) = plan.policy_header.get(state.meter()).filter(|p| !p.is_empty()) {
-                put(Field::RateLimitPolicy, Cow::Borrowed(policy));
+            if let Some(Some(policy)) = plan.policy_header.get(state.meter()) {
+                put(Field::RateLimitPolicy, Value::Prebuilt(policy));
             }
             if rate.is_some() || quota.is_some() {
                 let mut value = String::with_capacity(64);
@@ -137,7 +153,7 @@ pub(crate) fn emit(
                 if let (Some(q), Some((_, spec))) = (&quota, plan.quotas.iter().find(|(m, _)| *m == state.meter())) {
                     item(&mut value, plan.meters.ids[state.meter()].as_str(), spec.period().name(), q, &mut num);
                 }
-                put(Field::RateLimit, Cow::Owned(value));
+                put(Field::RateLimit, Value::Owned(value));
             }
         }
         HeaderStyle::Legacy => {
@@ -146,15 +162,15 @@ pub(crate) fn emit(
                 (r, q) => r.as_ref().or(q.as_ref()),
             };
             if let Some(p) = tightest {
-                put(Field::XRateLimitLimit, Cow::Borrowed(num.format(p.limit)));
-                put(Field::XRateLimitRemaining, Cow::Borrowed(num.format(p.remaining)));
-                put(Field::XRateLimitReset, Cow::Borrowed(num.format(p.reset_secs)));
+                put(Field::XRateLimitLimit, Value::Borrowed(num.format(p.limit)));
+                put(Field::XRateLimitRemaining, Value::Borrowed(num.format(p.remaining)));
+                put(Field::XRateLimitReset, Value::Borrowed(num.format(p.reset_secs)));
             }
         }
         HeaderStyle::None => {}
     }
     if let Some(secs) = retry_after {
-        put(Field::RetryAfter, Cow::Borrowed(num.format(secs)));
+        put(Field::RetryAfter, Value::Borrowed(num.format(secs)));
     }
 }
 

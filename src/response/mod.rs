@@ -5,6 +5,6 @@ mod problem;
 mod rejection;
 
 pub use headers::Field;
-pub(crate) use headers::{emit, HeaderState};
+pub(crate) use headers::{emit, HeaderState, Value};
 pub use problem::{ProblemJson, RejectionResponder};
 pub use rejection::{Rejection, RejectionKind};

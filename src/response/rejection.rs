@@ -2,7 +2,7 @@ use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
 
 use http::StatusCode;
 
-use super::{emit, Field, HeaderState};
+use super::{emit, Field, HeaderState, Value};
 use crate::{config::TenantId, plan::CompiledPlan};
 
 /// Why a request was turned away.
@@ -167,15 +167,15 @@ impl Rejection {
 
     /// Writes the rate-limit header fields and `Retry-After` of the response through `put`.
     pub fn for_each_header(&self, mut put: impl FnMut(Field, &str)) {
-        self.emit(&mut |field, value| put(field, &value));
+        self.emit(&mut |field, value| put(field, value.as_str()));
     }
 
-    pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, std::borrow::Cow<'_, str>)) {
+    pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, Value<'_>)) {
         match &self.inner.plan {
             Some(plan) => emit(plan, &self.inner.headers, self.inner.retry_after, put),
             None => {
                 if let Some(secs) = self.inner.retry_after {
-                    put(Field::RetryAfter, std::borrow::Cow::Borrowed(itoa::Buffer::new().format(secs)));
+                    put(Field::RetryAfter, Value::Borrowed(itoa::Buffer::new().format(secs)));
                 }
             }
         }
