@@ -238,3 +238,45 @@ async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
     let committed = common::committed(&*store, "t", "requests", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(committed, u64::from(admitted));
 }
+
+#[tokio::test]
+async fn leases_grow_for_busy_tenants_and_shrink_back() {
+    let toml = r#"
+        [plans.p]
+        quotas.requests = { limit = 1000000, period = "day", mode = "hard", lease = 10 }
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+    "#;
+    let h = Harness::new(toml);
+    let store = h.tollgate.store().clone();
+    let key =
+        tollgate::store::QuotaKey { tenant: "t".into(), meter: "requests".into(), period_start: NOON - 12 * 3600 };
+    for _ in 0..2000 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    // The fake clock stands still, so every lease lasted under a second and the next one
+    // doubled: 10 + 20 + ... + 1,280 = 2,550 units in 8 store calls, where fixed leases of 10
+    // would have taken 200.
+    assert_eq!(store.reserved(&key).await.unwrap(), 2550);
+    // A lease that lasted over a minute halves the next one.
+    h.clock.advance(Duration::from_secs(61));
+    for _ in 0..551 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    assert_eq!(store.reserved(&key).await.unwrap(), 2550 + 640);
+    // Never above a sixteenth of the limit: a plan with a small limit keeps its configured size.
+    let toml = r#"
+        [plans.p]
+        quotas.requests = { limit = 31, period = "day", mode = "hard", lease = 2 }
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+    "#;
+    let h = Harness::new(toml);
+    for _ in 0..10 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    let store = h.tollgate.store().clone();
+    assert_eq!(store.reserved(&key).await.unwrap(), 10, "five leases of 2 (cap: max(2, 31/16))");
+}

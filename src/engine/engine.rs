@@ -586,7 +586,7 @@ impl Tollgate {
         cell.settle_unleased();
         let (start, _) = cell.period();
         let debt = (-cell.lease()).max(0) as u64;
-        let want = cell.spec.lease().get().max(need).saturating_add(debt);
+        let want = cell.next_size(self.shared.clock.unix_nanos()).max(need).saturating_add(debt);
         let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id().clone(), period_start: start };
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
         let grant = self.shared.store.reserve(&key, want, limit).await?;

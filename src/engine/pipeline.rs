@@ -355,8 +355,7 @@ impl Tollgate {
         let now = self.shared.clock.unix_secs();
         let result = with_timeout(timeout, async {
             let _guard = self.refill_lock(&state, job.meter).lock().await;
-            let low = (cell.spec.lease().get() / 4).max(1) as i64;
-            if cell.lease() < low {
+            if cell.lease() < cell.low() {
                 self.refill_locked(&state, cell, now, 0).await?;
             }
             Ok(())

@@ -169,23 +169,16 @@ impl TenantState {
 /// One meter of a tenant: the lease of its quota (if the plan has one on this meter) and two
 /// usage slots, the current window and the one before, each tagged with its window index so
 /// that the worker attributes usage to the window it was recorded in. 40 bytes.
+#[derive(Default)]
 struct MeterCell {
     lease: AtomicI64,
-    /// The end of the period the lease belongs to (`i64::MIN`: no lease yet).
-    period_end: AtomicI64,
+    /// The end (Unix seconds, `u32`: until 2106) of the period the lease belongs to; 0: no
+    /// lease yet.
+    period_end: AtomicU32,
+    /// Below this many units left, the lease is refilled ahead of need.
+    low: AtomicU32,
     windows: [AtomicU32; 2],
     quantity: [AtomicU64; 2],
-}
-
-impl Default for MeterCell {
-    fn default() -> Self {
-        Self {
-            lease: AtomicI64::new(0),
-            period_end: AtomicI64::new(i64::MIN),
-            windows: Default::default(),
-            quantity: Default::default(),
-        }
-    }
 }
 
 impl MeterCell {
@@ -205,6 +198,10 @@ struct QuotaCold {
     exhausted: AtomicBool,
     prefetching: AtomicBool,
     period_start: AtomicI64,
+    /// The size of the next lease (0: the configured one); grows while refills come fast.
+    size: AtomicU64,
+    /// When the lease was last refilled, in Unix nanoseconds.
+    refilled_at: AtomicI64,
     /// Usage reported while no lease of the current period was held: settled by the next refill.
     unleased: AtomicU64,
     reserved: AtomicU64,
@@ -250,7 +247,7 @@ impl<'a> QuotaRef<'a> {
     #[inline]
     pub(crate) fn try_take(&self, cost: u64, now: i64) -> Take {
         let h = self.hot;
-        if now >= h.period_end.load(Ordering::Acquire) {
+        if now >= i64::from(h.period_end.load(Ordering::Acquire)) {
             return Take::NeedLease;
         }
         let cost = cost as i64;
@@ -269,7 +266,7 @@ impl<'a> QuotaRef<'a> {
     /// Takes `quantity` units even if that leaves the lease negative (usage that already
     /// happened, reported by a handler). The next refill covers the debt.
     pub(crate) fn force_take(&self, quantity: u64, now: i64) {
-        if now < self.hot.period_end.load(Ordering::Acquire) {
+        if now < i64::from(self.hot.period_end.load(Ordering::Acquire)) {
             self.hot.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
         } else {
             self.cold().unleased.fetch_add(quantity, Ordering::AcqRel);
@@ -278,7 +275,7 @@ impl<'a> QuotaRef<'a> {
 
     /// Gives back units of a request that is not billed, if its period is still current.
     pub(crate) fn refund(&self, cost: u64, period_end: i64) {
-        if self.hot.period_end.load(Ordering::Acquire) == period_end {
+        if i64::from(self.hot.period_end.load(Ordering::Acquire)) == period_end {
             self.hot.lease.fetch_add(cost as i64, Ordering::AcqRel);
             self.cold().exhausted.store(false, Ordering::Release);
         }
@@ -293,27 +290,64 @@ impl<'a> QuotaRef<'a> {
     }
 
     pub(crate) fn period(&self) -> (i64, i64) {
-        (self.cold().period_start.load(Ordering::Acquire), self.hot.period_end.load(Ordering::Acquire))
+        (self.cold().period_start.load(Ordering::Acquire), self.period_end())
     }
 
     /// The end of the period of the lease held.
     #[inline]
     pub(crate) fn period_end(&self) -> i64 {
-        self.hot.period_end.load(Ordering::Acquire)
+        i64::from(self.hot.period_end.load(Ordering::Acquire))
     }
 
     pub(crate) fn lease(&self) -> i64 {
         self.hot.lease.load(Ordering::Acquire)
     }
 
-    /// Whether `lease_left` is below the low watermark (a quarter of a lease) and no prefetch
-    /// is under way; claims the prefetch if so. Reads the cold part only below the watermark.
+    /// Whether `lease_left` is below the low watermark (a quarter of the last lease) and no
+    /// prefetch is under way; claims the prefetch if so. Reads the cold part only below the
+    /// watermark.
     #[inline]
     pub(crate) fn wants_prefetch(&self, lease_left: i64) -> bool {
-        let low = (self.spec.lease().get() / 4).max(1) as i64;
-        lease_left < low
+        lease_left < self.low()
             && !self.cold().exhausted.load(Ordering::Relaxed)
             && !self.cold().prefetching.swap(true, Ordering::AcqRel)
+    }
+
+    /// The low watermark: a quarter of the last lease.
+    #[inline]
+    pub(crate) fn low(&self) -> i64 {
+        i64::from(self.hot.low.load(Ordering::Relaxed)).max(1)
+    }
+
+    /// The size of the next lease, adapted to how fast the tenant uses its units, so that a
+    /// busy tenant asks the store about once a second whatever its request rate (store traffic
+    /// follows tenants, not requests): doubled when the last lease lasted under a second,
+    /// halved (down to the configured size) when it lasted over a minute. Capped at a
+    /// sixteenth of the limit (or the configured size, if larger), so that one node of a fleet
+    /// never holds much of a hard quota. Call with the refill lock held.
+    pub(crate) fn next_size(&self, now_nanos: i64) -> u64 {
+        let cold = self.cold();
+        let base = self.spec.lease().get();
+        let cap = base.max(self.spec.limit().get() / 16);
+        let size = match cold.size.load(Ordering::Relaxed) {
+            0 => base,
+            s => s,
+        };
+        let last = cold.refilled_at.swap(now_nanos, Ordering::Relaxed);
+        let lasted = now_nanos.saturating_sub(last);
+        let next = if last == 0 {
+            size
+        } else if lasted < 1_000_000_000 {
+            size.saturating_mul(2).min(cap)
+        } else if lasted > 60_000_000_000 {
+            (size / 2).max(base)
+        } else {
+            size
+        };
+        cold.size.store(next, Ordering::Relaxed);
+        let low = u32::try_from(next / 4).unwrap_or(u32::MAX);
+        self.hot.low.store(low, Ordering::Relaxed);
+        next
     }
 
     pub(crate) fn prefetch_done(&self) {
@@ -327,7 +361,7 @@ impl<'a> QuotaRef<'a> {
         self.cold().exhausted.store(false, Ordering::Release);
         self.cold().reserved.store(0, Ordering::Release);
         self.cold().period_start.store(start, Ordering::Release);
-        self.hot.period_end.store(end, Ordering::Release);
+        self.hot.period_end.store(u32::try_from(end).unwrap_or(u32::MAX), Ordering::Release);
         left
     }
 
