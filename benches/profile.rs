@@ -1,8 +1,13 @@
 //! Profiling harness (not a benchmark): runs one case in a loop so that `perf record` or
-//! `valgrind --tool=callgrind` sees only it. Usage:
+//! `valgrind --tool=callgrind` sees only it, and prints its ns per request. Usage:
 //! `cargo bench --bench profile -- <case> <tenants> <iterations>`
 //! where case is one of the benchmark's: bare, tower_governor, tower_governor_headers,
-//! tollgate, tollgate_headers, tollgate_defaults.
+//! tollgate, tollgate_headers, tollgate_defaults. `scripts/compare.sh` (interleaved medians)
+//! and `scripts/instructions.sh` (callgrind counts per request) drive it. Under `cargo test
+//! --benches` (no case given) it runs every case a thousand times, as a smoke test.
+
+const CASES: [&str; 6] =
+    ["bare", "tower_governor", "tower_governor_headers", "tollgate", "tollgate_headers", "tollgate_defaults"];
 
 #[path = "support/mod.rs"]
 mod support;
@@ -11,12 +16,21 @@ use std::{hint::black_box, sync::Arc, time::Instant};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let case = args.first().map_or("tollgate", String::as_str).to_owned();
+    let Some(case) = args.first() else {
+        for case in CASES {
+            one(case, 10, 1_000);
+        }
+        return;
+    };
     let tenants: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     let iters: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(10_000_000);
+    one(case, tenants, iters);
+}
+
+fn one(case: &str, tenants: usize, iters: u64) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let keys = Arc::new((0..tenants).map(support::key).collect::<Vec<_>>());
-    let per = match case.as_str() {
+    let per = match case {
         "bare" => time(&support::bare(), &keys, iters, &rt),
         "tower_governor" => time(&support::governor(&keys), &keys, iters, &rt),
         "tower_governor_headers" => time(&support::governor_headers(&keys), &keys, iters, &rt),
