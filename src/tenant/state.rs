@@ -398,5 +398,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<MeterCell>(), 40);
         assert_eq!(std::mem::offset_of!(TenantState, more), 64);
         assert_eq!(std::mem::offset_of!(TenantState, refs), 0);
+        assert_eq!(std::mem::size_of::<TenantState>(), 192, "one hot line, two cold ones");
     }
 }
