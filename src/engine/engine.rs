@@ -321,7 +321,7 @@ impl Tollgate {
         let state = self
             .shared
             .table
-            .attach(lookup, &record.id, || self.new_state(&rt, record.id.clone(), plan, record.customer.clone()));
+            .attach(lookup, &record.id, || self.new_state(record.id.clone(), plan, record.customer.clone()));
         self.after_insert(&rt);
         Ok(state)
     }
@@ -329,13 +329,12 @@ impl Tollgate {
     fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
         let id = TenantId::from("anonymous");
         let state =
-            self.shared.table.attach(Lookup::Identity(ANONYMOUS), &id, || self.new_state(rt, id.clone(), plan, None));
+            self.shared.table.attach(Lookup::Identity(ANONYMOUS), &id, || self.new_state(id.clone(), plan, None));
         self.after_insert(rt);
         state
     }
 
-    fn new_state(&self, rt: &Runtime, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
-        let _ = rt;
+    fn new_state(&self, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
         TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock.clone())
     }
 
