@@ -37,7 +37,7 @@ fn bench(c: &mut Criterion) {
         let mut group = c.benchmark_group(if threads == 1 { "one_thread" } else { "two_threads" });
         group.throughput(Throughput::Elements(1));
         group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(30);
-        let mut kept = Vec::new();
+        let mut kept: Vec<Box<dyn std::any::Any>> = Vec::new();
         for &n in counts {
             let keys = Arc::new((0..n).map(key).collect::<Vec<_>>());
 
@@ -46,8 +46,18 @@ fn bench(c: &mut Criterion) {
                 b.iter_custom(|iters| run(&svc, &keys, threads, iters, rt.handle()))
             });
 
-            bench_governor(&mut group, "tower_governor", governor(&keys), &keys, threads, n, &rt);
-            bench_governor(&mut group, "tower_governor_headers", governor_headers(&keys), &keys, threads, n, &rt);
+            // Every service is kept until its group ends, so that each case allocates its state
+            // in fresh memory rather than in the blocks the case before it freed.
+            kept.push(bench_governor(&mut group, "tower_governor", governor(&keys), &keys, threads, n, &rt));
+            kept.push(bench_governor(
+                &mut group,
+                "tower_governor_headers",
+                governor_headers(&keys),
+                &keys,
+                threads,
+                n,
+                &rt,
+            ));
 
             for (name, style, context) in [
                 ("tollgate", "none", false),
@@ -58,11 +68,9 @@ fn bench(c: &mut Criterion) {
                 group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
                     b.iter_custom(|iters| run(&svc, &keys, threads, iters, rt.handle()))
                 });
-                // Stops the worker, so that no engine but the measured one uses a core; the
-                // engine is kept until the group ends, so that the next case's tenants get fresh
-                // memory rather than this one's freed and fragmented blocks.
+                // Stops the worker, so that no engine but the measured one uses a core.
                 rt.block_on(svc.handle().shutdown()).unwrap();
-                kept.push(svc);
+                kept.push(Box::new(svc));
             }
         }
         group.finish();
@@ -78,13 +86,15 @@ fn bench_governor<S>(
     threads: usize,
     n: usize,
     rt: &tokio::runtime::Runtime,
-) where
+) -> Box<dyn std::any::Any>
+where
     S: Service<Request<axum::body::Body>> + Clone + Send + 'static,
     S::Future: Send,
 {
     group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
         b.iter_custom(|iters| run(&svc, keys, threads, iters, rt.handle()))
     });
+    Box::new(svc)
 }
 
 criterion_group!(benches, bench);
