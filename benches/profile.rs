@@ -37,16 +37,6 @@ fn one(case: &str, tenants: usize, iters: u64) {
         "tollgate" => time(&support::tollgate_service(tenants, "none", false, &rt), &keys, iters, &rt),
         "tollgate_headers" => time(&support::tollgate_service(tenants, "draft", false, &rt), &keys, iters, &rt),
         "tollgate_defaults" => time(&support::tollgate_service(tenants, "draft", true, &rt), &keys, iters, &rt),
-        "sizes" => {
-            let svc = support::tollgate_service(1, "none", false, &rt);
-            let f = tower::Service::call(&mut svc.clone(), support::request(&keys[0]));
-            println!(
-                "future {} bytes; request {} bytes",
-                std::mem::size_of_val(&f),
-                std::mem::size_of::<http::Request<axum::body::Body>>()
-            );
-            return;
-        }
         other => panic!("unknown case {other}"),
     };
     println!("{case} {tenants}: {per:.1} ns/request");

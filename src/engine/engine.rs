@@ -585,10 +585,13 @@ impl Tollgate {
         cell.settle_unleased();
         let (start, _) = cell.period();
         let debt = (-cell.lease()).max(0) as u64;
-        let want = cell.next_size(self.shared.clock.unix_nanos()).max(need).saturating_add(debt);
+        let now_nanos = self.shared.clock.unix_nanos();
+        let size = cell.next_size(now_nanos);
+        let want = size.max(need).saturating_add(debt);
         let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id().clone(), period_start: start };
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
         let grant = self.shared.store.reserve(&key, want, limit).await?;
+        cell.leased(size, now_nanos);
         cell.grant(grant.granted, grant.reserved, want);
         Ok(())
     }

@@ -324,7 +324,7 @@ impl<'a> QuotaRef<'a> {
     /// follows tenants, not requests): doubled when the last lease lasted under a second,
     /// halved (down to the configured size) when it lasted over a minute. Capped at a
     /// sixteenth of the limit (or the configured size, if larger), so that one node of a fleet
-    /// never holds much of a hard quota. Call with the refill lock held.
+    /// never holds much of a hard quota. Reads only; [`leased`](Self::leased) records it.
     pub(crate) fn next_size(&self, now_nanos: i64) -> u64 {
         let cold = self.cold();
         let base = self.spec.lease().get();
@@ -333,9 +333,9 @@ impl<'a> QuotaRef<'a> {
             0 => base,
             s => s,
         };
-        let last = cold.refilled_at.swap(now_nanos, Ordering::Relaxed);
+        let last = cold.refilled_at.load(Ordering::Relaxed);
         let lasted = now_nanos.saturating_sub(last);
-        let next = if last == 0 {
+        if last == 0 {
             size
         } else if lasted < 1_000_000_000 {
             size.saturating_mul(2).min(cap)
@@ -343,11 +343,17 @@ impl<'a> QuotaRef<'a> {
             (size / 2).max(base)
         } else {
             size
-        };
-        cold.size.store(next, Ordering::Relaxed);
-        let low = u32::try_from(next / 4).unwrap_or(u32::MAX);
-        self.hot.low.store(low, Ordering::Relaxed);
-        next
+        }
+    }
+
+    /// Records a lease of `size` units granted at `now_nanos` (the pace the next size
+    /// follows) and moves the low watermark to a quarter of it. Call with the refill lock held,
+    /// only once the store has answered: a failed refill changes nothing.
+    pub(crate) fn leased(&self, size: u64, now_nanos: i64) {
+        let cold = self.cold();
+        cold.size.store(size, Ordering::Relaxed);
+        cold.refilled_at.store(now_nanos, Ordering::Relaxed);
+        self.hot.low.store(u32::try_from(size / 4).unwrap_or(u32::MAX), Ordering::Relaxed);
     }
 
     pub(crate) fn prefetch_done(&self) {
