@@ -2,7 +2,9 @@
 # Instructions per request of each case of the profiling harness, counted by callgrind
 # (repeatable whatever else the machine does): the difference between two runs of different
 # lengths, divided by the difference in requests, so set-up cancels out.
-# Usage: scripts/instructions.sh [tenants] [cases...]
+# With CACHE=1, cachegrind instead counts first-level data misses and misses of a simulated
+# 1 MiB, 8-way second level (this machine's L2) per request: the memory side, just as steady.
+# Usage: [CACHE=1] scripts/instructions.sh [tenants] [cases...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tenants=${1:-1}; shift || true
@@ -10,7 +12,17 @@ cases=${*:-bare tower_governor tollgate tower_governor_headers tollgate_headers 
 bin=$(cargo bench --bench profile --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="profile"][-1])')
 count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$tenants" "$2" 2>&1 | sed -n 's/.*Collected : //p'; }
+# "D1 misses L2 misses" of one run.
+misses() {
+  valgrind --tool=cachegrind --cache-sim=yes --LL=1048576,8,64 --cachegrind-out-file=/dev/null \
+    "$bin" "$1" "$tenants" "$2" 2>&1 | awk '/D1  misses|LLd misses/ {gsub(",", "", $4); printf "%s ", $4}'
+}
 for c in $cases; do
-  a=$(count "$c" 20000); b=$(count "$c" 120000)
-  echo "$c $tenants: $(( (b - a) / 100000 )) instructions/request"
+  if [[ ${CACHE:-0} == 1 ]]; then
+    read -r d1a l2a <<<"$(misses "$c" 200000)"; read -r d1b l2b <<<"$(misses "$c" 1200000)"
+    echo "$c $tenants: $(( (d1b - d1a) / 10000 ))/100 D1 misses, $(( (l2b - l2a) / 10000 ))/100 L2 misses per request"
+  else
+    a=$(count "$c" 20000); b=$(count "$c" 120000)
+    echo "$c $tenants: $(( (b - a) / 100000 )) instructions/request"
+  fi
 done
