@@ -197,13 +197,7 @@ async fn the_same_idempotency_key_of_another_tenant_is_charged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
-    let toml = r#"
-        [plans.p]
-        quotas.requests = { limit = 500, period = "day", mode = "hard", lease = 7 }
-        [tenants.t]
-        plan = "p"
-        keys = ["key-t"]
-    "#;
+    let toml = &common::one_tenant(r#"quotas.requests = { limit = 500, period = "day", mode = "hard", lease = 7 }"#);
     let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(tollgate::store::MemoryStore::new());
     // Two nodes (two engines) share one store, as a fleet shares one table.
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
@@ -241,13 +235,8 @@ async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
 
 #[tokio::test]
 async fn leases_grow_for_busy_tenants_and_shrink_back() {
-    let toml = r#"
-        [plans.p]
-        quotas.requests = { limit = 1000000, period = "day", mode = "hard", lease = 10 }
-        [tenants.t]
-        plan = "p"
-        keys = ["key-t"]
-    "#;
+    let toml =
+        &common::one_tenant(r#"quotas.requests = { limit = 1000000, period = "day", mode = "hard", lease = 10 }"#);
     let h = Harness::new(toml);
     let store = h.tollgate.store().clone();
     let key =
@@ -266,13 +255,7 @@ async fn leases_grow_for_busy_tenants_and_shrink_back() {
     }
     assert_eq!(store.reserved(&key).await.unwrap(), 2550 + 640);
     // Never above a sixteenth of the limit: a plan with a small limit keeps its configured size.
-    let toml = r#"
-        [plans.p]
-        quotas.requests = { limit = 31, period = "day", mode = "hard", lease = 2 }
-        [tenants.t]
-        plan = "p"
-        keys = ["key-t"]
-    "#;
+    let toml = &common::one_tenant(r#"quotas.requests = { limit = 31, period = "day", mode = "hard", lease = 2 }"#);
     let h = Harness::new(toml);
     for _ in 0..10 {
         assert_eq!(h.status("/", "key-t").await, 200);

@@ -123,3 +123,9 @@ pub async fn committed(store: &dyn Store, tenant: &str, meter: &str, from: i64, 
     }
     total
 }
+
+/// A configuration with one plan `p`, whose body is `plan` (TOML lines of `[plans.p]`), and
+/// one tenant `t` on it with the API key `key-t`.
+pub fn one_tenant(plan: &str) -> String {
+    format!("[plans.p]\n{plan}\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n")
+}
