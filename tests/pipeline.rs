@@ -108,14 +108,10 @@ async fn idle_tenants_are_evicted_and_their_lease_returned() {
 
 #[tokio::test]
 async fn a_reload_keeps_counters_and_applies_new_plans() {
-    let v1 = r#"
-        [plans.p]
-        rate = "10/s"
-        quotas.requests = { limit = 5, period = "day", lease = 2 }
-        [tenants.t]
-        plan = "p"
-        keys = ["key-t"]
-    "#;
+    let v1 = &common::one_tenant(
+        r#"rate = "10/s"
+        quotas.requests = { limit = 5, period = "day", lease = 2 }"#,
+    );
     let h = Harness::new(v1);
     for _ in 0..3 {
         assert_eq!(h.status("/", "key-t").await, 200);
