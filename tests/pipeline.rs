@@ -96,8 +96,13 @@ async fn the_tenant_cap_holds_and_evicted_usage_is_kept() {
 async fn idle_tenants_are_evicted_and_their_lease_returned() {
     let h = Harness::new(&tenants_config(1, "[limits]\nidle_timeout = \"10m\""));
     assert_eq!(h.status("/", "key-0").await, 200);
-    let key =
-        tollgate::store::QuotaKey { tenant: "t0".into(), meter: "requests".into(), period_start: NOON - 12 * 3600 };
+    let key = tollgate::store::QuotaKey::new(
+        "t0".into(),
+        "requests".into(),
+        tollgate::config::Period::Day,
+        NOON - 12 * 3600,
+        NOON + 12 * 3600,
+    );
     // A lease is a sixteenth of the limit, at most 10,000 units.
     assert_eq!(h.tollgate.store().reserved(&key).await.unwrap(), 10_000);
     h.clock.advance(Duration::from_secs(601));

@@ -12,8 +12,8 @@ use async_trait::async_trait;
 use common::{req, Harness, NOON};
 use tollgate::{
     store::{
-        CommitOutcome, ExportKey, Grant, MemoryStore, QuotaKey, Store, StoreError, TenantRecord, UsageAggregate,
-        UsageBatch,
+        CommitOutcome, ExportKey, Grant, MemoryStore, QuotaKey, Reservation, ReserveToken, Store, StoreError,
+        TenantRecord, UsageAggregate, UsageBatch,
     },
     KeyHash, RejectionKind,
 };
@@ -237,13 +237,13 @@ impl Flaky {
 
 #[async_trait]
 impl Store for Flaky {
-    async fn reserve(&self, key: &QuotaKey, units: u64, limit: Option<u64>) -> Result<Grant, StoreError> {
+    async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         self.check()?;
-        self.inner.reserve(key, units, limit).await
+        self.inner.reserve(r).await
     }
-    async fn release(&self, key: &QuotaKey, units: u64) -> Result<(), StoreError> {
+    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
         self.check()?;
-        self.inner.release(key, units).await
+        self.inner.release(key, units, token).await
     }
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
         self.check()?;

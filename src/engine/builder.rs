@@ -20,8 +20,6 @@ use crate::{
 
 /// How many lease refills may wait for the worker; past that, requests refill themselves.
 const PREFETCH_QUEUE: usize = 1024;
-/// Stripes of the locks that serialize lease refills.
-const REFILL_LOCKS: usize = 256;
 
 /// Builds a [`Tollgate`] engine, its tower layer and its [`Worker`].
 ///
@@ -111,7 +109,11 @@ impl Builder {
             pipeline: tokio::sync::Mutex::new(Pipeline::new()),
             sweep_now: Notify::new(),
             shutdown: shutdown_tx,
-            refill_locks: (0..REFILL_LOCKS).map(|_| tokio::sync::Mutex::new(())).collect(),
+            node: {
+                use std::hash::BuildHasher;
+                std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+            },
+            seq: std::sync::atomic::AtomicU64::new(0),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);

@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
     idempotency::{check_key, Claim, Idempotency},
+    lease::Refill,
     metrics::{Metrics, Stats, Totals},
     pipeline::Pipeline,
     table::{Lookup, TenantTable, ANONYMOUS},
@@ -16,10 +17,10 @@ use super::{
 use crate::{
     billing::BillingSink,
     clock::Clock,
-    config::{HeaderStyle, QuotaMode, StoreErrorPolicy, TenantId},
+    config::{HeaderStyle, StoreErrorPolicy, TenantId},
     plan::{CompiledPlan, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
-    store::{QuotaKey, Store, StoreError},
+    store::{Store, StoreError},
     tenant::{check_api_key, Credential, KeyHash, QuotaRef, Take, Tenant, TenantState},
 };
 
@@ -77,6 +78,9 @@ struct Partial {
     at: i64,
 }
 
+/// No quota units were taken (no quota on the meter, or a replay).
+pub(crate) const NO_TAG: u32 = u32::MAX;
+
 impl fmt::Debug for PendingAdmission {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let stage = match &self.stage {
@@ -105,8 +109,10 @@ pub(crate) struct Shared {
     pub(crate) pipeline: tokio::sync::Mutex<Pipeline>,
     pub(crate) sweep_now: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
-    /// Serialize the refills of one quota cell (striped: the request path never takes them).
-    pub(crate) refill_locks: Box<[tokio::sync::Mutex<()>]>,
+    /// This engine's id in the tokens of its quota calls, drawn at random when it is built.
+    pub(crate) node: u64,
+    /// The sequence number of its latest quota call.
+    pub(crate) seq: std::sync::atomic::AtomicU64,
 }
 
 /// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].
@@ -404,12 +410,12 @@ impl Tollgate {
             now
         };
         match self.take_units(&state, &mut headers, meter, cost, charged, now) {
-            Ok(quota_period_end) => {
+            Ok(quota_tag) => {
                 self.shared.metrics.admitted.increment(1);
                 Admission::Admitted(Ticket {
                     state,
                     headers,
-                    quota_period_end,
+                    quota_tag,
                     at: now,
                     claim: claim.map(Box::new),
                     cost,
@@ -418,6 +424,10 @@ impl Tollgate {
                 })
             }
             Err(Take::Exhausted) => {
+                // Refused for its quota: the request spends no rate cells.
+                if let Some(policy) = &plan.rate {
+                    state.give_back_cells(policy.rate.interval().as_nanos() as u64 * u64::from(cost));
+                }
                 self.reject(self.quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
             }
             Err(_) => Admission::Pending(PendingAdmission {
@@ -429,9 +439,9 @@ impl Tollgate {
         }
     }
 
-    /// Takes quota units from the local lease, in place. `Ok`: the end of the period they were
-    /// taken from (`i64::MIN`: none were, the meter has no quota or the request is a replay);
-    /// `Err`: [`Take::Exhausted`], or [`Take::NeedLease`] (refill the lease first).
+    /// Takes quota units from the local lease, in place. `Ok`: the tag of the period they
+    /// were taken from ([`NO_TAG`]: none were, the meter has no quota or the request is a
+    /// replay); `Err`: [`Take::Exhausted`], or [`Take::NeedLease`] (refill the lease first).
     #[inline]
     fn take_units(
         &self,
@@ -441,55 +451,59 @@ impl Tollgate {
         cost: u32,
         charged: bool,
         at: i64,
-    ) -> Result<i64, Take> {
+    ) -> Result<u32, Take> {
         let cell = match state.quota(meter) {
             Some(cell) if charged => cell,
-            _ => return Ok(i64::MIN),
+            _ => return Ok(NO_TAG),
         };
         match cell.try_take(u64::from(cost), at) {
-            Take::Taken { left } => {
-                let end = cell.period_end();
-                let informed = state.plan.header_style != HeaderStyle::None;
-                // The estimate reads the cold part of the quota: only for soft quotas (overage)
-                // and headers.
-                if informed || !cell.hard() {
-                    let (remaining, overage) = cell.estimate(left);
-                    if overage {
-                        state.plan.metrics.overage_units.increment(u64::from(cost));
-                    }
-                    if informed {
-                        headers.set_quota(remaining, (end - at).max(0) as u64);
-                    }
-                }
-                if cell.wants_prefetch(left) {
-                    self.request_prefetch(state, meter, cell);
-                }
-                Ok(end)
+            Take::Taken { left, tag } => {
+                self.taken(state, headers, meter, cell, cost, left, at);
+                Ok(u32::from(tag))
             }
             other => Err(other),
         }
     }
 
-    /// [`take_units`](Self::take_units) for a request that waited for a lease.
-    // The large `Err` hands the partial admission back for another refill; boxing it would
-    // only add an allocation there.
-    #[allow(clippy::result_large_err)]
-    fn take(&self, mut p: Partial, meter: usize, cost: u32) -> Result<Ticket, Result<Rejection, Partial>> {
-        match self.take_units(&p.state, &mut p.headers, meter, cost, p.charged, p.at) {
-            Ok(end) => Ok(self.ticket(p, cost, Some(end))),
-            Err(Take::Exhausted) => Err(Ok(self.quota_exceeded(p, meter))),
-            Err(_) => Err(Err(p)),
+    /// Headers, overage and prefetch after units were taken, `left` remaining in the lease.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn taken(
+        &self,
+        state: &Tenant,
+        headers: &mut HeaderState,
+        meter: usize,
+        cell: QuotaRef<'_>,
+        cost: u32,
+        left: i64,
+        at: i64,
+    ) {
+        let informed = state.plan.header_style != HeaderStyle::None;
+        // The estimate reads the cold part of the quota: only for soft quotas (overage)
+        // and headers.
+        if informed || !cell.hard() {
+            let (remaining, overage) = cell.estimate(left);
+            if overage {
+                state.plan.metrics.overage_units.increment(u64::from(cost));
+            }
+            if informed {
+                let (_, end) = cell.period();
+                headers.set_quota(remaining, (end - at).max(0) as u64);
+            }
+        }
+        if cell.wants_prefetch(left) {
+            self.request_prefetch(state, meter, cell);
         }
     }
 
     #[inline]
-    fn ticket(&self, p: Partial, cost: u32, period_end: Option<i64>) -> Ticket {
+    fn ticket(&self, p: Partial, cost: u32, quota_tag: u32) -> Ticket {
         Ticket {
             headers: p.headers,
             state: p.state,
             cost,
             charged: p.charged,
-            quota_period_end: period_end.unwrap_or(i64::MIN),
+            quota_tag,
             at: p.at,
             claim: p.claim.map(Box::new),
             done: false,
@@ -521,42 +535,61 @@ impl Tollgate {
         r.with_retry_after(retry).for_tenant(&p.state)
     }
 
-    /// Refills the lease from the store (bounded by `store_timeout`), then takes the units.
-    async fn lease_and_take(&self, p: Partial, meter: usize, cost: u32) -> Result<Ticket, Rejection> {
+    /// Takes the units with the quota cell's lock held: from the lease if a refill came in
+    /// meanwhile, else straight from a new reservation, so that no other request can take
+    /// them first. Bounded by `store_timeout`, then `on_store_error` applies. A hard quota
+    /// refuses only when the store has fewer units left than the request costs.
+    async fn lease_and_take(&self, mut p: Partial, meter: usize, cost: u32) -> Result<Ticket, Rejection> {
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let state = p.state.clone();
         let Some(cell) = state.quota(meter) else {
-            return Ok(self.ticket(p, cost, None));
+            return Ok(self.ticket(p, cost, NO_TAG));
         };
         let at = p.at;
-        let refilled = with_timeout(timeout, async {
-            let _guard = self.refill_lock(&state, meter).lock().await;
-            let (_, end) = cell.period();
-            if at >= end || cell.lease() < i64::from(cost) {
-                self.refill_locked(&state, cell, at, u64::from(cost)).await?;
+        let outcome = with_timeout(timeout, async {
+            let _guard = cell.lock().lock().await;
+            // A call left in flight by a timeout may have landed: its units come first.
+            self.settle_inflight(cell).await?;
+            match cell.try_take(u64::from(cost), at) {
+                Take::Taken { left, tag } => return Ok(Ok((tag, left, None))),
+                Take::Exhausted => return Ok(Err(())),
+                Take::NeedLease => {}
             }
-            Ok(())
+            match self.refill_locked(&state, cell, at, u64::from(cost)).await? {
+                Refill::Taken { tag, start } => Ok(Ok((tag, cell.lease(), Some(start)))),
+                Refill::Short | Refill::Done => Ok(Err(())),
+            }
         })
         .await;
-        match refilled {
-            Ok(()) => match self.take(p, meter, cost) {
-                Ok(ticket) => {
-                    self.shared.metrics.admitted.increment(1);
-                    Ok(ticket)
+        match outcome {
+            Ok(Ok((tag, left, start))) => {
+                if let Some(start) = start {
+                    // A request read the clock just before a period that another one rolled
+                    // in: its units come from the new period, and so does its usage.
+                    p.at = p.at.max(start);
                 }
-                Err(Ok(rejection)) => Err(self.count(rejection)),
-                // The store granted less than the cost: the hard limit is reached.
-                Err(Err(p)) => Err(self.count(self.quota_exceeded(p, meter))),
-            },
+                self.taken(&p.state, &mut p.headers, meter, cell, cost, left, p.at);
+                self.shared.metrics.admitted.increment(1);
+                Ok(self.ticket(p, cost, u32::from(tag)))
+            }
+            Ok(Err(())) => {
+                if let Some(policy) = &p.state.plan.rate {
+                    p.state.give_back_cells(policy.rate.interval().as_nanos() as u64 * u64::from(cost));
+                }
+                Err(self.count(self.quota_exceeded(p, meter)))
+            }
             Err(e) => {
                 self.store_error("reserve quota", &e);
                 match p.state.plan.on_store_error {
                     StoreErrorPolicy::FailOpen => {
+                        // Admitted without a lease: its units are owed, and charged to the
+                        // period (past the limit if need be) once the store answers again.
+                        let tag = cell.force_take(u64::from(cost), at).map_or(NO_TAG, u32::from);
                         self.shared.metrics.admitted.increment(1);
-                        Ok(self.ticket(p, cost, None))
+                        Ok(self.ticket(p, cost, tag))
                     }
                     StoreErrorPolicy::FailClosed => {
-                        if let Some(c) = p.claim {
+                        if let Some(c) = p.claim.take() {
                             c.release();
                         }
                         let r =
@@ -566,41 +599,6 @@ impl Tollgate {
                 }
             }
         }
-    }
-
-    /// Reserves a new lease for `cell`; call with `cell.refill` held.
-    pub(crate) async fn refill_locked(
-        &self,
-        state: &TenantState,
-        cell: QuotaRef<'_>,
-        now: i64,
-        need: u64,
-    ) -> Result<(), StoreError> {
-        let (_, end) = cell.period();
-        if now >= end {
-            let (start, end) = cell.spec.period().bounds(now);
-            // The units left in a period that is over cannot be used by anyone: drop them.
-            cell.roll_period(start, end);
-        }
-        cell.settle_unleased();
-        let (start, _) = cell.period();
-        let debt = (-cell.lease()).max(0) as u64;
-        let now_nanos = self.shared.clock.unix_nanos();
-        let size = cell.next_size(now_nanos);
-        let want = size.max(need).saturating_add(debt);
-        let key = QuotaKey { tenant: state.id.clone(), meter: cell.meter_id().clone(), period_start: start };
-        let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
-        let grant = self.shared.store.reserve(&key, want, limit).await?;
-        cell.leased(size, now_nanos);
-        cell.grant(grant.granted, grant.reserved, want);
-        Ok(())
-    }
-
-    /// The lock that serializes refills of `state`'s quota on `meter`.
-    pub(crate) fn refill_lock(&self, state: &TenantState, meter: usize) -> &tokio::sync::Mutex<()> {
-        let locks = &self.shared.refill_locks;
-        let at = (std::ptr::from_ref(state) as usize >> 6).wrapping_add(meter.wrapping_mul(0x9e37));
-        &locks[at % locks.len()]
     }
 
     fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {

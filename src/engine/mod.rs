@@ -4,6 +4,7 @@ mod builder;
 #[allow(clippy::module_inception)]
 mod engine;
 mod idempotency;
+mod lease;
 mod metrics;
 mod pipeline;
 mod table;

@@ -16,7 +16,7 @@ use crate::{
     billing::{identifier, MeterEvent, SinkError},
     config::{Config, MeterId, TenantId},
     plan::Runtime,
-    store::{CommitOutcome, FlushId, QuotaKey, StoreError, UsageBatch, UsageRecord},
+    store::{CommitOutcome, FlushId, StoreError, UsageBatch, UsageRecord},
     tenant::Tenant,
 };
 
@@ -193,22 +193,12 @@ impl Tollgate {
         (records, dropped)
     }
 
-    /// Gives the unused units of these states' current leases back to the store.
+    /// Gives the unused units of these states' current leases back to the store, and owes
+    /// what they used beyond them.
     async fn return_leases(&self, states: Vec<Tenant>) {
-        let now = self.shared.clock.unix_secs();
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
         for state in states {
             for cell in state.quotas() {
-                let _guard = self.refill_lock(&state, cell.meter).lock().await;
-                let left = cell.take_all();
-                let (start, end) = cell.period();
-                if left > 0 && now < end {
-                    let key =
-                        QuotaKey { tenant: state.id.clone(), meter: cell.meter_id().clone(), period_start: start };
-                    if let Err(e) = with_timeout(timeout, self.shared.store.release(&key, left as u64)).await {
-                        self.store_error("release lease", &e);
-                    }
-                }
+                self.return_lease(cell).await;
             }
         }
     }
@@ -354,7 +344,8 @@ impl Tollgate {
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
         let result = with_timeout(timeout, async {
-            let _guard = self.refill_lock(&state, job.meter).lock().await;
+            let _guard = cell.lock().lock().await;
+            self.settle_inflight(cell).await?;
             if cell.lease() < cell.low() {
                 self.refill_locked(&state, cell, now, 0).await?;
             }

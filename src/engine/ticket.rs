@@ -19,8 +19,8 @@ pub struct Ticket {
     pub(crate) state: Tenant,
     /// The meter, and what the rate-limit headers report.
     pub(crate) headers: HeaderState,
-    /// The end of the quota period the units were taken from (`i64::MIN`: no units taken).
-    pub(crate) quota_period_end: i64,
+    /// The tag of the quota period the units were taken from (`NO_TAG`: none were).
+    pub(crate) quota_tag: u32,
     pub(crate) at: i64,
     pub(crate) claim: Option<Box<Claim>>,
     pub(crate) cost: u32,
@@ -82,9 +82,9 @@ impl Ticket {
         if !self.charged {
             return;
         }
-        if self.quota_period_end != i64::MIN {
+        if let Ok(tag) = u16::try_from(self.quota_tag) {
             if let Some(cell) = self.state.quota(self.headers.meter()) {
-                cell.refund(u64::from(self.cost), self.quota_period_end);
+                cell.refund(u64::from(self.cost), tag);
             }
         }
         if let Some(claim) = self.claim.take() {

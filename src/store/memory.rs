@@ -6,9 +6,13 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Store, StoreError, TenantRecord, UsageAggregate, UsageBatch,
+    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Reservation, ReserveToken, Store, StoreError, TenantRecord,
+    UsageAggregate, UsageBatch,
 };
-use crate::{config::TenantId, tenant::KeyHash};
+use crate::{
+    config::{MeterId, TenantId},
+    tenant::KeyHash,
+};
 
 /// How many flush ids are remembered to make retried flushes no-ops. A retry comes within
 /// seconds of the first try, so the last 65,536 flushes are plenty.
@@ -35,8 +39,8 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// (tenant, meter) -> (period start, reserved units).
-    quotas: HashMap<(TenantId, crate::config::MeterId), (i64, u64)>,
+    /// (tenant, meter) -> its counters, one per period still of use.
+    quotas: HashMap<(TenantId, MeterId), Counters>,
     usage: BTreeMap<ExportKey, Aggregate>,
     flushes: HashSet<FlushId>,
     flush_order: VecDeque<FlushId>,
@@ -65,6 +69,66 @@ impl Inner {
         });
         if unexported > 0 {
             tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
+        }
+    }
+}
+
+/// The counters of one (tenant, meter): a few periods at most (the current one, the one
+/// before, and another kind of period after a plan change).
+#[derive(Debug, Default)]
+struct Counters {
+    periods: Vec<Counter>,
+    /// Periods that ended before this have been dropped: calls for them change nothing.
+    dropped_before: i64,
+}
+
+#[derive(Debug)]
+struct Counter {
+    key: QuotaKey,
+    reserved: u64,
+    /// Per node: the sequence number of its last call applied, and that call's grant.
+    applied: HashMap<u64, (u64, Grant)>,
+}
+
+impl Counters {
+    /// The counter of `key`, created if its period is still of use; drops the periods that
+    /// ended before `key`'s started.
+    fn get(&mut self, key: &QuotaKey) -> Option<&mut Counter> {
+        if key.end <= self.dropped_before {
+            return None;
+        }
+        if let Some(i) = self.periods.iter().position(|c| c.key == *key) {
+            return Some(&mut self.periods[i]);
+        }
+        let start = key.start;
+        let before = self.periods.len();
+        let mut dropped = self.dropped_before;
+        self.periods.retain(|c| {
+            let keep = c.key.end >= start;
+            if !keep {
+                dropped = dropped.max(c.key.end);
+            }
+            keep
+        });
+        debug_assert!(self.periods.len() <= before);
+        self.dropped_before = dropped;
+        self.periods.push(Counter { key: key.clone(), reserved: 0, applied: HashMap::new() });
+        self.periods.last_mut()
+    }
+
+    fn find(&self, key: &QuotaKey) -> Option<&Counter> {
+        self.periods.iter().find(|c| c.key == *key)
+    }
+}
+
+impl Counter {
+    /// Whether a call with `token` was applied already; `Some(grant)` answers it again.
+    fn seen(&self, token: ReserveToken) -> Option<Grant> {
+        match self.applied.get(&token.node) {
+            Some((seq, grant)) if token.seq <= *seq => {
+                Some(if token.seq == *seq { *grant } else { Grant::new(0, self.reserved) })
+            }
+            _ => None,
         }
     }
 }
@@ -111,28 +175,34 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
-    async fn reserve(&self, key: &QuotaKey, units: u64, limit: Option<u64>) -> Result<Grant, StoreError> {
+    async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         let mut inner = self.lock();
-        let slot = inner.quotas.entry((key.tenant.clone(), key.meter.clone())).or_insert((key.period_start, 0));
-        if slot.0 < key.period_start {
-            *slot = (key.period_start, 0);
-        } else if slot.0 > key.period_start {
-            // A late call for a period that is over: nothing is left to reserve in it.
-            return Ok(Grant { granted: 0, reserved: 0 });
-        }
-        let granted = match limit {
-            Some(limit) => units.min(limit.saturating_sub(slot.1)),
-            None => units,
+        let counters = inner.quotas.entry((r.key.tenant.clone(), r.key.meter.clone())).or_default();
+        let Some(c) = counters.get(&r.key) else {
+            // A late call for a period long over: nothing is left to reserve in it.
+            return Ok(Grant::new(0, 0));
         };
-        slot.1 = slot.1.saturating_add(granted);
-        Ok(Grant { granted, reserved: slot.1 })
+        if let Some(grant) = c.seen(r.token) {
+            return Ok(grant);
+        }
+        c.reserved = c.reserved.saturating_add(r.owed);
+        let granted = match r.limit {
+            Some(limit) => r.units.min(limit.saturating_sub(c.reserved)),
+            None => r.units,
+        };
+        c.reserved = c.reserved.saturating_add(granted);
+        let grant = Grant::new(granted, c.reserved);
+        c.applied.insert(r.token.node, (r.token.seq, grant));
+        Ok(grant)
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64) -> Result<(), StoreError> {
+    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if let Some(slot) = inner.quotas.get_mut(&(key.tenant.clone(), key.meter.clone())) {
-            if slot.0 == key.period_start {
-                slot.1 = slot.1.saturating_sub(units);
+        let counters = inner.quotas.entry((key.tenant.clone(), key.meter.clone())).or_default();
+        if let Some(c) = counters.get(key) {
+            if c.seen(token).is_none() {
+                c.reserved = c.reserved.saturating_sub(units);
+                c.applied.insert(token.node, (token.seq, Grant::new(0, c.reserved)));
             }
         }
         Ok(())
@@ -235,10 +305,8 @@ impl Store for MemoryStore {
 
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let inner = self.lock();
-        Ok(match inner.quotas.get(&(key.tenant.clone(), key.meter.clone())) {
-            Some((start, n)) if *start == key.period_start => *n,
-            _ => 0,
-        })
+        let counters = inner.quotas.get(&(key.tenant.clone(), key.meter.clone()));
+        Ok(counters.and_then(|c| c.find(key)).map_or(0, |c| c.reserved))
     }
 
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
@@ -253,20 +321,51 @@ mod tests {
     use crate::store::UsageRecord;
 
     fn qk(p: i64) -> QuotaKey {
-        QuotaKey { tenant: "t".into(), meter: "requests".into(), period_start: p }
+        QuotaKey::new("t".into(), "requests".into(), crate::config::Period::Day, p, p + 86_400)
+    }
+
+    fn r(key: QuotaKey, units: u64, limit: Option<u64>, seq: u64) -> Reservation {
+        Reservation::new(key, units, 0, limit, ReserveToken::new(1, seq))
     }
 
     #[tokio::test]
     async fn hard_reservations_never_pass_the_limit() {
         let s = MemoryStore::new();
-        assert_eq!(s.reserve(&qk(0), 7, Some(10)).await.unwrap(), Grant { granted: 7, reserved: 7 });
-        assert_eq!(s.reserve(&qk(0), 7, Some(10)).await.unwrap(), Grant { granted: 3, reserved: 10 });
-        assert_eq!(s.reserve(&qk(0), 1, Some(10)).await.unwrap().granted, 0);
-        s.release(&qk(0), 4).await.unwrap();
-        assert_eq!(s.reserve(&qk(0), 9, Some(10)).await.unwrap().granted, 4);
-        // A new period starts from zero and forgets the old one.
-        assert_eq!(s.reserve(&qk(86_400), 9, Some(10)).await.unwrap().granted, 9);
-        assert_eq!(s.reserve(&qk(0), 1, Some(10)).await.unwrap().granted, 0);
+        assert_eq!(s.reserve(&r(qk(0), 7, Some(10), 1)).await.unwrap(), Grant::new(7, 7));
+        assert_eq!(s.reserve(&r(qk(0), 7, Some(10), 2)).await.unwrap(), Grant::new(3, 10));
+        assert_eq!(s.reserve(&r(qk(0), 1, Some(10), 3)).await.unwrap().granted, 0);
+        s.release(&qk(0), 4, ReserveToken::new(1, 4)).await.unwrap();
+        assert_eq!(s.reserve(&r(qk(0), 9, Some(10), 5)).await.unwrap().granted, 4);
+        // A new period starts from zero; the one before is kept until the next starts.
+        assert_eq!(s.reserve(&r(qk(86_400), 9, Some(10), 6)).await.unwrap().granted, 9);
+        assert_eq!(s.reserved(&qk(0)).await.unwrap(), 10);
+        assert_eq!(s.reserve(&r(qk(2 * 86_400), 1, Some(10), 7)).await.unwrap().granted, 1);
+        assert_eq!(s.reserve(&r(qk(0), 1, Some(10), 8)).await.unwrap().granted, 0, "dropped");
+        assert_eq!(s.reserved(&qk(0)).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retried_call_is_applied_once_and_owed_units_pass_the_limit() {
+        let s = MemoryStore::new();
+        let first = r(qk(0), 6, Some(10), 1);
+        assert_eq!(s.reserve(&first).await.unwrap(), Grant::new(6, 6));
+        assert_eq!(s.reserve(&first).await.unwrap(), Grant::new(6, 6), "the same answer, applied once");
+        assert_eq!(s.reserved(&qk(0)).await.unwrap(), 6);
+        s.release(&qk(0), 2, ReserveToken::new(1, 2)).await.unwrap();
+        s.release(&qk(0), 2, ReserveToken::new(1, 2)).await.unwrap();
+        assert_eq!(s.reserved(&qk(0)).await.unwrap(), 4);
+        // Another node's calls have their own sequence.
+        let owed = Reservation::new(qk(0), 5, 9, Some(10), ReserveToken::new(2, 1));
+        assert_eq!(s.reserve(&owed).await.unwrap(), Grant::new(0, 13), "owed units pass the limit");
+        // Another kind of period is another counter.
+        let month = QuotaKey::new(
+            "t".into(),
+            "requests".into(),
+            crate::config::Period::Month { anchor_day: 1 },
+            0,
+            31 * 86_400,
+        );
+        assert_eq!(s.reserve(&r(month, 3, Some(10), 3)).await.unwrap(), Grant::new(3, 3));
     }
 
     #[tokio::test]

@@ -6,16 +6,14 @@ use std::sync::{
     Arc,
 };
 
-use governor::{
-    nanos::Nanos,
-    state::{InMemoryState, NotKeyed, StateStore},
-};
+use governor::{nanos::Nanos, state::StateStore};
 
 use super::Tenant;
 use crate::{
     clock::Clock,
     config::{MeterId, QuotaMode, QuotaSpec, TenantId},
     plan::CompiledPlan,
+    store::{QuotaKey, ReserveToken},
 };
 
 /// The state of one tenant, shared through [`Tenant`](super::Tenant) handles.
@@ -30,7 +28,7 @@ pub(crate) struct TenantState {
     pub(super) refs: AtomicU32,
     /// Unix seconds (`u32`: until 2106).
     last_seen: AtomicU32,
-    gcra: InMemoryState,
+    gcra: GcraCell,
     pub(crate) plan: Arc<CompiledPlan>,
     first: MeterCell,
     // Cold from here.
@@ -58,7 +56,48 @@ impl StateStore for TenantCells {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        key.gcra.measure_and_replace(&NotKeyed::NonKey, f)
+        key.gcra.measure_and_replace(f)
+    }
+}
+
+/// A tenant's GCRA state (governor's theoretical arrival time, in nanoseconds from the plan
+/// limiter's start; 0: none yet), updated as governor's own in-memory state is, and also able
+/// to give cells back.
+#[derive(Default)]
+struct GcraCell(AtomicU64);
+
+impl GcraCell {
+    #[inline]
+    fn measure_and_replace<T, F, E>(&self, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let mut prev = self.0.load(Ordering::Acquire);
+        let mut decision = f(std::num::NonZeroU64::new(prev).map(|n| n.get().into()));
+        while let Ok((result, next)) = decision {
+            match self.0.compare_exchange_weak(prev, next.into(), Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => return Ok(result),
+                Err(now) => prev = now,
+            }
+            decision = f(std::num::NonZeroU64::new(prev).map(|n| n.get().into()));
+        }
+        decision.map(|(result, _)| result)
+    }
+}
+
+impl TenantState {
+    /// Gives back `nanos` of the rate bucket (the cells of a request refused for another
+    /// reason after its rate check). A conforming check moved the arrival time to
+    /// `max(tat, now) + n·T`, so taking `n·T` off never leaves it below where it was.
+    pub(crate) fn give_back_cells(&self, nanos: u64) {
+        let mut prev = self.gcra.0.load(Ordering::Acquire);
+        while prev > 0 {
+            let next = prev.saturating_sub(nanos).max(1);
+            match self.gcra.0.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(now) => prev = now,
+            }
+        }
     }
 }
 
@@ -77,7 +116,7 @@ impl TenantState {
         Self {
             refs: AtomicU32::new(1),
             last_seen: AtomicU32::new(now as u32),
-            gcra: InMemoryState::default(),
+            gcra: GcraCell::default(),
             plan,
             first: MeterCell::default(),
             more,
@@ -171,14 +210,67 @@ impl TenantState {
 /// that the worker attributes usage to the window it was recorded in. 40 bytes.
 #[derive(Default)]
 struct MeterCell {
-    lease: AtomicI64,
-    /// The end (Unix seconds, `u32`: until 2106) of the period the lease belongs to; 0: no
-    /// lease yet.
-    period_end: AtomicU32,
+    /// The units of the lease held, tagged with its period: see [`Lease`].
+    lease: AtomicU64,
+    /// The period the lease belongs to, packed by [`PeriodBits`]; 0: no lease yet.
+    period: AtomicU32,
     /// Below this many units left, the lease is refilled ahead of need.
     low: AtomicU32,
     windows: [AtomicU32; 2],
     quantity: [AtomicU64; 2],
+}
+
+/// A lease word: the units left (a signed 48-bit count; negative is a debt the next refill
+/// covers) and, in the top 16 bits, the tag of the period they belong to. Taking, refunding,
+/// rolling and granting all compare-and-swap the one word, so units can never move from one
+/// period into another.
+struct Lease;
+
+impl Lease {
+    const MASK: u64 = (1 << 48) - 1;
+    /// The largest lease held (and the largest debt): far beyond any lease size in use.
+    pub(crate) const MAX: i64 = (1 << 46) - 1;
+
+    #[inline]
+    fn tag(word: u64) -> u16 {
+        (word >> 48) as u16
+    }
+
+    #[inline]
+    fn value(word: u64) -> i64 {
+        ((word << 16) as i64) >> 16
+    }
+
+    #[inline]
+    fn word(tag: u16, value: i64) -> u64 {
+        (u64::from(tag) << 48) | (value as u64 & Self::MASK)
+    }
+}
+
+/// A quota period packed in 32 bits: its end in hours since the epoch (22 bits: until 2448)
+/// and its length in hours (10 bits: up to 42 days). Periods start and end at midnight UTC.
+pub(crate) struct PeriodBits;
+
+impl PeriodBits {
+    pub(crate) fn pack(start: i64, end: i64) -> u32 {
+        let end_h = (end / 3600) as u32;
+        let len_h = ((end - start) / 3600).clamp(1, 1023) as u32;
+        (end_h << 10) | len_h
+    }
+
+    /// (start, end) in Unix seconds; (0, 0) for no period.
+    #[inline]
+    pub(crate) fn bounds(bits: u32) -> (i64, i64) {
+        let end = i64::from(bits >> 10) * 3600;
+        (end - i64::from(bits & 1023) * 3600, end)
+    }
+
+    /// The tag of the period's lease words: the low 16 bits of its end hour (consecutive
+    /// periods of one cell end 24 to 744 hours apart, so their tags differ).
+    #[inline]
+    pub(crate) fn tag(bits: u32) -> u16 {
+        (bits >> 10) as u16
+    }
 }
 
 impl MeterCell {
@@ -195,23 +287,55 @@ impl MeterCell {
 /// The parts of a quota the request path reads only on its slow paths.
 #[derive(Default)]
 struct QuotaCold {
+    /// Serializes the store calls of this cell (refills, returns, period rolls): a slow store
+    /// call for one tenant never holds up another.
+    lock: tokio::sync::Mutex<()>,
     exhausted: AtomicBool,
     prefetching: AtomicBool,
-    period_start: AtomicI64,
     /// The size of the next lease (0: the configured one); grows while refills come fast.
     size: AtomicU64,
     /// When the lease was last refilled, in Unix nanoseconds.
     refilled_at: AtomicI64,
-    /// Usage reported while no lease of the current period was held: settled by the next refill.
+    /// Usage reported while no lease of its period was held: owed by the next store call.
     unleased: AtomicU64,
     reserved: AtomicU64,
+    /// The tag of the period before the current one (`u32::MAX`: none), and the units of its
+    /// requests refunded after the roll: given back to that period by the next store call.
+    prev_tag: AtomicU32,
+    late_refunds: AtomicU64,
+    /// Touched only with `lock` held: the previous period, and the store call sent but not
+    /// answered (it is sent again, with its token, before any other call of this cell).
+    locked: std::sync::Mutex<Locked>,
+}
+
+#[derive(Default)]
+pub(crate) struct Locked {
+    pub(crate) prev: Option<QuotaKey>,
+    pub(crate) inflight: Option<Call>,
+}
+
+/// A store call of one quota cell.
+#[derive(Debug, Clone)]
+pub(crate) struct Call {
+    pub(crate) key: QuotaKey,
+    pub(crate) token: ReserveToken,
+    pub(crate) kind: CallKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CallKind {
+    /// Reserve `units` (under `limit`), owing `owed`; the answer goes to the lease when
+    /// `refill` (with `repay` units of the lease's debt that `owed` covers).
+    Reserve { units: u64, owed: u64, limit: Option<u64>, refill: bool, repay: u64 },
+    /// Give back `units`.
+    Release { units: u64 },
 }
 
 /// The outcome of taking units from a local lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Take {
-    /// Taken; `left` units remain in the local lease.
-    Taken { left: i64 },
+    /// Taken from the lease of the period tagged `tag`; `left` units remain in it.
+    Taken { left: i64, tag: u16 },
     /// The local lease is empty or belongs to a past period: ask the store.
     NeedLease,
     /// The hard limit of this period is spent.
@@ -243,41 +367,120 @@ impl<'a> QuotaRef<'a> {
         self.spec.mode() == QuotaMode::Hard
     }
 
-    /// Takes `cost` units without waiting. Reads only the meter's hot cell when it succeeds.
+    /// The lock serializing this cell's store calls.
+    pub(crate) fn lock(&self) -> &'a tokio::sync::Mutex<()> {
+        &self.cold().lock
+    }
+
+    /// What only the holder of [`lock`](Self::lock) touches.
+    pub(crate) fn locked(&self) -> std::sync::MutexGuard<'a, Locked> {
+        self.cold().locked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The counter of the period `[start, end)` of this cell.
+    pub(crate) fn key(&self, start: i64, end: i64) -> QuotaKey {
+        QuotaKey::new(self.state.id.clone(), self.meter_id().clone(), self.spec.period(), start, end)
+    }
+
+    /// Takes `cost` units without waiting, from the lease of the period holding `now`. Reads
+    /// only the meter's hot cell when it succeeds.
     #[inline]
     pub(crate) fn try_take(&self, cost: u64, now: i64) -> Take {
         let h = self.hot;
-        if now >= i64::from(h.period_end.load(Ordering::Acquire)) {
+        let bits = h.period.load(Ordering::Acquire);
+        let (start, end) = PeriodBits::bounds(bits);
+        if now >= end || now < start {
             return Take::NeedLease;
         }
+        let tag = PeriodBits::tag(bits);
         let cost = cost as i64;
-        let before = h.lease.fetch_sub(cost, Ordering::AcqRel);
-        if before >= cost {
-            return Take::Taken { left: before - cost };
+        let mut word = h.lease.load(Ordering::Acquire);
+        loop {
+            let left = Lease::value(word);
+            if Lease::tag(word) != tag {
+                return Take::NeedLease;
+            }
+            if left < cost {
+                return if self.hard() && self.cold().exhausted.load(Ordering::Acquire) {
+                    Take::Exhausted
+                } else {
+                    Take::NeedLease
+                };
+            }
+            // `left >= cost >= 0`: the subtraction cannot borrow from the tag.
+            match h.lease.compare_exchange_weak(word, word - cost as u64, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Take::Taken { left: left - cost, tag },
+                Err(now_word) => word = now_word,
+            }
         }
-        h.lease.fetch_add(cost, Ordering::AcqRel);
-        if self.hard() && self.cold().exhausted.load(Ordering::Acquire) {
-            Take::Exhausted
-        } else {
-            Take::NeedLease
+    }
+
+    /// Whether a request of `cost` at `now` would be refused for this hard quota right now:
+    /// the lease of its period cannot cover it and the store has nothing left. Reads only.
+    #[inline]
+    #[allow(dead_code)]
+    pub(crate) fn is_spent(&self, cost: u64, now: i64) -> bool {
+        if !self.hard() {
+            return false;
         }
+        let bits = self.hot.period.load(Ordering::Acquire);
+        let (start, end) = PeriodBits::bounds(bits);
+        let word = self.hot.lease.load(Ordering::Acquire);
+        now >= start
+            && now < end
+            && Lease::tag(word) == PeriodBits::tag(bits)
+            && Lease::value(word) < cost as i64
+            && self.cold().exhausted.load(Ordering::Acquire)
     }
 
     /// Takes `quantity` units even if that leaves the lease negative (usage that already
-    /// happened, reported by a handler). The next refill covers the debt.
-    pub(crate) fn force_take(&self, quantity: u64, now: i64) {
-        if now < i64::from(self.hot.period_end.load(Ordering::Acquire)) {
-            self.hot.lease.fetch_sub(quantity as i64, Ordering::AcqRel);
-        } else {
-            self.cold().unleased.fetch_add(quantity, Ordering::AcqRel);
+    /// happened: reported by a handler, or admitted while the store was unreachable). The next
+    /// store call owes the debt, past a hard limit if need be. Returns the tag of the period
+    /// whose lease took them, if one did.
+    pub(crate) fn force_take(&self, quantity: u64, now: i64) -> Option<u16> {
+        let h = self.hot;
+        let bits = h.period.load(Ordering::Acquire);
+        let (start, end) = PeriodBits::bounds(bits);
+        let tag = PeriodBits::tag(bits);
+        let quantity = i64::try_from(quantity).unwrap_or(i64::MAX);
+        if now >= start && now < end {
+            let mut word = h.lease.load(Ordering::Acquire);
+            while Lease::tag(word) == tag {
+                let left = Lease::value(word);
+                let taken = quantity.min(left.saturating_add(Lease::MAX));
+                let next = Lease::word(tag, left - taken);
+                match h.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        if taken < quantity {
+                            self.cold().unleased.fetch_add((quantity - taken) as u64, Ordering::AcqRel);
+                        }
+                        return Some(tag);
+                    }
+                    Err(w) => word = w,
+                }
+            }
         }
+        self.cold().unleased.fetch_add(quantity as u64, Ordering::AcqRel);
+        None
     }
 
-    /// Gives back units of a request that is not billed, if its period is still current.
-    pub(crate) fn refund(&self, cost: u64, period_end: i64) {
-        if i64::from(self.hot.period_end.load(Ordering::Acquire)) == period_end {
-            self.hot.lease.fetch_add(cost as i64, Ordering::AcqRel);
-            self.cold().exhausted.store(false, Ordering::Release);
+    /// Gives back units of a request that is not billed to the lease of the period they were
+    /// taken from; after that period's roll, to that period's counter in the store.
+    pub(crate) fn refund(&self, cost: u64, tag: u16) {
+        let cold = self.cold();
+        let mut word = self.hot.lease.load(Ordering::Acquire);
+        while Lease::tag(word) == tag {
+            let next = Lease::word(tag, (Lease::value(word) + cost as i64).min(Lease::MAX));
+            match self.hot.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    cold.exhausted.store(false, Ordering::Release);
+                    return;
+                }
+                Err(w) => word = w,
+            }
+        }
+        if cold.prev_tag.load(Ordering::Acquire) == u32::from(tag) {
+            cold.late_refunds.fetch_add(cost, Ordering::AcqRel);
         }
     }
 
@@ -289,18 +492,14 @@ impl<'a> QuotaRef<'a> {
         (limit.saturating_sub(used), used > limit)
     }
 
+    /// The bounds of the period of the lease held ((0, 0) before the first lease).
     pub(crate) fn period(&self) -> (i64, i64) {
-        (self.cold().period_start.load(Ordering::Acquire), self.period_end())
+        PeriodBits::bounds(self.hot.period.load(Ordering::Acquire))
     }
 
-    /// The end of the period of the lease held.
-    #[inline]
-    pub(crate) fn period_end(&self) -> i64 {
-        i64::from(self.hot.period_end.load(Ordering::Acquire))
-    }
-
+    /// The units left in the lease held (negative: a debt).
     pub(crate) fn lease(&self) -> i64 {
-        self.hot.lease.load(Ordering::Acquire)
+        Lease::value(self.hot.lease.load(Ordering::Acquire))
     }
 
     /// Whether `lease_left` is below the low watermark (a quarter of the last lease) and no
@@ -327,8 +526,8 @@ impl<'a> QuotaRef<'a> {
     /// never holds much of a hard quota. Reads only; [`leased`](Self::leased) records it.
     pub(crate) fn next_size(&self, now_nanos: i64) -> u64 {
         let cold = self.cold();
-        let base = self.spec.lease().get();
-        let cap = base.max(self.spec.limit().get() / 16);
+        let base = self.spec.lease().get().min(Lease::MAX as u64 / 4);
+        let cap = base.max(self.spec.limit().get() / 16).min(Lease::MAX as u64 / 4);
         let size = match cold.size.load(Ordering::Relaxed) {
             0 => base,
             s => s,
@@ -347,8 +546,8 @@ impl<'a> QuotaRef<'a> {
     }
 
     /// Records a lease of `size` units granted at `now_nanos` (the pace the next size
-    /// follows) and moves the low watermark to a quarter of it. Call with the refill lock held,
-    /// only once the store has answered: a failed refill changes nothing.
+    /// follows) and moves the low watermark to a quarter of it. Call with the lock held, only
+    /// once the store has answered: a failed refill changes nothing.
     pub(crate) fn leased(&self, size: u64, now_nanos: i64) {
         let cold = self.cold();
         cold.size.store(size, Ordering::Relaxed);
@@ -360,38 +559,74 @@ impl<'a> QuotaRef<'a> {
         self.cold().prefetching.store(false, Ordering::Release);
     }
 
-    /// Starts a new period: returns the units left from the old one (negative: a debt).
-    /// Call with the cell's refill lock held.
-    pub(crate) fn roll_period(&self, start: i64, end: i64) -> i64 {
-        let left = self.hot.lease.swap(0, Ordering::AcqRel);
-        self.cold().exhausted.store(false, Ordering::Release);
-        self.cold().reserved.store(0, Ordering::Release);
-        self.cold().period_start.store(start, Ordering::Release);
-        self.hot.period_end.store(u32::try_from(end).unwrap_or(u32::MAX), Ordering::Release);
-        left
+    /// Starts the period `[start, end)`: the lease of the old one is emptied in the same
+    /// atomic step that tags the word with the new period. Returns the old period's key (if a
+    /// lease of it was held) and the units left in it (negative: a debt), to settle with the
+    /// store. Call with the lock held.
+    pub(crate) fn roll_period(&self, start: i64, end: i64) -> Option<(QuotaKey, i64)> {
+        let cold = self.cold();
+        let bits = PeriodBits::pack(start, end);
+        let old_bits = self.hot.period.load(Ordering::Acquire);
+        let old_tag = PeriodBits::tag(old_bits);
+        // Late refunds of the old period go to it from now on.
+        cold.prev_tag.store(if old_bits == 0 { u32::MAX } else { u32::from(old_tag) }, Ordering::Release);
+        let old = self.hot.lease.swap(Lease::word(PeriodBits::tag(bits), 0), Ordering::AcqRel);
+        cold.exhausted.store(false, Ordering::Release);
+        cold.reserved.store(0, Ordering::Release);
+        self.hot.period.store(bits, Ordering::Release);
+        if old_bits == 0 {
+            return None;
+        }
+        let (old_start, old_end) = PeriodBits::bounds(old_bits);
+        let left = if Lease::tag(old) == old_tag { Lease::value(old) } else { 0 };
+        Some((self.key(old_start, old_end), left))
     }
 
-    /// Moves usage reported outside any lease into the current lease (as a debt the refill
-    /// covers). Call with the refill lock held, after [`roll_period`](Self::roll_period).
-    pub(crate) fn settle_unleased(&self) {
-        let debt = self.cold().unleased.swap(0, Ordering::AcqRel);
-        if debt > 0 {
-            self.hot.lease.fetch_sub(debt as i64, Ordering::AcqRel);
+    /// Usage owed by the next store call of the current period: what was reported outside
+    /// any lease. Call with the lock held.
+    pub(crate) fn take_unleased(&self) -> u64 {
+        self.cold().unleased.swap(0, Ordering::AcqRel)
+    }
+
+    /// Units refunded to the previous period since the last call. Call with the lock held.
+    pub(crate) fn take_late_refunds(&self) -> u64 {
+        self.cold().late_refunds.swap(0, Ordering::AcqRel)
+    }
+
+    /// Adds `units` to the lease of the current period (units granted by the store, and the
+    /// debt the store call covered). Call with the lock held.
+    pub(crate) fn credit(&self, units: u64) {
+        let tag = PeriodBits::tag(self.hot.period.load(Ordering::Acquire));
+        let mut word = self.hot.lease.load(Ordering::Acquire);
+        while Lease::tag(word) == tag {
+            let next = Lease::word(tag, Lease::value(word).saturating_add(units as i64).min(Lease::MAX));
+            match self.hot.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(w) => word = w,
+            }
         }
     }
 
-    /// Adds units granted by the store. Call with the refill lock held.
-    pub(crate) fn grant(&self, granted: u64, reserved: u64, asked: u64) {
+    /// Records the store's answer: `reserved` units in all; whether the hard limit is reached
+    /// (fewer units granted than asked). Call with the lock held.
+    pub(crate) fn granted(&self, reserved: u64, short: bool) {
         self.cold().reserved.store(reserved, Ordering::Release);
-        self.hot.lease.fetch_add(granted as i64, Ordering::AcqRel);
-        if self.hard() && granted < asked {
+        if self.hard() && short {
             self.cold().exhausted.store(true, Ordering::Release);
         }
     }
 
-    /// Empties the lease (on eviction and shutdown): returns the units to give back.
+    /// Empties the lease of the current period (on eviction and shutdown): returns the units
+    /// to give back (negative: a debt to owe). Call with the lock held.
     pub(crate) fn take_all(&self) -> i64 {
-        self.hot.lease.swap(0, Ordering::AcqRel)
+        let mut word = self.hot.lease.load(Ordering::Acquire);
+        loop {
+            let next = Lease::word(Lease::tag(word), 0);
+            match self.hot.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Lease::value(word),
+                Err(w) => word = w,
+            }
+        }
     }
 }
 

@@ -129,3 +129,13 @@ pub async fn committed(store: &dyn Store, tenant: &str, meter: &str, from: i64, 
 pub fn one_tenant(plan: &str) -> String {
     format!("[plans.p]\n{plan}\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n")
 }
+
+/// A node of a fleet: a harness whose worker runs in the background.
+pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Harness {
+    let config = Config::from_toml_str(toml).expect("valid test configuration");
+    let (layer, worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    tokio::spawn(worker.run());
+    let tollgate = layer.handle().clone();
+    let svc = layer.layer(tower::service_fn(handler as Handler));
+    Harness { svc, tollgate, clock: handle }
+}

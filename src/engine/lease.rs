@@ -1,0 +1,171 @@
+//! Quota leases: every store call of a quota cell, made with the cell's lock held, carrying a
+//! token so that a call retried after a timeout is applied once.
+
+use std::sync::atomic::Ordering;
+
+use super::{engine::with_timeout, Tollgate};
+use crate::{
+    config::QuotaMode,
+    store::{Grant, Reservation, ReserveToken, StoreError},
+    tenant::{Call, CallKind, QuotaRef, TenantState},
+};
+
+/// What a refill did for the request that waited on it.
+pub(crate) enum Refill {
+    /// The request's units were reserved for it from the store's answer, in the period
+    /// tagged `tag` that starts at `start`.
+    Taken { tag: u16, start: i64 },
+    /// The store has fewer units left than the request costs (a hard quota is spent).
+    Short,
+    /// Nothing was asked for a request (a prefetch).
+    Done,
+}
+
+impl Tollgate {
+    fn token(&self) -> ReserveToken {
+        ReserveToken::new(self.shared.node, self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Sends one store call of `cell`. The call is recorded as in flight first: if this future
+    /// is dropped (a timeout) or the store fails, the next call of the cell sends it again,
+    /// with the same token, before anything else.
+    async fn send(&self, cell: QuotaRef<'_>, call: Call) -> Result<Grant, StoreError> {
+        cell.locked().inflight = Some(call.clone());
+        let store = &self.shared.store;
+        let answer = match call.kind {
+            CallKind::Reserve { units, owed, limit, .. } => {
+                store.reserve(&Reservation::new(call.key.clone(), units, owed, limit, call.token)).await
+            }
+            CallKind::Release { units } => store.release(&call.key, units, call.token).await.map(|()| Grant::new(0, 0)),
+        };
+        if answer.is_ok() {
+            cell.locked().inflight = None;
+        }
+        answer
+    }
+
+    /// Sends again the call left in flight by a timeout or a failure, and applies its answer.
+    /// A call in flight always belongs to the cell's current period: nothing else is sent, and
+    /// so no period rolls, until it is answered.
+    pub(crate) async fn settle_inflight(&self, cell: QuotaRef<'_>) -> Result<(), StoreError> {
+        let Some(call) = cell.locked().inflight.clone() else {
+            return Ok(());
+        };
+        let grant = self.send(cell, call.clone()).await?;
+        if let CallKind::Reserve { units, refill: true, repay, .. } = call.kind {
+            cell.credit(grant.granted + repay);
+            cell.granted(grant.reserved, grant.granted < units);
+        }
+        Ok(())
+    }
+
+    /// Settles what the cell owes the store outside its lease: refunds of the previous period
+    /// that came in after its roll.
+    async fn settle_previous(&self, cell: QuotaRef<'_>) -> Result<(), StoreError> {
+        let late = cell.take_late_refunds();
+        if late == 0 {
+            return Ok(());
+        }
+        let prev = cell.locked().prev.clone();
+        if let Some(key) = prev {
+            let call = Call { key, token: self.token(), kind: CallKind::Release { units: late } };
+            self.send(cell, call).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the cell to the period holding `now` if its lease belongs to one that is over,
+    /// and settles the old period with the store: its unused units go back, its debt is
+    /// owed. Call with the cell's lock held.
+    async fn roll_if_over(&self, cell: QuotaRef<'_>, now: i64) -> Result<(), StoreError> {
+        let (_, end) = cell.period();
+        if now < end {
+            return Ok(());
+        }
+        self.settle_previous(cell).await?;
+        let (start, end) = cell.spec.period().bounds(now);
+        let Some((old, left)) = cell.roll_period(start, end) else {
+            return Ok(());
+        };
+        cell.locked().prev = Some(old.clone());
+        let kind = if left > 0 {
+            CallKind::Release { units: left as u64 }
+        } else if left < 0 {
+            CallKind::Reserve { units: 0, owed: left.unsigned_abs(), limit: None, refill: false, repay: 0 }
+        } else {
+            return Ok(());
+        };
+        self.send(cell, Call { key: old, token: self.token(), kind }).await.map(drop)
+    }
+
+    /// Reserves a new lease for `cell` in the period holding `now`; with `need`, that many
+    /// units of it are reserved for the request waiting (they never pass through the lease,
+    /// so no other request can take them first). Owes what the lease and the reports owe.
+    /// Call with the cell's lock held.
+    pub(crate) async fn refill_locked(
+        &self,
+        state: &TenantState,
+        cell: QuotaRef<'_>,
+        now: i64,
+        need: u64,
+    ) -> Result<Refill, StoreError> {
+        let _ = state;
+        self.settle_inflight(cell).await?;
+        self.roll_if_over(cell, now).await?;
+        self.settle_previous(cell).await?;
+        let (start, end) = cell.period();
+        let repay = (-cell.lease()).max(0) as u64;
+        let owed = repay + cell.take_unleased();
+        let now_nanos = self.shared.clock.unix_nanos();
+        let size = cell.next_size(now_nanos);
+        let units = size.max(need);
+        let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
+        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay };
+        let call = Call { key: cell.key(start, end), token: self.token(), kind };
+        // Answered here: applied below. Answered only when sent again (after a timeout): the
+        // whole grant goes to the lease then.
+        let grant = self.send(cell, call).await?;
+        cell.leased(size, now_nanos);
+        cell.granted(grant.reserved, grant.granted < units);
+        let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
+        if need > 0 && grant.granted >= need {
+            cell.credit(grant.granted - need + repay);
+            Ok(Refill::Taken { tag, start })
+        } else {
+            cell.credit(grant.granted + repay);
+            Ok(if need > 0 { Refill::Short } else { Refill::Done })
+        }
+    }
+
+    /// Gives the unused units of `cell`'s lease back to the store and owes its debt (on
+    /// eviction, reload and shutdown), with the lock taken here. Retried with the same token
+    /// within `store_timeout`; what is still in flight then is logged.
+    pub(crate) async fn return_lease(&self, cell: QuotaRef<'_>) {
+        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+        let _guard = cell.lock().lock().await;
+        let result = with_timeout(timeout, async {
+            self.settle_inflight(cell).await?;
+            self.settle_previous(cell).await?;
+            let left = cell.take_all();
+            let owed = cell.take_unleased();
+            let (start, end) = cell.period();
+            if end == 0 {
+                return Ok(());
+            }
+            // Usage outside the lease is owed and the rest of the lease given back: one call.
+            let net = i128::from(left) - i128::from(owed);
+            let kind = match net.cmp(&0) {
+                std::cmp::Ordering::Greater => CallKind::Release { units: net as u64 },
+                std::cmp::Ordering::Less => {
+                    CallKind::Reserve { units: 0, owed: (-net) as u64, limit: None, refill: false, repay: 0 }
+                }
+                std::cmp::Ordering::Equal => return Ok(()),
+            };
+            self.send(cell, Call { key: cell.key(start, end), token: self.token(), kind }).await.map(drop)
+        })
+        .await;
+        if let Err(e) = result {
+            self.store_error("return lease", &e);
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Quota correctness under concurrency: leases, refunds, period rolls, evictions and the
+//! worker all running at once, on one tenant and on a fleet of engines sharing one store.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use common::{node_with_worker, Harness};
+use tollgate::{
+    clock::Clock,
+    store::{MemoryStore, QuotaKey, Store},
+    Config,
+};
+
+/// 2026-03-31T23:59:40Z: twenty seconds before the end of a day and of a month.
+const MONTH_END: i64 = 1_775_001_580;
+
+fn committed_in(store: &Arc<dyn Store>, from: i64, to: i64) -> impl std::future::Future<Output = u64> + '_ {
+    async move { common::committed(&**store, "t", "requests", from, to, 60).await }
+}
+
+/// Many tasks on one tenant with the worker running: refills, refunds of 5xx, evictions
+/// (reloads) and the clock crossing midnight and the end of the month while they run. In every
+/// period a hard quota admits at most its limit, and the store's reservation for the period
+/// ends equal to the units used in it (every unit leased is used or given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_race_creates_or_loses_units_across_periods() {
+    let toml = common::one_tenant(
+        "rate = \"100000/s\"\nquotas.requests = { limit = 300, period = \"day\", mode = \"hard\", lease = 3 }",
+    );
+    let toml = format!("[usage]\nflush_interval = \"1s\"\nwindow = \"1m\"\ngrace = \"1s\"\n{toml}");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (clock, handle) = Clock::fake_at_unix(MONTH_END);
+    let nodes: Vec<Arc<Harness>> =
+        (0..2).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let admitted_ok = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let node = nodes[i % 2].clone();
+        let stop = stop.clone();
+        let admitted_ok = admitted_ok.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let path = if n % 5 == 0 { "/fail" } else { "/" };
+                let status = node.status(path, "key-t").await;
+                assert!(status == 200 || status == 500 || status == 429, "status {status}");
+                if status == 200 {
+                    admitted_ok.fetch_add(1, Ordering::Relaxed);
+                }
+                if n % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    // The clock crosses midnight (and the month's end) while the tasks run; reloads evict
+    // every tenant (their leases go back) in the middle of it.
+    let config = Config::from_toml_str(&toml).unwrap();
+    for step in 0..40 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        handle.advance(Duration::from_secs(1));
+        if step % 9 == 4 {
+            nodes[step % 2].tollgate.reload(config.clone()).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for n in &nodes {
+        n.tollgate.shutdown().await.unwrap();
+    }
+    let day = 86_400;
+    let old_start = MONTH_END - MONTH_END.rem_euclid(day);
+    let new_start = old_start + day;
+    let used_old = committed_in(&store, old_start, new_start).await;
+    let used_new = committed_in(&store, new_start, new_start + day).await;
+    assert_eq!(used_old + used_new, admitted_ok.load(Ordering::Relaxed), "usage conserved");
+    assert!(used_old <= 300, "old day admitted {used_old}");
+    assert!(used_new <= 300, "new day admitted {used_new}");
+    assert_eq!(used_old, 300, "the old day was spent (20 s of hammering)");
+    assert_eq!(used_new, 300, "the new day was spent (20 s of hammering)");
+    let period = tollgate::config::Period::Day;
+    for (start, used) in [(old_start, used_old), (new_start, used_new)] {
+        let key = QuotaKey::new("t".into(), "requests".into(), period, start, start + day);
+        assert_eq!(store.reserved(&key).await.unwrap(), used, "leased = used + returned, period {start}");
+    }
+}
+
+/// 64 tasks on one tenant whose lease is far smaller than the traffic: a soft quota never
+/// rejects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_soft_quota_never_rejects_under_contention() {
+    let toml = common::one_tenant("quotas.requests = { limit = 16, period = \"day\", mode = \"soft\", lease = 1 }");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let node = Arc::new(node_with_worker(&toml, store.clone(), clock, handle));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut refused = 0;
+            for _ in 0..60 {
+                if node.status("/", "key-t").await != 200 {
+                    refused += 1;
+                }
+            }
+            refused
+        }));
+    }
+    let mut refused = 0;
+    for t in tasks {
+        refused += t.await.unwrap();
+    }
+    assert_eq!(refused, 0, "a soft quota rejected requests");
+}
+
+/// A hard quota of L on engines sending until refused: one engine admits exactly L; several
+/// admit at least L − (engines − 1) × the final lease size (units a stopped engine still holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hard_quota_rejects_only_when_the_store_has_no_units_left() {
+    for engines in [1usize, 3] {
+        let toml =
+            common::one_tenant("quotas.requests = { limit = 300, period = \"day\", mode = \"hard\", lease = 1 }");
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let (clock, handle) = Clock::fake_at_unix(common::NOON);
+        let nodes: Vec<Arc<Harness>> = (0..engines)
+            .map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())))
+            .collect();
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let node = nodes[i % engines].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0u64;
+                loop {
+                    match node.status("/", "key-t").await {
+                        200 => ok += 1,
+                        429 => return ok,
+                        s => panic!("status {s}"),
+                    }
+                }
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += t.await.unwrap();
+        }
+        if engines == 1 {
+            assert_eq!(admitted, 300, "one engine admits exactly the limit");
+        } else {
+            // The final lease is at most a sixteenth of the limit.
+            let bound = 300 - (engines as u64 - 1) * (300 / 16);
+            assert!((bound..=300).contains(&admitted), "admitted {admitted} of 300 on {engines} engines");
+        }
+    }
+}
+
+/// Moving a tenant from a day quota to a month quota (or another anchor day) neither exhausts
+/// the new counter nor shares the old one.
+#[tokio::test]
+async fn the_quota_key_carries_the_period_kind_and_anchor() {
+    let day = common::one_tenant("quotas.requests = { limit = 5, period = \"day\", mode = \"hard\", lease = 1 }");
+    let month = common::one_tenant(
+        "quotas.requests = { limit = 7, period = \"month\", mode = \"hard\", lease = 1, anchor_day = 1 }",
+    );
+    let anchored = common::one_tenant(
+        "quotas.requests = { limit = 3, period = \"month\", mode = \"hard\", lease = 1, anchor_day = 10 }",
+    );
+    let h = Harness::new(&day);
+    for _ in 0..5 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    assert_eq!(h.status("/", "key-t").await, 429);
+    h.tollgate.reload(Config::from_toml_str(&month).unwrap()).await;
+    for i in 0..7 {
+        assert_eq!(h.status("/", "key-t").await, 200, "month request {i}");
+    }
+    assert_eq!(h.status("/", "key-t").await, 429);
+    h.tollgate.reload(Config::from_toml_str(&anchored).unwrap()).await;
+    for i in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200, "anchored request {i}");
+    }
+    assert_eq!(h.status("/", "key-t").await, 429);
+    // Back to the day quota: its counter was kept, still spent.
+    h.tollgate.reload(Config::from_toml_str(&day).unwrap()).await;
+    assert_eq!(h.status("/", "key-t").await, 429);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// Interleavings of takes (admissions whose tickets stay open), refunds (tickets completed
+    /// with a 5xx, possibly after their period rolled), grants (refills) and rolls (the clock
+    /// crossing midnight), through the engine API: in every period the hard limit holds and
+    /// the store's reservation ends equal to the units used.
+    #[test]
+    fn interleaved_takes_refunds_rolls_and_grants_conserve_units(
+        ops in proptest::collection::vec((0u8..8, 0usize..64), 1..160)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let toml = common::one_tenant("quotas.requests = { limit = 9, period = \"day\", mode = \"hard\", lease = 2 }");
+            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            let (clock, handle) = Clock::fake_at_unix(MONTH_END);
+            let config = Config::from_toml_str(&toml).unwrap();
+            let (tollgate, _worker) = tollgate::Tollgate::builder(config.clone()).store_arc(store.clone()).clock(clock).build_engine();
+            let info = tollgate::RequestInfo { method: "GET", path: "/", credential: tollgate::Credential::ApiKey(b"key-t"), idempotency_key: None };
+            let mut open: Vec<(tollgate::Ticket, i64)> = Vec::new();
+            let mut used: std::collections::BTreeMap<i64, u64> = Default::default();
+            let day = 86_400;
+            for (op, pick) in ops {
+                match op {
+                    0..=3 => {
+                        let ticket = match tollgate.admit(&info) {
+                            tollgate::Admission::Admitted(t) => Some(t),
+                            tollgate::Admission::Pending(p) => tollgate.resolve(p).await.ok(),
+                            tollgate::Admission::Rejected(_) => None,
+                        };
+                        if let Some(t) = ticket {
+                            open.push((t, handle.unix_secs()));
+                        }
+                    }
+                    4 | 5 if !open.is_empty() => {
+                        let (t, at) = open.swap_remove(pick % open.len());
+                        if op == 5 {
+                            assert!(!t.complete(503));
+                        } else if t.complete(200) {
+                            *used.entry(at - at.rem_euclid(day)).or_default() += 1;
+                        }
+                    }
+                    6 => handle.advance(Duration::from_secs(7)),
+                    _ => { tollgate.flush().await.unwrap(); }
+                }
+            }
+            for (t, at) in open.drain(..) {
+                if t.complete(200) {
+                    *used.entry(at - at.rem_euclid(day)).or_default() += 1;
+                }
+            }
+            tollgate.shutdown().await.unwrap();
+            let start = MONTH_END - MONTH_END.rem_euclid(day);
+            for period_start in [start, start + day] {
+                let key = QuotaKey::new("t".into(), "requests".into(), tollgate::config::Period::Day, period_start, period_start + day);
+                let u = used.get(&period_start).copied().unwrap_or(0);
+                assert!(u <= 9, "period {period_start}: {u} used");
+                assert_eq!(store.reserved(&key).await.unwrap(), u, "period {period_start}");
+            }
+        });
+    }
+}
+
+/// A memory store whose quota calls can land without an answer (the call is applied, then the
+/// answer never comes back in time) or fail outright; it counts the calls it applied.
+#[derive(Debug, Default)]
+struct Unreliable {
+    inner: MemoryStore,
+    lose_answers: AtomicBool,
+    down: AtomicBool,
+    stall_tenant: std::sync::Mutex<Option<String>>,
+}
+
+impl Unreliable {
+    async fn before(&self, tenant: &str) -> Result<(), tollgate::store::StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(tollgate::store::StoreError::Backend("switched off".into()));
+        }
+        let stalled = self.stall_tenant.lock().unwrap().as_deref() == Some(tenant);
+        if stalled {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+
+    async fn after(&self) {
+        if self.lose_answers.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Unreliable {
+    async fn reserve(
+        &self,
+        r: &tollgate::store::Reservation,
+    ) -> Result<tollgate::store::Grant, tollgate::store::StoreError> {
+        self.before(r.key.tenant.as_str()).await?;
+        let g = self.inner.reserve(r).await;
+        self.after().await;
+        g
+    }
+    async fn release(
+        &self,
+        key: &QuotaKey,
+        units: u64,
+        token: tollgate::store::ReserveToken,
+    ) -> Result<(), tollgate::store::StoreError> {
+        self.before(key.tenant.as_str()).await?;
+        let r = self.inner.release(key, units, token).await;
+        self.after().await;
+        r
+    }
+    async fn commit_usage(
+        &self,
+        b: &tollgate::store::UsageBatch,
+    ) -> Result<tollgate::store::CommitOutcome, tollgate::store::StoreError> {
+        self.inner.commit_usage(b).await
+    }
+    async fn pending_exports(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+        self.inner.pending_exports(before, limit).await
+    }
+    async fn begin_export(
+        &self,
+        a: &tollgate::store::UsageAggregate,
+    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+        self.inner.begin_export(a).await
+    }
+    async fn finish_export(&self, a: &tollgate::store::UsageAggregate) -> Result<bool, tollgate::store::StoreError> {
+        self.inner.finish_export(a).await
+    }
+    async fn dead_letter(
+        &self,
+        a: &tollgate::store::UsageAggregate,
+        reason: &str,
+    ) -> Result<(), tollgate::store::StoreError> {
+        self.inner.dead_letter(a, reason).await
+    }
+    async fn find_key(
+        &self,
+        key: &tollgate::KeyHash,
+    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
+        self.inner.find_key(key).await
+    }
+    async fn tenant(
+        &self,
+        id: &tollgate::config::TenantId,
+    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
+        self.inner.tenant(id).await
+    }
+    async fn put_tenant(
+        &self,
+        record: &tollgate::store::TenantRecord,
+        keys: &[tollgate::KeyHash],
+    ) -> Result<(), tollgate::store::StoreError> {
+        self.inner.put_tenant(record, keys).await
+    }
+    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), tollgate::store::StoreError> {
+        self.inner.remove_key(key).await
+    }
+    async fn reserved(&self, key: &QuotaKey) -> Result<u64, tollgate::store::StoreError> {
+        self.inner.reserved(key).await
+    }
+    async fn usage(
+        &self,
+        key: &tollgate::store::ExportKey,
+    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+        self.inner.usage(key).await
+    }
+}
+
+fn today(tenant: &str) -> QuotaKey {
+    let start = common::NOON - 12 * 3600;
+    QuotaKey::new(tenant.into(), "requests".into(), tollgate::config::Period::Day, start, start + 86_400)
+}
+
+/// A reserve that landed but whose answer timed out is sent again with the same token, and
+/// applied once: the units it reserved are used, not leaked (today: the tenant was locked out).
+#[tokio::test]
+async fn a_reserve_that_timed_out_is_applied_once() {
+    let toml = common::one_tenant(
+        "on_store_error = \"fail-closed\"\nquotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 10 }",
+    );
+    let toml = format!("[usage]\nstore_timeout = \"50ms\"\n{toml}");
+    let store = Arc::new(Unreliable::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    store.lose_answers.store(true, Ordering::SeqCst);
+    assert_eq!(h.status("/", "key-t").await, 503, "the answer never came");
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 10, "the call landed");
+    store.lose_answers.store(false, Ordering::SeqCst);
+    for i in 0..10 {
+        assert_eq!(h.status("/", "key-t").await, 200, "request {i}: the landed lease is used");
+    }
+    assert_eq!(h.status("/", "key-t").await, 429);
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 10, "applied once");
+}
+
+/// Requests admitted fail-open while the store is down are charged to the period once it
+/// answers again, past the limit if need be: the period stays spent and the overage shows.
+#[tokio::test]
+async fn fail_open_admissions_are_charged_when_the_store_is_back() {
+    let toml = common::one_tenant("quotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
+    let store = Arc::new(Unreliable::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    store.down.store(true, Ordering::SeqCst);
+    for _ in 0..6 {
+        assert_eq!(h.status("/", "key-t").await, 200, "fail-open");
+    }
+    store.down.store(false, Ordering::SeqCst);
+    for i in 0..4 {
+        assert_eq!(h.status("/", "key-t").await, 200, "request {i}: 4 units were left");
+    }
+    assert_eq!(h.status("/", "key-t").await, 429, "the 6 admitted fail-open were charged");
+    h.tollgate.shutdown().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 10);
+
+    // Past the limit: 12 admitted while down on a limit of 10 are all charged.
+    let store = Arc::new(Unreliable::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    store.down.store(true, Ordering::SeqCst);
+    for _ in 0..12 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(h.status("/", "key-t").await, 429);
+    h.tollgate.shutdown().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 12, "the overage is visible");
+}
+
+/// A slow store call for one tenant never holds up another tenant's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_refill_of_one_tenant_does_not_block_another() {
+    let mut toml = String::from("[usage]\nstore_timeout = \"10s\"\n[plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }\n");
+    for i in 0..300 {
+        toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"));
+    }
+    let store = Arc::new(Unreliable::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Arc::new(Harness::build(&toml, store.clone(), clock, handle));
+    *store.stall_tenant.lock().unwrap() = Some("t0".into());
+    let stalled = {
+        let h = h.clone();
+        tokio::spawn(async move { h.status("/", "key-0").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 1..300 {
+        let r = tokio::time::timeout(Duration::from_secs(2), h.status("/", &format!("key-{i}"))).await;
+        assert_eq!(r.expect("not held up by t0's stalled refill"), 200);
+    }
+    stalled.abort();
+}
