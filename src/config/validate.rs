@@ -9,7 +9,7 @@ use std::{
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    raw::{RawConfig, RawPlan, RawQuota},
+    raw::{RawConfig, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawTenant, RawUsage},
     Config, ConfigError, ConfigErrorKind as Kind, HeaderStyle, Identify, Limits, MeterId, MeterSpec, OnUnknown, Period,
     PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, TenantId, TenantSpec,
     UsageSettings,
@@ -148,9 +148,48 @@ impl Validator<'_, '_> {
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        // Meters: `requests` always exists.
+        let meters = self.meters(&raw.meters)?;
+        let default_meter =
+            self.meter_ref(&meters, "usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
+        let plans = self.plans(&raw.plans, &meters)?;
+        let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
+        let limits = self.limits(&raw.limits)?;
+        let usage = self.usage(&raw.usage)?;
+        let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
+        let tenants = self.tenants(&raw.tenants, &plans)?;
+        Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
+    }
+
+    /// A reference to a declared meter.
+    fn meter_ref(&self, meters: &[MeterSpec], path: &str, name: &str) -> Result<MeterId, ConfigError> {
+        match meters.iter().find(|m| m.id.as_str() == name) {
+            Some(m) => Ok(m.id.clone()),
+            None => Err(self.loc.error(
+                Kind::UnknownReference,
+                path,
+                format!("unknown meter `{name}`: declare it under [meters]"),
+            )),
+        }
+    }
+
+    /// A reference to a declared plan.
+    fn plan_ref(&self, plans: &BTreeMap<PlanId, PlanSpec>, path: &str, name: &str) -> Result<PlanId, ConfigError> {
+        let id = PlanId::from(name);
+        if plans.contains_key(&id) {
+            Ok(id)
+        } else {
+            Err(self.loc.error(
+                Kind::UnknownReference,
+                path,
+                format!("unknown plan `{name}`: declare it under [plans]"),
+            ))
+        }
+    }
+
+    /// `[meters]`: `requests` always exists.
+    fn meters(&self, raw: &BTreeMap<String, RawMeter>) -> Result<Vec<MeterSpec>, ConfigError> {
         let mut meters = vec![MeterSpec { id: "requests".into(), event_name: "requests".into(), description: None }];
-        for (name, m) in &raw.meters {
+        for (name, m) in raw {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
             let spec = MeterSpec {
@@ -167,71 +206,61 @@ impl Validator<'_, '_> {
         if meters.len() > 64 {
             return Err(self.invalid("meters", "at most 64 meters may be declared"));
         }
-        let meter_ids: HashSet<&str> = meters.iter().map(|m| m.id.as_str()).collect();
-        let meter_ref = |path: &str, name: &str| -> Result<MeterId, ConfigError> {
-            if meter_ids.contains(name) {
-                Ok(name.into())
-            } else {
-                Err(self.loc.error(
-                    Kind::UnknownReference,
-                    path,
-                    format!("unknown meter `{name}`: declare it under [meters]"),
-                ))
-            }
-        };
+        Ok(meters)
+    }
 
-        let default_meter = meter_ref("usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
-
-        // Plans.
+    /// `[plans]`.
+    fn plans(
+        &self,
+        raw: &BTreeMap<String, RawPlan>,
+        meters: &[MeterSpec],
+    ) -> Result<BTreeMap<PlanId, PlanSpec>, ConfigError> {
         let mut plans = BTreeMap::new();
-        for (name, p) in &raw.plans {
+        for (name, p) in raw {
             check_name(self, &format!("plans.{name}"), name)?;
-            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, &meter_ref)?);
+            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, meters)?);
         }
-        let plan_ref = |path: &str, name: &str| -> Result<PlanId, ConfigError> {
-            let id = PlanId::from(name);
-            if plans.contains_key(&id) {
-                Ok(id)
-            } else {
-                Err(self.loc.error(
-                    Kind::UnknownReference,
-                    path,
-                    format!("unknown plan `{name}`: declare it under [plans]"),
-                ))
-            }
-        };
+        Ok(plans)
+    }
 
-        // Identification.
-        let identify = match raw.identify.source.as_deref().unwrap_or("api-key") {
+    /// `[identify]`: how tenants are identified, and what an unknown one gets.
+    fn identify(
+        &self,
+        raw: &RawIdentify,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+    ) -> Result<(Identify, OnUnknown), ConfigError> {
+        let identify = match raw.source.as_deref().unwrap_or("api-key") {
             "api-key" => {
-                let header = raw.identify.header.as_deref().unwrap_or("x-api-key");
+                let header = raw.header.as_deref().unwrap_or("x-api-key");
                 let header = http::HeaderName::try_from(header)
                     .map_err(|_| self.invalid("identify.header", format!("`{header}` is not a valid header name")))?;
                 Identify::ApiKey { header }
             }
             "extension" => {
-                if raw.identify.header.is_some() {
+                if raw.header.is_some() {
                     return Err(self.invalid("identify.header", "only used with source = \"api-key\""));
                 }
                 Identify::Extension
             }
             _ => return Err(self.invalid("identify.source", "expected \"api-key\" or \"extension\"")),
         };
-        let on_unknown = match (raw.identify.unknown.as_deref().unwrap_or("reject"), &raw.identify.anonymous_plan) {
+        let on_unknown = match (raw.unknown.as_deref().unwrap_or("reject"), &raw.anonymous_plan) {
             ("reject", None) => OnUnknown::Reject,
             ("reject", Some(_)) => {
                 return Err(self.invalid("identify.anonymous_plan", "only used with unknown = \"anonymous\""))
             }
-            ("anonymous", Some(plan)) => OnUnknown::Anonymous(plan_ref("identify.anonymous_plan", plan)?),
+            ("anonymous", Some(plan)) => OnUnknown::Anonymous(self.plan_ref(plans, "identify.anonymous_plan", plan)?),
             ("anonymous", None) => {
                 return Err(self.invalid("identify.unknown", "unknown = \"anonymous\" needs anonymous_plan"))
             }
             _ => return Err(self.invalid("identify.unknown", "expected \"reject\" or \"anonymous\"")),
         };
+        Ok((identify, on_unknown))
+    }
 
-        // Limits.
-        let l = &raw.limits;
-        let limits = Limits {
+    /// `[limits]`.
+    fn limits(&self, l: &RawLimits) -> Result<Limits, ConfigError> {
+        Ok(Limits {
             max_tenants: match l.max_tenants {
                 None => 100_000,
                 Some(0) => return Err(self.invalid("limits.max_tenants", "must be at least 1")),
@@ -274,10 +303,11 @@ impl Validator<'_, '_> {
                     methods
                 }
             },
-        };
+        })
+    }
 
-        // Usage.
-        let u = &raw.usage;
+    /// `[usage]` (but `default_meter`, read with the meters).
+    fn usage(&self, u: &RawUsage) -> Result<UsageSettings, ConfigError> {
         let mut billable = StatusSet::empty();
         match &u.billable {
             None => billable = StatusSet::default(),
@@ -325,11 +355,20 @@ impl Validator<'_, '_> {
         if usage.flush_interval >= usage.window {
             return Err(self.invalid("usage.flush_interval", "must be shorter than usage.window"));
         }
+        Ok(usage)
+    }
 
-        // Routes.
-        let mut routes = Vec::with_capacity(raw.routes.len());
+    /// `[[routes]]`, in order.
+    fn routes(
+        &self,
+        raw: &[RawRoute],
+        meters: &[MeterSpec],
+        default_meter: &MeterId,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+    ) -> Result<Vec<RouteSpec>, ConfigError> {
+        let mut routes = Vec::with_capacity(raw.len());
         let mut seen = HashSet::new();
-        for (i, r) in raw.routes.iter().enumerate() {
+        for (i, r) in raw.iter().enumerate() {
             let base = format!("routes[{i}]");
             let method = match r.method.as_deref() {
                 None | Some("*") => None,
@@ -340,7 +379,7 @@ impl Validator<'_, '_> {
             };
             let pattern = RoutePattern::parse(&r.path).map_err(|m| self.invalid(&format!("{base}.path"), m))?;
             let meter = match &r.meter {
-                Some(m) => meter_ref(&format!("{base}.meter"), m)?,
+                Some(m) => self.meter_ref(meters, &format!("{base}.meter"), m)?,
                 None => default_meter.clone(),
             };
             let cost = match r.cost {
@@ -372,13 +411,20 @@ impl Validator<'_, '_> {
             }
             routes.push(RouteSpec { method, pattern, meter, cost });
         }
+        Ok(routes)
+    }
 
-        // Tenants.
-        let mut tenants = Vec::with_capacity(raw.tenants.len());
+    /// `[tenants]`.
+    fn tenants(
+        &self,
+        raw: &BTreeMap<String, RawTenant>,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+    ) -> Result<Vec<TenantSpec>, ConfigError> {
+        let mut tenants = Vec::with_capacity(raw.len());
         let mut keys_seen = HashSet::new();
-        for (name, t) in &raw.tenants {
+        for (name, t) in raw {
             let base = format!("tenants.{name}");
-            let plan = plan_ref(&format!("{base}.plan"), &t.plan)?;
+            let plan = self.plan_ref(plans, &format!("{base}.plan"), &t.plan)?;
             let mut key_hashes = Vec::new();
             for (i, key) in t.keys.iter().enumerate() {
                 if let Err(m) = crate::tenant::check_api_key(key.as_bytes()) {
@@ -411,16 +457,10 @@ impl Validator<'_, '_> {
                 stripe_customer: t.stripe_customer.clone(),
             });
         }
-
-        Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
+        Ok(tenants)
     }
 
-    fn plan(
-        &self,
-        name: &str,
-        p: &RawPlan,
-        meter_ref: &dyn Fn(&str, &str) -> Result<MeterId, ConfigError>,
-    ) -> Result<PlanSpec, ConfigError> {
+    fn plan(&self, name: &str, p: &RawPlan, meters: &[MeterSpec]) -> Result<PlanSpec, ConfigError> {
         let base = format!("plans.{name}");
         let rate = match &p.rate {
             None => None,
@@ -446,7 +486,7 @@ impl Validator<'_, '_> {
         let mut quotas = BTreeMap::new();
         for (meter, q) in &p.quotas {
             let qbase = format!("{base}.quotas.{meter}");
-            let id = meter_ref(&qbase, meter)?;
+            let id = self.meter_ref(meters, &qbase, meter)?;
             quotas.insert(id, self.quota(&qbase, q)?);
         }
         Ok(PlanSpec { id: name.into(), rate, burst, on_store_error, quotas })
