@@ -13,8 +13,8 @@ use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, t
 
 pub use error::{ConfigError, ConfigErrorKind};
 pub use values::{
-    HeaderStyle, Identify, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet, StoreErrorPolicy,
-    TenantId,
+    HeaderStyle, Identify, InvalidTenantId, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet,
+    StoreErrorPolicy, TenantId,
 };
 
 /// A parsed and validated configuration.

@@ -72,18 +72,91 @@ fn split_path(path: &str) -> impl Iterator<Item = Segment<'_>> {
 pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
     let root = match DeTable::parse(text) {
         Ok(root) => root,
-        Err(e) => {
-            let loc = Located { text, root: None };
-            let pos = e.span().map(|s| loc.position(s.start));
-            return Err(ConfigError::new(Kind::Syntax, "", e.message().trim().to_owned()).at(pos));
-        }
+        Err(e) => return Err(syntax_error(text, &e)),
     };
+    if root.get_ref().is_empty() {
+        // A file that declares nothing is more likely a wrong path or a truncated file than a
+        // deliberate configuration with no plans (which any key at all still allows).
+        return Err(ConfigError::new(
+            Kind::InvalidValue,
+            "",
+            "the file declares nothing (no plans, meters, routes or tenants): \
+             an empty configuration is rejected rather than taken to mean \"reject everyone\"",
+        )
+        .at(Some((1, 1))));
+    }
     let loc = Located { text, root: Some(DeValue::Table(root.get_ref().clone())) };
     let raw: RawConfig = {
         let de = toml::Deserializer::from(root);
         serde_path_to_error::deserialize(de).map_err(|e| serde_error(&loc, e))?
     };
     Validator { loc: &loc }.config(raw)
+}
+
+/// A TOML syntax error; a duplicate key is named by its full key path.
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let loc = Located { text, root: None };
+    let span = e.span();
+    let pos = span.as_ref().map(|s| loc.position(s.start));
+    let message = e.message().trim();
+    let key = match (&span, message.starts_with("duplicate key")) {
+        (Some(span), true) => duplicate_key_path(text, span.clone()).unwrap_or_default(),
+        _ => String::new(),
+    };
+    let message = if key.is_empty() {
+        message.to_owned()
+    } else {
+        format!("{message}: this key is already defined earlier in the file")
+    };
+    ConfigError::new(Kind::Syntax, key, message).at(pos)
+}
+
+/// The key path of the duplicate key at `span`. The parser reports only the key's span, and
+/// keeps only the first definition; so the duplicate is renamed to a placeholder, the text is
+/// parsed again, and the placeholder's path in that document is the duplicate's path.
+fn duplicate_key_path(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    let raw = text.get(span.clone())?;
+    let name = raw.trim_matches(|c| c == '"' || c == '\'');
+    let placeholder = format!("tollgate-duplicate-key-{}-{}", span.start, span.end);
+    let renamed = format!("{}{placeholder}{}", &text[..span.start], &text[span.end..]);
+    let (root, _) = DeTable::parse_recoverable(&renamed);
+    let mut path = String::new();
+    find_key(root.get_ref(), &placeholder, &mut path)
+        .then(|| format!("{}{name}", &path[..path.len() - placeholder.len()]))
+}
+
+/// Whether `table` holds the key `needle` somewhere below it; if so `path` ends with its path.
+fn find_key(table: &DeTable<'_>, needle: &str, path: &mut String) -> bool {
+    let len = path.len();
+    for (key, value) in table {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key.get_ref());
+        if key.get_ref() == needle || find_in_value(value.get_ref(), needle, path) {
+            return true;
+        }
+        path.truncate(len);
+    }
+    false
+}
+
+fn find_in_value(value: &DeValue<'_>, needle: &str, path: &mut String) -> bool {
+    match value {
+        DeValue::Table(t) => find_key(t, needle, path),
+        DeValue::Array(items) => {
+            let len = path.len();
+            for (i, item) in items.iter().enumerate() {
+                path.push_str(&format!("[{i}]"));
+                if find_in_value(item.get_ref(), needle, path) {
+                    return true;
+                }
+                path.truncate(len);
+            }
+            false
+        }
+        _ => false,
+    }
 }
 
 fn serde_error(loc: &Located<'_>, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
@@ -111,6 +184,9 @@ fn serde_error(loc: &Located<'_>, e: serde_path_to_error::Error<toml::de::Error>
     ConfigError::new(kind, path, message).at(pos)
 }
 
+/// The longest `usage.grace`: Stripe accepts meter events up to 35 days old.
+const MAX_GRACE: Duration = Duration::from_secs(35 * 86_400);
+
 struct Validator<'l, 'a> {
     loc: &'l Located<'a>,
 }
@@ -130,6 +206,28 @@ impl Validator<'_, '_> {
             return Err(self.invalid(path, "must be longer than zero"));
         }
         Ok(d)
+    }
+
+    /// One of the nine standard HTTP methods, in any case (`http::Method` alone would take any
+    /// token, such as a misspelt `GETT`, as an extension method).
+    fn method(&self, path: &str, value: &str) -> Result<http::Method, ConfigError> {
+        const METHODS: [http::Method; 9] = [
+            http::Method::GET,
+            http::Method::HEAD,
+            http::Method::POST,
+            http::Method::PUT,
+            http::Method::DELETE,
+            http::Method::CONNECT,
+            http::Method::OPTIONS,
+            http::Method::TRACE,
+            http::Method::PATCH,
+        ];
+        METHODS.into_iter().find(|m| m.as_str().eq_ignore_ascii_case(value)).ok_or_else(|| {
+            self.invalid(
+                path,
+                format!("`{value}` is not an HTTP method: expected GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE or PATCH"),
+            )
+        })
     }
 
     fn policy(&self, path: &str, value: &str) -> Result<StoreErrorPolicy, ConfigError> {
@@ -192,6 +290,12 @@ impl Validator<'_, '_> {
         for (name, m) in raw {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
+            if m.event_name.as_deref().is_some_and(|e| e.trim().is_empty()) {
+                return Err(self.invalid(
+                    &format!("{path}.event_name"),
+                    "must not be empty: it names the meter's events for billing (leave it out to use the meter's name)",
+                ));
+            }
             let spec = MeterSpec {
                 id: name.as_str().into(),
                 event_name: m.event_name.clone().unwrap_or_else(|| name.clone()),
@@ -293,8 +397,7 @@ impl Validator<'_, '_> {
                     let mut methods = Vec::with_capacity(list.len());
                     for (i, m) in list.iter().enumerate() {
                         let path = format!("limits.idempotency_methods[{i}]");
-                        let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                            .map_err(|_| self.invalid(&path, format!("`{m}` is not an HTTP method")))?;
+                        let method = self.method(&path, m)?;
                         if methods.contains(&method) {
                             return Err(self.invalid(&path, format!("`{method}` is listed twice")));
                         }
@@ -311,6 +414,12 @@ impl Validator<'_, '_> {
         let mut billable = StatusSet::empty();
         match &u.billable {
             None => billable = StatusSet::default(),
+            Some(list) if list.is_empty() => {
+                return Err(self.invalid(
+                    "usage.billable",
+                    "must list at least one status or range: with none, no request would ever be billed",
+                ))
+            }
             Some(list) => {
                 for (i, item) in list.iter().enumerate() {
                     let path = format!("usage.billable[{i}]");
@@ -352,6 +461,12 @@ impl Validator<'_, '_> {
                 "must be a whole number of seconds that divides a day (such as \"1m\", \"15m\", \"1h\")",
             ));
         }
+        if usage.grace > MAX_GRACE {
+            return Err(self.invalid(
+                "usage.grace",
+                "must be at most 35 days: billing (Stripe) rejects meter events older than that",
+            ));
+        }
         if usage.flush_interval >= usage.window {
             return Err(self.invalid("usage.flush_interval", "must be shorter than usage.window"));
         }
@@ -372,10 +487,7 @@ impl Validator<'_, '_> {
             let base = format!("routes[{i}]");
             let method = match r.method.as_deref() {
                 None | Some("*") => None,
-                Some(m) => Some(
-                    http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                        .map_err(|_| self.invalid(&format!("{base}.method"), format!("`{m}` is not an HTTP method")))?,
-                ),
+                Some(m) => Some(self.method(&format!("{base}.method"), m)?),
             };
             let pattern = RoutePattern::parse(&r.path).map_err(|m| self.invalid(&format!("{base}.path"), m))?;
             let meter = match &r.meter {
@@ -424,6 +536,7 @@ impl Validator<'_, '_> {
         let mut keys_seen = HashSet::new();
         for (name, t) in raw {
             let base = format!("tenants.{name}");
+            let id = TenantId::parse(name).map_err(|e| self.invalid(&base, e.to_string()))?;
             let plan = self.plan_ref(plans, &format!("{base}.plan"), &t.plan)?;
             let mut key_hashes = Vec::new();
             for (i, key) in t.keys.iter().enumerate() {
@@ -450,12 +563,7 @@ impl Validator<'_, '_> {
                     ));
                 }
             }
-            tenants.push(TenantSpec {
-                id: TenantId::from(name.as_str()),
-                plan,
-                key_hashes,
-                stripe_customer: t.stripe_customer.clone(),
-            });
+            tenants.push(TenantSpec { id, plan, key_hashes, stripe_customer: t.stripe_customer.clone() });
         }
         Ok(tenants)
     }
@@ -594,6 +702,118 @@ mod tests {
         let e = err("[plans.free\nrate = 1\n");
         assert_eq!(e.kind(), Kind::Syntax);
         assert_eq!(e.line(), Some(1));
+    }
+
+    /// The key path and line of the error `text` gives.
+    fn at(text: &str) -> (String, Option<usize>) {
+        let e = err(text);
+        (e.key().to_owned(), e.line())
+    }
+
+    #[test]
+    fn tenant_names_follow_the_tenant_id_grammar() {
+        let ok = parse("[plans.p]\n[tenants.\"sub|1234\"]\nplan = \"p\"\n").unwrap();
+        assert_eq!(ok.tenants()[0].id().as_str(), "sub|1234");
+        let e = err("[plans.p]\n[tenants.\"a b\"]\nplan = \"p\"\n");
+        assert_eq!(e.kind(), Kind::InvalidValue);
+        assert_eq!((e.key(), e.line(), e.column()), ("tenants.a b", Some(2), Some(1)));
+        let long = "x".repeat(129);
+        let e = err(&format!("[plans.p]\n\n[tenants.{long}]\nplan = \"p\"\n"));
+        assert_eq!((e.key(), e.line()), (format!("tenants.{long}").as_str(), Some(3)));
+        assert!(parse(&format!("[plans.p]\n[tenants.{}]\nplan = \"p\"\n", "x".repeat(128))).is_ok());
+        // Plans and meters keep the stricter name grammar.
+        assert_eq!(at("[plans.\"a|b\"]\n"), ("plans.a|b".to_owned(), Some(1)));
+    }
+
+    #[test]
+    fn an_empty_event_name_is_rejected() {
+        assert_eq!(at("[meters.tokens]\nevent_name = \"\"\n"), ("meters.tokens.event_name".to_owned(), Some(2)));
+    }
+
+    #[test]
+    fn grace_stays_within_the_billing_horizon() {
+        assert_eq!(at("[usage]\ngrace = \"36days\"\n"), ("usage.grace".to_owned(), Some(2)));
+        assert_eq!(at("[usage]\ngrace = \"35days 1s\"\n"), ("usage.grace".to_owned(), Some(2)));
+        assert_eq!(parse("[usage]\ngrace = \"35days\"\n").unwrap().usage().grace, Duration::from_secs(35 * 86_400));
+    }
+
+    #[test]
+    fn an_empty_billable_list_is_rejected() {
+        let e = err("[usage]\nbillable = []\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "usage.billable", Some(2)));
+    }
+
+    #[test]
+    fn only_standard_methods_are_accepted() {
+        assert_eq!(at("[[routes]]\nmethod = \"GETT\"\npath = \"/x\"\n"), ("routes[0].method".to_owned(), Some(2)));
+        assert_eq!(
+            at("[limits]\nidempotency_methods = [\"POST\", \"GETT\"]\n"),
+            ("limits.idempotency_methods[1]".to_owned(), Some(2))
+        );
+        assert_eq!(
+            at("[limits]\nidempotency_methods = [\"*\"]\n"),
+            ("limits.idempotency_methods[0]".to_owned(), Some(2))
+        );
+        let c = parse("[[routes]]\nmethod = \"patch\"\npath = \"/a\"\n[[routes]]\nmethod = \"*\"\npath = \"/b\"\n")
+            .unwrap();
+        assert_eq!(c.routes()[0].method(), Some(&http::Method::PATCH));
+        assert_eq!(c.routes()[1].method(), None);
+        for m in ["get", "HEAD", "Post", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"] {
+            assert!(parse(&format!("[limits]\nidempotency_methods = [\"{m}\"]\n")).is_ok(), "{m}");
+        }
+    }
+
+    #[test]
+    fn route_paths_without_empty_segments_or_repeated_parameters() {
+        for path in ["/a//b", "/a/", "//", "/a/{id}/b/{id}", "/a/{id}/{*id}"] {
+            let text = format!("[[routes]]\nmethod = \"GET\"\npath = \"{path}\"\n");
+            assert_eq!(at(&text), ("routes[0].path".to_owned(), Some(3)), "{path}");
+        }
+        assert!(parse("[[routes]]\npath = \"/\"\n[[routes]]\npath = \"/a/{id}/b/{other}\"\n").is_ok());
+    }
+
+    #[test]
+    fn rates_with_stray_spaces_or_underscores_are_rejected() {
+        for rate in ["2 / s", "_2/s", " 2/s", "2/s ", "2_/s", "6__000/min"] {
+            let text = format!("[plans.a]\nrate = \"{rate}\"\n");
+            assert_eq!(at(&text), ("plans.a.rate".to_owned(), Some(2)), "{rate}");
+        }
+        let c = parse("[plans.a]\nrate = \"6_000/min\"\n[plans.b]\nrate = \"2/s\"\n").unwrap();
+        assert_eq!(c.plan(&"a".into()).unwrap().rate().unwrap().count().get(), 6000);
+    }
+
+    #[test]
+    fn duplicate_keys_are_named() {
+        let e = err("[plans.a]\nrate=\"1/s\"\nrate=\"2/s\"\n");
+        assert_eq!((e.key(), e.line(), e.column()), ("plans.a.rate", Some(3), Some(1)));
+        assert!(e.message().contains("duplicate key"), "{e}");
+        assert_eq!(at("[plans.a]\n[plans.b]\n[plans.a]\n"), ("plans.a".to_owned(), Some(3)));
+        assert_eq!(
+            at("[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\npath = \"/c\"\n"),
+            ("routes[1].path".to_owned(), Some(5))
+        );
+        assert_eq!(
+            at("[plans.a]\nquotas.x.limit = 1\nquotas.y.limit = 2\nquotas.x.limit = 3\n"),
+            ("plans.a.quotas.x.limit".to_owned(), Some(4))
+        );
+        assert_eq!(
+            at("[plans.a]\nquotas.requests = { limit = 1, period = \"day\", limit = 2 }\n"),
+            ("plans.a.quotas.requests.limit".to_owned(), Some(2))
+        );
+        assert_eq!(at("[tenants.\"a b\"]\nplan = \"p\"\n\"plan\" = \"q\"\n"), ("tenants.a b.plan".to_owned(), Some(3)));
+    }
+
+    #[test]
+    fn an_empty_document_is_rejected() {
+        for text in ["", "\n  \n", "# nothing yet\n\n# still nothing\n"] {
+            let e = err(text);
+            assert_eq!(e.kind(), Kind::InvalidValue);
+            assert_eq!((e.key(), e.line(), e.column()), ("", Some(1), Some(1)));
+            assert!(e.message().contains("no plans"), "{e}");
+        }
+        // Any key at all makes a document: a configuration without plans stays valid.
+        assert!(parse("[limits]\n").is_ok());
+        assert!(parse("[limits]\nmax_tenants = 5\n").unwrap().plans().is_empty());
     }
 
     #[test]
