@@ -254,6 +254,7 @@ impl Validator<'_, '_> {
         let limits = self.limits(&raw.limits)?;
         let usage = self.usage(&raw.usage)?;
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
+        self.hard_quotas_are_reachable(&plans, &routes, &default_meter)?;
         let tenants = self.tenants(&raw.tenants, &plans)?;
         Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
     }
@@ -406,6 +407,17 @@ impl Validator<'_, '_> {
                     methods
                 }
             },
+            directory_ttl: self.duration(
+                "limits.directory_ttl",
+                l.directory_ttl.as_deref(),
+                Duration::from_secs(60),
+            )?,
+            negative_ttl: self.duration("limits.negative_ttl", l.negative_ttl.as_deref(), Duration::from_secs(10))?,
+            negative_capacity: match l.negative_capacity {
+                None => 100_000,
+                Some(0) => return Err(self.invalid("limits.negative_capacity", "must be at least 1")),
+                Some(n) => n,
+            },
         })
     }
 
@@ -453,6 +465,11 @@ impl Validator<'_, '_> {
                 "usage.store_timeout",
                 u.store_timeout.as_deref(),
                 Duration::from_millis(250),
+            )?,
+            shutdown_timeout: self.duration(
+                "usage.shutdown_timeout",
+                u.shutdown_timeout.as_deref(),
+                Duration::from_secs(10),
             )?,
         };
         if usage.window.as_secs() == 0 || usage.window.subsec_nanos() != 0 || 86_400 % usage.window.as_secs() != 0 {
@@ -521,9 +538,55 @@ impl Validator<'_, '_> {
                     ));
                 }
             }
-            routes.push(RouteSpec { method, pattern, meter, cost });
+            let mut reports: Vec<MeterId> = Vec::with_capacity(r.reports.len());
+            for (j, name) in r.reports.iter().enumerate() {
+                let path = format!("{base}.reports[{j}]");
+                let id = self.meter_ref(meters, &path, name)?;
+                if id == meter {
+                    return Err(self.invalid(
+                        &path,
+                        format!(
+                            "`{id}` is the meter this route charges: list only the other meters its handler reports"
+                        ),
+                    ));
+                }
+                if reports.contains(&id) {
+                    return Err(self.invalid(&path, format!("`{id}` is listed twice")));
+                }
+                reports.push(id);
+            }
+            routes.push(RouteSpec { method, pattern, meter, cost, reports });
         }
         Ok(routes)
+    }
+
+    /// A hard quota on a meter that no request is charged (the default meter, a route's
+    /// `meter`) and no route `reports` could never reject anything: usage recorded by a
+    /// handler would pass the limit unchecked. Soft quotas only count overage, so they may be
+    /// on any meter.
+    fn hard_quotas_are_reachable(
+        &self,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+        routes: &[RouteSpec],
+        default_meter: &MeterId,
+    ) -> Result<(), ConfigError> {
+        let enforced =
+            |m: &MeterId| m == default_meter || routes.iter().any(|r| &r.meter == m || r.reports.contains(m));
+        for plan in plans.values() {
+            for (meter, quota) in &plan.quotas {
+                if quota.mode == QuotaMode::Hard && !enforced(meter) {
+                    return Err(self.invalid(
+                        &format!("plans.{}.quotas.{meter}", plan.id),
+                        format!(
+                            "a hard quota on `{meter}`, but no route charges it (`meter`) or reports it \
+                             (`reports = [\"{meter}\"]`), so nothing would ever be rejected: list it in the \
+                             `reports` of the routes whose handler records it, or make the quota soft"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `[tenants]`.
@@ -814,6 +877,82 @@ mod tests {
         // Any key at all makes a document: a configuration without plans stays valid.
         assert!(parse("[limits]\n").is_ok());
         assert!(parse("[limits]\nmax_tenants = 5\n").unwrap().plans().is_empty());
+    }
+
+    #[test]
+    fn new_settings_have_defaults() {
+        let c = parse("[limits]\n").unwrap();
+        assert_eq!(c.usage().shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits().directory_ttl, Duration::from_secs(60));
+        assert_eq!(c.limits().negative_ttl, Duration::from_secs(10));
+        assert_eq!(c.limits().negative_capacity, 100_000);
+        let c = parse(
+            "[limits]\ndirectory_ttl = \"5m\"\nnegative_ttl = \"1s\"\nnegative_capacity = 7\n\
+             [usage]\nshutdown_timeout = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.usage().shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits().directory_ttl, Duration::from_secs(300));
+        assert_eq!(c.limits().negative_ttl, Duration::from_secs(1));
+        assert_eq!(c.limits().negative_capacity, 7);
+    }
+
+    #[test]
+    fn new_settings_reject_bad_values() {
+        assert_eq!(at("[usage]\nshutdown_timeout = \"soon\"\n"), ("usage.shutdown_timeout".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\n\ndirectory_ttl = \"0s\"\n"), ("limits.directory_ttl".to_owned(), Some(3)));
+        assert_eq!(at("[limits]\nnegative_ttl = \"10\"\n"), ("limits.negative_ttl".to_owned(), Some(2)));
+        let e = err("[limits]\nnegative_capacity = 0\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "limits.negative_capacity", Some(2)));
+        assert_eq!(at("[limits]\nnegative_capacity = -3\n"), ("limits.negative_capacity".to_owned(), Some(2)));
+    }
+
+    const TOKENS: &str = "[meters.tokens]\n[meters.images]\n";
+
+    #[test]
+    fn routes_declare_the_meters_their_handler_reports() {
+        let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"images\"]\n")).unwrap();
+        assert_eq!(c.routes()[0].reports(), [MeterId::from("tokens"), MeterId::from("images")]);
+        let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\n")).unwrap();
+        assert!(c.routes()[0].reports().is_empty());
+
+        let e = err(&format!("{TOKENS}[[routes]]\npath = \"/g\"\n\nreports = [\"tokens\", \"widgets\"]\n"));
+        assert_eq!(e.kind(), Kind::UnknownReference);
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(6)));
+        let e = err(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"tokens\"]\n"));
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(5)));
+        let e = err(&format!(
+            "{TOKENS}[[routes]]\npath = \"/g\"\nmeter = \"tokens\"\nreports = [\"images\", \"tokens\"]\n"
+        ));
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(6)));
+        // A route without a meter charges the default meter: it cannot report it too.
+        let e = err("[[routes]]\npath = \"/g\"\nreports = [\"requests\"]\n");
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[0]", Some(3)));
+    }
+
+    #[test]
+    fn a_hard_quota_needs_a_route_that_charges_or_reports_its_meter() {
+        let plan = "[plans.p]\nrate = \"1/s\"\nquotas.tokens = { limit = 5, period = \"day\" }\n";
+        let e = err(&format!("{TOKENS}{plan}"));
+        assert_eq!(e.kind(), Kind::InvalidValue);
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.tokens", Some(5)));
+        assert!(e.message().contains("reports"), "{e}");
+        // Reported, charged by a route, or the default meter: each makes the quota reachable.
+        assert!(parse(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nreports = [\"tokens\"]\n")).is_ok());
+        assert!(parse(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nmeter = \"tokens\"\n")).is_ok());
+        assert!(parse(&format!("{TOKENS}{plan}[usage]\ndefault_meter = \"tokens\"\n")).is_ok());
+        // A soft quota only counts overage: it is allowed on any meter.
+        assert!(parse(&format!(
+            "{TOKENS}[plans.p]\nquotas.tokens = {{ limit = 5, period = \"day\", mode = \"soft\" }}\n"
+        ))
+        .is_ok());
+        // `requests` is the default meter, so its quotas are always reachable...
+        assert!(parse("[plans.p]\nquotas.requests = { limit = 5, period = \"day\" }\n").is_ok());
+        // ...unless another meter is the default and no route charges `requests`.
+        let e = err(&format!(
+            "{TOKENS}[usage]\ndefault_meter = \"tokens\"\n[plans.p]\nquotas.requests = {{ limit = 5, period = \"day\" }}\n"
+        ));
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.requests", Some(6)));
     }
 
     #[test]
