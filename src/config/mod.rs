@@ -13,8 +13,8 @@ use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, t
 
 pub use error::{ConfigError, ConfigErrorKind};
 pub use values::{
-    HeaderStyle, Identify, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet, StoreErrorPolicy,
-    TenantId,
+    HeaderStyle, Identify, InvalidTenantId, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet,
+    StoreErrorPolicy, TenantId,
 };
 
 /// A parsed and validated configuration.
@@ -63,6 +63,14 @@ pub struct Limits {
     /// The methods whose `Idempotency-Key` is honoured (`POST` and `PATCH` by default: the
     /// others are idempotent by definition, and their key is not even read).
     pub idempotency_methods: Vec<http::Method>,
+    /// How long a node trusts its cached tenant directory entry: removed keys and plan changes
+    /// made in the store reach running nodes within this time.
+    pub directory_ttl: Duration,
+    /// How long an unknown credential is remembered as unknown (so repeated unknown keys do
+    /// not each cost a store lookup).
+    pub negative_ttl: Duration,
+    /// The most unknown credentials remembered at once (least recently used go first).
+    pub negative_capacity: u64,
 }
 
 /// How usage is aggregated, flushed and billed.
@@ -81,6 +89,8 @@ pub struct UsageSettings {
     pub on_store_error: StoreErrorPolicy,
     /// How long a request may wait on the store before `on_store_error` applies.
     pub store_timeout: Duration,
+    /// How long `shutdown()` keeps retrying the final flush and export while the store is down.
+    pub shutdown_timeout: Duration,
 }
 
 /// A meter: something that is counted and billed.
@@ -183,6 +193,7 @@ pub struct RouteSpec {
     pub(crate) pattern: crate::plan::RoutePattern,
     pub(crate) meter: MeterId,
     pub(crate) cost: NonZeroU32,
+    pub(crate) reports: Vec<MeterId>,
 }
 
 impl RouteSpec {
@@ -204,6 +215,12 @@ impl RouteSpec {
     /// Units charged (and rate cells spent) per request.
     pub fn cost(&self) -> NonZeroU32 {
         self.cost
+    }
+
+    /// The meters the route's handler reports (through `TenantContext::record`), besides the
+    /// meter it charges: a hard quota on one of them, once spent, rejects the route's requests.
+    pub fn reports(&self) -> &[MeterId] {
+        &self.reports
     }
 }
 

@@ -41,6 +41,9 @@ pub(crate) struct RawLimits {
     pub(crate) idempotency_window: Option<String>,
     pub(crate) idempotency_capacity: Option<u64>,
     pub(crate) idempotency_methods: Option<Vec<String>>,
+    pub(crate) directory_ttl: Option<String>,
+    pub(crate) negative_ttl: Option<String>,
+    pub(crate) negative_capacity: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -53,6 +56,7 @@ pub(crate) struct RawUsage {
     pub(crate) on_store_error: Option<String>,
     pub(crate) store_timeout: Option<String>,
     pub(crate) default_meter: Option<String>,
+    pub(crate) shutdown_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +93,8 @@ pub(crate) struct RawRoute {
     pub(crate) path: String,
     pub(crate) meter: Option<String>,
     pub(crate) cost: Option<i64>,
+    #[serde(default)]
+    pub(crate) reports: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

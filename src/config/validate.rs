@@ -9,7 +9,7 @@ use std::{
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    raw::{RawConfig, RawPlan, RawQuota},
+    raw::{RawConfig, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawTenant, RawUsage},
     Config, ConfigError, ConfigErrorKind as Kind, HeaderStyle, Identify, Limits, MeterId, MeterSpec, OnUnknown, Period,
     PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, TenantId, TenantSpec,
     UsageSettings,
@@ -72,18 +72,91 @@ fn split_path(path: &str) -> impl Iterator<Item = Segment<'_>> {
 pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
     let root = match DeTable::parse(text) {
         Ok(root) => root,
-        Err(e) => {
-            let loc = Located { text, root: None };
-            let pos = e.span().map(|s| loc.position(s.start));
-            return Err(ConfigError::new(Kind::Syntax, "", e.message().trim().to_owned()).at(pos));
-        }
+        Err(e) => return Err(syntax_error(text, &e)),
     };
+    if root.get_ref().is_empty() {
+        // A file that declares nothing is more likely a wrong path or a truncated file than a
+        // deliberate configuration with no plans (which any key at all still allows).
+        return Err(ConfigError::new(
+            Kind::InvalidValue,
+            "",
+            "the file declares nothing (no plans, meters, routes or tenants): \
+             an empty configuration is rejected rather than taken to mean \"reject everyone\"",
+        )
+        .at(Some((1, 1))));
+    }
     let loc = Located { text, root: Some(DeValue::Table(root.get_ref().clone())) };
     let raw: RawConfig = {
         let de = toml::Deserializer::from(root);
         serde_path_to_error::deserialize(de).map_err(|e| serde_error(&loc, e))?
     };
     Validator { loc: &loc }.config(raw)
+}
+
+/// A TOML syntax error; a duplicate key is named by its full key path.
+fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let loc = Located { text, root: None };
+    let span = e.span();
+    let pos = span.as_ref().map(|s| loc.position(s.start));
+    let message = e.message().trim();
+    let key = match (&span, message.starts_with("duplicate key")) {
+        (Some(span), true) => duplicate_key_path(text, span.clone()).unwrap_or_default(),
+        _ => String::new(),
+    };
+    let message = if key.is_empty() {
+        message.to_owned()
+    } else {
+        format!("{message}: this key is already defined earlier in the file")
+    };
+    ConfigError::new(Kind::Syntax, key, message).at(pos)
+}
+
+/// The key path of the duplicate key at `span`. The parser reports only the key's span, and
+/// keeps only the first definition; so the duplicate is renamed to a placeholder, the text is
+/// parsed again, and the placeholder's path in that document is the duplicate's path.
+fn duplicate_key_path(text: &str, span: std::ops::Range<usize>) -> Option<String> {
+    let raw = text.get(span.clone())?;
+    let name = raw.trim_matches(|c| c == '"' || c == '\'');
+    let placeholder = format!("tollgate-duplicate-key-{}-{}", span.start, span.end);
+    let renamed = format!("{}{placeholder}{}", &text[..span.start], &text[span.end..]);
+    let (root, _) = DeTable::parse_recoverable(&renamed);
+    let mut path = String::new();
+    find_key(root.get_ref(), &placeholder, &mut path)
+        .then(|| format!("{}{name}", &path[..path.len() - placeholder.len()]))
+}
+
+/// Whether `table` holds the key `needle` somewhere below it; if so `path` ends with its path.
+fn find_key(table: &DeTable<'_>, needle: &str, path: &mut String) -> bool {
+    let len = path.len();
+    for (key, value) in table {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key.get_ref());
+        if key.get_ref() == needle || find_in_value(value.get_ref(), needle, path) {
+            return true;
+        }
+        path.truncate(len);
+    }
+    false
+}
+
+fn find_in_value(value: &DeValue<'_>, needle: &str, path: &mut String) -> bool {
+    match value {
+        DeValue::Table(t) => find_key(t, needle, path),
+        DeValue::Array(items) => {
+            let len = path.len();
+            for (i, item) in items.iter().enumerate() {
+                path.push_str(&format!("[{i}]"));
+                if find_in_value(item.get_ref(), needle, path) {
+                    return true;
+                }
+                path.truncate(len);
+            }
+            false
+        }
+        _ => false,
+    }
 }
 
 fn serde_error(loc: &Located<'_>, e: serde_path_to_error::Error<toml::de::Error>) -> ConfigError {
@@ -111,6 +184,9 @@ fn serde_error(loc: &Located<'_>, e: serde_path_to_error::Error<toml::de::Error>
     ConfigError::new(kind, path, message).at(pos)
 }
 
+/// The longest `usage.grace`: Stripe accepts meter events up to 35 days old.
+const MAX_GRACE: Duration = Duration::from_secs(35 * 86_400);
+
 struct Validator<'l, 'a> {
     loc: &'l Located<'a>,
 }
@@ -132,6 +208,28 @@ impl Validator<'_, '_> {
         Ok(d)
     }
 
+    /// One of the nine standard HTTP methods, in any case (`http::Method` alone would take any
+    /// token, such as a misspelt `GETT`, as an extension method).
+    fn method(&self, path: &str, value: &str) -> Result<http::Method, ConfigError> {
+        const METHODS: [http::Method; 9] = [
+            http::Method::GET,
+            http::Method::HEAD,
+            http::Method::POST,
+            http::Method::PUT,
+            http::Method::DELETE,
+            http::Method::CONNECT,
+            http::Method::OPTIONS,
+            http::Method::TRACE,
+            http::Method::PATCH,
+        ];
+        METHODS.into_iter().find(|m| m.as_str().eq_ignore_ascii_case(value)).ok_or_else(|| {
+            self.invalid(
+                path,
+                format!("`{value}` is not an HTTP method: expected GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE or PATCH"),
+            )
+        })
+    }
+
     fn policy(&self, path: &str, value: &str) -> Result<StoreErrorPolicy, ConfigError> {
         match value {
             "fail-open" => Ok(StoreErrorPolicy::FailOpen),
@@ -148,11 +246,57 @@ impl Validator<'_, '_> {
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        // Meters: `requests` always exists.
+        let meters = self.meters(&raw.meters)?;
+        let default_meter =
+            self.meter_ref(&meters, "usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
+        let plans = self.plans(&raw.plans, &meters)?;
+        let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
+        let limits = self.limits(&raw.limits)?;
+        let usage = self.usage(&raw.usage)?;
+        let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
+        self.hard_quotas_are_reachable(&plans, &routes, &default_meter)?;
+        let tenants = self.tenants(&raw.tenants, &plans)?;
+        Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
+    }
+
+    /// A reference to a declared meter.
+    fn meter_ref(&self, meters: &[MeterSpec], path: &str, name: &str) -> Result<MeterId, ConfigError> {
+        match meters.iter().find(|m| m.id.as_str() == name) {
+            Some(m) => Ok(m.id.clone()),
+            None => Err(self.loc.error(
+                Kind::UnknownReference,
+                path,
+                format!("unknown meter `{name}`: declare it under [meters]"),
+            )),
+        }
+    }
+
+    /// A reference to a declared plan.
+    fn plan_ref(&self, plans: &BTreeMap<PlanId, PlanSpec>, path: &str, name: &str) -> Result<PlanId, ConfigError> {
+        let id = PlanId::from(name);
+        if plans.contains_key(&id) {
+            Ok(id)
+        } else {
+            Err(self.loc.error(
+                Kind::UnknownReference,
+                path,
+                format!("unknown plan `{name}`: declare it under [plans]"),
+            ))
+        }
+    }
+
+    /// `[meters]`: `requests` always exists.
+    fn meters(&self, raw: &BTreeMap<String, RawMeter>) -> Result<Vec<MeterSpec>, ConfigError> {
         let mut meters = vec![MeterSpec { id: "requests".into(), event_name: "requests".into(), description: None }];
-        for (name, m) in &raw.meters {
+        for (name, m) in raw {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
+            if m.event_name.as_deref().is_some_and(|e| e.trim().is_empty()) {
+                return Err(self.invalid(
+                    &format!("{path}.event_name"),
+                    "must not be empty: it names the meter's events for billing (leave it out to use the meter's name)",
+                ));
+            }
             let spec = MeterSpec {
                 id: name.as_str().into(),
                 event_name: m.event_name.clone().unwrap_or_else(|| name.clone()),
@@ -167,71 +311,61 @@ impl Validator<'_, '_> {
         if meters.len() > 64 {
             return Err(self.invalid("meters", "at most 64 meters may be declared"));
         }
-        let meter_ids: HashSet<&str> = meters.iter().map(|m| m.id.as_str()).collect();
-        let meter_ref = |path: &str, name: &str| -> Result<MeterId, ConfigError> {
-            if meter_ids.contains(name) {
-                Ok(name.into())
-            } else {
-                Err(self.loc.error(
-                    Kind::UnknownReference,
-                    path,
-                    format!("unknown meter `{name}`: declare it under [meters]"),
-                ))
-            }
-        };
+        Ok(meters)
+    }
 
-        let default_meter = meter_ref("usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
-
-        // Plans.
+    /// `[plans]`.
+    fn plans(
+        &self,
+        raw: &BTreeMap<String, RawPlan>,
+        meters: &[MeterSpec],
+    ) -> Result<BTreeMap<PlanId, PlanSpec>, ConfigError> {
         let mut plans = BTreeMap::new();
-        for (name, p) in &raw.plans {
+        for (name, p) in raw {
             check_name(self, &format!("plans.{name}"), name)?;
-            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, &meter_ref)?);
+            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, meters)?);
         }
-        let plan_ref = |path: &str, name: &str| -> Result<PlanId, ConfigError> {
-            let id = PlanId::from(name);
-            if plans.contains_key(&id) {
-                Ok(id)
-            } else {
-                Err(self.loc.error(
-                    Kind::UnknownReference,
-                    path,
-                    format!("unknown plan `{name}`: declare it under [plans]"),
-                ))
-            }
-        };
+        Ok(plans)
+    }
 
-        // Identification.
-        let identify = match raw.identify.source.as_deref().unwrap_or("api-key") {
+    /// `[identify]`: how tenants are identified, and what an unknown one gets.
+    fn identify(
+        &self,
+        raw: &RawIdentify,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+    ) -> Result<(Identify, OnUnknown), ConfigError> {
+        let identify = match raw.source.as_deref().unwrap_or("api-key") {
             "api-key" => {
-                let header = raw.identify.header.as_deref().unwrap_or("x-api-key");
+                let header = raw.header.as_deref().unwrap_or("x-api-key");
                 let header = http::HeaderName::try_from(header)
                     .map_err(|_| self.invalid("identify.header", format!("`{header}` is not a valid header name")))?;
                 Identify::ApiKey { header }
             }
             "extension" => {
-                if raw.identify.header.is_some() {
+                if raw.header.is_some() {
                     return Err(self.invalid("identify.header", "only used with source = \"api-key\""));
                 }
                 Identify::Extension
             }
             _ => return Err(self.invalid("identify.source", "expected \"api-key\" or \"extension\"")),
         };
-        let on_unknown = match (raw.identify.unknown.as_deref().unwrap_or("reject"), &raw.identify.anonymous_plan) {
+        let on_unknown = match (raw.unknown.as_deref().unwrap_or("reject"), &raw.anonymous_plan) {
             ("reject", None) => OnUnknown::Reject,
             ("reject", Some(_)) => {
                 return Err(self.invalid("identify.anonymous_plan", "only used with unknown = \"anonymous\""))
             }
-            ("anonymous", Some(plan)) => OnUnknown::Anonymous(plan_ref("identify.anonymous_plan", plan)?),
+            ("anonymous", Some(plan)) => OnUnknown::Anonymous(self.plan_ref(plans, "identify.anonymous_plan", plan)?),
             ("anonymous", None) => {
                 return Err(self.invalid("identify.unknown", "unknown = \"anonymous\" needs anonymous_plan"))
             }
             _ => return Err(self.invalid("identify.unknown", "expected \"reject\" or \"anonymous\"")),
         };
+        Ok((identify, on_unknown))
+    }
 
-        // Limits.
-        let l = &raw.limits;
-        let limits = Limits {
+    /// `[limits]`.
+    fn limits(&self, l: &RawLimits) -> Result<Limits, ConfigError> {
+        Ok(Limits {
             max_tenants: match l.max_tenants {
                 None => 100_000,
                 Some(0) => return Err(self.invalid("limits.max_tenants", "must be at least 1")),
@@ -264,8 +398,7 @@ impl Validator<'_, '_> {
                     let mut methods = Vec::with_capacity(list.len());
                     for (i, m) in list.iter().enumerate() {
                         let path = format!("limits.idempotency_methods[{i}]");
-                        let method = http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                            .map_err(|_| self.invalid(&path, format!("`{m}` is not an HTTP method")))?;
+                        let method = self.method(&path, m)?;
                         if methods.contains(&method) {
                             return Err(self.invalid(&path, format!("`{method}` is listed twice")));
                         }
@@ -274,13 +407,31 @@ impl Validator<'_, '_> {
                     methods
                 }
             },
-        };
+            directory_ttl: self.duration(
+                "limits.directory_ttl",
+                l.directory_ttl.as_deref(),
+                Duration::from_secs(60),
+            )?,
+            negative_ttl: self.duration("limits.negative_ttl", l.negative_ttl.as_deref(), Duration::from_secs(10))?,
+            negative_capacity: match l.negative_capacity {
+                None => 100_000,
+                Some(0) => return Err(self.invalid("limits.negative_capacity", "must be at least 1")),
+                Some(n) => n,
+            },
+        })
+    }
 
-        // Usage.
-        let u = &raw.usage;
+    /// `[usage]` (but `default_meter`, read with the meters).
+    fn usage(&self, u: &RawUsage) -> Result<UsageSettings, ConfigError> {
         let mut billable = StatusSet::empty();
         match &u.billable {
             None => billable = StatusSet::default(),
+            Some(list) if list.is_empty() => {
+                return Err(self.invalid(
+                    "usage.billable",
+                    "must list at least one status or range: with none, no request would ever be billed",
+                ))
+            }
             Some(list) => {
                 for (i, item) in list.iter().enumerate() {
                     let path = format!("usage.billable[{i}]");
@@ -315,6 +466,11 @@ impl Validator<'_, '_> {
                 u.store_timeout.as_deref(),
                 Duration::from_millis(250),
             )?,
+            shutdown_timeout: self.duration(
+                "usage.shutdown_timeout",
+                u.shutdown_timeout.as_deref(),
+                Duration::from_secs(10),
+            )?,
         };
         if usage.window.as_secs() == 0 || usage.window.subsec_nanos() != 0 || 86_400 % usage.window.as_secs() != 0 {
             return Err(self.invalid(
@@ -322,25 +478,37 @@ impl Validator<'_, '_> {
                 "must be a whole number of seconds that divides a day (such as \"1m\", \"15m\", \"1h\")",
             ));
         }
+        if usage.grace > MAX_GRACE {
+            return Err(self.invalid(
+                "usage.grace",
+                "must be at most 35 days: billing (Stripe) rejects meter events older than that",
+            ));
+        }
         if usage.flush_interval >= usage.window {
             return Err(self.invalid("usage.flush_interval", "must be shorter than usage.window"));
         }
+        Ok(usage)
+    }
 
-        // Routes.
-        let mut routes = Vec::with_capacity(raw.routes.len());
+    /// `[[routes]]`, in order.
+    fn routes(
+        &self,
+        raw: &[RawRoute],
+        meters: &[MeterSpec],
+        default_meter: &MeterId,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+    ) -> Result<Vec<RouteSpec>, ConfigError> {
+        let mut routes = Vec::with_capacity(raw.len());
         let mut seen = HashSet::new();
-        for (i, r) in raw.routes.iter().enumerate() {
+        for (i, r) in raw.iter().enumerate() {
             let base = format!("routes[{i}]");
             let method = match r.method.as_deref() {
                 None | Some("*") => None,
-                Some(m) => Some(
-                    http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                        .map_err(|_| self.invalid(&format!("{base}.method"), format!("`{m}` is not an HTTP method")))?,
-                ),
+                Some(m) => Some(self.method(&format!("{base}.method"), m)?),
             };
             let pattern = RoutePattern::parse(&r.path).map_err(|m| self.invalid(&format!("{base}.path"), m))?;
             let meter = match &r.meter {
-                Some(m) => meter_ref(&format!("{base}.meter"), m)?,
+                Some(m) => self.meter_ref(meters, &format!("{base}.meter"), m)?,
                 None => default_meter.clone(),
             };
             let cost = match r.cost {
@@ -370,15 +538,69 @@ impl Validator<'_, '_> {
                     ));
                 }
             }
-            routes.push(RouteSpec { method, pattern, meter, cost });
+            let mut reports: Vec<MeterId> = Vec::with_capacity(r.reports.len());
+            for (j, name) in r.reports.iter().enumerate() {
+                let path = format!("{base}.reports[{j}]");
+                let id = self.meter_ref(meters, &path, name)?;
+                if id == meter {
+                    return Err(self.invalid(
+                        &path,
+                        format!(
+                            "`{id}` is the meter this route charges: list only the other meters its handler reports"
+                        ),
+                    ));
+                }
+                if reports.contains(&id) {
+                    return Err(self.invalid(&path, format!("`{id}` is listed twice")));
+                }
+                reports.push(id);
+            }
+            routes.push(RouteSpec { method, pattern, meter, cost, reports });
         }
+        Ok(routes)
+    }
 
-        // Tenants.
-        let mut tenants = Vec::with_capacity(raw.tenants.len());
+    /// A hard quota on a meter that no request is charged (the default meter, a route's
+    /// `meter`) and no route `reports` could never reject anything: usage recorded by a
+    /// handler would pass the limit unchecked. Soft quotas only count overage, so they may be
+    /// on any meter.
+    fn hard_quotas_are_reachable(
+        &self,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+        routes: &[RouteSpec],
+        default_meter: &MeterId,
+    ) -> Result<(), ConfigError> {
+        let enforced =
+            |m: &MeterId| m == default_meter || routes.iter().any(|r| &r.meter == m || r.reports.contains(m));
+        for plan in plans.values() {
+            for (meter, quota) in &plan.quotas {
+                if quota.mode == QuotaMode::Hard && !enforced(meter) {
+                    return Err(self.invalid(
+                        &format!("plans.{}.quotas.{meter}", plan.id),
+                        format!(
+                            "a hard quota on `{meter}`, but no route charges it (`meter`) or reports it \
+                             (`reports = [\"{meter}\"]`), so nothing would ever be rejected: list it in the \
+                             `reports` of the routes whose handler records it, or make the quota soft"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `[tenants]`.
+    fn tenants(
+        &self,
+        raw: &BTreeMap<String, RawTenant>,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+    ) -> Result<Vec<TenantSpec>, ConfigError> {
+        let mut tenants = Vec::with_capacity(raw.len());
         let mut keys_seen = HashSet::new();
-        for (name, t) in &raw.tenants {
+        for (name, t) in raw {
             let base = format!("tenants.{name}");
-            let plan = plan_ref(&format!("{base}.plan"), &t.plan)?;
+            let id = TenantId::parse(name).map_err(|e| self.invalid(&base, e.to_string()))?;
+            let plan = self.plan_ref(plans, &format!("{base}.plan"), &t.plan)?;
             let mut key_hashes = Vec::new();
             for (i, key) in t.keys.iter().enumerate() {
                 if let Err(m) = crate::tenant::check_api_key(key.as_bytes()) {
@@ -404,23 +626,12 @@ impl Validator<'_, '_> {
                     ));
                 }
             }
-            tenants.push(TenantSpec {
-                id: TenantId::from(name.as_str()),
-                plan,
-                key_hashes,
-                stripe_customer: t.stripe_customer.clone(),
-            });
+            tenants.push(TenantSpec { id, plan, key_hashes, stripe_customer: t.stripe_customer.clone() });
         }
-
-        Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
+        Ok(tenants)
     }
 
-    fn plan(
-        &self,
-        name: &str,
-        p: &RawPlan,
-        meter_ref: &dyn Fn(&str, &str) -> Result<MeterId, ConfigError>,
-    ) -> Result<PlanSpec, ConfigError> {
+    fn plan(&self, name: &str, p: &RawPlan, meters: &[MeterSpec]) -> Result<PlanSpec, ConfigError> {
         let base = format!("plans.{name}");
         let rate = match &p.rate {
             None => None,
@@ -446,7 +657,7 @@ impl Validator<'_, '_> {
         let mut quotas = BTreeMap::new();
         for (meter, q) in &p.quotas {
             let qbase = format!("{base}.quotas.{meter}");
-            let id = meter_ref(&qbase, meter)?;
+            let id = self.meter_ref(meters, &qbase, meter)?;
             quotas.insert(id, self.quota(&qbase, q)?);
         }
         Ok(PlanSpec { id: name.into(), rate, burst, on_store_error, quotas })
@@ -554,6 +765,194 @@ mod tests {
         let e = err("[plans.free\nrate = 1\n");
         assert_eq!(e.kind(), Kind::Syntax);
         assert_eq!(e.line(), Some(1));
+    }
+
+    /// The key path and line of the error `text` gives.
+    fn at(text: &str) -> (String, Option<usize>) {
+        let e = err(text);
+        (e.key().to_owned(), e.line())
+    }
+
+    #[test]
+    fn tenant_names_follow_the_tenant_id_grammar() {
+        let ok = parse("[plans.p]\n[tenants.\"sub|1234\"]\nplan = \"p\"\n").unwrap();
+        assert_eq!(ok.tenants()[0].id().as_str(), "sub|1234");
+        let e = err("[plans.p]\n[tenants.\"a b\"]\nplan = \"p\"\n");
+        assert_eq!(e.kind(), Kind::InvalidValue);
+        assert_eq!((e.key(), e.line(), e.column()), ("tenants.a b", Some(2), Some(1)));
+        let long = "x".repeat(129);
+        let e = err(&format!("[plans.p]\n\n[tenants.{long}]\nplan = \"p\"\n"));
+        assert_eq!((e.key(), e.line()), (format!("tenants.{long}").as_str(), Some(3)));
+        assert!(parse(&format!("[plans.p]\n[tenants.{}]\nplan = \"p\"\n", "x".repeat(128))).is_ok());
+        // Plans and meters keep the stricter name grammar.
+        assert_eq!(at("[plans.\"a|b\"]\n"), ("plans.a|b".to_owned(), Some(1)));
+    }
+
+    #[test]
+    fn an_empty_event_name_is_rejected() {
+        assert_eq!(at("[meters.tokens]\nevent_name = \"\"\n"), ("meters.tokens.event_name".to_owned(), Some(2)));
+    }
+
+    #[test]
+    fn grace_stays_within_the_billing_horizon() {
+        assert_eq!(at("[usage]\ngrace = \"36days\"\n"), ("usage.grace".to_owned(), Some(2)));
+        assert_eq!(at("[usage]\ngrace = \"35days 1s\"\n"), ("usage.grace".to_owned(), Some(2)));
+        assert_eq!(parse("[usage]\ngrace = \"35days\"\n").unwrap().usage().grace, Duration::from_secs(35 * 86_400));
+    }
+
+    #[test]
+    fn an_empty_billable_list_is_rejected() {
+        let e = err("[usage]\nbillable = []\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "usage.billable", Some(2)));
+    }
+
+    #[test]
+    fn only_standard_methods_are_accepted() {
+        assert_eq!(at("[[routes]]\nmethod = \"GETT\"\npath = \"/x\"\n"), ("routes[0].method".to_owned(), Some(2)));
+        assert_eq!(
+            at("[limits]\nidempotency_methods = [\"POST\", \"GETT\"]\n"),
+            ("limits.idempotency_methods[1]".to_owned(), Some(2))
+        );
+        assert_eq!(
+            at("[limits]\nidempotency_methods = [\"*\"]\n"),
+            ("limits.idempotency_methods[0]".to_owned(), Some(2))
+        );
+        let c = parse("[[routes]]\nmethod = \"patch\"\npath = \"/a\"\n[[routes]]\nmethod = \"*\"\npath = \"/b\"\n")
+            .unwrap();
+        assert_eq!(c.routes()[0].method(), Some(&http::Method::PATCH));
+        assert_eq!(c.routes()[1].method(), None);
+        for m in ["get", "HEAD", "Post", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"] {
+            assert!(parse(&format!("[limits]\nidempotency_methods = [\"{m}\"]\n")).is_ok(), "{m}");
+        }
+    }
+
+    #[test]
+    fn route_paths_without_empty_segments_or_repeated_parameters() {
+        for path in ["/a//b", "/a/", "//", "/a/{id}/b/{id}", "/a/{id}/{*id}"] {
+            let text = format!("[[routes]]\nmethod = \"GET\"\npath = \"{path}\"\n");
+            assert_eq!(at(&text), ("routes[0].path".to_owned(), Some(3)), "{path}");
+        }
+        assert!(parse("[[routes]]\npath = \"/\"\n[[routes]]\npath = \"/a/{id}/b/{other}\"\n").is_ok());
+    }
+
+    #[test]
+    fn rates_with_stray_spaces_or_underscores_are_rejected() {
+        for rate in ["2 / s", "_2/s", " 2/s", "2/s ", "2_/s", "6__000/min"] {
+            let text = format!("[plans.a]\nrate = \"{rate}\"\n");
+            assert_eq!(at(&text), ("plans.a.rate".to_owned(), Some(2)), "{rate}");
+        }
+        let c = parse("[plans.a]\nrate = \"6_000/min\"\n[plans.b]\nrate = \"2/s\"\n").unwrap();
+        assert_eq!(c.plan(&"a".into()).unwrap().rate().unwrap().count().get(), 6000);
+    }
+
+    #[test]
+    fn duplicate_keys_are_named() {
+        let e = err("[plans.a]\nrate=\"1/s\"\nrate=\"2/s\"\n");
+        assert_eq!((e.key(), e.line(), e.column()), ("plans.a.rate", Some(3), Some(1)));
+        assert!(e.message().contains("duplicate key"), "{e}");
+        assert_eq!(at("[plans.a]\n[plans.b]\n[plans.a]\n"), ("plans.a".to_owned(), Some(3)));
+        assert_eq!(
+            at("[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\npath = \"/c\"\n"),
+            ("routes[1].path".to_owned(), Some(5))
+        );
+        assert_eq!(
+            at("[plans.a]\nquotas.x.limit = 1\nquotas.y.limit = 2\nquotas.x.limit = 3\n"),
+            ("plans.a.quotas.x.limit".to_owned(), Some(4))
+        );
+        assert_eq!(
+            at("[plans.a]\nquotas.requests = { limit = 1, period = \"day\", limit = 2 }\n"),
+            ("plans.a.quotas.requests.limit".to_owned(), Some(2))
+        );
+        assert_eq!(at("[tenants.\"a b\"]\nplan = \"p\"\n\"plan\" = \"q\"\n"), ("tenants.a b.plan".to_owned(), Some(3)));
+    }
+
+    #[test]
+    fn an_empty_document_is_rejected() {
+        for text in ["", "\n  \n", "# nothing yet\n\n# still nothing\n"] {
+            let e = err(text);
+            assert_eq!(e.kind(), Kind::InvalidValue);
+            assert_eq!((e.key(), e.line(), e.column()), ("", Some(1), Some(1)));
+            assert!(e.message().contains("no plans"), "{e}");
+        }
+        // Any key at all makes a document: a configuration without plans stays valid.
+        assert!(parse("[limits]\n").is_ok());
+        assert!(parse("[limits]\nmax_tenants = 5\n").unwrap().plans().is_empty());
+    }
+
+    #[test]
+    fn new_settings_have_defaults() {
+        let c = parse("[limits]\n").unwrap();
+        assert_eq!(c.usage().shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits().directory_ttl, Duration::from_secs(60));
+        assert_eq!(c.limits().negative_ttl, Duration::from_secs(10));
+        assert_eq!(c.limits().negative_capacity, 100_000);
+        let c = parse(
+            "[limits]\ndirectory_ttl = \"5m\"\nnegative_ttl = \"1s\"\nnegative_capacity = 7\n\
+             [usage]\nshutdown_timeout = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.usage().shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits().directory_ttl, Duration::from_secs(300));
+        assert_eq!(c.limits().negative_ttl, Duration::from_secs(1));
+        assert_eq!(c.limits().negative_capacity, 7);
+    }
+
+    #[test]
+    fn new_settings_reject_bad_values() {
+        assert_eq!(at("[usage]\nshutdown_timeout = \"soon\"\n"), ("usage.shutdown_timeout".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\n\ndirectory_ttl = \"0s\"\n"), ("limits.directory_ttl".to_owned(), Some(3)));
+        assert_eq!(at("[limits]\nnegative_ttl = \"10\"\n"), ("limits.negative_ttl".to_owned(), Some(2)));
+        let e = err("[limits]\nnegative_capacity = 0\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "limits.negative_capacity", Some(2)));
+        assert_eq!(at("[limits]\nnegative_capacity = -3\n"), ("limits.negative_capacity".to_owned(), Some(2)));
+    }
+
+    const TOKENS: &str = "[meters.tokens]\n[meters.images]\n";
+
+    #[test]
+    fn routes_declare_the_meters_their_handler_reports() {
+        let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"images\"]\n")).unwrap();
+        assert_eq!(c.routes()[0].reports(), [MeterId::from("tokens"), MeterId::from("images")]);
+        let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\n")).unwrap();
+        assert!(c.routes()[0].reports().is_empty());
+
+        let e = err(&format!("{TOKENS}[[routes]]\npath = \"/g\"\n\nreports = [\"tokens\", \"widgets\"]\n"));
+        assert_eq!(e.kind(), Kind::UnknownReference);
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(6)));
+        let e = err(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"tokens\"]\n"));
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(5)));
+        let e = err(&format!(
+            "{TOKENS}[[routes]]\npath = \"/g\"\nmeter = \"tokens\"\nreports = [\"images\", \"tokens\"]\n"
+        ));
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(6)));
+        // A route without a meter charges the default meter: it cannot report it too.
+        let e = err("[[routes]]\npath = \"/g\"\nreports = [\"requests\"]\n");
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[0]", Some(3)));
+    }
+
+    #[test]
+    fn a_hard_quota_needs_a_route_that_charges_or_reports_its_meter() {
+        let plan = "[plans.p]\nrate = \"1/s\"\nquotas.tokens = { limit = 5, period = \"day\" }\n";
+        let e = err(&format!("{TOKENS}{plan}"));
+        assert_eq!(e.kind(), Kind::InvalidValue);
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.tokens", Some(5)));
+        assert!(e.message().contains("reports"), "{e}");
+        // Reported, charged by a route, or the default meter: each makes the quota reachable.
+        assert!(parse(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nreports = [\"tokens\"]\n")).is_ok());
+        assert!(parse(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nmeter = \"tokens\"\n")).is_ok());
+        assert!(parse(&format!("{TOKENS}{plan}[usage]\ndefault_meter = \"tokens\"\n")).is_ok());
+        // A soft quota only counts overage: it is allowed on any meter.
+        assert!(parse(&format!(
+            "{TOKENS}[plans.p]\nquotas.tokens = {{ limit = 5, period = \"day\", mode = \"soft\" }}\n"
+        ))
+        .is_ok());
+        // `requests` is the default meter, so its quotas are always reachable...
+        assert!(parse("[plans.p]\nquotas.requests = { limit = 5, period = \"day\" }\n").is_ok());
+        // ...unless another meter is the default and no route charges `requests`.
+        let e = err(&format!(
+            "{TOKENS}[usage]\ndefault_meter = \"tokens\"\n[plans.p]\nquotas.requests = {{ limit = 5, period = \"day\" }}\n"
+        ));
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.requests", Some(6)));
     }
 
     #[test]

@@ -77,6 +77,66 @@ id_newtype!(
     TenantId
 );
 
+impl TenantId {
+    /// The longest tenant id, in characters (bytes: a tenant id is ASCII).
+    pub const MAX_LEN: usize = 128;
+
+    /// Parses a tenant id: 1 to 128 visible ASCII characters (`!` to `~`, 0x21 to 0x7E), so
+    /// no whitespace, control or non-ASCII characters. `acme`, `sub|1234` and
+    /// `org:42/team-7` are tenant ids; `a b` and `café` are not.
+    ///
+    /// ```
+    /// use tollgate::config::{InvalidTenantId, TenantId};
+    /// assert_eq!(TenantId::parse("sub|1234").unwrap().as_str(), "sub|1234");
+    /// assert_eq!(TenantId::parse(""), Err(InvalidTenantId::Empty));
+    /// assert!(!TenantId::is_valid("a b"));
+    /// ```
+    ///
+    /// # Errors
+    /// An [`InvalidTenantId`] saying which rule `s` breaks.
+    pub fn parse(s: &str) -> Result<TenantId, InvalidTenantId> {
+        if s.is_empty() {
+            return Err(InvalidTenantId::Empty);
+        }
+        if let Some((at, found)) = s.char_indices().find(|&(_, c)| !matches!(c, '\x21'..='\x7e')) {
+            return Err(InvalidTenantId::Character { at, found });
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err(InvalidTenantId::TooLong { len: s.len() });
+        }
+        Ok(TenantId::new(s))
+    }
+
+    /// Whether `s` is a valid tenant id (see [`parse`](Self::parse)).
+    pub fn is_valid(s: &str) -> bool {
+        !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| matches!(b, 0x21..=0x7e))
+    }
+}
+
+/// Why a string is not a tenant id: a tenant id is 1 to 128 visible ASCII characters
+/// (0x21 to 0x7E), with no whitespace. See [`TenantId::parse`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidTenantId {
+    /// The string is empty.
+    #[error("a tenant id is 1 to 128 visible ASCII characters, not an empty string")]
+    Empty,
+    /// The string is longer than 128 characters.
+    #[error("a tenant id is 1 to 128 visible ASCII characters, not {len}")]
+    TooLong {
+        /// The length of the string, in bytes.
+        len: usize,
+    },
+    /// A character that is not visible ASCII: whitespace, a control or a non-ASCII character.
+    #[error("a tenant id is 1 to 128 visible ASCII characters without spaces: {found:?} (at byte {at}) is not one")]
+    Character {
+        /// The byte offset of the character.
+        at: usize,
+        /// The character.
+        found: char,
+    },
+}
+
 /// A request rate written so nobody misreads it: `"100/s"`, `"6000/min"`, `"50000/day"`.
 ///
 /// ```
@@ -131,11 +191,11 @@ impl fmt::Display for Rate {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RateError {
-    /// The text is not of the form `COUNT/UNIT`.
-    #[error("expected a rate such as \"100/s\" or \"6000/min\"")]
+    /// The text is not of the form `COUNT/UNIT` (with no spaces).
+    #[error("expected a rate such as \"100/s\" or \"6000/min\", without spaces")]
     Format,
-    /// The count is zero or not a whole number.
-    #[error("the count of a rate must be a whole number from 1 to 4294967295")]
+    /// The count is zero or not a whole number (digits, `_` allowed only between two digits).
+    #[error("the count of a rate must be a whole number from 1 to 4294967295 (`_` only between digits)")]
     Count,
     /// The unit is not one of `s`, `min`, `h`, `day`.
     #[error("unknown unit of a rate: use s, min, h or day")]
@@ -146,10 +206,18 @@ impl FromStr for Rate {
     type Err = RateError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (count, unit) = s.trim().split_once('/').ok_or(RateError::Format)?;
-        let count: u32 = count.trim().replace('_', "").parse().map_err(|_| RateError::Count)?;
+        if s.contains(char::is_whitespace) {
+            return Err(RateError::Format);
+        }
+        let (count, unit) = s.split_once('/').ok_or(RateError::Format)?;
+        // Digits, with single underscores between them as separators (`6_000`).
+        let digits = count.split('_');
+        if !digits.clone().all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(RateError::Count);
+        }
+        let count: u32 = digits.collect::<String>().parse().map_err(|_| RateError::Count)?;
         let count = NonZeroU32::new(count).ok_or(RateError::Count)?;
-        let per = match unit.trim() {
+        let per = match unit {
             "s" | "sec" | "second" => Duration::from_secs(1),
             "m" | "min" | "minute" => Duration::from_secs(60),
             "h" | "hour" => Duration::from_secs(3600),
@@ -361,6 +429,27 @@ mod tests {
         assert_eq!("10/week".parse::<Rate>(), Err(RateError::Unit));
         assert_eq!("10".parse::<Rate>(), Err(RateError::Format));
         assert_eq!("-3/s".parse::<Rate>(), Err(RateError::Count));
+        // Underscores only between digits, and no spaces anywhere.
+        assert_eq!("1_000_000/day".parse::<Rate>().unwrap().count().get(), 1_000_000);
+        assert_eq!("_2/s".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("2_/s".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("6__000/min".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("2 / s".parse::<Rate>(), Err(RateError::Format));
+        assert_eq!(" 2/s".parse::<Rate>(), Err(RateError::Format));
+        assert_eq!("2/s\n".parse::<Rate>(), Err(RateError::Format));
+    }
+
+    #[test]
+    fn tenant_ids() {
+        assert_eq!(TenantId::parse("sub|1234").unwrap().as_str(), "sub|1234");
+        assert!(TenantId::is_valid("!~") && TenantId::is_valid(&"a".repeat(128)));
+        assert_eq!(TenantId::parse(""), Err(InvalidTenantId::Empty));
+        assert_eq!(TenantId::parse(&"a".repeat(129)), Err(InvalidTenantId::TooLong { len: 129 }));
+        assert_eq!(TenantId::parse("a b"), Err(InvalidTenantId::Character { at: 1, found: ' ' }));
+        assert_eq!(TenantId::parse("ab\t"), Err(InvalidTenantId::Character { at: 2, found: '\t' }));
+        assert_eq!(TenantId::parse("café"), Err(InvalidTenantId::Character { at: 3, found: 'é' }));
+        assert!(!TenantId::is_valid("a\u{7f}"));
+        assert!(TenantId::parse("a b").unwrap_err().to_string().contains("128 visible ASCII"));
     }
 
     #[test]

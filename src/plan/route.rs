@@ -30,21 +30,35 @@ impl RoutePattern {
     ///
     /// # Errors
     /// A message saying what is wrong with the pattern.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse<'t>(text: &'t str) -> Result<Self, String> {
         let Some(body) = text.strip_prefix('/') else {
             return Err(format!("a path pattern starts with '/', not \"{text}\""));
         };
         let mut segments = Vec::new();
         let parts: Vec<&str> = if body.is_empty() { Vec::new() } else { body.split('/').collect() };
+        let mut params: Vec<&str> = Vec::new();
+        let mut param = |name: &'t str| -> Result<(), String> {
+            check_param(name)?;
+            if params.contains(&name) {
+                return Err(format!("the parameter `{name}` appears twice in \"{text}\""));
+            }
+            params.push(name);
+            Ok(())
+        };
         for (i, part) in parts.iter().enumerate() {
+            if part.is_empty() {
+                return Err(format!(
+                    "\"{text}\" has an empty segment: no '//' and no trailing '/' (but for the root \"/\")"
+                ));
+            }
             let seg = if let Some(name) = part.strip_prefix("{*").and_then(|p| p.strip_suffix('}')) {
                 if i + 1 != parts.len() {
                     return Err("a {*rest} segment must be the last one".into());
                 }
-                check_param(name)?;
+                param(name)?;
                 Seg::Rest
             } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                check_param(name)?;
+                param(name)?;
                 Seg::Param
             } else if part.contains(['{', '}', '*', '?', '#']) {
                 return Err(format!("`{part}` is not a literal segment, a {{param}} or a {{*rest}}"));
@@ -136,5 +150,15 @@ mod tests {
         assert!(RoutePattern::parse("a").is_err());
         assert!(RoutePattern::parse("/{*a}/b").is_err());
         assert!(RoutePattern::parse("/x*").is_err());
+    }
+
+    #[test]
+    fn empty_segments_and_repeated_parameters_are_rejected() {
+        assert!(RoutePattern::parse("/").is_ok());
+        assert!(RoutePattern::parse("/a/{id}/b/{*rest}").is_ok());
+        for bad in ["//", "/a//b", "/a/", "/a/{id}/", "/a/{id}/b/{id}", "/{x}/{*x}"] {
+            assert!(RoutePattern::parse(bad).is_err(), "{bad}");
+        }
+        assert!(RoutePattern::parse("/a/{id}/b/{id}").unwrap_err().contains("`id`"));
     }
 }
