@@ -22,8 +22,8 @@ use tollgate::{
 /// 2026-03-31T23:59:40Z: twenty seconds before the end of a day and of a month.
 const MONTH_END: i64 = 1_775_001_580;
 
-fn committed_in(store: &Arc<dyn Store>, from: i64, to: i64) -> impl std::future::Future<Output = u64> + '_ {
-    async move { common::committed(&**store, "t", "requests", from, to, 60).await }
+async fn committed_in(store: &Arc<dyn Store>, from: i64, to: i64) -> u64 {
+    common::committed(&**store, "t", "requests", from, to, 60).await
 }
 
 /// Many tasks on one tenant with the worker running: refills, refunds of 5xx, evictions
