@@ -73,7 +73,8 @@ async fn a_quota_rejection_is_a_complete_problem() {
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     assert_eq!(r.header("retry-after"), Some("43200"));
     assert_eq!(r.header("ratelimit-policy"), Some("\"rate\";q=10;w=1, \"requests-day\";q=3;w=86400"));
-    assert_eq!(r.header("ratelimit"), Some("\"rate\";r=0;t=1, \"requests-day\";r=0;t=43200"));
+    // The refused request spent no rate cell: one of four is left, as before it.
+    assert_eq!(r.header("ratelimit"), Some("\"rate\";r=1;t=1, \"requests-day\";r=0;t=43200"));
     let body = r.json();
     assert_eq!(problem_fields(&body), ["detail", "policy", "retry_after", "status", "title", "type"]);
     assert_eq!(
@@ -99,7 +100,8 @@ async fn a_rate_rejection_is_a_complete_problem() {
     let r = h.get("/", "key-acme").await;
     assert_eq!(r.status, 429);
     assert_eq!(r.header("retry-after"), Some("1"));
-    assert_eq!(r.header("ratelimit"), Some("\"rate\";r=0;t=1"));
+    // Every policy of RateLimit-Policy: the quota's item too.
+    assert_eq!(r.header("ratelimit"), Some("\"rate\";r=0;t=1, \"requests-day\";r=296;t=43200"));
     let body = r.json();
     assert_eq!(problem_fields(&body), ["detail", "policy", "retry_after", "status", "title", "type"]);
     assert_eq!(body["title"], "Rate limit exceeded");

@@ -382,11 +382,15 @@ impl Tollgate {
                 }
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
+                    // Retry-After: until this request could pass; t: until the bucket is
+                    // full again, as on a 200.
                     let retry = ceil_secs(wait).max(1);
+                    let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
                     if let Some(c) = claim {
                         c.release();
                     }
-                    headers.set_rate(0, retry);
+                    headers.set_rate(0, ceil_secs(full).max(1));
+                    self.quota_headers(&state, &mut headers, meter, now);
                     let mut r = Rejection::new(
                         RejectionKind::RateLimited,
                         Cow::Owned(format!(
@@ -426,7 +430,8 @@ impl Tollgate {
             Err(Take::Exhausted) => {
                 // Refused for its quota: the request spends no rate cells.
                 if let Some(policy) = &plan.rate {
-                    state.give_back_cells(policy.rate.interval().as_nanos() as u64 * u64::from(cost));
+                    state.give_back_cells(policy.nanos(cost));
+                    headers.give_back(cost, policy.burst.get());
                 }
                 self.reject(self.quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
             }
@@ -493,6 +498,20 @@ impl Tollgate {
         }
         if cell.wants_prefetch(left) {
             self.request_prefetch(state, meter, cell);
+        }
+    }
+
+    /// The quota's header item for a request refused before it took units: what remains,
+    /// read without taking.
+    fn quota_headers(&self, state: &Tenant, headers: &mut HeaderState, meter: usize, at: i64) {
+        if state.plan.header_style == HeaderStyle::None {
+            return;
+        }
+        if let Some(cell) = state.quota(meter) {
+            let (_, end) = cell.period();
+            let (remaining, _) = if at < end { cell.estimate(cell.lease()) } else { (cell.spec.limit().get(), false) };
+            let end = if at < end { end } else { cell.spec.period().bounds(at).1 };
+            headers.set_quota(remaining, (end - at).max(0) as u64);
         }
     }
 
@@ -574,7 +593,8 @@ impl Tollgate {
             }
             Ok(Err(())) => {
                 if let Some(policy) = &p.state.plan.rate {
-                    p.state.give_back_cells(policy.rate.interval().as_nanos() as u64 * u64::from(cost));
+                    p.state.give_back_cells(policy.nanos(cost));
+                    p.headers.give_back(cost, policy.burst.get());
                 }
                 Err(self.count(self.quota_exceeded(p, meter)))
             }

@@ -37,6 +37,25 @@ pub(crate) struct RatePolicy {
     pub(crate) rate: Rate,
     pub(crate) burst: NonZeroU32,
     pub(crate) limiter: PlanLimiter,
+    /// The bucket described as "`q` per `w` seconds", a true upper bound: with `T` the time
+    /// one cell takes to come back, `w = max(1, ⌈burst·T⌉)` and `q = max(burst, ⌊w / T⌋)`.
+    pub(crate) q: u64,
+    pub(crate) w: u64,
+}
+
+impl RatePolicy {
+    fn new(rate: Rate, burst: NonZeroU32, limiter: PlanLimiter) -> Self {
+        let t = rate.interval().as_nanos().max(1);
+        let burst_nanos = u128::from(burst.get()) * t;
+        let w = burst_nanos.div_ceil(1_000_000_000).max(1);
+        let q = (w * 1_000_000_000 / t).max(u128::from(burst.get()));
+        Self { rate, burst, limiter, q: q.min(u128::from(u64::MAX)) as u64, w: w.min(u128::from(u64::MAX)) as u64 }
+    }
+
+    /// Nanoseconds for `cells` cells to come back.
+    pub(crate) fn nanos(&self, cells: u32) -> u64 {
+        (self.rate.interval().as_nanos() as u64).saturating_mul(u64::from(cells))
+    }
 }
 
 type Keyed<MW> = governor::RateLimiter<Tenant, TenantCells, Clock, MW>;
@@ -150,7 +169,7 @@ impl CompiledPlan {
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
                 .allow_burst(spec.burst);
-            RatePolicy { rate, burst: spec.burst, limiter: PlanLimiter::new(quota, clock, informed) }
+            RatePolicy::new(rate, spec.burst, PlanLimiter::new(quota, clock, informed))
         });
         let mut quotas: Vec<(usize, QuotaSpec)> =
             spec.quotas.iter().filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone()))).collect();
@@ -162,7 +181,7 @@ impl CompiledPlan {
             .map(|m| {
                 let mut s = String::new();
                 if let Some(r) = &rate {
-                    let _ = write!(s, "\"rate\";q={};w={}", r.rate.count(), r.rate.per().as_secs().max(1));
+                    let _ = write!(s, "\"rate\";q={};w={}", r.q, r.w);
                 }
                 if let Some((_, q)) = quotas.iter().find(|(i, _)| *i == m) {
                     if !s.is_empty() {

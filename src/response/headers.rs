@@ -99,6 +99,13 @@ impl HeaderState {
         self.has |= RATE;
     }
 
+    /// Reports `cells` given back to the bucket (a request refused for another reason).
+    pub(crate) fn give_back(&mut self, cells: u32, burst: u32) {
+        if self.has & RATE != 0 {
+            self.rate_remaining = self.rate_remaining.saturating_add(cells).min(burst);
+        }
+    }
+
     pub(crate) fn set_quota(&mut self, remaining: u64, reset_secs: u64) {
         self.quota_remaining = remaining;
         self.quota_reset = secs32(reset_secs);
@@ -108,7 +115,7 @@ impl HeaderState {
     pub(crate) fn rate(&self, plan: &CompiledPlan) -> Option<PolicyStatus> {
         let policy = plan.rate.as_ref().filter(|_| self.has & RATE != 0)?;
         Some(PolicyStatus {
-            limit: u64::from(policy.rate.count().get()),
+            limit: policy.q,
             remaining: u64::from(self.rate_remaining),
             reset_secs: u64::from(self.rate_reset),
         })

@@ -1,0 +1,99 @@
+//! Rate-limit headers tell the truth: the policy describes a true upper bound, `r` never
+//! exceeds `q`, `t` means the same on a 200 and a 429, and a 429 carries every policy.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Harness;
+
+fn plan(rate: &str, burst: u32, quota: &str) -> String {
+    common::one_tenant(&format!("rate = \"{rate}\"\nburst = {burst}\nquotas.requests = {quota}"))
+}
+
+/// Parses `"name";r=R;t=T` items.
+fn items(header: &str) -> Vec<(String, u64, u64)> {
+    header
+        .split(", ")
+        .map(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap().trim_matches('"').to_owned();
+            let mut r = 0;
+            let mut t = 0;
+            for p in parts {
+                let (k, v) = p.split_once('=').unwrap();
+                match k {
+                    "r" | "q" => r = v.parse().unwrap(),
+                    "t" | "w" => t = v.parse().unwrap(),
+                    _ => panic!("{p}"),
+                }
+            }
+            (name, r, t)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_rate_policy_is_a_true_upper_bound_and_r_never_exceeds_q() {
+    // 2/s with a burst of 10: 10 at once, then one every 500 ms; 10 per 5 s is a true bound.
+    let h = Harness::new(&plan("2/s", 10, "{ limit = 1000, period = \"day\" }"));
+    let r = h.get("/", "key-t").await;
+    assert_eq!(items(r.header("ratelimit-policy").unwrap())[0], ("rate".into(), 10, 5));
+    let (_, remaining, full) = items(r.header("ratelimit").unwrap())[0].clone();
+    assert_eq!((remaining, full), (9, 1));
+    // 100/s with a burst of 1: 100 per second.
+    let h = Harness::new(&plan("100/s", 1, "{ limit = 1000, period = \"day\" }"));
+    let r = h.get("/", "key-t").await;
+    assert_eq!(items(r.header("ratelimit-policy").unwrap())[0], ("rate".into(), 100, 1));
+    // r never exceeds q, whatever the plan.
+    for (rate, burst) in [("2/s", 10), ("100/s", 1), ("6000/min", 50), ("1/h", 3)] {
+        let h = Harness::new(&plan(rate, burst, "{ limit = 1000, period = \"day\" }"));
+        for _ in 0..3 {
+            let r = h.get("/", "key-t").await;
+            let q = items(r.header("ratelimit-policy").unwrap())[0].1;
+            let left = items(r.header("ratelimit").unwrap())[0].1;
+            assert!(left <= q, "{rate} burst {burst}: r={left} > q={q}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn t_means_the_same_on_a_200_and_a_429() {
+    // 2/s, burst 4: after 4 requests the bucket is empty and full again in 2 s.
+    let h = Harness::new(&plan("2/s", 4, "{ limit = 1000, period = \"day\" }"));
+    let mut last_t = 0;
+    for _ in 0..4 {
+        let r = h.get("/", "key-t").await;
+        assert_eq!(r.status, 200);
+        last_t = items(r.header("ratelimit").unwrap())[0].2;
+    }
+    assert_eq!(last_t, 2, "empty: full again in 2 s");
+    let r = h.get("/", "key-t").await;
+    assert_eq!(r.status, 429);
+    let rate = items(r.header("ratelimit").unwrap())[0].clone();
+    assert_eq!(rate, ("rate".into(), 0, 2), "t: until the bucket is full, as on a 200");
+    assert_eq!(r.header("retry-after"), Some("1"), "until this request could pass");
+    // Every policy of RateLimit-Policy is in the 429's RateLimit.
+    let names: Vec<String> = items(r.header("ratelimit").unwrap()).into_iter().map(|i| i.0).collect();
+    assert_eq!(names, ["rate", "requests-day"]);
+}
+
+#[tokio::test]
+async fn a_quota_rejection_spends_no_rate_cells_and_keeps_its_retry_after() {
+    let h = Harness::new(&plan("2/s", 5, "{ limit = 2, period = \"day\", mode = \"hard\", lease = 1 }"));
+    assert_eq!(h.status("/", "key-t").await, 200);
+    assert_eq!(h.status("/", "key-t").await, 200);
+    // Quick retries after the quota is spent: every one is told the quota's Retry-After.
+    for i in 0..8 {
+        let r = h.get("/", "key-t").await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.json()["policy"], "requests-day", "retry {i}");
+        assert_eq!(r.header("retry-after"), Some("43200"), "retry {i}");
+        let rate = items(r.header("ratelimit").unwrap())[0].clone();
+        assert_eq!(rate.1, 3, "retry {i}: the rate cells were given back");
+    }
+    h.clock.advance(Duration::from_secs(1));
+    let r = h.get("/", "key-t").await;
+    assert_eq!(r.json()["policy"], "requests-day");
+}
