@@ -7,7 +7,7 @@ use governor::clock::Clock as _;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
-    idempotency::{check_key, Claim, Idempotency},
+    idempotency::{check_key, Claim, Idempotency, Verdict},
     lease::Refill,
     metrics::{Metrics, Stats, Totals},
     pipeline::Pipeline,
@@ -25,16 +25,48 @@ use crate::{
 };
 
 /// A request as the engine sees it, whatever the framework.
+///
+/// ```
+/// use tollgate::{Credential, RequestInfo};
+/// let info = RequestInfo::new("POST", "/v1/orders", Credential::ApiKey(b"tg_test_acme"))
+///     .with_query(Some("dry_run=1"))
+///     .with_idempotency_key(b"order-7");
+/// assert_eq!(info.path, "/v1/orders");
+/// ```
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct RequestInfo<'a> {
     /// The method, such as `GET`.
     pub method: &'a str,
     /// The path, without the query string.
     pub path: &'a str,
+    /// The query string, without the `?`, if the URI has one.
+    pub query: Option<&'a str>,
     /// What identifies the tenant.
     pub credential: Credential<'a>,
-    /// The `Idempotency-Key` header, if present.
+    /// The `Idempotency-Key` header, if present (ignored on methods that do not honour it).
     pub idempotency_key: Option<&'a [u8]>,
+}
+
+impl<'a> RequestInfo<'a> {
+    /// A request with this method, path and credential, no query and no `Idempotency-Key`.
+    pub fn new(method: &'a str, path: &'a str, credential: Credential<'a>) -> Self {
+        Self { method, path, query: None, credential, idempotency_key: None }
+    }
+
+    /// With a query string (without the `?`).
+    #[must_use]
+    pub fn with_query(mut self, query: Option<&'a str>) -> Self {
+        self.query = query;
+        self
+    }
+
+    /// With an `Idempotency-Key` header value.
+    #[must_use]
+    pub fn with_idempotency_key(mut self, key: &'a [u8]) -> Self {
+        self.idempotency_key = Some(key);
+        self
+    }
 }
 
 /// The engine's answer to a request.
@@ -55,7 +87,7 @@ pub struct PendingAdmission {
     stage: Stage,
     meter: usize,
     cost: u32,
-    idempotency_key: Option<Box<[u8]>>,
+    idempotency: Option<(Box<[u8]>, u128)>,
 }
 
 enum Stage {
@@ -231,8 +263,9 @@ impl Tollgate {
             Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
         };
         let (meter, cost) = rt.route(req.method, req.path);
+        let idem = req.idempotency_key.map(|k| (k, self.shared.idempotency.request(req.method, req.path, req.query)));
         match self.shared.table.get(lookup) {
-            Some(state) => self.decide(state, meter, cost, req.idempotency_key),
+            Some(state) => self.decide(state, meter, cost, idem),
             None => {
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
@@ -243,7 +276,7 @@ impl Tollgate {
                     stage: Stage::Resolve { credential },
                     meter,
                     cost,
-                    idempotency_key: req.idempotency_key.map(Into::into),
+                    idempotency: idem.map(|(k, r)| (k.into(), r)),
                 })
             }
         }
@@ -251,7 +284,7 @@ impl Tollgate {
 
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        let PendingAdmission { stage, meter, cost, idempotency_key } = pending;
+        let PendingAdmission { stage, meter, cost, idempotency } = pending;
         let partial = match stage {
             Stage::Quota(partial) => partial,
             Stage::Resolve { credential } => {
@@ -259,7 +292,7 @@ impl Tollgate {
                     Ok(state) => state,
                     Err(rejection) => return Err(self.count(rejection)),
                 };
-                match self.decide(state, meter, cost, idempotency_key.as_deref()) {
+                match self.decide(state, meter, cost, idempotency.as_ref().map(|(k, r)| (&k[..], *r))) {
                     Admission::Admitted(t) => return Ok(t),
                     Admission::Rejected(r) => return Err(r),
                     Admission::Pending(PendingAdmission { stage: Stage::Quota(p), .. }) => p,
@@ -354,14 +387,28 @@ impl Tollgate {
 
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    fn decide(&self, state: Tenant, meter: usize, cost: u32, idem: Option<&[u8]>) -> Admission {
+    fn decide(&self, state: Tenant, meter: usize, cost: u32, idem: Option<(&[u8], u128)>) -> Admission {
         let (charged, claim) = match idem {
             None => (true, None),
-            Some(key) => match self.shared.idempotency.claim(&state.id, key) {
-                Some(claim) => (true, Some(claim)),
-                None => {
+            Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
+                Verdict::First(claim) => (true, Some(claim)),
+                Verdict::Replay => {
                     self.shared.metrics.replays.increment(1);
                     (false, None)
+                }
+                Verdict::InFlight => {
+                    let r = Rejection::new(
+                        RejectionKind::IdempotencyKeyInUse,
+                        "a request with this Idempotency-Key is still being processed",
+                    );
+                    return self.reject(r.with_retry_after(1).for_tenant(&state));
+                }
+                Verdict::Mismatch => {
+                    let r = Rejection::new(
+                        RejectionKind::IdempotencyKeyMismatch,
+                        "this Idempotency-Key was used for another request (method or path)",
+                    );
+                    return self.reject(r.for_tenant(&state));
                 }
             },
         };
@@ -386,9 +433,7 @@ impl Tollgate {
                     // full again, as on a 200.
                     let retry = ceil_secs(wait).max(1);
                     let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
-                    if let Some(c) = claim {
-                        c.release();
-                    }
+                    drop(claim);
                     headers.set_rate(0, ceil_secs(full).max(1));
                     self.quota_headers(&state, &mut headers, meter, now);
                     let mut r = Rejection::new(
@@ -439,7 +484,7 @@ impl Tollgate {
                 stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
                 meter,
                 cost,
-                idempotency_key: None,
+                idempotency: None,
             }),
         }
     }
@@ -457,10 +502,13 @@ impl Tollgate {
         charged: bool,
         at: i64,
     ) -> Result<u32, Take> {
-        let cell = match state.quota(meter) {
-            Some(cell) if charged => cell,
-            _ => return Ok(NO_TAG),
+        let Some(cell) = state.quota(meter) else {
+            return Ok(NO_TAG);
         };
+        if !charged {
+            // A replay takes nothing, but a hard quota must still have the units.
+            return cell.check_units(u64::from(cost), at).map(|()| NO_TAG);
+        }
         match cell.try_take(u64::from(cost), at) {
             Take::Taken { left, tag } => {
                 self.taken(state, headers, meter, cell, cost, left, at);
@@ -530,9 +578,8 @@ impl Tollgate {
     }
 
     fn quota_exceeded(&self, mut p: Partial, meter: usize) -> Rejection {
-        if let Some(c) = p.claim {
-            c.release();
-        }
+        // Refused: the key is released (the claim's drop).
+        p.claim = None;
         let state = p.state.clone();
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
@@ -565,17 +612,28 @@ impl Tollgate {
             return Ok(self.ticket(p, cost, NO_TAG));
         };
         let at = p.at;
+        let charged = p.charged;
         let outcome = with_timeout(timeout, async {
             let _guard = cell.lock().lock().await;
             // A call left in flight by a timeout may have landed: its units come first.
             self.settle_inflight(cell).await?;
+            if !charged {
+                // A replay: the units must be there, but are not taken.
+                if cell.check_units(u64::from(cost), at).is_err() {
+                    self.refill_locked(&state, cell, at, 0).await?;
+                }
+                return Ok(match cell.check_units(u64::from(cost), at) {
+                    Ok(()) => Ok((None, cell.lease(), None)),
+                    Err(_) => Err(()),
+                });
+            }
             match cell.try_take(u64::from(cost), at) {
-                Take::Taken { left, tag } => return Ok(Ok((tag, left, None))),
+                Take::Taken { left, tag } => return Ok(Ok((Some(tag), left, None))),
                 Take::Exhausted => return Ok(Err(())),
                 Take::NeedLease => {}
             }
             match self.refill_locked(&state, cell, at, u64::from(cost)).await? {
-                Refill::Taken { tag, start } => Ok(Ok((tag, cell.lease(), Some(start)))),
+                Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
                 Refill::Short | Refill::Done => Ok(Err(())),
             }
         })
@@ -587,9 +645,15 @@ impl Tollgate {
                     // in: its units come from the new period, and so does its usage.
                     p.at = p.at.max(start);
                 }
-                self.taken(&p.state, &mut p.headers, meter, cell, cost, left, p.at);
+                let tag = match tag {
+                    Some(tag) => {
+                        self.taken(&p.state, &mut p.headers, meter, cell, cost, left, p.at);
+                        u32::from(tag)
+                    }
+                    None => NO_TAG,
+                };
                 self.shared.metrics.admitted.increment(1);
-                Ok(self.ticket(p, cost, u32::from(tag)))
+                Ok(self.ticket(p, cost, tag))
             }
             Ok(Err(())) => {
                 if let Some(policy) = &p.state.plan.rate {
@@ -604,14 +668,16 @@ impl Tollgate {
                     StoreErrorPolicy::FailOpen => {
                         // Admitted without a lease: its units are owed, and charged to the
                         // period (past the limit if need be) once the store answers again.
-                        let tag = cell.force_take(u64::from(cost), at).map_or(NO_TAG, u32::from);
+                        let tag = if charged {
+                            cell.force_take(u64::from(cost), at).map_or(NO_TAG, u32::from)
+                        } else {
+                            NO_TAG
+                        };
                         self.shared.metrics.admitted.increment(1);
                         Ok(self.ticket(p, cost, tag))
                     }
                     StoreErrorPolicy::FailClosed => {
-                        if let Some(c) = p.claim.take() {
-                            c.release();
-                        }
+                        p.claim = None;
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                         Err(self.count(r.with_retry_after(1).for_tenant(&p.state)))
@@ -631,7 +697,7 @@ impl Tollgate {
         Admission::Rejected(self.count(rejection))
     }
 
-    fn count(&self, rejection: Rejection) -> Rejection {
+    pub(crate) fn count(&self, rejection: Rejection) -> Rejection {
         self.shared.metrics.rejected(rejection.kind()).increment(1);
         tracing::debug!(
             reason = rejection.kind().label(),

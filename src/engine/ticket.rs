@@ -69,6 +69,9 @@ impl Ticket {
             if self.charged {
                 self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
                 self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
+                if let Some(claim) = self.claim.take() {
+                    claim.done();
+                }
                 return true;
             }
             false
@@ -87,9 +90,8 @@ impl Ticket {
                 cell.refund(u64::from(self.cost), tag);
             }
         }
-        if let Some(claim) = self.claim.take() {
-            claim.release();
-        }
+        // Not billed: the key is released (the claim's drop), so a retry is charged.
+        self.claim = None;
         self.state.plan.metrics.refunded_units.increment(u64::from(self.cost));
     }
 }

@@ -6,7 +6,7 @@ use tower_service::Service;
 use super::{future::ResponseFuture, FromConfig, TenantResolver};
 use crate::{
     engine::{Admission, RequestInfo, RuntimeCache, Tollgate},
-    response::{Field, ProblemJson, Rejection, RejectionResponder, Value},
+    response::{Field, ProblemJson, Rejection, RejectionKind, RejectionResponder, Value},
 };
 
 /// The service made by [`TollgateLayer`](super::TollgateLayer).
@@ -61,17 +61,25 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let rt = self.runtime.load();
-        let info = RequestInfo {
-            method: request.method().as_str(),
-            path: request.uri().path(),
-            credential: self.resolver.resolve(&request, &rt.config.identify),
-            // Only read on the methods that honour it.
-            idempotency_key: if rt.honours_idempotency_method(request.method()) {
-                request.headers().get(&IDEMPOTENCY_KEY).map(HeaderValue::as_bytes)
-            } else {
-                None
-            },
-        };
+        let mut info = RequestInfo::new(
+            request.method().as_str(),
+            request.uri().path(),
+            self.resolver.resolve(&request, &rt.config.identify),
+        );
+        // Only read on the methods that honour it.
+        if rt.honours_idempotency_method(request.method()) {
+            let mut keys = request.headers().get_all(&IDEMPOTENCY_KEY).iter();
+            if let Some(key) = keys.next() {
+                if keys.next().is_some() {
+                    let r = Rejection::new(
+                        RejectionKind::MalformedIdempotencyKey,
+                        "the Idempotency-Key header is repeated",
+                    );
+                    return ResponseFuture::ready(reject(&self.responder, self.tollgate.count(r)));
+                }
+                info = info.with_query(request.uri().query()).with_idempotency_key(key.as_bytes());
+            }
+        }
         let admission = self.tollgate.admit_in(rt, &info);
         match admission {
             Admission::Admitted(ticket) => {

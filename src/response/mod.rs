@@ -8,3 +8,6 @@ pub use headers::Field;
 pub(crate) use headers::{emit, HeaderState, Value};
 pub use problem::{ProblemJson, RejectionResponder};
 pub use rejection::{Rejection, RejectionKind};
+
+/// The media type of RFC 9457 problem bodies.
+pub(crate) const PROBLEM_JSON: &str = "application/problem+json";

@@ -40,7 +40,7 @@ impl RejectionResponder for ProblemJson {
         let mut response = Response::new(Bytes::from(rejection.problem_json()));
         *response.status_mut() = rejection.status();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(super::PROBLEM_JSON));
         if let Some(challenge) = rejection.challenge().and_then(|c| HeaderValue::from_str(c).ok()) {
             headers.insert(header::WWW_AUTHENTICATE, challenge);
         }

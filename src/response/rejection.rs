@@ -25,6 +25,11 @@ pub enum RejectionKind {
     MalformedIdempotencyKey,
     /// The store did not answer in time and the plan fails closed: 503.
     StoreUnavailable,
+    /// The request with this `Idempotency-Key` is still being processed: 409.
+    IdempotencyKeyInUse,
+    /// The `Idempotency-Key` was first used for another request (another method, path or
+    /// query): 422.
+    IdempotencyKeyMismatch,
 }
 
 macro_rules! docs {
@@ -41,7 +46,15 @@ impl RejectionKind {
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => StatusCode::UNAUTHORIZED,
             RejectionKind::MalformedCredentials | RejectionKind::MalformedIdempotencyKey => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            RejectionKind::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
         }
+    }
+
+    /// The HTTP status of the response, as a number (for front doors on another `http`
+    /// version, such as actix-web 4).
+    pub fn status_code(self) -> u16 {
+        self.status().as_u16()
     }
 
     /// A short, human-readable summary that does not change from one occurrence to the next.
@@ -54,6 +67,8 @@ impl RejectionKind {
             RejectionKind::MalformedCredentials => "Malformed credentials",
             RejectionKind::MalformedIdempotencyKey => "Malformed Idempotency-Key",
             RejectionKind::StoreUnavailable => "Quota store unavailable",
+            RejectionKind::IdempotencyKeyInUse => "Idempotency-Key in use",
+            RejectionKind::IdempotencyKeyMismatch => "Idempotency-Key reused",
         }
     }
 
@@ -67,6 +82,8 @@ impl RejectionKind {
             RejectionKind::MalformedCredentials => docs!("MalformedCredentials"),
             RejectionKind::MalformedIdempotencyKey => docs!("MalformedIdempotencyKey"),
             RejectionKind::StoreUnavailable => docs!("StoreUnavailable"),
+            RejectionKind::IdempotencyKeyInUse => docs!("IdempotencyKeyInUse"),
+            RejectionKind::IdempotencyKeyMismatch => docs!("IdempotencyKeyMismatch"),
         }
     }
 
@@ -80,10 +97,12 @@ impl RejectionKind {
             RejectionKind::MalformedCredentials => "malformed_credentials",
             RejectionKind::MalformedIdempotencyKey => "malformed_idempotency_key",
             RejectionKind::StoreUnavailable => "store_unavailable",
+            RejectionKind::IdempotencyKeyInUse => "idempotency_key_in_use",
+            RejectionKind::IdempotencyKeyMismatch => "idempotency_key_mismatch",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 7] = [
+    pub(crate) const ALL: [RejectionKind; 9] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::MissingCredentials,
@@ -91,6 +110,8 @@ impl RejectionKind {
         RejectionKind::MalformedCredentials,
         RejectionKind::MalformedIdempotencyKey,
         RejectionKind::StoreUnavailable,
+        RejectionKind::IdempotencyKeyInUse,
+        RejectionKind::IdempotencyKeyMismatch,
     ];
 }
 
@@ -138,6 +159,17 @@ impl Rejection {
     /// The response status.
     pub fn status(&self) -> StatusCode {
         self.inner.kind.status()
+    }
+
+    /// The response status, as a number (no `http` type: for front doors on another `http`
+    /// version, such as actix-web 4).
+    pub fn status_code(&self) -> u16 {
+        self.inner.kind.status_code()
+    }
+
+    /// The content type of the default body, [`problem_json`](Self::problem_json).
+    pub fn content_type(&self) -> &'static str {
+        super::PROBLEM_JSON
     }
 
     /// What happened, for this occurrence.

@@ -415,22 +415,28 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
-    /// Whether a request of `cost` at `now` would be refused for this hard quota right now:
-    /// the lease of its period cannot cover it and the store has nothing left. Reads only.
+    /// Whether a request of `cost` at `now` could take its units, without taking them (an
+    /// idempotent replay): `Ok` when the quota is soft or the lease covers it,
+    /// [`Take::Exhausted`] when a hard quota is spent, [`Take::NeedLease`] when only the store
+    /// can tell.
     #[inline]
-    #[allow(dead_code)]
-    pub(crate) fn is_spent(&self, cost: u64, now: i64) -> bool {
+    pub(crate) fn check_units(&self, cost: u64, now: i64) -> Result<(), Take> {
         if !self.hard() {
-            return false;
+            return Ok(());
         }
         let bits = self.hot.period.load(Ordering::Acquire);
         let (start, end) = PeriodBits::bounds(bits);
         let word = self.hot.lease.load(Ordering::Acquire);
-        now >= start
-            && now < end
-            && Lease::tag(word) == PeriodBits::tag(bits)
-            && Lease::value(word) < cost as i64
-            && self.cold().exhausted.load(Ordering::Acquire)
+        if now < start || now >= end || Lease::tag(word) != PeriodBits::tag(bits) {
+            return Err(Take::NeedLease);
+        }
+        if Lease::value(word) >= cost as i64 {
+            Ok(())
+        } else if self.cold().exhausted.load(Ordering::Acquire) {
+            Err(Take::Exhausted)
+        } else {
+            Err(Take::NeedLease)
+        }
     }
 
     /// Takes `quantity` units even if that leaves the lease negative (usage that already

@@ -139,3 +139,106 @@ pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle:
     let svc = layer.layer(tower::service_fn(handler as Handler));
     Harness { svc, tollgate, clock: handle }
 }
+
+/// A memory store whose quota calls can be held (they wait until released).
+#[derive(Debug, Default)]
+pub struct Stalling {
+    inner: MemoryStore,
+    guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
+    held: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Stalling {
+    pub fn stall(&self, on: bool) {
+        let mut g = self.guard.lock().unwrap();
+        if on {
+            *g = Some(self.held.clone().try_lock_owned().unwrap());
+        } else {
+            *g = None;
+        }
+    }
+
+    async fn wait(&self) {
+        drop(self.held.lock().await);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Stalling {
+    async fn reserve(
+        &self,
+        r: &tollgate::store::Reservation,
+    ) -> Result<tollgate::store::Grant, tollgate::store::StoreError> {
+        self.wait().await;
+        self.inner.reserve(r).await
+    }
+    async fn release(
+        &self,
+        key: &tollgate::store::QuotaKey,
+        units: u64,
+        token: tollgate::store::ReserveToken,
+    ) -> Result<(), tollgate::store::StoreError> {
+        self.wait().await;
+        self.inner.release(key, units, token).await
+    }
+    async fn commit_usage(
+        &self,
+        b: &tollgate::store::UsageBatch,
+    ) -> Result<tollgate::store::CommitOutcome, tollgate::store::StoreError> {
+        self.inner.commit_usage(b).await
+    }
+    async fn pending_exports(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<Vec<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+        self.inner.pending_exports(before, limit).await
+    }
+    async fn begin_export(
+        &self,
+        a: &tollgate::store::UsageAggregate,
+    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+        self.inner.begin_export(a).await
+    }
+    async fn finish_export(&self, a: &tollgate::store::UsageAggregate) -> Result<bool, tollgate::store::StoreError> {
+        self.inner.finish_export(a).await
+    }
+    async fn dead_letter(
+        &self,
+        a: &tollgate::store::UsageAggregate,
+        reason: &str,
+    ) -> Result<(), tollgate::store::StoreError> {
+        self.inner.dead_letter(a, reason).await
+    }
+    async fn find_key(
+        &self,
+        key: &tollgate::KeyHash,
+    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
+        self.inner.find_key(key).await
+    }
+    async fn tenant(
+        &self,
+        id: &tollgate::config::TenantId,
+    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
+        self.inner.tenant(id).await
+    }
+    async fn put_tenant(
+        &self,
+        record: &tollgate::store::TenantRecord,
+        keys: &[tollgate::KeyHash],
+    ) -> Result<(), tollgate::store::StoreError> {
+        self.inner.put_tenant(record, keys).await
+    }
+    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), tollgate::store::StoreError> {
+        self.inner.remove_key(key).await
+    }
+    async fn reserved(&self, key: &tollgate::store::QuotaKey) -> Result<u64, tollgate::store::StoreError> {
+        self.inner.reserved(key).await
+    }
+    async fn usage(
+        &self,
+        key: &tollgate::store::ExportKey,
+    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+        self.inner.usage(key).await
+    }
+}
