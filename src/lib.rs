@@ -15,8 +15,8 @@ mod worker;
 
 pub use config::Config;
 pub use engine::{
-    Admission, Builder, ExportReport, FlushReport, PendingAdmission, RequestInfo, ShutdownReport, Stats, Ticket,
-    Tollgate,
+    Admission, Builder, ExportReport, FlushReport, PendingAdmission, RequestInfo, ShutdownError, ShutdownReport, Stats,
+    Ticket, Tollgate,
 };
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};

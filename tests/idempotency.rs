@@ -99,7 +99,7 @@ async fn a_repeated_idempotency_key_header_gets_400() {
 /// a free replay) and takes no units.
 #[tokio::test]
 async fn a_request_dropped_while_waiting_releases_its_key_and_units() {
-    let store = Arc::new(common::Stalling::default());
+    let store = Arc::new(common::Faulty::default());
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let h = Harness::build(TOML, store.clone(), clock, handle);
     assert_eq!(h.send(post("/", "a")).await.status, 200);

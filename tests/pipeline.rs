@@ -189,15 +189,10 @@ fn engine_with_sink(config: &str, sink: Arc<Recording>) -> (Harness, Tollgate) {
 
 /// Commits usage for acme's tokens in the 12:00 window, as a flush arriving late would.
 async fn commit_late_tokens(h: &Harness, quantity: u64) {
-    let late = tollgate::store::UsageBatch {
-        id: tollgate::store::FlushId(format!("late-{quantity}")),
-        records: vec![tollgate::store::UsageRecord {
-            tenant: "acme".into(),
-            meter: "tokens".into(),
-            window_start: NOON,
-            quantity,
-        }],
-    };
+    let late = tollgate::store::UsageBatch::new(
+        tollgate::store::FlushId::new(format!("late-{quantity}")),
+        vec![tollgate::store::UsageRecord::new("acme".into(), "tokens".into(), NOON, quantity)],
+    );
     h.tollgate.store().commit_usage(&late).await.unwrap();
 }
 

@@ -259,119 +259,6 @@ proptest::proptest! {
     }
 }
 
-/// A memory store whose quota calls can land without an answer (the call is applied, then the
-/// answer never comes back in time) or fail outright; it counts the calls it applied.
-#[derive(Debug, Default)]
-struct Unreliable {
-    inner: MemoryStore,
-    lose_answers: AtomicBool,
-    down: AtomicBool,
-    stall_tenant: std::sync::Mutex<Option<String>>,
-}
-
-impl Unreliable {
-    async fn before(&self, tenant: &str) -> Result<(), tollgate::store::StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(tollgate::store::StoreError::Backend("switched off".into()));
-        }
-        let stalled = self.stall_tenant.lock().unwrap().as_deref() == Some(tenant);
-        if stalled {
-            std::future::pending::<()>().await;
-        }
-        Ok(())
-    }
-
-    async fn after(&self) {
-        if self.lose_answers.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Store for Unreliable {
-    async fn reserve(
-        &self,
-        r: &tollgate::store::Reservation,
-    ) -> Result<tollgate::store::Grant, tollgate::store::StoreError> {
-        self.before(r.key.tenant.as_str()).await?;
-        let g = self.inner.reserve(r).await;
-        self.after().await;
-        g
-    }
-    async fn release(
-        &self,
-        key: &QuotaKey,
-        units: u64,
-        token: tollgate::store::ReserveToken,
-    ) -> Result<(), tollgate::store::StoreError> {
-        self.before(key.tenant.as_str()).await?;
-        let r = self.inner.release(key, units, token).await;
-        self.after().await;
-        r
-    }
-    async fn commit_usage(
-        &self,
-        b: &tollgate::store::UsageBatch,
-    ) -> Result<tollgate::store::CommitOutcome, tollgate::store::StoreError> {
-        self.inner.commit_usage(b).await
-    }
-    async fn pending_exports(
-        &self,
-        before: i64,
-        limit: usize,
-    ) -> Result<Vec<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
-        self.inner.pending_exports(before, limit).await
-    }
-    async fn begin_export(
-        &self,
-        a: &tollgate::store::UsageAggregate,
-    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
-        self.inner.begin_export(a).await
-    }
-    async fn finish_export(&self, a: &tollgate::store::UsageAggregate) -> Result<bool, tollgate::store::StoreError> {
-        self.inner.finish_export(a).await
-    }
-    async fn dead_letter(
-        &self,
-        a: &tollgate::store::UsageAggregate,
-        reason: &str,
-    ) -> Result<(), tollgate::store::StoreError> {
-        self.inner.dead_letter(a, reason).await
-    }
-    async fn find_key(
-        &self,
-        key: &tollgate::KeyHash,
-    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
-        self.inner.find_key(key).await
-    }
-    async fn tenant(
-        &self,
-        id: &tollgate::config::TenantId,
-    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
-        self.inner.tenant(id).await
-    }
-    async fn put_tenant(
-        &self,
-        record: &tollgate::store::TenantRecord,
-        keys: &[tollgate::KeyHash],
-    ) -> Result<(), tollgate::store::StoreError> {
-        self.inner.put_tenant(record, keys).await
-    }
-    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), tollgate::store::StoreError> {
-        self.inner.remove_key(key).await
-    }
-    async fn reserved(&self, key: &QuotaKey) -> Result<u64, tollgate::store::StoreError> {
-        self.inner.reserved(key).await
-    }
-    async fn usage(
-        &self,
-        key: &tollgate::store::ExportKey,
-    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
-        self.inner.usage(key).await
-    }
-}
-
 fn today(tenant: &str) -> QuotaKey {
     let start = common::NOON - 12 * 3600;
     QuotaKey::new(tenant.into(), "requests".into(), tollgate::config::Period::Day, start, start + 86_400)
@@ -385,7 +272,7 @@ async fn a_reserve_that_timed_out_is_applied_once() {
         "on_store_error = \"fail-closed\"\nquotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 10 }",
     );
     let toml = format!("[usage]\nstore_timeout = \"50ms\"\n{toml}");
-    let store = Arc::new(Unreliable::default());
+    let store = Arc::new(common::Faulty::default());
     let (clock, handle) = Clock::fake_at_unix(common::NOON);
     let h = Harness::build(&toml, store.clone(), clock, handle);
     store.lose_answers.store(true, Ordering::SeqCst);
@@ -404,7 +291,7 @@ async fn a_reserve_that_timed_out_is_applied_once() {
 #[tokio::test]
 async fn fail_open_admissions_are_charged_when_the_store_is_back() {
     let toml = common::one_tenant("quotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
-    let store = Arc::new(Unreliable::default());
+    let store = Arc::new(common::Faulty::default());
     let (clock, handle) = Clock::fake_at_unix(common::NOON);
     let h = Harness::build(&toml, store.clone(), clock, handle);
     store.down.store(true, Ordering::SeqCst);
@@ -420,7 +307,7 @@ async fn fail_open_admissions_are_charged_when_the_store_is_back() {
     assert_eq!(store.reserved(&today("t")).await.unwrap(), 10);
 
     // Past the limit: 12 admitted while down on a limit of 10 are all charged.
-    let store = Arc::new(Unreliable::default());
+    let store = Arc::new(common::Faulty::default());
     let (clock, handle) = Clock::fake_at_unix(common::NOON);
     let h = Harness::build(&toml, store.clone(), clock, handle);
     store.down.store(true, Ordering::SeqCst);
@@ -440,7 +327,7 @@ async fn a_stalled_refill_of_one_tenant_does_not_block_another() {
     for i in 0..300 {
         toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"));
     }
-    let store = Arc::new(Unreliable::default());
+    let store = Arc::new(common::Faulty::default());
     let (clock, handle) = Clock::fake_at_unix(common::NOON);
     let h = Arc::new(Harness::build(&toml, store.clone(), clock, handle));
     *store.stall_tenant.lock().unwrap() = Some("t0".into());

@@ -3,18 +3,11 @@
 
 mod common;
 
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
-};
+use std::sync::{atomic::Ordering, Arc};
 
-use async_trait::async_trait;
 use common::{req, Harness, NOON};
 use tollgate::{
-    store::{
-        CommitOutcome, ExportKey, Grant, MemoryStore, QuotaKey, Reservation, ReserveToken, Store, StoreError,
-        TenantRecord, UsageAggregate, UsageBatch,
-    },
+    store::{Store, TenantRecord},
     KeyHash, RejectionKind,
 };
 
@@ -220,74 +213,6 @@ async fn identity_from_an_auth_layer_and_an_anonymous_plan() {
     assert_eq!(h.tollgate.stats().tracked_tenants, 2);
 }
 
-/// A memory store that can be switched off, to test the store-error policies.
-#[derive(Debug, Default)]
-struct Flaky {
-    inner: MemoryStore,
-    down: AtomicBool,
-}
-
-impl Flaky {
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(StoreError::Backend("switched off".into()))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-#[async_trait]
-impl Store for Flaky {
-    async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        self.check()?;
-        self.inner.reserve(r).await
-    }
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.release(key, units, token).await
-    }
-    async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
-        self.check()?;
-        self.inner.commit_usage(batch).await
-    }
-    async fn pending_exports(&self, before: i64, limit: usize) -> Result<Vec<UsageAggregate>, StoreError> {
-        self.check()?;
-        self.inner.pending_exports(before, limit).await
-    }
-    async fn begin_export(&self, a: &UsageAggregate) -> Result<Option<UsageAggregate>, StoreError> {
-        self.check()?;
-        self.inner.begin_export(a).await
-    }
-    async fn finish_export(&self, a: &UsageAggregate) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.finish_export(a).await
-    }
-    async fn dead_letter(&self, a: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
-        self.inner.dead_letter(a, reason).await
-    }
-    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
-        self.check()?;
-        self.inner.find_key(key).await
-    }
-    async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        self.check()?;
-        self.inner.tenant(id).await
-    }
-    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
-        self.inner.put_tenant(record, keys).await
-    }
-    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
-        self.inner.remove_key(key).await
-    }
-    async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
-        self.inner.reserved(key).await
-    }
-    async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
-        self.inner.usage(key).await
-    }
-}
-
 #[tokio::test]
 async fn store_errors_follow_the_plan_policy_and_lose_no_usage() {
     let config = r#"
@@ -307,13 +232,9 @@ async fn store_errors_follow_the_plan_policy_and_lose_no_usage() {
         [tenants.c]
         plan = "closed"
     "#;
-    let store = Arc::new(Flaky::default());
+    let store = Arc::new(common::Faulty::default());
     let h = Harness::with_store(config, store.clone(), NOON);
-    store
-        .inner
-        .put_tenant(&TenantRecord { id: "c".into(), plan: "closed".into(), customer: None }, &[KeyHash::of(b"key-c")])
-        .await
-        .unwrap();
+    store.inner.put_tenant(&TenantRecord::new("c".into(), "closed".into()), &[KeyHash::of(b"key-c")]).await.unwrap();
     assert_eq!(h.status("/", "key-a").await, 200);
     assert_eq!(h.status("/", "key-b").await, 200);
     store.down.store(true, Ordering::SeqCst);

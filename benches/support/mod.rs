@@ -136,7 +136,7 @@ pub(crate) fn tollgate_service(
     let store = Arc::new(MemoryStore::new());
     rt.block_on(async {
         for i in 0..tenants {
-            let record = TenantRecord { id: format!("t{i}").into(), plan: "bench".into(), customer: None };
+            let record = TenantRecord::new(format!("t{i}").into(), "bench".into());
             store.put_tenant(&record, &[KeyHash::of(key(i).as_bytes())]).await.unwrap();
         }
     });

@@ -4,8 +4,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
-    engine::Shared, idempotency::Idempotency, metrics::Totals, pipeline::Pipeline, table::TenantTable, Metrics,
-    Tollgate,
+    engine::Shared, flush::Pipeline, idempotency::Idempotency, metrics::Totals, table::TenantTable, Metrics, Tollgate,
 };
 use crate::{
     billing::BillingSink,

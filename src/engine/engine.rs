@@ -7,10 +7,10 @@ use governor::clock::Clock as _;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
+    flush::Pipeline,
     idempotency::{check_key, Claim, Idempotency, Verdict},
     lease::Refill,
     metrics::{Metrics, Stats, Totals},
-    pipeline::Pipeline,
     table::{Lookup, TenantTable, ANONYMOUS},
     Ticket,
 };

@@ -6,8 +6,8 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Reservation, ReserveToken, Store, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch,
+    CommitOutcome, DeadLetter, ExportKey, FlushId, Grant, QuotaKey, Reservation, ReserveToken, Store, StoreError,
+    TenantRecord, UsageAggregate, UsageBatch,
 };
 use crate::{
     config::{MeterId, TenantId},
@@ -62,7 +62,7 @@ impl Inner {
         let mut unexported = 0u64;
         self.usage.retain(|k, a| {
             let keep = k.window_start >= horizon;
-            if !keep && !a.dead {
+            if !keep && a.dead.is_none() {
                 unexported += a.quantity - a.exported;
             }
             keep
@@ -139,19 +139,18 @@ struct Aggregate {
     exported: u64,
     revision: u32,
     in_flight: Option<u64>,
-    dead: bool,
+    /// Why the export was refused for good, if it was.
+    dead: Option<String>,
 }
 
 impl Aggregate {
     fn view(&self, key: &ExportKey, tenants: &HashMap<TenantId, TenantRecord>) -> UsageAggregate {
-        UsageAggregate {
-            key: key.clone(),
-            quantity: self.quantity,
-            exported: self.exported,
-            revision: self.revision,
-            in_flight: self.in_flight,
-            customer: tenants.get(&key.tenant).and_then(|t| t.customer.clone()),
-        }
+        let mut a = UsageAggregate::new(key.clone(), self.quantity);
+        a.exported = self.exported;
+        a.revision = self.revision;
+        a.in_flight = self.in_flight;
+        a.customer = tenants.get(&key.tenant).and_then(|t| t.customer.clone());
+        a
     }
 }
 
@@ -165,11 +164,6 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // matters more than losing the whole store, so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Every aggregate whose export was refused for good.
-    pub fn dead_letters(&self) -> Vec<ExportKey> {
-        self.lock().usage.iter().filter(|(_, a)| a.dead).map(|(k, _)| k.clone()).collect()
     }
 }
 
@@ -230,17 +224,28 @@ impl Store for MemoryStore {
         Ok(CommitOutcome::Applied)
     }
 
-    async fn pending_exports(&self, window_start_before: i64, limit: usize) -> Result<Vec<UsageAggregate>, StoreError> {
+    async fn pending_exports(
+        &self,
+        window_start_before: i64,
+        after: Option<&ExportKey>,
+        limit: usize,
+    ) -> Result<Vec<UsageAggregate>, StoreError> {
+        use std::ops::Bound;
         let mut inner = self.lock();
-        let horizon = window_start_before - EXPORTED_RETENTION_SECS;
-        inner.usage.retain(|k, a| {
-            !(k.window_start < horizon && ((a.exported == a.quantity && a.in_flight.is_none()) || a.dead))
-        });
+        if after.is_none() {
+            let horizon = window_start_before.min(inner.newest_window) - EXPORTED_RETENTION_SECS;
+            inner.usage.retain(|k, a| {
+                !(k.window_start < horizon && a.exported == a.quantity && a.in_flight.is_none() && a.dead.is_none())
+            });
+        }
         let Inner { usage, tenants, .. } = &*inner;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
         Ok(usage
-            .iter()
+            .range((from, Bound::Unbounded))
             .filter(|(k, a)| {
-                k.window_start < window_start_before && (a.quantity > a.exported || a.in_flight.is_some()) && !a.dead
+                k.window_start < window_start_before
+                    && (a.quantity > a.exported || a.in_flight.is_some())
+                    && a.dead.is_none()
             })
             .take(limit)
             .map(|(k, a)| a.view(k, tenants))
@@ -273,11 +278,34 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn dead_letter(&self, aggregate: &UsageAggregate, _reason: &str) -> Result<(), StoreError> {
+    async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
         if let Some(a) = self.lock().usage.get_mut(&aggregate.key) {
-            a.dead = true;
+            a.dead = Some(reason.to_owned());
+            a.in_flight = None;
         }
         Ok(())
+    }
+
+    async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(inner
+            .usage
+            .range((from, Bound::Unbounded))
+            .filter_map(|(k, a)| {
+                a.dead.as_ref().map(|reason| DeadLetter::new(k.clone(), a.quantity - a.exported, reason.clone()))
+            })
+            .take(limit)
+            .collect())
+    }
+
+    async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
+        Ok(self.lock().usage.get_mut(key).is_some_and(|a| a.dead.take().is_some()))
+    }
+
+    fn is_durable(&self) -> bool {
+        false
     }
 
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
@@ -372,7 +400,7 @@ mod tests {
     async fn aggregates_older_than_the_retention_are_dropped_without_a_sink() {
         let s = MemoryStore::new();
         let batch = |id: &str, window_start: i64| UsageBatch {
-            id: FlushId(id.into()),
+            id: FlushId::new(id),
             records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start, quantity: 1 }],
         };
         let key = |w| ExportKey { tenant: "t".into(), meter: "requests".into(), window_start: w };
@@ -388,26 +416,26 @@ mod tests {
     async fn a_batch_commits_once_and_exports_move_by_revision() {
         let s = MemoryStore::new();
         let batch = UsageBatch {
-            id: FlushId("f1".into()),
+            id: FlushId::new("f1"),
             records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 5 }],
         };
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::Applied);
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::AlreadyApplied);
-        let pending = s.pending_exports(3600, 10).await.unwrap();
+        let pending = s.pending_exports(3600, None, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!((pending[0].quantity, pending[0].exported, pending[0].revision), (5, 0, 0));
         let fixed = s.begin_export(&pending[0]).await.unwrap().unwrap();
         assert_eq!(fixed.in_flight, Some(5));
         // Late usage does not change what the in-flight revision exports.
         let late = UsageBatch {
-            id: FlushId("f2".into()),
+            id: FlushId::new("f2"),
             records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 2 }],
         };
         s.commit_usage(&late).await.unwrap();
         assert_eq!(s.begin_export(&pending[0]).await.unwrap().unwrap().in_flight, Some(5));
         assert!(s.finish_export(&fixed).await.unwrap());
         assert!(!s.finish_export(&fixed).await.unwrap(), "stale revision");
-        let next = s.pending_exports(3600, 10).await.unwrap();
+        let next = s.pending_exports(3600, None, 10).await.unwrap();
         assert_eq!((next[0].quantity, next[0].exported, next[0].revision, next[0].in_flight), (7, 5, 1, None));
     }
 }

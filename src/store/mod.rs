@@ -6,6 +6,6 @@ mod types;
 
 pub use memory::MemoryStore;
 pub use types::{
-    CommitOutcome, ExportKey, FlushId, Grant, QuotaKey, Reservation, ReserveToken, Store, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch, UsageRecord,
+    CommitOutcome, DeadLetter, ExportKey, FlushId, Grant, QuotaKey, Reservation, ReserveToken, Store, StoreError,
+    TenantRecord, UsageAggregate, UsageBatch, UsageRecord,
 };

@@ -108,7 +108,19 @@ impl Grant {
 
 /// An opaque, unique id of one flush: a retried flush carries the same id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct FlushId(pub String);
+pub struct FlushId(String);
+
+impl FlushId {
+    /// An id.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl fmt::Display for FlushId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -118,6 +130,7 @@ impl fmt::Display for FlushId {
 
 /// Usage of one tenant on one meter in one aggregation window.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UsageRecord {
     /// The tenant.
     pub tenant: TenantId,
@@ -129,13 +142,28 @@ pub struct UsageRecord {
     pub quantity: u64,
 }
 
+impl UsageRecord {
+    /// `quantity` units of `meter` used by `tenant` in the window starting at `window_start`.
+    pub fn new(tenant: TenantId, meter: MeterId, window_start: i64, quantity: u64) -> Self {
+        Self { tenant, meter, window_start, quantity }
+    }
+}
+
 /// The usage aggregated by one node since its last flush.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UsageBatch {
     /// The flush id: committing the same batch twice counts it once.
     pub id: FlushId,
     /// The records, at most one per (tenant, meter, window).
     pub records: Vec<UsageRecord>,
+}
+
+impl UsageBatch {
+    /// A batch of records under one flush id.
+    pub fn new(id: FlushId, records: Vec<UsageRecord>) -> Self {
+        Self { id, records }
+    }
 }
 
 /// Whether a batch was applied by this call or by an earlier one.
@@ -149,6 +177,7 @@ pub enum CommitOutcome {
 
 /// Identifies one usage aggregate: (tenant, meter, window).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub struct ExportKey {
     /// The tenant.
     pub tenant: TenantId,
@@ -158,8 +187,16 @@ pub struct ExportKey {
     pub window_start: i64,
 }
 
+impl ExportKey {
+    /// The aggregate of `tenant` on `meter` in the window starting at `window_start`.
+    pub fn new(tenant: TenantId, meter: MeterId, window_start: i64) -> Self {
+        Self { tenant, meter, window_start }
+    }
+}
+
 /// A usage aggregate and its export state.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UsageAggregate {
     /// Which aggregate.
     pub key: ExportKey,
@@ -176,8 +213,36 @@ pub struct UsageAggregate {
     pub customer: Option<String>,
 }
 
+impl UsageAggregate {
+    /// An aggregate of `quantity` units, nothing exported yet (revision 0, no export in
+    /// flight, no customer known); set the other fields as the store holds them.
+    pub fn new(key: ExportKey, quantity: u64) -> Self {
+        Self { key, quantity, exported: 0, revision: 0, in_flight: None, customer: None }
+    }
+}
+
+/// An aggregate whose export was refused for good, parked until requeued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Which aggregate.
+    pub key: ExportKey,
+    /// Its units not exported.
+    pub units: u64,
+    /// Why the billing sink refused it.
+    pub reason: String,
+}
+
+impl DeadLetter {
+    /// A dead letter of `units` units of `key`.
+    pub fn new(key: ExportKey, units: u64, reason: impl Into<String>) -> Self {
+        Self { key, units, reason: reason.into() }
+    }
+}
+
 /// A tenant in the directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TenantRecord {
     /// The tenant.
     pub id: TenantId,
@@ -185,6 +250,20 @@ pub struct TenantRecord {
     pub plan: PlanId,
     /// Its billing customer (a Stripe customer id), if any.
     pub customer: Option<String>,
+}
+
+impl TenantRecord {
+    /// `id` on `plan`, without a billing customer.
+    pub fn new(id: TenantId, plan: PlanId) -> Self {
+        Self { id, plan, customer: None }
+    }
+
+    /// With a billing customer (a Stripe customer id).
+    #[must_use]
+    pub fn with_customer(mut self, customer: impl Into<String>) -> Self {
+        self.customer = Some(customer.into());
+        self
+    }
 }
 
 /// A store failure.
@@ -226,8 +305,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError>;
 
     /// Aggregates of windows that started before `window_start_before` with usage not yet
-    /// exported (or an export in flight), at most `limit` of them.
-    async fn pending_exports(&self, window_start_before: i64, limit: usize) -> Result<Vec<UsageAggregate>, StoreError>;
+    /// exported (or an export in flight), not dead-lettered, in key order after `after` (a
+    /// cursor: the last key of the previous page), at most `limit` of them.
+    async fn pending_exports(
+        &self,
+        window_start_before: i64,
+        after: Option<&ExportKey>,
+        limit: usize,
+    ) -> Result<Vec<UsageAggregate>, StoreError>;
 
     /// Fixes what revision `aggregate.revision` exports: sets `in_flight` to the aggregate's
     /// current quantity, if no export is in flight and the revision has not moved. Returns the
@@ -241,6 +326,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Parks an aggregate whose export was refused for good, so it is not retried.
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError>;
+
+    /// The dead letters, in key order after `after`, at most `limit` of them.
+    async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Puts a dead letter back in line for export (after its cause was fixed). Returns
+    /// whether there was one.
+    async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError>;
+
+    /// Whether what the store holds outlives this process (a database, a shared table).
+    /// `false` for an in-memory store: shutdown then exports every window, open ones
+    /// included, since nothing would be left to export them later.
+    fn is_durable(&self) -> bool {
+        true
+    }
 
     /// The tenant owning the API key with this hash.
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError>;

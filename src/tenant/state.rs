@@ -37,6 +37,9 @@ pub(crate) struct TenantState {
     /// One per quota of the plan, in the plan's order.
     quotas: Box<[QuotaCold]>,
     evicted: AtomicBool,
+    /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
+    /// (no flush drained it for two windows): (meter, window index, quantity).
+    stale: std::sync::Mutex<Vec<(usize, u32, u64)>>,
     pub(crate) id: TenantId,
     pub(crate) customer: Option<Arc<str>>,
     pub(crate) clock: Clock,
@@ -122,6 +125,7 @@ impl TenantState {
             more,
             quotas,
             evicted: AtomicBool::new(false),
+            stale: std::sync::Mutex::new(Vec::new()),
             id,
             customer,
             clock,
@@ -185,13 +189,34 @@ impl TenantState {
     #[inline]
     pub(crate) fn record(&self, meter: usize, now: i64, quantity: u64) {
         if let Some(cell) = self.meter(meter) {
-            cell.add(self.plan.window_index(now), quantity);
+            let window = self.plan.window_index(now);
+            if !cell.add(window, quantity) {
+                // The slot belongs to another window: move it over (once a window), keeping
+                // whatever usage it still has in its own window.
+                let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = (window & 1) as usize;
+                let old = cell.windows[slot].load(Ordering::Acquire);
+                if old != window {
+                    let left = cell.quantity[slot].swap(0, Ordering::AcqRel);
+                    if left > 0 {
+                        stale.push((meter, old, left));
+                    }
+                    cell.windows[slot].store(window, Ordering::Release);
+                }
+                cell.quantity[slot].fetch_add(quantity, Ordering::AcqRel);
+            }
         }
     }
 
     /// Takes all recorded usage: (meter index, window start in Unix seconds, quantity).
     pub(crate) fn drain_usage(&self, mut out: impl FnMut(usize, i64, u64)) {
         let window_secs = self.plan.window_secs;
+        // Held while draining: no slot moves to another window meanwhile.
+        let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+        for (meter, window, quantity) in stale.drain(..) {
+            out(meter, i64::from(window) * window_secs, quantity);
+        }
+        stale.shrink_to(4);
         let cells = std::iter::once(&self.first).chain(self.more.iter());
         for (meter, cell) in cells.enumerate() {
             for slot in 0..2 {
@@ -274,13 +299,16 @@ impl PeriodBits {
 }
 
 impl MeterCell {
+    /// Adds usage to the slot of `window` if the slot is that window's; `false` otherwise
+    /// (the slot must first be moved to the window).
     #[inline]
-    fn add(&self, window: u32, quantity: u64) {
+    fn add(&self, window: u32, quantity: u64) -> bool {
         let slot = (window & 1) as usize;
-        if self.windows[slot].load(Ordering::Relaxed) != window {
-            self.windows[slot].store(window, Ordering::Release);
+        if self.windows[slot].load(Ordering::Acquire) != window {
+            return false;
         }
         self.quantity[slot].fetch_add(quantity, Ordering::AcqRel);
+        true
     }
 }
 

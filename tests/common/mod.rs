@@ -1,7 +1,15 @@
 //! A service behind tollgate, driven in-process with a fake clock.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
-use std::{convert::Infallible, future::Future, pin::Pin, sync::Arc};
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -9,7 +17,10 @@ use http_body_util::{BodyExt, Full};
 use tollgate::{
     clock::{Clock, FakeClock},
     layer::TollgateBody,
-    store::{MemoryStore, Store},
+    store::{
+        CommitOutcome, DeadLetter, ExportKey, Grant, MemoryStore, QuotaKey, Reservation, ReserveToken, Store,
+        StoreError, TenantRecord, UsageAggregate, UsageBatch,
+    },
     Config, TenantContext, Tollgate, TollgateService,
 };
 use tower::{Layer, ServiceExt};
@@ -82,6 +93,13 @@ impl Harness {
         Self { svc, tollgate, clock: handle }
     }
 
+    /// A harness over a layer built by the test.
+    pub fn from_layer(layer: tollgate::TollgateLayer, clock: FakeClock) -> Self {
+        let tollgate = layer.handle().clone();
+        let svc = layer.layer(tower::service_fn(handler as Handler));
+        Self { svc, tollgate, clock }
+    }
+
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
         let response: Response<TollgateBody<Full<Bytes>>> = self.svc.clone().oneshot(req).await.unwrap();
         let (parts, body) = response.into_parts();
@@ -115,7 +133,7 @@ pub async fn committed(store: &dyn Store, tenant: &str, meter: &str, from: i64, 
     let mut total = 0;
     let mut w = from - from.rem_euclid(window);
     while w < to {
-        let key = tollgate::store::ExportKey { tenant: tenant.into(), meter: meter.into(), window_start: w };
+        let key = ExportKey::new(tenant.into(), meter.into(), w);
         if let Some(a) = store.usage(&key).await.unwrap() {
             total += a.quantity;
         }
@@ -140,105 +158,135 @@ pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle:
     Harness { svc, tollgate, clock: handle }
 }
 
-/// A memory store whose quota calls can be held (they wait until released).
+/// A memory store with switches for the faults the tests need: calls that fail, calls that
+/// land without their answer coming back in time, and calls held until released; it also
+/// counts the tenant lookups it answers.
 #[derive(Debug, Default)]
-pub struct Stalling {
-    inner: MemoryStore,
-    guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
+pub struct Faulty {
+    pub inner: MemoryStore,
+    /// Every call fails.
+    pub down: AtomicBool,
+    /// Usage writes and export listings fail.
+    pub usage_down: AtomicBool,
+    /// Quota calls are applied, then their answer never comes in time.
+    pub lose_answers: AtomicBool,
+    /// Quota calls of this tenant never answer.
+    pub stall_tenant: std::sync::Mutex<Option<String>>,
+    /// Tenant lookups answered.
+    pub lookups: AtomicU64,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
+    guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
 
-impl Stalling {
+impl Faulty {
+    /// Holds every quota call until `stall(false)`.
     pub fn stall(&self, on: bool) {
         let mut g = self.guard.lock().unwrap();
-        if on {
-            *g = Some(self.held.clone().try_lock_owned().unwrap());
+        *g = if on { Some(self.held.clone().try_lock_owned().unwrap()) } else { None };
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Backend("switched off".into()))
         } else {
-            *g = None;
+            Ok(())
         }
     }
 
-    async fn wait(&self) {
+    fn check_usage(&self) -> Result<(), StoreError> {
+        self.check()?;
+        if self.usage_down.load(Ordering::SeqCst) {
+            Err(StoreError::Backend("usage writes switched off".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn before_quota(&self, tenant: &str) -> Result<(), StoreError> {
+        self.check()?;
         drop(self.held.lock().await);
+        let stalled = self.stall_tenant.lock().unwrap().as_deref() == Some(tenant);
+        if stalled {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+
+    async fn after_quota(&self) {
+        if self.lose_answers.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
     }
 }
 
 #[async_trait::async_trait]
-impl Store for Stalling {
-    async fn reserve(
-        &self,
-        r: &tollgate::store::Reservation,
-    ) -> Result<tollgate::store::Grant, tollgate::store::StoreError> {
-        self.wait().await;
-        self.inner.reserve(r).await
+impl Store for Faulty {
+    async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        self.before_quota(r.key.tenant.as_str()).await?;
+        let g = self.inner.reserve(r).await;
+        self.after_quota().await;
+        g
     }
-    async fn release(
-        &self,
-        key: &tollgate::store::QuotaKey,
-        units: u64,
-        token: tollgate::store::ReserveToken,
-    ) -> Result<(), tollgate::store::StoreError> {
-        self.wait().await;
-        self.inner.release(key, units, token).await
+    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
+        self.before_quota(key.tenant.as_str()).await?;
+        let r = self.inner.release(key, units, token).await;
+        self.after_quota().await;
+        r
     }
-    async fn commit_usage(
-        &self,
-        b: &tollgate::store::UsageBatch,
-    ) -> Result<tollgate::store::CommitOutcome, tollgate::store::StoreError> {
+    async fn commit_usage(&self, b: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        self.check_usage()?;
         self.inner.commit_usage(b).await
     }
     async fn pending_exports(
         &self,
         before: i64,
+        after: Option<&ExportKey>,
         limit: usize,
-    ) -> Result<Vec<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
-        self.inner.pending_exports(before, limit).await
+    ) -> Result<Vec<UsageAggregate>, StoreError> {
+        self.check_usage()?;
+        self.inner.pending_exports(before, after, limit).await
     }
-    async fn begin_export(
-        &self,
-        a: &tollgate::store::UsageAggregate,
-    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+    async fn begin_export(&self, a: &UsageAggregate) -> Result<Option<UsageAggregate>, StoreError> {
+        self.check()?;
         self.inner.begin_export(a).await
     }
-    async fn finish_export(&self, a: &tollgate::store::UsageAggregate) -> Result<bool, tollgate::store::StoreError> {
+    async fn finish_export(&self, a: &UsageAggregate) -> Result<bool, StoreError> {
+        self.check()?;
         self.inner.finish_export(a).await
     }
-    async fn dead_letter(
-        &self,
-        a: &tollgate::store::UsageAggregate,
-        reason: &str,
-    ) -> Result<(), tollgate::store::StoreError> {
+    async fn dead_letter(&self, a: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
         self.inner.dead_letter(a, reason).await
     }
-    async fn find_key(
-        &self,
-        key: &tollgate::KeyHash,
-    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
+    async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.dead_letters(after, limit).await
+    }
+    async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
+        self.inner.requeue_dead_letter(key).await
+    }
+    async fn find_key(&self, key: &tollgate::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        self.check()?;
+        self.lookups.fetch_add(1, Ordering::SeqCst);
         self.inner.find_key(key).await
     }
-    async fn tenant(
-        &self,
-        id: &tollgate::config::TenantId,
-    ) -> Result<Option<tollgate::store::TenantRecord>, tollgate::store::StoreError> {
+    async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        self.check()?;
+        self.lookups.fetch_add(1, Ordering::SeqCst);
         self.inner.tenant(id).await
     }
-    async fn put_tenant(
-        &self,
-        record: &tollgate::store::TenantRecord,
-        keys: &[tollgate::KeyHash],
-    ) -> Result<(), tollgate::store::StoreError> {
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::KeyHash]) -> Result<(), StoreError> {
         self.inner.put_tenant(record, keys).await
     }
-    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), tollgate::store::StoreError> {
+    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), StoreError> {
         self.inner.remove_key(key).await
     }
-    async fn reserved(&self, key: &tollgate::store::QuotaKey) -> Result<u64, tollgate::store::StoreError> {
+    async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         self.inner.reserved(key).await
     }
-    async fn usage(
-        &self,
-        key: &tollgate::store::ExportKey,
-    ) -> Result<Option<tollgate::store::UsageAggregate>, tollgate::store::StoreError> {
+    async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         self.inner.usage(key).await
+    }
+    fn is_durable(&self) -> bool {
+        // Stands for a database: shutdown exports only closed windows.
+        true
     }
 }

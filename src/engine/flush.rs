@@ -1,0 +1,178 @@
+//! Flushing: usage drained from the tenants' counters every flush (even while the store is
+//! down, so no counter slot is ever reused by a later window), merged per (tenant, meter,
+//! window), and committed to the store in batches, each exactly once under its own id.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Duration,
+};
+
+use super::{engine::with_timeout, metrics::Totals, Tollgate};
+use crate::{
+    config::{MeterId, TenantId},
+    store::{CommitOutcome, FlushId, StoreError, UsageBatch, UsageRecord},
+    tenant::Tenant,
+};
+
+/// The most usage records held while the store does not take them (tenants × meters ×
+/// windows of the outage); past that, usage stays in the tenants' counters.
+const MAX_STAGED: usize = 1 << 20;
+
+/// Usage drained but not yet committed: formed batches (retried first, in order, with their
+/// own ids) and usage not yet in a batch.
+pub(crate) struct Pipeline {
+    pending: VecDeque<UsageBatch>,
+    staged: HashMap<(TenantId, MeterId, i64), u64>,
+    seq: u64,
+    node: String,
+}
+
+impl Pipeline {
+    pub(crate) fn new() -> Self {
+        use std::hash::BuildHasher;
+        let nonce = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+        Self { pending: VecDeque::new(), staged: HashMap::new(), seq: 0, node: format!("{nonce:016x}") }
+    }
+
+    /// (records, units) drained and not committed.
+    pub(crate) fn held(&self) -> (usize, u64) {
+        let batches = self.pending.iter().flat_map(|b| b.records.iter().map(|r| r.quantity));
+        let (n, units) = batches.fold((0, 0u64), |(n, u), q| (n + 1, u + q));
+        (n + self.staged.len(), units + self.staged.values().sum::<u64>())
+    }
+}
+
+/// What one [`Tollgate::flush`] committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Batches committed.
+    pub batches: usize,
+    /// Usage records in them.
+    pub records: usize,
+    /// Units in them.
+    pub units: u64,
+}
+
+const COMMIT_ATTEMPTS: u32 = 3;
+
+impl Tollgate {
+    /// Commits all usage recorded so far to the store, exactly once: a batch that fails is
+    /// kept and retried first, with the same id, by the next flush. Usage is drained from the
+    /// tenants' counters even when the store is down (held in memory, merged per tenant,
+    /// meter and window, up to a bound), so an outage longer than a window keeps every
+    /// window's usage in its own window.
+    ///
+    /// # Errors
+    /// The store error that stopped the flush; nothing is lost.
+    pub async fn flush(&self) -> Result<FlushReport, StoreError> {
+        let mut p = self.shared.pipeline.lock().await;
+        self.shared.clock.resync();
+        let mut report = FlushReport::default();
+        let dropped = self.drain(&mut p);
+        self.return_leases(dropped).await;
+        self.commit_pending(&mut p, &mut report).await?;
+        if !p.staged.is_empty() {
+            let records: Vec<UsageRecord> = p
+                .staged
+                .drain()
+                .map(|((tenant, meter, window_start), quantity)| {
+                    UsageRecord::new(tenant, meter, window_start, quantity)
+                })
+                .collect();
+            let max = self.shared.store.max_batch_records().max(1);
+            for chunk in records.chunks(max) {
+                p.seq += 1;
+                let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
+                p.pending.push_back(UsageBatch::new(id, chunk.to_vec()));
+            }
+        }
+        self.commit_pending(&mut p, &mut report).await?;
+        if report.batches > 0 {
+            tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");
+        }
+        Ok(report)
+    }
+
+    async fn commit_pending(&self, p: &mut Pipeline, report: &mut FlushReport) -> Result<(), StoreError> {
+        let timeout = self.shared.runtime.load().config.usage.store_timeout.max(Duration::from_secs(2));
+        while let Some(batch) = p.pending.front() {
+            let mut attempt = 0;
+            let outcome = loop {
+                attempt += 1;
+                match with_timeout(timeout, self.shared.store.commit_usage(batch)).await {
+                    Ok(outcome) => break Ok(outcome),
+                    Err(e) if attempt < COMMIT_ATTEMPTS => {
+                        tracing::debug!(error = %e, attempt, "usage commit failed, retrying");
+                        tokio::time::sleep(Duration::from_millis(50 << (2 * attempt))).await;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            match outcome {
+                Ok(outcome) => {
+                    let units: u64 = batch.records.iter().map(|r| r.quantity).sum();
+                    if outcome == CommitOutcome::Applied {
+                        report.units += units;
+                    }
+                    report.batches += 1;
+                    report.records += batch.records.len();
+                    let t = &self.shared.totals;
+                    Totals::add(&t.flushes, 1);
+                    Totals::add(&t.flushed_units, units);
+                    self.shared.metrics.flushes.increment(1);
+                    self.shared.metrics.flushed_units.increment(units);
+                    p.pending.pop_front();
+                }
+                Err(e) => {
+                    Totals::add(&self.shared.totals.flush_errors, 1);
+                    self.shared.metrics.flush_errors.increment(1);
+                    let (records, units) = p.held();
+                    tracing::warn!(error = %e, records, units, "usage flush failed; the usage is kept and retried");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the usage of every tenant (retired ones included) into the staged records, one
+    /// per (tenant, meter, window). Returns the retired states nobody holds any more (their
+    /// leases go back).
+    fn drain(&self, p: &mut Pipeline) -> Vec<Tenant> {
+        if p.staged.len() >= MAX_STAGED {
+            tracing::error!(
+                records = p.staged.len(),
+                "usage held for an unreachable store is at its bound; new usage stays in the tenants' counters"
+            );
+            return Vec::new();
+        }
+        let staged = &mut p.staged;
+        let mut add = |s: &Tenant, m: usize, window_start: i64, quantity: u64| {
+            *staged.entry((s.id.clone(), s.plan.meters.ids[m].clone(), window_start)).or_default() += quantity;
+        };
+        self.shared.table.for_each(|s| s.drain_usage(|m, w, q| add(s, m, w, q)));
+        let mut dropped = Vec::new();
+        let mut retired = self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|s| {
+            // Checked before draining: with no other holder, nothing can record after.
+            let sole = Tenant::count(s) == 1;
+            s.drain_usage(|m, w, q| add(s, m, w, q));
+            if sole {
+                dropped.push(s.clone());
+            }
+            !sole
+        });
+        dropped
+    }
+
+    /// Gives the unused units of these states' current leases back to the store, and owes
+    /// what they used beyond them.
+    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) {
+        for state in states {
+            for cell in state.quotas() {
+                self.return_lease(cell).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The engine's life: evicting idle tenants, refilling leases in the background, reloading
+//! the configuration, shutting down without losing usage.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use super::{
+    engine::{with_timeout, Prefetch},
+    metrics::Totals,
+    ExportReport, FlushReport, Tollgate,
+};
+use crate::{config::Config, plan::Runtime, store::StoreError};
+
+/// What [`Tollgate::shutdown`] drained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// The final flush.
+    pub flush: FlushReport,
+    /// The final export.
+    pub export: ExportReport,
+}
+
+/// [`Tollgate::shutdown`] could not hand everything to the store before
+/// `usage.shutdown_timeout`: what was lost with this process.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ShutdownError {
+    records: usize,
+    units: u64,
+    source: StoreError,
+}
+
+impl ShutdownError {
+    /// Usage records (tenant, meter, window) not committed to the store.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    /// Units in them.
+    pub fn units(&self) -> u64 {
+        self.units
+    }
+
+    /// The last store error.
+    pub fn store_error(&self) -> &StoreError {
+        &self.source
+    }
+}
+
+impl fmt::Display for ShutdownError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "shutdown could not finish: {} usage records ({} units) were not flushed: {}",
+            self.records, self.units, self.source
+        )
+    }
+}
+
+impl std::error::Error for ShutdownError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl Tollgate {
+    /// Evicts tenants idle for longer than `limits.idle_timeout`, then the least recently
+    /// seen ones while more than `limits.max_tenants` are held. Their usage is flushed by the
+    /// next flush and their leases are given back. Returns how many were evicted.
+    pub async fn sweep(&self) -> usize {
+        let rt = self.shared.runtime.load_full();
+        let limits = &rt.config.limits;
+        let cutoff = self.shared.clock.unix_secs() - limits.idle_timeout.as_secs() as i64;
+        let mut seen = self.shared.table.last_seen();
+        let (mut evict, mut keep): (Vec<_>, Vec<_>) = seen.drain(..).partition(|(t, _)| *t < cutoff);
+        if keep.len() > limits.max_tenants {
+            keep.sort_by_key(|(t, _)| *t);
+            let extra = keep.len() - limits.max_tenants;
+            evict.extend(keep.drain(..extra));
+        }
+        let states = self.shared.table.evict(evict.into_iter().map(|(_, id)| id));
+        let n = states.len();
+        if n > 0 {
+            Totals::add(&self.shared.totals.evictions, n as u64);
+            self.shared.metrics.evictions.increment(n as u64);
+            self.shared.metrics.tenants.set(self.shared.table.len() as f64);
+            tracing::debug!(evicted = n, "tenants evicted");
+        }
+        self.return_leases(states).await;
+        n
+    }
+
+    /// Replaces the configuration of a running engine. Quota counters and recorded usage are
+    /// kept (they live in the store and the usage pipeline); every tenant is resolved again
+    /// under its new plan on its next request, with a fresh token bucket.
+    pub async fn reload(&self, config: Config) {
+        let rt = Runtime::compile(config, &self.shared.metrics, &self.shared.clock);
+        self.shared.runtime.store(Arc::new(rt));
+        let states = self.shared.table.evict_all();
+        self.return_leases(states).await;
+        tracing::info!("configuration reloaded");
+    }
+
+    /// Stops the worker, flushes every usage record, exports (closed windows; every window,
+    /// open ones included, when the store does not outlive the process, with timestamps no
+    /// later than now) and gives every lease back. Call it once the server has stopped taking
+    /// requests. A store that fails is retried until `usage.shutdown_timeout`.
+    ///
+    /// # Errors
+    /// A [`ShutdownError`] saying how many records and units were not flushed (also logged);
+    /// leases are still given back where the store takes them.
+    pub async fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
+        let _ = self.shared.shutdown.send(true);
+        let rt = self.shared.runtime.load_full();
+        let deadline = tokio::time::Instant::now() + rt.config.usage.shutdown_timeout;
+        let durable = self.shared.store.is_durable();
+        let mut report = ShutdownReport::default();
+        let mut delay = Duration::from_millis(20);
+        let result = loop {
+            let attempt = async {
+                let flush = self.flush().await?;
+                report.flush.batches += flush.batches;
+                report.flush.records += flush.records;
+                report.flush.units += flush.units;
+                let export = if durable { self.export().await? } else { self.export_before(i64::MAX).await? };
+                report.export = export;
+                Ok::<_, StoreError>(())
+            };
+            match attempt.await {
+                Ok(()) => break Ok(()),
+                Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                    tracing::warn!(error = %e, "shutdown: the store failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let mut live = Vec::new();
+        self.shared.table.for_each(|s| live.push(s.clone()));
+        self.return_leases(live).await;
+        match result {
+            Ok(()) => Ok(report),
+            Err(source) => {
+                let (records, units) = self.shared.pipeline.lock().await.held();
+                let err = ShutdownError { records, units, source };
+                tracing::error!(records, units, error = %err.source, "shutdown: usage not flushed is lost");
+                Err(err)
+            }
+        }
+    }
+
+    /// Refills a lease that fell below its low watermark.
+    pub(crate) async fn prefetch(&self, job: Prefetch) {
+        // A retired state needs no refill: its lease goes back when its last request is done.
+        let state = job.state;
+        if state.is_evicted() {
+            if let Some(cell) = state.quota(job.meter) {
+                cell.prefetch_done();
+            }
+            return;
+        }
+        let Some(cell) = state.quota(job.meter) else {
+            return;
+        };
+        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+        let now = self.shared.clock.unix_secs();
+        let result = with_timeout(timeout, async {
+            let _guard = cell.lock().lock().await;
+            self.settle_inflight(cell).await?;
+            if cell.lease() < cell.low() {
+                self.refill_locked(&state, cell, now, 0).await?;
+            }
+            Ok(())
+        })
+        .await;
+        cell.prefetch_done();
+        if let Err(e) = result {
+            self.store_error("prefetch lease", &e);
+        }
+    }
+}

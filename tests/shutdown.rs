@@ -1,0 +1,160 @@
+//! Nothing is lost at shutdown or through a store outage: a store that does not outlive the
+//! process exports every window at shutdown, open ones included; a store down at shutdown
+//! is retried until a deadline and the loss is reported; an outage longer than a window keeps
+//! usage in its own window.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use common::{Harness, NOON};
+use tollgate::{
+    billing::{BillingSink, MeterEvent, SinkError},
+    clock::Clock,
+    store::{ExportKey, MemoryStore, Store, UsageBatch},
+    Config, Tollgate,
+};
+
+#[derive(Debug, Default, Clone)]
+struct Collect(Arc<Mutex<Vec<MeterEvent>>>);
+
+#[async_trait]
+impl BillingSink for Collect {
+    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
+        self.0.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
+
+const TOML: &str = "[usage]\nflush_interval = \"10s\"\nwindow = \"1h\"\ngrace = \"5m\"\nshutdown_timeout = \"300ms\"\n[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+
+fn engine(store: Arc<dyn Store>, sink: Collect, at: i64) -> (Tollgate, tollgate::clock::FakeClock, Harness) {
+    let (clock, handle) = Clock::fake_at_unix(at);
+    let config = Config::from_toml_str(TOML).unwrap();
+    let (layer, _worker) = Tollgate::builder(config).store_arc(store).billing_sink(sink).clock(clock).build();
+    let tollgate = layer.handle().clone();
+    let h = Harness::from_layer(layer, handle.clone());
+    (tollgate, handle, h)
+}
+
+#[tokio::test]
+async fn shutdown_on_a_store_that_dies_with_the_process_exports_open_windows() {
+    let sink = Collect::default();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    // 12:10: the window 12:00–13:00 is open.
+    let (tollgate, clock, h) = engine(store.clone(), sink.clone(), NOON + 600);
+    for _ in 0..7 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    tollgate.shutdown().await.unwrap();
+    let events = sink.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!((events[0].value, events[0].revision, events[0].window_start), (7, 0, NOON));
+    assert!(events[0].timestamp <= NOON + 600, "no later than now: {}", events[0].timestamp);
+
+    // Usage that arrives later for the same window goes out as a new revision.
+    clock.advance(Duration::from_secs(60));
+    let (tollgate, _, h) = engine(store.clone(), sink.clone(), NOON + 660);
+    for _ in 0..2 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    tollgate.shutdown().await.unwrap();
+    let events = sink.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!((events[1].value, events[1].revision), (2, 1));
+}
+
+#[tokio::test]
+async fn a_store_down_at_shutdown_is_retried_then_the_loss_is_reported() {
+    let store = Arc::new(common::Faulty::default());
+    let (tollgate, _, h) = engine(store.clone(), Collect::default(), NOON);
+    for _ in 0..5 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    store.usage_down.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let err = tollgate.shutdown().await.unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(250), "retried until the deadline");
+    assert_eq!((err.records(), err.units()), (1, 5), "{err}");
+    assert!(err.to_string().contains("5 units"), "{err}");
+}
+
+#[tokio::test]
+async fn an_outage_longer_than_a_window_keeps_usage_in_its_own_window() {
+    let store = Arc::new(common::Faulty::default());
+    let (tollgate, clock, h) = engine(store.clone(), Collect::default(), NOON);
+    store.usage_down.store(true, Ordering::SeqCst);
+    // Three windows of usage while the store is down, the worker's flushes failing.
+    for (window, n) in [(0, 3u64), (1, 4), (2, 5)] {
+        for _ in 0..n {
+            assert_eq!(h.status("/", "key-t").await, 200);
+        }
+        assert!(tollgate.flush().await.is_err());
+        clock.advance(Duration::from_secs(3600));
+        let _ = window;
+    }
+    store.usage_down.store(false, Ordering::SeqCst);
+    tollgate.flush().await.unwrap();
+    for (i, want) in [3u64, 4, 5].into_iter().enumerate() {
+        let key = ExportKey::new("t".into(), "requests".into(), NOON + 3600 * i as i64);
+        let got = store.usage(&key).await.unwrap().map_or(0, |a| a.quantity);
+        assert_eq!(got, want, "window {i}");
+    }
+}
+
+/// Export pages go on past aggregates that cannot progress; dead letters can be listed.
+#[tokio::test]
+async fn dead_letters_are_listed_and_do_not_starve_the_rest() {
+    let store = MemoryStore::new();
+    let batch = UsageBatch::new(
+        tollgate::store::FlushId::new("f"),
+        (0..250)
+            .map(|i| tollgate::store::UsageRecord::new(format!("t{i:03}").into(), "requests".into(), 0, 1))
+            .collect(),
+    );
+    store.commit_usage(&batch).await.unwrap();
+    let mut after: Option<ExportKey> = None;
+    let mut seen = 0;
+    loop {
+        let page = store.pending_exports(3600, after.as_ref(), 100).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for a in &page {
+            if seen % 2 == 0 {
+                store.dead_letter(a, "refused").await.unwrap();
+            }
+            seen += 1;
+        }
+        after = page.last().map(|a| a.key.clone());
+    }
+    assert_eq!(seen, 250);
+    let dead = store.dead_letters(None, 1000).await.unwrap();
+    assert_eq!(dead.len(), 125);
+    assert_eq!(dead[0].reason, "refused");
+}
+
+/// No flush at all for three windows (a frozen Lambda, a stopped worker): the counter slot of
+/// the first window is reused by the third only after its usage was moved out.
+#[tokio::test]
+async fn usage_left_unflushed_for_two_windows_stays_in_its_window() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (tollgate, clock, h) = engine(store.clone(), Collect::default(), NOON);
+    for n in [3u64, 4, 5] {
+        for _ in 0..n {
+            assert_eq!(h.status("/", "key-t").await, 200);
+        }
+        clock.advance(Duration::from_secs(3600));
+    }
+    tollgate.flush().await.unwrap();
+    for (i, want) in [3u64, 4, 5].into_iter().enumerate() {
+        let key = ExportKey::new("t".into(), "requests".into(), NOON + 3600 * i as i64);
+        let got = store.usage(&key).await.unwrap().map_or(0, |a| a.quantity);
+        assert_eq!(got, want, "window {i}");
+    }
+}
