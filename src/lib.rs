@@ -21,5 +21,5 @@ pub use engine::{
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::{Credential, Identity, KeyHash};
-pub use usage::{TenantContext, UnknownMeter};
+pub use usage::{RecordError, TenantContext};
 pub use worker::Worker;

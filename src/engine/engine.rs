@@ -18,7 +18,7 @@ use crate::{
     billing::BillingSink,
     clock::Clock,
     config::{HeaderStyle, StoreErrorPolicy, TenantId},
-    plan::{CompiledPlan, Runtime},
+    plan::{CompiledPlan, RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{Store, StoreError},
     tenant::{check_api_key, Credential, KeyHash, QuotaRef, Take, Tenant, TenantState},
@@ -85,8 +85,7 @@ pub enum Admission {
 /// A request waiting on the store. Await [`Tollgate::resolve`] with it.
 pub struct PendingAdmission {
     stage: Stage,
-    meter: usize,
-    cost: u32,
+    route: RouteCost,
     idempotency: Option<(Box<[u8]>, u128)>,
 }
 
@@ -119,7 +118,7 @@ impl fmt::Debug for PendingAdmission {
             Stage::Resolve { .. } => "resolve tenant",
             Stage::Quota(_) => "lease quota",
         };
-        f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.cost).finish()
+        f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.route.cost).finish()
     }
 }
 
@@ -262,10 +261,10 @@ impl Tollgate {
             }
             Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
         };
-        let (meter, cost) = rt.route(req.method, req.path);
+        let route = rt.route(req.method, req.path);
         let idem = req.idempotency_key.map(|k| (k, self.shared.idempotency.request(req.method, req.path, req.query)));
         match self.shared.table.get(lookup) {
-            Some(state) => self.decide(state, meter, cost, idem),
+            Some(state) => self.decide(state, route, idem),
             None => {
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
@@ -274,8 +273,7 @@ impl Tollgate {
                 };
                 Admission::Pending(PendingAdmission {
                     stage: Stage::Resolve { credential },
-                    meter,
-                    cost,
+                    route,
                     idempotency: idem.map(|(k, r)| (k.into(), r)),
                 })
             }
@@ -284,7 +282,7 @@ impl Tollgate {
 
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        let PendingAdmission { stage, meter, cost, idempotency } = pending;
+        let PendingAdmission { stage, route, idempotency } = pending;
         let partial = match stage {
             Stage::Quota(partial) => partial,
             Stage::Resolve { credential } => {
@@ -292,7 +290,7 @@ impl Tollgate {
                     Ok(state) => state,
                     Err(rejection) => return Err(self.count(rejection)),
                 };
-                match self.decide(state, meter, cost, idempotency.as_ref().map(|(k, r)| (&k[..], *r))) {
+                match self.decide(state, route, idempotency.as_ref().map(|(k, r)| (&k[..], *r))) {
                     Admission::Admitted(t) => return Ok(t),
                     Admission::Rejected(r) => return Err(r),
                     Admission::Pending(PendingAdmission { stage: Stage::Quota(p), .. }) => p,
@@ -300,7 +298,7 @@ impl Tollgate {
                 }
             }
         };
-        self.lease_and_take(*partial, meter, cost).await
+        self.lease_and_take(*partial, route).await
     }
 
     /// Finds (or creates) the state of a tenant the table does not know yet.
@@ -387,7 +385,8 @@ impl Tollgate {
 
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    fn decide(&self, state: Tenant, meter: usize, cost: u32, idem: Option<(&[u8], u128)>) -> Admission {
+    fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
+        let (meter, cost) = (route.meter, route.cost);
         let (charged, claim) = match idem {
             None => (true, None),
             Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
@@ -413,7 +412,7 @@ impl Tollgate {
             },
         };
         let plan = &state.plan;
-        let mut headers = HeaderState::new(meter);
+        let mut headers = HeaderState::new(meter, route.shape);
         let now = if let Some(policy) = &plan.rate {
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
             let checked = policy.limiter.check(&state, cells);
@@ -458,6 +457,26 @@ impl Tollgate {
             state.touch(now);
             now
         };
+        if route.reports != 0 {
+            match self.check_reports(&state, route.reports, now) {
+                Ok(()) => {}
+                Err((m, Take::Exhausted)) => {
+                    if let Some(policy) = &plan.rate {
+                        state.give_back_cells(policy.nanos(cost));
+                        headers.give_back(cost, policy.burst.get());
+                    }
+                    let p = Partial { state, headers, claim, charged, at: now };
+                    return self.reject(self.quota_exceeded(p, m));
+                }
+                Err(_) => {
+                    return Admission::Pending(PendingAdmission {
+                        stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
+                        route,
+                        idempotency: None,
+                    })
+                }
+            }
+        }
         match self.take_units(&state, &mut headers, meter, cost, charged, now) {
             Ok(quota_tag) => {
                 self.shared.metrics.admitted.increment(1);
@@ -482,11 +501,25 @@ impl Tollgate {
             }
             Err(_) => Admission::Pending(PendingAdmission {
                 stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
-                meter,
-                cost,
+                route,
                 idempotency: None,
             }),
         }
+    }
+
+    /// Whether the hard quotas of the meters a route's handler reports still have units: the
+    /// first that does not (spent, or only the store can tell), with why.
+    #[inline]
+    fn check_reports(&self, state: &Tenant, reports: u64, now: i64) -> Result<(), (usize, Take)> {
+        let mut bits = reports;
+        while bits != 0 {
+            let m = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(cell) = state.quota(m) {
+                cell.check_units(1, now).map_err(|why| (m, why))?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes quota units from the local lease, in place. `Ok`: the tag of the period they
@@ -582,6 +615,7 @@ impl Tollgate {
         p.claim = None;
         let state = p.state.clone();
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
+        p.headers.set_meter(meter);
         let (_, end) = cell.period();
         let retry = (end - p.at).max(1) as u64;
         let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
@@ -605,9 +639,13 @@ impl Tollgate {
     /// meanwhile, else straight from a new reservation, so that no other request can take
     /// them first. Bounded by `store_timeout`, then `on_store_error` applies. A hard quota
     /// refuses only when the store has fewer units left than the request costs.
-    async fn lease_and_take(&self, mut p: Partial, meter: usize, cost: u32) -> Result<Ticket, Rejection> {
+    async fn lease_and_take(&self, mut p: Partial, route: RouteCost) -> Result<Ticket, Rejection> {
+        let (meter, cost) = (route.meter, route.cost);
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let state = p.state.clone();
+        if route.reports != 0 {
+            p = self.check_reports_with_store(p, route).await?;
+        }
         let Some(cell) = state.quota(meter) else {
             return Ok(self.ticket(p, cost, NO_TAG));
         };
@@ -685,6 +723,52 @@ impl Tollgate {
                 }
             }
         }
+    }
+
+    /// [`check_reports`](Self::check_reports), asking the store where the lease cannot
+    /// tell: a reported meter's debt is owed first, and the store then says whether units are
+    /// left.
+    async fn check_reports_with_store(&self, mut p: Partial, route: RouteCost) -> Result<Partial, Rejection> {
+        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+        let state = p.state.clone();
+        let mut bits = route.reports;
+        while bits != 0 {
+            let m = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let Some(cell) = state.quota(m) else { continue };
+            if cell.check_units(1, p.at).is_ok() {
+                continue;
+            }
+            let checked = with_timeout(timeout, async {
+                let _guard = cell.lock().lock().await;
+                self.settle_inflight(cell).await?;
+                if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
+                    self.refill_locked(&state, cell, p.at, 0).await?;
+                }
+                Ok(cell.check_units(1, p.at))
+            })
+            .await;
+            match checked {
+                Ok(Err(Take::Exhausted)) => {
+                    if let Some(policy) = &p.state.plan.rate {
+                        p.state.give_back_cells(policy.nanos(route.cost));
+                        p.headers.give_back(route.cost, policy.burst.get());
+                    }
+                    return Err(self.count(self.quota_exceeded(p, m)));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.store_error("reserve quota", &e);
+                    if p.state.plan.on_store_error == StoreErrorPolicy::FailClosed {
+                        p.claim = None;
+                        let r =
+                            Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
+                        return Err(self.count(r.with_retry_after(1).for_tenant(&p.state)));
+                    }
+                }
+            }
+        }
+        Ok(p)
     }
 
     fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {

@@ -11,7 +11,10 @@ use governor::{
 
 use crate::{
     clock::Clock,
-    config::{Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaSpec, Rate, StatusSet, StoreErrorPolicy, TenantId},
+    config::{
+        Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, StatusSet, StoreErrorPolicy,
+        TenantId,
+    },
     engine::Metrics,
     store::TenantRecord,
     tenant::KeyHash,
@@ -118,7 +121,8 @@ pub(crate) struct CompiledPlan {
     pub(crate) quota_of: Box<[Option<u8>]>,
     /// The usage window, in seconds.
     pub(crate) window_secs: i64,
-    /// The `RateLimit-Policy` value for a request on each meter (none: no policy applies).
+    /// The `RateLimit-Policy` value for each policy shape of the configuration (see
+    /// [`Runtime::shapes`]; none: no policy applies).
     pub(crate) policy_header: Box<[Option<http::HeaderValue>]>,
     pub(crate) on_store_error: StoreErrorPolicy,
     pub(crate) meters: Arc<MeterTable>,
@@ -160,6 +164,7 @@ impl CompiledPlan {
     fn compile(
         spec: &PlanSpec,
         meters: &Arc<MeterTable>,
+        shapes: &[(usize, u64)],
         config: &Config,
         metrics: &Arc<Metrics>,
         clock: &Clock,
@@ -177,20 +182,23 @@ impl CompiledPlan {
         let quotas: Box<[(usize, QuotaSpec)]> = quotas.into();
         let quota_of =
             (0..meters.ids.len()).map(|m| quotas.iter().position(|(i, _)| *i == m).map(|q| q as u8)).collect();
-        let policy_header = (0..meters.ids.len())
-            .map(|m| {
+        let policy_header = shapes
+            .iter()
+            .map(|&(m, reports)| {
                 let mut s = String::new();
                 if let Some(r) = &rate {
                     let _ = write!(s, "\"rate\";q={};w={}", r.q, r.w);
                 }
-                if let Some((_, q)) = quotas.iter().find(|(i, _)| *i == m) {
+                let reported =
+                    quotas.iter().filter(|(i, q)| *i != m && reports & (1 << i) != 0 && q.mode() == QuotaMode::Hard);
+                for (i, q) in quotas.iter().filter(|(i, _)| *i == m).chain(reported) {
                     if !s.is_empty() {
                         s.push_str(", ");
                     }
                     let _ = write!(
                         s,
                         "\"{}-{}\";q={};w={}",
-                        meters.ids[m],
+                        meters.ids[*i],
                         q.period().name(),
                         q.limit(),
                         q.period().nominal_secs()
@@ -221,8 +229,17 @@ impl CompiledPlan {
 pub(crate) struct CompiledRoute {
     method: Option<http::Method>,
     pattern: RoutePattern,
+    pub(crate) cost: RouteCost,
+}
+
+/// What a request on a route costs: its meter and units, the meters its handler reports (a
+/// bit per meter index), and the shape of its `RateLimit-Policy`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteCost {
     pub(crate) meter: usize,
     pub(crate) cost: u32,
+    pub(crate) reports: u64,
+    pub(crate) shape: u8,
 }
 
 /// Everything the request path needs from one configuration.
@@ -249,21 +266,35 @@ impl Runtime {
             ids[..=i].rotate_right(1);
         }
         let meters = Arc::new(MeterTable { ids: ids.into() });
+        let index = |m: &MeterId| meters.index(m.as_str()).expect("validated: routes name declared meters");
+        // The policy shapes of the routes: (meter, meters reported); first each meter alone,
+        // then one per other combination the routes use (at most 256 in all).
+        let mut shapes: Vec<(usize, u64)> = (0..meters.ids.len()).map(|m| (m, 0)).collect();
+        let routes: Box<[CompiledRoute]> = config
+            .routes
+            .iter()
+            .map(|r| {
+                let meter = index(&r.meter);
+                let reports = r.reports.iter().fold(0u64, |bits, m| bits | (1 << index(m)));
+                let shape = match shapes.iter().position(|s| *s == (meter, reports)) {
+                    Some(i) => i,
+                    None if reports != 0 && shapes.len() < 256 => {
+                        shapes.push((meter, reports));
+                        shapes.len() - 1
+                    }
+                    None => meter,
+                };
+                CompiledRoute {
+                    method: r.method.clone(),
+                    pattern: r.pattern.clone(),
+                    cost: RouteCost { meter, cost: r.cost.get(), reports, shape: shape as u8 },
+                }
+            })
+            .collect();
         let plans: HashMap<PlanId, Arc<CompiledPlan>> = config
             .plans
             .values()
-            .map(|p| (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &config, metrics, clock))))
-            .collect();
-        let index = |m: &MeterId| meters.index(m.as_str()).expect("validated: routes name declared meters");
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| CompiledRoute {
-                method: r.method.clone(),
-                pattern: r.pattern.clone(),
-                meter: index(&r.meter),
-                cost: r.cost.get(),
-            })
+            .map(|p| (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &shapes, &config, metrics, clock))))
             .collect();
         let default_meter = index(&config.default_meter);
         let anonymous = match &config.on_unknown {
@@ -276,7 +307,8 @@ impl Runtime {
             for k in &t.key_hashes {
                 static_keys.insert(*k, t.id.clone());
             }
-            let record = TenantRecord { id: t.id.clone(), plan: t.plan.clone(), customer: t.stripe_customer.clone() };
+            let mut record = TenantRecord::new(t.id.clone(), t.plan.clone());
+            record.customer = t.stripe_customer.clone();
             static_tenants.insert(t.id.clone(), record);
         }
         let challenge = match &config.identify {
@@ -311,12 +343,12 @@ impl Runtime {
 
     /// The meter and cost of a request: the first matching route, else the default meter at 1.
     #[inline]
-    pub(crate) fn route(&self, method: &str, path: &str) -> (usize, u32) {
+    pub(crate) fn route(&self, method: &str, path: &str) -> RouteCost {
         for r in self.routes.iter() {
             if r.method.as_ref().is_none_or(|m| m.as_str() == method) && r.pattern.matches(path) {
-                return (r.meter, r.cost);
+                return r.cost;
             }
         }
-        (self.default_meter, 1)
+        RouteCost { meter: self.default_meter, cost: 1, reports: 0, shape: self.default_meter as u8 }
     }
 }

@@ -3,5 +3,5 @@
 mod compiled;
 mod route;
 
-pub(crate) use compiled::{CompiledPlan, Runtime};
+pub(crate) use compiled::{CompiledPlan, RouteCost, Runtime};
 pub use route::RoutePattern;

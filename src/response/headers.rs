@@ -73,6 +73,8 @@ pub(crate) struct HeaderState {
     meter: u16,
     /// Bit 0: the rate is reported; bit 1: the quota is.
     has: u8,
+    /// The policy shape of the request's route (an index of the plan's policy headers).
+    shape: u8,
 }
 
 const RATE: u8 = 1;
@@ -83,8 +85,14 @@ fn secs32(secs: u64) -> u32 {
 }
 
 impl HeaderState {
-    pub(crate) fn new(meter: usize) -> Self {
-        Self { meter: meter as u16, ..Self::default() }
+    pub(crate) fn new(meter: usize, shape: u8) -> Self {
+        Self { meter: meter as u16, shape, ..Self::default() }
+    }
+
+    /// Reports the quota of `meter` instead (a reported meter whose quota refused the
+    /// request).
+    pub(crate) fn set_meter(&mut self, meter: usize) {
+        self.meter = meter as u16;
     }
 
     /// The meter index of the request.
@@ -149,7 +157,7 @@ pub(crate) fn emit(
     };
     match plan.header_style {
         HeaderStyle::Draft => {
-            if let Some(Some(policy)) = plan.policy_header.get(state.meter()) {
+            if let Some(Some(policy)) = plan.policy_header.get(usize::from(state.shape)) {
                 put(Field::RateLimitPolicy, Value::Prebuilt(policy));
             }
             if rate.is_some() || quota.is_some() {

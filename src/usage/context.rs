@@ -24,10 +24,18 @@ pub struct TenantContext {
     charged: bool,
 }
 
-/// The meter named in [`TenantContext::record`] is not declared in the configuration.
+/// Why [`TenantContext::record`] refused a quantity (nothing was recorded).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown meter `{0}`")]
-pub struct UnknownMeter(pub String);
+#[non_exhaustive]
+pub enum RecordError {
+    /// The meter is not declared in the configuration.
+    #[error("unknown meter `{0}`")]
+    UnknownMeter(String),
+    /// The quantity is larger than `i64::MAX` (no meter counts that much at once; it is
+    /// certainly a bug in the caller).
+    #[error("the quantity {0} is larger than i64::MAX")]
+    TooLarge(u64),
+}
 
 impl TenantContext {
     pub(crate) fn new(state: Tenant, charged: bool) -> Self {
@@ -55,13 +63,19 @@ impl TenantContext {
     }
 
     /// Records `quantity` units of `meter` for the tenant, in the current window. The units
-    /// also count against the tenant's quota on that meter (they happened: a hard quota
-    /// rejects the next requests, never this one). Does nothing for a replayed request.
+    /// also count against the tenant's quota on that meter: they happened, so a hard quota
+    /// never refuses this request, but once it is spent it refuses the next requests on the
+    /// routes that declare the meter in `reports` (recording on other routes still bills).
+    /// Does nothing for a replayed request.
     ///
     /// # Errors
-    /// [`UnknownMeter`] when `meter` is not declared.
-    pub fn record(&self, meter: &str, quantity: u64) -> Result<(), UnknownMeter> {
-        let index = self.state.plan.meters.index(meter).ok_or_else(|| UnknownMeter(meter.to_owned()))?;
+    /// [`RecordError::UnknownMeter`] when `meter` is not declared, [`RecordError::TooLarge`]
+    /// for a quantity past `i64::MAX`.
+    pub fn record(&self, meter: &str, quantity: u64) -> Result<(), RecordError> {
+        let index = self.state.plan.meters.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
+        if i64::try_from(quantity).is_err() {
+            return Err(RecordError::TooLarge(quantity));
+        }
         if !self.charged || quantity == 0 {
             return Ok(());
         }

@@ -2,4 +2,4 @@
 
 mod context;
 
-pub use context::{TenantContext, UnknownMeter};
+pub use context::{RecordError, TenantContext};

@@ -1,0 +1,57 @@
+//! Hard quotas on meters that only handlers report (`reports = ["tokens"]`): once spent, the
+//! routes that report the meter get 429 and show its policy; reported quantities are checked.
+#![allow(missing_docs)]
+
+mod common;
+
+use common::{Harness, NOON};
+use tollgate::{RecordError, RejectionKind};
+
+const TOML: &str = r#"
+[meters.tokens]
+[plans.p]
+quotas.tokens = { limit = 500, period = "month", mode = "hard", lease = 100 }
+[[routes]]
+path = "/tokens/{n}"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+"#;
+
+#[tokio::test]
+async fn a_spent_hard_quota_on_a_reported_meter_refuses_the_next_request() {
+    let h = Harness::new(TOML);
+    let r = h.get("/tokens/200", "key-t").await;
+    assert_eq!(r.status, 200);
+    let policy = r.header("ratelimit-policy").unwrap_or_default().to_owned();
+    assert!(policy.contains("\"tokens-month\";q=500"), "the reported meter's policy shows: {policy}");
+    assert_eq!(h.status("/tokens/200", "key-t").await, 200);
+    // This request crosses the limit (600 of 500): it completes, reporting what it used.
+    assert_eq!(h.status("/tokens/200", "key-t").await, 200);
+    let r = h.get("/tokens/1", "key-t").await;
+    assert_eq!(r.status, 429, "the next one is refused");
+    assert_eq!(r.json()["policy"], "tokens-month");
+    assert_eq!(r.rejection.unwrap().kind(), RejectionKind::QuotaExceeded);
+    // A route that does not report tokens is not refused; recording there still bills.
+    assert_eq!(h.status("/other", "key-t").await, 200);
+    h.tollgate.flush().await.unwrap();
+    let billed = common::committed(&**h.tollgate.store(), "t", "tokens", NOON - 7200, NOON + 7200, 3600).await;
+    assert_eq!(billed, 600);
+}
+
+#[tokio::test]
+async fn reported_quantities_are_checked() {
+    let h = Harness::new(TOML);
+    let admitted =
+        match h.tollgate.admit(&tollgate::RequestInfo::new("GET", "/other", tollgate::Credential::ApiKey(b"key-t"))) {
+            tollgate::Admission::Admitted(t) => t,
+            tollgate::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+            tollgate::Admission::Rejected(r) => panic!("{r}"),
+        };
+    let ctx = admitted.context();
+    assert!(matches!(ctx.record("widgets", 1), Err(RecordError::UnknownMeter(_))));
+    assert!(matches!(ctx.record("tokens", u64::MAX), Err(RecordError::TooLarge(_))));
+    assert!(ctx.record("tokens", 5).is_ok());
+    assert!(admitted.complete(200));
+}
