@@ -38,7 +38,7 @@ check "items" 200 "$(code "$base/v1/items" "${free[@]}")"
 check "no key" 401 "$(code "$base/v1/items")"
 check "unknown key" 401 "$(code "$base/v1/items" -H 'x-api-key: nope')"
 check "bad key" 400 "$(code "$base/v1/items" -H 'x-api-key: a b')"
-check "policy header" '"rate";q=2;w=1, "requests-day";q=20;w=86400' \
+check "policy header" '"rate";q=10;w=5, "requests-day";q=20;w=86400' \
   "$(curl -s -D - -o /dev/null "$base/v1/items" "${free[@]}" | tr -d '\r' | sed -n 's/^ratelimit-policy: //p')"
 # 5 + 1 + 1 units spent: 13 more pass, then the daily quota of 20 is spent.
 statuses=""
