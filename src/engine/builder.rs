@@ -108,6 +108,10 @@ impl Builder {
             pipeline: tokio::sync::Mutex::new(Pipeline::new()),
             sweep_now: Notify::new(),
             shutdown: shutdown_tx,
+            unknown: moka::sync::Cache::builder()
+                .max_capacity(limits.negative_capacity)
+                .time_to_live(limits.negative_ttl)
+                .build(),
             node: {
                 use std::hash::BuildHasher;
                 std::collections::hash_map::RandomState::new().hash_one(std::process::id())

@@ -18,10 +18,10 @@ use crate::{
     billing::BillingSink,
     clock::Clock,
     config::{HeaderStyle, StoreErrorPolicy, TenantId},
-    plan::{CompiledPlan, RouteCost, Runtime},
+    plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{Store, StoreError},
-    tenant::{check_api_key, Credential, KeyHash, QuotaRef, Take, Tenant, TenantState},
+    tenant::{check_api_key, Credential, QuotaRef, Take, Tenant, TenantState},
 };
 
 /// A request as the engine sees it, whatever the framework.
@@ -94,7 +94,7 @@ enum Stage {
     Quota(Box<Partial>),
 }
 
-enum OwnedCredential {
+pub(crate) enum OwnedCredential {
     ApiKey(Box<[u8]>),
     Tenant(TenantId),
     Anonymous,
@@ -140,6 +140,8 @@ pub(crate) struct Shared {
     pub(crate) pipeline: tokio::sync::Mutex<Pipeline>,
     pub(crate) sweep_now: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
+    /// Credentials the directory did not know, for `limits.negative_ttl`.
+    pub(crate) unknown: moka::sync::Cache<(u64, u64), ()>,
     /// This engine's id in the tokens of its quota calls, drawn at random when it is built.
     pub(crate) node: u64,
     /// The sequence number of its latest quota call.
@@ -244,10 +246,10 @@ impl Tollgate {
                 Lookup::ApiKey(key)
             }
             Credential::Tenant(id) => {
-                if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+                if !TenantId::is_valid(id) {
                     return self.reject(Rejection::new(
                         RejectionKind::MalformedCredentials,
-                        "the tenant identity must be 1 to 256 characters, none of them control characters",
+                        "a tenant identity is 1 to 128 visible ASCII characters",
                     ));
                 }
                 Lookup::Identity(id)
@@ -299,88 +301,6 @@ impl Tollgate {
             }
         };
         self.lease_and_take(*partial, route).await
-    }
-
-    /// Finds (or creates) the state of a tenant the table does not know yet.
-    async fn lookup(&self, credential: OwnedCredential) -> Result<Tenant, Rejection> {
-        let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.usage.store_timeout;
-        let record = match &credential {
-            OwnedCredential::ApiKey(key) => {
-                let hash = KeyHash::of(key);
-                match rt.static_keys.get(&hash).and_then(|t| rt.static_tenants.get(t)) {
-                    Some(r) => Ok(Some(r.clone())),
-                    None => with_timeout(timeout, self.shared.store.find_key(&hash)).await,
-                }
-            }
-            OwnedCredential::Tenant(id) => match rt.static_tenants.get(id) {
-                Some(r) => Ok(Some(r.clone())),
-                None => with_timeout(timeout, self.shared.store.tenant(id)).await,
-            },
-            OwnedCredential::Anonymous => Ok(None),
-        };
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                self.store_error("find tenant", &e);
-                // Without a tenant nothing can be billed: only an anonymous plan can fail open.
-                return match &rt.anonymous {
-                    Some(plan) if plan.on_store_error == StoreErrorPolicy::FailOpen => Ok(self.anonymous(&rt, plan)),
-                    _ => Err(Rejection::new(
-                        RejectionKind::StoreUnavailable,
-                        "the tenant directory did not answer in time",
-                    )
-                    .with_retry_after(1)),
-                };
-            }
-        };
-        let Some(record) = record else {
-            return match &rt.anonymous {
-                Some(plan) => Ok(self.anonymous(&rt, plan)),
-                None => {
-                    let mut r =
-                        Rejection::new(RejectionKind::UnknownCredentials, "the credential does not match any tenant");
-                    r.inner.challenge = Some(rt.challenge.clone());
-                    Err(r)
-                }
-            };
-        };
-        let Some(plan) = rt.plans.get(&record.plan) else {
-            tracing::error!(tenant = %record.id, plan = %record.plan, "tenant is on a plan the configuration does not declare");
-            return Err(Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
-                .with_retry_after(60));
-        };
-        let lookup = match &credential {
-            OwnedCredential::ApiKey(key) => Lookup::ApiKey(key),
-            OwnedCredential::Tenant(id) => Lookup::Identity(id.as_str()),
-            OwnedCredential::Anonymous => Lookup::Identity(ANONYMOUS),
-        };
-        let state = self
-            .shared
-            .table
-            .attach(lookup, &record.id, || self.new_state(record.id.clone(), plan, record.customer.clone()));
-        self.after_insert(&rt);
-        Ok(state)
-    }
-
-    fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
-        let id = TenantId::from("anonymous");
-        let state =
-            self.shared.table.attach(Lookup::Identity(ANONYMOUS), &id, || self.new_state(id.clone(), plan, None));
-        self.after_insert(rt);
-        state
-    }
-
-    fn new_state(&self, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
-        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock.clone())
-    }
-
-    fn after_insert(&self, rt: &Runtime) {
-        let tracked = self.shared.table.len();
-        self.shared.metrics.tenants.set(tracked as f64);
-        if tracked > rt.config.limits.max_tenants {
-            self.shared.sweep_now.notify_one();
-        }
     }
 
     /// Rate, idempotency and quota for a known tenant, without waiting.

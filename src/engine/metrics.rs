@@ -21,6 +21,7 @@ pub(crate) struct Metrics {
     pub(crate) exported_events: Counter,
     pub(crate) dead_letters: Counter,
     pub(crate) evictions: Counter,
+    pub(crate) negative_hits: Counter,
     pub(crate) tenants: Gauge,
 }
 
@@ -40,6 +41,7 @@ impl Metrics {
             exported_events: counter!("tollgate_export_events_total"),
             dead_letters: counter!("tollgate_export_dead_letters_total"),
             evictions: counter!("tollgate_tenants_evicted_total"),
+            negative_hits: counter!("tollgate_unknown_credential_cache_hits_total"),
             tenants: gauge!("tollgate_tenants_tracked"),
         }
     }
@@ -61,6 +63,7 @@ pub(crate) struct Totals {
     pub(crate) exported_units: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
     pub(crate) evictions: AtomicU64,
+    pub(crate) negative_hits: AtomicU64,
 }
 
 impl Totals {
@@ -91,6 +94,9 @@ pub struct Stats {
     pub dead_letters: u64,
     /// Tenants evicted (idle, or over the cap).
     pub evictions: u64,
+    /// Requests with a credential the directory had just said it did not know, answered
+    /// without asking it again.
+    pub negative_hits: u64,
 }
 
 impl Totals {
@@ -106,6 +112,7 @@ impl Totals {
             exported_units: l(&self.exported_units),
             dead_letters: l(&self.dead_letters),
             evictions: l(&self.evictions),
+            negative_hits: l(&self.negative_hits),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The engine shared by every front door: admission, completion, the usage pipeline.
 
 mod builder;
+mod directory;
 #[allow(clippy::module_inception)]
 mod engine;
 mod export;

@@ -10,7 +10,7 @@ use foldhash::fast::RandomState;
 
 use crate::{
     config::TenantId,
-    tenant::{Fingerprinter, Tenant, TenantState, TAG_API_KEY, TAG_TENANT},
+    tenant::{Fingerprinter, KeyHash, Tenant, TenantState, TAG_API_KEY, TAG_TENANT},
 };
 
 /// How a request names its tenant, as a key of the table.
@@ -47,9 +47,9 @@ impl Hasher for PassThrough {
 /// A credential's 128-bit digest as two words: 8-byte aligned, so that a table entry (digest
 /// and handle) takes 24 bytes, not the 32 a 16-byte aligned `u128` rounds it up to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Digest {
-    lo: u64,
-    hi: u64,
+pub(crate) struct Digest {
+    pub(crate) lo: u64,
+    pub(crate) hi: u64,
 }
 
 impl std::hash::Hash for Digest {
@@ -59,6 +59,17 @@ impl std::hash::Hash for Digest {
     }
 }
 
+/// A tenant held by the table: its state, the credentials that reach it, and when the
+/// directory last confirmed them.
+pub(crate) struct Entry {
+    pub(crate) state: Tenant,
+    /// Each credential's digest, and the hash of its key (`None`: an identity).
+    pub(crate) creds: Vec<(Digest, Option<KeyHash>)>,
+    /// When the directory last confirmed this tenant (Unix seconds); `i64::MAX`: declared in
+    /// the configuration (never revalidated: a reload replaces it).
+    pub(crate) validated: i64,
+}
+
 /// Credentials map to tenant states by a 128-bit SipHash-1-3 digest keyed by secrets drawn at
 /// start-up (a PRF: nobody outside the process can make two credentials collide, and by
 /// chance they collide with probability about n²/2¹²⁹). Matching the whole digest stands for
@@ -66,7 +77,7 @@ impl std::hash::Hash for Digest {
 pub(crate) struct TenantTable {
     digest: Fingerprinter,
     credentials: DashMap<Digest, Tenant, BuildHasherDefault<PassThrough>>,
-    tenants: DashMap<TenantId, Tenant, RandomState>,
+    tenants: DashMap<TenantId, Entry, RandomState>,
     /// States taken out of the maps (evicted, or replaced by a reload) that may still receive
     /// usage from requests in flight: drained at every flush until nobody else holds them.
     pub(crate) retired: Mutex<Vec<Tenant>>,
@@ -86,7 +97,7 @@ impl TenantTable {
     }
 
     #[inline]
-    fn digest(&self, lookup: Lookup<'_>) -> Digest {
+    pub(crate) fn digest(&self, lookup: Lookup<'_>) -> Digest {
         let f = match lookup {
             Lookup::ApiKey(key) => self.digest.of(TAG_API_KEY, key),
             Lookup::Identity(id) => self.digest.of(TAG_TENANT, id.as_bytes()),
@@ -102,10 +113,29 @@ impl TenantTable {
         Some(self.credentials.get(&self.digest(lookup))?.value().clone())
     }
 
-    /// The state of `id`, created by `make` if absent; `lookup` then reaches it directly.
-    pub(crate) fn attach(&self, lookup: Lookup<'_>, id: &TenantId, make: impl FnOnce() -> TenantState) -> Tenant {
-        let state = self.tenants.entry(id.clone()).or_insert_with(|| Tenant::new(make())).clone();
-        self.credentials.insert(self.digest(lookup), state.clone());
+    /// The state of `id`, created by `make` if absent; `lookup` (whose key hashes to `hash`,
+    /// for an API key) then reaches it directly. `validated`: when the directory confirmed it.
+    pub(crate) fn attach(
+        &self,
+        lookup: Lookup<'_>,
+        hash: Option<KeyHash>,
+        id: &TenantId,
+        validated: i64,
+        make: impl FnOnce() -> TenantState,
+    ) -> Tenant {
+        let digest = self.digest(lookup);
+        let state = {
+            let mut entry = self.tenants.entry(id.clone()).or_insert_with(|| Entry {
+                state: Tenant::new(make()),
+                creds: Vec::new(),
+                validated,
+            });
+            if !entry.creds.iter().any(|(d, _)| *d == digest) {
+                entry.creds.push((digest, hash));
+            }
+            entry.state.clone()
+        };
+        self.credentials.insert(digest, state.clone());
         state
     }
 
@@ -115,26 +145,74 @@ impl TenantTable {
 
     pub(crate) fn for_each(&self, mut f: impl FnMut(&Tenant)) {
         for entry in self.tenants.iter() {
-            f(entry.value());
+            f(&entry.value().state);
         }
     }
 
     /// (last seen, tenant) of every tenant.
     pub(crate) fn last_seen(&self) -> Vec<(i64, TenantId)> {
-        self.tenants.iter().map(|e| (e.value().last_seen(), e.key().clone())).collect()
+        self.tenants.iter().map(|e| (e.value().state.last_seen(), e.key().clone())).collect()
+    }
+
+    /// Tenants last confirmed before `before` (declared ones excepted): (tenant, last seen,
+    /// its credentials).
+    pub(crate) fn stale(&self, before: i64) -> Vec<(TenantId, i64, Vec<(Digest, Option<KeyHash>)>)> {
+        self.tenants
+            .iter()
+            .filter(|e| e.value().validated < before)
+            .map(|e| (e.key().clone(), e.value().state.last_seen(), e.value().creds.clone()))
+            .collect()
+    }
+
+    /// The state held for `id`.
+    pub(crate) fn state(&self, id: &TenantId) -> Option<Tenant> {
+        self.tenants.get(id).map(|e| e.state.clone())
+    }
+
+    /// Records that the directory confirmed `id` at `now`.
+    pub(crate) fn confirmed(&self, id: &TenantId, now: i64) {
+        if let Some(mut e) = self.tenants.get_mut(id) {
+            e.validated = now;
+        }
+    }
+
+    /// Takes one credential out of the table.
+    pub(crate) fn forget(&self, digest: Digest) {
+        if let Some((_, state)) = self.credentials.remove(&digest) {
+            if let Some(mut e) = self.tenants.get_mut(&state.id) {
+                e.creds.retain(|(d, _)| *d != digest);
+            }
+        }
+    }
+
+    /// Replaces the state of `id` (its plan or customer changed): its credentials reach `make`'s
+    /// state from now on; the old one is retired (its usage is kept, its leases go back).
+    pub(crate) fn replace(&self, id: &TenantId, now: i64, make: impl FnOnce() -> TenantState) -> Option<Tenant> {
+        let mut e = self.tenants.get_mut(id)?;
+        let old = std::mem::replace(&mut e.state, Tenant::new(make()));
+        e.validated = now;
+        for (digest, _) in &e.creds {
+            self.credentials.insert(*digest, e.state.clone());
+        }
+        drop(e);
+        old.mark_evicted();
+        self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(old.clone());
+        Some(old)
     }
 
     /// Takes tenants out of the table; returns their states, which are also kept as retired.
     pub(crate) fn evict(&self, ids: impl IntoIterator<Item = TenantId>) -> Vec<Tenant> {
         let mut out = Vec::new();
         for id in ids {
-            if let Some((_, state)) = self.tenants.remove(&id) {
-                state.mark_evicted();
-                out.push(state);
+            if let Some((_, entry)) = self.tenants.remove(&id) {
+                for (digest, _) in &entry.creds {
+                    self.credentials.remove_if(digest, |_, s| Tenant::ptr_eq(s, &entry.state));
+                }
+                entry.state.mark_evicted();
+                out.push(entry.state);
             }
         }
         if !out.is_empty() {
-            self.credentials.retain(|_, s| !s.is_evicted());
             self.retired.lock().unwrap_or_else(|e| e.into_inner()).extend(out.iter().cloned());
         }
         out

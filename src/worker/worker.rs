@@ -8,7 +8,8 @@ use tokio::{
 use crate::engine::{Prefetch, Tollgate};
 
 /// The engine's background work: flushes usage every `usage.flush_interval` and exports
-/// closed windows, refills quota leases before they run out, evicts idle tenants.
+/// closed windows, refills quota leases before they run out, evicts idle tenants, revalidates
+/// the tenant directory within `limits.directory_ttl`.
 ///
 /// Nothing runs unless the caller spawns [`run`](Self::run); there are no hidden threads.
 /// It returns after [`Tollgate::shutdown`], which does the final flush itself (so it also
@@ -42,11 +43,13 @@ impl Worker {
             // Read in place: the configuration (with its tenants) is not cloned per tick.
             let rt = t.shared.runtime.load();
             let sweep = (rt.config.limits.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-            (rt.config.usage.flush_interval, sweep)
+            let directory = (rt.config.limits.directory_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            (rt.config.usage.flush_interval, sweep, directory)
         };
-        let (flush_every, sweep_every) = intervals(&self.tollgate);
+        let (flush_every, sweep_every, directory_every) = intervals(&self.tollgate);
         let mut next_flush = Instant::now() + flush_every;
         let mut next_sweep = Instant::now() + sweep_every;
+        let mut next_directory = Instant::now() + directory_every;
         loop {
             if *self.shutdown.borrow() {
                 break;
@@ -61,13 +64,18 @@ impl Worker {
                             tracing::warn!(error = %e, "usage export failed; retried at the next flush");
                         }
                     }
-                    let (flush_every, _) = intervals(&self.tollgate);
+                    let (flush_every, _, _) = intervals(&self.tollgate);
                     next_flush = Instant::now() + flush_every;
                 }
                 _ = tokio::time::sleep_until(next_sweep) => {
                     self.tollgate.sweep().await;
-                    let (_, sweep_every) = intervals(&self.tollgate);
+                    let (_, sweep_every, _) = intervals(&self.tollgate);
                     next_sweep = Instant::now() + sweep_every;
+                }
+                _ = tokio::time::sleep_until(next_directory) => {
+                    self.tollgate.revalidate().await;
+                    let (_, _, directory_every) = intervals(&self.tollgate);
+                    next_directory = Instant::now() + directory_every;
                 }
                 _ = self.tollgate.shared.sweep_now.notified() => {
                     self.tollgate.sweep().await;

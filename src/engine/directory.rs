@@ -1,0 +1,236 @@
+//! The tenant directory as this node sees it: the store's answers cached in the tenant
+//! table, revalidated off the request path within `limits.directory_ttl`, invalidated at
+//! once on demand; unknown credentials cached for `limits.negative_ttl`; the tenant cap held
+//! on insertion, whether or not the worker runs.
+
+use std::sync::Arc;
+
+use super::{
+    engine::{with_timeout, OwnedCredential},
+    metrics::Totals,
+    table::{Lookup, ANONYMOUS},
+    Tollgate,
+};
+use crate::{
+    config::{StoreErrorPolicy, TenantId},
+    plan::{CompiledPlan, Runtime},
+    response::{Rejection, RejectionKind},
+    store::TenantRecord,
+    tenant::{KeyHash, Tenant, TenantState},
+};
+
+/// How many tenants one revalidation pass reads before it yields.
+const BATCH: usize = 100;
+
+impl Tollgate {
+    /// Finds (or creates) the state of a tenant the table does not know yet.
+    pub(crate) async fn lookup(&self, credential: OwnedCredential) -> Result<Tenant, Rejection> {
+        let rt = self.shared.runtime.load_full();
+        let timeout = rt.config.usage.store_timeout;
+        let now = self.shared.clock.unix_secs();
+        let lookup = match &credential {
+            OwnedCredential::ApiKey(key) => Lookup::ApiKey(key),
+            OwnedCredential::Tenant(id) => Lookup::Identity(id.as_str()),
+            OwnedCredential::Anonymous => Lookup::Identity(ANONYMOUS),
+        };
+        let digest = self.shared.table.digest(lookup);
+        let unknown_key = (digest.lo, digest.hi);
+        let mut hash = None;
+        let mut validated = now;
+        let record = if self.shared.unknown.contains_key(&unknown_key) {
+            Totals::add(&self.shared.totals.negative_hits, 1);
+            self.shared.metrics.negative_hits.increment(1);
+            Ok(None)
+        } else {
+            match &credential {
+                OwnedCredential::ApiKey(key) => {
+                    let h = KeyHash::of(key);
+                    hash = Some(h);
+                    match rt.static_keys.get(&h).and_then(|t| rt.static_tenants.get(t)) {
+                        Some(r) => {
+                            validated = i64::MAX;
+                            Ok(Some(r.clone()))
+                        }
+                        None => with_timeout(timeout, self.shared.store.find_key(&h)).await,
+                    }
+                }
+                OwnedCredential::Tenant(id) => match rt.static_tenants.get(id) {
+                    Some(r) => {
+                        validated = i64::MAX;
+                        Ok(Some(r.clone()))
+                    }
+                    None => with_timeout(timeout, self.shared.store.tenant(id)).await,
+                },
+                OwnedCredential::Anonymous => Ok(None),
+            }
+        };
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                self.store_error("find tenant", &e);
+                // Without a tenant nothing can be billed: only an anonymous plan can fail open.
+                return match &rt.anonymous {
+                    Some(plan) if plan.on_store_error == StoreErrorPolicy::FailOpen => Ok(self.anonymous(&rt, plan)),
+                    _ => Err(Rejection::new(
+                        RejectionKind::StoreUnavailable,
+                        "the tenant directory did not answer in time",
+                    )
+                    .with_retry_after(1)),
+                };
+            }
+        };
+        let Some(record) = record else {
+            if !matches!(credential, OwnedCredential::Anonymous) {
+                self.shared.unknown.insert(unknown_key, ());
+            }
+            return match &rt.anonymous {
+                Some(plan) => Ok(self.anonymous(&rt, plan)),
+                None => {
+                    let mut r =
+                        Rejection::new(RejectionKind::UnknownCredentials, "the credential does not match any tenant");
+                    r.inner.challenge = Some(rt.challenge.clone());
+                    Err(r)
+                }
+            };
+        };
+        let Some(plan) = rt.plans.get(&record.plan) else {
+            tracing::error!(tenant = %record.id, plan = %record.plan, "tenant is on a plan the configuration does not declare");
+            return Err(Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
+                .with_retry_after(60));
+        };
+        let state = self.shared.table.attach(lookup, hash, &record.id, validated, || {
+            self.new_state(record.id.clone(), plan, record.customer.clone())
+        });
+        self.after_insert(&rt);
+        Ok(state)
+    }
+
+    fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
+        let id = TenantId::from("anonymous");
+        let state = self
+            .shared
+            .table
+            .attach(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, || self.new_state(id.clone(), plan, None));
+        self.after_insert(rt);
+        state
+    }
+
+    pub(crate) fn new_state(&self, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
+        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock.clone())
+    }
+
+    /// Holds the tenant cap on insertion, so that it holds where no worker runs (AWS Lambda):
+    /// past the cap, the least recently seen sixteenth of it is evicted at once (their usage
+    /// is drained and their leases returned by the next flush). The worker is woken too.
+    fn after_insert(&self, rt: &Runtime) {
+        let max = rt.config.limits.max_tenants;
+        let tracked = self.shared.table.len();
+        if tracked > max {
+            let mut seen = self.shared.table.last_seen();
+            seen.sort_unstable_by_key(|(t, _)| *t);
+            let keep = max - (max / 16).min(max.saturating_sub(1));
+            let extra = seen.len().saturating_sub(keep);
+            let evicted = self.shared.table.evict(seen.drain(..extra).map(|(_, id)| id));
+            if !evicted.is_empty() {
+                Totals::add(&self.shared.totals.evictions, evicted.len() as u64);
+                self.shared.metrics.evictions.increment(evicted.len() as u64);
+            }
+            self.shared.sweep_now.notify_one();
+        }
+        self.shared.metrics.tenants.set(self.shared.table.len() as f64);
+    }
+
+    /// Confirms with the store the tenants this node holds, off the request path (the worker
+    /// calls it; front doors without one may too). Tenants last confirmed more than
+    /// `limits.directory_ttl` ago and seen within it are read again, in batches: one store
+    /// read per credential (`find_key`, or `tenant` for an identity). A credential the store
+    /// no longer has stops working; a changed plan or customer gets a new state (the old
+    /// one's usage is kept and billed, its leases go back). Tenants not seen within the TTL
+    /// are dropped from the table instead, to be looked up on their next request. Tenants
+    /// declared in the configuration are not read. Returns how many tenants were read.
+    pub async fn revalidate(&self) -> usize {
+        let rt = self.shared.runtime.load_full();
+        let ttl = rt.config.limits.directory_ttl.as_secs() as i64;
+        let timeout = rt.config.usage.store_timeout;
+        let now = self.shared.clock.unix_secs();
+        let stale = self.shared.table.stale(now - ttl);
+        let (active, idle): (Vec<_>, Vec<_>) = stale.into_iter().partition(|(_, seen, _)| *seen >= now - ttl);
+        let dropped = self.shared.table.evict(idle.into_iter().map(|(id, _, _)| id));
+        self.return_leases(dropped).await;
+        let mut read = 0;
+        for batch in active.chunks(BATCH) {
+            for (id, _, creds) in batch {
+                read += 1;
+                let mut record: Option<TenantRecord> = None;
+                let mut failed = false;
+                for (digest, hash) in creds {
+                    let answer = match hash {
+                        Some(h) => with_timeout(timeout, self.shared.store.find_key(h)).await,
+                        None => with_timeout(timeout, self.shared.store.tenant(id)).await,
+                    };
+                    match answer {
+                        Ok(Some(r)) if r.id == *id => record = Some(r),
+                        Ok(_) => self.shared.table.forget(*digest),
+                        Err(e) => {
+                            // Kept as it is; asked again at the next pass.
+                            self.store_error("revalidate tenant", &e);
+                            failed = true;
+                        }
+                    }
+                }
+                if failed {
+                    continue;
+                }
+                match record {
+                    None => {
+                        let gone = self.shared.table.evict([id.clone()]);
+                        self.return_leases(gone).await;
+                    }
+                    Some(r) => self.refresh(&rt, r, now).await,
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        read
+    }
+
+    /// Applies a directory record to the tenant held: a new state if its plan or customer
+    /// changed, else just confirmed.
+    async fn refresh(&self, rt: &Runtime, record: TenantRecord, now: i64) {
+        let Some(current) = self.shared.table.state(&record.id) else {
+            return;
+        };
+        let changed = current.plan.id != record.plan || current.customer.as_deref() != record.customer.as_deref();
+        if !changed {
+            self.shared.table.confirmed(&record.id, now);
+            return;
+        }
+        let Some(plan) = rt.plans.get(&record.plan) else {
+            tracing::error!(tenant = %record.id, plan = %record.plan, "tenant moved to a plan the configuration does not declare");
+            return;
+        };
+        let old = self
+            .shared
+            .table
+            .replace(&record.id, now, || self.new_state(record.id.clone(), plan, record.customer.clone()));
+        if let Some(old) = old {
+            tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, "tenant plan changed");
+            self.return_leases(vec![old]).await;
+        }
+    }
+
+    /// Forgets what this node holds of `tenant`: its next request reads the directory again
+    /// (after a plan change made on this node, for example). Usage recorded so far is kept
+    /// and billed; its leases go back at the next flush.
+    pub fn invalidate_tenant(&self, tenant: &TenantId) {
+        self.shared.table.evict([tenant.clone()]);
+    }
+
+    /// Forgets an API key on this node (and that it was unknown): its next request reads the
+    /// directory again.
+    pub fn invalidate_key(&self, key: &[u8]) {
+        let digest = self.shared.table.digest(Lookup::ApiKey(key));
+        self.shared.table.forget(digest);
+        self.shared.unknown.invalidate(&(digest.lo, digest.hi));
+    }
+}

@@ -1,0 +1,100 @@
+//! The tenant directory as a running node sees it: unknown credentials cost bounded store
+//! traffic, the tenant cap holds without the worker, and removed keys and plan changes reach
+//! running nodes within `limits.directory_ttl` (at once through `invalidate_*`).
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use common::{Faulty, Harness, NOON};
+use tollgate::{
+    clock::Clock,
+    store::{Store, TenantRecord},
+    KeyHash,
+};
+
+const PLANS: &str = "[limits]\nnegative_ttl = \"10s\"\ndirectory_ttl = \"60s\"\n[plans.free]\nrate = \"1000/s\"\n[plans.pro]\nrate = \"5000/s\"\n";
+
+fn node(toml: &str) -> (Harness, Arc<Faulty>) {
+    let store = Arc::new(Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    (Harness::build(toml, store.clone(), clock, handle), store)
+}
+
+#[tokio::test]
+async fn unknown_credentials_cause_bounded_store_traffic() {
+    let (h, store) = node(PLANS);
+    for i in 0..100_000u32 {
+        let r = h.status("/", &format!("unknown-{}", i % 1000)).await;
+        assert_eq!(r, 401);
+    }
+    let lookups = store.lookups.load(Ordering::SeqCst);
+    assert!(lookups <= 1_050, "{lookups} lookups for 1,000 unknown keys within one TTL");
+    assert!(h.tollgate.stats().negative_hits >= 99_000);
+    // After the TTL, they are asked again (once each).
+    h.clock.advance(Duration::from_secs(11));
+    for i in 0..1000u32 {
+        assert_eq!(h.status("/", &format!("unknown-{i}")).await, 401);
+    }
+    assert!(store.lookups.load(Ordering::SeqCst) <= 2_100);
+}
+
+#[tokio::test]
+async fn the_tenant_cap_holds_without_the_worker() {
+    let (h, store) = node(&format!("[limits]\nmax_tenants = 10\n{}", &PLANS[9..]));
+    for i in 0..100 {
+        let record = TenantRecord::new(format!("t{i}").into(), "free".into());
+        store.inner.put_tenant(&record, &[KeyHash::of(format!("key-{i}").as_bytes())]).await.unwrap();
+    }
+    for i in 0..100 {
+        assert_eq!(h.status("/", &format!("key-{i}")).await, 200);
+        assert!(h.tollgate.stats().tracked_tenants <= 10, "at tenant {i}: {}", h.tollgate.stats().tracked_tenants);
+    }
+    // Nothing recorded was lost with the evicted states.
+    h.tollgate.flush().await.unwrap();
+    h.tollgate.flush().await.unwrap();
+    let mut total = 0;
+    for i in 0..100 {
+        total += common::committed(&*store, &format!("t{i}"), "requests", NOON - 3600, NOON + 3600, 3600).await;
+    }
+    assert_eq!(total, 100);
+}
+
+#[tokio::test]
+async fn removed_keys_and_plan_changes_reach_a_running_node() {
+    let (h, store) = node(PLANS);
+    let worker_less = h.tollgate.clone();
+    let acme = TenantRecord::new("acme".into(), "free".into());
+    let key = KeyHash::of(b"key-acme");
+    store.inner.put_tenant(&acme, &[key, KeyHash::of(b"key-acme-2")]).await.unwrap();
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
+    assert_eq!(h.status("/", "key-acme-2").await, 200);
+
+    // The plan changes and a key is removed in the store (by another node, or the CLI).
+    store.inner.put_tenant(&TenantRecord::new("acme".into(), "pro".into()), &[]).await.unwrap();
+    store.inner.remove_key(&key).await.unwrap();
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free", "cached within the TTL");
+    // Past the TTL, revalidation (off the request path: the worker's, here called directly).
+    h.clock.advance(Duration::from_secs(61));
+    worker_less.revalidate().await;
+    assert_eq!(h.status("/", "key-acme").await, 401, "the removed key stops working");
+    assert_eq!(&h.get("/", "key-acme-2").await.body[..], b"acme on pro", "the plan change reached the node");
+
+    // At once through invalidate_tenant.
+    store.inner.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[]).await.unwrap();
+    h.tollgate.invalidate_tenant(&"acme".into());
+    assert_eq!(&h.get("/", "key-acme-2").await.body[..], b"acme on free");
+    // And a key at once through invalidate_key.
+    store.inner.remove_key(&KeyHash::of(b"key-acme-2")).await.unwrap();
+    h.tollgate.invalidate_key(b"key-acme-2");
+    assert_eq!(h.status("/", "key-acme-2").await, 401);
+    // Usage recorded under the old plan was kept.
+    h.tollgate.flush().await.unwrap();
+    h.tollgate.flush().await.unwrap();
+    let billed = common::committed(&*store, "acme", "requests", NOON - 3600, NOON + 7200, 3600).await;
+    assert_eq!(billed, 5);
+}
