@@ -59,12 +59,15 @@ impl std::hash::Hash for Digest {
     }
 }
 
+/// The credentials that reach a tenant: each one's digest, and the hash of its key (`None`:
+/// an identity).
+pub(crate) type Creds = Vec<(Digest, Option<KeyHash>)>;
+
 /// A tenant held by the table: its state, the credentials that reach it, and when the
 /// directory last confirmed them.
 pub(crate) struct Entry {
     pub(crate) state: Tenant,
-    /// Each credential's digest, and the hash of its key (`None`: an identity).
-    pub(crate) creds: Vec<(Digest, Option<KeyHash>)>,
+    pub(crate) creds: Creds,
     /// When the directory last confirmed this tenant (Unix seconds); `i64::MAX`: declared in
     /// the configuration (never revalidated: a reload replaces it).
     pub(crate) validated: i64,
@@ -156,7 +159,7 @@ impl TenantTable {
 
     /// Tenants last confirmed before `before` (declared ones excepted): (tenant, last seen,
     /// its credentials).
-    pub(crate) fn stale(&self, before: i64) -> Vec<(TenantId, i64, Vec<(Digest, Option<KeyHash>)>)> {
+    pub(crate) fn stale(&self, before: i64) -> Vec<(TenantId, i64, Creds)> {
         self.tenants
             .iter()
             .filter(|e| e.value().validated < before)
