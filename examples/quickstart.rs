@@ -66,8 +66,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("  store:   embedded, in memory (usage flushed every {:?})", config.usage().flush_interval);
     println!("  billing: closed windows written to {}", usage_file.display());
 
-    let (layer, worker) = Tollgate::builder(config).billing_sink(JsonlSink::new(&usage_file)).build();
-    let tollgate = layer.handle().clone();
+    let (tollgate, worker) = Tollgate::builder(config).billing_sink(JsonlSink::new(&usage_file)).open().await?;
+    let layer = tollgate::TollgateLayer::new(tollgate.clone());
     let worker = tokio::spawn(worker.run());
 
     let app = Router::new()

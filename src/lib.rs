@@ -6,6 +6,7 @@ pub mod clock;
 pub mod config;
 mod engine;
 pub mod layer;
+mod metrics;
 pub mod plan;
 pub mod response;
 pub mod store;
@@ -15,10 +16,11 @@ mod worker;
 
 pub use config::Config;
 pub use engine::{
-    Admission, Builder, ExportReport, FlushReport, PendingAdmission, RequestInfo, ShutdownError, ShutdownReport, Stats,
-    Ticket, Tollgate,
+    Admission, BuildError, Builder, ExportReport, FlushReport, FrontDoor, PendingAdmission, RequestInfo, ShutdownError,
+    ShutdownReport, Ticket, Tollgate,
 };
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
+pub use metrics::Stats;
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::{Credential, Identity, KeyHash};
 pub use usage::{RecordError, TenantContext};

@@ -64,7 +64,8 @@ async fn counters_follow_admissions_rejections_usage_and_flushes() {
     .unwrap();
     let recorder = Recording::default();
     let (clock, _handle) = Clock::fake_at_unix(NOON);
-    let (layer, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
+    let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
+    let layer = tollgate::TollgateLayer::new(engine);
     let svc = layer.layer(tower::service_fn(|_r: http::Request<http_body_util::Full<bytes::Bytes>>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
     }));

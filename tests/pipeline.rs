@@ -183,7 +183,7 @@ fn engine_with_sink(config: &str, sink: Arc<Recording>) -> (Harness, Tollgate) {
         .store_arc(store)
         .clock(clock)
         .billing_sink(Shared(sink))
-        .build_engine();
+        .build();
     (h, engine)
 }
 
@@ -280,7 +280,8 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
     let path = dir.path().join("usage.jsonl");
     let (clock, fake) = Clock::fake_at_unix(NOON);
     let config = Config::from_toml_str(EXPORT).unwrap();
-    let (layer, worker) = Tollgate::builder(config).clock(clock).billing_sink(JsonlSink::new(&path)).build();
+    let (engine, worker) = Tollgate::builder(config).clock(clock).billing_sink(JsonlSink::new(&path)).build();
+    let layer = tollgate::TollgateLayer::new(engine);
     let tollgate = layer.handle().clone();
     let running = tokio::spawn(worker.run());
     let svc = tower::Layer::layer(

@@ -213,7 +213,7 @@ proptest::proptest! {
             let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
             let (clock, handle) = Clock::fake_at_unix(MONTH_END);
             let config = Config::from_toml_str(&toml).unwrap();
-            let (tollgate, _worker) = tollgate::Tollgate::builder(config.clone()).store_arc(store.clone()).clock(clock).build_engine();
+            let (tollgate, _worker) = tollgate::Tollgate::builder(config.clone()).store_arc(store.clone()).clock(clock).build();
             let info = tollgate::RequestInfo::new("GET", "/", tollgate::Credential::ApiKey(b"key-t"));
             let mut open: Vec<(tollgate::Ticket, i64)> = Vec::new();
             let mut used: std::collections::BTreeMap<i64, u64> = Default::default();

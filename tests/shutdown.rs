@@ -36,7 +36,8 @@ const TOML: &str = "[usage]\nflush_interval = \"10s\"\nwindow = \"1h\"\ngrace = 
 fn engine(store: Arc<dyn Store>, sink: Collect, at: i64) -> (Tollgate, tollgate::clock::FakeClock, Harness) {
     let (clock, handle) = Clock::fake_at_unix(at);
     let config = Config::from_toml_str(TOML).unwrap();
-    let (layer, _worker) = Tollgate::builder(config).store_arc(store).billing_sink(sink).clock(clock).build();
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store).billing_sink(sink).clock(clock).build();
+    let layer = tollgate::TollgateLayer::new(engine);
     let tollgate = layer.handle().clone();
     let h = Harness::from_layer(layer, handle.clone());
     (tollgate, handle, h)

@@ -140,7 +140,8 @@ pub(crate) fn tollgate_service(
             store.put_tenant(&record, &[KeyHash::of(key(i).as_bytes())]).await.unwrap();
         }
     });
-    let (layer, worker) = Tollgate::builder(config).store_arc(store).build();
+    let (engine, worker) = Tollgate::builder(config).store_arc(store).build();
+    let layer = tollgate::TollgateLayer::new(engine);
     rt.spawn(worker.run());
     let mut svc = layer.tenant_context(context).layer(bare());
     // Warm: every tenant known, every lease reserved.

@@ -9,6 +9,7 @@ use crate::config::{MeterId, TenantId};
 /// One billing meter event: the usage of a tenant on a meter in a closed window, not yet
 /// exported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct MeterEvent {
     /// A deterministic id of (tenant, meter, window, revision): a re-sent event carries the
     /// same id, so the billing system counts it once.

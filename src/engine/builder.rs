@@ -3,34 +3,46 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::{
-    engine::Shared, flush::Pipeline, idempotency::Idempotency, metrics::Totals, table::TenantTable, Metrics, Tollgate,
-};
+use super::{engine::Shared, flush::Pipeline, idempotency::Idempotency, table::TenantTable, Tollgate};
 use crate::{
     billing::BillingSink,
     clock::Clock,
     config::Config,
-    layer::TollgateLayer,
+    metrics::{Metrics, Totals},
     plan::Runtime,
     store::{MemoryStore, Store},
     tenant::Fingerprinter,
     worker::Worker,
 };
 
+/// Why [`Builder::open`] could not build an engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The store named by the configuration could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[source] crate::store::StoreError),
+}
+
 /// How many lease refills may wait for the worker; past that, requests refill themselves.
 const PREFETCH_QUEUE: usize = 1024;
 
-/// Builds a [`Tollgate`] engine, its tower layer and its [`Worker`].
+/// Builds a [`Tollgate`] engine and its [`Worker`]; each front door then wraps the engine
+/// (for tower: [`TollgateLayer::new`](crate::TollgateLayer::new)).
+///
+/// Two ways to finish: [`build`](Self::build), infallible, for stores given in code, and
+/// [`open`](Self::open), async and fallible, which will also open the stores the
+/// configuration names (a database file, a DynamoDB table).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let config = tollgate::Config::from_toml_str("[plans.free]\nrate = \"10/s\"").unwrap();
-/// let (layer, worker) = tollgate::Tollgate::builder(config).build();
-/// let handle = layer.handle().clone();
+/// let (tollgate, worker) = tollgate::Tollgate::builder(config).open().await.unwrap();
 /// tokio::spawn(worker.run());
+/// let layer = tollgate::TollgateLayer::new(tollgate.clone());
 /// // ... serve requests through `layer` ...
-/// handle.shutdown().await.unwrap();
+/// tollgate.shutdown().await.unwrap();
 /// # }
 /// ```
 #[must_use]
@@ -79,15 +91,18 @@ impl Builder {
         self
     }
 
-    /// Builds the engine. Returns the tower layer (see [`TollgateLayer::handle`] for the engine
-    /// itself) and the [`Worker`] to spawn.
-    pub fn build(self) -> (TollgateLayer, Worker) {
-        let (tollgate, worker) = self.build_engine();
-        (TollgateLayer::new(tollgate), worker)
+    /// Opens what the configuration names and builds the engine: the async, fallible way,
+    /// for everything a deployment configures outside code.
+    ///
+    /// # Errors
+    /// A [`BuildError`] saying what could not be opened.
+    pub async fn open(self) -> Result<(Tollgate, Worker), BuildError> {
+        Ok(self.build())
     }
 
-    /// Builds the engine alone, for front doors other than tower.
-    pub fn build_engine(self) -> (Tollgate, Worker) {
+    /// Builds the engine with the store given in code (a [`MemoryStore`] if none was).
+    /// Returns the engine and the [`Worker`] to spawn.
+    pub fn build(self) -> (Tollgate, Worker) {
         let metrics = Arc::new(Metrics::register());
         let limits = self.config.limits.clone();
         let fp = Fingerprinter::random();

@@ -7,17 +7,24 @@ use std::sync::Arc;
 
 use super::{
     engine::{with_timeout, OwnedCredential},
-    metrics::Totals,
     table::{Lookup, ANONYMOUS},
     Tollgate,
 };
 use crate::{
     config::{StoreErrorPolicy, TenantId},
-    plan::{CompiledPlan, Runtime},
+    metrics::Totals,
+    plan::{CompiledPlan, Runtime, StaticTenant},
     response::{Rejection, RejectionKind},
     store::TenantRecord,
     tenant::{KeyHash, Tenant, TenantState},
 };
+
+/// The directory record of a tenant declared in the configuration.
+fn declared(t: &StaticTenant) -> TenantRecord {
+    let mut r = TenantRecord::new(t.id.clone(), t.plan.clone());
+    r.customer = t.customer.clone();
+    r
+}
 
 /// How many tenants one revalidation pass reads before it yields.
 const BATCH: usize = 100;
@@ -49,7 +56,7 @@ impl Tollgate {
                     match rt.static_keys.get(&h).and_then(|t| rt.static_tenants.get(t)) {
                         Some(r) => {
                             validated = i64::MAX;
-                            Ok(Some(r.clone()))
+                            Ok(Some(declared(r)))
                         }
                         None => with_timeout(timeout, self.shared.store.find_key(&h)).await,
                     }
@@ -57,7 +64,7 @@ impl Tollgate {
                 OwnedCredential::Tenant(id) => match rt.static_tenants.get(id) {
                     Some(r) => {
                         validated = i64::MAX;
-                        Ok(Some(r.clone()))
+                        Ok(Some(declared(r)))
                     }
                     None => with_timeout(timeout, self.shared.store.tenant(id)).await,
                 },

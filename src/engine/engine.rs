@@ -10,7 +10,6 @@ use super::{
     flush::Pipeline,
     idempotency::{check_key, Claim, Idempotency, Verdict},
     lease::Refill,
-    metrics::{Metrics, Stats, Totals},
     table::{Lookup, TenantTable, ANONYMOUS},
     Ticket,
 };
@@ -18,6 +17,7 @@ use crate::{
     billing::BillingSink,
     clock::Clock,
     config::{HeaderStyle, StoreErrorPolicy, TenantId},
+    metrics::{Metrics, Stats, Totals},
     plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{Store, StoreError},

@@ -2,7 +2,8 @@
 //! outlive the process, of every window) become meter events, sent exactly once per (tenant,
 //! meter, window, revision).
 
-use super::{metrics::Totals, Tollgate};
+use super::Tollgate;
+use crate::metrics::Totals;
 use crate::{
     billing::{identifier, MeterEvent, SinkError},
     config::MeterId,

@@ -7,7 +7,8 @@ use std::{
     time::Duration,
 };
 
-use super::{engine::with_timeout, metrics::Totals, Tollgate};
+use super::{engine::with_timeout, Tollgate};
+use crate::metrics::Totals;
 use crate::{
     config::{MeterId, TenantId},
     store::{CommitOutcome, FlushId, StoreError, UsageBatch, UsageRecord},

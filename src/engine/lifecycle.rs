@@ -5,10 +5,9 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use super::{
     engine::{with_timeout, Prefetch},
-    metrics::Totals,
     ExportReport, FlushReport, Tollgate,
 };
-use crate::{config::Config, plan::Runtime, store::StoreError};
+use crate::{config::Config, metrics::Totals, plan::Runtime, store::StoreError};
 
 /// What [`Tollgate::shutdown`] drained.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

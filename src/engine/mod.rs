@@ -2,6 +2,7 @@
 
 mod builder;
 mod directory;
+mod door;
 #[allow(clippy::module_inception)]
 mod engine;
 mod export;
@@ -9,16 +10,14 @@ mod flush;
 mod idempotency;
 mod lease;
 mod lifecycle;
-mod metrics;
 mod table;
 mod ticket;
 
-pub use builder::Builder;
+pub use builder::{BuildError, Builder};
+pub use door::FrontDoor;
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};
 pub(crate) use engine::{Prefetch, RuntimeCache};
 pub use export::ExportReport;
 pub use flush::FlushReport;
 pub use lifecycle::{ShutdownError, ShutdownReport};
-pub(crate) use metrics::Metrics;
-pub use metrics::Stats;
 pub use ticket::Ticket;

@@ -21,8 +21,9 @@ use crate::{engine::Tollgate, response::ProblemJson};
 ///     plan = "free"
 ///     keys = ["tg_test_acme"]
 /// "#).unwrap();
-/// let (layer, worker) = tollgate::Tollgate::builder(config).build();
+/// let (tollgate, worker) = tollgate::Tollgate::builder(config).build();
 /// tokio::spawn(worker.run());
+/// let layer = tollgate::TollgateLayer::new(tollgate);
 /// let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(layer);
 /// # }
 /// ```

@@ -5,7 +5,7 @@ use tower_service::Service;
 
 use super::{future::ResponseFuture, FromConfig, TenantResolver};
 use crate::{
-    engine::{Admission, RequestInfo, RuntimeCache, Tollgate},
+    engine::{Admission, FrontDoor, RequestInfo, Tollgate},
     response::{Field, ProblemJson, Rejection, RejectionKind, RejectionResponder, Value},
 };
 
@@ -16,8 +16,7 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct TollgateService<S, R = FromConfig, P = ProblemJson> {
     inner: S,
-    tollgate: Tollgate,
-    runtime: RuntimeCache,
+    door: FrontDoor,
     resolver: R,
     responder: P,
     context: bool,
@@ -25,12 +24,12 @@ pub struct TollgateService<S, R = FromConfig, P = ProblemJson> {
 
 impl<S, R, P> TollgateService<S, R, P> {
     pub(crate) fn new(inner: S, tollgate: Tollgate, resolver: R, responder: P, context: bool) -> Self {
-        Self { inner, runtime: tollgate.runtime_cache(), tollgate, resolver, responder, context }
+        Self { inner, door: tollgate.front_door(), resolver, responder, context }
     }
 
     /// The engine.
     pub fn handle(&self) -> &Tollgate {
-        &self.tollgate
+        self.door.engine()
     }
 
     /// The wrapped service.
@@ -60,27 +59,28 @@ where
         // The clone that was driven to readiness serves this request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let rt = self.runtime.load();
-        let mut info = RequestInfo::new(
-            request.method().as_str(),
-            request.uri().path(),
-            self.resolver.resolve(&request, &rt.config.identify),
-        );
-        // Only read on the methods that honour it.
-        if rt.honours_idempotency_method(request.method()) {
-            let mut keys = request.headers().get_all(&IDEMPOTENCY_KEY).iter();
-            if let Some(key) = keys.next() {
-                if keys.next().is_some() {
-                    let r = Rejection::new(
-                        RejectionKind::MalformedIdempotencyKey,
-                        "the Idempotency-Key header is repeated",
-                    );
-                    return ResponseFuture::ready(reject(&self.responder, self.tollgate.count(r)));
+        let resolver = &self.resolver;
+        let admission = self.door.admit_raw(|rt| {
+            let mut info = RequestInfo::new(
+                request.method().as_str(),
+                request.uri().path(),
+                resolver.resolve(&request, &rt.config.identify),
+            );
+            // Only read on the methods that honour it.
+            if rt.honours_idempotency_method(request.method()) {
+                let mut keys = request.headers().get_all(&IDEMPOTENCY_KEY).iter();
+                if let Some(key) = keys.next() {
+                    if keys.next().is_some() {
+                        return Err(Rejection::new(
+                            RejectionKind::MalformedIdempotencyKey,
+                            "the Idempotency-Key header is repeated",
+                        ));
+                    }
+                    info = info.with_query(request.uri().query()).with_idempotency_key(key.as_bytes());
                 }
-                info = info.with_query(request.uri().query()).with_idempotency_key(key.as_bytes());
             }
-        }
-        let admission = self.tollgate.admit_in(rt, &info);
+            Ok(info)
+        });
         match admission {
             Admission::Admitted(ticket) => {
                 if self.context {
@@ -90,7 +90,7 @@ where
             }
             Admission::Rejected(rejection) => ResponseFuture::ready(reject(&self.responder, rejection)),
             Admission::Pending(pending) => {
-                let tollgate = self.tollgate.clone();
+                let tollgate = self.door.engine().clone();
                 let resolve = Box::pin(async move { tollgate.resolve(pending).await });
                 ResponseFuture::pending(resolve, inner, request, self.responder.clone(), self.context)
             }

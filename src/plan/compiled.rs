@@ -15,8 +15,7 @@ use crate::{
         Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, StatusSet, StoreErrorPolicy,
         TenantId,
     },
-    engine::Metrics,
-    store::TenantRecord,
+    metrics::Metrics,
     tenant::KeyHash,
     tenant::{Tenant, TenantCells},
 };
@@ -242,6 +241,14 @@ pub(crate) struct RouteCost {
     pub(crate) shape: u8,
 }
 
+/// A tenant declared in the configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct StaticTenant {
+    pub(crate) id: TenantId,
+    pub(crate) plan: PlanId,
+    pub(crate) customer: Option<String>,
+}
+
 /// Everything the request path needs from one configuration.
 #[derive(Debug)]
 pub(crate) struct Runtime {
@@ -252,7 +259,7 @@ pub(crate) struct Runtime {
     pub(crate) anonymous: Option<Arc<CompiledPlan>>,
     /// The tenants declared in the file, consulted before the store.
     pub(crate) static_keys: HashMap<KeyHash, TenantId>,
-    pub(crate) static_tenants: HashMap<TenantId, TenantRecord>,
+    pub(crate) static_tenants: HashMap<TenantId, StaticTenant>,
     /// The `WWW-Authenticate` challenge of a 401.
     pub(crate) challenge: Arc<str>,
     idempotency_methods: Box<[http::Method]>,
@@ -307,8 +314,7 @@ impl Runtime {
             for k in &t.key_hashes {
                 static_keys.insert(*k, t.id.clone());
             }
-            let mut record = TenantRecord::new(t.id.clone(), t.plan.clone());
-            record.customer = t.stripe_customer.clone();
+            let record = StaticTenant { id: t.id.clone(), plan: t.plan.clone(), customer: t.stripe_customer.clone() };
             static_tenants.insert(t.id.clone(), record);
         }
         let challenge = match &config.identify {

@@ -122,7 +122,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{clock::Clock, config::Config, engine::Metrics, plan::Runtime};
+    use crate::{clock::Clock, config::Config, metrics::Metrics, plan::Runtime};
 
     fn state() -> (TenantState, Arc<crate::plan::CompiledPlan>) {
         let config = Config::from_toml_str("[plans.p]\nrate = \"10/s\"").unwrap();

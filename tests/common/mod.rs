@@ -87,7 +87,8 @@ impl Harness {
 
     pub fn build(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Self {
         let config = Config::from_toml_str(toml).expect("valid test configuration");
-        let (layer, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+        let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+        let layer = tollgate::TollgateLayer::new(engine);
         let tollgate = layer.handle().clone();
         let svc = layer.layer(tower::service_fn(handler as Handler));
         Self { svc, tollgate, clock: handle }
@@ -151,7 +152,8 @@ pub fn one_tenant(plan: &str) -> String {
 /// A node of a fleet: a harness whose worker runs in the background.
 pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Harness {
     let config = Config::from_toml_str(toml).expect("valid test configuration");
-    let (layer, worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    let (engine, worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    let layer = tollgate::TollgateLayer::new(engine);
     tokio::spawn(worker.run());
     let tollgate = layer.handle().clone();
     let svc = layer.layer(tower::service_fn(handler as Handler));
