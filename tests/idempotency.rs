@@ -8,7 +8,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{req, Harness, NOON};
-use tollgate::{Admission, Credential, RejectionKind, RequestInfo};
+use tollgate::{store::StoreInspect, Admission, Credential, RejectionKind, RequestInfo};
 
 const TOML: &str = r#"
 [plans.p]
@@ -119,5 +119,5 @@ async fn a_request_dropped_while_waiting_releases_its_key_and_units() {
         start,
         start + 86_400,
     );
-    assert_eq!(h.tollgate.store().reserved(&key).await.unwrap(), 3, "no unit leaked");
+    assert_eq!(store.reserved(&key).await.unwrap(), 3, "no unit leaked");
 }

@@ -15,15 +15,15 @@ use std::{
 use common::{node_with_worker, Harness};
 use tollgate::{
     clock::Clock,
-    store::{MemoryStore, QuotaKey, Store},
+    store::{MemoryStore, QuotaKey, Store, StoreInspect},
     Config,
 };
 
 /// 2026-03-31T23:59:40Z: twenty seconds before the end of a day and of a month.
 const MONTH_END: i64 = 1_775_001_580;
 
-async fn committed_in(store: &Arc<dyn Store>, from: i64, to: i64) -> u64 {
-    common::committed(&**store, "t", "requests", from, to, 60).await
+async fn committed_in(store: &dyn Store, from: i64, to: i64) -> u64 {
+    common::committed(store, "t", "requests", from, to, 60).await
 }
 
 /// Many tasks on one tenant with the worker running: refills, refunds of 5xx, evictions
@@ -36,7 +36,7 @@ async fn no_race_creates_or_loses_units_across_periods() {
         "rate = \"100000/s\"\nquotas.requests = { limit = 300, period = \"day\", mode = \"hard\", lease = 3 }",
     );
     let toml = format!("[usage]\nflush_interval = \"1s\"\nwindow = \"1m\"\ngrace = \"1s\"\n{toml}");
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryStore::new());
     let (clock, handle) = Clock::fake_at_unix(MONTH_END);
     let nodes: Vec<Arc<Harness>> =
         (0..2).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
@@ -83,8 +83,8 @@ async fn no_race_creates_or_loses_units_across_periods() {
     let day = 86_400;
     let old_start = MONTH_END - MONTH_END.rem_euclid(day);
     let new_start = old_start + day;
-    let used_old = committed_in(&store, old_start, new_start).await;
-    let used_new = committed_in(&store, new_start, new_start + day).await;
+    let used_old = committed_in(&*store, old_start, new_start).await;
+    let used_new = committed_in(&*store, new_start, new_start + day).await;
     assert_eq!(used_old + used_new, admitted_ok.load(Ordering::Relaxed), "usage conserved");
     assert!(used_old <= 300, "old day admitted {used_old}");
     assert!(used_new <= 300, "new day admitted {used_new}");
@@ -102,7 +102,7 @@ async fn no_race_creates_or_loses_units_across_periods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_soft_quota_never_rejects_under_contention() {
     let toml = common::one_tenant("quotas.requests = { limit = 16, period = \"day\", mode = \"soft\", lease = 1 }");
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryStore::new());
     let (clock, handle) = Clock::fake_at_unix(common::NOON);
     let node = Arc::new(node_with_worker(&toml, store.clone(), clock, handle));
     let mut tasks = Vec::new();
@@ -132,7 +132,7 @@ async fn a_hard_quota_rejects_only_when_the_store_has_no_units_left() {
     for engines in [1usize, 3] {
         let toml =
             common::one_tenant("quotas.requests = { limit = 300, period = \"day\", mode = \"hard\", lease = 1 }");
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let store = Arc::new(MemoryStore::new());
         let (clock, handle) = Clock::fake_at_unix(common::NOON);
         let nodes: Vec<Arc<Harness>> = (0..engines)
             .map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())))
@@ -210,7 +210,7 @@ proptest::proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let toml = common::one_tenant("quotas.requests = { limit = 9, period = \"day\", mode = \"hard\", lease = 2 }");
-            let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+            let store = Arc::new(MemoryStore::new());
             let (clock, handle) = Clock::fake_at_unix(MONTH_END);
             let config = Config::from_toml_str(&toml).unwrap();
             let (tollgate, _worker) = tollgate::Tollgate::builder(config.clone()).store_arc(store.clone()).clock(clock).build();

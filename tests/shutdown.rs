@@ -16,7 +16,7 @@ use common::{Harness, NOON};
 use tollgate::{
     billing::{BillingSink, MeterEvent, SinkError},
     clock::Clock,
-    store::{ExportKey, MemoryStore, Store, UsageBatch},
+    store::{ExportKey, MemoryStore, Store, StoreInspect, UsageBatch},
     Config, Tollgate,
 };
 
@@ -144,7 +144,7 @@ async fn dead_letters_are_listed_and_do_not_starve_the_rest() {
 /// the first window is reused by the third only after its usage was moved out.
 #[tokio::test]
 async fn usage_left_unflushed_for_two_windows_stays_in_its_window() {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let store = Arc::new(MemoryStore::new());
     let (tollgate, clock, h) = engine(store.clone(), Collect::default(), NOON);
     for n in [3u64, 4, 5] {
         for _ in 0..n {

@@ -8,7 +8,7 @@ use crate::{
     billing::{identifier, MeterEvent, SinkError},
     config::MeterId,
     plan::Runtime,
-    store::{ExportKey, StoreError},
+    store::{ExportClaim, ExportKey, StoreError},
 };
 
 /// What one [`Tollgate::export`] sent.
@@ -64,7 +64,9 @@ impl Tollgate {
             };
             after = Some(last.key.clone());
             for agg in page {
-                let Some(agg) = store.begin_export(&agg).await? else {
+                // Held for five minutes: a node that dies mid-export leaves it to another then.
+                let claim = ExportClaim::new(self.shared.node, now, now + 300);
+                let Some(agg) = store.begin_export(&agg, &claim).await? else {
                     continue;
                 };
                 let upto = agg.in_flight.unwrap_or(agg.quantity);

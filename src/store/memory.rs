@@ -6,8 +6,9 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    CommitOutcome, DeadLetter, ExportKey, FlushId, Grant, QuotaKey, Reservation, ReserveToken, Store, StoreError,
-    TenantRecord, UsageAggregate, UsageBatch,
+    CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, PlanChange, PlanChangeOutcome,
+    QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch,
+    UsageEvent,
 };
 use crate::{
     config::{MeterId, TenantId},
@@ -45,7 +46,12 @@ struct Inner {
     flushes: HashSet<FlushId>,
     flush_order: VecDeque<FlushId>,
     keys: HashMap<KeyHash, TenantId>,
-    tenants: HashMap<TenantId, TenantRecord>,
+    tenants: BTreeMap<TenantId, TenantRecord>,
+    customers: HashMap<String, TenantId>,
+    /// Usage event ids and webhook event ids seen, with the time kept by (an event's time, a
+    /// webhook event's creation), in the order they came.
+    events: Seen,
+    webhooks: Seen,
     /// The newest window committed, and when aggregates were last pruned against it.
     newest_window: i64,
     pruned_at: i64,
@@ -141,15 +147,57 @@ struct Aggregate {
     in_flight: Option<u64>,
     /// Why the export was refused for good, if it was.
     dead: Option<String>,
+    attempts: u32,
+    first_attempt_at: Option<i64>,
+    /// (node, until) of the export's claim.
+    claim: Option<(u64, i64)>,
+}
+
+/// How long usage event ids and webhook event ids are remembered after their time: no billing
+/// system takes usage older than 35 days (Stripe), and Stripe retries a webhook for 3 days.
+const EVENT_IDS_KEPT_SECS: i64 = 35 * 86_400;
+/// The most ids remembered at once (the oldest go first past it).
+const EVENT_IDS_MAX: usize = 1 << 20;
+
+/// Ids seen, bounded and expiring.
+#[derive(Debug, Default)]
+struct Seen {
+    ids: HashSet<String>,
+    order: VecDeque<(i64, String)>,
+    newest: i64,
+}
+
+impl Seen {
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: &str, at: i64) {
+        if self.ids.insert(id.to_owned()) {
+            self.order.push_back((at, id.to_owned()));
+            self.newest = self.newest.max(at);
+        }
+        while let Some((at, _)) = self.order.front() {
+            if *at >= self.newest - EVENT_IDS_KEPT_SECS && self.order.len() <= EVENT_IDS_MAX {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
 }
 
 impl Aggregate {
-    fn view(&self, key: &ExportKey, tenants: &HashMap<TenantId, TenantRecord>) -> UsageAggregate {
+    fn view(&self, key: &ExportKey, tenants: &BTreeMap<TenantId, TenantRecord>) -> UsageAggregate {
         let mut a = UsageAggregate::new(key.clone(), self.quantity);
         a.exported = self.exported;
         a.revision = self.revision;
         a.in_flight = self.in_flight;
         a.customer = tenants.get(&key.tenant).and_then(|t| t.customer.clone());
+        a.attempts = self.attempts;
+        a.first_attempt_at = self.first_attempt_at;
+        a.claimed_until = self.claim.map(|(_, until)| until);
         a
     }
 }
@@ -252,11 +300,23 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn begin_export(&self, aggregate: &UsageAggregate) -> Result<Option<UsageAggregate>, StoreError> {
+    async fn begin_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+    ) -> Result<Option<UsageAggregate>, StoreError> {
         let mut inner = self.lock();
         let Inner { usage, tenants, .. } = &mut *inner;
         match usage.get_mut(&aggregate.key) {
-            Some(a) if a.revision == aggregate.revision => {
+            Some(a) if a.revision == aggregate.revision && a.dead.is_none() => {
+                if let Some((node, until)) = a.claim {
+                    if node != claim.node && until > claim.now {
+                        return Ok(None);
+                    }
+                }
+                a.claim = Some((claim.node, claim.until));
+                a.attempts += 1;
+                a.first_attempt_at.get_or_insert(claim.now);
                 if a.in_flight.is_none() {
                     a.in_flight = Some(a.quantity);
                 }
@@ -272,6 +332,9 @@ impl Store for MemoryStore {
             Some(a) if a.revision == aggregate.revision && a.in_flight.is_some() => {
                 a.exported = a.in_flight.take().unwrap_or(a.exported);
                 a.revision += 1;
+                a.attempts = 0;
+                a.first_attempt_at = None;
+                a.claim = None;
                 Ok(true)
             }
             _ => Ok(false),
@@ -308,6 +371,68 @@ impl Store for MemoryStore {
         false
     }
 
+    async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
+        let mut inner = self.lock();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            if inner.events.contains(&e.id) {
+                out.push(EventOutcome::Duplicate);
+                continue;
+            }
+            let r = &e.record;
+            let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
+            let agg = inner.usage.entry(key).or_default();
+            agg.quantity = agg.quantity.saturating_add(r.quantity);
+            inner.newest_window = inner.newest_window.max(r.window_start);
+            inner.events.insert(&e.id, e.at);
+            out.push(EventOutcome::Applied);
+        }
+        inner.prune();
+        Ok(out)
+    }
+
+    async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .usage
+            .iter()
+            .filter(|(k, _)| k.tenant == *tenant && k.window_start >= from && k.window_start < to)
+            .map(|(k, a)| a.view(k, &inner.tenants))
+            .collect())
+    }
+
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock();
+        let from: Bound<&TenantId> = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(inner.tenants.range::<TenantId, _>((from, Bound::Unbounded)).take(limit).map(|(_, r)| r.clone()).collect())
+    }
+
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.customers.get(customer).and_then(|t| inner.tenants.get(t)).cloned())
+    }
+
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        let mut inner = self.lock();
+        if inner.webhooks.contains(&change.event_id) {
+            return Ok(PlanChangeOutcome::Duplicate);
+        }
+        let Some(id) = inner.customers.get(&change.customer).cloned() else {
+            return Ok(PlanChangeOutcome::UnknownCustomer);
+        };
+        inner.webhooks.insert(&change.event_id, change.created);
+        let Some(record) = inner.tenants.get_mut(&id) else {
+            return Ok(PlanChangeOutcome::UnknownCustomer);
+        };
+        if record.last_event_at.is_some_and(|last| last > change.created) {
+            return Ok(PlanChangeOutcome::Stale);
+        }
+        record.plan = change.plan.clone();
+        record.last_event_at = Some(change.created);
+        Ok(PlanChangeOutcome::Applied(record.clone()))
+    }
+
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         let inner = self.lock();
         Ok(inner.keys.get(key).and_then(|t| inner.tenants.get(t)).cloned())
@@ -319,7 +444,14 @@ impl Store for MemoryStore {
 
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        inner.tenants.insert(record.id.clone(), record.clone());
+        if let Some(old) = inner.tenants.insert(record.id.clone(), record.clone()) {
+            if let Some(c) = old.customer {
+                inner.customers.remove(&c);
+            }
+        }
+        if let Some(c) = &record.customer {
+            inner.customers.insert(c.clone(), record.id.clone());
+        }
         for key in keys {
             inner.keys.insert(*key, record.id.clone());
         }
@@ -330,7 +462,10 @@ impl Store for MemoryStore {
         self.lock().keys.remove(key);
         Ok(())
     }
+}
 
+#[async_trait]
+impl StoreInspect for MemoryStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let inner = self.lock();
         let counters = inner.quotas.get(&(key.tenant.clone(), key.meter.clone()));
@@ -413,6 +548,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_export_claim_holds_off_other_nodes_until_it_expires() {
+        let s = MemoryStore::new();
+        let rec = UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 5 };
+        s.commit_usage(&UsageBatch { id: FlushId::new("f"), records: vec![rec] }).await.unwrap();
+        let agg = s.pending_exports(3600, None, 10).await.unwrap().remove(0);
+        let mine = s.begin_export(&agg, &ExportClaim::new(1, 100, 400)).await.unwrap().unwrap();
+        assert_eq!((mine.attempts, mine.first_attempt_at, mine.claimed_until), (1, Some(100), Some(400)));
+        assert!(s.begin_export(&agg, &ExportClaim::new(2, 200, 500)).await.unwrap().is_none(), "held by node 1");
+        let theirs = s.begin_export(&agg, &ExportClaim::new(2, 400, 700)).await.unwrap().unwrap();
+        assert_eq!((theirs.attempts, theirs.first_attempt_at, theirs.in_flight), (2, Some(100), Some(5)));
+        assert!(s.finish_export(&theirs).await.unwrap());
+        let done = s.usage(&agg.key).await.unwrap().unwrap();
+        assert_eq!((done.attempts, done.first_attempt_at, done.claimed_until, done.revision), (0, None, None, 1));
+    }
+
+    #[tokio::test]
+    async fn events_apply_once_per_id() {
+        let s = MemoryStore::new();
+        let ev = |id: &str, q| {
+            UsageEvent::new(
+                id,
+                UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: q },
+                10,
+            )
+        };
+        let out = s.commit_events(&[ev("a", 5), ev("b", 2), ev("a", 5)]).await.unwrap();
+        assert_eq!(out, [EventOutcome::Applied, EventOutcome::Applied, EventOutcome::Duplicate]);
+        assert_eq!(s.commit_events(&[ev("b", 2)]).await.unwrap(), [EventOutcome::Duplicate]);
+        let range = s.usage_range(&"t".into(), 0, 3600).await.unwrap();
+        assert_eq!(range.len(), 1);
+        assert_eq!(range[0].quantity, 7);
+        assert!(s.usage_range(&"t".into(), 3600, 7200).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn plan_changes_apply_once_and_in_order() {
+        let s = MemoryStore::new();
+        for (id, customer) in [("a", "cus_a"), ("b", "cus_b")] {
+            s.put_tenant(&TenantRecord::new(id.into(), "free".into()).with_customer(customer), &[]).await.unwrap();
+        }
+        let listed: Vec<String> =
+            s.list_tenants(None, 10).await.unwrap().into_iter().map(|t| t.id.to_string()).collect();
+        assert_eq!(listed, ["a", "b"]);
+        assert_eq!(s.list_tenants(Some(&"a".into()), 10).await.unwrap().len(), 1);
+        assert_eq!(s.tenant_by_customer("cus_b").await.unwrap().unwrap().id.as_str(), "b");
+        let change = |id: &str, at, plan: &str| PlanChange::new(id, "cus_a", at, plan.into());
+        match s.apply_plan_change(&change("evt_2", 200, "metered")).await.unwrap() {
+            PlanChangeOutcome::Applied(r) => assert_eq!((r.plan.as_str(), r.last_event_at), ("metered", Some(200))),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.apply_plan_change(&change("evt_2", 200, "metered")).await.unwrap(), PlanChangeOutcome::Duplicate);
+        assert_eq!(s.apply_plan_change(&change("evt_1", 100, "free")).await.unwrap(), PlanChangeOutcome::Stale);
+        assert_eq!(s.tenant(&"a".into()).await.unwrap().unwrap().plan.as_str(), "metered");
+        let unknown = PlanChange::new("evt_3", "cus_zz", 300, "free".into());
+        assert_eq!(s.apply_plan_change(&unknown).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
+    }
+
+    #[tokio::test]
     async fn a_batch_commits_once_and_exports_move_by_revision() {
         let s = MemoryStore::new();
         let batch = UsageBatch {
@@ -424,7 +617,7 @@ mod tests {
         let pending = s.pending_exports(3600, None, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!((pending[0].quantity, pending[0].exported, pending[0].revision), (5, 0, 0));
-        let fixed = s.begin_export(&pending[0]).await.unwrap().unwrap();
+        let fixed = s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300)).await.unwrap().unwrap();
         assert_eq!(fixed.in_flight, Some(5));
         // Late usage does not change what the in-flight revision exports.
         let late = UsageBatch {
@@ -432,7 +625,10 @@ mod tests {
             records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 2 }],
         };
         s.commit_usage(&late).await.unwrap();
-        assert_eq!(s.begin_export(&pending[0]).await.unwrap().unwrap().in_flight, Some(5));
+        assert_eq!(
+            s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300)).await.unwrap().unwrap().in_flight,
+            Some(5)
+        );
         assert!(s.finish_export(&fixed).await.unwrap());
         assert!(!s.finish_export(&fixed).await.unwrap(), "stale revision");
         let next = s.pending_exports(3600, None, 10).await.unwrap();

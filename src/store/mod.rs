@@ -6,6 +6,7 @@ mod types;
 
 pub use memory::MemoryStore;
 pub use types::{
-    CommitOutcome, DeadLetter, ExportKey, FlushId, Grant, QuotaKey, Reservation, ReserveToken, Store, StoreError,
-    TenantRecord, UsageAggregate, UsageBatch, UsageRecord,
+    CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, PlanChange, PlanChangeOutcome,
+    QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch,
+    UsageEvent, UsageRecord,
 };

@@ -211,14 +211,118 @@ pub struct UsageAggregate {
     pub in_flight: Option<u64>,
     /// The tenant's billing customer, when the directory knows it.
     pub customer: Option<String>,
+    /// How many times the export of the current revision was begun (claimed).
+    pub attempts: u32,
+    /// When the export of the current revision was first begun (Unix seconds).
+    pub first_attempt_at: Option<i64>,
+    /// Until when the node that last began it holds the export (Unix seconds).
+    pub claimed_until: Option<i64>,
 }
 
 impl UsageAggregate {
     /// An aggregate of `quantity` units, nothing exported yet (revision 0, no export in
     /// flight, no customer known); set the other fields as the store holds them.
     pub fn new(key: ExportKey, quantity: u64) -> Self {
-        Self { key, quantity, exported: 0, revision: 0, in_flight: None, customer: None }
+        Self {
+            key,
+            quantity,
+            exported: 0,
+            revision: 0,
+            in_flight: None,
+            customer: None,
+            attempts: 0,
+            first_attempt_at: None,
+            claimed_until: None,
+        }
     }
+}
+
+/// A node's claim on an export: it alone sends the current revision until `until`, then
+/// another node may take over (the same revision, the same identifier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExportClaim {
+    /// The claiming node.
+    pub node: u64,
+    /// Now, in Unix seconds.
+    pub now: i64,
+    /// Until when the claim holds, in Unix seconds.
+    pub until: i64,
+}
+
+impl ExportClaim {
+    /// A claim by `node` at `now`, holding until `until`.
+    pub fn new(node: u64, now: i64, until: i64) -> Self {
+        Self { node, now, until }
+    }
+}
+
+/// One usage event from outside a request (a job, a queue message), with its own id: applied
+/// at most once per id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UsageEvent {
+    /// The event's id (its own, or the queue message's): never a hash of its contents.
+    pub id: String,
+    /// The usage, in the window of the event's own time.
+    pub record: UsageRecord,
+    /// The event's time (Unix seconds): seen ids are kept a documented time after it.
+    pub at: i64,
+}
+
+impl UsageEvent {
+    /// An event.
+    pub fn new(id: impl Into<String>, record: UsageRecord, at: i64) -> Self {
+        Self { id: id.into(), record, at }
+    }
+}
+
+/// Whether [`Store::commit_events`] applied an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventOutcome {
+    /// Applied now, and its id marked seen in the same write.
+    Applied,
+    /// Its id was seen before: nothing changed.
+    Duplicate,
+}
+
+/// A plan change driven by a billing event (a Stripe webhook): applied to the tenant of
+/// `customer` only if `event_id` is new and the event is newer than the last one applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PlanChange {
+    /// The billing event's id.
+    pub event_id: String,
+    /// The billing customer.
+    pub customer: String,
+    /// When the event was created (Unix seconds).
+    pub created: i64,
+    /// The tenant's new plan.
+    pub plan: PlanId,
+}
+
+impl PlanChange {
+    /// A change of `customer`'s tenant to `plan`, by event `event_id` created at `created`.
+    pub fn new(event_id: impl Into<String>, customer: impl Into<String>, created: i64, plan: PlanId) -> Self {
+        Self { event_id: event_id.into(), customer: customer.into(), created, plan }
+    }
+}
+
+/// What [`Store::apply_plan_change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PlanChangeOutcome {
+    /// Applied: the tenant as stored now. The event id is marked seen in the same write.
+    Applied(TenantRecord),
+    /// The event id was seen before: nothing changed.
+    Duplicate,
+    /// An event newer than this one was applied for the customer: its id is marked seen,
+    /// nothing else changed.
+    Stale,
+    /// No tenant has this customer: nothing changed (the id is not marked, so a retry after
+    /// the tenant exists applies it).
+    UnknownCustomer,
 }
 
 /// An aggregate whose export was refused for good, parked until requeued.
@@ -250,12 +354,14 @@ pub struct TenantRecord {
     pub plan: PlanId,
     /// Its billing customer (a Stripe customer id), if any.
     pub customer: Option<String>,
+    /// When the newest billing event applied to it was created (Unix seconds).
+    pub last_event_at: Option<i64>,
 }
 
 impl TenantRecord {
     /// `id` on `plan`, without a billing customer.
     pub fn new(id: TenantId, plan: PlanId) -> Self {
-        Self { id, plan, customer: None }
+        Self { id, plan, customer: None, last_event_at: None }
     }
 
     /// With a billing customer (a Stripe customer id).
@@ -314,10 +420,16 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         limit: usize,
     ) -> Result<Vec<UsageAggregate>, StoreError>;
 
-    /// Fixes what revision `aggregate.revision` exports: sets `in_flight` to the aggregate's
-    /// current quantity, if no export is in flight and the revision has not moved. Returns the
-    /// aggregate as stored after the call, or `None` when the revision moved.
-    async fn begin_export(&self, aggregate: &UsageAggregate) -> Result<Option<UsageAggregate>, StoreError>;
+    /// Claims the export of revision `aggregate.revision` for `claim.node` until `claim.until`,
+    /// if the revision has not moved and no other node holds an unexpired claim; fixes what
+    /// the revision exports (`in_flight`, set to the current quantity if no export is in
+    /// flight), counts the attempt and records when the first began. Returns the aggregate as
+    /// stored after the call, or `None` when the revision moved or another node holds it.
+    async fn begin_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+    ) -> Result<Option<UsageAggregate>, StoreError>;
 
     /// Records that the in-flight export of `aggregate.revision` was accepted: `exported`
     /// becomes `in_flight` and the revision moves on. Returns `false` (and changes nothing)
@@ -341,6 +453,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         true
     }
 
+    /// Applies usage events, each at most once per id: an event's id is marked seen in the same
+    /// write as its usage, never before. Ids are kept for a documented window after the
+    /// event's time (bounded, expiring). Returns one outcome per event, in order.
+    async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError>;
+
+    /// Every aggregate of `tenant` in the windows starting in `[from, to)`, in key order.
+    async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError>;
+
+    /// The tenants of the directory, in id order after `after`, at most `limit` of them.
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError>;
+
+    /// The tenant whose billing customer is `customer`.
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// Applies a plan change atomically: only if `change.event_id` was never seen and the
+    /// event is not older than the last one applied to that customer; the id is marked seen in
+    /// the same write as the change.
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError>;
+
     /// The tenant owning the API key with this hash.
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError>;
 
@@ -358,8 +489,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     fn max_batch_records(&self) -> usize {
         usize::MAX
     }
+}
 
-    /// Units reserved so far for `key` (for reports and tests).
+/// What tests and reports read from a store beyond what the engine needs.
+#[async_trait]
+pub trait StoreInspect: Store {
+    /// Units reserved so far for `key`.
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError>;
 
     /// The aggregate of (tenant, meter, window), if any usage was committed for it.

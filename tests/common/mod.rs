@@ -18,8 +18,9 @@ use tollgate::{
     clock::{Clock, FakeClock},
     layer::TollgateBody,
     store::{
-        CommitOutcome, DeadLetter, ExportKey, Grant, MemoryStore, QuotaKey, Reservation, ReserveToken, Store,
-        StoreError, TenantRecord, UsageAggregate, UsageBatch,
+        CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, MemoryStore, PlanChange,
+        PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord,
+        UsageAggregate, UsageBatch, UsageEvent,
     },
     Config, TenantContext, Tollgate, TollgateService,
 };
@@ -52,6 +53,8 @@ pub struct Harness {
     pub svc: TollgateService<tower::util::ServiceFn<Handler>>,
     pub tollgate: Tollgate,
     pub clock: FakeClock,
+    /// The memory store, when the harness made it.
+    pub memory: Option<Arc<MemoryStore>>,
 }
 
 pub struct Reply {
@@ -73,11 +76,19 @@ impl Reply {
 
 impl Harness {
     pub fn new(toml: &str) -> Self {
-        Self::with_store(toml, Arc::new(MemoryStore::new()), NOON)
+        Self::at(toml, NOON)
     }
 
     pub fn at(toml: &str, unix: i64) -> Self {
-        Self::with_store(toml, Arc::new(MemoryStore::new()), unix)
+        let memory = Arc::new(MemoryStore::new());
+        let mut h = Self::with_store(toml, memory.clone(), unix);
+        h.memory = Some(memory);
+        h
+    }
+
+    /// Units reserved for `key` in the harness's memory store.
+    pub async fn reserved(&self, key: &QuotaKey) -> u64 {
+        self.memory.as_ref().expect("a harness with its own memory store").reserved(key).await.unwrap()
     }
 
     pub fn with_store(toml: &str, store: Arc<dyn Store>, unix: i64) -> Self {
@@ -91,14 +102,14 @@ impl Harness {
         let layer = tollgate::TollgateLayer::new(engine);
         let tollgate = layer.handle().clone();
         let svc = layer.layer(tower::service_fn(handler as Handler));
-        Self { svc, tollgate, clock: handle }
+        Self { svc, tollgate, clock: handle, memory: None }
     }
 
     /// A harness over a layer built by the test.
     pub fn from_layer(layer: tollgate::TollgateLayer, clock: FakeClock) -> Self {
         let tollgate = layer.handle().clone();
         let svc = layer.layer(tower::service_fn(handler as Handler));
-        Self { svc, tollgate, clock }
+        Self { svc, tollgate, clock, memory: None }
     }
 
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
@@ -131,16 +142,9 @@ pub fn req(method: &str, path: &str, key: Option<&str>, idempotency: Option<&str
 /// Total units committed to the store for (tenant, meter) over the windows starting in
 /// [from, to), by walking the windows.
 pub async fn committed(store: &dyn Store, tenant: &str, meter: &str, from: i64, to: i64, window: i64) -> u64 {
-    let mut total = 0;
-    let mut w = from - from.rem_euclid(window);
-    while w < to {
-        let key = ExportKey::new(tenant.into(), meter.into(), w);
-        if let Some(a) = store.usage(&key).await.unwrap() {
-            total += a.quantity;
-        }
-        w += window;
-    }
-    total
+    let start = from - from.rem_euclid(window);
+    let all = store.usage_range(&tenant.into(), start, to).await.unwrap();
+    all.iter().filter(|a| a.key.meter.as_str() == meter).map(|a| a.quantity).sum()
 }
 
 /// A configuration with one plan `p`, whose body is `plan` (TOML lines of `[plans.p]`), and
@@ -157,7 +161,7 @@ pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle:
     tokio::spawn(worker.run());
     let tollgate = layer.handle().clone();
     let svc = layer.layer(tower::service_fn(handler as Handler));
-    Harness { svc, tollgate, clock: handle }
+    Harness { svc, tollgate, clock: handle, memory: None }
 }
 
 /// A memory store with switches for the faults the tests need: calls that fail, calls that
@@ -248,9 +252,40 @@ impl Store for Faulty {
         self.check_usage()?;
         self.inner.pending_exports(before, after, limit).await
     }
-    async fn begin_export(&self, a: &UsageAggregate) -> Result<Option<UsageAggregate>, StoreError> {
+    async fn begin_export(
+        &self,
+        a: &UsageAggregate,
+        claim: &ExportClaim,
+    ) -> Result<Option<UsageAggregate>, StoreError> {
         self.check()?;
-        self.inner.begin_export(a).await
+        self.inner.begin_export(a, claim).await
+    }
+    async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
+        self.check_usage()?;
+        self.inner.commit_events(events).await
+    }
+    async fn usage_range(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<UsageAggregate>, StoreError> {
+        self.inner.usage_range(tenant, from, to).await
+    }
+    async fn list_tenants(
+        &self,
+        after: Option<&tollgate::config::TenantId>,
+        limit: usize,
+    ) -> Result<Vec<TenantRecord>, StoreError> {
+        self.inner.list_tenants(after, limit).await
+    }
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        self.check()?;
+        self.inner.tenant_by_customer(customer).await
+    }
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        self.check()?;
+        self.inner.apply_plan_change(change).await
     }
     async fn finish_export(&self, a: &UsageAggregate) -> Result<bool, StoreError> {
         self.check()?;
@@ -281,14 +316,18 @@ impl Store for Faulty {
     async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), StoreError> {
         self.inner.remove_key(key).await
     }
+    fn is_durable(&self) -> bool {
+        // Stands for a database: shutdown exports only closed windows.
+        true
+    }
+}
+
+#[async_trait::async_trait]
+impl StoreInspect for Faulty {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         self.inner.reserved(key).await
     }
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         self.inner.usage(key).await
-    }
-    fn is_durable(&self) -> bool {
-        // Stands for a database: shutdown exports only closed windows.
-        true
     }
 }
