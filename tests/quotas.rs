@@ -342,3 +342,39 @@ async fn a_stalled_refill_of_one_tenant_does_not_block_another() {
     }
     stalled.abort();
 }
+
+/// A request costing more than the lease holds gets the store's last units added to the
+/// lease's, not a 429 while they would cover it.
+#[tokio::test]
+async fn the_last_units_of_the_store_and_the_lease_together_cover_a_request() {
+    let toml = common::one_tenant("quotas.requests = { limit = 6, period = \"day\", mode = \"hard\", lease = 3 }");
+    let toml = format!("{toml}[[routes]]\nmethod = \"POST\"\npath = \"/big\"\ncost = 5\n");
+    let h = Harness::new(&toml);
+    assert_eq!(h.status("/", "key-t").await, 200, "leases 3, takes 1");
+    let r = h.send(common::req("POST", "/big", Some("key-t"), None)).await;
+    assert_eq!(r.status, 200, "2 in the lease and 3 left in the store cover 5");
+    assert_eq!(h.status("/", "key-t").await, 429);
+    assert_eq!(h.reserved(&today("t")).await, 6);
+}
+
+/// A retired state's call that never landed, sent again after its replacement's calls were
+/// applied, is applied too: each state sends under its own sequence.
+#[tokio::test]
+async fn a_retired_state_call_sent_late_is_still_applied() {
+    let toml = common::one_tenant("quotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }");
+    let toml = format!("[usage]\nstore_timeout = \"50ms\"\n{toml}");
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    assert_eq!(h.status("/", "key-t").await, 200, "leases 10, takes 1");
+    // The reload gives the 9 unused units back, but the store hangs: the call is in flight.
+    *store.stall_tenant.lock().unwrap() = Some("t".into());
+    h.tollgate.reload(Config::from_toml_str(&toml).unwrap()).await;
+    *store.stall_tenant.lock().unwrap() = None;
+    // The new state leases and is served meanwhile.
+    assert_eq!(h.status("/", "key-t").await, 200);
+    // The next flush finds the retired state alone and sends its call again.
+    h.tollgate.flush().await.unwrap();
+    h.tollgate.shutdown().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 2, "leased = used + returned");
+}

@@ -132,6 +132,7 @@ impl Builder {
                 std::collections::hash_map::RandomState::new().hash_one(std::process::id())
             },
             seq: std::sync::atomic::AtomicU64::new(0),
+            senders: std::sync::atomic::AtomicU64::new(0),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);

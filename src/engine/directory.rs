@@ -160,7 +160,9 @@ impl Tollgate {
         let ttl = rt.config.limits.directory_ttl.as_secs() as i64;
         let timeout = rt.config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
-        let stale = self.shared.table.stale(now - ttl);
+        // Read again a quarter of a TTL early: the worker passes every quarter TTL, so a
+        // change reaches this node within the TTL.
+        let stale = self.shared.table.stale(now - ttl + ttl / 4);
         let (active, idle): (Vec<_>, Vec<_>) = stale.into_iter().partition(|(_, seen, _)| *seen >= now - ttl);
         let dropped = self.shared.table.evict(idle.into_iter().map(|(id, _, _)| id));
         self.return_leases(dropped).await;
@@ -179,14 +181,16 @@ impl Tollgate {
                         Ok(Some(r)) if r.id == *id => record = Some(r),
                         Ok(_) => self.shared.table.forget(*digest),
                         Err(e) => {
-                            // Kept as it is; asked again at the next pass.
+                            // Kept as it is; asked again at the next pass, which stops here:
+                            // a store that fails is not asked once per tenant.
                             self.store_error("revalidate tenant", &e);
                             failed = true;
+                            break;
                         }
                     }
                 }
                 if failed {
-                    continue;
+                    return read;
                 }
                 match record {
                     None => {
@@ -213,7 +217,8 @@ impl Tollgate {
             return;
         }
         let Some(plan) = rt.plans.get(&record.plan) else {
-            tracing::error!(tenant = %record.id, plan = %record.plan, "tenant moved to a plan the configuration does not declare");
+            tracing::error!(tenant = %record.id, plan = %record.plan, "tenant moved to a plan the configuration does not declare; kept on its plan");
+            self.shared.table.confirmed(&record.id, now);
             return;
         };
         let old = self

@@ -146,6 +146,8 @@ pub(crate) struct Shared {
     pub(crate) node: u64,
     /// The sequence number of its latest quota call.
     pub(crate) seq: std::sync::atomic::AtomicU64,
+    /// How many quota cells have drawn a sender id.
+    pub(crate) senders: std::sync::atomic::AtomicU64,
 }
 
 /// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].

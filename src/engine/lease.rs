@@ -10,6 +10,9 @@ use crate::{
     tenant::{Call, CallKind, QuotaRef, TenantState},
 };
 
+/// How many times a call is sent before it is given up.
+const MAX_ATTEMPTS: u32 = 20;
+
 /// What a refill did for the request that waited on it.
 pub(crate) enum Refill {
     /// The request's units were reserved for it from the store's answer, in the period
@@ -22,14 +25,31 @@ pub(crate) enum Refill {
 }
 
 impl Tollgate {
-    fn token(&self) -> ReserveToken {
-        ReserveToken::new(self.shared.node, self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1)
+    /// The next token of `cell`'s calls. The sender is the cell itself (this engine's node
+    /// id mixed with a number drawn for the cell on its first call): two states of one tenant
+    /// on one node (a retired one and its replacement) send to the same key under their own
+    /// locks, so each must have its own sequence there.
+    fn token(&self, cell: QuotaRef<'_>) -> ReserveToken {
+        let sender = cell.sender(|| {
+            let n = self.shared.senders.fetch_add(1, Ordering::Relaxed) + 1;
+            self.shared.node ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        ReserveToken::new(sender, self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     /// Sends one store call of `cell`. The call is recorded as in flight first: if this future
     /// is dropped (a timeout) or the store fails, the next call of the cell sends it again,
     /// with the same token, before anything else.
-    async fn send(&self, cell: QuotaRef<'_>, call: Call) -> Result<Grant, StoreError> {
+    async fn send(&self, cell: QuotaRef<'_>, mut call: Call) -> Result<Grant, StoreError> {
+        call.attempts += 1;
+        if call.attempts > MAX_ATTEMPTS {
+            // A call the store keeps failing (not a timeout: an error it answers) must not
+            // block the cell for good: logged and dropped. Its effect on the counter is lost
+            // (a lease never granted, units never given back or owed).
+            tracing::error!(key = ?call.key, kind = ?call.kind, "a quota call failed {MAX_ATTEMPTS} times; dropped");
+            cell.locked().inflight = None;
+            return Err(StoreError::Conflict("a quota call failed too many times and was dropped"));
+        }
         cell.locked().inflight = Some(call.clone());
         let store = &self.shared.store;
         let answer = match call.kind {
@@ -68,7 +88,7 @@ impl Tollgate {
         }
         let prev = cell.locked().prev.clone();
         if let Some(key) = prev {
-            let call = Call { key, token: self.token(), kind: CallKind::Release { units: late } };
+            let call = Call { key, token: self.token(cell), kind: CallKind::Release { units: late }, attempts: 0 };
             self.send(cell, call).await?;
         }
         Ok(())
@@ -95,7 +115,7 @@ impl Tollgate {
         } else {
             return Ok(());
         };
-        self.send(cell, Call { key: old, token: self.token(), kind }).await.map(drop)
+        self.send(cell, Call { key: old, token: self.token(cell), kind, attempts: 0 }).await.map(drop)
     }
 
     /// Reserves a new lease for `cell` in the period holding `now`; with `need`, that many
@@ -121,7 +141,7 @@ impl Tollgate {
         let units = size.max(need);
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
         let kind = CallKind::Reserve { units, owed, limit, refill: true, repay };
-        let call = Call { key: cell.key(start, end), token: self.token(), kind };
+        let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
         let grant = self.send(cell, call).await?;
@@ -133,7 +153,15 @@ impl Tollgate {
             Ok(Refill::Taken { tag, start })
         } else {
             cell.credit(grant.granted + repay);
-            Ok(if need > 0 { Refill::Short } else { Refill::Done })
+            if need == 0 {
+                return Ok(Refill::Done);
+            }
+            // Fewer units than the request costs were left in the store, but with what the
+            // lease already held they may cover it.
+            Ok(match cell.try_take(need, now.max(start)) {
+                crate::tenant::Take::Taken { tag, .. } => Refill::Taken { tag, start },
+                _ => Refill::Short,
+            })
         }
     }
 
@@ -148,9 +176,14 @@ impl Tollgate {
             self.settle_previous(cell).await?;
             let left = cell.take_all();
             let owed = cell.take_unleased();
-            let (start, end) = cell.period();
+            let (mut start, mut end) = cell.period();
             if end == 0 {
-                return Ok(());
+                if owed == 0 {
+                    return Ok(());
+                }
+                // Units owed by a cell that never held a lease (the store was down from its
+                // first request): owed to the period holding now.
+                (start, end) = cell.spec.period().bounds(self.shared.clock.unix_secs());
             }
             // Usage outside the lease is owed and the rest of the lease given back: one call.
             let net = i128::from(left) - i128::from(owed);
@@ -161,7 +194,8 @@ impl Tollgate {
                 }
                 std::cmp::Ordering::Equal => return Ok(()),
             };
-            self.send(cell, Call { key: cell.key(start, end), token: self.token(), kind }).await.map(drop)
+            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
+            self.send(cell, call).await.map(drop)
         })
         .await;
         if let Err(e) = result {

@@ -125,6 +125,14 @@ impl Tollgate {
                 report.export = export;
                 Ok::<_, StoreError>(())
             };
+            // Each attempt is bounded by the deadline too: a store or sink that hangs cannot
+            // hold shutdown past it.
+            let attempt = async {
+                match tokio::time::timeout_at(deadline, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Timeout(rt.config.usage.shutdown_timeout)),
+                }
+            };
             match attempt.await {
                 Ok(()) => break Ok(()),
                 Err(e) if tokio::time::Instant::now() + delay < deadline => {

@@ -127,18 +127,20 @@ impl TenantTable {
         make: impl FnOnce() -> TenantState,
     ) -> Tenant {
         let digest = self.digest(lookup);
-        let state = {
-            let mut entry = self.tenants.entry(id.clone()).or_insert_with(|| Entry {
-                state: Tenant::new(make()),
-                creds: Vec::new(),
-                validated,
-            });
-            if !entry.creds.iter().any(|(d, _)| *d == digest) {
-                entry.creds.push((digest, hash));
-            }
-            entry.state.clone()
-        };
+        // The credential is mapped while the tenant's entry is held, so an eviction or a
+        // replacement (which take the entry first) cannot slip in between and leave the
+        // credential on a state the table no longer holds.
+        let mut entry = self.tenants.entry(id.clone()).or_insert_with(|| Entry {
+            state: Tenant::new(make()),
+            creds: Vec::new(),
+            validated,
+        });
+        if !entry.creds.iter().any(|(d, _)| *d == digest) {
+            entry.creds.push((digest, hash));
+        }
+        let state = entry.state.clone();
         self.credentials.insert(digest, state.clone());
+        drop(entry);
         state
     }
 

@@ -331,6 +331,8 @@ struct QuotaCold {
     /// requests refunded after the roll: given back to that period by the next store call.
     prev_tag: AtomicU32,
     late_refunds: AtomicU64,
+    /// The sender id of this cell's store calls (0: not drawn yet).
+    sender: AtomicU64,
     /// Touched only with `lock` held: the previous period, and the store call sent but not
     /// answered (it is sent again, with its token, before any other call of this cell).
     locked: std::sync::Mutex<Locked>,
@@ -348,6 +350,8 @@ pub(crate) struct Call {
     pub(crate) key: QuotaKey,
     pub(crate) token: ReserveToken,
     pub(crate) kind: CallKind,
+    /// How many times it was sent.
+    pub(crate) attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -400,6 +404,21 @@ impl<'a> QuotaRef<'a> {
         &self.cold().lock
     }
 
+    /// The sender id of this cell's store calls, drawn by `draw` on the first call.
+    pub(crate) fn sender(&self, draw: impl FnOnce() -> u64) -> u64 {
+        let cold = self.cold();
+        match cold.sender.load(Ordering::Acquire) {
+            0 => {
+                let id = draw().max(1);
+                match cold.sender.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => id,
+                    Err(existing) => existing,
+                }
+            }
+            id => id,
+        }
+    }
+
     /// What only the holder of [`lock`](Self::lock) touches.
     pub(crate) fn locked(&self) -> std::sync::MutexGuard<'a, Locked> {
         self.cold().locked.lock().unwrap_or_else(|e| e.into_inner())
@@ -429,11 +448,7 @@ impl<'a> QuotaRef<'a> {
                 return Take::NeedLease;
             }
             if left < cost {
-                return if self.hard() && self.cold().exhausted.load(Ordering::Acquire) {
-                    Take::Exhausted
-                } else {
-                    Take::NeedLease
-                };
+                return if self.hard() && self.spent(now) { Take::Exhausted } else { Take::NeedLease };
             }
             // `left >= cost >= 0`: the subtraction cannot borrow from the tag.
             match h.lease.compare_exchange_weak(word, word - cost as u64, Ordering::AcqRel, Ordering::Acquire) {
@@ -460,11 +475,22 @@ impl<'a> QuotaRef<'a> {
         }
         if Lease::value(word) >= cost as i64 {
             Ok(())
-        } else if self.cold().exhausted.load(Ordering::Acquire) {
+        } else if self.spent(now) {
             Err(Take::Exhausted)
         } else {
             Err(Take::NeedLease)
         }
+    }
+
+    /// Whether the store said this period's hard limit was reached, within the last second:
+    /// after that the store is asked again (other nodes may have given units back), at most
+    /// once a second per cell.
+    #[inline]
+    fn spent(&self, now: i64) -> bool {
+        let cold = self.cold();
+        cold.exhausted.load(Ordering::Acquire)
+            && now.saturating_mul(1_000_000_000)
+                < cold.refilled_at.load(Ordering::Relaxed).saturating_add(1_000_000_000)
     }
 
     /// Takes `quantity` units even if that leaves the lease negative (usage that already
