@@ -1,27 +1,25 @@
 //! The shared engine: one per application, behind every front door.
 
-use std::{borrow::Cow, fmt, num::NonZeroU32, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use governor::clock::Clock as _;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
     flush::Pipeline,
-    idempotency::{check_key, Claim, Idempotency, Verdict},
-    lease::Refill,
+    idempotency::{check_key, Claim, Idempotency},
     table::{Lookup, TenantTable, ANONYMOUS},
     Ticket,
 };
 use crate::{
     billing::BillingSink,
     clock::Clock,
-    config::{HeaderStyle, StoreErrorPolicy, TenantId},
+    config::TenantId,
     metrics::{Metrics, Stats, Totals},
     plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{Store, StoreError},
-    tenant::{check_api_key, Credential, QuotaRef, Take, Tenant, TenantState},
+    tenant::{check_api_key, Credential, Tenant, TenantState},
 };
 
 /// A request as the engine sees it, whatever the framework.
@@ -84,12 +82,12 @@ pub enum Admission {
 
 /// A request waiting on the store. Await [`Tollgate::resolve`] with it.
 pub struct PendingAdmission {
-    stage: Stage,
-    route: RouteCost,
-    idempotency: Option<(Box<[u8]>, u128)>,
+    pub(crate) stage: Stage,
+    pub(crate) route: RouteCost,
+    pub(crate) idempotency: Option<(Box<[u8]>, u128)>,
 }
 
-enum Stage {
+pub(crate) enum Stage {
     Resolve { credential: OwnedCredential },
     Quota(Box<Partial>),
 }
@@ -101,16 +99,13 @@ pub(crate) enum OwnedCredential {
 }
 
 /// A request that passed the rate check and waits for quota units.
-struct Partial {
-    state: Tenant,
-    headers: HeaderState,
-    claim: Option<Claim>,
-    charged: bool,
-    at: i64,
+pub(crate) struct Partial {
+    pub(crate) state: Tenant,
+    pub(crate) headers: HeaderState,
+    pub(crate) claim: Option<Claim>,
+    pub(crate) charged: bool,
+    pub(crate) at: i64,
 }
-
-/// No quota units were taken (no quota on the meter, or a replay).
-pub(crate) const NO_TAG: u32 = u32::MAX;
 
 impl fmt::Debug for PendingAdmission {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -198,10 +193,6 @@ impl fmt::Debug for Tollgate {
             .field("store", &self.shared.store)
             .finish_non_exhaustive()
     }
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 impl Tollgate {
@@ -305,401 +296,7 @@ impl Tollgate {
         self.lease_and_take(*partial, route).await
     }
 
-    /// Rate, idempotency and quota for a known tenant, without waiting.
-    #[inline]
-    fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
-        let (meter, cost) = (route.meter, route.cost);
-        let (charged, claim) = match idem {
-            None => (true, None),
-            Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
-                Verdict::First(claim) => (true, Some(claim)),
-                Verdict::Replay => {
-                    self.shared.metrics.replays.increment(1);
-                    (false, None)
-                }
-                Verdict::InFlight => {
-                    let r = Rejection::new(
-                        RejectionKind::IdempotencyKeyInUse,
-                        "a request with this Idempotency-Key is still being processed",
-                    );
-                    return self.reject(r.with_retry_after(1).for_tenant(&state));
-                }
-                Verdict::Mismatch => {
-                    let r = Rejection::new(
-                        RejectionKind::IdempotencyKeyMismatch,
-                        "this Idempotency-Key was used for another request (method or path)",
-                    );
-                    return self.reject(r.for_tenant(&state));
-                }
-            },
-        };
-        let plan = &state.plan;
-        let mut headers = HeaderState::new(meter, route.shape);
-        let now = if let Some(policy) = &plan.rate {
-            let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
-            let checked = policy.limiter.check(&state, cells);
-            // The check read the clock: its reading is the request's time.
-            let now = Clock::last_check_secs();
-            state.touch(now);
-            match checked {
-                // Header values are only computed when headers are sent.
-                Ok(Ok(None)) => {}
-                Ok(Ok(Some(remaining))) => {
-                    let empty = policy.burst.get() - remaining.min(policy.burst.get());
-                    headers.set_rate(remaining, ceil_secs(policy.rate.interval() * empty));
-                }
-                Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(self.shared.clock.now());
-                    // Retry-After: until this request could pass; t: until the bucket is
-                    // full again, as on a 200.
-                    let retry = ceil_secs(wait).max(1);
-                    let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
-                    drop(claim);
-                    headers.set_rate(0, ceil_secs(full).max(1));
-                    self.quota_headers(&state, &mut headers, meter, now);
-                    let mut r = Rejection::new(
-                        RejectionKind::RateLimited,
-                        Cow::Owned(format!(
-                            "the rate of plan `{}` ({}, burst {}) is spent",
-                            plan.id, policy.rate, policy.burst
-                        )),
-                    );
-                    r.inner.policy = Some("rate".to_owned());
-                    r.inner.headers = headers;
-                    return self.reject(r.with_retry_after(retry).for_tenant(&state));
-                }
-                Err(_) => {
-                    let r = Rejection::new(RejectionKind::RateLimited, "the request costs more than the plan's burst");
-                    return self.reject(r.for_tenant(&state));
-                }
-            }
-            now
-        } else {
-            let now = self.shared.clock.unix_secs();
-            state.touch(now);
-            now
-        };
-        if route.reports != 0 {
-            match self.check_reports(&state, route.reports, now) {
-                Ok(()) => {}
-                Err((m, Take::Exhausted)) => {
-                    if let Some(policy) = &plan.rate {
-                        state.give_back_cells(policy.nanos(cost));
-                        headers.give_back(cost, policy.burst.get());
-                    }
-                    let p = Partial { state, headers, claim, charged, at: now };
-                    return self.reject(self.quota_exceeded(p, m));
-                }
-                Err(_) => {
-                    return Admission::Pending(PendingAdmission {
-                        stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
-                        route,
-                        idempotency: None,
-                    })
-                }
-            }
-        }
-        match self.take_units(&state, &mut headers, meter, cost, charged, now) {
-            Ok(quota_tag) => {
-                self.shared.metrics.admitted.increment(1);
-                Admission::Admitted(Ticket {
-                    state,
-                    headers,
-                    quota_tag,
-                    at: now,
-                    claim: claim.map(Box::new),
-                    cost,
-                    charged,
-                    done: false,
-                })
-            }
-            Err(Take::Exhausted) => {
-                // Refused for its quota: the request spends no rate cells.
-                if let Some(policy) = &plan.rate {
-                    state.give_back_cells(policy.nanos(cost));
-                    headers.give_back(cost, policy.burst.get());
-                }
-                self.reject(self.quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
-            }
-            Err(_) => Admission::Pending(PendingAdmission {
-                stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
-                route,
-                idempotency: None,
-            }),
-        }
-    }
-
-    /// Whether the hard quotas of the meters a route's handler reports still have units: the
-    /// first that does not (spent, or only the store can tell), with why.
-    #[inline]
-    fn check_reports(&self, state: &Tenant, reports: u64, now: i64) -> Result<(), (usize, Take)> {
-        let mut bits = reports;
-        while bits != 0 {
-            let m = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            if let Some(cell) = state.quota(m) {
-                cell.check_units(1, now).map_err(|why| (m, why))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes quota units from the local lease, in place. `Ok`: the tag of the period they
-    /// were taken from ([`NO_TAG`]: none were, the meter has no quota or the request is a
-    /// replay); `Err`: [`Take::Exhausted`], or [`Take::NeedLease`] (refill the lease first).
-    #[inline]
-    fn take_units(
-        &self,
-        state: &Tenant,
-        headers: &mut HeaderState,
-        meter: usize,
-        cost: u32,
-        charged: bool,
-        at: i64,
-    ) -> Result<u32, Take> {
-        let Some(cell) = state.quota(meter) else {
-            return Ok(NO_TAG);
-        };
-        if !charged {
-            // A replay takes nothing, but a hard quota must still have the units.
-            return cell.check_units(u64::from(cost), at).map(|()| NO_TAG);
-        }
-        match cell.try_take(u64::from(cost), at) {
-            Take::Taken { left, tag } => {
-                self.taken(state, headers, meter, cell, cost, left, at);
-                Ok(u32::from(tag))
-            }
-            other => Err(other),
-        }
-    }
-
-    /// Headers, overage and prefetch after units were taken, `left` remaining in the lease.
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    fn taken(
-        &self,
-        state: &Tenant,
-        headers: &mut HeaderState,
-        meter: usize,
-        cell: QuotaRef<'_>,
-        cost: u32,
-        left: i64,
-        at: i64,
-    ) {
-        let informed = state.plan.header_style != HeaderStyle::None;
-        // The estimate reads the cold part of the quota: only for soft quotas (overage)
-        // and headers.
-        if informed || !cell.hard() {
-            let (remaining, overage) = cell.estimate(left);
-            if overage {
-                state.plan.metrics.overage_units.increment(u64::from(cost));
-            }
-            if informed {
-                let (_, end) = cell.period();
-                headers.set_quota(remaining, (end - at).max(0) as u64);
-            }
-        }
-        if cell.wants_prefetch(left) {
-            self.request_prefetch(state, meter, cell);
-        }
-    }
-
-    /// The quota's header item for a request refused before it took units: what remains,
-    /// read without taking.
-    fn quota_headers(&self, state: &Tenant, headers: &mut HeaderState, meter: usize, at: i64) {
-        if state.plan.header_style == HeaderStyle::None {
-            return;
-        }
-        if let Some(cell) = state.quota(meter) {
-            let (_, end) = cell.period();
-            let (remaining, _) = if at < end { cell.estimate(cell.lease()) } else { (cell.spec.limit().get(), false) };
-            let end = if at < end { end } else { cell.spec.period().bounds(at).1 };
-            headers.set_quota(remaining, (end - at).max(0) as u64);
-        }
-    }
-
-    #[inline]
-    fn ticket(&self, p: Partial, cost: u32, quota_tag: u32) -> Ticket {
-        Ticket {
-            headers: p.headers,
-            state: p.state,
-            cost,
-            charged: p.charged,
-            quota_tag,
-            at: p.at,
-            claim: p.claim.map(Box::new),
-            done: false,
-        }
-    }
-
-    fn quota_exceeded(&self, mut p: Partial, meter: usize) -> Rejection {
-        // Refused: the key is released (the claim's drop).
-        p.claim = None;
-        let state = p.state.clone();
-        let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
-        p.headers.set_meter(meter);
-        let (_, end) = cell.period();
-        let retry = (end - p.at).max(1) as u64;
-        let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
-        let mut r = Rejection::new(
-            RejectionKind::QuotaExceeded,
-            Cow::Owned(format!(
-                "the {} quota of {} {} on plan `{}` is spent until the period ends",
-                cell.spec.period().name(),
-                cell.spec.limit(),
-                cell.meter_id(),
-                p.state.plan.id
-            )),
-        );
-        r.inner.policy = Some(policy);
-        p.headers.set_quota(0, retry);
-        r.inner.headers = p.headers;
-        r.with_retry_after(retry).for_tenant(&p.state)
-    }
-
-    /// Takes the units with the quota cell's lock held: from the lease if a refill came in
-    /// meanwhile, else straight from a new reservation, so that no other request can take
-    /// them first. Bounded by `store_timeout`, then `on_store_error` applies. A hard quota
-    /// refuses only when the store has fewer units left than the request costs.
-    async fn lease_and_take(&self, mut p: Partial, route: RouteCost) -> Result<Ticket, Rejection> {
-        let (meter, cost) = (route.meter, route.cost);
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
-        let state = p.state.clone();
-        if route.reports != 0 {
-            p = self.check_reports_with_store(p, route).await?;
-        }
-        let Some(cell) = state.quota(meter) else {
-            return Ok(self.ticket(p, cost, NO_TAG));
-        };
-        let at = p.at;
-        let charged = p.charged;
-        let outcome = with_timeout(timeout, async {
-            let _guard = cell.lock().lock().await;
-            // A call left in flight by a timeout may have landed: its units come first.
-            self.settle_inflight(cell).await?;
-            if !charged {
-                // A replay: the units must be there, but are not taken.
-                if cell.check_units(u64::from(cost), at).is_err() {
-                    self.refill_locked(&state, cell, at, 0).await?;
-                }
-                return Ok(match cell.check_units(u64::from(cost), at) {
-                    Ok(()) => Ok((None, cell.lease(), None)),
-                    Err(_) => Err(()),
-                });
-            }
-            match cell.try_take(u64::from(cost), at) {
-                Take::Taken { left, tag } => return Ok(Ok((Some(tag), left, None))),
-                Take::Exhausted => return Ok(Err(())),
-                Take::NeedLease => {}
-            }
-            match self.refill_locked(&state, cell, at, u64::from(cost)).await? {
-                Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
-                Refill::Short | Refill::Done => Ok(Err(())),
-            }
-        })
-        .await;
-        match outcome {
-            Ok(Ok((tag, left, start))) => {
-                if let Some(start) = start {
-                    // A request read the clock just before a period that another one rolled
-                    // in: its units come from the new period, and so does its usage.
-                    p.at = p.at.max(start);
-                }
-                let tag = match tag {
-                    Some(tag) => {
-                        self.taken(&p.state, &mut p.headers, meter, cell, cost, left, p.at);
-                        u32::from(tag)
-                    }
-                    None => NO_TAG,
-                };
-                self.shared.metrics.admitted.increment(1);
-                Ok(self.ticket(p, cost, tag))
-            }
-            Ok(Err(())) => {
-                if let Some(policy) = &p.state.plan.rate {
-                    p.state.give_back_cells(policy.nanos(cost));
-                    p.headers.give_back(cost, policy.burst.get());
-                }
-                Err(self.count(self.quota_exceeded(p, meter)))
-            }
-            Err(e) => {
-                self.store_error("reserve quota", &e);
-                match p.state.plan.on_store_error {
-                    StoreErrorPolicy::FailOpen => {
-                        // Admitted without a lease: its units are owed, and charged to the
-                        // period (past the limit if need be) once the store answers again.
-                        let tag = if charged {
-                            cell.force_take(u64::from(cost), at).map_or(NO_TAG, u32::from)
-                        } else {
-                            NO_TAG
-                        };
-                        self.shared.metrics.admitted.increment(1);
-                        Ok(self.ticket(p, cost, tag))
-                    }
-                    StoreErrorPolicy::FailClosed => {
-                        p.claim = None;
-                        let r =
-                            Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
-                        Err(self.count(r.with_retry_after(1).for_tenant(&p.state)))
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`check_reports`](Self::check_reports), asking the store where the lease cannot
-    /// tell: a reported meter's debt is owed first, and the store then says whether units are
-    /// left.
-    async fn check_reports_with_store(&self, mut p: Partial, route: RouteCost) -> Result<Partial, Rejection> {
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
-        let state = p.state.clone();
-        let mut bits = route.reports;
-        while bits != 0 {
-            let m = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            let Some(cell) = state.quota(m) else { continue };
-            if cell.check_units(1, p.at).is_ok() {
-                continue;
-            }
-            let checked = with_timeout(timeout, async {
-                let _guard = cell.lock().lock().await;
-                self.settle_inflight(cell).await?;
-                if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
-                    self.refill_locked(&state, cell, p.at, 0).await?;
-                }
-                Ok(cell.check_units(1, p.at))
-            })
-            .await;
-            match checked {
-                Ok(Err(Take::Exhausted)) => {
-                    if let Some(policy) = &p.state.plan.rate {
-                        p.state.give_back_cells(policy.nanos(route.cost));
-                        p.headers.give_back(route.cost, policy.burst.get());
-                    }
-                    return Err(self.count(self.quota_exceeded(p, m)));
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.store_error("reserve quota", &e);
-                    if p.state.plan.on_store_error == StoreErrorPolicy::FailClosed {
-                        p.claim = None;
-                        let r =
-                            Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
-                        return Err(self.count(r.with_retry_after(1).for_tenant(&p.state)));
-                    }
-                }
-            }
-        }
-        Ok(p)
-    }
-
-    fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {
-        if self.shared.prefetch.try_send(Prefetch { state: state.clone(), meter }).is_err() {
-            cell.prefetch_done();
-        }
-    }
-
-    fn reject(&self, rejection: Rejection) -> Admission {
+    pub(crate) fn reject(&self, rejection: Rejection) -> Admission {
         Admission::Rejected(self.count(rejection))
     }
 

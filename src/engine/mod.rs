@@ -1,5 +1,6 @@
 //! The engine shared by every front door: admission, completion, the usage pipeline.
 
+mod admission;
 mod builder;
 mod directory;
 mod door;
@@ -12,6 +13,7 @@ mod lease;
 mod lifecycle;
 mod table;
 mod ticket;
+mod wait;
 
 pub use builder::{BuildError, Builder};
 pub use door::FrontDoor;

@@ -39,8 +39,9 @@ pub(crate) struct RatePolicy {
     pub(crate) rate: Rate,
     pub(crate) burst: NonZeroU32,
     pub(crate) limiter: PlanLimiter,
-    /// The bucket described as "`q` per `w` seconds", a true upper bound: with `T` the time
-    /// one cell takes to come back, `w = max(1, ⌈burst·T⌉)` and `q = max(burst, ⌊w / T⌋)`.
+    /// The bucket described in whole numbers for `RateLimit-Policy`: with `T` the time one
+    /// cell takes to come back, `w = max(1, ⌈burst·T⌉)` (an empty bucket fills in `w`) and
+    /// `q = max(burst, ⌊w / T⌋)`, so that `r` (the cells left) never exceeds `q`.
     pub(crate) q: u64,
     pub(crate) w: u64,
 }
