@@ -1,4 +1,4 @@
-//! Rate-limit headers tell the truth: the policy describes a true upper bound, `r` never
+//! Rate-limit headers tell the truth: the policy describes the bucket in whole numbers, `r` never
 //! exceeds `q`, `t` means the same on a 200 and a 429, and a 429 carries every policy.
 #![allow(missing_docs)]
 
@@ -35,8 +35,8 @@ fn items(header: &str) -> Vec<(String, u64, u64)> {
 }
 
 #[tokio::test]
-async fn the_rate_policy_is_a_true_upper_bound_and_r_never_exceeds_q() {
-    // 2/s with a burst of 10: 10 at once, then one every 500 ms; 10 per 5 s is a true bound.
+async fn the_rate_policy_describes_the_bucket_and_r_never_exceeds_q() {
+    // 2/s with a burst of 10: an empty bucket fills in 5 s; it holds 10.
     let h = Harness::new(&plan("2/s", 10, "{ limit = 1000, period = \"day\" }"));
     let r = h.get("/", "key-t").await;
     assert_eq!(items(r.header("ratelimit-policy").unwrap())[0], ("rate".into(), 10, 5));

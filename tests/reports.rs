@@ -26,11 +26,19 @@ async fn a_spent_hard_quota_on_a_reported_meter_refuses_the_next_request() {
     assert_eq!(r.status, 200);
     let policy = r.header("ratelimit-policy").unwrap_or_default().to_owned();
     assert!(policy.contains("\"tokens-month\";q=500"), "the reported meter's policy shows: {policy}");
+    // Its item too, read from the tenant when the response's headers are written.
+    let items = r.header("ratelimit").unwrap_or_default().to_owned();
+    assert!(items.starts_with("\"tokens-month\";r="), "every listed policy has an item: {items}");
     assert_eq!(h.status("/tokens/200", "key-t").await, 200);
     // This request crosses the limit (600 of 500): it completes, reporting what it used.
     assert_eq!(h.status("/tokens/200", "key-t").await, 200);
     let r = h.get("/tokens/1", "key-t").await;
     assert_eq!(r.status, 429, "the next one is refused");
+    assert!(
+        r.header("ratelimit").unwrap_or_default().starts_with("\"tokens-month\";r=0;t="),
+        "{:?}",
+        r.header("ratelimit")
+    );
     assert_eq!(r.json()["policy"], "tokens-month");
     assert_eq!(r.rejection.unwrap().kind(), RejectionKind::QuotaExceeded);
     // A route that does not report tokens is not refused; recording there still bills.

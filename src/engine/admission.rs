@@ -259,7 +259,6 @@ impl Tollgate {
         p.claim = None;
         let state = p.state.clone();
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
-        p.headers.set_meter(meter);
         let (_, end) = cell.period();
         let retry = (end - p.at).max(1) as u64;
         let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
@@ -274,7 +273,14 @@ impl Tollgate {
             )),
         );
         r.inner.policy = Some(policy);
-        p.headers.set_quota(0, retry);
+        if meter == p.headers.meter() {
+            p.headers.set_quota(0, retry);
+        } else {
+            // A reported meter: its item is read live from the tenant; the route's meter
+            // keeps its own.
+            let own = p.headers.meter();
+            self.quota_headers(&state, &mut p.headers, own, p.at);
+        }
         r.inner.headers = p.headers;
         r.with_retry_after(retry).for_tenant(&p.state)
     }

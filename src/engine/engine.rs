@@ -19,7 +19,7 @@ use crate::{
     plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{Store, StoreError},
-    tenant::{check_api_key, Credential, Tenant, TenantState},
+    tenant::{check_api_key, Credential, Tenant},
 };
 
 /// A request as the engine sees it, whatever the framework.
@@ -354,9 +354,9 @@ impl Rejection {
         self
     }
 
-    pub(crate) fn for_tenant(mut self, state: &TenantState) -> Self {
+    pub(crate) fn for_tenant(mut self, state: &Tenant) -> Self {
         self.inner.tenant = Some(state.id.clone());
-        self.inner.plan = Some(state.plan.clone());
+        self.inner.state = Some(state.clone());
         self
     }
 }

@@ -58,7 +58,7 @@ impl Ticket {
     #[inline]
     pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, Value<'_>)) {
         if self.state.plan.header_style != HeaderStyle::None {
-            emit(&self.state.plan, &self.headers, None, put);
+            emit(&self.state.plan, &self.headers, None, Some(&self.state), put);
         }
     }
 

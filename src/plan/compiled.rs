@@ -124,6 +124,9 @@ pub(crate) struct CompiledPlan {
     /// The `RateLimit-Policy` value for each policy shape of the configuration (see
     /// [`Runtime::shapes`]; none: no policy applies).
     pub(crate) policy_header: Box<[Option<http::HeaderValue>]>,
+    /// For each policy shape, the meters whose hard quotas it lists besides the route's own
+    /// (a bit per meter index): their `RateLimit` items are read live from the tenant.
+    pub(crate) shape_reports: Box<[u64]>,
     pub(crate) on_store_error: StoreErrorPolicy,
     pub(crate) meters: Arc<MeterTable>,
     pub(crate) billable: StatusSet,
@@ -182,6 +185,15 @@ impl CompiledPlan {
         let quotas: Box<[(usize, QuotaSpec)]> = quotas.into();
         let quota_of =
             (0..meters.ids.len()).map(|m| quotas.iter().position(|(i, _)| *i == m).map(|q| q as u8)).collect();
+        let shape_reports = shapes
+            .iter()
+            .map(|&(m, reports)| {
+                quotas
+                    .iter()
+                    .filter(|(i, q)| *i != m && reports & (1 << i) != 0 && q.mode() == QuotaMode::Hard)
+                    .fold(0u64, |bits, (i, _)| bits | (1 << i))
+            })
+            .collect();
         let policy_header = shapes
             .iter()
             .map(|&(m, reports)| {
@@ -216,6 +228,7 @@ impl CompiledPlan {
             quota_of,
             window_secs: config.usage.window.as_secs().max(1) as i64,
             policy_header,
+            shape_reports,
             on_store_error: spec.on_store_error.unwrap_or(config.usage.on_store_error),
             meters: meters.clone(),
             billable: config.usage.billable.clone(),

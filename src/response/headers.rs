@@ -1,7 +1,7 @@
 //! Rate-limit header fields, framework-neutral: each front door maps a [`Field`] to its own
 //! header name type.
 
-use crate::{config::HeaderStyle, plan::CompiledPlan};
+use crate::{config::HeaderStyle, plan::CompiledPlan, tenant::TenantState};
 
 /// A response header field written by tollgate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,12 +89,6 @@ impl HeaderState {
         Self { meter: meter as u16, shape, ..Self::default() }
     }
 
-    /// Reports the quota of `meter` instead (a reported meter whose quota refused the
-    /// request).
-    pub(crate) fn set_meter(&mut self, meter: usize) {
-        self.meter = meter as u16;
-    }
-
     /// The meter index of the request.
     #[inline]
     pub(crate) fn meter(&self) -> usize {
@@ -148,6 +142,7 @@ pub(crate) fn emit(
     plan: &CompiledPlan,
     state: &HeaderState,
     retry_after: Option<u64>,
+    tenant: Option<&TenantState>,
     put: &mut dyn FnMut(Field, Value<'_>),
 ) {
     let mut num = itoa::Buffer::new();
@@ -160,13 +155,33 @@ pub(crate) fn emit(
             if let Some(Some(policy)) = plan.policy_header.get(usize::from(state.shape)) {
                 put(Field::RateLimitPolicy, Value::Prebuilt(policy));
             }
-            if rate.is_some() || quota.is_some() {
+            if rate.is_some()
+                || quota.is_some()
+                || plan.shape_reports.get(usize::from(state.shape)).is_some_and(|r| *r != 0)
+            {
                 let mut value = String::with_capacity(64);
                 if let Some(r) = &rate {
                     item(&mut value, "rate", "", r, &mut num);
                 }
                 if let (Some(q), Some((_, spec))) = (&quota, plan.quotas.iter().find(|(m, _)| *m == state.meter())) {
                     item(&mut value, plan.meters.ids[state.meter()].as_str(), spec.period().name(), q, &mut num);
+                }
+                // The hard quotas of the meters the route reports, read live from the tenant.
+                let mut reported = plan.shape_reports.get(usize::from(state.shape)).copied().unwrap_or(0);
+                while reported != 0 {
+                    let m = reported.trailing_zeros() as usize;
+                    reported &= reported - 1;
+                    if let Some(cell) = tenant.and_then(|t| t.quota(m)) {
+                        let now = tenant.map_or(0, |t| t.clock.unix_secs());
+                        let (_, end) = cell.period();
+                        let (remaining, _) = cell.estimate(cell.lease());
+                        let status = PolicyStatus {
+                            limit: cell.spec.limit().get(),
+                            remaining: if now < end { remaining } else { cell.spec.limit().get() },
+                            reset_secs: (end - now).max(0) as u64,
+                        };
+                        item(&mut value, plan.meters.ids[m].as_str(), cell.spec.period().name(), &status, &mut num);
+                    }
                 }
                 put(Field::RateLimit, Value::Owned(value));
             }

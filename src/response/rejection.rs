@@ -3,7 +3,7 @@ use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
 use http::StatusCode;
 
 use super::{emit, Field, HeaderState, Value};
-use crate::{config::TenantId, plan::CompiledPlan};
+use crate::{config::TenantId, tenant::Tenant};
 
 /// Why a request was turned away.
 ///
@@ -130,7 +130,8 @@ pub(crate) struct Details {
     pub(crate) policy: Option<String>,
     pub(crate) retry_after: Option<u64>,
     pub(crate) tenant: Option<TenantId>,
-    pub(crate) plan: Option<Arc<CompiledPlan>>,
+    /// The tenant's state, for the headers of its policies.
+    pub(crate) state: Option<Tenant>,
     pub(crate) headers: HeaderState,
     pub(crate) challenge: Option<Arc<str>>,
 }
@@ -144,7 +145,7 @@ impl Rejection {
                 policy: None,
                 retry_after: None,
                 tenant: None,
-                plan: None,
+                state: None,
                 headers: HeaderState::default(),
                 challenge: None,
             }),
@@ -203,8 +204,8 @@ impl Rejection {
     }
 
     pub(crate) fn emit(&self, put: &mut dyn FnMut(Field, Value<'_>)) {
-        match &self.inner.plan {
-            Some(plan) => emit(plan, &self.inner.headers, self.inner.retry_after, put),
+        match &self.inner.state {
+            Some(state) => emit(&state.plan, &self.inner.headers, self.inner.retry_after, Some(state), put),
             None => {
                 if let Some(secs) = self.inner.retry_after {
                     put(Field::RetryAfter, Value::Borrowed(itoa::Buffer::new().format(secs)));
