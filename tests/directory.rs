@@ -104,3 +104,20 @@ async fn removed_keys_and_plan_changes_reach_a_running_node() {
     let billed = common::committed(&*store, "acme", "requests", NOON - 3600, NOON + 7200, 3600).await;
     assert_eq!(billed, 9);
 }
+
+/// A directory record named like the anonymous tenant (or outside the tenant id grammar) is
+/// never served as another tenant: unknown callers keep the anonymous tenant to themselves.
+#[tokio::test]
+async fn a_record_that_would_share_the_anonymous_tenant_is_refused() {
+    let toml = format!("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"free\"\n{PLANS}");
+    let (h, store) = node(&toml);
+    store
+        .inner
+        .put_tenant(&TenantRecord::new("anonymous".into(), "pro".into()), &[KeyHash::of(b"key-x")])
+        .await
+        .unwrap();
+    store.inner.put_tenant(&TenantRecord::new("a b".into(), "pro".into()), &[KeyHash::of(b"key-y")]).await.unwrap();
+    assert_eq!(h.status("/", "key-x").await, 503);
+    assert_eq!(h.status("/", "key-y").await, 503);
+    assert_eq!(&h.get("/", "key-unknown").await.body[..], b"anonymous on free");
+}

@@ -378,3 +378,24 @@ async fn a_retired_state_call_sent_late_is_still_applied() {
     h.tollgate.shutdown().await.unwrap();
     assert_eq!(store.reserved(&today("t")).await.unwrap(), 2, "leased = used + returned");
 }
+
+/// Requests admitted fail-open before the tenant ever held a lease are owed outside any lease;
+/// those not billed (a 5xx) are given back, so the period is charged only what was billed.
+#[tokio::test]
+async fn fail_open_requests_that_are_not_billed_are_not_charged() {
+    let toml = common::one_tenant("quotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    // The tenant is declared in the file: found without the store, which is down from the start.
+    store.down.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(h.status("/fail", "key-t").await, 500);
+    }
+    store.down.store(false, Ordering::SeqCst);
+    h.tollgate.shutdown().await.unwrap();
+    assert_eq!(store.reserved(&today("t")).await.unwrap(), 3);
+}

@@ -7,6 +7,8 @@
 mod error;
 mod raw;
 mod validate;
+
+pub(crate) use validate::ANONYMOUS_TENANT;
 mod values;
 
 use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, time::Duration};

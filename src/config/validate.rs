@@ -256,6 +256,13 @@ impl Validator<'_, '_> {
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter)?;
         let tenants = self.tenants(&raw.tenants, &plans)?;
+        if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
+            return Err(self.loc.error(
+                Kind::Conflict,
+                &format!("tenants.{ANONYMOUS_TENANT}"),
+                "`anonymous` is the tenant of unknown callers (identify.unknown = \"anonymous\"): name this tenant otherwise",
+            ));
+        }
         Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
     }
 
@@ -709,6 +716,9 @@ impl Validator<'_, '_> {
     }
 }
 
+/// The tenant that unknown callers are served as, with `identify.unknown = "anonymous"`.
+pub(crate) const ANONYMOUS_TENANT: &str = "anonymous";
+
 fn check_name(v: &Validator<'_, '_>, path: &str, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -726,6 +736,13 @@ mod tests {
 
     fn err(text: &str) -> ConfigError {
         parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn a_tenant_named_like_the_anonymous_tenant_is_refused() {
+        let e = err("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"p\"\n[plans.p]\n[tenants.anonymous]\nplan = \"p\"\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::Conflict, "tenants.anonymous", Some(5)));
+        assert!(parse("[plans.p]\n[tenants.anonymous]\nplan = \"p\"\n").is_ok(), "fine without an anonymous plan");
     }
 
     #[test]

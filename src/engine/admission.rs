@@ -21,6 +21,8 @@ use crate::{
 
 /// No quota units were taken (no quota on the meter, or a replay).
 pub(crate) const NO_TAG: u32 = u32::MAX;
+/// The units were owed outside any lease (admitted fail-open before the cell held one).
+pub(crate) const UNLEASED: u32 = u32::MAX - 1;
 
 fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)

@@ -11,7 +11,7 @@ use super::{
     Tollgate,
 };
 use crate::{
-    config::{StoreErrorPolicy, TenantId},
+    config::{StoreErrorPolicy, TenantId, ANONYMOUS_TENANT},
     metrics::Totals,
     plan::{CompiledPlan, Runtime, StaticTenant},
     response::{Rejection, RejectionKind},
@@ -100,6 +100,17 @@ impl Tollgate {
                 }
             };
         };
+        if !TenantId::is_valid(record.id.as_str()) || (rt.anonymous.is_some() && record.id.as_str() == ANONYMOUS_TENANT)
+        {
+            // Never served as another tenant (the anonymous one) nor under an id no export can
+            // carry: the directory must be mended.
+            tracing::error!(tenant = %record.id, "the directory holds a tenant id outside the tenant id grammar, or the anonymous tenant's");
+            return Err(Rejection::new(
+                RejectionKind::StoreUnavailable,
+                "the tenant directory holds an invalid tenant",
+            )
+            .with_retry_after(60));
+        }
         let Some(plan) = rt.plans.get(&record.plan) else {
             tracing::error!(tenant = %record.id, plan = %record.plan, "tenant is on a plan the configuration does not declare");
             return Err(Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
@@ -113,7 +124,7 @@ impl Tollgate {
     }
 
     fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
-        let id = TenantId::from("anonymous");
+        let id = TenantId::from(ANONYMOUS_TENANT);
         let state = self
             .shared
             .table

@@ -85,9 +85,11 @@ impl Ticket {
         if !self.charged {
             return;
         }
-        if let Ok(tag) = u16::try_from(self.quota_tag) {
-            if let Some(cell) = self.state.quota(self.headers.meter()) {
+        if let Some(cell) = self.state.quota(self.headers.meter()) {
+            if let Ok(tag) = u16::try_from(self.quota_tag) {
                 cell.refund(u64::from(self.cost), tag);
+            } else if self.quota_tag == super::admission::UNLEASED {
+                cell.refund_unleased(u64::from(self.cost));
             }
         }
         // Not billed: the key is released (the claim's drop), so a retry is charged.

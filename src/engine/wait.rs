@@ -3,7 +3,7 @@
 //! the store does not answer in time.
 
 use super::{
-    admission::NO_TAG,
+    admission::{NO_TAG, UNLEASED},
     engine::{with_timeout, Partial},
     lease::Refill,
     Ticket, Tollgate,
@@ -88,7 +88,7 @@ impl Tollgate {
                         // Admitted without a lease: its units are owed, and charged to the
                         // period (past the limit if need be) once the store answers again.
                         let tag = if charged {
-                            cell.force_take(u64::from(cost), at).map_or(NO_TAG, u32::from)
+                            cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from)
                         } else {
                             NO_TAG
                         };

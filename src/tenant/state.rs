@@ -524,6 +524,13 @@ impl<'a> QuotaRef<'a> {
         None
     }
 
+    /// Gives back units taken outside any lease ([`force_take`](Self::force_take) returned
+    /// `None`) by a request that is not billed, if the store has not been told yet.
+    pub(crate) fn refund_unleased(&self, cost: u64) {
+        let _ =
+            self.cold().unleased.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(cost)));
+    }
+
     /// Gives back units of a request that is not billed to the lease of the period they were
     /// taken from; after that period's roll, to that period's counter in the store.
     pub(crate) fn refund(&self, cost: u64, tag: u16) {
