@@ -121,3 +121,25 @@ async fn a_record_that_would_share_the_anonymous_tenant_is_refused() {
     assert_eq!(h.status("/", "key-y").await, 503);
     assert_eq!(&h.get("/", "key-unknown").await.body[..], b"anonymous on free");
 }
+
+/// A request routed under one configuration and served by a tenant state of the next (a
+/// reload while it waited on the directory) is charged on the meter of the same name.
+#[tokio::test]
+async fn a_request_waiting_across_a_reload_keeps_its_meter() {
+    let a = "[meters.tokens]\n[plans.free]\n[[routes]]\npath = \"/gen\"\nmeter = \"tokens\"\n";
+    let b = "[meters.images]\n[meters.tokens]\n[plans.free]\n[[routes]]\npath = \"/gen\"\nmeter = \"tokens\"\n";
+    let (h, store) = node(a);
+    store
+        .inner
+        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
+        .await
+        .unwrap();
+    let info = tollgate::RequestInfo::new("GET", "/gen", tollgate::Credential::ApiKey(b"key-acme"));
+    let tollgate::Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
+    h.tollgate.reload(tollgate::Config::from_toml_str(b).unwrap()).await;
+    let ticket = h.tollgate.resolve(pending).await.unwrap();
+    assert!(ticket.complete(200));
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(common::committed(&*store, "acme", "tokens", NOON - 3600, NOON + 3600, 3600).await, 1);
+    assert_eq!(common::committed(&*store, "acme", "images", NOON - 3600, NOON + 3600, 3600).await, 0);
+}

@@ -88,7 +88,7 @@ pub struct PendingAdmission {
 }
 
 pub(crate) enum Stage {
-    Resolve { credential: OwnedCredential },
+    Resolve { credential: OwnedCredential, meters: Arc<crate::plan::MeterTable> },
     Quota(Box<Partial>),
 }
 
@@ -259,7 +259,16 @@ impl Tollgate {
         let route = rt.route(req.method, req.path);
         let idem = req.idempotency_key.map(|k| (k, self.shared.idempotency.request(req.method, req.path, req.query)));
         match self.shared.table.get(lookup) {
-            Some(state) => self.decide(state, route, idem),
+            Some(state) => {
+                // A state of the configuration before a reload, met in the moment before its
+                // eviction: its plan indexes meters its own way.
+                let route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
+                    route
+                } else {
+                    rt.meters.remap(route, &state.plan.meters)
+                };
+                self.decide(state, route, idem)
+            }
             None => {
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
@@ -267,7 +276,7 @@ impl Tollgate {
                     Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
                 };
                 Admission::Pending(PendingAdmission {
-                    stage: Stage::Resolve { credential },
+                    stage: Stage::Resolve { credential, meters: rt.meters.clone() },
                     route,
                     idempotency: idem.map(|(k, r)| (k.into(), r)),
                 })
@@ -280,10 +289,16 @@ impl Tollgate {
         let PendingAdmission { stage, route, idempotency } = pending;
         let partial = match stage {
             Stage::Quota(partial) => partial,
-            Stage::Resolve { credential } => {
+            Stage::Resolve { credential, meters } => {
                 let state = match self.lookup(credential).await {
                     Ok(state) => state,
                     Err(rejection) => return Err(self.count(rejection)),
+                };
+                // A reload while the request waited: its route indexes the old meters.
+                let route = if Arc::ptr_eq(&state.plan.meters, &meters) {
+                    route
+                } else {
+                    meters.remap(route, &state.plan.meters)
                 };
                 match self.decide(state, route, idempotency.as_ref().map(|(k, r)| (&k[..], *r))) {
                     Admission::Admitted(t) => return Ok(t),

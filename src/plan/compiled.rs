@@ -29,6 +29,25 @@ pub(crate) struct MeterTable {
 }
 
 impl MeterTable {
+    /// `route` (indexed by `self`) for a plan whose meters are `to`: the same meters by name
+    /// (a meter `to` lacks becomes its default meter, index 0), the policy of the meter alone.
+    /// For a request routed under one configuration and served by a tenant state of another,
+    /// around a reload.
+    pub(crate) fn remap(&self, route: RouteCost, to: &MeterTable) -> RouteCost {
+        let map = |m: usize| self.ids.get(m).and_then(|id| to.index(id.as_str()));
+        let meter = map(route.meter).unwrap_or(0);
+        let mut reports = 0u64;
+        let mut bits = route.reports;
+        while bits != 0 {
+            let m = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(i) = map(m) {
+                reports |= 1 << i;
+            }
+        }
+        RouteCost { meter, cost: route.cost, reports, shape: meter as u8 }
+    }
+
     pub(crate) fn index(&self, name: &str) -> Option<usize> {
         self.ids.iter().position(|m| m.as_str() == name)
     }
@@ -267,6 +286,8 @@ pub(crate) struct StaticTenant {
 #[derive(Debug)]
 pub(crate) struct Runtime {
     pub(crate) config: Config,
+    /// The meters, by index: routes and plans of this configuration index them.
+    pub(crate) meters: Arc<MeterTable>,
     pub(crate) plans: HashMap<PlanId, Arc<CompiledPlan>>,
     pub(crate) routes: Box<[CompiledRoute]>,
     pub(crate) default_meter: usize,
@@ -336,6 +357,7 @@ impl Runtime {
             crate::config::Identify::Extension => "Bearer".to_owned(),
         };
         Self {
+            meters: meters.clone(),
             plans,
             routes,
             default_meter,

@@ -3,5 +3,5 @@
 mod compiled;
 mod route;
 
-pub(crate) use compiled::{CompiledPlan, RouteCost, Runtime, StaticTenant};
+pub(crate) use compiled::{CompiledPlan, MeterTable, RouteCost, Runtime, StaticTenant};
 pub use route::RoutePattern;
