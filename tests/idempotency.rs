@@ -111,13 +111,6 @@ async fn a_request_dropped_while_waiting_releases_its_key_and_units() {
     assert_eq!(h.send(post("/", "c")).await.status, 200);
     assert_eq!(billed(&h).await, 3, "the retry was charged");
     h.tollgate.shutdown().await.unwrap();
-    let start = NOON - 12 * 3600;
-    let key = tollgate::store::QuotaKey::new(
-        "t".into(),
-        "requests".into(),
-        tollgate::config::Period::Day,
-        start,
-        start + 86_400,
-    );
+    let key = common::day_key("t", NOON);
     assert_eq!(store.reserved(&key).await.unwrap(), 3, "no unit leaked");
 }

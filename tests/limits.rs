@@ -238,13 +238,7 @@ async fn leases_grow_for_busy_tenants_and_shrink_back() {
     let toml =
         &common::one_tenant(r#"quotas.requests = { limit = 1000000, period = "day", mode = "hard", lease = 10 }"#);
     let h = Harness::new(toml);
-    let key = tollgate::store::QuotaKey::new(
-        "t".into(),
-        "requests".into(),
-        tollgate::config::Period::Day,
-        NOON - 12 * 3600,
-        NOON + 12 * 3600,
-    );
+    let key = common::day_key("t", NOON);
     for _ in 0..2000 {
         assert_eq!(h.status("/", "key-t").await, 200);
     }

@@ -96,13 +96,7 @@ async fn the_tenant_cap_holds_and_evicted_usage_is_kept() {
 async fn idle_tenants_are_evicted_and_their_lease_returned() {
     let h = Harness::new(&tenants_config(1, "[limits]\nidle_timeout = \"10m\""));
     assert_eq!(h.status("/", "key-0").await, 200);
-    let key = tollgate::store::QuotaKey::new(
-        "t0".into(),
-        "requests".into(),
-        tollgate::config::Period::Day,
-        NOON - 12 * 3600,
-        NOON + 12 * 3600,
-    );
+    let key = common::day_key("t0", NOON);
     // A lease is a sixteenth of the limit, at most 10,000 units.
     assert_eq!(h.reserved(&key).await, 10_000);
     h.clock.advance(Duration::from_secs(601));

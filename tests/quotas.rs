@@ -90,9 +90,8 @@ async fn no_race_creates_or_loses_units_across_periods() {
     assert!(used_new <= 300, "new day admitted {used_new}");
     assert_eq!(used_old, 300, "the old day was spent (20 s of hammering)");
     assert_eq!(used_new, 300, "the new day was spent (20 s of hammering)");
-    let period = tollgate::config::Period::Day;
     for (start, used) in [(old_start, used_old), (new_start, used_new)] {
-        let key = QuotaKey::new("t".into(), "requests".into(), period, start, start + day);
+        let key = common::day_key("t", start);
         assert_eq!(store.reserved(&key).await.unwrap(), used, "leased = used + returned, period {start}");
     }
 }
@@ -250,7 +249,7 @@ proptest::proptest! {
             tollgate.shutdown().await.unwrap();
             let start = MONTH_END - MONTH_END.rem_euclid(day);
             for period_start in [start, start + day] {
-                let key = QuotaKey::new("t".into(), "requests".into(), tollgate::config::Period::Day, period_start, period_start + day);
+                let key = common::day_key("t", period_start);
                 let u = used.get(&period_start).copied().unwrap_or(0);
                 assert!(u <= 9, "period {period_start}: {u} used");
                 assert_eq!(store.reserved(&key).await.unwrap(), u, "period {period_start}");
@@ -260,8 +259,7 @@ proptest::proptest! {
 }
 
 fn today(tenant: &str) -> QuotaKey {
-    let start = common::NOON - 12 * 3600;
-    QuotaKey::new(tenant.into(), "requests".into(), tollgate::config::Period::Day, start, start + 86_400)
+    common::day_key(tenant, common::NOON)
 }
 
 /// A reserve that landed but whose answer timed out is sent again with the same token, and

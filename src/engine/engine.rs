@@ -204,16 +204,11 @@ impl Tollgate {
     }
 
     /// Like [`admit`](Self::admit), for front doors that need the configured way of
-    /// identifying tenants to describe the request. An `Idempotency-Key` on a method the
-    /// configuration does not list (`limits.idempotency_methods`) is ignored.
-    #[inline]
+    /// identifying tenants to describe the request: [`FrontDoor::admit_with`](crate::FrontDoor::admit_with) on a door made
+    /// for this one request (a door kept per service saves that). An `Idempotency-Key` on a
+    /// method the configuration does not list (`limits.idempotency_methods`) is ignored.
     pub fn admit_with<'a>(&self, describe: impl FnOnce(&crate::config::Identify) -> RequestInfo<'a>) -> Admission {
-        let rt = self.shared.runtime.load();
-        let mut req = describe(&rt.config.identify);
-        if !rt.honours_idempotency(req.method) {
-            req.idempotency_key = None;
-        }
-        self.admit_in(&rt, &req)
+        self.front_door().admit_with(describe)
     }
 
     /// The configuration compiled for the request path, for front doors that keep a

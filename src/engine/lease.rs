@@ -7,7 +7,7 @@ use super::{engine::with_timeout, Tollgate};
 use crate::{
     config::QuotaMode,
     store::{Grant, Reservation, ReserveToken, StoreError},
-    tenant::{Call, CallKind, QuotaRef, TenantState},
+    tenant::{Call, CallKind, QuotaRef},
 };
 
 /// How many times a call is sent before it is given up.
@@ -122,14 +122,7 @@ impl Tollgate {
     /// units of it are reserved for the request waiting (they never pass through the lease,
     /// so no other request can take them first). Owes what the lease and the reports owe.
     /// Call with the cell's lock held.
-    pub(crate) async fn refill_locked(
-        &self,
-        state: &TenantState,
-        cell: QuotaRef<'_>,
-        now: i64,
-        need: u64,
-    ) -> Result<Refill, StoreError> {
-        let _ = state;
+    pub(crate) async fn refill_locked(&self, cell: QuotaRef<'_>, now: i64, need: u64) -> Result<Refill, StoreError> {
         self.settle_inflight(cell).await?;
         self.roll_if_over(cell, now).await?;
         self.settle_previous(cell).await?;

@@ -176,7 +176,7 @@ impl Tollgate {
             let _guard = cell.lock().lock().await;
             self.settle_inflight(cell).await?;
             if cell.lease() < cell.low() {
-                self.refill_locked(&state, cell, now, 0).await?;
+                self.refill_locked(cell, now, 0).await?;
             }
             Ok(())
         })

@@ -39,7 +39,7 @@ impl Tollgate {
             if !charged {
                 // A replay: the units must be there, but are not taken.
                 if cell.check_units(u64::from(cost), at).is_err() {
-                    self.refill_locked(&state, cell, at, 0).await?;
+                    self.refill_locked(cell, at, 0).await?;
                 }
                 return Ok(match cell.check_units(u64::from(cost), at) {
                     Ok(()) => Ok((None, cell.lease(), None)),
@@ -51,7 +51,7 @@ impl Tollgate {
                 Take::Exhausted => return Ok(Err(())),
                 Take::NeedLease => {}
             }
-            match self.refill_locked(&state, cell, at, u64::from(cost)).await? {
+            match self.refill_locked(cell, at, u64::from(cost)).await? {
                 Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
                 Refill::Short | Refill::Done => Ok(Err(())),
             }
@@ -128,7 +128,7 @@ impl Tollgate {
                 let _guard = cell.lock().lock().await;
                 self.settle_inflight(cell).await?;
                 if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
-                    self.refill_locked(&state, cell, p.at, 0).await?;
+                    self.refill_locked(cell, p.at, 0).await?;
                 }
                 Ok(cell.check_units(1, p.at))
             })

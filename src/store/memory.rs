@@ -127,7 +127,22 @@ impl Counters {
     }
 }
 
+/// The senders whose last call a counter remembers. A sender is one quota cell of one engine
+/// (a tenant state): a tenant evicted and seen again many times in a period makes many. Past
+/// this, the sender with the oldest call is forgotten (its calls were answered long ago).
+const SENDERS_KEPT: usize = 64;
+
 impl Counter {
+    /// Records the answer to `token`'s call.
+    fn applied(&mut self, token: ReserveToken, grant: Grant) {
+        self.applied.insert(token.node, (token.seq, grant));
+        if self.applied.len() > SENDERS_KEPT {
+            if let Some(oldest) = self.applied.iter().min_by_key(|(_, (seq, _))| *seq).map(|(n, _)| *n) {
+                self.applied.remove(&oldest);
+            }
+        }
+    }
+
     /// Whether a call with `token` was applied already; `Some(grant)` answers it again.
     fn seen(&self, token: ReserveToken) -> Option<Grant> {
         match self.applied.get(&token.node) {
@@ -234,7 +249,7 @@ impl Store for MemoryStore {
         };
         c.reserved = c.reserved.saturating_add(granted);
         let grant = Grant::new(granted, c.reserved);
-        c.applied.insert(r.token.node, (r.token.seq, grant));
+        c.applied(r.token, grant);
         Ok(grant)
     }
 
@@ -244,7 +259,8 @@ impl Store for MemoryStore {
         if let Some(c) = counters.get(key) {
             if c.seen(token).is_none() {
                 c.reserved = c.reserved.saturating_sub(units);
-                c.applied.insert(token.node, (token.seq, Grant::new(0, c.reserved)));
+                let grant = Grant::new(0, c.reserved);
+                c.applied(token, grant);
             }
         }
         Ok(())
@@ -545,6 +561,19 @@ mod tests {
         s.commit_usage(&batch("c", RETENTION_SECS + 3600)).await.unwrap();
         assert!(s.usage(&key(0)).await.unwrap().is_none(), "past 35 days");
         assert!(s.usage(&key(RETENTION_SECS - 3600)).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_counter_remembers_a_bounded_number_of_senders() {
+        let s = MemoryStore::new();
+        for sender in 1..=200u64 {
+            let r = Reservation::new(qk(0), 1, 0, None, ReserveToken::new(sender, sender));
+            s.reserve(&r).await.unwrap();
+        }
+        let inner = s.lock();
+        let counters = &inner.quotas[&(TenantId::from("t"), MeterId::from("requests"))];
+        assert_eq!(counters.periods[0].applied.len(), SENDERS_KEPT);
+        assert_eq!(counters.periods[0].reserved, 200);
     }
 
     #[tokio::test]

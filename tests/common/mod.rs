@@ -331,3 +331,9 @@ impl StoreInspect for Faulty {
         self.inner.usage(key).await
     }
 }
+
+/// The counter of `tenant`'s requests for the day of `unix` (a day quota).
+pub fn day_key(tenant: &str, unix: i64) -> QuotaKey {
+    let start = unix - unix.rem_euclid(86_400);
+    QuotaKey::new(tenant.into(), "requests".into(), tollgate::config::Period::Day, start, start + 86_400)
+}
