@@ -84,11 +84,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                match Config::from_path(&path) {
-                    Ok(config) => {
-                        tollgate.reload(config).await;
-                        println!("reloaded {}", path.display());
-                    }
+                let reloaded = match Config::from_path(&path) {
+                    Ok(config) => tollgate.reload(config).await,
+                    Err(e) => Err(e),
+                };
+                match reloaded {
+                    Ok(()) => println!("reloaded {}", path.display()),
                     Err(e) => eprintln!("reload refused, the running configuration stays: {e}"),
                 }
             }

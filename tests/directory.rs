@@ -136,7 +136,7 @@ async fn a_request_waiting_across_a_reload_keeps_its_meter() {
         .unwrap();
     let info = tollgate::RequestInfo::new("GET", "/gen", tollgate::Credential::ApiKey(b"key-acme"));
     let tollgate::Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
-    h.tollgate.reload(tollgate::Config::from_toml_str(b).unwrap()).await;
+    h.tollgate.reload(tollgate::Config::from_toml_str(b).unwrap()).await.unwrap();
     let ticket = h.tollgate.resolve(pending).await.unwrap();
     assert!(ticket.complete(200));
     h.tollgate.flush().await.unwrap();

@@ -120,7 +120,7 @@ async fn a_reload_keeps_counters_and_applies_new_plans() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
     std::fs::write(&path, v1.replace("10/s", "20/s")).unwrap();
-    h.tollgate.reload(Config::from_path(&path).unwrap()).await;
+    h.tollgate.reload(Config::from_path(&path).unwrap()).await.unwrap();
     let r = h.get("/", "key-t").await;
     assert_eq!(r.status, 200, "the fifth unit");
     assert_eq!(r.header("ratelimit-policy"), Some("\"rate\";q=20;w=1, \"requests-day\";q=5;w=86400"));

@@ -70,7 +70,7 @@ async fn no_race_creates_or_loses_units_across_periods() {
         tokio::time::sleep(Duration::from_millis(5)).await;
         handle.advance(Duration::from_secs(1));
         if step % 9 == 4 {
-            nodes[step % 2].tollgate.reload(config.clone()).await;
+            nodes[step % 2].tollgate.reload(config.clone()).await.unwrap();
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -180,18 +180,18 @@ async fn the_quota_key_carries_the_period_kind_and_anchor() {
         assert_eq!(h.status("/", "key-t").await, 200);
     }
     assert_eq!(h.status("/", "key-t").await, 429);
-    h.tollgate.reload(Config::from_toml_str(&month).unwrap()).await;
+    h.tollgate.reload(Config::from_toml_str(&month).unwrap()).await.unwrap();
     for i in 0..7 {
         assert_eq!(h.status("/", "key-t").await, 200, "month request {i}");
     }
     assert_eq!(h.status("/", "key-t").await, 429);
-    h.tollgate.reload(Config::from_toml_str(&anchored).unwrap()).await;
+    h.tollgate.reload(Config::from_toml_str(&anchored).unwrap()).await.unwrap();
     for i in 0..3 {
         assert_eq!(h.status("/", "key-t").await, 200, "anchored request {i}");
     }
     assert_eq!(h.status("/", "key-t").await, 429);
     // Back to the day quota: its counter was kept, still spent.
-    h.tollgate.reload(Config::from_toml_str(&day).unwrap()).await;
+    h.tollgate.reload(Config::from_toml_str(&day).unwrap()).await.unwrap();
     assert_eq!(h.status("/", "key-t").await, 429);
 }
 
@@ -367,7 +367,7 @@ async fn a_retired_state_call_sent_late_is_still_applied() {
     assert_eq!(h.status("/", "key-t").await, 200, "leases 10, takes 1");
     // The reload gives the 9 unused units back, but the store hangs: the call is in flight.
     *store.stall_tenant.lock().unwrap() = Some("t".into());
-    h.tollgate.reload(Config::from_toml_str(&toml).unwrap()).await;
+    h.tollgate.reload(Config::from_toml_str(&toml).unwrap()).await.unwrap();
     *store.stall_tenant.lock().unwrap() = None;
     // The new state leases and is served meanwhile.
     assert_eq!(h.status("/", "key-t").await, 200);

@@ -16,7 +16,7 @@ use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, t
 pub use error::{ConfigError, ConfigErrorKind};
 pub use values::{
     HeaderStyle, Identify, InvalidTenantId, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet,
-    StoreErrorPolicy, TenantId,
+    StoreErrorPolicy, StoreSettings, Synchronous, TenantId,
 };
 
 /// A parsed and validated configuration.
@@ -46,6 +46,18 @@ pub struct Config {
     pub(crate) plans: BTreeMap<PlanId, PlanSpec>,
     pub(crate) routes: Vec<RouteSpec>,
     pub(crate) tenants: Vec<TenantSpec>,
+    pub(crate) store: StoreSettings,
+    /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
+    pub(crate) store_written: Option<StoreOrigin>,
+    /// The file the configuration was read from.
+    pub(crate) file: Option<std::path::PathBuf>,
+}
+
+/// Where the `[store]` section and its keys stand in the file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoreOrigin {
+    pub(crate) section: Option<(usize, usize)>,
+    pub(crate) keys: BTreeMap<&'static str, (usize, usize)>,
 }
 
 /// Bounds on the engine's memory and the response headers.
@@ -278,7 +290,9 @@ impl Config {
             ConfigError::new(ConfigErrorKind::Io, "", format!("cannot read the file: {e}"))
                 .in_file(Some(path.to_owned()))
         })?;
-        validate::parse(&text).map_err(|e| e.in_file(Some(path.to_owned())))
+        let mut config = validate::parse(&text).map_err(|e| e.in_file(Some(path.to_owned())))?;
+        config.file = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates a TOML document.
@@ -337,5 +351,43 @@ impl Config {
     /// The tenants declared in the file.
     pub fn tenants(&self) -> &[TenantSpec] {
         &self.tenants
+    }
+
+    /// The store the configuration names (`[store]`; SQLite in `tollgate.db` without one).
+    pub fn store(&self) -> &StoreSettings {
+        &self.store
+    }
+
+    /// Whether the file has a `[store]` section.
+    pub fn names_store(&self) -> bool {
+        self.store_written.is_some()
+    }
+
+    /// Refuses `next` as a reload of `self` when it names another store: the running store
+    /// stays. The error names the file, line and key that changed.
+    pub(crate) fn check_same_store(&self, next: &Config) -> Result<(), ConfigError> {
+        if self.store == next.store {
+            return Ok(());
+        }
+        let key = match (&self.store, &next.store) {
+            (StoreSettings::Sqlite { path: a, .. }, StoreSettings::Sqlite { path: b, .. }) if a != b => "path",
+            (StoreSettings::Sqlite { .. }, StoreSettings::Sqlite { .. }) => "synchronous",
+            (StoreSettings::Dynamodb { table: a, .. }, StoreSettings::Dynamodb { table: b, .. }) if a != b => "table",
+            (StoreSettings::Dynamodb { .. }, StoreSettings::Dynamodb { .. }) => "endpoint",
+            _ => "kind",
+        };
+        let origin = next.store_written.as_ref();
+        let position = origin.and_then(|o| o.keys.get(key).copied().or(o.section));
+        Err(ConfigError::new(
+            ConfigErrorKind::Conflict,
+            format!("store.{key}"),
+            format!(
+                "the store cannot change while the service runs (it is {:?}, the new file says {:?}): \
+                 the reload is refused and the running store stays; restart to use another store",
+                self.store, next.store
+            ),
+        )
+        .at(position)
+        .in_file(next.file.clone()))
     }
 }

@@ -21,6 +21,17 @@ pub(crate) struct RawConfig {
     pub(crate) routes: Vec<RawRoute>,
     #[serde(default)]
     pub(crate) tenants: BTreeMap<String, RawTenant>,
+    pub(crate) store: Option<RawStore>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub(crate) kind: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) synchronous: Option<String>,
+    pub(crate) table: Option<String>,
+    pub(crate) endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

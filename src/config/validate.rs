@@ -9,10 +9,10 @@ use std::{
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    raw::{RawConfig, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawTenant, RawUsage},
+    raw::{RawConfig, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawStore, RawTenant, RawUsage},
     Config, ConfigError, ConfigErrorKind as Kind, HeaderStyle, Identify, Limits, MeterId, MeterSpec, OnUnknown, Period,
-    PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, TenantId, TenantSpec,
-    UsageSettings,
+    PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreSettings,
+    Synchronous, TenantId, TenantSpec, UsageSettings,
 };
 use crate::{plan::RoutePattern, tenant::KeyHash};
 
@@ -47,6 +47,19 @@ impl Located<'_> {
                 }
                 None => break,
             }
+        }
+        span.map(|s| self.position(s.start))
+    }
+
+    /// The position of the value at `path` only if it is in the document.
+    fn find_exact(&self, path: &str) -> Option<(usize, usize)> {
+        let mut node = self.root.as_ref()?;
+        let mut span = None;
+        for segment in split_path(path) {
+            let Segment::Key(k) = segment else { return None };
+            let spanned = node.get(k)?;
+            span = Some(spanned.span());
+            node = spanned.get_ref();
         }
         span.map(|s| self.position(s.start))
     }
@@ -263,7 +276,86 @@ impl Validator<'_, '_> {
                 "`anonymous` is the tenant of unknown callers (identify.unknown = \"anonymous\"): name this tenant otherwise",
             ));
         }
-        Ok(Config { identify, on_unknown, limits, usage, meters, default_meter, plans, routes, tenants })
+        let (store, store_written) = match &raw.store {
+            None => (StoreSettings::default(), None),
+            Some(raw) => {
+                let store = self.store(raw)?;
+                let mut origin = StoreOrigin { section: self.loc.find("store"), ..StoreOrigin::default() };
+                for key in ["kind", "path", "synchronous", "table", "endpoint"] {
+                    if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
+                        origin.keys.insert(key, pos);
+                    }
+                }
+                (store, Some(origin))
+            }
+        };
+        Ok(Config {
+            identify,
+            on_unknown,
+            limits,
+            usage,
+            meters,
+            default_meter,
+            plans,
+            routes,
+            tenants,
+            store,
+            store_written,
+            file: None,
+        })
+    }
+
+    /// The `[store]` section: a known kind, and only the keys of that kind.
+    fn store(&self, raw: &RawStore) -> Result<StoreSettings, ConfigError> {
+        let kind = raw.kind.as_deref().unwrap_or("sqlite");
+        let only = |key: &str, set: bool, kinds: &str| {
+            if set {
+                Err(self
+                    .invalid(&format!("store.{key}"), format!("`{key}` applies to kind = {kinds}, not to \"{kind}\"")))
+            } else {
+                Ok(())
+            }
+        };
+        let text = |key: &str, value: &Option<String>| -> Result<Option<String>, ConfigError> {
+            match value {
+                Some(v) if v.trim().is_empty() => Err(self.invalid(&format!("store.{key}"), "must not be empty")),
+                v => Ok(v.clone()),
+            }
+        };
+        match kind {
+            "memory" => {
+                only("path", raw.path.is_some(), "\"sqlite\"")?;
+                only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                only("table", raw.table.is_some(), "\"dynamodb\"")?;
+                only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                Ok(StoreSettings::Memory)
+            }
+            "sqlite" => {
+                only("table", raw.table.is_some(), "\"dynamodb\"")?;
+                only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                let path = text("path", &raw.path)?.unwrap_or_else(|| "tollgate.db".to_owned());
+                let synchronous = match raw.synchronous.as_deref() {
+                    None | Some("full") => Synchronous::Full,
+                    Some("normal") => Synchronous::Normal,
+                    Some(_) => return Err(self.invalid("store.synchronous", "expected \"full\" or \"normal\"")),
+                };
+                Ok(StoreSettings::Sqlite { path: path.into(), synchronous })
+            }
+            "dynamodb" => {
+                only("path", raw.path.is_some(), "\"sqlite\"")?;
+                only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                let Some(table) = text("table", &raw.table)? else {
+                    return Err(
+                        self.invalid("store.table", "kind = \"dynamodb\" needs the table's name: table = \"...\"")
+                    );
+                };
+                Ok(StoreSettings::Dynamodb { table, endpoint: text("endpoint", &raw.endpoint)? })
+            }
+            other => Err(self.invalid(
+                "store.kind",
+                format!("unknown store kind `{other}`: expected \"sqlite\", \"memory\" or \"dynamodb\""),
+            )),
+        }
     }
 
     /// A reference to a declared meter.

@@ -316,6 +316,71 @@ pub enum StoreErrorPolicy {
     FailClosed,
 }
 
+/// Where the engine keeps its counters, usage and tenant directory: the `[store]` section.
+///
+/// Without a `[store]` section, [`Builder::open`](crate::Builder::open) opens the embedded
+/// durable default: SQLite in `tollgate.db` in the working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreSettings {
+    /// `kind = "memory"`: everything in the process's memory, lost when it stops.
+    Memory,
+    /// `kind = "sqlite"`: one SQLite file (cargo feature `sqlite`, on by default).
+    Sqlite {
+        /// The database file (`path`, default `tollgate.db`, relative to the working directory).
+        path: std::path::PathBuf,
+        /// When a committed write reaches the disk (`synchronous`, default `"full"`).
+        synchronous: Synchronous,
+    },
+    /// `kind = "dynamodb"`: one DynamoDB table shared by a fleet (cargo feature `dynamodb`).
+    Dynamodb {
+        /// The table's name (`table`).
+        table: String,
+        /// An endpoint other than AWS's (`endpoint`), such as a local DynamoDB-compatible server.
+        endpoint: Option<String>,
+    },
+}
+
+impl StoreSettings {
+    /// The kind as written in the file (`memory`, `sqlite`, `dynamodb`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreSettings::Memory => "memory",
+            StoreSettings::Sqlite { .. } => "sqlite",
+            StoreSettings::Dynamodb { .. } => "dynamodb",
+        }
+    }
+
+    /// The cargo feature the kind needs, if any.
+    pub fn feature(&self) -> Option<&'static str> {
+        match self {
+            StoreSettings::Memory => None,
+            StoreSettings::Sqlite { .. } => Some("sqlite"),
+            StoreSettings::Dynamodb { .. } => Some("dynamodb"),
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings::Sqlite { path: "tollgate.db".into(), synchronous: Synchronous::Full }
+    }
+}
+
+/// SQLite's `synchronous` setting for the store's file (in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `FULL`: every committed store call is on disk before it returns, through a power cut or
+    /// an operating-system crash too. The default: store calls are off the request path and
+    /// batched, so an fsync each is cheap.
+    #[default]
+    Full,
+    /// `NORMAL`: a process crash (SIGKILL included) loses nothing committed; a power cut or an
+    /// operating-system crash may lose the calls since the last checkpoint.
+    Normal,
+}
+
 /// Which rate-limit headers responses carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

@@ -7,7 +7,7 @@ use super::{engine::Shared, flush::Pipeline, idempotency::Idempotency, table::Te
 use crate::{
     billing::BillingSink,
     clock::Clock,
-    config::Config,
+    config::{Config, StoreSettings},
     metrics::{Metrics, Totals},
     plan::Runtime,
     store::{MemoryStore, Store},
@@ -22,6 +22,30 @@ pub enum BuildError {
     /// The store named by the configuration could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[source] crate::store::StoreError),
+    /// The configuration names a store whose cargo feature is not compiled in.
+    #[error(
+        "[store] kind = \"{kind}\" needs tollgate's cargo feature `{feature}`, which this build does not have: \
+         enable it (features = [\"{feature}\"]) or choose another kind"
+    )]
+    MissingFeature {
+        /// The store kind.
+        kind: &'static str,
+        /// The cargo feature it needs.
+        feature: &'static str,
+    },
+}
+
+/// Opens the store `settings` name.
+async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, BuildError> {
+    match settings {
+        StoreSettings::Memory => Ok(Arc::new(MemoryStore::new())),
+        #[cfg(feature = "sqlite")]
+        StoreSettings::Sqlite { path, synchronous } => {
+            let store = crate::store::SqliteStore::open_with(path.clone(), *synchronous).await;
+            Ok(Arc::new(store.map_err(BuildError::Store)?))
+        }
+        other => Err(BuildError::MissingFeature { kind: other.kind(), feature: other.feature().unwrap_or_default() }),
+    }
 }
 
 /// How many lease refills may wait for the worker; past that, requests refill themselves.
@@ -30,14 +54,21 @@ const PREFETCH_QUEUE: usize = 1024;
 /// Builds a [`Tollgate`] engine and its [`Worker`]; each front door then wraps the engine
 /// (for tower: [`TollgateLayer::new`](crate::TollgateLayer::new)).
 ///
-/// Two ways to finish: [`build`](Self::build), infallible, for stores given in code, and
-/// [`open`](Self::open), async and fallible, which will also open the stores the
-/// configuration names (a database file, a DynamoDB table).
+/// Two ways to finish: [`open`](Self::open), async and fallible, which opens the store the
+/// configuration names (`[store]`: a SQLite file by default, memory, a DynamoDB table) unless
+/// one was given in code; and [`build`](Self::build), infallible, for a store given in code
+/// (or memory).
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// let config = tollgate::Config::from_toml_str("[plans.free]\nrate = \"10/s\"").unwrap();
+/// let config = tollgate::Config::from_toml_str(r#"
+///     [store]
+///     kind = "memory"
+///
+///     [plans.free]
+///     rate = "10/s"
+/// "#).unwrap();
 /// let (tollgate, worker) = tollgate::Tollgate::builder(config).open().await.unwrap();
 /// tokio::spawn(worker.run());
 /// let layer = tollgate::TollgateLayer::new(tollgate.clone());
@@ -60,8 +91,9 @@ impl std::fmt::Debug for Builder {
 }
 
 impl Tollgate {
-    /// Starts building an engine from a configuration. Without a store it uses a
-    /// [`MemoryStore`]; without a billing sink closed windows stay unexported in the store.
+    /// Starts building an engine from a configuration. Without a store given in code,
+    /// [`open`](Builder::open) opens the one the configuration names; without a billing sink
+    /// closed windows stay unexported in the store.
     pub fn builder(config: Config) -> Builder {
         Builder { config, store: None, sink: None, clock: None }
     }
@@ -91,18 +123,32 @@ impl Builder {
         self
     }
 
-    /// Opens what the configuration names and builds the engine: the async, fallible way,
-    /// for everything a deployment configures outside code.
+    /// Opens the store the configuration names (unless one was given in code) and builds the
+    /// engine: the async, fallible way, for everything a deployment configures outside code.
+    ///
+    /// Without a `[store]` section that is SQLite in `tollgate.db` in the working directory.
     ///
     /// # Errors
-    /// A [`BuildError`] saying what could not be opened.
-    pub async fn open(self) -> Result<(Tollgate, Worker), BuildError> {
+    /// A [`BuildError`]: the store could not be opened (a damaged or foreign file, a file of a
+    /// newer tollgate), or its kind needs a cargo feature this build does not have.
+    pub async fn open(mut self) -> Result<(Tollgate, Worker), BuildError> {
+        if self.store.is_none() {
+            self.store = Some(open_store(self.config.store()).await?);
+        }
         Ok(self.build())
     }
 
-    /// Builds the engine with the store given in code (a [`MemoryStore`] if none was).
+    /// Builds the engine with the store given in code, or a [`MemoryStore`] if none was: it
+    /// does not open the store the configuration names (that is [`open`](Self::open)).
     /// Returns the engine and the [`Worker`] to spawn.
     pub fn build(self) -> (Tollgate, Worker) {
+        if self.store.is_none() && self.config.names_store() && self.config.store() != &StoreSettings::Memory {
+            tracing::warn!(
+                kind = self.config.store().kind(),
+                "the configuration names a durable store but Builder::build() was called without one: \
+                 state is kept in memory only; call Builder::open().await to open the configured store"
+            );
+        }
         let metrics = Arc::new(Metrics::register());
         let limits = self.config.limits.clone();
         let fp = Fingerprinter::random();

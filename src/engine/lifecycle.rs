@@ -92,12 +92,18 @@ impl Tollgate {
     /// Replaces the configuration of a running engine. Quota counters and recorded usage are
     /// kept (they live in the store and the usage pipeline); every tenant is resolved again
     /// under its new plan on its next request, with a fresh token bucket.
-    pub async fn reload(&self, config: Config) {
+    ///
+    /// # Errors
+    /// A configuration that names another store (`[store]`) is refused, naming the file, line
+    /// and key that changed; the running configuration and store stay.
+    pub async fn reload(&self, config: Config) -> Result<(), crate::config::ConfigError> {
+        self.shared.runtime.load().config.check_same_store(&config)?;
         let rt = Runtime::compile(config, &self.shared.metrics, &self.shared.clock);
         self.shared.runtime.store(Arc::new(rt));
         let states = self.shared.table.evict_all();
         self.return_leases(states).await;
         tracing::info!("configuration reloaded");
+        Ok(())
     }
 
     /// Stops the worker, flushes every usage record, exports (closed windows; every window,

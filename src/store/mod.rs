@@ -1,10 +1,15 @@
 //! Where counters, usage and the tenant directory live: the [`Store`] trait and the embedded
-//! [`MemoryStore`]. A DynamoDB store shared by a fleet plugs into the same trait.
+//! stores: `SqliteStore` (durable, one file; feature `sqlite`, on by default) and [`MemoryStore`] (tests and ephemeral use). A DynamoDB store shared by a fleet
+//! plugs into the same trait.
 
 mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 mod types;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 pub use types::{
     CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, PlanChange, PlanChangeOutcome,
     QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch,

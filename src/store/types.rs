@@ -382,6 +382,10 @@ pub enum StoreError {
     /// A conditional write lost a race; retrying with fresh state may succeed.
     #[error("a concurrent update changed {0}")]
     Conflict(&'static str),
+    /// The store cannot be used at all: a database file that is not the store's, is damaged,
+    /// or was written by a newer version. Retrying does not help.
+    #[error("the store cannot be used: {0}")]
+    Unusable(String),
     /// The store answered with an error.
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

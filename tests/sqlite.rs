@@ -1,0 +1,277 @@
+//! The SQLite store keeps what a restart must not lose, and refuses files it cannot trust:
+//! spent hard quotas survive a restart, closed windows left unexported are exported once after
+//! it, and an empty, foreign, damaged or newer file is a clear error at start, never a panic
+//! or a silent fresh start. Crashes are real processes killed with SIGKILL: `tests/crash.rs`.
+#![cfg(feature = "sqlite")]
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use async_trait::async_trait;
+use common::{day_key, Harness, NOON};
+use tollgate::{
+    billing::{BillingSink, MeterEvent, SinkError},
+    clock::Clock,
+    store::{SqliteStore, Store, StoreError, StoreInspect},
+    BuildError, Config, Tollgate, TollgateLayer,
+};
+
+#[derive(Debug, Default, Clone)]
+struct Collect(Arc<Mutex<Vec<MeterEvent>>>);
+
+#[async_trait]
+impl BillingSink for Collect {
+    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
+        self.0.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
+
+fn toml(db: &Path, plan: &str) -> String {
+    format!(
+        "[store]\nkind = \"sqlite\"\npath = {:?}\n[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n{}",
+        db.display().to_string(),
+        common::one_tenant(plan)
+    )
+}
+
+/// An engine opened the way a deployment opens it: the store named by the `[store]` section.
+async fn open(toml: &str, at: i64, sink: Option<Collect>) -> Harness {
+    let (clock, handle) = Clock::fake_at_unix(at);
+    let mut builder = Tollgate::builder(Config::from_toml_str(toml).unwrap()).clock(clock);
+    if let Some(sink) = sink {
+        builder = builder.billing_sink(sink);
+    }
+    let (engine, _worker) = builder.open().await.unwrap();
+    Harness::from_layer(TollgateLayer::new(engine), handle)
+}
+
+/// `r` of the first `RateLimit` item naming `name`.
+fn remaining(h: &common::Reply, name: &str) -> Option<u64> {
+    let header = h.header("ratelimit")?;
+    header
+        .split(", ")
+        .find(|i| i.starts_with(&format!("\"{name}\"")))
+        .and_then(|i| i.split(';').find_map(|p| p.strip_prefix("r=")).and_then(|r| r.parse().ok()))
+}
+
+#[tokio::test]
+async fn a_spent_hard_quota_stays_spent_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let config = toml(&db, "quotas.requests = { limit = 5, period = \"month\", mode = \"hard\", lease = 2 }");
+    let h = open(&config, NOON, None).await;
+    for i in 0..5 {
+        assert_eq!(h.status("/", "key-t").await, 200, "request {i}");
+    }
+    assert_eq!(h.status("/", "key-t").await, 429);
+    h.tollgate.shutdown().await.unwrap();
+    drop(h);
+
+    // A new engine on the same file, an hour later in the same month.
+    let h = open(&config, NOON + 3600, None).await;
+    let r = h.get("/", "key-t").await;
+    assert_eq!(r.status.as_u16(), 429, "the month's quota is still spent");
+    assert_eq!(remaining(&r, "requests-month"), Some(0), "{:?}", r.header("ratelimit"));
+    // And the usage of the first run is there.
+    assert_eq!(common::committed(&**h.tollgate.store(), "t", "requests", NOON, NOON + 3600, 3600).await, 5);
+}
+
+#[tokio::test]
+async fn closed_windows_left_unexported_at_the_stop_are_exported_once_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let config = toml(&db, "");
+    // First run: no billing sink, usage in the window 12:00–13:00, stopped at 12:30.
+    let h = open(&config, NOON + 1800, None).await;
+    for _ in 0..7 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    let report = h.tollgate.shutdown().await.unwrap();
+    assert_eq!(report.flush.units, 7);
+    drop(h);
+
+    // Second run, after the window closed: exported once, with what the first run recorded.
+    let sink = Collect::default();
+    let h = open(&config, NOON + 2 * 3600, Some(sink.clone())).await;
+    h.tollgate.export().await.unwrap();
+    h.tollgate.export().await.unwrap();
+    h.tollgate.shutdown().await.unwrap();
+    drop(h);
+    // A third run exports nothing more.
+    let h = open(&config, NOON + 3 * 3600, Some(sink.clone())).await;
+    h.tollgate.export().await.unwrap();
+    h.tollgate.shutdown().await.unwrap();
+    let events = sink.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!((events[0].value, events[0].window_start, events[0].revision), (7, NOON, 0));
+}
+
+#[tokio::test]
+async fn two_engines_on_one_file_share_a_hard_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let config = toml(
+        &db,
+        "rate = \"100000/s\"\nquotas.requests = { limit = 200, period = \"day\", mode = \"hard\", lease = 3 }",
+    );
+    // Each engine holds its own connection to the file, as two processes would.
+    let a = open(&config, NOON, None).await;
+    let b = open(&config, NOON, None).await;
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let h = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..40 {
+                match h.status("/", "key-t").await {
+                    200 => admitted += 1,
+                    429 => {}
+                    other => panic!("status {other}"),
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    // 640 asked for 200 units: at most 200, and no fewer than the units two engines can strand.
+    assert!(admitted <= 200 && admitted >= 200 - 2 * 3, "admitted {admitted}");
+    a.tollgate.shutdown().await.unwrap();
+    b.tollgate.shutdown().await.unwrap();
+    let store = SqliteStore::open(&db).await.unwrap();
+    assert_eq!(store.reserved(&day_key("t", NOON)).await.unwrap(), admitted, "every unleased unit went back");
+}
+
+async fn open_err(path: &Path) -> String {
+    match SqliteStore::open(path).await {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e @ StoreError::Unusable(_)) => e.to_string(),
+        Err(e) => panic!("not a clear refusal: {e:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_empty_or_foreign_file_is_refused_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(open_err(&empty).await.contains("empty"));
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0, "not turned into a database");
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "a shopping list, not a database\n".repeat(200)).unwrap();
+    assert!(open_err(&text).await.contains("not a SQLite database"));
+
+    // Another application's SQLite database.
+    let theirs = dir.path().join("theirs.db");
+    let conn = rusqlite::Connection::open(&theirs).unwrap();
+    conn.execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY); INSERT INTO orders VALUES (1);").unwrap();
+    drop(conn);
+    let before = std::fs::read(&theirs).unwrap();
+    assert!(open_err(&theirs).await.contains("not a tollgate one"));
+    assert_eq!(std::fs::read(&theirs).unwrap(), before, "a foreign database is not written to");
+    assert!(!dir.path().join("theirs.db-wal").exists());
+}
+
+/// A database with some of everything in it, closed.
+async fn filled(path: &Path) {
+    let h = {
+        let store = SqliteStore::open(path).await.unwrap();
+        let config = Config::from_toml_str(&common::one_tenant("")).unwrap();
+        let (clock, handle) = Clock::fake_at_unix(NOON);
+        let (engine, _worker) = Tollgate::builder(config).store(store).clock(clock).build();
+        Harness::from_layer(TollgateLayer::new(engine), handle)
+    };
+    for i in 0..2000 {
+        h.clock.advance(std::time::Duration::from_secs(60));
+        assert_eq!(h.status(&format!("/{i}"), "key-t").await, 200);
+        if i % 50 == 0 {
+            h.tollgate.flush().await.unwrap();
+        }
+    }
+    h.tollgate.shutdown().await.unwrap();
+    // Everything in the main file, nothing left in the WAL.
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+}
+
+#[tokio::test]
+async fn a_truncated_or_corrupt_file_is_a_clear_error_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    filled(&db).await;
+    let good = std::fs::read(&db).unwrap();
+    assert!(good.len() > 16 * 4096, "a file of some size: {}", good.len());
+    SqliteStore::open(&db).await.expect("the intact file opens");
+
+    // Truncated to half.
+    std::fs::write(&db, &good[..good.len() / 2]).unwrap();
+    let e = open_err(&db).await;
+    assert!(e.contains("integrity check") || e.contains("corrupt"), "{e}");
+
+    // Pages overwritten in the middle.
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    for b in &mut bad[mid..mid + 8192] {
+        *b = 0xA5;
+    }
+    std::fs::write(&db, &bad).unwrap();
+    let e = open_err(&db).await;
+    assert!(e.contains("integrity check") || e.contains("corrupt"), "{e}");
+
+    // The header overwritten.
+    let mut bad = good;
+    bad[..100].fill(0x5A);
+    std::fs::write(&db, &bad).unwrap();
+    assert!(open_err(&db).await.contains("not a SQLite database"));
+}
+
+#[tokio::test]
+async fn a_file_of_a_newer_tollgate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    drop(SqliteStore::open(&db).await.unwrap());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 1);
+    conn.execute_batch("PRAGMA user_version = 2").unwrap();
+    drop(conn);
+    let e = open_err(&db).await;
+    assert!(e.contains("newer tollgate") && e.contains("schema version 2"), "{e}");
+    // Through the builder, the same error, naming the file.
+    let config = toml(&db, "");
+    let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
+    assert!(matches!(err, BuildError::Store(StoreError::Unusable(_))), "{err:?}");
+    assert!(err.to_string().contains("tollgate.db"), "{err}");
+}
+
+#[tokio::test]
+async fn the_file_is_in_wal_mode_with_the_chosen_synchronous_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&db).await.unwrap();
+    store.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("f"), vec![])).await.unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        tables,
+        ["api_key", "flush", "quota", "quota_floor", "quota_sender", "tenant", "usage", "usage_event", "webhook_event"]
+    );
+}
