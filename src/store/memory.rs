@@ -461,12 +461,22 @@ impl Store for MemoryStore {
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if let Some(old) = inner.tenants.insert(record.id.clone(), record.clone()) {
+            // The tenant's old customer leaves it (unless another tenant has it since).
             if let Some(c) = old.customer {
-                inner.customers.remove(&c);
+                if inner.customers.get(&c) == Some(&record.id) {
+                    inner.customers.remove(&c);
+                }
             }
         }
         if let Some(c) = &record.customer {
-            inner.customers.insert(c.clone(), record.id.clone());
+            // A billing customer belongs to one tenant: given to this one, it leaves any other.
+            if let Some(other) = inner.customers.insert(c.clone(), record.id.clone()) {
+                if other != record.id {
+                    if let Some(t) = inner.tenants.get_mut(&other) {
+                        t.customer = None;
+                    }
+                }
+            }
         }
         for key in keys {
             inner.keys.insert(*key, record.id.clone());

@@ -1,0 +1,264 @@
+//! Crashes are real processes killed with SIGKILL: the test binary runs itself as a child
+//! (the same test, with `TOLLGATE_CRASH_CHILD` set), drives it to a known point, kills it, and
+//! restarts on its database file.
+//!
+//! - Usage committed and exported after the restart is never more than what was recorded, and
+//!   short of it by at most what the last flush interval held.
+//! - Units leased by a killed process are never given back: a hard quota under-admits by at
+//!   most one lease per (tenant, meter).
+//! - Two processes on one file share a hard quota without exceeding it.
+#![cfg(all(unix, feature = "sqlite"))]
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use common::{day_key, Harness, NOON};
+use tollgate::{
+    billing::{BillingSink, MeterEvent, SinkError},
+    clock::Clock,
+    store::{SqliteStore, StoreInspect},
+    Config, Tollgate, TollgateLayer,
+};
+
+const CHILD: &str = "TOLLGATE_CRASH_CHILD";
+const DB: &str = "TOLLGATE_CRASH_DB";
+
+/// The child's role, when this process is a child.
+fn role() -> Option<(String, PathBuf)> {
+    Some((std::env::var(CHILD).ok()?, std::env::var_os(DB)?.into()))
+}
+
+/// Runs `test` of this binary as a child process with `role`.
+fn spawn(test: &str, role: &str, db: &Path) -> (Child, std::io::Lines<BufReader<ChildStdout>>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, role)
+        .env(DB, db)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// What the child said (`@@ <what> <n>` lines), up to and including `until`.
+fn read_until(lines: &mut std::io::Lines<BufReader<ChildStdout>>, until: &str) -> Vec<(String, u64)> {
+    let mut said = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        // libtest may print the test's name on the same line first.
+        let Some(at) = line.find("@@ ") else { continue };
+        let rest = &line[at + 3..];
+        let (what, n) = rest.split_once(' ').unwrap();
+        said.push((what.to_owned(), n.parse().unwrap()));
+        if what == until {
+            return said;
+        }
+    }
+    panic!("the child stopped before saying {until}: {said:?}");
+}
+
+fn say(what: &str, n: u64) {
+    println!("@@ {what} {n}");
+}
+
+/// Kills the child with SIGKILL (`Child::kill` on Unix) and reaps it.
+fn sigkill(mut child: Child) {
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+}
+
+async fn engine(db: &Path, plan: &str, at: i64, sink: Option<Collect>) -> Harness {
+    let store = SqliteStore::open(db).await.unwrap();
+    let config = Config::from_toml_str(&format!(
+        "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n{}",
+        common::one_tenant(&format!("rate = \"100000/s\"\n{plan}"))
+    ))
+    .unwrap();
+    let (clock, handle) = Clock::fake_at_unix(at);
+    let mut builder = Tollgate::builder(config).store(store).clock(clock);
+    if let Some(sink) = sink {
+        builder = builder.billing_sink(sink);
+    }
+    let (engine, _worker) = builder.build();
+    Harness::from_layer(TollgateLayer::new(engine), handle)
+}
+
+#[derive(Debug, Default, Clone)]
+struct Collect(Arc<Mutex<Vec<MeterEvent>>>);
+
+#[async_trait]
+impl BillingSink for Collect {
+    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
+        self.0.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
+
+/// The child of the usage tests: rounds of 10 requests, a flush after each of the first
+/// three; with `between`, a fourth round is recorded and not flushed. Then it waits to be
+/// killed.
+async fn record_then_wait(role: &str, db: &Path) {
+    let h = engine(db, "", NOON, None).await;
+    let mut recorded = 0;
+    for round in 0..4 {
+        if round == 3 && role != "between" {
+            break;
+        }
+        for _ in 0..10 {
+            assert_eq!(h.status("/", "key-t").await, 200);
+            recorded += 1;
+        }
+        say("recorded", recorded);
+        if round < 3 {
+            h.tollgate.flush().await.unwrap();
+            say("flushed", recorded);
+        }
+    }
+    say("idle", recorded);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    unreachable!("killed before this");
+}
+
+/// Kills the child at `role`'s point, restarts on its file, and checks what was kept and what
+/// is exported.
+async fn kill_and_restart(test: &str, role: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let (child, mut lines) = spawn(test, role, &db);
+    let said = read_until(&mut lines, "idle");
+    sigkill(child);
+    let recorded = said.iter().rev().find(|(w, _)| w == "recorded").unwrap().1;
+    let flushed = said.iter().rev().find(|(w, _)| w == "flushed").unwrap().1;
+
+    // The restart: the usage of every completed flush is there, once.
+    let sink = Collect::default();
+    let h = engine(&db, "", NOON + 2 * 3600, Some(sink.clone())).await;
+    let committed = common::committed(&**h.tollgate.store(), "t", "requests", NOON, NOON + 3600, 3600).await;
+    assert!(committed <= recorded, "committed {committed} > recorded {recorded}");
+    assert_eq!(committed, flushed, "short by exactly what the last flush interval held");
+    assert!(recorded - committed <= 10, "at most one flush interval lost");
+    h.tollgate.export().await.unwrap();
+    h.tollgate.shutdown().await.unwrap();
+    let exported: u64 = sink.0.lock().unwrap().iter().map(|e| e.value).sum();
+    assert_eq!(exported, committed, "exported once, no more than recorded");
+}
+
+#[tokio::test]
+async fn sigkill_between_flushes_loses_at_most_the_last_flush_interval() {
+    if let Some((role, db)) = role() {
+        return record_then_wait(&role, &db).await;
+    }
+    kill_and_restart("sigkill_between_flushes_loses_at_most_the_last_flush_interval", "between").await;
+}
+
+#[tokio::test]
+async fn sigkill_just_after_a_flush_loses_nothing() {
+    if let Some((role, db)) = role() {
+        return record_then_wait(&role, &db).await;
+    }
+    kill_and_restart("sigkill_just_after_a_flush_loses_nothing", "after").await;
+}
+
+const LEASED: &str = "quotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }";
+
+#[tokio::test]
+async fn a_killed_process_strands_at_most_one_lease_of_a_hard_quota() {
+    if let Some((_, db)) = role() {
+        let h = engine(&db, LEASED, NOON, None).await;
+        for _ in 0..3 {
+            assert_eq!(h.status("/", "key-t").await, 200);
+        }
+        say("idle", 3);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        unreachable!("killed before this");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let (child, mut lines) = spawn("a_killed_process_strands_at_most_one_lease_of_a_hard_quota", "lease", &db);
+    read_until(&mut lines, "idle");
+    sigkill(child);
+
+    let h = engine(&db, LEASED, NOON + 60, None).await;
+    let held = h.tollgate.store().clone();
+    let reserved = {
+        let store = SqliteStore::open(&db).await.unwrap();
+        store.reserved(&day_key("t", NOON)).await.unwrap()
+    };
+    let stranded = reserved - 3;
+    assert!(stranded <= 10, "at most one lease stranded: reserved {reserved} for 3 used");
+    let mut admitted = 0;
+    while h.status("/", "key-t").await == 200 {
+        admitted += 1;
+        assert!(admitted <= 100);
+    }
+    assert_eq!(admitted, 100 - reserved, "the rest of the limit is admitted, nothing more");
+    assert!(3 + admitted >= 100 - 10, "under-admitted by at most one lease");
+    drop(held);
+}
+
+#[tokio::test]
+async fn two_processes_on_one_file_never_exceed_a_hard_quota() {
+    const SHARED: &str = "quotas.requests = { limit = 300, period = \"day\", mode = \"hard\", lease = 4 }";
+    if let Some((_, db)) = role() {
+        let h = Arc::new(engine(&db, SHARED, NOON, None).await);
+        // Both children start together, when the parent says so.
+        let go = db.with_extension("go");
+        while !go.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut admitted = 0u64;
+                for _ in 0..60 {
+                    // Spread over some tens of milliseconds, so the two processes interleave.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    match h.status("/", "key-t").await {
+                        200 => admitted += 1,
+                        429 => {}
+                        other => panic!("status {other}: a busy database must not surface"),
+                    }
+                }
+                admitted
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += t.await.unwrap();
+        }
+        h.tollgate.shutdown().await.unwrap();
+        say("admitted", admitted);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    drop(SqliteStore::open(&db).await.unwrap());
+    let test = "two_processes_on_one_file_never_exceed_a_hard_quota";
+    let children: Vec<_> = (0..2).map(|_| spawn(test, "share", &db)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(db.with_extension("go"), b"").unwrap();
+    let mut admitted = 0;
+    for (mut child, mut lines) in children {
+        let mine = read_until(&mut lines, "admitted").last().unwrap().1;
+        eprintln!("a child admitted {mine}");
+        admitted += mine;
+        assert!(child.wait().unwrap().success());
+    }
+    // 960 asked for 300 units.
+    assert!(admitted <= 300 && admitted >= 300 - 2 * 4, "admitted {admitted}");
+    let store = SqliteStore::open(&db).await.unwrap();
+    assert_eq!(store.reserved(&day_key("t", NOON)).await.unwrap(), admitted, "leases went back at shutdown");
+}
