@@ -1,6 +1,9 @@
 //! Run with: `cargo run --example quickstart`
 //!
-//! An axum service behind tollgate, on the embedded in-memory store: no AWS or Stripe account.
+//! An axum service behind tollgate, on the embedded durable store (SQLite, `tollgate.db` in the
+//! working directory): no AWS or Stripe account. Stop it and start it again: spent quotas stay
+//! spent, and usage not yet exported is exported when its window closes. Delete `tollgate.db`
+//! to start afresh.
 //! It listens on `127.0.0.1:$PORT` (3000 by default) and reads `examples/quickstart.toml`, or
 //! the file named by `TOLLGATE_CONFIG`. Closed usage windows are written as JSON lines to
 //! `tollgate-usage.jsonl` (or `TOLLGATE_USAGE_FILE`): what would be billed.
@@ -63,7 +66,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for tenant in config.tenants() {
         println!("  tenant {:<8} plan {:<6} ({} key)", tenant.id(), tenant.plan(), tenant.key_hashes().len());
     }
-    println!("  store:   embedded, in memory (usage flushed every {:?})", config.usage().flush_interval);
+    let store = match config.store() {
+        tollgate::config::StoreSettings::Sqlite { path, .. } => format!("SQLite, {}", path.display()),
+        other => other.kind().to_owned(),
+    };
+    println!("  store:   {store} (usage flushed every {:?})", config.usage().flush_interval);
     println!("  billing: closed windows written to {}", usage_file.display());
 
     let (tollgate, worker) = Tollgate::builder(config).billing_sink(JsonlSink::new(&usage_file)).open().await?;

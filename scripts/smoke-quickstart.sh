@@ -7,23 +7,28 @@ cd "$(dirname "$0")/.."
 cargo build --locked --example quickstart
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-PORT=$port TOLLGATE_USAGE_FILE="$work/usage.jsonl" RUST_LOG=warn \
-  "${CARGO_TARGET_DIR:-target}/debug/examples/quickstart" >"$work/out.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
-
+bin="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/examples/quickstart"
+# The quickstart keeps its state in tollgate.db in the working directory: run it in $work.
+start() { # log file
+  (cd "$work" && PORT=$port TOLLGATE_CONFIG="$OLDPWD/examples/quickstart.toml" \
+    TOLLGATE_USAGE_FILE="$work/usage.jsonl" RUST_LOG=warn exec "$bin") >"$1" 2>&1 &
+  pid=$!
+  ready=no
+  for _ in $(seq 100); do
+    if curl -s -o /dev/null "$base/"; then ready=yes; break; fi
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ "$ready" != yes ]; then
+    echo "the quickstart did not start:"; cat "$1"
+    echo "0 passed, 1 failed"
+    exit 1
+  fi
+}
 base="http://127.0.0.1:$port"
-ready=no
-for _ in $(seq 100); do
-  if curl -s -o /dev/null "$base/"; then ready=yes; break; fi
-  kill -0 $pid 2>/dev/null || break
-  sleep 0.1
-done
-if [ "$ready" != yes ]; then
-  echo "the quickstart did not start:"; cat "$work/out.log"
-  echo "0 passed, 1 failed"
-  exit 1
-fi
+pid=
+trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
+start "$work/out.log"
 
 passed=0
 failed=0
@@ -60,6 +65,17 @@ check "quota kept across reload" 429 "$(code "$base/v1/items" "${free[@]}")"
 kill -INT $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 check "graceful stop (21 request units + 120 tokens)" "stopped: flushed 141 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out.log" || true)"
+check "state kept in tollgate.db" yes "$([ -s "$work/tollgate.db" ] && echo yes || echo no)"
+
+# A restart on the same file: the daily quota is still spent, and the headers say so.
+start "$work/out2.log"
+check "quota kept across restart" 429 "$(code "$base/v1/items" "${free[@]}")"
+check "remaining after restart" '"requests-day";r=0' \
+  "$(curl -s -D - -o /dev/null "$base/v1/items" "${free[@]}" | tr -d '\r' | sed -n 's/^ratelimit: .*\("requests-day";r=[0-9]*\).*/\1/p')"
+check "pro tenant after restart" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
+kill -INT $pid
+for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+check "second stop (1 request unit)" "stopped: flushed 1 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
