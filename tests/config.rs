@@ -43,3 +43,92 @@ fn an_empty_file_is_an_error_but_a_file_without_plans_is_not() {
     assert_eq!((err.key(), err.line(), err.column()), ("", Some(1), Some(1)));
     assert!(Config::from_toml_str("[limits]\nheaders = \"none\"\n").unwrap().plans().is_empty());
 }
+
+#[test]
+fn the_store_section_selects_the_store_and_unknown_kinds_are_placed() {
+    use tollgate::config::{StoreSettings, Synchronous};
+    // Without a section: SQLite in tollgate.db, fully synchronous.
+    let config = Config::from_toml_str("[plans.free]\n").unwrap();
+    assert_eq!(config.store(), &StoreSettings::Sqlite { path: "tollgate.db".into(), synchronous: Synchronous::Full });
+    assert!(!config.names_store());
+    let config = Config::from_toml_str("[store]\nkind = \"memory\"\n[plans.free]\n").unwrap();
+    assert_eq!(config.store(), &StoreSettings::Memory);
+    let config =
+        Config::from_toml_str("[store]\nkind = \"sqlite\"\npath = \"/var/lib/x.db\"\nsynchronous = \"normal\"\n")
+            .unwrap();
+    assert_eq!(
+        config.store(),
+        &StoreSettings::Sqlite { path: "/var/lib/x.db".into(), synchronous: Synchronous::Normal }
+    );
+    let config = Config::from_toml_str("[store]\nkind = \"dynamodb\"\ntable = \"tollgate\"\n").unwrap();
+    assert_eq!(config.store(), &StoreSettings::Dynamodb { table: "tollgate".into(), endpoint: None });
+
+    let err = Config::from_toml_str("[plans.free]\n\n[store]\nkind = \"postgres\"\n").unwrap_err();
+    assert_eq!((err.key(), err.line(), err.kind()), ("store.kind", Some(4), ConfigErrorKind::InvalidValue));
+    assert!(err.message().contains("unknown store kind `postgres`"), "{err}");
+    let err = Config::from_toml_str("[store]\nkind = \"memory\"\npath = \"x.db\"\n").unwrap_err();
+    assert_eq!((err.key(), err.line()), ("store.path", Some(3)));
+    let err = Config::from_toml_str("[store]\nkind = \"dynamodb\"\n").unwrap_err();
+    assert_eq!(err.key(), "store.table");
+    let err = Config::from_toml_str("[store]\nkind = \"sqlite\"\nsynchronous = \"off\"\n").unwrap_err();
+    assert_eq!((err.key(), err.line()), ("store.synchronous", Some(3)));
+    let err = Config::from_toml_str("[store]\nkind = \"sqlite\"\nfile = \"x.db\"\n").unwrap_err();
+    assert_eq!((err.key(), err.line(), err.kind()), ("store.file", Some(3), ConfigErrorKind::UnknownKey));
+}
+
+#[tokio::test]
+async fn a_store_kind_not_compiled_in_is_an_error_at_build_naming_the_feature() {
+    let config = Config::from_toml_str("[store]\nkind = \"dynamodb\"\ntable = \"t\"\n[plans.free]\n").unwrap();
+    let err = tollgate::Tollgate::builder(config).open().await.unwrap_err();
+    assert!(matches!(err, tollgate::BuildError::MissingFeature { kind: "dynamodb", feature: "dynamodb" }), "{err:?}");
+    assert!(err.to_string().contains("cargo feature `dynamodb`"), "{err}");
+    #[cfg(not(feature = "sqlite"))]
+    {
+        let config = Config::from_toml_str("[store]\nkind = \"sqlite\"\n[plans.free]\n").unwrap();
+        let err = tollgate::Tollgate::builder(config).open().await.unwrap_err();
+        assert!(err.to_string().contains("cargo feature `sqlite`"), "{err}");
+    }
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn a_reload_that_changes_the_store_is_refused_and_the_running_store_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tollgate.toml");
+    let first = format!(
+        "[store]\nkind = \"sqlite\"\npath = {:?}\n\n[plans.free]\nrate = \"10/s\"\n",
+        dir.path().join("a.db").display().to_string()
+    );
+    std::fs::write(&file, &first).unwrap();
+    let (tollgate, _worker) = tollgate::Tollgate::builder(Config::from_path(&file).unwrap()).open().await.unwrap();
+    assert!(format!("{:?}", tollgate.store()).contains("a.db"));
+
+    // Another path, and another rate: the whole reload is refused.
+    let second = format!(
+        "[plans.free]\nrate = \"99/s\"\n\n[store]\nkind = \"sqlite\"\npath = {:?}\n",
+        dir.path().join("b.db").display().to_string()
+    );
+    std::fs::write(&file, &second).unwrap();
+    let err = tollgate.reload(Config::from_path(&file).unwrap()).await.unwrap_err();
+    assert_eq!((err.key(), err.line(), err.kind()), ("store.path", Some(6), ConfigErrorKind::Conflict));
+    assert_eq!(err.file(), Some(file.as_path()));
+    assert!(err.to_string().starts_with(&format!("{}:6:", file.display())), "{err}");
+    assert!(!dir.path().join("b.db").exists(), "the new store was not opened");
+    assert!(format!("{:?}", tollgate.store()).contains("a.db"));
+    let rate = tollgate.config().plan(&"free".into()).unwrap().rate().unwrap();
+    assert_eq!(rate.to_string(), "10/s", "the running configuration stays");
+
+    // Another kind.
+    std::fs::write(&file, "[plans.free]\n[store]\nkind = \"memory\"\n").unwrap();
+    let err = tollgate.reload(Config::from_path(&file).unwrap()).await.unwrap_err();
+    assert_eq!((err.key(), err.line()), ("store.kind", Some(3)));
+    // The section removed: the default store (tollgate.db) is another file.
+    std::fs::write(&file, "[plans.free]\n").unwrap();
+    let err = tollgate.reload(Config::from_path(&file).unwrap()).await.unwrap_err();
+    assert_eq!(err.key(), "store.path");
+    assert!(err.message().contains("tollgate.db"), "{err}");
+    // The same store: accepted.
+    std::fs::write(&file, first.replace("10/s", "20/s")).unwrap();
+    tollgate.reload(Config::from_path(&file).unwrap()).await.unwrap();
+    assert_eq!(tollgate.config().plan(&"free".into()).unwrap().rate().unwrap().to_string(), "20/s");
+}

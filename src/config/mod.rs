@@ -382,7 +382,7 @@ impl Config {
             ConfigErrorKind::Conflict,
             format!("store.{key}"),
             format!(
-                "the store cannot change while the service runs (it is {:?}, the new file says {:?}): \
+                "the store cannot change while the service runs (it is {}, the new file says {}): \
                  the reload is refused and the running store stays; restart to use another store",
                 self.store, next.store
             ),

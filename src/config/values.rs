@@ -361,6 +361,24 @@ impl StoreSettings {
     }
 }
 
+impl std::fmt::Display for StoreSettings {
+    /// `memory`, `sqlite at <path> (synchronous = full)`, `dynamodb table <table>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSettings::Memory => f.write_str("memory"),
+            StoreSettings::Sqlite { path, synchronous } => {
+                let sync = match synchronous {
+                    Synchronous::Full => "full",
+                    Synchronous::Normal => "normal",
+                };
+                write!(f, "sqlite at {} (synchronous = {sync})", path.display())
+            }
+            StoreSettings::Dynamodb { table, endpoint: None } => write!(f, "dynamodb table {table}"),
+            StoreSettings::Dynamodb { table, endpoint: Some(e) } => write!(f, "dynamodb table {table} at {e}"),
+        }
+    }
+}
+
 impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings::Sqlite { path: "tollgate.db".into(), synchronous: Synchronous::Full }
