@@ -121,19 +121,26 @@ pub(crate) fn tollgate_service(
     context: bool,
     rt: &tokio::runtime::Runtime,
 ) -> tollgate::TollgateService<Bare> {
+    // TOLLGATE_BENCH_NO_REFILL=1: leases no run exhausts and no flush during a run, so that
+    // only the request path is counted (the same with any store); without it, the counts
+    // include the store's share of each request (refills and flushes).
+    let quiet = std::env::var_os("TOLLGATE_BENCH_NO_REFILL").is_some_and(|v| v == "1");
+    let (lease, flush) = if quiet { (", lease = 1000000000", "1h") } else { ("", "10s") };
     let config = Config::from_toml_str(&format!(
         r#"
         [limits]
         headers = "{headers}"
         max_tenants = 2000000
+        [usage]
+        flush_interval = "{flush}"
         # A rate no benchmark reaches: every request is admitted (and recorded).
         [plans.bench]
         rate = "1000000000/s"
-        quotas.requests = {{ limit = 1000000000000, period = "month", mode = "hard" }}
+        quotas.requests = {{ limit = 1000000000000, period = "month", mode = "hard"{lease} }}
         "#
     ))
     .unwrap();
-    let store = Arc::new(MemoryStore::new());
+    let store = bench_store(rt);
     rt.block_on(async {
         for i in 0..tenants {
             let record = TenantRecord::new(format!("t{i}").into(), "bench".into());
@@ -152,6 +159,22 @@ pub(crate) fn tollgate_service(
         }
     });
     svc
+}
+
+/// The store of the tollgate cases: TOLLGATE_BENCH_STORE=sqlite for a SQLite file in a fresh
+/// directory under the target directory's `tmp`, memory otherwise.
+pub(crate) fn bench_store(rt: &tokio::runtime::Runtime) -> Arc<dyn Store> {
+    match std::env::var("TOLLGATE_BENCH_STORE").as_deref() {
+        Ok("sqlite") => {
+            let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+            let store = rt.block_on(tollgate::store::SqliteStore::open(dir.path().join("bench.db"))).unwrap();
+            // The directory lives as long as the process.
+            std::mem::forget(dir);
+            Arc::new(store)
+        }
+        Ok("memory") | Err(_) => Arc::new(MemoryStore::new()),
+        Ok(other) => panic!("TOLLGATE_BENCH_STORE={other}: expected memory or sqlite"),
+    }
 }
 
 /// tower_governor keyed on `x-api-key`, without headers, every key warm.
