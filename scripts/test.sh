@@ -16,6 +16,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "unit and behaviour tests"
 cargo test --workspace --locked --lib --bins --tests --examples
 
+step "without default features (no SQLite): builds, and names the feature a [store] needs"
+cargo test --workspace --locked --no-default-features --test config
+
 step "doc tests"
 cargo test --workspace --locked --doc
 

@@ -275,3 +275,51 @@ async fn the_file_is_in_wal_mode_with_the_chosen_synchronous_setting() {
         ["api_key", "flush", "quota", "quota_floor", "quota_sender", "tenant", "usage", "usage_event", "webhook_event"]
     );
 }
+
+#[tokio::test]
+async fn rows_past_their_use_are_pruned_and_the_file_stops_growing() {
+    use tollgate::{
+        config::Period,
+        store::{ExportKey, FlushId, QuotaKey, Reservation, ReserveToken, UsageBatch, UsageEvent, UsageRecord},
+    };
+    const DAY: i64 = 86_400;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&db).await.unwrap();
+    let count = |table: &str| {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).unwrap()
+    };
+    // 80 days of hourly usage for 3 tenants, a day quota reserved every day, an event an hour.
+    let mut seq = 0;
+    for hour in 0..80 * 24i64 {
+        let window = NOON + hour * 3600;
+        let records =
+            (0..3).map(|t| UsageRecord::new(format!("t{t}").into(), "requests".into(), window, 1)).collect();
+        store.commit_usage(&UsageBatch::new(FlushId::new(format!("f{hour}")), records)).await.unwrap();
+        let record = UsageRecord::new("t0".into(), "requests".into(), window, 1);
+        store.commit_events(&[UsageEvent::new(format!("e{hour}"), record, window)]).await.unwrap();
+        if hour % 24 == 0 {
+            let start = window - window.rem_euclid(DAY);
+            seq += 1;
+            let key = QuotaKey::new("t0".into(), "requests".into(), Period::Day, start, start + DAY);
+            store.reserve(&Reservation::new(key, 1, 0, Some(10), ReserveToken::new(1, seq))).await.unwrap();
+        }
+    }
+    let newest = NOON + (80 * 24 - 1) * 3600;
+    // Aggregates: 35 days kept (and at most the hour of pruning slack), older ones gone.
+    let aggregates = count("usage");
+    assert!((35 * 24 * 3..=36 * 24 * 3).contains(&aggregates), "{aggregates} aggregates kept");
+    let old = ExportKey::new("t1".into(), "requests".into(), NOON);
+    assert_eq!(store.usage(&old).await.unwrap(), None, "80 days old: pruned");
+    let recent = ExportKey::new("t1".into(), "requests".into(), newest - 34 * DAY);
+    assert!(store.usage(&recent).await.unwrap().is_some(), "34 days old: kept");
+    // Quota counters: the current period and the one before it.
+    assert_eq!(count("quota"), 2);
+    assert!(count("quota_sender") <= 2);
+    // Usage event ids: 35 days of them.
+    let events = count("usage_event");
+    assert!((35 * 24..=36 * 24).contains(&events), "{events} event ids kept");
+    // Flush ids are kept a week of wall-clock time: all of these are recent.
+    assert_eq!(count("flush"), 80 * 24);
+}
