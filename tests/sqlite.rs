@@ -180,6 +180,84 @@ async fn an_empty_or_foreign_file_is_refused_and_left_as_it_was() {
     assert!(open_err(&theirs).await.contains("not a tollgate one"));
     assert_eq!(std::fs::read(&theirs).unwrap(), before, "a foreign database is not written to");
     assert!(!dir.path().join("theirs.db-wal").exists());
+
+    // Another application's database in WAL mode, open in that application (its log holds
+    // committed rows not yet in the file): neither file changes.
+    let wal = dir.path().join("wal.db");
+    let conn = rusqlite::Connection::open(&wal).unwrap();
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).unwrap();
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
+    let (main_before, log_before) =
+        (std::fs::read(&wal).unwrap(), std::fs::read(dir.path().join("wal.db-wal")).unwrap());
+    assert!(!log_before.is_empty());
+    assert!(open_err(&wal).await.contains("not a tollgate one"));
+    assert_eq!(std::fs::read(&wal).unwrap(), main_before);
+    assert_eq!(std::fs::read(dir.path().join("wal.db-wal")).unwrap(), log_before, "its log was not checkpointed");
+    drop(conn);
+
+    // A database file gone while its write-ahead log is still there: not silently recreated.
+    let orphan = dir.path().join("orphan.db");
+    std::fs::write(dir.path().join("orphan.db-wal"), b"committed pages of a lost file").unwrap();
+    assert!(open_err(&orphan).await.contains("write-ahead log"));
+    assert!(!orphan.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_openers_of_one_new_file_all_get_the_same_database() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tollgate.db");
+        let openers: Vec<_> = (0..8).map(|_| tokio::spawn(SqliteStore::open(db.clone()))).collect();
+        let mut stores = Vec::new();
+        for o in openers {
+            stores.push(o.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}")));
+        }
+        // One database: what one writes, another reads.
+        let record = tollgate::store::TenantRecord::new("t".into(), "p".into());
+        stores[0].put_tenant(&record, &[]).await.unwrap();
+        assert_eq!(stores[7].tenant(&"t".into()).await.unwrap(), Some(record));
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(names.iter().all(|n| !n.to_string_lossy().contains(".creating-")), "{names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_busy_past_the_busy_timeout_is_waited_for_and_reads_go_on() {
+    use tollgate::store::{FlushId, UsageBatch, UsageRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&db).await.unwrap();
+    store.put_tenant(&tollgate::store::TenantRecord::new("t".into(), "p".into()), &[]).await.unwrap();
+    // Another process holds the write lock for 7 s (longer than the 5 s busy timeout).
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = {
+        let db = db.clone();
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(&db).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(std::time::Duration::from_secs(7));
+            conn.execute_batch("COMMIT").unwrap();
+        })
+    };
+    locked_rx.recv().unwrap();
+    let started = std::time::Instant::now();
+    let writing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let batch = UsageBatch::new(FlushId::new("f"), vec![UsageRecord::new("t".into(), "requests".into(), 0, 3)]);
+            store.commit_usage(&batch).await
+        })
+    };
+    // Reads are not held up by the lock (nor by the write waiting for it).
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(store.tenant(&"t".into()).await.unwrap().is_some());
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "a read waited {:?}", started.elapsed());
+    writing.await.unwrap().expect("the write waited for the lock instead of failing");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(6));
+    holder.join().unwrap();
+    let usage = store.usage(&tollgate::store::ExportKey::new("t".into(), "requests".into(), 0)).await.unwrap();
+    assert_eq!(usage.unwrap().quantity, 3);
 }
 
 /// A database with some of everything in it, closed.
@@ -255,10 +333,10 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
 }
 
 #[tokio::test]
-async fn the_file_is_in_wal_mode_with_the_chosen_synchronous_setting() {
+async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.db");
-    let store = SqliteStore::open(&db).await.unwrap();
+    let store = SqliteStore::open_with(&db, tollgate::config::Synchronous::Normal).await.unwrap();
     store.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("f"), vec![])).await.unwrap();
     let conn = rusqlite::Connection::open(&db).unwrap();
     let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
@@ -277,10 +355,13 @@ async fn the_file_is_in_wal_mode_with_the_chosen_synchronous_setting() {
 }
 
 #[tokio::test]
-async fn rows_past_their_use_are_pruned_and_the_file_stops_growing() {
+async fn rows_past_their_use_are_pruned() {
     use tollgate::{
         config::Period,
-        store::{ExportKey, FlushId, QuotaKey, Reservation, ReserveToken, UsageBatch, UsageEvent, UsageRecord},
+        store::{
+            ExportKey, FlushId, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, UsageBatch,
+            UsageEvent, UsageRecord,
+        },
     };
     const DAY: i64 = 86_400;
     let dir = tempfile::tempdir().unwrap();
@@ -291,15 +372,20 @@ async fn rows_past_their_use_are_pruned_and_the_file_stops_growing() {
         conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).unwrap()
     };
     // 80 days of hourly usage for 3 tenants, a day quota reserved every day, an event an hour.
+    store
+        .put_tenant(&tollgate::store::TenantRecord::new("t0".into(), "p".into()).with_customer("cus_0"), &[])
+        .await
+        .unwrap();
     let mut seq = 0;
     for hour in 0..80 * 24i64 {
         let window = NOON + hour * 3600;
-        let records =
-            (0..3).map(|t| UsageRecord::new(format!("t{t}").into(), "requests".into(), window, 1)).collect();
+        let records = (0..3).map(|t| UsageRecord::new(format!("t{t}").into(), "requests".into(), window, 1)).collect();
         store.commit_usage(&UsageBatch::new(FlushId::new(format!("f{hour}")), records)).await.unwrap();
         let record = UsageRecord::new("t0".into(), "requests".into(), window, 1);
         store.commit_events(&[UsageEvent::new(format!("e{hour}"), record, window)]).await.unwrap();
         if hour % 24 == 0 {
+            let change = PlanChange::new(format!("evt_{hour}"), "cus_0", window, "p".into());
+            assert!(matches!(store.apply_plan_change(&change).await.unwrap(), PlanChangeOutcome::Applied(_)));
             let start = window - window.rem_euclid(DAY);
             seq += 1;
             let key = QuotaKey::new("t0".into(), "requests".into(), Period::Day, start, start + DAY);
@@ -320,6 +406,9 @@ async fn rows_past_their_use_are_pruned_and_the_file_stops_growing() {
     // Usage event ids: 35 days of them.
     let events = count("usage_event");
     assert!((35 * 24..=36 * 24).contains(&events), "{events} event ids kept");
+    // Webhook event ids: 35 days of them (one a day).
+    let webhooks = count("webhook_event");
+    assert!((35..=37).contains(&webhooks), "{webhooks} webhook ids kept");
     // Flush ids are kept a week of wall-clock time: all of these are recent.
     assert_eq!(count("flush"), 80 * 24);
 }

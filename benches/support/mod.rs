@@ -125,7 +125,7 @@ pub(crate) fn tollgate_service(
     // only the request path is counted (the same with any store); without it, the counts
     // include the store's share of each request (refills and flushes).
     let quiet = std::env::var_os("TOLLGATE_BENCH_NO_REFILL").is_some_and(|v| v == "1");
-    let (lease, flush) = if quiet { (", lease = 1000000000", "1h") } else { ("", "10s") };
+    let (lease, flush) = if quiet { (", lease = 1000000000", "30m") } else { ("", "10s") };
     let config = Config::from_toml_str(&format!(
         r#"
         [limits]

@@ -24,8 +24,9 @@ pub enum BuildError {
     Store(#[source] crate::store::StoreError),
     /// The configuration names a store whose cargo feature is not compiled in.
     #[error(
-        "[store] kind = \"{kind}\" needs tollgate's cargo feature `{feature}`, which this build does not have: \
-         enable it (features = [\"{feature}\"]) or choose another kind"
+        "the store kind \"{kind}\" (`[store] kind`; \"sqlite\" without a [store] section) needs tollgate's \
+         cargo feature `{feature}`, which this build does not have: enable it (features = [\"{feature}\"]) \
+         or choose another kind"
     )]
     MissingFeature {
         /// The store kind.
@@ -82,6 +83,8 @@ pub struct Builder {
     store: Option<Arc<dyn Store>>,
     sink: Option<Arc<dyn BillingSink>>,
     clock: Option<Clock>,
+    /// Whether `store` was opened from the configuration.
+    configured: bool,
 }
 
 impl std::fmt::Debug for Builder {
@@ -95,7 +98,7 @@ impl Tollgate {
     /// [`open`](Builder::open) opens the one the configuration names; without a billing sink
     /// closed windows stay unexported in the store.
     pub fn builder(config: Config) -> Builder {
-        Builder { config, store: None, sink: None, clock: None }
+        Builder { config, store: None, sink: None, clock: None, configured: false }
     }
 }
 
@@ -134,6 +137,7 @@ impl Builder {
     pub async fn open(mut self) -> Result<(Tollgate, Worker), BuildError> {
         if self.store.is_none() {
             self.store = Some(open_store(self.config.store()).await?);
+            self.configured = true;
         }
         Ok(self.build())
     }
@@ -160,6 +164,7 @@ impl Builder {
             runtime: ArcSwap::from_pointee(runtime),
             table: TenantTable::new(limits.max_tenants),
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            store_configured: self.configured,
             sink: self.sink,
             clock,
             idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity, fp),

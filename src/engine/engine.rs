@@ -126,6 +126,9 @@ pub(crate) struct Shared {
     pub(crate) runtime: ArcSwap<Runtime>,
     pub(crate) table: TenantTable,
     pub(crate) store: Arc<dyn Store>,
+    /// Whether the store is the one the configuration's `[store]` names (opened by
+    /// `Builder::open`), which a reload may then not change.
+    pub(crate) store_configured: bool,
     pub(crate) sink: Option<Arc<dyn BillingSink>>,
     pub(crate) clock: Clock,
     pub(crate) idempotency: Idempotency,

@@ -94,10 +94,14 @@ impl Tollgate {
     /// under its new plan on its next request, with a fresh token bucket.
     ///
     /// # Errors
-    /// A configuration that names another store (`[store]`) is refused, naming the file, line
-    /// and key that changed; the running configuration and store stay.
+    /// When the engine runs the store its configuration names (opened by
+    /// [`Builder::open`](crate::Builder::open)), a configuration that names another store
+    /// (`[store]`) is refused, naming the file, line and key that changed; the running
+    /// configuration and store stay. A store given in code is not the file's to change.
     pub async fn reload(&self, config: Config) -> Result<(), crate::config::ConfigError> {
-        self.shared.runtime.load().config.check_same_store(&config)?;
+        if self.shared.store_configured {
+            self.shared.runtime.load().config.check_same_store(&config)?;
+        }
         let rt = Runtime::compile(config, &self.shared.metrics, &self.shared.clock);
         self.shared.runtime.store(Arc::new(rt));
         let states = self.shared.table.evict_all();

@@ -163,8 +163,19 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// The writing connection (every write is one `BEGIN IMMEDIATE` transaction on it).
     conn: Mutex<Conn>,
+    /// A read-only connection: in WAL mode reads see the last commit without waiting for a
+    /// write under way on `conn`.
+    reader: Mutex<Connection>,
+    /// Bounds the calls handed to the blocking pool at once; the others wait here, as futures
+    /// their callers can drop (a request's store timeout), rather than as queued threads.
+    permits: tokio::sync::Semaphore,
 }
+
+/// The most calls of one store on the blocking pool at once (one writes, one reads; the
+/// others wait for the connections).
+const CALLS_AT_ONCE: usize = 4;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -234,8 +245,10 @@ impl SqliteStore {
     pub async fn open_with(path: impl Into<PathBuf>, synchronous: Synchronous) -> Result<Self, StoreError> {
         let path = path.into();
         let opened = tokio::task::spawn_blocking(move || {
-            let conn = open_blocking(&path, synchronous)?;
-            Ok::<_, StoreError>(Self { inner: Arc::new(Inner { path, conn: Mutex::new(conn) }) })
+            let (conn, reader) = open_blocking(&path, synchronous)?;
+            let permits = tokio::sync::Semaphore::new(CALLS_AT_ONCE);
+            let inner = Inner { path, conn: Mutex::new(conn), reader: Mutex::new(reader), permits };
+            Ok::<_, StoreError>(Self { inner: Arc::new(inner) })
         })
         .await
         .map_err(|e| StoreError::Backend(Box::new(e)))?;
@@ -247,32 +260,26 @@ impl SqliteStore {
         &self.inner.path
     }
 
-    /// Runs `f` in one transaction on the blocking pool; a busy database is retried.
-    async fn call<T, F>(&self, behavior: TransactionBehavior, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnMut(&Transaction<'_>, &mut Progress) -> Sql<T> + Send + 'static,
-    {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.run(behavior, f))
-            .await
-            .map_err(|e| StoreError::Backend(Box::new(e)))?
-    }
-
+    /// Runs `f` in one write transaction on the blocking pool; a busy database is retried.
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnMut(&Transaction<'_>, &mut Progress) -> Sql<T> + Send + 'static,
     {
-        self.call(TransactionBehavior::Immediate, f).await
+        let _permit = self.inner.permits.acquire().await.map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.write(f)).await.map_err(|e| StoreError::Backend(Box::new(e)))?
     }
 
-    async fn read<T, F>(&self, mut f: F) -> Result<T, StoreError>
+    /// Runs `f` in one read transaction on the reading connection.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnMut(&Transaction<'_>) -> Sql<T> + Send + 'static,
     {
-        self.call(TransactionBehavior::Deferred, move |tx, _| f(tx)).await
+        let _permit = self.inner.permits.acquire().await.map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.read(f)).await.map_err(|e| StoreError::Backend(Box::new(e)))?
     }
 }
 
@@ -285,21 +292,32 @@ struct Progress {
 }
 
 impl Inner {
-    fn run<T>(
-        &self,
-        behavior: TransactionBehavior,
-        mut f: impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>,
-    ) -> Result<T, StoreError> {
+    fn write<T>(&self, mut f: impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Result<T, StoreError> {
         // A panic inside a call rolls its transaction back (the transaction is dropped), so
         // the connection is still consistent: poisoning is ignored.
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        self.retried(|| conn.attempt(&mut f))
+    }
+
+    fn read<T>(&self, mut f: impl FnMut(&Transaction<'_>) -> Sql<T>) -> Result<T, StoreError> {
+        let mut db = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        self.retried(|| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// Runs `attempt` again while the database is busy (past the busy timeout), with backoff.
+    fn retried<T>(&self, mut attempt: impl FnMut() -> Sql<T>) -> Result<T, StoreError> {
         let mut delay = Duration::from_millis(20);
-        let mut attempt = 0;
+        let mut tries = 0;
         loop {
-            match conn.attempt(behavior, &mut f) {
-                Err(e) if is_busy(&e) && attempt < BUSY_RETRIES => {
-                    attempt += 1;
-                    tracing::debug!(path = %self.path.display(), attempt, "database busy; retrying");
+            match attempt() {
+                Err(e) if is_busy(&e) && tries < BUSY_RETRIES => {
+                    tries += 1;
+                    tracing::debug!(path = %self.path.display(), tries, "database busy; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 4).min(Duration::from_secs(2));
                 }
@@ -311,16 +329,12 @@ impl Inner {
 }
 
 impl Conn {
-    fn attempt<T>(
-        &mut self,
-        behavior: TransactionBehavior,
-        f: &mut impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>,
-    ) -> Sql<T> {
+    fn attempt<T>(&mut self, f: &mut impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Sql<T> {
         let mut progress = Progress::default();
-        let tx = self.db.transaction_with_behavior(behavior)?;
+        let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&tx, &mut progress)?;
         let newest = progress.newest_window.map_or(self.newest_window, |w| self.newest_window.max(w));
-        let due = newest - self.pruned_window >= PRUNE_EVERY_SECS
+        let due = newest.saturating_sub(self.pruned_window) >= PRUNE_EVERY_SECS
             || self.pruned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(PRUNE_EVERY_SECS as u64));
         if progress.prune && due {
             prune(&tx, newest)?;
@@ -335,27 +349,35 @@ impl Conn {
     }
 }
 
-/// Drops the rows past their use (see [`SqliteStore`]); `newest_window` stands for now in
-/// usage time, the wall clock for flush ids.
+/// Drops the rows past their use (see [`SqliteStore`]). Now in usage time is the newest window
+/// committed, but never later than the wall clock: a window or an event stamped in the future
+/// (a clock jumping ahead on one node) must not age everything else out.
 fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
-    let horizon = newest_window.saturating_sub(RETENTION_SECS);
-    let unexported: i64 = tx.query_row(
-        "SELECT coalesce(sum(quantity - exported), 0) FROM usage WHERE window_start < ?1 AND dead IS NULL",
+    let wall = unix_now();
+    let horizon = newest_window.min(wall).saturating_sub(RETENTION_SECS);
+    let (unexported, dead): (i64, i64) = tx.query_row(
+        "SELECT coalesce(sum(CASE WHEN dead IS NULL THEN quantity - exported END), 0), \
+                count(dead) FROM usage WHERE window_start < ?1",
         [horizon],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let dropped = tx.execute("DELETE FROM usage WHERE window_start < ?1", [horizon])?;
     if unexported > 0 {
         tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
     }
+    if dead > 0 {
+        tracing::warn!(aggregates = dead, "dead letters older than 35 days are dropped (no billing system takes them)");
+    }
+    // Counters of periods that ended before the horizon: never a current one, since the
+    // horizon is at least 35 days before the wall clock.
     tx.execute("DELETE FROM quota WHERE end < ?1", [horizon])?;
     tx.execute("DELETE FROM quota_sender WHERE end < ?1", [horizon])?;
     tx.execute("DELETE FROM quota_floor WHERE dropped_before < ?1", [horizon])?;
-    let flushes = tx.execute("DELETE FROM flush WHERE at < ?1", [unix_now().saturating_sub(FLUSH_IDS_KEPT_SECS)])?;
+    let flushes = tx.execute("DELETE FROM flush WHERE at < ?1", [wall.saturating_sub(FLUSH_IDS_KEPT_SECS)])?;
     for table in ["usage_event", "webhook_event"] {
         tx.execute(
-            &format!("DELETE FROM {table} WHERE at < (SELECT max(at) FROM {table}) - ?1"),
-            [EVENT_IDS_KEPT_SECS],
+            &format!("DELETE FROM {table} WHERE at < min((SELECT max(at) FROM {table}), ?2) - ?1"),
+            [EVENT_IDS_KEPT_SECS, wall],
         )?;
         tx.execute(
             &format!(
@@ -370,9 +392,9 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
 }
 
 /// Opens the file, checks it is a sound tollgate database of a schema this build knows, and
-/// migrates it to [`SCHEMA_VERSION`].
-fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Conn, StoreError> {
-    let existed = match std::fs::metadata(path) {
+/// migrates it to [`SCHEMA_VERSION`]; returns the writing connection and a reading one.
+fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<(Conn, Connection), StoreError> {
+    match std::fs::metadata(path) {
         Ok(m) if m.len() == 0 => {
             return Err(unusable(
                 path,
@@ -380,23 +402,21 @@ fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Conn, StoreErr
                  (SQLite would take it as a new empty one); remove it to start afresh",
             ))
         }
-        Ok(_) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path)?,
         Err(e) => return Err(unusable(path, format!("cannot read the file: {e}"))),
-    };
-    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    if !existed {
-        flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
-    let mut db = Connection::open_with_flags(path, flags).map_err(|e| unusable(path, format!("cannot open: {e}")))?;
-    db.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
     let not_ours = |e: rusqlite::Error| match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase) => unusable(path, "not a SQLite database (a foreign or damaged file)"),
         Some(ErrorCode::DatabaseCorrupt) => unusable(path, format!("the database is corrupt: {e}")),
         _ => backend(e),
     };
-    if existed {
-        // Checked before anything is written, so that a foreign SQLite file is left as it was.
+    {
+        // Checked on a read-only connection before anything is written, so that a foreign
+        // SQLite file (its WAL or rollback journal included) is left as it was.
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let db = Connection::open_with_flags(path, flags).map_err(|e| unusable(path, format!("cannot open: {e}")))?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
         let app: i32 = db.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(not_ours)?;
         let version: i32 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(not_ours)?;
         if app != APPLICATION_ID {
@@ -412,20 +432,82 @@ fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<Conn, StoreErr
             QuickCheck::Sql(e) => not_ours(e),
         })?;
     }
-    let mode: String = db.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(not_ours)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(unusable(path, format!("cannot use write-ahead logging (journal mode is {mode})")));
+    let mut db = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous).map_err(not_ours)?;
+    migrate(path, &mut db)?;
+    let reader = connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY, synchronous).map_err(not_ours)?;
+    let newest_window: Option<i64> =
+        db.query_row("SELECT max(window_start) FROM usage", [], |r| r.get(0)).map_err(backend)?;
+    let newest_window = newest_window.unwrap_or(i64::MIN / 2);
+    Ok((Conn { db, newest_window, pruned_window: newest_window, pruned_at: None }, reader))
+}
+
+/// A connection to a tollgate database, set up for this store.
+fn connect(path: &Path, flags: OpenFlags, synchronous: Synchronous) -> Sql<Connection> {
+    let db = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    db.busy_timeout(BUSY_TIMEOUT)?;
+    db.set_prepared_statement_cache_capacity(64);
+    if flags.contains(OpenFlags::SQLITE_OPEN_READ_WRITE) {
+        let mode: String = db.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::InvalidQuery);
+        }
     }
     let sync = match synchronous {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
-    db.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA cache_size = -{CACHE_KIB}")).map_err(backend)?;
-    migrate(path, &mut db)?;
-    let newest_window: Option<i64> =
-        db.query_row("SELECT max(window_start) FROM usage", [], |r| r.get(0)).map_err(backend)?;
-    let newest_window = newest_window.unwrap_or(i64::MIN / 2);
-    Ok(Conn { db, newest_window, pruned_window: newest_window, pruned_at: None })
+    db.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA cache_size = -{CACHE_KIB}"))?;
+    Ok(db)
+}
+
+/// Creates a new database at `path` whole: the schema is written to a file of its own, which
+/// is then linked at `path` only if nothing is there yet. Another process opening the same
+/// new path at once never sees a file without the schema, and a crash during creation leaves
+/// no half-made database at `path`.
+fn create(path: &Path) -> Result<(), StoreError> {
+    let wal = sidecar(path, "-wal");
+    if wal.exists() {
+        return Err(unusable(
+            path,
+            format!(
+                "the database is missing but its write-ahead log {} is there: restore the database \
+                 or remove the log to start afresh",
+                wal.display()
+            ),
+        ));
+    }
+    let tmp = sidecar(path, &format!(".creating-{}-{:x}", std::process::id(), rand_u64()));
+    let made = (|| {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
+        let mut db = connect(&tmp, flags, Synchronous::Full).map_err(backend)?;
+        migrate(path, &mut db)?;
+        // Closing the only connection checkpoints the log into the file and removes it.
+        db.close().map_err(|(_, e)| backend(e))?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            // Another process created it first: open theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(unusable(path, format!("cannot create the database: {e}"))),
+        }
+    })();
+    for leftover in [tmp.clone(), sidecar(&tmp, "-wal"), sidecar(&tmp, "-shm")] {
+        let _ = std::fs::remove_file(leftover);
+    }
+    made
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(unix_now().unsigned_abs());
+    h.finish()
 }
 
 fn check_version(path: &Path, version: i32) -> Result<(), StoreError> {
@@ -464,13 +546,6 @@ fn migrate(path: &Path, db: &mut Connection) -> Result<(), StoreError> {
     let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
     let version: i32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
     check_version(path, version)?;
-    if version == 0 {
-        let app: i32 = tx.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(backend)?;
-        let tables: i64 = tx.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(backend)?;
-        if app != APPLICATION_ID && tables > 0 {
-            return Err(unusable(path, "a SQLite database, but not a tollgate one"));
-        }
-    }
     let from = usize::try_from(version).unwrap_or(0);
     for step in &MIGRATIONS[from..] {
         tx.execute_batch(step).map_err(backend)?;
@@ -612,8 +687,11 @@ fn usage_of(tx: &Transaction<'_>, key: &ExportKey) -> Sql<Option<UsageAggregate>
 
 fn add_usage(tx: &Transaction<'_>, tenant: &TenantId, meter: &str, window_start: i64, quantity: u64) -> Sql<()> {
     tx.prepare_cached(
+        // Saturating: past i64::MAX, SQLite would turn the sum into a float.
         "INSERT INTO usage (tenant, meter, window_start, quantity) VALUES (?1, ?2, ?3, ?4) \
-         ON CONFLICT (tenant, meter, window_start) DO UPDATE SET quantity = quantity + excluded.quantity",
+         ON CONFLICT (window_start, tenant, meter) DO UPDATE SET quantity = \
+         CASE WHEN quantity > 9223372036854775807 - excluded.quantity THEN 9223372036854775807 \
+         ELSE quantity + excluded.quantity END",
     )?
     .execute(params![tenant.as_str(), meter, window_start, int(quantity)])?;
     Ok(())
