@@ -144,7 +144,7 @@ async fn two_engines_on_one_file_share_a_hard_quota() {
         admitted += t.await.unwrap();
     }
     // 640 asked for 200 units: at most 200, and no fewer than the units two engines can strand.
-    assert!(admitted <= 200 && admitted >= 200 - 2 * 3, "admitted {admitted}");
+    assert!((200 - 2 * 3..=200).contains(&admitted), "admitted {admitted}");
     a.tollgate.shutdown().await.unwrap();
     b.tollgate.shutdown().await.unwrap();
     let store = SqliteStore::open(&db).await.unwrap();
@@ -181,19 +181,22 @@ async fn an_empty_or_foreign_file_is_refused_and_left_as_it_was() {
     assert_eq!(std::fs::read(&theirs).unwrap(), before, "a foreign database is not written to");
     assert!(!dir.path().join("theirs.db-wal").exists());
 
-    // Another application's database in WAL mode, open in that application (its log holds
-    // committed rows not yet in the file): neither file changes.
+    // Another application's database in WAL mode whose log still holds committed rows (its
+    // owner crashed): a read-write look would checkpoint the log into the file and delete it.
     let wal = dir.path().join("wal.db");
     let conn = rusqlite::Connection::open(&wal).unwrap();
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).unwrap();
     conn.execute_batch("PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
-    let (main_before, log_before) =
-        (std::fs::read(&wal).unwrap(), std::fs::read(dir.path().join("wal.db-wal")).unwrap());
-    assert!(!log_before.is_empty());
-    assert!(open_err(&wal).await.contains("not a tollgate one"));
-    assert_eq!(std::fs::read(&wal).unwrap(), main_before);
-    assert_eq!(std::fs::read(dir.path().join("wal.db-wal")).unwrap(), log_before, "its log was not checkpointed");
+    let crashed = dir.path().join("crashed.db");
+    std::fs::copy(&wal, &crashed).unwrap();
+    std::fs::copy(dir.path().join("wal.db-wal"), dir.path().join("crashed.db-wal")).unwrap();
     drop(conn);
+    let (main_before, log_before) =
+        (std::fs::read(&crashed).unwrap(), std::fs::read(dir.path().join("crashed.db-wal")).unwrap());
+    assert!(!log_before.is_empty());
+    assert!(open_err(&crashed).await.contains("not a tollgate one"));
+    assert_eq!(std::fs::read(&crashed).unwrap(), main_before);
+    assert_eq!(std::fs::read(dir.path().join("crashed.db-wal")).unwrap(), log_before, "its log was not checkpointed");
 
     // A database file gone while its write-ahead log is still there: not silently recreated.
     let orphan = dir.path().join("orphan.db");
@@ -338,6 +341,10 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
     let db = dir.path().join("tollgate.db");
     let store = SqliteStore::open_with(&db, tollgate::config::Synchronous::Normal).await.unwrap();
     store.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("f"), vec![])).await.unwrap();
+    assert!(dir.path().join("tollgate.db-wal").exists(), "WAL mode while open");
+    // Closed, the log is checkpointed into the file and removed: the file alone is the database.
+    drop(store);
+    assert!(!dir.path().join("tollgate.db-wal").exists());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");

@@ -138,7 +138,8 @@ CREATE INDEX api_key_tenant ON api_key (tenant);
 ///   IMMEDIATE`); a busy database is waited for (busy timeout) and the call retried, so
 ///   several engines and processes can share one file.
 /// - Calls run on tokio's blocking pool (`spawn_blocking`), never on the runtime's worker
-///   threads; the store starts no thread of its own. One store holds one connection.
+///   threads; the store starts no thread of its own. One store holds two connections, one
+///   that writes and one that reads, and at most two calls of each on the pool at once.
 /// - The schema is versioned (`user_version`) and migrated on open; a file of a newer
 ///   tollgate, a file that is not a tollgate database (an empty or foreign file included) and
 ///   a file that fails `PRAGMA quick_check` are refused with [`StoreError::Unusable`].
@@ -163,19 +164,22 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
+    /// A read-only connection: in WAL mode reads see the last commit without waiting for a
+    /// write under way on `conn`. Declared (so dropped) before `conn`: the writer, closed
+    /// last, checkpoints the log into the file and removes it.
+    reader: Mutex<Connection>,
     /// The writing connection (every write is one `BEGIN IMMEDIATE` transaction on it).
     conn: Mutex<Conn>,
-    /// A read-only connection: in WAL mode reads see the last commit without waiting for a
-    /// write under way on `conn`.
-    reader: Mutex<Connection>,
-    /// Bounds the calls handed to the blocking pool at once; the others wait here, as futures
+    /// Bound the calls of each kind on the blocking pool at once (a permit is held until the
+    /// blocking call ends, even when its caller gave up); the others wait here, as futures
     /// their callers can drop (a request's store timeout), rather than as queued threads.
-    permits: tokio::sync::Semaphore,
+    reads: Arc<tokio::sync::Semaphore>,
+    writes: Arc<tokio::sync::Semaphore>,
 }
 
-/// The most calls of one store on the blocking pool at once (one writes, one reads; the
-/// others wait for the connections).
-const CALLS_AT_ONCE: usize = 4;
+/// The most calls of one kind (reads, writes) of one store on the blocking pool at once: each
+/// kind has one connection, so more would only wait for it.
+const CALLS_AT_ONCE: usize = 2;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -246,8 +250,15 @@ impl SqliteStore {
         let path = path.into();
         let opened = tokio::task::spawn_blocking(move || {
             let (conn, reader) = open_blocking(&path, synchronous)?;
-            let permits = tokio::sync::Semaphore::new(CALLS_AT_ONCE);
-            let inner = Inner { path, conn: Mutex::new(conn), reader: Mutex::new(reader), permits };
+            let (reads, writes) =
+                (tokio::sync::Semaphore::new(CALLS_AT_ONCE), tokio::sync::Semaphore::new(CALLS_AT_ONCE));
+            let inner = Inner {
+                path,
+                reader: Mutex::new(reader),
+                conn: Mutex::new(conn),
+                reads: Arc::new(reads),
+                writes: Arc::new(writes),
+            };
             Ok::<_, StoreError>(Self { inner: Arc::new(inner) })
         })
         .await
@@ -266,9 +277,14 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnMut(&Transaction<'_>, &mut Progress) -> Sql<T> + Send + 'static,
     {
-        let _permit = self.inner.permits.acquire().await.map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let permit = Arc::clone(&self.inner.writes).acquire_owned().await;
+        let permit = permit.map_err(|e| StoreError::Backend(Box::new(e)))?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.write(f)).await.map_err(|e| StoreError::Backend(Box::new(e)))?
+        let call = move || {
+            let _permit = permit;
+            inner.write(f)
+        };
+        tokio::task::spawn_blocking(call).await.map_err(|e| StoreError::Backend(Box::new(e)))?
     }
 
     /// Runs `f` in one read transaction on the reading connection.
@@ -277,9 +293,14 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnMut(&Transaction<'_>) -> Sql<T> + Send + 'static,
     {
-        let _permit = self.inner.permits.acquire().await.map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let permit = Arc::clone(&self.inner.reads).acquire_owned().await;
+        let permit = permit.map_err(|e| StoreError::Backend(Box::new(e)))?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.read(f)).await.map_err(|e| StoreError::Backend(Box::new(e)))?
+        let call = move || {
+            let _permit = permit;
+            inner.read(f)
+        };
+        tokio::task::spawn_blocking(call).await.map_err(|e| StoreError::Backend(Box::new(e)))?
     }
 }
 
@@ -355,14 +376,15 @@ impl Conn {
 fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     let wall = unix_now();
     let horizon = newest_window.min(wall).saturating_sub(RETENTION_SECS);
-    let (unexported, dead): (i64, i64) = tx.query_row(
-        "SELECT coalesce(sum(CASE WHEN dead IS NULL THEN quantity - exported END), 0), \
+    // total(), not sum(): a sum of saturated aggregates must not fail (sum() raises on overflow).
+    let (unexported, dead): (f64, i64) = tx.query_row(
+        "SELECT total(CASE WHEN dead IS NULL THEN quantity - exported END), \
                 count(dead) FROM usage WHERE window_start < ?1",
         [horizon],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     let dropped = tx.execute("DELETE FROM usage WHERE window_start < ?1", [horizon])?;
-    if unexported > 0 {
+    if unexported > 0.0 {
         tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
     }
     if dead > 0 {
@@ -466,7 +488,7 @@ fn connect(path: &Path, flags: OpenFlags, synchronous: Synchronous) -> Sql<Conne
 /// no half-made database at `path`.
 fn create(path: &Path) -> Result<(), StoreError> {
     let wal = sidecar(path, "-wal");
-    if wal.exists() {
+    if wal.exists() && !path.exists() {
         return Err(unusable(
             path,
             format!(
@@ -476,21 +498,33 @@ fn create(path: &Path) -> Result<(), StoreError> {
             ),
         ));
     }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
     let tmp = sidecar(path, &format!(".creating-{}-{:x}", std::process::id(), rand_u64()));
     let made = (|| {
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE;
-        let mut db = connect(&tmp, flags, Synchronous::Full).map_err(backend)?;
+        // In rollback-journal mode, so that the commit itself fails when the disk is full (a
+        // WAL file's closing checkpoint fails silently): the file is whole once committed. The
+        // first read-write connection switches it to WAL.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let cannot =
+            |e: &dyn std::fmt::Display| unusable(path, format!("cannot create the database in {}: {e}", dir.display()));
+        let mut db = Connection::open_with_flags(&tmp, flags).map_err(|e| cannot(&e))?;
+        db.execute_batch("PRAGMA synchronous = FULL").map_err(|e| cannot(&e))?;
         migrate(path, &mut db)?;
-        // Closing the only connection checkpoints the log into the file and removes it.
-        db.close().map_err(|(_, e)| backend(e))?;
+        db.close().map_err(|(_, e)| cannot(&e))?;
         match std::fs::hard_link(&tmp, path) {
             Ok(()) => Ok(()),
             // Another process created it first: open theirs.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(unusable(path, format!("cannot create the database: {e}"))),
+            Err(e) => Err(cannot(&format!(
+                "{e} (the new file is linked into place, and this filesystem may not support hard links: \
+                 put [store] path on a local filesystem)"
+            ))),
         }
     })();
-    for leftover in [tmp.clone(), sidecar(&tmp, "-wal"), sidecar(&tmp, "-shm")] {
+    for leftover in [tmp.clone(), sidecar(&tmp, "-journal"), sidecar(&tmp, "-wal"), sidecar(&tmp, "-shm")] {
         let _ = std::fs::remove_file(leftover);
     }
     made
