@@ -16,14 +16,12 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
-use async_trait::async_trait;
-use common::{day_key, Harness, NOON};
+use common::{day_key, Collect, Harness, NOON};
 use tollgate::{
-    billing::{BillingSink, MeterEvent, SinkError},
     clock::Clock,
     store::{SqliteStore, StoreInspect},
     Config, Tollgate, TollgateLayer,
@@ -95,17 +93,6 @@ async fn engine(db: &Path, plan: &str, at: i64, sink: Option<Collect>) -> Harnes
     // The worker runs (flushes on its timer, lease refills ahead of need).
     tokio::spawn(worker.run());
     Harness::from_layer(TollgateLayer::new(engine), handle)
-}
-
-#[derive(Debug, Default, Clone)]
-struct Collect(Arc<Mutex<Vec<MeterEvent>>>);
-
-#[async_trait]
-impl BillingSink for Collect {
-    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
-        self.0.lock().unwrap().push(event.clone());
-        Ok(())
-    }
 }
 
 /// The child of the usage tests: rounds of 10 requests, a flush after each of the first

@@ -7,29 +7,16 @@
 mod common;
 
 use std::{
-    sync::{atomic::Ordering, Arc, Mutex},
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
-use async_trait::async_trait;
-use common::{Harness, NOON};
+use common::{Collect, Harness, NOON};
 use tollgate::{
-    billing::{BillingSink, MeterEvent, SinkError},
     clock::Clock,
     store::{ExportKey, MemoryStore, Store, StoreInspect, UsageBatch},
     Config, Tollgate,
 };
-
-#[derive(Debug, Default, Clone)]
-struct Collect(Arc<Mutex<Vec<MeterEvent>>>);
-
-#[async_trait]
-impl BillingSink for Collect {
-    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
-        self.0.lock().unwrap().push(event.clone());
-        Ok(())
-    }
-}
 
 const TOML: &str = "[usage]\nflush_interval = \"10s\"\nwindow = \"1h\"\ngrace = \"5m\"\nshutdown_timeout = \"300ms\"\n[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
 

@@ -7,30 +7,14 @@
 
 mod common;
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::{path::Path, sync::Arc};
 
-use async_trait::async_trait;
-use common::{day_key, Harness, NOON};
+use common::{day_key, Collect, Harness, NOON};
 use tollgate::{
-    billing::{BillingSink, MeterEvent, SinkError},
     clock::Clock,
     store::{SqliteStore, Store, StoreError, StoreInspect},
     BuildError, Config, Tollgate, TollgateLayer,
 };
-
-#[derive(Debug, Default, Clone)]
-struct Collect(Arc<Mutex<Vec<MeterEvent>>>);
-
-#[async_trait]
-impl BillingSink for Collect {
-    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
-        self.0.lock().unwrap().push(event.clone());
-        Ok(())
-    }
-}
 
 fn toml(db: &Path, plan: &str) -> String {
     format!(

@@ -337,3 +337,15 @@ pub fn day_key(tenant: &str, unix: i64) -> QuotaKey {
     let start = unix - unix.rem_euclid(86_400);
     QuotaKey::new(tenant.into(), "requests".into(), tollgate::config::Period::Day, start, start + 86_400)
 }
+
+/// A billing sink that keeps the events it is sent.
+#[derive(Debug, Default, Clone)]
+pub struct Collect(pub Arc<std::sync::Mutex<Vec<tollgate::billing::MeterEvent>>>);
+
+#[async_trait::async_trait]
+impl tollgate::billing::BillingSink for Collect {
+    async fn send(&self, event: &tollgate::billing::MeterEvent) -> Result<(), tollgate::billing::SinkError> {
+        self.0.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
