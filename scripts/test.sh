@@ -1,29 +1,57 @@
 #!/usr/bin/env bash
-# The whole test suite, as CI runs it: format, lints (warnings denied), unit, behaviour and
-# doc tests, the docs, and a smoke run of the quickstart over real HTTP.
-# Needs only the Rust toolchain (cargo, rustfmt, clippy), curl and python3.
+# The whole test suite, as CI runs it, with every cargo feature: format, lints (warnings
+# denied), unit, behaviour and doc tests, the docs, and a smoke run of the quickstart over real
+# HTTP; the default build and the build without default features are checked too.
+# Needs only the Rust toolchain (cargo, rustfmt, clippy), curl and python3 (with venv and pip):
+# it installs moto's DynamoDB server in a venv (.venv/moto), starts it on a free loopback port
+# for the DynamoDB tests, and stops it at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+step "local DynamoDB server (moto, in a venv)"
+venv="${TOLLGATE_MOTO_VENV:-$PWD/.venv/moto}"
+if ! "$venv/bin/python" -c 'import moto, flask' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[dynamodb]==5.2.5' flask flask-cors
+fi
+moto_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+moto_log=$(mktemp)
+"$venv/bin/python" scripts/moto-server.py 127.0.0.1 "$moto_port" >"$moto_log" 2>&1 &
+moto_pid=$!
+trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"' EXIT
+for _ in $(seq 100); do
+  curl -s -o /dev/null "http://127.0.0.1:$moto_port/moto-api/" && break
+  kill -0 $moto_pid 2>/dev/null || { cat "$moto_log"; echo "the DynamoDB server did not start"; exit 1; }
+  sleep 0.2
+done
+curl -s -o /dev/null "http://127.0.0.1:$moto_port/moto-api/" || { cat "$moto_log"; echo "the DynamoDB server did not answer"; exit 1; }
+export TOLLGATE_DYNAMODB_ENDPOINT="http://127.0.0.1:$moto_port"
+# The standard AWS environment, for a local server.
+export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
+echo "moto on $TOLLGATE_DYNAMODB_ENDPOINT"
+
 step "format"
 cargo fmt --all -- --check
 
 step "clippy (warnings denied)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+step "the default build compiles alone"
+cargo check --workspace --locked
 
 step "unit and behaviour tests"
-cargo test --workspace --locked --lib --bins --tests --examples
+cargo test --workspace --locked --all-features --lib --bins --tests --examples
 
 step "without default features (no SQLite): builds, and names the feature a [store] needs"
 cargo test --workspace --locked --no-default-features --test config
 
 step "doc tests"
-cargo test --workspace --locked --doc
+cargo test --workspace --locked --all-features --doc
 
 step "docs (warnings denied)"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --locked --no-deps
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --locked --all-features --no-deps
 
 step "benchmarks compile and run once"
 cargo test --workspace --locked --benches -- --test 2>&1 | tail -n 3

@@ -14,6 +14,10 @@ mod tenant;
 mod usage;
 mod worker;
 
+/// The AWS SDK for DynamoDB that [`store::DynamoStore`] is built on, to build its client with
+/// the same version.
+#[cfg(feature = "dynamodb")]
+pub use aws_sdk_dynamodb;
 pub use config::Config;
 pub use engine::{
     Admission, BuildError, Builder, ExportReport, FlushReport, FrontDoor, PendingAdmission, RequestInfo, ShutdownError,

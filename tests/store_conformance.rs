@@ -8,6 +8,8 @@
 //! so its restart keeps the same store.
 #![allow(missing_docs)]
 
+mod common;
+
 use std::{future::Future, pin::Pin, sync::Arc};
 
 use tollgate::{
@@ -56,9 +58,9 @@ impl Made {
     }
 }
 
-async fn memory_store() -> Made {
+async fn memory_store() -> Option<Made> {
     // A memory store does not outlive the process: its restart keeps the same store.
-    Made::new(Arc::new(MemoryStore::new()), None, |same| async move { same })
+    Some(Made::new(Arc::new(MemoryStore::new()), None, |same| async move { same }))
 }
 
 macro_rules! conformance {
@@ -89,7 +91,7 @@ macro_rules! conformance {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $test() {
-                let mut made = $make.await;
+                let Some(mut made) = $make.await else { return };
                 suite::$test(&mut made).await;
             }
         )*
@@ -100,7 +102,7 @@ conformance!(memory, memory_store());
 
 /// SQLite on a real file; every restart point closes the store and opens the file again.
 #[cfg(feature = "sqlite")]
-async fn sqlite_store() -> Made {
+async fn sqlite_store() -> Option<Made> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.db");
     let open = move || {
@@ -108,13 +110,29 @@ async fn sqlite_store() -> Made {
         async move { Arc::new(tollgate::store::SqliteStore::open(&path).await.unwrap()) as Arc<dyn StoreInspect> }
     };
     let store = open().await;
-    Made::new(store, Some(dir), move |old| {
+    Some(Made::new(store, Some(dir), move |old| {
         drop(old);
         open()
-    })
+    }))
 }
 #[cfg(feature = "sqlite")]
 conformance!(sqlite, sqlite_store());
+
+/// DynamoDB: a table of its own per test on the local DynamoDB-compatible server that
+/// `scripts/test.sh` starts (`TOLLGATE_DYNAMODB_ENDPOINT`); every restart point makes a new
+/// client. Without a server the tests skip loudly, and fail under CI.
+#[cfg(feature = "dynamodb")]
+async fn dynamo_store() -> Option<Made> {
+    let store = common::dynamo::table().await?;
+    let (client, table) = (store.client().clone(), store.table().to_owned());
+    Some(Made::new(Arc::new(store), None, move |old| {
+        drop(old);
+        let store = tollgate::store::DynamoStore::new(common::dynamo::client_like(&client), table.clone());
+        async move { Arc::new(store) as Arc<dyn StoreInspect> }
+    }))
+}
+#[cfg(feature = "dynamodb")]
+conformance!(dynamodb, dynamo_store());
 
 /// 2026-03-14T00:00:00Z.
 const DAY0: i64 = 1_773_446_400;

@@ -45,6 +45,13 @@ async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, BuildErr
             let store = crate::store::SqliteStore::open_with(path.clone(), *synchronous).await;
             Ok(Arc::new(store.map_err(BuildError::Store)?))
         }
+        #[cfg(feature = "dynamodb")]
+        StoreSettings::Dynamodb { table, endpoint } => {
+            let store = crate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+            store.check_table().await.map_err(BuildError::Store)?;
+            Ok(Arc::new(store))
+        }
+        #[allow(unreachable_patterns)]
         other => Err(BuildError::MissingFeature { kind: other.kind(), feature: other.feature().unwrap_or_default() }),
     }
 }

@@ -2,11 +2,15 @@
 //! stores: `SqliteStore` (durable, one file; feature `sqlite`, on by default) and [`MemoryStore`] (tests and ephemeral use). A DynamoDB store shared by a fleet
 //! plugs into the same trait.
 
+#[cfg(feature = "dynamodb")]
+mod dynamo;
 mod memory;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod types;
 
+#[cfg(feature = "dynamodb")]
+pub use dynamo::DynamoStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;

@@ -1,6 +1,9 @@
 //! A service behind tollgate, driven in-process with a fake clock.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+#[cfg(feature = "dynamodb")]
+pub mod dynamo;
+
 use std::{
     convert::Infallible,
     future::Future,

@@ -1,0 +1,54 @@
+//! A table of its own per test on the local DynamoDB-compatible server (moto) that
+//! `scripts/test.sh` starts and names in `TOLLGATE_DYNAMODB_ENDPOINT`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tollgate::aws_sdk_dynamodb::{
+    config::{BehaviorVersion, Credentials, Region},
+    Client, Config,
+};
+use tollgate::store::DynamoStore;
+
+/// The server's endpoint. Without one a test skips loudly; under CI it fails.
+pub fn endpoint() -> Option<String> {
+    match std::env::var("TOLLGATE_DYNAMODB_ENDPOINT") {
+        Ok(e) if !e.is_empty() => Some(e),
+        _ if std::env::var_os("CI").is_some() => panic!(
+            "CI is set but TOLLGATE_DYNAMODB_ENDPOINT is not: the DynamoDB tests must run \
+             (scripts/test.sh starts a local server)"
+        ),
+        _ => {
+            eprintln!(
+                "SKIPPED: no local DynamoDB server (TOLLGATE_DYNAMODB_ENDPOINT is not set); \
+                 scripts/test.sh starts one"
+            );
+            None
+        }
+    }
+}
+
+/// A client of the local server, with test credentials.
+pub fn client(endpoint: &str) -> Client {
+    let config = Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "tollgate-tests"))
+        .build();
+    Client::from_conf(config)
+}
+
+/// Another client with the same configuration (another node, or a restarted one).
+pub fn client_like(client: &Client) -> Client {
+    Client::from_conf(client.config().clone())
+}
+
+/// A store on a new table of its own, or `None` (skipped) without a server.
+pub async fn table() -> Option<DynamoStore> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let endpoint = endpoint()?;
+    let name = format!("tollgate-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let store = DynamoStore::new(client(&endpoint), name);
+    store.create_table().await.expect("the table is created");
+    Some(store)
+}
