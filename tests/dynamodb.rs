@@ -46,45 +46,205 @@ async fn the_builder_opens_the_configured_table_and_names_a_missing_one() {
     assert!(format!("{:?}", engine.store()).contains(store.table()));
 }
 
+/// Four nodes, each with its own client and its worker running, hammer one tenant whose hard
+/// daily quota is L, on both sides of midnight: each period admits exactly L (every node is
+/// sent more than L, so none is left holding units while others are refused), the counters
+/// end at the units used, and the usage stored is the requests admitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn engines_of_a_fleet_share_a_hard_quota_without_passing_it() {
+async fn four_nodes_admit_exactly_the_limit_in_each_period() {
+    const L: u64 = 60;
     let Some(store) = dynamo::table().await else { return };
     let endpoint = dynamo::endpoint().unwrap();
     aws_env();
-    let plan = "rate = \"100000/s\"\nquotas.requests = { limit = 120, period = \"day\", mode = \"hard\", lease = 4 }";
+    let plan = format!(
+        "rate = \"100000/s\"\nquotas.requests = {{ limit = {L}, period = \"day\", mode = \"hard\", lease = 4 }}"
+    );
+    let before_midnight = NOON + 12 * 3600 - 60;
     let mut nodes = Vec::new();
     for _ in 0..4 {
-        let (clock, handle) = Clock::fake_at_unix(NOON);
+        let (clock, handle) = Clock::fake_at_unix(before_midnight);
         let (engine, worker) =
-            Tollgate::builder(config(store.table(), &endpoint, plan)).clock(clock).open().await.unwrap();
+            Tollgate::builder(config(store.table(), &endpoint, &plan)).clock(clock).open().await.unwrap();
         tokio::spawn(worker.run());
         nodes.push(Arc::new(Harness::from_layer(TollgateLayer::new(engine), handle)));
     }
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let h = nodes[i % 4].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut admitted = 0u64;
-            for _ in 0..25 {
-                match h.status("/", "key-t").await {
-                    200 => admitted += 1,
-                    429 => {}
-                    other => panic!("status {other}"),
-                }
+    let hammer = |nodes: &Vec<Arc<Harness>>| {
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let h = nodes[i % 4].clone();
+                tokio::spawn(async move {
+                    let mut admitted = 0u64;
+                    for _ in 0..(L / 2 + 10) {
+                        match h.status("/", "key-t").await {
+                            200 => admitted += 1,
+                            429 => {}
+                            other => panic!("status {other}"),
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        async move {
+            let mut admitted = 0;
+            for t in tasks {
+                admitted += t.await.unwrap();
             }
             admitted
-        }));
+        }
+    };
+    assert_eq!(hammer(&nodes).await, L, "day 1: exactly the limit");
+    for h in &nodes {
+        h.clock.advance(std::time::Duration::from_secs(120));
     }
-    let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap();
-    }
-    // 200 asked for 120: never more; at most a lease per node stranded while the others ran out.
-    assert!((120 - 4 * 8..=120).contains(&admitted), "admitted {admitted}");
+    assert_eq!(hammer(&nodes).await, L, "day 2: exactly the limit again");
     for h in &nodes {
         h.tollgate.shutdown().await.unwrap();
     }
-    assert_eq!(store.reserved(&day_key("t", NOON)).await.unwrap(), admitted, "every unused unit went back");
-    let committed = common::committed(&store, "t", "requests", NOON, NOON + 3600, 3600).await;
-    assert_eq!(committed, admitted, "the usage stored is the requests admitted");
+    for day in [before_midnight, before_midnight + 120] {
+        assert_eq!(store.reserved(&day_key("t", day)).await.unwrap(), L, "leased = used, day of {day}");
+    }
+    let from = before_midnight - 3600;
+    let committed = common::committed(&store, "t", "requests", from, from + 3 * 3600, 3600).await;
+    assert_eq!(committed, 2 * L, "the usage stored is the requests admitted");
+}
+
+/// The server stops answering mid-run (SIGSTOP; moto keeps its tables in memory, so it is
+/// paused, not restarted) and comes back: requests follow the policy (fail-open), the usage
+/// buffered meanwhile is written once it answers again, and the totals read straight from the
+/// table are the requests admitted, nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_follows_the_policy_and_loses_or_doubles_nothing() {
+    let Some(server) = dynamo::OwnServer::start().await else { return };
+    let client = dynamo::client(&server.endpoint);
+    let store = tollgate::store::DynamoStore::new(client.clone(), "outage");
+    store.create_table().await.unwrap();
+    let toml = format!(
+        "[usage]\nstore_timeout = \"200ms\"\non_store_error = \"fail-open\"\n{}",
+        common::one_tenant("quotas.requests = { limit = 100000, period = \"day\", mode = \"hard\", lease = 5 }")
+    );
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) =
+        Tollgate::builder(Config::from_toml_str(&toml).unwrap()).store(store.clone()).clock(clock).build();
+    let h = Harness::from_layer(TollgateLayer::new(engine), handle);
+    for _ in 0..20 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+
+    server.signal("STOP");
+    for _ in 0..20 {
+        assert_eq!(h.status("/", "key-t").await, 200, "fail-open while the store does not answer");
+    }
+    assert!(h.tollgate.flush().await.is_err(), "the flush fails and keeps its usage");
+    assert!(h.tollgate.stats().store_errors > 0);
+    server.signal("CONT");
+
+    // Back: the buffered usage goes out (the flush sent during the outage may land too: its
+    // flush id makes the retry a no-op).
+    let mut flushed = false;
+    for _ in 0..20 {
+        if h.tollgate.flush().await.is_ok() {
+            flushed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(flushed, "the flush goes through once the store answers");
+    h.tollgate.shutdown().await.unwrap();
+
+    // Read straight from the table.
+    let items = client
+        .query()
+        .table_name("outage")
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", tollgate::aws_sdk_dynamodb::types::AttributeValue::S("U\u{1}t".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .items
+        .unwrap_or_default();
+    let total: u64 = items.iter().map(|i| i["quantity"].as_n().unwrap().parse::<u64>().unwrap()).sum();
+    assert_eq!(total, 40, "every admitted request stored once: {items:?}");
+}
+
+/// Two nodes on one table: a key removed and a plan changed in the store reach the node that
+/// did not make the change within `limits.directory_ttl` (its worker's revalidation), and at
+/// once the node that made it (`invalidate_*`).
+#[tokio::test]
+async fn directory_changes_reach_every_node_within_the_ttl() {
+    use tollgate::{store::Store, KeyHash};
+    let Some(store) = dynamo::table().await else { return };
+    let endpoint = dynamo::endpoint().unwrap();
+    aws_env();
+    let toml = format!(
+        "[store]\nkind = \"dynamodb\"\ntable = \"{}\"\nendpoint = \"{endpoint}\"\n[limits]\ndirectory_ttl = \"60s\"\n\
+         [plans.free]\nrate = \"1000/s\"\n[plans.pro]\nrate = \"5000/s\"\n",
+        store.table()
+    );
+    let record = tollgate::store::TenantRecord::new("acme".into(), "free".into());
+    store.put_tenant(&record, &[KeyHash::of(b"key-acme"), KeyHash::of(b"key-old")]).await.unwrap();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (clock, handle) = Clock::fake_at_unix(NOON);
+        let (engine, _worker) =
+            Tollgate::builder(Config::from_toml_str(&toml).unwrap()).clock(clock).open().await.unwrap();
+        nodes.push(Harness::from_layer(TollgateLayer::new(engine), handle));
+    }
+    for h in &nodes {
+        assert_eq!(h.get("/", "key-acme").await.body, "acme on free");
+        assert_eq!(h.status("/", "key-old").await, 200);
+    }
+    // Node 0 revokes a key and moves the tenant to pro.
+    store.remove_key(&KeyHash::of(b"key-old")).await.unwrap();
+    store.put_tenant(&tollgate::store::TenantRecord::new("acme".into(), "pro".into()), &[]).await.unwrap();
+    nodes[0].tollgate.invalidate_key(b"key-old");
+    nodes[0].tollgate.invalidate_tenant(&"acme".into());
+    assert_eq!(nodes[0].status("/", "key-old").await, 401, "at once on the node that made the change");
+    assert_eq!(nodes[0].get("/", "key-acme").await.body, "acme on pro");
+    // Node 1 still has them cached, until the TTL.
+    assert_eq!(nodes[1].status("/", "key-old").await, 200);
+    nodes[1].clock.advance(std::time::Duration::from_secs(50));
+    assert_eq!(nodes[1].status("/", "key-old").await, 200);
+    nodes[1].tollgate.revalidate().await;
+    assert_eq!(nodes[1].status("/", "key-old").await, 401, "within the TTL on the other node");
+    assert_eq!(nodes[1].get("/", "key-acme").await.body, "acme on pro");
+}
+
+/// Items kept only to make retries no-ops carry the TTL attribute DynamoDB expires them by.
+#[tokio::test]
+async fn expiring_items_carry_their_ttl_attribute() {
+    use tollgate::{
+        aws_sdk_dynamodb::types::AttributeValue,
+        store::{
+            FlushId, PlanChange, QuotaKey, Reservation, ReserveToken, Store, TenantRecord, UsageBatch, UsageEvent,
+            UsageRecord,
+        },
+    };
+    let Some(store) = dynamo::table().await else { return };
+    let rec = |q| UsageRecord::new("t".into(), "requests".into(), NOON, q);
+    store.commit_usage(&UsageBatch::new(FlushId::new("f1"), vec![rec(3)])).await.unwrap();
+    store.commit_events(&[UsageEvent::new("e1", rec(2), NOON + 10)]).await.unwrap();
+    store.put_tenant(&TenantRecord::new("t".into(), "free".into()).with_customer("cus_t"), &[]).await.unwrap();
+    store.apply_plan_change(&PlanChange::new("evt_1", "cus_t", NOON, "pro".into())).await.unwrap();
+    let key = QuotaKey::new("t".into(), "requests".into(), tollgate::config::Period::Day, NOON - 43_200, NOON + 43_200);
+    store.reserve(&Reservation::new(key, 1, 0, Some(10), ReserveToken::new(1, 1))).await.unwrap();
+    let items = store.client().scan().table_name(store.table()).send().await.unwrap().items.unwrap_or_default();
+    let ttl_of = |prefix: &str| -> Vec<i64> {
+        items
+            .iter()
+            .filter(|i| matches!(&i["pk"], AttributeValue::S(pk) if pk.starts_with(prefix)))
+            .map(|i| i.get("ttl").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(-1))
+            .collect()
+    };
+    let day = 86_400;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let flush = ttl_of("F\u{1}");
+    assert!(flush.len() == 1 && (now + 7 * day - 60..=now + 7 * day + 60).contains(&flush[0]), "{flush:?}");
+    assert_eq!(ttl_of("E\u{1}"), [NOON + 10 + 35 * day], "usage event id");
+    assert_eq!(ttl_of("W\u{1}"), [NOON + 35 * day], "webhook event id");
+    assert_eq!(ttl_of("U\u{1}"), [NOON + 35 * day], "usage aggregate");
+    assert_eq!(ttl_of("Q\u{1}"), [NOON + 43_200 + 35 * day], "quota counter");
+    assert_eq!(ttl_of("T\u{1}"), [-1], "the tenant does not expire");
 }

@@ -85,3 +85,52 @@ async fn counters_follow_admissions_rejections_usage_and_flushes() {
     assert_eq!(recorder.get("tollgate_store_errors_total"), 0);
     assert_eq!(recorder.get("tollgate_tenants_tracked"), 1f64.to_bits());
 }
+
+/// A log line writer into a shared buffer, for the test below.
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A store outage is counted per error and logged once per burst, not once per request.
+#[tokio::test(flavor = "current_thread")]
+async fn store_errors_are_counted_each_and_logged_once_per_burst() {
+    use std::sync::atomic::Ordering;
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let toml = common::one_tenant("quotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }");
+    let store = std::sync::Arc::new(common::Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
+    let h = common::Harness::build(&toml, store.clone(), clock, handle);
+    store.down.store(true, Ordering::SeqCst);
+    for _ in 0..50 {
+        assert_eq!(h.status("/", "key-t").await, 200, "fail-open");
+    }
+    let errors = h.tollgate.stats().store_errors;
+    assert!(errors >= 50, "every error counted: {errors}");
+    let logged =
+        |lines: &Lines| String::from_utf8_lossy(&lines.0.lock().unwrap()).matches("since the last such line").count();
+    assert_eq!(logged(&lines), 1, "one line for the burst:\n{}", String::from_utf8_lossy(&lines.0.lock().unwrap()));
+    // Ten seconds later the burst goes on: one more line, with the count since the first.
+    h.clock.advance(std::time::Duration::from_secs(11));
+    assert_eq!(h.status("/", "key-t").await, 200);
+    assert_eq!(logged(&lines), 2);
+    let after = h.tollgate.stats().store_errors;
+    let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
+    assert!(text.contains(&format!("({} since the last such line)", after - 1)), "{text}");
+}

@@ -122,10 +122,21 @@ pub(crate) struct Prefetch {
     pub(crate) meter: usize,
 }
 
+/// A burst of store errors is logged at most once per this long.
+pub(crate) const STORE_ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// When store errors were last logged, and how many came since.
+#[derive(Debug, Default)]
+pub(crate) struct StoreErrorLog {
+    pub(crate) logged_at: std::sync::atomic::AtomicI64,
+    pub(crate) unlogged: std::sync::atomic::AtomicU64,
+}
+
 pub(crate) struct Shared {
     pub(crate) runtime: ArcSwap<Runtime>,
     pub(crate) table: TenantTable,
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) store_error_log: StoreErrorLog,
     /// Whether the store is the one the configuration's `[store]` names (opened by
     /// `Builder::open`), which a reload may then not change.
     pub(crate) store_configured: bool,
@@ -324,10 +335,23 @@ impl Tollgate {
         rejection
     }
 
+    /// Counts a store error, and logs it once per burst: the first of a burst at once, then at
+    /// most one line every [`STORE_ERROR_LOG_EVERY`] with the number of errors since the last
+    /// line (an outage does not log once per request).
     pub(crate) fn store_error(&self, op: &'static str, e: &StoreError) {
+        use std::sync::atomic::Ordering::Relaxed;
         self.shared.metrics.store_errors.increment(1);
         Totals::add(&self.shared.totals.store_errors, 1);
-        tracing::warn!(op, error = %e, "store error");
+        let log = &self.shared.store_error_log;
+        let now = self.shared.clock.unix_nanos();
+        log.unlogged.fetch_add(1, Relaxed);
+        let last = log.logged_at.load(Relaxed);
+        let every = i64::try_from(STORE_ERROR_LOG_EVERY.as_nanos()).unwrap_or(i64::MAX);
+        let due = last == 0 || now.saturating_sub(last) >= every || now < last;
+        if due && log.logged_at.compare_exchange(last, now.max(1), Relaxed, Relaxed).is_ok() {
+            let errors = log.unlogged.swap(0, Relaxed);
+            tracing::warn!(op, error = %e, errors, "store error ({errors} since the last such line)");
+        }
     }
 
     /// Counters of the background paths, and the number of tenants held.

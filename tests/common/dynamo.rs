@@ -52,3 +52,56 @@ pub async fn table() -> Option<DynamoStore> {
     store.create_table().await.expect("the table is created");
     Some(store)
 }
+
+/// A DynamoDB-compatible server of a test's own (so that the test may stop and resume it
+/// without holding up the others), or `None` (skipped) without the venv's Python.
+pub struct OwnServer {
+    pub child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl OwnServer {
+    pub async fn start() -> Option<Self> {
+        let python = match std::env::var("TOLLGATE_MOTO_PYTHON") {
+            Ok(p) if !p.is_empty() => p,
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("CI is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)")
+            }
+            _ => {
+                eprintln!("SKIPPED: TOLLGATE_MOTO_PYTHON is not set; scripts/test.sh sets it");
+                return None;
+            }
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/moto-server.py");
+        let child = std::process::Command::new(python)
+            .args([script, "127.0.0.1", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the server starts");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        for _ in 0..150 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self { child, endpoint });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the server did not start on port {port}");
+    }
+
+    /// Sends the server a signal (`STOP`, `CONT`).
+    pub fn signal(&self, signal: &str) {
+        let status =
+            std::process::Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
+        assert!(status.unwrap().success());
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.signal("CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

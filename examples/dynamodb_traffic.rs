@@ -1,0 +1,130 @@
+//! How many DynamoDB requests tollgate makes per million API requests: the measurement of
+//! docs/performance.md. Drives API requests spread over many tenants through the tower layer
+//! with a fake clock spread over a run time, flushing at the flush interval and revalidating
+//! the directory as the worker would, against a DynamoDB-compatible server, and counts every
+//! request the SDK sends, by operation.
+//!
+//! Run with a local server (scripts/moto-server.py) and:
+//! `TOLLGATE_DYNAMODB_ENDPOINT=http://127.0.0.1:PORT cargo run --release --features dynamodb
+//!  --example dynamodb_traffic -- <tenants> <requests> <flush interval, s> <run time, s>`
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tollgate::{
+    aws_sdk_dynamodb::{
+        config::{
+            interceptors::BeforeTransmitInterceptorContextRef, BehaviorVersion, ConfigBag, Credentials, Intercept,
+            Region, RuntimeComponents,
+        },
+        Client, Config as SdkConfig,
+    },
+    clock::Clock,
+    store::{DynamoStore, Store, TenantRecord},
+    Config, KeyHash, Tollgate, TollgateLayer,
+};
+use tower::{Layer, ServiceExt};
+
+/// Counts the requests the SDK sends, by operation (`X-Amz-Target`).
+#[derive(Debug, Clone, Default)]
+struct Count(Arc<Mutex<BTreeMap<String, u64>>>);
+
+impl Intercept for Count {
+    fn name(&self) -> &'static str {
+        "count"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let op = context.request().headers().get("x-amz-target").unwrap_or("?");
+        let op = op.rsplit('.').next().unwrap_or(op).to_owned();
+        *self.0.lock().unwrap().entry(op).or_default() += 1;
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
+    let (tenants, requests, flush, run) = match args[..] {
+        [t, r, f, s] => (t, r, f, s),
+        _ => (1000, 1_000_000, 10, 600),
+    };
+    let endpoint = std::env::var("TOLLGATE_DYNAMODB_ENDPOINT").expect("TOLLGATE_DYNAMODB_ENDPOINT");
+    let count = Count::default();
+    let sdk = SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(&endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "traffic"))
+        .interceptor(count.clone())
+        .build();
+    let table = format!("traffic-{}", std::process::id());
+    let store = DynamoStore::new(Client::from_conf(sdk), &table);
+    store.create_table().await.unwrap();
+    for i in 0..tenants {
+        let record = TenantRecord::new(format!("t{i}").into(), "metered".into());
+        store.put_tenant(&record, &[KeyHash::of(format!("key-{i}").as_bytes())]).await.unwrap();
+    }
+    count.0.lock().unwrap().clear();
+
+    let config = Config::from_toml_str(&format!(
+        "[usage]\nflush_interval = \"{flush}s\"\nwindow = \"1h\"\n[limits]\nheaders = \"none\"\n\
+         [plans.metered]\nrate = \"1000000/s\"\n\
+         quotas.requests = {{ limit = 100000000, period = \"month\", mode = \"hard\" }}\n"
+    ))
+    .unwrap();
+    let start = 1_773_489_600; // 2026-03-14T12:00:00Z
+    let (clock, fake) = Clock::fake_at_unix(start);
+    let (engine, _worker) = Tollgate::builder(config).store(store).clock(clock).build();
+    let layer = TollgateLayer::new(engine.clone());
+    let svc = layer.layer(tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+    }));
+    let keys: Vec<String> = (0..tenants).map(|i| format!("key-{i}")).collect();
+    let step = Duration::from_nanos(run * 1_000_000_000 / requests);
+    let (mut flushed_at, mut revalidated_at) = (0u64, 0u64);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..requests {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let key = &keys[(rng % tenants) as usize];
+        let req = http::Request::get("/").header("x-api-key", key).body(axum::body::Body::empty()).unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+        fake.advance(step);
+        let elapsed = (i + 1) * run / requests;
+        if elapsed >= flushed_at + flush {
+            flushed_at = elapsed;
+            // As the worker does: a flush that fails keeps its usage and is tried again.
+            let mut tries = 0;
+            while let Err(e) = engine.flush().await {
+                tries += 1;
+                assert!(tries < 20, "the flush keeps failing: {e}");
+            }
+        }
+        if elapsed >= revalidated_at + 15 {
+            revalidated_at = elapsed;
+            engine.revalidate().await;
+        }
+    }
+    engine.shutdown().await.unwrap();
+    let counts = count.0.lock().unwrap().clone();
+    let total: u64 = counts.values().sum();
+    println!(
+        "{requests} API requests over {tenants} tenants, {run} s, flush every {flush} s: {total} DynamoDB requests \
+         ({:.1} per million API requests)",
+        total as f64 * 1e6 / requests as f64
+    );
+    for (op, n) in counts {
+        println!("  {op:<20} {n}");
+    }
+}
