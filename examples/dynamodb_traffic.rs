@@ -4,7 +4,10 @@
 //! the directory as the worker would, against a DynamoDB-compatible server, and counts every
 //! request the SDK sends, by operation.
 //!
-//! Run with a local server (scripts/moto-server.py) and:
+//! moto's TransactWriteItems copies its whole table on every call, so against moto a flush of
+//! 1,000 tenants takes seconds per transaction as the table grows: use a small run there (100
+//! tenants), or DynamoDB itself (DynamoDB Local) for the full one. The counts do not depend on
+//! the server's speed. Run with a local server (scripts/moto-server.py) and:
 //! `TOLLGATE_DYNAMODB_ENDPOINT=http://127.0.0.1:PORT cargo run --release --features dynamodb
 //!  --example dynamodb_traffic -- <tenants> <requests> <flush interval, s> <run time, s>`
 
@@ -76,7 +79,7 @@ async fn main() {
     count.0.lock().unwrap().clear();
 
     let config = Config::from_toml_str(&format!(
-        "[usage]\nflush_interval = \"{flush}s\"\nwindow = \"1h\"\n[limits]\nheaders = \"none\"\n\
+        "[usage]\nflush_interval = \"{flush}s\"\nwindow = \"1h\"\nstore_timeout = \"60s\"\n[limits]\nheaders = \"none\"\n\
          [plans.metered]\nrate = \"1000000/s\"\n\
          quotas.requests = {{ limit = 100000000, period = \"month\", mode = \"hard\" }}\n"
     ))
