@@ -80,10 +80,11 @@ impl OwnServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("the server starts");
-        let endpoint = format!("http://127.0.0.1:{port}");
+        // Owned at once, so that it is stopped (and reaped) on every path, a panic included.
+        let server = Self { child, endpoint: format!("http://127.0.0.1:{port}") };
         for _ in 0..150 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Self { child, endpoint });
+                return Some(server);
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
