@@ -28,6 +28,8 @@ for _ in $(seq 100); do
 done
 curl -s -o /dev/null "http://127.0.0.1:$moto_port/moto-api/" || { cat "$moto_log"; echo "the DynamoDB server did not answer"; exit 1; }
 export TOLLGATE_DYNAMODB_ENDPOINT="http://127.0.0.1:$moto_port"
+# The servers are there: a test that finds none fails instead of skipping.
+export TOLLGATE_REQUIRE_SERVERS=1
 # Tests that stop and resume a server start one of their own with this Python.
 export TOLLGATE_MOTO_PYTHON="$venv/bin/python"
 # The standard AWS environment, for a local server.

@@ -132,13 +132,13 @@ async fn an_outage_follows_the_policy_and_loses_or_doubles_nothing() {
     }
     h.tollgate.flush().await.unwrap();
 
-    server.signal("STOP");
+    assert!(server.signal("STOP"));
     for _ in 0..20 {
         assert_eq!(h.status("/", "key-t").await, 200, "fail-open while the store does not answer");
     }
     assert!(h.tollgate.flush().await.is_err(), "the flush fails and keeps its usage");
     assert!(h.tollgate.stats().store_errors > 0);
-    server.signal("CONT");
+    assert!(server.signal("CONT"));
 
     // Back: the buffered usage goes out (the flush sent during the outage may land too: its
     // flush id makes the retry a no-op).

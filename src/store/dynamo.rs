@@ -34,6 +34,8 @@ const SENDERS_KEPT: usize = 64;
 /// 35 days after their window or period.
 const FLUSH_IDS_KEPT_SECS: i64 = 7 * 86_400;
 const KEPT_SECS: i64 = 35 * 86_400;
+/// A sender whose last call is younger than this is never forgotten: its retry may still come.
+const SENDER_QUIET_SECS: i64 = 600;
 /// How many times a call that lost a race (a transaction conflict, a counter created under
 /// it) is tried again, with backoff and jitter.
 const ATTEMPTS: u32 = 12;
@@ -338,6 +340,7 @@ impl DynamoStore {
         delta: i64,
         granted: u64,
         at_most: Option<i64>,
+        at_least: Option<i64>,
         token: ReserveToken,
     ) -> Result<Result<u64, Option<Item>>, StoreError> {
         let mut condition =
@@ -354,7 +357,11 @@ impl DynamoStore {
             .expression_attribute_values(":seq", n(token.seq))
             .expression_attribute_values(
                 ":rec",
-                AttributeValue::M(HashMap::from([("s".to_owned(), n(token.seq)), ("g".to_owned(), n(granted))])),
+                AttributeValue::M(HashMap::from([
+                    ("s".to_owned(), n(token.seq)),
+                    ("g".to_owned(), n(granted)),
+                    ("t".to_owned(), n(unix_now())),
+                ])),
             )
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
@@ -362,11 +369,15 @@ impl DynamoStore {
             condition.push_str(" AND reserved <= :max");
             req = req.expression_attribute_values(":max", n(at_most));
         }
+        if let Some(at_least) = at_least {
+            condition.push_str(" AND reserved >= :min");
+            req = req.expression_attribute_values(":min", n(at_least));
+        }
         match req.condition_expression(condition).send().await {
             Ok(out) => {
                 let item = out.attributes.unwrap_or_default();
                 let reserved = get_u(&item, "reserved");
-                self.after_add(key, token, reserved, &item).await?;
+                self.after_add(key, token, reserved, &item).await;
                 Ok(Ok(reserved))
             }
             Err(e) => match e.into_service_error() {
@@ -377,16 +388,14 @@ impl DynamoStore {
     }
 
     /// Records the counter after `token`'s call beside its grant (so a retry is answered as the
-    /// call was), and forgets the oldest senders past [`SENDERS_KEPT`].
-    async fn after_add(
-        &self,
-        key: &QuotaKey,
-        token: ReserveToken,
-        reserved: u64,
-        item: &Item,
-    ) -> Result<(), StoreError> {
+    /// call was), and forgets the oldest senders past [`SENDERS_KEPT`]: by the time of their
+    /// last call (sequence numbers of different nodes do not compare), never one of the last
+    /// [`SENDER_QUIET_SECS`] (its retry may still come), each only if unchanged since read.
+    /// Best effort: the grant stands whatever happens here.
+    async fn after_add(&self, key: &QuotaKey, token: ReserveToken, reserved: u64, item: &Item) {
         let senders = item.get("senders").and_then(|v| v.as_m().ok());
         let mut expr = "SET senders.#n.r = :r".to_owned();
+        let mut condition = "senders.#n.s = :seq".to_owned();
         let mut req = self
             .client
             .update_item()
@@ -395,40 +404,31 @@ impl DynamoStore {
             .key("sk", s(quota_sk(key)))
             .expression_attribute_names("#n", hex_node(token.node))
             .expression_attribute_values(":r", n(reserved))
-            .expression_attribute_values(":seq", n(token.seq))
-            .condition_expression("senders.#n.s = :seq");
+            .expression_attribute_values(":seq", n(token.seq));
         if let Some(senders) = senders.filter(|m| m.len() > SENDERS_KEPT) {
-            let mut by_seq: Vec<(u64, &String)> = senders
+            let quiet_since = unix_now() - SENDER_QUIET_SECS;
+            let mut by_age: Vec<(i64, &String)> = senders
                 .iter()
-                .map(|(node, v)| {
-                    let seq = v.as_m().ok().map_or(0, |m| get_u(m, "s"));
-                    (seq, node)
-                })
+                .filter(|(node, _)| **node != hex_node(token.node))
+                .filter_map(|(node, v)| v.as_m().ok().and_then(|m| get_i(m, "t")).map(|t| (t, node)))
+                .filter(|(t, _)| *t < quiet_since)
                 .collect();
-            by_seq.sort();
-            let drop: Vec<&String> = by_seq
-                .iter()
-                .take(senders.len() - SENDERS_KEPT)
-                .map(|(_, node)| *node)
-                .filter(|n| **n != hex_node(token.node))
-                .collect();
-            if !drop.is_empty() {
-                expr.push_str(" REMOVE ");
-                for (i, node) in drop.iter().enumerate() {
-                    let name = format!("#d{i}");
-                    if i > 0 {
-                        expr.push_str(", ");
-                    }
-                    expr.push_str(&format!("senders.{name}"));
-                    req = req.expression_attribute_names(name, (*node).clone());
-                }
+            by_age.sort();
+            for (i, (t, node)) in by_age.iter().take(senders.len() - SENDERS_KEPT).enumerate() {
+                expr.push_str(if i == 0 { " REMOVE " } else { ", " });
+                expr.push_str(&format!("senders.#d{i}"));
+                condition.push_str(&format!(" AND senders.#d{i}.t = :t{i}"));
+                req = req
+                    .expression_attribute_names(format!("#d{i}"), (*node).clone())
+                    .expression_attribute_values(format!(":t{i}"), n(t));
             }
         }
-        match req.update_expression(expr).send().await {
-            Ok(_) => Ok(()),
-            // A later call of the same sender already went through: nothing to record.
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
-            Err(e) => Err(sdk(e)),
+        if let Err(e) = req.update_expression(expr).condition_expression(condition).send().await {
+            // A later call of the same sender went through, or a sender to forget moved on:
+            // nothing to record now (the next call forgets).
+            if !is_ccf(&e) {
+                tracing::debug!(error = %sdk(e), "recording a quota call's answer failed");
+            }
         }
     }
 
@@ -543,7 +543,12 @@ fn cancellation(e: &SdkError<TransactWriteItemsError, impl std::fmt::Debug>) -> 
 /// Whether a failed transaction may go through when sent again (a conflict with another
 /// transaction, throttling), as opposed to a condition that failed.
 fn retryable(reasons: &[Option<String>]) -> bool {
-    reasons.iter().flatten().all(|c| c != "ConditionalCheckFailed")
+    reasons.iter().flatten().all(|c| {
+        matches!(
+            c.as_str(),
+            "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded" | "RequestLimitExceeded"
+        )
+    })
 }
 
 #[async_trait]
@@ -562,7 +567,7 @@ impl Store for DynamoStore {
                 _ => None,
             };
             let delta = int(r.owed.saturating_add(units));
-            match self.add(&r.key, delta, units, at_most, r.token).await? {
+            match self.add(&r.key, delta, units, at_most, None, r.token).await? {
                 Ok(reserved) => return Ok(Grant::new(units, reserved)),
                 Err(None) => {
                     if !self.ensure_counter(&r.key).await? {
@@ -587,14 +592,21 @@ impl Store for DynamoStore {
     }
 
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
+        // Never below zero: at most what the counter holds is given back.
+        let mut units = units;
         for _ in 0..ATTEMPTS {
-            let delta = -i64::try_from(units).unwrap_or(i64::MAX);
-            match self.add(key, delta, 0, None, token).await? {
-                Ok(_) | Err(Some(_)) => return Ok(()),
+            match self.add(key, -int(units), 0, None, Some(int(units)), token).await? {
+                Ok(_) => return Ok(()),
                 Err(None) => {
                     if !self.ensure_counter(key).await? {
                         return Ok(());
                     }
+                }
+                Err(Some(item)) => {
+                    if Self::seen(&item, token).is_some() {
+                        return Ok(());
+                    }
+                    units = units.min(get_u(&item, "reserved"));
                 }
             }
         }
@@ -769,11 +781,14 @@ impl Store for DynamoStore {
             .update_expression("REMOVE gpk, gsk")
             .send()
             .await;
-        match done {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(true),
-            Err(e) => Err(sdk(e)),
+        // Best effort: the export is recorded; an aggregate left in the index is skipped by
+        // the listing's filter and taken out by the next finish.
+        if let Err(e) = done {
+            if !is_ccf(&e) {
+                tracing::debug!(error = %sdk(e), "taking an exported aggregate out of the export index failed");
+            }
         }
+        Ok(true)
     }
 
     async fn dead_letter(&self, aggregate_: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
@@ -875,10 +890,13 @@ impl Store for DynamoStore {
                         continue 'events;
                     }
                     Err(err) => match cancellation(&err) {
-                        Some(reasons) if !retryable(&reasons) => {
+                        Some(reasons)
+                            if reasons.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>
+                        {
                             out.push(EventOutcome::Duplicate);
                             continue 'events;
                         }
+                        Some(reasons) if !retryable(&reasons) => return Err(sdk(err)),
                         Some(_) => backoff(attempt).await,
                         None => return Err(sdk(err)),
                     },
@@ -1004,8 +1022,19 @@ impl Store for DynamoStore {
                         return Ok(PlanChangeOutcome::Duplicate)
                     }
                     Some(r) if r.get(1).is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
-                        // Older than the last event applied (or the customer moved): its id
-                        // is marked, nothing else changes.
+                        // Either a newer event was applied, or the customer left this tenant
+                        // since it was looked up: read it again to tell.
+                        let now = self.tenant(&record.id).await?;
+                        let still =
+                            now.as_ref().is_some_and(|t| t.customer.as_deref() == Some(change.customer.as_str()));
+                        if !still {
+                            return Box::pin(self.apply_plan_change(change)).await;
+                        }
+                        if now.and_then(|t| t.last_event_at).is_none_or(|last| last <= change.created) {
+                            backoff(attempt).await;
+                            continue;
+                        }
+                        // Older than the last event applied: its id is marked, nothing else changes.
                         let marked = self
                             .client
                             .put_item()
@@ -1016,11 +1045,7 @@ impl Store for DynamoStore {
                             .await;
                         return match marked {
                             Ok(_) => Ok(PlanChangeOutcome::Stale),
-                            Err(e)
-                                if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-                            {
-                                Ok(PlanChangeOutcome::Duplicate)
-                            }
+                            Err(e) if is_ccf(&e) => Ok(PlanChangeOutcome::Duplicate),
                             Err(e) => Err(sdk(e)),
                         };
                     }
