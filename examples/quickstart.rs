@@ -16,6 +16,9 @@
 //! for i in $(seq 25); do curl -s -o /dev/null -w '%{http_code} ' localhost:3000/v1/items \
 //!     -H 'x-api-key: tg_test_free_acme'; sleep 0.5; done                          # 200s, then 429s
 //! ```
+//! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
+//! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README).
+//!
 //! Edit the configuration and send SIGHUP (`kill -HUP <pid>`) to reload it without losing
 //! counters. Stop it with Ctrl-C: it flushes, exports closed windows and prints what it did.
 
@@ -70,10 +73,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tollgate::config::StoreSettings::Sqlite { path, .. } => format!("SQLite, {}", path.display()),
         other => other.kind().to_owned(),
     };
-    println!("  store:   {store} (usage flushed every {:?})", config.usage().flush_interval);
+    if std::env::var("TOLLGATE_STORE").as_deref() != Ok("dynamodb") {
+        println!("  store:   {store} (usage flushed every {:?})", config.usage().flush_interval);
+    }
     println!("  billing: closed windows written to {}", usage_file.display());
 
-    let (tollgate, worker) = Tollgate::builder(config).billing_sink(JsonlSink::new(&usage_file)).open().await?;
+    let mut builder = Tollgate::builder(config).billing_sink(JsonlSink::new(&usage_file));
+    // TOLLGATE_STORE=dynamodb with TOLLGATE_DYNAMODB_TABLE: the same service on DynamoDB (the
+    // standard AWS environment: region, credentials, AWS_ENDPOINT_URL_DYNAMODB for a local
+    // server); the table is created if it does not exist. Needs `--features dynamodb`.
+    if std::env::var("TOLLGATE_STORE").as_deref() == Ok("dynamodb") {
+        builder = builder.store_arc(dynamodb_store().await?);
+    }
+    let (tollgate, worker) = builder.open().await?;
     let layer = tollgate::TollgateLayer::new(tollgate.clone());
     let worker = tokio::spawn(worker.run());
 
@@ -125,6 +137,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let _ = report;
     Ok(())
+}
+
+#[cfg(feature = "dynamodb")]
+async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
+    let table = std::env::var("TOLLGATE_DYNAMODB_TABLE").unwrap_or_else(|_| "tollgate".to_owned());
+    let store = tollgate::store::DynamoStore::from_env(&table, None).await;
+    if store.check_table().await.is_err() {
+        store.create_table().await?;
+        println!("  created DynamoDB table {table}");
+    }
+    println!("  store:   DynamoDB table {table} (TOLLGATE_STORE=dynamodb)");
+    Ok(std::sync::Arc::new(store))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
+    Err("TOLLGATE_STORE=dynamodb needs the cargo feature: cargo run --features dynamodb --example quickstart".into())
 }
 
 async fn items(Extension(ctx): Extension<TenantContext>) -> Json<Value> {
