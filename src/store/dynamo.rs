@@ -5,7 +5,10 @@ use std::{collections::HashMap, time::Duration};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::{
     error::SdkError,
-    operation::{transact_write_items::TransactWriteItemsError, update_item::UpdateItemError},
+    operation::{
+        query::builders::QueryFluentBuilder, transact_write_items::TransactWriteItemsError,
+        update_item::UpdateItemError,
+    },
     types::{
         AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
         ProjectionType, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
@@ -237,6 +240,46 @@ impl DynamoStore {
         Ok(())
     }
 
+    /// The items of a secondary index under one partition key, in sort-key order after
+    /// `range.1`, at most `want` of them, paging as needed; `shape` adds a filter.
+    async fn index_items(
+        &self,
+        index: &str,
+        hash: (&str, &str),
+        range: (&str, Option<String>),
+        want: usize,
+        shape: impl Fn(QueryFluentBuilder) -> QueryFluentBuilder,
+    ) -> Result<Vec<Item>, StoreError> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        while out.len() < want {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(index)
+                .expression_attribute_names("#h", hash.0)
+                .expression_attribute_values(":h", s(hash.1))
+                .limit(i32::try_from(want - out.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take());
+            q = match &range.1 {
+                Some(after) => q
+                    .key_condition_expression("#h = :h AND #r > :after")
+                    .expression_attribute_names("#r", range.0)
+                    .expression_attribute_values(":after", s(after.as_str())),
+                None => q.key_condition_expression("#h = :h"),
+            };
+            let page = shape(q).send().await.map_err(sdk)?;
+            let room = want - out.len();
+            out.extend(page.items.unwrap_or_default().into_iter().take(room));
+            match page.last_evaluated_key {
+                Some(k) if out.len() < want => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     async fn get(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
         let out = self
             .client
@@ -325,7 +368,7 @@ impl DynamoStore {
             .await;
         match created {
             Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(true),
             Err(e) => Err(sdk(e)),
         }
     }
@@ -653,50 +696,29 @@ impl Store for DynamoStore {
         after: Option<&ExportKey>,
         limit: usize,
     ) -> Result<Vec<UsageAggregate>, StoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        let mut customers: HashMap<TenantId, Option<String>> = HashMap::new();
-        while out.len() < limit {
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name("gsi1")
-                .expression_attribute_values(":g", s("PENDING"))
-                .filter_expression(
-                    "attribute_not_exists(dead) AND #w < :before AND (quantity > exported OR attribute_not_exists(exported) OR attribute_exists(in_flight))",
+        let items = self
+            .index_items("gsi1", ("gpk", "PENDING"), ("gsk", after.map(usage_gsk)), limit, |q| {
+                q.filter_expression(
+                    "attribute_not_exists(dead) AND #w < :before \
+                     AND (quantity > exported OR attribute_not_exists(exported) OR attribute_exists(in_flight))",
                 )
                 .expression_attribute_names("#w", "window")
                 .expression_attribute_values(":before", n(window_start_before))
-                .set_exclusive_start_key(start.take());
-            q = match after {
-                Some(k) => q
-                    .key_condition_expression("gpk = :g AND gsk > :after")
-                    .expression_attribute_values(":after", s(usage_gsk(k))),
-                None => q.key_condition_expression("gpk = :g"),
+            })
+            .await?;
+        let mut customers: HashMap<TenantId, Option<String>> = HashMap::new();
+        let mut out = Vec::with_capacity(items.len());
+        for item in &items {
+            let Some(tenant) = get_s(item, "tenant").map(TenantId::from) else { continue };
+            let customer = match customers.get(&tenant) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.customer_of(&tenant).await?;
+                    customers.insert(tenant, c.clone());
+                    c
+                }
             };
-            let page = q.send().await.map_err(sdk)?;
-            for item in page.items.unwrap_or_default() {
-                let Some(tenant) = get_s(&item, "tenant").map(TenantId::from) else { continue };
-                let customer = match customers.get(&tenant) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let c = self.customer_of(&tenant).await?;
-                        customers.insert(tenant.clone(), c.clone());
-                        c
-                    }
-                };
-                if let Some(a) = aggregate(&item, customer) {
-                    out.push(a);
-                }
-                if out.len() == limit {
-                    break;
-                }
-            }
-            match page.last_evaluated_key {
-                Some(k) if out.len() < limit => start = Some(k),
-                _ => break,
-            }
+            out.extend(aggregate(item, customer));
         }
         Ok(out)
     }
@@ -737,7 +759,7 @@ impl Store for DynamoStore {
                 let customer = self.customer_of(&key.tenant).await?;
                 Ok(aggregate(&item, customer))
             }
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(None),
+            Err(e) if is_ccf(&e) => Ok(None),
             Err(e) => Err(sdk(e)),
         }
     }
@@ -765,9 +787,7 @@ impl Store for DynamoStore {
             .await;
         match out {
             Ok(_) => {}
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
-                return Ok(false)
-            }
+            Err(e) if is_ccf(&e) => return Ok(false),
             Err(e) => return Err(sdk(e)),
         }
         // Out of the export index once all is exported (a flush adding to it puts it back).
@@ -808,42 +828,21 @@ impl Store for DynamoStore {
             .await;
         match out {
             Ok(_) => Ok(()),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(e) if is_ccf(&e) => Ok(()),
             Err(e) => Err(sdk(e)),
         }
     }
 
     async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        while out.len() < limit {
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name("gsi2")
-                .expression_attribute_values(":d", s("DEAD"))
-                .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start.take());
-            q = match after {
-                Some(k) => q
-                    .key_condition_expression("dpk = :d AND dsk > :after")
-                    .expression_attribute_values(":after", s(usage_gsk(k))),
-                None => q.key_condition_expression("dpk = :d"),
-            };
-            let page = q.send().await.map_err(sdk)?;
-            for item in page.items.unwrap_or_default() {
-                if let Some(a) = aggregate(&item, None) {
-                    let reason = get_s(&item, "dead").unwrap_or_default().to_owned();
-                    out.push(DeadLetter::new(a.key, a.quantity.saturating_sub(a.exported), reason));
-                }
-            }
-            match page.last_evaluated_key {
-                Some(k) if out.len() < limit => start = Some(k),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let items = self.index_items("gsi2", ("dpk", "DEAD"), ("dsk", after.map(usage_gsk)), limit, |q| q).await?;
+        Ok(items
+            .iter()
+            .filter_map(|item| {
+                let a = aggregate(item, None)?;
+                let reason = get_s(item, "dead").unwrap_or_default().to_owned();
+                Some(DeadLetter::new(a.key, a.quantity.saturating_sub(a.exported), reason))
+            })
+            .collect())
     }
 
     async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
@@ -861,7 +860,7 @@ impl Store for DynamoStore {
             .await;
         match out {
             Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) if is_ccf(&e) => Ok(false),
             Err(e) => Err(sdk(e)),
         }
     }
@@ -938,31 +937,9 @@ impl Store for DynamoStore {
     }
 
     async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        while out.len() < limit {
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name("gsi1")
-                .expression_attribute_values(":g", s("TENANT"))
-                .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start.take());
-            q = match after {
-                Some(t) => q
-                    .key_condition_expression("gpk = :g AND gsk > :after")
-                    .expression_attribute_values(":after", s(t.as_str())),
-                None => q.key_condition_expression("gpk = :g"),
-            };
-            let page = q.send().await.map_err(sdk)?;
-            out.extend(page.items.unwrap_or_default().iter().filter_map(tenant_record));
-            match page.last_evaluated_key {
-                Some(k) if out.len() < limit => start = Some(k),
-                _ => break,
-            }
-        }
-        Ok(out)
+        let after = after.map(|t| t.as_str().to_owned());
+        let items = self.index_items("gsi1", ("gpk", "TENANT"), ("gsk", after), limit, |q| q).await?;
+        Ok(items.iter().filter_map(tenant_record).collect())
     }
 
     async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
