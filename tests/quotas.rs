@@ -397,3 +397,35 @@ async fn fail_open_requests_that_are_not_billed_are_not_charged() {
     h.tollgate.shutdown().await.unwrap();
     assert_eq!(store.reserved(&today("t")).await.unwrap(), 3);
 }
+
+/// Near a hard limit leases shrink: a node that takes one request when little is left and then
+/// goes quiet keeps only a small part of what was left, so the busy node admits nearly all of
+/// the limit (with full-size leases the quiet node would strand a whole lease of 100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_the_limit_leases_shrink_so_a_quiet_node_strands_few_units() {
+    let toml = common::one_tenant("quotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 100 }");
+    let store = Arc::new(MemoryStore::new());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let busy = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let quiet = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let mut admitted = 0u64;
+    for _ in 0..800 {
+        assert_eq!(busy.status("/", "key-t").await, 200);
+        admitted += 1;
+    }
+    // Let a prefetch of the busy node land.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(quiet.status("/", "key-t").await, 200);
+    admitted += 1;
+    loop {
+        match busy.status("/", "key-t").await {
+            200 => admitted += 1,
+            429 => break,
+            s => panic!("status {s}"),
+        }
+    }
+    // What was left when the quiet node refilled was at most 200; it keeps an eighth of it.
+    assert!(admitted >= 1000 - 200 / 8, "admitted {admitted} of 1000: the quiet node holds a full lease");
+    assert!(admitted <= 1000);
+    assert_eq!(store.reserved(&common::day_key("t", common::NOON)).await.unwrap(), 1000);
+}

@@ -13,6 +13,9 @@ use crate::{
 /// How many times a call is sent before it is given up.
 const MAX_ATTEMPTS: u32 = 20;
 
+/// Near a hard limit, a lease keeps at most `1 / SHRINK` of the units the store had left.
+pub(crate) const SHRINK: u64 = 8;
+
 /// What a refill did for the request that waited on it.
 pub(crate) enum Refill {
     /// The request's units were reserved for it from the store's answer, in the period
@@ -137,9 +140,34 @@ impl Tollgate {
         let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
-        let grant = self.send(cell, call).await?;
-        cell.leased(size, now_nanos);
-        cell.granted(grant.reserved, grant.granted < units);
+        let mut grant = self.send(cell, call).await?;
+        let short = grant.granted < units;
+        let mut kept_size = size;
+        if let Some(limit) = limit {
+            // Near the limit, a lease keeps at most an eighth of what the store had left (and
+            // at least what the waiting request needs): the last units are not stranded on a
+            // node that goes quiet. The rest goes straight back.
+            let left_before = limit.saturating_sub(grant.reserved.saturating_sub(grant.granted));
+            let keep = need.max(left_before.div_ceil(SHRINK)).max(1);
+            if grant.granted > keep {
+                let excess = grant.granted - keep;
+                let back = Call {
+                    key: cell.key(start, end),
+                    token: self.token(cell),
+                    kind: CallKind::Release { units: excess },
+                    attempts: 0,
+                };
+                // A release that fails stays in flight and is sent again before anything
+                // else of this cell: the units are given back either way.
+                if let Err(e) = self.send(cell, back).await {
+                    self.store_error("release", &e);
+                }
+                grant = Grant::new(keep, grant.reserved - excess);
+                kept_size = size.min(keep);
+            }
+        }
+        cell.leased(kept_size, now_nanos);
+        cell.granted(grant.reserved, short);
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
         if need > 0 && grant.granted >= need {
             cell.credit(grant.granted - need + repay);
