@@ -22,6 +22,8 @@ pub(crate) struct Metrics {
     pub(crate) dead_letters: Counter,
     pub(crate) evictions: Counter,
     pub(crate) negative_hits: Counter,
+    pub(crate) buffer_full: Counter,
+    pub(crate) dropped_units: Counter,
     pub(crate) tenants: Gauge,
 }
 
@@ -42,6 +44,8 @@ impl Metrics {
             dead_letters: counter!("tollgate_export_dead_letters_total"),
             evictions: counter!("tollgate_tenants_evicted_total"),
             negative_hits: counter!("tollgate_unknown_credential_cache_hits_total"),
+            buffer_full: counter!("tollgate_usage_buffer_full_total"),
+            dropped_units: counter!("tollgate_usage_dropped_units_total"),
             tenants: gauge!("tollgate_tenants_tracked"),
         }
     }
@@ -64,6 +68,8 @@ pub(crate) struct Totals {
     pub(crate) dead_letters: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) negative_hits: AtomicU64,
+    pub(crate) buffer_full: AtomicU64,
+    pub(crate) dropped_units: AtomicU64,
 }
 
 impl Totals {
@@ -97,6 +103,11 @@ pub struct Stats {
     /// Requests with a credential the directory had just said it did not know, answered
     /// without asking it again.
     pub negative_hits: u64,
+    /// Flushes that found the usage buffer (`usage.max_buffered_records`) full.
+    pub buffer_full: u64,
+    /// Units of fail-open usage dropped because the buffer was full (never under fail-closed,
+    /// whose tenants are refused instead).
+    pub dropped_units: u64,
 }
 
 impl Totals {
@@ -113,6 +124,8 @@ impl Totals {
             dead_letters: l(&self.dead_letters),
             evictions: l(&self.evictions),
             negative_hits: l(&self.negative_hits),
+            buffer_full: l(&self.buffer_full),
+            dropped_units: l(&self.dropped_units),
         }
     }
 }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use common::{Collect, Harness, NOON};
+use tollgate::clock::FakeClock;
 use tollgate::{
     clock::Clock,
     store::{ExportKey, MemoryStore, Store, StoreInspect, UsageBatch},
@@ -145,4 +146,74 @@ async fn usage_left_unflushed_for_two_windows_stays_in_its_window() {
         let got = store.usage(&key).await.unwrap().map_or(0, |a| a.quantity);
         assert_eq!(got, want, "window {i}");
     }
+}
+
+fn buffered_engine(store: Arc<common::Faulty>, policy: &str) -> (Tollgate, FakeClock, Harness) {
+    let toml = format!(
+        "[usage]\nmax_buffered_records = 2\non_store_error = \"{policy}\"\nwindow = \"1h\"\n\
+         [plans.p]\nrate = \"1000/s\"\n\
+         [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n[tenants.u]\nplan = \"p\"\nkeys = [\"key-u\"]\n"
+    );
+    let config = Config::from_toml_str(&toml).unwrap();
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let (tollgate, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    let h = Harness::from_layer(tollgate::TollgateLayer::new(tollgate.clone()), handle.clone());
+    (tollgate, handle, h)
+}
+
+/// A store that does not take usage for long fills the bounded buffer (two records here: one
+/// per tenant, meter and window). Fail-closed tenants are then refused with 503 until the
+/// store takes the usage; nothing admitted is lost.
+#[tokio::test]
+async fn a_full_usage_buffer_refuses_fail_closed_tenants_until_the_store_takes_it() {
+    let store = Arc::new(common::Faulty::default());
+    let (tollgate, clock, h) = buffered_engine(store.clone(), "fail-closed");
+    store.usage_down.store(true, Ordering::SeqCst);
+    assert_eq!(h.status("/", "key-t").await, 200);
+    assert!(tollgate.flush().await.is_err());
+    assert_eq!(h.status("/", "key-t").await, 200, "one record of two held");
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(h.status("/", "key-t").await, 200);
+    assert!(tollgate.flush().await.is_err());
+    let refused = h.get("/", "key-t").await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(h.status("/", "key-u").await, 503, "every fail-closed tenant");
+    assert_eq!(tollgate.stats().buffer_full, 1);
+    store.usage_down.store(false, Ordering::SeqCst);
+    tollgate.flush().await.unwrap();
+    assert_eq!(h.status("/", "key-t").await, 200, "room again");
+    tollgate.flush().await.unwrap();
+    let stored = store.usage_range(&"t".into(), 0, i64::MAX).await.unwrap();
+    assert_eq!(stored.iter().map(|a| a.quantity).sum::<u64>(), 4);
+    assert_eq!(tollgate.stats().dropped_units, 0);
+}
+
+/// Under fail-open the requests go on; usage past the bound is dropped, counted and logged,
+/// and what was held is written once the store is back.
+#[tokio::test]
+async fn a_full_usage_buffer_drops_and_counts_fail_open_usage() {
+    let store = Arc::new(common::Faulty::default());
+    let (tollgate, clock, h) = buffered_engine(store.clone(), "fail-open");
+    store.usage_down.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    assert!(tollgate.flush().await.is_err());
+    clock.advance(Duration::from_secs(3600));
+    for _ in 0..2 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    assert!(tollgate.flush().await.is_err());
+    for _ in 0..4 {
+        assert_eq!(h.status("/", "key-u").await, 200, "fail-open tenants are never refused");
+    }
+    assert!(tollgate.flush().await.is_err());
+    let stats = tollgate.stats();
+    assert_eq!((stats.buffer_full, stats.dropped_units), (2, 4), "{stats:?}");
+    store.usage_down.store(false, Ordering::SeqCst);
+    tollgate.flush().await.unwrap();
+    let t = store.usage_range(&"t".into(), 0, i64::MAX).await.unwrap();
+    assert_eq!(t.iter().map(|a| a.quantity).sum::<u64>(), 5);
+    assert!(store.usage_range(&"u".into(), 0, i64::MAX).await.unwrap().is_empty());
 }

@@ -105,6 +105,11 @@ pub struct UsageSettings {
     pub store_timeout: Duration,
     /// How long `shutdown()` keeps retrying the final flush and export while the store is down.
     pub shutdown_timeout: Duration,
+    /// The most usage records (tenant × meter × window) held in memory while the store does
+    /// not take them. When full, `on_store_error` decides: fail-closed tenants are refused
+    /// (503) until the store takes the usage; fail-open usage past the bound is dropped,
+    /// counted and logged.
+    pub max_buffered_records: usize,
 }
 
 /// A meter: something that is counted and billed.

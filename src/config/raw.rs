@@ -68,6 +68,7 @@ pub(crate) struct RawUsage {
     pub(crate) store_timeout: Option<String>,
     pub(crate) default_meter: Option<String>,
     pub(crate) shutdown_timeout: Option<String>,
+    pub(crate) max_buffered_records: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

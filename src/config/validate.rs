@@ -570,6 +570,11 @@ impl Validator<'_, '_> {
                 u.shutdown_timeout.as_deref(),
                 Duration::from_secs(10),
             )?,
+            max_buffered_records: match u.max_buffered_records {
+                None => 1 << 20,
+                Some(0) => return Err(self.invalid("usage.max_buffered_records", "must be at least 1")),
+                Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            },
         };
         if usage.window.as_secs() == 0 || usage.window.subsec_nanos() != 0 || 86_400 % usage.window.as_secs() != 0 {
             return Err(self.invalid(

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     clock::Clock,
-    config::HeaderStyle,
+    config::{HeaderStyle, StoreErrorPolicy},
     engine::Prefetch,
     plan::RouteCost,
     response::{HeaderState, Rejection, RejectionKind},
@@ -33,6 +33,15 @@ impl Tollgate {
     #[inline]
     pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
         let (meter, cost) = (route.meter, route.cost);
+        if state.plan.on_store_error == StoreErrorPolicy::FailClosed
+            && self.shared.buffer_full.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let r = Rejection::new(
+                RejectionKind::StoreUnavailable,
+                "usage cannot be recorded: the store has not taken it and the usage buffer is full",
+            );
+            return self.reject(r.with_retry_after(1).for_tenant(&state));
+        }
         let (charged, claim) = match idem {
             None => (true, None),
             Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {

@@ -173,6 +173,7 @@ impl Builder {
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
             store_configured: self.configured,
             store_error_log: Default::default(),
+            buffer_full: Default::default(),
             sink: self.sink,
             clock,
             idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity, fp),

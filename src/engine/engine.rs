@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     pub(crate) table: TenantTable,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) store_error_log: StoreErrorLog,
+    /// The usage buffer is at `usage.max_buffered_records`: fail-closed tenants are refused.
+    pub(crate) buffer_full: std::sync::atomic::AtomicBool,
     /// Whether the store is the one the configuration's `[store]` names (opened by
     /// `Builder::open`), which a reload may then not change.
     pub(crate) store_configured: bool,

@@ -10,14 +10,10 @@ use std::{
 use super::{engine::with_timeout, Tollgate};
 use crate::metrics::Totals;
 use crate::{
-    config::{MeterId, TenantId},
+    config::{MeterId, StoreErrorPolicy, TenantId},
     store::{CommitOutcome, FlushId, StoreError, UsageBatch, UsageRecord},
     tenant::Tenant,
 };
-
-/// The most usage records held while the store does not take them (tenants × meters ×
-/// windows of the outage); past that, usage stays in the tenants' counters.
-const MAX_STAGED: usize = 1 << 20;
 
 /// Usage drained but not yet committed: formed batches (retried first, in order, with their
 /// own ids) and usage not yet in a batch.
@@ -33,6 +29,11 @@ impl Pipeline {
         use std::hash::BuildHasher;
         let nonce = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
         Self { pending: VecDeque::new(), staged: HashMap::new(), seq: 0, node: format!("{nonce:016x}") }
+    }
+
+    /// Records drained and not committed.
+    fn records(&self) -> usize {
+        self.pending.iter().map(|b| b.records.len()).sum::<usize>() + self.staged.len()
     }
 
     /// (records, units) drained and not committed.
@@ -89,6 +90,8 @@ impl Tollgate {
             }
         }
         self.commit_pending(&mut p, &mut report).await?;
+        // Everything held was taken: the buffer has room again.
+        self.shared.buffer_full.store(false, std::sync::atomic::Ordering::Relaxed);
         if report.batches > 0 {
             tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");
         }
@@ -141,16 +144,26 @@ impl Tollgate {
     /// per (tenant, meter, window). Returns the retired states nobody holds any more (their
     /// leases go back).
     fn drain(&self, p: &mut Pipeline) -> Vec<Tenant> {
-        if p.staged.len() >= MAX_STAGED {
-            tracing::error!(
-                records = p.staged.len(),
-                "usage held for an unreachable store is at its bound; new usage stays in the tenants' counters"
-            );
-            return Vec::new();
-        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let max = self.shared.runtime.load().config.usage.max_buffered_records;
+        let mut room = max.saturating_sub(p.records());
+        let was_full = self.shared.buffer_full.load(Relaxed);
+        let (mut full, mut dropped_units) = (false, 0u64);
         let staged = &mut p.staged;
         let mut add = |s: &Tenant, m: usize, window_start: i64, quantity: u64| {
-            *staged.entry((s.id.clone(), s.plan.meters.ids[m].clone(), window_start)).or_default() += quantity;
+            let key = (s.id.clone(), s.plan.meters.ids[m].clone(), window_start);
+            if let Some(q) = staged.get_mut(&key) {
+                *q = q.saturating_add(quantity);
+            } else if room > 0 || s.plan.on_store_error == StoreErrorPolicy::FailClosed {
+                // Fail-closed usage is always kept: its tenants are refused while the buffer
+                // is full, so only requests already admitted can pass the bound.
+                room = room.saturating_sub(1);
+                full |= room == 0;
+                staged.insert(key, quantity);
+            } else {
+                full = true;
+                dropped_units = dropped_units.saturating_add(quantity);
+            }
         };
         self.shared.table.for_each(|s| s.drain_usage(|m, w, q| add(s, m, w, q)));
         let mut dropped = Vec::new();
@@ -164,6 +177,25 @@ impl Tollgate {
             }
             !sole
         });
+        drop(retired);
+        let full = full || room == 0;
+        self.shared.buffer_full.store(full, Relaxed);
+        if full {
+            Totals::add(&self.shared.totals.buffer_full, 1);
+            self.shared.metrics.buffer_full.increment(1);
+            Totals::add(&self.shared.totals.dropped_units, dropped_units);
+            self.shared.metrics.dropped_units.increment(dropped_units);
+            if !was_full || dropped_units > 0 {
+                tracing::error!(
+                    max,
+                    dropped_units,
+                    "the usage buffer is full (usage.max_buffered_records): fail-closed tenants are refused, \
+                     fail-open usage past the bound is dropped"
+                );
+            }
+        } else if was_full {
+            tracing::warn!("the usage buffer has room again");
+        }
         dropped
     }
 
