@@ -223,6 +223,7 @@ async fn expiring_items_carry_their_ttl_attribute() {
         },
     };
     let Some(store) = dynamo::table().await else { return };
+    let day = 86_400;
     let rec = |q| UsageRecord::new("t".into(), "requests".into(), NOON, q);
     store.commit_usage(&UsageBatch::new(FlushId::new("f1"), vec![rec(3)])).await.unwrap();
     store.commit_events(&[UsageEvent::new("e1", rec(2), NOON + 10)]).await.unwrap();
@@ -230,6 +231,8 @@ async fn expiring_items_carry_their_ttl_attribute() {
     store.apply_plan_change(&PlanChange::new("evt_1", "cus_t", NOON, "pro".into())).await.unwrap();
     let key = QuotaKey::new("t".into(), "requests".into(), tollgate::config::Period::Day, NOON - 43_200, NOON + 43_200);
     store.reserve(&Reservation::new(key, 1, 0, Some(10), ReserveToken::new(1, 1))).await.unwrap();
+    let claim = tollgate::store::IdempotencyClaim::new("k", "r", 1, NOON, NOON + 300, NOON + day);
+    store.claim_idempotency(&claim).await.unwrap();
     let items = store.client().scan().table_name(store.table()).send().await.unwrap().items.unwrap_or_default();
     let ttl_of = |prefix: &str| -> Vec<i64> {
         items
@@ -238,7 +241,6 @@ async fn expiring_items_carry_their_ttl_attribute() {
             .map(|i| i.get("ttl").and_then(|v| v.as_n().ok()).and_then(|v| v.parse().ok()).unwrap_or(-1))
             .collect()
     };
-    let day = 86_400;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let flush = ttl_of("F\u{1}");
     assert!(flush.len() == 1 && (now + 7 * day - 60..=now + 7 * day + 60).contains(&flush[0]), "{flush:?}");
@@ -247,4 +249,15 @@ async fn expiring_items_carry_their_ttl_attribute() {
     assert_eq!(ttl_of("U\u{1}"), [NOON + 35 * day], "usage aggregate");
     assert_eq!(ttl_of("Q\u{1}"), [NOON + 43_200 + 35 * day], "quota counter");
     assert_eq!(ttl_of("T\u{1}"), [-1], "the tenant does not expire");
+    assert_eq!(ttl_of("I\u{1}"), [NOON + day], "an Idempotency-Key binding");
+}
+
+/// An `Idempotency-Key` holds across two nodes with their own DynamoDB clients: 409 while in
+/// flight on the other node, a replay once completed (not billed again), 422 for another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_answers_the_same_on_every_node() {
+    let Some(store) = dynamo::table().await else { return };
+    let endpoint = dynamo::endpoint().unwrap();
+    let other = tollgate::store::DynamoStore::new(dynamo::client(&endpoint), store.table());
+    common::idempotency_holds_across_nodes(Arc::new(store), Arc::new(other), "t", "key-t").await;
 }

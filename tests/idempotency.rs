@@ -107,10 +107,45 @@ async fn a_request_dropped_while_waiting_releases_its_key_and_units() {
     let dropped = tokio::time::timeout(Duration::from_millis(50), h.send(post("/", "b"))).await;
     assert!(dropped.is_err(), "the request waits on the stalled store");
     store.stall(false);
+    // The store's claim is released in the background right after the drop; a retry on this
+    // node waits for that.
     assert_eq!(h.send(post("/", "b")).await.status, 200, "the key was released, not left in flight");
     assert_eq!(h.send(post("/", "c")).await.status, 200);
     assert_eq!(billed(&h).await, 3, "the retry was charged");
     h.tollgate.shutdown().await.unwrap();
     let key = common::day_key("t", NOON);
     assert_eq!(store.reserved(&key).await.unwrap(), 3, "no unit leaked");
+}
+
+/// An `Idempotency-Key` holds across the nodes of a fleet (here two engines on one store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_answers_the_same_on_every_node() {
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    common::idempotency_holds_across_nodes(store.clone(), store, "t", "key-t").await;
+}
+
+/// The same on SQLite, two engines sharing one database file.
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_answers_the_same_on_every_node_of_one_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    let b = tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    common::idempotency_holds_across_nodes(Arc::new(a), Arc::new(b), "t", "key-t").await;
+}
+
+/// Without the store's claim, node B would not know node A's key: it would charge the retry.
+#[tokio::test]
+async fn a_store_that_does_not_answer_follows_the_policy() {
+    let store = Arc::new(common::Faulty::default());
+    let toml = format!("{TOML}\n[usage]\non_store_error = \"fail-closed\"\n");
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle);
+    assert_eq!(h.send(post("/", "warm")).await.status, 200);
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = h.send(post("/", "k")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.rejection.unwrap().kind(), RejectionKind::StoreUnavailable);
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(h.send(post("/", "k")).await.status, 200, "the refused request did not bind the key");
 }

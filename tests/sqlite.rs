@@ -307,11 +307,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 1);
-    conn.execute_batch("PRAGMA user_version = 2").unwrap();
+    assert_eq!(version, 2);
+    conn.execute_batch("PRAGMA user_version = 3").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 2"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 3"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -341,7 +341,18 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
         .unwrap();
     assert_eq!(
         tables,
-        ["api_key", "flush", "quota", "quota_floor", "quota_sender", "tenant", "usage", "usage_event", "webhook_event"]
+        [
+            "api_key",
+            "flush",
+            "idempotency",
+            "quota",
+            "quota_floor",
+            "quota_sender",
+            "tenant",
+            "usage",
+            "usage_event",
+            "webhook_event"
+        ]
     );
 }
 
@@ -402,4 +413,35 @@ async fn rows_past_their_use_are_pruned() {
     assert!((35..=37).contains(&webhooks), "{webhooks} webhook ids kept");
     // Flush ids are kept a week of wall-clock time: all of these are recent.
     assert_eq!(count("flush"), 80 * 24);
+}
+
+/// A file of schema version 1 (before key metadata and idempotency claims) is migrated in
+/// place on open: its tenants and keys stay, the new tables and columns are there.
+#[tokio::test]
+async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
+    use tollgate::store::TenantRecord;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&db).await.unwrap();
+    store.put_tenant(&TenantRecord::new("t".into(), "p".into()), &[tollgate::KeyHash::of(b"key-t")]).await.unwrap();
+    drop(store);
+    // Back to version 1 as it was written.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "DROP TABLE idempotency; ALTER TABLE api_key DROP COLUMN prefix; \
+         ALTER TABLE api_key DROP COLUMN created_at; ALTER TABLE api_key DROP COLUMN expires_at; \
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&db).await.unwrap();
+    assert_eq!(store.find_key(&tollgate::KeyHash::of(b"key-t")).await.unwrap().map(|t| t.id), Some("t".into()));
+    let keys = store.list_keys(&"t".into()).await.unwrap();
+    assert_eq!((keys.len(), keys[0].prefix.as_str(), keys[0].expires_at), (1, "", None));
+    let claim = tollgate::store::IdempotencyClaim::new("k", "r", 1, 0, 300, 86_400);
+    assert_eq!(store.claim_idempotency(&claim).await.unwrap(), tollgate::store::IdempotencyState::Claimed);
+    drop(store);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 2);
 }

@@ -15,9 +15,9 @@ use std::{future::Future, pin::Pin, sync::Arc};
 use tollgate::{
     config::Period,
     store::{
-        CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, MemoryStore, PlanChange,
-        PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, StoreInspect, TenantRecord, UsageAggregate, UsageBatch,
-        UsageEvent, UsageRecord,
+        ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant,
+        IdempotencyClaim, IdempotencySettle, IdempotencyState, MemoryStore, PlanChange, PlanChangeOutcome, QuotaKey,
+        Reservation, ReserveToken, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
     },
     KeyHash,
 };
@@ -84,6 +84,9 @@ macro_rules! conformance {
                 plan_changes_apply_once_and_in_order,
                 usage_events_apply_once_per_id,
                 quota_keys_of_different_periods_are_separate_counters,
+                idempotency_keys_are_claimed_once_and_settled_by_their_owner,
+                near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left,
+                api_keys_carry_an_id_a_prefix_and_an_expiry,
             );
         }
     };
@@ -968,5 +971,94 @@ mod suite {
         assert_eq!(reserved(h.s(), &month1).await, 0);
         assert_eq!(reserved(h.s(), &day).await, 10);
         assert_eq!(reserved(h.s(), &month15).await, 10);
+    }
+
+    /// An `Idempotency-Key` is bound by the first claim; the others learn what it is bound to;
+    /// only its owner settles it; a claim left in flight, or an expired binding, is free again.
+    pub(crate) async fn idempotency_keys_are_claimed_once_and_settled_by_their_owner(h: &mut Made) {
+        let now = 1_773_489_600;
+        let claim = |key: &str, request: &str, owner: u64, at: i64| {
+            IdempotencyClaim::new(key, request, owner, at, at + 300, at + 86_400)
+        };
+        let s = h.s();
+        assert_eq!(s.claim_idempotency(&claim("k1", "r1", 1, now)).await.unwrap(), IdempotencyState::Claimed);
+        assert_eq!(s.claim_idempotency(&claim("k1", "r1", 2, now)).await.unwrap(), IdempotencyState::InFlight);
+        assert_eq!(s.claim_idempotency(&claim("k1", "r2", 2, now)).await.unwrap(), IdempotencyState::Mismatch);
+        // Only the owner settles.
+        s.settle_idempotency("k1", 2, IdempotencySettle::Completed).await.unwrap();
+        assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now)).await.unwrap(), IdempotencyState::InFlight);
+        s.settle_idempotency("k1", 1, IdempotencySettle::Completed).await.unwrap();
+        h.restart().await;
+        let s = h.s();
+        assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 10)).await.unwrap(), IdempotencyState::Completed);
+        assert_eq!(s.claim_idempotency(&claim("k1", "r2", 3, now + 10)).await.unwrap(), IdempotencyState::Mismatch);
+        // A completed key is not released by anyone.
+        s.settle_idempotency("k1", 1, IdempotencySettle::Released).await.unwrap();
+        assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 20)).await.unwrap(), IdempotencyState::Completed);
+        // Released: free again, for any request.
+        assert_eq!(s.claim_idempotency(&claim("k2", "r1", 4, now)).await.unwrap(), IdempotencyState::Claimed);
+        s.settle_idempotency("k2", 4, IdempotencySettle::Released).await.unwrap();
+        assert_eq!(s.claim_idempotency(&claim("k2", "r9", 5, now)).await.unwrap(), IdempotencyState::Claimed);
+        // Left in flight past its time (its node died): free again.
+        assert_eq!(s.claim_idempotency(&claim("k2", "r1", 6, now + 299)).await.unwrap(), IdempotencyState::Mismatch);
+        assert_eq!(s.claim_idempotency(&claim("k2", "r1", 6, now + 300)).await.unwrap(), IdempotencyState::Claimed);
+        // The old owner can no longer settle it.
+        s.settle_idempotency("k2", 5, IdempotencySettle::Released).await.unwrap();
+        assert_eq!(s.claim_idempotency(&claim("k2", "r1", 7, now + 301)).await.unwrap(), IdempotencyState::InFlight);
+        // A completed binding expires.
+        assert_eq!(s.claim_idempotency(&claim("k1", "r2", 8, now + 86_400)).await.unwrap(), IdempotencyState::Claimed);
+    }
+
+    /// Keys carry an id, a display prefix and an expiry; an expired key no longer finds its
+    /// tenant but stays listed; a key of one tenant cannot be given to another.
+    pub(crate) async fn api_keys_carry_an_id_a_prefix_and_an_expiry(h: &mut Made) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let (a, b) = (TenantRecord::new("a".into(), "free".into()), TenantRecord::new("b".into(), "free".into()));
+        h.s().put_tenant(&a, &[KeyHash::of(b"old-a")]).await.unwrap();
+        h.s().put_tenant(&b, &[]).await.unwrap();
+        let live = ApiKeyRecord::new(KeyHash::of(b"tg_live_aaaa1111"), "a".into(), now).with_prefix("tg_live_aaaa");
+        let rotating = ApiKeyRecord::new(KeyHash::of(b"old-a"), "a".into(), now).with_expiry(Some(now + 3600));
+        let expired = ApiKeyRecord::new(KeyHash::of(b"gone-a"), "a".into(), now - 10).with_expiry(Some(now - 1));
+        for k in [&live, &rotating, &expired] {
+            h.s().put_key(k).await.unwrap();
+        }
+        h.restart().await;
+        let s = h.s();
+        assert_eq!(s.find_key(&live.hash).await.unwrap().map(|t| t.id), Some("a".into()));
+        assert_eq!(s.find_key(&rotating.hash).await.unwrap().map(|t| t.id), Some("a".into()), "within its grace");
+        assert_eq!(s.find_key(&expired.hash).await.unwrap(), None, "expired");
+        let mut want = vec![live.clone(), rotating.clone(), expired.clone()];
+        want.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(s.list_keys(&"a".into()).await.unwrap(), want);
+        assert!(s.list_keys(&"b".into()).await.unwrap().is_empty());
+        assert_eq!(live.id, live.hash.id());
+        assert!(live.id.starts_with("k_") && live.id.len() == 14);
+        // Another tenant cannot take the key; its owner can change its expiry.
+        let stolen = ApiKeyRecord::new(live.hash, "b".into(), now);
+        assert!(matches!(s.put_key(&stolen).await, Err(tollgate::store::StoreError::Conflict(_))));
+        assert_eq!(s.find_key(&live.hash).await.unwrap().map(|t| t.id), Some("a".into()));
+        s.put_key(&live.clone().with_expiry(Some(now - 1))).await.unwrap();
+        assert_eq!(s.find_key(&live.hash).await.unwrap(), None);
+        // put_tenant keeps what a key carries.
+        s.put_tenant(&a, &[rotating.hash]).await.unwrap();
+        let listed = s.list_keys(&"a".into()).await.unwrap();
+        assert_eq!(listed.iter().find(|k| k.hash == rotating.hash).unwrap().expires_at, Some(now + 3600));
+        s.remove_key(&rotating.hash).await.unwrap();
+        assert_eq!(s.list_keys(&"a".into()).await.unwrap().len(), 2);
+    }
+
+    /// Near a hard limit a shrinking reserve is granted an eighth of what is left (rounded
+    /// up), never less than it needs (if that many are left), never more than it asked.
+    pub(crate) async fn near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left(h: &mut Made) {
+        let key = day_key("t", "requests");
+        let s = h.s();
+        let shrink = |units, at_least, seq| ask(&key, units, Some(100), 1, seq).shrinking(at_least);
+        assert_eq!(s.reserve(&shrink(50, 1, 1)).await.unwrap(), Grant::new(13, 13), "⌈100 / 8⌉");
+        assert_eq!(s.reserve(&shrink(5, 1, 2)).await.unwrap(), Grant::new(5, 18), "what it asked");
+        assert_eq!(s.reserve(&shrink(50, 20, 3)).await.unwrap(), Grant::new(20, 38), "what it needs");
+        assert_eq!(s.reserve(&ask(&key, 50, Some(100), 1, 4)).await.unwrap(), Grant::new(50, 88), "not shrinking");
+        assert_eq!(s.reserve(&shrink(50, 1, 5)).await.unwrap(), Grant::new(2, 90), "⌈12 / 8⌉");
+        assert_eq!(s.reserve(&shrink(50, 30, 6)).await.unwrap(), Grant::new(10, 100), "the rest, short of its need");
+        assert_eq!(s.reserve(&shrink(50, 1, 7)).await.unwrap(), Grant::new(0, 100));
     }
 }

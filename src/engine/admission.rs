@@ -6,8 +6,8 @@ use std::{borrow::Cow, num::NonZeroU32, time::Duration};
 use governor::clock::Clock as _;
 
 use super::{
-    engine::{Partial, PendingAdmission, Stage},
-    idempotency::Verdict,
+    engine::{with_timeout, KeyClaim, Partial, PendingAdmission, Stage},
+    idempotency::{settled, Claim, FleetClaim, Idempotency, Verdict, IN_FLIGHT_SECS},
     Admission, Ticket, Tollgate,
 };
 use crate::{
@@ -16,6 +16,7 @@ use crate::{
     engine::Prefetch,
     plan::RouteCost,
     response::{HeaderState, Rejection, RejectionKind},
+    store::{IdempotencyClaim, IdempotencyState},
     tenant::{QuotaRef, Take, Tenant},
 };
 
@@ -32,7 +33,6 @@ impl Tollgate {
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
     pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
-        let (meter, cost) = (route.meter, route.cost);
         if state.plan.on_store_error == StoreErrorPolicy::FailClosed
             && self.shared.buffer_full.load(std::sync::atomic::Ordering::Relaxed)
         {
@@ -45,27 +45,103 @@ impl Tollgate {
         let (charged, claim) = match idem {
             None => (true, None),
             Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
-                Verdict::First(claim) => (true, Some(claim)),
-                Verdict::Replay => {
-                    self.shared.metrics.replays.increment(1);
-                    (false, None)
+                // A key this node has not seen: the store has the fleet's answer.
+                Verdict::First(claim) => {
+                    return Admission::Pending(PendingAdmission {
+                        stage: Stage::Claim(Box::new(KeyClaim { state, claim, key: key.into(), request })),
+                        route,
+                        idempotency: None,
+                    })
                 }
-                Verdict::InFlight => {
-                    let r = Rejection::new(
-                        RejectionKind::IdempotencyKeyInUse,
-                        "a request with this Idempotency-Key is still being processed",
-                    );
-                    return self.reject(r.with_retry_after(1).for_tenant(&state));
-                }
-                Verdict::Mismatch => {
-                    let r = Rejection::new(
-                        RejectionKind::IdempotencyKeyMismatch,
-                        "this Idempotency-Key was used for another request (method or path)",
-                    );
-                    return self.reject(r.for_tenant(&state));
-                }
+                Verdict::Replay => (false, None),
+                Verdict::InFlight => return self.reject(Self::key_in_use(&state)),
+                Verdict::Mismatch => return self.reject(Self::key_mismatch(&state)),
             },
         };
+        self.decide_keyed(state, route, charged, claim)
+    }
+
+    fn key_in_use(state: &Tenant) -> Rejection {
+        let r = Rejection::new(
+            RejectionKind::IdempotencyKeyInUse,
+            "a request with this Idempotency-Key is still being processed",
+        );
+        r.with_retry_after(1).for_tenant(state)
+    }
+
+    fn key_mismatch(state: &Tenant) -> Rejection {
+        let r = Rejection::new(
+            RejectionKind::IdempotencyKeyMismatch,
+            "this Idempotency-Key was used for another request (method or path)",
+        );
+        r.for_tenant(state)
+    }
+
+    /// Asks the store about an `Idempotency-Key` this node has not seen (one conditional
+    /// write), within `usage.store_timeout`; then decides as [`decide`](Self::decide) does.
+    /// A store that does not answer follows `on_store_error`: fail-open charges the request
+    /// under this node's claim alone, fail-closed answers 503.
+    pub(crate) async fn claim_in_store(&self, c: KeyClaim, route: RouteCost) -> Admission {
+        let KeyClaim { state, mut claim, key, request } = c;
+        let now = self.shared.clock.unix_secs();
+        let config = self.shared.runtime.load().config.clone();
+        let window = i64::try_from(config.limits.idempotency_window.as_secs()).unwrap_or(i64::MAX);
+        let owner = self.shared.node
+            ^ (self.shared.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let fleet_key = Idempotency::fleet_key(&state.id, &key);
+        let ask = IdempotencyClaim::new(
+            fleet_key.clone(),
+            format!("{request:032x}"),
+            owner,
+            now,
+            now.saturating_add(IN_FLIGHT_SECS.min(window)),
+            now.saturating_add(window),
+        );
+        let timeout = config.usage.store_timeout;
+        let settling = &self.shared.idempotency.settling;
+        // A claim of this key this node is still settling (a failed request retried at once).
+        settled(settling, &fleet_key, timeout).await;
+        match with_timeout(timeout, self.shared.store.claim_idempotency(&ask)).await {
+            Ok(IdempotencyState::Claimed) => {
+                let settling = settling.clone();
+                claim.fleet =
+                    Some(FleetClaim { store: self.shared.store.clone(), key: fleet_key, owner, timeout, settling });
+                self.decide_keyed(state, route, true, Some(claim))
+            }
+            Ok(IdempotencyState::Completed) => {
+                // Completed on another node: a replay here too from now on.
+                claim.done();
+                self.decide_keyed(state, route, false, None)
+            }
+            Ok(IdempotencyState::InFlight) => self.reject(Self::key_in_use(&state)),
+            Ok(IdempotencyState::Mismatch) => self.reject(Self::key_mismatch(&state)),
+            Err(e) => {
+                self.store_error("claim idempotency key", &e);
+                if state.plan.on_store_error == StoreErrorPolicy::FailClosed {
+                    let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
+                    self.reject(r.with_retry_after(1).for_tenant(&state))
+                } else {
+                    self.decide_keyed(state, route, true, Some(claim))
+                }
+            }
+        }
+    }
+
+    /// [`decide`](Self::decide) once the `Idempotency-Key` (if any) has answered: `charged`
+    /// is false for a replay; `claim` holds the key of a first request.
+    #[inline]
+    pub(crate) fn decide_keyed(
+        &self,
+        state: Tenant,
+        route: RouteCost,
+        charged: bool,
+        claim: Option<Claim>,
+    ) -> Admission {
+        let (meter, cost) = (route.meter, route.cost);
+        if !charged {
+            self.shared.metrics.replays.increment(1);
+        }
         let plan = &state.plan;
         let mut headers = HeaderState::new(meter, route.shape);
         let now = if let Some(policy) = &plan.rate {

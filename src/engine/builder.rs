@@ -11,7 +11,6 @@ use crate::{
     metrics::{Metrics, Totals},
     plan::Runtime,
     store::{MemoryStore, Store},
-    tenant::Fingerprinter,
     worker::Worker,
 };
 
@@ -162,7 +161,6 @@ impl Builder {
         }
         let metrics = Arc::new(Metrics::register());
         let limits = self.config.limits.clone();
-        let fp = Fingerprinter::random();
         let clock = self.clock.unwrap_or_default();
         let runtime = Runtime::compile(self.config, &metrics, &clock);
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
@@ -176,7 +174,7 @@ impl Builder {
             buffer_full: Default::default(),
             sink: self.sink,
             clock,
-            idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity, fp),
+            idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity),
             metrics,
             totals: Totals::default(),
             prefetch: prefetch_tx,

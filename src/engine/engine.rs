@@ -88,8 +88,21 @@ pub struct PendingAdmission {
 }
 
 pub(crate) enum Stage {
-    Resolve { credential: OwnedCredential, meters: Arc<crate::plan::MeterTable> },
+    Resolve {
+        credential: OwnedCredential,
+        meters: Arc<crate::plan::MeterTable>,
+    },
+    /// An `Idempotency-Key` this node has not seen: claimed in the store first.
+    Claim(Box<KeyClaim>),
     Quota(Box<Partial>),
+}
+
+/// A request whose `Idempotency-Key` the store is asked about.
+pub(crate) struct KeyClaim {
+    pub(crate) state: Tenant,
+    pub(crate) claim: Claim,
+    pub(crate) key: Box<[u8]>,
+    pub(crate) request: u128,
 }
 
 pub(crate) enum OwnedCredential {
@@ -111,6 +124,7 @@ impl fmt::Debug for PendingAdmission {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let stage = match &self.stage {
             Stage::Resolve { .. } => "resolve tenant",
+            Stage::Claim(_) => "claim idempotency key",
             Stage::Quota(_) => "lease quota",
         };
         f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.route.cost).finish()
@@ -297,29 +311,29 @@ impl Tollgate {
 
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        let PendingAdmission { stage, route, idempotency } = pending;
-        let partial = match stage {
-            Stage::Quota(partial) => partial,
-            Stage::Resolve { credential, meters } => {
-                let state = match self.lookup(credential).await {
-                    Ok(state) => state,
-                    Err(rejection) => return Err(self.count(rejection)),
-                };
-                // A reload while the request waited: its route indexes the old meters.
-                let route = if Arc::ptr_eq(&state.plan.meters, &meters) {
-                    route
-                } else {
-                    meters.remap(route, &state.plan.meters)
-                };
-                match self.decide(state, route, idempotency.as_ref().map(|(k, r)| (&k[..], *r))) {
-                    Admission::Admitted(t) => return Ok(t),
-                    Admission::Rejected(r) => return Err(r),
-                    Admission::Pending(PendingAdmission { stage: Stage::Quota(p), .. }) => p,
-                    Admission::Pending(_) => unreachable!("decide never asks to resolve a tenant"),
+        let PendingAdmission { mut stage, mut route, idempotency } = pending;
+        loop {
+            let next = match stage {
+                Stage::Quota(partial) => return self.lease_and_take(*partial, route).await,
+                Stage::Resolve { credential, meters } => {
+                    let state = match self.lookup(credential).await {
+                        Ok(state) => state,
+                        Err(rejection) => return Err(self.count(rejection)),
+                    };
+                    // A reload while the request waited: its route indexes the old meters.
+                    if !Arc::ptr_eq(&state.plan.meters, &meters) {
+                        route = meters.remap(route, &state.plan.meters);
+                    }
+                    self.decide(state, route, idempotency.as_ref().map(|(k, r)| (&k[..], *r)))
                 }
+                Stage::Claim(c) => self.claim_in_store(*c, route).await,
+            };
+            match next {
+                Admission::Admitted(t) => return Ok(t),
+                Admission::Rejected(r) => return Err(r),
+                Admission::Pending(p) => (stage, route) = (p.stage, p.route),
             }
-        };
-        self.lease_and_take(*partial, route).await
+        }
     }
 
     pub(crate) fn reject(&self, rejection: Rejection) -> Admission {

@@ -2,6 +2,10 @@
 //! first came with (method and concrete path, query included; bodies are not compared). While
 //! that request is in flight the key answers 409; reused on another request, 422; after it
 //! completed, a replay is admitted but never charged or billed again.
+//!
+//! Each node remembers the keys it saw; a key it has not seen is claimed in the store (one
+//! conditional write), so the answer holds across the fleet. The claim is settled (completed,
+//! or released) after the response, off the request path.
 
 use std::{
     sync::{
@@ -11,10 +15,16 @@ use std::{
     time::Duration,
 };
 
+use sha2::{Digest, Sha256};
+
 use crate::{
     config::TenantId,
-    tenant::{Fingerprinter, TAG_IDEMPOTENCY},
+    store::{IdempotencySettle, Store},
 };
+
+/// How long a claim the store holds for a request in flight stays in force without being
+/// settled: a node that dies mid-request leaves the key usable again after this.
+pub(crate) const IN_FLIGHT_SECS: i64 = 300;
 
 /// The longest `Idempotency-Key` accepted, in bytes.
 const MAX_LEN: usize = 255;
@@ -43,7 +53,68 @@ struct Entry {
 #[derive(Clone)]
 pub(crate) struct Idempotency {
     seen: moka::sync::Cache<u128, Arc<Entry>>,
-    fp: Fingerprinter,
+    /// Claims this node is settling in the store (by fleet key): a request with the same key
+    /// waits for its settlement before it asks the store, so a retry right after a failure
+    /// on this node is never told the key is in flight. Entries leave when settled.
+    pub(crate) settling: Settling,
+}
+
+/// Fleet keys being settled, each with a receiver that closes when the settlement ends.
+pub(crate) type Settling = Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>;
+
+/// A claim held in the store too: settled there when the request ends.
+pub(crate) struct FleetClaim {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) key: String,
+    pub(crate) owner: u64,
+    pub(crate) timeout: Duration,
+    pub(crate) settling: Settling,
+}
+
+/// Removes a settled key from the settling map (once its settlement ended, however).
+struct Forget(Settling, String);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+    }
+}
+
+/// Waits (at most `limit`) for this node's settlement of `key` in the store, if one is under
+/// way.
+pub(crate) async fn settled(settling: &Settling, key: &str, limit: Duration) {
+    let waiting = settling.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned();
+    if let Some(mut rx) = waiting {
+        let _ = tokio::time::timeout(limit, rx.changed()).await;
+    }
+}
+
+impl FleetClaim {
+    /// Settles the claim in the store in the background (after the response), retried a few
+    /// times. A claim left unsettled frees itself after [`IN_FLIGHT_SECS`].
+    fn settle(self, how: IdempotencySettle) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (done, waiting) = tokio::sync::watch::channel(());
+        self.settling.lock().unwrap_or_else(|e| e.into_inner()).insert(self.key.clone(), waiting);
+        rt.spawn(async move {
+            let _done = done;
+            let _forget = Forget(self.settling.clone(), self.key.clone());
+            for attempt in 0..3u32 {
+                match tokio::time::timeout(self.timeout, self.store.settle_idempotency(&self.key, self.owner, how))
+                    .await
+                {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => tracing::debug!(error = %e, attempt, "settling an Idempotency-Key failed"),
+                    Err(_) => tracing::debug!(attempt, "settling an Idempotency-Key timed out"),
+                }
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
+            tracing::warn!(
+                ?how,
+                "an Idempotency-Key could not be settled in the store; it frees itself in {IN_FLIGHT_SECS} s"
+            );
+        });
+    }
 }
 
 /// What a key says about a request.
@@ -66,6 +137,7 @@ pub(crate) struct Claim {
     key: u128,
     entry: Arc<Entry>,
     done: bool,
+    pub(crate) fleet: Option<FleetClaim>,
 }
 
 impl Claim {
@@ -73,11 +145,17 @@ impl Claim {
     pub(crate) fn done(mut self) {
         self.entry.state.store(DONE, Ordering::Release);
         self.done = true;
+        if let Some(fleet) = self.fleet.take() {
+            fleet.settle(IdempotencySettle::Completed);
+        }
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        if let Some(fleet) = self.fleet.take() {
+            fleet.settle(IdempotencySettle::Released);
+        }
         if !self.done {
             let entry = self.entry.clone();
             // Only this claim's entry: a later request may have bound the key anew.
@@ -90,39 +168,55 @@ impl Drop for Claim {
 }
 
 impl Idempotency {
-    pub(crate) fn new(window: Duration, capacity: u64, fp: Fingerprinter) -> Self {
+    pub(crate) fn new(window: Duration, capacity: u64) -> Self {
         let seen = moka::sync::Cache::builder()
             .max_capacity(capacity)
             .time_to_live(window)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
-        Self { seen, fp }
+        Self { seen, settling: Settling::default() }
     }
 
-    fn digest(&self, parts: &[&[u8]]) -> u128 {
-        let mut material = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
+    /// The same on every node (the store compares them): SHA-256 of the length-prefixed parts.
+    fn digest(parts: &[&[u8]]) -> [u8; 32] {
+        let mut h = Sha256::new();
         for p in parts {
-            material.extend_from_slice(&(p.len() as u64).to_le_bytes());
-            material.extend_from_slice(p);
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p);
         }
-        let f = self.fp.of(TAG_IDEMPOTENCY, &material);
-        (u128::from(f.hi) << 64) | u128::from(f.lo)
+        h.finalize().into()
+    }
+
+    fn short(d: [u8; 32]) -> u128 {
+        u128::from_le_bytes(d[..16].try_into().expect("16 of 32 bytes"))
     }
 
     /// The digest of a request a key can be bound to: method and concrete path, query
     /// included.
     pub(crate) fn request(&self, method: &str, path: &str, query: Option<&str>) -> u128 {
         let has_query = [u8::from(query.is_some())];
-        self.digest(&[method.as_bytes(), path.as_bytes(), query.unwrap_or("").as_bytes(), &has_query])
+        Self::short(Self::digest(&[
+            b"request",
+            method.as_bytes(),
+            path.as_bytes(),
+            query.unwrap_or("").as_bytes(),
+            &has_query,
+        ]))
     }
 
-    /// What `key` of `tenant` says about the request with digest `request`.
+    /// The store's name for `key` of `tenant`: a digest, never the key.
+    pub(crate) fn fleet_key(tenant: &TenantId, key: &[u8]) -> String {
+        hex::encode(Self::digest(&[b"idempotency-key", tenant.as_str().as_bytes(), key]))
+    }
+
+    /// What `key` of `tenant` says about the request with digest `request`, as far as this
+    /// node knows.
     pub(crate) fn check(&self, tenant: &TenantId, key: &[u8], request: u128) -> Verdict {
-        let id = self.digest(&[tenant.as_str().as_bytes(), key]);
+        let id = Self::short(Self::digest(&[tenant.as_str().as_bytes(), key]));
         let fresh = Arc::new(Entry { request, state: AtomicU8::new(IN_FLIGHT) });
         let entry = self.seen.entry(id).or_insert_with(|| fresh.clone());
         if entry.is_fresh() && Arc::ptr_eq(entry.value(), &fresh) {
-            return Verdict::First(Claim { set: self.clone(), key: id, entry: fresh, done: false });
+            return Verdict::First(Claim { set: self.clone(), key: id, entry: fresh, done: false, fleet: None });
         }
         let existing = entry.into_value();
         if existing.request != request {

@@ -6,15 +6,12 @@ use std::sync::atomic::Ordering;
 use super::{engine::with_timeout, Tollgate};
 use crate::{
     config::QuotaMode,
-    store::{Grant, Reservation, ReserveToken, StoreError},
+    store::{Grant, Reservation, ReserveToken, StoreError, SHRINK},
     tenant::{Call, CallKind, QuotaRef},
 };
 
 /// How many times a call is sent before it is given up.
 const MAX_ATTEMPTS: u32 = 20;
-
-/// Near a hard limit, a lease keeps at most `1 / SHRINK` of the units the store had left.
-pub(crate) const SHRINK: u64 = 8;
 
 /// What a refill did for the request that waited on it.
 pub(crate) enum Refill {
@@ -25,6 +22,12 @@ pub(crate) enum Refill {
     Short,
     /// Nothing was asked for a request (a prefetch).
     Done,
+}
+
+/// Whether the store's answer says the hard limit is reached: nothing left to lease. (A grant
+/// smaller than asked does not say it: near the limit, grants shrink.)
+fn spent(limit: Option<u64>, grant: &Grant) -> bool {
+    limit.is_some_and(|l| grant.reserved >= l)
 }
 
 impl Tollgate {
@@ -56,8 +59,9 @@ impl Tollgate {
         cell.locked().inflight = Some(call.clone());
         let store = &self.shared.store;
         let answer = match call.kind {
-            CallKind::Reserve { units, owed, limit, .. } => {
-                store.reserve(&Reservation::new(call.key.clone(), units, owed, limit, call.token)).await
+            CallKind::Reserve { units, owed, limit, at_least, .. } => {
+                let r = Reservation::new(call.key.clone(), units, owed, limit, call.token).shrinking(at_least);
+                store.reserve(&r).await
             }
             CallKind::Release { units } => store.release(&call.key, units, call.token).await.map(|()| Grant::new(0, 0)),
         };
@@ -75,9 +79,9 @@ impl Tollgate {
             return Ok(());
         };
         let grant = self.send(cell, call.clone()).await?;
-        if let CallKind::Reserve { units, refill: true, repay, .. } = call.kind {
+        if let CallKind::Reserve { refill: true, repay, limit, .. } = call.kind {
             cell.credit(grant.granted + repay);
-            cell.granted(grant.reserved, grant.granted < units);
+            cell.granted(grant.reserved, spent(limit, &grant));
         }
         Ok(())
     }
@@ -114,7 +118,7 @@ impl Tollgate {
         let kind = if left > 0 {
             CallKind::Release { units: left as u64 }
         } else if left < 0 {
-            CallKind::Reserve { units: 0, owed: left.unsigned_abs(), limit: None, refill: false, repay: 0 }
+            CallKind::Reserve { units: 0, owed: left.unsigned_abs(), limit: None, refill: false, repay: 0, at_least: 0 }
         } else {
             return Ok(());
         };
@@ -134,40 +138,22 @@ impl Tollgate {
         let owed = repay + cell.take_unleased();
         let now_nanos = self.shared.clock.unix_nanos();
         let size = cell.next_size(now_nanos);
-        let units = size.max(need);
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
-        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay };
+        // Near a hard limit, leases shrink (the store grants at most an eighth of what is
+        // left, never less than the waiting request needs): asked that way already from what
+        // the last answer said was left, so the store's rule rarely has to cut the ask.
+        let size = match limit {
+            Some(l) => size.min(l.saturating_sub(cell.known_reserved()).div_ceil(SHRINK).max(1)),
+            None => size,
+        };
+        let units = size.max(need);
+        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: need.max(1) };
         let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
-        let mut grant = self.send(cell, call).await?;
-        let short = grant.granted < units;
-        let mut kept_size = size;
-        if let Some(limit) = limit {
-            // Near the limit, a lease keeps at most an eighth of what the store had left (and
-            // at least what the waiting request needs): the last units are not stranded on a
-            // node that goes quiet. The rest goes straight back.
-            let left_before = limit.saturating_sub(grant.reserved.saturating_sub(grant.granted));
-            let keep = need.max(left_before.div_ceil(SHRINK)).max(1);
-            if grant.granted > keep {
-                let excess = grant.granted - keep;
-                let back = Call {
-                    key: cell.key(start, end),
-                    token: self.token(cell),
-                    kind: CallKind::Release { units: excess },
-                    attempts: 0,
-                };
-                // A release that fails stays in flight and is sent again before anything
-                // else of this cell: the units are given back either way.
-                if let Err(e) = self.send(cell, back).await {
-                    self.store_error("release", &e);
-                }
-                grant = Grant::new(keep, grant.reserved - excess);
-                kept_size = size.min(keep);
-            }
-        }
-        cell.leased(kept_size, now_nanos);
-        cell.granted(grant.reserved, short);
+        let grant = self.send(cell, call).await?;
+        cell.leased(size.min(grant.granted.max(1)), now_nanos);
+        cell.granted(grant.reserved, spent(limit, &grant));
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
         if need > 0 && grant.granted >= need {
             cell.credit(grant.granted - need + repay);
@@ -210,9 +196,14 @@ impl Tollgate {
             let net = i128::from(left) - i128::from(owed);
             let kind = match net.cmp(&0) {
                 std::cmp::Ordering::Greater => CallKind::Release { units: net as u64 },
-                std::cmp::Ordering::Less => {
-                    CallKind::Reserve { units: 0, owed: (-net) as u64, limit: None, refill: false, repay: 0 }
-                }
+                std::cmp::Ordering::Less => CallKind::Reserve {
+                    units: 0,
+                    owed: (-net) as u64,
+                    limit: None,
+                    refill: false,
+                    repay: 0,
+                    at_least: 0,
+                },
                 std::cmp::Ordering::Equal => return Ok(()),
             };
             let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::{
     error::SdkError,
     operation::{
-        query::builders::QueryFluentBuilder, transact_write_items::TransactWriteItemsError,
+        put_item::PutItemError, query::builders::QueryFluentBuilder, transact_write_items::TransactWriteItemsError,
         update_item::UpdateItemError,
     },
     types::{
@@ -18,8 +18,9 @@ use aws_sdk_dynamodb::{
 };
 
 use super::{
-    CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, PlanChange, PlanChangeOutcome, QuotaKey,
-    Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, IdempotencyClaim,
+    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
+    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
 use crate::{config::TenantId, tenant::KeyHash};
 
@@ -519,6 +520,14 @@ fn key_pk(key: &KeyHash) -> String {
     format!("K{SEP}{}", key.to_hex())
 }
 
+fn keys_gpk(tenant: &TenantId) -> String {
+    format!("KEYS{SEP}{tenant}")
+}
+
+fn idempotency_pk(key: &str) -> String {
+    format!("I{SEP}{key}")
+}
+
 fn customer_pk(customer: &str) -> String {
     format!("C{SEP}{customer}")
 }
@@ -566,12 +575,6 @@ fn usage_update(table: &str, tenant: &TenantId, meter: &str, window: i64, quanti
         .map_err(backend)
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// Why a transaction was cancelled: one code per action (`None` for the actions that were
 /// fine), or `None` for another error.
 fn cancellation(e: &SdkError<TransactWriteItemsError, impl std::fmt::Debug>) -> Option<Vec<Option<String>>> {
@@ -598,15 +601,17 @@ fn retryable(reasons: &[Option<String>]) -> bool {
 impl Store for DynamoStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         // First as if the counter allowed everything asked (one conditional ADD); when the limit
-        // refuses, the counter as it was says how much is left, and that is asked for.
-        let within = |units: u64| match r.limit {
-            Some(l) => units.min(l.saturating_sub(r.owed)),
-            None => units,
+        // refuses, the counter as it was says how much is left, and what the rule grants for
+        // that is asked for (`Reservation::grant_for`: near the limit, an eighth of what is
+        // left), on the condition that at least as much is still left.
+        let within = |left: u64| match r.limit {
+            Some(_) => r.grant_for(left),
+            None => r.units,
         };
-        let mut units = within(r.units);
+        let mut units = within(r.limit.map_or(u64::MAX, |l| l.saturating_sub(r.owed)));
         for attempt in 0..ATTEMPTS {
             let at_most = match r.limit {
-                Some(l) if units > 0 => Some(int(l - r.owed - units)),
+                Some(l) if units > 0 => Some(int(l.saturating_sub(r.owed).saturating_sub(r.left_needed(units)))),
                 _ => None,
             };
             let delta = int(r.owed.saturating_add(units));
@@ -624,7 +629,7 @@ impl Store for DynamoStore {
                     }
                     let reserved = get_u(&item, "reserved");
                     let left = r.limit.map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed)));
-                    units = within(r.units).min(left);
+                    units = within(left);
                     if attempt > 2 {
                         backoff(attempt).await;
                     }
@@ -1036,9 +1041,136 @@ impl Store for DynamoStore {
 
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         let Some(link) = self.get(key_pk(key), "K").await? else { return Ok(None) };
+        if get_i(&link, "expires_at").is_some_and(|at| at <= unix_now()) {
+            return Ok(None);
+        }
         match get_s(&link, "tenant") {
             Some(tenant) => self.tenant(&tenant.into()).await,
             None => Ok(None),
+        }
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(key_pk(&key.hash)))
+            .item("sk", s("K"))
+            .item("tenant", s(key.tenant.as_str()))
+            .item("kid", s(key.id.as_str()))
+            .item("prefix", s(key.prefix.as_str()))
+            .item("created_at", n(key.created_at))
+            .item("gpk", s(keys_gpk(&key.tenant)))
+            .item("gsk", s(key.id.as_str()))
+            .condition_expression("attribute_not_exists(pk) OR tenant = :t")
+            .expression_attribute_values(":t", s(key.tenant.as_str()));
+        if let Some(at) = key.expires_at {
+            put = put.item("expires_at", n(at));
+        }
+        match put.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_ccf(&e) => Err(StoreError::Conflict("the API key, held by another tenant")),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let items = self.index_items("gsi1", ("gpk", &keys_gpk(tenant)), ("gsk", None), usize::MAX, |q| q).await?;
+        let mut keys: Vec<ApiKeyRecord> = items
+            .iter()
+            .filter_map(|item| {
+                let hash = KeyHash::from_hex(get_s(item, "pk")?.strip_prefix("K\u{1}")?)?;
+                let created = get_i(item, "created_at").unwrap_or(0);
+                Some(
+                    ApiKeyRecord::new(hash, tenant.clone(), created)
+                        .with_prefix(get_s(item, "prefix").unwrap_or(""))
+                        .with_expiry(get_i(item, "expires_at")),
+                )
+            })
+            .collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
+        let out = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(idempotency_pk(&c.key)))
+            .item("sk", s("I"))
+            .item("request", s(c.request.as_str()))
+            .item("owner", s(hex_node(c.owner)))
+            .item("completed", AttributeValue::Bool(false))
+            .item("until", n(c.in_flight_until))
+            .item("ttl", n(c.expires_at))
+            // Free: never claimed, expired (TTL deletion is lazy), or left in flight too long.
+            .condition_expression("attribute_not_exists(pk) OR #ttl <= :now OR (completed = :no AND #until <= :now)")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_names("#until", "until")
+            .expression_attribute_values(":now", n(c.now))
+            .expression_attribute_values(":no", AttributeValue::Bool(false))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(IdempotencyState::Claimed),
+            Err(e) => match e.into_service_error() {
+                PutItemError::ConditionalCheckFailedException(held) => {
+                    let held = held.item.unwrap_or_default();
+                    let completed = held.get("completed").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
+                    Ok(if get_s(&held, "request") != Some(c.request.as_str()) {
+                        IdempotencyState::Mismatch
+                    } else if completed {
+                        IdempotencyState::Completed
+                    } else {
+                        IdempotencyState::InFlight
+                    })
+                }
+                e => Err(backend(e)),
+            },
+        }
+    }
+
+    async fn settle_idempotency(&self, key: &str, owner: u64, how: IdempotencySettle) -> Result<(), StoreError> {
+        let pk = idempotency_pk(key);
+        let result = match how {
+            IdempotencySettle::Completed => self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(pk))
+                .key("sk", s("I"))
+                .update_expression("SET completed = :yes")
+                .condition_expression("#owner = :o AND completed = :no")
+                .expression_attribute_names("#owner", "owner")
+                .expression_attribute_values(":o", s(hex_node(owner)))
+                .expression_attribute_values(":yes", AttributeValue::Bool(true))
+                .expression_attribute_values(":no", AttributeValue::Bool(false))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| (is_ccf(&e), sdk(e))),
+            _ => self
+                .client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", s(pk))
+                .key("sk", s("I"))
+                .condition_expression("#owner = :o AND completed = :no")
+                .expression_attribute_names("#owner", "owner")
+                .expression_attribute_values(":o", s(hex_node(owner)))
+                .expression_attribute_values(":no", AttributeValue::Bool(false))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| (is_ccf(&e), sdk(e))),
+        };
+        match result {
+            // Not this owner's any more (expired and claimed again): nothing to do.
+            Ok(()) | Err((true, _)) => Ok(()),
+            Err((false, e)) => Err(e),
         }
     }
 
@@ -1109,12 +1241,22 @@ impl Store for DynamoStore {
                 .await;
         }
         for key in keys {
+            // A key new to the table gets its id and creation time; one held keeps its
+            // prefix and expiry.
             self.client
-                .put_item()
+                .update_item()
                 .table_name(&self.table)
-                .item("pk", s(key_pk(key)))
-                .item("sk", s("K"))
-                .item("tenant", s(record.id.as_str()))
+                .key("pk", s(key_pk(key)))
+                .key("sk", s("K"))
+                .update_expression(
+                    "SET tenant = :t, gpk = :g, gsk = :id, kid = :id, created_at = if_not_exists(created_at, :now), \
+                     prefix = if_not_exists(prefix, :empty)",
+                )
+                .expression_attribute_values(":t", s(record.id.as_str()))
+                .expression_attribute_values(":g", s(keys_gpk(&record.id)))
+                .expression_attribute_values(":id", s(key.id()))
+                .expression_attribute_values(":now", n(unix_now()))
+                .expression_attribute_values(":empty", s(""))
                 .send()
                 .await
                 .map_err(sdk)?;

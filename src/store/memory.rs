@@ -6,9 +6,9 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, PlanChange, PlanChangeOutcome,
-    QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch,
-    UsageEvent,
+    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, IdempotencyClaim,
+    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
+    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
 use crate::{
     config::{MeterId, TenantId},
@@ -45,19 +45,55 @@ struct Inner {
     usage: BTreeMap<ExportKey, Aggregate>,
     flushes: HashSet<FlushId>,
     flush_order: VecDeque<FlushId>,
-    keys: HashMap<KeyHash, TenantId>,
+    keys: HashMap<KeyHash, ApiKeyRecord>,
     tenants: BTreeMap<TenantId, TenantRecord>,
     customers: HashMap<String, TenantId>,
     /// Usage event ids and webhook event ids seen, with the time kept by (an event's time, a
     /// webhook event's creation), in the order they came.
     events: Seen,
     webhooks: Seen,
+    /// `Idempotency-Key` bindings, at most [`IDEMPOTENCY_KEYS_MAX`].
+    idempotency: HashMap<String, Binding>,
     /// The newest window committed, and when aggregates were last pruned against it.
     newest_window: i64,
     pruned_at: i64,
 }
 
+/// The most `Idempotency-Key` bindings held: past it, expired ones are dropped, then the ones
+/// expiring first.
+const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
+
+/// One `Idempotency-Key` binding.
+#[derive(Debug)]
+struct Binding {
+    request: String,
+    owner: u64,
+    completed: bool,
+    in_flight_until: i64,
+    expires_at: i64,
+}
+
+impl Binding {
+    /// Whether the binding still holds at `now`.
+    fn live(&self, now: i64) -> bool {
+        now < self.expires_at && (self.completed || now < self.in_flight_until)
+    }
+}
+
 impl Inner {
+    fn make_room_for_binding(&mut self, now: i64) {
+        if self.idempotency.len() < IDEMPOTENCY_KEYS_MAX {
+            return;
+        }
+        self.idempotency.retain(|_, b| b.live(now));
+        if self.idempotency.len() >= IDEMPOTENCY_KEYS_MAX {
+            // Every binding is live: the one expiring first goes.
+            if let Some(k) = self.idempotency.iter().min_by_key(|(_, b)| b.expires_at).map(|(k, _)| k.clone()) {
+                self.idempotency.remove(&k);
+            }
+        }
+    }
+
     /// Drops aggregates past [`RETENTION_SECS`], at most once an hour of window time.
     fn prune(&mut self) {
         if self.newest_window - self.pruned_at < 3600 {
@@ -244,7 +280,7 @@ impl Store for MemoryStore {
         }
         c.reserved = c.reserved.saturating_add(r.owed);
         let granted = match r.limit {
-            Some(limit) => r.units.min(limit.saturating_sub(c.reserved)),
+            Some(limit) => r.grant_for(limit.saturating_sub(c.reserved)),
             None => r.units,
         };
         c.reserved = c.reserved.saturating_add(granted);
@@ -387,6 +423,49 @@ impl Store for MemoryStore {
         false
     }
 
+    async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
+        let mut inner = self.lock();
+        if let Some(b) = inner.idempotency.get(&c.key) {
+            if b.live(c.now) {
+                return Ok(if b.request != c.request {
+                    IdempotencyState::Mismatch
+                } else if b.completed {
+                    IdempotencyState::Completed
+                } else {
+                    IdempotencyState::InFlight
+                });
+            }
+        }
+        inner.make_room_for_binding(c.now);
+        let binding = Binding {
+            request: c.request.clone(),
+            owner: c.owner,
+            completed: false,
+            in_flight_until: c.in_flight_until,
+            expires_at: c.expires_at,
+        };
+        inner.idempotency.insert(c.key.clone(), binding);
+        Ok(IdempotencyState::Claimed)
+    }
+
+    async fn settle_idempotency(&self, key: &str, owner: u64, how: IdempotencySettle) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let held = inner.idempotency.get(key).is_some_and(|b| b.owner == owner && !b.completed);
+        if held {
+            match how {
+                IdempotencySettle::Completed => {
+                    if let Some(b) = inner.idempotency.get_mut(key) {
+                        b.completed = true;
+                    }
+                }
+                IdempotencySettle::Released => {
+                    inner.idempotency.remove(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         let mut inner = self.lock();
         let mut out = Vec::with_capacity(events.len());
@@ -451,7 +530,8 @@ impl Store for MemoryStore {
 
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         let inner = self.lock();
-        Ok(inner.keys.get(key).and_then(|t| inner.tenants.get(t)).cloned())
+        let now = super::unix_now();
+        Ok(inner.keys.get(key).filter(|k| k.is_live(now)).and_then(|k| inner.tenants.get(&k.tenant)).cloned())
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
@@ -478,10 +558,30 @@ impl Store for MemoryStore {
                 }
             }
         }
+        let now = super::unix_now();
         for key in keys {
-            inner.keys.insert(*key, record.id.clone());
+            inner
+                .keys
+                .entry(*key)
+                .and_modify(|k| k.tenant = record.id.clone())
+                .or_insert_with(|| ApiKeyRecord::new(*key, record.id.clone(), now));
         }
         Ok(())
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.keys.get(&key.hash).is_some_and(|k| k.tenant != key.tenant) {
+            return Err(StoreError::Conflict("the API key, held by another tenant"));
+        }
+        inner.keys.insert(key.hash, key.clone());
+        Ok(())
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let mut keys: Vec<_> = self.lock().keys.values().filter(|k| &k.tenant == tenant).cloned().collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
     }
 
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {

@@ -15,7 +15,12 @@ pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 pub use types::{
-    CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, PlanChange, PlanChangeOutcome,
-    QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch,
-    UsageEvent, UsageRecord,
+    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, IdempotencyClaim,
+    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
+    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord, SHRINK,
 };
+
+/// Now by the wall clock, in Unix seconds: what key expiry is measured against.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}

@@ -3,15 +3,16 @@
 use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, PlanChange, PlanChangeOutcome, QuotaKey,
-    Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, IdempotencyClaim,
+    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
+    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
 use crate::{
     config::{Synchronous, TenantId},
@@ -22,7 +23,7 @@ use crate::{
 /// ours, and is refused rather than written to.
 const APPLICATION_ID: i32 = 0x5447_4C31;
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(crate) const SCHEMA_VERSION: i32 = 1;
+pub(crate) const SCHEMA_VERSION: i32 = 2;
 /// How long a call waits for another connection's write lock (SQLite's busy handler) before
 /// the call is retried.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,11 +49,14 @@ const EVENT_IDS_KEPT_SECS: i64 = 35 * 86_400;
 const EVENT_IDS_MAX: i64 = 1 << 20;
 /// The senders whose last quota call a counter remembers (as the memory store).
 const SENDERS_KEPT: i64 = 64;
+/// The most `Idempotency-Key` bindings kept past the hourly prune (those expiring first go).
+const IDEMPOTENCY_KEYS_MAX: i64 = 1 << 20;
 /// Old rows are pruned at most this often (in window time or in wall-clock time).
 const PRUNE_EVERY_SECS: i64 = 3600;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE quota (
     tenant   TEXT NOT NULL,
     meter    TEXT NOT NULL,
@@ -125,7 +129,22 @@ CREATE TABLE api_key (
     tenant TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX api_key_tenant ON api_key (tenant);
-"];
+",
+    r"
+ALTER TABLE api_key ADD COLUMN prefix TEXT NOT NULL DEFAULT '';
+ALTER TABLE api_key ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_key ADD COLUMN expires_at INTEGER;
+CREATE TABLE idempotency (
+    key             TEXT PRIMARY KEY,
+    request         TEXT NOT NULL,
+    owner           INTEGER NOT NULL,
+    completed       INTEGER NOT NULL,
+    in_flight_until INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX idempotency_expires ON idempotency (expires_at);
+",
+];
 
 /// The embedded durable store: quotas, usage and its export state, flush ids, the tenant
 /// directory (key hashes only) and dead letters in one SQLite file, so that a restarted
@@ -225,10 +244,6 @@ fn uint(v: i64) -> u64 {
 /// A node or sender id (any u64) as an SQLite integer, bit for bit.
 fn node_int(v: u64) -> i64 {
     i64::from_ne_bytes(v.to_ne_bytes())
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl SqliteStore {
@@ -409,6 +424,12 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
             [EVENT_IDS_MAX],
         )?;
     }
+    tx.execute("DELETE FROM idempotency WHERE expires_at <= ?1", [wall])?;
+    tx.execute(
+        "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency ORDER BY expires_at \
+         LIMIT max(0, (SELECT count(*) FROM idempotency) - ?1))",
+        [IDEMPOTENCY_KEYS_MAX],
+    )?;
     tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
     Ok(())
 }
@@ -759,7 +780,7 @@ impl Store for SqliteStore {
             }
             let reserved = uint(reserved).saturating_add(r.owed);
             let granted = match r.limit {
-                Some(limit) => r.units.min(limit.saturating_sub(reserved)),
+                Some(limit) => r.grant_for(limit.saturating_sub(reserved)),
                 None => r.units,
             };
             let grant = Grant::new(granted, reserved.saturating_add(granted));
@@ -1057,10 +1078,104 @@ impl Store for SqliteStore {
         let key = *key;
         self.read(move |tx| {
             tx.prepare_cached(&format!(
-                "SELECT {TENANT_COLUMNS} FROM api_key k JOIN tenant t ON t.id = k.tenant WHERE k.hash = ?1"
+                "SELECT {TENANT_COLUMNS} FROM api_key k JOIN tenant t ON t.id = k.tenant \
+                 WHERE k.hash = ?1 AND (k.expires_at IS NULL OR k.expires_at > ?2)"
             ))?
-            .query_row([&key.as_bytes()[..]], tenant_row)
+            .query_row(params![&key.as_bytes()[..], unix_now()], tenant_row)
             .optional()
+        })
+        .await
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.write(move |tx, _| {
+            let changed = tx
+                .prepare_cached(
+                    "INSERT INTO api_key (hash, tenant, prefix, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at \
+                     WHERE api_key.tenant = excluded.tenant",
+                )?
+                .execute(params![
+                    &key.hash.as_bytes()[..],
+                    key.tenant.as_str(),
+                    key.prefix,
+                    key.created_at,
+                    key.expires_at
+                ])?;
+            Ok(changed)
+        })
+        .await
+        .and_then(|changed| match changed {
+            0 => Err(StoreError::Conflict("the API key, held by another tenant")),
+            _ => Ok(()),
+        })
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |tx| {
+            let mut keys = tx
+                .prepare_cached("SELECT hash, prefix, created_at, expires_at FROM api_key WHERE tenant = ?1")?
+                .query_map([tenant.as_str()], |r| {
+                    let hash: Vec<u8> = r.get(0)?;
+                    let hash = KeyHash::from_bytes(&hash).ok_or(rusqlite::Error::InvalidColumnType(
+                        0,
+                        "hash".into(),
+                        rusqlite::types::Type::Blob,
+                    ))?;
+                    Ok(ApiKeyRecord::new(hash, tenant.clone(), r.get(2)?)
+                        .with_prefix(r.get::<_, String>(1)?)
+                        .with_expiry(r.get(3)?))
+                })?
+                .collect::<Sql<Vec<_>>>()?;
+            keys.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
+        let c = c.clone();
+        self.write(move |tx, _| {
+            let held: Option<(String, bool, i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT request, completed, in_flight_until, expires_at FROM idempotency WHERE key = ?1",
+                )?
+                .query_row([&c.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()?;
+            if let Some((request, completed, until, expires)) = held {
+                if c.now < expires && (completed || c.now < until) {
+                    return Ok(if request != c.request {
+                        IdempotencyState::Mismatch
+                    } else if completed {
+                        IdempotencyState::Completed
+                    } else {
+                        IdempotencyState::InFlight
+                    });
+                }
+            }
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO idempotency (key, request, owner, completed, in_flight_until, expires_at) \
+                 VALUES (?1, ?2, ?3, 0, ?4, ?5)",
+            )?
+            .execute(params![c.key, c.request, c.owner as i64, c.in_flight_until, c.expires_at])?;
+            Ok(IdempotencyState::Claimed)
+        })
+        .await
+    }
+
+    async fn settle_idempotency(&self, key: &str, owner: u64, how: IdempotencySettle) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.write(move |tx, _| {
+            let sql = match how {
+                IdempotencySettle::Completed => {
+                    "UPDATE idempotency SET completed = 1 WHERE key = ?1 AND owner = ?2 AND completed = 0"
+                }
+                _ => "DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0",
+            };
+            tx.prepare_cached(sql)?.execute(params![key, owner as i64])?;
+            Ok(())
         })
         .await
     }
@@ -1092,10 +1207,10 @@ impl Store for SqliteStore {
             .execute(params![id, record.plan.as_str(), record.customer, record.last_event_at])?;
             for key in &keys {
                 tx.prepare_cached(
-                    "INSERT INTO api_key (hash, tenant) VALUES (?1, ?2) \
+                    "INSERT INTO api_key (hash, tenant, created_at) VALUES (?1, ?2, ?3) \
                      ON CONFLICT (hash) DO UPDATE SET tenant = excluded.tenant",
                 )?
-                .execute(params![&key.as_bytes()[..], id])?;
+                .execute(params![&key.as_bytes()[..], id, unix_now()])?;
             }
             Ok(())
         })

@@ -79,12 +79,45 @@ pub struct Reservation {
     pub limit: Option<u64>,
     /// The call's token.
     pub token: ReserveToken,
+    /// Under a limit, the fewest units worth granting (what a waiting request needs): near
+    /// the limit the grant shrinks towards it, see [`grant_for`](Self::grant_for). Equal to
+    /// `units` unless [`shrinking`](Self::shrinking) was called: no shrinking.
+    pub at_least: u64,
 }
+
+/// Near a hard limit a grant is at most `1 / SHRINK` of the units left.
+pub const SHRINK: u64 = 8;
 
 impl Reservation {
     /// A reservation of `units` of `key` under `limit`, owing `owed`.
     pub fn new(key: QuotaKey, units: u64, owed: u64, limit: Option<u64>, token: ReserveToken) -> Self {
-        Self { key, units, owed, limit, token }
+        Self { key, units, owed, limit, token, at_least: units }
+    }
+
+    /// A lease that shrinks near the limit: it is granted at most an eighth of the units left
+    /// (rounded up), but `at_least` of them if that many are left. So the last units of a
+    /// period go out in ever smaller leases, and a node that goes quiet strands few.
+    #[must_use]
+    pub fn shrinking(mut self, at_least: u64) -> Self {
+        self.at_least = at_least.min(self.units);
+        self
+    }
+
+    /// The units granted when `left` remain under the limit (after what is owed): what is
+    /// asked, at most [`SHRINK`]th of `left` rounded up (never below `at_least`), and never
+    /// more than `left`. Every store grants by this rule.
+    pub fn grant_for(&self, left: u64) -> u64 {
+        self.units.min(left.div_ceil(SHRINK).max(self.at_least)).min(left)
+    }
+
+    /// The fewest units that must be left for [`grant_for`](Self::grant_for) to allow a
+    /// grant of `granted` (for stores that grant by a conditional write: the condition).
+    pub fn left_needed(&self, granted: u64) -> u64 {
+        if granted <= self.at_least {
+            granted
+        } else {
+            granted.max(SHRINK * (granted - 1) + 1)
+        }
     }
 }
 
@@ -372,6 +405,115 @@ impl TenantRecord {
     }
 }
 
+/// An API key in the directory: its SHA-256 hash (never the key), its tenant, a short id to
+/// name it by, the first characters of the key to recognise it by, and an optional expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApiKeyRecord {
+    /// The key's SHA-256 hash.
+    pub hash: KeyHash,
+    /// The tenant it identifies.
+    pub tenant: TenantId,
+    /// Its id: [`KeyHash::id`], so an id can be given for a key imported as a hash too.
+    pub id: String,
+    /// The first characters of the key, for people to recognise it (`tg_live_ab12`); empty
+    /// when only the hash was ever known.
+    pub prefix: String,
+    /// When it was added (Unix seconds).
+    pub created_at: i64,
+    /// From when it no longer works (Unix seconds, wall clock), if ever: expired keys stay
+    /// listed but no longer identify anyone.
+    pub expires_at: Option<i64>,
+}
+
+impl ApiKeyRecord {
+    /// The key with this hash, identifying `tenant`, added at `created_at`, without a prefix
+    /// or an expiry.
+    pub fn new(hash: KeyHash, tenant: TenantId, created_at: i64) -> Self {
+        Self { id: hash.id(), hash, tenant, prefix: String::new(), created_at, expires_at: None }
+    }
+
+    /// With the first characters of the key.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Expiring at `at` (Unix seconds).
+    #[must_use]
+    pub fn with_expiry(mut self, at: Option<i64>) -> Self {
+        self.expires_at = at;
+        self
+    }
+
+    /// Whether the key still works at `now` (Unix seconds).
+    pub fn is_live(&self, now: i64) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
+    }
+}
+
+/// A claim on an `Idempotency-Key` for the whole fleet: the first node to put it runs the
+/// request; every node answers the others from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdempotencyClaim {
+    /// The key with its tenant: a SHA-256 digest in hexadecimal (never the key itself).
+    pub key: String,
+    /// The request the key is bound to (method, path and query): a digest in hexadecimal.
+    pub request: String,
+    /// Who claims it: drawn per request, so only this claim can settle it.
+    pub owner: u64,
+    /// Now, in Unix seconds.
+    pub now: i64,
+    /// Until when an unsettled claim holds (a node that dies with the request in flight
+    /// leaves the key usable again after this).
+    pub in_flight_until: i64,
+    /// When the binding expires (`limits.idempotency_window` after the claim).
+    pub expires_at: i64,
+}
+
+impl IdempotencyClaim {
+    /// A claim of `key` for `request` by `owner` at `now`, in flight until `in_flight_until`,
+    /// forgotten at `expires_at`.
+    pub fn new(
+        key: impl Into<String>,
+        request: impl Into<String>,
+        owner: u64,
+        now: i64,
+        in_flight_until: i64,
+        expires_at: i64,
+    ) -> Self {
+        Self { key: key.into(), request: request.into(), owner, now, in_flight_until, expires_at }
+    }
+}
+
+/// What the store said to an [`IdempotencyClaim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdempotencyState {
+    /// The key was free (never used, expired, or its holder's in-flight time ran out): it is
+    /// now bound to this request, in flight, for this owner.
+    Claimed,
+    /// The key is bound to this request, which another claim is still running: 409.
+    InFlight,
+    /// The key is bound to this request, which completed: a replay (not charged).
+    Completed,
+    /// The key is bound to another request: 422.
+    Mismatch,
+}
+
+/// How a claimed key ends: [`Store::settle_idempotency`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdempotencySettle {
+    /// The request completed and was billed: later requests with the key are replays until
+    /// the binding expires.
+    Completed,
+    /// The request was not billed (refused, failed, dropped): the key is free again.
+    Released,
+}
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -476,17 +618,36 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// the same write as the change.
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError>;
 
-    /// The tenant owning the API key with this hash.
+    /// The tenant owning the API key with this hash, if the key has not expired (by the wall
+    /// clock).
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// Adds an API key, or updates its prefix and expiry. Refused with
+    /// [`StoreError::Conflict`] when the hash belongs to another tenant.
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+
+    /// The API keys of `tenant`, expired ones included, in id order.
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError>;
 
     /// A tenant by id.
     async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError>;
 
-    /// Creates or replaces a tenant and gives it these keys (keys held by nobody else).
+    /// Creates or replaces a tenant and gives it these keys (keys held by nobody else); a key
+    /// new to the store gets no prefix and no expiry, one it holds keeps them.
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError>;
 
     /// Removes an API key from the directory.
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError>;
+
+    /// Claims an `Idempotency-Key` for the fleet: one conditional write. A binding that
+    /// expired, or whose in-flight time ran out unsettled, is replaced; otherwise the binding
+    /// stays and the answer says what it is. Bindings are bounded and expire at
+    /// `expires_at`.
+    async fn claim_idempotency(&self, claim: &IdempotencyClaim) -> Result<IdempotencyState, StoreError>;
+
+    /// Settles a claim made by `owner`: marks the key completed, or frees it. Changes nothing
+    /// when the key is no longer held by `owner`.
+    async fn settle_idempotency(&self, key: &str, owner: u64, how: IdempotencySettle) -> Result<(), StoreError>;
 
     /// The most usage records one [`commit_usage`](Self::commit_usage) call takes; larger
     /// flushes are split into several batches, each with its own id.

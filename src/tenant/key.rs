@@ -18,11 +18,22 @@ impl KeyHash {
         Self(Sha256::digest(key).into())
     }
 
+    /// A digest from its 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Some(Self(bytes.try_into().ok()?))
+    }
+
     /// Reads a digest written as 64 hexadecimal digits.
     pub fn from_hex(hex: &str) -> Option<Self> {
         let mut out = [0u8; 32];
         hex::decode_to_slice(hex.trim(), &mut out).ok()?;
         Some(Self(out))
+    }
+
+    /// The key's short id: `k_` and the first 12 hexadecimal digits of the digest. It names a
+    /// key in listings and revocations without revealing anything usable.
+    pub fn id(&self) -> String {
+        format!("k_{}", &self.to_hex()[..12])
     }
 
     /// The digest as 64 lowercase hexadecimal digits.
@@ -98,7 +109,7 @@ impl Identity {
     }
 }
 
-/// A 128-bit keyed digest of a credential, or of an idempotency key with its tenant.
+/// A 128-bit keyed digest of a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Fingerprint {
     pub(crate) lo: u64,
@@ -115,7 +126,6 @@ pub(crate) struct Fingerprinter {
 
 pub(crate) const TAG_API_KEY: u8 = 1;
 pub(crate) const TAG_TENANT: u8 = 2;
-pub(crate) const TAG_IDEMPOTENCY: u8 = 3;
 
 impl Fingerprinter {
     pub(crate) fn random() -> Self {

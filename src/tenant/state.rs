@@ -358,7 +358,7 @@ pub(crate) struct Call {
 pub(crate) enum CallKind {
     /// Reserve `units` (under `limit`), owing `owed`; the answer goes to the lease when
     /// `refill` (with `repay` units of the lease's debt that `owed` covers).
-    Reserve { units: u64, owed: u64, limit: Option<u64>, refill: bool, repay: u64 },
+    Reserve { units: u64, owed: u64, limit: Option<u64>, refill: bool, repay: u64, at_least: u64 },
     /// Give back `units`.
     Release { units: u64 },
 }
@@ -676,6 +676,12 @@ impl<'a> QuotaRef<'a> {
 
     /// Records the store's answer: `reserved` units in all; whether the hard limit is reached
     /// (fewer units granted than asked). Call with the lock held.
+    /// Units reserved by the whole fleet as of the store's last answer (0 before one in this
+    /// period): a lower bound, other nodes may have reserved more since.
+    pub(crate) fn known_reserved(&self) -> u64 {
+        self.cold().reserved.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn granted(&self, reserved: u64, short: bool) {
         self.cold().reserved.store(reserved, Ordering::Release);
         if self.hard() && short {

@@ -319,6 +319,31 @@ impl Store for Faulty {
     async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), StoreError> {
         self.inner.remove_key(key).await
     }
+    async fn put_key(&self, key: &tollgate::store::ApiKeyRecord) -> Result<(), StoreError> {
+        self.inner.put_key(key).await
+    }
+    async fn list_keys(
+        &self,
+        tenant: &tollgate::config::TenantId,
+    ) -> Result<Vec<tollgate::store::ApiKeyRecord>, StoreError> {
+        self.inner.list_keys(tenant).await
+    }
+    async fn claim_idempotency(
+        &self,
+        claim: &tollgate::store::IdempotencyClaim,
+    ) -> Result<tollgate::store::IdempotencyState, StoreError> {
+        self.check()?;
+        self.inner.claim_idempotency(claim).await
+    }
+    async fn settle_idempotency(
+        &self,
+        key: &str,
+        owner: u64,
+        how: tollgate::store::IdempotencySettle,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.settle_idempotency(key, owner, how).await
+    }
     fn is_durable(&self) -> bool {
         // Stands for a database: shutdown exports only closed windows.
         true
@@ -351,4 +376,47 @@ impl tollgate::billing::BillingSink for Collect {
         self.0.lock().unwrap().push(event.clone());
         Ok(())
     }
+}
+
+/// Two nodes (engines with their workers) on one store: an `Idempotency-Key` answers the same
+/// on both. The first request holds the key on node A (in flight): node B answers 409; once it
+/// completed, B replays it without charging or billing; another request with the key gets 422
+/// on either node; and the usage stored is one request's.
+pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<dyn Store>, tenant: &str, key: &str) {
+    use tollgate::{Admission, Credential, RejectionKind, RequestInfo};
+    let toml = format!(
+        "[plans.p]\nquotas.requests = {{ limit = 100, period = \"day\", mode = \"hard\" }}\n\
+         [tenants.{tenant}]\nplan = \"p\"\nkeys = [\"{key}\"]\n"
+    );
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let a = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let b = node_with_worker(&toml, store_b, clock, handle);
+    let info = RequestInfo::new("POST", "/orders", Credential::ApiKey(key.as_bytes())).with_idempotency_key(b"order-7");
+    let first = match a.tollgate.admit(&info) {
+        Admission::Pending(p) => a.tollgate.resolve(p).await.unwrap(),
+        other => panic!("a key this node has not seen asks the store: {other:?}"),
+    };
+    let post = |path: &str| req("POST", path, Some(key), Some("order-7"));
+    let r = b.send(post("/orders")).await;
+    assert_eq!(r.status, 409, "in flight on node A");
+    assert_eq!(r.rejection.unwrap().kind(), RejectionKind::IdempotencyKeyInUse);
+    assert_eq!(b.send(post("/other")).await.status, 422, "bound to another request");
+    assert!(first.complete(201));
+    // The claim is settled in the store right after the response.
+    let mut replay = StatusCode::CONFLICT;
+    for _ in 0..100 {
+        replay = b.send(post("/orders")).await.status;
+        if replay != 409 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(replay, 200, "a replay on node B");
+    assert_eq!(b.send(post("/orders")).await.status, 200, "and again, from B's own memory");
+    assert_eq!(a.send(post("/other")).await.status, 422);
+    assert_eq!(b.send(post("/other")).await.status, 422);
+    a.tollgate.shutdown().await.unwrap();
+    b.tollgate.shutdown().await.unwrap();
+    let stored = store.usage_range(&tenant.into(), NOON - 86_400, NOON + 86_400).await.unwrap();
+    assert_eq!(stored.iter().map(|u| u.quantity).sum::<u64>(), 1, "billed once across the fleet: {stored:?}");
 }
