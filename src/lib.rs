@@ -1,6 +1,7 @@
 #![doc = include_str!("../docs/crate.md")]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod admin;
 pub mod billing;
 pub mod clock;
 pub mod config;

@@ -36,7 +36,7 @@ pub enum BuildError {
 }
 
 /// Opens the store `settings` name.
-async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, BuildError> {
+pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, BuildError> {
     match settings {
         StoreSettings::Memory => Ok(Arc::new(MemoryStore::new())),
         #[cfg(feature = "sqlite")]

@@ -15,6 +15,7 @@ mod table;
 mod ticket;
 mod wait;
 
+pub(crate) use builder::open_store;
 pub use builder::{BuildError, Builder};
 pub use door::FrontDoor;
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};

@@ -1,0 +1,551 @@
+//! The directory's administration, for the `tollgate` command and for teams that build their own
+//! admin pages: tenants and their plans, API keys (issued, listed, rotated, revoked, imported),
+//! and the usage a tenant was billed. It works on any [`Store`], and checks plans against the
+//! configuration.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use tollgate::admin::{Admin, KeyOptions};
+//!
+//! let config = tollgate::Config::from_toml_str("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"10/s\"\n").unwrap();
+//! let admin = Admin::open(&config).await.unwrap();
+//! admin.add_tenant("acme", "free", None).await.unwrap();
+//! let issued = admin.issue_key("acme", KeyOptions::default()).await.unwrap();
+//! assert!(issued.key.starts_with("tg_live_")); // shown once: only its hash is stored
+//! assert_eq!(admin.keys("acme").await.unwrap()[0].id, issued.record.id);
+//! # }
+//! ```
+
+use std::sync::Arc;
+
+use crate::{
+    config::{Config, MeterId, PlanId, TenantId},
+    engine::{open_store, BuildError},
+    store::{unix_now, ApiKeyRecord, Store, StoreError, TenantRecord, UsageAggregate},
+    KeyHash,
+};
+
+/// How many characters of a key are kept to recognise it by (`tg_live_ab12`).
+const PREFIX_CHARS: usize = 12;
+
+/// Why an administrative operation was refused. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The plan is not in the configuration.
+    #[error("no plan `{0}` in the configuration")]
+    UnknownPlan(String),
+    /// No such tenant.
+    #[error("no tenant `{0}`")]
+    UnknownTenant(String),
+    /// The tenant exists already.
+    #[error("tenant `{0}` exists already")]
+    TenantExists(String),
+    /// The tenant has no key with this id.
+    #[error("tenant `{tenant}` has no key `{id}`")]
+    UnknownKey {
+        /// The tenant.
+        tenant: String,
+        /// The key id asked for.
+        id: String,
+    },
+    /// A value is not valid (a tenant id, a customer id).
+    #[error("{0}")]
+    Invalid(String),
+    /// A line of an import is not valid: nothing was imported.
+    #[error("line {line}: {message}")]
+    Import {
+        /// The line (1-based, the header is line 1).
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// How a key is issued.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct KeyOptions {
+    /// From when it no longer works (Unix seconds), if ever.
+    pub expires_at: Option<i64>,
+    /// `tg_test_` keys instead of `tg_live_` ones (the same otherwise: a name for people).
+    pub test: bool,
+}
+
+impl KeyOptions {
+    /// A `tg_test_` key if `test`.
+    #[must_use]
+    pub fn test(mut self, test: bool) -> Self {
+        self.test = test;
+        self
+    }
+
+    /// Expiring at `at` (Unix seconds).
+    #[must_use]
+    pub fn expiring(mut self, at: i64) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+}
+
+/// A key just issued: the only time the key itself is seen.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct IssuedKey {
+    /// The key, to hand to the customer. Not stored anywhere.
+    pub key: String,
+    /// What the directory keeps of it.
+    pub record: ApiKeyRecord,
+}
+
+impl std::fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedKey").field("key", &"…").field("record", &self.record).finish()
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ImportReport {
+    /// Tenants created.
+    pub tenants_created: usize,
+    /// Tenants whose plan or customer changed.
+    pub tenants_updated: usize,
+    /// Keys written.
+    pub keys: usize,
+}
+
+/// Administration of the directory held by a store.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    store: Arc<dyn Store>,
+    config: Option<Config>,
+}
+
+impl Admin {
+    /// Administers `store`, without a configuration: any plan name is taken.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store, config: None }
+    }
+
+    /// Plans are checked against `config`.
+    #[must_use]
+    pub fn with_config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Opens the store `config` names (`[store]`, with the standard AWS environment for
+    /// DynamoDB) and checks plans against `config`.
+    ///
+    /// # Errors
+    /// The store could not be opened, or its kind needs a cargo feature this build lacks.
+    pub async fn open(config: &Config) -> Result<Self, BuildError> {
+        Ok(Self::new(open_store(config.store()).await?).with_config(config.clone()))
+    }
+
+    /// The store administered.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn plan(&self, plan: &str) -> Result<PlanId, AdminError> {
+        let id = PlanId::from(plan);
+        match &self.config {
+            Some(c) if c.plan(&id).is_none() => Err(AdminError::UnknownPlan(plan.to_owned())),
+            _ => Ok(id),
+        }
+    }
+
+    fn tenant_id(id: &str) -> Result<TenantId, AdminError> {
+        if TenantId::is_valid(id) {
+            Ok(TenantId::from(id))
+        } else {
+            Err(AdminError::Invalid(format!("`{id}` is not a tenant id: 1 to 128 visible ASCII characters")))
+        }
+    }
+
+    async fn existing(&self, id: &str) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        self.store.tenant(&tenant).await?.ok_or_else(|| AdminError::UnknownTenant(id.to_owned()))
+    }
+
+    /// Adds a tenant on `plan`, with a billing customer (a Stripe customer id) if given.
+    ///
+    /// # Errors
+    /// The tenant exists, the plan is unknown, or the store failed.
+    pub async fn add_tenant(&self, id: &str, plan: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        let plan = self.plan(plan)?;
+        if self.store.tenant(&tenant).await?.is_some() {
+            return Err(AdminError::TenantExists(id.to_owned()));
+        }
+        let mut record = TenantRecord::new(tenant, plan);
+        if let Some(c) = customer {
+            record = record.with_customer(check_customer(c)?);
+        }
+        self.store.put_tenant(&record, &[]).await?;
+        Ok(record)
+    }
+
+    /// Moves a tenant to another plan. Running nodes see it within `limits.directory_ttl`.
+    ///
+    /// # Errors
+    /// No such tenant, an unknown plan, or the store failed.
+    pub async fn set_plan(&self, id: &str, plan: &str) -> Result<TenantRecord, AdminError> {
+        let plan = self.plan(plan)?;
+        let mut record = self.existing(id).await?;
+        record.plan = plan;
+        self.store.put_tenant(&record, &[]).await?;
+        Ok(record)
+    }
+
+    /// Every tenant of the directory, in id order.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn tenants(&self) -> Result<Vec<TenantRecord>, AdminError> {
+        let mut out: Vec<TenantRecord> = Vec::new();
+        loop {
+            let page = self.store.list_tenants(out.last().map(|t| &t.id), 500).await?;
+            if page.is_empty() {
+                return Ok(out);
+            }
+            out.extend(page);
+        }
+    }
+
+    /// Issues a new key for a tenant: returned once, stored as its hash with its id, its first
+    /// characters and its expiry.
+    ///
+    /// # Errors
+    /// No such tenant, or the store failed.
+    pub async fn issue_key(&self, tenant: &str, options: KeyOptions) -> Result<IssuedKey, AdminError> {
+        let record = self.existing(tenant).await?;
+        let key = new_key(options.test)?;
+        let stored = ApiKeyRecord::new(KeyHash::of(key.as_bytes()), record.id, unix_now())
+            .with_prefix(&key[..PREFIX_CHARS])
+            .with_expiry(options.expires_at);
+        self.store.put_key(&stored).await?;
+        Ok(IssuedKey { key, record: stored })
+    }
+
+    /// Rotates a key: issues a new one, and keeps the old one working until `grace_until`
+    /// (Unix seconds) so clients can move over.
+    ///
+    /// # Errors
+    /// No such tenant or key, or the store failed.
+    pub async fn rotate_key(&self, tenant: &str, id: &str, grace_until: i64) -> Result<IssuedKey, AdminError> {
+        let old = self.key(tenant, id).await?;
+        let issued = self.issue_key(tenant, KeyOptions::default()).await?;
+        let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
+        self.store.put_key(&old.with_expiry(Some(until))).await?;
+        Ok(issued)
+    }
+
+    /// The keys of a tenant (expired ones included), in id order.
+    ///
+    /// # Errors
+    /// No such tenant, or the store failed.
+    pub async fn keys(&self, tenant: &str) -> Result<Vec<ApiKeyRecord>, AdminError> {
+        let record = self.existing(tenant).await?;
+        Ok(self.store.list_keys(&record.id).await?)
+    }
+
+    async fn key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
+        let keys = self.keys(tenant).await?;
+        keys.into_iter()
+            .find(|k| k.id == id)
+            .ok_or_else(|| AdminError::UnknownKey { tenant: tenant.to_owned(), id: id.to_owned() })
+    }
+
+    /// Revokes a key at once. Running nodes stop taking it within `limits.directory_ttl`
+    /// (at once on a node that is told through [`Tollgate::invalidate_key`](crate::Tollgate::invalidate_key)).
+    ///
+    /// # Errors
+    /// No such tenant or key, or the store failed.
+    pub async fn revoke_key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
+        let key = self.key(tenant, id).await?;
+        self.store.remove_key(&key.hash).await?;
+        Ok(key)
+    }
+
+    /// Imports tenants, plans, billing customers and existing keys (or their SHA-256 hashes)
+    /// from CSV text, so that clients keep their keys (moving off API Gateway usage plans,
+    /// say). The header names the columns, in any order: `tenant` (required), `plan`
+    /// (required for a tenant new to the directory), `customer`, `key` or `key_sha256`,
+    /// `expires_at` (Unix seconds). Every line is checked before anything is written: a bad
+    /// line is an error naming it, and nothing is imported. Importing the same file again
+    /// changes nothing.
+    ///
+    /// # Errors
+    /// A bad line (nothing imported), or the store failed (lines before it were imported;
+    /// importing again is safe).
+    pub async fn import_csv(&self, text: &str) -> Result<ImportReport, AdminError> {
+        let rows = parse_import(text, |p| self.plan(p).map(drop))?;
+        // Checked against the directory before anything is written: a tenant new to it needs a
+        // plan on its first line.
+        let mut known = std::collections::HashSet::new();
+        for row in &rows {
+            if known.contains(&row.tenant) {
+                continue;
+            }
+            if row.plan.is_none() && self.store.tenant(&row.tenant).await?.is_none() {
+                return Err(AdminError::Import {
+                    line: row.line,
+                    message: format!("tenant `{}` is new: it needs a plan", row.tenant),
+                });
+            }
+            known.insert(row.tenant.clone());
+        }
+        let mut report = ImportReport::default();
+        for row in rows {
+            let line = row.line;
+            let current = self.store.tenant(&row.tenant).await?;
+            let record = match current {
+                None => {
+                    let Some(plan) = row.plan.clone() else {
+                        return Err(AdminError::Import {
+                            line,
+                            message: format!("tenant `{}` is new: it needs a plan", row.tenant),
+                        });
+                    };
+                    let mut r = TenantRecord::new(row.tenant.clone(), plan);
+                    r.customer = row.customer.clone();
+                    self.store.put_tenant(&r, &[]).await?;
+                    report.tenants_created += 1;
+                    r
+                }
+                Some(mut r) => {
+                    let before = r.clone();
+                    if let Some(plan) = &row.plan {
+                        r.plan = plan.clone();
+                    }
+                    if row.customer.is_some() {
+                        r.customer = row.customer.clone();
+                    }
+                    if r != before {
+                        self.store.put_tenant(&r, &[]).await?;
+                        report.tenants_updated += 1;
+                    }
+                    r
+                }
+            };
+            if let Some((hash, prefix)) = row.key {
+                let key = ApiKeyRecord::new(hash, record.id.clone(), unix_now())
+                    .with_prefix(prefix)
+                    .with_expiry(row.expires_at);
+                self.store.put_key(&key).await.map_err(|e| match e {
+                    StoreError::Conflict(_) => {
+                        AdminError::Import { line, message: "the key belongs to another tenant".to_owned() }
+                    }
+                    e => AdminError::Store(e),
+                })?;
+                report.keys += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// The usage of a tenant in the windows starting in `[from, to)` (Unix seconds), of one
+    /// meter or all, with what was exported of it.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn usage(
+        &self,
+        tenant: &str,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<UsageAggregate>, AdminError> {
+        let tenant = Self::tenant_id(tenant)?;
+        let all = self.store.usage_range(&tenant, from, to).await?;
+        let meter = meter.map(MeterId::from);
+        Ok(all.into_iter().filter(|a| meter.as_ref().is_none_or(|m| &a.key.meter == m)).collect())
+    }
+}
+
+fn check_customer(c: &str) -> Result<&str, AdminError> {
+    if c.is_empty() || c.len() > 255 || !c.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AdminError::Invalid(format!("`{c}` is not a billing customer id")));
+    }
+    Ok(c)
+}
+
+/// A new key: `tg_live_` (or `tg_test_`) and 32 random base-62 characters (190 bits).
+fn new_key(test: bool) -> Result<String, AdminError> {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut key = String::from(if test { "tg_test_" } else { "tg_live_" });
+    let mut n = 0;
+    while n < 32 {
+        let mut bytes = [0u8; 64];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| AdminError::Invalid(format!("the system's random source failed: {e}")))?;
+        // Rejection sampling: 248 = 4 × 62, so every character is equally likely.
+        for b in bytes.into_iter().filter(|b| *b < 248) {
+            if n == 32 {
+                break;
+            }
+            key.push(char::from(ALPHABET[usize::from(b % 62)]));
+            n += 1;
+        }
+    }
+    Ok(key)
+}
+
+/// One line of an import, checked.
+struct ImportRow {
+    line: usize,
+    tenant: TenantId,
+    plan: Option<PlanId>,
+    customer: Option<String>,
+    key: Option<(KeyHash, String)>,
+    expires_at: Option<i64>,
+}
+
+fn parse_import(text: &str, check_plan: impl Fn(&str) -> Result<(), AdminError>) -> Result<Vec<ImportRow>, AdminError> {
+    let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let Some((_, header)) = lines.next() else {
+        return Err(AdminError::Import { line: 1, message: "empty: a header line is needed".to_owned() });
+    };
+    let names = split_csv(header).map_err(|m| AdminError::Import { line: 1, message: m })?;
+    let known = ["tenant", "plan", "customer", "key", "key_sha256", "expires_at"];
+    for n in &names {
+        if !known.contains(&n.as_str()) {
+            return Err(AdminError::Import {
+                line: 1,
+                message: format!("unknown column `{n}` (columns: {})", known.join(", ")),
+            });
+        }
+    }
+    let col = |name: &str| names.iter().position(|n| n == name);
+    let Some(tenant_col) = col("tenant") else {
+        return Err(AdminError::Import { line: 1, message: "a `tenant` column is needed".to_owned() });
+    };
+    let mut rows = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    for (i, text) in lines {
+        let line = i + 1;
+        let bad = |message: String| AdminError::Import { line, message };
+        let fields = split_csv(text).map_err(bad)?;
+        if fields.len() != names.len() {
+            return Err(bad(format!("{} fields, the header has {}", fields.len(), names.len())));
+        }
+        let get = |name: &str| col(name).map(|c| fields[c].trim()).filter(|v| !v.is_empty());
+        let tenant = fields[tenant_col].trim();
+        if !TenantId::is_valid(tenant) {
+            return Err(bad(format!("`{tenant}` is not a tenant id: 1 to 128 visible ASCII characters")));
+        }
+        let plan = match get("plan") {
+            Some(p) => {
+                check_plan(p).map_err(|e| bad(e.to_string()))?;
+                Some(PlanId::from(p))
+            }
+            None => None,
+        };
+        let customer = get("customer")
+            .map(|c| check_customer(c).map(str::to_owned))
+            .transpose()
+            .map_err(|e| bad(e.to_string()))?;
+        let key = match (get("key"), get("key_sha256")) {
+            (Some(_), Some(_)) => return Err(bad("give `key` or `key_sha256`, not both".to_owned())),
+            (Some(k), None) => {
+                crate::tenant::check_api_key(k.as_bytes()).map_err(|why| bad(why.to_owned()))?;
+                let prefix: String = k.chars().take(4).collect();
+                Some((KeyHash::of(k.as_bytes()), prefix))
+            }
+            (None, Some(h)) => {
+                let hash =
+                    KeyHash::from_hex(h).ok_or_else(|| bad("`key_sha256` is not 64 hexadecimal digits".to_owned()))?;
+                Some((hash, String::new()))
+            }
+            (None, None) => None,
+        };
+        if let Some((hash, _)) = &key {
+            if let Some(first) = seen.insert(*hash, line) {
+                return Err(bad(format!("the same key as line {first}")));
+            }
+        }
+        let expires_at = match get("expires_at") {
+            Some(v) => Some(v.parse::<i64>().map_err(|_| bad(format!("`{v}` is not a time in Unix seconds")))?),
+            None => None,
+        };
+        rows.push(ImportRow { line, tenant: TenantId::from(tenant), plan, customer, key, expires_at });
+    }
+    Ok(rows)
+}
+
+/// Splits one CSV line (RFC 4180 quoting: `"a,b"`, `""` for a quote inside).
+fn split_csv(line: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut field = String::new();
+    let mut chars = line.trim_end_matches('\r').chars().peekable();
+    let mut quoted = false;
+    let mut started = true;
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (false, '"') if started && field.is_empty() => quoted = true,
+            (true, '"') if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            (true, '"') => {
+                quoted = false;
+                started = false;
+            }
+            (false, ',') => {
+                out.push(std::mem::take(&mut field));
+                started = true;
+            }
+            (_, c) => field.push(c),
+        }
+    }
+    if quoted {
+        return Err("a quoted field is not closed".to_owned());
+    }
+    out.push(field);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_lines_split_with_quotes() {
+        assert_eq!(split_csv("a,b,,c").unwrap(), ["a", "b", "", "c"]);
+        assert_eq!(split_csv("\"a,b\",\"say \"\"hi\"\"\",c\r").unwrap(), ["a,b", "say \"hi\"", "c"]);
+        assert!(split_csv("\"open").is_err());
+    }
+
+    #[test]
+    fn keys_are_random_and_shaped() {
+        let a = new_key(false).unwrap();
+        let b = new_key(true).unwrap();
+        assert!(a.starts_with("tg_live_") && a.len() == 40, "{a}");
+        assert!(b.starts_with("tg_test_") && b.len() == 40, "{b}");
+        assert_ne!(a[8..], b[8..]);
+        assert!(a[8..].bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn an_import_names_its_bad_line_and_keeps_nothing() {
+        let ok = |_: &str| Ok(());
+        let e = parse_import("tenant,plan,key\nacme,free,k1\nbeta,free,k1\n", ok).err().unwrap();
+        assert_eq!(e.to_string(), "line 3: the same key as line 2");
+        let e = parse_import("tenant,plan,colour\n", ok).err().unwrap();
+        assert!(e.to_string().starts_with("line 1: unknown column `colour`"), "{e}");
+        let e = parse_import("tenant,key_sha256\nacme,abc\n", ok).err().unwrap();
+        assert_eq!(e.to_string(), "line 2: `key_sha256` is not 64 hexadecimal digits");
+        let e = parse_import("tenant,plan\nacme\n", ok).err().unwrap();
+        assert_eq!(e.to_string(), "line 2: 1 fields, the header has 2");
+        let rows = parse_import("plan,tenant,expires_at\n\nfree,acme,100\n", ok).unwrap();
+        assert_eq!((rows[0].line, rows[0].expires_at, rows[0].key.is_none()), (3, Some(100), true));
+    }
+}

@@ -1,0 +1,372 @@
+//! The `tollgate` command: checks a configuration, creates the DynamoDB table, administers the
+//! tenant directory (tenants, plans, API keys) and reads usage, on whichever store the
+//! configuration names (`[store]`: SQLite by default, DynamoDB with the standard AWS
+//! environment). See `tollgate --help`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use tollgate::{
+    admin::{Admin, KeyOptions},
+    config::StoreSettings,
+    store::ApiKeyRecord,
+    Config,
+};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Plan limits and usage billing: administration")]
+struct Cli {
+    /// The configuration file (its `[store]` says which store the commands work on).
+    #[arg(long, short, global = true, env = "TOLLGATE_CONFIG", default_value = "tollgate.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validates a configuration and summarizes it; errors name file:line:column and key.
+    Check {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+    },
+    /// The DynamoDB table.
+    Dynamodb {
+        #[command(subcommand)]
+        command: DynamoCommand,
+    },
+    /// Tenants and their plans.
+    Tenants {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// API keys (stored only as SHA-256 hashes).
+    Keys {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// A tenant's usage per meter and window, with what was exported of it.
+    Usage {
+        /// The tenant.
+        tenant: String,
+        /// Only this meter.
+        #[arg(long)]
+        meter: Option<String>,
+        /// From (a date `2026-11-01`, an RFC 3339 time, or Unix seconds; default: 30 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// To, exclusive (same forms; default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DynamoCommand {
+    /// Creates the table the configuration names (on-demand, with its indexes and TTL).
+    CreateTable,
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Adds a tenant.
+    Add {
+        /// The tenant id.
+        id: String,
+        /// Its plan (a plan of the configuration).
+        #[arg(long)]
+        plan: String,
+        /// Its billing customer (a Stripe customer id).
+        #[arg(long)]
+        customer: Option<String>,
+    },
+    /// Lists the tenants.
+    List,
+    /// Moves a tenant to another plan.
+    SetPlan {
+        /// The tenant id.
+        id: String,
+        /// The new plan.
+        plan: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Issues a key for a tenant; the key is printed once, only its hash is kept.
+    Issue {
+        /// The tenant.
+        tenant: String,
+        /// Expires after this long (`90d`, `12h`).
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<humantime::Duration>,
+        /// Expires at this time (a date, an RFC 3339 time, or Unix seconds).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// A `tg_test_` key rather than `tg_live_`.
+        #[arg(long)]
+        test: bool,
+    },
+    /// Lists a tenant's keys: id, prefix, created, expiry.
+    List {
+        /// The tenant.
+        tenant: String,
+    },
+    /// Revokes a key at once (running nodes stop taking it within the directory TTL).
+    Revoke {
+        /// The tenant.
+        tenant: String,
+        /// The key's id (`k_…`, from `keys list`).
+        id: String,
+    },
+    /// Issues a new key and keeps the old one working for a grace period.
+    Rotate {
+        /// The tenant.
+        tenant: String,
+        /// The id of the key to replace.
+        id: String,
+        /// How long the old key keeps working (`24h`, `7d`).
+        #[arg(long, default_value = "24h")]
+        grace: humantime::Duration,
+    },
+    /// Imports tenants, plans, customers and existing keys (or their SHA-256 hashes) from a
+    /// CSV file with a header: tenant, plan, customer, key | key_sha256, expires_at.
+    Import {
+        /// The CSV file (`-` for standard input).
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn load(path: &std::path::Path) -> Result<Config> {
+    Config::from_path(path).map_err(Into::into)
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Check { file } => check(&load(file.as_deref().unwrap_or(&cli.config))?),
+        Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
+        Command::Tenants { command } => tenants(&admin(&cli.config).await?, command).await,
+        Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
+        Command::Usage { tenant, meter, from, to } => {
+            let now = now();
+            let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now + 1);
+            let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to - 30 * 86_400);
+            let rows = admin(&cli.config).await?.usage(&tenant, meter.as_deref(), from, to).await?;
+            println!(
+                "{:<12} {:<22} {:>12} {:>12} {:>8}  customer",
+                "meter", "window (UTC)", "quantity", "exported", "revision"
+            );
+            let (mut total, mut exported) = (0u64, 0u64);
+            for a in &rows {
+                total += a.quantity;
+                exported += a.exported;
+                println!(
+                    "{:<12} {:<22} {:>12} {:>12} {:>8}  {}",
+                    a.key.meter.as_str(),
+                    time_text(a.key.window_start),
+                    a.quantity,
+                    a.exported,
+                    a.revision,
+                    a.customer.as_deref().unwrap_or("-")
+                );
+            }
+            println!("{} windows, {total} units, {exported} exported", rows.len());
+            Ok(())
+        }
+    }
+}
+
+async fn admin(config: &std::path::Path) -> Result<Admin> {
+    Ok(Admin::open(&load(config)?).await?)
+}
+
+fn check(config: &Config) -> Result<()> {
+    println!("configuration OK");
+    println!("store: {}", config.store());
+    let meters: Vec<&str> = config.meters().iter().map(|m| m.id().as_str()).collect();
+    println!("meters ({}): {}", meters.len(), meters.join(", "));
+    println!("plans ({}):", config.plans().len());
+    for (id, plan) in config.plans() {
+        let rate = plan.rate().map_or("no rate limit".to_owned(), |r| format!("{r}, burst {}", plan.burst()));
+        let quotas: Vec<String> = plan
+            .quotas()
+            .iter()
+            .map(|(m, q)| {
+                format!(
+                    "{} {} per {} ({})",
+                    q.limit(),
+                    m.as_str(),
+                    q.period().name(),
+                    format!("{:?}", q.mode()).to_lowercase()
+                )
+            })
+            .collect();
+        let quotas = if quotas.is_empty() { "no quota".to_owned() } else { quotas.join(", ") };
+        println!("  {id}: {rate}; {quotas}");
+    }
+    println!("routes: {}", config.routes().len());
+    println!("tenants in the file: {}", config.tenants().len());
+    let u = config.usage();
+    println!(
+        "usage: window {}, flush every {}, on store error {:?}",
+        humantime::format_duration(u.window),
+        humantime::format_duration(u.flush_interval),
+        u.on_store_error
+    );
+    Ok(())
+}
+
+async fn create_table(config: &Config) -> Result<()> {
+    let StoreSettings::Dynamodb { table, endpoint } = config.store() else {
+        return Err(format!("the configuration's store is {}, not a DynamoDB table", config.store()).into());
+    };
+    #[cfg(feature = "dynamodb")]
+    {
+        let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+        store.create_table().await?;
+        println!("table `{table}` created (on-demand; indexes gsi1, gsi2; TTL on `ttl`)");
+        Ok(())
+    }
+    #[cfg(not(feature = "dynamodb"))]
+    {
+        let _ = (table, endpoint);
+        Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
+    }
+}
+
+async fn tenants(admin: &Admin, command: TenantCommand) -> Result<()> {
+    match command {
+        TenantCommand::Add { id, plan, customer } => {
+            let t = admin.add_tenant(&id, &plan, customer.as_deref()).await?;
+            println!("tenant `{}` added on plan `{}`", t.id, t.plan);
+        }
+        TenantCommand::List => {
+            let all = admin.tenants().await?;
+            println!("{:<32} {:<16} {:<24} last billing event", "tenant", "plan", "customer");
+            for t in &all {
+                println!(
+                    "{:<32} {:<16} {:<24} {}",
+                    t.id.as_str(),
+                    t.plan.as_str(),
+                    t.customer.as_deref().unwrap_or("-"),
+                    t.last_event_at.map_or("-".to_owned(), time_text)
+                );
+            }
+            println!("{} tenants", all.len());
+        }
+        TenantCommand::SetPlan { id, plan } => {
+            let t = admin.set_plan(&id, &plan).await?;
+            println!("tenant `{}` is on plan `{}`", t.id, t.plan);
+        }
+    }
+    Ok(())
+}
+
+async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
+    match command {
+        KeyCommand::Issue { tenant, expires_in, expires_at, test } => {
+            let mut options = KeyOptions::default().test(test);
+            if let Some(d) = expires_in {
+                options = options.expiring(now() + secs(*d));
+            }
+            if let Some(at) = expires_at {
+                options = options.expiring(parse_time(&at)?);
+            }
+            let issued = admin.issue_key(&tenant, options).await?;
+            println!("{}", issued.key);
+            eprintln!(
+                "key {} issued for `{tenant}`{}; it is shown only now, the store keeps its hash",
+                issued.record.id,
+                issued.record.expires_at.map_or(String::new(), |at| format!(", expires {}", time_text(at)))
+            );
+        }
+        KeyCommand::List { tenant } => {
+            let now = now();
+            println!("{:<16} {:<16} {:<22} expires", "id", "prefix", "created (UTC)");
+            for k in admin.keys(&tenant).await? {
+                print_key(&k, now);
+            }
+        }
+        KeyCommand::Revoke { tenant, id } => {
+            let k = admin.revoke_key(&tenant, &id).await?;
+            println!("key {} of `{tenant}` revoked", k.id);
+        }
+        KeyCommand::Rotate { tenant, id, grace } => {
+            let until = now() + secs(*grace);
+            let issued = admin.rotate_key(&tenant, &id, until).await?;
+            println!("{}", issued.key);
+            eprintln!(
+                "key {} issued for `{tenant}`; key {id} keeps working until {}; the new key is shown only now",
+                issued.record.id,
+                time_text(until)
+            );
+        }
+        KeyCommand::Import { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?
+            };
+            let r = admin.import_csv(&text).await.map_err(|e| format!("{}: {e}", file.display()))?;
+            println!("imported: {} tenants created, {} updated, {} keys", r.tenants_created, r.tenants_updated, r.keys);
+        }
+    }
+    Ok(())
+}
+
+fn print_key(k: &ApiKeyRecord, now: i64) {
+    let prefix = if k.prefix.is_empty() { "(hash only)".to_owned() } else { format!("{}…", k.prefix) };
+    let expires = match k.expires_at {
+        None => "never".to_owned(),
+        Some(at) if at <= now => format!("{} (expired)", time_text(at)),
+        Some(at) => time_text(at),
+    };
+    println!("{:<16} {:<16} {:<22} {expires}", k.id, prefix, time_text(k.created_at));
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn now() -> i64 {
+    secs(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default())
+}
+
+fn time_text(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map_or_else(|| unix.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+/// A time given as Unix seconds, an RFC 3339 time, or a date (midnight UTC).
+fn parse_time(text: &str) -> Result<i64> {
+    if let Ok(n) = text.parse::<i64>() {
+        return Ok(n);
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp()));
+    }
+    Err(format!("`{text}` is not a time: give a date (2026-11-01), an RFC 3339 time or Unix seconds").into())
+}

@@ -1,0 +1,153 @@
+//! The `tollgate` command, run as a real process on real stores (a SQLite file; the local
+//! DynamoDB server), and the same operations through `tollgate::admin` reaching a running engine.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{path::Path, process::Command};
+
+use common::{Harness, NOON};
+use tollgate::{
+    admin::{Admin, AdminError, KeyOptions},
+    Config, Tollgate, TollgateLayer,
+};
+
+const PLANS: &str = "[plans.free]\nrate = \"100/s\"\n[plans.pro]\nrate = \"1000/s\"\n";
+
+/// Runs the command in `dir`; (success, stdout, stderr).
+fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("TOLLGATE_CONFIG")
+        .output()
+        .expect("the command runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let (success, out, err) = run(dir, args);
+    assert!(success, "tollgate {args:?} failed: {err}");
+    out
+}
+
+fn fails(dir: &Path, args: &[&str]) -> String {
+    let (success, _, err) = run(dir, args);
+    assert!(!success, "tollgate {args:?} should fail");
+    err
+}
+
+#[test]
+fn check_summarizes_a_configuration_and_names_the_place_of_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tollgate.toml"), format!("[store]\nkind = \"memory\"\n{PLANS}")).unwrap();
+    let out = ok(dir.path(), &["check"]);
+    assert!(out.contains("configuration OK") && out.contains("store: memory") && out.contains("free: 100/s"), "{out}");
+    std::fs::write(dir.path().join("bad.toml"), "[plans.p]\nrate = \"fast\"\n").unwrap();
+    let err = fails(dir.path(), &["check", "bad.toml"]);
+    assert!(err.contains("bad.toml:2:8") && err.contains("plans.p.rate"), "{err}");
+    let err = fails(dir.path(), &["check", "missing.toml"]);
+    assert!(err.contains("missing.toml"), "{err}");
+}
+
+/// Tenants and keys on the SQLite file the configuration names, then read by an engine opened
+/// on the same file: an issued key works, a revoked one does not, a rotated one works until
+/// its grace ends, imported keys and hashes work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_and_keys_on_sqlite_reach_an_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}");
+    std::fs::write(dir.path().join("tollgate.toml"), &toml).unwrap();
+    let d = dir.path();
+    ok(d, &["tenants", "add", "acme", "--plan", "free", "--customer", "cus_1"]);
+    assert!(fails(d, &["tenants", "add", "acme", "--plan", "free"]).contains("exists already"));
+    assert!(fails(d, &["tenants", "add", "beta", "--plan", "gold"]).contains("no plan `gold`"));
+    ok(d, &["tenants", "set-plan", "acme", "pro"]);
+    let list = ok(d, &["tenants", "list"]);
+    assert!(list.contains("acme") && list.contains("pro") && list.contains("cus_1"), "{list}");
+    let key = ok(d, &["keys", "issue", "acme"]).trim().to_owned();
+    assert!(key.starts_with("tg_live_") && key.len() == 40, "{key}");
+    let revoked = ok(d, &["keys", "issue", "acme"]).trim().to_owned();
+    let rotated = ok(d, &["keys", "issue", "acme"]).trim().to_owned();
+    let keys = ok(d, &["keys", "list", "acme"]);
+    assert!(keys.contains(&format!("{}…", &key[..12])), "{keys}");
+    assert!(!keys.contains(&key), "a key is never shown again");
+    let id_of = |k: &str| tollgate::KeyHash::of(k.as_bytes()).id();
+    ok(d, &["keys", "revoke", "acme", &id_of(&revoked)]);
+    assert!(fails(d, &["keys", "revoke", "acme", "k_000000000000"]).contains("no key"));
+    let replacement = ok(d, &["keys", "rotate", "acme", &id_of(&rotated), "--grace", "1h"]).trim().to_owned();
+    let hash = tollgate::KeyHash::of(b"hashed-legacy-key").to_hex();
+    let csv = format!("tenant,plan,customer,key,key_sha256\nglobex,free,cus_2,legacy-key-1,\nglobex,,,,{hash}\n");
+    std::fs::write(d.join("keys.csv"), csv).unwrap();
+    assert!(ok(d, &["keys", "import", "keys.csv"]).contains("1 tenants created, 0 updated, 2 keys"));
+    assert!(ok(d, &["keys", "import", "keys.csv"]).contains("0 tenants created"), "importing again changes nothing");
+    std::fs::write(d.join("bad.csv"), "tenant,plan,key\nnew,free,k-1\nnew2,,k-2\n").unwrap();
+    let err = fails(d, &["keys", "import", "bad.csv"]);
+    assert!(err.contains("bad.csv: line 3") && err.contains("needs a plan"), "{err}");
+    assert!(!ok(d, &["tenants", "list"]).contains("new"), "a bad import writes nothing");
+
+    let mut config = Config::from_toml_str(&toml.replace("t.db", &d.join("t.db").display().to_string())).unwrap();
+    config = config.clone();
+    let (engine, _worker) = Tollgate::builder(config).open().await.unwrap();
+    let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
+    for (k, want) in [
+        (key.as_str(), 200),
+        (replacement.as_str(), 200),
+        (rotated.as_str(), 200),
+        (revoked.as_str(), 401),
+        ("legacy-key-1", 200),
+        ("hashed-legacy-key", 200),
+    ] {
+        assert_eq!(h.status("/", k).await, want, "{k}");
+    }
+    assert!(ok(d, &["usage", "acme"]).contains("0 windows"));
+}
+
+/// The Rust API: the same operations, with their errors; an expired key no longer works and a
+/// rotation's old key stops at the end of its grace.
+#[tokio::test]
+async fn the_admin_api_issues_rotates_and_expires_keys() {
+    let config = Config::from_toml_str(&format!("[store]\nkind = \"memory\"\n{PLANS}")).unwrap();
+    let admin = Admin::open(&config).await.unwrap();
+    admin.add_tenant("acme", "free", None).await.unwrap();
+    assert!(matches!(admin.add_tenant("a b", "free", None).await, Err(AdminError::Invalid(_))));
+    assert!(matches!(admin.issue_key("nobody", KeyOptions::default()).await, Err(AdminError::UnknownTenant(_))));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let expired = admin.issue_key("acme", KeyOptions::default().expiring(now - 1)).await.unwrap();
+    let old = admin.issue_key("acme", KeyOptions::default()).await.unwrap();
+    let new = admin.rotate_key("acme", &old.record.id, now - 1).await.unwrap();
+    let (engine, _worker) = Tollgate::builder(config).store_arc(admin.store().clone()).build();
+    let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
+    assert_eq!(h.status("/", &new.key).await, 200);
+    assert_eq!(h.status("/", &expired.key).await, 401, "expired");
+    assert_eq!(h.status("/", &old.key).await, 401, "its grace ended");
+    let keys = admin.keys("acme").await.unwrap();
+    assert_eq!(keys.len(), 3, "expired keys stay listed");
+    assert!(format!("{new:?}").contains('…') && !format!("{new:?}").contains(&new.key), "Debug hides the key");
+}
+
+/// `dynamodb create-table` and the directory commands on the local DynamoDB server, with the
+/// standard AWS environment.
+#[cfg(feature = "dynamodb")]
+#[tokio::test]
+async fn the_command_works_on_dynamodb() {
+    let Some(endpoint) = common::dynamo::endpoint() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let table = format!("tollgate-cli-{}", std::process::id());
+    let toml = format!("[store]\nkind = \"dynamodb\"\ntable = \"{table}\"\nendpoint = \"{endpoint}\"\n{PLANS}");
+    std::fs::write(dir.path().join("tollgate.toml"), &toml).unwrap();
+    let d = dir.path();
+    assert!(fails(d, &["tenants", "list"]).contains(&table), "a missing table is named");
+    ok(d, &["dynamodb", "create-table"]);
+    ok(d, &["tenants", "add", "acme", "--plan", "free"]);
+    let key = ok(d, &["keys", "issue", "acme", "--expires-in", "30d"]).trim().to_owned();
+    let list = ok(d, &["keys", "list", "acme"]);
+    assert!(list.contains(&tollgate::KeyHash::of(key.as_bytes()).id()), "{list}");
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).open().await.unwrap();
+    let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
+    assert_eq!(h.status("/", &key).await, 200);
+}
