@@ -12,8 +12,11 @@
 //!  --example dynamodb_traffic -- <tenants> <requests> <flush interval, s> <run time, s>`
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -31,9 +34,29 @@ use tollgate::{
 };
 use tower::{Layer, ServiceExt};
 
-/// Counts the requests the SDK sends, by operation (`X-Amz-Target`).
+/// Counts the requests the SDK sends, by operation (`X-Amz-Target`), and the writes to each
+/// item (by partition key) in each second of the run's clock.
 #[derive(Debug, Clone, Default)]
-struct Count(Arc<Mutex<BTreeMap<String, u64>>>);
+struct Count(Arc<Mutex<BTreeMap<String, u64>>>, Arc<Mutex<HashMap<(String, i64), u64>>>, Arc<AtomicI64>);
+
+/// The partition keys a write request touches (one per action of a transaction).
+fn written_keys(op: &str, body: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return Vec::new() };
+    let pk = |item: &serde_json::Value| item["pk"]["S"].as_str().map(str::to_owned);
+    match op {
+        "PutItem" => pk(&v["Item"]).into_iter().collect(),
+        "UpdateItem" | "DeleteItem" => pk(&v["Key"]).into_iter().collect(),
+        "TransactWriteItems" => v["TransactItems"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| {
+                pk(&a["Put"]["Item"]).or_else(|| pk(&a["Update"]["Key"])).or_else(|| pk(&a["Delete"]["Key"]))
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
 
 impl Intercept for Count {
     fn name(&self) -> &'static str {
@@ -48,6 +71,13 @@ impl Intercept for Count {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let op = context.request().headers().get("x-amz-target").unwrap_or("?");
         let op = op.rsplit('.').next().unwrap_or(op).to_owned();
+        let second = self.2.load(Ordering::Relaxed);
+        if let Some(body) = context.request().body().bytes() {
+            let mut per_item = self.1.lock().unwrap();
+            for pk in written_keys(&op, body) {
+                *per_item.entry((pk, second)).or_default() += 1;
+            }
+        }
         *self.0.lock().unwrap().entry(op).or_default() += 1;
         Ok(())
     }
@@ -77,6 +107,7 @@ async fn main() {
         store.put_tenant(&record, &[KeyHash::of(format!("key-{i}").as_bytes())]).await.unwrap();
     }
     count.0.lock().unwrap().clear();
+    count.1.lock().unwrap().clear();
 
     let config = Config::from_toml_str(&format!(
         "[usage]\nflush_interval = \"{flush}s\"\nwindow = \"1h\"\nstore_timeout = \"60s\"\n[limits]\nheaders = \"none\"\n\
@@ -104,6 +135,7 @@ async fn main() {
         let res = svc.clone().oneshot(req).await.unwrap();
         assert_eq!(res.status(), 200, "request {i}");
         fake.advance(step);
+        count.2.store(((i + 1) * run / requests) as i64, Ordering::Relaxed);
         let elapsed = (i + 1) * run / requests;
         if elapsed >= flushed_at + flush {
             flushed_at = elapsed;
@@ -129,5 +161,20 @@ async fn main() {
     );
     for (op, n) in counts {
         println!("  {op:<20} {n}");
+    }
+    // The busiest item: DynamoDB takes about 1,000 writes per second on one item.
+    let per_item = count.1.lock().unwrap();
+    let mut items: HashMap<&str, (u64, u64)> = HashMap::new();
+    for ((pk, _), n) in per_item.iter() {
+        let e = items.entry(pk.as_str()).or_default();
+        e.0 += n;
+        e.1 = e.1.max(*n);
+    }
+    if let Some((pk, (total, peak))) = items.iter().max_by_key(|(_, (_, peak))| *peak) {
+        println!(
+            "busiest item {}: {total} writes in {run} s, at most {peak} in one second ({:.2}/s on average)",
+            pk.replace('\u{1}', "␁"),
+            *total as f64 / run as f64
+        );
     }
 }

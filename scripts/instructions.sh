@@ -4,12 +4,14 @@
 # lengths, divided by the difference in requests, so set-up cancels out.
 # With CACHE=1, cachegrind instead counts first-level data misses and misses of a simulated
 # 1 MiB, 8-way second level (this machine's L2) per request: the memory side, just as steady.
-# Usage: [CACHE=1] scripts/instructions.sh [tenants] [cases...]
+# Usage: [CACHE=1] [FEATURES=dynamodb] scripts/instructions.sh [tenants] [cases...]
+# (TOLLGATE_BENCH_STORE=memory|sqlite|dynamodb picks the store of the tollgate cases; dynamodb
+# needs FEATURES=dynamodb and TOLLGATE_DYNAMODB_ENDPOINT.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tenants=${1:-1}; shift || true
 cases=${*:-bare tower_governor tollgate tower_governor_headers tollgate_headers tollgate_defaults}
-bin=$(cargo bench --bench profile --no-run --message-format=json 2>/dev/null \
+bin=$(cargo bench --bench profile ${FEATURES:+--features "$FEATURES"} --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="profile"][-1])')
 count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$tenants" "$2" 2>&1 | sed -n 's/.*Collected : //p'; }
 # "D1 misses L2 misses" of one run.

@@ -77,5 +77,48 @@ kill -INT $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 check "second stop (1 request unit)" "stopped: flushed 1 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
 
+# On DynamoDB (when the test script runs a local server): quickstart processes on one table
+# share the free tenant's daily quota of 20. Node A spends 6 and stops (its lease goes back,
+# its usage is flushed to the table); node B then gets exactly the other 14; a third process
+# finds the quota spent.
+if [ -n "${TOLLGATE_DYNAMODB_ENDPOINT:-}" ]; then
+  cargo build --locked --example quickstart --features dynamodb
+  table="smoke-$$"
+  node() { # name: starts a quickstart on the table in $work/name, sets $url and $pid
+    local p
+    p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$work/$1"
+    (cd "$work/$1" && PORT=$p TOLLGATE_CONFIG="$OLDPWD/examples/quickstart.toml" \
+      TOLLGATE_STORE=dynamodb TOLLGATE_DYNAMODB_TABLE=$table AWS_ENDPOINT_URL_DYNAMODB=$TOLLGATE_DYNAMODB_ENDPOINT \
+      TOLLGATE_USAGE_FILE="$work/$1/usage.jsonl" RUST_LOG=warn exec "$bin") >"$work/$1/out.log" 2>&1 &
+    pid=$!
+    url="http://127.0.0.1:$p"
+    for _ in $(seq 150); do curl -s -o /dev/null "$url/" && return; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+    echo "the quickstart on DynamoDB did not start:"; cat "$work/$1/out.log"
+  }
+  stop() { # name: stops $pid, prints the units it flushed
+    kill -INT $pid
+    for _ in $(seq 150); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+    grep -o 'stopped: flushed [0-9]* units' "$work/$1/out.log" | grep -o '[0-9]*' || echo none
+  }
+  node a
+  check "dynamodb: node A generate (cost 5)" 200 "$(code -X POST "$url/v1/generate" "${free[@]}")"
+  check "dynamodb: node A items" 200 "$(code "$url/v1/items" "${free[@]}")"
+  check "dynamodb: node A flushes 6 request units + 120 tokens" 126 "$(stop a)"
+  node b
+  statuses=""
+  for _ in $(seq 15); do
+    statuses+="$(code "$url/v1/items" "${free[@]}") "
+    sleep 0.5
+  done
+  check "dynamodb: node B gets exactly the other 14 of the shared quota" \
+    "200 200 200 200 200 200 200 200 200 200 200 200 200 200 429 " "$statuses"
+  check "dynamodb: node B flushes 14" 14 "$(stop b)"
+  node c
+  check "dynamodb: a third node finds the quota spent" 429 "$(code "$url/v1/items" "${free[@]}")"
+  check "dynamodb: the pro tenant is not" 200 "$(code "$url/v1/items" -H 'x-api-key: tg_test_pro_globex')"
+  check "dynamodb: node C flushes 1" 1 "$(stop c)"
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

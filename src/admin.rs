@@ -125,12 +125,26 @@ pub struct ImportReport {
 pub struct Admin {
     store: Arc<dyn Store>,
     config: Option<Config>,
+    engine: Option<crate::Tollgate>,
 }
 
 impl Admin {
     /// Administers `store`, without a configuration: any plan name is taken.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, config: None }
+        Self { store, config: None, engine: None }
+    }
+
+    /// Administers the store of a running engine, with its configuration: the engine sees
+    /// its own changes at once (the other nodes within `limits.directory_ttl`).
+    pub fn for_engine(engine: &crate::Tollgate) -> Self {
+        Self { store: engine.store().clone(), config: Some(engine.config()), engine: Some(engine.clone()) }
+    }
+
+    /// Drops what the engine (if any) holds of `tenant`: its next request reads the directory.
+    fn changed(&self, tenant: &TenantId) {
+        if let Some(engine) = &self.engine {
+            engine.invalidate_tenant(tenant);
+        }
     }
 
     /// Plans are checked against `config`.
@@ -202,6 +216,7 @@ impl Admin {
         let mut record = self.existing(id).await?;
         record.plan = plan;
         self.store.put_tenant(&record, &[]).await?;
+        self.changed(&record.id);
         Ok(record)
     }
 
@@ -244,7 +259,9 @@ impl Admin {
         let old = self.key(tenant, id).await?;
         let issued = self.issue_key(tenant, KeyOptions::default()).await?;
         let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
+        let tenant = old.tenant.clone();
         self.store.put_key(&old.with_expiry(Some(until))).await?;
+        self.changed(&tenant);
         Ok(issued)
     }
 
@@ -272,6 +289,7 @@ impl Admin {
     pub async fn revoke_key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
         let key = self.key(tenant, id).await?;
         self.store.remove_key(&key.hash).await?;
+        self.changed(&key.tenant);
         Ok(key)
     }
 
@@ -302,6 +320,16 @@ impl Admin {
                 });
             }
             known.insert(row.tenant.clone());
+        }
+        for row in &rows {
+            if let Some((hash, _)) = &row.key {
+                if let Some(owner) = self.store.find_key(hash).await?.filter(|t| t.id != row.tenant) {
+                    return Err(AdminError::Import {
+                        line: row.line,
+                        message: format!("the key belongs to tenant `{}`", owner.id),
+                    });
+                }
+            }
         }
         let mut report = ImportReport::default();
         for row in rows {
@@ -337,9 +365,19 @@ impl Admin {
                 }
             };
             if let Some((hash, prefix)) = row.key {
-                let key = ApiKeyRecord::new(hash, record.id.clone(), unix_now())
-                    .with_prefix(prefix)
-                    .with_expiry(row.expires_at);
+                // A key the tenant holds keeps what the line does not say (its expiry, say,
+                // during a rotation's grace): importing the same file again changes nothing.
+                let held = self.store.list_keys(&record.id).await?.into_iter().find(|k| k.hash == hash);
+                let key = match held {
+                    Some(k) => {
+                        let expiry = row.expires_at.or(k.expires_at);
+                        let prefix = if k.prefix.is_empty() { prefix } else { k.prefix.clone() };
+                        k.with_prefix(prefix).with_expiry(expiry)
+                    }
+                    None => ApiKeyRecord::new(hash, record.id.clone(), unix_now())
+                        .with_prefix(prefix)
+                        .with_expiry(row.expires_at),
+                };
                 self.store.put_key(&key).await.map_err(|e| match e {
                     StoreError::Conflict(_) => {
                         AdminError::Import { line, message: "the key belongs to another tenant".to_owned() }

@@ -127,6 +127,17 @@ async fn the_admin_api_issues_rotates_and_expires_keys() {
     assert_eq!(h.status("/", &old.key).await, 401, "its grace ended");
     let keys = admin.keys("acme").await.unwrap();
     assert_eq!(keys.len(), 3, "expired keys stay listed");
+    // Importing a key the tenant holds keeps what the line does not say (the rotation's end).
+    admin.import_csv(&format!("tenant,key\nacme,{}\n", old.key)).await.unwrap();
+    let held = admin.keys("acme").await.unwrap().into_iter().find(|k| k.id == old.record.id).unwrap();
+    assert_eq!(held.expires_at, Some(now - 1));
+    assert_eq!(h.status("/", &old.key).await, 401, "still expired");
+    // A key of another tenant: the line is named and nothing is written.
+    admin.add_tenant("beta", "free", None).await.unwrap();
+    let e = admin.import_csv(&format!("tenant,plan,key\nnew,free,fresh-key-1\nbeta,,{}\n", new.key)).await;
+    assert!(matches!(&e, Err(AdminError::Import { line: 3, .. })), "{e:?}");
+    assert!(e.unwrap_err().to_string().contains("belongs to tenant `acme`"));
+    assert!(admin.tenants().await.unwrap().iter().all(|t| t.id.as_str() != "new"), "nothing written");
     assert!(format!("{new:?}").contains('…') && !format!("{new:?}").contains(&new.key), "Debug hides the key");
 }
 

@@ -162,7 +162,8 @@ pub(crate) fn tollgate_service(
 }
 
 /// The store of the tollgate cases: TOLLGATE_BENCH_STORE=sqlite for a SQLite file in a fresh
-/// directory under the target directory's `tmp`, memory otherwise.
+/// directory under the target directory's `tmp`, `dynamodb` (feature `dynamodb`) for a fresh
+/// table on the server at TOLLGATE_DYNAMODB_ENDPOINT, memory otherwise.
 pub(crate) fn bench_store(rt: &tokio::runtime::Runtime) -> Arc<dyn Store> {
     match std::env::var("TOLLGATE_BENCH_STORE").as_deref() {
         Ok("sqlite") => {
@@ -172,8 +173,18 @@ pub(crate) fn bench_store(rt: &tokio::runtime::Runtime) -> Arc<dyn Store> {
             std::mem::forget(dir);
             Arc::new(store)
         }
+        #[cfg(feature = "dynamodb")]
+        Ok("dynamodb") => {
+            // A fresh table on the server at TOLLGATE_DYNAMODB_ENDPOINT (a local one: the
+            // standard AWS environment gives region and credentials).
+            let endpoint = std::env::var("TOLLGATE_DYNAMODB_ENDPOINT").expect("TOLLGATE_DYNAMODB_ENDPOINT");
+            let table = format!("tollgate-bench-{}", std::process::id());
+            let store = rt.block_on(tollgate::store::DynamoStore::from_env(table, Some(&endpoint)));
+            rt.block_on(store.create_table()).unwrap();
+            Arc::new(store)
+        }
         Ok("memory") | Err(_) => Arc::new(MemoryStore::new()),
-        Ok(other) => panic!("TOLLGATE_BENCH_STORE={other}: expected memory or sqlite"),
+        Ok(other) => panic!("TOLLGATE_BENCH_STORE={other}: expected memory, sqlite or (feature dynamodb) dynamodb"),
     }
 }
 

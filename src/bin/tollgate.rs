@@ -169,8 +169,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
         Command::Usage { tenant, meter, from, to } => {
             let now = now();
-            let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now + 1);
-            let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to - 30 * 86_400);
+            let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now.saturating_add(1));
+            let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to.saturating_sub(30 * 86_400));
             let rows = admin(&cli.config).await?.usage(&tenant, meter.as_deref(), from, to).await?;
             println!(
                 "{:<12} {:<22} {:>12} {:>12} {:>8}  customer",
@@ -287,7 +287,7 @@ async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
         KeyCommand::Issue { tenant, expires_in, expires_at, test } => {
             let mut options = KeyOptions::default().test(test);
             if let Some(d) = expires_in {
-                options = options.expiring(now() + secs(*d));
+                options = options.expiring(now().saturating_add(secs(*d)));
             }
             if let Some(at) = expires_at {
                 options = options.expiring(parse_time(&at)?);
@@ -312,7 +312,7 @@ async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
             println!("key {} of `{tenant}` revoked", k.id);
         }
         KeyCommand::Rotate { tenant, id, grace } => {
-            let until = now() + secs(*grace);
+            let until = now().saturating_add(secs(*grace));
             let issued = admin.rotate_key(&tenant, &id, until).await?;
             println!("{}", issued.key);
             eprintln!(

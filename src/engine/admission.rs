@@ -102,13 +102,23 @@ impl Tollgate {
         let settling = &self.shared.idempotency.settling;
         // A claim of this key this node is still settling (a failed request retried at once).
         settled(settling, &fleet_key, timeout).await;
-        match with_timeout(timeout, self.shared.store.claim_idempotency(&ask)).await {
-            Ok(IdempotencyState::Claimed) => {
-                let settling = settling.clone();
-                claim.fleet =
-                    Some(FleetClaim { store: self.shared.store.clone(), key: fleet_key, owner, timeout, settling });
-                self.decide_keyed(state, route, true, Some(claim))
-            }
+        // Held before the call: if the call times out after landing, or this future is dropped,
+        // the claim still settles (released, or completed under fail-open); a settle of a
+        // binding this owner does not hold changes nothing.
+        claim.fleet = Some(FleetClaim {
+            store: self.shared.store.clone(),
+            key: fleet_key,
+            owner,
+            timeout,
+            settling: settling.clone(),
+        });
+        let answer = with_timeout(timeout, self.shared.store.claim_idempotency(&ask)).await;
+        if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
+            // Bound by another request: nothing of this node's to settle.
+            claim.fleet = None;
+        }
+        match answer {
+            Ok(IdempotencyState::Claimed) => self.decide_keyed(state, route, true, Some(claim)),
             Ok(IdempotencyState::Completed) => {
                 // Completed on another node: a replay here too from now on.
                 claim.done();

@@ -99,7 +99,11 @@ impl FleetClaim {
         rt.spawn(async move {
             let _done = done;
             let _forget = Forget(self.settling.clone(), self.key.clone());
-            for attempt in 0..3u32 {
+            // Until the claim's in-flight time ends: after that an unsettled claim frees
+            // itself, and a completed request would be charged again on another node.
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(IN_FLIGHT_SECS as u64);
+            let mut attempt = 0u32;
+            loop {
                 match tokio::time::timeout(self.timeout, self.store.settle_idempotency(&self.key, self.owner, how))
                     .await
                 {
@@ -107,11 +111,16 @@ impl FleetClaim {
                     Ok(Err(e)) => tracing::debug!(error = %e, attempt, "settling an Idempotency-Key failed"),
                     Err(_) => tracing::debug!(attempt, "settling an Idempotency-Key timed out"),
                 }
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                let pause = Duration::from_millis(100u64 << attempt.min(7));
+                if tokio::time::Instant::now() + pause >= give_up {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                attempt += 1;
             }
             tracing::warn!(
                 ?how,
-                "an Idempotency-Key could not be settled in the store; it frees itself in {IN_FLIGHT_SECS} s"
+                "an Idempotency-Key could not be settled in the store for {IN_FLIGHT_SECS} s; it frees itself"
             );
         });
     }

@@ -1118,7 +1118,10 @@ impl Store for DynamoStore {
             Ok(_) => Ok(IdempotencyState::Claimed),
             Err(e) => match e.into_service_error() {
                 PutItemError::ConditionalCheckFailedException(held) => {
-                    let held = held.item.unwrap_or_default();
+                    // The binding that holds the key: without it the answer cannot be told.
+                    let Some(held) = held.item else {
+                        return Err(StoreError::Conflict("an Idempotency-Key claim failed without the binding it met"));
+                    };
                     let completed = held.get("completed").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
                     Ok(if get_s(&held, "request") != Some(c.request.as_str()) {
                         IdempotencyState::Mismatch
