@@ -386,6 +386,7 @@ impl Admin {
                 })?;
                 report.keys += 1;
             }
+            self.changed(&record.id);
         }
         Ok(report)
     }

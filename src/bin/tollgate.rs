@@ -316,7 +316,7 @@ async fn keys(admin: &Admin, command: KeyCommand) -> Result<()> {
             let issued = admin.rotate_key(&tenant, &id, until).await?;
             println!("{}", issued.key);
             eprintln!(
-                "key {} issued for `{tenant}`; key {id} keeps working until {}; the new key is shown only now",
+                "key {} issued for `{tenant}`; key {id} keeps working until {} (or its own earlier expiry); the new key is shown only now",
                 issued.record.id,
                 time_text(until)
             );

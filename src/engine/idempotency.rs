@@ -71,12 +71,19 @@ pub(crate) struct FleetClaim {
     pub(crate) settling: Settling,
 }
 
-/// Removes a settled key from the settling map (once its settlement ended, however).
-struct Forget(Settling, String);
+/// The most settlements under way at once (each retries for up to [`IN_FLIGHT_SECS`]).
+const MAX_SETTLING: usize = 10_000;
+
+/// Removes a settled key from the settling map once its settlement ended, however, if the
+/// entry is still this settlement's (a later claim of the key may have its own).
+struct Forget(Settling, String, tokio::sync::watch::Receiver<()>);
 
 impl Drop for Forget {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+        let mut settling = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if settling.get(&self.1).is_some_and(|rx| rx.same_channel(&self.2)) {
+            settling.remove(&self.1);
+        }
     }
 }
 
@@ -95,10 +102,19 @@ impl FleetClaim {
     fn settle(self, how: IdempotencySettle) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let (done, waiting) = tokio::sync::watch::channel(());
-        self.settling.lock().unwrap_or_else(|e| e.into_inner()).insert(self.key.clone(), waiting);
+        {
+            let mut settling = self.settling.lock().unwrap_or_else(|e| e.into_inner());
+            if settling.len() >= MAX_SETTLING {
+                // A long outage: settlements are not queued without bound; this claim frees
+                // itself after its in-flight time.
+                tracing::debug!("too many Idempotency-Key settlements under way; this one is skipped");
+                return;
+            }
+            settling.insert(self.key.clone(), waiting.clone());
+        }
         rt.spawn(async move {
             let _done = done;
-            let _forget = Forget(self.settling.clone(), self.key.clone());
+            let _forget = Forget(self.settling.clone(), self.key.clone(), waiting);
             // Until the claim's in-flight time ends: after that an unsettled claim frees
             // itself, and a completed request would be charged again on another node.
             let give_up = tokio::time::Instant::now() + Duration::from_secs(IN_FLIGHT_SECS as u64);
