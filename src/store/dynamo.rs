@@ -6,8 +6,10 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::{
     error::SdkError,
     operation::{
-        put_item::PutItemError, query::builders::QueryFluentBuilder, transact_write_items::TransactWriteItemsError,
-        update_item::UpdateItemError,
+        put_item::PutItemError,
+        query::builders::QueryFluentBuilder,
+        transact_write_items::TransactWriteItemsError,
+        update_item::{builders::UpdateItemFluentBuilder, UpdateItemError},
     },
     types::{
         AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
@@ -279,6 +281,15 @@ impl DynamoStore {
             }
         }
         Ok(out)
+    }
+
+    /// An update of the usage aggregate `key`.
+    fn update_aggregate(&self, key: &ExportKey) -> UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(usage_pk(&key.tenant)))
+            .key("sk", s(usage_sk(key.meter.as_str(), key.window_start)))
     }
 
     async fn get(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
@@ -735,11 +746,7 @@ impl Store for DynamoStore {
     ) -> Result<Option<UsageAggregate>, StoreError> {
         let key = &aggregate_.key;
         let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(usage_pk(&key.tenant)))
-            .key("sk", s(usage_sk(key.meter.as_str(), key.window_start)))
+            .update_aggregate(key)
             .condition_expression(
                 "attribute_exists(pk) AND attribute_not_exists(dead) \
                  AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero)) \
@@ -819,11 +826,7 @@ impl Store for DynamoStore {
     async fn dead_letter(&self, aggregate_: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
         let key = &aggregate_.key;
         let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(usage_pk(&key.tenant)))
-            .key("sk", s(usage_sk(key.meter.as_str(), key.window_start)))
+            .update_aggregate(key)
             .condition_expression("attribute_exists(pk)")
             .update_expression("SET dead = :r, dpk = :d, dsk = :k REMOVE in_flight")
             .expression_attribute_values(":r", s(reason))
@@ -852,11 +855,7 @@ impl Store for DynamoStore {
 
     async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
         let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(usage_pk(&key.tenant)))
-            .key("sk", s(usage_sk(key.meter.as_str(), key.window_start)))
+            .update_aggregate(key)
             .condition_expression("attribute_exists(dead)")
             .update_expression("REMOVE dead, dpk, dsk SET gpk = :g, gsk = :k")
             .expression_attribute_values(":g", s("PENDING"))
