@@ -20,6 +20,12 @@ pub(crate) struct Metrics {
     pub(crate) flushed_units: Counter,
     pub(crate) exported_events: Counter,
     pub(crate) dead_letters: Counter,
+    pub(crate) export_retries: Counter,
+    pub(crate) unbillable_windows: Counter,
+    pub(crate) unconfirmed_exports: Counter,
+    pub(crate) webhooks_applied: Counter,
+    pub(crate) webhooks_ignored: Counter,
+    pub(crate) webhooks_rejected: Counter,
     pub(crate) evictions: Counter,
     pub(crate) negative_hits: Counter,
     pub(crate) buffer_full: Counter,
@@ -42,6 +48,12 @@ impl Metrics {
             flushed_units: counter!("tollgate_usage_flushed_units_total"),
             exported_events: counter!("tollgate_export_events_total"),
             dead_letters: counter!("tollgate_export_dead_letters_total"),
+            export_retries: counter!("tollgate_export_retries_total"),
+            unbillable_windows: counter!("tollgate_export_unbillable_windows_total"),
+            unconfirmed_exports: counter!("tollgate_export_unconfirmed_total"),
+            webhooks_applied: counter!("tollgate_webhook_events_total", "outcome" => "applied"),
+            webhooks_ignored: counter!("tollgate_webhook_events_total", "outcome" => "ignored"),
+            webhooks_rejected: counter!("tollgate_webhook_events_total", "outcome" => "rejected"),
             evictions: counter!("tollgate_tenants_evicted_total"),
             negative_hits: counter!("tollgate_unknown_credential_cache_hits_total"),
             buffer_full: counter!("tollgate_usage_buffer_full_total"),
@@ -66,6 +78,12 @@ pub(crate) struct Totals {
     pub(crate) exported_events: AtomicU64,
     pub(crate) exported_units: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
+    pub(crate) export_retries: AtomicU64,
+    pub(crate) unbillable_windows: AtomicU64,
+    pub(crate) unconfirmed_exports: AtomicU64,
+    pub(crate) webhooks_applied: AtomicU64,
+    pub(crate) webhooks_ignored: AtomicU64,
+    pub(crate) webhooks_rejected: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) negative_hits: AtomicU64,
     pub(crate) buffer_full: AtomicU64,
@@ -96,8 +114,24 @@ pub struct Stats {
     pub exported_events: u64,
     /// Units in those events.
     pub exported_units: u64,
-    /// Aggregates whose export was refused for good.
+    /// Aggregates whose export was refused for good, never confirmed, or too old to send.
     pub dead_letters: u64,
+    /// Export attempts that failed in a way worth retrying (each is retried later, with the
+    /// same identifier and parameters).
+    pub export_retries: u64,
+    /// Windows of tenants without a billing customer, skipped (not billable) when the sink
+    /// needs a customer.
+    pub unbillable_windows: u64,
+    /// Exports still unconfirmed after `export.unconfirmed_after`, parked for reconciliation
+    /// (also counted in `dead_letters`).
+    pub unconfirmed_exports: u64,
+    /// Verified webhook events that changed a tenant's plan.
+    pub webhooks_applied: u64,
+    /// Verified webhook events that changed nothing (duplicates, older events, unknown
+    /// types, prices or customers).
+    pub webhooks_ignored: u64,
+    /// Webhook deliveries refused (a bad or expired signature, an unreadable body).
+    pub webhooks_rejected: u64,
     /// Tenants evicted (idle, or over the cap).
     pub evictions: u64,
     /// Requests with a credential the directory had just said it did not know, answered
@@ -122,6 +156,12 @@ impl Totals {
             exported_events: l(&self.exported_events),
             exported_units: l(&self.exported_units),
             dead_letters: l(&self.dead_letters),
+            export_retries: l(&self.export_retries),
+            unbillable_windows: l(&self.unbillable_windows),
+            unconfirmed_exports: l(&self.unconfirmed_exports),
+            webhooks_applied: l(&self.webhooks_applied),
+            webhooks_ignored: l(&self.webhooks_ignored),
+            webhooks_rejected: l(&self.webhooks_rejected),
             evictions: l(&self.evictions),
             negative_hits: l(&self.negative_hits),
             buffer_full: l(&self.buffer_full),

@@ -155,7 +155,7 @@ impl BillingSink for Recording {
         self.events.lock().unwrap().push(event.clone());
         if event.meter.as_str() == "tokens" && self.lose_acks.load(Ordering::SeqCst) > 0 {
             self.lose_acks.fetch_sub(1, Ordering::SeqCst);
-            return Err(SinkError::Retryable("connection reset after the request was sent".into()));
+            return Err(SinkError::retryable("connection reset after the request was sent"));
         }
         Ok(())
     }
@@ -253,8 +253,10 @@ async fn a_lost_acknowledgement_resends_the_same_event() {
     h.clock.advance(Duration::from_secs(2 * 3600));
     let first = exporter.export().await.unwrap();
     assert!(first.deferred);
+    // Retried only once its next-attempt time has come.
+    assert_eq!(exporter.export().await.unwrap().events, 0, "waits for its next attempt");
     // Late usage arrives between the lost acknowledgement and the retry.
-    h.clock.set_unix(NOON + 2 * 3600);
+    h.clock.set_unix(NOON + 2 * 3600 + 60);
     commit_late_tokens(&h, 5).await;
     while exporter.export().await.unwrap().events > 0 {}
     let events = sink.events.lock().unwrap().clone();

@@ -15,7 +15,7 @@ use std::{future::Future, pin::Pin, sync::Arc};
 use tollgate::{
     config::Period,
     store::{
-        ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant,
+        ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant,
         IdempotencyClaim, IdempotencySettle, IdempotencyState, MemoryStore, PlanChange, PlanChangeOutcome, QuotaKey,
         Reservation, ReserveToken, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
     },
@@ -167,6 +167,11 @@ fn fresh(key: ExportKey, quantity: u64, customer: Option<&str>) -> UsageAggregat
     let mut a = UsageAggregate::new(key, quantity);
     a.customer = customer.map(str::to_owned);
     a
+}
+
+/// What an export of `value` units for `cus_a` sends.
+fn sent(value: u64) -> ExportSend {
+    ExportSend::new(value, DAY0 + 11 * HOUR - 1, Some("cus_a".into()), "api_requests")
 }
 
 /// Small deterministic pseudo-random numbers (SplitMix64).
@@ -611,26 +616,31 @@ mod suite {
 
         let mut begun = fresh(key.clone(), 5, Some("cus_a"));
         begun.in_flight = Some(5);
+        begun.send = Some(sent(5));
         begun.attempts = 1;
         begun.first_attempt_at = Some(t);
         begun.claimed_until = Some(t + 300);
-        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300)).await.unwrap(), Some(begun.clone()));
+        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap(), Some(begun.clone()));
         assert_eq!(h.s().usage(&key).await.unwrap(), Some(begun.clone()));
 
         // Another node is refused while the claim holds, and changes nothing.
-        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(2, t + 100, t + 400)).await.unwrap(), None);
-        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(2, t + 299, t + 599)).await.unwrap(), None);
+        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(2, t + 100, t + 400), &sent(5)).await.unwrap(), None);
+        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(2, t + 299, t + 599), &sent(5)).await.unwrap(), None);
         assert_eq!(h.s().usage(&key).await.unwrap(), Some(begun.clone()));
         h.restart().await;
         assert_eq!(h.s().usage(&key).await.unwrap(), Some(begun.clone()), "the claim outlives a restart");
-        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(2, t + 299, t + 599)).await.unwrap(), None);
+        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(2, t + 299, t + 599), &sent(5)).await.unwrap(), None);
 
-        // The holder may begin again (a retry): one more attempt, the claim extended.
-        let again = h.s().begin_export(&read, &ExportClaim::new(1, t + 120, t + 420)).await.unwrap().unwrap();
+        // The holder may begin again (a retry): one more attempt, the claim extended, and
+        // what the first begin fixed is kept (other parameters given now are not taken).
+        let again = h.s().begin_export(&read, &ExportClaim::new(1, t + 120, t + 420), &sent(6)).await.unwrap().unwrap();
         assert_eq!(
-            (again.in_flight, again.attempts, again.first_attempt_at, again.claimed_until),
-            (Some(5), 2, Some(t), Some(t + 420))
+            (again.in_flight, again.send, again.attempts, again.first_attempt_at, again.claimed_until),
+            (Some(5), Some(sent(5)), 2, Some(t), Some(t + 420))
         );
+        // A failed attempt holds it until its next one, for the holder only.
+        assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 130, t + 420)).await.unwrap());
+        assert!(!h.s().defer_export(&read, &ExportClaim::new(2, t + 130, t + 900)).await.unwrap(), "held by 1");
 
         // Late usage does not change what the in-flight revision exports.
         h.s().commit_usage(&batch("f2", vec![rec("a", "requests", w, 4)])).await.unwrap();
@@ -640,12 +650,12 @@ mod suite {
         assert_eq!(listed, std::slice::from_ref(&stored), "an export in flight is still pending");
 
         // After the claim expired another node takes over the same revision and amount.
-        let taken = h.s().begin_export(&read, &ExportClaim::new(2, t + 421, t + 721)).await.unwrap().unwrap();
+        let taken = h.s().begin_export(&read, &ExportClaim::new(2, t + 421, t + 721), &sent(5)).await.unwrap().unwrap();
         let mut expected = stored.clone();
         expected.attempts = 3;
         expected.claimed_until = Some(t + 721);
         assert_eq!(taken, expected);
-        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(1, t + 500, t + 800)).await.unwrap(), None);
+        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(1, t + 500, t + 800), &sent(5)).await.unwrap(), None);
 
         assert!(h.s().finish_export(&taken).await.unwrap());
         let done = h.s().usage(&key).await.unwrap().unwrap();
@@ -656,7 +666,7 @@ mod suite {
         assert!(!h.s().finish_export(&taken).await.unwrap(), "a stale revision");
         assert!(!h.s().finish_export(&read).await.unwrap(), "a stale revision");
         assert_eq!(h.s().usage(&key).await.unwrap().unwrap(), done, "a stale finish changes nothing");
-        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(1, t + 900, t + 1200)).await.unwrap(), None);
+        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(1, t + 900, t + 1200), &sent(5)).await.unwrap(), None);
 
         h.restart().await;
         // The late usage is pending as revision 1, and that revision exports up to all of it:
@@ -669,16 +679,18 @@ mod suite {
             (9, 5, 1, None, Some("cus_a"))
         );
         // The claim was on revision 0: revision 1 is free to begin at once.
-        let rev1 = h.s().begin_export(&next, &ExportClaim::new(1, t + 600, t + 900)).await.unwrap().unwrap();
+        assert!(!h.s().defer_export(&next, &ExportClaim::new(1, t + 600, t + 900)).await.unwrap(), "not in flight");
+        let rev1 = h.s().begin_export(&next, &ExportClaim::new(1, t + 600, t + 900), &sent(4)).await.unwrap().unwrap();
         assert_eq!(
             (rev1.revision, rev1.in_flight, rev1.exported, rev1.attempts, rev1.first_attempt_at, rev1.claimed_until),
             (1, Some(9), 5, 1, Some(t + 600), Some(t + 900))
         );
+        assert_eq!(rev1.send, Some(sent(4)));
         assert_eq!(rev1.in_flight.unwrap() - rev1.exported, 4, "the delta");
         assert!(h.s().finish_export(&rev1).await.unwrap());
         assert!(!h.s().finish_export(&rev1).await.unwrap());
         let last = h.s().usage(&key).await.unwrap().unwrap();
-        assert_eq!((last.quantity, last.exported, last.revision, last.in_flight), (9, 9, 2, None));
+        assert_eq!((last.quantity, last.exported, last.revision, last.in_flight, last.send), (9, 9, 2, None, None));
         assert_eq!(h.s().pending_exports(before, None, 10).await.unwrap(), [], "all exported");
     }
 
@@ -699,21 +711,24 @@ mod suite {
         let (a, b, c) = (pending[0].clone(), pending[1].clone(), pending[2].clone());
 
         // c: exported once, then late usage.
-        let c = h.s().begin_export(&c, &ExportClaim::new(1, t, t + 300)).await.unwrap().unwrap();
+        let c = h.s().begin_export(&c, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap().unwrap();
         assert!(h.s().finish_export(&c).await.unwrap());
         h.s().commit_usage(&batch("f2", vec![rec("c", "requests", w, 3)])).await.unwrap();
         let c = h.s().usage(&ek("c", "requests", w)).await.unwrap().unwrap();
         assert_eq!((c.quantity, c.exported, c.revision), (5, 2, 1));
 
         // a: refused while in flight; b and c: refused from what was read.
-        let a = h.s().begin_export(&a, &ExportClaim::new(1, t, t + 300)).await.unwrap().unwrap();
+        let a = h.s().begin_export(&a, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap().unwrap();
         h.s().dead_letter(&a, "card declined").await.unwrap();
         h.s().dead_letter(&b, "no such customer").await.unwrap();
         h.s().dead_letter(&c, "amount too small").await.unwrap();
 
-        let dl_a = DeadLetter::new(ek("a", "requests", w), 5, "card declined");
+        // What was in flight stays with the dead letter, for reconciliation.
+        let mut dl_a = DeadLetter::new(ek("a", "requests", w), 5, "card declined");
+        dl_a.send = Some(sent(5));
         let dl_b = DeadLetter::new(ek("b", "requests", w), 3, "no such customer");
-        let dl_c = DeadLetter::new(ek("c", "requests", w), 3, "amount too small");
+        let mut dl_c = DeadLetter::new(ek("c", "requests", w), 3, "amount too small");
+        dl_c.revision = 1;
         let all = vec![dl_a.clone(), dl_b.clone(), dl_c.clone()];
         assert_eq!(h.s().dead_letters(None, 10).await.unwrap(), all);
         assert_eq!(h.s().dead_letters(None, 2).await.unwrap(), all[..2]);
@@ -728,7 +743,8 @@ mod suite {
 
         // Late usage of a dead letter stays parked with it.
         h.s().commit_usage(&batch("f3", vec![rec("b", "requests", w, 4)])).await.unwrap();
-        let dl_b7 = DeadLetter::new(ek("b", "requests", w), 7, "no such customer");
+        let mut dl_b7 = dl_b.clone();
+        dl_b7.units = 7;
         assert_eq!(h.s().dead_letters(None, 10).await.unwrap(), [dl_a.clone(), dl_b7.clone(), dl_c.clone()]);
         assert_eq!(pending_keys(h.s(), before).await, [ek("d", "requests", w)]);
 
@@ -743,9 +759,13 @@ mod suite {
             pending.iter().map(|p| p.key.clone()).collect::<Vec<_>>(),
             [dl_a.key.clone(), ek("d", "requests", w)]
         );
-        assert_eq!((pending[0].quantity, pending[0].exported, pending[0].revision), (5, 0, 0));
+        // As a new revision (a new identifier), nothing in flight: parameters are fixed anew.
+        assert_eq!(
+            (pending[0].quantity, pending[0].exported, pending[0].revision, pending[0].in_flight, pending[0].send.clone()),
+            (5, 0, 1, None, None)
+        );
         // And exported like any other.
-        let again = h.s().begin_export(&pending[0], &ExportClaim::new(1, t + 10, t + 310)).await.unwrap().unwrap();
+        let again = h.s().begin_export(&pending[0], &ExportClaim::new(1, t + 10, t + 310), &sent(5)).await.unwrap().unwrap();
         assert_eq!(again.in_flight, Some(5));
         assert!(h.s().finish_export(&again).await.unwrap());
         assert_eq!(pending_keys(h.s(), before).await, [ek("d", "requests", w)]);
@@ -755,7 +775,7 @@ mod suite {
         assert_eq!(pending.len(), 2);
         assert_eq!(
             (&pending[0].key, pending[0].quantity, pending[0].exported, pending[0].revision),
-            (&dl_c.key, 5, 2, 1)
+            (&dl_c.key, 5, 2, 2)
         );
     }
 

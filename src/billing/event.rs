@@ -4,7 +4,11 @@ use async_trait::async_trait;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::{MeterId, TenantId};
+use crate::config::{MeterAggregation, MeterId, TenantId};
+
+fn is_sum(a: &MeterAggregation) -> bool {
+    *a == MeterAggregation::Sum
+}
 
 /// One billing meter event: the usage of a tenant on a meter in a closed window, not yet
 /// exported.
@@ -26,12 +30,19 @@ pub struct MeterEvent {
     pub window_start: i64,
     /// The end of the window (exclusive), in Unix seconds.
     pub window_end: i64,
-    /// The units not exported before (a later revision carries only the late delta).
+    /// For a `sum` meter the units not exported before (a later revision carries only the
+    /// late delta); for a pre-aggregated meter the window's running total.
     pub value: u64,
     /// 0 for the first export of a window, then 1, 2, … for late usage.
     pub revision: u32,
-    /// The event's time, in Unix seconds: the last second of the window.
+    /// The event's time, in Unix seconds: the last second of the window for a `sum` meter;
+    /// the window's start plus the revision for a pre-aggregated one (so a later revision
+    /// is always the newest).
     pub timestamp: i64,
+    /// How the billing meter aggregates: for a pre-aggregated meter `value` is the window's
+    /// running total, not a delta.
+    #[serde(skip_serializing_if = "is_sum")]
+    pub aggregation: MeterAggregation,
 }
 
 /// The deterministic identifier of a meter event: `tg_` and 40 hex digits of
@@ -59,14 +70,32 @@ pub fn identifier(tenant: &TenantId, meter: &MeterId, window_start: i64, revisio
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SinkError {
-    /// Worth retrying later (a network error, a 429 or a 5xx): the event is sent again with
-    /// the same identifier.
-    #[error("temporary billing sink error: {0}")]
-    Retryable(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// Refused for good (a 4xx such as an unknown customer): the aggregate is dead-lettered,
-    /// logged and counted.
+    /// Worth retrying later (408, 409, 429, a 5xx): the event is sent again, with the same
+    /// identifier and parameters, after a backoff with jitter (or `retry_after`, if longer).
+    #[error("temporary billing sink error: {source}")]
+    Retryable {
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// How long the billing system asked to wait, if it said.
+        retry_after: Option<std::time::Duration>,
+    },
+    /// Failed without a status to judge by (a dropped connection, a timeout, an error body
+    /// that is not the billing system's): retried like [`Retryable`](Self::Retryable) up to
+    /// `export.max_unknown_failures` attempts, then dead-lettered.
+    #[error("billing sink failed without a status: {0}")]
+    Unknown(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Refused for good (another 4xx, such as an unknown customer): the aggregate is
+    /// dead-lettered, logged, counted and listed.
     #[error("billing sink refused the event: {0}")]
     Permanent(String),
+}
+
+impl SinkError {
+    /// A [`Retryable`](Self::Retryable) error without a requested delay.
+    pub fn retryable(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Retryable { source: source.into(), retry_after: None }
+    }
 }
 
 /// Where meter events go: Stripe Billing Meters, or a JSON-lines file ([`JsonlSink`](super::JsonlSink)).
@@ -77,4 +106,11 @@ pub enum SinkError {
 pub trait BillingSink: Send + Sync + fmt::Debug + 'static {
     /// Sends one event.
     async fn send(&self, event: &MeterEvent) -> Result<(), SinkError>;
+
+    /// Whether events need a billing customer: if so, windows of tenants without one are
+    /// not billable and skipped (counted, not sent). `false` by default (a file of what
+    /// would be billed lists every tenant).
+    fn needs_customer(&self) -> bool {
+        false
+    }
 }

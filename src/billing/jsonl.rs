@@ -42,9 +42,9 @@ impl BillingSink for JsonlSink {
             .append(true)
             .open(&self.path)
             .await
-            .map_err(|e| SinkError::Retryable(Box::new(e)))?;
-        file.write_all(&line).await.map_err(|e| SinkError::Retryable(Box::new(e)))?;
-        file.flush().await.map_err(|e| SinkError::Retryable(Box::new(e)))?;
+            .map_err(SinkError::retryable)?;
+        file.write_all(&line).await.map_err(SinkError::retryable)?;
+        file.flush().await.map_err(SinkError::retryable)?;
         Ok(())
     }
 }

@@ -3,6 +3,14 @@
 
 mod event;
 mod jsonl;
+#[cfg(feature = "stripe")]
+mod stripe;
+#[cfg(feature = "stripe")]
+mod webhook;
 
 pub use event::{identifier, BillingSink, MeterEvent, SinkError};
 pub use jsonl::JsonlSink;
+#[cfg(feature = "stripe")]
+pub use self::stripe::{Secret, StripeSetupError, StripeSink};
+#[cfg(feature = "stripe")]
+pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};

@@ -47,6 +47,8 @@ pub struct Config {
     pub(crate) routes: Vec<RouteSpec>,
     pub(crate) tenants: Vec<TenantSpec>,
     pub(crate) store: StoreSettings,
+    pub(crate) export: ExportSettings,
+    pub(crate) stripe: Option<StripeSettings>,
     /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
     pub(crate) store_written: Option<StoreOrigin>,
     /// The file the configuration was read from.
@@ -112,12 +114,42 @@ pub struct UsageSettings {
     pub max_buffered_records: usize,
 }
 
+/// How the billing system's meter aggregates the events of a meter (`aggregation` in
+/// `[meters.<name>]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum MeterAggregation {
+    /// Every event adds to the total (a Stripe meter with `sum`): each export sends the
+    /// units not sent before, and late usage goes out as a delta.
+    #[default]
+    Sum,
+    /// Pre-aggregated per hour (a Stripe meter with `event_time_window = hour`): the meter
+    /// keeps only the newest event of each hour, so each export sends the hour's running
+    /// total.
+    Hour,
+    /// Pre-aggregated per day (`event_time_window = day`), as [`Hour`](Self::Hour).
+    Day,
+}
+
+impl MeterAggregation {
+    /// The billing meter's window, in seconds, for a pre-aggregated meter.
+    pub fn window_secs(self) -> Option<i64> {
+        match self {
+            Self::Sum => None,
+            Self::Hour => Some(3600),
+            Self::Day => Some(86_400),
+        }
+    }
+}
+
 /// A meter: something that is counted and billed.
 #[derive(Debug, Clone)]
 pub struct MeterSpec {
     pub(crate) id: MeterId,
     pub(crate) event_name: String,
     pub(crate) description: Option<String>,
+    pub(crate) aggregation: MeterAggregation,
 }
 
 impl MeterSpec {
@@ -135,6 +167,69 @@ impl MeterSpec {
     pub fn description(&self) -> Option<&str> {
         self.description.as_deref()
     }
+
+    /// How the billing meter aggregates its events.
+    pub fn aggregation(&self) -> MeterAggregation {
+        self.aggregation
+    }
+}
+
+/// How closed windows are exported to the billing sink (`[export]`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ExportSettings {
+    /// How often the worker runs an export pass.
+    pub interval: Duration,
+    /// The most calls to the billing sink in flight at once (one per customer and meter).
+    pub concurrency: usize,
+    /// The most calls to the billing sink per second, from this node.
+    pub calls_per_second: u32,
+    /// How long a node holds an aggregate it exports before another may take it over.
+    pub claim: Duration,
+    /// An export still unconfirmed this long after its first attempt is not sent again but
+    /// parked as `unconfirmed` for reconciliation: Stripe de-duplicates identifiers only
+    /// over about 24 hours.
+    pub unconfirmed_after: Duration,
+    /// How many failures whose cause is unknown (no status: a dropped connection, a body
+    /// that is not the billing system's) an export takes before it is dead-lettered.
+    pub max_unknown_failures: u32,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            concurrency: 8,
+            calls_per_second: 25,
+            claim: Duration::from_secs(300),
+            unconfirmed_after: Duration::from_secs(20 * 3600),
+            max_unknown_failures: 8,
+        }
+    }
+}
+
+/// Stripe (`[stripe]`): where the API is, where secrets are read from (never from this file),
+/// and which webhook events move tenants between plans.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StripeSettings {
+    /// The API's base URL (`https://api.stripe.com/` by default; a local stand-in in tests).
+    pub api_base: Option<String>,
+    /// A file holding the secret API key; `STRIPE_SECRET_KEY` otherwise.
+    pub secret_key_file: Option<std::path::PathBuf>,
+    /// A file holding the webhook signing secrets (one per line, several during a rotation);
+    /// `STRIPE_WEBHOOK_SECRET` (comma-separated) otherwise.
+    pub webhook_secret_file: Option<std::path::PathBuf>,
+    /// How long one API call may take.
+    pub timeout: Duration,
+    /// Event type → the plan its customer moves to (`"payment_method.attached" = "metered"`).
+    pub events: BTreeMap<String, PlanId>,
+    /// Subscription status → plan, for events whose object is a subscription
+    /// (`past_due = "free"`). `active` and `trialing` map through [`prices`](Self::prices)
+    /// unless listed here.
+    pub subscription_status: BTreeMap<String, PlanId>,
+    /// Price id or lookup key → plan, for active subscriptions.
+    pub prices: BTreeMap<String, PlanId>,
 }
 
 /// A plan: a rate with its burst, and quotas per meter.
@@ -356,6 +451,21 @@ impl Config {
     /// The tenants declared in the file.
     pub fn tenants(&self) -> &[TenantSpec] {
         &self.tenants
+    }
+
+    /// How closed windows are exported (`[export]`).
+    pub fn export(&self) -> &ExportSettings {
+        &self.export
+    }
+
+    /// Stripe's settings, if the file has a `[stripe]` section.
+    pub fn stripe(&self) -> Option<&StripeSettings> {
+        self.stripe.as_ref()
+    }
+
+    /// The file the configuration was read from, if any.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
     }
 
     /// The store the configuration names (`[store]`; SQLite in `tollgate.db` without one).

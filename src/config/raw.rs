@@ -22,6 +22,35 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) tenants: BTreeMap<String, RawTenant>,
     pub(crate) store: Option<RawStore>,
+    #[serde(default)]
+    pub(crate) export: RawExport,
+    pub(crate) stripe: Option<RawStripe>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawExport {
+    pub(crate) interval: Option<String>,
+    pub(crate) concurrency: Option<u64>,
+    pub(crate) calls_per_second: Option<u64>,
+    pub(crate) claim: Option<String>,
+    pub(crate) unconfirmed_after: Option<String>,
+    pub(crate) max_unknown_failures: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStripe {
+    pub(crate) api_base: Option<String>,
+    pub(crate) secret_key_file: Option<String>,
+    pub(crate) webhook_secret_file: Option<String>,
+    pub(crate) timeout: Option<String>,
+    #[serde(default)]
+    pub(crate) events: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) subscription_status: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) prices: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +105,7 @@ pub(crate) struct RawUsage {
 pub(crate) struct RawMeter {
     pub(crate) description: Option<String>,
     pub(crate) event_name: Option<String>,
+    pub(crate) aggregation: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

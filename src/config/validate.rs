@@ -9,10 +9,13 @@ use std::{
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    raw::{RawConfig, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawStore, RawTenant, RawUsage},
-    Config, ConfigError, ConfigErrorKind as Kind, HeaderStyle, Identify, Limits, MeterId, MeterSpec, OnUnknown, Period,
-    PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreSettings,
-    Synchronous, TenantId, TenantSpec, UsageSettings,
+    raw::{
+        RawConfig, RawExport, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawStore, RawStripe,
+        RawTenant, RawUsage,
+    },
+    Config, ConfigError, ConfigErrorKind as Kind, ExportSettings, HeaderStyle, Identify, Limits, MeterAggregation,
+    MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet,
+    StoreErrorPolicy, StoreOrigin, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec, UsageSettings,
 };
 use crate::{plan::RoutePattern, tenant::KeyHash};
 
@@ -266,6 +269,22 @@ impl Validator<'_, '_> {
         let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
         let limits = self.limits(&raw.limits)?;
         let usage = self.usage(&raw.usage)?;
+        for m in &meters {
+            if let Some(w) = m.aggregation.window_secs() {
+                if w % usage.window.as_secs() as i64 != 0 {
+                    return Err(self.invalid(
+                        &format!("meters.{}.aggregation", m.id),
+                        format!(
+                            "usage.window ({}s) must divide the meter's window ({w}s): \
+                             each tollgate window must fall inside one window of the billing meter",
+                            usage.window.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+        let export = self.export(&raw.export)?;
+        let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans)).transpose()?;
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter)?;
         let tenants = self.tenants(&raw.tenants, &plans)?;
@@ -301,7 +320,98 @@ impl Validator<'_, '_> {
             tenants,
             store,
             store_written,
+            export,
+            stripe,
             file: None,
+        })
+    }
+
+    /// `[export]`.
+    fn export(&self, raw: &RawExport) -> Result<ExportSettings, ConfigError> {
+        let d = ExportSettings::default();
+        let count = |path: &str, v: Option<u64>, default: u64, max: u64| -> Result<u64, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(n) if (1..=max).contains(&n) => Ok(n),
+                Some(n) => Err(self.invalid(path, format!("must be between 1 and {max}, not {n}"))),
+            }
+        };
+        let export = ExportSettings {
+            interval: self.duration("export.interval", raw.interval.as_deref(), d.interval)?,
+            concurrency: count("export.concurrency", raw.concurrency, d.concurrency as u64, 1000)? as usize,
+            // Stripe takes 1,000 calls/s in live mode (100 in test mode).
+            calls_per_second: count("export.calls_per_second", raw.calls_per_second, u64::from(d.calls_per_second), 1000)?
+                as u32,
+            claim: self.duration("export.claim", raw.claim.as_deref(), d.claim)?,
+            unconfirmed_after: self.duration(
+                "export.unconfirmed_after",
+                raw.unconfirmed_after.as_deref(),
+                d.unconfirmed_after,
+            )?,
+            max_unknown_failures: count("export.max_unknown_failures", raw.max_unknown_failures, 8, 1000)? as u32,
+        };
+        if export.unconfirmed_after > Duration::from_secs(23 * 3600) {
+            return Err(self.invalid(
+                "export.unconfirmed_after",
+                "must be at most 23 hours: Stripe de-duplicates meter event identifiers over about 24 hours only, \
+                 so a later re-send could be billed twice",
+            ));
+        }
+        Ok(export)
+    }
+
+    /// `[stripe]`: no secret here (they come from the environment or a file), plans that
+    /// exist, statuses Stripe has.
+    fn stripe(&self, raw: &RawStripe, plans: &BTreeMap<PlanId, PlanSpec>) -> Result<StripeSettings, ConfigError> {
+        const STATUSES: [&str; 8] =
+            ["incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"];
+        let api_base = match &raw.api_base {
+            None => None,
+            Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+                Some(if url.ends_with('/') { url.clone() } else { format!("{url}/") })
+            }
+            Some(_) => {
+                return Err(self.invalid("stripe.api_base", "expected an http:// or https:// URL (no path after the host)"))
+            }
+        };
+        let file = |key: &str, v: &Option<String>| -> Result<Option<std::path::PathBuf>, ConfigError> {
+            match v {
+                Some(p) if p.trim().is_empty() => Err(self.invalid(&format!("stripe.{key}"), "must not be empty")),
+                v => Ok(v.as_ref().map(std::path::PathBuf::from)),
+            }
+        };
+        let mut events = BTreeMap::new();
+        for (event, plan) in &raw.events {
+            let path = format!("stripe.events.\"{event}\"");
+            if !event.contains('.') || event.contains(char::is_whitespace) {
+                return Err(self.invalid(&path, "expected a Stripe event type such as \"payment_method.attached\""));
+            }
+            events.insert(event.clone(), self.plan_ref(plans, &path, plan)?);
+        }
+        let mut subscription_status = BTreeMap::new();
+        for (status, plan) in &raw.subscription_status {
+            let path = format!("stripe.subscription_status.{status}");
+            if !STATUSES.contains(&status.as_str()) {
+                return Err(self.invalid(
+                    &path,
+                    format!("`{status}` is not a subscription status: expected one of {}", STATUSES.join(", ")),
+                ));
+            }
+            subscription_status.insert(status.clone(), self.plan_ref(plans, &path, plan)?);
+        }
+        let mut prices = BTreeMap::new();
+        for (price, plan) in &raw.prices {
+            let path = format!("stripe.prices.{price}");
+            prices.insert(price.clone(), self.plan_ref(plans, &path, plan)?);
+        }
+        Ok(StripeSettings {
+            api_base,
+            secret_key_file: file("secret_key_file", &raw.secret_key_file)?,
+            webhook_secret_file: file("webhook_secret_file", &raw.webhook_secret_file)?,
+            timeout: self.duration("stripe.timeout", raw.timeout.as_deref(), Duration::from_secs(30))?,
+            events,
+            subscription_status,
+            prices,
         })
     }
 
@@ -386,7 +496,12 @@ impl Validator<'_, '_> {
 
     /// `[meters]`: `requests` always exists.
     fn meters(&self, raw: &BTreeMap<String, RawMeter>) -> Result<Vec<MeterSpec>, ConfigError> {
-        let mut meters = vec![MeterSpec { id: "requests".into(), event_name: "requests".into(), description: None }];
+        let mut meters = vec![MeterSpec {
+            id: "requests".into(),
+            event_name: "requests".into(),
+            description: None,
+            aggregation: MeterAggregation::Sum,
+        }];
         for (name, m) in raw {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
@@ -396,10 +511,25 @@ impl Validator<'_, '_> {
                     "must not be empty: it names the meter's events for billing (leave it out to use the meter's name)",
                 ));
             }
+            let aggregation = match m.aggregation.as_deref() {
+                None | Some("sum") => MeterAggregation::Sum,
+                Some("hour") => MeterAggregation::Hour,
+                Some("day") => MeterAggregation::Day,
+                Some(other) => {
+                    return Err(self.invalid(
+                        &format!("{path}.aggregation"),
+                        format!(
+                            "`{other}` is not an aggregation: expected \"sum\" (the default), or \"hour\" / \"day\" \
+                             for a Stripe meter pre-aggregated with that event_time_window"
+                        ),
+                    ))
+                }
+            };
             let spec = MeterSpec {
                 id: name.as_str().into(),
                 event_name: m.event_name.clone().unwrap_or_else(|| name.clone()),
                 description: m.description.clone(),
+                aggregation,
             };
             if name == "requests" {
                 meters[0] = spec;

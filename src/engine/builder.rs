@@ -179,6 +179,7 @@ impl Builder {
             totals: Totals::default(),
             prefetch: prefetch_tx,
             pipeline: tokio::sync::Mutex::new(Pipeline::new()),
+            export_pass: tokio::sync::Mutex::new(()),
             sweep_now: Notify::new(),
             shutdown: shutdown_tx,
             unknown: moka::sync::Cache::builder()

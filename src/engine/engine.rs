@@ -163,6 +163,9 @@ pub(crate) struct Shared {
     pub(crate) totals: Totals,
     pub(crate) prefetch: mpsc::Sender<Prefetch>,
     pub(crate) pipeline: tokio::sync::Mutex<Pipeline>,
+    /// One export pass at a time on this node (apart from the pipeline: Stripe's latency
+    /// never delays a flush).
+    pub(crate) export_pass: tokio::sync::Mutex<()>,
     pub(crate) sweep_now: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
     /// Credentials the directory did not know, for `limits.negative_ttl`.

@@ -1,120 +1,429 @@
 //! The billing export: aggregates of closed windows (or, at shutdown on a store that does not
 //! outlive the process, of every window) become meter events, sent exactly once per (tenant,
 //! meter, window, revision).
+//!
+//! It runs apart from the usage pipeline (the flush never waits for the billing system), one
+//! pass at a time per node, with bounded concurrency, one call in flight per (tenant, meter),
+//! and a paced call rate. Export state lives in the store: any node may export; a claim with
+//! an expiry keeps two nodes off one aggregate; what an export sends is fixed when it begins,
+//! so every retry (on any node, after any crash) sends the same parameters under the same
+//! identifier.
+
+use std::{collections::BTreeMap, hash::Hasher, sync::Arc, time::Duration};
+
+use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
 use super::Tollgate;
-use crate::metrics::Totals;
 use crate::{
-    billing::{identifier, MeterEvent, SinkError},
-    config::MeterId,
+    billing::{identifier, BillingSink, MeterEvent, SinkError},
+    config::{MeterAggregation, MeterId, TenantId},
+    metrics::Totals,
     plan::Runtime,
-    store::{ExportClaim, ExportKey, StoreError},
+    store::{ExportClaim, ExportKey, ExportSend, StoreError, UsageAggregate},
 };
 
-/// What one [`Tollgate::export`] sent.
+/// What one [`Tollgate::export`] pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ExportReport {
     /// Events accepted by the sink.
     pub events: usize,
-    /// Units in them.
+    /// Units in them (for a pre-aggregated meter, the running totals sent).
     pub units: u64,
-    /// Aggregates refused for good and parked.
+    /// Aggregates parked: refused for good, never confirmed, or too old to send.
     pub dead_letters: usize,
-    /// Whether the sink asked to retry later (the rest waits for the next export).
+    /// Attempts that failed in a way worth retrying; each is retried at its next-attempt time.
+    pub retries: usize,
+    /// Windows of tenants without a billing customer, skipped (the sink needs one).
+    pub unbillable: usize,
+    /// Whether the sink asked to retry anything later.
     pub deferred: bool,
+}
+
+impl ExportReport {
+    fn merge(&mut self, other: ExportReport) {
+        self.events += other.events;
+        self.units += other.units;
+        self.dead_letters += other.dead_letters;
+        self.retries += other.retries;
+        self.unbillable += other.unbillable;
+        self.deferred |= other.deferred;
+    }
 }
 
 /// How many aggregates one store call lists.
 const PAGE: usize = 100;
+/// Stripe takes meter events up to 35 days old; an hour is kept as a margin for the time the
+/// call takes and for clocks that differ.
+const MAX_AGE_SECS: i64 = 35 * 86_400 - 3600;
+/// The longest wait before a retry.
+const MAX_BACKOFF_SECS: u64 = 3600;
+
+/// Spaces calls to the billing system at most `rate` a second, across the lanes of a pass.
+#[derive(Debug)]
+struct Pacer {
+    every: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(rate: u32) -> Self {
+        Self { every: Duration::from_secs(1) / rate.max(1), next: Mutex::new(Instant::now()) }
+    }
+
+    async fn wait(&self) {
+        let slot = {
+            let mut next = self.next.lock().await;
+            let slot = (*next).max(Instant::now());
+            *next = slot + self.every;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// What a lane of a pass shares.
+struct Pass {
+    tollgate: Tollgate,
+    sink: Arc<dyn BillingSink>,
+    rt: Arc<Runtime>,
+    pacer: Pacer,
+    now: i64,
+}
 
 impl Tollgate {
-    /// Sends the usage of closed windows (ended more than `usage.grace` ago) to the billing
-    /// sink, exactly once per (tenant, meter, window, revision). Does nothing without a sink.
+    /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,
+    /// window, revision). A window is closed once it ended (for a pre-aggregated meter, the
+    /// billing meter's hour or day) and `usage.grace` passed. Does nothing without a sink.
+    ///
+    /// Runs apart from [`flush`](Self::flush) (never under its lock); the worker calls it
+    /// every `export.interval`, and a scheduled job may call it too (`tollgate export`).
     ///
     /// # Errors
     /// A store error; what was sent before it stays marked.
     pub async fn export(&self) -> Result<ExportReport, StoreError> {
-        let rt = self.shared.runtime.load_full();
-        let window = rt.config.usage.window.as_secs() as i64;
-        let grace = rt.config.usage.grace.as_secs() as i64;
-        let before = self.shared.clock.unix_secs() - grace - window + 1;
-        self.export_before(before).await
+        self.export_pass(false).await
     }
 
-    /// [`export`](Self::export) of the windows that start before `before` (Unix seconds); an
-    /// event's timestamp is the last second of its window, or now if that is earlier.
-    pub(crate) async fn export_before(&self, before: i64) -> Result<ExportReport, StoreError> {
-        let mut report = ExportReport::default();
-        let Some(sink) = self.shared.sink.clone() else {
-            return Ok(report);
-        };
-        let _serial = self.shared.pipeline.lock().await;
+    /// What the next [`export`](Self::export) would send, without sending or claiming
+    /// anything: an export already in flight with its fixed parameters, the others as they
+    /// would be fixed now. Windows of tenants that are not billable are left out.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn export_preview(&self) -> Result<Vec<MeterEvent>, StoreError> {
         let rt = self.shared.runtime.load_full();
-        let store = &self.shared.store;
-        let window = rt.config.usage.window.as_secs() as i64;
+        let needs_customer = self.shared.sink.as_ref().is_some_and(|s| s.needs_customer());
         let now = self.shared.clock.unix_secs();
-        // A cursor: aggregates that cannot progress (another node exports them, a revision
-        // moved) are passed over, never starving the rest.
+        let mut out = Vec::new();
         let mut after: Option<ExportKey> = None;
         loop {
-            let page = store.pending_exports(before, after.as_ref(), PAGE).await?;
-            let Some(last) = page.last() else {
-                break;
-            };
+            let page = self.shared.store.pending_exports(listing_bound(&rt, now), after.as_ref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for agg in page {
-                // Held for five minutes: a node that dies mid-export leaves it to another then.
-                let claim = ExportClaim::new(self.shared.node, now, now + 300);
-                let Some(agg) = store.begin_export(&agg, &claim).await? else {
+                if !closed(&rt, &agg.key, now, false) || agg.claimed_until.is_some_and(|t| t > now) {
                     continue;
-                };
-                let upto = agg.in_flight.unwrap_or(agg.quantity);
-                let event = MeterEvent {
-                    identifier: identifier(&agg.key.tenant, &agg.key.meter, agg.key.window_start, agg.revision),
-                    event_name: event_name(&rt, &agg.key.meter),
-                    tenant: agg.key.tenant.clone(),
-                    customer: agg
-                        .customer
-                        .clone()
-                        .or_else(|| rt.static_tenants.get(&agg.key.tenant).and_then(|t| t.customer.clone())),
-                    meter: agg.key.meter.clone(),
-                    window_start: agg.key.window_start,
-                    window_end: agg.key.window_start + window,
-                    value: upto.saturating_sub(agg.exported),
-                    revision: agg.revision,
-                    timestamp: (agg.key.window_start + window - 1).min(now),
-                };
-                match sink.send(&event).await {
-                    Ok(()) => {
-                        if store.finish_export(&agg).await? {
-                            report.events += 1;
-                            report.units += event.value;
-                            Totals::add(&self.shared.totals.exported_events, 1);
-                            Totals::add(&self.shared.totals.exported_units, event.value);
-                            self.shared.metrics.exported_events.increment(1);
-                        }
-                    }
-                    Err(SinkError::Retryable(e)) => {
-                        tracing::warn!(error = %e, identifier = %event.identifier, "billing sink asked to retry later");
-                        report.deferred = true;
-                        return Ok(report);
-                    }
-                    Err(SinkError::Permanent(reason)) => {
-                        tracing::error!(%reason, identifier = %event.identifier, tenant = %event.tenant,
-                            meter = %event.meter, value = event.value, "billing sink refused a meter event; dead-lettered");
-                        store.dead_letter(&agg, &reason).await?;
-                        report.dead_letters += 1;
-                        Totals::add(&self.shared.totals.dead_letters, 1);
-                        self.shared.metrics.dead_letters.increment(1);
+                }
+                let Ok(send) = plan_send(&rt, &agg, now) else { continue };
+                let send = agg.send.clone().unwrap_or(send);
+                if needs_customer && send.customer.is_none() {
+                    continue;
+                }
+                out.push(meter_event(&rt, &agg, &send));
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`export`](Self::export); with `all`, windows still open count as closed (the final
+    /// export of a store that does not outlive the process), with timestamps no later than
+    /// now.
+    pub(crate) async fn export_pass(&self, all: bool) -> Result<ExportReport, StoreError> {
+        let Some(sink) = self.shared.sink.clone() else {
+            return Ok(ExportReport::default());
+        };
+        let _pass = self.shared.export_pass.lock().await;
+        let rt = self.shared.runtime.load_full();
+        let settings = rt.config.export.clone();
+        let now = self.shared.clock.unix_secs();
+        let pass = Arc::new(Pass {
+            tollgate: self.clone(),
+            sink,
+            rt: rt.clone(),
+            pacer: Pacer::new(settings.calls_per_second),
+            now,
+        });
+        let bound = if all { i64::MAX } else { listing_bound(&rt, now) };
+        let mut report = ExportReport::default();
+        // A cursor: aggregates that cannot progress (held by another node, waiting for their
+        // next attempt) are passed over, never starving the rest.
+        let mut after: Option<ExportKey> = None;
+        loop {
+            let page = self.shared.store.pending_exports(bound, after.as_ref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            // One lane per (tenant, meter), so one customer's meter has one call in flight;
+            // at most `export.concurrency` lanes at once; a lane that must wait stops for
+            // this pass without holding the others.
+            let mut lanes: BTreeMap<(TenantId, MeterId), Vec<UsageAggregate>> = BTreeMap::new();
+            for agg in page {
+                if !closed(&rt, &agg.key, now, all) || agg.claimed_until.is_some_and(|t| t > now) {
+                    continue;
+                }
+                lanes.entry((agg.key.tenant.clone(), agg.key.meter.clone())).or_default().push(agg);
+            }
+            let mut tasks = JoinSet::new();
+            let mut first_error = None;
+            for lane in lanes.into_values() {
+                if tasks.len() >= settings.concurrency {
+                    if let Some(done) = tasks.join_next().await {
+                        collect(done, &mut report, &mut first_error);
                     }
                 }
+                let pass = pass.clone();
+                tasks.spawn(async move { pass.lane(lane).await });
+            }
+            while let Some(done) = tasks.join_next().await {
+                collect(done, &mut report, &mut first_error);
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
         }
         Ok(report)
     }
 }
 
-fn event_name(rt: &Runtime, meter: &MeterId) -> String {
-    rt.config.meters.iter().find(|m| &m.id == meter).map_or_else(|| meter.to_string(), |m| m.event_name.clone())
+fn collect(
+    done: Result<Result<ExportReport, StoreError>, tokio::task::JoinError>,
+    report: &mut ExportReport,
+    first_error: &mut Option<StoreError>,
+) {
+    match done {
+        Ok(Ok(r)) => report.merge(r),
+        Ok(Err(e)) => {
+            first_error.get_or_insert(e);
+        }
+        Err(e) => {
+            first_error.get_or_insert(StoreError::Backend(Box::new(e)));
+        }
+    }
+}
+
+impl Pass {
+    /// The aggregates of one (tenant, meter), in window order, one call at a time.
+    async fn lane(&self, lane: Vec<UsageAggregate>) -> Result<ExportReport, StoreError> {
+        let mut report = ExportReport::default();
+        for agg in lane {
+            if !self.one(agg, &mut report).await? {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Exports one aggregate. Returns whether the lane may go on.
+    async fn one(&self, agg: UsageAggregate, report: &mut ExportReport) -> Result<bool, StoreError> {
+        let shared = &self.tollgate.shared;
+        let store = &shared.store;
+        let settings = &self.rt.config.export;
+        let now = self.now;
+        // An export sent but never confirmed is not sent again once the billing system may
+        // have forgotten its identifier: parked for reconciliation, never billed twice.
+        if agg.in_flight.is_some() {
+            if let Some(first) = agg.first_attempt_at {
+                if first + settings.unconfirmed_after.as_secs() as i64 <= now {
+                    let reason = format!(
+                        "unconfirmed: {} attempts since {first} (Unix seconds) were never confirmed; \
+                         reconcile with the billing system before confirming or requeueing",
+                        agg.attempts
+                    );
+                    self.park(&agg, &reason, report).await?;
+                    Totals::add(&shared.totals.unconfirmed_exports, 1);
+                    shared.metrics.unconfirmed_exports.increment(1);
+                    return Ok(true);
+                }
+            }
+        }
+        let planned = match plan_send(&self.rt, &agg, now) {
+            Ok(send) => send,
+            Err(reason) => {
+                self.park(&agg, &reason, report).await?;
+                return Ok(true);
+            }
+        };
+        let claim = ExportClaim::new(shared.node, now, now + settings.claim.as_secs() as i64);
+        let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
+            return Ok(true);
+        };
+        let send = agg.send.clone().unwrap_or(planned);
+        if send.timestamp < now - MAX_AGE_SECS {
+            let reason = format!(
+                "too old: its timestamp {} is more than 35 days ago, which the billing system refuses",
+                send.timestamp
+            );
+            self.park(&agg, &reason, report).await?;
+            return Ok(true);
+        }
+        if send.customer.is_none() && self.sink.needs_customer() {
+            // Not billable: marked done without a call, counted.
+            if store.finish_export(&agg).await? {
+                report.unbillable += 1;
+                Totals::add(&shared.totals.unbillable_windows, 1);
+                shared.metrics.unbillable_windows.increment(1);
+                tracing::debug!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
+                    "window skipped: the tenant has no billing customer");
+            }
+            return Ok(true);
+        }
+        let event = meter_event(&self.rt, &agg, &send);
+        self.pacer.wait().await;
+        match self.sink.send(&event).await {
+            Ok(()) => {
+                if store.finish_export(&agg).await? {
+                    report.events += 1;
+                    report.units += event.value;
+                    Totals::add(&shared.totals.exported_events, 1);
+                    Totals::add(&shared.totals.exported_units, event.value);
+                    shared.metrics.exported_events.increment(1);
+                }
+                Ok(true)
+            }
+            Err(SinkError::Permanent(reason)) => {
+                self.park(&agg, &format!("refused: {reason}"), report).await?;
+                Ok(true)
+            }
+            Err(SinkError::Unknown(e)) if agg.attempts >= settings.max_unknown_failures => {
+                let reason = format!(
+                    "failed {} times without a status (last: {e}); it may or may not have been taken: \
+                     reconcile before requeueing",
+                    agg.attempts
+                );
+                self.park(&agg, &reason, report).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                let asked = match &e {
+                    SinkError::Retryable { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                let wait = backoff(&event.identifier, agg.attempts, asked);
+                let next = now + wait.as_secs() as i64;
+                tracing::warn!(error = %e, identifier = %event.identifier, attempts = agg.attempts, retry_in = ?wait,
+                    "billing sink failed; retried later with the same identifier");
+                store.defer_export(&agg, &ExportClaim::new(shared.node, now, next)).await?;
+                report.retries += 1;
+                report.deferred = true;
+                Totals::add(&shared.totals.export_retries, 1);
+                shared.metrics.export_retries.increment(1);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn park(&self, agg: &UsageAggregate, reason: &str, report: &mut ExportReport) -> Result<(), StoreError> {
+        let shared = &self.tollgate.shared;
+        tracing::error!(%reason, tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
+            revision = agg.revision, units = agg.quantity.saturating_sub(agg.exported),
+            "meter event dead-lettered (tollgate export --dead-letters lists it)");
+        shared.store.dead_letter(agg, reason).await?;
+        report.dead_letters += 1;
+        Totals::add(&shared.totals.dead_letters, 1);
+        shared.metrics.dead_letters.increment(1);
+        Ok(())
+    }
+}
+
+/// The length of `meter`'s windows as exported: the billing meter's for a pre-aggregated one.
+pub(crate) fn meter_window(rt: &Runtime, meter: &MeterId) -> i64 {
+    aggregation(rt, meter).window_secs().unwrap_or(rt.config.usage.window.as_secs() as i64)
+}
+
+fn aggregation(rt: &Runtime, meter: &MeterId) -> MeterAggregation {
+    rt.config.meters.iter().find(|m| &m.id == meter).map_or(MeterAggregation::Sum, |m| m.aggregation)
+}
+
+/// Windows starting before this may be closed (the shortest windows are `usage.window`).
+fn listing_bound(rt: &Runtime, now: i64) -> i64 {
+    let grace = rt.config.usage.grace.as_secs() as i64;
+    now - grace - rt.config.usage.window.as_secs() as i64 + 1
+}
+
+fn closed(rt: &Runtime, key: &ExportKey, now: i64, all: bool) -> bool {
+    all || key.window_start + meter_window(rt, &key.meter) + rt.config.usage.grace.as_secs() as i64 <= now
+}
+
+/// What the export of the aggregate's current revision would send if it began now; an
+/// error (the reason it cannot be sent) parks it.
+fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64) -> Result<ExportSend, String> {
+    let key = &agg.key;
+    let window = meter_window(rt, &key.meter);
+    let (value, timestamp) = match aggregation(rt, &key.meter) {
+        MeterAggregation::Sum => (agg.quantity.saturating_sub(agg.exported), (key.window_start + window - 1).min(now)),
+        _ => {
+            // The billing meter keeps the newest event of its window: each revision sends the
+            // running total, one second later than the last, inside the window.
+            if i64::from(agg.revision) >= window {
+                return Err(format!("too many revisions ({}) for one window of the billing meter", agg.revision));
+            }
+            (agg.quantity, key.window_start + i64::from(agg.revision))
+        }
+    };
+    let customer = agg.customer.clone().or_else(|| rt.static_tenants.get(&key.tenant).and_then(|t| t.customer.clone()));
+    let event_name = rt
+        .config
+        .meters
+        .iter()
+        .find(|m| m.id == key.meter)
+        .map_or_else(|| key.meter.to_string(), |m| m.event_name.clone());
+    Ok(ExportSend::new(value, timestamp, customer, event_name))
+}
+
+fn meter_event(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend) -> MeterEvent {
+    let key = &agg.key;
+    MeterEvent {
+        identifier: identifier(&key.tenant, &key.meter, key.window_start, agg.revision),
+        event_name: send.event_name.clone(),
+        tenant: key.tenant.clone(),
+        customer: send.customer.clone(),
+        meter: key.meter.clone(),
+        window_start: key.window_start,
+        window_end: key.window_start + meter_window(rt, &key.meter),
+        value: send.value,
+        revision: agg.revision,
+        timestamp: send.timestamp,
+        aggregation: aggregation(rt, &key.meter),
+    }
+}
+
+/// The wait before attempt `attempts + 1`: exponential from 2 s, capped at an hour, with
+/// "equal jitter" (half fixed, half spread by a hash of the identifier and attempt, so
+/// aggregates that failed together do not retry together), and never less than asked.
+fn backoff(identifier: &str, attempts: u32, asked: Option<Duration>) -> Duration {
+    let full = (1u64 << attempts.clamp(1, 12)).min(MAX_BACKOFF_SECS);
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x7467, 0x6261);
+    h.write(identifier.as_bytes());
+    h.write_u32(attempts);
+    let spread = h.finish() % (full / 2 + 1);
+    let wait = Duration::from_secs(full / 2 + spread);
+    asked.map_or(wait, |a| wait.max(Duration::from_secs(a.as_secs_f64().ceil() as u64)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_spreads_and_honours_retry_after() {
+        let waits: Vec<u64> = (1..=14).map(|a| backoff("tg_x", a, None).as_secs()).collect();
+        for (i, w) in waits.iter().enumerate() {
+            let full = (1u64 << (i as u32 + 1).min(12)).min(MAX_BACKOFF_SECS);
+            assert!((full / 2..=full).contains(w), "attempt {}: {w} not in {}..={full}", i + 1, full / 2);
+        }
+        let spread: std::collections::HashSet<u64> =
+            (0..50).map(|i| backoff(&format!("tg_{i}"), 10, None).as_secs()).collect();
+        assert!(spread.len() > 10, "jitter spreads retries: {spread:?}");
+        assert_eq!(backoff("tg_x", 1, Some(Duration::from_millis(7500))), Duration::from_secs(8));
+    }
 }

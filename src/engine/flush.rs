@@ -150,8 +150,18 @@ impl Tollgate {
         let was_full = self.shared.buffer_full.load(Relaxed);
         let (mut full, mut dropped_units) = (false, 0u64);
         let staged = &mut p.staged;
+        // A pre-aggregated meter's usage is aggregated per window of the billing meter (an
+        // hour or a day, which `usage.window` divides): its export sends that window's total.
+        let rt = self.shared.runtime.load();
+        let coarse: Vec<(&MeterId, i64)> =
+            rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs().map(|w| (&m.id, w))).collect();
         let mut add = |s: &Tenant, m: usize, window_start: i64, quantity: u64| {
-            let key = (s.id.clone(), s.plan.meters.ids[m].clone(), window_start);
+            let meter = &s.plan.meters.ids[m];
+            let window_start = match coarse.iter().find(|(id, _)| *id == meter) {
+                Some((_, w)) => window_start - window_start.rem_euclid(*w),
+                None => window_start,
+            };
+            let key = (s.id.clone(), meter.clone(), window_start);
             if let Some(q) = staged.get_mut(&key) {
                 *q = q.saturating_add(quantity);
             } else if room > 0 || s.plan.on_store_error == StoreErrorPolicy::FailClosed {

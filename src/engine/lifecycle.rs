@@ -131,7 +131,7 @@ impl Tollgate {
                 report.flush.batches += flush.batches;
                 report.flush.records += flush.records;
                 report.flush.units += flush.units;
-                let export = if durable { self.export().await? } else { self.export_before(i64::MAX).await? };
+                let export = self.export_pass(!durable).await?;
                 report.export = export;
                 Ok::<_, StoreError>(())
             };

@@ -20,7 +20,7 @@ use aws_sdk_dynamodb::{
 };
 
 use super::{
-    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, IdempotencyClaim,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, IdempotencyClaim,
     IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
     StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
@@ -554,6 +554,7 @@ fn aggregate(item: &Item, customer: Option<String>) -> Option<UsageAggregate> {
     a.attempts = u32::try_from(get_u(item, "attempts")).unwrap_or(u32::MAX);
     a.first_attempt_at = get_i(item, "first_attempt_at");
     a.claimed_until = get_i(item, "claim_until");
+    a.send = get_s(item, "send").and_then(ExportSend::from_json);
     Some(a)
 }
 
@@ -743,6 +744,7 @@ impl Store for DynamoStore {
         &self,
         aggregate_: &UsageAggregate,
         claim: &ExportClaim,
+        send: &ExportSend,
     ) -> Result<Option<UsageAggregate>, StoreError> {
         let key = &aggregate_.key;
         let out = self
@@ -754,8 +756,12 @@ impl Store for DynamoStore {
             )
             .update_expression(
                 "SET claim_node = :node, claim_until = :until, attempts = if_not_exists(attempts, :zero) + :one, \
-                 first_attempt_at = if_not_exists(first_attempt_at, :now), in_flight = if_not_exists(in_flight, quantity)",
+                 first_attempt_at = if_not_exists(first_attempt_at, :now), \
+                 in_flight = if_not_exists(in_flight, :q), send = if_not_exists(send, :send)",
             )
+            // What the caller read: usage only grows, so never more than the stored quantity.
+            .expression_attribute_values(":q", n(aggregate_.quantity))
+            .expression_attribute_values(":send", s(send.to_json()))
             .expression_attribute_values(":rev", n(aggregate_.revision))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
@@ -776,6 +782,29 @@ impl Store for DynamoStore {
         }
     }
 
+    async fn defer_export(&self, aggregate_: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+        let out = self
+            .update_aggregate(&aggregate_.key)
+            .condition_expression(
+                "attribute_exists(in_flight) AND attribute_not_exists(dead) \
+                 AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero)) \
+                 AND (attribute_not_exists(claim_node) OR claim_node = :node OR claim_until <= :now)",
+            )
+            .update_expression("SET claim_node = :node, claim_until = :until")
+            .expression_attribute_values(":rev", n(aggregate_.revision))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":node", s(hex_node(claim.node)))
+            .expression_attribute_values(":now", n(claim.now))
+            .expression_attribute_values(":until", n(claim.until))
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
     async fn finish_export(&self, aggregate_: &UsageAggregate) -> Result<bool, StoreError> {
         let key = &aggregate_.key;
         let (pk, sk) = (usage_pk(&key.tenant), usage_sk(key.meter.as_str(), key.window_start));
@@ -790,7 +819,7 @@ impl Store for DynamoStore {
             )
             .update_expression(
                 "SET exported = in_flight, revision = if_not_exists(revision, :zero) + :one, attempts = :zero \
-                 REMOVE in_flight, first_attempt_at, claim_node, claim_until",
+                 REMOVE in_flight, send, first_attempt_at, claim_node, claim_until, dead, dpk, dsk",
             )
             .expression_attribute_values(":rev", n(aggregate_.revision))
             .expression_attribute_values(":zero", n(0))
@@ -828,7 +857,7 @@ impl Store for DynamoStore {
         let out = self
             .update_aggregate(key)
             .condition_expression("attribute_exists(pk)")
-            .update_expression("SET dead = :r, dpk = :d, dsk = :k REMOVE in_flight")
+            .update_expression("SET dead = :r, dpk = :d, dsk = :k")
             .expression_attribute_values(":r", s(reason))
             .expression_attribute_values(":d", s("DEAD"))
             .expression_attribute_values(":k", s(usage_gsk(key)))
@@ -848,7 +877,10 @@ impl Store for DynamoStore {
             .filter_map(|item| {
                 let a = aggregate(item, None)?;
                 let reason = get_s(item, "dead").unwrap_or_default().to_owned();
-                Some(DeadLetter::new(a.key, a.quantity.saturating_sub(a.exported), reason))
+                let mut d = DeadLetter::new(a.key, a.quantity.saturating_sub(a.exported), reason);
+                d.revision = a.revision;
+                d.send = a.send;
+                Some(d)
             })
             .collect())
     }
@@ -857,7 +889,12 @@ impl Store for DynamoStore {
         let out = self
             .update_aggregate(key)
             .condition_expression("attribute_exists(dead)")
-            .update_expression("REMOVE dead, dpk, dsk SET gpk = :g, gsk = :k")
+            .update_expression(
+                "REMOVE dead, dpk, dsk, in_flight, send, first_attempt_at, claim_node, claim_until \
+                 SET gpk = :g, gsk = :k, attempts = :zero, revision = if_not_exists(revision, :zero) + :one",
+            )
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":g", s("PENDING"))
             .expression_attribute_values(":k", s(usage_gsk(key)))
             .send()

@@ -6,7 +6,7 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, IdempotencyClaim,
+    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant, IdempotencyClaim,
     IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
     StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
@@ -201,6 +201,7 @@ struct Aggregate {
     exported: u64,
     revision: u32,
     in_flight: Option<u64>,
+    send: Option<ExportSend>,
     /// Why the export was refused for good, if it was.
     dead: Option<String>,
     attempts: u32,
@@ -250,6 +251,7 @@ impl Aggregate {
         a.exported = self.exported;
         a.revision = self.revision;
         a.in_flight = self.in_flight;
+        a.send = self.send.clone();
         a.customer = tenants.get(&key.tenant).and_then(|t| t.customer.clone());
         a.attempts = self.attempts;
         a.first_attempt_at = self.first_attempt_at;
@@ -361,6 +363,7 @@ impl Store for MemoryStore {
         &self,
         aggregate: &UsageAggregate,
         claim: &ExportClaim,
+        send: &ExportSend,
     ) -> Result<Option<UsageAggregate>, StoreError> {
         let mut inner = self.lock();
         let Inner { usage, tenants, .. } = &mut *inner;
@@ -375,11 +378,26 @@ impl Store for MemoryStore {
                 a.attempts += 1;
                 a.first_attempt_at.get_or_insert(claim.now);
                 if a.in_flight.is_none() {
-                    a.in_flight = Some(a.quantity);
+                    a.in_flight = Some(aggregate.quantity.min(a.quantity));
+                    a.send = Some(send.clone());
                 }
                 Ok(Some(a.view(&aggregate.key, tenants)))
             }
             _ => Ok(None),
+        }
+    }
+
+    async fn defer_export(&self, aggregate: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        match inner.usage.get_mut(&aggregate.key) {
+            Some(a) if a.revision == aggregate.revision && a.dead.is_none() && a.in_flight.is_some() => {
+                if a.claim.is_some_and(|(node, until)| node != claim.node && until > claim.now) {
+                    return Ok(false);
+                }
+                a.claim = Some((claim.node, claim.until));
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -388,6 +406,8 @@ impl Store for MemoryStore {
         match inner.usage.get_mut(&aggregate.key) {
             Some(a) if a.revision == aggregate.revision && a.in_flight.is_some() => {
                 a.exported = a.in_flight.take().unwrap_or(a.exported);
+                a.send = None;
+                a.dead = None;
                 a.revision += 1;
                 a.attempts = 0;
                 a.first_attempt_at = None;
@@ -401,7 +421,6 @@ impl Store for MemoryStore {
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
         if let Some(a) = self.lock().usage.get_mut(&aggregate.key) {
             a.dead = Some(reason.to_owned());
-            a.in_flight = None;
         }
         Ok(())
     }
@@ -414,14 +433,30 @@ impl Store for MemoryStore {
             .usage
             .range((from, Bound::Unbounded))
             .filter_map(|(k, a)| {
-                a.dead.as_ref().map(|reason| DeadLetter::new(k.clone(), a.quantity - a.exported, reason.clone()))
+                a.dead.as_ref().map(|reason| {
+                    let mut d = DeadLetter::new(k.clone(), a.quantity - a.exported, reason.clone());
+                    d.revision = a.revision;
+                    d.send = a.send.clone();
+                    d
+                })
             })
             .take(limit)
             .collect())
     }
 
     async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
-        Ok(self.lock().usage.get_mut(key).is_some_and(|a| a.dead.take().is_some()))
+        let mut inner = self.lock();
+        let Some(a) = inner.usage.get_mut(key).filter(|a| a.dead.is_some()) else {
+            return Ok(false);
+        };
+        a.dead = None;
+        a.in_flight = None;
+        a.send = None;
+        a.claim = None;
+        a.attempts = 0;
+        a.first_attempt_at = None;
+        a.revision += 1;
+        Ok(true)
     }
 
     fn is_durable(&self) -> bool {
@@ -691,16 +726,20 @@ mod tests {
         assert_eq!(counters.periods[0].reserved, 200);
     }
 
+    fn send() -> ExportSend {
+        ExportSend::new(5, 3599, Some("cus_1".into()), "requests")
+    }
+
     #[tokio::test]
     async fn an_export_claim_holds_off_other_nodes_until_it_expires() {
         let s = MemoryStore::new();
         let rec = UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 5 };
         s.commit_usage(&UsageBatch { id: FlushId::new("f"), records: vec![rec] }).await.unwrap();
         let agg = s.pending_exports(3600, None, 10).await.unwrap().remove(0);
-        let mine = s.begin_export(&agg, &ExportClaim::new(1, 100, 400)).await.unwrap().unwrap();
+        let mine = s.begin_export(&agg, &ExportClaim::new(1, 100, 400), &send()).await.unwrap().unwrap();
         assert_eq!((mine.attempts, mine.first_attempt_at, mine.claimed_until), (1, Some(100), Some(400)));
-        assert!(s.begin_export(&agg, &ExportClaim::new(2, 200, 500)).await.unwrap().is_none(), "held by node 1");
-        let theirs = s.begin_export(&agg, &ExportClaim::new(2, 400, 700)).await.unwrap().unwrap();
+        assert!(s.begin_export(&agg, &ExportClaim::new(2, 200, 500), &send()).await.unwrap().is_none(), "held by node 1");
+        let theirs = s.begin_export(&agg, &ExportClaim::new(2, 400, 700), &send()).await.unwrap().unwrap();
         assert_eq!((theirs.attempts, theirs.first_attempt_at, theirs.in_flight), (2, Some(100), Some(5)));
         assert!(s.finish_export(&theirs).await.unwrap());
         let done = s.usage(&agg.key).await.unwrap().unwrap();
@@ -761,7 +800,7 @@ mod tests {
         let pending = s.pending_exports(3600, None, 10).await.unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!((pending[0].quantity, pending[0].exported, pending[0].revision), (5, 0, 0));
-        let fixed = s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300)).await.unwrap().unwrap();
+        let fixed = s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300), &send()).await.unwrap().unwrap();
         assert_eq!(fixed.in_flight, Some(5));
         // Late usage does not change what the in-flight revision exports.
         let late = UsageBatch {
@@ -770,7 +809,7 @@ mod tests {
         };
         s.commit_usage(&late).await.unwrap();
         assert_eq!(
-            s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300)).await.unwrap().unwrap().in_flight,
+            s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300), &send()).await.unwrap().unwrap().in_flight,
             Some(5)
         );
         assert!(s.finish_export(&fixed).await.unwrap());

@@ -15,7 +15,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 pub use types::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, FlushId, Grant, IdempotencyClaim,
+    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant, IdempotencyClaim,
     IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
     StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord, SHRINK,
 };

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, IdempotencyClaim,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, IdempotencyClaim,
     IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
     StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
@@ -23,7 +23,7 @@ use crate::{
 /// ours, and is refused rather than written to.
 const APPLICATION_ID: i32 = 0x5447_4C31;
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(crate) const SCHEMA_VERSION: i32 = 2;
+pub(crate) const SCHEMA_VERSION: i32 = 3;
 /// How long a call waits for another connection's write lock (SQLite's busy handler) before
 /// the call is retried.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -143,6 +143,9 @@ CREATE TABLE idempotency (
     expires_at      INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX idempotency_expires ON idempotency (expires_at);
+",
+    r"
+ALTER TABLE usage ADD COLUMN send TEXT;
 ",
 ];
 
@@ -715,7 +718,7 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
 // ---- usage aggregates ----
 
 const AGGREGATE_COLUMNS: &str = "u.tenant, u.meter, u.window_start, u.quantity, u.exported, u.revision, u.in_flight, \
-     t.customer, u.attempts, u.first_attempt_at, u.claim_until";
+     t.customer, u.attempts, u.first_attempt_at, u.claim_until, u.send";
 
 fn aggregate(r: &Row<'_>) -> Sql<UsageAggregate> {
     let tenant: String = r.get(0)?;
@@ -728,6 +731,7 @@ fn aggregate(r: &Row<'_>) -> Sql<UsageAggregate> {
     a.attempts = u32::try_from(r.get::<_, i64>(8)?).unwrap_or(u32::MAX);
     a.first_attempt_at = r.get(9)?;
     a.claimed_until = r.get(10)?;
+    a.send = r.get::<_, Option<String>>(11)?.as_deref().and_then(ExportSend::from_json);
     Ok(a)
 }
 
@@ -738,6 +742,29 @@ fn usage_of(tx: &Transaction<'_>, key: &ExportKey) -> Sql<Option<UsageAggregate>
     ))?
     .query_row(params![key.tenant.as_str(), key.meter.as_str(), key.window_start], aggregate)
     .optional()
+}
+
+/// Whether `claim` may take (or, `in_flight`, hold) the export of `revision` of `key`: the
+/// revision has not moved, it is not dead-lettered, no other node holds an unexpired claim.
+fn export_claimable(
+    tx: &Transaction<'_>,
+    key: &ExportKey,
+    revision: u32,
+    claim: &ExportClaim,
+    in_flight: bool,
+) -> Sql<bool> {
+    let state: Option<(i64, bool, bool, Option<i64>, Option<i64>)> = tx
+        .prepare_cached(
+            "SELECT revision, dead IS NOT NULL, in_flight IS NOT NULL, claim_node, claim_until FROM usage \
+             WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
+        )?
+        .query_row(params![key.tenant.as_str(), key.meter.as_str(), key.window_start], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .optional()?;
+    let Some((stored, dead, flying, node, until)) = state else { return Ok(false) };
+    let held_by_other = matches!((node, until), (Some(n), Some(u)) if n != node_int(claim.node) && u > claim.now);
+    Ok(stored == i64::from(revision) && !dead && (flying || !in_flight) && !held_by_other)
 }
 
 fn add_usage(tx: &Transaction<'_>, tenant: &TenantId, meter: &str, window_start: i64, quantity: u64) -> Sql<()> {
@@ -866,29 +893,19 @@ impl Store for SqliteStore {
         &self,
         aggregate: &UsageAggregate,
         claim: &ExportClaim,
+        send: &ExportSend,
     ) -> Result<Option<UsageAggregate>, StoreError> {
         let (key, revision, claim) = (aggregate.key.clone(), aggregate.revision, *claim);
+        let (quantity, send) = (int(aggregate.quantity), send.to_json());
         self.write(move |tx, _| {
-            let k = params![key.tenant.as_str(), key.meter.as_str(), key.window_start];
-            let state: Option<(i64, bool, Option<i64>, Option<i64>)> = tx
-                .prepare_cached(
-                    "SELECT revision, dead IS NOT NULL, claim_node, claim_until FROM usage \
-                     WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
-                )?
-                .query_row(k, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .optional()?;
-            let Some((stored, dead, node, until)) = state else { return Ok(None) };
-            if stored != i64::from(revision) || dead {
+            if !export_claimable(tx, &key, revision, &claim, false)? {
                 return Ok(None);
-            }
-            if let (Some(node), Some(until)) = (node, until) {
-                if node != node_int(claim.node) && until > claim.now {
-                    return Ok(None);
-                }
             }
             tx.prepare_cached(
                 "UPDATE usage SET claim_node = ?4, claim_until = ?5, attempts = attempts + 1, \
-                 first_attempt_at = coalesce(first_attempt_at, ?6), in_flight = coalesce(in_flight, quantity) \
+                 first_attempt_at = coalesce(first_attempt_at, ?6), \
+                 send = CASE WHEN in_flight IS NULL THEN ?8 ELSE send END, \
+                 in_flight = coalesce(in_flight, min(quantity, ?7)) \
                  WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
             .execute(params![
@@ -897,9 +914,26 @@ impl Store for SqliteStore {
                 key.window_start,
                 node_int(claim.node),
                 claim.until,
-                claim.now
+                claim.now,
+                quantity,
+                send
             ])?;
             usage_of(tx, &key)
+        })
+        .await
+    }
+
+    async fn defer_export(&self, aggregate: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+        let (key, revision, claim) = (aggregate.key.clone(), aggregate.revision, *claim);
+        self.write(move |tx, _| {
+            if !export_claimable(tx, &key, revision, &claim, true)? {
+                return Ok(false);
+            }
+            tx.prepare_cached(
+                "UPDATE usage SET claim_node = ?4, claim_until = ?5 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
+            )?
+            .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start, node_int(claim.node), claim.until])?;
+            Ok(true)
         })
         .await
     }
@@ -909,8 +943,8 @@ impl Store for SqliteStore {
         self.write(move |tx, _| {
             let changed = tx
                 .prepare_cached(
-                    "UPDATE usage SET exported = in_flight, in_flight = NULL, revision = revision + 1, \
-                     attempts = 0, first_attempt_at = NULL, claim_node = NULL, claim_until = NULL \
+                    "UPDATE usage SET exported = in_flight, in_flight = NULL, send = NULL, dead = NULL, \
+                     revision = revision + 1, attempts = 0, first_attempt_at = NULL, claim_node = NULL, claim_until = NULL \
                      WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 AND revision = ?4 \
                      AND in_flight IS NOT NULL",
                 )?
@@ -924,7 +958,7 @@ impl Store for SqliteStore {
         let (key, reason) = (aggregate.key.clone(), reason.to_owned());
         self.write(move |tx, _| {
             tx.prepare_cached(
-                "UPDATE usage SET dead = ?4, in_flight = NULL WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
+                "UPDATE usage SET dead = ?4 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
             .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start, reason])?;
             Ok(())
@@ -940,14 +974,17 @@ impl Store for SqliteStore {
                 let tenant: String = r.get(0)?;
                 let meter: String = r.get(1)?;
                 let key = ExportKey::new(tenant.into(), meter.into(), r.get(2)?);
-                Ok(DeadLetter::new(key, uint(r.get(3)?), r.get::<_, String>(4)?))
+                let mut d = DeadLetter::new(key, uint(r.get(3)?), r.get::<_, String>(4)?);
+                d.revision = u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX);
+                d.send = r.get::<_, Option<String>>(6)?.as_deref().and_then(ExportSend::from_json);
+                Ok(d)
             };
             let (sql, cursor) = match &after {
                 None => ("", None),
                 Some(k) => ("AND (tenant, meter, window_start) > (?2, ?3, ?4)", Some(k)),
             };
             let sql = format!(
-                "SELECT tenant, meter, window_start, quantity - exported, dead FROM usage \
+                "SELECT tenant, meter, window_start, quantity - exported, dead, revision, send FROM usage \
                  WHERE dead IS NOT NULL {sql} ORDER BY tenant, meter, window_start LIMIT ?1"
             );
             let mut stmt = tx.prepare_cached(&sql)?;
@@ -967,8 +1004,9 @@ impl Store for SqliteStore {
         self.write(move |tx, _| {
             let changed = tx
                 .prepare_cached(
-                    "UPDATE usage SET dead = NULL WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 \
-                     AND dead IS NOT NULL",
+                    "UPDATE usage SET dead = NULL, in_flight = NULL, send = NULL, revision = revision + 1, \
+                     attempts = 0, first_attempt_at = NULL, claim_node = NULL, claim_until = NULL \
+                     WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 AND dead IS NOT NULL",
                 )?
                 .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start])?;
             Ok(changed == 1)

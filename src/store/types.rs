@@ -244,11 +244,15 @@ pub struct UsageAggregate {
     pub in_flight: Option<u64>,
     /// The tenant's billing customer, when the directory knows it.
     pub customer: Option<String>,
+    /// While revision `revision` is being exported: what it sends, fixed when the export
+    /// began, so a retry re-sends exactly the same parameters under the same idempotency key.
+    pub send: Option<ExportSend>,
     /// How many times the export of the current revision was begun (claimed).
     pub attempts: u32,
     /// When the export of the current revision was first begun (Unix seconds).
     pub first_attempt_at: Option<i64>,
-    /// Until when the node that last began it holds the export (Unix seconds).
+    /// Until when the node that last began it holds the export (Unix seconds). After a
+    /// failed attempt it is the time of the next one: no node sends it before then.
     pub claimed_until: Option<i64>,
 }
 
@@ -263,10 +267,47 @@ impl UsageAggregate {
             revision: 0,
             in_flight: None,
             customer: None,
+            send: None,
             attempts: 0,
             first_attempt_at: None,
             claimed_until: None,
         }
+    }
+}
+
+/// What one export of an aggregate sends (the usage itself is `in_flight - exported`, or the
+/// running total): fixed by [`Store::begin_export`] and kept in the store until the export is
+/// finished, so that a retry, on any node, re-sends exactly the same parameters under the same
+/// idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct ExportSend {
+    /// The value sent: the delta for a `sum` meter, the window's running total for a
+    /// pre-aggregated one.
+    pub value: u64,
+    /// The event's time, in Unix seconds.
+    pub timestamp: i64,
+    /// The billing customer it is sent for; `None` when the tenant is not billable (nothing
+    /// is sent, the revision is skipped).
+    pub customer: Option<String>,
+    /// The billing system's name for the meter.
+    pub event_name: String,
+}
+
+impl ExportSend {
+    /// An export of `value` at `timestamp` for `customer`, on the meter named `event_name`.
+    pub fn new(value: u64, timestamp: i64, customer: Option<String>, event_name: impl Into<String>) -> Self {
+        Self { value, timestamp, customer, event_name: event_name.into() }
+    }
+
+    /// As stored: compact JSON.
+    pub(crate) fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// From what [`to_json`](Self::to_json) stored; `None` if unreadable.
+    pub(crate) fn from_json(s: &str) -> Option<Self> {
+        serde_json::from_str(s).ok()
     }
 }
 
@@ -366,14 +407,20 @@ pub struct DeadLetter {
     pub key: ExportKey,
     /// Its units not exported.
     pub units: u64,
-    /// Why the billing sink refused it.
+    /// Why it was parked: a refusal by the billing system, or `unconfirmed: …` for an export
+    /// sent but never confirmed within the billing system's de-duplication time.
     pub reason: String,
+    /// The revision whose export was parked.
+    pub revision: u32,
+    /// What that export sent (or would have sent), if it had begun: with the identifier of
+    /// (key, revision), what to look for in the billing system when reconciling.
+    pub send: Option<ExportSend>,
 }
 
 impl DeadLetter {
     /// A dead letter of `units` units of `key`.
     pub fn new(key: ExportKey, units: u64, reason: impl Into<String>) -> Self {
-        Self { key, units, reason: reason.into() }
+        Self { key, units, reason: reason.into(), revision: 0, send: None }
     }
 }
 
@@ -567,29 +614,41 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<UsageAggregate>, StoreError>;
 
     /// Claims the export of revision `aggregate.revision` for `claim.node` until `claim.until`,
-    /// if the revision has not moved and no other node holds an unexpired claim; fixes what
-    /// the revision exports (`in_flight`, set to the current quantity if no export is in
-    /// flight), counts the attempt and records when the first began. Returns the aggregate as
-    /// stored after the call, or `None` when the revision moved or another node holds it.
+    /// if the revision has not moved, it is not dead-lettered and no other node holds an
+    /// unexpired claim; counts the attempt and records when the first began. If no export of
+    /// the revision is in flight, fixes what it exports: `in_flight` becomes
+    /// `aggregate.quantity` (what the caller read) and `send` the parameters given; an export
+    /// already in flight keeps the ones fixed when it began. Returns the aggregate as stored
+    /// after the call, or `None` when the revision moved or another node holds it.
     async fn begin_export(
         &self,
         aggregate: &UsageAggregate,
         claim: &ExportClaim,
+        send: &ExportSend,
     ) -> Result<Option<UsageAggregate>, StoreError>;
 
-    /// Records that the in-flight export of `aggregate.revision` was accepted: `exported`
-    /// becomes `in_flight` and the revision moves on. Returns `false` (and changes nothing)
-    /// when the stored revision is no longer `aggregate.revision`.
+    /// Holds the in-flight export of `aggregate.revision` for `claim.node` until `claim.until`
+    /// without sending: the time of its next attempt, after a failure worth retrying.
+    /// Returns `false` (and changes nothing) when the revision moved or another node holds it.
+    async fn defer_export(&self, aggregate: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError>;
+
+    /// Records that the in-flight export of `aggregate.revision` was accepted (or, for a
+    /// dead letter, confirmed by hand): `exported` becomes `in_flight`, the revision moves
+    /// on, and the claim, the fixed parameters and any dead letter are cleared. Returns
+    /// `false` (and changes nothing) when the stored revision is no longer
+    /// `aggregate.revision` or nothing is in flight.
     async fn finish_export(&self, aggregate: &UsageAggregate) -> Result<bool, StoreError>;
 
-    /// Parks an aggregate whose export was refused for good, so it is not retried.
+    /// Parks an aggregate whose export was refused for good (or never confirmed), so it is
+    /// not retried; what was in flight stays, for reconciliation.
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError>;
 
     /// The dead letters, in key order after `after`, at most `limit` of them.
     async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
 
-    /// Puts a dead letter back in line for export (after its cause was fixed). Returns
-    /// whether there was one.
+    /// Puts a dead letter back in line for export (after its cause was fixed) as a new
+    /// revision, with a new identifier and parameters fixed anew: whatever the parked export
+    /// had sent was not taken. Returns whether there was one.
     async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError>;
 
     /// Whether what the store holds outlives this process (a database, a shared table).

@@ -37,8 +37,44 @@ impl Worker {
         &self.tollgate
     }
 
-    /// Runs until [`Tollgate::shutdown`] is called.
-    pub async fn run(mut self) {
+    /// Runs until [`Tollgate::shutdown`] is called. Exports run beside the rest, in the same
+    /// task, so a slow billing system never delays a flush, a lease refill or an eviction.
+    pub async fn run(self) {
+        let exports = Self::exports(self.tollgate.clone(), self.shutdown.clone());
+        tokio::join!(self.background(), exports);
+        tracing::debug!("tollgate worker stopped");
+    }
+
+    /// An export pass every `export.interval` (after the first flush interval, so a node
+    /// starting up flushes before it exports).
+    async fn exports(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>) {
+        if tollgate.shared.sink.is_none() {
+            return;
+        }
+        let mut next = Instant::now() + tollgate.shared.runtime.load().config.usage.flush_interval;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(next) => {
+                    // Stopped at once by shutdown, which runs the final export itself.
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => return,
+                        r = tollgate.export() => if let Err(e) = r {
+                            tracing::warn!(error = %e, "usage export failed; retried at the next pass");
+                        },
+                    }
+                    next = Instant::now() + tollgate.shared.runtime.load().config.export.interval;
+                }
+            }
+        }
+    }
+
+    async fn background(mut self) {
         let intervals = |t: &Tollgate| {
             // Read in place: the configuration (with its tenants) is not cloned per tick.
             let rt = t.shared.runtime.load();
@@ -59,11 +95,8 @@ impl Worker {
                 _ = self.shutdown.changed() => break,
                 Some(job) = self.prefetch.recv() => self.tollgate.prefetch(job).await,
                 _ = tokio::time::sleep_until(next_flush) => {
-                    if self.tollgate.flush().await.is_ok() {
-                        if let Err(e) = self.tollgate.export().await {
-                            tracing::warn!(error = %e, "usage export failed; retried at the next flush");
-                        }
-                    }
+                    // A failed flush is logged by `flush` and retried at the next one.
+                    let _ = self.tollgate.flush().await;
                     let (flush_every, _, _) = intervals(&self.tollgate);
                     next_flush = Instant::now() + flush_every;
                 }
@@ -82,6 +115,5 @@ impl Worker {
                 }
             }
         }
-        tracing::debug!("tollgate worker stopped");
     }
 }

@@ -3,6 +3,7 @@
 
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
+pub mod stripe;
 
 use std::{
     convert::Infallible,
@@ -21,7 +22,7 @@ use tollgate::{
     clock::{Clock, FakeClock},
     layer::TollgateBody,
     store::{
-        CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, Grant, MemoryStore, PlanChange,
+        CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, MemoryStore, PlanChange,
         PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord,
         UsageAggregate, UsageBatch, UsageEvent,
     },
@@ -259,9 +260,14 @@ impl Store for Faulty {
         &self,
         a: &UsageAggregate,
         claim: &ExportClaim,
+        send: &ExportSend,
     ) -> Result<Option<UsageAggregate>, StoreError> {
         self.check()?;
-        self.inner.begin_export(a, claim).await
+        self.inner.begin_export(a, claim, send).await
+    }
+    async fn defer_export(&self, a: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.defer_export(a, claim).await
     }
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         self.check_usage()?;

@@ -1,0 +1,191 @@
+//! Meter events to Stripe Billing Meters, through async-stripe (rustls).
+
+use std::{collections::HashMap, fmt, path::Path, time::Duration};
+
+use async_trait::async_trait;
+use stripe::{IdempotencyKey, RequestStrategy, StripeError};
+use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
+
+use super::{BillingSink, MeterEvent, SinkError};
+use crate::config::Config;
+
+/// A secret read from the environment or a file: never in the configuration, never printed
+/// (its `Debug` shows only that it is set).
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// A secret given in code.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// Why Stripe's secrets or client could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StripeSetupError {
+    /// No secret: neither the environment variable nor the file the configuration names.
+    #[error("no Stripe secret: set {env} or {file_key} in [stripe]")]
+    MissingSecret {
+        /// The environment variable read.
+        env: &'static str,
+        /// The configuration key naming a file.
+        file_key: &'static str,
+    },
+    /// The secret file could not be read.
+    #[error("cannot read the Stripe secret file {path}: {source}")]
+    SecretFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The client could not be built.
+    #[error("cannot build the Stripe client: {0}")]
+    Client(String),
+}
+
+/// Reads secrets from the file if one is named, else from the environment variable; a file
+/// holds one per line (blank lines and `#` comments skipped), the variable several separated
+/// by commas.
+pub(crate) fn read_secrets(
+    file: Option<&Path>,
+    env: &'static str,
+    file_key: &'static str,
+) -> Result<Vec<Secret>, StripeSetupError> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|source| StripeSetupError::SecretFile { path: path.to_owned(), source })?,
+        None => std::env::var(env).unwrap_or_default().replace(',', "\n"),
+    };
+    let secrets: Vec<Secret> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(Secret::new)
+        .collect();
+    if secrets.is_empty() {
+        return Err(StripeSetupError::MissingSecret { env, file_key });
+    }
+    Ok(secrets)
+}
+
+/// Sends meter events to Stripe Billing Meters (`POST /v1/billing/meter_events`) with the
+/// real async-stripe client over rustls.
+///
+/// Each event goes out once per call with its identifier as both the meter event's
+/// `identifier` (Stripe drops a repeated one) and the `Idempotency-Key` (a retry is answered
+/// as the first call was); the exporter retries with the same parameters, which it keeps in
+/// the store. Statuses are mapped so:
+///
+/// | Stripe answers | [`SinkError`] |
+/// |---|---|
+/// | 2xx, or "already exists" for the identifier | accepted |
+/// | 408, 409, 429, 5xx | [`Retryable`](SinkError::Retryable) |
+/// | another 4xx | [`Permanent`](SinkError::Permanent): dead-lettered |
+/// | no status (connection dropped, timeout, a body that is not Stripe's JSON) | [`Unknown`](SinkError::Unknown) |
+///
+/// async-stripe 1.0 does not expose response headers, so a `Retry-After` from Stripe cannot
+/// be read here; the exporter's backoff (2 s doubling to an hour, with jitter) applies.
+pub struct StripeSink {
+    client: stripe::Client,
+    timeout: Duration,
+}
+
+impl fmt::Debug for StripeSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StripeSink").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl StripeSink {
+    /// A sink calling Stripe with this secret key; `api_base` replaces
+    /// `https://api.stripe.com/` (a local stand-in, a proxy).
+    ///
+    /// # Errors
+    /// The client cannot be built.
+    pub fn new(secret_key: &Secret, api_base: Option<&str>, timeout: Duration) -> Result<Self, StripeSetupError> {
+        let mut builder = stripe::ClientBuilder::new(secret_key.expose()).timeout(timeout);
+        if let Some(base) = api_base {
+            builder = builder.url(base);
+        }
+        let client = builder.build().map_err(|e| StripeSetupError::Client(e.to_string()))?;
+        Ok(Self { client, timeout })
+    }
+
+    /// The sink the configuration's `[stripe]` section describes, with the secret key from
+    /// `stripe.secret_key_file` or `STRIPE_SECRET_KEY`.
+    ///
+    /// # Errors
+    /// No `[stripe]` section, no secret key, or the client cannot be built.
+    pub fn from_config(config: &Config) -> Result<Self, StripeSetupError> {
+        let settings = config.stripe().ok_or(StripeSetupError::MissingSecret {
+            env: "STRIPE_SECRET_KEY",
+            file_key: "secret_key_file",
+        })?;
+        let key = read_secrets(settings.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")?;
+        Self::new(&key[0], settings.api_base.as_deref(), settings.timeout)
+    }
+}
+
+#[async_trait]
+impl BillingSink for StripeSink {
+    async fn send(&self, event: &MeterEvent) -> Result<(), SinkError> {
+        let Some(customer) = &event.customer else {
+            return Err(SinkError::Permanent("the tenant has no Stripe customer".into()));
+        };
+        let payload = HashMap::from([
+            ("stripe_customer_id".to_owned(), customer.clone()),
+            ("value".to_owned(), event.value.to_string()),
+        ]);
+        let key = IdempotencyKey::new(&event.identifier).map_err(|e| SinkError::Permanent(e.to_string()))?;
+        let request = CreateBillingMeterEvent::new(event.event_name.as_str(), payload)
+            .identifier(event.identifier.as_str())
+            .timestamp(event.timestamp);
+        let result = stripe::StripeRequest::customize(&request)
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .timeout(self.timeout)
+            .send(&self.client)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) => classify(e),
+        }
+    }
+
+    fn needs_customer(&self) -> bool {
+        true
+    }
+}
+
+fn classify(e: StripeError) -> Result<(), SinkError> {
+    match e {
+        StripeError::Stripe(err, status) => {
+            let message = err.message.clone().unwrap_or_default();
+            let code = err.code.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
+            if code == "resource_already_exists" {
+                // The identifier was taken before (a re-send after a crash): done.
+                return Ok(());
+            }
+            let detail = format!("{status} {code}: {message}");
+            match status {
+                408 | 409 | 429 | 500..=599 => Err(SinkError::Retryable { source: detail.into(), retry_after: None }),
+                _ => Err(SinkError::Permanent(detail)),
+            }
+        }
+        other => Err(SinkError::Unknown(Box::new(other))),
+    }
+}

@@ -1,0 +1,333 @@
+//! Stripe webhooks that move tenants between plans: verified, de-duplicated and ordered in one
+//! store write, applied at once on this node and within `limits.directory_ttl` on the others.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::StatusCode;
+use stripe_webhook::{EventObject, Webhook, WebhookError};
+
+use super::stripe::{read_secrets, Secret, StripeSetupError};
+use crate::{
+    config::{PlanId, StripeSettings, TenantId},
+    metrics::Totals,
+    store::{PlanChange, PlanChangeOutcome},
+    Tollgate,
+};
+
+/// What a webhook delivery did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WebhookOutcome {
+    /// The tenant moved to this plan (the event id is marked seen in the same write).
+    Applied {
+        /// The tenant.
+        tenant: TenantId,
+        /// Its plan now.
+        plan: PlanId,
+    },
+    /// The event id was applied before: nothing changed.
+    Duplicate,
+    /// A newer event was applied for the customer already: nothing changed.
+    Stale,
+    /// No tenant of the directory has this customer: nothing changed.
+    UnknownCustomer,
+    /// No transition is configured for this event (its type, its subscription status), or
+    /// the event names no customer: nothing changed.
+    Ignored,
+    /// An active subscription whose prices (ids and lookup keys) `[stripe.prices]` does not
+    /// map: nothing changed.
+    UnknownPrice,
+    /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
+    /// not an event. Nothing changed.
+    Rejected(String),
+    /// The store failed: 500, so Stripe delivers the event again. Nothing changed.
+    StoreFailed(String),
+}
+
+/// The answer to a webhook delivery: a status and a small JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookReply {
+    /// What the delivery did.
+    pub outcome: WebhookOutcome,
+}
+
+impl WebhookReply {
+    /// The HTTP status: 200 for every verified event (applied or not, so Stripe does not
+    /// retry what cannot change), 400 for a rejected delivery, 500 when the store failed.
+    pub fn status(&self) -> StatusCode {
+        match self.outcome {
+            WebhookOutcome::Rejected(_) => StatusCode::BAD_REQUEST,
+            WebhookOutcome::StoreFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::OK,
+        }
+    }
+
+    /// The body: `{"received":true,"outcome":"applied"}`, or a problem+json for a refusal.
+    pub fn body(&self) -> String {
+        let outcome = match &self.outcome {
+            WebhookOutcome::Applied { .. } => "applied",
+            WebhookOutcome::Duplicate => "duplicate",
+            WebhookOutcome::Stale => "stale",
+            WebhookOutcome::UnknownCustomer => "unknown_customer",
+            WebhookOutcome::Ignored => "ignored",
+            WebhookOutcome::UnknownPrice => "unknown_price",
+            WebhookOutcome::Rejected(reason) => {
+                return serde_json::json!({
+                    "type": "https://tollgate.rs/problems/bad-webhook",
+                    "title": "Bad webhook",
+                    "status": 400,
+                    "detail": reason,
+                })
+                .to_string()
+            }
+            WebhookOutcome::StoreFailed(_) => {
+                return serde_json::json!({
+                    "type": "https://tollgate.rs/problems/store-unavailable",
+                    "title": "Store unavailable",
+                    "status": 500,
+                    "detail": "the event was not applied; deliver it again",
+                })
+                .to_string()
+            }
+        };
+        serde_json::json!({ "received": true, "outcome": outcome }).to_string()
+    }
+
+    /// As an HTTP response.
+    pub fn into_response(self) -> http::Response<Bytes> {
+        let content_type = if self.status().is_success() { "application/json" } else { "application/problem+json" };
+        let mut response = http::Response::new(Bytes::from(self.body()));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+        response
+    }
+}
+
+/// The fields of an event a transition needs.
+#[derive(Debug, Default)]
+struct Fields {
+    id: String,
+    kind: String,
+    created: i64,
+    customer: Option<String>,
+    /// The subscription's status, when the object is a subscription.
+    status: Option<String>,
+    /// The subscription's prices: ids and lookup keys.
+    prices: Vec<String>,
+}
+
+/// Verifies Stripe webhook deliveries and moves tenants between plans as `[stripe]`
+/// configures; framework-free (the signature header's value and the raw body in, a
+/// [`WebhookReply`] out).
+///
+/// - The signature is checked with async-stripe-webhook (any of several `v1` signatures,
+///   300 s tolerance, measured by the engine's clock) against each configured secret in turn
+///   (several during a rotation). A bad or expired signature gets 400 and changes nothing.
+/// - A verified event the typed parser refuses (another API version, a type it does not
+///   know) is read with serde_json for the few fields a transition needs.
+/// - The event id is marked seen and the plan changed in one store write, only if the id is
+///   new and the event is not older than the last one applied for the customer. A duplicate
+///   or an older event is a 200 no-op; a store failure is a 500 and changes nothing, so
+///   Stripe's retry applies it.
+/// - The new plan applies at once on this node, within `limits.directory_ttl` elsewhere.
+pub struct WebhookHandler {
+    tollgate: Tollgate,
+    secrets: Vec<Secret>,
+}
+
+impl fmt::Debug for WebhookHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookHandler").field("secrets", &self.secrets.len()).finish_non_exhaustive()
+    }
+}
+
+impl WebhookHandler {
+    /// A handler for `tollgate`'s tenants, verifying with any of `secrets`.
+    pub fn new(tollgate: Tollgate, secrets: Vec<Secret>) -> Self {
+        Self { tollgate, secrets }
+    }
+
+    /// A handler with the signing secrets of `stripe.webhook_secret_file`, or of
+    /// `STRIPE_WEBHOOK_SECRET` (comma-separated).
+    ///
+    /// # Errors
+    /// No secret, or the file cannot be read.
+    pub fn from_config(tollgate: Tollgate) -> Result<Self, StripeSetupError> {
+        let file = tollgate.config().stripe().and_then(|s| s.webhook_secret_file.clone());
+        let secrets = read_secrets(file.as_deref(), "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
+        Ok(Self::new(tollgate, secrets))
+    }
+
+    /// Handles one delivery: the `Stripe-Signature` header's value (if any) and the raw body.
+    pub async fn handle(&self, signature: Option<&str>, body: &[u8]) -> WebhookReply {
+        let outcome = self.outcome(signature, body).await;
+        let shared = &self.tollgate.shared;
+        let (total, counter) = match &outcome {
+            WebhookOutcome::Applied { .. } => (&shared.totals.webhooks_applied, &shared.metrics.webhooks_applied),
+            WebhookOutcome::Rejected(_) => (&shared.totals.webhooks_rejected, &shared.metrics.webhooks_rejected),
+            WebhookOutcome::StoreFailed(_) => return WebhookReply { outcome },
+            _ => (&shared.totals.webhooks_ignored, &shared.metrics.webhooks_ignored),
+        };
+        Totals::add(total, 1);
+        counter.increment(1);
+        WebhookReply { outcome }
+    }
+
+    async fn outcome(&self, signature: Option<&str>, body: &[u8]) -> WebhookOutcome {
+        let Some(signature) = signature else {
+            return reject("no Stripe-Signature header");
+        };
+        let Ok(payload) = std::str::from_utf8(body) else {
+            return reject("the body is not UTF-8");
+        };
+        let now = self.tollgate.shared.clock.unix_secs();
+        let mut verified = None;
+        for secret in &self.secrets {
+            match Webhook::construct_event_with_timestamp(payload, signature, secret.expose(), now) {
+                Ok(event) => {
+                    verified = Some(typed_fields(&event).or_else(|| json_fields(payload)));
+                    break;
+                }
+                Err(WebhookError::BadSignature | WebhookError::BadKey) => continue,
+                Err(WebhookError::BadHeader(_)) => return reject("malformed Stripe-Signature header"),
+                Err(WebhookError::BadTimestamp(t)) => {
+                    return reject(&format!("signature timestamp {t} is outside the 300 s tolerance"))
+                }
+                // Verified: the signature matched before parsing began.
+                Err(WebhookError::BadParse(_)) => {
+                    verified = Some(json_fields(payload));
+                    break;
+                }
+            }
+        }
+        let Some(fields) = verified else {
+            return reject("no signature matches a configured secret");
+        };
+        let Some(fields) = fields else {
+            return reject("the body is not a Stripe event (no id, type or created)");
+        };
+        let rt = self.tollgate.shared.runtime.load_full();
+        let Some(settings) = rt.config.stripe() else {
+            tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: no [stripe] section");
+            return WebhookOutcome::Ignored;
+        };
+        let plan = match transition(settings, &fields) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => {
+                tracing::info!(event = %fields.id, kind = %fields.kind, status = ?fields.status,
+                    "Stripe webhook ignored: no transition configured");
+                return WebhookOutcome::Ignored;
+            }
+            Err(()) => {
+                tracing::warn!(event = %fields.id, prices = ?fields.prices,
+                    "Stripe webhook ignored: the subscription's prices are not in [stripe.prices]");
+                return WebhookOutcome::UnknownPrice;
+            }
+        };
+        let Some(customer) = fields.customer.clone() else {
+            tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: it names no customer");
+            return WebhookOutcome::Ignored;
+        };
+        let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan);
+        match self.tollgate.shared.store.apply_plan_change(&change).await {
+            Ok(PlanChangeOutcome::Applied(record)) => {
+                self.tollgate.invalidate_tenant(&record.id);
+                tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, plan = %record.plan,
+                    "plan changed by a Stripe webhook");
+                WebhookOutcome::Applied { tenant: record.id, plan: record.plan }
+            }
+            Ok(PlanChangeOutcome::Duplicate) => WebhookOutcome::Duplicate,
+            Ok(PlanChangeOutcome::Stale) => {
+                tracing::info!(event = %fields.id, %customer, "Stripe webhook older than the last applied: ignored");
+                WebhookOutcome::Stale
+            }
+            Ok(PlanChangeOutcome::UnknownCustomer) => {
+                tracing::warn!(event = %fields.id, %customer, "Stripe webhook for a customer no tenant has: ignored");
+                WebhookOutcome::UnknownCustomer
+            }
+            Err(e) => {
+                tracing::error!(event = %fields.id, error = %e, "Stripe webhook not applied: the store failed");
+                WebhookOutcome::StoreFailed(e.to_string())
+            }
+        }
+    }
+}
+
+fn reject(reason: &str) -> WebhookOutcome {
+    tracing::warn!(%reason, "Stripe webhook refused");
+    WebhookOutcome::Rejected(reason.to_owned())
+}
+
+/// The plan an event moves its customer to: `Ok(None)` when none is configured, `Err(())`
+/// for an active subscription whose prices are not mapped.
+fn transition(settings: &StripeSettings, f: &Fields) -> Result<Option<PlanId>, ()> {
+    if let Some(plan) = settings.events.get(&f.kind) {
+        return Ok(Some(plan.clone()));
+    }
+    let Some(status) = &f.status else { return Ok(None) };
+    if let Some(plan) = settings.subscription_status.get(status) {
+        return Ok(Some(plan.clone()));
+    }
+    if status == "active" || status == "trialing" {
+        return f.prices.iter().find_map(|p| settings.prices.get(p)).cloned().map(Some).ok_or(());
+    }
+    Ok(None)
+}
+
+fn typed_fields(event: &stripe_webhook::Event) -> Option<Fields> {
+    let mut f = Fields {
+        id: event.id.as_str().to_owned(),
+        kind: event.type_.as_str().to_owned(),
+        created: event.created,
+        ..Fields::default()
+    };
+    match &event.data.object {
+        EventObject::CustomerSubscriptionCreated(s)
+        | EventObject::CustomerSubscriptionUpdated(s)
+        | EventObject::CustomerSubscriptionDeleted(s)
+        | EventObject::CustomerSubscriptionPaused(s)
+        | EventObject::CustomerSubscriptionResumed(s) => {
+            f.customer = Some(s.customer.id().as_str().to_owned());
+            f.status = Some(s.status.as_str().to_owned());
+            for item in &s.items.data {
+                f.prices.push(item.price.id.as_str().to_owned());
+                f.prices.extend(item.price.lookup_key.clone());
+            }
+        }
+        EventObject::PaymentMethodAttached(pm) => {
+            f.customer = pm.customer.as_ref().map(|c| c.id().as_str().to_owned());
+        }
+        // Any other type: the few fields are read from the JSON.
+        _ => return None,
+    }
+    Some(f)
+}
+
+/// The fields from the raw JSON: `data.object.customer` (a string or an expanded object), or
+/// the object's own id when it is a customer; a subscription's status and prices.
+fn json_fields(payload: &str) -> Option<Fields> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    let object = &v["data"]["object"];
+    let id_of = |c: &serde_json::Value| c.as_str().or_else(|| c["id"].as_str()).map(str::to_owned);
+    let customer = match object["object"].as_str() {
+        Some("customer") => id_of(&object["id"]),
+        _ => id_of(&object["customer"]),
+    };
+    let is_subscription = object["object"].as_str() == Some("subscription");
+    let mut prices = Vec::new();
+    if is_subscription {
+        for item in object["items"]["data"].as_array().into_iter().flatten() {
+            prices.extend(item["price"]["id"].as_str().map(str::to_owned));
+            prices.extend(item["price"]["lookup_key"].as_str().map(str::to_owned));
+        }
+    }
+    Some(Fields {
+        id: v["id"].as_str()?.to_owned(),
+        kind: v["type"].as_str()?.to_owned(),
+        created: v["created"].as_i64()?,
+        customer,
+        status: if is_subscription { object["status"].as_str().map(str::to_owned) } else { None },
+        prices,
+    })
+}

@@ -1,0 +1,392 @@
+//! A Stripe stand-in: a small HTTP/1.1 server on a free loopback port that implements
+//! `POST /v1/billing/meter_events` by Stripe's documented rules, for the real async-stripe
+//! client to talk to.
+//!
+//! - The secret key must match (401 otherwise).
+//! - `identifier` de-duplication: a repeated identifier is answered 200 and not counted.
+//! - `timestamp` no more than 35 days past nor 5 minutes future (400); `value` a whole number
+//!   (400); `event_name` of a meter that exists (400).
+//! - `Idempotency-Key`: the same key with the same parameters replays the first answer; with
+//!   other parameters it is a 400 `idempotency_error`.
+//! - One call in flight per (customer, event name): a concurrent one gets 429 `lock_timeout`.
+//! - Injectable faults for the next calls: a status with Stripe's JSON error shape, a status
+//!   with a body that is not JSON, a dropped connection, or "take it and never answer" (the
+//!   event is recorded, the caller is then killed: a crash between send and mark).
+//! - Totals per (customer, event name): a sum meter adds every event; a pre-aggregated meter
+//!   keeps the newest event (by timestamp) of each of its windows.
+//!
+//! Errors come in Stripe's JSON shape: `{"error": {"type", "code", "message"}}`.
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+
+pub const SECRET: &str = "sk_test_standin";
+
+/// A fault for the next call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// This status with Stripe's JSON error body (the call is not executed).
+    Status(u16),
+    /// This status with a body that is not JSON.
+    NotJson(u16),
+    /// Close the connection without an answer (not executed).
+    Drop,
+    /// Execute the call (the event is taken), then never answer.
+    TakeAndHang,
+}
+
+/// One accepted meter event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub identifier: String,
+    pub event_name: String,
+    pub customer: String,
+    pub value: i64,
+    pub timestamp: i64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Meters by event name: `None` for sum, `Some(window)` for pre-aggregated.
+    meters: HashMap<String, Option<i64>>,
+    events: Vec<Accepted>,
+    identifiers: HashSet<String>,
+    idempotency: HashMap<String, (String, u16, String)>,
+    in_flight: HashSet<(String, String)>,
+    faults: VecDeque<Fault>,
+    /// A fault applied to every call for a customer (a 429 storm for one of them).
+    customer_faults: HashMap<String, u16>,
+    now: Option<i64>,
+    calls: u64,
+    duplicates: u64,
+    lock_conflicts: u64,
+    max_concurrent: usize,
+    concurrent: usize,
+}
+
+/// The stand-in; stops when dropped.
+pub struct StandIn {
+    pub url: String,
+    state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StandIn {
+    /// Starts on a free loopback port with these meters: (event name, pre-aggregation window).
+    pub async fn start(meters: &[(&str, Option<i64>)]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(State {
+            meters: meters.iter().map(|(n, w)| ((*n).to_owned(), *w)).collect(),
+            ..State::default()
+        }));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else { return };
+                tokio::spawn(connection(socket, shared.clone()));
+            }
+        });
+        Self { url, state, task }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Now for the timestamp rules (the system clock by default; tests on a fake clock set it).
+    pub fn set_now(&self, unix: i64) {
+        self.lock().now = Some(unix);
+    }
+
+    /// Faults for the next calls, in order.
+    pub fn fail_next(&self, faults: &[Fault]) {
+        self.lock().faults.extend(faults.iter().copied());
+    }
+
+    /// Every call for `customer` gets `status` (with Stripe's JSON error) until cleared.
+    pub fn fail_customer(&self, customer: &str, status: Option<u16>) {
+        let mut s = self.lock();
+        match status {
+            Some(st) => s.customer_faults.insert(customer.to_owned(), st),
+            None => s.customer_faults.remove(customer),
+        };
+    }
+
+    pub fn events(&self) -> Vec<Accepted> {
+        self.lock().events.clone()
+    }
+
+    /// Calls received (answered or not).
+    pub fn calls(&self) -> u64 {
+        self.lock().calls
+    }
+
+    /// Events whose identifier was taken before (answered 200, not counted).
+    pub fn duplicates(&self) -> u64 {
+        self.lock().duplicates
+    }
+
+    /// Calls refused because another call for the same (customer, meter) was in flight.
+    pub fn lock_conflicts(&self) -> u64 {
+        self.lock().lock_conflicts
+    }
+
+    /// The most calls executing at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.lock().max_concurrent
+    }
+
+    /// What Stripe would bill: per (customer, event name), sum meters add every event,
+    /// pre-aggregated ones the newest event of each window.
+    pub fn totals(&self) -> BTreeMap<(String, String), i64> {
+        let s = self.lock();
+        let mut out = BTreeMap::new();
+        let mut newest: BTreeMap<(String, String, i64), (i64, i64)> = BTreeMap::new();
+        for e in &s.events {
+            match s.meters.get(&e.event_name).copied().flatten() {
+                None => *out.entry((e.customer.clone(), e.event_name.clone())).or_insert(0) += e.value,
+                Some(w) => {
+                    let slot = newest
+                        .entry((e.customer.clone(), e.event_name.clone(), e.timestamp - e.timestamp.rem_euclid(w)))
+                        .or_insert((i64::MIN, 0));
+                    if e.timestamp >= slot.0 {
+                        *slot = (e.timestamp, e.value);
+                    }
+                }
+            }
+        }
+        for ((customer, name, _), (_, value)) in newest {
+            *out.entry((customer, name)).or_insert(0) += value;
+        }
+        out
+    }
+}
+
+/// One request as read.
+struct Request {
+    method: String,
+    path: String,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next()?.to_owned(), parts.next()?.to_owned());
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).await.ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+    }
+    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).await.ok()?;
+    Some(Request { method, path, headers, body: String::from_utf8(body).ok()? })
+}
+
+async fn connection(socket: TcpStream, state: Arc<Mutex<State>>) {
+    let mut reader = BufReader::new(socket);
+    while let Some(req) = read_request(&mut reader).await {
+        let answer = handle(&req, &state).await;
+        let Some((status, body, content_type)) = answer else {
+            // Dropped (or hung, then dropped when the caller goes away).
+            return;
+        };
+        let response = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nrequest-id: req_standin\r\n\r\n{body}",
+            body.len()
+        );
+        if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn error(status: u16, kind: &str, code: &str, message: &str) -> (u16, String, &'static str) {
+    let body = serde_json::json!({ "error": { "type": kind, "code": code, "message": message } }).to_string();
+    (status, body, "application/json")
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("00");
+                out.push(u8::from_str_radix(hex, 16).unwrap_or(b'?'));
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String, &'static str)> {
+    let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    let fault = {
+        let mut s = lock();
+        s.calls += 1;
+        s.faults.pop_front()
+    };
+    if req.headers.get("authorization").map(String::as_str) != Some(&format!("Bearer {SECRET}")) {
+        return Some(error(401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided"));
+    }
+    if req.method != "POST" || req.path != "/v1/billing/meter_events" {
+        return Some(error(404, "invalid_request_error", "resource_missing", "Unrecognized request URL"));
+    }
+    match fault {
+        Some(Fault::Status(st)) => {
+            let kind = if st == 429 { "rate_limit" } else { "api_error" };
+            return Some(error(st, kind, kind, "injected fault"));
+        }
+        Some(Fault::NotJson(st)) => return Some((st, "<html>bad gateway</html>".into(), "text/html")),
+        Some(Fault::Drop) => return None,
+        _ => {}
+    }
+    let form: BTreeMap<String, String> = req
+        .body
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('=').map(|(k, v)| (decode(k), decode(v))))
+        .collect();
+    let fingerprint = format!("{form:?}");
+    let key = req.headers.get("idempotency-key").cloned();
+    if let Some(key) = &key {
+        if let Some((seen, status, body)) = lock().idempotency.get(key).cloned() {
+            if seen != fingerprint {
+                return Some(error(
+                    400,
+                    "idempotency_error",
+                    "idempotency_key_in_use",
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with",
+                ));
+            }
+            return Some((status, body, "application/json"));
+        }
+    }
+    let get = |k: &str| form.get(k).cloned().unwrap_or_default();
+    let (event_name, identifier, customer) = (get("event_name"), get("identifier"), get("payload[stripe_customer_id]"));
+    if let Some(&st) = lock().customer_faults.get(&customer) {
+        let kind = if st == 429 { "rate_limit" } else { "api_error" };
+        return Some(error(st, kind, kind, "injected fault for this customer"));
+    }
+    let lane = (customer.clone(), event_name.clone());
+    {
+        let mut s = lock();
+        if !s.in_flight.insert(lane.clone()) {
+            s.lock_conflicts += 1;
+            return Some(error(
+                429,
+                "invalid_request_error",
+                "lock_timeout",
+                "This object cannot be accessed right now because another API request or Stripe process is currently accessing it",
+            ));
+        }
+        s.concurrent += 1;
+        s.max_concurrent = s.max_concurrent.max(s.concurrent);
+    }
+    // The call takes a little time, so concurrent calls overlap.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let answer = execute(&form, &event_name, &identifier, &customer, &mut lock());
+    {
+        let mut s = lock();
+        s.in_flight.remove(&lane);
+        s.concurrent -= 1;
+        if let Some(key) = key {
+            s.idempotency.insert(key, (fingerprint, answer.0, answer.1.clone()));
+        }
+    }
+    if fault == Some(Fault::TakeAndHang) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        return None;
+    }
+    Some(answer)
+}
+
+fn execute(
+    form: &BTreeMap<String, String>,
+    event_name: &str,
+    identifier: &str,
+    customer: &str,
+    s: &mut State,
+) -> (u16, String, &'static str) {
+    let invalid = |m: &str| error(400, "invalid_request_error", "parameter_invalid", m);
+    if !s.meters.contains_key(event_name) {
+        return invalid(&format!("No active meter was found with event_name `{event_name}`"));
+    }
+    if customer.is_empty() {
+        return invalid("payload[stripe_customer_id] is required");
+    }
+    let Ok(value) = form.get("payload[value]").map_or("", String::as_str).parse::<i64>() else {
+        return invalid("payload[value] must be a whole number");
+    };
+    let now = s.now.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    });
+    let timestamp = match form.get("timestamp") {
+        None => now,
+        Some(t) => match t.parse::<i64>() {
+            Ok(t) => t,
+            Err(_) => return invalid("timestamp must be an integer"),
+        },
+    };
+    if timestamp < now - 35 * 86_400 || timestamp > now + 300 {
+        return invalid("timestamp must be within the past 35 calendar days and no more than 5 minutes in the future");
+    }
+    if identifier.len() > 100 {
+        return invalid("identifier must be at most 100 characters");
+    }
+    let body = serde_json::json!({
+        "object": "billing.meter_event",
+        "created": now,
+        "event_name": event_name,
+        "identifier": identifier,
+        "livemode": false,
+        "payload": { "stripe_customer_id": customer, "value": value.to_string() },
+        "timestamp": timestamp,
+    })
+    .to_string();
+    if !identifier.is_empty() && !s.identifiers.insert(identifier.to_owned()) {
+        s.duplicates += 1;
+        return (200, body, "application/json");
+    }
+    s.events.push(Accepted {
+        identifier: identifier.to_owned(),
+        event_name: event_name.to_owned(),
+        customer: customer.to_owned(),
+        value,
+        timestamp,
+    });
+    (200, body, "application/json")
+}
