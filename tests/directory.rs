@@ -13,7 +13,7 @@ use std::{
 use common::{Faulty, Harness, NOON};
 use tollgate::{
     clock::Clock,
-    store::{Store, TenantRecord},
+    store::TenantRecord,
     KeyHash,
 };
 

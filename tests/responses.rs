@@ -7,7 +7,7 @@ use std::sync::{atomic::Ordering, Arc};
 
 use common::{req, Harness, NOON};
 use tollgate::{
-    store::{Store, TenantRecord},
+    store::TenantRecord,
     KeyHash, RejectionKind,
 };
 

@@ -171,9 +171,15 @@ pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle:
 /// A memory store with switches for the faults the tests need: calls that fail, calls that
 /// land without their answer coming back in time, and calls held until released; it also
 /// counts the tenant lookups it answers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Faulty {
-    pub inner: MemoryStore,
+    pub inner: Arc<dyn StoreInspect>,
+    /// Whether it stands for a durable store (a memory store stands for a database unless
+    /// wrapped with [`Faulty::over`]).
+    durable: bool,
+    /// The next this many usage commits are applied, then answer with an error (a flush whose
+    /// acknowledgement is lost: retried with the same id).
+    pub lose_commit_answers: std::sync::atomic::AtomicU32,
     /// Every call fails.
     pub down: AtomicBool,
     /// Usage writes and export listings fail.
@@ -188,7 +194,30 @@ pub struct Faulty {
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
 
+impl Default for Faulty {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(MemoryStore::new()),
+            durable: true,
+            lose_commit_answers: Default::default(),
+            down: Default::default(),
+            usage_down: Default::default(),
+            lose_answers: Default::default(),
+            stall_tenant: Default::default(),
+            lookups: Default::default(),
+            held: Default::default(),
+            guard: Default::default(),
+        }
+    }
+}
+
 impl Faulty {
+    /// The faults over another store.
+    pub fn over(inner: Arc<dyn StoreInspect>) -> Self {
+        let durable = inner.is_durable();
+        Self { inner, durable, ..Self::default() }
+    }
+
     /// Holds every quota call until `stall(false)`.
     pub fn stall(&self, on: bool) {
         let mut g = self.guard.lock().unwrap();
@@ -245,7 +274,15 @@ impl Store for Faulty {
     }
     async fn commit_usage(&self, b: &UsageBatch) -> Result<CommitOutcome, StoreError> {
         self.check_usage()?;
-        self.inner.commit_usage(b).await
+        let outcome = self.inner.commit_usage(b).await?;
+        let lose = self.lose_commit_answers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if lose.is_ok() {
+            return Err(StoreError::Backend("the commit's answer was lost".into()));
+        }
+        Ok(outcome)
+    }
+    fn max_batch_records(&self) -> usize {
+        self.inner.max_batch_records()
     }
     async fn pending_exports(
         &self,
@@ -351,8 +388,9 @@ impl Store for Faulty {
         self.inner.settle_idempotency(key, owner, how).await
     }
     fn is_durable(&self) -> bool {
-        // Stands for a database: shutdown exports only closed windows.
-        true
+        // A memory store made by `default` stands for a database: shutdown exports only closed
+        // windows.
+        self.durable
     }
 }
 

@@ -68,6 +68,7 @@ struct State {
     now: Option<i64>,
     calls: u64,
     duplicates: u64,
+    replays: u64,
     lock_conflicts: u64,
     max_concurrent: usize,
     concurrent: usize,
@@ -119,7 +120,8 @@ impl StandIn {
         self.lock().faults.extend(faults.iter().copied());
     }
 
-    /// Every call for `customer` gets `status` (with Stripe's JSON error) until cleared.
+    /// Every call for `customer` gets `status` (with Stripe's JSON error; 0: a dropped
+    /// connection) until cleared.
     pub fn fail_customer(&self, customer: &str, status: Option<u16>) {
         let mut s = self.lock();
         match status {
@@ -140,6 +142,11 @@ impl StandIn {
     /// Events whose identifier was taken before (answered 200, not counted).
     pub fn duplicates(&self) -> u64 {
         self.lock().duplicates
+    }
+
+    /// Calls answered from the idempotency layer (the same key and parameters again).
+    pub fn replays(&self) -> u64 {
+        self.lock().replays
     }
 
     /// Calls refused because another call for the same (customer, meter) was in flight.
@@ -283,7 +290,8 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
     let fingerprint = format!("{form:?}");
     let key = req.headers.get("idempotency-key").cloned();
     if let Some(key) = &key {
-        if let Some((seen, status, body)) = lock().idempotency.get(key).cloned() {
+        let seen = lock().idempotency.get(key).cloned();
+        if let Some((seen, status, body)) = seen {
             if seen != fingerprint {
                 return Some(error(
                     400,
@@ -292,12 +300,18 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
                     "Keys for idempotent requests can only be used with the same parameters they were first used with",
                 ));
             }
+            lock().replays += 1;
             return Some((status, body, "application/json"));
         }
     }
     let get = |k: &str| form.get(k).cloned().unwrap_or_default();
     let (event_name, identifier, customer) = (get("event_name"), get("identifier"), get("payload[stripe_customer_id]"));
-    if let Some(&st) = lock().customer_faults.get(&customer) {
+    let customer_fault = lock().customer_faults.get(&customer).copied();
+    if let Some(st) = customer_fault {
+        if st == 0 {
+            // A dropped connection.
+            return None;
+        }
         let kind = if st == 429 { "rate_limit" } else { "api_error" };
         return Some(error(st, kind, kind, "injected fault for this customer"));
     }

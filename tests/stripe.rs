@@ -1,0 +1,534 @@
+//! The Stripe export end to end: requests through the layer, the store, the export, the real
+//! async-stripe client, and a local Stripe stand-in (`common::stripe`) that follows Stripe's
+//! documented rules. On every store, with faults at each hop (a flush whose answer is lost, a
+//! crash between send and mark, repeated 500s, a 429 storm for one customer, dropped
+//! connections, two nodes exporting at once), the stand-in's totals equal the billable usage:
+//! nothing lost, nothing doubled.
+//!
+//! A crash is a real process killed with SIGKILL for SQLite and DynamoDB (the test binary runs
+//! itself as the child); for the memory store the engine is dropped mid-call and another built
+//! over the same store.
+#![cfg(feature = "stripe")]
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use common::{
+    stripe::{Fault, StandIn, SECRET},
+    Faulty, Harness, NOON,
+};
+use tollgate::{
+    billing::{Secret, StripeSink},
+    clock::{Clock, FakeClock},
+    config::TenantId,
+    store::{ExportKey, FlushId, StoreInspect, UsageBatch, UsageRecord},
+    Config, Tollgate, TollgateLayer,
+};
+
+const MIN: i64 = 60;
+const HOUR: i64 = 3600;
+
+fn config(url: &str) -> String {
+    format!(
+        r#"
+[usage]
+window = "15m"
+grace = "5m"
+flush_interval = "10s"
+[export]
+calls_per_second = 1000
+concurrency = 4
+[meters.requests]
+event_name = "api_requests"
+[meters.tokens]
+event_name = "llm_tokens"
+aggregation = "hour"
+[plans.p]
+[tenants.acme]
+plan = "p"
+keys = ["key-acme"]
+stripe_customer = "cus_acme"
+[tenants.globex]
+plan = "p"
+keys = ["key-globex"]
+stripe_customer = "cus_globex"
+[tenants.hobby]
+plan = "p"
+keys = ["key-hobby"]
+[stripe]
+api_base = "{url}"
+timeout = "60s"
+"#
+    )
+}
+
+fn sink(config: &Config) -> StripeSink {
+    let s = config.stripe().unwrap();
+    StripeSink::new(&Secret::new(SECRET), s.api_base.as_deref(), s.timeout).unwrap()
+}
+
+/// A node: an engine with the Stripe sink over `store`, on a fake clock at `at`.
+fn node(toml: &str, store: Arc<dyn StoreInspect>, at: i64) -> Harness {
+    let config = Config::from_toml_str(toml).unwrap();
+    let (clock, fake) = Clock::fake_at_unix(at);
+    let sink = sink(&config);
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).billing_sink(sink).build();
+    Harness::from_layer(TollgateLayer::new(engine), fake)
+}
+
+/// The stand-in's meters: `api_requests` sums, `llm_tokens` is pre-aggregated per hour.
+async fn stand_in() -> StandIn {
+    StandIn::start(&[("api_requests", None), ("llm_tokens", Some(HOUR))]).await
+}
+
+/// What the test sent and expects billed: (customer, event name) → units.
+#[derive(Default)]
+struct Billable(BTreeMap<(String, String), i64>);
+
+impl Billable {
+    /// `n` requests of `tenant` to `path`, each answered 200.
+    async fn send(&mut self, h: &Harness, tenant: &str, path: &str, n: usize) {
+        for _ in 0..n {
+            assert_eq!(h.status(path, &format!("key-{tenant}")).await, 200);
+        }
+        let customer = match tenant {
+            "hobby" => return,
+            t => format!("cus_{t}"),
+        };
+        *self.0.entry((customer.clone(), "api_requests".into())).or_default() += n as i64;
+        if let Some(tokens) = path.strip_prefix("/tokens/") {
+            let tokens: i64 = tokens.parse().unwrap();
+            *self.0.entry((customer, "llm_tokens".into())).or_default() += n as i64 * tokens;
+        }
+    }
+}
+
+enum Kind {
+    Memory,
+    Sqlite,
+    Dynamo,
+}
+
+/// A store of `kind`, and how to open it again (another process, a restarted node).
+struct Backend {
+    kind: Kind,
+    store: Arc<dyn StoreInspect>,
+    dir: tempfile::TempDir,
+    table: Option<(String, String)>,
+}
+
+impl Backend {
+    async fn new(kind: Kind) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, table): (Arc<dyn StoreInspect>, _) = match kind {
+            Kind::Memory => (Arc::new(tollgate::store::MemoryStore::new()), None),
+            Kind::Sqlite => (Arc::new(tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap()), None),
+            Kind::Dynamo => dynamo().await?,
+        };
+        Some(Self { kind, store, dir, table })
+    }
+
+    /// The store as another process opens it (the same object for the memory store).
+    async fn reopen(&self) -> Arc<dyn StoreInspect> {
+        match self.kind {
+            Kind::Memory => self.store.clone(),
+            Kind::Sqlite => Arc::new(tollgate::store::SqliteStore::open(self.dir.path().join("t.db")).await.unwrap()),
+            Kind::Dynamo => reopen_dynamo(self.table.as_ref().unwrap()),
+        }
+    }
+}
+
+#[cfg(feature = "dynamodb")]
+async fn dynamo() -> Option<(Arc<dyn StoreInspect>, Option<(String, String)>)> {
+    let store = common::dynamo::table().await?;
+    let table = (common::dynamo::endpoint().unwrap(), store.table().to_owned());
+    Some((Arc::new(store), Some(table)))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn dynamo() -> Option<(Arc<dyn StoreInspect>, Option<(String, String)>)> {
+    assert!(std::env::var_os("CI").is_none(), "CI runs the Stripe tests with the dynamodb feature");
+    eprintln!("SKIPPED: the DynamoDB store needs the dynamodb feature");
+    None
+}
+
+#[cfg(feature = "dynamodb")]
+fn reopen_dynamo((endpoint, table): &(String, String)) -> Arc<dyn StoreInspect> {
+    Arc::new(tollgate::store::DynamoStore::new(common::dynamo::client(endpoint), table.clone()))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+fn reopen_dynamo(_: &(String, String)) -> Arc<dyn StoreInspect> {
+    unreachable!()
+}
+
+/// Moves a node's clock and the stand-in's "now" together.
+fn at(clock: &FakeClock, standin: &StandIn, unix: i64) {
+    clock.set_unix(unix);
+    standin.set_now(unix);
+}
+
+const CHILD: &str = "TOLLGATE_STRIPE_CHILD";
+
+/// In a child process: export on the store the parent names, then hang in the call the
+/// stand-in never answers, until killed.
+async fn child() -> bool {
+    let Ok(kind) = std::env::var(CHILD) else { return false };
+    let toml = std::fs::read_to_string(std::env::var("TG_CONFIG").unwrap()).unwrap();
+    let now: i64 = std::env::var("TG_NOW").unwrap().parse().unwrap();
+    let store: Arc<dyn StoreInspect> = match kind.as_str() {
+        "sqlite" => Arc::new(tollgate::store::SqliteStore::open(std::env::var("TG_DB").unwrap()).await.unwrap()),
+        _ => reopen_dynamo(&(std::env::var("TG_ENDPOINT").unwrap(), std::env::var("TG_TABLE").unwrap())),
+    };
+    let h = node(&toml, store, now);
+    println!("@@ exporting");
+    let report = h.tollgate.export().await;
+    panic!("the export should hang until the process is killed: {report:?}");
+}
+
+/// Kills `child` with SIGKILL and reaps it.
+fn sigkill(mut child: std::process::Child) {
+    use std::os::unix::process::ExitStatusExt;
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+}
+
+/// The crash between send and mark: the export's call reaches the stand-in, which takes the
+/// event and never answers; the exporter dies there.
+async fn crash_between_send_and_mark(b: &Backend, test: &str, toml: &str, now: i64, standin: &StandIn) {
+    let before = standin.events().len();
+    standin.fail_next(&[Fault::TakeAndHang]);
+    match b.kind {
+        Kind::Memory => {
+            let h = node(toml, b.store.clone(), now);
+            let export = tokio::time::timeout(Duration::from_secs(3), h.tollgate.export()).await;
+            assert!(export.is_err(), "the call hangs: {export:?}");
+            drop(h);
+        }
+        Kind::Sqlite | Kind::Dynamo => {
+            let path = b.dir.path().join("config.toml");
+            std::fs::write(&path, toml).unwrap();
+            let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+            cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, if matches!(b.kind, Kind::Sqlite) { "sqlite" } else { "dynamodb" })
+                .env("TG_CONFIG", &path)
+                .env("TG_NOW", now.to_string())
+                .env("TG_DB", b.dir.path().join("t.db"))
+                .stdout(std::process::Stdio::null());
+            if let Some((endpoint, table)) = &b.table {
+                cmd.env("TG_ENDPOINT", endpoint).env("TG_TABLE", table);
+            }
+            let child = cmd.spawn().unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while standin.events().len() == before {
+                assert!(tokio::time::Instant::now() < deadline, "the child never sent");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sigkill(child);
+        }
+    }
+    assert_eq!(standin.events().len(), before + 1, "the event was taken before the crash");
+}
+
+/// Exports until nothing is left, moving the clock past each next-attempt time.
+async fn drain(nodes: &[&Harness], standin: &StandIn, mut now: i64) -> i64 {
+    for _ in 0..40 {
+        for n in nodes {
+            n.tollgate.export().await.unwrap();
+        }
+        let pending = nodes[0].tollgate.store().pending_exports(i64::MAX, None, 10).await.unwrap();
+        if pending.is_empty() {
+            return now;
+        }
+        now += 2 * MIN;
+        for n in nodes {
+            at(&n.clock, standin, now);
+        }
+    }
+    panic!("exports still pending after 40 passes");
+}
+
+async fn exactly_once_through_faults(kind: Kind, test: &str) {
+    if child().await {
+        return;
+    }
+    let Some(b) = Backend::new(kind).await else { return };
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let mut billable = Billable::default();
+
+    // Usage of two 15-minute windows; the first flush's answer is lost (retried, same id).
+    let faulty = Arc::new(Faulty::over(b.store.clone()));
+    faulty.lose_commit_answers.store(1, std::sync::atomic::Ordering::SeqCst);
+    let a = node(&toml, faulty.clone(), NOON);
+    at(&a.clock, &standin, NOON);
+    billable.send(&a, "acme", "/", 20).await;
+    billable.send(&a, "acme", "/tokens/7", 3).await;
+    billable.send(&a, "globex", "/", 10).await;
+    billable.send(&a, "hobby", "/", 5).await;
+    a.tollgate.flush().await.unwrap();
+    assert_eq!(faulty.lose_commit_answers.load(std::sync::atomic::Ordering::SeqCst), 0, "an answer was lost");
+    at(&a.clock, &standin, NOON + 20 * MIN);
+    billable.send(&a, "acme", "/", 20).await;
+    billable.send(&a, "acme", "/tokens/5", 2).await;
+    billable.send(&a, "globex", "/", 15).await;
+    a.tollgate.flush().await.unwrap();
+
+    // The hour (the tokens meter's window) is closed. Repeated 500s, an error body that is
+    // not JSON, a dropped connection; and a 429 storm for globex alone.
+    let mut now = NOON + HOUR + 5 * MIN;
+    at(&a.clock, &standin, now);
+    standin.fail_next(&[Fault::Status(500), Fault::Status(500), Fault::NotJson(502), Fault::Drop, Fault::Status(500)]);
+    standin.fail_customer("cus_globex", Some(429));
+    for _ in 0..6 {
+        a.tollgate.export().await.unwrap();
+        now += 2 * MIN;
+        at(&a.clock, &standin, now);
+    }
+    let totals = standin.totals();
+    assert_eq!(totals.get(&("cus_acme".into(), "api_requests".into())), Some(&45), "acme went on: {totals:?}");
+    assert_eq!(totals.get(&("cus_acme".into(), "llm_tokens".into())), Some(&31));
+    assert_eq!(totals.get(&("cus_globex".into(), "api_requests".into())), None, "globex waits");
+    assert!(a.tollgate.stats().export_retries >= 5);
+    standin.fail_customer("cus_globex", None);
+    now = drain(&[&a], &standin, now).await;
+    assert_eq!(standin.totals(), billable.0);
+    assert!(a.tollgate.stats().unbillable_windows >= 1, "hobby has no customer: skipped, counted");
+
+    // A crash between send and mark: the event reached Stripe, the mark did not reach the
+    // store. Another node re-sends it with the same identifier and idempotency key.
+    now = NOON + 3 * HOUR;
+    at(&a.clock, &standin, now);
+    billable.send(&a, "acme", "/", 4).await;
+    a.tollgate.flush().await.unwrap();
+    drop(a);
+    now += 20 * MIN;
+    standin.set_now(now);
+    crash_between_send_and_mark(&b, test, &toml, now, &standin).await;
+    let replays = standin.replays();
+    // The claim of the dead exporter holds 5 minutes; then a new node takes over.
+    now += 6 * MIN;
+    let c = node(&toml, b.reopen().await, now);
+    at(&c.clock, &standin, now);
+    now = drain(&[&c], &standin, now).await;
+    assert_eq!(standin.replays(), replays + 1, "the re-send was answered as the first call");
+    assert_eq!(standin.totals(), billable.0, "the crash doubled nothing");
+
+    // Two nodes export at once over one store.
+    let d = node(&toml, b.reopen().await, now);
+    for n in [&c, &d] {
+        at(&n.clock, &standin, now);
+        for t in ["acme", "globex"] {
+            billable.send(n, t, "/", 3).await;
+            billable.send(n, t, "/tokens/2", 2).await;
+        }
+        n.tollgate.flush().await.unwrap();
+    }
+    now += HOUR + 6 * MIN;
+    for n in [&c, &d] {
+        at(&n.clock, &standin, now);
+    }
+    let calls = standin.calls();
+    let (x, y) = tokio::join!(c.tollgate.export(), d.tollgate.export());
+    let (x, y) = (x.unwrap(), y.unwrap());
+    drain(&[&c, &d], &standin, now).await;
+    assert_eq!(standin.totals(), billable.0, "two exporters doubled nothing");
+    assert!(x.events + y.events > 0);
+    assert_eq!(standin.duplicates(), 0, "no identifier was sent twice outside the crash");
+    assert!(standin.calls() - calls >= 4);
+    let dead = c.tollgate.store().dead_letters(None, 10).await.unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_faults_on_memory() {
+    exactly_once_through_faults(Kind::Memory, "exactly_once_through_faults_on_memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_faults_on_sqlite() {
+    exactly_once_through_faults(Kind::Sqlite, "exactly_once_through_faults_on_sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_faults_on_dynamodb() {
+    exactly_once_through_faults(Kind::Dynamo, "exactly_once_through_faults_on_dynamodb").await;
+}
+
+/// Commits `quantity` units of `tenant`'s `meter` in the window starting at `window` (a flush
+/// from another node arriving late).
+async fn late(store: &dyn StoreInspect, id: &str, tenant: &str, meter: &str, window: i64, quantity: u64) {
+    let batch = UsageBatch::new(FlushId::new(id), vec![UsageRecord::new(tenant.into(), meter.into(), window, quantity)]);
+    store.commit_usage(&batch).await.unwrap();
+}
+
+#[tokio::test]
+async fn late_usage_goes_out_as_new_revisions_for_both_kinds_of_meter() {
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    for _ in 0..3 {
+        h.status("/tokens/10", "key-acme").await;
+    }
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + HOUR + 5 * MIN);
+    h.tollgate.export().await.unwrap();
+    // 3 requests (sum) in the 12:00 quarter; 30 tokens (pre-aggregated) in the 12:00 hour.
+    let key = |t: &str| ("cus_acme".to_owned(), t.to_owned());
+    assert_eq!(standin.totals()[&key("api_requests")], 3);
+    assert_eq!(standin.totals()[&key("llm_tokens")], 30);
+
+    // Late usage, after both were exported: the sum meter gets the delta as revision 1;
+    // the pre-aggregated one the hour's running total, one second later than the first.
+    late(&*store, "late-1", "acme", "requests", NOON, 2).await;
+    late(&*store, "late-2", "acme", "tokens", NOON, 4).await;
+    h.tollgate.export().await.unwrap();
+    late(&*store, "late-3", "acme", "tokens", NOON, 1).await;
+    h.tollgate.export().await.unwrap();
+    let events = standin.events();
+    let sums: Vec<i64> = events.iter().filter(|e| e.event_name == "api_requests").map(|e| e.value).collect();
+    let hour: Vec<(i64, i64)> =
+        events.iter().filter(|e| e.event_name == "llm_tokens").map(|e| (e.timestamp, e.value)).collect();
+    assert_eq!(sums, [3, 2], "deltas");
+    assert_eq!(hour, [(NOON, 30), (NOON + 1, 34), (NOON + 2, 35)], "running totals, strictly later");
+    assert_eq!(standin.totals()[&key("api_requests")], 5);
+    assert_eq!(standin.totals()[&key("llm_tokens")], 35, "Stripe keeps the newest of the hour");
+    let ids: std::collections::HashSet<_> = events.iter().map(|e| e.identifier.clone()).collect();
+    assert_eq!(ids.len(), events.len(), "every revision has its own identifier");
+}
+
+#[tokio::test]
+async fn permanent_refusals_unknown_failures_and_old_windows_are_dead_lettered_and_listed() {
+    let standin = stand_in().await;
+    // A meter Stripe does not have: refused with 400, for good.
+    let toml = config(&standin.url).replace(
+        "[plans.p]",
+        "[meters.ghost]\nevent_name = \"ghost_meter\"\n[[routes]]\npath = \"/ghost\"\nmeter = \"ghost\"\n[plans.p]",
+    );
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    h.status("/ghost", "key-acme").await;
+    h.status("/", "key-globex").await;
+    h.tollgate.flush().await.unwrap();
+    // Usage 40 days old (a node that was down): beyond Stripe's 35 days.
+    late(&*store, "old", "acme", "requests", NOON - 40 * 86_400, 9).await;
+    at(&h.clock, &standin, NOON + 20 * MIN + 1);
+    // globex's calls all fail without a status (dropped connections).
+    standin.fail_customer("cus_globex", Some(0));
+    let mut now = NOON + 20 * MIN + 1;
+    for _ in 0..12 {
+        h.tollgate.export().await.unwrap();
+        now += HOUR;
+        at(&h.clock, &standin, now);
+    }
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    let reasons: BTreeMap<(String, String), &str> =
+        dead.iter().map(|d| ((d.key.tenant.to_string(), d.key.meter.to_string()), d.reason.as_str())).collect();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(reasons[&("acme".into(), "ghost".into())].starts_with("refused: 400"), "{reasons:?}");
+    assert!(reasons[&("acme".into(), "requests".into())].starts_with("too old"), "{reasons:?}");
+    assert!(reasons[&("globex".into(), "requests".into())].contains("without a status"), "{reasons:?}");
+    let refused = dead.iter().find(|d| d.key.meter.as_str() == "ghost").unwrap();
+    assert_eq!(refused.send.as_ref().map(|s| (s.value, s.customer.clone())), Some((1, Some("cus_acme".into()))));
+    assert_eq!(h.tollgate.stats().dead_letters, 3);
+    // Listed, never sent again, never silently dropped.
+    let calls = standin.calls();
+    h.tollgate.export().await.unwrap();
+    assert_eq!(standin.calls(), calls);
+    // Requeued after the cause is fixed: a new revision, sent once.
+    standin.fail_customer("cus_globex", None);
+    let key = ExportKey::new(TenantId::from("globex"), "requests".into(), NOON);
+    assert!(store.requeue_dead_letter(&key).await.unwrap());
+    h.tollgate.export().await.unwrap();
+    assert_eq!(standin.totals()[&("cus_globex".into(), "api_requests".into())], 1);
+}
+
+#[tokio::test]
+async fn an_export_never_confirmed_is_parked_as_unconfirmed_not_sent_again() {
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    h.status("/", "key-acme").await;
+    h.tollgate.flush().await.unwrap();
+    standin.fail_customer("cus_acme", Some(503));
+    let mut now = NOON + 20 * MIN + 1;
+    at(&h.clock, &standin, now);
+    h.tollgate.export().await.unwrap();
+    // Retried (with backoff) for 20 hours, then parked: Stripe forgets identifiers after
+    // about 24 hours, so a later re-send could be billed twice.
+    while now < NOON + 21 * HOUR {
+        now += HOUR;
+        at(&h.clock, &standin, now);
+        h.tollgate.export().await.unwrap();
+    }
+    let stats = h.tollgate.stats();
+    assert_eq!((stats.unconfirmed_exports, stats.dead_letters), (1, 1));
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert!(dead[0].reason.starts_with("unconfirmed"), "{dead:?}");
+    assert_eq!(dead[0].send.as_ref().unwrap().value, 1, "what was sent, for reconciliation");
+    standin.fail_customer("cus_acme", None);
+    let calls = standin.calls();
+    h.tollgate.export().await.unwrap();
+    assert_eq!(standin.calls(), calls, "not sent again");
+    // Reconciled by hand: Stripe had it. Confirming marks it exported.
+    let mut agg = store.usage(&dead[0].key).await.unwrap().unwrap();
+    agg.revision = dead[0].revision;
+    assert!(store.finish_export(&agg).await.unwrap());
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_keep_one_call_per_customer_and_meter_and_bounded_concurrency() {
+    let standin = stand_in().await;
+    let mut toml = config(&standin.url);
+    for i in 0..24 {
+        toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-t{i}\"]\nstripe_customer = \"cus_t{i}\"\n"));
+    }
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    for i in 0..24 {
+        // Two windows each: one lane sends them one after the other.
+        h.status("/", &format!("key-t{i}")).await;
+    }
+    at(&h.clock, &standin, NOON + 15 * MIN);
+    for i in 0..24 {
+        h.status("/", &format!("key-t{i}")).await;
+    }
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + HOUR);
+    let report = h.tollgate.export().await.unwrap();
+    assert_eq!(report.events, 48);
+    assert_eq!(standin.lock_conflicts(), 0, "never two calls for one customer's meter");
+    let max = standin.max_concurrent();
+    assert!((2..=4).contains(&max), "export.concurrency = 4 bounds the calls in flight: {max}");
+}
+
+#[test]
+fn stripe_settings_are_checked_at_load() {
+    let err = |toml: &str| Config::from_toml_str(toml).unwrap_err();
+    let e = err("[usage]\nwindow = \"2h\"\nflush_interval = \"10s\"\n[meters.t]\naggregation = \"hour\"\n[plans.p]\n");
+    assert_eq!((e.key(), e.line()), ("meters.t.aggregation", Some(5)), "{e}");
+    let e = err("[meters.t]\naggregation = \"max\"\n[plans.p]\n");
+    assert_eq!(e.key(), "meters.t.aggregation", "{e}");
+    let e = err("[plans.p]\n[stripe]\nsecret_key = \"sk_live_x\"\n");
+    assert_eq!((e.key(), e.line()), ("stripe.secret_key", Some(3)), "a secret never goes in the file: {e}");
+    let e = err("[plans.p]\n[stripe.prices]\nprice_1 = \"gold\"\n");
+    assert_eq!(e.key(), "stripe.prices.price_1", "{e}");
+    let e = err("[plans.p]\n[stripe.subscription_status]\nlate = \"p\"\n");
+    assert_eq!(e.key(), "stripe.subscription_status.late", "{e}");
+    let e = err("[plans.p]\n[export]\nunconfirmed_after = \"30h\"\n");
+    assert_eq!(e.key(), "export.unconfirmed_after", "{e}");
+    let ok = Config::from_toml_str("[meters.t]\naggregation = \"day\"\n[plans.p]\n[stripe]\n").unwrap();
+    assert_eq!(ok.meters()[1].aggregation(), tollgate::config::MeterAggregation::Day);
+    assert_eq!(ok.export().calls_per_second, 25);
+}
