@@ -272,7 +272,10 @@ async fn the_plan_reaches_another_node_within_the_directory_ttl() {
     // The worker's revalidation (called directly here) reads it again within the TTL.
     b.clock.advance(Duration::from_secs(20));
     assert_eq!(b.tollgate.revalidate().await, 0, "not due yet");
-    assert_eq!(b.get("/", "key-acme").await.body, "acme on free", "cached");
+    // Still on free there (2 a day, one used on each node): refused, naming the plan.
+    let cached = b.get("/", "key-acme").await;
+    assert_eq!(cached.status, 429);
+    assert!(cached.json()["detail"].as_str().unwrap().contains("plan `free`"), "cached: {:?}", cached.json());
     b.clock.advance(Duration::from_secs(5));
     assert_eq!(b.tollgate.revalidate().await, 1, "due within the TTL");
     assert_eq!(b.get("/", "key-acme").await.body, "acme on metered");
