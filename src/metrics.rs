@@ -23,8 +23,11 @@ pub(crate) struct Metrics {
     pub(crate) export_retries: Counter,
     pub(crate) unbillable_windows: Counter,
     pub(crate) unconfirmed_exports: Counter,
+    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     pub(crate) webhooks_applied: Counter,
+    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     pub(crate) webhooks_ignored: Counter,
+    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     pub(crate) webhooks_rejected: Counter,
     pub(crate) evictions: Counter,
     pub(crate) negative_hits: Counter,

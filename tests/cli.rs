@@ -162,3 +162,71 @@ async fn the_command_works_on_dynamodb() {
     let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
     assert_eq!(h.status("/", &key).await, 200);
 }
+
+/// `tollgate export` on a SQLite file against the Stripe stand-in: a dry run sends nothing,
+/// a pass sends closed windows once, a refusal is dead-lettered and listed, a requeue sends it
+/// again as a new revision; no secret key, a clear error.
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_sends_once_lists_dead_letters_and_requeues() {
+    use tollgate::store::{FlushId, SqliteStore, Store, UsageBatch, UsageRecord};
+    let standin = common::stripe::StandIn::start(&[("api_requests", None)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[store]\npath = \"t.db\"\n[meters.requests]\nevent_name = \"api_requests\"\n\
+         [meters.ghost]\nevent_name = \"ghost_meter\"\n{PLANS}\
+         [tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\nstripe_customer = \"cus_acme\"\n\
+         [tenants.hobby]\nplan = \"free\"\nkeys = [\"key-hobby\"]\n\
+         [stripe]\napi_base = \"{}\"\n",
+        standin.url
+    );
+    std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let window = now - now.rem_euclid(3600) - 2 * 3600;
+    let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    let records = vec![
+        UsageRecord::new("acme".into(), "requests".into(), window, 7),
+        UsageRecord::new("acme".into(), "ghost".into(), window, 3),
+        UsageRecord::new("hobby".into(), "requests".into(), window, 5),
+    ];
+    store.commit_usage(&UsageBatch::new(FlushId::new("f1"), records)).await.unwrap();
+    drop(store);
+
+    let with_key = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("TOLLGATE_CONFIG")
+            .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "tollgate {args:?}: {stderr}");
+        stdout.into_owned()
+    };
+    let out = with_key(&["export", "--dry-run"]);
+    assert!(out.contains("api_requests") && out.contains("cus_acme") && out.contains("2 meter events would be sent"), "{out}");
+    assert!(!out.contains("hobby"), "not billable: {out}");
+    assert_eq!(standin.calls(), 0, "a dry run sends nothing");
+
+    let err = fails(dir.path(), &["export"]);
+    assert!(err.contains("STRIPE_SECRET_KEY"), "{err}");
+
+    let out = with_key(&["export"]);
+    assert!(out.contains("1 meter events sent (7 units)") && out.contains("1 dead-lettered") && out.contains("1 windows not billable"), "{out}");
+    assert_eq!(standin.totals().get(&("cus_acme".into(), "api_requests".into())), Some(&7));
+    let out = with_key(&["export"]);
+    assert!(out.contains("0 meter events sent"), "once: {out}");
+
+    let out = with_key(&["export", "--dead-letters"]);
+    assert!(out.contains("ghost") && out.contains("refused: 400") && out.contains("1 dead letters"), "{out}");
+    assert!(out.contains(&window.to_string()), "{out}");
+    let out = with_key(&["export", "--requeue", "acme", "ghost", &window.to_string()]);
+    assert!(out.contains("requeued"), "{out}");
+    with_key(&["export"]);
+    let out = with_key(&["export", "--dead-letters"]);
+    let line = out.lines().find(|l| l.starts_with("acme")).unwrap();
+    assert!(line.split_whitespace().any(|w| w == "1"), "a new revision: {out}");
+    let err = fails(dir.path(), &["export", "--requeue", "acme", "requests", &window.to_string()]);
+    assert!(err.contains("no such dead letter"), "{err}");
+}

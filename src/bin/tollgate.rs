@@ -59,6 +59,25 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Exports closed windows to Stripe (`[stripe]`, key from STRIPE_SECRET_KEY or the key
+    /// file): one pass, for a scheduled job. Nodes with a worker export on their own too;
+    /// claims in the store keep two exporters off one aggregate.
+    Export {
+        /// Prints what would be sent, and sends nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Lists the dead letters (refused, never confirmed, too old) instead.
+        #[arg(long, conflicts_with = "dry_run")]
+        dead_letters: bool,
+        /// Puts a dead letter back in line, as a new revision (after its cause was fixed, or a
+        /// reconciliation found Stripe never took it).
+        #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters"])]
+        requeue: Option<Vec<String>>,
+        /// Marks a dead letter's export as taken by Stripe (a reconciliation found its
+        /// identifier there).
+        #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters", "requeue"])]
+        confirm: Option<Vec<String>>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +186,18 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
         Command::Tenants { command } => tenants(&admin(&cli.config).await?, command).await,
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
+        Command::Export { dry_run, dead_letters, requeue, confirm } => {
+            let config = load(&cli.config)?;
+            if dead_letters || requeue.is_some() || confirm.is_some() {
+                let admin = Admin::open(&config).await?;
+                return match (requeue, confirm) {
+                    (Some(key), _) => requeue_dead_letter(&admin, &key).await,
+                    (_, Some(key)) => confirm_dead_letter(&admin, &key).await,
+                    _ => list_dead_letters(&admin).await,
+                };
+            }
+            export(config, dry_run).await
+        }
         Command::Usage { tenant, meter, from, to } => {
             let now = now();
             let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now.saturating_add(1));
@@ -193,6 +224,134 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{} windows, {total} units, {exported} exported", rows.len());
             Ok(())
         }
+    }
+}
+
+/// One export pass (or, with `dry_run`, what it would send).
+async fn export(config: Config, dry_run: bool) -> Result<()> {
+    if config.stripe().is_none() {
+        return Err("the configuration has no [stripe] section: there is nowhere to export to".into());
+    }
+    let builder = tollgate::Tollgate::builder(config.clone());
+    let builder = if dry_run { builder } else { builder.billing_sink(stripe_sink(&config)?) };
+    let (engine, _worker) = builder.open().await?;
+    if dry_run {
+        let events = engine.export_preview().await?;
+        println!(
+            "{:<12} {:<14} {:<22} {:<20} {:>10} {:>12}  identifier",
+            "tenant", "event name", "window (UTC)", "customer", "value", "timestamp"
+        );
+        for e in &events {
+            println!(
+                "{:<12} {:<14} {:<22} {:<20} {:>10} {:>12}  {}",
+                e.tenant.as_str(),
+                e.event_name,
+                time_text(e.window_start),
+                e.customer.as_deref().unwrap_or("-"),
+                e.value,
+                e.timestamp,
+                e.identifier
+            );
+        }
+        println!("{} meter events would be sent (dry run: nothing was)", events.len());
+        return Ok(());
+    }
+    let r = engine.export().await?;
+    println!(
+        "{} meter events sent ({} units), {} retried later, {} dead-lettered, {} windows not billable (no customer)",
+        r.events, r.units, r.retries, r.dead_letters, r.unbillable
+    );
+    Ok(())
+}
+
+#[cfg(feature = "stripe")]
+fn stripe_sink(config: &Config) -> Result<tollgate::billing::StripeSink> {
+    Ok(tollgate::billing::StripeSink::from_config(config)?)
+}
+
+#[cfg(not(feature = "stripe"))]
+fn stripe_sink(_: &Config) -> Result<tollgate::billing::JsonlSink> {
+    Err("this tollgate was built without the `stripe` feature".into())
+}
+
+fn export_key(parts: &[String]) -> Result<tollgate::store::ExportKey> {
+    let [tenant, meter, window] = parts else { return Err("expected TENANT METER WINDOW".into()) };
+    Ok(tollgate::store::ExportKey::new(tenant.as_str().into(), meter.as_str().into(), parse_time(window)?))
+}
+
+async fn list_dead_letters(admin: &Admin) -> Result<()> {
+    let mut after = None;
+    let mut n = 0;
+    println!(
+        "{:<12} {:<12} {:<22} {:>12} {:>8} {:>10}  identifier / reason",
+        "tenant", "meter", "window (UTC)", "window", "revision", "units"
+    );
+    loop {
+        let page = admin.store().dead_letters(after.as_ref(), 100).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        for d in &page {
+            n += 1;
+            let id = tollgate::billing::identifier(&d.key.tenant, &d.key.meter, d.key.window_start, d.revision);
+            println!(
+                "{:<12} {:<12} {:<22} {:>12} {:>8} {:>10}  {id}",
+                d.key.tenant.as_str(),
+                d.key.meter.as_str(),
+                time_text(d.key.window_start),
+                d.key.window_start,
+                d.revision,
+                d.units
+            );
+            if let Some(s) = &d.send {
+                println!(
+                    "{:<83}  sent: value {} at {} for {} ({})",
+                    "",
+                    s.value,
+                    s.timestamp,
+                    s.customer.as_deref().unwrap_or("-"),
+                    s.event_name
+                );
+            }
+            println!("{:<83}  {}", "", d.reason);
+        }
+    }
+    println!("{n} dead letters; after fixing the cause: tollgate export --requeue TENANT METER WINDOW");
+    Ok(())
+}
+
+async fn requeue_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
+    let key = export_key(parts)?;
+    if admin.store().requeue_dead_letter(&key).await? {
+        println!("requeued as a new revision: it goes out at the next export");
+        Ok(())
+    } else {
+        Err("no such dead letter".into())
+    }
+}
+
+async fn confirm_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
+    let key = export_key(parts)?;
+    let store = admin.store();
+    let mut after = None;
+    let dead = loop {
+        let page = store.dead_letters(after.as_ref(), 100).await?;
+        let Some(last) = page.last() else { return Err("no such dead letter".into()) };
+        if let Some(d) = page.iter().find(|d| d.key == key) {
+            break d.clone();
+        }
+        after = Some(last.key.clone());
+    };
+    let window = key.window_start;
+    let aggregates = store.usage_range(&key.tenant, window, window.saturating_add(1)).await?;
+    let Some(mut agg) = aggregates.into_iter().find(|a| a.key == key) else {
+        return Err("no such aggregate".into());
+    };
+    agg.revision = dead.revision;
+    if store.finish_export(&agg).await? {
+        println!("confirmed: marked exported");
+        Ok(())
+    } else {
+        Err("nothing was in flight for it: requeue it instead".into())
     }
 }
 
