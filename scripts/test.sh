@@ -4,7 +4,9 @@
 # HTTP; the default build and the build without default features are checked too.
 # Needs only the Rust toolchain (cargo, rustfmt, clippy), curl and python3 (with venv and pip):
 # it installs moto's DynamoDB server in a venv (.venv/moto), starts it on a free loopback port
-# for the DynamoDB tests, and stops it at the end.
+# for the DynamoDB tests, and stops it at the end. The Stripe tests start their own Stripe
+# stand-in (tests/common/stripe.rs) on a free loopback port and talk to it with the real
+# async-stripe client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +43,12 @@ cargo fmt --all -- --check
 
 step "clippy (warnings denied)"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+step "rustls everywhere: no OpenSSL in the tree"
+if cargo tree --workspace --all-features --locked -i openssl-sys >/dev/null 2>&1; then
+  cargo tree --workspace --all-features --locked -i openssl-sys
+  echo "openssl-sys is in the dependency tree"; exit 1
+fi
 
 step "the default build compiles alone"
 cargo check --workspace --locked

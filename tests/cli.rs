@@ -205,7 +205,10 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
         stdout.into_owned()
     };
     let out = with_key(&["export", "--dry-run"]);
-    assert!(out.contains("api_requests") && out.contains("cus_acme") && out.contains("2 meter events would be sent"), "{out}");
+    assert!(
+        out.contains("api_requests") && out.contains("cus_acme") && out.contains("2 meter events would be sent"),
+        "{out}"
+    );
     assert!(!out.contains("hobby"), "not billable: {out}");
     assert_eq!(standin.calls(), 0, "a dry run sends nothing");
 
@@ -213,7 +216,12 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
     assert!(err.contains("STRIPE_SECRET_KEY"), "{err}");
 
     let out = with_key(&["export"]);
-    assert!(out.contains("1 meter events sent (7 units)") && out.contains("1 dead-lettered") && out.contains("1 windows not billable"), "{out}");
+    assert!(
+        out.contains("1 meter events sent (7 units)")
+            && out.contains("1 dead-lettered")
+            && out.contains("1 windows not billable"),
+        "{out}"
+    );
     assert_eq!(standin.totals().get(&("cus_acme".into(), "api_requests".into())), Some(&7));
     let out = with_key(&["export"]);
     assert!(out.contains("0 meter events sent"), "once: {out}");

@@ -11,11 +11,7 @@ use std::{
 };
 
 use common::{Faulty, Harness, NOON};
-use tollgate::{
-    clock::Clock,
-    store::TenantRecord,
-    KeyHash,
-};
+use tollgate::{clock::Clock, store::TenantRecord, KeyHash};
 
 const PLANS: &str = "[limits]\nnegative_ttl = \"10s\"\ndirectory_ttl = \"60s\"\n[plans.free]\nrate = \"1000/s\"\n[plans.pro]\nrate = \"5000/s\"\n";
 

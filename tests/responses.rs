@@ -6,10 +6,7 @@ mod common;
 use std::sync::{atomic::Ordering, Arc};
 
 use common::{req, Harness, NOON};
-use tollgate::{
-    store::TenantRecord,
-    KeyHash, RejectionKind,
-};
+use tollgate::{store::TenantRecord, KeyHash, RejectionKind};
 
 const CONFIG: &str = r#"
 [meters.tokens]

@@ -620,7 +620,10 @@ mod suite {
         begun.attempts = 1;
         begun.first_attempt_at = Some(t);
         begun.claimed_until = Some(t + 300);
-        assert_eq!(h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap(), Some(begun.clone()));
+        assert_eq!(
+            h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap(),
+            Some(begun.clone())
+        );
         assert_eq!(h.s().usage(&key).await.unwrap(), Some(begun.clone()));
 
         // Another node is refused while the claim holds, and changes nothing.
@@ -761,11 +764,18 @@ mod suite {
         );
         // As a new revision (a new identifier), nothing in flight: parameters are fixed anew.
         assert_eq!(
-            (pending[0].quantity, pending[0].exported, pending[0].revision, pending[0].in_flight, pending[0].send.clone()),
+            (
+                pending[0].quantity,
+                pending[0].exported,
+                pending[0].revision,
+                pending[0].in_flight,
+                pending[0].send.clone()
+            ),
             (5, 0, 1, None, None)
         );
         // And exported like any other.
-        let again = h.s().begin_export(&pending[0], &ExportClaim::new(1, t + 10, t + 310), &sent(5)).await.unwrap().unwrap();
+        let again =
+            h.s().begin_export(&pending[0], &ExportClaim::new(1, t + 10, t + 310), &sent(5)).await.unwrap().unwrap();
         assert_eq!(again.in_flight, Some(5));
         assert!(h.s().finish_export(&again).await.unwrap());
         assert_eq!(pending_keys(h.s(), before).await, [ek("d", "requests", w)]);

@@ -124,7 +124,9 @@ impl Backend {
         let dir = tempfile::tempdir().unwrap();
         let (store, table): (Arc<dyn StoreInspect>, _) = match kind {
             Kind::Memory => (Arc::new(tollgate::store::MemoryStore::new()), None),
-            Kind::Sqlite => (Arc::new(tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap()), None),
+            Kind::Sqlite => {
+                (Arc::new(tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap()), None)
+            }
             Kind::Dynamo => dynamo().await?,
         };
         Some(Self { kind, store, dir, table })
@@ -294,7 +296,7 @@ async fn exactly_once_through_faults(kind: Kind, test: &str) {
     assert_eq!(totals.get(&("cus_globex".into(), "api_requests".into())), None, "globex waits");
     assert!(a.tollgate.stats().export_retries >= 5);
     standin.fail_customer("cus_globex", None);
-    now = drain(&[&a], &standin, now).await;
+    drain(&[&a], &standin, now).await;
     assert_eq!(standin.totals(), billable.0);
     assert!(a.tollgate.stats().unbillable_windows >= 1, "hobby has no customer: skipped, counted");
 
@@ -361,7 +363,8 @@ async fn exactly_once_through_faults_on_dynamodb() {
 /// Commits `quantity` units of `tenant`'s `meter` in the window starting at `window` (a flush
 /// from another node arriving late).
 async fn late(store: &dyn StoreInspect, id: &str, tenant: &str, meter: &str, window: i64, quantity: u64) {
-    let batch = UsageBatch::new(FlushId::new(id), vec![UsageRecord::new(tenant.into(), meter.into(), window, quantity)]);
+    let batch =
+        UsageBatch::new(FlushId::new(id), vec![UsageRecord::new(tenant.into(), meter.into(), window, quantity)]);
     store.commit_usage(&batch).await.unwrap();
 }
 
@@ -491,7 +494,9 @@ async fn exports_keep_one_call_per_customer_and_meter_and_bounded_concurrency() 
     let standin = stand_in().await;
     let mut toml = config(&standin.url);
     for i in 0..24 {
-        toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-t{i}\"]\nstripe_customer = \"cus_t{i}\"\n"));
+        toml.push_str(&format!(
+            "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-t{i}\"]\nstripe_customer = \"cus_t{i}\"\n"
+        ));
     }
     let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
     let h = node(&toml, store.clone(), NOON);

@@ -42,7 +42,8 @@ pro_yearly = "pro"
 "#;
 
 fn fixtures() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stripe_objects.json")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stripe_objects.json")).unwrap();
     serde_json::from_str::<Value>(&text).unwrap()["resources"].clone()
 }
 
@@ -171,11 +172,13 @@ async fn a_wrong_secret_a_bad_header_or_an_expired_signature_gets_400_and_change
 #[tokio::test]
 async fn rotated_secrets_are_each_accepted_and_any_v1_signature_may_match() {
     let s = setup().await;
-    let e1 = event("evt_1", "customer.subscription.deleted", NOON - 20, subscription("cus_acme", "canceled", "p", None));
+    let e1 =
+        event("evt_1", "customer.subscription.deleted", NOON - 20, subscription("cus_acme", "canceled", "p", None));
     assert_eq!(s.deliver(&e1, &sign(&e1, OLD_SECRET, NOON)).await, (200, applied("free")), "the previous secret");
     let e2 = event("evt_2", "payment_method.attached", NOON - 10, payment_method("cus_acme"));
     // Stripe signs with both secrets during a rotation: one header, two v1 values.
-    let both = format!("{},v1={}", sign(&e2, "whsec_unknown", NOON), sign(&e2, SECRET, NOON).split("v1=").nth(1).unwrap());
+    let both =
+        format!("{},v1={}", sign(&e2, "whsec_unknown", NOON), sign(&e2, SECRET, NOON).split("v1=").nth(1).unwrap());
     assert_eq!(s.deliver(&e2, &both).await, (200, applied("metered")));
     // A handler that no longer has the previous secret refuses it.
     let current_only = WebhookHandler::new(s.h.tollgate.clone(), vec![Secret::new(SECRET)]);

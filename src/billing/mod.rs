@@ -8,9 +8,9 @@ mod stripe;
 #[cfg(feature = "stripe")]
 mod webhook;
 
-pub use event::{identifier, BillingSink, MeterEvent, SinkError};
-pub use jsonl::JsonlSink;
 #[cfg(feature = "stripe")]
 pub use self::stripe::{Secret, StripeSetupError, StripeSink};
+pub use event::{identifier, BillingSink, MeterEvent, SinkError};
+pub use jsonl::JsonlSink;
 #[cfg(feature = "stripe")]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};

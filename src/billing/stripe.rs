@@ -71,12 +71,8 @@ pub(crate) fn read_secrets(
             .map_err(|source| StripeSetupError::SecretFile { path: path.to_owned(), source })?,
         None => std::env::var(env).unwrap_or_default().replace(',', "\n"),
     };
-    let secrets: Vec<Secret> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(Secret::new)
-        .collect();
+    let secrets: Vec<Secret> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(Secret::new).collect();
     if secrets.is_empty() {
         return Err(StripeSetupError::MissingSecret { env, file_key });
     }
@@ -132,10 +128,9 @@ impl StripeSink {
     /// # Errors
     /// No `[stripe]` section, no secret key, or the client cannot be built.
     pub fn from_config(config: &Config) -> Result<Self, StripeSetupError> {
-        let settings = config.stripe().ok_or(StripeSetupError::MissingSecret {
-            env: "STRIPE_SECRET_KEY",
-            file_key: "secret_key_file",
-        })?;
+        let settings = config
+            .stripe()
+            .ok_or(StripeSetupError::MissingSecret { env: "STRIPE_SECRET_KEY", file_key: "secret_key_file" })?;
         let key = read_secrets(settings.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")?;
         Self::new(&key[0], settings.api_base.as_deref(), settings.timeout)
     }

@@ -340,8 +340,12 @@ impl Validator<'_, '_> {
             interval: self.duration("export.interval", raw.interval.as_deref(), d.interval)?,
             concurrency: count("export.concurrency", raw.concurrency, d.concurrency as u64, 1000)? as usize,
             // Stripe takes 1,000 calls/s in live mode (100 in test mode).
-            calls_per_second: count("export.calls_per_second", raw.calls_per_second, u64::from(d.calls_per_second), 1000)?
-                as u32,
+            calls_per_second: count(
+                "export.calls_per_second",
+                raw.calls_per_second,
+                u64::from(d.calls_per_second),
+                1000,
+            )? as u32,
             claim: self.duration("export.claim", raw.claim.as_deref(), d.claim)?,
             unconfirmed_after: self.duration(
                 "export.unconfirmed_after",
@@ -371,7 +375,9 @@ impl Validator<'_, '_> {
                 Some(if url.ends_with('/') { url.clone() } else { format!("{url}/") })
             }
             Some(_) => {
-                return Err(self.invalid("stripe.api_base", "expected an http:// or https:// URL (no path after the host)"))
+                return Err(
+                    self.invalid("stripe.api_base", "expected an http:// or https:// URL (no path after the host)")
+                )
             }
         };
         let file = |key: &str, v: &Option<String>| -> Result<Option<std::path::PathBuf>, ConfigError> {

@@ -114,8 +114,7 @@ impl Tollgate {
     pub async fn export_preview(&self) -> Result<Vec<MeterEvent>, StoreError> {
         let rt = self.shared.runtime.load_full();
         // Without a sink (a dry run), Stripe's rule if the configuration has `[stripe]`.
-        let needs_customer =
-            self.shared.sink.as_ref().map_or(rt.config.stripe().is_some(), |s| s.needs_customer());
+        let needs_customer = self.shared.sink.as_ref().map_or(rt.config.stripe().is_some(), |s| s.needs_customer());
         let now = self.shared.clock.unix_secs();
         let mut out = Vec::new();
         let mut after: Option<ExportKey> = None;

@@ -20,9 +20,9 @@ use aws_sdk_dynamodb::{
 };
 
 use super::{
-    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, IdempotencyClaim,
-    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
-    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant,
+    IdempotencyClaim, IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation,
+    ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
 use crate::{config::TenantId, tenant::KeyHash};
 

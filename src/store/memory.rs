@@ -6,9 +6,9 @@ use std::{
 use async_trait::async_trait;
 
 use super::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant, IdempotencyClaim,
-    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
-    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant,
+    IdempotencyClaim, IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation,
+    ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
 use crate::{
     config::{MeterId, TenantId},
@@ -738,7 +738,10 @@ mod tests {
         let agg = s.pending_exports(3600, None, 10).await.unwrap().remove(0);
         let mine = s.begin_export(&agg, &ExportClaim::new(1, 100, 400), &send()).await.unwrap().unwrap();
         assert_eq!((mine.attempts, mine.first_attempt_at, mine.claimed_until), (1, Some(100), Some(400)));
-        assert!(s.begin_export(&agg, &ExportClaim::new(2, 200, 500), &send()).await.unwrap().is_none(), "held by node 1");
+        assert!(
+            s.begin_export(&agg, &ExportClaim::new(2, 200, 500), &send()).await.unwrap().is_none(),
+            "held by node 1"
+        );
         let theirs = s.begin_export(&agg, &ExportClaim::new(2, 400, 700), &send()).await.unwrap().unwrap();
         assert_eq!((theirs.attempts, theirs.first_attempt_at, theirs.in_flight), (2, Some(100), Some(5)));
         assert!(s.finish_export(&theirs).await.unwrap());

@@ -15,9 +15,10 @@ pub use memory::MemoryStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 pub use types::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant, IdempotencyClaim,
-    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
-    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord, SHRINK,
+    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant,
+    IdempotencyClaim, IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation,
+    ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
+    SHRINK,
 };
 
 /// Now by the wall clock, in Unix seconds: what key expiry is measured against.

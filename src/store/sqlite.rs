@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, IdempotencyClaim,
-    IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store,
-    StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant,
+    IdempotencyClaim, IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation,
+    ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
 };
 use crate::{
     config::{Synchronous, TenantId},
@@ -753,7 +753,8 @@ fn export_claimable(
     claim: &ExportClaim,
     in_flight: bool,
 ) -> Sql<bool> {
-    let state: Option<(i64, bool, bool, Option<i64>, Option<i64>)> = tx
+    type State = (i64, bool, bool, Option<i64>, Option<i64>);
+    let state: Option<State> = tx
         .prepare_cached(
             "SELECT revision, dead IS NOT NULL, in_flight IS NOT NULL, claim_node, claim_until FROM usage \
              WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
@@ -957,10 +958,8 @@ impl Store for SqliteStore {
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
         let (key, reason) = (aggregate.key.clone(), reason.to_owned());
         self.write(move |tx, _| {
-            tx.prepare_cached(
-                "UPDATE usage SET dead = ?4 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
-            )?
-            .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start, reason])?;
+            tx.prepare_cached("UPDATE usage SET dead = ?4 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3")?
+                .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start, reason])?;
             Ok(())
         })
         .await

@@ -16,7 +16,7 @@
 //!   keeps the newest event (by timestamp) of each of its windows.
 //!
 //! Errors come in Stripe's JSON shape: `{"error": {"type", "code", "message"}}`.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
