@@ -233,8 +233,12 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
     assert!(out.contains("requeued"), "{out}");
     with_key(&["export"]);
     let out = with_key(&["export", "--dead-letters"]);
-    let line = out.lines().find(|l| l.starts_with("acme")).unwrap();
-    assert!(line.split_whitespace().any(|w| w == "1"), "a new revision: {out}");
+    let revision_1 = tollgate::billing::identifier(&"acme".into(), &"ghost".into(), window, 1);
+    assert!(out.contains(&revision_1), "refused again as revision 1: {out}");
+    let out = with_key(&["export", "--requeue-all"]);
+    assert!(out.contains("1 dead letters requeued"), "{out}");
+    let out = with_key(&["export", "--dead-letters"]);
+    assert!(out.contains("0 dead letters"), "{out}");
     let err = fails(dir.path(), &["export", "--requeue", "acme", "requests", &window.to_string()]);
     assert!(err.contains("no such dead letter"), "{err}");
 }

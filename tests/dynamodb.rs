@@ -56,8 +56,13 @@ async fn four_nodes_admit_exactly_the_limit_in_each_period() {
     let Some(store) = dynamo::table().await else { return };
     let endpoint = dynamo::endpoint().unwrap();
     aws_env();
+    // Fail-closed with a long store timeout: on a loaded machine (moto answers one call at a
+    // time) a slow answer must not turn into a fail-open admission, which is not what this
+    // test is about.
     let plan = format!(
-        "rate = \"100000/s\"\nquotas.requests = {{ limit = {L}, period = \"day\", mode = \"hard\", lease = 4 }}"
+        "rate = \"100000/s\"\non_store_error = \"fail-closed\"\n\
+         quotas.requests = {{ limit = {L}, period = \"day\", mode = \"hard\", lease = 4 }}\n\
+         [usage]\nstore_timeout = \"20s\""
     );
     let before_midnight = NOON + 12 * 3600 - 60;
     let mut nodes = Vec::new();

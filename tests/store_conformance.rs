@@ -642,8 +642,10 @@ mod suite {
             (Some(5), Some(sent(5)), 2, Some(t), Some(t + 420))
         );
         // A failed attempt holds it until its next one, for the holder only.
-        assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 130, t + 420)).await.unwrap());
-        assert!(!h.s().defer_export(&read, &ExportClaim::new(2, t + 130, t + 900)).await.unwrap(), "held by 1");
+        assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 130, t + 420), true).await.unwrap());
+        assert!(!h.s().defer_export(&read, &ExportClaim::new(2, t + 130, t + 900), false).await.unwrap(), "held by 1");
+        let deferred = h.s().usage(&key).await.unwrap().unwrap();
+        assert_eq!((deferred.unknown_failures, deferred.claimed_until, deferred.attempts), (1, Some(t + 420), 2));
 
         // Late usage does not change what the in-flight revision exports.
         h.s().commit_usage(&batch("f2", vec![rec("a", "requests", w, 4)])).await.unwrap();
@@ -666,6 +668,7 @@ mod suite {
             (done.quantity, done.exported, done.revision, done.in_flight, done.attempts, done.first_attempt_at),
             (9, 5, 1, None, 0, None)
         );
+        assert_eq!((done.unknown_failures, done.send.clone()), (0, None));
         assert!(!h.s().finish_export(&taken).await.unwrap(), "a stale revision");
         assert!(!h.s().finish_export(&read).await.unwrap(), "a stale revision");
         assert_eq!(h.s().usage(&key).await.unwrap().unwrap(), done, "a stale finish changes nothing");
@@ -682,7 +685,10 @@ mod suite {
             (9, 5, 1, None, Some("cus_a"))
         );
         // The claim was on revision 0: revision 1 is free to begin at once.
-        assert!(!h.s().defer_export(&next, &ExportClaim::new(1, t + 600, t + 900)).await.unwrap(), "not in flight");
+        assert!(
+            !h.s().defer_export(&next, &ExportClaim::new(1, t + 600, t + 900), false).await.unwrap(),
+            "not in flight"
+        );
         let rev1 = h.s().begin_export(&next, &ExportClaim::new(1, t + 600, t + 900), &sent(4)).await.unwrap().unwrap();
         assert_eq!(
             (rev1.revision, rev1.in_flight, rev1.exported, rev1.attempts, rev1.first_attempt_at, rev1.claimed_until),
@@ -725,6 +731,10 @@ mod suite {
         h.s().dead_letter(&a, "card declined").await.unwrap();
         h.s().dead_letter(&b, "no such customer").await.unwrap();
         h.s().dead_letter(&c, "amount too small").await.unwrap();
+        // Parking a revision that moved on changes nothing.
+        let mut stale = c.clone();
+        stale.revision = 0;
+        h.s().dead_letter(&stale, "a stale revision").await.unwrap();
 
         // What was in flight stays with the dead letter, for reconciliation.
         let mut dl_a = DeadLetter::new(ek("a", "requests", w), 5, "card declined");

@@ -89,6 +89,10 @@ pub enum SinkError {
     /// dead-lettered, logged, counted and listed.
     #[error("billing sink refused the event: {0}")]
     Permanent(String),
+    /// The sink refuses every call (its credentials were refused: 401, 403): the export
+    /// pass stops, this event is tried again later, nothing is dead-lettered.
+    #[error("billing sink refuses every call: {0}")]
+    Halt(String),
 }
 
 impl SinkError {

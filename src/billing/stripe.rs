@@ -90,7 +90,8 @@ pub(crate) fn read_secrets(
 /// | Stripe answers | [`SinkError`] |
 /// |---|---|
 /// | 2xx, or "already exists" for the identifier | accepted |
-/// | 408, 409, 429, 5xx | [`Retryable`](SinkError::Retryable) |
+/// | 408, 409, 424, 429, 5xx | [`Retryable`](SinkError::Retryable) |
+/// | 401, 403 (the key) | [`Halt`](SinkError::Halt): the pass stops, nothing is parked |
 /// | another 4xx | [`Permanent`](SinkError::Permanent): dead-lettered |
 /// | no status (connection dropped, timeout, a body that is not Stripe's JSON) | [`Unknown`](SinkError::Unknown) |
 ///
@@ -177,7 +178,10 @@ fn classify(e: StripeError) -> Result<(), SinkError> {
             }
             let detail = format!("{status} {code}: {message}");
             match status {
-                408 | 409 | 429 | 500..=599 => Err(SinkError::Retryable { source: detail.into(), retry_after: None }),
+                408 | 409 | 424 | 429 | 500..=599 => {
+                    Err(SinkError::Retryable { source: detail.into(), retry_after: None })
+                }
+                401 | 403 => Err(SinkError::Halt(detail)),
                 _ => Err(SinkError::Permanent(detail)),
             }
         }

@@ -205,7 +205,9 @@ impl WebhookHandler {
             return reject("no signature matches a configured secret");
         };
         let Some(fields) = fields else {
-            return reject("the body is not a Stripe event (no id, type or created)");
+            // Signed by Stripe, so not retried with a 400 for days: taken and logged.
+            tracing::warn!("verified Stripe webhook without an id, a type or a time: ignored");
+            return WebhookOutcome::Ignored;
         };
         let rt = self.tollgate.shared.runtime.load_full();
         let Some(settings) = rt.config.stripe() else {
@@ -243,7 +245,12 @@ impl WebhookHandler {
                 WebhookOutcome::Stale
             }
             Ok(PlanChangeOutcome::UnknownCustomer) => {
-                tracing::warn!(event = %fields.id, %customer, "Stripe webhook for a customer no tenant has: ignored");
+                if rt.static_tenants.values().any(|t| t.customer.as_deref() == Some(customer.as_str())) {
+                    tracing::warn!(event = %fields.id, %customer,
+                        "Stripe webhook for a tenant declared in the configuration: its plan is the file's; ignored");
+                } else {
+                    tracing::warn!(event = %fields.id, %customer, "Stripe webhook for a customer no tenant has: ignored");
+                }
                 WebhookOutcome::UnknownCustomer
             }
             Err(e) => {

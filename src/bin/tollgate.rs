@@ -73,9 +73,13 @@ enum Command {
         /// reconciliation found Stripe never took it).
         #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters"])]
         requeue: Option<Vec<String>>,
+        /// Puts every dead letter back in line (after fixing a cause they share, such as a
+        /// meter created late).
+        #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue"])]
+        requeue_all: bool,
         /// Marks a dead letter's export as taken by Stripe (a reconciliation found its
         /// identifier there).
-        #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters", "requeue"])]
+        #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all"])]
         confirm: Option<Vec<String>>,
     },
 }
@@ -186,13 +190,14 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
         Command::Tenants { command } => tenants(&admin(&cli.config).await?, command).await,
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
-        Command::Export { dry_run, dead_letters, requeue, confirm } => {
+        Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm } => {
             let config = load(&cli.config)?;
-            if dead_letters || requeue.is_some() || confirm.is_some() {
+            if dead_letters || requeue_all || requeue.is_some() || confirm.is_some() {
                 let admin = Admin::open(&config).await?;
                 return match (requeue, confirm) {
                     (Some(key), _) => requeue_dead_letter(&admin, &key).await,
                     (_, Some(key)) => confirm_dead_letter(&admin, &key).await,
+                    _ if requeue_all => requeue_all_dead_letters(&admin).await,
                     _ => list_dead_letters(&admin).await,
                 };
             }
@@ -327,6 +332,22 @@ async fn requeue_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
     } else {
         Err("no such dead letter".into())
     }
+}
+
+async fn requeue_all_dead_letters(admin: &Admin) -> Result<()> {
+    let mut n = 0;
+    loop {
+        // Requeued letters leave the list: always read its first page.
+        let page = admin.store().dead_letters(None, 100).await?;
+        if page.is_empty() {
+            break;
+        }
+        for d in &page {
+            n += usize::from(admin.store().requeue_dead_letter(&d.key).await?);
+        }
+    }
+    println!("{n} dead letters requeued: they go out at the next export");
+    Ok(())
 }
 
 async fn confirm_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {

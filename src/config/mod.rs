@@ -180,7 +180,8 @@ impl MeterSpec {
 pub struct ExportSettings {
     /// How often the worker runs an export pass.
     pub interval: Duration,
-    /// The most calls to the billing sink in flight at once (one per customer and meter).
+    /// The most calls to the billing sink in flight at once from this node (one per customer
+    /// and meter).
     pub concurrency: usize,
     /// The most calls to the billing sink per second, from this node.
     pub calls_per_second: u32,

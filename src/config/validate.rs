@@ -285,6 +285,19 @@ impl Validator<'_, '_> {
         }
         let export = self.export(&raw.export)?;
         let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans)).transpose()?;
+        if let Some(s) = &stripe {
+            // A claim must outlast the call it covers, or another node could send the same
+            // event while the first call is still under way.
+            if export.claim < s.timeout * 2 {
+                return Err(self.invalid(
+                    "export.claim",
+                    format!(
+                        "must be at least twice stripe.timeout ({}s): a claim must outlast the call it covers",
+                        s.timeout.as_secs()
+                    ),
+                ));
+            }
+        }
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter)?;
         let tenants = self.tenants(&raw.tenants, &plans)?;

@@ -9,14 +9,22 @@
 //! so every retry (on any node, after any crash) sends the same parameters under the same
 //! identifier.
 
-use std::{collections::BTreeMap, hash::Hasher, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    hash::Hasher,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
 use super::Tollgate;
 use crate::{
     billing::{identifier, BillingSink, MeterEvent, SinkError},
-    config::{MeterAggregation, MeterId, TenantId},
+    config::{MeterAggregation, MeterId},
     metrics::Totals,
     plan::Runtime,
     store::{ExportClaim, ExportKey, ExportSend, StoreError, UsageAggregate},
@@ -38,6 +46,8 @@ pub struct ExportReport {
     pub unbillable: usize,
     /// Whether the sink asked to retry anything later.
     pub deferred: bool,
+    /// Whether the pass stopped early because the sink refused everything (its credentials).
+    pub halted: bool,
 }
 
 impl ExportReport {
@@ -48,6 +58,7 @@ impl ExportReport {
         self.retries += other.retries;
         self.unbillable += other.unbillable;
         self.deferred |= other.deferred;
+        self.halted |= other.halted;
     }
 }
 
@@ -88,7 +99,8 @@ struct Pass {
     sink: Arc<dyn BillingSink>,
     rt: Arc<Runtime>,
     pacer: Pacer,
-    now: i64,
+    /// Set when the sink refuses everything: the lanes stop.
+    halted: AtomicBool,
 }
 
 impl Tollgate {
@@ -126,9 +138,9 @@ impl Tollgate {
                 if !closed(&rt, &agg.key, now, false) || agg.claimed_until.is_some_and(|t| t > now) {
                     continue;
                 }
-                let Ok(send) = plan_send(&rt, &agg, now) else { continue };
-                let send = agg.send.clone().unwrap_or(send);
-                if needs_customer && send.customer.is_none() {
+                let send = agg.send.clone().unwrap_or_else(|| plan_send(&rt, &agg, now));
+                // What the pass would park, or skip as not billable, is not sent.
+                if park_reason(&rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
                     continue;
                 }
                 out.push(meter_event(&rt, &agg, &send));
@@ -153,7 +165,7 @@ impl Tollgate {
             sink,
             rt: rt.clone(),
             pacer: Pacer::new(settings.calls_per_second),
-            now,
+            halted: AtomicBool::new(false),
         });
         let bound = if all { i64::MAX } else { listing_bound(&rt, now) };
         let mut report = ExportReport::default();
@@ -164,15 +176,24 @@ impl Tollgate {
             let page = self.shared.store.pending_exports(bound, after.as_ref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
-            // One lane per (tenant, meter), so one customer's meter has one call in flight;
-            // at most `export.concurrency` lanes at once; a lane that must wait stops for
-            // this pass without holding the others.
-            let mut lanes: BTreeMap<(TenantId, MeterId), Vec<UsageAggregate>> = BTreeMap::new();
+            // One lane per (customer, meter), so this node has one call in flight per
+            // customer's meter; at most `export.concurrency` lanes at once; a lane that must
+            // wait stops for this pass without holding the others.
+            let mut lanes: BTreeMap<(String, MeterId), Vec<UsageAggregate>> = BTreeMap::new();
             for agg in page {
-                if !closed(&rt, &agg.key, now, all) || agg.claimed_until.is_some_and(|t| t > now) {
+                // The final export of a store that does not outlive the process is not held
+                // back by this node's claims or next-attempt times (nothing would export
+                // later); another node's claim still refuses it at `begin_export`.
+                if !closed(&rt, &agg.key, now, all) || (!all && agg.claimed_until.is_some_and(|t| t > now)) {
                     continue;
                 }
-                lanes.entry((agg.key.tenant.clone(), agg.key.meter.clone())).or_default().push(agg);
+                let customer = agg
+                    .send
+                    .as_ref()
+                    .and_then(|s| s.customer.clone())
+                    .or_else(|| customer_of(&rt, &agg))
+                    .unwrap_or_else(|| format!("tenant:{}", agg.key.tenant));
+                lanes.entry((customer, agg.key.meter.clone())).or_default().push(agg);
             }
             let mut tasks = JoinSet::new();
             let mut first_error = None;
@@ -190,6 +211,10 @@ impl Tollgate {
             }
             if let Some(e) = first_error {
                 return Err(e);
+            }
+            if pass.halted.load(Ordering::Relaxed) {
+                report.halted = true;
+                break;
             }
         }
         Ok(report)
@@ -217,7 +242,7 @@ impl Pass {
     async fn lane(&self, lane: Vec<UsageAggregate>) -> Result<ExportReport, StoreError> {
         let mut report = ExportReport::default();
         for agg in lane {
-            if !self.one(agg, &mut report).await? {
+            if self.halted.load(Ordering::Relaxed) || !self.one(agg, &mut report).await? {
                 break;
             }
         }
@@ -229,41 +254,21 @@ impl Pass {
         let shared = &self.tollgate.shared;
         let store = &shared.store;
         let settings = &self.rt.config.export;
-        let now = self.now;
-        // An export sent but never confirmed is not sent again once the billing system may
-        // have forgotten its identifier: parked for reconciliation, never billed twice.
-        if agg.in_flight.is_some() {
-            if let Some(first) = agg.first_attempt_at {
-                if first + settings.unconfirmed_after.as_secs() as i64 <= now {
-                    let reason = format!(
-                        "unconfirmed: {} attempts since {first} (Unix seconds) were never confirmed; \
-                         reconcile with the billing system before confirming or requeueing",
-                        agg.attempts
-                    );
-                    self.park(&agg, &reason, report).await?;
-                    Totals::add(&shared.totals.unconfirmed_exports, 1);
-                    shared.metrics.unconfirmed_exports.increment(1);
-                    return Ok(true);
-                }
-            }
-        }
-        let planned = match plan_send(&self.rt, &agg, now) {
-            Ok(send) => send,
-            Err(reason) => {
-                self.park(&agg, &reason, report).await?;
-                return Ok(true);
-            }
-        };
+        // Paced before the claim, and the clock read for each aggregate: a claim and a
+        // next-attempt time count from the call, however long the pass has run.
+        self.pacer.wait().await;
+        let now = shared.clock.unix_secs();
+        let planned = plan_send(&self.rt, &agg, now);
         let claim = ExportClaim::new(shared.node, now, now + settings.claim.as_secs() as i64);
         let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
             return Ok(true);
         };
         let send = agg.send.clone().unwrap_or(planned);
-        if send.timestamp < now - MAX_AGE_SECS {
-            let reason = format!(
-                "too old: its timestamp {} is more than 35 days ago, which the billing system refuses",
-                send.timestamp
-            );
+        if let Some(reason) = park_reason(&self.rt, &agg, &send, now) {
+            if reason.starts_with("unconfirmed") {
+                Totals::add(&shared.totals.unconfirmed_exports, 1);
+                shared.metrics.unconfirmed_exports.increment(1);
+            }
             self.park(&agg, &reason, report).await?;
             return Ok(true);
         }
@@ -279,8 +284,9 @@ impl Pass {
             return Ok(true);
         }
         let event = meter_event(&self.rt, &agg, &send);
-        self.pacer.wait().await;
-        match self.sink.send(&event).await {
+        let result = self.sink.send(&event).await;
+        let now = shared.clock.unix_secs();
+        match result {
             Ok(()) => {
                 if store.finish_export(&agg).await? {
                     report.events += 1;
@@ -295,25 +301,35 @@ impl Pass {
                 self.park(&agg, &format!("refused: {reason}"), report).await?;
                 Ok(true)
             }
-            Err(SinkError::Unknown(e)) if agg.attempts >= settings.max_unknown_failures => {
+            Err(SinkError::Unknown(e)) if agg.unknown_failures + 1 >= settings.max_unknown_failures => {
                 let reason = format!(
                     "failed {} times without a status (last: {e}); it may or may not have been taken: \
                      reconcile before requeueing",
-                    agg.attempts
+                    agg.unknown_failures + 1
                 );
                 self.park(&agg, &reason, report).await?;
                 Ok(false)
             }
+            Err(SinkError::Halt(reason)) => {
+                // Nothing can go through (the credentials were refused): this one is tried
+                // again later, the pass stops, nothing is parked.
+                tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
+                let next = now + backoff(&event.identifier, agg.attempts, None).as_secs() as i64;
+                store.defer_export(&agg, &ExportClaim::new(shared.node, now, next), false).await?;
+                self.halted.store(true, Ordering::Relaxed);
+                report.deferred = true;
+                Ok(false)
+            }
             Err(e) => {
-                let asked = match &e {
-                    SinkError::Retryable { retry_after, .. } => *retry_after,
-                    _ => None,
+                let (asked, unknown) = match &e {
+                    SinkError::Retryable { retry_after, .. } => (*retry_after, false),
+                    _ => (None, true),
                 };
                 let wait = backoff(&event.identifier, agg.attempts, asked);
                 let next = now + wait.as_secs() as i64;
                 tracing::warn!(error = %e, identifier = %event.identifier, attempts = agg.attempts, retry_in = ?wait,
                     "billing sink failed; retried later with the same identifier");
-                store.defer_export(&agg, &ExportClaim::new(shared.node, now, next)).await?;
+                store.defer_export(&agg, &ExportClaim::new(shared.node, now, next), unknown).await?;
                 report.retries += 1;
                 report.deferred = true;
                 Totals::add(&shared.totals.export_retries, 1);
@@ -355,30 +371,59 @@ fn closed(rt: &Runtime, key: &ExportKey, now: i64, all: bool) -> bool {
     all || key.window_start + meter_window(rt, &key.meter) + rt.config.usage.grace.as_secs() as i64 <= now
 }
 
-/// What the export of the aggregate's current revision would send if it began now; an
-/// error (the reason it cannot be sent) parks it.
-fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64) -> Result<ExportSend, String> {
+/// What the export of the aggregate's current revision sends if it begins now: up to what is
+/// in flight if an export is (its parameters were lost: a row of an older schema), else up to
+/// the quantity read.
+fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64) -> ExportSend {
     let key = &agg.key;
     let window = meter_window(rt, &key.meter);
+    let upto = agg.in_flight.unwrap_or(agg.quantity);
     let (value, timestamp) = match aggregation(rt, &key.meter) {
-        MeterAggregation::Sum => (agg.quantity.saturating_sub(agg.exported), (key.window_start + window - 1).min(now)),
-        _ => {
-            // The billing meter keeps the newest event of its window: each revision sends the
-            // running total, one second later than the last, inside the window.
-            if i64::from(agg.revision) >= window {
-                return Err(format!("too many revisions ({}) for one window of the billing meter", agg.revision));
-            }
-            (agg.quantity, key.window_start + i64::from(agg.revision))
-        }
+        MeterAggregation::Sum => (upto.saturating_sub(agg.exported), (key.window_start + window - 1).min(now)),
+        // The billing meter keeps the newest event of its window: each revision sends the
+        // running total, one second later than the last, inside the window.
+        _ => (upto, key.window_start + i64::from(agg.revision)),
     };
-    let customer = agg.customer.clone().or_else(|| rt.static_tenants.get(&key.tenant).and_then(|t| t.customer.clone()));
     let event_name = rt
         .config
         .meters
         .iter()
         .find(|m| m.id == key.meter)
         .map_or_else(|| key.meter.to_string(), |m| m.event_name.clone());
-    Ok(ExportSend::new(value, timestamp, customer, event_name))
+    ExportSend::new(value, timestamp, customer_of(rt, agg), event_name)
+}
+
+/// The tenant's billing customer: the directory's, or the file's for a static tenant.
+fn customer_of(rt: &Runtime, agg: &UsageAggregate) -> Option<String> {
+    agg.customer.clone().or_else(|| rt.static_tenants.get(&agg.key.tenant).and_then(|t| t.customer.clone()))
+}
+
+/// Why an export must be parked rather than sent, if it must.
+fn park_reason(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, now: i64) -> Option<String> {
+    let settings = &rt.config.export;
+    // Sent before but never confirmed, and the billing system may have forgotten its
+    // identifier: never sent again (it could be billed twice).
+    if let Some(first) = agg.first_attempt_at {
+        if agg.in_flight.is_some() && first + settings.unconfirmed_after.as_secs() as i64 <= now {
+            return Some(format!(
+                "unconfirmed: {} attempts since {first} (Unix seconds) were never confirmed; \
+                 reconcile with the billing system, then confirm or requeue",
+                agg.attempts
+            ));
+        }
+    }
+    if aggregation(rt, &agg.key.meter) != MeterAggregation::Sum
+        && i64::from(agg.revision) >= meter_window(rt, &agg.key.meter)
+    {
+        return Some(format!("too many revisions ({}) for one window of the billing meter", agg.revision));
+    }
+    if send.timestamp < now - MAX_AGE_SECS {
+        return Some(format!(
+            "too old: its timestamp {} is more than 35 days ago, which the billing system refuses",
+            send.timestamp
+        ));
+    }
+    None
 }
 
 fn meter_event(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend) -> MeterEvent {

@@ -552,6 +552,7 @@ fn aggregate(item: &Item, customer: Option<String>) -> Option<UsageAggregate> {
     a.in_flight = item.contains_key("in_flight").then(|| get_u(item, "in_flight"));
     a.customer = customer;
     a.attempts = u32::try_from(get_u(item, "attempts")).unwrap_or(u32::MAX);
+    a.unknown_failures = u32::try_from(get_u(item, "unknown_failures")).unwrap_or(u32::MAX);
     a.first_attempt_at = get_i(item, "first_attempt_at");
     a.claimed_until = get_i(item, "claim_until");
     a.send = get_s(item, "send").and_then(ExportSend::from_json);
@@ -782,7 +783,12 @@ impl Store for DynamoStore {
         }
     }
 
-    async fn defer_export(&self, aggregate_: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+    async fn defer_export(
+        &self,
+        aggregate_: &UsageAggregate,
+        claim: &ExportClaim,
+        unknown: bool,
+    ) -> Result<bool, StoreError> {
         let out = self
             .update_aggregate(&aggregate_.key)
             .condition_expression(
@@ -790,7 +796,11 @@ impl Store for DynamoStore {
                  AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero)) \
                  AND (attribute_not_exists(claim_node) OR claim_node = :node OR claim_until <= :now)",
             )
-            .update_expression("SET claim_node = :node, claim_until = :until")
+            .update_expression(
+                "SET claim_node = :node, claim_until = :until, \
+                 unknown_failures = if_not_exists(unknown_failures, :zero) + :u",
+            )
+            .expression_attribute_values(":u", n(u32::from(unknown)))
             .expression_attribute_values(":rev", n(aggregate_.revision))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":node", s(hex_node(claim.node)))
@@ -818,7 +828,8 @@ impl Store for DynamoStore {
                 "attribute_exists(in_flight) AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero))",
             )
             .update_expression(
-                "SET exported = in_flight, revision = if_not_exists(revision, :zero) + :one, attempts = :zero \
+                "SET exported = in_flight, revision = if_not_exists(revision, :zero) + :one, attempts = :zero, \
+                 unknown_failures = :zero \
                  REMOVE in_flight, send, first_attempt_at, claim_node, claim_until, dead, dpk, dsk",
             )
             .expression_attribute_values(":rev", n(aggregate_.revision))
@@ -856,8 +867,12 @@ impl Store for DynamoStore {
         let key = &aggregate_.key;
         let out = self
             .update_aggregate(key)
-            .condition_expression("attribute_exists(pk)")
+            .condition_expression(
+                "attribute_exists(pk) AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero))",
+            )
             .update_expression("SET dead = :r, dpk = :d, dsk = :k")
+            .expression_attribute_values(":rev", n(aggregate_.revision))
+            .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":r", s(reason))
             .expression_attribute_values(":d", s("DEAD"))
             .expression_attribute_values(":k", s(usage_gsk(key)))
@@ -891,7 +906,8 @@ impl Store for DynamoStore {
             .condition_expression("attribute_exists(dead)")
             .update_expression(
                 "REMOVE dead, dpk, dsk, in_flight, send, first_attempt_at, claim_node, claim_until \
-                 SET gpk = :g, gsk = :k, attempts = :zero, revision = if_not_exists(revision, :zero) + :one",
+                 SET gpk = :g, gsk = :k, attempts = :zero, unknown_failures = :zero, \
+                 revision = if_not_exists(revision, :zero) + :one",
             )
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))

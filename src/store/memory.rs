@@ -205,6 +205,7 @@ struct Aggregate {
     /// Why the export was refused for good, if it was.
     dead: Option<String>,
     attempts: u32,
+    unknown_failures: u32,
     first_attempt_at: Option<i64>,
     /// (node, until) of the export's claim.
     claim: Option<(u64, i64)>,
@@ -254,6 +255,7 @@ impl Aggregate {
         a.send = self.send.clone();
         a.customer = tenants.get(&key.tenant).and_then(|t| t.customer.clone());
         a.attempts = self.attempts;
+        a.unknown_failures = self.unknown_failures;
         a.first_attempt_at = self.first_attempt_at;
         a.claimed_until = self.claim.map(|(_, until)| until);
         a
@@ -387,7 +389,12 @@ impl Store for MemoryStore {
         }
     }
 
-    async fn defer_export(&self, aggregate: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+    async fn defer_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        unknown: bool,
+    ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         match inner.usage.get_mut(&aggregate.key) {
             Some(a) if a.revision == aggregate.revision && a.dead.is_none() && a.in_flight.is_some() => {
@@ -395,6 +402,7 @@ impl Store for MemoryStore {
                     return Ok(false);
                 }
                 a.claim = Some((claim.node, claim.until));
+                a.unknown_failures += u32::from(unknown);
                 Ok(true)
             }
             _ => Ok(false),
@@ -410,6 +418,7 @@ impl Store for MemoryStore {
                 a.dead = None;
                 a.revision += 1;
                 a.attempts = 0;
+                a.unknown_failures = 0;
                 a.first_attempt_at = None;
                 a.claim = None;
                 Ok(true)
@@ -419,7 +428,7 @@ impl Store for MemoryStore {
     }
 
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
-        if let Some(a) = self.lock().usage.get_mut(&aggregate.key) {
+        if let Some(a) = self.lock().usage.get_mut(&aggregate.key).filter(|a| a.revision == aggregate.revision) {
             a.dead = Some(reason.to_owned());
         }
         Ok(())
@@ -454,6 +463,7 @@ impl Store for MemoryStore {
         a.send = None;
         a.claim = None;
         a.attempts = 0;
+        a.unknown_failures = 0;
         a.first_attempt_at = None;
         a.revision += 1;
         Ok(true)

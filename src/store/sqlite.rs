@@ -146,6 +146,7 @@ CREATE INDEX idempotency_expires ON idempotency (expires_at);
 ",
     r"
 ALTER TABLE usage ADD COLUMN send TEXT;
+ALTER TABLE usage ADD COLUMN unknown_failures INTEGER NOT NULL DEFAULT 0;
 ",
 ];
 
@@ -718,7 +719,8 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
 // ---- usage aggregates ----
 
 const AGGREGATE_COLUMNS: &str = "u.tenant, u.meter, u.window_start, u.quantity, u.exported, u.revision, u.in_flight, \
-     t.customer, u.attempts, u.first_attempt_at, u.claim_until, u.send";
+     t.customer, u.attempts, u.first_attempt_at, u.claim_until, u.send, \
+     u.unknown_failures";
 
 fn aggregate(r: &Row<'_>) -> Sql<UsageAggregate> {
     let tenant: String = r.get(0)?;
@@ -732,6 +734,7 @@ fn aggregate(r: &Row<'_>) -> Sql<UsageAggregate> {
     a.first_attempt_at = r.get(9)?;
     a.claimed_until = r.get(10)?;
     a.send = r.get::<_, Option<String>>(11)?.as_deref().and_then(ExportSend::from_json);
+    a.unknown_failures = u32::try_from(r.get::<_, i64>(12)?).unwrap_or(u32::MAX);
     Ok(a)
 }
 
@@ -924,16 +927,29 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn defer_export(&self, aggregate: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+    async fn defer_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        unknown: bool,
+    ) -> Result<bool, StoreError> {
         let (key, revision, claim) = (aggregate.key.clone(), aggregate.revision, *claim);
         self.write(move |tx, _| {
             if !export_claimable(tx, &key, revision, &claim, true)? {
                 return Ok(false);
             }
             tx.prepare_cached(
-                "UPDATE usage SET claim_node = ?4, claim_until = ?5 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
+                "UPDATE usage SET claim_node = ?4, claim_until = ?5, unknown_failures = unknown_failures + ?6 \
+                 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
-            .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start, node_int(claim.node), claim.until])?;
+            .execute(params![
+                key.tenant.as_str(),
+                key.meter.as_str(),
+                key.window_start,
+                node_int(claim.node),
+                claim.until,
+                i64::from(unknown)
+            ])?;
             Ok(true)
         })
         .await
@@ -945,8 +961,8 @@ impl Store for SqliteStore {
             let changed = tx
                 .prepare_cached(
                     "UPDATE usage SET exported = in_flight, in_flight = NULL, send = NULL, dead = NULL, \
-                     revision = revision + 1, attempts = 0, first_attempt_at = NULL, claim_node = NULL, claim_until = NULL \
-                     WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 AND revision = ?4 \
+                     revision = revision + 1, attempts = 0, unknown_failures = 0, first_attempt_at = NULL, claim_node = NULL, \
+                     claim_until = NULL WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 AND revision = ?4 \
                      AND in_flight IS NOT NULL",
                 )?
                 .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start, i64::from(revision)])?;
@@ -956,10 +972,18 @@ impl Store for SqliteStore {
     }
 
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
-        let (key, reason) = (aggregate.key.clone(), reason.to_owned());
+        let (key, revision, reason) = (aggregate.key.clone(), aggregate.revision, reason.to_owned());
         self.write(move |tx, _| {
-            tx.prepare_cached("UPDATE usage SET dead = ?4 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3")?
-                .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start, reason])?;
+            tx.prepare_cached(
+                "UPDATE usage SET dead = ?4 WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 AND revision = ?5",
+            )?
+            .execute(params![
+                key.tenant.as_str(),
+                key.meter.as_str(),
+                key.window_start,
+                reason,
+                i64::from(revision)
+            ])?;
             Ok(())
         })
         .await
@@ -1004,7 +1028,7 @@ impl Store for SqliteStore {
             let changed = tx
                 .prepare_cached(
                     "UPDATE usage SET dead = NULL, in_flight = NULL, send = NULL, revision = revision + 1, \
-                     attempts = 0, first_attempt_at = NULL, claim_node = NULL, claim_until = NULL \
+                     attempts = 0, unknown_failures = 0, first_attempt_at = NULL, claim_node = NULL, claim_until = NULL \
                      WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 AND dead IS NOT NULL",
                 )?
                 .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start])?;

@@ -249,6 +249,9 @@ pub struct UsageAggregate {
     pub send: Option<ExportSend>,
     /// How many times the export of the current revision was begun (claimed).
     pub attempts: u32,
+    /// How many of those attempts failed without a status (a dropped connection, a timeout):
+    /// past `export.max_unknown_failures` the export is dead-lettered.
+    pub unknown_failures: u32,
     /// When the export of the current revision was first begun (Unix seconds).
     pub first_attempt_at: Option<i64>,
     /// Until when the node that last began it holds the export (Unix seconds). After a
@@ -269,6 +272,7 @@ impl UsageAggregate {
             customer: None,
             send: None,
             attempts: 0,
+            unknown_failures: 0,
             first_attempt_at: None,
             claimed_until: None,
         }
@@ -628,9 +632,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Option<UsageAggregate>, StoreError>;
 
     /// Holds the in-flight export of `aggregate.revision` for `claim.node` until `claim.until`
-    /// without sending: the time of its next attempt, after a failure worth retrying.
-    /// Returns `false` (and changes nothing) when the revision moved or another node holds it.
-    async fn defer_export(&self, aggregate: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError>;
+    /// without sending: the time of its next attempt, after a failure worth retrying; with
+    /// `unknown`, the failure had no status and `unknown_failures` counts it. Returns `false`
+    /// (and changes nothing) when the revision moved or another node holds it.
+    async fn defer_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        unknown: bool,
+    ) -> Result<bool, StoreError>;
 
     /// Records that the in-flight export of `aggregate.revision` was accepted (or, for a
     /// dead letter, confirmed by hand): `exported` becomes `in_flight`, the revision moves
@@ -640,7 +650,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn finish_export(&self, aggregate: &UsageAggregate) -> Result<bool, StoreError>;
 
     /// Parks an aggregate whose export was refused for good (or never confirmed), so it is
-    /// not retried; what was in flight stays, for reconciliation.
+    /// not retried; what was in flight stays, for reconciliation. Changes nothing when the
+    /// stored revision is no longer `aggregate.revision`.
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError>;
 
     /// The dead letters, in key order after `after`, at most `limit` of them.

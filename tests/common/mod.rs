@@ -302,9 +302,9 @@ impl Store for Faulty {
         self.check()?;
         self.inner.begin_export(a, claim, send).await
     }
-    async fn defer_export(&self, a: &UsageAggregate, claim: &ExportClaim) -> Result<bool, StoreError> {
+    async fn defer_export(&self, a: &UsageAggregate, claim: &ExportClaim, unknown: bool) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.defer_export(a, claim).await
+        self.inner.defer_export(a, claim, unknown).await
     }
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         self.check_usage()?;

@@ -42,6 +42,9 @@ pub enum Fault {
     Drop,
     /// Execute the call (the event is taken), then never answer.
     TakeAndHang,
+    /// Fail while executing, with this status: Stripe saves the answer under the
+    /// idempotency key, so every retry with the key gets it again (for 24 hours).
+    Saved(u16),
 }
 
 /// One accepted meter event.
@@ -69,6 +72,8 @@ struct State {
     calls: u64,
     duplicates: u64,
     replays: u64,
+    /// Calls per identifier (answered or not).
+    sends: HashMap<String, u64>,
     lock_conflicts: u64,
     max_concurrent: usize,
     concurrent: usize,
@@ -142,6 +147,16 @@ impl StandIn {
     /// Events whose identifier was taken before (answered 200, not counted).
     pub fn duplicates(&self) -> u64 {
         self.lock().duplicates
+    }
+
+    /// Forgets the calls per identifier counted so far.
+    pub fn reset_sends(&self) {
+        self.lock().sends.clear();
+    }
+
+    /// The most calls any one identifier got.
+    pub fn max_sends_per_identifier(&self) -> u64 {
+        self.lock().sends.values().copied().max().unwrap_or(0)
     }
 
     /// Calls answered from the idempotency layer (the same key and parameters again).
@@ -306,6 +321,14 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
     }
     let get = |k: &str| form.get(k).cloned().unwrap_or_default();
     let (event_name, identifier, customer) = (get("event_name"), get("identifier"), get("payload[stripe_customer_id]"));
+    *lock().sends.entry(identifier.clone()).or_default() += 1;
+    if let Some(Fault::Saved(st)) = fault {
+        let answer = error(st, "api_error", "api_error", "injected failure while executing");
+        if let Some(key) = key {
+            lock().idempotency.insert(key, (fingerprint, answer.0, answer.1.clone()));
+        }
+        return Some(answer);
+    }
     let customer_fault = lock().customer_faults.get(&customer).copied();
     if let Some(st) = customer_fault {
         if st == 0 {
