@@ -431,7 +431,8 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     conn.execute_batch(
         "DROP TABLE idempotency; ALTER TABLE api_key DROP COLUMN prefix; \
          ALTER TABLE api_key DROP COLUMN created_at; ALTER TABLE api_key DROP COLUMN expires_at; \
-         ALTER TABLE usage DROP COLUMN send; PRAGMA user_version = 1;",
+         ALTER TABLE usage DROP COLUMN send; ALTER TABLE usage DROP COLUMN unknown_failures; \
+         PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(conn);

@@ -292,6 +292,28 @@ impl DynamoStore {
             .key("sk", s(usage_sk(key.meter.as_str(), key.window_start)))
     }
 
+    /// An update of the aggregate that `claim` may take (or, `in_flight`, hold): `exists` holds,
+    /// the revision read has not moved, it is not dead-lettered, no other node holds an
+    /// unexpired claim; the claim's values are bound (`:node`, `:now`, `:until`).
+    fn claim_aggregate(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        exists: &str,
+    ) -> UpdateItemFluentBuilder {
+        self.update_aggregate(&aggregate.key)
+            .condition_expression(format!(
+                "{exists} AND attribute_not_exists(dead) \
+                 AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero)) \
+                 AND (attribute_not_exists(claim_node) OR claim_node = :node OR claim_until <= :now)"
+            ))
+            .expression_attribute_values(":rev", n(aggregate.revision))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":node", s(hex_node(claim.node)))
+            .expression_attribute_values(":now", n(claim.now))
+            .expression_attribute_values(":until", n(claim.until))
+    }
+
     async fn get(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
         let out = self
             .client
@@ -749,12 +771,7 @@ impl Store for DynamoStore {
     ) -> Result<Option<UsageAggregate>, StoreError> {
         let key = &aggregate_.key;
         let out = self
-            .update_aggregate(key)
-            .condition_expression(
-                "attribute_exists(pk) AND attribute_not_exists(dead) \
-                 AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero)) \
-                 AND (attribute_not_exists(claim_node) OR claim_node = :node OR claim_until <= :now)",
-            )
+            .claim_aggregate(aggregate_, claim, "attribute_exists(pk)")
             .update_expression(
                 "SET claim_node = :node, claim_until = :until, attempts = if_not_exists(attempts, :zero) + :one, \
                  first_attempt_at = if_not_exists(first_attempt_at, :now), \
@@ -763,12 +780,7 @@ impl Store for DynamoStore {
             // What the caller read: usage only grows, so never more than the stored quantity.
             .expression_attribute_values(":q", n(aggregate_.quantity))
             .expression_attribute_values(":send", s(send.to_json()))
-            .expression_attribute_values(":rev", n(aggregate_.revision))
-            .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":node", s(hex_node(claim.node)))
-            .expression_attribute_values(":now", n(claim.now))
-            .expression_attribute_values(":until", n(claim.until))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;
@@ -790,22 +802,12 @@ impl Store for DynamoStore {
         unknown: bool,
     ) -> Result<bool, StoreError> {
         let out = self
-            .update_aggregate(&aggregate_.key)
-            .condition_expression(
-                "attribute_exists(in_flight) AND attribute_not_exists(dead) \
-                 AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero)) \
-                 AND (attribute_not_exists(claim_node) OR claim_node = :node OR claim_until <= :now)",
-            )
+            .claim_aggregate(aggregate_, claim, "attribute_exists(in_flight)")
             .update_expression(
                 "SET claim_node = :node, claim_until = :until, \
                  unknown_failures = if_not_exists(unknown_failures, :zero) + :u",
             )
             .expression_attribute_values(":u", n(u32::from(unknown)))
-            .expression_attribute_values(":rev", n(aggregate_.revision))
-            .expression_attribute_values(":zero", n(0))
-            .expression_attribute_values(":node", s(hex_node(claim.node)))
-            .expression_attribute_values(":now", n(claim.now))
-            .expression_attribute_values(":until", n(claim.until))
             .send()
             .await;
         match out {
