@@ -214,12 +214,22 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
 
     let err = fails(dir.path(), &["export"]);
     assert!(err.contains("STRIPE_SECRET_KEY"), "{err}");
+    // A key Stripe refuses (401): the pass stops, nothing is parked, the job fails.
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("export")
+        .current_dir(dir.path())
+        .env_remove("TOLLGATE_CONFIG")
+        .env("STRIPE_SECRET_KEY", "sk_test_revoked")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("refused the API key"), "{stderr}");
 
     let out = with_key(&["export"]);
     assert!(
         out.contains("1 meter events sent (7 units)")
             && out.contains("1 dead-lettered")
-            && out.contains("1 windows not billable"),
+            && out.contains("0 retried later"),
         "{out}"
     );
     assert_eq!(standin.totals().get(&("cus_acme".into(), "api_requests".into())), Some(&7));
@@ -236,7 +246,7 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
     let revision_1 = tollgate::billing::identifier(&"acme".into(), &"ghost".into(), window, 1);
     assert!(out.contains(&revision_1), "refused again as revision 1: {out}");
     let out = with_key(&["export", "--requeue-all"]);
-    assert!(out.contains("1 dead letters requeued"), "{out}");
+    assert!(out.contains("1 dead letters requeued") && out.contains("0 left"), "{out}");
     let out = with_key(&["export", "--dead-letters"]);
     assert!(out.contains("0 dead letters"), "{out}");
     let err = fails(dir.path(), &["export", "--requeue", "acme", "requests", &window.to_string()]);

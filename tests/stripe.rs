@@ -334,7 +334,9 @@ async fn exactly_once_through_faults(kind: Kind, test: &str) {
         at(&n.clock, &standin, now);
     }
     standin.reset_sends();
+    let replays = standin.replays();
     let (x, y) = tokio::join!(c.tollgate.export(), d.tollgate.export());
+    assert_eq!(standin.replays(), replays, "no call was repeated under its key");
     let (x, y) = (x.unwrap(), y.unwrap());
     assert_eq!(x.events + y.events, 4, "each aggregate once, by one node or the other: {x:?} {y:?}");
     assert_eq!(standin.max_sends_per_identifier(), 1, "claims kept the two nodes off each other's aggregates");
@@ -422,11 +424,22 @@ async fn permanent_refusals_unknown_failures_and_old_windows_are_dead_lettered_a
     // Usage 40 days old (a node that was down): beyond Stripe's 35 days.
     late(&*store, "old", "acme", "requests", NOON - 40 * 86_400, 9).await;
     at(&h.clock, &standin, NOON + 20 * MIN + 1);
-    // globex's calls all fail without a status (dropped connections).
-    standin.fail_customer("cus_globex", Some(0));
+    // globex's calls fail with 500s ten times (counted as attempts, not as failures without
+    // a status), then without a status (dropped connections): parked after the 8th of those.
+    standin.fail_customer("cus_globex", Some(500));
     let mut now = NOON + 20 * MIN + 1;
-    for _ in 0..12 {
+    for pass in 0..18 {
+        if pass == 10 {
+            let globex = ExportKey::new(TenantId::from("globex"), "requests".into(), NOON);
+            let agg = store.usage(&globex).await.unwrap().unwrap();
+            assert_eq!((agg.attempts, agg.unknown_failures, agg.in_flight), (10, 0, Some(1)));
+            standin.fail_customer("cus_globex", Some(0));
+        }
         h.tollgate.export().await.unwrap();
+        if pass == 16 {
+            let dead = store.dead_letters(None, 10).await.unwrap();
+            assert!(!dead.iter().any(|d| d.key.tenant.as_str() == "globex"), "7 failures without a status: not yet");
+        }
         now += HOUR;
         at(&h.clock, &standin, now);
     }
@@ -489,6 +502,43 @@ async fn an_export_never_confirmed_is_parked_as_unconfirmed_not_sent_again(kind:
     assert!(store.finish_export(&agg).await.unwrap());
     assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
     assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+}
+
+/// A key Stripe refuses (401) stops the pass without parking anything; a 424 is retried.
+#[tokio::test]
+async fn a_refused_key_stops_the_pass_and_a_424_is_retried() {
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let config = Config::from_toml_str(&toml).unwrap();
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let revoked =
+        StripeSink::new(&Secret::new("sk_test_revoked"), Some(&standin.url), Duration::from_secs(30)).unwrap();
+    let (engine, _worker) =
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock).billing_sink(revoked).build();
+    let h = Harness::from_layer(TollgateLayer::new(engine), fake);
+    for n in 0..6 {
+        // Six windows each: more than one call per lane.
+        at(&h.clock, &standin, NOON + n * 15 * MIN);
+        for t in ["acme", "globex"] {
+            assert_eq!(h.status("/", &format!("key-{t}")).await, 200);
+        }
+    }
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + 3 * HOUR);
+    let report = h.tollgate.export().await.unwrap();
+    assert!(report.halted && report.events == 0 && report.dead_letters == 0, "{report:?}");
+    assert!(standin.calls() <= 4, "the pass stopped: {} calls", standin.calls());
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    // With the right key (another node: the claims were let go), a 424 first: retried, then
+    // everything goes.
+    let good = node(&toml, store.clone(), NOON + 3 * HOUR);
+    at(&good.clock, &standin, NOON + 3 * HOUR);
+    standin.fail_next(&[Fault::Status(424)]);
+    drain(&[&good], &standin, NOON + 3 * HOUR).await;
+    assert_eq!(good.tollgate.stats().export_retries, 1);
+    assert_eq!(standin.totals()[&("cus_acme".into(), "api_requests".into())], 6);
+    assert_eq!(standin.totals()[&("cus_globex".into(), "api_requests".into())], 6);
 }
 
 macro_rules! on_every_store {
@@ -555,8 +605,10 @@ async fn exports_keep_one_call_per_customer_and_meter_and_bounded_concurrency() 
     let standin = stand_in().await;
     let mut toml = config(&standin.url);
     for i in 0..24 {
+        // t0 and t1 are billed to one customer: their calls share a lane.
+        let customer = if i < 2 { "cus_shared".to_owned() } else { format!("cus_t{i}") };
         toml.push_str(&format!(
-            "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-t{i}\"]\nstripe_customer = \"cus_t{i}\"\n"
+            "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-t{i}\"]\nstripe_customer = \"{customer}\"\n"
         ));
     }
     let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());

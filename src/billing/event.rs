@@ -55,6 +55,19 @@ pub struct MeterEvent {
 /// assert_eq!(a.len(), 43);
 /// ```
 pub fn identifier(tenant: &TenantId, meter: &MeterId, window_start: i64, revision: u32) -> String {
+    identifier_salted(tenant, meter, window_start, revision, None)
+}
+
+/// [`identifier`], salted for a store that does not outlive its process
+/// ([`Store::identifier_salt`](crate::store::Store::identifier_salt)): a restarted process
+/// starts its windows at revision 0 again and must not reuse an identifier sent before.
+pub(crate) fn identifier_salted(
+    tenant: &TenantId,
+    meter: &MeterId,
+    window_start: i64,
+    revision: u32,
+    salt: Option<u64>,
+) -> String {
     let mut h = Sha256::new();
     for part in [tenant.as_str().as_bytes(), meter.as_str().as_bytes()] {
         h.update((part.len() as u64).to_be_bytes());
@@ -62,6 +75,9 @@ pub fn identifier(tenant: &TenantId, meter: &MeterId, window_start: i64, revisio
     }
     h.update(window_start.to_be_bytes());
     h.update(revision.to_be_bytes());
+    if let Some(salt) = salt {
+        h.update(salt.to_be_bytes());
+    }
     let digest = h.finalize();
     format!("tg_{}", &hex::encode(digest)[..40])
 }

@@ -1,7 +1,7 @@
 //! Billing: closed usage windows become meter events, sent to a [`BillingSink`] exactly once
 //! per (tenant, meter, window, revision).
 
-mod event;
+pub(crate) mod event;
 mod jsonl;
 #[cfg(feature = "stripe")]
 mod stripe;

@@ -73,8 +73,9 @@ enum Command {
         /// reconciliation found Stripe never took it).
         #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters"])]
         requeue: Option<Vec<String>>,
-        /// Puts every dead letter back in line (after fixing a cause they share, such as a
-        /// meter created late).
+        /// Puts back in line every dead letter Stripe refused (`refused: …`), after fixing a
+        /// cause they share (a meter created late). Unconfirmed, status-less and too-old ones
+        /// are left: they need reconciling one by one.
         #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue"])]
         requeue_all: bool,
         /// Marks a dead letter's export as taken by Stripe (a reconciliation found its
@@ -266,6 +267,9 @@ async fn export(config: Config, dry_run: bool) -> Result<()> {
         "{} meter events sent ({} units), {} retried later, {} dead-lettered, {} windows not billable (no customer)",
         r.events, r.units, r.retries, r.dead_letters, r.unbillable
     );
+    if r.halted {
+        return Err("Stripe refused the API key (401/403): the export stopped; check STRIPE_SECRET_KEY".into());
+    }
     Ok(())
 }
 
@@ -335,18 +339,24 @@ async fn requeue_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
 }
 
 async fn requeue_all_dead_letters(admin: &Admin) -> Result<()> {
-    let mut n = 0;
+    let (mut requeued, mut left) = (0, 0);
+    let mut after = None;
     loop {
-        // Requeued letters leave the list: always read its first page.
-        let page = admin.store().dead_letters(None, 100).await?;
-        if page.is_empty() {
-            break;
-        }
+        let page = admin.store().dead_letters(after.as_ref(), 100).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
         for d in &page {
-            n += usize::from(admin.store().requeue_dead_letter(&d.key).await?);
+            if d.reason.starts_with("refused:") {
+                requeued += usize::from(admin.store().requeue_dead_letter(&d.key).await?);
+            } else {
+                left += 1;
+            }
         }
     }
-    println!("{n} dead letters requeued: they go out at the next export");
+    println!(
+        "{requeued} dead letters requeued: they go out at the next export; \
+         {left} left (unconfirmed, without a status or too old: reconcile them one by one)"
+    );
     Ok(())
 }
 

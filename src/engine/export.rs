@@ -3,8 +3,8 @@
 //! meter, window, revision).
 //!
 //! It runs apart from the usage pipeline (the flush never waits for the billing system), one
-//! pass at a time per node, with bounded concurrency, one call in flight per (tenant, meter),
-//! and a paced call rate. Export state lives in the store: any node may export; a claim with
+//! pass at a time per node, with bounded concurrency, one call in flight per (customer,
+//! meter), and a paced call rate. Export state lives in the store: any node may export; a claim with
 //! an expiry keeps two nodes off one aggregate; what an export sends is fixed when it begins,
 //! so every retry (on any node, after any crash) sends the same parameters under the same
 //! identifier.
@@ -23,7 +23,7 @@ use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
 use super::Tollgate;
 use crate::{
-    billing::{identifier, BillingSink, MeterEvent, SinkError},
+    billing::{event::identifier_salted, BillingSink, MeterEvent, SinkError},
     config::{MeterAggregation, MeterId},
     metrics::Totals,
     plan::Runtime,
@@ -143,7 +143,7 @@ impl Tollgate {
                 if park_reason(&rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
                     continue;
                 }
-                out.push(meter_event(&rt, &agg, &send));
+                out.push(meter_event(&rt, &agg, &send, self.shared.store.identifier_salt()));
             }
         }
         Ok(out)
@@ -238,7 +238,7 @@ fn collect(
 }
 
 impl Pass {
-    /// The aggregates of one (tenant, meter), in window order, one call at a time.
+    /// The aggregates of one (customer, meter), in window order, one call at a time.
     async fn lane(&self, lane: Vec<UsageAggregate>) -> Result<ExportReport, StoreError> {
         let mut report = ExportReport::default();
         for agg in lane {
@@ -254,9 +254,8 @@ impl Pass {
         let shared = &self.tollgate.shared;
         let store = &shared.store;
         let settings = &self.rt.config.export;
-        // Paced before the claim, and the clock read for each aggregate: a claim and a
-        // next-attempt time count from the call, however long the pass has run.
-        self.pacer.wait().await;
+        // The clock is read for each aggregate: a claim and a next-attempt time count from the
+        // call, however long the pass has run.
         let now = shared.clock.unix_secs();
         let planned = plan_send(&self.rt, &agg, now);
         let claim = ExportClaim::new(shared.node, now, now + settings.claim.as_secs() as i64);
@@ -264,14 +263,6 @@ impl Pass {
             return Ok(true);
         };
         let send = agg.send.clone().unwrap_or(planned);
-        if let Some(reason) = park_reason(&self.rt, &agg, &send, now) {
-            if reason.starts_with("unconfirmed") {
-                Totals::add(&shared.totals.unconfirmed_exports, 1);
-                shared.metrics.unconfirmed_exports.increment(1);
-            }
-            self.park(&agg, &reason, report).await?;
-            return Ok(true);
-        }
         if send.customer.is_none() && self.sink.needs_customer() {
             // Not billable: marked done without a call, counted.
             if store.finish_export(&agg).await? {
@@ -283,7 +274,24 @@ impl Pass {
             }
             return Ok(true);
         }
-        let event = meter_event(&self.rt, &agg, &send);
+        if let Some(reason) = park_reason(&self.rt, &agg, &send, now) {
+            if reason.starts_with("unconfirmed") {
+                Totals::add(&shared.totals.unconfirmed_exports, 1);
+                shared.metrics.unconfirmed_exports.increment(1);
+            }
+            self.park(&agg, &reason, report).await?;
+            return Ok(true);
+        }
+        // Only calls are paced (a window skipped or parked takes no slot); the wait is short
+        // (at most `concurrency / calls_per_second`) next to the claim.
+        self.pacer.wait().await;
+        if self.halted.load(Ordering::Relaxed) {
+            // Another lane found the sink refusing everything: the claim goes, untried.
+            let now = shared.clock.unix_secs();
+            store.defer_export(&agg, &ExportClaim::new(shared.node, now, now), false).await?;
+            return Ok(false);
+        }
+        let event = meter_event(&self.rt, &agg, &send, store.identifier_salt());
         let result = self.sink.send(&event).await;
         let now = shared.clock.unix_secs();
         match result {
@@ -311,11 +319,11 @@ impl Pass {
                 Ok(false)
             }
             Err(SinkError::Halt(reason)) => {
-                // Nothing can go through (the credentials were refused): this one is tried
-                // again later, the pass stops, nothing is parked.
+                // Nothing can go through (the credentials were refused): the pass stops,
+                // nothing is parked, and this one is free for the next pass (one call a pass
+                // until the key is fixed).
                 tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
-                let next = now + backoff(&event.identifier, agg.attempts, None).as_secs() as i64;
-                store.defer_export(&agg, &ExportClaim::new(shared.node, now, next), false).await?;
+                store.defer_export(&agg, &ExportClaim::new(shared.node, now, now), false).await?;
                 self.halted.store(true, Ordering::Relaxed);
                 report.deferred = true;
                 Ok(false)
@@ -408,7 +416,8 @@ fn park_reason(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, now: i64) 
             return Some(format!(
                 "unconfirmed: {} attempts since {first} (Unix seconds) were never confirmed; \
                  reconcile with the billing system, then confirm or requeue",
-                agg.attempts
+                // Less the claim taken to park it.
+                agg.attempts.saturating_sub(1)
             ));
         }
     }
@@ -426,10 +435,10 @@ fn park_reason(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, now: i64) 
     None
 }
 
-fn meter_event(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend) -> MeterEvent {
+fn meter_event(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, salt: Option<u64>) -> MeterEvent {
     let key = &agg.key;
     MeterEvent {
-        identifier: identifier(&key.tenant, &key.meter, key.window_start, agg.revision),
+        identifier: identifier_salted(&key.tenant, &key.meter, key.window_start, agg.revision, salt),
         event_name: send.event_name.clone(),
         tenant: key.tenant.clone(),
         customer: send.customer.clone(),

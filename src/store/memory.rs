@@ -33,9 +33,22 @@ const RETENTION_SECS: i64 = 35 * 86_400;
 /// Memory stays bounded: old quota periods are dropped when a new one is reserved, exported
 /// aggregates are dropped two days after their window and all aggregates after 35 days
 /// (unexported ones with a warning), and only recent flush ids are kept.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// Drawn when the store is made: see [`Store::identifier_salt`].
+    salt: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        let mut bytes = [0u8; 8];
+        // Without the OS generator, the time: distinct enough between two processes.
+        if getrandom::fill(&mut bytes).is_err() {
+            bytes = (crate::store::unix_now() as u64 ^ u64::from(std::process::id())).to_be_bytes();
+        }
+        Self { inner: Mutex::default(), salt: u64::from_be_bytes(bytes) }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -471,6 +484,10 @@ impl Store for MemoryStore {
 
     fn is_durable(&self) -> bool {
         false
+    }
+
+    fn identifier_salt(&self) -> Option<u64> {
+        Some(self.salt)
     }
 
     async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {

@@ -669,6 +669,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         true
     }
 
+    /// For a store that does not outlive its process: a value drawn when it was made, mixed
+    /// into meter event identifiers, so that a restarted process (whose windows start at
+    /// revision 0 again) never reuses an identifier it sent before. `None` for a durable
+    /// store (identifiers stay the same across restarts, which is what makes a re-send after
+    /// a crash a duplicate).
+    fn identifier_salt(&self) -> Option<u64> {
+        None
+    }
+
     /// Applies usage events, each at most once per id: an event's id is marked seen in the same
     /// write as its usage, never before. Ids are kept for a documented window after the
     /// event's time (bounded, expiring). Returns one outcome per event, in order.

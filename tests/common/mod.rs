@@ -387,6 +387,14 @@ impl Store for Faulty {
         self.check()?;
         self.inner.settle_idempotency(key, owner, how).await
     }
+    fn identifier_salt(&self) -> Option<u64> {
+        // Standing for a database, it has none.
+        if self.durable && !self.inner.is_durable() {
+            None
+        } else {
+            self.inner.identifier_salt()
+        }
+    }
     fn is_durable(&self) -> bool {
         // A memory store made by `default` stands for a database: shutdown exports only closed
         // windows.

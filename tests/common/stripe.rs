@@ -304,6 +304,7 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
         .collect();
     let fingerprint = format!("{form:?}");
     let key = req.headers.get("idempotency-key").cloned();
+    *lock().sends.entry(form.get("identifier").cloned().unwrap_or_default()).or_default() += 1;
     if let Some(key) = &key {
         let seen = lock().idempotency.get(key).cloned();
         if let Some((seen, status, body)) = seen {
@@ -321,7 +322,6 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
     }
     let get = |k: &str| form.get(k).cloned().unwrap_or_default();
     let (event_name, identifier, customer) = (get("event_name"), get("identifier"), get("payload[stripe_customer_id]"));
-    *lock().sends.entry(identifier.clone()).or_default() += 1;
     if let Some(Fault::Saved(st)) = fault {
         let answer = error(st, "api_error", "api_error", "injected failure while executing");
         if let Some(key) = key {
