@@ -305,11 +305,13 @@ impl ExportSend {
     }
 
     /// As stored: compact JSON.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "dynamodb")), allow(dead_code))]
     pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
 
     /// From what [`to_json`](Self::to_json) stored; `None` if unreadable.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "dynamodb")), allow(dead_code))]
     pub(crate) fn from_json(s: &str) -> Option<Self> {
         serde_json::from_str(s).ok()
     }

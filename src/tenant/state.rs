@@ -524,6 +524,11 @@ impl<'a> QuotaRef<'a> {
         None
     }
 
+    /// Units used outside any lease, not yet owed to the store.
+    pub(crate) fn unleased(&self) -> u64 {
+        self.cold().unleased.load(Ordering::Acquire)
+    }
+
     /// Gives back units taken outside any lease ([`force_take`](Self::force_take) returned
     /// `None`) by a request that is not billed, if the store has not been told yet.
     pub(crate) fn refund_unleased(&self, cost: u64) {

@@ -24,6 +24,19 @@ pub struct TenantContext {
     charged: bool,
 }
 
+/// A tenant's quota on one meter as this node sees it ([`TenantContext::quota`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuotaStatus {
+    /// The plan's limit for the period.
+    pub limit: u64,
+    /// The units left in the period, across the fleet as last known here (units leased by
+    /// other nodes count as used). Past a soft limit, 0.
+    pub remaining: u64,
+    /// Seconds until the period resets.
+    pub reset_secs: u64,
+}
+
 /// Why [`TenantContext::record`] refused a quantity (nothing was recorded).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -55,6 +68,26 @@ impl TenantContext {
     /// The tenant's billing customer, if the directory knows it.
     pub fn customer(&self) -> Option<&str> {
         self.state.customer.as_deref()
+    }
+
+    /// The tenant's quota on `meter` (what the `RateLimit` header reports for it), or `None`
+    /// when the plan sets no quota on that meter or the meter is unknown.
+    pub fn quota(&self, meter: &str) -> Option<QuotaStatus> {
+        let cell = self.state.quota(self.state.plan.meters.index(meter)?)?;
+        let now = self.state.clock.unix_secs();
+        let limit = cell.spec.limit().get();
+        let lease = cell.lease();
+        // Units used beyond the lease held, or outside any lease (recorded before a lease
+        // came), count too until the store is told.
+        let debt = lease.min(0).unsigned_abs().saturating_add(cell.unleased());
+        let (start, end) = cell.period();
+        let (remaining, end) = if start <= now && now < end {
+            (cell.estimate(lease).0, end)
+        } else {
+            // No lease for this period yet: nothing of it is known here but the debt.
+            (limit, cell.spec.period().bounds(now).1)
+        };
+        Some(QuotaStatus { limit, remaining: remaining.saturating_sub(debt), reset_secs: (end - now).max(0) as u64 })
     }
 
     /// Whether this request repeats an `Idempotency-Key` already charged.

@@ -2,4 +2,4 @@
 
 mod context;
 
-pub use context::{RecordError, TenantContext};
+pub use context::{QuotaStatus, RecordError, TenantContext};

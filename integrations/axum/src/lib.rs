@@ -1,0 +1,146 @@
+//! [tollgate](https://docs.rs/tollgate) for axum: an extractor for the calling tenant (who,
+//! on which plan, its remaining quota, and a handle to record usage), a response for
+//! rejections, and a route for Stripe webhooks.
+//!
+//! The enforcement itself is tollgate's tower layer, which axum takes as it is:
+//!
+//! ```no_run
+//! use axum::{routing::post, Router};
+//! use tollgate_axum::Tenant;
+//!
+//! async fn generate(tenant: Tenant) -> String {
+//!     let tokens = 1234; // computed by the handler
+//!     tenant.record("tokens", tokens).expect("the tokens meter is declared");
+//!     let left = tenant.quota("tokens").map_or(u64::MAX, |q| q.remaining);
+//!     format!("{} on {}: {left} tokens left this period", tenant.tenant(), tenant.plan())
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = tollgate::Config::from_path("tollgate.toml")?;
+//! let (engine, worker) = tollgate::Tollgate::builder(config).open().await?;
+//! tokio::spawn(worker.run());
+//! let app = Router::new()
+//!     .route("/v1/generate", post(generate))
+//!     .layer(tollgate::TollgateLayer::new(engine.clone()));
+//! # let _: Router = app;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::ops::Deref;
+
+use axum::{
+    extract::{FromRequestParts, OptionalFromRequestParts},
+    response::{IntoResponse, Response},
+};
+use http::{request::Parts, HeaderName, HeaderValue};
+use tollgate::{Rejection, RejectionResponder, TenantContext};
+
+/// The tenant of the request, as tollgate's layer admitted it: dereferences to
+/// [`TenantContext`] (`tenant()`, `plan()`, `customer()`, `quota(meter)`, `record(meter, n)`).
+///
+/// Usage recorded through it counts even while the response streams: the context lives as
+/// long as the response body. A handler behind a route the layer does not cover gets a 500
+/// naming the missing layer (`Option<Tenant>` gets `None` instead).
+#[derive(Clone)]
+pub struct Tenant(pub TenantContext);
+
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Tenant").field(&self.0.tenant()).finish()
+    }
+}
+
+impl Deref for Tenant {
+    type Target = TenantContext;
+
+    fn deref(&self) -> &TenantContext {
+        &self.0
+    }
+}
+
+/// Why [`Tenant`] could not be extracted: the request did not pass tollgate's layer.
+#[derive(Debug, Clone, Copy)]
+pub struct MissingLayer;
+
+impl IntoResponse for MissingLayer {
+    fn into_response(self) -> Response {
+        let body = "tollgate: no tenant in the request extensions; is tollgate::TollgateLayer on this route?";
+        (http::StatusCode::INTERNAL_SERVER_ERROR, body).into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = MissingLayer;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts.extensions.get::<TenantContext>().cloned().map(Tenant).ok_or(MissingLayer)
+    }
+}
+
+impl<S: Send + Sync> OptionalFromRequestParts<S> for Tenant {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<TenantContext>().cloned().map(Tenant))
+    }
+}
+
+/// A [`Rejection`] as an axum response: the same status, `application/problem+json` body,
+/// rate-limit headers and `Retry-After` as the tower layer answers with, for handlers that
+/// call the engine themselves.
+#[derive(Debug, Clone)]
+pub struct RejectionResponse(pub Rejection);
+
+impl From<Rejection> for RejectionResponse {
+    fn from(rejection: Rejection) -> Self {
+        Self(rejection)
+    }
+}
+
+impl IntoResponse for RejectionResponse {
+    fn into_response(self) -> Response {
+        let rejection = self.0;
+        let mut response = tollgate::response::ProblemJson.respond(&rejection);
+        let headers = response.headers_mut();
+        rejection.for_each_header(|field, value| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(field.name()), value);
+            }
+        });
+        response.extensions_mut().insert(rejection);
+        response.map(axum::body::Body::from)
+    }
+}
+
+/// A `POST` route for Stripe webhooks over tollgate's
+/// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
+/// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store
+/// failed (Stripe delivers it again).
+///
+/// Mount it outside tollgate's layer (Stripe is not a tenant):
+///
+/// ```no_run
+/// # async fn run(engine: tollgate::Tollgate, api: axum::Router) -> Result<(), Box<dyn std::error::Error>> {
+/// let webhooks = tollgate::billing::WebhookHandler::from_config(engine.clone())?;
+/// let app = axum::Router::new()
+///     .merge(api.layer(tollgate::TollgateLayer::new(engine)))
+///     .route("/stripe/webhook", tollgate_axum::stripe_webhook(webhooks));
+/// # let _: axum::Router = app;
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(feature = "stripe")]
+pub fn stripe_webhook<S>(handler: tollgate::billing::WebhookHandler) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let handler = std::sync::Arc::new(handler);
+    axum::routing::post(move |headers: http::HeaderMap, body: bytes::Bytes| {
+        let handler = handler.clone();
+        async move {
+            let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+            handler.handle(signature, &body).await.into_response().map(axum::body::Body::from)
+        }
+    })
+}
