@@ -101,6 +101,14 @@ where
 /// The response to a rejection: the responder's, plus rate-limit headers, plus the rejection
 /// in the extensions.
 pub(crate) fn reject<P: RejectionResponder>(responder: &P, rejection: Rejection) -> Response<bytes::Bytes> {
+    respond(responder, rejection)
+}
+
+/// The response the tower layer gives to a rejection, for other front doors and handlers that
+/// ask the engine themselves: `responder`'s response (such as
+/// [`ProblemJson`](crate::response::ProblemJson)), plus the rate-limit header fields and
+/// `Retry-After`, with the [`Rejection`] in the response extensions.
+pub fn respond<P: RejectionResponder>(responder: &P, rejection: Rejection) -> Response<bytes::Bytes> {
     let mut response = responder.respond(&rejection);
     let headers = response.headers_mut();
     rejection.emit(&mut |field, value| put_header(headers, field, value));

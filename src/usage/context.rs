@@ -70,24 +70,30 @@ impl TenantContext {
         self.state.customer.as_deref()
     }
 
-    /// The tenant's quota on `meter` (what the `RateLimit` header reports for it), or `None`
-    /// when the plan sets no quota on that meter or the meter is unknown.
+    /// The tenant's quota on `meter` as this node knows it now, usage recorded by this
+    /// request included (the `RateLimit` header is computed at admission, before it), or
+    /// `None` when the plan sets no quota on that meter or the meter is unknown.
     pub fn quota(&self, meter: &str) -> Option<QuotaStatus> {
         let cell = self.state.quota(self.state.plan.meters.index(meter)?)?;
         let now = self.state.clock.unix_secs();
         let limit = cell.spec.limit().get();
-        let lease = cell.lease();
-        // Units used beyond the lease held, or outside any lease (recorded before a lease
-        // came), count too until the store is told.
-        let debt = lease.min(0).unsigned_abs().saturating_add(cell.unleased());
+        // Units used outside any lease (recorded before a lease came) count until the store is
+        // told; they are charged to the period in force when it is.
+        let unleased = cell.unleased();
         let (start, end) = cell.period();
         let (remaining, end) = if start <= now && now < end {
-            (cell.estimate(lease).0, end)
+            // A debt of the lease held (units used beyond it) is this period's.
+            let lease = cell.lease();
+            (cell.estimate(lease).0.saturating_sub(lease.min(0).unsigned_abs()), end)
         } else {
-            // No lease for this period yet: nothing of it is known here but the debt.
+            // No lease for this period yet (a debt left is the last period's).
             (limit, cell.spec.period().bounds(now).1)
         };
-        Some(QuotaStatus { limit, remaining: remaining.saturating_sub(debt), reset_secs: (end - now).max(0) as u64 })
+        Some(QuotaStatus {
+            limit,
+            remaining: remaining.saturating_sub(unleased),
+            reset_secs: (end - now).max(0) as u64,
+        })
     }
 
     /// Whether this request repeats an `Idempotency-Key` already charged.

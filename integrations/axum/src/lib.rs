@@ -33,21 +33,23 @@ use axum::{
     extract::{FromRequestParts, OptionalFromRequestParts},
     response::{IntoResponse, Response},
 };
-use http::{request::Parts, HeaderName, HeaderValue};
-use tollgate::{Rejection, RejectionResponder, TenantContext};
+use http::{request::Parts, HeaderValue};
+use tollgate::{Rejection, TenantContext};
 
 /// The tenant of the request, as tollgate's layer admitted it: dereferences to
 /// [`TenantContext`] (`tenant()`, `plan()`, `customer()`, `quota(meter)`, `record(meter, n)`).
 ///
-/// Usage recorded through it counts even while the response streams: the context lives as
-/// long as the response body. A handler behind a route the layer does not cover gets a 500
-/// naming the missing layer (`Option<Tenant>` gets `None` instead).
-#[derive(Clone)]
+/// `record` works for as long as you hold it: move it into a streaming body to record usage
+/// measured while the response streams. A handler behind a route the layer does not cover
+/// (or a layer built with `tenant_context(false)`) gets a 500 naming the cause;
+/// `Option<Tenant>` gets `None` instead.
+#[derive(Debug, Clone)]
 pub struct Tenant(pub TenantContext);
 
-impl std::fmt::Debug for Tenant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Tenant").field(&self.0.tenant()).finish()
+impl Tenant {
+    /// The context itself.
+    pub fn into_inner(self) -> TenantContext {
+        self.0
     }
 }
 
@@ -59,14 +61,33 @@ impl Deref for Tenant {
     }
 }
 
-/// Why [`Tenant`] could not be extracted: the request did not pass tollgate's layer.
+/// Why [`Tenant`] could not be extracted: the request did not pass tollgate's layer (or the
+/// layer was built with `tenant_context(false)`). A configuration error: answered 500.
 #[derive(Debug, Clone, Copy)]
 pub struct MissingLayer;
 
+impl std::fmt::Display for MissingLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "no tenant in the request extensions: is tollgate::TollgateLayer on this route, \
+             with tenant_context enabled?",
+        )
+    }
+}
+
+impl std::error::Error for MissingLayer {}
+
 impl IntoResponse for MissingLayer {
     fn into_response(self) -> Response {
-        let body = "tollgate: no tenant in the request extensions; is tollgate::TollgateLayer on this route?";
-        (http::StatusCode::INTERNAL_SERVER_ERROR, body).into_response()
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": "Internal Server Error",
+            "status": 500,
+            "detail": self.to_string(),
+        });
+        let mut response = (http::StatusCode::INTERNAL_SERVER_ERROR, body.to_string()).into_response();
+        response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response
     }
 }
 
@@ -86,9 +107,13 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Tenant {
     }
 }
 
-/// A [`Rejection`] as an axum response: the same status, `application/problem+json` body,
-/// rate-limit headers and `Retry-After` as the tower layer answers with, for handlers that
-/// call the engine themselves.
+/// A [`Rejection`] as an axum response: what the tower layer answers with its default
+/// responder ([`ProblemJson`](tollgate::response::ProblemJson)) — status,
+/// `application/problem+json` body, `WWW-Authenticate` on 401, rate-limit headers,
+/// `Retry-After`, and the rejection in the extensions — for handlers that ask the engine
+/// themselves (through [`Tollgate::front_door`](tollgate::Tollgate::front_door), on routes the
+/// layer does not also cover). For a layer with another responder, use
+/// [`tollgate::layer::respond`] with it.
 #[derive(Debug, Clone)]
 pub struct RejectionResponse(pub Rejection);
 
@@ -100,16 +125,7 @@ impl From<Rejection> for RejectionResponse {
 
 impl IntoResponse for RejectionResponse {
     fn into_response(self) -> Response {
-        let rejection = self.0;
-        let mut response = tollgate::response::ProblemJson.respond(&rejection);
-        let headers = response.headers_mut();
-        rejection.for_each_header(|field, value| {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(field.name()), value);
-            }
-        });
-        response.extensions_mut().insert(rejection);
-        response.map(axum::body::Body::from)
+        tollgate::layer::respond(&tollgate::response::ProblemJson, self.0).map(axum::body::Body::from)
     }
 }
 

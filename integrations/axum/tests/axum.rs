@@ -22,8 +22,12 @@ keys = ["key-acme"]
 "#;
 
 fn engine() -> Tollgate {
-    let (clock, _fake) = Clock::fake_at_unix(NOON);
-    Tollgate::builder(tollgate::Config::from_toml_str(CONFIG).unwrap()).clock(clock).build().0
+    engine_and_clock().0
+}
+
+fn engine_and_clock() -> (Tollgate, tollgate::clock::FakeClock) {
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    (Tollgate::builder(tollgate::Config::from_toml_str(CONFIG).unwrap()).clock(clock).build().0, fake)
 }
 
 async fn generate(tenant: Tenant) -> String {
@@ -60,7 +64,7 @@ async fn text(r: axum::response::Response) -> (StatusCode, http::HeaderMap, Stri
 
 #[tokio::test]
 async fn the_extractor_gives_the_tenant_its_quota_and_records_usage() {
-    let engine = engine();
+    let (engine, clock) = engine_and_clock();
     let app = Router::new().route("/generate", get(generate)).layer(TollgateLayer::new(engine.clone()));
     let (status, headers, body) =
         text(app.clone().oneshot(get_req("/generate", Some("key-acme"))).await.unwrap()).await;
@@ -72,6 +76,12 @@ async fn the_extractor_gives_the_tenant_its_quota_and_records_usage() {
     assert_eq!(body, "acme on free: 1 requests and 500 of 1000 tokens left");
     let report = engine.flush().await.unwrap();
     assert_eq!(report.units, 2 + 500, "requests and tokens reached the store");
+    // The next day: a new period of the request quota, nothing of the last one carried over.
+    // (Tokens recorded on a meter that never had a lease are owed at its next store call and
+    // charged to the period then in force: a known limit of the engine, not checked here.)
+    clock.advance(std::time::Duration::from_secs(86_400));
+    let (_, _, body) = text(app.clone().oneshot(get_req("/generate", Some("key-acme"))).await.unwrap()).await;
+    assert!(body.starts_with("acme on free: 2 requests and "), "{body}");
     // Rejections come from the layer: problem+json, 401 without a key.
     let (status, headers, body) = text(app.oneshot(get_req("/generate", None)).await.unwrap()).await;
     assert_eq!(status, 401);
@@ -82,13 +92,22 @@ async fn the_extractor_gives_the_tenant_its_quota_and_records_usage() {
 #[tokio::test]
 async fn without_the_layer_the_extractor_names_it_and_the_optional_one_is_none() {
     let app = Router::new().route("/generate", get(generate)).route("/who", get(who));
-    let (status, _, body) = text(app.clone().oneshot(get_req("/generate", Some("key-acme"))).await.unwrap()).await;
+    let (status, headers, body) =
+        text(app.clone().oneshot(get_req("/generate", Some("key-acme"))).await.unwrap()).await;
     assert_eq!(status, 500);
+    assert_eq!(headers["content-type"], "application/problem+json");
     assert!(body.contains("TollgateLayer"), "{body}");
-    let (status, _, body) = text(app.oneshot(get_req("/who", None)).await.unwrap()).await;
+    let (status, _, body) = text(app.clone().oneshot(get_req("/who", None)).await.unwrap()).await;
     assert_eq!((status.as_u16(), body.as_str()), (200, "nobody"));
+    // Behind the layer, the optional form has the tenant.
+    let layered = app.layer(TollgateLayer::new(engine()));
+    let (status, _, body) = text(layered.oneshot(get_req("/who", Some("key-acme"))).await.unwrap()).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "acme"));
 }
 
+/// The layer's response and `RejectionResponse` for the same refusal: the same status, every
+/// header, the same body, the rejection in the extensions. A 429 (quota spent) and a 401 (no
+/// key: `WWW-Authenticate`).
 #[tokio::test]
 async fn a_rejection_responds_as_the_layer_does() {
     let engine = engine();
@@ -96,16 +115,31 @@ async fn a_rejection_responds_as_the_layer_does() {
     for _ in 0..3 {
         assert_eq!(layered.clone().oneshot(get_req("/", Some("key-acme"))).await.unwrap().status(), 200);
     }
-    let (status, headers, body) = text(layered.oneshot(get_req("/", Some("key-acme"))).await.unwrap()).await;
-    assert_eq!(status, 429);
-    // The same refusal, decided by a handler of its own through the engine's front door.
     let mut door = engine.front_door();
-    let admission = door.admit_with(|_| RequestInfo::new("GET", "/", Credential::ApiKey(b"key-acme")));
-    let Admission::Rejected(rejection) = admission else { panic!("expected a rejection") };
-    let (own_status, own_headers, own_body) = text(RejectionResponse::from(rejection).into_response()).await;
-    assert_eq!((own_status, own_body), (status, body));
-    for name in ["content-type", "retry-after", "ratelimit", "ratelimit-policy"] {
-        assert_eq!(own_headers.get(name), headers.get(name), "{name}");
+    for (key, status) in [(Some("key-acme"), 429), (None, 401)] {
+        let by_layer = layered.clone().oneshot(get_req("/", key)).await.unwrap();
+        assert!(by_layer.extensions().get::<tollgate::Rejection>().is_some());
+        let (layer_status, layer_headers, layer_body) = text(by_layer).await;
+        assert_eq!(layer_status, status);
+        // The same refusal, decided by a handler of its own through the engine's front door.
+        let credential = key.map_or(Credential::Missing, |k| Credential::ApiKey(k.as_bytes()));
+        let Admission::Rejected(rejection) = door.admit_with(|_| RequestInfo::new("GET", "/", credential)) else {
+            panic!("expected a rejection")
+        };
+        let own = RejectionResponse::from(rejection).into_response();
+        assert!(own.extensions().get::<tollgate::Rejection>().is_some());
+        let (own_status, own_headers, own_body) = text(own).await;
+        assert_eq!((own_status, own_body), (layer_status, layer_body));
+        let mut own_headers = own_headers;
+        own_headers.remove("content-length");
+        let mut layer_headers = layer_headers;
+        layer_headers.remove("content-length");
+        assert_eq!(own_headers, layer_headers, "every header");
+        if status == 401 {
+            assert!(own_headers.contains_key("www-authenticate"));
+        } else {
+            assert!(own_headers.contains_key("retry-after") && own_headers.contains_key("ratelimit"));
+        }
     }
 }
 
