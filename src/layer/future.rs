@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    service::{put_header, reject},
+    service::{put_header, reject_for},
     TollgateBody,
 };
 use crate::{
@@ -112,7 +112,8 @@ where
                             State::Inner { future, ticket: Some(ticket) }
                         }
                         Err(rejection) => {
-                            return Poll::Ready(Ok(reject(&responder, rejection).map(TollgateBody::full)));
+                            let response = reject_for(&request, &responder, rejection);
+                            return Poll::Ready(Ok(response.map(TollgateBody::full)));
                         }
                     }
                 }

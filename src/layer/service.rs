@@ -88,7 +88,7 @@ where
                 }
                 ResponseFuture::inner(inner.call(request), ticket)
             }
-            Admission::Rejected(rejection) => ResponseFuture::ready(reject(&self.responder, rejection)),
+            Admission::Rejected(rejection) => ResponseFuture::ready(reject_for(&request, &self.responder, rejection)),
             Admission::Pending(pending) => {
                 let tollgate = self.door.engine().clone();
                 let resolve = Box::pin(async move { tollgate.resolve(pending).await });
@@ -98,10 +98,24 @@ where
     }
 }
 
-/// The response to a rejection: the responder's, plus rate-limit headers, plus the rejection
-/// in the extensions.
-pub(crate) fn reject<P: RejectionResponder>(responder: &P, rejection: Rejection) -> Response<bytes::Bytes> {
-    respond(responder, rejection)
+/// The response to a rejection of `request`: for a gRPC request (by content type) a
+/// trailers-only gRPC status, otherwise the responder's; plus rate-limit headers and
+/// `Retry-After` (which a gRPC client reads as metadata), plus the rejection in the
+/// extensions. Only rejections look at the content type: admitted requests pay nothing.
+pub(crate) fn reject_for<B, P: RejectionResponder>(
+    request: &Request<B>,
+    responder: &P,
+    rejection: Rejection,
+) -> Response<bytes::Bytes> {
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        respond(&crate::response::GrpcStatus, rejection)
+    } else {
+        respond(responder, rejection)
+    }
 }
 
 /// The response the tower layer gives to a rejection, for other front doors and handlers that

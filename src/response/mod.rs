@@ -6,7 +6,7 @@ mod rejection;
 
 pub use headers::Field;
 pub(crate) use headers::{emit, HeaderState, Value};
-pub use problem::{ProblemJson, RejectionResponder};
+pub use problem::{GrpcStatus, ProblemJson, RejectionResponder};
 pub use rejection::{Rejection, RejectionKind};
 
 /// The media type of RFC 9457 problem bodies.

@@ -30,6 +30,37 @@ where
     }
 }
 
+/// The responder for gRPC requests (the tower layer uses it whenever the request's content type
+/// is `application/grpc…`, whatever responder it was given): a trailers-only gRPC response —
+/// HTTP 200, `grpc-status` ([`RejectionKind::grpc_code`](super::RejectionKind::grpc_code)) and
+/// `grpc-message` (the detail, percent-encoded) — so a gRPC client sees a status it
+/// understands. The front door adds `Retry-After` and the rate-limit headers, which the client
+/// reads as metadata.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcStatus;
+
+impl RejectionResponder for GrpcStatus {
+    fn respond(&self, rejection: &Rejection) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::new());
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(u16::from(rejection.kind().grpc_code())));
+        let mut message = String::with_capacity(rejection.detail().len());
+        for b in rejection.detail().bytes() {
+            // The gRPC spec: percent-encode what is not printable ASCII, and '%'.
+            if (0x20..=0x7e).contains(&b) && b != b'%' {
+                message.push(char::from(b));
+            } else {
+                message.push_str(&format!("%{b:02X}"));
+            }
+        }
+        if let Ok(value) = HeaderValue::from_str(&message) {
+            headers.insert("grpc-message", value);
+        }
+        response
+    }
+}
+
 /// The default responder: an RFC 9457 `application/problem+json` body, with
 /// `WWW-Authenticate` on 401.
 #[derive(Debug, Clone, Copy, Default)]

@@ -51,6 +51,20 @@ impl RejectionKind {
         }
     }
 
+    /// The gRPC status code a gRPC client gets for it: `RESOURCE_EXHAUSTED` (8) for 429,
+    /// `UNAUTHENTICATED` (16) for 401, `INVALID_ARGUMENT` (3) for 400, `UNAVAILABLE` (14) for
+    /// 503, `ABORTED` (10) for 409, `FAILED_PRECONDITION` (9) for 422.
+    pub fn grpc_code(self) -> u8 {
+        match self {
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded => 8,
+            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
+            RejectionKind::MalformedCredentials | RejectionKind::MalformedIdempotencyKey => 3,
+            RejectionKind::StoreUnavailable => 14,
+            RejectionKind::IdempotencyKeyInUse => 10,
+            RejectionKind::IdempotencyKeyMismatch => 9,
+        }
+    }
+
     /// The HTTP status of the response, as a number (for front doors on another `http`
     /// version, such as actix-web 4).
     pub fn status_code(self) -> u16 {
