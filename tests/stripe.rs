@@ -370,13 +370,20 @@ async fn late(store: &dyn StoreInspect, id: &str, tenant: &str, meter: &str, win
     store.commit_usage(&batch).await.unwrap();
 }
 
-async fn late_usage_goes_out_as_new_revisions_for_both_kinds_of_meter(kind: Kind) {
-    let Some(b) = Backend::new(kind).await else { return };
+/// A store of `kind` (kept alive by the returned backend), the stand-in, and a node at noon on
+/// the test configuration (with `extra` declarations before the plans); `None`: skipped.
+async fn on_store(kind: Kind, extra: Option<&str>) -> Option<(Backend, Arc<dyn StoreInspect>, StandIn, Harness)> {
+    let b = Backend::new(kind).await?;
     let store = b.store.clone();
     let standin = stand_in().await;
-    let toml = config(&standin.url);
+    let toml = config(&standin.url).replace("[plans.p]", &format!("{}[plans.p]", extra.unwrap_or_default()));
     let h = node(&toml, store.clone(), NOON);
     at(&h.clock, &standin, NOON);
+    Some((b, store, standin, h))
+}
+
+async fn late_usage_goes_out_as_new_revisions_for_both_kinds_of_meter(kind: Kind) {
+    let Some((_b, store, standin, h)) = on_store(kind, None).await else { return };
     for _ in 0..3 {
         h.status("/tokens/10", "key-acme").await;
     }
@@ -408,16 +415,9 @@ async fn late_usage_goes_out_as_new_revisions_for_both_kinds_of_meter(kind: Kind
 }
 
 async fn permanent_refusals_unknown_failures_and_old_windows_are_dead_lettered_and_listed(kind: Kind) {
-    let Some(b) = Backend::new(kind).await else { return };
-    let store = b.store.clone();
-    let standin = stand_in().await;
     // A meter Stripe does not have: refused with 400, for good.
-    let toml = config(&standin.url).replace(
-        "[plans.p]",
-        "[meters.ghost]\nevent_name = \"ghost_meter\"\n[[routes]]\npath = \"/ghost\"\nmeter = \"ghost\"\n[plans.p]",
-    );
-    let h = node(&toml, store.clone(), NOON);
-    at(&h.clock, &standin, NOON);
+    let ghost = "[meters.ghost]\nevent_name = \"ghost_meter\"\n[[routes]]\npath = \"/ghost\"\nmeter = \"ghost\"\n";
+    let Some((_b, store, standin, h)) = on_store(kind, Some(ghost)).await else { return };
     h.status("/ghost", "key-acme").await;
     h.status("/", "key-globex").await;
     h.tollgate.flush().await.unwrap();
@@ -466,12 +466,7 @@ async fn permanent_refusals_unknown_failures_and_old_windows_are_dead_lettered_a
 }
 
 async fn an_export_never_confirmed_is_parked_as_unconfirmed_not_sent_again(kind: Kind) {
-    let Some(b) = Backend::new(kind).await else { return };
-    let store = b.store.clone();
-    let standin = stand_in().await;
-    let toml = config(&standin.url);
-    let h = node(&toml, store.clone(), NOON);
-    at(&h.clock, &standin, NOON);
+    let Some((_b, store, standin, h)) = on_store(kind, None).await else { return };
     h.status("/", "key-acme").await;
     h.tollgate.flush().await.unwrap();
     // Stripe fails while executing the first call and keeps that answer under its
