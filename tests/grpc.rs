@@ -3,79 +3,14 @@
 //! in the metadata, instead of a problem+json body.
 #![allow(missing_docs)]
 
-use std::{convert::Infallible, future::Future, pin::Pin};
+#[path = "../examples/grpc/echo.rs"]
+mod echo;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
+use echo::{Echo, Raw, SAY};
 use http::uri::PathAndQuery;
 use tollgate::{Config, Tollgate, TollgateLayer};
-use tonic::{
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    Code, Status,
-};
-
-/// Messages as raw bytes: no protobuf needed for the test.
-#[derive(Debug, Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-/// `test.Echo/Say`: answers with what it was sent.
-#[derive(Debug, Clone, Copy)]
-struct Echo;
-
-impl tonic::server::NamedService for Echo {
-    const NAME: &'static str = "test.Echo";
-}
-
-struct Say;
-
-impl tonic::server::UnaryService<Bytes> for Say {
-    type Response = Bytes;
-    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        std::future::ready(Ok(tonic::Response::new(request.into_inner())))
-    }
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for Echo {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(async move { Ok(tonic::server::Grpc::new(Raw).unary(Say, request).await) })
-    }
-}
+use tonic::{Code, Status};
 
 const CONFIG: &str = r#"
 [plans.free]
@@ -92,7 +27,7 @@ async fn say(channel: &tonic::transport::Channel, key: Option<&str>) -> Result<t
     if let Some(key) = key {
         request.metadata_mut().insert("x-api-key", key.parse().unwrap());
     }
-    client.unary(request, PathAndQuery::from_static("/test.Echo/Say"), Raw).await
+    client.unary(request, PathAndQuery::from_static(SAY), Raw).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
