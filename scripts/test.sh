@@ -12,6 +12,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
+# A one-off build gains nothing from incremental state, and it costs gigabytes of disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step "local DynamoDB server (moto, in a venv)"
 venv="${TOLLGATE_MOTO_VENV:-$PWD/.venv/moto}"
 if ! "$venv/bin/python" -c 'import moto, flask' 2>/dev/null; then
@@ -70,3 +73,6 @@ cargo test --workspace --locked --benches -- --test 2>&1 | tail -n 3
 
 step "quickstart smoke test"
 scripts/smoke-quickstart.sh
+
+step "disk used by the build"
+du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null || true
