@@ -21,8 +21,8 @@ mod worker;
 pub use aws_sdk_dynamodb;
 pub use config::Config;
 pub use engine::{
-    Admission, BuildError, Builder, ExportReport, FlushReport, FrontDoor, PendingAdmission, RequestInfo, ShutdownError,
-    ShutdownReport, Ticket, Tollgate,
+    Admission, BuildError, Builder, ClientAddr, ExportReport, FlushReport, FrontDoor, PendingAdmission, RequestInfo,
+    RequestView, ShutdownError, ShutdownReport, Ticket, Tollgate,
 };
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use metrics::Stats;

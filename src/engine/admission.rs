@@ -86,7 +86,7 @@ impl Tollgate {
         let now = self.shared.clock.unix_secs();
         let config = self.shared.runtime.load().config.clone();
         let window = i64::try_from(config.limits.idempotency_window.as_secs()).unwrap_or(i64::MAX);
-        let owner = self.shared.node
+        let owner = self.shared.node()
             ^ (self.shared.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
                 .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let fleet_key = Idempotency::fleet_key(&state.id, &key);

@@ -186,10 +186,7 @@ impl Builder {
                 .max_capacity(limits.negative_capacity)
                 .time_to_live(limits.negative_ttl)
                 .build(),
-            node: {
-                use std::hash::BuildHasher;
-                std::collections::hash_map::RandomState::new().hash_one(std::process::id())
-            },
+            node: std::sync::atomic::AtomicU64::new(crate::tenant::draw_u64()),
             seq: std::sync::atomic::AtomicU64::new(0),
             senders: std::sync::atomic::AtomicU64::new(0),
         };

@@ -4,7 +4,70 @@
 use std::sync::Arc;
 
 use super::{Admission, RequestInfo, RuntimeCache, Tollgate};
-use crate::{config::Identify, plan::Runtime};
+use crate::{
+    config::Identify,
+    plan::Runtime,
+    response::{Rejection, RejectionKind},
+    Credential, Identity,
+};
+
+/// The address of the client that sent a request, as its front door saw it: the peer of the
+/// connection (actix-web, axum with `ConnectInfo`), or the source IP in a Lambda event. Every
+/// front door puts it in the request extensions, in this one type, for the handlers and for
+/// per-client limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
+/// What the engine reads of a request, for a front door whose request type is not
+/// [`http::Request`] (actix-web's, say): [`FrontDoor::admit_request`] then decides on it
+/// exactly as the tower layer decides on an `http::Request`: the same credential (the
+/// configured API key header, or an [`Identity`] in the extensions), the same
+/// `Idempotency-Key` rules, the same rejections.
+pub trait RequestView {
+    /// The method, such as `GET`.
+    fn method(&self) -> &str;
+    /// The path, without the query string.
+    fn path(&self) -> &str;
+    /// The query string, without the `?`.
+    fn query(&self) -> Option<&str>;
+    /// The values of the header `name` (given in lowercase), in order.
+    fn header_values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s [u8]>;
+    /// The [`Identity`] an authentication layer put in the request, if any.
+    fn identity(&self) -> Option<&Identity>;
+}
+
+/// The credential in the values of the API key header: none, one, or a repeated header
+/// (malformed). Shared by every front door.
+#[inline]
+pub(crate) fn credential_in<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential<'a> {
+    match (values.next(), values.next()) {
+        (None, _) => Credential::Missing,
+        (Some(v), None) => Credential::ApiKey(v),
+        (Some(_), Some(_)) => Credential::Malformed("the API key header is repeated"),
+    }
+}
+
+/// The request the engine decides on, as every front door describes it: the
+/// `Idempotency-Key` is read (from `keys`) only on methods that honour it, and a repeated
+/// one is refused.
+#[inline]
+pub(crate) fn describe<'a, I: Iterator<Item = &'a [u8]>>(
+    info: RequestInfo<'a>,
+    honoured: bool,
+    keys: impl FnOnce() -> I,
+) -> Result<RequestInfo<'a>, Rejection> {
+    if !honoured {
+        return Ok(info);
+    }
+    let mut keys = keys();
+    match (keys.next(), keys.next()) {
+        (None, _) => Ok(info),
+        (Some(key), None) => Ok(info.with_idempotency_key(key)),
+        (Some(_), Some(_)) => {
+            Err(Rejection::new(RejectionKind::MalformedIdempotencyKey, "the Idempotency-Key header is repeated"))
+        }
+    }
+}
 
 /// A front door's handle on the engine, with the configuration in force cached: what the
 /// tower layer uses per request, for other front doors (actix-web, Lambda) to use the same
@@ -68,6 +131,27 @@ impl FrontDoor {
     #[inline]
     pub fn honours_idempotency(&mut self, method: &str) -> bool {
         self.runtime.load().honours_idempotency(method)
+    }
+
+    /// Decides on a request of another framework, read through [`RequestView`], as the tower
+    /// layer decides on an [`http::Request`]. Most requests of known tenants are decided
+    /// here; the rest come back as [`Admission::Pending`], for [`Tollgate::resolve`].
+    #[inline]
+    pub fn admit_request(&mut self, request: &impl RequestView) -> Admission {
+        self.admit_raw(|rt| {
+            let credential = match &rt.config.identify {
+                Identify::ApiKey { header } => credential_in(request.header_values(header.as_str())),
+                Identify::Extension => match request.identity() {
+                    Some(identity) => Credential::Tenant(identity.tenant().as_str()),
+                    None => Credential::Missing,
+                },
+            };
+            let info = RequestInfo::new(request.method(), request.path(), credential);
+            describe(info, rt.honours_idempotency(request.method()), || {
+                request.header_values("idempotency-key")
+            })
+            .map(|info| if info.idempotency_key.is_some() { info.with_query(request.query()) } else { info })
+        })
     }
 
     /// Decides on a request without waiting, described by `describe` against the configured

@@ -170,8 +170,10 @@ pub(crate) struct Shared {
     pub(crate) shutdown: watch::Sender<bool>,
     /// Credentials the directory did not know, for `limits.negative_ttl`.
     pub(crate) unknown: moka::sync::Cache<(u64, u64), ()>,
-    /// This engine's id in the tokens of its quota calls, drawn at random when it is built.
-    pub(crate) node: u64,
+    /// This engine's id in the tokens of its quota calls, its idempotency claims and its
+    /// export claims, drawn at random when it is built and after a SnapStart restore (read
+    /// it with [`Shared::node`]).
+    pub(crate) node: std::sync::atomic::AtomicU64,
     /// The sequence number of its latest quota call.
     pub(crate) seq: std::sync::atomic::AtomicU64,
     /// How many quota cells have drawn a sender id.
@@ -225,6 +227,14 @@ impl fmt::Debug for Tollgate {
             .field("tenants", &self.shared.table.len())
             .field("store", &self.shared.store)
             .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// This engine's node id.
+    #[inline]
+    pub(crate) fn node(&self) -> u64 {
+        self.node.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

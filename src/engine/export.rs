@@ -258,7 +258,7 @@ impl Pass {
         // call, however long the pass has run.
         let now = shared.clock.unix_secs();
         let planned = plan_send(&self.rt, &agg, now);
-        let claim = ExportClaim::new(shared.node, now, now + settings.claim.as_secs() as i64);
+        let claim = ExportClaim::new(shared.node(), now, now + settings.claim.as_secs() as i64);
         let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
             return Ok(true);
         };
@@ -288,7 +288,7 @@ impl Pass {
         if self.halted.load(Ordering::Relaxed) {
             // Another lane found the sink refusing everything: the claim goes, untried.
             let now = shared.clock.unix_secs();
-            store.defer_export(&agg, &ExportClaim::new(shared.node, now, now), false).await?;
+            store.defer_export(&agg, &ExportClaim::new(shared.node(), now, now), false).await?;
             return Ok(false);
         }
         let event = meter_event(&self.rt, &agg, &send, store.identifier_salt());
@@ -323,7 +323,7 @@ impl Pass {
                 // nothing is parked, and this one is free for the next pass (one call a pass
                 // until the key is fixed).
                 tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
-                store.defer_export(&agg, &ExportClaim::new(shared.node, now, now), false).await?;
+                store.defer_export(&agg, &ExportClaim::new(shared.node(), now, now), false).await?;
                 self.halted.store(true, Ordering::Relaxed);
                 report.deferred = true;
                 Ok(false)
@@ -337,7 +337,7 @@ impl Pass {
                 let next = now + wait.as_secs() as i64;
                 tracing::warn!(error = %e, identifier = %event.identifier, attempts = agg.attempts, retry_in = ?wait,
                     "billing sink failed; retried later with the same identifier");
-                store.defer_export(&agg, &ExportClaim::new(shared.node, now, next), unknown).await?;
+                store.defer_export(&agg, &ExportClaim::new(shared.node(), now, next), unknown).await?;
                 report.retries += 1;
                 report.deferred = true;
                 Totals::add(&shared.totals.export_retries, 1);

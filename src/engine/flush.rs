@@ -26,9 +26,18 @@ pub(crate) struct Pipeline {
 
 impl Pipeline {
     pub(crate) fn new() -> Self {
-        use std::hash::BuildHasher;
-        let nonce = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
-        Self { pending: VecDeque::new(), staged: HashMap::new(), seq: 0, node: format!("{nonce:016x}") }
+        Self { pending: VecDeque::new(), staged: HashMap::new(), seq: 0, node: Self::draw_node() }
+    }
+
+    fn draw_node() -> String {
+        format!("{:016x}", crate::tenant::draw_u64())
+    }
+
+    /// Draws a new node id for the batches formed from now on (after a SnapStart restore).
+    /// Batches already formed keep theirs: retried by every copy, the store takes one.
+    pub(crate) fn renew_node(&mut self) {
+        self.node = Self::draw_node();
+        self.seq = 0;
     }
 
     /// Records drained and not committed.

@@ -38,7 +38,7 @@ impl Tollgate {
     fn token(&self, cell: QuotaRef<'_>) -> ReserveToken {
         let sender = cell.sender(|| {
             let n = self.shared.senders.fetch_add(1, Ordering::Relaxed) + 1;
-            self.shared.node ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            self.shared.node() ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
         });
         ReserveToken::new(sender, self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1)
     }

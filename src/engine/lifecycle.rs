@@ -167,6 +167,41 @@ impl Tollgate {
         }
     }
 
+    /// Settles what this process owes before a snapshot of its memory (AWS Lambda SnapStart)
+    /// is taken: every tenant is let go and its quota leases are given back, then every usage
+    /// record is flushed. Copies restored from the snapshot then carry no lease to spend twice
+    /// and no usage to flush twice. Call [`after_restore`](Self::after_restore) in each copy.
+    ///
+    /// # Errors
+    /// The store's error when the flush failed: the snapshot must not be taken then (each copy
+    /// would flush the same usage again), so the runtime's hook reports it and stops.
+    pub async fn before_snapshot(&self) -> Result<FlushReport, StoreError> {
+        let states = self.shared.table.evict_all();
+        self.return_leases(states).await;
+        let report = self.flush().await?;
+        let (records, _) = self.shared.pipeline.lock().await.held();
+        if records > 0 {
+            return Err(StoreError::Backend(format!("{records} usage records are still unflushed").into()));
+        }
+        Ok(report)
+    }
+
+    /// Makes a process restored from a snapshot its own: draws a new node id (for flush ids,
+    /// quota calls, idempotency and export claims) and new credential secrets from the
+    /// operating system, forgets what the old secrets keyed (tenants, unknown credentials),
+    /// and reads the wall clock again. Copies of one snapshot then never share a flush id or
+    /// a lease.
+    pub async fn after_restore(&self) {
+        self.shared.node.store(crate::tenant::draw_u64(), std::sync::atomic::Ordering::Relaxed);
+        self.shared.pipeline.lock().await.renew_node();
+        self.shared.table.reseed();
+        let states = self.shared.table.evict_all();
+        self.return_leases(states).await;
+        self.shared.unknown.invalidate_all();
+        self.shared.clock.resync();
+        tracing::info!("restored from a snapshot: new node id and secrets");
+    }
+
     /// Refills a lease that fell below its low watermark.
     pub(crate) async fn prefetch(&self, job: Prefetch) {
         // A retired state needs no refill: its lease goes back when its last request is done.

@@ -100,6 +100,12 @@ impl TenantTable {
     }
 
     #[inline]
+    /// Draws new credential secrets (after a snapshot restore). Evict every tenant after:
+    /// their credentials were digested with the old ones.
+    pub(crate) fn reseed(&self) {
+        self.digest.reseed();
+    }
+
     pub(crate) fn digest(&self, lookup: Lookup<'_>) -> Digest {
         let f = match lookup {
             Lookup::ApiKey(key) => self.digest.of(TAG_API_KEY, key),

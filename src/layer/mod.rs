@@ -12,4 +12,4 @@ pub use body::TollgateBody;
 pub use future::ResponseFuture;
 pub use layer::TollgateLayer;
 pub use resolver::{FromConfig, TenantResolver};
-pub use service::{respond, TollgateService};
+pub use service::{respond, respond_for, TollgateService};

@@ -41,12 +41,7 @@ impl<B> TenantResolver<B> for FromConfig {
     fn resolve<'r>(&self, request: &'r Request<B>, identify: &Identify) -> Credential<'r> {
         match identify {
             Identify::ApiKey { header } => {
-                let mut values = request.headers().get_all(header).iter();
-                match (values.next(), values.next()) {
-                    (None, _) => Credential::Missing,
-                    (Some(v), None) => Credential::ApiKey(v.as_bytes()),
-                    (Some(_), Some(_)) => Credential::Malformed("the API key header is repeated"),
-                }
+                crate::engine::credential_in(request.headers().get_all(header).iter().map(http::HeaderValue::as_bytes))
             }
             Identify::Extension => match request.extensions().get::<Identity>() {
                 Some(identity) => Credential::Tenant(identity.tenant().as_str()),

@@ -5,8 +5,8 @@ use tower_service::Service;
 
 use super::{future::ResponseFuture, FromConfig, TenantResolver};
 use crate::{
-    engine::{Admission, FrontDoor, RequestInfo, Tollgate},
-    response::{Field, ProblemJson, Rejection, RejectionKind, RejectionResponder, Value},
+    engine::{describe, Admission, FrontDoor, RequestInfo, Tollgate},
+    response::{Field, ProblemJson, Rejection, RejectionResponder, Value},
 };
 
 /// The service made by [`TollgateLayer`](super::TollgateLayer).
@@ -61,25 +61,15 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolver = &self.resolver;
         let admission = self.door.admit_raw(|rt| {
-            let mut info = RequestInfo::new(
+            let info = RequestInfo::new(
                 request.method().as_str(),
                 request.uri().path(),
                 resolver.resolve(&request, &rt.config.identify),
             );
-            // Only read on the methods that honour it.
-            if rt.honours_idempotency_method(request.method()) {
-                let mut keys = request.headers().get_all(&IDEMPOTENCY_KEY).iter();
-                if let Some(key) = keys.next() {
-                    if keys.next().is_some() {
-                        return Err(Rejection::new(
-                            RejectionKind::MalformedIdempotencyKey,
-                            "the Idempotency-Key header is repeated",
-                        ));
-                    }
-                    info = info.with_query(request.uri().query()).with_idempotency_key(key.as_bytes());
-                }
-            }
-            Ok(info)
+            describe(info, rt.honours_idempotency_method(request.method()), || {
+                request.headers().get_all(&IDEMPOTENCY_KEY).iter().map(HeaderValue::as_bytes)
+            })
+            .map(|info| if info.idempotency_key.is_some() { info.with_query(request.uri().query()) } else { info })
         });
         match admission {
             Admission::Admitted(ticket) => {
@@ -107,11 +97,18 @@ pub(crate) fn reject_for<B, P: RejectionResponder>(
     responder: &P,
     rejection: Rejection,
 ) -> Response<bytes::Bytes> {
-    let grpc = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if grpc {
+    respond_for(request.headers().get(http::header::CONTENT_TYPE).map(HeaderValue::as_bytes), responder, rejection)
+}
+
+/// [`respond`] to a request with this `Content-Type`: for a gRPC request a trailers-only
+/// gRPC status ([`GrpcStatus`](crate::response::GrpcStatus)) whatever the responder, as the
+/// tower layer answers. For front doors that do not see an [`http::Request`].
+pub fn respond_for<P: RejectionResponder>(
+    content_type: Option<&[u8]>,
+    responder: &P,
+    rejection: Rejection,
+) -> Response<bytes::Bytes> {
+    if content_type.is_some_and(|v| v.starts_with(b"application/grpc")) {
         respond(&crate::response::GrpcStatus, rejection)
     } else {
         respond(responder, rejection)

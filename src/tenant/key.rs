@@ -1,6 +1,7 @@
 use std::{
     fmt,
-    hash::{BuildHasher, Hasher},
+    hash::Hasher,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use sha2::{Digest, Sha256};
@@ -117,11 +118,25 @@ pub(crate) struct Fingerprint {
 }
 
 /// Computes fingerprints with SipHash-1-3 keyed by secrets drawn at start-up, so nobody outside
-/// the process can craft colliding inputs.
-#[derive(Clone)]
+/// the process can craft colliding inputs. Drawn anew after a SnapStart restore
+/// ([`reseed`](Self::reseed)), so that copies of one snapshot do not share them.
 pub(crate) struct Fingerprinter {
-    k0: u64,
-    k1: u64,
+    k0: AtomicU64,
+    k1: AtomicU64,
+}
+
+/// A random `u64` from the operating system. Not `RandomState`: its keys live in a
+/// thread-local drawn once and then counted up, so copies of one SnapStart snapshot (or of a
+/// forked process) would draw the same values after the copy.
+pub(crate) fn draw_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_ok() {
+        return u64::from_ne_bytes(bytes);
+    }
+    // No OS randomness (never seen on the platforms Lambda runs): mix the time in.
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    std::collections::hash_map::RandomState::new().hash_one((now.as_nanos(), std::process::id()))
 }
 
 pub(crate) const TAG_API_KEY: u8 = 1;
@@ -129,14 +144,18 @@ pub(crate) const TAG_TENANT: u8 = 2;
 
 impl Fingerprinter {
     pub(crate) fn random() -> Self {
-        let a = std::collections::hash_map::RandomState::new();
-        let b = std::collections::hash_map::RandomState::new();
-        Self { k0: a.hash_one(0x7011_6a7e_u64), k1: b.hash_one(0x5eed_u64) }
+        Self { k0: AtomicU64::new(draw_u64()), k1: AtomicU64::new(draw_u64()) }
+    }
+
+    /// Draws new secrets: every fingerprint computed before no longer matches.
+    pub(crate) fn reseed(&self) {
+        self.k0.store(draw_u64(), Ordering::Relaxed);
+        self.k1.store(draw_u64(), Ordering::Relaxed);
     }
 
     #[inline]
     pub(crate) fn of(&self, tag: u8, bytes: &[u8]) -> Fingerprint {
-        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        let mut h = SipHasher13::new_with_keys(self.k0.load(Ordering::Relaxed), self.k1.load(Ordering::Relaxed));
         h.write_u8(tag);
         h.write(bytes);
         let h = h.finish128();

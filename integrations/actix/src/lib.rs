@@ -1,0 +1,367 @@
+//! [tollgate](https://docs.rs/tollgate) for actix-web 4: a native middleware that enforces
+//! each tenant's plan over tollgate's shared engine, an extractor for the calling tenant, and a
+//! route for Stripe webhooks.
+//!
+//! The middleware decides as tollgate's tower layer does, through the same engine calls
+//! ([`FrontDoor::admit_request`], [`tollgate::layer::respond_for`]): the same decisions,
+//! rate-limit headers, problem+json bodies, usage recording and `Idempotency-Key` handling. It
+//! never buffers a body: requests and responses stream through untouched.
+//!
+//! ```no_run
+//! use actix_web::{web, App, HttpServer};
+//! use tollgate_actix::{Tenant, TollgateMiddleware};
+//!
+//! async fn generate(tenant: Tenant) -> String {
+//!     let tokens = 1234; // computed by the handler
+//!     tenant.record("tokens", tokens).expect("the tokens meter is declared");
+//!     format!("{} on {}", tenant.tenant(), tenant.plan())
+//! }
+//!
+//! #[actix_web::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = tollgate::Config::from_path("tollgate.toml")?;
+//!     let (engine, worker) = tollgate::Tollgate::builder(config).open().await?;
+//!     let worker = tokio::spawn(worker.run());
+//!     let app_engine = engine.clone();
+//!     HttpServer::new(move || {
+//!         App::new()
+//!             .wrap(TollgateMiddleware::new(app_engine.clone()))
+//!             .route("/v1/generate", web::post().to(generate))
+//!     })
+//!     .bind(("127.0.0.1", 8080))?
+//!     .run()
+//!     .await?;
+//!     engine.shutdown().await?; // the last usage reaches the store
+//!     worker.await?;
+//!     Ok(())
+//! }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+use std::{cell::RefCell, ops::Deref, rc::Rc};
+
+use actix_web::{
+    body::{BoxBody, EitherBody, MessageBody},
+    dev::{forward_ready, Extensions, Service, ServiceRequest, ServiceResponse, Transform},
+    http::{
+        header::{HeaderName, HeaderValue, CONTENT_TYPE},
+        StatusCode,
+    },
+    FromRequest, HttpMessage, HttpRequest, HttpResponse, Responder, ResponseError,
+};
+use futures_util::future::{ready, LocalBoxFuture, Ready};
+use tollgate::{
+    response::{ProblemJson, RejectionResponder},
+    Admission, ClientAddr, FrontDoor, Identity, Rejection, RequestView, TenantContext, Ticket, Tollgate,
+};
+
+/// The actix-web middleware: wrap an `App` (or a scope) with it to enforce every tenant's
+/// plan. Each worker thread's app gets its own [`FrontDoor`] on the one shared engine.
+///
+/// An admitted request carries its [`TenantContext`] (read it with the [`Tenant`] extractor)
+/// and its [`ClientAddr`] (the connection's peer) in its extensions; its response carries the
+/// rate-limit headers. A rejection is answered by the responder
+/// ([`ProblemJson`] unless [`responder`](Self::responder) says otherwise; a gRPC status for a
+/// gRPC content type), exactly as the tower layer answers.
+#[derive(Debug, Clone)]
+pub struct TollgateMiddleware<P = ProblemJson> {
+    tollgate: Tollgate,
+    responder: P,
+}
+
+impl TollgateMiddleware {
+    /// The middleware over `tollgate`, answering rejections with problem+json.
+    pub fn new(tollgate: Tollgate) -> Self {
+        Self { tollgate, responder: ProblemJson }
+    }
+}
+
+impl<P> TollgateMiddleware<P> {
+    /// Answers rejections with `responder` instead.
+    pub fn responder<Q: RejectionResponder>(self, responder: Q) -> TollgateMiddleware<Q> {
+        TollgateMiddleware { tollgate: self.tollgate, responder }
+    }
+}
+
+impl<S, B, P> Transform<S, ServiceRequest> for TollgateMiddleware<P>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+    P: RejectionResponder,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Transform = TollgateService<S, P>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(TollgateService {
+            service: Rc::new(service),
+            door: RefCell::new(self.tollgate.front_door()),
+            responder: self.responder.clone(),
+        }))
+    }
+}
+
+/// The service made by [`TollgateMiddleware`].
+#[derive(Debug)]
+pub struct TollgateService<S, P = ProblemJson> {
+    service: Rc<S>,
+    door: RefCell<FrontDoor>,
+    responder: P,
+}
+
+/// An actix-web request as the engine reads it.
+struct View<'a> {
+    request: &'a ServiceRequest,
+    extensions: std::cell::Ref<'a, Extensions>,
+}
+
+impl RequestView for View<'_> {
+    fn method(&self) -> &str {
+        self.request.method().as_str()
+    }
+
+    fn path(&self) -> &str {
+        self.request.path()
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.request.uri().query()
+    }
+
+    fn header_values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s [u8]> {
+        self.request.headers().get_all(name).map(HeaderValue::as_bytes)
+    }
+
+    fn identity(&self) -> Option<&Identity> {
+        self.extensions.get::<Identity>()
+    }
+}
+
+impl<S, B, P> Service<ServiceRequest> for TollgateService<S, P>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+    P: RejectionResponder,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, request: ServiceRequest) -> Self::Future {
+        let admission = {
+            let view = View { request: &request, extensions: request.extensions() };
+            self.door.borrow_mut().admit_request(&view)
+        };
+        if let Some(peer) = request.peer_addr() {
+            request.extensions_mut().insert(ClientAddr(peer.ip()));
+        }
+        match admission {
+            Admission::Admitted(ticket) => {
+                let response = admitted(&self.service, request, ticket);
+                Box::pin(response)
+            }
+            Admission::Rejected(rejection) => {
+                let response = reject(request, &self.responder, rejection);
+                Box::pin(ready(Ok(response)))
+            }
+            Admission::Pending(pending) => {
+                let tollgate = self.door.borrow().engine().clone();
+                let service = self.service.clone();
+                let responder = self.responder.clone();
+                Box::pin(async move {
+                    match tollgate.resolve(pending).await {
+                        Ok(ticket) => admitted(&service, request, ticket).await,
+                        Err(rejection) => Ok(reject(request, &responder, rejection)),
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// Runs an admitted request: the tenant's context in, the rate-limit headers on the response
+/// head, and the ticket completed with its status (a service error drops the ticket, which
+/// gives its units back).
+fn admitted<S, B>(
+    service: &Rc<S>,
+    request: ServiceRequest,
+    ticket: Ticket,
+) -> impl std::future::Future<Output = Result<ServiceResponse<EitherBody<B>>, actix_web::Error>> + 'static
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    request.extensions_mut().insert(ticket.context());
+    let call = service.call(request);
+    async move {
+        let mut response = call.await?;
+        let headers = response.headers_mut();
+        ticket.for_each_header(|field, value| {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(field.name()), value);
+            }
+        });
+        ticket.complete(response.status().as_u16());
+        Ok(response.map_into_left_body())
+    }
+}
+
+fn reject<B, P: RejectionResponder>(
+    request: ServiceRequest,
+    responder: &P,
+    rejection: Rejection,
+) -> ServiceResponse<EitherBody<B>> {
+    let content_type = request.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes);
+    let response = to_actix(tollgate::layer::respond_for(content_type, responder, rejection));
+    request.into_response(response).map_into_right_body()
+}
+
+/// An `http` 1 response (what tollgate builds) as an actix-web one: status, every header in
+/// order, the body, and the [`Rejection`] in the extensions when there is one.
+fn to_actix(response: http::Response<bytes::Bytes>) -> HttpResponse {
+    let (parts, body) = response.into_parts();
+    let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut out = HttpResponse::with_body(status, BoxBody::new(body));
+    let headers = out.headers_mut();
+    for (name, value) in &parts.headers {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name.as_str().as_bytes()), HeaderValue::from_bytes(value.as_bytes()))
+        {
+            headers.append(name, value);
+        }
+    }
+    if let Some(rejection) = parts.extensions.get::<Rejection>() {
+        out.extensions_mut().insert(rejection.clone());
+    }
+    out
+}
+
+/// The tenant of the request, as the middleware admitted it: dereferences to
+/// [`TenantContext`] (`tenant()`, `plan()`, `customer()`, `quota(meter)`, `record(meter, n)`).
+///
+/// `record` works for as long as you hold it: move it into a streaming body to record usage
+/// measured while the response streams. A handler the middleware does not wrap gets a 500
+/// naming the cause; `Option<Tenant>` gets `None` instead.
+#[derive(Debug, Clone)]
+pub struct Tenant(pub TenantContext);
+
+impl Tenant {
+    /// The context itself.
+    pub fn into_inner(self) -> TenantContext {
+        self.0
+    }
+}
+
+impl Deref for Tenant {
+    type Target = TenantContext;
+
+    fn deref(&self) -> &TenantContext {
+        &self.0
+    }
+}
+
+impl FromRequest for Tenant {
+    type Error = MissingMiddleware;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        ready(req.extensions().get::<TenantContext>().cloned().map(Tenant).ok_or(MissingMiddleware))
+    }
+}
+
+/// Why [`Tenant`] could not be extracted: the request did not pass through
+/// [`TollgateMiddleware`]. A configuration error: answered 500 with a problem+json body.
+#[derive(Debug, Clone, Copy)]
+pub struct MissingMiddleware;
+
+impl std::fmt::Display for MissingMiddleware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no tenant in the request extensions: is tollgate_actix::TollgateMiddleware wrapping this route?")
+    }
+}
+
+impl std::error::Error for MissingMiddleware {}
+
+impl ResponseError for MissingMiddleware {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = format!(
+            r#"{{"type":"about:blank","title":"Internal Server Error","status":500,"detail":{}}}"#,
+            quoted(&self.to_string())
+        );
+        HttpResponse::InternalServerError().content_type("application/problem+json").body(body)
+    }
+}
+
+/// `s` as a JSON string literal.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A [`Rejection`] as an actix-web response: what the middleware answers with its default
+/// responder ([`ProblemJson`]): status, `application/problem+json` body, `WWW-Authenticate` on
+/// 401, rate-limit headers, `Retry-After`, and the rejection in the extensions. For handlers
+/// that ask the engine themselves (through [`Tollgate::front_door`]).
+#[derive(Debug, Clone)]
+pub struct RejectionResponse(pub Rejection);
+
+impl From<Rejection> for RejectionResponse {
+    fn from(rejection: Rejection) -> Self {
+        Self(rejection)
+    }
+}
+
+impl Responder for RejectionResponse {
+    type Body = BoxBody;
+
+    fn respond_to(self, _req: &HttpRequest) -> HttpResponse {
+        to_actix(tollgate::layer::respond(&ProblemJson, self.0))
+    }
+}
+
+/// A `POST` route for Stripe webhooks over tollgate's
+/// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
+/// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store
+/// failed (Stripe delivers it again).
+///
+/// Mount it outside the middleware (Stripe is not a tenant):
+///
+/// ```no_run
+/// # fn app(engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
+/// use actix_web::{web, App};
+/// let webhooks = std::sync::Arc::new(tollgate::billing::WebhookHandler::from_config(engine.clone())?);
+/// let app = App::new()
+///     .route("/stripe/webhook", tollgate_actix::stripe_webhook(webhooks))
+///     .service(web::scope("/v1").wrap(tollgate_actix::TollgateMiddleware::new(engine)));
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(feature = "stripe")]
+pub fn stripe_webhook(handler: std::sync::Arc<tollgate::billing::WebhookHandler>) -> actix_web::Route {
+    actix_web::web::post().to(move |request: HttpRequest, body: actix_web::web::Bytes| {
+        let handler = handler.clone();
+        async move {
+            let signature = request.headers().get("stripe-signature").and_then(|v| v.to_str().ok());
+            to_actix(handler.handle(signature, &body).await.into_response())
+        }
+    })
+}

@@ -1,0 +1,165 @@
+//! tollgate behind actix-web: the conformance table (tests/conformance) against the tower
+//! layer, the extractor, the client address, rejections as responses.
+#![allow(missing_docs)]
+
+#[path = "../../../tests/conformance/mod.rs"]
+mod conformance;
+
+use actix_web::{
+    http::Method,
+    test::{self, TestRequest},
+    web, App, HttpResponse,
+};
+use conformance::{Door, Req, Resp, Tower, ENTERED, GENERATE_TOKENS, RELEASE, STREAM_TOKENS};
+use tollgate::{ClientAddr, Tollgate};
+use tollgate_actix::{RejectionResponse, Tenant, TollgateMiddleware};
+
+fn text(status: u16, body: &'static str) -> HttpResponse {
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap()).content_type("text/plain").body(body)
+}
+
+/// The conformance application, the actix-web way.
+fn api(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/items", web::get().to(|| async { text(200, "items") }))
+        .route("/v1/reports", web::post().to(|| async { text(200, "report") }))
+        .route("/v1/fail", web::get().to(|| async { text(500, "fail") }))
+        .route(
+            "/v1/generate",
+            web::post().to(|tenant: Tenant| async move {
+                tenant.record("tokens", GENERATE_TOKENS).unwrap();
+                text(200, "generated")
+            }),
+        )
+        .route(
+            "/v1/stream",
+            web::get().to(|tenant: Tenant| async move {
+                // `b` goes after the head, with the tokens recorded just before it.
+                let chunks = futures_util::stream::unfold(0u8, move |sent| {
+                    let tenant = tenant.clone();
+                    async move {
+                        match sent {
+                            0 => Some((Ok::<_, actix_web::Error>(web::Bytes::from_static(b"a")), 1)),
+                            1 => {
+                                tenant.record("tokens", STREAM_TOKENS).unwrap();
+                                Some((Ok(web::Bytes::from_static(b"b")), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                HttpResponse::Ok().content_type("text/plain").streaming(chunks)
+            }),
+        )
+        .route("/v1/orders", web::post().to(|| async { text(201, "created") }))
+        .route(
+            "/v1/slow",
+            web::post().to(|| async {
+                ENTERED.notify_one();
+                RELEASE.notified().await;
+                text(201, "created")
+            }),
+        );
+}
+
+struct Actix {
+    engine: Tollgate,
+}
+
+impl Door for Actix {
+    async fn send(&self, req: Req) -> Resp {
+        let app = App::new();
+        #[cfg(feature = "stripe")]
+        let app = app.route("/stripe/webhook", tollgate_actix::stripe_webhook(conformance::webhooks(&self.engine)));
+        let app = test::init_service(
+            app.service(web::scope("").wrap(TollgateMiddleware::new(self.engine.clone())).configure(api)),
+        )
+        .await;
+        let mut request = TestRequest::default().method(Method::from_bytes(req.method.as_bytes()).unwrap()).uri(req.path);
+        for (name, value) in req.headers {
+            request = request.append_header((name, value));
+        }
+        let response = test::call_service(&app, request.set_payload(req.body).to_request()).await;
+        let status = response.status().as_u16();
+        let headers: Vec<(String, Vec<u8>)> =
+            response.headers().iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())).collect();
+        let body = test::read_body(response).await;
+        Resp::new(status, headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())), body.to_vec())
+    }
+}
+
+#[actix_web::test]
+async fn the_middleware_answers_as_the_tower_layer_does() {
+    conformance::assert_same(Tower::new, |engine| Actix { engine }).await;
+}
+
+#[actix_web::test]
+async fn the_client_address_and_the_tenant_are_in_the_extensions() {
+    let (engine, _, _) = conformance::engine().await;
+    let app = test::init_service(App::new().wrap(TollgateMiddleware::new(engine)).route(
+        "/whoami",
+        web::get().to(|tenant: Tenant, req: actix_web::HttpRequest| async move {
+            use actix_web::HttpMessage;
+            let addr = req.extensions().get::<ClientAddr>().copied();
+            format!("{} {} {:?}", tenant.tenant(), tenant.plan(), addr.map(|a| a.0.to_string()))
+        }),
+    ))
+    .await;
+    let request = TestRequest::get()
+        .uri("/whoami")
+        .insert_header(("x-api-key", "key-free"))
+        .peer_addr("192.0.2.7:40000".parse().unwrap())
+        .to_request();
+    let body = test::call_and_read_body(&app, request).await;
+    assert_eq!(body, "acme free Some(\"192.0.2.7\")");
+}
+
+#[actix_web::test]
+async fn without_the_middleware_the_extractor_answers_500_and_the_option_none() {
+    let app = test::init_service(
+        App::new()
+            .route("/needs", web::get().to(|_tenant: Tenant| async { "never" }))
+            .route("/maybe", web::get().to(|tenant: Option<Tenant>| async move { format!("{}", tenant.is_some()) })),
+    )
+    .await;
+    let response = test::call_service(&app, TestRequest::get().uri("/needs").to_request()).await;
+    assert_eq!(response.status().as_u16(), 500);
+    assert_eq!(response.headers().get("content-type").unwrap(), "application/problem+json");
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(response).await).unwrap();
+    assert_eq!(body["status"], 500);
+    assert!(body["detail"].as_str().unwrap().contains("TollgateMiddleware"), "{body}");
+    let body = test::call_and_read_body(&app, TestRequest::get().uri("/maybe").to_request()).await;
+    assert_eq!(body, "false");
+}
+
+#[actix_web::test]
+async fn a_rejection_response_is_the_middlewares_rejection() {
+    // A handler that asks the engine itself answers a refusal as the middleware would.
+    let (engine, _, _) = conformance::engine().await;
+    let asked = engine.clone();
+    let app = test::init_service(App::new().route(
+        "/ask",
+        web::get().to(move || {
+            let engine = asked.clone();
+            async move {
+                let admission = engine.front_door().admit_with(|_| {
+                    tollgate::RequestInfo::new("GET", "/v1/items", tollgate::Credential::ApiKey(b"key-nobody"))
+                });
+                RejectionResponse(match admission {
+                    tollgate::Admission::Rejected(rejection) => rejection,
+                    tollgate::Admission::Pending(pending) => engine.resolve(pending).await.expect_err("an unknown key"),
+                    tollgate::Admission::Admitted(_) => unreachable!("an unknown key"),
+                })
+            }
+        }),
+    ))
+    .await;
+    let direct = test::call_service(&app, TestRequest::get().uri("/ask").to_request()).await;
+    let layered = Actix { engine }.send(Req::new("GET", "/v1/items").key("key-nobody")).await;
+    let status = direct.status().as_u16();
+    let headers: Vec<(String, Vec<u8>)> =
+        direct.headers().iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())).collect();
+    let body = test::read_body(direct).await;
+    let direct = Resp::new(status, headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())), body.to_vec());
+    assert_eq!(direct, layered);
+    assert_eq!(direct.status, 401);
+}

@@ -1,0 +1,517 @@
+//! One behaviour in every front door: a table of scenarios, run against the bare tower layer
+//! and against each door (axum, actix-web, Lambda). Each door's test builds the same little
+//! application over a fresh engine per scenario and sends the same requests; the statuses,
+//! headers, bodies and the usage the store holds afterwards must be those of the bare tower
+//! layer, whose own statuses are checked against the table.
+//!
+//! Included with `#[path]` by each door's test; every door serves:
+//! - `GET /v1/items` → 200 `items`;
+//! - `POST /v1/reports` → 200 `report` (the route costs 5);
+//! - `GET /v1/fail` → 500 `fail` (not billed: 5xx give back);
+//! - `POST /v1/generate` → 200 `generated`, the handler records 7 `tokens`;
+//! - `GET /v1/stream` → 200 `ab` in two chunks, 3 `tokens` recorded after the head;
+//! - `POST /v1/orders` → 201 `created`;
+//! - `POST /v1/slow` → 201 `created` once [`RELEASE`] is notified (it notifies [`ENTERED`]);
+//! - `POST /stripe/webhook` → the Stripe webhook handler (feature `stripe`).
+//!
+//! Every response the handlers make has `content-type: text/plain`.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use tollgate::{
+    clock::Clock,
+    store::{MemoryStore, Store, TenantRecord},
+    KeyHash, Tollgate,
+};
+
+/// 2026-03-14T12:00:00Z
+pub const NOON: i64 = 1_773_489_600;
+
+/// The signing secret of the webhook route.
+pub const WEBHOOK_SECRET: &str = "whsec_conformance";
+
+pub const CONFIG: &str = r#"
+[identify]
+source = "api-key"
+header = "x-api-key"
+unknown = "reject"
+
+[limits]
+headers = "draft"
+
+[usage]
+window = "1h"
+
+[meters.requests]
+[meters.tokens]
+
+[plans.free]
+rate = "5/s"
+burst = 5
+quotas.requests = { limit = 10, period = "day", mode = "hard" }
+quotas.tokens = { limit = 10, period = "day", mode = "hard" }
+
+[plans.soft]
+rate = "100/s"
+burst = 100
+quotas.requests = { limit = 2, period = "day", mode = "soft" }
+
+[plans.pro]
+rate = "100/s"
+burst = 100
+
+[[routes]]
+method = "POST"
+path = "/v1/reports"
+cost = 5
+
+[[routes]]
+method = "POST"
+path = "/v1/generate"
+reports = ["tokens"]
+
+[tenants.acme]
+plan = "free"
+keys = ["key-free"]
+
+[tenants.globex]
+plan = "soft"
+keys = ["key-soft"]
+
+[stripe.events]
+"payment_method.attached" = "pro"
+"#;
+
+/// The handler of `POST /v1/slow` notifies this when it starts...
+pub static ENTERED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// ...and answers once this is notified.
+pub static RELEASE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// What the handlers record.
+pub const GENERATE_TOKENS: u64 = 7;
+pub const STREAM_TOKENS: u64 = 3;
+
+/// A request of a scenario.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl Req {
+    pub fn new(method: &'static str, path: &'static str) -> Self {
+        Self { method, path, headers: Vec::new(), body: String::new() }
+    }
+
+    pub fn key(self, key: &str) -> Self {
+        self.header("x-api-key", key)
+    }
+
+    pub fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+
+    pub fn body(mut self, body: String) -> Self {
+        self.body = body;
+        self
+    }
+}
+
+/// A response as compared: the status, the headers (lowercase names, repeated values joined
+/// with `, `; without those the frameworks add themselves), the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// Headers a framework or server adds on its own, not compared.
+pub const FRAMEWORK_HEADERS: &[&str] = &["date", "content-length", "server", "connection", "transfer-encoding"];
+
+impl Resp {
+    /// A response from its parts, leaving out [`FRAMEWORK_HEADERS`].
+    pub fn new<'a>(status: u16, headers: impl IntoIterator<Item = (&'a str, &'a [u8])>, body: Vec<u8>) -> Self {
+        let mut map = BTreeMap::<String, String>::new();
+        for (name, value) in headers {
+            let name = name.to_ascii_lowercase();
+            if FRAMEWORK_HEADERS.contains(&name.as_str()) {
+                continue;
+            }
+            let value = String::from_utf8_lossy(value).into_owned();
+            map.entry(name).and_modify(|v| *v = format!("{v}, {value}")).or_insert(value);
+        }
+        Self { status, headers: map, body: String::from_utf8(body).expect("a UTF-8 body") }
+    }
+}
+
+/// A front door serving the application above over one engine.
+#[allow(async_fn_in_trait)]
+pub trait Door {
+    async fn send(&self, req: Req) -> Resp;
+}
+
+/// What a scenario does.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Send a request; the bare layer must answer with this status.
+    Send(Req, u16),
+    /// Send `first`; while its handler runs, send `second`; then let `first` finish. The two
+    /// statuses expected.
+    Overlap(Req, Req, u16, u16),
+    /// Move the engine's clock forward.
+    Advance(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub steps: Vec<Step>,
+}
+
+/// What a door did in a scenario: every response, and the usage the store holds afterwards
+/// (per tenant and meter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub responses: Vec<Resp>,
+    pub usage: BTreeMap<(String, String), u64>,
+}
+
+fn get(path: &'static str) -> Req {
+    Req::new("GET", path)
+}
+
+fn post(path: &'static str) -> Req {
+    Req::new("POST", path)
+}
+
+use Step::{Advance, Overlap, Send};
+
+/// The table.
+pub fn scenarios() -> Vec<Scenario> {
+    let mut table = vec![
+        Scenario {
+            name: "missing, unknown and malformed keys",
+            steps: vec![
+                Send(get("/v1/items"), 401),
+                Send(get("/v1/items").key("key-nobody"), 401),
+                Send(get("/v1/items").key("key-free").key("key-soft"), 400),
+                Send(get("/v1/items").key(""), 400),
+                Send(get("/v1/items").key("key-free"), 200),
+            ],
+        },
+        Scenario {
+            name: "rate: the burst, then 429 with Retry-After, then the refill",
+            steps: vec![
+                Send(get("/v1/items").key("key-free"), 200),
+                Send(get("/v1/items").key("key-free"), 200),
+                Send(get("/v1/items").key("key-free"), 200),
+                Send(get("/v1/items").key("key-free"), 200),
+                Send(get("/v1/items").key("key-free"), 200),
+                Send(get("/v1/items").key("key-free"), 429),
+                Advance(Duration::from_millis(400)),
+                Send(get("/v1/items").key("key-free"), 200),
+                Send(get("/v1/items").key("key-free"), 200),
+                Send(get("/v1/items").key("key-free"), 429),
+            ],
+        },
+        Scenario {
+            name: "hard quota and route cost",
+            steps: vec![
+                Send(post("/v1/reports").key("key-free"), 200),
+                Advance(Duration::from_secs(1)),
+                Send(post("/v1/reports").key("key-free"), 200),
+                Advance(Duration::from_secs(1)),
+                Send(get("/v1/items").key("key-free"), 429),
+                Send(post("/v1/reports").key("key-free"), 429),
+            ],
+        },
+        Scenario {
+            name: "soft quota: admitted past the limit, counted",
+            steps: vec![
+                Send(get("/v1/items").key("key-soft"), 200),
+                Send(get("/v1/items").key("key-soft"), 200),
+                Send(get("/v1/items").key("key-soft"), 200),
+                Send(post("/v1/reports").key("key-soft"), 200),
+            ],
+        },
+        Scenario {
+            name: "5xx give back",
+            steps: vec![
+                Send(get("/v1/fail").key("key-free"), 500),
+                Send(get("/v1/fail").key("key-free"), 500),
+                Send(get("/v1/items").key("key-free"), 200),
+            ],
+        },
+        Scenario {
+            name: "idempotency: replay, mismatch, malformed",
+            steps: vec![
+                Send(post("/v1/orders").key("key-free").header("idempotency-key", "order-1"), 201),
+                Send(post("/v1/orders").key("key-free").header("idempotency-key", "order-1"), 201),
+                Send(post("/v1/reports").key("key-free").header("idempotency-key", "order-1"), 422),
+                Send(
+                    post("/v1/orders")
+                        .key("key-free")
+                        .header("idempotency-key", "order-2")
+                        .header("idempotency-key", "order-3"),
+                    400,
+                ),
+                Send(post("/v1/orders").key("key-free").header("idempotency-key", &"x".repeat(300)), 400),
+                // GET does not honour the key: charged each time.
+                Send(get("/v1/items").key("key-free").header("idempotency-key", "order-1"), 200),
+            ],
+        },
+        Scenario {
+            name: "idempotency: in flight",
+            steps: vec![Overlap(
+                post("/v1/slow").key("key-soft").header("idempotency-key", "slow-1"),
+                post("/v1/slow").key("key-soft").header("idempotency-key", "slow-1"),
+                201,
+                409,
+            )],
+        },
+        Scenario {
+            name: "handler-reported usage, and its hard quota",
+            steps: vec![
+                Send(post("/v1/generate").key("key-free"), 200),
+                Send(post("/v1/generate").key("key-free"), 200),
+                Advance(Duration::from_secs(1)),
+                Send(post("/v1/generate").key("key-free"), 429),
+                Send(get("/v1/items").key("key-free"), 200),
+            ],
+        },
+        Scenario {
+            name: "usage recorded while the response streams",
+            steps: vec![Send(get("/v1/stream").key("key-soft"), 200), Send(get("/v1/stream").key("key-soft"), 200)],
+        },
+    ];
+    if cfg!(feature = "stripe") {
+        // Verified against the engine's clock.
+        let now = NOON;
+        let payload = format!(
+            r#"{{"id":"evt_1","object":"event","type":"payment_method.attached","created":{now},"data":{{"object":{{"object":"payment_method","customer":"cus_beta"}}}}}}"#
+        );
+        let signed = |secret: &str| stripe_signature(&payload, secret, now);
+        table.push(Scenario {
+            name: "webhook: a bad signature changes nothing, a good one moves the plan",
+            steps: vec![
+                Send(post("/v1/reports").key("key-beta"), 200),
+                Advance(Duration::from_secs(1)),
+                Send(post("/v1/reports").key("key-beta"), 200),
+                Advance(Duration::from_secs(1)),
+                Send(get("/v1/items").key("key-beta"), 429),
+                Send(post("/stripe/webhook").header("stripe-signature", &signed("whsec_other")).body(payload.clone()), 400),
+                Send(get("/v1/items").key("key-beta"), 429),
+                Send(post("/stripe/webhook").header("stripe-signature", &signed(WEBHOOK_SECRET)).body(payload.clone()), 200),
+                Send(post("/stripe/webhook").header("stripe-signature", &signed(WEBHOOK_SECRET)).body(payload), 200),
+                Send(get("/v1/items").key("key-beta"), 200),
+            ],
+        });
+    }
+    table
+}
+
+/// The `Stripe-Signature` value Stripe would send for `payload` signed with `secret` at `t`.
+#[cfg(feature = "stripe")]
+fn stripe_signature(payload: &str, secret: &str, t: i64) -> String {
+    stripe_webhook::Webhook::generate_test_header(payload, secret, Some(t))
+}
+
+#[cfg(not(feature = "stripe"))]
+fn stripe_signature(_: &str, _: &str, _: i64) -> String {
+    unreachable!("the webhook scenario needs the stripe feature")
+}
+
+/// The webhook handler of a door over `engine`, verifying with [`WEBHOOK_SECRET`].
+#[cfg(feature = "stripe")]
+pub fn webhooks(engine: &Tollgate) -> Arc<tollgate::billing::WebhookHandler> {
+    Arc::new(tollgate::billing::WebhookHandler::new(
+        engine.clone(),
+        vec![tollgate::billing::Secret::new(WEBHOOK_SECRET)],
+    ))
+}
+
+/// The application on `http` types, for the tower layer (and Lambda, whose requests are
+/// `http` requests): generic over the request body.
+pub async fn app<B>(req: http::Request<B>) -> Result<http::Response<AppBody>, std::convert::Infallible> {
+    let ctx = req.extensions().get::<tollgate::TenantContext>().cloned();
+    let text = |status: u16, body: &'static str| {
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "text/plain")
+            .body(AppBody::Full(Some(bytes::Bytes::from_static(body.as_bytes()))))
+            .unwrap()
+    };
+    Ok(match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/v1/items") => text(200, "items"),
+        ("POST", "/v1/reports") => text(200, "report"),
+        ("GET", "/v1/fail") => text(500, "fail"),
+        ("POST", "/v1/generate") => {
+            ctx.expect("a tenant").record("tokens", GENERATE_TOKENS).unwrap();
+            text(200, "generated")
+        }
+        ("GET", "/v1/stream") => http::Response::builder()
+            .status(200)
+            .header("content-type", "text/plain")
+            .body(AppBody::Stream { ctx: Some(ctx.expect("a tenant")), sent: 0 })
+            .unwrap(),
+        ("POST", "/v1/orders") => text(201, "created"),
+        ("POST", "/v1/slow") => {
+            ENTERED.notify_one();
+            RELEASE.notified().await;
+            text(201, "created")
+        }
+        _ => text(404, "not found"),
+    })
+}
+
+/// The application's response body: whole, or `a` then `b` with [`STREAM_TOKENS`] recorded
+/// between them (after the response head has gone).
+#[derive(Debug)]
+pub enum AppBody {
+    Full(Option<bytes::Bytes>),
+    Stream { ctx: Option<tollgate::TenantContext>, sent: u8 },
+}
+
+impl http_body::Body for AppBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let frame = match self.get_mut() {
+            AppBody::Full(data) => data.take(),
+            AppBody::Stream { ctx, sent } => {
+                *sent += 1;
+                match *sent {
+                    1 => Some(bytes::Bytes::from_static(b"a")),
+                    2 => {
+                        ctx.take().expect("a tenant").record("tokens", STREAM_TOKENS).unwrap();
+                        Some(bytes::Bytes::from_static(b"b"))
+                    }
+                    _ => None,
+                }
+            }
+        };
+        std::task::Poll::Ready(frame.map(|d| Ok(http_body::Frame::data(d))))
+    }
+}
+
+/// The bare tower layer, the reference: the layer over [`app`], and the webhook route beside
+/// it (outside the layer).
+pub struct Tower {
+    engine: Tollgate,
+}
+
+impl Tower {
+    pub fn new(engine: Tollgate) -> Self {
+        Self { engine }
+    }
+}
+
+impl Door for Tower {
+    async fn send(&self, req: Req) -> Resp {
+        use http_body_util::BodyExt;
+        use tower::{Layer, ServiceExt};
+        let mut builder = http::Request::builder().method(req.method).uri(req.path);
+        for (name, value) in &req.headers {
+            builder = builder.header(*name, value.as_str());
+        }
+        let request = builder.body(http_body_util::Full::new(bytes::Bytes::from(req.body))).unwrap();
+        if req.path == "/stripe/webhook" {
+            #[cfg(feature = "stripe")]
+            {
+                let (parts, body) = request.into_parts();
+                let signature = parts.headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+                let body = body.collect().await.unwrap().to_bytes();
+                let reply = webhooks(&self.engine).handle(signature, &body).await.into_response();
+                let (parts, body) = reply.into_parts();
+                return Resp::new(
+                    parts.status.as_u16(),
+                    parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+                    body.to_vec(),
+                );
+            }
+        }
+        let service = tollgate::TollgateLayer::new(self.engine.clone()).layer(tower::service_fn(app));
+        let response = service.oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Resp::new(parts.status.as_u16(), parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())), body.to_vec())
+    }
+}
+
+/// A fresh engine for a scenario: a memory store whose directory holds `beta` (plan `free`,
+/// key `key-beta`, Stripe customer `cus_beta`), a fake clock at [`NOON`]. The worker is not
+/// run: usage is flushed by [`run`].
+pub async fn engine() -> (Tollgate, tollgate::clock::FakeClock, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::new());
+    let beta = TenantRecord::new("beta".into(), "free".into()).with_customer("cus_beta");
+    store.put_tenant(&beta, &[KeyHash::of(b"key-beta")]).await.unwrap();
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(CONFIG).expect("the conformance configuration");
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
+    (engine, fake, store)
+}
+
+/// Runs one scenario on a door `make` builds over a fresh engine.
+pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, check_statuses: bool) -> Outcome {
+    let (engine, clock, store) = engine().await;
+    let door = make(engine.clone());
+    let mut responses = Vec::new();
+    for (i, step) in scenario.steps.iter().enumerate() {
+        match step.clone() {
+            Send(req, status) => {
+                let resp = door.send(req).await;
+                if check_statuses {
+                    assert_eq!(resp.status, status, "{}: step {i}: {resp:?}", scenario.name);
+                }
+                responses.push(resp);
+            }
+            Overlap(first, second, status_first, status_second) => {
+                let (a, b) = tokio::join!(door.send(first), async {
+                    ENTERED.notified().await;
+                    let b = door.send(second).await;
+                    RELEASE.notify_one();
+                    b
+                });
+                if check_statuses {
+                    assert_eq!((a.status, b.status), (status_first, status_second), "{}: step {i}", scenario.name);
+                }
+                responses.push(a);
+                responses.push(b);
+            }
+            Advance(by) => clock.advance(by),
+        }
+    }
+    engine.flush().await.expect("the memory store takes every flush");
+    let mut usage = BTreeMap::new();
+    for tenant in ["acme", "globex", "beta"] {
+        for a in store.usage_range(&tenant.into(), 0, i64::MAX).await.unwrap() {
+            *usage.entry((tenant.to_owned(), a.key.meter.to_string())).or_insert(0) += a.quantity;
+        }
+    }
+    Outcome { responses, usage }
+}
+
+/// Runs the whole table on the bare tower layer (`reference`, whose statuses are checked) and
+/// on `door`, and asserts that they agree on every response and on the usage stored.
+pub async fn assert_same<R: Door, D: Door>(reference: impl Fn(Tollgate) -> R, door: impl Fn(Tollgate) -> D) {
+    let table = scenarios();
+    assert!(table.len() >= 9);
+    for scenario in &table {
+        let expected = run(scenario, &reference, true).await;
+        let got = run(scenario, &door, false).await;
+        for (i, (e, g)) in expected.responses.iter().zip(&got.responses).enumerate() {
+            assert_eq!(g, e, "{}: response {i} differs from the tower layer's", scenario.name);
+        }
+        assert_eq!(got.responses.len(), expected.responses.len(), "{}", scenario.name);
+        assert_eq!(got.usage, expected.usage, "{}: the usage stored differs from the tower layer's", scenario.name);
+    }
+}
