@@ -348,7 +348,7 @@ impl Responder for RejectionResponse {
 /// ```no_run
 /// # fn app(engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
 /// use actix_web::{web, App};
-/// let webhooks = std::sync::Arc::new(tollgate::billing::WebhookHandler::from_config(engine.clone())?);
+/// let webhooks = tollgate::billing::WebhookHandler::from_config(engine.clone())?;
 /// let app = App::new()
 ///     .route("/stripe/webhook", tollgate_actix::stripe_webhook(webhooks))
 ///     .service(web::scope("/v1").wrap(tollgate_actix::TollgateMiddleware::new(engine)));
@@ -356,7 +356,8 @@ impl Responder for RejectionResponse {
 /// # }
 /// ```
 #[cfg(feature = "stripe")]
-pub fn stripe_webhook(handler: std::sync::Arc<tollgate::billing::WebhookHandler>) -> actix_web::Route {
+pub fn stripe_webhook(handler: impl Into<std::sync::Arc<tollgate::billing::WebhookHandler>>) -> actix_web::Route {
+    let handler = handler.into();
     actix_web::web::post().to(move |request: HttpRequest, body: actix_web::web::Bytes| {
         let handler = handler.clone();
         async move {

@@ -107,6 +107,29 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Tenant {
     }
 }
 
+/// A middleware that puts the connection's peer address in the request as tollgate's
+/// [`ClientAddr`](tollgate::ClientAddr), the type every front door uses: axum's
+/// `ConnectInfo<SocketAddr>`, present when the app is served with
+/// `into_make_service_with_connect_info::<SocketAddr>()`. Add it outside tollgate's layer, so
+/// that it runs first:
+///
+/// ```no_run
+/// # async fn run(engine: tollgate::Tollgate, app: axum::Router) -> std::io::Result<()> {
+/// let app = app
+///     .layer(tollgate::TollgateLayer::new(engine))
+///     .layer(axum::middleware::from_fn(tollgate_axum::client_addr));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+/// axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+/// # }
+/// ```
+pub async fn client_addr(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+    if let Some(peer) = peer {
+        request.extensions_mut().insert(tollgate::ClientAddr(peer.ip()));
+    }
+    next.run(request).await
+}
+
 /// A [`Rejection`] as an axum response: what the tower layer answers with its default
 /// responder ([`ProblemJson`](tollgate::response::ProblemJson)) — status,
 /// `application/problem+json` body, `WWW-Authenticate` on 401, rate-limit headers,
@@ -147,11 +170,13 @@ impl IntoResponse for RejectionResponse {
 /// # }
 /// ```
 #[cfg(feature = "stripe")]
-pub fn stripe_webhook<S>(handler: tollgate::billing::WebhookHandler) -> axum::routing::MethodRouter<S>
+pub fn stripe_webhook<S>(
+    handler: impl Into<std::sync::Arc<tollgate::billing::WebhookHandler>>,
+) -> axum::routing::MethodRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {
-    let handler = std::sync::Arc::new(handler);
+    let handler = handler.into();
     axum::routing::post(move |headers: http::HeaderMap, body: bytes::Bytes| {
         let handler = handler.clone();
         async move {

@@ -1,5 +1,9 @@
-//! tollgate behind axum: the extractor, rejections as responses, the Stripe webhook route.
+//! tollgate behind axum: the conformance table (tests/conformance) against the bare tower
+//! layer, the extractor, rejections as responses, the client address, the Stripe webhook route.
 #![allow(missing_docs)]
+
+#[path = "../../../tests/conformance/mod.rs"]
+mod conformance;
 
 use axum::{body::Body, response::IntoResponse, routing::get, Router};
 use http::{Request, StatusCode};
@@ -175,4 +179,102 @@ async fn the_webhook_route_verifies_and_moves_the_plan() {
     let (status, _, body) = text(app.oneshot(post(good)).await.unwrap()).await;
     assert_eq!((status.as_u16(), body.as_str()), (200, r#"{"outcome":"applied","received":true}"#));
     assert_eq!(store.tenant(&"beta".into()).await.unwrap().unwrap().plan.as_str(), "metered");
+}
+
+/// The conformance application, the axum way: extractors, `IntoResponse`, a streaming body.
+fn conformance_app(engine: Tollgate) -> Router {
+    use axum::routing::post;
+    use conformance::{ENTERED, GENERATE_TOKENS, RELEASE, STREAM_TOKENS};
+    fn text(status: u16, body: &'static str) -> axum::response::Response {
+        (StatusCode::from_u16(status).unwrap(), [(http::header::CONTENT_TYPE, "text/plain")], body).into_response()
+    }
+    let api = Router::new()
+        .route("/v1/items", get(|| async { text(200, "items") }))
+        .route("/v1/reports", post(|| async { text(200, "report") }))
+        .route("/v1/fail", get(|| async { text(500, "fail") }))
+        .route(
+            "/v1/generate",
+            post(|tenant: Tenant| async move {
+                tenant.record("tokens", GENERATE_TOKENS).unwrap();
+                text(200, "generated")
+            }),
+        )
+        .route(
+            "/v1/stream",
+            get(|tenant: Tenant| async move {
+                let chunks = futures_util::stream::unfold(0u8, move |sent| {
+                    let tenant = tenant.clone();
+                    async move {
+                        match sent {
+                            0 => Some((Ok::<_, std::convert::Infallible>(bytes::Bytes::from_static(b"a")), 1)),
+                            1 => {
+                                tenant.record("tokens", STREAM_TOKENS).unwrap();
+                                Some((Ok(bytes::Bytes::from_static(b"b")), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                ([(http::header::CONTENT_TYPE, "text/plain")], Body::from_stream(chunks)).into_response()
+            }),
+        )
+        .route("/v1/orders", post(|| async { text(201, "created") }))
+        .route(
+            "/v1/slow",
+            post(|| async {
+                ENTERED.notify_one();
+                RELEASE.notified().await;
+                text(201, "created")
+            }),
+        )
+        .layer(TollgateLayer::new(engine.clone()));
+    #[cfg(feature = "stripe")]
+    let api = api.route("/stripe/webhook", tollgate_axum::stripe_webhook(conformance::webhooks(&engine)));
+    api
+}
+
+struct Axum {
+    app: Router,
+}
+
+impl conformance::Door for Axum {
+    async fn send(&self, req: conformance::Req) -> conformance::Resp {
+        let mut builder = Request::builder().method(req.method).uri(req.path);
+        for (name, value) in &req.headers {
+            builder = builder.header(*name, value.as_str());
+        }
+        let response = self.app.clone().oneshot(builder.body(Body::from(req.body)).unwrap()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        conformance::Resp::new(
+            parts.status.as_u16(),
+            parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+            body.to_vec(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn axum_answers_the_conformance_table_as_the_tower_layer_does() {
+    conformance::assert_same(conformance::Tower::new, |engine| Axum { app: conformance_app(engine) }).await;
+}
+
+#[tokio::test]
+async fn the_client_address_middleware_copies_the_peer_address() {
+    use std::net::SocketAddr;
+    let app = Router::new()
+        .route(
+            "/addr",
+            get(|addr: Option<axum::Extension<tollgate::ClientAddr>>| async move {
+                addr.map_or_else(|| "none".to_owned(), |a| a.0 .0.to_string())
+            }),
+        )
+        .layer(TollgateLayer::new(engine()))
+        .layer(axum::middleware::from_fn(tollgate_axum::client_addr));
+    let mut request = get_req("/addr", Some("key-acme"));
+    request.extensions_mut().insert(axum::extract::ConnectInfo("198.51.100.4:5000".parse::<SocketAddr>().unwrap()));
+    let (status, _, body) = text(app.clone().oneshot(request).await.unwrap()).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "198.51.100.4"));
+    let (_, _, body) = text(app.oneshot(get_req("/addr", Some("key-acme"))).await.unwrap()).await;
+    assert_eq!(body, "none");
 }
