@@ -36,14 +36,21 @@ pub trait RequestView {
     fn identity(&self) -> Option<&Identity>;
 }
 
+/// Why a repeated API key header is refused; a key with a comma (a repeated header joined by
+/// a proxy) gets the same answer.
+pub(crate) const REPEATED_KEY: &str = "the API key header is repeated (or has a comma, as a proxy joins repeated values)";
+/// Why a repeated `Idempotency-Key` header is refused; a key with a comma likewise.
+pub(crate) const REPEATED_IDEMPOTENCY_KEY: &str = "the Idempotency-Key header is repeated (or has a comma, as a proxy joins repeated values)";
+
 /// The credential in the values of the API key header: none, one, or a repeated header
-/// (malformed). Shared by every front door.
+/// (malformed; a key with a comma, a repeated header joined by a proxy, is refused when the
+/// key is checked). Shared by every front door.
 #[inline]
 pub(crate) fn credential_in<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential<'a> {
     match (values.next(), values.next()) {
         (None, _) => Credential::Missing,
         (Some(v), None) => Credential::ApiKey(v),
-        (Some(_), Some(_)) => Credential::Malformed("the API key header is repeated"),
+        (Some(_), Some(_)) => Credential::Malformed(REPEATED_KEY),
     }
 }
 
@@ -64,7 +71,7 @@ pub(crate) fn describe<'a, I: Iterator<Item = &'a [u8]>>(
         (None, _) => Ok(info),
         (Some(key), None) => Ok(info.with_idempotency_key(key)),
         (Some(_), Some(_)) => {
-            Err(Rejection::new(RejectionKind::MalformedIdempotencyKey, "the Idempotency-Key header is repeated"))
+            Err(Rejection::new(RejectionKind::MalformedIdempotencyKey, REPEATED_IDEMPOTENCY_KEY))
         }
     }
 }

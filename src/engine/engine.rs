@@ -383,6 +383,18 @@ impl Tollgate {
         }
     }
 
+    /// `usage.flush_interval` of the configuration in force: how often usage should reach the
+    /// store (the worker's pace; a front door that flushes itself, as on Lambda, follows it).
+    pub fn flush_interval(&self) -> Duration {
+        self.shared.runtime.load().config.usage.flush_interval
+    }
+
+    /// This engine's node id (drawn anew by [`after_restore`](Self::after_restore)), for tests.
+    #[doc(hidden)]
+    pub fn node_id(&self) -> u64 {
+        self.shared.node()
+    }
+
     /// Counters of the background paths, and the number of tenants held.
     pub fn stats(&self) -> Stats {
         self.shared.totals.snapshot(self.shared.table.len())

@@ -36,6 +36,11 @@ pub(crate) fn check_key(key: &[u8]) -> Result<(), &'static str> {
     if !key.iter().all(|b| (0x20..=0x7e).contains(b)) {
         return Err("the Idempotency-Key has characters other than printable ASCII");
     }
+    // A repeated header joined by a proxy (API Gateway's HTTP APIs and function URLs join
+    // them with commas): refused as a repeated header is.
+    if key.contains(&b',') {
+        return Err(super::door::REPEATED_IDEMPOTENCY_KEY);
+    }
     Ok(())
 }
 

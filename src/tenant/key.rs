@@ -65,9 +65,15 @@ pub(crate) fn check_api_key(key: &[u8]) -> Result<(), &'static str> {
     if key.len() > MAX_KEY_LEN {
         return Err("the API key is longer than 256 characters");
     }
-    // A fold rather than `all`: no early exit, so the loop vectorizes.
-    if !key.iter().fold(true, |ok, &b| ok & (b.wrapping_sub(0x21) < 0x5e)) {
-        return Err("the API key has characters other than visible ASCII");
+    // A fold rather than `all`: no early exit, so the loop vectorizes. No comma: API
+    // Gateway's HTTP APIs, function URLs and other proxies join a repeated header's values
+    // with commas, so a key with one is read as a repeated header.
+    if !key.iter().fold(true, |ok, &b| ok & (b.wrapping_sub(0x21) < 0x5e) & (b != b',')) {
+        return Err(if key.contains(&b',') {
+            crate::engine::REPEATED_KEY
+        } else {
+            "the API key has characters other than visible ASCII"
+        });
     }
     Ok(())
 }

@@ -200,6 +200,8 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/items"), 401),
                 Send(get("/v1/items").key("key-nobody"), 401),
                 Send(get("/v1/items").key("key-free").key("key-soft"), 400),
+                // What a proxy (API Gateway's HTTP APIs) makes of the repeated header.
+                Send(get("/v1/items").key("key-free,key-soft"), 400),
                 Send(get("/v1/items").key(""), 400),
                 Send(get("/v1/items").key("key-free"), 200),
             ],
@@ -261,6 +263,7 @@ pub fn scenarios() -> Vec<Scenario> {
                     400,
                 ),
                 Send(post("/v1/orders").key("key-free").header("idempotency-key", &"x".repeat(300)), 400),
+                Send(post("/v1/orders").key("key-free").header("idempotency-key", "order-2,order-3"), 400),
                 // GET does not honour the key: charged each time.
                 Send(get("/v1/items").key("key-free").header("idempotency-key", "order-1"), 200),
             ],

@@ -1,1 +1,376 @@
-//! x
+//! [tollgate](https://docs.rs/tollgate) for AWS Lambda: a `lambda_http` handler behind
+//! tollgate's tower layer, in both Lambda models, with usage reaching the store although the
+//! process is frozen between invocations.
+//!
+//! ```no_run
+//! use lambda_http::{service_fn, Body, Error, Request, Response};
+//!
+//! async fn handler(request: Request) -> Result<Response<Body>, Error> {
+//!     let tenant = request.extensions().get::<tollgate::TenantContext>().expect("behind tollgate");
+//!     Ok(Response::new(Body::from(format!("hello {}", tenant.tenant()))))
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Error> {
+//!     let config = tollgate::Config::from_path("tollgate.toml")?;
+//!     let (engine, worker) = tollgate::Tollgate::builder(config).open().await?;
+//!     tollgate_lambda::run(engine, worker, service_fn(handler)).await
+//! }
+//! ```
+//!
+//! [`run`] picks the model from the environment:
+//! - **On-demand** (`AWS_LAMBDA_MAX_CONCURRENCY` unset or 1): one invocation at a time, and the
+//!   process is frozen between them, so background tasks cannot be relied on. After each
+//!   response has been posted, and before the next event is fetched, [`FlushLayer`] flushes
+//!   usage when `usage.flush_interval` has passed since the last flush (so store traffic still
+//!   follows the flush interval, and the store's latency is never in a response). The graceful
+//!   shutdown hook flushes the rest and gives leases back within Lambda's ~500 ms.
+//! - **Managed Instances** (`AWS_LAMBDA_MAX_CONCURRENCY` > 1): one process serves several
+//!   invocations at once and is not frozen; the ordinary worker runs, as on a server.
+//!
+//! Both register [`SnapStart`]: before a snapshot, usage is flushed and leases are given back;
+//! after a restore, each copy draws its own node id and secrets and reads the clock again.
+//!
+//! Every request carries tollgate's [`ClientAddr`] (the `sourceIp` API Gateway or the
+//! function URL saw) in its extensions.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use lambda_http::{
+    lambda_runtime::{self, LambdaInvocation},
+    request::RequestContext,
+    BoxFuture, Error, Request, RequestExt, SnapStartResource,
+};
+use tollgate::{ClientAddr, Tollgate, TollgateLayer, Worker};
+use tower::{Layer, Service};
+
+pub use lambda_http;
+
+/// The time the graceful-shutdown hook gives the final flush: Lambda allows the runtime about
+/// 500 ms once an extension is registered.
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(450);
+
+/// Whether this process is a Managed Instances environment (several invocations at once):
+/// `AWS_LAMBDA_MAX_CONCURRENCY` above 1.
+pub fn is_managed_instances() -> bool {
+    std::env::var("AWS_LAMBDA_MAX_CONCURRENCY").ok().and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|n| n > 1)
+}
+
+/// Runs `handler` behind tollgate until Lambda shuts the environment down: the handler wrapped
+/// by [`service`], the graceful-shutdown hook (final flush, leases given back), [`SnapStart`],
+/// and per model, [`FlushLayer`] (on-demand) or the background worker (Managed Instances; it
+/// also runs on-demand, while the process is thawed, for lease refills and the directory).
+///
+/// # Errors
+/// What the Lambda runtime returns.
+///
+/// # Panics
+/// Outside Lambda (the runtime's environment variables missing), as `lambda_http::run` does.
+pub async fn run<S, B, E>(engine: Tollgate, worker: Worker, handler: S) -> Result<(), Error>
+where
+    S: Service<Request, Response = http::Response<B>, Error = E> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: std::fmt::Debug,
+    E: std::fmt::Debug + Into<lambda_runtime::Diagnostic> + Send + 'static,
+{
+    let on_shutdown = engine.clone();
+    lambda_runtime::spawn_graceful_shutdown_handler(move || async move {
+        shutdown(&on_shutdown).await;
+    })
+    .await;
+    tokio::spawn(worker.run());
+    let snapstart: Arc<dyn SnapStartResource> = Arc::new(SnapStart::new(engine.clone()));
+    let service = service(engine.clone(), handler);
+    let runtime = lambda_runtime::Runtime::new(adapter(service)).register_snapstart_resource(snapstart);
+    if is_managed_instances() {
+        runtime.run_concurrent().await
+    } else {
+        runtime.layer(FlushLayer::new(engine)).run().await
+    }
+}
+
+/// `service` as the Lambda runtime calls it: events parsed and responses converted by
+/// `lambda_http` (as `lambda_http::run` does), with every value of a repeated header kept.
+/// API Gateway REST APIs and ALBs send a repeated header's values in `multiValueHeaders` and
+/// only the last one in `headers`, which `lambda_http` lets win; a repeated API key or
+/// `Idempotency-Key` header must reach tollgate as repeated (and be refused), as through every
+/// other door.
+pub fn adapter<'a, S, R, E>(service: S) -> KeepRepeatedHeaders<lambda_http::Adapter<'a, R, S>>
+where
+    S: Service<Request, Response = R, Error = E>,
+    S::Future: Send + 'a,
+    R: lambda_http::IntoResponse,
+{
+    KeepRepeatedHeaders { inner: lambda_http::Adapter::from(service) }
+}
+
+/// The service made by [`adapter`].
+#[derive(Debug, Clone)]
+pub struct KeepRepeatedHeaders<S> {
+    inner: S,
+}
+
+impl<S> Service<lambda_runtime::LambdaEvent<lambda_http::request::LambdaRequest>> for KeepRepeatedHeaders<S>
+where
+    S: Service<lambda_runtime::LambdaEvent<lambda_http::request::LambdaRequest>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut event: lambda_runtime::LambdaEvent<lambda_http::request::LambdaRequest>) -> Self::Future {
+        use lambda_http::request::LambdaRequest;
+        let (headers, multi) = match &mut event.payload {
+            LambdaRequest::ApiGatewayV1(r) => (&mut r.headers, &r.multi_value_headers),
+            LambdaRequest::Alb(r) => (&mut r.headers, &r.multi_value_headers),
+            _ => return self.inner.call(event),
+        };
+        for name in multi.keys() {
+            headers.remove(name);
+        }
+        self.inner.call(event)
+    }
+}
+
+/// The final flush and export, and the leases given back, within [`SHUTDOWN_BUDGET`]: what
+/// the graceful-shutdown hook of [`run`] does.
+pub async fn shutdown(engine: &Tollgate) {
+    match tokio::time::timeout(SHUTDOWN_BUDGET, engine.shutdown()).await {
+        Ok(Ok(report)) => tracing::info!(records = report.flush.records, "tollgate: flushed at shutdown"),
+        Ok(Err(e)) => tracing::error!(error = %e, "tollgate: usage not flushed at shutdown"),
+        Err(_) => tracing::error!("tollgate: the final flush did not end within the shutdown budget"),
+    }
+}
+
+/// `handler` behind tollgate, as [`run`] serves it: [`ClientAddrLayer`] then
+/// [`TollgateLayer`]. Call it with requests `lambda_http` parsed (as tests do).
+pub fn service<S>(engine: Tollgate, handler: S) -> ClientAddrService<tollgate::TollgateService<S>> {
+    ClientAddrLayer.layer(TollgateLayer::new(engine).layer(handler))
+}
+
+/// Puts the caller's address from the Lambda event (`requestContext.identity.sourceIp` for
+/// API Gateway REST, `requestContext.http.sourceIp` for HTTP APIs and function URLs) in the
+/// request as tollgate's [`ClientAddr`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientAddrLayer;
+
+impl<S> Layer<S> for ClientAddrLayer {
+    type Service = ClientAddrService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ClientAddrService { inner }
+    }
+}
+
+/// The service made by [`ClientAddrLayer`].
+#[derive(Debug, Clone)]
+pub struct ClientAddrService<S> {
+    inner: S,
+}
+
+/// The source IP of a Lambda request, from its request context.
+pub fn source_ip(request: &Request) -> Option<std::net::IpAddr> {
+    let ip = match request.request_context_ref()? {
+        RequestContext::ApiGatewayV1(ctx) => ctx.identity.source_ip.as_deref(),
+        RequestContext::ApiGatewayV2(ctx) => ctx.http.source_ip.as_deref(),
+        _ => None,
+    };
+    ip?.parse().ok()
+}
+
+impl<S: Service<Request>> Service<Request> for ClientAddrService<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        if let Some(ip) = source_ip(&request) {
+            request.extensions_mut().insert(ClientAddr(ip));
+        }
+        self.inner.call(request)
+    }
+}
+
+/// A Lambda runtime layer for the on-demand model: after an invocation's response has been
+/// posted, and before the next event is fetched, flushes usage if `usage.flush_interval` has
+/// passed since the last flush. A frozen process runs no background task, so this is how
+/// usage reaches the store between invocations; the response never waits for it.
+#[derive(Debug, Clone)]
+pub struct FlushLayer {
+    engine: Tollgate,
+    last: Arc<AtomicI64>,
+}
+
+impl FlushLayer {
+    /// A layer flushing `engine`; the interval counts from now.
+    pub fn new(engine: Tollgate) -> Self {
+        let now = engine.clock().unix_nanos();
+        Self { engine, last: Arc::new(AtomicI64::new(now)) }
+    }
+
+    /// Flushes if the flush interval has passed since the last flush; returns whether it did.
+    /// A failed flush is logged, and its usage kept for the next one.
+    pub async fn flush_if_due(&self) -> bool {
+        let now = self.engine.clock().unix_nanos();
+        let interval = i64::try_from(self.engine.flush_interval().as_nanos()).unwrap_or(i64::MAX);
+        let last = self.last.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < interval {
+            return false;
+        }
+        // One flush per interval even if two invocations end at once (Managed Instances).
+        if self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return false;
+        }
+        if let Err(e) = self.engine.flush().await {
+            tracing::warn!(error = %e, "tollgate: flush after the invocation failed; retried at the next one");
+        }
+        true
+    }
+}
+
+impl<S> Layer<S> for FlushLayer {
+    type Service = FlushService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FlushService { inner, flush: self.clone() }
+    }
+}
+
+/// The service made by [`FlushLayer`].
+#[derive(Debug, Clone)]
+pub struct FlushService<S> {
+    inner: S,
+    flush: FlushLayer,
+}
+
+impl<S> Service<LambdaInvocation> for FlushService<S>
+where
+    S: Service<LambdaInvocation, Response = (), Error = lambda_runtime::Error>,
+    S::Future: 'static,
+{
+    type Response = ();
+    type Error = lambda_runtime::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<(), lambda_runtime::Error>>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
+        // The inner service posts the response to the Runtime API before it returns.
+        let invoked = self.inner.call(invocation);
+        let flush = self.flush.clone();
+        Box::pin(async move {
+            let result = invoked.await;
+            flush.flush_if_due().await;
+            result
+        })
+    }
+}
+
+/// The SnapStart hooks of an engine (registered by [`run`]): before the snapshot, every
+/// lease is given back and all usage is flushed (a failed flush fails the snapshot, rather
+/// than letting each copy flush the same usage again); after a restore, the copy draws its
+/// own node id and secrets from the operating system, forgets what the old secrets keyed,
+/// and reads the wall clock again.
+#[derive(Debug, Clone)]
+pub struct SnapStart {
+    engine: Tollgate,
+}
+
+impl SnapStart {
+    /// The hooks of `engine`.
+    pub fn new(engine: Tollgate) -> Self {
+        Self { engine }
+    }
+}
+
+impl SnapStartResource for SnapStart {
+    fn before_snapshot(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let report = self.engine.before_snapshot().await?;
+            tracing::info!(records = report.records, "tollgate: settled before the snapshot");
+            Ok(())
+        })
+    }
+
+    fn after_restore(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.engine.after_restore().await;
+            Ok(())
+        })
+    }
+}
+
+/// A Lambda function for a scheduled export pass (an EventBridge schedule, say): flushes,
+/// then exports closed windows to the billing sink, and answers with what it did. Run it in
+/// its own function with `lambda_runtime::run(tollgate_lambda::export_handler(engine))`.
+pub fn export_handler(
+    engine: Tollgate,
+) -> impl Service<
+    lambda_runtime::LambdaEvent<serde_json::Value>,
+    Response = serde_json::Value,
+    Error = Error,
+    Future = Pin<Box<dyn Future<Output = Result<serde_json::Value, Error>> + Send>>,
+> + Clone {
+    tower::service_fn(move |_event: lambda_runtime::LambdaEvent<serde_json::Value>| {
+        let engine = engine.clone();
+        Box::pin(async move {
+            let flushed = engine.flush().await?;
+            let exported = engine.export().await?;
+            Ok(serde_json::json!({
+                "flushed_records": flushed.records,
+                "events": exported.events,
+                "units": exported.units,
+                "dead_letters": exported.dead_letters,
+                "retries": exported.retries,
+                "unbillable": exported.unbillable,
+                "halted": exported.halted,
+            }))
+        }) as Pin<Box<dyn Future<Output = Result<serde_json::Value, Error>> + Send>>
+    })
+}
+
+/// A Lambda HTTP function for Stripe webhooks (behind a function URL or API Gateway, outside
+/// tollgate's layer): the `Stripe-Signature` header and the raw body (API Gateway's base64
+/// decoded by `lambda_http`) go to tollgate's
+/// [`WebhookHandler`](tollgate::billing::WebhookHandler); 200 for every verified event, 400
+/// for a bad signature, 500 when the store failed (Stripe delivers it again). Run it with
+/// `lambda_http::run(tollgate_lambda::webhook_handler(handler))`.
+#[cfg(feature = "stripe")]
+pub fn webhook_handler(
+    handler: impl Into<Arc<tollgate::billing::WebhookHandler>>,
+) -> impl Service<
+    Request,
+    Response = http::Response<lambda_http::Body>,
+    Error = std::convert::Infallible,
+    Future = Pin<Box<dyn Future<Output = Result<http::Response<lambda_http::Body>, std::convert::Infallible>> + Send>>,
+> + Clone {
+    let handler = handler.into();
+    tower::service_fn(move |request: Request| {
+        let handler = handler.clone();
+        Box::pin(async move {
+            let signature = request.headers().get("stripe-signature").and_then(|v| v.to_str().ok());
+            let reply = handler.handle(signature, request.body().as_ref()).await.into_response();
+            Ok(reply.map(|body| lambda_http::Body::Text(String::from_utf8_lossy(&body).into_owned())))
+        }) as Pin<Box<dyn Future<Output = _> + Send>>
+    })
+}

@@ -1,0 +1,329 @@
+//! tollgate on AWS Lambda: the conformance table (tests/conformance) sent as API Gateway REST
+//! (v1), HTTP API (v2) and function URL events, parsed by `lambda_http` and answered through
+//! its own response conversion, compared with the bare tower layer; the client address from
+//! the event; the flush after each invocation; the SnapStart hooks; the export entry point.
+#![allow(missing_docs)]
+
+#[path = "../../../tests/conformance/mod.rs"]
+mod conformance;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use conformance::{Door, Req, Resp, Tower, NOON};
+use lambda_http::{
+    lambda_runtime::{Context, LambdaEvent, LambdaInvocation},
+    request::LambdaRequest,
+    Service,
+};
+use serde_json::{json, Value};
+use tollgate::{
+    clock::Clock,
+    config::Period,
+    store::{MemoryStore, QuotaKey, Store, StoreInspect},
+    Tollgate,
+};
+use tower::ServiceExt;
+
+#[derive(Debug, Clone, Copy)]
+enum Payload {
+    /// API Gateway REST API (payload 1.0).
+    Rest,
+    /// API Gateway HTTP API (payload 2.0).
+    Http,
+    /// A Lambda function URL (payload 2.0, its own request context).
+    FunctionUrl,
+}
+
+const SOURCE_IP: &str = "203.0.113.9";
+
+/// The event API Gateway or the function URL would send for `req`. Repeated headers: REST
+/// keeps them in `multiValueHeaders`; HTTP APIs and function URLs join them with commas.
+fn event(kind: Payload, req: &Req) -> Value {
+    let mut joined = BTreeMap::<String, String>::new();
+    let mut multi = BTreeMap::<String, Vec<String>>::new();
+    for (name, value) in &req.headers {
+        joined.entry(name.to_string()).and_modify(|v| *v = format!("{v},{value}")).or_insert_with(|| value.clone());
+        multi.entry(name.to_string()).or_default().push(value.clone());
+    }
+    let body = if req.body.is_empty() { Value::Null } else { json!(req.body) };
+    match kind {
+        Payload::Rest => json!({
+            "resource": "/{proxy+}",
+            "path": req.path,
+            "httpMethod": req.method,
+            "headers": joined.iter().map(|(k, v)| (k.clone(), json!(v.split(',').next_back().unwrap()))).collect::<serde_json::Map<_, _>>(),
+            "multiValueHeaders": multi,
+            "queryStringParameters": null,
+            "multiValueQueryStringParameters": null,
+            "pathParameters": { "proxy": req.path.trim_start_matches('/') },
+            "stageVariables": null,
+            "requestContext": {
+                "resourceId": "abc123",
+                "resourcePath": "/{proxy+}",
+                "httpMethod": req.method,
+                "path": req.path,
+                "accountId": "123456789012",
+                "protocol": "HTTP/1.1",
+                "stage": "$default",
+                "requestId": "c6af9ac6-7b61-11e6-9a41-93e8deadbeef",
+                "requestTimeEpoch": NOON * 1000,
+                "identity": { "sourceIp": SOURCE_IP, "userAgent": "conformance" },
+                "apiId": "1234567890"
+            },
+            "body": body,
+            "isBase64Encoded": false
+        }),
+        Payload::Http | Payload::FunctionUrl => {
+            let domain = match kind {
+                Payload::FunctionUrl => "abcdefghijklmnop.lambda-url.us-east-1.on.aws",
+                _ => "1234567890.execute-api.us-east-1.amazonaws.com",
+            };
+            json!({
+                "version": "2.0",
+                "routeKey": "$default",
+                "rawPath": req.path,
+                "rawQueryString": "",
+                "headers": joined,
+                "requestContext": {
+                    "accountId": "123456789012",
+                    "apiId": domain.split('.').next().unwrap(),
+                    "domainName": domain,
+                    "domainPrefix": domain.split('.').next().unwrap(),
+                    "http": {
+                        "method": req.method,
+                        "path": req.path,
+                        "protocol": "HTTP/1.1",
+                        "sourceIp": SOURCE_IP,
+                        "userAgent": "conformance"
+                    },
+                    "requestId": "JKJaXmPLvHcESHA=",
+                    "routeKey": "$default",
+                    "stage": "$default",
+                    "time": "14/Mar/2026:12:00:00 +0000",
+                    "timeEpoch": NOON * 1000
+                },
+                "body": body,
+                "isBase64Encoded": false
+            })
+        }
+    }
+}
+
+/// The Lambda door: the event parsed by `lambda_http`, served by `tollgate_lambda::service`
+/// (or the webhook entry point), and the answer converted by `lambda_http` into the response
+/// Lambda returns to API Gateway, read back.
+struct Lambda {
+    engine: Tollgate,
+    kind: Payload,
+}
+
+async fn invoke<S, B>(service: S, payload: &Value) -> Resp
+where
+    S: tower::Service<lambda_http::Request, Response = http::Response<B>, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    http::Response<B>: lambda_http::IntoResponse,
+{
+    let request: LambdaRequest = serde_json::from_value(payload.clone()).expect("an event lambda_http parses");
+    let mut adapter = tollgate_lambda::adapter(service);
+    let response = adapter.call(LambdaEvent::new(request, Context::default())).await.unwrap();
+    let response = serde_json::to_value(&response).unwrap();
+    let status = response["statusCode"].as_u64().unwrap() as u16;
+    let mut headers = Vec::<(String, Vec<u8>)>::new();
+    match response.get("multiValueHeaders").and_then(Value::as_object).filter(|m| !m.is_empty()) {
+        Some(multi) => {
+            for (name, values) in multi {
+                for value in values.as_array().unwrap() {
+                    headers.push((name.clone(), value.as_str().unwrap().as_bytes().to_vec()));
+                }
+            }
+        }
+        None => {
+            for (name, value) in response["headers"].as_object().unwrap() {
+                headers.push((name.clone(), value.as_str().unwrap().as_bytes().to_vec()));
+            }
+        }
+    }
+    assert_ne!(response["isBase64Encoded"], json!(true), "text bodies");
+    let body = response["body"].as_str().unwrap_or_default().as_bytes().to_vec();
+    Resp::new(status, headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())), body)
+}
+
+impl Door for Lambda {
+    async fn send(&self, req: Req) -> Resp {
+        let payload = event(self.kind, &req);
+        if req.path == "/stripe/webhook" {
+            #[cfg(feature = "stripe")]
+            return invoke(tollgate_lambda::webhook_handler(conformance::webhooks(&self.engine)), &payload).await;
+        }
+        invoke(tollgate_lambda::service(self.engine.clone(), tower::service_fn(conformance::app)), &payload).await
+    }
+}
+
+#[tokio::test]
+async fn rest_api_events_are_answered_as_the_tower_layer_answers() {
+    conformance::assert_same(Tower::new, |engine| Lambda { engine, kind: Payload::Rest }).await;
+}
+
+#[tokio::test]
+async fn http_api_events_are_answered_as_the_tower_layer_answers() {
+    conformance::assert_same(Tower::new, |engine| Lambda { engine, kind: Payload::Http }).await;
+}
+
+#[tokio::test]
+async fn function_url_events_are_answered_as_the_tower_layer_answers() {
+    conformance::assert_same(Tower::new, |engine| Lambda { engine, kind: Payload::FunctionUrl }).await;
+}
+
+#[tokio::test]
+async fn the_source_ip_of_every_payload_kind_is_the_client_address() {
+    let (engine, _, _) = conformance::engine().await;
+    let echo = tower::service_fn(|request: lambda_http::Request| async move {
+        let addr = request.extensions().get::<tollgate::ClientAddr>().map(|a| a.0.to_string());
+        Ok::<_, std::convert::Infallible>(http::Response::new(lambda_http::Body::from(format!("{addr:?}"))))
+    });
+    for kind in [Payload::Rest, Payload::Http, Payload::FunctionUrl] {
+        let payload = event(kind, &Req::new("GET", "/v1/items").key("key-soft"));
+        let resp = invoke(tollgate_lambda::service(engine.clone(), echo), &payload).await;
+        assert_eq!((resp.status, resp.body.as_str()), (200, "Some(\"203.0.113.9\")"), "{kind:?}");
+    }
+}
+
+const FLUSHING: &str = r#"
+[usage]
+flush_interval = "5s"
+[plans.free]
+quotas.requests = { limit = 100, period = "day", mode = "hard" }
+[tenants.acme]
+plan = "free"
+keys = ["key-acme"]
+"#;
+
+fn day_key(tenant: &str) -> QuotaKey {
+    let start = NOON - NOON.rem_euclid(86_400);
+    QuotaKey::new(tenant.into(), "requests".into(), Period::Day, start, start + 86_400)
+}
+
+async fn committed(store: &MemoryStore) -> u64 {
+    store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum()
+}
+
+/// An engine on a memory store and a fake clock, and a request of acme admitted through the
+/// Lambda service.
+async fn flushing_engine() -> (Tollgate, tollgate::clock::FakeClock, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::new());
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(FLUSHING).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
+    (engine, fake, store)
+}
+
+async fn one_request(engine: &Tollgate) -> u16 {
+    let payload = event(Payload::Http, &Req::new("GET", "/v1/items").key("key-acme"));
+    invoke(tollgate_lambda::service(engine.clone(), tower::service_fn(conformance::app)), &payload).await.status
+}
+
+/// An invocation as the Lambda runtime hands it to its layers.
+fn invocation() -> LambdaInvocation {
+    LambdaInvocation {
+        parts: http::Response::new(()).into_parts().0,
+        body: bytes::Bytes::from_static(b"{}"),
+        context: Context::default(),
+    }
+}
+
+#[tokio::test]
+async fn after_each_invocation_usage_is_flushed_once_the_flush_interval_has_passed() {
+    let (engine, clock, store) = flushing_engine().await;
+    // The runtime's invocation service (which posts the response) stands in as one that
+    // serves a request: the layer's flush runs after it returns, before the next event.
+    let serve = engine.clone();
+    let runtime_service = tower::service_fn(move |_: LambdaInvocation| {
+        let engine = serve.clone();
+        async move {
+            assert_eq!(one_request(&engine).await, 200);
+            Ok::<(), lambda_http::Error>(())
+        }
+    });
+    let mut service = tower::Layer::layer(&tollgate_lambda::FlushLayer::new(engine.clone()), runtime_service);
+    service.ready().await.unwrap().call(invocation()).await.unwrap();
+    assert_eq!(committed(&store).await, 0, "not yet due: store traffic follows the flush interval");
+    clock.advance(Duration::from_secs(2));
+    service.ready().await.unwrap().call(invocation()).await.unwrap();
+    assert_eq!(committed(&store).await, 0);
+    clock.advance(Duration::from_secs(3));
+    service.ready().await.unwrap().call(invocation()).await.unwrap();
+    assert_eq!(committed(&store).await, 3, "due: the three requests are in the store when the invocation ends");
+    service.ready().await.unwrap().call(invocation()).await.unwrap();
+    assert_eq!(committed(&store).await, 3, "the next flush waits for the interval again");
+    clock.advance(Duration::from_secs(5));
+    let layer = tollgate_lambda::FlushLayer::new(engine.clone());
+    clock.advance(Duration::from_secs(5));
+    assert!(layer.flush_if_due().await);
+    assert_eq!(committed(&store).await, 4);
+}
+
+#[tokio::test]
+async fn the_shutdown_hook_flushes_and_gives_leases_back() {
+    let (engine, _, store) = flushing_engine().await;
+    assert_eq!(one_request(&engine).await, 200);
+    assert!(store.reserved(&day_key("acme")).await.unwrap() > 1, "a lease is held");
+    tollgate_lambda::shutdown(&engine).await;
+    assert_eq!(committed(&store).await, 1);
+    assert_eq!(store.reserved(&day_key("acme")).await.unwrap(), 1, "the lease went back: only the unit used");
+}
+
+#[tokio::test]
+async fn snapstart_settles_before_the_snapshot_and_each_restored_copy_is_its_own() {
+    use lambda_http::SnapStartResource;
+    let (engine, clock, store) = flushing_engine().await;
+    for _ in 0..3 {
+        assert_eq!(one_request(&engine).await, 200);
+    }
+    let leased = store.reserved(&day_key("acme")).await.unwrap();
+    assert!(leased > 3, "a lease is held: {leased}");
+    let hooks = tollgate_lambda::SnapStart::new(engine.clone());
+    hooks.before_snapshot().await.unwrap();
+    // Nothing owed is left in the snapshot: all usage in the store, every lease back.
+    assert_eq!(committed(&store).await, 3);
+    assert_eq!(store.reserved(&day_key("acme")).await.unwrap(), 3);
+    assert_eq!(engine.stats().tracked_tenants, 0, "no tenant state (with its lease) in the snapshot");
+    // A restored copy draws its own node id; its usage flushes under new flush ids, so the
+    // store takes it (a copy with the snapshot's id would be dropped as a duplicate by a
+    // store that had seen that id).
+    let node = engine.node_id();
+    clock.advance(Duration::from_secs(3600));
+    hooks.after_restore().await.unwrap();
+    assert_ne!(engine.node_id(), node);
+    let again = engine.node_id();
+    hooks.after_restore().await.unwrap();
+    assert_ne!(engine.node_id(), again, "every restore draws anew");
+    assert_eq!(one_request(&engine).await, 200);
+    engine.flush().await.unwrap();
+    assert_eq!(committed(&store).await, 4);
+}
+
+#[tokio::test]
+async fn the_export_entry_point_flushes_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("usage.jsonl");
+    let store = Arc::new(MemoryStore::new());
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(&format!("{FLUSHING}\n[meters.requests]\n")).unwrap();
+    let (engine, _worker) = Tollgate::builder(config)
+        .store_arc(store.clone())
+        .clock(clock)
+        .billing_sink(tollgate::billing::JsonlSink::new(&out))
+        .build();
+    assert_eq!(one_request(&engine).await, 200);
+    assert_eq!(one_request(&engine).await, 200);
+    // The window closes, and its grace passes.
+    fake.advance(Duration::from_secs(2 * 3600));
+    let event = LambdaEvent::new(json!({"source": "aws.events", "detail-type": "Scheduled Event"}), Context::default());
+    let answer = tollgate_lambda::export_handler(engine).oneshot(event).await.unwrap();
+    assert_eq!(answer["flushed_records"], 1, "{answer}");
+    assert_eq!(answer["units"], 2, "{answer}");
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(written.lines().count(), 1, "{written}");
+}
