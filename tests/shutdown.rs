@@ -217,3 +217,25 @@ async fn a_full_usage_buffer_drops_and_counts_fail_open_usage() {
     assert_eq!(t.iter().map(|a| a.quantity).sum::<u64>(), 5);
     assert!(store.usage_range(&"u".into(), 0, i64::MAX).await.unwrap().is_empty());
 }
+
+/// Before a SnapStart snapshot, usage that cannot be flushed fails the hook: each copy
+/// restored from the snapshot would otherwise flush the same usage again. Once the store is
+/// back, the hook settles it, and every lease is back.
+#[tokio::test]
+async fn a_snapshot_is_refused_while_usage_cannot_be_flushed() {
+    let store = Arc::new(common::Faulty::default());
+    let (tollgate, _, h) = engine(store.clone(), Collect::default(), NOON);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    store.usage_down.store(true, Ordering::SeqCst);
+    assert!(tollgate.before_snapshot().await.is_err(), "nothing may be owed in a snapshot");
+    store.usage_down.store(false, Ordering::SeqCst);
+    let report = tollgate.before_snapshot().await.unwrap();
+    assert_eq!(report.units, 3);
+    assert_eq!(tollgate.stats().tracked_tenants, 0);
+    let node = tollgate.node_id();
+    tollgate.after_restore().await;
+    assert_ne!(tollgate.node_id(), node);
+    assert_eq!(h.status("/", "key-t").await, 200, "a restored copy serves as before");
+}

@@ -174,3 +174,39 @@ impl fmt::Debug for Fingerprinter {
         f.write_str("Fingerprinter(..)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Ids are drawn from the operating system, not from state a copy of the process shares:
+    /// after a fork (which copies memory as a SnapStart restore does), parent and child draw
+    /// different values. `RandomState`, seeded once per thread and then counted up, draws the
+    /// same in both (checked too, so that the test tells the two sources apart).
+    #[test]
+    #[allow(unsafe_code)]
+    fn copies_of_a_process_draw_different_ids() {
+        use std::hash::BuildHasher;
+        let _ = super::draw_u64();
+        let _ = std::collections::hash_map::RandomState::new();
+        let mut fds = [0i32; 2];
+        // SAFETY: a pipe, and a fork whose child only draws, writes and exits at once.
+        unsafe {
+            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                let values = [super::draw_u64(), std::collections::hash_map::RandomState::new().hash_one(7u64)];
+                let bytes: [u8; 16] = std::mem::transmute(values);
+                libc::write(fds[1], bytes.as_ptr().cast(), 16);
+                libc::_exit(0);
+            }
+            let mut bytes = [0u8; 16];
+            assert_eq!(libc::read(fds[0], bytes.as_mut_ptr().cast(), 16), 16);
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            let child: [u64; 2] = std::mem::transmute(bytes);
+            let parent = [super::draw_u64(), std::collections::hash_map::RandomState::new().hash_one(7u64)];
+            assert_ne!(child[0], parent[0], "drawn from the OS: each copy its own");
+            assert_eq!(child[1], parent[1], "RandomState: the copies agree");
+        }
+    }
+}
