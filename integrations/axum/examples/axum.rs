@@ -1,0 +1,109 @@
+//! An axum API behind tollgate: two plans, a route whose handler reports tokens, the
+//! client's address, and a final flush on Ctrl-C.
+//!
+//! Run it:
+//!
+//! ```text
+//! cargo run -p tollgate-axum --example axum
+//! ```
+//!
+//! and try, from another terminal:
+//!
+//! ```text
+//! curl -i localhost:3000/v1/items -H 'x-api-key: tg_free_acme'       # 200, RateLimit headers
+//! curl -i -X POST localhost:3000/v1/generate -H 'x-api-key: tg_free_acme'  # tokens left this day
+//! for i in $(seq 12); do curl -s -o /dev/null -w '%{http_code} ' localhost:3000/v1/items -H 'x-api-key: tg_free_acme'; done
+//!                                                                     # 200s, then 429 (rate 2/s, burst 5)
+//! curl -i localhost:3000/v1/items                                     # 401 problem+json
+//! curl -i localhost:3000/v1/items -H 'x-api-key: tg_pro_globex'       # the pro plan
+//! ```
+#![allow(missing_docs)]
+
+use std::net::SocketAddr;
+
+use axum::{
+    routing::{get, post},
+    Router,
+};
+use tollgate_axum::Tenant;
+
+// A memory store keeps the example self-contained; the embedded durable default is
+// `[store] kind = "sqlite"` (tollgate's `sqlite` feature), DynamoDB for a fleet.
+const CONFIG: &str = r#"
+[store]
+kind = "memory"
+
+[limits]
+headers = "draft"
+
+[usage]
+flush_interval = "5s"
+
+[meters.requests]
+[meters.tokens]
+
+[plans.free]
+rate = "2/s"
+burst = 5
+quotas.requests = { limit = 100, period = "day" }
+quotas.tokens = { limit = 2000, period = "day" }
+
+[plans.pro]
+rate = "100/s"
+burst = 200
+
+[[routes]]
+method = "POST"
+path = "/v1/generate"
+reports = ["tokens"]
+
+[tenants.acme]
+plan = "free"
+keys = ["tg_free_acme"]
+
+[tenants.globex]
+plan = "pro"
+keys = ["tg_pro_globex"]
+"#;
+
+async fn items(tenant: Tenant) -> String {
+    format!("items for {} on {}\n", tenant.tenant(), tenant.plan())
+}
+
+async fn generate(tenant: Tenant) -> String {
+    let tokens = 250; // what the model generated
+    tenant.record("tokens", tokens).expect("the tokens meter is declared");
+    match tenant.quota("tokens") {
+        Some(q) => format!("{tokens} tokens generated; {} of {} left today\n", q.remaining, q.limit),
+        None => format!("{tokens} tokens generated\n"),
+    }
+}
+
+async fn addr(address: Option<axum::Extension<tollgate::ClientAddr>>) -> String {
+    format!("{:?}\n", address.map(|a| a.0 .0))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let config = tollgate::Config::from_toml_str(CONFIG)?;
+    let (engine, worker) = tollgate::Tollgate::builder(config).open().await?;
+    let worker = tokio::spawn(worker.run());
+    let app = Router::new()
+        .route("/v1/items", get(items))
+        .route("/v1/generate", post(generate))
+        .route("/v1/addr", get(addr))
+        .layer(tollgate::TollgateLayer::new(engine.clone()))
+        .layer(axum::middleware::from_fn(tollgate_axum::client_addr));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    println!("listening on http://127.0.0.1:3000 (Ctrl-C to stop)");
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    // The last usage reaches the store; leases go back.
+    let report = engine.shutdown().await?;
+    println!("flushed {} usage records", report.flush.records);
+    worker.await?;
+    Ok(())
+}
