@@ -272,6 +272,8 @@ impl Tollgate {
         let lookup = match req.credential {
             Credential::ApiKey(key) => {
                 if let Err(why) = check_api_key(key) {
+                    // A comma: a repeated header a proxy joined; answered as a repeated one.
+                    let why = if why == crate::tenant::COMMA_IN_KEY { super::REPEATED_KEY } else { why };
                     return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why));
                 }
                 Lookup::ApiKey(key)

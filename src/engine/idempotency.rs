@@ -225,13 +225,20 @@ impl Idempotency {
     /// included.
     pub(crate) fn request(&self, method: &str, path: &str, query: Option<&str>) -> u128 {
         let has_query = [u8::from(query.is_some())];
-        Self::short(Self::digest(&[
-            b"request",
-            method.as_bytes(),
-            path.as_bytes(),
-            query.unwrap_or("").as_bytes(),
-            &has_query,
-        ]))
+        // The parameters in a canonical order: a proxy may rebuild the query in another order
+        // (lambda_http rebuilds REST and ALB queries from a hash map), and a retry must bind
+        // to the same request.
+        let sorted;
+        let query = match query {
+            Some(q) if q.contains('&') => {
+                let mut pairs: Vec<&str> = q.split('&').collect();
+                pairs.sort_unstable();
+                sorted = pairs.join("&");
+                sorted.as_str()
+            }
+            q => q.unwrap_or(""),
+        };
+        Self::short(Self::digest(&[b"request", method.as_bytes(), path.as_bytes(), query.as_bytes(), &has_query]))
     }
 
     /// The store's name for `key` of `tenant`: a digest, never the key.

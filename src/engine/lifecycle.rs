@@ -167,6 +167,15 @@ impl Tollgate {
         }
     }
 
+    /// Lets every tenant go and gives its quota leases back to the store; their usage stays
+    /// for the next flush. What a process about to stop does besides flushing (on Lambda,
+    /// within the short shutdown phase, where the full [`shutdown`](Self::shutdown) with its
+    /// export may not fit).
+    pub async fn release_leases(&self) {
+        let states = self.shared.table.evict_all();
+        self.return_leases(states).await;
+    }
+
     /// Settles what this process owes before a snapshot of its memory (AWS Lambda SnapStart)
     /// is taken: every tenant is let go and its quota leases are given back, then every usage
     /// record is flushed. Copies restored from the snapshot then carry no lease to spend twice
@@ -176,8 +185,7 @@ impl Tollgate {
     /// The store's error when the flush failed: the snapshot must not be taken then (each copy
     /// would flush the same usage again), so the runtime's hook reports it and stops.
     pub async fn before_snapshot(&self) -> Result<FlushReport, StoreError> {
-        let states = self.shared.table.evict_all();
-        self.return_leases(states).await;
+        self.release_leases().await;
         let report = self.flush().await?;
         let (records, _) = self.shared.pipeline.lock().await.held();
         if records > 0 {
@@ -195,8 +203,10 @@ impl Tollgate {
         self.shared.node.store(crate::tenant::draw_u64(), std::sync::atomic::Ordering::Relaxed);
         self.shared.pipeline.lock().await.renew_node();
         self.shared.table.reseed();
-        let states = self.shared.table.evict_all();
-        self.return_leases(states).await;
+        // Normally none (`before_snapshot` let every tenant go). A lease in the snapshot is in
+        // every copy: none may give it back (each would), so it is dropped, under-admitting
+        // until its period ends rather than over-admitting.
+        drop(self.shared.table.evict_all());
         self.shared.unknown.invalidate_all();
         self.shared.clock.resync();
         tracing::info!("restored from a snapshot: new node id and secrets");

@@ -127,11 +127,9 @@ fn hex_node(v: u64) -> String {
 
 /// Sleeps before attempt `attempt` of a call that lost a race: exponential, with jitter.
 async fn backoff(attempt: u32) {
-    use std::hash::{BuildHasher, Hasher};
     let base = 10u64 << attempt.min(7);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(attempt);
-    let jitter = h.finish() % base;
+    // From the OS, not RandomState: copies of one SnapStart snapshot back off apart.
+    let jitter = crate::tenant::draw_u64() % base;
     tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
 }
 

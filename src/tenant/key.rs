@@ -58,6 +58,11 @@ impl fmt::Debug for KeyHash {
 pub(crate) const MAX_KEY_LEN: usize = 256;
 
 /// Checks the syntax of an API key: 1 to 256 visible ASCII characters.
+/// Why an API key with a comma is refused (in a configuration, an import, or a request, where
+/// it is answered as a repeated header).
+pub(crate) const COMMA_IN_KEY: &str =
+    "the API key has a comma (proxies join a repeated header's values with commas, so it could not be told apart)";
+
 pub(crate) fn check_api_key(key: &[u8]) -> Result<(), &'static str> {
     if key.is_empty() {
         return Err("the API key is empty");
@@ -70,7 +75,7 @@ pub(crate) fn check_api_key(key: &[u8]) -> Result<(), &'static str> {
     // with commas, so a key with one is read as a repeated header.
     if !key.iter().fold(true, |ok, &b| ok & (b.wrapping_sub(0x21) < 0x5e) & (b != b',')) {
         return Err(if key.contains(&b',') {
-            crate::engine::REPEATED_KEY
+            COMMA_IN_KEY
         } else {
             "the API key has characters other than visible ASCII"
         });

@@ -19,6 +19,7 @@ pub struct Worker {
     tollgate: Tollgate,
     prefetch: mpsc::Receiver<Prefetch>,
     shutdown: watch::Receiver<bool>,
+    flushes: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -29,7 +30,17 @@ impl std::fmt::Debug for Worker {
 
 impl Worker {
     pub(crate) fn new(tollgate: Tollgate, prefetch: mpsc::Receiver<Prefetch>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { tollgate, prefetch, shutdown }
+        Self { tollgate, prefetch, shutdown, flushes: true }
+    }
+
+    /// A worker that neither flushes nor exports: it refills leases, evicts idle tenants and
+    /// revalidates the directory, and leaves flushes and exports to the caller (as on AWS
+    /// Lambda's on-demand model, whose process is frozen between invocations: a flush frozen
+    /// half-way would hold the pipeline until the next thaw).
+    #[must_use]
+    pub fn without_flush(mut self) -> Self {
+        self.flushes = false;
+        self
     }
 
     /// The engine this worker serves.
@@ -40,15 +51,15 @@ impl Worker {
     /// Runs until [`Tollgate::shutdown`] is called. Exports run beside the rest, in the same
     /// task, so a slow billing system never delays a flush, a lease refill or an eviction.
     pub async fn run(self) {
-        let exports = Self::exports(self.tollgate.clone(), self.shutdown.clone());
+        let exports = Self::exports(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
         tokio::join!(self.background(), exports);
         tracing::debug!("tollgate worker stopped");
     }
 
     /// An export pass every `export.interval` (after the first flush interval, so a node
     /// starting up flushes before it exports).
-    async fn exports(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>) {
-        if tollgate.shared.sink.is_none() {
+    async fn exports(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>, enabled: bool) {
+        if tollgate.shared.sink.is_none() || !enabled {
             return;
         }
         let mut next = Instant::now() + tollgate.shared.runtime.load().config.usage.flush_interval;
@@ -94,7 +105,7 @@ impl Worker {
                 biased;
                 _ = self.shutdown.changed() => break,
                 Some(job) = self.prefetch.recv() => self.tollgate.prefetch(job).await,
-                _ = tokio::time::sleep_until(next_flush) => {
+                _ = tokio::time::sleep_until(next_flush), if self.flushes => {
                     // A failed flush is logged by `flush` and retried at the next one.
                     let _ = self.tollgate.flush().await;
                     let (flush_every, _, _) = intervals(&self.tollgate);

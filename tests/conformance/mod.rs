@@ -83,6 +83,8 @@ keys = ["key-soft"]
 "payment_method.attached" = "pro"
 "#;
 
+/// Held through an overlap step: the two notifies below are shared by every test of a binary.
+pub static OVERLAP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The handler of `POST /v1/slow` notifies this when it starts...
 pub static ENTERED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 /// ...and answers once this is notified.
@@ -171,6 +173,8 @@ pub enum Step {
 pub struct Scenario {
     pub name: &'static str,
     pub steps: Vec<Step>,
+    /// The usage the store holds afterwards on the bare layer: (tenant, meter, units).
+    pub usage: Vec<(&'static str, &'static str, u64)>,
 }
 
 /// What a door did in a scenario: every response, and the usage the store holds afterwards
@@ -205,6 +209,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/items").key(""), 400),
                 Send(get("/v1/items").key("key-free"), 200),
             ],
+            usage: vec![("acme", "requests", 1)],
         },
         Scenario {
             name: "rate: the burst, then 429 with Retry-After, then the refill",
@@ -220,6 +225,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/items").key("key-free"), 200),
                 Send(get("/v1/items").key("key-free"), 429),
             ],
+            usage: vec![("acme", "requests", 7)],
         },
         Scenario {
             name: "hard quota and route cost",
@@ -231,6 +237,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/items").key("key-free"), 429),
                 Send(post("/v1/reports").key("key-free"), 429),
             ],
+            usage: vec![("acme", "requests", 10)],
         },
         Scenario {
             name: "soft quota: admitted past the limit, counted",
@@ -240,6 +247,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/items").key("key-soft"), 200),
                 Send(post("/v1/reports").key("key-soft"), 200),
             ],
+            usage: vec![("globex", "requests", 8)],
         },
         Scenario {
             name: "5xx give back",
@@ -248,6 +256,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/fail").key("key-free"), 500),
                 Send(get("/v1/items").key("key-free"), 200),
             ],
+            usage: vec![("acme", "requests", 1)],
         },
         Scenario {
             name: "idempotency: replay, mismatch, malformed",
@@ -264,9 +273,13 @@ pub fn scenarios() -> Vec<Scenario> {
                 ),
                 Send(post("/v1/orders").key("key-free").header("idempotency-key", &"x".repeat(300)), 400),
                 Send(post("/v1/orders").key("key-free").header("idempotency-key", "order-2,order-3"), 400),
+                // The same parameters in another order (a proxy may rebuild the query): a replay.
+                Send(post("/v1/orders?a=1&b=2").key("key-free").header("idempotency-key", "order-q"), 201),
+                Send(post("/v1/orders?b=2&a=1").key("key-free").header("idempotency-key", "order-q"), 201),
                 // GET does not honour the key: charged each time.
                 Send(get("/v1/items").key("key-free").header("idempotency-key", "order-1"), 200),
             ],
+            usage: vec![("acme", "requests", 3)],
         },
         Scenario {
             name: "idempotency: in flight",
@@ -276,6 +289,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 201,
                 409,
             )],
+            usage: vec![("globex", "requests", 1)],
         },
         Scenario {
             name: "handler-reported usage, and its hard quota",
@@ -286,10 +300,12 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(post("/v1/generate").key("key-free"), 429),
                 Send(get("/v1/items").key("key-free"), 200),
             ],
+            usage: vec![("acme", "requests", 3), ("acme", "tokens", 2 * GENERATE_TOKENS)],
         },
         Scenario {
             name: "usage recorded while the response streams",
             steps: vec![Send(get("/v1/stream").key("key-soft"), 200), Send(get("/v1/stream").key("key-soft"), 200)],
+            usage: vec![("globex", "requests", 2), ("globex", "tokens", 2 * STREAM_TOKENS)],
         },
     ];
     if cfg!(feature = "stripe") {
@@ -313,6 +329,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(post("/stripe/webhook").header("stripe-signature", &signed(WEBHOOK_SECRET)).body(payload), 200),
                 Send(get("/v1/items").key("key-beta"), 200),
             ],
+            usage: vec![("beta", "requests", 11)],
         });
     }
     table
@@ -474,10 +491,14 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
                 let resp = door.send(req).await;
                 if check_statuses {
                     assert_eq!(resp.status, status, "{}: step {i}: {resp:?}", scenario.name);
+                    if status == 201 && resp.body != "created" {
+                        panic!("{}: step {i}: {resp:?}", scenario.name);
+                    }
                 }
                 responses.push(resp);
             }
             Overlap(first, second, status_first, status_second) => {
+                let _one_at_a_time = OVERLAP.lock().await;
                 let (a, b) = tokio::join!(door.send(first), async {
                     ENTERED.notified().await;
                     let b = door.send(second).await;
@@ -499,6 +520,11 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
         for a in store.usage_range(&tenant.into(), 0, i64::MAX).await.unwrap() {
             *usage.entry((tenant.to_owned(), a.key.meter.to_string())).or_insert(0) += a.quantity;
         }
+    }
+    if check_statuses {
+        let expected: BTreeMap<(String, String), u64> =
+            scenario.usage.iter().map(|(t, m, n)| ((t.to_string(), m.to_string()), *n)).collect();
+        assert_eq!(usage, expected, "{}: the usage stored", scenario.name);
     }
     Outcome { responses, usage }
 }

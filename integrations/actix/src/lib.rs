@@ -153,13 +153,13 @@ where
     forward_ready!(service);
 
     fn call(&self, request: ServiceRequest) -> Self::Future {
+        if let Some(peer) = request.peer_addr() {
+            request.extensions_mut().insert(ClientAddr(peer.ip()));
+        }
         let admission = {
             let view = View { request: &request, extensions: request.extensions() };
             self.door.borrow_mut().admit_request(&view)
         };
-        if let Some(peer) = request.peer_addr() {
-            request.extensions_mut().insert(ClientAddr(peer.ip()));
-        }
         match admission {
             Admission::Admitted(ticket) => {
                 let response = admitted(&self.service, request, ticket);
@@ -185,8 +185,8 @@ where
 }
 
 /// Runs an admitted request: the tenant's context in, the rate-limit headers on the response
-/// head, and the ticket completed with its status (a service error drops the ticket, which
-/// gives its units back).
+/// head, and the ticket completed with its status (an error of the inner service answered as
+/// actix answers it; a dropped future drops the ticket, which gives its units back).
 fn admitted<S, B>(
     service: &Rc<S>,
     request: ServiceRequest,
@@ -199,7 +199,16 @@ where
     request.extensions_mut().insert(ticket.context());
     let call = service.call(request);
     async move {
-        let mut response = call.await?;
+        let mut response = match call.await {
+            Ok(response) => response,
+            // An inner middleware's error becomes the response actix sends (with the error's
+            // status, without the rate-limit headers, which only a response carries): billed
+            // by that status, as the tower layer bills a response.
+            Err(error) => {
+                ticket.complete(error.as_response_error().status_code().as_u16());
+                return Err(error);
+            }
+        };
         let headers = response.headers_mut();
         ticket.for_each_header(|field, value| {
             if let Ok(value) = HeaderValue::from_str(value) {

@@ -16,8 +16,7 @@
 //! curl -i localhost:9000/v1/items                                  # 401 problem+json
 //! ```
 //!
-//! (`cargo run -p tollgate-lambda --example lambda` only checks that it builds: outside Lambda
-//! the runtime has no API to poll.) Deployed (`cargo lambda build --release -p tollgate-lambda
+//! Deployed (`cargo lambda build --release -p tollgate-lambda
 //! --bin tollgate-lambda-example --features example`, then `cargo lambda deploy`),
 //! point `[store]` at DynamoDB so that every environment shares the quotas (docs/lambda.md).
 #![allow(missing_docs)]

@@ -31,8 +31,9 @@
 //! Both register [`SnapStart`]: before a snapshot, usage is flushed and leases are given back;
 //! after a restore, each copy draws its own node id and secrets and reads the clock again.
 //!
-//! Every request carries tollgate's [`ClientAddr`] (the `sourceIp` API Gateway or the
-//! function URL saw) in its extensions.
+//! A request from API Gateway or a function URL carries tollgate's [`ClientAddr`] (the
+//! `sourceIp` they saw) in its extensions, and its path without the API Gateway stage
+//! ([`FromEventLayer`]).
 
 use std::{
     future::Future,
@@ -88,11 +89,21 @@ where
         shutdown(&on_shutdown).await;
     })
     .await;
-    tokio::spawn(worker.run());
-    let snapstart: Arc<dyn SnapStartResource> = Arc::new(SnapStart::new(engine.clone()));
+    let managed = is_managed_instances();
+    // On-demand, flushes and exports are the invocations' (FlushLayer): a flush frozen
+    // half-way in the background would hold the pipeline until the next thaw.
+    let worker = if managed { worker } else { worker.without_flush() };
+    let snapstart = SnapStart::new(engine.clone());
+    if std::env::var("AWS_LAMBDA_INITIALIZATION_TYPE").as_deref() == Ok("snap-start") {
+        // Nothing of the worker's may be half-way when the snapshot is taken, nor run in a
+        // copy before it has its own ids: it starts after the restore.
+        snapstart.start_after_restore(worker);
+    } else {
+        tokio::spawn(worker.run());
+    }
     let service = service(engine.clone(), handler);
-    let runtime = lambda_runtime::Runtime::new(adapter(service)).register_snapstart_resource(snapstart);
-    if is_managed_instances() {
+    let runtime = lambda_runtime::Runtime::new(adapter(service)).register_snapstart_resource(Arc::new(snapstart));
+    if managed {
         runtime.run_concurrent().await
     } else {
         runtime.layer(FlushLayer::new(engine)).run().await
@@ -140,46 +151,78 @@ where
             _ => return self.inner.call(event),
         };
         for name in multi.keys() {
-            headers.remove(name);
+            if multi.get_all(name).iter().nth(1).is_some() {
+                headers.remove(name);
+            }
         }
         self.inner.call(event)
     }
 }
 
-/// The final flush and export, and the leases given back, within [`SHUTDOWN_BUDGET`]: what
-/// the graceful-shutdown hook of [`run`] does.
+/// What the graceful-shutdown hook of [`run`] does within [`SHUTDOWN_BUDGET`]: the final
+/// flush first (usage is what is billed), then the leases given back. No export: it may not fit
+/// in Lambda's ~500 ms, and the scheduled export ([`export_handler`]) sends what is stored.
 pub async fn shutdown(engine: &Tollgate) {
-    match tokio::time::timeout(SHUTDOWN_BUDGET, engine.shutdown()).await {
-        Ok(Ok(report)) => tracing::info!(records = report.flush.records, "tollgate: flushed at shutdown"),
-        Ok(Err(e)) => tracing::error!(error = %e, "tollgate: usage not flushed at shutdown"),
-        Err(_) => tracing::error!("tollgate: the final flush did not end within the shutdown budget"),
+    let settle = async {
+        match engine.flush().await {
+            Ok(report) => tracing::info!(records = report.records, "tollgate: flushed at shutdown"),
+            Err(e) => tracing::error!(error = %e, "tollgate: usage not flushed at shutdown"),
+        }
+        engine.release_leases().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_BUDGET, settle).await.is_err() {
+        tracing::error!("tollgate: the shutdown budget ran out before the flush and the leases were settled");
     }
 }
 
-/// `handler` behind tollgate, as [`run`] serves it: [`ClientAddrLayer`] then
+/// `handler` behind tollgate, as [`run`] serves it: [`FromEventLayer`] then
 /// [`TollgateLayer`]. Call it with requests `lambda_http` parsed (as tests do).
-pub fn service<S>(engine: Tollgate, handler: S) -> ClientAddrService<tollgate::TollgateService<S>> {
-    ClientAddrLayer.layer(TollgateLayer::new(engine).layer(handler))
+pub fn service<S>(engine: Tollgate, handler: S) -> FromEventService<tollgate::TollgateService<S>> {
+    FromEventLayer.layer(TollgateLayer::new(engine).layer(handler))
 }
 
-/// Puts the caller's address from the Lambda event (`requestContext.identity.sourceIp` for
-/// API Gateway REST, `requestContext.http.sourceIp` for HTTP APIs and function URLs) in the
-/// request as tollgate's [`ClientAddr`].
+/// Makes a request `lambda_http` parsed read as it would on a server:
+/// - the path without the API Gateway stage (`lambda_http` puts a REST API's stage in front
+///   of the path, so `[[routes]]` would not match): tollgate and the handler see the path the
+///   client asked for, as with `AWS_LAMBDA_HTTP_IGNORE_STAGE_IN_PATH`;
+/// - the caller's address from the event (`requestContext.identity.sourceIp` for REST APIs,
+///   `requestContext.http.sourceIp` for HTTP APIs and function URLs) as tollgate's
+///   [`ClientAddr`]. ALB events carry none (only `X-Forwarded-For`).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct ClientAddrLayer;
+pub struct FromEventLayer;
 
-impl<S> Layer<S> for ClientAddrLayer {
-    type Service = ClientAddrService<S>;
+impl<S> Layer<S> for FromEventLayer {
+    type Service = FromEventService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ClientAddrService { inner }
+        FromEventService { inner }
     }
 }
 
-/// The service made by [`ClientAddrLayer`].
+/// The service made by [`FromEventLayer`].
 #[derive(Debug, Clone)]
-pub struct ClientAddrService<S> {
+pub struct FromEventService<S> {
     inner: S,
+}
+
+/// Replaces the request's path with the event's raw path (without the stage), keeping the
+/// query.
+fn strip_stage(request: &mut Request) {
+    let raw = request.raw_http_path();
+    if raw.is_empty() || raw == request.uri().path() {
+        return;
+    }
+    let path_and_query = match request.uri().query() {
+        Some(q) => format!("{raw}?{q}"),
+        None => raw.to_owned(),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *request.uri_mut() = uri;
+        }
+    }
 }
 
 /// The source IP of a Lambda request, from its request context.
@@ -192,7 +235,7 @@ pub fn source_ip(request: &Request) -> Option<std::net::IpAddr> {
     ip?.parse().ok()
 }
 
-impl<S: Service<Request>> Service<Request> for ClientAddrService<S> {
+impl<S: Service<Request>> Service<Request> for FromEventService<S> {
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
@@ -202,6 +245,7 @@ impl<S: Service<Request>> Service<Request> for ClientAddrService<S> {
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
+        strip_stage(&mut request);
         if let Some(ip) = source_ip(&request) {
             request.extensions_mut().insert(ClientAddr(ip));
         }
@@ -240,7 +284,7 @@ impl FlushLayer {
             return false;
         }
         if let Err(e) = self.engine.flush().await {
-            tracing::warn!(error = %e, "tollgate: flush after the invocation failed; retried at the next one");
+            tracing::warn!(error = %e, "tollgate: flush after the invocation failed; its usage goes with the next flush");
         }
         true
     }
@@ -291,15 +335,22 @@ where
 /// than letting each copy flush the same usage again); after a restore, the copy draws its
 /// own node id and secrets from the operating system, forgets what the old secrets keyed,
 /// and reads the wall clock again.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SnapStart {
     engine: Tollgate,
+    worker: std::sync::Mutex<Option<Worker>>,
 }
 
 impl SnapStart {
     /// The hooks of `engine`.
     pub fn new(engine: Tollgate) -> Self {
-        Self { engine }
+        Self { engine, worker: std::sync::Mutex::new(None) }
+    }
+
+    /// Spawns `worker` once a copy is restored (after its new ids are drawn), not before the
+    /// snapshot: nothing of the worker's is then half-way in the snapshot.
+    pub fn start_after_restore(&self, worker: Worker) {
+        *self.worker.lock().unwrap_or_else(|e| e.into_inner()) = Some(worker);
     }
 }
 
@@ -315,6 +366,9 @@ impl SnapStartResource for SnapStart {
     fn after_restore(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
             self.engine.after_restore().await;
+            if let Some(worker) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                tokio::spawn(worker.run());
+            }
             Ok(())
         })
     }

@@ -46,25 +46,38 @@ fn event(kind: Payload, req: &Req) -> Value {
         multi.entry(name.to_string()).or_default().push(value.clone());
     }
     let body = if req.body.is_empty() { Value::Null } else { json!(req.body) };
+    let (path, query) = req.path.split_once('?').unwrap_or((req.path, ""));
+    let mut params = serde_json::Map::new();
+    let mut multi_params = serde_json::Map::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        params.insert(k.to_owned(), json!(v));
+        multi_params.insert(k.to_owned(), json!([v]));
+    }
+    let (params, multi_params) =
+        if params.is_empty() { (Value::Null, Value::Null) } else { (Value::Object(params), Value::Object(multi_params)) };
     match kind {
+        // A REST API on its stage `prod`: `lambda_http` puts the stage in front of the path,
+        // which the Lambda door takes off again.
         Payload::Rest => json!({
             "resource": "/{proxy+}",
-            "path": req.path,
+            "path": path,
             "httpMethod": req.method,
-            "headers": joined.iter().map(|(k, v)| (k.clone(), json!(v.split(',').next_back().unwrap()))).collect::<serde_json::Map<_, _>>(),
+            // API Gateway: the last value of each header in `headers`, all in `multiValueHeaders`.
+            "headers": multi.iter().map(|(k, v)| (k.clone(), json!(v.last().unwrap()))).collect::<serde_json::Map<_, _>>(),
             "multiValueHeaders": multi,
-            "queryStringParameters": null,
-            "multiValueQueryStringParameters": null,
-            "pathParameters": { "proxy": req.path.trim_start_matches('/') },
+            "queryStringParameters": params,
+            "multiValueQueryStringParameters": multi_params,
+            "pathParameters": { "proxy": path.trim_start_matches('/') },
             "stageVariables": null,
             "requestContext": {
                 "resourceId": "abc123",
                 "resourcePath": "/{proxy+}",
                 "httpMethod": req.method,
-                "path": req.path,
+                "path": format!("/prod{path}"),
                 "accountId": "123456789012",
                 "protocol": "HTTP/1.1",
-                "stage": "$default",
+                "stage": "prod",
                 "requestId": "c6af9ac6-7b61-11e6-9a41-93e8deadbeef",
                 "requestTimeEpoch": NOON * 1000,
                 "identity": { "sourceIp": SOURCE_IP, "userAgent": "conformance" },
@@ -81,8 +94,8 @@ fn event(kind: Payload, req: &Req) -> Value {
             json!({
                 "version": "2.0",
                 "routeKey": "$default",
-                "rawPath": req.path,
-                "rawQueryString": "",
+                "rawPath": path,
+                "rawQueryString": query,
                 "headers": joined,
                 "requestContext": {
                     "accountId": "123456789012",
@@ -91,7 +104,7 @@ fn event(kind: Payload, req: &Req) -> Value {
                     "domainPrefix": domain.split('.').next().unwrap(),
                     "http": {
                         "method": req.method,
-                        "path": req.path,
+                        "path": path,
                         "protocol": "HTTP/1.1",
                         "sourceIp": SOURCE_IP,
                         "userAgent": "conformance"
