@@ -4,6 +4,7 @@
 # and 10,000 tenants. A load script, not a test: run it by hand on a quiet machine.
 #
 #   scripts/load.sh [SECONDS_PER_RUN] [ROUNDS]     (defaults: 5 s, 3 rounds)
+#   TOLLGATE_HEADERS=none scripts/load.sh           (limits.headers: draft by default)
 #
 # The servers run on one core (taskset -c 0; axum on one tokio thread, actix-web with one
 # worker); wrk (Debian's package, with a Lua script drawing a tenant's API key per request)
@@ -60,7 +61,22 @@ for door in axum actix; do
     for round in $(seq "$rounds"); do
       bare=$(run $door bare $tenants)
       gated=$(run $door tollgate $tenants)
-      python3 -c "print('$door', $tenants, $round, $bare, $gated, round($gated / $bare, 3))"
+      python3 -c "print('$door', $tenants, $round, $bare, $gated, round($gated / $bare, 3))" | tee -a "$tmp/rows"
     done
   done
 done
+echo
+echo "median of the rounds (requests per server CPU-second; tollgate as a share of bare):"
+python3 - "$tmp/rows" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1])]
+print("| door | tenants | bare | tollgate | tollgate / bare |")
+print("|---|---|---|---|---|")
+for door in ("axum", "actix"):
+    for tenants in ("1", "10000"):
+        rs = [r for r in rows if r[0] == door and r[1] == tenants]
+        bare = statistics.median(float(r[3]) for r in rs)
+        gated = statistics.median(float(r[4]) for r in rs)
+        ratio = statistics.median(float(r[5]) for r in rs)
+        print(f"| {door} | {int(tenants):,} | {bare:,.0f} | {gated:,.0f} | {ratio:.1%} |")
+PY

@@ -38,9 +38,11 @@ pub trait RequestView {
 
 /// Why a repeated API key header is refused; a key with a comma (a repeated header joined by
 /// a proxy) gets the same answer.
-pub(crate) const REPEATED_KEY: &str = "the API key header is repeated (or has a comma, as a proxy joins repeated values)";
+pub(crate) const REPEATED_KEY: &str =
+    "the API key header is repeated (or has a comma, as a proxy joins repeated values)";
 /// Why a repeated `Idempotency-Key` header is refused; a key with a comma likewise.
-pub(crate) const REPEATED_IDEMPOTENCY_KEY: &str = "the Idempotency-Key header is repeated (or has a comma, as a proxy joins repeated values)";
+pub(crate) const REPEATED_IDEMPOTENCY_KEY: &str =
+    "the Idempotency-Key header is repeated (or has a comma, as a proxy joins repeated values)";
 
 /// The credential in the values of the API key header: none, one, or a repeated header
 /// (malformed; a key with a comma, a repeated header joined by a proxy, is refused when the
@@ -70,9 +72,7 @@ pub(crate) fn describe<'a, I: Iterator<Item = &'a [u8]>>(
     match (keys.next(), keys.next()) {
         (None, _) => Ok(info),
         (Some(key), None) => Ok(info.with_idempotency_key(key)),
-        (Some(_), Some(_)) => {
-            Err(Rejection::new(RejectionKind::MalformedIdempotencyKey, REPEATED_IDEMPOTENCY_KEY))
-        }
+        (Some(_), Some(_)) => Err(Rejection::new(RejectionKind::MalformedIdempotencyKey, REPEATED_IDEMPOTENCY_KEY)),
     }
 }
 
@@ -154,10 +154,8 @@ impl FrontDoor {
                 },
             };
             let info = RequestInfo::new(request.method(), request.path(), credential);
-            describe(info, rt.honours_idempotency(request.method()), || {
-                request.header_values("idempotency-key")
-            })
-            .map(|info| if info.idempotency_key.is_some() { info.with_query(request.query()) } else { info })
+            describe(info, rt.honours_idempotency(request.method()), || request.header_values("idempotency-key"))
+                .map(|info| if info.idempotency_key.is_some() { info.with_query(request.query()) } else { info })
         })
     }
 

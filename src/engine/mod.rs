@@ -17,8 +17,8 @@ mod wait;
 
 pub(crate) use builder::open_store;
 pub use builder::{BuildError, Builder};
-pub use door::{ClientAddr, FrontDoor, RequestView};
 pub(crate) use door::{credential_in, describe, REPEATED_KEY};
+pub use door::{ClientAddr, FrontDoor, RequestView};
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};
 pub(crate) use engine::{Prefetch, RuntimeCache};
 pub use export::ExportReport;

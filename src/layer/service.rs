@@ -69,7 +69,13 @@ where
             describe(info, rt.honours_idempotency_method(request.method()), || {
                 request.headers().get_all(&IDEMPOTENCY_KEY).iter().map(HeaderValue::as_bytes)
             })
-            .map(|info| if info.idempotency_key.is_some() { info.with_query(request.uri().query()) } else { info })
+            .map(|info| {
+                if info.idempotency_key.is_some() {
+                    info.with_query(request.uri().query())
+                } else {
+                    info
+                }
+            })
         });
         match admission {
             Admission::Admitted(ticket) => {

@@ -5,6 +5,6 @@ mod key;
 mod state;
 
 pub(crate) use handle::Tenant;
-pub(crate) use key::{check_api_key, draw_u64, COMMA_IN_KEY, Fingerprinter, TAG_API_KEY, TAG_TENANT};
+pub(crate) use key::{check_api_key, draw_u64, Fingerprinter, COMMA_IN_KEY, TAG_API_KEY, TAG_TENANT};
 pub use key::{Credential, Identity, KeyHash};
 pub(crate) use state::{Call, CallKind, PeriodBits, QuotaRef, Take, TenantCells, TenantState};

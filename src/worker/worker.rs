@@ -37,7 +37,6 @@ impl Worker {
     /// revalidates the directory, and leaves flushes and exports to the caller (as on AWS
     /// Lambda's on-demand model, whose process is frozen between invocations: a flush frozen
     /// half-way would hold the pipeline until the next thaw).
-    #[must_use]
     pub fn without_flush(mut self) -> Self {
         self.flushes = false;
         self

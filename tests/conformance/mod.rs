@@ -323,9 +323,15 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(post("/v1/reports").key("key-beta"), 200),
                 Advance(Duration::from_secs(1)),
                 Send(get("/v1/items").key("key-beta"), 429),
-                Send(post("/stripe/webhook").header("stripe-signature", &signed("whsec_other")).body(payload.clone()), 400),
+                Send(
+                    post("/stripe/webhook").header("stripe-signature", &signed("whsec_other")).body(payload.clone()),
+                    400,
+                ),
                 Send(get("/v1/items").key("key-beta"), 429),
-                Send(post("/stripe/webhook").header("stripe-signature", &signed(WEBHOOK_SECRET)).body(payload.clone()), 200),
+                Send(
+                    post("/stripe/webhook").header("stripe-signature", &signed(WEBHOOK_SECRET)).body(payload.clone()),
+                    200,
+                ),
                 Send(post("/stripe/webhook").header("stripe-signature", &signed(WEBHOOK_SECRET)).body(payload), 200),
                 Send(get("/v1/items").key("key-beta"), 200),
             ],

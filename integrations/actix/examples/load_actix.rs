@@ -12,13 +12,13 @@ use actix_web::{web, App, HttpServer};
 /// The configuration for `tenants` tenants (the same as the axum load server, load_axum's).
 fn config(tenants: usize) -> String {
     let mut toml = String::from(
-        "[store]\nkind = \"memory\"\n[usage]\nflush_interval = \"1s\"\n[plans.p]\nrate = \"100000/s\"\nburst = 100000\n\
+        "[store]\nkind = \"memory\"\n[limits]\nheaders = \"HEADERS\"\n[usage]\nflush_interval = \"1s\"\n[plans.p]\nrate = \"100000/s\"\nburst = 100000\n\
          quotas.requests = { limit = 1000000000, period = \"day\", mode = \"hard\" }\n",
     );
     for i in 0..tenants {
         toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"));
     }
-    toml
+    toml.replace("HEADERS", &std::env::var("TOLLGATE_HEADERS").unwrap_or_else(|_| "draft".into()))
 }
 
 #[actix_web::main]
@@ -31,7 +31,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = match mode.as_str() {
         "bare" => None,
         "tollgate" => {
-            let (engine, worker) = tollgate::Tollgate::builder(tollgate::Config::from_toml_str(&config(tenants))?).open().await?;
+            let (engine, worker) =
+                tollgate::Tollgate::builder(tollgate::Config::from_toml_str(&config(tenants))?).open().await?;
             tokio::spawn(worker.run());
             Some(engine)
         }
@@ -40,7 +41,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hello = || async { "Hello, World!" };
     println!("ready");
     match engine {
-        None => HttpServer::new(move || App::new().route("/", web::get().to(hello))).workers(1).bind(&addr)?.run().await?,
+        None => {
+            HttpServer::new(move || App::new().route("/", web::get().to(hello))).workers(1).bind(&addr)?.run().await?
+        }
         Some(engine) => {
             HttpServer::new(move || {
                 App::new()

@@ -74,7 +74,8 @@ impl Door for Actix {
             app.service(web::scope("").wrap(TollgateMiddleware::new(self.engine.clone())).configure(api)),
         )
         .await;
-        let mut request = TestRequest::default().method(Method::from_bytes(req.method.as_bytes()).unwrap()).uri(req.path);
+        let mut request =
+            TestRequest::default().method(Method::from_bytes(req.method.as_bytes()).unwrap()).uri(req.path);
         for (name, value) in req.headers {
             request = request.append_header((name, value));
         }

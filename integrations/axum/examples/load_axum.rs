@@ -12,13 +12,13 @@ use axum::{routing::get, Router};
 /// The configuration for `tenants` tenants, as the load script's servers share it.
 pub fn config(tenants: usize) -> String {
     let mut toml = String::from(
-        "[store]\nkind = \"memory\"\n[usage]\nflush_interval = \"1s\"\n[plans.p]\nrate = \"100000/s\"\nburst = 100000\n\
+        "[store]\nkind = \"memory\"\n[limits]\nheaders = \"HEADERS\"\n[usage]\nflush_interval = \"1s\"\n[plans.p]\nrate = \"100000/s\"\nburst = 100000\n\
          quotas.requests = { limit = 1000000000, period = \"day\", mode = \"hard\" }\n",
     );
     for i in 0..tenants {
         toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"));
     }
-    toml
+    toml.replace("HEADERS", &std::env::var("TOLLGATE_HEADERS").unwrap_or_else(|_| "draft".into()))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -32,7 +32,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = match mode.as_str() {
         "bare" => app,
         "tollgate" => {
-            let (engine, worker) = tollgate::Tollgate::builder(tollgate::Config::from_toml_str(&config(tenants))?).open().await?;
+            let (engine, worker) =
+                tollgate::Tollgate::builder(tollgate::Config::from_toml_str(&config(tenants))?).open().await?;
             tokio::spawn(worker.run());
             app.layer(tollgate::TollgateLayer::new(engine))
         }

@@ -403,6 +403,11 @@ pub fn export_handler(
     })
 }
 
+/// The future of [`webhook_handler`]'s service.
+#[cfg(feature = "stripe")]
+pub type WebhookFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<lambda_http::Body>, std::convert::Infallible>> + Send>>;
+
 /// A Lambda HTTP function for Stripe webhooks (behind a function URL or API Gateway, outside
 /// tollgate's layer): the `Stripe-Signature` header and the raw body (API Gateway's base64
 /// decoded by `lambda_http`) go to tollgate's
@@ -416,7 +421,7 @@ pub fn webhook_handler(
     Request,
     Response = http::Response<lambda_http::Body>,
     Error = std::convert::Infallible,
-    Future = Pin<Box<dyn Future<Output = Result<http::Response<lambda_http::Body>, std::convert::Infallible>> + Send>>,
+    Future = WebhookFuture,
 > + Clone {
     let handler = handler.into();
     tower::service_fn(move |request: Request| {
@@ -425,6 +430,6 @@ pub fn webhook_handler(
             let signature = request.headers().get("stripe-signature").and_then(|v| v.to_str().ok());
             let reply = handler.handle(signature, request.body().as_ref()).await.into_response();
             Ok(reply.map(|body| lambda_http::Body::Text(String::from_utf8_lossy(&body).into_owned())))
-        }) as Pin<Box<dyn Future<Output = _> + Send>>
+        }) as WebhookFuture
     })
 }

@@ -54,8 +54,11 @@ fn event(kind: Payload, req: &Req) -> Value {
         params.insert(k.to_owned(), json!(v));
         multi_params.insert(k.to_owned(), json!([v]));
     }
-    let (params, multi_params) =
-        if params.is_empty() { (Value::Null, Value::Null) } else { (Value::Object(params), Value::Object(multi_params)) };
+    let (params, multi_params) = if params.is_empty() {
+        (Value::Null, Value::Null)
+    } else {
+        (Value::Object(params), Value::Object(multi_params))
+    };
     match kind {
         // A REST API on its stage `prod`: `lambda_http` puts the stage in front of the path,
         // which the Lambda door takes off again.
