@@ -239,3 +239,27 @@ async fn a_snapshot_is_refused_while_usage_cannot_be_flushed() {
     assert_ne!(tollgate.node_id(), node);
     assert_eq!(h.status("/", "key-t").await, 200, "a restored copy serves as before");
 }
+
+/// What a snapshot still holds is in every copy restored from it: no copy may give its
+/// leases back or flush its usage (each would). `after_restore` forgets it.
+#[tokio::test]
+async fn tenant_state_left_in_a_snapshot_is_forgotten_by_each_copy() {
+    let h = Harness::new(
+        "[plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"hard\" }\n\
+         [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n",
+    );
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    let key = common::day_key("t", NOON);
+    let leased = h.reserved(&key).await;
+    assert!(leased > 3, "a lease is held: {leased}");
+    // No before_snapshot: the state (a lease, 3 unflushed units) is in the "snapshot".
+    h.tollgate.after_restore().await;
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(h.reserved(&key).await, leased, "the lease is not given back");
+    let store = h.memory.clone().unwrap();
+    assert_eq!(common::committed(&*store, "t", "requests", NOON - 86_400, NOON + 86_400, 3600).await, 0);
+    assert_eq!(h.tollgate.stats().tracked_tenants, 0);
+    assert_eq!(h.status("/", "key-t").await, 200, "the copy serves on with a lease of its own");
+}

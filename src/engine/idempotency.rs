@@ -231,8 +231,10 @@ impl Idempotency {
         let sorted;
         let query = match query {
             Some(q) if q.contains('&') => {
+                // By name only, and stable: a parameter's values keep their order
+                // (`a=1&a=2` is not `a=2&a=1`).
                 let mut pairs: Vec<&str> = q.split('&').collect();
-                pairs.sort_unstable();
+                pairs.sort_by_key(|pair| pair.split('=').next().unwrap_or(pair));
                 sorted = pairs.join("&");
                 sorted.as_str()
             }

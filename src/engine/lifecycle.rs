@@ -203,10 +203,24 @@ impl Tollgate {
         self.shared.node.store(crate::tenant::draw_u64(), std::sync::atomic::Ordering::Relaxed);
         self.shared.pipeline.lock().await.renew_node();
         self.shared.table.reseed();
-        // Normally none (`before_snapshot` let every tenant go). A lease in the snapshot is in
-        // every copy: none may give it back (each would), so it is dropped, under-admitting
-        // until its period ends rather than over-admitting.
+        // Normally none (`before_snapshot` let every tenant go, and nothing ran since). What
+        // is left was in the snapshot, so it is in every copy: none may give its leases back
+        // or flush its usage (each would). It is forgotten: its leases under-admit until
+        // their period ends rather than over-admit, its usage is not billed rather than
+        // billed once per copy.
         drop(self.shared.table.evict_all());
+        let left = std::mem::take(&mut *self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut units = 0u64;
+        for state in &left {
+            for cell in state.quotas() {
+                cell.take_all();
+                cell.take_unleased();
+            }
+            state.drain_usage(|_, _, q| units = units.saturating_add(q));
+        }
+        if !left.is_empty() {
+            tracing::warn!(tenants = left.len(), units, "restored: tenant state left in the snapshot was forgotten");
+        }
         self.shared.unknown.invalidate_all();
         self.shared.clock.resync();
         tracing::info!("restored from a snapshot: new node id and secrets");

@@ -57,12 +57,12 @@ impl fmt::Debug for KeyHash {
 /// The longest API key accepted, in bytes.
 pub(crate) const MAX_KEY_LEN: usize = 256;
 
-/// Checks the syntax of an API key: 1 to 256 visible ASCII characters.
 /// Why an API key with a comma is refused (in a configuration, an import, or a request, where
 /// it is answered as a repeated header).
 pub(crate) const COMMA_IN_KEY: &str =
     "the API key has a comma (proxies join a repeated header's values with commas, so it could not be told apart)";
 
+/// Checks the syntax of an API key: 1 to 256 visible ASCII characters other than the comma.
 pub(crate) fn check_api_key(key: &[u8]) -> Result<(), &'static str> {
     if key.is_empty() {
         return Err("the API key is empty");

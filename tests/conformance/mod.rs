@@ -505,11 +505,16 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
             }
             Overlap(first, second, status_first, status_second) => {
                 let _one_at_a_time = OVERLAP.lock().await;
-                let (a, b) = tokio::join!(door.send(first), async {
-                    ENTERED.notified().await;
-                    let b = door.send(second).await;
-                    RELEASE.notify_one();
-                    b
+                let overlap = async {
+                    tokio::join!(door.send(first), async {
+                        ENTERED.notified().await;
+                        let b = door.send(second).await;
+                        RELEASE.notify_one();
+                        b
+                    })
+                };
+                let (a, b) = tokio::time::timeout(Duration::from_secs(10), overlap).await.unwrap_or_else(|_| {
+                    panic!("{}: step {i}: the first request never reached its handler", scenario.name)
                 });
                 if check_statuses {
                     assert_eq!((a.status, b.status), (status_first, status_second), "{}: step {i}", scenario.name);

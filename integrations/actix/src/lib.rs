@@ -153,8 +153,12 @@ where
     forward_ready!(service);
 
     fn call(&self, request: ServiceRequest) -> Self::Future {
+        // Unless an outer middleware (a trusted proxy's real IP) put one there.
         if let Some(peer) = request.peer_addr() {
-            request.extensions_mut().insert(ClientAddr(peer.ip()));
+            let mut extensions = request.extensions_mut();
+            if !extensions.contains::<ClientAddr>() {
+                extensions.insert(ClientAddr(peer.ip()));
+            }
         }
         let admission = {
             let view = View { request: &request, extensions: request.extensions() };
@@ -205,7 +209,7 @@ where
             // status, without the rate-limit headers, which only a response carries): billed
             // by that status, as the tower layer bills a response.
             Err(error) => {
-                ticket.complete(error.as_response_error().status_code().as_u16());
+                ticket.complete(error.error_response().status().as_u16());
                 return Err(error);
             }
         };

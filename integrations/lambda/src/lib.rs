@@ -163,15 +163,15 @@ where
 /// flush first (usage is what is billed), then the leases given back. No export: it may not fit
 /// in Lambda's ~500 ms, and the scheduled export ([`export_handler`]) sends what is stored.
 pub async fn shutdown(engine: &Tollgate) {
-    let settle = async {
-        match engine.flush().await {
-            Ok(report) => tracing::info!(records = report.records, "tollgate: flushed at shutdown"),
-            Err(e) => tracing::error!(error = %e, "tollgate: usage not flushed at shutdown"),
-        }
-        engine.release_leases().await;
-    };
-    if tokio::time::timeout(SHUTDOWN_BUDGET, settle).await.is_err() {
-        tracing::error!("tollgate: the shutdown budget ran out before the flush and the leases were settled");
+    // Two thirds of the budget for the flush (a slow store must not leave the leases
+    // nothing), the rest for the leases.
+    match tokio::time::timeout(SHUTDOWN_BUDGET * 2 / 3, engine.flush()).await {
+        Ok(Ok(report)) => tracing::info!(records = report.records, "tollgate: flushed at shutdown"),
+        Ok(Err(e)) => tracing::error!(error = %e, "tollgate: usage not flushed at shutdown"),
+        Err(_) => tracing::error!("tollgate: the final flush did not end within its share of the shutdown budget"),
+    }
+    if tokio::time::timeout(SHUTDOWN_BUDGET / 3, engine.release_leases()).await.is_err() {
+        tracing::error!("tollgate: not every lease was given back within the shutdown budget");
     }
 }
 
@@ -205,16 +205,29 @@ pub struct FromEventService<S> {
     inner: S,
 }
 
-/// Replaces the request's path with the event's raw path (without the stage), keeping the
-/// query.
+/// Takes an API Gateway stage off the front of the path (`lambda_http` puts a REST API's
+/// stage there; an HTTP API's named stage is in its `rawPath`), keeping the path's encoding
+/// and the query. Nothing else is touched: `$default` stages, function URLs, ALBs.
 fn strip_stage(request: &mut Request) {
-    let raw = request.raw_http_path();
-    if raw.is_empty() || raw == request.uri().path() {
+    let stage = match request.request_context_ref() {
+        Some(RequestContext::ApiGatewayV1(ctx)) => ctx.stage.as_deref(),
+        Some(RequestContext::ApiGatewayV2(ctx)) => ctx.stage.as_deref(),
+        _ => None,
+    };
+    let Some(stage) = stage.filter(|s| !s.is_empty() && *s != "$default") else {
+        return;
+    };
+    let path = request.uri().path();
+    let Some(rest) = path.strip_prefix('/').and_then(|p| p.strip_prefix(stage)) else {
+        return;
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
         return;
     }
+    let rest = if rest.is_empty() { "/" } else { rest };
     let path_and_query = match request.uri().query() {
-        Some(q) => format!("{raw}?{q}"),
-        None => raw.to_owned(),
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_owned(),
     };
     let mut parts = request.uri().clone().into_parts();
     if let Ok(pq) = path_and_query.parse() {

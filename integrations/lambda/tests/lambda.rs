@@ -94,10 +94,16 @@ fn event(kind: Payload, req: &Req) -> Value {
                 Payload::FunctionUrl => "abcdefghijklmnop.lambda-url.us-east-1.on.aws",
                 _ => "1234567890.execute-api.us-east-1.amazonaws.com",
             };
+            // An HTTP API on its named stage `prod` has the stage in `rawPath`; a function URL
+            // has none.
+            let (stage, raw_path) = match kind {
+                Payload::Http => ("prod", format!("/prod{path}")),
+                _ => ("$default", path.to_owned()),
+            };
             json!({
                 "version": "2.0",
                 "routeKey": "$default",
-                "rawPath": path,
+                "rawPath": raw_path,
                 "rawQueryString": query,
                 "headers": joined,
                 "requestContext": {
@@ -114,7 +120,7 @@ fn event(kind: Payload, req: &Req) -> Value {
                     },
                     "requestId": "JKJaXmPLvHcESHA=",
                     "routeKey": "$default",
-                    "stage": "$default",
+                    "stage": stage,
                     "time": "14/Mar/2026:12:00:00 +0000",
                     "timeEpoch": NOON * 1000
                 },
