@@ -57,11 +57,12 @@ pub(crate) fn credential_in<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> C
 }
 
 /// The request the engine decides on, as every front door describes it: the
-/// `Idempotency-Key` is read (from `keys`) only on methods that honour it, and a repeated
-/// one is refused.
+/// `Idempotency-Key` is read (from `keys`) only on methods that honour it, a repeated one is
+/// refused, and a key binds the request's `query` too.
 #[inline]
 pub(crate) fn describe<'a, I: Iterator<Item = &'a [u8]>>(
     info: RequestInfo<'a>,
+    query: Option<&'a str>,
     honoured: bool,
     keys: impl FnOnce() -> I,
 ) -> Result<RequestInfo<'a>, Rejection> {
@@ -71,7 +72,7 @@ pub(crate) fn describe<'a, I: Iterator<Item = &'a [u8]>>(
     let mut keys = keys();
     match (keys.next(), keys.next()) {
         (None, _) => Ok(info),
-        (Some(key), None) => Ok(info.with_idempotency_key(key)),
+        (Some(key), None) => Ok(info.with_query(query).with_idempotency_key(key)),
         (Some(_), Some(_)) => Err(Rejection::new(RejectionKind::MalformedIdempotencyKey, REPEATED_IDEMPOTENCY_KEY)),
     }
 }
@@ -154,8 +155,9 @@ impl FrontDoor {
                 },
             };
             let info = RequestInfo::new(request.method(), request.path(), credential);
-            describe(info, rt.honours_idempotency(request.method()), || request.header_values("idempotency-key"))
-                .map(|info| if info.idempotency_key.is_some() { info.with_query(request.query()) } else { info })
+            describe(info, request.query(), rt.honours_idempotency(request.method()), || {
+                request.header_values("idempotency-key")
+            })
         })
     }
 

@@ -66,15 +66,8 @@ where
                 request.uri().path(),
                 resolver.resolve(&request, &rt.config.identify),
             );
-            describe(info, rt.honours_idempotency_method(request.method()), || {
+            describe(info, request.uri().query(), rt.honours_idempotency_method(request.method()), || {
                 request.headers().get_all(&IDEMPOTENCY_KEY).iter().map(HeaderValue::as_bytes)
-            })
-            .map(|info| {
-                if info.idempotency_key.is_some() {
-                    info.with_query(request.uri().query())
-                } else {
-                    info
-                }
             })
         });
         match admission {

@@ -306,28 +306,14 @@ impl ResponseError for MissingMiddleware {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let body = format!(
-            r#"{{"type":"about:blank","title":"Internal Server Error","status":500,"detail":{}}}"#,
-            quoted(&self.to_string())
-        );
-        HttpResponse::InternalServerError().content_type("application/problem+json").body(body)
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": "Internal Server Error",
+            "status": 500,
+            "detail": self.to_string(),
+        });
+        HttpResponse::InternalServerError().content_type("application/problem+json").body(body.to_string())
     }
-}
-
-/// `s` as a JSON string literal.
-fn quoted(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// A [`Rejection`] as an actix-web response: what the middleware answers with its default
