@@ -5,6 +5,13 @@ pub mod admin;
 pub mod billing;
 pub mod clock;
 pub mod config;
+pub mod events {
+    //! Usage from outside a request: events of jobs and queues, each with its own time and
+    //! id, recorded at most once per id in the window of its own time and checked against
+    //! the hard quotas of its own period ([`Tollgate::record_event`](crate::Tollgate::record_event)).
+    //! `docs/events.md` is the guide.
+    pub use crate::engine::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
+}
 mod engine;
 pub mod layer;
 mod metrics;

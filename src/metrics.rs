@@ -34,7 +34,12 @@ pub(crate) struct Metrics {
     pub(crate) buffer_full: Counter,
     pub(crate) dropped_units: Counter,
     pub(crate) tenants: Gauge,
+    /// Usage events: applied, duplicate, then one per refusal reason ([`EVENT_REFUSALS`]).
+    pub(crate) events: [Counter; 2 + EVENT_REFUSALS.len()],
 }
+
+/// The reasons a usage event is refused, as labelled in `tollgate_usage_events_total`.
+const EVENT_REFUSALS: [&str; 5] = ["invalid", "too_old", "in_future", "quota", "store_error"];
 
 impl Metrics {
     pub(crate) fn register() -> Self {
@@ -62,7 +67,25 @@ impl Metrics {
             buffer_full: counter!("tollgate_usage_buffer_full_total"),
             dropped_units: counter!("tollgate_usage_dropped_units_total"),
             tenants: gauge!("tollgate_tenants_tracked"),
+            events: std::array::from_fn(|i| {
+                let outcome = match i {
+                    0 => "applied",
+                    1 => "duplicate",
+                    i => EVENT_REFUSALS[i - 2],
+                };
+                counter!("tollgate_usage_events_total", "outcome" => outcome)
+            }),
         }
+    }
+
+    pub(crate) fn events(&self, outcome: crate::engine::ProcessedAs) -> &Counter {
+        use crate::engine::ProcessedAs;
+        let i = match outcome {
+            ProcessedAs::Applied => 0,
+            ProcessedAs::Duplicate => 1,
+            ProcessedAs::Refused(label) => 2 + EVENT_REFUSALS.iter().position(|l| *l == label).unwrap_or(0),
+        };
+        &self.events[i]
     }
 
     pub(crate) fn rejected(&self, kind: RejectionKind) -> &Counter {
@@ -91,6 +114,9 @@ pub(crate) struct Totals {
     pub(crate) negative_hits: AtomicU64,
     pub(crate) buffer_full: AtomicU64,
     pub(crate) dropped_units: AtomicU64,
+    pub(crate) events_applied: AtomicU64,
+    pub(crate) events_duplicate: AtomicU64,
+    pub(crate) events_refused: AtomicU64,
 }
 
 impl Totals {
@@ -145,6 +171,13 @@ pub struct Stats {
     /// Units of fail-open usage dropped because the buffer was full (never under fail-closed,
     /// whose tenants are refused instead).
     pub dropped_units: u64,
+    /// Usage events ([`Tollgate::record_event`](crate::Tollgate::record_event)) stored.
+    pub events_applied: u64,
+    /// Usage events whose id had been seen: not counted again.
+    pub events_duplicate: u64,
+    /// Usage events refused (too old, in the future, over a hard quota, unknown tenant or
+    /// meter, or the store failed).
+    pub events_refused: u64,
 }
 
 impl Totals {
@@ -169,6 +202,9 @@ impl Totals {
             negative_hits: l(&self.negative_hits),
             buffer_full: l(&self.buffer_full),
             dropped_units: l(&self.dropped_units),
+            events_applied: l(&self.events_applied),
+            events_duplicate: l(&self.events_duplicate),
+            events_refused: l(&self.events_refused),
         }
     }
 }

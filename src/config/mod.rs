@@ -49,6 +49,7 @@ pub struct Config {
     pub(crate) store: StoreSettings,
     pub(crate) export: ExportSettings,
     pub(crate) stripe: Option<StripeSettings>,
+    pub(crate) events: EventSettings,
     /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
     pub(crate) store_written: Option<StoreOrigin>,
     /// The file the configuration was read from.
@@ -206,6 +207,31 @@ impl Default for ExportSettings {
             unconfirmed_after: Duration::from_secs(20 * 3600),
             max_unknown_failures: 8,
         }
+    }
+}
+
+/// `[events]`: usage events recorded from jobs and queues
+/// ([`Tollgate::record_event`](crate::Tollgate::record_event)).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EventSettings {
+    /// How far in the future an event's time may be (clock skew between the producer and
+    /// this node) before the event is refused. Default 5 minutes.
+    pub max_skew: Duration,
+    /// Product codes of queue events (`ProductCode`) and the meter each one records.
+    pub products: BTreeMap<String, MeterId>,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self { max_skew: Duration::from_secs(300), products: BTreeMap::new() }
+    }
+}
+
+impl EventSettings {
+    /// The meter of a product code, if the configuration maps it.
+    pub fn meter_of(&self, product: &str) -> Option<&MeterId> {
+        self.products.get(product)
     }
 }
 
@@ -457,6 +483,11 @@ impl Config {
     /// How closed windows are exported (`[export]`).
     pub fn export(&self) -> &ExportSettings {
         &self.export
+    }
+
+    /// How usage events from jobs and queues are taken (`[events]`).
+    pub fn events(&self) -> &EventSettings {
+        &self.events
     }
 
     /// Stripe's settings, if the file has a `[stripe]` section.

@@ -25,6 +25,16 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) export: RawExport,
     pub(crate) stripe: Option<RawStripe>,
+    #[serde(default)]
+    pub(crate) events: RawEvents,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEvents {
+    pub(crate) max_skew: Option<String>,
+    #[serde(default)]
+    pub(crate) products: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,12 +10,13 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     raw::{
-        RawConfig, RawExport, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawStore, RawStripe,
-        RawTenant, RawUsage,
+        RawConfig, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawStore,
+        RawStripe, RawTenant, RawUsage,
     },
-    Config, ConfigError, ConfigErrorKind as Kind, ExportSettings, HeaderStyle, Identify, Limits, MeterAggregation,
-    MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet,
-    StoreErrorPolicy, StoreOrigin, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec, UsageSettings,
+    Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify, Limits,
+    MeterAggregation, MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec,
+    StatusSet, StoreErrorPolicy, StoreOrigin, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec,
+    UsageSettings,
 };
 use crate::{plan::RoutePattern, tenant::KeyHash};
 
@@ -299,7 +300,8 @@ impl Validator<'_, '_> {
             }
         }
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
-        self.hard_quotas_are_reachable(&plans, &routes, &default_meter)?;
+        let events = self.events(&raw.events, &meters)?;
+        self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
         let tenants = self.tenants(&raw.tenants, &plans)?;
         if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
             return Err(self.loc.error(
@@ -335,8 +337,27 @@ impl Validator<'_, '_> {
             store_written,
             export,
             stripe,
+            events,
             file: None,
         })
+    }
+
+    /// `[events]`.
+    fn events(&self, raw: &RawEvents, meters: &[MeterSpec]) -> Result<EventSettings, ConfigError> {
+        let d = EventSettings::default();
+        let max_skew = self.duration("events.max_skew", raw.max_skew.as_deref(), d.max_skew)?;
+        if max_skew > Duration::from_secs(3600) {
+            return Err(self.invalid("events.max_skew", "must be at most 1 hour"));
+        }
+        let mut products = BTreeMap::new();
+        for (code, meter) in &raw.products {
+            let path = format!("events.products.{code}");
+            if code.is_empty() || code.len() > 256 {
+                return Err(self.invalid(&path, "a product code is 1 to 256 bytes"));
+            }
+            products.insert(code.clone(), self.meter_ref(meters, &path, meter)?);
+        }
+        Ok(EventSettings { max_skew, products })
     }
 
     /// `[export]`.
@@ -822,9 +843,13 @@ impl Validator<'_, '_> {
         plans: &BTreeMap<PlanId, PlanSpec>,
         routes: &[RouteSpec],
         default_meter: &MeterId,
+        events: &EventSettings,
     ) -> Result<(), ConfigError> {
-        let enforced =
-            |m: &MeterId| m == default_meter || routes.iter().any(|r| &r.meter == m || r.reports.contains(m));
+        let enforced = |m: &MeterId| {
+            m == default_meter
+                || routes.iter().any(|r| &r.meter == m || r.reports.contains(m))
+                || events.products.values().any(|e| e == m)
+        };
         for plan in plans.values() {
             for (meter, quota) in &plan.quotas {
                 if quota.mode == QuotaMode::Hard && !enforced(meter) {

@@ -6,6 +6,7 @@ mod directory;
 mod door;
 #[allow(clippy::module_inception)]
 mod engine;
+pub(crate) mod events;
 mod export;
 mod flush;
 mod idempotency;
@@ -21,6 +22,7 @@ pub(crate) use door::{credential_in, describe, REPEATED_KEY};
 pub use door::{ClientAddr, FrontDoor, RequestView};
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};
 pub(crate) use engine::{Prefetch, RuntimeCache};
+pub(crate) use events::ProcessedAs;
 pub use export::ExportReport;
 pub use flush::FlushReport;
 pub use lifecycle::{ShutdownError, ShutdownReport};

@@ -446,3 +446,104 @@ pub fn webhook_handler(
         }) as WebhookFuture
     })
 }
+
+/// The result of one usage event handled by [`eventbridge_handler`].
+type EventFuture<R> = Pin<Box<dyn Future<Output = Result<R, Error>> + Send>>;
+
+/// A handler for SQS batches of usage events (see [`tollgate::events::UsageMessage`] for the body's
+/// shape; `[events.products]` maps product codes to meters). Each message is recorded with
+/// the id of its body's `EventID`, else its SQS `messageId`, so a redelivered message is
+/// counted once.
+///
+/// Answers with **partial batch failures** (`batchItemFailures`, which the event source
+/// mapping must enable with `ReportBatchItemFailures`): only messages the store could not
+/// record now are listed, and so redelivered. A malformed message, or one refused for good
+/// (too old, in the future, over a hard quota, an unknown tenant), is acknowledged — a
+/// redelivery could not succeed — and counted (`tollgate_usage_events_total{outcome}`) and
+/// logged.
+///
+/// ```no_run
+/// # async fn f(engine: tollgate::Tollgate) -> Result<(), lambda_runtime::Error> {
+/// lambda_runtime::run(tollgate_lambda::sqs_handler(engine)).await
+/// # }
+/// ```
+pub fn sqs_handler(
+    engine: Tollgate,
+) -> impl Service<
+    lambda_runtime::LambdaEvent<aws_lambda_events::sqs::SqsEvent>,
+    Response = aws_lambda_events::sqs::SqsBatchResponse,
+    Error = Error,
+    Future = EventFuture<aws_lambda_events::sqs::SqsBatchResponse>,
+> + Clone {
+    tower::service_fn(move |event: lambda_runtime::LambdaEvent<aws_lambda_events::sqs::SqsEvent>| {
+        let engine = engine.clone();
+        Box::pin(async move { Ok(record_sqs(&engine, &event.payload).await) })
+            as EventFuture<aws_lambda_events::sqs::SqsBatchResponse>
+    })
+}
+
+/// Records the messages of an SQS batch: the answer lists the messages to redeliver.
+pub async fn record_sqs(
+    engine: &Tollgate,
+    batch: &aws_lambda_events::sqs::SqsEvent,
+) -> aws_lambda_events::sqs::SqsBatchResponse {
+    let messages: Vec<tollgate::events::QueueMessage<'_>> = batch
+        .records
+        .iter()
+        .map(|r| {
+            tollgate::events::QueueMessage::new(r.body.as_deref().unwrap_or("").as_bytes(), r.message_id.as_deref())
+        })
+        .collect();
+    let outcomes = engine.record_messages(&messages).await;
+    let mut response = aws_lambda_events::sqs::SqsBatchResponse::default();
+    for (record, outcome) in batch.records.iter().zip(outcomes) {
+        if let Err(e) = outcome {
+            if !e.is_retryable() {
+                continue;
+            }
+            if let Some(id) = &record.message_id {
+                let mut failure = aws_lambda_events::sqs::BatchItemFailure::default();
+                failure.item_identifier = id.clone();
+                response.batch_item_failures.push(failure);
+            }
+        }
+    }
+    response
+}
+
+/// A handler for EventBridge events whose `detail` is a usage event (see
+/// [`tollgate::events::UsageMessage`]), recorded with the id of its `EventID`, else the EventBridge
+/// event's `id`. A store failure answers an error, so that Lambda (or EventBridge's retry
+/// policy) delivers the event again; a malformed event, or one refused for good, is answered
+/// with `{"outcome": "refused", "reason": …}` (no retry could succeed), counted and logged.
+/// A recorded one answers `{"outcome": "applied"}` or `{"outcome": "duplicate"}`.
+pub fn eventbridge_handler(
+    engine: Tollgate,
+) -> impl Service<
+    lambda_runtime::LambdaEvent<aws_lambda_events::eventbridge::EventBridgeEvent>,
+    Response = serde_json::Value,
+    Error = Error,
+    Future = EventFuture<serde_json::Value>,
+> + Clone {
+    tower::service_fn(move |event: lambda_runtime::LambdaEvent<aws_lambda_events::eventbridge::EventBridgeEvent>| {
+        let engine = engine.clone();
+        Box::pin(async move { record_eventbridge(&engine, &event.payload).await }) as EventFuture<serde_json::Value>
+    })
+}
+
+/// Records the usage event of an EventBridge event: an error when the store failed (retry).
+pub async fn record_eventbridge(
+    engine: &Tollgate,
+    event: &aws_lambda_events::eventbridge::EventBridgeEvent,
+) -> Result<serde_json::Value, Error> {
+    let body = serde_json::to_vec(&event.detail)?;
+    let message = tollgate::events::QueueMessage::new(&body, event.id.as_deref());
+    let outcome = engine.record_messages(std::slice::from_ref(&message)).await.pop();
+    match outcome {
+        Some(Ok(tollgate::store::EventOutcome::Applied)) => Ok(serde_json::json!({ "outcome": "applied" })),
+        Some(Ok(_)) => Ok(serde_json::json!({ "outcome": "duplicate" })),
+        Some(Err(e)) if e.is_retryable() => Err(Box::new(e)),
+        Some(Err(e)) => Ok(serde_json::json!({ "outcome": "refused", "reason": e.label(), "detail": e.to_string() })),
+        None => Err("no outcome for the event".into()),
+    }
+}

@@ -1,0 +1,316 @@
+//! Usage events from jobs and queues (`Tollgate::record_event`), against the memory, SQLite
+//! (a real file) and DynamoDB (the local server) stores: the event's own time picks its
+//! window, an id is applied once fleet-wide, old and future events are refused and counted,
+//! a late event goes out as a new revision, hard quotas apply in the event's own period, and
+//! a store failure changes nothing.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use common::{committed, Collect, Faulty, NOON};
+use tollgate::{
+    clock::{Clock, FakeClock},
+    events::{Event, EventError, QueueMessage},
+    store::{EventOutcome, MemoryStore, Store},
+    Config, Tollgate,
+};
+
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+
+const TOML: &str = r#"
+[meters.tokens]
+[plans.p]
+rate = "1000/s"
+quotas.tokens = { limit = 10, period = "day", mode = "hard" }
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+stripe_customer = "cus_t"
+[events.products]
+"example-billing-event" = "tokens"
+"#;
+
+fn at(unix: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(unix as u64)
+}
+
+fn ev(id: &str, quantity: u64, unix: i64) -> Event {
+    Event::new(id, "t".into(), "tokens".into(), quantity, at(unix))
+}
+
+fn engine_on(store: Arc<dyn Store>, unix: i64) -> (Tollgate, FakeClock) {
+    let (clock, handle) = Clock::fake_at_unix(unix);
+    let config = Config::from_toml_str(TOML).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    (engine, handle)
+}
+
+async fn stored(store: &dyn Store, from: i64, to: i64) -> u64 {
+    committed(store, "t", "tokens", from, to, HOUR).await
+}
+
+/// An event lands in the window of its own time; a redelivered id is counted once, on this
+/// node and on another; two identical events with their own ids are two events.
+async fn events_land_in_their_own_window_once_per_id(store: Arc<dyn Store>) {
+    let (a, _) = engine_on(store.clone(), NOON);
+    let (b, _) = engine_on(store.clone(), NOON);
+    assert_eq!(a.record_event(ev("e1", 3, NOON - 1800)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(a.record_event(ev("e1", 3, NOON - 1800)).await.unwrap(), EventOutcome::Duplicate);
+    assert_eq!(b.record_event(ev("e1", 3, NOON - 1800)).await.unwrap(), EventOutcome::Duplicate);
+    // The same contents under another id: another event.
+    assert_eq!(b.record_event(ev("e2", 3, NOON - 1800)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(a.record_event(ev("e3", 1, NOON + 10)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(stored(&*store, NOON - HOUR, NOON).await, 6, "the 11:00 window holds e1 and e2");
+    assert_eq!(stored(&*store, NOON, NOON + HOUR).await, 1, "the 12:00 window holds e3");
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!((sa.events_applied, sa.events_duplicate), (2, 1));
+    assert_eq!((sb.events_applied, sb.events_duplicate), (1, 1));
+}
+
+/// Events beyond billing's horizon or in the future past the skew are refused, counted, and
+/// leave nothing behind: not even their id, so a corrected event with that id applies.
+async fn old_and_future_events_are_refused(store: Arc<dyn Store>) {
+    let (engine, clock) = engine_on(store.clone(), NOON);
+    let old = engine.record_event(ev("old", 1, NOON - 36 * DAY)).await.unwrap_err();
+    assert!(matches!(old, EventError::TooOld { .. }) && !old.is_retryable(), "{old}");
+    let future = engine.record_event(ev("future", 1, NOON + 600)).await.unwrap_err();
+    assert!(matches!(future, EventError::InFuture { ahead_secs: 600, max_skew_secs: 300 }), "{future}");
+    // Within the limits: 34 days ago (a past quota period), 4 minutes ahead.
+    assert_eq!(engine.record_event(ev("recent", 2, NOON - 34 * DAY)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(engine.record_event(ev("ahead", 1, NOON + 240)).await.unwrap(), EventOutcome::Applied);
+    let unknown = Event::new("x", "nobody".into(), "tokens".into(), 1, at(NOON));
+    assert!(matches!(engine.record_event(unknown).await, Err(EventError::UnknownTenant(_))));
+    let meter = Event::new("y", "t".into(), "nope".into(), 1, at(NOON));
+    assert!(matches!(engine.record_event(meter).await, Err(EventError::UnknownMeter(_))));
+    assert!(matches!(engine.record_event(ev("", 1, NOON)).await, Err(EventError::InvalidId)));
+    assert!(matches!(engine.record_event(ev(&"i".repeat(257), 1, NOON)).await, Err(EventError::InvalidId)));
+    let stats = engine.stats();
+    assert_eq!((stats.events_applied, stats.events_refused), (2, 6));
+    let day34 = NOON - 34 * DAY;
+    assert_eq!(stored(&*store, day34 - HOUR, day34 + HOUR).await, 2);
+    assert_eq!(stored(&*store, NOON - 40 * DAY, NOON - 35 * DAY).await, 0, "nothing of the refused event");
+    // Ten minutes later the "future" event is on time, and its id was never marked.
+    clock.advance(Duration::from_secs(600));
+    assert_eq!(engine.record_event(ev("future", 1, NOON + 600)).await.unwrap(), EventOutcome::Applied);
+}
+
+/// A hard quota applies in the period of the event's own time: the current day's units are
+/// taken as a request's are, a day already over never refuses, a redelivered event is not
+/// counted again, and units of events that were not applied are given back.
+async fn hard_quotas_apply_in_the_event_period(store: Arc<dyn Store>) {
+    let (engine, clock) = engine_on(store.clone(), NOON);
+    assert_eq!(engine.record_event(ev("a", 8, NOON - 60)).await.unwrap(), EventOutcome::Applied);
+    let refused = engine.record_event(ev("b", 5, NOON)).await.unwrap_err();
+    assert!(
+        matches!(&refused, EventError::QuotaExceeded { limit: 10, period: "day", .. }) && !refused.is_retryable(),
+        "{refused}"
+    );
+    // Yesterday is over: its events never refuse.
+    assert_eq!(engine.record_event(ev("y", 5, NOON - DAY)).await.unwrap(), EventOutcome::Applied);
+    // A duplicate takes nothing for good: the 2 units left are still there.
+    assert_eq!(engine.record_event(ev("c", 1, NOON)).await.unwrap(), EventOutcome::Applied);
+    let again = engine.record_event(ev("c", 1, NOON)).await.unwrap();
+    assert_eq!(again, EventOutcome::Duplicate);
+    assert_eq!(engine.record_event(ev("d", 1, NOON)).await.unwrap(), EventOutcome::Applied);
+    assert!(matches!(engine.record_event(ev("e", 1, NOON)).await, Err(EventError::QuotaExceeded { .. })));
+    let today = NOON - NOON.rem_euclid(DAY);
+    assert_eq!(stored(&*store, today, today + DAY).await, 10, "exactly the day's limit");
+    assert_eq!(stored(&*store, today - DAY, today).await, 5);
+    // The next day has its own quota.
+    clock.advance(Duration::from_secs(DAY as u64));
+    assert_eq!(engine.record_event(ev("f", 10, NOON + DAY)).await.unwrap(), EventOutcome::Applied);
+}
+
+/// Two nodes with their workers running, the clock moving: every event is sent to both (a
+/// queue delivering twice, to two consumers), concurrently. Each id is applied once in all,
+/// the day's hard quota is never passed, and what is stored is exactly what was applied.
+async fn two_nodes_apply_each_event_once_within_the_quota(store: Arc<dyn Store>) {
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let config = Config::from_toml_str(TOML).unwrap();
+    let node = |store: Arc<dyn Store>| {
+        let (engine, worker) = Tollgate::builder(config.clone()).store_arc(store).clock(clock.clone()).build();
+        tokio::spawn(worker.run());
+        engine
+    };
+    let (a, b) = (node(store.clone()), node(store.clone()));
+    let mut applied = 0u64;
+    for round in 0..4 {
+        let events: Vec<Event> = (0..3).map(|i| ev(&format!("r{round}-{i}"), 1, NOON + round)).collect();
+        let (ra, rb) = tokio::join!(a.record_events(&events), b.record_events(&events));
+        for (x, y) in ra.iter().zip(&rb) {
+            let applied_here = [x, y].iter().filter(|o| matches!(o, Ok(EventOutcome::Applied))).count();
+            assert!(applied_here <= 1, "an event applied twice: {x:?} {y:?}");
+            for o in [x, y] {
+                assert!(
+                    matches!(o, Ok(_) | Err(EventError::QuotaExceeded { .. })),
+                    "only duplicates and quota refusals besides: {o:?}"
+                );
+            }
+            applied += applied_here as u64;
+        }
+        handle.advance(Duration::from_secs(1));
+    }
+    let today = NOON - NOON.rem_euclid(DAY);
+    // 12 events of 1 unit and a limit of 10: never more than 10 applied, and no fewer than
+    // the limit less the spare unit of a lease each node may hold (a duplicate's units go
+    // back to the lease that took them).
+    assert!((8..=10).contains(&applied), "{applied} applied");
+    assert_eq!(stored(&*store, today, today + DAY).await, applied);
+}
+
+macro_rules! on_every_store {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(Arc::new(MemoryStore::new())).await;
+                }
+            )*
+        }
+        #[cfg(feature = "sqlite")]
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+                    super::$test(Arc::new(store)).await;
+                }
+            )*
+        }
+        #[cfg(feature = "dynamodb")]
+        mod dynamodb {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let Some(store) = common::dynamo::table().await else { return };
+                    super::$test(Arc::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    events_land_in_their_own_window_once_per_id,
+    old_and_future_events_are_refused,
+    hard_quotas_apply_in_the_event_period,
+    two_nodes_apply_each_event_once_within_the_quota,
+);
+
+/// A window already exported gets a late event after its grace: the next export sends the
+/// late units as a new revision of that window.
+#[tokio::test]
+async fn a_late_event_goes_out_as_a_new_revision_of_its_window() {
+    let store = Arc::new(MemoryStore::new());
+    let (clock, handle) = Clock::fake_at_unix(NOON + 600);
+    let sink = Collect::default();
+    let config = Config::from_toml_str(TOML).unwrap();
+    let (engine, _worker) =
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock).billing_sink(sink.clone()).build();
+    // 11:10, recorded at 12:10 (the 11:00 window closed at 12:05 with the grace).
+    assert_eq!(engine.record_event(ev("on-time", 3, NOON - 3000)).await.unwrap(), EventOutcome::Applied);
+    engine.export().await.unwrap();
+    // A late one of the same window.
+    handle.advance(Duration::from_secs(60));
+    assert_eq!(engine.record_event(ev("late", 2, NOON - 1800)).await.unwrap(), EventOutcome::Applied);
+    engine.export().await.unwrap();
+    let sent = sink.0.lock().unwrap().clone();
+    let mine: Vec<_> = sent.iter().filter(|e| e.window_start == NOON - HOUR).collect();
+    assert_eq!(mine.len(), 2, "{sent:?}");
+    assert_eq!((mine[0].value, mine[0].revision), (3, 0));
+    assert_eq!((mine[1].value, mine[1].revision), (2, 1), "the late units, as the window's next revision");
+    assert_ne!(mine[0].identifier, mine[1].identifier);
+    assert_eq!(mine[1].customer.as_deref(), Some("cus_t"));
+}
+
+/// Queue messages of the documented shape: read, mapped to a meter by product code, and
+/// identified by their own `EventID` or else the message's id; the unreadable are refused
+/// as malformed (final), counted.
+#[tokio::test]
+async fn queue_messages_are_read_or_refused_as_malformed() {
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _) = engine_on(store.clone(), NOON);
+    let body = |extra: &str| {
+        format!(
+            r#"{{"TenantID":"t","ProductCode":"example-billing-event","Quantity":2,"Timestamp":{}{extra}}}"#,
+            NOON * 1000
+        )
+    };
+    let own_id = body(r#","EventID":"evt-own""#);
+    let plain = body("");
+    let bodies: Vec<(String, Option<&str>)> = vec![
+        (own_id.clone(), Some("m1")),
+        (plain.clone(), Some("m2")),
+        // Redelivered with another message id, but its own EventID: the same event.
+        (own_id, Some("m3")),
+        // The same body as m2 in another message: another event.
+        (plain.clone(), Some("m4")),
+        ("not json".into(), Some("m5")),
+        (plain.replace("example-billing-event", "unmapped"), Some("m6")),
+        (plain.replace(r#""Quantity":2"#, r#""Quantity":-2"#), Some("m7")),
+        (plain.replace(r#""TenantID":"t""#, r#""TenantID":"has space""#), Some("m8")),
+        (plain, None),
+    ];
+    let messages: Vec<QueueMessage<'_>> = bodies.iter().map(|(b, id)| QueueMessage::new(b.as_bytes(), *id)).collect();
+    let out = engine.record_messages(&messages).await;
+    assert_eq!(out[0].as_ref().unwrap(), &EventOutcome::Applied);
+    assert_eq!(out[1].as_ref().unwrap(), &EventOutcome::Applied);
+    assert_eq!(out[2].as_ref().unwrap(), &EventOutcome::Duplicate);
+    assert_eq!(out[3].as_ref().unwrap(), &EventOutcome::Applied);
+    for (i, o) in out.iter().enumerate().skip(4) {
+        let e = o.as_ref().unwrap_err();
+        assert!(matches!(e, EventError::Malformed(_)) && !e.is_retryable(), "message {i}: {e}");
+    }
+    assert_eq!(stored(&*store, NOON, NOON + HOUR).await, 6);
+    let stats = engine.stats();
+    assert_eq!((stats.events_applied, stats.events_duplicate, stats.events_refused), (3, 1, 5));
+}
+
+/// A store that fails the write: the event is not applied, the error is retryable, its id is
+/// not marked and its quota units come back; the retry applies it.
+#[tokio::test]
+async fn a_failed_store_write_changes_nothing_and_can_be_retried() {
+    let faulty = Arc::new(Faulty::default());
+    let (engine, _) = engine_on(faulty.clone(), NOON);
+    faulty.usage_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..3 {
+        let e = engine.record_event(ev("a", 8, NOON)).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+    }
+    faulty.usage_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    // Three failed tries of 8 units took nothing of the limit of 10.
+    assert_eq!(engine.record_event(ev("a", 8, NOON)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(engine.record_event(ev("b", 2, NOON)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(stored(&*faulty, NOON, NOON + HOUR).await, 10);
+    // Redelivered once the quota is spent: refused for the quota before the store is asked
+    // about its id; either way it is not counted again.
+    let again = engine.record_event(ev("a", 8, NOON)).await;
+    assert!(matches!(again, Ok(EventOutcome::Duplicate) | Err(EventError::QuotaExceeded { .. })), "{again:?}");
+    assert_eq!(stored(&*faulty, NOON, NOON + HOUR).await, 10);
+}
+
+/// `[events.products]` names declared meters, with its position when it does not; a hard
+/// quota on a meter only events record is enforced by them.
+#[test]
+fn product_codes_map_to_declared_meters() {
+    let err = Config::from_toml_str("[events.products]\n\"x\" = \"nope\"\n").unwrap_err().to_string();
+    assert!(err.contains("events.products.x") && err.contains(":2:"), "{err}");
+    let err = Config::from_toml_str("[events]\nmax_skew = \"2h\"\n").unwrap_err().to_string();
+    assert!(err.contains("events.max_skew"), "{err}");
+    // Without the product mapping, the hard quota on `tokens` would be unreachable.
+    let without = TOML.replace("\"example-billing-event\" = \"tokens\"", "");
+    assert!(Config::from_toml_str(&without).is_err());
+    let config = Config::from_toml_str(TOML).unwrap();
+    assert_eq!(config.events().meter_of("example-billing-event").map(|m| m.as_str()), Some("tokens"));
+}
