@@ -220,6 +220,50 @@ impl Admin {
         Ok(record)
     }
 
+    /// Sets a tenant's overrides of its plan (their JSON form, the keys of
+    /// `[tenants.X.overrides]`: `rate`, `burst`, `quotas`, `features`), checked against the
+    /// configuration; `None` removes them. Only the overrides change (a plan change made at
+    /// the same moment is kept). Running nodes see it within `limits.directory_ttl`.
+    ///
+    /// # Errors
+    /// No such tenant, overrides that are not valid for the configuration (or no
+    /// configuration to check them against), or the store failed.
+    pub async fn set_overrides(&self, id: &str, overrides: Option<&str>) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        let json = match overrides {
+            None => None,
+            Some(text) => {
+                let Some(config) = &self.config else {
+                    return Err(AdminError::Invalid(
+                        "overrides are checked against a configuration: none is given".into(),
+                    ));
+                };
+                let o = crate::config::PlanOverride::from_json(text, config)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+                let record = self.existing(id).await?;
+                if let Some(plan) = config.plan(&record.plan) {
+                    let merged = plan.with_override(&o);
+                    if merged.rate().is_some() {
+                        if let Some(r) = config.routes().iter().find(|r| r.cost() > merged.burst()) {
+                            return Err(AdminError::Invalid(format!(
+                                "the route {} costs {} and the overridden burst is {}: no request could ever pass",
+                                r.path(),
+                                r.cost(),
+                                merged.burst()
+                            )));
+                        }
+                    }
+                }
+                (!o.is_empty()).then(|| o.to_json())
+            }
+        };
+        if !self.store.set_overrides(&tenant, json.as_deref()).await? {
+            return Err(AdminError::UnknownTenant(id.to_owned()));
+        }
+        self.changed(&tenant);
+        self.existing(id).await
+    }
+
     /// Every tenant of the directory, in id order.
     ///
     /// # Errors

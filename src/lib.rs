@@ -35,5 +35,5 @@ pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use metrics::Stats;
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::{Credential, Identity, KeyHash};
-pub use usage::{QuotaStatus, RecordError, TenantContext};
+pub use usage::{Feature, QuotaStatus, RecordError, TenantContext};
 pub use worker::Worker;

@@ -36,6 +36,10 @@ pub(crate) struct Metrics {
     pub(crate) tenants: Gauge,
     /// Usage events: applied, duplicate, then one per refusal reason ([`EVENT_REFUSALS`]).
     pub(crate) events: [Counter; 2 + EVENT_REFUSALS.len()],
+    /// Anonymous requests without a client address (one shared bucket).
+    pub(crate) anonymous_without_address: Counter,
+    /// Refusals shadow mode let through, by reason.
+    pub(crate) would_refuse: [Counter; RejectionKind::ALL.len()],
 }
 
 /// The reasons a usage event is refused, as labelled in `tollgate_usage_events_total`.
@@ -67,6 +71,9 @@ impl Metrics {
             buffer_full: counter!("tollgate_usage_buffer_full_total"),
             dropped_units: counter!("tollgate_usage_dropped_units_total"),
             tenants: gauge!("tollgate_tenants_tracked"),
+            anonymous_without_address: counter!("tollgate_anonymous_without_address_total"),
+            would_refuse: RejectionKind::ALL
+                .map(|k| counter!("tollgate_shadow_would_refuse_total", "reason" => k.label())),
             events: std::array::from_fn(|i| {
                 let outcome = match i {
                     0 => "applied",
@@ -86,6 +93,11 @@ impl Metrics {
             ProcessedAs::Refused(label) => 2 + EVENT_REFUSALS.iter().position(|l| *l == label).unwrap_or(0),
         };
         &self.events[i]
+    }
+
+    pub(crate) fn would_refuse(&self, kind: RejectionKind) -> &Counter {
+        let i = RejectionKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        &self.would_refuse[i]
     }
 
     pub(crate) fn rejected(&self, kind: RejectionKind) -> &Counter {
@@ -117,6 +129,8 @@ pub(crate) struct Totals {
     pub(crate) events_applied: AtomicU64,
     pub(crate) events_duplicate: AtomicU64,
     pub(crate) events_refused: AtomicU64,
+    pub(crate) shadow_would_refuse: AtomicU64,
+    pub(crate) anonymous_without_address: AtomicU64,
 }
 
 impl Totals {
@@ -178,6 +192,14 @@ pub struct Stats {
     /// Usage events refused (too old, in the future, over a hard quota, unknown tenant or
     /// meter, or the store failed).
     pub events_refused: u64,
+    /// Requests shadow mode let through that would have been refused (by reason: the metric
+    /// `tollgate_shadow_would_refuse_total{reason}`).
+    pub shadow_would_refuse: u64,
+    /// Anonymous requests that came without a client address (they share one bucket).
+    pub anonymous_without_address: u64,
+    /// Client addresses whose rate state is held for anonymous callers (at most
+    /// `limits.max_clients`).
+    pub tracked_clients: u64,
 }
 
 impl Totals {
@@ -205,6 +227,9 @@ impl Totals {
             events_applied: l(&self.events_applied),
             events_duplicate: l(&self.events_duplicate),
             events_refused: l(&self.events_refused),
+            shadow_would_refuse: l(&self.shadow_would_refuse),
+            anonymous_without_address: l(&self.anonymous_without_address),
+            tracked_clients: 0,
         }
     }
 }

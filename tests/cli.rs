@@ -107,6 +107,38 @@ async fn tenants_and_keys_on_sqlite_reach_an_engine() {
     assert!(ok(d, &["usage", "acme"]).contains("0 windows"));
 }
 
+/// `tenants set-override` checks the overrides against the configuration before writing
+/// them; an engine on the file serves the tenant with them; `clear-override` removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_overrides_from_the_command_line_reach_an_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml =
+        format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}[[routes]]\npath = \"/sso\"\nfeature = \"sso\"\n");
+    std::fs::write(dir.path().join("tollgate.toml"), &toml).unwrap();
+    let d = dir.path();
+    ok(d, &["tenants", "add", "acme", "--plan", "free"]);
+    let err =
+        fails(d, &["tenants", "set-override", "acme", r#"{"quotas": {"tokens": {"limit": 5, "period": "day"}}}"#]);
+    assert!(err.contains("overrides.quotas.tokens") && err.contains("unknown meter"), "{err}");
+    let err = fails(d, &["tenants", "set-override", "acme", r#"{"rate": "7/s", "burst": 0}"#]);
+    assert!(err.contains("overrides.burst"), "{err}");
+    assert!(fails(d, &["tenants", "set-override", "nobody", "{}"]).contains("nobody"));
+    let out = ok(d, &["tenants", "set-override", "acme", r#"{"rate": "7/s", "features": ["sso"]}"#]);
+    assert!(out.contains("\"rate\":\"7/s\""), "{out}");
+    assert!(ok(d, &["tenants", "list"]).contains("\"features\":[\"sso\"]"));
+    let key = ok(d, &["keys", "issue", "acme"]).trim().to_owned();
+
+    let config = Config::from_toml_str(&toml.replace("t.db", &d.join("t.db").display().to_string())).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).open().await.unwrap();
+    let h = Harness::from_layer(TollgateLayer::new(engine.clone()), tollgate::clock::Clock::fake_at_unix(NOON).1);
+    let r = h.get("/sso", &key).await;
+    assert_eq!(r.status.as_u16(), 200);
+    assert!(r.header("ratelimit-policy").unwrap().contains("\"rate\";q=7;w=1"));
+    ok(d, &["tenants", "clear-override", "acme"]);
+    engine.invalidate_tenant(&"acme".into());
+    assert_eq!(h.status("/sso", &key).await, 403);
+}
+
 /// The Rust API: the same operations, with their errors; an expired key no longer works and a
 /// rotation's old key stops at the end of its grace.
 #[tokio::test]

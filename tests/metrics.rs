@@ -134,3 +134,49 @@ async fn store_errors_are_counted_each_and_logged_once_per_burst() {
     let text = String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
     assert!(text.contains(&format!("({} since the last such line)", after - 1)), "{text}");
 }
+
+/// Shadow mode: what would have been refused is counted by reason, and nothing is refused.
+#[tokio::test]
+async fn shadow_mode_counts_what_it_would_refuse_by_reason() {
+    let config = Config::from_toml_str(
+        r#"
+        [limits]
+        shadow = true
+        [plans.p]
+        rate = "1/min"
+        burst = 1
+        quotas.requests = { limit = 2, period = "day", mode = "hard", lease = 1 }
+        [[routes]]
+        path = "/sso"
+        feature = "sso"
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+        "#,
+    )
+    .unwrap();
+    let recorder = Recording::default();
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
+    let layer = tollgate::TollgateLayer::new(engine);
+    let svc = layer.layer(tower::service_fn(|_r: http::Request<http_body_util::Full<bytes::Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+    }));
+    for _ in 0..3 {
+        let r = svc.clone().oneshot(req("GET", "/", Some("key-t"), None)).await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(svc.clone().oneshot(req("GET", "/sso", Some("key-t"), None)).await.unwrap().status(), 200);
+    assert_eq!(svc.clone().oneshot(req("GET", "/", None, None)).await.unwrap().status(), 200);
+    assert_eq!(svc.clone().oneshot(req("GET", "/", Some("key-nobody"), None)).await.unwrap().status(), 200);
+    let would = |reason: &str| recorder.get(&format!("tollgate_shadow_would_refuse_total{{reason={reason}}}"));
+    // Requests 2, 3 and 4 of the tenant: over the rate; 3 and 4: over the quota of 2.
+    assert_eq!(would("rate_limited"), 3);
+    assert_eq!(would("quota_exceeded"), 2);
+    assert_eq!(would("feature_not_in_plan"), 1);
+    assert_eq!(would("missing_credentials"), 1);
+    assert_eq!(would("unknown_credentials"), 1);
+    assert_eq!(recorder.get("tollgate_requests_rejected_total{reason=rate_limited}"), 0);
+    assert_eq!(recorder.get("tollgate_usage_recorded_units_total"), 4, "the tenant's requests are billed");
+    assert_eq!(layer.handle().stats().shadow_would_refuse, 8);
+}

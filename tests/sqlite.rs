@@ -307,11 +307,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
-    conn.execute_batch("PRAGMA user_version = 4").unwrap();
+    assert_eq!(version, 4);
+    conn.execute_batch("PRAGMA user_version = 5").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 4"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 5"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -415,8 +415,8 @@ async fn rows_past_their_use_are_pruned() {
     assert_eq!(count("flush"), 80 * 24);
 }
 
-/// A file of schema version 1 (before key metadata, idempotency claims and fixed export
-/// parameters) is migrated in place on open: its tenants and keys stay, the new tables and
+/// A file of schema version 1 (before key metadata, idempotency claims, fixed export
+/// parameters and tenant overrides) is migrated in place on open: its tenants and keys stay, the new tables and
 /// columns are there.
 #[tokio::test]
 async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
@@ -432,7 +432,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
         "DROP TABLE idempotency; ALTER TABLE api_key DROP COLUMN prefix; \
          ALTER TABLE api_key DROP COLUMN created_at; ALTER TABLE api_key DROP COLUMN expires_at; \
          ALTER TABLE usage DROP COLUMN send; ALTER TABLE usage DROP COLUMN unknown_failures; \
-         PRAGMA user_version = 1;",
+         ALTER TABLE tenant DROP COLUMN overrides; PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(conn);
@@ -445,7 +445,12 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
+    let overrides: Option<String> =
+        rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
+            .unwrap()
+            .flatten();
+    assert_eq!(overrides, None, "the tenant table has the overrides column");
     let send: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT send FROM usage LIMIT 1", [], |r| r.get(0)))
             .unwrap()

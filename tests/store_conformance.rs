@@ -82,6 +82,7 @@ macro_rules! conformance {
                 the_directory_finds_tenants_by_key_id_and_customer,
                 a_billing_customer_belongs_to_one_tenant,
                 plan_changes_apply_once_and_in_order,
+                tenant_overrides_are_kept_and_set_alone,
                 usage_events_apply_once_per_id,
                 quota_keys_of_different_periods_are_separate_counters,
                 idempotency_keys_are_claimed_once_and_settled_by_their_owner,
@@ -881,6 +882,39 @@ mod suite {
 
     /// Plan changes: applied once per event id, never older than the last applied, and an
     /// event for an unknown customer is not marked seen.
+    /// A tenant's overrides are kept with it (by every read of the directory), set or removed
+    /// alone (a plan change made meanwhile is kept), and outlive a restart.
+    pub(crate) async fn tenant_overrides_are_kept_and_set_alone(h: &mut Made) {
+        let json = r#"{"rate":"100/s","features":["sso"]}"#;
+        let mut acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_o");
+        acme.overrides = Some(json.into());
+        let key = KeyHash::of(b"key-o");
+        h.s().put_tenant(&acme, &[key]).await.unwrap();
+        assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(acme.clone()));
+        assert_eq!(h.s().find_key(&key).await.unwrap().and_then(|t| t.overrides).as_deref(), Some(json));
+        assert_eq!(h.s().tenant_by_customer("cus_o").await.unwrap().and_then(|t| t.overrides).as_deref(), Some(json));
+        // A plan change by a billing event keeps them.
+        let change = PlanChange::new("evt_o", "cus_o", 100, "pro".into());
+        let PlanChangeOutcome::Applied(after) = h.s().apply_plan_change(&change).await.unwrap() else {
+            panic!("applied")
+        };
+        assert_eq!((after.plan.as_str(), after.overrides.as_deref()), ("pro", Some(json)));
+        // Set alone: the plan stays.
+        let other = r#"{"burst":7}"#;
+        assert!(h.s().set_overrides(&"acme".into(), Some(other)).await.unwrap());
+        h.restart().await;
+        let now = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+        assert_eq!((now.plan.as_str(), now.overrides.as_deref(), now.last_event_at), ("pro", Some(other), Some(100)));
+        let listed = h.s().list_tenants(None, 10).await.unwrap();
+        assert_eq!(listed.iter().find(|t| t.id.as_str() == "acme").and_then(|t| t.overrides.as_deref()), Some(other));
+        // Removed.
+        assert!(h.s().set_overrides(&"acme".into(), None).await.unwrap());
+        assert_eq!(h.s().tenant(&"acme".into()).await.unwrap().unwrap().overrides, None);
+        // An unknown tenant: nothing created.
+        assert!(!h.s().set_overrides(&"nobody".into(), Some(other)).await.unwrap());
+        assert_eq!(h.s().tenant(&"nobody".into()).await.unwrap(), None);
+    }
+
     pub(crate) async fn plan_changes_apply_once_and_in_order(h: &mut Made) {
         let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_a");
         h.s().put_tenant(&acme, &[]).await.unwrap();

@@ -113,6 +113,21 @@ enum TenantCommand {
         /// The new plan.
         plan: String,
     },
+    /// Sets a tenant's overrides of its plan, as JSON with the keys of
+    /// `[tenants.X.overrides]`: '{"rate": "100/s", "burst": 200, "quotas": {"requests":
+    /// {"limit": 50000, "period": "month"}}, "features": ["sso"]}'. Replaces any overrides it
+    /// had; running nodes see them within limits.directory_ttl.
+    SetOverride {
+        /// The tenant id.
+        id: String,
+        /// The overrides, as JSON.
+        overrides: String,
+    },
+    /// Removes a tenant's overrides: it is served by its plan alone.
+    ClearOverride {
+        /// The tenant id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -452,14 +467,15 @@ async fn tenants(admin: &Admin, command: TenantCommand) -> Result<()> {
         }
         TenantCommand::List => {
             let all = admin.tenants().await?;
-            println!("{:<32} {:<16} {:<24} last billing event", "tenant", "plan", "customer");
+            println!("{:<32} {:<16} {:<24} {:<20} overrides", "tenant", "plan", "customer", "last billing event");
             for t in &all {
                 println!(
-                    "{:<32} {:<16} {:<24} {}",
+                    "{:<32} {:<16} {:<24} {:<20} {}",
                     t.id.as_str(),
                     t.plan.as_str(),
                     t.customer.as_deref().unwrap_or("-"),
-                    t.last_event_at.map_or("-".to_owned(), time_text)
+                    t.last_event_at.map_or("-".to_owned(), time_text),
+                    t.overrides.as_deref().unwrap_or("-")
                 );
             }
             println!("{} tenants", all.len());
@@ -467,6 +483,19 @@ async fn tenants(admin: &Admin, command: TenantCommand) -> Result<()> {
         TenantCommand::SetPlan { id, plan } => {
             let t = admin.set_plan(&id, &plan).await?;
             println!("tenant `{}` is on plan `{}`", t.id, t.plan);
+        }
+        TenantCommand::SetOverride { id, overrides } => {
+            let t = admin.set_overrides(&id, Some(&overrides)).await?;
+            println!(
+                "tenant `{}` on plan `{}` with overrides {}",
+                t.id,
+                t.plan,
+                t.overrides.as_deref().unwrap_or("(none)")
+            );
+        }
+        TenantCommand::ClearOverride { id } => {
+            let t = admin.set_overrides(&id, None).await?;
+            println!("tenant `{}` on plan `{}` without overrides", t.id, t.plan);
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ mod values;
 
 use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, time::Duration};
 
+pub use crate::engine::clients::IpRange;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use values::{
     HeaderStyle, Identify, InvalidTenantId, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet,
@@ -50,6 +51,7 @@ pub struct Config {
     pub(crate) export: ExportSettings,
     pub(crate) stripe: Option<StripeSettings>,
     pub(crate) events: EventSettings,
+    pub(crate) clients: ClientSettings,
     /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
     pub(crate) store_written: Option<StoreOrigin>,
     /// The file the configuration was read from.
@@ -88,6 +90,29 @@ pub struct Limits {
     pub negative_ttl: Duration,
     /// The most unknown credentials remembered at once (least recently used go first).
     pub negative_capacity: u64,
+    /// The whole configuration in shadow mode: every decision is computed, counted and
+    /// logged, but nothing is refused (unidentified requests pass too).
+    pub shadow: bool,
+    /// The most client addresses whose rate state is held for anonymous callers (least
+    /// recently used go first).
+    pub max_clients: u64,
+}
+
+/// Where a request comes from, for anonymous callers limited per client address
+/// (`[identify]` `trusted_proxies`, `ipv6_prefix`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientSettings {
+    /// Proxies whose `Forwarded` / `X-Forwarded-For` entries are believed.
+    pub trusted_proxies: Vec<IpRange>,
+    /// IPv6 clients are grouped by this many leading bits (64 by default).
+    pub ipv6_prefix: u8,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self { trusted_proxies: Vec::new(), ipv6_prefix: 64 }
+    }
 }
 
 /// How usage is aggregated, flushed and billed.
@@ -267,9 +292,40 @@ pub struct PlanSpec {
     pub(crate) burst: NonZeroU32,
     pub(crate) on_store_error: Option<StoreErrorPolicy>,
     pub(crate) quotas: BTreeMap<MeterId, QuotaSpec>,
+    pub(crate) features: std::collections::BTreeSet<String>,
+    pub(crate) shadow: bool,
 }
 
 impl PlanSpec {
+    /// The features the plan includes (`features = ["sso"]`): a route with `feature = "sso"`
+    /// refuses tenants whose plan lacks it with 403.
+    pub fn features(&self) -> &std::collections::BTreeSet<String> {
+        &self.features
+    }
+
+    /// Whether the plan runs in shadow mode (decisions counted, nothing refused).
+    pub fn shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// The plan with a tenant's overrides merged over it: the override's rate (its burst, else
+    /// the rate's own count) and burst replace the plan's, its quotas replace the plan's on
+    /// the same meters, its features are added.
+    pub fn with_override(&self, o: &PlanOverride) -> PlanSpec {
+        let mut merged = self.clone();
+        if let Some(rate) = o.rate {
+            merged.rate = Some(rate);
+            merged.burst = o.burst.unwrap_or(rate.count());
+        } else if let Some(burst) = o.burst {
+            merged.burst = burst;
+        }
+        for (m, q) in &o.quotas {
+            merged.quotas.insert(m.clone(), q.clone());
+        }
+        merged.features.extend(o.features.iter().cloned());
+        merged
+    }
+
     /// The plan's name.
     pub fn id(&self) -> &PlanId {
         &self.id
@@ -327,6 +383,73 @@ impl QuotaSpec {
     }
 }
 
+/// A tenant's overrides of its plan (`[tenants.X.overrides]` in the file, or JSON with the
+/// same keys in the store's directory, set with `tollgate tenants set-override`): rate,
+/// burst, quotas and features, merged over the plan ([`PlanSpec::with_override`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct PlanOverride {
+    /// The rate instead of the plan's.
+    pub rate: Option<Rate>,
+    /// The burst instead of the plan's (with `rate`: else the rate's count).
+    pub burst: Option<NonZeroU32>,
+    /// Quotas instead of the plan's on these meters (or added).
+    pub quotas: BTreeMap<MeterId, QuotaSpec>,
+    /// Features added to the plan's.
+    pub features: std::collections::BTreeSet<String>,
+}
+
+impl PlanOverride {
+    /// Reads overrides from their JSON form (`{"rate": "100/s", "burst": 50, "quotas":
+    /// {"tokens": {"limit": 500, "period": "day"}}, "features": ["sso"]}`), checked against
+    /// the configuration's meters as the file's `[tenants.X.overrides]` are.
+    ///
+    /// # Errors
+    /// What is wrong, with the key path (no line: the text is not a file).
+    pub fn from_json(json: &str, config: &Config) -> Result<Self, ConfigError> {
+        validate::parse_override(json, config)
+    }
+
+    /// The JSON form, as the store's directory keeps it.
+    pub fn to_json(&self) -> String {
+        let mut o = serde_json::Map::new();
+        if let Some(r) = self.rate {
+            o.insert("rate".into(), r.to_string().into());
+        }
+        if let Some(b) = self.burst {
+            o.insert("burst".into(), b.get().into());
+        }
+        if !self.quotas.is_empty() {
+            let quotas: serde_json::Map<String, serde_json::Value> = self
+                .quotas
+                .iter()
+                .map(|(m, q)| {
+                    let mut v = serde_json::json!({
+                        "limit": q.limit.get(),
+                        "period": q.period.name(),
+                        "mode": match q.mode { QuotaMode::Hard => "hard", QuotaMode::Soft => "soft" },
+                        "lease": q.lease.get(),
+                    });
+                    if let Period::Month { anchor_day } = q.period {
+                        v["anchor_day"] = anchor_day.into();
+                    }
+                    (m.to_string(), v)
+                })
+                .collect();
+            o.insert("quotas".into(), quotas.into());
+        }
+        if !self.features.is_empty() {
+            o.insert("features".into(), self.features.iter().cloned().collect::<Vec<_>>().into());
+        }
+        serde_json::Value::Object(o).to_string()
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
 /// A route rule: method and path pattern, to a meter and a cost.
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
@@ -335,9 +458,15 @@ pub struct RouteSpec {
     pub(crate) meter: MeterId,
     pub(crate) cost: NonZeroU32,
     pub(crate) reports: Vec<MeterId>,
+    pub(crate) feature: Option<String>,
 }
 
 impl RouteSpec {
+    /// The feature a tenant's plan must include for this route (else 403).
+    pub fn feature(&self) -> Option<&str> {
+        self.feature.as_deref()
+    }
+
     /// The method matched, or `None` for any method.
     pub fn method(&self) -> Option<&http::Method> {
         self.method.as_ref()
@@ -372,6 +501,7 @@ pub struct TenantSpec {
     pub(crate) plan: PlanId,
     pub(crate) key_hashes: Vec<crate::tenant::KeyHash>,
     pub(crate) stripe_customer: Option<String>,
+    pub(crate) overrides: Option<PlanOverride>,
 }
 
 impl std::fmt::Debug for TenantSpec {
@@ -403,6 +533,11 @@ impl TenantSpec {
     /// The tenant's Stripe customer id, if declared.
     pub fn stripe_customer(&self) -> Option<&str> {
         self.stripe_customer.as_deref()
+    }
+
+    /// The tenant's overrides of its plan, if declared.
+    pub fn overrides(&self) -> Option<&PlanOverride> {
+        self.overrides.as_ref()
     }
 }
 
@@ -483,6 +618,11 @@ impl Config {
     /// How closed windows are exported (`[export]`).
     pub fn export(&self) -> &ExportSettings {
         &self.export
+    }
+
+    /// How client addresses are read for anonymous callers.
+    pub fn clients(&self) -> &ClientSettings {
+        &self.clients
     }
 
     /// How usage events from jobs and queues are taken (`[events]`).

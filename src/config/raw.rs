@@ -80,6 +80,8 @@ pub(crate) struct RawIdentify {
     pub(crate) header: Option<String>,
     pub(crate) unknown: Option<String>,
     pub(crate) anonymous_plan: Option<String>,
+    pub(crate) trusted_proxies: Option<Vec<String>>,
+    pub(crate) ipv6_prefix: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +96,8 @@ pub(crate) struct RawLimits {
     pub(crate) directory_ttl: Option<String>,
     pub(crate) negative_ttl: Option<String>,
     pub(crate) negative_capacity: Option<u64>,
+    pub(crate) shadow: Option<bool>,
+    pub(crate) max_clients: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +130,22 @@ pub(crate) struct RawPlan {
     pub(crate) on_store_error: Option<String>,
     #[serde(default)]
     pub(crate) quotas: BTreeMap<String, RawQuota>,
+    #[serde(default)]
+    pub(crate) features: Vec<String>,
+    pub(crate) shadow: Option<bool>,
+}
+
+/// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
+/// store's directory (the same keys).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOverride {
+    pub(crate) rate: Option<String>,
+    pub(crate) burst: Option<i64>,
+    #[serde(default)]
+    pub(crate) quotas: BTreeMap<String, RawQuota>,
+    #[serde(default)]
+    pub(crate) features: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +167,7 @@ pub(crate) struct RawRoute {
     pub(crate) cost: Option<i64>,
     #[serde(default)]
     pub(crate) reports: Vec<String>,
+    pub(crate) feature: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,4 +179,5 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) key_sha256: Vec<String>,
     pub(crate) stripe_customer: Option<String>,
+    pub(crate) overrides: Option<RawOverride>,
 }

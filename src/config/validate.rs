@@ -10,13 +10,13 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     raw::{
-        RawConfig, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawPlan, RawQuota, RawRoute, RawStore,
-        RawStripe, RawTenant, RawUsage,
+        RawConfig, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawOverride, RawPlan, RawQuota, RawRoute,
+        RawStore, RawStripe, RawTenant, RawUsage,
     },
-    Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify, Limits,
-    MeterAggregation, MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, RouteSpec,
-    StatusSet, StoreErrorPolicy, StoreOrigin, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec,
-    UsageSettings,
+    ClientSettings, Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify,
+    Limits, MeterAggregation, MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanOverride, PlanSpec, QuotaMode,
+    QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreSettings, StripeSettings, Synchronous,
+    TenantId, TenantSpec, UsageSettings,
 };
 use crate::{plan::RoutePattern, tenant::KeyHash};
 
@@ -111,6 +111,18 @@ pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 /// A TOML syntax error; a duplicate key is named by its full key path.
+/// A tenant's overrides in their JSON form (the store's directory), checked as the file's are.
+pub(super) fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let raw: RawOverride = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { "overrides".to_owned() } else { format!("overrides.{path}") };
+        ConfigError::new(Kind::InvalidValue, key, e.inner().to_string())
+    })?;
+    let loc = Located { text: "", root: None };
+    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters)
+}
+
 fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let loc = Located { text, root: None };
     let span = e.span();
@@ -268,6 +280,7 @@ impl Validator<'_, '_> {
             self.meter_ref(&meters, "usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
         let plans = self.plans(&raw.plans, &meters)?;
         let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
+        let clients = self.clients(&raw.identify)?;
         let limits = self.limits(&raw.limits)?;
         let usage = self.usage(&raw.usage)?;
         for m in &meters {
@@ -302,7 +315,7 @@ impl Validator<'_, '_> {
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
         let events = self.events(&raw.events, &meters)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
-        let tenants = self.tenants(&raw.tenants, &plans)?;
+        let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events)?;
         if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
             return Err(self.loc.error(
                 Kind::Conflict,
@@ -338,8 +351,26 @@ impl Validator<'_, '_> {
             export,
             stripe,
             events,
+            clients,
             file: None,
         })
+    }
+
+    /// `[identify]` `trusted_proxies` and `ipv6_prefix`.
+    fn clients(&self, raw: &RawIdentify) -> Result<ClientSettings, ConfigError> {
+        let mut settings = ClientSettings::default();
+        for (i, r) in raw.trusted_proxies.iter().flatten().enumerate() {
+            let range =
+                super::IpRange::parse(r).map_err(|m| self.invalid(&format!("identify.trusted_proxies[{i}]"), m))?;
+            settings.trusted_proxies.push(range);
+        }
+        if let Some(p) = raw.ipv6_prefix {
+            settings.ipv6_prefix = u8::try_from(p)
+                .ok()
+                .filter(|p| (1..=128).contains(p))
+                .ok_or_else(|| self.invalid("identify.ipv6_prefix", format!("must be 1 to 128, not {p}")))?;
+        }
+        Ok(settings)
     }
 
     /// `[events]`.
@@ -687,6 +718,12 @@ impl Validator<'_, '_> {
                 Some(0) => return Err(self.invalid("limits.negative_capacity", "must be at least 1")),
                 Some(n) => n,
             },
+            shadow: l.shadow.unwrap_or(false),
+            max_clients: match l.max_clients {
+                None => 100_000,
+                Some(0) => return Err(self.invalid("limits.max_clients", "must be at least 1")),
+                Some(n) => n,
+            },
         })
     }
 
@@ -774,6 +811,7 @@ impl Validator<'_, '_> {
     ) -> Result<Vec<RouteSpec>, ConfigError> {
         let mut routes = Vec::with_capacity(raw.len());
         let mut seen = HashSet::new();
+        let mut features_seen: HashSet<String> = HashSet::new();
         for (i, r) in raw.iter().enumerate() {
             let base = format!("routes[{i}]");
             let method = match r.method.as_deref() {
@@ -829,7 +867,23 @@ impl Validator<'_, '_> {
                 }
                 reports.push(id);
             }
-            routes.push(RouteSpec { method, pattern, meter, cost, reports });
+            let feature = match &r.feature {
+                None => None,
+                Some(f) => {
+                    check_name(self, &format!("{base}.feature"), f)?;
+                    if !features_seen.contains(f) {
+                        if features_seen.len() == 64 {
+                            return Err(self.invalid(
+                                &format!("{base}.feature"),
+                                "routes may require at most 64 distinct features",
+                            ));
+                        }
+                        features_seen.insert(f.clone());
+                    }
+                    Some(f.clone())
+                }
+            };
+            routes.push(RouteSpec { method, pattern, meter, cost, reports, feature });
         }
         Ok(routes)
     }
@@ -872,6 +926,10 @@ impl Validator<'_, '_> {
         &self,
         raw: &BTreeMap<String, RawTenant>,
         plans: &BTreeMap<PlanId, PlanSpec>,
+        meters: &[MeterSpec],
+        routes: &[RouteSpec],
+        default_meter: &MeterId,
+        events: &EventSettings,
     ) -> Result<Vec<TenantSpec>, ConfigError> {
         let mut tenants = Vec::with_capacity(raw.len());
         let mut keys_seen = HashSet::new();
@@ -904,7 +962,32 @@ impl Validator<'_, '_> {
                     ));
                 }
             }
-            tenants.push(TenantSpec { id, plan, key_hashes, stripe_customer: t.stripe_customer.clone() });
+            let overrides = match &t.overrides {
+                None => None,
+                Some(o) => {
+                    let o = self.plan_override(&format!("{base}.overrides"), o, meters)?;
+                    let merged = plans[&plan].with_override(&o);
+                    let mut one = BTreeMap::new();
+                    one.insert(merged.id.clone(), merged.clone());
+                    // The merged plan must hold as a plan does: every route's cost within its
+                    // burst, its hard quotas enforced by some route or event.
+                    for (i, r) in routes.iter().enumerate() {
+                        if merged.rate.is_some() && r.cost > merged.burst {
+                            return Err(self.invalid(
+                                &format!("{base}.overrides"),
+                                format!(
+                                    "routes[{i}] costs {} and the overridden burst is {}: no request could ever pass",
+                                    r.cost, merged.burst
+                                ),
+                            ));
+                        }
+                    }
+                    self.hard_quotas_are_reachable(&one, routes, default_meter, events)
+                        .map_err(|e| self.invalid(&format!("{base}.overrides.quotas"), e.message().to_owned()))?;
+                    (!o.is_empty()).then_some(o)
+                }
+            };
+            tenants.push(TenantSpec { id, plan, key_hashes, stripe_customer: t.stripe_customer.clone(), overrides });
         }
         Ok(tenants)
     }
@@ -938,7 +1021,53 @@ impl Validator<'_, '_> {
             let id = self.meter_ref(meters, &qbase, meter)?;
             quotas.insert(id, self.quota(&qbase, q)?);
         }
-        Ok(PlanSpec { id: name.into(), rate, burst, on_store_error, quotas })
+        let features = self.features(&format!("{base}.features"), &p.features)?;
+        Ok(PlanSpec {
+            id: name.into(),
+            rate,
+            burst,
+            on_store_error,
+            quotas,
+            features,
+            shadow: p.shadow.unwrap_or(false),
+        })
+    }
+
+    /// A list of feature names: each a name (letters, digits, `-`, `_`, `.`), none twice.
+    fn features(&self, path: &str, raw: &[String]) -> Result<std::collections::BTreeSet<String>, ConfigError> {
+        let mut features = std::collections::BTreeSet::new();
+        for (i, f) in raw.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            check_name(self, &at, f)?;
+            if !features.insert(f.clone()) {
+                return Err(self.invalid(&at, format!("`{f}` is listed twice")));
+            }
+        }
+        Ok(features)
+    }
+
+    /// A tenant's overrides of its plan (`[tenants.X.overrides]`, or their JSON form).
+    fn plan_override(&self, base: &str, o: &RawOverride, meters: &[MeterSpec]) -> Result<PlanOverride, ConfigError> {
+        let rate = match &o.rate {
+            None => None,
+            Some(r) => Some(
+                r.parse::<Rate>().map_err(|e| self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\"")))?,
+            ),
+        };
+        let burst = match o.burst {
+            None => None,
+            Some(b) => Some(u32::try_from(b).ok().and_then(NonZeroU32::new).ok_or_else(|| {
+                self.invalid(&format!("{base}.burst"), "must be a whole number from 1 to 4294967295")
+            })?),
+        };
+        let mut quotas = BTreeMap::new();
+        for (meter, q) in &o.quotas {
+            let qbase = format!("{base}.quotas.{meter}");
+            let id = self.meter_ref(meters, &qbase, meter)?;
+            quotas.insert(id, self.quota(&qbase, q)?);
+        }
+        let features = self.features(&format!("{base}.features"), &o.features)?;
+        Ok(PlanOverride { rate, burst, quotas, features })
     }
 
     fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {

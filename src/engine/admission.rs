@@ -33,6 +33,12 @@ impl Tollgate {
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
     pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
+        if !state.plan.allows(route.feature) {
+            let r = self.feature_refusal(&state, route.feature);
+            if !self.shadowed(&state, &r) {
+                return self.reject(r);
+            }
+        }
         if state.plan.on_store_error == StoreErrorPolicy::FailClosed
             && self.shared.buffer_full.load(std::sync::atomic::Ordering::Relaxed)
         {
@@ -59,6 +65,49 @@ impl Tollgate {
             },
         };
         self.decide_keyed(state, route, charged, claim)
+    }
+
+    /// The 403 of a route whose feature the tenant's plan lacks.
+    #[cold]
+    fn feature_refusal(&self, state: &Tenant, feature: u8) -> Rejection {
+        let rt = self.shared.runtime.load();
+        let name = usize::from(feature)
+            .checked_sub(1)
+            .and_then(|i| state.plan.meters.features.get(i).or_else(|| rt.meters.features.get(i)))
+            .map_or("(unknown)", |f| &**f)
+            .to_owned();
+        let mut r = Rejection::new(
+            RejectionKind::FeatureNotInPlan,
+            Cow::Owned(format!(
+                "this route needs the feature `{name}`, which plan `{}` does not include",
+                state.plan.id
+            )),
+        );
+        r.inner.policy = Some(name);
+        r.for_tenant(state)
+    }
+
+    /// In shadow mode, a refusal is counted and logged instead of answered: `true` (go on).
+    #[cold]
+    pub(crate) fn shadowed(&self, state: &Tenant, r: &Rejection) -> bool {
+        if !state.plan.shadow {
+            return false;
+        }
+        self.would_refuse(r);
+        true
+    }
+
+    /// Counts and logs a refusal shadow mode let through.
+    #[cold]
+    pub(crate) fn would_refuse(&self, r: &Rejection) {
+        self.shared.metrics.would_refuse(r.kind()).increment(1);
+        crate::metrics::Totals::add(&self.shared.totals.shadow_would_refuse, 1);
+        tracing::info!(
+            reason = r.kind().label(),
+            tenant = r.tenant().map(|t| t.as_str()),
+            policy = r.policy(),
+            "shadow mode: would refuse ({r})"
+        );
     }
 
     fn key_in_use(state: &Tenant) -> Rejection {
@@ -156,7 +205,15 @@ impl Tollgate {
         let mut headers = HeaderState::new(meter, route.shape);
         let now = if let Some(policy) = &plan.rate {
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
-            let checked = policy.limiter.check(&state, cells);
+            let checked = match &plan.clients {
+                None => policy.limiter.check(&state, cells),
+                Some(clients) => {
+                    if route.client == 0 {
+                        self.without_address();
+                    }
+                    clients.limiter.check(&route.client, cells)
+                }
+            };
             // The check read the clock: its reading is the request's time.
             let now = Clock::last_check_secs();
             state.touch(now);
@@ -167,6 +224,13 @@ impl Tollgate {
                     let empty = policy.burst.get() - remaining.min(policy.burst.get());
                     headers.set_rate(remaining, ceil_secs(policy.rate.interval() * empty));
                 }
+                Ok(Err(not_until)) if plan.shadow => {
+                    let wait = not_until.wait_time_from(self.shared.clock.now());
+                    let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
+                    headers.set_rate(0, ceil_secs(full).max(1));
+                    self.would_refuse(&self.shadow_rate(&state));
+                }
+                Err(_) if plan.shadow => self.would_refuse(&self.shadow_rate(&state)),
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
                     // Retry-After: until this request could pass; t: until the bucket is
@@ -201,9 +265,10 @@ impl Tollgate {
         if route.reports != 0 {
             match self.check_reports(&state, route.reports, now) {
                 Ok(()) => {}
+                Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&self.shadow_quota(&state, m)),
                 Err((m, Take::Exhausted)) => {
                     if let Some(policy) = &plan.rate {
-                        state.give_back_cells(policy.nanos(cost));
+                        state.give_back_cells(route.client, policy.nanos(cost));
                         headers.give_back(cost, policy.burst.get());
                     }
                     let p = Partial { state, headers, claim, charged, at: now };
@@ -235,7 +300,7 @@ impl Tollgate {
             Err(Take::Exhausted) => {
                 // Refused for its quota: the request spends no rate cells.
                 if let Some(policy) = &plan.rate {
-                    state.give_back_cells(policy.nanos(cost));
+                    state.give_back_cells(route.client, policy.nanos(cost));
                     headers.give_back(cost, policy.burst.get());
                 }
                 self.reject(self.quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
@@ -288,8 +353,41 @@ impl Tollgate {
                 self.taken(state, headers, meter, cell, cost, left, at);
                 Ok(u32::from(tag))
             }
+            Take::Exhausted if state.plan.shadow => {
+                // Shadow mode: taken past the limit (owed to the store), the refusal counted.
+                self.would_refuse(&self.shadow_quota(state, meter));
+                let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
+                headers.set_quota(0, (cell.period().1 - at).max(0) as u64);
+                Ok(tag)
+            }
             other => Err(other),
         }
+    }
+
+    /// Counts an anonymous request without a client address: it shares one bucket with the
+    /// others like it.
+    #[cold]
+    fn without_address(&self) {
+        self.shared.metrics.anonymous_without_address.increment(1);
+        crate::metrics::Totals::add(&self.shared.totals.anonymous_without_address, 1);
+    }
+
+    /// The refusal of a spent rate that shadow mode counts.
+    #[cold]
+    fn shadow_rate(&self, state: &Tenant) -> Rejection {
+        let mut r = Rejection::new(RejectionKind::RateLimited, "the rate is spent (shadow mode: not refused)");
+        r.inner.policy = Some("rate".to_owned());
+        r.for_tenant(state)
+    }
+
+    /// The refusal of a spent hard quota that shadow mode counts.
+    #[cold]
+    pub(crate) fn shadow_quota(&self, state: &Tenant, meter: usize) -> Rejection {
+        let mut r = Rejection::new(RejectionKind::QuotaExceeded, "the quota is spent (shadow mode: not refused)");
+        if let Some(cell) = state.quota(meter) {
+            r.inner.policy = Some(format!("{}-{}", cell.meter_id(), cell.spec.period().name()));
+        }
+        r.for_tenant(state)
     }
 
     /// Headers, overage and prefetch after units were taken, `left` remaining in the lease.

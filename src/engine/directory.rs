@@ -23,6 +23,7 @@ use crate::{
 fn declared(t: &StaticTenant) -> TenantRecord {
     let mut r = TenantRecord::new(t.id.clone(), t.plan.clone());
     r.customer = t.customer.clone();
+    r.overrides = t.overrides.clone();
     r
 }
 
@@ -111,13 +112,16 @@ impl Tollgate {
             )
             .with_retry_after(60));
         }
-        let Some(plan) = rt.plans.get(&record.plan) else {
-            tracing::error!(tenant = %record.id, plan = %record.plan, "tenant is on a plan the configuration does not declare");
-            return Err(Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
-                .with_retry_after(60));
+        let plan = match rt.plan_for(&record.plan, record.overrides.as_deref()) {
+            Ok(plan) => plan,
+            Err(why) => {
+                tracing::error!(tenant = %record.id, plan = %record.plan, "the tenant's plan cannot be served: {why}");
+                return Err(Rejection::new(RejectionKind::StoreUnavailable, "the tenant's plan is not configured")
+                    .with_retry_after(60));
+            }
         };
         let state = self.shared.table.attach(lookup, hash, &record.id, validated, || {
-            self.new_state(record.id.clone(), plan, record.customer.clone())
+            self.new_state(record.id.clone(), &plan, record.customer.clone())
         });
         self.after_insert(&rt);
         Ok(state)
@@ -222,22 +226,28 @@ impl Tollgate {
         let Some(current) = self.shared.table.state(&record.id) else {
             return;
         };
-        let changed = current.plan.id != record.plan || current.customer.as_deref() != record.customer.as_deref();
+        let overrides = record.overrides.as_deref().filter(|o| !o.trim().is_empty());
+        let changed = current.plan.id != record.plan
+            || current.customer.as_deref() != record.customer.as_deref()
+            || current.plan.overrides.as_deref() != overrides;
         if !changed {
             self.shared.table.confirmed(&record.id, now);
             return;
         }
-        let Some(plan) = rt.plans.get(&record.plan) else {
-            tracing::error!(tenant = %record.id, plan = %record.plan, "tenant moved to a plan the configuration does not declare; kept on its plan");
-            self.shared.table.confirmed(&record.id, now);
-            return;
+        let plan = match rt.plan_for(&record.plan, overrides) {
+            Ok(plan) => plan,
+            Err(why) => {
+                tracing::error!(tenant = %record.id, plan = %record.plan, "the tenant's new plan cannot be served ({why}); kept on its plan");
+                self.shared.table.confirmed(&record.id, now);
+                return;
+            }
         };
         let old = self
             .shared
             .table
-            .replace(&record.id, now, || self.new_state(record.id.clone(), plan, record.customer.clone()));
+            .replace(&record.id, now, || self.new_state(record.id.clone(), &plan, record.customer.clone()));
         if let Some(old) = old {
-            tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, "tenant plan changed");
+            tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
             self.return_leases(vec![old]).await;
         }
     }

@@ -34,6 +34,12 @@ pub trait RequestView {
     fn header_values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s [u8]>;
     /// The [`Identity`] an authentication layer put in the request, if any.
     fn identity(&self) -> Option<&Identity>;
+
+    /// The peer address of the connection (the [`ClientAddr`] the front door put in the
+    /// request), for anonymous callers limited per address. `None` by default.
+    fn client_addr(&self) -> Option<std::net::IpAddr> {
+        None
+    }
 }
 
 /// Why a repeated API key header is refused; a key with a comma (a repeated header joined by
@@ -154,7 +160,14 @@ impl FrontDoor {
                     None => Credential::Missing,
                 },
             };
-            let info = RequestInfo::new(request.method(), request.path(), credential);
+            let mut info = RequestInfo::new(request.method(), request.path(), credential);
+            if rt.client_keys.is_some() {
+                info.client = rt.client_ip(
+                    request.client_addr(),
+                    request.header_values("forwarded"),
+                    request.header_values("x-forwarded-for"),
+                );
+            }
             describe(info, request.query(), rt.honours_idempotency(request.method()), || {
                 request.header_values("idempotency-key")
             })

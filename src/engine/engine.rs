@@ -44,18 +44,28 @@ pub struct RequestInfo<'a> {
     pub credential: Credential<'a>,
     /// The `Idempotency-Key` header, if present (ignored on methods that do not honour it).
     pub idempotency_key: Option<&'a [u8]>,
+    /// The client's address (the front doors fill it in when anonymous callers are limited
+    /// per address: the peer, or through trusted proxies the forwarded client).
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl<'a> RequestInfo<'a> {
     /// A request with this method, path and credential, no query and no `Idempotency-Key`.
     pub fn new(method: &'a str, path: &'a str, credential: Credential<'a>) -> Self {
-        Self { method, path, query: None, credential, idempotency_key: None }
+        Self { method, path, query: None, credential, idempotency_key: None, client: None }
     }
 
     /// With a query string (without the `?`).
     #[must_use]
     pub fn with_query(mut self, query: Option<&'a str>) -> Self {
         self.query = query;
+        self
+    }
+
+    /// With the client's address.
+    #[must_use]
+    pub fn with_client(mut self, client: Option<std::net::IpAddr>) -> Self {
+        self.client = client;
         self
     }
 
@@ -296,20 +306,28 @@ impl Tollgate {
             }
             Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
         };
-        let route = rt.route(req.method, req.path);
+        let mut route = rt.route(req.method, req.path);
         let idem = req.idempotency_key.map(|k| (k, self.shared.idempotency.request(req.method, req.path, req.query)));
         match self.shared.table.get(lookup) {
             Some(state) => {
                 // A state of the configuration before a reload, met in the moment before its
                 // eviction: its plan indexes meters its own way.
-                let route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
+                let mut route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
                     route
                 } else {
                     rt.meters.remap(route, &state.plan.meters)
                 };
+                if state.plan.clients.is_some() {
+                    // The anonymous tenant: its rate is per client address.
+                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(req.client));
+                }
                 self.decide(state, route, idem)
             }
             None => {
+                // Anonymous callers (or an unknown key served as one) need their address.
+                if let Some(keys) = &rt.client_keys {
+                    route.client = keys.key(req.client);
+                }
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
                     Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
@@ -355,7 +373,17 @@ impl Tollgate {
         Admission::Rejected(self.count(rejection))
     }
 
-    pub(crate) fn count(&self, rejection: Rejection) -> Rejection {
+    pub(crate) fn count(&self, mut rejection: Rejection) -> Rejection {
+        if matches!(
+            rejection.kind(),
+            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials | RejectionKind::MalformedCredentials
+        ) && self.shared.runtime.load().config.limits.shadow
+        {
+            // Shadow mode for the whole configuration: unidentified requests pass, counted.
+            rejection.inner.shadowed = true;
+            self.would_refuse(&rejection);
+            return rejection;
+        }
         self.shared.metrics.rejected(rejection.kind()).increment(1);
         tracing::debug!(
             reason = rejection.kind().label(),
@@ -399,7 +427,12 @@ impl Tollgate {
 
     /// Counters of the background paths, and the number of tenants held.
     pub fn stats(&self) -> Stats {
-        self.shared.totals.snapshot(self.shared.table.len())
+        let mut stats = self.shared.totals.snapshot(self.shared.table.len());
+        if let Some(clients) = self.shared.runtime.load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
+            clients.cells.settle();
+            stats.tracked_clients = clients.cells.len();
+        }
+        stats
     }
 
     /// The clock the engine reads.

@@ -2,6 +2,7 @@
 
 mod admission;
 mod builder;
+pub(crate) mod clients;
 mod directory;
 mod door;
 #[allow(clippy::module_inception)]

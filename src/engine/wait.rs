@@ -74,9 +74,23 @@ impl Tollgate {
                 self.shared.metrics.admitted.increment(1);
                 Ok(self.ticket(p, cost, tag))
             }
+            Ok(Err(())) if charged && p.state.plan.shadow => {
+                // Shadow mode: the units are taken past the limit (owed to the store), and the
+                // refusal only counted.
+                self.would_refuse(&self.shadow_quota(&p.state, meter));
+                let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
+                p.headers.set_quota(0, (cell.period().1 - p.at).max(0) as u64);
+                self.shared.metrics.admitted.increment(1);
+                Ok(self.ticket(p, cost, tag))
+            }
+            Ok(Err(())) if p.state.plan.shadow => {
+                self.would_refuse(&self.shadow_quota(&p.state, meter));
+                self.shared.metrics.admitted.increment(1);
+                Ok(self.ticket(p, cost, NO_TAG))
+            }
             Ok(Err(())) => {
                 if let Some(policy) = &p.state.plan.rate {
-                    p.state.give_back_cells(policy.nanos(cost));
+                    p.state.give_back_cells(route.client, policy.nanos(cost));
                     p.headers.give_back(cost, policy.burst.get());
                 }
                 Err(self.count(self.quota_exceeded(p, meter)))
@@ -134,9 +148,10 @@ impl Tollgate {
             })
             .await;
             match checked {
+                Ok(Err(Take::Exhausted)) if p.state.plan.shadow => self.would_refuse(&self.shadow_quota(&p.state, m)),
                 Ok(Err(Take::Exhausted)) => {
                     if let Some(policy) = &p.state.plan.rate {
-                        p.state.give_back_cells(policy.nanos(route.cost));
+                        p.state.give_back_cells(route.client, policy.nanos(route.cost));
                         p.headers.give_back(route.cost, policy.burst.get());
                     }
                     return Err(self.count(self.quota_exceeded(p, m)));

@@ -59,6 +59,11 @@ where
         Self { state: State::Inner { future, ticket: Some(ticket) } }
     }
 
+    /// Served without a ticket: shadow mode let an unidentified request through.
+    pub(crate) fn passed(future: S::Future) -> Self {
+        Self { state: State::Inner { future, ticket: None } }
+    }
+
     pub(crate) fn ready(response: Response<Bytes>) -> Self {
         Self { state: State::Ready { response: Some(response) } }
     }
@@ -111,6 +116,9 @@ where
                             let future = inner.call(request);
                             State::Inner { future, ticket: Some(ticket) }
                         }
+                        Err(rejection) if rejection.is_shadowed() => {
+                            State::Inner { future: inner.call(request), ticket: None }
+                        }
                         Err(rejection) => {
                             let response = reject_for(&request, &responder, rejection);
                             return Poll::Ready(Ok(response.map(TollgateBody::full)));
@@ -119,12 +127,15 @@ where
                 }
                 StateProj::Inner { future, ticket } => {
                     let result = ready!(future.poll(cx));
-                    let ticket = ticket.take().expect(DONE);
+                    let ticket = ticket.take();
                     return Poll::Ready(match result {
                         Ok(mut response) => {
-                            let headers = response.headers_mut();
-                            ticket.emit(&mut |field, value| put_header(headers, field, value));
-                            ticket.complete(response.status().as_u16());
+                            // No ticket: an unidentified request shadow mode let through.
+                            if let Some(ticket) = ticket {
+                                let headers = response.headers_mut();
+                                ticket.emit(&mut |field, value| put_header(headers, field, value));
+                                ticket.complete(response.status().as_u16());
+                            }
                             Ok(response.map(TollgateBody::inner))
                         }
                         // A service error is not billed: dropping the ticket gives its units back.

@@ -61,11 +61,20 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolver = &self.resolver;
         let admission = self.door.admit_raw(|rt| {
-            let info = RequestInfo::new(
+            let mut info = RequestInfo::new(
                 request.method().as_str(),
                 request.uri().path(),
                 resolver.resolve(&request, &rt.config.identify),
             );
+            if rt.client_keys.is_some() {
+                // Anonymous callers are limited per address: read it (else nothing is read).
+                let headers = request.headers();
+                info.client = rt.client_ip(
+                    request.extensions().get::<crate::ClientAddr>().map(|a| a.0),
+                    headers.get_all("forwarded").iter().map(HeaderValue::as_bytes),
+                    headers.get_all("x-forwarded-for").iter().map(HeaderValue::as_bytes),
+                );
+            }
             describe(info, request.uri().query(), rt.honours_idempotency_method(request.method()), || {
                 request.headers().get_all(&IDEMPOTENCY_KEY).iter().map(HeaderValue::as_bytes)
             })
@@ -77,6 +86,7 @@ where
                 }
                 ResponseFuture::inner(inner.call(request), ticket)
             }
+            Admission::Rejected(rejection) if rejection.is_shadowed() => ResponseFuture::passed(inner.call(request)),
             Admission::Rejected(rejection) => ResponseFuture::ready(reject_for(&request, &self.responder, rejection)),
             Admission::Pending(pending) => {
                 let tollgate = self.door.engine().clone();

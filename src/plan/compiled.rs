@@ -6,8 +6,11 @@ use std::{collections::HashMap, fmt::Write as _, num::NonZeroU32, sync::Arc};
 use governor::{
     middleware::{NoOpMiddleware, StateInformationMiddleware},
     nanos::Nanos,
+    state::StateStore,
     InsufficientCapacity, NotUntil,
 };
+
+use crate::engine::clients::{ClientCells, ClientKeys};
 
 use crate::{
     clock::Clock,
@@ -26,6 +29,8 @@ use super::RoutePattern;
 #[derive(Debug)]
 pub(crate) struct MeterTable {
     pub(crate) ids: Box<[MeterId]>,
+    /// The features routes require, by index (a route's `feature` is its index + 1).
+    pub(crate) features: Box<[Box<str>]>,
 }
 
 impl MeterTable {
@@ -45,7 +50,16 @@ impl MeterTable {
                 reports |= 1 << i;
             }
         }
-        RouteCost { meter, cost: route.cost, reports, shape: meter as u8 }
+        // A feature `to` does not know is one no plan of it includes.
+        let feature = match route.feature {
+            0 => 0,
+            f => self
+                .features
+                .get(usize::from(f) - 1)
+                .and_then(|name| to.features.iter().position(|n| n == name))
+                .map_or(NO_SUCH_FEATURE, |i| i as u8 + 1),
+        };
+        RouteCost { meter, cost: route.cost, reports, shape: meter as u8, feature, client: route.client }
     }
 
     pub(crate) fn index(&self, name: &str) -> Option<usize> {
@@ -80,22 +94,35 @@ impl RatePolicy {
     }
 }
 
-type Keyed<MW> = governor::RateLimiter<Tenant, TenantCells, Clock, MW>;
+type Keyed<K, S, MW> = governor::RateLimiter<K, S, Clock, MW>;
 
-/// The plan's rate limiter: one governor limiter (GCRA parameters and clock) for every tenant
-/// of the plan, each tenant's cell living in its own state. It reports the remaining burst
-/// only when headers need it.
-pub(crate) enum PlanLimiter {
-    Plain(Keyed<NoOpMiddleware<Nanos>>),
-    Informed(Keyed<StateInformationMiddleware>),
+/// A rate limiter: one governor limiter (GCRA parameters and clock) over a keyed state store.
+/// It reports the remaining burst only when headers need it.
+pub(crate) enum Limiter<K: std::hash::Hash, S: StateStore<Key = K>> {
+    Plain(Keyed<K, S, NoOpMiddleware<Nanos>>),
+    Informed(Keyed<K, S, StateInformationMiddleware>),
+}
+
+/// The plan's rate limiter: for every tenant of the plan, each tenant's cell living in its
+/// own state.
+pub(crate) type PlanLimiter = Limiter<Tenant, TenantCells>;
+
+/// The anonymous plan's rate limiter: per client address, in a bounded map.
+pub(crate) type ClientLimiter = Limiter<u64, ClientCells>;
+
+/// The anonymous tenant's rate, per client address instead of one bucket for all.
+#[derive(Debug)]
+pub(crate) struct ClientRate {
+    pub(crate) limiter: ClientLimiter,
+    pub(crate) cells: ClientCells,
 }
 
 /// A conforming request: the remaining burst, when asked for.
 pub(crate) type Conforming = Option<u32>;
 
-impl PlanLimiter {
-    fn new(quota: governor::Quota, clock: &Clock, informed: bool) -> Self {
-        let limiter = governor::RateLimiter::new(quota, TenantCells, clock.clone());
+impl<K: std::hash::Hash + Eq + Clone, S: StateStore<Key = K>> Limiter<K, S> {
+    fn new(quota: governor::Quota, store: S, clock: &Clock, informed: bool) -> Self {
+        let limiter = governor::RateLimiter::new(quota, store, clock.clone());
         if informed {
             Self::Informed(limiter.with_middleware())
         } else {
@@ -107,7 +134,7 @@ impl PlanLimiter {
     #[inline]
     pub(crate) fn check(
         &self,
-        state: &Tenant,
+        state: &K,
         n: NonZeroU32,
     ) -> Result<Result<Conforming, NotUntil<Nanos>>, InsufficientCapacity> {
         // One cell (most routes) takes governor's simpler single-cell path.
@@ -120,11 +147,11 @@ impl PlanLimiter {
     }
 }
 
-impl std::fmt::Debug for PlanLimiter {
+impl<K: std::hash::Hash, S: StateStore<Key = K>> std::fmt::Debug for Limiter<K, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::Plain(_) => "PlanLimiter::Plain",
-            Self::Informed(_) => "PlanLimiter::Informed",
+            Self::Plain(_) => "Limiter::Plain",
+            Self::Informed(_) => "Limiter::Informed",
         })
     }
 }
@@ -151,7 +178,20 @@ pub(crate) struct CompiledPlan {
     pub(crate) billable: StatusSet,
     pub(crate) header_style: HeaderStyle,
     pub(crate) metrics: Arc<Metrics>,
+    /// The features routes require that the plan includes (a bit per feature index).
+    pub(crate) feature_bits: u64,
+    /// Every feature of the plan (with the tenant's overrides), sorted.
+    pub(crate) features: Arc<[Box<str>]>,
+    /// Shadow mode: decisions are counted, nothing is refused.
+    pub(crate) shadow: bool,
+    /// The tenant's overrides this plan was compiled with (their JSON form), if any.
+    pub(crate) overrides: Option<Box<str>>,
+    /// The anonymous tenant's plan: its rate per client address.
+    pub(crate) clients: Option<ClientRate>,
 }
+
+/// The feature of a route that the tenant state's configuration does not know.
+pub(crate) const NO_SUCH_FEATURE: u8 = u8::MAX;
 
 /// A `'static` copy of `s`: each distinct string is leaked once per process (policy header
 /// values: a few per configuration, bounded by the configurations loaded).
@@ -168,6 +208,17 @@ fn intern(s: String) -> &'static str {
 }
 
 impl CompiledPlan {
+    /// Whether the plan includes the route's feature (`RouteCost::feature`; 0: none needed).
+    #[inline]
+    pub(crate) fn allows(&self, feature: u8) -> bool {
+        feature == 0 || (feature != NO_SUCH_FEATURE && self.feature_bits & (1u64 << (feature - 1)) != 0)
+    }
+
+    /// Whether the plan includes `name`.
+    pub(crate) fn has_feature(&self, name: &str) -> bool {
+        self.features.binary_search_by(|f| (**f).cmp(name)).is_ok()
+    }
+
     /// The index of the usage window holding `now` (Unix seconds).
     #[inline]
     pub(crate) fn window_index(&self, now: i64) -> u32 {
@@ -183,6 +234,8 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl CompiledPlan {
+    /// `interned`: the policy header values are leaked once per distinct value (the plans of
+    /// the file: bounded); a tenant's overrides get values of their own, freed with the plan.
     fn compile(
         spec: &PlanSpec,
         meters: &Arc<MeterTable>,
@@ -190,13 +243,14 @@ impl CompiledPlan {
         config: &Config,
         metrics: &Arc<Metrics>,
         clock: &Clock,
+        overrides: Option<Box<str>>,
     ) -> Self {
         let informed = config.limits.headers != HeaderStyle::None;
         let rate = spec.rate.map(|rate| {
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
                 .allow_burst(spec.burst);
-            RatePolicy::new(rate, spec.burst, PlanLimiter::new(quota, clock, informed))
+            RatePolicy::new(rate, spec.burst, PlanLimiter::new(quota, TenantCells, clock, informed))
         });
         let mut quotas: Vec<(usize, QuotaSpec)> =
             spec.quotas.iter().filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone()))).collect();
@@ -236,8 +290,11 @@ impl CompiledPlan {
                     );
                 }
                 // Built from static bytes, so that every response clones it without touching a
-                // shared count.
-                (!s.is_empty()).then(|| http::HeaderValue::from_static(intern(s)))
+                // shared count; an overridden plan's own values are not leaked.
+                (!s.is_empty()).then(|| match overrides {
+                    None => http::HeaderValue::from_static(intern(s)),
+                    Some(_) => http::HeaderValue::from_str(&s).expect("names and numbers only"),
+                })
             })
             .collect();
         Self {
@@ -253,6 +310,16 @@ impl CompiledPlan {
             billable: config.usage.billable.clone(),
             header_style: config.limits.headers,
             metrics: metrics.clone(),
+            feature_bits: meters
+                .features
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| spec.features.contains(&***f))
+                .fold(0u64, |bits, (i, _)| bits | (1u64 << i)),
+            features: spec.features.iter().map(|f| Box::from(f.as_str())).collect(),
+            shadow: spec.shadow || config.limits.shadow,
+            overrides,
+            clients: None,
         }
     }
 }
@@ -272,6 +339,10 @@ pub(crate) struct RouteCost {
     pub(crate) cost: u32,
     pub(crate) reports: u64,
     pub(crate) shape: u8,
+    /// The feature the route requires (its index in [`MeterTable::features`] + 1; 0: none).
+    pub(crate) feature: u8,
+    /// The key of the client's address, for the anonymous tenant's rate (0: none).
+    pub(crate) client: u64,
 }
 
 /// A tenant declared in the configuration.
@@ -280,6 +351,8 @@ pub(crate) struct StaticTenant {
     pub(crate) id: TenantId,
     pub(crate) plan: PlanId,
     pub(crate) customer: Option<String>,
+    /// The tenant's overrides, in their JSON form.
+    pub(crate) overrides: Option<String>,
 }
 
 /// Everything the request path needs from one configuration.
@@ -298,6 +371,12 @@ pub(crate) struct Runtime {
     /// The `WWW-Authenticate` challenge of a 401.
     pub(crate) challenge: Arc<str>,
     idempotency_methods: Box<[http::Method]>,
+    /// The policy shapes of the routes, to compile a tenant's overridden plan.
+    shapes: Box<[(usize, u64)]>,
+    /// How client addresses are keyed, when anonymous callers are limited per address.
+    pub(crate) client_keys: Option<ClientKeys>,
+    metrics: Arc<Metrics>,
+    clock: Clock,
 }
 
 impl Runtime {
@@ -307,7 +386,15 @@ impl Runtime {
         if let Some(i) = ids.iter().position(|m| *m == config.default_meter) {
             ids[..=i].rotate_right(1);
         }
-        let meters = Arc::new(MeterTable { ids: ids.into() });
+        let mut features: Vec<Box<str>> = Vec::new();
+        for r in &config.routes {
+            if let Some(f) = &r.feature {
+                if !features.iter().any(|x| **x == **f) {
+                    features.push(f.as_str().into());
+                }
+            }
+        }
+        let meters = Arc::new(MeterTable { ids: ids.into(), features: features.into() });
         let index = |m: &MeterId| meters.index(m.as_str()).expect("validated: routes name declared meters");
         // The policy shapes of the routes: (meter, meters reported); first each meter alone,
         // then one per other combination the routes use (at most 256 in all).
@@ -326,30 +413,57 @@ impl Runtime {
                     }
                     None => meter,
                 };
+                let feature = r
+                    .feature
+                    .as_ref()
+                    .and_then(|f| meters.features.iter().position(|x| **x == **f))
+                    .map_or(0, |i| i as u8 + 1);
                 CompiledRoute {
                     method: r.method.clone(),
                     pattern: r.pattern.clone(),
-                    cost: RouteCost { meter, cost: r.cost.get(), reports, shape: shape as u8 },
+                    cost: RouteCost { meter, cost: r.cost.get(), reports, shape: shape as u8, feature, client: 0 },
                 }
             })
             .collect();
         let plans: HashMap<PlanId, Arc<CompiledPlan>> = config
             .plans
             .values()
-            .map(|p| (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &shapes, &config, metrics, clock))))
+            .map(|p| {
+                (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &shapes, &config, metrics, clock, None)))
+            })
             .collect();
         let default_meter = index(&config.default_meter);
+        // The anonymous tenant's plan: its own compilation, whose rate is kept per client
+        // address (a bounded map) instead of in the tenant's one cell.
         let anonymous = match &config.on_unknown {
-            crate::config::OnUnknown::Anonymous(p) => plans.get(p).cloned(),
+            crate::config::OnUnknown::Anonymous(p) => config.plans.get(p).map(|spec| {
+                let mut plan = CompiledPlan::compile(spec, &meters, &shapes, &config, metrics, clock, None);
+                plan.clients = spec.rate.map(|rate| {
+                    let quota = governor::Quota::with_period(rate.interval())
+                        .expect("validated: the interval of a rate is never zero")
+                        .allow_burst(spec.burst);
+                    let cells = ClientCells::new(config.limits.max_clients);
+                    let informed = config.limits.headers != HeaderStyle::None;
+                    ClientRate { limiter: ClientLimiter::new(quota, cells.clone(), clock, informed), cells }
+                });
+                Arc::new(plan)
+            }),
             _ => None,
         };
+        let client_keys =
+            anonymous.as_ref().filter(|p| p.clients.is_some()).map(|_| ClientKeys::new(config.clients.ipv6_prefix));
         let mut static_keys = HashMap::new();
         let mut static_tenants = HashMap::new();
         for t in &config.tenants {
             for k in &t.key_hashes {
                 static_keys.insert(*k, t.id.clone());
             }
-            let record = StaticTenant { id: t.id.clone(), plan: t.plan.clone(), customer: t.stripe_customer.clone() };
+            let record = StaticTenant {
+                id: t.id.clone(),
+                plan: t.plan.clone(),
+                customer: t.stripe_customer.clone(),
+                overrides: t.overrides.as_ref().map(|o| o.to_json()),
+            };
             static_tenants.insert(t.id.clone(), record);
         }
         let challenge = match &config.identify {
@@ -366,8 +480,58 @@ impl Runtime {
             static_tenants,
             challenge: challenge.into(),
             idempotency_methods: config.limits.idempotency_methods.clone().into(),
+            shapes: shapes.into(),
+            client_keys,
+            metrics: metrics.clone(),
+            clock: clock.clone(),
             config,
         }
+    }
+
+    /// The plan a tenant of the directory is served with: its plan, or that plan with the
+    /// tenant's overrides (JSON, as the store keeps them) compiled over it.
+    ///
+    /// # Errors
+    /// The plan is not declared, or the overrides are not valid for this configuration.
+    pub(crate) fn plan_for(&self, plan: &PlanId, overrides: Option<&str>) -> Result<Arc<CompiledPlan>, String> {
+        let Some(base) = self.plans.get(plan) else {
+            return Err(format!("the plan `{plan}` is not declared"));
+        };
+        let Some(json) = overrides.filter(|o| !o.trim().is_empty()) else {
+            return Ok(base.clone());
+        };
+        let o = crate::config::PlanOverride::from_json(json, &self.config).map_err(|e| e.to_string())?;
+        if o.is_empty() {
+            return Ok(base.clone());
+        }
+        let spec = self.config.plans[plan].with_override(&o);
+        Ok(Arc::new(CompiledPlan::compile(
+            &spec,
+            &self.meters,
+            &self.shapes,
+            &self.config,
+            &self.metrics,
+            &self.clock,
+            Some(json.into()),
+        )))
+    }
+
+    /// The client address of a request, when anonymous callers are limited per address
+    /// (else `None`, and nothing is read): the peer, or through trusted proxies the rightmost
+    /// untrusted hop of `Forwarded` / `X-Forwarded-For`.
+    #[inline]
+    pub(crate) fn client_ip<'a>(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        forwarded: impl Iterator<Item = &'a [u8]>,
+        xff: impl Iterator<Item = &'a [u8]>,
+    ) -> Option<std::net::IpAddr> {
+        self.client_keys.as_ref()?;
+        let trusted = &self.config.clients.trusted_proxies;
+        if trusted.is_empty() {
+            return peer;
+        }
+        crate::engine::clients::client_ip(peer, trusted, forwarded, xff)
     }
 
     /// Whether an `Idempotency-Key` on a request with this method is honoured.
@@ -391,6 +555,13 @@ impl Runtime {
                 return r.cost;
             }
         }
-        RouteCost { meter: self.default_meter, cost: 1, reports: 0, shape: self.default_meter as u8 }
+        RouteCost {
+            meter: self.default_meter,
+            cost: 1,
+            reports: 0,
+            shape: self.default_meter as u8,
+            feature: 0,
+            client: 0,
+        }
     }
 }

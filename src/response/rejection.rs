@@ -30,6 +30,9 @@ pub enum RejectionKind {
     /// The `Idempotency-Key` was first used for another request (another method, path or
     /// query): 422.
     IdempotencyKeyMismatch,
+    /// The route needs a feature the tenant's plan (with its overrides) does not include:
+    /// 403. Nothing is charged.
+    FeatureNotInPlan,
 }
 
 macro_rules! docs {
@@ -48,12 +51,14 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
             RejectionKind::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            RejectionKind::FeatureNotInPlan => StatusCode::FORBIDDEN,
         }
     }
 
     /// The gRPC status code a gRPC client gets for it: `RESOURCE_EXHAUSTED` (8) for 429,
     /// `UNAUTHENTICATED` (16) for 401, `INVALID_ARGUMENT` (3) for 400, `UNAVAILABLE` (14) for
-    /// 503, `ABORTED` (10) for 409, `FAILED_PRECONDITION` (9) for 422.
+    /// 503, `ABORTED` (10) for 409, `FAILED_PRECONDITION` (9) for 422, `PERMISSION_DENIED`
+    /// (7) for 403.
     pub fn grpc_code(self) -> u8 {
         match self {
             RejectionKind::RateLimited | RejectionKind::QuotaExceeded => 8,
@@ -62,6 +67,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => 14,
             RejectionKind::IdempotencyKeyInUse => 10,
             RejectionKind::IdempotencyKeyMismatch => 9,
+            RejectionKind::FeatureNotInPlan => 7,
         }
     }
 
@@ -83,6 +89,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "Quota store unavailable",
             RejectionKind::IdempotencyKeyInUse => "Idempotency-Key in use",
             RejectionKind::IdempotencyKeyMismatch => "Idempotency-Key reused",
+            RejectionKind::FeatureNotInPlan => "Feature not in plan",
         }
     }
 
@@ -98,6 +105,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => docs!("StoreUnavailable"),
             RejectionKind::IdempotencyKeyInUse => docs!("IdempotencyKeyInUse"),
             RejectionKind::IdempotencyKeyMismatch => docs!("IdempotencyKeyMismatch"),
+            RejectionKind::FeatureNotInPlan => docs!("FeatureNotInPlan"),
         }
     }
 
@@ -113,10 +121,11 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "store_unavailable",
             RejectionKind::IdempotencyKeyInUse => "idempotency_key_in_use",
             RejectionKind::IdempotencyKeyMismatch => "idempotency_key_mismatch",
+            RejectionKind::FeatureNotInPlan => "feature_not_in_plan",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 9] = [
+    pub(crate) const ALL: [RejectionKind; 10] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::MissingCredentials,
@@ -126,6 +135,7 @@ impl RejectionKind {
         RejectionKind::StoreUnavailable,
         RejectionKind::IdempotencyKeyInUse,
         RejectionKind::IdempotencyKeyMismatch,
+        RejectionKind::FeatureNotInPlan,
     ];
 }
 
@@ -148,9 +158,19 @@ pub(crate) struct Details {
     pub(crate) state: Option<Tenant>,
     pub(crate) headers: HeaderState,
     pub(crate) challenge: Option<Arc<str>>,
+    /// Shadow mode lets the request through: it is served without a tenant.
+    pub(crate) shadowed: bool,
 }
 
 impl Rejection {
+    /// Whether shadow mode (`limits.shadow`) lets this request through although it would be
+    /// refused (a missing, unknown or malformed credential): a front door serves it, without a
+    /// tenant (no ticket, no usage), instead of answering the rejection. The tower layer and
+    /// the actix-web middleware do; a front door of your own should too.
+    pub fn is_shadowed(&self) -> bool {
+        self.inner.shadowed
+    }
+
     pub(crate) fn new(kind: RejectionKind, detail: impl Into<Cow<'static, str>>) -> Self {
         Self {
             inner: Box::new(Details {
@@ -162,6 +182,7 @@ impl Rejection {
                 state: None,
                 headers: HeaderState::default(),
                 challenge: None,
+                shadowed: false,
             }),
         }
     }

@@ -583,6 +583,7 @@ fn tenant_record(item: &Item) -> Option<TenantRecord> {
     let mut t = TenantRecord::new(get_s(item, "id")?.into(), get_s(item, "plan")?.into());
     t.customer = get_s(item, "customer").map(str::to_owned);
     t.last_event_at = get_i(item, "last_event_at");
+    t.overrides = get_s(item, "overrides").map(str::to_owned);
     Some(t)
 }
 
@@ -1233,6 +1234,25 @@ impl Store for DynamoStore {
         Ok(self.get(tenant_pk(id), "T").await?.as_ref().and_then(tenant_record))
     }
 
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(tenant_pk(tenant)))
+            .key("sk", s("T"))
+            .condition_expression("attribute_exists(pk)");
+        let update = match overrides {
+            Some(o) => update.update_expression("SET overrides = :o").expression_attribute_values(":o", s(o)),
+            None => update.update_expression("REMOVE overrides"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let old = self.tenant(&record.id).await?;
         let mut put = self
@@ -1250,6 +1270,9 @@ impl Store for DynamoStore {
         }
         if let Some(at) = record.last_event_at {
             put = put.item("last_event_at", n(at));
+        }
+        if let Some(o) = &record.overrides {
+            put = put.item("overrides", s(o.as_str()));
         }
         put.send().await.map_err(sdk)?;
         if let Some(c) = &record.customer {

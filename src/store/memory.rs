@@ -605,6 +605,16 @@ impl Store for MemoryStore {
         Ok(self.lock().tenants.get(id).cloned())
     }
 
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        Ok(match self.lock().tenants.get_mut(tenant) {
+            Some(t) => {
+                t.overrides = overrides.map(str::to_owned);
+                true
+            }
+            None => false,
+        })
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if let Some(old) = inner.tenants.insert(record.id.clone(), record.clone()) {

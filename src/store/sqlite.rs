@@ -23,7 +23,7 @@ use crate::{
 /// ours, and is refused rather than written to.
 const APPLICATION_ID: i32 = 0x5447_4C31;
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(crate) const SCHEMA_VERSION: i32 = 3;
+pub(crate) const SCHEMA_VERSION: i32 = 4;
 /// How long a call waits for another connection's write lock (SQLite's busy handler) before
 /// the call is retried.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,6 +147,9 @@ CREATE INDEX idempotency_expires ON idempotency (expires_at);
     r"
 ALTER TABLE usage ADD COLUMN send TEXT;
 ALTER TABLE usage ADD COLUMN unknown_failures INTEGER NOT NULL DEFAULT 0;
+",
+    r"
+ALTER TABLE tenant ADD COLUMN overrides TEXT;
 ",
 ];
 
@@ -791,10 +794,11 @@ fn tenant_row(r: &Row<'_>) -> Sql<TenantRecord> {
     let mut t = TenantRecord::new(id.into(), plan.into());
     t.customer = r.get(2)?;
     t.last_event_at = r.get(3)?;
+    t.overrides = r.get(4)?;
     Ok(t)
 }
 
-const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at";
+const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at, t.overrides";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -1251,6 +1255,17 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        let (tenant, overrides) = (tenant.clone(), overrides.map(str::to_owned));
+        self.write(move |tx, _| {
+            let changed = tx
+                .prepare_cached("UPDATE tenant SET overrides = ?2 WHERE id = ?1")?
+                .execute(params![tenant.as_str(), overrides])?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let (record, keys) = (record.clone(), keys.to_vec());
         self.write(move |tx, _| {
@@ -1261,11 +1276,17 @@ impl Store for SqliteStore {
                     .execute(params![c, id])?;
             }
             tx.prepare_cached(
-                "INSERT INTO tenant (id, plan, customer, last_event_at) VALUES (?1, ?2, ?3, ?4) \
+                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides) VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
-                 last_event_at = excluded.last_event_at",
+                 last_event_at = excluded.last_event_at, overrides = excluded.overrides",
             )?
-            .execute(params![id, record.plan.as_str(), record.customer, record.last_event_at])?;
+            .execute(params![
+                id,
+                record.plan.as_str(),
+                record.customer,
+                record.last_event_at,
+                record.overrides
+            ])?;
             for key in &keys {
                 tx.prepare_cached(
                     "INSERT INTO api_key (hash, tenant, created_at) VALUES (?1, ?2, ?3) \

@@ -442,12 +442,16 @@ pub struct TenantRecord {
     pub customer: Option<String>,
     /// When the newest billing event applied to it was created (Unix seconds).
     pub last_event_at: Option<i64>,
+    /// Its overrides of its plan, in their JSON form
+    /// ([`PlanOverride::to_json`](crate::config::PlanOverride::to_json)): kept as text by the
+    /// store, read by the engine against its configuration.
+    pub overrides: Option<String>,
 }
 
 impl TenantRecord {
     /// `id` on `plan`, without a billing customer.
     pub fn new(id: TenantId, plan: PlanId) -> Self {
-        Self { id, plan, customer: None, last_event_at: None }
+        Self { id, plan, customer: None, last_event_at: None, overrides: None }
     }
 
     /// With a billing customer (a Stripe customer id).
@@ -716,6 +720,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Creates or replaces a tenant and gives it these keys (keys held by nobody else); a key
     /// new to the store gets no prefix and no expiry, one it holds keeps them.
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError>;
+
+    /// Sets (or with `None` removes) a tenant's overrides of its plan, changing nothing else
+    /// of it (a plan change by a webhook at the same moment is kept). Returns whether the
+    /// tenant exists.
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError>;
 
     /// Removes an API key from the directory.
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError>;

@@ -67,11 +67,11 @@ impl StateStore for TenantCells {
 /// limiter's start; 0: none yet), updated as governor's own in-memory state is, and also able
 /// to give cells back.
 #[derive(Default)]
-struct GcraCell(AtomicU64);
+pub(crate) struct GcraCell(AtomicU64);
 
 impl GcraCell {
     #[inline]
-    fn measure_and_replace<T, F, E>(&self, f: F) -> Result<T, E>
+    pub(crate) fn measure_and_replace<T, F, E>(&self, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
@@ -88,18 +88,29 @@ impl GcraCell {
     }
 }
 
-impl TenantState {
-    /// Gives back `nanos` of the rate bucket (the cells of a request refused for another
-    /// reason after its rate check). A conforming check moved the arrival time to
+impl GcraCell {
+    /// Gives back `nanos` of the bucket (the cells of a request refused for another reason
+    /// after its rate check). A conforming check moved the arrival time to
     /// `max(tat, now) + n·T`, so taking `n·T` off never leaves it below where it was.
-    pub(crate) fn give_back_cells(&self, nanos: u64) {
-        let mut prev = self.gcra.0.load(Ordering::Acquire);
+    pub(crate) fn give_back(&self, nanos: u64) {
+        let mut prev = self.0.load(Ordering::Acquire);
         while prev > 0 {
             let next = prev.saturating_sub(nanos).max(1);
-            match self.gcra.0.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire) {
+            match self.0.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(now) => prev = now,
             }
+        }
+    }
+}
+
+impl TenantState {
+    /// Gives back `nanos` of the rate bucket the request took them from: the tenant's, or
+    /// for the anonymous tenant the client's (`client`, its address's key).
+    pub(crate) fn give_back_cells(&self, client: u64, nanos: u64) {
+        match &self.plan.clients {
+            None => self.gcra.give_back(nanos),
+            Some(clients) => clients.cells.give_back(client, nanos),
         }
     }
 }

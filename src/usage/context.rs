@@ -24,6 +24,33 @@ pub struct TenantContext {
     charged: bool,
 }
 
+/// A plan feature as a type, for extractors that require one (`tollgate_axum::RequireFeature`,
+/// `tollgate_actix::RequireFeature`). Declare one with [`feature!`](crate::feature):
+///
+/// ```
+/// tollgate::feature!(pub Sso = "sso");
+/// use tollgate::Feature;
+/// assert_eq!(Sso::NAME, "sso");
+/// ```
+pub trait Feature {
+    /// The feature's name, as plans list it.
+    const NAME: &'static str;
+}
+
+/// Declares a type for a plan feature: `tollgate::feature!(pub InvoiceExport = "invoice_export");`.
+#[macro_export]
+macro_rules! feature {
+    ($vis:vis $name:ident = $feature:literal) => {
+        #[doc = concat!("The plan feature `", $feature, "`.")]
+        #[derive(Debug, Clone, Copy, Default)]
+        $vis struct $name;
+
+        impl $crate::Feature for $name {
+            const NAME: &'static str = $feature;
+        }
+    };
+}
+
 /// A tenant's quota on one meter as this node sees it ([`TenantContext::quota`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -68,6 +95,47 @@ impl TenantContext {
     /// The tenant's billing customer, if the directory knows it.
     pub fn customer(&self) -> Option<&str> {
         self.state.customer.as_deref()
+    }
+
+    /// Whether the tenant's plan (with its overrides) includes `feature`.
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.state.plan.has_feature(feature)
+    }
+
+    /// The features of the tenant's plan (with its overrides), sorted.
+    pub fn features(&self) -> impl Iterator<Item = &str> {
+        self.state.plan.features.iter().map(|f| &**f)
+    }
+
+    /// `Ok` when the tenant's plan includes `feature`; else the 403 rejection the engine
+    /// answers for a route with `feature = "…"` (problem+json naming the feature), for a
+    /// handler or an extractor to answer. In shadow mode the refusal is counted
+    /// (`tollgate_shadow_would_refuse_total`) and `Ok` returned.
+    ///
+    /// # Errors
+    /// The rejection to answer.
+    pub fn require_feature(&self, feature: &str) -> Result<(), crate::Rejection> {
+        if self.has_feature(feature) {
+            return Ok(());
+        }
+        let mut r = crate::Rejection::new(
+            crate::RejectionKind::FeatureNotInPlan,
+            format!("this route needs the feature `{feature}`, which plan `{}` does not include", self.plan()),
+        );
+        r.inner.policy = Some(feature.to_owned());
+        r.inner.tenant = Some(self.state.id.clone());
+        if self.state.plan.shadow {
+            self.state.plan.metrics.would_refuse(r.kind()).increment(1);
+            tracing::info!(tenant = %self.state.id, feature, "shadow mode: would refuse (feature not in plan)");
+            return Ok(());
+        }
+        self.state.plan.metrics.rejected(r.kind()).increment(1);
+        Err(r)
+    }
+
+    /// Whether the tenant's plan runs in shadow mode (limits counted, nothing refused).
+    pub fn is_shadow(&self) -> bool {
+        self.state.plan.shadow
     }
 
     /// The tenant's quota on `meter` as this node knows it now, usage recorded by this

@@ -2,4 +2,4 @@
 
 mod context;
 
-pub use context::{QuotaStatus, RecordError, TenantContext};
+pub use context::{Feature, QuotaStatus, RecordError, TenantContext};

@@ -356,6 +356,14 @@ impl Store for Faulty {
         self.lookups.fetch_add(1, Ordering::SeqCst);
         self.inner.tenant(id).await
     }
+    async fn set_overrides(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        overrides: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_overrides(tenant, overrides).await
+    }
     async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::KeyHash]) -> Result<(), StoreError> {
         self.inner.put_tenant(record, keys).await
     }

@@ -138,6 +138,10 @@ impl RequestView for View<'_> {
     fn identity(&self) -> Option<&Identity> {
         self.extensions.get::<Identity>()
     }
+
+    fn client_addr(&self) -> Option<std::net::IpAddr> {
+        self.extensions.get::<ClientAddr>().map(|a| a.0)
+    }
 }
 
 impl<S, B, P> Service<ServiceRequest> for TollgateService<S, P>
@@ -169,6 +173,11 @@ where
                 let response = admitted(&self.service, request, ticket);
                 Box::pin(response)
             }
+            // Shadow mode lets an unidentified request through, without a tenant.
+            Admission::Rejected(rejection) if rejection.is_shadowed() => {
+                let call = self.service.call(request);
+                Box::pin(async move { Ok(call.await?.map_into_left_body()) })
+            }
             Admission::Rejected(rejection) => {
                 let response = reject(request, &self.responder, rejection);
                 Box::pin(ready(Ok(response)))
@@ -180,6 +189,9 @@ where
                 Box::pin(async move {
                     match tollgate.resolve(pending).await {
                         Ok(ticket) => admitted(&service, request, ticket).await,
+                        Err(rejection) if rejection.is_shadowed() => {
+                            Ok(service.call(request).await?.map_into_left_body())
+                        }
                         Err(rejection) => Ok(reject(request, &responder, rejection)),
                     }
                 })
@@ -284,6 +296,53 @@ impl FromRequest for Tenant {
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
         ready(req.extensions().get::<TenantContext>().cloned().map(Tenant).ok_or(MissingMiddleware))
+    }
+}
+
+/// The tenant of a request whose plan includes the feature `F` (declared with
+/// [`tollgate::feature!`]); otherwise the extraction answers the engine's 403 problem+json
+/// naming the feature (in shadow mode, counted and let through), or 500 without the
+/// middleware.
+///
+/// ```no_run
+/// tollgate::feature!(pub InvoiceExport = "invoice_export");
+///
+/// async fn export(feature: tollgate_actix::RequireFeature<InvoiceExport>) -> String {
+///     format!("invoices of {}", feature.tenant())
+/// }
+/// ```
+pub struct RequireFeature<F>(pub Tenant, pub std::marker::PhantomData<F>);
+
+impl<F> std::fmt::Debug for RequireFeature<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RequireFeature").field(&self.0).finish()
+    }
+}
+
+impl<F> Deref for RequireFeature<F> {
+    type Target = TenantContext;
+
+    fn deref(&self) -> &TenantContext {
+        &self.0
+    }
+}
+
+impl<F: tollgate::Feature> FromRequest for RequireFeature<F> {
+    type Error = actix_web::Error;
+    type Future = Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let Some(tenant) = req.extensions().get::<TenantContext>().cloned() else {
+            return ready(Err(MissingMiddleware.into()));
+        };
+        ready(match tenant.require_feature(F::NAME) {
+            Ok(()) => Ok(Self(Tenant(tenant), std::marker::PhantomData)),
+            Err(r) => {
+                let detail = r.to_string();
+                let response = to_actix(tollgate::layer::respond(&ProblemJson, r));
+                Err(actix_web::error::InternalError::from_response(detail, response).into())
+            }
+        })
     }
 }
 

@@ -164,3 +164,40 @@ async fn a_rejection_response_is_the_middlewares_rejection() {
     assert_eq!(direct, layered);
     assert_eq!(direct.status, 401);
 }
+
+tollgate::feature!(Sso = "sso");
+
+/// `RequireFeature`: the tenant when the plan includes the feature, else the engine's 403
+/// problem+json naming it.
+#[actix_web::test]
+async fn the_feature_extractor_refuses_plans_without_the_feature() {
+    let config = r#"
+[plans.free]
+[plans.pro]
+features = ["sso"]
+[tenants.acme]
+plan = "free"
+keys = ["key-acme"]
+[tenants.big]
+plan = "pro"
+keys = ["key-big"]
+"#;
+    let engine = Tollgate::builder(tollgate::Config::from_toml_str(config).unwrap()).build().0;
+    let app =
+        test::init_service(App::new().wrap(TollgateMiddleware::new(engine)).route(
+            "/sso",
+            web::get().to(|tenant: tollgate_actix::RequireFeature<Sso>| async move {
+                format!("sso for {}", tenant.tenant())
+            }),
+        ))
+        .await;
+    let get = |key: &'static str| TestRequest::get().uri("/sso").insert_header(("x-api-key", key)).to_request();
+    let body = test::call_and_read_body(&app, get("key-big")).await;
+    assert_eq!(body, "sso for big");
+    let response = test::call_service(&app, get("key-acme")).await;
+    assert_eq!(response.status().as_u16(), 403);
+    assert_eq!(response.headers().get("content-type").unwrap(), "application/problem+json");
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(response).await).unwrap();
+    assert_eq!(body["title"], "Feature not in plan");
+    assert!(body["detail"].as_str().unwrap().contains("`sso`"), "{body}");
+}

@@ -107,6 +107,47 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for Tenant {
     }
 }
 
+/// The tenant of a request whose plan includes the feature `F` (declared with
+/// [`tollgate::feature!`]); otherwise the extraction answers the engine's 403 problem+json
+/// naming the feature (in shadow mode, counted and let through), or 500 without the layer.
+///
+/// ```no_run
+/// tollgate::feature!(pub InvoiceExport = "invoice_export");
+///
+/// async fn export(tollgate_axum::RequireFeature(tenant, _): tollgate_axum::RequireFeature<InvoiceExport>) -> String {
+///     format!("invoices of {}", tenant.tenant())
+/// }
+/// ```
+///
+/// A route rule with `feature = "invoice_export"` in the configuration refuses such
+/// requests before the handler (and charges nothing); the extractor is for handlers that
+/// decide per request, or routes the configuration does not describe.
+pub struct RequireFeature<F>(pub Tenant, pub std::marker::PhantomData<F>);
+
+impl<F> std::fmt::Debug for RequireFeature<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RequireFeature").field(&self.0).finish()
+    }
+}
+
+impl<F> Deref for RequireFeature<F> {
+    type Target = TenantContext;
+
+    fn deref(&self) -> &TenantContext {
+        &self.0
+    }
+}
+
+impl<S: Send + Sync, F: tollgate::Feature> FromRequestParts<S> for RequireFeature<F> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let tenant = parts.extensions.get::<TenantContext>().cloned().ok_or_else(|| MissingLayer.into_response())?;
+        tenant.require_feature(F::NAME).map_err(|r| RejectionResponse(r).into_response())?;
+        Ok(Self(Tenant(tenant), std::marker::PhantomData))
+    }
+}
+
 /// A middleware that puts the connection's peer address in the request as tollgate's
 /// [`ClientAddr`](tollgate::ClientAddr), the type every front door uses: axum's
 /// `ConnectInfo<SocketAddr>`, present when the app is served with

@@ -278,3 +278,38 @@ async fn the_client_address_middleware_copies_the_peer_address() {
     let (_, _, body) = text(app.oneshot(get_req("/addr", Some("key-acme"))).await.unwrap()).await;
     assert_eq!(body, "none");
 }
+
+tollgate::feature!(Sso = "sso");
+
+/// `RequireFeature`: the tenant when the plan includes the feature, else the engine's 403
+/// problem+json naming it; 500 without the layer.
+#[tokio::test]
+async fn the_feature_extractor_refuses_plans_without_the_feature() {
+    let config = r#"
+[plans.free]
+[plans.pro]
+features = ["sso"]
+[tenants.acme]
+plan = "free"
+keys = ["key-acme"]
+[tenants.big]
+plan = "pro"
+keys = ["key-big"]
+"#;
+    let engine = Tollgate::builder(tollgate::Config::from_toml_str(config).unwrap()).build().0;
+    let route = Router::new().route(
+        "/sso",
+        get(|tenant: tollgate_axum::RequireFeature<Sso>| async move { format!("sso for {}", tenant.tenant()) }),
+    );
+    let app = route.clone().layer(TollgateLayer::new(engine));
+    let (status, _, body) = text(app.clone().oneshot(get_req("/sso", Some("key-big"))).await.unwrap()).await;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "sso for big"));
+    let (status, headers, body) = text(app.oneshot(get_req("/sso", Some("key-acme"))).await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["title"], "Feature not in plan");
+    assert!(body["detail"].as_str().unwrap().contains("`sso`"), "{body}");
+    let (status, _, _) = text(route.oneshot(get_req("/sso", Some("key-big"))).await.unwrap()).await;
+    assert_eq!(status, 500);
+}

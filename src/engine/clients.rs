@@ -1,0 +1,310 @@
+//! Anonymous callers limited per client address: the address of the client (the peer, or
+//! through trusted proxies the rightmost untrusted hop of `Forwarded` / `X-Forwarded-For`),
+//! grouped (IPv6 by a prefix), and a bounded map of GCRA cells keyed by it.
+
+use std::{
+    hash::{BuildHasher, Hasher},
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
+};
+
+use governor::{nanos::Nanos, state::StateStore};
+
+use crate::tenant::GcraCell;
+
+/// An address range in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    /// Parses `ADDR/PREFIX` or a bare address (the address alone).
+    ///
+    /// ```
+    /// use tollgate::config::IpRange;
+    /// let r = IpRange::parse("10.0.0.0/8").unwrap();
+    /// assert!(r.contains("10.1.2.3".parse().unwrap()));
+    /// assert!(!r.contains("11.0.0.1".parse().unwrap()));
+    /// assert!(IpRange::parse("10.0.0.0/33").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// What is wrong with the text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("`{text}` is not an address or a CIDR range"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("`{text}`: the prefix length must be 0 to {max}")),
+            },
+        };
+        Ok(Self { addr: canonical(addr), prefix })
+    }
+
+    /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                mask(u128::from(u32::from(net)), 32, self.prefix) == mask(u128::from(u32::from(ip)), 32, self.prefix)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                mask(u128::from(net), 128, self.prefix) == mask(u128::from(ip), 128, self.prefix)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for IpRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The first `prefix` bits of a `bits`-bit value.
+fn mask(value: u128, bits: u8, prefix: u8) -> u128 {
+    if prefix == 0 {
+        return 0;
+    }
+    let keep = u32::from(bits.min(128));
+    let drop = keep - u32::from(prefix.min(bits));
+    (value >> drop) << drop
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client's address: the peer's, or, when the peer is a trusted proxy, the rightmost
+/// address of the forwarding chain that is not a trusted proxy (`Forwarded` if the request has
+/// it, else `X-Forwarded-For`; every line of the header, in order). The leftmost entries are
+/// whatever the client wrote: they are never believed past the first untrusted hop. An entry
+/// that cannot be read stops the walk at the last trusted hop. `None` without a peer.
+pub(crate) fn client_ip<'a>(
+    peer: Option<IpAddr>,
+    trusted: &[IpRange],
+    forwarded: impl Iterator<Item = &'a [u8]>,
+    x_forwarded_for: impl Iterator<Item = &'a [u8]>,
+) -> Option<IpAddr> {
+    let peer = canonical(peer?);
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|r| r.contains(ip));
+    if !is_trusted(peer) {
+        return Some(peer);
+    }
+    let mut hops: Vec<Option<IpAddr>> = Vec::new();
+    for line in forwarded {
+        let Ok(line) = std::str::from_utf8(line) else {
+            hops.push(None);
+            continue;
+        };
+        for element in line.split(',') {
+            let value = element
+                .split(';')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
+                .map(|(_, v)| v.trim());
+            hops.push(value.and_then(forwarded_node));
+        }
+    }
+    if hops.is_empty() {
+        for line in x_forwarded_for {
+            let Ok(line) = std::str::from_utf8(line) else {
+                hops.push(None);
+                continue;
+            };
+            hops.extend(line.split(',').map(|s| s.trim().parse::<IpAddr>().ok().map(canonical)));
+        }
+    }
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop {
+            Some(ip) if is_trusted(*ip) => client = *ip,
+            Some(ip) => return Some(*ip),
+            // Unreadable: what the last trusted hop saw is all that can be believed.
+            None => return Some(client),
+        }
+    }
+    Some(client)
+}
+
+/// A `Forwarded` node (RFC 7239 §6): `192.0.2.60`, `"[2001:db8::1]:4711"`, `"192.0.2.60:80"`;
+/// `unknown` and obfuscated identifiers are not addresses.
+fn forwarded_node(value: &str) -> Option<IpAddr> {
+    let v = value.trim_matches('"');
+    if let Some(rest) = v.strip_prefix('[') {
+        return rest.split_once(']').and_then(|(a, _)| a.parse::<Ipv6Addr>().ok()).map(|a| canonical(IpAddr::V6(a)));
+    }
+    if let Ok(ip) = v.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    // `a.b.c.d:port`
+    v.rsplit_once(':').and_then(|(a, _)| a.parse::<std::net::Ipv4Addr>().ok()).map(IpAddr::V4)
+}
+
+/// Client addresses grouped and keyed: an IPv4 address alone, an IPv6 address by its first
+/// `ipv6_prefix` bits, hashed with keys drawn at random (so no one can choose addresses that
+/// share a key). 0 is "no address".
+#[derive(Debug)]
+pub(crate) struct ClientKeys {
+    ipv6_prefix: u8,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl ClientKeys {
+    pub(crate) fn new(ipv6_prefix: u8) -> Self {
+        Self { ipv6_prefix, hasher: std::collections::hash_map::RandomState::new() }
+    }
+
+    /// The key of a client address (0: none).
+    pub(crate) fn key(&self, ip: Option<IpAddr>) -> u64 {
+        let Some(ip) = ip else { return 0 };
+        let group = match canonical(ip) {
+            IpAddr::V4(v4) => (4u8, u128::from(u32::from(v4))),
+            IpAddr::V6(v6) => (6u8, mask(u128::from(v6), 128, self.ipv6_prefix)),
+        };
+        let mut h = self.hasher.build_hasher();
+        h.write_u8(group.0);
+        h.write_u128(group.1);
+        h.finish().max(1)
+    }
+}
+
+/// governor's keyed state store over a bounded map of GCRA cells, one per client key. A
+/// client whose cell is evicted (the map at its capacity, least recently used first) starts
+/// again with a full bucket.
+#[derive(Clone)]
+pub(crate) struct ClientCells {
+    cells: moka::sync::Cache<u64, Arc<GcraCell>>,
+}
+
+impl ClientCells {
+    pub(crate) fn new(capacity: u64) -> Self {
+        Self { cells: moka::sync::Cache::builder().max_capacity(capacity).build() }
+    }
+
+    /// Gives back `nanos` of a client's bucket (a request refused for another reason after its
+    /// rate check).
+    pub(crate) fn give_back(&self, key: u64, nanos: u64) {
+        if let Some(cell) = self.cells.get(&key) {
+            cell.give_back(nanos);
+        }
+    }
+
+    /// How many clients are held (approximate: the map settles its bounds in the background).
+    pub(crate) fn len(&self) -> u64 {
+        self.cells.entry_count()
+    }
+
+    pub(crate) fn settle(&self) {
+        self.cells.run_pending_tasks();
+    }
+}
+
+impl StateStore for ClientCells {
+    type Key = u64;
+
+    fn measure_and_replace<T, F, E>(&self, key: &u64, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let cell = self.cells.get_with(*key, || Arc::new(GcraCell::default()));
+        cell.measure_and_replace(f)
+    }
+}
+
+impl std::fmt::Debug for ClientCells {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCells").field("clients", &self.cells.entry_count()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(list: &[&str]) -> Vec<IpRange> {
+        list.iter().map(|r| IpRange::parse(r).unwrap()).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn xff(peer: &str, trusted: &[&str], header: &[&str]) -> IpAddr {
+        let trusted = ranges(trusted);
+        client_ip(Some(ip(peer)), &trusted, std::iter::empty(), header.iter().map(|h| h.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn the_rightmost_untrusted_hop_is_the_client() {
+        let proxies = ["10.0.0.0/8"];
+        // An untrusted peer: its headers are not read.
+        assert_eq!(xff("203.0.113.5", &proxies, &["198.51.100.1"]), ip("203.0.113.5"));
+        // A trusted peer: the rightmost untrusted entry, whatever the client wrote before it.
+        assert_eq!(xff("10.0.0.1", &proxies, &["6.6.6.6, 198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(xff("10.0.0.1", &proxies, &["6.6.6.6, 198.51.100.1, 10.0.0.2"]), ip("198.51.100.1"));
+        // Over several header lines, in order.
+        assert_eq!(xff("10.0.0.1", &proxies, &["6.6.6.6", "198.51.100.1, 10.9.9.9"]), ip("198.51.100.1"));
+        // Every hop trusted: the leftmost.
+        assert_eq!(xff("10.0.0.1", &proxies, &["10.0.0.3, 10.0.0.2"]), ip("10.0.0.3"));
+        // No header: the peer.
+        assert_eq!(xff("10.0.0.1", &proxies, &[]), ip("10.0.0.1"));
+        // Garbage: the last trusted hop's view.
+        assert_eq!(xff("10.0.0.1", &proxies, &["1.2.3.4, bogus, 10.0.0.2"]), ip("10.0.0.2"));
+        // IPv4-mapped addresses are IPv4.
+        assert_eq!(xff("::ffff:10.0.0.1", &proxies, &["198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(client_ip(None, &ranges(&proxies), std::iter::empty(), std::iter::empty()), None);
+    }
+
+    #[test]
+    fn forwarded_is_read_before_x_forwarded_for() {
+        let trusted = ranges(&["10.0.0.0/8", "2001:db8:ffff::/48"]);
+        let forwarded = [&b"for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\";by=10.0.0.9"[..]];
+        let got = client_ip(Some(ip("10.0.0.1")), &trusted, forwarded.into_iter(), [&b"6.6.6.6"[..]].into_iter());
+        assert_eq!(got, Some(ip("2001:db8::1")));
+        let forwarded = [&b"for=\"192.0.2.61:8080\", For=10.1.1.1"[..]];
+        let got = client_ip(Some(ip("10.0.0.1")), &trusted, forwarded.into_iter(), std::iter::empty());
+        assert_eq!(got, Some(ip("192.0.2.61")));
+        let forwarded = [&b"for=unknown"[..]];
+        let got = client_ip(Some(ip("10.0.0.1")), &trusted, forwarded.into_iter(), std::iter::empty());
+        assert_eq!(got, Some(ip("10.0.0.1")));
+    }
+
+    #[test]
+    fn ipv6_addresses_are_grouped_by_their_prefix() {
+        let keys = ClientKeys::new(64);
+        let k = |s: &str| keys.key(Some(ip(s)));
+        assert_eq!(k("2001:db8::1"), k("2001:db8::ffff:1234"));
+        assert_ne!(k("2001:db8::1"), k("2001:db8:0:1::1"));
+        assert_ne!(k("192.0.2.1"), k("192.0.2.2"));
+        assert_eq!(k("::ffff:192.0.2.1"), k("192.0.2.1"));
+        assert_eq!(keys.key(None), 0);
+        let each = ClientKeys::new(128);
+        assert_ne!(each.key(Some(ip("2001:db8::1"))), each.key(Some(ip("2001:db8::2"))));
+    }
+
+    #[test]
+    fn ranges_parse_and_match() {
+        assert!(IpRange::parse("2001:db8::/32").unwrap().contains(ip("2001:db8:1::1")));
+        assert!(!IpRange::parse("2001:db8::/32").unwrap().contains(ip("2001:db9::1")));
+        assert!(IpRange::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(!IpRange::parse("0.0.0.0/0").unwrap().contains(ip("::1")));
+        assert!(IpRange::parse("192.0.2.7").unwrap().contains(ip("192.0.2.7")));
+        assert!(!IpRange::parse("192.0.2.7").unwrap().contains(ip("192.0.2.8")));
+        for bad in ["", "10.0.0.0/", "10.0.0.0/33", "::/129", "a.b.c.d/8", "10.0.0/8"] {
+            assert!(IpRange::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

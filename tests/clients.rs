@@ -1,0 +1,142 @@
+//! Anonymous callers limited per client address: one bucket per address (IPv6 per prefix),
+//! quotas and usage still under the one anonymous tenant, the address read through trusted
+//! proxies only, no address sharing one counted bucket, the state bounded.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::net::IpAddr;
+
+use common::{req, Harness, NOON};
+use tollgate::ClientAddr;
+
+const TOML: &str = r#"
+[identify]
+unknown = "anonymous"
+anonymous_plan = "public"
+trusted_proxies = ["10.0.0.0/8", "fd00::/8"]
+[limits]
+max_clients = 50
+[plans.public]
+rate = "1/min"
+burst = 2
+quotas.requests = { limit = 9, period = "day" }
+[plans.paid]
+rate = "1/min"
+burst = 1
+[tenants.t]
+plan = "paid"
+keys = ["key-t"]
+"#;
+
+async fn from(h: &Harness, peer: Option<&str>, headers: &[(&'static str, &str)]) -> u16 {
+    let mut r = req("GET", "/", None, None);
+    if let Some(p) = peer {
+        r.extensions_mut().insert(ClientAddr(p.parse::<IpAddr>().unwrap()));
+    }
+    for (name, value) in headers {
+        r.headers_mut().append(*name, value.parse().unwrap());
+    }
+    h.send(r).await.status.as_u16()
+}
+
+#[tokio::test]
+async fn each_address_has_its_own_bucket_and_all_share_the_anonymous_quota() {
+    let h = Harness::new(TOML);
+    for ip in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
+        assert_eq!(from(&h, Some(ip), &[]).await, 200, "{ip}");
+        assert_eq!(from(&h, Some(ip), &[]).await, 200, "{ip}");
+        assert_eq!(from(&h, Some(ip), &[]).await, 429, "{ip}: its own burst of 2 is spent");
+    }
+    // The quota (9 a day) is the anonymous tenant's, shared: 6 used, 3 left.
+    for ip in ["192.0.2.4", "192.0.2.5"] {
+        assert_eq!(from(&h, Some(ip), &[]).await, 200);
+    }
+    assert_eq!(from(&h, Some("192.0.2.6"), &[]).await, 200);
+    let r = {
+        let mut r = req("GET", "/", None, None);
+        r.extensions_mut().insert(ClientAddr("192.0.2.7".parse().unwrap()));
+        h.send(r).await
+    };
+    assert_eq!(r.status.as_u16(), 429);
+    assert_eq!(r.json()["policy"], "requests-day", "the shared quota, not the client's rate");
+    h.tollgate.flush().await.unwrap();
+    let stored =
+        common::committed(&**h.tollgate.store(), "anonymous", "requests", NOON - 3600, NOON + 3600, 3600).await;
+    assert_eq!(stored, 9, "usage under the one anonymous tenant");
+    // A known tenant keeps its own bucket.
+    assert_eq!(h.status("/", "key-t").await, 200);
+    assert_eq!(h.status("/", "key-t").await, 429);
+}
+
+#[tokio::test]
+async fn the_forwarded_client_is_believed_only_through_trusted_proxies() {
+    let h = Harness::new(TOML);
+    // Through a trusted proxy: the rightmost untrusted entry is the client, whatever the
+    // client itself put on the left.
+    let xff = |v: &'static str| [("x-forwarded-for", v)];
+    assert_eq!(from(&h, Some("10.0.0.1"), &xff("6.6.6.6, 198.51.100.1")).await, 200);
+    assert_eq!(from(&h, Some("10.0.0.1"), &xff("7.7.7.7, 198.51.100.1")).await, 200);
+    assert_eq!(from(&h, Some("10.0.0.2"), &xff("8.8.8.8, 198.51.100.1, 10.0.0.9")).await, 429, "the same client");
+    // A spoofer talking to us directly: its header is ignored, its own address counts.
+    assert_eq!(from(&h, Some("203.0.113.9"), &xff("198.51.100.77")).await, 200);
+    assert_eq!(from(&h, Some("203.0.113.9"), &xff("198.51.100.78")).await, 200);
+    assert_eq!(from(&h, Some("203.0.113.9"), &xff("198.51.100.79")).await, 429);
+    // Forwarded (RFC 7239), IPv6 behind a trusted IPv6 proxy.
+    let fwd = |v: &'static str| [("forwarded", v)];
+    assert_eq!(from(&h, Some("fd00::1"), &fwd("for=\"[2001:db8:1::1]:4711\"")).await, 200);
+    assert_eq!(from(&h, Some("fd00::1"), &fwd("for=\"[2001:db8:1::2]\"")).await, 200);
+    assert_eq!(from(&h, Some("fd00::2"), &fwd("for=\"[2001:db8:1::3]\"")).await, 429, "one /64");
+    assert_eq!(from(&h, Some("fd00::2"), &fwd("for=\"[2001:db8:2::3]\"")).await, 200, "another /64");
+}
+
+#[tokio::test]
+async fn ipv6_grouping_follows_the_configured_prefix() {
+    let h = Harness::new(&TOML.replace("trusted_proxies", "ipv6_prefix = 128\ntrusted_proxies"));
+    for ip in ["2001:db8::1", "2001:db8::2"] {
+        assert_eq!(from(&h, Some(ip), &[]).await, 200);
+        assert_eq!(from(&h, Some(ip), &[]).await, 200);
+        assert_eq!(from(&h, Some(ip), &[]).await, 429);
+    }
+    let h = Harness::new(TOML);
+    assert_eq!(from(&h, Some("2001:db8::1"), &[]).await, 200);
+    assert_eq!(from(&h, Some("2001:db8::2"), &[]).await, 200);
+    assert_eq!(from(&h, Some("2001:db8::ffff"), &[]).await, 429, "rotating within a /64 does not help");
+}
+
+#[tokio::test]
+async fn without_an_address_one_shared_bucket_is_counted() {
+    let h = Harness::new(TOML);
+    assert_eq!(from(&h, None, &[]).await, 200);
+    assert_eq!(from(&h, None, &[("x-forwarded-for", "198.51.100.1")]).await, 200);
+    assert_eq!(from(&h, None, &[]).await, 429, "one bucket for every request without an address");
+    assert_eq!(h.tollgate.stats().anonymous_without_address, 3);
+}
+
+#[tokio::test]
+async fn the_state_per_address_is_bounded() {
+    let h = Harness::new(TOML);
+    for i in 0..1000u32 {
+        let ip = IpAddr::from([198, 18, (i >> 8) as u8, i as u8]);
+        assert_eq!(from(&h, Some(&ip.to_string()), &[]).await, 200);
+        if i == 5 {
+            // The anonymous quota of 9 would refuse: take it out of the way.
+            h.tollgate
+                .reload(tollgate::Config::from_toml_str(&TOML.replace("limit = 9", "limit = 100000")).unwrap())
+                .await
+                .unwrap();
+        }
+    }
+    let held = h.tollgate.stats().tracked_clients;
+    assert!(held <= 50, "{held} addresses held, over limits.max_clients");
+}
+
+#[test]
+fn bad_proxy_ranges_and_prefixes_are_named() {
+    let e = tollgate::Config::from_toml_str(&TOML.replace("\"10.0.0.0/8\"", "\"10.0.0.0/40\"")).unwrap_err();
+    assert_eq!(e.key(), "identify.trusted_proxies[0]");
+    assert!(e.line().is_some());
+    let e = tollgate::Config::from_toml_str(&TOML.replace("trusted_proxies", "ipv6_prefix = 0\ntrusted_proxies"))
+        .unwrap_err();
+    assert_eq!(e.key(), "identify.ipv6_prefix");
+}
