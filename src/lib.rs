@@ -28,8 +28,9 @@ mod worker;
 pub use aws_sdk_dynamodb;
 pub use config::Config;
 pub use engine::{
-    Admission, BuildError, Builder, ClientAddr, ExportReport, FlushReport, FrontDoor, PendingAdmission, RequestInfo,
-    RequestView, ShutdownError, ShutdownReport, Ticket, Tollgate,
+    Admission, BuildError, Builder, ClientAddr, ExportReport, FlushReport, FrontDoor, PendingAdmission, QuotaUsage,
+    ReportError, RequestInfo, RequestView, ShutdownError, ShutdownReport, ThresholdCrossed, Ticket, Tollgate,
+    UsageReport, WindowUsage,
 };
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use metrics::Stats;

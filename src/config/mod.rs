@@ -138,6 +138,9 @@ pub struct UsageSettings {
     /// (503) until the store takes the usage; fail-open usage past the bound is dropped,
     /// counted and logged.
     pub max_buffered_records: usize,
+    /// The quota thresholds, in percent of the limit, at which the
+    /// [`on_threshold`](crate::Builder::on_threshold) hook is called (80 and 100 by default).
+    pub notify_at: Vec<u16>,
 }
 
 /// How the billing system's meter aggregates the events of a meter (`aggregation` in

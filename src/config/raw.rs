@@ -112,6 +112,7 @@ pub(crate) struct RawUsage {
     pub(crate) default_meter: Option<String>,
     pub(crate) shutdown_timeout: Option<String>,
     pub(crate) max_buffered_records: Option<u64>,
+    pub(crate) notify_at: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

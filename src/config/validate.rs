@@ -782,6 +782,28 @@ impl Validator<'_, '_> {
                 Some(0) => return Err(self.invalid("usage.max_buffered_records", "must be at least 1")),
                 Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
             },
+            notify_at: match &u.notify_at {
+                None => vec![80, 100],
+                Some(list) => {
+                    let mut out: Vec<u16> = Vec::with_capacity(list.len());
+                    for (i, p) in list.iter().enumerate() {
+                        let at = format!("usage.notify_at[{i}]");
+                        let p = u16::try_from(*p)
+                            .ok()
+                            .filter(|p| (1..=1000).contains(p))
+                            .ok_or_else(|| self.invalid(&at, format!("a percentage from 1 to 1000, not {p}")))?;
+                        if out.contains(&p) {
+                            return Err(self.invalid(&at, format!("{p} is listed twice")));
+                        }
+                        out.push(p);
+                    }
+                    if out.len() > 32 {
+                        return Err(self.invalid("usage.notify_at", "at most 32 thresholds"));
+                    }
+                    out.sort_unstable();
+                    out
+                }
+            },
         };
         if usage.window.as_secs() == 0 || usage.window.subsec_nanos() != 0 || 86_400 % usage.window.as_secs() != 0 {
             return Err(self.invalid(

@@ -91,6 +91,7 @@ pub struct Builder {
     clock: Option<Clock>,
     /// Whether `store` was opened from the configuration.
     configured: bool,
+    on_threshold: Option<super::ThresholdHook>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -104,7 +105,7 @@ impl Tollgate {
     /// [`open`](Builder::open) opens the one the configuration names; without a billing sink
     /// closed windows stay unexported in the store.
     pub fn builder(config: Config) -> Builder {
-        Builder { config, store: None, sink: None, clock: None, configured: false }
+        Builder { config, store: None, sink: None, clock: None, configured: false, on_threshold: None }
     }
 }
 
@@ -123,6 +124,26 @@ impl Builder {
     /// Where closed usage windows are exported.
     pub fn billing_sink(mut self, sink: impl BillingSink) -> Self {
         self.sink = Some(Arc::new(sink));
+        self
+    }
+
+    /// Called when a tenant crosses a threshold of a quota (`usage.notify_at`, 80% and 100%
+    /// of the limit by default): once per threshold, quota and period on this node (so at
+    /// most once per node across a fleet). Called on the path that refills the tenant's
+    /// lease: keep it quick (send to a channel, spawn a task).
+    ///
+    /// ```
+    /// # let config = tollgate::Config::from_toml_str("[plans.p]\nquotas.requests = { limit = 10, period = \"day\" }").unwrap();
+    /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    /// let (engine, _worker) = tollgate::Tollgate::builder(config)
+    ///     .on_threshold(move |crossed: &tollgate::ThresholdCrossed| {
+    ///         let _ = tx.send((crossed.tenant.clone(), crossed.meter.clone(), crossed.percent));
+    ///     })
+    ///     .build();
+    /// # let _ = (engine, rx.try_recv());
+    /// ```
+    pub fn on_threshold(mut self, hook: impl Fn(&super::ThresholdCrossed) + Send + Sync + 'static) -> Self {
+        self.on_threshold = Some(Arc::new(hook));
         self
     }
 
@@ -173,6 +194,7 @@ impl Builder {
             store_error_log: Default::default(),
             buffer_full: Default::default(),
             sink: self.sink,
+            on_threshold: self.on_threshold,
             clock,
             idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity),
             metrics,

@@ -167,6 +167,8 @@ pub(crate) struct Shared {
     /// `Builder::open`), which a reload may then not change.
     pub(crate) store_configured: bool,
     pub(crate) sink: Option<Arc<dyn BillingSink>>,
+    /// Called when a tenant crosses a quota threshold.
+    pub(crate) on_threshold: Option<super::ThresholdHook>,
     pub(crate) clock: Clock,
     pub(crate) idempotency: Idempotency,
     pub(crate) metrics: Arc<Metrics>,

@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// How old an event's billing window may be: Stripe takes meter events up to 35 days old,
-/// and the export keeps an hour of margin ([`MAX_AGE_SECS`](super::export)); an hour more is
+/// and the export keeps an hour of margin; an hour more is
 /// left for the export to send the event's window before that.
 pub const MAX_AGE: Duration = Duration::from_secs(35 * 86_400 - 2 * 3600);
 
@@ -381,7 +381,7 @@ impl Tollgate {
         if window_start < now.saturating_sub(MAX_AGE.as_secs() as i64) {
             return Err(EventError::TooOld { age_secs: now.saturating_sub(at).max(0) as u64 });
         }
-        let state = self.event_tenant(&e.tenant, timeout).await?;
+        let state = self.known_tenant(&e.tenant, timeout).await?;
         // A state of another configuration (a reload meanwhile) indexes meters its own way.
         let meter = state.plan.meters.index(e.meter.as_str()).unwrap_or(meter_index);
         state.touch(now);
@@ -398,7 +398,7 @@ impl Tollgate {
     }
 
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
-    async fn event_tenant(&self, id: &TenantId, timeout: Duration) -> Result<Tenant, EventError> {
+    pub(crate) async fn known_tenant(&self, id: &TenantId, timeout: Duration) -> Result<Tenant, EventError> {
         if let Some(s) = self.shared.table.get(Lookup::Identity(id.as_str())) {
             if s.id == *id {
                 return Ok(s);

@@ -46,6 +46,15 @@ impl Pipeline {
     }
 
     /// (records, units) drained and not committed.
+    /// The staged records of `tenant` (drained from the tenant states, not yet sealed in a
+    /// batch).
+    pub(crate) fn staged_of<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> impl Iterator<Item = (&'a (TenantId, MeterId, i64), u64)> + 'a {
+        self.staged.iter().filter(move |((t, _, _), _)| t == tenant).map(|(k, q)| (k, *q))
+    }
+
     pub(crate) fn held(&self) -> (usize, u64) {
         let batches = self.pending.iter().flat_map(|b| b.records.iter().map(|r| r.quantity));
         let (n, units) = batches.fold((0, 0u64), |(n, u), q| (n + 1, u + q));

@@ -154,6 +154,7 @@ impl Tollgate {
         let grant = self.send(cell, call).await?;
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
         cell.granted(grant.reserved, spent(limit, &grant));
+        self.check_thresholds(cell, grant.reserved, start, end);
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
         if need > 0 && grant.granted >= need {
             cell.credit(grant.granted - need + repay);
@@ -169,6 +170,42 @@ impl Tollgate {
                 crate::tenant::Take::Taken { tag, .. } => Refill::Taken { tag, start },
                 _ => Refill::Short,
             })
+        }
+    }
+
+    /// Calls the threshold hook for the thresholds of `usage.notify_at` that `reserved` units
+    /// (all the fleet's, as the store just said) reach for the first time in this period on
+    /// this node.
+    fn check_thresholds(&self, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
+        let Some(hook) = &self.shared.on_threshold else { return };
+        let rt = self.shared.runtime.load();
+        let limit = u128::from(cell.spec.limit().get());
+        let crossed = rt
+            .config
+            .usage
+            .notify_at
+            .iter()
+            .enumerate()
+            .filter(|(_, pct)| u128::from(reserved) * 100 >= limit * u128::from(**pct))
+            .fold(0u32, |bits, (i, _)| bits | (1 << i));
+        let new = cell.newly_crossed(crate::tenant::PeriodBits::pack(start, end), crossed);
+        for (i, pct) in rt.config.usage.notify_at.iter().enumerate() {
+            if new & (1 << i) != 0 {
+                let crossed = super::ThresholdCrossed {
+                    tenant: cell.tenant().clone(),
+                    plan: cell.plan_id().clone(),
+                    meter: cell.meter_id().clone(),
+                    period: cell.spec.period(),
+                    start,
+                    end,
+                    limit: cell.spec.limit().get(),
+                    mode: cell.spec.mode(),
+                    percent: *pct,
+                    reserved,
+                };
+                tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, "quota threshold crossed");
+                hook(&crossed);
+            }
         }
     }
 

@@ -219,6 +219,26 @@ impl TenantState {
         }
     }
 
+    /// Reads the recorded usage without taking it: (meter index, window start in Unix seconds,
+    /// quantity).
+    pub(crate) fn peek_usage(&self, mut out: impl FnMut(usize, i64, u64)) {
+        let window_secs = self.plan.window_secs;
+        let stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+        for &(meter, window, quantity) in stale.iter() {
+            out(meter, i64::from(window) * window_secs, quantity);
+        }
+        let cells = std::iter::once(&self.first).chain(self.more.iter());
+        for (meter, cell) in cells.enumerate() {
+            for slot in 0..2 {
+                let window = cell.windows[slot].load(Ordering::Acquire);
+                let quantity = cell.quantity[slot].load(Ordering::Acquire);
+                if quantity > 0 {
+                    out(meter, i64::from(window) * window_secs, quantity);
+                }
+            }
+        }
+    }
+
     /// Takes all recorded usage: (meter index, window start in Unix seconds, quantity).
     pub(crate) fn drain_usage(&self, mut out: impl FnMut(usize, i64, u64)) {
         let window_secs = self.plan.window_secs;
@@ -344,6 +364,9 @@ struct QuotaCold {
     late_refunds: AtomicU64,
     /// The sender id of this cell's store calls (0: not drawn yet).
     sender: AtomicU64,
+    /// The thresholds of `usage.notify_at` already notified: the period (packed, high 32
+    /// bits) and a bit per threshold (low 32 bits).
+    notified: AtomicU64,
     /// Touched only with `lock` held: the previous period, and the store call sent but not
     /// answered (it is sent again, with its token, before any other call of this cell).
     locked: std::sync::Mutex<Locked>,
@@ -404,6 +427,34 @@ impl<'a> QuotaRef<'a> {
 
     pub(crate) fn meter_id(&self) -> &'a MeterId {
         &self.state.plan.meters.ids[self.meter]
+    }
+
+    /// The tenant.
+    pub(crate) fn tenant(&self) -> &'a crate::config::TenantId {
+        &self.state.id
+    }
+
+    /// The tenant's plan.
+    pub(crate) fn plan_id(&self) -> &'a crate::config::PlanId {
+        &self.state.plan.id
+    }
+
+    /// Marks the thresholds `crossed` (a bit each) as notified in the period `period`
+    /// (packed); returns those not notified before.
+    pub(crate) fn newly_crossed(&self, period: u32, crossed: u32) -> u32 {
+        let word = &self.cold().notified;
+        let mut old = word.load(Ordering::Acquire);
+        loop {
+            let before = if (old >> 32) as u32 == period { old as u32 } else { 0 };
+            let next = (u64::from(period) << 32) | u64::from(before | crossed);
+            if next == old {
+                return 0;
+            }
+            match word.compare_exchange_weak(old, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return crossed & !before,
+                Err(w) => old = w,
+            }
+        }
     }
 
     pub(crate) fn hard(&self) -> bool {

@@ -1,0 +1,168 @@
+//! What a tenant has used, for dashboards and "you have used X" pages: per meter with a quota,
+//! used and remaining in the current period; and usage over a date range. Read from the
+//! store, with this node's usage not flushed yet included.
+
+use std::collections::BTreeMap;
+
+use super::{engine::with_timeout, events::EventError, Tollgate};
+use crate::{
+    config::{MeterId, Period, PlanId, QuotaMode, TenantId},
+    store::StoreError,
+    tenant::Tenant,
+};
+
+/// A tenant's usage: its quotas in their current period, and its usage per window over the
+/// range asked. See [`Tollgate::usage_report`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UsageReport {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Its plan.
+    pub plan: PlanId,
+    /// Each quota of its plan (with its overrides), in its current period.
+    pub quotas: Vec<QuotaUsage>,
+    /// Its usage per meter and window over the range asked, in (meter, window) order.
+    pub usage: Vec<WindowUsage>,
+}
+
+/// A quota in its current period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuotaUsage {
+    /// The meter.
+    pub meter: MeterId,
+    /// The quota's period.
+    pub period: Period,
+    /// The current period, `[start, end)` in Unix seconds.
+    pub start: i64,
+    /// Its end.
+    pub end: i64,
+    /// The limit.
+    pub limit: u64,
+    /// Hard or soft.
+    pub mode: QuotaMode,
+    /// Units used in the period: what the fleet has flushed to the store (other nodes' usage
+    /// reaches it within `usage.flush_interval`) and what this node has not flushed yet.
+    pub used: u64,
+    /// `limit − used`, 0 past the limit.
+    pub remaining: u64,
+}
+
+/// Usage of one meter in one window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WindowUsage {
+    /// The meter.
+    pub meter: MeterId,
+    /// The window's start, in Unix seconds (for a meter aggregated per hour or day, that
+    /// hour or day).
+    pub window_start: i64,
+    /// Units used.
+    pub quantity: u64,
+}
+
+/// Why a usage report could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// No tenant has this id.
+    #[error("no tenant `{0}`")]
+    UnknownTenant(TenantId),
+    /// The store did not answer.
+    #[error("the store did not answer: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl Tollgate {
+    /// A tenant's usage, for its dashboard: each quota of its plan (with its overrides) in
+    /// its current period — used and remaining — and its usage per meter and window over
+    /// `[from, to)` (Unix seconds). Read from the store, with the usage this node has not
+    /// flushed yet included (not that of other nodes, which reaches the store within
+    /// `usage.flush_interval`). Usage of a flush whose store answer was lost, waiting for its
+    /// retry, is left out until the retry lands (it may already be in the store).
+    ///
+    /// # Errors
+    /// The tenant is unknown, or the store did not answer.
+    pub async fn usage_report(&self, tenant: &TenantId, from: i64, to: i64) -> Result<UsageReport, ReportError> {
+        let rt = self.shared.runtime.load_full();
+        let timeout = rt.config.usage.store_timeout;
+        let state = self.known_tenant(tenant, timeout).await.map_err(|e| match e {
+            EventError::UnknownTenant(t) => ReportError::UnknownTenant(t),
+            EventError::Store(e) => ReportError::Store(e),
+            other => ReportError::Store(StoreError::Backend(other.to_string().into())),
+        })?;
+        let now = self.shared.clock.unix_secs();
+        let periods: Vec<(MeterId, Period, i64, i64, u64, QuotaMode)> = state
+            .quotas()
+            .map(|c| {
+                let (start, end) = c.spec.period().bounds(now);
+                (c.meter_id().clone(), c.spec.period(), start, end, c.spec.limit().get(), c.spec.mode())
+            })
+            .collect();
+        let coarse: Vec<(MeterId, i64)> =
+            rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs().map(|w| (m.id.clone(), w))).collect();
+        let align = |meter: &MeterId, w: i64| match coarse.iter().find(|(m, _)| m == meter) {
+            Some((_, c)) => w - w.rem_euclid(*c),
+            None => w,
+        };
+        // Held while reading: no flush moves usage from this node into the store meanwhile,
+        // so nothing is counted twice or missed.
+        let pipeline = self.shared.pipeline.lock().await;
+        let mut local: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
+        for ((t, meter, window), q) in pipeline.staged_of(tenant) {
+            debug_assert_eq!(t, tenant);
+            *local.entry((meter.clone(), *window)).or_default() += q;
+        }
+        let mut peek = |s: &Tenant| {
+            s.peek_usage(|m, window, q| {
+                let meter = s.plan.meters.ids[m].clone();
+                let window = align(&meter, window);
+                *local.entry((meter, window)).or_default() += q;
+            });
+        };
+        if let Some(s) = self.shared.table.state(tenant) {
+            peek(&s);
+        }
+        for s in self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|s| s.id == *tenant)
+        {
+            peek(s);
+        }
+        let read = |lo: i64, hi: i64| async move {
+            let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
+            if lo < hi {
+                for a in with_timeout(timeout, self.shared.store.usage_range(tenant, lo, hi)).await? {
+                    *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
+                }
+            }
+            Ok::<_, StoreError>(out)
+        };
+        let period_lo = periods.iter().map(|p| p.2).min().unwrap_or(0);
+        let period_hi = periods.iter().map(|p| p.3).max().unwrap_or(0);
+        let in_periods = read(period_lo, period_hi).await?;
+        let in_range = read(from, to).await?;
+        drop(pipeline);
+        let quotas = periods
+            .into_iter()
+            .map(|(meter, period, start, end, limit, mode)| {
+                let sum = |m: &BTreeMap<(MeterId, i64), u64>| -> u64 {
+                    m.iter().filter(|((id, w), _)| *id == meter && *w >= start && *w < end).map(|(_, q)| *q).sum()
+                };
+                let used = sum(&in_periods).saturating_add(sum(&local));
+                QuotaUsage { meter, period, start, end, limit, mode, used, remaining: limit.saturating_sub(used) }
+            })
+            .collect();
+        let mut usage = in_range;
+        for ((meter, window), q) in local {
+            if window >= from && window < to {
+                *usage.entry((meter, window)).or_default() += q;
+            }
+        }
+        let usage = usage
+            .into_iter()
+            .filter(|(_, q)| *q > 0)
+            .map(|((meter, window_start), quantity)| WindowUsage { meter, window_start, quantity })
+            .collect();
+        Ok(UsageReport { tenant: state.id.clone(), plan: state.plan.id.clone(), quotas, usage })
+    }
+}
