@@ -201,3 +201,38 @@ keys = ["key-big"]
     assert_eq!(body["title"], "Feature not in plan");
     assert!(body["detail"].as_str().unwrap().contains("`sso`"), "{body}");
 }
+
+/// Anonymous callers are limited per client address: the peer of each connection (the
+/// middleware's `ClientAddr`), or through a trusted proxy the forwarded client.
+#[actix_web::test]
+async fn anonymous_callers_are_limited_per_client_address() {
+    let config = r#"
+[identify]
+unknown = "anonymous"
+anonymous_plan = "public"
+trusted_proxies = ["10.0.0.0/8"]
+[plans.public]
+rate = "1/min"
+burst = 1
+"#;
+    let engine = Tollgate::builder(tollgate::Config::from_toml_str(config).unwrap()).build().0;
+    let app = test::init_service(
+        App::new().wrap(TollgateMiddleware::new(engine)).route("/", web::get().to(|| async { "ok" })),
+    )
+    .await;
+    let from = |peer: &str, xff: Option<&'static str>| {
+        let mut r = TestRequest::get().uri("/").peer_addr(format!("{peer}:40000").parse().unwrap());
+        if let Some(v) = xff {
+            r = r.insert_header(("x-forwarded-for", v));
+        }
+        r.to_request()
+    };
+    let status = |r| async { test::call_service(&app, r).await.status().as_u16() };
+    assert_eq!(status(from("192.0.2.1", None)).await, 200);
+    assert_eq!(status(from("192.0.2.1", None)).await, 429);
+    assert_eq!(status(from("192.0.2.2", None)).await, 200, "another address, its own bucket");
+    assert_eq!(status(from("10.0.0.1", Some("198.51.100.7"))).await, 200);
+    assert_eq!(status(from("10.0.0.2", Some("198.51.100.7"))).await, 429, "the same client behind the proxies");
+    assert_eq!(status(from("192.0.2.3", Some("198.51.100.8"))).await, 200);
+    assert_eq!(status(from("192.0.2.3", Some("198.51.100.9"))).await, 429, "an untrusted peer's header is ignored");
+}
