@@ -241,19 +241,7 @@ impl Admin {
                 let o = crate::config::PlanOverride::from_json(text, config)
                     .map_err(|e| AdminError::Invalid(e.to_string()))?;
                 let record = self.existing(id).await?;
-                if let Some(plan) = config.plan(&record.plan) {
-                    let merged = plan.with_override(&o);
-                    if merged.rate().is_some() {
-                        if let Some(r) = config.routes().iter().find(|r| r.cost() > merged.burst()) {
-                            return Err(AdminError::Invalid(format!(
-                                "the route {} costs {} and the overridden burst is {}: no request could ever pass",
-                                r.path(),
-                                r.cost(),
-                                merged.burst()
-                            )));
-                        }
-                    }
-                }
+                config.check_override(&record.plan, &o).map_err(AdminError::Invalid)?;
                 (!o.is_empty()).then(|| o.to_json())
             }
         };

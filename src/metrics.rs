@@ -192,7 +192,8 @@ pub struct Stats {
     /// Usage events refused (too old, in the future, over a hard quota, unknown tenant or
     /// meter, or the store failed).
     pub events_refused: u64,
-    /// Requests shadow mode let through that would have been refused (by reason: the metric
+    /// Refusals shadow mode let through, one per limit that would have refused (a request
+    /// over both its rate and its quota counts twice; by reason: the metric
     /// `tollgate_shadow_would_refuse_total{reason}`).
     pub shadow_would_refuse: u64,
     /// Anonymous requests that came without a client address (they share one bucket).

@@ -82,12 +82,22 @@ async fn the_forwarded_client_is_believed_only_through_trusted_proxies() {
     assert_eq!(from(&h, Some("203.0.113.9"), &xff("198.51.100.77")).await, 200);
     assert_eq!(from(&h, Some("203.0.113.9"), &xff("198.51.100.78")).await, 200);
     assert_eq!(from(&h, Some("203.0.113.9"), &xff("198.51.100.79")).await, 429);
-    // Forwarded (RFC 7239), IPv6 behind a trusted IPv6 proxy.
+    // Proxies that write X-Forwarded-For: a `Forwarded` header is the client's own, ignored
+    // (rotating it gets no new bucket).
     let fwd = |v: &'static str| [("forwarded", v)];
+    assert_eq!(from(&h, Some("10.0.0.1"), &fwd("for=192.0.2.201")).await, 200);
+    assert_eq!(from(&h, Some("10.0.0.1"), &fwd("for=192.0.2.202")).await, 200);
+    assert_eq!(from(&h, Some("10.0.0.1"), &fwd("for=192.0.2.203")).await, 429, "the proxy's own bucket");
+    // Proxies that write Forwarded (RFC 7239), IPv6 behind a trusted IPv6 proxy.
+    let h = Harness::new(&TOML.replace("trusted_proxies", "forwarded_header = \"forwarded\"\ntrusted_proxies"));
     assert_eq!(from(&h, Some("fd00::1"), &fwd("for=\"[2001:db8:1::1]:4711\"")).await, 200);
     assert_eq!(from(&h, Some("fd00::1"), &fwd("for=\"[2001:db8:1::2]\"")).await, 200);
     assert_eq!(from(&h, Some("fd00::2"), &fwd("for=\"[2001:db8:1::3]\"")).await, 429, "one /64");
     assert_eq!(from(&h, Some("fd00::2"), &fwd("for=\"[2001:db8:2::3]\"")).await, 200, "another /64");
+    // ... and there, X-Forwarded-For is the client's own.
+    assert_eq!(from(&h, Some("10.0.0.1"), &[("x-forwarded-for", "192.0.2.210")]).await, 200);
+    assert_eq!(from(&h, Some("10.0.0.1"), &[("x-forwarded-for", "192.0.2.211")]).await, 200);
+    assert_eq!(from(&h, Some("10.0.0.1"), &[("x-forwarded-for", "192.0.2.212")]).await, 429);
 }
 
 #[tokio::test]
@@ -139,4 +149,14 @@ fn bad_proxy_ranges_and_prefixes_are_named() {
     let e = tollgate::Config::from_toml_str(&TOML.replace("trusted_proxies", "ipv6_prefix = 0\ntrusted_proxies"))
         .unwrap_err();
     assert_eq!(e.key(), "identify.ipv6_prefix");
+}
+
+#[test]
+fn the_forwarded_header_is_one_of_two() {
+    let toml = TOML.replace("trusted_proxies", "forwarded_header = \"via\"\ntrusted_proxies");
+    let e = tollgate::Config::from_toml_str(&toml).unwrap_err();
+    assert_eq!(e.key(), "identify.forwarded_header");
+    let toml = TOML.replace("trusted_proxies", "forwarded_header = \"forwarded\"\ntrusted_proxies");
+    let c = tollgate::Config::from_toml_str(&toml).unwrap();
+    assert_eq!(c.clients().forwarded_header, tollgate::config::ForwardedHeader::Forwarded);
 }

@@ -32,6 +32,9 @@ quotas.tokens = { limit = 10, period = "day", mode = "hard" }
 plan = "p"
 keys = ["key-t"]
 stripe_customer = "cus_t"
+[tenants.u]
+plan = "p"
+keys = ["key-u"]
 [events.products]
 "example-billing-event" = "tokens"
 "#;
@@ -278,7 +281,8 @@ async fn queue_messages_are_read_or_refused_as_malformed() {
 }
 
 /// A store that fails the write: the event is not applied, the error is retryable, its id is
-/// not marked and its quota units come back; the retry applies it.
+/// not marked; its quota units stay taken (the write might have landed) and its retries reuse
+/// them; the retry applies it.
 #[tokio::test]
 async fn a_failed_store_write_changes_nothing_and_can_be_retried() {
     let faulty = Arc::new(Faulty::default());
@@ -289,7 +293,8 @@ async fn a_failed_store_write_changes_nothing_and_can_be_retried() {
         assert!(e.is_retryable(), "{e}");
     }
     faulty.usage_down.store(false, std::sync::atomic::Ordering::SeqCst);
-    // Three failed tries of 8 units took nothing of the limit of 10.
+    // The first try took 8 units of the limit of 10 (its write might have landed); the
+    // retries reuse them instead of taking more, so the event is not refused for its quota.
     assert_eq!(engine.record_event(ev("a", 8, NOON)).await.unwrap(), EventOutcome::Applied);
     assert_eq!(engine.record_event(ev("b", 2, NOON)).await.unwrap(), EventOutcome::Applied);
     assert_eq!(stored(&*faulty, NOON, NOON + HOUR).await, 10);
@@ -313,4 +318,65 @@ fn product_codes_map_to_declared_meters() {
     assert!(Config::from_toml_str(&without).is_err());
     let config = Config::from_toml_str(TOML).unwrap();
     assert_eq!(config.events().meter_of("example-billing-event").map(|m| m.as_str()), Some("tokens"));
+}
+
+/// Ids are unique per tenant: another tenant's event with the same id is its own event.
+/// A quantity no lease can hold is refused as malformed.
+#[tokio::test]
+async fn ids_are_per_tenant_and_quantities_are_bounded() {
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _) = engine_on(store.clone(), NOON);
+    assert_eq!(engine.record_event(ev("job-1", 2, NOON)).await.unwrap(), EventOutcome::Applied);
+    let other = Event::new("job-1", "u".into(), "tokens".into(), 3, at(NOON));
+    assert_eq!(engine.record_event(other.clone()).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(engine.record_event(other).await.unwrap(), EventOutcome::Duplicate);
+    assert_eq!(committed(&*store, "u", "tokens", NOON, NOON + HOUR, HOUR).await, 3);
+    let huge = engine.record_event(ev("huge", u64::MAX, NOON)).await.unwrap_err();
+    assert!(matches!(huge, EventError::Malformed(_)) && !huge.is_retryable(), "{huge}");
+}
+
+/// A redelivered duplicate in the same batch as a new event: the duplicate's units come back
+/// after the write, and the new event, refused meanwhile, is tried again and applied.
+#[tokio::test]
+async fn a_duplicate_in_a_batch_does_not_crowd_out_a_new_event() {
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _) = engine_on(store.clone(), NOON);
+    assert_eq!(engine.record_event(ev("d", 5, NOON)).await.unwrap(), EventOutcome::Applied);
+    // 5 of 10 left; the batch redelivers d (5) and brings n (3).
+    let out = engine.record_events(&[ev("d", 5, NOON), ev("n", 3, NOON)]).await;
+    assert!(matches!(out[0], Ok(EventOutcome::Duplicate)), "{:?}", out[0]);
+    assert!(matches!(out[1], Ok(EventOutcome::Applied)), "{:?}", out[1]);
+    let today = NOON - NOON.rem_euclid(DAY);
+    assert_eq!(stored(&*store, today, today + DAY).await, 8);
+}
+
+/// Shadow mode applies to events: past the hard quota they are stored and billed, the
+/// refusal counted.
+#[tokio::test]
+async fn in_shadow_mode_events_past_the_quota_are_recorded() {
+    let store = Arc::new(MemoryStore::new());
+    let (clock, _) = Clock::fake_at_unix(NOON);
+    let config = Config::from_toml_str(&TOML.replace("[plans.p]", "[plans.p]\nshadow = true")).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
+    for id in ["a", "b", "c"] {
+        assert_eq!(engine.record_event(ev(id, 6, NOON)).await.unwrap(), EventOutcome::Applied, "{id}");
+    }
+    let today = NOON - NOON.rem_euclid(DAY);
+    assert_eq!(stored(&*store, today, today + DAY).await, 18);
+    assert!(engine.stats().shadow_would_refuse >= 1);
+}
+
+/// An event a little ahead of the clock, in the next day, is charged to the quota of the day
+/// in force (not skipped), and lands in its own window.
+#[tokio::test]
+async fn an_event_just_past_midnight_is_charged_to_the_period_in_force() {
+    let store = Arc::new(MemoryStore::new());
+    let midnight = NOON - NOON.rem_euclid(DAY) + DAY;
+    let (engine, _) = engine_on(store.clone(), midnight - 60);
+    assert_eq!(engine.record_event(ev("late-night", 8, midnight - 120)).await.unwrap(), EventOutcome::Applied);
+    // 2 minutes ahead, in tomorrow: charged to today's quota, of which 2 are left.
+    let e = engine.record_event(ev("ahead", 5, midnight + 60)).await.unwrap_err();
+    assert!(matches!(e, EventError::QuotaExceeded { .. }), "{e}");
+    assert_eq!(engine.record_event(ev("ahead-2", 2, midnight + 60)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(stored(&*store, midnight, midnight + HOUR).await, 2, "in its own window");
 }

@@ -187,15 +187,34 @@ async fn overrides_that_do_not_fit_the_configuration_are_refused_with_their_key(
     let e = Config::from_toml_str(&bad).unwrap_err();
     assert_eq!(e.key(), "tenants.vip.overrides.burst");
     assert!(e.line().is_some());
-    let bad = TOML.replace(
-        "features = [\"invoice_export\"]\n\"#",
-        "features = [\"invoice_export\"]\nquotas.nope = { limit = 1, period = \"day\" }\n\"#",
-    );
+    // An undeclared meter in an override.
     let e = Config::from_toml_str(&format!(
-        "{bad}\n[tenants.vip2]\nplan = \"free\"\noverrides.quotas.tokens = {{ limit = 1, period = \"day\" }}\n"
+        "{TOML}\n[tenants.vip2]\nplan = \"free\"\noverrides.quotas.tokens = {{ limit = 1, period = \"day\" }}\n"
     ))
     .unwrap_err();
-    assert!(e.key().starts_with("tenants.vip2.overrides.quotas"), "{e}");
+    assert_eq!(e.key(), "tenants.vip2.overrides.quotas.tokens", "{e}");
+    // The merged plan must hold: a burst below a route's cost, a hard quota no route enforces.
+    let costly = format!("{TOML}\n[[routes]]\npath = \"/bulk\"\ncost = 2\n");
+    Config::from_toml_str(&costly).expect("every plan's burst covers the route");
+    let e = Config::from_toml_str(&costly.replace("rate = \"100/s\"", "rate = \"100/s\"\nburst = 1")).unwrap_err();
+    assert_eq!(e.key(), "tenants.vip.overrides", "{e}");
+    assert!(e.to_string().contains("burst is 1"), "{e}");
+    let metered = format!("[meters.tokens]\n{TOML}");
+    let unreachable = metered.replace(
+        "quotas.requests = { limit = 3, period = \"day\" }",
+        "quotas.requests = { limit = 3, period = \"day\" }\nquotas.tokens = { limit = 3, period = \"day\" }",
+    );
+    assert_ne!(unreachable, metered, "the replacement applies");
+    let e = Config::from_toml_str(&unreachable).unwrap_err();
+    assert_eq!(e.key(), "tenants.vip.overrides.quotas", "{e}");
+    // The same checks for overrides set in the store.
+    let config = Config::from_toml_str(&format!("[meters.tokens]\n{TOML}")).unwrap();
+    let admin = Admin::new(store.clone()).with_config(config);
+    let e = admin
+        .set_overrides("acme", Some(r#"{"quotas": {"tokens": {"limit": 5, "period": "day"}}}"#))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("tokens"), "{e}");
 }
 
 /// An override in the directory that this configuration cannot serve (written by hand, or

@@ -13,7 +13,7 @@ mod values;
 
 use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, time::Duration};
 
-pub use crate::engine::clients::IpRange;
+pub use crate::engine::clients::{ForwardedHeader, IpRange};
 pub use error::{ConfigError, ConfigErrorKind};
 pub use values::{
     HeaderStyle, Identify, InvalidTenantId, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet,
@@ -103,15 +103,17 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientSettings {
-    /// Proxies whose `Forwarded` / `X-Forwarded-For` entries are believed.
+    /// Proxies whose forwarding header entries are believed.
     pub trusted_proxies: Vec<IpRange>,
+    /// The header those proxies write the client's address in (only that one is read).
+    pub forwarded_header: ForwardedHeader,
     /// IPv6 clients are grouped by this many leading bits (64 by default).
     pub ipv6_prefix: u8,
 }
 
 impl Default for ClientSettings {
     fn default() -> Self {
-        Self { trusted_proxies: Vec::new(), ipv6_prefix: 64 }
+        Self { trusted_proxies: Vec::new(), forwarded_header: ForwardedHeader::default(), ipv6_prefix: 64 }
     }
 }
 
@@ -248,11 +250,14 @@ pub struct EventSettings {
     pub max_skew: Duration,
     /// Product codes of queue events (`ProductCode`) and the meter each one records.
     pub products: BTreeMap<String, MeterId>,
+    /// How long one batch of events may take to be stored (a batch is written event by
+    /// event on DynamoDB). Default 10 seconds.
+    pub store_timeout: Duration,
 }
 
 impl Default for EventSettings {
     fn default() -> Self {
-        Self { max_skew: Duration::from_secs(300), products: BTreeMap::new() }
+        Self { max_skew: Duration::from_secs(300), products: BTreeMap::new(), store_timeout: Duration::from_secs(10) }
     }
 }
 
@@ -606,6 +611,40 @@ impl Config {
     /// One plan by name.
     pub fn plan(&self, id: &PlanId) -> Option<&PlanSpec> {
         self.plans.get(id)
+    }
+
+    /// Whether `plan` with the overrides `o` merged over it holds as a plan must: every
+    /// route's cost within its burst, and each hard quota on a meter that requests are
+    /// charged, a route reports or events record.
+    ///
+    /// # Errors
+    /// What does not hold.
+    pub fn check_override(&self, plan: &PlanId, o: &PlanOverride) -> Result<(), String> {
+        let Some(base) = self.plans.get(plan) else {
+            return Err(format!("no plan `{plan}`"));
+        };
+        let merged = base.with_override(o);
+        if merged.rate.is_some() {
+            if let Some(r) = self.routes.iter().find(|r| r.cost > merged.burst) {
+                return Err(format!(
+                    "the route {} costs {} and the overridden burst is {}: no request could ever pass",
+                    r.path(),
+                    r.cost,
+                    merged.burst
+                ));
+            }
+        }
+        for (meter, q) in &merged.quotas {
+            let enforced = *meter == self.default_meter
+                || self.routes.iter().any(|r| r.meter == *meter || r.reports.contains(meter))
+                || self.events.products.values().any(|m| m == meter);
+            if q.mode == QuotaMode::Hard && !enforced {
+                return Err(format!(
+                    "a hard quota on `{meter}`, but no route charges or reports it and no event product records it"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The route rules, in the order they are matched (the first match wins).

@@ -33,6 +33,7 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawEvents {
     pub(crate) max_skew: Option<String>,
+    pub(crate) store_timeout: Option<String>,
     #[serde(default)]
     pub(crate) products: BTreeMap<String, String>,
 }
@@ -81,6 +82,7 @@ pub(crate) struct RawIdentify {
     pub(crate) unknown: Option<String>,
     pub(crate) anonymous_plan: Option<String>,
     pub(crate) trusted_proxies: Option<Vec<String>>,
+    pub(crate) forwarded_header: Option<String>,
     pub(crate) ipv6_prefix: Option<i64>,
 }
 

@@ -364,6 +364,16 @@ impl Validator<'_, '_> {
                 super::IpRange::parse(r).map_err(|m| self.invalid(&format!("identify.trusted_proxies[{i}]"), m))?;
             settings.trusted_proxies.push(range);
         }
+        settings.forwarded_header = match raw.forwarded_header.as_deref() {
+            None | Some("x-forwarded-for") => super::ForwardedHeader::XForwardedFor,
+            Some("forwarded") => super::ForwardedHeader::Forwarded,
+            Some(other) => {
+                return Err(self.invalid(
+                    "identify.forwarded_header",
+                    format!("expected \"x-forwarded-for\" or \"forwarded\", not \"{other}\""),
+                ))
+            }
+        };
         if let Some(p) = raw.ipv6_prefix {
             settings.ipv6_prefix = u8::try_from(p)
                 .ok()
@@ -388,7 +398,11 @@ impl Validator<'_, '_> {
             }
             products.insert(code.clone(), self.meter_ref(meters, &path, meter)?);
         }
-        Ok(EventSettings { max_skew, products })
+        let store_timeout = self.duration("events.store_timeout", raw.store_timeout.as_deref(), d.store_timeout)?;
+        if store_timeout.is_zero() {
+            return Err(self.invalid("events.store_timeout", "must be longer than zero"));
+        }
+        Ok(EventSettings { max_skew, products, store_timeout })
     }
 
     /// `[export]`.

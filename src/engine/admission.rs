@@ -102,7 +102,7 @@ impl Tollgate {
     pub(crate) fn would_refuse(&self, r: &Rejection) {
         self.shared.metrics.would_refuse(r.kind()).increment(1);
         crate::metrics::Totals::add(&self.shared.totals.shadow_would_refuse, 1);
-        tracing::info!(
+        tracing::debug!(
             reason = r.kind().label(),
             tenant = r.tenant().map(|t| t.as_str()),
             policy = r.policy(),

@@ -87,53 +87,74 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Which header the trusted proxies write the client's address in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (AWS load balancers, nginx, Envoy, most CDNs).
+    #[default]
+    XForwardedFor,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// The header's name, in lowercase.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::XForwardedFor => "x-forwarded-for",
+            Self::Forwarded => "forwarded",
+        }
+    }
+}
+
+/// The most lines of the forwarding header read; a request with more is treated as one whose
+/// chain cannot be read (the last trusted hop's address).
+const MAX_LINES: usize = 8;
+
 /// The client's address: the peer's, or, when the peer is a trusted proxy, the rightmost
-/// address of the forwarding chain that is not a trusted proxy (`Forwarded` if the request has
-/// it, else `X-Forwarded-For`; every line of the header, in order). The leftmost entries are
-/// whatever the client wrote: they are never believed past the first untrusted hop. An entry
-/// that cannot be read stops the walk at the last trusted hop. `None` without a peer.
+/// address of the forwarding chain (the header the proxies write, every line in order) that
+/// is not a trusted proxy. The leftmost entries are whatever the client wrote: they are never
+/// believed past the first untrusted hop. An entry that cannot be read stops the walk at the
+/// last trusted hop. `None` without a peer. Reads from the right without allocating.
 pub(crate) fn client_ip<'a>(
     peer: Option<IpAddr>,
     trusted: &[IpRange],
-    forwarded: impl Iterator<Item = &'a [u8]>,
-    x_forwarded_for: impl Iterator<Item = &'a [u8]>,
+    header: ForwardedHeader,
+    lines: impl Iterator<Item = &'a [u8]>,
 ) -> Option<IpAddr> {
     let peer = canonical(peer?);
     let is_trusted = |ip: IpAddr| trusted.iter().any(|r| r.contains(ip));
     if !is_trusted(peer) {
         return Some(peer);
     }
-    let mut hops: Vec<Option<IpAddr>> = Vec::new();
-    for line in forwarded {
-        let Ok(line) = std::str::from_utf8(line) else {
-            hops.push(None);
-            continue;
-        };
-        for element in line.split(',') {
-            let value = element
-                .split(';')
-                .filter_map(|pair| pair.split_once('='))
-                .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
-                .map(|(_, v)| v.trim());
-            hops.push(value.and_then(forwarded_node));
+    let mut held: [&[u8]; MAX_LINES] = [&[]; MAX_LINES];
+    let mut n = 0;
+    for line in lines {
+        if n == MAX_LINES {
+            return Some(peer);
         }
-    }
-    if hops.is_empty() {
-        for line in x_forwarded_for {
-            let Ok(line) = std::str::from_utf8(line) else {
-                hops.push(None);
-                continue;
-            };
-            hops.extend(line.split(',').map(|s| s.trim().parse::<IpAddr>().ok().map(canonical)));
-        }
+        held[n] = line;
+        n += 1;
     }
     let mut client = peer;
-    for hop in hops.iter().rev() {
-        match hop {
-            Some(ip) if is_trusted(*ip) => client = *ip,
-            Some(ip) => return Some(*ip),
-            // Unreadable: what the last trusted hop saw is all that can be believed.
-            None => return Some(client),
+    for line in held[..n].iter().rev() {
+        let Ok(line) = std::str::from_utf8(line) else { return Some(client) };
+        for element in line.rsplit(',') {
+            let hop = match header {
+                ForwardedHeader::XForwardedFor => element.trim().parse::<IpAddr>().ok().map(canonical),
+                ForwardedHeader::Forwarded => element
+                    .split(';')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
+                    .and_then(|(_, v)| forwarded_node(v.trim())),
+            };
+            match hop {
+                Some(ip) if is_trusted(ip) => client = ip,
+                Some(ip) => return Some(ip),
+                // Unreadable: what the last trusted hop saw is all that can be believed.
+                None => return Some(client),
+            }
         }
     }
     Some(client)
@@ -244,7 +265,8 @@ mod tests {
 
     fn xff(peer: &str, trusted: &[&str], header: &[&str]) -> IpAddr {
         let trusted = ranges(trusted);
-        client_ip(Some(ip(peer)), &trusted, std::iter::empty(), header.iter().map(|h| h.as_bytes())).unwrap()
+        let lines = header.iter().map(|h| h.as_bytes());
+        client_ip(Some(ip(peer)), &trusted, ForwardedHeader::XForwardedFor, lines).unwrap()
     }
 
     #[test]
@@ -265,21 +287,22 @@ mod tests {
         assert_eq!(xff("10.0.0.1", &proxies, &["1.2.3.4, bogus, 10.0.0.2"]), ip("10.0.0.2"));
         // IPv4-mapped addresses are IPv4.
         assert_eq!(xff("::ffff:10.0.0.1", &proxies, &["198.51.100.1"]), ip("198.51.100.1"));
-        assert_eq!(client_ip(None, &ranges(&proxies), std::iter::empty(), std::iter::empty()), None);
+        assert_eq!(client_ip(None, &ranges(&proxies), ForwardedHeader::XForwardedFor, std::iter::empty()), None);
+        // More lines than are read: the chain is not believed.
+        let many: Vec<&str> = std::iter::repeat_n("198.51.100.1", 9).collect();
+        assert_eq!(xff("10.0.0.1", &proxies, &many), ip("10.0.0.1"));
     }
 
     #[test]
-    fn forwarded_is_read_before_x_forwarded_for() {
+    fn the_forwarded_header_is_read_when_configured() {
         let trusted = ranges(&["10.0.0.0/8", "2001:db8:ffff::/48"]);
+        let fwd = ForwardedHeader::Forwarded;
         let forwarded = [&b"for=192.0.2.60;proto=http, for=\"[2001:db8::1]:4711\";by=10.0.0.9"[..]];
-        let got = client_ip(Some(ip("10.0.0.1")), &trusted, forwarded.into_iter(), [&b"6.6.6.6"[..]].into_iter());
-        assert_eq!(got, Some(ip("2001:db8::1")));
+        assert_eq!(client_ip(Some(ip("10.0.0.1")), &trusted, fwd, forwarded.into_iter()), Some(ip("2001:db8::1")));
         let forwarded = [&b"for=\"192.0.2.61:8080\", For=10.1.1.1"[..]];
-        let got = client_ip(Some(ip("10.0.0.1")), &trusted, forwarded.into_iter(), std::iter::empty());
-        assert_eq!(got, Some(ip("192.0.2.61")));
+        assert_eq!(client_ip(Some(ip("10.0.0.1")), &trusted, fwd, forwarded.into_iter()), Some(ip("192.0.2.61")));
         let forwarded = [&b"for=unknown"[..]];
-        let got = client_ip(Some(ip("10.0.0.1")), &trusted, forwarded.into_iter(), std::iter::empty());
-        assert_eq!(got, Some(ip("10.0.0.1")));
+        assert_eq!(client_ip(Some(ip("10.0.0.1")), &trusted, fwd, forwarded.into_iter()), Some(ip("10.0.0.1")));
     }
 
     #[test]

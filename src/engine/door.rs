@@ -161,12 +161,9 @@ impl FrontDoor {
                 },
             };
             let mut info = RequestInfo::new(request.method(), request.path(), credential);
-            if rt.client_keys.is_some() {
-                info.client = rt.client_ip(
-                    request.client_addr(),
-                    request.header_values("forwarded"),
-                    request.header_values("x-forwarded-for"),
-                );
+            if rt.client_keys.is_some() && matches!(info.credential, Credential::Missing) {
+                // An anonymous caller, limited per address: read it (else nothing is read).
+                info.client = rt.client_ip(request.client_addr(), |name| request.header_values(name));
             }
             describe(info, request.query(), rt.honours_idempotency(request.method()), || {
                 request.header_values("idempotency-key")

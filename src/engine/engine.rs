@@ -167,8 +167,13 @@ pub(crate) struct Shared {
     /// `Builder::open`), which a reload may then not change.
     pub(crate) store_configured: bool,
     pub(crate) sink: Option<Arc<dyn BillingSink>>,
+    /// Quota units of usage events whose write may have landed, held for their retry (keyed
+    /// by tenant and event id; bounded, expiring).
+    pub(crate) held_events: moka::sync::Cache<String, super::events::HeldUnits>,
     /// Called when a tenant crosses a quota threshold.
     pub(crate) on_threshold: Option<super::ThresholdHook>,
+    /// The thresholds notified, per (tenant, meter, period start): a bit per threshold.
+    pub(crate) notified: moka::sync::Cache<(TenantId, crate::config::MeterId, i64), Arc<std::sync::atomic::AtomicU32>>,
     pub(crate) clock: Clock,
     pub(crate) idempotency: Idempotency,
     pub(crate) metrics: Arc<Metrics>,

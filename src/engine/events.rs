@@ -25,6 +25,9 @@ use crate::{
 /// left for the export to send the event's window before that.
 pub const MAX_AGE: Duration = Duration::from_secs(35 * 86_400 - 2 * 3600);
 
+/// The largest quantity of one event (2⁴⁶ − 1: what a quota lease can hold).
+const MAX_QUANTITY: u64 = (1 << 46) - 1;
+
 /// The longest event id, in bytes.
 pub(crate) const EVENT_ID_MAX_LEN: usize = 256;
 
@@ -209,8 +212,8 @@ struct Prepared {
     state: Tenant,
     meter: usize,
     quantity: u64,
-    /// The lease the units were taken from, to give them back if the write does not apply.
-    tag: Option<u16>,
+    /// Where the units were taken from, to give them back if the write does not apply.
+    tag: Option<Taken>,
     event: UsageEvent,
 }
 
@@ -235,15 +238,21 @@ impl Tollgate {
     /// - **Refused**: an event older than [`MAX_AGE`] (billing would refuse it), one
     ///   more than `events.max_skew` in the future, an unknown tenant or meter, an id that is
     ///   empty or over 256 bytes.
-    /// - **Once per id**: the id is marked seen in the same store write as the usage, never
-    ///   before, and kept for 35 days after the event's time (the ids of refused events are
-    ///   not marked). A redelivered event answers [`EventOutcome::Duplicate`].
+    /// - **Once per id and tenant**: the id is marked seen in the same store write as the
+    ///   usage, never before, and kept for 35 days after the event's time (the ids of refused
+    ///   events are not marked). A redelivered event answers [`EventOutcome::Duplicate`].
     /// - **Hard quotas** apply in the quota period of the event's time: an event in the
     ///   current period takes its units as a request does, and is refused with
     ///   [`EventError::QuotaExceeded`] when they are not there; a period already over never
     ///   refuses (its units are not counted against it). The units are taken before the
     ///   store is asked about the id, so a redelivered event whose quota is spent meanwhile
     ///   answers `QuotaExceeded` rather than `Duplicate`; it is not counted again either way.
+    ///   An event of the batch refused for its quota while a duplicate of the same batch held
+    ///   units is tried again once the duplicate gave them back. In shadow mode nothing is
+    ///   refused: the units are taken past the limit and the refusal counted.
+    /// - **A store failure** ([`EventError::Store`], retryable): the write may have landed (a
+    ///   timeout), so the event's quota units stay taken; the retry answers `Duplicate` if it
+    ///   did. The whole batch is written within `events.store_timeout`.
     ///
     /// Counted in [`Stats`](crate::Stats) (`events_*`) and the metric
     /// `tollgate_usage_events_total{outcome}`; refusals are logged.
@@ -283,9 +292,29 @@ impl Tollgate {
     }
 
     async fn record_uncounted(&self, events: &[Event]) -> Vec<Result<EventOutcome, EventError>> {
+        let (mut out, returned) = self.record_pass(events).await;
+        if returned {
+            // Duplicates of this batch gave their units back after the others were charged:
+            // an event refused for the quota meanwhile is tried again, once.
+            let again: Vec<usize> =
+                (0..events.len()).filter(|i| matches!(out[*i], Err(EventError::QuotaExceeded { .. }))).collect();
+            if !again.is_empty() {
+                let retry: Vec<Event> = again.iter().map(|i| events[*i].clone()).collect();
+                let (second, _) = self.record_pass(&retry).await;
+                for (i, o) in again.into_iter().zip(second) {
+                    out[i] = o;
+                }
+            }
+        }
+        out
+    }
+
+    /// One pass over a batch: the outcomes, and whether units were given back (duplicates).
+    async fn record_pass(&self, events: &[Event]) -> (Vec<Result<EventOutcome, EventError>>, bool) {
         let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.usage.store_timeout;
+        let timeout = rt.config.events.store_timeout;
         let now = self.shared.clock.unix_secs();
+        let mut returned = false;
         let mut out: Vec<Option<Result<EventOutcome, EventError>>> = (0..events.len()).map(|_| None).collect();
         let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
@@ -300,7 +329,7 @@ impl Tollgate {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
                     for (p, outcome) in ready.into_iter().zip(outcomes) {
                         if outcome != EventOutcome::Applied {
-                            give_back(&p);
+                            returned |= give_back(&p);
                         }
                         out[p.index] = Some(Ok(outcome));
                     }
@@ -311,14 +340,21 @@ impl Tollgate {
                         Ok(_) => StoreError::Backend("the store answered for another number of events".into()),
                     };
                     self.store_error("record usage events", &e);
+                    // The write may have landed (a timeout, a batch applied in part): the
+                    // units stay taken, so a hard quota is never passed, and are held for the
+                    // event's retry on this node (which reuses them; a retry of an event
+                    // already stored answers `Duplicate`).
                     for p in ready {
-                        give_back(&p);
+                        if p.tag.is_some() {
+                            let held = HeldUnits { state: p.state.clone(), quantity: p.quantity, tag: p.tag };
+                            self.shared.held_events.insert(p.event.id.clone(), held);
+                        }
                         out[p.index] = Some(Err(EventError::Store(clone_error(&e))));
                     }
                 }
             }
         }
-        out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect()
+        (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), returned)
     }
 
     fn count_event(&self, id: &str, e: Option<&Event>, outcome: &Result<EventOutcome, EventError>) {
@@ -362,6 +398,9 @@ impl Tollgate {
         if e.id.is_empty() || e.id.len() > EVENT_ID_MAX_LEN {
             return Err(EventError::InvalidId);
         }
+        if e.quantity > MAX_QUANTITY {
+            return Err(EventError::Malformed(format!("the quantity {} is larger than {MAX_QUANTITY}", e.quantity)));
+        }
         let at = match e.at.duration_since(SystemTime::UNIX_EPOCH) {
             Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
             Err(_) => return Err(EventError::TooOld { age_secs: u64::MAX }),
@@ -385,16 +424,16 @@ impl Tollgate {
         // A state of another configuration (a reload meanwhile) indexes meters its own way.
         let meter = state.plan.meters.index(e.meter.as_str()).unwrap_or(meter_index);
         state.touch(now);
-        let tag = self.take_for_event(&state, meter, e.quantity, at, now, timeout).await?;
+        // Ids are unique per tenant: two tenants' jobs may use the same ids.
+        let id = format!("{}\u{1f}{}", state.id, e.id);
+        // Units still held for this event by an attempt whose write may have landed: reused,
+        // not taken again (a retry is never refused for the units of its own first attempt).
+        let tag = match self.shared.held_events.remove(&id) {
+            Some(held) if held.quantity == e.quantity && Tenant::ptr_eq(&held.state, &state) => held.tag,
+            _ => self.take_for_event(&state, meter, e.quantity, at, now, timeout).await?,
+        };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity);
-        Ok(Prepared {
-            index,
-            state,
-            meter,
-            quantity: e.quantity,
-            tag,
-            event: UsageEvent::new(e.id.clone(), record, at),
-        })
+        Ok(Prepared { index, state, meter, quantity: e.quantity, tag, event: UsageEvent::new(id, record, at) })
     }
 
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
@@ -427,12 +466,15 @@ impl Tollgate {
         at: i64,
         now: i64,
         timeout: Duration,
-    ) -> Result<Option<u16>, EventError> {
+    ) -> Result<Option<Taken>, EventError> {
         let Some(cell) = state.quota(meter) else {
             return Ok(None);
         };
         let period = cell.spec.period();
-        if quantity == 0 || period.bounds(at) != period.bounds(now) {
+        // A period already over never refuses (its counter is left alone). An event just
+        // ahead of the clock (within `events.max_skew`) in the next period is charged to the
+        // period in force.
+        if quantity == 0 || period.bounds(at).1 <= now {
             return Ok(None);
         }
         let exceeded = || EventError::QuotaExceeded {
@@ -442,9 +484,9 @@ impl Tollgate {
             plan: state.plan.id.clone(),
         };
         match cell.try_take(quantity, now) {
-            Take::Taken { tag, .. } => return Ok(Some(tag)),
-            Take::Exhausted => return Err(exceeded()),
-            Take::NeedLease => {}
+            Take::Taken { tag, .. } => return Ok(Some(Taken::Lease(tag))),
+            Take::Exhausted if !state.plan.shadow => return Err(exceeded()),
+            Take::Exhausted | Take::NeedLease => {}
         }
         let taken = with_timeout(timeout, async {
             let _guard = cell.lock().lock().await;
@@ -461,7 +503,17 @@ impl Tollgate {
         })
         .await;
         match taken {
-            Ok(Some(tag)) => Ok(Some(tag)),
+            Ok(Some(tag)) => Ok(Some(Taken::Lease(tag))),
+            Ok(None) if state.plan.shadow => {
+                // Shadow mode: taken past the limit (owed to the store), the refusal counted.
+                let mut r = crate::Rejection::new(
+                    crate::RejectionKind::QuotaExceeded,
+                    "the quota is spent (shadow mode: a usage event not refused)",
+                );
+                r.inner.policy = Some(format!("{}-{}", cell.meter_id(), period.name()));
+                self.would_refuse(&r.for_tenant(state));
+                Ok(Some(cell.force_take(quantity, now).map_or(Taken::Unleased, Taken::Lease)))
+            }
             Ok(None) => Err(exceeded()),
             Err(e) => {
                 self.store_error("reserve quota for an event", &e);
@@ -471,11 +523,32 @@ impl Tollgate {
     }
 }
 
-/// Gives an event's units back to its lease (its write did not apply them).
-fn give_back(p: &Prepared) {
-    if let (Some(tag), Some(cell)) = (p.tag, p.state.quota(p.meter)) {
-        cell.refund(p.quantity, tag);
+/// Quota units taken for an event whose write may have landed, held for its retry.
+#[derive(Clone)]
+pub(crate) struct HeldUnits {
+    state: Tenant,
+    quantity: u64,
+    tag: Option<Taken>,
+}
+
+/// Where an event's quota units were taken from.
+#[derive(Debug, Clone, Copy)]
+enum Taken {
+    /// The lease of the period with this tag.
+    Lease(u16),
+    /// Outside any lease (shadow mode past the limit): owed to the store.
+    Unleased,
+}
+
+/// Gives an event's units back (its write did not apply them); whether there were any.
+fn give_back(p: &Prepared) -> bool {
+    let Some(cell) = p.state.quota(p.meter) else { return false };
+    match p.tag {
+        Some(Taken::Lease(tag)) => cell.refund(p.quantity, tag),
+        Some(Taken::Unleased) => cell.refund_unleased(p.quantity),
+        None => return false,
     }
+    p.quantity > 0
 }
 
 fn clone_error(e: &StoreError) -> StoreError {

@@ -1,7 +1,7 @@
 //! Quota leases: every store call of a quota cell, made with the cell's lock held, carrying a
 //! token so that a call retried after a timeout is applied once.
 
-use std::sync::atomic::Ordering;
+use std::sync::{atomic::Ordering, Arc};
 
 use super::{engine::with_timeout, Tollgate};
 use crate::{
@@ -188,7 +188,14 @@ impl Tollgate {
             .enumerate()
             .filter(|(_, pct)| u128::from(reserved) * 100 >= limit * u128::from(**pct))
             .fold(0u32, |bits, (i, _)| bits | (1 << i));
-        let new = cell.newly_crossed(crate::tenant::PeriodBits::pack(start, end), crossed);
+        if crossed == 0 {
+            return;
+        }
+        // Kept by the engine, not the tenant's state: a state rebuilt (a reload, an eviction,
+        // a plan change) does not notify again in the same period.
+        let key = (cell.tenant().clone(), cell.meter_id().clone(), start);
+        let marks = self.shared.notified.get_with(key, || Arc::new(std::sync::atomic::AtomicU32::new(0)));
+        let new = crossed & !marks.fetch_or(crossed, Ordering::AcqRel);
         for (i, pct) in rt.config.usage.notify_at.iter().enumerate() {
             if new & (1 << i) != 0 {
                 let crossed = super::ThresholdCrossed {

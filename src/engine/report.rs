@@ -121,11 +121,15 @@ impl Tollgate {
                 *local.entry((meter, window)).or_default() += q;
             });
         };
-        if let Some(s) = self.shared.table.state(tenant) {
-            peek(&s);
+        // The tenant's state and any retired ones (a plan change), each once: a state retired
+        // between the two reads is met in both.
+        let mut states: Vec<Tenant> = self.shared.table.state(tenant).into_iter().collect();
+        for s in self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if s.id == *tenant && !states.iter().any(|t| Tenant::ptr_eq(t, s)) {
+                states.push(s.clone());
+            }
         }
-        for s in self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|s| s.id == *tenant)
-        {
+        for s in &states {
             peek(s);
         }
         let read = |lo: i64, hi: i64| async move {

@@ -134,7 +134,13 @@ where
                             if let Some(ticket) = ticket {
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));
-                                ticket.complete(response.status().as_u16());
+                                if response.extensions().get::<Rejection>().is_some() {
+                                    // Refused by tollgate inside the service (a feature
+                                    // extractor): not billed, the units go back.
+                                    drop(ticket);
+                                } else {
+                                    ticket.complete(response.status().as_u16());
+                                }
                             }
                             Ok(response.map(TollgateBody::inner))
                         }

@@ -66,14 +66,12 @@ where
                 request.uri().path(),
                 resolver.resolve(&request, &rt.config.identify),
             );
-            if rt.client_keys.is_some() {
-                // Anonymous callers are limited per address: read it (else nothing is read).
+            if rt.client_keys.is_some() && matches!(info.credential, crate::Credential::Missing) {
+                // An anonymous caller, limited per address: read it (else nothing is read).
                 let headers = request.headers();
-                info.client = rt.client_ip(
-                    request.extensions().get::<crate::ClientAddr>().map(|a| a.0),
-                    headers.get_all("forwarded").iter().map(HeaderValue::as_bytes),
-                    headers.get_all("x-forwarded-for").iter().map(HeaderValue::as_bytes),
-                );
+                info.client = rt.client_ip(request.extensions().get::<crate::ClientAddr>().map(|a| a.0), |name| {
+                    headers.get_all(name).iter().map(HeaderValue::as_bytes)
+                });
             }
             describe(info, request.uri().query(), rt.honours_idempotency_method(request.method()), || {
                 request.headers().get_all(&IDEMPOTENCY_KEY).iter().map(HeaderValue::as_bytes)

@@ -520,18 +520,21 @@ impl Runtime {
     /// (else `None`, and nothing is read): the peer, or through trusted proxies the rightmost
     /// untrusted hop of `Forwarded` / `X-Forwarded-For`.
     #[inline]
-    pub(crate) fn client_ip<'a>(
+    pub(crate) fn client_ip<'a, I>(
         &self,
         peer: Option<std::net::IpAddr>,
-        forwarded: impl Iterator<Item = &'a [u8]>,
-        xff: impl Iterator<Item = &'a [u8]>,
-    ) -> Option<std::net::IpAddr> {
+        header_values: impl FnOnce(&'static str) -> I,
+    ) -> Option<std::net::IpAddr>
+    where
+        I: Iterator<Item = &'a [u8]>,
+    {
         self.client_keys.as_ref()?;
-        let trusted = &self.config.clients.trusted_proxies;
-        if trusted.is_empty() {
+        let clients = &self.config.clients;
+        if clients.trusted_proxies.is_empty() {
             return peer;
         }
-        crate::engine::clients::client_ip(peer, trusted, forwarded, xff)
+        let header = clients.forwarded_header;
+        crate::engine::clients::client_ip(peer, &clients.trusted_proxies, header, header_values(header.name()))
     }
 
     /// Whether an `Idempotency-Key` on a request with this method is honoured.

@@ -925,7 +925,12 @@ impl Store for DynamoStore {
 
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         let mut out = Vec::with_capacity(events.len());
-        'events: for e in events {
+        // A token per call and event: the SDK's own retries of a transaction whose answer was
+        // lost are then answered as the first (applied), not as a duplicate; a later delivery
+        // of the event, a new call, gets a new token and its condition fails (duplicate).
+        let call = crate::tenant::draw_u64();
+        'events: for (i, e) in events.iter().enumerate() {
+            let token = format!("{call:016x}{:016x}", (i as u64) ^ 0x5bd1_e995);
             let seen = Put::builder()
                 .table_name(&self.table)
                 .item("pk", s(format!("E{SEP}{}", e.id)))
@@ -941,7 +946,12 @@ impl Store for DynamoStore {
                 TransactWriteItem::builder().update(update).build(),
             ];
             for attempt in 0..ATTEMPTS {
-                match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                let request = self
+                    .client
+                    .transact_write_items()
+                    .set_transact_items(Some(actions.clone()))
+                    .client_request_token(&token);
+                match request.send().await {
                     Ok(_) => {
                         out.push(EventOutcome::Applied);
                         continue 'events;

@@ -364,9 +364,7 @@ struct QuotaCold {
     late_refunds: AtomicU64,
     /// The sender id of this cell's store calls (0: not drawn yet).
     sender: AtomicU64,
-    /// The thresholds of `usage.notify_at` already notified: the period (packed, high 32
-    /// bits) and a bit per threshold (low 32 bits).
-    notified: AtomicU64,
+
     /// Touched only with `lock` held: the previous period, and the store call sent but not
     /// answered (it is sent again, with its token, before any other call of this cell).
     locked: std::sync::Mutex<Locked>,
@@ -437,24 +435,6 @@ impl<'a> QuotaRef<'a> {
     /// The tenant's plan.
     pub(crate) fn plan_id(&self) -> &'a crate::config::PlanId {
         &self.state.plan.id
-    }
-
-    /// Marks the thresholds `crossed` (a bit each) as notified in the period `period`
-    /// (packed); returns those not notified before.
-    pub(crate) fn newly_crossed(&self, period: u32, crossed: u32) -> u32 {
-        let word = &self.cold().notified;
-        let mut old = word.load(Ordering::Acquire);
-        loop {
-            let before = if (old >> 32) as u32 == period { old as u32 } else { 0 };
-            let next = (u64::from(period) << 32) | u64::from(before | crossed);
-            if next == old {
-                return 0;
-            }
-            match word.compare_exchange_weak(old, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return crossed & !before,
-                Err(w) => old = w,
-            }
-        }
     }
 
     pub(crate) fn hard(&self) -> bool {

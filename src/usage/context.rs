@@ -112,6 +112,12 @@ impl TenantContext {
     /// handler or an extractor to answer. In shadow mode the refusal is counted
     /// (`tollgate_shadow_would_refuse_total`) and `Ok` returned.
     ///
+    /// Answered through tollgate's responders (`tollgate_axum::RejectionResponse`,
+    /// `tollgate_actix::RejectionResponse`, the `RequireFeature` extractors), the response
+    /// carries the rejection in its extensions, and the tower layer and the actix-web
+    /// middleware then give the request's units back instead of billing it. Its rate cells
+    /// are spent: a route rule with `feature` refuses before anything is taken.
+    ///
     /// # Errors
     /// The rejection to answer.
     pub fn require_feature(&self, feature: &str) -> Result<(), crate::Rejection> {
@@ -126,7 +132,7 @@ impl TenantContext {
         r.inner.tenant = Some(self.state.id.clone());
         if self.state.plan.shadow {
             self.state.plan.metrics.would_refuse(r.kind()).increment(1);
-            tracing::info!(tenant = %self.state.id, feature, "shadow mode: would refuse (feature not in plan)");
+            tracing::debug!(tenant = %self.state.id, feature, "shadow mode: would refuse (feature not in plan)");
             return Ok(());
         }
         self.state.plan.metrics.rejected(r.kind()).increment(1);

@@ -231,7 +231,13 @@ where
                 headers.insert(HeaderName::from_static(field.name()), value);
             }
         });
-        ticket.complete(response.status().as_u16());
+        if response.response().extensions().get::<Rejection>().is_some() {
+            // Refused by tollgate inside the service (a feature extractor): not billed, the
+            // units go back.
+            drop(ticket);
+        } else {
+            ticket.complete(response.status().as_u16());
+        }
         Ok(response.map_into_left_body())
     }
 }

@@ -184,7 +184,7 @@ keys = ["key-big"]
 "#;
     let engine = Tollgate::builder(tollgate::Config::from_toml_str(config).unwrap()).build().0;
     let app =
-        test::init_service(App::new().wrap(TollgateMiddleware::new(engine)).route(
+        test::init_service(App::new().wrap(TollgateMiddleware::new(engine.clone())).route(
             "/sso",
             web::get().to(|tenant: tollgate_actix::RequireFeature<Sso>| async move {
                 format!("sso for {}", tenant.tenant())
@@ -200,6 +200,15 @@ keys = ["key-big"]
     let body: serde_json::Value = serde_json::from_slice(&test::read_body(response).await).unwrap();
     assert_eq!(body["title"], "Feature not in plan");
     assert!(body["detail"].as_str().unwrap().contains("`sso`"), "{body}");
+    // The refused request is not billed; the admitted one is.
+    engine.flush().await.unwrap();
+    let billed = |t: &'static str| {
+        let engine = engine.clone();
+        async move {
+            engine.store().usage_range(&t.into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum::<u64>()
+        }
+    };
+    assert_eq!((billed("acme").await, billed("big").await), (0, 1));
 }
 
 /// Anonymous callers are limited per client address: the peer of each connection (the

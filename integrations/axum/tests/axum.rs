@@ -301,7 +301,7 @@ keys = ["key-big"]
         "/sso",
         get(|tenant: tollgate_axum::RequireFeature<Sso>| async move { format!("sso for {}", tenant.tenant()) }),
     );
-    let app = route.clone().layer(TollgateLayer::new(engine));
+    let app = route.clone().layer(TollgateLayer::new(engine.clone()));
     let (status, _, body) = text(app.clone().oneshot(get_req("/sso", Some("key-big"))).await.unwrap()).await;
     assert_eq!((status.as_u16(), body.as_str()), (200, "sso for big"));
     let (status, headers, body) = text(app.oneshot(get_req("/sso", Some("key-acme"))).await.unwrap()).await;
@@ -310,6 +310,15 @@ keys = ["key-big"]
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(body["title"], "Feature not in plan");
     assert!(body["detail"].as_str().unwrap().contains("`sso`"), "{body}");
+    // The refused request is not billed; the admitted one is.
+    engine.flush().await.unwrap();
+    let billed = |t: &'static str| {
+        let engine = engine.clone();
+        async move {
+            engine.store().usage_range(&t.into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum::<u64>()
+        }
+    };
+    assert_eq!((billed("acme").await, billed("big").await), (0, 1));
     let (status, _, _) = text(route.oneshot(get_req("/sso", Some("key-big"))).await.unwrap()).await;
     assert_eq!(status, 500);
 }

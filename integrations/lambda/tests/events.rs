@@ -21,6 +21,8 @@ store_timeout = "300ms"
 quotas.tokens = { limit = 100, period = "day", mode = "hard" }
 [tenants."sub|1234"]
 plan = "p"
+[events]
+store_timeout = "300ms"
 [events.products]
 "example-billing-event" = "tokens"
 "#;
@@ -107,7 +109,7 @@ async fn an_sqs_batch_reports_only_what_a_redelivery_can_fix() {
 }
 
 /// The store cannot write (another process holds the database's write lock past
-/// `usage.store_timeout`): the good messages are reported for redelivery, the malformed one
+/// `events.store_timeout`): the good messages are reported for redelivery, the malformed one
 /// is not; once the store writes again, the redelivered messages are counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_the_store_could_not_write_are_redelivered_and_counted_once() {
