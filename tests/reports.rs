@@ -63,3 +63,39 @@ async fn reported_quantities_are_checked() {
     assert!(ctx.record("tokens", 5).is_ok());
     assert!(admitted.complete(200));
 }
+
+/// Usage recorded on a quota meter while the tenant holds no lease of it (a meter its route
+/// does not declare in `reports`, or the store unreachable) is owed to the period it was
+/// recorded in. Recorded a minute before midnight and settled the next day, it is charged to
+/// the day it happened, not to the next day's counter.
+#[tokio::test]
+async fn usage_outside_a_lease_is_charged_to_the_period_it_happened_in() {
+    let toml = r#"
+[meters.tokens]
+[plans.p]
+quotas.tokens = { limit = 1000, period = "day", mode = "soft" }
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+"#;
+    let day = NOON - NOON.rem_euclid(86_400);
+    let midnight = day + 86_400;
+    let h = Harness::at(toml, midnight - 60);
+    // `/tokens/N` records N tokens; no route reports the meter, so no lease is ever taken.
+    assert_eq!(h.status("/tokens/90", "key-t").await, 200);
+    h.clock.advance(std::time::Duration::from_secs(120));
+    assert_eq!(h.status("/tokens/5", "key-t").await, 200);
+    // Settled with the store (here by shutdown, which gives leases back and owes the rest).
+    h.tollgate.shutdown().await.unwrap();
+    let key = |start: i64| {
+        tollgate::store::QuotaKey::new(
+            "t".into(),
+            "tokens".into(),
+            tollgate::config::Period::Day,
+            start,
+            start + 86_400,
+        )
+    };
+    assert_eq!(h.reserved(&key(day)).await, 90, "the 90 tokens of 23:59 belong to their day");
+    assert_eq!(h.reserved(&key(midnight)).await, 5, "the next day is charged its own 5 only");
+}

@@ -214,6 +214,8 @@ struct Prepared {
     quantity: u64,
     /// Where the units were taken from, to give them back if the write does not apply.
     tag: Option<Taken>,
+    /// When they were taken (the clock, not the event's time).
+    taken_at: i64,
     event: UsageEvent,
 }
 
@@ -433,7 +435,15 @@ impl Tollgate {
             _ => self.take_for_event(&state, meter, e.quantity, at, now, timeout).await?,
         };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity);
-        Ok(Prepared { index, state, meter, quantity: e.quantity, tag, event: UsageEvent::new(id, record, at) })
+        Ok(Prepared {
+            index,
+            state,
+            meter,
+            quantity: e.quantity,
+            tag,
+            taken_at: now,
+            event: UsageEvent::new(id, record, at),
+        })
     }
 
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
@@ -545,7 +555,7 @@ fn give_back(p: &Prepared) -> bool {
     let Some(cell) = p.state.quota(p.meter) else { return false };
     match p.tag {
         Some(Taken::Lease(tag)) => cell.refund(p.quantity, tag),
-        Some(Taken::Unleased) => cell.refund_unleased(p.quantity),
+        Some(Taken::Unleased) => cell.refund_unleased(p.quantity, p.taken_at),
         None => return false,
     }
     p.quantity > 0

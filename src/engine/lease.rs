@@ -101,6 +101,19 @@ impl Tollgate {
         Ok(())
     }
 
+    /// Owes the units taken outside any lease in periods other than the cell's current one to
+    /// their own periods' counters (units used late in a period, settled in the next one),
+    /// one call each. Call with the cell's lock held.
+    async fn settle_unleased_elsewhere(&self, cell: QuotaRef<'_>) -> Result<(), StoreError> {
+        while let Some((start, end, units)) = cell.pop_unleased_elsewhere() {
+            let kind = CallKind::Reserve { units: 0, owed: units, limit: None, refill: false, repay: 0, at_least: 0 };
+            // Recorded in flight first: if it fails, the next call of the cell sends it again.
+            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
+            self.send(cell, call).await?;
+        }
+        Ok(())
+    }
+
     /// Moves the cell to the period holding `now` if its lease belongs to one that is over,
     /// and settles the old period with the store: its unused units go back, its debt is
     /// owed. Call with the cell's lock held.
@@ -133,6 +146,7 @@ impl Tollgate {
         self.settle_inflight(cell).await?;
         self.roll_if_over(cell, now).await?;
         self.settle_previous(cell).await?;
+        self.settle_unleased_elsewhere(cell).await?;
         let (start, end) = cell.period();
         let repay = (-cell.lease()).max(0) as u64;
         let owed = repay + cell.take_unleased();
@@ -225,16 +239,14 @@ impl Tollgate {
         let result = with_timeout(timeout, async {
             self.settle_inflight(cell).await?;
             self.settle_previous(cell).await?;
+            // Units taken outside a lease go to their own periods (all of them, for a cell that
+            // never held a lease).
+            self.settle_unleased_elsewhere(cell).await?;
             let left = cell.take_all();
             let owed = cell.take_unleased();
-            let (mut start, mut end) = cell.period();
+            let (start, end) = cell.period();
             if end == 0 {
-                if owed == 0 {
-                    return Ok(());
-                }
-                // Units owed by a cell that never held a lease (the store was down from its
-                // first request): owed to the period holding now.
-                (start, end) = cell.spec.period().bounds(self.shared.clock.unix_secs());
+                return Ok(());
             }
             // Usage outside the lease is owed and the rest of the lease given back: one call.
             let net = i128::from(left) - i128::from(owed);

@@ -214,7 +214,7 @@ impl Tollgate {
         for state in &left {
             for cell in state.quotas() {
                 cell.take_all();
-                cell.take_unleased();
+                cell.forget_unleased();
             }
             state.drain_usage(|_, _, q| units = units.saturating_add(q));
         }

@@ -89,7 +89,7 @@ impl Ticket {
             if let Ok(tag) = u16::try_from(self.quota_tag) {
                 cell.refund(u64::from(self.cost), tag);
             } else if self.quota_tag == super::admission::UNLEASED {
-                cell.refund_unleased(u64::from(self.cost));
+                cell.refund_unleased(u64::from(self.cost), self.at);
             }
         }
         // Not billed: the key is released (the claim's drop), so a retry is charged.

@@ -303,6 +303,9 @@ impl Lease {
     }
 }
 
+/// The most periods whose units taken outside a lease are owed separately.
+const UNLEASED_PERIODS: usize = 4;
+
 /// A quota period packed in 32 bits: its end in hours since the epoch (22 bits: until 2448)
 /// and its length in hours (10 bits: up to 42 days). Periods start and end at midnight UTC.
 pub(crate) struct PeriodBits;
@@ -355,8 +358,10 @@ struct QuotaCold {
     size: AtomicU64,
     /// When the lease was last refilled, in Unix nanoseconds.
     refilled_at: AtomicI64,
-    /// Usage reported while no lease of its period was held: owed by the next store call.
-    unleased: AtomicU64,
+    /// Usage taken while no lease of its period was held, per period (packed by
+    /// [`PeriodBits`], oldest first, at most [`UNLEASED_PERIODS`]): owed to that period's
+    /// counter by the next store calls.
+    unleased: std::sync::Mutex<Vec<(u32, u64)>>,
     reserved: AtomicU64,
     /// The tag of the period before the current one (`u32::MAX`: none), and the units of its
     /// requests refunded after the roll: given back to that period by the next store call.
@@ -554,7 +559,7 @@ impl<'a> QuotaRef<'a> {
                 match h.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
                         if taken < quantity {
-                            self.cold().unleased.fetch_add((quantity - taken) as u64, Ordering::AcqRel);
+                            self.owe_unleased(now, (quantity - taken) as u64);
                         }
                         return Some(tag);
                     }
@@ -562,20 +567,55 @@ impl<'a> QuotaRef<'a> {
                 }
             }
         }
-        self.cold().unleased.fetch_add(quantity as u64, Ordering::AcqRel);
+        self.owe_unleased(now, quantity as u64);
         None
+    }
+
+    /// Records `units` used at `now` outside any lease, owed to the period holding `now`.
+    fn owe_unleased(&self, now: i64, units: u64) {
+        let (start, end) = self.spec.period().bounds(now);
+        let bits = PeriodBits::pack(start, end);
+        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        match owed.iter_mut().find(|(b, _)| *b == bits) {
+            Some((_, u)) => *u = u.saturating_add(units),
+            None => owed.push((bits, units)),
+        }
+        if owed.len() > UNLEASED_PERIODS {
+            // Periods without a single store call in between: the oldest is folded into the
+            // next one (its counter is long over).
+            let (_, oldest) = owed.remove(0);
+            owed[0].1 = owed[0].1.saturating_add(oldest);
+        }
     }
 
     /// Units used outside any lease, not yet owed to the store.
     pub(crate) fn unleased(&self) -> u64 {
-        self.cold().unleased.load(Ordering::Acquire)
+        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, u)| *u).sum()
     }
 
-    /// Gives back units taken outside any lease ([`force_take`](Self::force_take) returned
-    /// `None`) by a request that is not billed, if the store has not been told yet.
-    pub(crate) fn refund_unleased(&self, cost: u64) {
-        let _ =
-            self.cold().unleased.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(cost)));
+    /// Gives back units taken outside any lease at `at` ([`force_take`](Self::force_take)
+    /// returned `None`) by a request that is not billed, if the store has not been told yet.
+    pub(crate) fn refund_unleased(&self, cost: u64, at: i64) {
+        let (start, end) = self.spec.period().bounds(at);
+        let bits = PeriodBits::pack(start, end);
+        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = owed.iter().position(|(b, _)| *b == bits) {
+            owed[i].1 = owed[i].1.saturating_sub(cost);
+            if owed[i].1 == 0 {
+                owed.remove(i);
+            }
+        }
+    }
+
+    /// Takes the units owed to a period other than the lease's current one (any, when no
+    /// lease is held): `(start, end, units)`. Call with the lock held.
+    pub(crate) fn pop_unleased_elsewhere(&self) -> Option<(i64, i64, u64)> {
+        let current = self.hot.period.load(Ordering::Acquire);
+        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        let i = owed.iter().position(|(b, _)| *b != current)?;
+        let (bits, units) = owed.remove(i);
+        let (start, end) = PeriodBits::bounds(bits);
+        Some((start, end, units))
     }
 
     /// Gives back units of a request that is not billed to the lease of the period they were
@@ -696,10 +736,20 @@ impl<'a> QuotaRef<'a> {
         Some((self.key(old_start, old_end), left))
     }
 
-    /// Usage owed by the next store call of the current period: what was reported outside
-    /// any lease. Call with the lock held.
+    /// Usage owed by the next store call of the current period: what was taken outside any
+    /// lease in it. Call with the lock held.
     pub(crate) fn take_unleased(&self) -> u64 {
-        self.cold().unleased.swap(0, Ordering::AcqRel)
+        let current = self.hot.period.load(Ordering::Acquire);
+        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        match owed.iter().position(|(b, _)| *b == current) {
+            Some(i) => owed.remove(i).1,
+            None => 0,
+        }
+    }
+
+    /// Forgets every unit owed outside a lease (state left in a snapshot).
+    pub(crate) fn forget_unleased(&self) {
+        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Units refunded to the previous period since the last call. Call with the lock held.

@@ -80,9 +80,8 @@ async fn the_extractor_gives_the_tenant_its_quota_and_records_usage() {
     assert_eq!(body, "acme on free: 1 requests and 500 of 1000 tokens left");
     let report = engine.flush().await.unwrap();
     assert_eq!(report.units, 2 + 500, "requests and tokens reached the store");
-    // The next day: a new period of the request quota, nothing of the last one carried over.
-    // (Tokens recorded on a meter that never had a lease are owed at its next store call and
-    // charged to the period then in force: a known limit of the engine, not checked here.)
+    // The next day: a new period of the request quota, nothing of the last one carried over
+    // (tokens recorded outside a lease are owed to their own day: tests/reports.rs).
     clock.advance(std::time::Duration::from_secs(86_400));
     let (_, _, body) = text(app.clone().oneshot(get_req("/generate", Some("key-acme"))).await.unwrap()).await;
     assert!(body.starts_with("acme on free: 2 requests and "), "{body}");
