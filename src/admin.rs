@@ -214,6 +214,14 @@ impl Admin {
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<TenantRecord, AdminError> {
         let plan = self.plan(plan)?;
         let mut record = self.existing(id).await?;
+        if let (Some(config), Some(json)) = (&self.config, &record.overrides) {
+            // The tenant's overrides must hold over the new plan too.
+            let o =
+                crate::config::PlanOverride::from_json(json, config).map_err(|e| AdminError::Invalid(e.to_string()))?;
+            config
+                .check_override(&plan, &o)
+                .map_err(|e| AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}")))?;
+        }
         record.plan = plan;
         self.store.put_tenant(&record, &[]).await?;
         self.changed(&record.id);

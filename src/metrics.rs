@@ -43,7 +43,7 @@ pub(crate) struct Metrics {
 }
 
 /// The reasons a usage event is refused, as labelled in `tollgate_usage_events_total`.
-const EVENT_REFUSALS: [&str; 5] = ["invalid", "too_old", "in_future", "quota", "store_error"];
+const EVENT_REFUSALS: [&str; 6] = ["invalid", "too_old", "in_future", "quota", "store_error", "not_yet"];
 
 impl Metrics {
     pub(crate) fn register() -> Self {

@@ -160,3 +160,21 @@ fn the_forwarded_header_is_one_of_two() {
     let c = tollgate::Config::from_toml_str(&toml).unwrap();
     assert_eq!(c.clients().forwarded_header, tollgate::config::ForwardedHeader::Forwarded);
 }
+
+/// An unknown API key is served as the anonymous tenant, per address too (its address is read
+/// once the key turns out unknown).
+#[tokio::test]
+async fn unknown_keys_served_as_anonymous_are_limited_per_address() {
+    let h = Harness::new(TOML);
+    let with_key = |ip: &'static str, key: &'static str| {
+        let mut r = req("GET", "/", Some(key), None);
+        r.extensions_mut().insert(ClientAddr(ip.parse().unwrap()));
+        r
+    };
+    for (ip, key) in [("192.0.2.31", "junk-1"), ("192.0.2.31", "junk-2")] {
+        assert_eq!(h.send(with_key(ip, key)).await.status.as_u16(), 200);
+    }
+    assert_eq!(h.send(with_key("192.0.2.31", "junk-3")).await.status.as_u16(), 429, "one address, one bucket");
+    assert_eq!(h.send(with_key("192.0.2.32", "junk-4")).await.status.as_u16(), 200, "another address");
+    assert_eq!(h.tollgate.stats().anonymous_without_address, 0);
+}

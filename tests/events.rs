@@ -366,17 +366,35 @@ async fn in_shadow_mode_events_past_the_quota_are_recorded() {
     assert!(engine.stats().shadow_would_refuse >= 1);
 }
 
-/// An event a little ahead of the clock, in the next day, is charged to the quota of the day
-/// in force (not skipped), and lands in its own window.
+/// An event a little ahead of the clock, in the next day (within the skew): its quota period
+/// has not begun, so it is refused as retryable (never charged to the wrong day, never lost);
+/// retried after midnight it is applied to its own day.
 #[tokio::test]
-async fn an_event_just_past_midnight_is_charged_to_the_period_in_force() {
+async fn an_event_just_past_midnight_waits_for_its_period() {
     let store = Arc::new(MemoryStore::new());
     let midnight = NOON - NOON.rem_euclid(DAY) + DAY;
-    let (engine, _) = engine_on(store.clone(), midnight - 60);
+    let (engine, clock) = engine_on(store.clone(), midnight - 60);
     assert_eq!(engine.record_event(ev("late-night", 8, midnight - 120)).await.unwrap(), EventOutcome::Applied);
-    // 2 minutes ahead, in tomorrow: charged to today's quota, of which 2 are left.
     let e = engine.record_event(ev("ahead", 5, midnight + 60)).await.unwrap_err();
-    assert!(matches!(e, EventError::QuotaExceeded { .. }), "{e}");
-    assert_eq!(engine.record_event(ev("ahead-2", 2, midnight + 60)).await.unwrap(), EventOutcome::Applied);
-    assert_eq!(stored(&*store, midnight, midnight + HOUR).await, 2, "in its own window");
+    assert!(matches!(e, EventError::PeriodNotStarted { starts_in_secs: 60 }) && e.is_retryable(), "{e}");
+    clock.advance(Duration::from_secs(120));
+    assert_eq!(engine.record_event(ev("ahead", 5, midnight + 60)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(stored(&*store, midnight, midnight + HOUR).await, 5, "in its own window and day");
+}
+
+/// The write lands but its answer is lost: the event's units stay taken and its retry, which
+/// finds it stored, keeps them (a `Duplicate` after its own lost answer), so the hard quota is
+/// not passed.
+#[tokio::test]
+async fn a_write_whose_answer_was_lost_keeps_its_units() {
+    let faulty = Arc::new(Faulty::default());
+    let (engine, _) = engine_on(faulty.clone(), NOON);
+    faulty.lose_event_answers.store(1, std::sync::atomic::Ordering::SeqCst);
+    let lost = engine.record_event(ev("a", 8, NOON)).await.unwrap_err();
+    assert!(lost.is_retryable(), "{lost}");
+    assert_eq!(engine.record_event(ev("a", 8, NOON)).await.unwrap(), EventOutcome::Duplicate);
+    // 8 of 10 stored: 3 more would pass the limit.
+    assert!(matches!(engine.record_event(ev("b", 3, NOON)).await, Err(EventError::QuotaExceeded { .. })));
+    assert_eq!(engine.record_event(ev("c", 2, NOON)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(stored(&*faulty, NOON, NOON + HOUR).await, 10);
 }

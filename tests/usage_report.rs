@@ -98,11 +98,15 @@ async fn the_threshold_hook_is_called_once_per_threshold_and_period() {
     h.tollgate.reload(Config::from_toml_str(TOML).unwrap()).await.unwrap();
     assert_eq!(h.status("/", "key-t").await, 200);
     assert_eq!(*crossed.lock().unwrap(), [(80, day, 8)], "once per period, across a reload");
+    // A reload that adds a threshold: the new one is told (late), the 80% still not again.
+    let more = TOML.replace("[plans.p]", "[usage]\nnotify_at = [50, 80, 100]\n[plans.p]");
+    h.tollgate.reload(Config::from_toml_str(&more).unwrap()).await.unwrap();
     assert_eq!(h.status("/", "key-t").await, 200);
+    assert_eq!(*crossed.lock().unwrap(), [(80, day, 8), (50, day, 10), (100, day, 10)], "marked by percentage");
     for _ in 0..5 {
         assert_eq!(h.status("/", "key-t").await, 429);
     }
-    assert_eq!(*crossed.lock().unwrap(), [(80, day, 8), (100, day, 10)], "each once");
+    assert_eq!(*crossed.lock().unwrap(), [(80, day, 8), (50, day, 10), (100, day, 10)], "each once");
     // The next day is a new period.
     h.clock.advance(Duration::from_secs(DAY as u64));
     for _ in 0..8 {

@@ -624,6 +624,9 @@ impl Config {
             return Err(format!("no plan `{plan}`"));
         };
         let merged = base.with_override(o);
+        if o.burst.is_some() && merged.rate.is_none() {
+            return Err("a burst needs a rate (the plan has none, and the overrides set none)".into());
+        }
         if merged.rate.is_some() {
             if let Some(r) = self.routes.iter().find(|r| r.cost > merged.burst) {
                 return Err(format!(

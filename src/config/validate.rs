@@ -1003,6 +1003,9 @@ impl Validator<'_, '_> {
                 Some(o) => {
                     let o = self.plan_override(&format!("{base}.overrides"), o, meters)?;
                     let merged = plans[&plan].with_override(&o);
+                    if o.burst.is_some() && merged.rate.is_none() {
+                        return Err(self.invalid(&format!("{base}.overrides.burst"), "a burst needs a rate"));
+                    }
                     let mut one = BTreeMap::new();
                     one.insert(merged.id.clone(), merged.clone());
                     // The merged plan must hold as a plan does: every route's cost within its

@@ -195,10 +195,7 @@ impl Builder {
             buffer_full: Default::default(),
             sink: self.sink,
             on_threshold: self.on_threshold,
-            notified: moka::sync::Cache::builder()
-                .max_capacity((limits.max_tenants as u64).saturating_mul(4).max(1024))
-                .time_to_live(std::time::Duration::from_secs(32 * 86_400))
-                .build(),
+            notified: Default::default(),
             held_events: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(std::time::Duration::from_secs(3600))

@@ -108,8 +108,8 @@ impl ForwardedHeader {
     }
 }
 
-/// The most lines of the forwarding header read; a request with more is treated as one whose
-/// chain cannot be read (the last trusted hop's address).
+/// The most lines of the forwarding header read: the last ones (a proxy appends its entry to
+/// the end, as a last line or at the end of the last line).
 const MAX_LINES: usize = 8;
 
 /// The client's address: the peer's, or, when the peer is a trusted proxy, the rightmost
@@ -128,17 +128,17 @@ pub(crate) fn client_ip<'a>(
     if !is_trusted(peer) {
         return Some(peer);
     }
+    // The last MAX_LINES lines, in a ring.
     let mut held: [&[u8]; MAX_LINES] = [&[]; MAX_LINES];
-    let mut n = 0;
+    let mut n = 0usize;
     for line in lines {
-        if n == MAX_LINES {
-            return Some(peer);
-        }
-        held[n] = line;
+        held[n % MAX_LINES] = line;
         n += 1;
     }
+    let kept = n.min(MAX_LINES);
     let mut client = peer;
-    for line in held[..n].iter().rev() {
+    for k in 1..=kept {
+        let line = held[(n - k) % MAX_LINES];
         let Ok(line) = std::str::from_utf8(line) else { return Some(client) };
         for element in line.rsplit(',') {
             let hop = match header {
@@ -288,9 +288,10 @@ mod tests {
         // IPv4-mapped addresses are IPv4.
         assert_eq!(xff("::ffff:10.0.0.1", &proxies, &["198.51.100.1"]), ip("198.51.100.1"));
         assert_eq!(client_ip(None, &ranges(&proxies), ForwardedHeader::XForwardedFor, std::iter::empty()), None);
-        // More lines than are read: the chain is not believed.
-        let many: Vec<&str> = std::iter::repeat_n("198.51.100.1", 9).collect();
-        assert_eq!(xff("10.0.0.1", &proxies, &many), ip("10.0.0.1"));
+        // More lines than are read: the last ones are read (the client's own lines first).
+        let mut many: Vec<&str> = std::iter::repeat_n("6.6.6.6", 9).collect();
+        many.push("198.51.100.1");
+        assert_eq!(xff("10.0.0.1", &proxies, &many), ip("198.51.100.1"));
     }
 
     #[test]

@@ -128,14 +128,17 @@ impl FrontDoor {
     /// Decides on a request that `describe` builds from the configuration in force (or
     /// refuses before the engine sees it), with one load of the cached configuration.
     #[inline]
+    /// `client` reads the client's address, only for a request served as the anonymous tenant
+    /// when anonymous callers are limited per address.
     pub(crate) fn admit_raw<'a>(
         &mut self,
         describe: impl FnOnce(&Runtime) -> Result<RequestInfo<'a>, crate::Rejection>,
+        client: impl FnOnce(&Runtime) -> Option<std::net::IpAddr>,
     ) -> Admission {
         let FrontDoor { tollgate, runtime } = self;
         let rt: &Arc<Runtime> = runtime.load();
         match describe(rt) {
-            Ok(req) => tollgate.admit_in(rt, &req),
+            Ok(req) => tollgate.admit_in(rt, &req, || client(rt)),
             Err(rejection) => Admission::Rejected(tollgate.count(rejection)),
         }
     }
@@ -152,23 +155,22 @@ impl FrontDoor {
     /// here; the rest come back as [`Admission::Pending`], for [`Tollgate::resolve`].
     #[inline]
     pub fn admit_request(&mut self, request: &impl RequestView) -> Admission {
-        self.admit_raw(|rt| {
-            let credential = match &rt.config.identify {
-                Identify::ApiKey { header } => credential_in(request.header_values(header.as_str())),
-                Identify::Extension => match request.identity() {
-                    Some(identity) => Credential::Tenant(identity.tenant().as_str()),
-                    None => Credential::Missing,
-                },
-            };
-            let mut info = RequestInfo::new(request.method(), request.path(), credential);
-            if rt.client_keys.is_some() && matches!(info.credential, Credential::Missing) {
-                // An anonymous caller, limited per address: read it (else nothing is read).
-                info.client = rt.client_ip(request.client_addr(), |name| request.header_values(name));
-            }
-            describe(info, request.query(), rt.honours_idempotency(request.method()), || {
-                request.header_values("idempotency-key")
-            })
-        })
+        self.admit_raw(
+            |rt| {
+                let credential = match &rt.config.identify {
+                    Identify::ApiKey { header } => credential_in(request.header_values(header.as_str())),
+                    Identify::Extension => match request.identity() {
+                        Some(identity) => Credential::Tenant(identity.tenant().as_str()),
+                        None => Credential::Missing,
+                    },
+                };
+                let info = RequestInfo::new(request.method(), request.path(), credential);
+                describe(info, request.query(), rt.honours_idempotency(request.method()), || {
+                    request.header_values("idempotency-key")
+                })
+            },
+            |rt| rt.client_ip(request.client_addr(), |name| request.header_values(name)),
+        )
     }
 
     /// Decides on a request without waiting, described by `describe` against the configured
@@ -177,12 +179,15 @@ impl FrontDoor {
     /// [`Admission::Pending`], for [`Tollgate::resolve`].
     #[inline]
     pub fn admit_with<'a>(&mut self, describe: impl FnOnce(&Identify) -> RequestInfo<'a>) -> Admission {
-        self.admit_raw(|rt| {
-            let mut req = describe(&rt.config.identify);
-            if req.idempotency_key.is_some() && !rt.honours_idempotency(req.method) {
-                req.idempotency_key = None;
-            }
-            Ok(req)
-        })
+        self.admit_raw(
+            |rt| {
+                let mut req = describe(&rt.config.identify);
+                if req.idempotency_key.is_some() && !rt.honours_idempotency(req.method) {
+                    req.idempotency_key = None;
+                }
+                Ok(req)
+            },
+            |_| None,
+        )
     }
 }

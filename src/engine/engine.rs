@@ -172,8 +172,9 @@ pub(crate) struct Shared {
     pub(crate) held_events: moka::sync::Cache<String, super::events::HeldUnits>,
     /// Called when a tenant crosses a quota threshold.
     pub(crate) on_threshold: Option<super::ThresholdHook>,
-    /// The thresholds notified, per (tenant, meter, period start): a bit per threshold.
-    pub(crate) notified: moka::sync::Cache<(TenantId, crate::config::MeterId, i64), Arc<std::sync::atomic::AtomicU32>>,
+    /// The thresholds notified, per (tenant, meter): in which period and limit, which
+    /// percentages (bounded: see `check_thresholds`).
+    pub(crate) notified: std::sync::Mutex<std::collections::HashMap<(TenantId, crate::config::MeterId), super::Marks>>,
     pub(crate) clock: Clock,
     pub(crate) idempotency: Idempotency,
     pub(crate) metrics: Arc<Metrics>,
@@ -280,7 +281,12 @@ impl Tollgate {
     /// Decides on a request described against `rt`, whose `idempotency_key` is only set on
     /// methods that honour it.
     #[inline]
-    pub(crate) fn admit_in(&self, rt: &Runtime, req: &RequestInfo<'_>) -> Admission {
+    pub(crate) fn admit_in(
+        &self,
+        rt: &Runtime,
+        req: &RequestInfo<'_>,
+        client: impl FnOnce() -> Option<std::net::IpAddr>,
+    ) -> Admission {
         if let Some(key) = req.idempotency_key {
             if let Err(why) = check_key(key) {
                 return self.reject(Rejection::new(RejectionKind::MalformedIdempotencyKey, why));
@@ -326,14 +332,14 @@ impl Tollgate {
                 };
                 if state.plan.clients.is_some() {
                     // The anonymous tenant: its rate is per client address.
-                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(req.client));
+                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(req.client.or_else(client)));
                 }
                 self.decide(state, route, idem)
             }
             None => {
                 // Anonymous callers (or an unknown key served as one) need their address.
                 if let Some(keys) = &rt.client_keys {
-                    route.client = keys.key(req.client);
+                    route.client = keys.key(req.client.or_else(client));
                 }
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),

@@ -110,19 +110,28 @@ pub enum EventError {
     /// or names a product code `[events.products]` does not map.
     #[error("malformed usage event: {0}")]
     Malformed(String),
-    /// The store did not answer (or failed): nothing was recorded, a retry may succeed.
+    /// The store did not answer (or failed). The write may have landed (a timeout): a retry
+    /// applies the event, or answers `Duplicate` if it did.
     #[error("the store did not record the event: {0}")]
     Store(#[source] StoreError),
+    /// The event's time is in a quota period that has not begun on this node's clock (within
+    /// `events.max_skew`): its quota cannot be checked yet. Retryable: delivered again once
+    /// the period has begun, it is applied there.
+    #[error("the event's quota period begins in {starts_in_secs} s: retry then")]
+    PeriodNotStarted {
+        /// Seconds until the period begins.
+        starts_in_secs: u64,
+    },
 }
 
 impl EventError {
     /// Whether a retry may succeed (the store failed); the other errors are final.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Store(_))
+        matches!(self, Self::Store(_) | Self::PeriodNotStarted { .. })
     }
 
     /// A short name for logs and metrics: `invalid`, `too_old`, `in_future`, `quota`,
-    /// `store_error`.
+    /// `store_error`, `not_yet`.
     pub fn label(&self) -> &'static str {
         match self {
             Self::InvalidId | Self::UnknownTenant(_) | Self::UnknownMeter(_) | Self::Malformed(_) => "invalid",
@@ -130,6 +139,7 @@ impl EventError {
             Self::InFuture { .. } => "in_future",
             Self::QuotaExceeded { .. } => "quota",
             Self::Store(_) => "store_error",
+            Self::PeriodNotStarted { .. } => "not_yet",
         }
     }
 }
@@ -230,7 +240,7 @@ impl Tollgate {
         self.record_events(std::slice::from_ref(&event)).await.pop().unwrap_or(Err(EventError::InvalidId))
     }
 
-    /// Records usage events in one store write, each at most once per id, and returns one
+    /// Records usage events in one store call, each at most once per id, and returns one
     /// outcome per event, in order, once they are stored.
     ///
     /// - **The event's time picks its window**: the usage window holding it (for a meter with
@@ -320,7 +330,7 @@ impl Tollgate {
         let mut out: Vec<Option<Result<EventOutcome, EventError>>> = (0..events.len()).map(|_| None).collect();
         let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
-            match self.prepare_event(&rt, e, index, now, timeout).await {
+            match self.prepare_event(&rt, e, index, now, rt.config.usage.store_timeout).await {
                 Ok(p) => ready.push(p),
                 Err(err) => out[index] = Some(Err(err)),
             }
@@ -348,8 +358,7 @@ impl Tollgate {
                     // already stored answers `Duplicate`).
                     for p in ready {
                         if p.tag.is_some() {
-                            let held = HeldUnits { state: p.state.clone(), quantity: p.quantity, tag: p.tag };
-                            self.shared.held_events.insert(p.event.id.clone(), held);
+                            self.shared.held_events.insert(p.event.id.clone(), HeldUnits { quantity: p.quantity });
                         }
                         out[p.index] = Some(Err(EventError::Store(clone_error(&e))));
                     }
@@ -395,7 +404,7 @@ impl Tollgate {
         e: &Event,
         index: usize,
         now: i64,
-        timeout: Duration,
+        lookup_timeout: Duration,
     ) -> Result<Prepared, EventError> {
         if e.id.is_empty() || e.id.len() > EVENT_ID_MAX_LEN {
             return Err(EventError::InvalidId);
@@ -422,7 +431,7 @@ impl Tollgate {
         if window_start < now.saturating_sub(MAX_AGE.as_secs() as i64) {
             return Err(EventError::TooOld { age_secs: now.saturating_sub(at).max(0) as u64 });
         }
-        let state = self.known_tenant(&e.tenant, timeout).await?;
+        let state = self.known_tenant(&e.tenant, lookup_timeout).await?;
         // A state of another configuration (a reload meanwhile) indexes meters its own way.
         let meter = state.plan.meters.index(e.meter.as_str()).unwrap_or(meter_index);
         state.touch(now);
@@ -431,8 +440,8 @@ impl Tollgate {
         // Units still held for this event by an attempt whose write may have landed: reused,
         // not taken again (a retry is never refused for the units of its own first attempt).
         let tag = match self.shared.held_events.remove(&id) {
-            Some(held) if held.quantity == e.quantity && Tenant::ptr_eq(&held.state, &state) => held.tag,
-            _ => self.take_for_event(&state, meter, e.quantity, at, now, timeout).await?,
+            Some(held) if held.quantity == e.quantity => Some(Taken::Held),
+            _ => self.take_for_event(&state, meter, e.quantity, at, now, lookup_timeout).await?,
         };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity);
         Ok(Prepared {
@@ -481,11 +490,15 @@ impl Tollgate {
             return Ok(None);
         };
         let period = cell.spec.period();
-        // A period already over never refuses (its counter is left alone). An event just
-        // ahead of the clock (within `events.max_skew`) in the next period is charged to the
-        // period in force.
-        if quantity == 0 || period.bounds(at).1 <= now {
+        // A period already over never refuses (its counter is left alone).
+        let (start, end) = period.bounds(at);
+        if quantity == 0 || end <= now {
             return Ok(None);
+        }
+        // Just ahead of the clock (within `events.max_skew`), in a period that has not begun:
+        // its quota cannot be asked yet; a retry once it has begun applies it there.
+        if start > now {
+            return Err(EventError::PeriodNotStarted { starts_in_secs: (start - now) as u64 });
         }
         let exceeded = || EventError::QuotaExceeded {
             meter: cell.meter_id().clone(),
@@ -533,12 +546,11 @@ impl Tollgate {
     }
 }
 
-/// Quota units taken for an event whose write may have landed, held for its retry.
-#[derive(Clone)]
+/// Quota units taken for an event whose write may have landed, held for its retry: never
+/// given back (they belong to the event, stored or about to be).
+#[derive(Clone, Copy)]
 pub(crate) struct HeldUnits {
-    state: Tenant,
     quantity: u64,
-    tag: Option<Taken>,
 }
 
 /// Where an event's quota units were taken from.
@@ -548,6 +560,9 @@ enum Taken {
     Lease(u16),
     /// Outside any lease (shadow mode past the limit): owed to the store.
     Unleased,
+    /// Held from an earlier attempt whose write may have landed: a `Duplicate` now most
+    /// likely is that write, so they are never given back.
+    Held,
 }
 
 /// Gives an event's units back (its write did not apply them); whether there were any.
@@ -556,7 +571,7 @@ fn give_back(p: &Prepared) -> bool {
     match p.tag {
         Some(Taken::Lease(tag)) => cell.refund(p.quantity, tag),
         Some(Taken::Unleased) => cell.refund_unleased(p.quantity, p.taken_at),
-        None => return false,
+        Some(Taken::Held) | None => return false,
     }
     p.quantity > 0
 }

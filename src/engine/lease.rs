@@ -1,7 +1,7 @@
 //! Quota leases: every store call of a quota cell, made with the cell's lock held, carrying a
 //! token so that a call retried after a timeout is applied once.
 
-use std::sync::{atomic::Ordering, Arc};
+use std::sync::atomic::Ordering;
 
 use super::{engine::with_timeout, Tollgate};
 use crate::{
@@ -194,39 +194,58 @@ impl Tollgate {
         let Some(hook) = &self.shared.on_threshold else { return };
         let rt = self.shared.runtime.load();
         let limit = u128::from(cell.spec.limit().get());
-        let crossed = rt
+        let limit_units = cell.spec.limit().get();
+        let crossed: Vec<u16> = rt
             .config
             .usage
             .notify_at
             .iter()
-            .enumerate()
-            .filter(|(_, pct)| u128::from(reserved) * 100 >= limit * u128::from(**pct))
-            .fold(0u32, |bits, (i, _)| bits | (1 << i));
-        if crossed == 0 {
+            .copied()
+            .filter(|pct| u128::from(reserved) * 100 >= limit * u128::from(*pct))
+            .collect();
+        if crossed.is_empty() {
             return;
         }
         // Kept by the engine, not the tenant's state: a state rebuilt (a reload, an eviction,
-        // a plan change) does not notify again in the same period.
-        let key = (cell.tenant().clone(), cell.meter_id().clone(), start);
-        let marks = self.shared.notified.get_with(key, || Arc::new(std::sync::atomic::AtomicU32::new(0)));
-        let new = crossed & !marks.fetch_or(crossed, Ordering::AcqRel);
-        for (i, pct) in rt.config.usage.notify_at.iter().enumerate() {
-            if new & (1 << i) != 0 {
-                let crossed = super::ThresholdCrossed {
-                    tenant: cell.tenant().clone(),
-                    plan: cell.plan_id().clone(),
-                    meter: cell.meter_id().clone(),
-                    period: cell.spec.period(),
-                    start,
-                    end,
-                    limit: cell.spec.limit().get(),
-                    mode: cell.spec.mode(),
-                    percent: *pct,
-                    reserved,
-                };
-                tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, "quota threshold crossed");
-                hook(&crossed);
+        // a plan change) does not notify again in the same period; a new period, or a new
+        // limit (a plan change), starts afresh. Marked by percentage, so a reload that changes
+        // `notify_at` keeps what was notified.
+        let new: Vec<u16> = {
+            let mut marks = self.shared.notified.lock().unwrap_or_else(|e| e.into_inner());
+            let cap = rt.config.limits.max_tenants.saturating_mul(4).max(1024);
+            let key = (cell.tenant().clone(), cell.meter_id().clone());
+            if !marks.contains_key(&key) && marks.len() >= cap {
+                let now = self.shared.clock.unix_secs();
+                marks.retain(|_, m| m.end > now);
+                if marks.len() >= cap {
+                    // Held tenants over the cap: the oldest marks go (they may notify again).
+                    marks.clear();
+                }
             }
+            let m =
+                marks.entry(key).or_insert_with(|| super::Marks { start, end, limit: limit_units, done: Vec::new() });
+            if (m.start, m.limit) != (start, limit_units) {
+                *m = super::Marks { start, end, limit: limit_units, done: Vec::new() };
+            }
+            let new: Vec<u16> = crossed.into_iter().filter(|p| !m.done.contains(p)).collect();
+            m.done.extend(&new);
+            new
+        };
+        for pct in new {
+            let crossed = super::ThresholdCrossed {
+                tenant: cell.tenant().clone(),
+                plan: cell.plan_id().clone(),
+                meter: cell.meter_id().clone(),
+                period: cell.spec.period(),
+                start,
+                end,
+                limit: limit_units,
+                mode: cell.spec.mode(),
+                percent: pct,
+                reserved,
+            };
+            tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, "quota threshold crossed");
+            hook(&crossed);
         }
     }
 

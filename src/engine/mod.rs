@@ -60,6 +60,14 @@ pub struct ThresholdCrossed {
     pub reserved: u64,
 }
 
+/// The thresholds notified for a tenant's quota: of which period and limit, which percentages.
+pub(crate) struct Marks {
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+    pub(crate) limit: u64,
+    pub(crate) done: Vec<u16>,
+}
+
 /// The threshold hook.
 pub(crate) type ThresholdHook = std::sync::Arc<dyn Fn(&ThresholdCrossed) + Send + Sync>;
 pub use ticket::Ticket;

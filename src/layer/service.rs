@@ -60,23 +60,24 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolver = &self.resolver;
-        let admission = self.door.admit_raw(|rt| {
-            let mut info = RequestInfo::new(
-                request.method().as_str(),
-                request.uri().path(),
-                resolver.resolve(&request, &rt.config.identify),
-            );
-            if rt.client_keys.is_some() && matches!(info.credential, crate::Credential::Missing) {
-                // An anonymous caller, limited per address: read it (else nothing is read).
-                let headers = request.headers();
-                info.client = rt.client_ip(request.extensions().get::<crate::ClientAddr>().map(|a| a.0), |name| {
-                    headers.get_all(name).iter().map(HeaderValue::as_bytes)
-                });
-            }
-            describe(info, request.uri().query(), rt.honours_idempotency_method(request.method()), || {
-                request.headers().get_all(&IDEMPOTENCY_KEY).iter().map(HeaderValue::as_bytes)
-            })
-        });
+        let admission = self.door.admit_raw(
+            |rt| {
+                let info = RequestInfo::new(
+                    request.method().as_str(),
+                    request.uri().path(),
+                    resolver.resolve(&request, &rt.config.identify),
+                );
+                describe(info, request.uri().query(), rt.honours_idempotency_method(request.method()), || {
+                    request.headers().get_all(&IDEMPOTENCY_KEY).iter().map(HeaderValue::as_bytes)
+                })
+            },
+            // Read only for a request served as the anonymous tenant (limited per address).
+            |rt| {
+                rt.client_ip(request.extensions().get::<crate::ClientAddr>().map(|a| a.0), |name| {
+                    request.headers().get_all(name).iter().map(HeaderValue::as_bytes)
+                })
+            },
+        );
         match admission {
             Admission::Admitted(ticket) => {
                 if self.context {

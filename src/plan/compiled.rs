@@ -504,6 +504,7 @@ impl Runtime {
         if o.is_empty() {
             return Ok(base.clone());
         }
+        self.config.check_override(plan, &o)?;
         let spec = self.config.plans[plan].with_override(&o);
         Ok(Arc::new(CompiledPlan::compile(
             &spec,

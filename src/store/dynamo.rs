@@ -956,6 +956,14 @@ impl Store for DynamoStore {
                         out.push(EventOutcome::Applied);
                         continue 'events;
                     }
+                    // Another request with this token is still being applied: wait, send again.
+                    Err(err)
+                        if err.as_service_error().is_some_and(|e| {
+                            matches!(e, TransactWriteItemsError::TransactionInProgressException(_))
+                        }) =>
+                    {
+                        backoff(attempt).await
+                    }
                     Err(err) => match cancellation(&err) {
                         Some(reasons)
                             if reasons.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>

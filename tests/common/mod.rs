@@ -180,6 +180,8 @@ pub struct Faulty {
     /// The next this many usage commits are applied, then answer with an error (a flush whose
     /// acknowledgement is lost: retried with the same id).
     pub lose_commit_answers: std::sync::atomic::AtomicU32,
+    /// The next this many event commits are applied, then answer with an error.
+    pub lose_event_answers: std::sync::atomic::AtomicU32,
     /// Every call fails.
     pub down: AtomicBool,
     /// Usage writes and export listings fail.
@@ -200,6 +202,7 @@ impl Default for Faulty {
             inner: Arc::new(MemoryStore::new()),
             durable: true,
             lose_commit_answers: Default::default(),
+            lose_event_answers: Default::default(),
             down: Default::default(),
             usage_down: Default::default(),
             lose_answers: Default::default(),
@@ -308,7 +311,12 @@ impl Store for Faulty {
     }
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         self.check_usage()?;
-        self.inner.commit_events(events).await
+        let out = self.inner.commit_events(events).await?;
+        let lose = self.lose_event_answers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if lose.is_ok() {
+            return Err(StoreError::Timeout(std::time::Duration::from_millis(250)));
+        }
+        Ok(out)
     }
     async fn usage_range(
         &self,
