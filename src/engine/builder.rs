@@ -196,8 +196,10 @@ impl Builder {
             sink: self.sink,
             on_threshold: self.on_threshold,
             notified: Default::default(),
+            // Only events whose write failed ambiguously are held: a few, while the store is
+            // in trouble.
             held_events: moka::sync::Cache::builder()
-                .max_capacity(100_000)
+                .max_capacity(10_000)
                 .time_to_live(std::time::Duration::from_secs(3600))
                 .build(),
             clock,

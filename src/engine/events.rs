@@ -529,12 +529,7 @@ impl Tollgate {
             Ok(Some(tag)) => Ok(Some(Taken::Lease(tag))),
             Ok(None) if state.plan.shadow => {
                 // Shadow mode: taken past the limit (owed to the store), the refusal counted.
-                let mut r = crate::Rejection::new(
-                    crate::RejectionKind::QuotaExceeded,
-                    "the quota is spent (shadow mode: a usage event not refused)",
-                );
-                r.inner.policy = Some(format!("{}-{}", cell.meter_id(), period.name()));
-                self.would_refuse(&r.for_tenant(state));
+                self.would_refuse(&self.shadow_quota(state, meter));
                 Ok(Some(cell.force_take(quantity, now).map_or(Taken::Unleased, Taken::Lease)))
             }
             Ok(None) => Err(exceeded()),

@@ -221,38 +221,36 @@ impl TenantState {
 
     /// Reads the recorded usage without taking it: (meter index, window start in Unix seconds,
     /// quantity).
-    pub(crate) fn peek_usage(&self, mut out: impl FnMut(usize, i64, u64)) {
-        let window_secs = self.plan.window_secs;
-        let stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
-        for &(meter, window, quantity) in stale.iter() {
-            out(meter, i64::from(window) * window_secs, quantity);
-        }
-        let cells = std::iter::once(&self.first).chain(self.more.iter());
-        for (meter, cell) in cells.enumerate() {
-            for slot in 0..2 {
-                let window = cell.windows[slot].load(Ordering::Acquire);
-                let quantity = cell.quantity[slot].load(Ordering::Acquire);
-                if quantity > 0 {
-                    out(meter, i64::from(window) * window_secs, quantity);
-                }
-            }
-        }
+    pub(crate) fn peek_usage(&self, out: impl FnMut(usize, i64, u64)) {
+        self.visit_usage(false, out);
     }
 
     /// Takes all recorded usage: (meter index, window start in Unix seconds, quantity).
-    pub(crate) fn drain_usage(&self, mut out: impl FnMut(usize, i64, u64)) {
+    pub(crate) fn drain_usage(&self, out: impl FnMut(usize, i64, u64)) {
+        self.visit_usage(true, out);
+    }
+
+    /// Every usage slot with units, taken (`take`) or only read.
+    fn visit_usage(&self, take: bool, mut out: impl FnMut(usize, i64, u64)) {
         let window_secs = self.plan.window_secs;
-        // Held while draining: no slot moves to another window meanwhile.
+        // Held meanwhile: no slot moves to another window.
         let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
-        for (meter, window, quantity) in stale.drain(..) {
+        for &(meter, window, quantity) in stale.iter() {
             out(meter, i64::from(window) * window_secs, quantity);
         }
-        stale.shrink_to(4);
+        if take {
+            stale.clear();
+            stale.shrink_to(4);
+        }
         let cells = std::iter::once(&self.first).chain(self.more.iter());
         for (meter, cell) in cells.enumerate() {
             for slot in 0..2 {
                 let window = cell.windows[slot].load(Ordering::Acquire);
-                let quantity = cell.quantity[slot].swap(0, Ordering::AcqRel);
+                let quantity = if take {
+                    cell.quantity[slot].swap(0, Ordering::AcqRel)
+                } else {
+                    cell.quantity[slot].load(Ordering::Acquire)
+                };
                 if quantity > 0 {
                     out(meter, i64::from(window) * window_secs, quantity);
                 }
