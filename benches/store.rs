@@ -11,9 +11,10 @@
 use std::{sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tollgate::store::prelude::*;
 use tollgate::{
     config::{Period, Synchronous},
-    store::{FlushId, MemoryStore, QuotaKey, Reservation, ReserveToken, SqliteStore, Store, UsageBatch, UsageRecord},
+    store::{FlushId, MemoryStore, QuotaKey, Reservation, ReserveToken, SqliteStore, UsageBatch, UsageRecord},
 };
 
 const RECORDS: usize = 1000;

@@ -20,6 +20,7 @@ use std::{
     time::Duration,
 };
 
+use tollgate::store::prelude::*;
 use tollgate::{
     aws_sdk_dynamodb::{
         config::{
@@ -29,7 +30,7 @@ use tollgate::{
         Client, Config as SdkConfig,
     },
     clock::Clock,
-    store::{DynamoStore, Store, TenantRecord},
+    store::{DynamoStore, TenantRecord},
     Config, KeyHash, Tollgate, TollgateLayer,
 };
 use tower::{Layer, ServiceExt};

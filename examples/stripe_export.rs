@@ -17,10 +17,11 @@ mod standin;
 
 use std::{sync::Arc, time::Instant};
 
+use tollgate::store::prelude::*;
 use tollgate::{
     billing::{Secret, StripeSink},
     clock::Clock,
-    store::{FlushId, MemoryStore, Store, UsageBatch, UsageRecord},
+    store::{FlushId, MemoryStore, UsageBatch, UsageRecord},
     Config, Tollgate,
 };
 

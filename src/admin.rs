@@ -1,7 +1,8 @@
 //! The directory's administration, for the `tollgate` command and for teams that build their own
 //! admin pages: tenants and their plans, API keys (issued, listed, rotated, revoked, imported),
-//! and the usage a tenant was billed. It works on any [`Store`], and checks plans against the
-//! configuration.
+//! the usage a tenant was billed, and the dead letters of the export. It works on the directory
+//! role ([`DirectoryStore`]) and the usage and export roles ([`UsageExportStore`]) of any store,
+//! and checks plans against the configuration.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -22,7 +23,10 @@ use std::sync::Arc;
 use crate::{
     config::{Config, MeterId, PlanId, TenantId},
     engine::{open_store, BuildError},
-    store::{unix_now, ApiKeyRecord, Store, StoreError, TenantRecord, UsageAggregate},
+    store::{
+        unix_now, ApiKeyRecord, DeadLetter, DirectoryStore, ExportKey, Store, StoreError, TenantRecord, UsageAggregate,
+        UsageExportStore,
+    },
     KeyHash,
 };
 
@@ -120,24 +124,35 @@ pub struct ImportReport {
     pub keys: usize,
 }
 
-/// Administration of the directory held by a store.
+/// Administration of the directory, and of the usage and dead letters of the export.
 #[derive(Debug, Clone)]
 pub struct Admin {
-    store: Arc<dyn Store>,
+    directory: Arc<dyn DirectoryStore>,
+    usage: Arc<dyn UsageExportStore>,
     config: Option<Config>,
     engine: Option<crate::Tollgate>,
 }
 
 impl Admin {
-    /// Administers `store`, without a configuration: any plan name is taken.
+    /// Administers `store` (every role), without a configuration: any plan name is taken.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, config: None, engine: None }
+        Self::with_roles(store.clone(), store)
     }
 
-    /// Administers the store of a running engine, with its configuration: the engine sees
+    /// Administers a directory and usage kept in different stores, without a configuration.
+    pub fn with_roles(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>) -> Self {
+        Self { directory, usage, config: None, engine: None }
+    }
+
+    /// Administers the stores of a running engine, with its configuration: the engine sees
     /// its own changes at once (the other nodes within `limits.directory_ttl`).
     pub fn for_engine(engine: &crate::Tollgate) -> Self {
-        Self { store: engine.store().clone(), config: Some(engine.config()), engine: Some(engine.clone()) }
+        Self {
+            directory: engine.directory_store().clone(),
+            usage: engine.usage_store().clone(),
+            config: Some(engine.config()),
+            engine: Some(engine.clone()),
+        }
     }
 
     /// Drops what the engine (if any) holds of `tenant`: its next request reads the directory.
@@ -163,9 +178,14 @@ impl Admin {
         Ok(Self::new(open_store(config.store()).await?).with_config(config.clone()))
     }
 
-    /// The store administered.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
+    /// The directory administered.
+    pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
+        &self.directory
+    }
+
+    /// The usage (and its export) administered.
+    pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
+        &self.usage
     }
 
     fn plan(&self, plan: &str) -> Result<PlanId, AdminError> {
@@ -186,7 +206,7 @@ impl Admin {
 
     async fn existing(&self, id: &str) -> Result<TenantRecord, AdminError> {
         let tenant = Self::tenant_id(id)?;
-        self.store.tenant(&tenant).await?.ok_or_else(|| AdminError::UnknownTenant(id.to_owned()))
+        self.directory.tenant(&tenant).await?.ok_or_else(|| AdminError::UnknownTenant(id.to_owned()))
     }
 
     /// Adds a tenant on `plan`, with a billing customer (a Stripe customer id) if given.
@@ -196,14 +216,14 @@ impl Admin {
     pub async fn add_tenant(&self, id: &str, plan: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
         let tenant = Self::tenant_id(id)?;
         let plan = self.plan(plan)?;
-        if self.store.tenant(&tenant).await?.is_some() {
+        if self.directory.tenant(&tenant).await?.is_some() {
             return Err(AdminError::TenantExists(id.to_owned()));
         }
         let mut record = TenantRecord::new(tenant, plan);
         if let Some(c) = customer {
             record = record.with_customer(check_customer(c)?);
         }
-        self.store.put_tenant(&record, &[]).await?;
+        self.directory.put_tenant(&record, &[]).await?;
         Ok(record)
     }
 
@@ -223,7 +243,7 @@ impl Admin {
                 .map_err(|e| AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}")))?;
         }
         record.plan = plan;
-        self.store.put_tenant(&record, &[]).await?;
+        self.directory.put_tenant(&record, &[]).await?;
         self.changed(&record.id);
         Ok(record)
     }
@@ -253,7 +273,7 @@ impl Admin {
                 (!o.is_empty()).then(|| o.to_json())
             }
         };
-        if !self.store.set_overrides(&tenant, json.as_deref()).await? {
+        if !self.directory.set_overrides(&tenant, json.as_deref()).await? {
             return Err(AdminError::UnknownTenant(id.to_owned()));
         }
         self.changed(&tenant);
@@ -267,7 +287,7 @@ impl Admin {
     pub async fn tenants(&self) -> Result<Vec<TenantRecord>, AdminError> {
         let mut out: Vec<TenantRecord> = Vec::new();
         loop {
-            let page = self.store.list_tenants(out.last().map(|t| &t.id), 500).await?;
+            let page = self.directory.list_tenants(out.last().map(|t| &t.id), 500).await?;
             if page.is_empty() {
                 return Ok(out);
             }
@@ -286,7 +306,7 @@ impl Admin {
         let stored = ApiKeyRecord::new(KeyHash::of(key.as_bytes()), record.id, unix_now())
             .with_prefix(&key[..PREFIX_CHARS])
             .with_expiry(options.expires_at);
-        self.store.put_key(&stored).await?;
+        self.directory.put_key(&stored).await?;
         Ok(IssuedKey { key, record: stored })
     }
 
@@ -300,7 +320,7 @@ impl Admin {
         let issued = self.issue_key(tenant, KeyOptions::default()).await?;
         let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
         let tenant = old.tenant.clone();
-        self.store.put_key(&old.with_expiry(Some(until))).await?;
+        self.directory.put_key(&old.with_expiry(Some(until))).await?;
         self.changed(&tenant);
         Ok(issued)
     }
@@ -311,7 +331,7 @@ impl Admin {
     /// No such tenant, or the store failed.
     pub async fn keys(&self, tenant: &str) -> Result<Vec<ApiKeyRecord>, AdminError> {
         let record = self.existing(tenant).await?;
-        Ok(self.store.list_keys(&record.id).await?)
+        Ok(self.directory.list_keys(&record.id).await?)
     }
 
     async fn key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
@@ -328,7 +348,7 @@ impl Admin {
     /// No such tenant or key, or the store failed.
     pub async fn revoke_key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
         let key = self.key(tenant, id).await?;
-        self.store.remove_key(&key.hash).await?;
+        self.directory.remove_key(&key.hash).await?;
         self.changed(&key.tenant);
         Ok(key)
     }
@@ -353,7 +373,7 @@ impl Admin {
             if known.contains(&row.tenant) {
                 continue;
             }
-            if row.plan.is_none() && self.store.tenant(&row.tenant).await?.is_none() {
+            if row.plan.is_none() && self.directory.tenant(&row.tenant).await?.is_none() {
                 return Err(AdminError::Import {
                     line: row.line,
                     message: format!("tenant `{}` is new: it needs a plan", row.tenant),
@@ -363,7 +383,7 @@ impl Admin {
         }
         for row in &rows {
             if let Some((hash, _)) = &row.key {
-                if let Some(owner) = self.store.find_key(hash).await?.filter(|t| t.id != row.tenant) {
+                if let Some(owner) = self.directory.find_key(hash).await?.filter(|t| t.id != row.tenant) {
                     return Err(AdminError::Import {
                         line: row.line,
                         message: format!("the key belongs to tenant `{}`", owner.id),
@@ -374,7 +394,7 @@ impl Admin {
         let mut report = ImportReport::default();
         for row in rows {
             let line = row.line;
-            let current = self.store.tenant(&row.tenant).await?;
+            let current = self.directory.tenant(&row.tenant).await?;
             let record = match current {
                 None => {
                     let Some(plan) = row.plan.clone() else {
@@ -385,7 +405,7 @@ impl Admin {
                     };
                     let mut r = TenantRecord::new(row.tenant.clone(), plan);
                     r.customer = row.customer.clone();
-                    self.store.put_tenant(&r, &[]).await?;
+                    self.directory.put_tenant(&r, &[]).await?;
                     report.tenants_created += 1;
                     r
                 }
@@ -398,7 +418,7 @@ impl Admin {
                         r.customer = row.customer.clone();
                     }
                     if r != before {
-                        self.store.put_tenant(&r, &[]).await?;
+                        self.directory.put_tenant(&r, &[]).await?;
                         report.tenants_updated += 1;
                     }
                     r
@@ -407,7 +427,7 @@ impl Admin {
             if let Some((hash, prefix)) = row.key {
                 // A key the tenant holds keeps what the line does not say (its expiry, say,
                 // during a rotation's grace): importing the same file again changes nothing.
-                let held = self.store.list_keys(&record.id).await?.into_iter().find(|k| k.hash == hash);
+                let held = self.directory.list_keys(&record.id).await?.into_iter().find(|k| k.hash == hash);
                 let key = match held {
                     Some(k) => {
                         let expiry = row.expires_at.or(k.expires_at);
@@ -418,7 +438,7 @@ impl Admin {
                         .with_prefix(prefix)
                         .with_expiry(row.expires_at),
                 };
-                self.store.put_key(&key).await.map_err(|e| match e {
+                self.directory.put_key(&key).await.map_err(|e| match e {
                     StoreError::Conflict(_) => {
                         AdminError::Import { line, message: "the key belongs to another tenant".to_owned() }
                     }
@@ -444,9 +464,76 @@ impl Admin {
         to: i64,
     ) -> Result<Vec<UsageAggregate>, AdminError> {
         let tenant = Self::tenant_id(tenant)?;
-        let all = self.store.usage_range(&tenant, from, to).await?;
+        let all = self.usage.usage_range(&tenant, from, to).await?;
         let meter = meter.map(MeterId::from);
         Ok(all.into_iter().filter(|a| meter.as_ref().is_none_or(|m| &a.key.meter == m)).collect())
+    }
+
+    /// The dead letters of the export (windows refused for good, or never confirmed), in key
+    /// order after `after`, at most `limit` of them.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, AdminError> {
+        Ok(self.usage.dead_letters(after, limit).await?)
+    }
+
+    /// Puts a dead letter back in line for export, after its cause was fixed, as a new
+    /// revision with a new identifier. Returns whether there was one.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, AdminError> {
+        Ok(self.usage.requeue_dead_letter(key).await?)
+    }
+
+    /// Requeues every dead letter the billing system refused (reason `refused: …`), walking the
+    /// list once; unconfirmed ones, those without a status and those too old are left for
+    /// reconciliation. Returns (requeued, left).
+    ///
+    /// # Errors
+    /// The store failed; what was requeued before stays requeued.
+    pub async fn requeue_refused_dead_letters(&self) -> Result<(usize, usize), AdminError> {
+        let (mut requeued, mut left) = (0, 0);
+        let mut after = None;
+        loop {
+            let page = self.usage.dead_letters(after.as_ref(), 100).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for d in &page {
+                if d.reason.starts_with("refused:") {
+                    requeued += usize::from(self.usage.requeue_dead_letter(&d.key).await?);
+                } else {
+                    left += 1;
+                }
+            }
+        }
+        Ok((requeued, left))
+    }
+
+    /// Confirms a dead letter by hand: the billing system holds what it sent (checked there),
+    /// so it is marked exported. Returns `false` when nothing was in flight for it (requeue it
+    /// instead).
+    ///
+    /// # Errors
+    /// No such dead letter or aggregate ([`AdminError::Invalid`]), or the store failed.
+    pub async fn confirm_dead_letter(&self, key: &ExportKey) -> Result<bool, AdminError> {
+        let mut after = None;
+        let dead = loop {
+            let page = self.usage.dead_letters(after.as_ref(), 100).await?;
+            let Some(last) = page.last() else { return Err(AdminError::Invalid("no such dead letter".into())) };
+            if let Some(d) = page.iter().find(|d| &d.key == key) {
+                break d.clone();
+            }
+            after = Some(last.key.clone());
+        };
+        let window = key.window_start;
+        let aggregates = self.usage.usage_range(&key.tenant, window, window.saturating_add(1)).await?;
+        let Some(mut agg) = aggregates.into_iter().find(|a| &a.key == key) else {
+            return Err(AdminError::Invalid("no such aggregate".into()));
+        };
+        agg.revision = dead.revision;
+        Ok(self.usage.finish_export(&agg).await?)
     }
 }
 

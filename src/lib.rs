@@ -1,5 +1,5 @@
 #![doc = include_str!("../docs/crate.md")]
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod admin;
 pub mod billing;
@@ -25,6 +25,7 @@ mod worker;
 /// The AWS SDK for DynamoDB that [`store::DynamoStore`] is built on, to build its client with
 /// the same version.
 #[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use aws_sdk_dynamodb;
 pub use config::Config;
 pub use engine::{

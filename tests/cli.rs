@@ -7,6 +7,7 @@ mod common;
 use std::{path::Path, process::Command};
 
 use common::{Harness, NOON};
+use tollgate::store::prelude::*;
 use tollgate::{
     admin::{Admin, AdminError, KeyOptions},
     Config, Tollgate, TollgateLayer,
@@ -152,7 +153,7 @@ async fn the_admin_api_issues_rotates_and_expires_keys() {
     let expired = admin.issue_key("acme", KeyOptions::default().expiring(now - 1)).await.unwrap();
     let old = admin.issue_key("acme", KeyOptions::default()).await.unwrap();
     let new = admin.rotate_key("acme", &old.record.id, now - 1).await.unwrap();
-    let (engine, _worker) = Tollgate::builder(config).store_arc(admin.store().clone()).build();
+    let (engine, _worker) = Tollgate::builder(config).directory_store(admin.directory_store().clone()).build();
     let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
     assert_eq!(h.status("/", &new.key).await, 200);
     assert_eq!(h.status("/", &expired.key).await, 401, "expired");
@@ -201,7 +202,7 @@ async fn the_command_works_on_dynamodb() {
 #[cfg(feature = "stripe")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_sends_once_lists_dead_letters_and_requeues() {
-    use tollgate::store::{FlushId, SqliteStore, Store, UsageBatch, UsageRecord};
+    use tollgate::store::{FlushId, SqliteStore, UsageBatch, UsageRecord};
     let standin = common::stripe::StandIn::start(&[("api_requests", None)]).await;
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(

@@ -62,7 +62,7 @@ async fn each_address_has_its_own_bucket_and_all_share_the_anonymous_quota() {
     assert_eq!(r.json()["policy"], "requests-day", "the shared quota, not the client's rate");
     h.tollgate.flush().await.unwrap();
     let stored =
-        common::committed(&**h.tollgate.store(), "anonymous", "requests", NOON - 3600, NOON + 3600, 3600).await;
+        common::committed(&**h.tollgate.usage_store(), "anonymous", "requests", NOON - 3600, NOON + 3600, 3600).await;
     assert_eq!(stored, 9, "usage under the one anonymous tenant");
     // A known tenant keeps its own bucket.
     assert_eq!(h.status("/", "key-t").await, 200);

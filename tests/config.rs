@@ -107,7 +107,7 @@ async fn a_reload_that_changes_the_store_is_refused_and_the_running_store_stays(
     );
     std::fs::write(&file, &first).unwrap();
     let (tollgate, _worker) = tollgate::Tollgate::builder(Config::from_path(&file).unwrap()).open().await.unwrap();
-    assert!(format!("{:?}", tollgate.store()).contains("a.db"));
+    assert!(format!("{:?}", tollgate.usage_store()).contains("a.db"));
 
     // Another path, and another rate: the whole reload is refused.
     let second = format!(
@@ -120,7 +120,7 @@ async fn a_reload_that_changes_the_store_is_refused_and_the_running_store_stays(
     assert_eq!(err.file(), Some(file.as_path()));
     assert!(err.to_string().starts_with(&format!("{}:6:", file.display())), "{err}");
     assert!(!dir.path().join("b.db").exists(), "the new store was not opened");
-    assert!(format!("{:?}", tollgate.store()).contains("a.db"));
+    assert!(format!("{:?}", tollgate.usage_store()).contains("a.db"));
     let rate = tollgate.config().plan(&"free".into()).unwrap().rate().unwrap();
     assert_eq!(rate.to_string(), "10/s", "the running configuration stays");
 

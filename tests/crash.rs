@@ -137,7 +137,7 @@ async fn kill_and_restart(test: &str, role: &str) {
     // The restart: the usage of every completed flush is there, once.
     let sink = Collect::default();
     let h = engine(&db, "", NOON + 2 * 3600, Some(sink.clone())).await;
-    let committed = common::committed(&**h.tollgate.store(), "t", "requests", NOON, NOON + 3600, 3600).await;
+    let committed = common::committed(&**h.tollgate.usage_store(), "t", "requests", NOON, NOON + 3600, 3600).await;
     assert!(committed <= recorded, "committed {committed} > recorded {recorded}");
     assert_eq!(committed, flushed, "short by exactly what the last flush interval held");
     assert!(recorded - committed <= 10, "at most one flush interval lost");

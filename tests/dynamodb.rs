@@ -9,6 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{day_key, dynamo, Harness, NOON};
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
     store::{StoreError, StoreInspect},
@@ -43,7 +44,7 @@ async fn the_builder_opens_the_configured_table_and_names_a_missing_one() {
     assert!(err.to_string().contains("no-such-table") && err.to_string().contains("does not exist"), "{err}");
 
     let (engine, _worker) = Tollgate::builder(config(store.table(), &endpoint, "")).open().await.unwrap();
-    assert!(format!("{:?}", engine.store()).contains(store.table()));
+    assert!(format!("{:?}", engine.usage_store()).contains(store.table()));
 }
 
 /// Four nodes, each with its own client and its worker running, hammer one tenant whose hard
@@ -179,7 +180,7 @@ async fn an_outage_follows_the_policy_and_loses_or_doubles_nothing() {
 /// once the node that made it (`invalidate_*`).
 #[tokio::test]
 async fn directory_changes_reach_every_node_within_the_ttl() {
-    use tollgate::{store::Store, KeyHash};
+    use tollgate::KeyHash;
     let Some(store) = dynamo::table().await else { return };
     let endpoint = dynamo::endpoint().unwrap();
     aws_env();
@@ -223,8 +224,7 @@ async fn expiring_items_carry_their_ttl_attribute() {
     use tollgate::{
         aws_sdk_dynamodb::types::AttributeValue,
         store::{
-            FlushId, PlanChange, QuotaKey, Reservation, ReserveToken, Store, TenantRecord, UsageBatch, UsageEvent,
-            UsageRecord,
+            FlushId, PlanChange, QuotaKey, Reservation, ReserveToken, TenantRecord, UsageBatch, UsageEvent, UsageRecord,
         },
     };
     let Some(store) = dynamo::table().await else { return };

@@ -13,10 +13,11 @@ use std::{
 };
 
 use common::{committed, Collect, Faulty, NOON};
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::{Clock, FakeClock},
     events::{Event, EventError, QueueMessage},
-    store::{EventOutcome, MemoryStore, Store},
+    store::{EventOutcome, MemoryStore},
     Config, Tollgate,
 };
 

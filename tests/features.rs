@@ -10,10 +10,11 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{Harness, NOON};
+use tollgate::store::prelude::*;
 use tollgate::{
     admin::Admin,
     clock::Clock,
-    store::{MemoryStore, Store, TenantRecord},
+    store::{MemoryStore, TenantRecord},
     Admission, Config, Credential, RequestInfo, Tollgate,
 };
 
@@ -63,7 +64,8 @@ async fn a_route_needing_a_feature_refuses_plans_without_it_and_charges_nothing(
     assert_eq!(h.status("/", "key-small").await, 200);
     assert_eq!(h.status("/", "key-small").await, 429);
     h.tollgate.flush().await.unwrap();
-    let used = common::committed(&**h.tollgate.store(), "small", "requests", NOON - 3600, NOON + 3600, 3600).await;
+    let used =
+        common::committed(&**h.tollgate.usage_store(), "small", "requests", NOON - 3600, NOON + 3600, 3600).await;
     assert_eq!(used, 2, "the 403s recorded nothing");
     // The plan with the feature passes.
     assert_eq!(h.status("/v1/invoices/export", "key-big").await, 200);

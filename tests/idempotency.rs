@@ -24,7 +24,7 @@ fn post(path: &str, key: &str) -> http::Request<http_body_util::Full<bytes::Byte
 
 async fn billed(h: &Harness) -> u64 {
     h.tollgate.flush().await.unwrap();
-    common::committed(&**h.tollgate.store(), "t", "requests", NOON - 7200, NOON + 7200, 3600).await
+    common::committed(&**h.tollgate.usage_store(), "t", "requests", NOON - 7200, NOON + 7200, 3600).await
 }
 
 #[tokio::test]
@@ -120,7 +120,7 @@ async fn a_request_dropped_while_waiting_releases_its_key_and_units() {
 /// An `Idempotency-Key` holds across the nodes of a fleet (here two engines on one store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_answers_the_same_on_every_node() {
-    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let store: Arc<dyn tollgate::store::prelude::Store> = Arc::new(tollgate::store::MemoryStore::new());
     common::idempotency_holds_across_nodes(store.clone(), store, "t", "key-t").await;
 }
 

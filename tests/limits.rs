@@ -124,7 +124,8 @@ async fn failed_requests_give_their_units_back() {
     }
     assert_eq!(h.status("/", "key-acme").await, 429);
     h.tollgate.flush().await.unwrap();
-    let total = common::committed(&**h.tollgate.store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await;
+    let total =
+        common::committed(&**h.tollgate.usage_store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(total, 5);
 }
 
@@ -145,13 +146,17 @@ async fn an_idempotent_replay_is_neither_charged_nor_recorded_twice() {
     // A replay is never charged, but buys no work past a spent hard quota.
     assert_eq!(h.send(post("a")).await.status, 429);
     h.tollgate.flush().await.unwrap();
-    let total = common::committed(&**h.tollgate.store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await;
+    let total =
+        common::committed(&**h.tollgate.usage_store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(total, 5);
     // A failed request releases its key: its retry is charged.
     assert_eq!(h.send(req("POST", "/fail", Some("key-soft"), Some("retry-me"))).await.status, 500);
     assert_eq!(h.send(req("POST", "/", Some("key-soft"), Some("retry-me"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
-    assert_eq!(common::committed(&**h.tollgate.store(), "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
+    assert_eq!(
+        common::committed(&**h.tollgate.usage_store(), "softco", "requests", NOON - 7200, NOON + 7200, 3600).await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -165,7 +170,7 @@ async fn the_idempotency_key_is_honoured_only_on_the_configured_methods() {
     assert_eq!(h.send(req("PATCH", "/", Some("key-soft"), Some("p"))).await.status, 200);
     assert_eq!(h.send(req("PATCH", "/", Some("key-soft"), Some("p"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
-    let store = h.tollgate.store().clone();
+    let store = h.tollgate.usage_store().clone();
     assert_eq!(common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 4);
 
     // Listed methods only (any case); POST is then charged every time.
@@ -175,7 +180,7 @@ async fn the_idempotency_key_is_honoured_only_on_the_configured_methods() {
     assert_eq!(h.send(req("GET", "/", Some("key-soft"), Some("k"))).await.status, 200);
     assert_eq!(h.send(req("POST", "/", Some("key-soft"), Some("k"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
-    let store = h.tollgate.store().clone();
+    let store = h.tollgate.usage_store().clone();
     assert_eq!(common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 2);
 
     let err = tollgate::Config::from_toml_str("[limits]\nidempotency_methods = [\"POST\", \"post\"]").unwrap_err();
@@ -190,7 +195,7 @@ async fn the_same_idempotency_key_of_another_tenant_is_charged() {
     assert_eq!(h.send(req("POST", "/", Some("key-soft"), Some("k"))).await.status, 200);
     assert_eq!(h.send(req("POST", "/", Some("key-big"), Some("k"))).await.status, 200);
     h.tollgate.flush().await.unwrap();
-    let store = h.tollgate.store().clone();
+    let store = h.tollgate.usage_store().clone();
     assert_eq!(common::committed(&*store, "softco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
     assert_eq!(common::committed(&*store, "bigco", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
 }
@@ -198,7 +203,8 @@ async fn the_same_idempotency_key_of_another_tenant_is_charged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
     let toml = &common::one_tenant(r#"quotas.requests = { limit = 500, period = "day", mode = "hard", lease = 7 }"#);
-    let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let store: std::sync::Arc<dyn tollgate::store::prelude::Store> =
+        std::sync::Arc::new(tollgate::store::MemoryStore::new());
     // Two nodes (two engines) share one store, as a fleet shares one table.
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes = [

@@ -15,11 +15,12 @@ use std::{
 use async_trait::async_trait;
 use common::{req, Harness, NOON};
 use proptest::prelude::*;
+use tollgate::store::prelude::*;
 use tollgate::{
     billing::{BillingSink, JsonlSink, MeterEvent, SinkError},
     clock::Clock,
     config::ConfigErrorKind,
-    store::{MemoryStore, Store},
+    store::MemoryStore,
     Config, Tollgate,
 };
 
@@ -57,7 +58,7 @@ proptest! {
             // Retired states are drained once nobody holds them: a second flush sees them gone.
             h.tollgate.flush().await.unwrap();
             for (i, want) in billed.iter().enumerate() {
-                let got = common::committed(&**h.tollgate.store(), &format!("t{i}"), "requests", NOON - 3600, NOON + 40 * 3600, 3600).await;
+                let got = common::committed(&**h.tollgate.usage_store(), &format!("t{i}"), "requests", NOON - 3600, NOON + 40 * 3600, 3600).await;
                 assert_eq!(got, *want, "tenant t{i}");
             }
             assert!(h.tollgate.stats().tracked_tenants <= 4);
@@ -81,7 +82,7 @@ async fn the_tenant_cap_holds_and_evicted_usage_is_kept() {
     }
     assert_eq!(h.tollgate.stats().tracked_tenants, 10);
     h.tollgate.flush().await.unwrap();
-    let store = h.tollgate.store().clone();
+    let store = h.tollgate.usage_store().clone();
     for i in 0..25 {
         let want = if i >= 15 { 2 } else { 1 };
         assert_eq!(
@@ -126,7 +127,10 @@ async fn a_reload_keeps_counters_and_applies_new_plans() {
     assert_eq!(r.header("ratelimit-policy"), Some("\"rate\";q=20;w=1, \"requests-day\";q=5;w=86400"));
     assert_eq!(h.status("/", "key-t").await, 429, "4 before the reload + 1 after = the limit of 5");
     h.tollgate.flush().await.unwrap();
-    assert_eq!(common::committed(&**h.tollgate.store(), "t", "requests", NOON - 3600, NOON + 3600, 3600).await, 5);
+    assert_eq!(
+        common::committed(&**h.tollgate.usage_store(), "t", "requests", NOON - 3600, NOON + 3600, 3600).await,
+        5
+    );
     // A bad file changes nothing and says where it is wrong.
     std::fs::write(&path, "[plans.p]\nrate = \"fast\"\n").unwrap();
     let err = Config::from_path(&path).unwrap_err();
@@ -187,7 +191,7 @@ async fn commit_late_tokens(h: &Harness, quantity: u64) {
         tollgate::store::FlushId::new(format!("late-{quantity}")),
         vec![tollgate::store::UsageRecord::new("acme".into(), "tokens".into(), NOON, quantity)],
     );
-    h.tollgate.store().commit_usage(&late).await.unwrap();
+    h.tollgate.usage_store().commit_usage(&late).await.unwrap();
 }
 
 const EXPORT: &str = r#"
@@ -206,6 +210,59 @@ stripe_customer = "cus_123"
 plan = "p"
 keys = ["key-bad"]
 "#;
+
+/// A directory kept in another store than the usage (the team's own database, here a SQLite
+/// file; quotas and usage in a store of their own): the tenant is found through the directory
+/// role, and its windows are exported with the customer the directory names, read when the
+/// export pass meets the tenant. Nothing of the directory is in the usage store, nor the
+/// reverse.
+#[tokio::test]
+async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let directory = Arc::new(tollgate::store::SqliteStore::open(dir.path().join("directory.db")).await.unwrap());
+    let acme = tollgate::store::TenantRecord::new("acme".into(), "p".into()).with_customer("cus_old");
+    directory.put_tenant(&acme, &[tollgate::KeyHash::of(b"key-dir")]).await.unwrap();
+    let usage = Arc::new(MemoryStore::new());
+    let sink = Arc::new(Recording::default());
+    #[derive(Debug)]
+    struct Shared(Arc<Recording>);
+    #[async_trait]
+    impl BillingSink for Shared {
+        async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
+            self.0.send(e).await
+        }
+    }
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let config = "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n[plans.p]\nrate = \"100/s\"\n";
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(config).unwrap())
+        .store_arc(usage.clone())
+        .directory_store(directory.clone())
+        .clock(clock)
+        .billing_sink(Shared(sink.clone()))
+        .build();
+    let h = Harness::from_layer(tollgate::TollgateLayer::new(engine.clone()), handle);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-dir").await, 200);
+    }
+    assert_eq!(h.status("/", "key-unknown").await, 401);
+    engine.flush().await.unwrap();
+
+    // The customer changes in the directory before the window closes: the export reads it then.
+    let acme = acme.with_customer("cus_dir");
+    directory.put_tenant(&acme, &[tollgate::KeyHash::of(b"key-dir")]).await.unwrap();
+    h.clock.advance(Duration::from_secs(3600 + 300));
+    let report = engine.export().await.unwrap();
+    assert_eq!((report.events, report.units, report.unbillable), (1, 3, 0));
+    let events = sink.events.lock().unwrap().clone();
+    assert_eq!(events[0].customer.as_deref(), Some("cus_dir"));
+    assert_eq!((events[0].tenant.as_str(), events[0].value), ("acme", 3));
+
+    // Each store holds its own role only.
+    assert_eq!(common::committed(&*usage, "acme", "requests", NOON, NOON + 3600, 3600).await, 3);
+    assert!(directory.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().is_empty());
+    assert!(usage.tenant(&"acme".into()).await.unwrap().is_none());
+    assert_eq!(engine.directory_store().tenant(&"acme".into()).await.unwrap(), Some(acme));
+}
 
 #[tokio::test]
 async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {

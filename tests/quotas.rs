@@ -13,9 +13,10 @@ use std::{
 };
 
 use common::{node_with_worker, Harness};
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
-    store::{MemoryStore, QuotaKey, Store, StoreInspect},
+    store::{MemoryStore, QuotaKey, StoreInspect},
     Config,
 };
 
@@ -51,13 +52,13 @@ async fn no_race_creates_or_loses_units_across_periods() {
             let mut n = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let path = if n % 5 == 0 { "/fail" } else { "/" };
+                let path = if n.is_multiple_of(5) { "/fail" } else { "/" };
                 let status = node.status(path, "key-t").await;
                 assert!(status == 200 || status == 500 || status == 429, "status {status}");
                 if status == 200 {
                     admitted_ok.fetch_add(1, Ordering::Relaxed);
                 }
-                if n % 7 == 0 {
+                if n.is_multiple_of(7) {
                     tokio::task::yield_now().await;
                 }
             }

@@ -44,7 +44,7 @@ async fn a_spent_hard_quota_on_a_reported_meter_refuses_the_next_request() {
     // A route that does not report tokens is not refused; recording there still bills.
     assert_eq!(h.status("/other", "key-t").await, 200);
     h.tollgate.flush().await.unwrap();
-    let billed = common::committed(&**h.tollgate.store(), "t", "tokens", NOON - 7200, NOON + 7200, 3600).await;
+    let billed = common::committed(&**h.tollgate.usage_store(), "t", "tokens", NOON - 7200, NOON + 7200, 3600).await;
     assert_eq!(billed, 600);
 }
 

@@ -174,7 +174,7 @@ async fn a_handler_records_tokens_that_count_against_the_quota() {
     assert_eq!(r.json()["policy"], "tokens-month");
     assert_eq!(h.status("/", "key-tok").await, 200);
     h.tollgate.flush().await.unwrap();
-    let store = h.tollgate.store().clone();
+    let store = h.tollgate.usage_store().clone();
     assert_eq!(common::committed(&*store, "tokco", "tokens", NOON - 7200, NOON + 7200, 3600).await, 1100);
     assert_eq!(common::committed(&*store, "tokco", "requests", NOON - 7200, NOON + 7200, 3600).await, 3);
 }
@@ -283,5 +283,8 @@ async fn without_the_tenant_context_usage_is_still_recorded() {
     let body = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
     assert_eq!(&body[..], b"false");
     tollgate.flush().await.unwrap();
-    assert_eq!(common::committed(&**tollgate.store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
+    assert_eq!(
+        common::committed(&**tollgate.usage_store(), "acme", "requests", NOON - 7200, NOON + 7200, 3600).await,
+        1
+    );
 }

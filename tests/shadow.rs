@@ -38,7 +38,7 @@ async fn a_shadow_plan_refuses_nothing_and_bills_everything() {
     assert_eq!(h.status("/", "key-e").await, 200);
     assert_eq!(h.status("/", "key-e").await, 429);
     h.tollgate.flush().await.unwrap();
-    let billed = common::committed(&**h.tollgate.store(), "t", "requests", NOON - 3600, NOON + 3600, 3600).await;
+    let billed = common::committed(&**h.tollgate.usage_store(), "t", "requests", NOON - 3600, NOON + 3600, 3600).await;
     assert_eq!(billed, 7, "every request billed");
     // The units went past the limit in the store (reserved without it), once the lease is
     // settled.

@@ -13,9 +13,10 @@ use std::{
 
 use common::{Collect, Harness, NOON};
 use tollgate::clock::FakeClock;
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
-    store::{ExportKey, MemoryStore, Store, StoreInspect, UsageBatch},
+    store::{ExportKey, MemoryStore, StoreInspect, UsageBatch},
     Config, Tollgate,
 };
 

@@ -10,9 +10,10 @@ mod common;
 use std::{path::Path, sync::Arc};
 
 use common::{day_key, Collect, Harness, NOON};
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
-    store::{SqliteStore, Store, StoreError, StoreInspect},
+    store::{SqliteStore, StoreError, StoreInspect},
     BuildError, Config, Tollgate, TollgateLayer,
 };
 
@@ -63,7 +64,7 @@ async fn a_spent_hard_quota_stays_spent_across_a_restart() {
     assert_eq!(r.status.as_u16(), 429, "the month's quota is still spent");
     assert_eq!(remaining(&r, "requests-month"), Some(0), "{:?}", r.header("ratelimit"));
     // And the usage of the first run is there.
-    assert_eq!(common::committed(&**h.tollgate.store(), "t", "requests", NOON, NOON + 3600, 3600).await, 5);
+    assert_eq!(common::committed(&**h.tollgate.usage_store(), "t", "requests", NOON, NOON + 3600, 3600).await, 5);
 }
 
 #[tokio::test]

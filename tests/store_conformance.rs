@@ -1,4 +1,4 @@
-//! One set of behaviour tests over the `tollgate::store::Store` contract (the doc comments of
+//! One set of behaviour tests over the `tollgate::store::prelude::Store` contract (the doc comments of
 //! `src/store/types.rs`), written once and run against every store by `conformance!`: adding a
 //! store is one maker and one line below `conformance!(memory, ...)`.
 //!
@@ -164,10 +164,8 @@ fn batch(id: &str, records: Vec<UsageRecord>) -> UsageBatch {
 }
 
 /// An aggregate as a store should list it when nothing of it was exported or begun.
-fn fresh(key: ExportKey, quantity: u64, customer: Option<&str>) -> UsageAggregate {
-    let mut a = UsageAggregate::new(key, quantity);
-    a.customer = customer.map(str::to_owned);
-    a
+fn fresh(key: ExportKey, quantity: u64) -> UsageAggregate {
+    UsageAggregate::new(key, quantity)
 }
 
 /// What an export of `value` units for `cus_a` sends.
@@ -448,7 +446,7 @@ mod suite {
         let forged = batch("f1", vec![rec("a", "requests", w, 1000), rec("z", "requests", w, 1)]);
         assert_eq!(h.s().commit_usage(&forged).await.unwrap(), CommitOutcome::AlreadyApplied);
 
-        assert_eq!(h.s().usage(&ek("a", "requests", w)).await.unwrap(), Some(fresh(ek("a", "requests", w), 5, None)));
+        assert_eq!(h.s().usage(&ek("a", "requests", w)).await.unwrap(), Some(fresh(ek("a", "requests", w), 5)));
         assert_eq!(quantity(h.s(), &ek("a", "tokens", w)).await, Some(300));
         assert_eq!(quantity(h.s(), &ek("a", "requests", w + HOUR)).await, Some(2));
         assert_eq!(quantity(h.s(), &ek("b", "requests", w)).await, Some(7));
@@ -474,7 +472,7 @@ mod suite {
         assert_eq!(quantity(h.s(), &ek("c", "requests", w)).await, Some(1));
         assert_eq!(quantity(h.s(), &ek("b", "requests", w)).await, Some(7));
         let b_range = h.s().usage_range(&"b".into(), w, w + DAY).await.unwrap();
-        assert_eq!(b_range, [fresh(ek("b", "requests", w), 7, None)]);
+        assert_eq!(b_range, [fresh(ek("b", "requests", w), 7)]);
 
         // An empty batch is applied once as well.
         assert_eq!(h.s().commit_usage(&batch("f3", vec![])).await.unwrap(), CommitOutcome::Applied);
@@ -565,10 +563,10 @@ mod suite {
         );
         assert_eq!(h.s().commit_usage(&f).await.unwrap(), CommitOutcome::Applied);
         let expected = vec![
-            fresh(ek("a", "requests", w), 5, Some("cus_a")),
-            fresh(ek("a", "requests", w + HOUR), 6, Some("cus_a")),
-            fresh(ek("a", "tokens", w), 50, Some("cus_a")),
-            fresh(ek("b", "requests", w), 7, None),
+            fresh(ek("a", "requests", w), 5),
+            fresh(ek("a", "requests", w + HOUR), 6),
+            fresh(ek("a", "tokens", w), 50),
+            fresh(ek("b", "requests", w), 7),
         ];
         let before = w + 2 * HOUR;
         assert_eq!(h.s().pending_exports(before, None, 10).await.unwrap(), expected);
@@ -598,7 +596,7 @@ mod suite {
         // The customer is the directory's: b gets one.
         h.s().put_tenant(&TenantRecord::new("b".into(), "free".into()).with_customer("cus_b"), &[]).await.unwrap();
         let b = h.s().pending_exports(before, Some(&expected[2].key), 10).await.unwrap();
-        assert_eq!(b, [fresh(ek("b", "requests", w), 7, Some("cus_b"))]);
+        assert_eq!(b, [fresh(ek("b", "requests", w), 7)]);
     }
 
     /// `begin_export` claims a revision and fixes what it exports; another node waits for
@@ -612,10 +610,10 @@ mod suite {
         h.s().put_tenant(&TenantRecord::new("a".into(), "free".into()).with_customer("cus_a"), &[]).await.unwrap();
         h.s().commit_usage(&batch("f1", vec![rec("a", "requests", w, 5)])).await.unwrap();
         let read = h.s().pending_exports(before, None, 10).await.unwrap();
-        assert_eq!(read, [fresh(key.clone(), 5, Some("cus_a"))]);
+        assert_eq!(read, [fresh(key.clone(), 5)]);
         let read = read[0].clone();
 
-        let mut begun = fresh(key.clone(), 5, Some("cus_a"));
+        let mut begun = fresh(key.clone(), 5);
         begun.in_flight = Some(5);
         begun.send = Some(sent(5));
         begun.attempts = 1;
@@ -681,10 +679,7 @@ mod suite {
         let next = h.s().pending_exports(before, None, 10).await.unwrap();
         assert_eq!(next.len(), 1);
         let next = next[0].clone();
-        assert_eq!(
-            (next.quantity, next.exported, next.revision, next.in_flight, next.customer.as_deref()),
-            (9, 5, 1, None, Some("cus_a"))
-        );
+        assert_eq!((next.quantity, next.exported, next.revision, next.in_flight), (9, 5, 1, None));
         // The claim was on revision 0: revision 1 is free to begin at once.
         assert!(
             !h.s().defer_export(&next, &ExportClaim::new(1, t + 600, t + 900), false).await.unwrap(),

@@ -241,7 +241,7 @@ async fn drain(nodes: &[&Harness], standin: &StandIn, mut now: i64) -> i64 {
         for n in nodes {
             n.tollgate.export().await.unwrap();
         }
-        let pending = nodes[0].tollgate.store().pending_exports(i64::MAX, None, 10).await.unwrap();
+        let pending = nodes[0].tollgate.usage_store().pending_exports(i64::MAX, None, 10).await.unwrap();
         if pending.is_empty() {
             return now;
         }
@@ -343,7 +343,7 @@ async fn exactly_once_through_faults(kind: Kind, test: &str) {
     drain(&[&c, &d], &standin, now).await;
     assert_eq!(standin.totals(), billable.0, "two exporters doubled nothing");
     assert_eq!(standin.duplicates(), 0, "no identifier was taken twice");
-    let dead = c.tollgate.store().dead_letters(None, 10).await.unwrap();
+    let dead = c.tollgate.usage_store().dead_letters(None, 10).await.unwrap();
     assert!(dead.is_empty(), "{dead:?}");
 }
 

@@ -11,9 +11,10 @@ use std::{sync::Arc, time::Duration};
 
 use common::{Harness, NOON};
 use serde_json::{json, Value};
+use tollgate::store::prelude::*;
 use tollgate::{
     billing::{Secret, WebhookHandler, WebhookOutcome},
-    store::{MemoryStore, Store, TenantRecord},
+    store::{MemoryStore, TenantRecord},
     KeyHash,
 };
 

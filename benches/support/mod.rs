@@ -15,8 +15,9 @@ use std::{
 
 use axum::body::Body;
 use http::{HeaderValue, Request, Response};
+use tollgate::store::prelude::*;
 use tollgate::{
-    store::{MemoryStore, Store, TenantRecord},
+    store::{MemoryStore, TenantRecord},
     Config, KeyHash, Tollgate,
 };
 use tower::{Layer, Service};

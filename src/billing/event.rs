@@ -59,7 +59,7 @@ pub fn identifier(tenant: &TenantId, meter: &MeterId, window_start: i64, revisio
 }
 
 /// [`identifier`], salted for a store that does not outlive its process
-/// ([`Store::identifier_salt`](crate::store::Store::identifier_salt)): a restarted process
+/// ([`ExportStore::identifier_salt`](crate::store::ExportStore::identifier_salt)): a restarted process
 /// starts its windows at revision 0 again and must not reuse an identifier sent before.
 pub(crate) fn identifier_salted(
     tenant: &TenantId,

@@ -9,8 +9,10 @@ mod stripe;
 mod webhook;
 
 #[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use self::stripe::{Secret, StripeSetupError, StripeSink};
 pub use event::{identifier, BillingSink, MeterEvent, SinkError};
 pub use jsonl::JsonlSink;
 #[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};

@@ -232,7 +232,7 @@ impl WebhookHandler {
             return WebhookOutcome::Ignored;
         };
         let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan);
-        match self.tollgate.shared.store.apply_plan_change(&change).await {
+        match self.tollgate.shared.stores.directory.apply_plan_change(&change).await {
             Ok(PlanChangeOutcome::Applied(record)) => {
                 self.tollgate.invalidate_tenant(&record.id);
                 tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, plan = %record.plan,

@@ -223,9 +223,12 @@ async fn run(cli: Cli) -> Result<()> {
             let now = now();
             let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now.saturating_add(1));
             let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to.saturating_sub(30 * 86_400));
-            let rows = admin(&cli.config).await?.usage(&tenant, meter.as_deref(), from, to).await?;
+            let admin = admin(&cli.config).await?;
+            let rows = admin.usage(&tenant, meter.as_deref(), from, to).await?;
+            let customer = admin.directory_store().tenant(&tenant.as_str().into()).await?.and_then(|t| t.customer);
+            println!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
             println!(
-                "{:<12} {:<22} {:>12} {:>12} {:>8}  customer",
+                "{:<12} {:<22} {:>12} {:>12} {:>8}  sent for",
                 "meter", "window (UTC)", "quantity", "exported", "revision"
             );
             let (mut total, mut exported) = (0u64, 0u64);
@@ -239,7 +242,7 @@ async fn run(cli: Cli) -> Result<()> {
                     a.quantity,
                     a.exported,
                     a.revision,
-                    a.customer.as_deref().unwrap_or("-")
+                    a.send.as_ref().and_then(|s| s.customer.as_deref()).unwrap_or("-")
                 );
             }
             println!("{} windows, {total} units, {exported} exported", rows.len());
@@ -311,7 +314,7 @@ async fn list_dead_letters(admin: &Admin) -> Result<()> {
         "tenant", "meter", "window (UTC)", "window", "revision", "units"
     );
     loop {
-        let page = admin.store().dead_letters(after.as_ref(), 100).await?;
+        let page = admin.dead_letters(after.as_ref(), 100).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.key.clone());
         for d in &page {
@@ -345,7 +348,7 @@ async fn list_dead_letters(admin: &Admin) -> Result<()> {
 
 async fn requeue_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
     let key = export_key(parts)?;
-    if admin.store().requeue_dead_letter(&key).await? {
+    if admin.requeue_dead_letter(&key).await? {
         println!("requeued as a new revision: it goes out at the next export");
         Ok(())
     } else {
@@ -354,20 +357,7 @@ async fn requeue_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
 }
 
 async fn requeue_all_dead_letters(admin: &Admin) -> Result<()> {
-    let (mut requeued, mut left) = (0, 0);
-    let mut after = None;
-    loop {
-        let page = admin.store().dead_letters(after.as_ref(), 100).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.key.clone());
-        for d in &page {
-            if d.reason.starts_with("refused:") {
-                requeued += usize::from(admin.store().requeue_dead_letter(&d.key).await?);
-            } else {
-                left += 1;
-            }
-        }
-    }
+    let (requeued, left) = admin.requeue_refused_dead_letters().await?;
     println!(
         "{requeued} dead letters requeued: they go out at the next export; \
          {left} left (unconfirmed, without a status or too old: reconcile them one by one)"
@@ -377,23 +367,7 @@ async fn requeue_all_dead_letters(admin: &Admin) -> Result<()> {
 
 async fn confirm_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
     let key = export_key(parts)?;
-    let store = admin.store();
-    let mut after = None;
-    let dead = loop {
-        let page = store.dead_letters(after.as_ref(), 100).await?;
-        let Some(last) = page.last() else { return Err("no such dead letter".into()) };
-        if let Some(d) = page.iter().find(|d| d.key == key) {
-            break d.clone();
-        }
-        after = Some(last.key.clone());
-    };
-    let window = key.window_start;
-    let aggregates = store.usage_range(&key.tenant, window, window.saturating_add(1)).await?;
-    let Some(mut agg) = aggregates.into_iter().find(|a| a.key == key) else {
-        return Err("no such aggregate".into());
-    };
-    agg.revision = dead.revision;
-    if store.finish_export(&agg).await? {
+    if admin.confirm_dead_letter(&key).await? {
         println!("confirmed: marked exported");
         Ok(())
     } else {

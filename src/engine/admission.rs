@@ -155,13 +155,13 @@ impl Tollgate {
         // the claim still settles (released, or completed under fail-open); a settle of a
         // binding this owner does not hold changes nothing.
         claim.fleet = Some(FleetClaim {
-            store: self.shared.store.clone(),
+            store: self.shared.stores.idempotency.clone(),
             key: fleet_key,
             owner,
             timeout,
             settling: settling.clone(),
         });
-        let answer = with_timeout(timeout, self.shared.store.claim_idempotency(&ask)).await;
+        let answer = with_timeout(timeout, self.shared.stores.idempotency.claim_idempotency(&ask)).await;
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;

@@ -10,7 +10,7 @@ use crate::{
     config::{Config, StoreSettings},
     metrics::{Metrics, Totals},
     plan::Runtime,
-    store::{MemoryStore, Store},
+    store::{DirectoryStore, IdempotencyStore, MemoryStore, QuotaStore, Roles, Store, UsageExportStore},
     worker::Worker,
 };
 
@@ -87,6 +87,10 @@ const PREFETCH_QUEUE: usize = 1024;
 pub struct Builder {
     config: Config,
     store: Option<Arc<dyn Store>>,
+    quota: Option<Arc<dyn QuotaStore>>,
+    usage: Option<Arc<dyn UsageExportStore>>,
+    directory: Option<Arc<dyn DirectoryStore>>,
+    idempotency: Option<Arc<dyn IdempotencyStore>>,
     sink: Option<Arc<dyn BillingSink>>,
     clock: Option<Clock>,
     /// Whether `store` was opened from the configuration.
@@ -96,7 +100,14 @@ pub struct Builder {
 
 impl std::fmt::Debug for Builder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Builder").field("store", &self.store).field("sink", &self.sink).finish_non_exhaustive()
+        f.debug_struct("Builder")
+            .field("store", &self.store)
+            .field("quota", &self.quota)
+            .field("usage", &self.usage)
+            .field("directory", &self.directory)
+            .field("idempotency", &self.idempotency)
+            .field("sink", &self.sink)
+            .finish_non_exhaustive()
     }
 }
 
@@ -105,20 +116,83 @@ impl Tollgate {
     /// [`open`](Builder::open) opens the one the configuration names; without a billing sink
     /// closed windows stay unexported in the store.
     pub fn builder(config: Config) -> Builder {
-        Builder { config, store: None, sink: None, clock: None, configured: false, on_threshold: None }
+        Builder {
+            config,
+            store: None,
+            quota: None,
+            usage: None,
+            directory: None,
+            idempotency: None,
+            sink: None,
+            clock: None,
+            configured: false,
+            on_threshold: None,
+        }
     }
 }
 
 impl Builder {
-    /// The store for counters, usage and the tenant directory.
+    /// The store for every role (counters, usage and its export, the tenant directory,
+    /// `Idempotency-Key` bindings) that is not given a store of its own.
     pub fn store(self, store: impl Store) -> Self {
         self.store_arc(Arc::new(store))
     }
 
-    /// The store, already shared.
+    /// The store for every role, already shared.
     pub fn store_arc(mut self, store: Arc<dyn Store>) -> Self {
         self.store = Some(store);
         self
+    }
+
+    /// The store of the quota role (the counters leases are reserved from), instead of
+    /// [`store`](Self::store)'s.
+    ///
+    /// Any store shared as an `Arc` serves several roles: pass a clone of it to each.
+    pub fn quota_store(mut self, store: Arc<dyn QuotaStore>) -> Self {
+        self.quota = Some(store);
+        self
+    }
+
+    /// The store of the usage and export roles, which share the usage aggregates, instead of
+    /// [`store`](Self::store)'s.
+    pub fn usage_store(mut self, store: Arc<dyn UsageExportStore>) -> Self {
+        self.usage = Some(store);
+        self
+    }
+
+    /// The store of the directory role (tenants, keys, plans, customers, overrides), instead
+    /// of [`store`](Self::store)'s: for example a directory kept in the team's own database
+    /// while quotas live in DynamoDB.
+    ///
+    /// The exporter reads each tenant's billing customer from it, once per tenant and pass.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tollgate::{store::MemoryStore, Config, Tollgate};
+    /// # let config = Config::from_toml_str("[plans.free]\nrate = \"10/s\"").unwrap();
+    /// let directory = Arc::new(MemoryStore::new()); // the team's own directory
+    /// let (engine, _worker) = Tollgate::builder(config)
+    ///     .store(MemoryStore::new()) // every other role
+    ///     .directory_store(directory)
+    ///     .build();
+    /// # let _ = engine;
+    /// ```
+    pub fn directory_store(mut self, store: Arc<dyn DirectoryStore>) -> Self {
+        self.directory = Some(store);
+        self
+    }
+
+    /// The store of the idempotency role (`Idempotency-Key` bindings), instead of
+    /// [`store`](Self::store)'s.
+    pub fn idempotency_store(mut self, store: Arc<dyn IdempotencyStore>) -> Self {
+        self.idempotency = Some(store);
+        self
+    }
+
+    /// Whether some role has no store given in code.
+    fn lacks_a_store(&self) -> bool {
+        self.store.is_none()
+            && (self.quota.is_none() || self.usage.is_none() || self.directory.is_none() || self.idempotency.is_none())
     }
 
     /// Where closed usage windows are exported.
@@ -162,7 +236,7 @@ impl Builder {
     /// A [`BuildError`]: the store could not be opened (a damaged or foreign file, a file of a
     /// newer tollgate), or its kind needs a cargo feature this build does not have.
     pub async fn open(mut self) -> Result<(Tollgate, Worker), BuildError> {
-        if self.store.is_none() {
+        if self.lacks_a_store() {
             self.store = Some(open_store(self.config.store()).await?);
             self.configured = true;
         }
@@ -173,7 +247,7 @@ impl Builder {
     /// does not open the store the configuration names (that is [`open`](Self::open)).
     /// Returns the engine and the [`Worker`] to spawn.
     pub fn build(self) -> (Tollgate, Worker) {
-        if self.store.is_none() && self.config.names_store() && self.config.store() != &StoreSettings::Memory {
+        if self.lacks_a_store() && self.config.names_store() && self.config.store() != &StoreSettings::Memory {
             tracing::warn!(
                 kind = self.config.store().kind(),
                 "the configuration names a durable store but Builder::build() was called without one: \
@@ -186,10 +260,21 @@ impl Builder {
         let runtime = Runtime::compile(self.config, &metrics, &clock);
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let all: Arc<dyn Store> = match self.store {
+            Some(store) => store,
+            // One memory store for every role not given one.
+            None => Arc::new(MemoryStore::new()),
+        };
+        let stores = Roles {
+            quota: self.quota.unwrap_or_else(|| all.clone()),
+            usage: self.usage.unwrap_or_else(|| all.clone()),
+            directory: self.directory.unwrap_or_else(|| all.clone()),
+            idempotency: self.idempotency.unwrap_or(all),
+        };
         let shared = Shared {
             runtime: ArcSwap::from_pointee(runtime),
             table: TenantTable::new(limits.max_tenants),
-            store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            stores,
             store_configured: self.configured,
             store_error_log: Default::default(),
             buffer_full: Default::default(),

@@ -59,7 +59,7 @@ impl Tollgate {
                             validated = i64::MAX;
                             Ok(Some(declared(r)))
                         }
-                        None => with_timeout(timeout, self.shared.store.find_key(&h)).await,
+                        None => with_timeout(timeout, self.shared.stores.directory.find_key(&h)).await,
                     }
                 }
                 OwnedCredential::Tenant(id) => match rt.static_tenants.get(id) {
@@ -67,7 +67,7 @@ impl Tollgate {
                         validated = i64::MAX;
                         Ok(Some(declared(r)))
                     }
-                    None => with_timeout(timeout, self.shared.store.tenant(id)).await,
+                    None => with_timeout(timeout, self.shared.stores.directory.tenant(id)).await,
                 },
                 OwnedCredential::Anonymous => Ok(None),
             }
@@ -189,8 +189,8 @@ impl Tollgate {
                 let mut failed = false;
                 for (digest, hash) in creds {
                     let answer = match hash {
-                        Some(h) => with_timeout(timeout, self.shared.store.find_key(h)).await,
-                        None => with_timeout(timeout, self.shared.store.tenant(id)).await,
+                        Some(h) => with_timeout(timeout, self.shared.stores.directory.find_key(h)).await,
+                        None => with_timeout(timeout, self.shared.stores.directory.tenant(id)).await,
                     };
                     match answer {
                         Ok(Some(r)) if r.id == *id => record = Some(r),

@@ -18,7 +18,7 @@ use crate::{
     metrics::{Metrics, Stats, Totals},
     plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
-    store::{Store, StoreError},
+    store::{DirectoryStore, IdempotencyStore, QuotaStore, Roles, StoreError, UsageExportStore},
     tenant::{check_api_key, Credential, Tenant},
 };
 
@@ -159,7 +159,7 @@ pub(crate) struct StoreErrorLog {
 pub(crate) struct Shared {
     pub(crate) runtime: ArcSwap<Runtime>,
     pub(crate) table: TenantTable,
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) stores: Roles,
     pub(crate) store_error_log: StoreErrorLog,
     /// The usage buffer is at `usage.max_buffered_records`: fail-closed tenants are refused.
     pub(crate) buffer_full: std::sync::atomic::AtomicBool,
@@ -243,7 +243,7 @@ impl fmt::Debug for Tollgate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tollgate")
             .field("tenants", &self.shared.table.len())
-            .field("store", &self.shared.store)
+            .field("stores", &self.shared.stores)
             .finish_non_exhaustive()
     }
 }
@@ -453,9 +453,24 @@ impl Tollgate {
         &self.shared.clock
     }
 
-    /// The store the engine writes to.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.shared.store
+    /// The store of the quota role: leases are reserved from it.
+    pub fn quota_store(&self) -> &Arc<dyn QuotaStore> {
+        &self.shared.stores.quota
+    }
+
+    /// The store of the usage and export roles: usage is flushed to it and exported from it.
+    pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
+        &self.shared.stores.usage
+    }
+
+    /// The store of the directory role: tenants and keys are looked up in it.
+    pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
+        &self.shared.stores.directory
+    }
+
+    /// The store of the idempotency role: `Idempotency-Key` bindings are claimed in it.
+    pub fn idempotency_store(&self) -> &Arc<dyn IdempotencyStore> {
+        &self.shared.stores.idempotency
     }
 
     /// The configuration in force.

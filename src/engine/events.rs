@@ -337,7 +337,7 @@ impl Tollgate {
         }
         if !ready.is_empty() {
             let batch: Vec<UsageEvent> = ready.iter().map(|p| p.event.clone()).collect();
-            match with_timeout(timeout, self.shared.store.commit_events(&batch)).await {
+            match with_timeout(timeout, self.shared.stores.usage.commit_events(&batch)).await {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
                     for (p, outcome) in ready.into_iter().zip(outcomes) {
                         if outcome != EventOutcome::Applied {
@@ -468,7 +468,7 @@ impl Tollgate {
             }
         }
         // Unknown, or the directory did not answer: ask once more, to tell which.
-        match with_timeout(timeout, self.shared.store.tenant(id)).await {
+        match with_timeout(timeout, self.shared.stores.directory.tenant(id)).await {
             Ok(None) => Err(EventError::UnknownTenant(id.clone())),
             Ok(Some(_)) => Err(EventError::Store(StoreError::Backend("the tenant directory did not answer".into()))),
             Err(e) => Err(EventError::Store(e)),

@@ -10,7 +10,7 @@
 //! identifier.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     hash::Hasher,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -24,7 +24,7 @@ use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 use super::Tollgate;
 use crate::{
     billing::{event::identifier_salted, BillingSink, MeterEvent, SinkError},
-    config::{MeterAggregation, MeterId},
+    config::{MeterAggregation, MeterId, TenantId},
     metrics::Totals,
     plan::Runtime,
     store::{ExportClaim, ExportKey, ExportSend, StoreError, UsageAggregate},
@@ -93,6 +93,35 @@ impl Pacer {
     }
 }
 
+/// The billing customers of the tenants one pass meets, each read from the directory once.
+///
+/// Bounded: past [`Customers::MAX`] tenants the cache starts again (a pass over more tenants
+/// reads some twice).
+#[derive(Debug, Default)]
+struct Customers(HashMap<TenantId, Option<String>>);
+
+impl Customers {
+    const MAX: usize = 1 << 16;
+
+    /// The tenant's billing customer: the directory's, else the file's for a static tenant.
+    async fn of(&mut self, tollgate: &Tollgate, rt: &Runtime, tenant: &TenantId) -> Result<Option<String>, StoreError> {
+        if let Some(c) = self.0.get(tenant) {
+            return Ok(c.clone());
+        }
+        let stored = tollgate.shared.stores.directory.tenant(tenant).await?.and_then(|t| t.customer);
+        let customer = stored.or_else(|| rt.static_tenants.get(tenant).and_then(|t| t.customer.clone()));
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        self.0.insert(tenant.clone(), customer.clone());
+        Ok(customer)
+    }
+}
+
+/// The aggregates of one (customer, meter), in window order, each with the customer it is billed
+/// to unless its export is in flight.
+type Lane = Vec<(UsageAggregate, Option<String>)>;
+
 /// What a lane of a pass shares.
 struct Pass {
     tollgate: Tollgate,
@@ -129,21 +158,25 @@ impl Tollgate {
         let needs_customer = self.shared.sink.as_ref().map_or(rt.config.stripe().is_some(), |s| s.needs_customer());
         let now = self.shared.clock.unix_secs();
         let mut out = Vec::new();
+        let mut customers = Customers::default();
         let mut after: Option<ExportKey> = None;
         loop {
-            let page = self.shared.store.pending_exports(listing_bound(&rt, now), after.as_ref(), PAGE).await?;
+            let page = self.shared.stores.usage.pending_exports(listing_bound(&rt, now), after.as_ref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for agg in page {
                 if !closed(&rt, &agg.key, now, false) || agg.claimed_until.is_some_and(|t| t > now) {
                     continue;
                 }
-                let send = agg.send.clone().unwrap_or_else(|| plan_send(&rt, &agg, now));
+                let send = match agg.send.clone() {
+                    Some(send) => send,
+                    None => plan_send(&rt, &agg, now, customers.of(self, &rt, &agg.key.tenant).await?),
+                };
                 // What the pass would park, or skip as not billable, is not sent.
                 if park_reason(&rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
                     continue;
                 }
-                out.push(meter_event(&rt, &agg, &send, self.shared.store.identifier_salt()));
+                out.push(meter_event(&rt, &agg, &send, self.shared.stores.usage.identifier_salt()));
             }
         }
         Ok(out)
@@ -169,17 +202,18 @@ impl Tollgate {
         });
         let bound = if all { i64::MAX } else { listing_bound(&rt, now) };
         let mut report = ExportReport::default();
+        let mut customers = Customers::default();
         // A cursor: aggregates that cannot progress (held by another node, waiting for their
         // next attempt) are passed over, never starving the rest.
         let mut after: Option<ExportKey> = None;
         loop {
-            let page = self.shared.store.pending_exports(bound, after.as_ref(), PAGE).await?;
+            let page = self.shared.stores.usage.pending_exports(bound, after.as_ref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             // One lane per (customer, meter), so this node has one call in flight per
             // customer's meter; at most `export.concurrency` lanes at once; a lane that must
             // wait stops for this pass without holding the others.
-            let mut lanes: BTreeMap<(String, MeterId), Vec<UsageAggregate>> = BTreeMap::new();
+            let mut lanes: BTreeMap<(String, MeterId), Lane> = BTreeMap::new();
             for agg in page {
                 // The final export of a store that does not outlive the process is not held
                 // back by this node's claims or next-attempt times (nothing would export
@@ -187,13 +221,13 @@ impl Tollgate {
                 if !closed(&rt, &agg.key, now, all) || (!all && agg.claimed_until.is_some_and(|t| t > now)) {
                     continue;
                 }
-                let customer = agg
-                    .send
-                    .as_ref()
-                    .and_then(|s| s.customer.clone())
-                    .or_else(|| customer_of(&rt, &agg))
-                    .unwrap_or_else(|| format!("tenant:{}", agg.key.tenant));
-                lanes.entry((customer, agg.key.meter.clone())).or_default().push(agg);
+                // An export in flight keeps the customer fixed when it began.
+                let customer = match agg.send.as_ref() {
+                    Some(send) => send.customer.clone(),
+                    None => customers.of(self, &rt, &agg.key.tenant).await?,
+                };
+                let lane = customer.clone().unwrap_or_else(|| format!("tenant:{}", agg.key.tenant));
+                lanes.entry((lane, agg.key.meter.clone())).or_default().push((agg, customer));
             }
             let mut tasks = JoinSet::new();
             let mut first_error = None;
@@ -239,25 +273,31 @@ fn collect(
 
 impl Pass {
     /// The aggregates of one (customer, meter), in window order, one call at a time.
-    async fn lane(&self, lane: Vec<UsageAggregate>) -> Result<ExportReport, StoreError> {
+    async fn lane(&self, lane: Lane) -> Result<ExportReport, StoreError> {
         let mut report = ExportReport::default();
-        for agg in lane {
-            if self.halted.load(Ordering::Relaxed) || !self.one(agg, &mut report).await? {
+        for (agg, customer) in lane {
+            if self.halted.load(Ordering::Relaxed) || !self.one(agg, customer, &mut report).await? {
                 break;
             }
         }
         Ok(report)
     }
 
-    /// Exports one aggregate. Returns whether the lane may go on.
-    async fn one(&self, agg: UsageAggregate, report: &mut ExportReport) -> Result<bool, StoreError> {
+    /// Exports one aggregate, billed to `customer` unless an export of it is in flight (that
+    /// one keeps what was fixed when it began). Returns whether the lane may go on.
+    async fn one(
+        &self,
+        agg: UsageAggregate,
+        customer: Option<String>,
+        report: &mut ExportReport,
+    ) -> Result<bool, StoreError> {
         let shared = &self.tollgate.shared;
-        let store = &shared.store;
+        let store = &shared.stores.usage;
         let settings = &self.rt.config.export;
         // The clock is read for each aggregate: a claim and a next-attempt time count from the
         // call, however long the pass has run.
         let now = shared.clock.unix_secs();
-        let planned = plan_send(&self.rt, &agg, now);
+        let planned = plan_send(&self.rt, &agg, now, customer);
         let claim = ExportClaim::new(shared.node(), now, now + settings.claim.as_secs() as i64);
         let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
             return Ok(true);
@@ -352,7 +392,7 @@ impl Pass {
         tracing::error!(%reason, tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
             revision = agg.revision, units = agg.quantity.saturating_sub(agg.exported),
             "meter event dead-lettered (tollgate export --dead-letters lists it)");
-        shared.store.dead_letter(agg, reason).await?;
+        shared.stores.usage.dead_letter(agg, reason).await?;
         report.dead_letters += 1;
         Totals::add(&shared.totals.dead_letters, 1);
         shared.metrics.dead_letters.increment(1);
@@ -382,7 +422,7 @@ fn closed(rt: &Runtime, key: &ExportKey, now: i64, all: bool) -> bool {
 /// What the export of the aggregate's current revision sends if it begins now: up to what is
 /// in flight if an export is (its parameters were lost: a row of an older schema), else up to
 /// the quantity read.
-fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64) -> ExportSend {
+fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<String>) -> ExportSend {
     let key = &agg.key;
     let window = meter_window(rt, &key.meter);
     let upto = agg.in_flight.unwrap_or(agg.quantity);
@@ -398,12 +438,7 @@ fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64) -> ExportSend {
         .iter()
         .find(|m| m.id == key.meter)
         .map_or_else(|| key.meter.to_string(), |m| m.event_name.clone());
-    ExportSend::new(value, timestamp, customer_of(rt, agg), event_name)
-}
-
-/// The tenant's billing customer: the directory's, or the file's for a static tenant.
-fn customer_of(rt: &Runtime, agg: &UsageAggregate) -> Option<String> {
-    agg.customer.clone().or_else(|| rt.static_tenants.get(&agg.key.tenant).and_then(|t| t.customer.clone()))
+    ExportSend::new(value, timestamp, customer, event_name)
 }
 
 /// Why an export must be parked rather than sent, if it must.

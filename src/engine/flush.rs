@@ -100,7 +100,7 @@ impl Tollgate {
                     UsageRecord::new(tenant, meter, window_start, quantity)
                 })
                 .collect();
-            let max = self.shared.store.max_batch_records().max(1);
+            let max = self.shared.stores.usage.max_batch_records().max(1);
             for chunk in records.chunks(max) {
                 p.seq += 1;
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
@@ -122,7 +122,7 @@ impl Tollgate {
             let mut attempt = 0;
             let outcome = loop {
                 attempt += 1;
-                match with_timeout(timeout, self.shared.store.commit_usage(batch)).await {
+                match with_timeout(timeout, self.shared.stores.usage.commit_usage(batch)).await {
                     Ok(outcome) => break Ok(outcome),
                     Err(e) if attempt < COMMIT_ATTEMPTS => {
                         tracing::debug!(error = %e, attempt, "usage commit failed, retrying");

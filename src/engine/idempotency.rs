@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     config::TenantId,
-    store::{IdempotencySettle, Store},
+    store::{IdempotencySettle, IdempotencyStore},
 };
 
 /// How long a claim the store holds for a request in flight stays in force without being
@@ -69,7 +69,7 @@ pub(crate) type Settling = Arc<std::sync::Mutex<std::collections::HashMap<String
 
 /// A claim held in the store too: settled there when the request ends.
 pub(crate) struct FleetClaim {
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) key: String,
     pub(crate) owner: u64,
     pub(crate) timeout: Duration,

@@ -57,7 +57,7 @@ impl Tollgate {
             return Err(StoreError::Conflict("a quota call failed too many times and was dropped"));
         }
         cell.locked().inflight = Some(call.clone());
-        let store = &self.shared.store;
+        let store = &self.shared.stores.quota;
         let answer = match call.kind {
             CallKind::Reserve { units, owed, limit, at_least, .. } => {
                 let r = Reservation::new(call.key.clone(), units, owed, limit, call.token).shrinking(at_least);

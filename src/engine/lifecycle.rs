@@ -122,7 +122,7 @@ impl Tollgate {
         let _ = self.shared.shutdown.send(true);
         let rt = self.shared.runtime.load_full();
         let deadline = tokio::time::Instant::now() + rt.config.usage.shutdown_timeout;
-        let durable = self.shared.store.is_durable();
+        let durable = self.shared.stores.usage.is_durable();
         let mut report = ShutdownReport::default();
         let mut delay = Duration::from_millis(20);
         let result = loop {

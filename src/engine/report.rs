@@ -135,7 +135,7 @@ impl Tollgate {
         let read = |lo: i64, hi: i64| async move {
             let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
             if lo < hi {
-                for a in with_timeout(timeout, self.shared.store.usage_range(tenant, lo, hi)).await? {
+                for a in with_timeout(timeout, self.shared.stores.usage.usage_range(tenant, lo, hi)).await? {
                     *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
                 }
             }

@@ -1,25 +1,92 @@
-//! Where counters, usage and the tenant directory live: the [`Store`] trait and the embedded
-//! stores: `SqliteStore` (durable, one file; feature `sqlite`, on by default) and [`MemoryStore`] (tests and ephemeral use). A DynamoDB store shared by a fleet
-//! plugs into the same trait.
+//! Where counters, usage and the tenant directory live: one small trait per role, and the
+//! stores that implement them.
+//!
+//! | role | trait | what it holds | who calls it |
+//! |---|---|---|---|
+//! | quota | [`QuotaStore`] | reserved units per (tenant, meter, period) | leases, on the request path's refills |
+//! | usage | [`UsageStore`] | usage aggregates per (tenant, meter, window) | the flush pipeline, usage events, reports |
+//! | export | [`ExportStore`] | each aggregate's export state, dead letters | the exporter, `tollgate dead-letters` |
+//! | directory | [`DirectoryStore`] | key hashes, tenants, plans, customers, overrides | tenant lookups, [`Admin`](crate::admin::Admin), webhooks |
+//! | idempotency | [`IdempotencyStore`] | `Idempotency-Key` bindings | requests carrying the header |
+//!
+//! [`Store`] is every role at once, implemented for any type that has them all. The usage and
+//! export roles share the aggregates, so one store holds both ([`UsageExportStore`]).
+//! [`Tollgate::builder`](crate::Tollgate::builder) takes one store for everything, or one per
+//! role (for example a directory kept in the team's own database, quotas in DynamoDB).
+//!
+//! The stores here: `SqliteStore` (durable, one file; feature `sqlite`, on by default),
+//! [`MemoryStore`] (tests and ephemeral use) and `DynamoStore` (a fleet on AWS; feature
+//! `dynamodb`). The numbers they all keep to are in [`contract`].
 
+pub mod contract;
+mod directory;
 #[cfg(feature = "dynamodb")]
 mod dynamo;
+mod error;
+mod export;
+mod idempotency;
 mod memory;
+mod quota;
 #[cfg(feature = "sqlite")]
 mod sqlite;
-mod types;
+mod usage;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, TenantRecord};
 #[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use dynamo::DynamoStore;
+pub use error::StoreError;
+pub use export::{DeadLetter, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
+pub use idempotency::{IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore};
 pub use memory::MemoryStore;
+pub use quota::{Grant, QuotaKey, QuotaStore, Reservation, ReserveToken, SHRINK};
 #[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
-pub use types::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant,
-    IdempotencyClaim, IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation,
-    ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
-    SHRINK,
-};
+pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, UsageRecord, UsageStore};
+
+/// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.
+pub mod prelude {
+    pub use super::{DirectoryStore, ExportStore, IdempotencyStore, QuotaStore, Store, UsageExportStore, UsageStore};
+}
+
+/// Every role at once: what [`Tollgate::builder`](crate::Tollgate::builder)'s `store` takes.
+///
+/// Implemented for every type that implements the five roles; implement those, never this.
+pub trait Store: QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore {}
+
+impl<T> Store for T where T: QuotaStore + UsageStore + ExportStore + DirectoryStore + IdempotencyStore + ?Sized {}
+
+/// The usage and export roles together, as one store holds them: they share the aggregates
+/// (the export state is kept beside the usage it exports).
+///
+/// Implemented for every type that implements both.
+pub trait UsageExportStore: UsageStore + ExportStore {}
+
+impl<T> UsageExportStore for T where T: UsageStore + ExportStore + ?Sized {}
+
+/// What tests and reports read from a store beyond what the engine needs.
+#[async_trait]
+pub trait StoreInspect: Store {
+    /// Units reserved so far for `key`.
+    async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError>;
+
+    /// The aggregate of (tenant, meter, window), if any usage was committed for it.
+    async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError>;
+}
+
+/// The store of each role an engine uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Roles {
+    pub(crate) quota: Arc<dyn QuotaStore>,
+    pub(crate) usage: Arc<dyn UsageExportStore>,
+    pub(crate) directory: Arc<dyn DirectoryStore>,
+    pub(crate) idempotency: Arc<dyn IdempotencyStore>,
+}
 
 /// Now by the wall clock, in Unix seconds: what key expiry is measured against.
 pub(crate) fn unix_now() -> i64 {

@@ -18,13 +18,14 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::{Clock, FakeClock},
     layer::TollgateBody,
     store::{
         CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, MemoryStore, PlanChange,
-        PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, Store, StoreError, StoreInspect, TenantRecord,
-        UsageAggregate, UsageBatch, UsageEvent,
+        PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, StoreError, StoreInspect, TenantRecord, UsageAggregate,
+        UsageBatch, UsageEvent,
     },
     Config, TenantContext, Tollgate, TollgateService,
 };
@@ -145,7 +146,7 @@ pub fn req(method: &str, path: &str, key: Option<&str>, idempotency: Option<&str
 
 /// Total units committed to the store for (tenant, meter) over the windows starting in
 /// [from, to), by walking the windows.
-pub async fn committed(store: &dyn Store, tenant: &str, meter: &str, from: i64, to: i64, window: i64) -> u64 {
+pub async fn committed(store: &dyn UsageStore, tenant: &str, meter: &str, from: i64, to: i64, window: i64) -> u64 {
     let start = from - from.rem_euclid(window);
     let all = store.usage_range(&tenant.into(), start, to).await.unwrap();
     all.iter().filter(|a| a.key.meter.as_str() == meter).map(|a| a.quantity).sum()
@@ -262,19 +263,24 @@ impl Faulty {
 }
 
 #[async_trait::async_trait]
-impl Store for Faulty {
+impl QuotaStore for Faulty {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         self.before_quota(r.key.tenant.as_str()).await?;
         let g = self.inner.reserve(r).await;
         self.after_quota().await;
         g
     }
+
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
         self.before_quota(key.tenant.as_str()).await?;
         let r = self.inner.release(key, units, token).await;
         self.after_quota().await;
         r
     }
+}
+
+#[async_trait::async_trait]
+impl UsageStore for Faulty {
     async fn commit_usage(&self, b: &UsageBatch) -> Result<CommitOutcome, StoreError> {
         self.check_usage()?;
         let outcome = self.inner.commit_usage(b).await?;
@@ -284,31 +290,11 @@ impl Store for Faulty {
         }
         Ok(outcome)
     }
+
     fn max_batch_records(&self) -> usize {
         self.inner.max_batch_records()
     }
-    async fn pending_exports(
-        &self,
-        before: i64,
-        after: Option<&ExportKey>,
-        limit: usize,
-    ) -> Result<Vec<UsageAggregate>, StoreError> {
-        self.check_usage()?;
-        self.inner.pending_exports(before, after, limit).await
-    }
-    async fn begin_export(
-        &self,
-        a: &UsageAggregate,
-        claim: &ExportClaim,
-        send: &ExportSend,
-    ) -> Result<Option<UsageAggregate>, StoreError> {
-        self.check()?;
-        self.inner.begin_export(a, claim, send).await
-    }
-    async fn defer_export(&self, a: &UsageAggregate, claim: &ExportClaim, unknown: bool) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.defer_export(a, claim, unknown).await
-    }
+
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         self.check_usage()?;
         let out = self.inner.commit_events(events).await?;
@@ -318,6 +304,7 @@ impl Store for Faulty {
         }
         Ok(out)
     }
+
     async fn usage_range(
         &self,
         tenant: &tollgate::config::TenantId,
@@ -326,83 +313,52 @@ impl Store for Faulty {
     ) -> Result<Vec<UsageAggregate>, StoreError> {
         self.inner.usage_range(tenant, from, to).await
     }
-    async fn list_tenants(
+}
+
+#[async_trait::async_trait]
+impl ExportStore for Faulty {
+    async fn pending_exports(
         &self,
-        after: Option<&tollgate::config::TenantId>,
+        before: i64,
+        after: Option<&ExportKey>,
         limit: usize,
-    ) -> Result<Vec<TenantRecord>, StoreError> {
-        self.inner.list_tenants(after, limit).await
+    ) -> Result<Vec<UsageAggregate>, StoreError> {
+        self.check_usage()?;
+        self.inner.pending_exports(before, after, limit).await
     }
-    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+
+    async fn begin_export(
+        &self,
+        a: &UsageAggregate,
+        claim: &ExportClaim,
+        send: &ExportSend,
+    ) -> Result<Option<UsageAggregate>, StoreError> {
         self.check()?;
-        self.inner.tenant_by_customer(customer).await
+        self.inner.begin_export(a, claim, send).await
     }
-    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+
+    async fn defer_export(&self, a: &UsageAggregate, claim: &ExportClaim, unknown: bool) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.apply_plan_change(change).await
+        self.inner.defer_export(a, claim, unknown).await
     }
+
     async fn finish_export(&self, a: &UsageAggregate) -> Result<bool, StoreError> {
         self.check()?;
         self.inner.finish_export(a).await
     }
+
     async fn dead_letter(&self, a: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
         self.inner.dead_letter(a, reason).await
     }
+
     async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.inner.dead_letters(after, limit).await
     }
+
     async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
         self.inner.requeue_dead_letter(key).await
     }
-    async fn find_key(&self, key: &tollgate::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
-        self.check()?;
-        self.lookups.fetch_add(1, Ordering::SeqCst);
-        self.inner.find_key(key).await
-    }
-    async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        self.check()?;
-        self.lookups.fetch_add(1, Ordering::SeqCst);
-        self.inner.tenant(id).await
-    }
-    async fn set_overrides(
-        &self,
-        tenant: &tollgate::config::TenantId,
-        overrides: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.set_overrides(tenant, overrides).await
-    }
-    async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::KeyHash]) -> Result<(), StoreError> {
-        self.inner.put_tenant(record, keys).await
-    }
-    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), StoreError> {
-        self.inner.remove_key(key).await
-    }
-    async fn put_key(&self, key: &tollgate::store::ApiKeyRecord) -> Result<(), StoreError> {
-        self.inner.put_key(key).await
-    }
-    async fn list_keys(
-        &self,
-        tenant: &tollgate::config::TenantId,
-    ) -> Result<Vec<tollgate::store::ApiKeyRecord>, StoreError> {
-        self.inner.list_keys(tenant).await
-    }
-    async fn claim_idempotency(
-        &self,
-        claim: &tollgate::store::IdempotencyClaim,
-    ) -> Result<tollgate::store::IdempotencyState, StoreError> {
-        self.check()?;
-        self.inner.claim_idempotency(claim).await
-    }
-    async fn settle_idempotency(
-        &self,
-        key: &str,
-        owner: u64,
-        how: tollgate::store::IdempotencySettle,
-    ) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.settle_idempotency(key, owner, how).await
-    }
+
     fn identifier_salt(&self) -> Option<u64> {
         // Standing for a database, it has none.
         if self.durable && !self.inner.is_durable() {
@@ -411,10 +367,93 @@ impl Store for Faulty {
             self.inner.identifier_salt()
         }
     }
+
     fn is_durable(&self) -> bool {
         // A memory store made by `default` stands for a database: shutdown exports only closed
         // windows.
         self.durable
+    }
+}
+
+#[async_trait::async_trait]
+impl DirectoryStore for Faulty {
+    async fn list_tenants(
+        &self,
+        after: Option<&tollgate::config::TenantId>,
+        limit: usize,
+    ) -> Result<Vec<TenantRecord>, StoreError> {
+        self.inner.list_tenants(after, limit).await
+    }
+
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        self.check()?;
+        self.inner.tenant_by_customer(customer).await
+    }
+
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        self.check()?;
+        self.inner.apply_plan_change(change).await
+    }
+
+    async fn find_key(&self, key: &tollgate::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        self.check()?;
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.inner.find_key(key).await
+    }
+
+    async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        self.check()?;
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        self.inner.tenant(id).await
+    }
+
+    async fn set_overrides(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        overrides: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_overrides(tenant, overrides).await
+    }
+
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::KeyHash]) -> Result<(), StoreError> {
+        self.inner.put_tenant(record, keys).await
+    }
+
+    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), StoreError> {
+        self.inner.remove_key(key).await
+    }
+
+    async fn put_key(&self, key: &tollgate::store::ApiKeyRecord) -> Result<(), StoreError> {
+        self.inner.put_key(key).await
+    }
+
+    async fn list_keys(
+        &self,
+        tenant: &tollgate::config::TenantId,
+    ) -> Result<Vec<tollgate::store::ApiKeyRecord>, StoreError> {
+        self.inner.list_keys(tenant).await
+    }
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for Faulty {
+    async fn claim_idempotency(
+        &self,
+        claim: &tollgate::store::IdempotencyClaim,
+    ) -> Result<tollgate::store::IdempotencyState, StoreError> {
+        self.check()?;
+        self.inner.claim_idempotency(claim).await
+    }
+
+    async fn settle_idempotency(
+        &self,
+        key: &str,
+        owner: u64,
+        how: tollgate::store::IdempotencySettle,
+    ) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.settle_idempotency(key, owner, how).await
     }
 }
 

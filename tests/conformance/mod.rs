@@ -19,9 +19,10 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
-    store::{MemoryStore, Store, TenantRecord},
+    store::{MemoryStore, TenantRecord},
     KeyHash, Tollgate,
 };
 

@@ -420,6 +420,7 @@ impl Responder for RejectionResponse {
 /// # }
 /// ```
 #[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub fn stripe_webhook(handler: impl Into<std::sync::Arc<tollgate::billing::WebhookHandler>>) -> actix_web::Route {
     let handler = handler.into();
     actix_web::web::post().to(move |request: HttpRequest, body: actix_web::web::Bytes| {

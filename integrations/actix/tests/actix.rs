@@ -205,7 +205,14 @@ keys = ["key-big"]
     let billed = |t: &'static str| {
         let engine = engine.clone();
         async move {
-            engine.store().usage_range(&t.into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum::<u64>()
+            engine
+                .usage_store()
+                .usage_range(&t.into(), 0, i64::MAX)
+                .await
+                .unwrap()
+                .iter()
+                .map(|a| a.quantity)
+                .sum::<u64>()
         }
     };
     assert_eq!((billed("acme").await, billed("big").await), (0, 1));

@@ -26,6 +26,7 @@
 //! # Ok(())
 //! # }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::ops::Deref;
 
@@ -211,6 +212,7 @@ impl IntoResponse for RejectionResponse {
 /// # }
 /// ```
 #[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub fn stripe_webhook<S>(
     handler: impl Into<std::sync::Arc<tollgate::billing::WebhookHandler>>,
 ) -> axum::routing::MethodRouter<S>

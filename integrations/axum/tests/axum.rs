@@ -8,6 +8,7 @@ mod conformance;
 use axum::{body::Body, response::IntoResponse, routing::get, Router};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
+use tollgate::store::prelude::*;
 use tollgate::{clock::Clock, Admission, Credential, RequestInfo, Tollgate, TollgateLayer};
 use tollgate_axum::{RejectionResponse, Tenant};
 use tower::ServiceExt;
@@ -151,7 +152,7 @@ async fn a_rejection_responds_as_the_layer_does() {
 async fn the_webhook_route_verifies_and_moves_the_plan() {
     use tollgate::{
         billing::{Secret, WebhookHandler},
-        store::{MemoryStore, Store, TenantRecord},
+        store::{MemoryStore, TenantRecord},
     };
     let config = format!("{CONFIG}[plans.metered]\n[stripe.events]\n\"payment_method.attached\" = \"metered\"\n");
     let store = std::sync::Arc::new(MemoryStore::new());
@@ -314,7 +315,14 @@ keys = ["key-big"]
     let billed = |t: &'static str| {
         let engine = engine.clone();
         async move {
-            engine.store().usage_range(&t.into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum::<u64>()
+            engine
+                .usage_store()
+                .usage_range(&t.into(), 0, i64::MAX)
+                .await
+                .unwrap()
+                .iter()
+                .map(|a| a.quantity)
+                .sum::<u64>()
         }
     };
     assert_eq!((billed("acme").await, billed("big").await), (0, 1));

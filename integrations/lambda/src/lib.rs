@@ -34,6 +34,7 @@
 //! A request from API Gateway or a function URL carries tollgate's [`ClientAddr`] (the
 //! `sourceIp` they saw) in its extensions, and its path without the API Gateway stage
 //! ([`FromEventLayer`]).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::{
     future::Future,
@@ -418,6 +419,7 @@ pub fn export_handler(
 
 /// The future of [`webhook_handler`]'s service.
 #[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub type WebhookFuture =
     Pin<Box<dyn Future<Output = Result<http::Response<lambda_http::Body>, std::convert::Infallible>> + Send>>;
 
@@ -428,6 +430,7 @@ pub type WebhookFuture =
 /// for a bad signature, 500 when the store failed (Stripe delivers it again). Run it with
 /// `lambda_http::run(tollgate_lambda::webhook_handler(handler))`.
 #[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub fn webhook_handler(
     handler: impl Into<Arc<tollgate::billing::WebhookHandler>>,
 ) -> impl Service<

@@ -16,10 +16,11 @@ use lambda_http::{
     Service,
 };
 use serde_json::{json, Value};
+use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
     config::Period,
-    store::{MemoryStore, QuotaKey, Store, StoreInspect},
+    store::{MemoryStore, QuotaKey, StoreInspect},
     Tollgate,
 };
 use tower::ServiceExt;

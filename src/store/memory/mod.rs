@@ -5,25 +5,25 @@ use std::{
 
 use async_trait::async_trait;
 
+use super::contract::{
+    EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, RETENTION_SECS, SENDERS_KEPT,
+};
 use super::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, FlushId, Grant,
-    IdempotencyClaim, IdempotencySettle, IdempotencyState, PlanChange, PlanChangeOutcome, QuotaKey, Reservation,
-    ReserveToken, Store, StoreError, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+    ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend,
+    ExportStore, FlushId, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore, PlanChange,
+    PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, StoreInspect, TenantRecord,
+    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
 };
 use crate::{
     config::{MeterId, TenantId},
     tenant::KeyHash,
 };
 
-/// How many flush ids are remembered to make retried flushes no-ops. A retry comes within
-/// seconds of the first try, so the last 65,536 flushes are plenty.
-const FLUSH_IDS_KEPT: usize = 1 << 16;
-/// Fully exported aggregates are dropped this long after their window started.
-const EXPORTED_RETENTION_SECS: i64 = 2 * 86_400;
-/// Any aggregate is dropped this long after its window started, exported or not: a billing
-/// system no longer takes usage that old (Stripe: 35 days), and without a sink nothing else
-/// would ever drop it.
-const RETENTION_SECS: i64 = 35 * 86_400;
+mod directory;
+mod export;
+mod idempotency;
+mod quota;
+mod usage;
 
 /// The embedded store: everything in this process's memory, nothing to run.
 ///
@@ -36,7 +36,7 @@ const RETENTION_SECS: i64 = 35 * 86_400;
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    /// Drawn when the store is made: see [`Store::identifier_salt`].
+    /// Drawn when the store is made: see [`ExportStore::identifier_salt`].
     salt: u64,
 }
 
@@ -71,10 +71,6 @@ struct Inner {
     newest_window: i64,
     pruned_at: i64,
 }
-
-/// The most `Idempotency-Key` bindings held: past it, expired ones are dropped, then the ones
-/// expiring first.
-const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
 
 /// One `Idempotency-Key` binding.
 #[derive(Debug)]
@@ -181,11 +177,6 @@ impl Counters {
     }
 }
 
-/// The senders whose last call a counter remembers. A sender is one quota cell of one engine
-/// (a tenant state): a tenant evicted and seen again many times in a period makes many. Past
-/// this, the sender with the oldest call is forgotten (its calls were answered long ago).
-const SENDERS_KEPT: usize = 64;
-
 impl Counter {
     /// Records the answer to `token`'s call.
     fn applied(&mut self, token: ReserveToken, grant: Grant) {
@@ -224,12 +215,6 @@ struct Aggregate {
     claim: Option<(u64, i64)>,
 }
 
-/// How long usage event ids and webhook event ids are remembered after their time: no billing
-/// system takes usage older than 35 days (Stripe), and Stripe retries a webhook for 3 days.
-const EVENT_IDS_KEPT_SECS: i64 = 35 * 86_400;
-/// The most ids remembered at once (the oldest go first past it).
-const EVENT_IDS_MAX: usize = 1 << 20;
-
 /// Ids seen, bounded and expiring.
 #[derive(Debug, Default)]
 struct Seen {
@@ -260,13 +245,12 @@ impl Seen {
 }
 
 impl Aggregate {
-    fn view(&self, key: &ExportKey, tenants: &BTreeMap<TenantId, TenantRecord>) -> UsageAggregate {
+    fn view(&self, key: &ExportKey) -> UsageAggregate {
         let mut a = UsageAggregate::new(key.clone(), self.quantity);
         a.exported = self.exported;
         a.revision = self.revision;
         a.in_flight = self.in_flight;
         a.send = self.send.clone();
-        a.customer = tenants.get(&key.tenant).and_then(|t| t.customer.clone());
         a.attempts = self.attempts;
         a.unknown_failures = self.unknown_failures;
         a.first_attempt_at = self.first_attempt_at;
@@ -289,385 +273,6 @@ impl MemoryStore {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
-    async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        let mut inner = self.lock();
-        let counters = inner.quotas.entry((r.key.tenant.clone(), r.key.meter.clone())).or_default();
-        let Some(c) = counters.get(&r.key) else {
-            // A late call for a period long over: nothing is left to reserve in it.
-            return Ok(Grant::new(0, 0));
-        };
-        if let Some(grant) = c.seen(r.token) {
-            return Ok(grant);
-        }
-        c.reserved = c.reserved.saturating_add(r.owed);
-        let granted = match r.limit {
-            Some(limit) => r.grant_for(limit.saturating_sub(c.reserved)),
-            None => r.units,
-        };
-        c.reserved = c.reserved.saturating_add(granted);
-        let grant = Grant::new(granted, c.reserved);
-        c.applied(r.token, grant);
-        Ok(grant)
-    }
-
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let counters = inner.quotas.entry((key.tenant.clone(), key.meter.clone())).or_default();
-        if let Some(c) = counters.get(key) {
-            if c.seen(token).is_none() {
-                c.reserved = c.reserved.saturating_sub(units);
-                let grant = Grant::new(0, c.reserved);
-                c.applied(token, grant);
-            }
-        }
-        Ok(())
-    }
-
-    async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
-        let mut inner = self.lock();
-        if inner.flushes.contains(&batch.id) {
-            return Ok(CommitOutcome::AlreadyApplied);
-        }
-        for r in &batch.records {
-            let key = ExportKey { tenant: r.tenant.clone(), meter: r.meter.clone(), window_start: r.window_start };
-            let agg = inner.usage.entry(key).or_default();
-            agg.quantity = agg.quantity.saturating_add(r.quantity);
-            inner.newest_window = inner.newest_window.max(r.window_start);
-        }
-        inner.prune();
-        inner.flushes.insert(batch.id.clone());
-        inner.flush_order.push_back(batch.id.clone());
-        while inner.flush_order.len() > FLUSH_IDS_KEPT {
-            if let Some(old) = inner.flush_order.pop_front() {
-                inner.flushes.remove(&old);
-            }
-        }
-        Ok(CommitOutcome::Applied)
-    }
-
-    async fn pending_exports(
-        &self,
-        window_start_before: i64,
-        after: Option<&ExportKey>,
-        limit: usize,
-    ) -> Result<Vec<UsageAggregate>, StoreError> {
-        use std::ops::Bound;
-        let mut inner = self.lock();
-        if after.is_none() {
-            let horizon = window_start_before.min(inner.newest_window) - EXPORTED_RETENTION_SECS;
-            inner.usage.retain(|k, a| {
-                !(k.window_start < horizon && a.exported == a.quantity && a.in_flight.is_none() && a.dead.is_none())
-            });
-        }
-        let Inner { usage, tenants, .. } = &*inner;
-        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-        Ok(usage
-            .range((from, Bound::Unbounded))
-            .filter(|(k, a)| {
-                k.window_start < window_start_before
-                    && (a.quantity > a.exported || a.in_flight.is_some())
-                    && a.dead.is_none()
-            })
-            .take(limit)
-            .map(|(k, a)| a.view(k, tenants))
-            .collect())
-    }
-
-    async fn begin_export(
-        &self,
-        aggregate: &UsageAggregate,
-        claim: &ExportClaim,
-        send: &ExportSend,
-    ) -> Result<Option<UsageAggregate>, StoreError> {
-        let mut inner = self.lock();
-        let Inner { usage, tenants, .. } = &mut *inner;
-        match usage.get_mut(&aggregate.key) {
-            Some(a) if a.revision == aggregate.revision && a.dead.is_none() => {
-                if let Some((node, until)) = a.claim {
-                    if node != claim.node && until > claim.now {
-                        return Ok(None);
-                    }
-                }
-                a.claim = Some((claim.node, claim.until));
-                a.attempts += 1;
-                a.first_attempt_at.get_or_insert(claim.now);
-                if a.in_flight.is_none() {
-                    a.in_flight = Some(aggregate.quantity.min(a.quantity));
-                    a.send = Some(send.clone());
-                }
-                Ok(Some(a.view(&aggregate.key, tenants)))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    async fn defer_export(
-        &self,
-        aggregate: &UsageAggregate,
-        claim: &ExportClaim,
-        unknown: bool,
-    ) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        match inner.usage.get_mut(&aggregate.key) {
-            Some(a) if a.revision == aggregate.revision && a.dead.is_none() && a.in_flight.is_some() => {
-                if a.claim.is_some_and(|(node, until)| node != claim.node && until > claim.now) {
-                    return Ok(false);
-                }
-                a.claim = Some((claim.node, claim.until));
-                a.unknown_failures += u32::from(unknown);
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    async fn finish_export(&self, aggregate: &UsageAggregate) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        match inner.usage.get_mut(&aggregate.key) {
-            Some(a) if a.revision == aggregate.revision && a.in_flight.is_some() => {
-                a.exported = a.in_flight.take().unwrap_or(a.exported);
-                a.send = None;
-                a.dead = None;
-                a.revision += 1;
-                a.attempts = 0;
-                a.unknown_failures = 0;
-                a.first_attempt_at = None;
-                a.claim = None;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
-        if let Some(a) = self.lock().usage.get_mut(&aggregate.key).filter(|a| a.revision == aggregate.revision) {
-            a.dead = Some(reason.to_owned());
-        }
-        Ok(())
-    }
-
-    async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        use std::ops::Bound;
-        let inner = self.lock();
-        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-        Ok(inner
-            .usage
-            .range((from, Bound::Unbounded))
-            .filter_map(|(k, a)| {
-                a.dead.as_ref().map(|reason| {
-                    let mut d = DeadLetter::new(k.clone(), a.quantity - a.exported, reason.clone());
-                    d.revision = a.revision;
-                    d.send = a.send.clone();
-                    d
-                })
-            })
-            .take(limit)
-            .collect())
-    }
-
-    async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        let Some(a) = inner.usage.get_mut(key).filter(|a| a.dead.is_some()) else {
-            return Ok(false);
-        };
-        a.dead = None;
-        a.in_flight = None;
-        a.send = None;
-        a.claim = None;
-        a.attempts = 0;
-        a.unknown_failures = 0;
-        a.first_attempt_at = None;
-        a.revision += 1;
-        Ok(true)
-    }
-
-    fn is_durable(&self) -> bool {
-        false
-    }
-
-    fn identifier_salt(&self) -> Option<u64> {
-        Some(self.salt)
-    }
-
-    async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
-        let mut inner = self.lock();
-        if let Some(b) = inner.idempotency.get(&c.key) {
-            if b.live(c.now) {
-                return Ok(if b.request != c.request {
-                    IdempotencyState::Mismatch
-                } else if b.completed {
-                    IdempotencyState::Completed
-                } else {
-                    IdempotencyState::InFlight
-                });
-            }
-        }
-        inner.make_room_for_binding(c.now);
-        let binding = Binding {
-            request: c.request.clone(),
-            owner: c.owner,
-            completed: false,
-            in_flight_until: c.in_flight_until,
-            expires_at: c.expires_at,
-        };
-        inner.idempotency.insert(c.key.clone(), binding);
-        Ok(IdempotencyState::Claimed)
-    }
-
-    async fn settle_idempotency(&self, key: &str, owner: u64, how: IdempotencySettle) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let held = inner.idempotency.get(key).is_some_and(|b| b.owner == owner && !b.completed);
-        if held {
-            match how {
-                IdempotencySettle::Completed => {
-                    if let Some(b) = inner.idempotency.get_mut(key) {
-                        b.completed = true;
-                    }
-                }
-                IdempotencySettle::Released => {
-                    inner.idempotency.remove(key);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
-        let mut inner = self.lock();
-        let mut out = Vec::with_capacity(events.len());
-        for e in events {
-            if inner.events.contains(&e.id) {
-                out.push(EventOutcome::Duplicate);
-                continue;
-            }
-            let r = &e.record;
-            let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
-            let agg = inner.usage.entry(key).or_default();
-            agg.quantity = agg.quantity.saturating_add(r.quantity);
-            inner.newest_window = inner.newest_window.max(r.window_start);
-            inner.events.insert(&e.id, e.at);
-            out.push(EventOutcome::Applied);
-        }
-        inner.prune();
-        Ok(out)
-    }
-
-    async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
-        let inner = self.lock();
-        Ok(inner
-            .usage
-            .iter()
-            .filter(|(k, _)| k.tenant == *tenant && k.window_start >= from && k.window_start < to)
-            .map(|(k, a)| a.view(k, &inner.tenants))
-            .collect())
-    }
-
-    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
-        use std::ops::Bound;
-        let inner = self.lock();
-        let from: Bound<&TenantId> = after.map_or(Bound::Unbounded, Bound::Excluded);
-        Ok(inner.tenants.range::<TenantId, _>((from, Bound::Unbounded)).take(limit).map(|(_, r)| r.clone()).collect())
-    }
-
-    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
-        let inner = self.lock();
-        Ok(inner.customers.get(customer).and_then(|t| inner.tenants.get(t)).cloned())
-    }
-
-    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
-        let mut inner = self.lock();
-        if inner.webhooks.contains(&change.event_id) {
-            return Ok(PlanChangeOutcome::Duplicate);
-        }
-        let Some(id) = inner.customers.get(&change.customer).cloned() else {
-            return Ok(PlanChangeOutcome::UnknownCustomer);
-        };
-        inner.webhooks.insert(&change.event_id, change.created);
-        let Some(record) = inner.tenants.get_mut(&id) else {
-            return Ok(PlanChangeOutcome::UnknownCustomer);
-        };
-        if record.last_event_at.is_some_and(|last| last > change.created) {
-            return Ok(PlanChangeOutcome::Stale);
-        }
-        record.plan = change.plan.clone();
-        record.last_event_at = Some(change.created);
-        Ok(PlanChangeOutcome::Applied(record.clone()))
-    }
-
-    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
-        let inner = self.lock();
-        let now = super::unix_now();
-        Ok(inner.keys.get(key).filter(|k| k.is_live(now)).and_then(|k| inner.tenants.get(&k.tenant)).cloned())
-    }
-
-    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
-        Ok(self.lock().tenants.get(id).cloned())
-    }
-
-    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
-        Ok(match self.lock().tenants.get_mut(tenant) {
-            Some(t) => {
-                t.overrides = overrides.map(str::to_owned);
-                true
-            }
-            None => false,
-        })
-    }
-
-    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        if let Some(old) = inner.tenants.insert(record.id.clone(), record.clone()) {
-            // The tenant's old customer leaves it (unless another tenant has it since).
-            if let Some(c) = old.customer {
-                if inner.customers.get(&c) == Some(&record.id) {
-                    inner.customers.remove(&c);
-                }
-            }
-        }
-        if let Some(c) = &record.customer {
-            // A billing customer belongs to one tenant: given to this one, it leaves any other.
-            if let Some(other) = inner.customers.insert(c.clone(), record.id.clone()) {
-                if other != record.id {
-                    if let Some(t) = inner.tenants.get_mut(&other) {
-                        t.customer = None;
-                    }
-                }
-            }
-        }
-        let now = super::unix_now();
-        for key in keys {
-            inner
-                .keys
-                .entry(*key)
-                .and_modify(|k| k.tenant = record.id.clone())
-                .or_insert_with(|| ApiKeyRecord::new(*key, record.id.clone(), now));
-        }
-        Ok(())
-    }
-
-    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        if inner.keys.get(&key.hash).is_some_and(|k| k.tenant != key.tenant) {
-            return Err(StoreError::Conflict("the API key, held by another tenant"));
-        }
-        inner.keys.insert(key.hash, key.clone());
-        Ok(())
-    }
-
-    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let mut keys: Vec<_> = self.lock().keys.values().filter(|k| &k.tenant == tenant).cloned().collect();
-        keys.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(keys)
-    }
-
-    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
-        self.lock().keys.remove(key);
-        Ok(())
-    }
-}
-
-#[async_trait]
 impl StoreInspect for MemoryStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let inner = self.lock();
@@ -677,7 +282,7 @@ impl StoreInspect for MemoryStore {
 
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         let inner = self.lock();
-        Ok(inner.usage.get(key).map(|a| a.view(key, &inner.tenants)))
+        Ok(inner.usage.get(key).map(|a| a.view(key)))
     }
 }
 

@@ -1,0 +1,42 @@
+//! The numbers every store keeps to, defined once.
+//!
+//! A store written outside this crate keeps to the same ones, so that an engine behaves alike on
+//! every backend (the conformance suite checks what it can of them).
+//!
+//! Where the backends differed before, the durable stores' values won: flush ids are kept a
+//! week, and aggregates (exported or not) 35 days after their window started, on SQLite,
+//! DynamoDB and the memory store alike. The memory store adds one bound of its own: it keeps
+//! the last [`MEMORY_FLUSH_IDS`] flush ids by count, since only its own process can retry a
+//! flush, within seconds, and the process's memory is what is bounded.
+
+/// How long a usage batch's [`FlushId`](super::FlushId) is remembered after its commit (wall
+/// clock), so that a retried flush is a no-op. A batch is retried only by the process that
+/// made it, while it holds it: a week is far beyond any retry.
+pub const FLUSH_IDS_KEPT_SECS: i64 = 7 * 86_400;
+
+/// The most flush ids the memory store remembers (the oldest go first).
+pub const MEMORY_FLUSH_IDS: usize = 1 << 16;
+
+/// How long usage aggregates, exported or not, are kept after their window started, and quota
+/// counters after their period ended: no billing system takes usage older than 35 days
+/// (Stripe's meter events), so nothing older can be exported or reconciled.
+pub const RETENTION_SECS: i64 = 35 * 86_400;
+
+/// How long usage event ids and webhook event ids are remembered after the event's time: as
+/// long as the usage itself (Stripe retries a webhook for 3 days, well within it).
+pub const EVENT_IDS_KEPT_SECS: i64 = RETENTION_SECS;
+
+/// The most usage event ids (and, apart, webhook event ids) a store that cannot expire them by
+/// itself keeps at once (SQLite, memory): the oldest event times go first past it. DynamoDB
+/// expires them by TTL and has no count.
+pub const EVENT_IDS_MAX: usize = 1 << 20;
+
+/// The most `Idempotency-Key` bindings a store that cannot expire them by itself keeps at once:
+/// past it, expired ones go first, then those expiring first.
+pub const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
+
+/// The senders whose last quota call a counter remembers, to answer a re-sent
+/// [`ReserveToken`](super::ReserveToken) once. A sender is one quota cell of one engine (a
+/// tenant state): a tenant evicted and seen again many times in a period makes many. Past this,
+/// the sender with the oldest call is forgotten (its calls were answered long ago).
+pub const SENDERS_KEPT: usize = 64;

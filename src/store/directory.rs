@@ -1,0 +1,172 @@
+//! The directory role: API key hashes to tenants; tenants to plans, billing customers and
+//! overrides; plan changes applied once per webhook event.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use super::StoreError;
+use crate::{
+    config::{PlanId, TenantId},
+    tenant::KeyHash,
+};
+
+/// A tenant in the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TenantRecord {
+    /// The tenant.
+    pub id: TenantId,
+    /// Its plan.
+    pub plan: PlanId,
+    /// Its billing customer (a Stripe customer id), if any.
+    pub customer: Option<String>,
+    /// When the newest billing event applied to it was created (Unix seconds).
+    pub last_event_at: Option<i64>,
+    /// Its overrides of its plan, in their JSON form
+    /// ([`PlanOverride::to_json`](crate::config::PlanOverride::to_json)): kept as text by the
+    /// store, read by the engine against its configuration.
+    pub overrides: Option<String>,
+}
+
+impl TenantRecord {
+    /// `id` on `plan`, without a billing customer.
+    pub fn new(id: TenantId, plan: PlanId) -> Self {
+        Self { id, plan, customer: None, last_event_at: None, overrides: None }
+    }
+
+    /// With a billing customer (a Stripe customer id).
+    #[must_use]
+    pub fn with_customer(mut self, customer: impl Into<String>) -> Self {
+        self.customer = Some(customer.into());
+        self
+    }
+}
+
+/// An API key in the directory: its SHA-256 hash (never the key), its tenant, a short id to
+/// name it by, the first characters of the key to recognise it by, and an optional expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApiKeyRecord {
+    /// The key's SHA-256 hash.
+    pub hash: KeyHash,
+    /// The tenant it identifies.
+    pub tenant: TenantId,
+    /// Its id: [`KeyHash::id`], so an id can be given for a key imported as a hash too.
+    pub id: String,
+    /// The first characters of the key, for people to recognise it (`tg_live_ab12`); empty
+    /// when only the hash was ever known.
+    pub prefix: String,
+    /// When it was added (Unix seconds).
+    pub created_at: i64,
+    /// From when it no longer works (Unix seconds, wall clock), if ever: expired keys stay
+    /// listed but no longer identify anyone.
+    pub expires_at: Option<i64>,
+}
+
+impl ApiKeyRecord {
+    /// The key with this hash, identifying `tenant`, added at `created_at`, without a prefix
+    /// or an expiry.
+    pub fn new(hash: KeyHash, tenant: TenantId, created_at: i64) -> Self {
+        Self { id: hash.id(), hash, tenant, prefix: String::new(), created_at, expires_at: None }
+    }
+
+    /// With the first characters of the key.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Expiring at `at` (Unix seconds).
+    #[must_use]
+    pub fn with_expiry(mut self, at: Option<i64>) -> Self {
+        self.expires_at = at;
+        self
+    }
+
+    /// Whether the key still works at `now` (Unix seconds).
+    pub fn is_live(&self, now: i64) -> bool {
+        self.expires_at.is_none_or(|at| now < at)
+    }
+}
+
+/// A plan change driven by a billing event (a Stripe webhook): applied to the tenant of
+/// `customer` only if `event_id` is new and the event is newer than the last one applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PlanChange {
+    /// The billing event's id.
+    pub event_id: String,
+    /// The billing customer.
+    pub customer: String,
+    /// When the event was created (Unix seconds).
+    pub created: i64,
+    /// The tenant's new plan.
+    pub plan: PlanId,
+}
+
+impl PlanChange {
+    /// A change of `customer`'s tenant to `plan`, by event `event_id` created at `created`.
+    pub fn new(event_id: impl Into<String>, customer: impl Into<String>, created: i64, plan: PlanId) -> Self {
+        Self { event_id: event_id.into(), customer: customer.into(), created, plan }
+    }
+}
+
+/// What [`DirectoryStore::apply_plan_change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PlanChangeOutcome {
+    /// Applied: the tenant as stored now. The event id is marked seen in the same write.
+    Applied(TenantRecord),
+    /// The event id was seen before: nothing changed.
+    Duplicate,
+    /// An event newer than this one was applied for the customer: its id is marked seen,
+    /// nothing else changed.
+    Stale,
+    /// No tenant has this customer: nothing changed (the id is not marked, so a retry after
+    /// the tenant exists applies it).
+    UnknownCustomer,
+}
+
+/// Where the tenant directory lives: key hash → tenant, tenant → plan, customer and overrides, and
+/// the last plan change applied per customer.
+#[async_trait]
+pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
+    /// The tenant owning the API key with this hash, if the key has not expired (by the wall
+    /// clock).
+    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// A tenant by id.
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// The tenant whose billing customer is `customer`.
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError>;
+
+    /// The tenants of the directory, in id order after `after`, at most `limit` of them.
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError>;
+
+    /// The API keys of `tenant`, expired ones included, in id order.
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError>;
+
+    /// Creates or replaces a tenant and gives it these keys (keys held by nobody else); a key
+    /// new to the store gets no prefix and no expiry, one it holds keeps them.
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError>;
+
+    /// Adds an API key, or updates its prefix and expiry. Refused with
+    /// [`StoreError::Conflict`] when the hash belongs to another tenant.
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+
+    /// Removes an API key from the directory.
+    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError>;
+
+    /// Sets (or with `None` removes) a tenant's overrides of its plan, changing nothing else
+    /// of it (a plan change by a webhook at the same moment is kept). Returns whether the
+    /// tenant exists.
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError>;
+
+    /// Applies a plan change atomically: only if `change.event_id` was never seen and the
+    /// event is not older than the last one applied to that customer; the id is marked seen in
+    /// the same write as the change.
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError>;
+}

@@ -1,0 +1,282 @@
+//! The directory role of the DynamoStore.
+
+use super::*;
+
+#[async_trait]
+impl DirectoryStore for DynamoStore {
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
+        let after = after.map(|t| t.as_str().to_owned());
+        let items = self.index_items("gsi1", ("gpk", "TENANT"), ("gsk", after), limit, |q| q).await?;
+        Ok(items.iter().filter_map(tenant_record).collect())
+    }
+
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let Some(link) = self.get(customer_pk(customer), "C").await? else { return Ok(None) };
+        let Some(tenant) = get_s(&link, "tenant") else { return Ok(None) };
+        let record = self.tenant(&tenant.into()).await?;
+        // The link is the customer's only if the tenant still names it.
+        Ok(record.filter(|t| t.customer.as_deref() == Some(customer)))
+    }
+
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        let marker_pk = format!("W{SEP}{}", change.event_id);
+        if self.get(marker_pk.clone(), "W").await?.is_some() {
+            return Ok(PlanChangeOutcome::Duplicate);
+        }
+        let Some(mut record) = self.tenant_by_customer(&change.customer).await? else {
+            return Ok(PlanChangeOutcome::UnknownCustomer);
+        };
+        let marker = || {
+            Put::builder()
+                .table_name(&self.table)
+                .item("pk", s(marker_pk.clone()))
+                .item("sk", s("W"))
+                .item("at", n(change.created))
+                .item("ttl", n(change.created.saturating_add(EVENT_IDS_KEPT_SECS)))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(backend)
+        };
+        let update = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(tenant_pk(&record.id)))
+            .key("sk", s("T"))
+            .condition_expression(
+                "attribute_exists(pk) AND customer = :c AND (attribute_not_exists(last_event_at) OR last_event_at <= :at)",
+            )
+            .update_expression("SET #plan = :p, last_event_at = :at")
+            .expression_attribute_names("#plan", "plan")
+            .expression_attribute_values(":c", s(change.customer.as_str()))
+            .expression_attribute_values(":p", s(change.plan.as_str()))
+            .expression_attribute_values(":at", n(change.created))
+            .build()
+            .map_err(backend)?;
+        let actions = vec![
+            TransactWriteItem::builder().put(marker()?).build(),
+            TransactWriteItem::builder().update(update).build(),
+        ];
+        for attempt in 0..ATTEMPTS {
+            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                Ok(_) => {
+                    record.plan = change.plan.clone();
+                    record.last_event_at = Some(change.created);
+                    return Ok(PlanChangeOutcome::Applied(record));
+                }
+                Err(e) => match cancellation(&e) {
+                    Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                        return Ok(PlanChangeOutcome::Duplicate)
+                    }
+                    Some(r) if r.get(1).is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                        // Either a newer event was applied, or the customer left this tenant
+                        // since it was looked up: read it again to tell.
+                        let now = self.tenant(&record.id).await?;
+                        let still =
+                            now.as_ref().is_some_and(|t| t.customer.as_deref() == Some(change.customer.as_str()));
+                        if !still {
+                            return Box::pin(self.apply_plan_change(change)).await;
+                        }
+                        if now.and_then(|t| t.last_event_at).is_none_or(|last| last <= change.created) {
+                            backoff(attempt).await;
+                            continue;
+                        }
+                        // Older than the last event applied: its id is marked, nothing else changes.
+                        let marked = self
+                            .client
+                            .put_item()
+                            .table_name(&self.table)
+                            .set_item(Some(marker()?.item))
+                            .condition_expression("attribute_not_exists(pk)")
+                            .send()
+                            .await;
+                        return match marked {
+                            Ok(_) => Ok(PlanChangeOutcome::Stale),
+                            Err(e) if is_ccf(&e) => Ok(PlanChangeOutcome::Duplicate),
+                            Err(e) => Err(sdk(e)),
+                        };
+                    }
+                    Some(_) => backoff(attempt).await,
+                    None => return Err(sdk(e)),
+                },
+            }
+        }
+        Err(StoreError::Conflict("a plan change conflicted with other writes under every attempt"))
+    }
+
+    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        let Some(link) = self.get(key_pk(key), "K").await? else { return Ok(None) };
+        if get_i(&link, "expires_at").is_some_and(|at| at <= unix_now()) {
+            return Ok(None);
+        }
+        match get_s(&link, "tenant") {
+            Some(tenant) => self.tenant(&tenant.into()).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(key_pk(&key.hash)))
+            .item("sk", s("K"))
+            .item("tenant", s(key.tenant.as_str()))
+            .item("kid", s(key.id.as_str()))
+            .item("prefix", s(key.prefix.as_str()))
+            .item("created_at", n(key.created_at))
+            .item("gpk", s(keys_gpk(&key.tenant)))
+            .item("gsk", s(key.id.as_str()))
+            .condition_expression("attribute_not_exists(pk) OR tenant = :t")
+            .expression_attribute_values(":t", s(key.tenant.as_str()));
+        if let Some(at) = key.expires_at {
+            put = put.item("expires_at", n(at));
+        }
+        match put.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_ccf(&e) => Err(StoreError::Conflict("the API key, held by another tenant")),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let items = self.index_items("gsi1", ("gpk", &keys_gpk(tenant)), ("gsk", None), usize::MAX, |q| q).await?;
+        let mut keys: Vec<ApiKeyRecord> = items
+            .iter()
+            .filter_map(|item| {
+                let hash = KeyHash::from_hex(get_s(item, "pk")?.strip_prefix("K\u{1}")?)?;
+                let created = get_i(item, "created_at").unwrap_or(0);
+                Some(
+                    ApiKeyRecord::new(hash, tenant.clone(), created)
+                        .with_prefix(get_s(item, "prefix").unwrap_or(""))
+                        .with_expiry(get_i(item, "expires_at")),
+                )
+            })
+            .collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        Ok(self.get(tenant_pk(id), "T").await?.as_ref().and_then(tenant_record))
+    }
+
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(tenant_pk(tenant)))
+            .key("sk", s("T"))
+            .condition_expression("attribute_exists(pk)");
+        let update = match overrides {
+            Some(o) => update.update_expression("SET overrides = :o").expression_attribute_values(":o", s(o)),
+            None => update.update_expression("REMOVE overrides"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
+        let old = self.tenant(&record.id).await?;
+        let mut put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(tenant_pk(&record.id)))
+            .item("sk", s("T"))
+            .item("id", s(record.id.as_str()))
+            .item("plan", s(record.plan.as_str()))
+            .item("gpk", s("TENANT"))
+            .item("gsk", s(record.id.as_str()));
+        if let Some(c) = &record.customer {
+            put = put.item("customer", s(c.as_str()));
+        }
+        if let Some(at) = record.last_event_at {
+            put = put.item("last_event_at", n(at));
+        }
+        if let Some(o) = &record.overrides {
+            put = put.item("overrides", s(o.as_str()));
+        }
+        put.send().await.map_err(sdk)?;
+        if let Some(c) = &record.customer {
+            // A billing customer belongs to one tenant: given to this one, it leaves any other.
+            if let Some(other) = self.tenant_by_customer(c).await?.filter(|t| t.id != record.id) {
+                let removed = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key("pk", s(tenant_pk(&other.id)))
+                    .key("sk", s("T"))
+                    .condition_expression("customer = :c")
+                    .update_expression("REMOVE customer")
+                    .expression_attribute_values(":c", s(c.as_str()))
+                    .send()
+                    .await;
+                if let Err(e) = removed {
+                    if !is_ccf(&e) {
+                        return Err(sdk(e));
+                    }
+                }
+            }
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .item("pk", s(customer_pk(c)))
+                .item("sk", s("C"))
+                .item("tenant", s(record.id.as_str()))
+                .send()
+                .await
+                .map_err(sdk)?;
+        }
+        if let Some(old) = old.and_then(|o| o.customer).filter(|o| record.customer.as_ref() != Some(o)) {
+            // The tenant's old customer leaves it (unless another tenant has it since).
+            let _ = self
+                .client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", s(customer_pk(&old)))
+                .key("sk", s("C"))
+                .condition_expression("tenant = :t")
+                .expression_attribute_values(":t", s(record.id.as_str()))
+                .send()
+                .await;
+        }
+        for key in keys {
+            // A key new to the table gets its id and creation time; one held keeps its
+            // prefix and expiry.
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(key_pk(key)))
+                .key("sk", s("K"))
+                .update_expression(
+                    "SET tenant = :t, gpk = :g, gsk = :id, kid = :id, created_at = if_not_exists(created_at, :now), \
+                     prefix = if_not_exists(prefix, :empty)",
+                )
+                .expression_attribute_values(":t", s(record.id.as_str()))
+                .expression_attribute_values(":g", s(keys_gpk(&record.id)))
+                .expression_attribute_values(":id", s(key.id()))
+                .expression_attribute_values(":now", n(unix_now()))
+                .expression_attribute_values(":empty", s(""))
+                .send()
+                .await
+                .map_err(sdk)?;
+        }
+        Ok(())
+    }
+
+    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(key_pk(key)))
+            .key("sk", s("K"))
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,132 @@
+//! The table layout of the DynamoStore: one table, its keys and its index, created by
+//! `tollgate dynamodb create-table` or checked at open.
+
+use super::*;
+
+impl DynamoStore {
+    /// Checks that the table exists and is active.
+    ///
+    /// # Errors
+    /// [`StoreError::Unusable`] naming the table when it does not exist.
+    pub async fn check_table(&self) -> Result<(), StoreError> {
+        match self.client.describe_table().table_name(&self.table).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()) => {
+                Err(StoreError::Unusable(format!(
+                    "DynamoDB table {} does not exist: create it (`tollgate dynamodb create-table`, \
+                     or docs/dynamodb.md)",
+                    self.table
+                )))
+            }
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    /// Creates the table (on-demand capacity, both indexes, TTL on `ttl`) and waits until it
+    /// is active.
+    ///
+    /// # Errors
+    /// The service's error (a table of that name exists, no permission).
+    pub async fn create_table(&self) -> Result<(), StoreError> {
+        let attr = |name: &str| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .map_err(backend)
+        };
+        let key =
+            |name: &str, kind| KeySchemaElement::builder().attribute_name(name).key_type(kind).build().map_err(backend);
+        let index = |name: &str, hash: &str, range: &str| -> Result<GlobalSecondaryIndex, StoreError> {
+            GlobalSecondaryIndex::builder()
+                .index_name(name)
+                .key_schema(key(hash, KeyType::Hash)?)
+                .key_schema(key(range, KeyType::Range)?)
+                .projection(Projection::builder().projection_type(ProjectionType::All).build())
+                .build()
+                .map_err(backend)
+        };
+        self.client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .set_attribute_definitions(Some(vec![
+                attr("pk")?,
+                attr("sk")?,
+                attr("gpk")?,
+                attr("gsk")?,
+                attr("dpk")?,
+                attr("dsk")?,
+            ]))
+            .key_schema(key("pk", KeyType::Hash)?)
+            .key_schema(key("sk", KeyType::Range)?)
+            .global_secondary_indexes(index("gsi1", "gpk", "gsk")?)
+            .global_secondary_indexes(index("gsi2", "dpk", "dsk")?)
+            .send()
+            .await
+            .map_err(sdk)?;
+        // Real DynamoDB creates the table in the background.
+        for _ in 0..120 {
+            let t = self.client.describe_table().table_name(&self.table).send().await.map_err(sdk)?;
+            let active = t.table().and_then(|t| t.table_status()).map(|s| s.as_str() == "ACTIVE");
+            if active.unwrap_or(false) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let ttl = TimeToLiveSpecification::builder().attribute_name("ttl").enabled(true).build().map_err(backend)?;
+        self.client
+            .update_time_to_live()
+            .table_name(&self.table)
+            .time_to_live_specification(ttl)
+            .send()
+            .await
+            .map_err(sdk)?;
+        Ok(())
+    }
+}
+
+/// Separates the parts of a key: below every character a tenant id or a meter name may hold, so
+/// that keys sort as their (tenant, meter, window) tuples do.
+pub(super) const SEP: char = '\u{1}';
+
+pub(super) fn quota_pk(key: &QuotaKey) -> String {
+    format!("Q{SEP}{}{SEP}{}", key.tenant, key.meter)
+}
+
+pub(super) fn quota_sk(key: &QuotaKey) -> String {
+    format!("{}{SEP}{}{SEP}{}", key.period_tag(), window_text(key.start), window_text(key.end))
+}
+
+pub(super) fn tenant_pk(tenant: &TenantId) -> String {
+    format!("T{SEP}{tenant}")
+}
+
+pub(super) fn usage_pk(tenant: &TenantId) -> String {
+    format!("U{SEP}{tenant}")
+}
+
+pub(super) fn usage_sk(meter: &str, window_start: i64) -> String {
+    format!("{meter}{SEP}{}", window_text(window_start))
+}
+
+/// The sort key of an aggregate in the indexes: (tenant, meter, window) order.
+pub(super) fn usage_gsk(key: &ExportKey) -> String {
+    format!("{}{SEP}{}{SEP}{}", key.tenant, key.meter, window_text(key.window_start))
+}
+
+pub(super) fn key_pk(key: &KeyHash) -> String {
+    format!("K{SEP}{}", key.to_hex())
+}
+
+pub(super) fn keys_gpk(tenant: &TenantId) -> String {
+    format!("KEYS{SEP}{tenant}")
+}
+
+pub(super) fn idempotency_pk(key: &str) -> String {
+    format!("I{SEP}{key}")
+}
+
+pub(super) fn customer_pk(customer: &str) -> String {
+    format!("C{SEP}{customer}")
+}

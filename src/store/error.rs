@@ -1,0 +1,22 @@
+//! What a store call can fail with.
+
+use std::time::Duration;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store did not answer within the allowed time.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// A conditional write lost a race; retrying with fresh state may succeed.
+    #[error("a concurrent update changed {0}")]
+    Conflict(&'static str),
+    /// The store cannot be used at all: a database file that is not the store's, is damaged,
+    /// or was written by a newer version. Retrying does not help.
+    #[error("the store cannot be used: {0}")]
+    Unusable(String),
+    /// The store answered with an error.
+    #[error("store error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}

@@ -1,0 +1,109 @@
+//! The directory role of the MemoryStore.
+
+use super::*;
+
+#[async_trait]
+impl DirectoryStore for MemoryStore {
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock();
+        let from: Bound<&TenantId> = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(inner.tenants.range::<TenantId, _>((from, Bound::Unbounded)).take(limit).map(|(_, r)| r.clone()).collect())
+    }
+
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.customers.get(customer).and_then(|t| inner.tenants.get(t)).cloned())
+    }
+
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        let mut inner = self.lock();
+        if inner.webhooks.contains(&change.event_id) {
+            return Ok(PlanChangeOutcome::Duplicate);
+        }
+        let Some(id) = inner.customers.get(&change.customer).cloned() else {
+            return Ok(PlanChangeOutcome::UnknownCustomer);
+        };
+        inner.webhooks.insert(&change.event_id, change.created);
+        let Some(record) = inner.tenants.get_mut(&id) else {
+            return Ok(PlanChangeOutcome::UnknownCustomer);
+        };
+        if record.last_event_at.is_some_and(|last| last > change.created) {
+            return Ok(PlanChangeOutcome::Stale);
+        }
+        record.plan = change.plan.clone();
+        record.last_event_at = Some(change.created);
+        Ok(PlanChangeOutcome::Applied(record.clone()))
+    }
+
+    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        let inner = self.lock();
+        let now = crate::store::unix_now();
+        Ok(inner.keys.get(key).filter(|k| k.is_live(now)).and_then(|k| inner.tenants.get(&k.tenant)).cloned())
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        Ok(self.lock().tenants.get(id).cloned())
+    }
+
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        Ok(match self.lock().tenants.get_mut(tenant) {
+            Some(t) => {
+                t.overrides = overrides.map(str::to_owned);
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(old) = inner.tenants.insert(record.id.clone(), record.clone()) {
+            // The tenant's old customer leaves it (unless another tenant has it since).
+            if let Some(c) = old.customer {
+                if inner.customers.get(&c) == Some(&record.id) {
+                    inner.customers.remove(&c);
+                }
+            }
+        }
+        if let Some(c) = &record.customer {
+            // A billing customer belongs to one tenant: given to this one, it leaves any other.
+            if let Some(other) = inner.customers.insert(c.clone(), record.id.clone()) {
+                if other != record.id {
+                    if let Some(t) = inner.tenants.get_mut(&other) {
+                        t.customer = None;
+                    }
+                }
+            }
+        }
+        let now = crate::store::unix_now();
+        for key in keys {
+            inner
+                .keys
+                .entry(*key)
+                .and_modify(|k| k.tenant = record.id.clone())
+                .or_insert_with(|| ApiKeyRecord::new(*key, record.id.clone(), now));
+        }
+        Ok(())
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.keys.get(&key.hash).is_some_and(|k| k.tenant != key.tenant) {
+            return Err(StoreError::Conflict("the API key, held by another tenant"));
+        }
+        inner.keys.insert(key.hash, key.clone());
+        Ok(())
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let mut keys: Vec<_> = self.lock().keys.values().filter(|k| &k.tenant == tenant).cloned().collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
+        self.lock().keys.remove(key);
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! The export role of the MemoryStore.
+
+use super::*;
+
+#[async_trait]
+impl ExportStore for MemoryStore {
+    async fn pending_exports(
+        &self,
+        window_start_before: i64,
+        after: Option<&ExportKey>,
+        limit: usize,
+    ) -> Result<Vec<UsageAggregate>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(inner
+            .usage
+            .range((from, Bound::Unbounded))
+            .filter(|(k, a)| {
+                k.window_start < window_start_before
+                    && (a.quantity > a.exported || a.in_flight.is_some())
+                    && a.dead.is_none()
+            })
+            .take(limit)
+            .map(|(k, a)| a.view(k))
+            .collect())
+    }
+
+    async fn begin_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        send: &ExportSend,
+    ) -> Result<Option<UsageAggregate>, StoreError> {
+        let mut inner = self.lock();
+        match inner.usage.get_mut(&aggregate.key) {
+            Some(a) if a.revision == aggregate.revision && a.dead.is_none() => {
+                if let Some((node, until)) = a.claim {
+                    if node != claim.node && until > claim.now {
+                        return Ok(None);
+                    }
+                }
+                a.claim = Some((claim.node, claim.until));
+                a.attempts += 1;
+                a.first_attempt_at.get_or_insert(claim.now);
+                if a.in_flight.is_none() {
+                    a.in_flight = Some(aggregate.quantity.min(a.quantity));
+                    a.send = Some(send.clone());
+                }
+                Ok(Some(a.view(&aggregate.key)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn defer_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        unknown: bool,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        match inner.usage.get_mut(&aggregate.key) {
+            Some(a) if a.revision == aggregate.revision && a.dead.is_none() && a.in_flight.is_some() => {
+                if a.claim.is_some_and(|(node, until)| node != claim.node && until > claim.now) {
+                    return Ok(false);
+                }
+                a.claim = Some((claim.node, claim.until));
+                a.unknown_failures += u32::from(unknown);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn finish_export(&self, aggregate: &UsageAggregate) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        match inner.usage.get_mut(&aggregate.key) {
+            Some(a) if a.revision == aggregate.revision && a.in_flight.is_some() => {
+                a.exported = a.in_flight.take().unwrap_or(a.exported);
+                a.send = None;
+                a.dead = None;
+                a.revision += 1;
+                a.attempts = 0;
+                a.unknown_failures = 0;
+                a.first_attempt_at = None;
+                a.claim = None;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
+        if let Some(a) = self.lock().usage.get_mut(&aggregate.key).filter(|a| a.revision == aggregate.revision) {
+            a.dead = Some(reason.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        use std::ops::Bound;
+        let inner = self.lock();
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(inner
+            .usage
+            .range((from, Bound::Unbounded))
+            .filter_map(|(k, a)| {
+                a.dead.as_ref().map(|reason| {
+                    let mut d = DeadLetter::new(k.clone(), a.quantity - a.exported, reason.clone());
+                    d.revision = a.revision;
+                    d.send = a.send.clone();
+                    d
+                })
+            })
+            .take(limit)
+            .collect())
+    }
+
+    async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(a) = inner.usage.get_mut(key).filter(|a| a.dead.is_some()) else {
+            return Ok(false);
+        };
+        a.dead = None;
+        a.in_flight = None;
+        a.send = None;
+        a.claim = None;
+        a.attempts = 0;
+        a.unknown_failures = 0;
+        a.first_attempt_at = None;
+        a.revision += 1;
+        Ok(true)
+    }
+
+    fn is_durable(&self) -> bool {
+        false
+    }
+
+    fn identifier_salt(&self) -> Option<u64> {
+        Some(self.salt)
+    }
+}

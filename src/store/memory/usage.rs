@@ -1,0 +1,58 @@
+//! The usage role of the MemoryStore.
+
+use super::*;
+
+#[async_trait]
+impl UsageStore for MemoryStore {
+    async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        let mut inner = self.lock();
+        if inner.flushes.contains(&batch.id) {
+            return Ok(CommitOutcome::AlreadyApplied);
+        }
+        for r in &batch.records {
+            let key = ExportKey { tenant: r.tenant.clone(), meter: r.meter.clone(), window_start: r.window_start };
+            let agg = inner.usage.entry(key).or_default();
+            agg.quantity = agg.quantity.saturating_add(r.quantity);
+            inner.newest_window = inner.newest_window.max(r.window_start);
+        }
+        inner.prune();
+        inner.flushes.insert(batch.id.clone());
+        inner.flush_order.push_back(batch.id.clone());
+        while inner.flush_order.len() > MEMORY_FLUSH_IDS {
+            if let Some(old) = inner.flush_order.pop_front() {
+                inner.flushes.remove(&old);
+            }
+        }
+        Ok(CommitOutcome::Applied)
+    }
+
+    async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
+        let mut inner = self.lock();
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            if inner.events.contains(&e.id) {
+                out.push(EventOutcome::Duplicate);
+                continue;
+            }
+            let r = &e.record;
+            let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
+            let agg = inner.usage.entry(key).or_default();
+            agg.quantity = agg.quantity.saturating_add(r.quantity);
+            inner.newest_window = inner.newest_window.max(r.window_start);
+            inner.events.insert(&e.id, e.at);
+            out.push(EventOutcome::Applied);
+        }
+        inner.prune();
+        Ok(out)
+    }
+
+    async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .usage
+            .iter()
+            .filter(|(k, _)| k.tenant == *tenant && k.window_start >= from && k.window_start < to)
+            .map(|(k, a)| a.view(k))
+            .collect())
+    }
+}

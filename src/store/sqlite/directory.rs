@@ -1,0 +1,203 @@
+//! The directory role of the SqliteStore.
+
+use super::*;
+
+#[async_trait]
+impl DirectoryStore for SqliteStore {
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
+        let after = after.cloned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |tx| match &after {
+            None => tx
+                .prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenant t ORDER BY t.id LIMIT ?1"))?
+                .query_map(params![limit], tenant_row)?
+                .collect(),
+            Some(a) => tx
+                .prepare_cached(&format!(
+                    "SELECT {TENANT_COLUMNS} FROM tenant t WHERE t.id > ?1 ORDER BY t.id LIMIT ?2"
+                ))?
+                .query_map(params![a.as_str(), limit], tenant_row)?
+                .collect(),
+        })
+        .await
+    }
+
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let customer = customer.to_owned();
+        self.read(move |tx| {
+            tx.prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenant t WHERE t.customer = ?1"))?
+                .query_row([&customer], tenant_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        let change = change.clone();
+        self.write(move |tx, _| {
+            let seen: bool = tx
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM webhook_event WHERE id = ?1)")?
+                .query_row([&change.event_id], |r| r.get(0))?;
+            if seen {
+                return Ok(PlanChangeOutcome::Duplicate);
+            }
+            let Some(mut record) = tx
+                .prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenant t WHERE t.customer = ?1"))?
+                .query_row([&change.customer], tenant_row)
+                .optional()?
+            else {
+                return Ok(PlanChangeOutcome::UnknownCustomer);
+            };
+            tx.prepare_cached("INSERT INTO webhook_event (id, at) VALUES (?1, ?2)")?
+                .execute(params![change.event_id, change.created])?;
+            if record.last_event_at.is_some_and(|last| last > change.created) {
+                return Ok(PlanChangeOutcome::Stale);
+            }
+            tx.prepare_cached("UPDATE tenant SET plan = ?2, last_event_at = ?3 WHERE id = ?1")?.execute(params![
+                record.id.as_str(),
+                change.plan.as_str(),
+                change.created
+            ])?;
+            record.plan = change.plan.clone();
+            record.last_event_at = Some(change.created);
+            Ok(PlanChangeOutcome::Applied(record))
+        })
+        .await
+    }
+
+    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        let key = *key;
+        self.read(move |tx| {
+            tx.prepare_cached(&format!(
+                "SELECT {TENANT_COLUMNS} FROM api_key k JOIN tenant t ON t.id = k.tenant \
+                 WHERE k.hash = ?1 AND (k.expires_at IS NULL OR k.expires_at > ?2)"
+            ))?
+            .query_row(params![&key.as_bytes()[..], unix_now()], tenant_row)
+            .optional()
+        })
+        .await
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.write(move |tx, _| {
+            let changed = tx
+                .prepare_cached(
+                    "INSERT INTO api_key (hash, tenant, prefix, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at \
+                     WHERE api_key.tenant = excluded.tenant",
+                )?
+                .execute(params![
+                    &key.hash.as_bytes()[..],
+                    key.tenant.as_str(),
+                    key.prefix,
+                    key.created_at,
+                    key.expires_at
+                ])?;
+            Ok(changed)
+        })
+        .await
+        .and_then(|changed| match changed {
+            0 => Err(StoreError::Conflict("the API key, held by another tenant")),
+            _ => Ok(()),
+        })
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |tx| {
+            let mut keys = tx
+                .prepare_cached("SELECT hash, prefix, created_at, expires_at FROM api_key WHERE tenant = ?1")?
+                .query_map([tenant.as_str()], |r| {
+                    let hash: Vec<u8> = r.get(0)?;
+                    let hash = KeyHash::from_bytes(&hash).ok_or(rusqlite::Error::InvalidColumnType(
+                        0,
+                        "hash".into(),
+                        rusqlite::types::Type::Blob,
+                    ))?;
+                    Ok(ApiKeyRecord::new(hash, tenant.clone(), r.get(2)?)
+                        .with_prefix(r.get::<_, String>(1)?)
+                        .with_expiry(r.get(3)?))
+                })?
+                .collect::<Sql<Vec<_>>>()?;
+            keys.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        let id = id.clone();
+        self.read(move |tx| {
+            tx.prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenant t WHERE t.id = ?1"))?
+                .query_row([id.as_str()], tenant_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        let (tenant, overrides) = (tenant.clone(), overrides.map(str::to_owned));
+        self.write(move |tx, _| {
+            let changed = tx
+                .prepare_cached("UPDATE tenant SET overrides = ?2 WHERE id = ?1")?
+                .execute(params![tenant.as_str(), overrides])?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
+        let (record, keys) = (record.clone(), keys.to_vec());
+        self.write(move |tx, _| {
+            let id = record.id.as_str();
+            if let Some(c) = &record.customer {
+                // A billing customer belongs to one tenant: given to this one, it leaves any other.
+                tx.prepare_cached("UPDATE tenant SET customer = NULL WHERE customer = ?1 AND id <> ?2")?
+                    .execute(params![c, id])?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides) VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
+                 last_event_at = excluded.last_event_at, overrides = excluded.overrides",
+            )?
+            .execute(params![
+                id,
+                record.plan.as_str(),
+                record.customer,
+                record.last_event_at,
+                record.overrides
+            ])?;
+            for key in &keys {
+                tx.prepare_cached(
+                    "INSERT INTO api_key (hash, tenant, created_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (hash) DO UPDATE SET tenant = excluded.tenant",
+                )?
+                .execute(params![&key.as_bytes()[..], id, unix_now()])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
+        let key = *key;
+        self.write(move |tx, _| {
+            tx.prepare_cached("DELETE FROM api_key WHERE hash = ?1")?.execute([&key.as_bytes()[..]])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn tenant_row(r: &Row<'_>) -> Sql<TenantRecord> {
+    let id: String = r.get(0)?;
+    let plan: String = r.get(1)?;
+    let mut t = TenantRecord::new(id.into(), plan.into());
+    t.customer = r.get(2)?;
+    t.last_event_at = r.get(3)?;
+    t.overrides = r.get(4)?;
+    Ok(t)
+}
+
+const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at, t.overrides";

@@ -1,0 +1,400 @@
+//! The embedded durable store: one SQLite file (WAL), through rusqlite's bundled SQLite.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS};
+use super::{
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
+    ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
+    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, StoreInspect,
+    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+};
+use crate::{
+    config::{Synchronous, TenantId},
+    tenant::KeyHash,
+};
+
+mod directory;
+mod export;
+mod idempotency;
+mod quota;
+mod schema;
+mod usage;
+
+use schema::open_blocking;
+
+/// How long a call waits for another connection's write lock (SQLite's busy handler) before
+/// the call is retried.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many times a call that still finds the database busy is retried, with backoff, before
+/// it fails as a store error (about 30 s in all, with the busy timeout).
+const BUSY_RETRIES: u32 = 5;
+/// The most usage records one transaction writes: bounds how long a flush holds the write lock
+/// that the other connections (another engine, another process) wait for.
+const MAX_BATCH_RECORDS: usize = 4096;
+/// The connection's page cache, in KiB: a flush touches a page per tenant of the batch, and a
+/// page read from the cache costs no system call.
+const CACHE_KIB: u32 = 32 * 1024;
+/// Old rows are pruned at most this often (in window time or in wall-clock time).
+const PRUNE_EVERY_SECS: i64 = 3600;
+
+/// The embedded durable store: quotas, usage and its export state, flush ids, the tenant
+/// directory (key hashes only) and dead letters in one SQLite file, so that a restarted
+/// service keeps its spent quotas and its unexported usage.
+///
+/// - The file is in WAL mode; `synchronous` is `FULL` by default (every committed call is on
+///   disk before it returns, through a power cut too), or `NORMAL` (a process crash loses
+///   nothing committed; a power cut may lose the last calls). See `docs/sqlite.md`.
+/// - Every trait call is one transaction. Writers take the lock at the start (`BEGIN
+///   IMMEDIATE`); a busy database is waited for (busy timeout) and the call retried, so
+///   several engines and processes can share one file.
+/// - Calls run on tokio's blocking pool (`spawn_blocking`), never on the runtime's worker
+///   threads; the store starts no thread of its own. One store holds two connections, one
+///   that writes and one that reads, and at most two calls of each on the pool at once.
+/// - The schema is versioned (`user_version`) and migrated on open; a file of a newer
+///   tollgate, a file that is not a tollgate database (an empty or foreign file included) and
+///   a file that fails `PRAGMA quick_check` are refused with [`StoreError::Unusable`].
+/// - Old rows are pruned as the calls go: aggregates 35 days after their window, quota
+///   periods 35 days after they ended, flush ids a week after their commit, usage and webhook
+///   event ids 35 days after their time (and past 2^20 of each).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = tollgate::store::SqliteStore::open(dir.path().join("tollgate.db")).await.unwrap();
+/// let config = tollgate::Config::from_toml_str("[plans.free]\nrate = \"10/s\"").unwrap();
+/// let (tollgate, worker) = tollgate::Tollgate::builder(config).store(store).build();
+/// # drop((tollgate, worker));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// A read-only connection: in WAL mode reads see the last commit without waiting for a
+    /// write under way on `conn`. Declared (so dropped) before `conn`: the writer, closed
+    /// last, checkpoints the log into the file and removes it.
+    reader: Mutex<Connection>,
+    /// The writing connection (every write is one `BEGIN IMMEDIATE` transaction on it).
+    conn: Mutex<Conn>,
+    /// Bound the calls of each kind on the blocking pool at once (a permit is held until the
+    /// blocking call ends, even when its caller gave up); the others wait here, as futures
+    /// their callers can drop (a request's store timeout), rather than as queued threads.
+    reads: Arc<tokio::sync::Semaphore>,
+    writes: Arc<tokio::sync::Semaphore>,
+}
+
+/// The most calls of one kind (reads, writes) of one store on the blocking pool at once: each
+/// kind has one connection, so more would only wait for it.
+const CALLS_AT_ONCE: usize = 2;
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.inner.path).finish_non_exhaustive()
+    }
+}
+
+/// The connection, and what it remembers to prune old rows.
+struct Conn {
+    db: Connection,
+    /// The newest usage window committed through this connection (or found at open).
+    newest_window: i64,
+    /// The newest window when rows were last pruned, and when (wall clock).
+    pruned_window: i64,
+    pruned_at: Option<Instant>,
+}
+
+/// A failure inside a call: SQLite's, or a value that does not fit.
+type Sql<T> = Result<T, rusqlite::Error>;
+
+fn unusable(path: &Path, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Unusable(format!("{}: {what}", path.display()))
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(Box::new(e))
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// A u64 as SQLite stores it (values past `i64::MAX` saturate).
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A count read back (never negative in a valid file).
+fn uint(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A node or sender id (any u64) as an SQLite integer, bit for bit.
+fn node_int(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database at `path` with `synchronous = FULL`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unusable`] for a file that is not a tollgate database (an existing empty
+    /// or foreign file included), a file written by a newer tollgate, or a file that fails its
+    /// integrity check; [`StoreError::Backend`] when SQLite cannot open or write it.
+    pub async fn open(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        Self::open_with(path, Synchronous::Full).await
+    }
+
+    /// Opens (or creates) the database at `path` with the given `synchronous` setting.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub async fn open_with(path: impl Into<PathBuf>, synchronous: Synchronous) -> Result<Self, StoreError> {
+        let path = path.into();
+        let opened = tokio::task::spawn_blocking(move || {
+            let (conn, reader) = open_blocking(&path, synchronous)?;
+            let (reads, writes) =
+                (tokio::sync::Semaphore::new(CALLS_AT_ONCE), tokio::sync::Semaphore::new(CALLS_AT_ONCE));
+            let inner = Inner {
+                path,
+                reader: Mutex::new(reader),
+                conn: Mutex::new(conn),
+                reads: Arc::new(reads),
+                writes: Arc::new(writes),
+            };
+            Ok::<_, StoreError>(Self { inner: Arc::new(inner) })
+        })
+        .await
+        .map_err(|e| StoreError::Backend(Box::new(e)))?;
+        opened
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` in one write transaction on the blocking pool; a busy database is retried.
+    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Transaction<'_>, &mut Progress) -> Sql<T> + Send + 'static,
+    {
+        let permit = Arc::clone(&self.inner.writes).acquire_owned().await;
+        let permit = permit.map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let inner = Arc::clone(&self.inner);
+        let call = move || {
+            let _permit = permit;
+            inner.write(f)
+        };
+        tokio::task::spawn_blocking(call).await.map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+
+    /// Runs `f` in one read transaction on the reading connection.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Transaction<'_>) -> Sql<T> + Send + 'static,
+    {
+        let permit = Arc::clone(&self.inner.reads).acquire_owned().await;
+        let permit = permit.map_err(|e| StoreError::Backend(Box::new(e)))?;
+        let inner = Arc::clone(&self.inner);
+        let call = move || {
+            let _permit = permit;
+            inner.read(f)
+        };
+        tokio::task::spawn_blocking(call).await.map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+}
+
+/// What a write call tells the connection after its transaction: the newest window and event
+/// time it wrote, for pruning.
+#[derive(Default)]
+struct Progress {
+    newest_window: Option<i64>,
+    prune: bool,
+}
+
+impl Inner {
+    fn write<T>(&self, mut f: impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Result<T, StoreError> {
+        // A panic inside a call rolls its transaction back (the transaction is dropped), so
+        // the connection is still consistent: poisoning is ignored.
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        self.retried(|| conn.attempt(&mut f))
+    }
+
+    fn read<T>(&self, mut f: impl FnMut(&Transaction<'_>) -> Sql<T>) -> Result<T, StoreError> {
+        let mut db = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        self.retried(|| {
+            let tx = db.transaction_with_behavior(TransactionBehavior::Deferred)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// Runs `attempt` again while the database is busy (past the busy timeout), with backoff.
+    fn retried<T>(&self, mut attempt: impl FnMut() -> Sql<T>) -> Result<T, StoreError> {
+        let mut delay = Duration::from_millis(20);
+        let mut tries = 0;
+        loop {
+            match attempt() {
+                Err(e) if is_busy(&e) && tries < BUSY_RETRIES => {
+                    tries += 1;
+                    tracing::debug!(path = %self.path.display(), tries, "database busy; retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 4).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(backend(e)),
+                Ok(v) => return Ok(v),
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn attempt<T>(&mut self, f: &mut impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Sql<T> {
+        let mut progress = Progress::default();
+        let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let out = f(&tx, &mut progress)?;
+        let newest = progress.newest_window.map_or(self.newest_window, |w| self.newest_window.max(w));
+        let due = newest.saturating_sub(self.pruned_window) >= PRUNE_EVERY_SECS
+            || self.pruned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(PRUNE_EVERY_SECS as u64));
+        if progress.prune && due {
+            prune(&tx, newest)?;
+        }
+        tx.commit()?;
+        self.newest_window = newest;
+        if progress.prune && due {
+            self.pruned_window = newest;
+            self.pruned_at = Some(Instant::now());
+        }
+        Ok(out)
+    }
+}
+
+/// Drops the rows past their use (see [`SqliteStore`]). Now in usage time is the newest window
+/// committed, but never later than the wall clock: a window or an event stamped in the future
+/// (a clock jumping ahead on one node) must not age everything else out.
+fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
+    let wall = unix_now();
+    let horizon = newest_window.min(wall).saturating_sub(RETENTION_SECS);
+    // total(), not sum(): a sum of saturated aggregates must not fail (sum() raises on overflow).
+    let (unexported, dead): (f64, i64) = tx.query_row(
+        "SELECT total(CASE WHEN dead IS NULL THEN quantity - exported END), \
+                count(dead) FROM usage WHERE window_start < ?1",
+        [horizon],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let dropped = tx.execute("DELETE FROM usage WHERE window_start < ?1", [horizon])?;
+    if unexported > 0.0 {
+        tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
+    }
+    if dead > 0 {
+        tracing::warn!(aggregates = dead, "dead letters older than 35 days are dropped (no billing system takes them)");
+    }
+    // Counters of periods that ended before the horizon: never a current one, since the
+    // horizon is at least 35 days before the wall clock.
+    tx.execute("DELETE FROM quota WHERE end < ?1", [horizon])?;
+    tx.execute("DELETE FROM quota_sender WHERE end < ?1", [horizon])?;
+    tx.execute("DELETE FROM quota_floor WHERE dropped_before < ?1", [horizon])?;
+    let flushes = tx.execute("DELETE FROM flush WHERE at < ?1", [wall.saturating_sub(FLUSH_IDS_KEPT_SECS)])?;
+    for table in ["usage_event", "webhook_event"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE at < min((SELECT max(at) FROM {table}), ?2) - ?1"),
+            [EVENT_IDS_KEPT_SECS, wall],
+        )?;
+        tx.execute(
+            &format!(
+                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY at \
+                 LIMIT max(0, (SELECT count(*) FROM {table}) - ?1))"
+            ),
+            [int(contract::EVENT_IDS_MAX as u64)],
+        )?;
+    }
+    tx.execute("DELETE FROM idempotency WHERE expires_at <= ?1", [wall])?;
+    tx.execute(
+        "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency ORDER BY expires_at \
+         LIMIT max(0, (SELECT count(*) FROM idempotency) - ?1))",
+        [int(contract::IDEMPOTENCY_KEYS_MAX as u64)],
+    )?;
+    tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
+    Ok(())
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(unix_now().unsigned_abs());
+    h.finish()
+}
+
+// ---- quota counters ----
+
+// ---- usage aggregates ----
+
+const AGGREGATE_COLUMNS: &str = "u.tenant, u.meter, u.window_start, u.quantity, u.exported, u.revision, u.in_flight, \
+     u.attempts, u.first_attempt_at, u.claim_until, u.send, u.unknown_failures";
+
+fn aggregate(r: &Row<'_>) -> Sql<UsageAggregate> {
+    let tenant: String = r.get(0)?;
+    let meter: String = r.get(1)?;
+    let mut a = UsageAggregate::new(ExportKey::new(tenant.into(), meter.into(), r.get(2)?), uint(r.get(3)?));
+    a.exported = uint(r.get(4)?);
+    a.revision = u32::try_from(r.get::<_, i64>(5)?).unwrap_or(u32::MAX);
+    a.in_flight = r.get::<_, Option<i64>>(6)?.map(uint);
+    a.attempts = u32::try_from(r.get::<_, i64>(7)?).unwrap_or(u32::MAX);
+    a.first_attempt_at = r.get(8)?;
+    a.claimed_until = r.get(9)?;
+    a.send = r.get::<_, Option<String>>(10)?.as_deref().and_then(ExportSend::from_json);
+    a.unknown_failures = u32::try_from(r.get::<_, i64>(11)?).unwrap_or(u32::MAX);
+    Ok(a)
+}
+
+fn usage_of(tx: &Transaction<'_>, key: &ExportKey) -> Sql<Option<UsageAggregate>> {
+    tx.prepare_cached(&format!(
+        "SELECT {AGGREGATE_COLUMNS} FROM usage u \
+         WHERE u.tenant = ?1 AND u.meter = ?2 AND u.window_start = ?3"
+    ))?
+    .query_row(params![key.tenant.as_str(), key.meter.as_str(), key.window_start], aggregate)
+    .optional()
+}
+
+// ---- the directory ----
+
+#[async_trait]
+impl StoreInspect for SqliteStore {
+    async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
+        let key = key.clone();
+        self.read(move |tx| {
+            let reserved: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT reserved FROM quota \
+                     WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+                )?
+                .query_row(
+                    params![key.tenant.as_str(), key.meter.as_str(), key.period_tag(), key.start, key.end],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(reserved.map_or(0, uint))
+        })
+        .await
+    }
+
+    async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
+        let key = key.clone();
+        self.read(move |tx| usage_of(tx, &key)).await
+    }
+}

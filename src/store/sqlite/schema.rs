@@ -1,0 +1,282 @@
+//! The schema of the SqliteStore: its tables, their migrations, and opening a file (checked,
+//! created or migrated).
+
+use super::*;
+
+/// `PRAGMA application_id` of a tollgate database ("TGL1"): a SQLite file without it is not
+/// ours, and is refused rather than written to.
+pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
+
+/// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
+pub(super) const SCHEMA_VERSION: i32 = 4;
+
+/// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r"
+CREATE TABLE quota (
+    tenant   TEXT NOT NULL,
+    meter    TEXT NOT NULL,
+    period   TEXT NOT NULL,
+    start    INTEGER NOT NULL,
+    end      INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    PRIMARY KEY (tenant, meter, period, start, end)
+) WITHOUT ROWID;
+CREATE INDEX quota_end ON quota (end);
+CREATE TABLE quota_floor (
+    tenant         TEXT NOT NULL,
+    meter          TEXT NOT NULL,
+    dropped_before INTEGER NOT NULL,
+    PRIMARY KEY (tenant, meter)
+) WITHOUT ROWID;
+CREATE TABLE quota_sender (
+    tenant   TEXT NOT NULL,
+    meter    TEXT NOT NULL,
+    period   TEXT NOT NULL,
+    start    INTEGER NOT NULL,
+    end      INTEGER NOT NULL,
+    node     INTEGER NOT NULL,
+    seq      INTEGER NOT NULL,
+    granted  INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    PRIMARY KEY (tenant, meter, period, start, end, node)
+) WITHOUT ROWID;
+CREATE TABLE usage (
+    tenant           TEXT NOT NULL,
+    meter            TEXT NOT NULL,
+    window_start     INTEGER NOT NULL,
+    quantity         INTEGER NOT NULL,
+    exported         INTEGER NOT NULL DEFAULT 0,
+    revision         INTEGER NOT NULL DEFAULT 0,
+    in_flight        INTEGER,
+    dead             TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    first_attempt_at INTEGER,
+    claim_node       INTEGER,
+    claim_until      INTEGER,
+    PRIMARY KEY (window_start, tenant, meter)
+) WITHOUT ROWID;
+CREATE INDEX usage_pending ON usage (tenant, meter, window_start)
+    WHERE dead IS NULL AND (quantity > exported OR in_flight IS NOT NULL);
+CREATE INDEX usage_dead ON usage (tenant, meter, window_start) WHERE dead IS NOT NULL;
+CREATE TABLE flush (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX flush_at ON flush (at);
+CREATE TABLE usage_event (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX usage_event_at ON usage_event (at);
+CREATE TABLE webhook_event (
+    id TEXT PRIMARY KEY,
+    at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX webhook_event_at ON webhook_event (at);
+CREATE TABLE tenant (
+    id            TEXT PRIMARY KEY,
+    plan          TEXT NOT NULL,
+    customer      TEXT UNIQUE,
+    last_event_at INTEGER
+) WITHOUT ROWID;
+CREATE TABLE api_key (
+    hash   BLOB PRIMARY KEY,
+    tenant TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX api_key_tenant ON api_key (tenant);
+",
+    r"
+ALTER TABLE api_key ADD COLUMN prefix TEXT NOT NULL DEFAULT '';
+ALTER TABLE api_key ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE api_key ADD COLUMN expires_at INTEGER;
+CREATE TABLE idempotency (
+    key             TEXT PRIMARY KEY,
+    request         TEXT NOT NULL,
+    owner           INTEGER NOT NULL,
+    completed       INTEGER NOT NULL,
+    in_flight_until INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX idempotency_expires ON idempotency (expires_at);
+",
+    r"
+ALTER TABLE usage ADD COLUMN send TEXT;
+ALTER TABLE usage ADD COLUMN unknown_failures INTEGER NOT NULL DEFAULT 0;
+",
+    r"
+ALTER TABLE tenant ADD COLUMN overrides TEXT;
+",
+];
+
+/// Opens the file, checks it is a sound tollgate database of a schema this build knows, and
+/// migrates it to [`SCHEMA_VERSION`]; returns the writing connection and a reading one.
+pub(super) fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<(Conn, Connection), StoreError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() == 0 => {
+            return Err(unusable(
+                path,
+                "the file exists but is empty, so it is not a tollgate database \
+                 (SQLite would take it as a new empty one); remove it to start afresh",
+            ))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path)?,
+        Err(e) => return Err(unusable(path, format!("cannot read the file: {e}"))),
+    }
+    let not_ours = |e: rusqlite::Error| match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => unusable(path, "not a SQLite database (a foreign or damaged file)"),
+        Some(ErrorCode::DatabaseCorrupt) => unusable(path, format!("the database is corrupt: {e}")),
+        _ => backend(e),
+    };
+    {
+        // Checked on a read-only connection before anything is written, so that a foreign
+        // SQLite file (its WAL or rollback journal included) is left as it was.
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let db = Connection::open_with_flags(path, flags).map_err(|e| unusable(path, format!("cannot open: {e}")))?;
+        db.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
+        let app: i32 = db.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(not_ours)?;
+        let version: i32 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(not_ours)?;
+        if app != APPLICATION_ID {
+            return Err(unusable(
+                path,
+                "a SQLite database, but not a tollgate one (its application_id is not tollgate's); \
+                 point [store] path at another file",
+            ));
+        }
+        check_version(path, version)?;
+        quick_check(&db).map_err(|e| match e {
+            QuickCheck::Failed(report) => unusable(path, format!("the database failed its integrity check: {report}")),
+            QuickCheck::Sql(e) => not_ours(e),
+        })?;
+    }
+    let mut db = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous).map_err(not_ours)?;
+    migrate(path, &mut db)?;
+    let reader = connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY, synchronous).map_err(not_ours)?;
+    let newest_window: Option<i64> =
+        db.query_row("SELECT max(window_start) FROM usage", [], |r| r.get(0)).map_err(backend)?;
+    let newest_window = newest_window.unwrap_or(i64::MIN / 2);
+    Ok((Conn { db, newest_window, pruned_window: newest_window, pruned_at: None }, reader))
+}
+
+/// A connection to a tollgate database, set up for this store.
+pub(super) fn connect(path: &Path, flags: OpenFlags, synchronous: Synchronous) -> Sql<Connection> {
+    let db = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    db.busy_timeout(BUSY_TIMEOUT)?;
+    db.set_prepared_statement_cache_capacity(64);
+    if flags.contains(OpenFlags::SQLITE_OPEN_READ_WRITE) {
+        let mode: String = db.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(rusqlite::Error::InvalidQuery);
+        }
+    }
+    let sync = match synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+    };
+    db.execute_batch(&format!("PRAGMA synchronous = {sync}; PRAGMA cache_size = -{CACHE_KIB}"))?;
+    Ok(db)
+}
+
+/// Creates a new database at `path` whole: the schema is written to a file of its own, which
+/// is then linked at `path` only if nothing is there yet. Another process opening the same
+/// new path at once never sees a file without the schema, and a crash during creation leaves
+/// no half-made database at `path`.
+pub(super) fn create(path: &Path) -> Result<(), StoreError> {
+    let wal = sidecar(path, "-wal");
+    if wal.exists() && !path.exists() {
+        return Err(unusable(
+            path,
+            format!(
+                "the database is missing but its write-ahead log {} is there: restore the database \
+                 or remove the log to start afresh",
+                wal.display()
+            ),
+        ));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = sidecar(path, &format!(".creating-{}-{:x}", std::process::id(), rand_u64()));
+    let made = (|| {
+        // In rollback-journal mode, so that the commit itself fails when the disk is full (a
+        // WAL file's closing checkpoint fails silently): the file is whole once committed. The
+        // first read-write connection switches it to WAL.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let cannot =
+            |e: &dyn std::fmt::Display| unusable(path, format!("cannot create the database in {}: {e}", dir.display()));
+        let mut db = Connection::open_with_flags(&tmp, flags).map_err(|e| cannot(&e))?;
+        db.execute_batch("PRAGMA synchronous = FULL").map_err(|e| cannot(&e))?;
+        migrate(path, &mut db)?;
+        db.close().map_err(|(_, e)| cannot(&e))?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            // Another process created it first: open theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(cannot(&format!(
+                "{e} (the new file is linked into place, and this filesystem may not support hard links: \
+                 put [store] path on a local filesystem)"
+            ))),
+        }
+    })();
+    for leftover in [tmp.clone(), sidecar(&tmp, "-journal"), sidecar(&tmp, "-wal"), sidecar(&tmp, "-shm")] {
+        let _ = std::fs::remove_file(leftover);
+    }
+    made
+}
+
+/// `path` with `suffix` appended to its file name.
+pub(super) fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+pub(super) fn check_version(path: &Path, version: i32) -> Result<(), StoreError> {
+    if version > SCHEMA_VERSION {
+        return Err(unusable(
+            path,
+            format!(
+                "written by a newer tollgate (schema version {version}; this build knows up to \
+                 {SCHEMA_VERSION}): upgrade tollgate, or point [store] path at another file"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) enum QuickCheck {
+    Failed(String),
+    Sql(rusqlite::Error),
+}
+
+/// `PRAGMA quick_check`: reads every page of the file once (linear in its size).
+pub(super) fn quick_check(db: &Connection) -> Result<(), QuickCheck> {
+    let mut stmt = db.prepare("PRAGMA quick_check(5)").map_err(QuickCheck::Sql)?;
+    let lines: Vec<String> =
+        stmt.query_map([], |r| r.get(0)).map_err(QuickCheck::Sql)?.collect::<Sql<_>>().map_err(QuickCheck::Sql)?;
+    if lines.len() == 1 && lines[0] == "ok" {
+        Ok(())
+    } else {
+        Err(QuickCheck::Failed(lines.join("; ")))
+    }
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction (several processes opening one
+/// new file at once apply it once: the version is read again under the write lock).
+pub(super) fn migrate(path: &Path, db: &mut Connection) -> Result<(), StoreError> {
+    let tx = db.transaction_with_behavior(TransactionBehavior::Immediate).map_err(backend)?;
+    let version: i32 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
+    check_version(path, version)?;
+    let from = usize::try_from(version).unwrap_or(0);
+    for step in &MIGRATIONS[from..] {
+        tx.execute_batch(step).map_err(backend)?;
+    }
+    if from < MIGRATIONS.len() {
+        tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"))
+            .map_err(backend)?;
+        tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
+    }
+    tx.commit().map_err(backend)
+}

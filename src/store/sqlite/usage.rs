@@ -1,0 +1,78 @@
+//! The usage role of the SqliteStore.
+
+use super::*;
+
+#[async_trait]
+impl UsageStore for SqliteStore {
+    async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        let batch = batch.clone();
+        self.write(move |tx, progress| {
+            let fresh = tx
+                .prepare_cached("INSERT INTO flush (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")?
+                .execute(params![batch.id.as_str(), unix_now()])?;
+            if fresh == 0 {
+                return Ok(CommitOutcome::AlreadyApplied);
+            }
+            for r in &batch.records {
+                add_usage(tx, &r.tenant, r.meter.as_str(), r.window_start, r.quantity)?;
+                progress.newest_window = progress.newest_window.max(Some(r.window_start));
+            }
+            progress.prune = true;
+            Ok(CommitOutcome::Applied)
+        })
+        .await
+    }
+
+    async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
+        let events = events.to_vec();
+        self.write(move |tx, progress| {
+            let mut out = Vec::with_capacity(events.len());
+            for e in &events {
+                let fresh = tx
+                    .prepare_cached("INSERT INTO usage_event (id, at) VALUES (?1, ?2) ON CONFLICT (id) DO NOTHING")?
+                    .execute(params![e.id, e.at])?;
+                if fresh == 0 {
+                    out.push(EventOutcome::Duplicate);
+                    continue;
+                }
+                let r = &e.record;
+                add_usage(tx, &r.tenant, r.meter.as_str(), r.window_start, r.quantity)?;
+                progress.newest_window = progress.newest_window.max(Some(r.window_start));
+                out.push(EventOutcome::Applied);
+            }
+            progress.prune = true;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
+        let tenant = tenant.clone();
+        self.read(move |tx| {
+            tx.prepare_cached(&format!(
+                "SELECT {AGGREGATE_COLUMNS} FROM usage u \
+                 WHERE u.tenant = ?1 AND u.window_start >= ?2 AND u.window_start < ?3 \
+                 ORDER BY u.tenant, u.meter, u.window_start"
+            ))?
+            .query_map(params![tenant.as_str(), from, to], aggregate)?
+            .collect()
+        })
+        .await
+    }
+
+    fn max_batch_records(&self) -> usize {
+        MAX_BATCH_RECORDS
+    }
+}
+
+fn add_usage(tx: &Transaction<'_>, tenant: &TenantId, meter: &str, window_start: i64, quantity: u64) -> Sql<()> {
+    tx.prepare_cached(
+        // Saturating: past i64::MAX, SQLite would turn the sum into a float.
+        "INSERT INTO usage (tenant, meter, window_start, quantity) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (window_start, tenant, meter) DO UPDATE SET quantity = \
+         CASE WHEN quantity > 9223372036854775807 - excluded.quantity THEN 9223372036854775807 \
+         ELSE quantity + excluded.quantity END",
+    )?
+    .execute(params![tenant.as_str(), meter, window_start, int(quantity)])?;
+    Ok(())
+}
