@@ -2,6 +2,7 @@
 //! DynamoDB server), and the same operations through `tollgate::admin` reaching a running engine.
 #![allow(missing_docs)]
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::{path::Path, process::Command};
