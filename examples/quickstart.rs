@@ -140,7 +140,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 #[cfg(feature = "dynamodb")]
-async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::prelude::Store>, Box<dyn std::error::Error>> {
+async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
     let table = std::env::var("TOLLGATE_DYNAMODB_TABLE").unwrap_or_else(|_| "tollgate".to_owned());
     let store = tollgate::store::DynamoStore::from_env(&table, None).await;
     if store.check_table().await.is_err() {
@@ -152,7 +152,7 @@ async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::prelude:
 }
 
 #[cfg(not(feature = "dynamodb"))]
-async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::prelude::Store>, Box<dyn std::error::Error>> {
+async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
     Err("TOLLGATE_STORE=dynamodb needs the cargo feature: cargo run --features dynamodb --example quickstart".into())
 }
 

@@ -75,9 +75,16 @@ impl OwnServer {
             }
         };
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/moto-server.py");
+        // The workspace's scripts, from this package's folder or one of its parents (the
+        // integration crates share these helpers).
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .map(|dir| dir.join("scripts/moto-server.py"))
+            .find(|p| p.exists())
+            .expect("scripts/moto-server.py in the workspace");
         let child = std::process::Command::new(python)
-            .args([script, "127.0.0.1", &port.to_string()])
+            .arg(&script)
+            .args(["127.0.0.1", &port.to_string()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

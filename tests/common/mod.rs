@@ -152,6 +152,16 @@ pub async fn committed(store: &dyn UsageStore, tenant: &str, meter: &str, from: 
     all.iter().filter(|a| a.key.meter.as_str() == meter).map(|a| a.quantity).sum()
 }
 
+/// The name libtest gives the test `name` of the module `module` (`module_path!()`): the
+/// module's path without the binary's crate name, then the test's, as a child process of the
+/// test binary is told to run it with `--exact`.
+pub fn test_name(module: &str, name: &str) -> String {
+    match module.split_once("::") {
+        Some((_, path)) => format!("{path}::{name}"),
+        None => name.to_owned(),
+    }
+}
+
 /// A configuration with one plan `p`, whose body is `plan` (TOML lines of `[plans.p]`), and
 /// one tenant `t` on it with the API key `key-t`.
 pub fn one_tenant(plan: &str) -> String {

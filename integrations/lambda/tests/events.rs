@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::{json, Value};
-use tollgate::{clock::Clock, store::prelude::Store, Config, Tollgate};
+use tollgate::{clock::Clock, store::Store, Config, Tollgate};
 use tower::ServiceExt;
 
 /// 2026-03-14T12:00:00Z.

@@ -1,9 +1,8 @@
 //! What a tenant has used (`Tollgate::usage_report`): quotas used and remaining in the
 //! current period and usage over a range, from the store with this node's unflushed usage,
 //! counted once across a flush; and the threshold hook, once per threshold and period.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{Arc, Mutex},

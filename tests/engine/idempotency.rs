@@ -1,9 +1,8 @@
 //! `Idempotency-Key` (IETF httpapi draft): bound to the tenant, method and concrete path; 409
 //! while the first request is in flight, 422 when reused elsewhere; a replay passes the rate
 //! check, needs a hard quota's units and is never billed twice; a dropped request releases it.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{sync::Arc, time::Duration};
 
@@ -120,7 +119,7 @@ async fn a_request_dropped_while_waiting_releases_its_key_and_units() {
 /// An `Idempotency-Key` holds across the nodes of a fleet (here two engines on one store).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_answers_the_same_on_every_node() {
-    let store: Arc<dyn tollgate::store::prelude::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
     common::idempotency_holds_across_nodes(store.clone(), store, "t", "key-t").await;
 }
 

@@ -1,7 +1,6 @@
 //! Rate, burst, quotas, route costs, give-back and idempotency, through the tower layer.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -203,8 +202,7 @@ async fn the_same_idempotency_key_of_another_tenant_is_charged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_tasks_hammering_one_tenant_never_pass_a_hard_quota() {
     let toml = &common::one_tenant(r#"quotas.requests = { limit = 500, period = "day", mode = "hard", lease = 7 }"#);
-    let store: std::sync::Arc<dyn tollgate::store::prelude::Store> =
-        std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(tollgate::store::MemoryStore::new());
     // Two nodes (two engines) share one store, as a fleet shares one table.
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes = [

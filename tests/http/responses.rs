@@ -1,7 +1,6 @@
 //! Headers, problem bodies, credentials and store failures, field by field.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::sync::{atomic::Ordering, Arc};
 

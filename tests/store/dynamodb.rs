@@ -2,9 +2,8 @@
 //! `scripts/test.sh` starts: `Builder::open` follows `[store] kind = "dynamodb"` with the standard
 //! AWS environment, and engines of a fleet share a hard quota without passing it.
 #![cfg(feature = "dynamodb")]
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

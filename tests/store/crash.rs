@@ -8,9 +8,8 @@
 //!   most one lease per (tenant, meter).
 //! - Two processes on one file share a hard quota without exceeding it.
 #![cfg(all(unix, feature = "sqlite"))]
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     io::{BufRead, BufReader},
@@ -38,7 +37,7 @@ fn role() -> Option<(String, PathBuf)> {
 /// Runs `test` of this binary as a child process with `role`.
 fn spawn(test: &str, role: &str, db: &Path) -> (Child, std::io::Lines<BufReader<ChildStdout>>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .args([&common::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD, role)
         .env(DB, db)
         .stdout(Stdio::piped())

@@ -1,14 +1,13 @@
-//! One set of behaviour tests over the `tollgate::store::prelude::Store` contract (the doc comments of
-//! `src/store/types.rs`), written once and run against every store by `conformance!`: adding a
+//! One set of behaviour tests over the store contract, role by role (the doc comments of
+//! the role traits in `src/store/`), written once and run against every store by `conformance!`: adding a
 //! store is one maker and one line below `conformance!(memory, ...)`.
 //!
 //! Each test takes a `Made` store and calls `Made::restart` at the points where a store that
 //! outlives the process must still hold what it was told (counters, answers to tokens, flush and
 //! event ids, claims, dead letters, the directory). The memory store lives as long as the process,
 //! so its restart keeps the same store.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 

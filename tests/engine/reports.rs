@@ -1,8 +1,7 @@
 //! Hard quotas on meters that only handlers report (`reports = ["tokens"]`): once spent, the
 //! routes that report the meter get 429 and show its policy; reported quantities are checked.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use common::{Harness, NOON};
 use tollgate::{RecordError, RejectionKind};

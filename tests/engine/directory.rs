@@ -1,9 +1,8 @@
 //! The tenant directory as a running node sees it: unknown credentials cost bounded store
 //! traffic, the tenant cap holds without the worker, and removed keys and plan changes reach
 //! running nodes within `limits.directory_ttl` (at once through `invalidate_*`).
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{atomic::Ordering, Arc},

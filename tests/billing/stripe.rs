@@ -9,9 +9,8 @@
 //! itself as the child); for the memory store the engine is dropped mid-call and another built
 //! over the same store.
 #![cfg(feature = "stripe")]
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -214,7 +213,7 @@ async fn crash_between_send_and_mark(b: &Backend, test: &str, toml: &str, now: i
             let path = b.dir.path().join("config.toml");
             std::fs::write(&path, toml).unwrap();
             let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-            cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
+            cmd.args([&common::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
                 .env(CHILD, if matches!(b.kind, Kind::Sqlite) { "sqlite" } else { "dynamodb" })
                 .env("TG_CONFIG", &path)
                 .env("TG_NOW", now.to_string())

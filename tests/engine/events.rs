@@ -3,9 +3,8 @@
 //! window, an id is applied once fleet-wide, old and future events are refused and counted,
 //! a late event goes out as a new revision, hard quotas apply in the event's own period, and
 //! a store failure changes nothing.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     sync::Arc,

@@ -1,8 +1,7 @@
 //! Quota correctness under concurrency: leases, refunds, period rolls, evictions and the
 //! worker all running at once, on one tenant and on a fleet of engines sharing one store.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{

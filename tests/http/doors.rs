@@ -1,9 +1,8 @@
 //! The conformance table (tests/conformance) on the bare tower layer: every status the table
 //! expects. Each front door's own test runs the same table and compares its responses and
 //! stored usage with this layer's.
-#![allow(missing_docs)]
 
-mod conformance;
+use crate::conformance;
 
 use conformance::{run, scenarios, Tower};
 

@@ -2,9 +2,8 @@
 //! process exports every window at shutdown, open ones included; a store down at shutdown
 //! is retried until a deadline and the loss is reported; an outage longer than a window keeps
 //! usage in its own window.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{atomic::Ordering, Arc},

@@ -1,9 +1,8 @@
 //! Anonymous callers limited per client address: one bucket per address (IPv6 per prefix),
 //! quotas and usage still under the one anonymous tenant, the address read through trusted
 //! proxies only, no address sharing one counted bucket, the state bounded.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::net::IpAddr;
 

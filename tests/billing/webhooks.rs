@@ -3,9 +3,8 @@
 //! the tenant's plan afterwards and the limits a request then meets: `free` allows 2 requests
 //! a day, `metered` and `pro` 1,000.
 #![cfg(feature = "stripe")]
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{sync::Arc, time::Duration};
 

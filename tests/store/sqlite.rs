@@ -3,9 +3,8 @@
 //! it, and an empty, foreign, damaged or newer file is a clear error at start, never a panic
 //! or a silent fresh start. Crashes are real processes killed with SIGKILL: `tests/crash.rs`.
 #![cfg(feature = "sqlite")]
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{path::Path, sync::Arc};
 

@@ -1,8 +1,7 @@
 //! Rate-limit headers tell the truth: the policy describes the bucket in whole numbers, `r` never
 //! exceeds `q`, `t` means the same on a 200 and a 429, and a 429 carries every policy.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,9 +1,8 @@
 //! A real tonic client and server through tollgate's tower layer: a gRPC client gets a gRPC
 //! status it understands for each rejection (trailers-only, HTTP 200), with the retry delay
 //! in the metadata, instead of a problem+json body.
-#![allow(missing_docs)]
 
-#[path = "../examples/grpc/echo.rs"]
+#[path = "../../examples/grpc/echo.rs"]
 mod echo;
 
 use bytes::Bytes;

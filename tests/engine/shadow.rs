@@ -1,8 +1,7 @@
 //! Shadow mode: limits computed, counted and logged, usage recorded and billed, nothing
 //! refused; a shadow plan beside an enforced one; hard quotas reserved past the limit.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use common::{day_key, Harness, NOON};
 

@@ -1,8 +1,7 @@
 //! The usage pipeline: flushing conserves usage, the tenant cap holds, reloads keep counters,
 //! closed windows are exported exactly once.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     sync::{

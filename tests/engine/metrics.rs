@@ -1,7 +1,6 @@
 //! The counters reach the `metrics` facade, labelled as documented.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

@@ -3,9 +3,8 @@
 //! file and in the store's directory are merged over the plan, a change in the store reaches
 //! another node within the directory TTL, and headers and rejections name the limits in
 //! force.
-#![allow(missing_docs)]
 
-mod common;
+use crate::common;
 
 use std::{sync::Arc, time::Duration};
 

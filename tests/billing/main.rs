@@ -1,0 +1,8 @@
+//! Billing: the Stripe export end to end against the stand-in, and Stripe webhooks.
+#![allow(missing_docs)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod stripe;
+mod webhooks;

@@ -1,0 +1,21 @@
+//! The engine through the public API: rate, quotas, the usage pipeline, usage events, plan
+//! features and overrides, shadow mode, client addresses, idempotency, reports, shutdown, the
+//! directory and the metrics.
+#![allow(missing_docs)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod clients;
+mod directory;
+mod events;
+mod features;
+mod idempotency;
+mod limits;
+mod metrics;
+mod pipeline;
+mod quotas;
+mod reports;
+mod shadow;
+mod shutdown;
+mod usage_report;

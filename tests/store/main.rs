@@ -1,0 +1,11 @@
+//! The stores: one behaviour suite per role run against every store, the SQLite store's
+//! files and migrations, the DynamoDB store behind engines, and crashes as real processes.
+#![allow(missing_docs)]
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod crash;
+mod dynamodb;
+mod sqlite;
+mod store_conformance;
