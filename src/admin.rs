@@ -24,8 +24,8 @@ use crate::{
     config::{Config, MeterId, PlanId, TenantId},
     engine::{open_store, BuildError},
     store::{
-        unix_now, ApiKeyRecord, DeadLetter, DirectoryStore, ExportKey, Store, StoreError, TenantRecord, UsageAggregate,
-        UsageExportStore,
+        unix_now, ApiKeyRecord, DeadLetter, DirectoryEvents, DirectoryStore, ExportKey, Store, StoreError,
+        TenantRecord, UsageAggregate, UsageExportStore,
     },
     KeyHash,
 };
@@ -130,7 +130,8 @@ pub struct Admin {
     directory: Arc<dyn DirectoryStore>,
     usage: Arc<dyn UsageExportStore>,
     config: Option<Config>,
-    engine: Option<crate::Tollgate>,
+    /// Told of each change, when administering a running engine.
+    node: Option<Arc<dyn DirectoryEvents>>,
 }
 
 impl Admin {
@@ -141,7 +142,7 @@ impl Admin {
 
     /// Administers a directory and usage kept in different stores, without a configuration.
     pub fn with_roles(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>) -> Self {
-        Self { directory, usage, config: None, engine: None }
+        Self { directory, usage, config: None, node: None }
     }
 
     /// Administers the stores of a running engine, with its configuration: the engine sees
@@ -151,14 +152,14 @@ impl Admin {
             directory: engine.directory_store().clone(),
             usage: engine.usage_store().clone(),
             config: Some(engine.config()),
-            engine: Some(engine.clone()),
+            node: Some(Arc::new(engine.clone())),
         }
     }
 
     /// Drops what the engine (if any) holds of `tenant`: its next request reads the directory.
     fn changed(&self, tenant: &TenantId) {
-        if let Some(engine) = &self.engine {
-            engine.invalidate_tenant(tenant);
+        if let Some(node) = &self.node {
+            node.tenant_changed(tenant);
         }
     }
 

@@ -2,6 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod admin;
+mod base;
 pub mod billing;
 pub mod clock;
 pub mod config;
@@ -27,6 +28,7 @@ mod worker;
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use aws_sdk_dynamodb;
+pub use base::KeyHash;
 pub use config::Config;
 pub use engine::{
     Admission, BuildError, Builder, ClientAddr, ExportReport, FlushReport, FrontDoor, PendingAdmission, QuotaUsage,
@@ -36,6 +38,6 @@ pub use engine::{
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use metrics::Stats;
 pub use response::{Rejection, RejectionKind, RejectionResponder};
-pub use tenant::{Credential, Identity, KeyHash};
+pub use tenant::{Credential, Identity};
 pub use usage::{Feature, QuotaStatus, RecordError, TenantContext};
 pub use worker::Worker;

@@ -14,5 +14,7 @@ pub use self::stripe::{Secret, StripeSetupError, StripeSink};
 pub use event::{identifier, BillingSink, MeterEvent, SinkError};
 pub use jsonl::JsonlSink;
 #[cfg(feature = "stripe")]
+pub(crate) use webhook::read_secrets;
+#[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};

@@ -1,18 +1,18 @@
 //! Stripe webhooks that move tenants between plans: verified, de-duplicated and ordered in one
 //! store write, applied at once on this node and within `limits.directory_ttl` on the others.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use bytes::Bytes;
 use http::StatusCode;
 use stripe_webhook::{EventObject, Webhook, WebhookError};
 
-use super::stripe::{read_secrets, Secret, StripeSetupError};
+pub(crate) use super::stripe::read_secrets;
+use super::stripe::Secret;
 use crate::{
-    config::{PlanId, StripeSettings, TenantId},
-    metrics::Totals,
-    store::{PlanChange, PlanChangeOutcome},
-    Tollgate,
+    clock::Clock,
+    config::{Config, PlanId, StripeSettings, TenantId},
+    store::{DirectoryEvents, DirectoryStore, PlanChange, PlanChangeOutcome, WebhookCount},
 };
 
 /// What a webhook delivery did.
@@ -132,7 +132,10 @@ struct Fields {
 ///   Stripe's retry applies it.
 /// - The new plan applies at once on this node, within `limits.directory_ttl` elsewhere.
 pub struct WebhookHandler {
-    tollgate: Tollgate,
+    directory: Arc<dyn DirectoryStore>,
+    node: Arc<dyn DirectoryEvents>,
+    config: Arc<dyn Fn() -> Config + Send + Sync>,
+    clock: Clock,
     secrets: Vec<Secret>,
 }
 
@@ -143,34 +146,31 @@ impl fmt::Debug for WebhookHandler {
 }
 
 impl WebhookHandler {
-    /// A handler for `tollgate`'s tenants, verifying with any of `secrets`.
-    pub fn new(tollgate: Tollgate, secrets: Vec<Secret>) -> Self {
-        Self { tollgate, secrets }
-    }
-
-    /// A handler with the signing secrets of `stripe.webhook_secret_file`, or of
-    /// `STRIPE_WEBHOOK_SECRET` (comma-separated).
-    ///
-    /// # Errors
-    /// No secret, or the file cannot be read.
-    pub fn from_config(tollgate: Tollgate) -> Result<Self, StripeSetupError> {
-        let file = tollgate.config().stripe().and_then(|s| s.webhook_secret_file.clone());
-        let secrets = read_secrets(file.as_deref(), "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
-        Ok(Self::new(tollgate, secrets))
+    /// A handler over the parts it uses, for a process that handles webhooks without serving
+    /// requests (a webhook-only function): the directory plans are changed in, who is told of
+    /// a change (`node`; the engine, when there is one: see [`new`](Self::new)), the
+    /// configuration in force (read at each delivery, so a reload applies), the clock
+    /// signatures are checked against, and the signing secrets.
+    pub fn from_parts(
+        directory: Arc<dyn DirectoryStore>,
+        node: Arc<dyn DirectoryEvents>,
+        config: impl Fn() -> Config + Send + Sync + 'static,
+        clock: Clock,
+        secrets: Vec<Secret>,
+    ) -> Self {
+        Self { directory, node, config: Arc::new(config), clock, secrets }
     }
 
     /// Handles one delivery: the `Stripe-Signature` header's value (if any) and the raw body.
     pub async fn handle(&self, signature: Option<&str>, body: &[u8]) -> WebhookReply {
         let outcome = self.outcome(signature, body).await;
-        let shared = &self.tollgate.shared;
-        let (total, counter) = match &outcome {
-            WebhookOutcome::Applied { .. } => (&shared.totals.webhooks_applied, &shared.metrics.webhooks_applied),
-            WebhookOutcome::Rejected(_) => (&shared.totals.webhooks_rejected, &shared.metrics.webhooks_rejected),
+        let count = match &outcome {
+            WebhookOutcome::Applied { .. } => WebhookCount::Applied,
+            WebhookOutcome::Rejected(_) => WebhookCount::Rejected,
             WebhookOutcome::StoreFailed(_) => return WebhookReply { outcome },
-            _ => (&shared.totals.webhooks_ignored, &shared.metrics.webhooks_ignored),
+            _ => WebhookCount::Ignored,
         };
-        Totals::add(total, 1);
-        counter.increment(1);
+        self.node.webhook_handled(count);
         WebhookReply { outcome }
     }
 
@@ -181,7 +181,7 @@ impl WebhookHandler {
         let Ok(payload) = std::str::from_utf8(body) else {
             return reject("the body is not UTF-8");
         };
-        let now = self.tollgate.shared.clock.unix_secs();
+        let now = self.clock.unix_secs();
         let mut verified = None;
         for secret in &self.secrets {
             match Webhook::construct_event_with_timestamp(payload, signature, secret.expose(), now) {
@@ -209,8 +209,8 @@ impl WebhookHandler {
             tracing::warn!("verified Stripe webhook without an id, a type or a time: ignored");
             return WebhookOutcome::Ignored;
         };
-        let rt = self.tollgate.shared.runtime.load_full();
-        let Some(settings) = rt.config.stripe() else {
+        let config = (self.config)();
+        let Some(settings) = config.stripe() else {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: no [stripe] section");
             return WebhookOutcome::Ignored;
         };
@@ -232,9 +232,9 @@ impl WebhookHandler {
             return WebhookOutcome::Ignored;
         };
         let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan);
-        match self.tollgate.shared.stores.directory.apply_plan_change(&change).await {
+        match self.directory.apply_plan_change(&change).await {
             Ok(PlanChangeOutcome::Applied(record)) => {
-                self.tollgate.invalidate_tenant(&record.id);
+                self.node.tenant_changed(&record.id);
                 tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, plan = %record.plan,
                     "plan changed by a Stripe webhook");
                 WebhookOutcome::Applied { tenant: record.id, plan: record.plan }
@@ -245,7 +245,7 @@ impl WebhookHandler {
                 WebhookOutcome::Stale
             }
             Ok(PlanChangeOutcome::UnknownCustomer) => {
-                if rt.static_tenants.values().any(|t| t.customer.as_deref() == Some(customer.as_str())) {
+                if config.tenants().iter().any(|t| t.stripe_customer() == Some(customer.as_str())) {
                     tracing::warn!(event = %fields.id, %customer,
                         "Stripe webhook for a tenant declared in the configuration: its plan is the file's; ignored");
                 } else {

@@ -5,6 +5,7 @@
 //! keys are errors. The complete reference is `docs/configuration.md`.
 
 mod error;
+pub(crate) mod net;
 mod raw;
 mod validate;
 
@@ -13,11 +14,11 @@ mod values;
 
 use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, time::Duration};
 
-pub use crate::engine::clients::{ForwardedHeader, IpRange};
+pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, TenantId};
 pub use error::{ConfigError, ConfigErrorKind};
+pub use net::{ForwardedHeader, IpRange};
 pub use values::{
-    HeaderStyle, Identify, InvalidTenantId, MeterId, OnUnknown, Period, PlanId, QuotaMode, Rate, RateError, StatusSet,
-    StoreErrorPolicy, StoreSettings, Synchronous, TenantId,
+    HeaderStyle, Identify, OnUnknown, Rate, RateError, StatusSet, StoreErrorPolicy, StoreSettings, Synchronous,
 };
 
 /// A parsed and validated configuration.
@@ -507,7 +508,7 @@ impl RouteSpec {
 pub struct TenantSpec {
     pub(crate) id: TenantId,
     pub(crate) plan: PlanId,
-    pub(crate) key_hashes: Vec<crate::tenant::KeyHash>,
+    pub(crate) key_hashes: Vec<crate::base::KeyHash>,
     pub(crate) stripe_customer: Option<String>,
     pub(crate) overrides: Option<PlanOverride>,
 }
@@ -534,7 +535,7 @@ impl TenantSpec {
     }
 
     /// The SHA-256 hashes of the tenant's API keys (keys are never kept in clear).
-    pub fn key_hashes(&self) -> &[crate::tenant::KeyHash] {
+    pub fn key_hashes(&self) -> &[crate::base::KeyHash] {
         &self.key_hashes
     }
 

@@ -18,7 +18,7 @@ use super::{
     QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreSettings, StripeSettings, Synchronous,
     TenantId, TenantSpec, UsageSettings,
 };
-use crate::{plan::RoutePattern, tenant::KeyHash};
+use crate::{base::KeyHash, plan::RoutePattern};
 
 /// The document with spans, to place errors found after deserialization.
 struct Located<'a> {
@@ -975,7 +975,7 @@ impl Validator<'_, '_> {
             let plan = self.plan_ref(plans, &format!("{base}.plan"), &t.plan)?;
             let mut key_hashes = Vec::new();
             for (i, key) in t.keys.iter().enumerate() {
-                if let Err(m) = crate::tenant::check_api_key(key.as_bytes()) {
+                if let Err(m) = crate::base::check_api_key(key.as_bytes()) {
                     return Err(self.invalid(&format!("{base}.keys[{i}]"), m));
                 }
                 key_hashes.push(KeyHash::of(key.as_bytes()));

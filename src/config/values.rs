@@ -1,141 +1,8 @@
 //! Typed configuration values: identifiers, rates, periods, policies.
 
-use std::{fmt, num::NonZeroU32, str::FromStr, sync::Arc, time::Duration};
+use std::{fmt, num::NonZeroU32, str::FromStr, time::Duration};
 
-macro_rules! id_newtype {
-    ($(#[$meta:meta])* $name:ident) => {
-        $(#[$meta])*
-        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Arc<str>);
-
-        impl $name {
-            /// Creates the identifier from any string.
-            pub fn new(id: impl AsRef<str>) -> Self {
-                Self(Arc::from(id.as_ref()))
-            }
-
-            /// The identifier as a string slice.
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Debug::fmt(&*self.0, f)
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl From<&str> for $name {
-            fn from(s: &str) -> Self {
-                Self::new(s)
-            }
-        }
-
-        impl From<String> for $name {
-            fn from(s: String) -> Self {
-                Self(Arc::from(s))
-            }
-        }
-
-        impl AsRef<str> for $name {
-            fn as_ref(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl std::borrow::Borrow<str> for $name {
-            fn borrow(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl serde::Serialize for $name {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-    };
-}
-
-id_newtype!(
-    /// The name of a plan, such as `free` or `metered`.
-    PlanId
-);
-id_newtype!(
-    /// The name of a meter, such as `requests` or `tokens`.
-    MeterId
-);
-id_newtype!(
-    /// The identifier of a tenant (a customer account).
-    TenantId
-);
-
-impl TenantId {
-    /// The longest tenant id, in characters (bytes: a tenant id is ASCII).
-    pub const MAX_LEN: usize = 128;
-
-    /// Parses a tenant id: 1 to 128 visible ASCII characters (`!` to `~`, 0x21 to 0x7E), so
-    /// no whitespace, control or non-ASCII characters. `acme`, `sub|1234` and
-    /// `org:42/team-7` are tenant ids; `a b` and `café` are not.
-    ///
-    /// ```
-    /// use tollgate::config::{InvalidTenantId, TenantId};
-    /// assert_eq!(TenantId::parse("sub|1234").unwrap().as_str(), "sub|1234");
-    /// assert_eq!(TenantId::parse(""), Err(InvalidTenantId::Empty));
-    /// assert!(!TenantId::is_valid("a b"));
-    /// ```
-    ///
-    /// # Errors
-    /// An [`InvalidTenantId`] saying which rule `s` breaks.
-    pub fn parse(s: &str) -> Result<TenantId, InvalidTenantId> {
-        if s.is_empty() {
-            return Err(InvalidTenantId::Empty);
-        }
-        if let Some((at, found)) = s.char_indices().find(|&(_, c)| !matches!(c, '\x21'..='\x7e')) {
-            return Err(InvalidTenantId::Character { at, found });
-        }
-        if s.len() > Self::MAX_LEN {
-            return Err(InvalidTenantId::TooLong { len: s.len() });
-        }
-        Ok(TenantId::new(s))
-    }
-
-    /// Whether `s` is a valid tenant id (see [`parse`](Self::parse)).
-    pub fn is_valid(s: &str) -> bool {
-        !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| matches!(b, 0x21..=0x7e))
-    }
-}
-
-/// Why a string is not a tenant id: a tenant id is 1 to 128 visible ASCII characters
-/// (0x21 to 0x7E), with no whitespace. See [`TenantId::parse`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum InvalidTenantId {
-    /// The string is empty.
-    #[error("a tenant id is 1 to 128 visible ASCII characters, not an empty string")]
-    Empty,
-    /// The string is longer than 128 characters.
-    #[error("a tenant id is 1 to 128 visible ASCII characters, not {len}")]
-    TooLong {
-        /// The length of the string, in bytes.
-        len: usize,
-    },
-    /// A character that is not visible ASCII: whitespace, a control or a non-ASCII character.
-    #[error("a tenant id is 1 to 128 visible ASCII characters without spaces: {found:?} (at byte {at}) is not one")]
-    Character {
-        /// The byte offset of the character.
-        at: usize,
-        /// The character.
-        found: char,
-    },
-}
+use crate::base::PlanId;
 
 /// A request rate written so nobody misreads it: `"100/s"`, `"6000/min"`, `"50000/day"`.
 ///
@@ -226,85 +93,6 @@ impl FromStr for Rate {
         };
         Rate::new(count, per).ok_or(RateError::Count)
     }
-}
-
-/// The calendar period of a quota, aligned to UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Period {
-    /// From midnight UTC to the next midnight UTC.
-    Day,
-    /// From a day of the month at midnight UTC (the billing anchor, 1 by default) to the same
-    /// day of the next month. An anchor past the end of a short month falls on its last day.
-    Month {
-        /// The day of the month the period starts on, 1 to 31.
-        anchor_day: u8,
-    },
-}
-
-impl Period {
-    /// The name used in policies and headers (`day`, `month`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Period::Day => "day",
-            Period::Month { .. } => "month",
-        }
-    }
-
-    /// The nominal length of the period in seconds (a month counts 30 days), for the
-    /// `RateLimit-Policy` window parameter.
-    pub fn nominal_secs(&self) -> u64 {
-        match self {
-            Period::Day => 86_400,
-            Period::Month { .. } => 30 * 86_400,
-        }
-    }
-
-    /// The period containing `unix_secs`, as `[start, end)` in Unix seconds.
-    pub fn bounds(&self, unix_secs: i64) -> (i64, i64) {
-        use chrono::{Datelike, NaiveDate, TimeZone, Utc};
-        match *self {
-            Period::Day => {
-                let start = unix_secs.div_euclid(86_400) * 86_400;
-                (start, start + 86_400)
-            }
-            Period::Month { anchor_day } => {
-                let at = Utc.timestamp_opt(unix_secs, 0).single().unwrap_or_default().date_naive();
-                let anchor_in = |y: i32, m: u32| -> NaiveDate {
-                    let last = last_day_of_month(y, m);
-                    NaiveDate::from_ymd_opt(y, m, u32::from(anchor_day).min(last)).expect("a valid day of the month")
-                };
-                let prev = |y: i32, m: u32| if m == 1 { (y - 1, 12) } else { (y, m - 1) };
-                let next = |y: i32, m: u32| if m == 12 { (y + 1, 1) } else { (y, m + 1) };
-                let (y, m) = (at.year(), at.month());
-                let this = anchor_in(y, m);
-                let (start, end) = if at >= this {
-                    let (ny, nm) = next(y, m);
-                    (this, anchor_in(ny, nm))
-                } else {
-                    let (py, pm) = prev(y, m);
-                    (anchor_in(py, pm), this)
-                };
-                let secs = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
-                (secs(start), secs(end))
-            }
-        }
-    }
-}
-
-fn last_day_of_month(year: i32, month: u32) -> u32 {
-    use chrono::NaiveDate;
-    let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
-    NaiveDate::from_ymd_opt(ny, nm, 1).and_then(|d| d.pred_opt()).map(|d| chrono::Datelike::day(&d)).unwrap_or(28)
-}
-
-/// What a quota does once the tenant's limit is spent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum QuotaMode {
-    /// Reject further requests with 429 until the period ends.
-    Hard,
-    /// Admit further requests and count them as overage.
-    Soft,
 }
 
 /// What a request gets when the store cannot be reached within its time limit.
@@ -497,6 +285,7 @@ impl fmt::Debug for StatusSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::{InvalidTenantId, Period, TenantId};
     use chrono::{TimeZone, Utc};
 
     fn ts(y: i32, m: u32, d: u32) -> i64 {

@@ -15,7 +15,7 @@ use crate::{
     metrics::Totals,
     plan::{CompiledPlan, Runtime, StaticTenant},
     response::{Rejection, RejectionKind},
-    store::TenantRecord,
+    store::{DirectoryEvents, TenantRecord, WebhookCount},
     tenant::{KeyHash, Tenant, TenantState},
 };
 
@@ -265,5 +265,54 @@ impl Tollgate {
         let digest = self.shared.table.digest(Lookup::ApiKey(key));
         self.shared.table.forget(digest);
         self.shared.unknown.invalidate(&(digest.lo, digest.hi));
+    }
+}
+
+/// The engine is told of directory changes made outside its lookups (webhooks, [`Admin`]): it
+/// forgets the tenant, so the change applies at once on this node.
+///
+/// [`Admin`]: crate::admin::Admin
+impl DirectoryEvents for Tollgate {
+    fn tenant_changed(&self, tenant: &TenantId) {
+        self.invalidate_tenant(tenant);
+    }
+
+    fn webhook_handled(&self, outcome: WebhookCount) {
+        let shared = &self.shared;
+        let (total, counter) = match outcome {
+            WebhookCount::Applied => (&shared.totals.webhooks_applied, &shared.metrics.webhooks_applied),
+            WebhookCount::Rejected => (&shared.totals.webhooks_rejected, &shared.metrics.webhooks_rejected),
+            _ => (&shared.totals.webhooks_ignored, &shared.metrics.webhooks_ignored),
+        };
+        Totals::add(total, 1);
+        counter.increment(1);
+    }
+}
+
+#[cfg(feature = "stripe")]
+impl crate::billing::WebhookHandler {
+    /// A handler for the tenants of `tollgate`'s directory, verifying with any of `secrets`:
+    /// plan changes apply at once on this node (the engine forgets the tenant), within
+    /// `limits.directory_ttl` on the others.
+    pub fn new(tollgate: Tollgate, secrets: Vec<crate::billing::Secret>) -> Self {
+        let config = tollgate.clone();
+        Self::from_parts(
+            tollgate.shared.stores.directory.clone(),
+            Arc::new(tollgate.clone()),
+            move || config.config(),
+            tollgate.shared.clock.clone(),
+            secrets,
+        )
+    }
+
+    /// A handler with the signing secrets of `stripe.webhook_secret_file`, or of
+    /// `STRIPE_WEBHOOK_SECRET` (comma-separated).
+    ///
+    /// # Errors
+    /// No secret, or the file cannot be read.
+    pub fn from_config(tollgate: Tollgate) -> Result<Self, crate::billing::StripeSetupError> {
+        let file = tollgate.config().stripe().and_then(|s| s.webhook_secret_file.clone());
+        let secrets = crate::billing::read_secrets(file.as_deref(), "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
+        Ok(Self::new(tollgate, secrets))
     }
 }

@@ -6,10 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::StoreError;
-use crate::{
-    config::{PlanId, TenantId},
-    tenant::KeyHash,
-};
+use crate::base::{KeyHash, PlanId, TenantId};
 
 /// A tenant in the directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::StoreError;
-use crate::config::{MeterId, TenantId};
+use crate::base::{MeterId, TenantId};
 
 /// Identifies one usage aggregate: (tenant, meter, window).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

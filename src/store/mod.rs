@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use crate::base::{DirectoryEvents, WebhookCount};
 pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, TenantRecord};
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]

@@ -6,7 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::StoreError;
-use crate::config::{MeterId, Period, TenantId};
+use crate::base::{MeterId, Period, TenantId};
 
 /// One quota counter: a tenant's units of one meter in one calendar period.
 ///

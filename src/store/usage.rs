@@ -6,7 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::{StoreError, UsageAggregate};
-use crate::config::{MeterId, TenantId};
+use crate::base::{MeterId, TenantId};
 
 /// An opaque, unique id of one flush: a retried flush carries the same id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

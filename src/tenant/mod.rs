@@ -4,7 +4,8 @@ mod handle;
 mod key;
 mod state;
 
+pub(crate) use crate::base::{check_api_key, draw_u64, KeyHash, COMMA_IN_KEY};
 pub(crate) use handle::Tenant;
-pub(crate) use key::{check_api_key, draw_u64, Fingerprinter, COMMA_IN_KEY, TAG_API_KEY, TAG_TENANT};
-pub use key::{Credential, Identity, KeyHash};
+pub use key::{Credential, Identity};
+pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
 pub(crate) use state::{Call, CallKind, GcraCell, PeriodBits, QuotaRef, Take, TenantCells, TenantState};

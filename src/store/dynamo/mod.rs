@@ -26,7 +26,7 @@ use super::{
     PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, StoreInspect,
     TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
 };
-use crate::{config::TenantId, tenant::KeyHash};
+use crate::base::{KeyHash, TenantId};
 
 mod directory;
 mod export;
@@ -132,7 +132,7 @@ fn hex_node(v: u64) -> String {
 async fn backoff(attempt: u32) {
     let base = 10u64 << attempt.min(7);
     // From the OS, not RandomState: copies of one SnapStart snapshot back off apart.
-    let jitter = crate::tenant::draw_u64() % base;
+    let jitter = crate::base::draw_u64() % base;
     tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
 }
 

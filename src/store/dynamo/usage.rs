@@ -43,7 +43,7 @@ impl UsageStore for DynamoStore {
         // A token per call and event: the SDK's own retries of a transaction whose answer was
         // lost are then answered as the first (applied), not as a duplicate; a later delivery
         // of the event, a new call, gets a new token and its condition fails (duplicate).
-        let call = crate::tenant::draw_u64();
+        let call = crate::base::draw_u64();
         'events: for (i, e) in events.iter().enumerate() {
             let token = format!("{call:016x}{:016x}", (i as u64) ^ 0x5bd1_e995);
             let seen = Put::builder()

@@ -14,10 +14,7 @@ use super::{
     PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, StoreInspect, TenantRecord,
     UsageAggregate, UsageBatch, UsageEvent, UsageStore,
 };
-use crate::{
-    config::{MeterId, TenantId},
-    tenant::KeyHash,
-};
+use crate::base::{KeyHash, MeterId, TenantId};
 
 mod directory;
 mod export;
@@ -292,7 +289,7 @@ mod tests {
     use crate::store::UsageRecord;
 
     fn qk(p: i64) -> QuotaKey {
-        QuotaKey::new("t".into(), "requests".into(), crate::config::Period::Day, p, p + 86_400)
+        QuotaKey::new("t".into(), "requests".into(), crate::base::Period::Day, p, p + 86_400)
     }
 
     fn r(key: QuotaKey, units: u64, limit: Option<u64>, seq: u64) -> Reservation {
@@ -329,13 +326,8 @@ mod tests {
         let owed = Reservation::new(qk(0), 5, 9, Some(10), ReserveToken::new(2, 1));
         assert_eq!(s.reserve(&owed).await.unwrap(), Grant::new(0, 13), "owed units pass the limit");
         // Another kind of period is another counter.
-        let month = QuotaKey::new(
-            "t".into(),
-            "requests".into(),
-            crate::config::Period::Month { anchor_day: 1 },
-            0,
-            31 * 86_400,
-        );
+        let month =
+            QuotaKey::new("t".into(), "requests".into(), crate::base::Period::Month { anchor_day: 1 }, 0, 31 * 86_400);
         assert_eq!(s.reserve(&r(month, 3, Some(10), 3)).await.unwrap(), Grant::new(3, 3));
     }
 

@@ -17,8 +17,8 @@ use super::{
     TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
 };
 use crate::{
-    config::{Synchronous, TenantId},
-    tenant::KeyHash,
+    base::{KeyHash, TenantId},
+    config::Synchronous,
 };
 
 mod directory;

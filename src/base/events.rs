@@ -1,0 +1,30 @@
+//! What a change of the directory made outside the engine tells the node that made it.
+
+use super::TenantId;
+
+/// Told by whoever changes the directory outside the engine's own lookups (a Stripe webhook, an
+/// administration call), so that the node that made the change serves it at once; the other
+/// nodes see it within `limits.directory_ttl`.
+///
+/// [`Tollgate`](crate::Tollgate) implements it. Parts that change the directory take an
+/// `Arc<dyn DirectoryEvents>` instead of the engine, so they do not depend on it.
+pub trait DirectoryEvents: Send + Sync + std::fmt::Debug + 'static {
+    /// The tenant's record changed in the directory (its plan, customer or overrides): forget
+    /// what this node holds of it, so that its next request reads the directory again.
+    fn tenant_changed(&self, tenant: &TenantId);
+
+    /// A Stripe webhook delivery ended this way: counted in the engine's totals and metrics.
+    fn webhook_handled(&self, outcome: WebhookCount);
+}
+
+/// How a webhook delivery is counted ([`DirectoryEvents::webhook_handled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WebhookCount {
+    /// Its effect was applied.
+    Applied,
+    /// Refused: a bad signature or body.
+    Rejected,
+    /// Verified, and nothing to do (a duplicate, an older event, an ignored kind).
+    Ignored,
+}

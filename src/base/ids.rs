@@ -1,0 +1,140 @@
+//! The identifiers every layer uses: tenants, plans and meters.
+
+use std::{fmt, sync::Arc};
+
+macro_rules! id_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Creates the identifier from any string.
+            pub fn new(id: impl AsRef<str>) -> Self {
+                Self(Arc::from(id.as_ref()))
+            }
+
+            /// The identifier as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self::new(s)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                Self(Arc::from(s))
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+    };
+}
+
+id_newtype!(
+    /// The name of a plan, such as `free` or `metered`.
+    PlanId
+);
+
+id_newtype!(
+    /// The name of a meter, such as `requests` or `tokens`.
+    MeterId
+);
+
+id_newtype!(
+    /// The identifier of a tenant (a customer account).
+    TenantId
+);
+
+impl TenantId {
+    /// The longest tenant id, in characters (bytes: a tenant id is ASCII).
+    pub const MAX_LEN: usize = 128;
+
+    /// Parses a tenant id: 1 to 128 visible ASCII characters (`!` to `~`, 0x21 to 0x7E), so
+    /// no whitespace, control or non-ASCII characters. `acme`, `sub|1234` and
+    /// `org:42/team-7` are tenant ids; `a b` and `café` are not.
+    ///
+    /// ```
+    /// use tollgate::config::{InvalidTenantId, TenantId};
+    /// assert_eq!(TenantId::parse("sub|1234").unwrap().as_str(), "sub|1234");
+    /// assert_eq!(TenantId::parse(""), Err(InvalidTenantId::Empty));
+    /// assert!(!TenantId::is_valid("a b"));
+    /// ```
+    ///
+    /// # Errors
+    /// An [`InvalidTenantId`] saying which rule `s` breaks.
+    pub fn parse(s: &str) -> Result<TenantId, InvalidTenantId> {
+        if s.is_empty() {
+            return Err(InvalidTenantId::Empty);
+        }
+        if let Some((at, found)) = s.char_indices().find(|&(_, c)| !matches!(c, '\x21'..='\x7e')) {
+            return Err(InvalidTenantId::Character { at, found });
+        }
+        if s.len() > Self::MAX_LEN {
+            return Err(InvalidTenantId::TooLong { len: s.len() });
+        }
+        Ok(TenantId::new(s))
+    }
+
+    /// Whether `s` is a valid tenant id (see [`parse`](Self::parse)).
+    pub fn is_valid(s: &str) -> bool {
+        !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| matches!(b, 0x21..=0x7e))
+    }
+}
+
+/// Why a string is not a tenant id: a tenant id is 1 to 128 visible ASCII characters
+/// (0x21 to 0x7E), with no whitespace. See [`TenantId::parse`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidTenantId {
+    /// The string is empty.
+    #[error("a tenant id is 1 to 128 visible ASCII characters, not an empty string")]
+    Empty,
+    /// The string is longer than 128 characters.
+    #[error("a tenant id is 1 to 128 visible ASCII characters, not {len}")]
+    TooLong {
+        /// The length of the string, in bytes.
+        len: usize,
+    },
+    /// A character that is not visible ASCII: whitespace, a control or a non-ASCII character.
+    #[error("a tenant id is 1 to 128 visible ASCII characters without spaces: {found:?} (at byte {at}) is not one")]
+    Character {
+        /// The byte offset of the character.
+        at: usize,
+        /// The character.
+        found: char,
+    },
+}

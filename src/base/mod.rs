@@ -1,0 +1,18 @@
+//! The names every layer shares, at the bottom of the crate: tenant, plan and meter ids, quota
+//! periods and modes, API key digests, and what a change of the directory tells the engine.
+//!
+//! Nothing here imports another module of the crate; the configuration, the stores, billing and
+//! the engine all build on it. Users reach these through [`crate::config`] and the crate root.
+
+mod events;
+mod ids;
+mod key;
+mod period;
+mod random;
+
+pub use events::{DirectoryEvents, WebhookCount};
+pub use ids::{InvalidTenantId, MeterId, PlanId, TenantId};
+pub use key::KeyHash;
+pub(crate) use key::{check_api_key, COMMA_IN_KEY};
+pub use period::{Period, QuotaMode};
+pub(crate) use random::draw_u64;

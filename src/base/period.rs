@@ -1,0 +1,80 @@
+//! Quota periods (calendar-aligned UTC) and what a quota does once spent.
+
+/// The calendar period of a quota, aligned to UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Period {
+    /// From midnight UTC to the next midnight UTC.
+    Day,
+    /// From a day of the month at midnight UTC (the billing anchor, 1 by default) to the same
+    /// day of the next month. An anchor past the end of a short month falls on its last day.
+    Month {
+        /// The day of the month the period starts on, 1 to 31.
+        anchor_day: u8,
+    },
+}
+
+impl Period {
+    /// The name used in policies and headers (`day`, `month`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month { .. } => "month",
+        }
+    }
+
+    /// The nominal length of the period in seconds (a month counts 30 days), for the
+    /// `RateLimit-Policy` window parameter.
+    pub fn nominal_secs(&self) -> u64 {
+        match self {
+            Period::Day => 86_400,
+            Period::Month { .. } => 30 * 86_400,
+        }
+    }
+
+    /// The period containing `unix_secs`, as `[start, end)` in Unix seconds.
+    pub fn bounds(&self, unix_secs: i64) -> (i64, i64) {
+        use chrono::{Datelike, NaiveDate, TimeZone, Utc};
+        match *self {
+            Period::Day => {
+                let start = unix_secs.div_euclid(86_400) * 86_400;
+                (start, start + 86_400)
+            }
+            Period::Month { anchor_day } => {
+                let at = Utc.timestamp_opt(unix_secs, 0).single().unwrap_or_default().date_naive();
+                let anchor_in = |y: i32, m: u32| -> NaiveDate {
+                    let last = last_day_of_month(y, m);
+                    NaiveDate::from_ymd_opt(y, m, u32::from(anchor_day).min(last)).expect("a valid day of the month")
+                };
+                let prev = |y: i32, m: u32| if m == 1 { (y - 1, 12) } else { (y, m - 1) };
+                let next = |y: i32, m: u32| if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                let (y, m) = (at.year(), at.month());
+                let this = anchor_in(y, m);
+                let (start, end) = if at >= this {
+                    let (ny, nm) = next(y, m);
+                    (this, anchor_in(ny, nm))
+                } else {
+                    let (py, pm) = prev(y, m);
+                    (anchor_in(py, pm), this)
+                };
+                let secs = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc().timestamp();
+                (secs(start), secs(end))
+            }
+        }
+    }
+}
+
+fn last_day_of_month(year: i32, month: u32) -> u32 {
+    use chrono::NaiveDate;
+    let (ny, nm) = if month == 12 { (year + 1, 1) } else { (year, month + 1) };
+    NaiveDate::from_ymd_opt(ny, nm, 1).and_then(|d| d.pred_opt()).map(|d| chrono::Datelike::day(&d)).unwrap_or(28)
+}
+
+/// What a quota does once the tenant's limit is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuotaMode {
+    /// Reject further requests with 429 until the period ends.
+    Hard,
+    /// Admit further requests and count them as overage.
+    Soft,
+}
