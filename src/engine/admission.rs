@@ -6,8 +6,10 @@ use std::{borrow::Cow, num::NonZeroU32, time::Duration};
 use governor::clock::Clock as _;
 
 use super::{
-    engine::{with_timeout, KeyClaim, Partial, PendingAdmission, Stage},
+    engine::{KeyClaim, Partial, PendingAdmission, Stage},
     idempotency::{settled, Claim, FleetClaim, Idempotency, Verdict, IN_FLIGHT_SECS},
+    store_calls::with_timeout,
+    ticket::UNLEASED,
     Admission, Ticket, Tollgate,
 };
 use crate::{
@@ -22,8 +24,6 @@ use crate::{
 
 /// No quota units were taken (no quota on the meter, or a replay).
 pub(crate) const NO_TAG: u32 = u32::MAX;
-/// The units were owed outside any lease (admitted fail-open before the cell held one).
-pub(crate) const UNLEASED: u32 = u32::MAX - 1;
 
 fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
@@ -40,7 +40,7 @@ impl Tollgate {
             }
         }
         if state.plan.on_store_error == StoreErrorPolicy::FailClosed
-            && self.shared.buffer_full.load(std::sync::atomic::Ordering::Relaxed)
+            && self.shared.pipeline.buffer_full.load(std::sync::atomic::Ordering::Relaxed)
         {
             let r = Rejection::new(
                 RejectionKind::StoreUnavailable,
@@ -135,9 +135,7 @@ impl Tollgate {
         let now = self.shared.clock.unix_secs();
         let config = self.shared.runtime.load().config.clone();
         let window = i64::try_from(config.limits.idempotency_window.as_secs()).unwrap_or(i64::MAX);
-        let owner = self.shared.node()
-            ^ (self.shared.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
-                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let owner = self.shared.ids.node() ^ self.shared.ids.next_seq().wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let fleet_key = Idempotency::fleet_key(&state.id, &key);
         let ask = IdempotencyClaim::new(
             fleet_key.clone(),
@@ -155,13 +153,13 @@ impl Tollgate {
         // the claim still settles (released, or completed under fail-open); a settle of a
         // binding this owner does not hold changes nothing.
         claim.fleet = Some(FleetClaim {
-            store: self.shared.stores.idempotency.clone(),
+            store: self.shared.stores.roles.idempotency.clone(),
             key: fleet_key,
             owner,
             timeout,
             settling: settling.clone(),
         });
-        let answer = with_timeout(timeout, self.shared.stores.idempotency.claim_idempotency(&ask)).await;
+        let answer = with_timeout(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;

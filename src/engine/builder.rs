@@ -3,7 +3,18 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::{engine::Shared, flush::Pipeline, idempotency::Idempotency, table::TenantTable, Tollgate};
+use super::{
+    engine::{Shared, Tollgate},
+    events::EventRecorder,
+    export::Exporter,
+    flush::Pipeline,
+    idempotency::Idempotency,
+    lease::Leases,
+    node::NodeIds,
+    store_calls::StoreCalls,
+    table::TenantTable,
+    thresholds::{ThresholdCrossed, ThresholdHook, Thresholds},
+};
 use crate::{
     billing::BillingSink,
     clock::Clock,
@@ -95,7 +106,7 @@ pub struct Builder {
     clock: Option<Clock>,
     /// Whether `store` was opened from the configuration.
     configured: bool,
-    on_threshold: Option<super::ThresholdHook>,
+    on_threshold: Option<ThresholdHook>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -216,7 +227,7 @@ impl Builder {
     ///     .build();
     /// # let _ = (engine, rx.try_recv());
     /// ```
-    pub fn on_threshold(mut self, hook: impl Fn(&super::ThresholdCrossed) + Send + Sync + 'static) -> Self {
+    pub fn on_threshold(mut self, hook: impl Fn(&ThresholdCrossed) + Send + Sync + 'static) -> Self {
         self.on_threshold = Some(Arc::new(hook));
         self
     }
@@ -265,44 +276,41 @@ impl Builder {
             // One memory store for every role not given one.
             None => Arc::new(MemoryStore::new()),
         };
-        let stores = Roles {
+        let roles = Roles {
             quota: self.quota.unwrap_or_else(|| all.clone()),
             usage: self.usage.unwrap_or_else(|| all.clone()),
             directory: self.directory.unwrap_or_else(|| all.clone()),
             idempotency: self.idempotency.unwrap_or(all),
         };
+        let totals = Arc::new(Totals::default());
+        let stores = Arc::new(StoreCalls::new(roles, metrics.clone(), totals.clone(), clock.clone()));
+        let ids = Arc::new(NodeIds::new());
+        let leases = Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold), clock.clone());
+        let pipeline = Pipeline::new(stores.clone(), metrics.clone(), totals.clone(), clock.clone());
+        let exporter =
+            Exporter::new(self.sink, stores.clone(), ids.clone(), clock.clone(), metrics.clone(), totals.clone());
+        let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone());
         let shared = Shared {
             runtime: ArcSwap::from_pointee(runtime),
             table: TenantTable::new(limits.max_tenants),
             stores,
+            ids,
+            leases,
+            pipeline,
+            exporter,
+            events,
             store_configured: self.configured,
-            store_error_log: Default::default(),
-            buffer_full: Default::default(),
-            sink: self.sink,
-            on_threshold: self.on_threshold,
-            notified: Default::default(),
-            // Only events whose write failed ambiguously are held: a few, while the store is
-            // in trouble.
-            held_events: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(std::time::Duration::from_secs(3600))
-                .build(),
             clock,
             idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity),
             metrics,
-            totals: Totals::default(),
+            totals,
             prefetch: prefetch_tx,
-            pipeline: tokio::sync::Mutex::new(Pipeline::new()),
-            export_pass: tokio::sync::Mutex::new(()),
             sweep_now: Notify::new(),
             shutdown: shutdown_tx,
             unknown: moka::sync::Cache::builder()
                 .max_capacity(limits.negative_capacity)
                 .time_to_live(limits.negative_ttl)
                 .build(),
-            node: std::sync::atomic::AtomicU64::new(crate::tenant::draw_u64()),
-            seq: std::sync::atomic::AtomicU64::new(0),
-            senders: std::sync::atomic::AtomicU64::new(0),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use super::{
-    engine::{with_timeout, OwnedCredential},
+    engine::OwnedCredential,
+    store_calls::with_timeout,
     table::{Lookup, ANONYMOUS},
     Tollgate,
 };
@@ -59,7 +60,7 @@ impl Tollgate {
                             validated = i64::MAX;
                             Ok(Some(declared(r)))
                         }
-                        None => with_timeout(timeout, self.shared.stores.directory.find_key(&h)).await,
+                        None => with_timeout(timeout, self.shared.stores.roles.directory.find_key(&h)).await,
                     }
                 }
                 OwnedCredential::Tenant(id) => match rt.static_tenants.get(id) {
@@ -67,7 +68,7 @@ impl Tollgate {
                         validated = i64::MAX;
                         Ok(Some(declared(r)))
                     }
-                    None => with_timeout(timeout, self.shared.stores.directory.tenant(id)).await,
+                    None => with_timeout(timeout, self.shared.stores.roles.directory.tenant(id)).await,
                 },
                 OwnedCredential::Anonymous => Ok(None),
             }
@@ -189,8 +190,8 @@ impl Tollgate {
                 let mut failed = false;
                 for (digest, hash) in creds {
                     let answer = match hash {
-                        Some(h) => with_timeout(timeout, self.shared.stores.directory.find_key(h)).await,
-                        None => with_timeout(timeout, self.shared.stores.directory.tenant(id)).await,
+                        Some(h) => with_timeout(timeout, self.shared.stores.roles.directory.find_key(h)).await,
+                        None => with_timeout(timeout, self.shared.stores.roles.directory.tenant(id)).await,
                     };
                     match answer {
                         Ok(Some(r)) if r.id == *id => record = Some(r),
@@ -297,7 +298,7 @@ impl crate::billing::WebhookHandler {
     pub fn new(tollgate: Tollgate, secrets: Vec<crate::billing::Secret>) -> Self {
         let config = tollgate.clone();
         Self::from_parts(
-            tollgate.shared.stores.directory.clone(),
+            tollgate.shared.stores.roles.directory.clone(),
             Arc::new(tollgate.clone()),
             move || config.config(),
             tollgate.shared.clock.clone(),

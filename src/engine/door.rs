@@ -7,7 +7,7 @@ use super::{Admission, RequestInfo, RuntimeCache, Tollgate};
 use crate::{
     config::Identify,
     plan::Runtime,
-    response::{Rejection, RejectionKind},
+    response::{Rejection, RejectionKind, REPEATED_IDEMPOTENCY_KEY, REPEATED_KEY},
     Credential, Identity,
 };
 
@@ -41,14 +41,6 @@ pub trait RequestView {
         None
     }
 }
-
-/// Why a repeated API key header is refused; a key with a comma (a repeated header joined by
-/// a proxy) gets the same answer.
-pub(crate) const REPEATED_KEY: &str =
-    "the API key header is repeated (or has a comma, as a proxy joins repeated values)";
-/// Why a repeated `Idempotency-Key` header is refused; a key with a comma likewise.
-pub(crate) const REPEATED_IDEMPOTENCY_KEY: &str =
-    "the Idempotency-Key header is repeated (or has a comma, as a proxy joins repeated values)";
 
 /// The credential in the values of the API key header: none, one, or a repeated header
 /// (malformed; a key with a comma, a repeated header joined by a proxy, is refused when the

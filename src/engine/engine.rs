@@ -6,19 +6,24 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
-    flush::Pipeline,
+    events::EventRecorder,
+    export::{ExportReport, Exporter},
+    flush::{FlushReport, Pipeline},
     idempotency::{check_key, Claim, Idempotency},
+    lease::Leases,
+    node::NodeIds,
+    store_calls::StoreCalls,
     table::{Lookup, TenantTable, ANONYMOUS},
-    Ticket,
+    ticket::Ticket,
 };
 use crate::{
-    billing::BillingSink,
+    billing::MeterEvent,
     clock::Clock,
     config::TenantId,
     metrics::{Metrics, Stats, Totals},
     plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
-    store::{DirectoryStore, IdempotencyStore, QuotaStore, Roles, StoreError, UsageExportStore},
+    store::{DirectoryStore, IdempotencyStore, QuotaStore, StoreError, UsageExportStore},
     tenant::{check_api_key, Credential, Tenant},
 };
 
@@ -146,56 +151,35 @@ pub(crate) struct Prefetch {
     pub(crate) meter: usize,
 }
 
-/// A burst of store errors is logged at most once per this long.
-pub(crate) const STORE_ERROR_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// When store errors were last logged, and how many came since.
-#[derive(Debug, Default)]
-pub(crate) struct StoreErrorLog {
-    pub(crate) logged_at: std::sync::atomic::AtomicI64,
-    pub(crate) unlogged: std::sync::atomic::AtomicU64,
-}
-
+/// What every clone of the engine shares: the configuration in force, the tenants, and the
+/// parts that own the rest (each handed what it needs).
 pub(crate) struct Shared {
     pub(crate) runtime: ArcSwap<Runtime>,
     pub(crate) table: TenantTable,
-    pub(crate) stores: Roles,
-    pub(crate) store_error_log: StoreErrorLog,
-    /// The usage buffer is at `usage.max_buffered_records`: fail-closed tenants are refused.
-    pub(crate) buffer_full: std::sync::atomic::AtomicBool,
+    /// The store of each role, the time limit of a call and the log of store errors.
+    pub(crate) stores: Arc<StoreCalls>,
+    /// This node's id and the sequence numbers of its calls.
+    pub(crate) ids: Arc<NodeIds>,
+    /// Quota leases (with the threshold notifications their answers trigger).
+    pub(crate) leases: Leases,
+    /// Usage drained from the tenants and not yet committed, flushed in batches.
+    pub(crate) pipeline: Pipeline,
+    /// The billing export.
+    pub(crate) exporter: Exporter,
+    /// Usage events of jobs and queues.
+    pub(crate) events: EventRecorder,
     /// Whether the store is the one the configuration's `[store]` names (opened by
     /// `Builder::open`), which a reload may then not change.
     pub(crate) store_configured: bool,
-    pub(crate) sink: Option<Arc<dyn BillingSink>>,
-    /// Quota units of usage events whose write may have landed, held for their retry (keyed
-    /// by tenant and event id; bounded, expiring).
-    pub(crate) held_events: moka::sync::Cache<String, super::events::HeldUnits>,
-    /// Called when a tenant crosses a quota threshold.
-    pub(crate) on_threshold: Option<super::ThresholdHook>,
-    /// The thresholds notified, per (tenant, meter): in which period and limit, which
-    /// percentages (bounded: see `check_thresholds`).
-    pub(crate) notified: std::sync::Mutex<std::collections::HashMap<(TenantId, crate::config::MeterId), super::Marks>>,
     pub(crate) clock: Clock,
     pub(crate) idempotency: Idempotency,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) totals: Totals,
+    pub(crate) totals: Arc<Totals>,
     pub(crate) prefetch: mpsc::Sender<Prefetch>,
-    pub(crate) pipeline: tokio::sync::Mutex<Pipeline>,
-    /// One export pass at a time on this node (apart from the pipeline: Stripe's latency
-    /// never delays a flush).
-    pub(crate) export_pass: tokio::sync::Mutex<()>,
     pub(crate) sweep_now: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
     /// Credentials the directory did not know, for `limits.negative_ttl`.
     pub(crate) unknown: moka::sync::Cache<(u64, u64), ()>,
-    /// This engine's id in the tokens of its quota calls, its idempotency claims and its
-    /// export claims, drawn at random when it is built and after a SnapStart restore (read
-    /// it with [`Shared::node`]).
-    pub(crate) node: std::sync::atomic::AtomicU64,
-    /// The sequence number of its latest quota call.
-    pub(crate) seq: std::sync::atomic::AtomicU64,
-    /// How many quota cells have drawn a sender id.
-    pub(crate) senders: std::sync::atomic::AtomicU64,
 }
 
 /// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].
@@ -248,14 +232,6 @@ impl fmt::Debug for Tollgate {
     }
 }
 
-impl Shared {
-    /// This engine's node id.
-    #[inline]
-    pub(crate) fn node(&self) -> u64 {
-        self.node.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
-
 impl Tollgate {
     /// Decides on a request without waiting. Most requests of known tenants are decided here;
     /// the rest come back as [`Admission::Pending`].
@@ -296,7 +272,7 @@ impl Tollgate {
             Credential::ApiKey(key) => {
                 if let Err(why) = check_api_key(key) {
                     // A comma: a repeated header a proxy joined; answered as a repeated one.
-                    let why = if why == crate::tenant::COMMA_IN_KEY { super::REPEATED_KEY } else { why };
+                    let why = if why == crate::tenant::COMMA_IN_KEY { crate::response::REPEATED_KEY } else { why };
                     return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why));
                 }
                 Lookup::ApiKey(key)
@@ -407,23 +383,59 @@ impl Tollgate {
         rejection
     }
 
-    /// Counts a store error, and logs it once per burst: the first of a burst at once, then at
-    /// most one line every [`STORE_ERROR_LOG_EVERY`] with the number of errors since the last
-    /// line (an outage does not log once per request).
+    /// Counts a store error, and logs it once per burst.
     pub(crate) fn store_error(&self, op: &'static str, e: &StoreError) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.shared.metrics.store_errors.increment(1);
-        Totals::add(&self.shared.totals.store_errors, 1);
-        let log = &self.shared.store_error_log;
-        let now = self.shared.clock.unix_nanos();
-        log.unlogged.fetch_add(1, Relaxed);
-        let last = log.logged_at.load(Relaxed);
-        let every = i64::try_from(STORE_ERROR_LOG_EVERY.as_nanos()).unwrap_or(i64::MAX);
-        let due = last == 0 || now.saturating_sub(last) >= every || now < last;
-        if due && log.logged_at.compare_exchange(last, now.max(1), Relaxed, Relaxed).is_ok() {
-            let errors = log.unlogged.swap(0, Relaxed);
-            tracing::warn!(op, error = %e, errors, "store error ({errors} since the last such line)");
-        }
+        self.shared.stores.failed(op, e);
+    }
+
+    /// Commits all usage recorded so far to the store, exactly once: a batch that fails is
+    /// kept and retried first, with the same id, by the next flush. Usage is drained from the
+    /// tenants' counters even when the store is down (held in memory, merged per tenant,
+    /// meter and window, up to a bound), so an outage longer than a window keeps every
+    /// window's usage in its own window.
+    ///
+    /// # Errors
+    /// The store error that stopped the flush; nothing is lost.
+    pub async fn flush(&self) -> Result<FlushReport, StoreError> {
+        let rt = self.shared.runtime.load_full();
+        self.shared.pipeline.flush(&rt, &self.shared.table, &self.shared.leases).await
+    }
+
+    /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,
+    /// window, revision). A window is closed once it ended (for a pre-aggregated meter, the
+    /// billing meter's hour or day) and `usage.grace` passed. Does nothing without a sink.
+    ///
+    /// Runs apart from [`flush`](Self::flush) (never under its lock); the worker calls it
+    /// every `export.interval`, and a scheduled job may call it too (`tollgate export`).
+    ///
+    /// # Errors
+    /// A store error; what was sent before it stays marked.
+    pub async fn export(&self) -> Result<ExportReport, StoreError> {
+        self.export_pass(false).await
+    }
+
+    /// What the next [`export`](Self::export) would send, without sending or claiming
+    /// anything: an export already in flight with its fixed parameters, the others as they
+    /// would be fixed now. Windows of tenants that are not billable are left out.
+    ///
+    /// # Errors
+    /// A store error.
+    pub async fn export_preview(&self) -> Result<Vec<MeterEvent>, StoreError> {
+        self.shared.exporter.preview(&self.shared.runtime.load_full()).await
+    }
+
+    /// [`export`](Self::export); with `all`, windows still open count as closed (the final
+    /// export of a store that does not outlive the process), with timestamps no later than
+    /// now.
+    pub(crate) async fn export_pass(&self, all: bool) -> Result<ExportReport, StoreError> {
+        self.shared.exporter.export_pass(self.shared.runtime.load_full(), all).await
+    }
+
+    /// Gives the unused units of these states' current leases back to the store, and owes
+    /// what they used beyond them.
+    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) {
+        let rt = self.shared.runtime.load_full();
+        self.shared.leases.return_leases(&rt, states).await;
     }
 
     /// `usage.flush_interval` of the configuration in force: how often usage should reach the
@@ -435,7 +447,7 @@ impl Tollgate {
     /// This engine's node id (drawn anew by [`after_restore`](Self::after_restore)), for tests.
     #[doc(hidden)]
     pub fn node_id(&self) -> u64 {
-        self.shared.node()
+        self.shared.ids.node()
     }
 
     /// Counters of the background paths, and the number of tenants held.
@@ -455,37 +467,27 @@ impl Tollgate {
 
     /// The store of the quota role: leases are reserved from it.
     pub fn quota_store(&self) -> &Arc<dyn QuotaStore> {
-        &self.shared.stores.quota
+        &self.shared.stores.roles.quota
     }
 
     /// The store of the usage and export roles: usage is flushed to it and exported from it.
     pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
-        &self.shared.stores.usage
+        &self.shared.stores.roles.usage
     }
 
     /// The store of the directory role: tenants and keys are looked up in it.
     pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
-        &self.shared.stores.directory
+        &self.shared.stores.roles.directory
     }
 
     /// The store of the idempotency role: `Idempotency-Key` bindings are claimed in it.
     pub fn idempotency_store(&self) -> &Arc<dyn IdempotencyStore> {
-        &self.shared.stores.idempotency
+        &self.shared.stores.roles.idempotency
     }
 
     /// The configuration in force.
     pub fn config(&self) -> crate::Config {
         self.shared.runtime.load().config.clone()
-    }
-}
-
-pub(crate) async fn with_timeout<T>(
-    limit: Duration,
-    fut: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(StoreError::Timeout(limit)),
     }
 }
 

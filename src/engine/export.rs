@@ -21,16 +21,17 @@ use std::{
 
 use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
-use super::Tollgate;
+use super::{node::NodeIds, store_calls::StoreCalls};
 use crate::{
     billing::{event::identifier_salted, BillingSink, MeterEvent, SinkError},
+    clock::Clock,
     config::{MeterAggregation, MeterId, TenantId},
-    metrics::Totals,
+    metrics::{Metrics, Totals},
     plan::Runtime,
     store::{ExportClaim, ExportKey, ExportSend, StoreError, UsageAggregate},
 };
 
-/// What one [`Tollgate::export`] pass did.
+/// What one [`Tollgate::export`](crate::Tollgate::export) pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ExportReport {
@@ -104,11 +105,11 @@ impl Customers {
     const MAX: usize = 1 << 16;
 
     /// The tenant's billing customer: the directory's, else the file's for a static tenant.
-    async fn of(&mut self, tollgate: &Tollgate, rt: &Runtime, tenant: &TenantId) -> Result<Option<String>, StoreError> {
+    async fn of(&mut self, deps: &Deps, rt: &Runtime, tenant: &TenantId) -> Result<Option<String>, StoreError> {
         if let Some(c) = self.0.get(tenant) {
             return Ok(c.clone());
         }
-        let stored = tollgate.shared.stores.directory.tenant(tenant).await?.and_then(|t| t.customer);
+        let stored = deps.stores.roles.directory.tenant(tenant).await?.and_then(|t| t.customer);
         let customer = stored.or_else(|| rt.static_tenants.get(tenant).and_then(|t| t.customer.clone()));
         if self.0.len() >= Self::MAX {
             self.0.clear();
@@ -122,9 +123,35 @@ impl Customers {
 /// to unless its export is in flight.
 type Lane = Vec<(UsageAggregate, Option<String>)>;
 
+/// The billing export of this engine: its sink, one pass at a time, and what a pass calls.
+pub(crate) struct Exporter {
+    sink: Option<Arc<dyn BillingSink>>,
+    /// One export pass at a time on this node (apart from the pipeline: the billing system's
+    /// latency never delays a flush).
+    pass: Mutex<()>,
+    deps: Deps,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter").field("sink", &self.sink).finish_non_exhaustive()
+    }
+}
+
+/// What the exporter and its lanes call: the stores (usage and export, the directory for
+/// customers), this node's id for claims, the clock and the counters.
+#[derive(Clone)]
+struct Deps {
+    stores: Arc<StoreCalls>,
+    ids: Arc<NodeIds>,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    totals: Arc<Totals>,
+}
+
 /// What a lane of a pass shares.
 struct Pass {
-    tollgate: Tollgate,
+    deps: Deps,
     sink: Arc<dyn BillingSink>,
     rt: Arc<Runtime>,
     pacer: Pacer,
@@ -132,18 +159,21 @@ struct Pass {
     halted: AtomicBool,
 }
 
-impl Tollgate {
-    /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,
-    /// window, revision). A window is closed once it ended (for a pre-aggregated meter, the
-    /// billing meter's hour or day) and `usage.grace` passed. Does nothing without a sink.
-    ///
-    /// Runs apart from [`flush`](Self::flush) (never under its lock); the worker calls it
-    /// every `export.interval`, and a scheduled job may call it too (`tollgate export`).
-    ///
-    /// # Errors
-    /// A store error; what was sent before it stays marked.
-    pub async fn export(&self) -> Result<ExportReport, StoreError> {
-        self.export_pass(false).await
+impl Exporter {
+    pub(crate) fn new(
+        sink: Option<Arc<dyn BillingSink>>,
+        stores: Arc<StoreCalls>,
+        ids: Arc<NodeIds>,
+        clock: Clock,
+        metrics: Arc<Metrics>,
+        totals: Arc<Totals>,
+    ) -> Self {
+        Self { sink, pass: Mutex::new(()), deps: Deps { stores, ids, clock, metrics, totals } }
+    }
+
+    /// Whether there is a sink to export to.
+    pub(crate) fn has_sink(&self) -> bool {
+        self.sink.is_some()
     }
 
     /// What the next [`export`](Self::export) would send, without sending or claiming
@@ -152,31 +182,31 @@ impl Tollgate {
     ///
     /// # Errors
     /// A store error.
-    pub async fn export_preview(&self) -> Result<Vec<MeterEvent>, StoreError> {
-        let rt = self.shared.runtime.load_full();
+    pub(crate) async fn preview(&self, rt: &Runtime) -> Result<Vec<MeterEvent>, StoreError> {
         // Without a sink (a dry run), Stripe's rule if the configuration has `[stripe]`.
-        let needs_customer = self.shared.sink.as_ref().map_or(rt.config.stripe().is_some(), |s| s.needs_customer());
-        let now = self.shared.clock.unix_secs();
+        let needs_customer = self.sink.as_ref().map_or(rt.config.stripe().is_some(), |s| s.needs_customer());
+        let now = self.deps.clock.unix_secs();
         let mut out = Vec::new();
         let mut customers = Customers::default();
         let mut after: Option<ExportKey> = None;
         loop {
-            let page = self.shared.stores.usage.pending_exports(listing_bound(&rt, now), after.as_ref(), PAGE).await?;
+            let page =
+                self.deps.stores.roles.usage.pending_exports(listing_bound(rt, now), after.as_ref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for agg in page {
-                if !closed(&rt, &agg.key, now, false) || agg.claimed_until.is_some_and(|t| t > now) {
+                if !closed(rt, &agg.key, now, false) || agg.claimed_until.is_some_and(|t| t > now) {
                     continue;
                 }
                 let send = match agg.send.clone() {
                     Some(send) => send,
-                    None => plan_send(&rt, &agg, now, customers.of(self, &rt, &agg.key.tenant).await?),
+                    None => plan_send(rt, &agg, now, customers.of(&self.deps, rt, &agg.key.tenant).await?),
                 };
                 // What the pass would park, or skip as not billable, is not sent.
-                if park_reason(&rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
+                if park_reason(rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
                     continue;
                 }
-                out.push(meter_event(&rt, &agg, &send, self.shared.stores.usage.identifier_salt()));
+                out.push(meter_event(rt, &agg, &send, self.deps.stores.roles.usage.identifier_salt()));
             }
         }
         Ok(out)
@@ -185,16 +215,15 @@ impl Tollgate {
     /// [`export`](Self::export); with `all`, windows still open count as closed (the final
     /// export of a store that does not outlive the process), with timestamps no later than
     /// now.
-    pub(crate) async fn export_pass(&self, all: bool) -> Result<ExportReport, StoreError> {
-        let Some(sink) = self.shared.sink.clone() else {
+    pub(crate) async fn export_pass(&self, rt: Arc<Runtime>, all: bool) -> Result<ExportReport, StoreError> {
+        let Some(sink) = self.sink.clone() else {
             return Ok(ExportReport::default());
         };
-        let _pass = self.shared.export_pass.lock().await;
-        let rt = self.shared.runtime.load_full();
+        let _pass = self.pass.lock().await;
         let settings = rt.config.export.clone();
-        let now = self.shared.clock.unix_secs();
+        let now = self.deps.clock.unix_secs();
         let pass = Arc::new(Pass {
-            tollgate: self.clone(),
+            deps: self.deps.clone(),
             sink,
             rt: rt.clone(),
             pacer: Pacer::new(settings.calls_per_second),
@@ -207,7 +236,7 @@ impl Tollgate {
         // next attempt) are passed over, never starving the rest.
         let mut after: Option<ExportKey> = None;
         loop {
-            let page = self.shared.stores.usage.pending_exports(bound, after.as_ref(), PAGE).await?;
+            let page = self.deps.stores.roles.usage.pending_exports(bound, after.as_ref(), PAGE).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             // One lane per (customer, meter), so this node has one call in flight per
@@ -224,7 +253,7 @@ impl Tollgate {
                 // An export in flight keeps the customer fixed when it began.
                 let customer = match agg.send.as_ref() {
                     Some(send) => send.customer.clone(),
-                    None => customers.of(self, &rt, &agg.key.tenant).await?,
+                    None => customers.of(&self.deps, &rt, &agg.key.tenant).await?,
                 };
                 let lane = customer.clone().unwrap_or_else(|| format!("tenant:{}", agg.key.tenant));
                 lanes.entry((lane, agg.key.meter.clone())).or_default().push((agg, customer));
@@ -291,14 +320,14 @@ impl Pass {
         customer: Option<String>,
         report: &mut ExportReport,
     ) -> Result<bool, StoreError> {
-        let shared = &self.tollgate.shared;
-        let store = &shared.stores.usage;
+        let shared = &self.deps;
+        let store = &shared.stores.roles.usage;
         let settings = &self.rt.config.export;
         // The clock is read for each aggregate: a claim and a next-attempt time count from the
         // call, however long the pass has run.
         let now = shared.clock.unix_secs();
         let planned = plan_send(&self.rt, &agg, now, customer);
-        let claim = ExportClaim::new(shared.node(), now, now + settings.claim.as_secs() as i64);
+        let claim = ExportClaim::new(shared.ids.node(), now, now + settings.claim.as_secs() as i64);
         let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
             return Ok(true);
         };
@@ -328,7 +357,7 @@ impl Pass {
         if self.halted.load(Ordering::Relaxed) {
             // Another lane found the sink refusing everything: the claim goes, untried.
             let now = shared.clock.unix_secs();
-            store.defer_export(&agg, &ExportClaim::new(shared.node(), now, now), false).await?;
+            store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), false).await?;
             return Ok(false);
         }
         let event = meter_event(&self.rt, &agg, &send, store.identifier_salt());
@@ -363,7 +392,7 @@ impl Pass {
                 // nothing is parked, and this one is free for the next pass (one call a pass
                 // until the key is fixed).
                 tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
-                store.defer_export(&agg, &ExportClaim::new(shared.node(), now, now), false).await?;
+                store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), false).await?;
                 self.halted.store(true, Ordering::Relaxed);
                 report.deferred = true;
                 Ok(false)
@@ -377,7 +406,7 @@ impl Pass {
                 let next = now + wait.as_secs() as i64;
                 tracing::warn!(error = %e, identifier = %event.identifier, attempts = agg.attempts, retry_in = ?wait,
                     "billing sink failed; retried later with the same identifier");
-                store.defer_export(&agg, &ExportClaim::new(shared.node(), now, next), unknown).await?;
+                store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, next), unknown).await?;
                 report.retries += 1;
                 report.deferred = true;
                 Totals::add(&shared.totals.export_retries, 1);
@@ -388,11 +417,11 @@ impl Pass {
     }
 
     async fn park(&self, agg: &UsageAggregate, reason: &str, report: &mut ExportReport) -> Result<(), StoreError> {
-        let shared = &self.tollgate.shared;
+        let shared = &self.deps;
         tracing::error!(%reason, tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
             revision = agg.revision, units = agg.quantity.saturating_sub(agg.exported),
             "meter event dead-lettered (tollgate export --dead-letters lists it)");
-        shared.stores.usage.dead_letter(agg, reason).await?;
+        shared.stores.roles.usage.dead_letter(agg, reason).await?;
         report.dead_letters += 1;
         Totals::add(&shared.totals.dead_letters, 1);
         shared.metrics.dead_letters.increment(1);

@@ -4,28 +4,56 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
     time::Duration,
 };
 
-use super::{engine::with_timeout, Tollgate};
-use crate::metrics::Totals;
+use super::{
+    lease::Leases,
+    store_calls::{with_timeout, StoreCalls},
+    table::TenantTable,
+};
 use crate::{
+    clock::Clock,
     config::{MeterId, StoreErrorPolicy, TenantId},
+    metrics::{Metrics, Totals},
+    plan::Runtime,
     store::{CommitOutcome, FlushId, StoreError, UsageBatch, UsageRecord},
     tenant::Tenant,
 };
 
+/// The usage pipeline: usage drained from the tenants' counters, held until the store takes
+/// it, committed in batches exactly once each. One flush at a time (`batches` is its lock).
+pub(crate) struct Pipeline {
+    batches: tokio::sync::Mutex<Batches>,
+    /// The usage buffer is at `usage.max_buffered_records`: fail-closed tenants are refused.
+    pub(crate) buffer_full: AtomicBool,
+    stores: Arc<StoreCalls>,
+    metrics: Arc<Metrics>,
+    totals: Arc<Totals>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("buffer_full", &self.buffer_full).finish_non_exhaustive()
+    }
+}
+
 /// Usage drained but not yet committed: formed batches (retried first, in order, with their
 /// own ids) and usage not yet in a batch.
-pub(crate) struct Pipeline {
+pub(crate) struct Batches {
     pending: VecDeque<UsageBatch>,
     staged: HashMap<(TenantId, MeterId, i64), u64>,
     seq: u64,
     node: String,
 }
 
-impl Pipeline {
-    pub(crate) fn new() -> Self {
+impl Batches {
+    fn new() -> Self {
         Self { pending: VecDeque::new(), staged: HashMap::new(), seq: 0, node: Self::draw_node() }
     }
 
@@ -62,7 +90,7 @@ impl Pipeline {
     }
 }
 
-/// What one [`Tollgate::flush`] committed.
+/// What one [`Tollgate::flush`](crate::Tollgate::flush) committed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct FlushReport {
@@ -76,7 +104,24 @@ pub struct FlushReport {
 
 const COMMIT_ATTEMPTS: u32 = 3;
 
-impl Tollgate {
+impl Pipeline {
+    pub(crate) fn new(stores: Arc<StoreCalls>, metrics: Arc<Metrics>, totals: Arc<Totals>, clock: Clock) -> Self {
+        Self {
+            batches: tokio::sync::Mutex::new(Batches::new()),
+            buffer_full: AtomicBool::new(false),
+            stores,
+            metrics,
+            totals,
+            clock,
+        }
+    }
+
+    /// Holds the pipeline: no flush runs meanwhile (what is drained and not committed can be
+    /// read without being counted twice or missed).
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'_, Batches> {
+        self.batches.lock().await
+    }
+
     /// Commits all usage recorded so far to the store, exactly once: a batch that fails is
     /// kept and retried first, with the same id, by the next flush. Usage is drained from the
     /// tenants' counters even when the store is down (held in memory, merged per tenant,
@@ -85,13 +130,18 @@ impl Tollgate {
     ///
     /// # Errors
     /// The store error that stopped the flush; nothing is lost.
-    pub async fn flush(&self) -> Result<FlushReport, StoreError> {
-        let mut p = self.shared.pipeline.lock().await;
-        self.shared.clock.resync();
+    pub(crate) async fn flush(
+        &self,
+        rt: &Runtime,
+        table: &TenantTable,
+        leases: &Leases,
+    ) -> Result<FlushReport, StoreError> {
+        let mut p = self.batches.lock().await;
+        self.clock.resync();
         let mut report = FlushReport::default();
-        let dropped = self.drain(&mut p);
-        self.return_leases(dropped).await;
-        self.commit_pending(&mut p, &mut report).await?;
+        let dropped = self.drain(rt, table, &mut p);
+        leases.return_leases(rt, dropped).await;
+        self.commit_pending(rt, &mut p, &mut report).await?;
         if !p.staged.is_empty() {
             let records: Vec<UsageRecord> = p
                 .staged
@@ -100,29 +150,29 @@ impl Tollgate {
                     UsageRecord::new(tenant, meter, window_start, quantity)
                 })
                 .collect();
-            let max = self.shared.stores.usage.max_batch_records().max(1);
+            let max = self.stores.roles.usage.max_batch_records().max(1);
             for chunk in records.chunks(max) {
                 p.seq += 1;
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
                 p.pending.push_back(UsageBatch::new(id, chunk.to_vec()));
             }
         }
-        self.commit_pending(&mut p, &mut report).await?;
+        self.commit_pending(rt, &mut p, &mut report).await?;
         // Everything held was taken: the buffer has room again.
-        self.shared.buffer_full.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.buffer_full.store(false, Relaxed);
         if report.batches > 0 {
             tracing::debug!(batches = report.batches, records = report.records, units = report.units, "usage flushed");
         }
         Ok(report)
     }
 
-    async fn commit_pending(&self, p: &mut Pipeline, report: &mut FlushReport) -> Result<(), StoreError> {
-        let timeout = self.shared.runtime.load().config.usage.store_timeout.max(Duration::from_secs(2));
+    async fn commit_pending(&self, rt: &Runtime, p: &mut Batches, report: &mut FlushReport) -> Result<(), StoreError> {
+        let timeout = rt.config.usage.store_timeout.max(Duration::from_secs(2));
         while let Some(batch) = p.pending.front() {
             let mut attempt = 0;
             let outcome = loop {
                 attempt += 1;
-                match with_timeout(timeout, self.shared.stores.usage.commit_usage(batch)).await {
+                match with_timeout(timeout, self.stores.roles.usage.commit_usage(batch)).await {
                     Ok(outcome) => break Ok(outcome),
                     Err(e) if attempt < COMMIT_ATTEMPTS => {
                         tracing::debug!(error = %e, attempt, "usage commit failed, retrying");
@@ -139,16 +189,16 @@ impl Tollgate {
                     }
                     report.batches += 1;
                     report.records += batch.records.len();
-                    let t = &self.shared.totals;
+                    let t = &self.totals;
                     Totals::add(&t.flushes, 1);
                     Totals::add(&t.flushed_units, units);
-                    self.shared.metrics.flushes.increment(1);
-                    self.shared.metrics.flushed_units.increment(units);
+                    self.metrics.flushes.increment(1);
+                    self.metrics.flushed_units.increment(units);
                     p.pending.pop_front();
                 }
                 Err(e) => {
-                    Totals::add(&self.shared.totals.flush_errors, 1);
-                    self.shared.metrics.flush_errors.increment(1);
+                    Totals::add(&self.totals.flush_errors, 1);
+                    self.metrics.flush_errors.increment(1);
                     let (records, units) = p.held();
                     tracing::warn!(error = %e, records, units, "usage flush failed; the usage is kept and retried");
                     return Err(e);
@@ -161,16 +211,14 @@ impl Tollgate {
     /// Moves the usage of every tenant (retired ones included) into the staged records, one
     /// per (tenant, meter, window). Returns the retired states nobody holds any more (their
     /// leases go back).
-    fn drain(&self, p: &mut Pipeline) -> Vec<Tenant> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let max = self.shared.runtime.load().config.usage.max_buffered_records;
+    fn drain(&self, rt: &Runtime, table: &TenantTable, p: &mut Batches) -> Vec<Tenant> {
+        let max = rt.config.usage.max_buffered_records;
         let mut room = max.saturating_sub(p.records());
-        let was_full = self.shared.buffer_full.load(Relaxed);
+        let was_full = self.buffer_full.load(Relaxed);
         let (mut full, mut dropped_units) = (false, 0u64);
         let staged = &mut p.staged;
         // A pre-aggregated meter's usage is aggregated per window of the billing meter (an
         // hour or a day, which `usage.window` divides): its export sends that window's total.
-        let rt = self.shared.runtime.load();
         let coarse: Vec<(&MeterId, i64)> =
             rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs().map(|w| (&m.id, w))).collect();
         let mut add = |s: &Tenant, m: usize, window_start: i64, quantity: u64| {
@@ -193,9 +241,9 @@ impl Tollgate {
                 dropped_units = dropped_units.saturating_add(quantity);
             }
         };
-        self.shared.table.for_each(|s| s.drain_usage(|m, w, q| add(s, m, w, q)));
+        table.for_each(|s| s.drain_usage(|m, w, q| add(s, m, w, q)));
         let mut dropped = Vec::new();
-        let mut retired = self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retired = table.retired.lock().unwrap_or_else(|e| e.into_inner());
         retired.retain(|s| {
             // Checked before draining: with no other holder, nothing can record after.
             let sole = Tenant::count(s) == 1;
@@ -207,12 +255,12 @@ impl Tollgate {
         });
         drop(retired);
         let full = full || room == 0;
-        self.shared.buffer_full.store(full, Relaxed);
+        self.buffer_full.store(full, Relaxed);
         if full {
-            Totals::add(&self.shared.totals.buffer_full, 1);
-            self.shared.metrics.buffer_full.increment(1);
-            Totals::add(&self.shared.totals.dropped_units, dropped_units);
-            self.shared.metrics.dropped_units.increment(dropped_units);
+            Totals::add(&self.totals.buffer_full, 1);
+            self.metrics.buffer_full.increment(1);
+            Totals::add(&self.totals.dropped_units, dropped_units);
+            self.metrics.dropped_units.increment(dropped_units);
             if !was_full || dropped_units > 0 {
                 tracing::error!(
                     max,
@@ -225,15 +273,5 @@ impl Tollgate {
             tracing::warn!("the usage buffer has room again");
         }
         dropped
-    }
-
-    /// Gives the unused units of these states' current leases back to the store, and owes
-    /// what they used beyond them.
-    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) {
-        for state in states {
-            for cell in state.quotas() {
-                self.return_lease(cell).await;
-            }
-        }
     }
 }

@@ -39,7 +39,7 @@ pub(crate) fn check_key(key: &[u8]) -> Result<(), &'static str> {
     // A repeated header joined by a proxy (API Gateway's HTTP APIs and function URLs join
     // them with commas): refused as a repeated header is.
     if key.contains(&b',') {
-        return Err(super::door::REPEATED_IDEMPOTENCY_KEY);
+        return Err(crate::response::REPEATED_IDEMPOTENCY_KEY);
     }
     Ok(())
 }

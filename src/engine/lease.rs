@@ -1,13 +1,19 @@
 //! Quota leases: every store call of a quota cell, made with the cell's lock held, carrying a
 //! token so that a call retried after a timeout is applied once.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use super::{engine::with_timeout, Tollgate};
+use super::{
+    node::NodeIds,
+    store_calls::{with_timeout, StoreCalls},
+    thresholds::Thresholds,
+};
 use crate::{
+    clock::Clock,
     config::QuotaMode,
+    plan::Runtime,
     store::{Grant, Reservation, ReserveToken, StoreError, SHRINK},
-    tenant::{Call, CallKind, QuotaRef},
+    tenant::{Call, CallKind, QuotaRef, Tenant},
 };
 
 /// How many times a call is sent before it is given up.
@@ -30,17 +36,28 @@ fn spent(limit: Option<u64>, grant: &Grant) -> bool {
     limit.is_some_and(|l| grant.reserved >= l)
 }
 
-impl Tollgate {
+/// The quota leases of this engine's tenants: every call of a quota cell to the quota store,
+/// numbered by this node, and the threshold notifications its answers trigger.
+#[derive(Debug)]
+pub(crate) struct Leases {
+    stores: Arc<StoreCalls>,
+    ids: Arc<NodeIds>,
+    thresholds: Thresholds,
+    clock: Clock,
+}
+
+impl Leases {
+    pub(crate) fn new(stores: Arc<StoreCalls>, ids: Arc<NodeIds>, thresholds: Thresholds, clock: Clock) -> Self {
+        Self { stores, ids, thresholds, clock }
+    }
+
     /// The next token of `cell`'s calls. The sender is the cell itself (this engine's node
     /// id mixed with a number drawn for the cell on its first call): two states of one tenant
     /// on one node (a retired one and its replacement) send to the same key under their own
     /// locks, so each must have its own sequence there.
     fn token(&self, cell: QuotaRef<'_>) -> ReserveToken {
-        let sender = cell.sender(|| {
-            let n = self.shared.senders.fetch_add(1, Ordering::Relaxed) + 1;
-            self.shared.node() ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        });
-        ReserveToken::new(sender, self.shared.seq.fetch_add(1, Ordering::Relaxed) + 1)
+        let sender = cell.sender(|| self.ids.new_sender());
+        ReserveToken::new(sender, self.ids.next_seq())
     }
 
     /// Sends one store call of `cell`. The call is recorded as in flight first: if this future
@@ -57,7 +74,7 @@ impl Tollgate {
             return Err(StoreError::Conflict("a quota call failed too many times and was dropped"));
         }
         cell.locked().inflight = Some(call.clone());
-        let store = &self.shared.stores.quota;
+        let store = &self.stores.roles.quota;
         let answer = match call.kind {
             CallKind::Reserve { units, owed, limit, at_least, .. } => {
                 let r = Reservation::new(call.key.clone(), units, owed, limit, call.token).shrinking(at_least);
@@ -142,7 +159,13 @@ impl Tollgate {
     /// units of it are reserved for the request waiting (they never pass through the lease,
     /// so no other request can take them first). Owes what the lease and the reports owe.
     /// Call with the cell's lock held.
-    pub(crate) async fn refill_locked(&self, cell: QuotaRef<'_>, now: i64, need: u64) -> Result<Refill, StoreError> {
+    pub(crate) async fn refill_locked(
+        &self,
+        rt: &Runtime,
+        cell: QuotaRef<'_>,
+        now: i64,
+        need: u64,
+    ) -> Result<Refill, StoreError> {
         self.settle_inflight(cell).await?;
         self.roll_if_over(cell, now).await?;
         self.settle_previous(cell).await?;
@@ -150,7 +173,7 @@ impl Tollgate {
         let (start, end) = cell.period();
         let repay = (-cell.lease()).max(0) as u64;
         let owed = repay + cell.take_unleased();
-        let now_nanos = self.shared.clock.unix_nanos();
+        let now_nanos = self.clock.unix_nanos();
         let size = cell.next_size(now_nanos);
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
         // Near a hard limit, leases shrink (the store grants at most an eighth of what is
@@ -168,7 +191,7 @@ impl Tollgate {
         let grant = self.send(cell, call).await?;
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
         cell.granted(grant.reserved, spent(limit, &grant));
-        self.check_thresholds(cell, grant.reserved, start, end);
+        self.thresholds.check(rt, now, cell, grant.reserved, start, end);
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
         if need > 0 && grant.granted >= need {
             cell.credit(grant.granted - need + repay);
@@ -187,73 +210,11 @@ impl Tollgate {
         }
     }
 
-    /// Calls the threshold hook for the thresholds of `usage.notify_at` that `reserved` units
-    /// (all the fleet's, as the store just said) reach for the first time in this period on
-    /// this node.
-    fn check_thresholds(&self, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
-        let Some(hook) = &self.shared.on_threshold else { return };
-        let rt = self.shared.runtime.load();
-        let limit = u128::from(cell.spec.limit().get());
-        let limit_units = cell.spec.limit().get();
-        let crossed: Vec<u16> = rt
-            .config
-            .usage
-            .notify_at
-            .iter()
-            .copied()
-            .filter(|pct| u128::from(reserved) * 100 >= limit * u128::from(*pct))
-            .collect();
-        if crossed.is_empty() {
-            return;
-        }
-        // Kept by the engine, not the tenant's state: a state rebuilt (a reload, an eviction,
-        // a plan change) does not notify again in the same period; a new period, or a new
-        // limit (a plan change), starts afresh. Marked by percentage, so a reload that changes
-        // `notify_at` keeps what was notified.
-        let new: Vec<u16> = {
-            let mut marks = self.shared.notified.lock().unwrap_or_else(|e| e.into_inner());
-            let cap = rt.config.limits.max_tenants.saturating_mul(4).max(1024);
-            let key = (cell.tenant().clone(), cell.meter_id().clone());
-            if !marks.contains_key(&key) && marks.len() >= cap {
-                let now = self.shared.clock.unix_secs();
-                marks.retain(|_, m| m.end > now);
-                if marks.len() >= cap {
-                    // Held tenants over the cap: the oldest marks go (they may notify again).
-                    marks.clear();
-                }
-            }
-            let m =
-                marks.entry(key).or_insert_with(|| super::Marks { start, end, limit: limit_units, done: Vec::new() });
-            if (m.start, m.limit) != (start, limit_units) {
-                *m = super::Marks { start, end, limit: limit_units, done: Vec::new() };
-            }
-            let new: Vec<u16> = crossed.into_iter().filter(|p| !m.done.contains(p)).collect();
-            m.done.extend(&new);
-            new
-        };
-        for pct in new {
-            let crossed = super::ThresholdCrossed {
-                tenant: cell.tenant().clone(),
-                plan: cell.plan_id().clone(),
-                meter: cell.meter_id().clone(),
-                period: cell.spec.period(),
-                start,
-                end,
-                limit: limit_units,
-                mode: cell.spec.mode(),
-                percent: pct,
-                reserved,
-            };
-            tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, "quota threshold crossed");
-            hook(&crossed);
-        }
-    }
-
     /// Gives the unused units of `cell`'s lease back to the store and owes its debt (on
     /// eviction, reload and shutdown), with the lock taken here. Retried with the same token
     /// within `store_timeout`; what is still in flight then is logged.
-    pub(crate) async fn return_lease(&self, cell: QuotaRef<'_>) {
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+    pub(crate) async fn return_lease(&self, rt: &Runtime, cell: QuotaRef<'_>) {
+        let timeout = rt.config.usage.store_timeout;
         let _guard = cell.lock().lock().await;
         let result = with_timeout(timeout, async {
             self.settle_inflight(cell).await?;
@@ -286,7 +247,17 @@ impl Tollgate {
         })
         .await;
         if let Err(e) = result {
-            self.store_error("return lease", &e);
+            self.stores.failed("return lease", &e);
+        }
+    }
+
+    /// Gives the unused units of these states' current leases back to the store, and owes
+    /// what they used beyond them.
+    pub(crate) async fn return_leases(&self, rt: &Runtime, states: Vec<Tenant>) {
+        for state in states {
+            for cell in state.quotas() {
+                self.return_lease(rt, cell).await;
+            }
         }
     }
 }

@@ -3,10 +3,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use super::{
-    engine::{with_timeout, Prefetch},
-    ExportReport, FlushReport, Tollgate,
-};
+use super::{engine::Prefetch, store_calls::with_timeout, ExportReport, FlushReport, Tollgate};
 use crate::{config::Config, metrics::Totals, plan::Runtime, store::StoreError};
 
 /// What [`Tollgate::shutdown`] drained.
@@ -122,7 +119,7 @@ impl Tollgate {
         let _ = self.shared.shutdown.send(true);
         let rt = self.shared.runtime.load_full();
         let deadline = tokio::time::Instant::now() + rt.config.usage.shutdown_timeout;
-        let durable = self.shared.stores.usage.is_durable();
+        let durable = self.shared.stores.roles.usage.is_durable();
         let mut report = ShutdownReport::default();
         let mut delay = Duration::from_millis(20);
         let result = loop {
@@ -200,7 +197,7 @@ impl Tollgate {
     /// and reads the wall clock again. Copies of one snapshot then never share a flush id or
     /// a lease.
     pub async fn after_restore(&self) {
-        self.shared.node.store(crate::tenant::draw_u64(), std::sync::atomic::Ordering::Relaxed);
+        self.shared.ids.renew();
         self.shared.pipeline.lock().await.renew_node();
         self.shared.table.reseed();
         // Normally none (`before_snapshot` let every tenant go, and nothing ran since). What
@@ -239,13 +236,14 @@ impl Tollgate {
         let Some(cell) = state.quota(job.meter) else {
             return;
         };
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+        let rt = self.shared.runtime.load_full();
+        let timeout = rt.config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
         let result = with_timeout(timeout, async {
             let _guard = cell.lock().lock().await;
-            self.settle_inflight(cell).await?;
+            self.shared.leases.settle_inflight(cell).await?;
             if cell.lease() < cell.low() {
-                self.refill_locked(cell, now, 0).await?;
+                self.shared.leases.refill_locked(&rt, cell, now, 0).await?;
             }
             Ok(())
         })

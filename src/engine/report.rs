@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{engine::with_timeout, events::EventError, Tollgate};
+use super::{events::EventError, store_calls::with_timeout, Tollgate};
 use crate::{
     config::{MeterId, Period, PlanId, QuotaMode, TenantId},
     store::StoreError,
@@ -135,7 +135,7 @@ impl Tollgate {
         let read = |lo: i64, hi: i64| async move {
             let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
             if lo < hi {
-                for a in with_timeout(timeout, self.shared.stores.usage.usage_range(tenant, lo, hi)).await? {
+                for a in with_timeout(timeout, self.shared.stores.roles.usage.usage_range(tenant, lo, hi)).await? {
                     *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
                 }
             }

@@ -10,6 +10,9 @@ use crate::{
     usage::TenantContext,
 };
 
+/// The units were owed outside any lease (admitted fail-open before the cell held one).
+pub(crate) const UNLEASED: u32 = u32::MAX - 1;
+
 /// An admitted request. Complete it with the response status: a billable status records the
 /// usage, any other gives the reserved units back. A ticket dropped without
 /// [`complete`](Self::complete) (the request was cancelled, or the service failed) gives its
@@ -88,7 +91,7 @@ impl Ticket {
         if let Some(cell) = self.state.quota(self.headers.meter()) {
             if let Ok(tag) = u16::try_from(self.quota_tag) {
                 cell.refund(u64::from(self.cost), tag);
-            } else if self.quota_tag == super::admission::UNLEASED {
+            } else if self.quota_tag == UNLEASED {
                 cell.refund_unleased(u64::from(self.cost), self.at);
             }
         }

@@ -3,10 +3,7 @@
 //! the store does not answer in time.
 
 use super::{
-    admission::{NO_TAG, UNLEASED},
-    engine::{with_timeout, Partial},
-    lease::Refill,
-    Ticket, Tollgate,
+    admission::NO_TAG, engine::Partial, lease::Refill, store_calls::with_timeout, ticket::UNLEASED, Ticket, Tollgate,
 };
 use crate::{
     config::StoreErrorPolicy,
@@ -22,7 +19,8 @@ impl Tollgate {
     /// refuses only when the store has fewer units left than the request costs.
     pub(crate) async fn lease_and_take(&self, mut p: Partial, route: RouteCost) -> Result<Ticket, Rejection> {
         let (meter, cost) = (route.meter, route.cost);
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+        let rt = self.shared.runtime.load_full();
+        let timeout = rt.config.usage.store_timeout;
         let state = p.state.clone();
         if route.reports != 0 {
             p = self.check_reports_with_store(p, route).await?;
@@ -35,11 +33,11 @@ impl Tollgate {
         let outcome = with_timeout(timeout, async {
             let _guard = cell.lock().lock().await;
             // A call left in flight by a timeout may have landed: its units come first.
-            self.settle_inflight(cell).await?;
+            self.shared.leases.settle_inflight(cell).await?;
             if !charged {
                 // A replay: the units must be there, but are not taken.
                 if cell.check_units(u64::from(cost), at).is_err() {
-                    self.refill_locked(cell, at, 0).await?;
+                    self.shared.leases.refill_locked(&rt, cell, at, 0).await?;
                 }
                 return Ok(match cell.check_units(u64::from(cost), at) {
                     Ok(()) => Ok((None, cell.lease(), None)),
@@ -51,7 +49,7 @@ impl Tollgate {
                 Take::Exhausted => return Ok(Err(())),
                 Take::NeedLease => {}
             }
-            match self.refill_locked(cell, at, u64::from(cost)).await? {
+            match self.shared.leases.refill_locked(&rt, cell, at, u64::from(cost)).await? {
                 Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
                 Refill::Short | Refill::Done => Ok(Err(())),
             }
@@ -128,7 +126,8 @@ impl Tollgate {
         mut p: Partial,
         route: RouteCost,
     ) -> Result<Partial, Rejection> {
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+        let rt = self.shared.runtime.load_full();
+        let timeout = rt.config.usage.store_timeout;
         let state = p.state.clone();
         let mut bits = route.reports;
         while bits != 0 {
@@ -140,9 +139,9 @@ impl Tollgate {
             }
             let checked = with_timeout(timeout, async {
                 let _guard = cell.lock().lock().await;
-                self.settle_inflight(cell).await?;
+                self.shared.leases.settle_inflight(cell).await?;
                 if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
-                    self.refill_locked(cell, p.at, 0).await?;
+                    self.shared.leases.refill_locked(&rt, cell, p.at, 0).await?;
                 }
                 Ok(cell.check_units(1, p.at))
             })

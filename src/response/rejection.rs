@@ -287,3 +287,11 @@ impl fmt::Display for Rejection {
         write!(f, "{}: {}", self.inner.kind.title(), self.inner.detail)
     }
 }
+
+/// Why a repeated API key header is refused; a key with a comma (a repeated header joined by
+/// a proxy) gets the same answer.
+pub(crate) const REPEATED_KEY: &str =
+    "the API key header is repeated (or has a comma, as a proxy joins repeated values)";
+/// Why a repeated `Idempotency-Key` header is refused; a key with a comma likewise.
+pub(crate) const REPEATED_IDEMPOTENCY_KEY: &str =
+    "the Idempotency-Key header is repeated (or has a comma, as a proxy joins repeated values)";

@@ -58,7 +58,7 @@ impl Worker {
     /// An export pass every `export.interval` (after the first flush interval, so a node
     /// starting up flushes before it exports).
     async fn exports(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>, enabled: bool) {
-        if tollgate.shared.sink.is_none() || !enabled {
+        if !tollgate.shared.exporter.has_sink() || !enabled {
             return;
         }
         let mut next = Instant::now() + tollgate.shared.runtime.load().config.usage.flush_interval;

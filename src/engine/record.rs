@@ -1,0 +1,274 @@
+//! Recording usage events: each event checked, its tenant found, its units taken from the
+//! quota of its own period, then the batch written once by the event recorder.
+
+use std::time::{Duration, SystemTime};
+
+use super::{
+    engine::OwnedCredential,
+    events::{Event, EventError, Prepared, QueueMessage, Taken, UsageMessage, EVENT_ID_MAX_LEN, MAX_AGE, MAX_QUANTITY},
+    lease::Refill,
+    store_calls::with_timeout,
+    table::Lookup,
+    Tollgate,
+};
+use crate::{
+    config::TenantId,
+    plan::Runtime,
+    store::{EventOutcome, StoreError, UsageEvent, UsageRecord},
+    tenant::{Take, Tenant},
+};
+
+impl Tollgate {
+    /// Records one usage event (from a job, a queue message) and returns once it is stored:
+    /// acknowledge the message only then. See [`record_events`](Self::record_events).
+    ///
+    /// # Errors
+    /// Why it was not recorded: [`EventError::is_retryable`] tells a store failure (retry)
+    /// from a final refusal (acknowledge the message, it cannot succeed).
+    pub async fn record_event(&self, event: Event) -> Result<EventOutcome, EventError> {
+        self.record_events(std::slice::from_ref(&event)).await.pop().unwrap_or(Err(EventError::InvalidId))
+    }
+
+    /// Records usage events in one store call, each at most once per id, and returns one
+    /// outcome per event, in order, once they are stored.
+    ///
+    /// - **The event's time picks its window**: the usage window holding it (for a meter with
+    ///   `aggregation = "hour"` or `"day"`, that hour or day), so an event that arrives late
+    ///   still lands in its own window. A window already exported goes out again as a new
+    ///   revision (its late units) at the next export.
+    /// - **Refused**: an event older than [`MAX_AGE`] (billing would refuse it), one
+    ///   more than `events.max_skew` in the future, an unknown tenant or meter, an id that is
+    ///   empty or over 256 bytes.
+    /// - **Once per id and tenant**: the id is marked seen in the same store write as the
+    ///   usage, never before, and kept for 35 days after the event's time (the ids of refused
+    ///   events are not marked). A redelivered event answers [`EventOutcome::Duplicate`].
+    /// - **Hard quotas** apply in the quota period of the event's time: an event in the
+    ///   current period takes its units as a request does, and is refused with
+    ///   [`EventError::QuotaExceeded`] when they are not there; a period already over never
+    ///   refuses (its units are not counted against it). The units are taken before the
+    ///   store is asked about the id, so a redelivered event whose quota is spent meanwhile
+    ///   answers `QuotaExceeded` rather than `Duplicate`; it is not counted again either way.
+    ///   An event of the batch refused for its quota while a duplicate of the same batch held
+    ///   units is tried again once the duplicate gave them back. In shadow mode nothing is
+    ///   refused: the units are taken past the limit and the refusal counted.
+    /// - **A store failure** ([`EventError::Store`], retryable): the write may have landed (a
+    ///   timeout), so the event's quota units stay taken; the retry answers `Duplicate` if it
+    ///   did. The whole batch is written within `events.store_timeout`.
+    ///
+    /// Counted in [`Stats`](crate::Stats) (`events_*`) and the metric
+    /// `tollgate_usage_events_total{outcome}`; refusals are logged.
+    pub async fn record_events(&self, events: &[Event]) -> Vec<Result<EventOutcome, EventError>> {
+        let out = self.record_uncounted(events).await;
+        for (e, o) in events.iter().zip(&out) {
+            self.shared.events.count(&e.id, Some(e), o);
+        }
+        out
+    }
+
+    /// Records queue messages of the documented JSON shape (see [`UsageMessage`]): each
+    /// body is read, its product code mapped to a meter by `[events.products]`, and the
+    /// events recorded as [`record_events`](Self::record_events) does. A message that cannot
+    /// be read is refused with [`EventError::Malformed`] (final: acknowledge it), counted and
+    /// logged.
+    pub async fn record_messages(&self, messages: &[QueueMessage<'_>]) -> Vec<Result<EventOutcome, EventError>> {
+        let rt = self.shared.runtime.load_full();
+        let parsed: Vec<Result<Event, EventError>> =
+            messages.iter().map(|m| UsageMessage::read(m, &rt.config.events)).collect();
+        let events: Vec<Event> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let mut recorded = self.record_uncounted(&events).await.into_iter();
+        let mut out = Vec::with_capacity(messages.len());
+        for (m, p) in messages.iter().zip(parsed) {
+            let (event, outcome) = match p {
+                Ok(e) => {
+                    let o = recorded.next().unwrap_or(Err(EventError::InvalidId));
+                    (Some(e), o)
+                }
+                Err(err) => (None, Err(err)),
+            };
+            let id = event.as_ref().map_or(m.id.unwrap_or("-"), |e| e.id.as_str());
+            self.shared.events.count(id, event.as_ref(), &outcome);
+            out.push(outcome);
+        }
+        out
+    }
+
+    async fn record_uncounted(&self, events: &[Event]) -> Vec<Result<EventOutcome, EventError>> {
+        let (mut out, returned) = self.record_pass(events).await;
+        if returned {
+            // Duplicates of this batch gave their units back after the others were charged:
+            // an event refused for the quota meanwhile is tried again, once.
+            let again: Vec<usize> =
+                (0..events.len()).filter(|i| matches!(out[*i], Err(EventError::QuotaExceeded { .. }))).collect();
+            if !again.is_empty() {
+                let retry: Vec<Event> = again.iter().map(|i| events[*i].clone()).collect();
+                let (second, _) = self.record_pass(&retry).await;
+                for (i, o) in again.into_iter().zip(second) {
+                    out[i] = o;
+                }
+            }
+        }
+        out
+    }
+
+    /// One pass over a batch: the outcomes, and whether units were given back (duplicates).
+    async fn record_pass(&self, events: &[Event]) -> (Vec<Result<EventOutcome, EventError>>, bool) {
+        let rt = self.shared.runtime.load_full();
+        let timeout = rt.config.events.store_timeout;
+        let now = self.shared.clock.unix_secs();
+        let mut out: Vec<Option<Result<EventOutcome, EventError>>> = (0..events.len()).map(|_| None).collect();
+        let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
+        for (index, e) in events.iter().enumerate() {
+            match self.prepare_event(&rt, e, index, now, rt.config.usage.store_timeout).await {
+                Ok(p) => ready.push(p),
+                Err(err) => out[index] = Some(Err(err)),
+            }
+        }
+        let returned = self.shared.events.commit(timeout, ready, &mut out).await;
+        (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), returned)
+    }
+
+    /// Checks an event, finds its tenant and takes its units from the quota of its period.
+    async fn prepare_event(
+        &self,
+        rt: &Runtime,
+        e: &Event,
+        index: usize,
+        now: i64,
+        lookup_timeout: Duration,
+    ) -> Result<Prepared, EventError> {
+        if e.id.is_empty() || e.id.len() > EVENT_ID_MAX_LEN {
+            return Err(EventError::InvalidId);
+        }
+        if e.quantity > MAX_QUANTITY {
+            return Err(EventError::Malformed(format!("the quantity {} is larger than {MAX_QUANTITY}", e.quantity)));
+        }
+        let at = match e.at.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            Err(_) => return Err(EventError::TooOld { age_secs: u64::MAX }),
+        };
+        let skew = rt.config.events.max_skew.as_secs() as i64;
+        if at > now.saturating_add(skew) {
+            return Err(EventError::InFuture { ahead_secs: (at - now) as u64, max_skew_secs: skew as u64 });
+        }
+        let Some(meter_index) = rt.meters.index(e.meter.as_str()) else {
+            return Err(EventError::UnknownMeter(e.meter.clone()));
+        };
+        // The window billing sends the event in: a pre-aggregated meter's hour or day.
+        let window = rt.config.usage.window.as_secs().max(1) as i64;
+        let coarse = rt.config.meters.iter().find(|m| m.id == e.meter).and_then(|m| m.aggregation.window_secs());
+        let step = coarse.unwrap_or(window);
+        let window_start = at - at.rem_euclid(step);
+        if window_start < now.saturating_sub(MAX_AGE.as_secs() as i64) {
+            return Err(EventError::TooOld { age_secs: now.saturating_sub(at).max(0) as u64 });
+        }
+        let state = self.known_tenant(&e.tenant, lookup_timeout).await?;
+        // A state of another configuration (a reload meanwhile) indexes meters its own way.
+        let meter = state.plan.meters.index(e.meter.as_str()).unwrap_or(meter_index);
+        state.touch(now);
+        // Ids are unique per tenant: two tenants' jobs may use the same ids.
+        let id = format!("{}\u{1f}{}", state.id, e.id);
+        // Units still held for this event by an attempt whose write may have landed: reused,
+        // not taken again (a retry is never refused for the units of its own first attempt).
+        let tag = match self.shared.events.take_held(&id) {
+            Some(held) if held.quantity == e.quantity => Some(Taken::Held),
+            _ => self.take_for_event(rt, &state, meter, e.quantity, at, now, lookup_timeout).await?,
+        };
+        let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity);
+        Ok(Prepared {
+            index,
+            state,
+            meter,
+            quantity: e.quantity,
+            tag,
+            taken_at: now,
+            event: UsageEvent::new(id, record, at),
+        })
+    }
+
+    /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
+    pub(crate) async fn known_tenant(&self, id: &TenantId, timeout: Duration) -> Result<Tenant, EventError> {
+        if let Some(s) = self.shared.table.get(Lookup::Identity(id.as_str())) {
+            if s.id == *id {
+                return Ok(s);
+            }
+        }
+        if let Ok(s) = self.lookup(OwnedCredential::Tenant(id.clone())).await {
+            if s.id == *id {
+                return Ok(s);
+            }
+        }
+        // Unknown, or the directory did not answer: ask once more, to tell which.
+        match with_timeout(timeout, self.shared.stores.roles.directory.tenant(id)).await {
+            Ok(None) => Err(EventError::UnknownTenant(id.clone())),
+            Ok(Some(_)) => Err(EventError::Store(StoreError::Backend("the tenant directory did not answer".into()))),
+            Err(e) => Err(EventError::Store(e)),
+        }
+    }
+
+    /// Takes an event's units from the quota of `meter`, if the event falls in the period in
+    /// force: `Some(tag)` of the lease they came from. A period already over takes nothing.
+    #[allow(clippy::too_many_arguments)]
+    async fn take_for_event(
+        &self,
+        rt: &Runtime,
+        state: &Tenant,
+        meter: usize,
+        quantity: u64,
+        at: i64,
+        now: i64,
+        timeout: Duration,
+    ) -> Result<Option<Taken>, EventError> {
+        let Some(cell) = state.quota(meter) else {
+            return Ok(None);
+        };
+        let period = cell.spec.period();
+        // A period already over never refuses (its counter is left alone).
+        let (start, end) = period.bounds(at);
+        if quantity == 0 || end <= now {
+            return Ok(None);
+        }
+        // Just ahead of the clock (within `events.max_skew`), in a period that has not begun:
+        // its quota cannot be asked yet; a retry once it has begun applies it there.
+        if start > now {
+            return Err(EventError::PeriodNotStarted { starts_in_secs: (start - now) as u64 });
+        }
+        let exceeded = || EventError::QuotaExceeded {
+            meter: cell.meter_id().clone(),
+            period: period.name(),
+            limit: cell.spec.limit().get(),
+            plan: state.plan.id.clone(),
+        };
+        match cell.try_take(quantity, now) {
+            Take::Taken { tag, .. } => return Ok(Some(Taken::Lease(tag))),
+            Take::Exhausted if !state.plan.shadow => return Err(exceeded()),
+            Take::Exhausted | Take::NeedLease => {}
+        }
+        let taken = with_timeout(timeout, async {
+            let _guard = cell.lock().lock().await;
+            self.shared.leases.settle_inflight(cell).await?;
+            match cell.try_take(quantity, now) {
+                Take::Taken { tag, .. } => return Ok(Some(tag)),
+                Take::Exhausted => return Ok(None),
+                Take::NeedLease => {}
+            }
+            Ok(match self.shared.leases.refill_locked(rt, cell, now, quantity).await? {
+                Refill::Taken { tag, .. } => Some(tag),
+                Refill::Short | Refill::Done => None,
+            })
+        })
+        .await;
+        match taken {
+            Ok(Some(tag)) => Ok(Some(Taken::Lease(tag))),
+            Ok(None) if state.plan.shadow => {
+                // Shadow mode: taken past the limit (owed to the store), the refusal counted.
+                self.would_refuse(&self.shadow_quota(state, meter));
+                Ok(Some(cell.force_take(quantity, now).map_or(Taken::Unleased, Taken::Lease)))
+            }
+            Ok(None) => Err(exceeded()),
+            Err(e) => {
+                self.store_error("reserve quota for an event", &e);
+                Err(EventError::Store(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Threshold notifications: a tenant's quota crossing `usage.notify_at` calls the hook once
+//! per threshold, quota and period on this node.
+
+use std::{collections::HashMap, sync::Mutex};
+
+use crate::{
+    base::{MeterId, Period, PlanId, QuotaMode, TenantId},
+    plan::Runtime,
+    tenant::QuotaRef,
+};
+
+/// A tenant crossed a threshold of a quota (`usage.notify_at`): given to the
+/// [`on_threshold`](Builder::on_threshold) hook, once per threshold, quota and period on a
+/// node. Measured by the units the fleet has reserved, as the store said on this node's last
+/// lease refill: a threshold is seen within a lease of the moment usage reaches it (leases
+/// held by other nodes count as used).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ThresholdCrossed {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Its plan.
+    pub plan: PlanId,
+    /// The quota's meter.
+    pub meter: MeterId,
+    /// The quota's period.
+    pub period: Period,
+    /// The period's start (Unix seconds).
+    pub start: i64,
+    /// The period's end.
+    pub end: i64,
+    /// The quota's limit.
+    pub limit: u64,
+    /// Hard or soft.
+    pub mode: QuotaMode,
+    /// The threshold crossed, in percent of the limit.
+    pub percent: u16,
+    /// The units the fleet had reserved then.
+    pub reserved: u64,
+}
+
+/// The thresholds notified for a tenant's quota: of which period and limit, which percentages.
+pub(crate) struct Marks {
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+    pub(crate) limit: u64,
+    pub(crate) done: Vec<u16>,
+}
+
+/// The threshold hook.
+pub(crate) type ThresholdHook = std::sync::Arc<dyn Fn(&ThresholdCrossed) + Send + Sync>;
+
+/// The hook and what it was told: kept by the engine, not the tenants' states.
+pub(crate) struct Thresholds {
+    hook: Option<ThresholdHook>,
+    /// The thresholds notified, per (tenant, meter): in which period and limit, which
+    /// percentages (bounded: see [`check`](Self::check)).
+    marks: Mutex<HashMap<(TenantId, MeterId), Marks>>,
+}
+
+impl std::fmt::Debug for Thresholds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Thresholds").field("hook", &self.hook.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Thresholds {
+    pub(crate) fn new(hook: Option<ThresholdHook>) -> Self {
+        Self { hook, marks: Mutex::default() }
+    }
+
+    /// Calls the threshold hook for the thresholds of `usage.notify_at` that `reserved` units
+    /// (all the fleet's, as the store just said) reach for the first time in this period on
+    /// this node.
+    pub(crate) fn check(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
+        let Some(hook) = &self.hook else { return };
+        let limit = u128::from(cell.spec.limit().get());
+        let limit_units = cell.spec.limit().get();
+        let crossed: Vec<u16> = rt
+            .config
+            .usage
+            .notify_at
+            .iter()
+            .copied()
+            .filter(|pct| u128::from(reserved) * 100 >= limit * u128::from(*pct))
+            .collect();
+        if crossed.is_empty() {
+            return;
+        }
+        // Kept by the engine, not the tenant's state: a state rebuilt (a reload, an eviction,
+        // a plan change) does not notify again in the same period; a new period, or a new
+        // limit (a plan change), starts afresh. Marked by percentage, so a reload that changes
+        // `notify_at` keeps what was notified.
+        let new: Vec<u16> = {
+            let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+            let cap = rt.config.limits.max_tenants.saturating_mul(4).max(1024);
+            let key = (cell.tenant().clone(), cell.meter_id().clone());
+            if !marks.contains_key(&key) && marks.len() >= cap {
+                marks.retain(|_, m| m.end > now);
+                if marks.len() >= cap {
+                    // Held tenants over the cap: the oldest marks go (they may notify again).
+                    marks.clear();
+                }
+            }
+            let m = marks.entry(key).or_insert_with(|| Marks { start, end, limit: limit_units, done: Vec::new() });
+            if (m.start, m.limit) != (start, limit_units) {
+                *m = Marks { start, end, limit: limit_units, done: Vec::new() };
+            }
+            let new: Vec<u16> = crossed.into_iter().filter(|p| !m.done.contains(p)).collect();
+            m.done.extend(&new);
+            new
+        };
+        for pct in new {
+            let crossed = ThresholdCrossed {
+                tenant: cell.tenant().clone(),
+                plan: cell.plan_id().clone(),
+                meter: cell.meter_id().clone(),
+                period: cell.spec.period(),
+                start,
+                end,
+                limit: limit_units,
+                mode: cell.spec.mode(),
+                percent: pct,
+                reserved,
+            };
+            tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, "quota threshold crossed");
+            hook(&crossed);
+        }
+    }
+}
