@@ -21,6 +21,7 @@ use std::{
 };
 
 use tollgate::store::prelude::*;
+use tollgate::store::KeyHash;
 use tollgate::{
     aws_sdk_dynamodb::{
         config::{
@@ -31,7 +32,7 @@ use tollgate::{
     },
     clock::Clock,
     store::{DynamoStore, TenantRecord},
-    Config, KeyHash, Tollgate, TollgateLayer,
+    Config, Tollgate, TollgateLayer,
 };
 use tower::{Layer, ServiceExt};
 

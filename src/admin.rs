@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 
+use crate::store::KeyHash;
 use crate::{
     config::{Config, MeterId, PlanId, TenantId},
     engine::{open_store, BuildError},
@@ -27,7 +28,6 @@ use crate::{
         unix_now, ApiKeyRecord, DeadLetter, DirectoryEvents, DirectoryStore, ExportKey, Store, StoreError,
         TenantRecord, UsageAggregate, UsageExportStore,
     },
-    KeyHash,
 };
 
 /// How many characters of a key are kept to recognise it by (`tg_live_ab12`).

@@ -16,9 +16,10 @@ use std::{
 use axum::body::Body;
 use http::{HeaderValue, Request, Response};
 use tollgate::store::prelude::*;
+use tollgate::store::KeyHash;
 use tollgate::{
     store::{MemoryStore, TenantRecord},
-    Config, KeyHash, Tollgate,
+    Config, Tollgate,
 };
 use tower::{Layer, Service};
 use tower_governor::{governor::GovernorConfigBuilder, key_extractor::KeyExtractor, GovernorError, GovernorLayer};

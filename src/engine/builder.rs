@@ -221,7 +221,7 @@ impl Builder {
     /// # let config = tollgate::Config::from_toml_str("[plans.p]\nquotas.requests = { limit = 10, period = \"day\" }").unwrap();
     /// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     /// let (engine, _worker) = tollgate::Tollgate::builder(config)
-    ///     .on_threshold(move |crossed: &tollgate::ThresholdCrossed| {
+    ///     .on_threshold(move |crossed: &tollgate::report::ThresholdCrossed| {
     ///         let _ = tx.send((crossed.tenant.clone(), crossed.meter.clone(), crossed.percent));
     ///     })
     ///     .build();

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use super::{Admission, RequestInfo, RuntimeCache, Tollgate};
+use crate::door::Credential;
+use crate::Identity;
 use crate::{
     config::Identify,
     plan::Runtime,
     response::{Rejection, RejectionKind, REPEATED_IDEMPOTENCY_KEY, REPEATED_KEY},
-    Credential, Identity,
 };
 
 /// The address of the client that sent a request, as its front door saw it: the peer of the

@@ -241,7 +241,7 @@ impl Tollgate {
     }
 
     /// Like [`admit`](Self::admit), for front doors that need the configured way of
-    /// identifying tenants to describe the request: [`FrontDoor::admit_with`](crate::FrontDoor::admit_with) on a door made
+    /// identifying tenants to describe the request: [`FrontDoor::admit_with`](crate::door::FrontDoor::admit_with) on a door made
     /// for this one request (a door kept per service saves that). An `Idempotency-Key` on a
     /// method the configuration does not list (`limits.idempotency_methods`) is ignored.
     pub fn admit_with<'a>(&self, describe: impl FnOnce(&crate::config::Identify) -> RequestInfo<'a>) -> Admission {
@@ -444,8 +444,10 @@ impl Tollgate {
         self.shared.runtime.load().config.usage.flush_interval
     }
 
-    /// This engine's node id (drawn anew by [`after_restore`](Self::after_restore)), for tests.
-    #[doc(hidden)]
+    /// This engine's node id (drawn anew by [`after_restore`](Self::after_restore)), for tests
+    /// (feature `test-util`).
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn node_id(&self) -> u64 {
         self.shared.ids.node()
     }

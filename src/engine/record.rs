@@ -55,7 +55,7 @@ impl Tollgate {
     ///   timeout), so the event's quota units stay taken; the retry answers `Duplicate` if it
     ///   did. The whole batch is written within `events.store_timeout`.
     ///
-    /// Counted in [`Stats`](crate::Stats) (`events_*`) and the metric
+    /// Counted in [`Stats`](crate::report::Stats) (`events_*`) and the metric
     /// `tollgate_usage_events_total{outcome}`; refusals are logged.
     pub async fn record_events(&self, events: &[Event]) -> Vec<Result<EventOutcome, EventError>> {
         let out = self.record_uncounted(events).await;

@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// A tenant crossed a threshold of a quota (`usage.notify_at`): given to the
-/// [`on_threshold`](Builder::on_threshold) hook, once per threshold, quota and period on a
+/// [`on_threshold`](crate::Builder::on_threshold) hook, once per threshold, quota and period on a
 /// node. Measured by the units the fleet has reserved, as the store said on this node's last
 /// lease refill: a threshold is seen within a lease of the moment usage reaches it (leases
 /// held by other nodes count as used).

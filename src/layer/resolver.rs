@@ -1,6 +1,7 @@
 use http::Request;
 
-use crate::{config::Identify, tenant::Credential, Identity};
+use crate::Identity;
+use crate::{config::Identify, tenant::Credential};
 
 /// Finds what identifies the tenant of a request.
 ///

@@ -73,7 +73,7 @@ where
             },
             // Read only for a request served as the anonymous tenant (limited per address).
             |rt| {
-                rt.client_ip(request.extensions().get::<crate::ClientAddr>().map(|a| a.0), |name| {
+                rt.client_ip(request.extensions().get::<crate::door::ClientAddr>().map(|a| a.0), |name| {
                     request.headers().get_all(name).iter().map(HeaderValue::as_bytes)
                 })
             },

@@ -33,9 +33,7 @@ mod usage;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-
-pub use crate::base::{DirectoryEvents, WebhookCount};
+pub use crate::base::{DirectoryEvents, KeyHash, WebhookCount};
 pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, TenantRecord};
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
@@ -70,8 +68,10 @@ pub trait UsageExportStore: UsageStore + ExportStore {}
 
 impl<T> UsageExportStore for T where T: UsageStore + ExportStore + ?Sized {}
 
-/// What tests and reports read from a store beyond what the engine needs.
-#[async_trait]
+/// What tests read from a store beyond what the engine needs (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+#[async_trait::async_trait]
 pub trait StoreInspect: Store {
     /// Units reserved so far for `key`.
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError>;

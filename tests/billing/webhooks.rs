@@ -11,10 +11,10 @@ use std::{sync::Arc, time::Duration};
 use common::{Harness, NOON};
 use serde_json::{json, Value};
 use tollgate::store::prelude::*;
+use tollgate::store::KeyHash;
 use tollgate::{
     billing::{Secret, WebhookHandler, WebhookOutcome},
     store::{MemoryStore, TenantRecord},
-    KeyHash,
 };
 
 const SECRET: &str = "whsec_current";

@@ -405,7 +405,7 @@ impl DirectoryStore for Faulty {
         self.inner.apply_plan_change(change).await
     }
 
-    async fn find_key(&self, key: &tollgate::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+    async fn find_key(&self, key: &tollgate::store::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
         self.lookups.fetch_add(1, Ordering::SeqCst);
         self.inner.find_key(key).await
@@ -426,11 +426,11 @@ impl DirectoryStore for Faulty {
         self.inner.set_overrides(tenant, overrides).await
     }
 
-    async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::KeyHash]) -> Result<(), StoreError> {
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::store::KeyHash]) -> Result<(), StoreError> {
         self.inner.put_tenant(record, keys).await
     }
 
-    async fn remove_key(&self, key: &tollgate::KeyHash) -> Result<(), StoreError> {
+    async fn remove_key(&self, key: &tollgate::store::KeyHash) -> Result<(), StoreError> {
         self.inner.remove_key(key).await
     }
 
@@ -500,7 +500,10 @@ impl tollgate::billing::BillingSink for Collect {
 /// completed, B replays it without charging or billing; another request with the key gets 422
 /// on either node; and the usage stored is one request's.
 pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<dyn Store>, tenant: &str, key: &str) {
-    use tollgate::{Admission, Credential, RejectionKind, RequestInfo};
+    use tollgate::door::Admission;
+    use tollgate::door::Credential;
+    use tollgate::door::RequestInfo;
+    use tollgate::RejectionKind;
     let toml = format!(
         "[plans.p]\nquotas.requests = {{ limit = 100, period = \"day\", mode = \"hard\" }}\n\
          [tenants.{tenant}]\nplan = \"p\"\nkeys = [\"{key}\"]\n"

@@ -20,10 +20,11 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tollgate::store::prelude::*;
+use tollgate::store::KeyHash;
 use tollgate::{
     clock::Clock,
     store::{MemoryStore, TenantRecord},
-    KeyHash, Tollgate,
+    Tollgate,
 };
 
 /// 2026-03-14T12:00:00Z

@@ -7,7 +7,7 @@ use crate::common;
 use std::net::IpAddr;
 
 use common::{req, Harness, NOON};
-use tollgate::ClientAddr;
+use tollgate::door::ClientAddr;
 
 const TOML: &str = r#"
 [identify]

@@ -10,7 +10,8 @@ use std::{
 };
 
 use common::{Faulty, Harness, NOON};
-use tollgate::{clock::Clock, store::TenantRecord, KeyHash};
+use tollgate::store::KeyHash;
+use tollgate::{clock::Clock, store::TenantRecord};
 
 const PLANS: &str = "[limits]\nnegative_ttl = \"10s\"\ndirectory_ttl = \"60s\"\n[plans.free]\nrate = \"1000/s\"\n[plans.pro]\nrate = \"5000/s\"\n";
 
@@ -129,8 +130,8 @@ async fn a_request_waiting_across_a_reload_keeps_its_meter() {
         .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
         .await
         .unwrap();
-    let info = tollgate::RequestInfo::new("GET", "/gen", tollgate::Credential::ApiKey(b"key-acme"));
-    let tollgate::Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
+    let info = tollgate::door::RequestInfo::new("GET", "/gen", tollgate::door::Credential::ApiKey(b"key-acme"));
+    let tollgate::door::Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
     h.tollgate.reload(tollgate::Config::from_toml_str(b).unwrap()).await.unwrap();
     let ticket = h.tollgate.resolve(pending).await.unwrap();
     assert!(ticket.complete(200));

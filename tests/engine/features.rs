@@ -9,12 +9,15 @@ use crate::common;
 use std::{sync::Arc, time::Duration};
 
 use common::{Harness, NOON};
+use tollgate::door::Admission;
+use tollgate::door::Credential;
+use tollgate::door::RequestInfo;
 use tollgate::store::prelude::*;
 use tollgate::{
     admin::Admin,
     clock::Clock,
     store::{MemoryStore, TenantRecord},
-    Admission, Config, Credential, RequestInfo, Tollgate,
+    Config, Tollgate,
 };
 
 const TOML: &str = r#"
@@ -125,7 +128,7 @@ async fn overrides_in_the_file_are_the_limits_in_force_and_named_as_such() {
 async fn an_override_changed_in_the_store_reaches_another_node_within_the_ttl() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     store
-        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[tollgate::KeyHash::of(b"key-acme")])
+        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[tollgate::store::KeyHash::of(b"key-acme")])
         .await
         .unwrap();
     let (clock, handle) = Clock::fake_at_unix(NOON);
@@ -225,7 +228,7 @@ async fn an_unreadable_override_in_the_store_is_refused_not_half_applied() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let mut record = TenantRecord::new("acme".into(), "free".into());
     record.overrides = Some(r#"{"quotas": {"gone": {"limit": 5, "period": "day"}}}"#.into());
-    store.put_tenant(&record, &[tollgate::KeyHash::of(b"key-acme")]).await.unwrap();
+    store.put_tenant(&record, &[tollgate::store::KeyHash::of(b"key-acme")]).await.unwrap();
     let (clock, handle) = Clock::fake_at_unix(NOON);
     let config = Config::from_toml_str(TOML).unwrap();
     let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();

@@ -7,7 +7,10 @@ use crate::common;
 use std::{sync::Arc, time::Duration};
 
 use common::{req, Harness, NOON};
-use tollgate::{store::StoreInspect, Admission, Credential, RejectionKind, RequestInfo};
+use tollgate::door::Admission;
+use tollgate::door::Credential;
+use tollgate::door::RequestInfo;
+use tollgate::{store::StoreInspect, RejectionKind};
 
 const TOML: &str = r#"
 [plans.p]

@@ -220,7 +220,7 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
     let dir = tempfile::tempdir().unwrap();
     let directory = Arc::new(tollgate::store::SqliteStore::open(dir.path().join("directory.db")).await.unwrap());
     let acme = tollgate::store::TenantRecord::new("acme".into(), "p".into()).with_customer("cus_old");
-    directory.put_tenant(&acme, &[tollgate::KeyHash::of(b"key-dir")]).await.unwrap();
+    directory.put_tenant(&acme, &[tollgate::store::KeyHash::of(b"key-dir")]).await.unwrap();
     let usage = Arc::new(MemoryStore::new());
     let sink = Arc::new(Recording::default());
     #[derive(Debug)]
@@ -248,7 +248,7 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
 
     // The customer changes in the directory before the window closes: the export reads it then.
     let acme = acme.with_customer("cus_dir");
-    directory.put_tenant(&acme, &[tollgate::KeyHash::of(b"key-dir")]).await.unwrap();
+    directory.put_tenant(&acme, &[tollgate::store::KeyHash::of(b"key-dir")]).await.unwrap();
     h.clock.advance(Duration::from_secs(3600 + 300));
     let report = engine.export().await.unwrap();
     assert_eq!((report.events, report.units, report.unbillable), (1, 3, 0));

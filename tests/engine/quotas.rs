@@ -213,17 +213,17 @@ proptest::proptest! {
             let (clock, handle) = Clock::fake_at_unix(MONTH_END);
             let config = Config::from_toml_str(&toml).unwrap();
             let (tollgate, _worker) = tollgate::Tollgate::builder(config.clone()).store_arc(store.clone()).clock(clock).build();
-            let info = tollgate::RequestInfo::new("GET", "/", tollgate::Credential::ApiKey(b"key-t"));
-            let mut open: Vec<(tollgate::Ticket, i64)> = Vec::new();
+            let info = tollgate::door::RequestInfo::new("GET", "/", tollgate::door::Credential::ApiKey(b"key-t"));
+            let mut open: Vec<(tollgate::door::Ticket, i64)> = Vec::new();
             let mut used: std::collections::BTreeMap<i64, u64> = Default::default();
             let day = 86_400;
             for (op, pick) in ops {
                 match op {
                     0..=3 => {
                         let ticket = match tollgate.admit(&info) {
-                            tollgate::Admission::Admitted(t) => Some(t),
-                            tollgate::Admission::Pending(p) => tollgate.resolve(p).await.ok(),
-                            tollgate::Admission::Rejected(_) => None,
+                            tollgate::door::Admission::Admitted(t) => Some(t),
+                            tollgate::door::Admission::Pending(p) => tollgate.resolve(p).await.ok(),
+                            tollgate::door::Admission::Rejected(_) => None,
                         };
                         if let Some(t) = ticket {
                             open.push((t, handle.unix_secs()));

@@ -50,12 +50,15 @@ async fn a_spent_hard_quota_on_a_reported_meter_refuses_the_next_request() {
 #[tokio::test]
 async fn reported_quantities_are_checked() {
     let h = Harness::new(TOML);
-    let admitted =
-        match h.tollgate.admit(&tollgate::RequestInfo::new("GET", "/other", tollgate::Credential::ApiKey(b"key-t"))) {
-            tollgate::Admission::Admitted(t) => t,
-            tollgate::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
-            tollgate::Admission::Rejected(r) => panic!("{r}"),
-        };
+    let admitted = match h.tollgate.admit(&tollgate::door::RequestInfo::new(
+        "GET",
+        "/other",
+        tollgate::door::Credential::ApiKey(b"key-t"),
+    )) {
+        tollgate::door::Admission::Admitted(t) => t,
+        tollgate::door::Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+        tollgate::door::Admission::Rejected(r) => panic!("{r}"),
+    };
     let ctx = admitted.context();
     assert!(matches!(ctx.record("widgets", 1), Err(RecordError::UnknownMeter(_))));
     assert!(matches!(ctx.record("tokens", u64::MAX), Err(RecordError::TooLarge(_))));

@@ -10,7 +10,9 @@ use std::{
 };
 
 use common::{Harness, NOON};
-use tollgate::{clock::Clock, events::Event, store::MemoryStore, Config, ReportError, ThresholdCrossed, Tollgate};
+use tollgate::report::ReportError;
+use tollgate::report::ThresholdCrossed;
+use tollgate::{clock::Clock, events::Event, store::MemoryStore, Config, Tollgate};
 
 const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
@@ -27,7 +29,7 @@ keys = ["key-t"]
 "tok" = "tokens"
 "#;
 
-fn quota(r: &tollgate::UsageReport, meter: &str) -> (u64, u64) {
+fn quota(r: &tollgate::report::UsageReport, meter: &str) -> (u64, u64) {
     let q = r.quotas.iter().find(|q| q.meter.as_str() == meter).unwrap();
     (q.used, q.remaining)
 }

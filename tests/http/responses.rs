@@ -5,7 +5,8 @@ use crate::common;
 use std::sync::{atomic::Ordering, Arc};
 
 use common::{req, Harness, NOON};
-use tollgate::{store::TenantRecord, KeyHash, RejectionKind};
+use tollgate::store::KeyHash;
+use tollgate::{store::TenantRecord, RejectionKind};
 
 const CONFIG: &str = r#"
 [meters.tokens]

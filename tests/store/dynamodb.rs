@@ -179,7 +179,7 @@ async fn an_outage_follows_the_policy_and_loses_or_doubles_nothing() {
 /// once the node that made it (`invalidate_*`).
 #[tokio::test]
 async fn directory_changes_reach_every_node_within_the_ttl() {
-    use tollgate::KeyHash;
+    use tollgate::store::KeyHash;
     let Some(store) = dynamo::table().await else { return };
     let endpoint = dynamo::endpoint().unwrap();
     aws_env();

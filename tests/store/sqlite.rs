@@ -424,7 +424,10 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.db");
     let store = SqliteStore::open(&db).await.unwrap();
-    store.put_tenant(&TenantRecord::new("t".into(), "p".into()), &[tollgate::KeyHash::of(b"key-t")]).await.unwrap();
+    store
+        .put_tenant(&TenantRecord::new("t".into(), "p".into()), &[tollgate::store::KeyHash::of(b"key-t")])
+        .await
+        .unwrap();
     drop(store);
     // Back to version 1 as it was written.
     let conn = rusqlite::Connection::open(&db).unwrap();
@@ -437,7 +440,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     .unwrap();
     drop(conn);
     let store = SqliteStore::open(&db).await.unwrap();
-    assert_eq!(store.find_key(&tollgate::KeyHash::of(b"key-t")).await.unwrap().map(|t| t.id), Some("t".into()));
+    assert_eq!(store.find_key(&tollgate::store::KeyHash::of(b"key-t")).await.unwrap().map(|t| t.id), Some("t".into()));
     let keys = store.list_keys(&"t".into()).await.unwrap();
     assert_eq!((keys.len(), keys[0].prefix.as_str(), keys[0].expires_at), (1, "", None));
     let claim = tollgate::store::IdempotencyClaim::new("k", "r", 1, 0, 300, 86_400);

@@ -7,10 +7,12 @@
 //! event ids, claims, dead letters, the directory). The memory store lives as long as the process,
 //! so its restart keeps the same store.
 
+#[cfg(feature = "dynamodb")]
 use crate::common;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
+use tollgate::store::KeyHash;
 use tollgate::{
     config::Period,
     store::{
@@ -18,7 +20,6 @@ use tollgate::{
         IdempotencyClaim, IdempotencySettle, IdempotencyState, MemoryStore, PlanChange, PlanChangeOutcome, QuotaKey,
         Reservation, ReserveToken, StoreInspect, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
     },
-    KeyHash,
 };
 
 /// Opens the store again, given the one in use (dropped first by a store that outlives the

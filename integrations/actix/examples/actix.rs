@@ -64,7 +64,7 @@ keys = ["tg_pro_globex"]
 "#;
 
 async fn items(tenant: Tenant, request: HttpRequest) -> String {
-    let from = request.extensions().get::<tollgate::ClientAddr>().map(|a| a.0);
+    let from = request.extensions().get::<tollgate::door::ClientAddr>().map(|a| a.0);
     format!("items for {} on {} (from {from:?})\n", tenant.tenant(), tenant.plan())
 }
 

@@ -50,9 +50,15 @@ use actix_web::{
     FromRequest, HttpMessage, HttpRequest, HttpResponse, Responder, ResponseError,
 };
 use futures_util::future::{ready, LocalBoxFuture, Ready};
+use tollgate::door::Admission;
+use tollgate::door::ClientAddr;
+use tollgate::door::FrontDoor;
+use tollgate::door::RequestView;
+use tollgate::door::Ticket;
+use tollgate::Identity;
 use tollgate::{
     response::{ProblemJson, RejectionResponder},
-    Admission, ClientAddr, FrontDoor, Identity, Rejection, RequestView, TenantContext, Ticket, Tollgate,
+    Rejection, TenantContext, Tollgate,
 };
 
 /// The actix-web middleware: wrap an `App` (or a scope) with it to enforce every tenant's

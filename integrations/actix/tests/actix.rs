@@ -11,7 +11,8 @@ use actix_web::{
     web, App, HttpResponse,
 };
 use conformance::{Door, Req, Resp, Tower, ENTERED, GENERATE_TOKENS, RELEASE, STREAM_TOKENS};
-use tollgate::{ClientAddr, Tollgate};
+use tollgate::door::ClientAddr;
+use tollgate::Tollgate;
 use tollgate_actix::{RejectionResponse, Tenant, TollgateMiddleware};
 
 fn text(status: u16, body: &'static str) -> HttpResponse {
@@ -143,12 +144,18 @@ async fn a_rejection_response_is_the_middlewares_rejection() {
             let engine = asked.clone();
             async move {
                 let admission = engine.front_door().admit_with(|_| {
-                    tollgate::RequestInfo::new("GET", "/v1/items", tollgate::Credential::ApiKey(b"key-nobody"))
+                    tollgate::door::RequestInfo::new(
+                        "GET",
+                        "/v1/items",
+                        tollgate::door::Credential::ApiKey(b"key-nobody"),
+                    )
                 });
                 RejectionResponse(match admission {
-                    tollgate::Admission::Rejected(rejection) => rejection,
-                    tollgate::Admission::Pending(pending) => engine.resolve(pending).await.expect_err("an unknown key"),
-                    tollgate::Admission::Admitted(_) => unreachable!("an unknown key"),
+                    tollgate::door::Admission::Rejected(rejection) => rejection,
+                    tollgate::door::Admission::Pending(pending) => {
+                        engine.resolve(pending).await.expect_err("an unknown key")
+                    }
+                    tollgate::door::Admission::Admitted(_) => unreachable!("an unknown key"),
                 })
             }
         }),

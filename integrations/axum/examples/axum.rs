@@ -79,7 +79,7 @@ async fn generate(tenant: Tenant) -> String {
     }
 }
 
-async fn addr(address: Option<axum::Extension<tollgate::ClientAddr>>) -> String {
+async fn addr(address: Option<axum::Extension<tollgate::door::ClientAddr>>) -> String {
     format!("{:?}\n", address.map(|a| a.0 .0))
 }
 

@@ -150,7 +150,7 @@ impl<S: Send + Sync, F: tollgate::Feature> FromRequestParts<S> for RequireFeatur
 }
 
 /// A middleware that puts the connection's peer address in the request as tollgate's
-/// [`ClientAddr`](tollgate::ClientAddr), the type every front door uses: axum's
+/// [`ClientAddr`](tollgate::door::ClientAddr), the type every front door uses: axum's
 /// `ConnectInfo<SocketAddr>`, present when the app is served with
 /// `into_make_service_with_connect_info::<SocketAddr>()`. Add it outside tollgate's layer, so
 /// that it runs first:
@@ -167,7 +167,7 @@ impl<S: Send + Sync, F: tollgate::Feature> FromRequestParts<S> for RequireFeatur
 pub async fn client_addr(mut request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let peer = request.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
     if let Some(peer) = peer {
-        request.extensions_mut().insert(tollgate::ClientAddr(peer.ip()));
+        request.extensions_mut().insert(tollgate::door::ClientAddr(peer.ip()));
     }
     next.run(request).await
 }

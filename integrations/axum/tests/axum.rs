@@ -8,8 +8,10 @@ mod conformance;
 use axum::{body::Body, response::IntoResponse, routing::get, Router};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use tollgate::store::prelude::*;
-use tollgate::{clock::Clock, Admission, Credential, RequestInfo, Tollgate, TollgateLayer};
+use tollgate::door::Admission;
+use tollgate::door::Credential;
+use tollgate::door::RequestInfo;
+use tollgate::{clock::Clock, Tollgate, TollgateLayer};
 use tollgate_axum::{RejectionResponse, Tenant};
 use tower::ServiceExt;
 
@@ -152,7 +154,7 @@ async fn a_rejection_responds_as_the_layer_does() {
 async fn the_webhook_route_verifies_and_moves_the_plan() {
     use tollgate::{
         billing::{Secret, WebhookHandler},
-        store::{MemoryStore, TenantRecord},
+        store::{prelude::*, MemoryStore, TenantRecord},
     };
     let config = format!("{CONFIG}[plans.metered]\n[stripe.events]\n\"payment_method.attached\" = \"metered\"\n");
     let store = std::sync::Arc::new(MemoryStore::new());
@@ -265,7 +267,7 @@ async fn the_client_address_middleware_copies_the_peer_address() {
     let app = Router::new()
         .route(
             "/addr",
-            get(|addr: Option<axum::Extension<tollgate::ClientAddr>>| async move {
+            get(|addr: Option<axum::Extension<tollgate::door::ClientAddr>>| async move {
                 addr.map_or_else(|| "none".to_owned(), |a| a.0 .0.to_string())
             }),
         )

@@ -78,11 +78,11 @@ async fn tenants_and_keys_on_sqlite_reach_an_engine() {
     let keys = ok(d, &["keys", "list", "acme"]);
     assert!(keys.contains(&format!("{}…", &key[..12])), "{keys}");
     assert!(!keys.contains(&key), "a key is never shown again");
-    let id_of = |k: &str| tollgate::KeyHash::of(k.as_bytes()).id();
+    let id_of = |k: &str| tollgate::store::KeyHash::of(k.as_bytes()).id();
     ok(d, &["keys", "revoke", "acme", &id_of(&revoked)]);
     assert!(fails(d, &["keys", "revoke", "acme", "k_000000000000"]).contains("no key"));
     let replacement = ok(d, &["keys", "rotate", "acme", &id_of(&rotated), "--grace", "1h"]).trim().to_owned();
-    let hash = tollgate::KeyHash::of(b"hashed-legacy-key").to_hex();
+    let hash = tollgate::store::KeyHash::of(b"hashed-legacy-key").to_hex();
     let csv = format!("tenant,plan,customer,key,key_sha256\nglobex,free,cus_2,legacy-key-1,\nglobex,,,,{hash}\n");
     std::fs::write(d.join("keys.csv"), csv).unwrap();
     assert!(ok(d, &["keys", "import", "keys.csv"]).contains("1 tenants created, 0 updated, 2 keys"));
@@ -191,7 +191,7 @@ async fn the_command_works_on_dynamodb() {
     ok(d, &["tenants", "add", "acme", "--plan", "free"]);
     let key = ok(d, &["keys", "issue", "acme", "--expires-in", "30d"]).trim().to_owned();
     let list = ok(d, &["keys", "list", "acme"]);
-    assert!(list.contains(&tollgate::KeyHash::of(key.as_bytes()).id()), "{list}");
+    assert!(list.contains(&tollgate::store::KeyHash::of(key.as_bytes()).id()), "{list}");
     let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).open().await.unwrap();
     let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
     assert_eq!(h.status("/", &key).await, 200);

@@ -49,7 +49,7 @@ keys = ["tg_free_acme"]
 
 async fn handler(request: Request) -> Result<Response<Body>, Error> {
     let tenant = request.extensions().get::<tollgate::TenantContext>().expect("behind tollgate");
-    let from = request.extensions().get::<tollgate::ClientAddr>().map(|a| a.0);
+    let from = request.extensions().get::<tollgate::door::ClientAddr>().map(|a| a.0);
     let left = tenant.quota("requests").map(|q| q.remaining);
     Ok(Response::builder()
         .header("content-type", "text/plain")

@@ -52,7 +52,8 @@ use lambda_http::{
     request::RequestContext,
     BoxFuture, Error, Request, RequestExt, SnapStartResource,
 };
-use tollgate::{ClientAddr, Tollgate, TollgateLayer, Worker};
+use tollgate::door::ClientAddr;
+use tollgate::{Tollgate, TollgateLayer, Worker};
 use tower::{Layer, Service};
 
 pub use lambda_http;

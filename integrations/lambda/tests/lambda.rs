@@ -203,7 +203,7 @@ async fn function_url_events_are_answered_as_the_tower_layer_answers() {
 async fn the_source_ip_of_every_payload_kind_is_the_client_address() {
     let (engine, _, _) = conformance::engine().await;
     let echo = tower::service_fn(|request: lambda_http::Request| async move {
-        let addr = request.extensions().get::<tollgate::ClientAddr>().map(|a| a.0.to_string());
+        let addr = request.extensions().get::<tollgate::door::ClientAddr>().map(|a| a.0.to_string());
         Ok::<_, std::convert::Infallible>(http::Response::new(lambda_http::Body::from(format!("{addr:?}"))))
     });
     for kind in [Payload::Rest, Payload::Http, Payload::FunctionUrl] {

@@ -23,8 +23,8 @@ use super::contract::{EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, 
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, StoreInspect,
-    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
+    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
 };
 use crate::base::{KeyHash, TenantId};
 
@@ -285,8 +285,9 @@ fn retryable(reasons: &[Option<String>]) -> bool {
     })
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[async_trait]
-impl StoreInspect for DynamoStore {
+impl crate::store::StoreInspect for DynamoStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         Ok(self.get(quota_pk(key), &quota_sk(key)).await?.map_or(0, |i| get_u(&i, "reserved")))
     }

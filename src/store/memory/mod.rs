@@ -11,8 +11,8 @@ use super::contract::{
 use super::{
     ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend,
     ExportStore, FlushId, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore, PlanChange,
-    PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, StoreInspect, TenantRecord,
-    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+    PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord, UsageAggregate,
+    UsageBatch, UsageEvent, UsageStore,
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
@@ -169,6 +169,7 @@ impl Counters {
         self.periods.last_mut()
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     fn find(&self, key: &QuotaKey) -> Option<&Counter> {
         self.periods.iter().find(|c| c.key == *key)
     }
@@ -269,8 +270,9 @@ impl MemoryStore {
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[async_trait]
-impl StoreInspect for MemoryStore {
+impl crate::store::StoreInspect for MemoryStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let inner = self.lock();
         let counters = inner.quotas.get(&(key.tenant.clone(), key.meter.clone()));
@@ -286,7 +288,7 @@ impl StoreInspect for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::UsageRecord;
+    use crate::store::{StoreInspect, UsageRecord};
 
     fn qk(p: i64) -> QuotaKey {
         QuotaKey::new("t".into(), "requests".into(), crate::base::Period::Day, p, p + 86_400)

@@ -13,8 +13,8 @@ use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, StoreInspect,
-    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
+    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
 };
 use crate::{
     base::{KeyHash, TenantId},
@@ -373,8 +373,9 @@ fn usage_of(tx: &Transaction<'_>, key: &ExportKey) -> Sql<Option<UsageAggregate>
 
 // ---- the directory ----
 
+#[cfg(any(test, feature = "test-util"))]
 #[async_trait]
-impl StoreInspect for SqliteStore {
+impl crate::store::StoreInspect for SqliteStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let key = key.clone();
         self.read(move |tx| {
