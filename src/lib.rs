@@ -10,15 +10,36 @@ pub mod door {
     //! For authors of a new front door (a framework's middleware over the engine): a request
     //! as the engine sees it, the engine's answer, and the ticket that completes an admitted
     //! request. The tower layer, `tollgate-actix` and `tollgate-lambda` are built on these;
-    //! `docs/architecture.md` describes the fast path they share.
+    //! the [architecture guide](crate::guide::architecture) describes the fast path they share.
     pub use crate::engine::{Admission, ClientAddr, FrontDoor, PendingAdmission, RequestInfo, RequestView, Ticket};
     pub use crate::tenant::Credential;
+}
+pub mod guide {
+    //! The guides, from the repository's `docs/` folder: their Rust examples are compiled as
+    //! doctests, and the configurations they show are read by the test suite. The guides of the
+    //! front doors are in their crates (`tollgate_axum::guide`, `tollgate_actix::guide`,
+    //! `tollgate_lambda::guide`).
+
+    #[doc = include_str!("../docs/architecture.md")]
+    pub mod architecture {}
+    #[doc = include_str!("../docs/configuration.md")]
+    pub mod configuration {}
+    #[doc = include_str!("../docs/sqlite.md")]
+    pub mod sqlite {}
+    #[doc = include_str!("../docs/dynamodb.md")]
+    pub mod dynamodb {}
+    #[doc = include_str!("../docs/stripe.md")]
+    pub mod stripe {}
+    #[doc = include_str!("../docs/events.md")]
+    pub mod events {}
+    #[doc = include_str!("../docs/performance.md")]
+    pub mod performance {}
 }
 pub mod events {
     //! Usage from outside a request: events of jobs and queues, each with its own time and
     //! id, recorded at most once per id in the window of its own time and checked against
     //! the hard quotas of its own period ([`Tollgate::record_event`](crate::Tollgate::record_event)).
-    //! `docs/events.md` is the guide.
+    //! The [events guide](crate::guide::events) explains them.
     pub use crate::engine::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
 }
 mod engine;

@@ -2,7 +2,7 @@
 //!
 //! The file is parsed once into typed values ([`Config`]); nothing at request time looks at
 //! strings from the file. Every error names the file, line, column and key path, and unknown
-//! keys are errors. The complete reference is `docs/configuration.md`.
+//! keys are errors. The complete reference is the [configuration guide](crate::guide::configuration).
 
 mod error;
 pub(crate) mod net;

@@ -82,7 +82,7 @@ pub(crate) fn describe<'a, I: Iterator<Item = &'a [u8]>>(
 /// serves the same engine.
 ///
 /// ```
-/// use tollgate::{Admission, Credential, RequestInfo};
+/// use tollgate::door::{Admission, Credential, RequestInfo};
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
 /// let config = tollgate::Config::from_toml_str(

@@ -30,7 +30,7 @@ use crate::{
 /// A request as the engine sees it, whatever the framework.
 ///
 /// ```
-/// use tollgate::{Credential, RequestInfo};
+/// use tollgate::door::{Credential, RequestInfo};
 /// let info = RequestInfo::new("POST", "/v1/orders", Credential::ApiKey(b"tg_test_acme"))
 ///     .with_query(Some("dry_run=1"))
 ///     .with_idempotency_key(b"order-7");

@@ -2,7 +2,7 @@
 //! stored at most once per id in the window of its own time, and checked against the hard
 //! quotas of its own period. Record them with [`Tollgate::record_event`],
 //! [`Tollgate::record_events`] or, for queue messages of the documented JSON shape,
-//! [`Tollgate::record_messages`]; `docs/events.md` is the guide.
+//! [`Tollgate::record_messages`]; the [events guide](crate::guide::events) explains them.
 //!
 //! [`Tollgate::record_event`]: crate::Tollgate::record_event
 //! [`Tollgate::record_events`]: crate::Tollgate::record_events

@@ -8,7 +8,7 @@ use crate::{config::Identify, tenant::Credential};
 /// Functions `fn(&Request<B>, &Identify) -> Credential<'_>` are resolvers too.
 ///
 /// ```
-/// use tollgate::{config::Identify, Credential, TenantResolver};
+/// use tollgate::{config::Identify, door::Credential, TenantResolver};
 /// fn from_query<'r, B>(req: &'r http::Request<B>, _: &Identify) -> Credential<'r> {
 ///     match req.uri().query().and_then(|q| q.strip_prefix("key=")) {
 ///         Some(key) => Credential::ApiKey(key.as_bytes()),

@@ -138,3 +138,122 @@ async fn a_reload_that_changes_the_store_is_refused_and_the_running_store_stays(
     tollgate.reload(Config::from_path(&file).unwrap()).await.unwrap();
     assert_eq!(tollgate.config().plan(&"free".into()).unwrap().rate().unwrap().to_string(), "20/s");
 }
+
+/// The `toml` blocks of the guides (`docs/`) and the README, with the line each starts on and
+/// the marker before it (`<!-- toml: fragment -->`, `<!-- toml: cargo -->`), if any.
+fn toml_blocks() -> Vec<(String, usize, Option<String>, String)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(root.join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    files.sort();
+    files.push(root.join("README.md"));
+    let mut out = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut i = 0;
+        while i < lines.len() {
+            if lines[i].trim_end() == "```toml" {
+                let marker = lines[..i]
+                    .iter()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .and_then(|l| l.trim().strip_prefix("<!-- toml: "))
+                    .and_then(|l| l.strip_suffix(" -->"))
+                    .map(str::to_owned);
+                let start = i + 1;
+                let mut body = String::new();
+                i += 1;
+                while i < lines.len() && !lines[i].starts_with("```") {
+                    body.push_str(lines[i]);
+                    body.push('\n');
+                    i += 1;
+                }
+                out.push((file.strip_prefix(root).unwrap().display().to_string(), start, marker, body));
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Every `toml` block of the guides and the README is a configuration tollgate accepts as it
+/// is; a block marked `<!-- toml: fragment -->` (some sections of a larger file) is TOML whose
+/// sections are the configuration's; one marked `<!-- toml: cargo -->` is a Cargo manifest.
+#[test]
+fn the_toml_blocks_of_the_docs_are_valid_configurations() {
+    const SECTIONS: &[&str] =
+        &["store", "identify", "usage", "meters", "plans", "routes", "tenants", "limits", "export", "stripe", "events"];
+    let blocks = toml_blocks();
+    assert!(blocks.len() >= 10, "the docs' toml blocks were found: {}", blocks.len());
+    let mut full = 0;
+    for (file, line, marker, body) in blocks {
+        let place = format!("{file}:{line}");
+        match marker.as_deref() {
+            None => {
+                if let Err(e) = Config::from_toml_str(&body) {
+                    panic!("{place}: not a valid configuration: {e}");
+                }
+                full += 1;
+            }
+            Some("fragment") => {
+                let table: toml::Table = body.parse().unwrap_or_else(|e| panic!("{place}: not TOML: {e}"));
+                for key in table.keys() {
+                    assert!(SECTIONS.contains(&key.as_str()), "{place}: `{key}` is not a section of the configuration");
+                }
+            }
+            Some("cargo") => {
+                let table: toml::Table = body.parse().unwrap_or_else(|e| panic!("{place}: not TOML: {e}"));
+                assert!(table.contains_key("dependencies"), "{place}: a Cargo manifest names dependencies");
+            }
+            Some(other) => panic!("{place}: unknown marker `{other}`"),
+        }
+    }
+    assert!(full >= 5, "most blocks are whole configurations: {full}");
+}
+
+/// docs/architecture.md's source layout names every source file of the crate, in the row of
+/// its folder (a backend folder of `src/store/` in the store's row).
+#[test]
+fn the_architecture_guide_names_every_source_file() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guide = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    let section = guide.split("## Source layout").nth(1).unwrap().split("\n## ").next().unwrap();
+    let row = |folder: &str| -> &str {
+        section
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{folder}")))
+            .unwrap_or_else(|| panic!("docs/architecture.md has no row for `{folder}`"))
+    };
+    let mut stack = vec![root.join("src")];
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            // A file of `src/` itself has a row of its own; one in a folder is named in its
+            // folder's row (a store backend's folder, in the store's row).
+            let parts: Vec<&str> = rel.split('/').collect();
+            if parts.len() == 2 {
+                row(&rel);
+            } else if name != "mod.rs" {
+                let folder = format!("{}/{}/", parts[0], parts[1]);
+                let text = row(&folder);
+                assert!(
+                    text.contains(&format!("`{name}`")),
+                    "docs/architecture.md: the `{folder}` row does not name `{name}`"
+                );
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 50, "{seen} files");
+}

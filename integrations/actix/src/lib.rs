@@ -437,3 +437,6 @@ pub fn stripe_webhook(handler: impl Into<std::sync::Arc<tollgate::billing::Webho
         }
     })
 }
+
+#[doc = include_str!("../../../docs/actix.md")]
+pub mod guide {}

@@ -228,3 +228,6 @@ where
         }
     })
 }
+
+#[doc = include_str!("../../../docs/axum.md")]
+pub mod guide {}

@@ -551,3 +551,6 @@ pub async fn record_eventbridge(
         None => Err("no outcome for the event".into()),
     }
 }
+
+#[doc = include_str!("../../../docs/lambda.md")]
+pub mod guide {}

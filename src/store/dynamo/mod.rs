@@ -54,7 +54,7 @@ const ATTEMPTS: u32 = 12;
 ///
 /// The table (`create_table`) has a string partition key `pk` and sort key `sk`, two global
 /// secondary indexes (`gsi1`: aggregates waiting for export and the tenant list; `gsi2`: dead
-/// letters) and a `ttl` attribute. `docs/dynamodb.md` describes every item.
+/// letters) and a `ttl` attribute. The [DynamoDB guide](crate::guide::dynamodb) describes every item.
 #[derive(Debug, Clone)]
 pub struct DynamoStore {
     client: Client,

@@ -51,7 +51,7 @@ const PRUNE_EVERY_SECS: i64 = 3600;
 ///
 /// - The file is in WAL mode; `synchronous` is `FULL` by default (every committed call is on
 ///   disk before it returns, through a power cut too), or `NORMAL` (a process crash loses
-///   nothing committed; a power cut may lose the last calls). See `docs/sqlite.md`.
+///   nothing committed; a power cut may lose the last calls). See the [SQLite guide](crate::guide::sqlite).
 /// - Every trait call is one transaction. Writers take the lock at the start (`BEGIN
 ///   IMMEDIATE`); a busy database is waited for (busy timeout) and the call retried, so
 ///   several engines and processes can share one file.
