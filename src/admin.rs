@@ -147,6 +147,7 @@ impl Admin {
 
     /// Administers the stores of a running engine, with its configuration: the engine sees
     /// its own changes at once (the other nodes within `limits.directory_ttl`).
+    #[must_use]
     pub fn for_engine(engine: &crate::Tollgate) -> Self {
         Self {
             directory: engine.directory_store().clone(),

@@ -172,7 +172,7 @@ pub(crate) fn bench_store(rt: &tokio::runtime::Runtime) -> Arc<dyn Store> {
             let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
             let store = rt.block_on(tollgate::store::SqliteStore::open(dir.path().join("bench.db"))).unwrap();
             // The directory lives as long as the process.
-            std::mem::forget(dir);
+            let _ = dir.keep();
             Arc::new(store)
         }
         #[cfg(feature = "dynamodb")]

@@ -110,6 +110,7 @@ impl TenantId {
     }
 
     /// Whether `s` is a valid tenant id (see [`parse`](Self::parse)).
+    #[must_use]
     pub fn is_valid(s: &str) -> bool {
         !s.is_empty() && s.len() <= Self::MAX_LEN && s.bytes().all(|b| matches!(b, 0x21..=0x7e))
     }

@@ -10,16 +10,19 @@ pub struct KeyHash([u8; 32]);
 
 impl KeyHash {
     /// Hashes an API key.
+    #[must_use]
     pub fn of(key: &[u8]) -> Self {
         Self(Sha256::digest(key).into())
     }
 
     /// A digest from its 32 bytes.
+    #[must_use]
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
         Some(Self(bytes.try_into().ok()?))
     }
 
     /// Reads a digest written as 64 hexadecimal digits.
+    #[must_use]
     pub fn from_hex(hex: &str) -> Option<Self> {
         let mut out = [0u8; 32];
         hex::decode_to_slice(hex.trim(), &mut out).ok()?;
@@ -28,16 +31,19 @@ impl KeyHash {
 
     /// The key's short id: `k_` and the first 12 hexadecimal digits of the digest. It names a
     /// key in listings and revocations without revealing anything usable.
+    #[must_use]
     pub fn id(&self) -> String {
         format!("k_{}", &self.to_hex()[..12])
     }
 
     /// The digest as 64 lowercase hexadecimal digits.
+    #[must_use]
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 
     /// The digest's bytes.
+    #[must_use]
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

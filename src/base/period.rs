@@ -16,6 +16,7 @@ pub enum Period {
 
 impl Period {
     /// The name used in policies and headers (`day`, `month`).
+    #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
             Period::Day => "day",
@@ -25,6 +26,7 @@ impl Period {
 
     /// The nominal length of the period in seconds (a month counts 30 days), for the
     /// `RateLimit-Policy` window parameter.
+    #[must_use]
     pub fn nominal_secs(&self) -> u64 {
         match self {
             Period::Day => 86_400,
@@ -33,6 +35,7 @@ impl Period {
     }
 
     /// The period containing `unix_secs`, as `[start, end)` in Unix seconds.
+    #[must_use]
     pub fn bounds(&self, unix_secs: i64) -> (i64, i64) {
         use chrono::{Datelike, NaiveDate, TimeZone, Utc};
         match *self {

@@ -54,6 +54,7 @@ pub struct MeterEvent {
 /// assert_ne!(a, tollgate::billing::identifier(&"acme".into(), &"requests".into(), 3600, 1));
 /// assert_eq!(a.len(), 43);
 /// ```
+#[must_use]
 pub fn identifier(tenant: &TenantId, meter: &MeterId, window_start: i64, revision: u32) -> String {
     identifier_salted(tenant, meter, window_start, revision, None)
 }

@@ -21,6 +21,7 @@ impl Secret {
     }
 
     /// The secret itself.
+    #[must_use]
     pub fn expose(&self) -> &str {
         &self.0
     }

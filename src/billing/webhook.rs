@@ -55,6 +55,7 @@ pub struct WebhookReply {
 impl WebhookReply {
     /// The HTTP status: 200 for every verified event (applied or not, so Stripe does not
     /// retry what cannot change), 400 for a rejected delivery, 500 when the store failed.
+    #[must_use]
     pub fn status(&self) -> StatusCode {
         match self.outcome {
             WebhookOutcome::Rejected(_) => StatusCode::BAD_REQUEST,
@@ -64,6 +65,7 @@ impl WebhookReply {
     }
 
     /// The body: `{"received":true,"outcome":"applied"}`, or a problem+json for a refusal.
+    #[must_use]
     pub fn body(&self) -> String {
         let outcome = match &self.outcome {
             WebhookOutcome::Applied { .. } => "applied",
@@ -189,7 +191,7 @@ impl WebhookHandler {
                     verified = Some(typed_fields(&event).or_else(|| json_fields(payload)));
                     break;
                 }
-                Err(WebhookError::BadSignature | WebhookError::BadKey) => continue,
+                Err(WebhookError::BadSignature | WebhookError::BadKey) => {}
                 Err(WebhookError::BadHeader(_)) => return reject("malformed Stripe-Signature header"),
                 Err(WebhookError::BadTimestamp(t)) => {
                     return reject(&format!("signature timestamp {t} is outside the 300 s tolerance"))

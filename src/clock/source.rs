@@ -41,6 +41,7 @@ enum Inner {
 
 impl Clock {
     /// The system clock.
+    #[must_use]
     pub fn system() -> Self {
         let quanta = quanta::Clock::new();
         let start = quanta.now();
@@ -62,12 +63,14 @@ impl Clock {
     }
 
     /// A fake clock starting at the current wall time, and the handle that moves it.
+    #[must_use]
     pub fn fake() -> (Self, FakeClock) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         Self::fake_at_unix(now.as_secs() as i64)
     }
 
     /// A fake clock starting at `unix_secs`, and the handle that moves it.
+    #[must_use]
     pub fn fake_at_unix(unix_secs: i64) -> (Self, FakeClock) {
         let handle = FakeClock { nanos: Arc::new(AtomicI64::new(unix_secs.saturating_mul(1_000_000_000))) };
         (Self { inner: Arc::new(Inner::Fake(handle.clone())) }, handle)
@@ -75,6 +78,7 @@ impl Clock {
 
     /// Wall-clock time in nanoseconds since the Unix epoch.
     #[inline]
+    #[must_use]
     pub fn unix_nanos(&self) -> i64 {
         match &*self.inner {
             Inner::System { quanta, start, offset } => {
@@ -87,11 +91,13 @@ impl Clock {
 
     /// Wall-clock time in whole seconds since the Unix epoch.
     #[inline]
+    #[must_use]
     pub fn unix_secs(&self) -> i64 {
         self.unix_nanos().div_euclid(1_000_000_000)
     }
 
     /// Whether this is a fake clock.
+    #[must_use]
     pub fn is_fake(&self) -> bool {
         matches!(*self.inner, Inner::Fake(_))
     }
@@ -176,6 +182,7 @@ impl FakeClock {
     }
 
     /// The current fake time, in seconds since the Unix epoch.
+    #[must_use]
     pub fn unix_secs(&self) -> i64 {
         self.nanos.load(Ordering::Acquire).div_euclid(1_000_000_000)
     }

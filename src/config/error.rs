@@ -53,31 +53,37 @@ impl ConfigError {
     }
 
     /// The file the configuration came from, if it came from a file.
+    #[must_use]
     pub fn file(&self) -> Option<&std::path::Path> {
         self.file.as_deref()
     }
 
     /// The 1-based line of the offending key or value, when known.
+    #[must_use]
     pub fn line(&self) -> Option<usize> {
         self.position.map(|p| p.0)
     }
 
     /// The 1-based column of the offending key or value, when known.
+    #[must_use]
     pub fn column(&self) -> Option<usize> {
         self.position.map(|p| p.1)
     }
 
     /// The dotted key path, such as `plans.free.quotas.requests.limit` (empty for the root).
+    #[must_use]
     pub fn key(&self) -> &str {
         &self.key
     }
 
     /// What is wrong, without the location.
+    #[must_use]
     pub fn message(&self) -> &str {
         &self.message
     }
 
     /// The class of the error.
+    #[must_use]
     pub fn kind(&self) -> ConfigErrorKind {
         self.kind
     }

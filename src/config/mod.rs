@@ -166,6 +166,7 @@ pub enum MeterAggregation {
 
 impl MeterAggregation {
     /// The billing meter's window, in seconds, for a pre-aggregated meter.
+    #[must_use]
     pub fn window_secs(self) -> Option<i64> {
         match self {
             Self::Sum => None,
@@ -186,21 +187,25 @@ pub struct MeterSpec {
 
 impl MeterSpec {
     /// The meter's name.
+    #[must_use]
     pub fn id(&self) -> &MeterId {
         &self.id
     }
 
     /// The billing event name (the Stripe meter's `event_name`); the meter's name by default.
+    #[must_use]
     pub fn event_name(&self) -> &str {
         &self.event_name
     }
 
     /// The free-text description, if any.
+    #[must_use]
     pub fn description(&self) -> Option<&str> {
         self.description.as_deref()
     }
 
     /// How the billing meter aggregates its events.
+    #[must_use]
     pub fn aggregation(&self) -> MeterAggregation {
         self.aggregation
     }
@@ -264,6 +269,7 @@ impl Default for EventSettings {
 
 impl EventSettings {
     /// The meter of a product code, if the configuration maps it.
+    #[must_use]
     pub fn meter_of(&self, product: &str) -> Option<&MeterId> {
         self.products.get(product)
     }
@@ -308,11 +314,13 @@ pub struct PlanSpec {
 impl PlanSpec {
     /// The features the plan includes (`features = ["sso"]`): a route with `feature = "sso"`
     /// refuses tenants whose plan lacks it with 403.
+    #[must_use]
     pub fn features(&self) -> &std::collections::BTreeSet<String> {
         &self.features
     }
 
     /// Whether the plan runs in shadow mode (decisions counted, nothing refused).
+    #[must_use]
     pub fn shadow(&self) -> bool {
         self.shadow
     }
@@ -320,6 +328,7 @@ impl PlanSpec {
     /// The plan with a tenant's overrides merged over it: the override's rate (its burst, else
     /// the rate's own count) and burst replace the plan's, its quotas replace the plan's on
     /// the same meters, its features are added.
+    #[must_use]
     pub fn with_override(&self, o: &PlanOverride) -> PlanSpec {
         let mut merged = self.clone();
         if let Some(rate) = o.rate {
@@ -336,26 +345,31 @@ impl PlanSpec {
     }
 
     /// The plan's name.
+    #[must_use]
     pub fn id(&self) -> &PlanId {
         &self.id
     }
 
     /// The sustained rate, or `None` when the plan has no rate limit.
+    #[must_use]
     pub fn rate(&self) -> Option<Rate> {
         self.rate
     }
 
     /// How many cells may be spent at once (defaults to the rate's count).
+    #[must_use]
     pub fn burst(&self) -> NonZeroU32 {
         self.burst
     }
 
     /// The plan's policy when the store cannot be reached, if it overrides the global one.
+    #[must_use]
     pub fn on_store_error(&self) -> Option<StoreErrorPolicy> {
         self.on_store_error
     }
 
     /// The quotas of the plan, by meter.
+    #[must_use]
     pub fn quotas(&self) -> &BTreeMap<MeterId, QuotaSpec> {
         &self.quotas
     }
@@ -372,21 +386,25 @@ pub struct QuotaSpec {
 
 impl QuotaSpec {
     /// Units allowed per period.
+    #[must_use]
     pub fn limit(&self) -> NonZeroU64 {
         self.limit
     }
 
     /// The calendar period.
+    #[must_use]
     pub fn period(&self) -> Period {
         self.period
     }
 
     /// Hard (reject) or soft (admit and count overage).
+    #[must_use]
     pub fn mode(&self) -> QuotaMode {
         self.mode
     }
 
     /// How many units a node reserves from the store at once.
+    #[must_use]
     pub fn lease(&self) -> NonZeroU64 {
         self.lease
     }
@@ -420,6 +438,7 @@ impl PlanOverride {
     }
 
     /// The JSON form, as the store's directory keeps it.
+    #[must_use]
     pub fn to_json(&self) -> String {
         let mut o = serde_json::Map::new();
         if let Some(r) = self.rate {
@@ -454,6 +473,7 @@ impl PlanOverride {
     }
 
     /// Whether it changes nothing.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self == &Self::default()
     }
@@ -472,32 +492,38 @@ pub struct RouteSpec {
 
 impl RouteSpec {
     /// The feature a tenant's plan must include for this route (else 403).
+    #[must_use]
     pub fn feature(&self) -> Option<&str> {
         self.feature.as_deref()
     }
 
     /// The method matched, or `None` for any method.
+    #[must_use]
     pub fn method(&self) -> Option<&http::Method> {
         self.method.as_ref()
     }
 
     /// The path pattern as written.
+    #[must_use]
     pub fn path(&self) -> &str {
         self.pattern.as_str()
     }
 
     /// The meter charged.
+    #[must_use]
     pub fn meter(&self) -> &MeterId {
         &self.meter
     }
 
     /// Units charged (and rate cells spent) per request.
+    #[must_use]
     pub fn cost(&self) -> NonZeroU32 {
         self.cost
     }
 
     /// The meters the route's handler reports (through `TenantContext::record`), besides the
     /// meter it charges: a hard quota on one of them, once spent, rejects the route's requests.
+    #[must_use]
     pub fn reports(&self) -> &[MeterId] {
         &self.reports
     }
@@ -525,26 +551,31 @@ impl std::fmt::Debug for TenantSpec {
 
 impl TenantSpec {
     /// The tenant's identifier.
+    #[must_use]
     pub fn id(&self) -> &TenantId {
         &self.id
     }
 
     /// The tenant's plan.
+    #[must_use]
     pub fn plan(&self) -> &PlanId {
         &self.plan
     }
 
     /// The SHA-256 hashes of the tenant's API keys (keys are never kept in clear).
+    #[must_use]
     pub fn key_hashes(&self) -> &[crate::base::KeyHash] {
         &self.key_hashes
     }
 
     /// The tenant's Stripe customer id, if declared.
+    #[must_use]
     pub fn stripe_customer(&self) -> Option<&str> {
         self.stripe_customer.as_deref()
     }
 
     /// The tenant's overrides of its plan, if declared.
+    #[must_use]
     pub fn overrides(&self) -> Option<&PlanOverride> {
         self.overrides.as_ref()
     }

@@ -41,6 +41,7 @@ impl IpRange {
     }
 
     /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as IPv4).
+    #[must_use]
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -74,7 +75,7 @@ pub(crate) fn mask(value: u128, bits: u8, prefix: u8) -> u128 {
 pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+        v4 @ IpAddr::V4(_) => v4,
     }
 }
 
@@ -91,6 +92,7 @@ pub enum ForwardedHeader {
 
 impl ForwardedHeader {
     /// The header's name, in lowercase.
+    #[must_use]
     pub fn name(self) -> &'static str {
         match self {
             Self::XForwardedFor => "x-forwarded-for",

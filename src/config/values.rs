@@ -21,21 +21,25 @@ pub struct Rate {
 
 impl Rate {
     /// Builds a rate of `count` requests per `per`.
+    #[must_use]
     pub fn new(count: NonZeroU32, per: Duration) -> Option<Self> {
         (!per.is_zero() && per / count.get() > Duration::ZERO).then_some(Self { count, per })
     }
 
     /// How many requests the rate admits per [`per`](Self::per).
+    #[must_use]
     pub fn count(&self) -> NonZeroU32 {
         self.count
     }
 
     /// The time unit of the rate.
+    #[must_use]
     pub fn per(&self) -> Duration {
         self.per
     }
 
     /// The interval after which one more request is allowed.
+    #[must_use]
     pub fn interval(&self) -> Duration {
         self.per / self.count.get()
     }
@@ -131,6 +135,7 @@ pub enum StoreSettings {
 
 impl StoreSettings {
     /// The kind as written in the file (`memory`, `sqlite`, `dynamodb`).
+    #[must_use]
     pub fn kind(&self) -> &'static str {
         match self {
             StoreSettings::Memory => "memory",
@@ -140,6 +145,7 @@ impl StoreSettings {
     }
 
     /// The cargo feature the kind needs, if any.
+    #[must_use]
     pub fn feature(&self) -> Option<&'static str> {
         match self {
             StoreSettings::Memory => None,
@@ -233,6 +239,7 @@ pub struct StatusSet {
 
 impl StatusSet {
     /// The empty set.
+    #[must_use]
     pub fn empty() -> Self {
         Self { bits: [0; 10] }
     }
@@ -247,6 +254,7 @@ impl StatusSet {
 
     /// Whether the set holds `status`.
     #[inline]
+    #[must_use]
     pub fn contains(&self, status: u16) -> bool {
         if !(100..600).contains(&status) {
             return false;

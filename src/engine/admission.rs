@@ -226,9 +226,9 @@ impl Tollgate {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
                     let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
                     headers.set_rate(0, ceil_secs(full).max(1));
-                    self.would_refuse(&self.shadow_rate(&state));
+                    self.would_refuse(&Self::shadow_rate(&state));
                 }
-                Err(_) if plan.shadow => self.would_refuse(&self.shadow_rate(&state)),
+                Err(_) if plan.shadow => self.would_refuse(&Self::shadow_rate(&state)),
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
                     // Retry-After: until this request could pass; t: until the bucket is
@@ -237,7 +237,7 @@ impl Tollgate {
                     let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
                     drop(claim);
                     headers.set_rate(0, ceil_secs(full).max(1));
-                    self.quota_headers(&state, &mut headers, meter, now);
+                    Self::quota_headers(&state, &mut headers, meter, now);
                     let mut r = Rejection::new(
                         RejectionKind::RateLimited,
                         Cow::Owned(format!(
@@ -261,16 +261,16 @@ impl Tollgate {
             now
         };
         if route.reports != 0 {
-            match self.check_reports(&state, route.reports, now) {
+            match Self::check_reports(&state, route.reports, now) {
                 Ok(()) => {}
-                Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&self.shadow_quota(&state, m)),
+                Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&Self::shadow_quota(&state, m)),
                 Err((m, Take::Exhausted)) => {
                     if let Some(policy) = &plan.rate {
                         state.give_back_cells(route.client, policy.nanos(cost));
                         headers.give_back(cost, policy.burst.get());
                     }
                     let p = Partial { state, headers, claim, charged, at: now };
-                    return self.reject(self.quota_exceeded(p, m));
+                    return self.reject(Self::quota_exceeded(p, m));
                 }
                 Err(_) => {
                     return Admission::Pending(PendingAdmission {
@@ -301,7 +301,7 @@ impl Tollgate {
                     state.give_back_cells(route.client, policy.nanos(cost));
                     headers.give_back(cost, policy.burst.get());
                 }
-                self.reject(self.quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
+                self.reject(Self::quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
             }
             Err(_) => Admission::Pending(PendingAdmission {
                 stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
@@ -314,7 +314,7 @@ impl Tollgate {
     /// Whether the hard quotas of the meters a route's handler reports still have units: the
     /// first that does not (spent, or only the store can tell), with why.
     #[inline]
-    pub(crate) fn check_reports(&self, state: &Tenant, reports: u64, now: i64) -> Result<(), (usize, Take)> {
+    pub(crate) fn check_reports(state: &Tenant, reports: u64, now: i64) -> Result<(), (usize, Take)> {
         let mut bits = reports;
         while bits != 0 {
             let m = bits.trailing_zeros() as usize;
@@ -353,7 +353,7 @@ impl Tollgate {
             }
             Take::Exhausted if state.plan.shadow => {
                 // Shadow mode: taken past the limit (owed to the store), the refusal counted.
-                self.would_refuse(&self.shadow_quota(state, meter));
+                self.would_refuse(&Self::shadow_quota(state, meter));
                 let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
                 headers.set_quota(0, (cell.period().1 - at).max(0) as u64);
                 Ok(tag)
@@ -372,7 +372,7 @@ impl Tollgate {
 
     /// The refusal of a spent rate that shadow mode counts.
     #[cold]
-    fn shadow_rate(&self, state: &Tenant) -> Rejection {
+    fn shadow_rate(state: &Tenant) -> Rejection {
         let mut r = Rejection::new(RejectionKind::RateLimited, "the rate is spent (shadow mode: not refused)");
         r.inner.policy = Some("rate".to_owned());
         r.for_tenant(state)
@@ -380,7 +380,7 @@ impl Tollgate {
 
     /// The refusal of a spent hard quota that shadow mode counts.
     #[cold]
-    pub(crate) fn shadow_quota(&self, state: &Tenant, meter: usize) -> Rejection {
+    pub(crate) fn shadow_quota(state: &Tenant, meter: usize) -> Rejection {
         let mut r = Rejection::new(RejectionKind::QuotaExceeded, "the quota is spent (shadow mode: not refused)");
         if let Some(cell) = state.quota(meter) {
             r.inner.policy = Some(format!("{}-{}", cell.meter_id(), cell.spec.period().name()));
@@ -421,7 +421,7 @@ impl Tollgate {
 
     /// The quota's header item for a request refused before it took units: what remains,
     /// read without taking.
-    pub(crate) fn quota_headers(&self, state: &Tenant, headers: &mut HeaderState, meter: usize, at: i64) {
+    pub(crate) fn quota_headers(state: &Tenant, headers: &mut HeaderState, meter: usize, at: i64) {
         if state.plan.header_style == HeaderStyle::None {
             return;
         }
@@ -434,7 +434,7 @@ impl Tollgate {
     }
 
     #[inline]
-    pub(crate) fn ticket(&self, p: Partial, cost: u32, quota_tag: u32) -> Ticket {
+    pub(crate) fn ticket(p: Partial, cost: u32, quota_tag: u32) -> Ticket {
         Ticket {
             headers: p.headers,
             state: p.state,
@@ -447,7 +447,7 @@ impl Tollgate {
         }
     }
 
-    pub(crate) fn quota_exceeded(&self, mut p: Partial, meter: usize) -> Rejection {
+    pub(crate) fn quota_exceeded(mut p: Partial, meter: usize) -> Rejection {
         // Refused: the key is released (the claim's drop).
         p.claim = None;
         let state = p.state.clone();
@@ -472,7 +472,7 @@ impl Tollgate {
             // A reported meter: its item is read live from the tenant; the route's meter
             // keeps its own.
             let own = p.headers.meter();
-            self.quota_headers(&state, &mut p.headers, own, p.at);
+            Self::quota_headers(&state, &mut p.headers, own, p.at);
         }
         r.inner.headers = p.headers;
         r.with_retry_after(retry).for_tenant(&p.state)

@@ -295,6 +295,7 @@ impl crate::billing::WebhookHandler {
     /// A handler for the tenants of `tollgate`'s directory, verifying with any of `secrets`:
     /// plan changes apply at once on this node (the engine forgets the tenant), within
     /// `limits.directory_ttl` on the others.
+    #[must_use]
     pub fn new(tollgate: Tollgate, secrets: Vec<crate::billing::Secret>) -> Self {
         let config = tollgate.clone();
         Self::from_parts(

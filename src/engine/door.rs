@@ -107,6 +107,7 @@ pub struct FrontDoor {
 
 impl Tollgate {
     /// A [`FrontDoor`] on this engine.
+    #[must_use]
     pub fn front_door(&self) -> FrontDoor {
         FrontDoor { tollgate: self.clone(), runtime: self.runtime_cache() }
     }
@@ -114,6 +115,7 @@ impl Tollgate {
 
 impl FrontDoor {
     /// The engine.
+    #[must_use]
     pub fn engine(&self) -> &Tollgate {
         &self.tollgate
     }

@@ -56,6 +56,7 @@ pub struct RequestInfo<'a> {
 
 impl<'a> RequestInfo<'a> {
     /// A request with this method, path and credential, no query and no `Idempotency-Key`.
+    #[must_use]
     pub fn new(method: &'a str, path: &'a str, credential: Credential<'a>) -> Self {
         Self { method, path, query: None, credential, idempotency_key: None, client: None }
     }
@@ -296,7 +297,7 @@ impl Tollgate {
             Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
         };
         let mut route = rt.route(req.method, req.path);
-        let idem = req.idempotency_key.map(|k| (k, self.shared.idempotency.request(req.method, req.path, req.query)));
+        let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, req.path, req.query)));
         match self.shared.table.get(lookup) {
             Some(state) => {
                 // A state of the configuration before a reload, met in the moment before its
@@ -440,6 +441,7 @@ impl Tollgate {
 
     /// `usage.flush_interval` of the configuration in force: how often usage should reach the
     /// store (the worker's pace; a front door that flushes itself, as on Lambda, follows it).
+    #[must_use]
     pub fn flush_interval(&self) -> Duration {
         self.shared.runtime.load().config.usage.flush_interval
     }
@@ -448,11 +450,13 @@ impl Tollgate {
     /// (feature `test-util`).
     #[cfg(any(test, feature = "test-util"))]
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    #[must_use]
     pub fn node_id(&self) -> u64 {
         self.shared.ids.node()
     }
 
     /// Counters of the background paths, and the number of tenants held.
+    #[must_use]
     pub fn stats(&self) -> Stats {
         let mut stats = self.shared.totals.snapshot(self.shared.table.len());
         if let Some(clients) = self.shared.runtime.load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
@@ -463,31 +467,37 @@ impl Tollgate {
     }
 
     /// The clock the engine reads.
+    #[must_use]
     pub fn clock(&self) -> &Clock {
         &self.shared.clock
     }
 
     /// The store of the quota role: leases are reserved from it.
+    #[must_use]
     pub fn quota_store(&self) -> &Arc<dyn QuotaStore> {
         &self.shared.stores.roles.quota
     }
 
     /// The store of the usage and export roles: usage is flushed to it and exported from it.
+    #[must_use]
     pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
         &self.shared.stores.roles.usage
     }
 
     /// The store of the directory role: tenants and keys are looked up in it.
+    #[must_use]
     pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
         &self.shared.stores.roles.directory
     }
 
     /// The store of the idempotency role: `Idempotency-Key` bindings are claimed in it.
+    #[must_use]
     pub fn idempotency_store(&self) -> &Arc<dyn IdempotencyStore> {
         &self.shared.stores.roles.idempotency
     }
 
     /// The configuration in force.
+    #[must_use]
     pub fn config(&self) -> crate::Config {
         self.shared.runtime.load().config.clone()
     }

@@ -127,12 +127,14 @@ pub enum EventError {
 
 impl EventError {
     /// Whether a retry may succeed (the store failed); the other errors are final.
+    #[must_use]
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Store(_) | Self::PeriodNotStarted { .. })
     }
 
     /// A short name for logs and metrics: `invalid`, `too_old`, `in_future`, `quota`,
     /// `store_error`, `not_yet`.
+    #[must_use]
     pub fn label(&self) -> &'static str {
         match self {
             Self::InvalidId | Self::UnknownTenant(_) | Self::UnknownMeter(_) | Self::Malformed(_) => "invalid",
@@ -158,6 +160,7 @@ pub struct QueueMessage<'a> {
 
 impl<'a> QueueMessage<'a> {
     /// A message with this body and id.
+    #[must_use]
     pub fn new(body: &'a [u8], id: Option<&'a str>) -> Self {
         Self { body, id }
     }

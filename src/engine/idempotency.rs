@@ -223,7 +223,7 @@ impl Idempotency {
 
     /// The digest of a request a key can be bound to: method and concrete path, query
     /// included.
-    pub(crate) fn request(&self, method: &str, path: &str, query: Option<&str>) -> u128 {
+    pub(crate) fn request(method: &str, path: &str, query: Option<&str>) -> u128 {
         let has_query = [u8::from(query.is_some())];
         // The parameters in a canonical order: a proxy may rebuild the query in another order
         // (lambda_http rebuilds REST and ALB queries from a hash map), and a retry must bind

@@ -28,16 +28,19 @@ pub struct ShutdownError {
 
 impl ShutdownError {
     /// Usage records (tenant, meter, window) not committed to the store.
+    #[must_use]
     pub fn records(&self) -> usize {
         self.records
     }
 
     /// Units in them.
+    #[must_use]
     pub fn units(&self) -> u64 {
         self.units
     }
 
     /// The last store error.
+    #[must_use]
     pub fn store_error(&self) -> &StoreError {
         &self.source
     }

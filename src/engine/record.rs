@@ -261,7 +261,7 @@ impl Tollgate {
             Ok(Some(tag)) => Ok(Some(Taken::Lease(tag))),
             Ok(None) if state.plan.shadow => {
                 // Shadow mode: taken past the limit (owed to the store), the refusal counted.
-                self.would_refuse(&self.shadow_quota(state, meter));
+                self.would_refuse(&Self::shadow_quota(state, meter));
                 Ok(Some(cell.force_take(quantity, now).map_or(Taken::Unleased, Taken::Lease)))
             }
             Ok(None) => Err(exceeded()),

@@ -34,21 +34,25 @@ pub struct Ticket {
 
 impl Ticket {
     /// The tenant.
+    #[must_use]
     pub fn tenant(&self) -> &TenantId {
         &self.state.id
     }
 
     /// The tenant's plan.
+    #[must_use]
     pub fn plan(&self) -> &PlanId {
         &self.state.plan.id
     }
 
     /// Whether this request repeats an `Idempotency-Key` already charged (it is not charged).
+    #[must_use]
     pub fn is_replay(&self) -> bool {
         !self.charged
     }
 
     /// The handle to put in the request extensions.
+    #[must_use]
     pub fn context(&self) -> TenantContext {
         TenantContext::new(self.state.clone(), self.charged)
     }
@@ -66,6 +70,7 @@ impl Ticket {
     }
 
     /// Completes the request with its response status. Returns whether usage was recorded.
+    #[allow(clippy::must_use_candidate)] // most callers need not know
     pub fn complete(mut self, status: u16) -> bool {
         self.done = true;
         if self.state.plan.billable.contains(status) {

@@ -26,7 +26,7 @@ impl Tollgate {
             p = self.check_reports_with_store(p, route).await?;
         }
         let Some(cell) = state.quota(meter) else {
-            return Ok(self.ticket(p, cost, NO_TAG));
+            return Ok(Self::ticket(p, cost, NO_TAG));
         };
         let at = p.at;
         let charged = p.charged;
@@ -70,28 +70,28 @@ impl Tollgate {
                     None => NO_TAG,
                 };
                 self.shared.metrics.admitted.increment(1);
-                Ok(self.ticket(p, cost, tag))
+                Ok(Self::ticket(p, cost, tag))
             }
             Ok(Err(())) if charged && p.state.plan.shadow => {
                 // Shadow mode: the units are taken past the limit (owed to the store), and the
                 // refusal only counted.
-                self.would_refuse(&self.shadow_quota(&p.state, meter));
+                self.would_refuse(&Self::shadow_quota(&p.state, meter));
                 let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
                 p.headers.set_quota(0, (cell.period().1 - p.at).max(0) as u64);
                 self.shared.metrics.admitted.increment(1);
-                Ok(self.ticket(p, cost, tag))
+                Ok(Self::ticket(p, cost, tag))
             }
             Ok(Err(())) if p.state.plan.shadow => {
-                self.would_refuse(&self.shadow_quota(&p.state, meter));
+                self.would_refuse(&Self::shadow_quota(&p.state, meter));
                 self.shared.metrics.admitted.increment(1);
-                Ok(self.ticket(p, cost, NO_TAG))
+                Ok(Self::ticket(p, cost, NO_TAG))
             }
             Ok(Err(())) => {
                 if let Some(policy) = &p.state.plan.rate {
                     p.state.give_back_cells(route.client, policy.nanos(cost));
                     p.headers.give_back(cost, policy.burst.get());
                 }
-                Err(self.count(self.quota_exceeded(p, meter)))
+                Err(self.count(Self::quota_exceeded(p, meter)))
             }
             Err(e) => {
                 self.store_error("reserve quota", &e);
@@ -105,7 +105,7 @@ impl Tollgate {
                             NO_TAG
                         };
                         self.shared.metrics.admitted.increment(1);
-                        Ok(self.ticket(p, cost, tag))
+                        Ok(Self::ticket(p, cost, tag))
                     }
                     StoreErrorPolicy::FailClosed => {
                         p.claim = None;
@@ -147,13 +147,13 @@ impl Tollgate {
             })
             .await;
             match checked {
-                Ok(Err(Take::Exhausted)) if p.state.plan.shadow => self.would_refuse(&self.shadow_quota(&p.state, m)),
+                Ok(Err(Take::Exhausted)) if p.state.plan.shadow => self.would_refuse(&Self::shadow_quota(&p.state, m)),
                 Ok(Err(Take::Exhausted)) => {
                     if let Some(policy) = &p.state.plan.rate {
                         p.state.give_back_cells(route.client, policy.nanos(route.cost));
                         p.headers.give_back(route.cost, policy.burst.get());
                     }
-                    return Err(self.count(self.quota_exceeded(p, m)));
+                    return Err(self.count(Self::quota_exceeded(p, m)));
                 }
                 Ok(_) => {}
                 Err(e) => {

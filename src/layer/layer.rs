@@ -38,6 +38,7 @@ pub struct TollgateLayer<R = FromConfig, P = ProblemJson> {
 impl TollgateLayer {
     /// A layer over `tollgate`, identifying tenants as configured and answering rejections
     /// with problem+json.
+    #[must_use]
     pub fn new(tollgate: Tollgate) -> Self {
         Self { tollgate, resolver: FromConfig, responder: ProblemJson, context: true }
     }
@@ -57,6 +58,7 @@ impl<R, P> TollgateLayer<R, P> {
     /// Whether admitted requests carry a [`TenantContext`](crate::TenantContext) in their
     /// extensions (the default). Services that never read it (no extra usage to record, no
     /// need for the tenant in handlers) can turn it off and save its allocations.
+    #[must_use]
     pub fn tenant_context(mut self, enabled: bool) -> Self {
         self.context = enabled;
         self

@@ -71,6 +71,7 @@ impl RoutePattern {
     }
 
     /// The pattern as written.
+    #[must_use]
     pub fn as_str(&self) -> &str {
         &self.text
     }
@@ -88,6 +89,7 @@ impl RoutePattern {
     }
 
     /// Whether `path` (without the query string) matches.
+    #[must_use]
     pub fn matches(&self, path: &str) -> bool {
         let mut rest = path.strip_prefix('/').unwrap_or(path);
         for (i, seg) in self.segments.iter().enumerate() {

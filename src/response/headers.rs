@@ -23,6 +23,7 @@ pub enum Field {
 
 impl Field {
     /// The lowercase header name.
+    #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
             Field::RateLimitPolicy => "ratelimit-policy",

@@ -43,6 +43,7 @@ macro_rules! docs {
 
 impl RejectionKind {
     /// The HTTP status of the response.
+    #[must_use]
     pub fn status(self) -> StatusCode {
         match self {
             RejectionKind::RateLimited | RejectionKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
@@ -59,6 +60,7 @@ impl RejectionKind {
     /// `UNAUTHENTICATED` (16) for 401, `INVALID_ARGUMENT` (3) for 400, `UNAVAILABLE` (14) for
     /// 503, `ABORTED` (10) for 409, `FAILED_PRECONDITION` (9) for 422, `PERMISSION_DENIED`
     /// (7) for 403.
+    #[must_use]
     pub fn grpc_code(self) -> u8 {
         match self {
             RejectionKind::RateLimited | RejectionKind::QuotaExceeded => 8,
@@ -73,11 +75,13 @@ impl RejectionKind {
 
     /// The HTTP status of the response, as a number (for front doors on another `http`
     /// version, such as actix-web 4).
+    #[must_use]
     pub fn status_code(self) -> u16 {
         self.status().as_u16()
     }
 
     /// A short, human-readable summary that does not change from one occurrence to the next.
+    #[must_use]
     pub fn title(self) -> &'static str {
         match self {
             RejectionKind::RateLimited => "Rate limit exceeded",
@@ -94,6 +98,7 @@ impl RejectionKind {
     }
 
     /// The problem type URI.
+    #[must_use]
     pub fn problem_type(self) -> &'static str {
         match self {
             RejectionKind::RateLimited => docs!("RateLimited"),
@@ -110,6 +115,7 @@ impl RejectionKind {
     }
 
     /// A stable label for metrics and logs.
+    #[must_use]
     pub fn label(self) -> &'static str {
         match self {
             RejectionKind::RateLimited => "rate_limited",
@@ -167,6 +173,7 @@ impl Rejection {
     /// refused (a missing, unknown or malformed credential): a front door serves it, without a
     /// tenant (no ticket, no usage), instead of answering the rejection. The tower layer and
     /// the actix-web middleware do; a front door of your own should too.
+    #[must_use]
     pub fn is_shadowed(&self) -> bool {
         self.inner.shadowed
     }
@@ -188,32 +195,38 @@ impl Rejection {
     }
 
     /// Why the request was rejected.
+    #[must_use]
     pub fn kind(&self) -> RejectionKind {
         self.inner.kind
     }
 
     /// The response status.
+    #[must_use]
     pub fn status(&self) -> StatusCode {
         self.inner.kind.status()
     }
 
     /// The response status, as a number (no `http` type: for front doors on another `http`
     /// version, such as actix-web 4).
+    #[must_use]
     pub fn status_code(&self) -> u16 {
         self.inner.kind.status_code()
     }
 
     /// The content type of the default body, [`problem_json`](Self::problem_json).
+    #[must_use]
     pub fn content_type(&self) -> &'static str {
         super::PROBLEM_JSON
     }
 
     /// What happened, for this occurrence.
+    #[must_use]
     pub fn detail(&self) -> &str {
         &self.inner.detail
     }
 
     /// The violated policy (`rate`, or `METER-PERIOD` such as `requests-day`), if any.
+    #[must_use]
     pub fn policy(&self) -> Option<&str> {
         self.inner.policy.as_deref()
     }
@@ -224,11 +237,13 @@ impl Rejection {
     }
 
     /// The tenant, when it was identified.
+    #[must_use]
     pub fn tenant(&self) -> Option<&TenantId> {
         self.inner.tenant.as_ref()
     }
 
     /// The `WWW-Authenticate` challenge of a 401.
+    #[must_use]
     pub fn challenge(&self) -> Option<&str> {
         self.inner.challenge.as_deref()
     }
@@ -253,6 +268,7 @@ impl Rejection {
     ///
     /// Members: `type`, `title`, `status`, `detail`, and when they apply `policy` (the violated
     /// policy) and `retry_after` (seconds).
+    #[must_use]
     pub fn problem_json(&self) -> Vec<u8> {
         let mut body = serde_json::json!({
             "type": self.inner.kind.problem_type(),

@@ -28,6 +28,7 @@ pub struct TenantRecord {
 
 impl TenantRecord {
     /// `id` on `plan`, without a billing customer.
+    #[must_use]
     pub fn new(id: TenantId, plan: PlanId) -> Self {
         Self { id, plan, customer: None, last_event_at: None, overrides: None }
     }
@@ -64,6 +65,7 @@ pub struct ApiKeyRecord {
 impl ApiKeyRecord {
     /// The key with this hash, identifying `tenant`, added at `created_at`, without a prefix
     /// or an expiry.
+    #[must_use]
     pub fn new(hash: KeyHash, tenant: TenantId, created_at: i64) -> Self {
         Self { id: hash.id(), hash, tenant, prefix: String::new(), created_at, expires_at: None }
     }
@@ -83,6 +85,7 @@ impl ApiKeyRecord {
     }
 
     /// Whether the key still works at `now` (Unix seconds).
+    #[must_use]
     pub fn is_live(&self, now: i64) -> bool {
         self.expires_at.is_none_or(|at| now < at)
     }

@@ -22,6 +22,7 @@ pub struct ExportKey {
 
 impl ExportKey {
     /// The aggregate of `tenant` on `meter` in the window starting at `window_start`.
+    #[must_use]
     pub fn new(tenant: TenantId, meter: MeterId, window_start: i64) -> Self {
         Self { tenant, meter, window_start }
     }
@@ -60,6 +61,7 @@ pub struct UsageAggregate {
 impl UsageAggregate {
     /// An aggregate of `quantity` units, nothing exported yet (revision 0, no export in
     /// flight); set the other fields as the store holds them.
+    #[must_use]
     pub fn new(key: ExportKey, quantity: u64) -> Self {
         Self {
             key,
@@ -129,6 +131,7 @@ pub struct ExportClaim {
 
 impl ExportClaim {
     /// A claim by `node` at `now`, holding until `until`.
+    #[must_use]
     pub fn new(node: u64, now: i64, until: i64) -> Self {
         Self { node, now, until }
     }

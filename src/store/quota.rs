@@ -30,11 +30,13 @@ pub struct QuotaKey {
 
 impl QuotaKey {
     /// The counter of `tenant` on `meter` for the period `[start, end)` of kind `period`.
+    #[must_use]
     pub fn new(tenant: TenantId, meter: MeterId, period: Period, start: i64, end: i64) -> Self {
         Self { tenant, meter, period, start, end }
     }
 
     /// The period's kind as a short stable text: `day`, or `month@D` for a month anchored on day D.
+    #[must_use]
     pub fn period_tag(&self) -> String {
         match self.period {
             Period::Month { anchor_day } => format!("month@{anchor_day}"),
@@ -59,6 +61,7 @@ pub struct ReserveToken {
 
 impl ReserveToken {
     /// A token.
+    #[must_use]
     pub fn new(node: u64, seq: u64) -> Self {
         Self { node, seq }
     }
@@ -91,6 +94,7 @@ pub const SHRINK: u64 = 8;
 
 impl Reservation {
     /// A reservation of `units` of `key` under `limit`, owing `owed`.
+    #[must_use]
     pub fn new(key: QuotaKey, units: u64, owed: u64, limit: Option<u64>, token: ReserveToken) -> Self {
         Self { key, units, owed, limit, token, at_least: units }
     }
@@ -107,12 +111,14 @@ impl Reservation {
     /// The units granted when `left` remain under the limit (after what is owed): what is
     /// asked, at most [`SHRINK`]th of `left` rounded up (never below `at_least`), and never
     /// more than `left`. Every store grants by this rule.
+    #[must_use]
     pub fn grant_for(&self, left: u64) -> u64 {
         self.units.min(left.div_ceil(SHRINK).max(self.at_least)).min(left)
     }
 
     /// The fewest units that must be left for [`grant_for`](Self::grant_for) to allow a
     /// grant of `granted` (for stores that grant by a conditional write: the condition).
+    #[must_use]
     pub fn left_needed(&self, granted: u64) -> u64 {
         if granted <= self.at_least {
             granted
@@ -135,6 +141,7 @@ pub struct Grant {
 
 impl Grant {
     /// A grant of `granted` units, leaving `reserved` reserved in all.
+    #[must_use]
     pub fn new(granted: u64, reserved: u64) -> Self {
         Self { granted, reserved }
     }

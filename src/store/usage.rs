@@ -19,6 +19,7 @@ impl FlushId {
     }
 
     /// The id as text.
+    #[must_use]
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -46,6 +47,7 @@ pub struct UsageRecord {
 
 impl UsageRecord {
     /// `quantity` units of `meter` used by `tenant` in the window starting at `window_start`.
+    #[must_use]
     pub fn new(tenant: TenantId, meter: MeterId, window_start: i64, quantity: u64) -> Self {
         Self { tenant, meter, window_start, quantity }
     }
@@ -63,6 +65,7 @@ pub struct UsageBatch {
 
 impl UsageBatch {
     /// A batch of records under one flush id.
+    #[must_use]
     pub fn new(id: FlushId, records: Vec<UsageRecord>) -> Self {
         Self { id, records }
     }

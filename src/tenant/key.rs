@@ -41,6 +41,7 @@ impl Identity {
     }
 
     /// The tenant.
+    #[must_use]
     pub fn tenant(&self) -> &TenantId {
         &self.tenant
     }

@@ -83,21 +83,25 @@ impl TenantContext {
     }
 
     /// The tenant.
+    #[must_use]
     pub fn tenant(&self) -> &TenantId {
         &self.state.id
     }
 
     /// The tenant's plan.
+    #[must_use]
     pub fn plan(&self) -> &PlanId {
         &self.state.plan.id
     }
 
     /// The tenant's billing customer, if the directory knows it.
+    #[must_use]
     pub fn customer(&self) -> Option<&str> {
         self.state.customer.as_deref()
     }
 
     /// Whether the tenant's plan (with its overrides) includes `feature`.
+    #[must_use]
     pub fn has_feature(&self, feature: &str) -> bool {
         self.state.plan.has_feature(feature)
     }
@@ -140,6 +144,7 @@ impl TenantContext {
     }
 
     /// Whether the tenant's plan runs in shadow mode (limits counted, nothing refused).
+    #[must_use]
     pub fn is_shadow(&self) -> bool {
         self.state.plan.shadow
     }
@@ -147,6 +152,7 @@ impl TenantContext {
     /// The tenant's quota on `meter` as this node knows it now, usage recorded by this
     /// request included (the `RateLimit` header is computed at admission, before it), or
     /// `None` when the plan sets no quota on that meter or the meter is unknown.
+    #[must_use]
     pub fn quota(&self, meter: &str) -> Option<QuotaStatus> {
         let cell = self.state.quota(self.state.plan.meters.index(meter)?)?;
         let now = self.state.clock.unix_secs();
@@ -171,6 +177,7 @@ impl TenantContext {
     }
 
     /// Whether this request repeats an `Idempotency-Key` already charged.
+    #[must_use]
     pub fn is_replay(&self) -> bool {
         !self.charged
     }

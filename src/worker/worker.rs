@@ -43,6 +43,7 @@ impl Worker {
     }
 
     /// The engine this worker serves.
+    #[must_use]
     pub fn handle(&self) -> &Tollgate {
         &self.tollgate
     }

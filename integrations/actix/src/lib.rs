@@ -77,6 +77,7 @@ pub struct TollgateMiddleware<P = ProblemJson> {
 
 impl TollgateMiddleware {
     /// The middleware over `tollgate`, answering rejections with problem+json.
+    #[must_use]
     pub fn new(tollgate: Tollgate) -> Self {
         Self { tollgate, responder: ProblemJson }
     }
@@ -289,6 +290,7 @@ pub struct Tenant(pub TenantContext);
 
 impl Tenant {
     /// The context itself.
+    #[must_use]
     pub fn into_inner(self) -> TenantContext {
         self.0
     }

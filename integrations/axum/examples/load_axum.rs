@@ -10,6 +10,7 @@
 use axum::{routing::get, Router};
 
 /// The configuration for `tenants` tenants, as the load script's servers share it.
+#[must_use]
 pub fn config(tenants: usize) -> String {
     let mut toml = String::from(
         "[store]\nkind = \"memory\"\n[limits]\nheaders = \"HEADERS\"\n[usage]\nflush_interval = \"1s\"\n[plans.p]\nrate = \"100000/s\"\nburst = 100000\n\

@@ -49,6 +49,7 @@ pub struct Tenant(pub TenantContext);
 
 impl Tenant {
     /// The context itself.
+    #[must_use]
     pub fn into_inner(self) -> TenantContext {
         self.0
     }

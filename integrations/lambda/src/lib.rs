@@ -64,6 +64,7 @@ pub const SHUTDOWN_BUDGET: Duration = Duration::from_millis(450);
 
 /// Whether this process is a Managed Instances environment (several invocations at once):
 /// `AWS_LAMBDA_MAX_CONCURRENCY` above 1.
+#[must_use]
 pub fn is_managed_instances() -> bool {
     std::env::var("AWS_LAMBDA_MAX_CONCURRENCY").ok().and_then(|v| v.trim().parse::<u32>().ok()).is_some_and(|n| n > 1)
 }
@@ -280,6 +281,7 @@ pub struct FlushLayer {
 
 impl FlushLayer {
     /// A layer flushing `engine`; the interval counts from now.
+    #[must_use]
     pub fn new(engine: Tollgate) -> Self {
         let now = engine.clock().unix_nanos();
         Self { engine, last: Arc::new(AtomicI64::new(now)) }
@@ -358,6 +360,7 @@ pub struct SnapStart {
 
 impl SnapStart {
     /// The hooks of `engine`.
+    #[must_use]
     pub fn new(engine: Tollgate) -> Self {
         Self { engine, worker: std::sync::Mutex::new(None) }
     }
@@ -392,6 +395,7 @@ impl SnapStartResource for SnapStart {
 /// A Lambda function for a scheduled export pass (an EventBridge schedule, say): flushes,
 /// then exports closed windows to the billing sink, and answers with what it did. Run it in
 /// its own function with `lambda_runtime::run(tollgate_lambda::export_handler(engine))`.
+#[must_use]
 pub fn export_handler(
     engine: Tollgate,
 ) -> impl Service<
@@ -471,6 +475,7 @@ type EventFuture<R> = Pin<Box<dyn Future<Output = Result<R, Error>> + Send>>;
 /// lambda_runtime::run(tollgate_lambda::sqs_handler(engine)).await
 /// # }
 /// ```
+#[must_use]
 pub fn sqs_handler(
     engine: Tollgate,
 ) -> impl Service<
@@ -521,6 +526,7 @@ pub async fn record_sqs(
 /// policy) delivers the event again; a malformed event, or one refused for good, is answered
 /// with `{"outcome": "refused", "reason": …}` (no retry could succeed), counted and logged.
 /// A recorded one answers `{"outcome": "applied"}` or `{"outcome": "duplicate"}`.
+#[must_use]
 pub fn eventbridge_handler(
     engine: Tollgate,
 ) -> impl Service<

@@ -154,11 +154,13 @@ impl DynamoStore {
     }
 
     /// The table's name.
+    #[must_use]
     pub fn table(&self) -> &str {
         &self.table
     }
 
     /// The client.
+    #[must_use]
     pub fn client(&self) -> &Client {
         &self.client
     }

@@ -259,6 +259,7 @@ impl Aggregate {
 
 impl MemoryStore {
     /// An empty store.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }

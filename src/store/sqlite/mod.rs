@@ -181,6 +181,7 @@ impl SqliteStore {
     }
 
     /// The database file.
+    #[must_use]
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
