@@ -59,6 +59,10 @@ cargo check --workspace --locked
 step "unit and behaviour tests"
 cargo test --workspace --locked --all-features --lib --bins --tests --examples
 
+step "loom: the reference count of src/tenant/handle.rs, model-checked (its own cfg and target directory)"
+RUSTFLAGS="--cfg tollgate_loom" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/loom" \
+  cargo test --locked -p tollgate --no-default-features --lib tenant::handle::loom_tests
+
 step "without default features (no SQLite): builds, and names the feature a [store] needs"
 cargo test --workspace --locked --no-default-features --test config
 
