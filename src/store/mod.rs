@@ -18,6 +18,9 @@
 //! [`MemoryStore`] (tests and ephemeral use) and `DynamoStore` (a fleet on AWS; feature
 //! `dynamodb`). The numbers they all keep to are in [`contract`].
 
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
 pub mod contract;
 mod directory;
 #[cfg(feature = "dynamodb")]
@@ -51,6 +54,8 @@ pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, Us
 /// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.
 pub mod prelude {
     pub use super::{DirectoryStore, ExportStore, IdempotencyStore, QuotaStore, Store, UsageExportStore, UsageStore};
+    #[cfg(any(test, feature = "test-util"))]
+    pub use super::{QuotaInspect, StoreInspect, UsageInspect};
 }
 
 /// Every role at once: what [`Tollgate::builder`](crate::Tollgate::builder)'s `store` takes.
@@ -68,17 +73,32 @@ pub trait UsageExportStore: UsageStore + ExportStore {}
 
 impl<T> UsageExportStore for T where T: UsageStore + ExportStore + ?Sized {}
 
-/// What tests read from a store beyond what the engine needs (feature `test-util`).
+/// What tests read from a quota store beyond what the engine needs (feature `test-util`).
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 #[async_trait::async_trait]
-pub trait StoreInspect: Store {
+pub trait QuotaInspect: QuotaStore {
     /// Units reserved so far for `key`.
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError>;
+}
 
+/// What tests read from a usage store beyond what the engine needs (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+#[async_trait::async_trait]
+pub trait UsageInspect: UsageExportStore {
     /// The aggregate of (tenant, meter, window), if any usage was committed for it.
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError>;
 }
+
+/// A whole store that tests can read beyond what the engine needs (feature `test-util`):
+/// implemented for every [`Store`] that implements [`QuotaInspect`] and [`UsageInspect`].
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub trait StoreInspect: Store + QuotaInspect + UsageInspect {}
+
+#[cfg(any(test, feature = "test-util"))]
+impl<T> StoreInspect for T where T: Store + QuotaInspect + UsageInspect + ?Sized {}
 
 /// The store of each role an engine uses.
 #[derive(Debug, Clone)]

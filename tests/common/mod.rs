@@ -468,10 +468,14 @@ impl IdempotencyStore for Faulty {
 }
 
 #[async_trait::async_trait]
-impl StoreInspect for Faulty {
+impl QuotaInspect for Faulty {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         self.inner.reserved(key).await
     }
+}
+
+#[async_trait::async_trait]
+impl UsageInspect for Faulty {
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         self.inner.usage(key).await
     }

@@ -10,7 +10,8 @@ use common::{req, Harness, NOON};
 use tollgate::door::Admission;
 use tollgate::door::Credential;
 use tollgate::door::RequestInfo;
-use tollgate::{store::StoreInspect, RejectionKind};
+use tollgate::store::prelude::*;
+use tollgate::RejectionKind;
 
 const TOML: &str = r#"
 [plans.p]

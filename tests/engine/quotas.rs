@@ -15,7 +15,7 @@ use common::{node_with_worker, Harness};
 use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
-    store::{MemoryStore, QuotaKey, StoreInspect},
+    store::{MemoryStore, QuotaKey},
     Config,
 };
 

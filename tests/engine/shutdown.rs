@@ -15,7 +15,7 @@ use tollgate::clock::FakeClock;
 use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
-    store::{ExportKey, MemoryStore, StoreInspect, UsageBatch},
+    store::{ExportKey, MemoryStore, UsageBatch},
     Config, Tollgate,
 };
 

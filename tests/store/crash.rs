@@ -20,11 +20,8 @@ use std::{
 };
 
 use common::{day_key, Collect, Harness, NOON};
-use tollgate::{
-    clock::Clock,
-    store::{SqliteStore, StoreInspect},
-    Config, Tollgate, TollgateLayer,
-};
+use tollgate::store::prelude::*;
+use tollgate::{clock::Clock, store::SqliteStore, Config, Tollgate, TollgateLayer};
 
 const CHILD: &str = "TOLLGATE_CRASH_CHILD";
 const DB: &str = "TOLLGATE_CRASH_DB";

@@ -9,11 +9,7 @@ use std::sync::Arc;
 
 use common::{day_key, dynamo, Harness, NOON};
 use tollgate::store::prelude::*;
-use tollgate::{
-    clock::Clock,
-    store::{StoreError, StoreInspect},
-    BuildError, Config, Tollgate, TollgateLayer,
-};
+use tollgate::{clock::Clock, store::StoreError, BuildError, Config, Tollgate, TollgateLayer};
 
 fn config(table: &str, endpoint: &str, plan: &str) -> Config {
     Config::from_toml_str(&format!(

@@ -12,7 +12,7 @@ use common::{day_key, Collect, Harness, NOON};
 use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
-    store::{SqliteStore, StoreError, StoreInspect},
+    store::{SqliteStore, StoreError},
     BuildError, Config, Tollgate, TollgateLayer,
 };
 

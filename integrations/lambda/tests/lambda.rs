@@ -20,7 +20,7 @@ use tollgate::store::prelude::*;
 use tollgate::{
     clock::Clock,
     config::Period,
-    store::{MemoryStore, QuotaKey, StoreInspect},
+    store::{MemoryStore, QuotaKey},
     Tollgate,
 };
 use tower::ServiceExt;

@@ -289,11 +289,15 @@ fn retryable(reasons: &[Option<String>]) -> bool {
 
 #[cfg(any(test, feature = "test-util"))]
 #[async_trait]
-impl crate::store::StoreInspect for DynamoStore {
+impl crate::store::QuotaInspect for DynamoStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         Ok(self.get(quota_pk(key), &quota_sk(key)).await?.map_or(0, |i| get_u(&i, "reserved")))
     }
+}
 
+#[cfg(any(test, feature = "test-util"))]
+#[async_trait]
+impl crate::store::UsageInspect for DynamoStore {
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         let Some(item) = self.get(usage_pk(&key.tenant), &usage_sk(key.meter.as_str(), key.window_start)).await? else {
             return Ok(None);

@@ -273,13 +273,17 @@ impl MemoryStore {
 
 #[cfg(any(test, feature = "test-util"))]
 #[async_trait]
-impl crate::store::StoreInspect for MemoryStore {
+impl crate::store::QuotaInspect for MemoryStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let inner = self.lock();
         let counters = inner.quotas.get(&(key.tenant.clone(), key.meter.clone()));
         Ok(counters.and_then(|c| c.find(key)).map_or(0, |c| c.reserved))
     }
+}
 
+#[cfg(any(test, feature = "test-util"))]
+#[async_trait]
+impl crate::store::UsageInspect for MemoryStore {
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         let inner = self.lock();
         Ok(inner.usage.get(key).map(|a| a.view(key)))
@@ -289,7 +293,7 @@ impl crate::store::StoreInspect for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StoreInspect, UsageRecord};
+    use crate::store::{QuotaInspect, UsageInspect, UsageRecord};
 
     fn qk(p: i64) -> QuotaKey {
         QuotaKey::new("t".into(), "requests".into(), crate::base::Period::Day, p, p + 86_400)

@@ -376,7 +376,7 @@ fn usage_of(tx: &Transaction<'_>, key: &ExportKey) -> Sql<Option<UsageAggregate>
 
 #[cfg(any(test, feature = "test-util"))]
 #[async_trait]
-impl crate::store::StoreInspect for SqliteStore {
+impl crate::store::QuotaInspect for SqliteStore {
     async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
         let key = key.clone();
         self.read(move |tx| {
@@ -394,7 +394,11 @@ impl crate::store::StoreInspect for SqliteStore {
         })
         .await
     }
+}
 
+#[cfg(any(test, feature = "test-util"))]
+#[async_trait]
+impl crate::store::UsageInspect for SqliteStore {
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         let key = key.clone();
         self.read(move |tx| usage_of(tx, &key)).await

@@ -1,0 +1,207 @@
+//! The directory role: tenants, keys, customers, overrides and plan changes.
+
+use super::*;
+use crate::store::{ApiKeyRecord, DirectoryStore, KeyHash, PlanChange, PlanChangeOutcome, TenantRecord};
+
+/// A customer given to a second tenant leaves the first (its record no longer names it), and
+/// the first tenant's later changes do not take the customer from the second.
+pub async fn a_billing_customer_belongs_to_one_tenant<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let x = TenantRecord::new("x".into(), "free".into()).with_customer("cus_c");
+    let y = TenantRecord::new("y".into(), "pro".into()).with_customer("cus_c");
+    h.s().put_tenant(&x, &[]).await.unwrap();
+    h.s().put_tenant(&y, &[]).await.unwrap();
+    h.restart().await;
+    assert_eq!(h.s().tenant_by_customer("cus_c").await.unwrap(), Some(y.clone()));
+    assert_eq!(h.s().tenant(&"x".into()).await.unwrap().unwrap().customer, None, "x no longer names cus_c");
+    // x moves to another customer: cus_c stays with y.
+    let x2 = TenantRecord::new("x".into(), "free".into()).with_customer("cus_d");
+    h.s().put_tenant(&x2, &[]).await.unwrap();
+    assert_eq!(h.s().tenant_by_customer("cus_c").await.unwrap(), Some(y.clone()));
+    assert_eq!(h.s().tenant_by_customer("cus_d").await.unwrap(), Some(x2.clone()));
+    // y drops its customer: nobody has cus_c.
+    h.s().put_tenant(&TenantRecord::new("y".into(), "pro".into()), &[]).await.unwrap();
+    assert_eq!(h.s().tenant_by_customer("cus_c").await.unwrap(), None);
+    let plan = PlanChange::new("evt_c", "cus_c", 10, "pro".into());
+    assert_eq!(h.s().apply_plan_change(&plan).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
+}
+
+/// The directory: keys, ids and customers lead to the tenant as stored now.
+pub async fn the_directory_finds_tenants_by_key_id_and_customer<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let (k1, k2, k3) = (KeyHash::of(b"key-1"), KeyHash::of(b"key-2"), KeyHash::of(b"key-3"));
+    let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_1");
+    h.s().put_tenant(&acme, &[k1, k2]).await.unwrap();
+    assert_eq!(h.s().find_key(&k1).await.unwrap(), Some(acme.clone()));
+    assert_eq!(h.s().find_key(&k2).await.unwrap(), Some(acme.clone()));
+    assert_eq!(h.s().find_key(&k3).await.unwrap(), None);
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(acme.clone()));
+    assert_eq!(h.s().tenant(&"nobody".into()).await.unwrap(), None);
+    assert_eq!(h.s().tenant_by_customer("cus_1").await.unwrap(), Some(acme.clone()));
+    assert_eq!(h.s().tenant_by_customer("cus_none").await.unwrap(), None);
+
+    for id in ["t03", "t01", "zeta", "t02"] {
+        h.s().put_tenant(&TenantRecord::new(id.into(), "free".into()), &[]).await.unwrap();
+    }
+    h.restart().await;
+    let ids = |page: Vec<TenantRecord>| page.into_iter().map(|t| t.id.to_string()).collect::<Vec<_>>();
+    assert_eq!(ids(h.s().list_tenants(None, 10).await.unwrap()), ["acme", "t01", "t02", "t03", "zeta"]);
+    assert_eq!(ids(h.s().list_tenants(None, 2).await.unwrap()), ["acme", "t01"]);
+    assert_eq!(ids(h.s().list_tenants(Some(&"t01".into()), 2).await.unwrap()), ["t02", "t03"]);
+    assert_eq!(ids(h.s().list_tenants(Some(&"t03".into()), 2).await.unwrap()), ["zeta"]);
+    assert_eq!(ids(h.s().list_tenants(Some(&"zeta".into()), 2).await.unwrap()), Vec::<String>::new());
+    assert_eq!(ids(h.s().list_tenants(Some(&"t015".into()), 10).await.unwrap()), ["t02", "t03", "zeta"]);
+    assert_eq!(h.s().list_tenants(None, 0).await.unwrap(), []);
+    assert_eq!(h.s().list_tenants(None, 10).await.unwrap()[0], acme, "listed as stored");
+
+    // A removed key no longer finds its tenant; the others still do.
+    h.s().remove_key(&k1).await.unwrap();
+    h.s().remove_key(&k3).await.unwrap();
+    assert_eq!(h.s().find_key(&k1).await.unwrap(), None);
+    assert_eq!(h.s().find_key(&k2).await.unwrap(), Some(acme.clone()));
+
+    // Replaced: another plan and another customer.
+    let moved = TenantRecord::new("acme".into(), "pro".into()).with_customer("cus_2");
+    h.s().put_tenant(&moved, &[k2, k3]).await.unwrap();
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(moved.clone()));
+    assert_eq!(h.s().find_key(&k2).await.unwrap(), Some(moved.clone()));
+    assert_eq!(h.s().find_key(&k3).await.unwrap(), Some(moved.clone()));
+    assert_eq!(h.s().find_key(&k1).await.unwrap(), None);
+    assert_eq!(h.s().tenant_by_customer("cus_2").await.unwrap(), Some(moved.clone()));
+    assert_eq!(h.s().tenant_by_customer("cus_1").await.unwrap(), None, "the old customer no longer finds it");
+    h.restart().await;
+    assert_eq!(h.s().tenant_by_customer("cus_2").await.unwrap(), Some(moved.clone()));
+    assert_eq!(h.s().tenant_by_customer("cus_1").await.unwrap(), None);
+    assert_eq!(h.s().list_tenants(None, 10).await.unwrap().len(), 5, "replaced, not added");
+
+    // Replaced without a customer.
+    let plain = TenantRecord::new("acme".into(), "pro".into());
+    h.s().put_tenant(&plain, &[]).await.unwrap();
+    assert_eq!(h.s().tenant_by_customer("cus_2").await.unwrap(), None);
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(plain));
+    // The customer may then belong to another tenant.
+    let other = TenantRecord::new("t01".into(), "free".into()).with_customer("cus_2");
+    h.s().put_tenant(&other, &[]).await.unwrap();
+    assert_eq!(h.s().tenant_by_customer("cus_2").await.unwrap(), Some(other));
+}
+
+/// A tenant's overrides are kept with it (by every read of the directory), set or removed
+/// alone (a plan change made meanwhile is kept), and outlive a restart.
+pub async fn tenant_overrides_are_kept_and_set_alone<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let json = r#"{"rate":"100/s","features":["sso"]}"#;
+    let mut acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_o");
+    acme.overrides = Some(json.into());
+    let key = KeyHash::of(b"key-o");
+    h.s().put_tenant(&acme, &[key]).await.unwrap();
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(acme.clone()));
+    assert_eq!(h.s().find_key(&key).await.unwrap().and_then(|t| t.overrides).as_deref(), Some(json));
+    assert_eq!(h.s().tenant_by_customer("cus_o").await.unwrap().and_then(|t| t.overrides).as_deref(), Some(json));
+    // A plan change by a billing event keeps them.
+    let change = PlanChange::new("evt_o", "cus_o", 100, "pro".into());
+    let PlanChangeOutcome::Applied(after) = h.s().apply_plan_change(&change).await.unwrap() else { panic!("applied") };
+    assert_eq!((after.plan.as_str(), after.overrides.as_deref()), ("pro", Some(json)));
+    // Set alone: the plan stays.
+    let other = r#"{"burst":7}"#;
+    assert!(h.s().set_overrides(&"acme".into(), Some(other)).await.unwrap());
+    h.restart().await;
+    let now = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!((now.plan.as_str(), now.overrides.as_deref(), now.last_event_at), ("pro", Some(other), Some(100)));
+    let listed = h.s().list_tenants(None, 10).await.unwrap();
+    assert_eq!(listed.iter().find(|t| t.id.as_str() == "acme").and_then(|t| t.overrides.as_deref()), Some(other));
+    // Removed.
+    assert!(h.s().set_overrides(&"acme".into(), None).await.unwrap());
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap().unwrap().overrides, None);
+    // An unknown tenant: nothing created.
+    assert!(!h.s().set_overrides(&"nobody".into(), Some(other)).await.unwrap());
+    assert_eq!(h.s().tenant(&"nobody".into()).await.unwrap(), None);
+}
+
+/// Plan changes: applied once per event id, never older than the last applied, and an
+/// event for an unknown customer is not marked seen.
+pub async fn plan_changes_apply_once_and_in_order<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_a");
+    h.s().put_tenant(&acme, &[]).await.unwrap();
+    let change = |id: &str, customer: &str, at, plan: &str| PlanChange::new(id, customer, at, plan.into());
+    let as_of = |plan: &str, at| {
+        let mut r = TenantRecord::new("acme".into(), plan.into()).with_customer("cus_a");
+        r.last_event_at = Some(at);
+        r
+    };
+
+    let applied = h.s().apply_plan_change(&change("evt_2", "cus_a", 200, "metered")).await.unwrap();
+    assert_eq!(applied, PlanChangeOutcome::Applied(as_of("metered", 200)));
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(as_of("metered", 200)));
+    assert_eq!(h.s().tenant_by_customer("cus_a").await.unwrap(), Some(as_of("metered", 200)));
+    let dup = h.s().apply_plan_change(&change("evt_2", "cus_a", 200, "metered")).await.unwrap();
+    assert_eq!(dup, PlanChangeOutcome::Duplicate);
+
+    // An older event: stale, its id marked seen, nothing else changed.
+    let old = change("evt_1", "cus_a", 100, "free");
+    assert_eq!(h.s().apply_plan_change(&old).await.unwrap(), PlanChangeOutcome::Stale);
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(as_of("metered", 200)));
+    h.restart().await;
+    assert_eq!(h.s().apply_plan_change(&old).await.unwrap(), PlanChangeOutcome::Duplicate);
+    let dup = h.s().apply_plan_change(&change("evt_2", "cus_a", 200, "metered")).await.unwrap();
+    assert_eq!(dup, PlanChangeOutcome::Duplicate, "seen ids outlive a restart");
+
+    // An event as old as the last applied is not older: applied.
+    let same_time = h.s().apply_plan_change(&change("evt_2b", "cus_a", 200, "pro")).await.unwrap();
+    assert_eq!(same_time, PlanChangeOutcome::Applied(as_of("pro", 200)));
+    // A duplicate with other contents changes nothing.
+    let dup = h.s().apply_plan_change(&change("evt_2", "cus_a", 900, "free")).await.unwrap();
+    assert_eq!(dup, PlanChangeOutcome::Duplicate);
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(as_of("pro", 200)));
+
+    // An unknown customer: nothing changed, the id not marked seen.
+    let early = change("evt_9", "cus_new", 300, "pro");
+    assert_eq!(h.s().apply_plan_change(&early).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
+    assert_eq!(h.s().apply_plan_change(&early).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(as_of("pro", 200)));
+    assert_eq!(h.s().tenant(&"beta".into()).await.unwrap(), None);
+    h.s().put_tenant(&TenantRecord::new("beta".into(), "free".into()).with_customer("cus_new"), &[]).await.unwrap();
+    h.restart().await;
+    let mut beta = TenantRecord::new("beta".into(), "pro".into()).with_customer("cus_new");
+    beta.last_event_at = Some(300);
+    assert_eq!(h.s().apply_plan_change(&early).await.unwrap(), PlanChangeOutcome::Applied(beta.clone()));
+    assert_eq!(h.s().apply_plan_change(&early).await.unwrap(), PlanChangeOutcome::Duplicate);
+    assert_eq!(h.s().tenant_by_customer("cus_new").await.unwrap(), Some(beta));
+    // Customers keep their own order: beta's newer event does not make acme's older ones stale.
+    let acme_next = h.s().apply_plan_change(&change("evt_3", "cus_a", 250, "free")).await.unwrap();
+    assert_eq!(acme_next, PlanChangeOutcome::Applied(as_of("free", 250)));
+}
+
+/// Keys carry an id, a display prefix and an expiry; an expired key no longer finds its
+/// tenant but stays listed; a key of one tenant cannot be given to another.
+pub async fn api_keys_carry_an_id_a_prefix_and_an_expiry<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let (a, b) = (TenantRecord::new("a".into(), "free".into()), TenantRecord::new("b".into(), "free".into()));
+    h.s().put_tenant(&a, &[KeyHash::of(b"old-a")]).await.unwrap();
+    h.s().put_tenant(&b, &[]).await.unwrap();
+    let live = ApiKeyRecord::new(KeyHash::of(b"tg_live_aaaa1111"), "a".into(), now).with_prefix("tg_live_aaaa");
+    let rotating = ApiKeyRecord::new(KeyHash::of(b"old-a"), "a".into(), now).with_expiry(Some(now + 3600));
+    let expired = ApiKeyRecord::new(KeyHash::of(b"gone-a"), "a".into(), now - 10).with_expiry(Some(now - 1));
+    for k in [&live, &rotating, &expired] {
+        h.s().put_key(k).await.unwrap();
+    }
+    h.restart().await;
+    let s = h.s();
+    assert_eq!(s.find_key(&live.hash).await.unwrap().map(|t| t.id), Some("a".into()));
+    assert_eq!(s.find_key(&rotating.hash).await.unwrap().map(|t| t.id), Some("a".into()), "within its grace");
+    assert_eq!(s.find_key(&expired.hash).await.unwrap(), None, "expired");
+    let mut want = vec![live.clone(), rotating.clone(), expired.clone()];
+    want.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(s.list_keys(&"a".into()).await.unwrap(), want);
+    assert!(s.list_keys(&"b".into()).await.unwrap().is_empty());
+    assert_eq!(live.id, live.hash.id());
+    assert!(live.id.starts_with("k_") && live.id.len() == 14);
+    // Another tenant cannot take the key; its owner can change its expiry.
+    let stolen = ApiKeyRecord::new(live.hash, "b".into(), now);
+    assert!(matches!(s.put_key(&stolen).await, Err(crate::store::StoreError::Conflict(_))));
+    assert_eq!(s.find_key(&live.hash).await.unwrap().map(|t| t.id), Some("a".into()));
+    s.put_key(&live.clone().with_expiry(Some(now - 1))).await.unwrap();
+    assert_eq!(s.find_key(&live.hash).await.unwrap(), None);
+    // put_tenant keeps what a key carries.
+    s.put_tenant(&a, &[rotating.hash]).await.unwrap();
+    let listed = s.list_keys(&"a".into()).await.unwrap();
+    assert_eq!(listed.iter().find(|k| k.hash == rotating.hash).unwrap().expires_at, Some(now + 3600));
+    s.remove_key(&rotating.hash).await.unwrap();
+    assert_eq!(s.list_keys(&"a".into()).await.unwrap().len(), 2);
+}

@@ -1,0 +1,240 @@
+//! The store contract as tests, role by role: a store written outside this crate runs them
+//! (feature `test-util`), as this crate's own stores do.
+//!
+//! Each role has a module of async test functions, generic over the store under test: a store
+//! of one role runs that role's module ([`directory`] for a directory of the team's own
+//! database), a whole store runs them all. [`store_conformance!`](crate::store_conformance)
+//! writes one `#[tokio::test]` per function:
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tollgate::store::{conformance::StoreUnderTest, MemoryStore, StoreInspect};
+//!
+//! /// A fresh store for each test (`None` skips the test, loudly, when its server is absent).
+//! async fn make() -> Option<StoreUnderTest<dyn StoreInspect>> {
+//!     let store: Arc<dyn StoreInspect> = Arc::new(MemoryStore::new());
+//!     // Opened again at each restart point; a store living in memory stays the same.
+//!     Some(StoreUnderTest::new(store, |same| async move { same }))
+//! }
+//!
+//! tollgate::store_conformance!(memory, make());
+//! # fn main() {}
+//! ```
+//!
+//! Each test calls [`StoreUnderTest::restart`] where a store that outlives the process must
+//! still hold what it was told (counters, answers to tokens, flush and event ids, claims, dead
+//! letters, the directory): `reopen` closes the store and opens it again from where it keeps
+//! its data. Tests use fixed times (a day in 2026) and their own tenants, so a store shared by
+//! several tests at once (one table) still passes, as long as each test gets a fresh one.
+//!
+//! Modelled on object_store's `integration` module and tower-test.
+
+/// Writes one `#[tokio::test]` (multi-threaded) per function of the store conformance suite
+/// ([`store::conformance`](crate::store::conformance)), in a module `$name` with a module per
+/// role. `$make` is an expression giving a fresh `Option<StoreUnderTest<_>>` for each test
+/// (`None` skips it). The roles default to all five; name some to test a store of those roles
+/// only: `store_conformance!(my_directory, make(), directory)`.
+///
+/// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
+#[macro_export]
+macro_rules! store_conformance {
+    ($name:ident, $make:expr) => {
+        $crate::store_conformance!($name, $make, quota, usage, export, directory, idempotency);
+    };
+    ($name:ident, $make:expr, $($role:ident),+ $(,)?) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $( $crate::store_conformance!(@role $role, $make); )+
+        }
+    };
+    (@role quota, $make:expr) => {
+        $crate::store_conformance!(@tests quota, $make;
+            reserve_never_exceeds_a_limit,
+            owed_units_pass_the_limit,
+            without_a_limit_everything_is_granted,
+            a_reserve_token_is_applied_once,
+            release_gives_units_back,
+            a_period_two_periods_old_is_dropped_and_stays_dropped,
+            quota_keys_of_different_periods_are_separate_counters,
+            near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left,
+        );
+    };
+    (@role usage, $make:expr) => {
+        $crate::store_conformance!(@tests usage, $make;
+            usage_commits_once_per_flush_id,
+            a_flush_larger_than_a_batch_commits_once_per_chunk,
+            usage_events_apply_once_per_id,
+        );
+    };
+    (@role export, $make:expr) => {
+        $crate::store_conformance!(@tests export, $make;
+            pending_exports_page_in_key_order_before_a_window,
+            an_export_claim_fixes_what_a_revision_exports,
+            dead_letters_park_an_aggregate_until_requeued,
+        );
+    };
+    (@role directory, $make:expr) => {
+        $crate::store_conformance!(@tests directory, $make;
+            the_directory_finds_tenants_by_key_id_and_customer,
+            a_billing_customer_belongs_to_one_tenant,
+            plan_changes_apply_once_and_in_order,
+            tenant_overrides_are_kept_and_set_alone,
+            api_keys_carry_an_id_a_prefix_and_an_expiry,
+        );
+    };
+    (@role idempotency, $make:expr) => {
+        $crate::store_conformance!(@tests idempotency, $make;
+            idempotency_keys_are_claimed_once_and_settled_by_their_owner,
+        );
+    };
+    (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {
+        mod $role {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    let Some(mut made) = $make.await else { return };
+                    $crate::store::conformance::$role::$test(&mut made).await;
+                }
+            )+
+        }
+    };
+}
+
+pub mod directory;
+pub mod export;
+pub mod idempotency;
+pub mod quota;
+pub mod usage;
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use crate::{
+    base::Period,
+    store::{
+        ExportKey, ExportSend, FlushId, QuotaKey, Reservation, ReserveToken, UsageAggregate, UsageBatch, UsageRecord,
+    },
+};
+
+/// Opens the store again, given the one in use.
+type Reopen<S> = Box<dyn FnMut(Arc<S>) -> Pin<Box<dyn Future<Output = Arc<S>> + Send>> + Send>;
+
+/// A store under test, and how to open it again at a restart point.
+pub struct StoreUnderTest<S: ?Sized> {
+    store: Option<Arc<S>>,
+    reopen: Reopen<S>,
+    /// What the store needs to live (a durable store's directory of files), dropped last.
+    _keep: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl<S: ?Sized> std::fmt::Debug for StoreUnderTest<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreUnderTest").finish_non_exhaustive()
+    }
+}
+
+impl<S: ?Sized + Send + Sync + 'static> StoreUnderTest<S> {
+    /// A store, opened again at each restart point by `reopen`, which is given the store in use
+    /// (drop it first when the store outlives the process, so that what it holds is read back
+    /// from where it keeps it; return it when it lives in memory).
+    pub fn new<F, Fut>(store: Arc<S>, mut reopen: F) -> Self
+    where
+        F: FnMut(Arc<S>) -> Fut + Send + 'static,
+        Fut: Future<Output = Arc<S>> + Send + 'static,
+    {
+        Self { store: Some(store), reopen: Box::new(move |old| Box::pin(reopen(old))), _keep: None }
+    }
+
+    /// Keeps `value` alive as long as the store under test (a temporary directory).
+    #[must_use]
+    pub fn keeping(mut self, value: impl std::any::Any + Send) -> Self {
+        self._keep = Some(Box::new(value));
+        self
+    }
+
+    /// The store.
+    ///
+    /// # Panics
+    /// Never outside a restart.
+    #[must_use]
+    pub fn s(&self) -> &S {
+        self.store.as_deref().expect("a store outside a restart")
+    }
+
+    /// The store, shared (for tasks that call it at once).
+    ///
+    /// # Panics
+    /// Never outside a restart.
+    #[must_use]
+    pub fn shared(&self) -> Arc<S> {
+        self.store.clone().expect("a store outside a restart")
+    }
+
+    /// The restart point: the store is closed and opened again (the same store, for a store
+    /// living in this process's memory).
+    ///
+    /// # Panics
+    /// When a task still holds the store: nothing may hold it across a restart.
+    pub async fn restart(&mut self) {
+        let old = self.store.take().expect("a store outside a restart");
+        assert_eq!(Arc::strong_count(&old), 1, "no task holds the store across a restart");
+        self.store = Some((self.reopen)(old).await);
+    }
+}
+
+pub(super) const DAY0: i64 = 1_773_446_400;
+pub(super) const HOUR: i64 = 3600;
+pub(super) const DAY: i64 = 86_400;
+
+pub(super) fn day_key(tenant: &str, meter: &str) -> QuotaKey {
+    QuotaKey::new(tenant.into(), meter.into(), Period::Day, DAY0, DAY0 + DAY)
+}
+
+pub(super) fn ask(key: &QuotaKey, units: u64, limit: Option<u64>, node: u64, seq: u64) -> Reservation {
+    Reservation::new(key.clone(), units, 0, limit, ReserveToken::new(node, seq))
+}
+
+pub(super) fn rec(tenant: &str, meter: &str, window_start: i64, quantity: u64) -> UsageRecord {
+    UsageRecord::new(tenant.into(), meter.into(), window_start, quantity)
+}
+
+pub(super) fn ek(tenant: &str, meter: &str, window_start: i64) -> ExportKey {
+    ExportKey::new(tenant.into(), meter.into(), window_start)
+}
+
+pub(super) fn batch(id: &str, records: Vec<UsageRecord>) -> UsageBatch {
+    UsageBatch::new(FlushId::new(id), records)
+}
+
+/// An aggregate as a store should list it when nothing of it was exported or begun.
+pub(super) fn fresh(key: ExportKey, quantity: u64) -> UsageAggregate {
+    UsageAggregate::new(key, quantity)
+}
+
+/// What an export of `value` units for `cus_a` sends.
+pub(super) fn sent(value: u64) -> ExportSend {
+    ExportSend::new(value, DAY0 + 11 * HOUR - 1, Some("cus_a".into()), "api_requests")
+}
+
+/// Small deterministic pseudo-random numbers (SplitMix64).
+pub(super) struct Rng(pub(super) u64);
+
+impl Rng {
+    pub(super) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub(super) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+pub(super) async fn quantity<S: ?Sized + crate::store::UsageInspect>(s: &S, key: &ExportKey) -> Option<u64> {
+    s.usage(key).await.unwrap().map(|a| a.quantity)
+}
