@@ -22,8 +22,9 @@ use std::sync::Arc;
 
 use crate::store::KeyHash;
 use crate::{
+    config::StoreRole,
     config::{Config, MeterId, PlanId, TenantId},
-    engine::{open_store, BuildError},
+    engine::{BuildError, OpenStores},
     store::{
         unix_now, ApiKeyRecord, DeadLetter, DirectoryEvents, DirectoryStore, ExportKey, Store, StoreError,
         TenantRecord, UsageAggregate, UsageExportStore,
@@ -171,13 +172,17 @@ impl Admin {
         self
     }
 
-    /// Opens the store `config` names (`[store]`, with the standard AWS environment for
-    /// DynamoDB) and checks plans against `config`.
+    /// Opens the stores `config` names for the directory and usage roles (`[store]`, or
+    /// `[store.directory]` and `[store.usage]` where the file has them; with the standard AWS
+    /// environment for DynamoDB) and checks plans against `config`.
     ///
     /// # Errors
     /// The store could not be opened, or its kind needs a cargo feature this build lacks.
     pub async fn open(config: &Config) -> Result<Self, BuildError> {
-        Ok(Self::new(open_store(config.store()).await?).with_config(config.clone()))
+        let mut open = OpenStores::default();
+        let directory = open.role(config, StoreRole::Directory).await?;
+        let usage = open.role(config, StoreRole::Usage).await?;
+        Ok(Self::with_roles(directory, usage).with_config(config.clone()))
     }
 
     /// The directory administered.

@@ -49,6 +49,8 @@ pub struct Config {
     pub(crate) routes: Vec<RouteSpec>,
     pub(crate) tenants: Vec<TenantSpec>,
     pub(crate) store: StoreSettings,
+    /// The stores of the roles that have one of their own (`[store.directory]` and the others).
+    pub(crate) store_roles: StoreRoles,
     pub(crate) export: ExportSettings,
     pub(crate) stripe: Option<StripeSettings>,
     pub(crate) events: EventSettings,
@@ -57,6 +59,57 @@ pub struct Config {
     pub(crate) store_written: Option<StoreOrigin>,
     /// The file the configuration was read from.
     pub(crate) file: Option<std::path::PathBuf>,
+}
+
+/// A role a store plays, as the configuration can name a store for it apart from `[store]`
+/// (`[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreRole {
+    /// Quota counters (`QuotaStore`).
+    Quota,
+    /// Usage and its export, which share the aggregates (`UsageStore` and `ExportStore`).
+    Usage,
+    /// The tenant directory (`DirectoryStore`).
+    Directory,
+    /// `Idempotency-Key` bindings (`IdempotencyStore`).
+    Idempotency,
+}
+
+impl StoreRole {
+    /// Every role.
+    pub const ALL: [StoreRole; 4] = [StoreRole::Quota, StoreRole::Usage, StoreRole::Directory, StoreRole::Idempotency];
+
+    /// The role's name in the configuration (`[store.NAME]`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreRole::Quota => "quota",
+            StoreRole::Usage => "usage",
+            StoreRole::Directory => "directory",
+            StoreRole::Idempotency => "idempotency",
+        }
+    }
+}
+
+/// The stores named for a role of their own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct StoreRoles {
+    pub(crate) quota: Option<StoreSettings>,
+    pub(crate) usage: Option<StoreSettings>,
+    pub(crate) directory: Option<StoreSettings>,
+    pub(crate) idempotency: Option<StoreSettings>,
+}
+
+impl StoreRoles {
+    pub(crate) fn get(&self, role: StoreRole) -> Option<&StoreSettings> {
+        match role {
+            StoreRole::Quota => self.quota.as_ref(),
+            StoreRole::Usage => self.usage.as_ref(),
+            StoreRole::Directory => self.directory.as_ref(),
+            StoreRole::Idempotency => self.idempotency.as_ref(),
+        }
+    }
 }
 
 /// Where the `[store]` section and its keys stand in the file.
@@ -722,6 +775,22 @@ impl Config {
         &self.store
     }
 
+    /// The store of `role`: its own section (`[store.directory]`, …) if the file has one, else
+    /// `[store]`'s.
+    ///
+    /// ```
+    /// use tollgate::config::{StoreRole, StoreSettings};
+    /// let config = tollgate::Config::from_toml_str(
+    ///     "[store]\nkind = \"memory\"\n[store.directory]\nkind = \"sqlite\"\npath = \"directory.db\"\n",
+    /// )
+    /// .unwrap();
+    /// assert!(matches!(config.store_of(StoreRole::Directory), StoreSettings::Sqlite { .. }));
+    /// assert_eq!(config.store_of(StoreRole::Quota), &StoreSettings::Memory);
+    /// ```
+    pub fn store_of(&self, role: StoreRole) -> &StoreSettings {
+        self.store_roles.get(role).unwrap_or(&self.store)
+    }
+
     /// Whether the file has a `[store]` section.
     pub fn names_store(&self) -> bool {
         self.store_written.is_some()
@@ -731,7 +800,26 @@ impl Config {
     /// stays. The error names the file, line and key that changed.
     pub(crate) fn check_same_store(&self, next: &Config) -> Result<(), ConfigError> {
         if self.store == next.store {
-            return Ok(());
+            // A role's own store cannot change either.
+            let Some(role) = StoreRole::ALL.into_iter().find(|r| self.store_roles.get(*r) != next.store_roles.get(*r))
+            else {
+                return Ok(());
+            };
+            let origin = next.store_written.as_ref();
+            let position = origin.and_then(|o| o.keys.get(role.name()).copied().or(o.section));
+            return Err(ConfigError::new(
+                ConfigErrorKind::Conflict,
+                format!("store.{}", role.name()),
+                format!(
+                    "the store of the {} role cannot change while the service runs (it is {}, the new file \
+                     says {}): the reload is refused and the running stores stay; restart to use another store",
+                    role.name(),
+                    self.store_of(role),
+                    next.store_of(role)
+                ),
+            )
+            .at(position)
+            .in_file(next.file.clone()));
         }
         let key = match (&self.store, &next.store) {
             (StoreSettings::Sqlite { path: a, .. }, StoreSettings::Sqlite { path: b, .. }) if a != b => "path",

@@ -72,6 +72,12 @@ pub(crate) struct RawStore {
     pub(crate) synchronous: Option<String>,
     pub(crate) table: Option<String>,
     pub(crate) endpoint: Option<String>,
+    /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`: a store of
+    /// that role's own (only under `[store]`).
+    pub(crate) quota: Option<Box<RawStore>>,
+    pub(crate) usage: Option<Box<RawStore>>,
+    pub(crate) directory: Option<Box<RawStore>>,
+    pub(crate) idempotency: Option<Box<RawStore>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

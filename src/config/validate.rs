@@ -15,8 +15,8 @@ use super::{
     },
     ClientSettings, Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify,
     Limits, MeterAggregation, MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanOverride, PlanSpec, QuotaMode,
-    QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreSettings, StripeSettings, Synchronous,
-    TenantId, TenantSpec, UsageSettings,
+    QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreRoles, StoreSettings, StripeSettings,
+    Synchronous, TenantId, TenantSpec, UsageSettings,
 };
 use crate::{base::KeyHash, plan::RoutePattern};
 
@@ -323,17 +323,22 @@ impl Validator<'_, '_> {
                 "`anonymous` is the tenant of unknown callers (identify.unknown = \"anonymous\"): name this tenant otherwise",
             ));
         }
-        let (store, store_written) = match &raw.store {
-            None => (StoreSettings::default(), None),
+        let (store, store_roles, store_written) = match &raw.store {
+            None => (StoreSettings::default(), StoreRoles::default(), None),
             Some(raw) => {
-                let store = self.store(raw)?;
+                let (store, roles) = self.stores(raw)?;
                 let mut origin = StoreOrigin { section: self.loc.find("store"), ..StoreOrigin::default() };
                 for key in ["kind", "path", "synchronous", "table", "endpoint"] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
                         origin.keys.insert(key, pos);
                     }
                 }
-                (store, Some(origin))
+                for role in ["quota", "usage", "directory", "idempotency"] {
+                    if let Some(pos) = self.loc.find_exact(&format!("store.{role}")) {
+                        origin.keys.insert(role, pos);
+                    }
+                }
+                (store, roles, Some(origin))
             }
         };
         Ok(Config {
@@ -347,6 +352,7 @@ impl Validator<'_, '_> {
             routes,
             tenants,
             store,
+            store_roles,
             store_written,
             export,
             stripe,
@@ -500,20 +506,52 @@ impl Validator<'_, '_> {
         })
     }
 
-    /// The `[store]` section: a known kind, and only the keys of that kind.
-    fn store(&self, raw: &RawStore) -> Result<StoreSettings, ConfigError> {
+    /// The `[store]` section and its role sections: a store for every role, and the stores of
+    /// the roles that have one of their own.
+    fn stores(&self, raw: &RawStore) -> Result<(StoreSettings, StoreRoles), ConfigError> {
+        let store = self.store(raw, "store")?;
+        let role = |name: &str, r: &Option<Box<RawStore>>| -> Result<Option<StoreSettings>, ConfigError> {
+            let Some(r) = r else { return Ok(None) };
+            let at = format!("store.{name}");
+            for (nested, set) in [
+                ("quota", r.quota.is_some()),
+                ("usage", r.usage.is_some()),
+                ("directory", r.directory.is_some()),
+                ("idempotency", r.idempotency.is_some()),
+            ] {
+                if set {
+                    return Err(self.invalid(
+                        &format!("{at}.{nested}"),
+                        "a role's store is named under [store], not under another role",
+                    ));
+                }
+            }
+            self.store(r, &at).map(Some)
+        };
+        let roles = StoreRoles {
+            quota: role("quota", &raw.quota)?,
+            usage: role("usage", &raw.usage)?,
+            directory: role("directory", &raw.directory)?,
+            idempotency: role("idempotency", &raw.idempotency)?,
+        };
+        Ok((store, roles))
+    }
+
+    /// A store section (`[store]`, or a role's under it, at `at`): a known kind, and only the
+    /// keys of that kind.
+    fn store(&self, raw: &RawStore, at: &str) -> Result<StoreSettings, ConfigError> {
         let kind = raw.kind.as_deref().unwrap_or("sqlite");
         let only = |key: &str, set: bool, kinds: &str| {
             if set {
                 Err(self
-                    .invalid(&format!("store.{key}"), format!("`{key}` applies to kind = {kinds}, not to \"{kind}\"")))
+                    .invalid(&format!("{at}.{key}"), format!("`{key}` applies to kind = {kinds}, not to \"{kind}\"")))
             } else {
                 Ok(())
             }
         };
         let text = |key: &str, value: &Option<String>| -> Result<Option<String>, ConfigError> {
             match value {
-                Some(v) if v.trim().is_empty() => Err(self.invalid(&format!("store.{key}"), "must not be empty")),
+                Some(v) if v.trim().is_empty() => Err(self.invalid(&format!("{at}.{key}"), "must not be empty")),
                 v => Ok(v.clone()),
             }
         };
@@ -532,7 +570,9 @@ impl Validator<'_, '_> {
                 let synchronous = match raw.synchronous.as_deref() {
                     None | Some("full") => Synchronous::Full,
                     Some("normal") => Synchronous::Normal,
-                    Some(_) => return Err(self.invalid("store.synchronous", "expected \"full\" or \"normal\"")),
+                    Some(_) => {
+                        return Err(self.invalid(&format!("{at}.synchronous"), "expected \"full\" or \"normal\""))
+                    }
                 };
                 Ok(StoreSettings::Sqlite { path: path.into(), synchronous })
             }
@@ -540,14 +580,15 @@ impl Validator<'_, '_> {
                 only("path", raw.path.is_some(), "\"sqlite\"")?;
                 only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
                 let Some(table) = text("table", &raw.table)? else {
-                    return Err(
-                        self.invalid("store.table", "kind = \"dynamodb\" needs the table's name: table = \"...\"")
-                    );
+                    return Err(self.invalid(
+                        &format!("{at}.table"),
+                        "kind = \"dynamodb\" needs the table's name: table = \"...\"",
+                    ));
                 };
                 Ok(StoreSettings::Dynamodb { table, endpoint: text("endpoint", &raw.endpoint)? })
             }
             other => Err(self.invalid(
-                "store.kind",
+                &format!("{at}.kind"),
                 format!("unknown store kind `{other}`: expected \"sqlite\", \"memory\" or \"dynamodb\""),
             )),
         }

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     billing::BillingSink,
     clock::Clock,
-    config::{Config, StoreSettings},
+    config::{Config, StoreRole, StoreSettings},
     metrics::{Metrics, Totals},
     plan::Runtime,
     store::{DirectoryStore, IdempotencyStore, MemoryStore, QuotaStore, Roles, Store, UsageExportStore},
@@ -63,6 +63,26 @@ pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store
         }
         #[allow(unreachable_patterns)]
         other => Err(BuildError::MissingFeature { kind: other.kind(), feature: other.feature().unwrap_or_default() }),
+    }
+}
+
+/// Opens the stores a configuration names, one per distinct setting: the store of each role
+/// (`[store]`'s, or a role's own section), a setting named by several roles opened once.
+#[derive(Debug, Default)]
+pub(crate) struct OpenStores {
+    opened: Vec<(StoreSettings, Arc<dyn Store>)>,
+}
+
+impl OpenStores {
+    /// The store of `role` in `config`, opened if no role opened it yet.
+    pub(crate) async fn role(&mut self, config: &Config, role: StoreRole) -> Result<Arc<dyn Store>, BuildError> {
+        let settings = config.store_of(role);
+        if let Some((_, store)) = self.opened.iter().find(|(s, _)| s == settings) {
+            return Ok(store.clone());
+        }
+        let store = open_store(settings).await?;
+        self.opened.push((settings.clone(), store.clone()));
+        Ok(store)
     }
 }
 
@@ -241,14 +261,28 @@ impl Builder {
     /// Opens the store the configuration names (unless one was given in code) and builds the
     /// engine: the async, fallible way, for everything a deployment configures outside code.
     ///
-    /// Without a `[store]` section that is SQLite in `tollgate.db` in the working directory.
+    /// Without a `[store]` section that is SQLite in `tollgate.db` in the working directory. A
+    /// role with a section of its own (`[store.directory]`, …) gets that store; stores named
+    /// alike are opened once. Roles given a store in code keep it.
     ///
     /// # Errors
     /// A [`BuildError`]: the store could not be opened (a damaged or foreign file, a file of a
     /// newer tollgate), or its kind needs a cargo feature this build does not have.
     pub async fn open(mut self) -> Result<(Tollgate, Worker), BuildError> {
         if self.lacks_a_store() {
-            self.store = Some(open_store(self.config.store()).await?);
+            let mut open = OpenStores::default();
+            if self.quota.is_none() {
+                self.quota = Some(open.role(&self.config, StoreRole::Quota).await?);
+            }
+            if self.usage.is_none() {
+                self.usage = Some(open.role(&self.config, StoreRole::Usage).await?);
+            }
+            if self.directory.is_none() {
+                self.directory = Some(open.role(&self.config, StoreRole::Directory).await?);
+            }
+            if self.idempotency.is_none() {
+                self.idempotency = Some(open.role(&self.config, StoreRole::Idempotency).await?);
+            }
             self.configured = true;
         }
         Ok(self.build())

@@ -22,7 +22,7 @@ mod thresholds;
 mod ticket;
 mod wait;
 
-pub(crate) use builder::open_store;
+pub(crate) use builder::OpenStores;
 pub use builder::{BuildError, Builder};
 pub(crate) use door::{credential_in, describe};
 pub use door::{ClientAddr, FrontDoor, RequestView};

@@ -257,3 +257,30 @@ fn the_architecture_guide_names_every_source_file() {
     }
     assert!(seen > 50, "{seen} files");
 }
+
+/// `[store.ROLE]` sections: a role's own store, checked with the keys of `[store]` and placed
+/// by file, line and key; a role's section holds no other role's.
+#[test]
+fn a_role_can_name_a_store_of_its_own() {
+    use tollgate::config::{StoreRole, StoreSettings};
+    let config = Config::from_toml_str(
+        "[store]\nkind = \"dynamodb\"\ntable = \"t\"\n[store.directory]\nkind = \"sqlite\"\npath = \"d.db\"\n[store.idempotency]\nkind = \"memory\"\n",
+    )
+    .unwrap();
+    assert!(matches!(config.store_of(StoreRole::Quota), StoreSettings::Dynamodb { .. }));
+    assert!(matches!(config.store_of(StoreRole::Usage), StoreSettings::Dynamodb { .. }));
+    assert!(matches!(config.store_of(StoreRole::Directory), StoreSettings::Sqlite { .. }));
+    assert_eq!(config.store_of(StoreRole::Idempotency), &StoreSettings::Memory);
+
+    let err =
+        Config::from_toml_str("[store]\nkind = \"memory\"\n[store.directory]\nkind = \"dynamodb\"\n").unwrap_err();
+    assert_eq!(err.key(), "store.directory.table", "{err}");
+    let err = Config::from_toml_str("[store.usage]\nkind = \"memory\"\npath = \"x.db\"\n").unwrap_err();
+    assert_eq!(err.key(), "store.usage.path", "{err}");
+    let err = Config::from_toml_str("[store.usage]\nkind = \"memory\"\ntabel = \"x\"\n").unwrap_err();
+    assert!(err.to_string().contains("tabel") && err.line() == Some(3), "{err}");
+    let err = Config::from_toml_str("[store.directory.quota]\nkind = \"memory\"\n").unwrap_err();
+    assert_eq!(err.key(), "store.directory.quota", "{err}");
+    let err = Config::from_toml_str("[store.billing]\nkind = \"memory\"\n").unwrap_err();
+    assert!(err.to_string().contains("billing"), "{err}");
+}

@@ -263,6 +263,56 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
     assert_eq!(engine.directory_store().tenant(&"acme".into()).await.unwrap(), Some(acme));
 }
 
+/// The same mixed setup named by the file: `[store.directory]` a SQLite file, every other role
+/// `[store]`'s memory. `Admin::open` (what the `tollgate` command runs) writes the tenant, its
+/// customer and its key to the directory's file; `Builder::open` serves the key from it and
+/// exports the window with that customer; a reload that moves the directory is refused.
+#[tokio::test]
+async fn a_directory_named_by_the_file_is_used_by_admin_and_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("directory.db");
+    let toml = format!(
+        "[store]\nkind = \"memory\"\n\n[store.directory]\nkind = \"sqlite\"\npath = {:?}\n\n\
+         [usage]\nwindow = \"1h\"\ngrace = \"5m\"\n[plans.p]\nrate = \"100/s\"\n",
+        db.display().to_string()
+    );
+    let config = Config::from_toml_str(&toml).unwrap();
+    let admin = tollgate::admin::Admin::open(&config).await.unwrap();
+    admin.add_tenant("acme", "p", Some("cus_file")).await.unwrap();
+    let key = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap();
+
+    let sink = Arc::new(Recording::default());
+    #[derive(Debug)]
+    struct Shared(Arc<Recording>);
+    #[async_trait]
+    impl BillingSink for Shared {
+        async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
+            self.0.send(e).await
+        }
+    }
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) =
+        Tollgate::builder(config.clone()).clock(clock).billing_sink(Shared(sink.clone())).open().await.unwrap();
+    let h = Harness::from_layer(tollgate::TollgateLayer::new(engine.clone()), handle);
+    assert_eq!(h.status("/", &key.key).await, 200);
+    assert_eq!(h.status("/", &key.key).await, 200);
+    engine.flush().await.unwrap();
+    h.clock.advance(Duration::from_secs(3600 + 300));
+    assert_eq!(engine.export().await.unwrap().events, 1);
+    assert_eq!(sink.events.lock().unwrap()[0].customer.as_deref(), Some("cus_file"));
+    // The directory is the file; usage is in the memory store, not in the file.
+    assert!(format!("{:?}", engine.directory_store()).contains("directory.db"));
+    assert!(!format!("{:?}", engine.usage_store()).contains("directory.db"));
+    let file = tollgate::store::SqliteStore::open(&db).await.unwrap();
+    assert!(file.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().is_empty());
+    assert_eq!(common::committed(&**engine.usage_store(), "acme", "requests", NOON, NOON + 3600, 3600).await, 2);
+
+    // A reload that moves the directory elsewhere is refused, naming the role's section.
+    let moved = toml.replace("directory.db", "other.db");
+    let err = engine.reload(Config::from_toml_str(&moved).unwrap()).await.unwrap_err();
+    assert_eq!((err.key(), err.line(), err.kind()), ("store.directory", Some(4), ConfigErrorKind::Conflict));
+}
+
 #[tokio::test]
 async fn closed_windows_are_exported_once_and_late_usage_as_a_new_revision() {
     let sink = Arc::new(Recording { refuse: Some("bad"), ..Default::default() });

@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use tollgate::{
     admin::{Admin, KeyOptions},
-    config::StoreSettings,
+    config::{StoreRole, StoreSettings},
     store::ApiKeyRecord,
     Config,
 };
@@ -382,6 +382,11 @@ async fn admin(config: &std::path::Path) -> Result<Admin> {
 fn check(config: &Config) -> Result<()> {
     println!("configuration OK");
     println!("store: {}", config.store());
+    for role in StoreRole::ALL {
+        if config.store_of(role) != config.store() {
+            println!("  {} role: {}", role.name(), config.store_of(role));
+        }
+    }
     let meters: Vec<&str> = config.meters().iter().map(|m| m.id().as_str()).collect();
     println!("meters ({}): {}", meters.len(), meters.join(", "));
     println!("plans ({}):", config.plans().len());
@@ -415,20 +420,30 @@ fn check(config: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Creates the DynamoDB table of every role whose store is one (`[store]` and the roles' own).
 async fn create_table(config: &Config) -> Result<()> {
-    let StoreSettings::Dynamodb { table, endpoint } = config.store() else {
+    let mut tables: Vec<(&String, &Option<String>)> = Vec::new();
+    for role in StoreRole::ALL {
+        if let StoreSettings::Dynamodb { table, endpoint } = config.store_of(role) {
+            if !tables.contains(&(table, endpoint)) {
+                tables.push((table, endpoint));
+            }
+        }
+    }
+    if tables.is_empty() {
         return Err(format!("the configuration's store is {}, not a DynamoDB table", config.store()).into());
-    };
+    }
     #[cfg(feature = "dynamodb")]
-    {
+    for (table, endpoint) in tables {
         let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
         store.create_table().await?;
         println!("table `{table}` created (on-demand; indexes gsi1, gsi2; TTL on `ttl`)");
-        Ok(())
     }
+    #[cfg(feature = "dynamodb")]
+    return Ok(());
     #[cfg(not(feature = "dynamodb"))]
     {
-        let _ = (table, endpoint);
+        let _ = tables;
         Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
     }
 }
