@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    service::{put_header, reject_for},
+    respond::{put_header, reject_for},
     TollgateBody,
 };
 use crate::{

@@ -6,10 +6,12 @@ mod future;
 #[allow(clippy::module_inception)]
 mod layer;
 mod resolver;
+mod respond;
 mod service;
 
 pub use body::TollgateBody;
 pub use future::ResponseFuture;
 pub use layer::TollgateLayer;
 pub use resolver::{FromConfig, TenantResolver};
-pub use service::{respond, respond_for, TollgateService};
+pub use respond::{respond, respond_for};
+pub use service::TollgateService;
