@@ -398,8 +398,7 @@ impl Tollgate {
     /// # Errors
     /// The store error that stopped the flush; nothing is lost.
     pub async fn flush(&self) -> Result<FlushReport, StoreError> {
-        let rt = self.shared.runtime.load_full();
-        self.shared.pipeline.flush(&rt, &self.shared.table, &self.shared.leases).await
+        self.shared.pipeline.flush(&self.shared.runtime, &self.shared.table, &self.shared.leases).await
     }
 
     /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,
@@ -429,7 +428,7 @@ impl Tollgate {
     /// export of a store that does not outlive the process), with timestamps no later than
     /// now.
     pub(crate) async fn export_pass(&self, all: bool) -> Result<ExportReport, StoreError> {
-        self.shared.exporter.export_pass(self.shared.runtime.load_full(), all).await
+        self.shared.exporter.export_pass(&self.shared.runtime, all).await
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes

@@ -215,11 +215,17 @@ impl Exporter {
     /// [`export`](Self::export); with `all`, windows still open count as closed (the final
     /// export of a store that does not outlive the process), with timestamps no later than
     /// now.
-    pub(crate) async fn export_pass(&self, rt: Arc<Runtime>, all: bool) -> Result<ExportReport, StoreError> {
+    pub(crate) async fn export_pass(
+        &self,
+        runtime: &arc_swap::ArcSwap<Runtime>,
+        all: bool,
+    ) -> Result<ExportReport, StoreError> {
         let Some(sink) = self.sink.clone() else {
             return Ok(ExportReport::default());
         };
         let _pass = self.pass.lock().await;
+        // The configuration in force once the pass is ours.
+        let rt = runtime.load_full();
         let settings = rt.config.export.clone();
         let now = self.deps.clock.unix_secs();
         let pass = Arc::new(Pass {

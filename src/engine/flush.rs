@@ -132,11 +132,14 @@ impl Pipeline {
     /// The store error that stopped the flush; nothing is lost.
     pub(crate) async fn flush(
         &self,
-        rt: &Runtime,
+        runtime: &arc_swap::ArcSwap<Runtime>,
         table: &TenantTable,
         leases: &Leases,
     ) -> Result<FlushReport, StoreError> {
         let mut p = self.batches.lock().await;
+        // The configuration in force once the pipeline is ours (a reload may have come while
+        // another flush held it).
+        let rt = &*runtime.load_full();
         self.clock.resync();
         let mut report = FlushReport::default();
         let dropped = self.drain(rt, table, &mut p);
