@@ -164,15 +164,18 @@ impl BillingSink for Recording {
     }
 }
 
-fn engine_with_sink(config: &str, sink: Arc<Recording>) -> (Harness, Tollgate) {
-    #[derive(Debug)]
-    struct Shared(Arc<Recording>);
-    #[async_trait]
-    impl BillingSink for Shared {
-        async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
-            self.0.send(e).await
-        }
+/// A sink that records into a [`Recording`] the test keeps.
+#[derive(Debug)]
+struct Shared(Arc<Recording>);
+
+#[async_trait]
+impl BillingSink for Shared {
+    async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
+        self.0.send(e).await
     }
+}
+
+fn engine_with_sink(config: &str, sink: Arc<Recording>) -> (Harness, Tollgate) {
     let (clock, handle) = Clock::fake_at_unix(NOON);
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let h = Harness::build(config, store.clone(), clock.clone(), handle);
@@ -223,14 +226,6 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
     directory.put_tenant(&acme, &[tollgate::store::KeyHash::of(b"key-dir")]).await.unwrap();
     let usage = Arc::new(MemoryStore::new());
     let sink = Arc::new(Recording::default());
-    #[derive(Debug)]
-    struct Shared(Arc<Recording>);
-    #[async_trait]
-    impl BillingSink for Shared {
-        async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
-            self.0.send(e).await
-        }
-    }
     let (clock, handle) = Clock::fake_at_unix(NOON);
     let config = "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n[plans.p]\nrate = \"100/s\"\n";
     let (engine, _worker) = Tollgate::builder(Config::from_toml_str(config).unwrap())
@@ -282,14 +277,6 @@ async fn a_directory_named_by_the_file_is_used_by_admin_and_the_engine() {
     let key = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap();
 
     let sink = Arc::new(Recording::default());
-    #[derive(Debug)]
-    struct Shared(Arc<Recording>);
-    #[async_trait]
-    impl BillingSink for Shared {
-        async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
-            self.0.send(e).await
-        }
-    }
     let (clock, handle) = Clock::fake_at_unix(NOON);
     let (engine, _worker) =
         Tollgate::builder(config.clone()).clock(clock).billing_sink(Shared(sink.clone())).open().await.unwrap();
