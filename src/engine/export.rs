@@ -21,7 +21,10 @@ use std::{
 
 use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
-use super::{node::NodeIds, store_calls::StoreCalls};
+use super::{
+    node::NodeIds,
+    store_calls::{with_timeout, StoreCalls},
+};
 use crate::{
     billing::{event::identifier_salted, BillingSink, MeterEvent, SinkError},
     clock::Clock,
@@ -98,19 +101,30 @@ impl Pacer {
 ///
 /// Bounded: past [`Customers::MAX`] tenants the cache starts again (a pass over more tenants
 /// reads some twice).
+// `None`: the tenant is unknown; `Some(None)`: known, without a customer.
+#[allow(clippy::option_option)]
 #[derive(Debug, Default)]
-struct Customers(HashMap<TenantId, Option<String>>);
+struct Customers(HashMap<TenantId, Option<Option<String>>>);
 
+#[allow(clippy::option_option)]
 impl Customers {
     const MAX: usize = 1 << 16;
 
-    /// The tenant's billing customer: the directory's, else the file's for a static tenant.
-    async fn of(&mut self, deps: &Deps, rt: &Runtime, tenant: &TenantId) -> Result<Option<String>, StoreError> {
+    /// The tenant's billing customer (`Some(None)`: the tenant has none): the directory's, else
+    /// the file's for a static tenant. `None` when neither knows the tenant: its windows stay
+    /// pending (a directory kept in another store may lag, or not hold it yet), never written
+    /// off as unbillable. The directory is asked within `usage.store_timeout`.
+    async fn of(&mut self, deps: &Deps, rt: &Runtime, tenant: &TenantId) -> Result<Option<Option<String>>, StoreError> {
         if let Some(c) = self.0.get(tenant) {
             return Ok(c.clone());
         }
-        let stored = deps.stores.roles.directory.tenant(tenant).await?.and_then(|t| t.customer);
-        let customer = stored.or_else(|| rt.static_tenants.get(tenant).and_then(|t| t.customer.clone()));
+        let timeout = rt.config.usage.store_timeout;
+        let record = with_timeout(timeout, deps.stores.roles.directory.tenant(tenant)).await?;
+        let file = rt.static_tenants.get(tenant);
+        let customer = match (record, file) {
+            (None, None) if tenant.as_str() != crate::config::ANONYMOUS_TENANT => None,
+            (record, file) => Some(record.and_then(|t| t.customer).or_else(|| file.and_then(|t| t.customer.clone()))),
+        };
         if self.0.len() >= Self::MAX {
             self.0.clear();
         }
@@ -200,7 +214,11 @@ impl Exporter {
                 }
                 let send = match agg.send.clone() {
                     Some(send) => send,
-                    None => plan_send(rt, &agg, now, customers.of(&self.deps, rt, &agg.key.tenant).await?),
+                    None => match customers.of(&self.deps, rt, &agg.key.tenant).await? {
+                        Some(customer) => plan_send(rt, &agg, now, customer),
+                        // Unknown to the directory: not sent now.
+                        None => continue,
+                    },
                 };
                 // What the pass would park, or skip as not billable, is not sent.
                 if park_reason(rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
@@ -259,7 +277,17 @@ impl Exporter {
                 // An export in flight keeps the customer fixed when it began.
                 let customer = match agg.send.as_ref() {
                     Some(send) => send.customer.clone(),
-                    None => customers.of(&self.deps, &rt, &agg.key.tenant).await?,
+                    None => match customers.of(&self.deps, &rt, &agg.key.tenant).await? {
+                        Some(customer) => customer,
+                        None => {
+                            // Kept pending (a directory in another store may lag): never
+                            // marked exported without a call.
+                            tracing::warn!(tenant = %agg.key.tenant, meter = %agg.key.meter,
+                                window = agg.key.window_start,
+                                "window not exported: the tenant is in neither the directory nor the file");
+                            continue;
+                        }
+                    },
                 };
                 let lane = customer.clone().unwrap_or_else(|| format!("tenant:{}", agg.key.tenant));
                 lanes.entry((lane, agg.key.meter.clone())).or_default().push((agg, customer));

@@ -3,11 +3,11 @@
 //! A store written outside this crate keeps to the same ones, so that an engine behaves alike on
 //! every backend (the conformance suite checks what it can of them).
 //!
-//! Where the backends differed before, the durable stores' values won: flush ids are kept a
-//! week, and aggregates (exported or not) 35 days after their window started, on SQLite,
-//! DynamoDB and the memory store alike. The memory store adds one bound of its own: it keeps
-//! the last [`MEMORY_FLUSH_IDS`] flush ids by count, since only its own process can retry a
-//! flush, within seconds, and the process's memory is what is bounded.
+//! Where the backends differed before, the durable stores' values won: aggregates (exported or
+//! not) are kept 35 days after their window started on SQLite, DynamoDB and the memory store
+//! alike, and flush ids a week on the durable stores. The memory store keeps instead the last
+//! [`MEMORY_FLUSH_IDS`] flush ids by count, since only its own process can retry a flush, within
+//! seconds, and the process's memory is what is bounded.
 
 /// How long a usage batch's [`FlushId`](super::FlushId) is remembered after its commit (wall
 /// clock), so that a retried flush is a no-op. A batch is retried only by the process that

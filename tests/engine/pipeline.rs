@@ -241,6 +241,12 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
     assert_eq!(h.status("/", "key-unknown").await, 401);
     engine.flush().await.unwrap();
 
+    // Usage of a tenant the directory does not hold (yet: a lagging replica, a new file).
+    let ghost = tollgate::store::UsageBatch::new(
+        tollgate::store::FlushId::new("ghost"),
+        vec![tollgate::store::UsageRecord::new("ghost".into(), "requests".into(), NOON, 4)],
+    );
+    usage.commit_usage(&ghost).await.unwrap();
     // The customer changes in the directory before the window closes: the export reads it then.
     let acme = acme.with_customer("cus_dir");
     directory.put_tenant(&acme, &[tollgate::store::KeyHash::of(b"key-dir")]).await.unwrap();
@@ -250,6 +256,12 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
     let events = sink.events.lock().unwrap().clone();
     assert_eq!(events[0].customer.as_deref(), Some("cus_dir"));
     assert_eq!((events[0].tenant.as_str(), events[0].value), ("acme", 3));
+    // The unknown tenant's window is neither sent nor written off: it stays pending.
+    let pending = usage.pending_exports(i64::MAX, None, 10).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|a| (a.key.tenant.as_str(), a.quantity, a.exported)).collect::<Vec<_>>(),
+        [("ghost", 4, 0)]
+    );
 
     // Each store holds its own role only.
     assert_eq!(common::committed(&*usage, "acme", "requests", NOON, NOON + 3600, 3600).await, 3);

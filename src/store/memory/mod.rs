@@ -27,9 +27,9 @@ mod usage;
 /// It is the default of [`Tollgate::builder`](crate::Tollgate::builder). Its state lives as
 /// long as the process; a fleet of nodes needs a shared store instead.
 ///
-/// Memory stays bounded: old quota periods are dropped when a new one is reserved, exported
-/// aggregates are dropped two days after their window and all aggregates after 35 days
-/// (unexported ones with a warning), and only recent flush ids are kept.
+/// Memory stays bounded: old quota periods are dropped when a new one is reserved, aggregates
+/// (exported or not) 35 days after their window (unexported ones with a warning), and only the
+/// last 65,536 flush ids are kept.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
