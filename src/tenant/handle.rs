@@ -77,6 +77,8 @@ pub(crate) type Tenant = Handle<TenantState>;
 /// A shared, counted reference to a value that carries its count.
 pub(crate) struct Handle<T: Counted> {
     ptr: NonNull<T>,
+    /// The handle owns a `T` (for the drop check), as `Arc` does.
+    _owns: std::marker::PhantomData<T>,
 }
 
 // SAFETY: a `Handle` gives `&T` to whichever thread holds it, and the last one frees the value
@@ -89,7 +91,7 @@ impl<T: Counted> Handle<T> {
     /// Moves `value` to the heap with one reference: this handle.
     pub(crate) fn new(value: T) -> Self {
         debug_assert_eq!(value.refs().load(Ordering::Relaxed), 1, "a new value has one reference");
-        Self { ptr: NonNull::from(Box::leak(Box::new(value))) }
+        Self { ptr: NonNull::from(Box::leak(Box::new(value))), _owns: std::marker::PhantomData }
     }
 
     /// How many handles there are (a snapshot: others may come and go).
@@ -123,7 +125,7 @@ impl<T: Counted> Clone for Handle<T> {
         if old > MAX_REFS {
             std::process::abort();
         }
-        Self { ptr: self.ptr }
+        Self { ptr: self.ptr, _owns: std::marker::PhantomData }
     }
 }
 
