@@ -139,7 +139,7 @@ async fn a_reload_that_changes_the_store_is_refused_and_the_running_store_stays(
     assert_eq!(tollgate.config().plan(&"free".into()).unwrap().rate().unwrap().to_string(), "20/s");
 }
 
-/// The `toml` blocks of the guides (`docs/`) and the README, with the line each starts on and
+/// The `toml` blocks of the guides (`docs/`, `integrations/*/docs/`) and the README, with the line each starts on and
 /// the marker before it (`<!-- toml: fragment -->`, `<!-- toml: cargo -->`), if any.
 fn toml_blocks() -> Vec<(String, usize, Option<String>, String)> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -148,6 +148,13 @@ fn toml_blocks() -> Vec<(String, usize, Option<String>, String)> {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "md"))
         .collect();
+    // The door crates' guides, each inside its own package.
+    for entry in std::fs::read_dir(root.join("integrations")).unwrap() {
+        let guide = entry.unwrap().path().join("docs/guide.md");
+        if guide.exists() {
+            files.push(guide);
+        }
+    }
     files.sort();
     files.push(root.join("README.md"));
     let mut out = Vec::new();
@@ -189,6 +196,8 @@ fn the_toml_blocks_of_the_docs_are_valid_configurations() {
         &["store", "identify", "usage", "meters", "plans", "routes", "tenants", "limits", "export", "stripe", "events"];
     let blocks = toml_blocks();
     assert!(blocks.len() >= 10, "the docs' toml blocks were found: {}", blocks.len());
+    let doors = blocks.iter().filter(|(file, ..)| file.starts_with("integrations/")).count();
+    assert!(doors >= 3, "the door guides' toml blocks were found: {doors}");
     let mut full = 0;
     for (file, line, marker, body) in blocks {
         let place = format!("{file}:{line}");
@@ -283,4 +292,53 @@ fn a_role_can_name_a_store_of_its_own() {
     assert_eq!(err.key(), "store.directory.quota", "{err}");
     let err = Config::from_toml_str("[store.billing]\nkind = \"memory\"\n").unwrap_err();
     assert!(err.to_string().contains("billing"), "{err}");
+}
+
+/// Every file a crate of the workspace includes (`include_str!`, `include_bytes!`) lies inside
+/// its own package: `cargo package` and docs.rs build each crate from its package alone, so a
+/// guide included from a sibling folder breaks the published crate.
+#[test]
+fn included_files_lie_inside_their_package() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut packages = vec![root.to_path_buf()];
+    for entry in std::fs::read_dir(root.join("integrations")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.join("Cargo.toml").exists() {
+            packages.push(path);
+        }
+    }
+    let mut seen = 0;
+    for package in packages {
+        let package = package.canonicalize().unwrap();
+        let mut stack = vec![package.join("src")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+                    for part in text.split(macro_name).skip(1) {
+                        let included = &part[..part.find('"').unwrap()];
+                        let file = path.parent().unwrap().join(included);
+                        let file =
+                            file.canonicalize().unwrap_or_else(|e| panic!("{}: `{included}`: {e}", path.display()));
+                        assert!(
+                            file.starts_with(&package),
+                            "{} includes `{included}`, outside its package {}",
+                            path.display(),
+                            package.display()
+                        );
+                        seen += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(seen >= 8, "{seen} included files");
 }

@@ -440,5 +440,5 @@ pub fn stripe_webhook(handler: impl Into<std::sync::Arc<tollgate::billing::Webho
     })
 }
 
-#[doc = include_str!("../../../docs/actix.md")]
+#[doc = include_str!("../docs/guide.md")]
 pub mod guide {}

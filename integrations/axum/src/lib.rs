@@ -230,5 +230,5 @@ where
     })
 }
 
-#[doc = include_str!("../../../docs/axum.md")]
+#[doc = include_str!("../docs/guide.md")]
 pub mod guide {}

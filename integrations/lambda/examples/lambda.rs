@@ -18,7 +18,8 @@
 //!
 //! Deployed (`cargo lambda build --release -p tollgate-lambda
 //! --bin tollgate-lambda-example --features example`, then `cargo lambda deploy`),
-//! point `[store]` at DynamoDB so that every environment shares the quotas (docs/lambda.md).
+//! point `[store]` at DynamoDB so that every environment shares the quotas
+//! (integrations/lambda/docs/guide.md).
 #![allow(missing_docs)]
 
 use lambda_http::{service_fn, Body, Error, Request, Response};

@@ -558,5 +558,5 @@ pub async fn record_eventbridge(
     }
 }
 
-#[doc = include_str!("../../../docs/lambda.md")]
+#[doc = include_str!("../docs/guide.md")]
 pub mod guide {}
