@@ -15,8 +15,8 @@ use super::{
     },
     ClientSettings, Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify,
     Limits, MeterAggregation, MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanOverride, PlanSpec, QuotaMode,
-    QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreRoles, StoreSettings, StripeSettings,
-    Synchronous, TenantId, TenantSpec, UsageSettings,
+    QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreRole, StoreRoles, StoreSettings,
+    StripeSettings, Synchronous, TenantId, TenantSpec, UsageSettings,
 };
 use crate::{base::KeyHash, plan::RoutePattern};
 
@@ -534,7 +534,50 @@ impl Validator<'_, '_> {
             directory: role("directory", &raw.directory)?,
             idempotency: role("idempotency", &raw.idempotency)?,
         };
+        self.one_kind_of_sharing(&store, &roles)?;
         Ok((store, roles))
+    }
+
+    /// Every role of a fleet is shared: a store the nodes share (DynamoDB) for one role and one
+    /// node's own (memory, a SQLite file) for another is refused, at the role's section. With
+    /// one node's quota store each node would count alone (the fleet admitting N times a hard
+    /// limit); with one node's idempotency store a replay sent to another node would run again;
+    /// with one node's directory a webhook's plan change would reach one node; with one node's
+    /// usage store two nodes would export the same window.
+    fn one_kind_of_sharing(&self, store: &StoreSettings, roles: &StoreRoles) -> Result<(), ConfigError> {
+        let of = |role: StoreRole| roles.get(role).unwrap_or(store);
+        let section = |role: StoreRole| {
+            if roles.get(role).is_some() {
+                format!("[store.{}]", role.name())
+            } else {
+                "[store]".to_owned()
+            }
+        };
+        let Some(shared) = StoreRole::ALL.into_iter().find(|r| of(*r).is_shared()) else { return Ok(()) };
+        let Some(own) = StoreRole::ALL.into_iter().find(|r| !of(*r).is_shared()) else { return Ok(()) };
+        // Placed at the role section involved: the node's own one if it has a section, else
+        // the shared one (the node's own store then comes from `[store]`).
+        let at = if roles.get(own).is_some() { own } else { shared };
+        Err(self.invalid(
+            &format!("store.{}.kind", at.name()),
+            format!(
+                "the {} role's store is {} (`{}`), shared by a fleet, but the {} role's is {} (`{}`), one node's own: \
+                 every role of a fleet needs a shared store (with one node's store for a role, each node would keep \
+                 its own {})",
+                shared.name(),
+                of(shared).kind(),
+                section(shared),
+                own.name(),
+                of(own).kind(),
+                section(own),
+                match own {
+                    StoreRole::Quota => "quota counts and the fleet would admit a hard limit once per node",
+                    StoreRole::Idempotency => "idempotency keys and a replay sent to another node would run again",
+                    StoreRole::Directory => "tenants and plans and a webhook's plan change would reach one node",
+                    StoreRole::Usage => "usage and two nodes would export the same window",
+                }
+            ),
+        ))
     }
 
     /// A store section (`[store]`, or a role's under it, at `at`): a known kind, and only the

@@ -144,6 +144,16 @@ impl StoreSettings {
         }
     }
 
+    /// Whether the nodes of a fleet share this store (DynamoDB), rather than each node having
+    /// its own (memory, a SQLite file).
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        match self {
+            StoreSettings::Memory | StoreSettings::Sqlite { .. } => false,
+            StoreSettings::Dynamodb { .. } => true,
+        }
+    }
+
     /// The cargo feature the kind needs, if any.
     #[must_use]
     pub fn feature(&self) -> Option<&'static str> {

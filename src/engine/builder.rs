@@ -292,12 +292,27 @@ impl Builder {
     /// does not open the store the configuration names (that is [`open`](Self::open)).
     /// Returns the engine and the [`Worker`] to spawn.
     pub fn build(self) -> (Tollgate, Worker) {
-        if self.lacks_a_store() && self.config.names_store() && self.config.store() != &StoreSettings::Memory {
-            tracing::warn!(
-                kind = self.config.store().kind(),
-                "the configuration names a durable store but Builder::build() was called without one: \
-                 state is kept in memory only; call Builder::open().await to open the configured store"
-            );
+        if self.config.names_store() {
+            // Each role left without a store in code is kept in memory: say so for each one
+            // the file gives a durable store.
+            let given = [
+                (StoreRole::Quota, self.quota.is_some()),
+                (StoreRole::Usage, self.usage.is_some()),
+                (StoreRole::Directory, self.directory.is_some()),
+                (StoreRole::Idempotency, self.idempotency.is_some()),
+            ];
+            for (role, given) in given {
+                let configured = self.config.store_of(role);
+                if self.store.is_none() && !given && configured != &StoreSettings::Memory {
+                    tracing::warn!(
+                        role = role.name(),
+                        kind = configured.kind(),
+                        "the configuration names a durable store for this role but Builder::build() was called \
+                         without one: its state is kept in memory only; call Builder::open().await to open the \
+                         configured stores"
+                    );
+                }
+            }
         }
         let metrics = Arc::new(Metrics::register());
         let limits = self.config.limits.clone();

@@ -273,16 +273,26 @@ fn the_architecture_guide_names_every_source_file() {
 fn a_role_can_name_a_store_of_its_own() {
     use tollgate::config::{StoreRole, StoreSettings};
     let config = Config::from_toml_str(
-        "[store]\nkind = \"dynamodb\"\ntable = \"t\"\n[store.directory]\nkind = \"sqlite\"\npath = \"d.db\"\n[store.idempotency]\nkind = \"memory\"\n",
+        "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[store.directory]\nkind = \"sqlite\"\npath = \"d.db\"\n[store.idempotency]\nkind = \"memory\"\n",
     )
     .unwrap();
-    assert!(matches!(config.store_of(StoreRole::Quota), StoreSettings::Dynamodb { .. }));
-    assert!(matches!(config.store_of(StoreRole::Usage), StoreSettings::Dynamodb { .. }));
-    assert!(matches!(config.store_of(StoreRole::Directory), StoreSettings::Sqlite { .. }));
+    assert!(matches!(config.store_of(StoreRole::Quota), StoreSettings::Sqlite { path, .. } if path.ends_with("t.db")));
+    assert!(matches!(config.store_of(StoreRole::Usage), StoreSettings::Sqlite { path, .. } if path.ends_with("t.db")));
+    assert!(
+        matches!(config.store_of(StoreRole::Directory), StoreSettings::Sqlite { path, .. } if path.ends_with("d.db"))
+    );
     assert_eq!(config.store_of(StoreRole::Idempotency), &StoreSettings::Memory);
+    let config = Config::from_toml_str(
+        "[store]\nkind = \"dynamodb\"\ntable = \"t\"\n[store.directory]\nkind = \"dynamodb\"\ntable = \"directory\"\n",
+    )
+    .unwrap();
+    assert!(
+        matches!(config.store_of(StoreRole::Directory), StoreSettings::Dynamodb { table, .. } if table == "directory")
+    );
 
     let err =
-        Config::from_toml_str("[store]\nkind = \"memory\"\n[store.directory]\nkind = \"dynamodb\"\n").unwrap_err();
+        Config::from_toml_str("[store]\nkind = \"dynamodb\"\ntable = \"t\"\n[store.directory]\nkind = \"dynamodb\"\n")
+            .unwrap_err();
     assert_eq!(err.key(), "store.directory.table", "{err}");
     let err = Config::from_toml_str("[store.usage]\nkind = \"memory\"\npath = \"x.db\"\n").unwrap_err();
     assert_eq!(err.key(), "store.usage.path", "{err}");
@@ -292,6 +302,38 @@ fn a_role_can_name_a_store_of_its_own() {
     assert_eq!(err.key(), "store.directory.quota", "{err}");
     let err = Config::from_toml_str("[store.billing]\nkind = \"memory\"\n").unwrap_err();
     assert!(err.to_string().contains("billing"), "{err}");
+}
+
+/// A store shared by a fleet (DynamoDB) for one role and one node's own (memory, a SQLite file)
+/// for another is refused, placed at the role's section: each node would count its own quotas
+/// (the fleet admitting N times a hard limit), accept another node's replays, keep plan changes a
+/// webhook made on another node, or export the same window as another node.
+#[test]
+fn a_fleet_store_serves_every_role() {
+    const FLEET: &str = "[store]\nkind = \"dynamodb\"\ntable = \"t\"\n";
+    for (role, own) in [
+        ("quota", "kind = \"memory\"\n"),
+        ("idempotency", "kind = \"sqlite\"\npath = \"i.db\"\n"),
+        ("usage", "kind = \"sqlite\"\n"),
+        ("directory", "kind = \"sqlite\"\npath = \"d.db\"\n"),
+    ] {
+        let err = Config::from_toml_str(&format!("{FLEET}[store.{role}]\n{own}")).unwrap_err();
+        assert_eq!(err.key(), format!("store.{role}.kind"), "{err}");
+        assert_eq!(err.line(), Some(5), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("dynamodb") && text.contains(role) && text.contains("fleet"), "{text}");
+    }
+    // A role of the fleet's kind beside one node's store for the others: placed at the role too.
+    let err = Config::from_toml_str("[store]\nkind = \"sqlite\"\n[store.quota]\nkind = \"dynamodb\"\ntable = \"q\"\n")
+        .unwrap_err();
+    assert_eq!(err.key(), "store.quota.kind", "{err}");
+    assert_eq!(err.line(), Some(4), "{err}");
+    let err = Config::from_toml_str("[store.usage]\nkind = \"dynamodb\"\ntable = \"u\"\n").unwrap_err();
+    assert_eq!(err.key(), "store.usage.kind", "{err}");
+    // A kind left out is SQLite's: still one node's.
+    let err = Config::from_toml_str(&format!("{FLEET}[store.idempotency]\npath = \"i.db\"\n")).unwrap_err();
+    assert!(err.key().starts_with("store.idempotency"), "{err}");
+    assert_eq!(err.line(), Some(4), "{err}");
 }
 
 /// Every file a crate of the workspace includes (`include_str!`, `include_bytes!`) lies inside

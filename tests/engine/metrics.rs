@@ -99,6 +99,34 @@ impl std::io::Write for Lines {
     }
 }
 
+/// `Builder::build()` keeps in memory every role not given a store in code, and says so for
+/// each role the file gives a durable store, its own section's included.
+#[test]
+fn build_warns_of_each_role_whose_durable_store_it_does_not_open() {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let text = |lines: &Lines| String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
+    let config = tollgate::Config::from_toml_str(
+        "[store]\nkind = \"memory\"\n[store.directory]\nkind = \"sqlite\"\npath = \"d.db\"\n[plans.free]\n",
+    )
+    .unwrap();
+    let (_engine, _worker) = tollgate::Tollgate::builder(config.clone()).build();
+    let logged = text(&lines);
+    assert!(logged.contains("Builder::open") && logged.contains("directory"), "{logged}");
+    assert!(!logged.contains("quota"), "the quota role's store is memory: {logged}");
+    // Given in code, the role's store is the one the code chose: nothing to say.
+    lines.0.lock().unwrap().clear();
+    let directory = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let (_engine, _worker) = tollgate::Tollgate::builder(config).directory_store(directory).build();
+    assert_eq!(text(&lines), "");
+}
+
 /// A store outage is counted per error and logged once per burst, not once per request.
 #[tokio::test(flavor = "current_thread")]
 async fn store_errors_are_counted_each_and_logged_once_per_burst() {
