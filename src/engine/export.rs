@@ -48,6 +48,9 @@ pub struct ExportReport {
     pub retries: usize,
     /// Windows of tenants without a billing customer, skipped (the sink needs one).
     pub unbillable: usize,
+    /// Windows left pending for a later pass because their tenant's billing customer could not
+    /// be read: the directory failed for the tenant, or neither it nor the file knows it.
+    pub waiting: usize,
     /// Whether the sink asked to retry anything later.
     pub deferred: bool,
     /// Whether the pass stopped early because the sink refused everything (its credentials).
@@ -61,6 +64,7 @@ impl ExportReport {
         self.dead_letters += other.dead_letters;
         self.retries += other.retries;
         self.unbillable += other.unbillable;
+        self.waiting += other.waiting;
         self.deferred |= other.deferred;
         self.halted |= other.halted;
     }
@@ -97,38 +101,71 @@ impl Pacer {
     }
 }
 
+/// What the directory (or the file) says of a tenant's billing customer, in one pass.
+#[derive(Debug, Clone)]
+enum Customer {
+    /// Known, with its billing customer if it has one.
+    Known(Option<String>),
+    /// Neither the directory nor the file knows the tenant: its windows stay pending (a
+    /// directory kept in another store may lag, or not hold it yet), never written off.
+    Unknown,
+    /// The directory failed for the tenant in this pass: its windows wait for the next.
+    Unreadable,
+}
+
 /// The billing customers of the tenants one pass meets, each read from the directory once.
 ///
 /// Bounded: past [`Customers::MAX`] tenants the cache starts again (a pass over more tenants
 /// reads some twice).
-// `None`: the tenant is unknown; `Some(None)`: known, without a customer.
-#[allow(clippy::option_option)]
 #[derive(Debug, Default)]
-struct Customers(HashMap<TenantId, Option<Option<String>>>);
+struct Customers {
+    cache: HashMap<TenantId, Customer>,
+    /// Directory reads failed in a row.
+    failures: u32,
+}
 
-#[allow(clippy::option_option)]
 impl Customers {
     const MAX: usize = 1 << 16;
+    /// Directory reads failing in a row that end the pass: the directory is down rather than
+    /// one record bad, and each further tenant would wait out its own timeout.
+    const MAX_FAILURES: u32 = 3;
 
-    /// The tenant's billing customer (`Some(None)`: the tenant has none): the directory's, else
-    /// the file's for a static tenant. `None` when neither knows the tenant: its windows stay
-    /// pending (a directory kept in another store may lag, or not hold it yet), never written
-    /// off as unbillable. The directory is asked within `usage.store_timeout`.
-    async fn of(&mut self, deps: &Deps, rt: &Runtime, tenant: &TenantId) -> Result<Option<Option<String>>, StoreError> {
-        if let Some(c) = self.0.get(tenant) {
+    /// The tenant's billing customer: the directory's, else the file's for a static tenant.
+    /// The directory is asked within `usage.store_timeout`; a failure is counted and logged,
+    /// and leaves the tenant [`Customer::Unreadable`] for the rest of the pass.
+    ///
+    /// # Errors
+    /// The directory's error once [`Customers::MAX_FAILURES`] reads in a row have failed.
+    async fn of(&mut self, deps: &Deps, rt: &Runtime, tenant: &TenantId) -> Result<Customer, StoreError> {
+        if let Some(c) = self.cache.get(tenant) {
             return Ok(c.clone());
         }
         let timeout = rt.config.usage.store_timeout;
-        let record = with_timeout(timeout, deps.stores.roles.directory.tenant(tenant)).await?;
-        let file = rt.static_tenants.get(tenant);
-        let customer = match (record, file) {
-            (None, None) if tenant.as_str() != crate::config::ANONYMOUS_TENANT => None,
-            (record, file) => Some(record.and_then(|t| t.customer).or_else(|| file.and_then(|t| t.customer.clone()))),
+        let customer = match with_timeout(timeout, deps.stores.roles.directory.tenant(tenant)).await {
+            Ok(record) => {
+                self.failures = 0;
+                match (record, rt.static_tenants.get(tenant)) {
+                    (None, None) if tenant.as_str() != crate::config::ANONYMOUS_TENANT => Customer::Unknown,
+                    (record, file) => Customer::Known(
+                        record.and_then(|t| t.customer).or_else(|| file.and_then(|t| t.customer.clone())),
+                    ),
+                }
+            }
+            Err(e) => {
+                deps.stores.failed("export customer", &e);
+                self.failures += 1;
+                if self.failures >= Self::MAX_FAILURES {
+                    return Err(e);
+                }
+                tracing::warn!(%tenant, error = %e,
+                    "the tenant's windows wait for the next export pass: its directory record could not be read");
+                Customer::Unreadable
+            }
         };
-        if self.0.len() >= Self::MAX {
-            self.0.clear();
+        if self.cache.len() >= Self::MAX {
+            self.cache.clear();
         }
-        self.0.insert(tenant.clone(), customer.clone());
+        self.cache.insert(tenant.clone(), customer.clone());
         Ok(customer)
     }
 }
@@ -215,9 +252,9 @@ impl Exporter {
                 let send = match agg.send.clone() {
                     Some(send) => send,
                     None => match customers.of(&self.deps, rt, &agg.key.tenant).await? {
-                        Some(customer) => plan_send(rt, &agg, now, customer),
-                        // Unknown to the directory: not sent now.
-                        None => continue,
+                        Customer::Known(customer) => plan_send(rt, &agg, now, customer),
+                        // Unknown to the directory, or unreadable: not sent now.
+                        Customer::Unknown | Customer::Unreadable => continue,
                     },
                 };
                 // What the pass would park, or skip as not billable, is not sent.
@@ -278,13 +315,19 @@ impl Exporter {
                 let customer = match agg.send.as_ref() {
                     Some(send) => send.customer.clone(),
                     None => match customers.of(&self.deps, &rt, &agg.key.tenant).await? {
-                        Some(customer) => customer,
-                        None => {
+                        Customer::Known(customer) => customer,
+                        Customer::Unknown => {
                             // Kept pending (a directory in another store may lag): never
                             // marked exported without a call.
                             tracing::warn!(tenant = %agg.key.tenant, meter = %agg.key.meter,
                                 window = agg.key.window_start,
                                 "window not exported: the tenant is in neither the directory nor the file");
+                            report.waiting += 1;
+                            continue;
+                        }
+                        // Logged once per pass when the read failed.
+                        Customer::Unreadable => {
+                            report.waiting += 1;
                             continue;
                         }
                     },

@@ -203,6 +203,9 @@ pub struct Faulty {
     pub stall_tenant: std::sync::Mutex<Option<String>>,
     /// Tenant lookups answered.
     pub lookups: AtomicU64,
+    /// Directory reads of tenants whose id starts with this fail (a record the store cannot
+    /// decode; `""`: every tenant, the directory down).
+    pub unreadable_tenants: std::sync::Mutex<Option<String>>,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -219,6 +222,7 @@ impl Default for Faulty {
             lose_answers: Default::default(),
             stall_tenant: Default::default(),
             lookups: Default::default(),
+            unreadable_tenants: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -413,6 +417,9 @@ impl DirectoryStore for Faulty {
 
     async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
+        if self.unreadable_tenants.lock().unwrap().as_deref().is_some_and(|p| id.as_str().starts_with(p)) {
+            return Err(StoreError::Backend(format!("the record of {id} cannot be decoded").into()));
+        }
         self.lookups.fetch_add(1, Ordering::SeqCst);
         self.inner.tenant(id).await
     }

@@ -270,6 +270,67 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
     assert_eq!(engine.directory_store().tenant(&"acme".into()).await.unwrap(), Some(acme));
 }
 
+/// A tenant whose directory record cannot be read is left pending for this export pass, the
+/// store error counted; the pass goes on with the tenants after it, and the tenant's windows go
+/// out once the directory answers. A directory that fails for tenant after tenant (down, not one
+/// bad record) ends the pass with its error rather than waiting out a timeout per tenant.
+#[tokio::test]
+async fn a_tenant_the_directory_cannot_read_waits_without_stopping_the_export_pass() {
+    let directory = Arc::new(common::Faulty::default());
+    let mut tenants = vec!["a-broken".to_owned()];
+    tenants.extend((0..120).map(|i| format!("t{i:03}")));
+    for t in &tenants {
+        let record =
+            tollgate::store::TenantRecord::new(t.as_str().into(), "p".into()).with_customer(format!("cus_{t}"));
+        directory.put_tenant(&record, &[]).await.unwrap();
+    }
+    let usage = Arc::new(MemoryStore::new());
+    let records = tenants
+        .iter()
+        .map(|t| tollgate::store::UsageRecord::new(t.as_str().into(), "requests".into(), NOON, 2))
+        .collect();
+    usage.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("f"), records)).await.unwrap();
+    let sink = Arc::new(Recording::default());
+    let (clock, _handle) = Clock::fake_at_unix(NOON + 3600 + 300);
+    let config = "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n[export]\ncalls_per_second = 1000\n[plans.p]\n";
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(config).unwrap())
+        .store_arc(usage.clone())
+        .directory_store(directory.clone())
+        .clock(clock)
+        .billing_sink(Shared(sink.clone()))
+        .build();
+    let errors = engine.stats().store_errors;
+
+    // The first tenant listed cannot be read: the others (past the first page too) go out.
+    *directory.unreadable_tenants.lock().unwrap() = Some("a-broken".into());
+    let report = engine.export().await.unwrap();
+    assert_eq!((report.events, report.units, report.waiting), (120, 240, 1), "{report:?}");
+    assert_eq!(engine.stats().store_errors, errors + 1, "read once in the pass, counted");
+    let pending = usage.pending_exports(i64::MAX, None, 10).await.unwrap();
+    assert_eq!(pending.iter().map(|a| (a.key.tenant.as_str(), a.exported)).collect::<Vec<_>>(), [("a-broken", 0)]);
+
+    // The directory down: the pass ends with the error after a few tenants, nothing marked.
+    let more: Vec<_> = (0..20)
+        .map(|i| tollgate::store::UsageRecord::new(format!("t{i:03}").as_str().into(), "requests".into(), NOON, 1))
+        .collect();
+    usage.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("g"), more)).await.unwrap();
+    *directory.unreadable_tenants.lock().unwrap() = Some(String::new());
+    let lookups = directory.lookups.load(Ordering::SeqCst);
+    engine.export().await.unwrap_err();
+    assert_eq!(sink.events.lock().unwrap().len(), 120, "nothing sent without its customer");
+    assert!(directory.lookups.load(Ordering::SeqCst) == lookups, "failed reads are not lookups answered");
+    assert_eq!(usage.pending_exports(i64::MAX, None, 100).await.unwrap().len(), 21);
+
+    // The directory answers again: everything goes out, once.
+    *directory.unreadable_tenants.lock().unwrap() = None;
+    let report = engine.export().await.unwrap();
+    assert_eq!((report.events, report.units, report.waiting), (21, 2 + 20, 0), "{report:?}");
+    assert!(usage.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+    let events = sink.events.lock().unwrap().clone();
+    assert_eq!(events.iter().filter(|e| e.tenant.as_str() == "a-broken").count(), 1);
+    assert_eq!(events.iter().map(|e| e.value).sum::<u64>(), 240 + 2 + 20);
+}
+
 /// The same mixed setup named by the file: `[store.directory]` a SQLite file, every other role
 /// `[store]`'s memory. `Admin::open` (what the `tollgate` command runs) writes the tenant, its
 /// customer and its key to the directory's file; `Builder::open` serves the key from it and

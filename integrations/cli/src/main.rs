@@ -285,6 +285,13 @@ async fn export(config: Config, dry_run: bool) -> Result<()> {
         "{} meter events sent ({} units), {} retried later, {} dead-lettered, {} windows not billable (no customer)",
         r.events, r.units, r.retries, r.dead_letters, r.unbillable
     );
+    if r.waiting > 0 {
+        println!(
+            "{} windows wait for a later export: their tenant's directory record could not be read, \
+             or no directory holds the tenant (see the log)",
+            r.waiting
+        );
+    }
     if r.halted {
         return Err("Stripe refused the API key (401/403): the export stopped; check STRIPE_SECRET_KEY".into());
     }

@@ -416,6 +416,7 @@ pub fn export_handler(
                 "dead_letters": exported.dead_letters,
                 "retries": exported.retries,
                 "unbillable": exported.unbillable,
+                "waiting": exported.waiting,
                 "halted": exported.halted,
             }))
         }) as Pin<Box<dyn Future<Output = Result<serde_json::Value, Error>> + Send>>
