@@ -74,15 +74,50 @@ pub(crate) struct OpenStores {
 }
 
 impl OpenStores {
-    /// The store of `role` in `config`, opened if no role opened it yet.
+    /// The store of `role` in `config`, opened if no role opened it yet: a SQLite file is the
+    /// same store however its path is spelled (`./`, `..`, relative or absolute, a link).
     pub(crate) async fn role(&mut self, config: &Config, role: StoreRole) -> Result<Arc<dyn Store>, BuildError> {
         let settings = config.store_of(role);
-        if let Some((_, store)) = self.opened.iter().find(|(s, _)| s == settings) {
+        let wanted = identity(settings);
+        if let Some((opened, store)) = self.opened.iter().find(|(s, _)| identity(s) == wanted) {
+            if opened != settings {
+                tracing::warn!(
+                    role = role.name(),
+                    "the role names a SQLite file another role opened \
+                    with other settings: it shares that store, opened with the first role's settings"
+                );
+            }
             return Ok(store.clone());
         }
         let store = open_store(settings).await?;
         self.opened.push((settings.clone(), store.clone()));
         Ok(store)
+    }
+}
+
+/// What makes two store settings the same store: a SQLite file by where it is, not by how
+/// its path is spelled or its `synchronous` setting.
+fn identity(settings: &StoreSettings) -> StoreSettings {
+    match settings {
+        StoreSettings::Sqlite { path, .. } => {
+            StoreSettings::Sqlite { path: file_identity(path), synchronous: crate::config::Synchronous::Full }
+        }
+        other => other.clone(),
+    }
+}
+
+/// The file's canonical path; for a file not there yet, its folder's and its name.
+fn file_identity(path: &std::path::Path) -> std::path::PathBuf {
+    if let Ok(canonical) = path.canonicalize() {
+        return canonical;
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    match (folder.canonicalize(), path.file_name()) {
+        (Ok(folder), Some(name)) => folder.join(name),
+        _ => path.to_path_buf(),
     }
 }
 

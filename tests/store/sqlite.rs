@@ -460,3 +460,28 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
             .flatten();
     assert_eq!(send, None, "the usage table has the send column");
 }
+
+/// Roles naming one SQLite file, spelled two ways (`./`, `..`, a relative path from the
+/// working directory), get one store: one pool and one writer on the file, as when spelled
+/// alike. Another file is another store.
+#[tokio::test]
+async fn one_file_named_two_ways_by_two_roles_is_opened_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let main = dir.path().join("t.db");
+    let same = dir.path().join("sub/.././t.db");
+    let other = dir.path().join("other.db");
+    let toml = format!(
+        "[store]\nkind = \"sqlite\"\npath = {:?}\n[store.directory]\nkind = \"sqlite\"\npath = {:?}\n\
+         [store.idempotency]\nkind = \"sqlite\"\npath = {:?}\n[plans.p]\n",
+        main.display().to_string(),
+        same.display().to_string(),
+        other.display().to_string()
+    );
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).open().await.unwrap();
+    let at = |p: *const ()| p as usize;
+    let usage = at(Arc::as_ptr(engine.usage_store()).cast());
+    assert_eq!(at(Arc::as_ptr(engine.quota_store()).cast()), usage);
+    assert_eq!(at(Arc::as_ptr(engine.directory_store()).cast()), usage, "one file, one store");
+    assert_ne!(at(Arc::as_ptr(engine.idempotency_store()).cast()), usage, "another file");
+}
