@@ -14,15 +14,11 @@ impl ExportStore for MemoryStore {
         let inner = self.lock();
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
         Ok(inner
-            .usage
+            .pending
             .range((from, Bound::Unbounded))
-            .filter(|(k, a)| {
-                k.window_start < window_start_before
-                    && (a.quantity > a.exported || a.in_flight.is_some())
-                    && a.dead.is_none()
-            })
+            .filter(|k| k.window_start < window_start_before)
+            .filter_map(|k| inner.usage.get(k).map(|a| a.view(k)))
             .take(limit)
-            .map(|(k, a)| a.view(k))
             .collect())
     }
 
@@ -47,7 +43,9 @@ impl ExportStore for MemoryStore {
                     a.in_flight = Some(aggregate.quantity.min(a.quantity));
                     a.send = Some(send.clone());
                 }
-                Ok(Some(a.view(&aggregate.key)))
+                let view = a.view(&aggregate.key);
+                inner.index(&aggregate.key);
+                Ok(Some(view))
             }
             _ => Ok(None),
         }
@@ -85,6 +83,7 @@ impl ExportStore for MemoryStore {
                 a.unknown_failures = 0;
                 a.first_attempt_at = None;
                 a.claim = None;
+                inner.index(&aggregate.key);
                 Ok(true)
             }
             _ => Ok(false),
@@ -92,8 +91,10 @@ impl ExportStore for MemoryStore {
     }
 
     async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
-        if let Some(a) = self.lock().usage.get_mut(&aggregate.key).filter(|a| a.revision == aggregate.revision) {
+        let mut inner = self.lock();
+        if let Some(a) = inner.usage.get_mut(&aggregate.key).filter(|a| a.revision == aggregate.revision) {
             a.dead = Some(reason.to_owned());
+            inner.index(&aggregate.key);
         }
         Ok(())
     }
@@ -103,8 +104,9 @@ impl ExportStore for MemoryStore {
         let inner = self.lock();
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
         Ok(inner
-            .usage
+            .parked
             .range((from, Bound::Unbounded))
+            .filter_map(|k| inner.usage.get(k).map(|a| (k, a)))
             .filter_map(|(k, a)| {
                 a.dead.as_ref().map(|reason| {
                     let mut d = DeadLetter::new(k.clone(), a.quantity - a.exported, reason.clone());
@@ -130,6 +132,7 @@ impl ExportStore for MemoryStore {
         a.unknown_failures = 0;
         a.first_attempt_at = None;
         a.revision += 1;
+        inner.index(key);
         Ok(true)
     }
 

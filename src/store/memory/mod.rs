@@ -1,5 +1,5 @@
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
     sync::Mutex,
 };
 
@@ -29,7 +29,9 @@ mod usage;
 ///
 /// Memory stays bounded: old quota periods are dropped when a new one is reserved, aggregates
 /// (exported or not) 35 days after their window (unexported ones with a warning), and only the
-/// last 65,536 flush ids are kept.
+/// last 65,536 flush ids are kept. Export listings walk an index of the windows not yet
+/// exported (and one of the dead letters), and a tenant's usage its own windows only, so the
+/// 35 days of exported windows kept cost memory, not time under the store's lock.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -53,6 +55,10 @@ struct Inner {
     /// (tenant, meter) -> its counters, one per period still of use.
     quotas: HashMap<(TenantId, MeterId), Counters>,
     usage: BTreeMap<ExportKey, Aggregate>,
+    /// The keys of the aggregates the export has yet to send (or has in flight), and of those
+    /// parked as dead letters: a listing walks these, not 35 days of exported windows.
+    pending: BTreeSet<ExportKey>,
+    parked: BTreeSet<ExportKey>,
     flushes: HashSet<FlushId>,
     flush_order: VecDeque<FlushId>,
     keys: HashMap<KeyHash, ApiKeyRecord>,
@@ -105,6 +111,25 @@ impl Inner {
         }
     }
 
+    /// Files the aggregate at `key` in [`Inner::pending`] or [`Inner::parked`] (or neither),
+    /// after any change to it.
+    fn index(&mut self, key: &ExportKey) {
+        let (pending, parked) = match self.usage.get(key) {
+            Some(a) if a.dead.is_some() => (false, true),
+            Some(a) => (a.quantity > a.exported || a.in_flight.is_some(), false),
+            None => (false, false),
+        };
+        for (set, member) in [(&mut self.pending, pending), (&mut self.parked, parked)] {
+            if member {
+                if !set.contains(key) {
+                    set.insert(key.clone());
+                }
+            } else {
+                set.remove(key);
+            }
+        }
+    }
+
     /// Drops aggregates past [`RETENTION_SECS`], at most once an hour of window time.
     fn prune(&mut self) {
         if self.newest_window - self.pruned_at < 3600 {
@@ -120,6 +145,10 @@ impl Inner {
             }
             keep
         });
+        self.pending.retain(|k| k.window_start >= horizon);
+        self.parked.retain(|k| k.window_start >= horizon);
+        self.pending.retain(|k| k.window_start >= horizon);
+        self.parked.retain(|k| k.window_start >= horizon);
         if unexported > 0 {
             tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
         }
@@ -388,6 +417,55 @@ mod tests {
         assert!(s.finish_export(&theirs).await.unwrap());
         let done = s.usage(&agg.key).await.unwrap().unwrap();
         assert_eq!((done.attempts, done.first_attempt_at, done.claimed_until, done.revision), (0, None, None, 1));
+    }
+
+    /// The export listings' indexes hold exactly the aggregates pending (or in flight) and
+    /// those parked, through every change an aggregate goes through.
+    #[tokio::test]
+    async fn the_export_indexes_follow_every_change_of_an_aggregate() {
+        fn check(s: &MemoryStore) -> (usize, usize) {
+            let inner = s.lock();
+            let pending: BTreeSet<ExportKey> = inner
+                .usage
+                .iter()
+                .filter(|(_, a)| a.dead.is_none() && (a.quantity > a.exported || a.in_flight.is_some()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            let parked: BTreeSet<ExportKey> =
+                inner.usage.iter().filter(|(_, a)| a.dead.is_some()).map(|(k, _)| k.clone()).collect();
+            assert_eq!(inner.pending, pending);
+            assert_eq!(inner.parked, parked);
+            (pending.len(), parked.len())
+        }
+        let s = MemoryStore::new();
+        let rec =
+            |t: &str, w: i64| UsageRecord { tenant: t.into(), meter: "requests".into(), window_start: w, quantity: 2 };
+        let commit = |id: &str, records| UsageBatch { id: FlushId::new(id), records };
+        s.commit_usage(&commit("1", vec![rec("a", 0), rec("b", 0), rec("c", 0)])).await.unwrap();
+        assert_eq!(check(&s), (3, 0));
+        let listed = s.pending_exports(3600, None, 10).await.unwrap();
+        let (a, b) = (&listed[0], &listed[1]);
+        let a = s.begin_export(a, &ExportClaim::new(1, 100, 400), &send()).await.unwrap().unwrap();
+        assert_eq!(check(&s), (3, 0), "in flight: still listed");
+        assert!(s.finish_export(&a).await.unwrap());
+        assert_eq!(check(&s), (2, 0));
+        s.dead_letter(b, "refused").await.unwrap();
+        assert_eq!(check(&s), (1, 1));
+        assert_eq!(s.dead_letters(None, 10).await.unwrap().len(), 1);
+        assert!(s.requeue_dead_letter(&b.key).await.unwrap());
+        assert_eq!(check(&s), (2, 0));
+        // New usage in an exported window: pending again, as its next revision.
+        s.commit_events(&[UsageEvent::new("e", rec("a", 0), 10)]).await.unwrap();
+        assert_eq!(check(&s), (3, 0));
+        let listed = s.pending_exports(3600, Some(&a.key), 10).await.unwrap();
+        assert_eq!(listed.iter().map(|l| l.key.tenant.as_str()).collect::<Vec<_>>(), ["b", "c"], "after the cursor");
+        assert!(s.pending_exports(0, None, 10).await.unwrap().is_empty(), "windows from the bound on are left out");
+        // Past the retention, dropped from the indexes with the aggregates.
+        s.dead_letter(&listed[0], "refused").await.unwrap();
+        s.commit_usage(&commit("2", vec![rec("d", RETENTION_SECS + 3600)])).await.unwrap();
+        assert_eq!(check(&s), (1, 0));
+        assert_eq!(s.usage_range(&"d".into(), 0, i64::MAX).await.unwrap().len(), 1);
+        assert!(s.usage_range(&"a".into(), 0, i64::MAX).await.unwrap().is_empty());
     }
 
     #[tokio::test]

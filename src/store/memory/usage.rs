@@ -11,8 +11,9 @@ impl UsageStore for MemoryStore {
         }
         for r in &batch.records {
             let key = ExportKey { tenant: r.tenant.clone(), meter: r.meter.clone(), window_start: r.window_start };
-            let agg = inner.usage.entry(key).or_default();
+            let agg = inner.usage.entry(key.clone()).or_default();
             agg.quantity = agg.quantity.saturating_add(r.quantity);
+            inner.index(&key);
             inner.newest_window = inner.newest_window.max(r.window_start);
         }
         inner.prune();
@@ -36,8 +37,9 @@ impl UsageStore for MemoryStore {
             }
             let r = &e.record;
             let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
-            let agg = inner.usage.entry(key).or_default();
+            let agg = inner.usage.entry(key.clone()).or_default();
             agg.quantity = agg.quantity.saturating_add(r.quantity);
+            inner.index(&key);
             inner.newest_window = inner.newest_window.max(r.window_start);
             inner.events.insert(&e.id, e.at);
             out.push(EventOutcome::Applied);
@@ -48,10 +50,13 @@ impl UsageStore for MemoryStore {
 
     async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
         let inner = self.lock();
+        // The tenant's aggregates only: keys are ordered by tenant first.
+        let first = ExportKey::new(tenant.clone(), MeterId::from(""), i64::MIN);
         Ok(inner
             .usage
-            .iter()
-            .filter(|(k, _)| k.tenant == *tenant && k.window_start >= from && k.window_start < to)
+            .range(first..)
+            .take_while(|(k, _)| k.tenant == *tenant)
+            .filter(|(k, _)| k.window_start >= from && k.window_start < to)
             .map(|(k, a)| a.view(k))
             .collect())
     }
