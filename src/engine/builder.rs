@@ -394,6 +394,9 @@ impl Builder {
             unknown: moka::sync::Cache::builder()
                 .max_capacity(limits.negative_capacity)
                 .time_to_live(limits.negative_ttl)
+                // Least recently used first, as documented: a new unknown key is always
+                // remembered, however often the others were tried.
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };

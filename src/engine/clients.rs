@@ -49,16 +49,18 @@ pub(crate) fn client_ip<'a>(
     let mut client = peer;
     for k in 1..=kept {
         let line = held[(n - k) % MAX_LINES];
-        let Ok(line) = std::str::from_utf8(line) else { return Some(client) };
-        for element in line.rsplit(',') {
-            let hop = match header {
-                ForwardedHeader::XForwardedFor => element.trim().parse::<IpAddr>().ok().map(canonical),
+        // Element by element from the right: a byte that is not UTF-8 spoils its own element
+        // only, never the proxies' entries on its right.
+        for element in line.rsplit(|b| *b == b',') {
+            let hop = std::str::from_utf8(element).ok().and_then(|element| match header {
+                // Some proxies write the client's port too: `ip:port`, `[v6]:port`.
+                ForwardedHeader::XForwardedFor => forwarded_node(element.trim()),
                 ForwardedHeader::Forwarded => element
                     .split(';')
                     .filter_map(|pair| pair.split_once('='))
                     .find(|(k, _)| k.trim().eq_ignore_ascii_case("for"))
                     .and_then(|(_, v)| forwarded_node(v.trim())),
-            };
+            });
             match hop {
                 Some(ip) if is_trusted(ip) => client = ip,
                 Some(ip) => return Some(ip),
@@ -71,7 +73,8 @@ pub(crate) fn client_ip<'a>(
 }
 
 /// A `Forwarded` node (RFC 7239 §6): `192.0.2.60`, `"[2001:db8::1]:4711"`, `"192.0.2.60:80"`;
-/// `unknown` and obfuscated identifiers are not addresses.
+/// `unknown` and obfuscated identifiers are not addresses. An `X-Forwarded-For` entry is read
+/// alike (some proxies write `ip:port` there too).
 fn forwarded_node(value: &str) -> Option<IpAddr> {
     let v = value.trim_matches('"');
     if let Some(rest) = v.strip_prefix('[') {
@@ -122,7 +125,14 @@ pub(crate) struct ClientCells {
 
 impl ClientCells {
     pub(crate) fn new(capacity: u64) -> Self {
-        Self { cells: moka::sync::Cache::builder().max_capacity(capacity).build() }
+        // Least recently used first, as documented: a new address is always held (moka's
+        // default admission could refuse it in favour of often-seen ones, and each of its
+        // requests would then find a full bucket).
+        let cells = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        Self { cells }
     }
 
     /// Gives back `nanos` of a client's bucket (a request refused for another reason after its

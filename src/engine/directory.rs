@@ -46,7 +46,11 @@ impl Tollgate {
         let unknown_key = (digest.lo, digest.hi);
         let mut hash = None;
         let mut validated = now;
-        let record = if self.shared.unknown.contains_key(&unknown_key) {
+        // Remembered as unknown until `negative_ttl` after the lookup that found it so: a hit
+        // never renews the entry, so a key issued meanwhile is accepted within that time.
+        let now_nanos = self.shared.clock.unix_nanos();
+        let remembered = self.shared.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
+        let record = if remembered {
             Totals::add(&self.shared.totals.negative_hits, 1);
             self.shared.metrics.negative_hits.increment(1);
             Ok(None)
@@ -89,8 +93,9 @@ impl Tollgate {
             }
         };
         let Some(record) = record else {
-            if !matches!(credential, OwnedCredential::Anonymous) {
-                self.shared.unknown.insert(unknown_key, ());
+            if !remembered && !matches!(credential, OwnedCredential::Anonymous) {
+                let ttl = i64::try_from(rt.config.limits.negative_ttl.as_nanos()).unwrap_or(i64::MAX);
+                self.shared.unknown.insert(unknown_key, now_nanos.saturating_add(ttl));
             }
             return match &rt.anonymous {
                 Some(plan) => Ok(self.anonymous(&rt, plan)),

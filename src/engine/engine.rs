@@ -36,7 +36,9 @@ use crate::{
 ///     .with_idempotency_key(b"order-7");
 /// assert_eq!(info.path, "/v1/orders");
 /// ```
-#[derive(Debug, Clone, Copy)]
+///
+/// Its `Debug` never prints the API key nor the `Idempotency-Key`.
+#[derive(Clone, Copy)]
 #[non_exhaustive]
 pub struct RequestInfo<'a> {
     /// The method, such as `GET`.
@@ -52,6 +54,19 @@ pub struct RequestInfo<'a> {
     /// The client's address (the front doors fill it in when anonymous callers are limited
     /// per address: the peer, or through trusted proxies the forwarded client).
     pub client: Option<std::net::IpAddr>,
+}
+
+impl fmt::Debug for RequestInfo<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestInfo")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field("credential", &self.credential)
+            .field("idempotency_key", &self.idempotency_key.map(|k| format!("<{} bytes, not shown>", k.len())))
+            .field("client", &self.client)
+            .finish()
+    }
 }
 
 impl<'a> RequestInfo<'a> {
@@ -179,8 +194,10 @@ pub(crate) struct Shared {
     pub(crate) prefetch: mpsc::Sender<Prefetch>,
     pub(crate) sweep_now: Notify,
     pub(crate) shutdown: watch::Sender<bool>,
-    /// Credentials the directory did not know, for `limits.negative_ttl`.
-    pub(crate) unknown: moka::sync::Cache<(u64, u64), ()>,
+    /// Credentials the directory did not know, each with when it stops being remembered (the
+    /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it
+    /// unknown, whatever the hits since.
+    pub(crate) unknown: moka::sync::Cache<(u64, u64), i64>,
 }
 
 /// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].

@@ -9,7 +9,9 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 use crate::base::{draw_u64, TenantId};
 
 /// What a request says about its tenant, as a [`TenantResolver`](crate::TenantResolver) finds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Its `Debug` never prints an API key, only its length.
+#[derive(Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Credential<'a> {
     /// An API key, to be looked up in the tenant directory.
@@ -20,6 +22,17 @@ pub enum Credential<'a> {
     Missing,
     /// Something was there but cannot be read; the reason is sent back in the 400 response.
     Malformed(&'static str),
+}
+
+impl fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::ApiKey(key) => write!(f, "ApiKey(<{} bytes, not shown>)", key.len()),
+            Credential::Tenant(id) => f.debug_tuple("Tenant").field(id).finish(),
+            Credential::Missing => f.write_str("Missing"),
+            Credential::Malformed(reason) => f.debug_tuple("Malformed").field(reason).finish(),
+        }
+    }
 }
 
 /// A verified tenant identity put in the request extensions by an authentication layer, for

@@ -99,6 +99,33 @@ async fn the_forwarded_client_is_believed_only_through_trusted_proxies() {
     assert_eq!(from(&h, Some("10.0.0.1"), &[("x-forwarded-for", "192.0.2.212")]).await, 429);
 }
 
+/// Forwarding entries written with a port (`ip:port`, `[v6]:port`, as some proxies write them)
+/// name their client; a byte that is not UTF-8 spoils only the entry it is in, never the
+/// proxies' own entries on its right.
+#[tokio::test]
+async fn forwarded_entries_with_a_port_or_a_bad_byte_on_their_left_are_read() {
+    let h = Harness::new(TOML);
+    let via = |peer: &str, value: &[u8]| {
+        let mut r = req("GET", "/", None, None);
+        r.extensions_mut().insert(ClientAddr(peer.parse::<IpAddr>().unwrap()));
+        r.headers_mut().append("x-forwarded-for", http::HeaderValue::from_bytes(value).unwrap());
+        r
+    };
+    // 203.0.113.7 spends its burst of 2 directly ...
+    assert_eq!(from(&h, Some("203.0.113.7"), &[]).await, 200);
+    assert_eq!(from(&h, Some("203.0.113.7"), &[]).await, 200);
+    // ... and is the same client behind a proxy that writes its port.
+    assert_eq!(h.send(via("10.0.0.1", b"203.0.113.7:4711")).await.status, 429, "ip:port");
+    assert_eq!(h.send(via("10.0.0.1", b"198.51.100.1, 203.0.113.7:80, 10.0.0.3:443")).await.status, 429);
+    // IPv6 with a port, in brackets.
+    assert_eq!(from(&h, Some("2001:db8:5::1"), &[]).await, 200);
+    assert_eq!(from(&h, Some("2001:db8:5::1"), &[]).await, 200);
+    assert_eq!(h.send(via("10.0.0.1", b"[2001:db8:5::1]:4711")).await.status, 429, "[v6]:port");
+    // A bad byte on the left spoils its own entry only: the client on its right is read.
+    assert_eq!(h.send(via("10.0.0.1", b"\xff\xfe, 203.0.113.7, 10.0.0.2")).await.status, 429);
+    assert_eq!(h.send(via("10.0.0.1", b"1.2.3.\xff, 203.0.113.7")).await.status, 429);
+}
+
 #[tokio::test]
 async fn ipv6_grouping_follows_the_configured_prefix() {
     let h = Harness::new(&TOML.replace("trusted_proxies", "ipv6_prefix = 128\ntrusted_proxies"));
@@ -140,6 +167,30 @@ async fn the_state_per_address_is_bounded() {
     assert!(held <= 50, "{held} addresses held, over limits.max_clients");
 }
 
+/// The map of client buckets is least recently used first, as documented: a new address is
+/// always held once it came (its bucket limits it from its first request), and the address
+/// seen longest ago is the one that starts again, however often the others came before.
+#[tokio::test]
+async fn a_new_address_is_held_even_when_the_map_is_full_of_frequent_ones() {
+    let h = Harness::new(&TOML.replace("limit = 9", "limit = 100000"));
+    let ip = |i: u32| IpAddr::from([198, 18, 0, i as u8]).to_string();
+    for round in 0..6 {
+        for i in 0..50 {
+            let expected = if round < 2 { 200 } else { 429 };
+            assert_eq!(from(&h, Some(&ip(i)), &[]).await, expected, "address {i}, round {round}");
+        }
+        assert_eq!(h.tollgate.stats().tracked_clients, 50);
+    }
+    let newcomer = "203.0.113.9";
+    for expected in [200, 200, 429, 429] {
+        assert_eq!(from(&h, Some(newcomer), &[]).await, expected, "its own bucket, held");
+        assert!(h.tollgate.stats().tracked_clients <= 50);
+    }
+    // The address seen longest ago went: it starts again with a full bucket.
+    assert_eq!(from(&h, Some(&ip(0)), &[]).await, 200);
+    assert_eq!(from(&h, Some(&ip(49)), &[]).await, 429, "seen recently: kept");
+}
+
 #[test]
 fn bad_proxy_ranges_and_prefixes_are_named() {
     let e = tollgate::Config::from_toml_str(&TOML.replace("\"10.0.0.0/8\"", "\"10.0.0.0/40\"")).unwrap_err();
@@ -176,4 +227,26 @@ async fn unknown_keys_served_as_anonymous_are_limited_per_address() {
     assert_eq!(h.send(with_key("192.0.2.31", "junk-3")).await.status.as_u16(), 429, "one address, one bucket");
     assert_eq!(h.send(with_key("192.0.2.32", "junk-4")).await.status.as_u16(), 200, "another address");
     assert_eq!(h.tollgate.stats().anonymous_without_address, 0);
+}
+
+/// `Debug` of a request, of its credential and of what admission answers never prints an API
+/// key or an `Idempotency-Key` (they end up in logs and panic messages).
+#[test]
+fn debug_output_never_prints_a_key() {
+    use tollgate::door::{Credential, RequestInfo};
+    const KEY: &str = "tg_live_Sup3rSecretKeyValue";
+    const IDEMPOTENCY: &str = "order-7f3a-secret-idempotency";
+    let info = RequestInfo::new("POST", "/v1/orders", Credential::ApiKey(KEY.as_bytes()))
+        .with_idempotency_key(IDEMPOTENCY.as_bytes());
+    for text in [format!("{info:?}"), format!("{info:#?}"), format!("{:?}", Credential::ApiKey(KEY.as_bytes()))] {
+        // Neither the text, nor its bytes as Debug prints a slice.
+        let bytes = format!("{:?}", &KEY.as_bytes()[..8]);
+        let bytes = &bytes[1..bytes.len() - 1];
+        assert!(!text.contains(KEY) && !text.contains(bytes), "{text}");
+        assert!(!text.contains(IDEMPOTENCY), "{text}");
+        let idem = format!("{:?}", &IDEMPOTENCY.as_bytes()[..8]);
+        assert!(!text.contains(&idem[1..idem.len() - 1]), "{text}");
+    }
+    assert!(format!("{info:?}").contains("/v1/orders"), "the rest is printed");
+    assert!(format!("{:?}", Credential::Tenant("acme")).contains("acme"), "a tenant id is no secret");
 }

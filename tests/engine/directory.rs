@@ -39,6 +39,25 @@ async fn unknown_credentials_cause_bounded_store_traffic() {
     assert!(store.lookups.load(Ordering::SeqCst) <= 2_100);
 }
 
+/// A key refused as unknown and then issued is accepted `negative_ttl` after the lookup that
+/// refused it, however often the client retries meanwhile (a hit does not renew the entry).
+#[tokio::test]
+async fn a_key_issued_after_it_was_refused_is_accepted_within_the_negative_ttl() {
+    let (h, store) = node(PLANS);
+    assert_eq!(h.status("/", "key-new").await, 401);
+    let lookups = store.lookups.load(Ordering::SeqCst);
+    let record = TenantRecord::new("acme".into(), "free".into());
+    store.inner.put_tenant(&record, &[KeyHash::of(b"key-new")]).await.unwrap();
+    // Retried every second: refused from the cache until the entry's 10 s are up.
+    for second in 1..10 {
+        h.clock.advance(Duration::from_secs(1));
+        assert_eq!(h.status("/", "key-new").await, 401, "at {second} s: remembered as unknown");
+    }
+    assert_eq!(store.lookups.load(Ordering::SeqCst), lookups, "no lookup while remembered");
+    h.clock.advance(Duration::from_secs(1));
+    assert_eq!(&h.get("/", "key-new").await.body[..], b"acme on free", "10 s after the lookup that refused it");
+}
+
 #[tokio::test]
 async fn the_tenant_cap_holds_without_the_worker() {
     let (h, store) = node(&format!("[limits]\nmax_tenants = 10\n{}", &PLANS[9..]));
