@@ -147,8 +147,6 @@ impl Inner {
         });
         self.pending.retain(|k| k.window_start >= horizon);
         self.parked.retain(|k| k.window_start >= horizon);
-        self.pending.retain(|k| k.window_start >= horizon);
-        self.parked.retain(|k| k.window_start >= horizon);
         if unexported > 0 {
             tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
         }
