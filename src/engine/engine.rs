@@ -313,8 +313,14 @@ impl Tollgate {
             }
             Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
         };
-        let mut route = rt.route(req.method, req.path);
-        let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, req.path, req.query)));
+        // The path as the routers match it: rules are matched, and idempotent requests told
+        // apart, on what the application serves.
+        let path = match crate::plan::normalize_path(req.path) {
+            Ok(path) => path,
+            Err(why) => return self.reject(Rejection::new(RejectionKind::MalformedPath, why)),
+        };
+        let mut route = rt.route(req.method, &path);
+        let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, &path, req.query)));
         match self.shared.table.get(lookup) {
             Some(state) => {
                 // A state of the configuration before a reload, met in the moment before its

@@ -552,10 +552,15 @@ impl Runtime {
     }
 
     /// The meter and cost of a request: the first matching route, else the default meter at 1.
+    /// `HEAD` matches the `GET` rules too (routers serve it with the `GET` handler); `path` is
+    /// normalized ([`normalize_path`](super::normalize_path)).
     #[inline]
     pub(crate) fn route(&self, method: &str, path: &str) -> RouteCost {
+        let head = method == "HEAD";
         for r in self.routes.iter() {
-            if r.method.as_ref().is_none_or(|m| m.as_str() == method) && r.pattern.matches(path) {
+            if r.method.as_ref().is_none_or(|m| m.as_str() == method || (head && m.as_str() == "GET"))
+                && r.pattern.matches(path)
+            {
                 return r.cost;
             }
         }

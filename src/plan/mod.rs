@@ -4,4 +4,5 @@ mod compiled;
 mod route;
 
 pub(crate) use compiled::{CompiledPlan, MeterTable, RouteCost, Runtime, StaticTenant};
+pub(crate) use route::normalize_path;
 pub use route::RoutePattern;

@@ -118,6 +118,72 @@ impl RoutePattern {
     }
 }
 
+/// Why a path with a dot segment is refused.
+pub(crate) const DOT_SEGMENT: &str =
+    "the path has a dot segment (`.` or `..`, perhaps percent-encoded): send the path resolved";
+
+/// The path as the routers of the front doors match it: percent-encoded unreserved characters
+/// (RFC 3986 §2.3: letters, digits, `-`, `.`, `_`, `~`) decoded, every other escape (`%2F`
+/// among them) kept as written. A path with a dot segment (`.` or `..`, after decoding) is
+/// refused: routers differ on them (axum matches `..` as a segment, a proxy may resolve it),
+/// so no rule could match what every one of them serves.
+///
+/// Borrowed, without a copy, when there is nothing to decode.
+pub(crate) fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    let bytes = path.as_bytes();
+    let mut escaped = false;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'%' => escaped = true,
+            b'.' if i == 0 || bytes[i - 1] == b'/' => {
+                let end = bytes[i..].iter().position(|&c| c == b'/').map_or(bytes.len(), |n| i + n);
+                if end - i <= 2 && bytes[i..end].iter().all(|&c| c == b'.') {
+                    return Err(DOT_SEGMENT);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !escaped {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| hex(bytes[i + 1]).zip(hex(bytes[i + 2])).map(|(h, l)| h << 4 | l))
+            .flatten()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
+        match decoded {
+            Some(c) => {
+                out.push(char::from(c));
+                i += 3;
+            }
+            None => {
+                // Not an escape of an unreserved character: kept as written (a whole UTF-8
+                // character at a time).
+                let len = path[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&path[i..i + len]);
+                i += len;
+            }
+        }
+    }
+    // Dot segments written as escapes (`%2E%2E`) are dot segments too.
+    if out.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err(DOT_SEGMENT);
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
 fn check_param(name: &str) -> Result<(), String> {
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(format!("`{name}` is not a parameter name (letters, digits, '_')"));
@@ -134,6 +200,23 @@ impl fmt::Debug for RoutePattern {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalized_as_routers_decode_them() {
+        let n = |p| normalize_path(p).map(std::borrow::Cow::into_owned);
+        assert!(matches!(normalize_path("/v1/generate"), Ok(std::borrow::Cow::Borrowed(_))));
+        assert_eq!(n("/v1/gener%61te").unwrap(), "/v1/generate");
+        assert_eq!(n("/v1/%7e%2D%2e%5F%41").unwrap(), "/v1/~-._A");
+        assert_eq!(n("/v1%2Freports").unwrap(), "/v1%2Freports", "an encoded / stays encoded");
+        assert_eq!(n("/a%20b/%zz/%4").unwrap(), "/a%20b/%zz/%4", "other escapes, and broken ones, kept");
+        assert_eq!(n("/caf%C3%A9/é%").unwrap(), "/caf%C3%A9/é%");
+        for dots in ["/v1/../x", "/v1/./x", "/..", "/.", "/v1/x/..", "/v1/%2E%2E/x", "/v1/.%2e", "/%2e/x", "."] {
+            assert_eq!(n(dots), Err(DOT_SEGMENT), "{dots}");
+        }
+        for fine in ["/v1/items.json", "/v1/.well-known", "/v1/...", "/v1/..x", "/v1/%2E%2E%2E"] {
+            assert!(n(fine).is_ok(), "{fine}");
+        }
+    }
 
     #[test]
     fn matching() {

@@ -33,6 +33,9 @@ pub enum RejectionKind {
     /// The route needs a feature the tenant's plan (with its overrides) does not include:
     /// 403. Nothing is charged.
     FeatureNotInPlan,
+    /// The path has a dot segment (`.` or `..`, perhaps percent-encoded), which routers serve
+    /// differently: 400. Nothing is charged.
+    MalformedPath,
 }
 
 macro_rules! docs {
@@ -48,7 +51,9 @@ impl RejectionKind {
         match self {
             RejectionKind::RateLimited | RejectionKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => StatusCode::UNAUTHORIZED,
-            RejectionKind::MalformedCredentials | RejectionKind::MalformedIdempotencyKey => StatusCode::BAD_REQUEST,
+            RejectionKind::MalformedCredentials
+            | RejectionKind::MalformedIdempotencyKey
+            | RejectionKind::MalformedPath => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
             RejectionKind::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -65,7 +70,9 @@ impl RejectionKind {
         match self {
             RejectionKind::RateLimited | RejectionKind::QuotaExceeded => 8,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
-            RejectionKind::MalformedCredentials | RejectionKind::MalformedIdempotencyKey => 3,
+            RejectionKind::MalformedCredentials
+            | RejectionKind::MalformedIdempotencyKey
+            | RejectionKind::MalformedPath => 3,
             RejectionKind::StoreUnavailable => 14,
             RejectionKind::IdempotencyKeyInUse => 10,
             RejectionKind::IdempotencyKeyMismatch => 9,
@@ -94,6 +101,7 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyInUse => "Idempotency-Key in use",
             RejectionKind::IdempotencyKeyMismatch => "Idempotency-Key reused",
             RejectionKind::FeatureNotInPlan => "Feature not in plan",
+            RejectionKind::MalformedPath => "Malformed path",
         }
     }
 
@@ -111,6 +119,7 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyInUse => docs!("IdempotencyKeyInUse"),
             RejectionKind::IdempotencyKeyMismatch => docs!("IdempotencyKeyMismatch"),
             RejectionKind::FeatureNotInPlan => docs!("FeatureNotInPlan"),
+            RejectionKind::MalformedPath => docs!("MalformedPath"),
         }
     }
 
@@ -128,10 +137,11 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyInUse => "idempotency_key_in_use",
             RejectionKind::IdempotencyKeyMismatch => "idempotency_key_mismatch",
             RejectionKind::FeatureNotInPlan => "feature_not_in_plan",
+            RejectionKind::MalformedPath => "malformed_path",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 10] = [
+    pub(crate) const ALL: [RejectionKind; 11] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::MissingCredentials,
@@ -142,6 +152,7 @@ impl RejectionKind {
         RejectionKind::IdempotencyKeyInUse,
         RejectionKind::IdempotencyKeyMismatch,
         RejectionKind::FeatureNotInPlan,
+        RejectionKind::MalformedPath,
     ];
 }
 

@@ -264,3 +264,32 @@ async fn leases_grow_for_busy_tenants_and_shrink_back() {
     }
     assert_eq!(h.reserved(&key).await, 10, "five leases of 2 (cap: max(2, 31/16))");
 }
+
+/// `HEAD` is charged by the `GET` rules (routers serve it with the `GET` handler), and a path
+/// is matched as the routers decode it: escapes of unreserved characters decoded, an encoded
+/// `/` kept; an idempotent request is the same request however its path is escaped.
+#[tokio::test]
+async fn head_and_encoded_paths_are_charged_by_their_route() {
+    let toml = "[plans.p]\nquotas.requests = { limit = 12, period = \"day\", mode = \"hard\" }\n\
+                [[routes]]\nmethod = \"GET\"\npath = \"/v1/export\"\ncost = 4\n\
+                [tenants.acme]\nplan = \"p\"\nkeys = [\"key-a\"]\n";
+    let h = Harness::new(toml);
+    assert_eq!(h.send(req("HEAD", "/v1/export", Some("key-a"), None)).await.status, 200);
+    assert_eq!(h.send(req("GET", "/v1/%65xport", Some("key-a"), None)).await.status, 200);
+    assert_eq!(h.send(req("HEAD", "/v1/%65%78port", Some("key-a"), None)).await.status, 200);
+    assert_eq!(h.send(req("GET", "/v1/export", Some("key-a"), None)).await.status, 429, "12 spent: 3 × 4");
+    assert_eq!(h.send(req("GET", "/v1/other", Some("key-a"), None)).await.status, 429);
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(
+        common::committed(h.tollgate.usage_store().as_ref(), "acme", "requests", NOON - 86_400, NOON + 86_400, 3600)
+            .await,
+        12
+    );
+
+    // The same idempotent request, escaped or not: a replay, not a mismatch.
+    let toml = "[plans.p]\n[tenants.acme]\nplan = \"p\"\nkeys = [\"key-a\"]\n";
+    let h = Harness::new(toml);
+    assert_eq!(h.send(req("POST", "/v1/orders", Some("key-a"), Some("o-1"))).await.status, 200);
+    assert_eq!(h.send(req("POST", "/v1/%6Frders", Some("key-a"), Some("o-1"))).await.status, 200);
+    assert_eq!(h.send(req("POST", "/v1/%6Frders%2F", Some("key-a"), Some("o-1"))).await.status, 422);
+}
