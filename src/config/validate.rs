@@ -546,11 +546,14 @@ impl Validator<'_, '_> {
     /// usage store two nodes would export the same window.
     fn one_kind_of_sharing(&self, store: &StoreSettings, roles: &StoreRoles) -> Result<(), ConfigError> {
         let of = |role: StoreRole| roles.get(role).unwrap_or(store);
+        let written = self.loc.find_exact("store.kind").is_some() || self.loc.find_exact("store.path").is_some();
         let section = |role: StoreRole| {
             if roles.get(role).is_some() {
                 format!("[store.{}]", role.name())
-            } else {
+            } else if written {
                 "[store]".to_owned()
+            } else {
+                "[store]'s default, a SQLite file tollgate.db".to_owned()
             }
         };
         let Some(shared) = StoreRole::ALL.into_iter().find(|r| of(*r).is_shared()) else { return Ok(()) };

@@ -80,12 +80,16 @@ impl OpenStores {
         let settings = config.store_of(role);
         let wanted = identity(settings);
         if let Some((opened, store)) = self.opened.iter().find(|(s, _)| identity(s) == wanted) {
-            if opened != settings {
-                tracing::warn!(
-                    role = role.name(),
-                    "the role names a SQLite file another role opened \
-                    with other settings: it shares that store, opened with the first role's settings"
-                );
+            if let (StoreSettings::Sqlite { synchronous: first, .. }, StoreSettings::Sqlite { synchronous, .. }) =
+                (opened, settings)
+            {
+                if first != synchronous {
+                    tracing::warn!(
+                        role = role.name(),
+                        "the role names a SQLite file another role opened \
+                        with another `synchronous`: it shares that store, opened with the first role's"
+                    );
+                }
             }
             return Ok(store.clone());
         }

@@ -316,18 +316,30 @@ impl Exporter {
                     Some(send) => send.customer.clone(),
                     None => match customers.of(&self.deps, &rt, &agg.key.tenant).await? {
                         Customer::Known(customer) => customer,
-                        Customer::Unknown => {
-                            // Kept pending (a directory in another store may lag): never
-                            // marked exported without a call.
-                            tracing::warn!(tenant = %agg.key.tenant, meter = %agg.key.meter,
-                                window = agg.key.window_start,
-                                "window not exported: the tenant is in neither the directory nor the file");
+                        // Kept pending (a directory in another store may lag, a record may be
+                        // mended): never marked exported without a call; parked once too old
+                        // to send, so that it is listed rather than pruned unseen.
+                        waiting @ (Customer::Unknown | Customer::Unreadable) => {
+                            if let Customer::Unknown = waiting {
+                                tracing::warn!(tenant = %agg.key.tenant, meter = %agg.key.meter,
+                                    window = agg.key.window_start,
+                                    "window not exported: the tenant is in neither the directory nor the file");
+                            }
+                            if agg.key.window_start < now - MAX_AGE_SECS {
+                                let why = match waiting {
+                                    Customer::Unknown => "in neither the directory nor the file",
+                                    _ => "its directory record could not be read",
+                                };
+                                let reason = format!(
+                                    "too old: its tenant's billing customer was never found ({why}) within the 35 \
+                                     days the billing system takes; mend the directory, then requeue"
+                                );
+                                pass.park(&agg, &reason, &mut report).await?;
+                                continue;
+                            }
                             report.waiting += 1;
-                            continue;
-                        }
-                        // Logged once per pass when the read failed.
-                        Customer::Unreadable => {
-                            report.waiting += 1;
+                            Totals::add(&self.deps.totals.waiting_windows, 1);
+                            self.deps.metrics.waiting_windows.increment(1);
                             continue;
                         }
                     },

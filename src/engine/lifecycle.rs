@@ -133,6 +133,18 @@ impl Tollgate {
                 report.flush.units += flush.units;
                 let export = self.export_pass(!durable).await?;
                 report.export = export;
+                if !durable && export.waiting > 0 {
+                    // The store dies with the process: windows left waiting for their tenant's
+                    // customer would be lost, so they are retried as a failure is.
+                    return Err(StoreError::Backend(
+                        format!(
+                            "{} windows wait for their tenant's billing customer (the directory could not \
+                             be read for it, or does not hold it) and the usage store does not outlive the process",
+                            export.waiting
+                        )
+                        .into(),
+                    ));
+                }
                 Ok::<_, StoreError>(())
             };
             // Each attempt is bounded by the deadline too: a store or sink that hangs cannot

@@ -203,9 +203,11 @@ pub struct Faulty {
     pub stall_tenant: std::sync::Mutex<Option<String>>,
     /// Tenant lookups answered.
     pub lookups: AtomicU64,
-    /// Directory reads of tenants whose id starts with this fail (a record the store cannot
+    /// Directory reads of tenants whose id contains this fail (a record the store cannot
     /// decode; `""`: every tenant, the directory down).
     pub unreadable_tenants: std::sync::Mutex<Option<String>>,
+    /// Directory reads of one tenant asked, failed or not.
+    pub tenant_reads: AtomicU64,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -223,6 +225,7 @@ impl Default for Faulty {
             stall_tenant: Default::default(),
             lookups: Default::default(),
             unreadable_tenants: Default::default(),
+            tenant_reads: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -416,8 +419,9 @@ impl DirectoryStore for Faulty {
     }
 
     async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        self.tenant_reads.fetch_add(1, Ordering::SeqCst);
         self.check()?;
-        if self.unreadable_tenants.lock().unwrap().as_deref().is_some_and(|p| id.as_str().starts_with(p)) {
+        if self.unreadable_tenants.lock().unwrap().as_deref().is_some_and(|p| id.as_str().contains(p)) {
             return Err(StoreError::Backend(format!("the record of {id} cannot be decoded").into()));
         }
         self.lookups.fetch_add(1, Ordering::SeqCst);

@@ -352,7 +352,8 @@ fn included_files_lie_inside_their_package() {
     let mut seen = 0;
     for package in packages {
         let package = package.canonicalize().unwrap();
-        let mut stack = vec![package.join("src")];
+        let mut stack: Vec<_> =
+            ["src", "examples", "benches"].iter().map(|d| package.join(d)).filter(|d| d.exists()).collect();
         while let Some(dir) = stack.pop() {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
@@ -364,7 +365,7 @@ fn included_files_lie_inside_their_package() {
                     continue;
                 }
                 let text = std::fs::read_to_string(&path).unwrap();
-                for macro_name in ["include_str!(\"", "include_bytes!(\""] {
+                for macro_name in ["include_str!(\"", "include_bytes!(\"", "include!(\""] {
                     for part in text.split(macro_name).skip(1) {
                         let included = &part[..part.find('"').unwrap()];
                         let file = path.parent().unwrap().join(included);

@@ -270,29 +270,37 @@ async fn a_directory_in_another_store_gives_exported_windows_their_customer() {
     assert_eq!(engine.directory_store().tenant(&"acme".into()).await.unwrap(), Some(acme));
 }
 
-/// A tenant whose directory record cannot be read is left pending for this export pass, the
-/// store error counted; the pass goes on with the tenants after it, and the tenant's windows go
-/// out once the directory answers. A directory that fails for tenant after tenant (down, not one
-/// bad record) ends the pass with its error rather than waiting out a timeout per tenant.
+/// A tenant whose directory record cannot be read is left pending for this export pass (read
+/// once per pass, the store error counted), the pass going on with the tenants after it; its
+/// windows go out once the directory answers. A directory failing for three tenants in a row
+/// (down, not one bad record) ends the pass with its error rather than waiting out a timeout
+/// per tenant; failures between successes do not add up.
 #[tokio::test]
 async fn a_tenant_the_directory_cannot_read_waits_without_stopping_the_export_pass() {
     let directory = Arc::new(common::Faulty::default());
-    let mut tenants = vec!["a-broken".to_owned()];
-    tenants.extend((0..120).map(|i| format!("t{i:03}")));
+    let mut tenants = vec!["a-bad".to_owned()];
+    tenants.extend((0..120).map(|i| if i % 40 == 7 { format!("t{i:03}-bad") } else { format!("t{i:03}") }));
     for t in &tenants {
         let record =
             tollgate::store::TenantRecord::new(t.as_str().into(), "p".into()).with_customer(format!("cus_{t}"));
         directory.put_tenant(&record, &[]).await.unwrap();
     }
     let usage = Arc::new(MemoryStore::new());
+    // Two windows of every tenant, on two meters.
     let records = tenants
         .iter()
-        .map(|t| tollgate::store::UsageRecord::new(t.as_str().into(), "requests".into(), NOON, 2))
+        .flat_map(|t| {
+            [
+                tollgate::store::UsageRecord::new(t.as_str().into(), "requests".into(), NOON, 2),
+                tollgate::store::UsageRecord::new(t.as_str().into(), "tokens".into(), NOON, 1),
+            ]
+        })
         .collect();
     usage.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("f"), records)).await.unwrap();
     let sink = Arc::new(Recording::default());
     let (clock, _handle) = Clock::fake_at_unix(NOON + 3600 + 300);
-    let config = "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n[export]\ncalls_per_second = 1000\n[plans.p]\n";
+    let config =
+        "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n[export]\ncalls_per_second = 1000\n[meters.tokens]\n[plans.p]\n";
     let (engine, _worker) = Tollgate::builder(Config::from_toml_str(config).unwrap())
         .store_arc(usage.clone())
         .directory_store(directory.clone())
@@ -301,34 +309,79 @@ async fn a_tenant_the_directory_cannot_read_waits_without_stopping_the_export_pa
         .build();
     let errors = engine.stats().store_errors;
 
-    // The first tenant listed cannot be read: the others (past the first page too) go out.
-    *directory.unreadable_tenants.lock().unwrap() = Some("a-broken".into());
+    // Four tenants cannot be read, the first listed among them, the others between good ones.
+    *directory.unreadable_tenants.lock().unwrap() = Some("bad".into());
+    let reads = directory.tenant_reads.load(Ordering::SeqCst);
     let report = engine.export().await.unwrap();
-    assert_eq!((report.events, report.units, report.waiting), (120, 240, 1), "{report:?}");
-    assert_eq!(engine.stats().store_errors, errors + 1, "read once in the pass, counted");
-    let pending = usage.pending_exports(i64::MAX, None, 10).await.unwrap();
-    assert_eq!(pending.iter().map(|a| (a.key.tenant.as_str(), a.exported)).collect::<Vec<_>>(), [("a-broken", 0)]);
+    assert_eq!((report.events, report.units, report.waiting), (2 * 117, 3 * 117, 2 * 4), "{report:?}");
+    assert_eq!(directory.tenant_reads.load(Ordering::SeqCst) - reads, 121, "each tenant read once in the pass");
+    assert_eq!(engine.stats().store_errors, errors + 4, "each failed read counted");
+    assert_eq!(engine.stats().waiting_windows, 8);
+    let pending = usage.pending_exports(i64::MAX, None, 100).await.unwrap();
+    let mut waiting: Vec<&str> = pending.iter().map(|a| a.key.tenant.as_str()).collect();
+    waiting.dedup();
+    assert_eq!(waiting, ["a-bad", "t007-bad", "t047-bad", "t087-bad"]);
 
-    // The directory down: the pass ends with the error after a few tenants, nothing marked.
-    let more: Vec<_> = (0..20)
-        .map(|i| tollgate::store::UsageRecord::new(format!("t{i:03}").as_str().into(), "requests".into(), NOON, 1))
+    // The directory down: the pass ends with the error after three reads, nothing marked.
+    let more: Vec<_> = tenants[1..21]
+        .iter()
+        .map(|t| tollgate::store::UsageRecord::new(t.as_str().into(), "requests".into(), NOON, 1))
         .collect();
     usage.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("g"), more)).await.unwrap();
     *directory.unreadable_tenants.lock().unwrap() = Some(String::new());
-    let lookups = directory.lookups.load(Ordering::SeqCst);
+    let reads = directory.tenant_reads.load(Ordering::SeqCst);
     engine.export().await.unwrap_err();
-    assert_eq!(sink.events.lock().unwrap().len(), 120, "nothing sent without its customer");
-    assert!(directory.lookups.load(Ordering::SeqCst) == lookups, "failed reads are not lookups answered");
-    assert_eq!(usage.pending_exports(i64::MAX, None, 100).await.unwrap().len(), 21);
+    assert_eq!(directory.tenant_reads.load(Ordering::SeqCst) - reads, 3, "three reads, not one per tenant");
+    assert_eq!(sink.events.lock().unwrap().len(), 2 * 117, "nothing sent without its customer");
+    assert_eq!(usage.pending_exports(i64::MAX, None, 100).await.unwrap().len(), 8 + 19);
 
     // The directory answers again: everything goes out, once.
     *directory.unreadable_tenants.lock().unwrap() = None;
     let report = engine.export().await.unwrap();
-    assert_eq!((report.events, report.units, report.waiting), (21, 2 + 20, 0), "{report:?}");
+    assert_eq!((report.events, report.waiting), (8 + 19, 0), "{report:?}");
     assert!(usage.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
     let events = sink.events.lock().unwrap().clone();
-    assert_eq!(events.iter().filter(|e| e.tenant.as_str() == "a-broken").count(), 1);
-    assert_eq!(events.iter().map(|e| e.value).sum::<u64>(), 240 + 2 + 20);
+    assert_eq!(events.iter().filter(|e| e.tenant.as_str() == "a-bad").count(), 2);
+    assert_eq!(events.iter().map(|e| e.value).sum::<u64>(), 3 * 121 + 20);
+}
+
+/// A window whose tenant's customer is never found is parked as a dead letter once it is too
+/// old to send (listed for the operator), not left to be pruned unseen; and with a usage store
+/// that dies with the process, shutdown does not report success while windows wait.
+#[tokio::test]
+async fn windows_that_wait_too_long_are_parked_and_shutdown_does_not_drop_them() {
+    let directory = Arc::new(common::Faulty::default());
+    let record = tollgate::store::TenantRecord::new("x".into(), "p".into()).with_customer("cus_x");
+    directory.put_tenant(&record, &[]).await.unwrap();
+    *directory.unreadable_tenants.lock().unwrap() = Some("x".into());
+    let usage = Arc::new(MemoryStore::new());
+    let day = 86_400;
+    let records = vec![
+        tollgate::store::UsageRecord::new("x".into(), "requests".into(), NOON - 35 * day, 3),
+        tollgate::store::UsageRecord::new("x".into(), "requests".into(), NOON, 4),
+    ];
+    usage.commit_usage(&tollgate::store::UsageBatch::new(tollgate::store::FlushId::new("f"), records)).await.unwrap();
+    let sink = Arc::new(Recording::default());
+    let (clock, _handle) = Clock::fake_at_unix(NOON + 3600 + 300);
+    let config = "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\nshutdown_timeout = \"1s\"\n[plans.p]\n";
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(config).unwrap())
+        .store_arc(usage.clone())
+        .directory_store(directory.clone())
+        .clock(clock)
+        .billing_sink(Shared(sink.clone()))
+        .build();
+    let report = engine.export().await.unwrap();
+    assert_eq!((report.events, report.dead_letters, report.waiting), (0, 1, 1), "{report:?}");
+    let parked = usage.dead_letters(None, 10).await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!((parked[0].key.window_start, parked[0].units), (NOON - 35 * day, 3));
+    assert!(parked[0].reason.contains("could not be read"), "{}", parked[0].reason);
+
+    // The memory store dies with the process: the waiting window makes shutdown fail (after
+    // retrying until usage.shutdown_timeout), loudly.
+    let err = engine.shutdown().await.unwrap_err();
+    assert!(err.to_string().contains("wait for their tenant's billing customer"), "{err}");
+    assert!(sink.events.lock().unwrap().is_empty());
 }
 
 /// The same mixed setup named by the file: `[store.directory]` a SQLite file, every other role

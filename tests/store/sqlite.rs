@@ -461,9 +461,9 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     assert_eq!(send, None, "the usage table has the send column");
 }
 
-/// Roles naming one SQLite file, spelled two ways (`./`, `..`, a relative path from the
-/// working directory), get one store: one pool and one writer on the file, as when spelled
-/// alike. Another file is another store.
+/// Roles naming one SQLite file, spelled three ways (`./` and `..`, through a link to its
+/// folder), get one store: one pool and one writer on the file, as when spelled alike.
+/// Another file is another store.
 #[tokio::test]
 async fn one_file_named_two_ways_by_two_roles_is_opened_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -471,11 +471,15 @@ async fn one_file_named_two_ways_by_two_roles_is_opened_once() {
     let main = dir.path().join("t.db");
     let same = dir.path().join("sub/.././t.db");
     let other = dir.path().join("other.db");
+    std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).unwrap();
+    let linked = dir.path().join("link/t.db");
     let toml = format!(
         "[store]\nkind = \"sqlite\"\npath = {:?}\n[store.directory]\nkind = \"sqlite\"\npath = {:?}\n\
+         [store.quota]\nkind = \"sqlite\"\npath = {:?}\n\
          [store.idempotency]\nkind = \"sqlite\"\npath = {:?}\n[plans.p]\n",
         main.display().to_string(),
         same.display().to_string(),
+        linked.display().to_string(),
         other.display().to_string()
     );
     let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).open().await.unwrap();
