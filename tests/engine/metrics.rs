@@ -99,18 +99,25 @@ impl std::io::Write for Lines {
     }
 }
 
+impl Lines {
+    /// Captures this thread's warnings and errors until the guard drops.
+    fn capture() -> (Lines, tracing::subscriber::DefaultGuard) {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 /// `Builder::build()` keeps in memory every role not given a store in code, and says so for
 /// each role the file gives a durable store, its own section's included.
 #[test]
 fn build_warns_of_each_role_whose_durable_store_it_does_not_open() {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (lines, _guard) = Lines::capture();
     let text = |lines: &Lines| String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
     let config = tollgate::Config::from_toml_str(
         "[store]\nkind = \"memory\"\n[store.directory]\nkind = \"sqlite\"\npath = \"d.db\"\n[plans.free]\n",
@@ -131,14 +138,7 @@ fn build_warns_of_each_role_whose_durable_store_it_does_not_open() {
 #[tokio::test(flavor = "current_thread")]
 async fn store_errors_are_counted_each_and_logged_once_per_burst() {
     use std::sync::atomic::Ordering;
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (lines, _guard) = Lines::capture();
 
     let toml = common::one_tenant("quotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }");
     let store = std::sync::Arc::new(common::Faulty::default());
