@@ -31,6 +31,7 @@ pub(crate) struct Metrics {
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     pub(crate) webhooks_rejected: Counter,
     pub(crate) evictions: Counter,
+    pub(crate) rate_states_dropped: Counter,
     pub(crate) negative_hits: Counter,
     pub(crate) buffer_full: Counter,
     pub(crate) dropped_units: Counter,
@@ -69,6 +70,7 @@ impl Metrics {
             webhooks_ignored: counter!("tollgate_webhook_events_total", "outcome" => "ignored"),
             webhooks_rejected: counter!("tollgate_webhook_events_total", "outcome" => "rejected"),
             evictions: counter!("tollgate_tenants_evicted_total"),
+            rate_states_dropped: counter!("tollgate_rate_states_dropped_total"),
             negative_hits: counter!("tollgate_unknown_credential_cache_hits_total"),
             buffer_full: counter!("tollgate_usage_buffer_full_total"),
             dropped_units: counter!("tollgate_usage_dropped_units_total"),
@@ -208,6 +210,12 @@ pub struct Stats {
     /// Client addresses whose rate state is held for anonymous callers (at most
     /// `limits.max_clients`).
     pub tracked_clients: u64,
+    /// Rate buckets of tenants no longer held, kept until they are full again (at most
+    /// `limits.max_tenants`).
+    pub held_rate_states: u64,
+    /// Such buckets dropped before they were full again, the memory being at its cap (that
+    /// tenant finds a full bucket when it comes back).
+    pub rate_states_dropped: u64,
 }
 
 impl Totals {
@@ -238,6 +246,8 @@ impl Totals {
             events_refused: l(&self.events_refused),
             shadow_would_refuse: l(&self.shadow_would_refuse),
             anonymous_without_address: l(&self.anonymous_without_address),
+            held_rate_states: 0,
+            rate_states_dropped: 0,
             tracked_clients: 0,
         }
     }

@@ -380,7 +380,7 @@ impl Builder {
         let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone());
         let shared = Shared {
             runtime: ArcSwap::from_pointee(runtime),
-            table: TenantTable::new(limits.max_tenants),
+            table: TenantTable::new(limits.max_tenants, metrics.rate_states_dropped.clone()),
             stores,
             ids,
             leases,

@@ -481,6 +481,8 @@ impl Tollgate {
     #[must_use]
     pub fn stats(&self) -> Stats {
         let mut stats = self.shared.totals.snapshot(self.shared.table.len());
+        stats.held_rate_states = self.shared.table.rates.len() as u64;
+        stats.rate_states_dropped = self.shared.table.rates.dropped();
         if let Some(clients) = self.shared.runtime.load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
             clients.cells.settle();
             stats.tracked_clients = clients.cells.len();

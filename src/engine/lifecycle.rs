@@ -103,7 +103,9 @@ impl Tollgate {
             self.shared.runtime.load().config.check_same_store(&config)?;
         }
         let rt = Runtime::compile(config, &self.shared.metrics, &self.shared.clock);
+        self.shared.table.rates.set_cap(rt.config.limits.max_tenants);
         self.shared.runtime.store(Arc::new(rt));
+        // Every tenant gets a state of the new configuration; their buckets carry over.
         let states = self.shared.table.evict_all();
         self.return_leases(states).await;
         tracing::info!("configuration reloaded");

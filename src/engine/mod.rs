@@ -14,6 +14,7 @@ mod idempotency;
 mod lease;
 mod lifecycle;
 mod node;
+mod rates;
 mod record;
 mod report;
 mod store_calls;

@@ -8,6 +8,7 @@ use std::{
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
 
+use super::rates::RateMemory;
 use crate::{
     config::TenantId,
     tenant::{Fingerprinter, KeyHash, Tenant, TenantState, TAG_API_KEY, TAG_TENANT},
@@ -84,10 +85,12 @@ pub(crate) struct TenantTable {
     /// States taken out of the maps (evicted, or replaced by a reload) that may still receive
     /// usage from requests in flight: drained at every flush until nobody else holds them.
     pub(crate) retired: Mutex<Vec<Tenant>>,
+    /// The rate buckets of tenants let go before they were full again, by tenant.
+    pub(crate) rates: RateMemory,
 }
 
 impl TenantTable {
-    pub(crate) fn new(capacity_hint: usize) -> Self {
+    pub(crate) fn new(capacity_hint: usize, rate_states_dropped: metrics::Counter) -> Self {
         let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 16).next_power_of_two();
         // Grown on demand: a small service should not pay for its cap at start-up.
         let cap = capacity_hint.min(1024);
@@ -96,6 +99,7 @@ impl TenantTable {
             credentials: DashMap::with_capacity_and_hasher_and_shard_amount(cap, Default::default(), shards),
             tenants: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
             retired: Mutex::new(Vec::new()),
+            rates: RateMemory::new(capacity_hint, rate_states_dropped),
         }
     }
 
@@ -136,10 +140,14 @@ impl TenantTable {
         // The credential is mapped while the tenant's entry is held, so an eviction or a
         // replacement (which take the entry first) cannot slip in between and leave the
         // credential on a state the table no longer holds.
-        let mut entry = self.tenants.entry(id.clone()).or_insert_with(|| Entry {
-            state: Tenant::new(make()),
-            creds: Vec::new(),
-            validated,
+        let mut entry = self.tenants.entry(id.clone()).or_insert_with(|| {
+            let state = make();
+            // A tenant let go before its bucket was full again finds it as it left it.
+            let now = state.rate_now();
+            if let Some(tat) = self.rates.take(self.rate_key(id), now) {
+                state.restore_rate(tat);
+            }
+            Entry { state: Tenant::new(state), creds: Vec::new(), validated }
         });
         if !entry.creds.iter().any(|(d, _)| *d == digest) {
             entry.creds.push((digest, hash));
@@ -200,7 +208,12 @@ impl TenantTable {
     /// state from now on; the old one is retired (its usage is kept, its leases go back).
     pub(crate) fn replace(&self, id: &TenantId, now: i64, make: impl FnOnce() -> TenantState) -> Option<Tenant> {
         let mut e = self.tenants.get_mut(id)?;
-        let old = std::mem::replace(&mut e.state, Tenant::new(make()));
+        let new = make();
+        if let Some(tat) = e.state.rate_tat() {
+            // The same tenant: its bucket carries over to its new state.
+            new.restore_rate(tat);
+        }
+        let old = std::mem::replace(&mut e.state, Tenant::new(new));
         e.validated = now;
         for (digest, _) in &e.creds {
             self.credentials.insert(*digest, e.state.clone());
@@ -220,6 +233,9 @@ impl TenantTable {
                     self.credentials.remove_if(digest, |_, s| Tenant::ptr_eq(s, &entry.state));
                 }
                 entry.state.mark_evicted();
+                if let Some(tat) = entry.state.rate_tat() {
+                    self.rates.keep(self.rate_key(&id), tat, entry.state.rate_now());
+                }
                 out.push(entry.state);
             }
         }
@@ -227,6 +243,12 @@ impl TenantTable {
             self.retired.lock().unwrap_or_else(|e| e.into_inner()).extend(out.iter().cloned());
         }
         out
+    }
+
+    /// The key of a tenant's bucket in [`TenantTable::rates`]: its id's digest.
+    fn rate_key(&self, id: &TenantId) -> (u64, u64) {
+        let d = self.digest(Lookup::Identity(id.as_str()));
+        (d.lo, d.hi)
     }
 
     /// Takes every tenant out of the table.

@@ -77,15 +77,19 @@ pub(crate) struct RatePolicy {
     /// `q = max(burst, ⌊w / T⌋)`, so that `r` (the cells left) never exceeds `q`.
     pub(crate) q: u64,
     pub(crate) w: u64,
+    /// When the limiter started, on the engine clock's monotonic nanoseconds: the tenants'
+    /// arrival times are measured from it.
+    pub(crate) start: u64,
 }
 
 impl RatePolicy {
-    fn new(rate: Rate, burst: NonZeroU32, limiter: PlanLimiter) -> Self {
+    fn new(rate: Rate, burst: NonZeroU32, limiter: PlanLimiter, start: u64) -> Self {
         let t = rate.interval().as_nanos().max(1);
         let burst_nanos = u128::from(burst.get()) * t;
         let w = burst_nanos.div_ceil(1_000_000_000).max(1);
         let q = (w * 1_000_000_000 / t).max(u128::from(burst.get()));
-        Self { rate, burst, limiter, q: q.min(u128::from(u64::MAX)) as u64, w: w.min(u128::from(u64::MAX)) as u64 }
+        let (q, w) = (q.min(u128::from(u64::MAX)) as u64, w.min(u128::from(u64::MAX)) as u64);
+        Self { rate, burst, limiter, q, w, start }
     }
 
     /// Nanoseconds for `cells` cells to come back.
@@ -250,7 +254,10 @@ impl CompiledPlan {
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
                 .allow_burst(spec.burst);
-            RatePolicy::new(rate, spec.burst, PlanLimiter::new(quota, TenantCells, clock, informed))
+            // governor's limiter reads its start from the clock as it is made: the same
+            // reading on a fake clock, within nanoseconds on the system's.
+            let start = governor::clock::Clock::now(clock).into();
+            RatePolicy::new(rate, spec.burst, PlanLimiter::new(quota, TenantCells, clock, informed), start)
         });
         let mut quotas: Vec<(usize, QuotaSpec)> =
             spec.quotas.iter().filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone()))).collect();

@@ -105,6 +105,30 @@ impl GcraCell {
 }
 
 impl TenantState {
+    /// The tenant's own rate bucket as a theoretical arrival time on the engine clock's
+    /// monotonic nanoseconds, to carry it to another state of the tenant (`None`: the plan has
+    /// no rate of the tenant's own, or the bucket was never used).
+    pub(crate) fn rate_tat(&self) -> Option<u64> {
+        let rate = self.plan.rate.as_ref().filter(|_| self.plan.clients.is_none())?;
+        let tat = self.gcra.0.load(Ordering::Acquire);
+        (tat != 0).then(|| rate.start.saturating_add(tat))
+    }
+
+    /// Sets the tenant's bucket to `tat` ([`rate_tat`](Self::rate_tat) of another state),
+    /// measured from this state's plan limiter; a plan without a rate of the tenant's own
+    /// keeps nothing.
+    pub(crate) fn restore_rate(&self, tat: u64) {
+        if let Some(rate) = self.plan.rate.as_ref().filter(|_| self.plan.clients.is_none()) {
+            self.gcra.0.store(tat.saturating_sub(rate.start).max(1), Ordering::Release);
+        }
+    }
+
+    /// The engine clock's monotonic reading, in nanoseconds (what [`rate_tat`](Self::rate_tat)
+    /// is measured on).
+    pub(crate) fn rate_now(&self) -> u64 {
+        governor::clock::Clock::now(&self.clock).into()
+    }
+
     /// Gives back `nanos` of the rate bucket the request took them from: the tenant's, or
     /// for the anonymous tenant the client's (`client`, its address's key).
     pub(crate) fn give_back_cells(&self, client: u64, nanos: u64) {

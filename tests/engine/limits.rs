@@ -293,3 +293,78 @@ async fn head_and_encoded_paths_are_charged_by_their_route() {
     assert_eq!(h.send(req("POST", "/v1/%6Frders", Some("key-a"), Some("o-1"))).await.status, 200);
     assert_eq!(h.send(req("POST", "/v1/%6Frders%2F", Some("key-a"), Some("o-1"))).await.status, 422);
 }
+
+/// A tenant's rate bucket survives its state being let go: a directory tenant revalidated
+/// after `directory_ttl` of silence, a file tenant swept after `idle_timeout`, a tenant evicted
+/// by the cap, every tenant at a reload. Coming back before its bucket refilled, it finds it
+/// as it left it; once it refilled, full. The buckets kept are bounded by `max_tenants`, the one
+/// closest to full going first, counted.
+#[tokio::test]
+async fn a_spent_rate_survives_eviction_revalidation_and_reload() {
+    use std::sync::Arc;
+    use tollgate::store::{KeyHash, TenantRecord};
+    let toml = "[limits]\ndirectory_ttl = \"60s\"\nidle_timeout = \"5m\"\nmax_tenants = 3\n\
+                [plans.daily]\nrate = \"10/day\"\n[plans.other]\nrate = \"20/day\"\n\
+                [tenants.file]\nplan = \"daily\"\nkeys = [\"key-file\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    for i in 0..6 {
+        let record = TenantRecord::new(format!("d{i}").into(), "daily".into());
+        store.inner.put_tenant(&record, &[KeyHash::of(format!("key-d{i}").as_bytes())]).await.unwrap();
+    }
+    let spend = |key: &'static str, n: usize| {
+        let h = &h;
+        async move {
+            for _ in 0..n {
+                assert_eq!(h.status("/", key).await, 200, "{key}");
+            }
+        }
+    };
+    spend("key-d0", 10).await;
+    spend("key-file", 10).await;
+    assert_eq!(h.status("/", "key-d0").await, 429);
+    assert_eq!(h.status("/", "key-file").await, 429);
+
+    // 75 s of silence: the directory tenant is let go by the revalidation (not seen within
+    // directory_ttl), and read again when it comes back.
+    h.clock.advance(Duration::from_secs(75));
+    h.tollgate.revalidate().await;
+    assert_eq!(h.tollgate.stats().tracked_tenants, 1, "only the file tenant is held");
+    assert_eq!(h.status("/", "key-d0").await, 429, "its bucket as it left it");
+    // Past idle_timeout the file tenant is swept.
+    h.clock.advance(Duration::from_secs(301));
+    assert!(h.tollgate.sweep().await >= 1);
+    assert_eq!(h.status("/", "key-file").await, 429, "swept, its bucket kept");
+
+    // The cap (3): four more tenants push d0 and the file tenant out.
+    for key in ["key-d1", "key-d2", "key-d3", "key-d4"] {
+        spend(key, 1).await;
+    }
+    assert!(h.tollgate.stats().tracked_tenants <= 3);
+    assert_eq!(h.status("/", "key-d0").await, 429, "evicted by the cap, its bucket kept");
+    // A reload gives every tenant a state of the new configuration: buckets carry over.
+    h.tollgate.reload(tollgate::Config::from_toml_str(toml).unwrap()).await.unwrap();
+    assert_eq!(h.status("/", "key-file").await, 429, "after a reload");
+
+    // A day later every bucket is full again.
+    h.clock.advance(Duration::from_secs(86_400));
+    h.tollgate.revalidate().await;
+    assert_eq!(h.status("/", "key-d0").await, 200);
+    assert_eq!(h.status("/", "key-file").await, 200);
+
+    // Bounded by max_tenants (3): the bucket closest to full goes first, counted.
+    let dropped = h.tollgate.stats().rate_states_dropped;
+    spend("key-d5", 10).await; // empty
+    spend("key-d1", 9).await; // one cell left
+    spend("key-d2", 2).await; // eight left
+    spend("key-d3", 10).await; // empty
+    h.tollgate.reload(tollgate::Config::from_toml_str(toml).unwrap()).await.unwrap();
+    let stats = h.tollgate.stats();
+    assert!(stats.held_rate_states <= 3, "{stats:?}");
+    assert!(stats.rate_states_dropped > dropped, "{stats:?}");
+    assert_eq!(h.status("/", "key-d5").await, 429);
+    assert_eq!(h.status("/", "key-d3").await, 429);
+    // d2 (the fullest) went: it starts again with a full bucket.
+    spend("key-d2", 10).await;
+}
