@@ -24,8 +24,8 @@ impl Period {
         }
     }
 
-    /// The nominal length of the period in seconds (a month counts 30 days), for the
-    /// `RateLimit-Policy` window parameter.
+    /// The nominal length of the period in seconds (a month counts 30 days); the length of one
+    /// period is that of its [`bounds`](Self::bounds).
     #[must_use]
     pub fn nominal_secs(&self) -> u64 {
         match self {

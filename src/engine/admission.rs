@@ -250,8 +250,12 @@ impl Tollgate {
                     return self.reject(r.with_retry_after(retry).for_tenant(&state));
                 }
                 Err(_) => {
+                    // Every 429 says when to come back: here, never sooner than the bucket is
+                    // full (a configuration keeps every route's cost within the burst, so this
+                    // takes a plan compiled otherwise).
+                    let full = ceil_secs(policy.rate.interval() * policy.burst.get()).max(1);
                     let r = Rejection::new(RejectionKind::RateLimited, "the request costs more than the plan's burst");
-                    return self.reject(r.for_tenant(&state));
+                    return self.reject(r.with_retry_after(full).for_tenant(&state));
                 }
             }
             now

@@ -13,6 +13,7 @@ use governor::{
 use crate::engine::clients::{ClientCells, ClientKeys};
 
 use crate::{
+    base::Period,
     clock::Clock,
     config::{
         Config, HeaderStyle, MeterId, PlanId, PlanSpec, QuotaMode, QuotaSpec, Rate, StatusSet, StoreErrorPolicy,
@@ -174,6 +175,9 @@ pub(crate) struct CompiledPlan {
     /// The `RateLimit-Policy` value for each policy shape of the configuration (see
     /// [`Runtime::shapes`]; none: no policy applies).
     pub(crate) policy_header: Box<[Option<http::HeaderValue>]>,
+    /// For each policy shape that lists a month quota, the quotas it lists (indexes of
+    /// `quotas`): its value is written per response, with the current month's length.
+    pub(crate) policy_months: Box<[Option<Box<[usize]>>]>,
     /// For each policy shape, the meters whose hard quotas it lists besides the route's own
     /// (a bit per meter index): their `RateLimit` items are read live from the tenant.
     pub(crate) shape_reports: Box<[u64]>,
@@ -192,6 +196,19 @@ pub(crate) struct CompiledPlan {
     pub(crate) overrides: Option<Box<str>>,
     /// The anonymous tenant's plan: its rate per client address.
     pub(crate) clients: Option<ClientRate>,
+}
+
+/// Appends `"METER-PERIOD";q=LIMIT;w=W` to a `RateLimit-Policy` list, with `;qu="METER"` when
+/// the meter does not count requests (draft-10's quota unit, `requests` by default).
+pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u64) {
+    use std::fmt::Write as _;
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    let _ = write!(out, "\"{meter}-{}\";q={};w={w}", quota.period().name(), quota.limit());
+    if meter != "requests" {
+        let _ = write!(out, ";qu=\"{meter}\"");
+    }
 }
 
 /// The feature of a route that the tenant state's configuration does not know.
@@ -274,27 +291,35 @@ impl CompiledPlan {
                     .fold(0u64, |bits, (i, _)| bits | (1 << i))
             })
             .collect();
-        let policy_header = shapes
+        // For each shape, the quotas its policy lists (indexes of `quotas`), in order.
+        let listed: Vec<Box<[usize]>> = shapes
             .iter()
             .map(|&(m, reports)| {
+                let own = quotas.iter().position(|(i, _)| *i == m);
+                let reported = quotas
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (i, q))| *i != m && reports & (1 << i) != 0 && q.mode() == QuotaMode::Hard)
+                    .map(|(k, _)| k);
+                own.into_iter().chain(reported).collect()
+            })
+            .collect();
+        // A month's window is the current period's length: those policies are written per
+        // response.
+        let policy_months: Box<[Option<Box<[usize]>>]> = listed
+            .iter()
+            .map(|l| l.iter().any(|&k| matches!(quotas[k].1.period(), Period::Month { .. })).then(|| l.clone()))
+            .collect();
+        let policy_header = listed
+            .iter()
+            .map(|list| {
                 let mut s = String::new();
                 if let Some(r) = &rate {
                     let _ = write!(s, "\"rate\";q={};w={}", r.q, r.w);
                 }
-                let reported =
-                    quotas.iter().filter(|(i, q)| *i != m && reports & (1 << i) != 0 && q.mode() == QuotaMode::Hard);
-                for (i, q) in quotas.iter().filter(|(i, _)| *i == m).chain(reported) {
-                    if !s.is_empty() {
-                        s.push_str(", ");
-                    }
-                    let _ = write!(
-                        s,
-                        "\"{}-{}\";q={};w={}",
-                        meters.ids[*i],
-                        q.period().name(),
-                        q.limit(),
-                        q.period().nominal_secs()
-                    );
+                for &k in list.iter() {
+                    let (i, q) = &quotas[k];
+                    policy_item(&mut s, meters.ids[*i].as_str(), q, q.period().nominal_secs());
                 }
                 // Built from static bytes, so that every response clones it without touching a
                 // shared count; an overridden plan's own values are not leaked.
@@ -311,6 +336,7 @@ impl CompiledPlan {
             quota_of,
             window_secs: config.usage.window.as_secs().max(1) as i64,
             policy_header,
+            policy_months,
             shape_reports,
             on_store_error: spec.on_store_error.unwrap_or(config.usage.on_store_error),
             meters: meters.clone(),

@@ -153,7 +153,29 @@ pub(crate) fn emit(
     };
     match plan.header_style {
         HeaderStyle::Draft => {
-            if let Some(Some(policy)) = plan.policy_header.get(usize::from(state.shape)) {
+            if let Some(Some(months)) = plan.policy_months.get(usize::from(state.shape)) {
+                // A month quota's window is the length of its current period.
+                let now = tenant.map_or(0, |t| t.clock.unix_secs());
+                let mut value = String::with_capacity(96);
+                if let Some(r) = &plan.rate {
+                    value.push_str("\"rate\";q=");
+                    value.push_str(num.format(r.q));
+                    value.push_str(";w=");
+                    value.push_str(num.format(r.w));
+                }
+                for &k in months.iter() {
+                    let (m, spec) = &plan.quotas[k];
+                    let w = match spec.period() {
+                        crate::base::Period::Month { .. } if now > 0 => {
+                            let (start, end) = spec.period().bounds(now);
+                            (end - start).max(0) as u64
+                        }
+                        period => period.nominal_secs(),
+                    };
+                    crate::plan::policy_item(&mut value, plan.meters.ids[*m].as_str(), spec, w);
+                }
+                put(Field::RateLimitPolicy, Value::Owned(value));
+            } else if let Some(Some(policy)) = plan.policy_header.get(usize::from(state.shape)) {
                 put(Field::RateLimitPolicy, Value::Prebuilt(policy));
             }
             if rate.is_some()

@@ -101,3 +101,22 @@ keys = ["key-t"]
     assert_eq!(h.reserved(&key(day)).await, 90, "the 90 tokens of 23:59 belong to their day");
     assert_eq!(h.reserved(&key(midnight)).await, 5, "the next day is charged its own 5 only");
 }
+
+/// `RateLimit-Policy` names the unit of a quota not counted in requests (`qu`, the meter), and
+/// a month's window is the current period's length (March: 31 days), not a nominal 30 days.
+#[tokio::test]
+async fn the_policy_names_its_unit_and_the_current_month_s_length() {
+    let toml = format!(
+        "[plans.q]\nquotas.requests = {{ limit = 9, period = \"month\", anchor_day = 1 }}\n\
+         [tenants.r]\nplan = \"q\"\nkeys = [\"key-r\"]\n{TOML}"
+    );
+    let h = Harness::new(&toml);
+    let policy = h.get("/tokens/1", "key-t").await.header("ratelimit-policy").unwrap_or_default().to_owned();
+    assert_eq!(policy, "\"tokens-month\";q=500;w=2678400;qu=\"tokens\"");
+    let policy = h.get("/other", "key-r").await.header("ratelimit-policy").unwrap_or_default().to_owned();
+    assert_eq!(policy, "\"requests-month\";q=9;w=2678400", "requests are the default unit");
+    // In April (30 days) the same policy says so.
+    h.clock.advance(std::time::Duration::from_secs(20 * 86_400));
+    let policy = h.get("/other", "key-r").await.header("ratelimit-policy").unwrap_or_default().to_owned();
+    assert_eq!(policy, "\"requests-month\";q=9;w=2592000");
+}
