@@ -183,6 +183,9 @@ pub struct UsageSettings {
     pub grace: Duration,
     /// Which statuses are billed; the others give their units back.
     pub billable: StatusSet,
+    /// Whether a request cut off (the client gone) once the service had it is billed as a
+    /// completed one (true by default); a request cut off before always gives its units back.
+    pub bill_cancelled: bool,
     /// The default policy when the store cannot be reached.
     pub on_store_error: StoreErrorPolicy,
     /// How long a request may wait on the store before `on_store_error` applies.

@@ -115,6 +115,7 @@ pub(crate) struct RawUsage {
     pub(crate) window: Option<String>,
     pub(crate) grace: Option<String>,
     pub(crate) billable: Option<Vec<String>>,
+    pub(crate) bill_cancelled: Option<bool>,
     pub(crate) on_store_error: Option<String>,
     pub(crate) store_timeout: Option<String>,
     pub(crate) default_meter: Option<String>,

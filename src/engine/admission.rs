@@ -297,6 +297,7 @@ impl Tollgate {
                     cost,
                     charged,
                     done: false,
+                    called: false,
                 })
             }
             Err(Take::Exhausted) => {
@@ -448,6 +449,7 @@ impl Tollgate {
             at: p.at,
             claim: p.claim.map(Box::new),
             done: false,
+            called: false,
         }
     }
 

@@ -14,9 +14,14 @@ use crate::{
 pub(crate) const UNLEASED: u32 = u32::MAX - 1;
 
 /// An admitted request. Complete it with the response status: a billable status records the
-/// usage, any other gives the reserved units back. A ticket dropped without
-/// [`complete`](Self::complete) (the request was cancelled, or the service failed) gives its
-/// units back too.
+/// usage, any other gives the reserved units back.
+///
+/// Call [`service_called`](Self::service_called) when the request is handed to the service
+/// that serves it. A ticket dropped without [`complete`](Self::complete) (the client went away)
+/// gives its units back if the service was not called yet; once it was, it is billed as a
+/// completed request (`usage.bill_cancelled`, true by default: the handler may have done its
+/// work), or given back with `bill_cancelled = false`. [`give_back`](Self::give_back) gives the
+/// units back whatever happened (the service failed, or refused the request itself).
 #[must_use = "complete the ticket with the response status, or its usage is refunded"]
 pub struct Ticket {
     pub(crate) state: Tenant,
@@ -30,6 +35,8 @@ pub struct Ticket {
     /// `false` for an idempotent replay: nothing is charged or recorded.
     pub(crate) charged: bool,
     pub(crate) done: bool,
+    /// Whether the service serving the request was called.
+    pub(crate) called: bool,
 }
 
 impl Ticket {
@@ -69,24 +76,42 @@ impl Ticket {
         }
     }
 
+    /// Records that the request was handed to the service that serves it: from now on a
+    /// dropped ticket is billed (`usage.bill_cancelled`).
+    pub fn service_called(&mut self) {
+        self.called = true;
+    }
+
+    /// Gives the request's units back: it was not served (the service failed, or refused the
+    /// request itself).
+    pub fn give_back(mut self) {
+        self.done = true;
+        self.refund();
+    }
+
     /// Completes the request with its response status. Returns whether usage was recorded.
     #[allow(clippy::must_use_candidate)] // most callers need not know
     pub fn complete(mut self, status: u16) -> bool {
         self.done = true;
         if self.state.plan.billable.contains(status) {
-            if self.charged {
-                self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
-                self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
-                if let Some(claim) = self.claim.take() {
-                    claim.done();
-                }
-                return true;
-            }
-            false
+            self.bill()
         } else {
             self.refund();
             false
         }
+    }
+
+    /// Records the request's usage and settles its `Idempotency-Key`.
+    fn bill(&mut self) -> bool {
+        if !self.charged {
+            return false;
+        }
+        self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
+        self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
+        if let Some(claim) = self.claim.take() {
+            claim.done();
+        }
+        true
     }
 
     fn refund(&mut self) {
@@ -108,7 +133,13 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if !self.done {
+        if self.done {
+            return;
+        }
+        if self.called && self.state.plan.bill_cancelled {
+            // Cut off once the service had it: it may have done the work.
+            self.bill();
+        } else {
             self.refund();
         }
     }

@@ -55,7 +55,10 @@ impl<S, B, P> ResponseFuture<S, B, P>
 where
     S: Service<Request<B>>,
 {
-    pub(crate) fn inner(future: S::Future, ticket: Ticket) -> Self {
+    /// The service was called with the request (`future`): from now on the ticket bills a
+    /// cut-off request.
+    pub(crate) fn inner(future: S::Future, mut ticket: Ticket) -> Self {
+        ticket.service_called();
         Self { state: State::Inner { future, ticket: Some(ticket) } }
     }
 
@@ -109,11 +112,12 @@ where
                     let outcome = ready!(resolving.as_mut().poll(cx));
                     let Waiting { mut inner, mut request, responder, context } = *waiting.take().expect(DONE);
                     match outcome {
-                        Ok(ticket) => {
+                        Ok(mut ticket) => {
                             if context {
                                 request.extensions_mut().insert(ticket.context());
                             }
                             let future = inner.call(request);
+                            ticket.service_called();
                             State::Inner { future, ticket: Some(ticket) }
                         }
                         Err(rejection) if rejection.is_shadowed() => {
@@ -137,15 +141,20 @@ where
                                 if response.extensions().get::<Rejection>().is_some() {
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
-                                    drop(ticket);
+                                    ticket.give_back();
                                 } else {
                                     ticket.complete(response.status().as_u16());
                                 }
                             }
                             Ok(response.map(TollgateBody::inner))
                         }
-                        // A service error is not billed: dropping the ticket gives its units back.
-                        Err(e) => Err(e),
+                        // A service error is not billed: its units go back.
+                        Err(e) => {
+                            if let Some(ticket) = ticket {
+                                ticket.give_back();
+                            }
+                            Err(e)
+                        }
                     });
                 }
                 StateProj::Ready { response } => {

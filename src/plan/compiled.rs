@@ -184,6 +184,8 @@ pub(crate) struct CompiledPlan {
     pub(crate) on_store_error: StoreErrorPolicy,
     pub(crate) meters: Arc<MeterTable>,
     pub(crate) billable: StatusSet,
+    /// Whether a request cut off once its service was called is billed (`usage.bill_cancelled`).
+    pub(crate) bill_cancelled: bool,
     pub(crate) header_style: HeaderStyle,
     pub(crate) metrics: Arc<Metrics>,
     /// The features routes require that the plan includes (a bit per feature index).
@@ -341,6 +343,7 @@ impl CompiledPlan {
             on_store_error: spec.on_store_error.unwrap_or(config.usage.on_store_error),
             meters: meters.clone(),
             billable: config.usage.billable.clone(),
+            bill_cancelled: config.usage.bill_cancelled,
             header_style: config.limits.headers,
             metrics: metrics.clone(),
             feature_bits: meters

@@ -353,12 +353,13 @@ async fn a_spent_rate_survives_eviction_revalidation_and_reload() {
     assert_eq!(h.status("/", "key-d0").await, 200);
     assert_eq!(h.status("/", "key-file").await, 200);
 
-    // Bounded by max_tenants (3): the bucket closest to full goes first, counted.
+    // Bounded by max_tenants (3): the bucket closest to full goes first, counted. (A second
+    // apart, so that the cap evicts the tenant seen longest ago, not one in use.)
     let dropped = h.tollgate.stats().rate_states_dropped;
-    spend("key-d5", 10).await; // empty
-    spend("key-d1", 9).await; // one cell left
-    spend("key-d2", 2).await; // eight left
-    spend("key-d3", 10).await; // empty
+    for (key, n) in [("key-d5", 10), ("key-d1", 9), ("key-d2", 2), ("key-d3", 10)] {
+        h.clock.advance(Duration::from_secs(1));
+        spend(key, n).await; // d5 and d3 empty, d1 one cell left, d2 eight
+    }
     h.tollgate.reload(tollgate::Config::from_toml_str(toml).unwrap()).await.unwrap();
     let stats = h.tollgate.stats();
     assert!(stats.held_rate_states <= 3, "{stats:?}");
@@ -367,4 +368,57 @@ async fn a_spent_rate_survives_eviction_revalidation_and_reload() {
     assert_eq!(h.status("/", "key-d3").await, 429);
     // d2 (the fullest) went: it starts again with a full bucket.
     spend("key-d2", 10).await;
+}
+
+/// A request cut off once the service has it is billed as completed (the handler may have
+/// done its work), unless `usage.bill_cancelled = false`; billed, its `Idempotency-Key` is
+/// bound (a retry is a replay, not a second charge).
+#[tokio::test]
+async fn a_request_cut_off_in_its_handler_is_billed_as_configured() {
+    use tower::{Layer, ServiceExt};
+    for bill in [true, false] {
+        let toml = format!(
+            "[usage]\nbill_cancelled = {bill}\n[plans.p]\nquotas.requests = {{ limit = 5, period = \"day\", mode = \"hard\" }}\n\
+             [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n"
+        );
+        let (clock, _handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+        let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+        let (engine, _worker) = tollgate::Tollgate::builder(tollgate::Config::from_toml_str(&toml).unwrap())
+            .store_arc(store.clone())
+            .clock(clock)
+            .build();
+        let started = std::sync::Arc::new(tokio::sync::Notify::new());
+        let svc = tollgate::TollgateLayer::new(engine.clone()).layer(tower::service_fn({
+            let started = started.clone();
+            move |_req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+                let started = started.clone();
+                async move {
+                    started.notify_one();
+                    std::future::pending::<()>().await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::new(),
+                    )))
+                }
+            }
+        }));
+        let call = svc.clone().oneshot(req("POST", "/", Some("key-t"), Some("order-1")));
+        tokio::select! {
+            _ = call => panic!("the handler never answers"),
+            () = started.notified() => {}
+        }
+        // The client is gone (the future dropped).
+        engine.flush().await.unwrap();
+        let billed = common::committed(&*store, "t", "requests", NOON - 3600, NOON + 3600, 3600).await;
+        assert_eq!(billed, u64::from(bill), "bill_cancelled = {bill}");
+        // The retry with the same key, cut off too: a replay when the first was billed (not
+        // charged again); else charged, and given back as the first was.
+        let retry = svc.clone().oneshot(req("POST", "/", Some("key-t"), Some("order-1")));
+        tokio::select! {
+            _ = retry => panic!("the handler never answers"),
+            () = started.notified() => {}
+        }
+        engine.flush().await.unwrap();
+        let billed = common::committed(&*store, "t", "requests", NOON - 3600, NOON + 3600, 3600).await;
+        assert_eq!(billed, u64::from(bill), "bill_cancelled = {bill}: one charge at most");
+    }
 }

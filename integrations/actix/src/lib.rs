@@ -209,11 +209,12 @@ where
 
 /// Runs an admitted request: the tenant's context in, the rate-limit headers on the response
 /// head, and the ticket completed with its status (an error of the inner service answered as
-/// actix answers it; a dropped future drops the ticket, which gives its units back).
+/// actix answers it; a future dropped once the service was called bills the request, as
+/// `usage.bill_cancelled` says).
 fn admitted<S, B>(
     service: &Rc<S>,
     request: ServiceRequest,
-    ticket: Ticket,
+    mut ticket: Ticket,
 ) -> impl std::future::Future<Output = Result<ServiceResponse<EitherBody<B>>, actix_web::Error>> + 'static
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
@@ -221,6 +222,7 @@ where
 {
     request.extensions_mut().insert(ticket.context());
     let call = service.call(request);
+    ticket.service_called();
     async move {
         let mut response = match call.await {
             Ok(response) => response,
@@ -241,7 +243,7 @@ where
         if response.response().extensions().get::<Rejection>().is_some() {
             // Refused by tollgate inside the service (a feature extractor): not billed, the
             // units go back.
-            drop(ticket);
+            ticket.give_back();
         } else {
             ticket.complete(response.status().as_u16());
         }

@@ -174,6 +174,10 @@ where
 }
 
 impl Door for Lambda {
+    // lambda_http parses the event's path as a URL (the `url` crate), resolving `..` and
+    // `%2E%2E` before the engine and the application see it.
+    const RESOLVES_DOT_SEGMENTS: bool = true;
+
     async fn send(&self, req: Req) -> Resp {
         let payload = event(self.kind, &req);
         if req.path == "/stripe/webhook" {
