@@ -259,3 +259,43 @@ burst = 1
     assert_eq!(status(from("192.0.2.3", Some("198.51.100.8"))).await, 200);
     assert_eq!(status(from("192.0.2.3", Some("198.51.100.9"))).await, 429, "an untrusted peer's header is ignored");
 }
+
+/// An inner middleware's error is billed by the status actix sends for it: a 400 is billed
+/// as a client error, a 500 gives its units back (as the tower layer bills a response).
+/// (This passed before the request-path issue; kept as the issue asked.)
+#[actix_web::test]
+async fn an_inner_middleware_error_is_billed_by_the_status_sent() {
+    use actix_web::middleware::{from_fn, Next};
+    use tollgate::store::prelude::*;
+    let (engine, _, store) = conformance::engine().await;
+    async fn refuse(
+        req: actix_web::dev::ServiceRequest,
+        next: Next<impl actix_web::body::MessageBody>,
+    ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+        match req.query_string() {
+            "error=400" => Err(actix_web::error::ErrorBadRequest("refused by an inner middleware")),
+            "error=500" => Err(actix_web::error::ErrorInternalServerError("failed in an inner middleware")),
+            _ => next.call(req).await,
+        }
+    }
+    let app = test::init_service(
+        App::new().service(
+            web::scope("").wrap(from_fn(refuse)).wrap(TollgateMiddleware::new(engine.clone())).configure(api),
+        ),
+    )
+    .await;
+    for (query, status) in [("error=400", 400), ("error=500", 500), ("error=500", 500), ("", 200)] {
+        let request =
+            TestRequest::get().uri(&format!("/v1/items?{query}")).append_header(("x-api-key", "key-free")).to_request();
+        let response = test::try_call_service(&app, request).await;
+        let sent = match response {
+            Ok(response) => response.status().as_u16(),
+            Err(error) => error.error_response().status().as_u16(),
+        };
+        assert_eq!(sent, status, "{query}");
+    }
+    engine.flush().await.unwrap();
+    let used: u64 =
+        store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
+    assert_eq!(used, 2, "the 400 and the 200 billed, the two 500s not");
+}
