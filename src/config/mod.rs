@@ -188,6 +188,9 @@ pub struct UsageSettings {
     pub bill_cancelled: bool,
     /// The default policy when the store cannot be reached.
     pub on_store_error: StoreErrorPolicy,
+    /// Whether the file set `on_store_error`. Unset, each quota follows its mode: a hard
+    /// quota fails closed (it is never passed), a soft one fails open.
+    pub(crate) on_store_error_set: bool,
     /// How long a request may wait on the store before `on_store_error` applies.
     pub store_timeout: Duration,
     /// How long `shutdown()` keeps retrying the final flush and export while the store is down.

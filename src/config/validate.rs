@@ -865,6 +865,7 @@ impl Validator<'_, '_> {
             grace: self.duration("usage.grace", u.grace.as_deref(), Duration::from_secs(300))?,
             billable,
             bill_cancelled: u.bill_cancelled.unwrap_or(true),
+            on_store_error_set: u.on_store_error.is_some(),
             on_store_error: match &u.on_store_error {
                 Some(v) => self.policy("usage.on_store_error", v)?,
                 None => StoreErrorPolicy::FailOpen,

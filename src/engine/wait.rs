@@ -95,7 +95,7 @@ impl Tollgate {
             }
             Err(e) => {
                 self.store_error("reserve quota", &e);
-                match p.state.plan.on_store_error {
+                match p.state.plan.quota_policy(meter) {
                     StoreErrorPolicy::FailOpen => {
                         // Admitted without a lease: its units are owed, and charged to the
                         // period (past the limit if need be) once the store answers again.
@@ -158,7 +158,7 @@ impl Tollgate {
                 Ok(_) => {}
                 Err(e) => {
                     self.store_error("reserve quota", &e);
-                    if p.state.plan.on_store_error == StoreErrorPolicy::FailClosed {
+                    if p.state.plan.quota_policy(m) == StoreErrorPolicy::FailClosed {
                         p.claim = None;
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");

@@ -181,7 +181,12 @@ pub(crate) struct CompiledPlan {
     /// For each policy shape, the meters whose hard quotas it lists besides the route's own
     /// (a bit per meter index): their `RateLimit` items are read live from the tenant.
     pub(crate) shape_reports: Box<[u64]>,
+    /// What the plan does when the store does not answer: the plan's `on_store_error`, else
+    /// `usage.on_store_error`, else fail-closed if the plan has a hard quota (each quota then
+    /// follows its own mode: see [`quota_policy`](Self::quota_policy)).
     pub(crate) on_store_error: StoreErrorPolicy,
+    /// Whether `on_store_error` was set in the file (the plan's or `[usage]`'s).
+    pub(crate) on_store_error_set: bool,
     pub(crate) meters: Arc<MeterTable>,
     pub(crate) billable: StatusSet,
     /// Whether a request cut off once its service was called is billed (`usage.bill_cancelled`).
@@ -198,6 +203,21 @@ pub(crate) struct CompiledPlan {
     pub(crate) overrides: Option<Box<str>>,
     /// The anonymous tenant's plan: its rate per client address.
     pub(crate) clients: Option<ClientRate>,
+}
+
+impl CompiledPlan {
+    /// What a quota call for `meter` does when the store does not answer: the policy set in
+    /// the file, else the quota's mode (a hard quota fails closed, it is never passed; a soft
+    /// one, or none, fails open).
+    pub(crate) fn quota_policy(&self, meter: usize) -> StoreErrorPolicy {
+        if self.on_store_error_set {
+            return self.on_store_error;
+        }
+        match self.quota_of.get(meter).copied().flatten() {
+            Some(q) if self.quotas[usize::from(q)].1.mode() == QuotaMode::Hard => StoreErrorPolicy::FailClosed,
+            _ => StoreErrorPolicy::FailOpen,
+        }
+    }
 }
 
 /// Appends `"METER-PERIOD";q=LIMIT;w=W` to a `RateLimit-Policy` list, with `;qu="METER"` when
@@ -340,7 +360,15 @@ impl CompiledPlan {
             policy_header,
             policy_months,
             shape_reports,
-            on_store_error: spec.on_store_error.unwrap_or(config.usage.on_store_error),
+            on_store_error: spec
+                .on_store_error
+                .or(config.usage.on_store_error_set.then_some(config.usage.on_store_error))
+                .unwrap_or(if spec.quotas.values().any(|q| q.mode() == QuotaMode::Hard) {
+                    StoreErrorPolicy::FailClosed
+                } else {
+                    StoreErrorPolicy::FailOpen
+                }),
+            on_store_error_set: spec.on_store_error.is_some() || config.usage.on_store_error_set,
             meters: meters.clone(),
             billable: config.usage.billable.clone(),
             bill_cancelled: config.usage.bill_cancelled,

@@ -140,7 +140,7 @@ async fn store_errors_are_counted_each_and_logged_once_per_burst() {
     use std::sync::atomic::Ordering;
     let (lines, _guard) = Lines::capture();
 
-    let toml = common::one_tenant("quotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }");
+    let toml = common::one_tenant("on_store_error = \"fail-open\"\nquotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }");
     let store = std::sync::Arc::new(common::Faulty::default());
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
     let h = common::Harness::build(&toml, store.clone(), clock, handle);

@@ -290,7 +290,7 @@ async fn a_reserve_that_timed_out_is_applied_once() {
 /// answers again, past the limit if need be: the period stays spent and the overage shows.
 #[tokio::test]
 async fn fail_open_admissions_are_charged_when_the_store_is_back() {
-    let toml = common::one_tenant("quotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
+    let toml = common::one_tenant("on_store_error = \"fail-open\"\nquotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
     let store = Arc::new(common::Faulty::default());
     let (clock, handle) = Clock::fake_at_unix(common::NOON);
     let h = Harness::build(&toml, store.clone(), clock, handle);
@@ -383,7 +383,7 @@ async fn a_retired_state_call_sent_late_is_still_applied() {
 /// those not billed (a 5xx) are given back, so the period is charged only what was billed.
 #[tokio::test]
 async fn fail_open_requests_that_are_not_billed_are_not_charged() {
-    let toml = common::one_tenant("quotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
+    let toml = common::one_tenant("on_store_error = \"fail-open\"\nquotas.requests = { limit = 10, period = \"day\", mode = \"hard\", lease = 4 }");
     let store = Arc::new(common::Faulty::default());
     let (clock, handle) = Clock::fake_at_unix(common::NOON);
     let h = Harness::build(&toml, store.clone(), clock, handle);
@@ -430,4 +430,45 @@ async fn near_the_limit_leases_shrink_so_a_quiet_node_strands_few_units() {
     assert!(admitted >= 1000 - 200 / 8, "admitted {admitted} of 1000: the quiet node holds a full lease");
     assert!(admitted <= 1000);
     assert_eq!(store.reserved(&common::day_key("t", common::NOON)).await.unwrap(), 1000);
+}
+
+/// With the defaults, a hard quota fails closed: a store that is merely slow (its answers
+/// landing after `store_timeout`) at a cold start refuses with 503 rather than let the nodes
+/// admit past the limit. A soft quota stays fail-open.
+#[tokio::test]
+async fn with_the_defaults_a_slow_store_never_lets_a_hard_quota_be_passed() {
+    let toml = "[usage]\nstore_timeout = \"20ms\"\n\
+                [plans.hard]\nquotas.requests = { limit = 20, period = \"day\", mode = \"hard\" }\n\
+                [plans.soft]\nquotas.requests = { limit = 20, period = \"day\", mode = \"soft\" }\n\
+                [tenants.t]\nplan = \"hard\"\nkeys = [\"key-t\"]\n[tenants.s]\nplan = \"soft\"\nkeys = [\"key-s\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    store.lose_answers.store(true, Ordering::SeqCst);
+    let nodes: Vec<Harness> = (0..2)
+        .map(|_| {
+            let (clock, handle) = Clock::fake_at_unix(common::NOON);
+            Harness::build(toml, store.clone(), clock, handle)
+        })
+        .collect();
+    let mut admitted = 0;
+    for i in 0..30 {
+        match nodes[i % 2].status("/", "key-t").await {
+            200 => admitted += 1,
+            503 => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(admitted, 0, "nothing admitted that the store did not grant in time");
+    // The soft quota goes on (fail-open), its usage owed to the period.
+    for i in 0..4 {
+        assert_eq!(nodes[i % 2].status("/", "key-s").await, 200);
+    }
+    // The store answers in time again: the hard quota's units are granted, never past 20.
+    store.lose_answers.store(false, Ordering::SeqCst);
+    let mut admitted = 0;
+    for i in 0..60 {
+        if nodes[i % 2].status("/", "key-t").await == 200 {
+            admitted += 1;
+        }
+    }
+    assert!(admitted <= 20, "{admitted} admitted on a hard limit of 20");
 }

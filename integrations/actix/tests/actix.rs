@@ -279,9 +279,8 @@ async fn an_inner_middleware_error_is_billed_by_the_status_sent() {
         }
     }
     let app = test::init_service(
-        App::new().service(
-            web::scope("").wrap(from_fn(refuse)).wrap(TollgateMiddleware::new(engine.clone())).configure(api),
-        ),
+        App::new()
+            .service(web::scope("").wrap(from_fn(refuse)).wrap(TollgateMiddleware::new(engine.clone())).configure(api)),
     )
     .await;
     for (query, status) in [("error=400", 400), ("error=500", 500), ("error=500", 500), ("", 200)] {
@@ -295,7 +294,6 @@ async fn an_inner_middleware_error_is_billed_by_the_status_sent() {
         assert_eq!(sent, status, "{query}");
     }
     engine.flush().await.unwrap();
-    let used: u64 =
-        store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
+    let used: u64 = store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
     assert_eq!(used, 2, "the 400 and the 200 billed, the two 500s not");
 }
