@@ -163,11 +163,20 @@ pub struct ClientSettings {
     pub forwarded_header: ForwardedHeader,
     /// IPv6 clients are grouped by this many leading bits (64 by default).
     pub ipv6_prefix: u8,
+    /// How many API keys the directory is asked about per client address (10 a minute by
+    /// default, at once up to the count): past it the address gets 429 (the key may be valid).
+    /// Keys the directory knows are not counted.
+    pub unknown_key_rate: Rate,
 }
 
 impl Default for ClientSettings {
     fn default() -> Self {
-        Self { trusted_proxies: Vec::new(), forwarded_header: ForwardedHeader::default(), ipv6_prefix: 64 }
+        Self {
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
+            ipv6_prefix: 64,
+            unknown_key_rate: "10/min".parse().expect("a valid rate"),
+        }
     }
 }
 

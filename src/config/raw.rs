@@ -90,6 +90,7 @@ pub(crate) struct RawIdentify {
     pub(crate) trusted_proxies: Option<Vec<String>>,
     pub(crate) forwarded_header: Option<String>,
     pub(crate) ipv6_prefix: Option<i64>,
+    pub(crate) unknown_key_rate: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

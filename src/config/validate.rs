@@ -386,6 +386,11 @@ impl Validator<'_, '_> {
                 .filter(|p| (1..=128).contains(p))
                 .ok_or_else(|| self.invalid("identify.ipv6_prefix", format!("must be 1 to 128, not {p}")))?;
         }
+        if let Some(r) = &raw.unknown_key_rate {
+            settings.unknown_key_rate = r
+                .parse::<Rate>()
+                .map_err(|e| self.invalid("identify.unknown_key_rate", format!("{e}, not \"{r}\"")))?;
+        }
         Ok(settings)
     }
 

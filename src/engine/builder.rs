@@ -395,6 +395,7 @@ impl Builder {
             prefetch: prefetch_tx,
             sweep_now: Notify::new(),
             shutdown: shutdown_tx,
+            key_lookups: super::clients::KeyLookups::new(limits.max_clients),
             unknown: moka::sync::Cache::builder()
                 .max_capacity(limits.negative_capacity)
                 .time_to_live(limits.negative_ttl)

@@ -165,6 +165,54 @@ impl StateStore for ClientCells {
     }
 }
 
+/// The directory lookups of API keys per client address (`identify.unknown_key_rate`): a
+/// GCRA bucket per address key, in a bounded map (`limits.max_clients`, least recently used
+/// first). A lookup takes a cell before the directory is asked; one that finds the tenant gives
+/// it back, so only unknown keys count.
+pub(crate) struct KeyLookups {
+    cells: moka::sync::Cache<u64, Arc<std::sync::atomic::AtomicI64>>,
+}
+
+impl KeyLookups {
+    pub(crate) fn new(capacity: u64) -> Self {
+        let cells = moka::sync::Cache::builder()
+            .max_capacity(capacity)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .build();
+        Self { cells }
+    }
+
+    /// Takes a cell of `address`'s bucket at `now` (Unix nanoseconds): `Err` with the seconds
+    /// until one comes back when the bucket is empty.
+    pub(crate) fn take(&self, address: u64, rate: crate::config::Rate, now: i64) -> Result<(), u64> {
+        use std::sync::atomic::Ordering;
+        let t = i64::try_from(rate.interval().as_nanos()).unwrap_or(i64::MAX);
+        let tolerance = t.saturating_mul(i64::from(rate.count().get()) - 1);
+        let cell = self.cells.get_with(address, || Arc::new(std::sync::atomic::AtomicI64::new(0)));
+        cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+            let from = tat.max(now);
+            (from - now <= tolerance).then(|| from.saturating_add(t))
+        })
+        .map(|_| ())
+        .map_err(|tat| u64::try_from((tat - tolerance - now).max(1)).unwrap_or(1).div_ceil(1_000_000_000))
+    }
+
+    /// Gives back the cell of a lookup that found its tenant.
+    pub(crate) fn give_back(&self, address: u64, rate: crate::config::Rate) {
+        use std::sync::atomic::Ordering;
+        if let Some(cell) = self.cells.get(&address) {
+            let t = i64::try_from(rate.interval().as_nanos()).unwrap_or(i64::MAX);
+            cell.fetch_sub(t, Ordering::AcqRel);
+        }
+    }
+}
+
+impl std::fmt::Debug for KeyLookups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyLookups").field("addresses", &self.cells.entry_count()).finish()
+    }
+}
+
 impl std::fmt::Debug for ClientCells {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientCells").field("clients", &self.cells.entry_count()).finish()

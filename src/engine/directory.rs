@@ -33,7 +33,9 @@ const BATCH: usize = 100;
 
 impl Tollgate {
     /// Finds (or creates) the state of a tenant the table does not know yet.
-    pub(crate) async fn lookup(&self, credential: OwnedCredential) -> Result<Tenant, Rejection> {
+    /// `address`: the client address's key (0: none), whose directory lookups of API keys are
+    /// limited (`identify.unknown_key_rate`).
+    pub(crate) async fn lookup(&self, credential: OwnedCredential, address: u64) -> Result<Tenant, Rejection> {
         let rt = self.shared.runtime.load_full();
         let timeout = rt.config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
@@ -44,6 +46,12 @@ impl Tollgate {
         };
         let digest = self.shared.table.digest(lookup);
         let unknown_key = (digest.lo, digest.hi);
+        // One lookup per credential at a time: the requests that waited for another's lookup
+        // find its answer (the tenant in the table, or the key remembered as unknown).
+        let _turn = self.shared.table.flights.enter(unknown_key).await;
+        if let Some(state) = self.shared.table.get(lookup) {
+            return Ok(state);
+        }
         let mut hash = None;
         let mut validated = now;
         // Remembered as unknown until `negative_ttl` after the lookup that found it so: a hit
@@ -64,7 +72,24 @@ impl Tollgate {
                             validated = i64::MAX;
                             Ok(Some(declared(r)))
                         }
-                        None => with_timeout(timeout, self.shared.stores.roles.directory.find_key(&h)).await,
+                        None => {
+                            // Limited per client address before the store is asked: past the
+                            // limit 429, never 401 (the key may be valid).
+                            let rate = rt.config.clients.unknown_key_rate;
+                            if let Err(wait) = self.shared.key_lookups.take(address, rate, now_nanos) {
+                                let r = Rejection::new(
+                                    RejectionKind::RateLimited,
+                                    "too many unknown API keys from this address: try again later",
+                                );
+                                return Err(r.with_retry_after(wait));
+                            }
+                            let found = with_timeout(timeout, self.shared.stores.roles.directory.find_key(&h)).await;
+                            if matches!(found, Ok(Some(_))) {
+                                // Only unknown keys count.
+                                self.shared.key_lookups.give_back(address, rate);
+                            }
+                            found
+                        }
                     }
                 }
                 OwnedCredential::Tenant(id) => match rt.static_tenants.get(id) {

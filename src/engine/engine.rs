@@ -122,6 +122,8 @@ pub(crate) enum Stage {
     Resolve {
         credential: OwnedCredential,
         meters: Arc<crate::plan::MeterTable>,
+        /// The client address's key (0: none), for `identify.unknown_key_rate`.
+        address: u64,
     },
     /// An `Idempotency-Key` this node has not seen: claimed in the store first.
     Claim(Box<KeyClaim>),
@@ -198,6 +200,8 @@ pub(crate) struct Shared {
     /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it
     /// unknown, whatever the hits since.
     pub(crate) unknown: moka::sync::Cache<(u64, u64), i64>,
+    /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
+    pub(crate) key_lookups: super::clients::KeyLookups,
 }
 
 /// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].
@@ -347,7 +351,7 @@ impl Tollgate {
                     Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
                 };
                 Admission::Pending(PendingAdmission {
-                    stage: Stage::Resolve { credential, meters: rt.meters.clone() },
+                    stage: Stage::Resolve { credential, meters: rt.meters.clone(), address: route.client },
                     route,
                     idempotency: idem.map(|(k, r)| (k.into(), r)),
                 })
@@ -361,8 +365,8 @@ impl Tollgate {
         loop {
             let next = match stage {
                 Stage::Quota(partial) => return self.lease_and_take(*partial, route).await,
-                Stage::Resolve { credential, meters } => {
-                    let state = match self.lookup(credential).await {
+                Stage::Resolve { credential, meters, address } => {
+                    let state = match self.lookup(credential, address).await {
                         Ok(state) => state,
                         Err(rejection) => return Err(self.count(rejection)),
                     };

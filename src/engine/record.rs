@@ -192,7 +192,7 @@ impl Tollgate {
                 return Ok(s);
             }
         }
-        if let Ok(s) = self.lookup(OwnedCredential::Tenant(id.clone())).await {
+        if let Ok(s) = self.lookup(OwnedCredential::Tenant(id.clone()), 0).await {
             if s.id == *id {
                 return Ok(s);
             }

@@ -87,6 +87,8 @@ pub(crate) struct TenantTable {
     pub(crate) retired: Mutex<Vec<Tenant>>,
     /// The rate buckets of tenants let go before they were full again, by tenant.
     pub(crate) rates: RateMemory,
+    /// Lookups under way, one per credential.
+    pub(crate) flights: Flights,
 }
 
 impl TenantTable {
@@ -100,6 +102,7 @@ impl TenantTable {
             tenants: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
             retired: Mutex::new(Vec::new()),
             rates: RateMemory::new(capacity_hint, rate_states_dropped),
+            flights: Flights::default(),
         }
     }
 
@@ -255,6 +258,42 @@ impl TenantTable {
     pub(crate) fn evict_all(&self) -> Vec<Tenant> {
         let ids: Vec<TenantId> = self.tenants.iter().map(|e| e.key().clone()).collect();
         self.evict(ids)
+    }
+}
+
+/// Lookups of credentials the table does not hold, one at a time per credential: concurrent
+/// requests with one key cost one directory read, the others waiting for it and then finding
+/// the tenant in the table, or the key in the cache of unknown ones. Holds only the
+/// credentials being looked up now.
+#[derive(Debug, Default)]
+pub(crate) struct Flights(Mutex<std::collections::HashMap<(u64, u64), Turn>>);
+
+/// The turn of one credential's lookup.
+type Turn = std::sync::Arc<tokio::sync::Mutex<()>>;
+
+/// The turn of one lookup; the credential leaves [`Flights`] with its last waiter.
+pub(crate) struct Flight<'a> {
+    flights: &'a Flights,
+    key: (u64, u64),
+    lock: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Flights {
+    /// Waits for the lookups of `key` under way, then holds the turn.
+    pub(crate) async fn enter(&self, key: (u64, u64)) -> Flight<'_> {
+        let lock = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(key).or_default().clone();
+        Flight { flights: self, key, lock: Some(lock.lock_owned().await) }
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.flights.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(self.lock.take());
+        // Nobody else waits for this credential: it leaves the map.
+        if map.get(&self.key).is_some_and(|m| std::sync::Arc::strong_count(m) == 1) {
+            map.remove(&self.key);
+        }
     }
 }
 

@@ -514,8 +514,8 @@ impl Runtime {
             }),
             _ => None,
         };
-        let client_keys =
-            anonymous.as_ref().filter(|p| p.clients.is_some()).map(|_| ClientKeys::new(config.clients.ipv6_prefix));
+        // Anonymous callers' buckets, and the lookups of API keys, go by client address.
+        let client_keys = Some(ClientKeys::new(config.clients.ipv6_prefix));
         let mut static_keys = HashMap::new();
         let mut static_tenants = HashMap::new();
         for t in &config.tenants {

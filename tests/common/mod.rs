@@ -208,6 +208,8 @@ pub struct Faulty {
     pub unreadable_tenants: std::sync::Mutex<Option<String>>,
     /// Directory reads of one tenant asked, failed or not.
     pub tenant_reads: AtomicU64,
+    /// Key lookups take this many milliseconds (a slow directory).
+    pub lookup_delay_ms: AtomicU64,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -226,6 +228,7 @@ impl Default for Faulty {
             lookups: Default::default(),
             unreadable_tenants: Default::default(),
             tenant_reads: Default::default(),
+            lookup_delay_ms: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -415,6 +418,10 @@ impl DirectoryStore for Faulty {
     async fn find_key(&self, key: &tollgate::store::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
         self.lookups.fetch_add(1, Ordering::SeqCst);
+        let delay = self.lookup_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         self.inner.find_key(key).await
     }
 

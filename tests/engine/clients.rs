@@ -250,3 +250,43 @@ fn debug_output_never_prints_a_key() {
     assert!(format!("{info:?}").contains("/v1/orders"), "the rest is printed");
     assert!(format!("{:?}", Credential::Tenant("acme")).contains("acme"), "a tenant id is no secret");
 }
+
+/// Unknown API keys are looked up at most `identify.unknown_key_rate` a client address
+/// (10 a minute by default): past it the address gets 429 with `Retry-After`, never 401 (the
+/// key may be valid), and the directory is not asked. Keys it knows cost nothing; another
+/// address is not held up.
+#[tokio::test]
+async fn unknown_key_lookups_are_limited_per_client_address() {
+    use std::sync::{atomic::Ordering, Arc};
+    use tollgate::store::{KeyHash, TenantRecord};
+    let store = Arc::new(common::Faulty::default());
+    let record = TenantRecord::new("acme".into(), "paid".into());
+    store.inner.put_tenant(&record, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let toml = "[plans.paid]\nrate = \"1000/s\"\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    let from = |ip: &str, key: String| {
+        let mut r = req("GET", "/", Some(&key), None);
+        r.extensions_mut().insert(ClientAddr(ip.parse::<IpAddr>().unwrap()));
+        r
+    };
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..1000 {
+        let reply = h.send(from("203.0.113.5", format!("random-{i}"))).await;
+        *statuses.entry(reply.status.as_u16()).or_insert(0) += 1;
+        if reply.status == 429 {
+            assert!(reply.headers.get("retry-after").is_some());
+            assert_eq!(reply.rejection.unwrap().kind(), tollgate::RejectionKind::RateLimited);
+        }
+    }
+    let lookups = store.lookups.load(Ordering::SeqCst);
+    assert!(lookups <= 10, "{lookups} lookups for 1,000 unknown keys from one address");
+    assert_eq!(statuses.get(&401), Some(&(lookups as i32)), "{statuses:?}");
+    // Known to the node already: no lookup, never limited. Another address: its own bucket.
+    assert_eq!(h.send(from("203.0.113.6", "key-acme".into())).await.status, 200);
+    assert_eq!(h.send(from("203.0.113.5", "key-acme".into())).await.status, 200);
+    assert_eq!(h.send(from("203.0.113.7", "random-x".into())).await.status, 401);
+    // A minute later the address may look a key up again.
+    h.clock.advance(std::time::Duration::from_secs(60));
+    assert_eq!(h.send(from("203.0.113.5", "random-y".into())).await.status, 401);
+}

@@ -23,7 +23,8 @@ fn node(toml: &str) -> (Harness, Arc<Faulty>) {
 
 #[tokio::test]
 async fn unknown_credentials_cause_bounded_store_traffic() {
-    let (h, store) = node(PLANS);
+    // Lookups per client address are limited apart (tests/engine/clients.rs): not here.
+    let (h, store) = node(&format!("[identify]\nunknown_key_rate = \"100000/s\"\n{PLANS}"));
     for i in 0..100_000u32 {
         let r = h.status("/", &format!("unknown-{}", i % 1000)).await;
         assert_eq!(r, 401);
@@ -56,6 +57,30 @@ async fn a_key_issued_after_it_was_refused_is_accepted_within_the_negative_ttl()
     assert_eq!(store.lookups.load(Ordering::SeqCst), lookups, "no lookup while remembered");
     h.clock.advance(Duration::from_secs(1));
     assert_eq!(&h.get("/", "key-new").await.body[..], b"acme on free", "10 s after the lookup that refused it");
+}
+
+/// Concurrent requests with one key the node does not hold cost one directory lookup, known
+/// or not: the others wait for its answer (single-flight per key).
+#[tokio::test]
+async fn concurrent_lookups_of_one_key_ask_the_directory_once() {
+    let (h, store) = node(PLANS);
+    store.lookup_delay_ms.store(50, Ordering::SeqCst);
+    let record = TenantRecord::new("acme".into(), "free".into());
+    store.inner.put_tenant(&record, &[KeyHash::of(b"key-known")]).await.unwrap();
+    for (key, status) in [("key-unknown", 401), ("key-known", 200)] {
+        let before = store.lookups.load(Ordering::SeqCst);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..100 {
+            let svc = h.svc.clone();
+            tasks.spawn(async move {
+                use tower::ServiceExt;
+                svc.oneshot(common::req("GET", "/", Some(key), None)).await.unwrap().status().as_u16()
+            });
+        }
+        let replies = tasks.join_all().await;
+        assert!(replies.iter().all(|s| *s == status), "{key}: {replies:?}");
+        assert_eq!(store.lookups.load(Ordering::SeqCst) - before, 1, "{key}: one lookup for 100 requests");
+    }
 }
 
 #[tokio::test]
