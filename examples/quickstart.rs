@@ -93,7 +93,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/", get(|| async { "hello from behind tollgate\n" }))
         .route("/v1/items", get(items))
         .route("/v1/generate", post(generate))
-        .layer(layer);
+        .layer(layer)
+        // The client's address, for callers limited per address (anonymous callers, lookups of
+        // unknown keys) and their `Idempotency-Key`s: what `tollgate_axum::client_addr` does.
+        .layer(axum::middleware::from_fn(client_addr));
 
     // `kill -HUP <pid>` reloads the configuration: counters and recorded usage are kept.
     #[cfg(unix)]
@@ -118,7 +121,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("  listening on http://{addr}  (Ctrl-C to stop)");
-    axum::serve(listener, app)
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
@@ -165,4 +168,12 @@ async fn generate(Extension(ctx): Extension<TenantContext>) -> Json<Value> {
     let tokens = 120;
     ctx.record("tokens", tokens).expect("the tokens meter is declared");
     Json(json!({ "tenant": ctx.tenant(), "tokens": tokens, "text": "lorem ipsum" }))
+}
+
+/// Puts the connection's peer in the request as tollgate's client address.
+async fn client_addr(mut request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    if let Some(peer) = request.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0) {
+        request.extensions_mut().insert(tollgate::door::ClientAddr(peer.ip()));
+    }
+    next.run(request).await
 }

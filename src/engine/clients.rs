@@ -101,6 +101,17 @@ impl ClientKeys {
         Self { ipv6_prefix, hasher: std::collections::hash_map::RandomState::new() }
     }
 
+    /// The group of a client address as bytes the same on every node (a version tag, then the
+    /// address, an IPv6 one cut to `ipv6_prefix` bits; `[0]`: none), to scope an anonymous
+    /// caller's `Idempotency-Key` to its address.
+    pub(crate) fn group(&self, ip: Option<IpAddr>) -> Vec<u8> {
+        match ip.map(canonical) {
+            None => vec![0],
+            Some(IpAddr::V4(v4)) => [&[4u8][..], &v4.octets()].concat(),
+            Some(IpAddr::V6(v6)) => [&[6u8][..], &mask(u128::from(v6), 128, self.ipv6_prefix).to_be_bytes()].concat(),
+        }
+    }
+
     /// The key of a client address (0: none).
     pub(crate) fn key(&self, ip: Option<IpAddr>) -> u64 {
         let Some(ip) = ip else { return 0 };

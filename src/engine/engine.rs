@@ -124,6 +124,9 @@ pub(crate) enum Stage {
         meters: Arc<crate::plan::MeterTable>,
         /// The client address's key (0: none), for `identify.unknown_key_rate`.
         address: u64,
+        /// The client address of a request with an `Idempotency-Key`: served as the anonymous
+        /// tenant, its key is scoped to it.
+        client: Option<std::net::IpAddr>,
     },
     /// An `Idempotency-Key` this node has not seen: claimed in the store first.
     Claim(Box<KeyClaim>),
@@ -202,6 +205,12 @@ pub(crate) struct Shared {
     pub(crate) unknown: moka::sync::Cache<(u64, u64), i64>,
     /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
     pub(crate) key_lookups: super::clients::KeyLookups,
+}
+
+/// An anonymous caller's `Idempotency-Key` scoped to its client address: the key, a NUL (no
+/// key has one: they are visible ASCII), the address's group.
+fn scoped_key(key: &[u8], keys: &super::clients::ClientKeys, ip: Option<std::net::IpAddr>) -> Vec<u8> {
+    [key, &[0], &keys.group(ip)].concat()
 }
 
 /// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].
@@ -334,16 +343,24 @@ impl Tollgate {
                 } else {
                     rt.meters.remap(route, &state.plan.meters)
                 };
-                if state.plan.clients.is_some() {
-                    // The anonymous tenant: its rate is per client address.
-                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(req.client.or_else(client)));
+                let anonymous = rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
+                if state.plan.clients.is_some() || (anonymous && idem.is_some()) {
+                    // The anonymous tenant: its rate is per client address, and so are its
+                    // `Idempotency-Key`s (client B's key `1` is not client A's).
+                    let ip = req.client.or_else(client);
+                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
+                    if let (true, Some((key, request)), Some(keys)) = (anonymous, idem, &rt.client_keys) {
+                        let scoped = scoped_key(key, keys, ip);
+                        return self.decide(state, route, Some((&scoped, request)));
+                    }
                 }
                 self.decide(state, route, idem)
             }
             None => {
                 // Anonymous callers (or an unknown key served as one) need their address.
+                let ip = req.client.or_else(client);
                 if let Some(keys) = &rt.client_keys {
-                    route.client = keys.key(req.client.or_else(client));
+                    route.client = keys.key(ip);
                 }
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
@@ -351,7 +368,12 @@ impl Tollgate {
                     Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
                 };
                 Admission::Pending(PendingAdmission {
-                    stage: Stage::Resolve { credential, meters: rt.meters.clone(), address: route.client },
+                    stage: Stage::Resolve {
+                        credential,
+                        meters: rt.meters.clone(),
+                        address: route.client,
+                        client: idem.is_some().then_some(ip).flatten(),
+                    },
                     route,
                     idempotency: idem.map(|(k, r)| (k.into(), r)),
                 })
@@ -365,7 +387,7 @@ impl Tollgate {
         loop {
             let next = match stage {
                 Stage::Quota(partial) => return self.lease_and_take(*partial, route).await,
-                Stage::Resolve { credential, meters, address } => {
+                Stage::Resolve { credential, meters, address, client } => {
                     let state = match self.lookup(credential, address).await {
                         Ok(state) => state,
                         Err(rejection) => return Err(self.count(rejection)),
@@ -374,7 +396,17 @@ impl Tollgate {
                     if !Arc::ptr_eq(&state.plan.meters, &meters) {
                         route = meters.remap(route, &state.plan.meters);
                     }
-                    self.decide(state, route, idempotency.as_ref().map(|(k, r)| (&k[..], *r)))
+                    let rt = self.shared.runtime.load();
+                    let scoped = match (&idempotency, &rt.client_keys) {
+                        (Some((key, _)), Some(keys))
+                            if rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT =>
+                        {
+                            Some(scoped_key(key, keys, client))
+                        }
+                        _ => None,
+                    };
+                    let key = scoped.as_deref().or(idempotency.as_ref().map(|(k, _)| &k[..]));
+                    self.decide(state, route, key.zip(idempotency.as_ref().map(|(_, r)| *r)))
                 }
                 Stage::Claim(c) => self.claim_in_store(*c, route).await,
             };

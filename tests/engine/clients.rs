@@ -290,3 +290,35 @@ async fn unknown_key_lookups_are_limited_per_client_address() {
     h.clock.advance(std::time::Duration::from_secs(60));
     assert_eq!(h.send(from("203.0.113.5", "random-y".into())).await.status, 401);
 }
+
+/// Anonymous callers do not share `Idempotency-Key`s: the binding includes the client address,
+/// so client B's key `1` is its own request, not a replay of client A's (whose retries still
+/// replay). On every node alike (the binding in the store names the address, not this
+/// node's hash of it).
+#[tokio::test]
+async fn anonymous_callers_do_not_share_idempotency_keys() {
+    let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let nodes: Vec<Harness> = (0..2)
+        .map(|_| {
+            let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+            Harness::build(TOML, store.clone(), clock, handle)
+        })
+        .collect();
+    let post = |ip: &str, key: Option<&str>| {
+        let mut r = req("POST", "/orders", key, Some("1"));
+        r.extensions_mut().insert(ClientAddr(ip.parse::<IpAddr>().unwrap()));
+        r
+    };
+    assert_eq!(nodes[0].send(post("192.0.2.1", None)).await.status, 200);
+    assert_eq!(nodes[0].send(post("192.0.2.2", None)).await.status, 200, "B's own request");
+    // A's retry, on the other node: a replay (not charged); B's the same. (The claims are
+    // settled in the store right after the responses.)
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(nodes[1].send(post("192.0.2.1", None)).await.status, 200);
+    assert_eq!(nodes[1].send(post("192.0.2.2", None)).await.status, 200);
+    for n in &nodes {
+        n.tollgate.flush().await.unwrap();
+    }
+    let billed = common::committed(&*store, "anonymous", "requests", NOON - 3600, NOON + 3600, 3600).await;
+    assert_eq!(billed, 2, "A and B charged once each, their retries replays");
+}
