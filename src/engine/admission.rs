@@ -348,8 +348,15 @@ impl Tollgate {
             return Ok(NO_TAG);
         };
         if !charged {
-            // A replay takes nothing, but a hard quota must still have the units.
-            return cell.check_units(u64::from(cost), at).map(|()| NO_TAG);
+            // A replay takes nothing, but a hard quota must still have the units (a shadow
+            // plan never refuses: the refusal is counted).
+            return match cell.check_units(u64::from(cost), at) {
+                Err(Take::Exhausted) if state.plan.shadow => {
+                    self.would_refuse(&Self::shadow_quota(state, meter));
+                    Ok(NO_TAG)
+                }
+                checked => checked.map(|()| NO_TAG),
+            };
         }
         match cell.try_take(u64::from(cost), at) {
             Take::Taken { left, tag } => {

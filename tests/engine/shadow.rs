@@ -61,3 +61,19 @@ async fn without_shadow_mode_unidentified_requests_are_refused() {
         assert_eq!(h.status("/", "key-e").await, 200);
     }
 }
+
+/// A shadow plan never refuses: an idempotent replay after the shadow quota was spent is
+/// answered (its refusal counted), as every other request.
+#[tokio::test]
+async fn a_replay_on_a_spent_shadow_quota_is_not_refused() {
+    let h = Harness::new(TOML);
+    let post = |key: &str| common::req("POST", "/", Some("key-t"), Some(key));
+    assert_eq!(h.send(post("order-1")).await.status, 200);
+    for i in 2..6 {
+        assert_eq!(h.send(post(&format!("order-{i}"))).await.status, 200, "past the limit: shadowed");
+    }
+    let before = h.tollgate.stats().shadow_would_refuse;
+    let replay = h.send(post("order-1")).await;
+    assert_eq!(replay.status, 200, "{:?}", replay.rejection);
+    assert!(h.tollgate.stats().shadow_would_refuse > before, "the refusal it would have had is counted");
+}
