@@ -32,6 +32,7 @@ pub(crate) struct Metrics {
     pub(crate) webhooks_rejected: Counter,
     pub(crate) evictions: Counter,
     pub(crate) rate_states_dropped: Counter,
+    pub(crate) overrides_not_served: Counter,
     pub(crate) negative_hits: Counter,
     pub(crate) buffer_full: Counter,
     pub(crate) dropped_units: Counter,
@@ -71,6 +72,7 @@ impl Metrics {
             webhooks_rejected: counter!("tollgate_webhook_events_total", "outcome" => "rejected"),
             evictions: counter!("tollgate_tenants_evicted_total"),
             rate_states_dropped: counter!("tollgate_rate_states_dropped_total"),
+            overrides_not_served: counter!("tollgate_overrides_not_served_total"),
             negative_hits: counter!("tollgate_unknown_credential_cache_hits_total"),
             buffer_full: counter!("tollgate_usage_buffer_full_total"),
             dropped_units: counter!("tollgate_usage_dropped_units_total"),
@@ -128,6 +130,7 @@ pub(crate) struct Totals {
     pub(crate) webhooks_ignored: AtomicU64,
     pub(crate) webhooks_rejected: AtomicU64,
     pub(crate) evictions: AtomicU64,
+    pub(crate) overrides_not_served: AtomicU64,
     pub(crate) negative_hits: AtomicU64,
     pub(crate) buffer_full: AtomicU64,
     pub(crate) dropped_units: AtomicU64,
@@ -186,6 +189,9 @@ pub struct Stats {
     pub webhooks_rejected: u64,
     /// Tenants evicted (idle, or over the cap).
     pub evictions: u64,
+    /// Tenants served their plan without their overrides, which do not fit it (a plan change
+    /// made without looking at them): logged as errors.
+    pub overrides_not_served: u64,
     /// Requests with a credential the directory had just said it did not know, answered
     /// without asking it again.
     pub negative_hits: u64,
@@ -238,6 +244,7 @@ impl Totals {
             webhooks_ignored: l(&self.webhooks_ignored),
             webhooks_rejected: l(&self.webhooks_rejected),
             evictions: l(&self.evictions),
+            overrides_not_served: l(&self.overrides_not_served),
             negative_hits: l(&self.negative_hits),
             buffer_full: l(&self.buffer_full),
             dropped_units: l(&self.dropped_units),

@@ -236,6 +236,19 @@ impl WebhookHandler {
         let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan);
         match self.directory.apply_plan_change(&change).await {
             Ok(PlanChangeOutcome::Applied(record)) => {
+                // The tenant's overrides are checked over the new plan as `Admin::set_plan`
+                // checks them. The customer paid for the plan: it is applied whatever they say,
+                // and nodes serve it without overrides that do not fit (counted there).
+                if let Some(json) = record.overrides.as_deref().filter(|o| !o.trim().is_empty()) {
+                    let fits = crate::config::PlanOverride::from_json(json, &config)
+                        .map_err(|e| e.to_string())
+                        .and_then(|o| config.check_override(&record.plan, &o));
+                    if let Err(why) = fits {
+                        tracing::error!(event = %fields.id, tenant = %record.id, plan = %record.plan,
+                            "the tenant's overrides do not fit the plan a Stripe webhook moved it to ({why}): \
+                             it is served the plan without them until they are mended (tollgate tenants set-override)");
+                    }
+                }
                 self.node.tenant_changed(&record.id);
                 tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, plan = %record.plan,
                     "plan changed by a Stripe webhook");

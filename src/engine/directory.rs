@@ -143,7 +143,7 @@ impl Tollgate {
             )
             .with_retry_after(60));
         }
-        let plan = match rt.plan_for(&record.plan, record.overrides.as_deref()) {
+        let (plan, unfit) = match served_plan(&rt, &record) {
             Ok(plan) => plan,
             Err(why) => {
                 tracing::error!(tenant = %record.id, plan = %record.plan, "the tenant's plan cannot be served: {why}");
@@ -152,6 +152,9 @@ impl Tollgate {
             }
         };
         let state = self.shared.table.attach(lookup, hash, &record.id, validated, || {
+            if let Some(why) = &unfit {
+                self.overrides_not_served(&record, why);
+            }
             self.new_state(record.id.clone(), &plan, record.customer.clone())
         });
         self.after_insert(&rt);
@@ -258,14 +261,7 @@ impl Tollgate {
             return;
         };
         let overrides = record.overrides.as_deref().filter(|o| !o.trim().is_empty());
-        let changed = current.plan.id != record.plan
-            || current.customer.as_deref() != record.customer.as_deref()
-            || current.plan.overrides.as_deref() != overrides;
-        if !changed {
-            self.shared.table.confirmed(&record.id, now);
-            return;
-        }
-        let plan = match rt.plan_for(&record.plan, overrides) {
+        let (plan, unfit) = match served_plan(rt, &record) {
             Ok(plan) => plan,
             Err(why) => {
                 tracing::error!(tenant = %record.id, plan = %record.plan, "the tenant's new plan cannot be served ({why}); kept on its plan");
@@ -273,6 +269,19 @@ impl Tollgate {
                 return;
             }
         };
+        // What the tenant is served with now: its plan, with its overrides unless they do not
+        // fit it (then already served without them: nothing changed).
+        let served = if unfit.is_some() { None } else { overrides };
+        let changed = current.plan.id != record.plan
+            || current.customer.as_deref() != record.customer.as_deref()
+            || current.plan.overrides.as_deref() != served;
+        if !changed {
+            self.shared.table.confirmed(&record.id, now);
+            return;
+        }
+        if let Some(why) = &unfit {
+            self.overrides_not_served(&record, why);
+        }
         let old = self
             .shared
             .table
@@ -281,6 +290,15 @@ impl Tollgate {
             tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
             self.return_leases(vec![old]).await;
         }
+    }
+
+    /// Counts and logs a tenant served its plan without the overrides, which do not fit it.
+    #[cold]
+    fn overrides_not_served(&self, record: &TenantRecord, why: &str) {
+        Totals::add(&self.shared.totals.overrides_not_served, 1);
+        self.shared.metrics.overrides_not_served.increment(1);
+        tracing::error!(tenant = %record.id, plan = %record.plan, overrides = record.overrides.as_deref(),
+            "the tenant's overrides do not fit its plan ({why}): served the plan without them until they are mended");
     }
 
     /// Forgets what this node holds of `tenant`: its next request reads the directory again
@@ -296,6 +314,23 @@ impl Tollgate {
         let digest = self.shared.table.digest(Lookup::ApiKey(key));
         self.shared.table.forget(digest);
         self.shared.unknown.invalidate(&(digest.lo, digest.hi));
+    }
+}
+
+/// The plan to serve a directory record with: its plan with its overrides; when the overrides
+/// do not fit the plan (a plan change made without looking at them), the plan alone, with why.
+/// `Err`: the plan cannot be served (not declared here), or the overrides cannot be read at all
+/// (a meter or feature this configuration does not have: the record must be mended, and
+/// serving the plan alone could drop a limit the overrides tightened).
+fn served_plan(rt: &Runtime, record: &TenantRecord) -> Result<(Arc<CompiledPlan>, Option<String>), String> {
+    match rt.plan_for(&record.plan, record.overrides.as_deref()) {
+        Ok(plan) => Ok((plan, None)),
+        Err(why) => match record.overrides.as_deref().filter(|o| !o.trim().is_empty()) {
+            Some(json) if crate::config::PlanOverride::from_json(json, &rt.config).is_ok() => {
+                rt.plan_for(&record.plan, None).map(|plan| (plan, Some(why)))
+            }
+            _ => Err(why),
+        },
     }
 }
 

@@ -302,3 +302,25 @@ async fn a_store_failure_is_a_500_and_the_retry_applies() {
     let reply = handler.handle(Some(&sign(&e, SECRET, NOON)), e.as_bytes()).await;
     assert_eq!(reply.outcome, applied("metered"));
 }
+
+/// A webhook moves a tenant whose overrides do not fit the new plan (a `burst` over a plan
+/// without a rate): the plan change is applied (the customer paid for it), and the tenant is
+/// served the new plan without the overrides, counted, rather than kept on the old one.
+#[tokio::test]
+async fn a_plan_change_the_overrides_do_not_fit_is_applied_and_served_without_them() {
+    let config = CONFIG.replace("[plans.free]\n", "[plans.free]\nrate = \"100/s\"\n");
+    let store = Arc::new(MemoryStore::new());
+    let mut acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
+    acme.overrides = Some(r#"{"burst": 10}"#.into());
+    store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let h = Harness::with_store(&config, store.clone(), NOON);
+    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let s = Setup { h, store, handler };
+    assert_eq!(s.admitted(1).await, (1, "acme on free".into()));
+    let e = event("evt_1", "payment_method.attached", NOON - 10, payment_method("cus_acme"));
+    assert_eq!(s.signed(&e).await, (200, applied("metered")));
+    assert_eq!(s.admitted(3).await, (3, "acme on metered".into()), "the new plan, at once");
+    assert_eq!(s.h.tollgate.stats().overrides_not_served, 1);
+    let record = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!(record.overrides.as_deref(), Some(r#"{"burst": 10}"#), "kept, to be mended");
+}

@@ -183,3 +183,29 @@ async fn a_request_waiting_across_a_reload_keeps_its_meter() {
     assert_eq!(common::committed(&*store, "acme", "tokens", NOON - 3600, NOON + 3600, 3600).await, 1);
     assert_eq!(common::committed(&*store, "acme", "images", NOON - 3600, NOON + 3600, 3600).await, 0);
 }
+
+/// A plan change that the tenant's overrides do not fit (here a `burst` over a plan without a
+/// rate) is served without the overrides, logged and counted: never the old plan (a running
+/// node kept it for as long as it ran), never a 503 (a node meeting the tenant anew refused it).
+#[tokio::test]
+async fn a_plan_change_the_overrides_do_not_fit_is_served_without_them() {
+    let toml = format!("{PLANS}[plans.norate]\n");
+    let (h, store) = node(&toml);
+    let mut acme = TenantRecord::new("acme".into(), "free".into());
+    acme.overrides = Some(r#"{"burst": 50}"#.into());
+    store.inner.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
+    // The plan changes in the store (a webhook on another node), the overrides kept.
+    acme.plan = "norate".into();
+    store.inner.put_tenant(&acme, &[]).await.unwrap();
+    h.clock.advance(Duration::from_secs(61));
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free", "until revalidated");
+    h.tollgate.revalidate().await;
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on norate", "the new plan, without the overrides");
+    assert_eq!(h.tollgate.stats().overrides_not_served, 1);
+    // A node meeting the tenant for the first time serves it the same.
+    let (other, other_store) = node(&toml);
+    other_store.inner.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    assert_eq!(&other.get("/", "key-acme").await.body[..], b"acme on norate");
+    assert_eq!(other.tollgate.stats().overrides_not_served, 1);
+}
