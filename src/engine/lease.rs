@@ -16,7 +16,8 @@ use crate::{
     tenant::{Call, CallKind, QuotaRef, Tenant},
 };
 
-/// How many times a call is sent before it is given up.
+/// After this many attempts a call still unanswered is logged as an error (once); it is kept,
+/// and sent again with its token, until the store answers.
 const MAX_ATTEMPTS: u32 = 20;
 
 /// What a refill did for the request that waited on it.
@@ -64,14 +65,14 @@ impl Leases {
     /// is dropped (a timeout) or the store fails, the next call of the cell sends it again,
     /// with the same token, before anything else.
     async fn send(&self, cell: QuotaRef<'_>, mut call: Call) -> Result<Grant, StoreError> {
-        call.attempts += 1;
-        if call.attempts > MAX_ATTEMPTS {
-            // A call the store keeps failing (not a timeout: an error it answers) must not
-            // block the cell for good: logged and dropped. Its effect on the counter is lost
-            // (a lease never granted, units never given back or owed).
-            tracing::error!(key = ?call.key, kind = ?call.kind, "a quota call failed {MAX_ATTEMPTS} times; dropped");
-            cell.locked().inflight = None;
-            return Err(StoreError::Conflict("a quota call failed too many times and was dropped"));
+        call.attempts = call.attempts.saturating_add(1);
+        if call.attempts == MAX_ATTEMPTS {
+            // Never given up: the store may have applied it (an answer lost, a timeout), and a
+            // dropped call would strand its units (leased and never used nor given back, so a
+            // hard quota under-admits for the rest of its period). The cell waits for it;
+            // its requests follow `on_store_error` meanwhile.
+            tracing::error!(key = ?call.key, kind = ?call.kind,
+                "a quota call has failed {MAX_ATTEMPTS} times; it is kept and sent again until the store answers");
         }
         cell.locked().inflight = Some(call.clone());
         let store = &self.stores.roles.quota;
@@ -248,6 +249,11 @@ impl Leases {
         .await;
         if let Err(e) = result {
             self.stores.failed("return lease", &e);
+            if let Some(call) = cell.locked().inflight.clone() {
+                // Reported: the store may hold units this node never used nor gave back.
+                tracing::error!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
+                    "a quota call is still unanswered as the lease is given back: the store may count its units");
+            }
         }
     }
 

@@ -472,3 +472,32 @@ async fn with_the_defaults_a_slow_store_never_lets_a_hard_quota_be_passed() {
     }
     assert!(admitted <= 20, "{admitted} admitted on a hard limit of 20");
 }
+
+/// A quota call whose answers keep getting lost (the store applies it, the answer comes too
+/// late) is never given up: it is sent again, with its token, until the store answers, and
+/// its units are then leased and used, or given back at shutdown. Units leased = units used +
+/// units returned, however long the store was slow.
+#[tokio::test]
+async fn a_quota_call_that_keeps_timing_out_is_kept_until_the_store_answers() {
+    let toml = "[usage]\nstore_timeout = \"5ms\"\n\
+                [plans.p]\nquotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }\n\
+                [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    store.lose_answers.store(true, Ordering::SeqCst);
+    for _ in 0..30 {
+        assert_eq!(h.status("/", "key-t").await, 503, "fail-closed while no answer comes");
+    }
+    store.lose_answers.store(false, Ordering::SeqCst);
+    let mut admitted = 0;
+    for _ in 0..25 {
+        if h.status("/", "key-t").await == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 25);
+    h.tollgate.shutdown().await.unwrap();
+    let key = common::day_key("t", common::NOON);
+    assert_eq!(store.reserved(&key).await.unwrap(), 25, "reserved = used: nothing stranded by the lost answers");
+}
