@@ -175,9 +175,9 @@ pub(crate) struct CompiledPlan {
     /// The `RateLimit-Policy` value for each policy shape of the configuration (see
     /// [`Runtime::shapes`]; none: no policy applies).
     pub(crate) policy_header: Box<[Option<http::HeaderValue>]>,
-    /// For each policy shape that lists a month quota, the quotas it lists (indexes of
-    /// `quotas`): its value is written per response, with the current month's length.
-    pub(crate) policy_months: Box<[Option<Box<[usize]>>]>,
+    /// For each policy shape that lists a month quota: its values for each length of month,
+    /// or the quotas it lists, to write it per response (see [`MonthPolicy`]).
+    pub(crate) policy_months: Box<[Option<MonthPolicy>]>,
     /// For each policy shape, the meters whose hard quotas it lists besides the route's own
     /// (a bit per meter index): their `RateLimit` items are read live from the tenant.
     pub(crate) shape_reports: Box<[u64]>,
@@ -218,6 +218,16 @@ impl CompiledPlan {
             _ => StoreErrorPolicy::FailOpen,
         }
     }
+}
+
+/// The `RateLimit-Policy` of a shape listing month quotas, whose window is the length of the
+/// month in force.
+#[derive(Debug)]
+pub(crate) enum MonthPolicy {
+    /// One month quota, of `meter`: the value for each length of month, 28 to 31 days.
+    One { meter: usize, by_days: [http::HeaderValue; 4] },
+    /// Several (their months may differ): the quotas listed, written per response.
+    Many(Box<[usize]>),
 }
 
 /// Appends `"METER-PERIOD";q=LIMIT;w=W` to a `RateLimit-Policy` list, with `;qu="METER"` when
@@ -326,11 +336,36 @@ impl CompiledPlan {
                 own.into_iter().chain(reported).collect()
             })
             .collect();
-        // A month's window is the current period's length: those policies are written per
-        // response.
-        let policy_months: Box<[Option<Box<[usize]>>]> = listed
+        // A month's window is the current period's length: a policy listing one month quota is
+        // built for each length a month can have; one listing several is written per response.
+        let policy_months: Box<[Option<MonthPolicy>]> = listed
             .iter()
-            .map(|l| l.iter().any(|&k| matches!(quotas[k].1.period(), Period::Month { .. })).then(|| l.clone()))
+            .map(|list| {
+                let months: Vec<usize> =
+                    list.iter().copied().filter(|&k| matches!(quotas[k].1.period(), Period::Month { .. })).collect();
+                match months[..] {
+                    [] => None,
+                    [month] => Some(MonthPolicy::One {
+                        meter: quotas[month].0,
+                        by_days: std::array::from_fn(|d| {
+                            let mut s = String::new();
+                            if let Some(r) = &rate {
+                                let _ = write!(s, "\"rate\";q={};w={}", r.q, r.w);
+                            }
+                            for &k in list.iter() {
+                                let (i, q) = &quotas[k];
+                                let w = if k == month { (28 + d as u64) * 86_400 } else { q.period().nominal_secs() };
+                                policy_item(&mut s, meters.ids[*i].as_str(), q, w);
+                            }
+                            match overrides {
+                                None => http::HeaderValue::from_static(intern(s)),
+                                Some(_) => http::HeaderValue::from_str(&s).expect("names and numbers only"),
+                            }
+                        }),
+                    }),
+                    _ => Some(MonthPolicy::Many(list.clone())),
+                }
+            })
             .collect();
         let policy_header = listed
             .iter()

@@ -3,6 +3,6 @@
 mod compiled;
 mod route;
 
-pub(crate) use compiled::{policy_item, CompiledPlan, MeterTable, RouteCost, Runtime, StaticTenant};
+pub(crate) use compiled::{policy_item, CompiledPlan, MeterTable, MonthPolicy, RouteCost, Runtime, StaticTenant};
 pub(crate) use route::normalize_path;
 pub use route::RoutePattern;

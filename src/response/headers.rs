@@ -153,7 +153,21 @@ pub(crate) fn emit(
     };
     match plan.header_style {
         HeaderStyle::Draft => {
-            if let Some(Some(months)) = plan.policy_months.get(usize::from(state.shape)) {
+            let months = plan.policy_months.get(usize::from(state.shape)).and_then(Option::as_ref);
+            if let Some(crate::plan::MonthPolicy::One { meter, by_days }) = months {
+                // The month in force: the tenant's quota cell knows its period (one not leased
+                // yet: the calendar's).
+                let days = tenant.map(|t| match t.quota(*meter).map(|c| c.period()) {
+                    Some((start, end)) if end > start => (end - start) / 86_400,
+                    _ => {
+                        let (start, end) =
+                            t.quota(*meter).map_or((0, 0), |c| c.spec.period().bounds(t.clock.unix_secs()));
+                        (end - start) / 86_400
+                    }
+                });
+                let i = days.filter(|d| (28..=31).contains(d)).map_or(2, |d| (d - 28) as usize);
+                put(Field::RateLimitPolicy, Value::Prebuilt(&by_days[i]));
+            } else if let Some(crate::plan::MonthPolicy::Many(months)) = months {
                 // A month quota's window is the length of its current period.
                 let now = tenant.map_or(0, |t| t.clock.unix_secs());
                 let mut value = String::with_capacity(96);

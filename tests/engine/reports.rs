@@ -108,13 +108,19 @@ keys = ["key-t"]
 async fn the_policy_names_its_unit_and_the_current_month_s_length() {
     let toml = format!(
         "[plans.q]\nquotas.requests = {{ limit = 9, period = \"month\", anchor_day = 1 }}\n\
-         [tenants.r]\nplan = \"q\"\nkeys = [\"key-r\"]\n{TOML}"
+         [tenants.r]\nplan = \"q\"\nkeys = [\"key-r\"]\n\
+         [plans.both]\nquotas.requests = {{ limit = 9, period = \"month\", anchor_day = 20 }}\n\
+         quotas.tokens = {{ limit = 500, period = \"month\", mode = \"hard\", lease = 100 }}\n\
+         [tenants.b]\nplan = \"both\"\nkeys = [\"key-b\"]\n{TOML}"
     );
     let h = Harness::new(&toml);
     let policy = h.get("/tokens/1", "key-t").await.header("ratelimit-policy").unwrap_or_default().to_owned();
     assert_eq!(policy, "\"tokens-month\";q=500;w=2678400;qu=\"tokens\"");
     let policy = h.get("/other", "key-r").await.header("ratelimit-policy").unwrap_or_default().to_owned();
     assert_eq!(policy, "\"requests-month\";q=9;w=2678400", "requests are the default unit");
+    // Two month quotas, anchored apart: each its own month (Feb 20 to Mar 20: 28 days).
+    let policy = h.get("/tokens/1", "key-b").await.header("ratelimit-policy").unwrap_or_default().to_owned();
+    assert_eq!(policy, "\"requests-month\";q=9;w=2419200, \"tokens-month\";q=500;w=2678400;qu=\"tokens\"");
     // In April (30 days) the same policy says so.
     h.clock.advance(std::time::Duration::from_secs(20 * 86_400));
     let policy = h.get("/other", "key-r").await.header("ratelimit-policy").unwrap_or_default().to_owned();
