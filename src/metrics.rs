@@ -33,6 +33,7 @@ pub(crate) struct Metrics {
     pub(crate) evictions: Counter,
     pub(crate) rate_states_dropped: Counter,
     pub(crate) overrides_not_served: Counter,
+    pub(crate) store_fast_failures: Counter,
     pub(crate) negative_hits: Counter,
     pub(crate) buffer_full: Counter,
     pub(crate) dropped_units: Counter,
@@ -73,6 +74,7 @@ impl Metrics {
             evictions: counter!("tollgate_tenants_evicted_total"),
             rate_states_dropped: counter!("tollgate_rate_states_dropped_total"),
             overrides_not_served: counter!("tollgate_overrides_not_served_total"),
+            store_fast_failures: counter!("tollgate_store_fast_failures_total"),
             negative_hits: counter!("tollgate_unknown_credential_cache_hits_total"),
             buffer_full: counter!("tollgate_usage_buffer_full_total"),
             dropped_units: counter!("tollgate_usage_dropped_units_total"),
@@ -131,6 +133,7 @@ pub(crate) struct Totals {
     pub(crate) webhooks_rejected: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) overrides_not_served: AtomicU64,
+    pub(crate) store_fast_failures: AtomicU64,
     pub(crate) negative_hits: AtomicU64,
     pub(crate) buffer_full: AtomicU64,
     pub(crate) dropped_units: AtomicU64,
@@ -192,6 +195,9 @@ pub struct Stats {
     /// Tenants served their plan without their overrides, which do not fit it (a plan change
     /// made without looking at them): logged as errors.
     pub overrides_not_served: u64,
+    /// Store calls of the request path not made because the store had failed several times in
+    /// a row (their requests' `on_store_error` applied at once).
+    pub store_fast_failures: u64,
     /// Requests with a credential the directory had just said it did not know, answered
     /// without asking it again.
     pub negative_hits: u64,
@@ -245,6 +251,7 @@ impl Totals {
             webhooks_rejected: l(&self.webhooks_rejected),
             evictions: l(&self.evictions),
             overrides_not_served: l(&self.overrides_not_served),
+            store_fast_failures: l(&self.store_fast_failures),
             negative_hits: l(&self.negative_hits),
             buffer_full: l(&self.buffer_full),
             dropped_units: l(&self.dropped_units),

@@ -8,7 +8,6 @@ use governor::clock::Clock as _;
 use super::{
     engine::{KeyClaim, Partial, PendingAdmission, Stage},
     idempotency::{settled, Claim, FleetClaim, Idempotency, Verdict, IN_FLIGHT_SECS},
-    store_calls::with_timeout,
     ticket::UNLEASED,
     Admission, Ticket, Tollgate,
 };
@@ -159,7 +158,8 @@ impl Tollgate {
             timeout,
             settling: settling.clone(),
         });
-        let answer = with_timeout(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
+        let answer =
+            self.shared.stores.guarded(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;

@@ -83,7 +83,11 @@ impl Tollgate {
                                 );
                                 return Err(r.with_retry_after(wait));
                             }
-                            let found = with_timeout(timeout, self.shared.stores.roles.directory.find_key(&h)).await;
+                            let found = self
+                                .shared
+                                .stores
+                                .guarded(timeout, self.shared.stores.roles.directory.find_key(&h))
+                                .await;
                             if matches!(found, Ok(Some(_))) {
                                 // Only unknown keys count.
                                 self.shared.key_lookups.give_back(address, rate);
@@ -97,7 +101,7 @@ impl Tollgate {
                         validated = i64::MAX;
                         Ok(Some(declared(r)))
                     }
-                    None => with_timeout(timeout, self.shared.stores.roles.directory.tenant(id)).await,
+                    None => self.shared.stores.guarded(timeout, self.shared.stores.roles.directory.tenant(id)).await,
                 },
                 OwnedCredential::Anonymous => Ok(None),
             }

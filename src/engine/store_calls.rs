@@ -18,6 +18,12 @@ use crate::{
 /// A burst of store errors is logged at most once per this long.
 pub(crate) const STORE_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Failures in a row of the request path's store calls after which they fail fast.
+const FAILURES_BEFORE_FAST: u32 = 3;
+/// The first interval of failing fast; it doubles while the probe fails, up to the most.
+const FAST_FIRST: Duration = Duration::from_millis(100);
+const FAST_MOST: Duration = Duration::from_secs(5);
+
 /// The stores an engine calls, and what it does when a call fails.
 #[derive(Debug)]
 pub(crate) struct StoreCalls {
@@ -29,11 +35,82 @@ pub(crate) struct StoreCalls {
     metrics: Arc<Metrics>,
     totals: Arc<Totals>,
     clock: Clock,
+    /// The request path's store calls failed this many times in a row.
+    failures: std::sync::atomic::AtomicU32,
+    /// Until when (engine clock, Unix nanoseconds) they fail fast, and the interval that set it.
+    fast_until: AtomicI64,
+    fast_for: AtomicU64,
 }
 
 impl StoreCalls {
     pub(crate) fn new(roles: Roles, metrics: Arc<Metrics>, totals: Arc<Totals>, clock: Clock) -> Self {
-        Self { roles, logged_at: AtomicI64::new(0), unlogged: AtomicU64::new(0), metrics, totals, clock }
+        Self {
+            roles,
+            logged_at: AtomicI64::new(0),
+            unlogged: AtomicU64::new(0),
+            metrics,
+            totals,
+            clock,
+            failures: std::sync::atomic::AtomicU32::new(0),
+            fast_until: AtomicI64::new(0),
+            fast_for: AtomicU64::new(0),
+        }
+    }
+
+    /// Before a store call of the request path: `Err` at once while the store fails fast
+    /// (after [`FAILURES_BEFORE_FAST`] failures in a row), so that an outage costs a few
+    /// timeouts and not one per request. When the interval is over, one call goes through to
+    /// probe the store (the others still fail fast); its outcome ([`Self::after`]) closes the
+    /// breaker or opens it again for twice as long, up to [`FAST_MOST`].
+    pub(crate) fn before(&self) -> Result<(), StoreError> {
+        if self.failures.load(Relaxed) < FAILURES_BEFORE_FAST {
+            return Ok(());
+        }
+        let now = self.clock.unix_nanos();
+        let until = self.fast_until.load(Relaxed);
+        if now >= until {
+            // The probe: the interval is taken again meanwhile, so only this call goes.
+            let again = i64::try_from(self.fast_for.load(Relaxed)).unwrap_or(i64::MAX);
+            if self.fast_until.compare_exchange(until, now.saturating_add(again), Relaxed, Relaxed).is_ok() {
+                return Ok(());
+            }
+        }
+        self.metrics.store_fast_failures.increment(1);
+        Totals::add(&self.totals.store_fast_failures, 1);
+        Err(StoreError::Backend("the store failed several times in a row: failing fast for a moment".into()))
+    }
+
+    /// After a store call of the request path let through by [`Self::before`]: a success
+    /// closes the breaker, a failure counts towards opening it (or opens it again, longer).
+    pub(crate) fn after<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => {
+                if self.failures.swap(0, Relaxed) >= FAILURES_BEFORE_FAST {
+                    tracing::info!("the store answers again: no longer failing fast");
+                }
+                self.fast_for.store(0, Relaxed);
+            }
+            Err(_) => {
+                let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
+                if failures >= FAILURES_BEFORE_FAST {
+                    let first = FAST_FIRST.as_nanos() as u64;
+                    let most = FAST_MOST.as_nanos() as u64;
+                    let next = match self.fast_for.load(Relaxed) {
+                        0 => first,
+                        last => last.saturating_mul(2).min(most),
+                    };
+                    self.fast_for.store(next, Relaxed);
+                    let until = self.clock.unix_nanos().saturating_add(i64::try_from(next).unwrap_or(i64::MAX));
+                    self.fast_until.store(until, Relaxed);
+                    if failures == FAILURES_BEFORE_FAST {
+                        tracing::warn!(
+                            failures,
+                            "the store keeps failing: requests fail fast for a moment, then probe it"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Counts a store error, and logs it once per burst: the first of a burst at once, then at
@@ -51,6 +128,21 @@ impl StoreCalls {
             let errors = self.unlogged.swap(0, Relaxed);
             tracing::warn!(op, error = %e, errors, "store error ({errors} since the last such line)");
         }
+    }
+}
+
+impl StoreCalls {
+    /// A store call of the request path: `fut` within `limit`, failed fast while the store
+    /// keeps failing ([`StoreCalls::before`], [`StoreCalls::after`]).
+    pub(crate) async fn guarded<T>(
+        &self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.before()?;
+        let result = with_timeout(limit, fut).await;
+        self.after(&result);
+        result
     }
 }
 

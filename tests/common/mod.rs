@@ -210,6 +210,8 @@ pub struct Faulty {
     pub tenant_reads: AtomicU64,
     /// Key lookups take this many milliseconds (a slow directory).
     pub lookup_delay_ms: AtomicU64,
+    /// Quota calls that reached the store.
+    pub quota_calls: AtomicU64,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -229,6 +231,7 @@ impl Default for Faulty {
             unreadable_tenants: Default::default(),
             tenant_reads: Default::default(),
             lookup_delay_ms: Default::default(),
+            quota_calls: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -266,6 +269,7 @@ impl Faulty {
     }
 
     async fn before_quota(&self, tenant: &str) -> Result<(), StoreError> {
+        self.quota_calls.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         drop(self.held.lock().await);
         let stalled = self.stall_tenant.lock().unwrap().as_deref() == Some(tenant);

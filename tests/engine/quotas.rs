@@ -299,6 +299,8 @@ async fn fail_open_admissions_are_charged_when_the_store_is_back() {
         assert_eq!(h.status("/", "key-t").await, 200, "fail-open");
     }
     store.down.store(false, Ordering::SeqCst);
+    // The requests failed fast after three failures in a row: the interval passes.
+    h.clock.advance(Duration::from_secs(6));
     for i in 0..4 {
         assert_eq!(h.status("/", "key-t").await, 200, "request {i}: 4 units were left");
     }
@@ -315,6 +317,7 @@ async fn fail_open_admissions_are_charged_when_the_store_is_back() {
         assert_eq!(h.status("/", "key-t").await, 200);
     }
     store.down.store(false, Ordering::SeqCst);
+    h.clock.advance(Duration::from_secs(6));
     assert_eq!(h.status("/", "key-t").await, 429);
     h.tollgate.shutdown().await.unwrap();
     assert_eq!(store.reserved(&today("t")).await.unwrap(), 12, "the overage is visible");
@@ -490,6 +493,8 @@ async fn a_quota_call_that_keeps_timing_out_is_kept_until_the_store_answers() {
         assert_eq!(h.status("/", "key-t").await, 503, "fail-closed while no answer comes");
     }
     store.lose_answers.store(false, Ordering::SeqCst);
+    // The requests failed fast meanwhile: the interval passes, a probe goes.
+    h.clock.advance(Duration::from_secs(6));
     let mut admitted = 0;
     for _ in 0..25 {
         if h.status("/", "key-t").await == 200 {
@@ -500,4 +505,36 @@ async fn a_quota_call_that_keeps_timing_out_is_kept_until_the_store_answers() {
     h.tollgate.shutdown().await.unwrap();
     let key = common::day_key("t", common::NOON);
     assert_eq!(store.reserved(&key).await.unwrap(), 25, "reserved = used: nothing stranded by the lost answers");
+}
+
+/// An outage costs a few timeouts, not one per request: after consecutive store failures the
+/// requests that need the store fail fast (their policy applies at once: fail-open admits,
+/// fail-closed answers 503) for a short interval that grows while the store keeps failing,
+/// one request probing it when the interval is over. Counted.
+#[tokio::test]
+async fn a_failing_store_is_failed_fast_and_probed() {
+    let toml = "[usage]\nstore_timeout = \"20ms\"\non_store_error = \"fail-open\"\n\
+                [plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"soft\", lease = 1 }\n\
+                [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    assert_eq!(h.status("/", "key-t").await, 200);
+    store.lose_answers.store(true, Ordering::SeqCst);
+    let calls = store.quota_calls.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        assert_eq!(h.status("/", "key-t").await, 200, "fail-open");
+    }
+    let asked = store.quota_calls.load(Ordering::SeqCst) - calls;
+    assert!(asked <= 5, "{asked} calls reached the failing store for 50 requests");
+    let fast = h.tollgate.stats().store_fast_failures;
+    assert!(fast >= 45, "{fast} requests failed fast");
+    // Once the interval is over, one request probes the store; it answers again: back to normal.
+    store.lose_answers.store(false, Ordering::SeqCst);
+    h.clock.advance(Duration::from_secs(10));
+    for _ in 0..10 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    assert_eq!(h.tollgate.stats().store_fast_failures, fast, "closed again");
+    assert!(store.quota_calls.load(Ordering::SeqCst) - calls > asked, "the store is asked again");
 }

@@ -247,6 +247,8 @@ async fn store_errors_follow_the_plan_policy_and_lose_no_usage() {
     // Usage waits for the store; the failed flush is retried with the same batch.
     assert!(h.tollgate.flush().await.is_err());
     store.down.store(false, Ordering::SeqCst);
+    // Requests failed fast after three failures in a row: the interval passes, a probe goes.
+    h.clock.advance(std::time::Duration::from_secs(1));
     h.tollgate.flush().await.unwrap();
     assert_eq!(common::committed(&*store, "a", "requests", NOON - 7200, NOON + 7200, 3600).await, 2);
     assert_eq!(common::committed(&*store, "b", "requests", NOON - 7200, NOON + 7200, 3600).await, 1);
