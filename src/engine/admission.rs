@@ -50,13 +50,23 @@ impl Tollgate {
         let (charged, claim) = match idem {
             None => (true, None),
             Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
-                // A key this node has not seen: the store has the fleet's answer.
+                // A key this node has not seen: the store has the fleet's answer, asked only
+                // for a request within its rate (a caller over its rate costs no store write).
                 Verdict::First(claim) => {
+                    let mut headers = HeaderState::new(route.meter, route.shape);
+                    let at = match self.check_rate(&state, &route, &mut headers) {
+                        Ok(at) => at,
+                        Err(r) => {
+                            drop(claim);
+                            return self.reject(r);
+                        }
+                    };
+                    let key = key.into();
                     return Admission::Pending(PendingAdmission {
-                        stage: Stage::Claim(Box::new(KeyClaim { state, claim, key: key.into(), request })),
+                        stage: Stage::Claim(Box::new(KeyClaim { state, claim, key, request, headers, at })),
                         route,
                         idempotency: None,
-                    })
+                    });
                 }
                 Verdict::Replay => (false, None),
                 Verdict::InFlight => return self.reject(Self::key_in_use(&state)),
@@ -130,7 +140,7 @@ impl Tollgate {
     /// A store that does not answer follows `on_store_error`: fail-open charges the request
     /// under this node's claim alone, fail-closed answers 503.
     pub(crate) async fn claim_in_store(&self, c: KeyClaim, route: RouteCost) -> Admission {
-        let KeyClaim { state, mut claim, key, request } = c;
+        let KeyClaim { state, mut claim, key, request, mut headers, at } = c;
         let now = self.shared.clock.unix_secs();
         let config = self.shared.runtime.load().config.clone();
         let window = i64::try_from(config.limits.idempotency_window.as_secs()).unwrap_or(i64::MAX);
@@ -164,22 +174,36 @@ impl Tollgate {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;
         }
+        // Refused for its key: the request spends no rate cells.
+        let give_back = |headers: &mut HeaderState| {
+            if let Some(policy) = &state.plan.rate {
+                state.give_back_cells(route.client, policy.nanos(route.cost));
+                headers.give_back(route.cost, policy.burst.get());
+            }
+        };
         match answer {
-            Ok(IdempotencyState::Claimed) => self.decide_keyed(state, route, true, Some(claim)),
+            Ok(IdempotencyState::Claimed) => self.decide_rated(state, route, true, Some(claim), headers, at),
             Ok(IdempotencyState::Completed) => {
                 // Completed on another node: a replay here too from now on.
                 claim.done();
-                self.decide_keyed(state, route, false, None)
+                self.decide_rated(state, route, false, None, headers, at)
             }
-            Ok(IdempotencyState::InFlight) => self.reject(Self::key_in_use(&state)),
-            Ok(IdempotencyState::Mismatch) => self.reject(Self::key_mismatch(&state)),
+            Ok(IdempotencyState::InFlight) => {
+                give_back(&mut headers);
+                self.reject(Self::key_in_use(&state))
+            }
+            Ok(IdempotencyState::Mismatch) => {
+                give_back(&mut headers);
+                self.reject(Self::key_mismatch(&state))
+            }
             Err(e) => {
                 self.store_error("claim idempotency key", &e);
                 if state.plan.on_store_error == StoreErrorPolicy::FailClosed {
+                    give_back(&mut headers);
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                     self.reject(r.with_retry_after(1).for_tenant(&state))
                 } else {
-                    self.decide_keyed(state, route, true, Some(claim))
+                    self.decide_rated(state, route, true, Some(claim), headers, at)
                 }
             }
         }
@@ -195,12 +219,21 @@ impl Tollgate {
         charged: bool,
         claim: Option<Claim>,
     ) -> Admission {
-        let (meter, cost) = (route.meter, route.cost);
-        if !charged {
-            self.shared.metrics.replays.increment(1);
+        let mut headers = HeaderState::new(route.meter, route.shape);
+        match self.check_rate(&state, &route, &mut headers) {
+            Ok(now) => self.decide_rated(state, route, charged, claim, headers, now),
+            Err(r) => {
+                drop(claim);
+                self.reject(r)
+            }
         }
+    }
+
+    /// The rate check of a request: its time (the clock reading of the check), or its 429.
+    #[inline]
+    fn check_rate(&self, state: &Tenant, route: &RouteCost, headers: &mut HeaderState) -> Result<i64, Rejection> {
+        let (meter, cost) = (route.meter, route.cost);
         let plan = &state.plan;
-        let mut headers = HeaderState::new(meter, route.shape);
         let now = if let Some(policy) = &plan.rate {
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
             let checked = match &plan.clients {
@@ -235,9 +268,8 @@ impl Tollgate {
                     // full again, as on a 200.
                     let retry = ceil_secs(wait).max(1);
                     let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
-                    drop(claim);
                     headers.set_rate(0, ceil_secs(full).max(1));
-                    Self::quota_headers(&state, &mut headers, meter, now);
+                    Self::quota_headers(state, headers, meter, now);
                     let mut r = Rejection::new(
                         RejectionKind::RateLimited,
                         Cow::Owned(format!(
@@ -246,8 +278,8 @@ impl Tollgate {
                         )),
                     );
                     r.inner.policy = Some("rate".to_owned());
-                    r.inner.headers = headers;
-                    return self.reject(r.with_retry_after(retry).for_tenant(&state));
+                    r.inner.headers = *headers;
+                    return Err(r.with_retry_after(retry).for_tenant(state));
                 }
                 Err(_) => {
                     // Every 429 says when to come back: here, never sooner than the bucket is
@@ -255,7 +287,7 @@ impl Tollgate {
                     // takes a plan compiled otherwise).
                     let full = ceil_secs(policy.rate.interval() * policy.burst.get()).max(1);
                     let r = Rejection::new(RejectionKind::RateLimited, "the request costs more than the plan's burst");
-                    return self.reject(r.with_retry_after(full).for_tenant(&state));
+                    return Err(r.with_retry_after(full).for_tenant(state));
                 }
             }
             now
@@ -264,6 +296,26 @@ impl Tollgate {
             state.touch(now);
             now
         };
+        Ok(now)
+    }
+
+    /// [`decide_keyed`](Self::decide_keyed) once the rate check passed (at `now`, its
+    /// headers in `headers`): the reported meters and the quota.
+    #[inline]
+    pub(crate) fn decide_rated(
+        &self,
+        state: Tenant,
+        route: RouteCost,
+        charged: bool,
+        claim: Option<Claim>,
+        mut headers: HeaderState,
+        now: i64,
+    ) -> Admission {
+        let (meter, cost) = (route.meter, route.cost);
+        if !charged {
+            self.shared.metrics.replays.increment(1);
+        }
+        let plan = &state.plan;
         if route.reports != 0 {
             match Self::check_reports(&state, route.reports, now) {
                 Ok(()) => {}

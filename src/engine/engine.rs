@@ -139,6 +139,9 @@ pub(crate) struct KeyClaim {
     pub(crate) claim: Claim,
     pub(crate) key: Box<[u8]>,
     pub(crate) request: u128,
+    /// The rate check the request passed before its key was claimed, and its time.
+    pub(crate) headers: HeaderState,
+    pub(crate) at: i64,
 }
 
 pub(crate) enum OwnedCredential {

@@ -212,6 +212,8 @@ pub struct Faulty {
     pub lookup_delay_ms: AtomicU64,
     /// Quota calls that reached the store.
     pub quota_calls: AtomicU64,
+    /// `Idempotency-Key` writes (claims and settlements) that reached the store.
+    pub idempotency_writes: AtomicU64,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -232,6 +234,7 @@ impl Default for Faulty {
             tenant_reads: Default::default(),
             lookup_delay_ms: Default::default(),
             quota_calls: Default::default(),
+            idempotency_writes: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -474,6 +477,7 @@ impl IdempotencyStore for Faulty {
         &self,
         claim: &tollgate::store::IdempotencyClaim,
     ) -> Result<tollgate::store::IdempotencyState, StoreError> {
+        self.idempotency_writes.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.claim_idempotency(claim).await
     }
@@ -484,6 +488,7 @@ impl IdempotencyStore for Faulty {
         owner: u64,
         how: tollgate::store::IdempotencySettle,
     ) -> Result<(), StoreError> {
+        self.idempotency_writes.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.settle_idempotency(key, owner, how).await
     }

@@ -152,3 +152,23 @@ async fn a_store_that_does_not_answer_follows_the_policy() {
     store.down.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(h.send(post("/", "k")).await.status, 200, "the refused request did not bind the key");
 }
+
+/// A caller over its rate costs no store write for its `Idempotency-Key`s: the key is claimed
+/// in the store only for a request that passed the rate (and feature) checks. 100 POSTs with
+/// fresh keys at `rate = "1/s"` cost the one admitted request's claim and settlement.
+#[tokio::test]
+async fn a_caller_over_its_rate_costs_no_idempotency_writes() {
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let toml = "[plans.p]\nrate = \"1/s\"\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..100 {
+        let r = common::req("POST", "/", Some("key-t"), Some(&format!("order-{i}")));
+        *statuses.entry(h.send(r).await.status.as_u16()).or_insert(0) += 1;
+    }
+    assert_eq!(statuses, [(200, 1), (429, 99)].into_iter().collect());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let writes = store.idempotency_writes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(writes <= 2, "{writes} store writes for one admitted request");
+}
