@@ -237,7 +237,7 @@ impl Tollgate {
         let now = if let Some(policy) = &plan.rate {
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
             let checked = match &plan.clients {
-                None => policy.limiter.check(&state, cells),
+                None => policy.limiter.check(state, cells),
                 Some(clients) => {
                     if route.client == 0 {
                         self.without_address();
@@ -259,9 +259,9 @@ impl Tollgate {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
                     let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
                     headers.set_rate(0, ceil_secs(full).max(1));
-                    self.would_refuse(&Self::shadow_rate(&state));
+                    self.would_refuse(&Self::shadow_rate(state));
                 }
-                Err(_) if plan.shadow => self.would_refuse(&Self::shadow_rate(&state)),
+                Err(_) if plan.shadow => self.would_refuse(&Self::shadow_rate(state)),
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
                     // Retry-After: until this request could pass; t: until the bucket is
