@@ -195,6 +195,10 @@ pub struct UsageSettings {
     /// Whether a request cut off (the client gone) once the service had it is billed as a
     /// completed one (true by default); a request cut off before always gives its units back.
     pub bill_cancelled: bool,
+    /// The gRPC status codes billed, a bit per code (0 to 16): by default those whose HTTP
+    /// equivalent `billable` bills (`OK` and the client errors; not `INTERNAL`, `UNAVAILABLE`
+    /// and the other server-side failures).
+    pub(crate) billable_grpc: u32,
     /// The default policy when the store cannot be reached.
     pub on_store_error: StoreErrorPolicy,
     /// Whether the file set `on_store_error`. Unset, each quota follows its mode: a hard

@@ -117,6 +117,7 @@ pub(crate) struct RawUsage {
     pub(crate) grace: Option<String>,
     pub(crate) billable: Option<Vec<String>>,
     pub(crate) bill_cancelled: Option<bool>,
+    pub(crate) billable_grpc: Option<Vec<String>>,
     pub(crate) on_store_error: Option<String>,
     pub(crate) store_timeout: Option<String>,
     pub(crate) default_meter: Option<String>,

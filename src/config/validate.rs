@@ -860,6 +860,24 @@ impl Validator<'_, '_> {
                 }
             }
         }
+        let billable_grpc = match &u.billable_grpc {
+            None => (0..=16u8).filter(|&c| billable.contains(grpc_http_equivalent(c))).fold(0, |b, c| b | 1 << c),
+            Some(codes) => {
+                let mut bits = 0u32;
+                for (i, code) in codes.iter().enumerate() {
+                    let c = grpc_code(code).ok_or_else(|| {
+                        self.invalid(
+                            &format!("usage.billable_grpc[{i}]"),
+                            format!(
+                                "`{code}` is not a gRPC status code (a name such as \"INVALID_ARGUMENT\", or 0 to 16)"
+                            ),
+                        )
+                    })?;
+                    bits |= 1 << c;
+                }
+                bits
+            }
+        };
         let usage = UsageSettings {
             flush_interval: self.duration(
                 "usage.flush_interval",
@@ -870,6 +888,7 @@ impl Validator<'_, '_> {
             grace: self.duration("usage.grace", u.grace.as_deref(), Duration::from_secs(300))?,
             billable,
             bill_cancelled: u.bill_cancelled.unwrap_or(true),
+            billable_grpc,
             on_store_error_set: u.on_store_error.is_some(),
             on_store_error: match &u.on_store_error {
                 Some(v) => self.policy("usage.on_store_error", v)?,
@@ -1260,6 +1279,55 @@ fn check_name(v: &Validator<'_, '_>, path: &str, name: &str) -> Result<(), Confi
         Ok(())
     } else {
         Err(v.invalid(path, "names are 1 to 64 characters among letters, digits, '-', '_' and '.'"))
+    }
+}
+
+/// The gRPC status codes by name, in code order (0 to 16).
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A gRPC status code written as its name (any case) or its number.
+fn grpc_code(text: &str) -> Option<u8> {
+    let text = text.trim();
+    match text.parse::<u8>() {
+        Ok(n) if n <= 16 => Some(n),
+        Ok(_) => None,
+        Err(_) => GRPC_CODES.iter().position(|n| n.eq_ignore_ascii_case(text)).map(|n| n as u8),
+    }
+}
+
+/// The HTTP status a gRPC status code stands for (the mapping of google.rpc.Code).
+fn grpc_http_equivalent(code: u8) -> u16 {
+    match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        _ => 500,
     }
 }
 

@@ -101,6 +101,24 @@ impl Ticket {
         }
     }
 
+    /// Completes a gRPC call with its status code (the `grpc-status` of its response): billed
+    /// when `usage.billable_grpc` lists the code (by default `OK` and the client errors, not
+    /// `INTERNAL`, `UNAVAILABLE` and the other server-side failures), else its units go back.
+    /// Every gRPC answer is HTTP 200: its status says how it went. Returns whether usage was
+    /// recorded.
+    #[allow(clippy::must_use_candidate)] // most callers need not know
+    pub fn complete_grpc(mut self, code: u8) -> bool {
+        self.done = true;
+        // A code outside the 17 is UNKNOWN's.
+        let code = if code > 16 { 2 } else { code };
+        if self.state.plan.billable_grpc & (1 << code) != 0 {
+            self.bill()
+        } else {
+            self.refund();
+            false
+        }
+    }
+
     /// Records the request's usage and settles its `Idempotency-Key`.
     fn bill(&mut self) -> bool {
         if !self.charged {

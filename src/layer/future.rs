@@ -97,6 +97,18 @@ where
 
 const DONE: &str = "ResponseFuture polled after completion";
 
+/// The `grpc-status` of a gRPC response that carries it in its headers (a trailers-only
+/// answer: how tonic answers a handler's error). One that ends with it in its trailers (a
+/// success, or a stream that fails midway) is billed by its HTTP status.
+fn grpc_status<B>(response: &http::Response<B>) -> Option<u8> {
+    let grpc = response.headers().get(http::header::CONTENT_TYPE)?.as_bytes().starts_with(b"application/grpc");
+    if !grpc {
+        return None;
+    }
+    let status = response.headers().get("grpc-status")?;
+    Some(std::str::from_utf8(status.as_bytes()).ok()?.trim().parse::<u8>().unwrap_or(2))
+}
+
 impl<S, B, ResBody, P> Future for ResponseFuture<S, B, P>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
@@ -142,6 +154,10 @@ where
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
                                     ticket.give_back();
+                                } else if let Some(code) = grpc_status(&response) {
+                                    // A gRPC answer is HTTP 200 whatever happened: its status
+                                    // (trailers-only: in the headers) says.
+                                    ticket.complete_grpc(code);
                                 } else {
                                     ticket.complete(response.status().as_u16());
                                 }

@@ -191,6 +191,8 @@ pub(crate) struct CompiledPlan {
     pub(crate) billable: StatusSet,
     /// Whether a request cut off once its service was called is billed (`usage.bill_cancelled`).
     pub(crate) bill_cancelled: bool,
+    /// The gRPC status codes billed (`usage.billable_grpc`), a bit per code.
+    pub(crate) billable_grpc: u32,
     pub(crate) header_style: HeaderStyle,
     pub(crate) metrics: Arc<Metrics>,
     /// The features routes require that the plan includes (a bit per feature index).
@@ -407,6 +409,7 @@ impl CompiledPlan {
             meters: meters.clone(),
             billable: config.usage.billable.clone(),
             bill_cancelled: config.usage.bill_cancelled,
+            billable_grpc: config.usage.billable_grpc,
             header_style: config.limits.headers,
             metrics: metrics.clone(),
             feature_bits: meters

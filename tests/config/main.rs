@@ -385,3 +385,15 @@ fn included_files_lie_inside_their_package() {
     }
     assert!(seen >= 8, "{seen} included files");
 }
+
+/// `usage.billable_grpc` takes gRPC status names (any case) or numbers; anything else is placed
+/// by file, line and key.
+#[test]
+fn billable_grpc_codes_are_checked() {
+    Config::from_toml_str("[usage]\nbillable_grpc = [\"ok\", \"INVALID_ARGUMENT\", \"16\"]\n[plans.p]\n").unwrap();
+    let err = Config::from_toml_str("[usage]\nbillable_grpc = [\"OK\", \"NOPE\"]\n[plans.p]\n").unwrap_err();
+    assert_eq!(err.key(), "usage.billable_grpc[1]", "{err}");
+    assert_eq!(err.line(), Some(2), "{err}");
+    let err = Config::from_toml_str("[usage]\nbillable_grpc = [\"17\"]\n[plans.p]\n").unwrap_err();
+    assert_eq!(err.key(), "usage.billable_grpc[0]", "{err}");
+}

@@ -61,3 +61,78 @@ async fn a_grpc_client_gets_grpc_statuses_with_the_retry_delay_in_metadata() {
     assert!(matches!(malformed, Err(ref s) if s.code() == Code::InvalidArgument), "{malformed:?}");
     server.abort();
 }
+
+/// `test.Echo/Say` answering the status its message names (`"13"`: `INTERNAL`; `"0"`: OK),
+/// as tonic sends a handler's error: trailers-only, `grpc-status` in the headers.
+#[derive(Debug, Clone, Copy)]
+struct Answers;
+
+impl tonic::server::NamedService for Answers {
+    const NAME: &'static str = "test.Echo";
+}
+
+struct Answer;
+
+impl tonic::server::UnaryService<Bytes> for Answer {
+    type Response = Bytes;
+    type Future = std::future::Ready<Result<tonic::Response<Bytes>, Status>>;
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let code: i32 = std::str::from_utf8(request.get_ref()).unwrap().parse().unwrap();
+        std::future::ready(match Code::from_i32(code) {
+            Code::Ok => Ok(tonic::Response::new(request.into_inner())),
+            code => Err(Status::new(code, "as asked")),
+        })
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Answers {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, std::convert::Infallible>> + Send>>;
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(async move { Ok(tonic::server::Grpc::new(Raw).unary(Answer, request).await) })
+    }
+}
+
+/// Billing goes by the gRPC status, not the HTTP 200 every gRPC answer has: server-side
+/// failures (`INTERNAL`, `UNAVAILABLE`, …) are not billed, as HTTP 5xx are not; client errors
+/// (`INVALID_ARGUMENT`, `NOT_FOUND`, …) are, as 4xx are; `OK` is. `usage.billable_grpc` sets
+/// the codes billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_are_billed_by_their_grpc_status() {
+    for (config, expected) in [("", 3), ("[usage]\nbillable_grpc = [\"OK\", \"INTERNAL\"]\n", 3)] {
+        let toml = format!("{config}[plans.free]\n[tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\n");
+        let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+        let (engine, _worker) =
+            Tollgate::builder(Config::from_toml_str(&toml).unwrap()).store_arc(store.clone()).build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .layer(TollgateLayer::new(engine.clone()))
+            .add_service(Answers)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let channel =
+            tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        for code in ["0", "13", "14", "3", "5"] {
+            let mut client = tonic::client::Grpc::new(channel.clone());
+            client.ready().await.unwrap();
+            let mut request = tonic::Request::new(Bytes::from(code));
+            request.metadata_mut().insert("x-api-key", "key-acme".parse().unwrap());
+            let reply = client.unary(request, PathAndQuery::from_static(SAY), Raw).await;
+            assert_eq!(reply.err().map_or(0, |s| s.code() as i32).to_string(), code);
+        }
+        engine.flush().await.unwrap();
+        use tollgate::store::prelude::*;
+        let billed: u64 =
+            store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
+        // Default: OK, INVALID_ARGUMENT and NOT_FOUND; configured: OK and INTERNAL (13) only.
+        let want = if config.is_empty() { expected } else { 2 };
+        assert_eq!(billed, want, "{config:?}");
+        server.abort();
+    }
+}
