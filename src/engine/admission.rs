@@ -350,6 +350,7 @@ impl Tollgate {
                     charged,
                     done: false,
                     called: false,
+                    in_poll: false,
                 })
             }
             Err(Take::Exhausted) => {
@@ -509,6 +510,7 @@ impl Tollgate {
             claim: p.claim.map(Box::new),
             done: false,
             called: false,
+            in_poll: false,
         }
     }
 

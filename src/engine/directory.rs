@@ -74,23 +74,32 @@ impl Tollgate {
                         }
                         None => {
                             // Limited per client address before the store is asked: past the
-                            // limit 429, never 401 (the key may be valid).
+                            // limit 429, never 401 (the key may be valid). Only keys the
+                            // directory did not know count; requests without an address are
+                            // not limited (one bucket for them all would let anyone lock every
+                            // new tenant out).
                             let rate = rt.config.clients.unknown_key_rate;
-                            if let Err(wait) = self.shared.key_lookups.take(address, rate, now_nanos) {
-                                let r = Rejection::new(
-                                    RejectionKind::RateLimited,
-                                    "too many unknown API keys from this address: try again later",
-                                );
-                                return Err(r.with_retry_after(wait));
+                            if address != 0 {
+                                if let Err(wait) = self.shared.key_lookups.check(address, rate, now_nanos) {
+                                    let r = Rejection::new(
+                                        RejectionKind::RateLimited,
+                                        "too many unknown API keys from this address: try again later",
+                                    )
+                                    .with_retry_after(wait);
+                                    if !rt.config.limits.shadow {
+                                        return Err(r);
+                                    }
+                                    // Shadow mode: counted, not refused.
+                                    self.would_refuse(&r);
+                                }
                             }
                             let found = self
                                 .shared
                                 .stores
                                 .guarded(timeout, self.shared.stores.roles.directory.find_key(&h))
                                 .await;
-                            if matches!(found, Ok(Some(_))) {
-                                // Only unknown keys count.
-                                self.shared.key_lookups.give_back(address, rate);
+                            if address != 0 && matches!(found, Ok(None)) {
+                                self.shared.key_lookups.charge(address, rate, now_nanos);
                             }
                             found
                         }

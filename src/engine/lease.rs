@@ -17,7 +17,9 @@ use crate::{
 };
 
 /// After this many attempts a call still unanswered is logged as an error (once); it is kept,
-/// and sent again with its token, until the store answers.
+/// and sent again with its token, until the store answers. One the store answered with an
+/// error this many times is given up (logged with its units): it did not apply it, and it must
+/// not hold the counter for good.
 const MAX_ATTEMPTS: u32 = 20;
 
 /// What a refill did for the request that waited on it.
@@ -83,8 +85,21 @@ impl Leases {
             }
             CallKind::Release { units } => store.release(&call.key, units, call.token).await.map(|()| Grant::new(0, 0)),
         };
-        if answer.is_ok() {
-            cell.locked().inflight = None;
+        match &answer {
+            Ok(_) => cell.locked().inflight = None,
+            // No answer: it may have been applied. Kept.
+            Err(StoreError::Timeout(_)) => {}
+            Err(e) => {
+                let mut locked = cell.locked();
+                if let Some(kept) = locked.inflight.as_mut() {
+                    kept.errors += 1;
+                    if kept.errors >= MAX_ATTEMPTS {
+                        tracing::error!(key = ?kept.key, kind = ?kept.kind, error = %e,
+                            "the store refused a quota call {MAX_ATTEMPTS} times; given up");
+                        locked.inflight = None;
+                    }
+                }
+            }
         }
         answer
     }
@@ -113,7 +128,8 @@ impl Leases {
         }
         let prev = cell.locked().prev.clone();
         if let Some(key) = prev {
-            let call = Call { key, token: self.token(cell), kind: CallKind::Release { units: late }, attempts: 0 };
+            let call =
+                Call { key, token: self.token(cell), kind: CallKind::Release { units: late }, attempts: 0, errors: 0 };
             self.send(cell, call).await?;
         }
         Ok(())
@@ -126,7 +142,7 @@ impl Leases {
         while let Some((start, end, units)) = cell.pop_unleased_elsewhere() {
             let kind = CallKind::Reserve { units: 0, owed: units, limit: None, refill: false, repay: 0, at_least: 0 };
             // Recorded in flight first: if it fails, the next call of the cell sends it again.
-            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
+            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
             self.send(cell, call).await?;
         }
         Ok(())
@@ -153,7 +169,7 @@ impl Leases {
         } else {
             return Ok(());
         };
-        self.send(cell, Call { key: old, token: self.token(cell), kind, attempts: 0 }).await.map(drop)
+        self.send(cell, Call { key: old, token: self.token(cell), kind, attempts: 0, errors: 0 }).await.map(drop)
     }
 
     /// Reserves a new lease for `cell` in the period holding `now`; with `need`, that many
@@ -186,7 +202,7 @@ impl Leases {
         };
         let units = size.max(need);
         let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: need.max(1) };
-        let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
+        let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
         let grant = self.send(cell, call).await?;
@@ -243,7 +259,7 @@ impl Leases {
                 },
                 std::cmp::Ordering::Equal => return Ok(()),
             };
-            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0 };
+            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
             self.send(cell, call).await.map(drop)
         })
         .await;

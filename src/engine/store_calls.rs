@@ -80,17 +80,19 @@ impl StoreCalls {
         Err(StoreError::Backend("the store failed several times in a row: failing fast for a moment".into()))
     }
 
-    /// After a store call of the request path let through by [`Self::before`]: a success
-    /// closes the breaker, a failure counts towards opening it (or opens it again, longer).
+    /// After a store call of the request path let through by [`Self::before`]: a timeout
+    /// counts towards opening the breaker (or opens it again, longer); an answer, even an
+    /// error, closes it (a store that answers costs no timeout, and one key it refuses must not
+    /// hold up every other tenant).
     pub(crate) fn after<T>(&self, result: &Result<T, StoreError>) {
         match result {
-            Ok(_) => {
+            Ok(_) | Err(StoreError::Conflict(_) | StoreError::Unusable(_) | StoreError::Backend(_)) => {
                 if self.failures.swap(0, Relaxed) >= FAILURES_BEFORE_FAST {
                     tracing::info!("the store answers again: no longer failing fast");
                 }
                 self.fast_for.store(0, Relaxed);
             }
-            Err(_) => {
+            Err(StoreError::Timeout(_)) => {
                 let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
                 if failures >= FAILURES_BEFORE_FAST {
                     let first = FAST_FIRST.as_nanos() as u64;

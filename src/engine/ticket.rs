@@ -37,6 +37,10 @@ pub struct Ticket {
     pub(crate) done: bool,
     /// Whether the service serving the request was called.
     pub(crate) called: bool,
+    /// Set while the service's future is polled: a ticket dropped with it set was dropped by a
+    /// panic in the service (caught by a catch-panic layer or the runtime), not by a client
+    /// gone between two polls.
+    pub(crate) in_poll: bool,
 }
 
 impl Ticket {
@@ -154,8 +158,9 @@ impl Drop for Ticket {
         if self.done {
             return;
         }
-        if self.called && self.state.plan.bill_cancelled {
-            // Cut off once the service had it: it may have done the work.
+        if self.called && self.state.plan.bill_cancelled && !self.in_poll && !std::thread::panicking() {
+            // Cut off once the service had it: it may have done the work. (Not a service that
+            // panicked: that is a failure, answered 500 by a catch-panic layer.)
             self.bill();
         } else {
             self.refund();

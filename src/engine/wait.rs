@@ -110,6 +110,11 @@ impl Tollgate {
                     }
                     StoreErrorPolicy::FailClosed => {
                         p.claim = None;
+                        // Refused for the store: the request spends no rate cells.
+                        if let Some(policy) = &p.state.plan.rate {
+                            p.state.give_back_cells(route.client, policy.nanos(cost));
+                            p.headers.give_back(cost, policy.burst.get());
+                        }
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                         Err(self.count(r.with_retry_after(1).for_tenant(&p.state)))
@@ -164,6 +169,10 @@ impl Tollgate {
                     self.store_error("reserve quota", &e);
                     if p.state.plan.quota_policy(m) == StoreErrorPolicy::FailClosed {
                         p.claim = None;
+                        if let Some(policy) = &p.state.plan.rate {
+                            p.state.give_back_cells(route.client, policy.nanos(route.cost));
+                            p.headers.give_back(route.cost, policy.burst.get());
+                        }
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                         return Err(self.count(r.with_retry_after(1).for_tenant(&p.state)));

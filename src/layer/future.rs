@@ -142,7 +142,16 @@ where
                     }
                 }
                 StateProj::Inner { future, ticket } => {
-                    let result = ready!(future.poll(cx));
+                    // Marked while the service runs: a panic in it leaves the mark, and the
+                    // ticket then gives its units back instead of billing a cut-off request.
+                    if let Some(t) = ticket.as_mut() {
+                        t.in_poll = true;
+                    }
+                    let polled = future.poll(cx);
+                    if let Some(t) = ticket.as_mut() {
+                        t.in_poll = false;
+                    }
+                    let result = ready!(polled);
                     let ticket = ticket.take();
                     return Poll::Ready(match result {
                         Ok(mut response) => {

@@ -116,10 +116,12 @@ impl TenantState {
 
     /// Sets the tenant's bucket to `tat` ([`rate_tat`](Self::rate_tat) of another state),
     /// measured from this state's plan limiter; a plan without a rate of the tenant's own
-    /// keeps nothing.
+    /// keeps nothing. Never emptier than this plan's own bucket can be: a tenant moved from
+    /// `10/day` to `100/s` waits at most the new bucket's time, not the old one's.
     pub(crate) fn restore_rate(&self, tat: u64) {
         if let Some(rate) = self.plan.rate.as_ref().filter(|_| self.plan.clients.is_none()) {
-            self.gcra.0.store(tat.saturating_sub(rate.start).max(1), Ordering::Release);
+            let cap = self.rate_now().saturating_add(rate.nanos(rate.burst.get()));
+            self.gcra.0.store(tat.min(cap).saturating_sub(rate.start).max(1), Ordering::Release);
         }
     }
 
@@ -411,6 +413,8 @@ pub(crate) struct Call {
     pub(crate) kind: CallKind,
     /// How many times it was sent.
     pub(crate) attempts: u32,
+    /// How many times the store answered it with an error (a timeout is no answer).
+    pub(crate) errors: u32,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -201,6 +201,8 @@ pub struct Faulty {
     pub lose_answers: AtomicBool,
     /// Quota calls of this tenant never answer.
     pub stall_tenant: std::sync::Mutex<Option<String>>,
+    /// Quota calls of this tenant are answered with an error, not applied.
+    pub refuse_tenant: std::sync::Mutex<Option<String>>,
     /// Tenant lookups answered.
     pub lookups: AtomicU64,
     /// Directory reads of tenants whose id contains this fail (a record the store cannot
@@ -229,6 +231,7 @@ impl Default for Faulty {
             usage_down: Default::default(),
             lose_answers: Default::default(),
             stall_tenant: Default::default(),
+            refuse_tenant: Default::default(),
             lookups: Default::default(),
             unreadable_tenants: Default::default(),
             tenant_reads: Default::default(),
@@ -275,6 +278,9 @@ impl Faulty {
         self.quota_calls.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         drop(self.held.lock().await);
+        if self.refuse_tenant.lock().unwrap().as_deref() == Some(tenant) {
+            return Err(StoreError::Backend(format!("a record of {tenant} the store refuses").into()));
+        }
         let stalled = self.stall_tenant.lock().unwrap().as_deref() == Some(tenant);
         if stalled {
             std::future::pending::<()>().await;

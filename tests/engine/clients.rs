@@ -254,7 +254,8 @@ fn debug_output_never_prints_a_key() {
 /// Unknown API keys are looked up at most `identify.unknown_key_rate` a client address
 /// (10 a minute by default): past it the address gets 429 with `Retry-After`, never 401 (the
 /// key may be valid), and the directory is not asked. Keys it knows cost nothing; another
-/// address is not held up.
+/// address is not held up; a request without an address is not limited; shadow mode counts
+/// instead of refusing.
 #[tokio::test]
 async fn unknown_key_lookups_are_limited_per_client_address() {
     use std::sync::{atomic::Ordering, Arc};
@@ -286,9 +287,25 @@ async fn unknown_key_lookups_are_limited_per_client_address() {
     assert_eq!(h.send(from("203.0.113.6", "key-acme".into())).await.status, 200);
     assert_eq!(h.send(from("203.0.113.5", "key-acme".into())).await.status, 200);
     assert_eq!(h.send(from("203.0.113.7", "random-x".into())).await.status, 401);
+    // Requests without an address are not limited (one bucket for them all would let anyone
+    // lock every tenant the node does not hold yet out).
+    for i in 0..20 {
+        assert_eq!(h.send(req("GET", "/", Some(&format!("no-address-{i}")), None)).await.status, 401);
+    }
     // A minute later the address may look a key up again.
     h.clock.advance(std::time::Duration::from_secs(60));
     assert_eq!(h.send(from("203.0.113.5", "random-y".into())).await.status, 401);
+
+    // Shadow mode: the lookups go on, the refusals are counted.
+    let shadow = format!("[limits]\nshadow = true\n{toml}");
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(&shadow, store.clone(), clock, handle);
+    for i in 0..11 {
+        let r = h.send(from("203.0.113.8", format!("shadow-{i}"))).await;
+        assert_ne!(r.status, 429, "{i}");
+    }
+    // Eleven unknown keys, and the eleventh's lookup past the rate.
+    assert_eq!(h.tollgate.stats().shadow_would_refuse, 12);
 }
 
 /// Anonymous callers do not share `Idempotency-Key`s: the binding includes the client address,

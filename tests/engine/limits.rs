@@ -422,3 +422,57 @@ async fn a_request_cut_off_in_its_handler_is_billed_as_configured() {
         assert_eq!(billed, u64::from(bill), "bill_cancelled = {bill}: one charge at most");
     }
 }
+
+/// A tenant moved to a plan with another rate keeps what it spent, but never waits longer
+/// than the new plan's own bucket takes to fill: moved from `10/day` (spent) to `100/s`, it is
+/// served within a second, not a day later.
+#[tokio::test]
+async fn a_spent_bucket_carried_to_a_faster_plan_waits_at_most_the_new_bucket() {
+    use std::sync::Arc;
+    use tollgate::store::{KeyHash, TenantRecord};
+    let toml = "[plans.daily]\nrate = \"10/day\"\n[plans.fast]\nrate = \"100/s\"\n";
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    store.inner.put_tenant(&TenantRecord::new("d".into(), "daily".into()), &[KeyHash::of(b"key-d")]).await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(h.status("/", "key-d").await, 200);
+    }
+    assert_eq!(h.status("/", "key-d").await, 429);
+    // Upgraded (a webhook, an admin): this node forgets the tenant and reads it again.
+    store.inner.put_tenant(&TenantRecord::new("d".into(), "fast".into()), &[]).await.unwrap();
+    h.tollgate.invalidate_tenant(&"d".into());
+    let r = h.send(req("GET", "/", Some("key-d"), None)).await;
+    if r.status == 429 {
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!(retry <= 1, "at most the new bucket's second: {retry}");
+        h.clock.advance(Duration::from_secs(1));
+    }
+    assert_eq!(h.status("/", "key-d").await, 200, "the new bucket, not the old day");
+}
+
+/// A handler that panics is a failure, not a client gone: its request gives its units back
+/// whoever catches the panic (here the runtime, which drops the request's future after).
+#[tokio::test]
+async fn a_request_whose_handler_panics_is_not_billed() {
+    use tower::{Layer, ServiceExt};
+    let toml = "[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let (clock, _handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let (engine, _worker) = tollgate::Tollgate::builder(tollgate::Config::from_toml_str(toml).unwrap())
+        .store_arc(store.clone())
+        .clock(clock)
+        .build();
+    let svc = tollgate::TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+        |_req: http::Request<http_body_util::Full<bytes::Bytes>>| async move {
+            if true {
+                panic!("the handler fails");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+        },
+    ));
+    let task = tokio::spawn(svc.oneshot(req("GET", "/", Some("key-t"), None)));
+    assert!(task.await.unwrap_err().is_panic());
+    engine.flush().await.unwrap();
+    assert_eq!(common::committed(&*store, "t", "requests", NOON - 3600, NOON + 3600, 3600).await, 0);
+}

@@ -538,3 +538,28 @@ async fn a_failing_store_is_failed_fast_and_probed() {
     assert_eq!(h.tollgate.stats().store_fast_failures, fast, "closed again");
     assert!(store.quota_calls.load(Ordering::SeqCst) - calls > asked, "the store is asked again");
 }
+
+/// A quota call the store answers with an error (it did not apply it) is given up after 20
+/// answers, so one tenant's record the store refuses cannot hold its counter for good; and
+/// answered errors cost no timeout, so they never make the other tenants fail fast.
+#[tokio::test]
+async fn a_quota_call_the_store_keeps_refusing_is_given_up_without_holding_up_others() {
+    let toml = "[usage]\non_store_error = \"fail-open\"\n\
+                [plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"soft\", lease = 1 }\n\
+                [tenants.x]\nplan = \"p\"\nkeys = [\"key-x\"]\n[tenants.y]\nplan = \"p\"\nkeys = [\"key-y\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    *store.refuse_tenant.lock().unwrap() = Some("x".into());
+    for _ in 0..25 {
+        assert_eq!(h.status("/", "key-x").await, 200, "fail-open");
+        assert_eq!(h.status("/", "key-y").await, 200);
+    }
+    assert_eq!(h.tollgate.stats().store_fast_failures, 0, "answered errors cost no timeout");
+    *store.refuse_tenant.lock().unwrap() = None;
+    assert_eq!(h.status("/", "key-x").await, 200);
+    h.tollgate.shutdown().await.unwrap();
+    // What x was admitted is owed to its counter once the store takes its calls again.
+    assert_eq!(store.reserved(&common::day_key("x", common::NOON)).await.unwrap(), 26);
+    assert_eq!(store.reserved(&common::day_key("y", common::NOON)).await.unwrap(), 25);
+}
