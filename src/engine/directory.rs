@@ -47,8 +47,11 @@ impl Tollgate {
         let digest = self.shared.table.digest(lookup);
         let unknown_key = (digest.lo, digest.hi);
         // One lookup per credential at a time: the requests that waited for another's lookup
-        // find its answer (the tenant in the table, or the key remembered as unknown).
-        let _turn = self.shared.table.flights.enter(unknown_key).await;
+        // find its answer (the tenant in the table, or the key remembered as unknown). A key
+        // remembered as unknown needs no turn.
+        let now_nanos = self.shared.clock.unix_nanos();
+        let known_unknown = self.shared.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
+        let _turn = if known_unknown { None } else { Some(self.shared.table.flights.enter(unknown_key).await) };
         if let Some(state) = self.shared.table.get(lookup) {
             return Ok(state);
         }
@@ -57,7 +60,7 @@ impl Tollgate {
         // Remembered as unknown until `negative_ttl` after the lookup that found it so: a hit
         // never renews the entry, so a key issued meanwhile is accepted within that time.
         let now_nanos = self.shared.clock.unix_nanos();
-        let remembered = self.shared.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
+        let remembered = known_unknown || self.shared.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
         let record = if remembered {
             Totals::add(&self.shared.totals.negative_hits, 1);
             self.shared.metrics.negative_hits.increment(1);
@@ -282,9 +285,9 @@ impl Tollgate {
                 return;
             }
         };
-        // What the tenant is served with now: its plan, with its overrides unless they do not
-        // fit it (then already served without them: nothing changed).
-        let served = if unfit.is_some() { None } else { overrides };
+        // What the tenant is served with now: its plan, with its overrides or the part of them
+        // that fits it (then already served so: nothing changed).
+        let served = plan.overrides.as_deref();
         let changed = current.plan.id != record.plan
             || current.customer.as_deref() != record.customer.as_deref()
             || current.plan.overrides.as_deref() != served;
@@ -340,6 +343,24 @@ fn served_plan(rt: &Runtime, record: &TenantRecord) -> Result<(Arc<CompiledPlan>
         Ok(plan) => Ok((plan, None)),
         Err(why) => match record.overrides.as_deref().filter(|o| !o.trim().is_empty()) {
             Some(json) if crate::config::PlanOverride::from_json(json, &rt.config).is_ok() => {
+                // Only the parts that do not fit go: a quota the overrides tightened stays
+                // tight when their burst no longer fits.
+                let Ok(serde_json::Value::Object(all)) = serde_json::from_str::<serde_json::Value>(json) else {
+                    return rt.plan_for(&record.plan, None).map(|plan| (plan, Some(why)));
+                };
+                let parts: [&[&str]; 5] =
+                    [&["burst"], &["rate", "burst"], &["features"], &["quotas"], &["rate", "burst", "features"]];
+                for drop in parts {
+                    if !drop.iter().any(|k| all.contains_key(*k)) {
+                        continue;
+                    }
+                    let mut kept = all.clone();
+                    kept.retain(|k, _| !drop.contains(&k.as_str()));
+                    let kept = serde_json::Value::Object(kept).to_string();
+                    if let Ok(plan) = rt.plan_for(&record.plan, Some(&kept)) {
+                        return Ok((plan, Some(format!("{why}; served without its `{}`", drop.join("`, `")))));
+                    }
+                }
                 rt.plan_for(&record.plan, None).map(|plan| (plan, Some(why)))
             }
             _ => Err(why),

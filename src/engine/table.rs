@@ -264,14 +264,15 @@ impl TenantTable {
 /// Lookups of credentials the table does not hold, one at a time per credential: concurrent
 /// requests with one key cost one directory read, the others waiting for it and then finding
 /// the tenant in the table, or the key in the cache of unknown ones. Holds only the
-/// credentials being looked up now.
+/// credentials being looked up or waited for now: each with its lock and how many hold a turn.
 #[derive(Debug, Default)]
-pub(crate) struct Flights(Mutex<std::collections::HashMap<(u64, u64), Turn>>);
+pub(crate) struct Flights(Mutex<std::collections::HashMap<(u64, u64), (Turn, usize)>>);
 
-/// The turn of one credential's lookup.
+/// The lock of one credential's lookups.
 type Turn = std::sync::Arc<tokio::sync::Mutex<()>>;
 
-/// The turn of one lookup; the credential leaves [`Flights`] with its last waiter.
+/// A turn for one credential's lookup: counted in [`Flights`] from before it waits, so that a
+/// request dropped while waiting still leaves the map as it found it.
 pub(crate) struct Flight<'a> {
     flights: &'a Flights,
     key: (u64, u64),
@@ -281,18 +282,33 @@ pub(crate) struct Flight<'a> {
 impl Flights {
     /// Waits for the lookups of `key` under way, then holds the turn.
     pub(crate) async fn enter(&self, key: (u64, u64)) -> Flight<'_> {
-        let lock = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(key).or_default().clone();
-        Flight { flights: self, key, lock: Some(lock.lock_owned().await) }
+        let turn = {
+            let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = map.entry(key).or_default();
+            entry.1 += 1;
+            entry.0.clone()
+        };
+        let mut flight = Flight { flights: self, key, lock: None };
+        flight.lock = Some(turn.lock_owned().await);
+        flight
+    }
+
+    /// Credentials with a lookup under way or awaited.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 }
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        let mut map = self.flights.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         drop(self.lock.take());
-        // Nobody else waits for this credential: it leaves the map.
-        if map.get(&self.key).is_some_and(|m| std::sync::Arc::strong_count(m) == 1) {
-            map.remove(&self.key);
+        let mut map = self.flights.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(entry) = map.get_mut(&self.key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                map.remove(&self.key);
+            }
         }
     }
 }
@@ -309,6 +325,31 @@ impl std::fmt::Debug for TenantTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A turn dropped while it waits (its request gone) leaves the map as it found it.
+    #[tokio::test]
+    async fn flights_hold_only_the_credentials_in_flight() {
+        let flights = Flights::default();
+        let first = flights.enter((1, 1)).await;
+        let mut waiting = Box::pin(flights.enter((1, 1)));
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none(), "waits for the first");
+        drop(first);
+        // Handed the lock, then dropped before it was polled again.
+        drop(waiting);
+        assert_eq!(flights.len(), 0);
+        let again = flights.enter((1, 1)).await;
+        assert_eq!(flights.len(), 1);
+        drop(again);
+        assert_eq!(flights.len(), 0);
+    }
+
+    async fn futures_poll_once<F: std::future::Future + Unpin>(mut f: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| match std::pin::Pin::new(&mut f).poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
+    }
 
     #[test]
     fn a_credential_entry_takes_24_bytes() {

@@ -122,11 +122,12 @@ impl RoutePattern {
 pub(crate) const DOT_SEGMENT: &str =
     "the path has a dot segment (`.` or `..`, perhaps percent-encoded): send the path resolved";
 
-/// The path as the routers of the front doors match it: percent-encoded unreserved characters
-/// (RFC 3986 §2.3: letters, digits, `-`, `.`, `_`, `~`) decoded, every other escape (`%2F`
-/// among them) kept as written. A path with a dot segment (`.` or `..`, after decoding) is
-/// refused: routers differ on them (axum matches `..` as a segment, a proxy may resolve it),
-/// so no rule could match what every one of them serves.
+/// The path as the routers of the front doors match it: escapes decoded as actix-web decodes
+/// them (every `%XX` but `%25`, `%2F` and `%2B`: `%` `/` `+` stay escaped), as long as the
+/// result is UTF-8 (else only the escapes of ASCII characters are decoded). A path with a dot
+/// segment (`.` or `..`, after decoding) is refused: routers differ on them (axum matches `..`
+/// as a segment, a proxy may resolve it), so no rule could match what every one of them
+/// serves.
 ///
 /// Borrowed, without a copy, when there is nothing to decode.
 pub(crate) fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
@@ -147,32 +148,41 @@ pub(crate) fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'
     if !escaped {
         return Ok(std::borrow::Cow::Borrowed(path));
     }
-    let mut out = String::with_capacity(path.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| hex(bytes[i + 1]).zip(hex(bytes[i + 2])).map(|(h, l)| h << 4 | l))
-            .flatten()
-            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~'));
-        match decoded {
-            Some(c) => {
-                out.push(char::from(c));
-                i += 3;
-            }
-            None => {
-                // Not an escape of an unreserved character: kept as written (a whole UTF-8
-                // character at a time).
-                let len = path[i..].chars().next().map_or(1, char::len_utf8);
-                out.push_str(&path[i..i + len]);
-                i += len;
-            }
-        }
-    }
+    let decoded = decode(bytes, false);
+    let out = match String::from_utf8(decoded) {
+        Ok(out) => out,
+        // Escapes that do not make UTF-8: only those of ASCII characters are decoded.
+        Err(_) => String::from_utf8(decode(bytes, true)).unwrap_or_else(|_| path.to_owned()),
+    };
     // Dot segments written as escapes (`%2E%2E`) are dot segments too.
     if out.split('/').any(|segment| segment == "." || segment == "..") {
         return Err(DOT_SEGMENT);
     }
     Ok(std::borrow::Cow::Owned(out))
+}
+
+/// `bytes` with their `%XX` escapes decoded but those of `%`, `/` and `+` (with `ascii_only`,
+/// only those of ASCII characters); a `%` not followed by two hex digits is kept.
+fn decode(bytes: &[u8], ascii_only: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%' && i + 2 < bytes.len())
+            .then(|| hex(bytes[i + 1]).zip(hex(bytes[i + 2])).map(|(h, l)| h << 4 | l))
+            .flatten()
+            .filter(|c| !matches!(c, b'%' | b'/' | b'+') && (!ascii_only || c.is_ascii()));
+        match escape {
+            Some(c) => {
+                out.push(c);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -208,8 +218,11 @@ mod tests {
         assert_eq!(n("/v1/gener%61te").unwrap(), "/v1/generate");
         assert_eq!(n("/v1/%7e%2D%2e%5F%41").unwrap(), "/v1/~-._A");
         assert_eq!(n("/v1%2Freports").unwrap(), "/v1%2Freports", "an encoded / stays encoded");
-        assert_eq!(n("/a%20b/%zz/%4").unwrap(), "/a%20b/%zz/%4", "other escapes, and broken ones, kept");
-        assert_eq!(n("/caf%C3%A9/é%").unwrap(), "/caf%C3%A9/é%");
+        assert_eq!(n("/a%2Bb/100%25").unwrap(), "/a%2Bb/100%25", "so do + and %");
+        assert_eq!(n("/v1/models%3Agenerate/%40me").unwrap(), "/v1/models:generate/@me", "as actix-web decodes");
+        assert_eq!(n("/a%20b/%zz/%4").unwrap(), "/a b/%zz/%4", "broken escapes kept");
+        assert_eq!(n("/caf%C3%A9/é%").unwrap(), "/café/é%");
+        assert_eq!(n("/x%FF%3A").unwrap(), "/x%FF:", "escapes that do not make UTF-8: ASCII ones only");
         for dots in ["/v1/../x", "/v1/./x", "/..", "/.", "/v1/x/..", "/v1/%2E%2E/x", "/v1/.%2e", "/%2e/x", "."] {
             assert_eq!(n(dots), Err(DOT_SEGMENT), "{dots}");
         }

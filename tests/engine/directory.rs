@@ -209,3 +209,20 @@ async fn a_plan_change_the_overrides_do_not_fit_is_served_without_them() {
     assert_eq!(&other.get("/", "key-acme").await.body[..], b"acme on norate");
     assert_eq!(other.tollgate.stats().overrides_not_served, 1);
 }
+
+/// Only the part of the overrides that does not fit goes: a quota the overrides tightened
+/// stays tight when their burst no longer fits the tenant's new plan.
+#[tokio::test]
+async fn overrides_that_partly_fit_keep_the_part_that_fits() {
+    let toml = format!("{PLANS}[plans.norate]\n");
+    let (h, store) = node(&toml);
+    let mut acme = TenantRecord::new("acme".into(), "norate".into());
+    acme.overrides =
+        Some(r#"{"burst": 50, "quotas": {"requests": {"limit": 3, "period": "day", "mode": "hard"}}}"#.into());
+    store.inner.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on norate");
+    }
+    assert_eq!(h.status("/", "key-acme").await, 429, "the overridden quota holds");
+    assert_eq!(h.tollgate.stats().overrides_not_served, 1);
+}

@@ -476,3 +476,16 @@ async fn a_request_whose_handler_panics_is_not_billed() {
     engine.flush().await.unwrap();
     assert_eq!(common::committed(&*store, "t", "requests", NOON - 3600, NOON + 3600, 3600).await, 0);
 }
+
+/// Escapes are decoded as actix-web decodes them (all but `%`, `/`, `+`): a rule with a `:` or
+/// an `@` in its path charges the request actix-web serves for it.
+#[tokio::test]
+async fn escapes_actix_web_decodes_are_charged_by_their_route() {
+    let toml = "[plans.p]\nquotas.requests = { limit = 6, period = \"day\", mode = \"hard\" }\n\
+                [[routes]]\nmethod = \"POST\"\npath = \"/v1/models:generate\"\ncost = 3\n\
+                [tenants.acme]\nplan = \"p\"\nkeys = [\"key-a\"]\n";
+    let h = Harness::new(toml);
+    assert_eq!(h.send(req("POST", "/v1/models%3Agenerate", Some("key-a"), None)).await.status, 200);
+    assert_eq!(h.send(req("POST", "/v1/models%3agenerate", Some("key-a"), None)).await.status, 200);
+    assert_eq!(h.send(req("POST", "/v1/models:generate", Some("key-a"), None)).await.status, 429, "6 spent: 2 × 3");
+}
