@@ -50,30 +50,36 @@ impl Tollgate {
         let (charged, claim) = match idem {
             None => (true, None),
             Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
-                // A key this node has not seen: the store has the fleet's answer, asked only
-                // for a request within its rate (a caller over its rate costs no store write).
-                Verdict::First(claim) => {
-                    let mut headers = HeaderState::new(route.meter, route.shape);
-                    let at = match self.check_rate(&state, &route, &mut headers) {
-                        Ok(at) => at,
-                        Err(r) => {
-                            drop(claim);
-                            return self.reject(r);
-                        }
-                    };
-                    let key = key.into();
-                    return Admission::Pending(PendingAdmission {
-                        stage: Stage::Claim(Box::new(KeyClaim { state, claim, key, request, headers, at })),
-                        route,
-                        idempotency: None,
-                    });
-                }
+                // A key this node has not seen: the store has the fleet's answer.
+                Verdict::First(claim) => return self.first_key(state, route, claim, key, request),
                 Verdict::Replay => (false, None),
                 Verdict::InFlight => return self.reject(Self::key_in_use(&state)),
                 Verdict::Mismatch => return self.reject(Self::key_mismatch(&state)),
             },
         };
         self.decide_keyed(state, route, charged, claim)
+    }
+
+    /// A key this node has not seen, for a request that passed its feature check: the store is
+    /// asked (one conditional write) only for a request within its rate, so a caller over its
+    /// rate costs no store write.
+    #[cold]
+    #[inline(never)]
+    fn first_key(&self, state: Tenant, route: RouteCost, claim: Claim, key: &[u8], request: u128) -> Admission {
+        let mut headers = HeaderState::new(route.meter, route.shape);
+        let at = match self.check_rate(&state, &route, &mut headers) {
+            Ok(at) => at,
+            Err(r) => {
+                drop(claim);
+                return self.reject(r);
+            }
+        };
+        let key = key.into();
+        Admission::Pending(PendingAdmission {
+            stage: Stage::Claim(Box::new(KeyClaim { state, claim, key, request, headers, at })),
+            route,
+            idempotency: None,
+        })
     }
 
     /// The 403 of a route whose feature the tenant's plan lacks.
@@ -230,7 +236,7 @@ impl Tollgate {
     }
 
     /// The rate check of a request: its time (the clock reading of the check), or its 429.
-    #[inline]
+    #[inline(always)]
     fn check_rate(&self, state: &Tenant, route: &RouteCost, headers: &mut HeaderState) -> Result<i64, Rejection> {
         let (meter, cost) = (route.meter, route.cost);
         let plan = &state.plan;
@@ -301,7 +307,7 @@ impl Tollgate {
 
     /// [`decide_keyed`](Self::decide_keyed) once the rate check passed (at `now`, its
     /// headers in `headers`): the reported meters and the quota.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn decide_rated(
         &self,
         state: Tenant,

@@ -122,11 +122,9 @@ pub(crate) enum Stage {
     Resolve {
         credential: OwnedCredential,
         meters: Arc<crate::plan::MeterTable>,
-        /// The client address's key (0: none), for `identify.unknown_key_rate`.
-        address: u64,
         /// The client address of a request with an `Idempotency-Key`: served as the anonymous
-        /// tenant, its key is scoped to it.
-        client: Option<std::net::IpAddr>,
+        /// tenant, its key is scoped to it. (Boxed: rare, and admissions move by value.)
+        client: Option<Box<std::net::IpAddr>>,
     },
     /// An `Idempotency-Key` this node has not seen: claimed in the store first.
     Claim(Box<KeyClaim>),
@@ -346,13 +344,13 @@ impl Tollgate {
                 } else {
                     rt.meters.remap(route, &state.plan.meters)
                 };
-                let anonymous = rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
-                if state.plan.clients.is_some() || (anonymous && idem.is_some()) {
+                let anonymous = || rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
+                if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
                     // The anonymous tenant: its rate is per client address, and so are its
                     // `Idempotency-Key`s (client B's key `1` is not client A's).
                     let ip = req.client.or_else(client);
                     route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
-                    if let (true, Some((key, request)), Some(keys)) = (anonymous, idem, &rt.client_keys) {
+                    if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
                         let scoped = scoped_key(key, keys, ip);
                         return self.decide(state, route, Some((&scoped, request)));
                     }
@@ -374,8 +372,7 @@ impl Tollgate {
                     stage: Stage::Resolve {
                         credential,
                         meters: rt.meters.clone(),
-                        address: route.client,
-                        client: idem.is_some().then_some(ip).flatten(),
+                        client: idem.is_some().then_some(ip).flatten().map(Box::new),
                     },
                     route,
                     idempotency: idem.map(|(k, r)| (k.into(), r)),
@@ -390,8 +387,9 @@ impl Tollgate {
         loop {
             let next = match stage {
                 Stage::Quota(partial) => return self.lease_and_take(*partial, route).await,
-                Stage::Resolve { credential, meters, address, client } => {
-                    let state = match self.lookup(credential, address).await {
+                Stage::Resolve { credential, meters, client } => {
+                    // The client address's key (0: none) limits its lookups of API keys.
+                    let state = match self.lookup(credential, route.client).await {
                         Ok(state) => state,
                         Err(rejection) => return Err(self.count(rejection)),
                     };
@@ -404,7 +402,7 @@ impl Tollgate {
                         (Some((key, _)), Some(keys))
                             if rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT =>
                         {
-                            Some(scoped_key(key, keys, client))
+                            Some(scoped_key(key, keys, client.map(|c| *c)))
                         }
                         _ => None,
                     };
