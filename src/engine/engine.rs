@@ -115,20 +115,27 @@ pub enum Admission {
 pub struct PendingAdmission {
     pub(crate) stage: Stage,
     pub(crate) route: RouteCost,
-    pub(crate) idempotency: Option<(Box<[u8]>, u128)>,
+    /// The `Idempotency-Key` of a request whose tenant is not known yet. (Boxed: rare, and
+    /// admissions move by value.)
+    pub(crate) idempotency: Option<Box<PendingKey>>,
 }
 
 pub(crate) enum Stage {
     Resolve {
         credential: OwnedCredential,
         meters: Arc<crate::plan::MeterTable>,
-        /// The client address of a request with an `Idempotency-Key`: served as the anonymous
-        /// tenant, its key is scoped to it. (Boxed: rare, and admissions move by value.)
-        client: Option<Box<std::net::IpAddr>>,
     },
     /// An `Idempotency-Key` this node has not seen: claimed in the store first.
     Claim(Box<KeyClaim>),
     Quota(Box<Partial>),
+}
+
+/// The `Idempotency-Key` of a pending request: the key, the request's digest, and the client's
+/// address (served as the anonymous tenant, its key is scoped to it).
+pub(crate) struct PendingKey {
+    pub(crate) key: Box<[u8]>,
+    pub(crate) request: u128,
+    pub(crate) client: Option<std::net::IpAddr>,
 }
 
 /// A request whose `Idempotency-Key` the store is asked about.
@@ -369,13 +376,10 @@ impl Tollgate {
                     Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
                 };
                 Admission::Pending(PendingAdmission {
-                    stage: Stage::Resolve {
-                        credential,
-                        meters: rt.meters.clone(),
-                        client: idem.is_some().then_some(ip).flatten().map(Box::new),
-                    },
+                    stage: Stage::Resolve { credential, meters: rt.meters.clone() },
                     route,
-                    idempotency: idem.map(|(k, r)| (k.into(), r)),
+                    idempotency: idem
+                        .map(|(key, request)| Box::new(PendingKey { key: key.into(), request, client: ip })),
                 })
             }
         }
@@ -387,7 +391,7 @@ impl Tollgate {
         loop {
             let next = match stage {
                 Stage::Quota(partial) => return self.lease_and_take(*partial, route).await,
-                Stage::Resolve { credential, meters, client } => {
+                Stage::Resolve { credential, meters } => {
                     // The client address's key (0: none) limits its lookups of API keys.
                     let state = match self.lookup(credential, route.client).await {
                         Ok(state) => state,
@@ -399,15 +403,15 @@ impl Tollgate {
                     }
                     let rt = self.shared.runtime.load();
                     let scoped = match (&idempotency, &rt.client_keys) {
-                        (Some((key, _)), Some(keys))
+                        (Some(k), Some(keys))
                             if rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT =>
                         {
-                            Some(scoped_key(key, keys, client.map(|c| *c)))
+                            Some(scoped_key(&k.key, keys, k.client))
                         }
                         _ => None,
                     };
-                    let key = scoped.as_deref().or(idempotency.as_ref().map(|(k, _)| &k[..]));
-                    self.decide(state, route, key.zip(idempotency.as_ref().map(|(_, r)| *r)))
+                    let key = scoped.as_deref().or(idempotency.as_ref().map(|k| &k.key[..]));
+                    self.decide(state, route, key.zip(idempotency.as_ref().map(|k| k.request)))
                 }
                 Stage::Claim(c) => self.claim_in_store(*c, route).await,
             };
