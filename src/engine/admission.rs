@@ -393,7 +393,7 @@ impl Tollgate {
     /// Takes quota units from the local lease, in place. `Ok`: the tag of the period they
     /// were taken from ([`NO_TAG`]: none were, the meter has no quota or the request is a
     /// replay); `Err`: [`Take::Exhausted`], or [`Take::NeedLease`] (refill the lease first).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn take_units(
         &self,
         state: &Tenant,

@@ -100,7 +100,11 @@ const DONE: &str = "ResponseFuture polled after completion";
 /// The `grpc-status` of a gRPC response that carries it in its headers (a trailers-only
 /// answer: how tonic answers a handler's error). One that ends with it in its trailers (a
 /// success, or a stream that fails midway) is billed by its HTTP status.
+#[inline]
 fn grpc_status<B>(response: &http::Response<B>) -> Option<u8> {
+    if response.headers().is_empty() {
+        return None;
+    }
     let grpc = response.headers().get(http::header::CONTENT_TYPE)?.as_bytes().starts_with(b"application/grpc");
     if !grpc {
         return None;

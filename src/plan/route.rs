@@ -130,7 +130,18 @@ pub(crate) const DOT_SEGMENT: &str =
 /// serves.
 ///
 /// Borrowed, without a copy, when there is nothing to decode.
+#[inline]
 pub(crate) fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    // Most paths have neither an escape nor a dot: answered here, inline.
+    if !path.bytes().any(|b| b == b'%' || b == b'.') {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    normalize_escaped(path)
+}
+
+/// [`normalize_path`] for a path with a `%` or a `.`.
+#[inline(never)]
+fn normalize_escaped(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
     let bytes = path.as_bytes();
     let mut escaped = false;
     for (i, &b) in bytes.iter().enumerate() {
