@@ -163,7 +163,21 @@ impl SqliteStore {
     pub async fn open_with(path: impl Into<PathBuf>, synchronous: Synchronous) -> Result<Self, StoreError> {
         let path = path.into();
         let opened = tokio::task::spawn_blocking(move || {
-            let (conn, reader) = open_blocking(&path, synchronous)?;
+            // Openers of one new file at once contend for its locks while it is set up (its
+            // switch to WAL, its migration); one that finds it busy past the busy timeout (or
+            // at once, where SQLite does not wait) tries again.
+            let mut tries = 0;
+            let (conn, reader) = loop {
+                match open_blocking(&path, synchronous) {
+                    Err(StoreError::Backend(e))
+                        if tries < BUSY_RETRIES && e.downcast_ref::<rusqlite::Error>().is_some_and(is_busy) =>
+                    {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(20 * u64::from(tries)));
+                    }
+                    opened => break opened?,
+                }
+            };
             let (reads, writes) =
                 (tokio::sync::Semaphore::new(CALLS_AT_ONCE), tokio::sync::Semaphore::new(CALLS_AT_ONCE));
             let inner = Inner {
