@@ -161,13 +161,15 @@ where
                         Ok(mut response) => {
                             // No ticket: an unidentified request shadow mode let through.
                             if let Some(ticket) = ticket {
+                                // Read before tollgate's own headers are added.
+                                let grpc = grpc_status(&response);
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));
                                 if response.extensions().get::<Rejection>().is_some() {
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
                                     ticket.give_back();
-                                } else if let Some(code) = grpc_status(&response) {
+                                } else if let Some(code) = grpc {
                                     // A gRPC answer is HTTP 200 whatever happened: its status
                                     // (trailers-only: in the headers) says.
                                     ticket.complete_grpc(code);
