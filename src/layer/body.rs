@@ -7,6 +7,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::engine::Ticket;
+
 pin_project! {
     /// The response body of a [`TollgateService`](super::TollgateService): the inner service's
     /// body, or the body of a rejection.
@@ -20,9 +22,19 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        // Boxed: a rejection's body is rare, and the inner body's niche then holds the
-        // variant, so wrapping a one-box body (axum's) adds no byte to every response.
-        Full { data: Option<Box<Bytes>> },
+        // Boxed: a rejection's body, or a gRPC answer whose status comes in its trailers, is
+        // rare, and the inner body's niche then holds the variant, so wrapping a one-box body
+        // (axum's) adds no byte to every response. `None`: an empty rejection body.
+        Other { other: Option<Pin<Box<Other<B>>>> },
+    }
+}
+
+pin_project! {
+    #[project = OtherProj]
+    enum Other<B> {
+        Full { data: Option<Bytes> },
+        // A gRPC answer billed when its trailers come: the ticket lives until the body ends.
+        Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16 },
     }
 }
 
@@ -32,7 +44,16 @@ impl<B> TollgateBody<B> {
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
-        Self { kind: Kind::Full { data: (!data.is_empty()).then(|| Box::new(data)) } }
+        let other = (!data.is_empty()).then(|| Box::pin(Other::Full { data: Some(data) }));
+        Self { kind: Kind::Other { other } }
+    }
+
+    /// The body of a gRPC answer whose `grpc-status` comes in its trailers: `ticket` is
+    /// completed by that status when they come (by the HTTP `status` if the body ends
+    /// without), given back if the body fails, and dropped (billed as a request cut off) if
+    /// the body is.
+    pub(crate) fn tracked(body: B, ticket: Ticket, status: u16) -> Self {
+        Self { kind: Kind::Other { other: Some(Box::pin(Other::Tracked { body, ticket: Some(ticket), status })) } }
     }
 }
 
@@ -40,7 +61,11 @@ impl<B> std::fmt::Debug for TollgateBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
             Kind::Inner { .. } => f.write_str("TollgateBody::Inner"),
-            Kind::Full { data } => f.debug_tuple("TollgateBody::Full").field(data).finish(),
+            Kind::Other { other: None } => f.write_str("TollgateBody::Full(empty)"),
+            Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
+                Other::Full { data } => f.debug_tuple("TollgateBody::Full").field(data).finish(),
+                Other::Tracked { .. } => f.write_str("TollgateBody::Tracked"),
+            },
         }
     }
 }
@@ -55,23 +80,68 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(*d)))),
+            KindProj::Other { other: None } => Poll::Ready(None),
+            KindProj::Other { other: Some(other) } => match other.as_mut().project() {
+                OtherProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+                OtherProj::Tracked { body, ticket, status } => {
+                    let polled = body.poll_frame(cx);
+                    match &polled {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(trailers) = frame.trailers_ref() {
+                                if let Some(t) = ticket.take() {
+                                    match grpc_code(trailers.get("grpc-status")) {
+                                        Some(code) => t.complete_grpc(code),
+                                        None => t.complete(*status),
+                                    };
+                                }
+                            }
+                        }
+                        Poll::Ready(None) => {
+                            if let Some(t) = ticket.take() {
+                                t.complete(*status);
+                            }
+                        }
+                        // The body failed: not served whole, not billed.
+                        Poll::Ready(Some(Err(_))) => {
+                            if let Some(t) = ticket.take() {
+                                t.give_back();
+                            }
+                        }
+                        Poll::Pending => {}
+                    }
+                    polled
+                }
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Full { data } => data.is_none(),
+            Kind::Other { other: None } => true,
+            Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
+                Other::Full { data } => data.is_none(),
+                Other::Tracked { body, .. } => body.is_end_stream(),
+            },
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Other { other: None } => SizeHint::with_exact(0),
+            Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
+                Other::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+                Other::Tracked { body, .. } => body.size_hint(),
+            },
         }
     }
+}
+
+/// A `grpc-status` value's code (an unreadable one is `UNKNOWN`'s, 2).
+pub(crate) fn grpc_code(value: Option<&http::HeaderValue>) -> Option<u8> {
+    let value = value?;
+    Some(std::str::from_utf8(value.as_bytes()).ok().and_then(|v| v.trim().parse::<u8>().ok()).unwrap_or(2))
 }
 
 #[cfg(test)]

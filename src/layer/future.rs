@@ -97,20 +97,32 @@ where
 
 const DONE: &str = "ResponseFuture polled after completion";
 
-/// The `grpc-status` of a gRPC response that carries it in its headers (a trailers-only
-/// answer: how tonic answers a handler's error). One that ends with it in its trailers (a
-/// success, or a stream that fails midway) is billed by its HTTP status.
+/// Where a response's gRPC status is, if it is a gRPC answer.
+enum Grpc {
+    /// Not a gRPC answer: billed by its HTTP status.
+    No,
+    /// In its headers (a trailers-only answer: how tonic answers a handler's error).
+    Status(u8),
+    /// In its trailers (a success, or a stream that fails midway): billed when they come.
+    Trailers,
+}
+
 #[inline]
-fn grpc_status<B>(response: &http::Response<B>) -> Option<u8> {
+fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
     if response.headers().is_empty() {
-        return None;
+        return Grpc::No;
     }
-    let grpc = response.headers().get(http::header::CONTENT_TYPE)?.as_bytes().starts_with(b"application/grpc");
+    let grpc = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
     if !grpc {
-        return None;
+        return Grpc::No;
     }
-    let status = response.headers().get("grpc-status")?;
-    Some(std::str::from_utf8(status.as_bytes()).ok()?.trim().parse::<u8>().unwrap_or(2))
+    match super::body::grpc_code(response.headers().get("grpc-status")) {
+        Some(code) => Grpc::Status(code),
+        None => Grpc::Trailers,
+    }
 }
 
 impl<S, B, ResBody, P> Future for ResponseFuture<S, B, P>
@@ -169,12 +181,23 @@ where
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
                                     ticket.give_back();
-                                } else if let Some(code) = grpc {
-                                    // A gRPC answer is HTTP 200 whatever happened: its status
-                                    // (trailers-only: in the headers) says.
-                                    ticket.complete_grpc(code);
                                 } else {
-                                    ticket.complete(response.status().as_u16());
+                                    // A gRPC answer is HTTP 200 whatever happened: its status
+                                    // says, in its headers or at the end of its body.
+                                    let status = response.status().as_u16();
+                                    match grpc {
+                                        Grpc::No => {
+                                            ticket.complete(status);
+                                        }
+                                        Grpc::Status(code) => {
+                                            ticket.complete_grpc(code);
+                                        }
+                                        Grpc::Trailers => {
+                                            return Poll::Ready(Ok(
+                                                response.map(|body| TollgateBody::tracked(body, ticket, status))
+                                            ));
+                                        }
+                                    }
                                 }
                             }
                             Ok(response.map(TollgateBody::inner))

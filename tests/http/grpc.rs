@@ -136,3 +136,63 @@ async fn grpc_calls_are_billed_by_their_grpc_status() {
         server.abort();
     }
 }
+
+/// A body of one data frame, then trailers with this `grpc-status`.
+struct Trailed {
+    data: Option<Bytes>,
+    status: Option<&'static str>,
+}
+
+impl http_body::Body for Trailed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        std::task::Poll::Ready(self.status.take().map(|s| {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static(s));
+            Ok(http_body::Frame::trailers(trailers))
+        }))
+    }
+}
+
+/// A gRPC answer whose status comes in its trailers (a success, or a stream that fails midway)
+/// is billed by that status once the body ends: `INTERNAL` in the trailers is not billed,
+/// `OK` is.
+#[tokio::test]
+async fn a_grpc_status_in_the_trailers_decides_the_billing() {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    let toml = "[plans.free]\n[tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\n";
+    let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(toml).unwrap()).store_arc(store.clone()).build();
+    let svc = TollgateLayer::new(engine.clone()).layer(tower::service_fn(|req: http::Request<String>| async move {
+        let status = if req.body() == "fail" { "13" } else { "0" };
+        let body = Trailed { data: Some(Bytes::from_static(b"\0\0\0\0\x02hi")), status: Some(status) };
+        Ok::<_, std::convert::Infallible>(
+            http::Response::builder().header("content-type", "application/grpc").body(body).unwrap(),
+        )
+    }));
+    for body in ["ok", "fail", "fail", "ok"] {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(SAY)
+            .header("content-type", "application/grpc")
+            .header("x-api-key", "key-acme")
+            .body(body.to_owned())
+            .unwrap();
+        let response = svc.clone().oneshot(request).await.unwrap();
+        let collected = response.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(trailers["grpc-status"], if body == "fail" { "13" } else { "0" });
+    }
+    engine.flush().await.unwrap();
+    use tollgate::store::prelude::*;
+    let billed: u64 = store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
+    assert_eq!(billed, 2, "the two OK, not the two INTERNAL");
+}
