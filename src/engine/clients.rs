@@ -178,8 +178,8 @@ impl StateStore for ClientCells {
 
 /// The directory lookups of API keys per client address (`identify.unknown_key_rate`): a
 /// GCRA bucket per address key, in a bounded map (`limits.max_clients`, least recently used
-/// first). A lookup is asked only while the bucket has a cell; one that finds no tenant spends
-/// it, so only unknown keys count.
+/// first). A lookup takes a cell before the directory is asked; one that finds its tenant (or
+/// that the store does not answer) gives it back, so only unknown keys count.
 pub(crate) struct KeyLookups {
     cells: moka::sync::Cache<u64, Arc<std::sync::atomic::AtomicI64>>,
 }
@@ -193,26 +193,28 @@ impl KeyLookups {
         Self { cells }
     }
 
-    /// Whether `address` may have a key looked up at `now` (Unix nanoseconds): `Err` with the
-    /// seconds until it may, when its bucket is empty.
-    pub(crate) fn check(&self, address: u64, rate: crate::config::Rate, now: i64) -> Result<(), u64> {
+    /// Takes a cell of `address`'s bucket at `now` (Unix nanoseconds), at once (concurrent
+    /// lookups from one address cannot all pass a check made before any is charged): `Err`
+    /// with the seconds until one comes back when the bucket is empty.
+    pub(crate) fn take(&self, address: u64, rate: crate::config::Rate, now: i64) -> Result<(), u64> {
         use std::sync::atomic::Ordering;
-        let Some(cell) = self.cells.get(&address) else { return Ok(()) };
-        let (_, tolerance) = Self::shape(rate);
-        let tat = cell.load(Ordering::Acquire);
-        if tat.max(now) - now <= tolerance {
-            Ok(())
-        } else {
-            Err(u64::try_from(tat - tolerance - now).unwrap_or(1).max(1).div_ceil(1_000_000_000))
-        }
+        let (t, tolerance) = Self::shape(rate);
+        let cell = self.cells.get_with(address, || Arc::new(std::sync::atomic::AtomicI64::new(0)));
+        cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+            let from = tat.max(now);
+            (from - now <= tolerance).then(|| from.saturating_add(t))
+        })
+        .map(|_| ())
+        .map_err(|tat| u64::try_from(tat - tolerance - now).unwrap_or(1).max(1).div_ceil(1_000_000_000))
     }
 
-    /// Spends a cell of `address`'s bucket: a lookup that found no tenant.
-    pub(crate) fn charge(&self, address: u64, rate: crate::config::Rate, now: i64) {
+    /// Gives back the cell of a lookup that found its tenant, or that the store did not answer.
+    pub(crate) fn give_back(&self, address: u64, rate: crate::config::Rate) {
         use std::sync::atomic::Ordering;
-        let (t, _) = Self::shape(rate);
-        let cell = self.cells.get_with(address, || Arc::new(std::sync::atomic::AtomicI64::new(0)));
-        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| Some(tat.max(now).saturating_add(t)));
+        if let Some(cell) = self.cells.get(&address) {
+            let (t, _) = Self::shape(rate);
+            cell.fetch_sub(t, Ordering::AcqRel);
+        }
     }
 
     /// The emission interval of `rate` and the bucket's tolerance (its count at once).

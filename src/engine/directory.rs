@@ -82,8 +82,9 @@ impl Tollgate {
                             // not limited (one bucket for them all would let anyone lock every
                             // new tenant out).
                             let rate = rt.config.clients.unknown_key_rate;
-                            if address != 0 {
-                                if let Err(wait) = self.shared.key_lookups.check(address, rate, now_nanos) {
+                            let taken = address != 0;
+                            if taken {
+                                if let Err(wait) = self.shared.key_lookups.take(address, rate, now_nanos) {
                                     let r = Rejection::new(
                                         RejectionKind::RateLimited,
                                         "too many unknown API keys from this address: try again later",
@@ -101,8 +102,9 @@ impl Tollgate {
                                 .stores
                                 .guarded(timeout, self.shared.stores.roles.directory.find_key(&h))
                                 .await;
-                            if address != 0 && matches!(found, Ok(None)) {
-                                self.shared.key_lookups.charge(address, rate, now_nanos);
+                            if taken && !matches!(found, Ok(None)) {
+                                // Only unknown keys count.
+                                self.shared.key_lookups.give_back(address, rate);
                             }
                             found
                         }

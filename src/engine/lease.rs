@@ -93,7 +93,9 @@ impl Leases {
                 let mut locked = cell.locked();
                 if let Some(kept) = locked.inflight.as_mut() {
                     kept.errors += 1;
-                    if kept.errors >= MAX_ATTEMPTS {
+                    // Only a call every attempt of which was answered with an error: one that
+                    // ever timed out may have been applied, and is kept.
+                    if kept.errors >= MAX_ATTEMPTS && kept.errors == kept.attempts {
                         tracing::error!(key = ?kept.key, kind = ?kept.kind, error = %e,
                             "the store refused a quota call {MAX_ATTEMPTS} times; given up");
                         locked.inflight = None;

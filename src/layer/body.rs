@@ -83,16 +83,28 @@ where
             KindProj::Other { other: None } => Poll::Ready(None),
             KindProj::Other { other: Some(other) } => match other.as_mut().project() {
                 OtherProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-                OtherProj::Tracked { body, ticket, status } => {
-                    let polled = body.poll_frame(cx);
+                OtherProj::Tracked { mut body, ticket, status } => {
+                    // Marked while the body runs: a panic in it is a failure, not a cut-off.
+                    if let Some(t) = ticket.as_mut() {
+                        t.in_poll = true;
+                    }
+                    let polled = body.as_mut().poll_frame(cx);
+                    if let Some(t) = ticket.as_mut() {
+                        t.in_poll = false;
+                    }
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {
                             if let Some(trailers) = frame.trailers_ref() {
                                 if let Some(t) = ticket.take() {
-                                    match grpc_code(trailers.get("grpc-status")) {
-                                        Some(code) => t.complete_grpc(code),
-                                        None => t.complete(*status),
-                                    };
+                                    // No status in a gRPC answer's trailers is an error
+                                    // (the client sees UNKNOWN).
+                                    t.complete_grpc(grpc_code(trailers.get("grpc-status")).unwrap_or(2));
+                                }
+                            } else if body.is_end_stream() {
+                                // The body says it ended with this frame: a server stops
+                                // polling it here, with no trailers to come.
+                                if let Some(t) = ticket.take() {
+                                    t.complete(*status);
                                 }
                             }
                         }

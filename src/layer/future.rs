@@ -112,10 +112,10 @@ fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
     if response.headers().is_empty() {
         return Grpc::No;
     }
-    let grpc = response
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"));
+    // gRPC-Web sends its status in the body, not in HTTP trailers: billed by HTTP status.
+    let grpc = response.headers().get(http::header::CONTENT_TYPE).is_some_and(|c| {
+        c.as_bytes().starts_with(b"application/grpc") && !c.as_bytes().starts_with(b"application/grpc-web")
+    });
     if !grpc {
         return Grpc::No;
     }
@@ -128,6 +128,7 @@ fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
 impl<S, B, ResBody, P> Future for ResponseFuture<S, B, P>
 where
     S: Service<Request<B>, Response = Response<ResBody>>,
+    ResBody: http_body::Body,
     P: RejectionResponder,
 {
     type Output = Result<Response<TollgateBody<ResBody>>, S::Error>;
@@ -191,6 +192,10 @@ where
                                         }
                                         Grpc::Status(code) => {
                                             ticket.complete_grpc(code);
+                                        }
+                                        // A body that says it has ended is not polled again.
+                                        Grpc::Trailers if response.body().is_end_stream() => {
+                                            ticket.complete(status);
                                         }
                                         Grpc::Trailers => {
                                             return Poll::Ready(Ok(

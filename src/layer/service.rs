@@ -43,6 +43,7 @@ const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 impl<S, B, ResBody, R, P> Service<Request<B>> for TollgateService<S, R, P>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    ResBody: http_body::Body,
     R: TenantResolver<B>,
     P: RejectionResponder,
 {

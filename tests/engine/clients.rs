@@ -339,3 +339,28 @@ async fn anonymous_callers_do_not_share_idempotency_keys() {
     let billed = common::committed(&*store, "anonymous", "requests", NOON - 3600, NOON + 3600, 3600).await;
     assert_eq!(billed, 2, "A and B charged once each, their retries replays");
 }
+
+/// Concurrent lookups of different unknown keys from one address cannot all pass the limit
+/// before any is counted: a lookup takes its turn before the store is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_unknown_keys_from_one_address_are_limited_too() {
+    use std::sync::{atomic::Ordering, Arc};
+    use tower::ServiceExt;
+    let store = Arc::new(common::Faulty::default());
+    store.lookup_delay_ms.store(50, Ordering::SeqCst);
+    let toml = "[identify]\nunknown_key_rate = \"2/min\"\n[plans.paid]\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let svc = h.svc.clone();
+        tasks.spawn(async move {
+            let mut r = req("GET", "/", Some(&format!("burst-{i}")), None);
+            r.extensions_mut().insert(ClientAddr("203.0.113.9".parse::<IpAddr>().unwrap()));
+            svc.oneshot(r).await.unwrap().status().as_u16()
+        });
+    }
+    let statuses = tasks.join_all().await;
+    let lookups = store.lookups.load(Ordering::SeqCst);
+    assert!(lookups <= 2, "{lookups} lookups: {statuses:?}");
+}

@@ -196,3 +196,47 @@ async fn a_grpc_status_in_the_trailers_decides_the_billing() {
     let billed: u64 = store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
     assert_eq!(billed, 2, "the two OK, not the two INTERNAL");
 }
+
+/// A gRPC body that says it has ended is not polled again by a server: its request is settled
+/// by its HTTP status then, not billed as cut off when the body is dropped.
+#[tokio::test]
+async fn a_grpc_body_that_has_ended_is_settled_by_its_status() {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    for (status, data, billed) in [(503, "", 0), (200, "x", 1)] {
+        let toml =
+            "[usage]\nbill_cancelled = false\n[plans.free]\n[tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\n";
+        let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+        let (engine, _worker) =
+            Tollgate::builder(Config::from_toml_str(toml).unwrap()).store_arc(store.clone()).build();
+        let svc = TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+            move |_req: http::Request<String>| async move {
+                let body = http_body_util::Full::new(Bytes::from_static(data.as_bytes()));
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/grpc")
+                        .body(body)
+                        .unwrap(),
+                )
+            },
+        ));
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(SAY)
+            .header("content-type", "application/grpc")
+            .header("x-api-key", "key-acme")
+            .body(String::new())
+            .unwrap();
+        let mut body = svc.oneshot(request).await.unwrap().into_body();
+        // Polled as a server polls it: until it says it has ended, then dropped.
+        while !http_body::Body::is_end_stream(&body) {
+            body.frame().await.unwrap().unwrap();
+        }
+        drop(body);
+        engine.flush().await.unwrap();
+        use tollgate::store::prelude::*;
+        let used: u64 = store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
+        assert_eq!(used, billed, "status {status}");
+    }
+}
