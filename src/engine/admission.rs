@@ -180,13 +180,7 @@ impl Tollgate {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;
         }
-        // Refused for its key: the request spends no rate cells.
-        let give_back = |headers: &mut HeaderState| {
-            if let Some(policy) = &state.plan.rate {
-                state.give_back_cells(route.client, policy.nanos(route.cost));
-                headers.give_back(route.cost, policy.burst.get());
-            }
-        };
+        // Refused for its key (or the store): the request spends no rate cells.
         match answer {
             Ok(IdempotencyState::Claimed) => self.decide_rated(state, route, true, Some(claim), headers, at),
             Ok(IdempotencyState::Completed) => {
@@ -195,17 +189,17 @@ impl Tollgate {
                 self.decide_rated(state, route, false, None, headers, at)
             }
             Ok(IdempotencyState::InFlight) => {
-                give_back(&mut headers);
+                state.give_back_rate(route.client, route.cost, &mut headers);
                 self.reject(Self::key_in_use(&state))
             }
             Ok(IdempotencyState::Mismatch) => {
-                give_back(&mut headers);
+                state.give_back_rate(route.client, route.cost, &mut headers);
                 self.reject(Self::key_mismatch(&state))
             }
             Err(e) => {
                 self.store_error("claim idempotency key", &e);
                 if state.plan.on_store_error == StoreErrorPolicy::FailClosed {
-                    give_back(&mut headers);
+                    state.give_back_rate(route.client, route.cost, &mut headers);
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                     self.reject(r.with_retry_after(1).for_tenant(&state))
                 } else {
@@ -327,10 +321,7 @@ impl Tollgate {
                 Ok(()) => {}
                 Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&Self::shadow_quota(&state, m)),
                 Err((m, Take::Exhausted)) => {
-                    if let Some(policy) = &plan.rate {
-                        state.give_back_cells(route.client, policy.nanos(cost));
-                        headers.give_back(cost, policy.burst.get());
-                    }
+                    state.give_back_rate(route.client, cost, &mut headers);
                     let p = Partial { state, headers, claim, charged, at: now };
                     return self.reject(Self::quota_exceeded(p, m));
                 }
@@ -361,10 +352,7 @@ impl Tollgate {
             }
             Err(Take::Exhausted) => {
                 // Refused for its quota: the request spends no rate cells.
-                if let Some(policy) = &plan.rate {
-                    state.give_back_cells(route.client, policy.nanos(cost));
-                    headers.give_back(cost, policy.burst.get());
-                }
+                state.give_back_rate(route.client, cost, &mut headers);
                 self.reject(Self::quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
             }
             Err(_) => Admission::Pending(PendingAdmission {

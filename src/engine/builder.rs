@@ -396,13 +396,7 @@ impl Builder {
             sweep_now: Notify::new(),
             shutdown: shutdown_tx,
             key_lookups: super::clients::KeyLookups::new(limits.max_clients),
-            unknown: moka::sync::Cache::builder()
-                .max_capacity(limits.negative_capacity)
-                .time_to_live(limits.negative_ttl)
-                // Least recently used first, as documented: a new unknown key is always
-                // remembered, however often the others were tried.
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .build(),
+            unknown: super::clients::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);

@@ -126,6 +126,17 @@ impl ClientKeys {
     }
 }
 
+/// A bounded map that drops the least recently used first, as the docs say of every map keyed
+/// by what clients send: moka's default admission could refuse a new key in favour of
+/// often-seen ones (a new address would then find a full bucket on every request).
+pub(crate) fn lru<K, V>(capacity: u64) -> moka::sync::CacheBuilder<K, V, moka::sync::Cache<K, V>>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    moka::sync::Cache::builder().max_capacity(capacity).eviction_policy(moka::policy::EvictionPolicy::lru())
+}
+
 /// governor's keyed state store over a bounded map of GCRA cells, one per client key. A
 /// client whose cell is evicted (the map at its capacity, least recently used first) starts
 /// again with a full bucket.
@@ -136,14 +147,7 @@ pub(crate) struct ClientCells {
 
 impl ClientCells {
     pub(crate) fn new(capacity: u64) -> Self {
-        // Least recently used first, as documented: a new address is always held (moka's
-        // default admission could refuse it in favour of often-seen ones, and each of its
-        // requests would then find a full bucket).
-        let cells = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
-        Self { cells }
+        Self { cells: lru(capacity).build() }
     }
 
     /// Gives back `nanos` of a client's bucket (a request refused for another reason after its
@@ -186,11 +190,7 @@ pub(crate) struct KeyLookups {
 
 impl KeyLookups {
     pub(crate) fn new(capacity: u64) -> Self {
-        let cells = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
-        Self { cells }
+        Self { cells: lru(capacity).build() }
     }
 
     /// Takes a cell of `address`'s bucket at `now` (Unix nanoseconds), at once (concurrent

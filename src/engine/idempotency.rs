@@ -199,11 +199,7 @@ impl Drop for Claim {
 
 impl Idempotency {
     pub(crate) fn new(window: Duration, capacity: u64) -> Self {
-        let seen = moka::sync::Cache::builder()
-            .max_capacity(capacity)
-            .time_to_live(window)
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .build();
+        let seen = super::clients::lru(capacity).time_to_live(window).build();
         Self { seen, settling: Settling::default() }
     }
 

@@ -88,10 +88,7 @@ impl Tollgate {
                 Ok(Self::ticket(p, cost, NO_TAG))
             }
             Ok(Err(())) => {
-                if let Some(policy) = &p.state.plan.rate {
-                    p.state.give_back_cells(route.client, policy.nanos(cost));
-                    p.headers.give_back(cost, policy.burst.get());
-                }
+                p.state.give_back_rate(route.client, cost, &mut p.headers);
                 Err(self.count(Self::quota_exceeded(p, meter)))
             }
             Err(e) => {
@@ -111,10 +108,7 @@ impl Tollgate {
                     StoreErrorPolicy::FailClosed => {
                         p.claim = None;
                         // Refused for the store: the request spends no rate cells.
-                        if let Some(policy) = &p.state.plan.rate {
-                            p.state.give_back_cells(route.client, policy.nanos(cost));
-                            p.headers.give_back(cost, policy.burst.get());
-                        }
+                        p.state.give_back_rate(route.client, cost, &mut p.headers);
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                         Err(self.count(r.with_retry_after(1).for_tenant(&p.state)))
@@ -158,10 +152,7 @@ impl Tollgate {
             match checked {
                 Ok(Err(Take::Exhausted)) if p.state.plan.shadow => self.would_refuse(&Self::shadow_quota(&p.state, m)),
                 Ok(Err(Take::Exhausted)) => {
-                    if let Some(policy) = &p.state.plan.rate {
-                        p.state.give_back_cells(route.client, policy.nanos(route.cost));
-                        p.headers.give_back(route.cost, policy.burst.get());
-                    }
+                    p.state.give_back_rate(route.client, route.cost, &mut p.headers);
                     return Err(self.count(Self::quota_exceeded(p, m)));
                 }
                 Ok(_) => {}
@@ -169,10 +160,7 @@ impl Tollgate {
                     self.store_error("reserve quota", &e);
                     if p.state.plan.quota_policy(m) == StoreErrorPolicy::FailClosed {
                         p.claim = None;
-                        if let Some(policy) = &p.state.plan.rate {
-                            p.state.give_back_cells(route.client, policy.nanos(route.cost));
-                            p.headers.give_back(route.cost, policy.burst.get());
-                        }
+                        p.state.give_back_rate(route.client, route.cost, &mut p.headers);
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                         return Err(self.count(r.with_retry_after(1).for_tenant(&p.state)));

@@ -131,13 +131,17 @@ impl TenantState {
         governor::clock::Clock::now(&self.clock).into()
     }
 
-    /// Gives back `nanos` of the rate bucket the request took them from: the tenant's, or
-    /// for the anonymous tenant the client's (`client`, its address's key).
-    pub(crate) fn give_back_cells(&self, client: u64, nanos: u64) {
+    /// Gives back the `cost` cells a request refused after its rate check took from its rate
+    /// bucket (the tenant's, or for the anonymous tenant the client's: `client`, its address's
+    /// key), and says so in its `headers`.
+    pub(crate) fn give_back_rate(&self, client: u64, cost: u32, headers: &mut crate::response::HeaderState) {
+        let Some(policy) = &self.plan.rate else { return };
+        let nanos = policy.nanos(cost);
         match &self.plan.clients {
             None => self.gcra.give_back(nanos),
             Some(clients) => clients.cells.give_back(client, nanos),
         }
+        headers.give_back(cost, policy.burst.get());
     }
 }
 
