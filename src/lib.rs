@@ -11,7 +11,11 @@ pub mod door {
     //! as the engine sees it, the engine's answer, and the ticket that completes an admitted
     //! request. The tower layer, `tollgate-actix` and `tollgate-lambda` are built on these;
     //! the [architecture guide](crate::guide::architecture) describes the fast path they share.
-    pub use crate::engine::{Admission, ClientAddr, FrontDoor, PendingAdmission, RequestInfo, RequestView, Ticket};
+    pub use crate::engine::{
+        is_stored_header, Admission, BodyPrint, ClientAddr, FrontDoor, PendingAdmission, RequestInfo, RequestView,
+        ResponseCapture, Ticket,
+    };
+    pub use crate::store::StoredResponse;
     pub use crate::tenant::Credential;
 }
 pub mod guide {

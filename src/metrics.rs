@@ -228,6 +228,14 @@ pub struct Stats {
     /// Such buckets dropped before they were full again, the memory being at its cap (that
     /// tenant finds a full bucket when it comes back).
     pub rate_states_dropped: u64,
+    /// Responses of first requests with an `Idempotency-Key` stored for their replays.
+    pub responses_stored: u64,
+    /// Such responses not stored, their key released (a retry runs again and is billed): too
+    /// long, past the node's or the store's bytes, a 5xx, or cut off (by reason: the metric
+    /// `tollgate_idempotent_responses_total{outcome}`).
+    pub responses_not_stored: u64,
+    /// Response bytes this node holds now while responses stream to be stored.
+    pub response_bytes_buffered: u64,
 }
 
 impl Totals {
@@ -263,6 +271,9 @@ impl Totals {
             held_rate_states: 0,
             rate_states_dropped: 0,
             tracked_clients: 0,
+            responses_stored: 0,
+            responses_not_stored: 0,
+            response_bytes_buffered: 0,
         }
     }
 }

@@ -39,14 +39,16 @@ impl KeyExtractor for ApiKeyHeader {
     }
 }
 
-pub(crate) type Bare =
-    tower::util::ServiceFn<fn(Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>>>;
+/// The handler: `Bare<Body>` alone and under tower_governor, `Bare<RequestBody<Body>>` under
+/// tollgate (whose inner service receives its request body type).
+pub(crate) type Bare<B = Body> =
+    tower::util::ServiceFn<fn(Request<B>) -> std::future::Ready<Result<Response<Body>, Infallible>>>;
 
-pub(crate) fn bare() -> Bare {
-    fn hello(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+pub(crate) fn bare<B>() -> Bare<B> {
+    fn hello<B>(_: Request<B>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
         std::future::ready(Ok(Response::new(Body::empty())))
     }
-    tower::service_fn(hello as fn(_) -> _)
+    tower::service_fn(hello::<B> as fn(_) -> _)
 }
 
 /// Drives a future that is ready at once (all the cases here are, on warm state).
@@ -122,7 +124,7 @@ pub(crate) fn tollgate_service(
     headers: &str,
     context: bool,
     rt: &tokio::runtime::Runtime,
-) -> tollgate::TollgateService<Bare> {
+) -> tollgate::TollgateService<Bare<tollgate::layer::RequestBody<Body>>> {
     // TOLLGATE_BENCH_NO_REFILL=1: leases no run exhausts and no flush during a run, so that
     // only the request path is counted (the same with any store); without it, the counts
     // include the store's share of each request (refills and flushes).
@@ -196,7 +198,7 @@ pub(crate) fn governor(
 ) -> impl Service<Request<Body>, Response = Response<Body>, Future: Send> + Clone + Send + 'static {
     let mut b = GovernorConfigBuilder::default();
     b.per_nanosecond(1).burst_size(1_000_000_000);
-    warm(GovernorLayer::new(b.key_extractor(ApiKeyHeader).finish().unwrap()).layer(bare()), keys)
+    warm(GovernorLayer::new(b.key_extractor(ApiKeyHeader).finish().unwrap()).layer(bare::<Body>()), keys)
 }
 
 /// The same with tower_governor's `use_headers()` (`x-ratelimit-*` on every response).
@@ -207,7 +209,7 @@ pub(crate) fn governor_headers(
     b.per_nanosecond(1).burst_size(1_000_000_000);
     // `use_headers` returns a builder of another type: it must be chained.
     let config = b.key_extractor(ApiKeyHeader).use_headers().finish().unwrap();
-    warm(GovernorLayer::new(config).layer(bare()), keys)
+    warm(GovernorLayer::new(config).layer(bare::<Body>()), keys)
 }
 
 fn warm<S: Service<Request<Body>> + Clone>(svc: S, keys: &[HeaderValue]) -> S {

@@ -16,3 +16,8 @@ pub use key::KeyHash;
 pub(crate) use key::{check_api_key, COMMA_IN_KEY};
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
+
+/// The most bytes of one stored `Idempotency-Key` response on DynamoDB (see
+/// `store::contract::DYNAMODB_MAX_RESPONSE_BYTES`): here so the configuration can check its
+/// limit without importing the stores.
+pub(crate) const DYNAMODB_MAX_RESPONSE_BYTES: usize = 350_000;

@@ -136,6 +136,22 @@ pub struct Limits {
     /// The methods whose `Idempotency-Key` is honoured (`POST` and `PATCH` by default: the
     /// others are idempotent by definition, and their key is not even read).
     pub idempotency_methods: Vec<http::Method>,
+    /// The longest response body stored for replays of an `Idempotency-Key` (64 KiB by
+    /// default; at most 350,000 bytes on a DynamoDB idempotency store). A longer response is
+    /// not stored: its key is released, and a retry runs again and is billed.
+    pub idempotency_max_body: u64,
+    /// The most request body bytes read to fingerprint an `Idempotency-Key`'s request (1 MiB
+    /// by default): a body the handler left unread is drained up to it; past it, the key is
+    /// bound without the body, and replays are not compared with it.
+    pub idempotency_max_request_body: u64,
+    /// The most response bytes this node holds at once while responses stream to be stored
+    /// (64 MiB by default): a response that would go past it is not stored (its key is
+    /// released), counted.
+    pub idempotency_buffer_bytes: u64,
+    /// The most bytes of stored responses the idempotency store holds at once (1 GiB by
+    /// default): a response that would go past it is not stored (its key is released),
+    /// counted.
+    pub idempotency_store_bytes: u64,
     /// How long a node trusts its cached tenant directory entry: removed keys and plan changes
     /// made in the store reach running nodes within this time.
     pub directory_ttl: Duration,

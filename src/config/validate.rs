@@ -341,6 +341,18 @@ impl Validator<'_, '_> {
                 (store, roles, Some(origin))
             }
         };
+        if matches!(store_roles.get(StoreRole::Idempotency).unwrap_or(&store), StoreSettings::Dynamodb { .. })
+            && limits.idempotency_max_body > crate::base::DYNAMODB_MAX_RESPONSE_BYTES as u64
+        {
+            return Err(self.invalid(
+                "limits.idempotency_max_body",
+                format!(
+                    "at most {} bytes on a DynamoDB idempotency store (an item holds 400 KB, its attribute \
+                     names and the response's headers included)",
+                    crate::base::DYNAMODB_MAX_RESPONSE_BYTES
+                ),
+            ));
+        }
         Ok(Config {
             identify,
             on_unknown,
@@ -812,6 +824,14 @@ impl Validator<'_, '_> {
                     }
                     methods
                 }
+            },
+            idempotency_max_body: l.idempotency_max_body.unwrap_or(64 * 1024),
+            idempotency_max_request_body: l.idempotency_max_request_body.unwrap_or(1 << 20),
+            idempotency_buffer_bytes: l.idempotency_buffer_bytes.unwrap_or(64 << 20),
+            idempotency_store_bytes: match l.idempotency_store_bytes {
+                None => 1 << 30,
+                Some(0) => return Err(self.invalid("limits.idempotency_store_bytes", "must be at least 1")),
+                Some(n) => n,
             },
             directory_ttl: self.duration(
                 "limits.directory_ttl",

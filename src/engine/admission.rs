@@ -6,9 +6,10 @@ use std::{borrow::Cow, num::NonZeroU32, time::Duration};
 use governor::clock::Clock as _;
 
 use super::{
-    engine::{KeyClaim, Partial, PendingAdmission, Stage},
-    idempotency::{settled, Claim, FleetClaim, Idempotency, Verdict, IN_FLIGHT_SECS},
-    ticket::UNLEASED,
+    engine::{KeyClaim, Partial, PendingAdmission, ReplayRead, Stage},
+    idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, Verdict, IN_FLIGHT_SECS},
+    ticket::{Held, UNLEASED},
+    ResponseCapture,
     Admission, Ticket, Tollgate,
 };
 use crate::{
@@ -17,7 +18,7 @@ use crate::{
     engine::Prefetch,
     plan::RouteCost,
     response::{HeaderState, Rejection, RejectionKind},
-    store::{IdempotencyClaim, IdempotencyState},
+    store::{IdempotencyClaim, IdempotencyState, StoredResponse},
     tenant::{QuotaRef, Take, Tenant},
 };
 
@@ -52,7 +53,8 @@ impl Tollgate {
             Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
                 // A key this node has not seen: the store has the fleet's answer.
                 Verdict::First(claim) => return self.first_key(state, route, claim, key, request),
-                Verdict::Replay => (false, None),
+                // Answered with the stored response (one store read), after the rate check.
+                Verdict::Replay => return self.replay_key(state, route, key, request),
                 Verdict::InFlight => return self.reject(Self::key_in_use(&state)),
                 Verdict::Mismatch => return self.reject(Self::key_mismatch(&state)),
             },
@@ -80,6 +82,111 @@ impl Tollgate {
             route,
             idempotency: None,
         })
+    }
+
+    /// A replay of a key this node saw complete: its rate check, then its stored response is
+    /// read (never a quota: a replay takes no units).
+    #[cold]
+    #[inline(never)]
+    fn replay_key(&self, state: Tenant, route: RouteCost, key: &[u8], request: u128) -> Admission {
+        let mut headers = HeaderState::new(route.meter, route.shape);
+        let at = match self.check_rate(&state, &route, &mut headers) {
+            Ok(at) => at,
+            Err(r) => return self.reject(r),
+        };
+        Admission::Pending(PendingAdmission {
+            stage: Stage::Replay(Box::new(ReplayRead { state, key: key.into(), request, headers, at })),
+            route,
+            idempotency: None,
+        })
+    }
+
+    /// Reads the stored response of a replay, within `usage.store_timeout`. A key the store
+    /// no longer holds (expired there, or its response was not stored) is claimed anew: the
+    /// request runs and is charged.
+    pub(crate) async fn read_replay(&self, r: ReplayRead, route: RouteCost) -> Admission {
+        let ReplayRead { state, key, request, mut headers, at } = r;
+        let config = self.shared.runtime.load().config.clone();
+        let timeout = config.usage.store_timeout;
+        let fleet_key = Idempotency::fleet_key(&state.id, &key);
+        // This node's own settlement of the key, if it is still under way.
+        settled(&self.shared.idempotency.settling, &fleet_key, timeout).await;
+        let now = self.shared.clock.unix_secs();
+        let store = &self.shared.stores.roles.idempotency;
+        let read = self.shared.stores.guarded(timeout, store.read_idempotency(&fleet_key, now)).await;
+        match read {
+            Ok(Some(IdempotencyState::Completed(Some(response)))) => {
+                self.replay(state, route, headers, at, response, config.limits.idempotency_max_request_body)
+            }
+            Ok(Some(IdempotencyState::Completed(None))) => {
+                state.give_back_rate(route.client, route.cost, &mut headers);
+                self.reject(Self::response_not_kept(&state))
+            }
+            Ok(Some(_)) => {
+                state.give_back_rate(route.client, route.cost, &mut headers);
+                self.reject(Self::key_in_use(&state))
+            }
+            Ok(None) => {
+                // Not in the store any more: this node's entry is stale; the key is claimed
+                // as a new one (the rate check already passed).
+                self.shared.idempotency.forget(&state.id, &key);
+                match self.shared.idempotency.check(&state.id, &key, request) {
+                    Verdict::First(claim) => {
+                        Box::pin(self.claim_in_store(KeyClaim { state, claim, key, request, headers, at }, route)).await
+                    }
+                    _ => {
+                        state.give_back_rate(route.client, route.cost, &mut headers);
+                        self.reject(Self::key_in_use(&state))
+                    }
+                }
+            }
+            Err(e) => {
+                // A replay cannot be answered without its response, nor run again (its work
+                // was done): 503 whatever the policy.
+                self.store_error("read idempotent response", &e);
+                state.give_back_rate(route.client, route.cost, &mut headers);
+                let r = Rejection::new(RejectionKind::StoreUnavailable, "the idempotency store did not answer in time");
+                self.reject(r.with_retry_after(1).for_tenant(&state))
+            }
+        }
+    }
+
+    /// A replay admitted with its stored response: nothing charged, no quota touched.
+    fn replay(
+        &self,
+        state: Tenant,
+        route: RouteCost,
+        mut headers: HeaderState,
+        at: i64,
+        response: Box<StoredResponse>,
+        max_request_body: u64,
+    ) -> Admission {
+        self.shared.metrics.replays.increment(1);
+        self.shared.metrics.admitted.increment(1);
+        Self::quota_headers(&state, &mut headers, route.meter, at);
+        Admission::Admitted(Ticket {
+            state,
+            headers,
+            quota_tag: NO_TAG,
+            at,
+            claim: Some(Box::new(Held::Replay { response, max_request_body })),
+            cost: route.cost,
+            charged: false,
+            done: false,
+            called: false,
+            in_poll: false,
+        })
+    }
+
+    /// A completed binding stored without its response (by a version before responses were
+    /// stored): it can be neither replayed nor run again.
+    #[cold]
+    fn response_not_kept(state: &Tenant) -> Rejection {
+        let r = Rejection::new(
+            RejectionKind::IdempotencyKeyInUse,
+            "the request with this Idempotency-Key completed, and its response was not kept: use a new key",
+        );
+        r.for_tenant(state)
     }
 
     /// The 403 of a route whose feature the tenant's plan lacks.
@@ -173,6 +280,15 @@ impl Tollgate {
             owner,
             timeout,
             settling: settling.clone(),
+            claimed_at: now,
+            window,
+            max_stored: config.limits.idempotency_store_bytes,
+            responses: self.shared.idempotency.responses.clone(),
+        });
+        claim.limits = Some(CaptureLimits {
+            max_body: config.limits.idempotency_max_body,
+            max_request_body: config.limits.idempotency_max_request_body,
+            buffer_bytes: config.limits.idempotency_buffer_bytes,
         });
         let answer =
             self.shared.stores.guarded(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
@@ -183,10 +299,15 @@ impl Tollgate {
         // Refused for its key (or the store): the request spends no rate cells.
         match answer {
             Ok(IdempotencyState::Claimed) => self.decide_rated(state, route, true, Some(claim), headers, at),
-            Ok(IdempotencyState::Completed) => {
+            Ok(IdempotencyState::Completed(Some(response))) => {
                 // Completed on another node: a replay here too from now on.
-                claim.done();
-                self.decide_rated(state, route, false, None, headers, at)
+                claim.completed_elsewhere();
+                let max_request_body = config.limits.idempotency_max_request_body;
+                self.replay(state, route, headers, at, response, max_request_body)
+            }
+            Ok(IdempotencyState::Completed(None)) => {
+                state.give_back_rate(route.client, route.cost, &mut headers);
+                self.reject(Self::response_not_kept(&state))
             }
             Ok(IdempotencyState::InFlight) => {
                 state.give_back_rate(route.client, route.cost, &mut headers);
@@ -342,7 +463,7 @@ impl Tollgate {
                     headers,
                     quota_tag,
                     at: now,
-                    claim: claim.map(Box::new),
+                    claim: claim.map(|c| Box::new(Held::First(ResponseCapture::new(c)))),
                     cost,
                     charged,
                     done: false,
@@ -395,15 +516,8 @@ impl Tollgate {
             return Ok(NO_TAG);
         };
         if !charged {
-            // A replay takes nothing, but a hard quota must still have the units (a shadow
-            // plan never refuses: the refusal is counted).
-            return match cell.check_units(u64::from(cost), at) {
-                Err(Take::Exhausted) if state.plan.shadow => {
-                    self.would_refuse(&Self::shadow_quota(state, meter));
-                    Ok(NO_TAG)
-                }
-                checked => checked.map(|()| NO_TAG),
-            };
+            // A replay takes nothing.
+            return Ok(NO_TAG);
         }
         match cell.try_take(u64::from(cost), at) {
             Take::Taken { left, tag } => {
@@ -501,7 +615,7 @@ impl Tollgate {
             charged: p.charged,
             quota_tag,
             at: p.at,
-            claim: p.claim.map(Box::new),
+            claim: p.claim.map(|c| Box::new(Held::First(ResponseCapture::new(c)))),
             done: false,
             called: false,
             in_poll: false,

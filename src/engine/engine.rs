@@ -127,6 +127,9 @@ pub(crate) enum Stage {
     },
     /// An `Idempotency-Key` this node has not seen: claimed in the store first.
     Claim(Box<KeyClaim>),
+    /// A replay of an `Idempotency-Key` this node saw complete: its response is read from the
+    /// store.
+    Replay(Box<ReplayRead>),
     Quota(Box<Partial>),
 }
 
@@ -145,6 +148,16 @@ pub(crate) struct KeyClaim {
     pub(crate) key: Box<[u8]>,
     pub(crate) request: u128,
     /// The rate check the request passed before its key was claimed, and its time.
+    pub(crate) headers: HeaderState,
+    pub(crate) at: i64,
+}
+
+/// A replay whose stored response is read.
+pub(crate) struct ReplayRead {
+    pub(crate) state: Tenant,
+    pub(crate) key: Box<[u8]>,
+    pub(crate) request: u128,
+    /// The rate check the request passed, and its time.
     pub(crate) headers: HeaderState,
     pub(crate) at: i64,
 }
@@ -169,6 +182,7 @@ impl fmt::Debug for PendingAdmission {
         let stage = match &self.stage {
             Stage::Resolve { .. } => "resolve tenant",
             Stage::Claim(_) => "claim idempotency key",
+            Stage::Replay(_) => "read idempotent response",
             Stage::Quota(_) => "lease quota",
         };
         f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.route.cost).finish()
@@ -414,6 +428,7 @@ impl Tollgate {
                     self.decide(state, route, key.zip(idempotency.as_ref().map(|k| k.request)))
                 }
                 Stage::Claim(c) => self.claim_in_store(*c, route).await,
+                Stage::Replay(r) => self.read_replay(*r, route).await,
             };
             match next {
                 Admission::Admitted(t) => return Ok(t),
@@ -524,6 +539,10 @@ impl Tollgate {
         let mut stats = self.shared.totals.snapshot(self.shared.table.len());
         stats.held_rate_states = self.shared.table.rates.len() as u64;
         stats.rate_states_dropped = self.shared.table.rates.dropped();
+        let responses = &self.shared.idempotency.responses;
+        stats.responses_stored = responses.stored.load(std::sync::atomic::Ordering::Relaxed);
+        stats.responses_not_stored = responses.not_stored_total();
+        stats.response_bytes_buffered = responses.buffered.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(clients) = self.shared.runtime.load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
             clients.cells.settle();
             stats.tracked_clients = clients.cells.len();

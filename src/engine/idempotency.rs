@@ -1,15 +1,17 @@
 //! `Idempotency-Key` (IETF httpapi draft): a key is bound to the tenant and to the request it
-//! first came with (method and concrete path, query included; bodies are not compared). While
+//! first came with (method and concrete path, query included, and the body's SHA-256). While
 //! that request is in flight the key answers 409; reused on another request, 422; after it
-//! completed, a replay is admitted but never charged or billed again.
+//! completed, a replay is answered with the stored response, without running the handler, and
+//! is never charged or billed again.
 //!
 //! Each node remembers the keys it saw; a key it has not seen is claimed in the store (one
-//! conditional write), so the answer holds across the fleet. The claim is settled (completed,
-//! or released) after the response, off the request path.
+//! conditional write), so the answer holds across the fleet; a replay reads the stored response
+//! (one read). The claim is settled (completed with the response, or released) after the
+//! response, off the request path.
 
 use std::{
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU64, AtomicU8, Ordering},
         Arc,
     },
     time::Duration,
@@ -19,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     config::TenantId,
-    store::{IdempotencySettle, IdempotencyStore},
+    store::{CompletedRequest, IdempotencySettle, IdempotencySettled, IdempotencyStore, StoredResponse},
 };
 
 /// How long a claim the store holds for a request in flight stays in force without being
@@ -62,6 +64,68 @@ pub(crate) struct Idempotency {
     /// waits for its settlement before it asks the store, so a retry right after a failure
     /// on this node is never told the key is in flight. Entries leave when settled.
     pub(crate) settling: Settling,
+    /// What became of the responses of completed requests, and the bytes held while they
+    /// stream.
+    pub(crate) responses: Arc<Responses>,
+}
+
+/// The responses of first requests: the bytes this node holds while they stream, and what
+/// became of them.
+#[derive(Debug, Default)]
+pub(crate) struct Responses {
+    /// Response bytes held now, while responses stream (`limits.idempotency_buffer_bytes`).
+    pub(crate) buffered: AtomicU64,
+    /// Stored with their key.
+    pub(crate) stored: AtomicU64,
+    /// Not stored, their key released: by reason ([`NotStored`]).
+    pub(crate) not_stored: [AtomicU64; NotStored::ALL.len()],
+}
+
+/// Why a completed request's response was not stored (its key released, so a retry runs
+/// again and is billed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotStored {
+    /// Longer than `limits.idempotency_max_body`.
+    TooLarge,
+    /// This node held `limits.idempotency_buffer_bytes` of streaming responses already.
+    BufferFull,
+    /// The store's bytes for responses (`limits.idempotency_store_bytes`) are spent, or the
+    /// store takes no response that large.
+    StoreFull,
+    /// A 5xx, a gRPC answer, or a body that failed or was cut off.
+    NotStorable,
+}
+
+impl NotStored {
+    pub(crate) const ALL: [NotStored; 4] =
+        [NotStored::TooLarge, NotStored::BufferFull, NotStored::StoreFull, NotStored::NotStorable];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            NotStored::TooLarge => "too_large",
+            NotStored::BufferFull => "buffer_full",
+            NotStored::StoreFull => "store_full",
+            NotStored::NotStorable => "not_storable",
+        }
+    }
+}
+
+impl Responses {
+    pub(crate) fn not_stored(&self, why: NotStored) {
+        let i = NotStored::ALL.iter().position(|w| *w == why).unwrap_or(0);
+        self.not_stored[i].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tollgate_idempotent_responses_total", "outcome" => why.label()).increment(1);
+    }
+
+    fn stored(&self) {
+        self.stored.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tollgate_idempotent_responses_total", "outcome" => "stored").increment(1);
+    }
+
+    /// Responses not stored, all reasons.
+    pub(crate) fn not_stored_total(&self) -> u64 {
+        self.not_stored.iter().map(|n| n.load(Ordering::Relaxed)).sum()
+    }
 }
 
 /// Fleet keys being settled, each with a receiver that closes when the settlement ends.
@@ -74,6 +138,12 @@ pub(crate) struct FleetClaim {
     pub(crate) owner: u64,
     pub(crate) timeout: Duration,
     pub(crate) settling: Settling,
+    /// When the key was claimed (the binding expires `window` after), and
+    /// `limits.idempotency_window` and `limits.idempotency_store_bytes`, for the response.
+    pub(crate) claimed_at: i64,
+    pub(crate) window: i64,
+    pub(crate) max_stored: u64,
+    pub(crate) responses: Arc<Responses>,
 }
 
 /// The most settlements under way at once (each retries for up to [`IN_FLIGHT_SECS`]).
@@ -105,6 +175,7 @@ impl FleetClaim {
     /// Settles the claim in the store in the background (after the response), retried a few
     /// times. A claim left unsettled frees itself after [`IN_FLIGHT_SECS`].
     fn settle(self, how: IdempotencySettle) {
+        let completing = matches!(how, IdempotencySettle::Completed(_));
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let (done, waiting) = tokio::sync::watch::channel(());
         {
@@ -125,10 +196,18 @@ impl FleetClaim {
             let give_up = tokio::time::Instant::now() + Duration::from_secs(IN_FLIGHT_SECS as u64);
             let mut attempt = 0u32;
             loop {
-                match tokio::time::timeout(self.timeout, self.store.settle_idempotency(&self.key, self.owner, how))
+                match tokio::time::timeout(self.timeout, self.store.settle_idempotency(&self.key, self.owner, &how))
                     .await
                 {
-                    Ok(Ok(())) => return,
+                    Ok(Ok(IdempotencySettled::Refused)) => {
+                        self.responses.not_stored(NotStored::StoreFull);
+                        return;
+                    }
+                    Ok(Ok(IdempotencySettled::Settled)) if completing => {
+                        self.responses.stored();
+                        return;
+                    }
+                    Ok(Ok(_)) => return,
                     Ok(Err(e)) => tracing::debug!(error = %e, attempt, "settling an Idempotency-Key failed"),
                     Err(_) => tracing::debug!(attempt, "settling an Idempotency-Key timed out"),
                 }
@@ -140,18 +219,27 @@ impl FleetClaim {
                 attempt += 1;
             }
             tracing::warn!(
-                ?how,
+                completing,
                 "an Idempotency-Key could not be settled in the store for {IN_FLIGHT_SECS} s; it frees itself"
             );
         });
     }
 }
 
+/// The limits a response capture keeps to, from the configuration when its key was claimed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CaptureLimits {
+    pub(crate) max_body: u64,
+    pub(crate) max_request_body: u64,
+    pub(crate) buffer_bytes: u64,
+}
+
 /// What a key says about a request.
 pub(crate) enum Verdict {
     /// The first request with this key: charge it; the claim settles the key.
     First(Claim),
-    /// The request the key is bound to completed: a replay (not charged).
+    /// The request the key is bound to completed: a replay, answered with the stored
+    /// response (not charged).
     Replay,
     /// The request the key is bound to is still in flight: 409.
     InFlight,
@@ -168,16 +256,33 @@ pub(crate) struct Claim {
     entry: Arc<Entry>,
     done: bool,
     pub(crate) fleet: Option<FleetClaim>,
+    /// What its response capture keeps to (set with the claim in the store).
+    pub(crate) limits: Option<CaptureLimits>,
 }
 
 impl Claim {
-    /// The request completed and was billed: later requests with the key are replays.
-    pub(crate) fn done(mut self) {
+    /// The request completed and was billed with `response`: later requests with the key are
+    /// replays, answered with it.
+    pub(crate) fn complete(mut self, response: StoredResponse) {
         self.entry.state.store(DONE, Ordering::Release);
         self.done = true;
         if let Some(fleet) = self.fleet.take() {
-            fleet.settle(IdempotencySettle::Completed);
+            let done = CompletedRequest::new(Arc::new(response), fleet.claimed_at, fleet.window, fleet.max_stored);
+            fleet.settle(IdempotencySettle::Completed(done));
         }
+    }
+
+    /// The key completed elsewhere (the store says so): a replay here too from now on, with
+    /// nothing of this node's to settle.
+    pub(crate) fn completed_elsewhere(mut self) {
+        self.fleet = None;
+        self.entry.state.store(DONE, Ordering::Release);
+        self.done = true;
+    }
+
+    /// The counters of what became of responses.
+    pub(crate) fn responses(&self) -> &Arc<Responses> {
+        &self.set.responses
     }
 }
 
@@ -200,7 +305,13 @@ impl Drop for Claim {
 impl Idempotency {
     pub(crate) fn new(window: Duration, capacity: u64) -> Self {
         let seen = super::clients::lru(capacity).time_to_live(window).build();
-        Self { seen, settling: Settling::default() }
+        Self { seen, settling: Settling::default(), responses: Arc::default() }
+    }
+
+    /// Forgets `key` of `tenant` on this node: the store no longer holds the response its
+    /// entry says completed (expired there, or not stored).
+    pub(crate) fn forget(&self, tenant: &TenantId, key: &[u8]) {
+        self.seen.invalidate(&Self::short(Self::digest(&[tenant.as_str().as_bytes(), key])));
     }
 
     /// The same on every node (the store compares them): SHA-256 of the length-prefixed parts.
@@ -251,7 +362,14 @@ impl Idempotency {
         let fresh = Arc::new(Entry { request, state: AtomicU8::new(IN_FLIGHT) });
         let entry = self.seen.entry(id).or_insert_with(|| fresh.clone());
         if entry.is_fresh() && Arc::ptr_eq(entry.value(), &fresh) {
-            return Verdict::First(Claim { set: self.clone(), key: id, entry: fresh, done: false, fleet: None });
+            return Verdict::First(Claim {
+                set: self.clone(),
+                key: id,
+                entry: fresh,
+                done: false,
+                fleet: None,
+                limits: None,
+            });
         }
         let existing = entry.into_value();
         if existing.request != request {

@@ -2,6 +2,7 @@
 
 mod admission;
 mod builder;
+mod capture;
 pub(crate) mod clients;
 mod directory;
 mod door;
@@ -25,6 +26,7 @@ mod wait;
 
 pub(crate) use builder::OpenStores;
 pub use builder::{BuildError, Builder};
+pub use capture::{is_stored_header, BodyPrint, ResponseCapture};
 pub(crate) use door::{credential_in, describe};
 pub use door::{ClientAddr, FrontDoor, RequestView};
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};

@@ -2,13 +2,23 @@
 
 use std::fmt;
 
-use super::idempotency::Claim;
+use super::capture::ResponseCapture;
 use crate::{
     config::{HeaderStyle, PlanId, TenantId},
-    response::{emit, Field, HeaderState, Value},
+    response::{emit, Field, HeaderState, Rejection, RejectionKind, Value},
+    store::StoredResponse,
     tenant::Tenant,
     usage::TenantContext,
 };
+
+/// What a ticket holds of its `Idempotency-Key`.
+pub(crate) enum Held {
+    /// The first request with it: the capture of its response, which settles the claim.
+    First(ResponseCapture),
+    /// A replay: the stored response it is answered with, and the most request body bytes
+    /// read to compare its body.
+    Replay { response: Box<StoredResponse>, max_request_body: u64 },
+}
 
 /// The units were owed outside any lease (admitted fail-open before the cell held one).
 pub(crate) const UNLEASED: u32 = u32::MAX - 1;
@@ -30,7 +40,7 @@ pub struct Ticket {
     /// The tag of the quota period the units were taken from (`NO_TAG`: none were).
     pub(crate) quota_tag: u32,
     pub(crate) at: i64,
-    pub(crate) claim: Option<Box<Claim>>,
+    pub(crate) claim: Option<Box<Held>>,
     pub(crate) cost: u32,
     /// `false` for an idempotent replay: nothing is charged or recorded.
     pub(crate) charged: bool,
@@ -56,10 +66,73 @@ impl Ticket {
         &self.state.plan.id
     }
 
-    /// Whether this request repeats an `Idempotency-Key` already charged (it is not charged).
+    /// Whether this request repeats an `Idempotency-Key` already charged (it is not charged):
+    /// answer it with [`replayed_response`](Self::replayed_response), without calling the
+    /// handler.
     #[must_use]
     pub fn is_replay(&self) -> bool {
         !self.charged
+    }
+
+    /// The stored response a replay is answered with (marked `Idempotent-Replayed: true`),
+    /// once its body matched ([`check_replay_body`](Self::check_replay_body)).
+    #[must_use]
+    pub fn replayed_response(&self) -> Option<&StoredResponse> {
+        match self.claim.as_deref() {
+            Some(Held::Replay { response, .. }) => Some(response),
+            _ => None,
+        }
+    }
+
+    /// The most bytes of a replay's body read to fingerprint it ([`BodyPrint`](crate::door::BodyPrint)).
+    #[must_use]
+    pub fn replay_body_limit(&self) -> u64 {
+        match self.claim.as_deref() {
+            Some(Held::Replay { max_request_body, .. }) => *max_request_body,
+            _ => 0,
+        }
+    }
+
+    /// Compares a replay's body (its fingerprint, `None` past the limit) with the first
+    /// request's: another body is a misuse of the key (422). A first request whose body was
+    /// past the limit has no fingerprint, and any body replays it.
+    ///
+    /// # Errors
+    /// The 422 to answer with.
+    pub fn check_replay_body(&self, body: Option<[u8; 32]>) -> Result<(), Rejection> {
+        let Some(first) = self.replayed_response().and_then(|r| r.request_body) else { return Ok(()) };
+        if body == Some(first) {
+            return Ok(());
+        }
+        let r = Rejection::new(
+            RejectionKind::IdempotencyKeyMismatch,
+            "this Idempotency-Key was used for a request with another body",
+        );
+        Err(r.for_tenant(&self.state))
+    }
+
+    /// For the first request with an `Idempotency-Key`: the capture of its response, which
+    /// the door feeds (the request body's fingerprint, the response's head and body) and
+    /// finishes when the response ended and was billed, so replays are answered with it. A
+    /// door that does not take it stores nothing: the key is released when the request ends,
+    /// and a retry runs again and is billed.
+    pub fn capture(&mut self) -> Option<ResponseCapture> {
+        if !matches!(self.claim.as_deref(), Some(Held::First(_))) {
+            return None;
+        }
+        match self.claim.take().map(|b| *b) {
+            Some(Held::First(capture)) => Some(capture),
+            _ => None,
+        }
+    }
+
+    /// The capture of a first request's response, left in the ticket: to feed its request
+    /// body's fingerprint ([`ResponseCapture::request_body`]) when the request is handed on.
+    pub fn capture_mut(&mut self) -> Option<&mut ResponseCapture> {
+        match self.claim.as_deref_mut() {
+            Some(Held::First(capture)) => Some(capture),
+            _ => None,
+        }
     }
 
     /// The handle to put in the request extensions.
@@ -130,9 +203,8 @@ impl Ticket {
         }
         self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
         self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
-        if let Some(claim) = self.claim.take() {
-            claim.done();
-        }
+        // A claim no capture took: no response is stored, the key is released (its drop).
+        self.claim = None;
         true
     }
 

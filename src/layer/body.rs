@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::engine::Ticket;
+use crate::engine::{ResponseCapture, Ticket};
 
 pin_project! {
     /// The response body of a [`TollgateService`](super::TollgateService): the inner service's
@@ -35,6 +35,10 @@ pin_project! {
         Full { data: Option<Bytes> },
         // A gRPC answer billed when its trailers come: the ticket lives until the body ends.
         Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16 },
+        // The answer to the first request with an `Idempotency-Key`: held while it streams,
+        // billed and stored with the key when it ends (after what the handler left of the
+        // request body is drained into its fingerprint). `ended`: the body gave its end.
+        Stored { #[pin] body: B, ticket: Option<Ticket>, capture: Option<ResponseCapture>, status: u16, ended: bool },
     }
 }
 
@@ -57,6 +61,17 @@ impl<B> TollgateBody<B> {
     }
 }
 
+impl<B> TollgateBody<B> {
+    /// The body of the first request with an `Idempotency-Key`: `capture` holds it as it
+    /// streams; at its end `ticket` is completed by `status` and, if billed, the response is
+    /// stored. A body that fails gives the ticket back; one dropped is billed as a request
+    /// cut off; either way nothing is stored and the key is released.
+    pub(crate) fn stored(body: B, ticket: Ticket, capture: ResponseCapture, status: u16) -> Self {
+        let stored = Other::Stored { body, ticket: Some(ticket), capture: Some(capture), status, ended: false };
+        Self { kind: Kind::Other { other: Some(Box::pin(stored)) } }
+    }
+}
+
 impl<B> std::fmt::Debug for TollgateBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {
@@ -65,6 +80,7 @@ impl<B> std::fmt::Debug for TollgateBody<B> {
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => f.debug_tuple("TollgateBody::Full").field(data).finish(),
                 Other::Tracked { .. } => f.write_str("TollgateBody::Tracked"),
+                Other::Stored { .. } => f.write_str("TollgateBody::Stored"),
             },
         }
     }
@@ -123,6 +139,48 @@ where
                     }
                     polled
                 }
+                OtherProj::Stored { mut body, ticket, capture, status, ended } => {
+                    if !*ended {
+                        if let Some(t) = ticket.as_mut() {
+                            t.in_poll = true;
+                        }
+                        let polled = body.as_mut().poll_frame(cx);
+                        if let Some(t) = ticket.as_mut() {
+                            t.in_poll = false;
+                        }
+                        match polled {
+                            Poll::Ready(Some(Ok(frame))) => {
+                                if let (Some(data), Some(c)) = (frame.data_ref(), capture.as_mut()) {
+                                    c.data(data);
+                                }
+                                return Poll::Ready(Some(Ok(frame)));
+                            }
+                            // The body failed: not served whole, not billed, not stored.
+                            Poll::Ready(Some(Err(e))) => {
+                                if let Some(t) = ticket.take() {
+                                    t.give_back();
+                                }
+                                *capture = None;
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            Poll::Ready(None) => *ended = true,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    // What the handler left of the request body, into its fingerprint.
+                    if let Some(c) = capture.as_ref() {
+                        std::task::ready!(c.request_body().poll_drain(cx));
+                    }
+                    if let Some(t) = ticket.take() {
+                        let billed = t.complete(*status);
+                        match capture.take() {
+                            Some(c) if billed => c.finish(),
+                            // Not billed: the key is released (the capture's drop).
+                            _ => {}
+                        }
+                    }
+                    Poll::Ready(None)
+                }
             },
         }
     }
@@ -134,6 +192,8 @@ where
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => data.is_none(),
                 Other::Tracked { body, .. } => body.is_end_stream(),
+                // Never before it is finished: its end stores the response.
+                Other::Stored { ticket, .. } => ticket.is_none(),
             },
         }
     }
@@ -144,7 +204,7 @@ where
             Kind::Other { other: None } => SizeHint::with_exact(0),
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-                Other::Tracked { body, .. } => body.size_hint(),
+                Other::Tracked { body, .. } | Other::Stored { body, .. } => body.size_hint(),
             },
         }
     }

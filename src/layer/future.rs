@@ -10,11 +10,12 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::{
-    respond::{put_header, reject_for},
+    request::BodyMode,
+    respond::{put_header, reject_for, replay_response},
     TollgateBody,
 };
 use crate::{
-    engine::Ticket,
+    engine::{BodyPrint, Ticket},
     response::{Rejection, RejectionResponder},
 };
 
@@ -22,9 +23,10 @@ type Resolving = Pin<Box<dyn Future<Output = Result<Ticket, Rejection>> + Send>>
 
 pin_project! {
     /// The response future of a [`TollgateService`](super::TollgateService).
-    pub struct ResponseFuture<S, B, P>
+    pub struct ResponseFuture<S, B, P, M = super::Streamed>
     where
-        S: Service<Request<B>>,
+        M: BodyMode<B>,
+        S: Service<Request<M::Body>>,
     {
         #[pin]
         state: State<S, B, P, S::Future>,
@@ -41,6 +43,9 @@ pin_project! {
         Inner { #[pin] future: F, ticket: Option<Ticket> },
         // Rejected without waiting.
         Ready { response: Option<Response<Bytes>> },
+        // A replay: its body is read into its fingerprint, then it is answered with the stored
+        // response (or 422). Boxed: rare.
+        Replay { replay: Option<Box<Replaying<P>>> },
     }
 }
 
@@ -51,9 +56,36 @@ struct Waiting<S, B, P> {
     context: bool,
 }
 
-impl<S, B, P> ResponseFuture<S, B, P>
+/// A replay whose body is being read.
+struct Replaying<P> {
+    print: BodyPrint,
+    ticket: Ticket,
+    parts: http::request::Parts,
+    responder: P,
+}
+
+/// A replay of the first request with its `Idempotency-Key`: its body is fingerprinted, never
+/// handed to the inner service.
+fn replaying<B, P, M: BodyMode<B>>(request: Request<B>, ticket: Ticket, responder: P) -> Box<Replaying<P>> {
+    let (parts, body) = request.into_parts();
+    let print = M::replay(body, ticket.replay_body_limit());
+    Box::new(Replaying { print, ticket, parts, responder })
+}
+
+/// Hands an admitted request to the inner service: its body fingerprinted if it is the first
+/// with an `Idempotency-Key`.
+#[inline]
+pub(crate) fn hand_on<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Ticket) -> Request<M::Body> {
+    match ticket.capture_mut() {
+        None => request.map(M::plain),
+        Some(capture) => request.map(|body| M::printed(body, capture)),
+    }
+}
+
+impl<S, B, P, M> ResponseFuture<S, B, P, M>
 where
-    S: Service<Request<B>>,
+    M: BodyMode<B>,
+    S: Service<Request<M::Body>>,
 {
     /// The service was called with the request (`future`): from now on the ticket bills a
     /// cut-off request.
@@ -79,17 +111,24 @@ where
             },
         }
     }
+
+    /// A replay, answered from the store once its body was read.
+    pub(crate) fn replay(request: Request<B>, ticket: Ticket, responder: P) -> Self {
+        Self { state: State::Replay { replay: Some(replaying::<B, P, M>(request, ticket, responder)) } }
+    }
 }
 
-impl<S, B, P> std::fmt::Debug for ResponseFuture<S, B, P>
+impl<S, B, P, M> std::fmt::Debug for ResponseFuture<S, B, P, M>
 where
-    S: Service<Request<B>>,
+    M: BodyMode<B>,
+    S: Service<Request<M::Body>>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
             State::Pending { .. } => "pending",
             State::Inner { .. } => "inner",
             State::Ready { .. } => "ready",
+            State::Replay { .. } => "replay",
         };
         f.debug_struct("ResponseFuture").field("state", &state).finish()
     }
@@ -125,10 +164,11 @@ fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
     }
 }
 
-impl<S, B, ResBody, P> Future for ResponseFuture<S, B, P>
+impl<S, B, ResBody, P, M> Future for ResponseFuture<S, B, P, M>
 where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    ResBody: http_body::Body,
+    M: BodyMode<B>,
+    S: Service<Request<M::Body>, Response = Response<ResBody>>,
+    ResBody: http_body::Body<Data = Bytes>,
     P: RejectionResponder,
 {
     type Output = Result<Response<TollgateBody<ResBody>>, S::Error>;
@@ -141,16 +181,19 @@ where
                     let outcome = ready!(resolving.as_mut().poll(cx));
                     let Waiting { mut inner, mut request, responder, context } = *waiting.take().expect(DONE);
                     match outcome {
+                        Ok(ticket) if ticket.is_replay() => {
+                            State::Replay { replay: Some(replaying::<B, P, M>(request, ticket, responder)) }
+                        }
                         Ok(mut ticket) => {
                             if context {
                                 request.extensions_mut().insert(ticket.context());
                             }
-                            let future = inner.call(request);
+                            let future = inner.call(hand_on::<B, M>(request, &mut ticket));
                             ticket.service_called();
                             State::Inner { future, ticket: Some(ticket) }
                         }
                         Err(rejection) if rejection.is_shadowed() => {
-                            State::Inner { future: inner.call(request), ticket: None }
+                            State::Inner { future: inner.call(request.map(M::plain)), ticket: None }
                         }
                         Err(rejection) => {
                             let response = reject_for(&request, &responder, rejection);
@@ -173,11 +216,26 @@ where
                     return Poll::Ready(match result {
                         Ok(mut response) => {
                             // No ticket: an unidentified request shadow mode let through.
-                            if let Some(ticket) = ticket {
+                            if let Some(mut ticket) = ticket {
                                 // Read before tollgate's own headers are added.
                                 let grpc = grpc_status(&response);
+                                // The first request with an `Idempotency-Key`: its response is
+                                // held to be stored (not a gRPC answer's, nor a refusal's).
+                                let mut capture = ticket.capture().filter(|_| {
+                                    matches!(grpc, Grpc::No) && response.extensions().get::<Rejection>().is_none()
+                                });
+                                if let Some(c) = capture.as_mut() {
+                                    let headers = response.headers().iter();
+                                    c.head(response.status().as_u16(), headers.map(|(n, v)| (n.as_str(), v.as_bytes())));
+                                }
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));
+                                if let Some(capture) = capture {
+                                    let status = response.status().as_u16();
+                                    return Poll::Ready(Ok(
+                                        response.map(|body| TollgateBody::stored(body, ticket, capture, status))
+                                    ));
+                                }
                                 if response.extensions().get::<Rejection>().is_some() {
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
@@ -218,6 +276,15 @@ where
                 }
                 StateProj::Ready { response } => {
                     return Poll::Ready(Ok(response.take().expect(DONE).map(TollgateBody::full)));
+                }
+                StateProj::Replay { replay } => {
+                    ready!(replay.as_ref().expect(DONE).print.poll_drain(cx));
+                    let Replaying { print, ticket, parts, responder } = *replay.take().expect(DONE);
+                    let response = match ticket.check_replay_body(print.digest()) {
+                        Ok(()) => replay_response(&ticket),
+                        Err(rejection) => reject_for(&Request::from_parts(parts, ()), &responder, rejection),
+                    };
+                    return Poll::Ready(Ok(response.map(TollgateBody::full)));
                 }
             };
             this.state.set(next);

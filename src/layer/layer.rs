@@ -1,6 +1,6 @@
 use tower_layer::Layer;
 
-use super::{FromConfig, TollgateService};
+use super::{Buffered, FromConfig, Streamed, TollgateService};
 use crate::{engine::Tollgate, response::ProblemJson};
 
 /// The tower layer: wraps a service so that every request is identified, rate-limited,
@@ -28,11 +28,12 @@ use crate::{engine::Tollgate, response::ProblemJson};
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct TollgateLayer<R = FromConfig, P = ProblemJson> {
+pub struct TollgateLayer<R = FromConfig, P = ProblemJson, M = Streamed> {
     tollgate: Tollgate,
     resolver: R,
     responder: P,
     context: bool,
+    mode: M,
 }
 
 impl TollgateLayer {
@@ -40,19 +41,33 @@ impl TollgateLayer {
     /// with problem+json.
     #[must_use]
     pub fn new(tollgate: Tollgate) -> Self {
-        Self { tollgate, resolver: FromConfig, responder: ProblemJson, context: true }
+        Self { tollgate, resolver: FromConfig, responder: ProblemJson, context: true, mode: Streamed }
     }
 }
 
-impl<R, P> TollgateLayer<R, P> {
+impl<R, P, M> TollgateLayer<R, P, M> {
     /// The engine.
     pub fn handle(&self) -> &Tollgate {
         &self.tollgate
     }
 
     /// Identifies tenants with `resolver` instead.
-    pub fn resolver<R2>(self, resolver: R2) -> TollgateLayer<R2, P> {
-        TollgateLayer { tollgate: self.tollgate, resolver, responder: self.responder, context: self.context }
+    pub fn resolver<R2>(self, resolver: R2) -> TollgateLayer<R2, P, M> {
+        TollgateLayer { tollgate: self.tollgate, resolver, responder: self.responder, context: self.context, mode: self.mode }
+    }
+
+    /// Hands the inner service request bodies as they are, for bodies held whole in memory
+    /// (`lambda_http::Body`): those of requests with an `Idempotency-Key` are fingerprinted at
+    /// once. By default ([`Streamed`]) the inner service receives a
+    /// [`RequestBody`](super::RequestBody) that fingerprints them as they are read.
+    pub fn buffered_bodies(self) -> TollgateLayer<R, P, Buffered> {
+        TollgateLayer {
+            tollgate: self.tollgate,
+            resolver: self.resolver,
+            responder: self.responder,
+            context: self.context,
+            mode: Buffered,
+        }
     }
 
     /// Whether admitted requests carry a [`TenantContext`](crate::TenantContext) in their
@@ -65,15 +80,16 @@ impl<R, P> TollgateLayer<R, P> {
     }
 
     /// Builds rejection responses with `responder` instead.
-    pub fn responder<P2>(self, responder: P2) -> TollgateLayer<R, P2> {
-        TollgateLayer { tollgate: self.tollgate, resolver: self.resolver, responder, context: self.context }
+    pub fn responder<P2>(self, responder: P2) -> TollgateLayer<R, P2, M> {
+        TollgateLayer { tollgate: self.tollgate, resolver: self.resolver, responder, context: self.context, mode: self.mode }
     }
 }
 
-impl<S, R: Clone, P: Clone> Layer<S> for TollgateLayer<R, P> {
-    type Service = TollgateService<S, R, P>;
+impl<S, R: Clone, P: Clone, M: Clone> Layer<S> for TollgateLayer<R, P, M> {
+    type Service = TollgateService<S, R, P, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        TollgateService::new(inner, self.tollgate.clone(), self.resolver.clone(), self.responder.clone(), self.context)
+        let (resolver, responder) = (self.resolver.clone(), self.responder.clone());
+        TollgateService::new(inner, self.tollgate.clone(), resolver, responder, self.context, self.mode.clone())
     }
 }

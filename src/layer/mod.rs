@@ -5,6 +5,7 @@ mod body;
 mod future;
 #[allow(clippy::module_inception)]
 mod layer;
+mod request;
 mod resolver;
 mod respond;
 mod service;
@@ -13,5 +14,6 @@ pub use body::TollgateBody;
 pub use future::ResponseFuture;
 pub use layer::TollgateLayer;
 pub use resolver::{FromConfig, TenantResolver};
-pub use respond::{respond, respond_for};
+pub use request::{BodyMode, Buffered, RequestBody, Streamed};
+pub use respond::{replay_response, respond, respond_for};
 pub use service::TollgateService;

@@ -45,6 +45,30 @@ pub fn respond<P: RejectionResponder>(responder: &P, rejection: Rejection) -> Re
     response
 }
 
+/// The answer to a replay ([`Ticket::is_replay`](crate::door::Ticket::is_replay)): the stored
+/// response, marked `Idempotent-Replayed: true`, with this request's rate-limit header fields.
+/// Not a replay: an empty 500 (never sent by the doors, which ask first).
+#[must_use]
+pub fn replay_response(ticket: &crate::door::Ticket) -> Response<bytes::Bytes> {
+    let Some(stored) = ticket.replayed_response() else {
+        let mut response = Response::new(bytes::Bytes::new());
+        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        return response;
+    };
+    let mut response = Response::new(stored.body.clone());
+    *response.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+    let headers = response.headers_mut();
+    for (name, value) in &stored.headers {
+        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_bytes(value)) {
+            headers.append(name, value);
+        }
+    }
+    headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    ticket.emit(&mut |field, value| put_header(headers, field, value));
+    response
+}
+
+static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");

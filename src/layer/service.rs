@@ -3,7 +3,12 @@ use std::task::{Context, Poll};
 use http::{HeaderName, HeaderValue, Request, Response};
 use tower_service::Service;
 
-use super::{future::ResponseFuture, respond::reject_for, FromConfig, TenantResolver};
+use super::{
+    future::{hand_on, ResponseFuture},
+    request::{BodyMode, Streamed},
+    respond::reject_for,
+    FromConfig, TenantResolver,
+};
 use crate::{
     engine::{describe, Admission, FrontDoor, RequestInfo, Tollgate},
     response::{ProblemJson, RejectionResponder},
@@ -13,18 +18,24 @@ use crate::{
 ///
 /// `poll_ready` only forwards to the inner service; the decision is made in `call`, and a
 /// rejection is a response with `type Error = S::Error`.
+///
+/// The inner service receives the request with its body as `M` hands it on: a
+/// [`RequestBody`](super::RequestBody) by default ([`Streamed`]), which fingerprints the body of
+/// a first request with an `Idempotency-Key` as it is read; the body itself with
+/// [`Buffered`](super::Buffered) (Lambda).
 #[derive(Debug, Clone)]
-pub struct TollgateService<S, R = FromConfig, P = ProblemJson> {
+pub struct TollgateService<S, R = FromConfig, P = ProblemJson, M = Streamed> {
     inner: S,
     door: FrontDoor,
     resolver: R,
     responder: P,
     context: bool,
+    _mode: M,
 }
 
-impl<S, R, P> TollgateService<S, R, P> {
-    pub(crate) fn new(inner: S, tollgate: Tollgate, resolver: R, responder: P, context: bool) -> Self {
-        Self { inner, door: tollgate.front_door(), resolver, responder, context }
+impl<S, R, P, M> TollgateService<S, R, P, M> {
+    pub(crate) fn new(inner: S, tollgate: Tollgate, resolver: R, responder: P, context: bool, mode: M) -> Self {
+        Self { inner, door: tollgate.front_door(), resolver, responder, context, _mode: mode }
     }
 
     /// The engine.
@@ -40,16 +51,17 @@ impl<S, R, P> TollgateService<S, R, P> {
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
-impl<S, B, ResBody, R, P> Service<Request<B>> for TollgateService<S, R, P>
+impl<S, B, ResBody, R, P, M> Service<Request<B>> for TollgateService<S, R, P, M>
 where
-    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-    ResBody: http_body::Body,
+    M: BodyMode<B>,
+    S: Service<Request<M::Body>, Response = Response<ResBody>> + Clone,
+    ResBody: http_body::Body<Data = bytes::Bytes>,
     R: TenantResolver<B>,
     P: RejectionResponder,
 {
     type Response = Response<super::TollgateBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, B, P>;
+    type Future = ResponseFuture<S, B, P, M>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -80,13 +92,18 @@ where
             },
         );
         match admission {
-            Admission::Admitted(ticket) => {
+            Admission::Admitted(ticket) if ticket.is_replay() => {
+                ResponseFuture::replay(request, ticket, self.responder.clone())
+            }
+            Admission::Admitted(mut ticket) => {
                 if self.context {
                     request.extensions_mut().insert(ticket.context());
                 }
-                ResponseFuture::inner(inner.call(request), ticket)
+                ResponseFuture::inner(inner.call(hand_on::<B, M>(request, &mut ticket)), ticket)
             }
-            Admission::Rejected(rejection) if rejection.is_shadowed() => ResponseFuture::passed(inner.call(request)),
+            Admission::Rejected(rejection) if rejection.is_shadowed() => {
+                ResponseFuture::passed(inner.call(request.map(M::plain)))
+            }
             Admission::Rejected(rejection) => ResponseFuture::ready(reject_for(&request, &self.responder, rejection)),
             Admission::Pending(pending) => {
                 let tollgate = self.door.engine().clone();

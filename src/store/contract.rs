@@ -40,3 +40,10 @@ pub const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
 /// tenant state): a tenant evicted and seen again many times in a period makes many. Past this,
 /// the sender with the oldest call is forgotten (its calls were answered long ago).
 pub const SENDERS_KEPT: usize = 64;
+
+/// The most bytes of one stored `Idempotency-Key` response (encoded: status, headers, body) on
+/// DynamoDB: an item holds at most 400 KB, its attribute names and the binding's other
+/// attributes included. `limits.idempotency_max_body` is refused above it for a DynamoDB
+/// idempotency store; a response whose headers push it over is not stored (its key is
+/// released). Such writes cost one write unit per KB.
+pub const DYNAMODB_MAX_RESPONSE_BYTES: usize = crate::base::DYNAMODB_MAX_RESPONSE_BYTES;

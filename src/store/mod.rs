@@ -43,7 +43,10 @@ pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome,
 pub use dynamo::DynamoStore;
 pub use error::StoreError;
 pub use export::{DeadLetter, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
-pub use idempotency::{IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore};
+pub use idempotency::{
+    CompletedRequest, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
+    StoredResponse,
+};
 pub use memory::MemoryStore;
 pub use quota::{Grant, QuotaKey, QuotaStore, Reservation, ReserveToken, SHRINK};
 #[cfg(feature = "sqlite")]

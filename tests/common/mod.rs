@@ -32,15 +32,36 @@ use tollgate::{
 use tower::{Layer, ServiceExt};
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>;
-type Handler = fn(Request<Full<Bytes>>) -> HandlerFuture;
+type Handler = fn(Request<tollgate::layer::RequestBody<Full<Bytes>>>) -> HandlerFuture;
 
 /// 2026-03-14T12:00:00Z
 pub const NOON: i64 = 1_773_489_600;
 
-fn handler(req: Request<Full<Bytes>>) -> HandlerFuture {
+/// Calls of the handler on `/echo` (each answer carries its number: a replay answered by
+/// the handler again would carry a new one).
+pub static ECHOES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn handler(req: Request<tollgate::layer::RequestBody<Full<Bytes>>>) -> HandlerFuture {
     Box::pin(async move {
         let ctx = req.extensions().get::<TenantContext>().cloned();
         let path = req.uri().path().to_owned();
+        if path == "/echo" {
+            // Reads the whole body: answers `call #n: <body>`, 201.
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let n = ECHOES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let text = format!("call #{n}: {}", String::from_utf8_lossy(&body));
+            return Ok(Response::builder()
+                .status(StatusCode::CREATED)
+                .header("content-type", "text/plain")
+                .header("x-call", n.to_string())
+                .body(Full::new(Bytes::from(text)))
+                .unwrap());
+        }
+        if let Some(n) = path.strip_prefix("/big/") {
+            // `n` bytes, without reading the body.
+            let n: usize = n.parse().unwrap();
+            return Ok(Response::new(Full::new(Bytes::from(vec![b'x'; n]))));
+        }
         let status = match path.as_str() {
             "/fail" => StatusCode::INTERNAL_SERVER_ERROR,
             "/missing" => StatusCode::NOT_FOUND,
@@ -133,6 +154,13 @@ impl Harness {
     }
 }
 
+/// [`req`] with a body.
+pub fn req_with(method: &str, path: &str, key: &str, idempotency: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
+    let mut r = req(method, path, Some(key), Some(idempotency));
+    *r.body_mut() = Full::new(Bytes::from_static(body));
+    r
+}
+
 pub fn req(method: &str, path: &str, key: Option<&str>, idempotency: Option<&str>) -> Request<Full<Bytes>> {
     let mut b = Request::builder().method(method).uri(path);
     if let Some(k) = key {
@@ -216,6 +244,8 @@ pub struct Faulty {
     pub quota_calls: AtomicU64,
     /// `Idempotency-Key` writes (claims and settlements) that reached the store.
     pub idempotency_writes: AtomicU64,
+    /// Idempotency reads (`read_idempotency`).
+    pub idempotency_reads: AtomicU64,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -238,6 +268,7 @@ impl Default for Faulty {
             lookup_delay_ms: Default::default(),
             quota_calls: Default::default(),
             idempotency_writes: Default::default(),
+            idempotency_reads: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -488,12 +519,22 @@ impl IdempotencyStore for Faulty {
         self.inner.claim_idempotency(claim).await
     }
 
+    async fn read_idempotency(
+        &self,
+        key: &str,
+        now: i64,
+    ) -> Result<Option<tollgate::store::IdempotencyState>, StoreError> {
+        self.idempotency_reads.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        self.inner.read_idempotency(key, now).await
+    }
+
     async fn settle_idempotency(
         &self,
         key: &str,
         owner: u64,
-        how: tollgate::store::IdempotencySettle,
-    ) -> Result<(), StoreError> {
+        how: &tollgate::store::IdempotencySettle,
+    ) -> Result<tollgate::store::IdempotencySettled, StoreError> {
         self.idempotency_writes.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.settle_idempotency(key, owner, how).await
@@ -549,27 +590,39 @@ pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<
     let a = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
     let b = node_with_worker(&toml, store_b, clock, handle);
     let info = RequestInfo::new("POST", "/orders", Credential::ApiKey(key.as_bytes())).with_idempotency_key(b"order-7");
-    let first = match a.tollgate.admit(&info) {
+    let mut first = match a.tollgate.admit(&info) {
         Admission::Pending(p) => a.tollgate.resolve(p).await.unwrap(),
         other => panic!("a key this node has not seen asks the store: {other:?}"),
     };
+    // The door stores the response with the key.
+    let mut capture = first.capture().expect("the first request with a key has its response captured");
+    capture.request_body().end();
     let post = |path: &str| req("POST", path, Some(key), Some("order-7"));
     let r = b.send(post("/orders")).await;
     assert_eq!(r.status, 409, "in flight on node A");
     assert_eq!(r.rejection.unwrap().kind(), RejectionKind::IdempotencyKeyInUse);
     assert_eq!(b.send(post("/other")).await.status, 422, "bound to another request");
+    capture.head(201, [("content-type", &b"text/plain"[..]), ("date", b"Sat, 14 Mar 2026 12:00:00 GMT")]);
+    capture.data(b"order ");
+    capture.data(b"7");
     assert!(first.complete(201));
+    capture.finish();
     // The claim is settled in the store right after the response.
-    let mut replay = StatusCode::CONFLICT;
+    let mut replay = b.send(post("/orders")).await;
     for _ in 0..100 {
-        replay = b.send(post("/orders")).await.status;
-        if replay != 409 {
+        if replay.status != 409 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        replay = b.send(post("/orders")).await;
     }
-    assert_eq!(replay, 200, "a replay on node B");
-    assert_eq!(b.send(post("/orders")).await.status, 200, "and again, from B's own memory");
+    assert_eq!(replay.status, 201, "a replay on node B, answered with A's response");
+    assert_eq!(&replay.body[..], b"order 7");
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replay.header("content-type"), Some("text/plain"));
+    assert_eq!(replay.header("date"), None, "Date belongs to each answer");
+    let again = b.send(post("/orders")).await;
+    assert_eq!((again.status.as_u16(), &again.body[..]), (201, &b"order 7"[..]), "and again, through B's memory");
     assert_eq!(a.send(post("/other")).await.status, 422);
     assert_eq!(b.send(post("/other")).await.status, 422);
     a.tollgate.shutdown().await.unwrap();

@@ -10,7 +10,10 @@
 //! - `GET /v1/fail` → 500 `fail` (not billed: 5xx give back);
 //! - `POST /v1/generate` → 200 `generated`, the handler records 7 `tokens`;
 //! - `GET /v1/stream` → 200 `ab` in two chunks, 3 `tokens` recorded after the head;
-//! - `POST /v1/orders` → 201 `created`;
+//! - `POST /v1/orders` → 201 `created` (the body is not read);
+//! - `POST /v1/echo` → 200 `echo: <the body>`, with `x-call: <n>`, the number of this call of
+//!   the handler in the process ([`echo`]): a replay answered by the handler again would carry
+//!   a new one;
 //! - `POST /v1/slow` → 201 `created` once [`RELEASE`] is notified (it notifies [`ENTERED`]);
 //! - `POST /stripe/webhook` → the Stripe webhook handler (feature `stripe`).
 //!
@@ -97,6 +100,16 @@ pub static OVERLAP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub static ENTERED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 /// ...and answers once this is notified.
 pub static RELEASE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Calls of `/v1/echo`'s handler in this process.
+pub static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// What `POST /v1/echo` answers to `body`: the number of this call (its `x-call` header) and
+/// its body.
+pub fn echo(body: &[u8]) -> (String, String) {
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    (n.to_string(), format!("echo: {}", String::from_utf8_lossy(body)))
+}
 
 /// What the handlers record.
 pub const GENERATE_TOKENS: u64 = 7;
@@ -217,6 +230,7 @@ impl Scenario {
                 Send(req, status) => Send(resolve(req), status),
                 Overlap(a, b, sa, sb) => Overlap(resolve(a), resolve(b), sa, sb),
                 Cancel(req) => Cancel(resolve(req)),
+                Replay(req, status) => Replay(resolve(req), status),
                 Advance(by) => Advance(by),
             })
             .collect();
@@ -237,6 +251,10 @@ pub enum Step {
     Cancel(Req),
     /// Move the engine's clock forward.
     Advance(Duration),
+    /// Send a request that replays an earlier one's `Idempotency-Key`: on every door it must
+    /// be answered with that request's response (its body, and its `x-call` if it has one),
+    /// marked `Idempotent-Replayed: true`, with this status.
+    Replay(Req, u16),
 }
 
 #[derive(Debug, Clone)]
@@ -268,7 +286,7 @@ fn post(path: &'static str) -> Req {
     Req::new("POST", path)
 }
 
-use Step::{Advance, Cancel, Overlap, Send};
+use Step::{Advance, Cancel, Overlap, Replay, Send};
 
 /// The table.
 pub fn scenarios() -> Vec<Scenario> {
@@ -360,6 +378,25 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/items").key("key-free").header("idempotency-key", "order-1"), 200),
             ],
             usage: vec![("acme", "requests", 3)],
+            same_responses: true,
+        },
+        Scenario {
+            name: "idempotency: replays answered from the store, bodies compared",
+            steps: vec![
+                Send(post("/v1/echo").key("key-free").header("idempotency-key", "e-1").body("hello".into()), 200),
+                Replay(post("/v1/echo").key("key-free").header("idempotency-key", "e-1").body("hello".into()), 200),
+                // The same key with another body: 422 (the IETF draft).
+                Send(post("/v1/echo").key("key-free").header("idempotency-key", "e-1").body("other".into()), 422),
+                Send(post("/v1/echo").key("key-free").header("idempotency-key", "e-1"), 422),
+                Advance(Duration::from_secs(1)),
+                // A handler that does not read the body: what it left is fingerprinted.
+                Send(post("/v1/orders").key("key-free").header("idempotency-key", "o-1").body("x".into()), 201),
+                Send(post("/v1/orders").key("key-free").header("idempotency-key", "o-1").body("y".into()), 422),
+                Replay(post("/v1/orders").key("key-free").header("idempotency-key", "o-1").body("x".into()), 201),
+                // A 5xx is not stored: its key is free again.
+                Send(get("/v1/fail").key("key-free"), 500),
+            ],
+            usage: vec![("acme", "requests", 2)],
             same_responses: true,
         },
         Scenario {
@@ -503,7 +540,22 @@ pub fn webhooks(engine: &Tollgate) -> Arc<tollgate::billing::WebhookHandler> {
 
 /// The application on `http` types, for the tower layer (and Lambda, whose requests are
 /// `http` requests): generic over the request body.
-pub async fn app<B>(req: http::Request<B>) -> Result<http::Response<AppBody>, std::convert::Infallible> {
+pub async fn app<B>(req: http::Request<B>) -> Result<http::Response<AppBody>, std::convert::Infallible>
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    if req.method() == "POST" && req.uri().path() == "/v1/echo" {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let (call, text) = echo(&body);
+        return Ok(http::Response::builder()
+            .status(200)
+            .header("content-type", "text/plain")
+            .header("x-call", call)
+            .body(AppBody::Full(Some(bytes::Bytes::from(text))))
+            .unwrap());
+    }
     let ctx = req.extensions().get::<tollgate::TenantContext>().cloned();
     let text = |status: u16, body: &'static str| {
         http::Response::builder()
@@ -631,10 +683,36 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
     let (engine, clock, store) = engine().await;
     let door = make(engine.clone());
     let mut responses = Vec::new();
+    // The first answer to each `Idempotency-Key`, for the replays.
+    let mut firsts: BTreeMap<String, Resp> = BTreeMap::new();
+    let key_of = |req: &Req| req.headers.iter().find(|(n, _)| *n == "idempotency-key").map(|(_, v)| v.clone());
     for (i, step) in scenario.steps.iter().enumerate() {
         match step.clone() {
-            Send(req, status) => {
+            Replay(req, status) => {
+                let key = key_of(&req).expect("a replay has an Idempotency-Key");
                 let resp = door.send(req).await;
+                let first = firsts.get(&key).unwrap_or_else(|| panic!("{}: step {i}: nothing to replay", scenario.name));
+                assert_eq!(resp.status, status, "{}: step {i}: {resp:?}", scenario.name);
+                assert_eq!(
+                    resp.headers.get("idempotent-replayed").map(String::as_str),
+                    Some("true"),
+                    "{}: step {i}: {resp:?}",
+                    scenario.name
+                );
+                assert_eq!(
+                    (&resp.body, resp.headers.get("x-call")),
+                    (&first.body, first.headers.get("x-call")),
+                    "{}: step {i}: the first answer, not the handler's again",
+                    scenario.name
+                );
+                responses.push(resp);
+            }
+            Send(req, status) => {
+                let key = key_of(&req);
+                let resp = door.send(req).await;
+                if let Some(key) = key.filter(|_| resp.status < 300) {
+                    firsts.entry(key).or_insert_with(|| resp.clone());
+                }
                 if check_statuses {
                     assert_eq!(resp.status, status, "{}: step {i}: {resp:?}", scenario.name);
                     if status == 201 && resp.body != "created" {
@@ -710,8 +788,14 @@ pub async fn assert_same<R: Door, D: Door>(reference: impl Fn(Tollgate) -> R, do
         }
         let got = run(scenario, &door, false).await;
         if scenario.same_responses {
+            // `x-call` numbers the handler's calls in the process: compared within a run only.
+            let strip = |r: &Resp| {
+                let mut r = r.clone();
+                r.headers.remove("x-call");
+                r
+            };
             for (i, (e, g)) in expected.responses.iter().zip(&got.responses).enumerate() {
-                assert_eq!(g, e, "{}: response {i} differs from the tower layer's", scenario.name);
+                assert_eq!(strip(g), strip(e), "{}: response {i} differs from the tower layer's", scenario.name);
             }
         }
         assert_eq!(got.responses.len(), expected.responses.len(), "{}", scenario.name);

@@ -1,12 +1,15 @@
-//! `Idempotency-Key` (IETF httpapi draft): bound to the tenant, method and concrete path; 409
-//! while the first request is in flight, 422 when reused elsewhere; a replay passes the rate
-//! check, needs a hard quota's units and is never billed twice; a dropped request releases it.
+//! `Idempotency-Key` (IETF httpapi draft): bound to the tenant, method, concrete path and body;
+//! 409 while the first request is in flight, 422 when reused elsewhere; a replay passes the
+//! rate check, is answered with the stored response without running the handler, takes no
+//! quota units and is never billed; a dropped request, a 5xx or a response that cannot be
+//! stored releases it.
 
 use crate::common;
 
 use std::{sync::Arc, time::Duration};
 
-use common::{req, Harness, NOON};
+use common::{req, req_with, Harness, NOON};
+use std::sync::atomic::Ordering;
 use tollgate::door::Admission;
 use tollgate::door::Credential;
 use tollgate::door::RequestInfo;
@@ -49,7 +52,7 @@ async fn a_key_reused_on_another_method_or_path_gets_422() {
 async fn a_key_still_in_flight_gets_409_then_replays() {
     let h = Harness::new(TOML);
     let info = RequestInfo::new("POST", "/orders", Credential::ApiKey(b"key-t")).with_idempotency_key(b"k");
-    let first = match h.tollgate.admit(&info) {
+    let mut first = match h.tollgate.admit(&info) {
         Admission::Admitted(t) => t,
         Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
         Admission::Rejected(r) => panic!("{r}"),
@@ -61,30 +64,162 @@ async fn a_key_still_in_flight_gets_409_then_replays() {
         }
         other => panic!("expected 409, got {other:?}"),
     }
+    let mut capture = first.capture().unwrap();
+    capture.request_body().end();
+    capture.head(201, []);
+    capture.data(b"created");
     assert!(first.complete(201));
-    // The lease is empty: the replay asks the store whether units are left (takes none).
+    capture.finish();
+    // The replay reads the stored response (after this node's settlement of the key).
     let replay = match h.tollgate.admit(&info) {
-        Admission::Admitted(t) => t,
         Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
-        Admission::Rejected(r) => panic!("{r}"),
+        other => panic!("a replay reads the store: {other:?}"),
     };
     assert!(replay.is_replay());
+    let stored = replay.replayed_response().unwrap();
+    assert_eq!((stored.status, &stored.body[..]), (201, &b"created"[..]));
+    assert!(replay.check_replay_body(Some(sha256(b""))).is_ok());
+    assert!(replay.check_replay_body(Some(sha256(b"x"))).is_err());
+    assert!(replay.check_replay_body(None).is_err(), "a body past the bound is another body");
     assert!(!replay.complete(201), "a replay is never billed");
     assert_eq!(billed(&h).await, 1);
 }
 
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+/// A replay is answered with the first request's stored response (status, headers, body),
+/// marked `Idempotent-Replayed: true`, without running the handler, for one store read and no
+/// write; it is never billed.
 #[tokio::test]
-async fn a_replay_needs_the_units_of_a_hard_quota() {
+async fn a_replay_is_answered_with_the_stored_response_without_running_the_handler() {
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(TOML, store.clone(), clock, handle);
+    let first = h.send(req_with("POST", "/echo", "key-t", "e-1", b"hello")).await;
+    assert_eq!(first.status, 201);
+    assert!(std::str::from_utf8(&first.body).unwrap().ends_with(": hello"));
+    assert_eq!(first.header("idempotent-replayed"), None);
+    // The claim and its settlement (in the background, after the response).
+    for _ in 0..100 {
+        if store.idempotency_writes.load(Ordering::SeqCst) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reads = store.idempotency_reads.load(Ordering::SeqCst);
+    let writes = store.idempotency_writes.load(Ordering::SeqCst);
+    let replay = h.send(req_with("POST", "/echo", "key-t", "e-1", b"hello")).await;
+    assert_eq!(replay.status, 201);
+    // Each call of the handler answers with a new number: this is the first's answer.
+    assert_eq!(replay.body, first.body, "the stored answer, not a new one");
+    assert_eq!(replay.header("x-call"), first.header("x-call"));
+    assert_eq!(replay.header("content-type"), Some("text/plain"));
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    assert!(replay.header("ratelimit-policy").is_some(), "this request's own rate-limit fields");
+    let read = store.idempotency_reads.load(Ordering::SeqCst) - reads;
+    let written = store.idempotency_writes.load(Ordering::SeqCst) - writes;
+    assert_eq!((read, written), (1, 0), "a replay costs one store read");
+    assert_eq!(billed(&h).await, 1);
+    assert_eq!(h.tollgate.stats().responses_stored, 1);
+}
+
+/// A replay takes no quota units: it is answered even once the hard quota is spent (its work
+/// was done and charged when the units were there).
+#[tokio::test]
+async fn a_replay_past_a_spent_quota_is_answered_and_takes_nothing() {
     let h = Harness::new(TOML);
-    assert_eq!(h.send(post("/", "a")).await.status, 200);
-    assert_eq!(h.send(post("/", "a")).await.status, 200, "replayed while units are left");
+    let first = h.send(post("/", "a")).await;
+    assert_eq!(first.status, 200);
     assert_eq!(h.send(post("/", "b")).await.status, 200);
     assert_eq!(h.send(post("/", "c")).await.status, 200);
     assert_eq!(h.send(post("/", "d")).await.status, 429);
     let r = h.send(post("/", "a")).await;
-    assert_eq!(r.status, 429, "no uncharged work past the limit");
-    assert_eq!(r.json()["policy"], "requests-day");
+    assert_eq!(r.status, 200, "answered from the store");
+    assert_eq!(r.header("idempotent-replayed"), Some("true"));
+    assert_eq!(r.body, first.body);
     assert_eq!(billed(&h).await, 3);
+}
+
+/// The same key with another body is a misuse (422), whether the handler read the body
+/// (`/echo`) or not (`/`: what it left is drained into the fingerprint).
+#[tokio::test]
+async fn a_replay_with_another_body_gets_422() {
+    let h = Harness::new(&TOML.replace("limit = 3,", "limit = 100,"));
+    for path in ["/echo", "/"] {
+        let key = format!("b-{path}");
+        let first = h.send(req_with("POST", path, "key-t", &key, b"one body")).await;
+        assert!(first.status.is_success(), "{path}");
+        let other = h.send(req_with("POST", path, "key-t", &key, b"another body")).await;
+        assert_eq!(other.status, 422, "{path}");
+        assert_eq!(other.rejection.unwrap().kind(), RejectionKind::IdempotencyKeyMismatch);
+        let empty = h.send(req("POST", path, Some("key-t"), Some(&key))).await;
+        assert_eq!(empty.status, 422, "{path}: no body is another body");
+        let same = h.send(req_with("POST", path, "key-t", &key, b"one body")).await;
+        assert_eq!((same.status, same.body), (first.status, first.body), "{path}");
+    }
+    assert_eq!(billed(&h).await, 2);
+}
+
+/// A first request's body longer than `limits.idempotency_max_request_body` binds the key
+/// without a fingerprint (documented): any body replays it.
+#[tokio::test]
+async fn a_body_past_the_fingerprint_bound_is_not_compared() {
+    let h = Harness::new(&format!("{TOML}\n[limits]\nidempotency_max_request_body = 4\n"));
+    let first = h.send(req_with("POST", "/echo", "key-t", "long", b"longer than four")).await;
+    assert_eq!(first.status, 201);
+    let replay = h.send(req_with("POST", "/echo", "key-t", "long", b"other")).await;
+    assert_eq!((replay.status, replay.header("idempotent-replayed")), (first.status, Some("true")));
+    assert_eq!(replay.body, first.body);
+    // Within the bound, bodies are compared.
+    let short = h.send(req_with("POST", "/echo", "key-t", "short", b"abc")).await;
+    assert_eq!(short.status, 201);
+    assert_eq!(h.send(req_with("POST", "/echo", "key-t", "short", b"abd")).await.status, 422);
+    assert_eq!(h.send(req_with("POST", "/echo", "key-t", "short", b"abcde")).await.status, 422);
+}
+
+/// A response that cannot be stored releases its key: a 5xx, or a body longer than
+/// `limits.idempotency_max_body`. The retry runs again and is billed like any request.
+#[tokio::test]
+async fn a_response_that_cannot_be_stored_releases_its_key() {
+    let toml = format!("{TOML}\n[limits]\nidempotency_max_body = 64\n");
+    let h = Harness::new(&toml.replace("limit = 3,", "limit = 100,"));
+    assert_eq!(h.send(post("/big/100", "big")).await.status, 200);
+    let retry = h.send(post("/big/100", "big")).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.header("idempotent-replayed"), None, "run again");
+    assert_eq!(billed(&h).await, 2, "and billed again");
+    assert_eq!(h.send(post("/fail", "fail")).await.status, 500);
+    let retry = h.send(post("/fail", "fail")).await;
+    assert_eq!((retry.status.as_u16(), retry.header("idempotent-replayed")), (500, None), "not 409: released");
+    // Within the bound, stored.
+    assert_eq!(h.send(post("/big/64", "fits")).await.status, 200);
+    assert_eq!(h.send(post("/big/64", "fits")).await.header("idempotent-replayed"), Some("true"));
+    let stats = h.tollgate.stats();
+    assert_eq!((stats.responses_stored, stats.responses_not_stored), (1, 4));
+    assert_eq!(stats.response_bytes_buffered, 0, "nothing held once the responses ended");
+}
+
+/// The bytes held per node while responses stream (`limits.idempotency_buffer_bytes`) and
+/// stored per store (`limits.idempotency_store_bytes`) are bounded: past them a response is
+/// not stored, its key released, counted.
+#[tokio::test]
+async fn stored_responses_are_bounded_per_node_and_per_store() {
+    let toml = TOML.replace("limit = 3,", "limit = 100,");
+    let h = Harness::new(&format!("{toml}\n[limits]\nidempotency_buffer_bytes = 50\n"));
+    assert_eq!(h.send(post("/big/100", "a")).await.status, 200);
+    assert_eq!(h.send(post("/big/100", "a")).await.header("idempotent-replayed"), None);
+    assert_eq!(h.send(post("/big/10", "b")).await.status, 200);
+    assert_eq!(h.send(post("/big/10", "b")).await.header("idempotent-replayed"), Some("true"));
+    // A bucket holds half the store's bytes: 150 here, one response of 100 bytes.
+    let h = Harness::new(&format!("{toml}\n[limits]\nidempotency_store_bytes = 300\n"));
+    assert_eq!(h.send(post("/big/100", "c")).await.status, 200);
+    assert_eq!(h.send(post("/big/100", "d")).await.status, 200);
+    assert_eq!(h.send(post("/big/100", "c")).await.header("idempotent-replayed"), Some("true"));
+    assert_eq!(h.send(post("/big/100", "d")).await.header("idempotent-replayed"), None, "the store was full");
+    assert_eq!(h.tollgate.stats().responses_not_stored, 1);
 }
 
 #[tokio::test]

@@ -273,7 +273,7 @@ async fn without_the_tenant_context_usage_is_still_recorded() {
     let layer = tollgate::TollgateLayer::new(engine);
     let tollgate = layer.handle().clone();
     let svc = layer.tenant_context(false).layer(tower::service_fn(
-        |r: http::Request<http_body_util::Full<bytes::Bytes>>| async move {
+        |r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async move {
             let has_context = r.extensions().get::<tollgate::TenantContext>().is_some();
             Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
                 has_context.to_string(),

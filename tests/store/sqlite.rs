@@ -307,11 +307,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 4);
-    conn.execute_batch("PRAGMA user_version = 5").unwrap();
+    assert_eq!(version, 5);
+    conn.execute_batch("PRAGMA user_version = 6").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 5"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 6"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -345,6 +345,7 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
             "api_key",
             "flush",
             "idempotency",
+            "idempotency_bytes",
             "quota",
             "quota_floor",
             "quota_sender",
@@ -432,7 +433,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     // Back to version 1 as it was written.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP TABLE idempotency; ALTER TABLE api_key DROP COLUMN prefix; \
+        "DROP TABLE idempotency; DROP TABLE idempotency_bytes; ALTER TABLE api_key DROP COLUMN prefix; \
          ALTER TABLE api_key DROP COLUMN created_at; ALTER TABLE api_key DROP COLUMN expires_at; \
          ALTER TABLE usage DROP COLUMN send; ALTER TABLE usage DROP COLUMN unknown_failures; \
          ALTER TABLE tenant DROP COLUMN overrides; PRAGMA user_version = 1;",
@@ -448,7 +449,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()

@@ -4,8 +4,11 @@
 //!
 //! The middleware decides as tollgate's tower layer does, through the same engine calls
 //! ([`FrontDoor::admit_request`], [`tollgate::layer::respond_for`]): the same decisions,
-//! rate-limit headers, problem+json bodies, usage recording and `Idempotency-Key` handling. It
-//! never buffers a body: requests and responses stream through untouched.
+//! rate-limit headers, problem+json bodies, usage recording and `Idempotency-Key` handling
+//! (replays answered with the stored response). It never buffers a request body: bodies
+//! stream through, fingerprinted as they are read for the first request with an
+//! `Idempotency-Key`, whose response is held (up to `limits.idempotency_max_body`) to be
+//! stored for its replays.
 //!
 //! ```no_run
 //! use actix_web::{web, App, HttpServer};
@@ -50,6 +53,7 @@ use actix_web::{
     FromRequest, HttpMessage, HttpRequest, HttpResponse, Responder, ResponseError,
 };
 use futures_util::future::{ready, LocalBoxFuture, Ready};
+use futures_util::Stream as _;
 use tollgate::door::Admission;
 use tollgate::door::ClientAddr;
 use tollgate::door::FrontDoor;
@@ -176,6 +180,7 @@ where
             self.door.borrow_mut().admit_request(&view)
         };
         match admission {
+            Admission::Admitted(ticket) if ticket.is_replay() => Box::pin(replay(request, ticket, self.responder.clone())),
             Admission::Admitted(ticket) => {
                 let response = admitted(&self.service, request, ticket);
                 Box::pin(response)
@@ -195,6 +200,7 @@ where
                 let responder = self.responder.clone();
                 Box::pin(async move {
                     match tollgate.resolve(pending).await {
+                        Ok(ticket) if ticket.is_replay() => replay(request, ticket, responder).await,
                         Ok(ticket) => admitted(&service, request, ticket).await,
                         Err(rejection) if rejection.is_shadowed() => {
                             Ok(service.call(request).await?.map_into_left_body())
@@ -213,7 +219,7 @@ where
 /// `usage.bill_cancelled` says).
 fn admitted<S, B>(
     service: &Rc<S>,
-    request: ServiceRequest,
+    mut request: ServiceRequest,
     mut ticket: Ticket,
 ) -> impl std::future::Future<Output = Result<ServiceResponse<EitherBody<B>>, actix_web::Error>> + 'static
 where
@@ -221,6 +227,28 @@ where
     B: MessageBody + 'static,
 {
     request.extensions_mut().insert(ticket.context());
+    // The first request with an `Idempotency-Key`: its payload is fingerprinted as the
+    // handler reads it, and what the handler leaves is drained (up to the bound) afterwards.
+    let payload = ticket.capture_mut().map(|capture| {
+        let print = capture.request_body().clone();
+        let rest = Rc::new(RefCell::new(request.take_payload()));
+        let reader = (Rc::clone(&rest), print.clone());
+        let stream = futures_util::stream::unfold(reader, |(rest, print)| async move {
+            let next: Option<Result<bytes::Bytes, actix_web::error::PayloadError>> =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rest.borrow_mut()).poll_next(cx)).await;
+            match &next {
+                Some(Ok(chunk)) => print.update(chunk),
+                Some(Err(_)) => print.fail(),
+                None => print.end(),
+            }
+            next.map(|item| (item, (rest, print)))
+        });
+        let boxed: std::pin::Pin<
+            Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, actix_web::error::PayloadError>>>,
+        > = Box::pin(stream);
+        request.set_payload(actix_web::dev::Payload::from(boxed));
+        (rest, print)
+    });
     let call = service.call(request);
     ticket.service_called();
     async move {
@@ -244,10 +272,111 @@ where
             // Refused by tollgate inside the service (a feature extractor): not billed, the
             // units go back.
             ticket.give_back();
+        } else if let Some(mut capture) = ticket.capture() {
+            // What the handler left of the payload (once it let go of it), into the
+            // fingerprint.
+            if let Some((rest, print)) = payload.filter(|(rest, _)| Rc::strong_count(rest) == 1) {
+                while print.is_reading() {
+                    let next =
+                        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rest.borrow_mut()).poll_next(cx)).await;
+                    match next {
+                        Some(Ok(chunk)) => print.update(&chunk),
+                        Some(Err(_)) => print.fail(),
+                        None => print.end(),
+                    }
+                }
+            }
+            // Held while it streams; billed and stored when it ends.
+            let status = response.status().as_u16();
+            let head = response.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+            capture.head(status, head.collect::<Vec<_>>());
+            return Ok(response.map_body(|_, body| {
+                EitherBody::right(BoxBody::new(Stored {
+                    body: Box::pin(body),
+                    ticket: Some(ticket),
+                    capture: Some(capture),
+                    status,
+                }))
+            }));
         } else {
             ticket.complete(response.status().as_u16());
         }
         Ok(response.map_into_left_body())
+    }
+}
+
+/// A replay: its payload is fingerprinted (up to the bound), never handed to the service; it
+/// is answered with the stored response, or 422 for another body.
+async fn replay<B, P: RejectionResponder>(
+    mut request: ServiceRequest,
+    ticket: Ticket,
+    responder: P,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
+    let print = tollgate::door::BodyPrint::new(ticket.replay_body_limit());
+    let mut payload = request.take_payload();
+    while print.is_reading() {
+        match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
+            Some(Ok(chunk)) => print.update(&chunk),
+            Some(Err(_)) => print.fail(),
+            None => print.end(),
+        }
+    }
+    match ticket.check_replay_body(print.digest()) {
+        Ok(()) => {
+            let response = to_actix(tollgate::layer::replay_response(&ticket));
+            Ok(request.into_response(response).map_into_right_body())
+        }
+        Err(rejection) => Ok(reject(request, &responder, rejection)),
+    }
+}
+
+/// The body of the first request with an `Idempotency-Key`: held as it streams; at its end the
+/// ticket is completed and, if billed, the response stored. A body that fails gives the ticket
+/// back; one dropped is billed as a request cut off; either way the key is released.
+struct Stored<B> {
+    body: std::pin::Pin<Box<B>>,
+    ticket: Option<Ticket>,
+    capture: Option<tollgate::door::ResponseCapture>,
+    status: u16,
+}
+
+impl<B: MessageBody> MessageBody for Stored<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> actix_web::body::BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<bytes::Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = this.body.as_mut().poll_next(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(chunk))) => {
+                if let Some(c) = this.capture.as_mut() {
+                    c.data(chunk);
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) => {
+                if let Some(t) = this.ticket.take() {
+                    t.give_back();
+                }
+                this.capture = None;
+            }
+            std::task::Poll::Ready(None) => {
+                if let Some(t) = this.ticket.take() {
+                    let billed = t.complete(this.status);
+                    match this.capture.take() {
+                        Some(c) if billed => c.finish(),
+                        _ => {}
+                    }
+                }
+            }
+            std::task::Poll::Pending => {}
+        }
+        polled
     }
 }
 

@@ -53,6 +53,13 @@ fn api(cfg: &mut web::ServiceConfig) {
         )
         .route("/v1/orders", web::post().to(|| async { text(201, "created") }))
         .route(
+            "/v1/echo",
+            web::post().to(|body: web::Bytes| async move {
+                let (call, text) = conformance::echo(&body);
+                HttpResponse::Ok().content_type("text/plain").insert_header(("x-call", call)).body(text)
+            }),
+        )
+        .route(
             "/v1/slow",
             web::post().to(|| async {
                 ENTERED.notify_one();

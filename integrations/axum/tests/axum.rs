@@ -222,6 +222,14 @@ fn conformance_app(engine: Tollgate) -> Router {
         )
         .route("/v1/orders", post(|| async { text(201, "created") }))
         .route(
+            "/v1/echo",
+            post(|body: bytes::Bytes| async move {
+                let (call, text) = conformance::echo(&body);
+                ([(http::header::CONTENT_TYPE, "text/plain".to_owned()), (http::HeaderName::from_static("x-call"), call)], text)
+                    .into_response()
+            }),
+        )
+        .route(
             "/v1/slow",
             post(|| async {
                 ENTERED.notify_one();

@@ -53,7 +53,11 @@ use lambda_http::{
     BoxFuture, Error, Request, RequestExt, SnapStartResource,
 };
 use tollgate::door::ClientAddr;
-use tollgate::{Tollgate, TollgateLayer, Worker};
+use tollgate::{
+    layer::{Buffered, FromConfig},
+    response::ProblemJson,
+    Tollgate, TollgateLayer, Worker,
+};
 use tower::{Layer, Service};
 
 pub use lambda_http;
@@ -180,8 +184,12 @@ pub async fn shutdown(engine: &Tollgate) {
 
 /// `handler` behind tollgate, as [`run`] serves it: [`FromEventLayer`] then
 /// [`TollgateLayer`]. Call it with requests `lambda_http` parsed (as tests do).
-pub fn service<S>(engine: Tollgate, handler: S) -> FromEventService<tollgate::TollgateService<S>> {
-    FromEventLayer.layer(TollgateLayer::new(engine).layer(handler))
+pub fn service<S>(
+    engine: Tollgate,
+    handler: S,
+) -> FromEventService<tollgate::TollgateService<S, FromConfig, ProblemJson, Buffered>> {
+    // Lambda's bodies are held whole: fingerprinted at once, handed on as they are.
+    FromEventLayer.layer(TollgateLayer::new(engine).buffered_bodies().layer(handler))
 }
 
 /// Makes a request `lambda_http` parsed read as it would on a server:

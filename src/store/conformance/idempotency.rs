@@ -1,7 +1,29 @@
 //! The idempotency role: `Idempotency-Key` bindings claimed once, settled by their owner.
 
 use super::*;
-use crate::store::{IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::store::{
+    CompletedRequest, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
+    StoredResponse,
+};
+
+/// A completed request's settlement of `response` at `now`, bindings of a day, 1 MB of
+/// responses at most.
+fn completed(response: &StoredResponse, now: i64) -> IdempotencySettle {
+    IdempotencySettle::Completed(CompletedRequest::new(Arc::new(response.clone()), now, 86_400, 1_000_000))
+}
+
+fn response(body: &'static [u8]) -> StoredResponse {
+    StoredResponse::new(
+        201,
+        vec![("content-type".into(), Bytes::from_static(b"text/plain")), ("x-a".into(), Bytes::from_static(b"1"))],
+        Bytes::from_static(body),
+        Some([9; 32]),
+    )
+}
 
 /// An `Idempotency-Key` is bound by the first claim; the others learn what it is bound to;
 /// only its owner settles it; a claim left in flight, or an expired binding, is free again.
@@ -13,30 +35,84 @@ pub async fn idempotency_keys_are_claimed_once_and_settled_by_their_owner<S: ?Si
         IdempotencyClaim::new(key, request, owner, at, at + 300, at + 86_400)
     };
     let s = h.s();
+    let r1 = response(b"created");
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 1, now)).await.unwrap(), IdempotencyState::Claimed);
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 2, now)).await.unwrap(), IdempotencyState::InFlight);
     assert_eq!(s.claim_idempotency(&claim("k1", "r2", 2, now)).await.unwrap(), IdempotencyState::Mismatch);
+    assert_eq!(s.read_idempotency("k1", now).await.unwrap(), Some(IdempotencyState::InFlight));
     // Only the owner settles.
-    s.settle_idempotency("k1", 2, IdempotencySettle::Completed).await.unwrap();
+    assert_eq!(s.settle_idempotency("k1", 2, &completed(&r1, now)).await.unwrap(), IdempotencySettled::NotHeld);
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now)).await.unwrap(), IdempotencyState::InFlight);
-    s.settle_idempotency("k1", 1, IdempotencySettle::Completed).await.unwrap();
+    assert_eq!(s.settle_idempotency("k1", 1, &completed(&r1, now)).await.unwrap(), IdempotencySettled::Settled);
     h.restart().await;
     let s = h.s();
-    assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 10)).await.unwrap(), IdempotencyState::Completed);
+    // A completed binding answers with its response, whole.
+    let done = IdempotencyState::Completed(Some(Box::new(r1.clone())));
+    assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 10)).await.unwrap(), done);
+    assert_eq!(s.read_idempotency("k1", now + 10).await.unwrap(), Some(done.clone()));
     assert_eq!(s.claim_idempotency(&claim("k1", "r2", 3, now + 10)).await.unwrap(), IdempotencyState::Mismatch);
     // A completed key is not released by anyone.
-    s.settle_idempotency("k1", 1, IdempotencySettle::Released).await.unwrap();
-    assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 20)).await.unwrap(), IdempotencyState::Completed);
+    assert_eq!(
+        s.settle_idempotency("k1", 1, &IdempotencySettle::Released).await.unwrap(),
+        IdempotencySettled::NotHeld
+    );
+    assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 20)).await.unwrap(), done);
     // Released: free again, for any request.
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 4, now)).await.unwrap(), IdempotencyState::Claimed);
-    s.settle_idempotency("k2", 4, IdempotencySettle::Released).await.unwrap();
+    assert_eq!(
+        s.settle_idempotency("k2", 4, &IdempotencySettle::Released).await.unwrap(),
+        IdempotencySettled::Settled
+    );
+    assert_eq!(s.read_idempotency("k2", now).await.unwrap(), None);
     assert_eq!(s.claim_idempotency(&claim("k2", "r9", 5, now)).await.unwrap(), IdempotencyState::Claimed);
     // Left in flight past its time (its node died): free again.
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 6, now + 299)).await.unwrap(), IdempotencyState::Mismatch);
+    assert_eq!(s.read_idempotency("k2", now + 300).await.unwrap(), None);
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 6, now + 300)).await.unwrap(), IdempotencyState::Claimed);
     // The old owner can no longer settle it.
-    s.settle_idempotency("k2", 5, IdempotencySettle::Released).await.unwrap();
+    s.settle_idempotency("k2", 5, &IdempotencySettle::Released).await.unwrap();
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 7, now + 301)).await.unwrap(), IdempotencyState::InFlight);
     // A completed binding expires.
+    assert_eq!(s.read_idempotency("k1", now + 86_400).await.unwrap(), None);
     assert_eq!(s.claim_idempotency(&claim("k1", "r2", 8, now + 86_400)).await.unwrap(), IdempotencyState::Claimed);
+}
+
+/// Stored responses are bounded in bytes: what does not fit is refused, and its key released
+/// (the retry runs again); the bound frees as the window passes.
+pub async fn stored_responses_are_bounded_in_bytes<S: ?Sized + IdempotencyStore>(h: &mut StoreUnderTest<S>) {
+    let now = 1_773_532_800; // the start of a day: one bucket of a day-long window
+    let claim = |key: &str, owner: u64, at: i64| IdempotencyClaim::new(key, "r", owner, at, at + 300, at + 86_400);
+    let s = h.s();
+    // 100 KB per bucket (a fleet store may share it out: DynamoDB in 16 parts of 6,250 bytes).
+    let settle = |r: &StoredResponse, at: i64| {
+        IdempotencySettle::Completed(CompletedRequest::new(Arc::new(r.clone()), at, 86_400, 200_000))
+    };
+    let big = StoredResponse::new(200, vec![], Bytes::from(vec![b'x'; 120_000]), None);
+    assert_eq!(s.claim_idempotency(&claim("big", 1, now)).await.unwrap(), IdempotencyState::Claimed);
+    assert_eq!(s.settle_idempotency("big", 1, &settle(&big, now)).await.unwrap(), IdempotencySettled::Refused);
+    // Refused: the key is free again.
+    assert_eq!(s.read_idempotency("big", now).await.unwrap(), None);
+    let small = StoredResponse::new(200, vec![], Bytes::from(vec![b'y'; 1_000]), None);
+    let mut stored = 0;
+    let mut refused = 0;
+    for i in 0..200u64 {
+        let key = format!("k{i}");
+        assert_eq!(s.claim_idempotency(&claim(&key, i, now + 1)).await.unwrap(), IdempotencyState::Claimed);
+        match s.settle_idempotency(&key, i, &settle(&small, now + 1)).await.unwrap() {
+            IdempotencySettled::Settled => stored += 1,
+            IdempotencySettled::Refused => {
+                refused += 1;
+                assert_eq!(s.read_idempotency(&key, now + 1).await.unwrap(), None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let each = small.encoded_len() as u64;
+    assert!(stored * each <= 100_000, "{stored} responses of {each} bytes stored past the bound");
+    assert!(stored >= 50, "only {stored} of 200 responses of {each} bytes stored under 100 KB");
+    assert!(refused > 0);
+    // Two windows later, the bytes of the first bucket no longer count.
+    let later = now + 2 * 86_400;
+    assert_eq!(s.claim_idempotency(&claim("k0", 1000, later)).await.unwrap(), IdempotencyState::Claimed);
+    assert_eq!(s.settle_idempotency("k0", 1000, &settle(&small, later)).await.unwrap(), IdempotencySettled::Settled);
 }

@@ -86,6 +86,7 @@ macro_rules! store_conformance {
     (@role idempotency, $make:expr) => {
         $crate::store_conformance!(@tests idempotency, $make;
             idempotency_keys_are_claimed_once_and_settled_by_their_owner,
+            stored_responses_are_bounded_in_bytes,
         );
     };
     (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {

@@ -70,6 +70,8 @@ struct Inner {
     webhooks: Seen,
     /// `Idempotency-Key` bindings, at most [`IDEMPOTENCY_KEYS_MAX`].
     idempotency: HashMap<String, Binding>,
+    /// Bytes of stored responses per bucket of the idempotency window (the last two kept).
+    response_bytes: std::collections::BTreeMap<i64, u64>,
     /// The newest window committed, and when aggregates were last pruned against it.
     newest_window: i64,
     pruned_at: i64,
@@ -83,6 +85,8 @@ struct Binding {
     completed: bool,
     in_flight_until: i64,
     expires_at: i64,
+    /// The response of a completed request.
+    response: Option<std::sync::Arc<crate::store::StoredResponse>>,
 }
 
 impl Binding {

@@ -1,50 +1,109 @@
 //! The idempotency role of the SqliteStore.
 
 use super::*;
+use crate::store::{IdempotencySettled, StoredResponse};
+
+/// A binding as a claim finds it: its request, whether it completed, its response's bytes.
+type Held = (String, bool, Option<Vec<u8>>);
+
+/// The state of a live binding, its response decoded.
+fn state_of(completed: bool, response: Option<Vec<u8>>) -> Result<IdempotencyState, StoreError> {
+    if !completed {
+        return Ok(IdempotencyState::InFlight);
+    }
+    let response = response.map(|bytes| StoredResponse::decode(&bytes)).transpose()?;
+    Ok(IdempotencyState::Completed(response.map(Box::new)))
+}
+
+/// Reads the binding of `key` live at `now`.
+fn live(tx: &Transaction<'_>, key: &str, now: i64) -> Sql<Option<Held>> {
+    tx.prepare_cached(
+        "SELECT request, completed, response FROM idempotency \
+         WHERE key = ?1 AND ?2 < expires_at AND (completed = 1 OR ?2 < in_flight_until)",
+    )?
+    .query_row(params![key, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    .optional()
+}
 
 #[async_trait]
 impl IdempotencyStore for SqliteStore {
     async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
-        let c = c.clone();
-        self.write(move |tx, _| {
-            let held: Option<(String, bool, i64, i64)> = tx
-                .prepare_cached(
-                    "SELECT request, completed, in_flight_until, expires_at FROM idempotency WHERE key = ?1",
-                )?
-                .query_row([&c.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .optional()?;
-            if let Some((request, completed, until, expires)) = held {
-                if c.now < expires && (completed || c.now < until) {
-                    return Ok(if request != c.request {
-                        IdempotencyState::Mismatch
-                    } else if completed {
-                        IdempotencyState::Completed
-                    } else {
-                        IdempotencyState::InFlight
-                    });
+        let ask = c.clone();
+        let held = self
+            .write(move |tx, _| {
+                let c = &ask;
+                if let Some(held) = live(tx, &c.key, c.now)? {
+                    return Ok(Some(held));
                 }
-            }
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO idempotency (key, request, owner, completed, in_flight_until, expires_at) \
-                 VALUES (?1, ?2, ?3, 0, ?4, ?5)",
-            )?
-            .execute(params![c.key, c.request, c.owner as i64, c.in_flight_until, c.expires_at])?;
-            Ok(IdempotencyState::Claimed)
-        })
-        .await
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO idempotency \
+                     (key, request, owner, completed, in_flight_until, expires_at, response) \
+                     VALUES (?1, ?2, ?3, 0, ?4, ?5, NULL)",
+                )?
+                .execute(params![c.key, c.request, c.owner as i64, c.in_flight_until, c.expires_at])?;
+                Ok(None)
+            })
+            .await?;
+        match held {
+            None => Ok(IdempotencyState::Claimed),
+            Some((request, _, _)) if request != c.request => Ok(IdempotencyState::Mismatch),
+            Some((_, completed, response)) => state_of(completed, response),
+        }
     }
 
-    async fn settle_idempotency(&self, key: &str, owner: u64, how: IdempotencySettle) -> Result<(), StoreError> {
+    async fn read_idempotency(&self, key: &str, now: i64) -> Result<Option<IdempotencyState>, StoreError> {
         let key = key.to_owned();
+        let held = self.read(move |tx| live(tx, &key, now)).await?;
+        held.map(|(_, completed, response)| state_of(completed, response)).transpose()
+    }
+
+    async fn settle_idempotency(
+        &self,
+        key: &str,
+        owner: u64,
+        how: &IdempotencySettle,
+    ) -> Result<IdempotencySettled, StoreError> {
+        let key = key.to_owned();
+        let completed = match how {
+            IdempotencySettle::Completed(done) => {
+                Some((done.response.encode(), done.bucket(), done.bucket_bytes()))
+            }
+            _ => None,
+        };
         self.write(move |tx, _| {
-            let sql = match how {
-                IdempotencySettle::Completed => {
-                    "UPDATE idempotency SET completed = 1 WHERE key = ?1 AND owner = ?2 AND completed = 0"
-                }
-                _ => "DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0",
+            let held: Option<i64> = tx
+                .prepare_cached("SELECT 1 FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0")?
+                .query_row(params![key, owner as i64], |r| r.get(0))
+                .optional()?;
+            if held.is_none() {
+                return Ok(IdempotencySettled::NotHeld);
+            }
+            let release = |tx: &Transaction<'_>| {
+                tx.prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0")?
+                    .execute(params![key, owner as i64])
             };
-            tx.prepare_cached(sql)?.execute(params![key, owner as i64])?;
-            Ok(())
+            let Some((bytes, bucket, allowed)) = &completed else {
+                release(tx)?;
+                return Ok(IdempotencySettled::Settled);
+            };
+            // Only this bucket and the one before can hold live responses.
+            tx.prepare_cached("DELETE FROM idempotency_bytes WHERE bucket < ?1")?.execute([bucket - 1])?;
+            let added = tx
+                .prepare_cached(
+                    "INSERT INTO idempotency_bytes (bucket, bytes) SELECT ?1, ?2 WHERE ?2 <= ?3 \
+                     ON CONFLICT (bucket) DO UPDATE SET bytes = bytes + excluded.bytes \
+                     WHERE bytes + excluded.bytes <= ?3",
+                )?
+                .execute(params![bucket, bytes.len() as i64, int(*allowed)])?;
+            if added == 0 {
+                release(tx)?;
+                return Ok(IdempotencySettled::Refused);
+            }
+            tx.prepare_cached(
+                "UPDATE idempotency SET completed = 1, response = ?3 WHERE key = ?1 AND owner = ?2 AND completed = 0",
+            )?
+            .execute(params![key, owner as i64, bytes])?;
+            Ok(IdempotencySettled::Settled)
         })
         .await
     }

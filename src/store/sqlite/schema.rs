@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 4;
+pub(super) const SCHEMA_VERSION: i32 = 5;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -106,6 +106,13 @@ ALTER TABLE usage ADD COLUMN unknown_failures INTEGER NOT NULL DEFAULT 0;
 ",
     r"
 ALTER TABLE tenant ADD COLUMN overrides TEXT;
+",
+    r"
+ALTER TABLE idempotency ADD COLUMN response BLOB;
+CREATE TABLE idempotency_bytes (
+    bucket INTEGER PRIMARY KEY,
+    bytes  INTEGER NOT NULL
+);
 ",
 ];
 
