@@ -9,8 +9,7 @@ use super::{
     engine::{KeyClaim, Partial, PendingAdmission, ReplayRead, Stage},
     idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, Verdict, IN_FLIGHT_SECS},
     ticket::{Held, UNLEASED},
-    ResponseCapture,
-    Admission, Ticket, Tollgate,
+    Admission, ResponseCapture, Ticket, Tollgate,
 };
 use crate::{
     clock::Clock,

@@ -196,7 +196,10 @@ impl BodyPrint {
 impl std::fmt::Debug for BodyPrint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let p = self.lock();
-        f.debug_struct("BodyPrint").field("read", &p.read).field("done", &matches!(p.state, PrintState::Done(_))).finish()
+        f.debug_struct("BodyPrint")
+            .field("read", &p.read)
+            .field("done", &matches!(p.state, PrintState::Done(_)))
+            .finish()
     }
 }
 

@@ -226,7 +226,10 @@ where
                                 });
                                 if let Some(c) = capture.as_mut() {
                                     let headers = response.headers().iter();
-                                    c.head(response.status().as_u16(), headers.map(|(n, v)| (n.as_str(), v.as_bytes())));
+                                    c.head(
+                                        response.status().as_u16(),
+                                        headers.map(|(n, v)| (n.as_str(), v.as_bytes())),
+                                    );
                                 }
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));

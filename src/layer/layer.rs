@@ -53,7 +53,13 @@ impl<R, P, M> TollgateLayer<R, P, M> {
 
     /// Identifies tenants with `resolver` instead.
     pub fn resolver<R2>(self, resolver: R2) -> TollgateLayer<R2, P, M> {
-        TollgateLayer { tollgate: self.tollgate, resolver, responder: self.responder, context: self.context, mode: self.mode }
+        TollgateLayer {
+            tollgate: self.tollgate,
+            resolver,
+            responder: self.responder,
+            context: self.context,
+            mode: self.mode,
+        }
     }
 
     /// Hands the inner service request bodies as they are, for bodies held whole in memory
@@ -81,7 +87,13 @@ impl<R, P, M> TollgateLayer<R, P, M> {
 
     /// Builds rejection responses with `responder` instead.
     pub fn responder<P2>(self, responder: P2) -> TollgateLayer<R, P2, M> {
-        TollgateLayer { tollgate: self.tollgate, resolver: self.resolver, responder, context: self.context, mode: self.mode }
+        TollgateLayer {
+            tollgate: self.tollgate,
+            resolver: self.resolver,
+            responder,
+            context: self.context,
+            mode: self.mode,
+        }
     }
 }
 

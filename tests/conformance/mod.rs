@@ -691,7 +691,8 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
             Replay(req, status) => {
                 let key = key_of(&req).expect("a replay has an Idempotency-Key");
                 let resp = door.send(req).await;
-                let first = firsts.get(&key).unwrap_or_else(|| panic!("{}: step {i}: nothing to replay", scenario.name));
+                let first =
+                    firsts.get(&key).unwrap_or_else(|| panic!("{}: step {i}: nothing to replay", scenario.name));
                 assert_eq!(resp.status, status, "{}: step {i}: {resp:?}", scenario.name);
                 assert_eq!(
                     resp.headers.get("idempotent-replayed").map(String::as_str),

@@ -65,9 +65,11 @@ async fn counters_follow_admissions_rejections_usage_and_flushes() {
     let (clock, _handle) = Clock::fake_at_unix(NOON);
     let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
     let layer = tollgate::TollgateLayer::new(engine);
-    let svc = layer.layer(tower::service_fn(|_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
-        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
-    }));
+    let svc = layer.layer(tower::service_fn(
+        |_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+        },
+    ));
     for _ in 0..3 {
         svc.clone().oneshot(req("GET", "/", Some("key-t"), None)).await.unwrap();
     }
@@ -186,9 +188,11 @@ async fn shadow_mode_counts_what_it_would_refuse_by_reason() {
     let (clock, _handle) = Clock::fake_at_unix(NOON);
     let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
     let layer = tollgate::TollgateLayer::new(engine);
-    let svc = layer.layer(tower::service_fn(|_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
-        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
-    }));
+    let svc = layer.layer(tower::service_fn(
+        |_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+        },
+    ));
     for _ in 0..3 {
         let r = svc.clone().oneshot(req("GET", "/", Some("key-t"), None)).await.unwrap();
         assert_eq!(r.status(), 200);

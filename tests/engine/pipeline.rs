@@ -504,9 +504,11 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
     let running = tokio::spawn(worker.run());
     let svc = tower::Layer::layer(
         &layer,
-        tower::service_fn(|_req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
-        }),
+        tower::service_fn(
+            |_req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+            },
+        ),
     );
     for _ in 0..4 {
         let r = tower::ServiceExt::oneshot(svc.clone(), req("GET", "/", Some("key-acme"), None)).await.unwrap();

@@ -171,14 +171,16 @@ async fn a_grpc_status_in_the_trailers_decides_the_billing() {
     let toml = "[plans.free]\n[tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\n";
     let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
     let (engine, _worker) = Tollgate::builder(Config::from_toml_str(toml).unwrap()).store_arc(store.clone()).build();
-    let svc = TollgateLayer::new(engine.clone()).layer(tower::service_fn(|req: http::Request<tollgate::layer::RequestBody<String>>| async move {
-        let body = req.into_body().collect().await.unwrap().to_bytes();
-        let status = if &body[..] == b"fail" { "13" } else { "0" };
-        let body = Trailed { data: Some(Bytes::from_static(b"\0\0\0\0\x02hi")), status: Some(status) };
-        Ok::<_, std::convert::Infallible>(
-            http::Response::builder().header("content-type", "application/grpc").body(body).unwrap(),
-        )
-    }));
+    let svc = TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+        |req: http::Request<tollgate::layer::RequestBody<String>>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let status = if &body[..] == b"fail" { "13" } else { "0" };
+            let body = Trailed { data: Some(Bytes::from_static(b"\0\0\0\0\x02hi")), status: Some(status) };
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder().header("content-type", "application/grpc").body(body).unwrap(),
+            )
+        },
+    ));
     for body in ["ok", "fail", "fail", "ok"] {
         let request = http::Request::builder()
             .method("POST")

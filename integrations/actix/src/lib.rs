@@ -180,7 +180,9 @@ where
             self.door.borrow_mut().admit_request(&view)
         };
         match admission {
-            Admission::Admitted(ticket) if ticket.is_replay() => Box::pin(replay(request, ticket, self.responder.clone())),
+            Admission::Admitted(ticket) if ticket.is_replay() => {
+                Box::pin(replay(request, ticket, self.responder.clone()))
+            }
             Admission::Admitted(ticket) => {
                 let response = admitted(&self.service, request, ticket);
                 Box::pin(response)

@@ -225,7 +225,13 @@ fn conformance_app(engine: Tollgate) -> Router {
             "/v1/echo",
             post(|body: bytes::Bytes| async move {
                 let (call, text) = conformance::echo(&body);
-                ([(http::header::CONTENT_TYPE, "text/plain".to_owned()), (http::HeaderName::from_static("x-call"), call)], text)
+                (
+                    [
+                        (http::header::CONTENT_TYPE, "text/plain".to_owned()),
+                        (http::HeaderName::from_static("x-call"), call),
+                    ],
+                    text,
+                )
                     .into_response()
             }),
         )

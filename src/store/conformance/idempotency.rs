@@ -52,17 +52,11 @@ pub async fn idempotency_keys_are_claimed_once_and_settled_by_their_owner<S: ?Si
     assert_eq!(s.read_idempotency("k1", now + 10).await.unwrap(), Some(done.clone()));
     assert_eq!(s.claim_idempotency(&claim("k1", "r2", 3, now + 10)).await.unwrap(), IdempotencyState::Mismatch);
     // A completed key is not released by anyone.
-    assert_eq!(
-        s.settle_idempotency("k1", 1, &IdempotencySettle::Released).await.unwrap(),
-        IdempotencySettled::NotHeld
-    );
+    assert_eq!(s.settle_idempotency("k1", 1, &IdempotencySettle::Released).await.unwrap(), IdempotencySettled::NotHeld);
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 20)).await.unwrap(), done);
     // Released: free again, for any request.
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 4, now)).await.unwrap(), IdempotencyState::Claimed);
-    assert_eq!(
-        s.settle_idempotency("k2", 4, &IdempotencySettle::Released).await.unwrap(),
-        IdempotencySettled::Settled
-    );
+    assert_eq!(s.settle_idempotency("k2", 4, &IdempotencySettle::Released).await.unwrap(), IdempotencySettled::Settled);
     assert_eq!(s.read_idempotency("k2", now).await.unwrap(), None);
     assert_eq!(s.claim_idempotency(&claim("k2", "r9", 5, now)).await.unwrap(), IdempotencyState::Claimed);
     // Left in flight past its time (its node died): free again.

@@ -40,7 +40,13 @@ impl IdempotencyStore for SqliteStore {
                      (key, request, owner, completed, in_flight_until, expires_at, response) \
                      VALUES (?1, ?2, ?3, 0, ?4, ?5, NULL)",
                 )?
-                .execute(params![c.key, c.request, c.owner as i64, c.in_flight_until, c.expires_at])?;
+                .execute(params![
+                    c.key,
+                    c.request,
+                    c.owner as i64,
+                    c.in_flight_until,
+                    c.expires_at
+                ])?;
                 Ok(None)
             })
             .await?;
@@ -65,9 +71,7 @@ impl IdempotencyStore for SqliteStore {
     ) -> Result<IdempotencySettled, StoreError> {
         let key = key.to_owned();
         let completed = match how {
-            IdempotencySettle::Completed(done) => {
-                Some((done.response.encode(), done.bucket(), done.bucket_bytes()))
-            }
+            IdempotencySettle::Completed(done) => Some((done.response.encode(), done.bucket(), done.bucket_bytes())),
             _ => None,
         };
         self.write(move |tx, _| {
