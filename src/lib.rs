@@ -13,7 +13,7 @@ pub mod door {
     //! the [architecture guide](crate::guide::architecture) describes the fast path they share.
     pub use crate::engine::{
         is_stored_header, Admission, BodyPrint, ClientAddr, FrontDoor, PendingAdmission, RequestInfo, RequestView,
-        ResponseCapture, Ticket,
+        ResponseCapture, Ticket, DRAIN_LIMIT,
     };
     pub use crate::store::StoredResponse;
     pub use crate::tenant::Credential;

@@ -341,9 +341,24 @@ impl Validator<'_, '_> {
                 (store, roles, Some(origin))
             }
         };
-        if matches!(store_roles.get(StoreRole::Idempotency).unwrap_or(&store), StoreSettings::Dynamodb { .. })
-            && limits.idempotency_max_body > crate::base::DYNAMODB_MAX_RESPONSE_BYTES as u64
-        {
+        let dynamo =
+            matches!(store_roles.get(StoreRole::Idempotency).unwrap_or(&store), StoreSettings::Dynamodb { .. });
+        // A window's share of the store's bytes (DynamoDB's in 16 counters) must hold a
+        // response of the longest stored body, or every such response is refused.
+        let share = limits.idempotency_store_bytes / if dynamo { 32 } else { 2 };
+        if share < limits.idempotency_max_body {
+            return Err(self.invalid(
+                "limits.idempotency_store_bytes",
+                format!(
+                    "must be at least {} times limits.idempotency_max_body ({} bytes){}: each window's share \
+                     must hold one response of the longest stored body",
+                    if dynamo { 32 } else { 2 },
+                    limits.idempotency_max_body,
+                    if dynamo { " on a DynamoDB idempotency store, whose share is split in 16 counters" } else { "" },
+                ),
+            ));
+        }
+        if dynamo && limits.idempotency_max_body > crate::base::DYNAMODB_MAX_RESPONSE_BYTES as u64 {
             return Err(self.invalid(
                 "limits.idempotency_max_body",
                 format!(
@@ -1436,6 +1451,31 @@ mod tests {
         assert_eq!(at("[usage]\ngrace = \"36days\"\n"), ("usage.grace".to_owned(), Some(2)));
         assert_eq!(at("[usage]\ngrace = \"35days 1s\"\n"), ("usage.grace".to_owned(), Some(2)));
         assert_eq!(parse("[usage]\ngrace = \"35days\"\n").unwrap().usage().grace, Duration::from_secs(35 * 86_400));
+    }
+
+    #[test]
+    fn stored_responses_fit_their_store() {
+        // A window's half of the store must hold one response of the longest body.
+        assert_eq!(
+            at("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 1999\n"),
+            ("limits.idempotency_store_bytes".to_owned(), Some(3))
+        );
+        assert!(parse("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 2000\n").is_ok());
+        assert_eq!(
+            at("[limits]\nidempotency_store_bytes = 0\n"),
+            ("limits.idempotency_store_bytes".to_owned(), Some(2))
+        );
+        // DynamoDB: an item holds 400 KB; the window's half is split in 16 counters.
+        let dynamo = "[store]\nkind = \"dynamodb\"\ntable = \"t\"\n";
+        assert_eq!(
+            at(&format!("{dynamo}[limits]\nidempotency_max_body = 350001\nidempotency_store_bytes = 100000000\n")),
+            ("limits.idempotency_max_body".to_owned(), Some(5))
+        );
+        assert_eq!(
+            at(&format!("{dynamo}[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 31999\n")),
+            ("limits.idempotency_store_bytes".to_owned(), Some(6))
+        );
+        assert!(parse(&format!("{dynamo}[limits]\nidempotency_max_body = 350000\n")).is_ok());
     }
 
     #[test]

@@ -112,7 +112,8 @@ impl Tollgate {
         settled(&self.shared.idempotency.settling, &fleet_key, timeout).await;
         let now = self.shared.clock.unix_secs();
         let store = &self.shared.stores.roles.idempotency;
-        let read = self.shared.stores.guarded(timeout, store.read_idempotency(&fleet_key, now)).await;
+        let bound_to = format!("{request:032x}");
+        let read = self.shared.stores.guarded(timeout, store.read_idempotency(&fleet_key, &bound_to, now)).await;
         match read {
             Ok(Some(IdempotencyState::Completed(Some(response)))) => {
                 self.replay(state, route, headers, at, response, config.limits.idempotency_max_request_body)
@@ -120,6 +121,12 @@ impl Tollgate {
             Ok(Some(IdempotencyState::Completed(None))) => {
                 state.give_back_rate(route.client, route.cost, &mut headers);
                 self.reject(Self::response_not_kept(&state))
+            }
+            Ok(Some(IdempotencyState::Mismatch)) => {
+                // Bound elsewhere to another request (this node's entry was stale).
+                self.shared.idempotency.forget(&state.id, &key);
+                state.give_back_rate(route.client, route.cost, &mut headers);
+                self.reject(Self::key_mismatch(&state))
             }
             Ok(Some(_)) => {
                 state.give_back_rate(route.client, route.cost, &mut headers);
@@ -144,7 +151,10 @@ impl Tollgate {
                 // was done): 503 whatever the policy.
                 self.store_error("read idempotent response", &e);
                 state.give_back_rate(route.client, route.cost, &mut headers);
-                let r = Rejection::new(RejectionKind::StoreUnavailable, "the idempotency store did not answer in time");
+                let r = Rejection::new(
+                    RejectionKind::StoreUnavailable,
+                    "the response of this Idempotency-Key could not be read from the store",
+                );
                 self.reject(r.with_retry_after(1).for_tenant(&state))
             }
         }
@@ -273,7 +283,7 @@ impl Tollgate {
         // Held before the call: if the call times out after landing, or this future is dropped,
         // the claim still settles (released, or completed under fail-open); a settle of a
         // binding this owner does not hold changes nothing.
-        claim.fleet = Some(FleetClaim {
+        claim.fleet = Some(Box::new(FleetClaim {
             store: self.shared.stores.roles.idempotency.clone(),
             key: fleet_key,
             owner,
@@ -283,12 +293,12 @@ impl Tollgate {
             window,
             max_stored: config.limits.idempotency_store_bytes,
             responses: self.shared.idempotency.responses.clone(),
-        });
-        claim.limits = Some(CaptureLimits {
-            max_body: config.limits.idempotency_max_body,
-            max_request_body: config.limits.idempotency_max_request_body,
-            buffer_bytes: config.limits.idempotency_buffer_bytes,
-        });
+            limits: CaptureLimits {
+                max_body: config.limits.idempotency_max_body,
+                max_request_body: config.limits.idempotency_max_request_body,
+                buffer_bytes: config.limits.idempotency_buffer_bytes,
+            },
+        }));
         let answer =
             self.shared.stores.guarded(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {

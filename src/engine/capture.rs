@@ -11,7 +11,12 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use super::idempotency::{CaptureLimits, Claim, NotStored, Responses};
+use super::idempotency::{CaptureLimits, Claim, HeldBytes, NotStored, Responses};
+
+/// The longest a request body left unread (or a replay's body) is waited for, to fingerprint
+/// it: past it, the body has no fingerprint (a first request's key is bound without one; a
+/// replay's body does not match one).
+pub const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 use crate::store::StoredResponse;
 
 /// The SHA-256 fingerprint of a request body, taken while the body is read, up to a number of
@@ -258,7 +263,10 @@ pub struct ResponseCapture {
 impl ResponseCapture {
     pub(crate) fn new(claim: Claim) -> Self {
         // A claim made without the store's limits (none is) stores nothing.
-        let limits = claim.limits.unwrap_or(CaptureLimits { max_body: 0, max_request_body: 0, buffer_bytes: 0 });
+        let limits = claim
+            .fleet
+            .as_ref()
+            .map_or(CaptureLimits { max_body: 0, max_request_body: 0, buffer_bytes: 0 }, |f| f.limits);
         Self {
             responses: Arc::clone(claim.responses()),
             claim: Some(claim),
@@ -291,7 +299,7 @@ impl ResponseCapture {
     }
 
     /// The response's status and header fields (before tollgate's own are added). A 5xx is
-    /// not stored.
+    /// not stored. Call [`finish`](Self::finish) when its body ended, at once if it has none.
     pub fn head<'a>(&mut self, status: u16, headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
         self.status = status;
         if status >= 500 {
@@ -353,9 +361,31 @@ impl ResponseCapture {
         }
     }
 
-    /// The response ended and was billed: it is stored with the key (settled in the store in
-    /// the background), unless it could not be held; then the key is released.
-    pub fn finish(mut self) {
+    /// The response ended (its request billed): it is stored with the key, settled in the
+    /// store in the background, unless it could not be held; then the key is released. What
+    /// the handler left of the request body is drained into its fingerprint first, in the
+    /// background too (at most [`DRAIN_LIMIT`]).
+    pub fn finish(self) {
+        if self.claim.is_none() || self.refused.is_some() || !self.print.has_rest() {
+            return self.store();
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return self.store() };
+        rt.spawn(async move {
+            if tokio::time::timeout(DRAIN_LIMIT, self.print.drain()).await.is_err() {
+                self.print.fail();
+            }
+            self.store();
+        });
+    }
+
+    /// Whether what the handler left of the request body is still to be drained: the door
+    /// drains it ([`BodyPrint::drain`]) before [`finish`](Self::finish), or `finish` does.
+    #[must_use]
+    pub fn has_rest(&self) -> bool {
+        self.print.has_rest()
+    }
+
+    fn store(mut self) {
         let Some(claim) = self.claim.take() else { return };
         if let Some(why) = self.refused {
             claim.responses().not_stored(why);
@@ -364,8 +394,9 @@ impl ResponseCapture {
         let body = std::mem::take(&mut self.body).freeze();
         let headers = std::mem::take(&mut self.headers);
         let response = StoredResponse::new(self.status, headers, body, self.print.digest());
-        claim.complete(response);
-        self.give_back_bytes();
+        // The bytes stay counted until the store took them.
+        let held = HeldBytes { responses: Arc::clone(&self.responses), n: std::mem::take(&mut self.held) };
+        claim.complete(response, held);
     }
 }
 

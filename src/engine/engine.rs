@@ -372,7 +372,11 @@ impl Tollgate {
                     let ip = req.client.or_else(client);
                     route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
                     if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
-                        let scoped = scoped_key(key, keys, ip);
+                        // Without its address an anonymous caller cannot be told from the
+                        // others: its key is not honoured (a stored response is never
+                        // answered to another client).
+                        let Some(ip) = ip else { return self.decide(state, route, None) };
+                        let scoped = scoped_key(key, keys, Some(ip));
                         return self.decide(state, route, Some((&scoped, request)));
                     }
                 }
@@ -416,15 +420,14 @@ impl Tollgate {
                         route = meters.remap(route, &state.plan.meters);
                     }
                     let rt = self.shared.runtime.load();
+                    let anonymous = rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
                     let scoped = match (&idempotency, &rt.client_keys) {
-                        (Some(k), Some(keys))
-                            if rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT =>
-                        {
-                            Some(scoped_key(&k.key, keys, k.client))
-                        }
+                        (Some(k), Some(keys)) if anonymous => k.client.map(|ip| scoped_key(&k.key, keys, Some(ip))),
                         _ => None,
                     };
-                    let key = scoped.as_deref().or(idempotency.as_ref().map(|k| &k.key[..]));
+                    // An anonymous caller without its address: its key is not honoured.
+                    let unscoped = if anonymous && rt.client_keys.is_some() { None } else { idempotency.as_ref() };
+                    let key = scoped.as_deref().or(unscoped.map(|k| &k.key[..]));
                     self.decide(state, route, key.zip(idempotency.as_ref().map(|k| k.request)))
                 }
                 Stage::Claim(c) => self.claim_in_store(*c, route).await,

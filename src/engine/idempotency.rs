@@ -110,6 +110,41 @@ impl NotStored {
     }
 }
 
+/// Response bytes taken from a node's budget (`limits.idempotency_buffer_bytes`), given back
+/// when dropped: held by a capture while the response streams, then by its settlement until
+/// the store took the response (or refused it).
+#[derive(Debug)]
+pub(crate) struct HeldBytes {
+    pub(crate) responses: Arc<Responses>,
+    pub(crate) n: u64,
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.responses.buffered.fetch_sub(self.n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// This node's entry of a key completed here: forgotten if the store refuses its response (or
+/// it is never settled), so the next request with the key asks the store afresh.
+pub(crate) struct LocalEntry {
+    set: Idempotency,
+    key: u128,
+    entry: Arc<Entry>,
+}
+
+impl LocalEntry {
+    fn forget(self) {
+        let entry = self.entry;
+        self.set.seen.entry(self.key).and_compute_with(|e| match e {
+            Some(e) if Arc::ptr_eq(e.value(), &entry) => moka::ops::compute::Op::Remove,
+            _ => moka::ops::compute::Op::Nop,
+        });
+    }
+}
+
 impl Responses {
     pub(crate) fn not_stored(&self, why: NotStored) {
         let i = NotStored::ALL.iter().position(|w| *w == why).unwrap_or(0);
@@ -144,6 +179,8 @@ pub(crate) struct FleetClaim {
     pub(crate) window: i64,
     pub(crate) max_stored: u64,
     pub(crate) responses: Arc<Responses>,
+    /// What the response capture keeps to.
+    pub(crate) limits: CaptureLimits,
 }
 
 /// The most settlements under way at once (each retries for up to [`IN_FLIGHT_SECS`]).
@@ -174,9 +211,17 @@ pub(crate) async fn settled(settling: &Settling, key: &str, limit: Duration) {
 impl FleetClaim {
     /// Settles the claim in the store in the background (after the response), retried a few
     /// times. A claim left unsettled frees itself after [`IN_FLIGHT_SECS`].
-    fn settle(self, how: IdempotencySettle) {
+    ///
+    /// A completion carries the bytes its response holds (given back once the store answered)
+    /// and this node's entry of the key (forgotten if the response is not stored).
+    fn settle(self, how: IdempotencySettle, held: Option<HeldBytes>, local: Option<LocalEntry>) {
         let completing = matches!(how, IdempotencySettle::Completed(_));
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            if let Some(local) = local {
+                local.forget();
+            }
+            return;
+        };
         let (done, waiting) = tokio::sync::watch::channel(());
         {
             let mut settling = self.settling.lock().unwrap_or_else(|e| e.into_inner());
@@ -184,12 +229,17 @@ impl FleetClaim {
                 // A long outage: settlements are not queued without bound; this claim frees
                 // itself after its in-flight time.
                 tracing::debug!("too many Idempotency-Key settlements under way; this one is skipped");
+                if let Some(local) = local {
+                    local.forget();
+                }
                 return;
             }
             settling.insert(self.key.clone(), waiting.clone());
         }
         rt.spawn(async move {
             let _done = done;
+            let _held = held;
+            let mut local = local;
             let _forget = Forget(self.settling.clone(), self.key.clone(), waiting);
             // Until the claim's in-flight time ends: after that an unsettled claim frees
             // itself, and a completed request would be charged again on another node.
@@ -201,6 +251,9 @@ impl FleetClaim {
                 {
                     Ok(Ok(IdempotencySettled::Refused)) => {
                         self.responses.not_stored(NotStored::StoreFull);
+                        if let Some(local) = local.take() {
+                            local.forget();
+                        }
                         return;
                     }
                     Ok(Ok(IdempotencySettled::Settled)) if completing => {
@@ -217,6 +270,9 @@ impl FleetClaim {
                 }
                 tokio::time::sleep(pause).await;
                 attempt += 1;
+            }
+            if let Some(local) = local.take() {
+                local.forget();
             }
             tracing::warn!(
                 completing,
@@ -255,20 +311,22 @@ pub(crate) struct Claim {
     key: u128,
     entry: Arc<Entry>,
     done: bool,
-    pub(crate) fleet: Option<FleetClaim>,
-    /// What its response capture keeps to (set with the claim in the store).
-    pub(crate) limits: Option<CaptureLimits>,
+    /// The claim in the store, once made (boxed: a claim moves through admission).
+    pub(crate) fleet: Option<Box<FleetClaim>>,
 }
 
 impl Claim {
     /// The request completed and was billed with `response`: later requests with the key are
     /// replays, answered with it.
-    pub(crate) fn complete(mut self, response: StoredResponse) {
+    /// `held`: the bytes the response holds of this node's budget, given back once the store
+    /// answered.
+    pub(crate) fn complete(mut self, response: StoredResponse, held: HeldBytes) {
         self.entry.state.store(DONE, Ordering::Release);
         self.done = true;
         if let Some(fleet) = self.fleet.take() {
             let done = CompletedRequest::new(Arc::new(response), fleet.claimed_at, fleet.window, fleet.max_stored);
-            fleet.settle(IdempotencySettle::Completed(done));
+            let local = LocalEntry { set: self.set.clone(), key: self.key, entry: self.entry.clone() };
+            fleet.settle(IdempotencySettle::Completed(done), Some(held), Some(local));
         }
     }
 
@@ -289,7 +347,7 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if let Some(fleet) = self.fleet.take() {
-            fleet.settle(IdempotencySettle::Released);
+            fleet.settle(IdempotencySettle::Released, None, None);
         }
         if !self.done {
             let entry = self.entry.clone();
@@ -362,14 +420,7 @@ impl Idempotency {
         let fresh = Arc::new(Entry { request, state: AtomicU8::new(IN_FLIGHT) });
         let entry = self.seen.entry(id).or_insert_with(|| fresh.clone());
         if entry.is_fresh() && Arc::ptr_eq(entry.value(), &fresh) {
-            return Verdict::First(Claim {
-                set: self.clone(),
-                key: id,
-                entry: fresh,
-                done: false,
-                fleet: None,
-                limits: None,
-            });
+            return Verdict::First(Claim { set: self.clone(), key: id, entry: fresh, done: false, fleet: None });
         }
         let existing = entry.into_value();
         if existing.request != request {

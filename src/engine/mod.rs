@@ -26,7 +26,7 @@ mod wait;
 
 pub(crate) use builder::OpenStores;
 pub use builder::{BuildError, Builder};
-pub use capture::{is_stored_header, BodyPrint, ResponseCapture};
+pub use capture::{is_stored_header, BodyPrint, ResponseCapture, DRAIN_LIMIT};
 pub(crate) use door::{credential_in, describe};
 pub use door::{ClientAddr, FrontDoor, RequestView};
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};

@@ -11,7 +11,8 @@ use crate::{
     usage::TenantContext,
 };
 
-/// What a ticket holds of its `Idempotency-Key`.
+/// What a ticket holds of its `Idempotency-Key` (always in a box: keyed requests are rare).
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Held {
     /// The first request with it: the capture of its response, which settles the claim.
     First(ResponseCapture),

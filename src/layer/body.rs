@@ -35,10 +35,11 @@ pin_project! {
         Full { data: Option<Bytes> },
         // A gRPC answer billed when its trailers come: the ticket lives until the body ends.
         Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16 },
-        // The answer to the first request with an `Idempotency-Key`: held while it streams,
-        // billed and stored with the key when it ends (after what the handler left of the
-        // request body is drained into its fingerprint). `ended`: the body gave its end.
-        Stored { #[pin] body: B, ticket: Option<Ticket>, capture: Option<ResponseCapture>, status: u16, ended: bool },
+        // The answer to the first request with an `Idempotency-Key` (billed at its head): held
+        // while it streams, stored with the key when its last frame has gone (a server does
+        // not poll a body for its end once the length it announced is written). `seen`: its
+        // bytes so far; `exact`: its length, if it said.
+        Stored { #[pin] body: B, capture: Option<ResponseCapture>, seen: u64, exact: Option<u64> },
     }
 }
 
@@ -62,12 +63,15 @@ impl<B> TollgateBody<B> {
 }
 
 impl<B> TollgateBody<B> {
-    /// The body of the first request with an `Idempotency-Key`: `capture` holds it as it
-    /// streams; at its end `ticket` is completed by `status` and, if billed, the response is
-    /// stored. A body that fails gives the ticket back; one dropped is billed as a request
-    /// cut off; either way nothing is stored and the key is released.
-    pub(crate) fn stored(body: B, ticket: Ticket, capture: ResponseCapture, status: u16) -> Self {
-        let stored = Other::Stored { body, ticket: Some(ticket), capture: Some(capture), status, ended: false };
+    /// The body of the first request with an `Idempotency-Key`, already billed: `capture`
+    /// holds it as it streams and stores it when its last frame has gone. A body that fails,
+    /// or is dropped before its end, stores nothing: the key is released.
+    pub(crate) fn stored(body: B, capture: ResponseCapture) -> Self
+    where
+        B: Body,
+    {
+        let exact = body.size_hint().exact();
+        let stored = Other::Stored { body, capture: Some(capture), seen: 0, exact };
         Self { kind: Kind::Other { other: Some(Box::pin(stored)) } }
     }
 }
@@ -139,47 +143,33 @@ where
                     }
                     polled
                 }
-                OtherProj::Stored { mut body, ticket, capture, status, ended } => {
-                    if !*ended {
-                        if let Some(t) = ticket.as_mut() {
-                            t.in_poll = true;
-                        }
-                        let polled = body.as_mut().poll_frame(cx);
-                        if let Some(t) = ticket.as_mut() {
-                            t.in_poll = false;
-                        }
-                        match polled {
-                            Poll::Ready(Some(Ok(frame))) => {
-                                if let (Some(data), Some(c)) = (frame.data_ref(), capture.as_mut()) {
+                OtherProj::Stored { mut body, capture, seen, exact } => {
+                    let polled = body.as_mut().poll_frame(cx);
+                    match &polled {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            if let Some(data) = frame.data_ref() {
+                                *seen += data.len() as u64;
+                                if let Some(c) = capture.as_mut() {
                                     c.data(data);
                                 }
-                                return Poll::Ready(Some(Ok(frame)));
                             }
-                            // The body failed: not served whole, not billed, not stored.
-                            Poll::Ready(Some(Err(e))) => {
-                                if let Some(t) = ticket.take() {
-                                    t.give_back();
+                            // The last frame: the server may not poll again.
+                            if body.is_end_stream() || exact.is_some_and(|n| *seen >= n) {
+                                if let Some(c) = capture.take() {
+                                    c.finish();
                                 }
-                                *capture = None;
-                                return Poll::Ready(Some(Err(e)));
                             }
-                            Poll::Ready(None) => *ended = true,
-                            Poll::Pending => return Poll::Pending,
                         }
-                    }
-                    // What the handler left of the request body, into its fingerprint.
-                    if let Some(c) = capture.as_ref() {
-                        std::task::ready!(c.request_body().poll_drain(cx));
-                    }
-                    if let Some(t) = ticket.take() {
-                        let billed = t.complete(*status);
-                        match capture.take() {
-                            Some(c) if billed => c.finish(),
-                            // Not billed: the key is released (the capture's drop).
-                            _ => {}
+                        // The body failed: not served whole, not stored (the key is released).
+                        Poll::Ready(Some(Err(_))) => *capture = None,
+                        Poll::Ready(None) => {
+                            if let Some(c) = capture.take() {
+                                c.finish();
+                            }
                         }
+                        Poll::Pending => {}
                     }
-                    Poll::Ready(None)
+                    polled
                 }
             },
         }
@@ -192,8 +182,7 @@ where
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => data.is_none(),
                 Other::Tracked { body, .. } => body.is_end_stream(),
-                // Never before it is finished: its end stores the response.
-                Other::Stored { ticket, .. } => ticket.is_none(),
+                Other::Stored { body, .. } => body.is_end_stream(),
             },
         }
     }

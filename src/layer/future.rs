@@ -15,7 +15,7 @@ use super::{
     TollgateBody,
 };
 use crate::{
-    engine::{BodyPrint, Ticket},
+    engine::{BodyPrint, Ticket, DRAIN_LIMIT},
     response::{Rejection, RejectionResponder},
 };
 
@@ -29,13 +29,13 @@ pin_project! {
         S: Service<Request<M::Body>>,
     {
         #[pin]
-        state: State<S, B, P, S::Future>,
+        state: State<S, B, P, S::Future, S::Response>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, B, P, F> {
+    enum State<S, B, P, F, R> {
         // Waiting on the store (an unseen tenant, or an empty quota lease). Boxed: it is rare,
         // and keeps the future small on the common path.
         Pending { resolving: Resolving, waiting: Option<Box<Waiting<S, B, P>>> },
@@ -46,6 +46,10 @@ pin_project! {
         // A replay: its body is read into its fingerprint, then it is answered with the stored
         // response (or 422). Boxed: rare.
         Replay { replay: Option<Box<Replaying<P>>> },
+        // The first request with an `Idempotency-Key`, answered and billed: what the handler
+        // left of its body is drained into its fingerprint before the response goes, so the
+        // key is settled when the client has the answer. Boxed: rare.
+        Draining { draining: Option<Box<Draining<R>>> },
     }
 }
 
@@ -56,12 +60,54 @@ struct Waiting<S, B, P> {
     context: bool,
 }
 
-/// A replay whose body is being read.
+/// A first request's response waiting for what its handler left of the request body to be
+/// fingerprinted (for at most [`DRAIN_LIMIT`]).
+struct Draining<R> {
+    response: R,
+    capture: crate::engine::ResponseCapture,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Polls `print`'s drain, within [`DRAIN_LIMIT`] from the first poll (no limit outside a tokio
+/// runtime): ready when drained, or when the time is up (the body then has no fingerprint).
+fn drain_within(
+    print: &BodyPrint,
+    deadline: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if print.poll_drain(cx).is_ready() {
+        return Poll::Ready(());
+    }
+    if deadline.is_none() && tokio::runtime::Handle::try_current().is_ok() {
+        *deadline = Some(Box::pin(tokio::time::sleep(DRAIN_LIMIT)));
+    }
+    if deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
+        print.fail();
+        return Poll::Ready(());
+    }
+    Poll::Pending
+}
+
+/// A response whose capture is ready to hold its body: stored at once if it has none.
+fn with_capture<B: http_body::Body<Data = Bytes>>(
+    response: Response<B>,
+    capture: crate::engine::ResponseCapture,
+) -> Response<TollgateBody<B>> {
+    if response.body().is_end_stream() {
+        capture.finish();
+        response.map(TollgateBody::inner)
+    } else {
+        response.map(|body| TollgateBody::stored(body, capture))
+    }
+}
+
+/// A replay whose body is being read (for at most [`DRAIN_LIMIT`]).
 struct Replaying<P> {
     print: BodyPrint,
     ticket: Ticket,
     parts: http::request::Parts,
     responder: P,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A replay of the first request with its `Idempotency-Key`: its body is fingerprinted, never
@@ -69,7 +115,7 @@ struct Replaying<P> {
 fn replaying<B, P, M: BodyMode<B>>(request: Request<B>, ticket: Ticket, responder: P) -> Box<Replaying<P>> {
     let (parts, body) = request.into_parts();
     let print = M::replay(body, ticket.replay_body_limit());
-    Box::new(Replaying { print, ticket, parts, responder })
+    Box::new(Replaying { print, ticket, parts, responder, deadline: None })
 }
 
 /// Hands an admitted request to the inner service: its body fingerprinted if it is the first
@@ -129,6 +175,7 @@ where
             State::Inner { .. } => "inner",
             State::Ready { .. } => "ready",
             State::Replay { .. } => "replay",
+            State::Draining { .. } => "draining",
         };
         f.debug_struct("ResponseFuture").field("state", &state).finish()
     }
@@ -220,10 +267,11 @@ where
                                 // Read before tollgate's own headers are added.
                                 let grpc = grpc_status(&response);
                                 // The first request with an `Idempotency-Key`: its response is
-                                // held to be stored (not a gRPC answer's, nor a refusal's).
-                                let mut capture = ticket.capture().filter(|_| {
-                                    matches!(grpc, Grpc::No) && response.extensions().get::<Rejection>().is_none()
-                                });
+                                // held to be stored. Not a gRPC answer's (its key is released
+                                // when the call is settled), nor a refusal's.
+                                let plain = matches!(grpc, Grpc::No);
+                                let refused = response.extensions().get::<Rejection>().is_some();
+                                let mut capture = if plain && !refused { ticket.capture() } else { None };
                                 if let Some(c) = capture.as_mut() {
                                     let headers = response.headers().iter();
                                     c.head(
@@ -233,13 +281,7 @@ where
                                 }
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));
-                                if let Some(capture) = capture {
-                                    let status = response.status().as_u16();
-                                    return Poll::Ready(Ok(
-                                        response.map(|body| TollgateBody::stored(body, ticket, capture, status))
-                                    ));
-                                }
-                                if response.extensions().get::<Rejection>().is_some() {
+                                if refused {
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
                                     ticket.give_back();
@@ -249,7 +291,19 @@ where
                                     let status = response.status().as_u16();
                                     match grpc {
                                         Grpc::No => {
-                                            ticket.complete(status);
+                                            // Billed at the head, as every response; the
+                                            // response is stored when its body ends (not
+                                            // billed: the capture's drop releases the key).
+                                            let billed = ticket.complete(status);
+                                            if let Some(capture) = capture.filter(|_| billed) {
+                                                if capture.has_rest() {
+                                                    let draining = Draining { response, capture, deadline: None };
+                                                    this.state
+                                                        .set(State::Draining { draining: Some(Box::new(draining)) });
+                                                    continue;
+                                                }
+                                                return Poll::Ready(Ok(with_capture(response, capture)));
+                                            }
                                         }
                                         Grpc::Status(code) => {
                                             ticket.complete_grpc(code);
@@ -280,9 +334,16 @@ where
                 StateProj::Ready { response } => {
                     return Poll::Ready(Ok(response.take().expect(DONE).map(TollgateBody::full)));
                 }
+                StateProj::Draining { draining } => {
+                    let d = draining.as_mut().expect(DONE);
+                    ready!(drain_within(d.capture.request_body(), &mut d.deadline, cx));
+                    let Draining { response, capture, .. } = *draining.take().expect(DONE);
+                    return Poll::Ready(Ok(with_capture(response, capture)));
+                }
                 StateProj::Replay { replay } => {
-                    ready!(replay.as_ref().expect(DONE).print.poll_drain(cx));
-                    let Replaying { print, ticket, parts, responder } = *replay.take().expect(DONE);
+                    let r = replay.as_mut().expect(DONE);
+                    ready!(drain_within(&r.print, &mut r.deadline, cx));
+                    let Replaying { print, ticket, parts, responder, .. } = *replay.take().expect(DONE);
                     let response = match ticket.check_replay_body(print.digest()) {
                         Ok(()) => replay_response(&ticket),
                         Err(rejection) => reject_for(&Request::from_parts(parts, ()), &responder, rejection),

@@ -256,10 +256,16 @@ pub trait IdempotencyStore: Send + Sync + fmt::Debug + 'static {
     /// Bindings are bounded and expire at `expires_at`.
     async fn claim_idempotency(&self, claim: &IdempotencyClaim) -> Result<IdempotencyState, StoreError>;
 
-    /// The binding of a key, as a claim would find it at `now`, without claiming it: one read.
-    /// `None`: free (never used, expired, released, or left in flight past its time).
-    /// [`IdempotencyState::Mismatch`] is never answered: the caller compares the request.
-    async fn read_idempotency(&self, key: &str, now: i64) -> Result<Option<IdempotencyState>, StoreError>;
+    /// The binding of a key, as a claim of it for `request` (a digest, as in
+    /// [`IdempotencyClaim::request`]) would find it at `now`, without claiming it: one read.
+    /// `None`: free (never used, expired, released, or left in flight past its time);
+    /// [`IdempotencyState::Mismatch`]: bound to another request.
+    async fn read_idempotency(
+        &self,
+        key: &str,
+        request: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyState>, StoreError>;
 
     /// Settles a claim made by `owner`: marks the key completed with its response, or frees
     /// it. Changes nothing when the key is no longer held by `owner`.

@@ -522,11 +522,12 @@ impl IdempotencyStore for Faulty {
     async fn read_idempotency(
         &self,
         key: &str,
+        request: &str,
         now: i64,
     ) -> Result<Option<tollgate::store::IdempotencyState>, StoreError> {
         self.idempotency_reads.fetch_add(1, Ordering::SeqCst);
         self.check()?;
-        self.inner.read_idempotency(key, now).await
+        self.inner.read_idempotency(key, request, now).await
     }
 
     async fn settle_idempotency(

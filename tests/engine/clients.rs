@@ -338,6 +338,17 @@ async fn anonymous_callers_do_not_share_idempotency_keys() {
     }
     let billed = common::committed(&*store, "anonymous", "requests", NOON - 3600, NOON + 3600, 3600).await;
     assert_eq!(billed, 2, "A and B charged once each, their retries replays");
+    // Callers whose address the door does not give cannot be told apart: their keys are not
+    // honoured (a stored response is never answered to another client). Each runs, charged.
+    for n in &nodes {
+        let reply = n.send(req("POST", "/orders", None, Some("2"))).await;
+        assert_eq!((reply.status.as_u16(), reply.header("idempotent-replayed")), (200, None));
+        let reply = n.send(req("POST", "/orders", None, Some("2"))).await;
+        assert_eq!((reply.status.as_u16(), reply.header("idempotent-replayed")), (200, None), "not a replay");
+        n.tollgate.flush().await.unwrap();
+    }
+    let billed = common::committed(&*store, "anonymous", "requests", NOON - 3600, NOON + 3600, 3600).await;
+    assert_eq!(billed, 6, "the four without an address each charged");
 }
 
 /// Concurrent lookups of different unknown keys from one address cannot all pass the limit

@@ -214,7 +214,7 @@ async fn stored_responses_are_bounded_per_node_and_per_store() {
     assert_eq!(h.send(post("/big/10", "b")).await.status, 200);
     assert_eq!(h.send(post("/big/10", "b")).await.header("idempotent-replayed"), Some("true"));
     // A bucket holds half the store's bytes: 150 here, one response of 100 bytes.
-    let h = Harness::new(&format!("{toml}\n[limits]\nidempotency_store_bytes = 300\n"));
+    let h = Harness::new(&format!("{toml}\n[limits]\nidempotency_store_bytes = 300\nidempotency_max_body = 150\n"));
     assert_eq!(h.send(post("/big/100", "c")).await.status, 200);
     assert_eq!(h.send(post("/big/100", "d")).await.status, 200);
     assert_eq!(h.send(post("/big/100", "c")).await.header("idempotent-replayed"), Some("true"));
@@ -306,4 +306,49 @@ async fn a_caller_over_its_rate_costs_no_idempotency_writes() {
     tokio::time::sleep(Duration::from_millis(20)).await;
     let writes = store.idempotency_writes.load(std::sync::atomic::Ordering::SeqCst);
     assert!(writes <= 2, "{writes} store writes for one admitted request");
+}
+
+/// A body that sends one frame, then fails.
+struct Failing(bool);
+
+impl http_body::Body for Failing {
+    type Data = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>> {
+        if std::mem::replace(&mut self.0, true) {
+            return std::task::Poll::Ready(Some(Err(std::io::Error::other("the upstream went away"))));
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(b"partial")))))
+    }
+}
+
+/// A keyed request is billed at its head, as every request: a response body that fails
+/// midway (a client can make an echoing handler's fail with a malformed chunk) is billed, not
+/// stored, and its key released: the retry runs again, billed again.
+#[tokio::test]
+async fn a_keyed_response_that_fails_midway_is_billed_and_not_stored() {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    let (clock, _handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let store = Arc::new(tollgate::store::MemoryStore::new());
+    let config = tollgate::Config::from_toml_str(&TOML.replace("limit = 3,", "limit = 100,")).unwrap();
+    let (engine, _worker) = tollgate::Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
+    let svc = tollgate::TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+        |_req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Failing(false)))
+        },
+    ));
+    for _ in 0..2 {
+        let response = svc.clone().oneshot(post("/", "k")).await.unwrap();
+        assert_eq!(response.headers().get("idempotent-replayed"), None);
+        assert!(response.into_body().collect().await.is_err());
+    }
+    engine.flush().await.unwrap();
+    let billed = common::committed(&*store, "t", "requests", NOON - 7200, NOON + 7200, 3600).await;
+    assert_eq!(billed, 2, "billed at the head, each run");
+    assert_eq!((engine.stats().responses_stored, engine.stats().responses_not_stored), (0, 2));
 }

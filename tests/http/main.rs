@@ -10,3 +10,4 @@ mod doors;
 mod grpc;
 mod headers;
 mod responses;
+mod server;

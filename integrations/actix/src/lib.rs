@@ -275,30 +275,44 @@ where
             // units go back.
             ticket.give_back();
         } else if let Some(mut capture) = ticket.capture() {
-            // What the handler left of the payload (once it let go of it), into the
-            // fingerprint.
-            if let Some((rest, print)) = payload.filter(|(rest, _)| Rc::strong_count(rest) == 1) {
-                while print.is_reading() {
-                    let next =
-                        std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rest.borrow_mut()).poll_next(cx)).await;
-                    match next {
-                        Some(Ok(chunk)) => print.update(&chunk),
-                        Some(Err(_)) => print.fail(),
-                        None => print.end(),
-                    }
-                }
-            }
-            // Held while it streams; billed and stored when it ends.
+            // Billed at the head, as every response; stored when its body ends.
             let status = response.status().as_u16();
             let head = response.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
             capture.head(status, head.collect::<Vec<_>>());
+            if !ticket.complete(status) {
+                // Not billed: nothing stored, the key is released (the capture's drop).
+                return Ok(response.map_into_left_body());
+            }
+            // What the handler left of the payload (once it let go of it), into the
+            // fingerprint, for at most `DRAIN_LIMIT`.
+            if let Some((rest, print)) = payload.filter(|(rest, _)| Rc::strong_count(rest) == 1) {
+                let drain = async {
+                    while print.is_reading() {
+                        let next =
+                            std::future::poll_fn(|cx| std::pin::Pin::new(&mut *rest.borrow_mut()).poll_next(cx)).await;
+                        match next {
+                            Some(Ok(chunk)) => print.update(&chunk),
+                            Some(Err(_)) => print.fail(),
+                            None => print.end(),
+                        }
+                    }
+                };
+                if actix_web::rt::time::timeout(tollgate::door::DRAIN_LIMIT, drain).await.is_err() {
+                    print.fail();
+                }
+            }
+            let size = match response.response().body().size() {
+                actix_web::body::BodySize::Sized(n) => Some(n),
+                actix_web::body::BodySize::None => Some(0),
+                actix_web::body::BodySize::Stream => None,
+            };
+            if size == Some(0) {
+                // No body to poll: actix sends none.
+                capture.finish();
+                return Ok(response.map_into_left_body());
+            }
             return Ok(response.map_body(|_, body| {
-                EitherBody::right(BoxBody::new(Stored {
-                    body: Box::pin(body),
-                    ticket: Some(ticket),
-                    capture: Some(capture),
-                    status,
-                }))
+                EitherBody::right(BoxBody::new(Stored { body: Box::pin(body), capture: Some(capture), seen: 0, size }))
             }));
         } else {
             ticket.complete(response.status().as_u16());
@@ -316,12 +330,18 @@ async fn replay<B, P: RejectionResponder>(
 ) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
     let print = tollgate::door::BodyPrint::new(ticket.replay_body_limit());
     let mut payload = request.take_payload();
-    while print.is_reading() {
-        match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
-            Some(Ok(chunk)) => print.update(&chunk),
-            Some(Err(_)) => print.fail(),
-            None => print.end(),
+    let drain = async {
+        while print.is_reading() {
+            match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
+                Some(Ok(chunk)) => print.update(&chunk),
+                Some(Err(_)) => print.fail(),
+                None => print.end(),
+            }
         }
+    };
+    // A body that does not come within the limit has no fingerprint (another body).
+    if actix_web::rt::time::timeout(tollgate::door::DRAIN_LIMIT, drain).await.is_err() {
+        print.fail();
     }
     match ticket.check_replay_body(print.digest()) {
         Ok(()) => {
@@ -332,14 +352,15 @@ async fn replay<B, P: RejectionResponder>(
     }
 }
 
-/// The body of the first request with an `Idempotency-Key`: held as it streams; at its end the
-/// ticket is completed and, if billed, the response stored. A body that fails gives the ticket
-/// back; one dropped is billed as a request cut off; either way the key is released.
+/// The body of the first request with an `Idempotency-Key` (billed at its head): held as it
+/// streams, stored with the key when its last bytes have gone (actix stops polling a sized body
+/// once they are written). A body that fails, or is dropped before its end, stores nothing:
+/// the key is released.
 struct Stored<B> {
     body: std::pin::Pin<Box<B>>,
-    ticket: Option<Ticket>,
     capture: Option<tollgate::door::ResponseCapture>,
-    status: u16,
+    seen: u64,
+    size: Option<u64>,
 }
 
 impl<B: MessageBody> MessageBody for Stored<B> {
@@ -357,23 +378,20 @@ impl<B: MessageBody> MessageBody for Stored<B> {
         let polled = this.body.as_mut().poll_next(cx);
         match &polled {
             std::task::Poll::Ready(Some(Ok(chunk))) => {
+                this.seen += chunk.len() as u64;
                 if let Some(c) = this.capture.as_mut() {
                     c.data(chunk);
                 }
-            }
-            std::task::Poll::Ready(Some(Err(_))) => {
-                if let Some(t) = this.ticket.take() {
-                    t.give_back();
-                }
-                this.capture = None;
-            }
-            std::task::Poll::Ready(None) => {
-                if let Some(t) = this.ticket.take() {
-                    let billed = t.complete(this.status);
-                    match this.capture.take() {
-                        Some(c) if billed => c.finish(),
-                        _ => {}
+                if this.size.is_some_and(|n| this.seen >= n) {
+                    if let Some(c) = this.capture.take() {
+                        c.finish();
                     }
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) => this.capture = None,
+            std::task::Poll::Ready(None) => {
+                if let Some(c) = this.capture.take() {
+                    c.finish();
                 }
             }
             std::task::Poll::Pending => {}

@@ -304,3 +304,82 @@ async fn an_inner_middleware_error_is_billed_by_the_status_sent() {
     let used: u64 = store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
     assert_eq!(used, 2, "the 400 and the 200 billed, the two 500s not");
 }
+
+/// One request to a real server on its own connection (`Connection: close`): the status, the
+/// head, the body (not chunked: every answer here has a length or none).
+async fn raw_post(addr: std::net::SocketAddr, path: &str, key: &str, body: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nx-api-key: key-free\r\nidempotency-key: {key}\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head[9..12].parse().unwrap(), head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// Through actix-web's own server, which stops polling a sized body once its bytes are
+/// written and never polls an empty one: the first response is stored by its last bytes (or
+/// at once when it has none), and the retry is answered with it.
+#[actix_web::test]
+async fn a_real_server_stores_sized_and_empty_responses_for_their_replays() {
+    let (engine, clock, store) = conformance::engine().await;
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (served, app_engine) = (calls.clone(), engine.clone());
+    let server = actix_web::HttpServer::new(move || {
+        let (a, b) = (served.clone(), served.clone());
+        App::new()
+            .wrap(TollgateMiddleware::new(app_engine.clone()))
+            .route(
+                "/orders",
+                web::post().to(move || {
+                    let n = a.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    async move { HttpResponse::Created().body(format!("order #{n}")) }
+                }),
+            )
+            .route(
+                "/empty",
+                web::post().to(move || {
+                    b.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { HttpResponse::NoContent().finish() }
+                }),
+            )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = server.addrs()[0];
+    let handle = server.run();
+    let stop = handle.handle();
+    actix_web::rt::spawn(handle);
+    for (path, status) in [("/orders", 201), ("/empty", 204)] {
+        // Within the plan's rate (5/s).
+        clock.advance(std::time::Duration::from_secs(1));
+        let key = format!("key{path}");
+        let first = raw_post(addr, path, &key, "a body").await;
+        assert_eq!(first.0, status, "{path}: {}", first.1);
+        let mut replay = raw_post(addr, path, &key, "a body").await;
+        for _ in 0..50 {
+            if replay.0 != 409 {
+                break;
+            }
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+            replay = raw_post(addr, path, &key, "a body").await;
+        }
+        assert_eq!(replay.0, status, "{path}: {}", replay.1);
+        assert!(replay.1.contains("\r\nidempotent-replayed: true"), "{path}: stored and replayed: {}", replay.1);
+        assert_eq!(replay.2, first.2, "{path}");
+        assert_eq!(raw_post(addr, path, &key, "another body").await.0, 422, "{path}");
+    }
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "each handler once");
+    stop.stop(true).await;
+    engine.flush().await.unwrap();
+    use tollgate::store::prelude::*;
+    let billed: u64 = store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
+    assert_eq!(billed, 2, "each first request once, no replay");
+}

@@ -39,7 +39,7 @@ pub async fn idempotency_keys_are_claimed_once_and_settled_by_their_owner<S: ?Si
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 1, now)).await.unwrap(), IdempotencyState::Claimed);
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 2, now)).await.unwrap(), IdempotencyState::InFlight);
     assert_eq!(s.claim_idempotency(&claim("k1", "r2", 2, now)).await.unwrap(), IdempotencyState::Mismatch);
-    assert_eq!(s.read_idempotency("k1", now).await.unwrap(), Some(IdempotencyState::InFlight));
+    assert_eq!(s.read_idempotency("k1", "r1", now).await.unwrap(), Some(IdempotencyState::InFlight));
     // Only the owner settles.
     assert_eq!(s.settle_idempotency("k1", 2, &completed(&r1, now)).await.unwrap(), IdempotencySettled::NotHeld);
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now)).await.unwrap(), IdempotencyState::InFlight);
@@ -49,7 +49,8 @@ pub async fn idempotency_keys_are_claimed_once_and_settled_by_their_owner<S: ?Si
     // A completed binding answers with its response, whole.
     let done = IdempotencyState::Completed(Some(Box::new(r1.clone())));
     assert_eq!(s.claim_idempotency(&claim("k1", "r1", 3, now + 10)).await.unwrap(), done);
-    assert_eq!(s.read_idempotency("k1", now + 10).await.unwrap(), Some(done.clone()));
+    assert_eq!(s.read_idempotency("k1", "r1", now + 10).await.unwrap(), Some(done.clone()));
+    assert_eq!(s.read_idempotency("k1", "r2", now + 10).await.unwrap(), Some(IdempotencyState::Mismatch));
     assert_eq!(s.claim_idempotency(&claim("k1", "r2", 3, now + 10)).await.unwrap(), IdempotencyState::Mismatch);
     // A completed key is not released by anyone.
     assert_eq!(s.settle_idempotency("k1", 1, &IdempotencySettle::Released).await.unwrap(), IdempotencySettled::NotHeld);
@@ -57,17 +58,17 @@ pub async fn idempotency_keys_are_claimed_once_and_settled_by_their_owner<S: ?Si
     // Released: free again, for any request.
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 4, now)).await.unwrap(), IdempotencyState::Claimed);
     assert_eq!(s.settle_idempotency("k2", 4, &IdempotencySettle::Released).await.unwrap(), IdempotencySettled::Settled);
-    assert_eq!(s.read_idempotency("k2", now).await.unwrap(), None);
+    assert_eq!(s.read_idempotency("k2", "r1", now).await.unwrap(), None);
     assert_eq!(s.claim_idempotency(&claim("k2", "r9", 5, now)).await.unwrap(), IdempotencyState::Claimed);
     // Left in flight past its time (its node died): free again.
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 6, now + 299)).await.unwrap(), IdempotencyState::Mismatch);
-    assert_eq!(s.read_idempotency("k2", now + 300).await.unwrap(), None);
+    assert_eq!(s.read_idempotency("k2", "r1", now + 300).await.unwrap(), None);
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 6, now + 300)).await.unwrap(), IdempotencyState::Claimed);
     // The old owner can no longer settle it.
     s.settle_idempotency("k2", 5, &IdempotencySettle::Released).await.unwrap();
     assert_eq!(s.claim_idempotency(&claim("k2", "r1", 7, now + 301)).await.unwrap(), IdempotencyState::InFlight);
     // A completed binding expires.
-    assert_eq!(s.read_idempotency("k1", now + 86_400).await.unwrap(), None);
+    assert_eq!(s.read_idempotency("k1", "r1", now + 86_400).await.unwrap(), None);
     assert_eq!(s.claim_idempotency(&claim("k1", "r2", 8, now + 86_400)).await.unwrap(), IdempotencyState::Claimed);
 }
 
@@ -85,7 +86,7 @@ pub async fn stored_responses_are_bounded_in_bytes<S: ?Sized + IdempotencyStore>
     assert_eq!(s.claim_idempotency(&claim("big", 1, now)).await.unwrap(), IdempotencyState::Claimed);
     assert_eq!(s.settle_idempotency("big", 1, &settle(&big, now)).await.unwrap(), IdempotencySettled::Refused);
     // Refused: the key is free again.
-    assert_eq!(s.read_idempotency("big", now).await.unwrap(), None);
+    assert_eq!(s.read_idempotency("big", "r", now).await.unwrap(), None);
     let small = StoredResponse::new(200, vec![], Bytes::from(vec![b'y'; 1_000]), None);
     let mut stored = 0;
     let mut refused = 0;
@@ -96,7 +97,7 @@ pub async fn stored_responses_are_bounded_in_bytes<S: ?Sized + IdempotencyStore>
             IdempotencySettled::Settled => stored += 1,
             IdempotencySettled::Refused => {
                 refused += 1;
-                assert_eq!(s.read_idempotency(&key, now + 1).await.unwrap(), None);
+                assert_eq!(s.read_idempotency(&key, "r", now + 1).await.unwrap(), None);
             }
             other => panic!("{other:?}"),
         }

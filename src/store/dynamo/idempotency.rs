@@ -88,7 +88,12 @@ impl IdempotencyStore for DynamoStore {
         }
     }
 
-    async fn read_idempotency(&self, key: &str, now: i64) -> Result<Option<IdempotencyState>, StoreError> {
+    async fn read_idempotency(
+        &self,
+        key: &str,
+        request: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyState>, StoreError> {
         let out = self
             .client
             .get_item()
@@ -106,6 +111,9 @@ impl IdempotencyStore for DynamoStore {
         let until = get_i(&held, "until").unwrap_or(i64::MAX);
         if now >= expires || (!completed && now >= until) {
             return Ok(None);
+        }
+        if get_s(&held, "request") != Some(request) {
+            return Ok(Some(IdempotencyState::Mismatch));
         }
         state_of(&held).map(Some)
     }

@@ -37,9 +37,15 @@ impl IdempotencyStore for MemoryStore {
         Ok(IdempotencyState::Claimed)
     }
 
-    async fn read_idempotency(&self, key: &str, now: i64) -> Result<Option<IdempotencyState>, StoreError> {
+    async fn read_idempotency(
+        &self,
+        key: &str,
+        request: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyState>, StoreError> {
         let inner = self.lock();
-        Ok(inner.idempotency.get(key).filter(|b| b.live(now)).map(Binding::state))
+        let live = inner.idempotency.get(key).filter(|b| b.live(now));
+        Ok(live.map(|b| if b.request != request { IdempotencyState::Mismatch } else { b.state() }))
     }
 
     async fn settle_idempotency(

@@ -57,10 +57,19 @@ impl IdempotencyStore for SqliteStore {
         }
     }
 
-    async fn read_idempotency(&self, key: &str, now: i64) -> Result<Option<IdempotencyState>, StoreError> {
+    async fn read_idempotency(
+        &self,
+        key: &str,
+        request: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyState>, StoreError> {
         let key = key.to_owned();
         let held = self.read(move |tx| live(tx, &key, now)).await?;
-        held.map(|(_, completed, response)| state_of(completed, response)).transpose()
+        match held {
+            None => Ok(None),
+            Some((bound, _, _)) if bound != request => Ok(Some(IdempotencyState::Mismatch)),
+            Some((_, completed, response)) => state_of(completed, response).map(Some),
+        }
     }
 
     async fn settle_idempotency(
