@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
     let store = Arc::new(tollgate::store::MemoryStore::new());
     let (engine, worker) = rt.block_on(async { tollgate::Tollgate::builder(config).store_arc(store).build() });
     rt.spawn(worker.run());
-    let svc = tollgate::TollgateLayer::new(engine).layer(tower::service_fn(
+    let svc = tollgate::TollgateLayer::new(engine).streamed_bodies().layer(tower::service_fn(
         |_req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<Bytes>>>| async {
             Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from_static(b"created"))))
         },

@@ -121,10 +121,9 @@ async fn main() {
     let (clock, fake) = Clock::fake_at_unix(start);
     let (engine, _worker) = Tollgate::builder(config).store(store).clock(clock).build();
     let layer = TollgateLayer::new(engine.clone());
-    let svc =
-        layer.layer(tower::service_fn(|_req: http::Request<tollgate::layer::RequestBody<axum::body::Body>>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
-        }));
+    let svc = layer.layer(tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+    }));
     let keys: Vec<String> = (0..tenants).map(|i| format!("key-{i}")).collect();
     let step = Duration::from_nanos(run * 1_000_000_000 / requests);
     let (mut flushed_at, mut revalidated_at) = (0u64, 0u64);

@@ -39,8 +39,7 @@ impl KeyExtractor for ApiKeyHeader {
     }
 }
 
-/// The handler: `Bare<Body>` alone and under tower_governor, `Bare<RequestBody<Body>>` under
-/// tollgate (whose inner service receives its request body type).
+/// The handler, generic over its request body.
 pub(crate) type Bare<B = Body> =
     tower::util::ServiceFn<fn(Request<B>) -> std::future::Ready<Result<Response<Body>, Infallible>>>;
 
@@ -124,7 +123,7 @@ pub(crate) fn tollgate_service(
     headers: &str,
     context: bool,
     rt: &tokio::runtime::Runtime,
-) -> tollgate::TollgateService<Bare<tollgate::layer::RequestBody<Body>>> {
+) -> tollgate::TollgateService<Bare> {
     // TOLLGATE_BENCH_NO_REFILL=1: leases no run exhausts and no flush during a run, so that
     // only the request path is counted (the same with any store); without it, the counts
     // include the store's share of each request (refills and flushes).

@@ -112,6 +112,14 @@ impl Ticket {
         Err(r.for_tenant(&self.state))
     }
 
+    /// Whether the ticket holds anything of an `Idempotency-Key` (a first request's capture, or
+    /// a replay's stored response): one test, for the paths of requests without one.
+    #[inline]
+    #[must_use]
+    pub fn has_key(&self) -> bool {
+        self.claim.is_some()
+    }
+
     /// For the first request with an `Idempotency-Key`: the capture of its response, which
     /// the door feeds (the request body's fingerprint, the response's head and body) and
     /// finishes when the response ended and was billed, so replays are answered with it. A

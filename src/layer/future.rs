@@ -23,7 +23,7 @@ type Resolving = Pin<Box<dyn Future<Output = Result<Ticket, Rejection>> + Send>>
 
 pin_project! {
     /// The response future of a [`TollgateService`](super::TollgateService).
-    pub struct ResponseFuture<S, B, P, M = super::Streamed>
+    pub struct ResponseFuture<S, B, P, M = super::SameBody>
     where
         M: BodyMode<B>,
         S: Service<Request<M::Body>>,
@@ -120,10 +120,19 @@ fn replaying<B, P, M: BodyMode<B>>(request: Request<B>, ticket: Ticket, responde
 
 /// Hands an admitted request to the inner service: its body fingerprinted if it is the first
 /// with an `Idempotency-Key`.
-#[inline]
+#[inline(always)]
 pub(crate) fn hand_on<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Ticket) -> Request<M::Body> {
+    if !ticket.has_key() {
+        return M::plain_request(request);
+    }
+    printed::<B, M>(request, ticket)
+}
+
+#[cold]
+#[inline(never)]
+fn printed<B, M: BodyMode<B>>(request: Request<B>, ticket: &mut Ticket) -> Request<M::Body> {
     match ticket.capture_mut() {
-        None => request.map(M::plain),
+        None => M::plain_request(request),
         Some(capture) => request.map(|body| M::printed(body, capture)),
     }
 }
@@ -211,6 +220,54 @@ fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
     }
 }
 
+/// The response of the first request with an `Idempotency-Key`: completed as any response,
+/// and held to be stored (not a gRPC answer's: its key is released when the call is settled;
+/// nor a refusal's). `Err`: what the handler left of the request body is to be drained first.
+#[cold]
+#[inline(never)]
+fn keyed<R: http_body::Body<Data = Bytes>>(
+    mut response: Response<R>,
+    mut ticket: Ticket,
+) -> Result<Response<TollgateBody<R>>, Box<Draining<Response<R>>>> {
+    // Read before tollgate's own headers are added.
+    let grpc = grpc_status(&response);
+    let plain = matches!(grpc, Grpc::No);
+    let refused = response.extensions().get::<Rejection>().is_some();
+    let mut capture = if plain && !refused { ticket.capture() } else { None };
+    let status = response.status().as_u16();
+    if let Some(c) = capture.as_mut() {
+        c.head(status, response.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+    }
+    let headers = response.headers_mut();
+    ticket.emit(&mut |field, value| put_header(headers, field, value));
+    if refused {
+        // Refused by tollgate inside the service: not billed, the key released.
+        ticket.give_back();
+        return Ok(response.map(TollgateBody::inner));
+    }
+    match grpc {
+        Grpc::No => {
+            // Billed at the head, as every response; stored when its body has gone (not
+            // billed: the capture's drop releases the key).
+            let billed = ticket.complete(status);
+            match capture.filter(|_| billed) {
+                Some(capture) if capture.has_rest() => Err(Box::new(Draining { response, capture, deadline: None })),
+                Some(capture) => Ok(with_capture(response, capture)),
+                None => Ok(response.map(TollgateBody::inner)),
+            }
+        }
+        Grpc::Status(code) => {
+            ticket.complete_grpc(code);
+            Ok(response.map(TollgateBody::inner))
+        }
+        Grpc::Trailers if response.body().is_end_stream() => {
+            ticket.complete(status);
+            Ok(response.map(TollgateBody::inner))
+        }
+        Grpc::Trailers => Ok(response.map(|body| TollgateBody::tracked(body, ticket, status))),
+    }
+}
+
 impl<S, B, ResBody, P, M> Future for ResponseFuture<S, B, P, M>
 where
     M: BodyMode<B>,
@@ -228,7 +285,7 @@ where
                     let outcome = ready!(resolving.as_mut().poll(cx));
                     let Waiting { mut inner, mut request, responder, context } = *waiting.take().expect(DONE);
                     match outcome {
-                        Ok(ticket) if ticket.is_replay() => {
+                        Ok(ticket) if ticket.has_key() && ticket.is_replay() => {
                             State::Replay { replay: Some(replaying::<B, P, M>(request, ticket, responder)) }
                         }
                         Ok(mut ticket) => {
@@ -240,7 +297,7 @@ where
                             State::Inner { future, ticket: Some(ticket) }
                         }
                         Err(rejection) if rejection.is_shadowed() => {
-                            State::Inner { future: inner.call(request.map(M::plain)), ticket: None }
+                            State::Inner { future: inner.call(M::plain_request(request)), ticket: None }
                         }
                         Err(rejection) => {
                             let response = reject_for(&request, &responder, rejection);
@@ -263,25 +320,22 @@ where
                     return Poll::Ready(match result {
                         Ok(mut response) => {
                             // No ticket: an unidentified request shadow mode let through.
-                            if let Some(mut ticket) = ticket {
+                            if let Some(ticket) = ticket {
+                                if ticket.has_key() {
+                                    // The first request with an `Idempotency-Key` (rare).
+                                    match keyed(response, ticket) {
+                                        Ok(response) => return Poll::Ready(Ok(response)),
+                                        Err(draining) => {
+                                            this.state.set(State::Draining { draining: Some(draining) });
+                                            continue;
+                                        }
+                                    }
+                                }
                                 // Read before tollgate's own headers are added.
                                 let grpc = grpc_status(&response);
-                                // The first request with an `Idempotency-Key`: its response is
-                                // held to be stored. Not a gRPC answer's (its key is released
-                                // when the call is settled), nor a refusal's.
-                                let plain = matches!(grpc, Grpc::No);
-                                let refused = response.extensions().get::<Rejection>().is_some();
-                                let mut capture = if plain && !refused { ticket.capture() } else { None };
-                                if let Some(c) = capture.as_mut() {
-                                    let headers = response.headers().iter();
-                                    c.head(
-                                        response.status().as_u16(),
-                                        headers.map(|(n, v)| (n.as_str(), v.as_bytes())),
-                                    );
-                                }
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));
-                                if refused {
+                                if response.extensions().get::<Rejection>().is_some() {
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
                                     ticket.give_back();
@@ -291,19 +345,7 @@ where
                                     let status = response.status().as_u16();
                                     match grpc {
                                         Grpc::No => {
-                                            // Billed at the head, as every response; the
-                                            // response is stored when its body ends (not
-                                            // billed: the capture's drop releases the key).
-                                            let billed = ticket.complete(status);
-                                            if let Some(capture) = capture.filter(|_| billed) {
-                                                if capture.has_rest() {
-                                                    let draining = Draining { response, capture, deadline: None };
-                                                    this.state
-                                                        .set(State::Draining { draining: Some(Box::new(draining)) });
-                                                    continue;
-                                                }
-                                                return Poll::Ready(Ok(with_capture(response, capture)));
-                                            }
+                                            ticket.complete(status);
                                         }
                                         Grpc::Status(code) => {
                                             ticket.complete_grpc(code);

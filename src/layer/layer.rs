@@ -1,6 +1,6 @@
 use tower_layer::Layer;
 
-use super::{Buffered, FromConfig, Streamed, TollgateService};
+use super::{Buffered, FromConfig, SameBody, Streamed, TollgateService};
 use crate::{engine::Tollgate, response::ProblemJson};
 
 /// The tower layer: wraps a service so that every request is identified, rate-limited,
@@ -28,7 +28,7 @@ use crate::{engine::Tollgate, response::ProblemJson};
 /// # }
 /// ```
 #[derive(Debug, Clone)]
-pub struct TollgateLayer<R = FromConfig, P = ProblemJson, M = Streamed> {
+pub struct TollgateLayer<R = FromConfig, P = ProblemJson, M = SameBody> {
     tollgate: Tollgate,
     resolver: R,
     responder: P,
@@ -41,7 +41,7 @@ impl TollgateLayer {
     /// with problem+json.
     #[must_use]
     pub fn new(tollgate: Tollgate) -> Self {
-        Self { tollgate, resolver: FromConfig, responder: ProblemJson, context: true, mode: Streamed }
+        Self { tollgate, resolver: FromConfig, responder: ProblemJson, context: true, mode: SameBody }
     }
 }
 
@@ -62,10 +62,25 @@ impl<R, P, M> TollgateLayer<R, P, M> {
         }
     }
 
+    /// Hands the inner service a [`RequestBody`](super::RequestBody) around each request's
+    /// body, for body types that cannot hold another body (hyper's `Incoming`,
+    /// `http_body_util::Full`): it fingerprints the body of a first request with an
+    /// `Idempotency-Key` as it is read. By default ([`SameBody`]) the inner service receives
+    /// the body type it came with, which must implement [`RebuildBody`](super::RebuildBody)
+    /// (axum's does; tonic's with the `tonic` feature).
+    pub fn streamed_bodies(self) -> TollgateLayer<R, P, Streamed> {
+        TollgateLayer {
+            tollgate: self.tollgate,
+            resolver: self.resolver,
+            responder: self.responder,
+            context: self.context,
+            mode: Streamed,
+        }
+    }
+
     /// Hands the inner service request bodies as they are, for bodies held whole in memory
     /// (`lambda_http::Body`): those of requests with an `Idempotency-Key` are fingerprinted at
-    /// once. By default ([`Streamed`]) the inner service receives a
-    /// [`RequestBody`](super::RequestBody) that fingerprints them as they are read.
+    /// once.
     pub fn buffered_bodies(self) -> TollgateLayer<R, P, Buffered> {
         TollgateLayer {
             tollgate: self.tollgate,

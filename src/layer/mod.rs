@@ -13,7 +13,7 @@ mod service;
 pub use body::TollgateBody;
 pub use future::ResponseFuture;
 pub use layer::TollgateLayer;
-pub use request::{BodyMode, Buffered, RequestBody, Streamed};
+pub use request::{BodyMode, Buffered, RebuildBody, RequestBody, SameBody, Streamed};
 pub use resolver::{FromConfig, TenantResolver};
 pub use respond::{replay_response, respond, respond_for};
 pub use service::TollgateService;

@@ -22,6 +22,13 @@ pub trait BodyMode<B>: Clone + Send + Sync + 'static {
     /// A request without an `Idempotency-Key` to bind.
     fn plain(body: B) -> Self::Body;
 
+    /// [`plain`](Self::plain) for a whole request (a mode that hands bodies on as they came
+    /// returns the request itself: no move of its head).
+    #[inline]
+    fn plain_request(request: http::Request<B>) -> http::Request<Self::Body> {
+        request.map(Self::plain)
+    }
+
     /// The first request with an `Idempotency-Key`: its body feeds `capture`'s fingerprint as
     /// the inner service reads it.
     fn printed(body: B, capture: &mut ResponseCapture) -> Self::Body;
@@ -31,11 +38,79 @@ pub trait BodyMode<B>: Clone + Send + Sync + 'static {
     fn replay(body: B, max: u64) -> BodyPrint;
 }
 
-/// Request bodies read as they stream (hyper, axum, tonic): the inner service receives a
-/// [`RequestBody`], which fingerprints what it reads; what the inner service leaves unread is
-/// drained, up to `limits.idempotency_max_request_body`, before the response is stored.
+/// The default: the inner service receives the request's own body type, which can hold any
+/// body of its kind ([`RebuildBody`]: axum's, tonic's, `http_body_util`'s boxed bodies). A
+/// request without a key is handed on untouched; the first request with an `Idempotency-Key`
+/// gets its body wrapped in a [`RequestBody`] that fingerprints what is read, boxed into that
+/// type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SameBody;
+
+/// Request bodies of any type, read as they stream (hyper's `Incoming`, `Full`…): the inner
+/// service receives a [`RequestBody`], which fingerprints what it reads
+/// ([`TollgateLayer::streamed_bodies`](super::TollgateLayer::streamed_bodies)). Every request
+/// is re-wrapped: prefer [`SameBody`] where the body type allows it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Streamed;
+
+/// A request body type that can hold any body of its kind, so the inner service of the tower
+/// layer receives it as it came ([`SameBody`], the default).
+#[diagnostic::on_unimplemented(
+    message = "the tower layer cannot hand `{Self}` on as it came",
+    note = "use `TollgateLayer::streamed_bodies()`: the inner service then receives `tollgate::layer::RequestBody<{Self}>`"
+)]
+pub trait RebuildBody: Body<Data = Bytes> + Sized + Send + 'static {
+    /// `body` as this type.
+    fn rebuild(body: RequestBody<Self>) -> Self;
+}
+
+#[cfg(feature = "axum")]
+impl RebuildBody for axum_core::body::Body {
+    fn rebuild(body: RequestBody<Self>) -> Self {
+        Self::new(body)
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl RebuildBody for tonic::body::Body {
+    fn rebuild(body: RequestBody<Self>) -> Self {
+        Self::new(body)
+    }
+}
+
+impl<E: 'static> RebuildBody for http_body_util::combinators::BoxBody<Bytes, E> {
+    fn rebuild(body: RequestBody<Self>) -> Self {
+        Self::new(body)
+    }
+}
+
+impl<E: 'static> RebuildBody for http_body_util::combinators::UnsyncBoxBody<Bytes, E> {
+    fn rebuild(body: RequestBody<Self>) -> Self {
+        Self::new(body)
+    }
+}
+
+impl<B: RebuildBody> BodyMode<B> for SameBody {
+    type Body = B;
+
+    #[inline(always)]
+    fn plain(body: B) -> B {
+        body
+    }
+
+    #[inline(always)]
+    fn plain_request(request: http::Request<B>) -> http::Request<B> {
+        request
+    }
+
+    fn printed(body: B, capture: &mut ResponseCapture) -> B {
+        B::rebuild(<Streamed as BodyMode<B>>::printed(body, capture))
+    }
+
+    fn replay(body: B, max: u64) -> BodyPrint {
+        <Streamed as BodyMode<B>>::replay(body, max)
+    }
+}
 
 /// Request bodies held whole in memory (Lambda's `lambda_http::Body`): fingerprinted at once,
 /// handed to the inner service as they are.
@@ -82,6 +157,11 @@ where
     #[inline]
     fn plain(body: B) -> B {
         body
+    }
+
+    #[inline(always)]
+    fn plain_request(request: http::Request<B>) -> http::Request<B> {
+        request
     }
 
     fn printed(body: B, capture: &mut ResponseCapture) -> B {

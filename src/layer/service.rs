@@ -5,7 +5,7 @@ use tower_service::Service;
 
 use super::{
     future::{hand_on, ResponseFuture},
-    request::{BodyMode, Streamed},
+    request::{BodyMode, SameBody},
     respond::reject_for,
     FromConfig, TenantResolver,
 };
@@ -19,12 +19,14 @@ use crate::{
 /// `poll_ready` only forwards to the inner service; the decision is made in `call`, and a
 /// rejection is a response with `type Error = S::Error`.
 ///
-/// The inner service receives the request with its body as `M` hands it on: a
-/// [`RequestBody`](super::RequestBody) by default ([`Streamed`]), which fingerprints the body of
-/// a first request with an `Idempotency-Key` as it is read; the body itself with
-/// [`Buffered`](super::Buffered) (Lambda).
+/// The inner service receives the request with its body as `M` hands it on: by default
+/// ([`SameBody`]) as it came, for bodies that can hold any body of their kind
+/// ([`RebuildBody`](super::RebuildBody): axum's, tonic's), a first request with an
+/// `Idempotency-Key` having its body fingerprinted as it is read; a
+/// [`RequestBody`](super::RequestBody) for any other body ([`Streamed`](super::Streamed)); the
+/// body itself, hashed at once, for bodies held whole ([`Buffered`](super::Buffered): Lambda).
 #[derive(Debug, Clone)]
-pub struct TollgateService<S, R = FromConfig, P = ProblemJson, M = Streamed> {
+pub struct TollgateService<S, R = FromConfig, P = ProblemJson, M = SameBody> {
     inner: S,
     door: FrontDoor,
     resolver: R,
@@ -92,17 +94,24 @@ where
             },
         );
         match admission {
-            Admission::Admitted(ticket) if ticket.is_replay() => {
-                ResponseFuture::replay(request, ticket, self.responder.clone())
-            }
             Admission::Admitted(mut ticket) => {
+                // One test for requests without an `Idempotency-Key`.
+                if ticket.has_key() {
+                    if ticket.is_replay() {
+                        return ResponseFuture::replay(request, ticket, self.responder.clone());
+                    }
+                    if self.context {
+                        request.extensions_mut().insert(ticket.context());
+                    }
+                    return ResponseFuture::inner(inner.call(hand_on::<B, M>(request, &mut ticket)), ticket);
+                }
                 if self.context {
                     request.extensions_mut().insert(ticket.context());
                 }
-                ResponseFuture::inner(inner.call(hand_on::<B, M>(request, &mut ticket)), ticket)
+                ResponseFuture::inner(inner.call(M::plain_request(request)), ticket)
             }
             Admission::Rejected(rejection) if rejection.is_shadowed() => {
-                ResponseFuture::passed(inner.call(request.map(M::plain)))
+                ResponseFuture::passed(inner.call(M::plain_request(request)))
             }
             Admission::Rejected(rejection) => ResponseFuture::ready(reject_for(&request, &self.responder, rejection)),
             Admission::Pending(pending) => {

@@ -76,7 +76,13 @@ fn handler(req: Request<tollgate::layer::RequestBody<Full<Bytes>>>) -> HandlerFu
 }
 
 pub struct Harness {
-    pub svc: TollgateService<tower::util::ServiceFn<Handler>>,
+    /// The layer hands the handler a `RequestBody` (`Full` cannot hold another body).
+    pub svc: TollgateService<
+        tower::util::ServiceFn<Handler>,
+        tollgate::layer::FromConfig,
+        tollgate::response::ProblemJson,
+        tollgate::layer::Streamed,
+    >,
     pub tollgate: Tollgate,
     pub clock: FakeClock,
     /// The memory store, when the harness made it.
@@ -125,7 +131,7 @@ impl Harness {
     pub fn build(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Self {
         let config = Config::from_toml_str(toml).expect("valid test configuration");
         let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
-        let layer = tollgate::TollgateLayer::new(engine);
+        let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
         let tollgate = layer.handle().clone();
         let svc = layer.layer(tower::service_fn(handler as Handler));
         Self { svc, tollgate, clock: handle, memory: None }
@@ -133,6 +139,7 @@ impl Harness {
 
     /// A harness over a layer built by the test.
     pub fn from_layer(layer: tollgate::TollgateLayer, clock: FakeClock) -> Self {
+        let layer = layer.streamed_bodies();
         let tollgate = layer.handle().clone();
         let svc = layer.layer(tower::service_fn(handler as Handler));
         Self { svc, tollgate, clock, memory: None }
@@ -200,7 +207,7 @@ pub fn one_tenant(plan: &str) -> String {
 pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Harness {
     let config = Config::from_toml_str(toml).expect("valid test configuration");
     let (engine, worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
-    let layer = tollgate::TollgateLayer::new(engine);
+    let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
     tokio::spawn(worker.run());
     let tollgate = layer.handle().clone();
     let svc = layer.layer(tower::service_fn(handler as Handler));

@@ -657,7 +657,9 @@ impl Door for Tower {
                 );
             }
         }
-        let service = tollgate::TollgateLayer::new(self.engine.clone()).layer(tower::service_fn(app));
+        // `Full` cannot hold another body: the app receives a `RequestBody` (the axum door
+        // checks the default, axum's body handed on as it came).
+        let service = tollgate::TollgateLayer::new(self.engine.clone()).streamed_bodies().layer(tower::service_fn(app));
         let response = service.oneshot(request).await.unwrap();
         let (parts, body) = response.into_parts();
         let body = body.collect().await.unwrap().to_bytes();

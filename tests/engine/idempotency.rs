@@ -337,7 +337,7 @@ async fn a_keyed_response_that_fails_midway_is_billed_and_not_stored() {
     let store = Arc::new(tollgate::store::MemoryStore::new());
     let config = tollgate::Config::from_toml_str(&TOML.replace("limit = 3,", "limit = 100,")).unwrap();
     let (engine, _worker) = tollgate::Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
-    let svc = tollgate::TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+    let svc = tollgate::TollgateLayer::new(engine.clone()).streamed_bodies().layer(tower::service_fn(
         |_req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(Failing(false)))
         },

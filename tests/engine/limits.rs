@@ -390,7 +390,7 @@ async fn a_request_cut_off_in_its_handler_is_billed_as_configured() {
             .clock(clock)
             .build();
         let started = std::sync::Arc::new(tokio::sync::Notify::new());
-        let svc = tollgate::TollgateLayer::new(engine.clone()).layer(tower::service_fn({
+        let svc = tollgate::TollgateLayer::new(engine.clone()).streamed_bodies().layer(tower::service_fn({
             let started = started.clone();
             move |_req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| {
                 let started = started.clone();
@@ -466,7 +466,7 @@ async fn a_request_whose_handler_panics_is_not_billed() {
         .store_arc(store.clone())
         .clock(clock)
         .build();
-    let svc = tollgate::TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+    let svc = tollgate::TollgateLayer::new(engine.clone()).streamed_bodies().layer(tower::service_fn(
         |_req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async move {
             if true {
                 panic!("the handler fails");

@@ -64,7 +64,7 @@ async fn counters_follow_admissions_rejections_usage_and_flushes() {
     let recorder = Recording::default();
     let (clock, _handle) = Clock::fake_at_unix(NOON);
     let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
-    let layer = tollgate::TollgateLayer::new(engine);
+    let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
     let svc = layer.layer(tower::service_fn(
         |_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
@@ -187,7 +187,7 @@ async fn shadow_mode_counts_what_it_would_refuse_by_reason() {
     let recorder = Recording::default();
     let (clock, _handle) = Clock::fake_at_unix(NOON);
     let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
-    let layer = tollgate::TollgateLayer::new(engine);
+    let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
     let svc = layer.layer(tower::service_fn(
         |_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))

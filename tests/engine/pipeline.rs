@@ -499,7 +499,7 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
     let (clock, fake) = Clock::fake_at_unix(NOON);
     let config = Config::from_toml_str(EXPORT).unwrap();
     let (engine, worker) = Tollgate::builder(config).clock(clock).billing_sink(JsonlSink::new(&path)).build();
-    let layer = tollgate::TollgateLayer::new(engine);
+    let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
     let tollgate = layer.handle().clone();
     let running = tokio::spawn(worker.run());
     let svc = tower::Layer::layer(

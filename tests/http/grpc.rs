@@ -171,7 +171,7 @@ async fn a_grpc_status_in_the_trailers_decides_the_billing() {
     let toml = "[plans.free]\n[tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\n";
     let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
     let (engine, _worker) = Tollgate::builder(Config::from_toml_str(toml).unwrap()).store_arc(store.clone()).build();
-    let svc = TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+    let svc = TollgateLayer::new(engine.clone()).streamed_bodies().layer(tower::service_fn(
         |req: http::Request<tollgate::layer::RequestBody<String>>| async move {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let status = if &body[..] == b"fail" { "13" } else { "0" };
@@ -212,7 +212,7 @@ async fn a_grpc_body_that_has_ended_is_settled_by_its_status() {
         let store = std::sync::Arc::new(tollgate::store::MemoryStore::new());
         let (engine, _worker) =
             Tollgate::builder(Config::from_toml_str(toml).unwrap()).store_arc(store.clone()).build();
-        let svc = TollgateLayer::new(engine.clone()).layer(tower::service_fn(
+        let svc = TollgateLayer::new(engine.clone()).streamed_bodies().layer(tower::service_fn(
             move |_req: http::Request<tollgate::layer::RequestBody<String>>| async move {
                 let body = http_body_util::Full::new(Bytes::from_static(data.as_bytes()));
                 Ok::<_, std::convert::Infallible>(

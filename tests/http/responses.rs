@@ -270,7 +270,7 @@ async fn without_the_tenant_context_usage_is_still_recorded() {
     let (clock, _fake) = tollgate::clock::Clock::fake_at_unix(NOON);
     let config = tollgate::Config::from_toml_str(CONFIG).unwrap();
     let (engine, _worker) = tollgate::Tollgate::builder(config).clock(clock).build();
-    let layer = tollgate::TollgateLayer::new(engine);
+    let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
     let tollgate = layer.handle().clone();
     let svc = layer.tenant_context(false).layer(tower::service_fn(
         |r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| async move {
