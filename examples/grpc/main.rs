@@ -1,7 +1,7 @@
 //! tollgate in front of a tonic gRPC server: a gRPC client gets gRPC statuses it understands.
 //!
 //! ```text
-//! cargo run --example grpc
+//! cargo run --features tonic --example grpc
 //! ```
 //!
 //! It starts a gRPC server (`test.Echo/Say`, raw-bytes messages) behind `TollgateLayer` on a

@@ -220,6 +220,10 @@ struct Validator<'l, 'a> {
     loc: &'l Located<'a>,
 }
 
+/// What the headers of a stored response are allowed beside its body, when the store's bound
+/// is checked against `limits.idempotency_max_body`.
+const HEADERS_ALLOWANCE: u64 = 8 * 1024;
+
 impl Validator<'_, '_> {
     fn invalid(&self, path: &str, message: impl Into<String>) -> ConfigError {
         self.loc.error(Kind::InvalidValue, path, message)
@@ -343,18 +347,20 @@ impl Validator<'_, '_> {
         };
         let dynamo =
             matches!(store_roles.get(StoreRole::Idempotency).unwrap_or(&store), StoreSettings::Dynamodb { .. });
-        // A window's share of the store's bytes (DynamoDB's in 16 counters) must hold a
-        // response of the longest stored body, or every such response is refused.
-        let share = limits.idempotency_store_bytes / if dynamo { 32 } else { 2 };
-        if share < limits.idempotency_max_body {
+        // A window's share of the store's bytes (DynamoDB's in 16 counters) must hold one
+        // response of the longest stored body with its headers (allowed 8 KiB), or every such
+        // response is refused.
+        let parts = if dynamo { 32 } else { 2 };
+        let longest = limits.idempotency_max_body.saturating_add(HEADERS_ALLOWANCE);
+        if limits.idempotency_store_bytes / parts < longest {
             return Err(self.invalid(
                 "limits.idempotency_store_bytes",
                 format!(
-                    "must be at least {} times limits.idempotency_max_body ({} bytes){}: each window's share \
-                     must hold one response of the longest stored body",
-                    if dynamo { 32 } else { 2 },
+                    "must be at least {} bytes: {parts} times limits.idempotency_max_body ({}) and 8 KiB of \
+                     headers{}, so that each window's share holds one response of the longest stored body",
+                    longest.saturating_mul(parts),
                     limits.idempotency_max_body,
-                    if dynamo { " on a DynamoDB idempotency store, whose share is split in 16 counters" } else { "" },
+                    if dynamo { " (a DynamoDB idempotency store splits a window's half in 16 counters)" } else { "" },
                 ),
             ));
         }
@@ -842,7 +848,16 @@ impl Validator<'_, '_> {
             },
             idempotency_max_body: l.idempotency_max_body.unwrap_or(64 * 1024),
             idempotency_max_request_body: l.idempotency_max_request_body.unwrap_or(1 << 20),
-            idempotency_buffer_bytes: l.idempotency_buffer_bytes.unwrap_or(64 << 20),
+            idempotency_buffer_bytes: match l.idempotency_buffer_bytes {
+                None => 64 << 20,
+                Some(0) => {
+                    return Err(self.invalid(
+                        "limits.idempotency_buffer_bytes",
+                        "must be at least 1 (0 would store no response: every key released, every retry billed)",
+                    ))
+                }
+                Some(n) => n,
+            },
             idempotency_store_bytes: match l.idempotency_store_bytes {
                 None => 1 << 30,
                 Some(0) => return Err(self.invalid("limits.idempotency_store_bytes", "must be at least 1")),
@@ -1455,15 +1470,20 @@ mod tests {
 
     #[test]
     fn stored_responses_fit_their_store() {
-        // A window's half of the store must hold one response of the longest body.
+        // A window's half of the store must hold one response of the longest body, with 8 KiB
+        // of headers.
         assert_eq!(
-            at("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 1999\n"),
+            at("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 18383\n"),
             ("limits.idempotency_store_bytes".to_owned(), Some(3))
         );
-        assert!(parse("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 2000\n").is_ok());
+        assert!(parse("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 18384\n").is_ok());
         assert_eq!(
             at("[limits]\nidempotency_store_bytes = 0\n"),
             ("limits.idempotency_store_bytes".to_owned(), Some(2))
+        );
+        assert_eq!(
+            at("[limits]\nidempotency_buffer_bytes = 0\n"),
+            ("limits.idempotency_buffer_bytes".to_owned(), Some(2))
         );
         // DynamoDB: an item holds 400 KB; the window's half is split in 16 counters.
         let dynamo = "[store]\nkind = \"dynamodb\"\ntable = \"t\"\n";
@@ -1472,7 +1492,7 @@ mod tests {
             ("limits.idempotency_max_body".to_owned(), Some(5))
         );
         assert_eq!(
-            at(&format!("{dynamo}[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 31999\n")),
+            at(&format!("{dynamo}[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 294143\n")),
             ("limits.idempotency_store_bytes".to_owned(), Some(6))
         );
         assert!(parse(&format!("{dynamo}[limits]\nidempotency_max_body = 350000\n")).is_ok());

@@ -121,12 +121,14 @@ impl BodyPrint {
         self.lock().end();
     }
 
-    /// The body failed: it has no fingerprint.
+    /// The body failed (or took too long): it has no fingerprint, and what was left of it is
+    /// let go.
     pub fn fail(&self) {
         let mut p = self.lock();
         if p.state == PrintState::Reading {
             p.state = PrintState::Unknown;
         }
+        p.rest = None;
     }
 
     /// The fingerprint, once the body ended within the bound.
@@ -366,7 +368,7 @@ impl ResponseCapture {
     /// the handler left of the request body is drained into its fingerprint first, in the
     /// background too (at most [`DRAIN_LIMIT`]).
     pub fn finish(self) {
-        if self.claim.is_none() || self.refused.is_some() || !self.print.has_rest() {
+        if !self.has_rest() {
             return self.store();
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return self.store() };
@@ -378,11 +380,18 @@ impl ResponseCapture {
         });
     }
 
-    /// Whether what the handler left of the request body is still to be drained: the door
-    /// drains it ([`BodyPrint::drain`]) before [`finish`](Self::finish), or `finish` does.
+    /// Whether what the handler left of the request body is still to be drained for a
+    /// response that can still be stored: the door drains it ([`BodyPrint::drain`]) before
+    /// [`finish`](Self::finish), or `finish` does.
     #[must_use]
     pub fn has_rest(&self) -> bool {
-        self.print.has_rest()
+        self.is_storing() && self.print.has_rest()
+    }
+
+    /// Whether the response can still be stored (not a 5xx, nor past a bound so far).
+    #[must_use]
+    pub fn is_storing(&self) -> bool {
+        self.claim.is_some() && self.refused.is_none()
     }
 
     fn store(mut self) {

@@ -93,7 +93,15 @@ fn with_capture<B: http_body::Body<Data = Bytes>>(
     response: Response<B>,
     capture: crate::engine::ResponseCapture,
 ) -> Response<TollgateBody<B>> {
-    if response.body().is_end_stream() {
+    // No body a server would poll: ended, of length 0, or a status without one (1xx, 204,
+    // 304: the server sends none, whatever the body).
+    let status = response.status().as_u16();
+    let empty = response.body().is_end_stream()
+        || response.body().size_hint().exact() == Some(0)
+        || status < 200
+        || status == 204
+        || status == 304;
+    if empty {
         capture.finish();
         response.map(TollgateBody::inner)
     } else {

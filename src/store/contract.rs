@@ -41,9 +41,15 @@ pub const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
 /// the sender with the oldest call is forgotten (its calls were answered long ago).
 pub const SENDERS_KEPT: usize = 64;
 
-/// The most bytes of one stored `Idempotency-Key` response (encoded: status, headers, body) on
-/// DynamoDB: an item holds at most 400 KB, its attribute names and the binding's other
-/// attributes included. `limits.idempotency_max_body` is refused above it for a DynamoDB
-/// idempotency store; a response whose headers push it over is not stored (its key is
-/// released). Such writes cost one write unit per KB.
+/// The longest body of a stored `Idempotency-Key` response on DynamoDB:
+/// `limits.idempotency_max_body` is refused above it for a DynamoDB idempotency store. An item
+/// holds at most 400 KB (409,600 bytes), its attribute names and the binding's other attributes
+/// included: the encoded response (status, headers, body) may take
+/// [`DYNAMODB_MAX_ENCODED_RESPONSE_BYTES`], leaving the headers some 50 KB; a response whose
+/// headers push it over is not stored (its key is released). Such writes cost one write unit
+/// per KB.
 pub const DYNAMODB_MAX_RESPONSE_BYTES: usize = crate::base::DYNAMODB_MAX_RESPONSE_BYTES;
+
+/// The most bytes of one encoded stored response on DynamoDB (see
+/// [`DYNAMODB_MAX_RESPONSE_BYTES`]).
+pub const DYNAMODB_MAX_ENCODED_RESPONSE_BYTES: usize = 400_000;

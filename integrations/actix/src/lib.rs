@@ -245,6 +245,8 @@ where
             }
             next.map(|item| (item, (rest, print)))
         });
+        // Polled again after its end (a handler may), it answers the end again.
+        let stream = futures_util::StreamExt::fuse(stream);
         let boxed: std::pin::Pin<
             Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, actix_web::error::PayloadError>>>,
         > = Box::pin(stream);
@@ -284,8 +286,10 @@ where
                 return Ok(response.map_into_left_body());
             }
             // What the handler left of the payload (once it let go of it), into the
-            // fingerprint, for at most `DRAIN_LIMIT`.
-            if let Some((rest, print)) = payload.filter(|(rest, _)| Rc::strong_count(rest) == 1) {
+            // fingerprint, for at most `DRAIN_LIMIT` (not for a response that will not be
+            // stored).
+            let storing = capture.is_storing();
+            if let Some((rest, print)) = payload.filter(|(rest, _)| storing && Rc::strong_count(rest) == 1) {
                 let drain = async {
                     while print.is_reading() {
                         let next =
@@ -306,7 +310,7 @@ where
                 actix_web::body::BodySize::None => Some(0),
                 actix_web::body::BodySize::Stream => None,
             };
-            if size == Some(0) {
+            if size == Some(0) || status < 200 || status == 204 || status == 304 {
                 // No body to poll: actix sends none.
                 capture.finish();
                 return Ok(response.map_into_left_body());

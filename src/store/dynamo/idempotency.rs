@@ -3,7 +3,7 @@
 use aws_sdk_dynamodb::primitives::Blob;
 
 use super::*;
-use crate::store::{contract::DYNAMODB_MAX_RESPONSE_BYTES, IdempotencySettled, StoredResponse};
+use crate::store::{contract::DYNAMODB_MAX_ENCODED_RESPONSE_BYTES, IdempotencySettled, StoredResponse};
 
 /// The counters of stored responses' bytes per bucket: a write per stored response goes to
 /// one of these (drawn by its owner), so no one item takes the fleet's writes; each holds its
@@ -131,7 +131,7 @@ impl IdempotencyStore for DynamoStore {
         let size = bytes.len() as u64;
         // An item holds 400 KB, its attribute names included.
         let share = done.bucket_bytes() / BYTE_SHARDS;
-        if bytes.len() > DYNAMODB_MAX_RESPONSE_BYTES || size > share {
+        if bytes.len() > DYNAMODB_MAX_ENCODED_RESPONSE_BYTES || size > share {
             return match self.release_idempotency(key, owner).await? {
                 IdempotencySettled::Settled => Ok(IdempotencySettled::Refused),
                 other => Ok(other),
