@@ -41,7 +41,7 @@ fn bench(c: &mut Criterion) {
         for &n in counts {
             let keys = Arc::new((0..n).map(key).collect::<Vec<_>>());
 
-            let svc = bare::<axum::body::Body>();
+            let svc = bare();
             group.bench_with_input(BenchmarkId::new("bare", n), &n, |b, _| {
                 b.iter_custom(|iters| run(&svc, &keys, threads, iters, rt.handle()))
             });

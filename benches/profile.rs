@@ -32,7 +32,7 @@ fn one(case: &str, tenants: usize, iters: u64, threads: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let keys = Arc::new((0..tenants).map(support::key).collect::<Vec<_>>());
     let per = match case {
-        "bare" => time(&support::bare::<axum::body::Body>(), &keys, iters, threads, &rt),
+        "bare" => time(&support::bare(), &keys, iters, threads, &rt),
         "tower_governor" => time(&support::governor(&keys), &keys, iters, threads, &rt),
         "tower_governor_headers" => time(&support::governor_headers(&keys), &keys, iters, threads, &rt),
         "tollgate" => time(&support::tollgate_service(tenants, "none", false, &rt), &keys, iters, threads, &rt),

@@ -39,15 +39,14 @@ impl KeyExtractor for ApiKeyHeader {
     }
 }
 
-/// The handler, generic over its request body.
-pub(crate) type Bare<B = Body> =
-    tower::util::ServiceFn<fn(Request<B>) -> std::future::Ready<Result<Response<Body>, Infallible>>>;
+pub(crate) type Bare =
+    tower::util::ServiceFn<fn(Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>>>;
 
-pub(crate) fn bare<B>() -> Bare<B> {
-    fn hello<B>(_: Request<B>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+pub(crate) fn bare() -> Bare {
+    fn hello(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
         std::future::ready(Ok(Response::new(Body::empty())))
     }
-    tower::service_fn(hello::<B> as fn(_) -> _)
+    tower::service_fn(hello as fn(_) -> _)
 }
 
 /// Drives a future that is ready at once (all the cases here are, on warm state).
@@ -197,7 +196,7 @@ pub(crate) fn governor(
 ) -> impl Service<Request<Body>, Response = Response<Body>, Future: Send> + Clone + Send + 'static {
     let mut b = GovernorConfigBuilder::default();
     b.per_nanosecond(1).burst_size(1_000_000_000);
-    warm(GovernorLayer::new(b.key_extractor(ApiKeyHeader).finish().unwrap()).layer(bare::<Body>()), keys)
+    warm(GovernorLayer::new(b.key_extractor(ApiKeyHeader).finish().unwrap()).layer(bare()), keys)
 }
 
 /// The same with tower_governor's `use_headers()` (`x-ratelimit-*` on every response).
@@ -208,7 +207,7 @@ pub(crate) fn governor_headers(
     b.per_nanosecond(1).burst_size(1_000_000_000);
     // `use_headers` returns a builder of another type: it must be chained.
     let config = b.key_extractor(ApiKeyHeader).use_headers().finish().unwrap();
-    warm(GovernorLayer::new(config).layer(bare::<Body>()), keys)
+    warm(GovernorLayer::new(config).layer(bare()), keys)
 }
 
 fn warm<S: Service<Request<Body>> + Clone>(svc: S, keys: &[HeaderValue]) -> S {

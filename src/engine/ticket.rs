@@ -212,9 +212,18 @@ impl Ticket {
         }
         self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
         self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
-        // A claim no capture took: no response is stored, the key is released (its drop).
-        self.claim = None;
+        if self.claim.is_some() {
+            self.release_key();
+        }
         true
+    }
+
+    /// Drops what the ticket holds of its key: a first request's claim no capture took is
+    /// released (no response is stored; a retry is charged).
+    #[cold]
+    #[inline(never)]
+    fn release_key(&mut self) {
+        self.claim = None;
     }
 
     fn refund(&mut self) {
@@ -229,7 +238,9 @@ impl Ticket {
             }
         }
         // Not billed: the key is released (the claim's drop), so a retry is charged.
-        self.claim = None;
+        if self.claim.is_some() {
+            self.release_key();
+        }
         self.state.plan.metrics.refunded_units.increment(u64::from(self.cost));
     }
 }

@@ -210,7 +210,7 @@ enum Grpc {
     Trailers,
 }
 
-#[inline]
+#[inline(always)]
 fn grpc_status<B>(response: &http::Response<B>) -> Grpc {
     if response.headers().is_empty() {
         return Grpc::No;

@@ -51,6 +51,31 @@ impl<S, R, P, M> TollgateService<S, R, P, M> {
     }
 }
 
+/// A request with an `Idempotency-Key` (rare): a replay is answered from its stored response,
+/// a first request's body is fingerprinted as the inner service reads it.
+#[cold]
+#[inline(never)]
+fn keyed_call<S, B, P, M>(
+    mut inner: S,
+    mut request: Request<B>,
+    mut ticket: crate::engine::Ticket,
+    responder: &P,
+    context: bool,
+) -> ResponseFuture<S, B, P, M>
+where
+    M: BodyMode<B>,
+    S: Service<Request<M::Body>>,
+    P: RejectionResponder,
+{
+    if ticket.is_replay() {
+        return ResponseFuture::replay(request, ticket, responder.clone());
+    }
+    if context {
+        request.extensions_mut().insert(ticket.context());
+    }
+    ResponseFuture::inner(inner.call(hand_on::<B, M>(request, &mut ticket)), ticket)
+}
+
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 impl<S, B, ResBody, R, P, M> Service<Request<B>> for TollgateService<S, R, P, M>
@@ -94,16 +119,10 @@ where
             },
         );
         match admission {
-            Admission::Admitted(mut ticket) => {
+            Admission::Admitted(ticket) => {
                 // One test for requests without an `Idempotency-Key`.
                 if ticket.has_key() {
-                    if ticket.is_replay() {
-                        return ResponseFuture::replay(request, ticket, self.responder.clone());
-                    }
-                    if self.context {
-                        request.extensions_mut().insert(ticket.context());
-                    }
-                    return ResponseFuture::inner(inner.call(hand_on::<B, M>(request, &mut ticket)), ticket);
+                    return keyed_call::<S, B, P, M>(inner, request, ticket, &self.responder, self.context);
                 }
                 if self.context {
                     request.extensions_mut().insert(ticket.context());
