@@ -41,6 +41,8 @@ pub enum WebhookOutcome {
     /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
     /// not an event. Nothing changed.
     Rejected(String),
+    /// Refused with 413: a body longer than [`WebhookHandler::MAX_BODY`]. Nothing changed.
+    TooLarge,
     /// The store failed: 500, so Stripe delivers the event again. Nothing changed.
     StoreFailed(String),
 }
@@ -59,6 +61,7 @@ impl WebhookReply {
     pub fn status(&self) -> StatusCode {
         match self.outcome {
             WebhookOutcome::Rejected(_) => StatusCode::BAD_REQUEST,
+            WebhookOutcome::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             WebhookOutcome::StoreFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::OK,
         }
@@ -80,6 +83,15 @@ impl WebhookReply {
                     "title": "Bad webhook",
                     "status": 400,
                     "detail": reason,
+                })
+                .to_string()
+            }
+            WebhookOutcome::TooLarge => {
+                return serde_json::json!({
+                    "type": "https://tollgate.rs/problems/bad-webhook",
+                    "title": "Webhook too large",
+                    "status": 413,
+                    "detail": format!("the body is longer than {} bytes", WebhookHandler::MAX_BODY),
                 })
                 .to_string()
             }
@@ -139,6 +151,30 @@ pub struct WebhookHandler {
     config: Arc<dyn Fn() -> Config + Send + Sync>,
     clock: Clock,
     secrets: Vec<Secret>,
+    /// Refusals logged at most once a second: the second of the last log, and the refusals
+    /// since, not logged.
+    refusals: Arc<RefusalLog>,
+}
+
+/// Refusals of deliveries, logged at most once a second with the count of those not logged:
+/// a flood of forged deliveries does not flood the log.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: std::sync::atomic::AtomicI64,
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl RefusalLog {
+    fn refused(&self, now: i64, reason: &str) {
+        use std::sync::atomic::Ordering;
+        let last = self.last.load(Ordering::Relaxed);
+        if now > last && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            let unlogged = self.unlogged.swap(0, Ordering::Relaxed);
+            tracing::warn!(%reason, not_logged_before = unlogged, "Stripe webhook refused");
+        } else {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl fmt::Debug for WebhookHandler {
@@ -148,6 +184,12 @@ impl fmt::Debug for WebhookHandler {
 }
 
 impl WebhookHandler {
+    /// The longest body a delivery may have: 1 MiB, far above Stripe's events (an event's
+    /// object embeds its lists truncated, an invoice's `lines` at 10, and metadata is capped at
+    /// 50 keys of 500 characters). Every door's webhook route reads at most this much; a longer
+    /// body gets 413 and changes nothing.
+    pub const MAX_BODY: usize = 1 << 20;
+
     /// A handler over the parts it uses, for a process that handles webhooks without serving
     /// requests (a webhook-only function): the directory plans are changed in, who is told of
     /// a change (`node`; the engine, when there is one: see [`new`](Self::new)), the
@@ -160,15 +202,23 @@ impl WebhookHandler {
         clock: Clock,
         secrets: Vec<Secret>,
     ) -> Self {
-        Self { directory, node, config: Arc::new(config), clock, secrets }
+        Self { directory, node, config: Arc::new(config), clock, secrets, refusals: Arc::default() }
     }
 
     /// Handles one delivery: the `Stripe-Signature` header's value (if any) and the raw body.
     pub async fn handle(&self, signature: Option<&str>, body: &[u8]) -> WebhookReply {
-        let outcome = self.outcome(signature, body).await;
+        let outcome = if body.len() > Self::MAX_BODY {
+            self.refusals.refused(self.clock.unix_secs(), "the body is longer than WebhookHandler::MAX_BODY");
+            WebhookOutcome::TooLarge
+        } else {
+            self.outcome(signature, body).await
+        };
+        if let WebhookOutcome::Rejected(reason) = &outcome {
+            self.refusals.refused(self.clock.unix_secs(), reason);
+        }
         let count = match &outcome {
             WebhookOutcome::Applied { .. } => WebhookCount::Applied,
-            WebhookOutcome::Rejected(_) => WebhookCount::Rejected,
+            WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::StoreFailed(_) => return WebhookReply { outcome },
             _ => WebhookCount::Ignored,
         };
@@ -276,8 +326,8 @@ impl WebhookHandler {
     }
 }
 
+/// A refusal (logged by [`WebhookHandler::handle`], at most once a second).
 fn reject(reason: &str) -> WebhookOutcome {
-    tracing::warn!(%reason, "Stripe webhook refused");
     WebhookOutcome::Rejected(reason.to_owned())
 }
 
@@ -352,4 +402,25 @@ fn json_fields(payload: &str) -> Option<Fields> {
         status: if is_subscription { object["status"].as_str().map(str::to_owned) } else { None },
         prices,
     })
+}
+
+#[cfg(test)]
+mod refusal_log_tests {
+    use std::sync::atomic::Ordering;
+
+    use super::RefusalLog;
+
+    /// A flood of refusals is logged once a second, with the count of those not logged.
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second() {
+        let log = RefusalLog::default();
+        log.refused(100, "bad");
+        assert_eq!((log.last.load(Ordering::Relaxed), log.unlogged.load(Ordering::Relaxed)), (100, 0));
+        for _ in 0..1000 {
+            log.refused(100, "bad");
+        }
+        assert_eq!(log.unlogged.load(Ordering::Relaxed), 1000, "not logged within the second");
+        log.refused(101, "bad");
+        assert_eq!((log.last.load(Ordering::Relaxed), log.unlogged.load(Ordering::Relaxed)), (101, 0));
+    }
 }

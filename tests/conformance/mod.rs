@@ -514,6 +514,39 @@ pub fn scenarios() -> Vec<Scenario> {
             usage: vec![("beta", "requests", 11)],
             same_responses: true,
         });
+        // Stripe's event objects can be long (an invoice's lines, metadata): every door takes a
+        // body up to `WebhookHandler::MAX_BODY` (actix-web's 256 KiB default refused them with
+        // its own 413), and refuses a longer one with the handler's 413 problem+json.
+        let sized = |id: &str, len: usize| {
+            let head = format!(
+                r#"{{"id":"{id}","object":"event","type":"payment_method.attached","created":{now},"data":{{"object":{{"object":"payment_method","customer":"cus_beta"}}}},"padding":""#
+            );
+            let padding = "x".repeat(len - head.len() - 2);
+            format!("{head}{padding}\"}}")
+        };
+        let long = sized("evt_long", 300 * 1024);
+        let too_long = sized("evt_too_long", tollgate::billing::WebhookHandler::MAX_BODY + 1);
+        table.push(Scenario {
+            name: "webhook: a long event is taken, one past the cap gets 413",
+            steps: vec![
+                Send(
+                    post("/stripe/webhook")
+                        .header("stripe-signature", &stripe_signature(&too_long, WEBHOOK_SECRET, now))
+                        .body(too_long.clone()),
+                    413,
+                ),
+                Send(get("/v1/items").key("key-beta"), 200),
+                Send(
+                    post("/stripe/webhook")
+                        .header("stripe-signature", &stripe_signature(&long, WEBHOOK_SECRET, now))
+                        .body(long.clone()),
+                    200,
+                ),
+                Send(get("/v1/items").key("key-beta"), 200),
+            ],
+            usage: vec![("beta", "requests", 2)],
+            same_responses: true,
+        });
     }
     table
 }

@@ -586,10 +586,24 @@ impl Responder for RejectionResponse {
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub fn stripe_webhook(handler: impl Into<std::sync::Arc<tollgate::billing::WebhookHandler>>) -> actix_web::Route {
     let handler = handler.into();
-    actix_web::web::post().to(move |request: HttpRequest, body: actix_web::web::Bytes| {
+    actix_web::web::post().to(move |request: HttpRequest, mut payload: actix_web::web::Payload| {
         let handler = handler.clone();
         async move {
             let signature = request.headers().get("stripe-signature").and_then(|v| v.to_str().ok());
+            // Read up to the handler's cap, explicitly (not actix-web's 256 KiB default): one
+            // byte more is enough for the handler to answer 413.
+            let cap = tollgate::billing::WebhookHandler::MAX_BODY + 1;
+            let mut body = bytes::BytesMut::new();
+            while body.len() < cap {
+                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
+                    Some(Ok(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
+                    Some(Err(_)) => {
+                        body.clear();
+                        break;
+                    }
+                    None => break,
+                }
+            }
             to_actix(handler.handle(signature, &body).await.into_response())
         }
     })

@@ -221,10 +221,20 @@ where
     S: Clone + Send + Sync + 'static,
 {
     let handler = handler.into();
-    axum::routing::post(move |headers: http::HeaderMap, body: bytes::Bytes| {
+    axum::routing::post(move |headers: http::HeaderMap, body: axum::body::Body| {
         let handler = handler.clone();
         async move {
             let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+            // Read up to the handler's cap, explicitly (not axum's default limit): one byte
+            // more is enough for the handler to answer 413.
+            let cap = tollgate::billing::WebhookHandler::MAX_BODY + 1;
+            let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, cap)).await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                    bytes::Bytes::from(vec![0; cap])
+                }
+                Err(_) => bytes::Bytes::new(),
+            };
             handler.handle(signature, &body).await.into_response().map(axum::body::Body::from)
         }
     })
