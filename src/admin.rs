@@ -135,6 +135,9 @@ pub struct Admin {
     node: Option<Arc<dyn DirectoryEvents>>,
 }
 
+/// How many times `set_plan` reads the tenant again when its plan changed under it.
+const SET_PLAN_ATTEMPTS: usize = 5;
+
 impl Admin {
     /// Administers `store` (every role), without a configuration: any plan name is taken.
     pub fn new(store: Arc<dyn Store>) -> Self {
@@ -240,19 +243,25 @@ impl Admin {
     /// No such tenant, an unknown plan, or the store failed.
     pub async fn set_plan(&self, id: &str, plan: &str) -> Result<TenantRecord, AdminError> {
         let plan = self.plan(plan)?;
-        let mut record = self.existing(id).await?;
-        if let (Some(config), Some(json)) = (&self.config, &record.overrides) {
-            // The tenant's overrides must hold over the new plan too.
-            let o =
-                crate::config::PlanOverride::from_json(json, config).map_err(|e| AdminError::Invalid(e.to_string()))?;
-            config
-                .check_override(&plan, &o)
-                .map_err(|e| AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}")))?;
+        // Written only over what was read: a webhook applied meanwhile is read again (its plan
+        // replaced, its event time kept, so an older event delivered late stays stale).
+        for _ in 0..SET_PLAN_ATTEMPTS {
+            let mut record = self.existing(id).await?;
+            if let (Some(config), Some(json)) = (&self.config, &record.overrides) {
+                // The tenant's overrides must hold over the new plan too.
+                let o = crate::config::PlanOverride::from_json(json, config)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+                config.check_override(&plan, &o).map_err(|e| {
+                    AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}"))
+                })?;
+            }
+            if self.directory.set_plan_if_unchanged(&record, &plan).await? {
+                record.plan = plan;
+                self.changed(&record.id);
+                return Ok(record);
+            }
         }
-        record.plan = plan;
-        self.directory.put_tenant(&record, &[]).await?;
-        self.changed(&record.id);
-        Ok(record)
+        Err(AdminError::Store(StoreError::Conflict("the tenant's plan (webhooks kept changing it)")))
     }
 
     /// Sets a tenant's overrides of its plan (their JSON form, the keys of

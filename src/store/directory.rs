@@ -165,6 +165,12 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     /// tenant exists.
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError>;
 
+    /// Sets the plan of the tenant `read` describes, only if its plan and its last applied
+    /// billing event are still those `read` holds (one conditional write): `false` when they
+    /// changed since (a webhook applied meanwhile) or the tenant is gone; read it again. Nothing
+    /// else of the tenant is written.
+    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &PlanId) -> Result<bool, StoreError>;
+
     /// Applies a plan change atomically: only if `change.event_id` was never seen and the
     /// event is not older than the last one applied to that customer; the id is marked seen in
     /// the same write as the change.

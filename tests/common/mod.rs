@@ -253,6 +253,9 @@ pub struct Faulty {
     pub idempotency_writes: AtomicU64,
     /// Idempotency reads (`read_idempotency`).
     pub idempotency_reads: AtomicU64,
+    /// A plan change applied right after the next tenant read answers: a webhook landing
+    /// between a read and the write made from it.
+    pub plan_change_after_read: std::sync::Mutex<Option<PlanChange>>,
     held: std::sync::Arc<tokio::sync::Mutex<()>>,
     guard: std::sync::Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
 }
@@ -276,6 +279,7 @@ impl Default for Faulty {
             quota_calls: Default::default(),
             idempotency_writes: Default::default(),
             idempotency_reads: Default::default(),
+            plan_change_after_read: Default::default(),
             held: Default::default(),
             guard: Default::default(),
         }
@@ -466,6 +470,15 @@ impl DirectoryStore for Faulty {
         self.inner.apply_plan_change(change).await
     }
 
+    async fn set_plan_if_unchanged(
+        &self,
+        read: &TenantRecord,
+        plan: &tollgate::config::PlanId,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_plan_if_unchanged(read, plan).await
+    }
+
     async fn find_key(&self, key: &tollgate::store::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
         self.lookups.fetch_add(1, Ordering::SeqCst);
@@ -483,7 +496,12 @@ impl DirectoryStore for Faulty {
             return Err(StoreError::Backend(format!("the record of {id} cannot be decoded").into()));
         }
         self.lookups.fetch_add(1, Ordering::SeqCst);
-        self.inner.tenant(id).await
+        let read = self.inner.tenant(id).await;
+        let change = self.plan_change_after_read.lock().unwrap().take();
+        if let Some(change) = change {
+            self.inner.apply_plan_change(&change).await?;
+        }
+        read
     }
 
     async fn set_overrides(

@@ -226,3 +226,25 @@ async fn overrides_that_partly_fit_keep_the_part_that_fits() {
     assert_eq!(h.status("/", "key-acme").await, 429, "the overridden quota holds");
     assert_eq!(h.tollgate.stats().overrides_not_served, 1);
 }
+
+/// `Admin::set_plan` writes only over what it read: a webhook applied between its read and its
+/// write is kept (its event time too, so an older event delivered late stays stale); the
+/// operator's plan is written over it.
+#[tokio::test]
+async fn set_plan_keeps_a_webhook_applied_between_its_read_and_its_write() {
+    use tollgate::store::prelude::*;
+    use tollgate::store::{PlanChange, PlanChangeOutcome};
+    let store = std::sync::Arc::new(common::Faulty::default());
+    let tenant = TenantRecord::new("t".into(), "free".into()).with_customer("cus_t");
+    store.put_tenant(&tenant, &[]).await.unwrap();
+    *store.plan_change_after_read.lock().unwrap() = Some(PlanChange::new("evt_2", "cus_t", NOON, "pro".into()));
+    let admin = tollgate::admin::Admin::new(store.clone());
+    let record = admin.set_plan("t", "team").await.unwrap();
+    assert_eq!(record.plan.as_str(), "team");
+    let stored = store.tenant(&"t".into()).await.unwrap().unwrap();
+    assert_eq!((stored.plan.as_str(), stored.last_event_at), ("team", Some(NOON)), "the webhook's mark kept");
+    // An event older than the webhook's, delivered late, does not undo the operator's plan.
+    let late = store.apply_plan_change(&PlanChange::new("evt_1", "cus_t", NOON - 60, "free".into())).await.unwrap();
+    assert_eq!(late, PlanChangeOutcome::Stale);
+    assert_eq!(store.tenant(&"t".into()).await.unwrap().unwrap().plan.as_str(), "team");
+}

@@ -205,3 +205,34 @@ pub async fn api_keys_carry_an_id_a_prefix_and_an_expiry<S: ?Sized + DirectorySt
     s.remove_key(&rotating.hash).await.unwrap();
     assert_eq!(s.list_keys(&"a".into()).await.unwrap().len(), 2);
 }
+
+/// A plan is set only over what was read: a plan change (or another operator) that came in
+/// between makes the write fail, and nothing else of the tenant is written.
+pub async fn a_plan_is_set_only_over_what_was_read<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let mut acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_a");
+    acme.overrides = Some("{\"rate\":\"5/s\"}".into());
+    h.s().put_tenant(&acme, &[]).await.unwrap();
+    let read = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    // Unchanged since the read: written, the plan alone.
+    assert!(h.s().set_plan_if_unchanged(&read, &"pro".into()).await.unwrap());
+    let mut expected = acme.clone();
+    expected.plan = "pro".into();
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(expected.clone()));
+    // The same read again: the plan changed since (the write above).
+    assert!(!h.s().set_plan_if_unchanged(&read, &"team".into()).await.unwrap());
+    // A webhook applied between a read and the write: refused, the webhook's change kept.
+    let read = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    let change = PlanChange::new("evt_1", "cus_a", 1_000, "pro".into());
+    assert!(matches!(h.s().apply_plan_change(&change).await.unwrap(), PlanChangeOutcome::Applied(_)));
+    assert!(!h.s().set_plan_if_unchanged(&read, &"free".into()).await.unwrap(), "same plan, newer event");
+    let read = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!(read.last_event_at, Some(1_000));
+    assert!(h.s().set_plan_if_unchanged(&read, &"free".into()).await.unwrap());
+    let stored = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!((stored.plan.as_str(), stored.last_event_at), ("free", Some(1_000)), "the event time kept");
+    assert_eq!(stored.overrides, acme.overrides);
+    // A tenant that is gone.
+    let ghost = TenantRecord::new("ghost".into(), "free".into());
+    assert!(!h.s().set_plan_if_unchanged(&ghost, &"pro".into()).await.unwrap());
+    assert_eq!(h.s().tenant(&"ghost".into()).await.unwrap(), None);
+}

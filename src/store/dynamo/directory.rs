@@ -160,6 +160,31 @@ impl DirectoryStore for DynamoStore {
         Ok(self.get(tenant_pk(id), "T").await?.as_ref().and_then(tenant_record))
     }
 
+    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(tenant_pk(&read.id)))
+            .key("sk", s("T"))
+            .update_expression("SET #plan = :p")
+            .expression_attribute_names("#plan", "plan")
+            .expression_attribute_values(":p", s(plan.as_str()))
+            .expression_attribute_values(":old", s(read.plan.as_str()));
+        let update = match read.last_event_at {
+            Some(at) => update
+                .condition_expression("attribute_exists(pk) AND #plan = :old AND last_event_at = :at")
+                .expression_attribute_values(":at", n(at)),
+            None => update
+                .condition_expression("attribute_exists(pk) AND #plan = :old AND attribute_not_exists(last_event_at)"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
         let update = self
             .client

@@ -46,6 +46,16 @@ impl DirectoryStore for MemoryStore {
         Ok(self.lock().tenants.get(id).cloned())
     }
 
+    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
+        Ok(match self.lock().tenants.get_mut(&read.id) {
+            Some(t) if t.plan == read.plan && t.last_event_at == read.last_event_at => {
+                t.plan = plan.clone();
+                true
+            }
+            _ => false,
+        })
+    }
+
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
         Ok(match self.lock().tenants.get_mut(tenant) {
             Some(t) => {

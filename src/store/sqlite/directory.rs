@@ -136,6 +136,17 @@ impl DirectoryStore for SqliteStore {
         .await
     }
 
+    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
+        let (read, plan) = (read.clone(), plan.clone());
+        self.write(move |tx, _| {
+            let changed = tx
+                .prepare_cached("UPDATE tenant SET plan = ?2 WHERE id = ?1 AND plan = ?3 AND last_event_at IS ?4")?
+                .execute(params![read.id.as_str(), plan.as_str(), read.plan.as_str(), read.last_event_at])?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
         let (tenant, overrides) = (tenant.clone(), overrides.map(str::to_owned));
         self.write(move |tx, _| {
