@@ -338,8 +338,10 @@ fn transition(settings: &StripeSettings, f: &Fields) -> Result<Option<PlanId>, (
         return Ok(Some(plan.clone()));
     }
     let Some(status) = &f.status else { return Ok(None) };
-    if let Some(plan) = settings.subscription_status.get(status) {
-        return Ok(Some(plan.clone()));
+    match settings.subscription_status.get(status) {
+        Some(crate::config::StatusOutcome::Plan(plan)) => return Ok(Some(plan.clone())),
+        Some(_) => return Ok(None),
+        None => {}
     }
     if status == "active" || status == "trialing" {
         return f.prices.iter().find_map(|p| settings.prices.get(p)).cloned().map(Some).ok_or(());

@@ -379,12 +379,25 @@ pub struct StripeSettings {
     pub timeout: Duration,
     /// Event type → the plan its customer moves to (`"payment_method.attached" = "metered"`).
     pub events: BTreeMap<String, PlanId>,
-    /// Subscription status → plan, for events whose object is a subscription
-    /// (`past_due = "free"`). `active` and `trialing` map through [`prices`](Self::prices)
-    /// unless listed here.
-    pub subscription_status: BTreeMap<String, PlanId>,
+    /// Subscription status → what an event of a subscription in that status does
+    /// (`past_due = "free"`, `incomplete = "ignore"`). `active` and `trialing` map through
+    /// [`prices`](Self::prices) unless listed here. When subscriptions are mapped at all (by
+    /// price or by status), every status Stripe has has an outcome: the file is refused
+    /// otherwise.
+    pub subscription_status: BTreeMap<String, StatusOutcome>,
     /// Price id or lookup key → plan, for active subscriptions.
     pub prices: BTreeMap<String, PlanId>,
+}
+
+/// What a webhook of a subscription in a given status does (`[stripe.subscription_status]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StatusOutcome {
+    /// The tenant moves to this plan.
+    Plan(PlanId),
+    /// Nothing changes (`"ignore"`): said explicitly, so no status is left unmapped by
+    /// oversight.
+    Ignore,
 }
 
 /// A plan: a rate with its burst, and quotas per meter.

@@ -526,12 +526,44 @@ impl Validator<'_, '_> {
                     format!("`{status}` is not a subscription status: expected one of {}", STATUSES.join(", ")),
                 ));
             }
-            subscription_status.insert(status.clone(), self.plan_ref(plans, &path, plan)?);
+            let outcome = if plan == "ignore" {
+                if plans.contains_key(&PlanId::from("ignore")) {
+                    return Err(self.invalid(
+                        &path,
+                        "`ignore` is both a plan and the keyword that leaves the tenant as it is: rename the plan",
+                    ));
+                }
+                super::StatusOutcome::Ignore
+            } else {
+                super::StatusOutcome::Plan(self.plan_ref(plans, &path, plan)?)
+            };
+            subscription_status.insert(status.clone(), outcome);
         }
         let mut prices = BTreeMap::new();
         for (price, plan) in &raw.prices {
             let path = format!("stripe.prices.{price}");
             prices.insert(price.clone(), self.plan_ref(plans, &path, plan)?);
+        }
+        // Subscriptions mapped at all: every status has an outcome (`paused` left unmapped kept
+        // a tenant on its paid plan). `active` and `trialing` go by price when prices are.
+        if !raw.prices.is_empty() || !subscription_status.is_empty() {
+            let missing: Vec<&str> = STATUSES
+                .into_iter()
+                .filter(|s| {
+                    let by_price = matches!(*s, "active" | "trialing") && !raw.prices.is_empty();
+                    !by_price && !subscription_status.contains_key(*s)
+                })
+                .collect();
+            if !missing.is_empty() {
+                return Err(self.invalid(
+                    "stripe.subscription_status",
+                    format!(
+                        "every subscription status needs an outcome, a plan or \"ignore\" (`active` and `trialing` \
+                         may go by [stripe.prices]): missing {}",
+                        missing.join(", ")
+                    ),
+                ));
+            }
         }
         Ok(StripeSettings {
             api_base,

@@ -36,6 +36,9 @@ quotas.requests = { limit = 1000, period = "day", mode = "hard" }
 past_due = "free"
 unpaid = "free"
 canceled = "free"
+paused = "free"
+incomplete = "ignore"
+incomplete_expired = "free"
 [stripe.prices]
 price_pro_monthly = "pro"
 pro_yearly = "pro"
@@ -226,7 +229,7 @@ async fn subscription_statuses_and_prices_move_the_plan_both_ways() {
     assert_eq!(s.admitted(3).await, (2, "acme on free".into()));
     assert_eq!(s.signed(&sub("evt_3", NOON - 10, "active")).await, (200, applied("pro")), "paid again");
     assert_eq!(s.admitted(3).await.0, 3);
-    // A status no transition names changes nothing.
+    // A status mapped to `ignore` changes nothing.
     assert_eq!(s.signed(&sub("evt_4", NOON - 5, "incomplete")).await, (200, WebhookOutcome::Ignored));
     // An active subscription on a price the file does not map: 200, nothing changes.
     let unmapped =
@@ -323,4 +326,29 @@ async fn a_plan_change_the_overrides_do_not_fit_is_applied_and_served_without_th
     assert_eq!(s.h.tollgate.stats().overrides_not_served, 1);
     let record = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
     assert_eq!(record.overrides.as_deref(), Some(r#"{"burst": 10}"#), "kept, to be mended");
+}
+
+/// Every subscription status has an outcome: a file that maps subscriptions (by price or by
+/// status) but leaves one unmapped is refused, naming it (`paused` kept a tenant on its paid
+/// plan); `paused` then moves the tenant as mapped.
+#[tokio::test]
+async fn every_subscription_status_has_an_outcome() {
+    let without_paused = CONFIG.replace("paused = \"free\"\n", "");
+    let e = tollgate::Config::from_toml_str(&without_paused).unwrap_err();
+    assert_eq!(e.key(), "stripe.subscription_status", "{e}");
+    assert!(e.to_string().contains("paused") && e.to_string().contains("ignore"), "{e}");
+    // `active` and `trialing` go by price when prices are mapped; without them they need
+    // their own outcome.
+    let no_prices = CONFIG.replace("price_pro_monthly = \"pro\"\npro_yearly = \"pro\"\n", "");
+    let e = tollgate::Config::from_toml_str(&no_prices).unwrap_err();
+    assert!(e.to_string().contains("active") && e.to_string().contains("trialing"), "{e}");
+    // A plan named like the keyword is refused as an outcome (ambiguous).
+    let e = tollgate::Config::from_toml_str(&format!("{CONFIG}[plans.ignore]\n")).unwrap_err();
+    assert_eq!(e.key(), "stripe.subscription_status.incomplete", "{e}");
+    let s = setup().await;
+    let sub = |id: &str, at: i64, status: &str| {
+        event(id, "customer.subscription.updated", at, subscription("cus_acme", status, "price_x", Some("pro_yearly")))
+    };
+    assert_eq!(s.signed(&sub("evt_1", NOON - 30, "active")).await, (200, applied("pro")));
+    assert_eq!(s.signed(&sub("evt_2", NOON - 20, "paused")).await, (200, applied("free")), "paused: off the paid plan");
 }
