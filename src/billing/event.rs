@@ -45,8 +45,9 @@ pub struct MeterEvent {
     pub aggregation: MeterAggregation,
 }
 
-/// The deterministic identifier of a meter event: `tg_` and 40 hex digits of
-/// SHA-256(tenant, meter, window start, revision).
+/// The deterministic identifier of a meter event in the empty namespace (a store made before
+/// identifier namespaces): `tg_` and 40 hex digits of SHA-256(tenant, meter, window start,
+/// revision). [`identifier_in`] gives it in a store's namespace.
 ///
 /// ```
 /// let a = tollgate::billing::identifier(&"acme".into(), &"requests".into(), 3600, 0);
@@ -56,19 +57,23 @@ pub struct MeterEvent {
 /// ```
 #[must_use]
 pub fn identifier(tenant: &TenantId, meter: &MeterId, window_start: i64, revision: u32) -> String {
-    identifier_salted(tenant, meter, window_start, revision, None)
+    identifier_in("", tenant, meter, window_start, revision)
 }
 
-/// [`identifier`], salted for a store that does not outlive its process
-/// ([`ExportStore::identifier_salt`](crate::store::ExportStore::identifier_salt)): a restarted process
-/// starts its windows at revision 0 again and must not reuse an identifier sent before.
-pub(crate) fn identifier_salted(
-    tenant: &TenantId,
-    meter: &MeterId,
-    window_start: i64,
-    revision: u32,
-    salt: Option<u64>,
-) -> String {
+/// The identifier of a meter event in `namespace`
+/// ([`ExportStore::identifier_namespace`](crate::store::ExportStore::identifier_namespace)):
+/// two stores with their own namespaces never send one identifier, and the empty namespace
+/// gives [`identifier`].
+///
+/// ```
+/// use tollgate::billing::{identifier, identifier_in};
+/// let (t, m) = (&"acme".into(), &"requests".into());
+/// assert_eq!(identifier_in("", t, m, 3600, 0), identifier(t, m, 3600, 0));
+/// assert_ne!(identifier_in("9f3a", t, m, 3600, 0), identifier(t, m, 3600, 0));
+/// assert_eq!(identifier_in("9f3a", t, m, 3600, 0).len(), 43);
+/// ```
+#[must_use]
+pub fn identifier_in(namespace: &str, tenant: &TenantId, meter: &MeterId, window_start: i64, revision: u32) -> String {
     let mut h = Sha256::new();
     for part in [tenant.as_str().as_bytes(), meter.as_str().as_bytes()] {
         h.update((part.len() as u64).to_be_bytes());
@@ -76,8 +81,9 @@ pub(crate) fn identifier_salted(
     }
     h.update(window_start.to_be_bytes());
     h.update(revision.to_be_bytes());
-    if let Some(salt) = salt {
-        h.update(salt.to_be_bytes());
+    if !namespace.is_empty() {
+        h.update((namespace.len() as u64).to_be_bytes());
+        h.update(namespace.as_bytes());
     }
     let digest = h.finalize();
     format!("tg_{}", &hex::encode(digest)[..40])
@@ -97,11 +103,31 @@ pub enum SinkError {
         /// How long the billing system asked to wait, if it said.
         retry_after: Option<std::time::Duration>,
     },
+    /// Not taken, and certainly so: the billing system refused the call without executing it
+    /// (429 rate limited, 409 a concurrent request), or the request never left this machine
+    /// (a refused connection, a failed name lookup, a failed TLS handshake). Retried after a
+    /// backoff without limit; the export does not count as sent, so it is never parked as
+    /// unconfirmed for it.
+    #[error("billing sink did not take the event: {source}")]
+    NotTaken {
+        /// What failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// How long the billing system asked to wait, if it said.
+        retry_after: Option<std::time::Duration>,
+    },
     /// Failed without a status to judge by (a dropped connection, a timeout, an error body
     /// that is not the billing system's): retried like [`Retryable`](Self::Retryable) up to
     /// `export.max_unknown_failures` attempts, then dead-lettered.
     #[error("billing sink failed without a status: {0}")]
     Unknown(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Refused in a way that says nothing of what the billing system holds (Stripe's 400
+    /// `idempotency_error`: the identifier's key was used with other parameters, by a restored
+    /// backup or another deployment): parked for reconciliation, never requeued by
+    /// `tollgate export --requeue-all`, since a re-send under a new identifier could bill it
+    /// twice.
+    #[error("billing sink answered without settling the event: {0}")]
+    Unsettled(String),
     /// Refused for good (another 4xx, such as an unknown customer): the aggregate is
     /// dead-lettered, logged, counted and listed.
     #[error("billing sink refused the event: {0}")]

@@ -11,7 +11,7 @@ mod webhook;
 #[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use self::stripe::{Secret, StripeSetupError, StripeSink};
-pub use event::{identifier, BillingSink, MeterEvent, SinkError};
+pub use event::{identifier, identifier_in, BillingSink, MeterEvent, SinkError};
 pub use jsonl::JsonlSink;
 #[cfg(feature = "stripe")]
 pub(crate) use webhook::read_secrets;

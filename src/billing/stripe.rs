@@ -90,11 +90,16 @@ pub(crate) fn read_secrets(
 ///
 /// | Stripe answers | [`SinkError`] |
 /// |---|---|
-/// | 2xx, or "already exists" for the identifier | accepted |
-/// | 408, 409, 424, 429, 5xx | [`Retryable`](SinkError::Retryable) |
+/// | 2xx, or 400 "An event already exists with identifier …" (with or without a `code`) | accepted: Stripe holds it |
+/// | 409, 429 (not executed); no connection (refused, name lookup, TLS) | [`NotTaken`](SinkError::NotTaken): retried without limit |
+/// | 408, 424, 5xx | [`Retryable`](SinkError::Retryable) |
 /// | 401, 403 (the key) | [`Halt`](SinkError::Halt): the pass stops, nothing is parked |
+/// | 400 `idempotency_error` (the key used with other parameters) | [`Unsettled`](SinkError::Unsettled): parked for reconciliation |
 /// | another 4xx | [`Permanent`](SinkError::Permanent): dead-lettered |
 /// | no status (connection dropped, timeout, a body that is not Stripe's JSON) | [`Unknown`](SinkError::Unknown) |
+///
+/// "Already exists" is proof of delivery because identifiers are unique per store: each
+/// store draws its own namespace ([`ExportStore::identifier_namespace`](crate::store::ExportStore::identifier_namespace)).
 ///
 /// async-stripe 1.0 does not expose response headers, so a `Retry-After` from Stripe cannot
 /// be read here; the exporter's backoff (2 s doubling to an hour, with jitter) applies.
@@ -168,23 +173,40 @@ impl BillingSink for StripeSink {
     }
 }
 
+/// The start of Stripe's answer to a meter event whose identifier it already holds: 400
+/// `invalid_request_error`, without a `code` (reported by integrators, e.g.
+/// langfuse/langfuse#16292).
+const ALREADY_EXISTS: &str = "An event already exists with identifier";
+
 fn classify(e: StripeError) -> Result<(), SinkError> {
     match e {
         StripeError::Stripe(err, status) => {
             let message = err.message.clone().unwrap_or_default();
             let code = err.code.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
-            if code == "resource_already_exists" {
-                // The identifier was taken before (a re-send after a crash): done.
+            if code == "resource_already_exists" || (status == 400 && message.starts_with(ALREADY_EXISTS)) {
+                // Stripe holds an event under this identifier, which only this store's
+                // namespace sends for this (tenant, meter, window, revision): delivered before
+                // (a re-send after its idempotency key was forgotten, a restored backup).
+                tracing::info!(%message, "the billing system already holds the meter event: marked exported");
                 return Ok(());
             }
             let detail = format!("{status} {code}: {message}");
             match status {
-                408 | 409 | 424 | 429 | 500..=599 => {
-                    Err(SinkError::Retryable { source: detail.into(), retry_after: None })
-                }
+                // Refused without being executed: rate limited, or a concurrent request.
+                409 | 429 => Err(SinkError::NotTaken { source: detail.into(), retry_after: None }),
+                408 | 424 | 500..=599 => Err(SinkError::Retryable { source: detail.into(), retry_after: None }),
                 401 | 403 => Err(SinkError::Halt(detail)),
+                // The key was used with other parameters: Stripe holds something under it.
+                400 if err.type_ == stripe::ApiErrorsType::IdempotencyError => {
+                    Err(SinkError::Unsettled(format!("{status} idempotency_error: {message}")))
+                }
                 _ => Err(SinkError::Permanent(detail)),
             }
+        }
+        // hyper's client reports a failure to connect (name lookup, TCP, TLS) as
+        // "client error (Connect)": the request never left this machine.
+        StripeError::ClientError(m) if m.contains("(Connect)") => {
+            Err(SinkError::NotTaken { source: m.into(), retry_after: None })
         }
         other => Err(SinkError::Unknown(Box::new(other))),
     }

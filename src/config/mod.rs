@@ -312,9 +312,10 @@ pub struct ExportSettings {
     pub calls_per_second: u32,
     /// How long a node holds an aggregate it exports before another may take it over.
     pub claim: Duration,
-    /// An export still unconfirmed this long after its first attempt is not sent again but
-    /// parked as `unconfirmed` for reconciliation: Stripe de-duplicates identifiers only
-    /// over about 24 hours.
+    /// An export still unconfirmed this long after the first call that may have reached the
+    /// billing system is not sent again but parked as `unconfirmed` for reconciliation:
+    /// Stripe keeps idempotency keys for about 24 hours. Calls it certainly did not take (a
+    /// refused connection, a 429) do not count.
     pub unconfirmed_after: Duration,
     /// How many failures whose cause is unknown (no status: a dropped connection, a body
     /// that is not the billing system's) an export takes before it is dead-lettered.

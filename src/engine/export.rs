@@ -26,12 +26,12 @@ use super::{
     store_calls::{with_timeout, StoreCalls},
 };
 use crate::{
-    billing::{event::identifier_salted, BillingSink, MeterEvent, SinkError},
+    billing::{identifier_in, BillingSink, MeterEvent, SinkError},
     clock::Clock,
     config::{MeterAggregation, MeterId, TenantId},
     metrics::{Metrics, Totals},
     plan::Runtime,
-    store::{ExportClaim, ExportKey, ExportSend, StoreError, UsageAggregate},
+    store::{Deferral, ExportClaim, ExportKey, ExportSend, StoreError, UsageAggregate},
 };
 
 /// What one [`Tollgate::export`](crate::Tollgate::export) pass did.
@@ -206,6 +206,9 @@ struct Pass {
     sink: Arc<dyn BillingSink>,
     rt: Arc<Runtime>,
     pacer: Pacer,
+    /// The store's identifier namespace, read when the pass began: exports begun in it send
+    /// under identifiers of this namespace (kept with them in the store).
+    namespace: String,
     /// Set when the sink refuses everything: the lanes stop.
     halted: AtomicBool,
 }
@@ -237,6 +240,7 @@ impl Exporter {
         // Without a sink (a dry run), Stripe's rule if the configuration has `[stripe]`.
         let needs_customer = self.sink.as_ref().map_or(rt.config.stripe().is_some(), |s| s.needs_customer());
         let now = self.deps.clock.unix_secs();
+        let namespace = self.deps.stores.roles.usage.identifier_namespace().await?;
         let mut out = Vec::new();
         let mut customers = Customers::default();
         let mut after: Option<ExportKey> = None;
@@ -252,7 +256,7 @@ impl Exporter {
                 let send = match agg.send.clone() {
                     Some(send) => send,
                     None => match customers.of(&self.deps, rt, &agg.key.tenant).await? {
-                        Customer::Known(customer) => plan_send(rt, &agg, now, customer),
+                        Customer::Known(customer) => plan_send(rt, &agg, now, customer, &namespace),
                         // Unknown to the directory, or unreadable: not sent now.
                         Customer::Unknown | Customer::Unreadable => continue,
                     },
@@ -261,7 +265,7 @@ impl Exporter {
                 if park_reason(rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
                     continue;
                 }
-                out.push(meter_event(rt, &agg, &send, self.deps.stores.roles.usage.identifier_salt()));
+                out.push(meter_event(rt, &agg, &send));
             }
         }
         Ok(out)
@@ -283,11 +287,13 @@ impl Exporter {
         let rt = runtime.load_full();
         let settings = rt.config.export.clone();
         let now = self.deps.clock.unix_secs();
+        let namespace = self.deps.stores.roles.usage.identifier_namespace().await?;
         let pass = Arc::new(Pass {
             deps: self.deps.clone(),
             sink,
             rt: rt.clone(),
             pacer: Pacer::new(settings.calls_per_second),
+            namespace,
             halted: AtomicBool::new(false),
         });
         let bound = if all { i64::MAX } else { listing_bound(&rt, now) };
@@ -415,12 +421,15 @@ impl Pass {
         // The clock is read for each aggregate: a claim and a next-attempt time count from the
         // call, however long the pass has run.
         let now = shared.clock.unix_secs();
-        let planned = plan_send(&self.rt, &agg, now, customer);
+        let planned = plan_send(&self.rt, &agg, now, customer, &self.namespace);
         let claim = ExportClaim::new(shared.ids.node(), now, now + settings.claim.as_secs() as i64);
         let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
             return Ok(true);
         };
         let send = agg.send.clone().unwrap_or(planned);
+        // Whether this attempt is the one that began the export's count of attempts that may
+        // have reached the billing system (no earlier one may have).
+        let first_attempt = agg.first_attempt_at == Some(claim.now);
         if send.customer.is_none() && self.sink.needs_customer() {
             // Not billable: marked done without a call, counted.
             if store.finish_export(&agg).await? {
@@ -446,10 +455,10 @@ impl Pass {
         if self.halted.load(Ordering::Relaxed) {
             // Another lane found the sink refusing everything: the claim goes, untried.
             let now = shared.clock.unix_secs();
-            store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), false).await?;
+            store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), never_sent(first_attempt)).await?;
             return Ok(false);
         }
-        let event = meter_event(&self.rt, &agg, &send, store.identifier_salt());
+        let event = meter_event(&self.rt, &agg, &send);
         let result = self.sink.send(&event).await;
         let now = shared.clock.unix_secs();
         match result {
@@ -467,6 +476,14 @@ impl Pass {
                 self.park(&agg, &format!("refused: {reason}"), report).await?;
                 Ok(true)
             }
+            Err(SinkError::Unsettled(reason)) => {
+                let reason = format!(
+                    "unsettled: {reason}; the billing system may hold it under its identifier: reconcile \
+                     before requeueing"
+                );
+                self.park(&agg, &reason, report).await?;
+                Ok(true)
+            }
             Err(SinkError::Unknown(e)) if agg.unknown_failures + 1 >= settings.max_unknown_failures => {
                 let reason = format!(
                     "failed {} times without a status (last: {e}); it may or may not have been taken: \
@@ -481,21 +498,24 @@ impl Pass {
                 // nothing is parked, and this one is free for the next pass (one call a pass
                 // until the key is fixed).
                 tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
-                store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), false).await?;
+                store
+                    .defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), never_sent(first_attempt))
+                    .await?;
                 self.halted.store(true, Ordering::Relaxed);
                 report.deferred = true;
                 Ok(false)
             }
             Err(e) => {
-                let (asked, unknown) = match &e {
-                    SinkError::Retryable { retry_after, .. } => (*retry_after, false),
-                    _ => (None, true),
+                let (asked, deferral) = match &e {
+                    SinkError::Retryable { retry_after, .. } => (*retry_after, Deferral::Failed),
+                    SinkError::NotTaken { retry_after, .. } => (*retry_after, never_sent(first_attempt)),
+                    _ => (None, Deferral::Unknown),
                 };
                 let wait = backoff(&event.identifier, agg.attempts, asked);
                 let next = now + wait.as_secs() as i64;
                 tracing::warn!(error = %e, identifier = %event.identifier, attempts = agg.attempts, retry_in = ?wait,
                     "billing sink failed; retried later with the same identifier");
-                store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, next), unknown).await?;
+                store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, next), deferral).await?;
                 report.retries += 1;
                 report.deferred = true;
                 Totals::add(&shared.totals.export_retries, 1);
@@ -515,6 +535,17 @@ impl Pass {
         Totals::add(&shared.totals.dead_letters, 1);
         shared.metrics.dead_letters.increment(1);
         Ok(())
+    }
+}
+
+/// How an attempt the billing system did not take is deferred: as never sent if it was the
+/// first attempt that may have reached it (none before may have), so `unconfirmed_after`
+/// counts from the first call that may be taken.
+fn never_sent(first_attempt: bool) -> Deferral {
+    if first_attempt {
+        Deferral::NeverSent
+    } else {
+        Deferral::Failed
     }
 }
 
@@ -540,7 +571,7 @@ fn closed(rt: &Runtime, key: &ExportKey, now: i64, all: bool) -> bool {
 /// What the export of the aggregate's current revision sends if it begins now: up to what is
 /// in flight if an export is (its parameters were lost: a row of an older schema), else up to
 /// the quantity read.
-fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<String>) -> ExportSend {
+fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<String>, namespace: &str) -> ExportSend {
     let key = &agg.key;
     let window = meter_window(rt, &key.meter);
     let upto = agg.in_flight.unwrap_or(agg.quantity);
@@ -556,7 +587,8 @@ fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<Stri
         .iter()
         .find(|m| m.id == key.meter)
         .map_or_else(|| key.meter.to_string(), |m| m.event_name.clone());
-    ExportSend::new(value, timestamp, customer, event_name)
+    let identifier = identifier_in(namespace, &key.tenant, &key.meter, key.window_start, agg.revision);
+    ExportSend::new(value, timestamp, customer, event_name).with_identifier(identifier)
 }
 
 /// Why an export must be parked rather than sent, if it must.
@@ -588,10 +620,14 @@ fn park_reason(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, now: i64) 
     None
 }
 
-fn meter_event(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, salt: Option<u64>) -> MeterEvent {
+fn meter_event(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend) -> MeterEvent {
     let key = &agg.key;
     MeterEvent {
-        identifier: identifier_salted(&key.tenant, &key.meter, key.window_start, agg.revision, salt),
+        // Fixed when the export began; an export begun before namespaces had none.
+        identifier: send
+            .identifier
+            .clone()
+            .unwrap_or_else(|| identifier_in("", &key.tenant, &key.meter, key.window_start, agg.revision)),
         event_name: send.event_name.clone(),
         tenant: key.tenant.clone(),
         customer: send.customer.clone(),

@@ -95,12 +95,25 @@ pub struct ExportSend {
     pub customer: Option<String>,
     /// The billing system's name for the meter.
     pub event_name: String,
+    /// The meter event's identifier, fixed when the export began (in the store's
+    /// [namespace](ExportStore::identifier_namespace) of that time): a later change of
+    /// namespace never re-sends an export in flight under another identifier. `None` in what
+    /// tollgate stored before identifier namespaces, whose identifiers had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identifier: Option<String>,
 }
 
 impl ExportSend {
     /// An export of `value` at `timestamp` for `customer`, on the meter named `event_name`.
     pub fn new(value: u64, timestamp: i64, customer: Option<String>, event_name: impl Into<String>) -> Self {
-        Self { value, timestamp, customer, event_name: event_name.into() }
+        Self { value, timestamp, customer, event_name: event_name.into(), identifier: None }
+    }
+
+    /// The same, sent under `identifier`.
+    #[must_use]
+    pub fn with_identifier(mut self, identifier: impl Into<String>) -> Self {
+        self.identifier = Some(identifier.into());
+        self
     }
 
     /// As stored: compact JSON.
@@ -135,6 +148,25 @@ impl ExportClaim {
     pub fn new(node: u64, now: i64, until: i64) -> Self {
         Self { node, now, until }
     }
+}
+
+/// Why an export waits for a later attempt ([`ExportStore::defer_export`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Deferral {
+    /// The call failed with a status after which the billing system may hold the event (a
+    /// 5xx, a 408), or an earlier attempt may have reached it: retried later, nothing else
+    /// changes.
+    Failed,
+    /// The call failed without a status (a dropped connection, a timeout): it may have been
+    /// taken; `unknown_failures` counts it.
+    Unknown,
+    /// Nothing of this export may have reached the billing system: this attempt was refused
+    /// without being executed (a 429, a 409, refused credentials) or never left the machine (a
+    /// refused connection, a failed name lookup), and it was the attempt that set
+    /// `first_attempt_at`. That time is cleared, so that `export.unconfirmed_after` counts from
+    /// the first call that may have been taken.
+    NeverSent,
 }
 
 /// An aggregate whose export was refused for good, parked until requeued.
@@ -192,14 +224,15 @@ pub trait ExportStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Option<UsageAggregate>, StoreError>;
 
     /// Holds the in-flight export of `aggregate.revision` for `claim.node` until `claim.until`
-    /// without sending: the time of its next attempt, after a failure worth retrying; with
-    /// `unknown`, the failure had no status and `unknown_failures` counts it. Returns `false`
-    /// (and changes nothing) when the revision moved or another node holds it.
+    /// without sending: the time of its next attempt, after a failure worth retrying. A
+    /// [`Deferral::Unknown`] counts in `unknown_failures`; a [`Deferral::NeverSent`] clears
+    /// `first_attempt_at`. Returns `false` (and changes nothing) when the revision moved or
+    /// another node holds it.
     async fn defer_export(
         &self,
         aggregate: &UsageAggregate,
         claim: &ExportClaim,
-        unknown: bool,
+        deferral: Deferral,
     ) -> Result<bool, StoreError>;
 
     /// Records that the in-flight export of `aggregate.revision` was accepted (or, for a
@@ -229,12 +262,23 @@ pub trait ExportStore: Send + Sync + fmt::Debug + 'static {
         true
     }
 
-    /// For a store that does not outlive its process: a value drawn when it was made, mixed
-    /// into meter event identifiers, so that a restarted process (whose windows start at
-    /// revision 0 again) never reuses an identifier it sent before. `None` for a durable
-    /// store (identifiers stay the same across restarts, which is what makes a re-send after
-    /// a crash a duplicate).
-    fn identifier_salt(&self) -> Option<u64> {
-        None
-    }
+    /// The namespace mixed into the identifiers of the meter events this store's exports
+    /// send: drawn once when the store is made (a new SQLite file, a table made by
+    /// `tollgate dynamodb create-table`, each memory store) and kept, so that two deployments
+    /// billing into one account, or a memory store of a restarted process, never send one
+    /// identifier for two events. A store made before identifier namespaces has the empty
+    /// namespace (its identifiers as they were) until it is changed.
+    ///
+    /// An export in flight keeps the identifier it began with
+    /// ([`ExportSend::identifier`]).
+    async fn identifier_namespace(&self) -> Result<String, StoreError>;
+
+    /// Replaces the namespace with `new` if it is still `current` (one conditional write).
+    /// Returns whether it did.
+    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError>;
+}
+
+/// A namespace for a new store: 16 hex digits from the operating system's randomness.
+pub(crate) fn draw_namespace() -> String {
+    format!("{:016x}", crate::base::draw_u64())
 }

@@ -42,7 +42,8 @@ pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome,
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use dynamo::DynamoStore;
 pub use error::StoreError;
-pub use export::{DeadLetter, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
+pub(crate) use export::draw_namespace;
+pub use export::{DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
 pub use idempotency::{
     CompletedRequest, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
     StoredResponse,

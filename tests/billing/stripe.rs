@@ -104,6 +104,7 @@ impl Billable {
     }
 }
 
+#[derive(Clone, Copy)]
 enum Kind {
     Memory,
     Sqlite,
@@ -645,4 +646,246 @@ fn stripe_settings_are_checked_at_load() {
     let ok = Config::from_toml_str("[meters.t]\naggregation = \"day\"\n[plans.p]\n[stripe]\n").unwrap();
     assert_eq!(ok.meters()[1].aggregation(), tollgate::config::MeterAggregation::Day);
     assert_eq!(ok.export().calls_per_second, 25);
+}
+
+/// Two deployments (staging and production, or two regions with a store each) bill into one
+/// Stripe account: each store draws its own identifier namespace when it is made, so the same
+/// (tenant, meter, window, revision) in both is two events, both billed. With one namespace
+/// for all, Stripe refuses the second deployment's event as "already exists" and its usage is
+/// never billed.
+async fn two_deployments_billing_one_account_are_both_billed(kind: Kind) {
+    let Some(first) = Backend::new(kind).await else { return };
+    let second = Backend::new(kind).await.unwrap();
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let (x, y) = (node(&toml, first.store.clone(), NOON), node(&toml, second.store.clone(), NOON));
+    for (h, n) in [(&x, 3), (&y, 2)] {
+        at(&h.clock, &standin, NOON);
+        for _ in 0..n {
+            assert_eq!(h.status("/", "key-acme").await, 200);
+        }
+        h.tollgate.flush().await.unwrap();
+    }
+    let (ns1, ns2) =
+        (first.store.identifier_namespace().await.unwrap(), second.store.identifier_namespace().await.unwrap());
+    assert!(!ns1.is_empty() && ns1 != ns2, "each new store draws its own: {ns1:?} {ns2:?}");
+    for h in [&x, &y] {
+        at(&h.clock, &standin, NOON + 20 * MIN);
+        h.tollgate.export().await.unwrap();
+    }
+    assert_eq!(standin.totals()[&("cus_acme".into(), "api_requests".into())], 5, "both deployments billed");
+    assert_eq!(standin.duplicates(), 0);
+    for b in [&first, &second] {
+        assert!(b.store.dead_letters(None, 10).await.unwrap().is_empty());
+        assert!(b.store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+    }
+}
+
+on_every_store!(two_deployments_billing_one_account_are_both_billed);
+
+/// An export in flight keeps the identifier it began with when the namespace changes: the
+/// re-send after a crash is answered from Stripe's idempotency layer, not billed again under a
+/// new identifier.
+async fn a_namespace_change_never_re_sends_an_export_in_flight_under_a_new_identifier(kind: Kind, test: &str) {
+    if child().await {
+        return;
+    }
+    let Some(b) = Backend::new(kind).await else { return };
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let a = node(&toml, b.store.clone(), NOON);
+    at(&a.clock, &standin, NOON);
+    for _ in 0..4 {
+        assert_eq!(a.status("/", "key-acme").await, 200);
+    }
+    a.tollgate.flush().await.unwrap();
+    drop(a);
+    let now = NOON + 20 * MIN;
+    standin.set_now(now);
+    crash_between_send_and_mark(&b, test, &toml, now, &standin).await;
+    let store = b.reopen().await;
+    let old = store.identifier_namespace().await.unwrap();
+    assert!(store.set_identifier_namespace(&old, "restored-2026").await.unwrap());
+    assert!(!store.set_identifier_namespace(&old, "another").await.unwrap(), "only over what was read");
+    assert_eq!(store.identifier_namespace().await.unwrap(), "restored-2026");
+    let in_flight = store.pending_exports(i64::MAX, None, 10).await.unwrap();
+    let sent = standin.events()[0].identifier.clone();
+    assert_eq!(in_flight[0].send.as_ref().and_then(|s| s.identifier.clone()), Some(sent.clone()), "kept");
+    let c = node(&toml, store.clone(), now + 6 * MIN);
+    at(&c.clock, &standin, now + 6 * MIN);
+    drain(&[&c], &standin, now + 6 * MIN).await;
+    assert_eq!(standin.replays(), 1, "re-sent under its first identifier and key");
+    assert_eq!(standin.totals()[&("cus_acme".into(), "api_requests".into())], 4, "not billed twice");
+    // The next window goes out in the new namespace.
+    at(&c.clock, &standin, NOON + 2 * HOUR);
+    assert_eq!(c.status("/", "key-acme").await, 200);
+    c.tollgate.flush().await.unwrap();
+    at(&c.clock, &standin, NOON + 3 * HOUR);
+    c.tollgate.export().await.unwrap();
+    let window = NOON + 2 * HOUR;
+    let events = standin.events();
+    assert_eq!(events.len(), 2);
+    assert_ne!(events[1].identifier, tollgate::billing::identifier(&"acme".into(), &"requests".into(), window, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_change_never_re_sends_an_export_in_flight_on_memory() {
+    a_namespace_change_never_re_sends_an_export_in_flight_under_a_new_identifier(
+        Kind::Memory,
+        "a_namespace_change_never_re_sends_an_export_in_flight_on_memory",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_change_never_re_sends_an_export_in_flight_on_sqlite() {
+    a_namespace_change_never_re_sends_an_export_in_flight_under_a_new_identifier(
+        Kind::Sqlite,
+        "a_namespace_change_never_re_sends_an_export_in_flight_on_sqlite",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_change_never_re_sends_an_export_in_flight_on_dynamodb() {
+    a_namespace_change_never_re_sends_an_export_in_flight_under_a_new_identifier(
+        Kind::Dynamo,
+        "a_namespace_change_never_re_sends_an_export_in_flight_on_dynamodb",
+    )
+    .await;
+}
+
+/// A SQLite store restored from a backup taken before its windows were exported sends them
+/// again under the same identifiers. Two hours later Stripe still has the idempotency keys:
+/// the window sent with the same value is answered as before (exported); the one whose usage
+/// grew after the backup is sent with another value and Stripe answers 400
+/// `idempotency_error`, which proves nothing about what it holds: parked for reconciliation,
+/// never requeued by `--requeue-all`. 25 hours later the keys are gone and Stripe answers 400
+/// "An event already exists with identifier …": delivered, marked exported, never parked or
+/// re-sent under a new identifier (billed twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_from_a_backup_is_never_billed_twice() {
+    let b = Backend::new(Kind::Sqlite).await.unwrap();
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let a = node(&toml, b.store.clone(), NOON);
+    at(&a.clock, &standin, NOON);
+    for (tenant, n) in [("acme", 3), ("globex", 2)] {
+        for _ in 0..n {
+            assert_eq!(a.status("/", &format!("key-{tenant}")).await, 200);
+        }
+    }
+    a.tollgate.flush().await.unwrap();
+    let backup = b.dir.path().join("backup.db");
+    let conn = rusqlite::Connection::open(b.dir.path().join("t.db")).unwrap();
+    conn.execute("VACUUM INTO ?1", [backup.to_str().unwrap()]).unwrap();
+    drop(conn);
+    // After the backup: two more requests of acme in the same window.
+    for _ in 0..2 {
+        assert_eq!(a.status("/", "key-acme").await, 200);
+    }
+    a.tollgate.flush().await.unwrap();
+    at(&a.clock, &standin, NOON + 20 * MIN);
+    a.tollgate.export().await.unwrap();
+    let totals = || {
+        let t = standin.totals();
+        (t[&("cus_acme".into(), "api_requests".into())], t[&("cus_globex".into(), "api_requests".into())])
+    };
+    assert_eq!(totals(), (5, 2));
+    drop(a);
+
+    let restore = |name: &str| {
+        let path = b.dir.path().join(name);
+        std::fs::copy(&backup, &path).unwrap();
+        path
+    };
+    // Restored two hours later.
+    let store: Arc<dyn StoreInspect> =
+        Arc::new(tollgate::store::SqliteStore::open(restore("two-hours.db")).await.unwrap());
+    let h = node(&toml, store.clone(), NOON + 2 * HOUR);
+    at(&h.clock, &standin, NOON + 2 * HOUR);
+    let report = h.tollgate.export().await.unwrap();
+    assert_eq!(totals(), (5, 2), "nothing billed twice: {report:?}");
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].key.tenant.as_str(), "acme");
+    assert!(!dead[0].reason.starts_with("refused"), "Stripe may hold it: {}", dead[0].reason);
+    assert!(dead[0].reason.contains("idempotency_error"), "{}", dead[0].reason);
+    let admin = tollgate::admin::Admin::new(store.clone());
+    assert_eq!(admin.requeue_refused_dead_letters().await.unwrap(), (0, 1), "left for reconciliation");
+    h.tollgate.export().await.unwrap();
+    assert_eq!(totals(), (5, 2), "--requeue-all sent nothing again");
+    drop(h);
+
+    // Restored 25 hours later: Stripe has forgotten the keys, not the identifiers.
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::SqliteStore::open(restore("a-day.db")).await.unwrap());
+    let h = node(&toml, store.clone(), NOON + 25 * HOUR);
+    at(&h.clock, &standin, NOON + 25 * HOUR);
+    let report = h.tollgate.export().await.unwrap();
+    assert_eq!(standin.duplicates(), 2, "Stripe refused both as already there");
+    assert_eq!((report.events, report.dead_letters), (2, 0), "{report:?}");
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty(), "marked exported");
+    assert_eq!(totals(), (5, 2));
+}
+
+/// Stripe unreachable for a day (the connection refused: no request left the machine), then
+/// answering 429 for half a day, then refusing the key for a few hours: no call could have been
+/// taken, so nothing is parked, neither as "may or may not have been taken" after
+/// `max_unknown_failures` nor as unconfirmed after `unconfirmed_after`. Once Stripe takes calls,
+/// every window is billed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_stripe_never_took_are_retried_without_limit_and_never_parked() {
+    // A port nobody listens on, kept to bring Stripe up there later.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let toml = config(&format!("http://{addr}/"));
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml, store.clone(), NOON);
+    for (tenant, n) in [("acme", 3), ("globex", 2)] {
+        for _ in 0..n {
+            assert_eq!(h.status("/", &format!("key-{tenant}")).await, 200);
+        }
+    }
+    h.tollgate.flush().await.unwrap();
+    let mut now = NOON + 20 * MIN;
+    while now < NOON + 25 * HOUR {
+        h.clock.set_unix(now);
+        let report = h.tollgate.export().await.unwrap();
+        assert_eq!((report.events, report.dead_letters), (0, 0), "{report:?}");
+        now += HOUR;
+    }
+    assert!(h.tollgate.stats().export_retries >= 20);
+    let standin = StandIn::start_at(&addr.to_string(), &[("api_requests", None), ("llm_tokens", Some(HOUR))]).await;
+    standin.fail_customer("cus_acme", Some(429));
+    standin.fail_customer("cus_globex", Some(429));
+    while now < NOON + 38 * HOUR {
+        at(&h.clock, &standin, now);
+        h.tollgate.export().await.unwrap();
+        now += HOUR;
+    }
+    standin.fail_customer("cus_acme", None);
+    standin.fail_customer("cus_globex", None);
+    let revoked =
+        StripeSink::new(&Secret::new("sk_test_revoked"), Some(&standin.url), Duration::from_secs(30)).unwrap();
+    let (clock, fake) = Clock::fake_at_unix(now);
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap())
+        .store_arc(store.clone())
+        .clock(clock)
+        .billing_sink(revoked)
+        .build();
+    let refused = Harness::from_layer(TollgateLayer::new(engine), fake);
+    for _ in 0..4 {
+        at(&refused.clock, &standin, now);
+        assert!(refused.tollgate.export().await.unwrap().halted);
+        now += HOUR;
+    }
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert!(dead.is_empty(), "nothing reached Stripe, nothing is parked: {dead:?}");
+    assert_eq!(standin.events().len(), 0);
+    at(&h.clock, &standin, now);
+    drain(&[&h], &standin, now).await;
+    let totals = standin.totals();
+    assert_eq!(totals[&("cus_acme".into(), "api_requests".into())], 3);
+    assert_eq!(totals[&("cus_globex".into(), "api_requests".into())], 2);
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
 }

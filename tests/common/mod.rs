@@ -23,9 +23,9 @@ use tollgate::{
     clock::{Clock, FakeClock},
     layer::TollgateBody,
     store::{
-        CommitOutcome, DeadLetter, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, MemoryStore, PlanChange,
-        PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, StoreError, StoreInspect, TenantRecord, UsageAggregate,
-        UsageBatch, UsageEvent,
+        CommitOutcome, DeadLetter, Deferral, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, MemoryStore,
+        PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, StoreError, StoreInspect, TenantRecord,
+        UsageAggregate, UsageBatch, UsageEvent,
     },
     Config, TenantContext, Tollgate, TollgateService,
 };
@@ -412,9 +412,9 @@ impl ExportStore for Faulty {
         self.inner.begin_export(a, claim, send).await
     }
 
-    async fn defer_export(&self, a: &UsageAggregate, claim: &ExportClaim, unknown: bool) -> Result<bool, StoreError> {
+    async fn defer_export(&self, a: &UsageAggregate, claim: &ExportClaim, d: Deferral) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.defer_export(a, claim, unknown).await
+        self.inner.defer_export(a, claim, d).await
     }
 
     async fn finish_export(&self, a: &UsageAggregate) -> Result<bool, StoreError> {
@@ -434,13 +434,14 @@ impl ExportStore for Faulty {
         self.inner.requeue_dead_letter(key).await
     }
 
-    fn identifier_salt(&self) -> Option<u64> {
-        // Standing for a database, it has none.
-        if self.durable && !self.inner.is_durable() {
-            None
-        } else {
-            self.inner.identifier_salt()
-        }
+    async fn identifier_namespace(&self) -> Result<String, StoreError> {
+        self.check()?;
+        self.inner.identifier_namespace().await
+    }
+
+    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_identifier_namespace(current, new).await
     }
 
     fn is_durable(&self) -> bool {

@@ -3,11 +3,19 @@
 //! client to talk to.
 //!
 //! - The secret key must match (401 otherwise).
-//! - `identifier` de-duplication: a repeated identifier is answered 200 and not counted.
+//! - `identifier` de-duplication: a repeated identifier is refused with 400
+//!   `invalid_request_error`, the message `An event already exists with identifier …` and no
+//!   `code`, with `Stripe-Should-Retry: false`, as Stripe answers it (reported by integrators:
+//!   langfuse/langfuse#16292; Stripe's reference for `identifier` says only that uniqueness is
+//!   enforced "within a rolling period of at least 24 hours"). The stand-in remembers
+//!   identifiers for as long as it runs.
 //! - `timestamp` no more than 35 days past nor 5 minutes future (400); `value` a whole number
 //!   (400); `event_name` of a meter that exists (400).
 //! - `Idempotency-Key`: the same key with the same parameters replays the first answer; with
-//!   other parameters it is a 400 `idempotency_error`.
+//!   other parameters it is a 400 `idempotency_error`. Keys are forgotten 24 hours after their
+//!   first use (Stripe's idempotency guide: keys "are eligible to be removed from the system
+//!   automatically after they're at least 24 hours old"), so a re-send after that meets the
+//!   identifier rule instead.
 //! - One call in flight per (customer, event name): a concurrent one gets 429 `lock_timeout`.
 //! - Injectable faults for the next calls: a status with Stripe's JSON error shape, a status
 //!   with a body that is not JSON, a dropped connection, or "take it and never answer" (the
@@ -63,7 +71,8 @@ struct State {
     meters: HashMap<String, Option<i64>>,
     events: Vec<Accepted>,
     identifiers: HashSet<String>,
-    idempotency: HashMap<String, (String, u16, String)>,
+    /// Idempotency key -> (parameters, status, body, first used at).
+    idempotency: HashMap<String, (String, u16, String, i64)>,
     in_flight: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
     /// A fault applied to every call for a customer (a 429 storm for one of them).
@@ -77,6 +86,15 @@ struct State {
     lock_conflicts: u64,
     max_concurrent: usize,
     concurrent: usize,
+}
+
+impl State {
+    /// Now for the stand-in's rules: the time a test set, else the system clock.
+    fn now(&self) -> i64 {
+        self.now.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+        })
+    }
 }
 
 /// The stand-in; stops when dropped.
@@ -95,7 +113,12 @@ impl Drop for StandIn {
 impl StandIn {
     /// Starts on a free loopback port with these meters: (event name, pre-aggregation window).
     pub async fn start(meters: &[(&str, Option<i64>)]) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at("127.0.0.1:0", meters).await
+    }
+
+    /// Starts on `addr` (a port a test kept free, to bring Stripe back where it was refused).
+    pub async fn start_at(addr: &str, meters: &[(&str, Option<i64>)]) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(State {
             meters: meters.iter().map(|(n, w)| ((*n).to_owned(), *w)).collect(),
@@ -144,7 +167,7 @@ impl StandIn {
         self.lock().calls
     }
 
-    /// Events whose identifier was taken before (answered 200, not counted).
+    /// Events whose identifier was taken before (refused with 400 "already exists", not counted).
     pub fn duplicates(&self) -> u64 {
         self.lock().duplicates
     }
@@ -240,8 +263,10 @@ async fn connection(socket: TcpStream, state: Arc<Mutex<State>>) {
             // Dropped (or hung, then dropped when the caller goes away).
             return;
         };
+        // Stripe marks what a retry cannot change.
+        let retry = if status == 400 { "stripe-should-retry: false\r\n" } else { "" };
         let response = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nrequest-id: req_standin\r\n\r\n{body}",
+            "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nrequest-id: req_standin\r\n{retry}\r\n{body}",
             body.len()
         );
         if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
@@ -305,9 +330,15 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
     let fingerprint = format!("{form:?}");
     let key = req.headers.get("idempotency-key").cloned();
     *lock().sends.entry(form.get("identifier").cloned().unwrap_or_default()).or_default() += 1;
+    let now = lock().now();
     if let Some(key) = &key {
-        let seen = lock().idempotency.get(key).cloned();
-        if let Some((seen, status, body)) = seen {
+        let seen = {
+            let mut s = lock();
+            // Forgotten 24 hours after its first use.
+            s.idempotency.retain(|_, (_, _, _, at)| *at + 86_400 > now);
+            s.idempotency.get(key).cloned()
+        };
+        if let Some((seen, status, body, _)) = seen {
             if seen != fingerprint {
                 return Some(error(
                     400,
@@ -325,7 +356,7 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
     if let Some(Fault::Saved(st)) = fault {
         let answer = error(st, "api_error", "api_error", "injected failure while executing");
         if let Some(key) = key {
-            lock().idempotency.insert(key, (fingerprint, answer.0, answer.1.clone()));
+            lock().idempotency.insert(key, (fingerprint, answer.0, answer.1.clone(), now));
         }
         return Some(answer);
     }
@@ -361,7 +392,7 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
         s.in_flight.remove(&lane);
         s.concurrent -= 1;
         if let Some(key) = key {
-            s.idempotency.insert(key, (fingerprint, answer.0, answer.1.clone()));
+            s.idempotency.insert(key, (fingerprint, answer.0, answer.1.clone(), now));
         }
     }
     if fault == Some(Fault::TakeAndHang) {
@@ -388,9 +419,7 @@ fn execute(
     let Ok(value) = form.get("payload[value]").map_or("", String::as_str).parse::<i64>() else {
         return invalid("payload[value] must be a whole number");
     };
-    let now = s.now.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
-    });
+    let now = s.now();
     let timestamp = match form.get("timestamp") {
         None => now,
         Some(t) => match t.parse::<i64>() {
@@ -416,7 +445,13 @@ fn execute(
     .to_string();
     if !identifier.is_empty() && !s.identifiers.insert(identifier.to_owned()) {
         s.duplicates += 1;
-        return (200, body, "application/json");
+        // As Stripe answers it: no `code`, only the message.
+        let body = serde_json::json!({ "error": {
+            "type": "invalid_request_error",
+            "message": format!("An event already exists with identifier {identifier}."),
+        } })
+        .to_string();
+        return (400, body, "application/json");
     }
     s.events.push(Accepted {
         identifier: identifier.to_owned(),

@@ -261,3 +261,26 @@ async fn an_idempotency_key_answers_the_same_on_every_node() {
     let other = tollgate::store::DynamoStore::new(dynamo::client(&endpoint), store.table());
     common::idempotency_holds_across_nodes(Arc::new(store), Arc::new(other), "t", "key-t").await;
 }
+
+/// A table made before identifier namespaces (no namespace item) keeps the empty namespace,
+/// whose identifiers are the ones it always sent; the first change is conditional on its
+/// absence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_made_before_namespaces_keeps_its_identifiers() {
+    let Some(store) = common::dynamo::table().await else { return };
+    let drawn = store.identifier_namespace().await.unwrap();
+    assert_eq!(drawn.len(), 16, "create-table draws one: {drawn:?}");
+    store
+        .client()
+        .delete_item()
+        .table_name(store.table())
+        .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("M".into()))
+        .key("sk", aws_sdk_dynamodb::types::AttributeValue::S("namespace".into()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(store.identifier_namespace().await.unwrap(), "", "as a table made before");
+    assert!(!store.set_identifier_namespace(&drawn, "x").await.unwrap());
+    assert!(store.set_identifier_namespace("", "restored").await.unwrap());
+    assert_eq!(store.identifier_namespace().await.unwrap(), "restored");
+}

@@ -307,11 +307,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 5);
-    conn.execute_batch("PRAGMA user_version = 6").unwrap();
+    assert_eq!(version, 6);
+    conn.execute_batch("PRAGMA user_version = 7").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 6"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 7"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -346,6 +346,7 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
             "flush",
             "idempotency",
             "idempotency_bytes",
+            "meta",
             "quota",
             "quota_floor",
             "quota_sender",
@@ -417,8 +418,9 @@ async fn rows_past_their_use_are_pruned() {
 }
 
 /// A file of schema version 1 (before key metadata, idempotency claims, fixed export
-/// parameters and tenant overrides) is migrated in place on open: its tenants and keys stay, the new tables and
-/// columns are there.
+/// parameters, tenant overrides and the identifier namespace) is migrated in place on open: its
+/// tenants and keys stay, the new tables and columns are there, and its identifier namespace
+/// is the empty one (the identifiers it always sent).
 #[tokio::test]
 async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     use tollgate::store::TenantRecord;
@@ -433,7 +435,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     // Back to version 1 as it was written.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP TABLE idempotency; DROP TABLE idempotency_bytes; ALTER TABLE api_key DROP COLUMN prefix; \
+        "DROP TABLE meta; DROP TABLE idempotency; DROP TABLE idempotency_bytes; ALTER TABLE api_key DROP COLUMN prefix; \
          ALTER TABLE api_key DROP COLUMN created_at; ALTER TABLE api_key DROP COLUMN expires_at; \
          ALTER TABLE usage DROP COLUMN send; ALTER TABLE usage DROP COLUMN unknown_failures; \
          ALTER TABLE tenant DROP COLUMN overrides; PRAGMA user_version = 1;",
@@ -446,10 +448,11 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     assert_eq!((keys.len(), keys[0].prefix.as_str(), keys[0].expires_at), (1, "", None));
     let claim = tollgate::store::IdempotencyClaim::new("k", "r", 1, 0, 300, 86_400);
     assert_eq!(store.claim_idempotency(&claim).await.unwrap(), tollgate::store::IdempotencyState::Claimed);
+    assert_eq!(store.identifier_namespace().await.unwrap(), "", "identifiers as before the upgrade");
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()

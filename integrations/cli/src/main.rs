@@ -202,7 +202,7 @@ fn load(path: &std::path::Path) -> Result<Config> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Check { file } => check(&load(file.as_deref().unwrap_or(&cli.config))?),
+        Command::Check { file } => check(&load(file.as_deref().unwrap_or(&cli.config))?).await,
         Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
         Command::Tenants { command } => tenants(&admin(&cli.config).await?, command).await,
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
@@ -386,7 +386,7 @@ async fn admin(config: &std::path::Path) -> Result<Admin> {
     Ok(Admin::open(&load(config)?).await?)
 }
 
-fn check(config: &Config) -> Result<()> {
+async fn check(config: &Config) -> Result<()> {
     println!("configuration OK");
     println!("store: {}", config.store());
     for role in StoreRole::ALL {
@@ -424,7 +424,27 @@ fn check(config: &Config) -> Result<()> {
         humantime::format_duration(u.flush_interval),
         u.on_store_error
     );
+    println!("meter event identifier namespace: {}", namespace(config).await);
     Ok(())
+}
+
+/// The usage store's identifier namespace, as `check` shows it: read from the store when it
+/// exists (a SQLite file not made yet is not created by a check).
+async fn namespace(config: &Config) -> String {
+    match config.store_of(StoreRole::Usage) {
+        StoreSettings::Memory => "drawn by each process (memory store)".to_owned(),
+        StoreSettings::Sqlite { path, .. } if !path.exists() => {
+            format!("drawn when {} is created", path.display())
+        }
+        _ => match Admin::open(config).await {
+            Ok(admin) => match admin.usage_store().identifier_namespace().await {
+                Ok(ns) if ns.is_empty() => "(empty: the store was made before namespaces)".to_owned(),
+                Ok(ns) => ns,
+                Err(e) => format!("unreadable: {e}"),
+            },
+            Err(e) => format!("unreadable: {e}"),
+        },
+    }
 }
 
 /// Creates the DynamoDB table of every role whose store is one (`[store]` and the roles' own).

@@ -49,6 +49,18 @@ fn check_summarizes_a_configuration_and_names_the_place_of_an_error() {
     std::fs::write(dir.path().join("tollgate.toml"), format!("[store]\nkind = \"memory\"\n{PLANS}")).unwrap();
     let out = ok(dir.path(), &["check"]);
     assert!(out.contains("configuration OK") && out.contains("store: memory") && out.contains("free: 100/s"), "{out}");
+    assert!(out.contains("identifier namespace: drawn by each process"), "{out}");
+    // On a SQLite file: drawn when it is made (a check does not make it), then read from it.
+    std::fs::write(dir.path().join("file.toml"), format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}"))
+        .unwrap();
+    let out = ok(dir.path(), &["check", "file.toml"]);
+    assert!(out.contains("namespace: drawn when t.db is created"), "{out}");
+    assert!(!dir.path().join("t.db").exists());
+    ok(dir.path(), &["-c", "file.toml", "tenants", "list"]);
+    let out = ok(dir.path(), &["check", "file.toml"]);
+    let line = out.lines().find(|l| l.contains("identifier namespace")).unwrap();
+    let ns = line.rsplit(' ').next().unwrap();
+    assert!(ns.len() == 16 && ns.bytes().all(|b| b.is_ascii_hexdigit()), "{out}");
     std::fs::write(dir.path().join("bad.toml"), "[plans.p]\nrate = \"fast\"\n").unwrap();
     let err = fails(dir.path(), &["check", "bad.toml"]);
     assert!(err.contains("bad.toml:2:8") && err.contains("plans.p.rate"), "{err}");

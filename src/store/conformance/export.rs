@@ -2,7 +2,7 @@
 //! letters and requeue.
 
 use super::*;
-use crate::store::{CommitOutcome, DeadLetter, ExportClaim, UsageInspect};
+use crate::store::{CommitOutcome, DeadLetter, Deferral, ExportClaim, UsageInspect};
 
 pub(super) async fn pending_keys<S: ?Sized + UsageInspect>(s: &S, before: i64) -> Vec<ExportKey> {
     s.pending_exports(before, None, 1000).await.unwrap().into_iter().map(|a| a.key).collect()
@@ -102,8 +102,11 @@ pub async fn an_export_claim_fixes_what_a_revision_exports<S: ?Sized + UsageInsp
         (Some(5), Some(sent(5)), 2, Some(t), Some(t + 420))
     );
     // A failed attempt holds it until its next one, for the holder only.
-    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 130, t + 420), true).await.unwrap());
-    assert!(!h.s().defer_export(&read, &ExportClaim::new(2, t + 130, t + 900), false).await.unwrap(), "held by 1");
+    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 130, t + 420), Deferral::Unknown).await.unwrap());
+    assert!(
+        !h.s().defer_export(&read, &ExportClaim::new(2, t + 130, t + 900), Deferral::Failed).await.unwrap(),
+        "held by 1"
+    );
     let deferred = h.s().usage(&key).await.unwrap().unwrap();
     assert_eq!((deferred.unknown_failures, deferred.claimed_until, deferred.attempts), (1, Some(t + 420), 2));
 
@@ -142,7 +145,10 @@ pub async fn an_export_claim_fixes_what_a_revision_exports<S: ?Sized + UsageInsp
     let next = next[0].clone();
     assert_eq!((next.quantity, next.exported, next.revision, next.in_flight), (9, 5, 1, None));
     // The claim was on revision 0: revision 1 is free to begin at once.
-    assert!(!h.s().defer_export(&next, &ExportClaim::new(1, t + 600, t + 900), false).await.unwrap(), "not in flight");
+    assert!(
+        !h.s().defer_export(&next, &ExportClaim::new(1, t + 600, t + 900), Deferral::Failed).await.unwrap(),
+        "not in flight"
+    );
     let rev1 = h.s().begin_export(&next, &ExportClaim::new(1, t + 600, t + 900), &sent(4)).await.unwrap().unwrap();
     assert_eq!(
         (rev1.revision, rev1.in_flight, rev1.exported, rev1.attempts, rev1.first_attempt_at, rev1.claimed_until),
@@ -239,4 +245,63 @@ pub async fn dead_letters_park_an_aggregate_until_requeued<S: ?Sized + UsageInsp
     let pending = h.s().pending_exports(before, None, 10).await.unwrap();
     assert_eq!(pending.len(), 2);
     assert_eq!((&pending[0].key, pending[0].quantity, pending[0].exported, pending[0].revision), (&dl_c.key, 5, 2, 2));
+}
+
+/// The identifier namespace: drawn when the store was made, kept across a restart, replaced
+/// only over the one read; an export in flight keeps the identifier it began with.
+pub async fn the_identifier_namespace_is_kept_and_changed_only_over_what_was_read<S: ?Sized + UsageInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    let drawn = h.s().identifier_namespace().await.unwrap();
+    assert!(!drawn.is_empty(), "a new store draws its namespace");
+    h.restart().await;
+    assert_eq!(h.s().identifier_namespace().await.unwrap(), drawn, "kept");
+
+    let w = DAY0 + 10 * HOUR;
+    h.s().commit_usage(&batch("f", vec![rec("a", "requests", w, 5)])).await.unwrap();
+    let read = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().remove(0);
+    let t = w + 2 * HOUR;
+    let begun = h
+        .s()
+        .begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5).with_identifier("tg_first"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(begun.send.as_ref().and_then(|s| s.identifier.as_deref()), Some("tg_first"));
+
+    assert!(!h.s().set_identifier_namespace("not-it", "x").await.unwrap(), "only over the one read");
+    assert_eq!(h.s().identifier_namespace().await.unwrap(), drawn);
+    assert!(h.s().set_identifier_namespace(&drawn, "restored").await.unwrap());
+    assert!(!h.s().set_identifier_namespace(&drawn, "again").await.unwrap(), "the read one is gone");
+    h.restart().await;
+    assert_eq!(h.s().identifier_namespace().await.unwrap(), "restored");
+    // Begun again after the change (a retry): the identifier fixed first is kept.
+    let again = h
+        .s()
+        .begin_export(&read, &ExportClaim::new(1, t + 400, t + 700), &sent(5).with_identifier("tg_second"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.send.and_then(|s| s.identifier).as_deref(), Some("tg_first"));
+}
+
+/// An attempt nothing of which may have reached the billing system clears the time of the
+/// first attempt, so the next one counts from itself; the other deferrals keep it.
+pub async fn a_deferral_never_sent_clears_the_first_attempt<S: ?Sized + UsageInspect>(h: &mut StoreUnderTest<S>) {
+    let w = DAY0 + 10 * HOUR;
+    h.s().commit_usage(&batch("f", vec![rec("a", "requests", w, 5)])).await.unwrap();
+    let read = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().remove(0);
+    let t = w + 2 * HOUR;
+    let begun = h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap().unwrap();
+    assert_eq!(begun.first_attempt_at, Some(t));
+    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 1, t + 60), Deferral::NeverSent).await.unwrap());
+    let stored = h.s().usage(&read.key).await.unwrap().unwrap();
+    assert_eq!((stored.first_attempt_at, stored.unknown_failures, stored.attempts), (None, 0, 1));
+    h.restart().await;
+    let again = h.s().begin_export(&read, &ExportClaim::new(1, t + 60, t + 360), &sent(5)).await.unwrap().unwrap();
+    assert_eq!((again.first_attempt_at, again.attempts, again.in_flight), (Some(t + 60), 2, Some(5)));
+    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 61, t + 120), Deferral::Failed).await.unwrap());
+    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 62, t + 120), Deferral::Unknown).await.unwrap());
+    let stored = h.s().usage(&read.key).await.unwrap().unwrap();
+    assert_eq!((stored.first_attempt_at, stored.unknown_failures), (Some(t + 60), 1));
 }

@@ -72,6 +72,8 @@ macro_rules! store_conformance {
             pending_exports_page_in_key_order_before_a_window,
             an_export_claim_fixes_what_a_revision_exports,
             dead_letters_park_an_aggregate_until_requeued,
+            the_identifier_namespace_is_kept_and_changed_only_over_what_was_read,
+            a_deferral_never_sent_clears_the_first_attempt,
         );
     };
     (@role directory, $make:expr) => {

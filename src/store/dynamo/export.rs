@@ -57,15 +57,16 @@ impl ExportStore for DynamoStore {
         &self,
         aggregate_: &UsageAggregate,
         claim: &ExportClaim,
-        unknown: bool,
+        deferral: Deferral,
     ) -> Result<bool, StoreError> {
+        let forget = if deferral == Deferral::NeverSent { " REMOVE first_attempt_at" } else { "" };
         let out = self
             .claim_aggregate(aggregate_, claim, "attribute_exists(in_flight)")
-            .update_expression(
+            .update_expression(format!(
                 "SET claim_node = :node, claim_until = :until, \
-                 unknown_failures = if_not_exists(unknown_failures, :zero) + :u",
-            )
-            .expression_attribute_values(":u", n(u32::from(unknown)))
+                 unknown_failures = if_not_exists(unknown_failures, :zero) + :u{forget}"
+            ))
+            .expression_attribute_values(":u", n(u32::from(deferral == Deferral::Unknown)))
             .send()
             .await;
         match out {
@@ -173,6 +174,42 @@ impl ExportStore for DynamoStore {
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":g", s("PENDING"))
             .expression_attribute_values(":k", s(usage_gsk(key)))
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    async fn identifier_namespace(&self) -> Result<String, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(META_PK))
+            .key("sk", s(NAMESPACE_SK))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk)?;
+        // A table made before namespaces has no such item: its identifiers as they were.
+        Ok(out.item.as_ref().and_then(|i| get_s(i, "value")).unwrap_or_default().to_owned())
+    }
+
+    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
+        let condition = if current.is_empty() { "attribute_not_exists(pk) OR #v = :current" } else { "#v = :current" };
+        let out = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(META_PK))
+            .item("sk", s(NAMESPACE_SK))
+            .item("value", s(new))
+            .condition_expression(condition)
+            .expression_attribute_names("#v", "value")
+            .expression_attribute_values(":current", s(current))
             .send()
             .await;
         match out {

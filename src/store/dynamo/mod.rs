@@ -21,7 +21,7 @@ use aws_sdk_dynamodb::{
 
 use super::contract::{EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, SENDERS_KEPT};
 use super::{
-    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
     PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
     UsageAggregate, UsageBatch, UsageEvent, UsageStore,
@@ -36,7 +36,8 @@ mod schema;
 mod usage;
 
 use schema::{
-    customer_pk, idempotency_pk, key_pk, keys_gpk, quota_pk, quota_sk, tenant_pk, usage_gsk, usage_pk, usage_sk, SEP,
+    customer_pk, idempotency_pk, key_pk, keys_gpk, quota_pk, quota_sk, tenant_pk, usage_gsk, usage_pk, usage_sk,
+    META_PK, NAMESPACE_SK, SEP,
 };
 
 type Item = HashMap<String, AttributeValue>;

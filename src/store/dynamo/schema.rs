@@ -82,9 +82,17 @@ impl DynamoStore {
             .send()
             .await
             .map_err(sdk)?;
+        // A new table draws its meter event identifier namespace; a table made before
+        // namespaces has none, and keeps its identifiers until asked to change.
+        self.set_identifier_namespace("", &crate::store::draw_namespace()).await?;
         Ok(())
     }
 }
+
+/// The partition of the store's own settings.
+pub(super) const META_PK: &str = "M";
+/// The item holding the identifier namespace.
+pub(super) const NAMESPACE_SK: &str = "namespace";
 
 /// Separates the parts of a key: below every character a tenant id or a meter name may hold, so
 /// that keys sort as their (tenant, meter, window) tuples do.

@@ -55,7 +55,7 @@ impl ExportStore for MemoryStore {
         &self,
         aggregate: &UsageAggregate,
         claim: &ExportClaim,
-        unknown: bool,
+        deferral: Deferral,
     ) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         match inner.usage.get_mut(&aggregate.key) {
@@ -64,7 +64,11 @@ impl ExportStore for MemoryStore {
                     return Ok(false);
                 }
                 a.claim = Some((claim.node, claim.until));
-                a.unknown_failures += u32::from(unknown);
+                match deferral {
+                    Deferral::Unknown => a.unknown_failures += 1,
+                    Deferral::NeverSent => a.first_attempt_at = None,
+                    Deferral::Failed => {}
+                }
                 Ok(true)
             }
             _ => Ok(false),
@@ -140,7 +144,16 @@ impl ExportStore for MemoryStore {
         false
     }
 
-    fn identifier_salt(&self) -> Option<u64> {
-        Some(self.salt)
+    async fn identifier_namespace(&self) -> Result<String, StoreError> {
+        Ok(self.lock().namespace.clone())
+    }
+
+    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if inner.namespace != current {
+            return Ok(false);
+        }
+        new.clone_into(&mut inner.namespace);
+        Ok(true)
     }
 }

@@ -9,10 +9,10 @@ use super::contract::{
     EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, RETENTION_SECS, SENDERS_KEPT,
 };
 use super::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend,
-    ExportStore, FlushId, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore, PlanChange,
-    PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord, UsageAggregate,
-    UsageBatch, UsageEvent, UsageStore,
+    ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
+    ExportSend, ExportStore, FlushId, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
+    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
+    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
@@ -35,23 +35,21 @@ mod usage;
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    /// Drawn when the store is made: see [`ExportStore::identifier_salt`].
-    salt: u64,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        let mut bytes = [0u8; 8];
-        // Without the OS generator, the time: distinct enough between two processes.
-        if getrandom::fill(&mut bytes).is_err() {
-            bytes = (crate::store::unix_now() as u64 ^ u64::from(std::process::id())).to_be_bytes();
-        }
-        Self { inner: Mutex::default(), salt: u64::from_be_bytes(bytes) }
+        // Drawn for each store: a restarted process, whose windows start at revision 0 again,
+        // never reuses an identifier it sent before.
+        let inner = Inner { namespace: super::draw_namespace(), ..Inner::default() };
+        Self { inner: Mutex::new(inner) }
     }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// See [`ExportStore::identifier_namespace`].
+    namespace: String,
     /// (tenant, meter) -> its counters, one per period still of use.
     quotas: HashMap<(TenantId, MeterId), Counters>,
     usage: BTreeMap<ExportKey, Aggregate>,

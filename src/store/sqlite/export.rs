@@ -80,7 +80,7 @@ impl ExportStore for SqliteStore {
         &self,
         aggregate: &UsageAggregate,
         claim: &ExportClaim,
-        unknown: bool,
+        deferral: Deferral,
     ) -> Result<bool, StoreError> {
         let (key, revision, claim) = (aggregate.key.clone(), aggregate.revision, *claim);
         self.write(move |tx, _| {
@@ -88,7 +88,8 @@ impl ExportStore for SqliteStore {
                 return Ok(false);
             }
             tx.prepare_cached(
-                "UPDATE usage SET claim_node = ?4, claim_until = ?5, unknown_failures = unknown_failures + ?6 \
+                "UPDATE usage SET claim_node = ?4, claim_until = ?5, unknown_failures = unknown_failures + ?6, \
+                 first_attempt_at = CASE WHEN ?7 THEN NULL ELSE first_attempt_at END \
                  WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
             .execute(params![
@@ -97,7 +98,8 @@ impl ExportStore for SqliteStore {
                 key.window_start,
                 node_int(claim.node),
                 claim.until,
-                i64::from(unknown)
+                i64::from(deferral == Deferral::Unknown),
+                deferral == Deferral::NeverSent
             ])?;
             Ok(true)
         })
@@ -182,6 +184,34 @@ impl ExportStore for SqliteStore {
                 )?
                 .execute(params![key.tenant.as_str(), key.meter.as_str(), key.window_start])?;
             Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn identifier_namespace(&self) -> Result<String, StoreError> {
+        self.read(|tx| {
+            tx.prepare_cached("SELECT value FROM meta WHERE key = 'namespace'")?
+                .query_row([], |r| r.get::<_, String>(0))
+                .optional()
+                // A file made before namespaces: its identifiers as they were.
+                .map(Option::unwrap_or_default)
+        })
+        .await
+    }
+
+    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
+        let (current, new) = (current.to_owned(), new.to_owned());
+        self.write(move |tx, _| {
+            let stored: String = tx
+                .prepare_cached("SELECT value FROM meta WHERE key = 'namespace'")?
+                .query_row([], |r| r.get(0))
+                .optional()?
+                .unwrap_or_default();
+            if stored != current {
+                return Ok(false);
+            }
+            tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('namespace', ?1)")?.execute([&new])?;
+            Ok(true)
         })
         .await
     }

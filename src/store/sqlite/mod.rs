@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row,
 
 use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS};
 use super::{
-    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
+    unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
     PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
     UsageAggregate, UsageBatch, UsageEvent, UsageStore,

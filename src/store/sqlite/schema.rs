@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 5;
+pub(super) const SCHEMA_VERSION: i32 = 6;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -113,6 +113,14 @@ CREATE TABLE idempotency_bytes (
     bucket INTEGER PRIMARY KEY,
     bytes  INTEGER NOT NULL
 );
+",
+    // The identifier namespace is written only in a new file (see `migrate`): a file made
+    // before has none, and keeps its identifiers until asked to change.
+    r"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 ",
 ];
 
@@ -279,6 +287,11 @@ pub(super) fn migrate(path: &Path, db: &mut Connection) -> Result<(), StoreError
     let from = usize::try_from(version).unwrap_or(0);
     for step in &MIGRATIONS[from..] {
         tx.execute_batch(step).map_err(backend)?;
+    }
+    if from == 0 {
+        // A new file draws its meter event identifier namespace.
+        tx.execute("INSERT INTO meta (key, value) VALUES ('namespace', ?1)", [crate::store::draw_namespace()])
+            .map_err(backend)?;
     }
     if from < MIGRATIONS.len() {
         tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"))
