@@ -352,3 +352,43 @@ async fn every_subscription_status_has_an_outcome() {
     assert_eq!(s.signed(&sub("evt_1", NOON - 30, "active")).await, (200, applied("pro")));
     assert_eq!(s.signed(&sub("evt_2", NOON - 20, "paused")).await, (200, applied("free")), "paused: off the paid plan");
 }
+
+/// HMAC-SHA256 (RFC 2104) of `message` under `key`: Stripe's signature over bytes that
+/// async-stripe's test helper (which takes a `&str`) cannot sign.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut block = [0u8; 64];
+    block[..key.len()].copy_from_slice(key);
+    let inner = Sha256::new().chain_update(block.map(|b| b ^ 0x36)).chain_update(message).finalize();
+    Sha256::new().chain_update(block.map(|b| b ^ 0x5c)).chain_update(inner).finalize().to_vec()
+}
+
+/// A body signed with the endpoint's secret but not UTF-8 is verified (over its bytes, as Stripe
+/// signs it) and taken with 200 `ignored`, as the docs promise for verified bodies that are not
+/// events: a 400 would have Stripe retry it for days. The same bytes with a wrong signature get
+/// 400, and nothing changes either way.
+#[tokio::test]
+async fn a_signed_body_that_is_not_utf8_is_taken_and_ignored() {
+    let s = setup().await;
+    let body: &[u8] = b"{\"id\":\"evt_x\",\"type\":\"customer.subscription.deleted\",\"note\":\"\xff\xfe\"}";
+    let header = |secret: &str| {
+        let mut signed = format!("{NOON}.").into_bytes();
+        signed.extend_from_slice(body);
+        format!("t={NOON},v1={}", hex::encode(hmac_sha256(secret.as_bytes(), &signed)))
+    };
+    // The helper agrees with async-stripe's signer on a UTF-8 body.
+    let text = "{\"hello\":1}";
+    let mine =
+        format!("t={NOON},v1={}", hex::encode(hmac_sha256(SECRET.as_bytes(), format!("{NOON}.{text}").as_bytes())));
+    assert_eq!(mine, sign(text, SECRET, NOON));
+
+    let reply = s.handler.handle(Some(&header(SECRET)), body).await;
+    assert_eq!((reply.status().as_u16(), reply.outcome), (200, WebhookOutcome::Ignored));
+    let reply = s.handler.handle(Some(&header(OLD_SECRET)), body).await;
+    assert_eq!((reply.status().as_u16(), reply.outcome), (200, WebhookOutcome::Ignored), "a rotated secret too");
+    let reply = s.handler.handle(Some(&header("whsec_wrong")), body).await;
+    assert_eq!(reply.status().as_u16(), 400, "{:?}", reply.outcome);
+    let stale = header(SECRET).replace(&format!("t={NOON}"), &format!("t={}", NOON - 301));
+    assert_eq!(s.handler.handle(Some(&stale), body).await.status().as_u16(), 400, "the timestamp counts");
+    assert_eq!(s.plan().await, "free");
+}
