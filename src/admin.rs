@@ -61,6 +61,15 @@ pub enum AdminError {
     /// A value is not valid (a tenant id, a customer id).
     #[error("{0}")]
     Invalid(String),
+    /// The billing customer belongs to another tenant: moving it would make that tenant's
+    /// usage unbillable and send its customer's webhooks to this one.
+    #[error("billing customer `{customer}` belongs to tenant `{holder}`: a customer belongs to one tenant; move it explicitly (--move) if that is meant")]
+    CustomerHeld {
+        /// The customer.
+        customer: String,
+        /// The tenant holding it.
+        holder: String,
+    },
     /// A line of an import is not valid: nothing was imported.
     #[error("line {line}: {message}")]
     Import {
@@ -219,11 +228,32 @@ impl Admin {
         self.directory.tenant(&tenant).await?.ok_or_else(|| AdminError::UnknownTenant(id.to_owned()))
     }
 
-    /// Adds a tenant on `plan`, with a billing customer (a Stripe customer id) if given.
+    /// Adds a tenant on `plan`, with a billing customer (a Stripe customer id) if given. A
+    /// customer belongs to one tenant: one another tenant holds is refused
+    /// ([`add_tenant_moving_customer`](Self::add_tenant_moving_customer) moves it).
     ///
     /// # Errors
-    /// The tenant exists, the plan is unknown, or the store failed.
+    /// The tenant exists, the plan is unknown, [`AdminError::CustomerHeld`], or the store
+    /// failed.
     pub async fn add_tenant(&self, id: &str, plan: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
+        self.add(id, plan, customer, false).await
+    }
+
+    /// [`add_tenant`](Self::add_tenant), taking the billing customer from the tenant that
+    /// holds it, if one does (that tenant keeps no customer).
+    ///
+    /// # Errors
+    /// The tenant exists, an unknown plan, a bad id, or the store failed.
+    pub async fn add_tenant_moving_customer(
+        &self,
+        id: &str,
+        plan: &str,
+        customer: &str,
+    ) -> Result<TenantRecord, AdminError> {
+        self.add(id, plan, Some(customer), true).await
+    }
+
+    async fn add(&self, id: &str, plan: &str, customer: Option<&str>, take: bool) -> Result<TenantRecord, AdminError> {
         let tenant = Self::tenant_id(id)?;
         let plan = self.plan(plan)?;
         if self.directory.tenant(&tenant).await?.is_some() {
@@ -231,10 +261,48 @@ impl Admin {
         }
         let mut record = TenantRecord::new(tenant, plan);
         if let Some(c) = customer {
-            record = record.with_customer(check_customer(c)?);
+            let c = check_customer(c)?;
+            if !take {
+                self.refuse_held(c, &record.id).await?;
+            }
+            record = record.with_customer(c);
         }
         self.directory.put_tenant(&record, &[]).await?;
         Ok(record)
+    }
+
+    /// Sets (or, with `None`, removes) a tenant's billing customer: the fix for a wrong one.
+    /// With `take`, a customer another tenant holds is moved from it; without, that is refused.
+    /// Written over the customer read only, and nothing else of the tenant: a plan change a
+    /// webhook applies meanwhile is kept. Its usage not yet exported is billed to the new
+    /// customer; exports in flight keep the customer they began with.
+    ///
+    /// # Errors
+    /// No such tenant, a bad customer id, [`AdminError::CustomerHeld`], or the store failed.
+    pub async fn set_customer(&self, id: &str, customer: Option<&str>, take: bool) -> Result<TenantRecord, AdminError> {
+        let customer = customer.map(check_customer).transpose()?;
+        for _ in 0..SET_PLAN_ATTEMPTS {
+            let mut record = self.existing(id).await?;
+            if let (Some(c), false) = (customer, take) {
+                self.refuse_held(c, &record.id).await?;
+            }
+            if self.directory.set_customer_if_unchanged(&record.id, record.customer.as_deref(), customer).await? {
+                record.customer = customer.map(str::to_owned);
+                self.changed(&record.id);
+                return Ok(record);
+            }
+        }
+        Err(AdminError::Store(StoreError::Conflict("the tenant's customer (it kept changing)")))
+    }
+
+    /// [`AdminError::CustomerHeld`] if a tenant other than `tenant` holds `customer`.
+    async fn refuse_held(&self, customer: &str, tenant: &TenantId) -> Result<(), AdminError> {
+        match self.directory.tenant_by_customer(customer).await? {
+            Some(holder) if &holder.id != tenant => {
+                Err(AdminError::CustomerHeld { customer: customer.to_owned(), holder: holder.id.to_string() })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Moves a tenant to another plan. Running nodes see it within `limits.directory_ttl`.
@@ -396,6 +464,25 @@ impl Admin {
                 });
             }
             known.insert(row.tenant.clone());
+        }
+        // A customer belongs to one tenant: an import never moves one silently.
+        let mut given: std::collections::HashMap<&str, &TenantId> = std::collections::HashMap::new();
+        for row in &rows {
+            let Some(c) = row.customer.as_deref() else { continue };
+            let holder = match given.get(c) {
+                Some(t) => Some((*t).clone()),
+                None => self.directory.tenant_by_customer(c).await?.map(|t| t.id),
+            };
+            if let Some(holder) = holder.filter(|h| h != &row.tenant) {
+                return Err(AdminError::Import {
+                    line: row.line,
+                    message: format!(
+                        "billing customer `{c}` belongs to tenant `{holder}` (a customer belongs to one tenant: \
+                         tollgate tenants set-customer … --move moves it)"
+                    ),
+                });
+            }
+            given.insert(c, &row.tenant);
         }
         for row in &rows {
             if let Some((hash, _)) = &row.key {

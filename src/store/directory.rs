@@ -171,6 +171,17 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     /// else of the tenant is written.
     async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &PlanId) -> Result<bool, StoreError>;
 
+    /// Sets the billing customer of `tenant` (`None` removes it), only if its customer is still
+    /// `read` (one conditional write of the tenant's customer alone): `false` when it changed
+    /// since or the tenant is gone. A customer given to this tenant leaves any other, as with
+    /// [`put_tenant`](Self::put_tenant): callers check who holds it first.
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError>;
+
     /// Applies a plan change atomically: only if `change.event_id` was never seen and the
     /// event is not older than the last one applied to that customer; the id is marked seen in
     /// the same write as the change.

@@ -480,6 +480,16 @@ impl DirectoryStore for Faulty {
         self.inner.set_plan_if_unchanged(read, plan).await
     }
 
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_customer_if_unchanged(tenant, read, customer).await
+    }
+
     async fn find_key(&self, key: &tollgate::store::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
         self.lookups.fetch_add(1, Ordering::SeqCst);

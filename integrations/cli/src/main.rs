@@ -100,12 +100,31 @@ enum TenantCommand {
         /// Its plan (a plan of the configuration).
         #[arg(long)]
         plan: String,
-        /// Its billing customer (a Stripe customer id).
+        /// Its billing customer (a Stripe customer id). A customer belongs to one tenant: one
+        /// another tenant holds is refused, naming it, unless --move.
         #[arg(long)]
         customer: Option<String>,
+        /// Take the customer from the tenant holding it (that tenant keeps none).
+        #[arg(long = "move", requires = "customer")]
+        take: bool,
     },
     /// Lists the tenants.
     List,
+    /// Sets a tenant's billing customer (the fix for a wrong one), or removes it with --none.
+    /// Usage not yet exported is billed to the new customer.
+    SetCustomer {
+        /// The tenant id.
+        id: String,
+        /// The billing customer (a Stripe customer id).
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        customer: Option<String>,
+        /// Remove the tenant's customer.
+        #[arg(long)]
+        none: bool,
+        /// Take the customer from the tenant holding it (that tenant keeps none).
+        #[arg(long = "move", conflicts_with = "none")]
+        take: bool,
+    },
     /// Moves a tenant to another plan.
     SetPlan {
         /// The tenant id.
@@ -477,9 +496,19 @@ async fn create_table(config: &Config) -> Result<()> {
 
 async fn tenants(admin: &Admin, command: TenantCommand) -> Result<()> {
     match command {
-        TenantCommand::Add { id, plan, customer } => {
-            let t = admin.add_tenant(&id, &plan, customer.as_deref()).await?;
+        TenantCommand::Add { id, plan, customer, take } => {
+            let t = match (customer.as_deref(), take) {
+                (Some(c), true) => admin.add_tenant_moving_customer(&id, &plan, c).await?,
+                (customer, _) => admin.add_tenant(&id, &plan, customer).await?,
+            };
             println!("tenant `{}` added on plan `{}`", t.id, t.plan);
+        }
+        TenantCommand::SetCustomer { id, customer, none: _, take } => {
+            let t = admin.set_customer(&id, customer.as_deref(), take).await?;
+            match &t.customer {
+                Some(c) => println!("tenant `{}` is billed to `{c}`", t.id),
+                None => println!("tenant `{}` has no billing customer", t.id),
+            }
         }
         TenantCommand::List => {
             let all = admin.tenants().await?;

@@ -298,3 +298,45 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
     let err = fails(dir.path(), &["export", "--requeue", "acme", "requests", &window.to_string()]);
     assert!(err.contains("no such dead letter"), "{err}");
 }
+
+/// A billing customer belongs to one tenant and is never moved without being asked:
+/// `tenants add` and `keys import` with a customer another tenant holds are refused, naming the
+/// holder, and change nothing; `--move` moves it. `tenants set-customer` changes a tenant's
+/// customer (the runbook's fix for a wrong one), refused the same way, and `--none` removes it.
+#[test]
+fn a_customer_is_never_moved_silently_and_can_be_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tollgate.toml"), format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}"))
+        .unwrap();
+    let d = dir.path();
+    let customer_of = |tenant: &str| {
+        let list = ok(d, &["tenants", "list"]);
+        let line = list.lines().find(|l| l.split_whitespace().next() == Some(tenant)).unwrap().to_owned();
+        line.split_whitespace().nth(2).unwrap().to_owned()
+    };
+    ok(d, &["tenants", "add", "wa", "--plan", "free", "--customer", "cus_WA"]);
+    let err = fails(d, &["tenants", "add", "wc", "--plan", "free", "--customer", "cus_WA"]);
+    assert!(err.contains("cus_WA") && err.contains("`wa`") && err.contains("--move"), "{err}");
+    assert!(!ok(d, &["tenants", "list"]).contains("wc"), "nothing was added");
+    assert_eq!(customer_of("wa"), "cus_WA");
+    std::fs::write(d.join("k.csv"), "tenant,plan,customer\nwd,free,cus_WA\n").unwrap();
+    let err = fails(d, &["keys", "import", "k.csv"]);
+    assert!(err.contains("line 2") && err.contains("`wa`"), "{err}");
+    assert!(!ok(d, &["tenants", "list"]).contains("wd"), "nothing was imported");
+
+    ok(d, &["tenants", "add", "wc", "--plan", "free", "--customer", "cus_WA", "--move"]);
+    assert_eq!((customer_of("wa"), customer_of("wc")), ("-".to_owned(), "cus_WA".to_owned()));
+
+    // A wrong customer mended.
+    ok(d, &["tenants", "set-customer", "wa", "cus_WA2"]);
+    assert_eq!(customer_of("wa"), "cus_WA2");
+    let err = fails(d, &["tenants", "set-customer", "wa", "cus_WA"]);
+    assert!(err.contains("`wc`"), "{err}");
+    assert_eq!(customer_of("wc"), "cus_WA");
+    ok(d, &["tenants", "set-customer", "wa", "cus_WA", "--move"]);
+    assert_eq!((customer_of("wa"), customer_of("wc")), ("cus_WA".to_owned(), "-".to_owned()));
+    ok(d, &["tenants", "set-customer", "wa", "--none"]);
+    assert_eq!(customer_of("wa"), "-");
+    assert!(fails(d, &["tenants", "set-customer", "nobody", "cus_x"]).contains("no tenant"));
+    assert!(fails(d, &["tenants", "set-customer", "wa", ""]).contains("customer"), "an empty id is refused");
+}

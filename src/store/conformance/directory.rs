@@ -25,6 +25,38 @@ pub async fn a_billing_customer_belongs_to_one_tenant<S: ?Sized + DirectoryStore
     assert_eq!(h.s().apply_plan_change(&plan).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
 }
 
+/// A tenant's customer is set over the one read only, alone: a customer given to it leaves
+/// its holder, its old one leads nowhere, and nothing else of the tenant changes.
+pub async fn a_customer_is_set_only_over_what_was_read<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let x = TenantRecord::new("x".into(), "free".into()).with_customer("cus_x");
+    let y = TenantRecord::new("y".into(), "pro".into()).with_customer("cus_y");
+    h.s().put_tenant(&x, &[]).await.unwrap();
+    h.s().put_tenant(&y, &[]).await.unwrap();
+    let moved = PlanChange::new("evt_1", "cus_x", 10, "pro".into());
+    assert!(matches!(h.s().apply_plan_change(&moved).await.unwrap(), PlanChangeOutcome::Applied(_)));
+    let mut x = TenantRecord::new("x".into(), "pro".into()).with_customer("cus_x");
+    x.last_event_at = Some(10);
+    assert!(!h.s().set_customer_if_unchanged(&"x".into(), Some("cus_old"), Some("cus_z")).await.unwrap());
+    assert!(!h.s().set_customer_if_unchanged(&"x".into(), None, Some("cus_z")).await.unwrap());
+    assert!(!h.s().set_customer_if_unchanged(&"nobody".into(), None, Some("cus_z")).await.unwrap());
+    assert_eq!(h.s().tenant(&"x".into()).await.unwrap(), Some(x.clone()), "refused: nothing changed");
+    assert!(h.s().set_customer_if_unchanged(&"x".into(), Some("cus_x"), Some("cus_z")).await.unwrap());
+    h.restart().await;
+    let mut expected = x.clone();
+    expected.customer = Some("cus_z".into());
+    assert_eq!(h.s().tenant(&"x".into()).await.unwrap(), Some(expected.clone()), "only the customer changed");
+    assert_eq!(h.s().tenant_by_customer("cus_z").await.unwrap(), Some(expected.clone()));
+    assert_eq!(h.s().tenant_by_customer("cus_x").await.unwrap(), None, "the old one leads nowhere");
+    // Given y's customer: y loses it.
+    assert!(h.s().set_customer_if_unchanged(&"x".into(), Some("cus_z"), Some("cus_y")).await.unwrap());
+    assert_eq!(h.s().tenant(&"y".into()).await.unwrap().unwrap().customer, None);
+    assert_eq!(h.s().tenant_by_customer("cus_y").await.unwrap().map(|t| t.id), Some("x".into()));
+    // Removed.
+    assert!(h.s().set_customer_if_unchanged(&"x".into(), Some("cus_y"), None).await.unwrap());
+    assert_eq!(h.s().tenant(&"x".into()).await.unwrap().unwrap().customer, None);
+    assert_eq!(h.s().tenant_by_customer("cus_y").await.unwrap(), None);
+}
+
 /// The directory: keys, ids and customers lead to the tenant as stored now.
 pub async fn the_directory_finds_tenants_by_key_id_and_customer<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
     let (k1, k2, k3) = (KeyHash::of(b"key-1"), KeyHash::of(b"key-2"), KeyHash::of(b"key-3"));

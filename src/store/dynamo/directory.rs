@@ -185,6 +185,33 @@ impl DirectoryStore for DynamoStore {
         }
     }
 
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let update =
+            self.client.update_item().table_name(&self.table).key("pk", s(tenant_pk(tenant))).key("sk", s("T"));
+        let update = match read {
+            Some(r) => update
+                .condition_expression("attribute_exists(pk) AND customer = :read")
+                .expression_attribute_values(":read", s(r)),
+            None => update.condition_expression("attribute_exists(pk) AND attribute_not_exists(customer)"),
+        };
+        let update = match customer {
+            Some(c) => update.update_expression("SET customer = :c").expression_attribute_values(":c", s(c)),
+            None => update.update_expression("REMOVE customer"),
+        };
+        match update.send().await {
+            Ok(_) => {}
+            Err(e) if is_ccf(&e) => return Ok(false),
+            Err(e) => return Err(sdk(e)),
+        }
+        self.move_customer(tenant, read, customer).await?;
+        Ok(true)
+    }
+
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
         let update = self
             .client
@@ -226,49 +253,8 @@ impl DirectoryStore for DynamoStore {
             put = put.item("overrides", s(o.as_str()));
         }
         put.send().await.map_err(sdk)?;
-        if let Some(c) = &record.customer {
-            // A billing customer belongs to one tenant: given to this one, it leaves any other.
-            if let Some(other) = self.tenant_by_customer(c).await?.filter(|t| t.id != record.id) {
-                let removed = self
-                    .client
-                    .update_item()
-                    .table_name(&self.table)
-                    .key("pk", s(tenant_pk(&other.id)))
-                    .key("sk", s("T"))
-                    .condition_expression("customer = :c")
-                    .update_expression("REMOVE customer")
-                    .expression_attribute_values(":c", s(c.as_str()))
-                    .send()
-                    .await;
-                if let Err(e) = removed {
-                    if !is_ccf(&e) {
-                        return Err(sdk(e));
-                    }
-                }
-            }
-            self.client
-                .put_item()
-                .table_name(&self.table)
-                .item("pk", s(customer_pk(c)))
-                .item("sk", s("C"))
-                .item("tenant", s(record.id.as_str()))
-                .send()
-                .await
-                .map_err(sdk)?;
-        }
-        if let Some(old) = old.and_then(|o| o.customer).filter(|o| record.customer.as_ref() != Some(o)) {
-            // The tenant's old customer leaves it (unless another tenant has it since).
-            let _ = self
-                .client
-                .delete_item()
-                .table_name(&self.table)
-                .key("pk", s(customer_pk(&old)))
-                .key("sk", s("C"))
-                .condition_expression("tenant = :t")
-                .expression_attribute_values(":t", s(record.id.as_str()))
-                .send()
-                .await;
-        }
+        let old = old.and_then(|o| o.customer);
+        self.move_customer(&record.id, old.as_deref(), record.customer.as_deref()).await?;
         for key in keys {
             // A key new to the table gets its id and creation time; one held keeps its
             // prefix and expiry.
@@ -302,6 +288,58 @@ impl DirectoryStore for DynamoStore {
             .send()
             .await
             .map_err(sdk)?;
+        Ok(())
+    }
+}
+
+impl DynamoStore {
+    /// The customer index after `tenant`'s customer went from `old` to `new` (its item written
+    /// already): a customer given to it leaves any other tenant, and its old one's index entry
+    /// goes (unless another tenant has it since).
+    async fn move_customer(&self, tenant: &TenantId, old: Option<&str>, new: Option<&str>) -> Result<(), StoreError> {
+        if let Some(c) = new {
+            // A billing customer belongs to one tenant: given to this one, it leaves any other.
+            if let Some(other) = self.tenant_by_customer(c).await?.filter(|t| &t.id != tenant) {
+                let removed = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key("pk", s(tenant_pk(&other.id)))
+                    .key("sk", s("T"))
+                    .condition_expression("customer = :c")
+                    .update_expression("REMOVE customer")
+                    .expression_attribute_values(":c", s(c))
+                    .send()
+                    .await;
+                if let Err(e) = removed {
+                    if !is_ccf(&e) {
+                        return Err(sdk(e));
+                    }
+                }
+            }
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .item("pk", s(customer_pk(c)))
+                .item("sk", s("C"))
+                .item("tenant", s(tenant.as_str()))
+                .send()
+                .await
+                .map_err(sdk)?;
+        }
+        if let Some(old) = old.filter(|o| new != Some(*o)) {
+            // The tenant's old customer leaves it (unless another tenant has it since).
+            let _ = self
+                .client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", s(customer_pk(old)))
+                .key("sk", s("C"))
+                .condition_expression("tenant = :t")
+                .expression_attribute_values(":t", s(tenant.as_str()))
+                .send()
+                .await;
+        }
         Ok(())
     }
 }

@@ -56,6 +56,35 @@ impl DirectoryStore for MemoryStore {
         })
     }
 
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        if inner.tenants.get(tenant).is_none_or(|t| t.customer.as_deref() != read) {
+            return Ok(false);
+        }
+        if let Some(old) = read {
+            if inner.customers.get(old) == Some(tenant) {
+                inner.customers.remove(old);
+            }
+        }
+        if let Some(c) = customer {
+            // Given to this tenant, it leaves any other.
+            if let Some(other) = inner.customers.insert(c.to_owned(), tenant.clone()).filter(|o| o != tenant) {
+                if let Some(t) = inner.tenants.get_mut(&other) {
+                    t.customer = None;
+                }
+            }
+        }
+        if let Some(t) = inner.tenants.get_mut(tenant) {
+            t.customer = customer.map(str::to_owned);
+        }
+        Ok(true)
+    }
+
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
         Ok(match self.lock().tenants.get_mut(tenant) {
             Some(t) => {

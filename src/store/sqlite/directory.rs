@@ -147,6 +147,33 @@ impl DirectoryStore for SqliteStore {
         .await
     }
 
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let (tenant, read, customer) = (tenant.clone(), read.map(str::to_owned), customer.map(str::to_owned));
+        self.write(move |tx, _| {
+            let stored: Option<Option<String>> = tx
+                .prepare_cached("SELECT customer FROM tenant WHERE id = ?1")?
+                .query_row([tenant.as_str()], |r| r.get(0))
+                .optional()?;
+            if stored != Some(read.clone()) {
+                return Ok(false);
+            }
+            if let Some(c) = &customer {
+                // Given to this tenant, it leaves any other.
+                tx.prepare_cached("UPDATE tenant SET customer = NULL WHERE customer = ?1 AND id <> ?2")?
+                    .execute(params![c, tenant.as_str()])?;
+            }
+            tx.prepare_cached("UPDATE tenant SET customer = ?2 WHERE id = ?1")?
+                .execute(params![tenant.as_str(), customer])?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
         let (tenant, overrides) = (tenant.clone(), overrides.map(str::to_owned));
         self.write(move |tx, _| {
