@@ -411,9 +411,20 @@ pub struct PlanSpec {
     pub(crate) quotas: BTreeMap<MeterId, QuotaSpec>,
     pub(crate) features: std::collections::BTreeSet<String>,
     pub(crate) shadow: bool,
+    pub(crate) billed: bool,
 }
 
 impl PlanSpec {
+    /// Whether the plan's tenants must be billed (`billed = true`): with a billing sink that
+    /// needs a customer, the windows of such a tenant without one stay pending until it has
+    /// one (within the billing system's 35 days), never written off. Tenants with a customer
+    /// are billed whatever their plan; tenants of other plans without one (a free tier) are
+    /// not.
+    #[must_use]
+    pub fn billed(&self) -> bool {
+        self.billed
+    }
+
     /// The features the plan includes (`features = ["sso"]`): a route with `feature = "sso"`
     /// refuses tenants whose plan lacks it with 403.
     #[must_use]

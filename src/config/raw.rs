@@ -149,6 +149,7 @@ pub(crate) struct RawPlan {
     #[serde(default)]
     pub(crate) features: Vec<String>,
     pub(crate) shadow: Option<bool>,
+    pub(crate) billed: Option<bool>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the

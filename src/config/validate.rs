@@ -1264,6 +1264,7 @@ impl Validator<'_, '_> {
             quotas,
             features,
             shadow: p.shadow.unwrap_or(false),
+            billed: p.billed.unwrap_or(false),
         })
     }
 

@@ -374,7 +374,8 @@ impl Builder {
         let stores = Arc::new(StoreCalls::new(roles, metrics.clone(), totals.clone(), clock.clone()));
         let ids = Arc::new(NodeIds::new());
         let leases = Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold), clock.clone());
-        let pipeline = Pipeline::new(stores.clone(), metrics.clone(), totals.clone(), clock.clone());
+        let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
+        let pipeline = Pipeline::new(stores.clone(), metrics.clone(), totals.clone(), clock.clone(), needs_customer);
         let exporter =
             Exporter::new(self.sink, stores.clone(), ids.clone(), clock.clone(), metrics.clone(), totals.clone());
         let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone());

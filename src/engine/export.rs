@@ -51,6 +51,9 @@ pub struct ExportReport {
     /// Windows left pending for a later pass because their tenant's billing customer could not
     /// be read: the directory failed for the tenant, or neither it nor the file knows it.
     pub waiting: usize,
+    /// Windows left pending because their tenant's plan is `billed` and the tenant has no
+    /// billing customer yet: exported once it has one.
+    pub awaiting_customer: usize,
     /// Whether the sink asked to retry anything later.
     pub deferred: bool,
     /// Whether the pass stopped early because the sink refused everything (its credentials).
@@ -65,6 +68,7 @@ impl ExportReport {
         self.retries += other.retries;
         self.unbillable += other.unbillable;
         self.waiting += other.waiting;
+        self.awaiting_customer += other.awaiting_customer;
         self.deferred |= other.deferred;
         self.halted |= other.halted;
     }
@@ -104,8 +108,8 @@ impl Pacer {
 /// What the directory (or the file) says of a tenant's billing customer, in one pass.
 #[derive(Debug, Clone)]
 enum Customer {
-    /// Known, with its billing customer if it has one.
-    Known(Option<String>),
+    /// Known, with its billing customer if it has one, and whether its plan is `billed`.
+    Known(Option<String>, bool),
     /// Neither the directory nor the file knows the tenant: its windows stay pending (a
     /// directory kept in another store may lag, or not hold it yet), never written off.
     Unknown,
@@ -146,9 +150,14 @@ impl Customers {
                 self.failures = 0;
                 match (record, rt.static_tenants.get(tenant)) {
                     (None, None) if tenant.as_str() != crate::config::ANONYMOUS_TENANT => Customer::Unknown,
-                    (record, file) => Customer::Known(
-                        record.and_then(|t| t.customer).or_else(|| file.and_then(|t| t.customer.clone())),
-                    ),
+                    (record, file) => {
+                        let plan = record.as_ref().map(|t| &t.plan).or(file.map(|t| &t.plan));
+                        let billed = plan.and_then(|p| rt.config.plan(p)).is_some_and(|p| p.billed());
+                        Customer::Known(
+                            record.and_then(|t| t.customer).or_else(|| file.and_then(|t| t.customer.clone())),
+                            billed,
+                        )
+                    }
                 }
             }
             Err(e) => {
@@ -256,7 +265,9 @@ impl Exporter {
                 let send = match agg.send.clone() {
                     Some(send) => send,
                     None => match customers.of(&self.deps, rt, &agg.key.tenant).await? {
-                        Customer::Known(customer) => plan_send(rt, &agg, now, customer, &namespace),
+                        // A billed plan's tenant without a customer waits for one.
+                        Customer::Known(None, true) if needs_customer => continue,
+                        Customer::Known(customer, _) => plan_send(rt, &agg, now, customer, &namespace),
                         // Unknown to the directory, or unreadable: not sent now.
                         Customer::Unknown | Customer::Unreadable => continue,
                     },
@@ -321,7 +332,24 @@ impl Exporter {
                 let customer = match agg.send.as_ref() {
                     Some(send) => send.customer.clone(),
                     None => match customers.of(&self.deps, &rt, &agg.key.tenant).await? {
-                        Customer::Known(customer) => customer,
+                        Customer::Known(None, true) if pass.sink.needs_customer() => {
+                            // A billed plan's tenant without a customer: never begun (that would
+                            // fix "no customer" for the revision), kept pending until it has
+                            // one; parked once too old to send, so it is listed, not pruned.
+                            if agg.key.window_start < now - MAX_AGE_SECS {
+                                let reason = "no customer: its tenant's plan is billed but the tenant had no \
+                                              billing customer within the 35 days the billing system takes; \
+                                              set one (tollgate tenants set-customer), then requeue, or bill it \
+                                              by hand";
+                                pass.park(&agg, reason, &mut report).await?;
+                            } else {
+                                report.awaiting_customer += 1;
+                                Totals::add(&self.deps.totals.waiting_windows, 1);
+                                self.deps.metrics.waiting_windows.increment(1);
+                            }
+                            continue;
+                        }
+                        Customer::Known(customer, _) => customer,
                         // Kept pending (a directory in another store may lag, a record may be
                         // mended): never marked exported without a call; parked once too old
                         // to send, so that it is listed rather than pruned unseen.

@@ -35,6 +35,9 @@ pub(crate) struct Pipeline {
     metrics: Arc<Metrics>,
     totals: Arc<Totals>,
     clock: Clock,
+    /// Whether the billing sink needs a customer (`None`: no sink on this node, so Stripe's
+    /// rule if the configuration has `[stripe]`, for a `tollgate export` job elsewhere).
+    sink_needs_customer: Option<bool>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -47,7 +50,8 @@ impl std::fmt::Debug for Pipeline {
 /// own ids) and usage not yet in a batch.
 pub(crate) struct Batches {
     pending: VecDeque<UsageBatch>,
-    staged: HashMap<(TenantId, MeterId, i64), u64>,
+    /// (units, billable) per (tenant, meter, window).
+    staged: HashMap<(TenantId, MeterId, i64), (u64, bool)>,
     seq: u64,
     node: String,
 }
@@ -80,13 +84,13 @@ impl Batches {
         &'a self,
         tenant: &'a TenantId,
     ) -> impl Iterator<Item = (&'a (TenantId, MeterId, i64), u64)> + 'a {
-        self.staged.iter().filter(move |((t, _, _), _)| t == tenant).map(|(k, q)| (k, *q))
+        self.staged.iter().filter(move |((t, _, _), _)| t == tenant).map(|(k, (q, _))| (k, *q))
     }
 
     pub(crate) fn held(&self) -> (usize, u64) {
         let batches = self.pending.iter().flat_map(|b| b.records.iter().map(|r| r.quantity));
         let (n, units) = batches.fold((0, 0u64), |(n, u), q| (n + 1, u + q));
-        (n + self.staged.len(), units + self.staged.values().sum::<u64>())
+        (n + self.staged.len(), units + self.staged.values().map(|(q, _)| q).sum::<u64>())
     }
 }
 
@@ -105,7 +109,13 @@ pub struct FlushReport {
 const COMMIT_ATTEMPTS: u32 = 3;
 
 impl Pipeline {
-    pub(crate) fn new(stores: Arc<StoreCalls>, metrics: Arc<Metrics>, totals: Arc<Totals>, clock: Clock) -> Self {
+    pub(crate) fn new(
+        stores: Arc<StoreCalls>,
+        metrics: Arc<Metrics>,
+        totals: Arc<Totals>,
+        clock: Clock,
+        sink_needs_customer: Option<bool>,
+    ) -> Self {
         Self {
             batches: tokio::sync::Mutex::new(Batches::new()),
             buffer_full: AtomicBool::new(false),
@@ -113,7 +123,18 @@ impl Pipeline {
             metrics,
             totals,
             clock,
+            sink_needs_customer,
         }
+    }
+
+    /// Whether the usage of `tenant` is billable: always, unless the sink needs a billing
+    /// customer, the tenant has none and its plan is not `billed` (a free tier). Its usage is
+    /// then stored but not an export candidate.
+    pub(crate) fn billable(&self, rt: &Runtime, tenant: &Tenant) -> bool {
+        let needs_customer = self.sink_needs_customer.unwrap_or_else(|| rt.config.stripe().is_some());
+        !needs_customer
+            || tenant.customer.is_some()
+            || rt.config.plan(&tenant.plan.id).is_some_and(crate::config::PlanSpec::billed)
     }
 
     /// Holds the pipeline: no flush runs meanwhile (what is drained and not committed can be
@@ -149,8 +170,8 @@ impl Pipeline {
             let records: Vec<UsageRecord> = p
                 .staged
                 .drain()
-                .map(|((tenant, meter, window_start), quantity)| {
-                    UsageRecord::new(tenant, meter, window_start, quantity)
+                .map(|((tenant, meter, window_start), (quantity, billable))| {
+                    UsageRecord::new(tenant, meter, window_start, quantity).with_billable(billable)
                 })
                 .collect();
             let max = self.stores.roles.usage.max_batch_records().max(1);
@@ -231,14 +252,16 @@ impl Pipeline {
                 None => window_start,
             };
             let key = (s.id.clone(), meter.clone(), window_start);
-            if let Some(q) = staged.get_mut(&key) {
+            let billable = self.billable(rt, s);
+            if let Some((q, b)) = staged.get_mut(&key) {
                 *q = q.saturating_add(quantity);
+                *b |= billable;
             } else if room > 0 || s.plan.on_store_error == StoreErrorPolicy::FailClosed {
                 // Fail-closed usage is always kept: its tenants are refused while the buffer
                 // is full, so only requests already admitted can pass the bound.
                 room = room.saturating_sub(1);
                 full |= room == 0;
-                staged.insert(key, quantity);
+                staged.insert(key, (quantity, billable));
             } else {
                 full = true;
                 dropped_units = dropped_units.saturating_add(quantity);

@@ -173,7 +173,8 @@ impl Tollgate {
             Some(held) if held.quantity == e.quantity => Some(Taken::Held),
             _ => self.take_for_event(rt, &state, meter, e.quantity, at, now, lookup_timeout).await?,
         };
-        let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity);
+        let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
+            .with_billable(self.shared.pipeline.billable(rt, &state));
         Ok(Prepared {
             index,
             state,

@@ -201,7 +201,9 @@ impl DeadLetter {
 pub trait ExportStore: Send + Sync + fmt::Debug + 'static {
     /// Aggregates of windows that started before `window_start_before` with usage not yet
     /// exported (or an export in flight), not dead-lettered, in key order after `after` (a
-    /// cursor: the last key of the previous page), at most `limit` of them.
+    /// cursor: the last key of the previous page), at most `limit` of them. Only export
+    /// candidates: aggregates to which a [billable](crate::store::UsageRecord::billable) record
+    /// was committed.
     async fn pending_exports(
         &self,
         window_start_before: i64,

@@ -43,13 +43,28 @@ pub struct UsageRecord {
     pub window_start: i64,
     /// Units used.
     pub quantity: u64,
+    /// Whether the usage is to be exported (billed): `false` for a tenant without a billing
+    /// customer on a plan that is not `billed` (a free tier), when the sink needs customers.
+    /// An aggregate is an export candidate
+    /// ([`pending_exports`](crate::store::ExportStore::pending_exports) lists it) once a billable
+    /// record was committed to it; then all of its usage is exported. Usage that is not
+    /// billable is kept all the same (reports, retention).
+    pub billable: bool,
 }
 
 impl UsageRecord {
-    /// `quantity` units of `meter` used by `tenant` in the window starting at `window_start`.
+    /// `quantity` units of `meter` used by `tenant` in the window starting at `window_start`,
+    /// billable.
     #[must_use]
     pub fn new(tenant: TenantId, meter: MeterId, window_start: i64, quantity: u64) -> Self {
-        Self { tenant, meter, window_start, quantity }
+        Self { tenant, meter, window_start, quantity, billable: true }
+    }
+
+    /// The same, billable or not.
+    #[must_use]
+    pub fn with_billable(mut self, billable: bool) -> Self {
+        self.billable = billable;
+        self
     }
 }
 

@@ -298,7 +298,7 @@ async fn exactly_once_through_faults(kind: Kind, test: &str) {
     standin.fail_customer("cus_globex", None);
     drain(&[&a], &standin, now).await;
     assert_eq!(standin.totals(), billable.0);
-    assert!(a.tollgate.stats().unbillable_windows >= 1, "hobby has no customer: skipped, counted");
+    assert_eq!(a.tollgate.stats().unbillable_windows, 0, "hobby has no customer: never a candidate");
 
     // A crash between send and mark: the event reached Stripe, the mark did not reach the
     // store. Another node re-sends it with the same identifier and idempotency key.
@@ -888,4 +888,84 @@ async fn calls_stripe_never_took_are_retried_without_limit_and_never_parked() {
     assert_eq!(totals[&("cus_acme".into(), "api_requests".into())], 3);
     assert_eq!(totals[&("cus_globex".into(), "api_requests".into())], 2);
     assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+}
+
+/// A tenant of a plan marked `billed` that has no Stripe customer yet: its windows stay pending
+/// (never written off), and are billed once a customer is set after they closed. A tenant of a
+/// plan that is not billed, without a customer (a free tier), is not billed. Past Stripe's 35
+/// days, the billed tenant's windows without a customer are parked `no customer`.
+async fn a_billed_plan_s_windows_wait_for_a_customer(kind: Kind) {
+    let Some((_b, store, standin, h)) = on_store(kind, Some("[plans.paid]\nbilled = true\n")).await else { return };
+    let newco = tollgate::store::TenantRecord::new("newco".into(), "paid".into());
+    store.put_tenant(&newco, &[tollgate::store::KeyHash::of(b"key-newco")]).await.unwrap();
+    for tenant in ["newco", "hobby"] {
+        for _ in 0..3 {
+            assert_eq!(h.status("/", &format!("key-{tenant}")).await, 200);
+        }
+    }
+    h.tollgate.flush().await.unwrap();
+    let mut now = NOON + 20 * MIN;
+    for _ in 0..3 {
+        at(&h.clock, &standin, now);
+        let report = h.tollgate.export().await.unwrap();
+        assert_eq!((report.events, report.dead_letters), (0, 0), "{report:?}");
+        now += HOUR;
+    }
+    let pending: Vec<_> = store.pending_exports(i64::MAX, None, 10).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|a| a.key.tenant.as_str()).collect::<Vec<_>>(),
+        ["newco"],
+        "waits; hobby is not billed"
+    );
+    assert!(pending[0].send.is_none(), "never begun without a customer");
+
+    // The customer is set (in the directory) after the window closed: billed at the next pass.
+    let admin = tollgate::admin::Admin::new(store.clone());
+    admin.set_customer("newco", Some("cus_newco"), false).await.unwrap();
+    h.tollgate.export().await.unwrap();
+    assert_eq!(standin.totals().get(&("cus_newco".into(), "api_requests".into())), Some(&3));
+    assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+
+    // Without a customer past 35 days: parked, saying so.
+    admin.set_customer("newco", None, false).await.unwrap();
+    at(&h.clock, &standin, now);
+    assert_eq!(h.status("/", "key-newco").await, 200);
+    h.tollgate.flush().await.unwrap();
+    now += 36 * 86_400;
+    at(&h.clock, &standin, now);
+    let report = h.tollgate.export().await.unwrap();
+    assert_eq!(report.dead_letters, 1, "{report:?}");
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert!(dead[0].reason.contains("no customer"), "{}", dead[0].reason);
+}
+
+on_every_store!(a_billed_plan_s_windows_wait_for_a_customer);
+
+/// Tenants of a plan that is not billed and without a customer (a free tier) are not export
+/// candidates at all: their usage is stored (reports, retention) but an export pass never lists
+/// it, so a pass does not grow with them. Tenants with a customer are billed whatever their
+/// plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_tier_tenants_are_never_export_candidates() {
+    const FREE: usize = 10_000;
+    let Some((_b, store, standin, h)) = on_store(Kind::Memory, None).await else { return };
+    for i in 0..FREE {
+        let t = tollgate::store::TenantRecord::new(format!("f{i}").as_str().into(), "p".into());
+        store.put_tenant(&t, &[tollgate::store::KeyHash::of(format!("key-f{i}").as_bytes())]).await.unwrap();
+    }
+    for i in 0..FREE {
+        assert_eq!(h.status("/", &format!("key-f{i}")).await, 200);
+    }
+    for t in ["acme", "hobby"] {
+        assert_eq!(h.status("/", &format!("key-{t}")).await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    let pending = store.pending_exports(i64::MAX, None, 100).await.unwrap();
+    let listed: Vec<&str> = pending.iter().map(|a| a.key.tenant.as_str()).collect();
+    assert_eq!(listed, ["acme"], "only the tenant with a customer is a candidate");
+    let kept = common::committed(&*store, "f42", "requests", NOON - HOUR, NOON + HOUR, 15 * MIN).await;
+    assert_eq!(kept, 1, "a free tenant's usage is kept");
+    at(&h.clock, &standin, NOON + 20 * MIN);
+    let report = h.tollgate.export().await.unwrap();
+    assert_eq!((report.events, report.unbillable), (1, 0), "nothing written off: never listed: {report:?}");
 }

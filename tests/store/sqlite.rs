@@ -435,7 +435,9 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     // Back to version 1 as it was written.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP TABLE meta; DROP TABLE idempotency; DROP TABLE idempotency_bytes; ALTER TABLE api_key DROP COLUMN prefix; \
+        "DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
+         CREATE INDEX usage_pending ON usage (tenant, meter, window_start) \
+         WHERE dead IS NULL AND (quantity > exported OR in_flight IS NOT NULL); DROP TABLE idempotency; DROP TABLE idempotency_bytes; ALTER TABLE api_key DROP COLUMN prefix; \
          ALTER TABLE api_key DROP COLUMN created_at; ALTER TABLE api_key DROP COLUMN expires_at; \
          ALTER TABLE usage DROP COLUMN send; ALTER TABLE usage DROP COLUMN unknown_failures; \
          ALTER TABLE tenant DROP COLUMN overrides; PRAGMA user_version = 1;",
@@ -463,6 +465,10 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
             .unwrap()
             .flatten();
     assert_eq!(send, None, "the usage table has the send column");
+    let billable: Option<bool> =
+        rusqlite::OptionalExtension::optional(conn.query_row("SELECT billable FROM usage LIMIT 1", [], |r| r.get(0)))
+            .unwrap();
+    assert_eq!(billable, None, "the usage table has the billable column");
 }
 
 /// Roles naming one SQLite file, spelled three ways (`./` and `..`, through a link to its

@@ -305,3 +305,26 @@ pub async fn a_deferral_never_sent_clears_the_first_attempt<S: ?Sized + UsageIns
     let stored = h.s().usage(&read.key).await.unwrap().unwrap();
     assert_eq!((stored.first_attempt_at, stored.unknown_failures), (Some(t + 60), 1));
 }
+
+/// Usage that is not billable is kept (a tenant's usage, its retention) but its aggregate is not
+/// listed for export until billable usage is added to it; then all of it is.
+pub async fn an_aggregate_is_listed_once_billable_usage_is_added<S: ?Sized + UsageInspect>(h: &mut StoreUnderTest<S>) {
+    let w = DAY0 + 10 * HOUR;
+    let free = |q| rec("f", "requests", w, q).with_billable(false);
+    h.s().commit_usage(&batch("f1", vec![free(3), rec("p", "requests", w, 2)])).await.unwrap();
+    h.restart().await;
+    assert_eq!(pending_keys(h.s(), w + HOUR).await, [ExportKey::new("p".into(), "requests".into(), w)]);
+    let kept = h.s().usage(&ExportKey::new("f".into(), "requests".into(), w)).await.unwrap().unwrap();
+    assert_eq!((kept.quantity, kept.exported), (3, 0), "kept, not exported");
+    h.s().commit_usage(&batch("f2", vec![free(4)])).await.unwrap();
+    assert_eq!(pending_keys(h.s(), w + HOUR).await.len(), 1, "still not listed");
+    // Billable usage is added (the tenant got a customer): the aggregate is listed, all of it.
+    h.s().commit_usage(&batch("f3", vec![rec("f", "requests", w, 1)])).await.unwrap();
+    h.restart().await;
+    let listed = h.s().pending_exports(w + HOUR, None, 10).await.unwrap();
+    let f = listed.iter().find(|a| a.key.tenant.as_str() == "f").expect("listed");
+    assert_eq!(f.quantity, 8);
+    // And stays a candidate when usage that is not billable follows.
+    h.s().commit_usage(&batch("f4", vec![free(2)])).await.unwrap();
+    assert_eq!(pending_keys(h.s(), w + HOUR).await.len(), 2);
+}

@@ -24,7 +24,7 @@ use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
     PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+    UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore,
 };
 use crate::base::{KeyHash, TenantId};
 
@@ -246,24 +246,32 @@ fn tenant_record(item: &Item) -> Option<TenantRecord> {
 
 /// The update that adds a record's quantity to its aggregate (created if need be) and puts
 /// it in line for export.
-fn usage_update(table: &str, tenant: &TenantId, meter: &str, window: i64, quantity: u64) -> Result<Update, StoreError> {
-    let key = ExportKey::new(tenant.clone(), meter.into(), window);
-    Update::builder()
+fn usage_update(table: &str, r: &UsageRecord) -> Result<Update, StoreError> {
+    let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
+    // An aggregate is an export candidate (in the export index) once billable usage was added.
+    let expression = if r.billable {
+        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, gpk = :g, gsk = :k, #ttl = :ttl"
+    } else {
+        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, #ttl = :ttl"
+    };
+    let update = Update::builder()
         .table_name(table)
-        .key("pk", s(usage_pk(tenant)))
-        .key("sk", s(usage_sk(meter, window)))
-        .update_expression("ADD quantity :q SET tenant = :t, meter = :m, #w = :w, gpk = :g, gsk = :k, #ttl = :ttl")
+        .key("pk", s(usage_pk(&r.tenant)))
+        .key("sk", s(usage_sk(r.meter.as_str(), r.window_start)))
+        .update_expression(expression)
         .expression_attribute_names("#w", "window")
         .expression_attribute_names("#ttl", "ttl")
-        .expression_attribute_values(":q", n(quantity))
-        .expression_attribute_values(":t", s(tenant.as_str()))
-        .expression_attribute_values(":m", s(meter))
-        .expression_attribute_values(":w", n(window))
-        .expression_attribute_values(":g", s("PENDING"))
-        .expression_attribute_values(":k", s(usage_gsk(&key)))
-        .expression_attribute_values(":ttl", n(window.saturating_add(RETENTION_SECS)))
-        .build()
-        .map_err(backend)
+        .expression_attribute_values(":q", n(r.quantity))
+        .expression_attribute_values(":t", s(r.tenant.as_str()))
+        .expression_attribute_values(":m", s(r.meter.as_str()))
+        .expression_attribute_values(":w", n(r.window_start))
+        .expression_attribute_values(":ttl", n(r.window_start.saturating_add(RETENTION_SECS)));
+    let update = if r.billable {
+        update.expression_attribute_values(":g", s("PENDING")).expression_attribute_values(":k", s(usage_gsk(&key)))
+    } else {
+        update
+    };
+    update.build().map_err(backend)
 }
 
 /// Why a transaction was cancelled: one code per action (`None` for the actions that were

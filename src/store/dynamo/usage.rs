@@ -17,7 +17,7 @@ impl UsageStore for DynamoStore {
             .map_err(backend)?;
         actions.push(TransactWriteItem::builder().put(marker).build());
         for r in &batch.records {
-            let update = usage_update(&self.table, &r.tenant, r.meter.as_str(), r.window_start, r.quantity)?;
+            let update = usage_update(&self.table, r)?;
             actions.push(TransactWriteItem::builder().update(update).build());
         }
         for attempt in 0..ATTEMPTS {
@@ -55,7 +55,7 @@ impl UsageStore for DynamoStore {
                 .build()
                 .map_err(backend)?;
             let r = &e.record;
-            let update = usage_update(&self.table, &r.tenant, r.meter.as_str(), r.window_start, r.quantity)?;
+            let update = usage_update(&self.table, r)?;
             let actions = vec![
                 TransactWriteItem::builder().put(seen).build(),
                 TransactWriteItem::builder().update(update).build(),

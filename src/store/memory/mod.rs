@@ -118,7 +118,7 @@ impl Inner {
     fn index(&mut self, key: &ExportKey) {
         let (pending, parked) = match self.usage.get(key) {
             Some(a) if a.dead.is_some() => (false, true),
-            Some(a) => (a.quantity > a.exported || a.in_flight.is_some(), false),
+            Some(a) => (a.billable && (a.quantity > a.exported || a.in_flight.is_some()), false),
             None => (false, false),
         };
         for (set, member) in [(&mut self.pending, pending), (&mut self.parked, parked)] {
@@ -142,7 +142,7 @@ impl Inner {
         let mut unexported = 0u64;
         self.usage.retain(|k, a| {
             let keep = k.window_start >= horizon;
-            if !keep && a.dead.is_none() {
+            if !keep && a.dead.is_none() && a.billable {
                 unexported += a.quantity - a.exported;
             }
             keep
@@ -229,6 +229,8 @@ impl Counter {
 #[derive(Debug, Default, Clone)]
 struct Aggregate {
     quantity: u64,
+    /// Whether a billable record was committed to it: an export candidate.
+    billable: bool,
     exported: u64,
     revision: u32,
     in_flight: Option<u64>,
@@ -372,7 +374,7 @@ mod tests {
         let s = MemoryStore::new();
         let batch = |id: &str, window_start: i64| UsageBatch {
             id: FlushId::new(id),
-            records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start, quantity: 1 }],
+            records: vec![UsageRecord::new("t".into(), "requests".into(), window_start, 1)],
         };
         let key = |w| ExportKey { tenant: "t".into(), meter: "requests".into(), window_start: w };
         s.commit_usage(&batch("a", 0)).await.unwrap();
@@ -403,7 +405,7 @@ mod tests {
     #[tokio::test]
     async fn an_export_claim_holds_off_other_nodes_until_it_expires() {
         let s = MemoryStore::new();
-        let rec = UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 5 };
+        let rec = UsageRecord::new("t".into(), "requests".into(), 0, 5);
         s.commit_usage(&UsageBatch { id: FlushId::new("f"), records: vec![rec] }).await.unwrap();
         let agg = s.pending_exports(3600, None, 10).await.unwrap().remove(0);
         let mine = s.begin_export(&agg, &ExportClaim::new(1, 100, 400), &send()).await.unwrap().unwrap();
@@ -438,8 +440,7 @@ mod tests {
             (pending.len(), parked.len())
         }
         let s = MemoryStore::new();
-        let rec =
-            |t: &str, w: i64| UsageRecord { tenant: t.into(), meter: "requests".into(), window_start: w, quantity: 2 };
+        let rec = |t: &str, w: i64| UsageRecord::new(t.into(), "requests".into(), w, 2);
         let commit = |id: &str, records| UsageBatch { id: FlushId::new(id), records };
         s.commit_usage(&commit("1", vec![rec("a", 0), rec("b", 0), rec("c", 0)])).await.unwrap();
         assert_eq!(check(&s), (3, 0));
@@ -471,13 +472,7 @@ mod tests {
     #[tokio::test]
     async fn events_apply_once_per_id() {
         let s = MemoryStore::new();
-        let ev = |id: &str, q| {
-            UsageEvent::new(
-                id,
-                UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: q },
-                10,
-            )
-        };
+        let ev = |id: &str, q| UsageEvent::new(id, UsageRecord::new("t".into(), "requests".into(), 0, q), 10);
         let out = s.commit_events(&[ev("a", 5), ev("b", 2), ev("a", 5)]).await.unwrap();
         assert_eq!(out, [EventOutcome::Applied, EventOutcome::Applied, EventOutcome::Duplicate]);
         assert_eq!(s.commit_events(&[ev("b", 2)]).await.unwrap(), [EventOutcome::Duplicate]);
@@ -513,10 +508,8 @@ mod tests {
     #[tokio::test]
     async fn a_batch_commits_once_and_exports_move_by_revision() {
         let s = MemoryStore::new();
-        let batch = UsageBatch {
-            id: FlushId::new("f1"),
-            records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 5 }],
-        };
+        let batch =
+            UsageBatch { id: FlushId::new("f1"), records: vec![UsageRecord::new("t".into(), "requests".into(), 0, 5)] };
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::Applied);
         assert_eq!(s.commit_usage(&batch).await.unwrap(), CommitOutcome::AlreadyApplied);
         let pending = s.pending_exports(3600, None, 10).await.unwrap();
@@ -525,10 +518,8 @@ mod tests {
         let fixed = s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300), &send()).await.unwrap().unwrap();
         assert_eq!(fixed.in_flight, Some(5));
         // Late usage does not change what the in-flight revision exports.
-        let late = UsageBatch {
-            id: FlushId::new("f2"),
-            records: vec![UsageRecord { tenant: "t".into(), meter: "requests".into(), window_start: 0, quantity: 2 }],
-        };
+        let late =
+            UsageBatch { id: FlushId::new("f2"), records: vec![UsageRecord::new("t".into(), "requests".into(), 0, 2)] };
         s.commit_usage(&late).await.unwrap();
         assert_eq!(
             s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300), &send()).await.unwrap().unwrap().in_flight,

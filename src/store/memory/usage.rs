@@ -13,6 +13,7 @@ impl UsageStore for MemoryStore {
             let key = ExportKey { tenant: r.tenant.clone(), meter: r.meter.clone(), window_start: r.window_start };
             let agg = inner.usage.entry(key.clone()).or_default();
             agg.quantity = agg.quantity.saturating_add(r.quantity);
+            agg.billable |= r.billable;
             inner.index(&key);
             inner.newest_window = inner.newest_window.max(r.window_start);
         }
@@ -39,6 +40,7 @@ impl UsageStore for MemoryStore {
             let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
             let agg = inner.usage.entry(key.clone()).or_default();
             agg.quantity = agg.quantity.saturating_add(r.quantity);
+            agg.billable |= r.billable;
             inner.index(&key);
             inner.newest_window = inner.newest_window.max(r.window_start);
             inner.events.insert(&e.id, e.at);

@@ -14,7 +14,7 @@ impl ExportStore for SqliteStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.read(move |tx| {
             // The conditions repeat the partial index's, so that SQLite reads only the pending rows.
-            let pending = "u.dead IS NULL AND (u.quantity > u.exported OR u.in_flight IS NOT NULL)";
+            let pending = "u.dead IS NULL AND u.billable = 1 AND (u.quantity > u.exported OR u.in_flight IS NOT NULL)";
             let rows = match &after {
                 None => tx
                     .prepare_cached(&format!(

@@ -14,7 +14,7 @@ use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
     PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+    UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore,
 };
 use crate::{
     base::{KeyHash, TenantId},
@@ -307,7 +307,7 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     let horizon = newest_window.min(wall).saturating_sub(RETENTION_SECS);
     // total(), not sum(): a sum of saturated aggregates must not fail (sum() raises on overflow).
     let (unexported, dead): (f64, i64) = tx.query_row(
-        "SELECT total(CASE WHEN dead IS NULL THEN quantity - exported END), \
+        "SELECT total(CASE WHEN dead IS NULL AND billable = 1 THEN quantity - exported END), \
                 count(dead) FROM usage WHERE window_start < ?1",
         [horizon],
         |r| Ok((r.get(0)?, r.get(1)?)),

@@ -115,12 +115,17 @@ CREATE TABLE idempotency_bytes (
 );
 ",
     // The identifier namespace is written only in a new file (see `migrate`): a file made
-    // before has none, and keeps its identifiers until asked to change.
+    // before has none, and keeps its identifiers until asked to change. Aggregates are export
+    // candidates once billable usage was added (every row before was).
     r"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+ALTER TABLE usage ADD COLUMN billable INTEGER NOT NULL DEFAULT 1;
+DROP INDEX usage_pending;
+CREATE INDEX usage_pending ON usage (tenant, meter, window_start)
+    WHERE dead IS NULL AND billable = 1 AND (quantity > exported OR in_flight IS NOT NULL);
 ",
 ];
 

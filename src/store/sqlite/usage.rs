@@ -14,7 +14,7 @@ impl UsageStore for SqliteStore {
                 return Ok(CommitOutcome::AlreadyApplied);
             }
             for r in &batch.records {
-                add_usage(tx, &r.tenant, r.meter.as_str(), r.window_start, r.quantity)?;
+                add_usage(tx, r)?;
                 progress.newest_window = progress.newest_window.max(Some(r.window_start));
             }
             progress.prune = true;
@@ -36,7 +36,7 @@ impl UsageStore for SqliteStore {
                     continue;
                 }
                 let r = &e.record;
-                add_usage(tx, &r.tenant, r.meter.as_str(), r.window_start, r.quantity)?;
+                add_usage(tx, r)?;
                 progress.newest_window = progress.newest_window.max(Some(r.window_start));
                 out.push(EventOutcome::Applied);
             }
@@ -65,14 +65,15 @@ impl UsageStore for SqliteStore {
     }
 }
 
-fn add_usage(tx: &Transaction<'_>, tenant: &TenantId, meter: &str, window_start: i64, quantity: u64) -> Sql<()> {
+fn add_usage(tx: &Transaction<'_>, r: &UsageRecord) -> Sql<()> {
     tx.prepare_cached(
-        // Saturating: past i64::MAX, SQLite would turn the sum into a float.
-        "INSERT INTO usage (tenant, meter, window_start, quantity) VALUES (?1, ?2, ?3, ?4) \
+        // Saturating: past i64::MAX, SQLite would turn the sum into a float. An aggregate is an
+        // export candidate once a billable record was added to it.
+        "INSERT INTO usage (tenant, meter, window_start, quantity, billable) VALUES (?1, ?2, ?3, ?4, ?5) \
          ON CONFLICT (window_start, tenant, meter) DO UPDATE SET quantity = \
          CASE WHEN quantity > 9223372036854775807 - excluded.quantity THEN 9223372036854775807 \
-         ELSE quantity + excluded.quantity END",
+         ELSE quantity + excluded.quantity END, billable = max(billable, excluded.billable)",
     )?
-    .execute(params![tenant.as_str(), meter, window_start, int(quantity)])?;
+    .execute(params![r.tenant.as_str(), r.meter.as_str(), r.window_start, int(r.quantity), r.billable])?;
     Ok(())
 }
