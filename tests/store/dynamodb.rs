@@ -246,7 +246,7 @@ async fn expiring_items_carry_their_ttl_attribute() {
     assert!(flush.len() == 1 && (now + 7 * day - 60..=now + 7 * day + 60).contains(&flush[0]), "{flush:?}");
     assert_eq!(ttl_of("E\u{1}"), [NOON + 10 + 35 * day], "usage event id");
     assert_eq!(ttl_of("W\u{1}"), [NOON + 35 * day], "webhook event id");
-    assert_eq!(ttl_of("U\u{1}"), [NOON + 35 * day], "usage aggregate");
+    assert_eq!(ttl_of("U\u{1}"), [NOON + 49 * day], "usage aggregate, not exported: 14 days past Stripe's 35");
     assert_eq!(ttl_of("Q\u{1}"), [NOON + 43_200 + 35 * day], "quota counter");
     assert_eq!(ttl_of("T\u{1}"), [-1], "the tenant does not expire");
     assert_eq!(ttl_of("I\u{1}"), [NOON + day], "an Idempotency-Key binding");
@@ -283,4 +283,75 @@ async fn a_table_made_before_namespaces_keeps_its_identifiers() {
     assert!(!store.set_identifier_namespace(&drawn, "x").await.unwrap());
     assert!(store.set_identifier_namespace("", "restored").await.unwrap());
     assert_eq!(store.identifier_namespace().await.unwrap(), "restored");
+}
+
+/// DynamoDB's TTL never deletes a dead letter: dead-lettering extends the aggregate's TTL past
+/// any horizon (late usage committed to it keeps it so), a requeued letter gets a TTL back, and
+/// a confirmed one (marked exported) the exported aggregates' TTL. Letters parked by an
+/// earlier version, with the aggregate's TTL, are mended by `repair_dead_letter_ttl`
+/// (`tollgate export --repair-ttl`). An aggregate not yet exported is kept past Stripe's 35
+/// days, so an exporter that was down parks it rather than lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ttl_never_deletes_a_dead_letter_or_a_window_waiting_for_export() {
+    use tollgate::store::{ExportClaim, ExportKey, ExportSend, FlushId, UsageBatch, UsageRecord};
+    let Some(store) = common::dynamo::table().await else { return };
+    let sk = |w: i64| format!("requests\u{1}{:016x}", (w as u64) ^ (1 << 63));
+    const DAY: i64 = 86_400;
+    let w = NOON - NOON.rem_euclid(3600);
+    let key = ExportKey::new("t".into(), "requests".into(), w);
+    let ttl = || async {
+        let item = store
+            .client()
+            .get_item()
+            .table_name(store.table())
+            .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("U\u{1}t".into()))
+            .key("sk", aws_sdk_dynamodb::types::AttributeValue::S(sk(w)))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap();
+        item.get("ttl").unwrap().as_n().unwrap().parse::<i64>().unwrap()
+    };
+    let commit = |id: &'static str| {
+        let store = &store;
+        async move {
+            let batch = UsageBatch::new(FlushId::new(id), vec![UsageRecord::new("t".into(), "requests".into(), w, 5)]);
+            store.commit_usage(&batch).await.unwrap();
+        }
+    };
+    commit("f1").await;
+    assert!(ttl().await >= w + 49 * DAY, "waiting for export: kept past Stripe's 35 days: {}", ttl().await - w);
+    let read = store.pending_exports(i64::MAX, None, 10).await.unwrap().remove(0);
+    let send = ExportSend::new(5, w + 3599, Some("cus_t".into()), "api_requests");
+    let begun = store.begin_export(&read, &ExportClaim::new(1, w + 4000, w + 4300), &send).await.unwrap().unwrap();
+    store.dead_letter(&begun, "refused: 400").await.unwrap();
+    assert!(ttl().await > w + 365 * DAY, "a dead letter is not expired by the TTL");
+    commit("f2").await;
+    assert!(ttl().await > w + 365 * DAY, "late usage for a dead letter keeps it so");
+    assert!(store.requeue_dead_letter(&key).await.unwrap());
+    assert_eq!(ttl().await, w + 49 * DAY, "requeued: waiting for export again");
+    let read = store.pending_exports(i64::MAX, None, 10).await.unwrap().remove(0);
+    let begun = store.begin_export(&read, &ExportClaim::new(1, w + 5000, w + 5300), &send).await.unwrap().unwrap();
+    store.dead_letter(&begun, "unconfirmed: …").await.unwrap();
+    // Parked by an earlier version: the aggregate's TTL. Mended.
+    store
+        .client()
+        .update_item()
+        .table_name(store.table())
+        .key("pk", aws_sdk_dynamodb::types::AttributeValue::S("U\u{1}t".into()))
+        .key("sk", aws_sdk_dynamodb::types::AttributeValue::S(sk(w)))
+        .update_expression("SET #ttl = :t")
+        .expression_attribute_names("#ttl", "ttl")
+        .expression_attribute_values(":t", aws_sdk_dynamodb::types::AttributeValue::N((w + 35 * DAY).to_string()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(store.repair_dead_letter_ttl().await.unwrap(), 1);
+    assert!(ttl().await > w + 365 * DAY);
+    assert_eq!(store.repair_dead_letter_ttl().await.unwrap(), 0, "nothing left to mend");
+    // Confirmed by hand: exported, with the exported aggregates' TTL.
+    assert!(store.finish_export(&begun).await.unwrap());
+    assert_eq!(ttl().await, w + 35 * DAY);
 }

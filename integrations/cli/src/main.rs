@@ -82,6 +82,11 @@ enum Command {
         /// identifier there).
         #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all"])]
         confirm: Option<Vec<String>>,
+        /// On DynamoDB: gives the dead letters parked by an earlier version a TTL past any
+        /// horizon, so the table never deletes them (run once after upgrading; again changes
+        /// nothing).
+        #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all", "confirm"])]
+        repair_ttl: bool,
     },
 }
 
@@ -225,8 +230,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
         Command::Tenants { command } => tenants(&admin(&cli.config).await?, command).await,
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
-        Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm } => {
+        Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl } => {
             let config = load(&cli.config)?;
+            if repair_ttl {
+                return repair_ttl_of(&config).await;
+            }
             if dead_letters || requeue_all || requeue.is_some() || confirm.is_some() {
                 let admin = Admin::open(&config).await?;
                 return match (requeue, confirm) {
@@ -490,6 +498,29 @@ async fn create_table(config: &Config) -> Result<()> {
     #[cfg(not(feature = "dynamodb"))]
     {
         let _ = tables;
+        Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
+    }
+}
+
+/// Mends the TTL of the dead letters in the usage role's DynamoDB table.
+async fn repair_ttl_of(config: &Config) -> Result<()> {
+    let StoreSettings::Dynamodb { table, endpoint } = config.store_of(StoreRole::Usage) else {
+        return Err(format!(
+            "--repair-ttl mends a DynamoDB table; the usage store is {}",
+            config.store_of(StoreRole::Usage)
+        )
+        .into());
+    };
+    #[cfg(feature = "dynamodb")]
+    {
+        let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+        let mended = store.repair_dead_letter_ttl().await?;
+        println!("{mended} dead letters in `{table}` given a TTL past any horizon (kept until requeued or confirmed)");
+        Ok(())
+    }
+    #[cfg(not(feature = "dynamodb"))]
+    {
+        let _ = (table, endpoint);
         Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
     }
 }

@@ -207,6 +207,13 @@ async fn the_command_works_on_dynamodb() {
     let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).open().await.unwrap();
     let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
     assert_eq!(h.status("/", &key).await, 200);
+    let check = ok(d, &["check"]);
+    let ns = check.lines().find(|l| l.contains("identifier namespace")).unwrap();
+    assert_eq!(ns.rsplit(' ').next().unwrap().len(), 16, "create-table drew one: {check}");
+    assert!(ok(d, &["export", "--repair-ttl"]).contains("0 dead letters"), "nothing to mend");
+    // On a SQLite file, a clear refusal.
+    std::fs::write(d.join("file.toml"), format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}")).unwrap();
+    assert!(fails(d, &["-c", "file.toml", "export", "--repair-ttl"]).contains("DynamoDB"));
 }
 
 /// `tollgate export` on a SQLite file against the Stripe stand-in: a dry run sends nothing,

@@ -90,9 +90,12 @@ impl ExportStore for DynamoStore {
             )
             .update_expression(
                 "SET exported = in_flight, revision = if_not_exists(revision, :zero) + :one, attempts = :zero, \
-                 unknown_failures = :zero \
+                 unknown_failures = :zero, #ttl = :ttl \
                  REMOVE in_flight, send, first_attempt_at, claim_node, claim_until, dead, dpk, dsk",
             )
+            // A dead letter confirmed by hand gets the exported aggregates' TTL back.
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":ttl", n(exported_ttl(key.window_start)))
             .expression_attribute_values(":rev", n(aggregate_.revision))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
@@ -131,7 +134,10 @@ impl ExportStore for DynamoStore {
             .condition_expression(
                 "attribute_exists(pk) AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero))",
             )
-            .update_expression("SET dead = :r, dpk = :d, dsk = :k")
+            // Kept until requeued or confirmed: never expired by the TTL.
+            .update_expression("SET dead = :r, dpk = :d, dsk = :k, #ttl = :ttl")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":ttl", n(dead_letter_ttl(key.window_start)))
             .expression_attribute_values(":rev", n(aggregate_.revision))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":r", s(reason))
@@ -168,8 +174,10 @@ impl ExportStore for DynamoStore {
             .update_expression(
                 "REMOVE dead, dpk, dsk, in_flight, send, first_attempt_at, claim_node, claim_until \
                  SET gpk = :g, gsk = :k, attempts = :zero, unknown_failures = :zero, \
-                 revision = if_not_exists(revision, :zero) + :one",
+                 revision = if_not_exists(revision, :zero) + :one, #ttl = :ttl",
             )
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":ttl", n(waiting_ttl(key.window_start)))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":g", s("PENDING"))
@@ -221,6 +229,47 @@ impl ExportStore for DynamoStore {
 }
 
 impl DynamoStore {
+    /// Gives every dead letter the TTL of a dead letter (past any horizon), so that DynamoDB
+    /// never deletes it before it is requeued or confirmed: letters parked by a version of
+    /// tollgate before this one kept the aggregate's TTL, and expired 35 days after their
+    /// window. Run once after the upgrade (`tollgate export --repair-ttl`); running it again
+    /// changes nothing. Returns how many letters it mended.
+    ///
+    /// # Errors
+    /// The service's error; what was mended before stays mended.
+    pub async fn repair_dead_letter_ttl(&self) -> Result<usize, StoreError> {
+        let mut mended = 0;
+        let mut after: Option<ExportKey> = None;
+        loop {
+            let page =
+                self.index_items("gsi2", ("dpk", "DEAD"), ("dsk", after.as_ref().map(usage_gsk)), 100, |q| q).await?;
+            let Some(last) = page.last().and_then(aggregate) else { break };
+            after = Some(last.key);
+            for item in &page {
+                let Some(a) = aggregate(item) else { continue };
+                let want = dead_letter_ttl(a.key.window_start);
+                if get_i(item, "ttl") == Some(want) {
+                    continue;
+                }
+                let out = self
+                    .update_aggregate(&a.key)
+                    .condition_expression("attribute_exists(dead)")
+                    .update_expression("SET #ttl = :ttl")
+                    .expression_attribute_names("#ttl", "ttl")
+                    .expression_attribute_values(":ttl", n(want))
+                    .send()
+                    .await;
+                match out {
+                    Ok(_) => mended += 1,
+                    // Requeued or confirmed meanwhile.
+                    Err(e) if is_ccf(&e) => {}
+                    Err(e) => return Err(sdk(e)),
+                }
+            }
+        }
+        Ok(mended)
+    }
+
     /// An update of the usage aggregate `key`.
     pub(super) fn update_aggregate(&self, key: &ExportKey) -> UpdateItemFluentBuilder {
         self.client

@@ -250,9 +250,9 @@ fn usage_update(table: &str, r: &UsageRecord) -> Result<Update, StoreError> {
     let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
     // An aggregate is an export candidate (in the export index) once billable usage was added.
     let expression = if r.billable {
-        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, gpk = :g, gsk = :k, #ttl = :ttl"
+        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, gpk = :g, gsk = :k, #ttl = if_not_exists(#ttl, :ttl)"
     } else {
-        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, #ttl = :ttl"
+        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, #ttl = if_not_exists(#ttl, :ttl)"
     };
     let update = Update::builder()
         .table_name(table)
@@ -265,13 +265,35 @@ fn usage_update(table: &str, r: &UsageRecord) -> Result<Update, StoreError> {
         .expression_attribute_values(":t", s(r.tenant.as_str()))
         .expression_attribute_values(":m", s(r.meter.as_str()))
         .expression_attribute_values(":w", n(r.window_start))
-        .expression_attribute_values(":ttl", n(r.window_start.saturating_add(RETENTION_SECS)));
+        // Set by the first commit only: a dead letter's extended TTL stays (late usage for it).
+        .expression_attribute_values(":ttl", n(waiting_ttl(r.window_start)));
     let update = if r.billable {
         update.expression_attribute_values(":g", s("PENDING")).expression_attribute_values(":k", s(usage_gsk(&key)))
     } else {
         update
     };
     update.build().map_err(backend)
+}
+
+/// How long an aggregate not yet exported outlives Stripe's 35 days: an exporter that was down
+/// this long still finds it, and parks it as a dead letter (kept) rather than lose it.
+const WAITING_GRACE_SECS: i64 = 14 * 86_400;
+
+/// The TTL of an aggregate waiting for export (or never to be exported): 49 days after its
+/// window.
+fn waiting_ttl(window_start: i64) -> i64 {
+    window_start.saturating_add(RETENTION_SECS + WAITING_GRACE_SECS)
+}
+
+/// The TTL of an exported aggregate: 35 days after its window.
+fn exported_ttl(window_start: i64) -> i64 {
+    window_start.saturating_add(RETENTION_SECS)
+}
+
+/// The TTL of a dead letter: past any horizon (DynamoDB ignores a TTL so far ahead), so that it
+/// is kept until requeued or confirmed.
+fn dead_letter_ttl(window_start: i64) -> i64 {
+    window_start.saturating_add(100 * 365 * 86_400)
 }
 
 /// Why a transaction was cancelled: one code per action (`None` for the actions that were
