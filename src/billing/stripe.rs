@@ -93,7 +93,7 @@ pub(crate) fn read_secrets(
 /// | 2xx, or 400 "An event already exists with identifier …" (with or without a `code`) | accepted: Stripe holds it |
 /// | 409, 429 (not executed); no connection (refused, name lookup, TLS) | [`NotTaken`](SinkError::NotTaken): retried without limit |
 /// | 408, 424, 5xx | [`Retryable`](SinkError::Retryable) |
-/// | 401, 403 (the key) | [`Halt`](SinkError::Halt): the pass stops, nothing is parked |
+/// | 401, 403 (the key), 404 (not Stripe's API: a wrong `api_base`) | [`Halt`](SinkError::Halt): the pass stops, nothing is parked |
 /// | 400 `idempotency_error` (the key used with other parameters) | [`Unsettled`](SinkError::Unsettled): parked for reconciliation |
 /// | another 4xx | [`Permanent`](SinkError::Permanent): dead-lettered |
 /// | no status (connection dropped, timeout, a body that is not Stripe's JSON) | [`Unknown`](SinkError::Unknown) |
@@ -195,7 +195,9 @@ fn classify(e: StripeError) -> Result<(), SinkError> {
                 // Refused without being executed: rate limited, or a concurrent request.
                 409 | 429 => Err(SinkError::NotTaken { source: detail.into(), retry_after: None }),
                 408 | 424 | 500..=599 => Err(SinkError::Retryable { source: detail.into(), retry_after: None }),
-                401 | 403 => Err(SinkError::Halt(detail)),
+                // The key refused, or an address that is not Stripe's API (every call would get
+                // it): nothing is parked.
+                401 | 403 | 404 => Err(SinkError::Halt(detail)),
                 // The key was used with other parameters: Stripe holds something under it.
                 400 if err.type_ == stripe::ApiErrorsType::IdempotencyError => {
                     Err(SinkError::Unsettled(format!("{status} idempotency_error: {message}")))

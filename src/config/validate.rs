@@ -1,7 +1,7 @@
 //! From the TOML text to a validated [`Config`], with positions for every error.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     num::{NonZeroU32, NonZeroU64},
     time::Duration,
 };
@@ -79,7 +79,24 @@ enum Segment<'p> {
 }
 
 fn split_path(path: &str) -> impl Iterator<Item = Segment<'_>> {
-    path.split('.').filter(|s| !s.is_empty()).flat_map(|part| {
+    // Parts split at dots outside quotes: `stripe.events."customer.subscription.deleted"`.
+    let mut parts = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in path.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => {
+                parts.push(&path[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&path[start..]);
+    parts.into_iter().filter(|s| !s.is_empty()).flat_map(|part| {
+        if let Some(key) = part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            return std::iter::once(Segment::Key(key)).chain(None);
+        }
         let (key, rest) = part.split_once('[').map_or((part, ""), |(k, r)| (k, r));
         let index = rest.trim_end_matches(']').parse().ok();
         std::iter::once(Segment::Key(key)).chain(index.map(Segment::Index))
@@ -492,11 +509,18 @@ impl Validator<'_, '_> {
     fn stripe(&self, raw: &RawStripe, plans: &BTreeMap<PlanId, PlanSpec>) -> Result<StripeSettings, ConfigError> {
         const STATUSES: [&str; 8] =
             ["incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"];
+        // The scheme and the host (with a port) only: async-stripe appends `v1/…` to it, so a
+        // path (`…/v1`) makes every call a 404.
+        let host_only = |url: &str| {
+            let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+            rest.is_some_and(|r| {
+                let host = r.strip_suffix('/').unwrap_or(r);
+                !host.is_empty() && !host.contains(['/', '?', '#', ' '])
+            })
+        };
         let api_base = match &raw.api_base {
             None => None,
-            Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
-                Some(if url.ends_with('/') { url.clone() } else { format!("{url}/") })
-            }
+            Some(url) if host_only(url) => Some(if url.ends_with('/') { url.clone() } else { format!("{url}/") }),
             Some(_) => {
                 return Err(
                     self.invalid("stripe.api_base", "expected an http:// or https:// URL (no path after the host)")
@@ -514,6 +538,16 @@ impl Validator<'_, '_> {
             let path = format!("stripe.events.\"{event}\"");
             if !event.contains('.') || event.contains(char::is_whitespace) {
                 return Err(self.invalid(&path, "expected a Stripe event type such as \"payment_method.attached\""));
+            }
+            #[cfg(feature = "stripe")]
+            if let Ok(stripe_webhook::EventType::Unknown(_)) = event.parse::<stripe_webhook::EventType>() {
+                return Err(self.invalid(
+                    &path,
+                    format!(
+                        "Stripe does not send `{event}` (not an event type of the API version tollgate's Stripe \
+                         client knows): check its spelling, e.g. \"customer.subscription.deleted\""
+                    ),
+                ));
             }
             events.insert(event.clone(), self.plan_ref(plans, &path, plan)?);
         }
@@ -773,6 +807,13 @@ impl Validator<'_, '_> {
                 description: m.description.clone(),
                 aggregation,
             };
+            // Stripe's limit for a meter's event_name.
+            if spec.event_name.chars().count() > 100 {
+                return Err(self.invalid(
+                    &format!("{path}.event_name"),
+                    "is longer than 100 characters, which Stripe refuses for a meter's event_name",
+                ));
+            }
             if name == "requests" {
                 meters[0] = spec;
             } else {
@@ -781,6 +822,23 @@ impl Validator<'_, '_> {
         }
         if meters.len() > 64 {
             return Err(self.invalid("meters", "at most 64 meters may be declared"));
+        }
+        // One Stripe meter per event_name: two meters sending one would be billed as one.
+        let explicit = |m: &MeterSpec| raw.get(m.id.as_str()).is_some_and(|r| r.event_name.is_some());
+        for (j, b) in meters.iter().enumerate() {
+            if let Some(a) = meters[..j].iter().find(|a| a.event_name == b.event_name) {
+                // Named at the key that says it (a meter's name is its event_name by default).
+                let (at, other) = if explicit(b) || !explicit(a) { (b, a) } else { (a, b) };
+                let key =
+                    if explicit(at) { format!("meters.{}.event_name", at.id) } else { format!("meters.{}", at.id) };
+                return Err(self.invalid(
+                    &key,
+                    format!(
+                        "event_name `{}` is also meters.{}'s: each meter needs its own Stripe meter (event_name)",
+                        b.event_name, other.id
+                    ),
+                ));
+            }
         }
         Ok(meters)
     }
@@ -1164,10 +1222,26 @@ impl Validator<'_, '_> {
     ) -> Result<Vec<TenantSpec>, ConfigError> {
         let mut tenants = Vec::with_capacity(raw.len());
         let mut keys_seen = HashSet::new();
+        let mut customers: HashMap<&str, &str> = HashMap::new();
         for (name, t) in raw {
             let base = format!("tenants.{name}");
             let id = TenantId::parse(name).map_err(|e| self.invalid(&base, e.to_string()))?;
             let plan = self.plan_ref(plans, &format!("{base}.plan"), &t.plan)?;
+            if let Some(c) = t.stripe_customer.as_deref() {
+                let path = format!("{base}.stripe_customer");
+                if c.is_empty() || c.len() > 255 || !c.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(self.invalid(
+                        &path,
+                        format!("`{c}` is not a Stripe customer id (leave the key out for a tenant without one)"),
+                    ));
+                }
+                if let Some(other) = customers.insert(c, name) {
+                    return Err(self.invalid(
+                        &path,
+                        format!("`{c}` is also tenants.{other}'s: a billing customer belongs to one tenant"),
+                    ));
+                }
+            }
             let mut key_hashes = Vec::new();
             for (i, key) in t.keys.iter().enumerate() {
                 if let Err(m) = crate::base::check_api_key(key.as_bytes()) {

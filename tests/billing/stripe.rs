@@ -600,10 +600,8 @@ async fn exports_keep_one_call_per_customer_and_meter_and_bounded_concurrency() 
     let standin = stand_in().await;
     let mut toml = config(&standin.url);
     for i in 0..24 {
-        // t0 and t1 are billed to one customer: their calls share a lane.
-        let customer = if i < 2 { "cus_shared".to_owned() } else { format!("cus_t{i}") };
         toml.push_str(&format!(
-            "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-t{i}\"]\nstripe_customer = \"{customer}\"\n"
+            "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-t{i}\"]\nstripe_customer = \"cus_t{i}\"\n"
         ));
     }
     let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
@@ -643,6 +641,29 @@ fn stripe_settings_are_checked_at_load() {
     assert_eq!(e.key(), "export.unconfirmed_after", "{e}");
     let e = err("[plans.p]\n[export]\nclaim = \"40s\"\n[stripe]\ntimeout = \"30s\"\n");
     assert_eq!(e.key(), "export.claim", "a claim must outlast its call: {e}");
+    // What Stripe would refuse is refused at load, naming the key and line.
+    let e = err("[plans.p]\n[tenants.t]\nplan = \"p\"\nstripe_customer = \"\"\n");
+    assert_eq!((e.key(), e.line()), ("tenants.t.stripe_customer", Some(4)), "{e}");
+    let long = "x".repeat(101);
+    let e = err(&format!("[meters.t]\nevent_name = \"{long}\"\n[plans.p]\n"));
+    assert_eq!((e.key(), e.line()), ("meters.t.event_name", Some(2)), "{e}");
+    assert!(e.to_string().contains("100"), "{e}");
+    let e = err("[meters.a]\nevent_name = \"calls\"\n[meters.b]\nevent_name = \"calls\"\n[plans.p]\n");
+    assert_eq!(e.key(), "meters.b.event_name", "{e}");
+    assert!(e.to_string().contains("meters.a"), "names the other meter: {e}");
+    let e = err("[plans.p]\n[tenants.a]\nplan = \"p\"\nstripe_customer = \"cus_1\"\n[tenants.b]\nplan = \"p\"\nstripe_customer = \"cus_1\"\n");
+    assert_eq!((e.key(), e.line()), ("tenants.b.stripe_customer", Some(7)), "a customer belongs to one tenant: {e}");
+    let e = err("[meters.calls]\n[meters.b]\nevent_name = \"calls\"\n[plans.p]\n");
+    assert_eq!(e.key(), "meters.b.event_name", "a meter's name is its event name by default: {e}");
+    let e = err("[plans.p]\n[stripe.events]\n\"customer.subscription.delete\" = \"p\"\n");
+    assert_eq!((e.key(), e.line()), ("stripe.events.\"customer.subscription.delete\"", Some(3)), "{e}");
+    assert!(e.to_string().contains("does not send"), "{e}");
+    for base in ["https://api.stripe.com/v1", "https://proxy.example/stripe/", "http://h:1/?x=1"] {
+        let e = err(&format!("[plans.p]\n[stripe]\napi_base = \"{base}\"\n"));
+        assert_eq!((e.key(), e.line()), ("stripe.api_base", Some(3)), "{base}: {e}");
+    }
+    Config::from_toml_str("[plans.p]\n[stripe]\napi_base = \"http://127.0.0.1:8080\"\n").unwrap();
+    Config::from_toml_str("[plans.p]\n[stripe.events]\n\"customer.subscription.deleted\" = \"p\"\n").unwrap();
     let ok = Config::from_toml_str("[meters.t]\naggregation = \"day\"\n[plans.p]\n[stripe]\n").unwrap();
     assert_eq!(ok.meters()[1].aggregation(), tollgate::config::MeterAggregation::Day);
     assert_eq!(ok.export().calls_per_second, 25);
@@ -968,4 +989,33 @@ async fn free_tier_tenants_are_never_export_candidates() {
     at(&h.clock, &standin, NOON + 20 * MIN);
     let report = h.tollgate.export().await.unwrap();
     assert_eq!((report.events, report.unbillable), (1, 0), "nothing written off: never listed: {report:?}");
+}
+
+/// A 404 from Stripe (a wrong `api_base` given in code, a proxy that does not route the path)
+/// stops the pass like a 401, parking nothing: every call would get it.
+#[tokio::test]
+async fn a_404_stops_the_pass_and_parks_nothing() {
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let wrong = format!("{}wrong/", standin.url);
+    let sink = StripeSink::new(&Secret::new(SECRET), Some(&wrong), Duration::from_secs(30)).unwrap();
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap())
+        .store_arc(store.clone())
+        .clock(clock)
+        .billing_sink(sink)
+        .build();
+    let h = Harness::from_layer(TollgateLayer::new(engine), fake);
+    for t in ["acme", "globex"] {
+        assert_eq!(h.status("/", &format!("key-{t}")).await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + HOUR);
+    let report = h.tollgate.export().await.unwrap();
+    assert!(report.halted && report.dead_letters == 0, "{report:?}");
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    let good = node(&toml, store.clone(), NOON + HOUR);
+    drain(&[&good], &standin, NOON + HOUR).await;
+    assert_eq!(standin.totals().len(), 2, "billed once the address is right");
 }
