@@ -50,6 +50,8 @@ impl std::fmt::Debug for Pipeline {
 /// own ids) and usage not yet in a batch.
 pub(crate) struct Batches {
     pending: VecDeque<UsageBatch>,
+    /// When each pending batch was formed (engine clock, Unix seconds), in the same order.
+    formed: VecDeque<i64>,
     /// (units, billable) per (tenant, meter, window).
     staged: HashMap<(TenantId, MeterId, i64), (u64, bool)>,
     seq: u64,
@@ -58,7 +60,13 @@ pub(crate) struct Batches {
 
 impl Batches {
     fn new() -> Self {
-        Self { pending: VecDeque::new(), staged: HashMap::new(), seq: 0, node: Self::draw_node() }
+        Self {
+            pending: VecDeque::new(),
+            formed: VecDeque::new(),
+            staged: HashMap::new(),
+            seq: 0,
+            node: Self::draw_node(),
+        }
     }
 
     fn draw_node() -> String {
@@ -107,6 +115,10 @@ pub struct FlushReport {
 }
 
 const COMMIT_ATTEMPTS: u32 = 3;
+
+/// The longest a batch waits in the buffer to be retried: a day less than the stores keep flush
+/// ids ([`FLUSH_IDS_KEPT_SECS`](crate::store::contract::FLUSH_IDS_KEPT_SECS)).
+const MAX_BATCH_WAIT_SECS: i64 = crate::store::contract::FLUSH_IDS_KEPT_SECS - 86_400;
 
 impl Pipeline {
     pub(crate) fn new(
@@ -179,6 +191,7 @@ impl Pipeline {
                 p.seq += 1;
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
                 p.pending.push_back(UsageBatch::new(id, chunk.to_vec()));
+                p.formed.push_back(self.clock.unix_secs());
             }
         }
         self.commit_pending(rt, &mut p, &mut report).await?;
@@ -193,6 +206,20 @@ impl Pipeline {
     async fn commit_pending(&self, rt: &Runtime, p: &mut Batches, report: &mut FlushReport) -> Result<(), StoreError> {
         let timeout = rt.config.usage.store_timeout.max(Duration::from_secs(2));
         while let Some(batch) = p.pending.front() {
+            // A batch is retried only while the store surely remembers its id (a retry after
+            // the id expired would count it twice); one that waited that long (the store down
+            // for weeks) holds windows no billing system takes any more: dropped, counted.
+            let formed = p.formed.front().copied().unwrap_or(i64::MAX);
+            if self.clock.unix_secs().saturating_sub(formed) > MAX_BATCH_WAIT_SECS {
+                let units: u64 = batch.records.iter().map(|r| r.quantity).sum();
+                tracing::error!(batch = %batch.id, units,
+                    "a usage batch waited longer than the store keeps flush ids: dropped, not retried (it could be counted twice)");
+                Totals::add(&self.totals.dropped_units, units);
+                self.metrics.dropped_units.increment(units);
+                p.pending.pop_front();
+                p.formed.pop_front();
+                continue;
+            }
             let mut attempt = 0;
             let outcome = loop {
                 attempt += 1;
@@ -219,6 +246,7 @@ impl Pipeline {
                     self.metrics.flushes.increment(1);
                     self.metrics.flushed_units.increment(units);
                     p.pending.pop_front();
+                    p.formed.pop_front();
                 }
                 Err(e) => {
                     Totals::add(&self.totals.flush_errors, 1);

@@ -86,7 +86,8 @@ impl StoreCalls {
     /// hold up every other tenant).
     pub(crate) fn after<T>(&self, result: &Result<T, StoreError>) {
         match result {
-            Ok(_) | Err(StoreError::Conflict(_) | StoreError::Unusable(_) | StoreError::Backend(_)) => {
+            Ok(_)
+            | Err(StoreError::Conflict(_) | StoreError::Unusable(_) | StoreError::Full(_) | StoreError::Backend(_)) => {
                 if self.failures.swap(0, Relaxed) >= FAILURES_BEFORE_FAST {
                     tracing::info!("the store answers again: no longer failing fast");
                 }

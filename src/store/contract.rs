@@ -11,8 +11,10 @@
 
 /// How long a usage batch's [`FlushId`](super::FlushId) is remembered after its commit (wall
 /// clock), so that a retried flush is a no-op. A batch is retried only by the process that
-/// made it, while it holds it: a week is far beyond any retry.
-pub const FLUSH_IDS_KEPT_SECS: i64 = 7 * 86_400;
+/// made it, while it holds it, and at most a day less than this after it was formed (then it
+/// is dropped, counted: its windows are past what a billing system takes), so its id
+/// outlives every retry of it, however long the store was down.
+pub const FLUSH_IDS_KEPT_SECS: i64 = RETENTION_SECS;
 
 /// The most flush ids the memory store remembers (the oldest go first).
 pub const MEMORY_FLUSH_IDS: usize = 1 << 16;
@@ -27,8 +29,9 @@ pub const RETENTION_SECS: i64 = 35 * 86_400;
 pub const EVENT_IDS_KEPT_SECS: i64 = RETENTION_SECS;
 
 /// The most usage event ids (and, apart, webhook event ids) a store that cannot expire them by
-/// itself keeps at once (SQLite, memory): the oldest event times go first past it. DynamoDB
-/// expires them by TTL and has no count.
+/// itself keeps at once (SQLite, memory). Ids go only by age ([`EVENT_IDS_KEPT_SECS`]): at the
+/// cap a new id is refused with [`StoreError::Full`](super::StoreError::Full), retryable, never
+/// an id forgotten inside its horizon. DynamoDB expires them by TTL and has no count.
 pub const EVENT_IDS_MAX: usize = 1 << 20;
 
 /// The most `Idempotency-Key` bindings a store that cannot expire them by itself keeps at once:

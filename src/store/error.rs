@@ -16,6 +16,11 @@ pub enum StoreError {
     /// or was written by a newer version. Retrying does not help.
     #[error("the store cannot be used: {0}")]
     Unusable(String),
+    /// The store holds as many of these as it keeps (usage event ids, webhook event ids) and
+    /// none is old enough to go: the new one is refused rather than an id forgotten inside
+    /// its horizon (a redelivery would then be counted again). Back-pressure: retry later.
+    #[error("the store holds as many {0} as it keeps; retry later")]
+    Full(&'static str),
     /// The store answered with an error.
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),

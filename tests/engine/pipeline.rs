@@ -531,3 +531,30 @@ async fn the_jsonl_sink_writes_what_would_be_billed() {
     assert_eq!(e["window_start"], NOON);
     assert!(e["identifier"].as_str().unwrap().starts_with("tg_"));
 }
+
+/// A batch whose commit landed but whose answers were lost is retried with its flush id only
+/// while the store surely remembers it: after waiting longer than that (the store kept failing
+/// for five weeks), it is dropped and counted, never committed again under an id the store may
+/// have forgotten (which would count it twice).
+#[tokio::test]
+async fn a_batch_is_never_retried_after_the_store_may_have_forgotten_its_id() {
+    let faulty = Arc::new(common::Faulty::default());
+    let h = Harness::with_store(&tenants_config(1, ""), faulty.clone(), NOON);
+    for _ in 0..5 {
+        assert_eq!(h.status("/", "key-0").await, 200);
+    }
+    // Every attempt's answer is lost (the first lands).
+    faulty.lose_commit_answers.store(3, Ordering::SeqCst);
+    assert!(h.tollgate.flush().await.is_err());
+    assert_eq!(common::committed(&*faulty, "t0", "requests", NOON - 3600, NOON + 3600, 3600).await, 5);
+    // A day later it is retried, and answered as applied already.
+    h.clock.advance(Duration::from_secs(86_400));
+    faulty.lose_commit_answers.store(3, Ordering::SeqCst);
+    assert!(h.tollgate.flush().await.is_err());
+    assert_eq!(h.tollgate.stats().dropped_units, 0, "retried, not dropped");
+    // Five weeks on: past what the store keeps flush ids for. Dropped, counted, not sent.
+    h.clock.advance(Duration::from_secs(35 * 86_400));
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(h.tollgate.stats().dropped_units, 5);
+    assert_eq!(common::committed(&*faulty, "t0", "requests", NOON - 3600, NOON + 3600, 3600).await, 5, "counted once");
+}

@@ -7,5 +7,6 @@ mod common;
 
 mod crash;
 mod dynamodb;
+mod ids;
 mod sqlite;
 mod store_conformance;

@@ -24,6 +24,9 @@ impl DirectoryStore for MemoryStore {
         let Some(id) = inner.customers.get(&change.customer).cloned() else {
             return Ok(PlanChangeOutcome::UnknownCustomer);
         };
+        if !inner.webhooks.has_room(change.created) {
+            return Err(StoreError::Full("webhook event ids"));
+        }
         inner.webhooks.insert(&change.event_id, change.created);
         let Some(record) = inner.tenants.get_mut(&id) else {
             return Ok(PlanChangeOutcome::UnknownCustomer);

@@ -244,12 +244,19 @@ struct Aggregate {
     claim: Option<(u64, i64)>,
 }
 
-/// Ids seen, bounded and expiring.
-#[derive(Debug, Default)]
+/// Ids seen, expiring by age only and bounded: at the cap a new one is refused.
+#[derive(Debug)]
 struct Seen {
     ids: HashSet<String>,
     order: VecDeque<(i64, String)>,
     newest: i64,
+    cap: usize,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self { ids: HashSet::new(), order: VecDeque::new(), newest: i64::MIN, cap: EVENT_IDS_MAX }
+    }
 }
 
 impl Seen {
@@ -257,18 +264,27 @@ impl Seen {
         self.ids.contains(id)
     }
 
-    fn insert(&mut self, id: &str, at: i64) {
-        if self.ids.insert(id.to_owned()) {
-            self.order.push_back((at, id.to_owned()));
-            self.newest = self.newest.max(at);
-        }
-        while let Some((at, _)) = self.order.front() {
-            if *at >= self.newest - EVENT_IDS_KEPT_SECS && self.order.len() <= EVENT_IDS_MAX {
+    /// Whether a new id at `at` may be kept: ids past their horizon go first, and at the cap
+    /// it is refused (never a younger one forgotten).
+    fn has_room(&mut self, at: i64) -> bool {
+        // Never later than the wall clock: a time in the future must not age the rest out.
+        let newest = self.newest.max(at).min(crate::store::unix_now());
+        while let Some((old, _)) = self.order.front() {
+            if *old >= newest.saturating_sub(EVENT_IDS_KEPT_SECS) {
                 break;
             }
             if let Some((_, old)) = self.order.pop_front() {
                 self.ids.remove(&old);
             }
+        }
+        self.ids.len() < self.cap
+    }
+
+    /// Marks `id` seen; the caller checked [`has_room`](Self::has_room).
+    fn insert(&mut self, id: &str, at: i64) {
+        if self.ids.insert(id.to_owned()) {
+            self.order.push_back((at, id.to_owned()));
+            self.newest = self.newest.max(at);
         }
     }
 }
@@ -299,6 +315,17 @@ impl MemoryStore {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // matters more than losing the whole store, so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lowers the most usage event ids and webhook event ids kept (each; by default
+    /// [`EVENT_IDS_MAX`](crate::store::contract::EVENT_IDS_MAX)), to reach the cap in a test.
+    /// Feature `test-util`.
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn set_event_id_cap(&self, cap: usize) {
+        let mut inner = self.lock();
+        inner.events.cap = cap;
+        inner.webhooks.cap = cap;
     }
 }
 

@@ -36,6 +36,10 @@ impl UsageStore for MemoryStore {
                 out.push(EventOutcome::Duplicate);
                 continue;
             }
+            if !inner.events.has_room(e.at) {
+                // Those before it in this call are applied: a retry finds them duplicates.
+                return Err(StoreError::Full("usage event ids"));
+            }
             let r = &e.record;
             let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
             let agg = inner.usage.entry(key.clone()).or_default();

@@ -34,7 +34,7 @@ impl DirectoryStore for SqliteStore {
 
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
         let change = change.clone();
-        self.write(move |tx, _| {
+        self.write(move |tx, progress| {
             let seen: bool = tx
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM webhook_event WHERE id = ?1)")?
                 .query_row([&change.event_id], |r| r.get(0))?;
@@ -48,6 +48,11 @@ impl DirectoryStore for SqliteStore {
             else {
                 return Ok(PlanChangeOutcome::UnknownCustomer);
             };
+            if progress.at_cap().1 {
+                let freed = prune_ids(tx, "webhook_event", change.created)?;
+                progress.freed(0, freed);
+            }
+            progress.add_webhook_id()?;
             tx.prepare_cached("INSERT INTO webhook_event (id, at) VALUES (?1, ?2)")?
                 .execute(params![change.event_id, change.created])?;
             if record.last_event_at.is_some_and(|last| last > change.created) {

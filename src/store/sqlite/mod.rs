@@ -113,7 +113,38 @@ struct Conn {
     /// The newest window when rows were last pruned, and when (wall clock).
     pruned_window: i64,
     pruned_at: Option<Instant>,
+    /// How many usage event ids and webhook event ids the file holds.
+    ids: IdCounts,
 }
+
+/// The ids a file holds of each kind (`None`: to be counted, at open and after a prune), and
+/// the most it keeps ([`contract::EVENT_IDS_MAX`]): at the cap a new one is refused, never one
+/// forgotten inside its horizon.
+#[derive(Debug)]
+struct IdCounts {
+    events: Option<usize>,
+    webhooks: Option<usize>,
+    cap: usize,
+}
+
+impl Default for IdCounts {
+    fn default() -> Self {
+        Self { events: None, webhooks: None, cap: contract::EVENT_IDS_MAX }
+    }
+}
+
+/// Refuses a new id at the cap: the call's transaction rolls back, and the caller gets
+/// [`StoreError::Full`].
+#[derive(Debug)]
+struct AtCapacity(&'static str);
+
+impl std::fmt::Display for AtCapacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at capacity", self.0)
+    }
+}
+
+impl std::error::Error for AtCapacity {}
 
 /// A failure inside a call: SQLite's, or a value that does not fit.
 type Sql<T> = Result<T, rusqlite::Error>;
@@ -123,6 +154,11 @@ fn unusable(path: &Path, what: impl std::fmt::Display) -> StoreError {
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
+    if let rusqlite::Error::ToSqlConversionFailure(inner) = &e {
+        if let Some(AtCapacity(what)) = inner.downcast_ref::<AtCapacity>() {
+            return StoreError::Full(what);
+        }
+    }
     StoreError::Backend(Box::new(e))
 }
 
@@ -239,6 +275,53 @@ impl SqliteStore {
 struct Progress {
     newest_window: Option<i64>,
     prune: bool,
+    /// New usage event ids and webhook event ids the call may add, and those it added.
+    room: (usize, usize),
+    added: (usize, usize),
+    /// Ids were deleted: the counts are taken again.
+    recount: bool,
+}
+
+/// Deletes the ids of `table` past their horizon, counted from the newest id's time or `at`
+/// (never later than the wall clock). Returns how many went.
+fn prune_ids(tx: &Transaction<'_>, table: &str, at: i64) -> Sql<usize> {
+    tx.execute(
+        &format!("DELETE FROM {table} WHERE at < min(max(?1, coalesce((SELECT max(at) FROM {table}), ?1)), ?2) - ?3"),
+        params![at, unix_now(), EVENT_IDS_KEPT_SECS],
+    )
+}
+
+impl Progress {
+    /// Whether the call has no room left for a new (usage event id, webhook event id).
+    fn at_cap(&self) -> (bool, bool) {
+        (self.added.0 >= self.room.0, self.added.1 >= self.room.1)
+    }
+
+    /// Ids deleted by [`prune_ids`] in this call: room for as many.
+    fn freed(&mut self, events: usize, webhooks: usize) {
+        self.room.0 += events;
+        self.room.1 += webhooks;
+        // The count the connection keeps was taken before: it is taken again after the call.
+        self.recount = true;
+    }
+
+    /// Counts a new usage event id, or refuses it at the cap.
+    fn add_event_id(&mut self) -> Sql<()> {
+        if self.added.0 >= self.room.0 {
+            return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(AtCapacity("usage event ids"))));
+        }
+        self.added.0 += 1;
+        Ok(())
+    }
+
+    /// Counts a new webhook event id, or refuses it at the cap.
+    fn add_webhook_id(&mut self) -> Sql<()> {
+        if self.added.1 >= self.room.1 {
+            return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(AtCapacity("webhook event ids"))));
+        }
+        self.added.1 += 1;
+        Ok(())
+    }
 }
 
 impl Inner {
@@ -280,8 +363,22 @@ impl Inner {
 
 impl Conn {
     fn attempt<T>(&mut self, f: &mut impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Sql<T> {
-        let mut progress = Progress::default();
         let tx = self.db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let count = |table: &str| -> Sql<usize> {
+            tx.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(|n| n as usize)
+        };
+        let events = match self.ids.events {
+            Some(n) => n,
+            None => count("usage_event")?,
+        };
+        let webhooks = match self.ids.webhooks {
+            Some(n) => n,
+            None => count("webhook_event")?,
+        };
+        let mut progress = Progress {
+            room: (self.ids.cap.saturating_sub(events), self.ids.cap.saturating_sub(webhooks)),
+            ..Progress::default()
+        };
         let out = f(&tx, &mut progress)?;
         let newest = progress.newest_window.map_or(self.newest_window, |w| self.newest_window.max(w));
         let due = newest.saturating_sub(self.pruned_window) >= PRUNE_EVERY_SECS
@@ -291,6 +388,13 @@ impl Conn {
         }
         tx.commit()?;
         self.newest_window = newest;
+        self.ids.events = Some(events + progress.added.0);
+        self.ids.webhooks = Some(webhooks + progress.added.1);
+        if progress.recount || (progress.prune && due) {
+            // Counted again at the next call.
+            self.ids.events = None;
+            self.ids.webhooks = None;
+        }
         if progress.prune && due {
             self.pruned_window = newest;
             self.pruned_at = Some(Instant::now());
@@ -329,13 +433,6 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
         tx.execute(
             &format!("DELETE FROM {table} WHERE at < min((SELECT max(at) FROM {table}), ?2) - ?1"),
             [EVENT_IDS_KEPT_SECS, wall],
-        )?;
-        tx.execute(
-            &format!(
-                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY at \
-                 LIMIT max(0, (SELECT count(*) FROM {table}) - ?1))"
-            ),
-            [int(contract::EVENT_IDS_MAX as u64)],
         )?;
     }
     tx.execute("DELETE FROM idempotency WHERE expires_at <= ?1", [wall])?;
@@ -387,6 +484,17 @@ fn usage_of(tx: &Transaction<'_>, key: &ExportKey) -> Sql<Option<UsageAggregate>
 }
 
 // ---- the directory ----
+
+impl SqliteStore {
+    /// Lowers the most usage event ids and webhook event ids the file keeps (each; by default
+    /// [`EVENT_IDS_MAX`](crate::store::contract::EVENT_IDS_MAX)), to reach the cap in a test.
+    /// Feature `test-util`.
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+    pub fn set_event_id_cap(&self, cap: usize) {
+        self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()).ids.cap = cap;
+    }
+}
 
 #[cfg(any(test, feature = "test-util"))]
 #[async_trait]

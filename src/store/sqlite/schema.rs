@@ -176,7 +176,7 @@ pub(super) fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<(Co
     let newest_window: Option<i64> =
         db.query_row("SELECT max(window_start) FROM usage", [], |r| r.get(0)).map_err(backend)?;
     let newest_window = newest_window.unwrap_or(i64::MIN / 2);
-    Ok((Conn { db, newest_window, pruned_window: newest_window, pruned_at: None }, reader))
+    Ok((Conn { db, newest_window, pruned_window: newest_window, pruned_at: None, ids: IdCounts::default() }, reader))
 }
 
 /// A connection to a tollgate database, set up for this store.

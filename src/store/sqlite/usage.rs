@@ -35,6 +35,12 @@ impl UsageStore for SqliteStore {
                     out.push(EventOutcome::Duplicate);
                     continue;
                 }
+                if progress.at_cap().0 {
+                    // Ids past their horizon (by this event's time too) go before one is refused.
+                    let freed = prune_ids(tx, "usage_event", e.at)?;
+                    progress.freed(freed, 0);
+                }
+                progress.add_event_id()?;
                 let r = &e.record;
                 add_usage(tx, r)?;
                 progress.newest_window = progress.newest_window.max(Some(r.window_start));
