@@ -22,6 +22,7 @@ pub(crate) struct Metrics {
     pub(crate) dead_letters: Counter,
     pub(crate) export_retries: Counter,
     pub(crate) unbillable_windows: Counter,
+    pub(crate) late_revisions: Counter,
     pub(crate) waiting_windows: Counter,
     pub(crate) unconfirmed_exports: Counter,
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
@@ -66,6 +67,7 @@ impl Metrics {
             dead_letters: counter!("tollgate_export_dead_letters_total"),
             export_retries: counter!("tollgate_export_retries_total"),
             unbillable_windows: counter!("tollgate_export_unbillable_windows_total"),
+            late_revisions: counter!("tollgate_export_late_revisions_total"),
             waiting_windows: counter!("tollgate_export_waiting_windows_total"),
             unconfirmed_exports: counter!("tollgate_export_unconfirmed_total"),
             webhooks_applied: counter!("tollgate_webhook_events_total", "outcome" => "applied"),
@@ -126,6 +128,7 @@ pub(crate) struct Totals {
     pub(crate) dead_letters: AtomicU64,
     pub(crate) export_retries: AtomicU64,
     pub(crate) unbillable_windows: AtomicU64,
+    pub(crate) late_revisions: AtomicU64,
     pub(crate) waiting_windows: AtomicU64,
     pub(crate) unconfirmed_exports: AtomicU64,
     pub(crate) webhooks_applied: AtomicU64,
@@ -176,6 +179,11 @@ pub struct Stats {
     /// Windows of tenants without a billing customer, skipped (not billable) when the sink
     /// needs a customer.
     pub unbillable_windows: u64,
+    /// Revisions exported later than `stripe.invoice_grace` after their window ended, when
+    /// the invoice of the window's period may be final: a `sum` meter's stamped at export time
+    /// (so it reaches an open invoice), a pre-aggregated meter's in its window all the same
+    /// (its running total belongs there), logged.
+    pub late_revisions: u64,
     /// Windows an export pass left pending because their tenant's billing customer could not
     /// be read (the directory failed for the tenant, or neither it nor the file holds it),
     /// counted once per pass that met them.
@@ -252,6 +260,7 @@ impl Totals {
             dead_letters: l(&self.dead_letters),
             export_retries: l(&self.export_retries),
             unbillable_windows: l(&self.unbillable_windows),
+            late_revisions: l(&self.late_revisions),
             waiting_windows: l(&self.waiting_windows),
             unconfirmed_exports: l(&self.unconfirmed_exports),
             webhooks_applied: l(&self.webhooks_applied),

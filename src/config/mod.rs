@@ -378,6 +378,11 @@ pub struct StripeSettings {
     pub webhook_secret_file: Option<std::path::PathBuf>,
     /// How long one API call may take.
     pub timeout: Duration,
+    /// How long after a billing period ends Stripe still takes its usage into the period's
+    /// invoice (`invoice_grace`, Stripe's invoice finalization grace: 1 h by default, at most
+    /// 72 h; set it to your account's). A `sum` meter's revision exported later than this
+    /// after its window is stamped at export time, so it reaches an open invoice.
+    pub invoice_grace: Duration,
     /// Event type → the plan its customer moves to (`"payment_method.attached" = "metered"`).
     pub events: BTreeMap<String, PlanId>,
     /// Subscription status → what an event of a subscription in that status does

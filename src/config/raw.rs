@@ -56,6 +56,7 @@ pub(crate) struct RawStripe {
     pub(crate) secret_key_file: Option<String>,
     pub(crate) webhook_secret_file: Option<String>,
     pub(crate) timeout: Option<String>,
+    pub(crate) invoice_grace: Option<String>,
     #[serde(default)]
     pub(crate) events: BTreeMap<String, String>,
     #[serde(default)]

@@ -604,6 +604,17 @@ impl Validator<'_, '_> {
             secret_key_file: file("secret_key_file", &raw.secret_key_file)?,
             webhook_secret_file: file("webhook_secret_file", &raw.webhook_secret_file)?,
             timeout: self.duration("stripe.timeout", raw.timeout.as_deref(), Duration::from_secs(30))?,
+            invoice_grace: {
+                let grace =
+                    self.duration("stripe.invoice_grace", raw.invoice_grace.as_deref(), Duration::from_secs(3600))?;
+                if grace > Duration::from_secs(72 * 3600) {
+                    return Err(self.invalid(
+                        "stripe.invoice_grace",
+                        "at most 72h: Stripe finalizes an invoice at most 72 hours after its period ends",
+                    ));
+                }
+                grace
+            },
             events,
             subscription_status,
             prices,

@@ -492,6 +492,14 @@ impl Pass {
         match result {
             Ok(()) => {
                 if store.finish_export(&agg).await? {
+                    if is_late(&self.rt, event.window_end, now) {
+                        Totals::add(&shared.totals.late_revisions, 1);
+                        shared.metrics.late_revisions.increment(1);
+                        tracing::info!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
+                            revision = agg.revision, timestamp = event.timestamp,
+                            "revision exported after the invoice grace: stamped at export time if it began late \
+                             (a sum meter), else in its window (invoiced only if the window's period is still open)");
+                    }
                     report.events += 1;
                     report.units += event.value;
                     Totals::add(&shared.totals.exported_events, 1);
@@ -604,7 +612,13 @@ fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<Stri
     let window = meter_window(rt, &key.meter);
     let upto = agg.in_flight.unwrap_or(agg.quantity);
     let (value, timestamp) = match aggregation(rt, &key.meter) {
-        MeterAggregation::Sum => (upto.saturating_sub(agg.exported), (key.window_start + window - 1).min(now)),
+        MeterAggregation::Sum => {
+            let last_second = key.window_start + window - 1;
+            // Past the invoice grace the window's period may be invoiced already: stamped now,
+            // so the delta reaches an open invoice rather than one Stripe finalized.
+            let stamp = if is_late(rt, key.window_start + window, now) { now } else { last_second.min(now) };
+            (upto.saturating_sub(agg.exported), stamp)
+        }
         // The billing meter keeps the newest event of its window: each revision sends the
         // running total, one second later than the last, inside the window.
         _ => (upto, key.window_start + i64::from(agg.revision)),
@@ -617,6 +631,13 @@ fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<Stri
         .map_or_else(|| key.meter.to_string(), |m| m.event_name.clone());
     let identifier = identifier_in(namespace, &key.tenant, &key.meter, key.window_start, agg.revision);
     ExportSend::new(value, timestamp, customer, event_name).with_identifier(identifier)
+}
+
+/// Whether a window ending at `window_end` is exported later than Stripe's invoice grace
+/// (`stripe.invoice_grace`) after it: its period's invoice may be final. Never without
+/// `[stripe]`.
+fn is_late(rt: &Runtime, window_end: i64, now: i64) -> bool {
+    rt.config.stripe().is_some_and(|s| now > window_end + s.invoice_grace.as_secs() as i64)
 }
 
 /// Why an export must be parked rather than sent, if it must.
@@ -639,10 +660,14 @@ fn park_reason(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, now: i64) 
     {
         return Some(format!("too many revisions ({}) for one window of the billing meter", agg.revision));
     }
-    if send.timestamp < now - MAX_AGE_SECS {
+    // By the window, not the stamp: usage of a window the billing system no longer takes is
+    // not moved into the current invoice by a late stamp.
+    let last_second = agg.key.window_start + meter_window(rt, &agg.key.meter) - 1;
+    if send.timestamp.min(last_second) < now - MAX_AGE_SECS {
         return Some(format!(
-            "too old: its timestamp {} is more than 35 days ago, which the billing system refuses",
-            send.timestamp
+            "too old: its window ended more than 35 days ago (timestamp {}), which the billing system refuses; \
+             bill it by hand",
+            send.timestamp.min(last_second)
         ));
     }
     None

@@ -788,7 +788,9 @@ async fn a_namespace_change_never_re_sends_an_export_in_flight_on_dynamodb() {
 async fn a_store_restored_from_a_backup_is_never_billed_twice() {
     let b = Backend::new(Kind::Sqlite).await.unwrap();
     let standin = stand_in().await;
-    let toml = config(&standin.url);
+    // An invoice grace of 72 h: a re-sent window keeps its stamp (past the grace it would be
+    // stamped anew and Stripe would answer idempotency_error within 24 h: parked too).
+    let toml = config(&standin.url).replace("timeout = \"60s\"", "timeout = \"60s\"\ninvoice_grace = \"72h\"");
     let a = node(&toml, b.store.clone(), NOON);
     at(&a.clock, &standin, NOON);
     for (tenant, n) in [("acme", 3), ("globex", 2)] {
@@ -1019,3 +1021,38 @@ async fn a_404_stops_the_pass_and_parks_nothing() {
     drain(&[&good], &standin, NOON + HOUR).await;
     assert_eq!(standin.totals().len(), 2, "billed once the address is right");
 }
+
+/// Stripe bills a past period's usage only until its invoice is finalized (`stripe.invoice_grace`
+/// after the period ends, 1 h by default): a `sum` revision exported later than that after its
+/// window is stamped at export time, so it reaches the open invoice instead of being accepted
+/// and never invoiced; one exported within the grace keeps its window's last second. A
+/// pre-aggregated meter's running total must stay in its own window: it keeps its stamp, and
+/// a revision that late is counted and logged (`Stats::late_revisions`).
+async fn late_usage_past_the_invoice_grace_reaches_an_open_invoice(kind: Kind) {
+    let Some((_b, store, standin, h)) = on_store(kind, None).await else { return };
+    assert_eq!(h.status("/tokens/10", "key-acme").await, 200);
+    h.tollgate.flush().await.unwrap();
+    late(&*store, "late-1", "acme", "requests", NOON + 15 * MIN, 2).await;
+    // Within the grace (35 and 20 minutes after the quarters ended): stamped in their window.
+    at(&h.clock, &standin, NOON + 50 * MIN);
+    h.tollgate.export().await.unwrap();
+    at(&h.clock, &standin, NOON + HOUR + 10 * MIN);
+    h.tollgate.export().await.unwrap();
+    assert_eq!(h.tollgate.stats().late_revisions, 0);
+    // Three hours on (past the grace): the `sum` delta is stamped at export time; the hour's
+    // new running total stays in its hour, counted.
+    let now = NOON + 3 * HOUR;
+    late(&*store, "late-2", "acme", "requests", NOON, 4).await;
+    late(&*store, "late-3", "acme", "tokens", NOON, 5).await;
+    at(&h.clock, &standin, now);
+    h.tollgate.export().await.unwrap();
+    let stamps: Vec<(i64, i64)> =
+        standin.events().iter().filter(|e| e.event_name == "api_requests").map(|e| (e.value, e.timestamp)).collect();
+    assert_eq!(stamps, [(1, NOON + 15 * MIN - 1), (2, NOON + 30 * MIN - 1), (4, now)], "{stamps:?}");
+    let tokens: Vec<(i64, i64)> =
+        standin.events().iter().filter(|e| e.event_name == "llm_tokens").map(|e| (e.value, e.timestamp)).collect();
+    assert_eq!(tokens, [(10, NOON), (15, NOON + 1)], "the running total stays in its hour");
+    assert_eq!(h.tollgate.stats().late_revisions, 2);
+}
+
+on_every_store!(late_usage_past_the_invoice_grace_reaches_an_open_invoice);
