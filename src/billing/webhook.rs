@@ -32,6 +32,13 @@ pub enum WebhookOutcome {
     Stale,
     /// No tenant of the directory has this customer: nothing changed.
     UnknownCustomer,
+    /// The customer is a tenant's declared in the configuration file, whose plan is the
+    /// file's: nothing changed (change the plan in the file, or move the tenant to the
+    /// store's directory to have webhooks move it). Logged.
+    FileTenant {
+        /// The tenant.
+        tenant: TenantId,
+    },
     /// No transition is configured for this event (its type, its subscription status), or
     /// the event names no customer: nothing changed.
     Ignored,
@@ -75,6 +82,7 @@ impl WebhookReply {
             WebhookOutcome::Duplicate => "duplicate",
             WebhookOutcome::Stale => "stale",
             WebhookOutcome::UnknownCustomer => "unknown_customer",
+            WebhookOutcome::FileTenant { .. } => "file_tenant",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::UnknownPrice => "unknown_price",
             WebhookOutcome::Rejected(reason) => {
@@ -316,12 +324,13 @@ impl WebhookHandler {
                 WebhookOutcome::Stale
             }
             Ok(PlanChangeOutcome::UnknownCustomer) => {
-                if config.tenants().iter().any(|t| t.stripe_customer() == Some(customer.as_str())) {
-                    tracing::warn!(event = %fields.id, %customer,
-                        "Stripe webhook for a tenant declared in the configuration: its plan is the file's; ignored");
-                } else {
-                    tracing::warn!(event = %fields.id, %customer, "Stripe webhook for a customer no tenant has: ignored");
+                if let Some(t) = config.tenants().iter().find(|t| t.stripe_customer() == Some(customer.as_str())) {
+                    tracing::warn!(event = %fields.id, %customer, tenant = %t.id(), plan = %change.plan,
+                        "Stripe webhook for a tenant declared in the configuration file: its plan is the file's, \
+                         nothing changed (change it in the file, or move the tenant to the store's directory)");
+                    return WebhookOutcome::FileTenant { tenant: t.id().clone() };
                 }
+                tracing::warn!(event = %fields.id, %customer, "Stripe webhook for a customer no tenant has: ignored");
                 WebhookOutcome::UnknownCustomer
             }
             Err(e) => {

@@ -392,3 +392,26 @@ async fn a_signed_body_that_is_not_utf8_is_taken_and_ignored() {
     assert_eq!(s.handler.handle(Some(&stale), body).await.status().as_u16(), 400, "the timestamp counts");
     assert_eq!(s.plan().await, "free");
 }
+
+/// A webhook for the customer of a tenant declared in the configuration file: its plan is the
+/// file's, so the event changes nothing, and says so (200 `file_tenant`, naming the tenant, and a
+/// log line), rather than `unknown_customer` as if no tenant had the customer.
+#[tokio::test]
+async fn a_webhook_for_a_file_tenant_says_its_plan_is_the_file_s() {
+    let toml =
+        format!("{CONFIG}[tenants.filed]\nplan = \"free\"\nkeys = [\"key-filed\"]\nstripe_customer = \"cus_filed\"\n");
+    let store = Arc::new(MemoryStore::new());
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let e = event(
+        "evt_f",
+        "customer.subscription.updated",
+        NOON,
+        subscription("cus_filed", "active", "price_pro_monthly", None),
+    );
+    let reply = handler.handle(Some(&sign(&e, SECRET, NOON)), e.as_bytes()).await;
+    assert_eq!(reply.status().as_u16(), 200);
+    assert_eq!(reply.outcome, WebhookOutcome::FileTenant { tenant: "filed".into() });
+    assert!(reply.body().contains("\"outcome\":\"file_tenant\""), "{}", reply.body());
+    assert!(store.tenant(&"filed".into()).await.unwrap().is_none(), "nothing written");
+}

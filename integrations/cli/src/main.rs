@@ -228,7 +228,10 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check { file } => check(&load(file.as_deref().unwrap_or(&cli.config))?).await,
         Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
-        Command::Tenants { command } => tenants(&admin(&cli.config).await?, command).await,
+        Command::Tenants { command } => {
+            let config = load(&cli.config)?;
+            tenants(&Admin::open(&config).await?, &config, command).await
+        }
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
         Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl } => {
             let config = load(&cli.config)?;
@@ -250,9 +253,17 @@ async fn run(cli: Cli) -> Result<()> {
             let now = now();
             let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now.saturating_add(1));
             let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to.saturating_sub(30 * 86_400));
-            let admin = admin(&cli.config).await?;
+            let config = load(&cli.config)?;
+            let admin = Admin::open(&config).await?;
             let rows = admin.usage(&tenant, meter.as_deref(), from, to).await?;
-            let customer = admin.directory_store().tenant(&tenant.as_str().into()).await?.and_then(|t| t.customer);
+            // As the exporter bills it: the directory's customer, else the file's.
+            let file = config.tenants().iter().find(|t| t.id().as_str() == tenant);
+            let customer = admin
+                .directory_store()
+                .tenant(&tenant.as_str().into())
+                .await?
+                .and_then(|t| t.customer)
+                .or_else(|| file.and_then(|t| t.stripe_customer().map(str::to_owned)));
             println!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
             println!(
                 "{:<12} {:<22} {:>12} {:>12} {:>8}  sent for",
@@ -525,7 +536,7 @@ async fn repair_ttl_of(config: &Config) -> Result<()> {
     }
 }
 
-async fn tenants(admin: &Admin, command: TenantCommand) -> Result<()> {
+async fn tenants(admin: &Admin, config: &Config, command: TenantCommand) -> Result<()> {
     match command {
         TenantCommand::Add { id, plan, customer, take } => {
             let t = match (customer.as_deref(), take) {
@@ -543,18 +554,39 @@ async fn tenants(admin: &Admin, command: TenantCommand) -> Result<()> {
         }
         TenantCommand::List => {
             let all = admin.tenants().await?;
-            println!("{:<32} {:<16} {:<24} {:<20} overrides", "tenant", "plan", "customer", "last billing event");
-            for t in &all {
+            println!(
+                "{:<32} {:<16} {:<24} {:<20} {:<6} overrides",
+                "tenant", "plan", "customer", "last billing event", "from"
+            );
+            // The file's tenants first: a request's key is looked up there before the store,
+            // and webhooks leave their plan alone.
+            let file = config.tenants();
+            for t in file {
+                let shadows = if all.iter().any(|s| &s.id == t.id()) { " (shadows the store's)" } else { "" };
                 println!(
-                    "{:<32} {:<16} {:<24} {:<20} {}",
+                    "{:<32} {:<16} {:<24} {:<20} {:<6} {}{shadows}",
+                    t.id().as_str(),
+                    t.plan().as_str(),
+                    t.stripe_customer().unwrap_or("-"),
+                    "-",
+                    "file",
+                    if t.overrides().is_some() { "(in the file)" } else { "-" },
+                );
+            }
+            let mut listed = file.len();
+            for t in all.iter().filter(|s| !file.iter().any(|f| f.id() == &s.id)) {
+                listed += 1;
+                println!(
+                    "{:<32} {:<16} {:<24} {:<20} {:<6} {}",
                     t.id.as_str(),
                     t.plan.as_str(),
                     t.customer.as_deref().unwrap_or("-"),
                     t.last_event_at.map_or("-".to_owned(), time_text),
+                    "store",
                     t.overrides.as_deref().unwrap_or("-")
                 );
             }
-            println!("{} tenants", all.len());
+            println!("{listed} tenants");
         }
         TenantCommand::SetPlan { id, plan } => {
             let t = admin.set_plan(&id, &plan).await?;

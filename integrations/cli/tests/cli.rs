@@ -347,3 +347,27 @@ fn a_customer_is_never_moved_silently_and_can_be_changed() {
     assert!(fails(d, &["tenants", "set-customer", "nobody", "cus_x"]).contains("no tenant"));
     assert!(fails(d, &["tenants", "set-customer", "wa", ""]).contains("customer"), "an empty id is refused");
 }
+
+/// Tenants declared in the configuration file are first-class in the command: `tenants list`
+/// shows them (with where they come from), and `usage` shows their billing customer.
+#[test]
+fn tenants_of_the_file_are_listed_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}\
+         [tenants.filed]\nplan = \"pro\"\nkeys = [\"key-filed\"]\nstripe_customer = \"cus_filed\"\n"
+    );
+    std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    let d = dir.path();
+    ok(d, &["tenants", "add", "stored", "--plan", "free", "--customer", "cus_stored"]);
+    let list = ok(d, &["tenants", "list"]);
+    let line = |t: &str| list.lines().find(|l| l.split_whitespace().next() == Some(t)).unwrap_or_default().to_owned();
+    assert!(
+        line("filed").contains("pro") && line("filed").contains("cus_filed") && line("filed").contains("file"),
+        "{list}"
+    );
+    assert!(line("stored").contains("cus_stored") && line("stored").contains("store"), "{list}");
+    assert!(list.contains("2 tenants"), "{list}");
+    let usage = ok(d, &["usage", "filed"]);
+    assert!(usage.contains("billing customer cus_filed"), "{usage}");
+}
