@@ -8,6 +8,13 @@
 //! the file named by `TOLLGATE_CONFIG`. Closed usage windows are written as JSON lines to
 //! `tollgate-usage.jsonl` (or `TOLLGATE_USAGE_FILE`): what would be billed.
 //!
+//! With a `[stripe]` section in the configuration it exports to Stripe instead (never to both:
+//! billing split between a file and Stripe is billing lost): built with `--features stripe`
+//! and with the key in `STRIPE_SECRET_KEY` (or `[stripe] secret_key_file`), closed windows go
+//! to Stripe Billing Meters (`[stripe] api_base` for a local stand-in); without the key, this
+//! process exports nothing and says so (a `tollgate export` job with the key does). It prints
+//! which it does at start.
+//!
 //! Try:
 //! ```text
 //! curl -i localhost:3000/v1/items -H 'x-api-key: tg_test_free_acme'
@@ -30,7 +37,44 @@ use axum::{
     Json, Router,
 };
 use serde_json::{json, Value};
-use tollgate::{billing::JsonlSink, Config, TenantContext, Tollgate};
+use tollgate::{
+    billing::{BillingSink, JsonlSink},
+    Config, TenantContext, Tollgate,
+};
+
+/// Where closed windows go, said at start: Stripe when the configuration has `[stripe]` (and
+/// the key is there), else the JSON-lines file. Never both.
+fn sink(config: &Config, usage_file: &std::path::Path) -> Result<Option<std::sync::Arc<dyn BillingSink>>, String> {
+    let Some(stripe) = config.stripe() else {
+        println!("  billing: closed windows written to {} (no [stripe] section)", usage_file.display());
+        return Ok(Some(std::sync::Arc::new(JsonlSink::new(usage_file))));
+    };
+    #[cfg(feature = "stripe")]
+    {
+        let api = stripe.api_base.as_deref().unwrap_or("https://api.stripe.com/");
+        match tollgate::billing::StripeSink::from_config(config) {
+            Ok(sink) => {
+                println!("  billing: closed windows exported to Stripe Billing Meters at {api}");
+                Ok(Some(std::sync::Arc::new(sink)))
+            }
+            Err(tollgate::billing::StripeSetupError::MissingSecret { .. }) => {
+                println!(
+                    "  billing: [stripe] is configured but no key is set (STRIPE_SECRET_KEY or \
+                     [stripe] secret_key_file): this process exports nothing; `tollgate export` with the key does"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+    #[cfg(not(feature = "stripe"))]
+    {
+        let _ = stripe;
+        Err("the configuration has [stripe] but this build has no Stripe support: \
+             cargo run --example quickstart --features stripe"
+            .to_owned())
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -76,9 +120,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var("TOLLGATE_STORE").as_deref() != Ok("dynamodb") {
         println!("  store:   {store} (usage flushed every {:?})", config.usage().flush_interval);
     }
-    println!("  billing: closed windows written to {}", usage_file.display());
-
-    let mut builder = Tollgate::builder(config).billing_sink(JsonlSink::new(&usage_file));
+    let sink = match sink(&config, &usage_file) {
+        Ok(sink) => sink,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut builder = Tollgate::builder(config);
+    if let Some(sink) = sink {
+        builder = builder.billing_sink_arc(sink);
+    }
     // TOLLGATE_STORE=dynamodb with TOLLGATE_DYNAMODB_TABLE: the same service on DynamoDB (the
     // standard AWS environment: region, credentials, AWS_ENDPOINT_URL_DYNAMODB for a local
     // server); the table is created if it does not exist. Needs `--features dynamodb`.

@@ -38,6 +38,8 @@ check() { # name expected actual
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 free=(-H 'x-api-key: tg_test_free_acme')
 
+check "says where billing goes" yes \
+  "$(grep -q 'billing: closed windows written to .*usage.jsonl (no \[stripe\] section)' "$work/out.log" && echo yes || echo no)"
 check "generate (cost 5)" 200 "$(code -X POST "$base/v1/generate" "${free[@]}")"
 check "items" 200 "$(code "$base/v1/items" "${free[@]}")"
 check "no key" 401 "$(code "$base/v1/items")"
@@ -119,6 +121,27 @@ if [ -n "${TOLLGATE_DYNAMODB_ENDPOINT:-}" ]; then
   check "dynamodb: the pro tenant is not" 200 "$(code "$url/v1/items" -H 'x-api-key: tg_test_pro_globex')"
   check "dynamodb: node C flushes 1" 1 "$(stop c)"
 fi
+
+# With [stripe], never a file and Stripe both: a build without Stripe support refuses to start;
+# with it, closed windows go to Stripe when the key is set, and nowhere (said) when it is not.
+cp examples/quickstart.toml "$work/stripe.toml"
+printf '\n[stripe]\napi_base = "http://127.0.0.1:9"\n' >>"$work/stripe.toml"
+refused=$(cd "$work" && PORT=$port TOLLGATE_CONFIG="$work/stripe.toml" timeout 20 "$bin" 2>&1; echo "exit $?")
+check "[stripe] without Stripe support: refused" yes \
+  "$(echo "$refused" | grep -q 'features stripe' && echo "$refused" | grep -q 'exit 2' && echo yes || echo no)"
+cargo build --locked --example quickstart --features stripe
+says() { # env...: starts the Stripe build with [stripe], prints its billing line, stops it
+  (cd "$work" && env "$@" PORT=$port TOLLGATE_CONFIG="$work/stripe.toml" RUST_LOG=warn "$bin") >"$work/stripe.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do grep -q 'billing:' "$work/stripe.log" && break; sleep 0.1; done
+  kill -INT $pid 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  grep 'billing:' "$work/stripe.log" | head -1 | sed 's/^ *//'
+}
+check "[stripe] with the key: Stripe" "billing: closed windows exported to Stripe Billing Meters at http://127.0.0.1:9/" \
+  "$(says STRIPE_SECRET_KEY=sk_test_smoke)"
+check "[stripe] without the key: nothing, said" yes \
+  "$(says -u STRIPE_SECRET_KEY | grep -q 'this process exports nothing' && echo yes || echo no)"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -271,6 +271,12 @@ impl Builder {
         self
     }
 
+    /// [`billing_sink`](Self::billing_sink), shared: a sink chosen at run time.
+    pub fn billing_sink_arc(mut self, sink: Arc<dyn BillingSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
     /// Called when a tenant crosses a threshold of a quota (`usage.notify_at`, 80% and 100%
     /// of the limit by default): once per threshold, quota and period on this node (so at
     /// most once per node across a fleet). Called on the path that refills the tenant's
