@@ -23,6 +23,7 @@ pub(crate) struct Metrics {
     pub(crate) export_retries: Counter,
     pub(crate) unbillable_windows: Counter,
     pub(crate) late_revisions: Counter,
+    pub(crate) events_past_limit: Counter,
     pub(crate) waiting_windows: Counter,
     pub(crate) unconfirmed_exports: Counter,
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
@@ -68,6 +69,7 @@ impl Metrics {
             export_retries: counter!("tollgate_export_retries_total"),
             unbillable_windows: counter!("tollgate_export_unbillable_windows_total"),
             late_revisions: counter!("tollgate_export_late_revisions_total"),
+            events_past_limit: counter!("tollgate_usage_events_past_limit_total"),
             waiting_windows: counter!("tollgate_export_waiting_windows_total"),
             unconfirmed_exports: counter!("tollgate_export_unconfirmed_total"),
             webhooks_applied: counter!("tollgate_webhook_events_total", "outcome" => "applied"),
@@ -129,6 +131,7 @@ pub(crate) struct Totals {
     pub(crate) export_retries: AtomicU64,
     pub(crate) unbillable_windows: AtomicU64,
     pub(crate) late_revisions: AtomicU64,
+    pub(crate) events_past_limit: AtomicU64,
     pub(crate) waiting_windows: AtomicU64,
     pub(crate) unconfirmed_exports: AtomicU64,
     pub(crate) webhooks_applied: AtomicU64,
@@ -184,6 +187,9 @@ pub struct Stats {
     /// (so it reaches an open invoice), a pre-aggregated meter's in its window all the same
     /// (its running total belongs there), logged.
     pub late_revisions: u64,
+    /// Usage events of work done recorded past their tenant's hard quota (charged all the
+    /// same; a job that must respect the quota reserves first).
+    pub events_past_limit: u64,
     /// Windows an export pass left pending because their tenant's billing customer could not
     /// be read (the directory failed for the tenant, or neither it nor the file holds it),
     /// counted once per pass that met them.
@@ -261,6 +267,7 @@ impl Totals {
             export_retries: l(&self.export_retries),
             unbillable_windows: l(&self.unbillable_windows),
             late_revisions: l(&self.late_revisions),
+            events_past_limit: l(&self.events_past_limit),
             waiting_windows: l(&self.waiting_windows),
             unconfirmed_exports: l(&self.unconfirmed_exports),
             webhooks_applied: l(&self.webhooks_applied),

@@ -87,7 +87,9 @@ pub enum EventError {
         /// How old it is, in seconds.
         age_secs: u64,
     },
-    /// The event's time is in the future, beyond `events.max_skew`.
+    /// The event's time is in the future, beyond `events.max_skew` (a producer's clock ahead).
+    /// Retryable: the work was done, so the message is not dropped; redelivered, it is applied
+    /// once its time has come, or it reaches the queue's dead-letter queue.
     #[error("the event's time is {ahead_secs} s in the future (events.max_skew is {max_skew_secs} s)")]
     InFuture {
         /// How far ahead, in seconds.
@@ -95,7 +97,9 @@ pub enum EventError {
         /// The configured tolerance, in seconds.
         max_skew_secs: u64,
     },
-    /// The tenant's hard quota of the event's period does not have the units.
+    /// The tenant's hard quota of the event's period does not have the units: only
+    /// [`Tollgate::reserve_event`](crate::Tollgate::reserve_event) refuses so (work already
+    /// done is recorded and billed past the limit).
     #[error("the {period} quota of {limit} {meter} on plan `{plan}` is spent")]
     QuotaExceeded {
         /// The meter.
@@ -107,10 +111,14 @@ pub enum EventError {
         /// The tenant's plan.
         plan: crate::config::PlanId,
     },
-    /// A queue message that is not a usage event of the documented shape ([`UsageMessage`]),
-    /// or names a product code `[events.products]` does not map.
+    /// A queue message that is not a usage event of the documented shape ([`UsageMessage`]).
     #[error("malformed usage event: {0}")]
     Malformed(String),
+    /// A queue message naming a product code `[events.products]` does not map. Retryable: the
+    /// work was done, so the message is not dropped; it is redelivered (applied once the code
+    /// is mapped and the configuration reloaded) or reaches the queue's dead-letter queue.
+    #[error("no meter for the product code `{0}` in [events.products]")]
+    UnknownProduct(String),
     /// The store did not answer (or failed). The write may have landed (a timeout): a retry
     /// applies the event, or answers `Duplicate` if it did.
     #[error("the store did not record the event: {0}")]
@@ -126,18 +134,21 @@ pub enum EventError {
 }
 
 impl EventError {
-    /// Whether a retry may succeed (the store failed); the other errors are final.
+    /// Whether a retry may succeed (the store failed, a period or an event's time not come
+    /// yet, a product code not mapped yet): a queue message carrying one is not acknowledged,
+    /// so it is redelivered or reaches the dead-letter queue. The other errors are final.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Store(_) | Self::PeriodNotStarted { .. })
+        matches!(self, Self::Store(_) | Self::PeriodNotStarted { .. } | Self::InFuture { .. } | Self::UnknownProduct(_))
     }
 
-    /// A short name for logs and metrics: `invalid`, `too_old`, `in_future`, `quota`,
-    /// `store_error`, `not_yet`.
+    /// A short name for logs and metrics: `invalid`, `unknown_product`, `too_old`,
+    /// `in_future`, `quota`, `store_error`, `not_yet`.
     #[must_use]
     pub fn label(&self) -> &'static str {
         match self {
             Self::InvalidId | Self::UnknownTenant(_) | Self::UnknownMeter(_) | Self::Malformed(_) => "invalid",
+            Self::UnknownProduct(_) => "unknown_product",
             Self::TooOld { .. } => "too_old",
             Self::InFuture { .. } => "in_future",
             Self::QuotaExceeded { .. } => "quota",
@@ -202,9 +213,7 @@ impl UsageMessage {
         let msg: UsageMessage = serde_json::from_slice(m.body)
             .map_err(|e| EventError::Malformed(format!("the body is not a usage event: {e}")))?;
         let tenant = TenantId::parse(&msg.tenant).map_err(|e| EventError::Malformed(format!("TenantID: {e}")))?;
-        let meter = settings.meter_of(&msg.product).ok_or_else(|| {
-            EventError::Malformed(format!("no meter for the product code `{}` in [events.products]", msg.product))
-        })?;
+        let meter = settings.meter_of(&msg.product).ok_or_else(|| EventError::UnknownProduct(msg.product.clone()))?;
         let id = match (msg.event_id, m.id) {
             (Some(id), _) => id,
             (None, Some(id)) => id.to_owned(),
@@ -239,6 +248,9 @@ pub(crate) struct EventRecorder {
     /// Quota units of usage events whose write may have landed, held for their retry (keyed by
     /// tenant and event id; bounded, expiring).
     held: moka::sync::Cache<String, HeldUnits>,
+    /// Quota units reserved for work not done yet ([`Tollgate::reserve_event`]), keyed as
+    /// `held`; given back if the event is not recorded within its hold (bounded, expiring).
+    reserved: moka::sync::Cache<String, Arc<Reserved>>,
     stores: Arc<StoreCalls>,
     metrics: Arc<Metrics>,
     totals: Arc<Totals>,
@@ -255,7 +267,36 @@ impl EventRecorder {
         // Only events whose write failed ambiguously are held: a few, while the store is in
         // trouble.
         let held = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build();
-        Self { held, stores, metrics, totals }
+        let reserved = moka::sync::Cache::builder()
+            .max_capacity(RESERVATIONS_MAX)
+            .expire_after(HoldFor)
+            // Expired, or evicted past the bound, unrecorded: the units go back. Taken out by
+            // the event's record (an explicit removal), they are the event's.
+            .eviction_listener(|_id, r: Arc<Reserved>, cause| {
+                if cause != moka::notification::RemovalCause::Explicit {
+                    r.give_back();
+                }
+            })
+            .build();
+        Self { held, reserved, stores, metrics, totals }
+    }
+
+    /// Holds the units of a reservation under the event's `id` until it is recorded, or its
+    /// hold ends. A reservation already held for the id is replaced (its units go back).
+    pub(crate) fn reserve(&self, id: String, reserved: Reserved) {
+        self.reserved.insert(id, Arc::new(reserved));
+        self.reserved.run_pending_tasks();
+    }
+
+    /// Gives back the units of reservations whose hold ended (run by the sweep and at each
+    /// reservation).
+    pub(crate) fn sweep(&self) {
+        self.reserved.run_pending_tasks();
+    }
+
+    /// The units reserved for the event `id`, taken out (they become the event's).
+    pub(crate) fn take_reserved(&self, id: &str) -> Option<Arc<Reserved>> {
+        self.reserved.remove(id)
     }
 
     /// The units held for the event `id` (of its tenant) by an earlier attempt, taken out.
@@ -282,6 +323,11 @@ impl EventRecorder {
                     for (p, outcome) in ready.into_iter().zip(outcomes) {
                         if outcome != EventOutcome::Applied {
                             returned |= give_back(&p);
+                        } else if matches!(p.tag, Some(Taken::PastLimit(_))) {
+                            Totals::add(&self.totals.events_past_limit, 1);
+                            self.metrics.events_past_limit.increment(1);
+                            tracing::info!(tenant = %p.state.id, quantity = p.quantity,
+                                "usage event charged past its hard quota: the work was done (reserve_event asks first)");
                         }
                         out[p.index] = Some(Ok(outcome));
                     }
@@ -339,6 +385,41 @@ impl EventRecorder {
     }
 }
 
+/// The most reservations held at once on a node (past it, the oldest go and give their units
+/// back: bounded, whatever jobs ask).
+const RESERVATIONS_MAX: u64 = 100_000;
+
+/// Quota units reserved for an event's work, until it is recorded or its hold ends.
+pub(crate) struct Reserved {
+    pub(crate) state: Tenant,
+    pub(crate) meter: usize,
+    pub(crate) quantity: u64,
+    pub(crate) tag: Option<Taken>,
+    pub(crate) taken_at: i64,
+    pub(crate) hold: Duration,
+}
+
+impl Reserved {
+    /// Gives the units back to the tenant's lease (the work was not recorded).
+    pub(crate) fn give_back(&self) {
+        let Some(cell) = self.state.quota(self.meter) else { return };
+        match self.tag {
+            Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => cell.refund(self.quantity, tag),
+            Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(self.quantity, self.taken_at),
+            Some(Taken::Held) | None => {}
+        }
+    }
+}
+
+/// Each reservation expires after its own hold.
+struct HoldFor;
+
+impl moka::Expiry<String, Arc<Reserved>> for HoldFor {
+    fn expire_after_create(&self, _: &String, r: &Arc<Reserved>, _: std::time::Instant) -> Option<Duration> {
+        Some(r.hold)
+    }
+}
+
 /// Quota units taken for an event whose write may have landed, held for its retry: never
 /// given back (they belong to the event, stored or about to be).
 #[derive(Clone, Copy)]
@@ -354,16 +435,19 @@ pub(crate) enum Taken {
     /// Outside any lease (shadow mode past the limit): owed to the store.
     Unleased,
     /// Held from an earlier attempt whose write may have landed: a `Duplicate` now most
-    /// likely is that write, so they are never given back.
+    /// likely is that write, so they are never given back. Also units reserved for the work.
     Held,
+    /// Work done past the hard quota: charged all the same, from the lease with this tag (a
+    /// debt) or owed to the store.
+    PastLimit(Option<u16>),
 }
 
 /// Gives an event's units back (its write did not apply them); whether there were any.
 fn give_back(p: &Prepared) -> bool {
     let Some(cell) = p.state.quota(p.meter) else { return false };
     match p.tag {
-        Some(Taken::Lease(tag)) => cell.refund(p.quantity, tag),
-        Some(Taken::Unleased) => cell.refund_unleased(p.quantity, p.taken_at),
+        Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => cell.refund(p.quantity, tag),
+        Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(p.quantity, p.taken_at),
         Some(Taken::Held) | None => return false,
     }
     p.quantity > 0

@@ -67,6 +67,7 @@ impl Tollgate {
     /// seen ones while more than `limits.max_tenants` are held. Their usage is flushed by the
     /// next flush and their leases are given back. Returns how many were evicted.
     pub async fn sweep(&self) -> usize {
+        self.shared.events.sweep();
         let rt = self.shared.runtime.load_full();
         let limits = &rt.config.limits;
         let cutoff = self.shared.clock.unix_secs() - limits.idle_timeout.as_secs() as i64;

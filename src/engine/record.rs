@@ -5,7 +5,10 @@ use std::time::{Duration, SystemTime};
 
 use super::{
     engine::OwnedCredential,
-    events::{Event, EventError, Prepared, QueueMessage, Taken, UsageMessage, EVENT_ID_MAX_LEN, MAX_AGE, MAX_QUANTITY},
+    events::{
+        Event, EventError, Prepared, QueueMessage, Reserved, Taken, UsageMessage, EVENT_ID_MAX_LEN, MAX_AGE,
+        MAX_QUANTITY,
+    },
     lease::Refill,
     store_calls::with_timeout,
     table::Lookup,
@@ -18,6 +21,15 @@ use crate::{
     tenant::{Take, Tenant},
 };
 
+/// What an event's units are taken for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum For {
+    /// Work done: past the limit, charged all the same.
+    Work,
+    /// A reservation before the work: past the limit, refused.
+    Reserve,
+}
+
 impl Tollgate {
     /// Records one usage event (from a job, a queue message) and returns once it is stored:
     /// acknowledge the message only then. See [`record_events`](Self::record_events).
@@ -29,6 +41,42 @@ impl Tollgate {
         self.record_events(std::slice::from_ref(&event)).await.pop().unwrap_or(Err(EventError::InvalidId))
     }
 
+    /// Reserves the units of work not done yet, before doing it: the event's units are taken
+    /// from the tenant's hard quota of its period as a request's are, and refused with
+    /// [`EventError::QuotaExceeded`] when they are not there (do not do the work). They are held
+    /// for `hold` (at most a day): recording the event (the same id, meter and quantity, once
+    /// the work is done) takes them rather than new ones; not recorded in time, they go back.
+    /// Reserving an id again holds it again (its earlier units go back first). Nothing is
+    /// written to the store until the event is recorded.
+    ///
+    /// ```no_run
+    /// # async fn job(engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::{Duration, SystemTime};
+    /// use tollgate::events::Event;
+    /// let event = Event::new("job-42", "acme".into(), "tokens".into(), 1_500, SystemTime::now());
+    /// engine.reserve_event(&event, Duration::from_secs(600)).await?; // QuotaExceeded: skip the work
+    /// // ... do the work ...
+    /// engine.record_event(event).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The checks [`record_events`](Self::record_events) makes, [`EventError::QuotaExceeded`],
+    /// or a store error while the quota was asked (retryable).
+    pub async fn reserve_event(&self, event: &Event, hold: Duration) -> Result<(), EventError> {
+        let rt = self.shared.runtime.load_full();
+        let now = self.shared.clock.unix_secs();
+        let hold = hold.min(Duration::from_secs(86_400));
+        let (state, meter, at) = self.check_event(&rt, event, now, rt.config.usage.store_timeout).await?;
+        let id = format!("{}\u{1f}{}", state.id, event.id);
+        let tag = self
+            .take_for_event(&rt, &state, meter, event.quantity, at, now, rt.config.usage.store_timeout, For::Reserve)
+            .await?;
+        let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold };
+        self.shared.events.reserve(id, reserved);
+        Ok(())
+    }
+
     /// Records usage events in one store call, each at most once per id, and returns one
     /// outcome per event, in order, once they are stored.
     ///
@@ -36,21 +84,21 @@ impl Tollgate {
     ///   `aggregation = "hour"` or `"day"`, that hour or day), so an event that arrives late
     ///   still lands in its own window. A window already exported goes out again as a new
     ///   revision (its late units) at the next export.
-    /// - **Refused**: an event older than [`MAX_AGE`] (billing would refuse it), one
-    ///   more than `events.max_skew` in the future, an unknown tenant or meter, an id that is
-    ///   empty or over 256 bytes.
+    /// - **Refused**: an event older than [`MAX_AGE`] (billing would refuse it), an unknown
+    ///   tenant or meter, an id that is empty or over 256 bytes (final); one more than
+    ///   `events.max_skew` in the future ([`EventError::InFuture`], retryable: a producer's
+    ///   clock ahead must not drop the work).
     /// - **Once per id and tenant**: the id is marked seen in the same store write as the
     ///   usage, never before, and kept for 35 days after the event's time (the ids of refused
     ///   events are not marked). A redelivered event answers [`EventOutcome::Duplicate`].
-    /// - **Hard quotas** apply in the quota period of the event's time: an event in the
-    ///   current period takes its units as a request does, and is refused with
-    ///   [`EventError::QuotaExceeded`] when they are not there; a period already over never
-    ///   refuses (its units are not counted against it). The units are taken before the
-    ///   store is asked about the id, so a redelivered event whose quota is spent meanwhile
-    ///   answers `QuotaExceeded` rather than `Duplicate`; it is not counted again either way.
-    ///   An event of the batch refused for its quota while a duplicate of the same batch held
-    ///   units is tried again once the duplicate gave them back. In shadow mode nothing is
-    ///   refused: the units are taken past the limit and the refusal counted.
+    /// - **Work already done is billed.** An event takes its units from the hard quota of its
+    ///   period (the current one: a period already over is not counted against) as a request
+    ///   does; when they are not there it is recorded all the same, **charged past the limit**
+    ///   (the period stays spent; counted in `Stats::events_past_limit`). A job that must
+    ///   respect a hard quota asks first with [`reserve_event`](Self::reserve_event): the units
+    ///   it holds are the ones the event then takes. The units are taken before the store is
+    ///   asked about the id; a duplicate gives them back. In shadow mode, refusals a
+    ///   reservation would get are counted, not made.
     /// - **A store failure** ([`EventError::Store`], retryable): the write may have landed (a
     ///   timeout), so the event's quota units stay taken; the retry answers `Duplicate` if it
     ///   did. The whole batch is written within `events.store_timeout`.
@@ -136,6 +184,55 @@ impl Tollgate {
         now: i64,
         lookup_timeout: Duration,
     ) -> Result<Prepared, EventError> {
+        let (state, meter, at) = self.check_event(rt, e, now, lookup_timeout).await?;
+        let step = Self::event_window(rt, e);
+        let window_start = at - at.rem_euclid(step);
+        // Ids are unique per tenant: two tenants' jobs may use the same ids.
+        let id = format!("{}\u{1f}{}", state.id, e.id);
+        // Units still held for this event by an attempt whose write may have landed: reused,
+        // not taken again (a retry is never refused for the units of its own first attempt).
+        let (state, meter, tag) = match self.shared.events.take_held(&id) {
+            Some(held) if held.quantity == e.quantity => (state, meter, Some(Taken::Held)),
+            _ => match self.shared.events.take_reserved(&id) {
+                // The units reserved for this work are the event's, for good: even if the event
+                // turns out a duplicate (recorded on another node first, which charged it), they
+                // are not given back, so a hard quota is never passed through reservations.
+                Some(r) if r.quantity == e.quantity && r.state.plan.meters.ids[r.meter] == e.meter => {
+                    (state, meter, r.tag.map(|_| Taken::Held))
+                }
+                other => {
+                    // Reserved for other work (another quantity): given back, taken anew.
+                    if let Some(r) = other {
+                        r.give_back();
+                    }
+                    let tag =
+                        self.take_for_event(rt, &state, meter, e.quantity, at, now, lookup_timeout, For::Work).await?;
+                    (state, meter, tag)
+                }
+            },
+        };
+        let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
+            .with_billable(self.shared.pipeline.billable(rt, &state));
+        Ok(Prepared {
+            index,
+            state,
+            meter,
+            quantity: e.quantity,
+            tag,
+            taken_at: now,
+            event: UsageEvent::new(id, record, at),
+        })
+    }
+
+    /// Checks an event (its id, quantity, time, meter) and finds its tenant: its state, the
+    /// meter's index in the state's plan, and the event's time in Unix seconds.
+    async fn check_event(
+        &self,
+        rt: &Runtime,
+        e: &Event,
+        now: i64,
+        lookup_timeout: Duration,
+    ) -> Result<(Tenant, usize, i64), EventError> {
         if e.id.is_empty() || e.id.len() > EVENT_ID_MAX_LEN {
             return Err(EventError::InvalidId);
         }
@@ -153,37 +250,23 @@ impl Tollgate {
         let Some(meter_index) = rt.meters.index(e.meter.as_str()) else {
             return Err(EventError::UnknownMeter(e.meter.clone()));
         };
-        // The window billing sends the event in: a pre-aggregated meter's hour or day.
-        let window = rt.config.usage.window.as_secs().max(1) as i64;
-        let coarse = rt.config.meters.iter().find(|m| m.id == e.meter).and_then(|m| m.aggregation.window_secs());
-        let step = coarse.unwrap_or(window);
-        let window_start = at - at.rem_euclid(step);
-        if window_start < now.saturating_sub(MAX_AGE.as_secs() as i64) {
+        let step = Self::event_window(rt, e);
+        if at - at.rem_euclid(step) < now.saturating_sub(MAX_AGE.as_secs() as i64) {
             return Err(EventError::TooOld { age_secs: now.saturating_sub(at).max(0) as u64 });
         }
         let state = self.known_tenant(&e.tenant, lookup_timeout).await?;
         // A state of another configuration (a reload meanwhile) indexes meters its own way.
         let meter = state.plan.meters.index(e.meter.as_str()).unwrap_or(meter_index);
         state.touch(now);
-        // Ids are unique per tenant: two tenants' jobs may use the same ids.
-        let id = format!("{}\u{1f}{}", state.id, e.id);
-        // Units still held for this event by an attempt whose write may have landed: reused,
-        // not taken again (a retry is never refused for the units of its own first attempt).
-        let tag = match self.shared.events.take_held(&id) {
-            Some(held) if held.quantity == e.quantity => Some(Taken::Held),
-            _ => self.take_for_event(rt, &state, meter, e.quantity, at, now, lookup_timeout).await?,
-        };
-        let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
-            .with_billable(self.shared.pipeline.billable(rt, &state));
-        Ok(Prepared {
-            index,
-            state,
-            meter,
-            quantity: e.quantity,
-            tag,
-            taken_at: now,
-            event: UsageEvent::new(id, record, at),
-        })
+        Ok((state, meter, at))
+    }
+
+    /// The length of the window billing sends the event in: a pre-aggregated meter's hour or
+    /// day, else `usage.window`.
+    fn event_window(rt: &Runtime, e: &Event) -> i64 {
+        let window = rt.config.usage.window.as_secs().max(1) as i64;
+        let coarse = rt.config.meters.iter().find(|m| m.id == e.meter).and_then(|m| m.aggregation.window_secs());
+        coarse.unwrap_or(window)
     }
 
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
@@ -208,6 +291,8 @@ impl Tollgate {
 
     /// Takes an event's units from the quota of `meter`, if the event falls in the period in
     /// force: `Some(tag)` of the lease they came from. A period already over takes nothing.
+    /// For work done, units the quota does not have are charged past the limit; for a
+    /// reservation, they are refused.
     #[allow(clippy::too_many_arguments)]
     async fn take_for_event(
         &self,
@@ -218,6 +303,7 @@ impl Tollgate {
         at: i64,
         now: i64,
         timeout: Duration,
+        purpose: For,
     ) -> Result<Option<Taken>, EventError> {
         let Some(cell) = state.quota(meter) else {
             return Ok(None);
@@ -239,10 +325,16 @@ impl Tollgate {
             limit: cell.spec.limit().get(),
             plan: state.plan.id.clone(),
         };
+        // Work done that the quota cannot hold: charged past the limit (owed to the store,
+        // which counts it at the next lease), the period stays spent.
+        // (Counted once the event is applied: a duplicate gives them back.)
+        let past_limit = || Some(Taken::PastLimit(cell.force_take(quantity, now)));
         match cell.try_take(quantity, now) {
             Take::Taken { tag, .. } => return Ok(Some(Taken::Lease(tag))),
-            Take::Exhausted if !state.plan.shadow => return Err(exceeded()),
-            Take::Exhausted | Take::NeedLease => {}
+            Take::Exhausted if state.plan.shadow => {}
+            Take::Exhausted if purpose == For::Work => return Ok(past_limit()),
+            Take::Exhausted => return Err(exceeded()),
+            Take::NeedLease => {}
         }
         let taken = with_timeout(timeout, async {
             let _guard = cell.lock().lock().await;
@@ -265,6 +357,7 @@ impl Tollgate {
                 self.would_refuse(&Self::shadow_quota(state, meter));
                 Ok(Some(cell.force_take(quantity, now).map_or(Taken::Unleased, Taken::Lease)))
             }
+            Ok(None) if purpose == For::Work => Ok(past_limit()),
             Ok(None) => Err(exceeded()),
             Err(e) => {
                 self.store_error("reserve quota for an event", &e);

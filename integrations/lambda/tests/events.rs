@@ -78,8 +78,10 @@ async fn send(engine: &Tollgate, batch: aws_lambda_events::sqs::SqsEvent) -> Vec
     wire["batchItemFailures"].as_array().unwrap().iter().map(|f| f["itemIdentifier"].as_str().unwrap().into()).collect()
 }
 
-/// A batch with good, redelivered, malformed and refused messages: only messages that could
-/// succeed later are reported as failures; everything else is acknowledged, and the good
+/// A batch with good, redelivered, malformed, refused and not-yet-recordable messages: only
+/// messages that could succeed later are reported as failures (so the queue redelivers them or
+/// moves them to its dead-letter queue: a time ahead of the clock, an unmapped product code);
+/// work past the hard quota is recorded and billed; the rest is acknowledged, and the good
 /// ones are counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sqs_batch_reports_only_what_a_redelivery_can_fix() {
@@ -98,14 +100,15 @@ async fn an_sqs_batch_reports_only_what_a_redelivery_can_fix() {
         ("m6", usage(1, now_ms, json!({"ProductCode": "unmapped"})).to_string()),
         ("m7", usage(1000, now_ms, json!({})).to_string()),
     ]);
-    assert_eq!(send(&engine, batch).await, Vec::<String>::new(), "nothing to redeliver");
-    assert_eq!(tokens(&*store).await, 12);
+    assert_eq!(send(&engine, batch).await, ["m5", "m6"], "redelivered: not dropped");
+    assert_eq!(tokens(&*store).await, 1012, "the work past the daily quota of 100 is billed");
     let stats = engine.stats();
-    assert_eq!((stats.events_applied, stats.events_duplicate, stats.events_refused), (2, 1, 5));
+    assert_eq!((stats.events_applied, stats.events_duplicate, stats.events_refused), (3, 1, 4));
+    assert_eq!(stats.events_past_limit, 1);
     // The same event delivered again by another message: its EventID wins.
     let again = sqs_batch(&[("m9", usage(7, now_ms - 60_000, json!({"EventID": "evt-7"})).to_string())]);
     assert!(send(&engine, again).await.is_empty());
-    assert_eq!(tokens(&*store).await, 12);
+    assert_eq!(tokens(&*store).await, 1012);
 }
 
 /// The store cannot write (another process holds the database's write lock past
