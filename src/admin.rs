@@ -274,8 +274,11 @@ impl Admin {
     /// Sets (or, with `None`, removes) a tenant's billing customer: the fix for a wrong one.
     /// With `take`, a customer another tenant holds is moved from it; without, that is refused.
     /// Written over the customer read only, and nothing else of the tenant: a plan change a
-    /// webhook applies meanwhile is kept. Its usage not yet exported is billed to the new
-    /// customer; exports in flight keep the customer they began with.
+    /// webhook applies meanwhile is kept. Its windows waiting for export are billed to the new
+    /// customer (exports in flight keep the customer they began with); usage it had flushed
+    /// while it had no customer on a plan that is not `billed` was not billable and stays so,
+    /// and the windows of a tenant left without a customer (`None`, or the holder under `take`)
+    /// are no longer billed unless its plan is `billed`.
     ///
     /// # Errors
     /// No such tenant, a bad customer id, [`AdminError::CustomerHeld`], or the store failed.
@@ -591,7 +594,9 @@ impl Admin {
     }
 
     /// Requeues every dead letter the billing system refused (reason `refused: …`), walking the
-    /// list once; unconfirmed ones, those without a status and those too old are left for
+    /// list once; unconfirmed and unsettled ones, those without a status, those too old, and
+    /// refusals that say the billing system holds an event under the identifier ("already
+    /// exists", `idempotency_error`, as earlier versions parked them) are left for
     /// reconciliation. Returns (requeued, left).
     ///
     /// # Errors
@@ -604,7 +609,11 @@ impl Admin {
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for d in &page {
-                if d.reason.starts_with("refused:") {
+                // Refusals that say the billing system holds something under the identifier
+                // (parked so by versions before namespaces) are left for reconciliation: a new
+                // revision would bill them twice.
+                let held = d.reason.contains("already exists") || d.reason.contains("idempotency");
+                if d.reason.starts_with("refused:") && !held {
                     requeued += usize::from(self.usage.requeue_dead_letter(&d.key).await?);
                 } else {
                     left += 1;

@@ -128,6 +128,13 @@ pub enum SinkError {
     /// twice.
     #[error("billing sink answered without settling the event: {0}")]
     Unsettled(String),
+    /// The billing system holds an event under this identifier already (Stripe's 400 "An
+    /// event already exists with identifier …"). Identifiers are unique per store namespace,
+    /// so in a store with a namespace it was this revision's, sent before: marked exported. In
+    /// the empty namespace (a store made before namespaces, which another deployment may
+    /// share) it proves nothing of this revision: parked for reconciliation.
+    #[error("billing system holds the event already: {0}")]
+    AlreadyHeld(String),
     /// Refused for good (another 4xx, such as an unknown customer): the aggregate is
     /// dead-lettered, logged, counted and listed.
     #[error("billing sink refused the event: {0}")]

@@ -90,16 +90,17 @@ pub(crate) fn read_secrets(
 ///
 /// | Stripe answers | [`SinkError`] |
 /// |---|---|
-/// | 2xx, or 400 "An event already exists with identifier …" (with or without a `code`) | accepted: Stripe holds it |
-/// | 409, 429 (not executed); no connection (refused, name lookup, TLS) | [`NotTaken`](SinkError::NotTaken): retried without limit |
-/// | 408, 424, 5xx | [`Retryable`](SinkError::Retryable) |
+/// | 2xx | accepted |
+/// | 400 "An event already exists with identifier …" (with or without a `code`) | [`AlreadyHeld`](SinkError::AlreadyHeld): delivered in a store with a namespace, else parked for reconciliation |
+/// | 429 (not executed); no connection (refused, name lookup, TLS) | [`NotTaken`](SinkError::NotTaken): retried without limit |
+/// | 408, 409 (a request with the key may be executing), 424, 5xx | [`Retryable`](SinkError::Retryable) |
 /// | 401, 403 (the key), 404 (not Stripe's API: a wrong `api_base`) | [`Halt`](SinkError::Halt): the pass stops, nothing is parked |
 /// | 400 `idempotency_error` (the key used with other parameters) | [`Unsettled`](SinkError::Unsettled): parked for reconciliation |
 /// | another 4xx | [`Permanent`](SinkError::Permanent): dead-lettered |
 /// | no status (connection dropped, timeout, a body that is not Stripe's JSON) | [`Unknown`](SinkError::Unknown) |
 ///
-/// "Already exists" is proof of delivery because identifiers are unique per store: each
-/// store draws its own namespace ([`ExportStore::identifier_namespace`](crate::store::ExportStore::identifier_namespace)).
+/// "Already exists" is proof of delivery when identifiers are unique per store: each store
+/// draws its own namespace ([`ExportStore::identifier_namespace`](crate::store::ExportStore::identifier_namespace)).
 ///
 /// async-stripe 1.0 does not expose response headers, so a `Retry-After` from Stripe cannot
 /// be read here; the exporter's backoff (2 s doubling to an hour, with jitter) applies.
@@ -184,17 +185,16 @@ fn classify(e: StripeError) -> Result<(), SinkError> {
             let message = err.message.clone().unwrap_or_default();
             let code = err.code.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
             if code == "resource_already_exists" || (status == 400 && message.starts_with(ALREADY_EXISTS)) {
-                // Stripe holds an event under this identifier, which only this store's
-                // namespace sends for this (tenant, meter, window, revision): delivered before
-                // (a re-send after its idempotency key was forgotten, a restored backup).
-                tracing::info!(%message, "the billing system already holds the meter event: marked exported");
-                return Ok(());
+                // Stripe holds an event under this identifier: the exporter judges by the
+                // store's namespace whether it is this revision's.
+                return Err(SinkError::AlreadyHeld(message));
             }
             let detail = format!("{status} {code}: {message}");
             match status {
-                // Refused without being executed: rate limited, or a concurrent request.
-                409 | 429 => Err(SinkError::NotTaken { source: detail.into(), retry_after: None }),
-                408 | 424 | 500..=599 => Err(SinkError::Retryable { source: detail.into(), retry_after: None }),
+                // Refused without being executed: rate limited.
+                429 => Err(SinkError::NotTaken { source: detail.into(), retry_after: None }),
+                // A 409 may be a request with this key still executing: it may be taken.
+                408 | 409 | 424 | 500..=599 => Err(SinkError::Retryable { source: detail.into(), retry_after: None }),
                 // The key refused, or an address that is not Stripe's API (every call would get
                 // it): nothing is parked.
                 401 | 403 | 404 => Err(SinkError::Halt(detail)),

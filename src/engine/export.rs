@@ -338,9 +338,8 @@ impl Exporter {
                             // one; parked once too old to send, so it is listed, not pruned.
                             if agg.key.window_start < now - MAX_AGE_SECS {
                                 let reason = "no customer: its tenant's plan is billed but the tenant had no \
-                                              billing customer within the 35 days the billing system takes; \
-                                              set one (tollgate tenants set-customer), then requeue, or bill it \
-                                              by hand";
+                                              billing customer within the 35 days the billing system takes: \
+                                              bill it by hand (an invoice item), then confirm it";
                                 pass.park(&agg, reason, &mut report).await?;
                             } else {
                                 report.awaiting_customer += 1;
@@ -483,7 +482,13 @@ impl Pass {
         if self.halted.load(Ordering::Relaxed) {
             // Another lane found the sink refusing everything: the claim goes, untried.
             let now = shared.clock.unix_secs();
-            store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), never_sent(first_attempt)).await?;
+            store
+                .defer_export(
+                    &agg,
+                    &ExportClaim::new(shared.ids.node(), now, now),
+                    never_sent(first_attempt, agg.attempts),
+                )
+                .await?;
             return Ok(false);
         }
         let event = meter_event(&self.rt, &agg, &send);
@@ -512,6 +517,29 @@ impl Pass {
                 self.park(&agg, &format!("refused: {reason}"), report).await?;
                 Ok(true)
             }
+            Err(SinkError::AlreadyHeld(message)) if !self.namespace.is_empty() => {
+                // Only this store's namespace sends this identifier: this revision's, sent
+                // before (a re-send after Stripe forgot its idempotency key, a restored backup).
+                tracing::info!(%message, identifier = %event.identifier,
+                    "the billing system already holds the meter event: marked exported");
+                if store.finish_export(&agg).await? {
+                    report.events += 1;
+                    report.units += event.value;
+                    Totals::add(&shared.totals.exported_events, 1);
+                    Totals::add(&shared.totals.exported_units, event.value);
+                    shared.metrics.exported_events.increment(1);
+                }
+                Ok(true)
+            }
+            Err(SinkError::AlreadyHeld(message)) => {
+                let reason = format!(
+                    "unsettled: the billing system already holds an event under its identifier ({message}), \
+                     and in the empty namespace another deployment may have sent it: reconcile before \
+                     confirming or requeueing"
+                );
+                self.park(&agg, &reason, report).await?;
+                Ok(true)
+            }
             Err(SinkError::Unsettled(reason)) => {
                 let reason = format!(
                     "unsettled: {reason}; the billing system may hold it under its identifier: reconcile \
@@ -535,7 +563,11 @@ impl Pass {
                 // until the key is fixed).
                 tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
                 store
-                    .defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, now), never_sent(first_attempt))
+                    .defer_export(
+                        &agg,
+                        &ExportClaim::new(shared.ids.node(), now, now),
+                        never_sent(first_attempt, agg.attempts),
+                    )
                     .await?;
                 self.halted.store(true, Ordering::Relaxed);
                 report.deferred = true;
@@ -544,7 +576,7 @@ impl Pass {
             Err(e) => {
                 let (asked, deferral) = match &e {
                     SinkError::Retryable { retry_after, .. } => (*retry_after, Deferral::Failed),
-                    SinkError::NotTaken { retry_after, .. } => (*retry_after, never_sent(first_attempt)),
+                    SinkError::NotTaken { retry_after, .. } => (*retry_after, never_sent(first_attempt, agg.attempts)),
                     _ => (None, Deferral::Unknown),
                 };
                 let wait = backoff(&event.identifier, agg.attempts, asked);
@@ -577,9 +609,9 @@ impl Pass {
 /// How an attempt the billing system did not take is deferred: as never sent if it was the
 /// first attempt that may have reached it (none before may have), so `unconfirmed_after`
 /// counts from the first call that may be taken.
-fn never_sent(first_attempt: bool) -> Deferral {
+fn never_sent(first_attempt: bool, attempts: u32) -> Deferral {
     if first_attempt {
-        Deferral::NeverSent
+        Deferral::NeverSent(attempts)
     } else {
         Deferral::Failed
     }

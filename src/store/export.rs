@@ -162,11 +162,13 @@ pub enum Deferral {
     /// taken; `unknown_failures` counts it.
     Unknown,
     /// Nothing of this export may have reached the billing system: this attempt was refused
-    /// without being executed (a 429, a 409, refused credentials) or never left the machine (a
+    /// without being executed (a 429, refused credentials) or never left the machine (a
     /// refused connection, a failed name lookup), and it was the attempt that set
     /// `first_attempt_at`. That time is cleared, so that `export.unconfirmed_after` counts from
-    /// the first call that may have been taken.
-    NeverSent,
+    /// the first call that may have been taken; only if `attempts` is still the value given
+    /// (the count after this attempt's begin): another attempt begun since, which may have
+    /// been taken, keeps it.
+    NeverSent(u32),
 }
 
 /// An aggregate whose export was refused for good, parked until requeued.
@@ -228,7 +230,7 @@ pub trait ExportStore: Send + Sync + fmt::Debug + 'static {
     /// Holds the in-flight export of `aggregate.revision` for `claim.node` until `claim.until`
     /// without sending: the time of its next attempt, after a failure worth retrying. A
     /// [`Deferral::Unknown`] counts in `unknown_failures`; a [`Deferral::NeverSent`] clears
-    /// `first_attempt_at`. Returns `false` (and changes nothing) when the revision moved or
+    /// `first_attempt_at` if no attempt began since. Returns `false` (and changes nothing) when the revision moved or
     /// another node holds it.
     async fn defer_export(
         &self,

@@ -47,8 +47,9 @@ pub struct UsageRecord {
     /// customer on a plan that is not `billed` (a free tier), when the sink needs customers.
     /// An aggregate is an export candidate
     /// ([`pending_exports`](crate::store::ExportStore::pending_exports) lists it) once a billable
-    /// record was committed to it; then all of its usage is exported. Usage that is not
-    /// billable is kept all the same (reports, retention).
+    /// record was committed to it, until an export leaves nothing of it unexported; while it
+    /// is one, all of its usage is exported. Usage that is not billable is kept all the same
+    /// (reports, retention).
     pub billable: bool,
 }
 

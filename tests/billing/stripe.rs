@@ -1056,3 +1056,86 @@ async fn late_usage_past_the_invoice_grace_reaches_an_open_invoice(kind: Kind) {
 }
 
 on_every_store!(late_usage_past_the_invoice_grace_reaches_an_open_invoice);
+
+/// Two deployments on stores made before namespaces (the empty namespace: the identifiers they
+/// always sent) bill into one account: the second one's event is refused as "already exists",
+/// which in the empty namespace proves nothing of its own usage. It is parked `unsettled` for
+/// reconciliation, neither marked exported (its usage lost) nor requeued by `--requeue-all`
+/// (billed twice if it was in fact this deployment's).
+async fn in_the_empty_namespace_already_exists_is_parked_not_trusted(kind: Kind) {
+    let Some(first) = Backend::new(kind).await else { return };
+    let second = Backend::new(kind).await.unwrap();
+    let standin = stand_in().await;
+    let toml = config(&standin.url);
+    for b in [&first, &second] {
+        let ns = b.store.identifier_namespace().await.unwrap();
+        assert!(b.store.set_identifier_namespace(&ns, "").await.unwrap(), "as a store made before namespaces");
+    }
+    let (x, y) = (node(&toml, first.store.clone(), NOON), node(&toml, second.store.clone(), NOON));
+    // The second exports a day later: Stripe has forgotten the first one's idempotency key
+    // (within the day, the key with other parameters is an idempotency_error: parked too).
+    for (h, n, export_at) in [(&x, 3, NOON + 20 * MIN), (&y, 2, NOON + 25 * HOUR)] {
+        at(&h.clock, &standin, NOON);
+        for _ in 0..n {
+            assert_eq!(h.status("/", "key-acme").await, 200);
+        }
+        h.tollgate.flush().await.unwrap();
+        at(&h.clock, &standin, export_at);
+        h.tollgate.export().await.unwrap();
+    }
+    assert_eq!(standin.totals()[&("cus_acme".into(), "api_requests".into())], 3, "the first one's");
+    let dead = second.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.starts_with("unsettled:") && dead[0].reason.contains("already"), "{}", dead[0].reason);
+    let admin = tollgate::admin::Admin::new(second.store.clone());
+    assert_eq!(admin.requeue_refused_dead_letters().await.unwrap(), (0, 1));
+}
+
+on_every_store!(in_the_empty_namespace_already_exists_is_parked_not_trusted);
+
+/// Letters parked by versions before namespaces as `refused:` although Stripe said it holds an
+/// event under the identifier ("already exists", `idempotency_error`) are left by
+/// `--requeue-all`: a new revision would bill them twice. Other refusals are requeued.
+#[tokio::test]
+async fn requeue_all_leaves_refusals_that_say_stripe_holds_the_event() {
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let reasons = [
+        "refused: 400 : An event already exists with identifier tg_0123.",
+        "refused: 400 idempotency_key_in_use: Keys for idempotent requests can only be used with the same parameters",
+        "refused: 400 resource_missing: No such customer: 'cus_gone'",
+    ];
+    for (i, reason) in reasons.iter().enumerate() {
+        let window = NOON + i as i64 * 900;
+        late(&*store, &format!("f{i}"), "acme", "requests", window, 1).await;
+        let agg = store.usage(&ExportKey::new("acme".into(), "requests".into(), window)).await.unwrap().unwrap();
+        store.dead_letter(&agg, reason).await.unwrap();
+    }
+    let admin = tollgate::admin::Admin::new(store.clone());
+    assert_eq!(admin.requeue_refused_dead_letters().await.unwrap(), (1, 2), "only the missing customer");
+    let left: Vec<String> = store.dead_letters(None, 10).await.unwrap().into_iter().map(|d| d.reason).collect();
+    assert_eq!(left, reasons[..2]);
+}
+
+/// An attempt that may have reached Stripe (a 500 after executing) starts the count of
+/// `unconfirmed_after`; calls Stripe did not take after it (429s) do not reset it: the export is
+/// parked `unconfirmed` a day later, never re-sent under a new identifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_not_taken_after_one_that_may_have_been_keep_the_unconfirmed_count() {
+    let Some((_b, store, standin, h)) = on_store(Kind::Memory, None).await else { return };
+    assert_eq!(h.status("/", "key-acme").await, 200);
+    h.tollgate.flush().await.unwrap();
+    let mut now = NOON + 20 * MIN + 1;
+    at(&h.clock, &standin, now);
+    standin.fail_next(&[Fault::Status(500)]);
+    h.tollgate.export().await.unwrap();
+    standin.fail_customer("cus_acme", Some(429));
+    while now < NOON + 22 * HOUR {
+        now += HOUR;
+        at(&h.clock, &standin, now);
+        h.tollgate.export().await.unwrap();
+    }
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.starts_with("unconfirmed"), "{}", dead[0].reason);
+    assert!(standin.events().is_empty());
+}

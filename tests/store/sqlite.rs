@@ -307,11 +307,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 6);
-    conn.execute_batch("PRAGMA user_version = 7").unwrap();
+    assert_eq!(version, 7);
+    conn.execute_batch("PRAGMA user_version = 8").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 7"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 8"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -454,7 +454,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 6);
+    assert_eq!(version, 7);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()

@@ -92,8 +92,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DynamoCommand {
-    /// Creates the table the configuration names (on-demand, with its indexes and TTL).
+    /// Creates the table the configuration names (on-demand, with its indexes and TTL) and
+    /// draws its meter event identifier namespace.
     CreateTable,
+    /// Draws the meter event identifier namespace of a table made otherwise (CloudFormation,
+    /// Terraform) if it has none; prints the table's namespace. Run it before the table's first
+    /// export, with every node on this version.
+    InitNamespace,
 }
 
 #[derive(Subcommand)]
@@ -116,7 +121,7 @@ enum TenantCommand {
     /// Lists the tenants.
     List,
     /// Sets a tenant's billing customer (the fix for a wrong one), or removes it with --none.
-    /// Usage not yet exported is billed to the new customer.
+    /// Windows waiting for export are billed to the new customer (docs/stripe.md).
     SetCustomer {
         /// The tenant id.
         id: String,
@@ -228,6 +233,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check { file } => check(&load(file.as_deref().unwrap_or(&cli.config))?).await,
         Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
+        Command::Dynamodb { command: DynamoCommand::InitNamespace } => init_namespace(&load(&cli.config)?).await,
         Command::Tenants { command } => {
             let config = load(&cli.config)?;
             tenants(&Admin::open(&config).await?, &config, command).await
@@ -466,22 +472,31 @@ async fn check(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// The usage store's identifier namespace, as `check` shows it: read from the store when it
-/// exists (a SQLite file not made yet is not created by a check).
+/// The usage store's identifier namespace, as `check` shows it: read without changing the
+/// store (a SQLite file is neither made nor migrated by a check).
 async fn namespace(config: &Config) -> String {
+    #[cfg_attr(not(any(feature = "sqlite", feature = "dynamodb")), allow(unused_variables))]
+    let shown = |ns: std::result::Result<Option<String>, tollgate::store::StoreError>| match ns {
+        Ok(Some(ns)) if ns.is_empty() => "(empty: the store was made before namespaces)".to_owned(),
+        Ok(Some(ns)) => ns,
+        Ok(None) => "drawn when the store is created".to_owned(),
+        Err(e) => format!("unreadable: {e}"),
+    };
     match config.store_of(StoreRole::Usage) {
         StoreSettings::Memory => "drawn by each process (memory store)".to_owned(),
-        StoreSettings::Sqlite { path, .. } if !path.exists() => {
-            format!("drawn when {} is created", path.display())
-        }
-        _ => match Admin::open(config).await {
-            Ok(admin) => match admin.usage_store().identifier_namespace().await {
-                Ok(ns) if ns.is_empty() => "(empty: the store was made before namespaces)".to_owned(),
-                Ok(ns) => ns,
-                Err(e) => format!("unreadable: {e}"),
-            },
-            Err(e) => format!("unreadable: {e}"),
+        #[cfg(feature = "sqlite")]
+        StoreSettings::Sqlite { path, .. } => match tollgate::store::SqliteStore::read_identifier_namespace(path).await
+        {
+            Ok(None) => format!("drawn when {} is created", path.display()),
+            other => shown(other),
         },
+        #[cfg(feature = "dynamodb")]
+        StoreSettings::Dynamodb { table, endpoint } => {
+            use tollgate::store::ExportStore;
+            let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+            shown(store.identifier_namespace().await.map(Some))
+        }
+        other => format!("not read ({other})"),
     }
 }
 
@@ -509,6 +524,29 @@ async fn create_table(config: &Config) -> Result<()> {
     #[cfg(not(feature = "dynamodb"))]
     {
         let _ = tables;
+        Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
+    }
+}
+
+/// Draws the identifier namespace of the usage role's DynamoDB table if it has none.
+async fn init_namespace(config: &Config) -> Result<()> {
+    let StoreSettings::Dynamodb { table, endpoint } = config.store_of(StoreRole::Usage) else {
+        return Err(format!("the usage store is {}, not a DynamoDB table", config.store_of(StoreRole::Usage)).into());
+    };
+    #[cfg(feature = "dynamodb")]
+    {
+        let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+        store.check_table().await?;
+        match store.init_identifier_namespace().await? {
+            (true, ns) => println!("table `{table}`: identifier namespace {ns} drawn"),
+            (false, ns) if ns.is_empty() => unreachable!("a namespace is drawn when the table has none"),
+            (false, ns) => println!("table `{table}` has its identifier namespace: {ns}"),
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "dynamodb"))]
+    {
+        let _ = (table, endpoint);
         Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
     }
 }

@@ -210,6 +210,7 @@ async fn the_command_works_on_dynamodb() {
     let check = ok(d, &["check"]);
     let ns = check.lines().find(|l| l.contains("identifier namespace")).unwrap();
     assert_eq!(ns.rsplit(' ').next().unwrap().len(), 16, "create-table drew one: {check}");
+    assert!(ok(d, &["dynamodb", "init-namespace"]).contains("has its identifier namespace"), "drawn once");
     assert!(ok(d, &["export", "--repair-ttl"]).contains("0 dead letters"), "nothing to mend");
     // On a SQLite file, a clear refusal.
     std::fs::write(d.join("file.toml"), format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}")).unwrap();

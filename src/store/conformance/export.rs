@@ -294,7 +294,10 @@ pub async fn a_deferral_never_sent_clears_the_first_attempt<S: ?Sized + UsageIns
     let t = w + 2 * HOUR;
     let begun = h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap().unwrap();
     assert_eq!(begun.first_attempt_at, Some(t));
-    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 1, t + 60), Deferral::NeverSent).await.unwrap());
+    // Another attempt began since (the count is not the one given): the time is kept.
+    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 1, t + 60), Deferral::NeverSent(0)).await.unwrap());
+    assert_eq!(h.s().usage(&read.key).await.unwrap().unwrap().first_attempt_at, Some(t));
+    assert!(h.s().defer_export(&read, &ExportClaim::new(1, t + 1, t + 60), Deferral::NeverSent(1)).await.unwrap());
     let stored = h.s().usage(&read.key).await.unwrap().unwrap();
     assert_eq!((stored.first_attempt_at, stored.unknown_failures, stored.attempts), (None, 0, 1));
     h.restart().await;
@@ -327,4 +330,35 @@ pub async fn an_aggregate_is_listed_once_billable_usage_is_added<S: ?Sized + Usa
     // And stays a candidate when usage that is not billable follows.
     h.s().commit_usage(&batch("f4", vec![free(2)])).await.unwrap();
     assert_eq!(pending_keys(h.s(), w + HOUR).await.len(), 2);
+    // Exported whole: no longer a candidate; usage that is not billable after that is not
+    // listed (in every store alike), billable usage is.
+    let f = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().into_iter().find(|a| a.key.tenant.as_str() == "f");
+    let t = w + 2 * HOUR;
+    let begun = h.s().begin_export(&f.unwrap(), &ExportClaim::new(1, t, t + 300), &sent(10)).await.unwrap().unwrap();
+    assert!(h.s().finish_export(&begun).await.unwrap());
+    h.s().commit_usage(&batch("f5", vec![free(3)])).await.unwrap();
+    h.restart().await;
+    assert_eq!(pending_keys(h.s(), w + HOUR).await.len(), 1, "only p's");
+    h.s().commit_usage(&batch("f6", vec![rec("f", "requests", w, 1)])).await.unwrap();
+    let listed = h.s().pending_exports(w + HOUR, None, 10).await.unwrap();
+    let f = listed.iter().find(|a| a.key.tenant.as_str() == "f").expect("a candidate again");
+    assert_eq!((f.quantity, f.exported), (14, 10));
+}
+
+/// Dead letters outlive the store's retention: kept until requeued or confirmed, never dropped
+/// unseen with the windows of their age.
+pub async fn dead_letters_outlive_the_retention<S: ?Sized + UsageInspect>(h: &mut StoreUnderTest<S>) {
+    let w = DAY0 + 10 * HOUR;
+    h.s().commit_usage(&batch("f1", vec![rec("a", "requests", w, 5), rec("b", "requests", w, 2)])).await.unwrap();
+    let read = h.s().pending_exports(w + HOUR, None, 10).await.unwrap();
+    let a = read.iter().find(|x| x.key.tenant.as_str() == "a").unwrap();
+    h.s().dead_letter(a, "no customer: …").await.unwrap();
+    // 40 days on: the windows of that age are pruned, the letter stays.
+    for day in [36, 40] {
+        let later = batch(&format!("f{day}"), vec![rec("c", "requests", w + day * 86_400, 1)]);
+        h.s().commit_usage(&later).await.unwrap();
+    }
+    h.restart().await;
+    let dead = h.s().dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.iter().map(|d| (d.key.tenant.as_str(), d.units)).collect::<Vec<_>>(), [("a", 5)]);
 }

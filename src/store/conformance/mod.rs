@@ -75,6 +75,7 @@ macro_rules! store_conformance {
             the_identifier_namespace_is_kept_and_changed_only_over_what_was_read,
             a_deferral_never_sent_clears_the_first_attempt,
             an_aggregate_is_listed_once_billable_usage_is_added,
+            dead_letters_outlive_the_retention,
         );
     };
     (@role directory, $make:expr) => {

@@ -59,21 +59,37 @@ impl ExportStore for DynamoStore {
         claim: &ExportClaim,
         deferral: Deferral,
     ) -> Result<bool, StoreError> {
-        let forget = if deferral == Deferral::NeverSent { " REMOVE first_attempt_at" } else { "" };
         let out = self
             .claim_aggregate(aggregate_, claim, "attribute_exists(in_flight)")
-            .update_expression(format!(
+            .update_expression(
                 "SET claim_node = :node, claim_until = :until, \
-                 unknown_failures = if_not_exists(unknown_failures, :zero) + :u{forget}"
-            ))
+                 unknown_failures = if_not_exists(unknown_failures, :zero) + :u",
+            )
             .expression_attribute_values(":u", n(u32::from(deferral == Deferral::Unknown)))
             .send()
             .await;
         match out {
-            Ok(_) => Ok(true),
-            Err(e) if is_ccf(&e) => Ok(false),
-            Err(e) => Err(sdk(e)),
+            Ok(_) => {}
+            Err(e) if is_ccf(&e) => return Ok(false),
+            Err(e) => return Err(sdk(e)),
         }
+        if let Deferral::NeverSent(attempts) = deferral {
+            // Only if no attempt began since (one that may have been taken keeps the time).
+            let forgot = self
+                .update_aggregate(&aggregate_.key)
+                .condition_expression("attempts = :n AND claim_node = :node")
+                .update_expression("REMOVE first_attempt_at")
+                .expression_attribute_values(":n", n(attempts))
+                .expression_attribute_values(":node", s(hex_node(claim.node)))
+                .send()
+                .await;
+            if let Err(e) = forgot {
+                if !is_ccf(&e) {
+                    return Err(sdk(e));
+                }
+            }
+        }
+        Ok(true)
     }
 
     async fn finish_export(&self, aggregate_: &UsageAggregate) -> Result<bool, StoreError> {
@@ -91,11 +107,12 @@ impl ExportStore for DynamoStore {
             .update_expression(
                 "SET exported = in_flight, revision = if_not_exists(revision, :zero) + :one, attempts = :zero, \
                  unknown_failures = :zero, #ttl = :ttl \
-                 REMOVE in_flight, send, first_attempt_at, claim_node, claim_until, dead, dpk, dsk",
+                 REMOVE in_flight, send, first_attempt_at, claim_node, claim_until, dead, dpk, dsk, dead_ttl",
             )
-            // A dead letter confirmed by hand gets the exported aggregates' TTL back.
+            // A dead letter confirmed by hand is a window again: waiting while usage is left,
+            // the exported TTL once all is (below).
             .expression_attribute_names("#ttl", "ttl")
-            .expression_attribute_values(":ttl", n(exported_ttl(key.window_start)))
+            .expression_attribute_values(":ttl", n(waiting_ttl(key.window_start)))
             .expression_attribute_values(":rev", n(aggregate_.revision))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
@@ -114,7 +131,9 @@ impl ExportStore for DynamoStore {
             .key("pk", s(pk))
             .key("sk", s(sk))
             .condition_expression("quantity = exported AND attribute_not_exists(in_flight)")
-            .update_expression("REMOVE gpk, gsk")
+            .update_expression("REMOVE gpk, gsk SET #ttl = :ttl")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":ttl", n(exported_ttl(key.window_start)))
             .send()
             .await;
         // Best effort: the export is recorded; an aggregate left in the index is skipped by
@@ -135,7 +154,7 @@ impl ExportStore for DynamoStore {
                 "attribute_exists(pk) AND (revision = :rev OR (attribute_not_exists(revision) AND :rev = :zero))",
             )
             // Kept until requeued or confirmed: never expired by the TTL.
-            .update_expression("SET dead = :r, dpk = :d, dsk = :k, #ttl = :ttl")
+            .update_expression("SET dead = :r, dpk = :d, dsk = :k, #ttl = :ttl, dead_ttl = :ttl")
             .expression_attribute_names("#ttl", "ttl")
             .expression_attribute_values(":ttl", n(dead_letter_ttl(key.window_start)))
             .expression_attribute_values(":rev", n(aggregate_.revision))
@@ -172,12 +191,14 @@ impl ExportStore for DynamoStore {
             .update_aggregate(key)
             .condition_expression("attribute_exists(dead)")
             .update_expression(
-                "REMOVE dead, dpk, dsk, in_flight, send, first_attempt_at, claim_node, claim_until \
+                "REMOVE dead, dpk, dsk, dead_ttl, in_flight, send, first_attempt_at, claim_node, claim_until \
                  SET gpk = :g, gsk = :k, attempts = :zero, unknown_failures = :zero, \
                  revision = if_not_exists(revision, :zero) + :one, #ttl = :ttl",
             )
+            // Waiting for export again, for at least two weeks from now (an old letter's window
+            // may be long past its 49 days).
             .expression_attribute_names("#ttl", "ttl")
-            .expression_attribute_values(":ttl", n(waiting_ttl(key.window_start)))
+            .expression_attribute_values(":ttl", n(waiting_ttl(key.window_start).max(unix_now() + 14 * 86_400)))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
             .expression_attribute_values(":g", s("PENDING"))
@@ -243,18 +264,22 @@ impl DynamoStore {
         loop {
             let page =
                 self.index_items("gsi2", ("dpk", "DEAD"), ("dsk", after.as_ref().map(usage_gsk)), 100, |q| q).await?;
-            let Some(last) = page.last().and_then(aggregate) else { break };
-            after = Some(last.key);
-            for item in &page {
-                let Some(a) = aggregate(item) else { continue };
-                let want = dead_letter_ttl(a.key.window_start);
-                if get_i(item, "ttl") == Some(want) {
+            if page.is_empty() {
+                break;
+            }
+            let keys: Vec<ExportKey> = page.iter().filter_map(aggregate).map(|a| a.key).collect();
+            // The cursor: the last readable item (an unreadable one is passed over, not an end).
+            let Some(last) = keys.last().cloned() else { break };
+            after = Some(last);
+            for (item, key) in page.iter().filter_map(|i| aggregate(i).map(|a| (i, a.key))) {
+                let want = dead_letter_ttl(key.window_start);
+                if get_i(item, "ttl") == Some(want) && get_i(item, "dead_ttl") == Some(want) {
                     continue;
                 }
                 let out = self
-                    .update_aggregate(&a.key)
+                    .update_aggregate(&key)
                     .condition_expression("attribute_exists(dead)")
-                    .update_expression("SET #ttl = :ttl")
+                    .update_expression("SET #ttl = :ttl, dead_ttl = :ttl")
                     .expression_attribute_names("#ttl", "ttl")
                     .expression_attribute_values(":ttl", n(want))
                     .send()

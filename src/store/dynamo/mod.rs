@@ -250,8 +250,11 @@ fn usage_update(table: &str, r: &UsageRecord) -> Result<Update, StoreError> {
     let key = ExportKey::new(r.tenant.clone(), r.meter.clone(), r.window_start);
     // An aggregate is an export candidate (in the export index) once billable usage was added.
     let expression = if r.billable {
-        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, gpk = :g, gsk = :k, #ttl = if_not_exists(#ttl, :ttl)"
+        // Waiting for export: kept 49 days (a dead letter keeps its own, `dead_ttl`).
+        "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, gpk = :g, gsk = :k, \
+         #ttl = if_not_exists(dead_ttl, :ttl)"
     } else {
+        // Not billable: the first commit's TTL (35 days) or whatever it has since.
         "ADD quantity :q SET tenant = :t, meter = :m, #w = :w, #ttl = if_not_exists(#ttl, :ttl)"
     };
     let update = Update::builder()
@@ -265,8 +268,10 @@ fn usage_update(table: &str, r: &UsageRecord) -> Result<Update, StoreError> {
         .expression_attribute_values(":t", s(r.tenant.as_str()))
         .expression_attribute_values(":m", s(r.meter.as_str()))
         .expression_attribute_values(":w", n(r.window_start))
-        // Set by the first commit only: a dead letter's extended TTL stays (late usage for it).
-        .expression_attribute_values(":ttl", n(waiting_ttl(r.window_start)));
+        .expression_attribute_values(
+            ":ttl",
+            n(if r.billable { waiting_ttl(r.window_start) } else { exported_ttl(r.window_start) }),
+        );
     let update = if r.billable {
         update.expression_attribute_values(":g", s("PENDING")).expression_attribute_values(":k", s(usage_gsk(&key)))
     } else {
@@ -291,7 +296,8 @@ fn exported_ttl(window_start: i64) -> i64 {
 }
 
 /// The TTL of a dead letter: past any horizon (DynamoDB ignores a TTL so far ahead), so that it
-/// is kept until requeued or confirmed.
+/// is kept until requeued or confirmed. Kept also in `dead_ttl`, which only dead letters carry,
+/// so that late usage committed to one keeps it.
 fn dead_letter_ttl(window_start: i64) -> i64 {
     window_start.saturating_add(100 * 365 * 86_400)
 }

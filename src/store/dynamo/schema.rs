@@ -84,8 +84,27 @@ impl DynamoStore {
             .map_err(sdk)?;
         // A new table draws its meter event identifier namespace; a table made before
         // namespaces has none, and keeps its identifiers until asked to change.
-        self.set_identifier_namespace("", &crate::store::draw_namespace()).await?;
+        self.init_identifier_namespace().await?;
         Ok(())
+    }
+
+    /// Draws the table's meter event identifier namespace if it has none (one conditional
+    /// write): for a table made otherwise than by [`create_table`](Self::create_table)
+    /// (CloudFormation, Terraform), before its first export. Returns whether it drew one, and
+    /// the namespace the table has. On a table that exported under the empty namespace, exports
+    /// in flight keep the identifiers they began with; revisions begun after use the new
+    /// namespace, so every node must run a version that keeps identifiers with the export
+    /// (`tollgate dynamodb init-namespace`).
+    ///
+    /// # Errors
+    /// The service's error.
+    pub async fn init_identifier_namespace(&self) -> Result<(bool, String), StoreError> {
+        use crate::store::ExportStore;
+        let drawn = crate::store::draw_namespace();
+        if self.set_identifier_namespace("", &drawn).await? {
+            return Ok((true, drawn));
+        }
+        Ok((false, self.identifier_namespace().await?))
     }
 }
 

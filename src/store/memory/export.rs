@@ -66,7 +66,8 @@ impl ExportStore for MemoryStore {
                 a.claim = Some((claim.node, claim.until));
                 match deferral {
                     Deferral::Unknown => a.unknown_failures += 1,
-                    Deferral::NeverSent => a.first_attempt_at = None,
+                    Deferral::NeverSent(n) if a.attempts == n => a.first_attempt_at = None,
+                    Deferral::NeverSent(_) => {}
                     Deferral::Failed => {}
                 }
                 Ok(true)
@@ -80,6 +81,10 @@ impl ExportStore for MemoryStore {
         match inner.usage.get_mut(&aggregate.key) {
             Some(a) if a.revision == aggregate.revision && a.in_flight.is_some() => {
                 a.exported = a.in_flight.take().unwrap_or(a.exported);
+                // All exported: no longer a candidate until billable usage comes again.
+                if a.exported >= a.quantity {
+                    a.billable = false;
+                }
                 a.send = None;
                 a.dead = None;
                 a.revision += 1;

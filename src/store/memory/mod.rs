@@ -28,7 +28,8 @@ mod usage;
 /// long as the process; a fleet of nodes needs a shared store instead.
 ///
 /// Memory stays bounded: old quota periods are dropped when a new one is reserved, aggregates
-/// (exported or not) 35 days after their window (unexported ones with a warning), and only the
+/// (exported or not) 35 days after their window (unexported ones with a warning; dead letters
+/// are kept until requeued or confirmed), and only the
 /// last 65,536 flush ids are kept. Export listings walk an index of the windows not yet
 /// exported (and one of the dead letters), and a tenant's usage its own windows only, so the
 /// 35 days of exported windows kept cost memory, not time under the store's lock.
@@ -140,15 +141,16 @@ impl Inner {
         self.pruned_at = self.newest_window;
         let horizon = self.newest_window - RETENTION_SECS;
         let mut unexported = 0u64;
+        // Dead letters are kept until requeued or confirmed: never dropped unseen.
         self.usage.retain(|k, a| {
-            let keep = k.window_start >= horizon;
-            if !keep && a.dead.is_none() && a.billable {
+            let keep = k.window_start >= horizon || a.dead.is_some();
+            if !keep && a.billable {
                 unexported += a.quantity - a.exported;
             }
             keep
         });
-        self.pending.retain(|k| k.window_start >= horizon);
-        self.parked.retain(|k| k.window_start >= horizon);
+        let usage = &self.usage;
+        self.pending.retain(|k| usage.contains_key(k));
         if unexported > 0 {
             tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
         }

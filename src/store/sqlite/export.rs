@@ -89,7 +89,7 @@ impl ExportStore for SqliteStore {
             }
             tx.prepare_cached(
                 "UPDATE usage SET claim_node = ?4, claim_until = ?5, unknown_failures = unknown_failures + ?6, \
-                 first_attempt_at = CASE WHEN ?7 THEN NULL ELSE first_attempt_at END \
+                 first_attempt_at = CASE WHEN attempts = ?7 THEN NULL ELSE first_attempt_at END \
                  WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
             .execute(params![
@@ -99,7 +99,11 @@ impl ExportStore for SqliteStore {
                 node_int(claim.node),
                 claim.until,
                 i64::from(deferral == Deferral::Unknown),
-                deferral == Deferral::NeverSent
+                // -1: never equal to a count of attempts.
+                match deferral {
+                    Deferral::NeverSent(n) => i64::from(n),
+                    _ => -1,
+                }
             ])?;
             Ok(true)
         })
@@ -112,6 +116,7 @@ impl ExportStore for SqliteStore {
             let changed = tx
                 .prepare_cached(
                     "UPDATE usage SET exported = in_flight, in_flight = NULL, send = NULL, dead = NULL, \
+                     billable = CASE WHEN quantity <= in_flight THEN 0 ELSE billable END, \
                      revision = revision + 1, attempts = 0, unknown_failures = 0, first_attempt_at = NULL, claim_node = NULL, \
                      claim_until = NULL WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3 AND revision = ?4 \
                      AND in_flight IS NOT NULL",

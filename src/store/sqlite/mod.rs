@@ -192,6 +192,38 @@ impl SqliteStore {
         Self::open_with(path, Synchronous::Full).await
     }
 
+    /// The identifier namespace of the file at `path`, read without changing anything (no
+    /// migration, no file made): what `tollgate check` shows. `None` when there is no file;
+    /// the empty namespace for a file made before namespaces.
+    ///
+    /// # Errors
+    /// The file cannot be read, or is not a tollgate database.
+    pub async fn read_identifier_namespace(path: impl Into<PathBuf>) -> Result<Option<String>, StoreError> {
+        let path = path.into();
+        tokio::task::spawn_blocking(move || {
+            if !path.exists() {
+                return Ok(None);
+            }
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let db = Connection::open_with_flags(&path, flags).map_err(|e| unusable(&path, e))?;
+            let id: i32 = db.query_row("PRAGMA application_id", [], |r| r.get(0)).map_err(|e| unusable(&path, e))?;
+            if id != schema::APPLICATION_ID {
+                return Err(unusable(&path, "not a tollgate database"));
+            }
+            let version: i32 = db.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
+            if version < 6 {
+                return Ok(Some(String::new()));
+            }
+            let ns: Option<String> = db
+                .query_row("SELECT value FROM meta WHERE key = 'namespace'", [], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            Ok(Some(ns.unwrap_or_default()))
+        })
+        .await
+        .map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+
     /// Opens (or creates) the database at `path` with the given `synchronous` setting.
     ///
     /// # Errors
@@ -410,18 +442,16 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     let wall = unix_now();
     let horizon = newest_window.min(wall).saturating_sub(RETENTION_SECS);
     // total(), not sum(): a sum of saturated aggregates must not fail (sum() raises on overflow).
-    let (unexported, dead): (f64, i64) = tx.query_row(
-        "SELECT total(CASE WHEN dead IS NULL AND billable = 1 THEN quantity - exported END), \
-                count(dead) FROM usage WHERE window_start < ?1",
+    // Dead letters are kept until requeued or confirmed: never dropped unseen.
+    let unexported: f64 = tx.query_row(
+        "SELECT total(CASE WHEN billable = 1 THEN quantity - exported END) FROM usage \
+         WHERE window_start < ?1 AND dead IS NULL",
         [horizon],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        |r| r.get(0),
     )?;
-    let dropped = tx.execute("DELETE FROM usage WHERE window_start < ?1", [horizon])?;
+    let dropped = tx.execute("DELETE FROM usage WHERE window_start < ?1 AND dead IS NULL", [horizon])?;
     if unexported > 0.0 {
         tracing::warn!(units = unexported, "usage older than 35 days was never exported and is dropped");
-    }
-    if dead > 0 {
-        tracing::warn!(aggregates = dead, "dead letters older than 35 days are dropped (no billing system takes them)");
     }
     // Counters of periods that ended before the horizon: never a current one, since the
     // horizon is at least 35 days before the wall clock.

@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 6;
+pub(super) const SCHEMA_VERSION: i32 = 7;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -115,13 +115,16 @@ CREATE TABLE idempotency_bytes (
 );
 ",
     // The identifier namespace is written only in a new file (see `migrate`): a file made
-    // before has none, and keeps its identifiers until asked to change. Aggregates are export
-    // candidates once billable usage was added (every row before was).
+    // before has none, and keeps its identifiers until asked to change.
     r"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+",
+    // Aggregates are export candidates while billable usage is unexported (every row before
+    // was one).
+    r"
 ALTER TABLE usage ADD COLUMN billable INTEGER NOT NULL DEFAULT 1;
 DROP INDEX usage_pending;
 CREATE INDEX usage_pending ON usage (tenant, meter, window_start)
