@@ -120,6 +120,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var("TOLLGATE_STORE").as_deref() != Ok("dynamodb") {
         println!("  store:   {store} (usage flushed every {:?})", config.usage().flush_interval);
     }
+    let destination = match config.stripe() {
+        None => usage_file.display().to_string(),
+        Some(_) => "Stripe".to_owned(),
+    };
     let sink = match sink(&config, &usage_file) {
         Ok(sink) => sink,
         Err(e) => {
@@ -184,11 +188,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stats = tollgate.stats();
     println!(
         "stopped: flushed {} units in {} batches; exported {} events ({} units) to {}",
-        stats.flushed_units,
-        stats.flushes,
-        stats.exported_events,
-        stats.exported_units,
-        usage_file.display()
+        stats.flushed_units, stats.flushes, stats.exported_events, stats.exported_units, destination
     );
     let _ = report;
     Ok(())

@@ -300,6 +300,16 @@ impl Admin {
 
     /// [`AdminError::CustomerHeld`] if a tenant other than `tenant` holds `customer`.
     async fn refuse_held(&self, customer: &str, tenant: &TenantId) -> Result<(), AdminError> {
+        // A tenant of the configuration file holds it (its webhooks answer `file_tenant`).
+        if let Some(config) = &self.config {
+            if let Some(t) = config.tenants().iter().find(|t| t.stripe_customer() == Some(customer) && t.id() != tenant)
+            {
+                return Err(AdminError::CustomerHeld {
+                    customer: customer.to_owned(),
+                    holder: format!("{} (in the configuration file)", t.id()),
+                });
+            }
+        }
         match self.directory.tenant_by_customer(customer).await? {
             Some(holder) if &holder.id != tenant => {
                 Err(AdminError::CustomerHeld { customer: customer.to_owned(), holder: holder.id.to_string() })

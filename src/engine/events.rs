@@ -267,29 +267,27 @@ impl EventRecorder {
         // Only events whose write failed ambiguously are held: a few, while the store is in
         // trouble.
         let held = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build();
+        // Expired, or evicted past the bound (the least recently reserved first), unrecorded:
+        // the units stay spent. The event may have been recorded by another process (a queue's
+        // consumer), which charged it there: giving them back could pass the limit. A job that
+        // abandons its work releases them (`release_event`).
         let reserved = moka::sync::Cache::builder()
             .max_capacity(RESERVATIONS_MAX)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .expire_after(HoldFor)
-            // Expired, or evicted past the bound, unrecorded: the units go back. Taken out by
-            // the event's record (an explicit removal), they are the event's.
-            .eviction_listener(|_id, r: Arc<Reserved>, cause| {
-                if cause != moka::notification::RemovalCause::Explicit {
-                    r.give_back();
-                }
-            })
             .build();
         Self { held, reserved, stores, metrics, totals }
     }
 
-    /// Holds the units of a reservation under the event's `id` until it is recorded, or its
-    /// hold ends. A reservation already held for the id is replaced (its units go back).
-    pub(crate) fn reserve(&self, id: String, reserved: Reserved) {
-        self.reserved.insert(id, Arc::new(reserved));
+    /// Holds the units of a reservation under the event's `id` until it is recorded,
+    /// released, or its hold ends.
+    pub(crate) fn reserve(&self, id: String, reserved: Arc<Reserved>) {
+        self.reserved.insert(id, reserved);
         self.reserved.run_pending_tasks();
     }
 
-    /// Gives back the units of reservations whose hold ended (run by the sweep and at each
-    /// reservation).
+    /// Drops the reservations whose hold ended (their units stay spent); run by the sweep and
+    /// at each reservation.
     pub(crate) fn sweep(&self) {
         self.reserved.run_pending_tasks();
     }
@@ -385,8 +383,8 @@ impl EventRecorder {
     }
 }
 
-/// The most reservations held at once on a node (past it, the oldest go and give their units
-/// back: bounded, whatever jobs ask).
+/// The most reservations held at once on a node (past it, the least recently reserved go, their
+/// units spent: bounded, whatever jobs ask).
 const RESERVATIONS_MAX: u64 = 100_000;
 
 /// Quota units reserved for an event's work, until it is recorded or its hold ends.
@@ -397,6 +395,8 @@ pub(crate) struct Reserved {
     pub(crate) tag: Option<Taken>,
     pub(crate) taken_at: i64,
     pub(crate) hold: Duration,
+    /// The quota period the units were taken in (`None`: the meter has no quota).
+    pub(crate) period: Option<(i64, i64)>,
 }
 
 impl Reserved {
@@ -416,6 +416,16 @@ struct HoldFor;
 
 impl moka::Expiry<String, Arc<Reserved>> for HoldFor {
     fn expire_after_create(&self, _: &String, r: &Arc<Reserved>, _: std::time::Instant) -> Option<Duration> {
+        Some(r.hold)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        r: &Arc<Reserved>,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
         Some(r.hold)
     }
 }

@@ -340,7 +340,15 @@ impl Exporter {
                                 let reason = "no customer: its tenant's plan is billed but the tenant had no \
                                               billing customer within the 35 days the billing system takes: \
                                               bill it by hand (an invoice item), then confirm it";
-                                pass.park(&agg, reason, &mut report).await?;
+                                // Begun (what it would send fixed, no customer) so that it can be
+                                // confirmed once billed by hand.
+                                let planned = plan_send(&rt, &agg, now, None, &pass.namespace);
+                                let until = now + settings.claim.as_secs() as i64;
+                                let claim = ExportClaim::new(self.deps.ids.node(), now, until);
+                                let usage = &self.deps.stores.roles.usage;
+                                if let Some(begun) = usage.begin_export(&agg, &claim, &planned).await? {
+                                    pass.park(&begun, reason, &mut report).await?;
+                                }
                             } else {
                                 report.awaiting_customer += 1;
                                 Totals::add(&self.deps.totals.waiting_windows, 1);
@@ -517,9 +525,22 @@ impl Pass {
                 self.park(&agg, &format!("refused: {reason}"), report).await?;
                 Ok(true)
             }
-            Err(SinkError::AlreadyHeld(message)) if !self.namespace.is_empty() => {
-                // Only this store's namespace sends this identifier: this revision's, sent
-                // before (a re-send after Stripe forgot its idempotency key, a restored backup).
+            Err(SinkError::AlreadyHeld(message))
+                if !first_attempt
+                    && !self.namespace.is_empty()
+                    && event.identifier
+                        == identifier_in(
+                            &self.namespace,
+                            &agg.key.tenant,
+                            &agg.key.meter,
+                            agg.key.window_start,
+                            agg.revision,
+                        ) =>
+            {
+                // Only this store sends identifiers of its namespace, and an earlier attempt of
+                // this very send (its parameters fixed then) may have reached the billing
+                // system: it is this revision's, delivered (a re-send after Stripe forgot its
+                // idempotency key).
                 tracing::info!(%message, identifier = %event.identifier,
                     "the billing system already holds the meter event: marked exported");
                 if store.finish_export(&agg).await? {
@@ -532,9 +553,12 @@ impl Pass {
                 Ok(true)
             }
             Err(SinkError::AlreadyHeld(message)) => {
+                // A first attempt (a restored backup or a copy of the store, whose value may
+                // differ from what was sent), or an identifier of the empty namespace (another
+                // deployment may share it): what the billing system holds proves nothing of it.
                 let reason = format!(
                     "unsettled: the billing system already holds an event under its identifier ({message}), \
-                     and in the empty namespace another deployment may have sent it: reconcile before \
+                     sent by an earlier copy of this store or another deployment: reconcile before \
                      confirming or requeueing"
                 );
                 self.park(&agg, &reason, report).await?;

@@ -1,7 +1,10 @@
 //! Recording usage events: each event checked, its tenant found, its units taken from the
 //! quota of its own period, then the batch written once by the event recorder.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use super::{
     engine::OwnedCredential,
@@ -44,10 +47,15 @@ impl Tollgate {
     /// Reserves the units of work not done yet, before doing it: the event's units are taken
     /// from the tenant's hard quota of its period as a request's are, and refused with
     /// [`EventError::QuotaExceeded`] when they are not there (do not do the work). They are held
-    /// for `hold` (at most a day): recording the event (the same id, meter and quantity, once
-    /// the work is done) takes them rather than new ones; not recorded in time, they go back.
-    /// Reserving an id again holds it again (its earlier units go back first). Nothing is
-    /// written to the store until the event is recorded.
+    /// on this engine for `hold` (at most a day): recording the event through this engine (the
+    /// same id, meter, quantity and quota period, once the work is done) takes them rather than
+    /// new ones, for good. [`release_event`](Self::release_event) gives them back when the work
+    /// is abandoned. Neither recorded here nor released within the hold, they stay spent: the
+    /// event may have been recorded by another process (a queue's consumer), which charged it
+    /// there, so giving them back could pass the limit (the quota under-admits by them
+    /// instead). Reserving the same work again holds it again from now; other work under the
+    /// same id gives the earlier units back first. Nothing is written to the store until the
+    /// event is recorded.
     ///
     /// ```no_run
     /// # async fn job(engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
@@ -68,13 +76,46 @@ impl Tollgate {
         let now = self.shared.clock.unix_secs();
         let hold = hold.min(Duration::from_secs(86_400));
         let (state, meter, at) = self.check_event(&rt, event, now, rt.config.usage.store_timeout).await?;
+        if event.quantity == 0 {
+            return Ok(());
+        }
         let id = format!("{}\u{1f}{}", state.id, event.id);
+        let period = Self::period_of(&state, meter, at);
+        if let Some(held) = self.shared.events.take_reserved(&id) {
+            if held.quantity == event.quantity && held.meter == meter && held.period == period {
+                // The same work reserved again: held again, for `hold` from now.
+                let again = Reserved { state: held.state.clone(), tag: held.tag, hold, ..*held };
+                self.shared.events.reserve(id, Arc::new(again));
+                return Ok(());
+            }
+            held.give_back();
+        }
         let tag = self
             .take_for_event(&rt, &state, meter, event.quantity, at, now, rt.config.usage.store_timeout, For::Reserve)
             .await?;
-        let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold };
-        self.shared.events.reserve(id, reserved);
+        let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold, period };
+        self.shared.events.reserve(id, Arc::new(reserved));
         Ok(())
+    }
+
+    /// Gives back the units [`reserve_event`](Self::reserve_event) holds for `event`, when its
+    /// work is abandoned. Returns whether there were any. A reservation neither recorded nor
+    /// released keeps its units spent once its hold ends (the event may have been recorded by
+    /// another process, which charged it there).
+    pub async fn release_event(&self, event: &Event) -> bool {
+        let id = format!("{}\u{1f}{}", event.tenant, event.id);
+        match self.shared.events.take_reserved(&id) {
+            Some(r) => {
+                r.give_back();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The bounds of the quota period of `meter` holding `at`, if the meter has a quota.
+    fn period_of(state: &Tenant, meter: usize, at: i64) -> Option<(i64, i64)> {
+        state.quota(meter).map(|cell| cell.spec.period().bounds(at))
     }
 
     /// Records usage events in one store call, each at most once per id, and returns one
@@ -197,7 +238,11 @@ impl Tollgate {
                 // The units reserved for this work are the event's, for good: even if the event
                 // turns out a duplicate (recorded on another node first, which charged it), they
                 // are not given back, so a hard quota is never passed through reservations.
-                Some(r) if r.quantity == e.quantity && r.state.plan.meters.ids[r.meter] == e.meter => {
+                Some(r)
+                    if r.quantity == e.quantity
+                        && r.state.plan.meters.ids.get(r.meter) == Some(&e.meter)
+                        && r.period == Self::period_of(&state, meter, at) =>
+                {
                     (state, meter, r.tag.map(|_| Taken::Held))
                 }
                 other => {
@@ -353,8 +398,11 @@ impl Tollgate {
         match taken {
             Ok(Some(tag)) => Ok(Some(Taken::Lease(tag))),
             Ok(None) if state.plan.shadow => {
-                // Shadow mode: taken past the limit (owed to the store), the refusal counted.
-                self.would_refuse(&Self::shadow_quota(state, meter));
+                // Shadow mode: taken past the limit (owed to the store); a reservation's refusal
+                // counted (work done is never refused).
+                if purpose == For::Reserve {
+                    self.would_refuse(&Self::shadow_quota(state, meter));
+                }
                 Ok(Some(cell.force_take(quantity, now).map_or(Taken::Unleased, Taken::Lease)))
             }
             Ok(None) if purpose == For::Work => Ok(past_limit()),

@@ -558,3 +558,60 @@ async fn a_batch_is_never_retried_after_the_store_may_have_forgotten_its_id() {
     assert_eq!(h.tollgate.stats().dropped_units, 5);
     assert_eq!(common::committed(&*faulty, "t0", "requests", NOON - 3600, NOON + 3600, 3600).await, 5, "counted once");
 }
+
+/// A sink whose first answer is lost (the call may have been taken) and whose second says the
+/// billing system holds the identifier already: the answer Stripe gives a re-send once it
+/// forgot the idempotency key.
+#[derive(Debug, Default)]
+struct HeldAfterALostAnswer {
+    calls: std::sync::atomic::AtomicU32,
+    identifiers: Mutex<Vec<String>>,
+}
+
+#[derive(Debug)]
+struct HeldSink(Arc<HeldAfterALostAnswer>);
+
+#[async_trait]
+impl BillingSink for HeldSink {
+    async fn send(&self, e: &MeterEvent) -> Result<(), SinkError> {
+        self.0.identifiers.lock().unwrap().push(e.identifier.clone());
+        match self.0.calls.fetch_add(1, Ordering::SeqCst) {
+            0 => Err(SinkError::Unknown("the answer was lost".into())),
+            _ => Err(SinkError::AlreadyHeld(format!("An event already exists with identifier {}.", e.identifier))),
+        }
+    }
+}
+
+/// "Already exists" answered to a re-send of a revision an earlier attempt of which may have
+/// reached the billing system, in a store with a namespace: that attempt's, delivered, marked
+/// exported under the same identifier. Answered to a first attempt (a copy of the store, a
+/// restored backup), it is parked for reconciliation (tests/billing/stripe.rs).
+#[tokio::test]
+async fn already_held_after_an_attempt_that_may_have_reached_is_delivered() {
+    let sink = Arc::new(HeldAfterALostAnswer::default());
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let config = Config::from_toml_str(&tenants_config(1, "[usage]\nwindow = \"1h\"\ngrace = \"1m\"\n")).unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let (engine, _worker) =
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock).billing_sink(HeldSink(sink.clone())).build();
+    let t0 = tollgate::config::TenantId::from("t0");
+    engine
+        .record_event(tollgate::events::Event::new(
+            "e1",
+            t0,
+            "requests".into(),
+            3,
+            std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(NOON as u64),
+        ))
+        .await
+        .unwrap();
+    handle.set_unix(NOON + 2 * 3600);
+    let first = engine.export().await.unwrap();
+    assert_eq!((first.events, first.retries), (0, 1), "{first:?}");
+    handle.set_unix(NOON + 4 * 3600);
+    let second = engine.export().await.unwrap();
+    assert_eq!((second.events, second.units, second.dead_letters), (1, 3, 0), "{second:?}");
+    let ids = sink.identifiers.lock().unwrap().clone();
+    assert!(ids.len() == 2 && ids[0] == ids[1], "the same identifier: {ids:?}");
+    assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+}

@@ -539,7 +539,9 @@ async fn init_namespace(config: &Config) -> Result<()> {
         store.check_table().await?;
         match store.init_identifier_namespace().await? {
             (true, ns) => println!("table `{table}`: identifier namespace {ns} drawn"),
-            (false, ns) if ns.is_empty() => unreachable!("a namespace is drawn when the table has none"),
+            (false, ns) if ns.is_empty() => {
+                return Err(format!("table `{table}` holds a namespace item without a value: mend or delete it").into())
+            }
             (false, ns) => println!("table `{table}` has its identifier namespace: {ns}"),
         }
         Ok(())
