@@ -502,6 +502,28 @@ impl Pass {
         let event = meter_event(&self.rt, &agg, &send);
         let result = self.sink.send(&event).await;
         let now = shared.clock.unix_secs();
+        // Only this store sends identifiers of its namespace: when an earlier attempt of this
+        // very send (its parameters fixed then) may have reached the billing system, "already
+        // held" is that attempt's, delivered (a re-send after Stripe forgot its idempotency key).
+        let result = match result {
+            Err(SinkError::AlreadyHeld(message))
+                if !first_attempt
+                    && !self.namespace.is_empty()
+                    && event.identifier
+                        == identifier_in(
+                            &self.namespace,
+                            &agg.key.tenant,
+                            &agg.key.meter,
+                            agg.key.window_start,
+                            agg.revision,
+                        ) =>
+            {
+                tracing::info!(%message, identifier = %event.identifier,
+                    "the billing system already holds the meter event: marked exported");
+                Ok(())
+            }
+            other => other,
+        };
         match result {
             Ok(()) => {
                 if store.finish_export(&agg).await? {
@@ -523,33 +545,6 @@ impl Pass {
             }
             Err(SinkError::Permanent(reason)) => {
                 self.park(&agg, &format!("refused: {reason}"), report).await?;
-                Ok(true)
-            }
-            Err(SinkError::AlreadyHeld(message))
-                if !first_attempt
-                    && !self.namespace.is_empty()
-                    && event.identifier
-                        == identifier_in(
-                            &self.namespace,
-                            &agg.key.tenant,
-                            &agg.key.meter,
-                            agg.key.window_start,
-                            agg.revision,
-                        ) =>
-            {
-                // Only this store sends identifiers of its namespace, and an earlier attempt of
-                // this very send (its parameters fixed then) may have reached the billing
-                // system: it is this revision's, delivered (a re-send after Stripe forgot its
-                // idempotency key).
-                tracing::info!(%message, identifier = %event.identifier,
-                    "the billing system already holds the meter event: marked exported");
-                if store.finish_export(&agg).await? {
-                    report.events += 1;
-                    report.units += event.value;
-                    Totals::add(&shared.totals.exported_events, 1);
-                    Totals::add(&shared.totals.exported_units, event.value);
-                    shared.metrics.exported_events.increment(1);
-                }
                 Ok(true)
             }
             Err(SinkError::AlreadyHeld(message)) => {
