@@ -656,12 +656,17 @@ fn closed(rt: &Runtime, key: &ExportKey, now: i64, all: bool) -> bool {
 }
 
 /// What the export of the aggregate's current revision sends if it begins now: up to what is
-/// in flight if an export is (its parameters were lost: a row of an older schema), else up to
-/// the quantity read.
+/// in flight if an export that may have reached the billing system is (its parameters were
+/// lost: a row of an older schema), else up to the quantity read.
 fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<String>, namespace: &str) -> ExportSend {
     let key = &agg.key;
     let window = meter_window(rt, &key.meter);
-    let upto = agg.in_flight.unwrap_or(agg.quantity);
+    // An export in flight that may have reached the billing system keeps what it sends up to;
+    // one nothing of which may have (no first attempt recorded) is planned anew, up to all.
+    let upto = match (agg.in_flight, agg.first_attempt_at) {
+        (Some(f), Some(_)) => f,
+        _ => agg.quantity,
+    };
     let (value, timestamp) = match aggregation(rt, &key.meter) {
         MeterAggregation::Sum => {
             let last_second = key.window_start + window - 1;

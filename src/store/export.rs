@@ -215,11 +215,14 @@ pub trait ExportStore: Send + Sync + fmt::Debug + 'static {
 
     /// Claims the export of revision `aggregate.revision` for `claim.node` until `claim.until`,
     /// if the revision has not moved, it is not dead-lettered and no other node holds an
-    /// unexpired claim; counts the attempt and records when the first began. If no export of
-    /// the revision is in flight, fixes what it exports: `in_flight` becomes
-    /// `aggregate.quantity` (what the caller read) and `send` the parameters given; an export
-    /// already in flight keeps the ones fixed when it began. Returns the aggregate as stored
-    /// after the call, or `None` when the revision moved or another node holds it.
+    /// unexpired claim; counts the attempt and records when the first that may reach the
+    /// billing system began (`first_attempt_at`, if none is recorded). If no export of the
+    /// revision is in flight, or one is but nothing of it may have reached the billing system
+    /// (`first_attempt_at` cleared by a [`Deferral::NeverSent`]), fixes what it exports:
+    /// `in_flight` becomes `aggregate.quantity` (what the caller read) and `send` the
+    /// parameters given; an export in flight that may have reached it keeps the ones fixed
+    /// when it began. Returns the aggregate as stored after the call, or `None` when the
+    /// revision moved or another node holds it.
     async fn begin_export(
         &self,
         aggregate: &UsageAggregate,

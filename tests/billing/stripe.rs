@@ -1150,3 +1150,24 @@ async fn calls_not_taken_after_one_that_may_have_been_keep_the_unconfirmed_count
     assert!(dead[0].reason.starts_with("unconfirmed"), "{}", dead[0].reason);
     assert!(standin.events().is_empty());
 }
+
+/// A `sum` revision begun within the invoice grace, then refused with 429s past it (nothing of
+/// it reached Stripe), is planned anew when it is finally sent: stamped at export time, so it
+/// reaches an open invoice, and with the usage that arrived meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_held_back_by_429s_past_the_invoice_grace_is_stamped_anew() {
+    let Some((_b, store, standin, h)) = on_store(Kind::Memory, None).await else { return };
+    assert_eq!(h.status("/", "key-acme").await, 200);
+    h.tollgate.flush().await.unwrap();
+    standin.fail_customer("cus_acme", Some(429));
+    at(&h.clock, &standin, NOON + 20 * MIN + 1);
+    h.tollgate.export().await.unwrap();
+    late(&*store, "late", "acme", "requests", NOON, 2).await;
+    standin.fail_customer("cus_acme", None);
+    let now = NOON + 3 * HOUR;
+    at(&h.clock, &standin, now);
+    h.tollgate.export().await.unwrap();
+    let sent: Vec<(i64, i64)> = standin.events().iter().map(|e| (e.value, e.timestamp)).collect();
+    assert_eq!(sent, [(3, now)], "one event, stamped at export time, with the late usage");
+    assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+}

@@ -2,7 +2,7 @@
 //! letters and requeue.
 
 use super::*;
-use crate::store::{CommitOutcome, DeadLetter, Deferral, ExportClaim, UsageInspect};
+use crate::store::{CommitOutcome, DeadLetter, Deferral, ExportClaim, ExportSend, UsageInspect};
 
 pub(super) async fn pending_keys<S: ?Sized + UsageInspect>(s: &S, before: i64) -> Vec<ExportKey> {
     s.pending_exports(before, None, 1000).await.unwrap().into_iter().map(|a| a.key).collect()
@@ -361,4 +361,31 @@ pub async fn dead_letters_outlive_the_retention<S: ?Sized + UsageInspect>(h: &mu
     h.restart().await;
     let dead = h.s().dead_letters(None, 10).await.unwrap();
     assert_eq!(dead.iter().map(|d| (d.key.tenant.as_str(), d.units)).collect::<Vec<_>>(), [("a", 5)]);
+}
+
+/// An export nothing of which may have reached the billing system (its `first_attempt_at`
+/// cleared by a never-sent deferral) is fixed anew at its next begin: what it sends up to, and
+/// its parameters (a late stamp, more usage). One that may have reached it keeps them.
+pub async fn an_export_never_sent_is_fixed_anew_at_its_next_begin<S: ?Sized + UsageInspect>(h: &mut StoreUnderTest<S>) {
+    let w = DAY0 + 10 * HOUR;
+    h.s().commit_usage(&batch("f1", vec![rec("a", "requests", w, 5)])).await.unwrap();
+    let read = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().remove(0);
+    let t = w + 2 * HOUR;
+    let begun = h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap().unwrap();
+    assert!(h.s().defer_export(&begun, &ExportClaim::new(1, t, t + 60), Deferral::NeverSent(1)).await.unwrap());
+    h.s().commit_usage(&batch("f2", vec![rec("a", "requests", w, 2)])).await.unwrap();
+    h.restart().await;
+    let read = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().remove(0);
+    let restamped = ExportSend::new(7, t + 7200, Some("cus_a".into()), "api_requests");
+    let again = h.s().begin_export(&read, &ExportClaim::new(1, t + 7200, t + 7500), &restamped).await.unwrap().unwrap();
+    assert_eq!(
+        (again.in_flight, again.send.clone(), again.first_attempt_at),
+        (Some(7), Some(restamped.clone()), Some(t + 7200))
+    );
+    // This attempt may reach it (a 500): a later begin keeps what it fixed.
+    assert!(h.s().defer_export(&again, &ExportClaim::new(1, t + 7200, t + 7300), Deferral::Failed).await.unwrap());
+    h.s().commit_usage(&batch("f3", vec![rec("a", "requests", w, 1)])).await.unwrap();
+    let read = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().remove(0);
+    let kept = h.s().begin_export(&read, &ExportClaim::new(1, t + 7400, t + 7700), &sent(8)).await.unwrap().unwrap();
+    assert_eq!((kept.in_flight, kept.send, kept.first_attempt_at), (Some(7), Some(restamped), Some(t + 7200)));
 }

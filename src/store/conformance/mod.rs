@@ -76,6 +76,7 @@ macro_rules! store_conformance {
             a_deferral_never_sent_clears_the_first_attempt,
             an_aggregate_is_listed_once_billable_usage_is_added,
             dead_letters_outlive_the_retention,
+            an_export_never_sent_is_fixed_anew_at_its_next_begin,
         );
     };
     (@role directory, $make:expr) => {

@@ -29,13 +29,23 @@ impl ExportStore for DynamoStore {
         claim: &ExportClaim,
         send: &ExportSend,
     ) -> Result<Option<UsageAggregate>, StoreError> {
-        let out = self
-            .claim_aggregate(aggregate_, claim, "attribute_exists(pk)")
-            .update_expression(
-                "SET claim_node = :node, claim_until = :until, attempts = if_not_exists(attempts, :zero) + :one, \
-                 first_attempt_at = if_not_exists(first_attempt_at, :now), \
-                 in_flight = if_not_exists(in_flight, :q), send = if_not_exists(send, :send)",
+        // An export in flight nothing of which may have reached the billing system (as read:
+        // no first attempt recorded) is fixed anew, on that condition.
+        let anew = aggregate_.in_flight.is_some() && aggregate_.first_attempt_at.is_none();
+        let (exists, fix) = if anew {
+            (
+                "attribute_exists(pk) AND attribute_not_exists(first_attempt_at) AND attribute_exists(in_flight)",
+                "in_flight = :q, send = :send",
             )
+        } else {
+            ("attribute_exists(pk)", "in_flight = if_not_exists(in_flight, :q), send = if_not_exists(send, :send)")
+        };
+        let out = self
+            .claim_aggregate(aggregate_, claim, exists)
+            .update_expression(format!(
+                "SET claim_node = :node, claim_until = :until, attempts = if_not_exists(attempts, :zero) + :one, \
+                 first_attempt_at = if_not_exists(first_attempt_at, :now), {fix}"
+            ))
             // What the caller read: usage only grows, so never more than the stored quantity.
             .expression_attribute_values(":q", n(aggregate_.quantity))
             .expression_attribute_values(":send", s(send.to_json()))

@@ -38,11 +38,13 @@ impl ExportStore for MemoryStore {
                 }
                 a.claim = Some((claim.node, claim.until));
                 a.attempts += 1;
-                a.first_attempt_at.get_or_insert(claim.now);
-                if a.in_flight.is_none() {
+                // Nothing in flight, or nothing of it may have reached the billing system:
+                // fixed (anew).
+                if a.in_flight.is_none() || a.first_attempt_at.is_none() {
                     a.in_flight = Some(aggregate.quantity.min(a.quantity));
                     a.send = Some(send.clone());
                 }
+                a.first_attempt_at.get_or_insert(claim.now);
                 let view = a.view(&aggregate.key);
                 inner.index(&aggregate.key);
                 Ok(Some(view))

@@ -55,10 +55,14 @@ impl ExportStore for SqliteStore {
                 return Ok(None);
             }
             tx.prepare_cached(
+                // Nothing in flight, or nothing of it may have reached the billing system (no
+                // first attempt recorded): fixed (anew). The right-hand sides read the row as it
+                // was.
                 "UPDATE usage SET claim_node = ?4, claim_until = ?5, attempts = attempts + 1, \
                  first_attempt_at = coalesce(first_attempt_at, ?6), \
-                 send = CASE WHEN in_flight IS NULL THEN ?8 ELSE send END, \
-                 in_flight = coalesce(in_flight, min(quantity, ?7)) \
+                 send = CASE WHEN in_flight IS NULL OR first_attempt_at IS NULL THEN ?8 ELSE send END, \
+                 in_flight = CASE WHEN in_flight IS NULL OR first_attempt_at IS NULL THEN min(quantity, ?7) \
+                 ELSE in_flight END \
                  WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
             .execute(params![
