@@ -82,7 +82,8 @@ impl Tollgate {
         let id = format!("{}\u{1f}{}", state.id, event.id);
         let period = Self::period_of(&state, meter, at);
         if let Some(held) = self.shared.events.take_reserved(&id) {
-            if held.quantity == event.quantity && held.meter == meter && held.period == period {
+            let same_meter = held.state.plan.meters.ids.get(held.meter) == Some(&event.meter);
+            if held.quantity == event.quantity && same_meter && held.period == period {
                 // The same work reserved again: held again, for `hold` from now.
                 let again = Reserved { state: held.state.clone(), tag: held.tag, hold, ..*held };
                 self.shared.events.reserve(id, Arc::new(again));

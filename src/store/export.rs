@@ -218,7 +218,8 @@ pub trait ExportStore: Send + Sync + fmt::Debug + 'static {
     /// unexpired claim; counts the attempt and records when the first that may reach the
     /// billing system began (`first_attempt_at`, if none is recorded). If no export of the
     /// revision is in flight, or one is but nothing of it may have reached the billing system
-    /// (`first_attempt_at` cleared by a [`Deferral::NeverSent`]), fixes what it exports:
+    /// (`first_attempt_at` cleared by a [`Deferral::NeverSent`]) and the caller read it so
+    /// (`aggregate.first_attempt_at` is `None`: it planned from the quantity), fixes what it exports:
     /// `in_flight` becomes `aggregate.quantity` (what the caller read) and `send` the
     /// parameters given; an export in flight that may have reached it keeps the ones fixed
     /// when it began. Returns the aggregate as stored after the call, or `None` when the

@@ -389,3 +389,21 @@ pub async fn an_export_never_sent_is_fixed_anew_at_its_next_begin<S: ?Sized + Us
     let kept = h.s().begin_export(&read, &ExportClaim::new(1, t + 7400, t + 7700), &sent(8)).await.unwrap().unwrap();
     assert_eq!((kept.in_flight, kept.send, kept.first_attempt_at), (Some(7), Some(restamped), Some(t + 7200)));
 }
+
+/// A begin by a caller whose read still shows a first attempt (it planned up to what was in
+/// flight) keeps what is in flight, even if the first attempt was cleared since: what is sent
+/// and what is marked exported never differ.
+pub async fn a_stale_read_never_re_fixes_an_export<S: ?Sized + UsageInspect>(h: &mut StoreUnderTest<S>) {
+    let w = DAY0 + 10 * HOUR;
+    h.s().commit_usage(&batch("f1", vec![rec("a", "requests", w, 5)])).await.unwrap();
+    let read = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().remove(0);
+    let t = w + 2 * HOUR;
+    let begun = h.s().begin_export(&read, &ExportClaim::new(1, t, t + 300), &sent(5)).await.unwrap().unwrap();
+    h.s().commit_usage(&batch("f2", vec![rec("a", "requests", w, 2)])).await.unwrap();
+    // Read by another node now (a first attempt recorded), then cleared by the first node.
+    let mut stale = h.s().pending_exports(w + HOUR, None, 10).await.unwrap().remove(0);
+    assert!(h.s().defer_export(&begun, &ExportClaim::new(1, t, t + 60), Deferral::NeverSent(1)).await.unwrap());
+    stale.claimed_until = None;
+    let kept = h.s().begin_export(&stale, &ExportClaim::new(2, t + 120, t + 420), &sent(5)).await.unwrap().unwrap();
+    assert_eq!((kept.in_flight, kept.send), (Some(5), Some(sent(5))), "what it planned, what is in flight");
+}

@@ -77,6 +77,7 @@ macro_rules! store_conformance {
             an_aggregate_is_listed_once_billable_usage_is_added,
             dead_letters_outlive_the_retention,
             an_export_never_sent_is_fixed_anew_at_its_next_begin,
+            a_stale_read_never_re_fixes_an_export,
         );
     };
     (@role directory, $make:expr) => {

@@ -38,9 +38,10 @@ impl ExportStore for MemoryStore {
                 }
                 a.claim = Some((claim.node, claim.until));
                 a.attempts += 1;
-                // Nothing in flight, or nothing of it may have reached the billing system:
-                // fixed (anew).
-                if a.in_flight.is_none() || a.first_attempt_at.is_none() {
+                // Nothing in flight, or nothing of it may have reached the billing system (and
+                // the caller planned it so, from the quantity it read): fixed (anew).
+                let planned_anew = aggregate.in_flight.is_none() || aggregate.first_attempt_at.is_none();
+                if a.in_flight.is_none() || (a.first_attempt_at.is_none() && planned_anew) {
                     a.in_flight = Some(aggregate.quantity.min(a.quantity));
                     a.send = Some(send.clone());
                 }

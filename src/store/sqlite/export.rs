@@ -50,19 +50,20 @@ impl ExportStore for SqliteStore {
     ) -> Result<Option<UsageAggregate>, StoreError> {
         let (key, revision, claim) = (aggregate.key.clone(), aggregate.revision, *claim);
         let (quantity, send) = (int(aggregate.quantity), send.to_json());
+        let planned_anew = aggregate.in_flight.is_none() || aggregate.first_attempt_at.is_none();
         self.write(move |tx, _| {
             if !export_claimable(tx, &key, revision, &claim, false)? {
                 return Ok(None);
             }
             tx.prepare_cached(
                 // Nothing in flight, or nothing of it may have reached the billing system (no
-                // first attempt recorded): fixed (anew). The right-hand sides read the row as it
-                // was.
+                // first attempt recorded) and the caller planned it so (?9: from the quantity it
+                // read): fixed (anew). The right-hand sides read the row as it was.
                 "UPDATE usage SET claim_node = ?4, claim_until = ?5, attempts = attempts + 1, \
                  first_attempt_at = coalesce(first_attempt_at, ?6), \
-                 send = CASE WHEN in_flight IS NULL OR first_attempt_at IS NULL THEN ?8 ELSE send END, \
-                 in_flight = CASE WHEN in_flight IS NULL OR first_attempt_at IS NULL THEN min(quantity, ?7) \
-                 ELSE in_flight END \
+                 send = CASE WHEN in_flight IS NULL OR (first_attempt_at IS NULL AND ?9) THEN ?8 ELSE send END, \
+                 in_flight = CASE WHEN in_flight IS NULL OR (first_attempt_at IS NULL AND ?9) \
+                 THEN min(quantity, ?7) ELSE in_flight END \
                  WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
             .execute(params![
@@ -73,7 +74,8 @@ impl ExportStore for SqliteStore {
                 claim.until,
                 claim.now,
                 quantity,
-                send
+                send,
+                planned_anew
             ])?;
             usage_of(tx, &key)
         })
