@@ -489,14 +489,7 @@ impl Pass {
         self.pacer.wait().await;
         if self.halted.load(Ordering::Relaxed) {
             // Another lane found the sink refusing everything: the claim goes, untried.
-            let now = shared.clock.unix_secs();
-            store
-                .defer_export(
-                    &agg,
-                    &ExportClaim::new(shared.ids.node(), now, now),
-                    never_sent(first_attempt, agg.attempts),
-                )
-                .await?;
+            self.let_go(&agg, first_attempt).await?;
             return Ok(false);
         }
         let event = meter_event(&self.rt, &agg, &send);
@@ -581,13 +574,7 @@ impl Pass {
                 // nothing is parked, and this one is free for the next pass (one call a pass
                 // until the key is fixed).
                 tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
-                store
-                    .defer_export(
-                        &agg,
-                        &ExportClaim::new(shared.ids.node(), now, now),
-                        never_sent(first_attempt, agg.attempts),
-                    )
-                    .await?;
+                self.let_go(&agg, first_attempt).await?;
                 self.halted.store(true, Ordering::Relaxed);
                 report.deferred = true;
                 Ok(false)
@@ -610,6 +597,15 @@ impl Pass {
                 Ok(false)
             }
         }
+    }
+
+    /// Lets the claim on `agg` go at once, untried (the pass stops): free for the next pass, as
+    /// never sent if this attempt was the first that may have reached the billing system.
+    async fn let_go(&self, agg: &UsageAggregate, first_attempt: bool) -> Result<(), StoreError> {
+        let now = self.deps.clock.unix_secs();
+        let claim = ExportClaim::new(self.deps.ids.node(), now, now);
+        self.deps.stores.roles.usage.defer_export(agg, &claim, never_sent(first_attempt, agg.attempts)).await?;
+        Ok(())
     }
 
     async fn park(&self, agg: &UsageAggregate, reason: &str, report: &mut ExportReport) -> Result<(), StoreError> {
