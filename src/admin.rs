@@ -655,7 +655,7 @@ impl Admin {
             return Err(AdminError::Invalid("no such aggregate".into()));
         };
         agg.revision = dead.revision;
-        Ok(self.usage.finish_export(&agg).await?)
+        Ok(self.usage.finish_export(&agg, unix_now()).await?)
     }
 }
 

@@ -51,10 +51,11 @@ pub mod layer;
 mod metrics;
 pub mod plan;
 pub mod report {
-    //! What the engine's operations report: a flush, an export pass, a shutdown, a tenant's
+    //! What the engine's operations report: a flush, an export pass, a reconciliation, a shutdown, a tenant's
     //! usage, a crossed quota threshold, and the counters of the background paths.
     pub use crate::engine::{
-        ExportReport, FlushReport, QuotaUsage, ReportError, ShutdownReport, ThresholdCrossed, UsageReport, WindowUsage,
+        Drift, DriftAction, ExportReport, FlushReport, QuotaUsage, ReconcileError, ReconcileReport, ReconcileRequest,
+        ReportError, ShutdownReport, ThresholdCrossed, UsageReport, WindowUsage,
     };
     pub use crate::metrics::Stats;
 }

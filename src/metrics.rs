@@ -40,6 +40,9 @@ pub(crate) struct Metrics {
     pub(crate) buffer_full: Counter,
     pub(crate) dropped_units: Counter,
     pub(crate) tenants: Gauge,
+    /// Units by which the billing system differs from the ledger, as the last reconciliation
+    /// pass found: lacking, then surplus.
+    pub(crate) drift: [Gauge; 2],
     /// Usage events: applied, duplicate, then one per refusal reason ([`EVENT_REFUSALS`]).
     pub(crate) events: [Counter; 2 + EVENT_REFUSALS.len()],
     /// Anonymous requests without a client address (one shared bucket).
@@ -83,6 +86,10 @@ impl Metrics {
             buffer_full: counter!("tollgate_usage_buffer_full_total"),
             dropped_units: counter!("tollgate_usage_dropped_units_total"),
             tenants: gauge!("tollgate_tenants_tracked"),
+            drift: [
+                gauge!("tollgate_billing_drift_units", "direction" => "lacking"),
+                gauge!("tollgate_billing_drift_units", "direction" => "surplus"),
+            ],
             anonymous_without_address: counter!("tollgate_anonymous_without_address_total"),
             would_refuse: RejectionKind::ALL
                 .map(|k| counter!("tollgate_shadow_would_refuse_total", "reason" => k.label())),

@@ -167,4 +167,25 @@ pub trait BillingSink: Send + Sync + fmt::Debug + 'static {
     fn needs_customer(&self) -> bool {
         false
     }
+
+    /// What the billing system holds for `customer` on the meter named `event_name`, hour by
+    /// hour from `from` to `to` (Unix seconds, whole hours): each hour's start with the sum of
+    /// the values it counts there; an hour absent holds nothing. What
+    /// [reconciliation](crate::Tollgate::reconcile) compares the store's ledger with.
+    ///
+    /// `Ok(None)`, the default, says this sink cannot be read back (a file): nothing is
+    /// compared.
+    ///
+    /// # Errors
+    /// The billing system's error, classified as for [`send`](Self::send).
+    async fn held_by_hour(
+        &self,
+        event_name: &str,
+        customer: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Option<std::collections::BTreeMap<i64, f64>>, SinkError> {
+        let _ = (event_name, customer, from, to);
+        Ok(None)
+    }
 }

@@ -107,6 +107,8 @@ pub(crate) fn read_secrets(
 pub struct StripeSink {
     client: stripe::Client,
     timeout: Duration,
+    /// Meter ids by event name, read from `GET /v1/billing/meters` when one is missing.
+    meters: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl fmt::Debug for StripeSink {
@@ -127,7 +129,7 @@ impl StripeSink {
             builder = builder.url(base);
         }
         let client = builder.build().map_err(|e| StripeSetupError::Client(e.to_string()))?;
-        Ok(Self { client, timeout })
+        Ok(Self { client, timeout, meters: std::sync::Mutex::new(HashMap::new()) })
     }
 
     /// The sink the configuration's `[stripe]` section describes, with the secret key from
@@ -171,6 +173,75 @@ impl BillingSink for StripeSink {
 
     fn needs_customer(&self) -> bool {
         true
+    }
+
+    /// `GET /v1/billing/meters/{id}/event_summaries` with `value_grouping_window=hour`, paged;
+    /// the meter's id from `GET /v1/billing/meters` by its event name.
+    async fn held_by_hour(
+        &self,
+        event_name: &str,
+        customer: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Option<std::collections::BTreeMap<i64, f64>>, SinkError> {
+        use stripe_billing::billing_meter_event_summary::{
+            ListIdBillingMeterEventSummary, ListIdBillingMeterEventSummaryValueGroupingWindow as Grouping,
+        };
+        let id = self.meter_id(event_name).await?;
+        let mut out = std::collections::BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut request = ListIdBillingMeterEventSummary::new(id.as_str(), customer, to, from)
+                .value_grouping_window(Grouping::Hour)
+                .limit(100);
+            if let Some(after) = &after {
+                request = request.starting_after(after.as_str());
+            }
+            let page = match stripe::StripeRequest::customize(&request).timeout(self.timeout).send(&self.client).await {
+                Ok(page) => page,
+                Err(e) => return classify(e).map(|()| None),
+            };
+            for summary in &page.data {
+                *out.entry(summary.start_time).or_insert(0.0) += summary.aggregated_value;
+            }
+            match page.data.last() {
+                Some(last) if page.has_more => after = Some(last.id.as_str().to_owned()),
+                _ => break,
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+impl StripeSink {
+    /// The id of the meter named `event_name`: from the cache, else read from Stripe's list.
+    async fn meter_id(&self, event_name: &str) -> Result<String, SinkError> {
+        use stripe_billing::billing_meter::ListBillingMeter;
+        if let Some(id) = self.meters.lock().unwrap_or_else(|e| e.into_inner()).get(event_name) {
+            return Ok(id.clone());
+        }
+        let mut found = HashMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut request = ListBillingMeter::new().limit(100);
+            if let Some(after) = &after {
+                request = request.starting_after(after.as_str());
+            }
+            let page = match stripe::StripeRequest::customize(&request).timeout(self.timeout).send(&self.client).await {
+                Ok(page) => page,
+                Err(e) => return classify(e).map(|()| String::new()),
+            };
+            for meter in &page.data {
+                found.insert(meter.event_name.clone(), meter.id.as_str().to_owned());
+            }
+            match page.data.last() {
+                Some(last) if page.has_more => after = Some(last.id.as_str().to_owned()),
+                _ => break,
+            }
+        }
+        let id = found.get(event_name).cloned();
+        *self.meters.lock().unwrap_or_else(|e| e.into_inner()) = found;
+        id.ok_or_else(|| SinkError::Permanent(format!("Stripe has no meter with the event name `{event_name}`")))
     }
 }
 

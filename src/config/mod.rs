@@ -320,6 +320,12 @@ pub struct ExportSettings {
     /// How many failures whose cause is unknown (no status: a dropped connection, a body
     /// that is not the billing system's) an export takes before it is dead-lettered.
     pub max_unknown_failures: u32,
+    /// How long after its export a meter event is compared with what the billing system
+    /// holds: Stripe's summaries are eventually consistent, so younger ones are reported as
+    /// settling. Also the least time between the two passes that prove an event lacking.
+    pub reconcile_after: Duration,
+    /// How often the worker runs a reconciliation pass; zero turns it off.
+    pub reconcile_interval: Duration,
 }
 
 impl Default for ExportSettings {
@@ -331,6 +337,8 @@ impl Default for ExportSettings {
             claim: Duration::from_secs(300),
             unconfirmed_after: Duration::from_secs(20 * 3600),
             max_unknown_failures: 8,
+            reconcile_after: Duration::from_secs(3600),
+            reconcile_interval: Duration::from_secs(6 * 3600),
         }
     }
 }

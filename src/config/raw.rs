@@ -47,6 +47,8 @@ pub(crate) struct RawExport {
     pub(crate) claim: Option<String>,
     pub(crate) unconfirmed_after: Option<String>,
     pub(crate) max_unknown_failures: Option<u64>,
+    pub(crate) reconcile_after: Option<String>,
+    pub(crate) reconcile_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

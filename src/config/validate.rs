@@ -493,7 +493,28 @@ impl Validator<'_, '_> {
                 d.unconfirmed_after,
             )?,
             max_unknown_failures: count("export.max_unknown_failures", raw.max_unknown_failures, 8, 1000)? as u32,
+            reconcile_after: self.duration(
+                "export.reconcile_after",
+                raw.reconcile_after.as_deref(),
+                d.reconcile_after,
+            )?,
+            reconcile_interval: self.duration(
+                "export.reconcile_interval",
+                raw.reconcile_interval.as_deref(),
+                d.reconcile_interval,
+            )?,
         };
+        if export.reconcile_after < Duration::from_secs(60) || export.reconcile_after > Duration::from_secs(7 * 86_400)
+        {
+            return Err(self.invalid(
+                "export.reconcile_after",
+                "must be between 1 minute and 7 days: Stripe's summaries settle in minutes, and what is exported \
+                 is kept 35 days",
+            ));
+        }
+        if !export.reconcile_interval.is_zero() && export.reconcile_interval < Duration::from_secs(60) {
+            return Err(self.invalid("export.reconcile_interval", "must be 0 (off) or at least 1 minute"));
+        }
         if export.unconfirmed_after > Duration::from_secs(23 * 3600) {
             return Err(self.invalid(
                 "export.unconfirmed_after",

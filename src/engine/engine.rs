@@ -12,6 +12,7 @@ use super::{
     idempotency::{check_key, Claim, Idempotency},
     lease::Leases,
     node::NodeIds,
+    reconcile::{ReconcileError, ReconcileReport, ReconcileRequest},
     store_calls::StoreCalls,
     table::{Lookup, TenantTable, ANONYMOUS},
     ticket::Ticket,
@@ -494,6 +495,52 @@ impl Tollgate {
     /// A store error; what was sent before it stays marked.
     pub async fn export(&self) -> Result<ExportReport, StoreError> {
         self.export_pass(false).await
+    }
+
+    /// Compares what the billing system holds with the store's ledger of what it accepted,
+    /// hour by hour, for each (customer, meter) with events stamped in the request's range or
+    /// open dead letters that may have been taken; with [`ReconcileRequest::fix`], acts on
+    /// what it proves:
+    ///
+    /// - an hour the billing system lacks (all of its events, or one whose value is the
+    ///   shortfall), found so by two passes at least `export.reconcile_after` apart and past
+    ///   the billing system's de-duplication horizon (24 hours after export): its value is
+    ///   put back in line as a new revision, which the next export sends under a new
+    ///   identifier, once;
+    /// - an hour it holds more of: reported (`tollgate_billing_drift_units{direction="surplus"}`),
+    ///   never corrected by negative values;
+    /// - an `unconfirmed`, `unsettled` or status-less dead letter: confirmed when the billing
+    ///   system holds its value on top of the ledger's, requeued when two passes apart found it
+    ///   lacking.
+    ///
+    /// Hours with an event exported less than `export.reconcile_after` ago are settling and
+    /// not compared; meters that are not sums are not compared. Reads are paced with the
+    /// export's calls (`export.calls_per_second`). The worker runs it every
+    /// `export.reconcile_interval`, with `fix`, over the window described in the
+    /// [Stripe guide](crate::guide::stripe).
+    ///
+    /// # Errors
+    /// No sink or one that cannot be read back ([`ReconcileError::Unreadable`]), the store, or
+    /// the billing system failed.
+    pub async fn reconcile(&self, request: &ReconcileRequest) -> Result<ReconcileReport, ReconcileError> {
+        self.shared.exporter.reconcile(&self.shared.runtime.load_full(), request).await
+    }
+
+    /// The worker's reconciliation pass: with `fix`, the hours exported between
+    /// `export.reconcile_after` and well past the billing system's de-duplication horizon ago.
+    pub(crate) async fn reconcile_pass(&self) -> Result<ReconcileReport, ReconcileError> {
+        let rt = self.shared.runtime.load_full();
+        let now = self.shared.clock.unix_secs();
+        let settings = &rt.config.export;
+        // Two intervals, and at least a day and two hours: an event proven lacking is sent
+        // again only past the 24 hours its identifier is de-duplicated, so the pass must reach
+        // it then. Stamps may precede export by the invoice grace and a window.
+        let reach = (2 * settings.reconcile_interval.as_secs() as i64).max(26 * 3600);
+        let grace = rt.config.stripe().map_or(0, |s| s.invoice_grace.as_secs() as i64);
+        let longest = rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs()).max().unwrap_or(0);
+        let window = (rt.config.usage.window.as_secs() as i64).max(longest);
+        let from = now - settings.reconcile_after.as_secs() as i64 - reach - grace - window;
+        self.reconcile(&ReconcileRequest::new(from, now).fix(true)).await
     }
 
     /// What the next [`export`](Self::export) would send, without sending or claiming

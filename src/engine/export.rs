@@ -82,23 +82,24 @@ const MAX_AGE_SECS: i64 = 35 * 86_400 - 3600;
 /// The longest wait before a retry.
 const MAX_BACKOFF_SECS: u64 = 3600;
 
-/// Spaces calls to the billing system at most `rate` a second, across the lanes of a pass.
+/// Spaces calls to the billing system at most `rate` a second, across the lanes of a pass and
+/// the reads of reconciliation (one pacer per engine).
 #[derive(Debug)]
-struct Pacer {
-    every: Duration,
+pub(crate) struct Pacer {
     next: Mutex<Instant>,
 }
 
 impl Pacer {
-    fn new(rate: u32) -> Self {
-        Self { every: Duration::from_secs(1) / rate.max(1), next: Mutex::new(Instant::now()) }
+    fn new() -> Self {
+        Self { next: Mutex::new(Instant::now()) }
     }
 
-    async fn wait(&self) {
+    pub(crate) async fn wait(&self, rate: u32) {
+        let every = Duration::from_secs(1) / rate.max(1);
         let slot = {
             let mut next = self.next.lock().await;
             let slot = (*next).max(Instant::now());
-            *next = slot + self.every;
+            *next = slot + every;
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -185,11 +186,13 @@ type Lane = Vec<(UsageAggregate, Option<String>)>;
 
 /// The billing export of this engine: its sink, one pass at a time, and what a pass calls.
 pub(crate) struct Exporter {
-    sink: Option<Arc<dyn BillingSink>>,
+    pub(super) sink: Option<Arc<dyn BillingSink>>,
+    /// Calls to the sink, the export's and reconciliation's, at most `export.calls_per_second`.
+    pub(super) pacer: Arc<Pacer>,
     /// One export pass at a time on this node (apart from the pipeline: the billing system's
     /// latency never delays a flush).
     pass: Mutex<()>,
-    deps: Deps,
+    pub(super) deps: Deps,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -201,12 +204,12 @@ impl std::fmt::Debug for Exporter {
 /// What the exporter and its lanes call: the stores (usage and export, the directory for
 /// customers), this node's id for claims, the clock and the counters.
 #[derive(Clone)]
-struct Deps {
-    stores: Arc<StoreCalls>,
-    ids: Arc<NodeIds>,
-    clock: Clock,
-    metrics: Arc<Metrics>,
-    totals: Arc<Totals>,
+pub(super) struct Deps {
+    pub(super) stores: Arc<StoreCalls>,
+    pub(super) ids: Arc<NodeIds>,
+    pub(super) clock: Clock,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) totals: Arc<Totals>,
 }
 
 /// What a lane of a pass shares.
@@ -214,7 +217,7 @@ struct Pass {
     deps: Deps,
     sink: Arc<dyn BillingSink>,
     rt: Arc<Runtime>,
-    pacer: Pacer,
+    pacer: Arc<Pacer>,
     /// The store's identifier namespace, read when the pass began: exports begun in it send
     /// under identifiers of this namespace (kept with them in the store).
     namespace: String,
@@ -231,7 +234,12 @@ impl Exporter {
         metrics: Arc<Metrics>,
         totals: Arc<Totals>,
     ) -> Self {
-        Self { sink, pass: Mutex::new(()), deps: Deps { stores, ids, clock, metrics, totals } }
+        Self {
+            sink,
+            pacer: Arc::new(Pacer::new()),
+            pass: Mutex::new(()),
+            deps: Deps { stores, ids, clock, metrics, totals },
+        }
     }
 
     /// Whether there is a sink to export to.
@@ -303,7 +311,7 @@ impl Exporter {
             deps: self.deps.clone(),
             sink,
             rt: rt.clone(),
-            pacer: Pacer::new(settings.calls_per_second),
+            pacer: self.pacer.clone(),
             namespace,
             halted: AtomicBool::new(false),
         });
@@ -467,7 +475,7 @@ impl Pass {
         let first_attempt = agg.first_attempt_at == Some(claim.now);
         if send.customer.is_none() && self.sink.needs_customer() {
             // Not billable: marked done without a call, counted.
-            if store.finish_export(&agg).await? {
+            if store.finish_export(&agg, now).await? {
                 report.unbillable += 1;
                 Totals::add(&shared.totals.unbillable_windows, 1);
                 shared.metrics.unbillable_windows.increment(1);
@@ -486,7 +494,7 @@ impl Pass {
         }
         // Only calls are paced (a window skipped or parked takes no slot); the wait is short
         // (at most `concurrency / calls_per_second`) next to the claim.
-        self.pacer.wait().await;
+        self.pacer.wait(settings.calls_per_second).await;
         if self.halted.load(Ordering::Relaxed) {
             // Another lane found the sink refusing everything: the claim goes, untried.
             self.let_go(&agg, first_attempt).await?;
@@ -519,7 +527,7 @@ impl Pass {
         };
         match result {
             Ok(()) => {
-                if store.finish_export(&agg).await? {
+                if store.finish_export(&agg, now).await? {
                     if is_late(&self.rt, event.window_end, now) {
                         Totals::add(&shared.totals.late_revisions, 1);
                         shared.metrics.late_revisions.increment(1);

@@ -16,6 +16,7 @@ mod lease;
 mod lifecycle;
 mod node;
 mod rates;
+mod reconcile;
 mod record;
 mod report;
 mod store_calls;
@@ -35,6 +36,7 @@ pub(crate) use events::ProcessedAs;
 pub use export::ExportReport;
 pub use flush::FlushReport;
 pub use lifecycle::{ShutdownError, ShutdownReport};
+pub use reconcile::{Drift, DriftAction, ReconcileError, ReconcileReport, ReconcileRequest};
 pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
 pub use thresholds::ThresholdCrossed;
 

@@ -43,7 +43,10 @@ pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome,
 pub use dynamo::DynamoStore;
 pub use error::StoreError;
 pub(crate) use export::draw_namespace;
-pub use export::{DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
+pub use export::{
+    DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, LedgerEntry, UsageAggregate,
+    LEDGER_KEPT_SECS,
+};
 pub use idempotency::{
     CompletedRequest, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
     StoredResponse,

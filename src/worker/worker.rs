@@ -48,11 +48,13 @@ impl Worker {
         &self.tollgate
     }
 
-    /// Runs until [`Tollgate::shutdown`] is called. Exports run beside the rest, in the same
-    /// task, so a slow billing system never delays a flush, a lease refill or an eviction.
+    /// Runs until [`Tollgate::shutdown`] is called. Exports and reconciliations run beside the
+    /// rest, in the same task, so a slow billing system never delays a flush, a lease refill
+    /// or an eviction.
     pub async fn run(self) {
         let exports = Self::exports(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
-        tokio::join!(self.background(), exports);
+        let reconciliations = Self::reconciliations(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
+        tokio::join!(self.background(), exports, reconciliations);
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -80,6 +82,45 @@ impl Worker {
                         },
                     }
                     next = Instant::now() + tollgate.shared.runtime.load().config.export.interval;
+                }
+            }
+        }
+    }
+
+    /// A reconciliation pass every `export.reconcile_interval` (none when it is zero), the
+    /// first one interval after start: it acts on what it proves
+    /// ([`Tollgate::reconcile`]).
+    async fn reconciliations(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>, enabled: bool) {
+        if !tollgate.shared.exporter.has_sink() || !enabled {
+            return;
+        }
+        let interval = |t: &Tollgate| t.shared.runtime.load().config.export.reconcile_interval;
+        let mut next = Instant::now() + interval(&tollgate).max(Duration::from_secs(60));
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(next) => {
+                    if !interval(&tollgate).is_zero() {
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.changed() => return,
+                            r = tollgate.reconcile_pass() => match r {
+                                Ok(report) => tracing::info!(compared = report.compared, settling = report.settling,
+                                    lacking_units = report.lacking_units, surplus_units = report.surplus_units,
+                                    resent = report.resent, confirmed = report.confirmed, requeued = report.requeued,
+                                    "reconciliation pass"),
+                                // A sink that cannot be read back (a file): nothing to compare.
+                                Err(crate::report::ReconcileError::Unreadable) => return,
+                                Err(e) => tracing::warn!(error = %e, "reconciliation failed; retried at the next pass"),
+                            },
+                        }
+                    }
+                    // Off (zero): looked at again in a minute, for a reload that turns it on.
+                    next = Instant::now() + interval(&tollgate).max(Duration::from_secs(60));
                 }
             }
         }

@@ -22,6 +22,7 @@ use tollgate::{
     billing::{Secret, StripeSink},
     clock::{Clock, FakeClock},
     config::TenantId,
+    report::{DriftAction, ReconcileRequest},
     store::{ExportKey, FlushId, StoreInspect, UsageBatch, UsageRecord},
     Config, Tollgate, TollgateLayer,
 };
@@ -494,7 +495,7 @@ async fn an_export_never_confirmed_is_parked_as_unconfirmed_not_sent_again(kind:
     // Reconciled by hand: Stripe had it. Confirming marks it exported.
     let mut agg = store.usage(&dead[0].key).await.unwrap().unwrap();
     agg.revision = dead[0].revision;
-    assert!(store.finish_export(&agg).await.unwrap());
+    assert!(store.finish_export(&agg, 1_000).await.unwrap());
     assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
     assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
 }
@@ -1171,3 +1172,170 @@ async fn a_revision_held_back_by_429s_past_the_invoice_grace_is_stamped_anew() {
     assert_eq!(sent, [(3, now)], "one event, stamped at export time, with the late usage");
     assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
 }
+
+/// Reconciles the hours from noon to `now`, acting on what is proven.
+async fn reconcile(h: &Harness, now: i64) -> tollgate::report::ReconcileReport {
+    h.tollgate.reconcile(&ReconcileRequest::new(NOON, now).fix(true)).await.unwrap()
+}
+
+/// Reconciliation finds a window Stripe lost (accepted, then missing from its summaries) and
+/// sends it again once: only after two passes an hour apart agree and its identifier is past
+/// Stripe's 24-hour de-duplication, as a new revision under a new identifier; a window Stripe
+/// holds is left alone, and a younger one is reported as settling.
+async fn a_window_stripe_lost_is_found_and_sent_again_once(kind: Kind) {
+    let Some((_b, store, standin, h)) = on_store(kind, None).await else { return };
+    for (tenant, n) in [("acme", 3), ("globex", 2)] {
+        for _ in 0..n {
+            assert_eq!(h.status("/", &format!("key-{tenant}")).await, 200);
+        }
+    }
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + 20 * MIN + 1);
+    h.tollgate.export().await.unwrap();
+    let lost = standin.events().into_iter().find(|e| e.customer == "cus_acme").unwrap();
+    assert!(standin.lose(&lost.identifier));
+
+    // Exported 10 minutes ago: settling, not compared.
+    at(&h.clock, &standin, NOON + 30 * MIN);
+    let r = reconcile(&h, NOON + 30 * MIN).await;
+    assert_eq!((r.compared, r.settling, r.drift.len()), (0, 2, 0), "{r:?}");
+
+    // Found lacking: noted, not yet proven.
+    let first = NOON + 2 * HOUR;
+    at(&h.clock, &standin, first);
+    let r = reconcile(&h, first).await;
+    assert_eq!((r.compared, r.lacking_units, r.surplus_units, r.resent), (2, 3, 0, 0), "{r:?}");
+    assert_eq!(r.drift.len(), 1, "{r:?}");
+    let d = &r.drift[0];
+    assert_eq!((d.tenant.as_str(), d.customer.as_str(), d.hour, d.expected, d.held), ("acme", "cus_acme", NOON, 3, 0));
+    assert_eq!(d.action, DriftAction::Lacking { since: first });
+    // Proven by a second pass an hour later, but within the 24 hours Stripe de-duplicates
+    // its identifier: not yet sent again.
+    at(&h.clock, &standin, first + HOUR + 1);
+    let r = reconcile(&h, first + HOUR + 1).await;
+    assert_eq!(r.drift[0].action, DriftAction::Lacking { since: first }, "{r:?}");
+    h.tollgate.export().await.unwrap();
+    assert_eq!(standin.events().len(), 2, "nothing sent yet");
+
+    // Past the horizon: sent again as a new revision, once.
+    let later = NOON + 25 * HOUR;
+    at(&h.clock, &standin, later);
+    let r = reconcile(&h, later).await;
+    assert_eq!((r.resent, r.drift[0].action), (1, DriftAction::Resent), "{r:?}");
+    let r = reconcile(&h, later).await;
+    assert_eq!(r.resent, 0, "once: {r:?}");
+    let report = h.tollgate.export().await.unwrap();
+    assert_eq!((report.events, report.units), (1, 3));
+    let events = standin.events();
+    assert_eq!(events.len(), 3);
+    assert_ne!(events[2].identifier, lost.identifier, "a new identifier");
+    assert_eq!((events[2].value, events[2].timestamp), (3, later), "stamped at export: the invoice is open");
+    assert_eq!(standin.totals()[&("cus_acme".into(), "api_requests".into())], 3);
+    assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
+
+    // Settled: no drift, nothing sent again, however many passes follow.
+    for step in 1..=3 {
+        let now = later + step * 13 * HOUR;
+        at(&h.clock, &standin, now);
+        let r = reconcile(&h, now).await;
+        assert_eq!((r.drift.len(), r.lacking_units, r.resent), (0, 0, 0), "{r:?}");
+        h.tollgate.export().await.unwrap();
+    }
+    assert_eq!(standin.events().len(), 3);
+    assert_eq!(standin.totals()[&("cus_acme".into(), "api_requests".into())], 3);
+}
+
+/// An event sent to Stripe outside tollgate (twice billed) is reported as surplus, in the
+/// report and the metric, and never "fixed": nothing is sent.
+async fn a_window_sent_twice_outside_tollgate_is_reported_never_fixed(kind: Kind) {
+    let Some((_b, _store, standin, h)) = on_store(kind, None).await else { return };
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-acme").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + 20 * MIN + 1);
+    h.tollgate.export().await.unwrap();
+    standin.inject(common::stripe::Accepted {
+        identifier: "sent-by-hand".into(),
+        event_name: "api_requests".into(),
+        customer: "cus_acme".into(),
+        value: 3,
+        timestamp: NOON + 14 * MIN,
+    });
+    let now = NOON + 3 * HOUR;
+    at(&h.clock, &standin, now);
+    for fix in [false, true] {
+        let r = h.tollgate.reconcile(&ReconcileRequest::new(NOON, now).fix(fix)).await.unwrap();
+        assert_eq!((r.surplus_units, r.lacking_units, r.drift.len()), (3, 0, 1), "{r:?}");
+        let d = &r.drift[0];
+        assert_eq!((d.expected, d.held, d.action), (3, 6, DriftAction::Reported));
+    }
+    // Another tenant's request: nothing of acme's.
+    let r = h
+        .tollgate
+        .reconcile(&ReconcileRequest::new(NOON, now).tenant(TenantId::from("globex")).fix(true))
+        .await
+        .unwrap();
+    assert_eq!((r.compared, r.drift.len(), r.reads), (0, 0, 0), "{r:?}");
+    h.tollgate.export().await.unwrap();
+    assert_eq!(standin.events().len(), 2, "never sent as a negative value or otherwise");
+}
+
+/// Dead letters that may have been taken are settled: one Stripe took (its answer lost) is
+/// confirmed; one it never took is requeued once two passes an hour apart agree, and sent.
+async fn dead_letters_that_may_have_been_taken_are_settled(kind: Kind) {
+    let b = match Backend::new(kind).await {
+        Some(b) => b,
+        None => return,
+    };
+    let store = b.store.clone();
+    let standin = stand_in().await;
+    let toml = config(&standin.url)
+        .replace("concurrency = 4", "concurrency = 1\nmax_unknown_failures = 1")
+        .replace("timeout = \"60s\"", "timeout = \"2s\"");
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    for tenant in ["acme", "globex"] {
+        assert_eq!(h.status("/", &format!("key-{tenant}")).await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    // acme's event is taken and its answer never comes; globex's connection drops before it
+    // is executed. Both fail without a status: parked as "may or may not have been taken".
+    standin.fail_next(&[Fault::TakeAndHang, Fault::Drop]);
+    at(&h.clock, &standin, NOON + 20 * MIN + 1);
+    h.tollgate.export().await.unwrap();
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(standin.events().len(), 1, "acme's was taken");
+
+    let first = NOON + 2 * HOUR;
+    at(&h.clock, &standin, first);
+    let r = reconcile(&h, first).await;
+    assert_eq!((r.confirmed, r.requeued), (1, 0), "{r:?}");
+    let actions: Vec<(&str, DriftAction)> = r.drift.iter().map(|d| (d.tenant.as_str(), d.action)).collect();
+    assert_eq!(actions, [("acme", DriftAction::Confirmed), ("globex", DriftAction::Lacking { since: first })]);
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.iter().map(|d| d.key.tenant.as_str()).collect::<Vec<_>>(), ["globex"]);
+
+    // Too soon for proof: still parked.
+    at(&h.clock, &standin, first + 30 * MIN);
+    let r = reconcile(&h, first + 30 * MIN).await;
+    assert_eq!(r.requeued, 0, "{r:?}");
+    at(&h.clock, &standin, first + HOUR);
+    let r = reconcile(&h, first + HOUR).await;
+    assert_eq!(r.requeued, 1, "{r:?}");
+    assert!(store.dead_letters(None, 10).await.unwrap().is_empty());
+    h.tollgate.export().await.unwrap();
+    let totals = standin.totals();
+    assert_eq!(totals[&("cus_acme".into(), "api_requests".into())], 1);
+    assert_eq!(totals[&("cus_globex".into(), "api_requests".into())], 1);
+    assert_eq!(standin.events().len(), 2, "each billed once");
+    let later = first + 5 * HOUR;
+    at(&h.clock, &standin, later);
+    let r = reconcile(&h, later).await;
+    assert_eq!((r.drift.len(), r.lacking_units, r.surplus_units), (0, 0, 0), "{r:?}");
+}
+
+on_every_store!(a_window_stripe_lost_is_found_and_sent_again_once);
+on_every_store!(a_window_sent_twice_outside_tollgate_is_reported_never_fixed);
+on_every_store!(dead_letters_that_may_have_been_taken_are_settled);

@@ -23,9 +23,9 @@ use tollgate::{
     clock::{Clock, FakeClock},
     layer::TollgateBody,
     store::{
-        CommitOutcome, DeadLetter, Deferral, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, MemoryStore,
-        PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, StoreError, StoreInspect, TenantRecord,
-        UsageAggregate, UsageBatch, UsageEvent,
+        CommitOutcome, DeadLetter, Deferral, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, LedgerEntry,
+        MemoryStore, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, StoreError, StoreInspect,
+        TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
     },
     Config, TenantContext, Tollgate, TollgateService,
 };
@@ -417,9 +417,34 @@ impl ExportStore for Faulty {
         self.inner.defer_export(a, claim, d).await
     }
 
-    async fn finish_export(&self, a: &UsageAggregate) -> Result<bool, StoreError> {
+    async fn finish_export(&self, a: &UsageAggregate, now: i64) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.finish_export(a).await
+        self.inner.finish_export(a, now).await
+    }
+
+    async fn ledger(
+        &self,
+        hour: i64,
+        after: Option<(&ExportKey, u32)>,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.check()?;
+        self.inner.ledger(hour, after, limit).await
+    }
+
+    async fn note_lacking(&self, entry: &LedgerEntry, now: i64) -> Result<i64, StoreError> {
+        self.check()?;
+        self.inner.note_lacking(entry, now).await
+    }
+
+    async fn clear_lacking(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.clear_lacking(entry).await
+    }
+
+    async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.reexport(entry).await
     }
 
     async fn dead_letter(&self, a: &UsageAggregate, reason: &str) -> Result<(), StoreError> {

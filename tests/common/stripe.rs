@@ -23,6 +23,17 @@
 //! - Totals per (customer, event name): a sum meter adds every event; a pre-aggregated meter
 //!   keeps the newest event (by timestamp) of each of its windows.
 //!
+//! - `GET /v1/billing/meters` lists the meters (complete `billing.meter` objects, as in
+//!   Stripe's fixtures), paged by `limit` and `starting_after`.
+//! - `GET /v1/billing/meters/{id}/event_summaries` (Stripe's API reference, "List billing
+//!   meter event summaries"): `customer`, `start_time` and `end_time` are required;
+//!   with `value_grouping_window=hour` both times must be on hour boundaries (400 otherwise);
+//!   one `billing.meter_event_summary` per hour holding events, paged by `limit` (at most
+//!   100) and `starting_after`. Summaries are "eventually consistent": an event counts in them
+//!   only [`VISIBLE_AFTER`] seconds after it was accepted, by the stand-in's clock.
+//! - Test hooks: [`StandIn::lose`] drops an accepted event from the summaries (Stripe lost
+//!   it; its identifier stays taken), [`StandIn::inject`] adds one sent outside tollgate.
+//!
 //! Errors come in Stripe's JSON shape: `{"error": {"type", "code", "message"}}`.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
@@ -55,6 +66,9 @@ pub enum Fault {
     Saved(u16),
 }
 
+/// Seconds after its acceptance that an event counts in the event summaries.
+pub const VISIBLE_AFTER: i64 = 120;
+
 /// One accepted meter event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
@@ -70,7 +84,13 @@ struct State {
     /// Meters by event name: `None` for sum, `Some(window)` for pre-aggregated.
     meters: HashMap<String, Option<i64>>,
     events: Vec<Accepted>,
+    /// When each event was accepted (the stand-in's clock), beside `events`.
+    accepted_at: Vec<i64>,
+    /// Identifiers of events Stripe lost: left out of the summaries.
+    lost: HashSet<String>,
     identifiers: HashSet<String>,
+    /// Reads of the event summaries.
+    summary_reads: u64,
     /// Idempotency key -> (parameters, status, body, first used at).
     idempotency: HashMap<String, (String, u16, String, i64)>,
     in_flight: HashSet<(String, String)>,
@@ -197,13 +217,38 @@ impl StandIn {
         self.lock().max_concurrent
     }
 
+    /// Stripe loses an accepted event: it no longer counts in the summaries (its identifier
+    /// stays taken). Returns whether there was one.
+    pub fn lose(&self, identifier: &str) -> bool {
+        let mut s = self.lock();
+        let known = s.events.iter().any(|e| e.identifier == identifier);
+        if known {
+            s.lost.insert(identifier.to_owned());
+        }
+        known
+    }
+
+    /// An event sent to Stripe outside tollgate (another system, a person).
+    pub fn inject(&self, event: Accepted) {
+        let mut s = self.lock();
+        let now = s.now();
+        s.identifiers.insert(event.identifier.clone());
+        s.events.push(event);
+        s.accepted_at.push(now);
+    }
+
+    /// Reads of the event summaries so far.
+    pub fn summary_reads(&self) -> u64 {
+        self.lock().summary_reads
+    }
+
     /// What Stripe would bill: per (customer, event name), sum meters add every event,
     /// pre-aggregated ones the newest event of each window.
     pub fn totals(&self) -> BTreeMap<(String, String), i64> {
         let s = self.lock();
         let mut out = BTreeMap::new();
         let mut newest: BTreeMap<(String, String, i64), (i64, i64)> = BTreeMap::new();
-        for e in &s.events {
+        for e in s.events.iter().filter(|e| !s.lost.contains(&e.identifier)) {
             match s.meters.get(&e.event_name).copied().flatten() {
                 None => *out.entry((e.customer.clone(), e.event_name.clone())).or_insert(0) += e.value,
                 Some(w) => {
@@ -301,6 +346,13 @@ fn decode(s: &str) -> String {
 
 async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String, &'static str)> {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+    if req.method == "GET" {
+        // Reads take no injected fault (those are for the meter events).
+        if req.headers.get("authorization").map(String::as_str) != Some(&format!("Bearer {SECRET}")) {
+            return Some(error(401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided"));
+        }
+        return Some(read(req, &mut lock()));
+    }
     let fault = {
         let mut s = lock();
         s.calls += 1;
@@ -460,5 +512,105 @@ fn execute(
         value,
         timestamp,
     });
+    s.accepted_at.push(now);
     (200, body, "application/json")
+}
+
+/// The meters, sorted by event name, with their stand-in ids.
+fn meter_ids(s: &State) -> Vec<(String, String)> {
+    let mut names: Vec<&String> = s.meters.keys().collect();
+    names.sort();
+    names.into_iter().enumerate().map(|(i, n)| (format!("mtr_standin_{i:04}"), n.clone())).collect()
+}
+
+/// `GET` requests: the meter list and the event summaries.
+fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
+    let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+    let q: BTreeMap<String, String> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('=').map(|(k, v)| (decode(k), decode(v))))
+        .collect();
+    let invalid = |m: &str| error(400, "invalid_request_error", "parameter_invalid", m);
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 10,
+        Some(Ok(l)) if (1..=100).contains(&l) => l,
+        _ => return invalid("limit must be between 1 and 100"),
+    };
+    let page = |items: Vec<(String, serde_json::Value)>, url: &str| {
+        let start = match q.get("starting_after") {
+            Some(after) => match items.iter().position(|(id, _)| id == after) {
+                Some(i) => i + 1,
+                None => return invalid("starting_after is not an object of this list"),
+            },
+            None => 0,
+        };
+        let data: Vec<serde_json::Value> = items.iter().skip(start).take(limit).map(|(_, v)| v.clone()).collect();
+        let has_more = items.len() > start + data.len();
+        let body = serde_json::json!({ "object": "list", "data": data, "has_more": has_more, "url": url });
+        (200, body.to_string(), "application/json")
+    };
+    if path == "/v1/billing/meters" {
+        let items = meter_ids(s)
+            .into_iter()
+            .map(|(id, name)| {
+                let formula = if s.meters.get(&name).copied().flatten().is_some() { "last" } else { "sum" };
+                let meter = serde_json::json!({
+                    "created": 1_700_000_000, "customer_mapping": { "event_payload_key": "stripe_customer_id", "type": "by_id" },
+                    "default_aggregation": { "formula": formula }, "display_name": name, "event_name": name,
+                    "event_time_window": null, "id": id, "livemode": false, "object": "billing.meter",
+                    "status": "active", "status_transitions": { "deactivated_at": null }, "updated": 1_700_000_000,
+                    "value_settings": { "event_payload_key": "value" },
+                });
+                (id, meter)
+            })
+            .collect();
+        return page(items, "/v1/billing/meters");
+    }
+    let Some(id) = path.strip_prefix("/v1/billing/meters/").and_then(|p| p.strip_suffix("/event_summaries")) else {
+        return error(404, "invalid_request_error", "resource_missing", "Unrecognized request URL");
+    };
+    let Some((_, name)) = meter_ids(s).into_iter().find(|(i, _)| i == id) else {
+        return error(404, "invalid_request_error", "resource_missing", &format!("No such billing meter: '{id}'"));
+    };
+    let (Some(customer), Some(start), Some(end)) = (
+        q.get("customer"),
+        q.get("start_time").and_then(|t| t.parse::<i64>().ok()),
+        q.get("end_time").and_then(|t| t.parse::<i64>().ok()),
+    ) else {
+        return invalid("customer, start_time and end_time are required");
+    };
+    let hourly = match q.get("value_grouping_window").map(String::as_str) {
+        Some("hour") => true,
+        None => false,
+        Some(_) => return invalid("value_grouping_window must be hour or day"),
+    };
+    if hourly && (start % 3600 != 0 || end % 3600 != 0) {
+        return invalid("For hourly granularity, start_time and end_time must align with hour boundaries");
+    }
+    s.summary_reads += 1;
+    let now = s.now();
+    let mut hours: BTreeMap<i64, i64> = BTreeMap::new();
+    for (e, at) in s.events.iter().zip(&s.accepted_at) {
+        if e.event_name != name || &e.customer != customer || s.lost.contains(&e.identifier) {
+            continue;
+        }
+        if *at + VISIBLE_AFTER > now || e.timestamp < start || e.timestamp >= end {
+            continue;
+        }
+        let bucket = if hourly { e.timestamp - e.timestamp.rem_euclid(3600) } else { start };
+        *hours.entry(bucket).or_insert(0) += e.value;
+    }
+    let items = hours
+        .into_iter()
+        .map(|(h, v)| {
+            let sid = format!("mtrusg_{h}");
+            let summary = serde_json::json!({
+                "aggregated_value": v, "end_time": if hourly { h + 3600 } else { end }, "id": sid,
+                "livemode": false, "meter": id, "object": "billing.meter_event_summary", "start_time": h,
+            });
+            (sid, summary)
+        })
+        .collect();
+    page(items, &format!("/v1/billing/meters/{id}/event_summaries"))
 }

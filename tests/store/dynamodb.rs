@@ -361,6 +361,6 @@ async fn the_ttl_never_deletes_a_dead_letter_or_a_window_waiting_for_export() {
     assert!(ttl().await > w + 365 * DAY);
     assert_eq!(store.repair_dead_letter_ttl().await.unwrap(), 0, "nothing left to mend");
     // Confirmed by hand: exported, with the exported aggregates' TTL.
-    assert!(store.finish_export(&begun).await.unwrap());
+    assert!(store.finish_export(&begun, 1_000).await.unwrap());
     assert_eq!(ttl().await, w + 35 * DAY);
 }

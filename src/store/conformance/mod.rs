@@ -78,6 +78,7 @@ macro_rules! store_conformance {
             dead_letters_outlive_the_retention,
             an_export_never_sent_is_fixed_anew_at_its_next_begin,
             a_stale_read_never_re_fixes_an_export,
+            the_ledger_keeps_each_exported_revision_and_reexports_a_lost_one_once,
         );
     };
     (@role directory, $make:expr) => {

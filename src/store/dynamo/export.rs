@@ -102,12 +102,10 @@ impl ExportStore for DynamoStore {
         Ok(true)
     }
 
-    async fn finish_export(&self, aggregate_: &UsageAggregate) -> Result<bool, StoreError> {
+    async fn finish_export(&self, aggregate_: &UsageAggregate, now: i64) -> Result<bool, StoreError> {
         let key = &aggregate_.key;
         let (pk, sk) = (usage_pk(&key.tenant), usage_sk(key.meter.as_str(), key.window_start));
-        let out = self
-            .client
-            .update_item()
+        let mark = Update::builder()
             .table_name(&self.table)
             .key("pk", s(pk.clone()))
             .key("sk", s(sk.clone()))
@@ -126,12 +124,35 @@ impl ExportStore for DynamoStore {
             .expression_attribute_values(":rev", n(aggregate_.revision))
             .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1))
-            .send()
-            .await;
-        match out {
-            Ok(_) => {}
-            Err(e) if is_ccf(&e) => return Ok(false),
-            Err(e) => return Err(sdk(e)),
+            .build()
+            .map_err(backend)?;
+        // What was sent goes in the ledger in the same transaction (the caller read it from the
+        // store: begin_export's answer, or the dead letter's).
+        let mut actions = vec![TransactWriteItem::builder().update(mark).build()];
+        if let Some(send) = aggregate_.send.clone().filter(|s| s.customer.is_some()) {
+            let entry = LedgerEntry::new(key.clone(), aggregate_.revision, send, Some(now));
+            actions.push(TransactWriteItem::builder().put(self.ledger_put(&entry, now)?).build());
+        }
+        let mut finished = false;
+        for attempt in 0..ATTEMPTS {
+            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                Ok(_) => {
+                    finished = true;
+                    break;
+                }
+                Err(e) => match cancellation(&e) {
+                    Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                        return Ok(false)
+                    }
+                    Some(r) if retryable(&r) => backoff(attempt).await,
+                    _ => return Err(sdk(e)),
+                },
+            }
+        }
+        if !finished {
+            return Err(StoreError::Conflict(
+                "marking an export done conflicted with other writes under every attempt",
+            ));
         }
         // Out of the export index once all is exported (a flush adding to it puts it back).
         let done = self
@@ -154,6 +175,161 @@ impl ExportStore for DynamoStore {
             }
         }
         Ok(true)
+    }
+
+    async fn ledger(
+        &self,
+        hour: i64,
+        after: Option<(&ExportKey, u32)>,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        while out.len() < limit {
+            let q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .expression_attribute_values(":pk", s(ledger_pk(hour)))
+                .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take());
+            let q = match after {
+                Some((k, r)) => q
+                    .key_condition_expression("pk = :pk AND sk > :after")
+                    .expression_attribute_values(":after", s(ledger_sk(k, r))),
+                None => q.key_condition_expression("pk = :pk"),
+            };
+            let page = q.send().await.map_err(sdk)?;
+            out.extend(page.items.unwrap_or_default().iter().filter_map(ledger_entry));
+            match page.last_evaluated_key {
+                Some(k) if out.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn note_lacking(&self, entry: &LedgerEntry, now: i64) -> Result<i64, StoreError> {
+        // An entry kept: the first time is kept.
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(ledger_pk(entry.hour())))
+            .key("sk", s(ledger_sk(&entry.key, entry.revision)))
+            .condition_expression("attribute_exists(pk)")
+            .update_expression("SET lacking_since = if_not_exists(lacking_since, :now)")
+            .expression_attribute_values(":now", n(now))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match out {
+            Ok(o) => return Ok(o.attributes.as_ref().and_then(|a| get_i(a, "lacking_since")).unwrap_or(now)),
+            Err(e) if is_ccf(&e) => {}
+            Err(e) => return Err(sdk(e)),
+        }
+        // A dead letter under observation: an entry of its own, unless one came meanwhile.
+        let mut observed = entry.clone();
+        observed.exported_at = None;
+        observed.lacking_since = Some(now);
+        let put = self.ledger_put(&observed, now)?;
+        let sent = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(put.item().clone()))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(now),
+            Err(e) if is_ccf(&e) => {
+                let item = self.get(ledger_pk(entry.hour()), &ledger_sk(&entry.key, entry.revision)).await?;
+                Ok(item.and_then(|i| get_i(&i, "lacking_since")).unwrap_or(now))
+            }
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    async fn clear_lacking(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
+        let (pk, sk) = (ledger_pk(entry.hour()), ledger_sk(&entry.key, entry.revision));
+        let gone = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(pk.clone()))
+            .key("sk", s(sk.clone()))
+            .condition_expression("attribute_not_exists(exported_at)")
+            .send()
+            .await;
+        match gone {
+            Ok(_) => return Ok(()),
+            Err(e) if is_ccf(&e) => {}
+            Err(e) => return Err(sdk(e)),
+        }
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(pk))
+            .key("sk", s(sk))
+            .condition_expression("attribute_exists(pk)")
+            .update_expression("REMOVE lacking_since")
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(()),
+            Err(e) if is_ccf(&e) => Ok(()),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
+        let key = &entry.key;
+        let superseded = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(ledger_pk(entry.hour())))
+            .key("sk", s(ledger_sk(key, entry.revision)))
+            .condition_expression("attribute_exists(exported_at) AND attribute_not_exists(superseded)")
+            .update_expression("SET superseded = :yes REMOVE lacking_since")
+            .expression_attribute_values(":yes", AttributeValue::Bool(true))
+            .build()
+            .map_err(backend)?;
+        // Back in line for export: the value no longer counts as exported.
+        let reopened = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(usage_pk(&key.tenant)))
+            .key("sk", s(usage_sk(key.meter.as_str(), key.window_start)))
+            .condition_expression(
+                "revision > :rev AND attribute_not_exists(dead) AND attribute_not_exists(in_flight) \
+                 AND exported >= :v",
+            )
+            .update_expression("SET exported = exported - :v, gpk = :g, gsk = :k, #ttl = :ttl")
+            .expression_attribute_names("#ttl", "ttl")
+            .expression_attribute_values(":rev", n(entry.revision))
+            .expression_attribute_values(":v", n(entry.send.value))
+            .expression_attribute_values(":g", s("PENDING"))
+            .expression_attribute_values(":k", s(usage_gsk(key)))
+            .expression_attribute_values(":ttl", n(waiting_ttl(key.window_start).max(unix_now() + 14 * 86_400)))
+            .build()
+            .map_err(backend)?;
+        let actions = vec![
+            TransactWriteItem::builder().update(superseded).build(),
+            TransactWriteItem::builder().update(reopened).build(),
+        ];
+        for attempt in 0..ATTEMPTS {
+            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                Ok(_) => return Ok(true),
+                Err(e) => match cancellation(&e) {
+                    Some(r) if r.iter().flatten().any(|c| c == "ConditionalCheckFailed") => return Ok(false),
+                    Some(r) if retryable(&r) => backoff(attempt).await,
+                    _ => return Err(sdk(e)),
+                },
+            }
+        }
+        Err(StoreError::Conflict("a re-export conflicted with other writes under every attempt"))
     }
 
     async fn dead_letter(&self, aggregate_: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
@@ -335,4 +511,51 @@ impl DynamoStore {
             .expression_attribute_values(":now", n(claim.now))
             .expression_attribute_values(":until", n(claim.until))
     }
+}
+
+impl DynamoStore {
+    /// The put of a ledger entry, kept (by TTL) 35 days from `now`.
+    fn ledger_put(&self, entry: &LedgerEntry, now: i64) -> Result<Put, StoreError> {
+        let k = &entry.key;
+        let mut put = Put::builder()
+            .table_name(&self.table)
+            .item("pk", s(ledger_pk(entry.hour())))
+            .item("sk", s(ledger_sk(k, entry.revision)))
+            .item("tenant", s(k.tenant.as_str()))
+            .item("meter", s(k.meter.as_str()))
+            .item("window", n(k.window_start))
+            .item("revision", n(entry.revision))
+            .item("send", s(entry.send.to_json()))
+            .item("ttl", n(now.saturating_add(LEDGER_KEPT_SECS)));
+        if let Some(at) = entry.exported_at {
+            put = put.item("exported_at", n(at));
+        }
+        if let Some(at) = entry.lacking_since {
+            put = put.item("lacking_since", n(at));
+        }
+        if entry.superseded {
+            put = put.item("superseded", AttributeValue::Bool(true));
+        }
+        put.build().map_err(backend)
+    }
+}
+
+/// The partition of the ledger entries stamped in the hour starting at `hour`.
+fn ledger_pk(hour: i64) -> String {
+    format!("L{SEP}{}", window_text(hour))
+}
+
+/// An entry's sort key: (tenant, meter, window, revision) order.
+fn ledger_sk(key: &ExportKey, revision: u32) -> String {
+    format!("{}{SEP}{revision:010}", usage_gsk(key))
+}
+
+fn ledger_entry(item: &Item) -> Option<LedgerEntry> {
+    let key = ExportKey::new(get_s(item, "tenant")?.into(), get_s(item, "meter")?.into(), get_i(item, "window")?);
+    let revision = u32::try_from(get_u(item, "revision")).unwrap_or(u32::MAX);
+    let send = ExportSend::from_json(get_s(item, "send")?)?;
+    let mut e = LedgerEntry::new(key, revision, send, get_i(item, "exported_at"));
+    e.lacking_since = get_i(item, "lacking_since");
+    e.superseded = matches!(item.get("superseded"), Some(AttributeValue::Bool(true)));
+    Some(e)
 }

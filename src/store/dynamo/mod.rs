@@ -23,8 +23,8 @@ use super::contract::{EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, 
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore,
+    LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError,
+    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, TenantId};
 

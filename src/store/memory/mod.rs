@@ -11,8 +11,8 @@ use super::contract::{
 use super::{
     ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, FlushId, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+    LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError,
+    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
@@ -71,6 +71,10 @@ struct Inner {
     idempotency: HashMap<String, Binding>,
     /// Bytes of stored responses per bucket of the idempotency window (the last two kept).
     response_bytes: std::collections::BTreeMap<i64, u64>,
+    /// The export ledger by (hour, key, revision), and the order its entries came in (their
+    /// time, for pruning).
+    ledger: BTreeMap<(i64, ExportKey, u32), LedgerEntry>,
+    ledger_order: VecDeque<(i64, (i64, ExportKey, u32))>,
     /// The newest window committed, and when aggregates were last pruned against it.
     newest_window: i64,
     pruned_at: i64,
@@ -116,6 +120,23 @@ impl Inner {
 
     /// Files the aggregate at `key` in [`Inner::pending`] or [`Inner::parked`] (or neither),
     /// after any change to it.
+    /// Keeps `entry` in the ledger, and lets entries older than [`LEDGER_KEPT_SECS`] go.
+    fn put_ledger(&mut self, entry: LedgerEntry, now: i64) {
+        while let Some((at, _)) = self.ledger_order.front() {
+            if *at >= now - LEDGER_KEPT_SECS {
+                break;
+            }
+            let Some((at, slot)) = self.ledger_order.pop_front() else { break };
+            // Only if it was not written again since.
+            if self.ledger.get(&slot).is_some_and(|e| e.exported_at.or(e.lacking_since).unwrap_or(at) <= at) {
+                self.ledger.remove(&slot);
+            }
+        }
+        let slot = (entry.hour(), entry.key.clone(), entry.revision);
+        self.ledger_order.push_back((now, slot.clone()));
+        self.ledger.insert(slot, entry);
+    }
+
     fn index(&mut self, key: &ExportKey) {
         let (pending, parked) = match self.usage.get(key) {
             Some(a) if a.dead.is_some() => (false, true),
@@ -445,7 +466,7 @@ mod tests {
         );
         let theirs = s.begin_export(&agg, &ExportClaim::new(2, 400, 700), &send()).await.unwrap().unwrap();
         assert_eq!((theirs.attempts, theirs.first_attempt_at, theirs.in_flight), (2, Some(100), Some(5)));
-        assert!(s.finish_export(&theirs).await.unwrap());
+        assert!(s.finish_export(&theirs, 1_000).await.unwrap());
         let done = s.usage(&agg.key).await.unwrap().unwrap();
         assert_eq!((done.attempts, done.first_attempt_at, done.claimed_until, done.revision), (0, None, None, 1));
     }
@@ -477,7 +498,7 @@ mod tests {
         let (a, b) = (&listed[0], &listed[1]);
         let a = s.begin_export(a, &ExportClaim::new(1, 100, 400), &send()).await.unwrap().unwrap();
         assert_eq!(check(&s), (3, 0), "in flight: still listed");
-        assert!(s.finish_export(&a).await.unwrap());
+        assert!(s.finish_export(&a, 1_000).await.unwrap());
         assert_eq!(check(&s), (2, 0));
         s.dead_letter(b, "refused").await.unwrap();
         assert_eq!(check(&s), (1, 1));
@@ -555,8 +576,8 @@ mod tests {
             s.begin_export(&pending[0], &ExportClaim::new(1, 0, 300), &send()).await.unwrap().unwrap().in_flight,
             Some(5)
         );
-        assert!(s.finish_export(&fixed).await.unwrap());
-        assert!(!s.finish_export(&fixed).await.unwrap(), "stale revision");
+        assert!(s.finish_export(&fixed, 1_000).await.unwrap());
+        assert!(!s.finish_export(&fixed, 1_000).await.unwrap(), "stale revision");
         let next = s.pending_exports(3600, None, 10).await.unwrap();
         assert_eq!((next[0].quantity, next[0].exported, next[0].revision, next[0].in_flight), (7, 5, 1, None));
     }

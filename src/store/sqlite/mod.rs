@@ -13,8 +13,8 @@ use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord,
-    UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore,
+    LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError,
+    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore,
 };
 use crate::{
     base::{KeyHash, TenantId},
@@ -465,6 +465,10 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
             [EVENT_IDS_KEPT_SECS, wall],
         )?;
     }
+    tx.execute(
+        "DELETE FROM ledger WHERE kept_from < ?1",
+        [newest_window.min(wall).saturating_sub(crate::store::LEDGER_KEPT_SECS)],
+    )?;
     tx.execute("DELETE FROM idempotency WHERE expires_at <= ?1", [wall])?;
     tx.execute(
         "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency ORDER BY expires_at \

@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 7;
+pub(super) const SCHEMA_VERSION: i32 = 8;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -129,6 +129,25 @@ ALTER TABLE usage ADD COLUMN billable INTEGER NOT NULL DEFAULT 1;
 DROP INDEX usage_pending;
 CREATE INDEX usage_pending ON usage (tenant, meter, window_start)
     WHERE dead IS NULL AND billable = 1 AND (quantity > exported OR in_flight IS NOT NULL);
+",
+    // The export ledger that reconciliation compares with the billing system: one row per
+    // exported revision (and per dead letter under observation), by the hour of its timestamp,
+    // kept 35 days from `kept_from`.
+    r"
+CREATE TABLE ledger (
+    hour          INTEGER NOT NULL,
+    tenant        TEXT NOT NULL,
+    meter         TEXT NOT NULL,
+    window_start  INTEGER NOT NULL,
+    revision      INTEGER NOT NULL,
+    send          TEXT NOT NULL,
+    exported_at   INTEGER,
+    lacking_since INTEGER,
+    superseded    INTEGER NOT NULL DEFAULT 0,
+    kept_from     INTEGER NOT NULL,
+    PRIMARY KEY (hour, tenant, meter, window_start, revision)
+) WITHOUT ROWID;
+CREATE INDEX ledger_kept ON ledger (kept_from);
 ",
 ];
 
