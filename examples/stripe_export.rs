@@ -10,7 +10,8 @@
 //! meter and one pre-aggregated per hour), in 15-minute windows, with a late flush for a tenth
 //! of them after the first export; then exports with `export.calls_per_second` (default 25,
 //! the configuration's default) and prints the rate reached and the calls per
-//! tenant-meter-hour.
+//! tenant-meter-hour. Then it reconciles the three hours (two hours later, so they have
+//! settled) and prints the reads of Stripe and the time of the pass.
 
 #[path = "../tests/common/stripe.rs"]
 mod standin;
@@ -101,4 +102,23 @@ async fn main() {
     let totals = standin.totals();
     let billed: i64 = totals.values().sum();
     println!("billed in the stand-in: {billed} units over {} customer-meters", totals.len());
+
+    // Reconciliation of the three hours, once they have settled.
+    let now = NOON + 6 * 3600;
+    fake.set_unix(now);
+    standin.set_now(now);
+    let started = Instant::now();
+    let request = tollgate::report::ReconcileRequest::new(NOON, now).fix(true);
+    let r = engine.reconcile(&request).await.expect("reconcile");
+    let elapsed = started.elapsed();
+    println!(
+        "reconciliation: {} reads of Stripe ({} summary reads) for {tenants} tenants x 1 sum meter, {} hours \
+         compared, {} entries of the pre-aggregated meter not compared, {} hours of drift, in {:.2} s",
+        r.reads,
+        standin.summary_reads(),
+        r.compared,
+        r.not_compared,
+        r.drift.len(),
+        elapsed.as_secs_f64()
+    );
 }

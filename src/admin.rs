@@ -633,6 +633,53 @@ impl Admin {
         Ok((requeued, left))
     }
 
+    /// Gives the store a new meter event identifier namespace (after restoring a backup, or
+    /// copying a store for a second deployment), if nothing it exported under the current one
+    /// is unsettled: refused while a dead letter may be held by the billing system under its
+    /// current identifier (`unconfirmed`, `unsettled`, or failed without a status), since a
+    /// new identifier would bill it twice. Run an export pass and a reconciliation
+    /// ([`Tollgate::reconcile`](crate::Tollgate::reconcile) with `fix`) under the current
+    /// namespace first, so that what the billing system already holds is marked exported
+    /// (`tollgate export --new-namespace` does all three). Exports in flight keep the identifier
+    /// they began with. Returns (the old namespace, the new one).
+    ///
+    /// # Errors
+    /// Such dead letters remain ([`AdminError::Invalid`], naming the first), another process
+    /// changed the namespace meanwhile, or the store failed.
+    pub async fn new_identifier_namespace(&self) -> Result<(String, String), AdminError> {
+        let mut after = None;
+        let mut unsettled: Vec<DeadLetter> = Vec::new();
+        let mut count = 0usize;
+        loop {
+            let page = self.usage.dead_letters(after.as_ref(), 100).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for d in page {
+                let r = d.reason.as_str();
+                if r.starts_with("unconfirmed") || r.starts_with("unsettled") || r.starts_with("failed ") {
+                    count += 1;
+                    if unsettled.is_empty() {
+                        unsettled.push(d);
+                    }
+                }
+            }
+        }
+        if let Some(first) = unsettled.first() {
+            return Err(AdminError::Invalid(format!(
+                "{count} dead letters may be held by the billing system under the current namespace (the first: \
+                 {} {} {}): settle them first (tollgate reconcile --fix, or by hand with tollgate export \
+                 --confirm or --requeue), or a new identifier would bill them twice",
+                first.key.tenant, first.key.meter, first.key.window_start
+            )));
+        }
+        let old = self.usage.identifier_namespace().await?;
+        let new = crate::store::draw_namespace();
+        if !self.usage.set_identifier_namespace(&old, &new).await? {
+            return Err(AdminError::Invalid("the namespace changed meanwhile: run the command again".into()));
+        }
+        Ok((old, new))
+    }
+
     /// Confirms a dead letter by hand: the billing system holds what it sent (checked there),
     /// so it is marked exported. Returns `false` when nothing was in flight for it (requeue it
     /// instead).

@@ -87,6 +87,31 @@ enum Command {
         /// nothing).
         #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all", "confirm"])]
         repair_ttl: bool,
+        /// After restoring a backup (or copying the store for a second deployment): exports
+        /// what is due and reconciles the last 35 days under the current meter event identifier
+        /// namespace (so what Stripe already holds is marked exported), then gives the store a
+        /// new namespace; refused while dead letters Stripe may hold remain.
+        #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all", "confirm", "repair_ttl"])]
+        new_namespace: bool,
+    },
+    /// Compares what Stripe holds (its hourly meter event summaries) with what tollgate
+    /// exported (the store's ledger), per tenant, meter and hour; with --fix, acts on what it
+    /// proves: an hour Stripe lost is sent again as a new revision (after two passes
+    /// `export.reconcile_after` apart, past Stripe's 24-hour de-duplication), dead letters that
+    /// may have been taken are confirmed or requeued. Stripe holding more is only reported.
+    Reconcile {
+        /// From (a date, an RFC 3339 time, or Unix seconds; default: 2 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// To, exclusive (same forms; default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Act on what is proven (otherwise only report).
+        #[arg(long)]
+        fix: bool,
     },
 }
 
@@ -239,10 +264,13 @@ async fn run(cli: Cli) -> Result<()> {
             tenants(&Admin::open(&config).await?, &config, command).await
         }
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
-        Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl } => {
+        Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl, new_namespace } => {
             let config = load(&cli.config)?;
             if repair_ttl {
                 return repair_ttl_of(&config).await;
+            }
+            if new_namespace {
+                return new_namespace_of(config).await;
             }
             if dead_letters || requeue_all || requeue.is_some() || confirm.is_some() {
                 let admin = Admin::open(&config).await?;
@@ -254,6 +282,16 @@ async fn run(cli: Cli) -> Result<()> {
                 };
             }
             export(config, dry_run).await
+        }
+        Command::Reconcile { from, to, tenant, fix } => {
+            let now = now();
+            let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now);
+            let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to.saturating_sub(2 * 86_400));
+            let mut request = tollgate::report::ReconcileRequest::new(from, to).fix(fix);
+            if let Some(t) = tenant {
+                request = request.tenant(t.as_str().into());
+            }
+            reconcile(load(&cli.config)?, &request).await
         }
         Command::Usage { tenant, meter, from, to } => {
             let now = now();
@@ -338,6 +376,82 @@ async fn export(config: Config, dry_run: bool) -> Result<()> {
     }
     if r.halted {
         return Err("Stripe refused the API key (401/403): the export stopped; check STRIPE_SECRET_KEY".into());
+    }
+    Ok(())
+}
+
+/// `export --new-namespace`: an export pass and a reconciliation of the last 35 days under the
+/// current namespace, then a new one.
+async fn new_namespace_of(config: Config) -> Result<()> {
+    if config.stripe().is_none() {
+        return Err("the configuration has no [stripe] section: identifiers are Stripe's".into());
+    }
+    let (engine, _worker) =
+        tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
+    let r = engine.export().await?;
+    if r.halted {
+        return Err("Stripe refused the API key (401/403): nothing was changed".into());
+    }
+    println!("{} meter events sent, {} dead-lettered under the current namespace", r.events, r.dead_letters);
+    let to = now();
+    let request = tollgate::report::ReconcileRequest::new(to - 35 * 86_400, to).fix(true);
+    let r = engine.reconcile(&request).await?;
+    println!(
+        "reconciled {} hours: {} dead letters confirmed, {} requeued, {} hours of drift",
+        r.compared,
+        r.confirmed,
+        r.requeued,
+        r.drift.len() + r.more_drift
+    );
+    engine.shutdown().await?;
+    let admin = Admin::open(&config).await?;
+    let (old, new) = admin.new_identifier_namespace().await?;
+    let old = if old.is_empty() { "(empty)" } else { old.as_str() };
+    println!("identifier namespace changed from {old} to {new}");
+    Ok(())
+}
+
+/// One reconciliation pass against Stripe, printed as a table of the hours that differ.
+async fn reconcile(config: Config, request: &tollgate::report::ReconcileRequest) -> Result<()> {
+    if config.stripe().is_none() {
+        return Err("the configuration has no [stripe] section: there is nothing to reconcile with".into());
+    }
+    let (engine, _worker) =
+        tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
+    let r = engine.reconcile(request).await?;
+    println!(
+        "{:<20} {:<12} {:<12} {:<20} {:>10} {:>10} {:>8}  action",
+        "hour (UTC)", "tenant", "meter", "customer", "exported", "stripe", "letters"
+    );
+    for d in &r.drift {
+        let action = match d.action {
+            tollgate::report::DriftAction::Lacking { since } => format!("lacking since {}", time_text(since)),
+            other => other.label().to_owned(),
+        };
+        println!(
+            "{:<20} {:<12} {:<12} {:<20} {:>10} {:>10} {:>8}  {action}",
+            time_text(d.hour),
+            d.tenant.as_str(),
+            d.meter.as_str(),
+            d.customer,
+            d.expected,
+            d.held,
+            d.letters
+        );
+    }
+    if r.more_drift > 0 {
+        println!("… and {} more hours", r.more_drift);
+    }
+    println!(
+        "{} hours compared ({} reads of Stripe), {} settling; Stripe lacks {} units and holds {} more; \
+         {} resent, {} dead letters confirmed, {} requeued",
+        r.compared, r.reads, r.settling, r.lacking_units, r.surplus_units, r.resent, r.confirmed, r.requeued
+    );
+    if r.not_compared > 0 {
+        println!(
+            "{} events of pre-aggregated meters are not compared (Stripe keeps their newest value)",
+            r.not_compared
+        );
     }
     Ok(())
 }

@@ -372,3 +372,96 @@ fn tenants_of_the_file_are_listed_and_reported() {
     let usage = ok(d, &["usage", "filed"]);
     assert!(usage.contains("billing customer cus_filed"), "{usage}");
 }
+
+/// `tollgate reconcile` on a SQLite file against the Stripe stand-in: the hours Stripe lacks
+/// and those it holds more of are printed per tenant, meter and hour; without --fix nothing is
+/// noted, with it the lacking hour is noted (acted on by a later pass that agrees).
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_prints_the_hours_stripe_lacks_and_holds_more_of() {
+    use tollgate::store::{ExportClaim, ExportSend, ExportStore, FlushId, SqliteStore, UsageBatch, UsageRecord};
+    let standin = common::stripe::StandIn::start(&[("api_requests", None)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[store]\npath = \"t.db\"\n[meters.requests]\nevent_name = \"api_requests\"\n{PLANS}\
+         [tenants.acme]\nplan = \"free\"\nkeys = [\"key-acme\"]\nstripe_customer = \"cus_acme\"\n\
+         [tenants.globex]\nplan = \"free\"\nkeys = [\"key-globex\"]\nstripe_customer = \"cus_globex\"\n\
+         [stripe]\napi_base = \"{}\"\n",
+        standin.url
+    );
+    std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let window = now - now.rem_euclid(3600) - 3 * 3600;
+    // Exported two hours ago (as a node would have): acme 7, globex 2.
+    let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    let records = vec![
+        UsageRecord::new("acme".into(), "requests".into(), window, 7),
+        UsageRecord::new("globex".into(), "requests".into(), window, 2),
+    ];
+    store.commit_usage(&UsageBatch::new(FlushId::new("f1"), records)).await.unwrap();
+    for agg in store.pending_exports(i64::MAX, None, 10).await.unwrap() {
+        let customer = format!("cus_{}", agg.key.tenant);
+        let send = ExportSend::new(agg.quantity, window + 3599, Some(customer), "api_requests")
+            .with_identifier(format!("tg_{}", agg.key.tenant));
+        let claim = ExportClaim::new(1, now - 2 * 3600, now - 3600);
+        let begun = store.begin_export(&agg, &claim, &send).await.unwrap().unwrap();
+        assert!(store.finish_export(&begun, now - 2 * 3600).await.unwrap());
+    }
+    drop(store);
+    // Stripe holds globex's event and one sent by hand; acme's it lost.
+    standin.set_now(now - 2 * 3600);
+    for (identifier, value) in [("tg_globex", 2), ("by-hand", 5)] {
+        standin.inject(common::stripe::Accepted {
+            identifier: identifier.into(),
+            event_name: "api_requests".into(),
+            customer: "cus_globex".into(),
+            value,
+            timestamp: window + 600,
+        });
+    }
+    standin.set_now(now);
+
+    let reconcile = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("reconcile")
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("TOLLGATE_CONFIG")
+            .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "tollgate reconcile {args:?}: {stderr}");
+        stdout.into_owned()
+    };
+    let from = window.to_string();
+    let out = reconcile(&["--from", &from]);
+    let line = |tenant: &str| out.lines().find(|l| l.contains(&format!(" {tenant} "))).unwrap_or_default().to_owned();
+    let (acme, globex) = (line("acme"), line("globex"));
+    assert!(acme.contains("cus_acme") && acme.contains(" 7 ") && acme.ends_with("reported"), "{out}");
+    assert!(globex.contains(" 2 ") && globex.contains(" 7 ") && globex.ends_with("reported"), "{out}");
+    assert!(out.contains("Stripe lacks 7 units and holds 5 more"), "{out}");
+    assert!(out.contains("2 reads of Stripe"), "{out}");
+    let out = reconcile(&["--from", &from, "--tenant", "acme", "--fix"]);
+    assert!(out.contains("lacking since") && !out.contains("globex"), "{out}");
+    assert!(out.contains("0 resent"), "{out}");
+    assert_eq!(standin.calls(), 0, "nothing sent");
+    let err = fails(dir.path(), &["reconcile", "--from", "yesterday"]);
+    assert!(err.contains("is not a time"), "{err}");
+
+    // A new namespace (after a restore): exports and reconciles first, then changes it.
+    let before = SqliteStore::read_identifier_namespace(dir.path().join("t.db")).await.unwrap().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["export", "--new-namespace"])
+        .current_dir(dir.path())
+        .env_remove("TOLLGATE_CONFIG")
+        .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = SqliteStore::read_identifier_namespace(dir.path().join("t.db")).await.unwrap().unwrap();
+    assert_ne!(before, after);
+    assert!(stdout.contains(&format!("changed from {before} to {after}")), "{stdout}");
+    assert_eq!(standin.calls(), 0, "nothing was due");
+}
