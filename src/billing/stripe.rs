@@ -107,8 +107,9 @@ pub(crate) fn read_secrets(
 pub struct StripeSink {
     client: stripe::Client,
     timeout: Duration,
-    /// Meter ids by event name, read from `GET /v1/billing/meters` when one is missing.
-    meters: std::sync::Mutex<HashMap<String, String>>,
+    /// Active meter ids by event name, read from `GET /v1/billing/meters?status=active` when
+    /// one is missing or the list is older than [`METERS_KEPT`], and when it was read.
+    meters: std::sync::Mutex<(HashMap<String, String>, Option<std::time::Instant>)>,
 }
 
 impl fmt::Debug for StripeSink {
@@ -129,7 +130,7 @@ impl StripeSink {
             builder = builder.url(base);
         }
         let client = builder.build().map_err(|e| StripeSetupError::Client(e.to_string()))?;
-        Ok(Self { client, timeout, meters: std::sync::Mutex::new(HashMap::new()) })
+        Ok(Self { client, timeout, meters: std::sync::Mutex::new((HashMap::new(), None)) })
     }
 
     /// The sink the configuration's `[stripe]` section describes, with the secret key from
@@ -214,16 +215,26 @@ impl BillingSink for StripeSink {
 }
 
 impl StripeSink {
-    /// The id of the meter named `event_name`: from the cache, else read from Stripe's list.
+    /// The id of the active meter named `event_name`: from the cache, else read from Stripe's
+    /// list of active meters. Two active meters with one event name are refused: which one
+    /// Stripe counts an event in cannot be told, and reading the wrong one would make every
+    /// hour look lost.
     async fn meter_id(&self, event_name: &str) -> Result<String, SinkError> {
         use stripe_billing::billing_meter::ListBillingMeter;
-        if let Some(id) = self.meters.lock().unwrap_or_else(|e| e.into_inner()).get(event_name) {
-            return Ok(id.clone());
+        use stripe_billing::BillingMeterStatus;
+        {
+            let cache = self.meters.lock().unwrap_or_else(|e| e.into_inner());
+            if let (Some(id), Some(at)) = (cache.0.get(event_name), cache.1) {
+                if at.elapsed() < METERS_KEPT {
+                    return Ok(id.clone());
+                }
+            }
         }
-        let mut found = HashMap::new();
+        let mut found: HashMap<String, String> = HashMap::new();
+        let mut twice: Vec<String> = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let mut request = ListBillingMeter::new().limit(100);
+            let mut request = ListBillingMeter::new().status(BillingMeterStatus::Active).limit(100);
             if let Some(after) = &after {
                 request = request.starting_after(after.as_str());
             }
@@ -232,18 +243,31 @@ impl StripeSink {
                 Err(e) => return classify(e).map(|()| String::new()),
             };
             for meter in &page.data {
-                found.insert(meter.event_name.clone(), meter.id.as_str().to_owned());
+                if found.insert(meter.event_name.clone(), meter.id.as_str().to_owned()).is_some() {
+                    twice.push(meter.event_name.clone());
+                }
             }
             match page.data.last() {
                 Some(last) if page.has_more => after = Some(last.id.as_str().to_owned()),
                 _ => break,
             }
         }
+        for name in &twice {
+            found.remove(name);
+        }
         let id = found.get(event_name).cloned();
-        *self.meters.lock().unwrap_or_else(|e| e.into_inner()) = found;
-        id.ok_or_else(|| SinkError::Permanent(format!("Stripe has no meter with the event name `{event_name}`")))
+        *self.meters.lock().unwrap_or_else(|e| e.into_inner()) = (found, Some(std::time::Instant::now()));
+        if twice.iter().any(|n| n == event_name) {
+            return Err(SinkError::Permanent(format!(
+                "Stripe has two active meters with the event name `{event_name}`: deactivate one"
+            )));
+        }
+        id.ok_or_else(|| SinkError::Permanent(format!("Stripe has no active meter with the event name `{event_name}`")))
     }
 }
+
+/// How long the list of Stripe's meters is kept before it is read again.
+const METERS_KEPT: Duration = Duration::from_secs(3600);
 
 /// The start of Stripe's answer to a meter event whose identifier it already holds: 400
 /// `invalid_request_error`, without a `code` (reported by integrators, e.g.

@@ -526,21 +526,16 @@ impl Tollgate {
         self.shared.exporter.reconcile(&self.shared.runtime.load_full(), request).await
     }
 
-    /// The worker's reconciliation pass: with `fix`, the hours exported between
-    /// `export.reconcile_after` and well past the billing system's de-duplication horizon ago.
+    /// The worker's reconciliation pass: with `fix`, over the hours that reach every event
+    /// from `export.reconcile_after` after its export until past the billing system's
+    /// de-duplication horizon ([`worker_reach`](super::reconcile::worker_reach)); sets the drift gauges.
     pub(crate) async fn reconcile_pass(&self) -> Result<ReconcileReport, ReconcileError> {
         let rt = self.shared.runtime.load_full();
         let now = self.shared.clock.unix_secs();
-        let settings = &rt.config.export;
-        // Two intervals, and at least a day and two hours: an event proven lacking is sent
-        // again only past the 24 hours its identifier is de-duplicated, so the pass must reach
-        // it then. Stamps may precede export by the invoice grace and a window.
-        let reach = (2 * settings.reconcile_interval.as_secs() as i64).max(26 * 3600);
-        let grace = rt.config.stripe().map_or(0, |s| s.invoice_grace.as_secs() as i64);
-        let longest = rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs()).max().unwrap_or(0);
-        let window = (rt.config.usage.window.as_secs() as i64).max(longest);
-        let from = now - settings.reconcile_after.as_secs() as i64 - reach - grace - window;
-        self.reconcile(&ReconcileRequest::new(from, now).fix(true)).await
+        let from = now - super::reconcile::worker_reach(&rt);
+        let report = self.reconcile(&ReconcileRequest::new(from, now).fix(true)).await?;
+        self.shared.exporter.record_drift(&report);
+        Ok(report)
     }
 
     /// What the next [`export`](Self::export) would send, without sending or claiming

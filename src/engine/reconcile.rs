@@ -155,6 +155,9 @@ pub struct ReconcileReport {
     pub not_compared: usize,
     /// Reads of the billing system.
     pub reads: usize,
+    /// (customer, meter) pairs whose read failed (a refused customer, a meter gone, a 429):
+    /// left for the next pass, logged.
+    pub unread: usize,
     /// Units the billing system lacks, over the hours compared.
     pub lacking_units: u64,
     /// Units the billing system holds beyond the ledger, over the hours compared.
@@ -196,19 +199,58 @@ pub enum ReconcileError {
     Sink(#[from] SinkError),
 }
 
+/// An open dead letter that may have been taken.
+#[derive(Debug)]
+struct Letter {
+    entry: LedgerEntry,
+    /// Whether reconciliation may requeue it once proven lacking: not an `unsettled` one,
+    /// since the billing system holds something under its identifier, perhaps stamped in
+    /// another hour or with another value.
+    requeueable: bool,
+}
+
 /// The entries of one hour of one (customer, meter).
 #[derive(Debug, Default)]
 struct Cell {
     /// Exported and not superseded: what the billing system should hold.
     expected: Vec<LedgerEntry>,
     /// Open dead letters that may have been taken.
-    letters: Vec<LedgerEntry>,
+    letters: Vec<Letter>,
     /// An entry exported less than `reconcile_after` ago.
     settling: bool,
 }
 
-/// (customer, event name) -> (its meter, hour -> cell).
-type Cells = BTreeMap<(String, String), (MeterId, BTreeMap<i64, Cell>)>;
+/// The hours of one (customer, meter), and the tenants met in them.
+#[derive(Debug)]
+struct Group {
+    meter: MeterId,
+    hours: BTreeMap<i64, Cell>,
+    tenants: BTreeSet<TenantId>,
+}
+
+/// (customer, event name) -> its group.
+type Cells = BTreeMap<(String, String), Group>;
+
+/// What an hour compared shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Equal: marks of lacking entries are cleared.
+    Clean,
+    /// The billing system holds more.
+    Surplus,
+    /// It holds this much less, and the hour has no letters.
+    Short(u64),
+    /// It holds the ledger's total and the letters'.
+    LettersHeld,
+    /// It holds the ledger's total, none of the letters'.
+    LettersLacking,
+    /// Anything else.
+    Unclear,
+}
+
+/// A pass lacking this many hours or more, over a tenth of those compared, looks like a
+/// misread (a wrong meter, a delayed summary) rather than loss: nothing lacking is acted on.
+const SUSPICIOUS_HOURS: usize = 10;
 
 impl Exporter {
     /// See [`Tollgate::reconcile`](crate::Tollgate::reconcile).
@@ -226,35 +268,35 @@ impl Exporter {
         let to = floor_hour(request.to.saturating_add(HOUR - 1)).min(floor_hour(now) + HOUR);
         let mut report = ReconcileReport::default();
         let mut cells: Cells = BTreeMap::new();
-        let wanted = |tenant: &TenantId| request.tenant.as_ref().is_none_or(|t| t == tenant);
+        let group = |cells: &mut Cells, entry: &LedgerEntry| -> (String, String) {
+            let key = (entry.send.customer.clone().unwrap_or_default(), entry.send.event_name.clone());
+            let g = cells.entry(key.clone()).or_insert_with(|| Group {
+                meter: entry.key.meter.clone(),
+                hours: BTreeMap::new(),
+                tenants: BTreeSet::new(),
+            });
+            g.tenants.insert(entry.key.tenant.clone());
+            key
+        };
 
         // The ledger, hour by hour.
         let mut hour = from;
         while hour < to {
-            let mut cursor: Option<(ExportKey, u32)> = None;
-            loop {
-                let page = store.ledger(hour, cursor.as_ref().map(|(k, r)| (k, *r)), PAGE).await?;
-                let Some(last) = page.last() else { break };
-                cursor = Some((last.key.clone(), last.revision));
-                let full = page.len() == PAGE;
-                for entry in page {
-                    let Some(customer) = entry.send.customer.clone() else { continue };
-                    if !wanted(&entry.key.tenant) || entry.exported_at.is_none() || entry.superseded {
-                        continue;
-                    }
-                    if aggregation(rt, &entry.key.meter) != MeterAggregation::Sum {
+            for entry in self.ledger_hour(hour).await? {
+                if entry.send.customer.is_none() || entry.exported_at.is_none() || entry.superseded {
+                    continue;
+                }
+                if aggregation(rt, &entry.key.meter) != MeterAggregation::Sum {
+                    if request.tenant.as_ref().is_none_or(|t| t == &entry.key.tenant) {
                         report.not_compared += 1;
-                        continue;
                     }
-                    let (_, hours) = cells
-                        .entry((customer, entry.send.event_name.clone()))
-                        .or_insert_with(|| (entry.key.meter.clone(), BTreeMap::new()));
-                    let cell = hours.entry(hour).or_default();
+                    continue;
+                }
+                let key = group(&mut cells, &entry);
+                let cell = cells.get_mut(&key).map(|g| g.hours.entry(hour).or_default());
+                if let Some(cell) = cell {
                     cell.settling |= entry.exported_at.is_some_and(|at| at > now - after);
                     cell.expected.push(entry);
-                }
-                if !full {
-                    break;
                 }
             }
             hour += HOUR;
@@ -267,72 +309,71 @@ impl Exporter {
             let Some(last) = page.last() else { break };
             cursor = Some(last.key.clone());
             for letter in page {
-                let Some(entry) = observable(&letter) else { continue };
-                if !wanted(&entry.key.tenant)
-                    || entry.send.timestamp < now - LEDGER_KEPT_SECS
+                let Some(letter) = observable(&letter) else { continue };
+                let entry = &letter.entry;
+                if entry.send.timestamp < now - LEDGER_KEPT_SECS
                     || aggregation(rt, &entry.key.meter) != MeterAggregation::Sum
                 {
                     continue;
                 }
-                let customer = entry.send.customer.clone().unwrap_or_default();
-                let (_, hours) = cells
-                    .entry((customer, entry.send.event_name.clone()))
-                    .or_insert_with(|| (entry.key.meter.clone(), BTreeMap::new()));
-                let cell = hours.entry(entry.hour()).or_default();
-                cell.letters.push(entry);
+                let key = group(&mut cells, entry);
+                let hour = entry.hour();
+                if let Some(g) = cells.get_mut(&key) {
+                    g.hours.entry(hour).or_default().letters.push(letter);
+                }
             }
         }
+        // One tenant: the (customer, meter) pairs it has, compared whole (a customer moved
+        // between tenants has entries of both).
+        if let Some(tenant) = &request.tenant {
+            cells.retain(|_, g| g.tenants.contains(tenant));
+        }
         // Hours of letters outside the range hold ledger entries too: read them.
-        for ((customer, event_name), (_, hours)) in &mut cells {
-            let outside: Vec<i64> = hours.keys().copied().filter(|h| *h < from || *h >= to).collect();
+        for ((customer, event_name), g) in &mut cells {
+            let outside: Vec<i64> = g.hours.keys().copied().filter(|h| *h < from || *h >= to).collect();
             for hour in outside {
-                let mut cursor: Option<(ExportKey, u32)> = None;
-                loop {
-                    let page = store.ledger(hour, cursor.as_ref().map(|(k, r)| (k, *r)), PAGE).await?;
-                    let Some(last) = page.last() else { break };
-                    cursor = Some((last.key.clone(), last.revision));
-                    let full = page.len() == PAGE;
-                    let cell = hours.entry(hour).or_default();
-                    for entry in page {
-                        if entry.send.customer.as_deref() == Some(customer.as_str())
-                            && &entry.send.event_name == event_name
-                            && entry.exported_at.is_some()
-                            && !entry.superseded
-                        {
-                            cell.settling |= entry.exported_at.is_some_and(|at| at > now - after);
-                            cell.expected.push(entry);
-                        }
-                    }
-                    if !full {
-                        break;
+                let entries = self.ledger_hour(hour).await?;
+                let cell = g.hours.entry(hour).or_default();
+                for entry in entries {
+                    if entry.send.customer.as_deref() == Some(customer.as_str())
+                        && &entry.send.event_name == event_name
+                        && entry.exported_at.is_some()
+                        && !entry.superseded
+                    {
+                        cell.settling |= entry.exported_at.is_some_and(|at| at > now - after);
+                        cell.expected.push(entry);
                     }
                 }
             }
         }
 
-        // One read per (customer, meter), paced with the export's calls.
-        let (mut lacking, mut surplus) = (0u64, 0u64);
-        for ((customer, event_name), (meter, hours)) in cells {
-            let (Some(first), Some(last)) = (hours.keys().next().copied(), hours.keys().next_back().copied()) else {
+        // One read per (customer, meter), paced with the export's calls; each hour judged.
+        let mut judged: Vec<(String, MeterId, TenantId, i64, Cell, u64, Verdict)> = Vec::new();
+        for ((customer, event_name), g) in cells {
+            let (Some(first), Some(last)) = (g.hours.keys().next().copied(), g.hours.keys().next_back().copied())
+            else {
                 continue;
             };
             let (read_from, read_to) = (first.min(from), (last + HOUR).max(to));
             self.pacer.wait(settings.calls_per_second).await;
             report.reads += 1;
-            let held = sink
-                .held_by_hour(&event_name, &customer, read_from, read_to)
-                .await?
-                .ok_or(ReconcileError::Unreadable)?;
-            let tenant = hours
-                .values()
-                .flat_map(|c| c.expected.iter().chain(&c.letters))
-                .map(|e| e.key.tenant.clone())
-                .next()
-                .unwrap_or_else(|| TenantId::from(""));
+            let held = match sink.held_by_hour(&event_name, &customer, read_from, read_to).await {
+                Ok(Some(held)) => held,
+                Ok(None) => return Err(ReconcileError::Unreadable),
+                // Every call would get it (the key, the address): the pass stops.
+                Err(e @ SinkError::Halt(_)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(%customer, event_name, error = %e,
+                        "reconciliation could not read the billing system for this customer's meter: left for the next pass");
+                    report.unread += 1;
+                    continue;
+                }
+            };
+            let tenant = g.tenants.iter().next().cloned().unwrap_or_else(|| TenantId::from(""));
             // Hours the billing system holds without a ledger entry (in the range compared).
-            let mut all: BTreeSet<i64> = hours.keys().copied().collect();
+            let mut all: BTreeSet<i64> = g.hours.keys().copied().collect();
             all.extend(held.iter().filter(|(_, v)| **v != 0.0).map(|(h, _)| *h).filter(|h| *h >= from && *h < to));
-            let mut hours = hours;
+            let mut hours = g.hours;
             for hour in all {
                 let cell = hours.remove(&hour).unwrap_or_default();
                 if cell.settling || hour + HOUR > now - after {
@@ -342,65 +383,153 @@ impl Exporter {
                 report.compared += 1;
                 let held_units = held.get(&hour).copied().unwrap_or(0.0).round().max(0.0) as u64;
                 let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
-                let letters: u64 = cell.letters.iter().map(|e| e.send.value).sum();
-                let row = |action| Drift {
-                    tenant: cell
-                        .expected
-                        .first()
-                        .or(cell.letters.first())
-                        .map_or_else(|| tenant.clone(), |e| e.key.tenant.clone()),
-                    customer: customer.clone(),
-                    meter: meter.clone(),
-                    hour,
-                    expected,
-                    held: held_units,
-                    letters,
-                    action,
+                let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
+                let verdict = match (cell.letters.is_empty(), held_units.cmp(&expected)) {
+                    (true, std::cmp::Ordering::Equal) => Verdict::Clean,
+                    (true, std::cmp::Ordering::Greater) => Verdict::Surplus,
+                    (true, std::cmp::Ordering::Less) => Verdict::Short(expected - held_units),
+                    (false, _) if held_units == expected + letters => Verdict::LettersHeld,
+                    (false, std::cmp::Ordering::Equal) => Verdict::LettersLacking,
+                    (false, _) => Verdict::Unclear,
                 };
-                if !cell.letters.is_empty() {
-                    let action = self.settle_letters(&cell, expected, held_units, now, after, request.fix).await?;
-                    match action {
-                        DriftAction::Confirmed => report.confirmed += cell.letters.len(),
-                        DriftAction::Requeued => report.requeued += cell.letters.len(),
-                        _ => {}
-                    }
-                    report.push(row(action));
-                    continue;
-                }
-                if held_units == expected {
+                let row_tenant = cell
+                    .expected
+                    .first()
+                    .or(cell.letters.first().map(|l| &l.entry))
+                    .map_or_else(|| tenant.clone(), |e| e.key.tenant.clone());
+                judged.push((customer.clone(), g.meter.clone(), row_tenant, hour, cell, held_units, verdict));
+            }
+        }
+
+        // Acting: nothing lacking is acted on in a pass that finds too much lacking.
+        let short_hours = judged.iter().filter(|j| matches!(j.6, Verdict::Short(_) | Verdict::LettersLacking)).count();
+        let suspicious = short_hours >= SUSPICIOUS_HOURS && short_hours * 10 > report.compared;
+        if suspicious && request.fix {
+            tracing::error!(
+                short_hours,
+                compared = report.compared,
+                "reconciliation finds the billing system lacking too many hours to be loss (a wrong meter or \
+                 customer, delayed summaries?): reported, nothing sent again"
+            );
+        }
+        let store = &self.deps.stores.roles.usage;
+        for (customer, meter, tenant, hour, cell, held, verdict) in judged {
+            let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
+            let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
+            let action = match verdict {
+                Verdict::Clean | Verdict::Surplus => {
                     for e in cell.expected.iter().filter(|e| e.lacking_since.is_some()) {
                         store.clear_lacking(e).await?;
                     }
-                    continue;
-                }
-                if held_units > expected {
-                    surplus += held_units - expected;
-                    tracing::warn!(%customer, %meter, hour, expected, held = held_units,
+                    if verdict == Verdict::Clean {
+                        continue;
+                    }
+                    report.surplus_units += held - expected;
+                    tracing::warn!(%customer, %meter, hour, expected, held,
                         "the billing system holds more than tollgate exported: reported, never sent as negative values");
-                    report.push(row(DriftAction::Reported));
-                    continue;
+                    DriftAction::Reported
                 }
-                let short = expected - held_units;
-                lacking += short;
-                let action = self.lost(&cell, short, now, after, request.fix).await?;
-                if action == DriftAction::Resent {
-                    report.resent += 1;
+                Verdict::Short(short) => {
+                    report.lacking_units += short;
+                    let action = self.lost(&cell, short, now, after, request.fix && !suspicious).await?;
+                    if action == DriftAction::Resent {
+                        report.resent += 1;
+                    }
+                    tracing::warn!(%customer, %meter, hour, expected, held, action = action.label(),
+                        "the billing system lacks usage tollgate exported");
+                    action
                 }
-                tracing::warn!(%customer, %meter, hour, expected, held = held_units, action = action.label(),
-                    "the billing system lacks usage tollgate exported");
-                report.push(row(action));
-            }
+                Verdict::LettersHeld => {
+                    if self.in_flight_in(&cell, &customer, hour).await? {
+                        // An export in flight may be what it holds: judged at a later pass.
+                        report.compared -= 1;
+                        report.settling += 1;
+                        continue;
+                    }
+                    let action = self.confirm_letters(&cell, now, request.fix).await?;
+                    if action == DriftAction::Confirmed {
+                        report.confirmed += cell.letters.len();
+                    }
+                    action
+                }
+                Verdict::LettersLacking => {
+                    report.lacking_units += letters;
+                    let action = self.requeue_letters(&cell, now, after, request.fix && !suspicious).await?;
+                    if action == DriftAction::Requeued {
+                        report.requeued += cell.letters.len();
+                    }
+                    action
+                }
+                Verdict::Unclear => DriftAction::Ambiguous,
+            };
+            report.push(Drift { tenant, customer, meter, hour, expected, held, letters, action });
         }
-        report.lacking_units = lacking;
-        report.surplus_units = surplus;
-        self.deps.metrics.drift[0].set(lacking as f64);
-        self.deps.metrics.drift[1].set(surplus as f64);
         Ok(report)
     }
 
+    /// Sets the drift gauges from a finished pass of the worker.
+    pub(crate) fn record_drift(&self, report: &ReconcileReport) {
+        self.deps.metrics.drift[0].set(report.lacking_units as f64);
+        self.deps.metrics.drift[1].set(report.surplus_units as f64);
+    }
+
+    /// Every ledger entry of the hour starting at `hour`, page after page until one is empty.
+    async fn ledger_hour(&self, hour: i64) -> Result<Vec<LedgerEntry>, StoreError> {
+        let store = &self.deps.stores.roles.usage;
+        let mut out = Vec::new();
+        let mut cursor: Option<(ExportKey, u32)> = None;
+        loop {
+            let page = store.ledger(hour, cursor.as_ref().map(|(k, r)| (k, *r)), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            cursor = Some((last.key.clone(), last.revision));
+            out.extend(page);
+        }
+        Ok(out)
+    }
+
+    /// Whether an export of the hour's tenants for `customer` and the cell's meter is in
+    /// flight with its stamp in `hour` (not in the ledger yet, perhaps already held).
+    async fn in_flight_in(&self, cell: &Cell, customer: &str, hour: i64) -> Result<bool, StoreError> {
+        let store = &self.deps.stores.roles.usage;
+        let tenants: BTreeSet<&TenantId> = cell
+            .letters
+            .iter()
+            .map(|l| &l.entry.key.tenant)
+            .chain(cell.expected.iter().map(|e| &e.key.tenant))
+            .collect();
+        let event_name = cell.letters.first().map(|l| l.entry.send.event_name.as_str()).unwrap_or_default();
+        for tenant in tenants {
+            let mut cursor = ExportKey::new(tenant.clone(), MeterId::from(""), i64::MIN);
+            loop {
+                let page = store.pending_exports(i64::MAX, Some(&cursor), 100).await?;
+                let Some(last) = page.last() else { break };
+                cursor = last.key.clone();
+                let mut mine = false;
+                for agg in &page {
+                    if &agg.key.tenant != tenant {
+                        continue;
+                    }
+                    mine = true;
+                    let flying = agg.send.as_ref().filter(|_| agg.in_flight.is_some());
+                    if flying.is_some_and(|s| {
+                        s.customer.as_deref() == Some(customer)
+                            && s.event_name == event_name
+                            && floor_hour(s.timestamp) == hour
+                    }) {
+                        return Ok(true);
+                    }
+                }
+                if !mine || page.last().is_some_and(|a| &a.key.tenant != tenant) {
+                    break;
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// An hour whose billing-system total is `short` below the ledger's: the entries lacking,
-    /// if they can be told (all of them, or one whose value is the shortfall), are noted, and
-    /// sent again once proven lost.
+    /// if they can be told (all of them, or the one whose value is the shortfall), are noted,
+    /// and sent again once proven lost.
     async fn lost(
         &self,
         cell: &Cell,
@@ -414,10 +543,12 @@ impl Exporter {
         let lacking: Vec<&LedgerEntry> = if short == expected {
             cell.expected.iter().collect()
         } else {
-            match cell.expected.iter().find(|e| e.send.value == short) {
-                Some(e) => vec![e],
-                None => return Ok(DriftAction::Ambiguous),
+            let same: Vec<&LedgerEntry> = cell.expected.iter().filter(|e| e.send.value == short).collect();
+            // Several of that value: which one is lacking cannot be told.
+            if same.len() != 1 {
+                return Ok(DriftAction::Ambiguous);
             }
+            same
         };
         if !fix {
             return Ok(DriftAction::Reported);
@@ -443,50 +574,55 @@ impl Exporter {
         Ok(if resent { DriftAction::Resent } else { DriftAction::Ambiguous })
     }
 
-    /// An hour with open dead letters: confirmed when the billing system holds exactly the
-    /// ledger's total and theirs, requeued when it holds exactly the ledger's total on two passes
-    /// `after` apart.
-    async fn settle_letters(
+    /// An hour whose billing-system total is the ledger's and the letters': they are marked
+    /// exported.
+    async fn confirm_letters(&self, cell: &Cell, now: i64, fix: bool) -> Result<DriftAction, ReconcileError> {
+        if !fix {
+            return Ok(DriftAction::Reported);
+        }
+        let store = &self.deps.stores.roles.usage;
+        for l in &cell.letters {
+            let e = &l.entry;
+            let mut agg = UsageAggregate::new(e.key.clone(), 0);
+            agg.revision = e.revision;
+            agg.send = Some(e.send.clone());
+            if store.finish_export(&agg, now).await? {
+                tracing::info!(tenant = %e.key.tenant, meter = %e.key.meter, window = e.key.window_start,
+                    "a dead letter the billing system holds is confirmed");
+            }
+            store.clear_lacking(e).await?;
+        }
+        Ok(DriftAction::Confirmed)
+    }
+
+    /// An hour whose billing-system total is the ledger's, none of the letters': requeued once
+    /// two passes at least `after` and the de-duplication horizon apart found them lacking
+    /// (a letter's last attempt may be recent, and the billing system's summaries late).
+    /// `unsettled` letters are never requeued: the billing system holds something under their
+    /// identifiers, perhaps in another hour.
+    async fn requeue_letters(
         &self,
         cell: &Cell,
-        expected: u64,
-        held: u64,
         now: i64,
         after: i64,
         fix: bool,
     ) -> Result<DriftAction, ReconcileError> {
-        let store = &self.deps.stores.roles.usage;
-        let letters: u64 = cell.letters.iter().map(|e| e.send.value).sum();
-        if held == expected + letters {
-            if !fix {
-                return Ok(DriftAction::Reported);
-            }
-            for e in &cell.letters {
-                let mut agg = UsageAggregate::new(e.key.clone(), 0);
-                agg.revision = e.revision;
-                agg.send = Some(e.send.clone());
-                if store.finish_export(&agg, now).await? {
-                    tracing::info!(tenant = %e.key.tenant, meter = %e.key.meter, window = e.key.window_start,
-                        "a dead letter the billing system holds is confirmed");
-                }
-                store.clear_lacking(e).await?;
-            }
-            return Ok(DriftAction::Confirmed);
-        }
-        if held != expected {
+        if !cell.letters.iter().all(|l| l.requeueable) {
             return Ok(DriftAction::Ambiguous);
         }
         if !fix {
             return Ok(DriftAction::Reported);
         }
+        let store = &self.deps.stores.roles.usage;
         let mut since = now;
-        for e in &cell.letters {
-            since = since.min(store.note_lacking(e, now).await?);
+        for l in &cell.letters {
+            since = since.min(store.note_lacking(&l.entry, now).await?);
         }
-        if since > now - after {
+        if since > now - after.max(DEDUPLICATION_SECS) {
             return Ok(DriftAction::Lacking { since });
         }
-        for e in &cell.letters {
+        for l in &cell.letters {
+            let e = &l.entry;
             if store.requeue_dead_letter(&e.key).await? {
                 tracing::warn!(tenant = %e.key.tenant, meter = %e.key.meter, window = e.key.window_start,
                     "a dead letter the billing system never took is requeued");
@@ -498,14 +634,40 @@ impl Exporter {
 }
 
 /// A dead letter that may have been taken (sent, never confirmed, or refused as already held),
-/// as a ledger entry to observe; `None` for one refused for good or never sent.
-fn observable(letter: &DeadLetter) -> Option<LedgerEntry> {
+/// to observe; `None` for one refused for good or never sent.
+fn observable(letter: &DeadLetter) -> Option<Letter> {
     let send = letter.send.clone()?;
     send.customer.as_ref()?;
     let reason = letter.reason.as_str();
-    let maybe_taken =
-        reason.starts_with("unconfirmed") || reason.starts_with("unsettled") || reason.starts_with("failed ");
-    maybe_taken.then(|| LedgerEntry::new(letter.key.clone(), letter.revision, send, None))
+    let unsettled = reason.starts_with("unsettled");
+    let maybe_taken = unsettled || reason.starts_with("unconfirmed") || reason.starts_with("failed ");
+    maybe_taken.then(|| Letter {
+        entry: LedgerEntry::new(letter.key.clone(), letter.revision, send, None),
+        requeueable: !unsettled,
+    })
+}
+
+/// How far back (by stamp) the worker's pass reaches: an event exported at `t` is stamped no
+/// earlier than `t - unconfirmed_after - invoice_grace - window` (a revision begun then, sent
+/// at last), and is re-sent by the first pass past `t + 24 h` (the de-duplication horizon,
+/// after two passes `reconcile_after` apart), which runs before `t + 24 h + interval`. An hour
+/// more for the rounding to whole hours.
+pub(crate) fn worker_reach(rt: &Runtime) -> i64 {
+    let export = &rt.config.export;
+    let grace = rt.config.stripe().map_or(0, |s| s.invoice_grace.as_secs() as i64);
+    let longest = rt.config.meters.iter().filter_map(|m| m.aggregation.window_secs()).max().unwrap_or(0);
+    let window = (rt.config.usage.window.as_secs() as i64).max(longest);
+    reach(
+        export.reconcile_interval.as_secs() as i64,
+        export.reconcile_after.as_secs() as i64,
+        export.unconfirmed_after.as_secs() as i64,
+        grace,
+        window,
+    )
+}
+
+fn reach(interval: i64, after: i64, unconfirmed: i64, grace: i64, window: i64) -> i64 {
+    DEDUPLICATION_SECS + interval.max(after) + after + unconfirmed + grace + window + HOUR
 }
 
 fn aggregation(rt: &Runtime, meter: &MeterId) -> MeterAggregation {
@@ -514,4 +676,34 @@ fn aggregation(rt: &Runtime, meter: &MeterId) -> MeterAggregation {
 
 fn floor_hour(t: i64) -> i64 {
     t - t.rem_euclid(HOUR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every event, exported at `t` with the earliest stamp it may have, is inside the range of
+    /// the first worker pass past its de-duplication horizon, whenever the passes fall.
+    #[test]
+    fn the_worker_reaches_each_event_past_its_horizon() {
+        for (interval, after) in [(6 * HOUR, HOUR), (60, HOUR), (HOUR, 3 * HOUR), (24 * HOUR, 60)] {
+            let (unconfirmed, grace, window) = (20 * HOUR, HOUR, 900);
+            let reach = reach(interval, after, unconfirmed, grace, window);
+            let t = 1_773_489_600;
+            let stamp = t - unconfirmed - grace - window;
+            // Passes every `interval` from some offset; the first at or past t + 24 h, and
+            // proven by one `after` before it (the interval is at least... or passes caught it).
+            for offset in (0..interval).step_by((interval / 7).max(1) as usize) {
+                let first_past = {
+                    let mut p = t - (t % interval) + offset;
+                    while p < t + DEDUPLICATION_SECS + after {
+                        p += interval;
+                    }
+                    p
+                };
+                let from = floor_hour(first_past - reach);
+                assert!(from <= floor_hour(stamp), "interval {interval}, after {after}, offset {offset}");
+            }
+        }
+    }
 }

@@ -329,9 +329,10 @@ pub trait ExportStore: Send + Sync + fmt::Debug + 'static {
     async fn clear_lacking(&self, entry: &LedgerEntry) -> Result<(), StoreError>;
 
     /// Sends an exported entry's value again as a new revision of its aggregate, once the
-    /// billing system was proven to lack it: in one write, the entry is superseded and its
-    /// value is no longer counted as exported, so the next export pass sends it under a new
-    /// identifier. Returns `false` (and changes nothing) when the entry is already superseded
+    /// billing system was proven to lack it: in one write, the entry is superseded, its value
+    /// is no longer counted as exported and the aggregate's revision moves on (so an export
+    /// that read it before cannot begin from the old `exported`), so the next export pass sends
+    /// it under a new identifier. Returns `false` (and changes nothing) when the entry is already superseded
     /// or not exported, or its aggregate is gone, dead-lettered, has an export in flight, or
     /// has not moved past the entry's revision.
     async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError>;

@@ -444,10 +444,14 @@ pub async fn the_ledger_keeps_each_exported_revision_and_reexports_a_lost_one_on
     assert_eq!(h.s().note_lacking(&entry, t + 300).await.unwrap(), t + 300);
 
     // Proven lost: its value is back in line once, as a new revision.
+    let a_read = h.s().usage(&entry.key).await.unwrap().unwrap();
     assert!(h.s().reexport(&entry).await.unwrap());
     assert!(!h.s().reexport(&entry).await.unwrap(), "once");
     let back = h.s().usage(&entry.key).await.unwrap().unwrap();
-    assert_eq!((back.quantity, back.exported, back.revision, back.in_flight), (5, 0, 1, None));
+    assert_eq!((back.quantity, back.exported, back.revision, back.in_flight), (5, 0, 2, None));
+    // An export that read the aggregate before cannot begin from the old `exported`.
+    let stale = ExportSend::new(0, t + 350, Some("cus_a".into()), "api_requests").with_identifier("tg_stale");
+    assert_eq!(h.s().begin_export(&a_read, &ExportClaim::new(2, t + 350, t + 650), &stale).await.unwrap(), None);
     assert_eq!(pending_keys(h.s(), before).await, [ek("a", "requests", w), ek("c", "requests", w)], "pending again");
     let listed = h.s().ledger(w, None, 10).await.unwrap();
     assert_eq!((listed.len(), listed[0].superseded, listed[0].lacking_since), (1, true, None));
@@ -456,7 +460,7 @@ pub async fn the_ledger_keeps_each_exported_revision_and_reexports_a_lost_one_on
     assert!(h.s().finish_export(&a1, t + 410).await.unwrap());
     let hour = (t + 400) - (t + 400).rem_euclid(HOUR);
     let again = h.s().ledger(hour, None, 10).await.unwrap();
-    assert_eq!(again, [LedgerEntry::new(ek("a", "requests", w), 1, send_a1, Some(t + 410))]);
+    assert_eq!(again, [LedgerEntry::new(ek("a", "requests", w), 2, send_a1, Some(t + 410))]);
     assert_eq!(pending_keys(h.s(), before).await, [ek("c", "requests", w)]);
 
     // A dead letter under observation: its own entry, without an export time, until cleared;

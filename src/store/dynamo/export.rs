@@ -306,7 +306,12 @@ impl ExportStore for DynamoStore {
                 "revision > :rev AND attribute_not_exists(dead) AND attribute_not_exists(in_flight) \
                  AND exported >= :v",
             )
-            .update_expression("SET exported = exported - :v, gpk = :g, gsk = :k, #ttl = :ttl")
+            // A new revision: an export pass that read the aggregate before cannot begin from
+            // the old `exported` (it would mark the value exported unsent).
+            .update_expression(
+                "SET exported = exported - :v, revision = revision + :one, gpk = :g, gsk = :k, #ttl = :ttl",
+            )
+            .expression_attribute_values(":one", n(1))
             .expression_attribute_names("#ttl", "ttl")
             .expression_attribute_values(":rev", n(entry.revision))
             .expression_attribute_values(":v", n(entry.send.value))

@@ -169,6 +169,9 @@ impl ExportStore for MemoryStore {
             {
                 a.exported -= entry.send.value;
                 a.billable = true;
+                // A new revision: an export pass that read the aggregate before cannot begin
+                // from the old `exported` (it would mark the value exported unsent).
+                a.revision += 1;
             }
             _ => return Ok(false),
         }

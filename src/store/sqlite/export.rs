@@ -271,7 +271,9 @@ impl ExportStore for SqliteStore {
             )?
             .execute(params![entry.hour(), tenant, meter, k.window_start, rev])?;
             tx.prepare_cached(
-                "UPDATE usage SET exported = exported - ?4, billable = 1 \
+                // A new revision: an export pass that read the aggregate before cannot begin
+                // from the old `exported` (it would mark the value exported unsent).
+                "UPDATE usage SET exported = exported - ?4, billable = 1, revision = revision + 1 \
                  WHERE tenant = ?1 AND meter = ?2 AND window_start = ?3",
             )?
             .execute(params![tenant, meter, k.window_start, int(entry.send.value)])?;
