@@ -137,6 +137,8 @@ struct Fields {
     status: Option<String>,
     /// The subscription's prices: ids and lookup keys.
     prices: Vec<String>,
+    /// The subscription's id, when the object is a subscription.
+    subscription: Option<String>,
 }
 
 /// Verifies Stripe webhook deliveries and moves tenants between plans as `[stripe]`
@@ -280,6 +282,9 @@ impl WebhookHandler {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: no [stripe] section");
             return WebhookOutcome::Ignored;
         };
+        if let Some(subscription) = fields.subscription.clone() {
+            return self.subscription_event(&config, settings, &fields, &subscription).await;
+        }
         let plan = match transition(settings, &fields) {
             Ok(Some(plan)) => plan,
             Ok(None) => {
@@ -298,13 +303,115 @@ impl WebhookHandler {
             return WebhookOutcome::Ignored;
         };
         let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan);
-        match self.directory.apply_plan_change(&change).await {
+        let result = self.directory.apply_plan_change(&change).await;
+        self.settle(&config, &fields, &customer, &change.plan, result)
+    }
+
+    /// A subscription's event: ordered by its subscription (by `created`, ties broken by the
+    /// event's meaning: created, then updated, then deleted), recorded with the tenant's other
+    /// subscriptions, and the tenant's plan computed from every live one: the highest of the
+    /// plans they give (`[stripe] plan_order`); with none left after a subscription that gave
+    /// one ended, the canceled outcome. A subscription that gives no plan (an add-on on a price
+    /// `[stripe.prices]` does not map) never moves the tenant.
+    async fn subscription_event(
+        &self,
+        config: &Config,
+        settings: &StripeSettings,
+        fields: &Fields,
+        subscription: &str,
+    ) -> WebhookOutcome {
+        let Some(customer) = fields.customer.clone() else {
+            tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: it names no customer");
+            return WebhookOutcome::Ignored;
+        };
+        let rank = event_rank(&fields.kind);
+        let status = fields.status.as_deref().unwrap_or_default();
+        let ended =
+            fields.kind == "customer.subscription.deleted" || matches!(status, "canceled" | "incomplete_expired");
+        let by_price = fields.prices.iter().find_map(|p| settings.prices.get(p)).cloned();
+        let transition = transition(settings, fields);
+        // What the subscription gives after the event: a plan, nothing, or what it gave before
+        // (a status mapped to `ignore`, or no transition configured).
+        let gives: Option<Option<PlanId>> = match (&transition, ended) {
+            (_, true) | (Err(()), _) => Some(None),
+            (Ok(Some(plan)), false) => Some(Some(plan.clone())),
+            (Ok(None), false) => None,
+        };
+        for _ in 0..8 {
+            let record = match self.directory.tenant_by_customer(&customer).await {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    return self.settle(
+                        config,
+                        fields,
+                        &customer,
+                        &PlanId::from(""),
+                        Ok(PlanChangeOutcome::UnknownCustomer),
+                    )
+                }
+                Err(e) => return self.settle(config, fields, &customer, &PlanId::from(""), Err(e)),
+            };
+            let mut subs = Subscriptions::parse(record.subscriptions.as_deref());
+            let before = subs.0.get(subscription).cloned();
+            if before.as_ref().is_some_and(|b| (b.at, b.rank) > (fields.created, rank)) {
+                tracing::info!(event = %fields.id, %customer, subscription,
+                    "Stripe webhook older than the last applied for its subscription: ignored");
+                return WebhookOutcome::Stale;
+            }
+            let gave = before.as_ref().and_then(|b| b.plan.as_deref().map(PlanId::from));
+            let now_gives = gives.clone().unwrap_or_else(|| gave.clone());
+            // A subscription that gives (or gave) a plan: its end moves the tenant.
+            let bearing = gave.is_some() || by_price.is_some();
+            let plan_text = now_gives.as_ref().map(|p| p.as_str().to_owned());
+            subs.0.insert(subscription.to_owned(), Sub { at: fields.created, rank, plan: plan_text });
+            subs.prune();
+            let plan = match subs.best(&settings.plan_order) {
+                Some(plan) => plan,
+                None if ended && bearing => canceled_plan(settings).unwrap_or_else(|| record.plan.clone()),
+                None => record.plan.clone(),
+            };
+            let moved = matches!(gives, Some(Some(_))) || (ended && bearing) || plan != record.plan;
+            let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan.clone())
+                .with_subscriptions(record.subscriptions.clone(), subs.to_json());
+            match self.directory.apply_plan_change(&change).await {
+                Ok(PlanChangeOutcome::Changed) => {}
+                Ok(PlanChangeOutcome::Applied(_)) if !moved => {
+                    // Recorded (its order holds for later events), nothing moved.
+                    return match transition {
+                        Err(()) => {
+                            tracing::warn!(event = %fields.id, prices = ?fields.prices,
+                                "Stripe webhook: the subscription's prices are not in [stripe.prices]; the plan follows the customer's other subscriptions");
+                            WebhookOutcome::UnknownPrice
+                        }
+                        _ => {
+                            tracing::info!(event = %fields.id, kind = %fields.kind, status = ?fields.status,
+                                "Stripe webhook recorded: no transition configured, the plan is unchanged");
+                            WebhookOutcome::Ignored
+                        }
+                    };
+                }
+                result => return self.settle(config, fields, &customer, &plan, result),
+            }
+        }
+        WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
+    }
+
+    /// The outcome of a plan change the store answered.
+    fn settle(
+        &self,
+        config: &Config,
+        fields: &Fields,
+        customer: &str,
+        plan: &PlanId,
+        result: Result<PlanChangeOutcome, crate::store::StoreError>,
+    ) -> WebhookOutcome {
+        match result {
             Ok(PlanChangeOutcome::Applied(record)) => {
                 // The tenant's overrides are checked over the new plan as `Admin::set_plan`
                 // checks them. The customer paid for the plan: it is applied whatever they say,
                 // and nodes serve it without overrides that do not fit (counted there).
                 if let Some(json) = record.overrides.as_deref().filter(|o| !o.trim().is_empty()) {
-                    let fits = crate::config::PlanOverride::from_json(json, &config)
+                    let fits = crate::config::PlanOverride::from_json(json, config)
                         .map_err(|e| e.to_string())
                         .and_then(|o| config.check_override(&record.plan, &o));
                     if let Err(why) = fits {
@@ -324,8 +431,8 @@ impl WebhookHandler {
                 WebhookOutcome::Stale
             }
             Ok(PlanChangeOutcome::UnknownCustomer) => {
-                if let Some(t) = config.tenants().iter().find(|t| t.stripe_customer() == Some(customer.as_str())) {
-                    tracing::warn!(event = %fields.id, %customer, tenant = %t.id(), plan = %change.plan,
+                if let Some(t) = config.tenants().iter().find(|t| t.stripe_customer() == Some(customer)) {
+                    tracing::warn!(event = %fields.id, %customer, tenant = %t.id(), %plan,
                         "Stripe webhook for a tenant declared in the configuration file: its plan is the file's, \
                          nothing changed (change it in the file, or move the tenant to the store's directory)");
                     return WebhookOutcome::FileTenant { tenant: t.id().clone() };
@@ -333,11 +440,94 @@ impl WebhookHandler {
                 tracing::warn!(event = %fields.id, %customer, "Stripe webhook for a customer no tenant has: ignored");
                 WebhookOutcome::UnknownCustomer
             }
+            Ok(PlanChangeOutcome::Changed) => {
+                // Only a subscription's change is answered Changed; its caller reads again.
+                WebhookOutcome::StoreFailed("the tenant changed meanwhile".into())
+            }
             Err(e) => {
                 tracing::error!(event = %fields.id, error = %e, "Stripe webhook not applied: the store failed");
                 WebhookOutcome::StoreFailed(e.to_string())
             }
         }
+    }
+}
+
+/// Events of one subscription in one second are ordered by their meaning: created, then
+/// updated (and the others), then deleted.
+fn event_rank(kind: &str) -> u8 {
+    match kind {
+        "customer.subscription.created" => 0,
+        "customer.subscription.deleted" => 2,
+        _ => 1,
+    }
+}
+
+/// The plan a customer is moved to when its last subscription giving a plan ends: the one
+/// `customer.subscription.deleted` maps to, else the `canceled` status's.
+fn canceled_plan(settings: &StripeSettings) -> Option<PlanId> {
+    settings.events.get("customer.subscription.deleted").cloned().or_else(|| {
+        match settings.subscription_status.get("canceled") {
+            Some(crate::config::StatusOutcome::Plan(plan)) => Some(plan.clone()),
+            _ => None,
+        }
+    })
+}
+
+/// One subscription as the webhooks last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Sub {
+    /// Its last event's `created`, and that event's rank ([`event_rank`]).
+    at: i64,
+    rank: u8,
+    /// The plan it gives; `None` once ended, or when its prices map to no plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan: Option<String>,
+}
+
+/// A tenant's subscriptions by id ([`TenantRecord::subscriptions`](crate::store::TenantRecord::subscriptions)).
+#[derive(Debug, Default)]
+struct Subscriptions(std::collections::BTreeMap<String, Sub>);
+
+impl Subscriptions {
+    /// At most this many are kept per tenant: ended ones go first, oldest first.
+    const MAX: usize = 32;
+
+    /// As stored; unreadable text is taken as none (logged).
+    fn parse(text: Option<&str>) -> Self {
+        match text.map(serde_json::from_str) {
+            None => Self::default(),
+            Some(Ok(map)) => Self(map),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "a tenant's stored subscriptions are unreadable: taken as none");
+                Self::default()
+            }
+        }
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(&self.0).unwrap_or_default()
+    }
+
+    /// Bounded: subscriptions that give nothing go first, then the oldest.
+    fn prune(&mut self) {
+        while self.0.len() > Self::MAX {
+            let victim = self.0.iter().min_by_key(|(_, s)| (s.plan.is_some(), s.at, s.rank)).map(|(id, _)| id.clone());
+            match victim {
+                Some(id) => self.0.remove(&id),
+                None => break,
+            };
+        }
+    }
+
+    /// The plan of the live subscriptions: the highest in `order` (plans not in it below those
+    /// in it), among equals the one whose event came last.
+    fn best(&self, order: &[PlanId]) -> Option<PlanId> {
+        let rank = |p: &String| order.iter().position(|o| o.as_str() == p).unwrap_or(order.len());
+        self.0
+            .values()
+            .filter_map(|s| s.plan.as_ref().map(|p| (p, s.at, s.rank)))
+            .min_by(|a, b| rank(a.0).cmp(&rank(b.0)).then((b.1, b.2).cmp(&(a.1, a.2))))
+            .map(|(p, _, _)| PlanId::from(p.as_str()))
     }
 }
 
@@ -378,6 +568,7 @@ fn typed_fields(event: &stripe_webhook::Event) -> Option<Fields> {
         | EventObject::CustomerSubscriptionPaused(s)
         | EventObject::CustomerSubscriptionResumed(s) => {
             f.customer = Some(s.customer.id().as_str().to_owned());
+            f.subscription = Some(s.id.as_str().to_owned());
             f.status = Some(s.status.as_str().to_owned());
             for item in &s.items.data {
                 f.prices.push(item.price.id.as_str().to_owned());
@@ -418,6 +609,7 @@ fn json_fields(payload: &str) -> Option<Fields> {
         customer,
         status: if is_subscription { object["status"].as_str().map(str::to_owned) } else { None },
         prices,
+        subscription: if is_subscription { object["id"].as_str().map(str::to_owned) } else { None },
     })
 }
 

@@ -401,6 +401,10 @@ pub struct StripeSettings {
     pub subscription_status: BTreeMap<String, StatusOutcome>,
     /// Price id or lookup key → plan, for active subscriptions.
     pub prices: BTreeMap<String, PlanId>,
+    /// The plans subscriptions give, highest first (`plan_order`): when several live
+    /// subscriptions of a customer give plans, the highest wins. Plans not listed rank below
+    /// those listed; among equals, the subscription whose event came last wins.
+    pub plan_order: Vec<PlanId>,
 }
 
 /// What a webhook of a subscription in a given status does (`[stripe.subscription_status]`).

@@ -65,6 +65,8 @@ pub(crate) struct RawStripe {
     pub(crate) subscription_status: BTreeMap<String, String>,
     #[serde(default)]
     pub(crate) prices: BTreeMap<String, String>,
+    #[serde(default)]
+    pub(crate) plan_order: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

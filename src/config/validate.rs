@@ -620,6 +620,17 @@ impl Validator<'_, '_> {
                 ));
             }
         }
+        let mut plan_order: Vec<PlanId> = Vec::new();
+        for (i, plan) in raw.plan_order.iter().enumerate() {
+            let path = format!("stripe.plan_order[{i}]");
+            let id = self.plan_ref(plans, "stripe.plan_order", plan).map_err(|_| {
+                self.invalid("stripe.plan_order", format!("unknown plan `{plan}` ({path}): declare it under [plans]"))
+            })?;
+            if plan_order.contains(&id) {
+                return Err(self.invalid("stripe.plan_order", format!("`{plan}` is listed twice")));
+            }
+            plan_order.push(id);
+        }
         Ok(StripeSettings {
             api_base,
             secret_key_file: file("secret_key_file", &raw.secret_key_file)?,
@@ -639,6 +650,7 @@ impl Validator<'_, '_> {
             events,
             subscription_status,
             prices,
+            plan_order,
         })
     }
 

@@ -24,13 +24,18 @@ pub struct TenantRecord {
     /// ([`PlanOverride::to_json`](crate::config::PlanOverride::to_json)): kept as text by the
     /// store, read by the engine against its configuration.
     pub overrides: Option<String>,
+    /// Its customer's subscriptions as the webhooks last saw them, in their JSON form (kept as
+    /// text by the store, read by the webhook handler): each subscription's last event and the
+    /// plan it gives, so that events are ordered per subscription and the plan follows every
+    /// live one.
+    pub subscriptions: Option<String>,
 }
 
 impl TenantRecord {
     /// `id` on `plan`, without a billing customer.
     #[must_use]
     pub fn new(id: TenantId, plan: PlanId) -> Self {
-        Self { id, plan, customer: None, last_event_at: None, overrides: None }
+        Self { id, plan, customer: None, last_event_at: None, overrides: None, subscriptions: None }
     }
 
     /// With a billing customer (a Stripe customer id).
@@ -104,13 +109,35 @@ pub struct PlanChange {
     pub created: i64,
     /// The tenant's new plan.
     pub plan: PlanId,
+    /// For a subscription's event: the tenant's subscriptions it was computed from, and after
+    /// it. The change is then ordered by its subscription (by the caller), not by the
+    /// tenant's last event: it applies only if the tenant's subscriptions are still those read.
+    pub subscriptions: Option<SubscriptionsChange>,
 }
 
 impl PlanChange {
     /// A change of `customer`'s tenant to `plan`, by event `event_id` created at `created`.
     pub fn new(event_id: impl Into<String>, customer: impl Into<String>, created: i64, plan: PlanId) -> Self {
-        Self { event_id: event_id.into(), customer: customer.into(), created, plan }
+        Self { event_id: event_id.into(), customer: customer.into(), created, plan, subscriptions: None }
     }
+
+    /// The same, by a subscription's event computed from the tenant's subscriptions `read`
+    /// ([`TenantRecord::subscriptions`]), which become `written`.
+    #[must_use]
+    pub fn with_subscriptions(mut self, read: Option<String>, written: impl Into<String>) -> Self {
+        self.subscriptions = Some(SubscriptionsChange { read, written: written.into() });
+        self
+    }
+}
+
+/// The subscriptions part of a [`PlanChange`]: what they were read as, what they become.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriptionsChange {
+    /// The tenant's subscriptions as read: the change applies only if they are still these.
+    pub read: Option<String>,
+    /// The tenant's subscriptions after the change.
+    pub written: String,
 }
 
 /// What [`DirectoryStore::apply_plan_change`] did.
@@ -127,6 +154,10 @@ pub enum PlanChangeOutcome {
     /// No tenant has this customer: nothing changed (the id is not marked, so a retry after
     /// the tenant exists applies it).
     UnknownCustomer,
+    /// A subscription's change whose tenant's subscriptions are no longer those it was
+    /// computed from (another event applied meanwhile): nothing changed, the id is not
+    /// marked; read the tenant again and compute it anew.
+    Changed,
 }
 
 /// Where the tenant directory lives: key hash → tenant, tenant → plan, customer and overrides, and
@@ -183,7 +214,10 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<bool, StoreError>;
 
     /// Applies a plan change atomically: only if `change.event_id` was never seen and the
-    /// event is not older than the last one applied to that customer; the id is marked seen in
-    /// the same write as the change.
+    /// event is not older than the last one applied to that customer (for a change with
+    /// [`subscriptions`](PlanChange::subscriptions): only if the tenant's subscriptions are
+    /// still those read, whatever its last event; they are written with the plan, and
+    /// `last_event_at` becomes the later of the two); the id is marked seen in the same write
+    /// as the change.
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError>;
 }

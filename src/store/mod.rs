@@ -37,7 +37,7 @@ mod usage;
 use std::sync::Arc;
 
 pub use crate::base::{DirectoryEvents, KeyHash, WebhookCount};
-pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, TenantRecord};
+pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord};
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use dynamo::DynamoStore;

@@ -91,10 +91,14 @@ struct Setup {
 /// acme (customer `cus_acme`, key `key-acme`) on free, in the store's directory; a handler
 /// verifying with the current and the previous secret (a rotation).
 async fn setup() -> Setup {
+    setup_with(CONFIG).await
+}
+
+async fn setup_with(config: &str) -> Setup {
     let store = Arc::new(MemoryStore::new());
     let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
     store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
-    let h = Harness::with_store(CONFIG, store.clone(), NOON);
+    let h = Harness::with_store(config, store.clone(), NOON);
     let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET), Secret::new(OLD_SECRET)]);
     Setup { h, store, handler }
 }
@@ -175,8 +179,12 @@ async fn a_wrong_secret_a_bad_header_or_an_expired_signature_gets_400_and_change
 #[tokio::test]
 async fn rotated_secrets_are_each_accepted_and_any_v1_signature_may_match() {
     let s = setup().await;
-    let e1 =
-        event("evt_1", "customer.subscription.deleted", NOON - 20, subscription("cus_acme", "canceled", "p", None));
+    let e1 = event(
+        "evt_1",
+        "customer.subscription.deleted",
+        NOON - 20,
+        subscription("cus_acme", "canceled", "price_pro_monthly", None),
+    );
     assert_eq!(s.deliver(&e1, &sign(&e1, OLD_SECRET, NOON)).await, (200, applied("free")), "the previous secret");
     let e2 = event("evt_2", "payment_method.attached", NOON - 10, payment_method("cus_acme"));
     // Stripe signs with both secrets during a rotation: one header, two v1 values.
@@ -206,16 +214,19 @@ async fn a_duplicate_is_a_no_op_and_an_older_event_never_undoes_a_newer_one() {
     assert_eq!(s.admitted(3).await.0, 2, "still free");
     // Stripe delivers the deletion again: nothing happens.
     assert_eq!(s.signed(&deleted).await, (200, WebhookOutcome::Duplicate));
-    // Another event of the same second applies (ids de-duplicate, the time does not order).
+    // An update of the same subscription in the same second, delivered after the deletion:
+    // a deletion comes after an update of its second, so the tenant stays on free (it was left
+    // on the paid plan, in arrival order).
     let same_second = event(
         "evt_c",
         "customer.subscription.updated",
         NOON - 50,
         subscription("cus_acme", "active", "price_pro_monthly", None),
     );
-    assert_eq!(s.signed(&same_second).await, (200, applied("pro")));
-    assert_eq!(s.admitted(3).await, (3, "acme on pro".into()));
-    assert_eq!(s.h.tollgate.stats().webhooks_ignored, 2);
+    assert_eq!(s.signed(&same_second).await, (200, WebhookOutcome::Stale));
+    assert_eq!(s.plan().await, "free");
+    assert_eq!(s.admitted(3).await.0, 0, "free, its 2 spent above");
+    assert_eq!(s.h.tollgate.stats().webhooks_ignored, 3);
 }
 
 #[tokio::test]
@@ -417,4 +428,84 @@ async fn a_webhook_for_a_file_tenant_says_its_plan_is_the_file_s() {
     assert_eq!(reply.outcome, WebhookOutcome::FileTenant { tenant: "filed".into() });
     assert!(reply.body().contains("\"outcome\":\"file_tenant\""), "{}", reply.body());
     assert!(store.tenant(&"filed".into()).await.unwrap().is_none(), "nothing written");
+}
+
+/// One of several subscriptions of `cus_acme`: `id`, in `status`, on `price`.
+fn sub_of(id: &str, status: &str, price: &str) -> Value {
+    let mut s = subscription("cus_acme", status, price, None);
+    s["id"] = json!(id);
+    s
+}
+
+/// A customer with several subscriptions: events are ordered per subscription (an older event
+/// of another subscription still applies), the plan is the highest that a live subscription
+/// gives (`plan_order`), an add-on (a price no plan maps) never moves it, and the canceled
+/// outcome applies once no subscription gives a plan.
+#[tokio::test]
+async fn the_plan_follows_every_live_subscription_of_the_customer() {
+    let config = CONFIG
+        .replace("pro_yearly = \"pro\"", "pro_yearly = \"pro\"\nprice_metered = \"metered\"")
+        .replace("[stripe.events]", "[stripe]\nplan_order = [\"pro\", \"metered\"]\n[stripe.events]");
+    let s = setup_with(&config).await;
+    let e = |id: &str, kind: &str, at: i64, object: Value| event(id, kind, at, object);
+    let created = "customer.subscription.created";
+    let (updated, deleted) = ("customer.subscription.updated", "customer.subscription.deleted");
+    assert_eq!(
+        s.signed(&e("e1", created, NOON - 100, sub_of("sub_m", "active", "price_metered"))).await.1,
+        applied("metered")
+    );
+    assert_eq!(
+        s.signed(&e("e2", created, NOON - 90, sub_of("sub_p", "active", "price_pro_monthly"))).await.1,
+        applied("pro")
+    );
+    // An add-on: no plan of its own, and its end downgrades no one.
+    assert_eq!(
+        s.signed(&e("e3", created, NOON - 80, sub_of("sub_a", "active", "price_addon"))).await.1,
+        WebhookOutcome::UnknownPrice
+    );
+    assert_eq!(
+        s.signed(&e("e4", deleted, NOON - 70, sub_of("sub_a", "canceled", "price_addon"))).await.1,
+        WebhookOutcome::Ignored
+    );
+    assert_eq!(s.plan().await, "pro");
+    // An older event of one subscription is stale for it alone.
+    assert_eq!(
+        s.signed(&e("e5", updated, NOON - 95, sub_of("sub_p", "past_due", "price_pro_monthly"))).await.1,
+        WebhookOutcome::Stale
+    );
+    let old_other = e("e6", created, NOON - 200, sub_of("sub_x", "active", "price_metered"));
+    assert_eq!(s.signed(&old_other).await.1, applied("pro"), "applied, though older than the tenant's last event");
+    // The metered subscriptions fall behind: pro still wins.
+    assert_eq!(
+        s.signed(&e("e7", updated, NOON - 60, sub_of("sub_m", "past_due", "price_metered"))).await.1,
+        applied("pro")
+    );
+    // pro ends: the highest left is metered (sub_x).
+    assert_eq!(
+        s.signed(&e("e8", deleted, NOON - 50, sub_of("sub_p", "canceled", "price_pro_monthly"))).await.1,
+        applied("metered")
+    );
+    assert_eq!(
+        s.signed(&e("e9", deleted, NOON - 45, sub_of("sub_x", "canceled", "price_metered"))).await.1,
+        applied("free"),
+        "sub_m gives free (past_due)"
+    );
+    // The last one ends: the canceled outcome.
+    assert_eq!(
+        s.signed(&e("e10", deleted, NOON - 40, sub_of("sub_m", "canceled", "price_metered"))).await.1,
+        applied("free")
+    );
+    assert_eq!(s.admitted(3).await, (2, "acme on free".into()));
+    let stored = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
+    assert!(stored.subscriptions.as_deref().is_some_and(|j| j.contains("sub_p") && j.contains("sub_m")), "{stored:?}");
+}
+
+/// `plan_order` names plans of the file, once each.
+#[test]
+fn plan_order_is_checked_at_load() {
+    for (order, says) in [("[\"pro\", \"gold\"]", "unknown plan `gold`"), ("[\"pro\", \"pro\"]", "listed twice")] {
+        let config = CONFIG.replace("[stripe.events]", &format!("[stripe]\nplan_order = {order}\n[stripe.events]"));
+        let e = tollgate::Config::from_toml_str(&config).unwrap_err().to_string();
+        assert!(e.contains("stripe.plan_order") && e.contains(says), "{e}");
+    }
 }

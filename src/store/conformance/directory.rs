@@ -268,3 +268,41 @@ pub async fn a_plan_is_set_only_over_what_was_read<S: ?Sized + DirectoryStore>(h
     assert!(!h.s().set_plan_if_unchanged(&ghost, &"pro".into()).await.unwrap());
     assert_eq!(h.s().tenant(&"ghost".into()).await.unwrap(), None);
 }
+
+/// A subscription's change applies over the subscriptions read, whatever the tenant's last
+/// event (the caller orders it by its subscription): refused as `Changed` (its id not marked)
+/// when they changed since; applied, it writes them with the plan, and `last_event_at` becomes
+/// the later of the two.
+pub async fn a_subscription_change_applies_over_the_subscriptions_read<S: ?Sized + DirectoryStore>(
+    h: &mut StoreUnderTest<S>,
+) {
+    let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_a");
+    h.s().put_tenant(&acme, &[]).await.unwrap();
+    h.s().apply_plan_change(&PlanChange::new("evt_1", "cus_a", 500, "metered".into())).await.unwrap();
+    // Older than the tenant's last event, but first for its subscription: applied.
+    let first = PlanChange::new("evt_2", "cus_a", 300, "pro".into()).with_subscriptions(None, r#"{"sub_1":1}"#);
+    let PlanChangeOutcome::Applied(record) = h.s().apply_plan_change(&first).await.unwrap() else {
+        panic!("not applied")
+    };
+    assert_eq!((record.plan.as_str(), record.last_event_at), ("pro", Some(500)));
+    assert_eq!(record.subscriptions.as_deref(), Some(r#"{"sub_1":1}"#));
+    h.restart().await;
+    let stored = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!((stored.plan.as_str(), stored.subscriptions.as_deref()), ("pro", Some(r#"{"sub_1":1}"#)));
+    // Computed from what is no longer there: Changed, nothing written, the id not marked.
+    let stale = PlanChange::new("evt_3", "cus_a", 900, "free".into()).with_subscriptions(None, r#"{"sub_2":1}"#);
+    assert_eq!(h.s().apply_plan_change(&stale).await.unwrap(), PlanChangeOutcome::Changed);
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(stored.clone()));
+    let fresh = PlanChange::new("evt_3", "cus_a", 900, "free".into())
+        .with_subscriptions(Some(r#"{"sub_1":1}"#.into()), r#"{"sub_1":1,"sub_2":1}"#);
+    let PlanChangeOutcome::Applied(record) = h.s().apply_plan_change(&fresh).await.unwrap() else {
+        panic!("not applied")
+    };
+    assert_eq!((record.plan.as_str(), record.last_event_at), ("free", Some(900)));
+    assert_eq!(h.s().apply_plan_change(&fresh).await.unwrap(), PlanChangeOutcome::Duplicate);
+    // A later event of the tenant (not a subscription's) is still ordered by the last event.
+    let older = PlanChange::new("evt_4", "cus_a", 800, "metered".into());
+    assert_eq!(h.s().apply_plan_change(&older).await.unwrap(), PlanChangeOutcome::Stale);
+    let unknown = PlanChange::new("evt_5", "cus_zz", 900, "pro".into()).with_subscriptions(None, "{}");
+    assert_eq!(h.s().apply_plan_change(&unknown).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
+}

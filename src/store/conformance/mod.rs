@@ -88,6 +88,7 @@ macro_rules! store_conformance {
             plan_changes_apply_once_and_in_order,
             a_plan_is_set_only_over_what_was_read,
             a_customer_is_set_only_over_what_was_read,
+            a_subscription_change_applies_over_the_subscriptions_read,
             tenant_overrides_are_kept_and_set_alone,
             api_keys_carry_an_id_a_prefix_and_an_expiry,
         );

@@ -37,6 +37,65 @@ impl DirectoryStore for DynamoStore {
                 .build()
                 .map_err(backend)
         };
+        if let Some(subs) = &change.subscriptions {
+            // Ordered by its subscription (the caller's): applied over the subscriptions and the
+            // last event read, else Changed (read again).
+            if subs.read != record.subscriptions {
+                return Ok(PlanChangeOutcome::Changed);
+            }
+            let last = record.last_event_at.map_or(change.created, |l| l.max(change.created));
+            let mut condition = String::from("attribute_exists(pk) AND customer = :c");
+            condition.push_str(match &record.subscriptions {
+                Some(_) => " AND subscriptions = :read",
+                None => " AND attribute_not_exists(subscriptions)",
+            });
+            condition.push_str(match record.last_event_at {
+                Some(_) => " AND last_event_at = :was",
+                None => " AND attribute_not_exists(last_event_at)",
+            });
+            let mut update = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(tenant_pk(&record.id)))
+                .key("sk", s("T"))
+                .condition_expression(condition)
+                .update_expression("SET #plan = :p, last_event_at = :at, subscriptions = :w")
+                .expression_attribute_names("#plan", "plan")
+                .expression_attribute_values(":c", s(change.customer.as_str()))
+                .expression_attribute_values(":p", s(change.plan.as_str()))
+                .expression_attribute_values(":at", n(last))
+                .expression_attribute_values(":w", s(subs.written.as_str()));
+            if let Some(read) = &record.subscriptions {
+                update = update.expression_attribute_values(":read", s(read.as_str()));
+            }
+            if let Some(was) = record.last_event_at {
+                update = update.expression_attribute_values(":was", n(was));
+            }
+            let actions = vec![
+                TransactWriteItem::builder().put(marker()?).build(),
+                TransactWriteItem::builder().update(update.build().map_err(backend)?).build(),
+            ];
+            for attempt in 0..ATTEMPTS {
+                match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                    Ok(_) => {
+                        record.plan = change.plan.clone();
+                        record.last_event_at = Some(last);
+                        record.subscriptions = Some(subs.written.clone());
+                        return Ok(PlanChangeOutcome::Applied(record));
+                    }
+                    Err(e) => match cancellation(&e) {
+                        Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                            return Ok(PlanChangeOutcome::Duplicate)
+                        }
+                        Some(r) if r.get(1).is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                            return Ok(PlanChangeOutcome::Changed)
+                        }
+                        Some(_) => backoff(attempt).await,
+                        None => return Err(sdk(e)),
+                    },
+                }
+            }
+            return Err(StoreError::Conflict("a plan change conflicted with other writes under every attempt"));
+        }
         let update = Update::builder()
             .table_name(&self.table)
             .key("pk", s(tenant_pk(&record.id)))
@@ -248,6 +307,9 @@ impl DirectoryStore for DynamoStore {
         }
         if let Some(at) = record.last_event_at {
             put = put.item("last_event_at", n(at));
+        }
+        if let Some(subs) = &record.subscriptions {
+            put = put.item("subscriptions", s(subs.as_str()));
         }
         if let Some(o) = &record.overrides {
             put = put.item("overrides", s(o.as_str()));

@@ -24,6 +24,16 @@ impl DirectoryStore for MemoryStore {
         let Some(id) = inner.customers.get(&change.customer).cloned() else {
             return Ok(PlanChangeOutcome::UnknownCustomer);
         };
+        if let Some(subs) = &change.subscriptions {
+            // Ordered by its subscription (the caller's), applied over what was read.
+            if inner.tenants.get(&id).is_none_or(|r| r.subscriptions != subs.read) {
+                return Ok(if inner.tenants.contains_key(&id) {
+                    PlanChangeOutcome::Changed
+                } else {
+                    PlanChangeOutcome::UnknownCustomer
+                });
+            }
+        }
         if !inner.webhooks.has_room(change.created) {
             return Err(StoreError::Full("webhook event ids"));
         }
@@ -31,6 +41,12 @@ impl DirectoryStore for MemoryStore {
         let Some(record) = inner.tenants.get_mut(&id) else {
             return Ok(PlanChangeOutcome::UnknownCustomer);
         };
+        if let Some(subs) = &change.subscriptions {
+            record.plan = change.plan.clone();
+            record.subscriptions = Some(subs.written.clone());
+            record.last_event_at = Some(record.last_event_at.map_or(change.created, |l| l.max(change.created)));
+            return Ok(PlanChangeOutcome::Applied(record.clone()));
+        }
         if record.last_event_at.is_some_and(|last| last > change.created) {
             return Ok(PlanChangeOutcome::Stale);
         }

@@ -48,6 +48,9 @@ impl DirectoryStore for SqliteStore {
             else {
                 return Ok(PlanChangeOutcome::UnknownCustomer);
             };
+            if change.subscriptions.as_ref().is_some_and(|s| s.read != record.subscriptions) {
+                return Ok(PlanChangeOutcome::Changed);
+            }
             if progress.at_cap().1 {
                 let freed = prune_ids(tx, "webhook_event", change.created)?;
                 progress.freed(0, freed);
@@ -55,6 +58,17 @@ impl DirectoryStore for SqliteStore {
             progress.add_webhook_id()?;
             tx.prepare_cached("INSERT INTO webhook_event (id, at) VALUES (?1, ?2)")?
                 .execute(params![change.event_id, change.created])?;
+            if let Some(subs) = &change.subscriptions {
+                // Ordered by its subscription (the caller's), over what was read (above, in
+                // this transaction).
+                let last = record.last_event_at.map_or(change.created, |l| l.max(change.created));
+                tx.prepare_cached("UPDATE tenant SET plan = ?2, last_event_at = ?3, subscriptions = ?4 WHERE id = ?1")?
+                    .execute(params![record.id.as_str(), change.plan.as_str(), last, subs.written])?;
+                record.plan = change.plan.clone();
+                record.last_event_at = Some(last);
+                record.subscriptions = Some(subs.written.clone());
+                return Ok(PlanChangeOutcome::Applied(record));
+            }
             if record.last_event_at.is_some_and(|last| last > change.created) {
                 return Ok(PlanChangeOutcome::Stale);
             }
@@ -200,16 +214,19 @@ impl DirectoryStore for SqliteStore {
                     .execute(params![c, id])?;
             }
             tx.prepare_cached(
-                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides) VALUES (?1, ?2, ?3, ?4, ?5) \
+                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides, subscriptions) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
-                 last_event_at = excluded.last_event_at, overrides = excluded.overrides",
+                 last_event_at = excluded.last_event_at, overrides = excluded.overrides, \
+                 subscriptions = excluded.subscriptions",
             )?
             .execute(params![
                 id,
                 record.plan.as_str(),
                 record.customer,
                 record.last_event_at,
-                record.overrides
+                record.overrides,
+                record.subscriptions
             ])?;
             for key in &keys {
                 tx.prepare_cached(
@@ -240,7 +257,8 @@ fn tenant_row(r: &Row<'_>) -> Sql<TenantRecord> {
     t.customer = r.get(2)?;
     t.last_event_at = r.get(3)?;
     t.overrides = r.get(4)?;
+    t.subscriptions = r.get(5)?;
     Ok(t)
 }
 
-const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at, t.overrides";
+const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions";

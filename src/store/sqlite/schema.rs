@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 8;
+pub(super) const SCHEMA_VERSION: i32 = 9;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -148,6 +148,11 @@ CREATE TABLE ledger (
     PRIMARY KEY (hour, tenant, meter, window_start, revision)
 ) WITHOUT ROWID;
 CREATE INDEX ledger_kept ON ledger (kept_from);
+",
+    // Each tenant's subscriptions as the webhooks last saw them (JSON): events are ordered per
+    // subscription.
+    r"
+ALTER TABLE tenant ADD COLUMN subscriptions TEXT;
 ",
 ];
 
