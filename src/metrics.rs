@@ -32,6 +32,8 @@ pub(crate) struct Metrics {
     pub(crate) webhooks_ignored: Counter,
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     pub(crate) webhooks_rejected: Counter,
+    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
+    pub(crate) meter_errors: Counter,
     pub(crate) evictions: Counter,
     pub(crate) rate_states_dropped: Counter,
     pub(crate) overrides_not_served: Counter,
@@ -78,6 +80,7 @@ impl Metrics {
             webhooks_applied: counter!("tollgate_webhook_events_total", "outcome" => "applied"),
             webhooks_ignored: counter!("tollgate_webhook_events_total", "outcome" => "ignored"),
             webhooks_rejected: counter!("tollgate_webhook_events_total", "outcome" => "rejected"),
+            meter_errors: counter!("tollgate_billing_meter_errors_total"),
             evictions: counter!("tollgate_tenants_evicted_total"),
             rate_states_dropped: counter!("tollgate_rate_states_dropped_total"),
             overrides_not_served: counter!("tollgate_overrides_not_served_total"),
@@ -144,6 +147,7 @@ pub(crate) struct Totals {
     pub(crate) webhooks_applied: AtomicU64,
     pub(crate) webhooks_ignored: AtomicU64,
     pub(crate) webhooks_rejected: AtomicU64,
+    pub(crate) meter_errors: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) overrides_not_served: AtomicU64,
     pub(crate) store_fast_failures: AtomicU64,
@@ -211,6 +215,9 @@ pub struct Stats {
     pub webhooks_ignored: u64,
     /// Webhook deliveries refused (a bad or expired signature, an unreadable body).
     pub webhooks_rejected: u64,
+    /// Stripe's meter error events received (meter events it refused after taking them),
+    /// verified with the event destination's secret.
+    pub meter_errors: u64,
     /// Tenants evicted (idle, or over the cap).
     pub evictions: u64,
     /// Tenants served their plan without their overrides, which do not fit it (a plan change
@@ -280,6 +287,7 @@ impl Totals {
             webhooks_applied: l(&self.webhooks_applied),
             webhooks_ignored: l(&self.webhooks_ignored),
             webhooks_rejected: l(&self.webhooks_rejected),
+            meter_errors: l(&self.meter_errors),
             evictions: l(&self.evictions),
             overrides_not_served: l(&self.overrides_not_served),
             store_fast_failures: l(&self.store_fast_failures),

@@ -15,6 +15,13 @@ pub trait DirectoryEvents: Send + Sync + std::fmt::Debug + 'static {
 
     /// A Stripe webhook delivery ended this way: counted in the engine's totals and metrics.
     fn webhook_handled(&self, outcome: WebhookCount);
+
+    /// Stripe reported meter events it refused after taking them (a thin meter error event),
+    /// validated between `from` and `to` (Unix seconds): the engine reconciles the hours
+    /// around them (a report; nothing is sent). Nothing by default.
+    fn meter_error(&self, from: i64, to: i64) {
+        let _ = (from, to);
+    }
 }
 
 /// How a webhook delivery is counted ([`DirectoryEvents::webhook_handled`]).
@@ -27,4 +34,6 @@ pub enum WebhookCount {
     Rejected,
     /// Verified, and nothing to do (a duplicate, an older event, an ignored kind).
     Ignored,
+    /// A verified meter error event from Stripe (events it refused after taking them).
+    MeterError,
 }

@@ -52,6 +52,16 @@ pub enum WebhookOutcome {
     TooLarge,
     /// The store failed: 500, so Stripe delivers the event again. Nothing changed.
     StoreFailed(String),
+    /// A meter error event of Stripe's (a thin event from the event destination, verified with
+    /// its secret): Stripe refused meter events after taking them. Logged, counted, and the
+    /// hours it names reconciled (a report).
+    MeterError {
+        /// The event's type: `v1.billing.meter.error_report_triggered` or
+        /// `v1.billing.meter.no_meter_found`.
+        kind: String,
+        /// How many meter events it reports refused (0 when the full event could not be read).
+        errors: u64,
+    },
 }
 
 /// The answer to a webhook delivery: a status and a small JSON body.
@@ -85,6 +95,7 @@ impl WebhookReply {
             WebhookOutcome::FileTenant { .. } => "file_tenant",
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::UnknownPrice => "unknown_price",
+            WebhookOutcome::MeterError { .. } => "meter_error",
             WebhookOutcome::Rejected(reason) => {
                 return serde_json::json!({
                     "type": "https://tollgate.rs/problems/bad-webhook",
@@ -161,6 +172,8 @@ pub struct WebhookHandler {
     config: Arc<dyn Fn() -> Config + Send + Sync>,
     clock: Clock,
     secrets: Vec<Secret>,
+    /// The event destination of Stripe's thin meter error events, if configured.
+    destination: Option<Arc<Destination>>,
     /// Refusals logged at most once a second: the second of the last log, and the refusals
     /// since, not logged.
     refusals: Arc<RefusalLog>,
@@ -212,7 +225,28 @@ impl WebhookHandler {
         clock: Clock,
         secrets: Vec<Secret>,
     ) -> Self {
-        Self { directory, node, config: Arc::new(config), clock, secrets, refusals: Arc::default() }
+        Self { directory, node, config: Arc::new(config), clock, secrets, destination: None, refusals: Arc::default() }
+    }
+
+    /// Also takes the thin events of an event destination (Stripe's meter errors,
+    /// `v1.billing.meter.error_report_triggered` and `v1.billing.meter.no_meter_found`),
+    /// verified with its signing `secrets`: each is fetched in full (`GET /v2/core/events/{id}`,
+    /// with `api_key`, from `api_base` or `https://api.stripe.com/`, within `timeout`) for the
+    /// window and the errors it names, logged, counted (`Stats::meter_errors`,
+    /// `tollgate_billing_meter_errors_total`), and the hours around the window reconciled (a
+    /// report). Without a destination, thin events are refused (400).
+    #[must_use]
+    pub fn with_event_destination(
+        mut self,
+        secrets: Vec<Secret>,
+        api_key: Option<Secret>,
+        api_base: Option<&str>,
+        timeout: std::time::Duration,
+    ) -> Self {
+        let base = api_base.unwrap_or("https://api.stripe.com/");
+        let base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
+        self.destination = Some(Arc::new(Destination { secrets, api_key, api_base: base, timeout }));
+        self
     }
 
     /// Handles one delivery: the `Stripe-Signature` header's value (if any) and the raw body.
@@ -229,6 +263,7 @@ impl WebhookHandler {
         let count = match &outcome {
             WebhookOutcome::Applied { .. } => WebhookCount::Applied,
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
+            WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
             WebhookOutcome::StoreFailed(_) => return WebhookReply { outcome },
             _ => WebhookCount::Ignored,
         };
@@ -250,6 +285,10 @@ impl WebhookHandler {
             }
             return reject("the body is not UTF-8, and no signature matches a configured secret");
         };
+        // A thin event (an event destination's): verified with the destination's secrets.
+        if let Some(thin) = thin_event(payload) {
+            return self.thin(signature, body, thin, now).await;
+        }
         let mut verified = None;
         for secret in &self.secrets {
             match Webhook::construct_event_with_timestamp(payload, signature, secret.expose(), now) {
@@ -528,6 +567,154 @@ impl Subscriptions {
             .filter_map(|s| s.plan.as_ref().map(|p| (p, s.at, s.rank)))
             .min_by(|a, b| rank(a.0).cmp(&rank(b.0)).then((b.1, b.2).cmp(&(a.1, a.2))))
             .map(|(p, _, _)| PlanId::from(p.as_str()))
+    }
+}
+
+impl WebhookHandler {
+    /// A thin event: verified with the event destination's secrets; a meter error is fetched
+    /// in full, logged, counted, and its window reconciled.
+    async fn thin(&self, signature: &str, body: &[u8], thin: Thin, now: i64) -> WebhookOutcome {
+        let Some(destination) = &self.destination else {
+            return reject("a thin event (an event destination's), and no event destination secret is configured");
+        };
+        if !destination.secrets.iter().any(|s| signed_bytes(signature, body, s.expose(), now)) {
+            return reject("no signature matches an event destination secret");
+        }
+        if !METER_ERRORS.contains(&thin.kind.as_str()) {
+            tracing::info!(event = %thin.id, kind = %thin.kind, "Stripe thin event ignored: not a meter error");
+            return WebhookOutcome::Ignored;
+        }
+        match destination.fetch(&thin.id).await {
+            Ok(full) => {
+                let report = MeterErrorReport::of(&full);
+                tracing::error!(event = %thin.id, kind = %thin.kind, created = %thin.created,
+                    meter = ?thin.related, errors = report.errors, codes = ?report.codes, identifiers = ?report.identifiers,
+                    summary = %report.summary, from = ?report.window.map(|w| w.0), to = ?report.window.map(|w| w.1),
+                    "Stripe refused meter events after taking them: fix the cause (the customer, the meter); \
+                     reconciliation finds them lacking and sends them again once proven");
+                if let Some((from, to)) = report.window {
+                    self.node.meter_error(from, to);
+                }
+                WebhookOutcome::MeterError { kind: thin.kind, errors: report.errors }
+            }
+            Err(why) => {
+                tracing::error!(event = %thin.id, kind = %thin.kind, created = %thin.created, error = %why,
+                    "Stripe reported a meter error; its full event could not be read (GET /v2/core/events): \
+                     see it in the Dashboard (Workbench, Events)");
+                WebhookOutcome::MeterError { kind: thin.kind, errors: 0 }
+            }
+        }
+    }
+}
+
+/// Stripe's meter error events (thin events).
+const METER_ERRORS: [&str; 2] = ["v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"];
+
+/// The API version the full events are read at: the one async-stripe is generated for.
+const STRIPE_VERSION: &str = "2026-09-30.endive";
+
+/// An event destination: its signing secrets, and how to read a full event.
+struct Destination {
+    secrets: Vec<Secret>,
+    api_key: Option<Secret>,
+    api_base: String,
+    timeout: std::time::Duration,
+}
+
+impl fmt::Debug for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Destination").field("secrets", &self.secrets.len()).finish_non_exhaustive()
+    }
+}
+
+impl Destination {
+    /// `GET /v2/core/events/{id}` (async-stripe has no v2 client: one request over the same
+    /// hyper and rustls stack), within the timeout, the body at most 1 MiB.
+    async fn fetch(&self, id: &str) -> Result<serde_json::Value, String> {
+        use http_body_util::BodyExt;
+        let key = self.api_key.as_ref().ok_or("no Stripe secret key to read it with")?;
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`{id}` is not an event id"));
+        }
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build::<_, http_body_util::Empty<Bytes>>(connector);
+        let request = http::Request::get(format!("{}v2/core/events/{id}", self.api_base))
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", key.expose()))
+            .header("stripe-version", STRIPE_VERSION)
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        let read = async {
+            let response = client.request(request).await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = http_body_util::Limited::new(response.into_body(), WebhookHandler::MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)])));
+            }
+            serde_json::from_slice(&body).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(self.timeout, read).await.map_err(|_| "timed out".to_owned())?
+    }
+}
+
+/// What a thin event says: its id, type, time (an RFC 3339 string) and related object.
+#[derive(Debug)]
+struct Thin {
+    id: String,
+    kind: String,
+    created: String,
+    related: Option<String>,
+}
+
+/// A thin event (`"object": "v2.core.event"`), if the payload is one.
+fn thin_event(payload: &str) -> Option<Thin> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    if v["object"].as_str() != Some("v2.core.event") {
+        return None;
+    }
+    Some(Thin {
+        id: v["id"].as_str().unwrap_or_default().to_owned(),
+        kind: v["type"].as_str().unwrap_or_default().to_owned(),
+        created: v["created"].as_str().unwrap_or_default().to_owned(),
+        related: v["related_object"]["id"].as_str().map(str::to_owned),
+    })
+}
+
+/// What a full meter error event reports: the validation window, the count, the error codes
+/// and sample identifiers.
+#[derive(Debug, Default)]
+struct MeterErrorReport {
+    window: Option<(i64, i64)>,
+    errors: u64,
+    codes: Vec<String>,
+    identifiers: Vec<String>,
+    summary: String,
+}
+
+impl MeterErrorReport {
+    fn of(full: &serde_json::Value) -> Self {
+        let data = &full["data"];
+        let time = |k: &str| {
+            data[k].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.timestamp())
+        };
+        let mut report = Self {
+            window: time("validation_start").zip(time("validation_end")),
+            errors: data["reason"]["error_count"].as_u64().unwrap_or(0),
+            summary: data["developer_message_summary"].as_str().unwrap_or_default().to_owned(),
+            ..Self::default()
+        };
+        for t in data["reason"]["error_types"].as_array().into_iter().flatten().take(20) {
+            report.codes.extend(t["code"].as_str().map(str::to_owned));
+            for e in t["sample_errors"].as_array().into_iter().flatten().take(5) {
+                report.identifiers.extend(e["request"]["identifier"].as_str().map(str::to_owned));
+            }
+        }
+        report
     }
 }
 

@@ -384,6 +384,10 @@ pub struct StripeSettings {
     /// A file holding the webhook signing secrets (one per line, several during a rotation);
     /// `STRIPE_WEBHOOK_SECRET` (comma-separated) otherwise.
     pub webhook_secret_file: Option<std::path::PathBuf>,
+    /// A file holding the signing secrets of the event destination that sends Stripe's thin
+    /// meter error events; `STRIPE_EVENT_DESTINATION_SECRET` (comma-separated) otherwise. Without
+    /// either, thin events are refused.
+    pub event_destination_secret_file: Option<std::path::PathBuf>,
     /// How long one API call may take.
     pub timeout: Duration,
     /// How long after a billing period ends Stripe still takes its usage into the period's

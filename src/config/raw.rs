@@ -57,6 +57,7 @@ pub(crate) struct RawStripe {
     pub(crate) api_base: Option<String>,
     pub(crate) secret_key_file: Option<String>,
     pub(crate) webhook_secret_file: Option<String>,
+    pub(crate) event_destination_secret_file: Option<String>,
     pub(crate) timeout: Option<String>,
     pub(crate) invoice_grace: Option<String>,
     #[serde(default)]

@@ -635,6 +635,7 @@ impl Validator<'_, '_> {
             api_base,
             secret_key_file: file("secret_key_file", &raw.secret_key_file)?,
             webhook_secret_file: file("webhook_secret_file", &raw.webhook_secret_file)?,
+            event_destination_secret_file: file("event_destination_secret_file", &raw.event_destination_secret_file)?,
             timeout: self.duration("stripe.timeout", raw.timeout.as_deref(), Duration::from_secs(30))?,
             invoice_grace: {
                 let grace =

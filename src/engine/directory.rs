@@ -384,10 +384,32 @@ impl DirectoryEvents for Tollgate {
         let (total, counter) = match outcome {
             WebhookCount::Applied => (&shared.totals.webhooks_applied, &shared.metrics.webhooks_applied),
             WebhookCount::Rejected => (&shared.totals.webhooks_rejected, &shared.metrics.webhooks_rejected),
+            WebhookCount::MeterError => (&shared.totals.meter_errors, &shared.metrics.meter_errors),
             _ => (&shared.totals.webhooks_ignored, &shared.metrics.webhooks_ignored),
         };
         Totals::add(total, 1);
         counter.increment(1);
+    }
+
+    fn meter_error(&self, from: i64, to: i64) {
+        // In the background: the webhook is answered at once. A report only: the events Stripe
+        // refused are lacking, and sending them again before their cause is fixed would be
+        // refused again.
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let request = crate::report::ReconcileRequest::new(from - 26 * 3600, to + 3600);
+            match engine.reconcile(&request).await {
+                Ok(r) => tracing::warn!(
+                    from,
+                    to,
+                    lacking_units = r.lacking_units,
+                    surplus_units = r.surplus_units,
+                    hours = r.drift.len() + r.more_drift,
+                    "reconciled the hours around Stripe's meter error report"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not reconcile the hours of Stripe's meter error report"),
+            }
+        });
     }
 }
 
@@ -414,8 +436,26 @@ impl crate::billing::WebhookHandler {
     /// # Errors
     /// No secret, or the file cannot be read.
     pub fn from_config(tollgate: Tollgate) -> Result<Self, crate::billing::StripeSetupError> {
-        let file = tollgate.config().stripe().and_then(|s| s.webhook_secret_file.clone());
-        let secrets = crate::billing::read_secrets(file.as_deref(), "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
-        Ok(Self::new(tollgate, secrets))
+        use crate::billing::{read_secrets, StripeSetupError};
+        let config = tollgate.config();
+        let file = config.stripe().and_then(|s| s.webhook_secret_file.as_deref());
+        let secrets = read_secrets(file, "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
+        let handler = Self::new(tollgate.clone(), secrets);
+        let Some(stripe) = config.stripe() else { return Ok(handler) };
+        // The event destination of Stripe's meter errors, if one is configured.
+        let destination = match read_secrets(
+            stripe.event_destination_secret_file.as_deref(),
+            "STRIPE_EVENT_DESTINATION_SECRET",
+            "event_destination_secret_file",
+        ) {
+            Ok(secrets) => secrets,
+            Err(StripeSetupError::MissingSecret { .. }) => return Ok(handler),
+            Err(e) => return Err(e),
+        };
+        // The full event is fetched with the API key, when there is one.
+        let key = read_secrets(stripe.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")
+            .ok()
+            .and_then(|k| k.into_iter().next());
+        Ok(handler.with_event_destination(destination, key, stripe.api_base.as_deref(), stripe.timeout))
     }
 }

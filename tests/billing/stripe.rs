@@ -1387,3 +1387,80 @@ async fn dead_letters_that_may_have_been_taken_are_settled(kind: Kind) {
 on_every_store!(a_window_stripe_lost_is_found_and_sent_again_once);
 on_every_store!(a_window_sent_twice_outside_tollgate_is_reported_never_fixed);
 on_every_store!(dead_letters_that_may_have_been_taken_are_settled);
+
+/// A thin event of Stripe's event destination, as it is delivered: `created` an RFC 3339
+/// string, the meter as the related object, no data (Stripe's "Types of events" reference, v2).
+fn thin_event(id: &str, kind: &str) -> String {
+    serde_json::json!({
+        "id": id, "object": "v2.core.event", "type": kind, "livemode": false,
+        "created": "2026-03-14T12:20:05.000Z", "context": null, "reason": null,
+        "related_object": { "id": "mtr_standin_0000", "type": "billing.meter", "url": "/v1/billing/meters/mtr_standin_0000" },
+    })
+    .to_string()
+}
+
+/// Stripe's asynchronous meter errors: a thin event verified with the event destination's
+/// secret (not the webhook's), its full event read from `GET /v2/core/events/{id}` for the
+/// window and the errors, logged and counted, and the hours around the window reconciled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripe_s_meter_errors_are_verified_fetched_counted_and_reconciled() {
+    const DESTINATION: &str = "whsec_destination";
+    let Some((_b, _store, standin, h)) = on_store(Kind::Memory, None).await else { return };
+    assert_eq!(h.status("/", "key-acme").await, 200);
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + 20 * MIN + 1);
+    h.tollgate.export().await.unwrap();
+    let rfc = |t: i64| chrono::DateTime::from_timestamp(t, 0).unwrap().to_rfc3339();
+    standin.add_v2_event(serde_json::json!({
+        "id": "evt_test_meter_1", "object": "v2.core.event", "type": "v1.billing.meter.error_report_triggered",
+        "created": rfc(NOON + 20 * MIN + 5), "livemode": false, "context": null, "reason": null,
+        "related_object": { "id": "mtr_standin_0000", "type": "billing.meter", "url": "/v1/billing/meters/mtr_standin_0000" },
+        "data": {
+            "developer_message_summary": "There are 2 invalid events",
+            "reason": { "error_count": 2, "error_types": [ {
+                "code": "meter_event_customer_not_found", "error_count": 2,
+                "sample_errors": [ { "error_message": "No such customer", "request": { "identifier": "tg_x" } } ],
+            } ] },
+            "validation_start": rfc(NOON + 20 * MIN), "validation_end": rfc(NOON + 20 * MIN + 10),
+        },
+    }));
+    let now = NOON + 3 * HOUR;
+    at(&h.clock, &standin, now);
+    let handler = tollgate::billing::WebhookHandler::new(h.tollgate.clone(), vec![Secret::new("whsec_webhooks")])
+        .with_event_destination(
+            vec![Secret::new(DESTINATION)],
+            Some(Secret::new(SECRET)),
+            Some(&standin.url),
+            Duration::from_secs(5),
+        );
+    let sign = |payload: &str, secret: &str| stripe_webhook::Webhook::generate_test_header(payload, secret, Some(now));
+    let e = thin_event("evt_test_meter_1", "v1.billing.meter.error_report_triggered");
+    // Signed with the webhook endpoint's secret, not the destination's: refused.
+    assert_eq!(handler.handle(Some(&sign(&e, "whsec_webhooks")), e.as_bytes()).await.status(), 400);
+    let reads = standin.summary_reads();
+    let reply = handler.handle(Some(&sign(&e, DESTINATION)), e.as_bytes()).await;
+    let kind = "v1.billing.meter.error_report_triggered".to_owned();
+    assert_eq!(reply.outcome, tollgate::billing::WebhookOutcome::MeterError { kind, errors: 2 });
+    assert_eq!(reply.status().as_u16(), 200);
+    assert!(reply.body().contains("meter_error"), "{}", reply.body());
+    assert_eq!((standin.v2_reads(), h.tollgate.stats().meter_errors), (1, 1));
+    // The hours around the window are reconciled in the background (a read of the summaries).
+    let mut waited = 0;
+    while standin.summary_reads() == reads && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(standin.summary_reads() > reads, "reconciled");
+    // A full event Stripe does not return: counted all the same.
+    let e2 = thin_event("evt_test_meter_2", "v1.billing.meter.no_meter_found");
+    let reply = handler.handle(Some(&sign(&e2, DESTINATION)), e2.as_bytes()).await;
+    let kind = "v1.billing.meter.no_meter_found".to_owned();
+    assert_eq!(reply.outcome, tollgate::billing::WebhookOutcome::MeterError { kind, errors: 0 });
+    // Another thin event: taken and ignored. A handler without a destination refuses thin events.
+    let e3 = thin_event("evt_test_3", "v1.account.updated");
+    let reply = handler.handle(Some(&sign(&e3, DESTINATION)), e3.as_bytes()).await;
+    assert_eq!((reply.status().as_u16(), reply.outcome), (200, tollgate::billing::WebhookOutcome::Ignored));
+    let plain = tollgate::billing::WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(DESTINATION)]);
+    assert_eq!(plain.handle(Some(&sign(&e, DESTINATION)), e.as_bytes()).await.status(), 400);
+    assert_eq!(h.tollgate.stats().meter_errors, 2);
+}

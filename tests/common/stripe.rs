@@ -31,6 +31,10 @@
 //!   one `billing.meter_event_summary` per hour holding events, paged by `limit` (at most
 //!   100) and `starting_after`. Summaries are "eventually consistent": an event counts in them
 //!   only [`VISIBLE_AFTER`] seconds after it was accepted, by the stand-in's clock.
+//! - `GET /v2/core/events/{id}` (Stripe's API reference, "Retrieve an event", v2): the full
+//!   event of a thin event a test added ([`StandIn::add_v2_event`]); a v2 call without a
+//!   `Stripe-Version` header is refused with 400 (v2 endpoints need an explicit version), an
+//!   unknown id gets 404 `resource_missing`.
 //! - Test hooks: [`StandIn::lose`] drops an accepted event from the summaries (Stripe lost
 //!   it; its identifier stays taken), [`StandIn::inject`] adds one sent outside tollgate.
 //!
@@ -91,6 +95,9 @@ struct State {
     identifiers: HashSet<String>,
     /// Reads of the event summaries.
     summary_reads: u64,
+    /// Full v2 events by id, and the reads of them.
+    v2_events: HashMap<String, serde_json::Value>,
+    v2_reads: u64,
     /// Idempotency key -> (parameters, status, body, first used at).
     idempotency: HashMap<String, (String, u16, String, i64)>,
     in_flight: HashSet<(String, String)>,
@@ -235,6 +242,17 @@ impl StandIn {
         s.identifiers.insert(event.identifier.clone());
         s.events.push(event);
         s.accepted_at.push(now);
+    }
+
+    /// A full v2 event (what `GET /v2/core/events/{id}` returns).
+    pub fn add_v2_event(&self, event: serde_json::Value) {
+        let id = event["id"].as_str().unwrap_or_default().to_owned();
+        self.lock().v2_events.insert(id, event);
+    }
+
+    /// Reads of v2 events so far.
+    pub fn v2_reads(&self) -> u64 {
+        self.lock().v2_reads
     }
 
     /// Reads of the event summaries so far.
@@ -526,6 +544,21 @@ fn meter_ids(s: &State) -> Vec<(String, String)> {
 /// `GET` requests: the meter list and the event summaries.
 fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
     let (path, query) = req.path.split_once('?').unwrap_or((req.path.as_str(), ""));
+    if let Some(id) = path.strip_prefix("/v2/core/events/") {
+        if !req.headers.contains_key("stripe-version") {
+            return error(
+                400,
+                "invalid_request_error",
+                "missing_api_version",
+                "A Stripe-Version header is required for v2 endpoints",
+            );
+        }
+        s.v2_reads += 1;
+        return match s.v2_events.get(id) {
+            Some(event) => (200, event.to_string(), "application/json"),
+            None => error(404, "invalid_request_error", "resource_missing", &format!("No such event: '{id}'")),
+        };
+    }
     let q: BTreeMap<String, String> = query
         .split('&')
         .filter(|p| !p.is_empty())
