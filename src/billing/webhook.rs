@@ -28,7 +28,9 @@ pub enum WebhookOutcome {
     },
     /// The event id was applied before: nothing changed.
     Duplicate,
-    /// A newer event was applied for the customer already: nothing changed.
+    /// A newer event was applied already: for a subscription's event, of that subscription
+    /// (`created`, then created < updated < deleted within a second); for another event, for
+    /// the customer. Nothing changed.
     Stale,
     /// No tenant of the directory has this customer: nothing changed.
     UnknownCustomer,
@@ -43,7 +45,8 @@ pub enum WebhookOutcome {
     /// the event names no customer: nothing changed.
     Ignored,
     /// An active subscription whose prices (ids and lookup keys) `[stripe.prices]` does not
-    /// map: nothing changed.
+    /// map and that gave no plan before (an add-on): the plan is unchanged; the subscription's
+    /// event is recorded (its order holds for later events).
     UnknownPrice,
     /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
     /// not an event. Nothing changed.
@@ -162,9 +165,11 @@ struct Fields {
 /// - A verified event the typed parser refuses (another API version, a type it does not
 ///   know) is read with serde_json for the few fields a transition needs.
 /// - The event id is marked seen and the plan changed in one store write, only if the id is
-///   new and the event is not older than the last one applied for the customer. A duplicate
-///   or an older event is a 200 no-op; a store failure is a 500 and changes nothing, so
-///   Stripe's retry applies it.
+///   new and the event is not older than the last one applied: of its subscription for a
+///   subscription's event (whose plan then follows every live subscription of the customer:
+///   see the [Stripe guide](crate::guide::stripe)), of the customer for another. A duplicate or
+///   an older event is a 200 no-op; a store failure is a 500 and changes nothing, so Stripe's
+///   retry applies it.
 /// - The new plan applies at once on this node, within `limits.directory_ttl` elsewhere.
 pub struct WebhookHandler {
     directory: Arc<dyn DirectoryStore>,
@@ -390,28 +395,71 @@ impl WebhookHandler {
                 }
                 Err(e) => return self.settle(config, fields, &customer, &PlanId::from(""), Err(e)),
             };
-            let mut subs = Subscriptions::parse(record.subscriptions.as_deref());
-            let before = subs.0.get(subscription).cloned();
-            if before.as_ref().is_some_and(|b| (b.at, b.rank) > (fields.created, rank)) {
+            let mut subs = match Subscriptions::parse(record.subscriptions.as_deref()) {
+                Ok(subs) => subs,
+                Err(e) => {
+                    // Never written over: its order and ended subscriptions would be lost.
+                    tracing::error!(event = %fields.id, tenant = %record.id, error = %e,
+                        "the tenant's stored subscriptions are unreadable: the event is not applied");
+                    return WebhookOutcome::StoreFailed(format!(
+                        "the tenant's stored subscriptions are unreadable: {e}"
+                    ));
+                }
+            };
+            // A tenant whose subscriptions were never stored (before this version): its last
+            // event orders them all, and the plan follows this one event alone, as before.
+            let legacy = record.subscriptions.is_none();
+            if legacy {
+                subs.floor = record.last_event_at.unwrap_or(i64::MIN);
+            }
+            let before = subs.subs.get(subscription).cloned();
+            let stale = match &before {
+                Some(b) => (b.at, b.rank) > (fields.created, rank),
+                // Older than what was forgotten (or, before this version, than the last event).
+                None => fields.created < subs.floor,
+            };
+            if stale {
                 tracing::info!(event = %fields.id, %customer, subscription,
                     "Stripe webhook older than the last applied for its subscription: ignored");
                 return WebhookOutcome::Stale;
             }
             let gave = before.as_ref().and_then(|b| b.plan.as_deref().map(PlanId::from));
+            let bore = before.as_ref().is_some_and(|b| b.bore) || gave.is_some();
             let now_gives = gives.clone().unwrap_or_else(|| gave.clone());
-            // A subscription that gives (or gave) a plan: its end moves the tenant.
-            let bearing = gave.is_some() || by_price.is_some();
+            // A subscription that gives (or gave) a plan: its end, or its move to a price no
+            // plan maps, moves the tenant.
+            let bearing = bore || by_price.is_some();
+            let lost_plan = bearing && now_gives.is_none();
+            let order = Order::new(settings);
+            let best_before = subs.best(&order);
             let plan_text = now_gives.as_ref().map(|p| p.as_str().to_owned());
-            subs.0.insert(subscription.to_owned(), Sub { at: fields.created, rank, plan: plan_text });
+            let bore_now = bore || now_gives.is_some();
+            subs.subs
+                .insert(subscription.to_owned(), Sub { at: fields.created, rank, plan: plan_text, bore: bore_now });
             subs.prune();
-            let plan = match subs.best(&settings.plan_order) {
-                Some(plan) => plan,
-                None if ended && bearing => canceled_plan(settings).unwrap_or_else(|| record.plan.clone()),
-                None => record.plan.clone(),
+            let best = subs.best(&order);
+            let plan = if legacy {
+                match (&gives, ended) {
+                    (Some(Some(plan)), _) => plan.clone(),
+                    (_, true) if by_price.is_some() => canceled_plan(settings).unwrap_or_else(|| record.plan.clone()),
+                    _ => record.plan.clone(),
+                }
+            } else {
+                match best {
+                    // Written only when the best changes or this subscription gives it anew: a
+                    // plan set by hand survives an add-on's event or an ignored status.
+                    Some(best) if best_before.as_ref() != Some(&best) || matches!(gives, Some(Some(_))) => best,
+                    Some(_) => record.plan.clone(),
+                    None if lost_plan => canceled_plan(settings).unwrap_or_else(|| record.plan.clone()),
+                    None => record.plan.clone(),
+                }
             };
-            let moved = matches!(gives, Some(Some(_))) || (ended && bearing) || plan != record.plan;
+            let moved = matches!(gives, Some(Some(_)))
+                || (lost_plan && !legacy)
+                || (ended && by_price.is_some())
+                || plan != record.plan;
             let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan.clone())
-                .with_subscriptions(record.subscriptions.clone(), subs.to_json());
+                .with_subscriptions(&record, subs.to_json());
             match self.directory.apply_plan_change(&change).await {
                 Ok(PlanChangeOutcome::Changed) => {}
                 Ok(PlanChangeOutcome::Applied(_)) if !moved => {
@@ -521,51 +569,75 @@ struct Sub {
     /// The plan it gives; `None` once ended, or when its prices map to no plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     plan: Option<String>,
+    /// Whether it ever gave a plan: its end, or its move to a price no plan maps, then moves
+    /// the tenant.
+    #[serde(default)]
+    bore: bool,
 }
 
-/// A tenant's subscriptions by id ([`TenantRecord::subscriptions`](crate::store::TenantRecord::subscriptions)).
-#[derive(Debug, Default)]
-struct Subscriptions(std::collections::BTreeMap<String, Sub>);
+/// A tenant's subscriptions by id ([`TenantRecord::subscriptions`](crate::store::TenantRecord::subscriptions)),
+/// and the time below which a subscription not kept is stale (what was forgotten).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Subscriptions {
+    #[serde(default)]
+    floor: i64,
+    subs: std::collections::BTreeMap<String, Sub>,
+}
+
+/// How plans rank: `[stripe] plan_order` first, then the plans prices give, then the rest.
+struct Order<'a> {
+    listed: &'a [PlanId],
+    priced: std::collections::BTreeSet<&'a str>,
+}
+
+impl<'a> Order<'a> {
+    fn new(settings: &'a StripeSettings) -> Self {
+        Self { listed: &settings.plan_order, priced: settings.prices.values().map(PlanId::as_str).collect() }
+    }
+
+    /// Lower is higher.
+    fn rank(&self, plan: &str) -> usize {
+        match self.listed.iter().position(|o| o.as_str() == plan) {
+            Some(i) => i,
+            None if self.priced.contains(plan) => self.listed.len(),
+            None => self.listed.len() + 1,
+        }
+    }
+}
 
 impl Subscriptions {
-    /// At most this many are kept per tenant: ended ones go first, oldest first.
+    /// At most this many are kept per tenant: those giving no plan go first, oldest first.
     const MAX: usize = 32;
 
-    /// As stored; unreadable text is taken as none (logged).
-    fn parse(text: Option<&str>) -> Self {
-        match text.map(serde_json::from_str) {
-            None => Self::default(),
-            Some(Ok(map)) => Self(map),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "a tenant's stored subscriptions are unreadable: taken as none");
-                Self::default()
+    /// As stored.
+    fn parse(text: Option<&str>) -> Result<Self, serde_json::Error> {
+        text.map_or_else(|| Ok(Self { floor: i64::MIN, ..Self::default() }), serde_json::from_str)
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Bounded: subscriptions that give nothing go first, then the oldest; the floor rises to
+    /// the newest event forgotten, so a late event of a forgotten subscription is stale.
+    fn prune(&mut self) {
+        while self.subs.len() > Self::MAX {
+            let victim =
+                self.subs.iter().min_by_key(|(_, s)| (s.plan.is_some(), s.at, s.rank)).map(|(id, _)| id.clone());
+            let Some(id) = victim else { break };
+            if let Some(gone) = self.subs.remove(&id) {
+                self.floor = self.floor.max(gone.at + 1);
             }
         }
     }
 
-    fn to_json(&self) -> String {
-        serde_json::to_string(&self.0).unwrap_or_default()
-    }
-
-    /// Bounded: subscriptions that give nothing go first, then the oldest.
-    fn prune(&mut self) {
-        while self.0.len() > Self::MAX {
-            let victim = self.0.iter().min_by_key(|(_, s)| (s.plan.is_some(), s.at, s.rank)).map(|(id, _)| id.clone());
-            match victim {
-                Some(id) => self.0.remove(&id),
-                None => break,
-            };
-        }
-    }
-
-    /// The plan of the live subscriptions: the highest in `order` (plans not in it below those
-    /// in it), among equals the one whose event came last.
-    fn best(&self, order: &[PlanId]) -> Option<PlanId> {
-        let rank = |p: &String| order.iter().position(|o| o.as_str() == p).unwrap_or(order.len());
-        self.0
+    /// The plan of the live subscriptions: the highest by `order`, among equals the one whose
+    /// event came last.
+    fn best(&self, order: &Order<'_>) -> Option<PlanId> {
+        self.subs
             .values()
             .filter_map(|s| s.plan.as_ref().map(|p| (p, s.at, s.rank)))
-            .min_by(|a, b| rank(a.0).cmp(&rank(b.0)).then((b.1, b.2).cmp(&(a.1, a.2))))
+            .min_by(|a, b| order.rank(a.0).cmp(&order.rank(b.0)).then((b.1, b.2).cmp(&(a.1, a.2))))
             .map(|(p, _, _)| PlanId::from(p.as_str()))
     }
 }

@@ -631,6 +631,22 @@ impl Validator<'_, '_> {
             }
             plan_order.push(id);
         }
+        // Several plans by price: which wins when a customer has several subscriptions must be
+        // said (the latest event would, and a renewal of the cheaper one would downgrade).
+        let priced: std::collections::BTreeSet<&PlanId> = prices.values().collect();
+        if priced.len() > 1 {
+            let missing: Vec<&str> = priced.iter().filter(|p| !plan_order.contains(p)).map(|p| p.as_str()).collect();
+            if !missing.is_empty() {
+                return Err(self.invalid(
+                    "stripe.plan_order",
+                    format!(
+                        "[stripe.prices] gives several plans: list them in [stripe] plan_order, highest first, so \
+                         that a customer with several subscriptions gets the highest (missing {})",
+                        missing.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(StripeSettings {
             api_base,
             secret_key_file: file("secret_key_file", &raw.secret_key_file)?,

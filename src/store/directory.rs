@@ -121,11 +121,15 @@ impl PlanChange {
         Self { event_id: event_id.into(), customer: customer.into(), created, plan, subscriptions: None }
     }
 
-    /// The same, by a subscription's event computed from the tenant's subscriptions `read`
-    /// ([`TenantRecord::subscriptions`]), which become `written`.
+    /// The same, by a subscription's event computed from the tenant as `read` (its plan and
+    /// [subscriptions](TenantRecord::subscriptions)), whose subscriptions become `written`.
     #[must_use]
-    pub fn with_subscriptions(mut self, read: Option<String>, written: impl Into<String>) -> Self {
-        self.subscriptions = Some(SubscriptionsChange { read, written: written.into() });
+    pub fn with_subscriptions(mut self, read: &TenantRecord, written: impl Into<String>) -> Self {
+        self.subscriptions = Some(SubscriptionsChange {
+            read: read.subscriptions.clone(),
+            plan: read.plan.clone(),
+            written: written.into(),
+        });
         self
     }
 }
@@ -136,6 +140,9 @@ impl PlanChange {
 pub struct SubscriptionsChange {
     /// The tenant's subscriptions as read: the change applies only if they are still these.
     pub read: Option<String>,
+    /// The tenant's plan as read: the change applies only if it is still this (a plan set by
+    /// hand meanwhile is not overwritten).
+    pub plan: PlanId,
     /// The tenant's subscriptions after the change.
     pub written: String,
 }
@@ -154,9 +161,9 @@ pub enum PlanChangeOutcome {
     /// No tenant has this customer: nothing changed (the id is not marked, so a retry after
     /// the tenant exists applies it).
     UnknownCustomer,
-    /// A subscription's change whose tenant's subscriptions are no longer those it was
-    /// computed from (another event applied meanwhile): nothing changed, the id is not
-    /// marked; read the tenant again and compute it anew.
+    /// A subscription's change whose tenant's subscriptions or plan are no longer those it was
+    /// computed from (another event applied meanwhile, a plan set by hand): nothing changed,
+    /// the id is not marked; read the tenant again and compute it anew.
     Changed,
 }
 

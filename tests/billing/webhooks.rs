@@ -242,11 +242,21 @@ async fn subscription_statuses_and_prices_move_the_plan_both_ways() {
     assert_eq!(s.admitted(3).await.0, 3);
     // A status mapped to `ignore` changes nothing.
     assert_eq!(s.signed(&sub("evt_4", NOON - 5, "incomplete")).await, (200, WebhookOutcome::Ignored));
-    // An active subscription on a price the file does not map: 200, nothing changes.
-    let unmapped =
-        event("evt_5", "customer.subscription.updated", NOON, subscription("cus_acme", "active", "price_other", None));
+    // Another subscription of the customer's, on a price the file does not map: 200, nothing
+    // changes for it (an add-on).
+    let mut addon = subscription("cus_acme", "active", "price_other", None);
+    addon["id"] = json!("sub_addon");
+    let unmapped = event("evt_5", "customer.subscription.updated", NOON, addon);
     assert_eq!(s.signed(&unmapped).await, (200, WebhookOutcome::UnknownPrice));
     assert_eq!(s.plan().await, "pro");
+    // The paying subscription moved to a price the file does not map: it no longer gives pro.
+    let moved = event(
+        "evt_6",
+        "customer.subscription.updated",
+        NOON + 1,
+        subscription("cus_acme", "active", "price_other", None),
+    );
+    assert_eq!(s.signed(&moved).await, (200, applied("free")));
 }
 
 #[tokio::test]
@@ -508,4 +518,106 @@ fn plan_order_is_checked_at_load() {
         let e = tollgate::Config::from_toml_str(&config).unwrap_err().to_string();
         assert!(e.contains("stripe.plan_order") && e.contains(says), "{e}");
     }
+}
+
+/// A subscription that gave a plan and moves to a price no plan maps no longer gives it: with no
+/// other, the canceled outcome applies; its later deletion keeps the tenant there (it kept the
+/// paid plan for good).
+#[tokio::test]
+async fn a_move_to_a_price_no_plan_maps_ends_the_plan_it_gave() {
+    let s = setup().await;
+    let (created, updated, deleted) =
+        ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted");
+    assert_eq!(
+        s.signed(&event("e1", created, NOON - 30, sub_of("sub_p", "active", "price_pro_monthly"))).await.1,
+        applied("pro")
+    );
+    assert_eq!(
+        s.signed(&event("e2", updated, NOON - 20, sub_of("sub_p", "active", "price_other"))).await.1,
+        applied("free")
+    );
+    assert_eq!(
+        s.signed(&event("e3", deleted, NOON - 10, sub_of("sub_p", "canceled", "price_other"))).await.1,
+        applied("free")
+    );
+    assert_eq!(s.plan().await, "free");
+}
+
+/// A tenant whose subscriptions were stored by no earlier event (before this version) keeps the
+/// rules it had: its last event orders every subscription's, and the plan follows the one event.
+#[tokio::test]
+async fn a_tenant_from_before_keeps_its_order_and_its_plan() {
+    let s = setup().await;
+    let mut acme = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
+    acme.plan = "pro".into();
+    acme.last_event_at = Some(NOON - 100);
+    s.store.put_tenant(&acme, &[]).await.unwrap();
+    let (updated, deleted) = ("customer.subscription.updated", "customer.subscription.deleted");
+    // Stripe still retrying an event older than the last applied: stale, as before.
+    let old = event("e0", updated, NOON - 200, sub_of("sub_p", "past_due", "price_pro_monthly"));
+    assert_eq!(s.signed(&old).await.1, WebhookOutcome::Stale);
+    // An add-on's end: nothing moves.
+    assert_eq!(
+        s.signed(&event("e1", deleted, NOON - 50, sub_of("sub_a", "canceled", "price_addon"))).await.1,
+        WebhookOutcome::Ignored
+    );
+    assert_eq!(s.plan().await, "pro");
+    // The paid subscription's end: the canceled outcome.
+    assert_eq!(
+        s.signed(&event("e2", deleted, NOON - 40, sub_of("sub_p", "canceled", "price_pro_monthly"))).await.1,
+        applied("free")
+    );
+}
+
+/// A plan set by hand (a comp) is not undone by an add-on's event or an ignored status: only a
+/// change of the best plan the subscriptions give, or a subscription giving one anew, writes it.
+#[tokio::test]
+async fn a_plan_set_by_hand_survives_events_that_change_nothing() {
+    let s = setup().await;
+    let created = "customer.subscription.created";
+    assert_eq!(
+        s.signed(&event("e1", created, NOON - 30, sub_of("sub_p", "active", "price_pro_monthly"))).await.1,
+        applied("pro")
+    );
+    let read = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
+    assert!(s.store.set_plan_if_unchanged(&read, &"metered".into()).await.unwrap());
+    assert_eq!(
+        s.signed(&event("e2", created, NOON - 20, sub_of("sub_a", "active", "price_addon"))).await.1,
+        WebhookOutcome::UnknownPrice
+    );
+    let ignored =
+        event("e3", "customer.subscription.updated", NOON - 10, sub_of("sub_p", "incomplete", "price_pro_monthly"));
+    assert_eq!(s.signed(&ignored).await.1, WebhookOutcome::Ignored);
+    assert_eq!(s.plan().await, "metered");
+}
+
+/// Past 32 subscriptions the oldest that give nothing are forgotten, but a late event of a
+/// forgotten one is still stale: a deleted subscription never comes back.
+#[tokio::test]
+async fn a_forgotten_subscription_s_late_event_is_stale() {
+    let s = setup().await;
+    let (created, deleted) = ("customer.subscription.created", "customer.subscription.deleted");
+    assert_eq!(
+        s.signed(&event("d0", deleted, NOON - 500, sub_of("sub_0", "canceled", "price_pro_monthly"))).await.1,
+        applied("free")
+    );
+    for i in 1..=32 {
+        let e = event(&format!("a{i}"), created, NOON - 400 + i, sub_of(&format!("sub_{i}"), "active", "price_addon"));
+        assert_eq!(s.signed(&e).await.1, WebhookOutcome::UnknownPrice);
+    }
+    let stored = s.store.tenant(&"acme".into()).await.unwrap().unwrap().subscriptions.unwrap();
+    assert!(!stored.contains("\"sub_0\""), "forgotten: {stored}");
+    let late = event("u0", "customer.subscription.updated", NOON - 600, sub_of("sub_0", "active", "price_pro_monthly"));
+    assert_eq!(s.signed(&late).await.1, WebhookOutcome::Stale);
+    assert_eq!(s.plan().await, "free");
+}
+
+/// Several plans by price need `plan_order` naming each.
+#[test]
+fn several_plans_by_price_need_a_plan_order() {
+    let config = CONFIG.replace("pro_yearly = \"pro\"", "pro_yearly = \"pro\"\nprice_metered = \"metered\"");
+    let e = tollgate::Config::from_toml_str(&config).unwrap_err().to_string();
+    assert!(e.contains("stripe.plan_order") && e.contains("missing metered, pro"), "{e}");
+    let ordered = config.replace("[stripe.events]", "[stripe]\nplan_order = [\"pro\", \"metered\"]\n[stripe.events]");
+    assert!(tollgate::Config::from_toml_str(&ordered).is_ok());
 }

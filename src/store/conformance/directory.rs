@@ -280,7 +280,8 @@ pub async fn a_subscription_change_applies_over_the_subscriptions_read<S: ?Sized
     h.s().put_tenant(&acme, &[]).await.unwrap();
     h.s().apply_plan_change(&PlanChange::new("evt_1", "cus_a", 500, "metered".into())).await.unwrap();
     // Older than the tenant's last event, but first for its subscription: applied.
-    let first = PlanChange::new("evt_2", "cus_a", 300, "pro".into()).with_subscriptions(None, r#"{"sub_1":1}"#);
+    let read = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    let first = PlanChange::new("evt_2", "cus_a", 300, "pro".into()).with_subscriptions(&read, r#"{"sub_1":1}"#);
     let PlanChangeOutcome::Applied(record) = h.s().apply_plan_change(&first).await.unwrap() else {
         panic!("not applied")
     };
@@ -290,11 +291,17 @@ pub async fn a_subscription_change_applies_over_the_subscriptions_read<S: ?Sized
     let stored = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
     assert_eq!((stored.plan.as_str(), stored.subscriptions.as_deref()), ("pro", Some(r#"{"sub_1":1}"#)));
     // Computed from what is no longer there: Changed, nothing written, the id not marked.
-    let stale = PlanChange::new("evt_3", "cus_a", 900, "free".into()).with_subscriptions(None, r#"{"sub_2":1}"#);
+    let stale = PlanChange::new("evt_3", "cus_a", 900, "free".into()).with_subscriptions(&read, r#"{"sub_2":1}"#);
     assert_eq!(h.s().apply_plan_change(&stale).await.unwrap(), PlanChangeOutcome::Changed);
     assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(stored.clone()));
-    let fresh = PlanChange::new("evt_3", "cus_a", 900, "free".into())
-        .with_subscriptions(Some(r#"{"sub_1":1}"#.into()), r#"{"sub_1":1,"sub_2":1}"#);
+    // A plan set by hand since the read: Changed too (not overwritten).
+    assert!(h.s().set_plan_if_unchanged(&stored, &"comp".into()).await.unwrap());
+    let over_hand = PlanChange::new("evt_3", "cus_a", 900, "free".into()).with_subscriptions(&stored, "{}");
+    assert_eq!(h.s().apply_plan_change(&over_hand).await.unwrap(), PlanChangeOutcome::Changed);
+    let comped = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    assert_eq!(comped.plan.as_str(), "comp");
+    let fresh =
+        PlanChange::new("evt_3", "cus_a", 900, "free".into()).with_subscriptions(&comped, r#"{"sub_1":1,"sub_2":1}"#);
     let PlanChangeOutcome::Applied(record) = h.s().apply_plan_change(&fresh).await.unwrap() else {
         panic!("not applied")
     };
@@ -303,6 +310,13 @@ pub async fn a_subscription_change_applies_over_the_subscriptions_read<S: ?Sized
     // A later event of the tenant (not a subscription's) is still ordered by the last event.
     let older = PlanChange::new("evt_4", "cus_a", 800, "metered".into());
     assert_eq!(h.s().apply_plan_change(&older).await.unwrap(), PlanChangeOutcome::Stale);
-    let unknown = PlanChange::new("evt_5", "cus_zz", 900, "pro".into()).with_subscriptions(None, "{}");
+    let unknown = PlanChange::new("evt_5", "cus_zz", 900, "pro".into()).with_subscriptions(&read, "{}");
     assert_eq!(h.s().apply_plan_change(&unknown).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
+    // Another customer: the subscriptions of the old one are forgotten.
+    let now = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
+    assert!(now.subscriptions.is_some());
+    assert!(h.s().set_customer_if_unchanged(&"acme".into(), Some("cus_a"), Some("cus_a")).await.unwrap());
+    assert!(h.s().tenant(&"acme".into()).await.unwrap().unwrap().subscriptions.is_some(), "the same customer");
+    assert!(h.s().set_customer_if_unchanged(&"acme".into(), Some("cus_a"), Some("cus_b")).await.unwrap());
+    assert_eq!(h.s().tenant(&"acme".into()).await.unwrap().unwrap().subscriptions, None);
 }

@@ -40,11 +40,11 @@ impl DirectoryStore for DynamoStore {
         if let Some(subs) = &change.subscriptions {
             // Ordered by its subscription (the caller's): applied over the subscriptions and the
             // last event read, else Changed (read again).
-            if subs.read != record.subscriptions {
+            if subs.read != record.subscriptions || subs.plan != record.plan {
                 return Ok(PlanChangeOutcome::Changed);
             }
             let last = record.last_event_at.map_or(change.created, |l| l.max(change.created));
-            let mut condition = String::from("attribute_exists(pk) AND customer = :c");
+            let mut condition = String::from("attribute_exists(pk) AND customer = :c AND #plan = :was_plan");
             condition.push_str(match &record.subscriptions {
                 Some(_) => " AND subscriptions = :read",
                 None => " AND attribute_not_exists(subscriptions)",
@@ -63,7 +63,8 @@ impl DirectoryStore for DynamoStore {
                 .expression_attribute_values(":c", s(change.customer.as_str()))
                 .expression_attribute_values(":p", s(change.plan.as_str()))
                 .expression_attribute_values(":at", n(last))
-                .expression_attribute_values(":w", s(subs.written.as_str()));
+                .expression_attribute_values(":w", s(subs.written.as_str()))
+                .expression_attribute_values(":was_plan", s(subs.plan.as_str()));
             if let Some(read) = &record.subscriptions {
                 update = update.expression_attribute_values(":read", s(read.as_str()));
             }
@@ -258,9 +259,14 @@ impl DirectoryStore for DynamoStore {
                 .expression_attribute_values(":read", s(r)),
             None => update.condition_expression("attribute_exists(pk) AND attribute_not_exists(customer)"),
         };
+        // Another customer's subscriptions are not this one's.
+        let forget = if read == customer { "" } else { " REMOVE subscriptions" };
         let update = match customer {
-            Some(c) => update.update_expression("SET customer = :c").expression_attribute_values(":c", s(c)),
-            None => update.update_expression("REMOVE customer"),
+            Some(c) => {
+                update.update_expression(format!("SET customer = :c{forget}")).expression_attribute_values(":c", s(c))
+            }
+            None if read == customer => update.update_expression("REMOVE customer"),
+            None => update.update_expression("REMOVE customer, subscriptions"),
         };
         match update.send().await {
             Ok(_) => {}

@@ -26,7 +26,7 @@ impl DirectoryStore for MemoryStore {
         };
         if let Some(subs) = &change.subscriptions {
             // Ordered by its subscription (the caller's), applied over what was read.
-            if inner.tenants.get(&id).is_none_or(|r| r.subscriptions != subs.read) {
+            if inner.tenants.get(&id).is_none_or(|r| r.subscriptions != subs.read || r.plan != subs.plan) {
                 return Ok(if inner.tenants.contains_key(&id) {
                     PlanChangeOutcome::Changed
                 } else {
@@ -99,6 +99,10 @@ impl DirectoryStore for MemoryStore {
             }
         }
         if let Some(t) = inner.tenants.get_mut(tenant) {
+            if t.customer.as_deref() != customer {
+                // Another customer's subscriptions are not this one's.
+                t.subscriptions = None;
+            }
             t.customer = customer.map(str::to_owned);
         }
         Ok(true)

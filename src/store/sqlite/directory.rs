@@ -48,7 +48,7 @@ impl DirectoryStore for SqliteStore {
             else {
                 return Ok(PlanChangeOutcome::UnknownCustomer);
             };
-            if change.subscriptions.as_ref().is_some_and(|s| s.read != record.subscriptions) {
+            if change.subscriptions.as_ref().is_some_and(|s| s.read != record.subscriptions || s.plan != record.plan) {
                 return Ok(PlanChangeOutcome::Changed);
             }
             if progress.at_cap().1 {
@@ -186,8 +186,12 @@ impl DirectoryStore for SqliteStore {
                 tx.prepare_cached("UPDATE tenant SET customer = NULL WHERE customer = ?1 AND id <> ?2")?
                     .execute(params![c, tenant.as_str()])?;
             }
-            tx.prepare_cached("UPDATE tenant SET customer = ?2 WHERE id = ?1")?
-                .execute(params![tenant.as_str(), customer])?;
+            // Another customer's subscriptions are not this one's.
+            tx.prepare_cached(
+                "UPDATE tenant SET customer = ?2, \
+                 subscriptions = CASE WHEN customer IS ?2 THEN subscriptions ELSE NULL END WHERE id = ?1",
+            )?
+            .execute(params![tenant.as_str(), customer])?;
             Ok(true)
         })
         .await
