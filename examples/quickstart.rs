@@ -153,6 +153,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The client's address, for callers limited per address (anonymous callers, lookups of
         // unknown keys) and their `Idempotency-Key`s: what `tollgate_axum::client_addr` does.
         .layer(axum::middleware::from_fn(client_addr));
+    // The whole Stripe path: with `[stripe]` and a webhook signing secret, plans follow Stripe's
+    // subscriptions through `POST /stripe/webhook` (outside the layer: Stripe is not a tenant),
+    // and the worker reconciles what Stripe holds with what was exported.
+    let app = stripe_routes(app, &tollgate);
 
     // `kill -HUP <pid>` reloads the configuration: counters and recorded usage are kept.
     #[cfg(unix)]
@@ -192,6 +196,52 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let _ = report;
     Ok(())
+}
+
+/// `POST /stripe/webhook` when the configuration has `[stripe]` and a webhook signing secret is
+/// set (`STRIPE_WEBHOOK_SECRET` or `[stripe] webhook_secret_file`; Stripe's meter errors too with
+/// `STRIPE_EVENT_DESTINATION_SECRET`); said at start, with the reconciliation schedule.
+#[cfg(feature = "stripe")]
+fn stripe_routes(app: Router, tollgate: &Tollgate) -> Router {
+    let config = tollgate.config();
+    if config.stripe().is_none() {
+        return app;
+    }
+    // Reconciliation reads Stripe with the key: only when this process exports.
+    let every = config.export().reconcile_interval;
+    if tollgate::billing::StripeSink::from_config(&config).is_ok() {
+        if every.is_zero() {
+            println!("  reconcile: off (export.reconcile_interval = 0); `tollgate reconcile` runs it");
+        } else {
+            println!("  reconcile: what Stripe holds against what was exported, every {every:?}");
+        }
+    }
+    let handler = match tollgate::billing::WebhookHandler::from_config(tollgate.clone()) {
+        Ok(handler) => std::sync::Arc::new(handler),
+        Err(e) => {
+            println!("  webhooks: off ({e})");
+            return app;
+        }
+    };
+    println!("  webhooks: POST /stripe/webhook (plans follow Stripe subscriptions)");
+    app.route(
+        "/stripe/webhook",
+        post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let handler = handler.clone();
+            async move {
+                let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+                let reply = handler.handle(signature, &body).await.into_response();
+                reply.map(axum::body::Body::from)
+            }
+        })
+        // Read up to the handler's cap (one byte more: it answers 413).
+        .layer(axum::extract::DefaultBodyLimit::max(tollgate::billing::WebhookHandler::MAX_BODY + 1)),
+    )
+}
+
+#[cfg(not(feature = "stripe"))]
+fn stripe_routes(app: Router, _: &Tollgate) -> Router {
+    app
 }
 
 #[cfg(feature = "dynamodb")]

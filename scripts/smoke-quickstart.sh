@@ -143,5 +143,18 @@ check "[stripe] with the key: Stripe" "billing: closed windows exported to Strip
 check "[stripe] without the key: nothing, said" yes \
   "$(says -u STRIPE_SECRET_KEY | grep -q 'this process exports nothing' && echo yes || echo no)"
 
+# The whole Stripe path: with a webhook secret, POST /stripe/webhook is mounted (a forged
+# signature gets 400) and the worker reconciles.
+(cd "$work" && env STRIPE_SECRET_KEY=sk_test_smoke STRIPE_WEBHOOK_SECRET=whsec_smoke PORT=$port \
+  TOLLGATE_CONFIG="$work/stripe.toml" RUST_LOG=warn "$bin") >"$work/webhook.log" 2>&1 &
+pid=$!
+for _ in $(seq 100); do curl -s -o /dev/null "$base/" && break; sleep 0.1; done
+check "[stripe] webhooks: mounted, said" yes \
+  "$(grep -q 'webhooks: POST /stripe/webhook' "$work/webhook.log" && grep -q 'reconcile: what Stripe holds' "$work/webhook.log" && echo yes || echo no)"
+check "[stripe] webhooks: a forged signature gets 400" 400 \
+  "$(code -X POST "$base/stripe/webhook" -H 'stripe-signature: t=1,v1=00' -d '{}')"
+kill -INT $pid 2>/dev/null || true
+for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -250,7 +250,17 @@ impl WebhookHandler {
     ) -> Self {
         let base = api_base.unwrap_or("https://api.stripe.com/");
         let base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
-        self.destination = Some(Arc::new(Destination { secrets, api_key, api_base: base, timeout }));
+        if api_key.is_none() {
+            tracing::warn!("Stripe meter error events will be counted but not read in full: no secret key");
+        }
+        self.destination = Some(Arc::new(Destination {
+            secrets,
+            api_key,
+            api_base: base,
+            timeout,
+            client: std::sync::OnceLock::new(),
+            seen: std::sync::Mutex::default(),
+        }));
         self
     }
 
@@ -290,9 +300,19 @@ impl WebhookHandler {
             }
             return reject("the body is not UTF-8, and no signature matches a configured secret");
         };
-        // A thin event (an event destination's): verified with the destination's secrets.
-        if let Some(thin) = thin_event(payload) {
-            return self.thin(signature, body, thin, now).await;
+        // A thin event (an event destination's): verified with the destination's secrets
+        // before it is parsed.
+        if payload.contains("\"v2.core.event\"") {
+            let Some(destination) = &self.destination else {
+                return reject("a thin event (an event destination's), and no event destination secret is configured");
+            };
+            if !destination.secrets.iter().any(|s| signed_bytes(signature, body, s.expose(), now)) {
+                return reject("no signature matches an event destination secret");
+            }
+            if let Some(thin) = thin_event(payload) {
+                return self.thin(destination, thin).await;
+            }
+            return reject("signed by the event destination, but not a thin event");
         }
         let mut verified = None;
         for secret in &self.secrets {
@@ -643,19 +663,17 @@ impl Subscriptions {
 }
 
 impl WebhookHandler {
-    /// A thin event: verified with the event destination's secrets; a meter error is fetched
-    /// in full, logged, counted, and its window reconciled.
-    async fn thin(&self, signature: &str, body: &[u8], thin: Thin, now: i64) -> WebhookOutcome {
-        let Some(destination) = &self.destination else {
-            return reject("a thin event (an event destination's), and no event destination secret is configured");
-        };
-        if !destination.secrets.iter().any(|s| signed_bytes(signature, body, s.expose(), now)) {
-            return reject("no signature matches an event destination secret");
-        }
+    /// A verified thin event: a meter error is fetched in full, logged, counted, and its window
+    /// reconciled; a redelivery of one handled here is a duplicate.
+    async fn thin(&self, destination: &Destination, thin: Thin) -> WebhookOutcome {
         if !METER_ERRORS.contains(&thin.kind.as_str()) {
             tracing::info!(event = %thin.id, kind = %thin.kind, "Stripe thin event ignored: not a meter error");
             return WebhookOutcome::Ignored;
         }
+        if !destination.first_time(&thin.id) {
+            return WebhookOutcome::Duplicate;
+        }
+        let created = chrono::DateTime::parse_from_rfc3339(&thin.created).ok().map(|t| t.timestamp());
         match destination.fetch(&thin.id).await {
             Ok(full) => {
                 let report = MeterErrorReport::of(&full);
@@ -664,7 +682,7 @@ impl WebhookHandler {
                     summary = %report.summary, from = ?report.window.map(|w| w.0), to = ?report.window.map(|w| w.1),
                     "Stripe refused meter events after taking them: fix the cause (the customer, the meter); \
                      reconciliation finds them lacking and sends them again once proven");
-                if let Some((from, to)) = report.window {
+                if let Some((from, to)) = report.window.or(created.map(|c| (c, c))) {
                     self.node.meter_error(from, to);
                 }
                 WebhookOutcome::MeterError { kind: thin.kind, errors: report.errors }
@@ -673,6 +691,10 @@ impl WebhookHandler {
                 tracing::error!(event = %thin.id, kind = %thin.kind, created = %thin.created, error = %why,
                     "Stripe reported a meter error; its full event could not be read (GET /v2/core/events): \
                      see it in the Dashboard (Workbench, Events)");
+                // The thin event's own time stands for the window.
+                if let Some(c) = created {
+                    self.node.meter_error(c, c);
+                }
                 WebhookOutcome::MeterError { kind: thin.kind, errors: 0 }
             }
         }
@@ -685,13 +707,24 @@ const METER_ERRORS: [&str; 2] = ["v1.billing.meter.error_report_triggered", "v1.
 /// The API version the full events are read at: the one async-stripe is generated for.
 const STRIPE_VERSION: &str = "2026-09-30.endive";
 
-/// An event destination: its signing secrets, and how to read a full event.
+/// An event destination: its signing secrets, how to read a full event, and the thin events
+/// handled lately (a redelivery is a duplicate).
 struct Destination {
     secrets: Vec<Secret>,
     api_key: Option<Secret>,
     api_base: String,
     timeout: std::time::Duration,
+    client: std::sync::OnceLock<HttpsClient>,
+    seen: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
+
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<Bytes>,
+>;
+
+/// How many thin event ids a handler remembers.
+const THIN_SEEN: usize = 1024;
 
 impl fmt::Debug for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -700,6 +733,20 @@ impl fmt::Debug for Destination {
 }
 
 impl Destination {
+    /// Whether this thin event id is new to this handler (remembered among the last
+    /// [`THIN_SEEN`]).
+    fn first_time(&self, id: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.iter().any(|s| s == id) {
+            return false;
+        }
+        if seen.len() >= THIN_SEEN {
+            seen.pop_front();
+        }
+        seen.push_back(id.to_owned());
+        true
+    }
+
     /// `GET /v2/core/events/{id}` (async-stripe has no v2 client: one request over the same
     /// hyper and rustls stack), within the timeout, the body at most 1 MiB.
     async fn fetch(&self, id: &str) -> Result<serde_json::Value, String> {
@@ -708,10 +755,11 @@ impl Destination {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("`{id}` is not an event id"));
         }
-        let connector =
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build::<_, http_body_util::Empty<Bytes>>(connector);
+        let client = self.client.get_or_init(|| {
+            let connector =
+                hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
+        });
         let request = http::Request::get(format!("{}v2/core/events/{id}", self.api_base))
             .header(http::header::AUTHORIZATION, format!("Bearer {}", key.expose()))
             .header("stripe-version", STRIPE_VERSION)
@@ -730,7 +778,9 @@ impl Destination {
             }
             serde_json::from_slice(&body).map_err(|e| e.to_string())
         };
-        tokio::time::timeout(self.timeout, read).await.map_err(|_| "timed out".to_owned())?
+        // Stripe waits for the delivery's answer: at most 10 s.
+        let limit = self.timeout.min(std::time::Duration::from_secs(10));
+        tokio::time::timeout(limit, read).await.map_err(|_| "timed out".to_owned())?
     }
 }
 

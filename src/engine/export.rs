@@ -192,6 +192,9 @@ pub(crate) struct Exporter {
     /// One export pass at a time on this node (apart from the pipeline: the billing system's
     /// latency never delays a flush).
     pass: Mutex<()>,
+    /// A reconciliation after one of Stripe's meter error reports is under way (one at a time:
+    /// a burst of reports makes one).
+    pub(super) meter_error_pass: AtomicBool,
     pub(super) deps: Deps,
 }
 
@@ -238,6 +241,7 @@ impl Exporter {
             sink,
             pacer: Arc::new(Pacer::new()),
             pass: Mutex::new(()),
+            meter_error_pass: AtomicBool::new(false),
             deps: Deps { stores, ids, clock, metrics, totals },
         }
     }

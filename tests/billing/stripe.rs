@@ -1444,6 +1444,15 @@ async fn stripe_s_meter_errors_are_verified_fetched_counted_and_reconciled() {
     assert_eq!(reply.status().as_u16(), 200);
     assert!(reply.body().contains("meter_error"), "{}", reply.body());
     assert_eq!((standin.v2_reads(), h.tollgate.stats().meter_errors), (1, 1));
+    // Delivered again (Stripe retries): a duplicate, not counted, not read again.
+    let again = handler.handle(Some(&sign(&e, DESTINATION)), e.as_bytes()).await;
+    assert_eq!(again.outcome, tollgate::billing::WebhookOutcome::Duplicate);
+    assert_eq!((standin.v2_reads(), h.tollgate.stats().meter_errors), (1, 1));
+    // A snapshot event signed with the destination's secret: not the webhook endpoint's.
+    let snapshot = serde_json::json!({"id": "evt_snap", "object": "event", "type": "payment_method.attached",
+        "created": now, "data": {"object": {"object": "payment_method", "customer": "cus_acme"}}})
+    .to_string();
+    assert_eq!(handler.handle(Some(&sign(&snapshot, DESTINATION)), snapshot.as_bytes()).await.status(), 400);
     // The hours around the window are reconciled in the background (a read of the summaries).
     let mut waited = 0;
     while standin.summary_reads() == reads && waited < 100 {

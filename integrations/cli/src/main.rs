@@ -74,12 +74,14 @@ enum Command {
         #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters"])]
         requeue: Option<Vec<String>>,
         /// Puts back in line every dead letter Stripe refused (`refused: …`), after fixing a
-        /// cause they share (a meter created late). Unconfirmed, status-less and too-old ones
-        /// are left: they need reconciling one by one.
+        /// cause they share (a meter created late). First, with the key, the letters Stripe may
+        /// hold (unconfirmed, unsettled, status-less) are reconciled; too-old and `no customer`
+        /// ones are left.
         #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue"])]
         requeue_all: bool,
         /// Marks a dead letter's export as taken by Stripe (a reconciliation found its
-        /// identifier there).
+        /// identifier there); WINDOW `all` confirms every `no customer` letter of the tenant's
+        /// meter, once billed by hand.
         #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all"])]
         confirm: Option<Vec<String>>,
         /// On DynamoDB: gives the dead letters parked by an earlier version a TTL past any
@@ -272,6 +274,9 @@ async fn run(cli: Cli) -> Result<()> {
             if new_namespace {
                 return new_namespace_of(config).await;
             }
+            if requeue_all {
+                settle_letters(&config).await;
+            }
             if dead_letters || requeue_all || requeue.is_some() || confirm.is_some() {
                 let admin = Admin::open(&config).await?;
                 return match (requeue, confirm) {
@@ -411,6 +416,35 @@ async fn new_namespace_of(config: Config) -> Result<()> {
     Ok(())
 }
 
+/// Before `--requeue-all`: the dead letters Stripe may hold are reconciled (confirmed when it
+/// holds them, requeued once proven it does not), when the configuration has `[stripe]` and the
+/// key is set; nothing else is sent. A failure is said, and `--requeue-all` goes on with what
+/// Stripe refused.
+async fn settle_letters(config: &Config) {
+    if config.stripe().is_none() {
+        return;
+    }
+    let Ok(sink) = stripe_sink(config) else {
+        println!("no Stripe key: the dead letters Stripe may hold are left for `tollgate reconcile --fix`");
+        return;
+    };
+    let settled = async {
+        // The worker is never started and the engine never shut down: no export runs.
+        let (engine, _worker) = tollgate::Tollgate::builder(config.clone()).billing_sink(sink).open().await?;
+        // An empty range (one whole hour to itself): the open dead letters alone, with the
+        // hours they are stamped in.
+        let hour = now() - now().rem_euclid(3600);
+        let r = engine.reconcile(&tollgate::report::ReconcileRequest::new(hour, hour).fix(true)).await?;
+        Ok::<_, Box<dyn std::error::Error>>(r)
+    };
+    match settled.await {
+        Ok(r) => {
+            println!("reconciled the dead letters Stripe may hold: {} confirmed, {} requeued", r.confirmed, r.requeued)
+        }
+        Err(e) => println!("the dead letters Stripe may hold could not be reconciled ({e}): they are left"),
+    }
+}
+
 /// One reconciliation pass against Stripe, printed as a table of the hours that differ.
 async fn reconcile(config: Config, request: &tollgate::report::ReconcileRequest) -> Result<()> {
     if config.stripe().is_none() {
@@ -474,6 +508,9 @@ fn export_key(parts: &[String]) -> Result<tollgate::store::ExportKey> {
 async fn list_dead_letters(admin: &Admin) -> Result<()> {
     let mut after = None;
     let mut n = 0;
+    // `no customer` letters (a billed plan's tenant that never had one): one line per (tenant,
+    // meter), windows counted: (windows, units, first, last).
+    let mut no_customer: std::collections::BTreeMap<(String, String), (usize, u64, i64, i64)> = Default::default();
     println!(
         "{:<12} {:<12} {:<22} {:>12} {:>8} {:>10}  identifier / reason",
         "tenant", "meter", "window (UTC)", "window", "revision", "units"
@@ -484,7 +521,20 @@ async fn list_dead_letters(admin: &Admin) -> Result<()> {
         after = Some(last.key.clone());
         for d in &page {
             n += 1;
-            let id = tollgate::billing::identifier(&d.key.tenant, &d.key.meter, d.key.window_start, d.revision);
+            if d.reason.starts_with("no customer") {
+                let g = no_customer.entry((d.key.tenant.to_string(), d.key.meter.to_string())).or_insert((
+                    0,
+                    0,
+                    i64::MAX,
+                    i64::MIN,
+                ));
+                *g = (g.0 + 1, g.1 + d.units, g.2.min(d.key.window_start), g.3.max(d.key.window_start));
+                continue;
+            }
+            // The identifier it was sent under (its store's namespace), if its export began.
+            let id = d.send.as_ref().and_then(|s| s.identifier.clone()).unwrap_or_else(|| {
+                tollgate::billing::identifier(&d.key.tenant, &d.key.meter, d.key.window_start, d.revision)
+            });
             println!(
                 "{:<12} {:<12} {:<22} {:>12} {:>8} {:>10}  {id}",
                 d.key.tenant.as_str(),
@@ -507,6 +557,16 @@ async fn list_dead_letters(admin: &Admin) -> Result<()> {
             println!("{:<83}  {}", "", d.reason);
         }
     }
+    for ((tenant, meter), (windows, units, first, last)) in &no_customer {
+        println!(
+            "{tenant:<12} {meter:<12} {:<22} {:>12} {:>8} {units:>10}  no customer: {windows} windows to {} had no \
+             billing customer within 35 days; bill them by hand, then: tollgate export --confirm {tenant} {meter} all",
+            time_text(*first),
+            first,
+            "-",
+            time_text(*last)
+        );
+    }
     println!("{n} dead letters; after fixing the cause: tollgate export --requeue TENANT METER WINDOW");
     Ok(())
 }
@@ -525,12 +585,43 @@ async fn requeue_all_dead_letters(admin: &Admin) -> Result<()> {
     let (requeued, left) = admin.requeue_refused_dead_letters().await?;
     println!(
         "{requeued} dead letters requeued: they go out at the next export; \
-         {left} left (unconfirmed, without a status or too old: reconcile them one by one)"
+         {left} left (unconfirmed, unsettled, without a status, no customer or too old: `tollgate reconcile --fix` \
+         settles those Stripe may hold; the others one by one)"
     );
     Ok(())
 }
 
 async fn confirm_dead_letter(admin: &Admin, parts: &[String]) -> Result<()> {
+    // `all`: every `no customer` letter of (tenant, meter), billed by hand together.
+    if let [tenant, meter, all] = parts {
+        if all == "all" {
+            let mut after = None;
+            let mut keys = Vec::new();
+            loop {
+                let page = admin.dead_letters(after.as_ref(), 100).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.key.clone());
+                keys.extend(
+                    page.into_iter()
+                        .filter(|d| {
+                            d.key.tenant.as_str() == tenant
+                                && d.key.meter.as_str() == meter
+                                && d.reason.starts_with("no customer")
+                        })
+                        .map(|d| d.key),
+                );
+            }
+            if keys.is_empty() {
+                return Err(format!("{tenant} {meter} has no `no customer` dead letters").into());
+            }
+            let mut confirmed = 0;
+            for key in &keys {
+                confirmed += usize::from(admin.confirm_dead_letter(key).await?);
+            }
+            println!("confirmed: {confirmed} of {} `no customer` windows marked exported", keys.len());
+            return Ok(());
+        }
+    }
     let key = export_key(parts)?;
     if admin.confirm_dead_letter(&key).await? {
         println!("confirmed: marked exported");

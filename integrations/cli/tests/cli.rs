@@ -297,7 +297,9 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
     assert!(out.contains("requeued"), "{out}");
     with_key(&["export"]);
     let out = with_key(&["export", "--dead-letters"]);
-    let revision_1 = tollgate::billing::identifier(&"acme".into(), &"ghost".into(), window, 1);
+    // Sent under the identifier of the file's namespace, drawn when it was made.
+    let namespace = SqliteStore::read_identifier_namespace(dir.path().join("t.db")).await.unwrap().unwrap();
+    let revision_1 = tollgate::billing::identifier_in(&namespace, &"acme".into(), &"ghost".into(), window, 1);
     assert!(out.contains(&revision_1), "refused again as revision 1: {out}");
     let out = with_key(&["export", "--requeue-all"]);
     assert!(out.contains("1 dead letters requeued") && out.contains("0 left"), "{out}");
@@ -464,4 +466,54 @@ async fn reconcile_prints_the_hours_stripe_lacks_and_holds_more_of() {
     assert_ne!(before, after);
     assert!(stdout.contains(&format!("changed from {before} to {after}")), "{stdout}");
     assert_eq!(standin.calls(), 0, "nothing was due");
+}
+
+/// A billed plan's tenant that never had a customer: its windows past Stripe's 35 days are one
+/// line per (tenant, meter) in `--dead-letters`, confirmed together once billed by hand.
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_customer_letters_are_one_line_per_tenant_and_meter() {
+    use tollgate::store::{FlushId, SqliteStore, UsageBatch, UsageRecord};
+    let standin = common::stripe::StandIn::start(&[("api_requests", None)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[store]\npath = \"t.db\"\n[meters.requests]\nevent_name = \"api_requests\"\n\
+         [plans.paid]\nbilled = true\n[tenants.wa]\nplan = \"paid\"\nkeys = [\"key-wa\"]\n\
+         [stripe]\napi_base = \"{}\"\n",
+        standin.url
+    );
+    std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let old = now - now.rem_euclid(3600) - 40 * 86_400;
+    let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    let records = (0..3).map(|i| UsageRecord::new("wa".into(), "requests".into(), old + i * 3600, 2)).collect();
+    store.commit_usage(&UsageBatch::new(FlushId::new("f1"), records)).await.unwrap();
+    drop(store);
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("TOLLGATE_CONFIG")
+            .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tollgate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = run(&["export"]);
+    assert!(out.contains("3 dead-lettered"), "{out}");
+    let out = run(&["export", "--dead-letters"]);
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("no customer")).collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(lines[0].contains("3 windows") && lines[0].contains(" 6 "), "{out}");
+    assert!(lines[0].contains("--confirm wa requests all"), "{out}");
+    // --requeue-all leaves them (Stripe cannot take them any more).
+    let out = run(&["export", "--requeue-all"]);
+    assert!(out.contains("reconciled the dead letters Stripe may hold: 0 confirmed, 0 requeued"), "{out}");
+    assert!(out.contains("0 dead letters requeued") && out.contains("3 left"), "{out}");
+    let out = run(&["export", "--confirm", "wa", "requests", "all"]);
+    assert!(out.contains("confirmed: 3 of 3"), "{out}");
+    let out = run(&["export", "--dead-letters"]);
+    assert!(out.contains("0 dead letters"), "{out}");
+    assert_eq!(standin.calls(), 0, "nothing sent to Stripe");
 }
