@@ -75,27 +75,22 @@ impl DirectoryStore for DynamoStore {
                 TransactWriteItem::builder().put(marker()?).build(),
                 TransactWriteItem::builder().update(update.build().map_err(backend)?).build(),
             ];
-            for attempt in 0..ATTEMPTS {
-                match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
-                    Ok(_) => {
-                        record.plan = change.plan.clone();
-                        record.last_event_at = Some(last);
-                        record.subscriptions = Some(subs.written.clone());
-                        return Ok(PlanChangeOutcome::Applied(record));
-                    }
-                    Err(e) => match cancellation(&e) {
-                        Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
-                            return Ok(PlanChangeOutcome::Duplicate)
-                        }
-                        Some(r) if r.get(1).is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
-                            return Ok(PlanChangeOutcome::Changed)
-                        }
-                        Some(_) => backoff(attempt).await,
-                        None => return Err(sdk(e)),
-                    },
+            return match self
+                .transact(actions, "a plan change conflicted with other writes under every attempt")
+                .await?
+            {
+                None => {
+                    record.plan = change.plan.clone();
+                    record.last_event_at = Some(last);
+                    record.subscriptions = Some(subs.written.clone());
+                    Ok(PlanChangeOutcome::Applied(record))
                 }
-            }
-            return Err(StoreError::Conflict("a plan change conflicted with other writes under every attempt"));
+                // The event id was seen (the marker's condition), or the tenant moved on.
+                Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                    Ok(PlanChangeOutcome::Duplicate)
+                }
+                Some(_) => Ok(PlanChangeOutcome::Changed),
+            };
         }
         let update = Update::builder()
             .table_name(&self.table)

@@ -133,26 +133,12 @@ impl ExportStore for DynamoStore {
             let entry = LedgerEntry::new(key.clone(), aggregate_.revision, send, Some(now));
             actions.push(TransactWriteItem::builder().put(self.ledger_put(&entry, now)?).build());
         }
-        let mut finished = false;
-        for attempt in 0..ATTEMPTS {
-            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
-                Ok(_) => {
-                    finished = true;
-                    break;
-                }
-                Err(e) => match cancellation(&e) {
-                    Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
-                        return Ok(false)
-                    }
-                    Some(r) if retryable(&r) => backoff(attempt).await,
-                    _ => return Err(sdk(e)),
-                },
-            }
-        }
-        if !finished {
-            return Err(StoreError::Conflict(
-                "marking an export done conflicted with other writes under every attempt",
-            ));
+        if self
+            .transact(actions, "marking an export done conflicted with other writes under every attempt")
+            .await?
+            .is_some()
+        {
+            return Ok(false);
         }
         // Out of the export index once all is exported (a flush adding to it puts it back).
         let done = self
@@ -324,17 +310,7 @@ impl ExportStore for DynamoStore {
             TransactWriteItem::builder().update(superseded).build(),
             TransactWriteItem::builder().update(reopened).build(),
         ];
-        for attempt in 0..ATTEMPTS {
-            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
-                Ok(_) => return Ok(true),
-                Err(e) => match cancellation(&e) {
-                    Some(r) if r.iter().flatten().any(|c| c == "ConditionalCheckFailed") => return Ok(false),
-                    Some(r) if retryable(&r) => backoff(attempt).await,
-                    _ => return Err(sdk(e)),
-                },
-            }
-        }
-        Err(StoreError::Conflict("a re-export conflicted with other writes under every attempt"))
+        Ok(self.transact(actions, "a re-export conflicted with other writes under every attempt").await?.is_none())
     }
 
     async fn dead_letter(&self, aggregate_: &UsageAggregate, reason: &str) -> Result<(), StoreError> {

@@ -303,6 +303,30 @@ fn dead_letter_ttl(window_start: i64) -> i64 {
     window_start.saturating_add(100 * 365 * 86_400)
 }
 
+impl DynamoStore {
+    /// Sends a transaction, again (with backoff, [`ATTEMPTS`] times) while it conflicts with
+    /// another or is throttled: `Ok(None)` when it went through, `Ok(Some(reasons))` when a
+    /// condition failed (one code per action); [`StoreError::Conflict`] naming `what` when every
+    /// attempt conflicted.
+    async fn transact(
+        &self,
+        actions: Vec<TransactWriteItem>,
+        what: &'static str,
+    ) -> Result<Option<Vec<Option<String>>>, StoreError> {
+        for attempt in 0..ATTEMPTS {
+            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                Ok(_) => return Ok(None),
+                Err(e) => match cancellation(&e) {
+                    Some(r) if r.iter().flatten().any(|c| c == "ConditionalCheckFailed") => return Ok(Some(r)),
+                    Some(r) if retryable(&r) => backoff(attempt).await,
+                    _ => return Err(sdk(e)),
+                },
+            }
+        }
+        Err(StoreError::Conflict(what))
+    }
+}
+
 /// Why a transaction was cancelled: one code per action (`None` for the actions that were
 /// fine), or `None` for another error.
 fn cancellation(e: &SdkError<TransactWriteItemsError, impl std::fmt::Debug>) -> Option<Vec<Option<String>>> {
