@@ -279,29 +279,6 @@ impl Exporter {
             key
         };
 
-        // The ledger, hour by hour.
-        let mut hour = from;
-        while hour < to {
-            for entry in self.ledger_hour(hour).await? {
-                if entry.send.customer.is_none() || entry.exported_at.is_none() || entry.superseded {
-                    continue;
-                }
-                if aggregation(rt, &entry.key.meter) != MeterAggregation::Sum {
-                    if request.tenant.as_ref().is_none_or(|t| t == &entry.key.tenant) {
-                        report.not_compared += 1;
-                    }
-                    continue;
-                }
-                let key = group(&mut cells, &entry);
-                let cell = cells.get_mut(&key).map(|g| g.hours.entry(hour).or_default());
-                if let Some(cell) = cell {
-                    cell.settling |= entry.exported_at.is_some_and(|at| at > now - after);
-                    cell.expected.push(entry);
-                }
-            }
-            hour += HOUR;
-        }
-
         // The open dead letters that may have been taken, whatever their hour.
         let mut cursor: Option<ExportKey> = None;
         loop {
@@ -323,28 +300,39 @@ impl Exporter {
                 }
             }
         }
+        // The ledger, each hour read once: those of the range, and those of letters outside it
+        // (where only the entries of the letters' (customer, meter) are compared).
+        let outside: BTreeSet<i64> =
+            cells.values().flat_map(|g| g.hours.keys().copied()).filter(|h| *h < from || *h >= to).collect();
+        let in_range = (from..to).step_by(HOUR as usize);
+        for hour in in_range.chain(outside) {
+            let in_range = hour >= from && hour < to;
+            for entry in self.ledger_hour(hour).await? {
+                if entry.send.customer.is_none() || entry.exported_at.is_none() || entry.superseded {
+                    continue;
+                }
+                if aggregation(rt, &entry.key.meter) != MeterAggregation::Sum {
+                    if in_range && request.tenant.as_ref().is_none_or(|t| t == &entry.key.tenant) {
+                        report.not_compared += 1;
+                    }
+                    continue;
+                }
+                let key = (entry.send.customer.clone().unwrap_or_default(), entry.send.event_name.clone());
+                let letters_here = cells.get(&key).is_some_and(|g| g.hours.contains_key(&hour));
+                if !in_range && !letters_here {
+                    continue;
+                }
+                group(&mut cells, &entry);
+                if let Some(cell) = cells.get_mut(&key).map(|g| g.hours.entry(hour).or_default()) {
+                    cell.settling |= entry.exported_at.is_some_and(|at| at > now - after);
+                    cell.expected.push(entry);
+                }
+            }
+        }
         // One tenant: the (customer, meter) pairs it has, compared whole (a customer moved
         // between tenants has entries of both).
         if let Some(tenant) = &request.tenant {
             cells.retain(|_, g| g.tenants.contains(tenant));
-        }
-        // Hours of letters outside the range hold ledger entries too: read them.
-        for ((customer, event_name), g) in &mut cells {
-            let outside: Vec<i64> = g.hours.keys().copied().filter(|h| *h < from || *h >= to).collect();
-            for hour in outside {
-                let entries = self.ledger_hour(hour).await?;
-                let cell = g.hours.entry(hour).or_default();
-                for entry in entries {
-                    if entry.send.customer.as_deref() == Some(customer.as_str())
-                        && &entry.send.event_name == event_name
-                        && entry.exported_at.is_some()
-                        && !entry.superseded
-                    {
-                        cell.settling |= entry.exported_at.is_some_and(|at| at > now - after);
-                        cell.expected.push(entry);
-                    }
-                }
-            }
         }
 
         // One read per (customer, meter), paced with the export's calls; each hour judged.

@@ -60,70 +60,52 @@ impl Worker {
 
     /// An export pass every `export.interval` (after the first flush interval, so a node
     /// starting up flushes before it exports).
-    async fn exports(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>, enabled: bool) {
+    async fn exports(tollgate: Tollgate, shutdown: watch::Receiver<bool>, enabled: bool) {
         if !tollgate.shared.exporter.has_sink() || !enabled {
             return;
         }
-        let mut next = Instant::now() + tollgate.shared.runtime.load().config.usage.flush_interval;
-        loop {
-            if *shutdown.borrow() {
-                return;
+        let first = tollgate.shared.runtime.load().config.usage.flush_interval;
+        let every = || tollgate.shared.runtime.load().config.export.interval;
+        periodically(shutdown, first, every, || async {
+            if let Err(e) = tollgate.export().await {
+                tracing::warn!(error = %e, "usage export failed; retried at the next pass");
             }
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep_until(next) => {
-                    // Stopped at once by shutdown, which runs the final export itself.
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.changed() => return,
-                        r = tollgate.export() => if let Err(e) = r {
-                            tracing::warn!(error = %e, "usage export failed; retried at the next pass");
-                        },
-                    }
-                    next = Instant::now() + tollgate.shared.runtime.load().config.export.interval;
-                }
-            }
-        }
+            true
+        })
+        .await;
     }
 
-    /// A reconciliation pass every `export.reconcile_interval` (none when it is zero), the
-    /// first one interval after start: it acts on what it proves
-    /// ([`Tollgate::reconcile`]).
-    async fn reconciliations(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>, enabled: bool) {
+    /// A reconciliation pass every `export.reconcile_interval` (none when it is zero: looked at
+    /// again each minute, for a reload that turns it on), the first one interval after start:
+    /// it acts on what it proves ([`Tollgate::reconcile`]).
+    async fn reconciliations(tollgate: Tollgate, shutdown: watch::Receiver<bool>, enabled: bool) {
         if !tollgate.shared.exporter.has_sink() || !enabled {
             return;
         }
-        let interval = |t: &Tollgate| t.shared.runtime.load().config.export.reconcile_interval;
-        let mut next = Instant::now() + interval(&tollgate).max(Duration::from_secs(60));
-        loop {
-            if *shutdown.borrow() {
-                return;
+        let interval = || tollgate.shared.runtime.load().config.export.reconcile_interval;
+        let every = || interval().max(Duration::from_secs(60));
+        periodically(shutdown, every(), every, || async {
+            if interval().is_zero() {
+                return true;
             }
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => return,
-                _ = tokio::time::sleep_until(next) => {
-                    if !interval(&tollgate).is_zero() {
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.changed() => return,
-                            r = tollgate.reconcile_pass() => match r {
-                                Ok(report) => tracing::info!(compared = report.compared, settling = report.settling,
-                                    lacking_units = report.lacking_units, surplus_units = report.surplus_units,
-                                    resent = report.resent, confirmed = report.confirmed, requeued = report.requeued,
-                                    "reconciliation pass"),
-                                // A sink that cannot be read back (a file): nothing to compare.
-                                Err(crate::report::ReconcileError::Unreadable) => return,
-                                Err(e) => tracing::warn!(error = %e, "reconciliation failed; retried at the next pass"),
-                            },
-                        }
-                    }
-                    // Off (zero): looked at again in a minute, for a reload that turns it on.
-                    next = Instant::now() + interval(&tollgate).max(Duration::from_secs(60));
-                }
+            match tollgate.reconcile_pass().await {
+                Ok(report) => tracing::info!(
+                    compared = report.compared,
+                    settling = report.settling,
+                    lacking_units = report.lacking_units,
+                    surplus_units = report.surplus_units,
+                    resent = report.resent,
+                    confirmed = report.confirmed,
+                    requeued = report.requeued,
+                    "reconciliation pass"
+                ),
+                // A sink that cannot be read back (a file): nothing to compare, ever.
+                Err(crate::report::ReconcileError::Unreadable) => return false,
+                Err(e) => tracing::warn!(error = %e, "reconciliation failed; retried at the next pass"),
             }
-        }
+            true
+        })
+        .await;
     }
 
     async fn background(mut self) {
@@ -165,6 +147,37 @@ impl Worker {
                 _ = self.tollgate.shared.sweep_now.notified() => {
                     self.tollgate.sweep().await;
                 }
+            }
+        }
+    }
+}
+
+/// Runs `pass` `first` after start, then `every()` after each pass ended, until shutdown (which
+/// stops a pass under way: shutdown does its own final work) or `pass` answers `false`.
+async fn periodically<F, Fut>(
+    mut shutdown: watch::Receiver<bool>,
+    first: Duration,
+    every: impl Fn() -> Duration,
+    mut pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut next = Instant::now() + first;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep_until(next) => {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return,
+                    go_on = pass() => if !go_on { return },
+                }
+                next = Instant::now() + every();
             }
         }
     }

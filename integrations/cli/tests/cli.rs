@@ -31,6 +31,21 @@ fn run(dir: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs the command in `dir` with the Stripe stand-in's key; its standard output, after
+/// asserting it succeeded.
+#[cfg(feature = "stripe")]
+fn with_key(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tollgate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn ok(dir: &Path, args: &[&str]) -> String {
     let (success, out, err) = run(dir, args);
     assert!(success, "tollgate {args:?} failed: {err}");
@@ -246,18 +261,7 @@ async fn export_sends_once_lists_dead_letters_and_requeues() {
     store.commit_usage(&UsageBatch::new(FlushId::new("f1"), records)).await.unwrap();
     drop(store);
 
-    let with_key = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(args)
-            .current_dir(dir.path())
-            .env_remove("TOLLGATE_CONFIG")
-            .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "tollgate {args:?}: {stderr}");
-        stdout.into_owned()
-    };
+    let with_key = |args: &[&str]| with_key(dir.path(), args);
     let out = with_key(&["export", "--dry-run"]);
     assert!(
         out.contains("api_requests") && out.contains("cus_acme") && out.contains("2 meter events would be sent"),
@@ -424,17 +428,9 @@ async fn reconcile_prints_the_hours_stripe_lacks_and_holds_more_of() {
     standin.set_now(now);
 
     let reconcile = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("reconcile")
-            .args(args)
-            .current_dir(dir.path())
-            .env_remove("TOLLGATE_CONFIG")
-            .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
-            .output()
-            .unwrap();
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "tollgate reconcile {args:?}: {stderr}");
-        stdout.into_owned()
+        let mut all = vec!["reconcile"];
+        all.extend_from_slice(args);
+        with_key(dir.path(), &all)
     };
     let from = window.to_string();
     let out = reconcile(&["--from", &from]);
@@ -453,15 +449,7 @@ async fn reconcile_prints_the_hours_stripe_lacks_and_holds_more_of() {
 
     // A new namespace (after a restore): exports and reconciles first, then changes it.
     let before = SqliteStore::read_identifier_namespace(dir.path().join("t.db")).await.unwrap().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["export", "--new-namespace"])
-        .current_dir(dir.path())
-        .env_remove("TOLLGATE_CONFIG")
-        .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = with_key(dir.path(), &["export", "--new-namespace"]);
     let after = SqliteStore::read_identifier_namespace(dir.path().join("t.db")).await.unwrap().unwrap();
     assert_ne!(before, after);
     assert!(stdout.contains(&format!("changed from {before} to {after}")), "{stdout}");
@@ -489,17 +477,7 @@ async fn no_customer_letters_are_one_line_per_tenant_and_meter() {
     let records = (0..3).map(|i| UsageRecord::new("wa".into(), "requests".into(), old + i * 3600, 2)).collect();
     store.commit_usage(&UsageBatch::new(FlushId::new("f1"), records)).await.unwrap();
     drop(store);
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(args)
-            .current_dir(dir.path())
-            .env_remove("TOLLGATE_CONFIG")
-            .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "tollgate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let run = |args: &[&str]| with_key(dir.path(), args);
     let out = run(&["export"]);
     assert!(out.contains("3 dead-lettered"), "{out}");
     let out = run(&["export", "--dead-letters"]);
