@@ -24,7 +24,9 @@
 //!     -H 'x-api-key: tg_test_free_acme'; sleep 0.5; done                          # 200s, then 429s
 //! ```
 //! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
-//! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README).
+//! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README). With
+//! `--features postgres`, `TOLLGATE_STORE=postgres` and `DATABASE_URL` run it on PostgreSQL
+//! (schema `tollgate`, created at start).
 //!
 //! Edit the configuration and send SIGHUP (`kill -HUP <pid>`) to reload it without losing
 //! counters. Stop it with Ctrl-C: it flushes, exports closed windows and prints what it did.
@@ -117,7 +119,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tollgate::config::StoreSettings::Sqlite { path, .. } => format!("SQLite, {}", path.display()),
         other => other.kind().to_owned(),
     };
-    if std::env::var("TOLLGATE_STORE").as_deref() != Ok("dynamodb") {
+    let store_env = std::env::var("TOLLGATE_STORE").unwrap_or_default();
+    if store_env != "dynamodb" && store_env != "postgres" {
         println!("  store:   {store} (usage flushed every {:?})", config.usage().flush_interval);
     }
     let destination = match config.stripe() {
@@ -138,8 +141,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // TOLLGATE_STORE=dynamodb with TOLLGATE_DYNAMODB_TABLE: the same service on DynamoDB (the
     // standard AWS environment: region, credentials, AWS_ENDPOINT_URL_DYNAMODB for a local
     // server); the table is created if it does not exist. Needs `--features dynamodb`.
-    if std::env::var("TOLLGATE_STORE").as_deref() == Ok("dynamodb") {
+    if store_env == "dynamodb" {
         builder = builder.store_arc(dynamodb_store().await?);
+    }
+    // TOLLGATE_STORE=postgres with DATABASE_URL: the same service on PostgreSQL (schema
+    // `tollgate`, created or migrated at start). Needs `--features postgres`.
+    if store_env == "postgres" {
+        builder = builder.store_arc(postgres_store().await?);
     }
     let (tollgate, worker) = builder.open().await?;
     let layer = tollgate::TollgateLayer::new(tollgate.clone());
@@ -259,6 +267,19 @@ async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, 
 #[cfg(not(feature = "dynamodb"))]
 async fn dynamodb_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
     Err("TOLLGATE_STORE=dynamodb needs the cargo feature: cargo run --features dynamodb --example quickstart".into())
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
+    let settings = tollgate::config::PostgresSettings::default();
+    let store = tollgate::store::PostgresStore::open(&tollgate::store::PostgresStore::options_of(&settings)?).await?;
+    println!("  store:   PostgreSQL schema {} (TOLLGATE_STORE=postgres, DATABASE_URL)", store.schema());
+    Ok(std::sync::Arc::new(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
+    Err("TOLLGATE_STORE=postgres needs the cargo feature: cargo run --features postgres --example quickstart".into())
 }
 
 async fn items(Extension(ctx): Extension<TenantContext>) -> Json<Value> {

@@ -79,47 +79,60 @@ kill -INT $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 check "second stop (1 request unit)" "stopped: flushed 1 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
 
-# On DynamoDB (when the test script runs a local server): quickstart processes on one table
-# share the free tenant's daily quota of 20. Node A spends 6 and stops (its lease goes back,
-# its usage is flushed to the table); node B then gets exactly the other 14; a third process
-# finds the quota spent.
-if [ -n "${TOLLGATE_DYNAMODB_ENDPOINT:-}" ]; then
-  cargo build --locked --example quickstart --features dynamodb
-  table="smoke-$$"
-  node() { # name: starts a quickstart on the table in $work/name, sets $url and $pid
-    local p
+# On a store a fleet shares (DynamoDB, PostgreSQL; when the test script runs a local server):
+# quickstart processes on one table or schema share the free tenant's daily quota of 20. Node A
+# spends 6 and stops (its lease goes back, its usage is flushed to the store); node B then gets
+# exactly the other 14; a third process finds the quota spent.
+shared_quota() { # label feature env...: the three nodes on the store the env names
+  local label=$1 feature=$2
+  shift 2
+  cargo build --locked --example quickstart --features "$feature"
+  node() { # name: starts a quickstart on the store in $work/$label-name, sets $url and $pid
+    local p dir="$work/$label-$1"
     p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    mkdir -p "$work/$1"
-    (cd "$work/$1" && PORT=$p TOLLGATE_CONFIG="$OLDPWD/examples/quickstart.toml" \
-      TOLLGATE_STORE=dynamodb TOLLGATE_DYNAMODB_TABLE=$table AWS_ENDPOINT_URL_DYNAMODB=$TOLLGATE_DYNAMODB_ENDPOINT \
-      TOLLGATE_USAGE_FILE="$work/$1/usage.jsonl" RUST_LOG=warn exec "$bin") >"$work/$1/out.log" 2>&1 &
+    mkdir -p "$dir"
+    (cd "$dir" && exec env "${store_env[@]}" PORT=$p TOLLGATE_CONFIG="$OLDPWD/examples/quickstart.toml" \
+      TOLLGATE_USAGE_FILE="$dir/usage.jsonl" RUST_LOG=warn "$bin") >"$dir/out.log" 2>&1 &
     pid=$!
     url="http://127.0.0.1:$p"
     for _ in $(seq 150); do curl -s -o /dev/null "$url/" && return; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-    echo "the quickstart on DynamoDB did not start:"; cat "$work/$1/out.log"
+    echo "the quickstart on $label did not start:"; cat "$dir/out.log"
   }
   stop() { # name: stops $pid, prints the units it flushed
     kill -INT $pid
     for _ in $(seq 150); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-    grep -o 'stopped: flushed [0-9]* units' "$work/$1/out.log" | grep -o '[0-9]*' || echo none
+    grep -o 'stopped: flushed [0-9]* units' "$work/$label-$1/out.log" | grep -o '[0-9]*' || echo none
   }
+  store_env=("$@")
   node a
-  check "dynamodb: node A generate (cost 5)" 200 "$(code -X POST "$url/v1/generate" "${free[@]}")"
-  check "dynamodb: node A items" 200 "$(code "$url/v1/items" "${free[@]}")"
-  check "dynamodb: node A flushes 6 request units + 120 tokens" 126 "$(stop a)"
+  check "$label: node A generate (cost 5)" 200 "$(code -X POST "$url/v1/generate" "${free[@]}")"
+  check "$label: node A items" 200 "$(code "$url/v1/items" "${free[@]}")"
+  check "$label: node A flushes 6 request units + 120 tokens" 126 "$(stop a)"
   node b
   statuses=""
   for _ in $(seq 15); do
     statuses+="$(code "$url/v1/items" "${free[@]}") "
     sleep 0.5
   done
-  check "dynamodb: node B gets exactly the other 14 of the shared quota" \
+  check "$label: node B gets exactly the other 14 of the shared quota" \
     "200 200 200 200 200 200 200 200 200 200 200 200 200 200 429 " "$statuses"
-  check "dynamodb: node B flushes 14" 14 "$(stop b)"
+  check "$label: node B flushes 14" 14 "$(stop b)"
   node c
-  check "dynamodb: a third node finds the quota spent" 429 "$(code "$url/v1/items" "${free[@]}")"
-  check "dynamodb: the pro tenant is not" 200 "$(code "$url/v1/items" -H 'x-api-key: tg_test_pro_globex')"
-  check "dynamodb: node C flushes 1" 1 "$(stop c)"
+  check "$label: a third node finds the quota spent" 429 "$(code "$url/v1/items" "${free[@]}")"
+  check "$label: the pro tenant is not" 200 "$(code "$url/v1/items" -H 'x-api-key: tg_test_pro_globex')"
+  check "$label: node C flushes 1" 1 "$(stop c)"
+}
+if [ -n "${TOLLGATE_DYNAMODB_ENDPOINT:-}" ]; then
+  shared_quota dynamodb dynamodb TOLLGATE_STORE=dynamodb TOLLGATE_DYNAMODB_TABLE="smoke-$$" \
+    AWS_ENDPOINT_URL_DYNAMODB="$TOLLGATE_DYNAMODB_ENDPOINT"
+fi
+# PostgreSQL: the README's three commands, on the test script's server (schema `tollgate`,
+# created by node A at start); the usage each node flushed is read back with psql.
+if [ -n "${TOLLGATE_POSTGRES_URL:-}" ]; then
+  psql -q "$TOLLGATE_POSTGRES_URL" -c 'DROP SCHEMA IF EXISTS tollgate CASCADE' >/dev/null
+  shared_quota postgres postgres TOLLGATE_STORE=postgres DATABASE_URL="$TOLLGATE_POSTGRES_URL"
+  check "postgres: usage read with psql (126 + 14 + 1 request units and tokens)" 141 \
+    "$(psql -qtA "$TOLLGATE_POSTGRES_URL" -c 'SELECT sum(quantity) FROM tollgate.usage')"
 fi
 
 # With [stripe], never a file and Stripe both: a build without Stripe support refuses to start;

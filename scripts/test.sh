@@ -4,7 +4,9 @@
 # HTTP; the default build and the build without default features are checked too.
 # Needs only the Rust toolchain (cargo, rustfmt, clippy), curl and python3 (with venv and pip):
 # it installs moto's DynamoDB server in a venv (.venv/moto), starts it on a free loopback port
-# for the DynamoDB tests, and stops it at the end. The Stripe tests start their own Stripe
+# for the DynamoDB tests, and stops it at the end; it starts a throwaway PostgreSQL cluster
+# (scripts/postgres-server.sh, which installs PostgreSQL from Debian's packages if it is
+# missing) for the PostgreSQL tests, and removes it at the end. The Stripe tests start their own Stripe
 # stand-in (tests/common/stripe.rs) on a free loopback port and talk to it with the real
 # async-stripe client.
 set -euo pipefail
@@ -40,6 +42,12 @@ export TOLLGATE_MOTO_PYTHON="$venv/bin/python"
 # The standard AWS environment, for a local server.
 export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1
 echo "moto on $TOLLGATE_DYNAMODB_ENDPOINT"
+
+step "local PostgreSQL server (a throwaway cluster, as an unprivileged user when run as root)"
+pg_dir=$(mktemp -d -u "${TMPDIR:-/tmp}/tollgate-pg.XXXXXX")
+trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; scripts/postgres-server.sh stop "$pg_dir"' EXIT
+eval "$(scripts/postgres-server.sh start "$pg_dir")"
+echo "PostgreSQL on $TOLLGATE_POSTGRES_URL"
 
 step "format"
 cargo fmt --all -- --check

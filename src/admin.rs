@@ -134,6 +134,16 @@ pub struct ImportReport {
     pub keys: usize,
 }
 
+/// What a directory copy did ([`Admin::copy_directory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CopyReport {
+    /// Tenants written to the other store (created, or replaced by the copied record).
+    pub tenants: usize,
+    /// API keys written (their hashes, ids, prefixes, creation and expiry times).
+    pub keys: usize,
+}
+
 /// Administration of the directory, and of the usage and dead letters of the export.
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -389,6 +399,34 @@ impl Admin {
                 return Ok(out);
             }
             out.extend(page);
+        }
+    }
+
+    /// Copies the directory to another directory store: every tenant with its plan, billing
+    /// customer, overrides, subscriptions and last webhook time, and every API key (its hash,
+    /// id, prefix, creation and expiry). For a team moving from one store to another (a SQLite
+    /// file to PostgreSQL): tenants the other store holds are replaced by the copied record,
+    /// other tenants and keys there are left, and running it again writes the same records
+    /// again. Quota counters, usage and its export state are not copied: they stay in the
+    /// store that holds them until exported (see the PostgreSQL guide, "Moving to it").
+    ///
+    /// # Errors
+    /// Either store failed; what was written before stays (running it again finishes it).
+    pub async fn copy_directory(&self, to: &dyn DirectoryStore) -> Result<CopyReport, AdminError> {
+        let mut report = CopyReport::default();
+        let mut after: Option<TenantId> = None;
+        loop {
+            let page = self.directory.list_tenants(after.as_ref(), 500).await?;
+            let Some(last) = page.last() else { return Ok(report) };
+            after = Some(last.id.clone());
+            for tenant in &page {
+                to.put_tenant(tenant, &[]).await?;
+                report.tenants += 1;
+                for key in self.directory.list_keys(&tenant.id).await? {
+                    to.put_key(&key).await?;
+                    report.keys += 1;
+                }
+            }
         }
     }
 

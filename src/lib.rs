@@ -32,6 +32,8 @@ pub mod guide {
     pub mod sqlite {}
     #[doc = include_str!("../docs/dynamodb.md")]
     pub mod dynamodb {}
+    #[doc = include_str!("../docs/postgres.md")]
+    pub mod postgres {}
     #[doc = include_str!("../docs/stripe.md")]
     pub mod stripe {}
     #[doc = include_str!("../docs/events.md")]

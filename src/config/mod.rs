@@ -18,7 +18,8 @@ pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, Tenan
 pub use error::{ConfigError, ConfigErrorKind};
 pub use net::{ForwardedHeader, IpRange};
 pub use values::{
-    HeaderStyle, Identify, OnUnknown, Rate, RateError, StatusSet, StoreErrorPolicy, StoreSettings, Synchronous,
+    HeaderStyle, Identify, Migrate, OnUnknown, PostgresSettings, Rate, RateError, StatusSet, StoreErrorPolicy,
+    StoreSettings, Synchronous,
 };
 
 /// A parsed and validated configuration.
@@ -907,6 +908,9 @@ impl Config {
             (StoreSettings::Sqlite { .. }, StoreSettings::Sqlite { .. }) => "synchronous",
             (StoreSettings::Dynamodb { table: a, .. }, StoreSettings::Dynamodb { table: b, .. }) if a != b => "table",
             (StoreSettings::Dynamodb { .. }, StoreSettings::Dynamodb { .. }) => "endpoint",
+            (StoreSettings::Postgres(a), StoreSettings::Postgres(b)) if a.url != b.url => "url",
+            (StoreSettings::Postgres(a), StoreSettings::Postgres(b)) if a.schema != b.schema => "schema",
+            (StoreSettings::Postgres(_), StoreSettings::Postgres(_)) => "kind",
             _ => "kind",
         };
         let origin = next.store_written.as_ref();

@@ -78,6 +78,12 @@ pub(crate) struct RawStore {
     pub(crate) synchronous: Option<String>,
     pub(crate) table: Option<String>,
     pub(crate) endpoint: Option<String>,
+    pub(crate) url: Option<String>,
+    pub(crate) schema: Option<String>,
+    pub(crate) pool_size: Option<i64>,
+    pub(crate) statement_timeout: Option<String>,
+    pub(crate) migrate: Option<String>,
+    pub(crate) ca_file: Option<String>,
     /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`: a store of
     /// that role's own (only under `[store]`).
     pub(crate) quota: Option<Box<RawStore>>,

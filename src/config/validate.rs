@@ -14,9 +14,9 @@ use super::{
         RawStore, RawStripe, RawTenant, RawUsage,
     },
     ClientSettings, Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify,
-    Limits, MeterAggregation, MeterId, MeterSpec, OnUnknown, Period, PlanId, PlanOverride, PlanSpec, QuotaMode,
-    QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreRole, StoreRoles, StoreSettings,
-    StripeSettings, Synchronous, TenantId, TenantSpec, UsageSettings,
+    Limits, MeterAggregation, MeterId, MeterSpec, Migrate, OnUnknown, Period, PlanId, PlanOverride, PlanSpec,
+    PostgresSettings, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreRole,
+    StoreRoles, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec, UsageSettings,
 };
 use crate::{base::KeyHash, plan::RoutePattern};
 
@@ -349,7 +349,19 @@ impl Validator<'_, '_> {
             Some(raw) => {
                 let (store, roles) = self.stores(raw)?;
                 let mut origin = StoreOrigin { section: self.loc.find("store"), ..StoreOrigin::default() };
-                for key in ["kind", "path", "synchronous", "table", "endpoint"] {
+                for key in [
+                    "kind",
+                    "path",
+                    "synchronous",
+                    "table",
+                    "endpoint",
+                    "url",
+                    "schema",
+                    "pool_size",
+                    "statement_timeout",
+                    "migrate",
+                    "ca_file",
+                ] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
                         origin.keys.insert(key, pos);
                     }
@@ -766,17 +778,32 @@ impl Validator<'_, '_> {
                 v => Ok(v.clone()),
             }
         };
+        let postgres_only = || {
+            for (key, set) in [
+                ("url", raw.url.is_some()),
+                ("schema", raw.schema.is_some()),
+                ("pool_size", raw.pool_size.is_some()),
+                ("statement_timeout", raw.statement_timeout.is_some()),
+                ("migrate", raw.migrate.is_some()),
+                ("ca_file", raw.ca_file.is_some()),
+            ] {
+                only(key, set, "\"postgres\"")?;
+            }
+            Ok::<_, ConfigError>(())
+        };
         match kind {
             "memory" => {
                 only("path", raw.path.is_some(), "\"sqlite\"")?;
                 only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
                 only("table", raw.table.is_some(), "\"dynamodb\"")?;
                 only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                postgres_only()?;
                 Ok(StoreSettings::Memory)
             }
             "sqlite" => {
                 only("table", raw.table.is_some(), "\"dynamodb\"")?;
                 only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                postgres_only()?;
                 let path = text("path", &raw.path)?.unwrap_or_else(|| "tollgate.db".to_owned());
                 let synchronous = match raw.synchronous.as_deref() {
                     None | Some("full") => Synchronous::Full,
@@ -790,6 +817,7 @@ impl Validator<'_, '_> {
             "dynamodb" => {
                 only("path", raw.path.is_some(), "\"sqlite\"")?;
                 only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                postgres_only()?;
                 let Some(table) = text("table", &raw.table)? else {
                     return Err(self.invalid(
                         &format!("{at}.table"),
@@ -798,9 +826,48 @@ impl Validator<'_, '_> {
                 };
                 Ok(StoreSettings::Dynamodb { table, endpoint: text("endpoint", &raw.endpoint)? })
             }
+            "postgres" => {
+                only("path", raw.path.is_some(), "\"sqlite\"")?;
+                only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                only("table", raw.table.is_some(), "\"dynamodb\"")?;
+                only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                let mut p = PostgresSettings { url: text("url", &raw.url)?, ..PostgresSettings::default() };
+                if let Some(schema) = text("schema", &raw.schema)? {
+                    let plain = schema.len() <= 63
+                        && !schema.starts_with("pg_")
+                        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                        && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                    if !plain {
+                        return Err(self.invalid(
+                            &format!("{at}.schema"),
+                            "a schema name is lower-case letters, digits and `_`, starting with a letter or `_` \
+                             (not `pg_`), at most 63 bytes",
+                        ));
+                    }
+                    p.schema = schema;
+                }
+                if let Some(size) = raw.pool_size {
+                    p.pool_size = usize::try_from(size)
+                        .ok()
+                        .filter(|s| (1..=1024).contains(s))
+                        .ok_or_else(|| self.invalid(&format!("{at}.pool_size"), "expected 1 to 1024 connections"))?;
+                }
+                p.statement_timeout = self.duration(
+                    &format!("{at}.statement_timeout"),
+                    raw.statement_timeout.as_deref(),
+                    p.statement_timeout,
+                )?;
+                p.migrate = match raw.migrate.as_deref() {
+                    None | Some("auto") => Migrate::Auto,
+                    Some("verify") => Migrate::Verify,
+                    Some(_) => return Err(self.invalid(&format!("{at}.migrate"), "expected \"auto\" or \"verify\"")),
+                };
+                p.ca_file = text("ca_file", &raw.ca_file)?.map(Into::into);
+                Ok(StoreSettings::Postgres(p))
+            }
             other => Err(self.invalid(
                 &format!("{at}.kind"),
-                format!("unknown store kind `{other}`: expected \"sqlite\", \"memory\" or \"dynamodb\""),
+                format!("unknown store kind `{other}`: expected \"sqlite\", \"memory\", \"dynamodb\" or \"postgres\""),
             )),
         }
     }

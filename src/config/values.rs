@@ -131,6 +131,69 @@ pub enum StoreSettings {
         /// An endpoint other than AWS's (`endpoint`), such as a local DynamoDB-compatible server.
         endpoint: Option<String>,
     },
+    /// `kind = "postgres"`: one schema of a PostgreSQL database shared by a fleet (cargo
+    /// feature `postgres`).
+    Postgres(PostgresSettings),
+}
+
+/// The keys of `[store] kind = "postgres"`.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresSettings {
+    /// The connection URL (`url`); without it, the `DATABASE_URL` environment variable is read
+    /// when the store opens. Never shown: it may hold a password.
+    pub url: Option<String>,
+    /// The schema holding tollgate's tables (`schema`, default `tollgate`).
+    pub schema: String,
+    /// The most connections of the pool (`pool_size`, default 16).
+    pub pool_size: usize,
+    /// How long one statement may run, and a call waits for a connection
+    /// (`statement_timeout`, default 5 s).
+    pub statement_timeout: std::time::Duration,
+    /// Apply migrations at open, or only verify the schema (`migrate`, default `"auto"`).
+    pub migrate: Migrate,
+    /// Certificate authorities to trust besides the public ones (`ca_file`, a PEM file).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("migrate", &self.migrate)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            schema: "tollgate".to_owned(),
+            pool_size: 16,
+            statement_timeout: std::time::Duration::from_secs(5),
+            migrate: Migrate::Auto,
+            ca_file: None,
+        }
+    }
+}
+
+/// Whether a store applies its schema's migrations when it opens, or only checks that the
+/// schema is the one it needs (`[store] migrate`, PostgreSQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Migrate {
+    /// Creates the schema and applies missing migrations at open, under an advisory lock (the
+    /// role owns the schema).
+    #[default]
+    Auto,
+    /// Checks the version only, and refuses a schema that is missing or older: for a role of
+    /// least privilege, with `tollgate migrate` run by the schema's owner.
+    Verify,
 }
 
 impl StoreSettings {
@@ -141,16 +204,17 @@ impl StoreSettings {
             StoreSettings::Memory => "memory",
             StoreSettings::Sqlite { .. } => "sqlite",
             StoreSettings::Dynamodb { .. } => "dynamodb",
+            StoreSettings::Postgres(_) => "postgres",
         }
     }
 
-    /// Whether the nodes of a fleet share this store (DynamoDB), rather than each node having
-    /// its own (memory, a SQLite file).
+    /// Whether the nodes of a fleet share this store (DynamoDB, PostgreSQL), rather than each
+    /// node having its own (memory, a SQLite file).
     #[must_use]
     pub fn is_shared(&self) -> bool {
         match self {
             StoreSettings::Memory | StoreSettings::Sqlite { .. } => false,
-            StoreSettings::Dynamodb { .. } => true,
+            StoreSettings::Dynamodb { .. } | StoreSettings::Postgres(_) => true,
         }
     }
 
@@ -161,6 +225,7 @@ impl StoreSettings {
             StoreSettings::Memory => None,
             StoreSettings::Sqlite { .. } => Some("sqlite"),
             StoreSettings::Dynamodb { .. } => Some("dynamodb"),
+            StoreSettings::Postgres(_) => Some("postgres"),
         }
     }
 }
@@ -179,6 +244,8 @@ impl std::fmt::Display for StoreSettings {
             }
             StoreSettings::Dynamodb { table, endpoint: None } => write!(f, "dynamodb table {table}"),
             StoreSettings::Dynamodb { table, endpoint: Some(e) } => write!(f, "dynamodb table {table} at {e}"),
+            // The URL is never shown (it may hold a password).
+            StoreSettings::Postgres(p) => write!(f, "postgres schema {}", p.schema),
         }
     }
 }

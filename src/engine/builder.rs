@@ -61,6 +61,12 @@ pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store
             store.check_table().await.map_err(BuildError::Store)?;
             Ok(Arc::new(store))
         }
+        #[cfg(feature = "postgres")]
+        StoreSettings::Postgres(p) => {
+            let options = crate::store::PostgresStore::options_of(p).map_err(BuildError::Store)?;
+            let store = crate::store::PostgresStore::open(&options).await.map_err(BuildError::Store)?;
+            Ok(Arc::new(store))
+        }
         #[allow(unreachable_patterns)]
         other => Err(BuildError::MissingFeature { kind: other.kind(), feature: other.feature().unwrap_or_default() }),
     }

@@ -15,8 +15,9 @@
 //! role (for example a directory kept in the team's own database, quotas in DynamoDB).
 //!
 //! The stores here: `SqliteStore` (durable, one file; feature `sqlite`, on by default),
-//! [`MemoryStore`] (tests and ephemeral use) and `DynamoStore` (a fleet on AWS; feature
-//! `dynamodb`). The numbers they all keep to are in [`contract`].
+//! [`MemoryStore`] (tests and ephemeral use), `DynamoStore` (a fleet on AWS; feature
+//! `dynamodb`) and `PostgresStore` (a fleet on PostgreSQL, behind PgBouncer too; feature
+//! `postgres`). The numbers they all keep to are in [`contract`].
 
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
@@ -29,6 +30,8 @@ mod error;
 mod export;
 mod idempotency;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod quota;
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -52,6 +55,9 @@ pub use idempotency::{
     StoredResponse,
 };
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{Grant, QuotaKey, QuotaStore, Reservation, ReserveToken, SHRINK};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]

@@ -63,9 +63,10 @@ fn the_store_section_selects_the_store_and_unknown_kinds_are_placed() {
     let config = Config::from_toml_str("[store]\nkind = \"dynamodb\"\ntable = \"tollgate\"\n").unwrap();
     assert_eq!(config.store(), &StoreSettings::Dynamodb { table: "tollgate".into(), endpoint: None });
 
-    let err = Config::from_toml_str("[plans.free]\n\n[store]\nkind = \"postgres\"\n").unwrap_err();
+    let err = Config::from_toml_str("[plans.free]\n\n[store]\nkind = \"mysql\"\n").unwrap_err();
     assert_eq!((err.key(), err.line(), err.kind()), ("store.kind", Some(4), ConfigErrorKind::InvalidValue));
-    assert!(err.message().contains("unknown store kind `postgres`"), "{err}");
+    assert!(err.message().contains("unknown store kind `mysql`"), "{err}");
+    assert!(err.message().contains("\"postgres\""), "{err}");
     let err = Config::from_toml_str("[store]\nkind = \"memory\"\npath = \"x.db\"\n").unwrap_err();
     assert_eq!((err.key(), err.line()), ("store.path", Some(3)));
     let err = Config::from_toml_str("[store]\nkind = \"dynamodb\"\n").unwrap_err();
@@ -74,6 +75,45 @@ fn the_store_section_selects_the_store_and_unknown_kinds_are_placed() {
     assert_eq!((err.key(), err.line()), ("store.synchronous", Some(3)));
     let err = Config::from_toml_str("[store]\nkind = \"sqlite\"\nfile = \"x.db\"\n").unwrap_err();
     assert_eq!((err.key(), err.line(), err.kind()), ("store.file", Some(3), ConfigErrorKind::UnknownKey));
+}
+
+#[test]
+fn a_postgres_store_reads_its_keys_and_never_shows_its_url() {
+    use tollgate::config::StoreSettings;
+    let config = Config::from_toml_str(
+        "[store]\nkind = \"postgres\"\nurl = \"postgres://app:s3cret@db:5432/app\"\nschema = \"billing_a\"\n\
+         pool_size = 4\nstatement_timeout = \"2s\"\nmigrate = \"verify\"\n",
+    )
+    .unwrap();
+    let StoreSettings::Postgres(p) = config.store() else { panic!("{:?}", config.store()) };
+    assert_eq!(p.url.as_deref(), Some("postgres://app:s3cret@db:5432/app"));
+    assert_eq!((p.schema.as_str(), p.pool_size), ("billing_a", 4));
+    assert_eq!(
+        (p.statement_timeout, p.migrate),
+        (std::time::Duration::from_secs(2), tollgate::config::Migrate::Verify)
+    );
+    assert!(config.store().is_shared());
+    // The URL may hold a password: neither the summary nor the debug form shows it.
+    assert_eq!(config.store().to_string(), "postgres schema billing_a");
+    assert!(!format!("{config:?}").contains("s3cret"));
+    // Defaults: DATABASE_URL at open, schema `tollgate`, migrations applied.
+    let config = Config::from_toml_str("[store]\nkind = \"postgres\"\n").unwrap();
+    let StoreSettings::Postgres(p) = config.store() else { panic!() };
+    assert_eq!((p.url.as_deref(), p.schema.as_str(), p.migrate), (None, "tollgate", tollgate::config::Migrate::Auto));
+
+    for (toml, key, line) in [
+        ("[store]\nkind = \"postgres\"\nschema = \"Public; DROP\"\n", "store.schema", 3),
+        ("[store]\nkind = \"postgres\"\nschema = \"pg_catalog\"\n", "store.schema", 3),
+        ("[store]\nkind = \"postgres\"\npool_size = 0\n", "store.pool_size", 3),
+        ("[store]\nkind = \"postgres\"\nmigrate = \"never\"\n", "store.migrate", 3),
+        ("[store]\nkind = \"postgres\"\nstatement_timeout = \"soon\"\n", "store.statement_timeout", 3),
+        ("[store]\nkind = \"postgres\"\npath = \"x.db\"\n", "store.path", 3),
+        ("[store]\nkind = \"sqlite\"\nurl = \"postgres://x\"\n", "store.url", 3),
+        ("[store]\nkind = \"dynamodb\"\ntable = \"t\"\nschema = \"x\"\n", "store.schema", 4),
+    ] {
+        let err = Config::from_toml_str(toml).unwrap_err();
+        assert_eq!((err.key(), err.line()), (key, Some(line)), "{toml}: {err}");
+    }
 }
 
 #[tokio::test]
@@ -87,6 +127,12 @@ async fn a_store_kind_not_compiled_in_is_an_error_at_build_naming_the_feature() 
             "{err:?}"
         );
         assert!(err.to_string().contains("cargo feature `dynamodb`"), "{err}");
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        let config = Config::from_toml_str("[store]\nkind = \"postgres\"\n[plans.free]\n").unwrap();
+        let err = tollgate::Tollgate::builder(config).open().await.unwrap_err();
+        assert!(err.to_string().contains("cargo feature `postgres`"), "{err}");
     }
     #[cfg(not(feature = "sqlite"))]
     {

@@ -2,7 +2,7 @@
 //! `test-util` feature for stores written elsewhere), run against every store of this crate:
 //! adding a store is one maker and one `store_conformance!` line.
 
-#[cfg(feature = "dynamodb")]
+#[cfg(any(feature = "dynamodb", feature = "postgres"))]
 use crate::common;
 
 use std::sync::Arc;
@@ -54,3 +54,18 @@ async fn dynamo_store() -> Option<Made> {
 }
 #[cfg(feature = "dynamodb")]
 tollgate::store_conformance!(dynamodb, dynamo_store());
+
+/// PostgreSQL: a schema of its own per test on the local server that `scripts/test.sh` starts
+/// (`TOLLGATE_POSTGRES_URL`); every restart point closes the pool and opens a new one. Without
+/// a server the tests skip loudly, and fail under CI.
+#[cfg(feature = "postgres")]
+async fn postgres_store() -> Option<Made> {
+    let (store, options) = common::postgres::store().await?;
+    Some(Made::new(Arc::new(store), move |old| {
+        drop(old);
+        let options = options.clone();
+        async move { Arc::new(tollgate::store::PostgresStore::open(&options).await.unwrap()) as Arc<dyn StoreInspect> }
+    }))
+}
+#[cfg(feature = "postgres")]
+tollgate::store_conformance!(postgres, postgres_store());

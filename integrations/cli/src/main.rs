@@ -1,7 +1,7 @@
-//! The `tollgate` command: checks a configuration, creates the DynamoDB table, administers the
-//! tenant directory (tenants, plans, API keys) and reads usage, on whichever store the
-//! configuration names (`[store]`: SQLite by default, DynamoDB with the standard AWS
-//! environment). See `tollgate --help`.
+//! The `tollgate` command: checks a configuration, creates the DynamoDB table or the PostgreSQL
+//! schema, administers the tenant directory (tenants, plans, API keys) and reads usage, on
+//! whichever store the configuration names (`[store]`: SQLite by default, DynamoDB with the
+//! standard AWS environment, PostgreSQL with `url` or `DATABASE_URL`). See `tollgate --help`.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -29,6 +29,20 @@ enum Command {
     Check {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
+    },
+    /// Creates the PostgreSQL schema of every role whose store is one, or applies its missing
+    /// migrations (under an advisory lock; run it as the schema's owner before starting nodes
+    /// whose role has only `[store] migrate = "verify"`'s privileges).
+    Migrate,
+    /// Copies the tenant directory (tenants with their plans, customers, overrides and
+    /// subscriptions, and API key hashes) from this configuration's directory store to the one
+    /// of another configuration: for moving from one store to another (SQLite to PostgreSQL).
+    /// Quota counters and unexported usage stay where they are (docs/postgres.md, "Moving to
+    /// it"). Running it again writes the same records again.
+    CopyDirectory {
+        /// The configuration whose directory store receives the copy.
+        #[arg(long)]
+        to: PathBuf,
     },
     /// The DynamoDB table.
     Dynamodb {
@@ -259,6 +273,19 @@ fn load(path: &std::path::Path) -> Result<Config> {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check { file } => check(&load(file.as_deref().unwrap_or(&cli.config))?).await,
+        Command::Migrate => migrate(&load(&cli.config)?).await,
+        Command::CopyDirectory { to } => {
+            let from = admin(&cli.config).await?;
+            let target = Admin::open(&load(&to)?).await?;
+            let report = from.copy_directory(target.directory_store().as_ref()).await?;
+            println!(
+                "copied {} tenants and {} API keys to the directory of {}",
+                report.tenants,
+                report.keys,
+                to.display()
+            );
+            Ok(())
+        }
         Command::Dynamodb { command: DynamoCommand::CreateTable } => create_table(&load(&cli.config)?).await,
         Command::Dynamodb { command: DynamoCommand::InitNamespace } => init_namespace(&load(&cli.config)?).await,
         Command::Tenants { command } => {
@@ -701,7 +728,56 @@ async fn namespace(config: &Config) -> String {
             let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
             shown(store.identifier_namespace().await.map(Some))
         }
+        #[cfg(feature = "postgres")]
+        StoreSettings::Postgres(p) => {
+            use tollgate::store::ExportStore;
+            // Verified, never migrated: a check changes nothing.
+            let mut settings = p.clone();
+            settings.migrate = tollgate::config::Migrate::Verify;
+            match tollgate::store::PostgresStore::options_of(&settings) {
+                Err(e) => format!("unreadable: {e}"),
+                Ok(options) => match tollgate::store::PostgresStore::open(&options).await {
+                    Ok(store) => shown(store.identifier_namespace().await.map(Some)),
+                    Err(e) => format!("unreadable: {e}"),
+                },
+            }
+        }
         other => format!("not read ({other})"),
+    }
+}
+
+/// Creates or migrates the PostgreSQL schema of every role whose store is one.
+async fn migrate(config: &Config) -> Result<()> {
+    let mut schemas: Vec<&tollgate::config::PostgresSettings> = Vec::new();
+    for role in StoreRole::ALL {
+        if let StoreSettings::Postgres(p) = config.store_of(role) {
+            if !schemas.contains(&p) {
+                schemas.push(p);
+            }
+        }
+    }
+    if schemas.is_empty() {
+        return Err(format!(
+            "the configuration's store is {}, not PostgreSQL (a SQLite file migrates itself when opened)",
+            config.store()
+        )
+        .into());
+    }
+    #[cfg(feature = "postgres")]
+    for p in schemas {
+        let options = tollgate::store::PostgresStore::options_of(p)?;
+        match tollgate::store::PostgresStore::migrate(&options).await? {
+            (from, to) if from == to => println!("schema `{}` is at version {to}: nothing to do", p.schema),
+            (0, to) => println!("schema `{}` created at version {to}", p.schema),
+            (from, to) => println!("schema `{}` migrated from version {from} to {to}", p.schema),
+        }
+    }
+    #[cfg(feature = "postgres")]
+    return Ok(());
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = schemas;
+        Err("this build of tollgate has no PostgreSQL support (cargo feature `postgres`)".into())
     }
 }
 

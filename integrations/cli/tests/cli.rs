@@ -232,6 +232,52 @@ async fn the_command_works_on_dynamodb() {
     assert!(fails(d, &["-c", "file.toml", "export", "--repair-ttl"]).contains("DynamoDB"));
 }
 
+/// `tollgate migrate` and the directory commands on the local PostgreSQL server, and a
+/// directory moved there from a SQLite file with `copy-directory`: the keys issued on the file
+/// reach an engine on PostgreSQL.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn the_command_works_on_postgres_and_a_directory_moves_there_from_sqlite() {
+    let Some(options) = common::postgres::fresh() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The service's role only verifies the schema; the owner migrates it.
+    let pg = format!(
+        "[store]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{}\"\nmigrate = \"verify\"\n{PLANS}",
+        options.url, options.schema
+    );
+    std::fs::write(d.join("pg.toml"), &pg).unwrap();
+    std::fs::write(d.join("file.toml"), format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n{PLANS}")).unwrap();
+    assert!(fails(d, &["-c", "pg.toml", "tenants", "list"]).contains("tollgate migrate"), "a missing schema says how");
+    assert!(ok(d, &["-c", "pg.toml", "migrate"]).contains("created at version 1"));
+    assert!(ok(d, &["-c", "pg.toml", "migrate"]).contains("nothing to do"));
+    assert!(fails(d, &["-c", "file.toml", "migrate"]).contains("not PostgreSQL"));
+
+    ok(d, &["-c", "file.toml", "tenants", "add", "acme", "--plan", "free", "--customer", "cus_1"]);
+    ok(d, &["-c", "file.toml", "tenants", "add", "globex", "--plan", "pro"]);
+    let key = ok(d, &["-c", "file.toml", "keys", "issue", "acme", "--expires-in", "30d"]).trim().to_owned();
+    let copied = ok(d, &["-c", "file.toml", "copy-directory", "--to", "pg.toml"]);
+    assert!(copied.contains("copied 2 tenants and 1 API keys"), "{copied}");
+    // Again: the same records, nothing doubled.
+    assert!(
+        ok(d, &["-c", "file.toml", "copy-directory", "--to", "pg.toml"]).contains("copied 2 tenants and 1 API keys")
+    );
+    let tenants = ok(d, &["-c", "pg.toml", "tenants", "list"]);
+    assert!(tenants.contains("acme") && tenants.contains("cus_1") && tenants.contains("globex"), "{tenants}");
+    let keys = ok(d, &["-c", "pg.toml", "keys", "list", "acme"]);
+    assert!(keys.contains(&tollgate::store::KeyHash::of(key.as_bytes()).id()), "{keys}");
+    assert!(keys.contains("expires"), "the expiry came along: {keys}");
+
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&pg).unwrap()).open().await.unwrap();
+    let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
+    assert_eq!(h.status("/", &key).await, 200);
+    let check = ok(d, &["-c", "pg.toml", "check"]);
+    assert!(check.contains(&format!("store: postgres schema {}", options.schema)), "{check}");
+    assert!(!check.contains(&options.url), "the URL is never shown: {check}");
+    let ns = check.lines().find(|l| l.contains("identifier namespace")).unwrap();
+    assert_eq!(ns.rsplit(' ').next().unwrap().len(), 16, "the schema drew one: {check}");
+}
+
 /// `tollgate export` on a SQLite file against the Stripe stand-in: a dry run sends nothing,
 /// a pass sends closed windows once, a refusal is dead-lettered and listed, a requeue sends it
 /// again as a new revision; no secret key, a clear error.

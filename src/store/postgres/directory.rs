@@ -1,0 +1,270 @@
+//! The directory role of the PostgresStore: a plan change is applied with its event id in one
+//! transaction.
+
+use super::*;
+
+const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions";
+
+fn tenant_row(r: &Row) -> TenantRecord {
+    let mut t = TenantRecord::new(r.get::<_, String>(0).into(), r.get::<_, String>(1).into());
+    t.customer = r.get(2);
+    t.last_event_at = r.get(3);
+    t.overrides = r.get(4);
+    t.subscriptions = r.get(5);
+    t
+}
+
+#[async_trait]
+impl DirectoryStore for PostgresStore {
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
+        let limit = int(limit as u64);
+        let first = self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t ORDER BY t.id LIMIT $1"));
+        let next =
+            self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t WHERE t.id > $1 ORDER BY t.id LIMIT $2"));
+        self.retrying(|| async {
+            let client = self.client().await?;
+            let rows = match after {
+                None => client.query_typed(&first, args![limit]).await?,
+                Some(a) => client.query_typed(&next, args![a.as_str(), limit]).await?,
+            };
+            Ok(rows.iter().map(tenant_row).collect())
+        })
+        .await
+    }
+
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        let sql = self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t WHERE t.customer = $1"));
+        self.retrying(|| async {
+            let client = self.client().await?;
+            Ok(client.query_typed_opt(&sql, args![customer]).await?.as_ref().map(tenant_row))
+        })
+        .await
+    }
+
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        let seen = self.sql("SELECT 1 FROM {s}.webhook_event WHERE id = $1");
+        let read = self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t WHERE t.customer = $1 FOR UPDATE"));
+        // A redelivery racing this one inserts the same id: one of the two transactions fails
+        // on the key and runs again, and then finds it seen.
+        let mark = self.sql("INSERT INTO {s}.webhook_event (id, seen_at) VALUES ($1, $2)");
+        let with_subs =
+            self.sql("UPDATE {s}.tenant SET plan = $2, last_event_at = $3, subscriptions = $4 WHERE id = $1");
+        let plain = self.sql("UPDATE {s}.tenant SET plan = $2, last_event_at = $3 WHERE id = $1");
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            if tx.query_typed_opt(&seen, args![change.event_id.as_str()]).await?.is_some() {
+                return Ok(PlanChangeOutcome::Duplicate);
+            }
+            let Some(mut record) =
+                tx.query_typed_opt(&read, args![change.customer.as_str()]).await?.as_ref().map(tenant_row)
+            else {
+                return Ok(PlanChangeOutcome::UnknownCustomer);
+            };
+            if change.subscriptions.as_ref().is_some_and(|s| s.read != record.subscriptions || s.plan != record.plan) {
+                return Ok(PlanChangeOutcome::Changed);
+            }
+            tx.query_typed(&mark, args![change.event_id.as_str(), change.created]).await?;
+            count_ids(self, &tx, "webhook_event", 1, change.created).await?;
+            // Older than the last event applied (ordered by creation): seen, not applied.
+            if change.subscriptions.is_none() && record.last_event_at.is_some_and(|last| last > change.created) {
+                tx.commit().await?;
+                return Ok(PlanChangeOutcome::Stale);
+            }
+            let (id, plan) = (record.id.as_str().to_owned(), change.plan.as_str());
+            if let Some(subs) = &change.subscriptions {
+                // Ordered by its subscription (the caller's), over what was read (above, with
+                // the row locked).
+                let last = record.last_event_at.map_or(change.created, |l| l.max(change.created));
+                tx.query_typed(&with_subs, args![id.as_str(), plan, last, subs.written.as_str()]).await?;
+                record.last_event_at = Some(last);
+                record.subscriptions = Some(subs.written.clone());
+            } else {
+                tx.query_typed(&plain, args![id.as_str(), plan, change.created]).await?;
+                record.last_event_at = Some(change.created);
+            }
+            tx.commit().await?;
+            record.plan = change.plan.clone();
+            Ok(PlanChangeOutcome::Applied(record))
+        })
+        .await
+    }
+
+    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        let sql = self.sql(&format!(
+            "SELECT {TENANT_COLUMNS} FROM {{s}}.api_key k JOIN {{s}}.tenant t ON t.id = k.tenant \
+             WHERE k.hash = $1 AND (k.expires_at IS NULL OR k.expires_at > $2)"
+        ));
+        let hash = &key.as_bytes()[..];
+        self.retrying(|| async {
+            let client = self.client().await?;
+            Ok(client.query_typed_opt(&sql, args![hash, unix_now()]).await?.as_ref().map(tenant_row))
+        })
+        .await
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let sql = self.sql(
+            "INSERT INTO {s}.api_key AS a (hash, tenant, prefix, created_at, expires_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (hash) DO UPDATE SET prefix = excluded.prefix, expires_at = excluded.expires_at \
+             WHERE a.tenant = excluded.tenant RETURNING 1",
+        );
+        let hash = &key.hash.as_bytes()[..];
+        let changed = self
+            .retrying(|| async {
+                let client = self.client().await?;
+                let rows = client
+                    .query_typed(
+                        &sql,
+                        args![hash, key.tenant.as_str(), key.prefix.as_str(), key.created_at, key.expires_at],
+                    )
+                    .await?;
+                Ok(rows.len())
+            })
+            .await?;
+        match changed {
+            0 => Err(StoreError::Conflict("the API key, held by another tenant")),
+            _ => Ok(()),
+        }
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let sql = self.sql("SELECT hash, prefix, created_at, expires_at FROM {s}.api_key WHERE tenant = $1");
+        let mut keys = self
+            .retrying(|| async {
+                let client = self.client().await?;
+                Ok(client.query_typed(&sql, args![tenant.as_str()]).await?)
+            })
+            .await?
+            .iter()
+            .map(|r| {
+                let hash: Vec<u8> = r.get(0);
+                let hash = KeyHash::from_bytes(&hash)
+                    .ok_or_else(|| StoreError::Unusable("an API key hash of the wrong length".to_owned()))?;
+                Ok(ApiKeyRecord::new(hash, tenant.clone(), r.get(2))
+                    .with_prefix(r.get::<_, String>(1))
+                    .with_expiry(r.get(3)))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        let sql = self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t WHERE t.id = $1"));
+        self.retrying(|| async {
+            let client = self.client().await?;
+            Ok(client.query_typed_opt(&sql, args![id.as_str()]).await?.as_ref().map(tenant_row))
+        })
+        .await
+    }
+
+    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
+        let sql = self.sql(
+            "UPDATE {s}.tenant SET plan = $2 WHERE id = $1 AND plan = $3 AND last_event_at IS NOT DISTINCT FROM $4 \
+             RETURNING 1",
+        );
+        self.retrying(|| async {
+            let client = self.client().await?;
+            let rows = client
+                .query_typed(&sql, args![read.id.as_str(), plan.as_str(), read.plan.as_str(), read.last_event_at])
+                .await?;
+            Ok(rows.len() == 1)
+        })
+        .await
+    }
+
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let lock = self.sql("SELECT customer FROM {s}.tenant WHERE id = $1 FOR UPDATE");
+        let release = self.sql("UPDATE {s}.tenant SET customer = NULL WHERE customer = $1 AND id <> $2");
+        // Another customer's subscriptions are not this one's.
+        let set = self.sql(
+            "UPDATE {s}.tenant SET customer = $2, \
+             subscriptions = CASE WHEN customer IS NOT DISTINCT FROM $2 THEN subscriptions ELSE NULL END WHERE id = $1",
+        );
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            let stored =
+                tx.query_typed_opt(&lock, args![tenant.as_str()]).await?.map(|r| r.get::<_, Option<String>>(0));
+            if stored.as_ref().map(Option::as_deref) != Some(read) {
+                return Ok(false);
+            }
+            if let Some(c) = customer {
+                // Given to this tenant, it leaves any other.
+                tx.query_typed(&release, args![c, tenant.as_str()]).await?;
+            }
+            tx.query_typed(&set, args![tenant.as_str(), customer]).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        let sql = self.sql("UPDATE {s}.tenant SET overrides = $2 WHERE id = $1 RETURNING 1");
+        self.retrying(|| async {
+            let client = self.client().await?;
+            Ok(client.query_typed(&sql, args![tenant.as_str(), overrides]).await?.len() == 1)
+        })
+        .await
+    }
+
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
+        let release = self.sql("UPDATE {s}.tenant SET customer = NULL WHERE customer = $1 AND id <> $2");
+        let upsert = self.sql(
+            "INSERT INTO {s}.tenant (id, plan, customer, last_event_at, overrides, subscriptions) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
+             last_event_at = excluded.last_event_at, overrides = excluded.overrides, \
+             subscriptions = excluded.subscriptions",
+        );
+        let key = self.sql(
+            "INSERT INTO {s}.api_key (hash, tenant, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (hash) DO UPDATE SET tenant = excluded.tenant",
+        );
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            let id = record.id.as_str();
+            if let Some(c) = &record.customer {
+                // A billing customer belongs to one tenant: given to this one, it leaves any other.
+                tx.query_typed(&release, args![c.as_str(), id]).await?;
+            }
+            tx.query_typed(
+                &upsert,
+                args![
+                    id,
+                    record.plan.as_str(),
+                    record.customer.as_deref(),
+                    record.last_event_at,
+                    record.overrides.as_deref(),
+                    record.subscriptions.as_deref()
+                ],
+            )
+            .await?;
+            for k in keys {
+                tx.query_typed(&key, args![&k.as_bytes()[..], id, unix_now()]).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
+        let sql = self.sql("DELETE FROM {s}.api_key WHERE hash = $1");
+        let hash = &key.as_bytes()[..];
+        self.retrying(|| async {
+            let client = self.client().await?;
+            client.query_typed(&sql, args![hash]).await?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,139 @@
+//! The idempotency role of the PostgresStore: a claim is one conditional upsert.
+
+use super::*;
+use crate::store::{IdempotencySettled, StoredResponse};
+
+/// The state of a live binding, its response decoded.
+fn state_of(completed: bool, response: Option<Vec<u8>>) -> Result<IdempotencyState, StoreError> {
+    if !completed {
+        return Ok(IdempotencyState::InFlight);
+    }
+    let response = response.map(|bytes| StoredResponse::decode(&bytes)).transpose()?;
+    Ok(IdempotencyState::Completed(response.map(Box::new)))
+}
+
+/// A binding live at `$2`: unexpired, and completed or still within its in-flight time.
+const LIVE: &str = "$2 < expires_at AND (completed OR $2 < in_flight_until)";
+
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
+        // The binding is taken only where none is live: the condition is checked on the row as
+        // the last writer left it (the conflict locks it), so two nodes never both claim a key.
+        let claim = self.sql(
+            "INSERT INTO {s}.idempotency AS i (idem_key, request, owner, completed, in_flight_until, expires_at, response) \
+             VALUES ($1, $3, $4, false, $5, $6, NULL) \
+             ON CONFLICT (idem_key) DO UPDATE SET request = excluded.request, owner = excluded.owner, completed = false, \
+             in_flight_until = excluded.in_flight_until, expires_at = excluded.expires_at, response = NULL \
+             WHERE NOT ($2 < i.expires_at AND (i.completed OR $2 < i.in_flight_until)) RETURNING 1",
+        );
+        let held = self
+            .sql(&format!("SELECT request, completed, response FROM {{s}}.idempotency WHERE idem_key = $1 AND {LIVE}"));
+        let found = self
+            .retrying(|| async {
+                let mut client = self.client().await?;
+                let tx = self.begin(&mut client).await?;
+                let claimed = !tx
+                    .query_typed(
+                        &claim,
+                        args![
+                            c.key.as_str(),
+                            c.now,
+                            c.request.as_str(),
+                            c.owner as i64,
+                            c.in_flight_until,
+                            c.expires_at
+                        ],
+                    )
+                    .await?
+                    .is_empty();
+                let found = if claimed {
+                    None
+                } else {
+                    let row = tx.query_typed_opt(&held, args![c.key.as_str(), c.now]).await?;
+                    // Not live by now (it expired between the two statements): claim again.
+                    let row = row.ok_or(Fail::Store(StoreError::Conflict("the idempotency binding")))?;
+                    Some((row.get::<_, String>(0), row.get::<_, bool>(1), row.get::<_, Option<Vec<u8>>>(2)))
+                };
+                tx.commit().await?;
+                Ok(found)
+            })
+            .await?;
+        match found {
+            None => Ok(IdempotencyState::Claimed),
+            Some((request, _, _)) if request != c.request => Ok(IdempotencyState::Mismatch),
+            Some((_, completed, response)) => state_of(completed, response),
+        }
+    }
+
+    async fn read_idempotency(
+        &self,
+        key: &str,
+        request: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyState>, StoreError> {
+        let sql = self
+            .sql(&format!("SELECT request, completed, response FROM {{s}}.idempotency WHERE idem_key = $1 AND {LIVE}"));
+        let held = self
+            .retrying(|| async {
+                let client = self.client().await?;
+                let row = client.query_typed_opt(&sql, args![key, now]).await?;
+                Ok(row.map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1), r.get::<_, Option<Vec<u8>>>(2))))
+            })
+            .await?;
+        match held {
+            None => Ok(None),
+            Some((bound, _, _)) if bound != request => Ok(Some(IdempotencyState::Mismatch)),
+            Some((_, completed, response)) => state_of(completed, response).map(Some),
+        }
+    }
+
+    async fn settle_idempotency(
+        &self,
+        key: &str,
+        owner: u64,
+        how: &IdempotencySettle,
+    ) -> Result<IdempotencySettled, StoreError> {
+        let completed = match how {
+            IdempotencySettle::Completed(done) => Some((done.response.encode(), done.bucket(), done.bucket_bytes())),
+            _ => None,
+        };
+        let held =
+            self.sql("SELECT 1 FROM {s}.idempotency WHERE idem_key = $1 AND owner = $2 AND NOT completed FOR UPDATE");
+        let release = self.sql("DELETE FROM {s}.idempotency WHERE idem_key = $1 AND owner = $2 AND NOT completed");
+        let old_buckets = self.sql("DELETE FROM {s}.idempotency_bytes WHERE bucket < $1");
+        let add = self.sql(
+            "INSERT INTO {s}.idempotency_bytes AS b (bucket, bytes) SELECT $1, $2 WHERE $2 <= $3 \
+             ON CONFLICT (bucket) DO UPDATE SET bytes = b.bytes + excluded.bytes \
+             WHERE b.bytes + excluded.bytes <= $3 RETURNING 1",
+        );
+        let settle = self.sql(
+            "UPDATE {s}.idempotency SET completed = true, response = $3 WHERE idem_key = $1 AND owner = $2 AND NOT completed",
+        );
+        let owner = owner as i64;
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            if tx.query_typed_opt(&held, args![key, owner]).await?.is_none() {
+                return Ok(IdempotencySettled::NotHeld);
+            }
+            let Some((bytes, bucket, allowed)) = &completed else {
+                tx.query_typed(&release, args![key, owner]).await?;
+                tx.commit().await?;
+                return Ok(IdempotencySettled::Settled);
+            };
+            // Only this bucket and the one before can hold live responses.
+            tx.query_typed(&old_buckets, args![*bucket - 1]).await?;
+            let size = bytes.len() as i64;
+            if tx.query_typed(&add, args![*bucket, size, int(*allowed)]).await?.is_empty() {
+                tx.query_typed(&release, args![key, owner]).await?;
+                tx.commit().await?;
+                return Ok(IdempotencySettled::Refused);
+            }
+            tx.query_typed(&settle, args![key, owner, bytes.as_slice()]).await?;
+            tx.commit().await?;
+            Ok(IdempotencySettled::Settled)
+        })
+        .await
+    }
+}

@@ -1,0 +1,240 @@
+//! The schema of the PostgresStore: its tables, their migrations, and checking a schema.
+
+use super::*;
+
+/// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
+/// newer version is refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
+/// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
+/// compares them, so that pages follow the order of the other stores.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE {s}.meta (
+    key   text COLLATE "C" PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE {s}.quota (
+    tenant   text COLLATE "C" NOT NULL,
+    meter    text COLLATE "C" NOT NULL,
+    period   text COLLATE "C" NOT NULL,
+    start_at bigint NOT NULL,
+    end_at   bigint NOT NULL,
+    reserved bigint NOT NULL,
+    -- The units granted by the last call applied, and per sender (node) the last call's
+    -- [seq, granted, reserved], the newest 64 kept: a re-sent token is answered, not applied.
+    answer   bigint NOT NULL DEFAULT 0,
+    senders  jsonb NOT NULL DEFAULT '{}',
+    PRIMARY KEY (tenant, meter, period, start_at, end_at)
+);
+CREATE INDEX quota_end ON {s}.quota (end_at);
+CREATE TABLE {s}.quota_floor (
+    tenant         text COLLATE "C" NOT NULL,
+    meter          text COLLATE "C" NOT NULL,
+    dropped_before bigint NOT NULL,
+    PRIMARY KEY (tenant, meter)
+);
+CREATE TABLE {s}.usage (
+    tenant           text COLLATE "C" NOT NULL,
+    meter            text COLLATE "C" NOT NULL,
+    window_start     bigint NOT NULL,
+    quantity         bigint NOT NULL,
+    exported         bigint NOT NULL DEFAULT 0,
+    revision         bigint NOT NULL DEFAULT 0,
+    in_flight        bigint,
+    dead             text,
+    attempts         bigint NOT NULL DEFAULT 0,
+    first_attempt_at bigint,
+    claim_node       bigint,
+    claim_until      bigint,
+    send             text,
+    unknown_failures bigint NOT NULL DEFAULT 0,
+    billable         boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (tenant, meter, window_start)
+);
+CREATE INDEX usage_pending ON {s}.usage (tenant, meter, window_start)
+    WHERE dead IS NULL AND billable AND (quantity > exported OR in_flight IS NOT NULL);
+CREATE INDEX usage_dead ON {s}.usage (tenant, meter, window_start) WHERE dead IS NOT NULL;
+CREATE INDEX usage_window ON {s}.usage (window_start);
+CREATE TABLE {s}.flush (
+    id      text COLLATE "C" PRIMARY KEY,
+    seen_at bigint NOT NULL
+);
+CREATE INDEX flush_seen ON {s}.flush (seen_at);
+CREATE TABLE {s}.usage_event (
+    id      text COLLATE "C" PRIMARY KEY,
+    seen_at bigint NOT NULL
+);
+CREATE INDEX usage_event_seen ON {s}.usage_event (seen_at);
+CREATE TABLE {s}.webhook_event (
+    id      text COLLATE "C" PRIMARY KEY,
+    seen_at bigint NOT NULL
+);
+CREATE INDEX webhook_event_seen ON {s}.webhook_event (seen_at);
+-- How many ids each of the two tables above holds (at least): the cap is checked on it.
+CREATE TABLE {s}.id_count (
+    kind text COLLATE "C" PRIMARY KEY,
+    n    bigint NOT NULL
+);
+INSERT INTO {s}.id_count (kind, n) VALUES ('usage_event', 0), ('webhook_event', 0);
+CREATE TABLE {s}.tenant (
+    id            text COLLATE "C" PRIMARY KEY,
+    plan          text NOT NULL,
+    customer      text COLLATE "C" UNIQUE,
+    last_event_at bigint,
+    overrides     text,
+    subscriptions text
+);
+CREATE TABLE {s}.api_key (
+    hash       bytea PRIMARY KEY,
+    tenant     text COLLATE "C" NOT NULL,
+    prefix     text NOT NULL DEFAULT '',
+    created_at bigint NOT NULL DEFAULT 0,
+    expires_at bigint
+);
+CREATE INDEX api_key_tenant ON {s}.api_key (tenant);
+CREATE TABLE {s}.idempotency (
+    idem_key        text COLLATE "C" PRIMARY KEY,
+    request         text NOT NULL,
+    owner           bigint NOT NULL,
+    completed       boolean NOT NULL,
+    in_flight_until bigint NOT NULL,
+    expires_at      bigint NOT NULL,
+    response        bytea
+);
+CREATE INDEX idempotency_expires ON {s}.idempotency (expires_at);
+CREATE TABLE {s}.idempotency_bytes (
+    bucket bigint PRIMARY KEY,
+    bytes  bigint NOT NULL
+);
+CREATE TABLE {s}.ledger (
+    hour          bigint NOT NULL,
+    tenant        text COLLATE "C" NOT NULL,
+    meter         text COLLATE "C" NOT NULL,
+    window_start  bigint NOT NULL,
+    revision      bigint NOT NULL,
+    send          text NOT NULL,
+    exported_at   bigint,
+    lacking_since bigint,
+    superseded    boolean NOT NULL DEFAULT false,
+    kept_from     bigint NOT NULL,
+    PRIMARY KEY (hour, tenant, meter, window_start, revision)
+);
+CREATE INDEX ledger_kept ON {s}.ledger (kept_from);
+"#];
+
+/// What a schema holds, as read.
+enum Found {
+    /// No schema, or an empty one.
+    Nothing,
+    /// A tollgate schema of this version.
+    Version(u32),
+}
+
+impl PostgresStore {
+    /// Reads the schema's version, refusing a schema that holds tables but not tollgate's.
+    async fn found(&self, tx: &deadpool_postgres::Transaction<'_>) -> Pg<Found> {
+        let schema = self.inner.schema.as_str();
+        let tables: i64 = tx
+            .query_typed_one("SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname = $1", args![schema])
+            .await?
+            .get(0);
+        if tables == 0 {
+            return Ok(Found::Nothing);
+        }
+        let has_meta: bool = tx
+            .query_typed_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = $1 AND tablename = 'meta')",
+                args![schema],
+            )
+            .await?
+            .get(0);
+        let version = if has_meta {
+            tx.query_typed_opt(&self.sql("SELECT value FROM {s}.meta WHERE key = 'schema_version'"), &[])
+                .await?
+                .and_then(|r| r.get::<_, String>(0).parse::<u32>().ok())
+        } else {
+            None
+        };
+        let Some(version) = version else {
+            return Err(Fail::Store(StoreError::Unusable(format!(
+                "schema `{schema}` holds tables that are not tollgate's: name another schema ([store] schema)"
+            ))));
+        };
+        if version > SCHEMA_VERSION {
+            return Err(Fail::Store(StoreError::Unusable(format!(
+                "schema `{schema}` was written by a newer tollgate (schema version {version}; this build knows up \
+                 to {SCHEMA_VERSION}): upgrade tollgate"
+            ))));
+        }
+        Ok(Found::Version(version))
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`] in one transaction under an advisory lock, so
+    /// that nodes starting at once apply each step once.
+    pub(super) async fn apply_migrations(&self) -> Result<(u32, u32), StoreError> {
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            tx.query_typed(
+                "SELECT pg_advisory_xact_lock(hashtext('tollgate-migrate:' || $1))",
+                args![self.inner.schema.as_str()],
+            )
+            .await?;
+            let from = match self.found(&tx).await? {
+                Found::Nothing => 0,
+                Found::Version(v) => v,
+            };
+            if from == SCHEMA_VERSION {
+                return Ok((from, from));
+            }
+            tx.batch_execute(&self.sql("CREATE SCHEMA IF NOT EXISTS {s}")).await?;
+            for step in &MIGRATIONS[from as usize..] {
+                tx.batch_execute(&self.sql(step)).await?;
+            }
+            if from == 0 {
+                // A new schema draws its meter event identifier namespace.
+                tx.query_typed(
+                    &self.sql("INSERT INTO {s}.meta (key, value) VALUES ('namespace', $1)"),
+                    args![crate::store::draw_namespace()],
+                )
+                .await?;
+            }
+            tx.query_typed(
+                &self.sql(
+                    "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', $1) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                ),
+                args![SCHEMA_VERSION.to_string()],
+            )
+            .await?;
+            tx.commit().await?;
+            tracing::info!(schema = %self.inner.schema, from, to = SCHEMA_VERSION, "PostgreSQL schema migrated");
+            Ok((from, SCHEMA_VERSION))
+        })
+        .await
+    }
+
+    /// Checks that the schema is this build's, changing nothing.
+    pub(super) async fn verify_schema(&self) -> Result<(), StoreError> {
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            let found = self.found(&tx).await?;
+            tx.commit().await?;
+            let schema = &self.inner.schema;
+            match found {
+                Found::Version(SCHEMA_VERSION) => Ok(()),
+                Found::Nothing => Err(Fail::Store(StoreError::Unusable(format!(
+                    "schema `{schema}` has no tollgate tables and [store] migrate = \"verify\": run `tollgate migrate` \
+                     as the schema's owner"
+                )))),
+                Found::Version(v) => Err(Fail::Store(StoreError::Unusable(format!(
+                    "schema `{schema}` is at version {v}, this build needs {SCHEMA_VERSION}, and [store] migrate = \
+                     \"verify\": run `tollgate migrate` as the schema's owner"
+                )))),
+            }
+        })
+        .await
+    }
+}
