@@ -129,7 +129,7 @@ fi
 # PostgreSQL: the README's three commands, on the test script's server (schema `tollgate`,
 # created by node A at start); the usage each node flushed is read back with psql.
 if [ -n "${TOLLGATE_POSTGRES_URL:-}" ]; then
-  psql -q "$TOLLGATE_POSTGRES_URL" -c 'DROP SCHEMA IF EXISTS tollgate CASCADE' >/dev/null
+  psql -q "$TOLLGATE_POSTGRES_URL" -c 'SET client_min_messages = warning' -c 'DROP SCHEMA IF EXISTS tollgate CASCADE' >/dev/null
   shared_quota postgres postgres TOLLGATE_STORE=postgres DATABASE_URL="$TOLLGATE_POSTGRES_URL"
   check "postgres: usage read with psql (126 + 14 + 1 request units and tokens)" 141 \
     "$(psql -qtA "$TOLLGATE_POSTGRES_URL" -c 'SELECT sum(quantity) FROM tollgate.usage')"

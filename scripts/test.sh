@@ -48,6 +48,11 @@ pg_dir=$(mktemp -d -u "${TMPDIR:-/tmp}/tollgate-pg.XXXXXX")
 trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; scripts/postgres-server.sh stop "$pg_dir"' EXIT
 eval "$(scripts/postgres-server.sh start "$pg_dir")"
 echo "PostgreSQL on $TOLLGATE_POSTGRES_URL"
+# PgBouncer in transaction mode in front of it (as RDS Proxy and most managed pools run).
+bouncer_dir="$pg_dir-bouncer"
+trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; scripts/pgbouncer.sh stop "$bouncer_dir"; scripts/postgres-server.sh stop "$pg_dir"' EXIT
+eval "$(scripts/pgbouncer.sh start "$bouncer_dir" "$TOLLGATE_POSTGRES_PORT")"
+echo "PgBouncer (transaction mode) on $TOLLGATE_PGBOUNCER_URL"
 
 step "format"
 cargo fmt --all -- --check

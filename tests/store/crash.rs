@@ -7,6 +7,9 @@
 //! - Units leased by a killed process are never given back: a hard quota under-admits by at
 //!   most one lease per (tenant, meter).
 //! - Two processes on one file share a hard quota without exceeding it.
+//!
+//! Each runs on a SQLite file and, with the `postgres` feature, on a PostgreSQL schema of the
+//! test server (`postgres_…`): the same kills, the same bounds.
 #![cfg(all(unix, feature = "sqlite"))]
 
 use crate::common;
@@ -20,8 +23,11 @@ use std::{
 };
 
 use common::{day_key, Collect, Harness, NOON};
-use tollgate::store::prelude::*;
-use tollgate::{clock::Clock, store::SqliteStore, Config, Tollgate, TollgateLayer};
+use tollgate::{
+    clock::Clock,
+    store::{SqliteStore, StoreInspect},
+    Config, Tollgate, TollgateLayer,
+};
 
 const CHILD: &str = "TOLLGATE_CRASH_CHILD";
 const DB: &str = "TOLLGATE_CRASH_DB";
@@ -65,6 +71,51 @@ fn say(what: &str, n: u64) {
     println!("@@ {what} {n}");
 }
 
+/// Where a test's store is: a SQLite file, or a schema of the PostgreSQL test server (written
+/// `postgres:<schema>` where a file's path goes).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sqlite,
+    #[cfg(feature = "postgres")]
+    Postgres,
+}
+
+/// A new store location of `kind` (a directory to keep while it is used), or `None` (skipped)
+/// without a PostgreSQL server.
+async fn location(kind: Kind) -> Option<(PathBuf, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    match kind {
+        Kind::Sqlite => {
+            let db = dir.path().join("tollgate.db");
+            drop(SqliteStore::open(&db).await.unwrap());
+            Some((db, dir))
+        }
+        #[cfg(feature = "postgres")]
+        Kind::Postgres => {
+            let options = common::postgres::fresh()?;
+            drop(tollgate::store::PostgresStore::open(&options).await.unwrap());
+            Some((PathBuf::from(format!("postgres:{}", options.schema)), dir))
+        }
+    }
+}
+
+/// The file whose creation starts the children of a test on the store at `db` (the parent and
+/// its children name it alike).
+fn go_file(db: &Path) -> PathBuf {
+    std::env::temp_dir().join(format!("tollgate-go-{}", db.to_string_lossy().replace(['/', ':'], "_")))
+}
+
+/// Opens the store at `at` (a path from [`location`]).
+async fn open(at: &Path) -> Arc<dyn StoreInspect> {
+    #[cfg(feature = "postgres")]
+    if let Some(schema) = at.to_str().and_then(|s| s.strip_prefix("postgres:")) {
+        let url = common::postgres::url().unwrap();
+        let options = tollgate::store::PostgresOptions::new(url).schema(schema).pool_size(4);
+        return Arc::new(tollgate::store::PostgresStore::open(&options).await.unwrap());
+    }
+    Arc::new(SqliteStore::open(at).await.unwrap())
+}
+
 /// Kills the child with SIGKILL (`Child::kill` on Unix) and reaps it.
 fn sigkill(mut child: Child) {
     child.kill().unwrap();
@@ -74,7 +125,7 @@ fn sigkill(mut child: Child) {
 }
 
 async fn engine(db: &Path, plan: &str, at: i64, sink: Option<Collect>) -> Harness {
-    let store = SqliteStore::open(db).await.unwrap();
+    let store = open(db).await;
     let config = Config::from_toml_str(&format!(
         // A generous store timeout: on a loaded machine a quota call may take longer than the
         // default 250 ms, and fail-open would then admit past the limit (documented), which
@@ -84,7 +135,7 @@ async fn engine(db: &Path, plan: &str, at: i64, sink: Option<Collect>) -> Harnes
     ))
     .unwrap();
     let (clock, handle) = Clock::fake_at_unix(at);
-    let mut builder = Tollgate::builder(config).store(store).clock(clock);
+    let mut builder = Tollgate::builder(config).store_arc(store).clock(clock);
     if let Some(sink) = sink {
         builder = builder.billing_sink(sink);
     }
@@ -121,9 +172,8 @@ async fn record_then_wait(role: &str, db: &Path) {
 
 /// Kills the child at `role`'s point, restarts on its file, and checks what was kept and what
 /// is exported.
-async fn kill_and_restart(test: &str, role: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tollgate.db");
+async fn kill_and_restart(kind: Kind, test: &str, role: &str) {
+    let Some((db, _dir)) = location(kind).await else { return };
     let (child, mut lines) = spawn(test, role, &db);
     let said = read_until(&mut lines, "idle");
     sigkill(child);
@@ -148,7 +198,17 @@ async fn sigkill_between_flushes_loses_at_most_the_last_flush_interval() {
     if let Some((role, db)) = role() {
         return record_then_wait(&role, &db).await;
     }
-    kill_and_restart("sigkill_between_flushes_loses_at_most_the_last_flush_interval", "between").await;
+    kill_and_restart(Kind::Sqlite, "sigkill_between_flushes_loses_at_most_the_last_flush_interval", "between").await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_sigkill_between_flushes_loses_at_most_the_last_flush_interval() {
+    if let Some((role, db)) = role() {
+        return record_then_wait(&role, &db).await;
+    }
+    let test = "postgres_sigkill_between_flushes_loses_at_most_the_last_flush_interval";
+    kill_and_restart(Kind::Postgres, test, "between").await;
 }
 
 #[tokio::test]
@@ -156,7 +216,16 @@ async fn sigkill_just_after_a_flush_loses_nothing() {
     if let Some((role, db)) = role() {
         return record_then_wait(&role, &db).await;
     }
-    kill_and_restart("sigkill_just_after_a_flush_loses_nothing", "after").await;
+    kill_and_restart(Kind::Sqlite, "sigkill_just_after_a_flush_loses_nothing", "after").await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_sigkill_just_after_a_flush_loses_nothing() {
+    if let Some((role, db)) = role() {
+        return record_then_wait(&role, &db).await;
+    }
+    kill_and_restart(Kind::Postgres, "postgres_sigkill_just_after_a_flush_loses_nothing", "after").await;
 }
 
 /// `lease = 10` of 1,000: the lease grows with the tenant's pace up to a sixteenth of the limit
@@ -168,6 +237,17 @@ const STRANDED_AT_MOST: u64 = 62 + 62 / 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_process_strands_at_most_one_lease_of_a_hard_quota() {
+    strands_at_most_one_lease(Kind::Sqlite, "a_killed_process_strands_at_most_one_lease_of_a_hard_quota").await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_killed_process_strands_at_most_one_lease_of_a_hard_quota() {
+    let test = "postgres_a_killed_process_strands_at_most_one_lease_of_a_hard_quota";
+    strands_at_most_one_lease(Kind::Postgres, test).await;
+}
+
+async fn strands_at_most_one_lease(kind: Kind, test: &str) {
     if let Some((_, db)) = role() {
         // A busy tenant: its lease grows, and refills come ahead of need.
         let h = engine(&db, LEASED, NOON, None).await;
@@ -178,16 +258,12 @@ async fn a_killed_process_strands_at_most_one_lease_of_a_hard_quota() {
         tokio::time::sleep(Duration::from_secs(600)).await;
         unreachable!("killed before this");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tollgate.db");
-    let (child, mut lines) = spawn("a_killed_process_strands_at_most_one_lease_of_a_hard_quota", "lease", &db);
+    let Some((db, _dir)) = location(kind).await else { return };
+    let (child, mut lines) = spawn(test, "lease", &db);
     let used = read_until(&mut lines, "idle").last().unwrap().1;
     sigkill(child);
 
-    let reserved = {
-        let store = SqliteStore::open(&db).await.unwrap();
-        store.reserved(&day_key("t", NOON)).await.unwrap()
-    };
+    let reserved = open(&db).await.reserved(&day_key("t", NOON)).await.unwrap();
     let stranded = reserved - used;
     assert!(stranded <= STRANDED_AT_MOST, "stranded {stranded} (reserved {reserved} for {used} used)");
     let h = engine(&db, LEASED, NOON + 60, None).await;
@@ -202,11 +278,22 @@ async fn a_killed_process_strands_at_most_one_lease_of_a_hard_quota() {
 
 #[tokio::test]
 async fn two_processes_on_one_file_never_exceed_a_hard_quota() {
+    two_processes_share_a_hard_quota(Kind::Sqlite, "two_processes_on_one_file_never_exceed_a_hard_quota").await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_two_processes_on_one_schema_never_exceed_a_hard_quota() {
+    let test = "postgres_two_processes_on_one_schema_never_exceed_a_hard_quota";
+    two_processes_share_a_hard_quota(Kind::Postgres, test).await;
+}
+
+async fn two_processes_share_a_hard_quota(kind: Kind, test: &str) {
     const SHARED: &str = "quotas.requests = { limit = 300, period = \"day\", mode = \"hard\", lease = 4 }";
     if let Some((_, db)) = role() {
         let h = Arc::new(engine(&db, SHARED, NOON, None).await);
         // Both children start together, when the parent says so.
-        let go = db.with_extension("go");
+        let go = go_file(&db);
         while !go.exists() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -235,13 +322,12 @@ async fn two_processes_on_one_file_never_exceed_a_hard_quota() {
         say("admitted", admitted);
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tollgate.db");
-    drop(SqliteStore::open(&db).await.unwrap());
-    let test = "two_processes_on_one_file_never_exceed_a_hard_quota";
+    let Some((db, _dir)) = location(kind).await else { return };
+    let go = go_file(&db);
+    let _ = std::fs::remove_file(&go);
     let children: Vec<_> = (0..2).map(|_| spawn(test, "share", &db)).collect();
     std::thread::sleep(Duration::from_millis(300));
-    std::fs::write(db.with_extension("go"), b"").unwrap();
+    std::fs::write(&go, b"").unwrap();
     let mut admitted = 0;
     for (mut child, mut lines) in children {
         let mine = read_until(&mut lines, "admitted").last().unwrap().1;
@@ -251,6 +337,6 @@ async fn two_processes_on_one_file_never_exceed_a_hard_quota() {
     }
     // 960 asked for 300 units.
     assert!((300 - 2 * 4..=300).contains(&admitted), "admitted {admitted}");
-    let store = SqliteStore::open(&db).await.unwrap();
-    assert_eq!(store.reserved(&day_key("t", NOON)).await.unwrap(), admitted, "leases went back at shutdown");
+    assert_eq!(open(&db).await.reserved(&day_key("t", NOON)).await.unwrap(), admitted, "leases went back at shutdown");
+    let _ = std::fs::remove_file(&go);
 }

@@ -1,5 +1,6 @@
 //! The stores: one behaviour suite per role run against every store, the SQLite store's
-//! files and migrations, the DynamoDB store behind engines, and crashes as real processes.
+//! files and migrations, the DynamoDB and PostgreSQL stores behind engines, and crashes as real
+//! processes.
 #![allow(missing_docs)]
 
 #[path = "../common/mod.rs"]
@@ -8,5 +9,6 @@ mod common;
 mod crash;
 mod dynamodb;
 mod ids;
+mod postgres;
 mod sqlite;
 mod store_conformance;

@@ -69,3 +69,19 @@ async fn postgres_store() -> Option<Made> {
 }
 #[cfg(feature = "postgres")]
 tollgate::store_conformance!(postgres, postgres_store());
+
+/// PostgreSQL behind PgBouncer in transaction mode, two server connections shared by every
+/// client: the same suite, so that a named prepared statement or a session setting anywhere in
+/// the store would fail it.
+#[cfg(feature = "postgres")]
+async fn pgbouncer_store() -> Option<Made> {
+    let options = common::postgres::fresh_behind_bouncer()?;
+    let store = tollgate::store::PostgresStore::open(&options).await.expect("the schema is created through PgBouncer");
+    Some(Made::new(Arc::new(store), move |old| {
+        drop(old);
+        let options = options.clone();
+        async move { Arc::new(tollgate::store::PostgresStore::open(&options).await.unwrap()) as Arc<dyn StoreInspect> }
+    }))
+}
+#[cfg(feature = "postgres")]
+tollgate::store_conformance!(postgres_behind_pgbouncer, pgbouncer_store());

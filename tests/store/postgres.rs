@@ -1,0 +1,274 @@
+//! The PostgreSQL store behind engines, on the server `scripts/test.sh` starts (and, for the
+//! tests that restart or pause a server, on clusters of their own): `Builder::open` follows
+//! `[store] kind = "postgres"`, a fleet shares a hard quota without passing it across a
+//! period and a server restart, an outage follows the policy and loses or doubles nothing, and
+//! the same holds behind PgBouncer in transaction mode.
+#![cfg(feature = "postgres")]
+
+use crate::common;
+
+use std::sync::Arc;
+
+use common::{day_key, postgres, Harness, NOON};
+use tollgate::store::prelude::*;
+use tollgate::{
+    clock::Clock,
+    store::{PostgresOptions, PostgresStore, StoreError},
+    BuildError, Config, Tollgate, TollgateLayer,
+};
+
+fn config(options: &PostgresOptions, plan: &str) -> Config {
+    Config::from_toml_str(&format!(
+        "[store]\nkind = \"postgres\"\nurl = \"{}\"\nschema = \"{}\"\npool_size = {}\n{}",
+        options.url,
+        options.schema,
+        options.pool_size,
+        common::one_tenant(plan)
+    ))
+    .unwrap()
+}
+
+/// `psql` on the shared server.
+fn psql(sql: &str) -> String {
+    let url = postgres::url().unwrap();
+    let out = std::process::Command::new("psql").args(["-qtA", &url, "-c", sql]).output().unwrap();
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_opens_the_configured_schema_and_refuses_one_it_does_not_know() {
+    let Some(options) = postgres::fresh() else { return };
+    // Four nodes starting at once on a new schema: one creates it, under the advisory lock;
+    // all see the same identifier namespace.
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let options = options.clone();
+            tokio::spawn(
+                async move { PostgresStore::open(&options).await.unwrap().identifier_namespace().await.unwrap() },
+            )
+        })
+        .collect();
+    let mut namespaces = Vec::new();
+    for o in opens {
+        namespaces.push(o.await.unwrap());
+    }
+    assert!(namespaces.iter().all(|n| n == &namespaces[0] && n.len() == 16), "{namespaces:?}");
+    let (engine, _worker) = Tollgate::builder(config(&options, "")).open().await.unwrap();
+    assert!(format!("{:?}", engine.usage_store()).contains(&options.schema));
+
+    // A schema of a newer tollgate is refused, and left as it was.
+    psql(&format!("UPDATE {}.meta SET value = '99' WHERE key = 'schema_version'", options.schema));
+    let err = Tollgate::builder(config(&options, "")).open().await.unwrap_err();
+    assert!(matches!(err, BuildError::Store(StoreError::Unusable(_))), "{err:?}");
+    assert!(err.to_string().contains("newer tollgate"), "{err}");
+    assert_eq!(psql(&format!("SELECT value FROM {}.meta WHERE key = 'schema_version'", options.schema)), "99");
+
+    // A schema holding someone else's tables is refused, never written to.
+    let foreign = format!("{}_foreign", options.schema);
+    psql(&format!("CREATE SCHEMA {foreign}; CREATE TABLE {foreign}.users (id int)"));
+    let err = PostgresStore::open(&options.clone().schema(foreign.clone())).await.unwrap_err();
+    assert!(err.to_string().contains("not tollgate's"), "{err}");
+    assert_eq!(psql(&format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{foreign}'")), "1");
+
+    // `verify` never creates: it names the command that does.
+    let missing =
+        options.clone().schema(format!("{}_missing", options.schema)).migrate(tollgate::config::Migrate::Verify);
+    let err = PostgresStore::open(&missing).await.unwrap_err();
+    assert!(err.to_string().contains("tollgate migrate"), "{err}");
+    assert_eq!(PostgresStore::migrate(&missing).await.unwrap(), (0, tollgate::store::POSTGRES_SCHEMA_VERSION));
+    PostgresStore::open(&missing).await.unwrap();
+
+    // A URL that does not parse, or a server that is not there: clear errors at build.
+    let err = PostgresStore::open(&PostgresOptions::new("postgres://[::1")).await.unwrap_err();
+    assert!(err.to_string().contains("does not parse"), "{err}");
+    let nowhere = PostgresOptions::new("postgres://tollgate@127.0.0.1:9/postgres")
+        .statement_timeout(std::time::Duration::from_secs(2));
+    assert!(PostgresStore::open(&nowhere).await.is_err());
+}
+
+/// Sends `per_task` requests from each of 8 tasks spread over the nodes; the statuses counted.
+async fn hammer(nodes: &[Arc<Harness>], per_task: u64) -> (u64, u64, u64) {
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let h = nodes[i % nodes.len()].clone();
+            tokio::spawn(async move {
+                let (mut ok, mut refused, mut unavailable) = (0u64, 0u64, 0u64);
+                for _ in 0..per_task {
+                    match h.status("/", "key-t").await {
+                        200 => ok += 1,
+                        429 => refused += 1,
+                        503 => unavailable += 1,
+                        other => panic!("status {other}"),
+                    }
+                }
+                (ok, refused, unavailable)
+            })
+        })
+        .collect();
+    let mut total = (0, 0, 0);
+    for t in tasks {
+        let (a, b, c) = t.await.unwrap();
+        total = (total.0 + a, total.1 + b, total.2 + c);
+    }
+    total
+}
+
+/// Four nodes, each with its pool and its worker running, hammer one tenant whose hard daily
+/// quota is L, on both sides of midnight (the fake clock crossing the period), and on the
+/// second day the server is restarted mid-run (`pg_ctl restart -m fast`: every connection
+/// dropped). Day 1 admits exactly L of the 12,080 sent; day 2 never more than L (units whose
+/// lease answer was lost in the restart stay reserved: under-admission, never over); the
+/// usage read with `psql` is the requests admitted, nothing lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_admit_at_most_the_limit_across_a_period_and_a_server_restart() {
+    const L: u64 = 3_000;
+    // Every node is sent more than L, so none is left holding units while others are refused.
+    const PER_TASK: u64 = L / 2 + 10;
+    let Some(server) = postgres::OwnServer::start() else { return };
+    let options = server.options();
+    // Fail-closed: a request that needs the store while it restarts is refused (503), never
+    // admitted unaccounted.
+    let plan = format!(
+        "rate = \"1000000/s\"\non_store_error = \"fail-closed\"\n\
+         quotas.requests = {{ limit = {L}, period = \"day\", mode = \"hard\" }}\n\
+         [usage]\nstore_timeout = \"5s\""
+    );
+    let before_midnight = NOON + 12 * 3600 - 60;
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        let (clock, handle) = Clock::fake_at_unix(before_midnight);
+        let (engine, worker) = Tollgate::builder(config(&options, &plan)).clock(clock).open().await.unwrap();
+        tokio::spawn(worker.run());
+        nodes.push(Arc::new(Harness::from_layer(TollgateLayer::new(engine), handle)));
+    }
+    let (day1, refused1, unavailable1) = hammer(&nodes, PER_TASK).await;
+    assert_eq!((day1, refused1 + day1, unavailable1), (L, 8 * PER_TASK, 0), "day 1: exactly the limit");
+
+    for h in &nodes {
+        h.clock.advance(std::time::Duration::from_secs(120));
+    }
+    // The restart comes while day 2 is being spent: requests go on at a slower pace (40 each
+    // 50 ms) until it is over, so that units are still left when it lands.
+    let restart = tokio::task::spawn_blocking(move || {
+        server.restart();
+        server
+    });
+    let (mut day2, mut unavailable2) = (0, 0);
+    while !restart.is_finished() {
+        let (ok, _, unavailable) = hammer(&nodes, 5).await;
+        (day2, unavailable2) = (day2 + ok, unavailable2 + unavailable);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let restarted = restart.await.unwrap();
+    assert!(day2 < L, "the restart landed while units were left ({day2} admitted)");
+    let (ok, _, unavailable) = hammer(&nodes, PER_TASK).await;
+    (day2, unavailable2) = (day2 + ok, unavailable2 + unavailable);
+    // Then until every node is refused: what each still holds is spent or refused.
+    loop {
+        let (ok, _, _) = hammer(&nodes, 50).await;
+        day2 += ok;
+        if ok == 0 {
+            break;
+        }
+    }
+    eprintln!("day 2: {day2} admitted, {unavailable2} refused while the server restarted");
+    assert!(day2 <= L, "day 2 admitted {day2} > {L}");
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+
+    // Read as an operator would, with psql.
+    let reserved = |day: i64| -> u64 {
+        let k = day_key("t", day);
+        restarted
+            .psql(&format!(
+                "SELECT reserved FROM tollgate.quota WHERE tenant = 't' AND meter = 'requests' AND start_at = {}",
+                k.start
+            ))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(reserved(before_midnight), L, "day 1: leased = used");
+    let day2_reserved = reserved(before_midnight + 120);
+    assert!((day2..=L).contains(&day2_reserved), "day 2: reserved {day2_reserved}, used {day2}");
+    let stored: u64 = restarted
+        .psql("SELECT coalesce(sum(quantity), 0) FROM tollgate.usage WHERE tenant = 't' AND meter = 'requests'")
+        .parse()
+        .unwrap();
+    assert_eq!(stored, day1 + day2, "the usage stored is the requests admitted, once");
+}
+
+/// The whole server pauses (SIGSTOP on the postmaster and every backend: the backends of open
+/// connections would go on serving otherwise) and resumes: requests follow the policy
+/// (fail-open), the flush fails and keeps its usage, and once the server answers the buffered
+/// usage lands once (a flush sent during the pause may commit when it resumes: its flush id
+/// makes the retry a no-op). Totals read with psql.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_follows_the_policy_and_loses_or_doubles_nothing() {
+    let Some(server) = postgres::OwnServer::start() else { return };
+    let store =
+        PostgresStore::open(&server.options().statement_timeout(std::time::Duration::from_secs(1))).await.unwrap();
+    let toml = format!(
+        "[usage]\nstore_timeout = \"200ms\"\non_store_error = \"fail-open\"\n{}",
+        common::one_tenant("quotas.requests = { limit = 100000, period = \"day\", mode = \"hard\", lease = 5 }")
+    );
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).store(store).clock(clock).build();
+    let h = Harness::from_layer(TollgateLayer::new(engine), handle);
+    for _ in 0..20 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+
+    server.signal_all("STOP");
+    for _ in 0..20 {
+        assert_eq!(h.status("/", "key-t").await, 200, "fail-open while the store does not answer");
+    }
+    assert!(h.tollgate.flush().await.is_err(), "the flush fails and keeps its usage");
+    assert!(h.tollgate.stats().store_errors > 0);
+    server.signal_all("CONT");
+
+    let mut flushed = false;
+    for _ in 0..40 {
+        if h.tollgate.flush().await.is_ok() {
+            flushed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(flushed, "the flush goes through once the store answers");
+    h.tollgate.shutdown().await.unwrap();
+    let total = server.psql("SELECT sum(quantity) FROM tollgate.usage WHERE tenant = 't'");
+    assert_eq!(total, "40", "every admitted request stored once");
+}
+
+/// Four nodes behind PgBouncer in transaction mode (two server connections for all of them):
+/// the hard quota holds exactly, and the usage is stored once. Short: the conformance suite
+/// runs through PgBouncer too (`postgres_behind_pgbouncer`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_behind_pgbouncer_admit_exactly_the_limit() {
+    const L: u64 = 400;
+    let Some(options) = postgres::fresh_behind_bouncer() else { return };
+    let plan = format!(
+        "rate = \"1000000/s\"\non_store_error = \"fail-closed\"\n\
+         quotas.requests = {{ limit = {L}, period = \"day\", mode = \"hard\", lease = 4 }}\n\
+         [usage]\nstore_timeout = \"10s\""
+    );
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        let (clock, handle) = Clock::fake_at_unix(NOON);
+        let (engine, worker) = Tollgate::builder(config(&options, &plan)).clock(clock).open().await.unwrap();
+        tokio::spawn(worker.run());
+        nodes.push(Arc::new(Harness::from_layer(TollgateLayer::new(engine), handle)));
+    }
+    // Every node is sent more than L.
+    let (admitted, refused, unavailable) = hammer(&nodes, L / 2 + 10).await;
+    assert_eq!((admitted, refused, unavailable), (L, 8 * (L / 2 + 10) - L, 0));
+    let store = nodes[0].tollgate.usage_store().clone();
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let stored = common::committed(&*store, "t", "requests", NOON - 3600, NOON + 3600, 3600).await;
+    assert_eq!(stored, L, "the usage stored is the requests admitted");
+}
