@@ -5,7 +5,7 @@
 //! connections, two nodes exporting at once), the stand-in's totals equal the billable usage:
 //! nothing lost, nothing doubled.
 //!
-//! A crash is a real process killed with SIGKILL for SQLite and DynamoDB (the test binary runs
+//! A crash is a real process killed with SIGKILL for SQLite, DynamoDB and PostgreSQL (the test binary runs
 //! itself as the child); for the memory store the engine is dropped mid-call and another built
 //! over the same store.
 #![cfg(feature = "stripe")]
@@ -110,6 +110,7 @@ enum Kind {
     Memory,
     Sqlite,
     Dynamo,
+    Postgres,
 }
 
 /// A store of `kind`, and how to open it again (another process, a restarted node).
@@ -129,6 +130,7 @@ impl Backend {
                 (Arc::new(tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap()), None)
             }
             Kind::Dynamo => dynamo().await?,
+            Kind::Postgres => postgres().await?,
         };
         Some(Self { kind, store, dir, table })
     }
@@ -139,8 +141,34 @@ impl Backend {
             Kind::Memory => self.store.clone(),
             Kind::Sqlite => Arc::new(tollgate::store::SqliteStore::open(self.dir.path().join("t.db")).await.unwrap()),
             Kind::Dynamo => reopen_dynamo(self.table.as_ref().unwrap()),
+            Kind::Postgres => reopen_postgres(self.table.as_ref().unwrap()).await,
         }
     }
+}
+
+/// A schema of its own on the PostgreSQL test server; (url, schema) to open it again.
+#[cfg(feature = "postgres")]
+async fn postgres() -> Option<(Arc<dyn StoreInspect>, Option<(String, String)>)> {
+    let (store, options) = common::postgres::store().await?;
+    Some((Arc::new(store), Some((options.url, options.schema))))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres() -> Option<(Arc<dyn StoreInspect>, Option<(String, String)>)> {
+    assert!(std::env::var_os("CI").is_none(), "CI runs the Stripe tests with the postgres feature");
+    eprintln!("SKIPPED: the PostgreSQL store needs the postgres feature");
+    None
+}
+
+#[cfg(feature = "postgres")]
+async fn reopen_postgres((url, schema): &(String, String)) -> Arc<dyn StoreInspect> {
+    let options = tollgate::store::PostgresOptions::new(url.clone()).schema(schema.clone()).pool_size(4);
+    Arc::new(tollgate::store::PostgresStore::open(&options).await.unwrap())
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn reopen_postgres(_: &(String, String)) -> Arc<dyn StoreInspect> {
+    unreachable!()
 }
 
 #[cfg(feature = "dynamodb")]
@@ -183,6 +211,9 @@ async fn child() -> bool {
     let now: i64 = std::env::var("TG_NOW").unwrap().parse().unwrap();
     let store: Arc<dyn StoreInspect> = match kind.as_str() {
         "sqlite" => Arc::new(tollgate::store::SqliteStore::open(std::env::var("TG_DB").unwrap()).await.unwrap()),
+        "postgres" => {
+            reopen_postgres(&(std::env::var("TG_ENDPOINT").unwrap(), std::env::var("TG_TABLE").unwrap())).await
+        }
         _ => reopen_dynamo(&(std::env::var("TG_ENDPOINT").unwrap(), std::env::var("TG_TABLE").unwrap())),
     };
     let h = node(&toml, store, now);
@@ -211,12 +242,19 @@ async fn crash_between_send_and_mark(b: &Backend, test: &str, toml: &str, now: i
             assert!(export.is_err(), "the call hangs: {export:?}");
             drop(h);
         }
-        Kind::Sqlite | Kind::Dynamo => {
+        Kind::Sqlite | Kind::Dynamo | Kind::Postgres => {
             let path = b.dir.path().join("config.toml");
             std::fs::write(&path, toml).unwrap();
             let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
             cmd.args([&common::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
-                .env(CHILD, if matches!(b.kind, Kind::Sqlite) { "sqlite" } else { "dynamodb" })
+                .env(
+                    CHILD,
+                    match b.kind {
+                        Kind::Sqlite => "sqlite",
+                        Kind::Postgres => "postgres",
+                        _ => "dynamodb",
+                    },
+                )
                 .env("TG_CONFIG", &path)
                 .env("TG_NOW", now.to_string())
                 .env("TG_DB", b.dir.path().join("t.db"))
@@ -361,6 +399,11 @@ async fn exactly_once_through_faults_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_through_faults_on_dynamodb() {
     exactly_once_through_faults(Kind::Dynamo, "exactly_once_through_faults_on_dynamodb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_through_faults_on_postgres() {
+    exactly_once_through_faults(Kind::Postgres, "exactly_once_through_faults_on_postgres").await;
 }
 
 /// Commits `quantity` units of `tenant`'s `meter` in the window starting at `window` (a flush
@@ -551,6 +594,10 @@ macro_rules! on_every_store {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dynamodb() {
                 super::$test(super::Kind::Dynamo).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(super::Kind::Postgres).await;
             }
         }
     };
@@ -773,6 +820,15 @@ async fn a_namespace_change_never_re_sends_an_export_in_flight_on_dynamodb() {
     a_namespace_change_never_re_sends_an_export_in_flight_under_a_new_identifier(
         Kind::Dynamo,
         "a_namespace_change_never_re_sends_an_export_in_flight_on_dynamodb",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_change_never_re_sends_an_export_in_flight_on_postgres() {
+    a_namespace_change_never_re_sends_an_export_in_flight_under_a_new_identifier(
+        Kind::Postgres,
+        "a_namespace_change_never_re_sends_an_export_in_flight_on_postgres",
     )
     .await;
 }

@@ -12,6 +12,7 @@ use common::{Harness, NOON};
 use serde_json::{json, Value};
 use tollgate::store::prelude::*;
 use tollgate::store::KeyHash;
+use tollgate::store::Store;
 use tollgate::{
     billing::{Secret, WebhookHandler, WebhookOutcome},
     store::{MemoryStore, TenantRecord},
@@ -84,7 +85,7 @@ fn sign(payload: &str, secret: &str, t: i64) -> String {
 
 struct Setup {
     h: Harness,
-    store: Arc<MemoryStore>,
+    store: Arc<dyn Store>,
     handler: WebhookHandler,
 }
 
@@ -95,7 +96,45 @@ async fn setup() -> Setup {
 }
 
 async fn setup_with(config: &str) -> Setup {
-    let store = Arc::new(MemoryStore::new());
+    setup_on(Arc::new(MemoryStore::new()), config).await
+}
+
+/// The same on a schema of its own on the PostgreSQL test server (`None`: skipped loudly,
+/// outside CI).
+async fn setup_postgres() -> Option<Setup> {
+    #[cfg(feature = "postgres")]
+    {
+        let (store, _) = common::postgres::store().await?;
+        Some(setup_on(Arc::new(store), CONFIG).await)
+    }
+    #[cfg(not(feature = "postgres"))]
+    {
+        assert!(std::env::var_os("CI").is_none(), "CI runs the webhook tests with the postgres feature");
+        eprintln!("SKIPPED: the PostgreSQL store needs the postgres feature");
+        None
+    }
+}
+
+/// A webhook test on each store that a fleet's webhooks reach: memory and PostgreSQL (the
+/// plan change and its event id in one transaction).
+macro_rules! on_every_store {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test]
+            async fn memory() {
+                super::$test(super::setup().await).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(s) = super::setup_postgres().await {
+                    super::$test(s).await;
+                }
+            }
+        }
+    };
+}
+
+async fn setup_on(store: Arc<dyn Store>, config: &str) -> Setup {
     let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
     store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
     let h = Harness::with_store(config, store.clone(), NOON);
@@ -136,9 +175,8 @@ fn applied(plan: &str) -> WebhookOutcome {
     WebhookOutcome::Applied { tenant: "acme".into(), plan: plan.into() }
 }
 
-#[tokio::test]
-async fn a_valid_event_moves_the_tenant_at_once_on_this_node() {
-    let s = setup().await;
+on_every_store!(a_valid_event_moves_the_tenant_at_once_on_this_node);
+async fn a_valid_event_moves_the_tenant_at_once_on_this_node(s: Setup) {
     assert_eq!(s.admitted(3).await, (2, "acme on free".into()), "free: 2 a day");
     let e = event("evt_1", "payment_method.attached", NOON - 10, payment_method("cus_acme"));
     assert_eq!(s.signed(&e).await, (200, applied("metered")));
@@ -149,9 +187,8 @@ async fn a_valid_event_moves_the_tenant_at_once_on_this_node() {
     assert_eq!(reply.headers()["content-type"], "application/json");
 }
 
-#[tokio::test]
-async fn a_wrong_secret_a_bad_header_or_an_expired_signature_gets_400_and_changes_nothing() {
-    let s = setup().await;
+on_every_store!(a_wrong_secret_a_bad_header_or_an_expired_signature_gets_400_and_changes_nothing);
+async fn a_wrong_secret_a_bad_header_or_an_expired_signature_gets_400_and_changes_nothing(s: Setup) {
     let e = event("evt_1", "payment_method.attached", NOON - 10, payment_method("cus_acme"));
     for signature in [
         sign(&e, "whsec_someone_else", NOON),
@@ -176,9 +213,8 @@ async fn a_wrong_secret_a_bad_header_or_an_expired_signature_gets_400_and_change
     assert_eq!(s.plan().await, "metered", "only the one good delivery applied");
 }
 
-#[tokio::test]
-async fn rotated_secrets_are_each_accepted_and_any_v1_signature_may_match() {
-    let s = setup().await;
+on_every_store!(rotated_secrets_are_each_accepted_and_any_v1_signature_may_match);
+async fn rotated_secrets_are_each_accepted_and_any_v1_signature_may_match(s: Setup) {
     let e1 = event(
         "evt_1",
         "customer.subscription.deleted",
@@ -197,9 +233,8 @@ async fn rotated_secrets_are_each_accepted_and_any_v1_signature_may_match() {
     assert_eq!(current_only.handle(Some(&sign(&e3, OLD_SECRET, NOON)), e3.as_bytes()).await.status(), 400);
 }
 
-#[tokio::test]
-async fn a_duplicate_is_a_no_op_and_an_older_event_never_undoes_a_newer_one() {
-    let s = setup().await;
+on_every_store!(a_duplicate_is_a_no_op_and_an_older_event_never_undoes_a_newer_one);
+async fn a_duplicate_is_a_no_op_and_an_older_event_never_undoes_a_newer_one(s: Setup) {
     let attached = event("evt_a", "payment_method.attached", NOON - 100, payment_method("cus_acme"));
     let deleted = event(
         "evt_b",
@@ -229,9 +264,8 @@ async fn a_duplicate_is_a_no_op_and_an_older_event_never_undoes_a_newer_one() {
     assert_eq!(s.h.tollgate.stats().webhooks_ignored, 3);
 }
 
-#[tokio::test]
-async fn subscription_statuses_and_prices_move_the_plan_both_ways() {
-    let s = setup().await;
+on_every_store!(subscription_statuses_and_prices_move_the_plan_both_ways);
+async fn subscription_statuses_and_prices_move_the_plan_both_ways(s: Setup) {
     let sub = |id: &str, at: i64, status: &str| {
         event(id, "customer.subscription.updated", at, subscription("cus_acme", status, "price_x", Some("pro_yearly")))
     };
@@ -259,9 +293,8 @@ async fn subscription_statuses_and_prices_move_the_plan_both_ways() {
     assert_eq!(s.signed(&moved).await, (200, applied("free")));
 }
 
-#[tokio::test]
-async fn unknown_types_customers_and_events_the_typed_parser_refuses_get_200() {
-    let s = setup().await;
+on_every_store!(unknown_types_customers_and_events_the_typed_parser_refuses_get_200);
+async fn unknown_types_customers_and_events_the_typed_parser_refuses_get_200(s: Setup) {
     // A type no transition names.
     let mut invoice = fixtures()["invoice"].clone();
     invoice["customer"] = json!("cus_acme");
@@ -288,9 +321,8 @@ async fn unknown_types_customers_and_events_the_typed_parser_refuses_get_200() {
     assert_eq!(s.signed("{\"hello\":1}").await, (200, WebhookOutcome::Ignored));
 }
 
-#[tokio::test]
-async fn the_plan_reaches_another_node_within_the_directory_ttl() {
-    let s = setup().await;
+on_every_store!(the_plan_reaches_another_node_within_the_directory_ttl);
+async fn the_plan_reaches_another_node_within_the_directory_ttl(s: Setup) {
     // Node B: another engine on the same store, which has seen acme on free.
     let b = Harness::with_store(CONFIG, s.store.clone(), NOON);
     assert_eq!(b.get("/", "key-acme").await.body, "acme on free");
@@ -384,13 +416,12 @@ fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
     Sha256::new().chain_update(block.map(|b| b ^ 0x5c)).chain_update(inner).finalize().to_vec()
 }
 
+on_every_store!(a_signed_body_that_is_not_utf8_is_taken_and_ignored);
 /// A body signed with the endpoint's secret but not UTF-8 is verified (over its bytes, as Stripe
 /// signs it) and taken with 200 `ignored`, as the docs promise for verified bodies that are not
 /// events: a 400 would have Stripe retry it for days. The same bytes with a wrong signature get
 /// 400, and nothing changes either way.
-#[tokio::test]
-async fn a_signed_body_that_is_not_utf8_is_taken_and_ignored() {
-    let s = setup().await;
+async fn a_signed_body_that_is_not_utf8_is_taken_and_ignored(s: Setup) {
     let body: &[u8] = b"{\"id\":\"evt_x\",\"type\":\"customer.subscription.deleted\",\"note\":\"\xff\xfe\"}";
     let header = |secret: &str| {
         let mut signed = format!("{NOON}.").into_bytes();
@@ -520,12 +551,11 @@ fn plan_order_is_checked_at_load() {
     }
 }
 
+on_every_store!(a_move_to_a_price_no_plan_maps_ends_the_plan_it_gave);
 /// A subscription that gave a plan and moves to a price no plan maps no longer gives it: with no
 /// other, the canceled outcome applies; its later deletion keeps the tenant there (it kept the
 /// paid plan for good).
-#[tokio::test]
-async fn a_move_to_a_price_no_plan_maps_ends_the_plan_it_gave() {
-    let s = setup().await;
+async fn a_move_to_a_price_no_plan_maps_ends_the_plan_it_gave(s: Setup) {
     let (created, updated, deleted) =
         ("customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted");
     assert_eq!(
@@ -543,11 +573,10 @@ async fn a_move_to_a_price_no_plan_maps_ends_the_plan_it_gave() {
     assert_eq!(s.plan().await, "free");
 }
 
+on_every_store!(a_tenant_from_before_keeps_its_order_and_its_plan);
 /// A tenant whose subscriptions were stored by no earlier event (before this version) keeps the
 /// rules it had: its last event orders every subscription's, and the plan follows the one event.
-#[tokio::test]
-async fn a_tenant_from_before_keeps_its_order_and_its_plan() {
-    let s = setup().await;
+async fn a_tenant_from_before_keeps_its_order_and_its_plan(s: Setup) {
     let mut acme = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
     acme.plan = "pro".into();
     acme.last_event_at = Some(NOON - 100);
@@ -569,11 +598,10 @@ async fn a_tenant_from_before_keeps_its_order_and_its_plan() {
     );
 }
 
+on_every_store!(a_plan_set_by_hand_survives_events_that_change_nothing);
 /// A plan set by hand (a comp) is not undone by an add-on's event or an ignored status: only a
 /// change of the best plan the subscriptions give, or a subscription giving one anew, writes it.
-#[tokio::test]
-async fn a_plan_set_by_hand_survives_events_that_change_nothing() {
-    let s = setup().await;
+async fn a_plan_set_by_hand_survives_events_that_change_nothing(s: Setup) {
     let created = "customer.subscription.created";
     assert_eq!(
         s.signed(&event("e1", created, NOON - 30, sub_of("sub_p", "active", "price_pro_monthly"))).await.1,
@@ -591,11 +619,10 @@ async fn a_plan_set_by_hand_survives_events_that_change_nothing() {
     assert_eq!(s.plan().await, "metered");
 }
 
+on_every_store!(a_forgotten_subscription_s_late_event_is_stale);
 /// Past 32 subscriptions the oldest that give nothing are forgotten, but a late event of a
 /// forgotten one is still stale: a deleted subscription never comes back.
-#[tokio::test]
-async fn a_forgotten_subscription_s_late_event_is_stale() {
-    let s = setup().await;
+async fn a_forgotten_subscription_s_late_event_is_stale(s: Setup) {
     let (created, deleted) = ("customer.subscription.created", "customer.subscription.deleted");
     assert_eq!(
         s.signed(&event("d0", deleted, NOON - 500, sub_of("sub_0", "canceled", "price_pro_monthly"))).await.1,
