@@ -5,8 +5,9 @@
 # With CACHE=1, cachegrind instead counts first-level data misses and misses of a simulated
 # 1 MiB, 8-way second level (this machine's L2) per request: the memory side, just as steady.
 # Usage: [CACHE=1] [FEATURES=dynamodb] scripts/instructions.sh [tenants] [cases...]
-# (TOLLGATE_BENCH_STORE=memory|sqlite|dynamodb picks the store of the tollgate cases; dynamodb
-# needs FEATURES=dynamodb and TOLLGATE_DYNAMODB_ENDPOINT.)
+# (TOLLGATE_BENCH_STORE=memory|sqlite|dynamodb|postgres picks the store of the tollgate cases;
+# dynamodb needs FEATURES=dynamodb and TOLLGATE_DYNAMODB_ENDPOINT, postgres FEATURES=postgres and
+# TOLLGATE_POSTGRES_URL.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tenants=${1:-1}; shift || true

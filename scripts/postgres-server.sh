@@ -9,7 +9,8 @@
 # unprivileged `postgres` user the package creates and every server command runs as that user.
 # The cluster listens on a free loopback port and on a socket in DIR, trusts local connections
 # (role `tollgate`, a superuser), and skips fsync: it holds test data only, and the tests stop
-# and restart it cleanly (`pg_ctl restart -m fast`), never by a power cut.
+# and restart it cleanly (`pg_ctl restart -m fast`), never by a power cut. pg_stat_statements is
+# loaded, for examples/postgres_traffic.rs.
 set -euo pipefail
 
 cmd=${1:?start or stop}
@@ -37,7 +38,7 @@ start)
     || { cat "$dir/initdb.log" >&2; exit 1; }
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c full_page_writes=off" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c full_page_writes=off -c shared_preload_libraries=pg_stat_statements" \
     start >&2 || { cat "$dir/server.log" >&2; exit 1; }
   echo "export TOLLGATE_POSTGRES_URL=postgres://tollgate@127.0.0.1:$port/postgres"
   echo "export TOLLGATE_POSTGRES_BIN=$bin TOLLGATE_POSTGRES_DATA=$dir/data TOLLGATE_POSTGRES_PORT=$port"

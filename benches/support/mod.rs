@@ -165,7 +165,8 @@ pub(crate) fn tollgate_service(
 
 /// The store of the tollgate cases: TOLLGATE_BENCH_STORE=sqlite for a SQLite file in a fresh
 /// directory under the target directory's `tmp`, `dynamodb` (feature `dynamodb`) for a fresh
-/// table on the server at TOLLGATE_DYNAMODB_ENDPOINT, memory otherwise.
+/// table on the server at TOLLGATE_DYNAMODB_ENDPOINT, `postgres` (feature `postgres`) for a
+/// fresh schema on the server at TOLLGATE_POSTGRES_URL, memory otherwise.
 pub(crate) fn bench_store(rt: &tokio::runtime::Runtime) -> Arc<dyn Store> {
     match std::env::var("TOLLGATE_BENCH_STORE").as_deref() {
         Ok("sqlite") => {
@@ -185,8 +186,18 @@ pub(crate) fn bench_store(rt: &tokio::runtime::Runtime) -> Arc<dyn Store> {
             rt.block_on(store.create_table()).unwrap();
             Arc::new(store)
         }
+        #[cfg(feature = "postgres")]
+        Ok("postgres") => {
+            // A fresh schema on the server at TOLLGATE_POSTGRES_URL.
+            let url = std::env::var("TOLLGATE_POSTGRES_URL").expect("TOLLGATE_POSTGRES_URL");
+            let options = tollgate::store::PostgresOptions::new(url).schema(format!("bench_{}", std::process::id()));
+            Arc::new(rt.block_on(tollgate::store::PostgresStore::open(&options)).unwrap())
+        }
         Ok("memory") | Err(_) => Arc::new(MemoryStore::new()),
-        Ok(other) => panic!("TOLLGATE_BENCH_STORE={other}: expected memory, sqlite or (feature dynamodb) dynamodb"),
+        Ok(other) => panic!(
+            "TOLLGATE_BENCH_STORE={other}: expected memory, sqlite, (feature dynamodb) dynamodb or (feature postgres) \
+             postgres"
+        ),
     }
 }
 

@@ -194,11 +194,18 @@ impl From<StoreError> for Fail {
 type Pg<T> = Result<T, Fail>;
 
 impl Fail {
-    /// Lost a race with another transaction: running it again may succeed.
+    /// Lost a race with another transaction (or found a row changed between two statements):
+    /// running it again may succeed.
     fn is_retryable(&self) -> bool {
-        matches!(self, Fail::Pg(e) if e.code().is_some_and(|c| {
-            *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::UNIQUE_VIOLATION
-        }))
+        match self {
+            Fail::Pg(e) => e.code().is_some_and(|c| {
+                *c == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == SqlState::UNIQUE_VIOLATION
+            }),
+            Fail::Store(StoreError::Conflict(_)) => true,
+            Fail::Store(_) => false,
+        }
     }
 
     fn into_store(self, timeout: Duration) -> StoreError {
