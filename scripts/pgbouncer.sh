@@ -50,10 +50,19 @@ INI
   echo '"tollgate" ""' >"$dir/users.txt"
   [ "$(id -u)" = 0 ] && chown -R postgres: "$dir"
   as_owner "$bin" -d "$dir/pgbouncer.ini" >&2
+  up=no
   for _ in $(seq 50); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null && break
+    if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then
+      up=yes
+      break
+    fi
     sleep 0.1
   done
+  if [ "$up" != yes ]; then
+    cat "$dir/pgbouncer.log" >&2 || true
+    echo "PgBouncer did not start" >&2
+    exit 1
+  fi
   echo "export TOLLGATE_PGBOUNCER_URL=postgres://tollgate@127.0.0.1:$port/postgres"
   ;;
 stop)

@@ -50,7 +50,17 @@ eval "$(scripts/postgres-server.sh start "$pg_dir")"
 echo "PostgreSQL on $TOLLGATE_POSTGRES_URL"
 # PgBouncer in transaction mode in front of it (as RDS Proxy and most managed pools run).
 bouncer_dir="$pg_dir-bouncer"
-trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; scripts/pgbouncer.sh stop "$bouncer_dir"; scripts/postgres-server.sh stop "$pg_dir"' EXIT
+# Tests that restart or pause a server start clusters of their own (tests/common/postgres.rs)
+# and remove them when done; a test binary killed midway leaves its clusters, stopped here.
+stop_postgres() {
+  scripts/pgbouncer.sh stop "$bouncer_dir"
+  scripts/postgres-server.sh stop "$pg_dir"
+  for own in "${TMPDIR:-/tmp}"/tollgate-own-pg-*; do
+    [ -d "$own" ] && scripts/postgres-server.sh stop "$own"
+  done
+  return 0
+}
+trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; stop_postgres' EXIT
 eval "$(scripts/pgbouncer.sh start "$bouncer_dir" "$TOLLGATE_POSTGRES_PORT")"
 echo "PgBouncer (transaction mode) on $TOLLGATE_PGBOUNCER_URL"
 

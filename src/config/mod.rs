@@ -908,9 +908,21 @@ impl Config {
             (StoreSettings::Sqlite { .. }, StoreSettings::Sqlite { .. }) => "synchronous",
             (StoreSettings::Dynamodb { table: a, .. }, StoreSettings::Dynamodb { table: b, .. }) if a != b => "table",
             (StoreSettings::Dynamodb { .. }, StoreSettings::Dynamodb { .. }) => "endpoint",
-            (StoreSettings::Postgres(a), StoreSettings::Postgres(b)) if a.url != b.url => "url",
-            (StoreSettings::Postgres(a), StoreSettings::Postgres(b)) if a.schema != b.schema => "schema",
-            (StoreSettings::Postgres(_), StoreSettings::Postgres(_)) => "kind",
+            (StoreSettings::Postgres(a), StoreSettings::Postgres(b)) => {
+                if a.url != b.url {
+                    "url"
+                } else if a.schema != b.schema {
+                    "schema"
+                } else if a.pool_size != b.pool_size {
+                    "pool_size"
+                } else if a.statement_timeout != b.statement_timeout {
+                    "statement_timeout"
+                } else if a.migrate != b.migrate {
+                    "migrate"
+                } else {
+                    "ca_file"
+                }
+            }
             _ => "kind",
         };
         let origin = next.store_written.as_ref();

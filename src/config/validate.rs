@@ -857,6 +857,10 @@ impl Validator<'_, '_> {
                     raw.statement_timeout.as_deref(),
                     p.statement_timeout,
                 )?;
+                // PostgreSQL's statement_timeout is an int of milliseconds.
+                if p.statement_timeout.as_millis() > i32::MAX as u128 {
+                    return Err(self.invalid(&format!("{at}.statement_timeout"), "at most 24 days"));
+                }
                 p.migrate = match raw.migrate.as_deref() {
                     None | Some("auto") => Migrate::Auto,
                     Some("verify") => Migrate::Verify,

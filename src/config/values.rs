@@ -147,8 +147,9 @@ pub struct PostgresSettings {
     pub schema: String,
     /// The most connections of the pool (`pool_size`, default 16).
     pub pool_size: usize,
-    /// How long one statement may run, and a call waits for a connection
-    /// (`statement_timeout`, default 5 s).
+    /// How long one statement of a transaction may run (`SET LOCAL`; a call that is one
+    /// statement is bounded by the engine's time limit), and how long a call waits for a
+    /// connection (`statement_timeout`, default 5 s, at most 24 days).
     pub statement_timeout: std::time::Duration,
     /// Apply migrations at open, or only verify the schema (`migrate`, default `"auto"`).
     pub migrate: Migrate,

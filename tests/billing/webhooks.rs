@@ -22,6 +22,10 @@ const SECRET: &str = "whsec_current";
 const OLD_SECRET: &str = "whsec_previous";
 
 const CONFIG: &str = r#"
+[usage]
+# A first lease on PostgreSQL is a few statements: on a loaded machine it must not turn into a
+# fail-open admission (the hard quota of 2 is what these cases count).
+store_timeout = "10s"
 [limits]
 directory_ttl = "30s"
 [plans.free]

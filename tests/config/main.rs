@@ -107,6 +107,7 @@ fn a_postgres_store_reads_its_keys_and_never_shows_its_url() {
         ("[store]\nkind = \"postgres\"\npool_size = 0\n", "store.pool_size", 3),
         ("[store]\nkind = \"postgres\"\nmigrate = \"never\"\n", "store.migrate", 3),
         ("[store]\nkind = \"postgres\"\nstatement_timeout = \"soon\"\n", "store.statement_timeout", 3),
+        ("[store]\nkind = \"postgres\"\nstatement_timeout = \"30days\"\n", "store.statement_timeout", 3),
         ("[store]\nkind = \"postgres\"\npath = \"x.db\"\n", "store.path", 3),
         ("[store]\nkind = \"sqlite\"\nurl = \"postgres://x\"\n", "store.url", 3),
         ("[store]\nkind = \"dynamodb\"\ntable = \"t\"\nschema = \"x\"\n", "store.schema", 4),

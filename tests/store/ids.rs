@@ -67,3 +67,17 @@ async fn sqlite() {
     let full = store.commit_events(&[event("e5", NOON + 36 * DAY + 1)]).await;
     assert!(matches!(full, Err(StoreError::Full(_))), "{full:?}");
 }
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres() {
+    let Some((store, options)) = crate::common::postgres::store().await else { return };
+    store.set_event_id_cap(3);
+    ids_are_refused_at_the_cap_never_forgotten(&store).await;
+    // Reopened: the ids are counted in the schema.
+    drop(store);
+    let store = tollgate::store::PostgresStore::open(&options).await.unwrap();
+    store.set_event_id_cap(1);
+    let full = store.commit_events(&[event("e5", NOON + 36 * DAY + 1)]).await;
+    assert!(matches!(full, Err(StoreError::Full(_))), "{full:?}");
+}

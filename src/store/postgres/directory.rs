@@ -42,18 +42,20 @@ impl DirectoryStore for PostgresStore {
     }
 
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
-        let seen = self.sql("SELECT 1 FROM {s}.webhook_event WHERE id = $1");
+        // The event id first: a redelivery handled at once on another node waits here for this
+        // transaction, then finds the id taken (a duplicate), as one node would see it. An
+        // outcome that applies nothing (no such customer, subscriptions changed) rolls the id
+        // back, so a later delivery is handled anew.
+        let mark = self
+            .sql("INSERT INTO {s}.webhook_event (id, seen_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING RETURNING 1");
         let read = self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t WHERE t.customer = $1 FOR UPDATE"));
-        // A redelivery racing this one inserts the same id: one of the two transactions fails
-        // on the key and runs again, and then finds it seen.
-        let mark = self.sql("INSERT INTO {s}.webhook_event (id, seen_at) VALUES ($1, $2)");
         let with_subs =
             self.sql("UPDATE {s}.tenant SET plan = $2, last_event_at = $3, subscriptions = $4 WHERE id = $1");
         let plain = self.sql("UPDATE {s}.tenant SET plan = $2, last_event_at = $3 WHERE id = $1");
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
-            if tx.query_typed_opt(&seen, args![change.event_id.as_str()]).await?.is_some() {
+            if tx.query_typed(&mark, args![change.event_id.as_str(), change.created]).await?.is_empty() {
                 return Ok(PlanChangeOutcome::Duplicate);
             }
             let Some(mut record) =
@@ -64,7 +66,6 @@ impl DirectoryStore for PostgresStore {
             if change.subscriptions.as_ref().is_some_and(|s| s.read != record.subscriptions || s.plan != record.plan) {
                 return Ok(PlanChangeOutcome::Changed);
             }
-            tx.query_typed(&mark, args![change.event_id.as_str(), change.created]).await?;
             count_ids(self, &tx, "webhook_event", 1, change.created).await?;
             // Older than the last event applied (ordered by creation): seen, not applied.
             if change.subscriptions.is_none() && record.last_event_at.is_some_and(|last| last > change.created) {

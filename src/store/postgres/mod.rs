@@ -50,8 +50,9 @@ const MAX_INT: &str = "9223372036854775807";
 
 use crate::config::Migrate;
 
-/// How to reach the database: what `[store] kind = "postgres"` holds.
-#[derive(Debug, Clone)]
+/// How to reach the database: what `[store] kind = "postgres"` holds. Its `Debug` form never
+/// shows the URL (it may hold a password).
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct PostgresOptions {
     /// A libpq connection string or URL (`postgres://user:password@host:5432/db`).
@@ -61,14 +62,29 @@ pub struct PostgresOptions {
     pub schema: String,
     /// The most connections the pool opens.
     pub pool_size: usize,
-    /// How long one statement may run on the server (`SET LOCAL statement_timeout`), and how
-    /// long a call waits for a connection of the pool.
+    /// How long one statement of a transaction may run on the server (`SET LOCAL
+    /// statement_timeout`; a call that is one statement outside a transaction is bounded by
+    /// the caller's time limit, or by the role's `statement_timeout`), and how long a call
+    /// waits for a connection of the pool or for a new connection.
     pub statement_timeout: Duration,
     /// Apply migrations at open, or only verify the schema's version.
     pub migrate: Migrate,
     /// A PEM file of certificate authorities to trust besides the public ones (Amazon RDS's
     /// bundle, for `sslmode=require` on RDS and Aurora).
     pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("url", &"<redacted>")
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("migrate", &self.migrate)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 impl PostgresOptions {
@@ -153,6 +169,8 @@ pub struct PostgresStore {
 struct Inner {
     pool: Pool,
     schema: String,
+    /// The schema as statements name it: `"name"`.
+    quoted: String,
     timeout: Duration,
     /// `BEGIN`'s companion: `SET LOCAL statement_timeout = …`.
     set_timeout: String,
@@ -205,6 +223,21 @@ impl Fail {
             }),
             Fail::Store(StoreError::Conflict(_)) => true,
             Fail::Store(_) => false,
+        }
+    }
+
+    /// The server the connection leads to refuses writes (a failover demoted it) or is
+    /// shutting down: the pool's idle connections are of no more use.
+    fn is_stale_server(&self) -> bool {
+        matches!(self, Fail::Pg(e) if e.code().is_some_and(|c| {
+            *c == SqlState::READ_ONLY_SQL_TRANSACTION || *c == SqlState::ADMIN_SHUTDOWN || *c == SqlState::CANNOT_CONNECT_NOW
+        }))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Fail::Pg(e) => e.to_string(),
+            Fail::Store(e) => e.to_string(),
         }
     }
 
@@ -371,8 +404,15 @@ impl PostgresStore {
                 options.schema
             )));
         }
-        let config: tokio_postgres::Config =
+        let mut config: tokio_postgres::Config =
             options.url.parse().map_err(|e| StoreError::Unusable(format!("the PostgreSQL URL does not parse: {e}")))?;
+        // A server that vanishes without closing its connections (a host gone, a network
+        // partition) is noticed within about half a minute, not the kernel's two hours: the
+        // pool then drops those connections and opens new ones.
+        config.keepalives(true).keepalives_idle(Duration::from_secs(15)).keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3).connect_timeout(options.statement_timeout);
+        #[cfg(target_os = "linux")]
+        config.tcp_user_timeout(Duration::from_secs(30));
         let manager = Manager::from_config(
             config,
             tls(options.ca_file.as_deref())?,
@@ -392,7 +432,8 @@ impl PostgresStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
-                reserve_sql: quota::reserve_sql(&schema),
+                reserve_sql: quota::reserve_sql(&format!("\"{schema}\"")),
+                quoted: format!("\"{schema}\""),
                 schema,
                 timeout: options.statement_timeout,
                 set_timeout: format!("SET LOCAL statement_timeout = {millis}"),
@@ -403,9 +444,10 @@ impl PostgresStore {
         })
     }
 
-    /// `sql` with `{s}` replaced by the schema.
+    /// `sql` with `{s}` replaced by the schema, quoted (a validated name may still be a
+    /// reserved word: `user`, `order`).
     fn sql(&self, sql: &str) -> String {
-        sql.replace("{s}", &self.inner.schema)
+        sql.replace("{s}", &self.inner.quoted)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, Fail> {
@@ -431,7 +473,17 @@ impl PostgresStore {
                     tracing::debug!(tries, error = ?e, "a PostgreSQL transaction lost a race; running it again");
                     tokio::time::sleep(Duration::from_millis(2 << tries)).await;
                 }
-                other => return other.map_err(|e| e.into_store(self.inner.timeout)),
+                Err(e) => {
+                    if e.is_stale_server() {
+                        // After a failover the pool's idle connections may lead to the old
+                        // writer (now read-only) or to a server shutting down: they go, and
+                        // the next calls connect anew (to where DNS now points).
+                        let dropped = self.inner.pool.retain(|_, _| false).removed.len();
+                        tracing::warn!(dropped, error = %e.describe(), "the server refuses writes or is shutting down: idle connections dropped");
+                    }
+                    return Err(e.into_store(self.inner.timeout));
+                }
+                Ok(v) => return Ok(v),
             }
         }
     }
@@ -454,7 +506,10 @@ impl PostgresStore {
     }
 
     /// Notes that usage up to `window` was committed, and prunes old rows when due (at most
-    /// hourly per store; one store of the fleet at a time).
+    /// hourly per store; one store of the fleet at a time), as the SQLite store does after a
+    /// commit. The prune runs on a task of its own, waited for at most half a second: a long
+    /// one (a backlog) goes on in the background, so the caller's call (a flush, under its
+    /// time limit) is not held by it, and a caller that gives up never cuts it short.
     async fn progressed(&self, window: Option<i64>) {
         if let Some(w) = window {
             self.inner.newest_window.fetch_max(w, Ordering::Relaxed);
@@ -464,11 +519,18 @@ impl PostgresStore {
             if pruned.is_some_and(|at| at.elapsed() < Duration::from_secs(PRUNE_EVERY_SECS as u64)) {
                 return;
             }
+            // Marked at the start: one prune at a time.
             *pruned = Some(Instant::now());
         }
-        if let Err(e) = self.prune().await {
-            tracing::warn!(error = %e, "pruning old rows failed; it is tried again in an hour");
-        }
+        let store = self.clone();
+        let prune = tokio::spawn(async move {
+            if let Err(e) = store.prune().await {
+                tracing::warn!(error = %e, "pruning old rows failed; it is tried again in a minute");
+                let again = Instant::now().checked_sub(Duration::from_secs(PRUNE_EVERY_SECS as u64 - 60));
+                *store.inner.pruned.lock().unwrap_or_else(|e| e.into_inner()) = again;
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(500), prune).await;
     }
 
     /// Drops the rows past their use (see [`PostgresStore`]). Now in usage time is the newest
@@ -506,6 +568,8 @@ impl PostgresStore {
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
+            // Deletes of a backlog may take longer than a call's statement timeout.
+            tx.batch_execute("SET LOCAL statement_timeout = 300000").await?;
             if !tx.query_typed_one(&lock, &[]).await?.get::<_, bool>(0) {
                 return Ok(());
             }

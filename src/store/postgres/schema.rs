@@ -188,7 +188,19 @@ impl PostgresStore {
             if from == SCHEMA_VERSION {
                 return Ok((from, from));
             }
-            tx.batch_execute(&self.sql("CREATE SCHEMA IF NOT EXISTS {s}")).await?;
+            // Made only when missing: `CREATE SCHEMA IF NOT EXISTS` needs the database's CREATE
+            // privilege even when the schema is there, which an owner given the schema by an
+            // administrator (`CREATE SCHEMA … AUTHORIZATION`) does not have.
+            let exists: bool = tx
+                .query_typed_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1)",
+                    args![self.inner.schema.as_str()],
+                )
+                .await?
+                .get(0);
+            if !exists {
+                tx.batch_execute(&self.sql("CREATE SCHEMA {s}")).await?;
+            }
             for step in &MIGRATIONS[from as usize..] {
                 tx.batch_execute(&self.sql(step)).await?;
             }
