@@ -46,22 +46,27 @@ echo "moto on $TOLLGATE_DYNAMODB_ENDPOINT"
 step "local PostgreSQL server (a throwaway cluster, as an unprivileged user when run as root)"
 pg_dir=$(mktemp -d -u "${TMPDIR:-/tmp}/tollgate-pg.XXXXXX")
 trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; scripts/postgres-server.sh stop "$pg_dir"' EXIT
-eval "$(scripts/postgres-server.sh start "$pg_dir")"
+# Through a variable: `eval "$(…)"` would swallow the script's failure.
+pg_env=$(scripts/postgres-server.sh start "$pg_dir")
+eval "$pg_env"
 echo "PostgreSQL on $TOLLGATE_POSTGRES_URL"
 # PgBouncer in transaction mode in front of it (as RDS Proxy and most managed pools run).
 bouncer_dir="$pg_dir-bouncer"
-# Tests that restart or pause a server start clusters of their own (tests/common/postgres.rs)
-# and remove them when done; a test binary killed midway leaves its clusters, stopped here.
+# Tests that restart or pause a server start clusters of their own under this run's prefix
+# (tests/common/postgres.rs) and remove them when done; a test binary killed midway leaves its
+# clusters, stopped here (only this run's: another run on the machine keeps its own).
+export TOLLGATE_POSTGRES_OWN_PREFIX="$pg_dir-own"
 stop_postgres() {
-  scripts/pgbouncer.sh stop "$bouncer_dir"
-  scripts/postgres-server.sh stop "$pg_dir"
-  for own in "${TMPDIR:-/tmp}"/tollgate-own-pg-*; do
-    [ -d "$own" ] && scripts/postgres-server.sh stop "$own"
+  scripts/pgbouncer.sh stop "$bouncer_dir" || true
+  scripts/postgres-server.sh stop "$pg_dir" || true
+  for own in "$TOLLGATE_POSTGRES_OWN_PREFIX"-*; do
+    if [ -d "$own" ]; then scripts/postgres-server.sh stop "$own" || true; fi
   done
   return 0
 }
 trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; stop_postgres' EXIT
-eval "$(scripts/pgbouncer.sh start "$bouncer_dir" "$TOLLGATE_POSTGRES_PORT")"
+bouncer_env=$(scripts/pgbouncer.sh start "$bouncer_dir" "$TOLLGATE_POSTGRES_PORT")
+eval "$bouncer_env"
 echo "PgBouncer (transaction mode) on $TOLLGATE_PGBOUNCER_URL"
 
 step "format"

@@ -100,11 +100,11 @@ impl OwnServer {
     pub fn start() -> Option<Self> {
         url()?;
         static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "tollgate-own-pg-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
+        // Under the run's prefix (scripts/test.sh stops what a killed test leaves there).
+        let prefix = std::env::var("TOLLGATE_POSTGRES_OWN_PREFIX")
+            .unwrap_or_else(|_| std::env::temp_dir().join("tollgate-own-pg").display().to_string());
+        let dir =
+            std::path::PathBuf::from(format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
         let out = std::process::Command::new(script("postgres-server.sh"))
             .args(["start", dir.to_str().unwrap()])
             .output()

@@ -245,6 +245,17 @@ impl Fail {
         match self {
             Fail::Store(e) => e,
             Fail::Pg(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => StoreError::Timeout(timeout),
+            // The connection closed under the call (a restart, a failover, a network fault), or
+            // the server ended the session: the call may or may not have been applied. As a
+            // call with no answer in time, its caller sends it again with its token (a lease),
+            // its flush id (a flush), its claim (an export), which each apply once.
+            Fail::Pg(e)
+                if e.is_closed()
+                    || e.code() == Some(&SqlState::ADMIN_SHUTDOWN)
+                    || std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>()) =>
+            {
+                StoreError::Timeout(timeout)
+            }
             Fail::Pg(e) => StoreError::Backend(Box::new(e)),
         }
     }
@@ -397,6 +408,10 @@ impl PostgresStore {
     }
 
     fn pool_only(options: &PostgresOptions) -> Result<Self, StoreError> {
+        // PostgreSQL's statement_timeout is an int of milliseconds.
+        if options.statement_timeout.as_millis() > i32::MAX as u128 || options.statement_timeout.is_zero() {
+            return Err(StoreError::Unusable("statement_timeout: longer than zero, at most 24 days".to_owned()));
+        }
         if !valid_schema(&options.schema) {
             return Err(StoreError::Unusable(format!(
                 "schema `{}`: a schema name is lower-case letters, digits and `_`, starting with a letter or `_` \
@@ -408,11 +423,23 @@ impl PostgresStore {
             options.url.parse().map_err(|e| StoreError::Unusable(format!("the PostgreSQL URL does not parse: {e}")))?;
         // A server that vanishes without closing its connections (a host gone, a network
         // partition) is noticed within about half a minute, not the kernel's two hours: the
-        // pool then drops those connections and opens new ones.
-        config.keepalives(true).keepalives_idle(Duration::from_secs(15)).keepalives_interval(Duration::from_secs(5));
-        config.keepalives_retries(3).connect_timeout(options.statement_timeout);
+        // pool then drops those connections and opens new ones. What the URL sets is kept.
+        if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 3600) {
+            config.keepalives_idle(Duration::from_secs(15));
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(Duration::from_secs(5));
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(3);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(options.statement_timeout);
+        }
         #[cfg(target_os = "linux")]
-        config.tcp_user_timeout(Duration::from_secs(30));
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
+        }
         let manager = Manager::from_config(
             config,
             tls(options.ca_file.as_deref())?,
@@ -452,7 +479,8 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, Fail> {
         self.inner.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => Fail::Pg(e),
+            // No connection: nothing was sent.
+            deadpool_postgres::PoolError::Backend(e) => Fail::Store(StoreError::Backend(Box::new(e))),
             deadpool_postgres::PoolError::Timeout(_) => Fail::Store(StoreError::Timeout(self.inner.timeout)),
             other => Fail::Store(StoreError::Backend(Box::new(other))),
         })
@@ -545,20 +573,26 @@ impl PostgresStore {
             "DELETE FROM {s}.quota_floor WHERE dropped_before < $1",
         ]
         .map(|s| self.sql(s));
-        let lock = self.sql("SELECT pg_try_advisory_xact_lock(hashtext('tollgate-prune:{s}'))");
+        let lock = "SELECT pg_try_advisory_xact_lock(hashtext('tollgate-prune:' || $1))";
         let unexported = self.sql(
             "SELECT coalesce(sum(quantity::numeric - exported) FILTER (WHERE billable), 0)::float8 \
              FROM {s}.usage WHERE window_start < $1 AND dead IS NULL",
         );
         let flush = self.sql("DELETE FROM {s}.flush WHERE seen_at < $1");
+        // Each kind's count row is locked before its ids are deleted and counted (a commit adding
+        // ids holds it until it commits, so the count includes them), and last in the
+        // transaction, so commits of events wait for the prune no longer than these statements.
         let ids = ["usage_event", "webhook_event"].map(|t| {
             (
+                self.sql(&format!("SELECT 1 FROM {{s}}.id_count WHERE kind = '{t}' FOR UPDATE")),
                 self.sql(&format!(
                     "DELETE FROM {{s}}.{t} WHERE seen_at < LEAST((SELECT max(seen_at) FROM {{s}}.{t}), $2) - $1"
                 )),
                 self.sql(&format!("UPDATE {{s}}.id_count SET n = (SELECT count(*) FROM {{s}}.{t}) WHERE kind = '{t}'")),
             )
         });
+        // Deletes of a backlog may take longer than a call's statement timeout.
+        let long = format!("SET LOCAL statement_timeout = {}", self.inner.timeout.as_millis().max(300_000));
         let ledger = self.sql("DELETE FROM {s}.ledger WHERE kept_from < $1");
         let idem = self.sql("DELETE FROM {s}.idempotency WHERE expires_at <= $1");
         let idem_cap = self.sql(
@@ -568,9 +602,8 @@ impl PostgresStore {
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
-            // Deletes of a backlog may take longer than a call's statement timeout.
-            tx.batch_execute("SET LOCAL statement_timeout = 300000").await?;
-            if !tx.query_typed_one(&lock, &[]).await?.get::<_, bool>(0) {
+            tx.batch_execute(&long).await?;
+            if !tx.query_typed_one(lock, args![self.inner.schema.as_str()]).await?.get::<_, bool>(0) {
                 return Ok(());
             }
             let lost: f64 = tx.query_typed_one(&unexported, args![horizon]).await?.get(0);
@@ -581,13 +614,14 @@ impl PostgresStore {
                 tx.query_typed(s, args![horizon]).await?;
             }
             tx.query_typed(&flush, args![wall.saturating_sub(FLUSH_IDS_KEPT_SECS)]).await?;
-            for (delete, recount) in &ids {
-                tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;
-                tx.query_typed(recount, &[]).await?;
-            }
             tx.query_typed(&ledger, args![newest.min(wall).saturating_sub(crate::store::LEDGER_KEPT_SECS)]).await?;
             tx.query_typed(&idem, args![wall]).await?;
             tx.query_typed(&idem_cap, args![int(contract::IDEMPOTENCY_KEYS_MAX as u64)]).await?;
+            for (lock, delete, recount) in &ids {
+                tx.query_typed(lock, &[]).await?;
+                tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;
+                tx.query_typed(recount, &[]).await?;
+            }
             tx.commit().await?;
             Ok(())
         })
