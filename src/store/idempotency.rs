@@ -59,6 +59,26 @@ pub enum IdempotencyState {
     Mismatch,
 }
 
+impl IdempotencyState {
+    /// The state a live binding gives a claim or a read of `request`: the binding's request
+    /// (`bound`), whether it completed, and its stored response's bytes (the SQL stores).
+    pub(crate) fn of_binding(
+        bound: &str,
+        request: &str,
+        completed: bool,
+        response: Option<&[u8]>,
+    ) -> Result<Self, StoreError> {
+        if bound != request {
+            return Ok(IdempotencyState::Mismatch);
+        }
+        if !completed {
+            return Ok(IdempotencyState::InFlight);
+        }
+        let response = response.map(StoredResponse::decode).transpose()?;
+        Ok(IdempotencyState::Completed(response.map(Box::new)))
+    }
+}
+
 /// The response of a completed request, stored with its `Idempotency-Key` binding: a replay
 /// is answered with it without running the handler again.
 ///

@@ -1,16 +1,7 @@
 //! The idempotency role of the PostgresStore: a claim is one conditional upsert.
 
 use super::*;
-use crate::store::{IdempotencySettled, StoredResponse};
-
-/// The state of a live binding, its response decoded.
-fn state_of(completed: bool, response: Option<Vec<u8>>) -> Result<IdempotencyState, StoreError> {
-    if !completed {
-        return Ok(IdempotencyState::InFlight);
-    }
-    let response = response.map(|bytes| StoredResponse::decode(&bytes)).transpose()?;
-    Ok(IdempotencyState::Completed(response.map(Box::new)))
-}
+use crate::store::IdempotencySettled;
 
 /// A binding live at `$2`: unexpired, and completed or still within its in-flight time.
 const LIVE: &str = "$2 < expires_at AND (completed OR $2 < in_flight_until)";
@@ -61,8 +52,9 @@ impl IdempotencyStore for PostgresStore {
             .await?;
         match found {
             None => Ok(IdempotencyState::Claimed),
-            Some((request, _, _)) if request != c.request => Ok(IdempotencyState::Mismatch),
-            Some((_, completed, response)) => state_of(completed, response),
+            Some((bound, completed, response)) => {
+                IdempotencyState::of_binding(&bound, &c.request, completed, response.as_deref())
+            }
         }
     }
 
@@ -81,11 +73,10 @@ impl IdempotencyStore for PostgresStore {
                 Ok(row.map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1), r.get::<_, Option<Vec<u8>>>(2))))
             })
             .await?;
-        match held {
-            None => Ok(None),
-            Some((bound, _, _)) if bound != request => Ok(Some(IdempotencyState::Mismatch)),
-            Some((_, completed, response)) => state_of(completed, response).map(Some),
-        }
+        held.map(|(bound, completed, response)| {
+            IdempotencyState::of_binding(&bound, request, completed, response.as_deref())
+        })
+        .transpose()
     }
 
     async fn settle_idempotency(

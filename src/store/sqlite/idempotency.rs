@@ -1,19 +1,10 @@
 //! The idempotency role of the SqliteStore.
 
 use super::*;
-use crate::store::{IdempotencySettled, StoredResponse};
+use crate::store::IdempotencySettled;
 
 /// A binding as a claim finds it: its request, whether it completed, its response's bytes.
 type Held = (String, bool, Option<Vec<u8>>);
-
-/// The state of a live binding, its response decoded.
-fn state_of(completed: bool, response: Option<Vec<u8>>) -> Result<IdempotencyState, StoreError> {
-    if !completed {
-        return Ok(IdempotencyState::InFlight);
-    }
-    let response = response.map(|bytes| StoredResponse::decode(&bytes)).transpose()?;
-    Ok(IdempotencyState::Completed(response.map(Box::new)))
-}
 
 /// Reads the binding of `key` live at `now`.
 fn live(tx: &Transaction<'_>, key: &str, now: i64) -> Sql<Option<Held>> {
@@ -52,8 +43,9 @@ impl IdempotencyStore for SqliteStore {
             .await?;
         match held {
             None => Ok(IdempotencyState::Claimed),
-            Some((request, _, _)) if request != c.request => Ok(IdempotencyState::Mismatch),
-            Some((_, completed, response)) => state_of(completed, response),
+            Some((bound, completed, response)) => {
+                IdempotencyState::of_binding(&bound, &c.request, completed, response.as_deref())
+            }
         }
     }
 
@@ -65,11 +57,10 @@ impl IdempotencyStore for SqliteStore {
     ) -> Result<Option<IdempotencyState>, StoreError> {
         let key = key.to_owned();
         let held = self.read(move |tx| live(tx, &key, now)).await?;
-        match held {
-            None => Ok(None),
-            Some((bound, _, _)) if bound != request => Ok(Some(IdempotencyState::Mismatch)),
-            Some((_, completed, response)) => state_of(completed, response).map(Some),
-        }
+        held.map(|(bound, completed, response)| {
+            IdempotencyState::of_binding(&bound, request, completed, response.as_deref())
+        })
+        .transpose()
     }
 
     async fn settle_idempotency(
