@@ -3,6 +3,11 @@
 use super::*;
 use crate::store::IdempotencySettled;
 
+/// A binding as read: its request, whether it completed, its stored response's bytes.
+fn binding(r: &Row) -> (String, bool, Option<Vec<u8>>) {
+    (r.get(0), r.get(1), r.get(2))
+}
+
 /// A binding live at `$2`: unexpired, and completed or still within its in-flight time.
 const LIVE: &str = "$2 < expires_at AND (completed OR $2 < in_flight_until)";
 
@@ -44,7 +49,7 @@ impl IdempotencyStore for PostgresStore {
                     let row = tx.query_typed_opt(&held, args![c.key.as_str(), c.now]).await?;
                     // Not live by now (it expired between the two statements): claim again.
                     let row = row.ok_or(Fail::Store(StoreError::Conflict("the idempotency binding")))?;
-                    Some((row.get::<_, String>(0), row.get::<_, bool>(1), row.get::<_, Option<Vec<u8>>>(2)))
+                    Some(binding(&row))
                 };
                 tx.commit().await?;
                 Ok(found)
@@ -70,7 +75,7 @@ impl IdempotencyStore for PostgresStore {
             .retrying(|| async {
                 let client = self.client().await?;
                 let row = client.query_typed_opt(&sql, args![key, now]).await?;
-                Ok(row.map(|r| (r.get::<_, String>(0), r.get::<_, bool>(1), r.get::<_, Option<Vec<u8>>>(2))))
+                Ok(row.as_ref().map(binding))
             })
             .await?;
         held.map(|(bound, completed, response)| {
