@@ -47,6 +47,20 @@ use tollgate::{
 /// Where closed windows go, said at start: Stripe when the configuration has `[stripe]` (and
 /// the key is there), else the JSON-lines file. Never both.
 fn sink(config: &Config, usage_file: &std::path::Path) -> Result<Option<std::sync::Arc<dyn BillingSink>>, String> {
+    // A sink the configuration names (`[export] sink`): Metronome, a file, or Stripe.
+    if let Some(kind) = config.export().sink {
+        return match tollgate::billing::configured_sink(config) {
+            Ok(sink) => {
+                println!("  billing: closed windows exported by the `{}` sink", kind.as_str());
+                Ok(sink)
+            }
+            Err(tollgate::billing::SinkSetupError::MissingSecret(why)) => {
+                println!("  billing: {why}: this process exports nothing; `tollgate export` with it does");
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+    }
     let Some(stripe) = config.stripe() else {
         println!("  billing: closed windows written to {} (no [stripe] section)", usage_file.display());
         return Ok(Some(std::sync::Arc::new(JsonlSink::new(usage_file))));

@@ -263,13 +263,48 @@ impl Admin {
         self.add(id, plan, Some(customer), true).await
     }
 
+    /// [`add_tenant`](Self::add_tenant) (or, with `take`,
+    /// [`add_tenant_moving_customer`](Self::add_tenant_moving_customer)), with a Metronome
+    /// customer id or ingest alias: what its usage events carry when the billing sink is
+    /// Metronome.
+    ///
+    /// # Errors
+    /// As [`add_tenant`](Self::add_tenant), and a Metronome customer that is empty, longer than
+    /// 255 bytes or holds control characters.
+    pub async fn add_tenant_with_metronome_customer(
+        &self,
+        id: &str,
+        plan: &str,
+        customer: Option<&str>,
+        metronome_customer: &str,
+        take: bool,
+    ) -> Result<TenantRecord, AdminError> {
+        let m = metronome_customer;
+        if m.trim().is_empty() || m.len() > 255 || m.chars().any(char::is_control) {
+            return Err(AdminError::Invalid(format!("`{m}` is not a Metronome customer id or ingest alias")));
+        }
+        self.add_record(id, plan, customer, Some(m), take).await
+    }
+
     async fn add(&self, id: &str, plan: &str, customer: Option<&str>, take: bool) -> Result<TenantRecord, AdminError> {
+        self.add_record(id, plan, customer, None, take).await
+    }
+
+    async fn add_record(
+        &self,
+        id: &str,
+        plan: &str,
+        customer: Option<&str>,
+        metronome_customer: Option<&str>,
+        take: bool,
+    ) -> Result<TenantRecord, AdminError> {
         let tenant = Self::tenant_id(id)?;
         let plan = self.plan(plan)?;
         if self.directory.tenant(&tenant).await?.is_some() {
             return Err(AdminError::TenantExists(id.to_owned()));
         }
         let mut record = TenantRecord::new(tenant, plan);
+        record.metronome_customer = metronome_customer.map(str::to_owned);
         if let Some(c) = customer {
             let c = check_customer(c)?;
             if !take {

@@ -1,4 +1,4 @@
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -152,7 +152,59 @@ impl SinkError {
     }
 }
 
-/// Where meter events go: Stripe Billing Meters, or a JSON-lines file ([`JsonlSink`](super::JsonlSink)).
+/// Which of a tenant's billing customers its events are billed to: the one the sink's billing
+/// system knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CustomerField {
+    /// The Stripe customer id (`stripe_customer`, [`TenantRecord::customer`](crate::store::TenantRecord::customer)).
+    #[default]
+    Stripe,
+    /// The Metronome customer id or ingest alias (`metronome_customer`,
+    /// [`TenantRecord::metronome_customer`](crate::store::TenantRecord::metronome_customer)).
+    Metronome,
+}
+
+/// What a billing system takes, as its sink tells the exporter: how old an event may be, how
+/// long it de-duplicates identifiers, how many events one call carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SinkLimits {
+    /// The oldest window the billing system takes, by its last second: older aggregates are
+    /// dead-lettered rather than sent.
+    pub max_age: Duration,
+    /// The longest `export.unconfirmed_after` may be: how long the billing system de-duplicates
+    /// a repeated identifier, less a margin. An export unconfirmed longer is parked, never sent
+    /// again (the billing system may have forgotten the identifier).
+    pub max_unconfirmed: Duration,
+    /// The most events one call carries (1: [`BillingSink::send`] only).
+    pub max_batch: usize,
+}
+
+impl SinkLimits {
+    /// Stripe Billing Meters: meter events up to 35 days old (less an hour's margin),
+    /// identifiers de-duplicated for about 24 hours (23 hours kept), one event a call.
+    pub const STRIPE: Self = Self::new(Duration::from_secs(35 * 86_400 - 3600), Duration::from_secs(23 * 3600), 1);
+    /// Metronome: events backdated up to 34 days (less an hour's margin), `transaction_id`
+    /// de-duplicated for 34 days (33 kept), up to 100 events a call.
+    pub const METRONOME: Self =
+        Self::new(Duration::from_secs(34 * 86_400 - 3600), Duration::from_secs(33 * 86_400), 100);
+
+    /// Limits of another billing system. `max_batch` is at least 1.
+    #[must_use]
+    pub const fn new(max_age: Duration, max_unconfirmed: Duration, max_batch: usize) -> Self {
+        Self { max_age, max_unconfirmed, max_batch: if max_batch == 0 { 1 } else { max_batch } }
+    }
+}
+
+impl Default for SinkLimits {
+    fn default() -> Self {
+        Self::STRIPE
+    }
+}
+
+/// Where meter events go: Stripe Billing Meters, Metronome, or a JSON-lines file
+/// ([`JsonlSink`](super::JsonlSink)).
 ///
 /// Implementations must treat [`MeterEvent::identifier`] as an idempotency key: the same
 /// event may be sent again after a crash.
@@ -160,6 +212,31 @@ impl SinkError {
 pub trait BillingSink: Send + Sync + fmt::Debug + 'static {
     /// Sends one event.
     async fn send(&self, event: &MeterEvent) -> Result<(), SinkError>;
+
+    /// Sends up to [`SinkLimits::max_batch`] events in one call, all taken or none: the error
+    /// is the call's, for every event in it. A [`Permanent`](SinkError::Permanent) refusal of
+    /// several events is bisected by the exporter, the halves sent again under the same
+    /// identifiers, until the refused event is found and dead-lettered alone.
+    ///
+    /// The default sends them one by one with [`send`](Self::send) and stops at the first
+    /// error (what was taken before it is taken again when the batch is re-sent, under the
+    /// same identifiers).
+    async fn send_batch(&self, events: &[MeterEvent]) -> Result<(), SinkError> {
+        for event in events {
+            self.send(event).await?;
+        }
+        Ok(())
+    }
+
+    /// What the billing system takes. [`SinkLimits::STRIPE`] by default.
+    fn limits(&self) -> SinkLimits {
+        SinkLimits::STRIPE
+    }
+
+    /// Which of a tenant's billing customers its events carry. The Stripe customer by default.
+    fn customer_field(&self) -> CustomerField {
+        CustomerField::Stripe
+    }
 
     /// Whether events need a billing customer: if so, windows of tenants without one are
     /// not billable and skipped (counted, not sent). `false` by default (a file of what

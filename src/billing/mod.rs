@@ -3,6 +3,10 @@
 
 pub(crate) mod event;
 mod jsonl;
+#[cfg(feature = "metronome")]
+mod metronome;
+#[cfg(any(feature = "stripe", feature = "metronome"))]
+mod secret;
 #[cfg(feature = "stripe")]
 mod stripe;
 #[cfg(feature = "stripe")]
@@ -10,11 +14,74 @@ mod webhook;
 
 #[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
-pub use self::stripe::{Secret, StripeSetupError, StripeSink};
-pub use event::{identifier, identifier_in, BillingSink, MeterEvent, SinkError};
+pub use self::stripe::{StripeSetupError, StripeSink};
+pub use event::{identifier, identifier_in, BillingSink, CustomerField, MeterEvent, SinkError, SinkLimits};
 pub use jsonl::JsonlSink;
+#[cfg(feature = "metronome")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metronome")))]
+pub use metronome::{MetronomeSetupError, MetronomeSink};
+#[cfg(any(feature = "stripe", feature = "metronome"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "stripe", feature = "metronome"))))]
+pub use secret::Secret;
 #[cfg(feature = "stripe")]
 pub(crate) use webhook::read_secrets;
 #[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};
+
+/// Why the sink the configuration names could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkSetupError {
+    /// The sink's secret is not set (its environment variable or key file): a process without
+    /// it exports nothing, one with it does.
+    #[error("{0}")]
+    MissingSecret(String),
+    /// This build lacks the sink's cargo feature.
+    #[error("export.sink = \"{0}\" but this build has no `{0}` feature")]
+    NotBuilt(&'static str),
+    /// The sink could not be set up (a secret file that cannot be read, a client that cannot
+    /// be built).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The billing sink the configuration names: `export.sink` (`"stripe"`, `"metronome"`,
+/// `"jsonl"` at `export.file`), else Stripe when there is a `[stripe]` section; `None` when
+/// it names none.
+///
+/// ```
+/// let config = tollgate::Config::from_toml_str(
+///     "[export]\nsink = \"jsonl\"\nfile = \"usage.jsonl\"\n",
+/// )?;
+/// let sink = tollgate::billing::configured_sink(&config)?.expect("a sink");
+/// assert!(!sink.needs_customer());
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// ```
+///
+/// # Errors
+/// The sink's secret is missing or unreadable, its client cannot be built, or this build
+/// lacks its feature.
+pub fn configured_sink(config: &crate::Config) -> Result<Option<std::sync::Arc<dyn BillingSink>>, SinkSetupError> {
+    use crate::config::SinkKind;
+    let kind = config.export.sink_kind(config.stripe().is_some());
+    Ok(Some(match kind {
+        None => return Ok(None),
+        Some(SinkKind::Jsonl) => {
+            let file = config.export.file.clone().ok_or(SinkSetupError::Failed("export.file is not set".into()))?;
+            std::sync::Arc::new(JsonlSink::new(file))
+        }
+        #[cfg(feature = "stripe")]
+        Some(SinkKind::Stripe) => std::sync::Arc::new(StripeSink::from_config(config).map_err(|e| match e {
+            StripeSetupError::MissingSecret { .. } => SinkSetupError::MissingSecret(e.to_string()),
+            e => SinkSetupError::Failed(e.to_string()),
+        })?),
+        #[cfg(feature = "metronome")]
+        Some(SinkKind::Metronome) => std::sync::Arc::new(MetronomeSink::from_config(config).map_err(|e| match e {
+            MetronomeSetupError::MissingToken => SinkSetupError::MissingSecret(e.to_string()),
+            e => SinkSetupError::Failed(e.to_string()),
+        })?),
+        #[allow(unreachable_patterns)]
+        Some(other) => return Err(SinkSetupError::NotBuilt(other.as_str())),
+    }))
+}

@@ -6,32 +6,8 @@ use async_trait::async_trait;
 use stripe::{IdempotencyKey, RequestStrategy, StripeError};
 use stripe_billing::billing_meter_event::CreateBillingMeterEvent;
 
-use super::{BillingSink, MeterEvent, SinkError};
+use super::{BillingSink, MeterEvent, Secret, SinkError};
 use crate::config::Config;
-
-/// A secret read from the environment or a file: never in the configuration, never printed
-/// (its `Debug` shows only that it is set).
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    /// A secret given in code.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself.
-    #[must_use]
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(…)")
-    }
-}
 
 /// Why Stripe's secrets or client could not be set up.
 #[derive(Debug, thiserror::Error)]

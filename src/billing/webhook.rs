@@ -8,7 +8,7 @@ use http::StatusCode;
 use stripe_webhook::{EventObject, Webhook, WebhookError};
 
 pub(crate) use super::stripe::read_secrets;
-use super::stripe::Secret;
+use super::Secret;
 use crate::{
     clock::Clock,
     config::{Config, PlanId, StripeSettings, TenantId},

@@ -54,6 +54,7 @@ pub struct Config {
     pub(crate) store_roles: StoreRoles,
     pub(crate) export: ExportSettings,
     pub(crate) stripe: Option<StripeSettings>,
+    pub(crate) metronome: Option<MetronomeSettings>,
     pub(crate) events: EventSettings,
     pub(crate) clients: ClientSettings,
     /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
@@ -327,6 +328,57 @@ pub struct ExportSettings {
     pub reconcile_after: Duration,
     /// How often the worker runs a reconciliation pass; zero turns it off.
     pub reconcile_interval: Duration,
+    /// The billing sink the configuration names (`export.sink`); `None` when the key is
+    /// absent: Stripe if there is a `[stripe]` section, else none.
+    pub sink: Option<SinkKind>,
+    /// The file a `jsonl` sink appends to (`export.file`).
+    pub file: Option<std::path::PathBuf>,
+}
+
+/// A billing sink the configuration can name (`[export] sink`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SinkKind {
+    /// Stripe Billing Meters (`StripeSink`, with `[stripe]`).
+    Stripe,
+    /// Metronome's `/v1/ingest` (`MetronomeSink`, with `[metronome]`).
+    Metronome,
+    /// A JSON-lines file (`JsonlSink`, at `export.file`).
+    Jsonl,
+}
+
+impl SinkKind {
+    /// Its name in the configuration.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Stripe => "stripe",
+            SinkKind::Metronome => "metronome",
+            SinkKind::Jsonl => "jsonl",
+        }
+    }
+}
+
+impl ExportSettings {
+    /// The sink in force: `export.sink`, else Stripe when the configuration has `[stripe]`.
+    #[must_use]
+    pub fn sink_kind(&self, has_stripe: bool) -> Option<SinkKind> {
+        self.sink.or(has_stripe.then_some(SinkKind::Stripe))
+    }
+}
+
+/// `[metronome]`: where the Metronome sink sends events. The API token is never here: it comes
+/// from `METRONOME_API_TOKEN` or the file `api_token_file` names.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct MetronomeSettings {
+    /// The API's base URL (`https://api.metronome.com/` by default; a local stand-in in tests):
+    /// events go to `{api_base}v1/ingest`.
+    pub api_base: Option<String>,
+    /// A file holding the API token; `METRONOME_API_TOKEN` otherwise.
+    pub api_token_file: Option<std::path::PathBuf>,
+    /// How long one call may take (30 s by default).
+    pub timeout: Duration,
 }
 
 impl Default for ExportSettings {
@@ -340,6 +392,8 @@ impl Default for ExportSettings {
             max_unknown_failures: 8,
             reconcile_after: Duration::from_secs(3600),
             reconcile_interval: Duration::from_secs(6 * 3600),
+            sink: None,
+            file: None,
         }
     }
 }
@@ -671,6 +725,7 @@ pub struct TenantSpec {
     pub(crate) plan: PlanId,
     pub(crate) key_hashes: Vec<crate::base::KeyHash>,
     pub(crate) stripe_customer: Option<String>,
+    pub(crate) metronome_customer: Option<String>,
     pub(crate) overrides: Option<PlanOverride>,
 }
 
@@ -707,6 +762,12 @@ impl TenantSpec {
     #[must_use]
     pub fn stripe_customer(&self) -> Option<&str> {
         self.stripe_customer.as_deref()
+    }
+
+    /// The tenant's Metronome customer id or ingest alias, if declared.
+    #[must_use]
+    pub fn metronome_customer(&self) -> Option<&str> {
+        self.metronome_customer.as_deref()
     }
 
     /// The tenant's overrides of its plan, if declared.
@@ -845,6 +906,18 @@ impl Config {
     /// Stripe's settings, if the file has a `[stripe]` section.
     pub fn stripe(&self) -> Option<&StripeSettings> {
         self.stripe.as_ref()
+    }
+
+    /// Whether the sink the configuration names needs a billing customer (Stripe and
+    /// Metronome do; a file does not), for an engine built without a sink.
+    pub(crate) fn sink_needs_customer(&self) -> bool {
+        matches!(self.export.sink_kind(self.stripe.is_some()), Some(SinkKind::Stripe | SinkKind::Metronome))
+    }
+
+    /// `[metronome]`, if present.
+    #[must_use]
+    pub fn metronome(&self) -> Option<&MetronomeSettings> {
+        self.metronome.as_ref()
     }
 
     /// The file the configuration was read from, if any.

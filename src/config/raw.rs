@@ -25,8 +25,17 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) export: RawExport,
     pub(crate) stripe: Option<RawStripe>,
+    pub(crate) metronome: Option<RawMetronome>,
     #[serde(default)]
     pub(crate) events: RawEvents,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetronome {
+    pub(crate) api_base: Option<String>,
+    pub(crate) api_token_file: Option<String>,
+    pub(crate) timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +58,8 @@ pub(crate) struct RawExport {
     pub(crate) max_unknown_failures: Option<u64>,
     pub(crate) reconcile_after: Option<String>,
     pub(crate) reconcile_interval: Option<String>,
+    pub(crate) sink: Option<String>,
+    pub(crate) file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -208,5 +219,6 @@ pub(crate) struct RawTenant {
     #[serde(default)]
     pub(crate) key_sha256: Vec<String>,
     pub(crate) stripe_customer: Option<String>,
+    pub(crate) metronome_customer: Option<String>,
     pub(crate) overrides: Option<RawOverride>,
 }

@@ -10,13 +10,14 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     raw::{
-        RawConfig, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawOverride, RawPlan, RawQuota, RawRoute,
-        RawStore, RawStripe, RawTenant, RawUsage,
+        RawConfig, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawMetronome, RawOverride, RawPlan,
+        RawQuota, RawRoute, RawStore, RawStripe, RawTenant, RawUsage,
     },
     ClientSettings, Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify,
-    Limits, MeterAggregation, MeterId, MeterSpec, Migrate, OnUnknown, Period, PlanId, PlanOverride, PlanSpec,
-    PostgresSettings, QuotaMode, QuotaSpec, Rate, RouteSpec, StatusSet, StoreErrorPolicy, StoreOrigin, StoreRole,
-    StoreRoles, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec, UsageSettings,
+    Limits, MeterAggregation, MeterId, MeterSpec, MetronomeSettings, Migrate, OnUnknown, Period, PlanId, PlanOverride,
+    PlanSpec, PostgresSettings, QuotaMode, QuotaSpec, Rate, RouteSpec, SinkKind, StatusSet, StoreErrorPolicy,
+    StoreOrigin, StoreRole, StoreRoles, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec,
+    UsageSettings,
 };
 use crate::{base::KeyHash, plan::RoutePattern};
 
@@ -320,16 +321,34 @@ impl Validator<'_, '_> {
         }
         let export = self.export(&raw.export)?;
         let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans)).transpose()?;
-        if let Some(s) = &stripe {
+        let metronome = raw.metronome.as_ref().map(|m| self.metronome(m)).transpose()?;
+        for (section, timeout) in
+            [("stripe", stripe.as_ref().map(|s| s.timeout)), ("metronome", metronome.as_ref().map(|m| m.timeout))]
+        {
             // A claim must outlast the call it covers, or another node could send the same
             // event while the first call is still under way.
-            if export.claim < s.timeout * 2 {
+            if timeout.is_some_and(|t| export.claim < t * 2) {
                 return Err(self.invalid(
                     "export.claim",
                     format!(
-                        "must be at least twice stripe.timeout ({}s): a claim must outlast the call it covers",
-                        s.timeout.as_secs()
+                        "must be at least twice {section}.timeout ({}s): a claim must outlast the call it covers",
+                        timeout.unwrap_or_default().as_secs()
                     ),
+                ));
+            }
+        }
+        if export.sink == Some(SinkKind::Stripe) && stripe.is_none() {
+            return Err(
+                self.invalid("export.sink", "\"stripe\" needs a [stripe] section (its api_base, timeout and key file)")
+            );
+        }
+        if export.sink == Some(SinkKind::Metronome) {
+            // Metronome sums events: a pre-aggregated meter's running totals would be added up.
+            if let Some(m) = meters.iter().find(|m| m.aggregation != MeterAggregation::Sum) {
+                return Err(self.invalid(
+                    &format!("meters.{}.aggregation", m.id),
+                    "a pre-aggregated meter (\"hour\", \"day\") is a Stripe Billing Meters notion: with \
+                     export.sink = \"metronome\" use \"sum\" and let the billable metric aggregate",
                 ));
             }
         }
@@ -418,6 +437,7 @@ impl Validator<'_, '_> {
             store_written,
             export,
             stripe,
+            metronome,
             events,
             clients,
             file: None,
@@ -515,6 +535,22 @@ impl Validator<'_, '_> {
                 raw.reconcile_interval.as_deref(),
                 d.reconcile_interval,
             )?,
+            sink: match raw.sink.as_deref() {
+                None => None,
+                Some("stripe") => Some(SinkKind::Stripe),
+                Some("metronome") => Some(SinkKind::Metronome),
+                Some("jsonl") => Some(SinkKind::Jsonl),
+                Some(other) => {
+                    return Err(self.invalid(
+                        "export.sink",
+                        format!("`{other}` is not a billing sink: expected \"stripe\", \"metronome\" or \"jsonl\""),
+                    ))
+                }
+            },
+            file: match raw.file.as_deref() {
+                Some(p) if p.trim().is_empty() => return Err(self.invalid("export.file", "must not be empty")),
+                p => p.map(std::path::PathBuf::from),
+            },
         };
         if export.reconcile_after < Duration::from_secs(60) || export.reconcile_after > Duration::from_secs(7 * 86_400)
         {
@@ -527,14 +563,54 @@ impl Validator<'_, '_> {
         if !export.reconcile_interval.is_zero() && export.reconcile_interval < Duration::from_secs(60) {
             return Err(self.invalid("export.reconcile_interval", "must be 0 (off) or at least 1 minute"));
         }
-        if export.unconfirmed_after > Duration::from_secs(23 * 3600) {
+        if export.sink == Some(SinkKind::Metronome) {
+            if export.unconfirmed_after > crate::billing::SinkLimits::METRONOME.max_unconfirmed {
+                return Err(self.invalid(
+                    "export.unconfirmed_after",
+                    "must be at most 33 days: Metronome de-duplicates transaction ids over 34 days only, so a \
+                     later re-send could be billed twice",
+                ));
+            }
+        } else if export.unconfirmed_after > crate::billing::SinkLimits::STRIPE.max_unconfirmed {
             return Err(self.invalid(
                 "export.unconfirmed_after",
                 "must be at most 23 hours: Stripe de-duplicates meter event identifiers over about 24 hours only, \
                  so a later re-send could be billed twice",
             ));
         }
+        match (export.sink, &export.file) {
+            (Some(SinkKind::Jsonl), None) => {
+                return Err(self.invalid("export.sink", "\"jsonl\" needs export.file, the file events are appended to"))
+            }
+            (Some(SinkKind::Jsonl), Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(self.invalid("export.file", "is the file of export.sink = \"jsonl\" only"));
+            }
+        }
         Ok(export)
+    }
+
+    /// `[metronome]`: no token here (it comes from the environment or a file).
+    fn metronome(&self, raw: &RawMetronome) -> Result<MetronomeSettings, ConfigError> {
+        let api_base = match &raw.api_base {
+            None => None,
+            Some(url) if host_only(url) => Some(if url.ends_with('/') { url.clone() } else { format!("{url}/") }),
+            Some(_) => {
+                return Err(self.invalid(
+                    "metronome.api_base",
+                    "expected an http:// or https:// URL (no path after the host: `v1/ingest` is appended)",
+                ))
+            }
+        };
+        let api_token_file = match &raw.api_token_file {
+            Some(p) if p.trim().is_empty() => return Err(self.invalid("metronome.api_token_file", "must not be empty")),
+            p => p.as_ref().map(std::path::PathBuf::from),
+        };
+        let timeout = self.duration("metronome.timeout", raw.timeout.as_deref(), Duration::from_secs(30))?;
+        if timeout.is_zero() || timeout > Duration::from_secs(300) {
+            return Err(self.invalid("metronome.timeout", "must be between 1 second and 5 minutes"));
+        }
+        Ok(MetronomeSettings { api_base, api_token_file, timeout })
     }
 
     /// `[stripe]`: no secret here (they come from the environment or a file), plans that
@@ -542,15 +618,6 @@ impl Validator<'_, '_> {
     fn stripe(&self, raw: &RawStripe, plans: &BTreeMap<PlanId, PlanSpec>) -> Result<StripeSettings, ConfigError> {
         const STATUSES: [&str; 8] =
             ["incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"];
-        // The scheme and the host (with a port) only: async-stripe appends `v1/…` to it, so a
-        // path (`…/v1`) makes every call a 404.
-        let host_only = |url: &str| {
-            let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
-            rest.is_some_and(|r| {
-                let host = r.strip_suffix('/').unwrap_or(r);
-                !host.is_empty() && !host.contains(['/', '?', '#', ' '])
-            })
-        };
         let api_base = match &raw.api_base {
             None => None,
             Some(url) if host_only(url) => Some(if url.ends_with('/') { url.clone() } else { format!("{url}/") }),
@@ -1355,6 +1422,7 @@ impl Validator<'_, '_> {
         let mut tenants = Vec::with_capacity(raw.len());
         let mut keys_seen = HashSet::new();
         let mut customers: HashMap<&str, &str> = HashMap::new();
+        let mut metronome_customers: HashMap<&str, &str> = HashMap::new();
         for (name, t) in raw {
             let base = format!("tenants.{name}");
             let id = TenantId::parse(name).map_err(|e| self.invalid(&base, e.to_string()))?;
@@ -1368,6 +1436,21 @@ impl Validator<'_, '_> {
                     ));
                 }
                 if let Some(other) = customers.insert(c, name) {
+                    return Err(self.invalid(
+                        &path,
+                        format!("`{c}` is also tenants.{other}'s: a billing customer belongs to one tenant"),
+                    ));
+                }
+            }
+            if let Some(c) = t.metronome_customer.as_deref() {
+                let path = format!("{base}.metronome_customer");
+                if c.trim().is_empty() || c.len() > 255 || c.chars().any(char::is_control) {
+                    return Err(self.invalid(
+                        &path,
+                        format!("`{c}` is not a Metronome customer id or ingest alias (leave the key out for a tenant without one)"),
+                    ));
+                }
+                if let Some(other) = metronome_customers.insert(c, name) {
                     return Err(self.invalid(
                         &path,
                         format!("`{c}` is also tenants.{other}'s: a billing customer belongs to one tenant"),
@@ -1427,7 +1510,14 @@ impl Validator<'_, '_> {
                     (!o.is_empty()).then_some(o)
                 }
             };
-            tenants.push(TenantSpec { id, plan, key_hashes, stripe_customer: t.stripe_customer.clone(), overrides });
+            tenants.push(TenantSpec {
+                id,
+                plan,
+                key_hashes,
+                stripe_customer: t.stripe_customer.clone(),
+                metronome_customer: t.metronome_customer.clone(),
+                overrides,
+            });
         }
         Ok(tenants)
     }
@@ -1618,6 +1708,16 @@ fn grpc_http_equivalent(code: u8) -> u16 {
         16 => 401,
         _ => 500,
     }
+}
+
+/// Whether `url` is the scheme and the host (with a port) only: the clients append `v1/…` to
+/// it, so a path (`…/v1`) makes every call a 404.
+fn host_only(url: &str) -> bool {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    rest.is_some_and(|r| {
+        let host = r.strip_suffix('/').unwrap_or(r);
+        !host.is_empty() && !host.contains(['/', '?', '#', ' '])
+    })
 }
 
 #[cfg(test)]

@@ -387,6 +387,8 @@ impl Builder {
         let ids = Arc::new(NodeIds::new());
         let leases = Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold), clock.clone());
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
+        let customer_field =
+            self.sink.as_ref().map_or_else(|| customer_field_of(&runtime.config), |s| s.customer_field());
         let pipeline = Pipeline::new(stores.clone(), metrics.clone(), totals.clone(), clock.clone(), needs_customer);
         let exporter =
             Exporter::new(self.sink, stores.clone(), ids.clone(), clock.clone(), metrics.clone(), totals.clone());
@@ -399,6 +401,7 @@ impl Builder {
             leases,
             pipeline,
             exporter,
+            customer_field,
             events,
             store_configured: self.configured,
             clock,
@@ -414,5 +417,13 @@ impl Builder {
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
         (tollgate, worker)
+    }
+}
+
+/// The billing customer the configuration's sink bills (without a sink given in code).
+fn customer_field_of(config: &Config) -> crate::billing::CustomerField {
+    match config.export.sink {
+        Some(crate::config::SinkKind::Metronome) => crate::billing::CustomerField::Metronome,
+        _ => crate::billing::CustomerField::Stripe,
     }
 }

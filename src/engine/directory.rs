@@ -24,6 +24,7 @@ use crate::{
 fn declared(t: &StaticTenant) -> TenantRecord {
     let mut r = TenantRecord::new(t.id.clone(), t.plan.clone());
     r.customer = t.customer.clone();
+    r.metronome_customer = t.metronome_customer.clone();
     r.overrides = t.overrides.clone();
     r
 }
@@ -173,7 +174,7 @@ impl Tollgate {
             if let Some(why) = &unfit {
                 self.overrides_not_served(&record, why);
             }
-            self.new_state(record.id.clone(), &plan, record.customer.clone())
+            self.new_state(record.id.clone(), &plan, self.customer_of(&record))
         });
         self.after_insert(&rt);
         Ok(state)
@@ -187,6 +188,11 @@ impl Tollgate {
             .attach(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, || self.new_state(id.clone(), plan, None));
         self.after_insert(rt);
         state
+    }
+
+    /// The tenant's customer in the billing system its usage is exported to.
+    fn customer_of(&self, record: &TenantRecord) -> Option<String> {
+        record.customer_in(self.shared.customer_field).map(str::to_owned)
     }
 
     pub(crate) fn new_state(&self, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
@@ -291,7 +297,7 @@ impl Tollgate {
         // that fits it (then already served so: nothing changed).
         let served = plan.overrides.as_deref();
         let changed = current.plan.id != record.plan
-            || current.customer.as_deref() != record.customer.as_deref()
+            || current.customer.as_deref() != record.customer_in(self.shared.customer_field)
             || current.plan.overrides.as_deref() != served;
         if !changed {
             self.shared.table.confirmed(&record.id, now);
@@ -303,7 +309,7 @@ impl Tollgate {
         let old = self
             .shared
             .table
-            .replace(&record.id, now, || self.new_state(record.id.clone(), &plan, record.customer.clone()));
+            .replace(&record.id, now, || self.new_state(record.id.clone(), &plan, self.customer_of(&record)));
         if let Some(old) = old {
             tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
             self.return_leases(vec![old]).await;

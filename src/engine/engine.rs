@@ -210,6 +210,9 @@ pub(crate) struct Shared {
     pub(crate) pipeline: Pipeline,
     /// The billing export.
     pub(crate) exporter: Exporter,
+    /// Which of a tenant's billing customers its usage is billed to: the sink's, else the one
+    /// of the sink the configuration names.
+    pub(crate) customer_field: crate::billing::CustomerField,
     /// Usage events of jobs and queues.
     pub(crate) events: EventRecorder,
     /// Whether the store is the one the configuration's `[store]` names (opened by

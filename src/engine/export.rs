@@ -26,7 +26,7 @@ use super::{
     store_calls::{with_timeout, StoreCalls},
 };
 use crate::{
-    billing::{identifier_in, BillingSink, MeterEvent, SinkError},
+    billing::{identifier_in, BillingSink, CustomerField, MeterEvent, SinkError, SinkLimits},
     clock::Clock,
     config::{MeterAggregation, MeterId, TenantId},
     metrics::{Metrics, Totals},
@@ -76,9 +76,6 @@ impl ExportReport {
 
 /// How many aggregates one store call lists.
 const PAGE: usize = 100;
-/// Stripe takes meter events up to 35 days old; an hour is kept as a margin for the time the
-/// call takes and for clocks that differ.
-const MAX_AGE_SECS: i64 = 35 * 86_400 - 3600;
 /// The longest wait before a retry.
 const MAX_BACKOFF_SECS: u64 = 3600;
 
@@ -122,8 +119,10 @@ enum Customer {
 ///
 /// Bounded: past [`Customers::MAX`] tenants the cache starts again (a pass over more tenants
 /// reads some twice).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Customers {
+    /// Which of a tenant's customers the sink bills.
+    field: CustomerField,
     cache: HashMap<TenantId, Customer>,
     /// Directory reads failed in a row.
     failures: u32,
@@ -134,6 +133,10 @@ impl Customers {
     /// Directory reads failing in a row that end the pass: the directory is down rather than
     /// one record bad, and each further tenant would wait out its own timeout.
     const MAX_FAILURES: u32 = 3;
+
+    fn new(field: CustomerField) -> Self {
+        Self { field, cache: HashMap::new(), failures: 0 }
+    }
 
     /// The tenant's billing customer: the directory's, else the file's for a static tenant.
     /// The directory is asked within `usage.store_timeout`; a failure is counted and logged,
@@ -154,8 +157,14 @@ impl Customers {
                     (record, file) => {
                         let plan = record.as_ref().map(|t| &t.plan).or(file.map(|t| &t.plan));
                         let billed = plan.and_then(|p| rt.config.plan(p)).is_some_and(|p| p.billed());
+                        let of_file = |t: &crate::plan::StaticTenant| match self.field {
+                            CustomerField::Metronome => t.metronome_customer.clone(),
+                            _ => t.customer.clone(),
+                        };
                         Customer::Known(
-                            record.and_then(|t| t.customer).or_else(|| file.and_then(|t| t.customer.clone())),
+                            record
+                                .and_then(|t| t.customer_in(self.field).map(str::to_owned))
+                                .or_else(|| file.and_then(of_file)),
                             billed,
                         )
                     }
@@ -183,6 +192,15 @@ impl Customers {
 /// The aggregates of one (customer, meter), in window order, each with the customer it is billed
 /// to unless its export is in flight.
 type Lane = Vec<(UsageAggregate, Option<String>)>;
+
+/// An export begun (claimed, its parameters fixed) and ready to send.
+struct Ready {
+    agg: UsageAggregate,
+    event: MeterEvent,
+    /// Whether this attempt began the export's count of attempts that may have reached the
+    /// billing system.
+    first_attempt: bool,
+}
 
 /// The billing export of this engine: its sink, one pass at a time, and what a pass calls.
 pub(crate) struct Exporter {
@@ -224,6 +242,8 @@ struct Pass {
     /// The store's identifier namespace, read when the pass began: exports begun in it send
     /// under identifiers of this namespace (kept with them in the store).
     namespace: String,
+    /// What the sink's billing system takes, with `export.unconfirmed_after` held within it.
+    limits: SinkLimits,
     /// Set when the sink refuses everything: the lanes stop.
     halted: AtomicBool,
 }
@@ -251,6 +271,27 @@ impl Exporter {
         self.sink.is_some()
     }
 
+    /// What the sink's billing system takes (without a sink, that of the sink the
+    /// configuration names), with `export.unconfirmed_after` held within its de-duplication.
+    fn limits(&self, rt: &Runtime) -> SinkLimits {
+        let mut limits = match &self.sink {
+            Some(sink) => sink.limits(),
+            None if rt.config.export.sink == Some(crate::config::SinkKind::Metronome) => SinkLimits::METRONOME,
+            None => SinkLimits::STRIPE,
+        };
+        limits.max_unconfirmed = limits.max_unconfirmed.min(rt.config.export.unconfirmed_after);
+        limits
+    }
+
+    /// Which of a tenant's customers the sink bills (without a sink, the configured one's).
+    fn customer_field(&self, rt: &Runtime) -> CustomerField {
+        match &self.sink {
+            Some(sink) => sink.customer_field(),
+            None if rt.config.export.sink == Some(crate::config::SinkKind::Metronome) => CustomerField::Metronome,
+            None => CustomerField::Stripe,
+        }
+    }
+
     /// What the next [`export`](Self::export) would send, without sending or claiming
     /// anything: an export already in flight with its fixed parameters, the others as they
     /// would be fixed now. Windows of tenants that are not billable are left out.
@@ -259,11 +300,12 @@ impl Exporter {
     /// A store error.
     pub(crate) async fn preview(&self, rt: &Runtime) -> Result<Vec<MeterEvent>, StoreError> {
         // Without a sink (a dry run), Stripe's rule if the configuration has `[stripe]`.
-        let needs_customer = self.sink.as_ref().map_or(rt.config.stripe().is_some(), |s| s.needs_customer());
+        let needs_customer = self.sink.as_ref().map_or_else(|| rt.config.sink_needs_customer(), |s| s.needs_customer());
         let now = self.deps.clock.unix_secs();
         let namespace = self.deps.stores.roles.usage.identifier_namespace().await?;
+        let limits = self.limits(rt);
         let mut out = Vec::new();
-        let mut customers = Customers::default();
+        let mut customers = Customers::new(self.customer_field(rt));
         let mut after: Option<ExportKey> = None;
         loop {
             let page =
@@ -285,7 +327,7 @@ impl Exporter {
                     },
                 };
                 // What the pass would park, or skip as not billable, is not sent.
-                if park_reason(rt, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
+                if park_reason(rt, &limits, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
                     continue;
                 }
                 out.push(meter_event(rt, &agg, &send));
@@ -311,17 +353,22 @@ impl Exporter {
         let settings = rt.config.export.clone();
         let now = self.deps.clock.unix_secs();
         let namespace = self.deps.stores.roles.usage.identifier_namespace().await?;
+        let limits = self.limits(&rt);
+        let field = sink.customer_field();
         let pass = Arc::new(Pass {
             deps: self.deps.clone(),
             sink,
             rt: rt.clone(),
             pacer: self.pacer.clone(),
             namespace,
+            limits,
             halted: AtomicBool::new(false),
         });
+        let max_age = limits.max_age.as_secs() as i64;
+        let days = limits.max_age.as_secs().div_ceil(86_400);
         let bound = if all { i64::MAX } else { listing_bound(&rt, now) };
         let mut report = ExportReport::default();
-        let mut customers = Customers::default();
+        let mut customers = Customers::new(field);
         // A cursor: aggregates that cannot progress (held by another node, waiting for their
         // next attempt) are passed over, never starving the rest.
         let mut after: Option<ExportKey> = None;
@@ -348,10 +395,12 @@ impl Exporter {
                             // A billed plan's tenant without a customer: never begun (that would
                             // fix "no customer" for the revision), kept pending until it has
                             // one; parked once too old to send, so it is listed, not pruned.
-                            if agg.key.window_start < now - MAX_AGE_SECS {
-                                let reason = "no customer: its tenant's plan is billed but the tenant had no \
-                                              billing customer within the 35 days the billing system takes: \
-                                              bill it by hand (an invoice item), then confirm it";
+                            if agg.key.window_start < now - max_age {
+                                let reason = format!(
+                                    "no customer: its tenant's plan is billed but the tenant had no billing \
+                                     customer within the {days} days the billing system takes: bill it by hand \
+                                     (an invoice item), then confirm it"
+                                );
                                 // Begun (what it would send fixed, no customer) so that it can be
                                 // confirmed once billed by hand.
                                 let planned = plan_send(&rt, &agg, now, None, &pass.namespace);
@@ -359,7 +408,7 @@ impl Exporter {
                                 let claim = ExportClaim::new(self.deps.ids.node(), now, until);
                                 let usage = &self.deps.stores.roles.usage;
                                 if let Some(begun) = usage.begin_export(&agg, &claim, &planned).await? {
-                                    pass.park(&begun, reason, &mut report).await?;
+                                    pass.park(&begun, &reason, &mut report).await?;
                                 }
                             } else {
                                 report.awaiting_customer += 1;
@@ -378,14 +427,14 @@ impl Exporter {
                                     window = agg.key.window_start,
                                     "window not exported: the tenant is in neither the directory nor the file");
                             }
-                            if agg.key.window_start < now - MAX_AGE_SECS {
+                            if agg.key.window_start < now - max_age {
                                 let why = match waiting {
                                     Customer::Unknown => "in neither the directory nor the file",
                                     _ => "its directory record could not be read",
                                 };
                                 let reason = format!(
-                                    "too old: its tenant's billing customer was never found ({why}) within the 35 \
-                                     days the billing system takes; mend the directory, then requeue"
+                                    "too old: its tenant's billing customer was never found ({why}) within the \
+                                     {days} days the billing system takes; mend the directory, then requeue"
                                 );
                                 pass.park(&agg, &reason, &mut report).await?;
                                 continue;
@@ -402,14 +451,33 @@ impl Exporter {
             }
             let mut tasks = JoinSet::new();
             let mut first_error = None;
-            for lane in lanes.into_values() {
+            // A sink taking several events a call gets them in batches (a lane's windows stay
+            // together, in order); one taking one event a call, lane by lane.
+            let batch = pass.limits.max_batch;
+            let mut units: Vec<(bool, Lane)> = Vec::new();
+            if batch > 1 {
+                let all: Lane = lanes.into_values().flatten().collect();
+                let mut all = all.into_iter().peekable();
+                while all.peek().is_some() {
+                    units.push((true, all.by_ref().take(batch).collect()));
+                }
+            } else {
+                units.extend(lanes.into_values().map(|lane| (false, lane)));
+            }
+            for (batched, unit) in units {
                 if tasks.len() >= settings.concurrency {
                     if let Some(done) = tasks.join_next().await {
                         collect(done, &mut report, &mut first_error);
                     }
                 }
                 let pass = pass.clone();
-                tasks.spawn(async move { pass.lane(lane).await });
+                tasks.spawn(async move {
+                    if batched {
+                        pass.batch(unit).await
+                    } else {
+                        pass.lane(unit).await
+                    }
+                });
             }
             while let Some(done) = tasks.join_next().await {
                 collect(done, &mut report, &mut first_error);
@@ -447,21 +515,74 @@ impl Pass {
     async fn lane(&self, lane: Lane) -> Result<ExportReport, StoreError> {
         let mut report = ExportReport::default();
         for (agg, customer) in lane {
-            if self.halted.load(Ordering::Relaxed) || !self.one(agg, customer, &mut report).await? {
+            if self.halted.load(Ordering::Relaxed) {
+                break;
+            }
+            let Some(ready) = self.begin(agg, customer, &mut report).await? else { continue };
+            let result = self.call(std::slice::from_ref(&ready)).await;
+            let Some(result) = result else {
+                self.let_go(&ready.agg, ready.first_attempt).await?;
+                break;
+            };
+            if !self.settle(ready, &result, &mut report).await? {
                 break;
             }
         }
         Ok(report)
     }
 
-    /// Exports one aggregate, billed to `customer` unless an export of it is in flight (that
-    /// one keeps what was fixed when it began). Returns whether the lane may go on.
-    async fn one(
+    /// Up to [`SinkLimits::max_batch`] aggregates in one call. A refusal for good of several
+    /// is bisected: the halves are sent again under the same identifiers until the refused
+    /// aggregate is found and parked alone.
+    async fn batch(&self, batch: Lane) -> Result<ExportReport, StoreError> {
+        let mut report = ExportReport::default();
+        let mut ready = Vec::with_capacity(batch.len());
+        for (agg, customer) in batch {
+            if self.halted.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Some(r) = self.begin(agg, customer, &mut report).await? {
+                ready.push(r);
+            }
+        }
+        // Groups still to send, the next last.
+        let mut groups = vec![ready];
+        while let Some(mut group) = groups.pop() {
+            if group.is_empty() {
+                continue;
+            }
+            let Some(result) = self.call(&group).await else {
+                for r in group.into_iter().chain(groups.drain(..).flatten()) {
+                    self.let_go(&r.agg, r.first_attempt).await?;
+                }
+                break;
+            };
+            if group.len() > 1 && matches!(result, Err(SinkError::Permanent(_))) {
+                if let Err(SinkError::Permanent(reason)) = &result {
+                    tracing::info!(%reason, events = group.len(),
+                        "the billing system refused a batch: its halves are sent again to find the refused event");
+                }
+                let second = group.split_off(group.len() / 2);
+                groups.push(second);
+                groups.push(group);
+                continue;
+            }
+            for r in group {
+                self.settle(r, &result, &mut report).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Begins the export of one aggregate, billed to `customer` unless an export of it is in
+    /// flight (that one keeps what was fixed when it began): the event to send, or `None` when
+    /// there is nothing to send (another node holds it, it is not billable, or it was parked).
+    async fn begin(
         &self,
         agg: UsageAggregate,
         customer: Option<String>,
         report: &mut ExportReport,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Ready>, StoreError> {
         let shared = &self.deps;
         let store = &shared.stores.roles.usage;
         let settings = &self.rt.config.export;
@@ -471,7 +592,7 @@ impl Pass {
         let planned = plan_send(&self.rt, &agg, now, customer, &self.namespace);
         let claim = ExportClaim::new(shared.ids.node(), now, now + settings.claim.as_secs() as i64);
         let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
-            return Ok(true);
+            return Ok(None);
         };
         let send = agg.send.clone().unwrap_or(planned);
         // Whether this attempt is the one that began the export's count of attempts that may
@@ -486,31 +607,57 @@ impl Pass {
                 tracing::debug!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
                     "window skipped: the tenant has no billing customer");
             }
-            return Ok(true);
+            return Ok(None);
         }
-        if let Some(reason) = park_reason(&self.rt, &agg, &send, now) {
+        if let Some(reason) = park_reason(&self.rt, &self.limits, &agg, &send, now) {
             if reason.starts_with("unconfirmed") {
                 Totals::add(&shared.totals.unconfirmed_exports, 1);
                 shared.metrics.unconfirmed_exports.increment(1);
             }
             self.park(&agg, &reason, report).await?;
-            return Ok(true);
-        }
-        // Only calls are paced (a window skipped or parked takes no slot); the wait is short
-        // (at most `concurrency / calls_per_second`) next to the claim.
-        self.pacer.wait(settings.calls_per_second).await;
-        if self.halted.load(Ordering::Relaxed) {
-            // Another lane found the sink refusing everything: the claim goes, untried.
-            self.let_go(&agg, first_attempt).await?;
-            return Ok(false);
+            return Ok(None);
         }
         let event = meter_event(&self.rt, &agg, &send);
-        let result = self.sink.send(&event).await;
+        Ok(Some(Ready { agg, event, first_attempt }))
+    }
+
+    /// One call to the sink with these events, paced; `None` if the sink was found refusing
+    /// everything meanwhile (the call is not made).
+    async fn call(&self, ready: &[Ready]) -> Option<Result<(), SinkError>> {
+        // Only calls are paced (a window skipped or parked takes no slot); the wait is short
+        // (at most `concurrency / calls_per_second`) next to the claim.
+        self.pacer.wait(self.rt.config.export.calls_per_second).await;
+        if self.halted.load(Ordering::Relaxed) {
+            // Another lane found the sink refusing everything: the claims go, untried.
+            return None;
+        }
+        Some(match ready {
+            [one] => self.sink.send(&one.event).await,
+            many => {
+                let events: Vec<MeterEvent> = many.iter().map(|r| r.event.clone()).collect();
+                self.sink.send_batch(&events).await
+            }
+        })
+    }
+
+    /// Settles one aggregate by the answer to the call that carried it. Returns whether its
+    /// lane may go on.
+    async fn settle(
+        &self,
+        ready: Ready,
+        result: &Result<(), SinkError>,
+        report: &mut ExportReport,
+    ) -> Result<bool, StoreError> {
+        let Ready { agg, event, first_attempt } = ready;
+        let shared = &self.deps;
+        let store = &shared.stores.roles.usage;
+        let settings = &self.rt.config.export;
         let now = shared.clock.unix_secs();
         // Only this store sends identifiers of its namespace: when an earlier attempt of this
         // very send (its parameters fixed then) may have reached the billing system, "already
         // held" is that attempt's, delivered (a re-send after Stripe forgot its idempotency key).
-        let result = match result {
+        let delivered = match result {
+            Ok(()) => true,
             Err(SinkError::AlreadyHeld(message))
                 if !first_attempt
                     && !self.namespace.is_empty()
@@ -525,34 +672,35 @@ impl Pass {
             {
                 tracing::info!(%message, identifier = %event.identifier,
                     "the billing system already holds the meter event: marked exported");
-                Ok(())
+                true
             }
-            other => other,
+            Err(_) => false,
         };
-        match result {
-            Ok(()) => {
-                if store.finish_export(&agg, now).await? {
-                    if is_late(&self.rt, event.window_end, now) {
-                        Totals::add(&shared.totals.late_revisions, 1);
-                        shared.metrics.late_revisions.increment(1);
-                        tracing::info!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
-                            revision = agg.revision, timestamp = event.timestamp,
-                            "revision exported after the invoice grace: stamped at export time if it began late \
-                             (a sum meter), else in its window (invoiced only if the window's period is still open)");
-                    }
-                    report.events += 1;
-                    report.units += event.value;
-                    Totals::add(&shared.totals.exported_events, 1);
-                    Totals::add(&shared.totals.exported_units, event.value);
-                    shared.metrics.exported_events.increment(1);
+        if delivered {
+            if store.finish_export(&agg, now).await? {
+                if is_late(&self.rt, event.window_end, now) {
+                    Totals::add(&shared.totals.late_revisions, 1);
+                    shared.metrics.late_revisions.increment(1);
+                    tracing::info!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
+                        revision = agg.revision, timestamp = event.timestamp,
+                        "revision exported after the invoice grace: stamped at export time if it began late \
+                         (a sum meter), else in its window (invoiced only if the window's period is still open)");
                 }
-                Ok(true)
+                report.events += 1;
+                report.units += event.value;
+                Totals::add(&shared.totals.exported_events, 1);
+                Totals::add(&shared.totals.exported_units, event.value);
+                shared.metrics.exported_events.increment(1);
             }
-            Err(SinkError::Permanent(reason)) => {
+            return Ok(true);
+        }
+        let Err(e) = result else { unreachable!("delivered above") };
+        match e {
+            SinkError::Permanent(reason) => {
                 self.park(&agg, &format!("refused: {reason}"), report).await?;
                 Ok(true)
             }
-            Err(SinkError::AlreadyHeld(message)) => {
+            SinkError::AlreadyHeld(message) => {
                 // A first attempt (a restored backup or a copy of the store, whose value may
                 // differ from what was sent), or an identifier of the empty namespace (another
                 // deployment may share it): what the billing system holds proves nothing of it.
@@ -564,7 +712,7 @@ impl Pass {
                 self.park(&agg, &reason, report).await?;
                 Ok(true)
             }
-            Err(SinkError::Unsettled(reason)) => {
+            SinkError::Unsettled(reason) => {
                 let reason = format!(
                     "unsettled: {reason}; the billing system may hold it under its identifier: reconcile \
                      before requeueing"
@@ -572,7 +720,7 @@ impl Pass {
                 self.park(&agg, &reason, report).await?;
                 Ok(true)
             }
-            Err(SinkError::Unknown(e)) if agg.unknown_failures + 1 >= settings.max_unknown_failures => {
+            SinkError::Unknown(e) if agg.unknown_failures + 1 >= settings.max_unknown_failures => {
                 let reason = format!(
                     "failed {} times without a status (last: {e}); it may or may not have been taken: \
                      reconcile before requeueing",
@@ -581,18 +729,19 @@ impl Pass {
                 self.park(&agg, &reason, report).await?;
                 Ok(false)
             }
-            Err(SinkError::Halt(reason)) => {
+            SinkError::Halt(reason) => {
                 // Nothing can go through (the credentials were refused): the pass stops,
                 // nothing is parked, and this one is free for the next pass (one call a pass
                 // until the key is fixed).
-                tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
+                if !self.halted.swap(true, Ordering::Relaxed) {
+                    tracing::error!(%reason, "billing sink refuses every call; export pass stopped");
+                }
                 self.let_go(&agg, first_attempt).await?;
-                self.halted.store(true, Ordering::Relaxed);
                 report.deferred = true;
                 Ok(false)
             }
-            Err(e) => {
-                let (asked, deferral) = match &e {
+            e => {
+                let (asked, deferral) = match e {
                     SinkError::Retryable { retry_after, .. } => (*retry_after, Deferral::Failed),
                     SinkError::NotTaken { retry_after, .. } => (*retry_after, never_sent(first_attempt, agg.attempts)),
                     _ => (None, Deferral::Unknown),
@@ -705,12 +854,11 @@ fn is_late(rt: &Runtime, window_end: i64, now: i64) -> bool {
 }
 
 /// Why an export must be parked rather than sent, if it must.
-fn park_reason(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, now: i64) -> Option<String> {
-    let settings = &rt.config.export;
+fn park_reason(rt: &Runtime, limits: &SinkLimits, agg: &UsageAggregate, send: &ExportSend, now: i64) -> Option<String> {
     // Sent before but never confirmed, and the billing system may have forgotten its
     // identifier: never sent again (it could be billed twice).
     if let Some(first) = agg.first_attempt_at {
-        if agg.in_flight.is_some() && first + settings.unconfirmed_after.as_secs() as i64 <= now {
+        if agg.in_flight.is_some() && first + limits.max_unconfirmed.as_secs() as i64 <= now {
             return Some(format!(
                 "unconfirmed: {} attempts since {first} (Unix seconds) were never confirmed; \
                  reconcile with the billing system, then confirm or requeue",
@@ -727,10 +875,11 @@ fn park_reason(rt: &Runtime, agg: &UsageAggregate, send: &ExportSend, now: i64) 
     // By the window, not the stamp: usage of a window the billing system no longer takes is
     // not moved into the current invoice by a late stamp.
     let last_second = agg.key.window_start + meter_window(rt, &agg.key.meter) - 1;
-    if send.timestamp.min(last_second) < now - MAX_AGE_SECS {
+    if send.timestamp.min(last_second) < now - limits.max_age.as_secs() as i64 {
         return Some(format!(
-            "too old: its window ended more than 35 days ago (timestamp {}), which the billing system refuses; \
+            "too old: its window ended more than {} days ago (timestamp {}), which the billing system refuses; \
              bill it by hand",
+            limits.max_age.as_secs().div_ceil(86_400),
             send.timestamp.min(last_second)
         ));
     }

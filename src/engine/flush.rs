@@ -143,7 +143,7 @@ impl Pipeline {
     /// customer, the tenant has none and its plan is not `billed` (a free tier). Its usage is
     /// then stored but not an export candidate.
     pub(crate) fn billable(&self, rt: &Runtime, tenant: &Tenant) -> bool {
-        let needs_customer = self.sink_needs_customer.unwrap_or_else(|| rt.config.stripe().is_some());
+        let needs_customer = self.sink_needs_customer.unwrap_or_else(|| rt.config.sink_needs_customer());
         !needs_customer
             || tenant.customer.is_some()
             || rt.config.plan(&tenant.plan.id).is_some_and(crate::config::PlanSpec::billed)

@@ -453,6 +453,7 @@ pub(crate) struct StaticTenant {
     pub(crate) id: TenantId,
     pub(crate) plan: PlanId,
     pub(crate) customer: Option<String>,
+    pub(crate) metronome_customer: Option<String>,
     /// The tenant's overrides, in their JSON form.
     pub(crate) overrides: Option<String>,
 }
@@ -564,6 +565,7 @@ impl Runtime {
                 id: t.id.clone(),
                 plan: t.plan.clone(),
                 customer: t.stripe_customer.clone(),
+                metronome_customer: t.metronome_customer.clone(),
                 overrides: t.overrides.as_ref().map(|o| o.to_json()),
             };
             static_tenants.insert(t.id.clone(), record);

@@ -18,6 +18,9 @@ pub struct TenantRecord {
     pub plan: PlanId,
     /// Its billing customer (a Stripe customer id), if any.
     pub customer: Option<String>,
+    /// Its Metronome customer id or ingest alias, if any: what its events carry when the
+    /// billing sink is Metronome.
+    pub metronome_customer: Option<String>,
     /// When the newest billing event applied to it was created (Unix seconds).
     pub last_event_at: Option<i64>,
     /// Its overrides of its plan, in their JSON form
@@ -35,7 +38,31 @@ impl TenantRecord {
     /// `id` on `plan`, without a billing customer.
     #[must_use]
     pub fn new(id: TenantId, plan: PlanId) -> Self {
-        Self { id, plan, customer: None, last_event_at: None, overrides: None, subscriptions: None }
+        Self {
+            id,
+            plan,
+            customer: None,
+            metronome_customer: None,
+            last_event_at: None,
+            overrides: None,
+            subscriptions: None,
+        }
+    }
+
+    /// With a Metronome customer id or ingest alias.
+    #[must_use]
+    pub fn with_metronome_customer(mut self, customer: impl Into<String>) -> Self {
+        self.metronome_customer = Some(customer.into());
+        self
+    }
+
+    /// Its customer in the billing system `field` names.
+    #[must_use]
+    pub fn customer_in(&self, field: crate::billing::CustomerField) -> Option<&str> {
+        match field {
+            crate::billing::CustomerField::Stripe => self.customer.as_deref(),
+            crate::billing::CustomerField::Metronome => self.metronome_customer.as_deref(),
+        }
     }
 
     /// With a billing customer (a Stripe customer id).

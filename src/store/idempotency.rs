@@ -62,6 +62,7 @@ pub enum IdempotencyState {
 impl IdempotencyState {
     /// The state a live binding gives a claim or a read of `request`: the binding's request
     /// (`bound`), whether it completed, and its stored response's bytes (the SQL stores).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn of_binding(
         bound: &str,
         request: &str,

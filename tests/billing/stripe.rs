@@ -106,7 +106,7 @@ impl Billable {
 }
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Memory,
     Sqlite,
     Dynamo,
@@ -114,15 +114,15 @@ enum Kind {
 }
 
 /// A store of `kind`, and how to open it again (another process, a restarted node).
-struct Backend {
-    kind: Kind,
-    store: Arc<dyn StoreInspect>,
-    dir: tempfile::TempDir,
-    table: Option<(String, String)>,
+pub(crate) struct Backend {
+    pub(crate) kind: Kind,
+    pub(crate) store: Arc<dyn StoreInspect>,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) table: Option<(String, String)>,
 }
 
 impl Backend {
-    async fn new(kind: Kind) -> Option<Self> {
+    pub(crate) async fn new(kind: Kind) -> Option<Self> {
         let dir = tempfile::tempdir().unwrap();
         let (store, table): (Arc<dyn StoreInspect>, _) = match kind {
             Kind::Memory => (Arc::new(tollgate::store::MemoryStore::new()), None),
@@ -136,7 +136,7 @@ impl Backend {
     }
 
     /// The store as another process opens it (the same object for the memory store).
-    async fn reopen(&self) -> Arc<dyn StoreInspect> {
+    pub(crate) async fn reopen(&self) -> Arc<dyn StoreInspect> {
         match self.kind {
             Kind::Memory => self.store.clone(),
             Kind::Sqlite => Arc::new(tollgate::store::SqliteStore::open(self.dir.path().join("t.db")).await.unwrap()),
@@ -161,13 +161,13 @@ async fn postgres() -> Option<(Arc<dyn StoreInspect>, Option<(String, String)>)>
 }
 
 #[cfg(feature = "postgres")]
-async fn reopen_postgres((url, schema): &(String, String)) -> Arc<dyn StoreInspect> {
+pub(crate) async fn reopen_postgres((url, schema): &(String, String)) -> Arc<dyn StoreInspect> {
     let options = tollgate::store::PostgresOptions::new(url.clone()).schema(schema.clone()).pool_size(4);
     Arc::new(tollgate::store::PostgresStore::open(&options).await.unwrap())
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn reopen_postgres(_: &(String, String)) -> Arc<dyn StoreInspect> {
+pub(crate) async fn reopen_postgres(_: &(String, String)) -> Arc<dyn StoreInspect> {
     unreachable!()
 }
 
@@ -186,12 +186,12 @@ async fn dynamo() -> Option<(Arc<dyn StoreInspect>, Option<(String, String)>)> {
 }
 
 #[cfg(feature = "dynamodb")]
-fn reopen_dynamo((endpoint, table): &(String, String)) -> Arc<dyn StoreInspect> {
+pub(crate) fn reopen_dynamo((endpoint, table): &(String, String)) -> Arc<dyn StoreInspect> {
     Arc::new(tollgate::store::DynamoStore::new(common::dynamo::client(endpoint), table.clone()))
 }
 
 #[cfg(not(feature = "dynamodb"))]
-fn reopen_dynamo(_: &(String, String)) -> Arc<dyn StoreInspect> {
+pub(crate) fn reopen_dynamo(_: &(String, String)) -> Arc<dyn StoreInspect> {
     unreachable!()
 }
 
@@ -223,7 +223,7 @@ async fn child() -> bool {
 }
 
 /// Kills `child` with SIGKILL and reaps it.
-fn sigkill(mut child: std::process::Child) {
+pub(crate) fn sigkill(mut child: std::process::Child) {
     use std::os::unix::process::ExitStatusExt;
     child.kill().unwrap();
     let status = child.wait().unwrap();

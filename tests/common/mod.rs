@@ -3,6 +3,8 @@
 
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
+#[cfg(feature = "metronome")]
+pub mod metronome;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod stripe;

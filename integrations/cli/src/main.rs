@@ -158,6 +158,10 @@ enum TenantCommand {
         /// Take the customer from the tenant holding it (that tenant keeps none).
         #[arg(long = "move", requires = "customer")]
         take: bool,
+        /// Its Metronome customer id or ingest alias: what its usage events carry when
+        /// `[export] sink = "metronome"` (docs/metronome.md).
+        #[arg(long)]
+        metronome_customer: Option<String>,
     },
     /// Lists the tenants.
     List,
@@ -367,11 +371,18 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// One export pass (or, with `dry_run`, what it would send).
 async fn export(config: Config, dry_run: bool) -> Result<()> {
-    if config.stripe().is_none() {
-        return Err("the configuration has no [stripe] section: there is nowhere to export to".into());
+    if config.export().sink_kind(config.stripe().is_some()).is_none() {
+        return Err("the configuration names no billing sink ([export] sink, or a [stripe] section): \
+                    there is nowhere to export to"
+            .into());
     }
     let builder = tollgate::Tollgate::builder(config.clone());
-    let builder = if dry_run { builder } else { builder.billing_sink(stripe_sink(&config)?) };
+    let builder = if dry_run {
+        builder
+    } else {
+        let sink = tollgate::billing::configured_sink(&config)?.ok_or("the configuration names no billing sink")?;
+        builder.billing_sink_arc(sink)
+    };
     let (engine, _worker) = builder.open().await?;
     if dry_run {
         let events = engine.export_preview().await?;
@@ -418,6 +429,7 @@ async fn new_namespace_of(config: Config) -> Result<()> {
     if config.stripe().is_none() {
         return Err("the configuration has no [stripe] section: identifiers are Stripe's".into());
     }
+    not_metronome(&config, "a new namespace is reconciled with Stripe first")?;
     let (engine, _worker) =
         tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
     let r = engine.export().await?;
@@ -448,7 +460,7 @@ async fn new_namespace_of(config: Config) -> Result<()> {
 /// key is set; nothing else is sent. A failure is said, and `--requeue-all` goes on with what
 /// Stripe refused.
 async fn settle_letters(config: &Config) {
-    if config.stripe().is_none() {
+    if config.stripe().is_none() || config.export().sink_kind(true) != Some(tollgate::config::SinkKind::Stripe) {
         return;
     }
     let Ok(sink) = stripe_sink(config) else {
@@ -477,6 +489,7 @@ async fn reconcile(config: Config, request: &tollgate::report::ReconcileRequest)
     if config.stripe().is_none() {
         return Err("the configuration has no [stripe] section: there is nothing to reconcile with".into());
     }
+    not_metronome(&config, "reconciliation reads Stripe's meter event summaries")?;
     let (engine, _worker) =
         tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
     let r = engine.reconcile(request).await?;
@@ -513,6 +526,17 @@ async fn reconcile(config: Config, request: &tollgate::report::ReconcileRequest)
             "{} events of pre-aggregated meters are not compared (Stripe keeps their newest value)",
             r.not_compared
         );
+    }
+    Ok(())
+}
+
+/// Refuses a command that works against Stripe only when the sink is Metronome.
+fn not_metronome(config: &Config, why: &str) -> Result<()> {
+    if config.export().sink == Some(tollgate::config::SinkKind::Metronome) {
+        return Err(format!(
+            "export.sink is \"metronome\": {why}, and tollgate does not reconcile with Metronome (docs/metronome.md)"
+        )
+        .into());
     }
     Ok(())
 }
@@ -859,10 +883,13 @@ async fn repair_ttl_of(config: &Config) -> Result<()> {
 
 async fn tenants(admin: &Admin, config: &Config, command: TenantCommand) -> Result<()> {
     match command {
-        TenantCommand::Add { id, plan, customer, take } => {
-            let t = match (customer.as_deref(), take) {
-                (Some(c), true) => admin.add_tenant_moving_customer(&id, &plan, c).await?,
-                (customer, _) => admin.add_tenant(&id, &plan, customer).await?,
+        TenantCommand::Add { id, plan, customer, take, metronome_customer } => {
+            let t = match (customer.as_deref(), take, metronome_customer.as_deref()) {
+                (customer, take, Some(m)) => {
+                    admin.add_tenant_with_metronome_customer(&id, &plan, customer, m, take).await?
+                }
+                (Some(c), true, None) => admin.add_tenant_moving_customer(&id, &plan, c).await?,
+                (customer, _, None) => admin.add_tenant(&id, &plan, customer).await?,
             };
             println!("tenant `{}` added on plan `{}`", t.id, t.plan);
         }

@@ -25,6 +25,29 @@ pub async fn a_billing_customer_belongs_to_one_tenant<S: ?Sized + DirectoryStore
     assert_eq!(h.s().apply_plan_change(&plan).await.unwrap(), PlanChangeOutcome::UnknownCustomer);
 }
 
+/// A tenant's Metronome customer is stored beside its Stripe customer, read back by every
+/// lookup, kept by plan and customer changes, and cleared by a record without it.
+pub async fn a_metronome_customer_is_kept_beside_the_stripe_one<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {
+    let key = KeyHash::of(b"key-m");
+    let m = TenantRecord::new("m".into(), "free".into()).with_customer("cus_m").with_metronome_customer("acct-m");
+    h.s().put_tenant(&m, &[key]).await.unwrap();
+    h.restart().await;
+    assert_eq!(h.s().tenant(&"m".into()).await.unwrap(), Some(m.clone()));
+    assert_eq!(h.s().find_key(&key).await.unwrap(), Some(m.clone()));
+    assert_eq!(h.s().tenant_by_customer("cus_m").await.unwrap(), Some(m.clone()));
+    assert_eq!(h.s().list_tenants(None, 10).await.unwrap(), vec![m.clone()]);
+    let change = PlanChange::new("evt_m", "cus_m", 10, "pro".into());
+    assert!(matches!(h.s().apply_plan_change(&change).await.unwrap(), PlanChangeOutcome::Applied(_)));
+    assert!(h.s().set_customer_if_unchanged(&"m".into(), Some("cus_m"), Some("cus_n")).await.unwrap());
+    let read = h.s().tenant(&"m".into()).await.unwrap().unwrap();
+    assert_eq!(
+        (read.plan.as_str(), read.customer.as_deref(), read.metronome_customer.as_deref()),
+        ("pro", Some("cus_n"), Some("acct-m"))
+    );
+    h.s().put_tenant(&TenantRecord::new("m".into(), "pro".into()), &[]).await.unwrap();
+    assert_eq!(h.s().tenant(&"m".into()).await.unwrap().unwrap().metronome_customer, None);
+}
+
 /// A tenant's customer is set over the one read only, alone: a customer given to it leaves
 /// its holder, its old one leads nowhere, and nothing else of the tenant changes.
 pub async fn a_customer_is_set_only_over_what_was_read<S: ?Sized + DirectoryStore>(h: &mut StoreUnderTest<S>) {

@@ -85,6 +85,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests directory, $make;
             the_directory_finds_tenants_by_key_id_and_customer,
             a_billing_customer_belongs_to_one_tenant,
+            a_metronome_customer_is_kept_beside_the_stripe_one,
             plan_changes_apply_once_and_in_order,
             a_plan_is_set_only_over_what_was_read,
             a_customer_is_set_only_over_what_was_read,

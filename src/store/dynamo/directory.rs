@@ -312,6 +312,9 @@ impl DirectoryStore for DynamoStore {
         if let Some(subs) = &record.subscriptions {
             put = put.item("subscriptions", s(subs.as_str()));
         }
+        if let Some(m) = &record.metronome_customer {
+            put = put.item("metronome_customer", s(m.as_str()));
+        }
         if let Some(o) = &record.overrides {
             put = put.item("overrides", s(o.as_str()));
         }

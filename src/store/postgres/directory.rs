@@ -3,7 +3,8 @@
 
 use super::*;
 
-const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions";
+const TENANT_COLUMNS: &str =
+    "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer";
 
 fn tenant_row(r: &Row) -> TenantRecord {
     let mut t = TenantRecord::new(r.get::<_, String>(0).into(), r.get::<_, String>(1).into());
@@ -11,6 +12,7 @@ fn tenant_row(r: &Row) -> TenantRecord {
     t.last_event_at = r.get(3);
     t.overrides = r.get(4);
     t.subscriptions = r.get(5);
+    t.metronome_customer = r.get(6);
     t
 }
 
@@ -219,11 +221,11 @@ impl DirectoryStore for PostgresStore {
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let release = self.sql("UPDATE {s}.tenant SET customer = NULL WHERE customer = $1 AND id <> $2");
         let upsert = self.sql(
-            "INSERT INTO {s}.tenant (id, plan, customer, last_event_at, overrides, subscriptions) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO {s}.tenant (id, plan, customer, last_event_at, overrides, subscriptions, metronome_customer) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
              last_event_at = excluded.last_event_at, overrides = excluded.overrides, \
-             subscriptions = excluded.subscriptions",
+             subscriptions = excluded.subscriptions, metronome_customer = excluded.metronome_customer",
         );
         let key = self.sql(
             "INSERT INTO {s}.api_key (hash, tenant, created_at) VALUES ($1, $2, $3) \
@@ -245,7 +247,8 @@ impl DirectoryStore for PostgresStore {
                     record.customer.as_deref(),
                     record.last_event_at,
                     record.overrides.as_deref(),
-                    record.subscriptions.as_deref()
+                    record.subscriptions.as_deref(),
+                    record.metronome_customer.as_deref()
                 ],
             )
             .await?;

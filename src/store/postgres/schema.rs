@@ -4,12 +4,13 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
 /// compares them, so that pages follow the order of the other stores.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE {s}.meta (
     key   text COLLATE "C" PRIMARY KEY,
     value text NOT NULL
@@ -121,7 +122,12 @@ CREATE TABLE {s}.ledger (
     PRIMARY KEY (hour, tenant, meter, window_start, revision)
 );
 CREATE INDEX ledger_kept ON {s}.ledger (kept_from);
-"#];
+"#,
+    // Each tenant's Metronome customer id or ingest alias, beside its Stripe customer.
+    r#"
+ALTER TABLE {s}.tenant ADD COLUMN metronome_customer text;
+"#,
+];
 
 /// What a schema holds, as read.
 enum Found {

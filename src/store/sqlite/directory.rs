@@ -218,11 +218,11 @@ impl DirectoryStore for SqliteStore {
                     .execute(params![c, id])?;
             }
             tx.prepare_cached(
-                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides, subscriptions) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides, subscriptions, metronome_customer) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
                  ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
                  last_event_at = excluded.last_event_at, overrides = excluded.overrides, \
-                 subscriptions = excluded.subscriptions",
+                 subscriptions = excluded.subscriptions, metronome_customer = excluded.metronome_customer",
             )?
             .execute(params![
                 id,
@@ -230,7 +230,8 @@ impl DirectoryStore for SqliteStore {
                 record.customer,
                 record.last_event_at,
                 record.overrides,
-                record.subscriptions
+                record.subscriptions,
+                record.metronome_customer
             ])?;
             for key in &keys {
                 tx.prepare_cached(
@@ -262,7 +263,9 @@ fn tenant_row(r: &Row<'_>) -> Sql<TenantRecord> {
     t.last_event_at = r.get(3)?;
     t.overrides = r.get(4)?;
     t.subscriptions = r.get(5)?;
+    t.metronome_customer = r.get(6)?;
     Ok(t)
 }
 
-const TENANT_COLUMNS: &str = "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions";
+const TENANT_COLUMNS: &str =
+    "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer";

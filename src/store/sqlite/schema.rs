@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 9;
+pub(super) const SCHEMA_VERSION: i32 = 10;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -153,6 +153,10 @@ CREATE INDEX ledger_kept ON ledger (kept_from);
     // subscription.
     r"
 ALTER TABLE tenant ADD COLUMN subscriptions TEXT;
+",
+    // Each tenant's Metronome customer id or ingest alias, beside its Stripe customer.
+    r"
+ALTER TABLE tenant ADD COLUMN metronome_customer TEXT;
 ",
 ];
 

@@ -1,0 +1,437 @@
+//! The Metronome export end to end: requests through the layer, the store, the shared
+//! exporter, the real `MetronomeSink` (reqwest over rustls) and a local Metronome stand-in
+//! (`common::metronome`) that follows Metronome's documented rules. On every store, with faults
+//! at each hop (a flush whose answer is lost, 500s, a 429 with `Retry-After`, an error body that
+//! is not JSON, dropped connections, a crash between send and mark, two nodes exporting at
+//! once), the stand-in's totals equal the billable usage: nothing lost, nothing doubled.
+#![cfg(feature = "metronome")]
+
+use crate::common;
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use common::{
+    metronome::{Fault, StandIn, TOKEN},
+    Faulty, Harness, NOON,
+};
+use tollgate::{
+    billing::{MetronomeSink, Secret},
+    clock::{Clock, FakeClock},
+    store::{FlushId, StoreInspect, UsageBatch, UsageRecord},
+    Config, Tollgate, TollgateLayer,
+};
+
+use super::stripe::{sigkill, Backend, Kind};
+
+const MIN: i64 = 60;
+const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
+
+fn config(url: &str) -> String {
+    format!(
+        r#"
+[usage]
+window = "15m"
+grace = "5m"
+flush_interval = "10s"
+[export]
+sink = "metronome"
+calls_per_second = 1000
+concurrency = 4
+unconfirmed_after = "30d"
+[meters.requests]
+event_name = "api_requests"
+[meters.tokens]
+event_name = "llm_tokens"
+[plans.p]
+[tenants.acme]
+plan = "p"
+keys = ["key-acme"]
+metronome_customer = "acme-account"
+[tenants.globex]
+plan = "p"
+keys = ["key-globex"]
+metronome_customer = "globex-account"
+stripe_customer = "cus_globex"
+[tenants.hobby]
+plan = "p"
+keys = ["key-hobby"]
+stripe_customer = "cus_hobby"
+[metronome]
+api_base = "{url}"
+timeout = "60s"
+"#
+    )
+}
+
+fn sink(config: &Config) -> MetronomeSink {
+    let m = config.metronome().unwrap();
+    MetronomeSink::new(&Secret::new(TOKEN), m.api_base.as_deref(), m.timeout).unwrap()
+}
+
+/// A node: an engine with the Metronome sink over `store`, on a fake clock at `at`.
+fn node(toml: &str, store: Arc<dyn StoreInspect>, at: i64) -> Harness {
+    let config = Config::from_toml_str(toml).unwrap();
+    let (clock, fake) = Clock::fake_at_unix(at);
+    let sink = sink(&config);
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).billing_sink(sink).build();
+    Harness::from_layer(TollgateLayer::new(engine), fake)
+}
+
+fn at(clock: &FakeClock, standin: &StandIn, unix: i64) {
+    clock.set_unix(unix);
+    standin.set_now(unix);
+}
+
+/// What the test sent and expects billed: (Metronome customer, event type) → units.
+#[derive(Default)]
+struct Billable(BTreeMap<(String, String), i64>);
+
+impl Billable {
+    async fn send(&mut self, h: &Harness, tenant: &str, path: &str, n: usize) {
+        for _ in 0..n {
+            assert_eq!(h.status(path, &format!("key-{tenant}")).await, 200);
+        }
+        // hobby has a Stripe customer but no Metronome one: not billed by this sink.
+        let customer = match tenant {
+            "hobby" => return,
+            t => format!("{t}-account"),
+        };
+        *self.0.entry((customer.clone(), "api_requests".into())).or_default() += n as i64;
+        if let Some(tokens) = path.strip_prefix("/tokens/") {
+            let tokens: i64 = tokens.parse().unwrap();
+            *self.0.entry((customer, "llm_tokens".into())).or_default() += n as i64 * tokens;
+        }
+    }
+}
+
+async fn drain(nodes: &[&Harness], standin: &StandIn, mut now: i64) -> i64 {
+    for _ in 0..40 {
+        for n in nodes {
+            n.tollgate.export().await.unwrap();
+        }
+        let pending = nodes[0].tollgate.usage_store().pending_exports(i64::MAX, None, 10).await.unwrap();
+        if pending.is_empty() {
+            return now;
+        }
+        now += 2 * MIN;
+        for n in nodes {
+            at(&n.clock, standin, now);
+        }
+    }
+    panic!("exports still pending after 40 passes");
+}
+
+const CHILD: &str = "TOLLGATE_METRONOME_CHILD";
+
+/// In a child process: export on the store the parent names, then hang in the call the
+/// stand-in never answers, until killed.
+async fn child() -> bool {
+    let Ok(kind) = std::env::var(CHILD) else { return false };
+    let toml = std::fs::read_to_string(std::env::var("TG_CONFIG").unwrap()).unwrap();
+    let now: i64 = std::env::var("TG_NOW").unwrap().parse().unwrap();
+    let store: Arc<dyn StoreInspect> = match kind.as_str() {
+        "sqlite" => Arc::new(tollgate::store::SqliteStore::open(std::env::var("TG_DB").unwrap()).await.unwrap()),
+        "postgres" => {
+            super::stripe::reopen_postgres(&(std::env::var("TG_ENDPOINT").unwrap(), std::env::var("TG_TABLE").unwrap()))
+                .await
+        }
+        _ => super::stripe::reopen_dynamo(&(std::env::var("TG_ENDPOINT").unwrap(), std::env::var("TG_TABLE").unwrap())),
+    };
+    let h = node(&toml, store, now);
+    let report = h.tollgate.export().await;
+    panic!("the export should hang until the process is killed: {report:?}");
+}
+
+/// The crash between send and mark: the batch reaches the stand-in, which takes its events and
+/// never answers; the exporter dies there (SIGKILL for a durable store; the engine dropped
+/// mid-call for the memory store).
+async fn crash_between_send_and_mark(b: &Backend, test: &str, toml: &str, now: i64, standin: &StandIn) {
+    let before = standin.events().len();
+    standin.fail_next(&[Fault::TakeAndHang]);
+    match b.kind {
+        Kind::Memory => {
+            let h = node(toml, b.store.clone(), now);
+            let export = tokio::time::timeout(Duration::from_secs(3), h.tollgate.export()).await;
+            assert!(export.is_err(), "the call hangs: {export:?}");
+            drop(h);
+        }
+        Kind::Sqlite | Kind::Dynamo | Kind::Postgres => {
+            let path = b.dir.path().join("config.toml");
+            std::fs::write(&path, toml).unwrap();
+            let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+            let kind = match b.kind {
+                Kind::Sqlite => "sqlite",
+                Kind::Postgres => "postgres",
+                _ => "dynamodb",
+            };
+            cmd.args([&common::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
+                .env(CHILD, kind)
+                .env("TG_CONFIG", &path)
+                .env("TG_NOW", now.to_string())
+                .env("TG_DB", b.dir.path().join("t.db"))
+                .stdout(std::process::Stdio::null());
+            if let Some((endpoint, table)) = &b.table {
+                cmd.env("TG_ENDPOINT", endpoint).env("TG_TABLE", table);
+            }
+            let child = cmd.spawn().unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while standin.events().len() == before {
+                assert!(tokio::time::Instant::now() < deadline, "the child never sent");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sigkill(child);
+        }
+    }
+    assert!(standin.events().len() > before, "the batch was taken before the crash");
+}
+
+async fn exactly_once_through_faults(kind: Kind, test: &str) {
+    if child().await {
+        return;
+    }
+    let Some(b) = Backend::new(kind).await else { return };
+    let standin = StandIn::start().await;
+    let toml = config(&standin.url);
+    let mut billable = Billable::default();
+
+    // Usage of two 15-minute windows; the first flush's answer is lost (retried, same id).
+    let faulty = Arc::new(Faulty::over(b.store.clone()));
+    faulty.lose_commit_answers.store(1, std::sync::atomic::Ordering::SeqCst);
+    let a = node(&toml, faulty.clone(), NOON);
+    at(&a.clock, &standin, NOON);
+    billable.send(&a, "acme", "/", 20).await;
+    billable.send(&a, "acme", "/tokens/7", 3).await;
+    billable.send(&a, "globex", "/", 10).await;
+    billable.send(&a, "hobby", "/", 5).await;
+    a.tollgate.flush().await.unwrap();
+    assert_eq!(faulty.lose_commit_answers.load(std::sync::atomic::Ordering::SeqCst), 0, "an answer was lost");
+    at(&a.clock, &standin, NOON + 20 * MIN);
+    billable.send(&a, "acme", "/", 20).await;
+    billable.send(&a, "acme", "/tokens/5", 2).await;
+    billable.send(&a, "globex", "/", 15).await;
+    a.tollgate.flush().await.unwrap();
+
+    // Both windows closed. 500s, a 429 asking for 30 s, an error body that is not JSON and a
+    // dropped connection, each for a whole batch; nothing is taken until they pass.
+    let mut now = NOON + HOUR + 5 * MIN;
+    at(&a.clock, &standin, now);
+    standin.fail_next(&[
+        Fault::Status(500),
+        Fault::RateLimited(30),
+        Fault::NotJson(502),
+        Fault::Drop,
+        Fault::Status(503),
+    ]);
+    let first = a.tollgate.export().await.unwrap();
+    assert_eq!((first.events, first.retries), (0, 6), "the six aggregates went in one call: {first:?}");
+    assert_eq!(standin.calls(), 1);
+    now += 5;
+    at(&a.clock, &standin, now);
+    let second = a.tollgate.export().await.unwrap();
+    assert_eq!((second.events, second.retries), (0, 6), "{second:?}");
+    // The 429's `Retry-After` is honoured: nothing is retried before 30 s.
+    let pending = a.tollgate.usage_store().pending_exports(i64::MAX, None, 10).await.unwrap();
+    assert_eq!(pending.len(), 6);
+    assert!(pending.iter().all(|p| p.claimed_until.is_some_and(|t| t >= now + 30)), "{pending:?}");
+    now = drain(&[&a], &standin, now).await;
+    assert_eq!(standin.totals(), billable.0);
+    assert!(standin.batch_sizes().iter().any(|&n| n > 1), "events went in batches: {:?}", standin.batch_sizes());
+    assert_eq!(standin.duplicates(), 0);
+
+    // A crash between send and mark: the batch reached Metronome, the marks did not reach the
+    // store. Another node re-sends it under the same transaction ids, which Metronome ignores.
+    now += HOUR;
+    at(&a.clock, &standin, now);
+    billable.send(&a, "acme", "/", 4).await;
+    billable.send(&a, "globex", "/tokens/3", 2).await;
+    a.tollgate.flush().await.unwrap();
+    drop(a);
+    now += 20 * MIN;
+    standin.set_now(now);
+    crash_between_send_and_mark(&b, test, &toml, now, &standin).await;
+    let taken = standin.events().len();
+    // The claim of the dead exporter holds 5 minutes; then a new node takes over.
+    now += 6 * MIN;
+    let c = node(&toml, b.reopen().await, now);
+    at(&c.clock, &standin, now);
+    now = drain(&[&c], &standin, now).await;
+    assert!(standin.duplicates() >= 1, "the re-sent batch was ignored by transaction id");
+    assert_eq!(standin.events().len(), taken, "nothing new was taken on the re-send");
+    assert_eq!(standin.totals(), billable.0, "the crash doubled nothing");
+
+    // Two nodes export at once over one store.
+    let d = node(&toml, b.reopen().await, now);
+    for n in [&c, &d] {
+        at(&n.clock, &standin, now);
+        for t in ["acme", "globex"] {
+            billable.send(n, t, "/", 3).await;
+            billable.send(n, t, "/tokens/2", 2).await;
+        }
+        n.tollgate.flush().await.unwrap();
+    }
+    now += HOUR + 6 * MIN;
+    for n in [&c, &d] {
+        at(&n.clock, &standin, now);
+    }
+    let duplicates = standin.duplicates();
+    let (x, y) = tokio::join!(c.tollgate.export(), d.tollgate.export());
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.events + y.events, 4, "each aggregate once, by one node or the other: {x:?} {y:?}");
+    assert_eq!(standin.duplicates(), duplicates, "claims kept the two nodes off each other's aggregates");
+    drain(&[&c, &d], &standin, now).await;
+    assert_eq!(standin.totals(), billable.0, "two exporters doubled nothing");
+    let dead = c.tollgate.usage_store().dead_letters(None, 10).await.unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metronome_exactly_once_through_faults_on_memory() {
+    exactly_once_through_faults(Kind::Memory, "metronome_exactly_once_through_faults_on_memory").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metronome_exactly_once_through_faults_on_sqlite() {
+    exactly_once_through_faults(Kind::Sqlite, "metronome_exactly_once_through_faults_on_sqlite").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metronome_exactly_once_through_faults_on_dynamodb() {
+    exactly_once_through_faults(Kind::Dynamo, "metronome_exactly_once_through_faults_on_dynamodb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metronome_exactly_once_through_faults_on_postgres() {
+    exactly_once_through_faults(Kind::Postgres, "metronome_exactly_once_through_faults_on_postgres").await;
+}
+
+/// Commits `quantity` units of `tenant`'s `meter` in the window starting at `window`.
+async fn late(store: &dyn StoreInspect, id: &str, tenant: &str, meter: &str, window: i64, quantity: u64) {
+    let batch =
+        UsageBatch::new(FlushId::new(id), vec![UsageRecord::new(tenant.into(), meter.into(), window, quantity)]);
+    store.commit_usage(&batch).await.unwrap();
+}
+
+/// A batch Metronome refuses for one bad event is bisected: the halves go again under the same
+/// transaction ids until the refused event is alone, which is dead-lettered; every other event
+/// is taken once. Metronome's horizon is its own: 34 days, not Stripe's 35.
+async fn a_refused_event_is_found_by_bisection_and_old_windows_meet_metronome_s_horizon(kind: Kind) {
+    let Some(b) = Backend::new(kind).await else { return };
+    let standin = StandIn::start().await;
+    let mut tenants = String::new();
+    for i in 0..9 {
+        tenants.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nmetronome_customer = \"acct-{i}\"\n"));
+    }
+    let toml = config(&standin.url).replace("[metronome]", &format!("{tenants}[metronome]"));
+    let h = node(&toml, b.store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    for i in 0..9 {
+        late(&*b.store, &format!("f{i}"), &format!("t{i}"), "requests", NOON - HOUR, 10 + i).await;
+    }
+    // 34.5 days old: past Metronome's horizon (within Stripe's 35 days).
+    late(&*b.store, "old", "t0", "requests", NOON - 34 * DAY - 12 * HOUR, 5).await;
+    standin.refuse_customer("acct-4");
+    let r = h.tollgate.export().await.unwrap();
+    assert_eq!((r.events, r.dead_letters), (8, 2), "{r:?}");
+    let totals = standin.totals();
+    assert_eq!(totals.len(), 8, "{totals:?}");
+    assert!(!totals.contains_key(&("acct-4".into(), "api_requests".into())));
+    assert_eq!(standin.duplicates(), 0, "no event was taken twice while bisecting");
+    // One call of 9, then halves down to the refused event: at most 1 + 2 × ⌈log2 9⌉ calls.
+    assert!(standin.calls() <= 9, "{} calls", standin.calls());
+    let dead = h.tollgate.usage_store().dead_letters(None, 10).await.unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(reasons.iter().any(|r| r.starts_with("refused: 400") && r.contains("invalid event")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.starts_with("too old") && r.contains("34 days")), "{reasons:?}");
+}
+
+macro_rules! on_every_store {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                super::$name(Kind::Memory).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(Kind::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dynamodb() {
+                super::$name(Kind::Dynamo).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(Kind::Postgres).await;
+            }
+        }
+    };
+}
+
+on_every_store!(a_refused_event_is_found_by_bisection_and_old_windows_meet_metronome_s_horizon);
+
+/// A refused token stops the pass and parks nothing; the next pass with the right token sends.
+#[tokio::test]
+async fn a_refused_token_stops_the_pass_and_parks_nothing() {
+    let standin = StandIn::start().await;
+    let toml = config(&standin.url);
+    let config = Config::from_toml_str(&toml).unwrap();
+    let store = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let wrong = MetronomeSink::new(
+        &Secret::new("mtr_wrong"),
+        config.metronome().unwrap().api_base.as_deref(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let (engine, _w) =
+        Tollgate::builder(config.clone()).store_arc(store.clone()).clock(clock).billing_sink(wrong).build();
+    let h = Harness::from_layer(TollgateLayer::new(engine), fake);
+    at(&h.clock, &standin, NOON);
+    h.status("/", "key-acme").await;
+    h.status("/", "key-globex").await;
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + HOUR);
+    let r = h.tollgate.export().await.unwrap();
+    assert!(r.halted && r.dead_letters == 0 && r.events == 0, "{r:?}");
+    let right = node(&toml, store, NOON + HOUR);
+    let r = right.tollgate.export().await.unwrap();
+    assert_eq!(r.events, 2, "{r:?}");
+    assert_eq!(standin.totals().values().sum::<i64>(), 2);
+}
+
+/// The configuration: Metronome's rules at load, naming file, line and key.
+#[test]
+fn metronome_settings_are_checked_at_load() {
+    let ok = config("http://127.0.0.1:9/");
+    let c = Config::from_toml_str(&ok).unwrap();
+    assert_eq!(c.export().sink, Some(tollgate::config::SinkKind::Metronome));
+    assert_eq!(c.export().unconfirmed_after, Duration::from_secs(30 * DAY as u64));
+    assert_eq!(c.tenants()[0].metronome_customer(), Some("acme-account"));
+    let err = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
+    // A pre-aggregated meter is Stripe's notion.
+    let e = err(&ok.replace("event_name = \"llm_tokens\"", "event_name = \"llm_tokens\"\naggregation = \"hour\""));
+    assert!(e.contains("meters.tokens.aggregation") && e.contains("metronome"), "{e}");
+    // Metronome's 34 days bound unconfirmed_after; Stripe's 24 hours bound it without it.
+    let e = err(&ok.replace("\"30d\"", "\"34d\""));
+    assert!(e.contains("export.unconfirmed_after") && e.contains("33 days"), "{e}");
+    let e = err(&ok.replace("sink = \"metronome\"\n", ""));
+    assert!(e.contains("export.unconfirmed_after") && e.contains("23 hours"), "{e}");
+    let e = err(&ok.replace("sink = \"metronome\"", "sink = \"metronom\""));
+    assert!(e.contains("export.sink") && e.contains("metronom"), "{e}");
+    let e = err(&ok.replace("sink = \"metronome\"", "sink = \"jsonl\"").replace("\"30d\"", "\"1h\""));
+    assert!(e.contains("export.sink") && e.contains("export.file"), "{e}");
+    let e = err(&ok.replace("sink = \"metronome\"", "sink = \"stripe\"").replace("\"30d\"", "\"1h\""));
+    assert!(e.contains("[stripe]"), "{e}");
+    let e = err(&ok.replace("api_base = \"http://127.0.0.1:9/\"", "api_base = \"http://127.0.0.1:9/v1\""));
+    assert!(e.contains("metronome.api_base"), "{e}");
+    let e = err(&ok.replace("timeout = \"60s\"", "timeout = \"200s\""));
+    assert!(e.contains("export.claim") && e.contains("metronome.timeout"), "{e}");
+    let e = err(&ok.replace("metronome_customer = \"globex-account\"", "metronome_customer = \"acme-account\""));
+    assert!(e.contains("tenants.globex.metronome_customer") && e.contains("acme"), "{e}");
+    let e = err(&ok.replace("[metronome]", "[metronome]\napi_token = \"x\""));
+    assert!(e.contains("api_token"), "{e}");
+    // A token is never read from the file: only from the environment or a file it names.
+    assert!(!ok.contains(TOKEN));
+}
