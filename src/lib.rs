@@ -36,6 +36,8 @@ pub mod guide {
     pub mod postgres {}
     #[doc = include_str!("../docs/stripe.md")]
     pub mod stripe {}
+    #[doc = include_str!("../docs/metronome.md")]
+    pub mod metronome {}
     #[doc = include_str!("../docs/events.md")]
     pub mod events {}
     #[doc = include_str!("../docs/performance.md")]

@@ -76,6 +76,8 @@ impl ExportReport {
 
 /// How many aggregates one store call lists.
 const PAGE: usize = 100;
+/// The most aggregates one store call lists for a sink taking batches.
+const MAX_PAGE: usize = 1000;
 /// The longest wait before a retry.
 const MAX_BACKOFF_SECS: u64 = 3600;
 
@@ -373,7 +375,13 @@ impl Exporter {
         // next attempt) are passed over, never starving the rest.
         let mut after: Option<ExportKey> = None;
         loop {
-            let page = self.deps.stores.roles.usage.pending_exports(bound, after.as_ref(), PAGE).await?;
+            // A sink taking batches gets a page that fills one batch per lane of concurrency.
+            let page_size = if pass.limits.max_batch > 1 {
+                (pass.limits.max_batch * settings.concurrency).min(MAX_PAGE)
+            } else {
+                PAGE
+            };
+            let page = self.deps.stores.roles.usage.pending_exports(bound, after.as_ref(), page_size).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             // One lane per (customer, meter), so this node has one call in flight per

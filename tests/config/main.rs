@@ -239,8 +239,20 @@ fn toml_blocks() -> Vec<(String, usize, Option<String>, String)> {
 /// sections are the configuration's; one marked `<!-- toml: cargo -->` is a Cargo manifest.
 #[test]
 fn the_toml_blocks_of_the_docs_are_valid_configurations() {
-    const SECTIONS: &[&str] =
-        &["store", "identify", "usage", "meters", "plans", "routes", "tenants", "limits", "export", "stripe", "events"];
+    const SECTIONS: &[&str] = &[
+        "store",
+        "identify",
+        "usage",
+        "meters",
+        "plans",
+        "routes",
+        "tenants",
+        "limits",
+        "export",
+        "stripe",
+        "metronome",
+        "events",
+    ];
     let blocks = toml_blocks();
     assert!(blocks.len() >= 10, "the docs' toml blocks were found: {}", blocks.len());
     let doors = blocks.iter().filter(|(file, ..)| file.starts_with("integrations/")).count();
