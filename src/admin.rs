@@ -279,10 +279,7 @@ impl Admin {
         metronome_customer: &str,
         take: bool,
     ) -> Result<TenantRecord, AdminError> {
-        let m = metronome_customer;
-        if m.trim().is_empty() || m.len() > 255 || m.chars().any(char::is_control) {
-            return Err(AdminError::Invalid(format!("`{m}` is not a Metronome customer id or ingest alias")));
-        }
+        let m = check_metronome_customer(metronome_customer)?;
         self.add_record(id, plan, customer, Some(m), take).await
     }
 
@@ -416,6 +413,25 @@ impl Admin {
             }
         };
         if !self.directory.set_overrides(&tenant, json.as_deref()).await? {
+            return Err(AdminError::UnknownTenant(id.to_owned()));
+        }
+        self.changed(&tenant);
+        self.existing(id).await
+    }
+
+    /// Sets (or, with `None`, removes) a tenant's Metronome customer id or ingest alias: what
+    /// its usage events carry with `export.sink = "metronome"`. Nothing else of the tenant
+    /// changes. Its windows waiting for export are billed to the new customer (exports in
+    /// flight keep the customer they began with). Running nodes see it within
+    /// `limits.directory_ttl`.
+    ///
+    /// # Errors
+    /// No such tenant, a customer that is empty, longer than 255 bytes or holds control
+    /// characters, or the store failed.
+    pub async fn set_metronome_customer(&self, id: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        let customer = customer.map(check_metronome_customer).transpose()?;
+        if !self.directory.set_metronome_customer(&tenant, customer).await? {
             return Err(AdminError::UnknownTenant(id.to_owned()));
         }
         self.changed(&tenant);
@@ -777,6 +793,15 @@ impl Admin {
         agg.revision = dead.revision;
         Ok(self.usage.finish_export(&agg, unix_now()).await?)
     }
+}
+
+/// A Metronome customer id or ingest alias: not blank, at most 255 bytes, no control
+/// characters (the configuration's rule for `metronome_customer`).
+fn check_metronome_customer(m: &str) -> Result<&str, AdminError> {
+    if m.trim().is_empty() || m.len() > 255 || m.chars().any(char::is_control) {
+        return Err(AdminError::Invalid(format!("`{m}` is not a Metronome customer id or ingest alias")));
+    }
+    Ok(m)
 }
 
 fn check_customer(c: &str) -> Result<&str, AdminError> {

@@ -230,6 +230,10 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     /// tenant exists.
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError>;
 
+    /// Sets (or with `None` removes) a tenant's Metronome customer id or ingest alias,
+    /// changing nothing else of it. Returns whether the tenant exists.
+    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError>;
+
     /// Sets the plan of the tenant `read` describes, only if its plan and its last applied
     /// billing event are still those `read` holds (one conditional write): `false` when they
     /// changed since (a webhook applied meanwhile) or the tenant is gone; read it again. Nothing

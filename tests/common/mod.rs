@@ -553,6 +553,15 @@ impl DirectoryStore for Faulty {
         self.inner.set_overrides(tenant, overrides).await
     }
 
+    async fn set_metronome_customer(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.set_metronome_customer(tenant, customer).await
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::store::KeyHash]) -> Result<(), StoreError> {
         self.inner.put_tenant(record, keys).await
     }

@@ -180,6 +180,18 @@ enum TenantCommand {
         #[arg(long = "move", conflicts_with = "none")]
         take: bool,
     },
+    /// Sets a tenant's Metronome customer id or ingest alias, or removes it with --none: what
+    /// its usage events carry with `[export] sink = "metronome"` (docs/metronome.md).
+    SetMetronomeCustomer {
+        /// The tenant id.
+        id: String,
+        /// The Metronome customer id or ingest alias.
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        customer: Option<String>,
+        /// Remove the tenant's Metronome customer.
+        #[arg(long)]
+        none: bool,
+    },
     /// Moves a tenant to another plan.
     SetPlan {
         /// The tenant id.
@@ -336,14 +348,24 @@ async fn run(cli: Cli) -> Result<()> {
             let config = load(&cli.config)?;
             let admin = Admin::open(&config).await?;
             let rows = admin.usage(&tenant, meter.as_deref(), from, to).await?;
-            // As the exporter bills it: the directory's customer, else the file's.
+            // As the exporter bills it: the directory's customer, else the file's, in the
+            // billing system of the configured sink.
             let file = config.tenants().iter().find(|t| t.id().as_str() == tenant);
+            let metronome = config.export().sink == Some(tollgate::config::SinkKind::Metronome);
+            let field = if metronome {
+                tollgate::billing::CustomerField::Metronome
+            } else {
+                tollgate::billing::CustomerField::Stripe
+            };
             let customer = admin
                 .directory_store()
                 .tenant(&tenant.as_str().into())
                 .await?
-                .and_then(|t| t.customer)
-                .or_else(|| file.and_then(|t| t.stripe_customer().map(str::to_owned)));
+                .and_then(|t| t.customer_in(field).map(str::to_owned))
+                .or_else(|| {
+                    file.and_then(|t| if metronome { t.metronome_customer() } else { t.stripe_customer() })
+                        .map(str::to_owned)
+                });
             println!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
             println!(
                 "{:<12} {:<22} {:>12} {:>12} {:>8}  sent for",
@@ -426,10 +448,10 @@ async fn export(config: Config, dry_run: bool) -> Result<()> {
 /// `export --new-namespace`: an export pass and a reconciliation of the last 35 days under the
 /// current namespace, then a new one.
 async fn new_namespace_of(config: Config) -> Result<()> {
+    not_metronome(&config, "a new namespace is reconciled with Stripe first")?;
     if config.stripe().is_none() {
         return Err("the configuration has no [stripe] section: identifiers are Stripe's".into());
     }
-    not_metronome(&config, "a new namespace is reconciled with Stripe first")?;
     let (engine, _worker) =
         tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
     let r = engine.export().await?;
@@ -486,10 +508,10 @@ async fn settle_letters(config: &Config) {
 
 /// One reconciliation pass against Stripe, printed as a table of the hours that differ.
 async fn reconcile(config: Config, request: &tollgate::report::ReconcileRequest) -> Result<()> {
+    not_metronome(&config, "reconciliation reads Stripe's meter event summaries")?;
     if config.stripe().is_none() {
         return Err("the configuration has no [stripe] section: there is nothing to reconcile with".into());
     }
-    not_metronome(&config, "reconciliation reads Stripe's meter event summaries")?;
     let (engine, _worker) =
         tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
     let r = engine.reconcile(request).await?;
@@ -898,6 +920,13 @@ async fn tenants(admin: &Admin, config: &Config, command: TenantCommand) -> Resu
             match &t.customer {
                 Some(c) => println!("tenant `{}` is billed to `{c}`", t.id),
                 None => println!("tenant `{}` has no billing customer", t.id),
+            }
+        }
+        TenantCommand::SetMetronomeCustomer { id, customer, none: _ } => {
+            let t = admin.set_metronome_customer(&id, customer.as_deref()).await?;
+            match &t.metronome_customer {
+                Some(c) => println!("tenant `{}` is billed in Metronome to `{c}`", t.id),
+                None => println!("tenant `{}` has no Metronome customer", t.id),
             }
         }
         TenantCommand::List => {

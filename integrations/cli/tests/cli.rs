@@ -425,6 +425,31 @@ fn tenants_of_the_file_are_listed_and_reported() {
     assert!(usage.contains("billing customer cus_filed"), "{usage}");
 }
 
+/// A tenant's Metronome customer is given at `tenants add` and set alone later; `usage` shows
+/// the customer of the configured sink's billing system.
+#[test]
+fn a_tenant_s_metronome_customer_is_added_and_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let toml = format!(
+        "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[export]\nsink = \"metronome\"\n{PLANS}\
+         [tenants.filed]\nplan = \"pro\"\nstripe_customer = \"cus_filed\"\nmetronome_customer = \"filed-acct\"\n"
+    );
+    std::fs::write(d.join("tollgate.toml"), toml).unwrap();
+    ok(d, &["tenants", "add", "acme", "--plan", "free", "--customer", "cus_acme", "--metronome-customer", "acme-acct"]);
+    assert!(ok(d, &["usage", "acme"]).contains("billing customer acme-acct"));
+    assert!(ok(d, &["usage", "filed"]).contains("billing customer filed-acct"));
+    assert!(ok(d, &["tenants", "set-metronome-customer", "acme", "acme@example.com"]).contains("acme@example.com"));
+    assert!(ok(d, &["usage", "acme"]).contains("billing customer acme@example.com"));
+    assert!(ok(d, &["tenants", "list"]).contains("cus_acme"), "the Stripe customer stays");
+    assert!(ok(d, &["tenants", "set-metronome-customer", "acme", "--none"]).contains("no Metronome customer"));
+    assert!(ok(d, &["usage", "acme"]).contains("billing customer -"));
+    assert!(fails(d, &["tenants", "set-metronome-customer", "nobody", "x"]).contains("no tenant"));
+    assert!(fails(d, &["tenants", "set-metronome-customer", "acme", " "]).contains("Metronome customer"));
+    assert!(fails(d, &["tenants", "add", "b", "--plan", "free", "--metronome-customer", ""]).contains("Metronome"));
+    assert!(fails(d, &["reconcile"]).contains("metronome"), "reconciliation is Stripe's");
+}
+
 /// `tollgate reconcile` on a SQLite file against the Stripe stand-in: the hours Stripe lacks
 /// and those it holds more of are printed per tenant, meter and hour; without --fix nothing is
 /// noted, with it the lacking hour is noted (acted on by a later pass that agrees).

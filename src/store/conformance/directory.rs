@@ -44,6 +44,17 @@ pub async fn a_metronome_customer_is_kept_beside_the_stripe_one<S: ?Sized + Dire
         (read.plan.as_str(), read.customer.as_deref(), read.metronome_customer.as_deref()),
         ("pro", Some("cus_n"), Some("acct-m"))
     );
+    // Set alone: the plan, the customers and the last event stay.
+    assert!(h.s().set_metronome_customer(&"m".into(), Some("acct-m2")).await.unwrap());
+    assert!(!h.s().set_metronome_customer(&"nobody".into(), Some("acct-x")).await.unwrap());
+    assert_eq!(h.s().tenant(&"nobody".into()).await.unwrap(), None, "no tenant was made");
+    h.restart().await;
+    let mut expected = read.clone();
+    expected.metronome_customer = Some("acct-m2".into());
+    assert_eq!(h.s().tenant(&"m".into()).await.unwrap(), Some(expected));
+    assert!(h.s().set_metronome_customer(&"m".into(), None).await.unwrap());
+    assert_eq!(h.s().tenant(&"m".into()).await.unwrap().unwrap().metronome_customer, None);
+    h.s().put_tenant(&m, &[]).await.unwrap();
     h.s().put_tenant(&TenantRecord::new("m".into(), "pro".into()), &[]).await.unwrap();
     assert_eq!(h.s().tenant(&"m".into()).await.unwrap().unwrap().metronome_customer, None);
 }

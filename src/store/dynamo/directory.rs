@@ -291,6 +291,25 @@ impl DirectoryStore for DynamoStore {
         }
     }
 
+    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(tenant_pk(tenant)))
+            .key("sk", s("T"))
+            .condition_expression("attribute_exists(pk)");
+        let update = match customer {
+            Some(c) => update.update_expression("SET metronome_customer = :m").expression_attribute_values(":m", s(c)),
+            None => update.update_expression("REMOVE metronome_customer"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let old = self.tenant(&record.id).await?;
         let mut put = self

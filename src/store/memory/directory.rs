@@ -118,6 +118,16 @@ impl DirectoryStore for MemoryStore {
         })
     }
 
+    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
+        Ok(match self.lock().tenants.get_mut(tenant) {
+            Some(t) => {
+                t.metronome_customer = customer.map(str::to_owned);
+                true
+            }
+            None => false,
+        })
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if let Some(old) = inner.tenants.insert(record.id.clone(), record.clone()) {

@@ -218,6 +218,15 @@ impl DirectoryStore for PostgresStore {
         .await
     }
 
+    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
+        let sql = self.sql("UPDATE {s}.tenant SET metronome_customer = $2 WHERE id = $1 RETURNING 1");
+        self.retrying(|| async {
+            let client = self.client().await?;
+            Ok(client.query_typed(&sql, args![tenant.as_str(), customer]).await?.len() == 1)
+        })
+        .await
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let release = self.sql("UPDATE {s}.tenant SET customer = NULL WHERE customer = $1 AND id <> $2");
         let upsert = self.sql(

@@ -208,6 +208,17 @@ impl DirectoryStore for SqliteStore {
         .await
     }
 
+    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
+        let (tenant, customer) = (tenant.clone(), customer.map(str::to_owned));
+        self.write(move |tx, _| {
+            let changed = tx
+                .prepare_cached("UPDATE tenant SET metronome_customer = ?2 WHERE id = ?1")?
+                .execute(params![tenant.as_str(), customer])?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let (record, keys) = (record.clone(), keys.to_vec());
         self.write(move |tx, _| {
