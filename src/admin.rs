@@ -798,7 +798,7 @@ impl Admin {
 /// A Metronome customer id or ingest alias: not blank, at most 255 bytes, no control
 /// characters (the configuration's rule for `metronome_customer`).
 fn check_metronome_customer(m: &str) -> Result<&str, AdminError> {
-    if m.trim().is_empty() || m.len() > 255 || m.chars().any(char::is_control) {
+    if m.trim() != m || m.is_empty() || m.len() > 255 || m.chars().any(char::is_control) {
         return Err(AdminError::Invalid(format!("`{m}` is not a Metronome customer id or ingest alias")));
     }
     Ok(m)

@@ -177,23 +177,37 @@ pub struct SinkLimits {
     /// a repeated identifier, less a margin. An export unconfirmed longer is parked, never sent
     /// again (the billing system may have forgotten the identifier).
     pub max_unconfirmed: Duration,
-    /// The most events one call carries (1: [`BillingSink::send`] only).
+    /// The most events one call carries (1: [`BillingSink::send`] only). A sink above 1 must
+    /// implement [`BillingSink::send_batch`].
     pub max_batch: usize,
+    /// Whether a revision exported later than `[stripe] invoice_grace` after its window is
+    /// stamped at export time rather than in its window (Stripe bills usage of a finalized
+    /// invoice's period nowhere). Stripe's rule; never without a `[stripe]` section.
+    pub restamp_late: bool,
 }
 
 impl SinkLimits {
     /// Stripe Billing Meters: meter events up to 35 days old (less an hour's margin),
     /// identifiers de-duplicated for about 24 hours (23 hours kept), one event a call.
-    pub const STRIPE: Self = Self::new(Duration::from_secs(35 * 86_400 - 3600), Duration::from_secs(23 * 3600), 1);
+    pub const STRIPE: Self =
+        Self::new(Duration::from_secs(35 * 86_400 - 3600), Duration::from_secs(23 * 3600), 1).restamping_late();
     /// Metronome: events backdated up to 34 days (less an hour's margin), `transaction_id`
     /// de-duplicated for 34 days (33 kept), up to 100 events a call.
     pub const METRONOME: Self =
         Self::new(Duration::from_secs(34 * 86_400 - 3600), Duration::from_secs(33 * 86_400), 100);
 
-    /// Limits of another billing system. `max_batch` is at least 1.
+    /// Limits of another billing system. `max_batch` is at least 1. Events keep their
+    /// window's time unless [`restamping_late`](Self::restamping_late).
     #[must_use]
     pub const fn new(max_age: Duration, max_unconfirmed: Duration, max_batch: usize) -> Self {
-        Self { max_age, max_unconfirmed, max_batch: if max_batch == 0 { 1 } else { max_batch } }
+        Self { max_age, max_unconfirmed, max_batch: if max_batch == 0 { 1 } else { max_batch }, restamp_late: false }
+    }
+
+    /// With late revisions stamped at export time, as for Stripe ([`restamp_late`](Self::restamp_late)).
+    #[must_use]
+    pub const fn restamping_late(mut self) -> Self {
+        self.restamp_late = true;
+        self
     }
 }
 
@@ -218,14 +232,17 @@ pub trait BillingSink: Send + Sync + fmt::Debug + 'static {
     /// several events is bisected by the exporter, the halves sent again under the same
     /// identifiers, until the refused event is found and dead-lettered alone.
     ///
-    /// The default sends them one by one with [`send`](Self::send) and stops at the first
-    /// error (what was taken before it is taken again when the batch is re-sent, under the
-    /// same identifiers).
+    /// The default takes one event ([`send`](Self::send)) and refuses more as
+    /// [`Permanent`](SinkError::Permanent), so the exporter's bisection sends them one by one:
+    /// a sink whose [`limits`](Self::limits) allow batches must implement this.
     async fn send_batch(&self, events: &[MeterEvent]) -> Result<(), SinkError> {
-        for event in events {
-            self.send(event).await?;
+        match events {
+            [] => Ok(()),
+            [one] => self.send(one).await,
+            _ => Err(SinkError::Permanent(format!(
+                "{self:?} takes one event a call: a sink with max_batch above 1 implements send_batch"
+            ))),
         }
-        Ok(())
     }
 
     /// What the billing system takes. [`SinkLimits::STRIPE`] by default.

@@ -322,9 +322,19 @@ impl Validator<'_, '_> {
         let export = self.export(&raw.export)?;
         let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans)).transpose()?;
         let metronome = raw.metronome.as_ref().map(|m| self.metronome(m)).transpose()?;
-        for (section, timeout) in
-            [("stripe", stripe.as_ref().map(|s| s.timeout)), ("metronome", metronome.as_ref().map(|m| m.timeout))]
-        {
+        // Metronome's timeout applies with its sink even without a `[metronome]` section.
+        let metronome_timeout = metronome
+            .as_ref()
+            .map(|m| m.timeout)
+            .or((export.sink == Some(SinkKind::Metronome)).then_some(Duration::from_secs(30)));
+        if metronome.is_some() && export.sink != Some(SinkKind::Metronome) {
+            return Err(self.invalid(
+                "metronome",
+                "a [metronome] section without export.sink = \"metronome\": usage would not go to Metronome; \
+                 set the sink (one sink at a time) or remove the section",
+            ));
+        }
+        for (section, timeout) in [("stripe", stripe.as_ref().map(|s| s.timeout)), ("metronome", metronome_timeout)] {
             // A claim must outlast the call it covers, or another node could send the same
             // event while the first call is still under way.
             if timeout.is_some_and(|t| export.claim < t * 2) {
@@ -519,10 +529,16 @@ impl Validator<'_, '_> {
                 1000,
             )? as u32,
             claim: self.duration("export.claim", raw.claim.as_deref(), d.claim)?,
+            // With Metronome, as long as its de-duplication allows: an export in doubt is sent
+            // again under its transaction id for 33 days before it is parked.
             unconfirmed_after: self.duration(
                 "export.unconfirmed_after",
                 raw.unconfirmed_after.as_deref(),
-                d.unconfirmed_after,
+                if raw.sink.as_deref() == Some("metronome") {
+                    crate::billing::SinkLimits::METRONOME.max_unconfirmed
+                } else {
+                    d.unconfirmed_after
+                },
             )?,
             max_unknown_failures: count("export.max_unknown_failures", raw.max_unknown_failures, 8, 1000)? as u32,
             reconcile_after: self.duration(
@@ -607,7 +623,7 @@ impl Validator<'_, '_> {
             p => p.as_ref().map(std::path::PathBuf::from),
         };
         let timeout = self.duration("metronome.timeout", raw.timeout.as_deref(), Duration::from_secs(30))?;
-        if timeout.is_zero() || timeout > Duration::from_secs(300) {
+        if timeout < Duration::from_secs(1) || timeout > Duration::from_secs(300) {
             return Err(self.invalid("metronome.timeout", "must be between 1 second and 5 minutes"));
         }
         Ok(MetronomeSettings { api_base, api_token_file, timeout })
@@ -1444,7 +1460,7 @@ impl Validator<'_, '_> {
             }
             if let Some(c) = t.metronome_customer.as_deref() {
                 let path = format!("{base}.metronome_customer");
-                if c.trim().is_empty() || c.len() > 255 || c.chars().any(char::is_control) {
+                if c.trim() != c || c.is_empty() || c.len() > 255 || c.chars().any(char::is_control) {
                     return Err(self.invalid(
                         &path,
                         format!("`{c}` is not a Metronome customer id or ingest alias (leave the key out for a tenant without one)"),

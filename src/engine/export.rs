@@ -323,7 +323,7 @@ impl Exporter {
                     None => match customers.of(&self.deps, rt, &agg.key.tenant).await? {
                         // A billed plan's tenant without a customer waits for one.
                         Customer::Known(None, true) if needs_customer => continue,
-                        Customer::Known(customer, _) => plan_send(rt, &agg, now, customer, &namespace),
+                        Customer::Known(customer, _) => plan_send(rt, &limits, &agg, now, customer, &namespace),
                         // Unknown to the directory, or unreadable: not sent now.
                         Customer::Unknown | Customer::Unreadable => continue,
                     },
@@ -411,7 +411,7 @@ impl Exporter {
                                 );
                                 // Begun (what it would send fixed, no customer) so that it can be
                                 // confirmed once billed by hand.
-                                let planned = plan_send(&rt, &agg, now, None, &pass.namespace);
+                                let planned = plan_send(&rt, &pass.limits, &agg, now, None, &pass.namespace);
                                 let until = now + settings.claim.as_secs() as i64;
                                 let claim = ExportClaim::new(self.deps.ids.node(), now, until);
                                 let usage = &self.deps.stores.roles.usage;
@@ -549,8 +549,17 @@ impl Pass {
             if self.halted.load(Ordering::Relaxed) {
                 break;
             }
-            if let Some(r) = self.begin(agg, customer, &mut report).await? {
-                ready.push(r);
+            match self.begin(agg, customer, &mut report).await {
+                Ok(Some(r)) => ready.push(r),
+                Ok(None) => {}
+                Err(e) => {
+                    // The store failed: the exports begun are let go untried (best effort;
+                    // otherwise their claims expire), not held until then.
+                    for r in &ready {
+                        let _ = self.let_go(&r.agg, r.first_attempt).await;
+                    }
+                    return Err(e);
+                }
             }
         }
         // Groups still to send, the next last.
@@ -597,7 +606,7 @@ impl Pass {
         // The clock is read for each aggregate: a claim and a next-attempt time count from the
         // call, however long the pass has run.
         let now = shared.clock.unix_secs();
-        let planned = plan_send(&self.rt, &agg, now, customer, &self.namespace);
+        let planned = plan_send(&self.rt, &self.limits, &agg, now, customer, &self.namespace);
         let claim = ExportClaim::new(shared.ids.node(), now, now + settings.claim.as_secs() as i64);
         let Some(agg) = store.begin_export(&agg, &claim, &planned).await? else {
             return Ok(None);
@@ -686,7 +695,7 @@ impl Pass {
         };
         if delivered {
             if store.finish_export(&agg, now).await? {
-                if is_late(&self.rt, event.window_end, now) {
+                if is_late(&self.rt, &self.limits, event.window_end, now) {
                     Totals::add(&shared.totals.late_revisions, 1);
                     shared.metrics.late_revisions.increment(1);
                     tracing::info!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
@@ -823,7 +832,14 @@ fn closed(rt: &Runtime, key: &ExportKey, now: i64, all: bool) -> bool {
 /// What the export of the aggregate's current revision sends if it begins now: up to what is
 /// in flight if an export that may have reached the billing system is (its parameters were
 /// lost: a row of an older schema), else up to the quantity read.
-fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<String>, namespace: &str) -> ExportSend {
+fn plan_send(
+    rt: &Runtime,
+    limits: &SinkLimits,
+    agg: &UsageAggregate,
+    now: i64,
+    customer: Option<String>,
+    namespace: &str,
+) -> ExportSend {
     let key = &agg.key;
     let window = meter_window(rt, &key.meter);
     // An export in flight that may have reached the billing system keeps what it sends up to;
@@ -837,7 +853,7 @@ fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<Stri
             let last_second = key.window_start + window - 1;
             // Past the invoice grace the window's period may be invoiced already: stamped now,
             // so the delta reaches an open invoice rather than one Stripe finalized.
-            let stamp = if is_late(rt, key.window_start + window, now) { now } else { last_second.min(now) };
+            let stamp = if is_late(rt, limits, key.window_start + window, now) { now } else { last_second.min(now) };
             (upto.saturating_sub(agg.exported), stamp)
         }
         // The billing meter keeps the newest event of its window: each revision sends the
@@ -856,9 +872,9 @@ fn plan_send(rt: &Runtime, agg: &UsageAggregate, now: i64, customer: Option<Stri
 
 /// Whether a window ending at `window_end` is exported later than Stripe's invoice grace
 /// (`stripe.invoice_grace`) after it: its period's invoice may be final. Never without
-/// `[stripe]`.
-fn is_late(rt: &Runtime, window_end: i64, now: i64) -> bool {
-    rt.config.stripe().is_some_and(|s| now > window_end + s.invoice_grace.as_secs() as i64)
+/// `[stripe]`, nor for a sink that keeps events in their window (Metronome).
+fn is_late(rt: &Runtime, limits: &SinkLimits, window_end: i64, now: i64) -> bool {
+    limits.restamp_late && rt.config.stripe().is_some_and(|s| now > window_end + s.invoice_grace.as_secs() as i64)
 }
 
 /// Why an export must be parked rather than sent, if it must.

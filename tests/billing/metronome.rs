@@ -234,10 +234,13 @@ async fn exactly_once_through_faults(kind: Kind, test: &str) {
     let pending = a.tollgate.usage_store().pending_exports(i64::MAX, None, 10).await.unwrap();
     assert_eq!(pending.len(), 6);
     assert!(pending.iter().all(|p| p.claimed_until.is_some_and(|t| t >= now + 30)), "{pending:?}");
+    // Then Metronome takes the batch but answers 502 (a gateway gave up): re-sent under the
+    // same transaction ids, ignored.
+    standin.fail_next(&[Fault::TakeAndFail(502)]);
     now = drain(&[&a], &standin, now).await;
     assert_eq!(standin.totals(), billable.0);
     assert!(standin.batch_sizes().iter().any(|&n| n > 1), "events went in batches: {:?}", standin.batch_sizes());
-    assert_eq!(standin.duplicates(), 0);
+    assert_eq!(standin.duplicates(), 6, "the batch taken before the 502 was sent again and ignored");
 
     // A crash between send and mark: the batch reached Metronome, the marks did not reach the
     // store. Another node re-sends it under the same transaction ids, which Metronome ignores.
@@ -256,7 +259,7 @@ async fn exactly_once_through_faults(kind: Kind, test: &str) {
     let c = node(&toml, b.reopen().await, now);
     at(&c.clock, &standin, now);
     now = drain(&[&c], &standin, now).await;
-    assert!(standin.duplicates() >= 1, "the re-sent batch was ignored by transaction id");
+    assert_eq!(standin.duplicates(), 6 + 3, "the three events taken before the crash were re-sent and ignored");
     assert_eq!(standin.events().len(), taken, "nothing new was taken on the re-send");
     assert_eq!(standin.totals(), billable.0, "the crash doubled nothing");
 
@@ -314,7 +317,9 @@ async fn late(store: &dyn StoreInspect, id: &str, tenant: &str, meter: &str, win
 
 /// A batch Metronome refuses for one bad event is bisected: the halves go again under the same
 /// transaction ids until the refused event is alone, which is dead-lettered; every other event
-/// is taken once. Metronome's horizon is its own: 34 days, not Stripe's 35.
+/// is taken once, a half that fails with a 503 meanwhile is retried later. The bad event here is
+/// one Metronome's clock finds more than 34 days old (its clock two hours ahead of the node's),
+/// a documented refusal. Metronome's horizon is its own: 34 days, not Stripe's 35.
 async fn a_refused_event_is_found_by_bisection_and_old_windows_meet_metronome_s_horizon(kind: Kind) {
     let Some(b) = Backend::new(kind).await else { return };
     let standin = StandIn::start().await;
@@ -324,25 +329,36 @@ async fn a_refused_event_is_found_by_bisection_and_old_windows_meet_metronome_s_
     }
     let toml = config(&standin.url).replace("[metronome]", &format!("{tenants}[metronome]"));
     let h = node(&toml, b.store.clone(), NOON);
-    at(&h.clock, &standin, NOON);
+    h.clock.set_unix(NOON);
+    standin.set_now(NOON + 2 * HOUR);
     for i in 0..9 {
         late(&*b.store, &format!("f{i}"), &format!("t{i}"), "requests", NOON - HOUR, 10 + i).await;
     }
-    // 34.5 days old: past Metronome's horizon (within Stripe's 35 days).
+    // 34 days less 1.5 hours old by the node's clock (sent), 34.5 days by Metronome's (refused).
+    let skewed = NOON - 34 * DAY + HOUR + 15 * MIN;
+    late(&*b.store, "skew", "t4", "requests", skewed, 5).await;
+    // 34.5 days old by the node's clock: past Metronome's horizon (within Stripe's 35 days).
     late(&*b.store, "old", "t0", "requests", NOON - 34 * DAY - 12 * HOUR, 5).await;
-    standin.refuse_customer("acct-4");
+    // The first call is refused (a 400 injected), its first half then meets a 503: that half
+    // is retried later, the second half goes through.
+    standin.fail_next(&[Fault::Status(400), Fault::Status(503)]);
     let r = h.tollgate.export().await.unwrap();
-    assert_eq!((r.events, r.dead_letters), (8, 2), "{r:?}");
+    assert_eq!((r.events, r.dead_letters, r.retries), (5, 1, 5), "{r:?}");
+    // The retried half holds the skewed event: refused by Metronome itself, bisected to it.
+    h.clock.set_unix(NOON + 10 * MIN);
+    let r = h.tollgate.export().await.unwrap();
+    assert_eq!((r.events, r.dead_letters, r.retries), (4, 1, 0), "{r:?}");
     let totals = standin.totals();
-    assert_eq!(totals.len(), 8, "{totals:?}");
-    assert!(!totals.contains_key(&("acct-4".into(), "api_requests".into())));
+    assert_eq!(totals.len(), 9, "{totals:?}");
+    assert_eq!(totals.values().sum::<i64>(), (10..19).sum::<i64>(), "the skewed window alone is missing");
     assert_eq!(standin.duplicates(), 0, "no event was taken twice while bisecting");
-    // One call of 9, then halves down to the refused event: at most 1 + 2 × ⌈log2 9⌉ calls.
-    assert!(standin.calls() <= 9, "{} calls", standin.calls());
     let dead = h.tollgate.usage_store().dead_letters(None, 10).await.unwrap();
-    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
-    assert!(reasons.iter().any(|r| r.starts_with("refused: 400") && r.contains("invalid event")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.starts_with("too old") && r.contains("34 days")), "{reasons:?}");
+    let reasons: Vec<(i64, &str)> = dead.iter().map(|d| (d.key.window_start, d.reason.as_str())).collect();
+    assert!(
+        reasons.iter().any(|(w, r)| *w == skewed && r.starts_with("refused: 400") && r.contains("34 days")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|(_, r)| r.starts_with("too old") && r.contains("34 days")), "{reasons:?}");
 }
 
 macro_rules! on_every_store {
@@ -422,7 +438,10 @@ fn metronome_settings_are_checked_at_load() {
     assert!(e.contains("export.sink") && e.contains("metronom"), "{e}");
     let e = err(&ok.replace("sink = \"metronome\"", "sink = \"jsonl\"").replace("\"30d\"", "\"1h\""));
     assert!(e.contains("export.sink") && e.contains("export.file"), "{e}");
-    let e = err(&ok.replace("sink = \"metronome\"", "sink = \"stripe\"").replace("\"30d\"", "\"1h\""));
+    let e = err(&ok
+        .replace("sink = \"metronome\"", "sink = \"stripe\"")
+        .replace("\"30d\"", "\"1h\"")
+        .replace("[metronome]\napi_base = \"http://127.0.0.1:9/\"\ntimeout = \"60s\"\n", ""));
     assert!(e.contains("[stripe]"), "{e}");
     let e = err(&ok.replace("api_base = \"http://127.0.0.1:9/\"", "api_base = \"http://127.0.0.1:9/v1\""));
     assert!(e.contains("metronome.api_base"), "{e}");
@@ -432,6 +451,40 @@ fn metronome_settings_are_checked_at_load() {
     assert!(e.contains("tenants.globex.metronome_customer") && e.contains("acme"), "{e}");
     let e = err(&ok.replace("[metronome]", "[metronome]\napi_token = \"x\""));
     assert!(e.contains("api_token"), "{e}");
-    // A token is never read from the file: only from the environment or a file it names.
-    assert!(!ok.contains(TOKEN));
+    // Without the section, Metronome's defaults: a 30 s timeout the claim must outlast, and
+    // unconfirmed exports re-sent for 33 days.
+    let bare = ok.replace("[metronome]\napi_base = \"http://127.0.0.1:9/\"\ntimeout = \"60s\"\n", "");
+    let c = Config::from_toml_str(&bare.replace("unconfirmed_after = \"30d\"\n", "")).unwrap();
+    assert!(c.metronome().is_none());
+    assert_eq!(c.export().unconfirmed_after, Duration::from_secs(33 * DAY as u64));
+    let e = err(&bare.replace("concurrency = 4", "concurrency = 4\nclaim = \"50s\""));
+    assert!(e.contains("export.claim") && e.contains("metronome.timeout"), "{e}");
+    // A [metronome] section is for the Metronome sink.
+    let e = err(&ok.replace("sink = \"metronome\"\n", "").replace("\"30d\"", "\"1h\""));
+    assert!(e.contains("metronome") && e.contains("export.sink"), "{e}");
+    let e = err(&ok.replace("timeout = \"60s\"", "timeout = \"500ms\""));
+    assert!(e.contains("metronome.timeout"), "{e}");
+    let e = err(&ok.replace("\"acme-account\"", "\" acme-account\""));
+    assert!(e.contains("tenants.acme.metronome_customer"), "{e}");
+}
+
+/// With a `[stripe]` section beside the Metronome sink (plan changes by Stripe webhooks), a
+/// late revision keeps its window's time: Stripe's invoice-grace restamping is Stripe's.
+#[tokio::test]
+async fn late_revisions_keep_their_window_s_time_in_metronome() {
+    let standin = StandIn::start().await;
+    let toml = config(&standin.url).replace("[metronome]", "[stripe]\ninvoice_grace = \"1h\"\n[metronome]");
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    h.status("/", "key-acme").await;
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + HOUR);
+    assert_eq!(h.tollgate.export().await.unwrap().events, 1);
+    // Late usage of the 12:00 window, exported five hours after it (past the grace).
+    late(&*store, "late", "acme", "requests", NOON, 2).await;
+    at(&h.clock, &standin, NOON + 5 * HOUR);
+    assert_eq!(h.tollgate.export().await.unwrap().events, 1);
+    let stamps: Vec<(i64, i64)> = standin.events().iter().map(|e| (e.timestamp, e.value)).collect();
+    assert_eq!(stamps, [(NOON + 15 * MIN - 1, 1), (NOON + 15 * MIN - 1, 2)], "both in the window");
 }

@@ -7,26 +7,29 @@
 //! events" (<https://docs.metronome.com/guides/events/send-usage-events>) and its idempotency
 //! page (<https://docs.metronome.com/api-reference/idempotency>):
 //!
-//! - `Authorization: Bearer <token>` must match (401 otherwise).
+//! - `Authorization: Bearer <token>` must match (401 otherwise); the body is JSON
+//!   (`Content-Type: application/json`, 400 otherwise).
 //! - The body is a JSON array of between 1 and 100 usage events (400 otherwise).
 //! - Each event has `transaction_id`, `customer_id`, `event_type` (non-empty strings) and
 //!   `timestamp`, an RFC 3339 string with a four-digit year; `properties` is an object. An event
-//!   that breaks a rule makes the whole call a 400 naming it, and nothing of the call is taken
-//!   (the stand-in is never kinder: a client cannot count on part of a refused batch).
+//!   that breaks a rule makes the whole call a 400 naming it. Metronome's documentation does
+//!   not say whether the valid events of such a call are taken: the stand-in takes none, and
+//!   the tests' totals hold either way (a re-sent event is ignored by its transaction id).
+//! - `customer_id` is not checked: Metronome takes events for an id no customer has yet (an
+//!   ingest alias added later), so a wrong customer id is never refused.
 //! - Events may be backdated up to 34 days; timestamps more than 24 hours ahead are refused
 //!   (400), both by the stand-in's clock.
 //! - `transaction_id` is the idempotency key: once an event is accepted, an event with the same
 //!   id within 34 days is a duplicate, answered 200 and ignored.
 //! - Injectable faults for the next calls: a status with Metronome's JSON error body, 429 with a
-//!   `Retry-After`, a body that is not JSON, a dropped connection, or "take it and never answer"
-//!   (the events are taken, the caller is then killed: a crash between send and mark).
-//! - [`StandIn::refuse_customer`]: events for this `customer_id` are refused as malformed (400),
-//!   a test's way to put one bad event in a batch.
+//!   `Retry-After`, a body that is not JSON, a dropped connection, "take it, then fail" (the
+//!   events are taken and a 5xx answered: a gateway's timeout), or "take it and never answer"
+//!   (the caller is then killed: a crash between send and mark).
 //! - Totals per (customer, event type): the sum of `properties.value` over accepted events.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -51,6 +54,8 @@ pub enum Fault {
     NotJson(u16),
     /// Close the connection without an answer (nothing taken).
     Drop,
+    /// Take the events, then answer this status.
+    TakeAndFail(u16),
     /// Take the events, then never answer.
     TakeAndHang,
 }
@@ -71,7 +76,6 @@ struct State {
     events: Vec<Accepted>,
     /// Accepted transaction ids, with when they were accepted.
     transactions: HashMap<String, i64>,
-    refused_customers: HashSet<String>,
     faults: VecDeque<Fault>,
     now: Option<i64>,
     calls: u64,
@@ -130,10 +134,6 @@ impl StandIn {
 
     pub fn fail_next(&self, faults: &[Fault]) {
         self.lock().faults.extend(faults.iter().copied());
-    }
-
-    pub fn refuse_customer(&self, customer: &str) {
-        self.lock().refused_customers.insert(customer.to_owned());
     }
 
     pub fn events(&self) -> Vec<Accepted> {
@@ -240,6 +240,10 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<Answer> {
     if req.method != "POST" || req.path != "/v1/ingest" {
         return Some(error(404, "Not Found"));
     }
+    if !req.headers.get("content-type").is_some_and(|t| t.starts_with("application/json")) {
+        lock().refusals += 1;
+        return Some(error(400, "the body must be JSON (Content-Type: application/json)"));
+    }
     match fault {
         Some(Fault::Status(st)) => return Some(error(st, "injected fault")),
         Some(Fault::RateLimited(secs)) => {
@@ -288,9 +292,6 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<Answer> {
             }
             Some(_) => return refuse(format!("event {i}: properties must be an object")),
         };
-        if lock().refused_customers.contains(&customer_id) {
-            return refuse(format!("event {i}: invalid event"));
-        }
         let value = properties.get("value").and_then(|v| v.parse().ok()).unwrap_or(0);
         batch.push(Accepted { transaction_id, customer_id, event_type, timestamp: ts, value, properties });
     }
@@ -312,6 +313,9 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<Answer> {
     if fault == Some(Fault::TakeAndHang) {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         return None;
+    }
+    if let Some(Fault::TakeAndFail(st)) = fault {
+        return Some(error(st, "injected failure after the events were taken"));
     }
     Some((200, String::new(), String::new(), "application/json"))
 }

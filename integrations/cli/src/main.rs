@@ -448,17 +448,27 @@ async fn export(config: Config, dry_run: bool) -> Result<()> {
 /// `export --new-namespace`: an export pass and a reconciliation of the last 35 days under the
 /// current namespace, then a new one.
 async fn new_namespace_of(config: Config) -> Result<()> {
-    not_metronome(&config, "a new namespace is reconciled with Stripe first")?;
-    if config.stripe().is_none() {
-        return Err("the configuration has no [stripe] section: identifiers are Stripe's".into());
+    let kind = config.export().sink_kind(config.stripe().is_some());
+    if kind.is_none() {
+        return Err("the configuration names no billing sink: identifiers are the billing system's".into());
     }
-    let (engine, _worker) =
-        tollgate::Tollgate::builder(config.clone()).billing_sink(stripe_sink(&config)?).open().await?;
+    let sink = tollgate::billing::configured_sink(&config)?.ok_or("the configuration names no billing sink")?;
+    let (engine, _worker) = tollgate::Tollgate::builder(config.clone()).billing_sink_arc(sink).open().await?;
     let r = engine.export().await?;
     if r.halted {
-        return Err("Stripe refused the API key (401/403): nothing was changed".into());
+        return Err("the billing system refused the key (401/403): nothing was changed".into());
     }
     println!("{} meter events sent, {} dead-lettered under the current namespace", r.events, r.dead_letters);
+    if kind == Some(tollgate::config::SinkKind::Metronome) {
+        // Metronome is not read back: exports in flight keep their identifiers; nothing to
+        // reconcile first.
+        engine.shutdown().await?;
+        let admin = Admin::open(&config).await?;
+        let (old, new) = admin.new_identifier_namespace().await?;
+        let old = if old.is_empty() { "(empty)" } else { old.as_str() };
+        println!("identifier namespace changed from {old} to {new}");
+        return Ok(());
+    }
     let to = now();
     let request = tollgate::report::ReconcileRequest::new(to - 35 * 86_400, to).fix(true);
     let r = engine.reconcile(&request).await?;

@@ -566,3 +566,64 @@ async fn no_customer_letters_are_one_line_per_tenant_and_meter() {
     assert!(out.contains("0 dead letters"), "{out}");
     assert_eq!(standin.calls(), 0, "nothing sent to Stripe");
 }
+
+/// `tollgate export` with `[export] sink = "metronome"` against the Metronome stand-in: a dry
+/// run names the Metronome customer and sends nothing, a pass sends each closed window once in
+/// one call, no token is a clear error, reconcile is refused, and `--new-namespace` draws a new
+/// namespace without reconciling.
+#[cfg(feature = "metronome")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_to_metronome_sends_once_and_draws_a_new_namespace() {
+    use tollgate::store::{ExportStore, FlushId, SqliteStore, UsageBatch, UsageRecord};
+    let standin = common::metronome::StandIn::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[store]\npath = \"t.db\"\n[export]\nsink = \"metronome\"\n[meters.requests]\nevent_name = \"api_requests\"\n\
+         {PLANS}[tenants.acme]\nplan = \"free\"\nmetronome_customer = \"acme-acct\"\n\
+         [tenants.globex]\nplan = \"free\"\nmetronome_customer = \"globex-acct\"\n\
+         [metronome]\napi_base = \"{}\"\n",
+        standin.url
+    );
+    std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let window = now - now.rem_euclid(3600) - 2 * 3600;
+    let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    let records = vec![
+        UsageRecord::new("acme".into(), "requests".into(), window, 7),
+        UsageRecord::new("globex".into(), "requests".into(), window, 5),
+    ];
+    store.commit_usage(&UsageBatch::new(FlushId::new("f1"), records)).await.unwrap();
+    let namespace = store.identifier_namespace().await.unwrap();
+    drop(store);
+
+    let run = |args: &[&str], token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(args).current_dir(dir.path()).env_remove("TOLLGATE_CONFIG").env_remove("METRONOME_API_TOKEN");
+        if let Some(t) = token {
+            cmd.env("METRONOME_API_TOKEN", t);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (done, out, _) = run(&["export", "--dry-run"], None);
+    assert!(done && out.contains("acme-acct") && out.contains("2 meter events would be sent"), "{out}");
+    assert_eq!(standin.calls(), 0, "a dry run sends nothing");
+    let (done, _, err) = run(&["export"], None);
+    assert!(!done && err.contains("METRONOME_API_TOKEN"), "{err}");
+    let (done, out, err) = run(&["export"], Some(common::metronome::TOKEN));
+    assert!(done && out.contains("2 meter events sent"), "{out} {err}");
+    assert_eq!((standin.calls(), standin.batch_sizes()), (1, vec![2]), "both windows in one call");
+    let (done, out, _) = run(&["export"], Some(common::metronome::TOKEN));
+    assert!(done && out.contains("0 meter events sent"), "{out}");
+    assert_eq!(standin.totals().values().sum::<i64>(), 12);
+    let (done, _, err) = run(&["reconcile"], Some(common::metronome::TOKEN));
+    assert!(!done && err.contains("metronome"), "{err}");
+    let (done, out, err) = run(&["export", "--new-namespace"], Some(common::metronome::TOKEN));
+    assert!(done && out.contains("identifier namespace changed from"), "{out} {err}");
+    let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    assert_ne!(store.identifier_namespace().await.unwrap(), namespace);
+}
