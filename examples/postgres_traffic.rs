@@ -58,6 +58,39 @@ impl QuotaStore for Timed {
         self.wrote(key);
         self.inner.release(key, units, token).await
     }
+
+    async fn grant_credits(
+        &self,
+        grant: &tollgate::store::CreditGrant,
+    ) -> Result<tollgate::store::GrantOutcome, StoreError> {
+        self.inner.grant_credits(grant).await
+    }
+
+    async fn credit_grants(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        meter: Option<&tollgate::config::MeterId>,
+    ) -> Result<
+        (Vec<tollgate::store::CreditGrant>, Vec<(tollgate::config::MeterId, tollgate::store::CreditBalance)>),
+        StoreError,
+    > {
+        self.inner.credit_grants(tenant, meter).await
+    }
+
+    async fn close_credits(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        meter: &tollgate::config::MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Result<Option<tollgate::store::CreditClosure>, StoreError> {
+        self.inner.close_credits(tenant, meter, id, revoke, now).await
+    }
+
+    async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<tollgate::store::CreditGrant>, StoreError> {
+        self.inner.expired_credits(now, limit).await
+    }
 }
 
 /// The `q` quantile of `samples` (sorted here), in microseconds.

@@ -12,6 +12,10 @@ pub enum Period {
         /// The day of the month the period starts on, 1 to 31.
         anchor_day: u8,
     },
+    /// No calendar: the tenant's prepaid credits. The limit is the sum of its open grants
+    /// ([`CreditGrant`](crate::store::CreditGrant)), held by the quota store beside the units
+    /// used; the period never ends.
+    Prepaid,
 }
 
 impl Period {
@@ -21,6 +25,7 @@ impl Period {
         match self {
             Period::Day => "day",
             Period::Month { .. } => "month",
+            Period::Prepaid => "prepaid",
         }
     }
 
@@ -31,6 +36,8 @@ impl Period {
         match self {
             Period::Day => 86_400,
             Period::Month { .. } => 30 * 86_400,
+            // Never reset: as long as a year, for what needs a length.
+            Period::Prepaid => 365 * 86_400,
         }
     }
 
@@ -39,6 +46,7 @@ impl Period {
     pub fn bounds(&self, unix_secs: i64) -> (i64, i64) {
         use chrono::{Datelike, NaiveDate, TimeZone, Utc};
         match *self {
+            Period::Prepaid => (PREPAID_START, PREPAID_END),
             Period::Day => {
                 let start = unix_secs.div_euclid(86_400) * 86_400;
                 (start, start + 86_400)
@@ -66,6 +74,12 @@ impl Period {
         }
     }
 }
+
+/// The bounds of the one prepaid "period" (it never ends).
+pub(crate) const PREPAID_START: i64 = 0;
+/// The end of the prepaid "period": far enough never to come, small enough for every store
+/// (and for a DynamoDB TTL of it plus a retention).
+pub(crate) const PREPAID_END: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
 
 fn last_day_of_month(year: i32, month: u32) -> u32 {
     use chrono::NaiveDate;

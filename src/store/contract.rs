@@ -44,6 +44,14 @@ pub const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
 /// the sender with the oldest call is forgotten (its calls were answered long ago).
 pub const SENDERS_KEPT: usize = 64;
 
+/// The most open credit grants a tenant holds on one meter: a grant past them is refused
+/// ([`GrantOutcome::TooMany`](super::GrantOutcome::TooMany)).
+pub const OPEN_GRANTS_MAX: usize = 1000;
+
+/// How long a closed credit grant (expired or revoked) is kept, listed and known by its id
+/// (a grant sent again under its id within this time adds nothing): then it is dropped.
+pub const CLOSED_GRANTS_KEPT_SECS: i64 = RETENTION_SECS;
+
 /// The longest body of a stored `Idempotency-Key` response on DynamoDB:
 /// `limits.idempotency_max_body` is refused above it for a DynamoDB idempotency store. An item
 /// holds at most 400 KB (409,600 bytes), its attribute names and the binding's other attributes

@@ -58,7 +58,10 @@ pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
-pub use quota::{Grant, QuotaKey, QuotaStore, Reservation, ReserveToken, SHRINK};
+pub use quota::{
+    CreditBalance, CreditClosure, CreditGrant, Grant, GrantOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken,
+    SHRINK,
+};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;

@@ -137,18 +137,155 @@ pub struct Grant {
     /// Units reserved by every node together for this key after the call (owed units
     /// included).
     pub reserved: u64,
+    /// For a [`Period::Prepaid`] key, the limit the call was held to: the units of the open
+    /// grants. `None` for a calendar period (its limit is the caller's).
+    pub limit: Option<u64>,
 }
 
 impl Grant {
     /// A grant of `granted` units, leaving `reserved` reserved in all.
     #[must_use]
     pub fn new(granted: u64, reserved: u64) -> Self {
+        Self { granted, reserved, limit: None }
+    }
+
+    /// Held to this limit (a prepaid balance's granted units).
+    #[must_use]
+    pub fn with_limit(mut self, limit: Option<u64>) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+/// A grant of prepaid units to a tenant on a meter: the limit of its
+/// [`Period::Prepaid`] counter is the sum of its open grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreditGrant {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The meter.
+    pub meter: MeterId,
+    /// Its id, unique per (tenant, meter): a grant sent again under its id adds nothing (a
+    /// payment's invoice or payment intent id, so one payment never grants twice).
+    pub id: String,
+    /// Units granted.
+    pub units: u64,
+    /// When it was granted (Unix seconds).
+    pub granted_at: i64,
+    /// When it expires (Unix seconds), if ever. Grants are spent soonest-to-expire first.
+    pub expires_at: Option<i64>,
+    /// The payment it came from (a Stripe payment intent id), for refunds.
+    pub payment: Option<String>,
+    /// How it closed, once expired or revoked.
+    pub closed: Option<CreditClosure>,
+}
+
+impl CreditGrant {
+    /// `units` granted to `tenant` on `meter` under `id` at `granted_at`, never expiring.
+    #[must_use]
+    pub fn new(tenant: TenantId, meter: MeterId, id: impl Into<String>, units: u64, granted_at: i64) -> Self {
+        Self { tenant, meter, id: id.into(), units, granted_at, expires_at: None, payment: None, closed: None }
+    }
+
+    /// Expiring at `at` (Unix seconds).
+    #[must_use]
+    pub fn expiring(mut self, at: Option<i64>) -> Self {
+        self.expires_at = at;
+        self
+    }
+
+    /// Paid by `payment` (a payment intent id).
+    #[must_use]
+    pub fn paid_by(mut self, payment: impl Into<String>) -> Self {
+        self.payment = Some(payment.into());
+        self
+    }
+
+    /// The order grants are spent in: soonest to expire first (never-expiring last), then
+    /// oldest, then by id.
+    #[must_use]
+    pub fn spending_order(&self) -> (bool, i64, i64, &str) {
+        (self.expires_at.is_none(), self.expires_at.unwrap_or(i64::MAX), self.granted_at, &self.id)
+    }
+}
+
+/// How a credit grant closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreditClosure {
+    /// When (Unix seconds).
+    pub at: i64,
+    /// Whether it was revoked (else it expired).
+    pub revoked: bool,
+    /// Units it still held, taken from the balance: its units less those spent from it
+    /// (soonest-to-expire first), counting units leased to nodes as spent.
+    pub lost: u64,
+}
+
+/// A prepaid balance: the units of the open grants, and those used (leased to nodes, or owed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CreditBalance {
+    /// Units of the open grants.
+    pub granted: u64,
+    /// Units used: reserved by nodes (spent or leased) and owed.
+    pub reserved: u64,
+}
+
+impl CreditBalance {
+    /// A balance of `granted` units with `reserved` used.
+    #[must_use]
+    pub fn new(granted: u64, reserved: u64) -> Self {
         Self { granted, reserved }
     }
+
+    /// Units left: negative when usage that had to be billed took it below zero (the next
+    /// grant pays that first).
+    #[must_use]
+    pub fn left(&self) -> i128 {
+        i128::from(self.granted) - i128::from(self.reserved)
+    }
+}
+
+/// The answer to [`QuotaStore::grant_credits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GrantOutcome {
+    /// Granted: the balance after it.
+    Granted(CreditBalance),
+    /// A grant with this id exists (open or closed): nothing was added. The grant as stored.
+    Duplicate(CreditGrant),
+    /// The tenant holds [`OPEN_GRANTS_MAX`](super::contract::OPEN_GRANTS_MAX) open grants on
+    /// the meter already: nothing was added.
+    TooMany,
+}
+
+/// Closes one credit grant of `grants` (open ones, of one tenant and meter) against `balance`:
+/// what the grant still holds when the units used are spent soonest-to-expire first, and the
+/// balance after it (the grant's units leave the granted total, the part of it used leaves the
+/// used total). Every store closes by this rule.
+#[must_use]
+pub(crate) fn close_against(grants: &[CreditGrant], id: &str, balance: CreditBalance) -> Option<(u64, CreditBalance)> {
+    let grant = grants.iter().find(|g| g.id == id && g.closed.is_none())?;
+    let before: u64 = grants
+        .iter()
+        .filter(|g| g.closed.is_none() && g.spending_order() < grant.spending_order())
+        .fold(0u64, |a, g| a.saturating_add(g.units));
+    let spent = balance.reserved.saturating_sub(before).min(grant.units);
+    let lost = grant.units - spent;
+    Some((
+        lost,
+        CreditBalance::new(balance.granted.saturating_sub(grant.units), balance.reserved.saturating_sub(spent)),
+    ))
 }
 
 /// Where quota counters live: a conditional atomic add per call, so that the units leased by all
 /// nodes never exceed a hard limit, applied at most once per [`ReserveToken`].
+///
+/// A counter of a [`Period::Prepaid`] key is a prepaid balance: its limit is the sum of the
+/// tenant's open credit grants on the meter, held beside it (never the reservation's `limit`),
+/// so a lease is checked against the balance in the same conditional write.
 #[async_trait]
 pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// Adds `owed` to the counter of `r.key`, then reserves up to `r.units` more for the
@@ -163,4 +300,32 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// Gives back `units` reserved earlier and not used; at most once per token, as
     /// [`reserve`](Self::reserve).
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError>;
+
+    /// Adds a grant of prepaid units: its units join the balance of `(grant.tenant,
+    /// grant.meter)` in the same write that records the grant, once per grant id.
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError>;
+
+    /// The tenant's credit grants (open, and closed within
+    /// [`CLOSED_GRANTS_KEPT_SECS`](super::contract::CLOSED_GRANTS_KEPT_SECS)), on `meter` or
+    /// on every meter, by meter then spending order; with the balance of each meter named.
+    async fn credit_grants(
+        &self,
+        tenant: &TenantId,
+        meter: Option<&MeterId>,
+    ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError>;
+
+    /// Closes an open grant, once: with `revoke`, at once; without, only if it has expired by
+    /// `now` (the worker's expiry). Its units leave the balance, by [`close_against`]; its
+    /// closure is returned, or `None` if there is no such open grant (or it has not expired).
+    async fn close_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Result<Option<CreditClosure>, StoreError>;
+
+    /// Open grants expired by `now`, of every tenant, up to `limit`: for the worker to close.
+    async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError>;
 }

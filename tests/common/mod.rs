@@ -356,6 +356,48 @@ impl QuotaStore for Faulty {
         self.after_quota().await;
         r
     }
+
+    async fn grant_credits(
+        &self,
+        grant: &tollgate::store::CreditGrant,
+    ) -> Result<tollgate::store::GrantOutcome, StoreError> {
+        self.before_quota(grant.tenant.as_str()).await?;
+        let r = self.inner.grant_credits(grant).await;
+        self.after_quota().await;
+        r
+    }
+
+    async fn credit_grants(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        meter: Option<&tollgate::config::MeterId>,
+    ) -> Result<
+        (Vec<tollgate::store::CreditGrant>, Vec<(tollgate::config::MeterId, tollgate::store::CreditBalance)>),
+        StoreError,
+    > {
+        self.before_quota(tenant.as_str()).await?;
+        let r = self.inner.credit_grants(tenant, meter).await;
+        self.after_quota().await;
+        r
+    }
+
+    async fn close_credits(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        meter: &tollgate::config::MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Result<Option<tollgate::store::CreditClosure>, StoreError> {
+        self.before_quota(tenant.as_str()).await?;
+        let r = self.inner.close_credits(tenant, meter, id, revoke, now).await;
+        self.after_quota().await;
+        r
+    }
+
+    async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<tollgate::store::CreditGrant>, StoreError> {
+        self.inner.expired_credits(now, limit).await
+    }
 }
 
 #[async_trait::async_trait]

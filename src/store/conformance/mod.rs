@@ -58,6 +58,10 @@ macro_rules! store_conformance {
             a_period_two_periods_old_is_dropped_and_stays_dropped,
             quota_keys_of_different_periods_are_separate_counters,
             near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left,
+            credit_grants_apply_once_and_bound_a_prepaid_balance,
+            an_expired_grant_closes_once_losing_what_it_still_holds,
+            grants_are_spent_soonest_to_expire_first,
+            concurrent_reserves_never_pass_a_prepaid_balance,
         );
     };
     (@role usage, $make:expr) => {

@@ -291,3 +291,161 @@ pub async fn near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left<S
     assert_eq!(s.reserve(&shrink(50, 30, 6)).await.unwrap(), Grant::new(10, 100), "the rest, short of its need");
     assert_eq!(s.reserve(&shrink(50, 1, 7)).await.unwrap(), Grant::new(0, 100));
 }
+
+fn prepaid_key(tenant: &str, meter: &str) -> QuotaKey {
+    let (start, end) = Period::Prepaid.bounds(0);
+    QuotaKey::new(tenant.into(), meter.into(), Period::Prepaid, start, end)
+}
+
+fn credit(tenant: &str, id: &str, units: u64, expires_at: Option<i64>) -> crate::store::CreditGrant {
+    crate::store::CreditGrant::new(tenant.into(), "tokens".into(), id, units, DAY0).expiring(expires_at)
+}
+
+async fn balance<S: ?Sized + QuotaInspect>(s: &S, tenant: &str) -> crate::store::CreditBalance {
+    let (_, balances) = s.credit_grants(&tenant.into(), Some(&"tokens".into())).await.unwrap();
+    balances.first().map_or_else(Default::default, |(_, b)| *b)
+}
+
+/// Grants apply once per id; a prepaid counter is held to its open grants whatever limit a
+/// call names, answers that limit, goes below zero only through owed units, and the next
+/// grant pays that debt first. Grants of another tenant or meter are apart.
+pub async fn credit_grants_apply_once_and_bound_a_prepaid_balance<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::{CreditBalance, GrantOutcome};
+    let key = prepaid_key("p", "tokens");
+    // Nothing granted: nothing leased.
+    let none = h.s().reserve(&ask(&key, 5, None, 1, 1)).await.unwrap();
+    assert_eq!((none.granted, none.limit), (0, Some(0)), "{none:?}");
+    let g1 = credit("p", "inv_1", 100, Some(DAY0 + DAY));
+    assert_eq!(h.s().grant_credits(&g1).await.unwrap(), GrantOutcome::Granted(CreditBalance::new(100, 0)));
+    assert_eq!(
+        h.s().grant_credits(&credit("p", "pi_2", 50, None)).await.unwrap(),
+        GrantOutcome::Granted(CreditBalance::new(150, 0))
+    );
+    h.restart().await;
+    // Sent again (a webhook redelivered): nothing added, the grant as stored.
+    match h.s().grant_credits(&credit("p", "inv_1", 999, None)).await.unwrap() {
+        GrantOutcome::Duplicate(g) => assert_eq!((g.units, g.expires_at), (100, Some(DAY0 + DAY))),
+        other => panic!("{other:?}"),
+    }
+    // Another tenant's and another meter's grants are apart.
+    h.s().grant_credits(&credit("q", "inv_1", 7, None)).await.unwrap();
+    let other_meter = crate::store::CreditGrant::new("p".into(), "requests".into(), "inv_1", 9, DAY0);
+    assert!(matches!(h.s().grant_credits(&other_meter).await.unwrap(), GrantOutcome::Granted(_)));
+    // A limit the caller names is not the prepaid one.
+    let a = h.s().reserve(&ask(&key, 60, Some(10_000), 1, 2)).await.unwrap();
+    assert_eq!((a.granted, a.reserved, a.limit), (60, 60, Some(150)));
+    let b = h.s().reserve(&ask(&key, 200, None, 2, 1)).await.unwrap();
+    assert_eq!((b.granted, b.reserved), (90, 150), "held to the balance: {b:?}");
+    assert_eq!(h.s().reserve(&ask(&key, 1, None, 2, 2)).await.unwrap().granted, 0, "spent");
+    // Owed units (work done) take it below zero.
+    let owed = Reservation::new(key.clone(), 0, 10, None, ReserveToken::new(3, 1));
+    assert_eq!(h.s().reserve(&owed).await.unwrap().reserved, 160);
+    assert_eq!(balance(h.s(), "p").await.left(), -10);
+    // A release gives units back to the balance.
+    h.s().release(&key, 20, ReserveToken::new(1, 3)).await.unwrap();
+    assert_eq!(balance(h.s(), "p").await, CreditBalance::new(150, 140));
+    // The next grant pays the debt first: 30 granted, 40 left after the 140 used of 180.
+    let paid = h.s().grant_credits(&credit("p", "inv_3", 30, None)).await.unwrap();
+    assert_eq!(paid, GrantOutcome::Granted(CreditBalance::new(180, 140)));
+    let c = h.s().reserve(&ask(&key, 100, None, 2, 3)).await.unwrap();
+    assert_eq!((c.granted, c.limit), (40, Some(180)));
+    let (grants, balances) = h.s().credit_grants(&"p".into(), None).await.unwrap();
+    let ids: Vec<(&str, &str)> = grants.iter().map(|g| (g.meter.as_str(), g.id.as_str())).collect();
+    assert_eq!(ids, [("requests", "inv_1"), ("tokens", "inv_1"), ("tokens", "inv_3"), ("tokens", "pi_2")]);
+    assert_eq!(balances.len(), 2, "{balances:?}");
+    assert_eq!(balance(h.s(), "q").await, CreditBalance::new(7, 0));
+}
+
+/// An expired grant closes once, by the worker's call at or after its expiry: it loses what it
+/// still holds (units leased count as spent), listed as closed and still known by its id.
+pub async fn an_expired_grant_closes_once_losing_what_it_still_holds<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::{CreditBalance, GrantOutcome};
+    let key = prepaid_key("e", "tokens");
+    let at = DAY0 + DAY;
+    h.s().grant_credits(&credit("e", "g1", 100, Some(at))).await.unwrap();
+    h.s().grant_credits(&credit("e", "g2", 50, None)).await.unwrap();
+    h.s().grant_credits(&credit("other", "g1", 10, Some(at + HOUR))).await.unwrap();
+    assert_eq!(h.s().reserve(&ask(&key, 30, None, 1, 1)).await.unwrap().granted, 30);
+    let (t, m) = (&"e".into(), &"tokens".into());
+    assert_eq!(h.s().close_credits(t, m, "g1", false, at - 1).await.unwrap(), None, "not expired yet");
+    assert!(h.s().expired_credits(at - 1, 10).await.unwrap().is_empty());
+    let due = h.s().expired_credits(at, 10).await.unwrap();
+    assert_eq!(due.iter().map(|g| (g.tenant.as_str(), g.id.as_str())).collect::<Vec<_>>(), [("e", "g1")]);
+    let closed = h.s().close_credits(t, m, "g1", false, at + 5).await.unwrap().unwrap();
+    assert_eq!((closed.at, closed.revoked, closed.lost), (at + 5, false, 70));
+    assert_eq!(h.s().close_credits(t, m, "g1", false, at + 6).await.unwrap(), None, "once");
+    assert_eq!(h.s().close_credits(t, m, "g1", true, at + 6).await.unwrap(), None, "closed is closed");
+    h.restart().await;
+    assert_eq!(balance(h.s(), "e").await, CreditBalance::new(50, 0), "the 30 used were g1's");
+    assert!(h.s().expired_credits(at + HOUR - 1, 10).await.unwrap().is_empty());
+    let (grants, _) = h.s().credit_grants(t, Some(m)).await.unwrap();
+    let g1 = grants.iter().find(|g| g.id == "g1").unwrap();
+    assert_eq!(g1.closed, Some(closed));
+    assert!(matches!(h.s().grant_credits(&credit("e", "g1", 5, None)).await.unwrap(), GrantOutcome::Duplicate(_)));
+    assert_eq!(h.s().close_credits(t, m, "nope", true, at).await.unwrap(), None);
+    assert_eq!(h.s().reserve(&ask(&key, 80, None, 1, 2)).await.unwrap().granted, 50);
+}
+
+/// Units used are taken from the soonest-to-expire grants first: revoking a later grant
+/// takes only what it still holds.
+pub async fn grants_are_spent_soonest_to_expire_first<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::CreditBalance;
+    let key = prepaid_key("s", "tokens");
+    h.s().grant_credits(&credit("s", "never", 100, None)).await.unwrap();
+    h.s().grant_credits(&credit("s", "late", 100, Some(DAY0 + 2 * DAY))).await.unwrap();
+    h.s().grant_credits(&credit("s", "soon", 100, Some(DAY0 + DAY))).await.unwrap();
+    assert_eq!(h.s().reserve(&ask(&key, 150, None, 1, 1)).await.unwrap().granted, 150);
+    let (t, m) = (&"s".into(), &"tokens".into());
+    // soon: 100 spent; late: 50 spent, 50 held; never: 100 held.
+    let late = h.s().close_credits(t, m, "late", true, DAY0).await.unwrap().unwrap();
+    assert_eq!((late.revoked, late.lost), (true, 50));
+    assert_eq!(balance(h.s(), "s").await, CreditBalance::new(200, 100));
+    let never = h.s().close_credits(t, m, "never", true, DAY0).await.unwrap().unwrap();
+    assert_eq!(never.lost, 100);
+    assert_eq!(balance(h.s(), "s").await, CreditBalance::new(100, 100));
+    assert_eq!(h.s().reserve(&ask(&key, 1, None, 1, 2)).await.unwrap().granted, 0);
+    let (grants, _) = h.s().credit_grants(t, Some(m)).await.unwrap();
+    let order: Vec<&str> = grants.iter().map(|g| g.id.as_str()).collect();
+    assert_eq!(order, ["soon", "late", "never"], "listed in spending order");
+}
+
+/// Many callers spend one prepaid balance at once while a grant lands among them: every unit
+/// of the grants is leased once, none past them.
+pub async fn concurrent_reserves_never_pass_a_prepaid_balance<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    const TASKS: u64 = 12;
+    const CALLS: u64 = 30;
+    let key = prepaid_key("crowd", "tokens");
+    h.s().grant_credits(&credit("crowd", "first", 300, None)).await.unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = h.shared();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(task + 7);
+            let mut out = Vec::new();
+            for seq in 1..=CALLS {
+                let g = store.reserve(&ask(&key, 1 + rng.below(6), None, 500 + task, seq)).await.unwrap();
+                if g.granted > 0 {
+                    out.push(g);
+                }
+                tokio::task::yield_now().await;
+            }
+            out
+        }));
+    }
+    tokio::task::yield_now().await;
+    h.s().grant_credits(&credit("crowd", "second", 200, Some(DAY0 + DAY))).await.unwrap();
+    let mut grants = Vec::new();
+    for t in tasks {
+        grants.extend(t.await.unwrap());
+    }
+    let leased: u64 = grants.iter().map(|g| g.granted).sum();
+    assert!(leased <= 500, "{leased} leased of 500 granted");
+    assert_tiles(&mut grants, leased, "prepaid leases");
+    assert!(grants.iter().all(|g| g.limit.is_some_and(|l| g.reserved <= l)), "every grant within the limit it answers");
+    // What is left is leased to whoever asks next.
+    let rest = h.s().reserve(&ask(&key, 1000, None, 9999, 1)).await.unwrap();
+    assert_eq!(leased + rest.granted, 500);
+}

@@ -36,8 +36,8 @@ mod schema;
 mod usage;
 
 use schema::{
-    customer_pk, idempotency_pk, key_pk, keys_gpk, quota_pk, quota_sk, tenant_pk, usage_gsk, usage_pk, usage_sk,
-    META_PK, NAMESPACE_SK, SEP,
+    credit_pk, credit_sk, customer_pk, idempotency_pk, key_pk, keys_gpk, quota_pk, quota_sk, tenant_pk, usage_gsk,
+    usage_pk, usage_sk, CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, SEP,
 };
 
 type Item = HashMap<String, AttributeValue>;

@@ -1,10 +1,17 @@
 //! The quota role of the DynamoStore.
 
 use super::*;
+use crate::{
+    base::{MeterId, Period},
+    store::{contract, quota::close_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome},
+};
 
 #[async_trait]
 impl QuotaStore for DynamoStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        if r.key.period == Period::Prepaid {
+            return self.reserve_prepaid(r).await;
+        }
         // First as if the counter allowed everything asked (one conditional ADD); when the limit
         // refuses, the counter as it was says how much is left, and what the rule grants for
         // that is asked for (`Reservation::grant_for`: near the limit, an eighth of what is
@@ -21,7 +28,7 @@ impl QuotaStore for DynamoStore {
             };
             let delta = int(r.owed.saturating_add(units));
             match self.add(&r.key, delta, units, at_most, None, r.token).await? {
-                Ok(reserved) => return Ok(Grant::new(units, reserved)),
+                Ok((reserved, _)) => return Ok(Grant::new(units, reserved)),
                 Err(None) => {
                     if !self.ensure_counter(&r.key).await? {
                         // A late call for a period long over: nothing is left to reserve in it.
@@ -65,6 +72,263 @@ impl QuotaStore for DynamoStore {
         }
         Err(StoreError::Conflict("a quota counter changed under every attempt"))
     }
+
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
+        let key = prepaid_key(&grant.tenant, &grant.meter);
+        if !self.ensure_counter(&key).await? {
+            return Err(StoreError::Conflict("the prepaid counter"));
+        }
+        let pk = credit_pk(&grant.tenant);
+        let sk = credit_sk(grant.meter.as_str(), &grant.id);
+        if let Some(item) = self.get(pk.clone(), &sk).await? {
+            return Ok(GrantOutcome::Duplicate(credit_of(&item).ok_or(StoreError::Conflict("a credit item"))?));
+        }
+        if self.open_grants(&grant.tenant, &grant.meter).await?.len() >= contract::OPEN_GRANTS_MAX {
+            return Ok(GrantOutcome::TooMany);
+        }
+        let mut put = Put::builder()
+            .table_name(&self.table)
+            .item("pk", s(pk.clone()))
+            .item("sk", s(sk.clone()))
+            .item("tenant", s(grant.tenant.as_str()))
+            .item("meter", s(grant.meter.as_str()))
+            .item("id", s(grant.id.as_str()))
+            .item("units", n(grant.units))
+            .item("granted_at", n(grant.granted_at))
+            .condition_expression("attribute_not_exists(pk)");
+        if let Some(at) = grant.expires_at {
+            put = put
+                .item("expires_at", n(at))
+                .item("gpk", s(CREDIT_DUE_GPK))
+                .item("gsk", s(format!("{}{SEP}{pk}{SEP}{sk}", window_text(at))));
+        }
+        if let Some(p) = &grant.payment {
+            put = put.item("payment", s(p.as_str()));
+        }
+        let add = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(quota_pk(&key)))
+            .key("sk", s(quota_sk(&key)))
+            .update_expression("ADD granted :u, room :u")
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":u", n(grant.units));
+        let actions = vec![
+            TransactWriteItem::builder().put(put.build().map_err(backend)?).build(),
+            TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
+        ];
+        if self.transact(actions, "a credit grant").await?.is_some() {
+            // Granted under this id meanwhile (or the counter went): as stored.
+            return match self.get(pk, &sk).await? {
+                Some(item) => {
+                    Ok(GrantOutcome::Duplicate(credit_of(&item).ok_or(StoreError::Conflict("a credit item"))?))
+                }
+                None => Err(StoreError::Conflict("a credit grant")),
+            };
+        }
+        let counter = self.get(quota_pk(&key), &quota_sk(&key)).await?.unwrap_or_default();
+        Ok(GrantOutcome::Granted(CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))))
+    }
+
+    async fn credit_grants(
+        &self,
+        tenant: &TenantId,
+        meter: Option<&MeterId>,
+    ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError> {
+        let mut grants = self.grants(tenant, meter).await?;
+        grants.sort_by(|a, b| (a.meter.as_str(), a.spending_order()).cmp(&(b.meter.as_str(), b.spending_order())));
+        let mut meters: Vec<MeterId> = grants.iter().map(|g| g.meter.clone()).collect();
+        meters.dedup();
+        let mut balances = Vec::with_capacity(meters.len());
+        for m in meters {
+            let key = prepaid_key(tenant, &m);
+            let counter = self.get(quota_pk(&key), &quota_sk(&key)).await?.unwrap_or_default();
+            balances.push((m, CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))));
+        }
+        Ok((grants, balances))
+    }
+
+    async fn close_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Result<Option<CreditClosure>, StoreError> {
+        let key = prepaid_key(tenant, meter);
+        for attempt in 0..ATTEMPTS {
+            let all = self.grants(tenant, Some(meter)).await?;
+            let open: Vec<CreditGrant> = all.iter().filter(|g| g.closed.is_none()).cloned().collect();
+            let due =
+                open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
+            if !due {
+                return Ok(None);
+            }
+            let Some(counter) = self.get(quota_pk(&key), &quota_sk(&key)).await? else { return Ok(None) };
+            let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"));
+            let Some((lost, after)) = close_against(&open, id, balance) else { return Ok(None) };
+            let close = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(credit_pk(tenant)))
+                .key("sk", s(credit_sk(meter.as_str(), id)))
+                .update_expression("SET closed_at = :at, revoked = :rv, lost = :lost REMOVE gpk, gsk")
+                .condition_expression("attribute_exists(pk) AND attribute_not_exists(closed_at)")
+                .expression_attribute_values(":at", n(now))
+                .expression_attribute_values(":rv", AttributeValue::Bool(revoke))
+                .expression_attribute_values(":lost", n(lost));
+            // Over the balance as read: a reserve or release meanwhile makes it read again.
+            let room = i128::from(after.granted) - i128::from(after.reserved);
+            let set = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(quota_pk(&key)))
+                .key("sk", s(quota_sk(&key)))
+                .update_expression("SET granted = :g, reserved = :r, room = :room")
+                .condition_expression("granted = :g0 AND reserved = :r0")
+                .expression_attribute_values(":g", n(after.granted))
+                .expression_attribute_values(":r", n(after.reserved))
+                .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
+                .expression_attribute_values(":g0", n(balance.granted))
+                .expression_attribute_values(":r0", n(balance.reserved));
+            let actions = vec![
+                TransactWriteItem::builder().update(close.build().map_err(backend)?).build(),
+                TransactWriteItem::builder().update(set.build().map_err(backend)?).build(),
+            ];
+            match self.transact(actions, "a credit grant's closing").await? {
+                None => {
+                    // Closed grants are kept a while (their ids, for duplicates), then dropped.
+                    for old in
+                        all.iter().filter(|g| g.closed.is_some_and(|c| c.at <= now - contract::CLOSED_GRANTS_KEPT_SECS))
+                    {
+                        let _ = self
+                            .client
+                            .delete_item()
+                            .table_name(&self.table)
+                            .key("pk", s(credit_pk(tenant)))
+                            .key("sk", s(credit_sk(meter.as_str(), &old.id)))
+                            .send()
+                            .await;
+                    }
+                    return Ok(Some(CreditClosure { at: now, revoked: revoke, lost }));
+                }
+                Some(_) => backoff(attempt).await,
+            }
+        }
+        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
+    }
+
+    async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        while out.len() < limit {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name("gsi1")
+                .key_condition_expression("gpk = :h AND gsk < :upto")
+                .expression_attribute_values(":h", s(CREDIT_DUE_GPK))
+                .expression_attribute_values(":upto", s(window_text(now.saturating_add(1))))
+                .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(sdk)?;
+            out.extend(page.items.unwrap_or_default().iter().filter_map(credit_of).filter(|g| g.closed.is_none()));
+            match page.last_evaluated_key {
+                Some(k) if out.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+}
+
+impl DynamoStore {
+    /// A reserve on a prepaid balance: held to the room its grants leave (`room` = granted −
+    /// reserved, kept beside them), in one conditional update; first as if the balance allowed
+    /// everything asked, then what the rule grants for the room read.
+    async fn reserve_prepaid(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        let mut units = r.units;
+        for attempt in 0..ATTEMPTS {
+            let need = (units > 0).then(|| int(r.owed.saturating_add(r.left_needed(units))));
+            match self.add(&r.key, int(r.owed.saturating_add(units)), units, need, None, r.token).await? {
+                Ok((reserved, granted)) => return Ok(Grant::new(units, reserved).with_limit(granted)),
+                Err(None) => {
+                    if !self.ensure_counter(&r.key).await? {
+                        return Ok(Grant::new(0, 0));
+                    }
+                }
+                Err(Some(item)) => {
+                    if let Some(grant) = Self::seen(&item, r.token) {
+                        return Ok(grant.with_limit(Some(get_u(&item, "granted"))));
+                    }
+                    let room = get_i(&item, "room").unwrap_or(0);
+                    let left = u64::try_from(room.saturating_sub(int(r.owed))).unwrap_or(0);
+                    units = r.grant_for(left);
+                    if attempt > 2 {
+                        backoff(attempt).await;
+                    }
+                }
+            }
+        }
+        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
+    }
+
+    /// The grants of `tenant` (on `meter`, or every meter), open and closed.
+    async fn grants(&self, tenant: &TenantId, meter: Option<&MeterId>) -> Result<Vec<CreditGrant>, StoreError> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let mut q = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .expression_attribute_values(":pk", s(credit_pk(tenant)))
+                .set_exclusive_start_key(start.take());
+            q = match meter {
+                Some(m) => q
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :m)")
+                    .expression_attribute_values(":m", s(format!("{m}{SEP}"))),
+                None => q.key_condition_expression("pk = :pk"),
+            };
+            let page = q.send().await.map_err(sdk)?;
+            out.extend(page.items.unwrap_or_default().iter().filter_map(credit_of));
+            match page.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn open_grants(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<CreditGrant>, StoreError> {
+        Ok(self.grants(tenant, Some(meter)).await?.into_iter().filter(|g| g.closed.is_none()).collect())
+    }
+}
+
+/// The key of `(tenant, meter)`'s prepaid balance.
+fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
+    let (start, end) = Period::Prepaid.bounds(0);
+    QuotaKey::new(tenant.clone(), meter.clone(), Period::Prepaid, start, end)
+}
+
+fn credit_of(item: &Item) -> Option<CreditGrant> {
+    let mut g = CreditGrant::new(
+        get_s(item, "tenant")?.into(),
+        get_s(item, "meter")?.into(),
+        get_s(item, "id")?,
+        get_u(item, "units"),
+        get_i(item, "granted_at")?,
+    )
+    .expiring(get_i(item, "expires_at"));
+    g.payment = get_s(item, "payment").map(str::to_owned);
+    if let Some(at) = get_i(item, "closed_at") {
+        let revoked = item.get("revoked").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
+        g.closed = Some(CreditClosure { at, revoked, lost: get_u(item, "lost") });
+    }
+    Some(g)
 }
 
 impl DynamoStore {
@@ -123,9 +387,13 @@ impl DynamoStore {
                 .await
                 .map_err(sdk)?;
         }
-        let created = self
-            .client
-            .put_item()
+        let mut put = self.client.put_item();
+        if key.period == Period::Prepaid {
+            // A prepaid balance: its granted units, and the room left (granted − reserved) that
+            // a reserve's condition reads (conditions cannot add).
+            put = put.item("granted", n(0)).item("room", n(0));
+        }
+        let created = put
             .table_name(&self.table)
             .item("pk", s(pk))
             .item("sk", s(sk))
@@ -144,9 +412,11 @@ impl DynamoStore {
     }
 
     /// Adds `delta` (positive or negative) to the counter of `key` for `token`'s call, at most
-    /// once per token, and only if the counter stays at or under `at_most` (when given).
-    /// Returns the counter after the call, or what the counter item held when a condition
-    /// failed (`Err(Some(item))`), or `Err(None)` when the counter does not exist.
+    /// once per token, and only if the counter stays at or under `at_most` (when given; for a
+    /// prepaid balance, `at_most` is the room that must be left before the call). Returns the
+    /// counter after the call with a prepaid balance's granted units, or what the counter item
+    /// held when a condition failed (`Err(Some(item))`), or `Err(None)` when the counter does
+    /// not exist.
     pub(super) async fn add(
         &self,
         key: &QuotaKey,
@@ -155,7 +425,8 @@ impl DynamoStore {
         at_most: Option<i64>,
         at_least: Option<i64>,
         token: ReserveToken,
-    ) -> Result<Result<u64, Option<Item>>, StoreError> {
+    ) -> Result<Result<(u64, Option<u64>), Option<Item>>, StoreError> {
+        let prepaid = key.period == Period::Prepaid;
         let mut condition =
             "attribute_exists(pk) AND (attribute_not_exists(senders.#n) OR senders.#n.s < :seq)".to_owned();
         let mut req = self
@@ -164,7 +435,11 @@ impl DynamoStore {
             .table_name(&self.table)
             .key("pk", s(quota_pk(key)))
             .key("sk", s(quota_sk(key)))
-            .update_expression("ADD reserved :d SET senders.#n = :rec")
+            .update_expression(if prepaid {
+                "ADD reserved :d, room :nd SET senders.#n = :rec"
+            } else {
+                "ADD reserved :d SET senders.#n = :rec"
+            })
             .expression_attribute_names("#n", hex_node(token.node))
             .expression_attribute_values(":d", n(delta))
             .expression_attribute_values(":seq", n(token.seq))
@@ -178,8 +453,11 @@ impl DynamoStore {
             )
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        if prepaid {
+            req = req.expression_attribute_values(":nd", n(delta.saturating_neg()));
+        }
         if let Some(at_most) = at_most {
-            condition.push_str(" AND reserved <= :max");
+            condition.push_str(if prepaid { " AND room >= :max" } else { " AND reserved <= :max" });
             req = req.expression_attribute_values(":max", n(at_most));
         }
         if let Some(at_least) = at_least {
@@ -191,7 +469,7 @@ impl DynamoStore {
                 let item = out.attributes.unwrap_or_default();
                 let reserved = get_u(&item, "reserved");
                 self.after_add(key, token, reserved, &item).await;
-                Ok(Ok(reserved))
+                Ok(Ok((reserved, prepaid.then(|| get_u(&item, "granted")))))
             }
             Err(e) => match e.into_service_error() {
                 UpdateItemError::ConditionalCheckFailedException(c) => Ok(Err(c.item)),

@@ -154,6 +154,18 @@ pub(super) fn idempotency_pk(key: &str) -> String {
     format!("I{SEP}{key}")
 }
 
+/// The partition of a tenant's credit grants (sort key: meter, then grant id).
+pub(super) fn credit_pk(tenant: &TenantId) -> String {
+    format!("CR{SEP}{tenant}")
+}
+
+pub(super) fn credit_sk(meter: &str, id: &str) -> String {
+    format!("{meter}{SEP}{id}")
+}
+
+/// The index partition of open grants that expire.
+pub(super) const CREDIT_DUE_GPK: &str = "CREDITDUE";
+
 pub(super) fn customer_pk(customer: &str) -> String {
     format!("C{SEP}{customer}")
 }

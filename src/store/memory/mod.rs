@@ -9,10 +9,11 @@ use super::contract::{
     EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, RETENTION_SECS, SENDERS_KEPT,
 };
 use super::{
-    ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
-    ExportSend, ExportStore, FlushId, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError,
-    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore, LEDGER_KEPT_SECS,
+    ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, DeadLetter, Deferral, DirectoryStore,
+    EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, FlushId, Grant, GrantOutcome, IdempotencyClaim,
+    IdempotencySettle, IdempotencyState, IdempotencyStore, LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey,
+    QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+    UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
@@ -53,6 +54,8 @@ struct Inner {
     namespace: String,
     /// (tenant, meter) -> its counters, one per period still of use.
     quotas: HashMap<(TenantId, MeterId), Counters>,
+    /// (tenant, meter) -> its credit grants, open and recently closed.
+    credits: BTreeMap<(TenantId, MeterId), Vec<CreditGrant>>,
     usage: BTreeMap<ExportKey, Aggregate>,
     /// The keys of the aggregates the export has yet to send (or has in flight), and of those
     /// parked as dead letters: a listing walks these, not 35 days of exported windows.
@@ -191,6 +194,8 @@ struct Counters {
 struct Counter {
     key: QuotaKey,
     reserved: u64,
+    /// A prepaid balance's granted units (its limit); `None` for a calendar period.
+    granted: Option<u64>,
     /// Per node: the sequence number of its last call applied, and that call's grant.
     applied: HashMap<u64, (u64, Grant)>,
 }
@@ -217,7 +222,8 @@ impl Counters {
         });
         debug_assert!(self.periods.len() <= before);
         self.dropped_before = dropped;
-        self.periods.push(Counter { key: key.clone(), reserved: 0, applied: HashMap::new() });
+        let granted = (key.period == crate::base::Period::Prepaid).then_some(0);
+        self.periods.push(Counter { key: key.clone(), reserved: 0, granted, applied: HashMap::new() });
         self.periods.last_mut()
     }
 

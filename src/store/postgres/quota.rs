@@ -1,6 +1,10 @@
 //! The quota role of the PostgresStore: a reserve is one conditional `UPDATE … RETURNING`.
 
 use super::*;
+use crate::{
+    base::MeterId,
+    store::{quota::close_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome},
+};
 
 /// The reserve (and release) statement. The counter's row carries its senders' last calls, so
 /// the condition that the token is new, the grant under the limit and the record of the answer
@@ -11,9 +15,11 @@ use super::*;
 /// none), `$11` the fewest units worth granting. The grant follows [`Reservation::grant_for`].
 pub(super) fn reserve_sql(schema: &str) -> String {
     let after = format!("GREATEST(LEAST(q.reserved::numeric + $9, {MAX_INT}), 0)");
-    let left = format!("GREATEST($10::numeric - {after}, 0)");
+    // A prepaid balance is held to its grants (`granted`), whatever the caller says.
+    let limit = "coalesce(q.granted::numeric, $10::numeric)";
+    let left = format!("GREATEST({limit} - {after}, 0)");
     let granted = format!(
-        "(CASE WHEN $10 IS NULL THEN $8::numeric ELSE LEAST($8::numeric, GREATEST(ceil({left} / 8), $11), {left}) END)"
+        "(CASE WHEN {limit} IS NULL THEN $8::numeric ELSE LEAST($8::numeric, GREATEST(ceil({left} / 8), $11), {left}) END)"
     );
     let reserved = format!("LEAST({after} + {granted}, {MAX_INT})");
     format!(
@@ -23,7 +29,7 @@ pub(super) fn reserve_sql(schema: &str) -> String {
              ORDER BY (value ->> 0)::numeric DESC LIMIT {kept}) e) \
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
          AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, true) \
-         RETURNING q.answer, q.reserved",
+         RETURNING q.answer, q.reserved, q.granted",
         kept = contract::SENDERS_KEPT
     )
 }
@@ -86,13 +92,14 @@ impl PostgresStore {
             )
             .await?;
         if let Some(row) = row {
-            return Ok(Attempt::Done(Grant::new(uint(row.get(0)), uint(row.get(1)))));
+            let limit: Option<i64> = row.get(2);
+            return Ok(Attempt::Done(Grant::new(uint(row.get(0)), uint(row.get(1))).with_limit(limit.map(uint))));
         }
         let seen = client
             .query_typed_opt(
                 &self.sql(
                     "SELECT reserved, (senders -> $6 ->> 0)::numeric::text, (senders -> $6 ->> 1)::bigint, \
-                     (senders -> $6 ->> 2)::bigint FROM {s}.quota \
+                     (senders -> $6 ->> 2)::bigint, granted FROM {s}.quota \
                      WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5",
                 ),
                 args![t, m, p, k.start, k.end, node.as_str()],
@@ -100,12 +107,16 @@ impl PostgresStore {
             .await?;
         let Some(row) = seen else { return Ok(Attempt::Missing) };
         let last = row.get::<_, Option<String>>(1).and_then(|s| s.parse::<u64>().ok());
+        let limit = row.get::<_, Option<i64>>(4).map(uint);
         match last {
-            Some(last) if c.token.seq == last => Ok(Attempt::Done(Grant::new(
-                uint(row.get::<_, Option<i64>>(2).unwrap_or(0)),
-                uint(row.get::<_, Option<i64>>(3).unwrap_or(0)),
-            ))),
-            Some(last) if c.token.seq < last => Ok(Attempt::Done(Grant::new(0, uint(row.get(0))))),
+            Some(last) if c.token.seq == last => Ok(Attempt::Done(
+                Grant::new(
+                    uint(row.get::<_, Option<i64>>(2).unwrap_or(0)),
+                    uint(row.get::<_, Option<i64>>(3).unwrap_or(0)),
+                )
+                .with_limit(limit),
+            )),
+            Some(last) if c.token.seq < last => Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit))),
             // Created by another node between the two statements: the update again (the
             // creation finds the counter there and changes nothing).
             _ => Ok(Attempt::Missing),
@@ -138,10 +149,17 @@ impl PostgresStore {
         let made = tx
             .query_typed(
                 &self.sql(
-                    "INSERT INTO {s}.quota (tenant, meter, period, start_at, end_at, reserved) \
-                     VALUES ($1, $2, $3, $4, $5, 0) ON CONFLICT DO NOTHING RETURNING 1",
+                    "INSERT INTO {s}.quota (tenant, meter, period, start_at, end_at, reserved, granted) \
+                     VALUES ($1, $2, $3, $4, $5, 0, $6) ON CONFLICT DO NOTHING RETURNING 1",
                 ),
-                args![t, m, period.as_str(), key.start, key.end],
+                args![
+                    t,
+                    m,
+                    period.as_str(),
+                    key.start,
+                    key.end,
+                    (key.period == crate::base::Period::Prepaid).then_some(0i64)
+                ],
             )
             .await?;
         if !made.is_empty() {
@@ -180,4 +198,179 @@ impl QuotaStore for PostgresStore {
         let call = Call { key, token, units: 0, delta: int(units).saturating_neg(), limit: None, at_least: 0 };
         self.quota_call(&call).await.map(drop)
     }
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
+        let key = prepaid_key(&grant.tenant, &grant.meter);
+        // The counter exists first (made as for a reserve), so the grant's update finds it.
+        if !self.retrying(|| self.create_counter(&key)).await? {
+            return Err(StoreError::Conflict("the prepaid counter"));
+        }
+        let (t, m) = (grant.tenant.as_str(), grant.meter.as_str());
+        let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
+        let seen = self
+            .sql(&format!("SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND id = $3"));
+        let open = self.sql("SELECT count(*) FROM {s}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL");
+        let insert = self.sql(
+            "INSERT INTO {s}.credit (tenant, meter, id, units, granted_at, expires_at, payment) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        );
+        let add = self.sql(&format!(
+            "UPDATE {{s}}.quota SET granted = coalesce(granted, 0) + $3 WHERE {PREPAID} RETURNING reserved, granted"
+        ));
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            // The balance's row is locked first: grants and closes of one balance run one at a
+            // time.
+            tx.query_typed_one(&lock, args![t, m]).await?;
+            if let Some(row) = tx.query_typed_opt(&seen, args![t, m, grant.id.as_str()]).await? {
+                tx.commit().await?;
+                return Ok(GrantOutcome::Duplicate(credit_row(&row)));
+            }
+            let n: i64 = tx.query_typed_one(&open, args![t, m]).await?.get(0);
+            if uint(n) >= contract::OPEN_GRANTS_MAX as u64 {
+                tx.commit().await?;
+                return Ok(GrantOutcome::TooMany);
+            }
+            tx.query_typed(
+                &insert,
+                args![
+                    t,
+                    m,
+                    grant.id.as_str(),
+                    int(grant.units),
+                    grant.granted_at,
+                    grant.expires_at,
+                    grant.payment.as_deref()
+                ],
+            )
+            .await?;
+            let row = tx.query_typed_one(&add, args![t, m, int(grant.units)]).await?;
+            tx.commit().await?;
+            let granted = uint(row.get::<_, Option<i64>>(1).unwrap_or(0));
+            Ok(GrantOutcome::Granted(CreditBalance::new(granted, uint(row.get(0)))))
+        })
+        .await
+    }
+
+    async fn credit_grants(
+        &self,
+        tenant: &TenantId,
+        meter: Option<&MeterId>,
+    ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError> {
+        let grants_sql = self.sql(&format!(
+            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND ($2::text IS NULL OR meter = $2)"
+        ));
+        let balances_sql = self.sql(&format!(
+            "SELECT meter, reserved, coalesce(granted, 0) FROM {{s}}.quota \
+             WHERE tenant = $1 AND ($2::text IS NULL OR meter = $2) AND {PREPAID_PERIOD}"
+        ));
+        let m = meter.map(MeterId::as_str);
+        self.retrying(|| async {
+            let client = self.client().await?;
+            let mut grants: Vec<CreditGrant> =
+                client.query_typed(&grants_sql, args![tenant.as_str(), m]).await?.iter().map(credit_row).collect();
+            grants.sort_by(|a, b| (a.meter.as_str(), a.spending_order()).cmp(&(b.meter.as_str(), b.spending_order())));
+            let with_grants: std::collections::BTreeSet<&str> = grants.iter().map(|g| g.meter.as_str()).collect();
+            let mut balances: Vec<(MeterId, CreditBalance)> = client
+                .query_typed(&balances_sql, args![tenant.as_str(), m])
+                .await?
+                .iter()
+                .map(|r| (r.get::<_, String>(0), CreditBalance::new(uint(r.get(2)), uint(r.get(1)))))
+                .filter(|(meter, _)| with_grants.contains(meter.as_str()))
+                .map(|(meter, b)| (meter.as_str().into(), b))
+                .collect();
+            balances.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+            Ok((grants, balances))
+        })
+        .await
+    }
+
+    async fn close_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Result<Option<CreditClosure>, StoreError> {
+        let (t, m) = (tenant.as_str(), meter.as_str());
+        let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
+        let open_sql = self.sql(&format!(
+            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL"
+        ));
+        let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
+        let close = self.sql(
+            "UPDATE {s}.credit SET closed_at = $4, revoked = $5, lost = $6 WHERE tenant = $1 AND meter = $2 AND id = $3",
+        );
+        let prune = self.sql("DELETE FROM {s}.credit WHERE tenant = $1 AND meter = $2 AND closed_at <= $3");
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            let Some(row) = tx.query_typed_opt(&lock, args![t, m]).await? else {
+                tx.commit().await?;
+                return Ok(None);
+            };
+            let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)));
+            let open: Vec<CreditGrant> = tx.query_typed(&open_sql, args![t, m]).await?.iter().map(credit_row).collect();
+            let due =
+                open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
+            let closing = if due { close_against(&open, id, balance) } else { None };
+            let Some((lost, after)) = closing else {
+                tx.commit().await?;
+                return Ok(None);
+            };
+            tx.query_typed(&set, args![t, m, int(after.granted), int(after.reserved)]).await?;
+            tx.query_typed(&close, args![t, m, id, now, revoke, int(lost)]).await?;
+            tx.query_typed(&prune, args![t, m, now - contract::CLOSED_GRANTS_KEPT_SECS]).await?;
+            tx.commit().await?;
+            Ok(Some(CreditClosure { at: now, revoked: revoke, lost }))
+        })
+        .await
+    }
+
+    async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
+        let sql = self.sql(&format!(
+            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit \
+             WHERE closed_at IS NULL AND expires_at IS NOT NULL AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+        ));
+        self.retrying(|| async {
+            let client = self.client().await?;
+            Ok(client.query_typed(&sql, args![now, int(limit as u64)]).await?.iter().map(credit_row).collect())
+        })
+        .await
+    }
+}
+
+/// The prepaid period's columns.
+const PREPAID_PERIOD: &str = "period = 'prepaid' AND start_at = 0 AND end_at = 253402300799";
+
+/// The condition on `(tenant, meter)` = `($1, $2)` that names its prepaid balance's row.
+const PREPAID: &str = "tenant = $1 AND meter = $2 AND period = 'prepaid' AND start_at = 0 AND end_at = 253402300799";
+
+/// The key of `(tenant, meter)`'s prepaid balance.
+fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
+    let (start, end) = crate::base::Period::Prepaid.bounds(0);
+    QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
+}
+
+const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost";
+
+fn credit_row(r: &Row) -> CreditGrant {
+    let mut g = CreditGrant::new(
+        r.get::<_, String>(0).into(),
+        r.get::<_, String>(1).into(),
+        r.get::<_, String>(2),
+        uint(r.get(3)),
+        r.get(4),
+    )
+    .expiring(r.get(5));
+    g.payment = r.get(6);
+    if let Some(at) = r.get::<_, Option<i64>>(7) {
+        g.closed = Some(CreditClosure {
+            at,
+            revoked: r.get::<_, Option<bool>>(8).unwrap_or(false),
+            lost: uint(r.get::<_, Option<i64>>(9).unwrap_or(0)),
+        });
+    }
+    g
 }

@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -126,6 +126,25 @@ CREATE INDEX ledger_kept ON {s}.ledger (kept_from);
     // Each tenant's Metronome customer id or ingest alias, beside its Stripe customer.
     r#"
 ALTER TABLE {s}.tenant ADD COLUMN metronome_customer text;
+"#,
+    // Prepaid credits: a prepaid counter's granted units (its limit) beside its reserved
+    // count, and the grants, open and recently closed.
+    r#"
+ALTER TABLE {s}.quota ADD COLUMN granted bigint;
+CREATE TABLE {s}.credit (
+    tenant     text COLLATE "C" NOT NULL,
+    meter      text COLLATE "C" NOT NULL,
+    id         text COLLATE "C" NOT NULL,
+    units      bigint NOT NULL,
+    granted_at bigint NOT NULL,
+    expires_at bigint,
+    payment    text,
+    closed_at  bigint,
+    revoked    boolean,
+    lost       bigint,
+    PRIMARY KEY (tenant, meter, id)
+);
+CREATE INDEX credit_due ON {s}.credit (expires_at) WHERE closed_at IS NULL AND expires_at IS NOT NULL;
 "#,
 ];
 

@@ -1,6 +1,10 @@
 //! The quota role of the SqliteStore.
 
 use super::*;
+use crate::{
+    base::MeterId,
+    store::{quota::close_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome},
+};
 
 #[async_trait]
 impl QuotaStore for SqliteStore {
@@ -8,19 +12,20 @@ impl QuotaStore for SqliteStore {
         let r = r.clone();
         self.write(move |tx, _| {
             let period = r.key.period_tag();
-            let Some(reserved) = counter(tx, &r.key, &period)? else {
+            let Some((reserved, limit)) = counter(tx, &r.key, &period)? else {
                 // A late call for a period long over: nothing is left to reserve in it.
                 return Ok(Grant::new(0, 0));
             };
             if let Some(grant) = seen(tx, &r.key, &period, r.token, reserved)? {
-                return Ok(grant);
+                return Ok(grant.with_limit(limit));
             }
             let reserved = uint(reserved).saturating_add(r.owed);
-            let granted = match r.limit {
+            // A prepaid balance is held to its grants, whatever the caller says.
+            let granted = match limit.or(r.limit) {
                 Some(limit) => r.grant_for(limit.saturating_sub(reserved)),
                 None => r.units,
             };
-            let grant = Grant::new(granted, reserved.saturating_add(granted));
+            let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit);
             applied(tx, &r.key, &period, r.token, grant)?;
             Ok(grant)
         })
@@ -31,7 +36,7 @@ impl QuotaStore for SqliteStore {
         let key = key.clone();
         self.write(move |tx, _| {
             let period = key.period_tag();
-            if let Some(reserved) = counter(tx, &key, &period)? {
+            if let Some((reserved, _)) = counter(tx, &key, &period)? {
                 if seen(tx, &key, &period, token, reserved)?.is_none() {
                     let grant = Grant::new(0, uint(reserved).saturating_sub(units));
                     applied(tx, &key, &period, token, grant)?;
@@ -41,12 +46,184 @@ impl QuotaStore for SqliteStore {
         })
         .await
     }
+
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
+        let grant = grant.clone();
+        self.write(move |tx, _| {
+            let (t, m) = (grant.tenant.as_str(), grant.meter.as_str());
+            if let Some(seen) = grants_of(tx, t, m)?.into_iter().find(|g| g.id == grant.id) {
+                return Ok(GrantOutcome::Duplicate(seen));
+            }
+            let open: i64 = tx
+                .prepare_cached("SELECT count(*) FROM credit WHERE tenant = ?1 AND meter = ?2 AND closed_at IS NULL")?
+                .query_row(params![t, m], |r| r.get(0))?;
+            if uint(open) >= contract::OPEN_GRANTS_MAX as u64 {
+                return Ok(GrantOutcome::TooMany);
+            }
+            tx.prepare_cached(
+                "INSERT INTO credit (tenant, meter, id, units, granted_at, expires_at, payment) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                t,
+                m,
+                grant.id,
+                int(grant.units),
+                grant.granted_at,
+                grant.expires_at,
+                grant.payment
+            ])?;
+            let key = prepaid_key(&grant.tenant, &grant.meter);
+            let period = key.period_tag();
+            let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
+            let granted = granted.unwrap_or(0).saturating_add(grant.units);
+            set_balance(tx, &key, &period, granted, uint(reserved))?;
+            Ok(GrantOutcome::Granted(CreditBalance::new(granted, uint(reserved))))
+        })
+        .await
+    }
+
+    async fn credit_grants(
+        &self,
+        tenant: &TenantId,
+        meter: Option<&MeterId>,
+    ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError> {
+        let (tenant, meter) = (tenant.clone(), meter.cloned());
+        self.read(move |tx| {
+            let meters: Vec<String> = match &meter {
+                Some(m) => vec![m.as_str().to_owned()],
+                None => tx
+                    .prepare_cached("SELECT DISTINCT meter FROM credit WHERE tenant = ?1 ORDER BY meter")?
+                    .query_map([tenant.as_str()], |r| r.get(0))?
+                    .collect::<Sql<_>>()?,
+            };
+            let mut grants = Vec::new();
+            let mut balances = Vec::new();
+            for m in meters {
+                let mut list = grants_of(tx, tenant.as_str(), &m)?;
+                if list.is_empty() {
+                    continue;
+                }
+                list.sort_by(|a, b| a.spending_order().cmp(&b.spending_order()));
+                grants.extend(list);
+                let meter: MeterId = m.as_str().into();
+                let key = prepaid_key(&tenant, &meter);
+                let row: Option<(i64, Option<i64>)> = tx
+                    .prepare_cached(
+                        "SELECT reserved, granted FROM quota \
+                         WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+                    )?
+                    .query_row(params![tenant.as_str(), m, key.period_tag(), key.start, key.end], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                let balance = row.map_or_else(CreditBalance::default, |(reserved, granted)| {
+                    CreditBalance::new(uint(granted.unwrap_or(0)), uint(reserved))
+                });
+                balances.push((meter, balance));
+            }
+            Ok((grants, balances))
+        })
+        .await
+    }
+
+    async fn close_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Result<Option<CreditClosure>, StoreError> {
+        let (tenant, meter, id) = (tenant.clone(), meter.clone(), id.to_owned());
+        self.write(move |tx, _| {
+            let (t, m) = (tenant.as_str(), meter.as_str());
+            let open: Vec<CreditGrant> = grants_of(tx, t, m)?.into_iter().filter(|g| g.closed.is_none()).collect();
+            let Some(grant) = open.iter().find(|g| g.id == id) else { return Ok(None) };
+            if !revoke && grant.expires_at.is_none_or(|at| at > now) {
+                return Ok(None);
+            }
+            let key = prepaid_key(&tenant, &meter);
+            let period = key.period_tag();
+            let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
+            let balance = CreditBalance::new(granted.unwrap_or(0), uint(reserved));
+            let Some((lost, after)) = close_against(&open, &id, balance) else { return Ok(None) };
+            set_balance(tx, &key, &period, after.granted, after.reserved)?;
+            tx.prepare_cached(
+                "UPDATE credit SET closed_at = ?4, revoked = ?5, lost = ?6 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
+            )?
+            .execute(params![t, m, id, now, revoke, int(lost)])?;
+            // Closed grants are kept a while (their ids, for duplicates), then dropped.
+            tx.prepare_cached("DELETE FROM credit WHERE tenant = ?1 AND meter = ?2 AND closed_at <= ?3")?
+                .execute(params![t, m, now - contract::CLOSED_GRANTS_KEPT_SECS])?;
+            Ok(Some(CreditClosure { at: now, revoked: revoke, lost }))
+        })
+        .await
+    }
+
+    async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
+        self.read(move |tx| {
+            tx.prepare_cached(&format!(
+                "SELECT {CREDIT_COLUMNS} FROM credit \
+                 WHERE closed_at IS NULL AND expires_at IS NOT NULL AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+            ))?
+            .query_map(params![now, int(limit as u64)], credit_row)?
+            .collect()
+        })
+        .await
+    }
 }
 
-/// The counter of `key`'s reserved units, created if its period is still of use (dropping the
-/// periods of the same tenant and meter that ended before it started); `None` for a period
-/// already dropped.
-fn counter(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Option<i64>> {
+/// The key of `(tenant, meter)`'s prepaid balance.
+fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
+    let (start, end) = crate::base::Period::Prepaid.bounds(0);
+    QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
+}
+
+/// Sets a prepaid balance's granted and reserved units.
+fn set_balance(tx: &Transaction<'_>, key: &QuotaKey, period: &str, granted: u64, reserved: u64) -> Sql<()> {
+    tx.prepare_cached(
+        "UPDATE quota SET granted = ?6, reserved = ?7 \
+         WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+    )?
+    .execute(params![
+        key.tenant.as_str(),
+        key.meter.as_str(),
+        period,
+        key.start,
+        key.end,
+        int(granted),
+        int(reserved)
+    ])?;
+    Ok(())
+}
+
+const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost";
+
+fn credit_row(r: &rusqlite::Row<'_>) -> Sql<CreditGrant> {
+    let (tenant, meter, id): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+    let mut g = CreditGrant::new(tenant.into(), meter.into(), id, uint(r.get(3)?), r.get(4)?).expiring(r.get(5)?);
+    g.payment = r.get(6)?;
+    let closed_at: Option<i64> = r.get(7)?;
+    if let Some(at) = closed_at {
+        let revoked: Option<bool> = r.get(8)?;
+        let lost: Option<i64> = r.get(9)?;
+        g.closed = Some(CreditClosure { at, revoked: revoked.unwrap_or(false), lost: uint(lost.unwrap_or(0)) });
+    }
+    Ok(g)
+}
+
+/// The grants of (tenant, meter), open and closed.
+fn grants_of(tx: &Transaction<'_>, tenant: &str, meter: &str) -> Sql<Vec<CreditGrant>> {
+    tx.prepare_cached(&format!("SELECT {CREDIT_COLUMNS} FROM credit WHERE tenant = ?1 AND meter = ?2"))?
+        .query_map(params![tenant, meter], credit_row)?
+        .collect()
+}
+
+/// The counter of `key`'s reserved units, with its granted units if it is a prepaid balance,
+/// created if its period is still of use (dropping the periods of the same tenant and meter
+/// that ended before it started); `None` for a period already dropped.
+fn counter(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Option<(i64, Option<u64>)>> {
     let (t, m) = (key.tenant.as_str(), key.meter.as_str());
     let floor: Option<i64> = tx
         .prepare_cached("SELECT dropped_before FROM quota_floor WHERE tenant = ?1 AND meter = ?2")?
@@ -55,14 +232,15 @@ fn counter(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Option<i64
     if floor.is_some_and(|f| key.end <= f) {
         return Ok(None);
     }
-    let reserved: Option<i64> = tx
+    let found: Option<(i64, Option<i64>)> = tx
         .prepare_cached(
-            "SELECT reserved FROM quota WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+            "SELECT reserved, granted FROM quota \
+             WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
         )?
-        .query_row(params![t, m, period, key.start, key.end], |r| r.get(0))
+        .query_row(params![t, m, period, key.start, key.end], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    if let Some(reserved) = reserved {
-        return Ok(Some(reserved));
+    if let Some((reserved, granted)) = found {
+        return Ok(Some((reserved, granted.map(uint))));
     }
     let ended: Option<i64> = tx
         .prepare_cached("SELECT max(end) FROM quota WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?
@@ -78,11 +256,12 @@ fn counter(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Option<i64
         )?
         .execute(params![t, m, ended])?;
     }
+    let granted = (key.period == crate::base::Period::Prepaid).then_some(0i64);
     tx.prepare_cached(
-        "INSERT INTO quota (tenant, meter, period, start, end, reserved) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+        "INSERT INTO quota (tenant, meter, period, start, end, reserved, granted) VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)",
     )?
-    .execute(params![t, m, period, key.start, key.end])?;
-    Ok(Some(0))
+    .execute(params![t, m, period, key.start, key.end, granted])?;
+    Ok(Some((0, granted.map(uint))))
 }
 
 /// Whether the call with `token` was applied already: `Some(grant)` answers it again.

@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 10;
+pub(super) const SCHEMA_VERSION: i32 = 11;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -157,6 +157,25 @@ ALTER TABLE tenant ADD COLUMN subscriptions TEXT;
     // Each tenant's Metronome customer id or ingest alias, beside its Stripe customer.
     r"
 ALTER TABLE tenant ADD COLUMN metronome_customer TEXT;
+",
+    // Prepaid credits: a prepaid counter's granted units (its limit) beside its reserved
+    // count, and the grants, open and recently closed.
+    r"
+ALTER TABLE quota ADD COLUMN granted INTEGER;
+CREATE TABLE credit (
+    tenant      TEXT NOT NULL,
+    meter       TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    units       INTEGER NOT NULL,
+    granted_at  INTEGER NOT NULL,
+    expires_at  INTEGER,
+    payment     TEXT,
+    closed_at   INTEGER,
+    revoked     INTEGER,
+    lost        INTEGER,
+    PRIMARY KEY (tenant, meter, id)
+) WITHOUT ROWID;
+CREATE INDEX credit_due ON credit (expires_at) WHERE closed_at IS NULL AND expires_at IS NOT NULL;
 ",
 ];
 
