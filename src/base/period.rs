@@ -75,11 +75,12 @@ impl Period {
     }
 }
 
-/// The bounds of the one prepaid "period" (it never ends).
-pub(crate) const PREPAID_START: i64 = 0;
-/// The end of the prepaid "period": far enough never to come, small enough for every store
-/// (and for a DynamoDB TTL of it plus a retention).
-pub(crate) const PREPAID_END: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+/// The end of the one prepaid "period" (it never ends in practice): the last whole hour the
+/// engine's packed periods hold (22 bits of hours since the epoch, in the year 2448).
+pub(crate) const PREPAID_END: i64 = ((1 << 22) - 1) * 3600;
+/// The start of the prepaid "period": as long before its end as a packed period can be
+/// (1,023 hours), so that the bounds the engine packs and unpacks are these.
+pub(crate) const PREPAID_START: i64 = PREPAID_END - 1023 * 3600;
 
 fn last_day_of_month(year: i32, month: u32) -> u32 {
     use chrono::NaiveDate;

@@ -835,6 +835,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_prepaid_period_packs_into_its_own_bounds() {
+        let (start, end) = crate::base::Period::Prepaid.bounds(1_795_000_000);
+        assert_eq!(PeriodBits::bounds(PeriodBits::pack(start, end)), (start, end));
+        assert_eq!(crate::base::Period::Prepaid.bounds(0), (start, end), "one period, whatever the time");
+    }
+
+    #[test]
     fn the_request_path_fields_fill_one_cache_line() {
         assert_eq!(std::mem::size_of::<MeterCell>(), 40);
         assert_eq!(std::mem::offset_of!(TenantState, more), 64);

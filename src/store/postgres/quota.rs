@@ -342,10 +342,11 @@ impl QuotaStore for PostgresStore {
 }
 
 /// The prepaid period's columns.
-const PREPAID_PERIOD: &str = "period = 'prepaid' AND start_at = 0 AND end_at = 253402300799";
+const PREPAID_PERIOD: &str = "period = 'prepaid' AND start_at = 15095808000 AND end_at = 15099490800";
 
 /// The condition on `(tenant, meter)` = `($1, $2)` that names its prepaid balance's row.
-const PREPAID: &str = "tenant = $1 AND meter = $2 AND period = 'prepaid' AND start_at = 0 AND end_at = 253402300799";
+const PREPAID: &str =
+    "tenant = $1 AND meter = $2 AND period = 'prepaid' AND start_at = 15095808000 AND end_at = 15099490800";
 
 /// The key of `(tenant, meter)`'s prepaid balance.
 fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
@@ -373,4 +374,15 @@ fn credit_row(r: &Row) -> CreditGrant {
         });
     }
     g
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_prepaid_conditions_name_the_prepaid_period() {
+        let (start, end) = crate::base::Period::Prepaid.bounds(0);
+        let columns = format!("period = 'prepaid' AND start_at = {start} AND end_at = {end}");
+        assert_eq!(super::PREPAID_PERIOD, columns);
+        assert!(super::PREPAID.ends_with(&columns));
+    }
 }
