@@ -26,8 +26,8 @@ use crate::{
     config::{Config, MeterId, PlanId, TenantId},
     engine::{BuildError, OpenStores},
     store::{
-        unix_now, ApiKeyRecord, DeadLetter, DirectoryEvents, DirectoryStore, ExportKey, Store, StoreError,
-        TenantRecord, UsageAggregate, UsageExportStore,
+        unix_now, ApiKeyRecord, CreditBalance, CreditClosure, CreditGrant, DeadLetter, DirectoryEvents, DirectoryStore,
+        ExportKey, GrantOutcome, QuotaStore, Store, StoreError, TenantRecord, UsageAggregate, UsageExportStore,
     },
 };
 
@@ -149,6 +149,8 @@ pub struct CopyReport {
 pub struct Admin {
     directory: Arc<dyn DirectoryStore>,
     usage: Arc<dyn UsageExportStore>,
+    /// The quota role, for prepaid credits ([`grant_credits`](Self::grant_credits)).
+    quota: Option<Arc<dyn QuotaStore>>,
     config: Option<Config>,
     /// Told of each change, when administering a running engine.
     node: Option<Arc<dyn DirectoryEvents>>,
@@ -160,12 +162,20 @@ const SET_PLAN_ATTEMPTS: usize = 5;
 impl Admin {
     /// Administers `store` (every role), without a configuration: any plan name is taken.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self::with_roles(store.clone(), store)
+        Self::with_roles(store.clone(), store.clone()).with_quota(store)
     }
 
-    /// Administers a directory and usage kept in different stores, without a configuration.
+    /// Administers a directory and usage kept in different stores, without a configuration
+    /// (and without prepaid credits unless [`with_quota`](Self::with_quota)).
     pub fn with_roles(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>) -> Self {
-        Self { directory, usage, config: None, node: None }
+        Self { directory, usage, quota: None, config: None, node: None }
+    }
+
+    /// With the quota store that holds prepaid credits.
+    #[must_use]
+    pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
+        self.quota = Some(quota);
+        self
     }
 
     /// Administers the stores of a running engine, with its configuration: the engine sees
@@ -175,6 +185,7 @@ impl Admin {
         Self {
             directory: engine.directory_store().clone(),
             usage: engine.usage_store().clone(),
+            quota: Some(engine.quota_store().clone()),
             config: Some(engine.config()),
             node: Some(Arc::new(engine.clone())),
         }
@@ -204,7 +215,8 @@ impl Admin {
         let mut open = OpenStores::default();
         let directory = open.role(config, StoreRole::Directory).await?;
         let usage = open.role(config, StoreRole::Usage).await?;
-        Ok(Self::with_roles(directory, usage).with_config(config.clone()))
+        let quota = open.role(config, StoreRole::Quota).await?;
+        Ok(Self::with_roles(directory, usage).with_quota(quota).with_config(config.clone()))
     }
 
     /// The directory administered.
@@ -436,6 +448,100 @@ impl Admin {
         }
         self.changed(&tenant);
         self.existing(id).await
+    }
+
+    fn quota(&self) -> Result<&Arc<dyn QuotaStore>, AdminError> {
+        self.quota.as_ref().ok_or_else(|| {
+            AdminError::Invalid("prepaid credits live in the quota store: none is given (Admin::with_quota)".into())
+        })
+    }
+
+    fn credit_meter(&self, meter: &str) -> Result<MeterId, AdminError> {
+        let id = MeterId::from(meter);
+        match &self.config {
+            Some(c) if !c.meters().iter().any(|m| m.id() == &id) => {
+                Err(AdminError::Invalid(format!("`{meter}` is not a meter of the configuration")))
+            }
+            _ => Ok(id),
+        }
+    }
+
+    /// Grants `units` prepaid units to `tenant` on `meter`, expiring at `expires_at` (Unix
+    /// seconds) if given, under `grant_id`: the balance grows by them in the same write that
+    /// records the grant, once per id (a grant sent again under its id adds nothing and answers
+    /// [`GrantOutcome::Duplicate`]). Grants are spent soonest-to-expire first. Running nodes
+    /// lease from the new balance at their next refill.
+    ///
+    /// # Errors
+    /// A bad tenant id, a meter the configuration lacks, no units, an expiry not in the
+    /// future, an empty or overlong grant id, no quota store, or the store failed.
+    pub async fn grant_credits(
+        &self,
+        tenant: &str,
+        meter: &str,
+        units: u64,
+        expires_at: Option<i64>,
+        grant_id: &str,
+    ) -> Result<GrantOutcome, AdminError> {
+        let tenant = Self::tenant_id(tenant)?;
+        let meter = self.credit_meter(meter)?;
+        if units == 0 || units > i64::MAX as u64 / 4 {
+            return Err(AdminError::Invalid(format!("{units} units: a grant holds 1 to 2^61 units")));
+        }
+        let now = unix_now();
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(AdminError::Invalid("the grant would expire before it is made".into()));
+        }
+        if grant_id.is_empty() || grant_id.len() > 255 || !grant_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(AdminError::Invalid(format!(
+                "`{grant_id}` is not a grant id: 1 to 255 visible ASCII characters"
+            )));
+        }
+        let grant = CreditGrant::new(tenant.clone(), meter, grant_id, units, now).expiring(expires_at);
+        let outcome = self.quota()?.grant_credits(&grant).await?;
+        self.changed(&tenant);
+        Ok(outcome)
+    }
+
+    /// A tenant's credit grants (open, and closed within 35 days) by meter and spending order,
+    /// with the balance of each meter.
+    ///
+    /// # Errors
+    /// A bad tenant id, no quota store, or the store failed.
+    pub async fn credits(&self, tenant: &str) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), AdminError> {
+        let tenant = Self::tenant_id(tenant)?;
+        Ok(self.quota()?.credit_grants(&tenant, None).await?)
+    }
+
+    /// Revokes an open grant at once: the units it still holds (units used are taken from the
+    /// soonest-to-expire grants first) leave the balance. `meter` may be left out when the id
+    /// names one grant of the tenant.
+    ///
+    /// # Errors
+    /// No such open grant, an id that names grants on several meters without `meter`, no quota
+    /// store, or the store failed.
+    pub async fn revoke_credits(
+        &self,
+        tenant: &str,
+        meter: Option<&str>,
+        grant_id: &str,
+    ) -> Result<CreditClosure, AdminError> {
+        let tenant_id = Self::tenant_id(tenant)?;
+        let quota = self.quota()?;
+        let (grants, _) = quota.credit_grants(&tenant_id, meter.map(MeterId::from).as_ref()).await?;
+        let open: Vec<&CreditGrant> = grants.iter().filter(|g| g.id == grant_id && g.closed.is_none()).collect();
+        let grant = match open.as_slice() {
+            [one] => *one,
+            [] => return Err(AdminError::Invalid(format!("{tenant} has no open grant `{grant_id}`"))),
+            _ => {
+                return Err(AdminError::Invalid(format!(
+                    "{tenant} has grants `{grant_id}` on several meters: name the meter"
+                )))
+            }
+        };
+        let closed = quota.close_credits(&tenant_id, &grant.meter, grant_id, true, unix_now()).await?;
+        self.changed(&tenant_id);
+        closed.ok_or_else(|| AdminError::Invalid(format!("{tenant} has no open grant `{grant_id}`")))
     }
 
     /// Every tenant of the directory, in id order.

@@ -58,8 +58,8 @@ pub mod report {
     //! What the engine's operations report: a flush, an export pass, a reconciliation, a shutdown, a tenant's
     //! usage, a crossed quota threshold, and the counters of the background paths.
     pub use crate::engine::{
-        Drift, DriftAction, ExportReport, FlushReport, QuotaUsage, ReconcileError, ReconcileReport, ReconcileRequest,
-        ReportError, ShutdownReport, ThresholdCrossed, UsageReport, WindowUsage,
+        CreditExpiryReport, Drift, DriftAction, ExportReport, FlushReport, QuotaUsage, ReconcileError, ReconcileReport,
+        ReconcileRequest, ReportError, ShutdownReport, ThresholdCrossed, UsageReport, WindowUsage,
     };
     pub use crate::metrics::Stats;
 }

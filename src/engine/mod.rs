@@ -4,6 +4,7 @@ mod admission;
 mod builder;
 mod capture;
 pub(crate) mod clients;
+mod credits;
 mod directory;
 mod door;
 #[allow(clippy::module_inception)]
@@ -28,6 +29,7 @@ mod wait;
 pub(crate) use builder::OpenStores;
 pub use builder::{BuildError, Builder};
 pub use capture::{is_stored_header, BodyPrint, ResponseCapture, DRAIN_LIMIT};
+pub use credits::CreditExpiryReport;
 pub(crate) use door::{credential_in, describe};
 pub use door::{ClientAddr, FrontDoor, RequestView};
 pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};

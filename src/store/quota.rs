@@ -315,7 +315,8 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError>;
 
     /// Closes an open grant, once: with `revoke`, at once; without, only if it has expired by
-    /// `now` (the worker's expiry). Its units leave the balance, by [`close_against`]; its
+    /// `now` (the worker's expiry). Its units leave the balance (units used are taken from the soonest-to-expire grants first,
+    /// so it loses what it still holds by that rule); its
     /// closure is returned, or `None` if there is no such open grant (or it has not expired).
     async fn close_credits(
         &self,

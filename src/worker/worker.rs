@@ -54,7 +54,8 @@ impl Worker {
     pub async fn run(self) {
         let exports = Self::exports(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
         let reconciliations = Self::reconciliations(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
-        tokio::join!(self.background(), exports, reconciliations);
+        let expiries = Self::credit_expiries(self.tollgate.clone(), self.shutdown.clone());
+        tokio::join!(self.background(), exports, reconciliations, expiries);
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -69,6 +70,21 @@ impl Worker {
         periodically(shutdown, first, every, || async {
             if let Err(e) = tollgate.export().await {
                 tracing::warn!(error = %e, "usage export failed; retried at the next pass");
+            }
+            true
+        })
+        .await;
+    }
+
+    /// A pass closing expired credit grants every minute ([`Tollgate::expire_credits`]): on
+    /// every node, each grant closed once across the fleet.
+    async fn credit_expiries(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || Duration::from_secs(60);
+        periodically(shutdown, every(), every, || async {
+            match tollgate.expire_credits().await {
+                Ok(r) if r.grants > 0 => tracing::info!(grants = r.grants, lost = r.lost, "credit grants expired"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "closing expired credit grants failed; retried at the next pass"),
             }
             true
         })

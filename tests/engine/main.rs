@@ -7,6 +7,7 @@
 mod common;
 
 mod clients;
+mod credits;
 mod directory;
 mod events;
 mod features;

@@ -59,6 +59,12 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Prepaid credits: grants of units a tenant's balance on a meter holds, kept in the quota
+    /// store, spent soonest-to-expire first.
+    Credits {
+        #[command(subcommand)]
+        command: CreditCommand,
+    },
     /// A tenant's usage per meter and window, with what was exported of it.
     Usage {
         /// The tenant.
@@ -140,6 +146,41 @@ enum DynamoCommand {
     /// Terraform) if it has none; prints the table's namespace. Run it before the table's first
     /// export, with every node on this version.
     InitNamespace,
+}
+
+#[derive(Subcommand)]
+enum CreditCommand {
+    /// Grants prepaid units to a tenant on a meter, once per grant id: run again with the same
+    /// --id after a failure, and nothing is granted twice.
+    Grant {
+        /// The tenant id.
+        tenant: String,
+        /// The meter.
+        meter: String,
+        /// Units granted.
+        units: u64,
+        /// When the grant expires (RFC 3339 or Unix seconds); never without it.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// The grant's id (an invoice or payment id); one is drawn without it, and printed.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Lists a tenant's grants (open, and closed within 35 days) and balances.
+    List {
+        /// The tenant id.
+        tenant: String,
+    },
+    /// Revokes an open grant: the units it still holds leave the balance.
+    Revoke {
+        /// The tenant id.
+        tenant: String,
+        /// The grant's id.
+        grant_id: String,
+        /// The meter, when the id names grants on several.
+        #[arg(long)]
+        meter: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,6 +350,7 @@ async fn run(cli: Cli) -> Result<()> {
             tenants(&Admin::open(&config).await?, &config, command).await
         }
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
+        Command::Credits { command } => credits(&admin(&cli.config).await?, command).await,
         Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl, new_namespace } => {
             let config = load(&cli.config)?;
             if repair_ttl {
@@ -1064,6 +1106,70 @@ fn secs(d: Duration) -> i64 {
 
 fn now() -> i64 {
     secs(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default())
+}
+
+async fn credits(admin: &Admin, command: CreditCommand) -> Result<()> {
+    use tollgate::store::GrantOutcome;
+    match command {
+        CreditCommand::Grant { tenant, meter, units, expires_at, id } => {
+            let expires_at = expires_at.as_deref().map(parse_time).transpose()?;
+            let id = id.unwrap_or_else(|| {
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                format!("g_{:x}{:04x}", nanos.as_nanos(), std::process::id() & 0xffff)
+            });
+            match admin.grant_credits(&tenant, &meter, units, expires_at, &id).await? {
+                GrantOutcome::Granted(b) => println!(
+                    "granted {units} units of `{meter}` to `{tenant}` under id {id}; balance {} ({} granted, {} used)",
+                    b.left(),
+                    b.granted,
+                    b.reserved
+                ),
+                GrantOutcome::Duplicate(g) => {
+                    println!("grant {id} exists already ({} units of `{}`): nothing added", g.units, g.meter)
+                }
+                GrantOutcome::TooMany => {
+                    return Err(format!("`{tenant}` holds the most open grants on `{meter}` already").into())
+                }
+                _ => return Err("the store answered a grant this build does not know".into()),
+            }
+        }
+        CreditCommand::List { tenant } => {
+            let (grants, balances) = admin.credits(&tenant).await?;
+            println!("{:<12} {:<24} {:>12} {:<20} {:<20} state", "meter", "grant", "units", "granted", "expires");
+            for g in &grants {
+                let state = match g.closed {
+                    Some(c) if c.revoked => format!("revoked {} ({} lost)", time_text(c.at), c.lost),
+                    Some(c) => format!("expired {} ({} lost)", time_text(c.at), c.lost),
+                    None => "open".to_owned(),
+                };
+                println!(
+                    "{:<12} {:<24} {:>12} {:<20} {:<20} {state}",
+                    g.meter.as_str(),
+                    g.id,
+                    g.units,
+                    time_text(g.granted_at),
+                    g.expires_at.map_or_else(|| "never".to_owned(), time_text)
+                );
+            }
+            for (meter, b) in &balances {
+                println!(
+                    "balance of `{}`: {} left ({} granted, {} used)",
+                    meter.as_str(),
+                    b.left(),
+                    b.granted,
+                    b.reserved
+                );
+            }
+            if grants.is_empty() {
+                println!("`{tenant}` has no credit grants");
+            }
+        }
+        CreditCommand::Revoke { tenant, grant_id, meter } => {
+            let c = admin.revoke_credits(&tenant, meter.as_deref(), &grant_id).await?;
+            println!("grant {grant_id} of `{tenant}` revoked: {} units it still held left the balance", c.lost);
+        }
+    }
+    Ok(())
 }
 
 fn time_text(unix: i64) -> String {

@@ -627,3 +627,34 @@ async fn export_to_metronome_sends_once_and_draws_a_new_namespace() {
     let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
     assert_ne!(store.identifier_namespace().await.unwrap(), namespace);
 }
+
+/// `tollgate credits`: a grant applies once per id (a drawn id is printed), the list shows the
+/// grants and the balance, a revoke takes what the grant still holds, bad input changes nothing.
+#[test]
+fn credits_are_granted_once_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let toml =
+        format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[meters.tokens]\nevent_name = \"tokens\"\n{PLANS}");
+    std::fs::write(d.join("tollgate.toml"), toml).unwrap();
+    let out =
+        ok(d, &["credits", "grant", "acme", "tokens", "1000", "--id", "inv_1", "--expires-at", "2999-01-01T00:00:00Z"]);
+    assert!(out.contains("granted 1000 units") && out.contains("balance 1000"), "{out}");
+    assert!(ok(d, &["credits", "grant", "acme", "tokens", "1000", "--id", "inv_1"]).contains("nothing added"));
+    let out = ok(d, &["credits", "grant", "acme", "tokens", "250"]);
+    let drawn = out.split("under id ").nth(1).and_then(|r| r.split(';').next()).unwrap().to_owned();
+    assert!(drawn.starts_with("g_"), "{out}");
+    let list = ok(d, &["credits", "list", "acme"]);
+    assert!(list.contains("inv_1") && list.contains(&drawn) && list.contains("2999-01-01"), "{list}");
+    assert!(list.contains("balance of `tokens`: 1250 left"), "{list}");
+    let out = ok(d, &["credits", "revoke", "acme", "inv_1"]);
+    assert!(out.contains("1000 units"), "{out}");
+    let list = ok(d, &["credits", "list", "acme"]);
+    assert!(list.contains("revoked") && list.contains("balance of `tokens`: 250 left"), "{list}");
+    assert!(fails(d, &["credits", "revoke", "acme", "inv_1"]).contains("no open grant"));
+    assert!(fails(d, &["credits", "grant", "acme", "ghost", "5"]).contains("not a meter"));
+    assert!(fails(d, &["credits", "grant", "acme", "tokens", "0"]).contains("units"));
+    assert!(fails(d, &["credits", "grant", "acme", "tokens", "5", "--expires-at", "2000-01-01T00:00:00Z"])
+        .contains("expire"));
+    assert!(ok(d, &["credits", "list", "nobody"]).contains("no credit grants"));
+}

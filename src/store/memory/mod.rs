@@ -227,7 +227,6 @@ impl Counters {
         self.periods.last_mut()
     }
 
-    #[cfg(any(test, feature = "test-util"))]
     fn find(&self, key: &QuotaKey) -> Option<&Counter> {
         self.periods.iter().find(|c| c.key == *key)
     }

@@ -1,0 +1,55 @@
+//! Prepaid credits on the engine's side: the worker's pass that closes expired grants, once
+//! each, in the quota store.
+
+use super::{store_calls::with_timeout, Tollgate};
+use crate::store::StoreError;
+
+/// What one [`Tollgate::expire_credits`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreditExpiryReport {
+    /// Grants closed as expired by this node (another node may have closed others).
+    pub grants: usize,
+    /// Units they still held, taken from their balances.
+    pub lost: u64,
+}
+
+/// How many expired grants one store call lists.
+const PAGE: usize = 100;
+/// The most pages one pass closes: the rest wait for the next pass.
+const PAGES: usize = 10;
+
+impl Tollgate {
+    /// Closes the credit grants expired by the engine's clock, each once across a fleet (a
+    /// grant another node closed first is passed over): each loses the units it still held,
+    /// units leased to nodes counting as spent. The worker runs it every minute; at most
+    /// 1,000 grants a pass.
+    ///
+    /// # Errors
+    /// A store error (or timeout): the grants not closed are closed by a later pass.
+    pub async fn expire_credits(&self) -> Result<CreditExpiryReport, StoreError> {
+        let quota = &self.shared.stores.roles.quota;
+        let timeout = self.shared.runtime.load().config.usage.store_timeout;
+        let mut report = CreditExpiryReport::default();
+        for _ in 0..PAGES {
+            let now = self.shared.clock.unix_secs();
+            let due = with_timeout(timeout, quota.expired_credits(now, PAGE)).await?;
+            let listed = due.len();
+            for grant in due {
+                let closed =
+                    with_timeout(timeout, quota.close_credits(&grant.tenant, &grant.meter, &grant.id, false, now))
+                        .await?;
+                if let Some(closure) = closed {
+                    report.grants += 1;
+                    report.lost = report.lost.saturating_add(closure.lost);
+                    tracing::info!(tenant = %grant.tenant, meter = %grant.meter, grant = %grant.id,
+                        units = grant.units, lost = closure.lost, "credit grant expired");
+                }
+            }
+            if listed < PAGE {
+                break;
+            }
+        }
+        Ok(report)
+    }
+}
