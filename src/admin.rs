@@ -483,11 +483,17 @@ impl Admin {
         expires_at: Option<i64>,
         grant_id: &str,
     ) -> Result<GrantOutcome, AdminError> {
-        let tenant = Self::tenant_id(tenant)?;
+        let tenant_id = Self::tenant_id(tenant)?;
         let meter = self.credit_meter(meter)?;
-        if units == 0 || units > i64::MAX as u64 / 4 {
-            return Err(AdminError::Invalid(format!("{units} units: a grant holds 1 to 2^61 units")));
+        if units == 0 || units > crate::store::contract::MAX_BALANCE {
+            return Err(AdminError::Invalid(format!("{units} units: a grant holds 1 to 2^50 units")));
         }
+        // A tenant of the directory or of the file: a typo never makes a balance of its own.
+        let filed = self.config.as_ref().is_some_and(|c| c.tenants().iter().any(|t| t.id() == &tenant_id));
+        if !filed && self.directory.tenant(&tenant_id).await?.is_none() {
+            return Err(AdminError::UnknownTenant(tenant.to_owned()));
+        }
+        let tenant = tenant_id;
         let now = unix_now();
         if expires_at.is_some_and(|at| at <= now) {
             return Err(AdminError::Invalid("the grant would expire before it is made".into()));
@@ -503,7 +509,8 @@ impl Admin {
         Ok(outcome)
     }
 
-    /// A tenant's credit grants (open, and closed within 35 days) by meter and spending order,
+    /// A tenant's credit grants (open, and closed ones kept: at least 35 days) by meter and
+    /// spending order,
     /// with the balance of each meter.
     ///
     /// # Errors

@@ -18,6 +18,8 @@ pub struct CreditExpiryReport {
 const PAGE: usize = 100;
 /// The most pages one pass closes: the rest wait for the next pass.
 const PAGES: usize = 10;
+/// Grants a pass passes over when their close fails, before it stops with the error.
+const MAX_FAILURES: usize = 3;
 
 impl Tollgate {
     /// Closes the credit grants expired by the engine's clock, each once across a fleet (a
@@ -35,10 +37,25 @@ impl Tollgate {
             let now = self.shared.clock.unix_secs();
             let due = with_timeout(timeout, quota.expired_credits(now, PAGE)).await?;
             let listed = due.len();
+            let mut failed = 0;
             for grant in due {
-                let closed =
-                    with_timeout(timeout, quota.close_credits(&grant.tenant, &grant.meter, &grant.id, false, now))
-                        .await?;
+                // One grant that cannot be closed now (a busy balance, a timeout) does not hold
+                // back the others; the pass stops after a few failures (the store is down).
+                let closed = match with_timeout(
+                    timeout,
+                    quota.close_credits(&grant.tenant, &grant.meter, &grant.id, false, now),
+                )
+                .await
+                {
+                    Ok(closed) => closed,
+                    Err(e) if failed < MAX_FAILURES => {
+                        failed += 1;
+                        tracing::warn!(tenant = %grant.tenant, meter = %grant.meter, grant = %grant.id, error = %e,
+                                "an expired credit grant could not be closed; tried again at the next pass");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if let Some(closure) = closed {
                     report.grants += 1;
                     report.lost = report.lost.saturating_add(closure.lost);
@@ -46,7 +63,7 @@ impl Tollgate {
                         units = grant.units, lost = closure.lost, "credit grant expired");
                 }
             }
-            if listed < PAGE {
+            if listed < PAGE || failed > 0 {
                 break;
             }
         }

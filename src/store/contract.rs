@@ -48,9 +48,15 @@ pub const SENDERS_KEPT: usize = 64;
 /// ([`GrantOutcome::TooMany`](super::GrantOutcome::TooMany)).
 pub const OPEN_GRANTS_MAX: usize = 1000;
 
-/// How long a closed credit grant (expired or revoked) is kept, listed and known by its id
-/// (a grant sent again under its id within this time adds nothing): then it is dropped.
+/// How long a closed credit grant (expired or revoked) is kept at least, listed and known by
+/// its id (a grant sent again under its id within this time adds nothing): then a later close
+/// on its balance drops it (DynamoDB's TTL, too).
 pub const CLOSED_GRANTS_KEPT_SECS: i64 = RETENTION_SECS;
+
+/// The most units a prepaid balance's open grants hold together (2^50): a grant past it is
+/// refused ([`GrantOutcome::TooLarge`](super::GrantOutcome::TooLarge)), so no store's
+/// arithmetic overflows.
+pub const MAX_BALANCE: u64 = 1 << 50;
 
 /// The longest body of a stored `Idempotency-Key` response on DynamoDB:
 /// `limits.idempotency_max_body` is refused above it for a DynamoDB idempotency store. An item

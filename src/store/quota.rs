@@ -259,6 +259,14 @@ pub enum GrantOutcome {
     /// The tenant holds [`OPEN_GRANTS_MAX`](super::contract::OPEN_GRANTS_MAX) open grants on
     /// the meter already: nothing was added.
     TooMany,
+    /// The grant would take the balance's open grants past
+    /// [`MAX_BALANCE`](super::contract::MAX_BALANCE) units (or it holds none): nothing was added.
+    TooLarge,
+}
+
+/// Whether `units` more may join open grants holding `granted`.
+pub(crate) fn fits(granted: u64, units: u64) -> bool {
+    units > 0 && granted.checked_add(units).is_some_and(|t| t <= super::contract::MAX_BALANCE)
 }
 
 /// Closes one credit grant of `grants` (open ones, of one tenant and meter) against `balance`:
@@ -305,9 +313,10 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// grant.meter)` in the same write that records the grant, once per grant id.
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError>;
 
-    /// The tenant's credit grants (open, and closed within
-    /// [`CLOSED_GRANTS_KEPT_SECS`](super::contract::CLOSED_GRANTS_KEPT_SECS)), on `meter` or
-    /// on every meter, by meter then spending order; with the balance of each meter named.
+    /// The tenant's credit grants (open, and closed ones not dropped yet: a closed grant is
+    /// kept at least [`CLOSED_GRANTS_KEPT_SECS`](super::contract::CLOSED_GRANTS_KEPT_SECS),
+    /// then dropped by a later close on its balance), on `meter` or on every meter, by meter
+    /// then spending order; with the balance of each meter that has grants.
     async fn credit_grants(
         &self,
         tenant: &TenantId,

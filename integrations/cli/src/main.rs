@@ -166,7 +166,7 @@ enum CreditCommand {
         #[arg(long)]
         id: Option<String>,
     },
-    /// Lists a tenant's grants (open, and closed within 35 days) and balances.
+    /// Lists a tenant's grants (open, and closed ones kept: at least 35 days) and balances.
     List {
         /// The tenant id.
         tenant: String,
@@ -1129,6 +1129,9 @@ async fn credits(admin: &Admin, command: CreditCommand) -> Result<()> {
                 }
                 GrantOutcome::TooMany => {
                     return Err(format!("`{tenant}` holds the most open grants on `{meter}` already").into())
+                }
+                GrantOutcome::TooLarge => {
+                    return Err(format!("the balance of `{tenant}` on `{meter}` would pass 2^50 units").into())
                 }
                 _ => return Err("the store answered a grant this build does not know".into()),
             }

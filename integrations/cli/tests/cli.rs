@@ -634,9 +634,12 @@ async fn export_to_metronome_sends_once_and_draws_a_new_namespace() {
 fn credits_are_granted_once_listed_and_revoked() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let toml =
-        format!("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[meters.tokens]\nevent_name = \"tokens\"\n{PLANS}");
+    let toml = format!(
+        "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[meters.tokens]\nevent_name = \"tokens\"\n{PLANS}\
+         [tenants.acme]\nplan = \"free\"\n"
+    );
     std::fs::write(d.join("tollgate.toml"), toml).unwrap();
+    assert!(fails(d, &["credits", "grant", "acme-typo", "tokens", "5"]).contains("acme-typo"), "an unknown tenant");
     let out =
         ok(d, &["credits", "grant", "acme", "tokens", "1000", "--id", "inv_1", "--expires-at", "2999-01-01T00:00:00Z"]);
     assert!(out.contains("granted 1000 units") && out.contains("balance 1000"), "{out}");

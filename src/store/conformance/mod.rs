@@ -62,6 +62,7 @@ macro_rules! store_conformance {
             an_expired_grant_closes_once_losing_what_it_still_holds,
             grants_are_spent_soonest_to_expire_first,
             concurrent_reserves_never_pass_a_prepaid_balance,
+            a_prepaid_balance_leaves_the_calendar_periods_beside_it,
         );
     };
     (@role usage, $make:expr) => {

@@ -449,3 +449,26 @@ pub async fn concurrent_reserves_never_pass_a_prepaid_balance<S: ?Sized + QuotaI
     let rest = h.s().reserve(&ask(&key, 1000, None, 9999, 1)).await.unwrap();
     assert_eq!(leased + rest.granted, 500);
 }
+
+/// A balance made on a tenant and meter that also has a day quota ends nothing: the day's
+/// counter keeps its count and goes on. A balance never holds more than
+/// [`MAX_BALANCE`](crate::store::contract::MAX_BALANCE), nor a grant of no units.
+pub async fn a_prepaid_balance_leaves_the_calendar_periods_beside_it<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::{contract::MAX_BALANCE, GrantOutcome};
+    let day = QuotaKey::new("both".into(), "tokens".into(), Period::Day, DAY0, DAY0 + DAY);
+    assert_eq!(h.s().reserve(&ask(&day, 40, Some(100), 1, 1)).await.unwrap().granted, 40);
+    assert!(matches!(h.s().grant_credits(&credit("both", "g", 500, None)).await.unwrap(), GrantOutcome::Granted(_)));
+    h.restart().await;
+    assert_eq!(reserved(h.s(), &day).await, 40, "the day's count is kept");
+    let next = h.s().reserve(&ask(&day, 100, Some(100), 1, 2)).await.unwrap();
+    assert_eq!((next.granted, next.reserved), (60, 100), "the day goes on to its limit");
+    assert_eq!(h.s().reserve(&ask(&prepaid_key("both", "tokens"), 10, None, 1, 3)).await.unwrap().granted, 10);
+    // The most a balance holds, and no empty grant.
+    let big = credit("big", "all", MAX_BALANCE, None);
+    assert!(matches!(h.s().grant_credits(&big).await.unwrap(), GrantOutcome::Granted(_)));
+    assert_eq!(h.s().grant_credits(&credit("big", "one", 1, None)).await.unwrap(), GrantOutcome::TooLarge);
+    assert_eq!(h.s().grant_credits(&credit("big", "zero", 0, None)).await.unwrap(), GrantOutcome::TooLarge);
+    assert_eq!(balance(h.s(), "big").await.granted, MAX_BALANCE);
+}

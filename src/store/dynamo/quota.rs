@@ -3,7 +3,11 @@
 use super::*;
 use crate::{
     base::{MeterId, Period},
-    store::{contract, quota::close_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome},
+    store::{
+        contract,
+        quota::{close_against, fits},
+        CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
+    },
 };
 
 #[async_trait]
@@ -75,6 +79,9 @@ impl QuotaStore for DynamoStore {
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
         let key = prepaid_key(&grant.tenant, &grant.meter);
+        if !fits(0, grant.units) {
+            return Ok(GrantOutcome::TooLarge);
+        }
         if !self.ensure_counter(&key).await? {
             return Err(StoreError::Conflict("the prepaid counter"));
         }
@@ -110,19 +117,21 @@ impl QuotaStore for DynamoStore {
             .key("pk", s(quota_pk(&key)))
             .key("sk", s(quota_sk(&key)))
             .update_expression("ADD granted :u, room :u")
-            .condition_expression("attribute_exists(pk)")
-            .expression_attribute_values(":u", n(grant.units));
+            // Never past the most a balance holds.
+            .condition_expression("attribute_exists(pk) AND granted <= :most")
+            .expression_attribute_values(":u", n(grant.units))
+            .expression_attribute_values(":most", n(contract::MAX_BALANCE - grant.units));
         let actions = vec![
             TransactWriteItem::builder().put(put.build().map_err(backend)?).build(),
             TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
         ];
         if self.transact(actions, "a credit grant").await?.is_some() {
-            // Granted under this id meanwhile (or the counter went): as stored.
+            // Granted under this id meanwhile: as stored; else the balance would pass its most.
             return match self.get(pk, &sk).await? {
                 Some(item) => {
                     Ok(GrantOutcome::Duplicate(credit_of(&item).ok_or(StoreError::Conflict("a credit item"))?))
                 }
-                None => Err(StoreError::Conflict("a credit grant")),
+                None => Ok(GrantOutcome::TooLarge),
             };
         }
         let counter = self.get(quota_pk(&key), &quota_sk(&key)).await?.unwrap_or_default();
@@ -157,6 +166,9 @@ impl QuotaStore for DynamoStore {
     ) -> Result<Option<CreditClosure>, StoreError> {
         let key = prepaid_key(tenant, meter);
         for attempt in 0..ATTEMPTS {
+            // The balance first, then its grants: a grant or a close after the read changes the
+            // balance, so the condition below refuses a computation over grants read before.
+            let Some(counter) = self.get(quota_pk(&key), &quota_sk(&key)).await? else { return Ok(None) };
             let all = self.grants(tenant, Some(meter)).await?;
             let open: Vec<CreditGrant> = all.iter().filter(|g| g.closed.is_none()).cloned().collect();
             let due =
@@ -164,14 +176,16 @@ impl QuotaStore for DynamoStore {
             if !due {
                 return Ok(None);
             }
-            let Some(counter) = self.get(quota_pk(&key), &quota_sk(&key)).await? else { return Ok(None) };
+
             let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"));
             let Some((lost, after)) = close_against(&open, id, balance) else { return Ok(None) };
             let close = Update::builder()
                 .table_name(&self.table)
                 .key("pk", s(credit_pk(tenant)))
                 .key("sk", s(credit_sk(meter.as_str(), id)))
-                .update_expression("SET closed_at = :at, revoked = :rv, lost = :lost REMOVE gpk, gsk")
+                .update_expression("SET closed_at = :at, revoked = :rv, lost = :lost, #ttl = :ttl REMOVE gpk, gsk")
+                .expression_attribute_names("#ttl", "ttl")
+                .expression_attribute_values(":ttl", n(now.saturating_add(contract::CLOSED_GRANTS_KEPT_SECS)))
                 .condition_expression("attribute_exists(pk) AND attribute_not_exists(closed_at)")
                 .expression_attribute_values(":at", n(now))
                 .expression_attribute_values(":rv", AttributeValue::Bool(revoke))
@@ -358,7 +372,9 @@ impl DynamoStore {
             return Ok(true);
         }
         let mut ended = None;
-        for old in items.iter().filter(|i| get_s(i, "sk") != Some("FLOOR")) {
+        // A prepaid balance ends nothing: the calendar periods beside it stay.
+        let ends_others = key.period != Period::Prepaid;
+        for old in items.iter().filter(|i| ends_others && get_s(i, "sk") != Some("FLOOR")) {
             let end = get_i(old, "end").unwrap_or(i64::MAX);
             if end < key.start {
                 ended = ended.max(Some(end));

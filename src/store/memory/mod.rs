@@ -210,7 +210,8 @@ impl Counters {
         if let Some(i) = self.periods.iter().position(|c| c.key == *key) {
             return Some(&mut self.periods[i]);
         }
-        let start = key.start;
+        // A prepaid balance ends nothing: the calendar periods beside it stay.
+        let start = if key.period == crate::base::Period::Prepaid { i64::MIN } else { key.start };
         let before = self.periods.len();
         let mut dropped = self.dropped_before;
         self.periods.retain(|c| {
@@ -247,7 +248,7 @@ impl Counter {
     fn seen(&self, token: ReserveToken) -> Option<Grant> {
         match self.applied.get(&token.node) {
             Some((seq, grant)) if token.seq <= *seq => {
-                Some(if token.seq == *seq { *grant } else { Grant::new(0, self.reserved) })
+                Some(if token.seq == *seq { *grant } else { Grant::new(0, self.reserved).with_limit(self.granted) })
             }
             _ => None,
         }

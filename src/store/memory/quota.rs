@@ -3,7 +3,7 @@
 use super::*;
 use crate::store::{
     contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX},
-    quota::close_against,
+    quota::{close_against, fits},
 };
 
 /// The key of `(tenant, meter)`'s prepaid balance.
@@ -59,14 +59,18 @@ impl QuotaStore for MemoryStore {
         if grants.iter().filter(|g| g.closed.is_none()).count() >= OPEN_GRANTS_MAX {
             return Ok(GrantOutcome::TooMany);
         }
+        let key = prepaid(&grant.tenant, &grant.meter);
+        let c = inner.quotas.entry(pair.clone()).or_default().get(&key).expect("the prepaid period never ends");
+        if !fits(c.granted.unwrap_or(0), grant.units) {
+            return Ok(GrantOutcome::TooLarge);
+        }
+        let granted = c.granted.unwrap_or(0) + grant.units;
+        c.granted = Some(granted);
+        let reserved = c.reserved;
         let mut stored = grant.clone();
         stored.closed = None;
-        grants.push(stored);
-        let key = prepaid(&grant.tenant, &grant.meter);
-        let c = inner.quotas.entry(pair).or_default().get(&key).expect("the prepaid period never ends");
-        let granted = c.granted.unwrap_or(0).saturating_add(grant.units);
-        c.granted = Some(granted);
-        Ok(GrantOutcome::Granted(CreditBalance::new(granted, c.reserved)))
+        inner.credits.entry(pair).or_default().push(stored);
+        Ok(GrantOutcome::Granted(CreditBalance::new(granted, reserved)))
     }
 
     async fn credit_grants(
@@ -82,6 +86,9 @@ impl QuotaStore for MemoryStore {
                 continue;
             }
             let mut list = list.clone();
+            if list.is_empty() {
+                continue;
+            }
             list.sort_by(|a, b| a.spending_order().cmp(&b.spending_order()));
             grants.extend(list);
             let balance = inner

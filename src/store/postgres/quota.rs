@@ -3,7 +3,10 @@
 use super::*;
 use crate::{
     base::MeterId,
-    store::{quota::close_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome},
+    store::{
+        quota::{close_against, fits},
+        CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
+    },
 };
 
 /// The reserve (and release) statement. The counter's row carries its senders' last calls, so
@@ -162,7 +165,8 @@ impl PostgresStore {
                 ],
             )
             .await?;
-        if !made.is_empty() {
+        // A prepaid balance ends nothing: the calendar periods beside it stay.
+        if !made.is_empty() && key.period != crate::base::Period::Prepaid {
             tx.query_typed(
                 &self.sql(
                     "WITH gone AS (DELETE FROM {s}.quota WHERE tenant = $1 AND meter = $2 AND end_at < $3 \
@@ -221,7 +225,8 @@ impl QuotaStore for PostgresStore {
             let tx = self.begin(&mut client).await?;
             // The balance's row is locked first: grants and closes of one balance run one at a
             // time.
-            tx.query_typed_one(&lock, args![t, m]).await?;
+            let row = tx.query_typed_one(&lock, args![t, m]).await?;
+            let granted_before = uint(row.get::<_, Option<i64>>(1).unwrap_or(0));
             if let Some(row) = tx.query_typed_opt(&seen, args![t, m, grant.id.as_str()]).await? {
                 tx.commit().await?;
                 return Ok(GrantOutcome::Duplicate(credit_row(&row)));
@@ -230,6 +235,10 @@ impl QuotaStore for PostgresStore {
             if uint(n) >= contract::OPEN_GRANTS_MAX as u64 {
                 tx.commit().await?;
                 return Ok(GrantOutcome::TooMany);
+            }
+            if !fits(granted_before, grant.units) {
+                tx.commit().await?;
+                return Ok(GrantOutcome::TooLarge);
             }
             tx.query_typed(
                 &insert,

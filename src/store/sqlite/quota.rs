@@ -3,7 +3,10 @@
 use super::*;
 use crate::{
     base::MeterId,
-    store::{quota::close_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome},
+    store::{
+        quota::{close_against, fits},
+        CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
+    },
 };
 
 #[async_trait]
@@ -51,7 +54,13 @@ impl QuotaStore for SqliteStore {
         let grant = grant.clone();
         self.write(move |tx, _| {
             let (t, m) = (grant.tenant.as_str(), grant.meter.as_str());
-            if let Some(seen) = grants_of(tx, t, m)?.into_iter().find(|g| g.id == grant.id) {
+            let seen: Option<CreditGrant> = tx
+                .prepare_cached(&format!(
+                    "SELECT {CREDIT_COLUMNS} FROM credit WHERE tenant = ?1 AND meter = ?2 AND id = ?3"
+                ))?
+                .query_row(params![t, m, grant.id], credit_row)
+                .optional()?;
+            if let Some(seen) = seen {
                 return Ok(GrantOutcome::Duplicate(seen));
             }
             let open: i64 = tx
@@ -59,6 +68,12 @@ impl QuotaStore for SqliteStore {
                 .query_row(params![t, m], |r| r.get(0))?;
             if uint(open) >= contract::OPEN_GRANTS_MAX as u64 {
                 return Ok(GrantOutcome::TooMany);
+            }
+            let key = prepaid_key(&grant.tenant, &grant.meter);
+            let period = key.period_tag();
+            let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
+            if !fits(granted.unwrap_or(0), grant.units) {
+                return Ok(GrantOutcome::TooLarge);
             }
             tx.prepare_cached(
                 "INSERT INTO credit (tenant, meter, id, units, granted_at, expires_at, payment) \
@@ -73,10 +88,7 @@ impl QuotaStore for SqliteStore {
                 grant.expires_at,
                 grant.payment
             ])?;
-            let key = prepaid_key(&grant.tenant, &grant.meter);
-            let period = key.period_tag();
-            let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
-            let granted = granted.unwrap_or(0).saturating_add(grant.units);
+            let granted = granted.unwrap_or(0) + grant.units;
             set_balance(tx, &key, &period, granted, uint(reserved))?;
             Ok(GrantOutcome::Granted(CreditBalance::new(granted, uint(reserved))))
         })
@@ -242,9 +254,14 @@ fn counter(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Option<(i6
     if let Some((reserved, granted)) = found {
         return Ok(Some((reserved, granted.map(uint))));
     }
-    let ended: Option<i64> = tx
-        .prepare_cached("SELECT max(end) FROM quota WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?
-        .query_row(params![t, m, key.start], |r| r.get(0))?;
+    // A prepaid balance ends nothing: the calendar periods beside it stay.
+    let prepaid = key.period == crate::base::Period::Prepaid;
+    let ended: Option<i64> = if prepaid {
+        None
+    } else {
+        tx.prepare_cached("SELECT max(end) FROM quota WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?
+            .query_row(params![t, m, key.start], |r| r.get(0))?
+    };
     if let Some(ended) = ended {
         tx.prepare_cached("DELETE FROM quota WHERE tenant = ?1 AND meter = ?2 AND end < ?3")?
             .execute(params![t, m, key.start])?;
