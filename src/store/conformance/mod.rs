@@ -63,6 +63,7 @@ macro_rules! store_conformance {
             grants_are_spent_soonest_to_expire_first,
             concurrent_reserves_never_pass_a_prepaid_balance,
             a_prepaid_balance_leaves_the_calendar_periods_beside_it,
+            racing_grants_and_closes_apply_once,
         );
     };
     (@role usage, $make:expr) => {

@@ -472,3 +472,46 @@ pub async fn a_prepaid_balance_leaves_the_calendar_periods_beside_it<S: ?Sized +
     assert_eq!(h.s().grant_credits(&credit("big", "zero", 0, None)).await.unwrap(), GrantOutcome::TooLarge);
     assert_eq!(balance(h.s(), "big").await.granted, MAX_BALANCE);
 }
+
+/// Two grants under one id at once: one applies, the other is its duplicate. Two closes of
+/// one expired grant at once: one closes it. Expired grants are listed soonest first, at most
+/// as many as asked. A prepaid reserve sent again with its token is answered as it was.
+pub async fn racing_grants_and_closes_apply_once<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::GrantOutcome;
+    let (a, b) = (h.shared(), h.shared());
+    let (g70, g90) = (credit("race", "inv", 70, Some(DAY0 + HOUR)), credit("race", "inv", 90, Some(DAY0 + HOUR)));
+    let (x, y) = tokio::join!(a.grant_credits(&g70), b.grant_credits(&g90));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    let granted: Vec<u64> = [&x, &y]
+        .iter()
+        .filter_map(|o| match o {
+            GrantOutcome::Granted(b) => Some(b.granted),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(granted.len(), 1, "one applies: {x:?} {y:?}");
+    assert!(matches!(x, GrantOutcome::Duplicate(_)) || matches!(y, GrantOutcome::Duplicate(_)), "{x:?} {y:?}");
+    assert_eq!(balance(h.s(), "race").await.granted, granted[0]);
+
+    let key = prepaid_key("race", "tokens");
+    let first = h.s().reserve(&ask(&key, 20, None, 42, 7)).await.unwrap();
+    let again = h.s().reserve(&ask(&key, 20, None, 42, 7)).await.unwrap();
+    assert_eq!((again.granted, again.reserved), (first.granted, first.reserved), "answered as it was");
+    assert_eq!(again.limit, Some(granted[0]));
+    assert_eq!(balance(h.s(), "race").await.reserved, 20, "applied once");
+
+    let (t, m) = (&"race".into(), &"tokens".into());
+    let (c, d) = tokio::join!(
+        a.close_credits(t, m, "inv", false, DAY0 + 2 * HOUR),
+        b.close_credits(t, m, "inv", false, DAY0 + 2 * HOUR)
+    );
+    let closed: Vec<_> = [c.unwrap(), d.unwrap()].into_iter().flatten().collect();
+    assert_eq!(closed.len(), 1, "closed once: {closed:?}");
+    assert_eq!(closed[0].lost, granted[0] - 20);
+
+    for (i, at) in [(3, DAY0 + 3 * HOUR), (1, DAY0 + HOUR), (2, DAY0 + 2 * HOUR)] {
+        h.s().grant_credits(&credit("due", &format!("g{i}"), 5, Some(at))).await.unwrap();
+    }
+    let due = h.s().expired_credits(DAY0 + 3 * HOUR, 2).await.unwrap();
+    assert_eq!(due.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["g1", "g2"], "soonest first, as many as asked");
+}
