@@ -48,9 +48,15 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::BufReader,
     net::{TcpListener, TcpStream},
 };
+
+// Declared by each stand-in: the examples include one stand-in file alone.
+#[allow(clippy::duplicate_mod)]
+#[path = "standin_http.rs"]
+mod http;
+use http::{read_request, write_answer, Request};
 
 pub const SECRET: &str = "sk_test_standin";
 
@@ -286,38 +292,6 @@ impl StandIn {
     }
 }
 
-/// One request as read.
-struct Request {
-    method: String,
-    path: String,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-async fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).await.ok()? == 0 {
-        return None;
-    }
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next()?.to_owned(), parts.next()?.to_owned());
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).await.ok()?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        let (k, v) = h.split_once(':')?;
-        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-    }
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).await.ok()?;
-    Some(Request { method, path, headers, body: String::from_utf8(body).ok()? })
-}
-
 async fn connection(socket: TcpStream, state: Arc<Mutex<State>>) {
     let mut reader = BufReader::new(socket);
     while let Some(req) = read_request(&mut reader).await {
@@ -328,11 +302,8 @@ async fn connection(socket: TcpStream, state: Arc<Mutex<State>>) {
         };
         // Stripe marks what a retry cannot change.
         let retry = if status == 400 { "stripe-should-retry: false\r\n" } else { "" };
-        let response = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nrequest-id: req_standin\r\n{retry}\r\n{body}",
-            body.len()
-        );
-        if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
+        let extra = format!("request-id: req_standin\r\n{retry}");
+        if !write_answer(&mut reader, status, content_type, &extra, &body).await {
             return;
         }
     }
@@ -391,8 +362,8 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
         Some(Fault::Drop) => return None,
         _ => {}
     }
-    let form: BTreeMap<String, String> = req
-        .body
+    let form: BTreeMap<String, String> = std::str::from_utf8(&req.body)
+        .ok()?
         .split('&')
         .filter(|p| !p.is_empty())
         .filter_map(|p| p.split_once('=').map(|(k, v)| (decode(k), decode(v))))

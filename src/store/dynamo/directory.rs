@@ -273,41 +273,11 @@ impl DirectoryStore for DynamoStore {
     }
 
     async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
-        let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(tenant_pk(tenant)))
-            .key("sk", s("T"))
-            .condition_expression("attribute_exists(pk)");
-        let update = match overrides {
-            Some(o) => update.update_expression("SET overrides = :o").expression_attribute_values(":o", s(o)),
-            None => update.update_expression("REMOVE overrides"),
-        };
-        match update.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if is_ccf(&e) => Ok(false),
-            Err(e) => Err(sdk(e)),
-        }
+        self.set_tenant_attribute(tenant, "overrides", overrides).await
     }
 
     async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
-        let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(tenant_pk(tenant)))
-            .key("sk", s("T"))
-            .condition_expression("attribute_exists(pk)");
-        let update = match customer {
-            Some(c) => update.update_expression("SET metronome_customer = :m").expression_attribute_values(":m", s(c)),
-            None => update.update_expression("REMOVE metronome_customer"),
-        };
-        match update.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if is_ccf(&e) => Ok(false),
-            Err(e) => Err(sdk(e)),
-        }
+        self.set_tenant_attribute(tenant, "metronome_customer", customer).await
     }
 
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
@@ -426,5 +396,34 @@ impl DynamoStore {
                 .await;
         }
         Ok(())
+    }
+}
+
+impl DynamoStore {
+    /// Sets (or with `None` removes) one attribute of a tenant's item, nothing else of it;
+    /// whether the tenant exists.
+    async fn set_tenant_attribute(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+        value: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(tenant_pk(tenant)))
+            .key("sk", s("T"))
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_names("#a", name);
+        let update = match value {
+            Some(v) => update.update_expression("SET #a = :v").expression_attribute_values(":v", s(v)),
+            None => update.update_expression("REMOVE #a"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
     }
 }
