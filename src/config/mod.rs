@@ -168,6 +168,11 @@ pub struct Limits {
     /// The most client addresses whose rate state is held for anonymous callers (least
     /// recently used go first).
     pub max_clients: u64,
+    /// The status of a request refused because a prepaid balance is empty: `402 Payment
+    /// Required` by default ([`RejectionKind::CreditsExhausted`](crate::response::RejectionKind::CreditsExhausted)),
+    /// or `429` ([`RejectionKind::QuotaExceeded`](crate::response::RejectionKind::QuotaExceeded)).
+    /// Neither carries `Retry-After`: a balance comes back with a payment, not with time.
+    pub balance_status: u16,
 }
 
 /// Where a request comes from, for anonymous callers limited per client address
@@ -234,6 +239,10 @@ pub struct UsageSettings {
     /// The quota thresholds, in percent of the limit, at which the
     /// [`on_threshold`](crate::Builder::on_threshold) hook is called (80 and 100 by default).
     pub notify_at: Vec<u16>,
+    /// Thresholds in units left (`[1000]`: when 1,000 units or fewer are left), at which the
+    /// [`on_threshold`](crate::Builder::on_threshold) hook is called too (none by default):
+    /// for prepaid balances, whose limit moves with each grant, most of all.
+    pub notify_left: Vec<u64>,
 }
 
 /// How the billing system's meter aggregates the events of a meter (`aggregation` in
@@ -574,7 +583,9 @@ pub struct QuotaSpec {
 }
 
 impl QuotaSpec {
-    /// Units allowed per period.
+    /// Units allowed per period. A prepaid balance ([`Period::Prepaid`]) has no limit of its
+    /// own (each tenant's open grants are its limit): this is then
+    /// [`MAX_BALANCE`](crate::store::contract::MAX_BALANCE), the most a balance can hold.
     #[must_use]
     pub fn limit(&self) -> NonZeroU64 {
         self.limit
@@ -642,11 +653,14 @@ impl PlanOverride {
                 .iter()
                 .map(|(m, q)| {
                     let mut v = serde_json::json!({
-                        "limit": q.limit.get(),
                         "period": q.period.name(),
                         "mode": match q.mode { QuotaMode::Hard => "hard", QuotaMode::Soft => "soft" },
                         "lease": q.lease.get(),
                     });
+                    // A balance's limit is its grants, not a key.
+                    if q.period != Period::Prepaid {
+                        v["limit"] = q.limit.get().into();
+                    }
                     if let Period::Month { anchor_day } = q.period {
                         v["anchor_day"] = anchor_day.into();
                     }

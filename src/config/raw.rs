@@ -134,6 +134,7 @@ pub(crate) struct RawLimits {
     pub(crate) negative_capacity: Option<u64>,
     pub(crate) shadow: Option<bool>,
     pub(crate) max_clients: Option<u64>,
+    pub(crate) balance_status: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +152,7 @@ pub(crate) struct RawUsage {
     pub(crate) shutdown_timeout: Option<String>,
     pub(crate) max_buffered_records: Option<u64>,
     pub(crate) notify_at: Option<Vec<i64>>,
+    pub(crate) notify_left: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,7 +193,7 @@ pub(crate) struct RawOverride {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawQuota {
-    pub(crate) limit: i64,
+    pub(crate) limit: Option<i64>,
     pub(crate) period: String,
     pub(crate) mode: Option<String>,
     pub(crate) anchor_day: Option<i64>,

@@ -1180,6 +1180,13 @@ impl Validator<'_, '_> {
                 Some(n) => n,
             },
             shadow: l.shadow.unwrap_or(false),
+            balance_status: match l.balance_status {
+                None | Some(402) => 402,
+                Some(429) => 429,
+                Some(other) => {
+                    return Err(self.invalid("limits.balance_status", format!("expected 402 or 429, not {other}")))
+                }
+            },
             max_clients: match l.max_clients {
                 None => 100_000,
                 Some(0) => return Err(self.invalid("limits.max_clients", "must be at least 1")),
@@ -1285,6 +1292,23 @@ impl Validator<'_, '_> {
                     out.sort_unstable();
                     out
                 }
+            },
+            notify_left: {
+                let mut out: Vec<u64> = Vec::new();
+                for (i, n) in u.notify_left.iter().flatten().enumerate() {
+                    let at = format!("usage.notify_left[{i}]");
+                    let n = u64::try_from(*n)
+                        .map_err(|_| self.invalid(&at, format!("a number of units, not {n}")))?;
+                    if out.contains(&n) {
+                        return Err(self.invalid(&at, format!("{n} is listed twice")));
+                    }
+                    out.push(n);
+                }
+                if out.len() > 32 {
+                    return Err(self.invalid("usage.notify_left", "at most 32 thresholds"));
+                }
+                out.sort_unstable();
+                out
             },
         };
         if usage.window.as_secs() == 0 || usage.window.subsec_nanos() != 0 || 86_400 % usage.window.as_secs() != 0 {
@@ -1618,7 +1642,6 @@ impl Validator<'_, '_> {
     }
 
     fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {
-        let limit = self.positive(&format!("{base}.limit"), q.limit)?;
         let period = match q.period.as_str() {
             "day" => {
                 if q.anchor_day.is_some() {
@@ -1639,10 +1662,36 @@ impl Validator<'_, '_> {
                 };
                 Period::Month { anchor_day }
             }
+            "prepaid" => {
+                if q.anchor_day.is_some() {
+                    return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
+                }
+                if q.limit.is_some() {
+                    return Err(self.invalid(
+                        &format!("{base}.limit"),
+                        "a prepaid balance has no limit: each tenant's grants are its limit (`tollgate credits grant`)",
+                    ));
+                }
+                if q.mode.as_deref().is_some_and(|m| m != "hard") {
+                    return Err(self.invalid(
+                        &format!("{base}.mode"),
+                        "a prepaid balance is hard: work past it is refused (usage reported after the work may still take it below zero)",
+                    ));
+                }
+                Period::Prepaid
+            }
             other => {
-                return Err(
-                    self.invalid(&format!("{base}.period"), format!("expected \"day\" or \"month\", not \"{other}\""))
-                )
+                return Err(self.invalid(
+                    &format!("{base}.period"),
+                    format!("expected \"day\", \"month\" or \"prepaid\", not \"{other}\""),
+                ))
+            }
+        };
+        let limit = match (period, q.limit) {
+            (Period::Prepaid, _) => NonZeroU64::new(crate::store::contract::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
+            (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
+            (_, None) => {
+                return Err(self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)"))
             }
         };
         let mode = match q.mode.as_deref().unwrap_or("hard") {
@@ -1656,6 +1705,9 @@ impl Validator<'_, '_> {
         };
         let lease = match q.lease {
             Some(l) => self.positive(&format!("{base}.lease"), l)?,
+            // A balance's leases start small (a balance is money, and may be small); they grow
+            // with the tenant's pace up to a sixteenth of what it holds.
+            None if period == Period::Prepaid => NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
             // A sixteenth of the limit, between 1 and 10,000 units.
             None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
         };

@@ -609,8 +609,8 @@ impl Tollgate {
         }
         if let Some(cell) = state.quota(meter) {
             let (_, end) = cell.period();
-            let (remaining, _) = if at < end { cell.estimate(cell.lease()) } else { (cell.spec.limit().get(), false) };
-            let end = if at < end { end } else { cell.spec.period().bounds(at).1 };
+            let (remaining, _) = if at < end { cell.estimate(cell.lease()) } else { (cell.limit(), false) };
+            let end = if at < end { end } else { cell.window(at).1 };
             headers.set_quota(remaining, (end - at).max(0) as u64);
         }
     }
@@ -637,21 +637,34 @@ impl Tollgate {
         let state = p.state.clone();
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
-        let retry = (end - p.at).max(1) as u64;
         let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
-        let mut r = Rejection::new(
-            RejectionKind::QuotaExceeded,
-            Cow::Owned(format!(
-                "the {} quota of {} {} on plan `{}` is spent until the period ends",
-                cell.spec.period().name(),
-                cell.spec.limit(),
-                cell.meter_id(),
-                p.state.plan.id
-            )),
-        );
+        // An empty balance comes back with a payment, not with time: no Retry-After.
+        let (mut r, retry) = if cell.prepaid() {
+            let r = Rejection::new(
+                state.plan.balance_refusal,
+                Cow::Owned(format!(
+                    "the prepaid {} balance is spent: {} units granted and not expired, all used; a top-up restores it",
+                    cell.meter_id(),
+                    cell.limit(),
+                )),
+            );
+            (r, None)
+        } else {
+            let r = Rejection::new(
+                RejectionKind::QuotaExceeded,
+                Cow::Owned(format!(
+                    "the {} quota of {} {} on plan `{}` is spent until the period ends",
+                    cell.spec.period().name(),
+                    cell.spec.limit(),
+                    cell.meter_id(),
+                    p.state.plan.id
+                )),
+            );
+            (r, Some((end - p.at).max(1) as u64))
+        };
         r.inner.policy = Some(policy);
         if meter == p.headers.meter() {
-            p.headers.set_quota(0, retry);
+            p.headers.set_quota(0, retry.unwrap_or(0));
         } else {
             // A reported meter: its item is read live from the tenant; the route's meter
             // keeps its own.
@@ -659,7 +672,10 @@ impl Tollgate {
             Self::quota_headers(&state, &mut p.headers, own, p.at);
         }
         r.inner.headers = p.headers;
-        r.with_retry_after(retry).for_tenant(&p.state)
+        match retry {
+            Some(retry) => r.with_retry_after(retry).for_tenant(&p.state),
+            None => r.for_tenant(&p.state),
+        }
     }
 
     pub(crate) fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {

@@ -116,7 +116,7 @@ impl Leases {
         let grant = self.send(cell, call.clone()).await?;
         if let CallKind::Reserve { refill: true, repay, limit, .. } = call.kind {
             cell.credit(grant.granted + repay);
-            cell.granted(grant.reserved, spent(limit, &grant));
+            cell.granted(grant.reserved, grant.limit, spent(grant.limit.or(limit), &grant));
         }
         Ok(())
     }
@@ -159,7 +159,7 @@ impl Leases {
             return Ok(());
         }
         self.settle_previous(cell).await?;
-        let (start, end) = cell.spec.period().bounds(now);
+        let (start, end) = cell.window(now);
         let Some((old, left)) = cell.roll_period(start, end) else {
             return Ok(());
         };
@@ -194,12 +194,15 @@ impl Leases {
         let owed = repay + cell.take_unleased();
         let now_nanos = self.clock.unix_nanos();
         let size = cell.next_size(now_nanos);
-        let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| cell.spec.limit().get());
+        // A prepaid balance is held by the store to its grants, whatever the call says: 0 is
+        // what a balance holds before its first grant.
+        let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| if cell.prepaid() { 0 } else { cell.limit() });
         // Near a hard limit, leases shrink (the store grants at most an eighth of what is
         // left, never less than the waiting request needs): asked that way already from what
-        // the last answer said was left, so the store's rule rarely has to cut the ask.
+        // the last answer said was left, so the store's rule rarely has to cut the ask. (A
+        // balance's limit is the last one the store gave: a top-up since is seen on this call.)
         let size = match limit {
-            Some(l) => size.min(l.saturating_sub(cell.known_reserved()).div_ceil(SHRINK).max(1)),
+            Some(_) => size.min(cell.limit().saturating_sub(cell.known_reserved()).div_ceil(SHRINK).max(1)),
             None => size,
         };
         let units = size.max(need);
@@ -209,8 +212,10 @@ impl Leases {
         // whole grant goes to the lease then.
         let grant = self.send(cell, call).await?;
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
-        cell.granted(grant.reserved, spent(limit, &grant));
-        self.thresholds.check(rt, now, cell, grant.reserved, start, end);
+        cell.granted(grant.reserved, grant.limit, spent(grant.limit.or(limit), &grant));
+        // A balance's thresholds belong to the balance, not to its lease's window.
+        let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
+        self.thresholds.check(rt, now, cell, grant.reserved, from, to);
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
         if need > 0 && grant.granted >= need {
             cell.credit(grant.granted - need + repay);

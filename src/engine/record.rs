@@ -116,7 +116,7 @@ impl Tollgate {
 
     /// The bounds of the quota period of `meter` holding `at`, if the meter has a quota.
     fn period_of(state: &Tenant, meter: usize, at: i64) -> Option<(i64, i64)> {
-        state.quota(meter).map(|cell| cell.spec.period().bounds(at))
+        state.quota(meter).map(|cell| cell.window(at))
     }
 
     /// Records usage events in one store call, each at most once per id, and returns one
@@ -356,7 +356,7 @@ impl Tollgate {
         };
         let period = cell.spec.period();
         // A period already over never refuses (its counter is left alone).
-        let (start, end) = period.bounds(at);
+        let (start, end) = cell.window(at);
         if quantity == 0 || end <= now {
             return Ok(None);
         }
@@ -368,7 +368,7 @@ impl Tollgate {
         let exceeded = || EventError::QuotaExceeded {
             meter: cell.meter_id().clone(),
             period: period.name(),
-            limit: cell.spec.limit().get(),
+            limit: cell.limit(),
             plan: state.plan.id.clone(),
         };
         // Work done that the quota cannot hold: charged past the limit (owed to the store,

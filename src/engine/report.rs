@@ -38,12 +38,14 @@ pub struct QuotaUsage {
     pub start: i64,
     /// Its end.
     pub end: i64,
-    /// The limit.
+    /// The limit. For a prepaid balance, the units of its open grants.
     pub limit: u64,
     /// Hard or soft.
     pub mode: QuotaMode,
     /// Units used in the period: what the fleet has flushed to the store (other nodes' usage
-    /// reaches it within `usage.flush_interval`) and what this node has not flushed yet.
+    /// reaches it within `usage.flush_interval`) and what this node has not flushed yet. For a
+    /// prepaid balance, the units taken from it by the whole fleet as the quota store holds
+    /// them: spent, or leased by another node and not used yet (at most a lease per node).
     pub used: u64,
     /// `limit − used`, 0 past the limit.
     pub remaining: u64,
@@ -97,7 +99,7 @@ impl Tollgate {
             .quotas()
             .map(|c| {
                 let (start, end) = c.spec.period().bounds(now);
-                (c.meter_id().clone(), c.spec.period(), start, end, c.spec.limit().get(), c.spec.mode())
+                (c.meter_id().clone(), c.spec.period(), start, end, c.limit(), c.spec.mode())
             })
             .collect();
         let coarse: Vec<(MeterId, i64)> =
@@ -141,14 +143,31 @@ impl Tollgate {
             }
             Ok::<_, StoreError>(out)
         };
-        let period_lo = periods.iter().map(|p| p.2).min().unwrap_or(0);
-        let period_hi = periods.iter().map(|p| p.3).max().unwrap_or(0);
+        // A prepaid balance's periods hold no usage windows: its period is the grants.
+        let period_lo = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.2).min().unwrap_or(0);
+        let period_hi = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.3).max().unwrap_or(0);
         let in_periods = read(period_lo, period_hi).await?;
         let in_range = read(from, to).await?;
         drop(pipeline);
+        // A balance as the store holds it: its grants, and the units the fleet took from it
+        // (spent, or leased by a node and not used yet: this node's own lease is not used).
+        let mut balances: BTreeMap<MeterId, (u64, u64)> = BTreeMap::new();
+        for cell in state.quotas().filter(|c| c.prepaid()) {
+            let meter = cell.meter_id();
+            let (_, found) =
+                with_timeout(timeout, self.shared.stores.roles.quota.credit_grants(tenant, Some(meter))).await?;
+            let b = found.into_iter().find(|(m, _)| m == meter).map(|(_, b)| b).unwrap_or_default();
+            let (_, end) = cell.period();
+            let held = if now < end { cell.lease().max(0) as u64 } else { 0 };
+            balances.insert(meter.clone(), (b.granted, b.reserved.saturating_sub(held)));
+        }
         let quotas = periods
             .into_iter()
             .map(|(meter, period, start, end, limit, mode)| {
+                if let Some(&(granted, used)) = balances.get(&meter).filter(|_| period == Period::Prepaid) {
+                    let remaining = granted.saturating_sub(used);
+                    return QuotaUsage { meter, period, start, end, limit: granted, mode, used, remaining };
+                }
                 let sum = |m: &BTreeMap<(MeterId, i64), u64>| -> u64 {
                     m.iter().filter(|((id, w), _)| *id == meter && *w >= start && *w < end).map(|(_, q)| *q).sum()
                 };

@@ -1,5 +1,6 @@
-//! Threshold notifications: a tenant's quota crossing `usage.notify_at` calls the hook once
-//! per threshold, quota and period on this node.
+//! Threshold notifications: a tenant's quota crossing `usage.notify_at` (percent used) or
+//! `usage.notify_left` (units left) calls the hook once per threshold, quota and period (for a
+//! prepaid balance: per limit, so each top-up starts afresh) on this node.
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -29,12 +30,16 @@ pub struct ThresholdCrossed {
     pub start: i64,
     /// The period's end.
     pub end: i64,
-    /// The quota's limit.
+    /// The quota's limit (a prepaid balance's: the units of its open grants then).
     pub limit: u64,
     /// Hard or soft.
     pub mode: QuotaMode,
-    /// The threshold crossed, in percent of the limit.
+    /// The threshold crossed, in percent of the limit (`usage.notify_at`); for a threshold
+    /// of units left, the percentage used then (rounded down).
     pub percent: u16,
+    /// For a threshold of units left (`usage.notify_left`), its units: `limit − reserved` is
+    /// at most this many. `None` for a percentage.
+    pub left: Option<u64>,
     /// The units the fleet had reserved then.
     pub reserved: u64,
 }
@@ -45,6 +50,7 @@ pub(crate) struct Marks {
     pub(crate) end: i64,
     pub(crate) limit: u64,
     pub(crate) done: Vec<u16>,
+    pub(crate) left_done: Vec<u64>,
 }
 
 /// The threshold hook.
@@ -74,24 +80,28 @@ impl Thresholds {
     /// this node.
     pub(crate) fn check(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
         let Some(hook) = &self.hook else { return };
-        let limit = u128::from(cell.spec.limit().get());
-        let limit_units = cell.spec.limit().get();
-        let crossed: Vec<u16> = rt
-            .config
-            .usage
+        let limit_units = cell.limit();
+        let limit = u128::from(limit_units);
+        let usage = &rt.config.usage;
+        let crossed: Vec<u16> = usage
             .notify_at
             .iter()
             .copied()
             .filter(|pct| u128::from(reserved) * 100 >= limit * u128::from(*pct))
             .collect();
-        if crossed.is_empty() {
+        let left = limit_units.saturating_sub(reserved);
+        // A balance without a grant yet has nothing to be left of.
+        let crossed_left: Vec<u64> =
+            usage.notify_left.iter().copied().filter(|n| left <= *n && limit_units > 0).collect();
+        let crossed: Vec<u16> = if limit_units == 0 { Vec::new() } else { crossed };
+        if crossed.is_empty() && crossed_left.is_empty() {
             return;
         }
         // Kept by the engine, not the tenant's state: a state rebuilt (a reload, an eviction,
         // a plan change) does not notify again in the same period; a new period, or a new
         // limit (a plan change), starts afresh. Marked by percentage, so a reload that changes
         // `notify_at` keeps what was notified.
-        let new: Vec<u16> = {
+        let (new, new_left): (Vec<u16>, Vec<u64>) = {
             let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
             let cap = rt.config.limits.max_tenants.saturating_mul(4).max(1024);
             let key = (cell.tenant().clone(), cell.meter_id().clone());
@@ -102,15 +112,20 @@ impl Thresholds {
                     marks.clear();
                 }
             }
-            let m = marks.entry(key).or_insert_with(|| Marks { start, end, limit: limit_units, done: Vec::new() });
+            let fresh = || Marks { start, end, limit: limit_units, done: Vec::new(), left_done: Vec::new() };
+            let m = marks.entry(key).or_insert_with(fresh);
             if (m.start, m.limit) != (start, limit_units) {
-                *m = Marks { start, end, limit: limit_units, done: Vec::new() };
+                *m = fresh();
             }
             let new: Vec<u16> = crossed.into_iter().filter(|p| !m.done.contains(p)).collect();
             m.done.extend(&new);
-            new
+            let new_left: Vec<u64> = crossed_left.into_iter().filter(|n| !m.left_done.contains(n)).collect();
+            m.left_done.extend(&new_left);
+            (new, new_left)
         };
-        for pct in new {
+        let used_pct = if limit == 0 { 0 } else { u16::try_from(u128::from(reserved) * 100 / limit).unwrap_or(u16::MAX) };
+        let marks = new.into_iter().map(|p| (p, None)).chain(new_left.into_iter().map(|n| (used_pct, Some(n))));
+        for (pct, left) in marks {
             let crossed = ThresholdCrossed {
                 tenant: cell.tenant().clone(),
                 plan: cell.plan_id().clone(),
@@ -121,9 +136,11 @@ impl Thresholds {
                 limit: limit_units,
                 mode: cell.spec.mode(),
                 percent: pct,
+                left,
                 reserved,
             };
-            tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, "quota threshold crossed");
+            tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, left = ?left,
+                "quota threshold crossed");
             hook(&crossed);
         }
     }

@@ -194,6 +194,8 @@ pub(crate) struct CompiledPlan {
     /// The gRPC status codes billed (`usage.billable_grpc`), a bit per code.
     pub(crate) billable_grpc: u32,
     pub(crate) header_style: HeaderStyle,
+    /// How a request is refused when a prepaid balance is empty (`limits.balance_status`).
+    pub(crate) balance_refusal: crate::response::RejectionKind,
     pub(crate) metrics: Arc<Metrics>,
     /// The features routes require that the plan includes (a bit per feature index).
     pub(crate) feature_bits: u64,
@@ -234,8 +236,13 @@ pub(crate) enum MonthPolicy {
 
 /// Appends `"METER-PERIOD";q=LIMIT;w=W` to a `RateLimit-Policy` list, with `;qu="METER"` when
 /// the meter does not count requests (draft-10's quota unit, `requests` by default).
+/// A prepaid balance is not listed: its quota is each tenant's own and it has no window, so
+/// only the `RateLimit` field reports it (`r`, without `t`).
 pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u64) {
     use std::fmt::Write as _;
+    if quota.period() == Period::Prepaid {
+        return;
+    }
     if !out.is_empty() {
         out.push_str(", ");
     }
@@ -411,6 +418,11 @@ impl CompiledPlan {
             bill_cancelled: config.usage.bill_cancelled,
             billable_grpc: config.usage.billable_grpc,
             header_style: config.limits.headers,
+            balance_refusal: if config.limits.balance_status == 429 {
+                crate::response::RejectionKind::QuotaExceeded
+            } else {
+                crate::response::RejectionKind::CreditsExhausted
+            },
             metrics: metrics.clone(),
             feature_bits: meters
                 .features

@@ -198,10 +198,11 @@ pub(crate) fn emit(
             {
                 let mut value = String::with_capacity(64);
                 if let Some(r) = &rate {
-                    item(&mut value, "rate", "", r, &mut num);
+                    item(&mut value, "rate", "", r, false, &mut num);
                 }
                 if let (Some(q), Some((_, spec))) = (&quota, plan.quotas.iter().find(|(m, _)| *m == state.meter())) {
-                    item(&mut value, plan.meters.ids[state.meter()].as_str(), spec.period().name(), q, &mut num);
+                    let prepaid = spec.period() == crate::base::Period::Prepaid;
+                    item(&mut value, plan.meters.ids[state.meter()].as_str(), spec.period().name(), q, prepaid, &mut num);
                 }
                 // The hard quotas of the meters the route reports, read live from the tenant.
                 let mut reported = plan.shape_reports.get(usize::from(state.shape)).copied().unwrap_or(0);
@@ -213,11 +214,12 @@ pub(crate) fn emit(
                         let (_, end) = cell.period();
                         let (remaining, _) = cell.estimate(cell.lease());
                         let status = PolicyStatus {
-                            limit: cell.spec.limit().get(),
-                            remaining: if now < end { remaining } else { cell.spec.limit().get() },
+                            limit: cell.limit(),
+                            remaining: if now < end { remaining } else { cell.limit() },
                             reset_secs: (end - now).max(0) as u64,
                         };
-                        item(&mut value, plan.meters.ids[m].as_str(), cell.spec.period().name(), &status, &mut num);
+                        let name = cell.spec.period().name();
+                        item(&mut value, plan.meters.ids[m].as_str(), name, &status, cell.prepaid(), &mut num);
                     }
                 }
                 put(Field::RateLimit, Value::Owned(value));
@@ -229,9 +231,18 @@ pub(crate) fn emit(
                 (r, q) => r.as_ref().or(q.as_ref()),
             };
             if let Some(p) = tightest {
-                put(Field::XRateLimitLimit, Value::Borrowed(num.format(p.limit)));
+                // A prepaid balance: its limit is the tenant's grants, and it never resets.
+                let balance = quota.as_ref().is_some_and(|q| std::ptr::eq(p, q))
+                    && plan.quotas.iter().any(|(m, s)| *m == state.meter() && s.period() == crate::base::Period::Prepaid);
+                let limit = match tenant.and_then(|t| t.quota(state.meter())).filter(|_| balance) {
+                    Some(cell) => cell.limit(),
+                    None => p.limit,
+                };
+                put(Field::XRateLimitLimit, Value::Borrowed(num.format(limit)));
                 put(Field::XRateLimitRemaining, Value::Borrowed(num.format(p.remaining)));
-                put(Field::XRateLimitReset, Value::Borrowed(num.format(p.reset_secs)));
+                if !balance {
+                    put(Field::XRateLimitReset, Value::Borrowed(num.format(p.reset_secs)));
+                }
             }
         }
         HeaderStyle::None => {}
@@ -241,8 +252,9 @@ pub(crate) fn emit(
     }
 }
 
-/// Appends `"NAME[-PERIOD]";r=R;t=T` to a `RateLimit` list.
-fn item(out: &mut String, name: &str, period: &str, status: &PolicyStatus, num: &mut itoa::Buffer) {
+/// Appends `"NAME[-PERIOD]";r=R;t=T` to a `RateLimit` list (without `t` for a prepaid
+/// balance, which never resets).
+fn item(out: &mut String, name: &str, period: &str, status: &PolicyStatus, prepaid: bool, num: &mut itoa::Buffer) {
     if !out.is_empty() {
         out.push_str(", ");
     }
@@ -254,6 +266,8 @@ fn item(out: &mut String, name: &str, period: &str, status: &PolicyStatus, num: 
     }
     out.push_str("\";r=");
     out.push_str(num.format(status.remaining));
-    out.push_str(";t=");
-    out.push_str(num.format(status.reset_secs));
+    if !prepaid {
+        out.push_str(";t=");
+        out.push_str(num.format(status.reset_secs));
+    }
 }

@@ -13,8 +13,13 @@ use crate::{config::TenantId, tenant::Tenant};
 pub enum RejectionKind {
     /// The tenant's rate (token bucket) is spent: 429.
     RateLimited,
-    /// The tenant's hard quota for the period is spent: 429.
+    /// The tenant's hard quota for the period is spent: 429 (with `Retry-After`, the end of
+    /// the period). Also an empty prepaid balance with `limits.balance_status = 429` (without
+    /// `Retry-After`).
     QuotaExceeded,
+    /// The tenant's prepaid balance on the route's meter is spent: 402 Payment Required,
+    /// without `Retry-After` (a top-up restores it, not time). Nothing is charged.
+    CreditsExhausted,
     /// No credential identifies the tenant: 401.
     MissingCredentials,
     /// The API key or identity is not in the tenant directory: 401.
@@ -55,20 +60,22 @@ impl RejectionKind {
             | RejectionKind::MalformedIdempotencyKey
             | RejectionKind::MalformedPath => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            RejectionKind::CreditsExhausted => StatusCode::PAYMENT_REQUIRED,
             RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
             RejectionKind::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             RejectionKind::FeatureNotInPlan => StatusCode::FORBIDDEN,
         }
     }
 
-    /// The gRPC status code a gRPC client gets for it: `RESOURCE_EXHAUSTED` (8) for 429,
+    /// The gRPC status code a gRPC client gets for it: `RESOURCE_EXHAUSTED` (8) for 429 and
+    /// 402,
     /// `UNAUTHENTICATED` (16) for 401, `INVALID_ARGUMENT` (3) for 400, `UNAVAILABLE` (14) for
     /// 503, `ABORTED` (10) for 409, `FAILED_PRECONDITION` (9) for 422, `PERMISSION_DENIED`
     /// (7) for 403.
     #[must_use]
     pub fn grpc_code(self) -> u8 {
         match self {
-            RejectionKind::RateLimited | RejectionKind::QuotaExceeded => 8,
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::CreditsExhausted => 8,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
@@ -93,6 +100,7 @@ impl RejectionKind {
         match self {
             RejectionKind::RateLimited => "Rate limit exceeded",
             RejectionKind::QuotaExceeded => "Quota exceeded",
+            RejectionKind::CreditsExhausted => "Prepaid credits exhausted",
             RejectionKind::MissingCredentials => "Missing credentials",
             RejectionKind::UnknownCredentials => "Unknown credentials",
             RejectionKind::MalformedCredentials => "Malformed credentials",
@@ -111,6 +119,7 @@ impl RejectionKind {
         match self {
             RejectionKind::RateLimited => docs!("RateLimited"),
             RejectionKind::QuotaExceeded => docs!("QuotaExceeded"),
+            RejectionKind::CreditsExhausted => docs!("CreditsExhausted"),
             RejectionKind::MissingCredentials => docs!("MissingCredentials"),
             RejectionKind::UnknownCredentials => docs!("UnknownCredentials"),
             RejectionKind::MalformedCredentials => docs!("MalformedCredentials"),
@@ -129,6 +138,7 @@ impl RejectionKind {
         match self {
             RejectionKind::RateLimited => "rate_limited",
             RejectionKind::QuotaExceeded => "quota_exceeded",
+            RejectionKind::CreditsExhausted => "credits_exhausted",
             RejectionKind::MissingCredentials => "missing_credentials",
             RejectionKind::UnknownCredentials => "unknown_credentials",
             RejectionKind::MalformedCredentials => "malformed_credentials",
@@ -141,9 +151,10 @@ impl RejectionKind {
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 11] = [
+    pub(crate) const ALL: [RejectionKind; 12] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
+        RejectionKind::CreditsExhausted,
         RejectionKind::MissingCredentials,
         RejectionKind::UnknownCredentials,
         RejectionKind::MalformedCredentials,

@@ -391,6 +391,9 @@ struct QuotaCold {
     /// counter by the next store calls.
     unleased: std::sync::Mutex<Vec<(u32, u64)>>,
     reserved: AtomicU64,
+    /// A prepaid balance's limit, as the store's last answer said: the units of its open
+    /// grants (0 before an answer).
+    balance: AtomicU64,
     /// The tag of the period before the current one (`u32::MAX`: none), and the units of its
     /// requests refunded after the roll: given back to that period by the next store call.
     prev_tag: AtomicU32,
@@ -441,6 +444,10 @@ pub(crate) enum Take {
     Exhausted,
 }
 
+/// The length of a prepaid balance's lease windows: 512 hours (a packed period is at most
+/// 1,023 hours long).
+pub(crate) const PREPAID_WINDOW: i64 = 512 * 3600;
+
 /// A quota cell with its spec and meter.
 #[derive(Clone, Copy)]
 pub(crate) struct QuotaRef<'a> {
@@ -476,6 +483,37 @@ impl<'a> QuotaRef<'a> {
         self.spec.mode() == QuotaMode::Hard
     }
 
+    /// Whether this is a prepaid balance ([`Period::Prepaid`](crate::base::Period::Prepaid)).
+    #[inline]
+    pub(crate) fn prepaid(&self) -> bool {
+        self.spec.period() == crate::base::Period::Prepaid
+    }
+
+    /// The period of the lease at `at`: the calendar period holding it, or for a prepaid
+    /// balance (which has no calendar) a window of [`PREPAID_WINDOW`] seconds holding it. A
+    /// lease is tagged with its period like any quota's; a balance's windows all count against
+    /// its one counter ([`key`](Self::key)), so a window's roll only gives its lease back.
+    #[inline]
+    pub(crate) fn window(&self, at: i64) -> (i64, i64) {
+        if self.prepaid() {
+            let start = at - at.rem_euclid(PREPAID_WINDOW);
+            (start, start + PREPAID_WINDOW)
+        } else {
+            self.spec.period().bounds(at)
+        }
+    }
+
+    /// The limit: the spec's, or for a prepaid balance the units of its open grants as the
+    /// store last said (0 before the first answer).
+    #[inline]
+    pub(crate) fn limit(&self) -> u64 {
+        if self.prepaid() {
+            self.cold().balance.load(Ordering::Relaxed)
+        } else {
+            self.spec.limit().get()
+        }
+    }
+
     /// The lock serializing this cell's store calls.
     pub(crate) fn lock(&self) -> &'a tokio::sync::Mutex<()> {
         &self.cold().lock
@@ -501,8 +539,10 @@ impl<'a> QuotaRef<'a> {
         self.cold().locked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The counter of the period `[start, end)` of this cell.
+    /// The counter of the period `[start, end)` of this cell (a prepaid balance's one
+    /// counter, whatever the window).
     pub(crate) fn key(&self, start: i64, end: i64) -> QuotaKey {
+        let (start, end) = if self.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
         QuotaKey::new(self.state.id.clone(), self.meter_id().clone(), self.spec.period(), start, end)
     }
 
@@ -603,7 +643,7 @@ impl<'a> QuotaRef<'a> {
 
     /// Records `units` used at `now` outside any lease, owed to the period holding `now`.
     fn owe_unleased(&self, now: i64, units: u64) {
-        let (start, end) = self.spec.period().bounds(now);
+        let (start, end) = self.window(now);
         let bits = PeriodBits::pack(start, end);
         let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
         match owed.iter_mut().find(|(b, _)| *b == bits) {
@@ -626,7 +666,7 @@ impl<'a> QuotaRef<'a> {
     /// Gives back units taken outside any lease at `at` ([`force_take`](Self::force_take)
     /// returned `None`) by a request that is not billed, if the store has not been told yet.
     pub(crate) fn refund_unleased(&self, cost: u64, at: i64) {
-        let (start, end) = self.spec.period().bounds(at);
+        let (start, end) = self.window(at);
         let bits = PeriodBits::pack(start, end);
         let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = owed.iter().position(|(b, _)| *b == bits) {
@@ -672,7 +712,7 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn estimate(&self, lease_left: i64) -> (u64, bool) {
         let reserved = self.cold().reserved.load(Ordering::Relaxed);
         let used = reserved.saturating_sub(lease_left.max(0) as u64);
-        let limit = self.spec.limit().get();
+        let limit = self.limit();
         (limit.saturating_sub(used), used > limit)
     }
 
@@ -711,7 +751,7 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn next_size(&self, now_nanos: i64) -> u64 {
         let cold = self.cold();
         let base = self.spec.lease().get().min(Lease::MAX as u64 / 4);
-        let cap = base.max(self.spec.limit().get() / 16).min(Lease::MAX as u64 / 4);
+        let cap = base.max(self.limit() / 16).min(Lease::MAX as u64 / 4);
         let size = match cold.size.load(Ordering::Relaxed) {
             0 => base,
             s => s,
@@ -809,7 +849,11 @@ impl<'a> QuotaRef<'a> {
         self.cold().reserved.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn granted(&self, reserved: u64, short: bool) {
+    /// `limit`: a prepaid balance's granted units, as the store said.
+    pub(crate) fn granted(&self, reserved: u64, limit: Option<u64>, short: bool) {
+        if let Some(limit) = limit {
+            self.cold().balance.store(limit, Ordering::Relaxed);
+        }
         self.cold().reserved.store(reserved, Ordering::Release);
         if self.hard() && short {
             self.cold().exhausted.store(true, Ordering::Release);

@@ -156,7 +156,7 @@ impl TenantContext {
     pub fn quota(&self, meter: &str) -> Option<QuotaStatus> {
         let cell = self.state.quota(self.state.plan.meters.index(meter)?)?;
         let now = self.state.clock.unix_secs();
-        let limit = cell.spec.limit().get();
+        let limit = cell.limit();
         // Units used outside any lease (recorded before a lease came) count until the store is
         // told; they are charged to the period in force when it is.
         let unleased = cell.unleased();
@@ -167,7 +167,7 @@ impl TenantContext {
             (cell.estimate(lease).0.saturating_sub(lease.min(0).unsigned_abs()), end)
         } else {
             // No lease for this period yet (a debt left is the last period's).
-            (limit, cell.spec.period().bounds(now).1)
+            (limit, cell.window(now).1)
         };
         Some(QuotaStatus {
             limit,
