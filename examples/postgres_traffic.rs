@@ -88,6 +88,16 @@ impl QuotaStore for Timed {
         self.inner.close_credits(tenant, meter, id, revoke, now).await
     }
 
+    async fn refund_credits(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        meter: &tollgate::config::MeterId,
+        id: &str,
+        refund: tollgate::store::CreditRefund,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.refund_credits(tenant, meter, id, refund).await
+    }
+
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<tollgate::store::CreditGrant>, StoreError> {
         self.inner.expired_credits(now, limit).await
     }

@@ -473,6 +473,42 @@ pub struct StripeSettings {
     /// subscriptions of a customer give plans, the highest wins. Plans not listed rank below
     /// those listed; among equals, the subscription whose event came last wins.
     pub plan_order: Vec<PlanId>,
+    /// Top-ups of prepaid balances from payments (`[stripe.credits]`), if configured.
+    pub credits: Option<CreditSettings>,
+}
+
+/// Top-ups of prepaid balances from Stripe payments (`[stripe.credits]`): a paid checkout
+/// session or invoice grants units, once per payment; a refund takes back what it refunds of
+/// what the grant still holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreditSettings {
+    /// The meter whose balance a payment tops up, unless the object's metadata names another
+    /// (`tollgate_meter`). Some plan has a prepaid quota on it.
+    pub meter: MeterId,
+    /// Price id or lookup key → units granted per unit of quantity bought. A payment's units
+    /// are the sum over its line items; an object whose metadata says `tollgate_units` grants
+    /// that many instead.
+    pub prices: BTreeMap<String, u64>,
+    /// How long after the payment its grant expires (`expires_after`); never by default.
+    pub expires_after: Option<Duration>,
+    /// What a refund takes back.
+    pub refunds: RefundPolicy,
+}
+
+/// What a refund of a payment (`charge.refunded`) takes back from the grant it paid for
+/// (`[stripe.credits] refunds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefundPolicy {
+    /// `"proportional"` (the default): the part of the units the grant still holds that the
+    /// refund is of what was not refunded before (refunding half of a payment takes half of
+    /// what its grant still holds; a full refund, all of it).
+    Proportional,
+    /// `"unspent"`: any refund takes everything the grant still holds.
+    Unspent,
+    /// `"ignore"`: refunds take nothing back (handle them by hand: `tollgate credits revoke`).
+    Ignore,
 }
 
 /// What a webhook of a subscription in a given status does (`[stripe.subscription_status]`).

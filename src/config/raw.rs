@@ -79,6 +79,17 @@ pub(crate) struct RawStripe {
     pub(crate) prices: BTreeMap<String, String>,
     #[serde(default)]
     pub(crate) plan_order: Vec<String>,
+    pub(crate) credits: Option<RawCredits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCredits {
+    pub(crate) meter: String,
+    #[serde(default)]
+    pub(crate) prices: BTreeMap<String, i64>,
+    pub(crate) expires_after: Option<String>,
+    pub(crate) refunds: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -10,14 +10,14 @@ use toml::de::{DeTable, DeValue};
 
 use super::{
     raw::{
-        RawConfig, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawMetronome, RawOverride, RawPlan,
-        RawQuota, RawRoute, RawStore, RawStripe, RawTenant, RawUsage,
+        RawConfig, RawCredits, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawMetronome, RawOverride,
+        RawPlan, RawQuota, RawRoute, RawStore, RawStripe, RawTenant, RawUsage,
     },
-    ClientSettings, Config, ConfigError, ConfigErrorKind as Kind, EventSettings, ExportSettings, HeaderStyle, Identify,
-    Limits, MeterAggregation, MeterId, MeterSpec, MetronomeSettings, Migrate, OnUnknown, Period, PlanId, PlanOverride,
-    PlanSpec, PostgresSettings, QuotaMode, QuotaSpec, Rate, RouteSpec, SinkKind, StatusSet, StoreErrorPolicy,
-    StoreOrigin, StoreRole, StoreRoles, StoreSettings, StripeSettings, Synchronous, TenantId, TenantSpec,
-    UsageSettings,
+    ClientSettings, Config, ConfigError, ConfigErrorKind as Kind, CreditSettings, EventSettings, ExportSettings,
+    HeaderStyle, Identify, Limits, MeterAggregation, MeterId, MeterSpec, MetronomeSettings, Migrate, OnUnknown, Period,
+    PlanId, PlanOverride, PlanSpec, PostgresSettings, QuotaMode, QuotaSpec, Rate, RefundPolicy, RouteSpec, SinkKind,
+    StatusSet, StoreErrorPolicy, StoreOrigin, StoreRole, StoreRoles, StoreSettings, StripeSettings, Synchronous,
+    TenantId, TenantSpec, UsageSettings,
 };
 use crate::{base::KeyHash, plan::RoutePattern};
 
@@ -631,6 +631,46 @@ impl Validator<'_, '_> {
 
     /// `[stripe]`: no secret here (they come from the environment or a file), plans that
     /// exist, statuses Stripe has.
+    /// `[stripe.credits]`.
+    fn credits(&self, raw: &RawCredits, plans: &BTreeMap<PlanId, PlanSpec>) -> Result<CreditSettings, ConfigError> {
+        let meter = MeterId::from(raw.meter.as_str());
+        let prepaid = plans.values().any(|p| p.quotas.get(&meter).is_some_and(|q| q.period == Period::Prepaid));
+        if !prepaid {
+            return Err(self.invalid(
+                "stripe.credits.meter",
+                format!(
+                    "no plan has a prepaid balance on `{}`: add quotas.{} = {{ period = \"prepaid\" }} to the plans that sell it",
+                    raw.meter, raw.meter
+                ),
+            ));
+        }
+        let mut prices = BTreeMap::new();
+        for (price, units) in &raw.prices {
+            let path = format!("stripe.credits.prices.{price}");
+            let units = self.positive(&path, *units)?.get();
+            if units > crate::store::contract::MAX_BALANCE {
+                return Err(self.invalid(&path, "at most 2^50 units"));
+            }
+            prices.insert(price.clone(), units);
+        }
+        let expires_after = match raw.expires_after.as_deref() {
+            None => None,
+            Some(v) => Some(self.duration("stripe.credits.expires_after", Some(v), Duration::ZERO)?),
+        };
+        let refunds = match raw.refunds.as_deref().unwrap_or("proportional") {
+            "proportional" => RefundPolicy::Proportional,
+            "unspent" => RefundPolicy::Unspent,
+            "ignore" => RefundPolicy::Ignore,
+            other => {
+                return Err(self.invalid(
+                    "stripe.credits.refunds",
+                    format!("expected \"proportional\", \"unspent\" or \"ignore\", not \"{other}\""),
+                ))
+            }
+        };
+        Ok(CreditSettings { meter, prices, expires_after, refunds })
+    }
+
     fn stripe(&self, raw: &RawStripe, plans: &BTreeMap<PlanId, PlanSpec>) -> Result<StripeSettings, ConfigError> {
         const STATUSES: [&str; 8] =
             ["incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled", "unpaid", "paused"];
@@ -742,7 +782,9 @@ impl Validator<'_, '_> {
                 ));
             }
         }
+        let credits = raw.credits.as_ref().map(|c| self.credits(c, plans)).transpose()?;
         Ok(StripeSettings {
+            credits,
             api_base,
             secret_key_file: file("secret_key_file", &raw.secret_key_file)?,
             webhook_secret_file: file("webhook_secret_file", &raw.webhook_secret_file)?,
@@ -1297,8 +1339,7 @@ impl Validator<'_, '_> {
                 let mut out: Vec<u64> = Vec::new();
                 for (i, n) in u.notify_left.iter().flatten().enumerate() {
                     let at = format!("usage.notify_left[{i}]");
-                    let n = u64::try_from(*n)
-                        .map_err(|_| self.invalid(&at, format!("a number of units, not {n}")))?;
+                    let n = u64::try_from(*n).map_err(|_| self.invalid(&at, format!("a number of units, not {n}")))?;
                     if out.contains(&n) {
                         return Err(self.invalid(&at, format!("{n} is listed twice")));
                     }
@@ -1691,7 +1732,9 @@ impl Validator<'_, '_> {
             (Period::Prepaid, _) => NonZeroU64::new(crate::store::contract::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
             (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
             (_, None) => {
-                return Err(self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)"))
+                return Err(
+                    self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)")
+                )
             }
         };
         let mode = match q.mode.as_deref().unwrap_or("hard") {

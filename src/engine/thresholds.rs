@@ -123,7 +123,8 @@ impl Thresholds {
             m.left_done.extend(&new_left);
             (new, new_left)
         };
-        let used_pct = if limit == 0 { 0 } else { u16::try_from(u128::from(reserved) * 100 / limit).unwrap_or(u16::MAX) };
+        let used_pct =
+            if limit == 0 { 0 } else { u16::try_from(u128::from(reserved) * 100 / limit).unwrap_or(u16::MAX) };
         let marks = new.into_iter().map(|p| (p, None)).chain(new_left.into_iter().map(|n| (used_pct, Some(n))));
         for (pct, left) in marks {
             let crossed = ThresholdCrossed {

@@ -202,7 +202,14 @@ pub(crate) fn emit(
                 }
                 if let (Some(q), Some((_, spec))) = (&quota, plan.quotas.iter().find(|(m, _)| *m == state.meter())) {
                     let prepaid = spec.period() == crate::base::Period::Prepaid;
-                    item(&mut value, plan.meters.ids[state.meter()].as_str(), spec.period().name(), q, prepaid, &mut num);
+                    item(
+                        &mut value,
+                        plan.meters.ids[state.meter()].as_str(),
+                        spec.period().name(),
+                        q,
+                        prepaid,
+                        &mut num,
+                    );
                 }
                 // The hard quotas of the meters the route reports, read live from the tenant.
                 let mut reported = plan.shape_reports.get(usize::from(state.shape)).copied().unwrap_or(0);
@@ -233,7 +240,10 @@ pub(crate) fn emit(
             if let Some(p) = tightest {
                 // A prepaid balance: its limit is the tenant's grants, and it never resets.
                 let balance = quota.as_ref().is_some_and(|q| std::ptr::eq(p, q))
-                    && plan.quotas.iter().any(|(m, s)| *m == state.meter() && s.period() == crate::base::Period::Prepaid);
+                    && plan
+                        .quotas
+                        .iter()
+                        .any(|(m, s)| *m == state.meter() && s.period() == crate::base::Period::Prepaid);
                 let limit = match tenant.and_then(|t| t.quota(state.meter())).filter(|_| balance) {
                     Some(cell) => cell.limit(),
                     None => p.limit,

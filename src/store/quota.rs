@@ -177,6 +177,10 @@ pub struct CreditGrant {
     pub expires_at: Option<i64>,
     /// The payment it came from (a Stripe payment intent id), for refunds.
     pub payment: Option<String>,
+    /// How much of that payment has been refunded so far, as
+    /// [`refund_credits`](QuotaStore::refund_credits) last applied (in the payment's currency,
+    /// smallest unit); 0 without refunds.
+    pub refunded: u64,
     /// How it closed, once expired or revoked.
     pub closed: Option<CreditClosure>,
 }
@@ -185,7 +189,17 @@ impl CreditGrant {
     /// `units` granted to `tenant` on `meter` under `id` at `granted_at`, never expiring.
     #[must_use]
     pub fn new(tenant: TenantId, meter: MeterId, id: impl Into<String>, units: u64, granted_at: i64) -> Self {
-        Self { tenant, meter, id: id.into(), units, granted_at, expires_at: None, payment: None, closed: None }
+        Self {
+            tenant,
+            meter,
+            id: id.into(),
+            units,
+            granted_at,
+            expires_at: None,
+            payment: None,
+            refunded: 0,
+            closed: None,
+        }
     }
 
     /// Expiring at `at` (Unix seconds).
@@ -288,6 +302,54 @@ pub(crate) fn close_against(grants: &[CreditGrant], id: &str, balance: CreditBal
     ))
 }
 
+/// A refund of the payment that bought a grant ([`QuotaStore::refund_credits`]): how much of
+/// the payment's `amount` has been refunded in all (Stripe's charge `amount_refunded`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreditRefund {
+    /// Refunded in all, this refund included.
+    pub refunded: u64,
+    /// The payment's amount.
+    pub amount: u64,
+}
+
+impl CreditRefund {
+    /// `refunded` of `amount` refunded in all.
+    #[must_use]
+    pub fn new(refunded: u64, amount: u64) -> Self {
+        Self { refunded, amount }
+    }
+}
+
+/// Refunds part of one open credit grant of `grants` (open ones, of one tenant and meter)
+/// against `balance`: the units it takes back and the balance after it. Of what the grant still
+/// holds (units used are taken from the soonest-to-expire grants first, as
+/// [`close_against`] counts them), the share the refund is of what was not refunded before
+/// leaves it: `held × (refunded − before) / (amount − before)`, rounded down (all of it once the
+/// whole amount is refunded). `None` when there is no such open grant or that much was refunded
+/// already. Every store refunds by this rule.
+#[must_use]
+pub(crate) fn refund_against(
+    grants: &[CreditGrant],
+    id: &str,
+    balance: CreditBalance,
+    refund: CreditRefund,
+) -> Option<(u64, CreditBalance)> {
+    let grant = grants.iter().find(|g| g.id == id && g.closed.is_none())?;
+    if refund.refunded <= grant.refunded {
+        return None;
+    }
+    let (held, _) = close_against(grants, id, balance)?;
+    let removed = if refund.refunded >= refund.amount || refund.amount <= grant.refunded {
+        held
+    } else {
+        let share = u128::from(held) * u128::from(refund.refunded - grant.refunded)
+            / u128::from(refund.amount - grant.refunded);
+        (share as u64).min(held)
+    };
+    Some((removed, CreditBalance::new(balance.granted.saturating_sub(removed), balance.reserved)))
+}
+
 /// Where quota counters live: a conditional atomic add per call, so that the units leased by all
 /// nodes never exceed a hard limit, applied at most once per [`ReserveToken`].
 ///
@@ -335,6 +397,21 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
         revoke: bool,
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError>;
+
+    /// Takes back what a refund of the payment that bought an open grant refunds of what the
+    /// grant still holds (see [`CreditRefund`]; the rule every store applies is
+    /// `held × (refunded − before) / (amount − before)`), once per refunded amount: applied
+    /// only when `refund.refunded` is more than the grant's [`refunded`](CreditGrant::refunded)
+    /// so far, which it then records, in the same write that lowers the grant's units and the
+    /// balance. The units taken back; `None` when there is no such open grant or that much was
+    /// refunded already (a redelivery).
+    async fn refund_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        refund: CreditRefund,
+    ) -> Result<Option<u64>, StoreError>;
 
     /// Open grants expired by `now`, of every tenant, up to `limit`: for the worker to close.
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError>;

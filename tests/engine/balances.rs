@@ -114,7 +114,10 @@ fn a_prepaid_quota_has_no_limit_key_and_is_hard() {
     let config = Config::from_toml_str(&toml("")).unwrap();
     let plan = &config.plans()[&tollgate::config::PlanId::from("p")];
     let q = &plan.quotas()[&tollgate::config::MeterId::from("requests")];
-    assert_eq!((q.period(), q.mode(), q.lease().get()), (tollgate::config::Period::Prepaid, tollgate::config::QuotaMode::Hard, 100));
+    assert_eq!(
+        (q.period(), q.mode(), q.lease().get()),
+        (tollgate::config::Period::Prepaid, tollgate::config::QuotaMode::Hard, 100)
+    );
 }
 
 /// Usage known only after the work (a handler's report) is billed even past the balance: the

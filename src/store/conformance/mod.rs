@@ -64,6 +64,7 @@ macro_rules! store_conformance {
             concurrent_reserves_never_pass_a_prepaid_balance,
             a_prepaid_balance_leaves_the_calendar_periods_beside_it,
             racing_grants_and_closes_apply_once,
+            a_refund_takes_back_its_share_of_what_a_grant_still_holds_once,
         );
     };
     (@role usage, $make:expr) => {

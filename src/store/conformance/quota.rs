@@ -411,6 +411,40 @@ pub async fn grants_are_spent_soonest_to_expire_first<S: ?Sized + QuotaInspect>(
     assert_eq!(order, ["soon", "late", "never"], "listed in spending order");
 }
 
+/// A refund takes back its share of what the grant still holds, once per refunded amount:
+/// half a payment refunded takes half of what is left of its grant, a redelivery nothing, the
+/// rest of the payment all of it; the units used stay used.
+pub async fn a_refund_takes_back_its_share_of_what_a_grant_still_holds_once<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::{CreditBalance, CreditRefund};
+    let key = prepaid_key("r", "tokens");
+    let (t, m) = (&"r".into(), &"tokens".into());
+    h.s().grant_credits(&credit("r", "soon", 40, Some(DAY0 + DAY))).await.unwrap();
+    h.s().grant_credits(&credit("r", "pi_1", 100, None).paid_by("pi_1")).await.unwrap();
+    // 60 used: soon's 40, then 20 of pi_1's (80 held).
+    assert_eq!(h.s().reserve(&ask(&key, 60, None, 1, 1)).await.unwrap().granted, 60);
+    assert_eq!(h.s().refund_credits(t, m, "nope", CreditRefund::new(500, 1000)).await.unwrap(), None);
+    // Half of a 1,000 payment refunded: half of the 80 held.
+    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(500, 1000)).await.unwrap(), Some(40));
+    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(500, 1000)).await.unwrap(), None, "once");
+    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(400, 1000)).await.unwrap(), None, "older");
+    h.restart().await;
+    assert_eq!(balance(h.s(), "r").await, CreditBalance::new(100, 60));
+    let (grants, _) = h.s().credit_grants(t, Some(m)).await.unwrap();
+    let g = grants.iter().find(|g| g.id == "pi_1").unwrap();
+    assert_eq!((g.units, g.refunded, g.payment.as_deref()), (60, 500, Some("pi_1")));
+    // 250 more of the 500 left: half of the 40 it still holds.
+    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(750, 1000)).await.unwrap(), Some(20));
+    assert_eq!(h.s().reserve(&ask(&key, 30, None, 1, 2)).await.unwrap().granted, 20, "20 left to spend");
+    // The rest refunded while all of it is spent: nothing to take back, and recorded.
+    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(1000, 1000)).await.unwrap(), Some(0));
+    assert_eq!(balance(h.s(), "r").await, CreditBalance::new(80, 80));
+    // A closed grant is not refunded.
+    h.s().close_credits(t, m, "pi_1", true, DAY0).await.unwrap();
+    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(2000, 2000)).await.unwrap(), None);
+}
+
 /// Many callers spend one prepaid balance at once while a grant lands among them: every unit
 /// of the grants is leased once, none past them.
 pub async fn concurrent_reserves_never_pass_a_prepaid_balance<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {

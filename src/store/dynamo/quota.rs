@@ -5,7 +5,7 @@ use crate::{
     base::{MeterId, Period},
     store::{
         contract,
-        quota::{close_against, fits},
+        quota::{close_against, fits, refund_against, CreditRefund},
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
     },
 };
@@ -230,6 +230,59 @@ impl QuotaStore for DynamoStore {
         Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
     }
 
+    async fn refund_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        refund: CreditRefund,
+    ) -> Result<Option<u64>, StoreError> {
+        let key = prepaid_key(tenant, meter);
+        for attempt in 0..ATTEMPTS {
+            // As a close: the balance first, then its grants, and a write conditional on both
+            // as read (a reserve, grant or close meanwhile makes it read again).
+            let Some(counter) = self.get(quota_pk(&key), &quota_sk(&key)).await? else { return Ok(None) };
+            let all = self.grants(tenant, Some(meter)).await?;
+            let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
+            let Some(grant) = open.iter().find(|g| g.id == id) else { return Ok(None) };
+            let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"));
+            let Some((removed, after)) = refund_against(&open, id, balance, refund) else { return Ok(None) };
+            let take = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(credit_pk(tenant)))
+                .key("sk", s(credit_sk(meter.as_str(), id)))
+                .update_expression("SET units = :u, refunded = :rf")
+                .condition_expression(
+                    "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
+                     AND (attribute_not_exists(refunded) OR refunded = :rf0)",
+                )
+                .expression_attribute_values(":u", n(grant.units - removed))
+                .expression_attribute_values(":rf", n(refund.refunded))
+                .expression_attribute_values(":u0", n(grant.units))
+                .expression_attribute_values(":rf0", n(grant.refunded));
+            let room = i128::from(after.granted) - i128::from(after.reserved);
+            let set = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(quota_pk(&key)))
+                .key("sk", s(quota_sk(&key)))
+                .update_expression("SET granted = :g, room = :room")
+                .condition_expression("granted = :g0 AND reserved = :r0")
+                .expression_attribute_values(":g", n(after.granted))
+                .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
+                .expression_attribute_values(":g0", n(balance.granted))
+                .expression_attribute_values(":r0", n(balance.reserved));
+            let actions = vec![
+                TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
+                TransactWriteItem::builder().update(set.build().map_err(backend)?).build(),
+            ];
+            match self.transact(actions, "a credit grant's refund").await? {
+                None => return Ok(Some(removed)),
+                Some(_) => backoff(attempt).await,
+            }
+        }
+        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
+    }
+
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
         let mut out = Vec::new();
         let mut start: Option<Item> = None;
@@ -338,6 +391,7 @@ fn credit_of(item: &Item) -> Option<CreditGrant> {
     )
     .expiring(get_i(item, "expires_at"));
     g.payment = get_s(item, "payment").map(str::to_owned);
+    g.refunded = get_u(item, "refunded");
     if let Some(at) = get_i(item, "closed_at") {
         let revoked = item.get("revoked").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
         g.closed = Some(CreditClosure { at, revoked, lost: get_u(item, "lost") });

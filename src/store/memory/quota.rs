@@ -3,7 +3,7 @@
 use super::*;
 use crate::store::{
     contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX},
-    quota::{close_against, fits},
+    quota::{close_against, fits, refund_against, CreditRefund},
 };
 
 /// The key of `(tenant, meter)`'s prepaid balance.
@@ -131,6 +131,29 @@ impl QuotaStore for MemoryStore {
         // Closed grants are kept a while (their ids, for duplicates), then dropped.
         list.retain(|g| g.closed.is_none_or(|c| c.at + CLOSED_GRANTS_KEPT_SECS > now));
         Ok(Some(closure))
+    }
+
+    async fn refund_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        refund: CreditRefund,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut inner = self.lock();
+        let pair = (tenant.clone(), meter.clone());
+        let Some(grants) = inner.credits.get(&pair).cloned() else { return Ok(None) };
+        let key = prepaid(tenant, meter);
+        let Some(c) = inner.quotas.entry(pair.clone()).or_default().get(&key) else { return Ok(None) };
+        let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved);
+        let Some((removed, after)) = refund_against(&grants, id, balance, refund) else { return Ok(None) };
+        c.granted = Some(after.granted);
+        let list = inner.credits.get_mut(&pair).expect("read above");
+        if let Some(g) = list.iter_mut().find(|g| g.id == id) {
+            g.units -= removed;
+            g.refunded = refund.refunded;
+        }
+        Ok(Some(removed))
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {

@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     base::MeterId,
     store::{
-        quota::{close_against, fits},
+        quota::{close_against, fits, refund_against, CreditRefund},
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
     },
 };
@@ -337,6 +337,44 @@ impl QuotaStore for PostgresStore {
         .await
     }
 
+    async fn refund_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        refund: CreditRefund,
+    ) -> Result<Option<u64>, StoreError> {
+        let (t, m) = (tenant.as_str(), meter.as_str());
+        let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
+        let open_sql = self.sql(&format!(
+            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL"
+        ));
+        let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
+        let take = self.sql(
+            "UPDATE {s}.credit SET units = units - $4, refunded = $5 WHERE tenant = $1 AND meter = $2 AND id = $3",
+        );
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            // The balance's row first: grants, closes and refunds of one balance run one at a time.
+            let Some(row) = tx.query_typed_opt(&lock, args![t, m]).await? else {
+                tx.commit().await?;
+                return Ok(None);
+            };
+            let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)));
+            let open: Vec<CreditGrant> = tx.query_typed(&open_sql, args![t, m]).await?.iter().map(credit_row).collect();
+            let Some((removed, after)) = refund_against(&open, id, balance, refund) else {
+                tx.commit().await?;
+                return Ok(None);
+            };
+            tx.query_typed(&set, args![t, m, int(after.granted), int(after.reserved)]).await?;
+            tx.query_typed(&take, args![t, m, id, int(removed), int(refund.refunded)]).await?;
+            tx.commit().await?;
+            Ok(Some(removed))
+        })
+        .await
+    }
+
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
         let sql = self.sql(&format!(
             "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit \
@@ -363,7 +401,8 @@ fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
     QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
 }
 
-const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost";
+const CREDIT_COLUMNS: &str =
+    "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, refunded";
 
 fn credit_row(r: &Row) -> CreditGrant {
     let mut g = CreditGrant::new(
@@ -375,6 +414,7 @@ fn credit_row(r: &Row) -> CreditGrant {
     )
     .expiring(r.get(5));
     g.payment = r.get(6);
+    g.refunded = uint(r.get(10));
     if let Some(at) = r.get::<_, Option<i64>>(7) {
         g.closed = Some(CreditClosure {
             at,

@@ -139,6 +139,7 @@ CREATE TABLE {s}.credit (
     granted_at bigint NOT NULL,
     expires_at bigint,
     payment    text,
+    refunded   bigint NOT NULL DEFAULT 0,
     closed_at  bigint,
     revoked    boolean,
     lost       bigint,

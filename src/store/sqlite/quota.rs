@@ -4,7 +4,7 @@ use super::*;
 use crate::{
     base::MeterId,
     store::{
-        quota::{close_against, fits},
+        quota::{close_against, fits, refund_against, CreditRefund},
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
     },
 };
@@ -173,6 +173,35 @@ impl QuotaStore for SqliteStore {
         .await
     }
 
+    async fn refund_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        refund: CreditRefund,
+    ) -> Result<Option<u64>, StoreError> {
+        let (tenant, meter, id) = (tenant.clone(), meter.clone(), id.to_owned());
+        self.write(move |tx, _| {
+            let (t, m) = (tenant.as_str(), meter.as_str());
+            let open: Vec<CreditGrant> = grants_of(tx, t, m)?.into_iter().filter(|g| g.closed.is_none()).collect();
+            if !open.iter().any(|g| g.id == id) {
+                return Ok(None);
+            }
+            let key = prepaid_key(&tenant, &meter);
+            let period = key.period_tag();
+            let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
+            let balance = CreditBalance::new(granted.unwrap_or(0), uint(reserved));
+            let Some((removed, after)) = refund_against(&open, &id, balance, refund) else { return Ok(None) };
+            set_balance(tx, &key, &period, after.granted, after.reserved)?;
+            tx.prepare_cached(
+                "UPDATE credit SET units = units - ?4, refunded = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
+            )?
+            .execute(params![t, m, id, int(removed), int(refund.refunded)])?;
+            Ok(Some(removed))
+        })
+        .await
+    }
+
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
         self.read(move |tx| {
             tx.prepare_cached(&format!(
@@ -210,12 +239,14 @@ fn set_balance(tx: &Transaction<'_>, key: &QuotaKey, period: &str, granted: u64,
     Ok(())
 }
 
-const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost";
+const CREDIT_COLUMNS: &str =
+    "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, refunded";
 
 fn credit_row(r: &rusqlite::Row<'_>) -> Sql<CreditGrant> {
     let (tenant, meter, id): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
     let mut g = CreditGrant::new(tenant.into(), meter.into(), id, uint(r.get(3)?), r.get(4)?).expiring(r.get(5)?);
     g.payment = r.get(6)?;
+    g.refunded = uint(r.get(10)?);
     let closed_at: Option<i64> = r.get(7)?;
     if let Some(at) = closed_at {
         let revoked: Option<bool> = r.get(8)?;

@@ -170,6 +170,7 @@ CREATE TABLE credit (
     granted_at  INTEGER NOT NULL,
     expires_at  INTEGER,
     payment     TEXT,
+    refunded    INTEGER NOT NULL DEFAULT 0,
     closed_at   INTEGER,
     revoked     INTEGER,
     lost        INTEGER,
