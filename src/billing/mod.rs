@@ -10,6 +10,8 @@ mod secret;
 #[cfg(feature = "stripe")]
 mod stripe;
 #[cfg(feature = "stripe")]
+mod topup;
+#[cfg(feature = "stripe")]
 mod webhook;
 
 #[cfg(feature = "stripe")]

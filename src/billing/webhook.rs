@@ -11,8 +11,8 @@ pub(crate) use super::stripe::read_secrets;
 use super::Secret;
 use crate::{
     clock::Clock,
-    config::{Config, PlanId, StripeSettings, TenantId},
-    store::{DirectoryEvents, DirectoryStore, PlanChange, PlanChangeOutcome, WebhookCount},
+    config::{Config, MeterId, PlanId, StripeSettings, TenantId},
+    store::{DirectoryEvents, DirectoryStore, PlanChange, PlanChangeOutcome, QuotaStore, WebhookCount},
 };
 
 /// What a webhook delivery did.
@@ -48,6 +48,29 @@ pub enum WebhookOutcome {
     /// map and that gave no plan before (an add-on): the plan is unchanged; the subscription's
     /// event is recorded (its order holds for later events).
     UnknownPrice,
+    /// A paid checkout session or invoice granted prepaid units (`[stripe.credits]`), once per
+    /// payment: its grant id is the invoice's id, else the payment intent's (never the event's),
+    /// so the session and the invoice of one payment grant once.
+    Credited {
+        /// The tenant.
+        tenant: TenantId,
+        /// The balance's meter.
+        meter: MeterId,
+        /// Units granted.
+        units: u64,
+        /// The grant's id.
+        grant: String,
+    },
+    /// A refund (`charge.refunded`) took back its share of what the grant of its payment still
+    /// held (`[stripe.credits] refunds`).
+    Refunded {
+        /// The tenant.
+        tenant: TenantId,
+        /// The balance's meter.
+        meter: MeterId,
+        /// Units taken back (0: all of it was spent).
+        units: u64,
+    },
     /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
     /// not an event. Nothing changed.
     Rejected(String),
@@ -55,6 +78,10 @@ pub enum WebhookOutcome {
     TooLarge,
     /// The store failed: 500, so Stripe delivers the event again. Nothing changed.
     StoreFailed(String),
+    /// What the event lacks could not be read from Stripe's API (a payment's line items: no
+    /// secret key, a timeout, an error): 500, so Stripe delivers the event again. Nothing
+    /// changed.
+    ApiFailed(String),
     /// A meter error event of Stripe's (a thin event from the event destination, verified with
     /// its secret): Stripe refused meter events after taking them. Logged, counted, and the
     /// hours it names reconciled (a report).
@@ -82,7 +109,7 @@ impl WebhookReply {
         match self.outcome {
             WebhookOutcome::Rejected(_) => StatusCode::BAD_REQUEST,
             WebhookOutcome::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            WebhookOutcome::StoreFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::OK,
         }
     }
@@ -92,6 +119,8 @@ impl WebhookReply {
     pub fn body(&self) -> String {
         let outcome = match &self.outcome {
             WebhookOutcome::Applied { .. } => "applied",
+            WebhookOutcome::Credited { .. } => "credited",
+            WebhookOutcome::Refunded { .. } => "refunded",
             WebhookOutcome::Duplicate => "duplicate",
             WebhookOutcome::Stale => "stale",
             WebhookOutcome::UnknownCustomer => "unknown_customer",
@@ -114,6 +143,15 @@ impl WebhookReply {
                     "title": "Webhook too large",
                     "status": 413,
                     "detail": format!("the body is longer than {} bytes", WebhookHandler::MAX_BODY),
+                })
+                .to_string()
+            }
+            WebhookOutcome::ApiFailed(_) => {
+                return serde_json::json!({
+                    "type": "https://tollgate.rs/problems/stripe-unavailable",
+                    "title": "Stripe API unavailable",
+                    "status": 500,
+                    "detail": "the payment's details could not be read; deliver it again",
                 })
                 .to_string()
             }
@@ -172,11 +210,15 @@ struct Fields {
 ///   retry applies it.
 /// - The new plan applies at once on this node, within `limits.directory_ttl` elsewhere.
 pub struct WebhookHandler {
-    directory: Arc<dyn DirectoryStore>,
-    node: Arc<dyn DirectoryEvents>,
+    pub(super) directory: Arc<dyn DirectoryStore>,
+    pub(super) node: Arc<dyn DirectoryEvents>,
     config: Arc<dyn Fn() -> Config + Send + Sync>,
-    clock: Clock,
+    pub(super) clock: Clock,
     secrets: Vec<Secret>,
+    /// Where prepaid balances are topped up (`[stripe.credits]`).
+    pub(super) quota: Option<Arc<dyn QuotaStore>>,
+    /// Reads what an event lacks (a payment's line items) with the secret key.
+    pub(super) reader: Option<Arc<StripeReader>>,
     /// The event destination of Stripe's thin meter error events, if configured.
     destination: Option<Arc<Destination>>,
     /// Refusals logged at most once a second: the second of the last log, and the refusals
@@ -230,7 +272,35 @@ impl WebhookHandler {
         clock: Clock,
         secrets: Vec<Secret>,
     ) -> Self {
-        Self { directory, node, config: Arc::new(config), clock, secrets, destination: None, refusals: Arc::default() }
+        Self {
+            directory,
+            node,
+            config: Arc::new(config),
+            clock,
+            secrets,
+            quota: None,
+            reader: None,
+            destination: None,
+            refusals: Arc::default(),
+        }
+    }
+
+    /// Tops up prepaid balances in `quota` from payments, as `[stripe.credits]` configures (a
+    /// handler made with [`new`](Self::new) uses the engine's quota store).
+    #[must_use]
+    pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
+        self.quota = Some(quota);
+        self
+    }
+
+    /// Reads what a payment's event lacks (the line items of a checkout session, an invoice's
+    /// lines past the ten it embeds) from Stripe's API with `api_key`, from `api_base` or
+    /// `https://api.stripe.com/`, within `timeout` (at most 10 s).
+    /// [`from_config`](Self::from_config) sets it from the secret key when there is one.
+    #[must_use]
+    pub fn with_api_key(mut self, api_key: Secret, api_base: Option<&str>, timeout: std::time::Duration) -> Self {
+        self.reader = Some(Arc::new(StripeReader::new(api_key, api_base, timeout)));
+        self
     }
 
     /// Also takes the thin events of an event destination (Stripe's meter errors,
@@ -248,19 +318,14 @@ impl WebhookHandler {
         api_base: Option<&str>,
         timeout: std::time::Duration,
     ) -> Self {
-        let base = api_base.unwrap_or("https://api.stripe.com/");
-        let base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
         if api_key.is_none() {
             tracing::warn!("Stripe meter error events will be counted but not read in full: no secret key");
         }
-        self.destination = Some(Arc::new(Destination {
-            secrets,
-            api_key,
-            api_base: base,
-            timeout,
-            client: std::sync::OnceLock::new(),
-            seen: std::sync::Mutex::default(),
-        }));
+        let reader = api_key.map(|key| Arc::new(StripeReader::new(key, api_base, timeout)));
+        if self.reader.is_none() {
+            self.reader = reader.clone();
+        }
+        self.destination = Some(Arc::new(Destination { secrets, reader, seen: std::sync::Mutex::default() }));
         self
     }
 
@@ -276,10 +341,12 @@ impl WebhookHandler {
             self.refusals.refused(self.clock.unix_secs(), reason);
         }
         let count = match &outcome {
-            WebhookOutcome::Applied { .. } => WebhookCount::Applied,
+            WebhookOutcome::Applied { .. } | WebhookOutcome::Credited { .. } | WebhookOutcome::Refunded { .. } => {
+                WebhookCount::Applied
+            }
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
-            WebhookOutcome::StoreFailed(_) => return WebhookReply { outcome },
+            WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => return WebhookReply { outcome },
             _ => WebhookCount::Ignored,
         };
         self.node.webhook_handled(count);
@@ -346,6 +413,13 @@ impl WebhookHandler {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: no [stripe] section");
             return WebhookOutcome::Ignored;
         };
+        // A payment that tops up a prepaid balance; other payments go on to the plan
+        // transitions.
+        if let Some(credits) = &settings.credits {
+            if let Some(outcome) = self.payment_event(&config, credits, &fields.id, &fields.kind, payload).await {
+                return outcome;
+            }
+        }
         if let Some(subscription) = fields.subscription.clone() {
             return self.subscription_event(&config, settings, &fields, &subscription).await;
         }
@@ -711,10 +785,7 @@ const STRIPE_VERSION: &str = "2026-09-30.endive";
 /// handled lately (a redelivery is a duplicate).
 struct Destination {
     secrets: Vec<Secret>,
-    api_key: Option<Secret>,
-    api_base: String,
-    timeout: std::time::Duration,
-    client: std::sync::OnceLock<HttpsClient>,
+    reader: Option<Arc<StripeReader>>,
     seen: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
 
@@ -747,21 +818,51 @@ impl Destination {
         true
     }
 
-    /// `GET /v2/core/events/{id}` (async-stripe has no v2 client: one request over the same
-    /// hyper and rustls stack), within the timeout, the body at most 1 MiB.
+    /// `GET /v2/core/events/{id}`.
     async fn fetch(&self, id: &str) -> Result<serde_json::Value, String> {
-        use http_body_util::BodyExt;
-        let key = self.api_key.as_ref().ok_or("no Stripe secret key to read it with")?;
+        let reader = self.reader.as_ref().ok_or("no Stripe secret key to read it with")?;
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("`{id}` is not an event id"));
         }
+        reader.get(&format!("v2/core/events/{id}")).await
+    }
+}
+
+/// Reads Stripe's API while a delivery waits (a full thin event, a payment's line items):
+/// async-stripe has no v2 client and its v1 client would bring a second HTTP stack, so one
+/// GET over the same hyper and rustls stack, with the secret key, within the timeout (at most
+/// 10 s: Stripe waits that long for the delivery's answer), the body at most 1 MiB.
+pub(crate) struct StripeReader {
+    api_key: Secret,
+    api_base: String,
+    timeout: std::time::Duration,
+    client: std::sync::OnceLock<HttpsClient>,
+}
+
+impl fmt::Debug for StripeReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StripeReader").field("api_base", &self.api_base).finish_non_exhaustive()
+    }
+}
+
+impl StripeReader {
+    pub(crate) fn new(api_key: Secret, api_base: Option<&str>, timeout: std::time::Duration) -> Self {
+        let base = api_base.unwrap_or("https://api.stripe.com/");
+        let api_base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
+        Self { api_key, api_base, timeout, client: std::sync::OnceLock::new() }
+    }
+
+    /// `GET {api_base}{path}` (a path and query, without a leading `/`) at
+    /// [`STRIPE_VERSION`]: the JSON body of a 2xx, or why not.
+    pub(crate) async fn get(&self, path: &str) -> Result<serde_json::Value, String> {
+        use http_body_util::BodyExt;
         let client = self.client.get_or_init(|| {
             let connector =
                 hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
         });
-        let request = http::Request::get(format!("{}v2/core/events/{id}", self.api_base))
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", key.expose()))
+        let request = http::Request::get(format!("{}{path}", self.api_base))
+            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
             .header("stripe-version", STRIPE_VERSION)
             .body(http_body_util::Empty::new())
             .map_err(|e| e.to_string())?;
@@ -778,7 +879,6 @@ impl Destination {
             }
             serde_json::from_slice(&body).map_err(|e| e.to_string())
         };
-        // Stripe waits for the delivery's answer: at most 10 s.
         let limit = self.timeout.min(std::time::Duration::from_secs(10));
         tokio::time::timeout(limit, read).await.map_err(|_| "timed out".to_owned())?
     }

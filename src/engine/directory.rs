@@ -445,6 +445,7 @@ impl crate::billing::WebhookHandler {
             tollgate.shared.clock.clone(),
             secrets,
         )
+        .with_quota(tollgate.shared.stores.roles.quota.clone())
     }
 
     /// A handler with the signing secrets of `stripe.webhook_secret_file`, or of
@@ -457,8 +458,20 @@ impl crate::billing::WebhookHandler {
         let config = tollgate.config();
         let file = config.stripe().and_then(|s| s.webhook_secret_file.as_deref());
         let secrets = read_secrets(file, "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
-        let handler = Self::new(tollgate.clone(), secrets);
+        let mut handler = Self::new(tollgate.clone(), secrets);
         let Some(stripe) = config.stripe() else { return Ok(handler) };
+        // The secret key reads what payments' events lack, when there is one.
+        let key = read_secrets(stripe.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")
+            .ok()
+            .and_then(|k| k.into_iter().next());
+        if let Some(key) = key.clone() {
+            handler = handler.with_api_key(key, stripe.api_base.as_deref(), stripe.timeout);
+        } else if stripe.credits.is_some() {
+            tracing::warn!(
+                "[stripe.credits] without a Stripe secret key: checkout sessions without `tollgate_units` \
+                metadata cannot be read for their line items, and their deliveries fail until one is set"
+            );
+        }
         // The event destination of Stripe's meter errors, if one is configured.
         let destination = match read_secrets(
             stripe.event_destination_secret_file.as_deref(),
@@ -470,9 +483,6 @@ impl crate::billing::WebhookHandler {
             Err(e) => return Err(e),
         };
         // The full event is fetched with the API key, when there is one.
-        let key = read_secrets(stripe.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")
-            .ok()
-            .and_then(|k| k.into_iter().next());
         Ok(handler.with_event_destination(destination, key, stripe.api_base.as_deref(), stripe.timeout))
     }
 }

@@ -124,7 +124,7 @@ impl Thresholds {
             (new, new_left)
         };
         let used_pct =
-            if limit == 0 { 0 } else { u16::try_from(u128::from(reserved) * 100 / limit).unwrap_or(u16::MAX) };
+            (u128::from(reserved) * 100).checked_div(limit).map_or(0, |p| u16::try_from(p).unwrap_or(u16::MAX));
         let marks = new.into_iter().map(|p| (p, None)).chain(new_left.into_iter().map(|n| (used_pct, Some(n))));
         for (pct, left) in marks {
             let crossed = ThresholdCrossed {

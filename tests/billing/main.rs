@@ -6,4 +6,5 @@ mod common;
 
 mod metronome;
 mod stripe;
+mod topups;
 mod webhooks;

@@ -35,6 +35,13 @@
 //!   event of a thin event a test added ([`StandIn::add_v2_event`]); a v2 call without a
 //!   `Stripe-Version` header is refused with 400 (v2 endpoints need an explicit version), an
 //!   unknown id gets 404 `resource_missing`.
+//! - `GET /v1/checkout/sessions/{id}/line_items` and `GET /v1/invoices/{id}/lines` (Stripe's
+//!   API reference, "Retrieve a Checkout Session's line items", "Retrieve an invoice's line
+//!   items"): the items a test added ([`StandIn::add_lines`]), paged by `limit` and
+//!   `starting_after`; an object the test did not add gets 404 `resource_missing`, as an
+//!   unknown id does. `GET /v1/invoice_payments?invoice=…` ("List all payments for an
+//!   invoice"): the invoice's payments a test added, else an empty list.
+//!   [`StandIn::fail_reads`] makes the next reads of these answer 500 `api_error`.
 //! - Test hooks: [`StandIn::lose`] drops an accepted event from the summaries (Stripe lost
 //!   it; its identifier stays taken), [`StandIn::inject`] adds one sent outside tollgate.
 //!
@@ -104,6 +111,11 @@ struct State {
     /// Full v2 events by id, and the reads of them.
     v2_events: HashMap<String, serde_json::Value>,
     v2_reads: u64,
+    /// Lists by path (a payment's line items), reads of them, and reads to fail.
+    lists: HashMap<String, Vec<serde_json::Value>>,
+    invoice_payments: HashMap<String, Vec<serde_json::Value>>,
+    list_reads: u64,
+    failing_reads: u32,
     /// Idempotency key -> (parameters, status, body, first used at).
     idempotency: HashMap<String, (String, u16, String, i64)>,
     in_flight: HashSet<(String, String)>,
@@ -254,6 +266,27 @@ impl StandIn {
     pub fn add_v2_event(&self, event: serde_json::Value) {
         let id = event["id"].as_str().unwrap_or_default().to_owned();
         self.lock().v2_events.insert(id, event);
+    }
+
+    /// The line items of a checkout session or an invoice: `path` is
+    /// `/v1/checkout/sessions/{id}/line_items` or `/v1/invoices/{id}/lines`.
+    pub fn add_lines(&self, path: &str, items: Vec<serde_json::Value>) {
+        self.lock().lists.insert(path.to_owned(), items);
+    }
+
+    /// The payments of an invoice (`invoice_payment` objects).
+    pub fn add_invoice_payments(&self, invoice: &str, payments: Vec<serde_json::Value>) {
+        self.lock().invoice_payments.insert(invoice.to_owned(), payments);
+    }
+
+    /// The next `n` reads of line items answer 500.
+    pub fn fail_reads(&self, n: u32) {
+        self.lock().failing_reads = n;
+    }
+
+    /// Reads of line items and invoice payments so far.
+    pub fn list_reads(&self) -> u64 {
+        self.lock().list_reads
     }
 
     /// Reads of v2 events so far.
@@ -554,6 +587,27 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
         let body = serde_json::json!({ "object": "list", "data": data, "has_more": has_more, "url": url });
         (200, body.to_string(), "application/json")
     };
+    if path.starts_with("/v1/checkout/sessions/") || path.starts_with("/v1/invoices/") || path == "/v1/invoice_payments"
+    {
+        s.list_reads += 1;
+        if s.failing_reads > 0 {
+            s.failing_reads -= 1;
+            return error(500, "api_error", "", "An unknown error occurred");
+        }
+        let (items, url) = if path == "/v1/invoice_payments" {
+            let Some(invoice) = q.get("invoice") else { return invalid("invoice is required") };
+            (s.invoice_payments.get(invoice).cloned().unwrap_or_default(), path.to_owned())
+        } else {
+            match s.lists.get(path) {
+                Some(items) => (items.clone(), path.to_owned()),
+                None => {
+                    return error(404, "invalid_request_error", "resource_missing", "No such object");
+                }
+            }
+        };
+        let items = items.into_iter().map(|v| (v["id"].as_str().unwrap_or_default().to_owned(), v)).collect();
+        return page(items, &url);
+    }
     if path == "/v1/billing/meters" {
         let items = meter_ids(s)
             .into_iter()

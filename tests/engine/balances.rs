@@ -149,7 +149,9 @@ async fn reported_usage_takes_a_balance_below_zero_and_the_next_grant_pays_it_fi
 async fn thresholds_fire_on_balances_by_percent_and_by_units_left() {
     let config = Config::from_toml_str(&toml("[usage]\nnotify_at = [50]\nnotify_left = [2]")).unwrap();
     let (clock, handle) = Clock::fake_at_unix(NOON);
-    let seen: Arc<Mutex<Vec<(u16, Option<u64>, u64, u64)>>> = Arc::default();
+    // (percent, units left, limit, reserved) of each notification.
+    type Mark = (u16, Option<u64>, u64, u64);
+    let seen: Arc<Mutex<Vec<Mark>>> = Arc::default();
     let crossed = seen.clone();
     let (engine, _worker) = Tollgate::builder(config)
         .clock(clock)

@@ -1,0 +1,322 @@
+//! Top-ups of prepaid balances from verified Stripe payments (`[stripe.credits]`): a paid
+//! checkout session or invoice grants units once per payment, a refund takes back its share of
+//! what the grant still holds.
+//!
+//! Stripe sends one payment more than once, in more than one shape: a subscription's checkout
+//! sends `checkout.session.completed` and `invoice.paid` for the same payment, a delayed
+//! payment method sends `checkout.session.completed` unpaid and then
+//! `checkout.session.async_payment_succeeded`, and any event may be delivered again. So:
+//!
+//! - a grant's id is the payment's, never the event's: the invoice's id when there is an
+//!   invoice (the session names it), else the payment intent's; the quota store adds a grant
+//!   once per id, so the second shape of a payment is a duplicate;
+//! - only a paid object grants (`payment_status = "paid"`, an invoice's `status = "paid"`);
+//! - a checkout session's events carry no line items: they are read from the API (`GET
+//!   /v1/checkout/sessions/{id}/line_items`), as an invoice's lines past the ten it embeds
+//!   (`GET /v1/invoices/{id}/lines`); metadata `tollgate_units` on the object grants that many
+//!   units instead.
+
+use serde_json::Value;
+
+use super::webhook::{WebhookHandler, WebhookOutcome};
+use crate::{
+    config::{Config, CreditSettings, MeterId, RefundPolicy, TenantId},
+    store::{contract::MAX_BALANCE, CreditGrant, CreditRefund, GrantOutcome},
+};
+
+/// The metadata key of a checkout session or invoice that says how many units it grants,
+/// instead of its prices.
+pub(crate) const UNITS_KEY: &str = "tollgate_units";
+/// The metadata key that names the balance's meter, instead of `[stripe.credits] meter`.
+pub(crate) const METER_KEY: &str = "tollgate_meter";
+/// The most pages of line items (100 each) read for one payment.
+const MAX_PAGES: usize = 10;
+
+/// A line item of a payment: the price's id and lookup key, and the quantity bought.
+#[derive(Debug)]
+struct Line {
+    keys: Vec<String>,
+    quantity: u64,
+}
+
+/// The id of an expandable field: a string, or an object's `id`.
+fn id_of(v: &Value) -> Option<&str> {
+    v.as_str().or_else(|| v["id"].as_str()).filter(|s| !s.is_empty())
+}
+
+/// A line item of a checkout session (`item`) or an invoice (`line_item`), in any API version:
+/// `price` (an id or an object with `id` and `lookup_key`) or, from 2025, `pricing.price_details.price`.
+fn line_of(v: &Value) -> Line {
+    let mut keys = Vec::new();
+    for price in [&v["price"], &v["pricing"]["price_details"]["price"], &v["plan"]] {
+        if let Some(id) = id_of(price) {
+            keys.push(id.to_owned());
+        }
+        if let Some(key) = price["lookup_key"].as_str() {
+            keys.push(key.to_owned());
+        }
+    }
+    // A line without a quantity (usage-based) buys no pack.
+    Line { keys, quantity: v["quantity"].as_u64().unwrap_or(0) }
+}
+
+impl WebhookHandler {
+    /// A verified event that may be a payment topping up a prepaid balance: `Some` with what
+    /// it did, `None` when it is not one (it goes on to the plan transitions).
+    pub(super) async fn payment_event(
+        &self,
+        config: &Config,
+        credits: &CreditSettings,
+        event: &str,
+        kind: &str,
+        payload: &str,
+    ) -> Option<WebhookOutcome> {
+        let session = match kind {
+            "checkout.session.completed" | "checkout.session.async_payment_succeeded" => true,
+            "invoice.paid" => false,
+            "charge.refunded" => return self.refund(config, credits, event, payload).await,
+            _ => return None,
+        };
+        let body: Value = serde_json::from_str(payload).ok()?;
+        let o = &body["data"]["object"];
+        let paid = if session { o["payment_status"] == "paid" } else { o["status"] == "paid" };
+        if !paid {
+            // A delayed payment method: `checkout.session.async_payment_succeeded` follows.
+            tracing::info!(%event, %kind, "Stripe payment not paid yet: nothing granted");
+            return None;
+        }
+        let object = id_of(&o["id"])?;
+        // The invoice's id when there is one, so that the session and the invoice of one
+        // payment make one grant.
+        let grant_id =
+            if session { id_of(&o["invoice"]).or_else(|| id_of(&o["payment_intent"])) } else { Some(object) };
+        let Some(grant_id) = grant_id else {
+            tracing::warn!(%event, %kind, session = %object,
+                "paid checkout session without an invoice or a payment intent: no payment to grant credits for");
+            return None;
+        };
+        let units = match &o["metadata"][UNITS_KEY] {
+            Value::Null => None,
+            v => {
+                match v.as_str().and_then(|s| s.trim().parse::<u64>().ok()).filter(|u| (1..=MAX_BALANCE).contains(u)) {
+                    Some(u) => Some(u),
+                    None => {
+                        // Signed by Stripe: a 400 would be retried for days. Logged for a person.
+                        tracing::error!(%event, %kind, object = %object, value = %v,
+                        "metadata `{UNITS_KEY}` is not a number of units from 1 to 2^50: nothing granted; \
+                         grant by hand (tollgate credits grant)");
+                        return Some(WebhookOutcome::Ignored);
+                    }
+                }
+            }
+        };
+        let units = match units {
+            Some(u) => u,
+            None if credits.prices.is_empty() => return None,
+            None => {
+                let lines = match self.lines(o, object, session).await {
+                    Ok(lines) => lines,
+                    Err(why) => {
+                        tracing::error!(%event, %kind, object = %object, error = %why,
+                            "the payment's line items could not be read from Stripe: answered 500, so Stripe \
+                             delivers it again");
+                        return Some(WebhookOutcome::ApiFailed(why));
+                    }
+                };
+                let total = lines.iter().fold(0u128, |total, line| {
+                    let per = line.keys.iter().find_map(|k| credits.prices.get(k)).copied().unwrap_or(0);
+                    total + u128::from(per) * u128::from(line.quantity)
+                });
+                match u64::try_from(total) {
+                    // No price of `[stripe.credits.prices]`: not a credit purchase.
+                    Ok(0) => return None,
+                    Ok(u) if u <= MAX_BALANCE => u,
+                    _ => {
+                        tracing::error!(%event, object = %object, units = %total,
+                            "a payment for more units than a balance holds (2^50): nothing granted");
+                        return Some(WebhookOutcome::Ignored);
+                    }
+                }
+            }
+        };
+        let meter = match o["metadata"][METER_KEY].as_str() {
+            Some(m) => MeterId::from(m),
+            None => credits.meter.clone(),
+        };
+        if !config.meters().iter().any(|m| m.id == meter) {
+            tracing::error!(%event, object = %object, %meter,
+                "metadata `{METER_KEY}` names a meter the configuration does not declare: nothing granted");
+            return Some(WebhookOutcome::Ignored);
+        }
+        let Some(customer) = id_of(&o["customer"]) else {
+            tracing::warn!(%event, object = %object, "paid object without a customer: nothing granted");
+            return Some(WebhookOutcome::Ignored);
+        };
+        let tenant = match self.tenant_of(config, customer).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                tracing::error!(%event, %customer, units,
+                    "a payment for prepaid credits by a customer no tenant has: nothing granted");
+                return Some(WebhookOutcome::UnknownCustomer);
+            }
+            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+        };
+        let payment = match id_of(&o["payment_intent"]) {
+            Some(p) => Some(p.to_owned()),
+            None if !session => self.invoice_payment(object).await,
+            None => None,
+        };
+        let Some(quota) = &self.quota else {
+            tracing::error!(%event, "[stripe.credits] on a webhook handler without a quota store (WebhookHandler::with_quota)");
+            return Some(WebhookOutcome::StoreFailed("no quota store to grant credits in".into()));
+        };
+        let now = self.clock.unix_secs();
+        let created = body["created"].as_i64().unwrap_or(now);
+        let expires_at = credits.expires_after.map(|d| created.saturating_add(d.as_secs() as i64));
+        let mut grant = CreditGrant::new(tenant.clone(), meter.clone(), grant_id, units, now).expiring(expires_at);
+        if let Some(p) = payment {
+            grant = grant.paid_by(p);
+        }
+        match quota.grant_credits(&grant).await {
+            Ok(GrantOutcome::Granted(balance)) => {
+                // At once on this node: its next request asks the store again.
+                self.node.tenant_changed(&tenant);
+                tracing::info!(%event, %kind, %tenant, %meter, units, grant = %grant_id,
+                    granted = balance.granted, used = balance.reserved, "prepaid credits granted by a Stripe payment");
+                Some(WebhookOutcome::Credited { tenant, meter, units, grant: grant_id.to_owned() })
+            }
+            Ok(GrantOutcome::Duplicate(_)) => Some(WebhookOutcome::Duplicate),
+            Ok(other) => {
+                // Paid for and not granted: a person must act. Stripe retries meanwhile.
+                tracing::error!(%event, %tenant, %meter, units, outcome = ?other,
+                    "a paid top-up could not be granted (too many open grants, or past the most a balance holds): \
+                     answered 500 so Stripe delivers it again; close or revoke grants, or refund the payment");
+                Some(WebhookOutcome::StoreFailed(format!("the grant was refused: {other:?}")))
+            }
+            Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
+        }
+    }
+
+    /// A refund (`charge.refunded`): its share of what the grant of its payment still holds
+    /// is taken back, once per amount refunded.
+    async fn refund(
+        &self,
+        config: &Config,
+        credits: &CreditSettings,
+        event: &str,
+        payload: &str,
+    ) -> Option<WebhookOutcome> {
+        if credits.refunds == RefundPolicy::Ignore {
+            return None;
+        }
+        let body: Value = serde_json::from_str(payload).ok()?;
+        let o = &body["data"]["object"];
+        let intent = id_of(&o["payment_intent"]);
+        let invoice = id_of(&o["invoice"]);
+        let (Some(amount), Some(refunded)) = (o["amount"].as_u64(), o["amount_refunded"].as_u64()) else {
+            return None;
+        };
+        let customer = id_of(&o["customer"])?;
+        let tenant = match self.tenant_of(config, customer).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return None,
+            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+        };
+        let quota = self.quota.as_ref()?;
+        let grants = match quota.credit_grants(&tenant, None).await {
+            Ok((grants, _)) => grants,
+            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+        };
+        let of_payment = |g: &&CreditGrant| {
+            let id = Some(g.id.as_str());
+            g.payment.as_deref().is_some_and(|p| Some(p) == intent) || id == intent || id == invoice
+        };
+        let Some(grant) = grants.iter().find(of_payment) else {
+            // Not a payment for credits (or its grant closed and was dropped).
+            return None;
+        };
+        let refund = match credits.refunds {
+            RefundPolicy::Unspent => CreditRefund::new(amount.max(refunded), amount.max(refunded)),
+            _ => CreditRefund::new(refunded, amount),
+        };
+        match quota.refund_credits(&tenant, &grant.meter, &grant.id, refund).await {
+            Ok(Some(units)) => {
+                self.node.tenant_changed(&tenant);
+                tracing::info!(%event, %tenant, meter = %grant.meter, grant = %grant.id, units, refunded, amount,
+                    "a refund took back prepaid credits");
+                Some(WebhookOutcome::Refunded { tenant, meter: grant.meter.clone(), units })
+            }
+            // That much was refunded already, or the grant has closed.
+            Ok(None) => Some(WebhookOutcome::Duplicate),
+            Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
+        }
+    }
+
+    /// The tenant of a Stripe customer: the directory's, else the configuration file's.
+    async fn tenant_of(&self, config: &Config, customer: &str) -> Result<Option<TenantId>, crate::store::StoreError> {
+        if let Some(record) = self.directory.tenant_by_customer(customer).await? {
+            return Ok(Some(record.id));
+        }
+        Ok(config.tenants().iter().find(|t| t.stripe_customer() == Some(customer)).map(|t| t.id().clone()))
+    }
+
+    /// The line items of a paid checkout session or invoice: those the object embeds, and the
+    /// rest read from the API.
+    async fn lines(&self, o: &Value, id: &str, session: bool) -> Result<Vec<Line>, String> {
+        let embedded = if session { &o["line_items"] } else { &o["lines"] };
+        if let Some(data) = embedded["data"].as_array() {
+            if embedded["has_more"] != true {
+                return Ok(data.iter().map(line_of).collect());
+            }
+        }
+        let reader = self.reader.as_ref().ok_or("no Stripe secret key to read the line items with")?;
+        let path = if session {
+            format!("v1/checkout/sessions/{id}/line_items?limit=100")
+        } else {
+            format!("v1/invoices/{id}/lines?limit=100")
+        };
+        if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`{id}` is not an object id"));
+        }
+        let mut lines = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let page = match &after {
+                None => reader.get(&path).await?,
+                Some(last) => reader.get(&format!("{path}&starting_after={last}")).await?,
+            };
+            let data = page["data"].as_array().ok_or("a list without data")?;
+            lines.extend(data.iter().map(line_of));
+            match (page["has_more"] == true, data.last().and_then(|l| id_of(&l["id"]))) {
+                (true, Some(last)) if last.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
+                    after = Some(last.to_owned());
+                }
+                _ => return Ok(lines),
+            }
+        }
+        Err(format!("more than {} line items", MAX_PAGES * 100))
+    }
+
+    /// The payment intent that paid an invoice (API versions from 2025-03-31 name it only in
+    /// the invoice's payments: `GET /v1/invoice_payments?invoice=…`), for refunds; `None` when
+    /// it cannot be read (the grant is made without it: a refund then finds it by the charge's
+    /// invoice, if the charge names one).
+    async fn invoice_payment(&self, invoice: &str) -> Option<String> {
+        let reader = self.reader.as_ref()?;
+        if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
+        match reader.get(&format!("v1/invoice_payments?invoice={invoice}&limit=10")).await {
+            Ok(page) => page["data"].as_array()?.iter().find_map(|p| {
+                (p["status"] == "paid" && p["payment"]["type"] == "payment_intent")
+                    .then(|| id_of(&p["payment"]["payment_intent"]).map(str::to_owned))
+                    .flatten()
+            }),
+            Err(why) => {
+                tracing::warn!(%invoice, error = %why,
+                    "the invoice's payment intent could not be read: its grant is made without it");
+                None
+            }
+        }
+    }
+}

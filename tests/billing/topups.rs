@@ -1,0 +1,319 @@
+//! Prepaid top-ups from signed Stripe payments, on Stripe's own complete example objects: a
+//! paid checkout grants once however many shapes of the payment arrive, line items are read
+//! from the stand-in's API (a failed read is a 500 and the redelivery grants once), a refund
+//! takes back its share once, and the top-up is seen at once on the node that took it and
+//! within a second on the others.
+#![cfg(feature = "stripe")]
+
+use crate::common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{stripe::StandIn, Harness, NOON};
+use serde_json::{json, Value};
+use tollgate::{
+    admin::Admin,
+    billing::{Secret, WebhookHandler, WebhookOutcome},
+    store::{CreditBalance, KeyHash, MemoryStore, SqliteStore, Store, TenantRecord},
+};
+
+const SECRET: &str = "whsec_topups";
+
+fn config(refunds: &str) -> String {
+    format!(
+        r#"
+[usage]
+store_timeout = "10s"
+[limits]
+directory_ttl = "30s"
+[plans.credits]
+quotas.requests = {{ period = "prepaid" }}
+[stripe.credits]
+meter = "requests"
+refunds = "{refunds}"
+expires_after = "365d"
+prices = {{ price_pack = 100, pack_large = 1000 }}
+"#
+    )
+}
+
+fn fixtures() -> Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stripe_objects.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["resources"].clone()
+}
+
+fn event(id: &str, kind: &str, object: Value) -> String {
+    let mut e = fixtures()["event"].clone();
+    e["id"] = json!(id);
+    e["type"] = json!(kind);
+    e["created"] = json!(NOON - 10);
+    e["data"] = json!({ "object": object });
+    e.to_string()
+}
+
+/// Stripe's example checkout session, completed by `customer`, paid or not.
+fn session(id: &str, customer: &str, paid: bool, invoice: Option<&str>, intent: Option<&str>) -> Value {
+    let mut s = fixtures()["checkout.session"].clone();
+    s["id"] = json!(id);
+    s["customer"] = json!(customer);
+    s["status"] = json!("complete");
+    s["payment_status"] = json!(if paid { "paid" } else { "unpaid" });
+    s["invoice"] = json!(invoice);
+    s["payment_intent"] = json!(intent);
+    s
+}
+
+/// A checkout session's line item on a price with this id and lookup key.
+fn item(id: &str, price: &str, lookup_key: Option<&str>, quantity: u64) -> Value {
+    let mut i = fixtures()["item"].clone();
+    i["id"] = json!(id);
+    i["price"]["id"] = json!(price);
+    i["price"]["lookup_key"] = json!(lookup_key);
+    i["quantity"] = json!(quantity);
+    i
+}
+
+/// Stripe's example invoice, paid by `customer`, with these lines embedded (current API: the
+/// price under `pricing.price_details`).
+fn invoice(id: &str, customer: &str, lines: &[(&str, u64)]) -> Value {
+    let mut inv = fixtures()["invoice"].clone();
+    inv["id"] = json!(id);
+    inv["customer"] = json!(customer);
+    inv["status"] = json!("paid");
+    let data: Vec<Value> = lines
+        .iter()
+        .enumerate()
+        .map(|(n, (price, quantity))| {
+            let mut l = fixtures()["line_item"].clone();
+            l["id"] = json!(format!("il_{id}_{n}"));
+            l["pricing"] = json!({ "type": "price_details", "price_details": { "price": price, "product": "prod_1" },
+                "unit_amount_decimal": "100" });
+            l["quantity"] = json!(quantity);
+            l
+        })
+        .collect();
+    inv["lines"] =
+        json!({ "object": "list", "data": data, "has_more": false, "url": format!("/v1/invoices/{id}/lines") });
+    inv
+}
+
+fn charge(customer: &str, intent: &str, amount: u64, refunded: u64) -> Value {
+    let mut c = fixtures()["charge"].clone();
+    c["customer"] = json!(customer);
+    c["payment_intent"] = json!(intent);
+    c["amount"] = json!(amount);
+    c["amount_captured"] = json!(amount);
+    c["amount_refunded"] = json!(refunded);
+    c["refunded"] = json!(refunded == amount);
+    c
+}
+
+struct Setup {
+    h: Harness,
+    store: Arc<dyn Store>,
+    handler: WebhookHandler,
+    stripe: StandIn,
+    toml: String,
+}
+
+async fn setup(store: Arc<dyn Store>, refunds: &str) -> Setup {
+    let acme = TenantRecord::new("acme".into(), "credits".into()).with_customer("cus_acme");
+    store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let toml = config(refunds);
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    let stripe = StandIn::start(&[]).await;
+    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET)]).with_api_key(
+        Secret::new(common::stripe::SECRET),
+        Some(&stripe.url),
+        Duration::from_secs(5),
+    );
+    Setup { h, store, handler, stripe, toml }
+}
+
+impl Setup {
+    async fn signed(&self, payload: &str) -> (u16, WebhookOutcome) {
+        let signature = stripe_webhook::Webhook::generate_test_header(payload, SECRET, Some(NOON));
+        let reply = self.handler.handle(Some(&signature), payload.as_bytes()).await;
+        (reply.status().as_u16(), reply.outcome)
+    }
+
+    async fn balance(&self) -> CreditBalance {
+        let (_, balances) = Admin::new(self.store.clone()).credits("acme").await.unwrap();
+        balances.into_iter().map(|(_, b)| b).next().unwrap_or_default()
+    }
+
+    /// How many of `n` requests acme gets through now.
+    async fn admitted(&self, n: usize) -> usize {
+        let mut ok = 0;
+        for _ in 0..n {
+            match self.h.status("/", "key-acme").await {
+                200 => ok += 1,
+                402 => {}
+                s => panic!("status {s}"),
+            }
+        }
+        ok
+    }
+}
+
+fn credited(units: u64, grant: &str) -> WebhookOutcome {
+    WebhookOutcome::Credited { tenant: "acme".into(), meter: "requests".into(), units, grant: grant.into() }
+}
+
+/// The stores a fleet's webhooks reach: memory, SQLite, and PostgreSQL (skipped loudly outside
+/// CI without its server).
+macro_rules! on_stores {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test]
+            async fn memory() {
+                super::$test(super::setup(std::sync::Arc::new(super::MemoryStore::new()), "proportional").await).await;
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = super::SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+                super::$test(super::setup(std::sync::Arc::new(store), "proportional").await).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                #[cfg(feature = "postgres")]
+                if let Some((store, _)) = crate::common::postgres::store().await {
+                    super::$test(super::setup(std::sync::Arc::new(store), "proportional").await).await;
+                }
+                #[cfg(not(feature = "postgres"))]
+                assert!(std::env::var_os("CI").is_none(), "CI runs the billing tests with the postgres feature");
+            }
+        }
+    };
+}
+
+on_stores!(one_payment_grants_once_whatever_shapes_of_it_arrive);
+async fn one_payment_grants_once_whatever_shapes_of_it_arrive(s: Setup) {
+    assert_eq!(s.admitted(1).await, 0, "no balance yet");
+    s.stripe.add_lines(
+        "/v1/checkout/sessions/cs_1/line_items",
+        vec![item("li_1", "price_pack", None, 2), item("li_2", "price_other", Some("pack_large"), 1)],
+    );
+    // A delayed payment method: completed unpaid first. Nothing is granted.
+    let unpaid = event("evt_1", "checkout.session.completed", session("cs_1", "cus_acme", false, Some("in_1"), None));
+    assert_eq!(s.signed(&unpaid).await, (200, WebhookOutcome::Ignored));
+    assert_eq!(s.balance().await, CreditBalance::default());
+    // Then paid: 2 packs of 100 and one of 1,000, read from the API.
+    let paid = event(
+        "evt_2",
+        "checkout.session.async_payment_succeeded",
+        session("cs_1", "cus_acme", true, Some("in_1"), Some("pi_1")),
+    );
+    assert_eq!(s.signed(&paid).await, (200, credited(1200, "in_1")));
+    assert_eq!(s.h.tollgate.stats().webhooks_applied, 1);
+    // At once on this node.
+    assert_eq!(s.admitted(3).await, 3);
+    // The same payment's invoice, and the delivery again: nothing more.
+    let inv = event("evt_3", "invoice.paid", invoice("in_1", "cus_acme", &[("price_pack", 2), ("pack_large", 1)]));
+    assert_eq!(s.signed(&inv).await, (200, WebhookOutcome::Duplicate));
+    assert_eq!(s.signed(&paid).await, (200, WebhookOutcome::Duplicate));
+    let b = s.balance().await;
+    assert_eq!(b.granted, 1200);
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    assert_eq!(grants.len(), 1);
+    let g = &grants[0];
+    assert_eq!((g.id.as_str(), g.units, g.payment.as_deref()), ("in_1", 1200, Some("pi_1")));
+    assert_eq!(g.expires_at, Some(NOON - 10 + 365 * 86_400), "expires_after from the payment");
+}
+
+on_stores!(an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_prices_grants_nothing);
+async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_prices_grants_nothing(s: Setup) {
+    let inv = event("evt_1", "invoice.paid", invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]));
+    assert_eq!(s.signed(&inv).await, (200, credited(300, "in_9")));
+    assert_eq!(s.stripe.list_reads(), 1, "only its payment intent was read (none here)");
+    // A subscription checkout for something else: not a credit purchase.
+    s.stripe.add_lines("/v1/checkout/sessions/cs_2/line_items", vec![item("li_9", "price_seat", None, 1)]);
+    let other = event("evt_2", "checkout.session.completed", session("cs_2", "cus_acme", true, None, Some("pi_2")));
+    assert_eq!(s.signed(&other).await, (200, WebhookOutcome::Ignored));
+    // A customer no tenant has.
+    s.stripe.add_lines("/v1/checkout/sessions/cs_3/line_items", vec![item("li_3", "price_pack", None, 1)]);
+    let stranger =
+        event("evt_3", "checkout.session.completed", session("cs_3", "cus_nobody", true, None, Some("pi_3")));
+    assert_eq!(s.signed(&stranger).await, (200, WebhookOutcome::UnknownCustomer));
+    // A forged payment: 400, nothing.
+    let forged = event("evt_4", "checkout.session.completed", session("cs_3", "cus_acme", true, None, Some("pi_4")));
+    let signature = stripe_webhook::Webhook::generate_test_header(&forged, "whsec_forger", Some(NOON));
+    assert_eq!(s.handler.handle(Some(&signature), forged.as_bytes()).await.status().as_u16(), 400);
+    assert_eq!(s.balance().await.granted, 300);
+}
+
+on_stores!(line_items_that_cannot_be_read_answer_500_and_the_redelivery_grants_once);
+async fn line_items_that_cannot_be_read_answer_500_and_the_redelivery_grants_once(s: Setup) {
+    s.stripe.add_lines("/v1/checkout/sessions/cs_1/line_items", vec![item("li_1", "price_pack", None, 5)]);
+    s.stripe.fail_reads(1);
+    let paid = event("evt_1", "checkout.session.completed", session("cs_1", "cus_acme", true, None, Some("pi_1")));
+    let (status, outcome) = s.signed(&paid).await;
+    assert_eq!(status, 500);
+    assert!(matches!(outcome, WebhookOutcome::ApiFailed(_)), "{outcome:?}");
+    assert_eq!(s.balance().await.granted, 0);
+    assert_eq!(s.signed(&paid).await, (200, credited(500, "pi_1")));
+    assert_eq!(s.signed(&paid).await, (200, WebhookOutcome::Duplicate));
+    assert_eq!(s.balance().await.granted, 500);
+    // Metadata units: no read at all; a bad value grants nothing.
+    let reads = s.stripe.list_reads();
+    let mut meta = session("cs_2", "cus_acme", true, None, Some("pi_2"));
+    meta["metadata"] = json!({ "tollgate_units": "250" });
+    assert_eq!(s.signed(&event("evt_2", "checkout.session.completed", meta)).await, (200, credited(250, "pi_2")));
+    let mut bad = session("cs_3", "cus_acme", true, None, Some("pi_3"));
+    bad["metadata"] = json!({ "tollgate_units": "lots" });
+    assert_eq!(s.signed(&event("evt_3", "checkout.session.completed", bad)).await, (200, WebhookOutcome::Ignored));
+    assert_eq!(s.stripe.list_reads(), reads);
+    assert_eq!(s.balance().await.granted, 750);
+}
+
+on_stores!(a_refund_takes_back_its_share_of_what_the_grant_still_holds_once);
+async fn a_refund_takes_back_its_share_of_what_the_grant_still_holds_once(s: Setup) {
+    let mut paid = session("cs_1", "cus_acme", true, None, Some("pi_1"));
+    paid["metadata"] = json!({ "tollgate_units": "100" });
+    assert_eq!(s.signed(&event("evt_1", "checkout.session.completed", paid)).await, (200, credited(100, "pi_1")));
+    assert_eq!(s.admitted(20).await, 20);
+    // Half of the 10.00 refunded: half of what it still holds. The node's lease counts as
+    // used, so the share is of what the fleet has not taken.
+    let half = event("evt_2", "charge.refunded", charge("cus_acme", "pi_1", 1000, 500));
+    let (status, outcome) = s.signed(&half).await;
+    assert_eq!(status, 200);
+    let WebhookOutcome::Refunded { units: first, .. } = outcome else { panic!("{outcome:?}") };
+    assert!((30..=40).contains(&first), "about half of the 60 to 80 left: {first}");
+    assert_eq!(s.signed(&half).await, (200, WebhookOutcome::Duplicate), "once");
+    let rest = event("evt_3", "charge.refunded", charge("cus_acme", "pi_1", 1000, 1000));
+    let (_, outcome) = s.signed(&rest).await;
+    assert!(matches!(outcome, WebhookOutcome::Refunded { .. }), "{outcome:?}");
+    // Everything left was taken back: the units used stay billed, nothing more is served.
+    assert_eq!(s.admitted(100).await, 0);
+    // Units a node held in its lease counted as used at the refund (as at an expiry): what it
+    // did not use comes back to the balance when the lease is returned, at most that lease.
+    s.h.tollgate.shutdown().await.unwrap();
+    let b = s.balance().await;
+    assert_eq!(b.reserved, 20, "{b:?}");
+    assert!(b.granted >= 20 && b.granted - 20 <= 8, "at most the one lease this node held: {b:?}");
+    // A refund of a payment that bought no credits goes on (nothing here).
+    let other = event("evt_4", "charge.refunded", charge("cus_acme", "pi_other", 1000, 1000));
+    assert_eq!(s.signed(&other).await, (200, WebhookOutcome::Ignored));
+}
+
+#[tokio::test]
+async fn with_refunds_unspent_any_refund_takes_all_that_is_left_and_a_node_sees_a_top_up_within_a_second() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let s = setup(store.clone(), "unspent").await;
+    // Another node of the fleet, on the same store and clock time.
+    let other = Harness::with_store(&s.toml, store.clone(), NOON);
+    assert_eq!(other.status("/", "key-acme").await, 402);
+    let mut paid = session("cs_1", "cus_acme", true, None, Some("pi_1"));
+    paid["metadata"] = json!({ "tollgate_units": "50" });
+    assert_eq!(s.signed(&event("evt_1", "checkout.session.completed", paid)).await, (200, credited(50, "pi_1")));
+    // The other node trusts the store's "spent" for up to a second, then asks again: well
+    // within directory_ttl.
+    other.clock.advance(Duration::from_millis(1100));
+    assert_eq!(other.status("/", "key-acme").await, 200);
+    other.tollgate.shutdown().await.unwrap();
+    let tenth = event("evt_2", "charge.refunded", charge("cus_acme", "pi_1", 1000, 100));
+    assert!(matches!(s.signed(&tenth).await, (200, WebhookOutcome::Refunded { .. })));
+    assert_eq!(s.admitted(5).await, 0, "a tenth refunded took all that was left");
+}
