@@ -38,6 +38,8 @@ pub mod guide {
     pub mod stripe {}
     #[doc = include_str!("../docs/metronome.md")]
     pub mod metronome {}
+    #[doc = include_str!("../docs/credits.md")]
+    pub mod credits {}
     #[doc = include_str!("../docs/events.md")]
     pub mod events {}
     #[doc = include_str!("../docs/performance.md")]
