@@ -2,12 +2,20 @@
 //! `valgrind --tool=callgrind` sees only it, and prints its ns per request. Usage:
 //! `cargo bench --bench profile -- <case> <tenants> <iterations> [threads]`
 //! where case is one of the benchmark's: bare, tower_governor, tower_governor_headers,
-//! tollgate, tollgate_headers, tollgate_defaults. `scripts/compare.sh` (interleaved medians)
+//! tollgate, tollgate_headers, tollgate_defaults, tollgate_credits (a prepaid balance instead of
+//! the month quota). `scripts/compare.sh` (interleaved medians)
 //! and `scripts/instructions.sh` (callgrind counts per request) drive it. Under `cargo test
 //! --benches` (no case given) it runs every case a thousand times, as a smoke test.
 
-const CASES: [&str; 6] =
-    ["bare", "tower_governor", "tower_governor_headers", "tollgate", "tollgate_headers", "tollgate_defaults"];
+const CASES: [&str; 7] = [
+    "bare",
+    "tower_governor",
+    "tower_governor_headers",
+    "tollgate",
+    "tollgate_headers",
+    "tollgate_defaults",
+    "tollgate_credits",
+];
 
 #[path = "support/mod.rs"]
 mod support;
@@ -41,6 +49,9 @@ fn one(case: &str, tenants: usize, iters: u64, threads: usize) {
         }
         "tollgate_defaults" => {
             time(&support::tollgate_service(tenants, "draft", true, &rt), &keys, iters, threads, &rt)
+        }
+        "tollgate_credits" => {
+            time(&support::tollgate_service_on(tenants, "none", false, true, &rt), &keys, iters, threads, &rt)
         }
         other => panic!("unknown case {other}"),
     };

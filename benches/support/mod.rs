@@ -123,6 +123,18 @@ pub(crate) fn tollgate_service(
     context: bool,
     rt: &tokio::runtime::Runtime,
 ) -> tollgate::TollgateService<Bare> {
+    tollgate_service_on(tenants, headers, context, false, rt)
+}
+
+/// [`tollgate_service`], with `prepaid`: each tenant's requests spend a prepaid balance (a
+/// grant of 10^12 units each) instead of a month quota.
+pub(crate) fn tollgate_service_on(
+    tenants: usize,
+    headers: &str,
+    context: bool,
+    prepaid: bool,
+    rt: &tokio::runtime::Runtime,
+) -> tollgate::TollgateService<Bare> {
     // TOLLGATE_BENCH_NO_REFILL=1: leases no run exhausts and no flush during a run, so that
     // only the request path is counted (the same with any store); without it, the counts
     // include the store's share of each request (refills and flushes).
@@ -138,8 +150,13 @@ pub(crate) fn tollgate_service(
         # A rate no benchmark reaches: every request is admitted (and recorded).
         [plans.bench]
         rate = "1000000000/s"
-        quotas.requests = {{ limit = 1000000000000, period = "month", mode = "hard"{lease} }}
-        "#
+        quotas.requests = {quota}
+        "#,
+        quota = if prepaid {
+            format!("{{ period = \"prepaid\"{lease} }}")
+        } else {
+            format!("{{ limit = 1000000000000, period = \"month\", mode = \"hard\"{lease} }}")
+        }
     ))
     .unwrap();
     let store = bench_store(rt);
@@ -147,6 +164,16 @@ pub(crate) fn tollgate_service(
         for i in 0..tenants {
             let record = TenantRecord::new(format!("t{i}").into(), "bench".into());
             store.put_tenant(&record, &[KeyHash::of(key(i).as_bytes())]).await.unwrap();
+            if prepaid {
+                let grant = tollgate::store::CreditGrant::new(
+                    format!("t{i}").into(),
+                    "requests".into(),
+                    "bench",
+                    1_000_000_000_000,
+                    0,
+                );
+                store.grant_credits(&grant).await.unwrap();
+            }
         }
     });
     let (engine, worker) = Tollgate::builder(config).store_arc(store).build();

@@ -202,6 +202,8 @@ impl Leases {
         // the last answer said was left, so the store's rule rarely has to cut the ask. (A
         // balance's limit is the last one the store gave: a top-up since is seen on this call.)
         let size = match limit {
+            // A balance before its first answer: nothing is known of it; the store's rule alone.
+            Some(_) if cell.limit() == 0 && cell.known_reserved() == 0 => size,
             Some(_) => size.min(cell.limit().saturating_sub(cell.known_reserved()).div_ceil(SHRINK).max(1)),
             None => size,
         };

@@ -145,6 +145,23 @@ async fn reported_usage_takes_a_balance_below_zero_and_the_next_grant_pays_it_fi
     assert_eq!((b.granted, b.reserved), (30, 30));
 }
 
+/// A balance is spent from leases like any hard quota, not with a store call per request: the
+/// first lease is the configured size (nothing is known of the balance before the store's first
+/// answer, and the store's own rule keeps it to an eighth of what is left).
+#[tokio::test]
+async fn a_balance_is_spent_from_leases_not_a_store_call_per_request() {
+    let store = Arc::new(common::Faulty::default());
+    let toml = common::one_tenant("quotas.requests = { period = \"prepaid\", lease = 50 }");
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    Admin::for_engine(&h.tollgate).grant_credits("t", "requests", 1000, None, "pi_1").await.unwrap();
+    let before = store.quota_calls.load(Ordering::SeqCst);
+    for _ in 0..40 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    let calls = store.quota_calls.load(Ordering::SeqCst) - before;
+    assert!(calls <= 3, "{calls} store calls for 40 requests on a lease of 50");
+}
+
 #[tokio::test]
 async fn thresholds_fire_on_balances_by_percent_and_by_units_left() {
     let config = Config::from_toml_str(&toml("[usage]\nnotify_at = [50]\nnotify_left = [2]")).unwrap();
