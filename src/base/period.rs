@@ -91,7 +91,8 @@ fn last_day_of_month(year: i32, month: u32) -> u32 {
 /// What a quota does once the tenant's limit is spent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuotaMode {
-    /// Reject further requests with 429 until the period ends.
+    /// Reject further requests with 429 until the period ends (a prepaid balance: 402 until a
+    /// grant tops it up).
     Hard,
     /// Admit further requests and count them as overage.
     Soft,

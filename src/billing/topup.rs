@@ -32,6 +32,17 @@ pub(crate) const METER_KEY: &str = "tollgate_meter";
 /// The most pages of line items (100 each) read for one payment.
 const MAX_PAGES: usize = 10;
 
+/// Why a payment's line items were not read.
+#[derive(Debug)]
+enum LinesError {
+    /// No secret key to read them with.
+    NoKey,
+    /// More than [`MAX_PAGES`] pages of them.
+    TooMany,
+    /// The API failed (an error, a timeout): the delivery is answered 500, to come again.
+    Read(String),
+}
+
 /// A line item of a payment: the price's id and lookup key, and the quantity bought.
 #[derive(Debug)]
 struct Line {
@@ -46,7 +57,18 @@ fn id_of(v: &Value) -> Option<&str> {
 
 /// A line item of a checkout session (`item`) or an invoice (`line_item`), in any API version:
 /// `price` (an id or an object with `id` and `lookup_key`) or, from 2025, `pricing.price_details.price`.
+/// A line that charges nothing (an amount of 0 or less: a credit for unused time, a free
+/// trial) or prorates buys nothing: proration lines carry the full quantity for part of the
+/// price.
 fn line_of(v: &Value) -> Line {
+    let amount = v["amount"].as_i64().or_else(|| v["amount_total"].as_i64());
+    let parent = &v["parent"];
+    let prorated = v["proration"] == true
+        || parent["subscription_item_details"]["proration"] == true
+        || parent["invoice_item_details"]["proration"] == true;
+    if amount.is_some_and(|a| a <= 0) || prorated {
+        return Line { keys: Vec::new(), quantity: 0 };
+    }
     let mut keys = Vec::new();
     for price in [&v["price"], &v["pricing"]["price_details"]["price"], &v["plan"]] {
         if let Some(id) = id_of(price) {
@@ -79,7 +101,12 @@ impl WebhookHandler {
         };
         let body: Value = serde_json::from_str(payload).ok()?;
         let o = &body["data"]["object"];
-        let paid = if session { o["payment_status"] == "paid" } else { o["status"] == "paid" };
+        // Paid, and for money: a free trial's or a fully discounted invoice is paid too.
+        let paid = if session {
+            o["payment_status"] == "paid" && o["amount_total"].as_i64().is_some_and(|a| a > 0)
+        } else {
+            o["status"] == "paid" && o["amount_paid"].as_i64().is_some_and(|a| a > 0)
+        };
         if !paid {
             // A delayed payment method: `checkout.session.async_payment_succeeded` follows.
             tracing::info!(%event, %kind, "Stripe payment not paid yet: nothing granted");
@@ -116,7 +143,19 @@ impl WebhookHandler {
             None => {
                 let lines = match self.lines(o, object, session).await {
                     Ok(lines) => lines,
-                    Err(why) => {
+                    Err(LinesError::NoKey) => {
+                        // Not retried: a delivery cannot succeed until a key is set.
+                        tracing::error!(%event, %kind, object = %object,
+                            "a paid payment whose line items need reading, and no Stripe secret key: no credits \
+                             granted (set STRIPE_SECRET_KEY, or tollgate_units metadata); it goes on to the plans");
+                        return None;
+                    }
+                    Err(LinesError::TooMany) => {
+                        tracing::error!(%event, object = %object,
+                            "a payment of more than {} line items: no credits granted; grant by hand", MAX_PAGES * 100);
+                        return Some(WebhookOutcome::Ignored);
+                    }
+                    Err(LinesError::Read(why)) => {
                         tracing::error!(%event, %kind, object = %object, error = %why,
                             "the payment's line items could not be read from Stripe: answered 500, so Stripe \
                              delivers it again");
@@ -149,35 +188,64 @@ impl WebhookHandler {
             return Some(WebhookOutcome::Ignored);
         }
         let Some(customer) = id_of(&o["customer"]) else {
-            tracing::warn!(%event, object = %object, "paid object without a customer: nothing granted");
+            tracing::error!(%event, object = %object, units,
+                "a payment for prepaid credits without a customer: nothing granted; grant by hand");
             return Some(WebhookOutcome::Ignored);
         };
         let tenant = match self.tenant_of(config, customer).await {
             Ok(Some(t)) => t,
             Ok(None) => {
+                // Paid for: retried (Stripe delivers again for three days), in case the tenant
+                // is given its customer after the checkout.
                 tracing::error!(%event, %customer, units,
-                    "a payment for prepaid credits by a customer no tenant has: nothing granted");
-                return Some(WebhookOutcome::UnknownCustomer);
+                    "a payment for prepaid credits by a customer no tenant has yet: answered 500 so Stripe delivers \
+                     it again; set the tenant's customer (tollgate tenants set-customer)");
+                return Some(WebhookOutcome::StoreFailed(format!("no tenant has the customer {customer}")));
             }
             Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
         };
         let payment = match id_of(&o["payment_intent"]) {
             Some(p) => Some(p.to_owned()),
-            None if !session => self.invoice_payment(object).await,
+            None if !session => match self.invoice_payment(object).await {
+                Ok(p) => p,
+                Err(why) => {
+                    tracing::error!(%event, invoice = %object, error = %why,
+                        "the invoice's payment intent could not be read (for refunds): answered 500 so Stripe \
+                         delivers it again");
+                    return Some(WebhookOutcome::ApiFailed(why));
+                }
+            },
             None => None,
         };
         let Some(quota) = &self.quota else {
             tracing::error!(%event, "[stripe.credits] on a webhook handler without a quota store (WebhookHandler::with_quota)");
             return Some(WebhookOutcome::StoreFailed("no quota store to grant credits in".into()));
         };
+        // One payment, one grant, whatever meter each shape of it names.
+        match quota.credit_grants(&tenant, None).await {
+            Ok((grants, _)) if grants.iter().any(|g| g.id == grant_id) => return Some(WebhookOutcome::Duplicate),
+            Ok(_) => {}
+            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+        }
         let now = self.clock.unix_secs();
         let created = body["created"].as_i64().unwrap_or(now);
-        let expires_at = credits.expires_after.map(|d| created.saturating_add(d.as_secs() as i64));
+        let expires_at =
+            credits.expires_after.map(|d| created.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
         let mut grant = CreditGrant::new(tenant.clone(), meter.clone(), grant_id, units, now).expiring(expires_at);
         if let Some(p) = payment {
             grant = grant.paid_by(p);
         }
-        match quota.grant_credits(&grant).await {
+        let mut outcome = quota.grant_credits(&grant).await;
+        if matches!(outcome, Ok(GrantOutcome::TooMany)) {
+            // Grants used up stay open until they expire: closed (they hold nothing), and
+            // the grant made again.
+            match crate::store::close_spent(&**quota, &tenant, &meter, now).await {
+                Ok(0) => {}
+                Ok(_) => outcome = quota.grant_credits(&grant).await,
+                Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+            }
+        }
+        match outcome {
             Ok(GrantOutcome::Granted(balance)) => {
                 // At once on this node: its next request asks the store again.
                 self.node.tenant_changed(&tenant);
@@ -262,30 +330,31 @@ impl WebhookHandler {
 
     /// The line items of a paid checkout session or invoice: those the object embeds, and the
     /// rest read from the API.
-    async fn lines(&self, o: &Value, id: &str, session: bool) -> Result<Vec<Line>, String> {
+    async fn lines(&self, o: &Value, id: &str, session: bool) -> Result<Vec<Line>, LinesError> {
         let embedded = if session { &o["line_items"] } else { &o["lines"] };
         if let Some(data) = embedded["data"].as_array() {
             if embedded["has_more"] != true {
                 return Ok(data.iter().map(line_of).collect());
             }
         }
-        let reader = self.reader.as_ref().ok_or("no Stripe secret key to read the line items with")?;
+        let reader = self.reader.as_ref().ok_or(LinesError::NoKey)?;
         let path = if session {
             format!("v1/checkout/sessions/{id}/line_items?limit=100")
         } else {
             format!("v1/invoices/{id}/lines?limit=100")
         };
         if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`{id}` is not an object id"));
+            return Err(LinesError::Read(format!("`{id}` is not an object id")));
         }
         let mut lines = Vec::new();
         let mut after: Option<String> = None;
         for _ in 0..MAX_PAGES {
             let page = match &after {
-                None => reader.get(&path).await?,
-                Some(last) => reader.get(&format!("{path}&starting_after={last}")).await?,
-            };
-            let data = page["data"].as_array().ok_or("a list without data")?;
+                None => reader.get(&path).await,
+                Some(last) => reader.get(&format!("{path}&starting_after={last}")).await,
+            }
+            .map_err(LinesError::Read)?;
+            let data = page["data"].as_array().ok_or_else(|| LinesError::Read("a list without data".into()))?;
             lines.extend(data.iter().map(line_of));
             match (page["has_more"] == true, data.last().and_then(|l| id_of(&l["id"]))) {
                 (true, Some(last)) if last.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
@@ -294,29 +363,25 @@ impl WebhookHandler {
                 _ => return Ok(lines),
             }
         }
-        Err(format!("more than {} line items", MAX_PAGES * 100))
+        Err(LinesError::TooMany)
     }
 
     /// The payment intent that paid an invoice (API versions from 2025-03-31 name it only in
     /// the invoice's payments: `GET /v1/invoice_payments?invoice=…`), for refunds; `None` when
-    /// it cannot be read (the grant is made without it: a refund then finds it by the charge's
-    /// invoice, if the charge names one).
-    async fn invoice_payment(&self, invoice: &str) -> Option<String> {
-        let reader = self.reader.as_ref()?;
+    /// there is no key to read it with (the grant is made without it: a refund then finds it
+    /// by the charge's invoice, if the charge names one); an error when the read failed.
+    async fn invoice_payment(&self, invoice: &str) -> Result<Option<String>, String> {
+        let Some(reader) = self.reader.as_ref() else { return Ok(None) };
         if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return None;
+            return Ok(None);
         }
-        match reader.get(&format!("v1/invoice_payments?invoice={invoice}&limit=10")).await {
-            Ok(page) => page["data"].as_array()?.iter().find_map(|p| {
+        let page = reader.get(&format!("v1/invoice_payments?invoice={invoice}&limit=10")).await?;
+        Ok(page["data"].as_array().and_then(|payments| {
+            payments.iter().find_map(|p| {
                 (p["status"] == "paid" && p["payment"]["type"] == "payment_intent")
                     .then(|| id_of(&p["payment"]["payment_intent"]).map(str::to_owned))
                     .flatten()
-            }),
-            Err(why) => {
-                tracing::warn!(%invoice, error = %why,
-                    "the invoice's payment intent could not be read: its grant is made without it");
-                None
-            }
-        }
+            })
+        }))
     }
 }

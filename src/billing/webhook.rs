@@ -417,7 +417,13 @@ impl WebhookHandler {
         // transitions.
         if let Some(credits) = &settings.credits {
             if let Some(outcome) = self.payment_event(&config, credits, &fields.id, &fields.kind, payload).await {
-                return outcome;
+                // A payment whose event is also a configured plan transition moves the plan too
+                // (once its credits are settled: a failure is delivered again, whole).
+                let failed = matches!(outcome, WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_));
+                if failed || !settings.events.contains_key(&fields.kind) {
+                    return outcome;
+                }
+                tracing::info!(event = %fields.id, kind = %fields.kind, ?outcome, "credits settled; now the plan transition");
             }
         }
         if let Some(subscription) = fields.subscription.clone() {

@@ -1481,7 +1481,8 @@ impl Validator<'_, '_> {
                         format!(
                             "a hard quota on `{meter}`, but no route charges it (`meter`) or reports it \
                              (`reports = [\"{meter}\"]`), so nothing would ever be rejected: list it in the \
-                             `reports` of the routes whose handler records it, or make the quota soft"
+                             `reports` of the routes whose handler records it{}",
+                            if quota.period == Period::Prepaid { "" } else { ", or make the quota soft" }
                         ),
                     ));
                 }

@@ -116,7 +116,10 @@ impl Tollgate {
 
     /// The bounds of the quota period of `meter` holding `at`, if the meter has a quota.
     fn period_of(state: &Tenant, meter: usize, at: i64) -> Option<(i64, i64)> {
-        state.quota(meter).map(|cell| cell.window(at))
+        // A balance's one counter, whatever the time.
+        state
+            .quota(meter)
+            .map(|cell| if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { cell.window(at) })
     }
 
     /// Records usage events in one store call, each at most once per id, and returns one
@@ -355,6 +358,8 @@ impl Tollgate {
             return Ok(None);
         };
         let period = cell.spec.period();
+        // A prepaid balance has one counter whatever the event's time: it is spent now.
+        let at = if cell.prepaid() { now } else { at };
         // A period already over never refuses (its counter is left alone).
         let (start, end) = cell.window(at);
         if quantity == 0 || end <= now {

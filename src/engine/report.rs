@@ -34,7 +34,8 @@ pub struct QuotaUsage {
     pub meter: MeterId,
     /// The quota's period.
     pub period: Period,
-    /// The current period, `[start, end)` in Unix seconds.
+    /// The current period, `[start, end)` in Unix seconds (a prepaid balance: the bounds of its
+    /// one counter, `Period::Prepaid.bounds`, which never ends in practice).
     pub start: i64,
     /// Its end.
     pub end: i64,

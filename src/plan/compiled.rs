@@ -213,7 +213,13 @@ impl CompiledPlan {
     /// What a quota call for `meter` does when the store does not answer: the policy set in
     /// the file, else the quota's mode (a hard quota fails closed, it is never passed; a soft
     /// one, or none, fails open).
+    /// A prepaid balance always fails closed: no work is served on credit the store cannot
+    /// check, whatever `on_store_error` says.
     pub(crate) fn quota_policy(&self, meter: usize) -> StoreErrorPolicy {
+        let quota = self.quota_of.get(meter).copied().flatten().map(|q| &self.quotas[usize::from(q)].1);
+        if quota.is_some_and(|q| q.period() == Period::Prepaid) {
+            return StoreErrorPolicy::FailClosed;
+        }
         if self.on_store_error_set {
             return self.on_store_error;
         }

@@ -335,7 +335,8 @@ impl Lease {
 const UNLEASED_PERIODS: usize = 4;
 
 /// A quota period packed in 32 bits: its end in hours since the epoch (22 bits: until 2448)
-/// and its length in hours (10 bits: up to 42 days). Periods start and end at midnight UTC.
+/// and its length in hours (10 bits: up to 42 days). Calendar periods start and end at
+/// midnight UTC; a prepaid balance's lease windows are 512 hours long, on whole hours.
 pub(crate) struct PeriodBits;
 
 impl PeriodBits {

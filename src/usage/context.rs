@@ -55,12 +55,13 @@ macro_rules! feature {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QuotaStatus {
-    /// The plan's limit for the period.
+    /// The plan's limit for the period (a prepaid balance: its open grants as the store last
+    /// said to this node; 0 before this node's first lease of it).
     pub limit: u64,
     /// The units left in the period, across the fleet as last known here (units leased by
     /// other nodes count as used). Past a soft limit, 0.
     pub remaining: u64,
-    /// Seconds until the period resets.
+    /// Seconds until the period resets (0 for a prepaid balance, which never resets).
     pub reset_secs: u64,
 }
 
@@ -172,7 +173,8 @@ impl TenantContext {
         Some(QuotaStatus {
             limit,
             remaining: remaining.saturating_sub(unleased),
-            reset_secs: (end - now).max(0) as u64,
+            // A balance never resets.
+            reset_secs: if cell.prepaid() { 0 } else { (end - now).max(0) as u64 },
         })
     }
 

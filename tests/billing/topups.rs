@@ -26,8 +26,14 @@ fn config(refunds: &str) -> String {
 store_timeout = "10s"
 [limits]
 directory_ttl = "30s"
+[meters.tokens]
+event_name = "tokens"
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
 [plans.credits]
 quotas.requests = {{ period = "prepaid" }}
+quotas.tokens = {{ period = "prepaid" }}
 [stripe.credits]
 meter = "requests"
 refunds = "{refunds}"
@@ -59,6 +65,7 @@ fn session(id: &str, customer: &str, paid: bool, invoice: Option<&str>, intent: 
     s["customer"] = json!(customer);
     s["status"] = json!("complete");
     s["payment_status"] = json!(if paid { "paid" } else { "unpaid" });
+    s["amount_total"] = json!(1000);
     s["invoice"] = json!(invoice);
     s["payment_intent"] = json!(intent);
     s
@@ -71,6 +78,7 @@ fn item(id: &str, price: &str, lookup_key: Option<&str>, quantity: u64) -> Value
     i["price"]["id"] = json!(price);
     i["price"]["lookup_key"] = json!(lookup_key);
     i["quantity"] = json!(quantity);
+    i["amount_total"] = json!(500);
     i
 }
 
@@ -81,6 +89,7 @@ fn invoice(id: &str, customer: &str, lines: &[(&str, u64)]) -> Value {
     inv["id"] = json!(id);
     inv["customer"] = json!(customer);
     inv["status"] = json!("paid");
+    inv["amount_paid"] = json!(1000);
     let data: Vec<Value> = lines
         .iter()
         .enumerate()
@@ -90,6 +99,10 @@ fn invoice(id: &str, customer: &str, lines: &[(&str, u64)]) -> Value {
             l["pricing"] = json!({ "type": "price_details", "price_details": { "price": price, "product": "prod_1" },
                 "unit_amount_decimal": "100" });
             l["quantity"] = json!(quantity);
+            l["amount"] = json!(500);
+            l["parent"] = json!({ "type": "invoice_item_details", "invoice_item_details":
+                { "invoice_item": "ii_1", "proration": false, "proration_details": { "credited_items": null },
+                  "subscription": null }, "subscription_item_details": null });
             l
         })
         .collect();
@@ -225,23 +238,71 @@ async fn one_payment_grants_once_whatever_shapes_of_it_arrive(s: Setup) {
 
 on_stores!(an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_prices_grants_nothing);
 async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_prices_grants_nothing(s: Setup) {
+    // The invoice names its payment intent only in its payments (API versions from 2025).
+    let mut payment = fixtures()["invoice_payment"].clone();
+    payment["id"] = json!("inpay_1");
+    payment["invoice"] = json!("in_9");
+    payment["status"] = json!("paid");
+    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_9" });
+    s.stripe.add_invoice_payments("in_9", vec![payment]);
     let inv = event("evt_1", "invoice.paid", invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]));
     assert_eq!(s.signed(&inv).await, (200, credited(300, "in_9")));
-    assert_eq!(s.stripe.list_reads(), 1, "only its payment intent was read (none here)");
+    assert_eq!(s.stripe.list_reads(), 1, "only its payment intent was read");
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    assert_eq!(grants[0].payment.as_deref(), Some("pi_9"));
+    // So its refund finds it.
+    let refund = event("evt_9", "charge.refunded", charge("cus_acme", "pi_9", 1000, 1000));
+    let outcome = WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 300 };
+    assert_eq!(s.signed(&refund).await, (200, outcome));
     // A subscription checkout for something else: not a credit purchase.
     s.stripe.add_lines("/v1/checkout/sessions/cs_2/line_items", vec![item("li_9", "price_seat", None, 1)]);
     let other = event("evt_2", "checkout.session.completed", session("cs_2", "cus_acme", true, None, Some("pi_2")));
     assert_eq!(s.signed(&other).await, (200, WebhookOutcome::Ignored));
-    // A customer no tenant has.
+    // A customer no tenant has yet: paid for, so delivered again (500) until one has it.
     s.stripe.add_lines("/v1/checkout/sessions/cs_3/line_items", vec![item("li_3", "price_pack", None, 1)]);
     let stranger =
         event("evt_3", "checkout.session.completed", session("cs_3", "cus_nobody", true, None, Some("pi_3")));
-    assert_eq!(s.signed(&stranger).await, (200, WebhookOutcome::UnknownCustomer));
+    assert_eq!(s.signed(&stranger).await.0, 500);
+    // A free trial's invoice, a fully discounted one: paid, for nothing.
+    let mut free = invoice("in_free", "cus_acme", &[("price_pack", 5)]);
+    free["amount_paid"] = json!(0);
+    assert_eq!(s.signed(&event("evt_5", "invoice.paid", free)).await, (200, WebhookOutcome::Ignored));
+    // Proration lines (a quantity changed mid-period) and credits for unused time buy nothing.
+    let mut prorated = invoice("in_pro", "cus_acme", &[("price_pack", 10), ("price_pack", 1)]);
+    prorated["lines"]["data"][0]["parent"]["invoice_item_details"]["proration"] = json!(true);
+    prorated["lines"]["data"][1]["amount"] = json!(-450);
+    assert_eq!(s.signed(&event("evt_6", "invoice.paid", prorated)).await, (200, WebhookOutcome::Ignored));
     // A forged payment: 400, nothing.
     let forged = event("evt_4", "checkout.session.completed", session("cs_3", "cus_acme", true, None, Some("pi_4")));
     let signature = stripe_webhook::Webhook::generate_test_header(&forged, "whsec_forger", Some(NOON));
     assert_eq!(s.handler.handle(Some(&signature), forged.as_bytes()).await.status().as_u16(), 400);
-    assert_eq!(s.balance().await.granted, 300);
+    assert_eq!(s.balance().await.granted, 0);
+}
+
+on_stores!(the_shapes_of_one_payment_grant_once_even_on_different_meters);
+async fn the_shapes_of_one_payment_grant_once_even_on_different_meters(s: Setup) {
+    // The session names another balance in its metadata; its invoice does not.
+    let mut paid = session("cs_1", "cus_acme", true, Some("in_1"), Some("pi_1"));
+    paid["metadata"] = json!({ "tollgate_units": "70", "tollgate_meter": "tokens" });
+    let credited_tokens =
+        WebhookOutcome::Credited { tenant: "acme".into(), meter: "tokens".into(), units: 70, grant: "in_1".into() };
+    assert_eq!(s.signed(&event("evt_1", "checkout.session.completed", paid)).await, (200, credited_tokens));
+    let inv = event("evt_2", "invoice.paid", invoice("in_1", "cus_acme", &[("price_pack", 2)]));
+    assert_eq!(s.signed(&inv).await, (200, WebhookOutcome::Duplicate));
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    assert_eq!(grants.len(), 1, "{grants:?}");
+}
+
+#[tokio::test]
+async fn without_a_secret_key_a_payment_needing_its_line_items_is_not_retried_forever() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let s = setup(store.clone(), "proportional").await;
+    let handler = WebhookHandler::new(s.h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let payload = event("evt_1", "checkout.session.completed", session("cs_1", "cus_acme", true, None, Some("pi_1")));
+    let signature = stripe_webhook::Webhook::generate_test_header(&payload, SECRET, Some(NOON));
+    let reply = handler.handle(Some(&signature), payload.as_bytes()).await;
+    assert_eq!((reply.status().as_u16(), reply.outcome), (200, WebhookOutcome::Ignored));
+    assert_eq!(s.balance().await.granted, 0);
 }
 
 on_stores!(line_items_that_cannot_be_read_answer_500_and_the_redelivery_grants_once);

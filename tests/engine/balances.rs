@@ -162,6 +162,66 @@ async fn a_balance_is_spent_from_leases_not_a_store_call_per_request() {
     assert!(calls <= 3, "{calls} store calls for 40 requests on a lease of 50");
 }
 
+/// A usage event of work already done spends the balance whatever its time: one dated in an
+/// earlier lease window (512 hours) is not let off, and takes the balance below zero.
+#[tokio::test]
+async fn a_usage_event_of_an_earlier_window_spends_the_balance() {
+    let h = Harness::new(&toml(""));
+    let admin = Admin::for_engine(&h.tollgate);
+    admin.grant_credits("t", "requests", 100, None, "pi_r").await.unwrap();
+    admin.grant_credits("t", "tokens", 10, None, "pi_t").await.unwrap();
+    // A window starts every 512 hours: the last one began less than 512 hours ago; an hour
+    // before it is an earlier window, well within an event's age limit.
+    let window = 512 * 3600;
+    let at = NOON - NOON.rem_euclid(window) - 3600;
+    let event = tollgate::events::Event::new(
+        "job-1",
+        "t".into(),
+        "tokens".into(),
+        25,
+        std::time::UNIX_EPOCH + Duration::from_secs(at as u64),
+    );
+    h.tollgate.record_event(event).await.unwrap();
+    assert_eq!(h.status("/tokens/1", "key-t").await, 402, "the balance is below zero");
+    h.tollgate.shutdown().await.unwrap();
+    let b = balance(&admin, "tokens").await;
+    assert_eq!((b.granted, b.reserved), (10, 25), "billed past the balance");
+}
+
+/// A balance fails closed when the quota store does not answer, whatever `on_store_error`
+/// says: no work is served on credit the store cannot check.
+#[tokio::test]
+async fn a_balance_fails_closed_whatever_on_store_error_says() {
+    let store = Arc::new(common::Faulty::default());
+    let toml = toml("[usage]\non_store_error = \"fail-open\"\nstore_timeout = \"100ms\"");
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    store.down.store(true, Ordering::SeqCst);
+    let r = h.get("/", "key-t").await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+}
+
+/// Top-ups that never expire pile up as grants; once a tenant holds the most open grants,
+/// those used up are closed (losing nothing) to make room.
+#[tokio::test]
+async fn grants_used_up_are_closed_to_make_room_for_a_new_one() {
+    let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let admin = Admin::new(store.clone()).with_config(Config::from_toml_str(&toml("")).unwrap());
+    let max = tollgate::store::contract::OPEN_GRANTS_MAX as u64;
+    for i in 0..max {
+        admin.grant_credits("t", "tokens", 1, None, &format!("pi_{i}")).await.unwrap();
+    }
+    // All but the last 10 used.
+    let (start, end) = tollgate::config::Period::Prepaid.bounds(0);
+    let key =
+        tollgate::store::QuotaKey::new("t".into(), "tokens".into(), tollgate::config::Period::Prepaid, start, end);
+    let used = tollgate::store::Reservation::new(key, max - 10, 0, None, tollgate::store::ReserveToken::new(1, 1));
+    assert_eq!(store.reserve(&used).await.unwrap().granted, max - 10);
+    let outcome = admin.grant_credits("t", "tokens", 5, None, "pi_more").await.unwrap();
+    assert!(matches!(outcome, tollgate::store::GrantOutcome::Granted(_)), "{outcome:?}");
+    let b = balance(&admin, "tokens").await;
+    assert_eq!(b.left(), 15, "nothing lost: {b:?}");
+}
+
 #[tokio::test]
 async fn thresholds_fire_on_balances_by_percent_and_by_units_left() {
     let config = Config::from_toml_str(&toml("[usage]\nnotify_at = [50]\nnotify_left = [2]")).unwrap();
