@@ -503,15 +503,8 @@ impl Admin {
                 "`{grant_id}` is not a grant id: 1 to 255 visible ASCII characters"
             )));
         }
-        let grant = CreditGrant::new(tenant.clone(), meter.clone(), grant_id, units, now).expiring(expires_at);
-        let quota = self.quota()?;
-        let mut outcome = quota.grant_credits(&grant).await?;
-        if matches!(outcome, GrantOutcome::TooMany)
-            && crate::store::close_spent(&**quota, &tenant, &meter, now).await? > 0
-        {
-            // Grants used up closed: room for this one.
-            outcome = quota.grant_credits(&grant).await?;
-        }
+        let grant = CreditGrant::new(tenant.clone(), meter, grant_id, units, now).expiring(expires_at);
+        let outcome = self.quota()?.grant_credits(&grant).await?;
         self.changed(&tenant);
         Ok(outcome)
     }

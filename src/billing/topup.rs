@@ -18,7 +18,7 @@
 
 use serde_json::Value;
 
-use super::webhook::{WebhookHandler, WebhookOutcome};
+use super::webhook::{ReadError, WebhookHandler, WebhookOutcome};
 use crate::{
     config::{Config, CreditSettings, MeterId, RefundPolicy, TenantId},
     store::{contract::MAX_BALANCE, CreditGrant, CreditRefund, GrantOutcome},
@@ -29,6 +29,8 @@ use crate::{
 pub(crate) const UNITS_KEY: &str = "tollgate_units";
 /// The metadata key that names the balance's meter, instead of `[stripe.credits] meter`.
 pub(crate) const METER_KEY: &str = "tollgate_meter";
+/// How long after a payment its unknown customer is answered 500 (delivered again).
+const UNKNOWN_CUSTOMER_GRACE_SECS: i64 = 86_400;
 /// The most pages of line items (100 each) read for one payment.
 const MAX_PAGES: usize = 10;
 
@@ -39,15 +41,17 @@ enum LinesError {
     NoKey,
     /// More than [`MAX_PAGES`] pages of them.
     TooMany,
-    /// The API failed (an error, a timeout): the delivery is answered 500, to come again.
-    Read(String),
+    /// The API failed.
+    Read(ReadError),
 }
 
-/// A line item of a payment: the price's id and lookup key, and the quantity bought.
+/// A line item of a payment: the price's id and lookup key, and the quantity bought; a line
+/// that buys nothing (it charges nothing or prorates) keeps its keys apart, to be reported.
 #[derive(Debug)]
 struct Line {
     keys: Vec<String>,
     quantity: u64,
+    skipped: Vec<String>,
 }
 
 /// The id of an expandable field: a string, or an object's `id`.
@@ -66,9 +70,6 @@ fn line_of(v: &Value) -> Line {
     let prorated = v["proration"] == true
         || parent["subscription_item_details"]["proration"] == true
         || parent["invoice_item_details"]["proration"] == true;
-    if amount.is_some_and(|a| a <= 0) || prorated {
-        return Line { keys: Vec::new(), quantity: 0 };
-    }
     let mut keys = Vec::new();
     for price in [&v["price"], &v["pricing"]["price_details"]["price"], &v["plan"]] {
         if let Some(id) = id_of(price) {
@@ -78,8 +79,11 @@ fn line_of(v: &Value) -> Line {
             keys.push(key.to_owned());
         }
     }
+    if amount.is_some_and(|a| a <= 0) || prorated {
+        return Line { keys: Vec::new(), quantity: 0, skipped: keys };
+    }
     // A line without a quantity (usage-based) buys no pack.
-    Line { keys, quantity: v["quantity"].as_u64().unwrap_or(0) }
+    Line { keys, quantity: v["quantity"].as_u64().unwrap_or(0), skipped: Vec::new() }
 }
 
 impl WebhookHandler {
@@ -105,7 +109,9 @@ impl WebhookHandler {
         let paid = if session {
             o["payment_status"] == "paid" && o["amount_total"].as_i64().is_some_and(|a| a > 0)
         } else {
-            o["status"] == "paid" && o["amount_paid"].as_i64().is_some_and(|a| a > 0)
+            // `total`, not `amount_paid`: an invoice paid from the customer's credit balance has
+            // nothing left to pay, and was paid for all the same.
+            o["status"] == "paid" && o["total"].as_i64().is_some_and(|a| a > 0)
         };
         if !paid {
             // A delayed payment method: `checkout.session.async_payment_succeeded` follows.
@@ -155,7 +161,14 @@ impl WebhookHandler {
                             "a payment of more than {} line items: no credits granted; grant by hand", MAX_PAGES * 100);
                         return Some(WebhookOutcome::Ignored);
                     }
-                    Err(LinesError::Read(why)) => {
+                    Err(LinesError::Read(ReadError { permanent: true, why })) => {
+                        // A key that cannot read them (restricted, another account): not retried.
+                        tracing::error!(%event, %kind, object = %object, error = %why,
+                            "the payment's line items cannot be read with this key: no credits granted; \
+                             it goes on to the plans");
+                        return None;
+                    }
+                    Err(LinesError::Read(ReadError { why, .. })) => {
                         tracing::error!(%event, %kind, object = %object, error = %why,
                             "the payment's line items could not be read from Stripe: answered 500, so Stripe \
                              delivers it again");
@@ -166,7 +179,14 @@ impl WebhookHandler {
                     let per = line.keys.iter().find_map(|k| credits.prices.get(k)).copied().unwrap_or(0);
                     total + u128::from(per) * u128::from(line.quantity)
                 });
+                let skipped = lines.iter().filter(|l| l.skipped.iter().any(|k| credits.prices.contains_key(k))).count();
                 match u64::try_from(total) {
+                    Ok(0) if skipped > 0 => {
+                        tracing::error!(%event, object = %object, lines = skipped,
+                            "a payment whose only lines on credit prices charge nothing or prorate: no credits \
+                             granted; grant by hand if they were paid for (tollgate credits grant)");
+                        return None;
+                    }
                     // No price of `[stripe.credits.prices]`: not a credit purchase.
                     Ok(0) => return None,
                     Ok(u) if u <= MAX_BALANCE => u,
@@ -182,9 +202,13 @@ impl WebhookHandler {
             Some(m) => MeterId::from(m),
             None => credits.meter.clone(),
         };
-        if !config.meters().iter().any(|m| m.id == meter) {
+        let prepaid = config
+            .plans()
+            .values()
+            .any(|p| p.quotas().get(&meter).is_some_and(|q| q.period() == crate::config::Period::Prepaid));
+        if !prepaid {
             tracing::error!(%event, object = %object, %meter,
-                "metadata `{METER_KEY}` names a meter the configuration does not declare: nothing granted");
+                "metadata `{METER_KEY}` names a meter no plan has a prepaid balance on: nothing granted");
             return Some(WebhookOutcome::Ignored);
         }
         let Some(customer) = id_of(&o["customer"]) else {
@@ -195,8 +219,14 @@ impl WebhookHandler {
         let tenant = match self.tenant_of(config, customer).await {
             Ok(Some(t)) => t,
             Ok(None) => {
-                // Paid for: retried (Stripe delivers again for three days), in case the tenant
-                // is given its customer after the checkout.
+                // Paid for: delivered again for a day (Stripe retries), in case the tenant is
+                // given its customer after the checkout; then taken as not ours.
+                let age = self.clock.unix_secs() - body["created"].as_i64().unwrap_or(0);
+                if age > UNKNOWN_CUSTOMER_GRACE_SECS {
+                    tracing::error!(%event, %customer, units,
+                        "a payment for prepaid credits by a customer no tenant has, a day on: nothing granted");
+                    return Some(WebhookOutcome::UnknownCustomer);
+                }
                 tracing::error!(%event, %customer, units,
                     "a payment for prepaid credits by a customer no tenant has yet: answered 500 so Stripe delivers \
                      it again; set the tenant's customer (tollgate tenants set-customer)");
@@ -204,18 +234,26 @@ impl WebhookHandler {
             }
             Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
         };
-        let payment = match id_of(&o["payment_intent"]) {
-            Some(p) => Some(p.to_owned()),
-            None if !session => match self.invoice_payment(object).await {
+        // The payment intent, for refunds: the object's, else the invoice's payments' (a
+        // subscription's session names none).
+        let invoice = if session { id_of(&o["invoice"]) } else { Some(object) };
+        let payment = match (id_of(&o["payment_intent"]), invoice) {
+            (Some(p), _) => Some(p.to_owned()),
+            (None, Some(invoice)) => match self.invoice_payment(invoice).await {
                 Ok(p) => p,
-                Err(why) => {
-                    tracing::error!(%event, invoice = %object, error = %why,
+                Err(ReadError { permanent: false, why }) => {
+                    tracing::error!(%event, %invoice, error = %why,
                         "the invoice's payment intent could not be read (for refunds): answered 500 so Stripe \
                          delivers it again");
                     return Some(WebhookOutcome::ApiFailed(why));
                 }
+                Err(ReadError { why, .. }) => {
+                    tracing::error!(%event, %invoice, error = %why,
+                        "the invoice's payment intent cannot be read (for refunds): granted without it");
+                    None
+                }
             },
-            None => None,
+            (None, None) => None,
         };
         let Some(quota) = &self.quota else {
             tracing::error!(%event, "[stripe.credits] on a webhook handler without a quota store (WebhookHandler::with_quota)");
@@ -229,23 +267,15 @@ impl WebhookHandler {
         }
         let now = self.clock.unix_secs();
         let created = body["created"].as_i64().unwrap_or(now);
-        let expires_at =
-            credits.expires_after.map(|d| created.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+        // From the payment, or from now for a delivery that comes late (a retry, a resend).
+        let expires_at = credits
+            .expires_after
+            .map(|d| created.max(now).saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
         let mut grant = CreditGrant::new(tenant.clone(), meter.clone(), grant_id, units, now).expiring(expires_at);
         if let Some(p) = payment {
             grant = grant.paid_by(p);
         }
-        let mut outcome = quota.grant_credits(&grant).await;
-        if matches!(outcome, Ok(GrantOutcome::TooMany)) {
-            // Grants used up stay open until they expire: closed (they hold nothing), and
-            // the grant made again.
-            match crate::store::close_spent(&**quota, &tenant, &meter, now).await {
-                Ok(0) => {}
-                Ok(_) => outcome = quota.grant_credits(&grant).await,
-                Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
-            }
-        }
-        match outcome {
+        match quota.grant_credits(&grant).await {
             Ok(GrantOutcome::Granted(balance)) => {
                 // At once on this node: its next request asks the store again.
                 self.node.tenant_changed(&tenant);
@@ -344,7 +374,7 @@ impl WebhookHandler {
             format!("v1/invoices/{id}/lines?limit=100")
         };
         if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(LinesError::Read(format!("`{id}` is not an object id")));
+            return Err(LinesError::Read(ReadError { permanent: true, why: format!("`{id}` is not an object id") }));
         }
         let mut lines = Vec::new();
         let mut after: Option<String> = None;
@@ -354,7 +384,9 @@ impl WebhookHandler {
                 Some(last) => reader.get(&format!("{path}&starting_after={last}")).await,
             }
             .map_err(LinesError::Read)?;
-            let data = page["data"].as_array().ok_or_else(|| LinesError::Read("a list without data".into()))?;
+            let data = page["data"]
+                .as_array()
+                .ok_or_else(|| LinesError::Read(ReadError { permanent: true, why: "a list without data".into() }))?;
             lines.extend(data.iter().map(line_of));
             match (page["has_more"] == true, data.last().and_then(|l| id_of(&l["id"]))) {
                 (true, Some(last)) if last.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {
@@ -370,7 +402,7 @@ impl WebhookHandler {
     /// the invoice's payments: `GET /v1/invoice_payments?invoice=…`), for refunds; `None` when
     /// there is no key to read it with (the grant is made without it: a refund then finds it
     /// by the charge's invoice, if the charge names one); an error when the read failed.
-    async fn invoice_payment(&self, invoice: &str) -> Result<Option<String>, String> {
+    async fn invoice_payment(&self, invoice: &str) -> Result<Option<String>, ReadError> {
         let Some(reader) = self.reader.as_ref() else { return Ok(None) };
         if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Ok(None);

@@ -830,7 +830,7 @@ impl Destination {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("`{id}` is not an event id"));
         }
-        reader.get(&format!("v2/core/events/{id}")).await
+        reader.get(&format!("v2/core/events/{id}")).await.map_err(|e| e.why)
     }
 }
 
@@ -860,33 +860,52 @@ impl StripeReader {
 
     /// `GET {api_base}{path}` (a path and query, without a leading `/`) at
     /// [`STRIPE_VERSION`]: the JSON body of a 2xx, or why not.
-    pub(crate) async fn get(&self, path: &str) -> Result<serde_json::Value, String> {
+    pub(crate) async fn get(&self, path: &str) -> Result<serde_json::Value, ReadError> {
         use http_body_util::BodyExt;
         let client = self.client.get_or_init(|| {
             let connector =
                 hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
         });
+        let passing = |e: &dyn fmt::Display| ReadError { permanent: false, why: e.to_string() };
         let request = http::Request::get(format!("{}{path}", self.api_base))
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
             .header("stripe-version", STRIPE_VERSION)
             .body(http_body_util::Empty::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReadError { permanent: true, why: e.to_string() })?;
         let read = async {
-            let response = client.request(request).await.map_err(|e| e.to_string())?;
+            let response = client.request(request).await.map_err(|e| passing(&e))?;
             let status = response.status();
             let body = http_body_util::Limited::new(response.into_body(), WebhookHandler::MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| passing(&e))?
                 .to_bytes();
             if !status.is_success() {
-                return Err(format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)])));
+                // A refusal (a key that may not read it, an object of another account) stays
+                // one; a rate limit or a server error may pass.
+                let permanent = status.is_client_error() && status != http::StatusCode::TOO_MANY_REQUESTS;
+                let why = format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+                return Err(ReadError { permanent, why });
             }
-            serde_json::from_slice(&body).map_err(|e| e.to_string())
+            serde_json::from_slice(&body).map_err(|e| ReadError { permanent: true, why: e.to_string() })
         };
         let limit = self.timeout.min(std::time::Duration::from_secs(10));
-        tokio::time::timeout(limit, read).await.map_err(|_| "timed out".to_owned())?
+        tokio::time::timeout(limit, read).await.map_err(|_| passing(&"timed out"))?
+    }
+}
+
+/// Why a read of Stripe's API failed, and whether trying again later may succeed.
+#[derive(Debug)]
+pub(crate) struct ReadError {
+    /// A 4xx (but 429) or an answer that cannot be read: trying again will not help.
+    pub(crate) permanent: bool,
+    pub(crate) why: String,
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.why)
     }
 }
 

@@ -469,7 +469,7 @@ impl crate::billing::WebhookHandler {
         } else if stripe.credits.is_some() {
             tracing::warn!(
                 "[stripe.credits] without a Stripe secret key: checkout sessions without `tollgate_units` \
-                metadata cannot be read for their line items, and their deliveries fail until one is set"
+                metadata cannot be read for their line items, and grant nothing (logged) until one is set"
             );
         }
         // The event destination of Stripe's meter errors, if one is configured.

@@ -59,8 +59,8 @@ pub use memory::MemoryStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{
-    close_spent, CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaKey, QuotaStore,
-    Reservation, ReserveToken, SHRINK,
+    CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaKey, QuotaStore, Reservation,
+    ReserveToken, SHRINK,
 };
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]

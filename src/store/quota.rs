@@ -350,38 +350,6 @@ pub(crate) fn refund_against(
     Some((removed, CreditBalance::new(balance.granted.saturating_sub(removed), balance.reserved)))
 }
 
-/// Closes the open grants of `(tenant, meter)` that hold nothing any more (used up, soonest to
-/// expire first), up to 100, so that a balance topped up again and again stays under
-/// [`OPEN_GRANTS_MAX`](super::contract::OPEN_GRANTS_MAX): each loses 0 units (it is listed as
-/// revoked, with nothing lost). Returns how many were closed. A grant a release gives units back
-/// to between the read and its close loses them: at most what one node gives back.
-///
-/// # Errors
-/// The store failed.
-pub async fn close_spent(
-    quota: &dyn QuotaStore,
-    tenant: &TenantId,
-    meter: &MeterId,
-    now: i64,
-) -> Result<usize, StoreError> {
-    let (grants, balances) = quota.credit_grants(tenant, Some(meter)).await?;
-    let Some((_, balance)) = balances.iter().find(|(m, _)| m == meter) else { return Ok(0) };
-    let mut open: Vec<&CreditGrant> = grants.iter().filter(|g| g.closed.is_none()).collect();
-    open.sort_by(|a, b| a.spending_order().cmp(&b.spending_order()));
-    let mut before = 0u64;
-    let mut closed = 0;
-    for g in open {
-        before = before.saturating_add(g.units);
-        if before > balance.reserved || closed == 100 {
-            break;
-        }
-        if quota.close_credits(tenant, meter, &g.id, true, now).await?.is_some() {
-            closed += 1;
-        }
-    }
-    Ok(closed)
-}
-
 /// Where quota counters live: a conditional atomic add per call, so that the units leased by all
 /// nodes never exceed a hard limit, applied at most once per [`ReserveToken`].
 ///

@@ -90,6 +90,7 @@ fn invoice(id: &str, customer: &str, lines: &[(&str, u64)]) -> Value {
     inv["customer"] = json!(customer);
     inv["status"] = json!("paid");
     inv["amount_paid"] = json!(1000);
+    inv["total"] = json!(1000);
     let data: Vec<Value> = lines
         .iter()
         .enumerate()
@@ -233,7 +234,7 @@ async fn one_payment_grants_once_whatever_shapes_of_it_arrive(s: Setup) {
     assert_eq!(grants.len(), 1);
     let g = &grants[0];
     assert_eq!((g.id.as_str(), g.units, g.payment.as_deref()), ("in_1", 1200, Some("pi_1")));
-    assert_eq!(g.expires_at, Some(NOON - 10 + 365 * 86_400), "expires_after from the payment");
+    assert_eq!(g.expires_at, Some(NOON + 365 * 86_400), "expires_after from the payment, or its later delivery");
 }
 
 on_stores!(an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_prices_grants_nothing);
@@ -250,6 +251,11 @@ async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_
     assert_eq!(s.stripe.list_reads(), 1, "only its payment intent was read");
     let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
     assert_eq!(grants[0].payment.as_deref(), Some("pi_9"));
+    // Paid from the customer's credit balance: nothing left to pay, paid for all the same.
+    let mut from_balance = invoice("in_bal", "cus_acme", &[("price_pack", 1)]);
+    from_balance["amount_paid"] = json!(0);
+    from_balance["amount_remaining"] = json!(0);
+    assert_eq!(s.signed(&event("evt_b", "invoice.paid", from_balance)).await, (200, credited(100, "in_bal")));
     // So its refund finds it.
     let refund = event("evt_9", "charge.refunded", charge("cus_acme", "pi_9", 1000, 1000));
     let outcome = WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 300 };
@@ -265,6 +271,7 @@ async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_
     assert_eq!(s.signed(&stranger).await.0, 500);
     // A free trial's invoice, a fully discounted one: paid, for nothing.
     let mut free = invoice("in_free", "cus_acme", &[("price_pack", 5)]);
+    free["total"] = json!(0);
     free["amount_paid"] = json!(0);
     assert_eq!(s.signed(&event("evt_5", "invoice.paid", free)).await, (200, WebhookOutcome::Ignored));
     // Proration lines (a quantity changed mid-period) and credits for unused time buy nothing.
@@ -276,7 +283,7 @@ async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_
     let forged = event("evt_4", "checkout.session.completed", session("cs_3", "cus_acme", true, None, Some("pi_4")));
     let signature = stripe_webhook::Webhook::generate_test_header(&forged, "whsec_forger", Some(NOON));
     assert_eq!(s.handler.handle(Some(&signature), forged.as_bytes()).await.status().as_u16(), 400);
-    assert_eq!(s.balance().await.granted, 0);
+    assert_eq!(s.balance().await.granted, 100);
 }
 
 on_stores!(the_shapes_of_one_payment_grant_once_even_on_different_meters);

@@ -200,28 +200,6 @@ async fn a_balance_fails_closed_whatever_on_store_error_says() {
     assert_eq!(r.status, 503, "{:?}", r.body);
 }
 
-/// Top-ups that never expire pile up as grants; once a tenant holds the most open grants,
-/// those used up are closed (losing nothing) to make room.
-#[tokio::test]
-async fn grants_used_up_are_closed_to_make_room_for_a_new_one() {
-    let store: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
-    let admin = Admin::new(store.clone()).with_config(Config::from_toml_str(&toml("")).unwrap());
-    let max = tollgate::store::contract::OPEN_GRANTS_MAX as u64;
-    for i in 0..max {
-        admin.grant_credits("t", "tokens", 1, None, &format!("pi_{i}")).await.unwrap();
-    }
-    // All but the last 10 used.
-    let (start, end) = tollgate::config::Period::Prepaid.bounds(0);
-    let key =
-        tollgate::store::QuotaKey::new("t".into(), "tokens".into(), tollgate::config::Period::Prepaid, start, end);
-    let used = tollgate::store::Reservation::new(key, max - 10, 0, None, tollgate::store::ReserveToken::new(1, 1));
-    assert_eq!(store.reserve(&used).await.unwrap().granted, max - 10);
-    let outcome = admin.grant_credits("t", "tokens", 5, None, "pi_more").await.unwrap();
-    assert!(matches!(outcome, tollgate::store::GrantOutcome::Granted(_)), "{outcome:?}");
-    let b = balance(&admin, "tokens").await;
-    assert_eq!(b.left(), 15, "nothing lost: {b:?}");
-}
-
 #[tokio::test]
 async fn thresholds_fire_on_balances_by_percent_and_by_units_left() {
     let config = Config::from_toml_str(&toml("[usage]\nnotify_at = [50]\nnotify_left = [2]")).unwrap();
