@@ -12,8 +12,8 @@ pub mod door {
     //! request. The tower layer, `tollgate-actix` and `tollgate-lambda` are built on these;
     //! the [architecture guide](crate::guide::architecture) describes the fast path they share.
     pub use crate::engine::{
-        is_stored_header, Admission, BodyPrint, ClientAddr, FrontDoor, PendingAdmission, RequestInfo, RequestView,
-        ResponseCapture, Ticket, DRAIN_LIMIT,
+        is_stored_header, Admission, BodyPrint, ClientAddr, FrontDoor, InFlight, PendingAdmission, RequestInfo,
+        RequestView, ResponseCapture, Ticket, DRAIN_LIMIT,
     };
     pub use crate::store::StoredResponse;
     pub use crate::tenant::Credential;

@@ -533,9 +533,17 @@ pub struct PlanSpec {
     pub(crate) features: std::collections::BTreeSet<String>,
     pub(crate) shadow: bool,
     pub(crate) billed: bool,
+    pub(crate) concurrency: Option<NonZeroU32>,
 }
 
 impl PlanSpec {
+    /// The most requests of one tenant in flight at once on a node (`concurrency = N`),
+    /// counted from admission to the end of the response body; `None`: no limit.
+    #[must_use]
+    pub fn concurrency(&self) -> Option<NonZeroU32> {
+        self.concurrency
+    }
+
     /// Whether the plan's tenants must be billed (`billed = true`): with a billing sink that
     /// needs a customer, the windows of such a tenant without one stay pending until it has
     /// one (within the billing system's 35 days), never written off. Tenants with a customer

@@ -186,6 +186,7 @@ pub(crate) struct RawPlan {
     pub(crate) features: Vec<String>,
     pub(crate) shadow: Option<bool>,
     pub(crate) billed: Option<bool>,
+    pub(crate) concurrency: Option<i64>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the

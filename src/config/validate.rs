@@ -1643,6 +1643,17 @@ impl Validator<'_, '_> {
             features,
             shadow: p.shadow.unwrap_or(false),
             billed: p.billed.unwrap_or(false),
+            concurrency: match p.concurrency {
+                None => None,
+                Some(n) => Some(
+                    u32::try_from(n).ok().filter(|n| *n <= 1_000_000).and_then(NonZeroU32::new).ok_or_else(|| {
+                        self.invalid(
+                            &format!("{base}.concurrency"),
+                            format!("a number of requests from 1 to 1000000, not {n}"),
+                        )
+                    })?,
+                ),
+            },
         })
     }
 

@@ -18,7 +18,7 @@ use crate::{
     plan::RouteCost,
     response::{HeaderState, Rejection, RejectionKind},
     store::{IdempotencyClaim, IdempotencyState, StoredResponse},
-    tenant::{QuotaRef, Take, Tenant},
+    tenant::{QuotaRef, Slot, Take, Tenant},
 };
 
 /// No quota units were taken (no quota on the meter, or a replay).
@@ -184,6 +184,7 @@ impl Tollgate {
             done: false,
             called: false,
             in_poll: false,
+            slot: None,
         })
     }
 
@@ -446,18 +447,35 @@ impl Tollgate {
             self.shared.metrics.replays.increment(1);
         }
         let plan = &state.plan;
+        // A place among the tenant's requests in flight, taken before any unit: refused, the
+        // request spends no rate cells and takes no units.
+        let slot = match plan.concurrency {
+            0 => None,
+            limit => match Slot::enter(&state, limit) {
+                Some(slot) => Some(slot),
+                None if plan.shadow => {
+                    self.would_refuse(&Self::shadow_concurrency(&state));
+                    None
+                }
+                None => {
+                    state.give_back_rate(route.client, cost, &mut headers);
+                    drop(claim);
+                    return self.reject(Self::too_many_in_flight(&state, headers, meter, now));
+                }
+            },
+        };
         if route.reports != 0 {
             match Self::check_reports(&state, route.reports, now) {
                 Ok(()) => {}
                 Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&Self::shadow_quota(&state, m)),
                 Err((m, Take::Exhausted)) => {
                     state.give_back_rate(route.client, cost, &mut headers);
-                    let p = Partial { state, headers, claim, charged, at: now };
+                    let p = Partial { state, headers, claim, charged, at: now, slot };
                     return self.reject(Self::quota_exceeded(p, m));
                 }
                 Err(_) => {
                     return Admission::Pending(PendingAdmission {
-                        stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
+                        stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now, slot })),
                         route,
                         idempotency: None,
                     })
@@ -478,15 +496,16 @@ impl Tollgate {
                     done: false,
                     called: false,
                     in_poll: false,
+                    slot,
                 })
             }
             Err(Take::Exhausted) => {
                 // Refused for its quota: the request spends no rate cells.
                 state.give_back_rate(route.client, cost, &mut headers);
-                self.reject(Self::quota_exceeded(Partial { state, headers, claim, charged, at: now }, meter))
+                self.reject(Self::quota_exceeded(Partial { state, headers, claim, charged, at: now, slot }, meter))
             }
             Err(_) => Admission::Pending(PendingAdmission {
-                stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now })),
+                stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now, slot })),
                 route,
                 idempotency: None,
             }),
@@ -628,6 +647,7 @@ impl Tollgate {
             done: false,
             called: false,
             in_poll: false,
+            slot: p.slot,
         }
     }
 
@@ -676,6 +696,33 @@ impl Tollgate {
             Some(retry) => r.with_retry_after(retry).for_tenant(&p.state),
             None => r.for_tenant(&p.state),
         }
+    }
+
+    /// The tenant has its plan's `concurrency` requests in flight on this node: 429, to come
+    /// back in a second; `RateLimit-Policy` names the limit (`qu="concurrent-requests"`).
+    #[cold]
+    pub(crate) fn too_many_in_flight(state: &Tenant, mut headers: HeaderState, meter: usize, at: i64) -> Rejection {
+        Self::quota_headers(state, &mut headers, meter, at);
+        headers.set_concurrency();
+        let limit = state.plan.concurrency;
+        let mut r = Rejection::new(
+            RejectionKind::ConcurrencyLimited,
+            Cow::Owned(format!(
+                "{limit} requests of this tenant are in flight already: plan `{}` allows {limit} at once",
+                state.plan.id
+            )),
+        );
+        r.inner.policy = Some("concurrency".to_owned());
+        r.inner.headers = headers;
+        r.with_retry_after(1).for_tenant(state)
+    }
+
+    #[cold]
+    pub(crate) fn shadow_concurrency(state: &Tenant) -> Rejection {
+        let mut r =
+            Rejection::new(RejectionKind::ConcurrencyLimited, "too many requests in flight (shadow mode: not refused)");
+        r.inner.policy = Some("concurrency".to_owned());
+        r.for_tenant(state)
     }
 
     pub(crate) fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {

@@ -176,6 +176,9 @@ pub(crate) struct Partial {
     pub(crate) claim: Option<Claim>,
     pub(crate) charged: bool,
     pub(crate) at: i64,
+    /// Its place among the tenant's requests in flight (a plan with `concurrency`): freed if
+    /// the request is refused, the ticket's once admitted.
+    pub(crate) slot: Option<crate::tenant::Slot>,
 }
 
 impl fmt::Debug for PendingAdmission {

@@ -42,4 +42,4 @@ pub use reconcile::{Drift, DriftAction, ReconcileError, ReconcileReport, Reconci
 pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
 pub use thresholds::ThresholdCrossed;
 
-pub use ticket::Ticket;
+pub use ticket::{InFlight, Ticket};

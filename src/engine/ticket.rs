@@ -52,9 +52,25 @@ pub struct Ticket {
     /// panic in the service (caught by a catch-panic layer or the runtime), not by a client
     /// gone between two polls.
     pub(crate) in_poll: bool,
+    /// The request's place among its tenant's requests in flight (a plan with `concurrency`).
+    pub(crate) slot: Option<crate::tenant::Slot>,
 }
 
+/// A request counted against its tenant's `concurrency` (a plan's limit of requests in flight
+/// at once on a node), from [`Ticket::take_in_flight`]: a front door holds it in the response
+/// body until the body has gone (ended, failed or dropped); dropped, it frees the place.
+#[must_use = "the request counts as in flight until this is dropped"]
+#[derive(Debug)]
+pub struct InFlight(#[allow(dead_code)] pub(crate) crate::tenant::Slot);
+
 impl Ticket {
+    /// The request's place among its tenant's requests in flight, when its plan limits them
+    /// (`concurrency`): hold it until the response body has gone. A ticket completed or
+    /// dropped without giving it out frees the place then.
+    pub fn take_in_flight(&mut self) -> Option<InFlight> {
+        self.slot.take().map(InFlight)
+    }
+
     /// The tenant.
     #[must_use]
     pub fn tenant(&self) -> &TenantId {

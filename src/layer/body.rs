@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::engine::{ResponseCapture, Ticket};
+use crate::engine::{InFlight, ResponseCapture, Ticket};
 
 pin_project! {
     /// The response body of a [`TollgateService`](super::TollgateService): the inner service's
@@ -39,7 +39,16 @@ pin_project! {
         // while it streams, stored with the key when its last frame has gone (a server does
         // not poll a body for its end once the length it announced is written). `seen`: its
         // bytes so far; `exact`: its length, if it said.
-        Stored { #[pin] body: B, capture: Option<ResponseCapture>, seen: u64, exact: Option<u64> },
+        Stored {
+            #[pin] body: B,
+            capture: Option<ResponseCapture>,
+            seen: u64,
+            exact: Option<u64>,
+            in_flight: Option<InFlight>,
+        },
+        // The answer of a tenant whose plan limits its requests in flight: its place is held
+        // until the body ends (or fails, or is dropped).
+        Counted { #[pin] body: B, in_flight: Option<InFlight> },
     }
 }
 
@@ -60,18 +69,28 @@ impl<B> TollgateBody<B> {
     pub(crate) fn tracked(body: B, ticket: Ticket, status: u16) -> Self {
         Self { kind: Kind::Other { other: Some(Box::pin(Other::Tracked { body, ticket: Some(ticket), status })) } }
     }
+
+    /// The inner service's body, holding the request's place among its tenant's requests in
+    /// flight (if its plan limits them) until it ends.
+    #[inline]
+    pub(crate) fn counted(body: B, in_flight: Option<InFlight>) -> Self {
+        match in_flight {
+            None => Self::inner(body),
+            in_flight => Self { kind: Kind::Other { other: Some(Box::pin(Other::Counted { body, in_flight })) } },
+        }
+    }
 }
 
 impl<B> TollgateBody<B> {
     /// The body of the first request with an `Idempotency-Key`, already billed: `capture`
     /// holds it as it streams and stores it when its last frame has gone. A body that fails,
     /// or is dropped before its end, stores nothing: the key is released.
-    pub(crate) fn stored(body: B, capture: ResponseCapture) -> Self
+    pub(crate) fn stored(body: B, capture: ResponseCapture, in_flight: Option<InFlight>) -> Self
     where
         B: Body,
     {
         let exact = body.size_hint().exact();
-        let stored = Other::Stored { body, capture: Some(capture), seen: 0, exact };
+        let stored = Other::Stored { body, capture: Some(capture), seen: 0, exact, in_flight };
         Self { kind: Kind::Other { other: Some(Box::pin(stored)) } }
     }
 }
@@ -85,6 +104,7 @@ impl<B> std::fmt::Debug for TollgateBody<B> {
                 Other::Full { data } => f.debug_tuple("TollgateBody::Full").field(data).finish(),
                 Other::Tracked { .. } => f.write_str("TollgateBody::Tracked"),
                 Other::Stored { .. } => f.write_str("TollgateBody::Stored"),
+                Other::Counted { .. } => f.write_str("TollgateBody::Counted"),
             },
         }
     }
@@ -143,7 +163,20 @@ where
                     }
                     polled
                 }
-                OtherProj::Stored { mut body, capture, seen, exact } => {
+                OtherProj::Counted { mut body, in_flight } => {
+                    let polled = body.as_mut().poll_frame(cx);
+                    // Ended (or failed): the place is free, whether or not the body is dropped.
+                    let ended = match &polled {
+                        Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                        Poll::Ready(_) => true,
+                        Poll::Pending => false,
+                    };
+                    if ended {
+                        *in_flight = None;
+                    }
+                    polled
+                }
+                OtherProj::Stored { mut body, capture, seen, exact, in_flight } => {
                     let polled = body.as_mut().poll_frame(cx);
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {
@@ -158,14 +191,19 @@ where
                                 if let Some(c) = capture.take() {
                                     c.finish();
                                 }
+                                *in_flight = None;
                             }
                         }
                         // The body failed: not served whole, not stored (the key is released).
-                        Poll::Ready(Some(Err(_))) => *capture = None,
+                        Poll::Ready(Some(Err(_))) => {
+                            *capture = None;
+                            *in_flight = None;
+                        }
                         Poll::Ready(None) => {
                             if let Some(c) = capture.take() {
                                 c.finish();
                             }
+                            *in_flight = None;
                         }
                         Poll::Pending => {}
                     }
@@ -182,7 +220,7 @@ where
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => data.is_none(),
                 Other::Tracked { body, .. } => body.is_end_stream(),
-                Other::Stored { body, .. } => body.is_end_stream(),
+                Other::Stored { body, .. } | Other::Counted { body, .. } => body.is_end_stream(),
             },
         }
     }
@@ -193,7 +231,9 @@ where
             Kind::Other { other: None } => SizeHint::with_exact(0),
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-                Other::Tracked { body, .. } | Other::Stored { body, .. } => body.size_hint(),
+                Other::Tracked { body, .. } | Other::Stored { body, .. } | Other::Counted { body, .. } => {
+                    body.size_hint()
+                }
             },
         }
     }

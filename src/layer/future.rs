@@ -15,7 +15,7 @@ use super::{
     TollgateBody,
 };
 use crate::{
-    engine::{BodyPrint, Ticket, DRAIN_LIMIT},
+    engine::{BodyPrint, InFlight, Ticket, DRAIN_LIMIT},
     response::{Rejection, RejectionResponder},
 };
 
@@ -66,6 +66,7 @@ struct Draining<R> {
     response: R,
     capture: crate::engine::ResponseCapture,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    in_flight: Option<InFlight>,
 }
 
 /// Polls `print`'s drain, within [`DRAIN_LIMIT`] from the first poll (no limit outside a tokio
@@ -92,6 +93,7 @@ fn drain_within(
 fn with_capture<B: http_body::Body<Data = Bytes>>(
     response: Response<B>,
     capture: crate::engine::ResponseCapture,
+    in_flight: Option<InFlight>,
 ) -> Response<TollgateBody<B>> {
     // No body a server would poll: ended, of length 0, or a status without one (1xx, 204,
     // 304: the server sends none, whatever the body).
@@ -105,8 +107,34 @@ fn with_capture<B: http_body::Body<Data = Bytes>>(
         capture.finish();
         response.map(TollgateBody::inner)
     } else {
-        response.map(|body| TollgateBody::stored(body, capture))
+        response.map(|body| TollgateBody::stored(body, capture, in_flight))
     }
+}
+
+/// The answer of a tenant whose plan limits its requests in flight (kept off the common path):
+/// completed as any, its body holding the request's place until it has gone.
+#[cold]
+#[inline(never)]
+fn counted<R: http_body::Body<Data = Bytes>>(
+    response: Response<R>,
+    ticket: Ticket,
+    grpc: Grpc,
+    in_flight: Option<InFlight>,
+) -> Response<TollgateBody<R>> {
+    if response.extensions().get::<Rejection>().is_some() {
+        // Refused by tollgate inside the service: not billed; the place frees at once.
+        ticket.give_back();
+        return response.map(TollgateBody::inner);
+    }
+    match grpc {
+        Grpc::Status(code) => {
+            ticket.complete_grpc(code);
+        }
+        _ => {
+            ticket.complete(response.status().as_u16());
+        }
+    }
+    response.map(|body| TollgateBody::counted(body, in_flight))
 }
 
 /// A replay whose body is being read (for at most [`DRAIN_LIMIT`]).
@@ -253,20 +281,24 @@ fn keyed<R: http_body::Body<Data = Bytes>>(
         ticket.give_back();
         return Ok(response.map(TollgateBody::inner));
     }
+    // Held by the body until it has gone (a tracked body's ticket keeps its own).
+    let in_flight = if matches!(grpc, Grpc::Trailers) { None } else { ticket.take_in_flight() };
     match grpc {
         Grpc::No => {
             // Billed at the head, as every response; stored when its body has gone (not
             // billed: the capture's drop releases the key).
             let billed = ticket.complete(status);
             match capture.filter(|_| billed) {
-                Some(capture) if capture.has_rest() => Err(Box::new(Draining { response, capture, deadline: None })),
-                Some(capture) => Ok(with_capture(response, capture)),
-                None => Ok(response.map(TollgateBody::inner)),
+                Some(capture) if capture.has_rest() => {
+                    Err(Box::new(Draining { response, capture, deadline: None, in_flight }))
+                }
+                Some(capture) => Ok(with_capture(response, capture, in_flight)),
+                None => Ok(response.map(|body| TollgateBody::counted(body, in_flight))),
             }
         }
         Grpc::Status(code) => {
             ticket.complete_grpc(code);
-            Ok(response.map(TollgateBody::inner))
+            Ok(response.map(|body| TollgateBody::counted(body, in_flight)))
         }
         Grpc::Trailers if response.body().is_end_stream() => {
             ticket.complete(status);
@@ -343,6 +375,16 @@ where
                                 let grpc = grpc_status(&response);
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));
+                                let mut ticket = ticket;
+                                // Held by the body until it has gone (a tracked body's ticket
+                                // keeps its own).
+                                let in_flight = match grpc {
+                                    Grpc::Trailers => None,
+                                    _ => ticket.take_in_flight(),
+                                };
+                                if in_flight.is_some() {
+                                    return Poll::Ready(Ok(counted(response, ticket, grpc, in_flight)));
+                                }
                                 if response.extensions().get::<Rejection>().is_some() {
                                     // Refused by tollgate inside the service (a feature
                                     // extractor): not billed, the units go back.
@@ -387,8 +429,8 @@ where
                 StateProj::Draining { draining } => {
                     let d = draining.as_mut().expect(DONE);
                     ready!(drain_within(d.capture.request_body(), &mut d.deadline, cx));
-                    let Draining { response, capture, .. } = *draining.take().expect(DONE);
-                    return Poll::Ready(Ok(with_capture(response, capture)));
+                    let Draining { response, capture, in_flight, .. } = *draining.take().expect(DONE);
+                    return Poll::Ready(Ok(with_capture(response, capture, in_flight)));
                 }
                 StateProj::Replay { replay } => {
                     let r = replay.as_mut().expect(DONE);

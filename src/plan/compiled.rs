@@ -194,6 +194,9 @@ pub(crate) struct CompiledPlan {
     /// The gRPC status codes billed (`usage.billable_grpc`), a bit per code.
     pub(crate) billable_grpc: u32,
     pub(crate) header_style: HeaderStyle,
+    /// The most requests of one tenant in flight at once on a node (`concurrency`); 0: no
+    /// limit.
+    pub(crate) concurrency: u32,
     /// How a request is refused when a prepaid balance is empty (`limits.balance_status`).
     pub(crate) balance_refusal: crate::response::RejectionKind,
     pub(crate) metrics: Arc<Metrics>,
@@ -424,6 +427,7 @@ impl CompiledPlan {
             bill_cancelled: config.usage.bill_cancelled,
             billable_grpc: config.usage.billable_grpc,
             header_style: config.limits.headers,
+            concurrency: spec.concurrency.map_or(0, std::num::NonZeroU32::get),
             balance_refusal: if config.limits.balance_status == 429 {
                 crate::response::RejectionKind::QuotaExceeded
             } else {

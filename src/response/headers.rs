@@ -80,6 +80,8 @@ pub(crate) struct HeaderState {
 
 const RATE: u8 = 1;
 const QUOTA: u8 = 2;
+/// A refusal for the tenant's requests in flight (`concurrency`).
+const CONCURRENCY: u8 = 4;
 
 fn secs32(secs: u64) -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
@@ -107,6 +109,11 @@ impl HeaderState {
         if self.has & RATE != 0 {
             self.rate_remaining = self.rate_remaining.saturating_add(cells).min(burst);
         }
+    }
+
+    /// Marks a refusal for the tenant's requests in flight: its policy and item are added.
+    pub(crate) fn set_concurrency(&mut self) {
+        self.has |= CONCURRENCY;
     }
 
     pub(crate) fn set_quota(&mut self, remaining: u64, reset_secs: u64) {
@@ -140,6 +147,53 @@ impl HeaderState {
 /// Writes the header fields of a response through `put`; computed values come owned, so a
 /// front door can turn them into header values without another copy.
 pub(crate) fn emit(
+    plan: &CompiledPlan,
+    state: &HeaderState,
+    retry_after: Option<u64>,
+    tenant: Option<&TenantState>,
+    put: &mut dyn FnMut(Field, Value<'_>),
+) {
+    if state.has & CONCURRENCY != 0 && plan.header_style == HeaderStyle::Draft {
+        return emit_concurrency(plan, state, retry_after, tenant, put);
+    }
+    emit_fields(plan, state, retry_after, tenant, put);
+}
+
+/// [`emit`] for a refusal for the tenant's requests in flight: the `concurrency` policy
+/// (`qu="concurrent-requests"`, draft-10's unit for them) and its item join the others.
+#[cold]
+#[inline(never)]
+fn emit_concurrency(
+    plan: &CompiledPlan,
+    state: &HeaderState,
+    retry_after: Option<u64>,
+    tenant: Option<&TenantState>,
+    put: &mut dyn FnMut(Field, Value<'_>),
+) {
+    let policy = format!("\"concurrency\";q={};qu=\"concurrent-requests\"", plan.concurrency);
+    let item = "\"concurrency\";r=0";
+    let join = |before: &str, more: &str| if before.is_empty() { more.to_owned() } else { format!("{before}, {more}") };
+    let (mut policy_put, mut item_put) = (false, false);
+    emit_fields(plan, state, retry_after, tenant, &mut |field, value| match field {
+        Field::RateLimitPolicy => {
+            policy_put = true;
+            put(field, Value::Owned(join(value.as_str(), &policy)));
+        }
+        Field::RateLimit => {
+            item_put = true;
+            put(field, Value::Owned(join(value.as_str(), item)));
+        }
+        _ => put(field, value),
+    });
+    if !policy_put {
+        put(Field::RateLimitPolicy, Value::Owned(policy));
+    }
+    if !item_put {
+        put(Field::RateLimit, Value::Borrowed(item));
+    }
+}
+
+fn emit_fields(
     plan: &CompiledPlan,
     state: &HeaderState,
     retry_after: Option<u64>,

@@ -17,6 +17,10 @@ pub enum RejectionKind {
     /// the period). Also an empty prepaid balance with `limits.balance_status = 429` (without
     /// `Retry-After`).
     QuotaExceeded,
+    /// The tenant has its plan's `concurrency` requests in flight on this node already (from
+    /// admission to the end of the response body): 429, with `Retry-After: 1`. Nothing is
+    /// charged.
+    ConcurrencyLimited,
     /// The tenant's prepaid balance on the route's meter is spent: 402 Payment Required,
     /// without `Retry-After` (a top-up restores it, not time). Nothing is charged.
     CreditsExhausted,
@@ -54,7 +58,9 @@ impl RejectionKind {
     #[must_use]
     pub fn status(self) -> StatusCode {
         match self {
-            RejectionKind::RateLimited | RejectionKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::ConcurrencyLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => StatusCode::UNAUTHORIZED,
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
@@ -75,7 +81,10 @@ impl RejectionKind {
     #[must_use]
     pub fn grpc_code(self) -> u8 {
         match self {
-            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::CreditsExhausted => 8,
+            RejectionKind::RateLimited
+            | RejectionKind::QuotaExceeded
+            | RejectionKind::CreditsExhausted
+            | RejectionKind::ConcurrencyLimited => 8,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
@@ -101,6 +110,7 @@ impl RejectionKind {
             RejectionKind::RateLimited => "Rate limit exceeded",
             RejectionKind::QuotaExceeded => "Quota exceeded",
             RejectionKind::CreditsExhausted => "Prepaid credits exhausted",
+            RejectionKind::ConcurrencyLimited => "Too many concurrent requests",
             RejectionKind::MissingCredentials => "Missing credentials",
             RejectionKind::UnknownCredentials => "Unknown credentials",
             RejectionKind::MalformedCredentials => "Malformed credentials",
@@ -120,6 +130,7 @@ impl RejectionKind {
             RejectionKind::RateLimited => docs!("RateLimited"),
             RejectionKind::QuotaExceeded => docs!("QuotaExceeded"),
             RejectionKind::CreditsExhausted => docs!("CreditsExhausted"),
+            RejectionKind::ConcurrencyLimited => docs!("ConcurrencyLimited"),
             RejectionKind::MissingCredentials => docs!("MissingCredentials"),
             RejectionKind::UnknownCredentials => docs!("UnknownCredentials"),
             RejectionKind::MalformedCredentials => docs!("MalformedCredentials"),
@@ -139,6 +150,7 @@ impl RejectionKind {
             RejectionKind::RateLimited => "rate_limited",
             RejectionKind::QuotaExceeded => "quota_exceeded",
             RejectionKind::CreditsExhausted => "credits_exhausted",
+            RejectionKind::ConcurrencyLimited => "concurrency_limited",
             RejectionKind::MissingCredentials => "missing_credentials",
             RejectionKind::UnknownCredentials => "unknown_credentials",
             RejectionKind::MalformedCredentials => "malformed_credentials",
@@ -151,10 +163,11 @@ impl RejectionKind {
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 12] = [
+    pub(crate) const ALL: [RejectionKind; 13] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::CreditsExhausted,
+        RejectionKind::ConcurrencyLimited,
         RejectionKind::MissingCredentials,
         RejectionKind::UnknownCredentials,
         RejectionKind::MalformedCredentials,

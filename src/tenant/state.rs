@@ -37,6 +37,8 @@ pub(crate) struct TenantState {
     /// One per quota of the plan, in the plan's order.
     quotas: Box<[QuotaCold]>,
     evicted: AtomicBool,
+    /// Requests in flight under the plan's `concurrency` (only counted when it sets one).
+    inflight: AtomicU32,
     /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
     /// (no flush drained it for two windows): (meter, window index, quantity).
     stale: std::sync::Mutex<Vec<(usize, u32, u64)>>,
@@ -166,6 +168,7 @@ impl TenantState {
             more,
             quotas,
             evicted: AtomicBool::new(false),
+            inflight: AtomicU32::new(0),
             stale: std::sync::Mutex::new(Vec::new()),
             id,
             customer,
@@ -443,6 +446,35 @@ pub(crate) enum Take {
     NeedLease,
     /// The hard limit of this period is spent.
     Exhausted,
+}
+
+/// A request of a tenant in flight under its plan's `concurrency`, from its admission to the
+/// end of its response body: dropped, it frees its place.
+pub(crate) struct Slot(Tenant);
+
+impl Slot {
+    /// A place among the `limit` requests of `tenant` that may be in flight at once, if one is
+    /// free.
+    #[inline]
+    pub(crate) fn enter(tenant: &Tenant, limit: u32) -> Option<Slot> {
+        if tenant.inflight.fetch_add(1, Ordering::AcqRel) >= limit {
+            tenant.inflight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(tenant.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Slot").field(&self.0.id).finish()
+    }
 }
 
 /// The length of a prepaid balance's lease windows: 512 hours (a packed period is at most

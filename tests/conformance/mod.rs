@@ -67,6 +67,11 @@ features = ["streaming"]
 rate = "100/s"
 burst = 100
 
+[plans.single]
+rate = "100/s"
+burst = 100
+concurrency = 1
+
 [[routes]]
 method = "POST"
 path = "/v1/reports"
@@ -89,6 +94,10 @@ keys = ["key-free"]
 [tenants.globex]
 plan = "soft"
 keys = ["key-soft"]
+
+[tenants.initech]
+plan = "single"
+keys = ["key-single"]
 
 [stripe.events]
 "payment_method.attached" = "pro"
@@ -408,6 +417,19 @@ pub fn scenarios() -> Vec<Scenario> {
                 409,
             )],
             usage: vec![("globex", "requests", 1)],
+            same_responses: true,
+        },
+        Scenario {
+            name: "concurrency: one request of the tenant in flight at once",
+            steps: vec![
+                // The second is refused while the first runs (429, Retry-After, the
+                // `concurrent-requests` policy), and charged nothing.
+                Overlap(post("/v1/slow").key("key-single"), get("/v1/items").key("key-single"), 201, 429),
+                // Once the first has answered and its body gone, the place is free again.
+                Send(get("/v1/items").key("key-single"), 200),
+                Send(get("/v1/items").key("key-single"), 200),
+            ],
+            usage: vec![("initech", "requests", 3)],
             same_responses: true,
         },
         Scenario {
@@ -794,7 +816,7 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
     }
     engine.flush().await.expect("the memory store takes every flush");
     let mut usage = BTreeMap::new();
-    for tenant in ["acme", "globex", "beta"] {
+    for tenant in ["acme", "globex", "beta", "initech"] {
         for a in store.usage_range(&tenant.into(), 0, i64::MAX).await.unwrap() {
             *usage.entry((tenant.to_owned(), a.key.meter.to_string())).or_insert(0) += a.quantity;
         }

@@ -6,6 +6,7 @@ mod common;
 #[path = "../conformance/mod.rs"]
 mod conformance;
 
+mod concurrency;
 mod doors;
 mod grpc;
 mod headers;

@@ -272,6 +272,9 @@ where
                 headers.insert(HeaderName::from_static(field.name()), value);
             }
         });
+        // The request's place among its tenant's requests in flight (a plan with
+        // `concurrency`): held by the body until it has gone.
+        let in_flight = ticket.take_in_flight();
         if response.response().extensions().get::<Rejection>().is_some() {
             // Refused by tollgate inside the service (a feature extractor): not billed, the
             // units go back.
@@ -316,12 +319,22 @@ where
                 return Ok(response.map_into_left_body());
             }
             return Ok(response.map_body(|_, body| {
-                EitherBody::right(BoxBody::new(Stored { body: Box::pin(body), capture: Some(capture), seen: 0, size }))
+                EitherBody::right(BoxBody::new(Stored {
+                    body: Box::pin(body),
+                    capture: Some(capture),
+                    seen: 0,
+                    size,
+                    in_flight,
+                }))
             }));
         } else {
             ticket.complete(response.status().as_u16());
         }
-        Ok(response.map_into_left_body())
+        match in_flight {
+            None => Ok(response.map_into_left_body()),
+            in_flight => Ok(response
+                .map_body(|_, body| EitherBody::right(BoxBody::new(Counted { body: Box::pin(body), in_flight })))),
+        }
     }
 }
 
@@ -365,6 +378,34 @@ struct Stored<B> {
     capture: Option<tollgate::door::ResponseCapture>,
     seen: u64,
     size: Option<u64>,
+    in_flight: Option<tollgate::door::InFlight>,
+}
+
+/// The body of a tenant whose plan limits its requests in flight: the request's place is held
+/// until the body has gone (ended, failed, or dropped).
+struct Counted<B> {
+    body: std::pin::Pin<Box<B>>,
+    in_flight: Option<tollgate::door::InFlight>,
+}
+
+impl<B: MessageBody> MessageBody for Counted<B> {
+    type Error = B::Error;
+
+    fn size(&self) -> actix_web::body::BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<bytes::Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = this.body.as_mut().poll_next(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            this.in_flight = None;
+        }
+        polled
+    }
 }
 
 impl<B: MessageBody> MessageBody for Stored<B> {
@@ -390,13 +431,18 @@ impl<B: MessageBody> MessageBody for Stored<B> {
                     if let Some(c) = this.capture.take() {
                         c.finish();
                     }
+                    this.in_flight = None;
                 }
             }
-            std::task::Poll::Ready(Some(Err(_))) => this.capture = None,
+            std::task::Poll::Ready(Some(Err(_))) => {
+                this.capture = None;
+                this.in_flight = None;
+            }
             std::task::Poll::Ready(None) => {
                 if let Some(c) = this.capture.take() {
                     c.finish();
                 }
+                this.in_flight = None;
             }
             std::task::Poll::Pending => {}
         }
