@@ -1140,7 +1140,17 @@ impl Validator<'_, '_> {
             ("reject", Some(_)) => {
                 return Err(self.invalid("identify.anonymous_plan", "only used with unknown = \"anonymous\""))
             }
-            ("anonymous", Some(plan)) => OnUnknown::Anonymous(self.plan_ref(plans, "identify.anonymous_plan", plan)?),
+            ("anonymous", Some(plan)) => {
+                let id = self.plan_ref(plans, "identify.anonymous_plan", plan)?;
+                if plans.get(&id).is_some_and(|p| p.concurrency.is_some()) {
+                    return Err(self.invalid(
+                        &format!("plans.{plan}.concurrency"),
+                        "the anonymous plan serves every unknown caller as one tenant: a concurrency limit would \
+                         be one count shared by all of them (one slow client would lock out the rest)",
+                    ));
+                }
+                OnUnknown::Anonymous(id)
+            }
             ("anonymous", None) => {
                 return Err(self.invalid("identify.unknown", "unknown = \"anonymous\" needs anonymous_plan"))
             }

@@ -75,6 +75,14 @@ impl Tollgate {
                 return self.reject(r);
             }
         };
+        // A tenant at its limit of requests in flight is refused before its key is claimed: a
+        // storm of refused retries costs no store write. (Taken for good after the claim.)
+        let limit = state.plan.concurrency;
+        if limit != 0 && !state.plan.shadow && Slot::full(&self.shared.in_flight, &state.id, limit) {
+            drop(claim);
+            state.give_back_rate(route.client, route.cost, &mut headers);
+            return self.reject(Self::too_many_in_flight(&state, headers, route.meter, at));
+        }
         let key = key.into();
         Admission::Pending(PendingAdmission {
             stage: Stage::Claim(Box::new(KeyClaim { state, claim, key, request, headers, at })),
@@ -451,7 +459,7 @@ impl Tollgate {
         // request spends no rate cells and takes no units.
         let slot = match plan.concurrency {
             0 => None,
-            limit => match Slot::enter(&state, limit) {
+            limit => match Slot::enter(&self.shared.in_flight, &state.id, limit) {
                 Some(slot) => Some(slot),
                 None if plan.shadow => {
                     self.would_refuse(&Self::shadow_concurrency(&state));

@@ -410,6 +410,7 @@ impl Builder {
             totals,
             prefetch: prefetch_tx,
             sweep_now: Notify::new(),
+            in_flight: crate::tenant::InFlightCounts::default(),
             shutdown: shutdown_tx,
             key_lookups: super::clients::KeyLookups::new(limits.max_clients),
             unknown: super::clients::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),

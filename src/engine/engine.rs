@@ -178,7 +178,7 @@ pub(crate) struct Partial {
     pub(crate) at: i64,
     /// Its place among the tenant's requests in flight (a plan with `concurrency`): freed if
     /// the request is refused, the ticket's once admitted.
-    pub(crate) slot: Option<crate::tenant::Slot>,
+    pub(crate) slot: Option<Box<crate::tenant::Slot>>,
 }
 
 impl fmt::Debug for PendingAdmission {
@@ -227,6 +227,8 @@ pub(crate) struct Shared {
     pub(crate) totals: Arc<Totals>,
     pub(crate) prefetch: mpsc::Sender<Prefetch>,
     pub(crate) sweep_now: Notify,
+    /// The requests in flight of tenants whose plan limits them, by tenant.
+    pub(crate) in_flight: crate::tenant::InFlightCounts,
     pub(crate) shutdown: watch::Sender<bool>,
     /// Credentials the directory did not know, each with when it stops being remembered (the
     /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it

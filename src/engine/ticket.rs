@@ -53,7 +53,7 @@ pub struct Ticket {
     /// gone between two polls.
     pub(crate) in_poll: bool,
     /// The request's place among its tenant's requests in flight (a plan with `concurrency`).
-    pub(crate) slot: Option<crate::tenant::Slot>,
+    pub(crate) slot: Option<Box<crate::tenant::Slot>>,
 }
 
 /// A request counted against its tenant's `concurrency` (a plan's limit of requests in flight
@@ -61,7 +61,7 @@ pub struct Ticket {
 /// body until the body has gone (ended, failed or dropped); dropped, it frees the place.
 #[must_use = "the request counts as in flight until this is dropped"]
 #[derive(Debug)]
-pub struct InFlight(#[allow(dead_code)] pub(crate) crate::tenant::Slot);
+pub struct InFlight(#[allow(dead_code)] pub(crate) Box<crate::tenant::Slot>);
 
 impl Ticket {
     /// The request's place among its tenant's requests in flight, when its plan limits them

@@ -153,8 +153,21 @@ pub(crate) fn emit(
     tenant: Option<&TenantState>,
     put: &mut dyn FnMut(Field, Value<'_>),
 ) {
-    if state.has & CONCURRENCY != 0 && plan.header_style == HeaderStyle::Draft {
-        return emit_concurrency(plan, state, retry_after, tenant, put);
+    if state.has & CONCURRENCY != 0 {
+        match plan.header_style {
+            HeaderStyle::Draft => return emit_concurrency(plan, state, retry_after, tenant, put),
+            HeaderStyle::Legacy => {
+                // The policy that refused: no place left, and no reset to announce.
+                let mut num = itoa::Buffer::new();
+                put(Field::XRateLimitLimit, Value::Borrowed(num.format(plan.concurrency)));
+                put(Field::XRateLimitRemaining, Value::Borrowed("0"));
+                if let Some(secs) = retry_after {
+                    put(Field::RetryAfter, Value::Borrowed(num.format(secs)));
+                }
+                return;
+            }
+            HeaderStyle::None => {}
+        }
     }
     emit_fields(plan, state, retry_after, tenant, put);
 }

@@ -8,4 +8,6 @@ pub(crate) use crate::base::{check_api_key, draw_u64, KeyHash, COMMA_IN_KEY};
 pub(crate) use handle::Tenant;
 pub use key::{Credential, Identity};
 pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
-pub(crate) use state::{Call, CallKind, GcraCell, PeriodBits, QuotaRef, Slot, Take, TenantCells, TenantState};
+pub(crate) use state::{
+    Call, CallKind, GcraCell, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantCells, TenantState,
+};

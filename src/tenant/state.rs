@@ -37,8 +37,6 @@ pub(crate) struct TenantState {
     /// One per quota of the plan, in the plan's order.
     quotas: Box<[QuotaCold]>,
     evicted: AtomicBool,
-    /// Requests in flight under the plan's `concurrency` (only counted when it sets one).
-    inflight: AtomicU32,
     /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
     /// (no flush drained it for two windows): (meter, window index, quantity).
     stale: std::sync::Mutex<Vec<(usize, u32, u64)>>,
@@ -168,7 +166,6 @@ impl TenantState {
             more,
             quotas,
             evicted: AtomicBool::new(false),
-            inflight: AtomicU32::new(0),
             stale: std::sync::Mutex::new(Vec::new()),
             id,
             customer,
@@ -448,32 +445,55 @@ pub(crate) enum Take {
     Exhausted,
 }
 
+/// The requests in flight of each tenant whose plan limits them (`concurrency`), by tenant id:
+/// a tenant whose state is replaced (evicted while its answers stream, revalidated, moved to
+/// another plan) keeps its count. Only tenants with a request in flight have an entry: it
+/// goes with their last one, so the map is bounded by the requests in flight.
+pub(crate) type InFlightCounts = std::sync::Arc<dashmap::DashMap<crate::config::TenantId, u32>>;
+
 /// A request of a tenant in flight under its plan's `concurrency`, from its admission to the
 /// end of its response body: dropped, it frees its place.
-pub(crate) struct Slot(Tenant);
+pub(crate) struct Slot {
+    counts: InFlightCounts,
+    tenant: crate::config::TenantId,
+}
 
 impl Slot {
     /// A place among the `limit` requests of `tenant` that may be in flight at once, if one is
-    /// free.
-    #[inline]
-    pub(crate) fn enter(tenant: &Tenant, limit: u32) -> Option<Slot> {
-        if tenant.inflight.fetch_add(1, Ordering::AcqRel) >= limit {
-            tenant.inflight.fetch_sub(1, Ordering::AcqRel);
+    /// free (checked and taken under the map's lock: a refused attempt never counts).
+    /// Boxed: it travels in every ticket, which stays a pointer bigger for it (the plans that
+    /// set no limit pay no allocation).
+    pub(crate) fn enter(counts: &InFlightCounts, tenant: &crate::config::TenantId, limit: u32) -> Option<Box<Slot>> {
+        let mut n = counts.entry(tenant.clone()).or_insert(0);
+        if *n >= limit {
             return None;
         }
-        Some(Slot(tenant.clone()))
+        *n += 1;
+        drop(n);
+        Some(Box::new(Slot { counts: counts.clone(), tenant: tenant.clone() }))
+    }
+
+    /// Whether `tenant` has `limit` requests in flight already (a check before work that a
+    /// refusal would waste, such as claiming an `Idempotency-Key`).
+    pub(crate) fn full(counts: &InFlightCounts, tenant: &crate::config::TenantId, limit: u32) -> bool {
+        counts.get(tenant).is_some_and(|n| *n >= limit)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.counts.entry(self.tenant.clone()) {
+            *e.get_mut() = e.get().saturating_sub(1);
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
     }
 }
 
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Slot").field(&self.0.id).finish()
+        f.debug_tuple("Slot").field(&self.tenant).finish()
     }
 }
 

@@ -70,6 +70,18 @@ async fn a_streaming_answer_holds_its_place_until_its_body_has_gone() {
     let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(problem["type"].as_str().unwrap().ends_with("#variant.ConcurrencyLimited"), "{problem}");
 
+    // The tenant's state replaced while its answers stream (an eviction, a revalidation, a
+    // plan change): the count is the tenant's, not the state's.
+    engine.invalidate_tenant(&"t".into());
+    assert_eq!(svc.clone().oneshot(get()).await.unwrap().status(), 429, "still two in flight");
+    // A first request with an `Idempotency-Key` is refused before its key is claimed.
+    let keyed = Request::post("/")
+        .header("x-api-key", "key-t")
+        .header("idempotency-key", "k-1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(svc.clone().oneshot(keyed).await.unwrap().status(), 429);
+
     // The first answer ends: its place is free.
     let tx = senders.lock().await.remove(0);
     tx.send(Ok(Frame::data(Bytes::from_static(b"done")))).await.unwrap();
@@ -87,6 +99,30 @@ async fn a_streaming_answer_holds_its_place_until_its_body_has_gone() {
     let report = engine.usage_report(&"t".into(), NOON - 3600, NOON + 3600).await.unwrap();
     let used: u64 = report.usage.iter().map(|w| w.quantity).sum();
     assert_eq!(used, 4, "the refused requests were charged nothing");
+}
+
+#[tokio::test]
+async fn with_legacy_headers_the_refusal_names_the_limit_and_no_place_left() {
+    let toml = common::one_tenant("concurrency = 1");
+    let toml = format!("[limits]\nheaders = \"legacy\"\n{toml}");
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).build();
+    let senders: Arc<Mutex<Vec<Chunks>>> = Arc::default();
+    let svc = tollgate::TollgateLayer::new(engine).streamed_bodies().layer(streaming(senders.clone()));
+    let first = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let refused = svc.clone().oneshot(get()).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let h = refused.headers();
+    assert_eq!((h["x-ratelimit-limit"].to_str().unwrap(), h["x-ratelimit-remaining"].to_str().unwrap()), ("1", "0"));
+    assert_eq!(h["retry-after"], "1");
+    assert!(h.get("x-ratelimit-reset").is_none());
+}
+
+#[test]
+fn the_anonymous_plan_has_no_concurrency_limit() {
+    let toml = "[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"open\"\n[plans.open]\nconcurrency = 4\n";
+    let e = Config::from_toml_str(toml).unwrap_err();
+    assert_eq!(e.key(), "plans.open.concurrency", "{e}");
 }
 
 #[test]

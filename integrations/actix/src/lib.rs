@@ -277,16 +277,19 @@ where
         let in_flight = ticket.take_in_flight();
         if response.response().extensions().get::<Rejection>().is_some() {
             // Refused by tollgate inside the service (a feature extractor): not billed, the
-            // units go back.
+            // units go back, and the place frees at once.
             ticket.give_back();
+            drop(in_flight);
+            return Ok(response.map_into_left_body());
         } else if let Some(mut capture) = ticket.capture() {
             // Billed at the head, as every response; stored when its body ends.
             let status = response.status().as_u16();
             let head = response.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
             capture.head(status, head.collect::<Vec<_>>());
             if !ticket.complete(status) {
-                // Not billed: nothing stored, the key is released (the capture's drop).
-                return Ok(response.map_into_left_body());
+                // Not billed: nothing stored, the key is released (the capture's drop); the
+                // body still holds the request's place until it has gone.
+                return Ok(counted(response, in_flight));
             }
             // What the handler left of the payload (once it let go of it), into the
             // fingerprint, for at most `DRAIN_LIMIT` (not for a response that will not be
@@ -330,11 +333,7 @@ where
         } else {
             ticket.complete(response.status().as_u16());
         }
-        match in_flight {
-            None => Ok(response.map_into_left_body()),
-            in_flight => Ok(response
-                .map_body(|_, body| EitherBody::right(BoxBody::new(Counted { body: Box::pin(body), in_flight })))),
-        }
+        Ok(counted(response, in_flight))
     }
 }
 
@@ -379,6 +378,20 @@ struct Stored<B> {
     seen: u64,
     size: Option<u64>,
     in_flight: Option<tollgate::door::InFlight>,
+}
+
+/// The response, its body holding the request's place among its tenant's requests in flight
+/// (if its plan limits them) until it has gone.
+fn counted<B: MessageBody + 'static>(
+    response: ServiceResponse<B>,
+    in_flight: Option<tollgate::door::InFlight>,
+) -> ServiceResponse<EitherBody<B>> {
+    match in_flight {
+        None => response.map_into_left_body(),
+        in_flight => {
+            response.map_body(|_, body| EitherBody::right(BoxBody::new(Counted { body: Box::pin(body), in_flight })))
+        }
+    }
 }
 
 /// The body of a tenant whose plan limits its requests in flight: the request's place is held
