@@ -76,7 +76,7 @@ impl Leases {
             tracing::error!(key = ?call.key, kind = ?call.kind,
                 "a quota call has failed {MAX_ATTEMPTS} times; it is kept and sent again until the store answers");
         }
-        cell.locked().inflight = Some(call.clone());
+        cell.locked().inflight = Some(Box::new(call.clone()));
         let store = &self.stores.roles.quota;
         let answer = match call.kind {
             CallKind::Reserve { units, owed, limit, at_least, .. } => {
@@ -110,7 +110,7 @@ impl Leases {
     /// A call in flight always belongs to the cell's current period: nothing else is sent, and
     /// so no period rolls, until it is answered.
     pub(crate) async fn settle_inflight(&self, cell: QuotaRef<'_>) -> Result<(), StoreError> {
-        let Some(call) = cell.locked().inflight.clone() else {
+        let Some(call) = cell.locked().inflight.as_deref().cloned() else {
             return Ok(());
         };
         let grant = self.send(cell, call.clone()).await?;
@@ -128,8 +128,9 @@ impl Leases {
         if late == 0 {
             return Ok(());
         }
-        let prev = cell.locked().prev.clone();
-        if let Some(key) = prev {
+        let prev = cell.locked().prev;
+        if let Some((start, end)) = prev {
+            let key = cell.key(start, end);
             let call =
                 Call { key, token: self.token(cell), kind: CallKind::Release { units: late }, attempts: 0, errors: 0 };
             self.send(cell, call).await?;
@@ -163,7 +164,7 @@ impl Leases {
         let Some((old, left)) = cell.roll_period(start, end) else {
             return Ok(());
         };
-        cell.locked().prev = Some(old.clone());
+        cell.locked().prev = Some((old.start, old.end));
         let kind = if left > 0 {
             CallKind::Release { units: left as u64 }
         } else if left < 0 {

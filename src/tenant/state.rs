@@ -407,10 +407,13 @@ struct QuotaCold {
     locked: std::sync::Mutex<Locked>,
 }
 
+/// Held for every quota of every tenant: kept small (the previous period as its bounds, the
+/// call in flight boxed: there is one only while the store has not answered).
 #[derive(Default)]
 pub(crate) struct Locked {
-    pub(crate) prev: Option<QuotaKey>,
-    pub(crate) inflight: Option<Call>,
+    /// The previous period's bounds (its key: [`QuotaRef::key`]).
+    pub(crate) prev: Option<(i64, i64)>,
+    pub(crate) inflight: Option<Box<Call>>,
 }
 
 /// A store call of one quota cell.
