@@ -168,16 +168,13 @@ impl QuotaStore for DynamoStore {
         for attempt in 0..ATTEMPTS {
             // The balance first, then its grants: a grant or a close after the read changes the
             // balance, so the condition below refuses a computation over grants read before.
-            let Some(counter) = self.get(quota_pk(&key), &quota_sk(&key)).await? else { return Ok(None) };
-            let all = self.grants(tenant, Some(meter)).await?;
+            let Some((balance, all)) = self.read_balance(&key).await? else { return Ok(None) };
             let open: Vec<CreditGrant> = all.iter().filter(|g| g.closed.is_none()).cloned().collect();
             let due =
                 open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
             if !due {
                 return Ok(None);
             }
-
-            let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"));
             let Some((lost, after)) = close_against(&open, id, balance) else { return Ok(None) };
             let close = Update::builder()
                 .table_name(&self.table)
@@ -190,22 +187,9 @@ impl QuotaStore for DynamoStore {
                 .expression_attribute_values(":at", n(now))
                 .expression_attribute_values(":rv", AttributeValue::Bool(revoke))
                 .expression_attribute_values(":lost", n(lost));
-            // Over the balance as read: a reserve or release meanwhile makes it read again.
-            let room = i128::from(after.granted) - i128::from(after.reserved);
-            let set = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(quota_pk(&key)))
-                .key("sk", s(quota_sk(&key)))
-                .update_expression("SET granted = :g, reserved = :r, room = :room")
-                .condition_expression("granted = :g0 AND reserved = :r0")
-                .expression_attribute_values(":g", n(after.granted))
-                .expression_attribute_values(":r", n(after.reserved))
-                .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
-                .expression_attribute_values(":g0", n(balance.granted))
-                .expression_attribute_values(":r0", n(balance.reserved));
             let actions = vec![
                 TransactWriteItem::builder().update(close.build().map_err(backend)?).build(),
-                TransactWriteItem::builder().update(set.build().map_err(backend)?).build(),
+                self.set_balance(&key, balance, after)?,
             ];
             match self.transact(actions, "a credit grant's closing").await? {
                 None => {
@@ -241,11 +225,9 @@ impl QuotaStore for DynamoStore {
         for attempt in 0..ATTEMPTS {
             // As a close: the balance first, then its grants, and a write conditional on both
             // as read (a reserve, grant or close meanwhile makes it read again).
-            let Some(counter) = self.get(quota_pk(&key), &quota_sk(&key)).await? else { return Ok(None) };
-            let all = self.grants(tenant, Some(meter)).await?;
+            let Some((balance, all)) = self.read_balance(&key).await? else { return Ok(None) };
             let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
             let Some(grant) = open.iter().find(|g| g.id == id) else { return Ok(None) };
-            let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"));
             let Some((removed, after)) = refund_against(&open, id, balance, refund) else { return Ok(None) };
             let take = Update::builder()
                 .table_name(&self.table)
@@ -260,20 +242,9 @@ impl QuotaStore for DynamoStore {
                 .expression_attribute_values(":rf", n(refund.refunded))
                 .expression_attribute_values(":u0", n(grant.units))
                 .expression_attribute_values(":rf0", n(grant.refunded));
-            let room = i128::from(after.granted) - i128::from(after.reserved);
-            let set = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(quota_pk(&key)))
-                .key("sk", s(quota_sk(&key)))
-                .update_expression("SET granted = :g, room = :room")
-                .condition_expression("granted = :g0 AND reserved = :r0")
-                .expression_attribute_values(":g", n(after.granted))
-                .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
-                .expression_attribute_values(":g0", n(balance.granted))
-                .expression_attribute_values(":r0", n(balance.reserved));
             let actions = vec![
                 TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
-                TransactWriteItem::builder().update(set.build().map_err(backend)?).build(),
+                self.set_balance(&key, balance, after)?,
             ];
             match self.transact(actions, "a credit grant's refund").await? {
                 None => return Ok(Some(removed)),
@@ -379,6 +350,40 @@ impl DynamoStore {
 fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
     let (start, end) = Period::Prepaid.bounds(0);
     QuotaKey::new(tenant.clone(), meter.clone(), Period::Prepaid, start, end)
+}
+
+impl DynamoStore {
+    /// A prepaid balance as a close or a refund reads it: its counter first, then its grants
+    /// (a grant or a close after the read changes the counter, so a write conditional on the
+    /// counter as read refuses a computation over grants read before). `None`: no balance.
+    async fn read_balance(&self, key: &QuotaKey) -> Result<Option<(CreditBalance, Vec<CreditGrant>)>, StoreError> {
+        let Some(counter) = self.get(quota_pk(key), &quota_sk(key)).await? else { return Ok(None) };
+        let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"));
+        Ok(Some((balance, self.grants(&key.tenant, Some(&key.meter)).await?)))
+    }
+
+    /// Sets a balance to `after`, only if it is still `before` (a reserve or release meanwhile
+    /// makes the caller read it again).
+    fn set_balance(
+        &self,
+        key: &QuotaKey,
+        before: CreditBalance,
+        after: CreditBalance,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let room = i128::from(after.granted) - i128::from(after.reserved);
+        let set = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(quota_pk(key)))
+            .key("sk", s(quota_sk(key)))
+            .update_expression("SET granted = :g, reserved = :r, room = :room")
+            .condition_expression("granted = :g0 AND reserved = :r0")
+            .expression_attribute_values(":g", n(after.granted))
+            .expression_attribute_values(":r", n(after.reserved))
+            .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
+            .expression_attribute_values(":g0", n(before.granted))
+            .expression_attribute_values(":r0", n(before.reserved));
+        Ok(TransactWriteItem::builder().update(set.build().map_err(backend)?).build())
+    }
 }
 
 fn credit_of(item: &Item) -> Option<CreditGrant> {

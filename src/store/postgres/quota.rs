@@ -303,10 +303,6 @@ impl QuotaStore for PostgresStore {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
         let (t, m) = (tenant.as_str(), meter.as_str());
-        let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
-        let open_sql = self.sql(&format!(
-            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL"
-        ));
         let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
         let close = self.sql(
             "UPDATE {s}.credit SET closed_at = $4, revoked = $5, lost = $6 WHERE tenant = $1 AND meter = $2 AND id = $3",
@@ -315,12 +311,10 @@ impl QuotaStore for PostgresStore {
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
-            let Some(row) = tx.query_typed_opt(&lock, args![t, m]).await? else {
+            let Some((balance, open)) = self.locked_balance(&tx, t, m).await? else {
                 tx.commit().await?;
                 return Ok(None);
             };
-            let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)));
-            let open: Vec<CreditGrant> = tx.query_typed(&open_sql, args![t, m]).await?.iter().map(credit_row).collect();
             let due =
                 open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
             let closing = if due { close_against(&open, id, balance) } else { None };
@@ -345,10 +339,6 @@ impl QuotaStore for PostgresStore {
         refund: CreditRefund,
     ) -> Result<Option<u64>, StoreError> {
         let (t, m) = (tenant.as_str(), meter.as_str());
-        let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
-        let open_sql = self.sql(&format!(
-            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL"
-        ));
         let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
         let take = self.sql(
             "UPDATE {s}.credit SET units = units - $4, refunded = $5 WHERE tenant = $1 AND meter = $2 AND id = $3",
@@ -356,13 +346,10 @@ impl QuotaStore for PostgresStore {
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
-            // The balance's row first: grants, closes and refunds of one balance run one at a time.
-            let Some(row) = tx.query_typed_opt(&lock, args![t, m]).await? else {
+            let Some((balance, open)) = self.locked_balance(&tx, t, m).await? else {
                 tx.commit().await?;
                 return Ok(None);
             };
-            let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)));
-            let open: Vec<CreditGrant> = tx.query_typed(&open_sql, args![t, m]).await?.iter().map(credit_row).collect();
             let Some((removed, after)) = refund_against(&open, id, balance, refund) else {
                 tx.commit().await?;
                 return Ok(None);
@@ -399,6 +386,26 @@ const PREPAID: &str =
 fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
     let (start, end) = crate::base::Period::Prepaid.bounds(0);
     QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
+}
+
+impl PostgresStore {
+    /// Locks `(t, m)`'s balance row and reads it with its open grants, in `tx`: grants, closes
+    /// and refunds of one balance run one at a time. `None`: no balance.
+    async fn locked_balance(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        t: &str,
+        m: &str,
+    ) -> Pg<Option<(CreditBalance, Vec<CreditGrant>)>> {
+        let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
+        let open = self.sql(&format!(
+            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL"
+        ));
+        let Some(row) = tx.query_typed_opt(&lock, args![t, m]).await? else { return Ok(None) };
+        let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)));
+        let open = tx.query_typed(&open, args![t, m]).await?.iter().map(credit_row).collect();
+        Ok(Some((balance, open)))
+    }
 }
 
 const CREDIT_COLUMNS: &str =

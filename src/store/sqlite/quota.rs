@@ -150,17 +150,13 @@ impl QuotaStore for SqliteStore {
         let (tenant, meter, id) = (tenant.clone(), meter.clone(), id.to_owned());
         self.write(move |tx, _| {
             let (t, m) = (tenant.as_str(), meter.as_str());
-            let open: Vec<CreditGrant> = grants_of(tx, t, m)?.into_iter().filter(|g| g.closed.is_none()).collect();
-            let Some(grant) = open.iter().find(|g| g.id == id) else { return Ok(None) };
+            let b = Balance::read(tx, &tenant, &meter)?;
+            let Some(grant) = b.open.iter().find(|g| g.id == id) else { return Ok(None) };
             if !revoke && grant.expires_at.is_none_or(|at| at > now) {
                 return Ok(None);
             }
-            let key = prepaid_key(&tenant, &meter);
-            let period = key.period_tag();
-            let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
-            let balance = CreditBalance::new(granted.unwrap_or(0), uint(reserved));
-            let Some((lost, after)) = close_against(&open, &id, balance) else { return Ok(None) };
-            set_balance(tx, &key, &period, after.granted, after.reserved)?;
+            let Some((lost, after)) = close_against(&b.open, &id, b.now) else { return Ok(None) };
+            b.write(tx, after)?;
             tx.prepare_cached(
                 "UPDATE credit SET closed_at = ?4, revoked = ?5, lost = ?6 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
             )?
@@ -183,16 +179,9 @@ impl QuotaStore for SqliteStore {
         let (tenant, meter, id) = (tenant.clone(), meter.clone(), id.to_owned());
         self.write(move |tx, _| {
             let (t, m) = (tenant.as_str(), meter.as_str());
-            let open: Vec<CreditGrant> = grants_of(tx, t, m)?.into_iter().filter(|g| g.closed.is_none()).collect();
-            if !open.iter().any(|g| g.id == id) {
-                return Ok(None);
-            }
-            let key = prepaid_key(&tenant, &meter);
-            let period = key.period_tag();
-            let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
-            let balance = CreditBalance::new(granted.unwrap_or(0), uint(reserved));
-            let Some((removed, after)) = refund_against(&open, &id, balance, refund) else { return Ok(None) };
-            set_balance(tx, &key, &period, after.granted, after.reserved)?;
+            let b = Balance::read(tx, &tenant, &meter)?;
+            let Some((removed, after)) = refund_against(&b.open, &id, b.now, refund) else { return Ok(None) };
+            b.write(tx, after)?;
             tx.prepare_cached(
                 "UPDATE credit SET units = units - ?4, refunded = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
             )?
@@ -219,6 +208,29 @@ impl QuotaStore for SqliteStore {
 fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
     let (start, end) = crate::base::Period::Prepaid.bounds(0);
     QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
+}
+
+/// A prepaid balance as a close or a refund reads it, in its write transaction: its counter
+/// and its open grants.
+struct Balance {
+    key: QuotaKey,
+    period: String,
+    now: CreditBalance,
+    open: Vec<CreditGrant>,
+}
+
+impl Balance {
+    fn read(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> Sql<Self> {
+        let open = grants_of(tx, tenant.as_str(), meter.as_str())?.into_iter().filter(|g| g.closed.is_none()).collect();
+        let key = prepaid_key(tenant, meter);
+        let period = key.period_tag();
+        let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
+        Ok(Self { now: CreditBalance::new(granted.unwrap_or(0), uint(reserved)), key, period, open })
+    }
+
+    fn write(&self, tx: &Transaction<'_>, after: CreditBalance) -> Sql<()> {
+        set_balance(tx, &self.key, &self.period, after.granted, after.reserved)
+    }
 }
 
 /// Sets a prepaid balance's granted and reserved units.
