@@ -5,6 +5,8 @@
 #
 #   scripts/load.sh [SECONDS_PER_RUN] [ROUNDS]     (defaults: 5 s, 3 rounds)
 #   TOLLGATE_HEADERS=none scripts/load.sh           (limits.headers: draft by default)
+#   DOORS="actix" TENANTS="10000" scripts/load.sh   (a part of the table: axum and actix-web,
+#                                                    1 and 10,000 tenants by default)
 #
 # The servers run on one core (taskset -c 0; axum on one tokio thread, actix-web with one
 # worker); wrk (Debian's package, with a Lua script drawing a tenant's API key per request)
@@ -51,13 +53,13 @@ LUA
   local requests non2xx
   requests=$(awk '/requests in/ {print $1}' "$tmp/wrk.out")
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$tmp/wrk.out")
-  [ -z "$non2xx" ] || { echo "$door $mode $tenants: $non2xx responses were not 2xx"; cat "$tmp/wrk.out"; exit 1; }
+  [ -z "$non2xx" ] || { echo "$door $mode $tenants: $non2xx responses were not 2xx" >&2; cat "$tmp/wrk.out" >&2; exit 1; }
   python3 -c "print(round($requests / (($after - $before) / $ticks)))"
 }
 
 echo "door tenants round bare_rps_per_cpu_s tollgate_rps_per_cpu_s ratio"
-for door in axum actix; do
-  for tenants in 1 10000; do
+for door in ${DOORS:-axum actix}; do
+  for tenants in ${TENANTS:-1 10000}; do
     for round in $(seq "$rounds"); do
       bare=$(run $door bare $tenants)
       gated=$(run $door tollgate $tenants)
@@ -75,6 +77,8 @@ print("|---|---|---|---|---|")
 for door in ("axum", "actix"):
     for tenants in ("1", "10000"):
         rs = [r for r in rows if r[0] == door and r[1] == tenants]
+        if not rs:
+            continue
         bare = statistics.median(float(r[3]) for r in rs)
         gated = statistics.median(float(r[4]) for r in rs)
         ratio = statistics.median(float(r[5]) for r in rs)

@@ -56,7 +56,7 @@ impl fmt::Debug for KeyHash {
 }
 
 /// The longest API key accepted, in bytes.
-const MAX_KEY_LEN: usize = 256;
+pub(crate) const MAX_KEY_LEN: usize = 256;
 
 /// Why an API key with a comma is refused (in a configuration, an import, or a request, where
 /// it is answered as a repeated header).

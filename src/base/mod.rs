@@ -13,7 +13,7 @@ mod random;
 pub use events::{DirectoryEvents, WebhookCount};
 pub use ids::{InvalidTenantId, MeterId, PlanId, TenantId};
 pub use key::KeyHash;
-pub(crate) use key::{check_api_key, COMMA_IN_KEY};
+pub(crate) use key::{check_api_key, COMMA_IN_KEY, MAX_KEY_LEN};
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
 

@@ -332,10 +332,11 @@ impl Tollgate {
         }
         let lookup = match req.credential {
             Credential::ApiKey(key) => {
-                if let Err(why) = check_api_key(key) {
-                    // A comma: a repeated header a proxy joined; answered as a repeated one.
-                    let why = if why == crate::tenant::COMMA_IN_KEY { crate::response::REPEATED_KEY } else { why };
-                    return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why));
+                // Its length bounds the digest's work; its characters are checked only when
+                // no tenant holds it (every key a tenant holds was checked when it was added,
+                // and a digest match stands for the key).
+                if key.is_empty() || key.len() > crate::base::MAX_KEY_LEN {
+                    return self.malformed_key(key);
                 }
                 Lookup::ApiKey(key)
             }
@@ -392,6 +393,11 @@ impl Tollgate {
                 self.decide(state, route, idem)
             }
             None => {
+                if let Lookup::ApiKey(key) = lookup {
+                    if check_api_key(key).is_err() {
+                        return self.malformed_key(key);
+                    }
+                }
                 // Anonymous callers (or an unknown key served as one) need their address.
                 let ip = req.client.or_else(client);
                 if let Some(keys) = &rt.client_keys {
@@ -410,6 +416,17 @@ impl Tollgate {
                 })
             }
         }
+    }
+
+    /// The 400 of an API key that cannot be one (empty, too long, characters other than
+    /// visible ASCII, a comma).
+    #[cold]
+    #[inline(never)]
+    fn malformed_key(&self, key: &[u8]) -> Admission {
+        let why = check_api_key(key).err().unwrap_or("the API key is malformed");
+        // A comma: a repeated header a proxy joined; answered as a repeated one.
+        let why = if why == crate::tenant::COMMA_IN_KEY { crate::response::REPEATED_KEY } else { why };
+        self.reject(Rejection::new(RejectionKind::MalformedCredentials, why))
     }
 
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`.

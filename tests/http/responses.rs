@@ -134,6 +134,10 @@ async fn missing_unknown_and_malformed_keys_get_4xx_and_create_no_state() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(h.send(twice).await.status, 400);
+    // Joined by a proxy: read as a repeated header, not looked up as one key.
+    let joined = h.get("/", "key-acme, key-acme").await;
+    assert_eq!(joined.status, 400);
+    assert!(joined.json()["detail"].as_str().unwrap().contains("repeated"), "{:?}", joined.json());
     let bad_idem = h.send(req("POST", "/", Some("key-acme"), Some(&"x".repeat(256)))).await;
     assert_eq!(bad_idem.status, 400);
     assert_eq!(bad_idem.json()["title"], "Malformed Idempotency-Key");

@@ -13,7 +13,7 @@ use axum::{routing::get, Router};
 #[must_use]
 pub fn config(tenants: usize) -> String {
     let mut toml = String::from(
-        "[store]\nkind = \"memory\"\n[limits]\nheaders = \"HEADERS\"\n[usage]\nflush_interval = \"1s\"\n[plans.p]\nrate = \"100000/s\"\nburst = 100000\n\
+        "[store]\nkind = \"memory\"\n[limits]\nheaders = \"HEADERS\"\n[plans.p]\nrate = \"100000000/s\"\nburst = 100000000\n\
          quotas.requests = { limit = 1000000000, period = \"day\", mode = \"hard\" }\n",
     );
     for i in 0..tenants {
