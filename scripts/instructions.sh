@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Instructions per request of each case of the profiling harness, counted by callgrind
-# (repeatable whatever else the machine does): the difference between two runs of different
-# lengths, divided by the difference in requests, so set-up cancels out.
+# (repeatable whatever else the machine does) inside the harness's measured loop only
+# (`--toggle-collect` on its `drive`, so the set-up and the idle worker are not counted): the
+# difference between two runs of different lengths, divided by the difference in requests,
+# so whatever the loop does once cancels out. With ONE_RUN=1, a single run of 200,000
+# requests, divided by them: for 1,000,000 tenants, whose set-up takes minutes under valgrind.
 # With CACHE=1, cachegrind instead counts first-level data misses and misses of a simulated
 # 1 MiB, 8-way second level (this machine's L2) per request: the memory side, just as steady.
-# Usage: [CACHE=1] [FEATURES=dynamodb] scripts/instructions.sh [tenants] [cases...]
+# Usage: [CACHE=1] [ONE_RUN=1] [FEATURES=dynamodb] scripts/instructions.sh [tenants] [cases...]
 # (TOLLGATE_BENCH_STORE=memory|sqlite|dynamodb|postgres picks the store of the tollgate cases;
 # dynamodb needs FEATURES=dynamodb and TOLLGATE_DYNAMODB_ENDPOINT, postgres FEATURES=postgres and
 # TOLLGATE_POSTGRES_URL.)
@@ -14,7 +17,10 @@ tenants=${1:-1}; shift || true
 cases=${*:-bare tower_governor tollgate tower_governor_headers tollgate_headers tollgate_defaults}
 bin=$(cargo bench --bench profile ${FEATURES:+--features "$FEATURES"} --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="profile"][-1])')
-count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$tenants" "$2" 2>&1 | sed -n 's/.*Collected : //p'; }
+count() {
+  valgrind --tool=callgrind --toggle-collect='*support::drive*' --callgrind-out-file=/dev/null \
+    "$bin" "$1" "$tenants" "$2" 2>&1 | sed -n 's/.*Collected : //p'
+}
 # "D1 misses L2 misses" of one run.
 misses() {
   valgrind --tool=cachegrind --cache-sim=yes --LL=1048576,8,64 --cachegrind-out-file=/dev/null \
@@ -24,6 +30,9 @@ for c in $cases; do
   if [[ ${CACHE:-0} == 1 ]]; then
     read -r d1a l2a <<<"$(misses "$c" 200000)"; read -r d1b l2b <<<"$(misses "$c" 1200000)"
     echo "$c $tenants: $(( (d1b - d1a) / 10000 ))/100 D1 misses, $(( (l2b - l2a) / 10000 ))/100 L2 misses per request"
+  elif [[ ${ONE_RUN:-0} == 1 ]]; then
+    a=$(count "$c" 200000)
+    echo "$c $tenants: $(( a / 200000 )) instructions/request"
   else
     a=$(count "$c" 20000); b=$(count "$c" 120000)
     echo "$c $tenants: $(( (b - a) / 100000 )) instructions/request"
