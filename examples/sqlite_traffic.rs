@@ -1,0 +1,109 @@
+//! What tollgate asks of its SQLite file per million API requests: the measurement of
+//! docs/performance.md ("SQLite traffic"), the embedded store's counterpart of
+//! `postgres_traffic` and `dynamodb_traffic`. Drives the same API requests through the tower
+//! layer (tenants spread over a fake clock, flushes at the flush interval, the directory
+//! revalidated as the worker would), against a SQLite file, and reads what the process wrote
+//! from `/proc/self/io` (write calls and bytes, the file and its write-ahead log; nothing else
+//! of the process writes meanwhile), and the file's size at the end.
+//!
+//! `cargo run --release --example sqlite_traffic -- <tenants> <requests> <flush interval, s>
+//!  <run time, s>` (defaults 1000 1000000 10 600). Under `strace -f -c -e trace=fdatasync,fsync`
+//! the same run also counts the syncs.
+
+use std::time::{Duration, Instant};
+
+use tollgate::store::prelude::*;
+use tollgate::store::{KeyHash, SqliteStore, TenantRecord};
+use tollgate::{clock::Clock, Config, Tollgate, TollgateLayer};
+use tower::{Layer, ServiceExt};
+
+/// (write calls, bytes written) of this process so far.
+fn written() -> (u64, u64) {
+    let io = std::fs::read_to_string("/proc/self/io").expect("/proc/self/io (Linux)");
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/self/io"))
+    };
+    (field("syscw:"), field("wchar:"))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
+    let (tenants, requests, flush, run) = match args[..] {
+        [t, r, f, s] => (t, r, f, s),
+        _ => (1000, 1_000_000, 10, 600),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    for i in 0..tenants {
+        let record = TenantRecord::new(format!("t{i}").into(), "metered".into());
+        store.put_tenant(&record, &[KeyHash::of(format!("key-{i}").as_bytes())]).await.unwrap();
+    }
+    let config = Config::from_toml_str(&format!(
+        "[usage]\nflush_interval = \"{flush}s\"\nwindow = \"1h\"\n[limits]\nheaders = \"none\"\n\
+         [plans.metered]\nrate = \"1000000/s\"\n\
+         quotas.requests = {{ limit = 100000000, period = \"month\", mode = \"hard\" }}\n"
+    ))
+    .unwrap();
+    let start = 1_773_489_600; // 2026-03-14T12:00:00Z
+    let (clock, fake) = Clock::fake_at_unix(start);
+    let (engine, _worker) = Tollgate::builder(config).store(store).clock(clock).build();
+    let layer = TollgateLayer::new(engine.clone());
+    let svc = layer.layer(tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+    }));
+
+    let keys: Vec<String> = (0..tenants).map(|i| format!("key-{i}")).collect();
+    let step = Duration::from_nanos(run * 1_000_000_000 / requests);
+    let (mut flushed_at, mut revalidated_at) = (0u64, 0u64);
+    let mut flushes = Vec::new();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let (calls_before, bytes_before) = written();
+    let began = Instant::now();
+    for i in 0..requests {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let key = &keys[(rng % tenants) as usize];
+        let req = http::Request::get("/").header("x-api-key", key).body(axum::body::Body::empty()).unwrap();
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200, "request {i}");
+        fake.advance(step);
+        let elapsed = (i + 1) * run / requests;
+        if elapsed >= flushed_at + flush {
+            flushed_at = elapsed;
+            let started = Instant::now();
+            let mut tries = 0;
+            while let Err(e) = engine.flush().await {
+                tries += 1;
+                assert!(tries < 20, "the flush keeps failing: {e}");
+            }
+            flushes.push(started.elapsed());
+        }
+        if elapsed >= revalidated_at + 15 {
+            revalidated_at = elapsed;
+            engine.revalidate().await;
+        }
+    }
+    engine.shutdown().await.unwrap();
+    let wall = began.elapsed();
+    let (calls_after, bytes_after) = written();
+    let (calls, bytes) = (calls_after - calls_before, bytes_after - bytes_before);
+    flushes.sort();
+    let p50 = flushes.get(flushes.len() / 2).copied().unwrap_or_default();
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "{requests} API requests over {tenants} tenants, {run} s, flush every {flush} s: {calls} write calls, \
+         {:.1} MiB written ({:.1} write calls per thousand API requests); {} flushes, p50 {} µs; \
+         the file {:.1} MiB; {:.1} s of wall time",
+        bytes as f64 / 1_048_576.0,
+        calls as f64 * 1e3 / requests as f64,
+        flushes.len(),
+        p50.as_micros(),
+        size as f64 / 1_048_576.0,
+        wall.as_secs_f64(),
+    );
+}
