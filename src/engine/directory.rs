@@ -41,7 +41,16 @@ impl Tollgate {
         let timeout = rt.config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
         let lookup = match &credential {
-            OwnedCredential::ApiKey(key) => Lookup::ApiKey(key),
+            OwnedCredential::ApiKey(key) => {
+                // The request path checks a key's characters only when the table does not
+                // hold it, so a key must never reach the table without this check: every key
+                // the table holds came through here.
+                if let Err(why) = crate::tenant::check_api_key(key) {
+                    let why = if why == crate::tenant::COMMA_IN_KEY { crate::response::REPEATED_KEY } else { why };
+                    return Err(Rejection::new(RejectionKind::MalformedCredentials, why));
+                }
+                Lookup::ApiKey(key)
+            }
             OwnedCredential::Tenant(id) => Lookup::Identity(id.as_str()),
             OwnedCredential::Anonymous => Lookup::Identity(ANONYMOUS),
         };

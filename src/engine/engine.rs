@@ -333,8 +333,9 @@ impl Tollgate {
         let lookup = match req.credential {
             Credential::ApiKey(key) => {
                 // Its length bounds the digest's work; its characters are checked only when
-                // no tenant holds it (every key a tenant holds was checked when it was added,
-                // and a digest match stands for the key).
+                // the table does not hold it: a key reaches the table only through the
+                // directory's lookup, which checks it first, and a match of the 128-bit keyed
+                // digest stands for the key.
                 if key.is_empty() || key.len() > crate::base::MAX_KEY_LEN {
                     return self.malformed_key(key);
                 }
@@ -362,7 +363,15 @@ impl Tollgate {
         // apart, on what the application serves.
         let path = match crate::plan::normalize_path(req.path) {
             Ok(path) => path,
-            Err(why) => return self.reject(Rejection::new(RejectionKind::MalformedPath, why)),
+            Err(why) => {
+                // A malformed key is answered first, as when it was checked before the path.
+                if let Lookup::ApiKey(key) = lookup {
+                    if check_api_key(key).is_err() {
+                        return self.malformed_key(key);
+                    }
+                }
+                return self.reject(Rejection::new(RejectionKind::MalformedPath, why));
+            }
         };
         let mut route = rt.route(req.method, &path);
         let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, &path, req.query)));

@@ -138,6 +138,11 @@ async fn missing_unknown_and_malformed_keys_get_4xx_and_create_no_state() {
     let joined = h.get("/", "key-acme, key-acme").await;
     assert_eq!(joined.status, 400);
     assert!(joined.json()["detail"].as_str().unwrap().contains("repeated"), "{:?}", joined.json());
+    // A malformed key is answered before a malformed path, as before the key was checked
+    // only when no tenant holds it.
+    let both = h.get("/v1/x/../reports", "bad key").await;
+    assert_eq!(both.status, 400);
+    assert_eq!(both.json()["title"], "Malformed credentials");
     let bad_idem = h.send(req("POST", "/", Some("key-acme"), Some(&"x".repeat(256)))).await;
     assert_eq!(bad_idem.status, 400);
     assert_eq!(bad_idem.json()["title"], "Malformed Idempotency-Key");
