@@ -1,10 +1,11 @@
 //! What tollgate asks of its SQLite file per million API requests: the measurement of
-//! docs/performance.md ("SQLite traffic"), the embedded store's counterpart of
-//! `postgres_traffic` and `dynamodb_traffic`. Drives the same API requests through the tower
-//! layer (tenants spread over a fake clock, flushes at the flush interval, the directory
-//! revalidated as the worker would), against a SQLite file, and reads what the process wrote
-//! from `/proc/self/io` (write calls and bytes, the file and its write-ahead log; nothing else
-//! of the process writes meanwhile), and the file's size at the end.
+//! docs/performance.md (the store traffic of the issue 24 table), the embedded store's
+//! counterpart of `postgres_traffic` and `dynamodb_traffic`. Drives the same API requests
+//! through the tower layer (tenants spread over a fake clock, flushes at the flush interval,
+//! the directory revalidated as the worker would), against a SQLite file, and reads the
+//! process's write system calls and bytes from `/proc/self/io` over the run (the file and its
+//! write-ahead log, and whatever else the process writes meanwhile, such as the runtime's
+//! wake-ups: an upper bound), and the file's size at the end.
 //!
 //! `cargo run --release --example sqlite_traffic -- <tenants> <requests> <flush interval, s>
 //!  <run time, s>` (defaults 1000 1000000 10 600). Under `strace -f -c -e trace=fdatasync,fsync`
@@ -33,7 +34,8 @@ async fn main() {
     let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
     let (tenants, requests, flush, run) = match args[..] {
         [t, r, f, s] => (t, r, f, s),
-        _ => (1000, 1_000_000, 10, 600),
+        [] => (1000, 1_000_000, 10, 600),
+        _ => panic!("usage: sqlite_traffic [<tenants> <requests> <flush interval, s> <run time, s>]"),
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.db");
@@ -96,7 +98,7 @@ async fn main() {
     let p50 = flushes.get(flushes.len() / 2).copied().unwrap_or_default();
     let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     println!(
-        "{requests} API requests over {tenants} tenants, {run} s, flush every {flush} s: {calls} write calls, \
+        "{requests} API requests over {tenants} tenants, {run} s, flush every {flush} s: {calls} write system calls, \
          {:.1} MiB written ({:.1} write calls per thousand API requests); {} flushes, p50 {} µs; \
          the file {:.1} MiB; {:.1} s of wall time",
         bytes as f64 / 1_048_576.0,

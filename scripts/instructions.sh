@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Instructions per request of each case of the profiling harness, counted by callgrind
-# (repeatable whatever else the machine does) inside the harness's measured loop only
-# (`--toggle-collect` on its `drive`, so the set-up and the idle worker are not counted): the
-# difference between two runs of different lengths, divided by the difference in requests,
-# so whatever the loop does once cancels out. With ONE_RUN=1, a single run of 200,000
-# requests, divided by them: for 1,000,000 tenants, whose set-up takes minutes under valgrind.
+# (repeatable whatever else the machine does): the difference between two runs of different
+# lengths, divided by the difference in requests, so set-up cancels out. Every thread is
+# counted: the worker's share of each request (refills, flushes) with it. With
+# TOLLGATE_BENCH_NO_REFILL=1 (the request path alone: no refill, flush or revalidation in a
+# run) only the thread of the harness's measured loop is counted (`--toggle-collect` on its
+# `drive`), and ONE_RUN=1 then counts a single run of 200,000 requests, set-up excluded: for
+# 1,000,000 tenants, whose set-up takes minutes under valgrind.
 # With CACHE=1, cachegrind instead counts first-level data misses and misses of a simulated
 # 1 MiB, 8-way second level (this machine's L2) per request: the memory side, just as steady.
 # Usage: [CACHE=1] [ONE_RUN=1] [FEATURES=dynamodb] scripts/instructions.sh [tenants] [cases...]
@@ -17,9 +19,16 @@ tenants=${1:-1}; shift || true
 cases=${*:-bare tower_governor tollgate tower_governor_headers tollgate_headers tollgate_defaults}
 bin=$(cargo bench --bench profile ${FEATURES:+--features "$FEATURES"} --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"]=="profile"][-1])')
+quiet=${TOLLGATE_BENCH_NO_REFILL:-0}
+if [[ ${ONE_RUN:-0} == 1 && $quiet != 1 ]]; then
+  echo "ONE_RUN=1 needs TOLLGATE_BENCH_NO_REFILL=1 (the loop alone is counted only then)" >&2
+  exit 2
+fi
+toggle=()
+[[ $quiet == 1 ]] && toggle=(--toggle-collect='*support::drive*')
 count() {
-  valgrind --tool=callgrind --toggle-collect='*support::drive*' --callgrind-out-file=/dev/null \
-    "$bin" "$1" "$tenants" "$2" 2>&1 | sed -n 's/.*Collected : //p'
+  valgrind --tool=callgrind "${toggle[@]}" --callgrind-out-file=/dev/null "$bin" "$1" "$tenants" "$2" 2>&1 \
+    | sed -n 's/.*Collected : //p'
 }
 # "D1 misses L2 misses" of one run.
 misses() {

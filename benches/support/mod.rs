@@ -156,14 +156,15 @@ pub(crate) fn tollgate_service_on(
     // by the worker would otherwise run in the measured loop); without it, the counts include
     // the store's share of each request (refills and flushes).
     let quiet = std::env::var_os("TOLLGATE_BENCH_NO_REFILL").is_some_and(|v| v == "1");
-    let (lease, flush, ttl) = if quiet { (", lease = 1000000000", "30m", "2h") } else { ("", "10s", "60s") };
+    let (lease, flush, ttl, idle) =
+        if quiet { (", lease = 1000000000", "30m", "2h", "2h") } else { ("", "10s", "60s", "15m") };
     let config = Config::from_toml_str(&format!(
         r#"
         [limits]
         headers = "{headers}"
         max_tenants = 2000000
         directory_ttl = "{ttl}"
-        idle_timeout = "{ttl}"
+        idle_timeout = "{idle}"
         [usage]
         flush_interval = "{flush}"
         # A rate no benchmark reaches: every request is admitted (and recorded).
