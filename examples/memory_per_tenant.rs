@@ -133,5 +133,9 @@ async fn main() {
     println!("  tables (allocations of 64 KiB or more): {:.1}", tables as f64 / n);
     println!("  small allocations (ids, quota cells, credential lists, entries): {:.1}", small as f64 / n);
     drop(svc);
-    engine.shutdown().await.expect("a shutdown");
+    // Returning a million leases to the file can outlast `usage.shutdown_timeout`: said, and
+    // not a failure of the measurement, which is done.
+    if let Err(e) = engine.shutdown().await {
+        eprintln!("shutdown: {e}");
+    }
 }
