@@ -371,7 +371,8 @@ async fn replay<B, P: RejectionResponder>(
 /// The body of the first request with an `Idempotency-Key` (billed at its head): held as it
 /// streams, stored with the key when its last bytes have gone (actix stops polling a sized body
 /// once they are written). A body that fails, or is dropped before its end, stores nothing:
-/// the key is released.
+/// the key is released. Without a capture, the body of a tenant whose plan limits its requests
+/// in flight: the request's place (`in_flight`) is held until the body has gone.
 struct Stored<B> {
     body: std::pin::Pin<Box<B>>,
     capture: Option<tollgate::door::ResponseCapture>,
@@ -388,36 +389,16 @@ fn counted<B: MessageBody + 'static>(
 ) -> ServiceResponse<EitherBody<B>> {
     match in_flight {
         None => response.map_into_left_body(),
-        in_flight => {
-            response.map_body(|_, body| EitherBody::right(BoxBody::new(Counted { body: Box::pin(body), in_flight })))
-        }
-    }
-}
-
-/// The body of a tenant whose plan limits its requests in flight: the request's place is held
-/// until the body has gone (ended, failed, or dropped).
-struct Counted<B> {
-    body: std::pin::Pin<Box<B>>,
-    in_flight: Option<tollgate::door::InFlight>,
-}
-
-impl<B: MessageBody> MessageBody for Counted<B> {
-    type Error = B::Error;
-
-    fn size(&self) -> actix_web::body::BodySize {
-        self.body.size()
-    }
-
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<bytes::Bytes, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = this.body.as_mut().poll_next(cx);
-        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            this.in_flight = None;
-        }
-        polled
+        // A stored body without a capture: it only holds the place until the body has gone.
+        in_flight => response.map_body(|_, body| {
+            EitherBody::right(BoxBody::new(Stored {
+                body: Box::pin(body),
+                capture: None,
+                seen: 0,
+                size: None,
+                in_flight,
+            }))
+        }),
     }
 }
 
