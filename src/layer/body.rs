@@ -38,7 +38,9 @@ pin_project! {
         // The answer to the first request with an `Idempotency-Key` (billed at its head): held
         // while it streams, stored with the key when its last frame has gone (a server does
         // not poll a body for its end once the length it announced is written). `seen`: its
-        // bytes so far; `exact`: its length, if it said.
+        // bytes so far; `exact`: its length, if it said. Without a capture, the answer of a
+        // tenant whose plan limits its requests in flight: `in_flight`, its place, is held until
+        // the body ends (or fails, or is dropped).
         Stored {
             #[pin] body: B,
             capture: Option<ResponseCapture>,
@@ -46,9 +48,6 @@ pin_project! {
             exact: Option<u64>,
             in_flight: Option<InFlight>,
         },
-        // The answer of a tenant whose plan limits its requests in flight: its place is held
-        // until the body ends (or fails, or is dropped).
-        Counted { #[pin] body: B, in_flight: Option<InFlight> },
     }
 }
 
@@ -76,7 +75,12 @@ impl<B> TollgateBody<B> {
     pub(crate) fn counted(body: B, in_flight: Option<InFlight>) -> Self {
         match in_flight {
             None => Self::inner(body),
-            in_flight => Self { kind: Kind::Other { other: Some(Box::pin(Other::Counted { body, in_flight })) } },
+            // A stored body without a capture: it only holds the place until it ends (or
+            // fails, or is dropped).
+            in_flight => {
+                let counted = Other::Stored { body, capture: None, seen: 0, exact: None, in_flight };
+                Self { kind: Kind::Other { other: Some(Box::pin(counted)) } }
+            }
         }
     }
 }
@@ -104,7 +108,6 @@ impl<B> std::fmt::Debug for TollgateBody<B> {
                 Other::Full { data } => f.debug_tuple("TollgateBody::Full").field(data).finish(),
                 Other::Tracked { .. } => f.write_str("TollgateBody::Tracked"),
                 Other::Stored { .. } => f.write_str("TollgateBody::Stored"),
-                Other::Counted { .. } => f.write_str("TollgateBody::Counted"),
             },
         }
     }
@@ -163,19 +166,6 @@ where
                     }
                     polled
                 }
-                OtherProj::Counted { mut body, in_flight } => {
-                    let polled = body.as_mut().poll_frame(cx);
-                    // Ended (or failed): the place is free, whether or not the body is dropped.
-                    let ended = match &polled {
-                        Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-                        Poll::Ready(_) => true,
-                        Poll::Pending => false,
-                    };
-                    if ended {
-                        *in_flight = None;
-                    }
-                    polled
-                }
                 OtherProj::Stored { mut body, capture, seen, exact, in_flight } => {
                     let polled = body.as_mut().poll_frame(cx);
                     match &polled {
@@ -220,7 +210,7 @@ where
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => data.is_none(),
                 Other::Tracked { body, .. } => body.is_end_stream(),
-                Other::Stored { body, .. } | Other::Counted { body, .. } => body.is_end_stream(),
+                Other::Stored { body, .. } => body.is_end_stream(),
             },
         }
     }
@@ -231,9 +221,7 @@ where
             Kind::Other { other: None } => SizeHint::with_exact(0),
             Kind::Other { other: Some(other) } => match other.as_ref().get_ref() {
                 Other::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-                Other::Tracked { body, .. } | Other::Stored { body, .. } | Other::Counted { body, .. } => {
-                    body.size_hint()
-                }
+                Other::Tracked { body, .. } | Other::Stored { body, .. } => body.size_hint(),
             },
         }
     }
