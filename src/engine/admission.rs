@@ -670,10 +670,12 @@ impl Tollgate {
         let (mut r, retry) = if cell.prepaid() {
             let r = Rejection::new(
                 state.plan.balance_refusal,
+                // No count: this node's last answer from the store may be stale (a top-up
+                // since), and the store alone knows what is left.
                 Cow::Owned(format!(
-                    "the prepaid {} balance is spent: {} units granted and not expired, all used; a top-up restores it",
+                    "the prepaid {} balance is spent: the units granted and not expired are all used; a top-up \
+                     restores it",
                     cell.meter_id(),
-                    cell.limit(),
                 )),
             );
             (r, None)

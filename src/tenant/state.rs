@@ -655,15 +655,15 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
-    /// Whether the store said this period's hard limit was reached, within the last second:
-    /// after that the store is asked again (other nodes may have given units back), at most
-    /// once a second per cell.
+    /// Whether the store said this period's hard limit was reached, in the same second of
+    /// the clock as `now`: from the next second on the store is asked again (other nodes may
+    /// have given units back, a top-up may have landed), at most once a second per cell, and
+    /// a refusal never outlives the second of the answer that said "spent".
     #[inline]
     fn spent(&self, now: i64) -> bool {
         let cold = self.cold();
         cold.exhausted.load(Ordering::Acquire)
-            && now.saturating_mul(1_000_000_000)
-                < cold.refilled_at.load(Ordering::Relaxed).saturating_add(1_000_000_000)
+            && now <= cold.refilled_at.load(Ordering::Relaxed).div_euclid(1_000_000_000)
     }
 
     /// Takes `quantity` units even if that leaves the lease negative (usage that already
@@ -905,14 +905,16 @@ impl<'a> QuotaRef<'a> {
         self.cold().reserved.load(Ordering::Relaxed)
     }
 
-    /// `limit`: a prepaid balance's granted units, as the store said.
+    /// `limit`: a prepaid balance's granted units, as the store said. An answer with room
+    /// left clears what an earlier one said: a top-up (or units given back by other nodes)
+    /// is spendable at once, and leases grow again.
     pub(crate) fn granted(&self, reserved: u64, limit: Option<u64>, short: bool) {
         if let Some(limit) = limit {
             self.cold().balance.store(limit, Ordering::Relaxed);
         }
         self.cold().reserved.store(reserved, Ordering::Release);
-        if self.hard() && short {
-            self.cold().exhausted.store(true, Ordering::Release);
+        if self.hard() {
+            self.cold().exhausted.store(short, Ordering::Release);
         }
     }
 

@@ -302,3 +302,74 @@ async fn four_engines_spend_one_balance_concurrently_and_never_pass_it() {
     // engines held in their last (shrinking) leases.
     assert!(admitted >= 500 - 3 * 8, "admitted {admitted}");
 }
+
+/// Spends a 50-unit balance until 402 on `nodes` engines with their workers (one SQLite file),
+/// has another process grant 300 more, then sends 20 requests a second for 5 s, round robin:
+/// returns the requests admitted in each second.
+async fn top_up_after_402(nodes: usize) -> Vec<u32> {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("b.db")).await.unwrap());
+    let toml = toml("");
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let nodes: Vec<Harness> =
+        (0..nodes).map(|_| node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())).collect();
+    // The CLI: another process on the same store, which no engine hears from.
+    let cli = Admin::new(store.clone()).with_config(Config::from_toml_str(&toml).unwrap());
+    cli.grant_credits("t", "requests", 50, None, "pi_1").await.unwrap();
+    let mut spent = 0;
+    'spend: for _ in 0..200 {
+        for node in &nodes {
+            match node.status("/", "key-t").await {
+                200 => spent += 1,
+                402 => break 'spend,
+                s => panic!("status {s}"),
+            }
+        }
+        handle.advance(Duration::from_millis(50));
+    }
+    assert!(spent <= 50, "spent {spent} of 50");
+    cli.grant_credits("t", "requests", 300, None, "pi_2").await.unwrap();
+    let mut seconds = vec![0u32; 5];
+    for i in 0..100 {
+        if nodes[i % nodes.len()].status("/", "key-t").await == 200 {
+            seconds[i / 20] += 1;
+        }
+        handle.advance(Duration::from_millis(50));
+        tokio::task::yield_now().await;
+    }
+    for n in &nodes {
+        n.tollgate.shutdown().await.unwrap();
+    }
+    let b = balance(&cli, "requests").await;
+    assert_eq!(b.granted, 350);
+    assert!(b.reserved <= 350, "{b:?}");
+    seconds
+}
+
+/// A top-up granted by another process (the CLI, a webhook on another node) after a 402 is
+/// spent within a second, then at the full request rate, on one node and on four: the store's
+/// "spent" is trusted for at most the rest of that second, and a later full grant clears it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_after_402_is_spent_within_a_second_on_one_node_and_on_four() {
+    for nodes in [1, 4] {
+        let seconds = top_up_after_402(nodes).await;
+        assert!(seconds[0] >= 1, "{nodes} node(s): nothing admitted in the first second: {seconds:?}");
+        assert_eq!(&seconds[1..], &[20, 20, 20, 20], "{nodes} node(s): every request after the first second");
+    }
+}
+
+/// The 402 text claims no stale count: the store, not this node's last answer, knows what
+/// is left.
+#[tokio::test]
+async fn the_402_text_names_no_cached_count() {
+    let h = Harness::new(&toml(""));
+    let admin = Admin::for_engine(&h.tollgate);
+    admin.grant_credits("t", "requests", 2, None, "pi_1").await.unwrap();
+    assert_eq!(h.status("/", "key-t").await, 200);
+    assert_eq!(h.status("/", "key-t").await, 200);
+    let r = h.get("/", "key-t").await;
+    assert_eq!(r.status, 402);
+    let detail = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(!detail.chars().any(|c| c.is_ascii_digit()), "{detail}");
+    assert!(detail.contains("requests"), "{detail}");
+}

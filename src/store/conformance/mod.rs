@@ -65,6 +65,7 @@ macro_rules! store_conformance {
             a_prepaid_balance_leaves_the_calendar_periods_beside_it,
             racing_grants_and_closes_apply_once,
             a_refund_takes_back_its_share_of_what_a_grant_still_holds_once,
+            a_grant_after_an_empty_balance_is_spendable_at_once,
         );
     };
     (@role usage, $make:expr) => {

@@ -549,3 +549,22 @@ pub async fn racing_grants_and_closes_apply_once<S: ?Sized + QuotaInspect>(h: &m
     let due = h.s().expired_credits(DAY0 + 3 * HOUR, 2).await.unwrap();
     assert_eq!(due.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["g1", "g2"], "soonest first, as many as asked");
 }
+
+/// A grant after a balance was spent is spendable at once, by the very next reserve of any
+/// sender: the store's answers carry the new limit and the room left, so a node that was told
+/// "spent" is told otherwise on its next call (its state clears on such an answer).
+pub async fn a_grant_after_an_empty_balance_is_spendable_at_once<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    let key = prepaid_key("topped", "tokens");
+    h.s().grant_credits(&credit("topped", "pi_1", 50, None)).await.unwrap();
+    let all = h.s().reserve(&ask(&key, 50, None, 1, 1)).await.unwrap();
+    assert_eq!((all.granted, all.reserved, all.limit), (50, 50, Some(50)));
+    let spent = h.s().reserve(&ask(&key, 1, None, 1, 2).shrinking(1)).await.unwrap();
+    assert_eq!((spent.granted, spent.reserved, spent.limit), (0, 50, Some(50)), "spent");
+    // Another process (the CLI, a webhook) tops it up.
+    h.s().grant_credits(&credit("topped", "pi_2", 300, None)).await.unwrap();
+    let next = h.s().reserve(&ask(&key, 1, None, 1, 3).shrinking(1)).await.unwrap();
+    assert_eq!((next.granted, next.reserved, next.limit), (1, 51, Some(350)), "{next:?}");
+    // And leases grow again from there: an eighth of what is left, asked by another sender.
+    let lease = h.s().reserve(&ask(&key, 100, None, 2, 1).shrinking(1)).await.unwrap();
+    assert_eq!((lease.granted, lease.limit), ((350 - 51_u64).div_ceil(8), Some(350)), "{lease:?}");
+}
