@@ -33,6 +33,8 @@ pub(crate) struct Metrics {
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     pub(crate) webhooks_rejected: Counter,
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
+    pub(crate) webhooks_not_credited: Counter,
+    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     pub(crate) meter_errors: Counter,
     pub(crate) evictions: Counter,
     pub(crate) rate_states_dropped: Counter,
@@ -80,6 +82,7 @@ impl Metrics {
             webhooks_applied: counter!("tollgate_webhook_events_total", "outcome" => "applied"),
             webhooks_ignored: counter!("tollgate_webhook_events_total", "outcome" => "ignored"),
             webhooks_rejected: counter!("tollgate_webhook_events_total", "outcome" => "rejected"),
+            webhooks_not_credited: counter!("tollgate_webhook_events_total", "outcome" => "not_credited"),
             meter_errors: counter!("tollgate_billing_meter_errors_total"),
             evictions: counter!("tollgate_tenants_evicted_total"),
             rate_states_dropped: counter!("tollgate_rate_states_dropped_total"),
@@ -147,6 +150,7 @@ pub(crate) struct Totals {
     pub(crate) webhooks_applied: AtomicU64,
     pub(crate) webhooks_ignored: AtomicU64,
     pub(crate) webhooks_rejected: AtomicU64,
+    pub(crate) webhooks_not_credited: AtomicU64,
     pub(crate) meter_errors: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) overrides_not_served: AtomicU64,
@@ -215,6 +219,10 @@ pub struct Stats {
     pub webhooks_ignored: u64,
     /// Webhook deliveries refused (a bad or expired signature, an unreadable body).
     pub webhooks_rejected: u64,
+    /// Verified payments with `[stripe.credits]` configured that granted nothing: none of
+    /// their paid lines is on a price of `[stripe.credits.prices]`
+    /// ([`WebhookOutcome::NotCredited`](crate::billing::WebhookOutcome::NotCredited)).
+    pub webhooks_not_credited: u64,
     /// Stripe's meter error events received (meter events it refused after taking them),
     /// verified with the event destination's secret.
     pub meter_errors: u64,
@@ -287,6 +295,7 @@ impl Totals {
             webhooks_applied: l(&self.webhooks_applied),
             webhooks_ignored: l(&self.webhooks_ignored),
             webhooks_rejected: l(&self.webhooks_rejected),
+            webhooks_not_credited: l(&self.webhooks_not_credited),
             meter_errors: l(&self.meter_errors),
             evictions: l(&self.evictions),
             overrides_not_served: l(&self.overrides_not_served),

@@ -36,4 +36,7 @@ pub enum WebhookCount {
     Ignored,
     /// A verified meter error event from Stripe (events it refused after taking them).
     MeterError,
+    /// A verified payment that granted no credits: none of its paid lines is on a credit
+    /// price.
+    NotCredited,
 }

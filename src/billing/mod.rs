@@ -10,7 +10,7 @@ mod secret;
 #[cfg(feature = "stripe")]
 mod stripe;
 #[cfg(feature = "stripe")]
-mod topup;
+pub(crate) mod topup;
 #[cfg(feature = "stripe")]
 mod webhook;
 

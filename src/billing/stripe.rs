@@ -33,6 +33,18 @@ pub enum StripeSetupError {
     /// The client could not be built.
     #[error("cannot build the Stripe client: {0}")]
     Client(String),
+    /// `[stripe.credits.prices]` names a lookup key, and there is no secret key to resolve it
+    /// with: invoice lines name their price by id alone, so every renewal would be paid and
+    /// credit nothing.
+    #[error(
+        "stripe.credits.prices.{key}: a lookup key (not a price id, which starts with `price_`) needs a Stripe \
+         secret key to be matched with invoice lines: set STRIPE_SECRET_KEY or secret_key_file in [stripe], or \
+         name the price by its id"
+    )]
+    LookupKeyWithoutSecretKey {
+        /// The lookup key.
+        key: String,
+    },
 }
 
 /// Reads secrets from the file if one is named, else from the environment variable; a file

@@ -33,6 +33,53 @@ pub(crate) const METER_KEY: &str = "tollgate_meter";
 const UNKNOWN_CUSTOMER_GRACE_SECS: i64 = 86_400;
 /// The most pages of line items (100 each) read for one payment.
 const MAX_PAGES: usize = 10;
+/// How long the price ids of lookup keys are trusted, in seconds.
+const LOOKUP_TTL_SECS: i64 = 3600;
+/// How soon a payment on a price id not known as a lookup key's reads them again, in seconds
+/// (a lookup key moved to a new price: `transfer_lookup_key`).
+const LOOKUP_RETRY_SECS: i64 = 60;
+/// The most lookup keys Stripe takes in one `GET /v1/prices` ("up to 10 lookup_keys").
+const LOOKUP_KEYS_PER_CALL: usize = 10;
+
+/// Whether a key of `[stripe.credits.prices]` is a lookup key: a price id starts with
+/// `price_` (or, for prices made by the old Plans API, `plan_`), anything else is a lookup
+/// key.
+pub(crate) fn is_lookup_key(key: &str) -> bool {
+    !key.starts_with("price_") && !key.starts_with("plan_")
+}
+
+/// The price ids of `[stripe.credits.prices]`'s lookup keys, as Stripe last said: an invoice
+/// line names its price by id alone (`pricing.price_details.price`), so a lookup key is
+/// matched through this. Read with `GET /v1/prices?lookup_keys[]=…`, kept at most an hour,
+/// read again at most once a minute when a payment names a price id it lacks.
+#[derive(Debug, Default)]
+pub(crate) struct LookupKeys {
+    read: std::sync::Mutex<Option<Resolved>>,
+}
+
+/// One reading of the lookup keys.
+#[derive(Debug, Clone)]
+struct Resolved {
+    /// The lookup keys asked for (the configuration's, at the time).
+    keys: Vec<String>,
+    /// When they were read (Unix seconds).
+    at: i64,
+    /// Price id → lookup key.
+    ids: std::collections::HashMap<String, String>,
+}
+
+/// `s` percent-encoded for a query string (every byte but the unreserved characters).
+fn query_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
 
 /// Why a payment's line items were not read.
 #[derive(Debug)]
@@ -175,11 +222,40 @@ impl WebhookHandler {
                         return Some(WebhookOutcome::ApiFailed(why));
                     }
                 };
+                // Lines that name no configured key but a price id: their lookup keys, if the
+                // map has any, come from the API.
+                let unmatched: Vec<&str> = lines
+                    .iter()
+                    .map(|l| if l.keys.is_empty() { &l.skipped } else { &l.keys })
+                    .filter(|keys| !keys.iter().any(|k| credits.prices.contains_key(k)))
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                let ids = match self.lookup_ids(credits, &unmatched).await {
+                    Ok(ids) => ids,
+                    Err(ReadError { permanent: false, why }) => {
+                        tracing::error!(%event, %kind, object = %object, error = %why,
+                            "the prices of [stripe.credits.prices]'s lookup keys could not be read from Stripe: \
+                             answered 500, so Stripe delivers it again");
+                        return Some(WebhookOutcome::ApiFailed(why));
+                    }
+                    Err(ReadError { why, .. }) => {
+                        tracing::error!(%event, %kind, object = %object, error = %why,
+                            "the prices of [stripe.credits.prices]'s lookup keys cannot be read with this key: \
+                             lines on them are not matched");
+                        Default::default()
+                    }
+                };
+                let credit = |keys: &[String]| {
+                    keys.iter().find_map(|k| {
+                        credits.prices.get(k).or_else(|| ids.get(k).and_then(|key| credits.prices.get(key)))
+                    })
+                };
                 let total = lines.iter().fold(0u128, |total, line| {
-                    let per = line.keys.iter().find_map(|k| credits.prices.get(k)).copied().unwrap_or(0);
+                    let per = credit(&line.keys).copied().unwrap_or(0);
                     total + u128::from(per) * u128::from(line.quantity)
                 });
-                let skipped = lines.iter().filter(|l| l.skipped.iter().any(|k| credits.prices.contains_key(k))).count();
+                let skipped = lines.iter().filter(|l| credit(&l.skipped).is_some()).count();
                 match u64::try_from(total) {
                     Ok(0) if skipped > 0 => {
                         tracing::error!(%event, object = %object, lines = skipped,
@@ -187,8 +263,17 @@ impl WebhookHandler {
                              granted; grant by hand if they were paid for (tollgate credits grant)");
                         return None;
                     }
-                    // No price of `[stripe.credits.prices]`: not a credit purchase.
-                    Ok(0) => return None,
+                    // No price of `[stripe.credits.prices]`: not a credit purchase, or one on a
+                    // price the map lacks. Counted and logged, never silent.
+                    Ok(0) => {
+                        let mut prices: Vec<String> = lines.iter().flat_map(|l| l.keys.iter().cloned()).collect();
+                        prices.sort();
+                        prices.dedup();
+                        prices.truncate(20);
+                        tracing::info!(%event, %kind, object = %object, ?prices,
+                            "a paid payment on no price of [stripe.credits.prices]: no credits granted");
+                        return Some(WebhookOutcome::NotCredited { prices });
+                    }
                     Ok(u) if u <= MAX_BALANCE => u,
                     _ => {
                         tracing::error!(%event, object = %object, units = %total,
@@ -348,6 +433,64 @@ impl WebhookHandler {
             Ok(None) => Some(WebhookOutcome::Duplicate),
             Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
         }
+    }
+
+    /// Price id → lookup key for the lookup keys of `[stripe.credits.prices]`, when `unmatched`
+    /// names a key the map lacks: kept at most [`LOOKUP_TTL_SECS`], read again when older
+    /// than [`LOOKUP_RETRY_SECS`] and a price id is not in it. Empty without lookup keys; an
+    /// error when they could not be read (no secret key is a permanent one).
+    async fn lookup_ids(
+        &self,
+        credits: &CreditSettings,
+        unmatched: &[&str],
+    ) -> Result<std::collections::HashMap<String, String>, ReadError> {
+        let keys: Vec<String> = credits.prices.keys().filter(|k| is_lookup_key(k)).cloned().collect();
+        if keys.is_empty() || unmatched.is_empty() {
+            return Ok(Default::default());
+        }
+        let now = self.clock.unix_secs();
+        let cached = self.lookup_keys.read.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(r) = cached.filter(|r| r.keys == keys && now - r.at < LOOKUP_TTL_SECS) {
+            if now - r.at < LOOKUP_RETRY_SECS || unmatched.iter().all(|id| r.ids.contains_key(*id)) {
+                return Ok(r.ids);
+            }
+        }
+        let Some(reader) = self.reader.as_ref() else {
+            return Err(ReadError {
+                permanent: true,
+                why: "[stripe.credits.prices] names lookup keys, and there is no Stripe secret key to resolve them"
+                    .into(),
+            });
+        };
+        let mut ids = std::collections::HashMap::new();
+        // Active prices first (the list's default); then archived ones, which subscriptions
+        // made before still renew on.
+        for active in ["true", "false"] {
+            let missing: Vec<&String> = keys.iter().filter(|k| !ids.values().any(|v| v == *k)).collect();
+            for chunk in missing.chunks(LOOKUP_KEYS_PER_CALL) {
+                let query: Vec<String> =
+                    chunk.iter().map(|k| format!("lookup_keys%5B%5D={}", query_encode(k))).collect();
+                let page = reader.get(&format!("v1/prices?active={active}&limit=100&{}", query.join("&"))).await?;
+                let data = page["data"]
+                    .as_array()
+                    .ok_or_else(|| ReadError { permanent: true, why: "a list of prices without data".into() })?;
+                for price in data {
+                    if let (Some(id), Some(key)) = (price["id"].as_str(), price["lookup_key"].as_str()) {
+                        if chunk.iter().any(|k| *k == key) {
+                            ids.insert(id.to_owned(), key.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        for key in &keys {
+            if !ids.values().any(|k| k == key) {
+                tracing::warn!(lookup_key = %key, "[stripe.credits.prices] names a lookup key no Stripe price has");
+            }
+        }
+        *self.lookup_keys.read.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Resolved { keys, at: now, ids: ids.clone() });
+        Ok(ids)
     }
 
     /// The tenant of a Stripe customer: the directory's, else the configuration file's.

@@ -61,6 +61,16 @@ pub enum WebhookOutcome {
         /// The grant's id.
         grant: String,
     },
+    /// A paid checkout session or invoice none of whose paid lines is on a price of
+    /// `[stripe.credits.prices]`, by id or by lookup key (resolved to ids through the API):
+    /// nothing granted. Counted (`Stats::webhooks_not_credited`,
+    /// `tollgate_webhook_events_total{outcome="not_credited"}`) and logged with the prices the
+    /// lines name, so that a credit price the map lacks is seen, never silent. A payment whose
+    /// event is also a configured plan transition goes on to it.
+    NotCredited {
+        /// The price ids of the payment's lines.
+        prices: Vec<String>,
+    },
     /// A refund (`charge.refunded`) took back its share of what the grant of its payment still
     /// held (`[stripe.credits] refunds`).
     Refunded {
@@ -128,6 +138,7 @@ impl WebhookReply {
             WebhookOutcome::Ignored => "ignored",
             WebhookOutcome::UnknownPrice => "unknown_price",
             WebhookOutcome::MeterError { .. } => "meter_error",
+            WebhookOutcome::NotCredited { .. } => "not_credited",
             WebhookOutcome::Rejected(reason) => {
                 return serde_json::json!({
                     "type": "https://tollgate.rs/problems/bad-webhook",
@@ -219,6 +230,8 @@ pub struct WebhookHandler {
     pub(super) quota: Option<Arc<dyn QuotaStore>>,
     /// Reads what an event lacks (a payment's line items) with the secret key.
     pub(super) reader: Option<Arc<StripeReader>>,
+    /// The price ids of `[stripe.credits.prices]`'s lookup keys, as Stripe last said.
+    pub(super) lookup_keys: Arc<super::topup::LookupKeys>,
     /// The event destination of Stripe's thin meter error events, if configured.
     destination: Option<Arc<Destination>>,
     /// Refusals logged at most once a second: the second of the last log, and the refusals
@@ -280,6 +293,7 @@ impl WebhookHandler {
             secrets,
             quota: None,
             reader: None,
+            lookup_keys: Arc::default(),
             destination: None,
             refusals: Arc::default(),
         }
@@ -346,6 +360,7 @@ impl WebhookHandler {
             }
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
+            WebhookOutcome::NotCredited { .. } => WebhookCount::NotCredited,
             WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => return WebhookReply { outcome },
             _ => WebhookCount::Ignored,
         };
@@ -367,9 +382,11 @@ impl WebhookHandler {
             }
             return reject("the body is not UTF-8, and no signature matches a configured secret");
         };
-        // A thin event (an event destination's): verified with the destination's secrets
-        // before it is parsed.
-        if payload.contains("\"v2.core.event\"") {
+        // A thin event (an event destination's), by its envelope's own `object`: verified
+        // with the destination's secrets before anything else of it is read. (Not by a
+        // search of the text: a snapshot event may carry that string in any field a customer
+        // fills in.)
+        if is_thin(payload) {
             let Some(destination) = &self.destination else {
                 return reject("a thin event (an event destination's), and no event destination secret is configured");
             };
@@ -446,9 +463,67 @@ impl WebhookHandler {
             tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: it names no customer");
             return WebhookOutcome::Ignored;
         };
-        let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan);
-        let result = self.directory.apply_plan_change(&change).await;
-        self.settle(&config, &fields, &customer, &change.plan, result)
+        self.customer_event(&config, settings, &fields, &customer, plan).await
+    }
+
+    /// An event of the customer, not of one of its subscriptions (`[stripe.events]`, such as
+    /// `payment_method.attached`): it moves the tenant only while no live subscription gives
+    /// it a plan. The write is conditional on the subscriptions and plan as read, and records
+    /// the event's time among the subscriptions, so a subscription's event, or a newer
+    /// customer event, that lands meanwhile makes it read again.
+    async fn customer_event(
+        &self,
+        config: &Config,
+        settings: &StripeSettings,
+        fields: &Fields,
+        customer: &str,
+        plan: PlanId,
+    ) -> WebhookOutcome {
+        for _ in 0..8 {
+            let record = match self.directory.tenant_by_customer(customer).await {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone());
+                    let result = self.directory.apply_plan_change(&change).await;
+                    return self.settle(config, fields, customer, &plan, result);
+                }
+                Err(e) => return self.settle(config, fields, customer, &plan, Err(e)),
+            };
+            let mut subs = match Subscriptions::parse(record.subscriptions.as_deref()) {
+                Ok(subs) => subs,
+                Err(e) => {
+                    tracing::error!(event = %fields.id, tenant = %record.id, error = %e,
+                        "the tenant's stored subscriptions are unreadable: the event is not applied");
+                    return WebhookOutcome::StoreFailed(format!(
+                        "the tenant's stored subscriptions are unreadable: {e}"
+                    ));
+                }
+            };
+            if record.subscriptions.is_none() {
+                // Stored before subscriptions were: its last event orders what is unknown.
+                subs.floor = record.last_event_at.unwrap_or(i64::MIN);
+            }
+            if record.last_event_at.is_some_and(|last| last > fields.created)
+                || subs.customer_at.is_some_and(|last| last > fields.created)
+            {
+                tracing::info!(event = %fields.id, %customer, "Stripe webhook older than the last applied: ignored");
+                return WebhookOutcome::Stale;
+            }
+            if let Some(best) = subs.best(&Order::new(settings)) {
+                tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, %best, mapped = %plan,
+                    "Stripe webhook of the customer ignored: a live subscription gives the plan \
+                     (dunning goes through [stripe.subscription_status])");
+                return WebhookOutcome::Ignored;
+            }
+            subs.customer_at = Some(fields.created);
+            let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone())
+                .with_subscriptions(&record, subs.to_json());
+            match self.directory.apply_plan_change(&change).await {
+                Ok(PlanChangeOutcome::Changed) => {}
+                result => return self.settle(config, fields, customer, &plan, result),
+            }
+        }
+        WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
     }
 
     /// A subscription's event: ordered by its subscription (by `created`, ties broken by the
@@ -682,6 +757,10 @@ struct Subscriptions {
     #[serde(default)]
     floor: i64,
     subs: std::collections::BTreeMap<String, Sub>,
+    /// The `created` of the last event of the customer (not of a subscription) applied: an
+    /// older one is stale, and writing it makes concurrent customer events conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    customer_at: Option<i64>,
 }
 
 /// How plans rank: `[stripe] plan_order` first, then the plans prices give, then the rest.
@@ -916,6 +995,18 @@ struct Thin {
     kind: String,
     created: String,
     related: Option<String>,
+}
+
+/// Whether the envelope says it is a thin event: its top-level `object` is `v2.core.event`
+/// (a snapshot event's is `event`). Only that field is read; any other, at any depth, is
+/// skipped.
+fn is_thin(payload: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow, default)]
+        object: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_str::<Envelope<'_>>(payload).is_ok_and(|e| e.object.as_deref() == Some("v2.core.event"))
 }
 
 /// A thin event (`"object": "v2.core.event"`), if the payload is one.

@@ -400,6 +400,7 @@ impl DirectoryEvents for Tollgate {
             WebhookCount::Applied => (&shared.totals.webhooks_applied, &shared.metrics.webhooks_applied),
             WebhookCount::Rejected => (&shared.totals.webhooks_rejected, &shared.metrics.webhooks_rejected),
             WebhookCount::MeterError => (&shared.totals.meter_errors, &shared.metrics.meter_errors),
+            WebhookCount::NotCredited => (&shared.totals.webhooks_not_credited, &shared.metrics.webhooks_not_credited),
             _ => (&shared.totals.webhooks_ignored, &shared.metrics.webhooks_ignored),
         };
         Totals::add(total, 1);
@@ -475,6 +476,10 @@ impl crate::billing::WebhookHandler {
             .and_then(|k| k.into_iter().next());
         if let Some(key) = key.clone() {
             handler = handler.with_api_key(key, stripe.api_base.as_deref(), stripe.timeout);
+        } else if let Some(lookup) =
+            stripe.credits.as_ref().and_then(|c| c.prices.keys().find(|k| crate::billing::topup::is_lookup_key(k)))
+        {
+            return Err(StripeSetupError::LookupKeyWithoutSecretKey { key: lookup.clone() });
         } else if stripe.credits.is_some() {
             tracing::warn!(
                 "[stripe.credits] without a Stripe secret key: checkout sessions without `tollgate_units` \

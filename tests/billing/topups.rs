@@ -147,7 +147,12 @@ async fn setup(store: Arc<dyn Store>, refunds: &str) -> Setup {
 
 impl Setup {
     async fn signed(&self, payload: &str) -> (u16, WebhookOutcome) {
-        let signature = stripe_webhook::Webhook::generate_test_header(payload, SECRET, Some(NOON));
+        self.signed_at(payload, NOON).await
+    }
+
+    /// Signed at `t`, when the handler's clock has moved there.
+    async fn signed_at(&self, payload: &str, t: i64) -> (u16, WebhookOutcome) {
+        let signature = stripe_webhook::Webhook::generate_test_header(payload, SECRET, Some(t));
         let reply = self.handler.handle(Some(&signature), payload.as_bytes()).await;
         (reply.status().as_u16(), reply.outcome)
     }
@@ -263,7 +268,7 @@ async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_
     // A subscription checkout for something else: not a credit purchase.
     s.stripe.add_lines("/v1/checkout/sessions/cs_2/line_items", vec![item("li_9", "price_seat", None, 1)]);
     let other = event("evt_2", "checkout.session.completed", session("cs_2", "cus_acme", true, None, Some("pi_2")));
-    assert_eq!(s.signed(&other).await, (200, WebhookOutcome::Ignored));
+    assert_eq!(s.signed(&other).await, (200, WebhookOutcome::NotCredited { prices: vec!["price_seat".into()] }));
     // A customer no tenant has yet: paid for, so delivered again (500) until one has it.
     s.stripe.add_lines("/v1/checkout/sessions/cs_3/line_items", vec![item("li_3", "price_pack", None, 1)]);
     let stranger =
@@ -384,4 +389,95 @@ async fn with_refunds_unspent_any_refund_takes_all_that_is_left_and_a_node_sees_
     let tenth = event("evt_2", "charge.refunded", charge("cus_acme", "pi_1", 1000, 100));
     assert!(matches!(s.signed(&tenth).await, (200, WebhookOutcome::Refunded { .. })));
     assert_eq!(s.admitted(5).await, 0, "a tenth refunded took all that was left");
+}
+
+/// A snapshot event is told from a thin one by its envelope alone: a customer who types
+/// `v2.core.event` as their name at checkout still gets the credits they paid for, and a
+/// snapshot event whose envelope says it is thin is refused (no destination here).
+#[tokio::test]
+async fn a_customer_named_like_a_thin_event_is_still_credited() {
+    let s = setup(Arc::new(MemoryStore::new()), "proportional").await;
+    let mut paid = session("cs_1", "cus_acme", true, None, Some("pi_1"));
+    paid["metadata"] = json!({ "tollgate_units": "50" });
+    paid["customer_details"]["name"] = json!("v2.core.event");
+    paid["custom_fields"] = json!([{ "object": "v2.core.event" }]);
+    assert_eq!(s.signed(&event("evt_1", "checkout.session.completed", paid)).await, (200, credited(50, "pi_1")));
+    assert_eq!(s.balance().await.granted, 50);
+    let mut thin: Value = serde_json::from_str(&event("evt_2", "checkout.session.completed", json!({}))).unwrap();
+    thin["object"] = json!("v2.core.event");
+    let (status, outcome) = s.signed(&thin.to_string()).await;
+    assert_eq!(status, 400, "{outcome:?}");
+}
+
+/// An invoice line names its price by id alone (`pricing.price_details.price`): a lookup key of
+/// `[stripe.credits.prices]` is resolved through `GET /v1/prices`, so a renewal paid on it is
+/// credited. The ids are kept (no read per payment), read again when a payment names a price
+/// id they lack and they are over a minute old (a lookup key moved to a new price), and a paid
+/// payment on no credit price is counted and named, never silent.
+#[tokio::test]
+async fn an_invoice_on_a_lookup_key_price_is_credited() {
+    let s = setup(Arc::new(MemoryStore::new()), "proportional").await;
+    s.stripe.add_price("price_large", Some("pack_large"), true);
+    s.stripe.add_price("price_seat", Some("seat_monthly"), true);
+    let inv = event("evt_1", "invoice.paid", invoice("in_1", "cus_acme", &[("price_large", 1)]));
+    assert_eq!(s.signed(&inv).await, (200, credited(1000, "in_1")));
+    assert_eq!(s.stripe.price_reads(), 1);
+    let inv = event("evt_2", "invoice.paid", invoice("in_2", "cus_acme", &[("price_large", 2), ("price_seat", 3)]));
+    assert_eq!(s.signed(&inv).await, (200, credited(2000, "in_2")));
+    assert_eq!(s.stripe.price_reads(), 1, "kept: no read per payment");
+    // Paid, on no credit price: named and counted.
+    let seats = event("evt_3", "invoice.paid", invoice("in_3", "cus_acme", &[("price_seat", 1)]));
+    assert_eq!(s.signed(&seats).await, (200, WebhookOutcome::NotCredited { prices: vec!["price_seat".into()] }));
+    assert_eq!(s.h.tollgate.stats().webhooks_not_credited, 1);
+    // The merchant moves the lookup key to a new price (the old one archived): within a
+    // minute the old reading stands; after it, a payment on the new id reads them again.
+    s.stripe.add_price("price_large_v2", None, true);
+    let renewal = event("evt_4", "invoice.paid", invoice("in_4", "cus_acme", &[("price_large_v2", 1)]));
+    assert!(matches!(s.signed(&renewal).await, (200, WebhookOutcome::NotCredited { .. })));
+    assert_eq!(s.stripe.price_reads(), 1);
+    s.stripe.move_lookup_key("pack_large", "price_large_v2");
+    s.h.clock.advance(Duration::from_secs(61));
+    let renewal = event("evt_5", "invoice.paid", invoice("in_5", "cus_acme", &[("price_large_v2", 1)]));
+    assert_eq!(s.signed_at(&renewal, NOON + 61).await, (200, credited(1000, "in_5")));
+    assert!(s.stripe.price_reads() > 1);
+    assert_eq!(s.balance().await.granted, 4000);
+}
+
+/// A lookup key whose prices cannot be read now answers 500 (Stripe delivers it again); the
+/// redelivery credits once.
+#[tokio::test]
+async fn a_lookup_key_that_cannot_be_read_answers_500_and_the_redelivery_credits() {
+    let s = setup(Arc::new(MemoryStore::new()), "proportional").await;
+    s.stripe.add_price("price_large", Some("pack_large"), false);
+    s.stripe.fail_reads(1);
+    let inv = event("evt_1", "invoice.paid", invoice("in_1", "cus_acme", &[("price_large", 1)]));
+    let (status, outcome) = s.signed(&inv).await;
+    assert_eq!(status, 500, "{outcome:?}");
+    assert_eq!(s.balance().await.granted, 0);
+    // An archived price: subscriptions made before still renew on it.
+    assert_eq!(s.signed(&inv).await, (200, credited(1000, "in_1")));
+    assert_eq!(s.signed(&inv).await, (200, WebhookOutcome::Duplicate));
+}
+
+/// Without a secret key a lookup key could never be matched with an invoice line: the
+/// handler built from the configuration refuses it, naming the key.
+#[tokio::test]
+async fn a_lookup_key_without_a_secret_key_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("whsec");
+    std::fs::write(&secret, SECRET).unwrap();
+    let missing = dir.path().join("no-such-key");
+    let stripe = format!(
+        "[stripe]\nwebhook_secret_file = {secret:?}\nsecret_key_file = {missing:?}\n",
+        secret = secret.display().to_string(),
+        missing = missing.display().to_string()
+    );
+    let toml = config("proportional").replace("[stripe.credits]", &format!("{stripe}[stripe.credits]"));
+    let h = Harness::with_store(&toml, Arc::new(MemoryStore::new()), NOON);
+    let e = WebhookHandler::from_config(h.tollgate.clone()).unwrap_err();
+    assert!(e.to_string().contains("stripe.credits.prices.pack_large"), "{e}");
+    // By price id only: taken.
+    let by_id = toml.replace(", pack_large = 1000", "");
+    let h = Harness::with_store(&by_id, Arc::new(MemoryStore::new()), NOON);
+    assert!(WebhookHandler::from_config(h.tollgate.clone()).is_ok());
 }

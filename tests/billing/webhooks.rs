@@ -652,3 +652,34 @@ fn several_plans_by_price_need_a_plan_order() {
     let ordered = config.replace("[stripe.events]", "[stripe]\nplan_order = [\"pro\", \"metered\"]\n[stripe.events]");
     assert!(tollgate::Config::from_toml_str(&ordered).is_ok());
 }
+
+on_every_store!(an_event_of_the_customer_never_overrides_a_live_subscription);
+/// The guide's own configuration: a pro subscriber who replaces a card
+/// (`payment_method.attached = "metered"`) stays on pro. Events of the customer move the plan
+/// only while no live subscription gives one; older ones are stale.
+async fn an_event_of_the_customer_never_overrides_a_live_subscription(s: Setup) {
+    let created = event(
+        "evt_1",
+        "customer.subscription.created",
+        NOON - 100,
+        subscription("cus_acme", "active", "price_pro_monthly", None),
+    );
+    assert_eq!(s.signed(&created).await, (200, applied("pro")));
+    let card = event("evt_2", "payment_method.attached", NOON - 50, payment_method("cus_acme"));
+    assert_eq!(s.signed(&card).await, (200, WebhookOutcome::Ignored));
+    assert_eq!(s.plan().await, "pro");
+    assert_eq!(s.admitted(3).await, (3, "acme on pro".into()));
+    // The subscription ends: nothing gives a plan, so the customer's events apply again.
+    let deleted = event(
+        "evt_3",
+        "customer.subscription.deleted",
+        NOON - 40,
+        subscription("cus_acme", "canceled", "price_pro_monthly", None),
+    );
+    assert_eq!(s.signed(&deleted).await, (200, applied("free")));
+    let card = event("evt_4", "payment_method.attached", NOON - 30, payment_method("cus_acme"));
+    assert_eq!(s.signed(&card).await, (200, applied("metered")));
+    let older = event("evt_5", "payment_method.attached", NOON - 35, payment_method("cus_acme"));
+    assert_eq!(s.signed(&older).await, (200, WebhookOutcome::Stale));
+    assert_eq!(s.plan().await, "metered");
+}

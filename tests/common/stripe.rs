@@ -42,6 +42,12 @@
 //!   unknown id does. `GET /v1/invoice_payments?invoice=…` ("List all payments for an
 //!   invoice"): the invoice's payments a test added, else an empty list.
 //!   [`StandIn::fail_reads`] makes the next reads of these answer 500 `api_error`.
+//! - `GET /v1/prices` (Stripe's API reference, "List all prices": "Returns a list of your
+//!   active prices … For the list of inactive prices, set active to false"; `lookup_keys`:
+//!   "Only return the price with these lookup_keys, if any exist. You can specify up to 10
+//!   lookup_keys"): the prices a test added ([`StandIn::add_price`], complete `price` objects),
+//!   active ones unless `active=false`, filtered by every `lookup_keys[]` given; more than 10
+//!   is a 400. Counted by [`StandIn::price_reads`]; [`StandIn::fail_reads`] fails these too.
 //! - Test hooks: [`StandIn::lose`] drops an accepted event from the summaries (Stripe lost
 //!   it; its identifier stays taken), [`StandIn::inject`] adds one sent outside tollgate.
 //!
@@ -116,6 +122,9 @@ struct State {
     invoice_payments: HashMap<String, Vec<serde_json::Value>>,
     list_reads: u64,
     failing_reads: u32,
+    /// Prices (complete `price` objects), and the reads of their list.
+    prices: Vec<serde_json::Value>,
+    price_reads: u64,
     /// Idempotency key -> (parameters, status, body, first used at).
     idempotency: HashMap<String, (String, u16, String, i64)>,
     in_flight: HashSet<(String, String)>,
@@ -279,6 +288,34 @@ impl StandIn {
         self.lock().invoice_payments.insert(invoice.to_owned(), payments);
     }
 
+    /// A price `id`, active or archived, with this lookup key.
+    pub fn add_price(&self, id: &str, lookup_key: Option<&str>, active: bool) {
+        let mut price = fixture("price");
+        price["id"] = serde_json::json!(id);
+        price["lookup_key"] = serde_json::json!(lookup_key);
+        price["active"] = serde_json::json!(active);
+        self.lock().prices.push(price);
+    }
+
+    /// Moves `lookup_key` to the price `to` (`transfer_lookup_key`), archiving the price
+    /// that had it.
+    pub fn move_lookup_key(&self, lookup_key: &str, to: &str) {
+        for price in &mut self.lock().prices {
+            if price["lookup_key"] == lookup_key {
+                price["lookup_key"] = serde_json::Value::Null;
+                price["active"] = serde_json::json!(false);
+            }
+            if price["id"] == to {
+                price["lookup_key"] = serde_json::json!(lookup_key);
+            }
+        }
+    }
+
+    /// Reads of the list of prices so far.
+    pub fn price_reads(&self) -> u64 {
+        self.lock().price_reads
+    }
+
     /// The next `n` reads of line items answer 500.
     pub fn fail_reads(&self, n: u32) {
         self.lock().failing_reads = n;
@@ -323,6 +360,13 @@ impl StandIn {
         }
         out
     }
+}
+
+/// One of Stripe's complete example objects (tests/fixtures/stripe_objects.json).
+fn fixture(name: &str) -> serde_json::Value {
+    // Beside this file, whichever package includes it.
+    let text = include_str!("../fixtures/stripe_objects.json");
+    serde_json::from_str::<serde_json::Value>(text).unwrap()["resources"][name].clone()
 }
 
 async fn connection(socket: TcpStream, state: Arc<Mutex<State>>) {
@@ -587,6 +631,32 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
         let body = serde_json::json!({ "object": "list", "data": data, "has_more": has_more, "url": url });
         (200, body.to_string(), "application/json")
     };
+    if path == "/v1/prices" {
+        s.price_reads += 1;
+        if s.failing_reads > 0 {
+            s.failing_reads -= 1;
+            return error(500, "api_error", "", "An unknown error occurred");
+        }
+        // Repeated: not in `q`, which keeps one value per name.
+        let keys: Vec<String> = query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .filter(|(k, _)| decode(k) == "lookup_keys[]")
+            .map(|(_, v)| decode(v))
+            .collect();
+        if keys.len() > 10 {
+            return invalid("You can specify up to 10 lookup_keys");
+        }
+        let active = q.get("active").map(String::as_str) != Some("false");
+        let items = s
+            .prices
+            .iter()
+            .filter(|p| p["active"] == active)
+            .filter(|p| keys.is_empty() || p["lookup_key"].as_str().is_some_and(|k| keys.iter().any(|w| w == k)))
+            .map(|p| (p["id"].as_str().unwrap_or_default().to_owned(), p.clone()))
+            .collect();
+        return page(items, "/v1/prices");
+    }
     if path.starts_with("/v1/checkout/sessions/") || path.starts_with("/v1/invoices/") || path == "/v1/invoice_payments"
     {
         s.list_reads += 1;
