@@ -262,6 +262,13 @@ pub trait BillingSink: Send + Sync + fmt::Debug + 'static {
         false
     }
 
+    /// Whether [`held_by_hour`](Self::held_by_hour) reads the billing system back, so that
+    /// reconciliation can compare anything. `false` by default (Metronome, a file): the
+    /// engine says so once at build, and its worker's reconciliation compares nothing.
+    fn reads_back(&self) -> bool {
+        false
+    }
+
     /// What the billing system holds for `customer` on the meter named `event_name`, hour by
     /// hour from `from` to `to` (Unix seconds, whole hours): each hour's start with the sum of
     /// the values it counts there; an hour absent holds nothing. What

@@ -164,6 +164,10 @@ impl BillingSink for StripeSink {
         true
     }
 
+    fn reads_back(&self) -> bool {
+        true
+    }
+
     /// `GET /v1/billing/meters/{id}/event_summaries` with `value_grouping_window=hour`, paged;
     /// the meter's id from `GET /v1/billing/meters` by its event name.
     async fn held_by_hour(

@@ -248,15 +248,20 @@ impl Validator<'_, '_> {
     }
 
     fn duration(&self, path: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
-        let Some(value) = value else {
-            return Ok(default);
-        };
-        let d = humantime::parse_duration(value)
-            .map_err(|e| self.invalid(path, format!("{e}: write a duration such as \"10s\", \"15m\", \"1h\"")))?;
+        let d = self.duration_or_zero(path, value, default)?;
         if d.is_zero() {
             return Err(self.invalid(path, "must be longer than zero"));
         }
         Ok(d)
+    }
+
+    /// A duration where zero means "off".
+    fn duration_or_zero(&self, path: &str, value: Option<&str>, default: Duration) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        humantime::parse_duration(value)
+            .map_err(|e| self.invalid(path, format!("{e}: write a duration such as \"10s\", \"15m\", \"1h\"")))
     }
 
     /// One of the nine standard HTTP methods, in any case (`http::Method` alone would take any
@@ -546,7 +551,7 @@ impl Validator<'_, '_> {
                 raw.reconcile_after.as_deref(),
                 d.reconcile_after,
             )?,
-            reconcile_interval: self.duration(
+            reconcile_interval: self.duration_or_zero(
                 "export.reconcile_interval",
                 raw.reconcile_interval.as_deref(),
                 d.reconcile_interval,

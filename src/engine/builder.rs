@@ -343,6 +343,15 @@ impl Builder {
     /// does not open the store the configuration names (that is [`open`](Self::open)).
     /// Returns the engine and the [`Worker`] to spawn.
     pub fn build(self) -> (Tollgate, Worker) {
+        if let Some(sink) = self.sink.as_ref().filter(|s| !s.reads_back()) {
+            if !self.config.export.reconcile_interval.is_zero() {
+                tracing::warn!(
+                    sink = ?sink,
+                    "the billing sink cannot be read back, so it is not reconciled: the worker's reconciliation \
+                     compares nothing (export.reconcile_interval = \"0s\" says so in the configuration)"
+                );
+            }
+        }
         if self.config.names_store() {
             // Each role left without a store in code is kept in memory: say so for each one
             // the file gives a durable store.
@@ -413,6 +422,7 @@ impl Builder {
             in_flight: crate::tenant::InFlightCounts::default(),
             shutdown: shutdown_tx,
             key_lookups: super::clients::KeyLookups::new(limits.max_clients),
+            credit_expiry: super::credits::CreditExpiry::default(),
             unknown: super::clients::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };

@@ -1,8 +1,13 @@
 //! Prepaid credits on the engine's side: the worker's pass that closes expired grants, once
 //! each, in the quota store.
 
+use std::collections::HashMap;
+
 use super::{store_calls::with_timeout, Tollgate};
-use crate::store::StoreError;
+use crate::{
+    config::{MeterId, TenantId},
+    store::StoreError,
+};
 
 /// What one [`Tollgate::expire_credits`] pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -12,35 +17,102 @@ pub struct CreditExpiryReport {
     pub grants: usize,
     /// Units they still held, taken from their balances.
     pub lost: u64,
+    /// Expired grants passed over because their close failed lately: each is tried again
+    /// after its own wait (a minute, doubling up to an hour), and never holds the others back.
+    pub waiting: usize,
 }
 
-/// How many expired grants one store call lists.
+/// How many expired grants one store call lists (beside those waiting to be tried again).
 const PAGE: usize = 100;
 /// The most pages one pass closes: the rest wait for the next pass.
 const PAGES: usize = 10;
-/// Grants a pass passes over when their close fails, before it stops with the error.
+/// Failures in a row, with no close between them, after which a pass stops with the error
+/// (the store is down).
 const MAX_FAILURES: usize = 3;
+/// The first wait after a failed close, in seconds; it doubles with each failure.
+const FIRST_WAIT_SECS: i64 = 60;
+/// The longest wait, in seconds.
+const LONGEST_WAIT_SECS: i64 = 3600;
+/// The most grants kept waiting on a node: past it the one due soonest is forgotten (it is
+/// tried at the next pass).
+const MAX_WAITING: usize = 1000;
+
+/// The expired grants whose close failed on this node, each with when it is tried again and
+/// how many times it failed.
+#[derive(Debug, Default)]
+pub(crate) struct CreditExpiry {
+    waiting: std::sync::Mutex<HashMap<(TenantId, MeterId, String), (i64, u32)>>,
+}
+
+impl CreditExpiry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TenantId, MeterId, String), (i64, u32)>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `grant` waits past `now` after a failed close.
+    fn waits(&self, grant: &(TenantId, MeterId, String), now: i64) -> bool {
+        self.lock().get(grant).is_some_and(|(at, _)| *at > now)
+    }
+
+    /// Forgets the grants whose wait ended long ago: closed elsewhere, or no longer due.
+    fn prune(&self, now: i64) {
+        self.lock().retain(|_, (at, _)| *at + LONGEST_WAIT_SECS > now);
+    }
+
+    /// How many grants wait now.
+    fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn failed(&self, grant: (TenantId, MeterId, String), now: i64) -> i64 {
+        let mut waiting = self.lock();
+        let failures = waiting.get(&grant).map_or(0, |(_, n)| *n).saturating_add(1);
+        let wait = FIRST_WAIT_SECS.saturating_mul(1 << (failures - 1).min(10)).min(LONGEST_WAIT_SECS);
+        waiting.insert(grant, (now + wait, failures));
+        if waiting.len() > MAX_WAITING {
+            if let Some(soonest) = waiting.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| k.clone()) {
+                waiting.remove(&soonest);
+            }
+        }
+        now + wait
+    }
+
+    fn closed(&self, grant: &(TenantId, MeterId, String)) {
+        self.lock().remove(grant);
+    }
+}
 
 impl Tollgate {
     /// Closes the credit grants expired by the engine's clock, each once across a fleet (a
     /// grant another node closed first is passed over): each loses the units it still held,
     /// units leased to nodes counting as spent. The worker runs it every minute; at most
-    /// 1,000 grants a pass.
+    /// 1,000 grants a pass. A grant whose close fails (a busy balance, a timeout) waits on
+    /// this node (a minute, doubling up to an hour) while the pass goes on to the others.
     ///
     /// # Errors
-    /// A store error (or timeout): the grants not closed are closed by a later pass.
+    /// A store error (or timeout) on several closes in a row, or on the listing: the grants
+    /// not closed are closed by a later pass.
     pub async fn expire_credits(&self) -> Result<CreditExpiryReport, StoreError> {
         let quota = &self.shared.stores.roles.quota;
+        let expiry = &self.shared.credit_expiry;
         let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let mut report = CreditExpiryReport::default();
+        let mut in_a_row = 0;
+        expiry.prune(self.shared.clock.unix_secs());
         for _ in 0..PAGES {
             let now = self.shared.clock.unix_secs();
-            let due = with_timeout(timeout, quota.expired_credits(now, PAGE)).await?;
+            // Those waiting are listed too (they come first, by expiry): room for them beside
+            // a page of the rest.
+            let waiting = expiry.count();
+            let due = with_timeout(timeout, quota.expired_credits(now, PAGE + waiting)).await?;
             let listed = due.len();
-            let mut failed = 0;
+            let mut tried = 0;
             for grant in due {
-                // One grant that cannot be closed now (a busy balance, a timeout) does not hold
-                // back the others; the pass stops after a few failures (the store is down).
+                let id = (grant.tenant.clone(), grant.meter.clone(), grant.id.clone());
+                if expiry.waits(&id, now) {
+                    continue;
+                }
+                tried += 1;
                 let closed = match with_timeout(
                     timeout,
                     quota.close_credits(&grant.tenant, &grant.meter, &grant.id, false, now),
@@ -48,14 +120,19 @@ impl Tollgate {
                 .await
                 {
                     Ok(closed) => closed,
-                    Err(e) if failed < MAX_FAILURES => {
-                        failed += 1;
+                    Err(e) => {
+                        let again = expiry.failed(id, now);
                         tracing::warn!(tenant = %grant.tenant, meter = %grant.meter, grant = %grant.id, error = %e,
-                                "an expired credit grant could not be closed; tried again at the next pass");
+                            again, "an expired credit grant could not be closed; tried again after a wait");
+                        in_a_row += 1;
+                        if in_a_row > MAX_FAILURES {
+                            return Err(e);
+                        }
                         continue;
                     }
-                    Err(e) => return Err(e),
                 };
+                in_a_row = 0;
+                expiry.closed(&id);
                 if let Some(closure) = closed {
                     report.grants += 1;
                     report.lost = report.lost.saturating_add(closure.lost);
@@ -63,10 +140,11 @@ impl Tollgate {
                         units = grant.units, lost = closure.lost, "credit grant expired");
                 }
             }
-            if listed < PAGE || failed > 0 {
+            if listed < PAGE + waiting || tried == 0 {
                 break;
             }
         }
+        report.waiting = expiry.count();
         Ok(report)
     }
 }

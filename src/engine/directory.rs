@@ -408,34 +408,50 @@ impl DirectoryEvents for Tollgate {
     }
 
     fn meter_error(&self, from: i64, to: i64) {
-        use std::sync::atomic::Ordering;
-        // In the background: the webhook is answered at once. One at a time: a burst of
-        // reports makes one pass. A report only: the events Stripe refused are lacking, and
+        // In the background: the webhook is answered at once. One at a time: the windows of
+        // reports that come meanwhile are queued (bounded: merged past the bound) and
+        // reconciled after it. A report only: the events Stripe refused are lacking, and
         // sending them again before their cause is fixed would be refused again.
-        let exporter = &self.shared.exporter;
-        if exporter.meter_error_pass.swap(true, Ordering::AcqRel) {
-            tracing::debug!(from, to, "a reconciliation after a meter error report is under way already");
-            return;
+        {
+            let mut queue = self.shared.exporter.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
+            queue.push(from, to);
+            if queue.running {
+                tracing::debug!(from, to, "a reconciliation after a meter error report is under way: queued");
+                return;
+            }
+            queue.running = true;
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            // Once the window has settled (export.reconcile_after), or its hours are skipped.
-            let after = engine.shared.runtime.load().config.export.reconcile_after.as_secs() as i64;
-            let wait = (to + after + 60 - engine.shared.clock.unix_secs()).clamp(0, 2 * 3600);
-            tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())).await;
-            let request = crate::report::ReconcileRequest::new(from - 26 * 3600, to + 3600);
-            match engine.reconcile(&request).await {
-                Ok(r) => tracing::warn!(
-                    from,
-                    to,
-                    lacking_units = r.lacking_units,
-                    surplus_units = r.surplus_units,
-                    hours = r.drift.len() + r.more_drift,
-                    "reconciled the hours around Stripe's meter error report"
-                ),
-                Err(e) => tracing::warn!(error = %e, "could not reconcile the hours of Stripe's meter error report"),
+            loop {
+                let next = {
+                    let mut queue = engine.shared.exporter.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
+                    if queue.queued.is_empty() {
+                        queue.running = false;
+                        return;
+                    }
+                    queue.queued.remove(0)
+                };
+                let (from, to) = next;
+                // Once the window has settled (export.reconcile_after), or its hours are skipped.
+                let after = engine.shared.runtime.load().config.export.reconcile_after.as_secs() as i64;
+                let wait = (to + after + 60 - engine.shared.clock.unix_secs()).clamp(0, 2 * 3600);
+                tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())).await;
+                let request = crate::report::ReconcileRequest::new(from - 26 * 3600, to + 3600);
+                match engine.reconcile(&request).await {
+                    Ok(r) => tracing::warn!(
+                        from,
+                        to,
+                        lacking_units = r.lacking_units,
+                        surplus_units = r.surplus_units,
+                        hours = r.drift.len() + r.more_drift,
+                        "reconciled the hours around Stripe's meter error report"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not reconcile the hours of Stripe's meter error report")
+                    }
+                }
             }
-            engine.shared.exporter.meter_error_pass.store(false, Ordering::Release);
         });
     }
 }

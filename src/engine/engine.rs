@@ -236,6 +236,8 @@ pub(crate) struct Shared {
     pub(crate) unknown: moka::sync::Cache<(u64, u64), i64>,
     /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
     pub(crate) key_lookups: super::clients::KeyLookups,
+    /// Expired credit grants whose close failed here, waiting to be tried again.
+    pub(crate) credit_expiry: super::credits::CreditExpiry,
 }
 
 /// An anonymous caller's `Idempotency-Key` scoped to its client address: the key, a NUL (no

@@ -204,6 +204,42 @@ struct Ready {
     first_attempt: bool,
 }
 
+/// The windows of Stripe's meter error reports waiting for their reconciliation, behind the
+/// one under way.
+#[derive(Debug, Default)]
+pub(crate) struct MeterErrorQueue {
+    /// A reconciliation is under way (its task takes the queued windows before it ends).
+    pub(super) running: bool,
+    /// Windows `(from, to)` queued, at most [`MeterErrorQueue::MAX`]: past it, a window is
+    /// merged into the queued one nearest it (a wider pass, never a lost one).
+    pub(super) queued: Vec<(i64, i64)>,
+}
+
+impl MeterErrorQueue {
+    /// The most windows queued.
+    pub(super) const MAX: usize = 16;
+
+    /// Queues `(from, to)`: merged with a queued window it overlaps or, past the bound, with
+    /// the nearest one.
+    pub(super) fn push(&mut self, from: i64, to: i64) {
+        let overlaps = self.queued.iter().position(|(f, t)| from <= *t && *f <= to);
+        let at = overlaps.or_else(|| {
+            (self.queued.len() >= Self::MAX)
+                .then(|| {
+                    self.queued.iter().enumerate().min_by_key(|(_, (f, t))| (from - t).max(f - to)).map(|(i, _)| i)
+                })
+                .flatten()
+        });
+        match at {
+            Some(i) => {
+                let (f, t) = self.queued[i];
+                self.queued[i] = (f.min(from), t.max(to));
+            }
+            None => self.queued.push((from, to)),
+        }
+    }
+}
+
 /// The billing export of this engine: its sink, one pass at a time, and what a pass calls.
 pub(crate) struct Exporter {
     pub(super) sink: Option<Arc<dyn BillingSink>>,
@@ -212,9 +248,9 @@ pub(crate) struct Exporter {
     /// One export pass at a time on this node (apart from the pipeline: the billing system's
     /// latency never delays a flush).
     pass: Mutex<()>,
-    /// A reconciliation after one of Stripe's meter error reports is under way (one at a time:
-    /// a burst of reports makes one).
-    pub(super) meter_error_pass: AtomicBool,
+    /// Reconciliations after Stripe's meter error reports: one under way at a time, the
+    /// windows of the reports that came meanwhile queued behind it.
+    pub(super) meter_errors: std::sync::Mutex<MeterErrorQueue>,
     pub(super) deps: Deps,
 }
 
@@ -263,7 +299,7 @@ impl Exporter {
             sink,
             pacer: Arc::new(Pacer::new()),
             pass: Mutex::new(()),
-            meter_error_pass: AtomicBool::new(false),
+            meter_errors: std::sync::Mutex::default(),
             deps: Deps { stores, ids, clock, metrics, totals },
         }
     }
@@ -271,6 +307,11 @@ impl Exporter {
     /// Whether there is a sink to export to.
     pub(crate) fn has_sink(&self) -> bool {
         self.sink.is_some()
+    }
+
+    /// Whether the sink reads back what the billing system holds (reconciliation compares).
+    pub(crate) fn reads_back(&self) -> bool {
+        self.sink.as_ref().is_some_and(|s| s.reads_back())
     }
 
     /// What the sink's billing system takes (without a sink, that of the sink the
@@ -900,6 +941,16 @@ fn park_reason(rt: &Runtime, limits: &SinkLimits, agg: &UsageAggregate, send: &E
     // not moved into the current invoice by a late stamp.
     let last_second = agg.key.window_start + meter_window(rt, &agg.key.meter) - 1;
     if send.timestamp.min(last_second) < now - limits.max_age.as_secs() as i64 {
+        // An earlier attempt of this revision may have been taken (no answer, a 5xx): the
+        // billing system may hold it, so it is never billed by hand unchecked.
+        if let Some(first) = agg.first_attempt_at.filter(|_| agg.in_flight.is_some()) {
+            return Some(format!(
+                "unconfirmed: {} attempts since {first} (Unix seconds) were never confirmed, and the window is \
+                 now too old to send again; the billing system may hold it: reconcile with it, then confirm or \
+                 requeue",
+                agg.attempts.saturating_sub(1)
+            ));
+        }
         return Some(format!(
             "too old: its window ended more than {} days ago (timestamp {}), which the billing system refuses; \
              bill it by hand",

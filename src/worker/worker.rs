@@ -95,7 +95,8 @@ impl Worker {
     /// again each minute, for a reload that turns it on), the first one interval after start:
     /// it acts on what it proves ([`Tollgate::reconcile`]).
     async fn reconciliations(tollgate: Tollgate, shutdown: watch::Receiver<bool>, enabled: bool) {
-        if !tollgate.shared.exporter.has_sink() || !enabled {
+        // A sink that cannot be read back was said at build: nothing to compare, ever.
+        if !tollgate.shared.exporter.reads_back() || !enabled {
             return;
         }
         let interval = || tollgate.shared.runtime.load().config.export.reconcile_interval;
@@ -115,8 +116,10 @@ impl Worker {
                     requeued = report.requeued,
                     "reconciliation pass"
                 ),
-                // A sink that cannot be read back (a file): nothing to compare, ever.
-                Err(crate::report::ReconcileError::Unreadable) => return false,
+                // Read back, yet nothing came of it this time: the loop goes on.
+                Err(e @ crate::report::ReconcileError::Unreadable) => {
+                    tracing::debug!(error = %e, "reconciliation read nothing back; tried again at the next pass");
+                }
                 Err(e) => tracing::warn!(error = %e, "reconciliation failed; retried at the next pass"),
             }
             true

@@ -488,3 +488,67 @@ async fn late_revisions_keep_their_window_s_time_in_metronome() {
     let stamps: Vec<(i64, i64)> = standin.events().iter().map(|e| (e.timestamp, e.value)).collect();
     assert_eq!(stamps, [(NOON + 15 * MIN - 1, 1), (NOON + 15 * MIN - 1, 2)], "both in the window");
 }
+
+/// An attempt that may have been taken (Metronome took it and answered 503) and then ran past
+/// the horizon is parked `unconfirmed`, never `too old … bill it by hand`: reconciliation looks
+/// at it where the sink can be read back, and a person checks the billing system before
+/// billing anything by hand.
+#[tokio::test]
+async fn a_possibly_taken_attempt_past_the_horizon_is_parked_unconfirmed() {
+    let standin = StandIn::start().await;
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = node(&config(&standin.url), store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    // 34 days less 2 hours old: within the 34 days less an hour Metronome takes.
+    let window = NOON - 34 * DAY + 2 * HOUR;
+    late(&*store, "w", "acme", "requests", window, 7).await;
+    standin.fail_next(&[Fault::TakeAndFail(503)]);
+    let r = h.tollgate.export().await.unwrap();
+    assert_eq!((r.events, r.dead_letters), (0, 0), "{r:?}");
+    assert_eq!(standin.totals().values().sum::<i64>(), 7, "taken, though answered 503");
+    // Two hours later it is past the horizon, still unconfirmed.
+    at(&h.clock, &standin, NOON + 2 * HOUR);
+    h.tollgate.export().await.unwrap();
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.starts_with("unconfirmed"), "{}", dead[0].reason);
+    assert!(!dead[0].reason.contains("by hand"), "{}", dead[0].reason);
+    assert_eq!(standin.totals().values().sum::<i64>(), 7, "never sent again");
+}
+
+/// Metronome cannot be read back, so it is not reconciled: the engine says so once, at build
+/// (not as a warning every `reconcile_interval`), and a Stripe sink is not said to be.
+#[test]
+fn metronome_is_said_at_build_not_to_be_reconciled() {
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let config = Config::from_toml_str(&config("http://127.0.0.1:9/")).unwrap();
+    let (_engine, _worker) = Tollgate::builder(config.clone()).billing_sink(sink(&config)).build();
+    let logged = String::from_utf8_lossy(&lines.0.lock().unwrap()).to_string();
+    assert_eq!(logged.matches("not reconciled").count(), 1, "{logged}");
+    let quiet = Config::from_toml_str(&config_text_without_reconciliation()).unwrap();
+    let before = lines.0.lock().unwrap().len();
+    let (_engine, _worker) = Tollgate::builder(quiet.clone()).billing_sink(sink(&quiet)).build();
+    assert_eq!(lines.0.lock().unwrap().len(), before, "reconcile_interval = \"0s\" says it already");
+}
+
+fn config_text_without_reconciliation() -> String {
+    config("http://127.0.0.1:9/").replace("[export]\n", "[export]\nreconcile_interval = \"0s\"\n")
+}

@@ -1529,3 +1529,28 @@ async fn stripe_s_meter_errors_are_verified_fetched_counted_and_reconciled() {
     assert_eq!(plain.handle(Some(&sign(&e, DESTINATION)), e.as_bytes()).await.status(), 400);
     assert_eq!(h.tollgate.stats().meter_errors, 2);
 }
+
+/// A meter error report that comes while the reconciliation of an earlier one waits is
+/// queued, not dropped: both windows are reconciled, one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_error_report_during_another_s_reconciliation_is_queued() {
+    use tollgate::store::DirectoryEvents;
+    let Some((_b, _store, standin, h)) = on_store(Kind::Memory, None).await else { return };
+    assert_eq!(h.status("/", "key-acme").await, 200);
+    h.tollgate.flush().await.unwrap();
+    at(&h.clock, &standin, NOON + 20 * MIN + 1);
+    h.tollgate.export().await.unwrap();
+    // Each pass waits until its window has settled: here a second.
+    let after = h.tollgate.config().export().reconcile_after.as_secs() as i64;
+    let to = NOON + 20 * MIN + 10;
+    at(&h.clock, &standin, to + after + 59);
+    let reads = standin.summary_reads();
+    h.tollgate.meter_error(NOON + 20 * MIN, to);
+    h.tollgate.meter_error(NOON + 20 * MIN + 5, to);
+    let mut waited = 0;
+    while standin.summary_reads() < reads + 2 && waited < 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert_eq!(standin.summary_reads(), reads + 2, "one pass per report");
+}

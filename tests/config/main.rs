@@ -456,3 +456,15 @@ fn billable_grpc_codes_are_checked() {
     let err = Config::from_toml_str("[usage]\nbillable_grpc = [\"17\"]\n[plans.p]\n").unwrap_err();
     assert_eq!(err.key(), "usage.billable_grpc[0]", "{err}");
 }
+
+/// `export.reconcile_interval = "0s"` turns the worker's reconciliation off, as the docs say
+/// (so a fleet can keep it on one node); between zero and a minute is refused.
+#[test]
+fn a_reconcile_interval_of_zero_turns_it_off() {
+    let config = Config::from_toml_str("[export]\nreconcile_interval = \"0s\"\n").unwrap();
+    assert!(config.export().reconcile_interval.is_zero());
+    let e = Config::from_toml_str("[export]\nreconcile_interval = \"30s\"\n").unwrap_err();
+    assert_eq!(e.key(), "export.reconcile_interval", "{e}");
+    let e = Config::from_toml_str("[export]\nreconcile_after = \"0s\"\n").unwrap_err();
+    assert_eq!(e.key(), "export.reconcile_after", "{e}");
+}

@@ -80,3 +80,35 @@ async fn grants_apply_once_are_listed_revoked_and_expired_once_across_nodes() {
     let left = store.reserve(&Reservation::new(prepaid(), 1, 0, None, ReserveToken::new(1, 2))).await.unwrap();
     assert_eq!((left.granted, left.limit), (0, Some(0)));
 }
+
+/// Grants whose close keeps failing (a hot balance, a slow store) never hold back expiry: four
+/// of them at the head of the list wait on this node, a minute and then longer, while the pass
+/// closes the grant behind them; once their store answers again they close too.
+#[tokio::test]
+async fn grants_whose_close_keeps_failing_never_stall_expiry() {
+    let faulty = Arc::new(crate::common::Faulty::default());
+    let store: Arc<dyn Store> = faulty.clone();
+    let toml = format!("{TOML}[tenants.stuck]\nplan = \"p\"\n");
+    let config = Config::from_toml_str(&toml).unwrap();
+    let admin = Admin::new(store.clone()).with_config(config.clone());
+    let t = now();
+    for i in 0..4 {
+        admin.grant_credits("stuck", "tokens", 10, Some(t + 60 + i), &format!("pi_s{i}")).await.unwrap();
+    }
+    admin.grant_credits("acme", "tokens", 10, Some(t + 120), "pi_a").await.unwrap();
+    *faulty.refuse_tenant.lock().unwrap() = Some("stuck".into());
+    let (clock, fake) = Clock::fake_at_unix(t + 200);
+    let node = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build().0;
+    // The four fail in a row: the pass stops, and they wait.
+    assert!(node.expire_credits().await.is_err());
+    let report = node.expire_credits().await.unwrap();
+    assert_eq!((report.grants, report.waiting), (1, 4), "the grant behind them closed: {report:?}");
+    let (grants, _) = admin.credits("acme").await.unwrap();
+    assert!(grants[0].closed.is_some());
+    // Their store answers again; after their wait they close.
+    *faulty.refuse_tenant.lock().unwrap() = None;
+    assert_eq!(node.expire_credits().await.unwrap().grants, 0, "still waiting");
+    fake.advance(std::time::Duration::from_secs(61));
+    let report = node.expire_credits().await.unwrap();
+    assert_eq!((report.grants, report.waiting), (4, 0), "{report:?}");
+}
