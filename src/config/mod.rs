@@ -282,9 +282,18 @@ pub struct MeterSpec {
     pub(crate) event_name: String,
     pub(crate) description: Option<String>,
     pub(crate) aggregation: MeterAggregation,
+    pub(crate) export: bool,
 }
 
 impl MeterSpec {
+    /// Whether the meter's usage is exported to the billing sink (`export`, `true` by
+    /// default). A meter that is not (a prepaid balance's, paid for up front) is counted,
+    /// limited and reported all the same; its pending windows are parked as never exported.
+    #[must_use]
+    pub fn exported(&self) -> bool {
+        self.export
+    }
+
     /// The meter's name.
     #[must_use]
     pub fn id(&self) -> &MeterId {
@@ -944,6 +953,13 @@ impl Config {
     /// The tenants declared in the file.
     pub fn tenants(&self) -> &[TenantSpec] {
         &self.tenants
+    }
+
+    /// Whether `meter`'s usage is exported: `[meters.X] export`, `true` for a meter the
+    /// configuration does not declare.
+    #[must_use]
+    pub fn exports_meter(&self, meter: &MeterId) -> bool {
+        self.meters.iter().find(|m| &m.id == meter).is_none_or(MeterSpec::exported)
     }
 
     /// How closed windows are exported (`[export]`).

@@ -170,6 +170,7 @@ pub(crate) struct RawUsage {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawMeter {
     pub(crate) description: Option<String>,
+    pub(crate) export: Option<bool>,
     pub(crate) event_name: Option<String>,
     pub(crate) aggregation: Option<String>,
 }

@@ -1039,6 +1039,7 @@ impl Validator<'_, '_> {
             event_name: "requests".into(),
             description: None,
             aggregation: MeterAggregation::Sum,
+            export: true,
         }];
         for (name, m) in raw {
             let path = format!("meters.{name}");
@@ -1068,6 +1069,7 @@ impl Validator<'_, '_> {
                 event_name: m.event_name.clone().unwrap_or_else(|| name.clone()),
                 description: m.description.clone(),
                 aggregation,
+                export: m.export.unwrap_or(true),
             };
             // Stripe's limit for a meter's event_name.
             if spec.event_name.chars().count() > 100 {

@@ -370,7 +370,10 @@ impl Exporter {
                     },
                 };
                 // What the pass would park, or skip as not billable, is not sent.
-                if park_reason(rt, &limits, &agg, &send, now).is_some() || (needs_customer && send.customer.is_none()) {
+                let attempted = agg.first_attempt_at.is_some();
+                if park_reason(rt, &limits, &agg, &send, now, attempted).is_some()
+                    || (needs_customer && send.customer.is_none())
+                {
                     continue;
                 }
                 out.push(meter_event(rt, &agg, &send));
@@ -667,7 +670,7 @@ impl Pass {
             }
             return Ok(None);
         }
-        if let Some(reason) = park_reason(&self.rt, &self.limits, &agg, &send, now) {
+        if let Some(reason) = park_reason(&self.rt, &self.limits, &agg, &send, now, !first_attempt) {
             if reason.starts_with("unconfirmed") {
                 Totals::add(&shared.totals.unconfirmed_exports, 1);
                 shared.metrics.unconfirmed_exports.increment(1);
@@ -918,8 +921,25 @@ fn is_late(rt: &Runtime, limits: &SinkLimits, window_end: i64, now: i64) -> bool
     limits.restamp_late && rt.config.stripe().is_some_and(|s| now > window_end + s.invoice_grace.as_secs() as i64)
 }
 
-/// Why an export must be parked rather than sent, if it must.
-fn park_reason(rt: &Runtime, limits: &SinkLimits, agg: &UsageAggregate, send: &ExportSend, now: i64) -> Option<String> {
+/// Why an export must be parked rather than sent, if it must. `attempted`: an earlier attempt
+/// of this revision began, which may have reached the billing system.
+fn park_reason(
+    rt: &Runtime,
+    limits: &SinkLimits,
+    agg: &UsageAggregate,
+    send: &ExportSend,
+    now: i64,
+    attempted: bool,
+) -> Option<String> {
+    // A meter kept out of the export (`export = false`), never attempted: parked, listed, never
+    // sent. One attempted before the setting changed may be held: it goes on as begun.
+    if !attempted && !rt.config.exports_meter(&agg.key.meter) {
+        return Some(format!(
+            "never exported: [meters.{}] export = false keeps this meter out of every export \
+             (confirm it, or requeue it once the meter is exported)",
+            agg.key.meter
+        ));
+    }
     // Sent before but never confirmed, and the billing system may have forgotten its
     // identifier: never sent again (it could be billed twice).
     if let Some(first) = agg.first_attempt_at {
@@ -943,7 +963,7 @@ fn park_reason(rt: &Runtime, limits: &SinkLimits, agg: &UsageAggregate, send: &E
     if send.timestamp.min(last_second) < now - limits.max_age.as_secs() as i64 {
         // An earlier attempt of this revision may have been taken (no answer, a 5xx): the
         // billing system may hold it, so it is never billed by hand unchecked.
-        if let Some(first) = agg.first_attempt_at.filter(|_| agg.in_flight.is_some()) {
+        if let Some(first) = agg.first_attempt_at.filter(|_| attempted && agg.in_flight.is_some()) {
             return Some(format!(
                 "unconfirmed: {} attempts since {first} (Unix seconds) were never confirmed, and the window is \
                  now too old to send again; the billing system may hold it: reconcile with it, then confirm or \

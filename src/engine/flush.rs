@@ -280,7 +280,7 @@ impl Pipeline {
                 None => window_start,
             };
             let key = (s.id.clone(), meter.clone(), window_start);
-            let billable = self.billable(rt, s);
+            let billable = self.billable(rt, s) && rt.config.exports_meter(meter);
             if let Some((q, b)) = staged.get_mut(&key) {
                 *q = q.saturating_add(quantity);
                 *b |= billable;

@@ -290,6 +290,7 @@ impl Exporter {
                 let entry = &letter.entry;
                 if entry.send.timestamp < now - LEDGER_KEPT_SECS
                     || aggregation(rt, &entry.key.meter) != MeterAggregation::Sum
+                    || !rt.config.exports_meter(&entry.key.meter)
                 {
                     continue;
                 }
@@ -308,7 +309,12 @@ impl Exporter {
         for hour in in_range.chain(outside) {
             let in_range = hour >= from && hour < to;
             for entry in self.ledger_hour(hour).await? {
-                if entry.send.customer.is_none() || entry.exported_at.is_none() || entry.superseded {
+                // A meter kept out of the export (`export = false`) is neither compared nor sent.
+                if entry.send.customer.is_none()
+                    || entry.exported_at.is_none()
+                    || entry.superseded
+                    || !rt.config.exports_meter(&entry.key.meter)
+                {
                     continue;
                 }
                 if aggregation(rt, &entry.key.meter) != MeterAggregation::Sum {

@@ -261,7 +261,7 @@ impl Tollgate {
             },
         };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
-            .with_billable(self.shared.pipeline.billable(rt, &state));
+            .with_billable(self.shared.pipeline.billable(rt, &state) && rt.config.exports_meter(&e.meter));
         Ok(Prepared {
             index,
             state,

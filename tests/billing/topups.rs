@@ -481,3 +481,50 @@ async fn a_lookup_key_without_a_secret_key_is_refused_at_load() {
     let h = Harness::with_store(&by_id, Arc::new(MemoryStore::new()), NOON);
     assert!(WebhookHandler::from_config(h.tollgate.clone()).is_ok());
 }
+
+/// A prepaid meter paid up front is kept out of every export with `[meters.X] export = false`:
+/// its usage is counted and limited, but no event is planned for it (a metered price on the
+/// same Stripe meter would bill it again). Windows left pending from before the setting are
+/// parked as never exported, listed with the dead letters, never sent.
+#[tokio::test]
+async fn a_meter_that_is_not_exported_is_never_billed() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let s = setup(store.clone(), "proportional").await;
+    let mut paid = session("cs_1", "cus_acme", true, None, Some("pi_1"));
+    paid["metadata"] = json!({ "tollgate_units": "50" });
+    assert_eq!(s.signed(&event("evt_1", "checkout.session.completed", paid)).await, (200, credited(50, "pi_1")));
+    // Exported before the setting: a window left pending.
+    assert_eq!(s.admitted(3).await, 3);
+    s.h.tollgate.flush().await.unwrap();
+    let later = NOON + 2 * 86_400;
+    s.h.clock.set_unix(later);
+    assert_eq!(s.h.tollgate.export_preview().await.unwrap().len(), 1, "exported today");
+
+    let toml =
+        s.toml.replace("[meters.tokens]\n", "[meters.requests]\nexport = false\n[meters.tokens]\nexport = false\n");
+    let config = tollgate::Config::from_toml_str(&toml).unwrap();
+    assert!(!config.exports_meter(&"requests".into()) && config.exports_meter(&"other".into()));
+    let sink = common::Collect::default();
+    let (clock, fake) = tollgate::clock::Clock::fake_at_unix(NOON + 3 * 86_400);
+    let (engine, _worker) =
+        tollgate::Tollgate::builder(config).store_arc(store.clone()).clock(clock).billing_sink(sink.clone()).build();
+    let node = Harness::from_layer(tollgate::TollgateLayer::new(engine), fake);
+    // Counted and limited all the same.
+    for _ in 0..2 {
+        assert_eq!(node.status("/", "key-acme").await, 200);
+    }
+    assert_eq!(node.status("/generate", "key-acme").await, 402, "no tokens granted");
+    node.tollgate.flush().await.unwrap();
+    node.clock.set_unix(NOON + 5 * 86_400);
+    assert_eq!(node.tollgate.export_preview().await.unwrap(), vec![], "nothing planned");
+    let report = node.tollgate.export().await.unwrap();
+    assert_eq!((report.events, report.dead_letters), (0, 1), "{report:?}");
+    assert!(sink.0.lock().unwrap().is_empty(), "nothing sent");
+    let dead = node.tollgate.usage_store().dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.starts_with("never exported"), "{}", dead[0].reason);
+    assert_eq!(dead[0].key.window_start, NOON - NOON.rem_euclid(3600), "the window left pending");
+    let usage =
+        node.tollgate.usage_store().usage_range(&"acme".into(), NOON - 86_400, NOON + 6 * 86_400).await.unwrap();
+    assert_eq!(usage.iter().map(|a| a.quantity).sum::<u64>(), 5, "every request counted");
+}

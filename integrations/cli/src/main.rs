@@ -424,7 +424,11 @@ async fn run(cli: Cli) -> Result<()> {
                     a.quantity,
                     a.exported,
                     a.revision,
-                    a.send.as_ref().and_then(|s| s.customer.as_deref()).unwrap_or("-")
+                    if config.exports_meter(&a.key.meter) {
+                        a.send.as_ref().and_then(|s| s.customer.as_deref()).unwrap_or("-")
+                    } else {
+                        "not exported (export = false)"
+                    }
                 );
             }
             println!("{} windows, {total} units, {exported} exported", rows.len());
