@@ -1031,4 +1031,18 @@ mod tests {
         assert!(spread.len() > 10, "jitter spreads retries: {spread:?}");
         assert_eq!(backoff("tg_x", 1, Some(Duration::from_millis(7500))), Duration::from_secs(8));
     }
+
+    #[test]
+    fn meter_error_windows_queue_bounded_and_merge_rather_than_drop() {
+        let mut q = MeterErrorQueue::default();
+        q.push(100, 200);
+        q.push(150, 250);
+        assert_eq!(q.queued, [(100, 250)], "overlapping: one pass");
+        for i in 0..40 {
+            q.push(1_000 + i * 1_000, 1_010 + i * 1_000);
+        }
+        assert_eq!(q.queued.len(), MeterErrorQueue::MAX);
+        let covered = |t: i64| q.queued.iter().any(|(f, to)| *f <= t && t <= *to);
+        assert!((0..40).all(|i| covered(1_000 + i * 1_000)) && covered(100), "{:?}", q.queued);
+    }
 }

@@ -1540,13 +1540,14 @@ async fn a_meter_error_report_during_another_s_reconciliation_is_queued() {
     h.tollgate.flush().await.unwrap();
     at(&h.clock, &standin, NOON + 20 * MIN + 1);
     h.tollgate.export().await.unwrap();
-    // Each pass waits until its window has settled: here a second.
+    // Each pass waits until its window has settled: the first one at once, the second (apart
+    // from it, so never merged with it) a second later.
     let after = h.tollgate.config().export().reconcile_after.as_secs() as i64;
-    let to = NOON + 20 * MIN + 10;
+    let to = NOON + 20 * MIN + 30;
     at(&h.clock, &standin, to + after + 59);
     let reads = standin.summary_reads();
-    h.tollgate.meter_error(NOON + 20 * MIN, to);
-    h.tollgate.meter_error(NOON + 20 * MIN + 5, to);
+    h.tollgate.meter_error(NOON + 20 * MIN, NOON + 20 * MIN + 10);
+    h.tollgate.meter_error(NOON + 20 * MIN + 20, to);
     let mut waited = 0;
     while standin.summary_reads() < reads + 2 && waited < 200 {
         tokio::time::sleep(Duration::from_millis(50)).await;
