@@ -324,6 +324,14 @@ impl WebhookHandler {
         let invoice = if session { id_of(&o["invoice"]) } else { Some(object) };
         let payment = match (id_of(&o["payment_intent"]), invoice) {
             (Some(p), _) => Some(p.to_owned()),
+            (None, Some(invoice)) if self.reader.is_none() => {
+                // Without the payment, the session and the invoice of one payment could not
+                // be told apart by it: refused, never granted twice.
+                tracing::error!(%event, %kind, %invoice, units,
+                    "a paid invoice whose payment intent cannot be read (no Stripe secret key): no credits granted; \
+                     set STRIPE_SECRET_KEY, or grant by hand (tollgate credits grant)");
+                return Some(WebhookOutcome::PaymentUnknown { invoice: invoice.to_owned() });
+            }
             (None, Some(invoice)) => match self.invoice_payment(invoice).await {
                 Ok(p) => p,
                 Err(ReadError { permanent: false, why }) => {
@@ -542,9 +550,9 @@ impl WebhookHandler {
     }
 
     /// The payment intent that paid an invoice (API versions from 2025-03-31 name it only in
-    /// the invoice's payments: `GET /v1/invoice_payments?invoice=…`), for refunds; `None` when
-    /// there is no key to read it with (the grant is made without it: a refund then finds it
-    /// by the charge's invoice, if the charge names one); an error when the read failed.
+    /// the invoice's payments: `GET /v1/invoice_payments?invoice=…`), for refunds and to tell
+    /// one payment's shapes apart; `None` when the invoice lists no paid payment intent; an
+    /// error when the read failed. (Without a key, the caller refuses the grant first.)
     async fn invoice_payment(&self, invoice: &str) -> Result<Option<String>, ReadError> {
         let Some(reader) = self.reader.as_ref() else { return Ok(None) };
         if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {

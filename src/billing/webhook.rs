@@ -71,6 +71,14 @@ pub enum WebhookOutcome {
         /// The price ids of the payment's lines.
         prices: Vec<String>,
     },
+    /// A paid invoice (or a subscription's checkout session, which names its invoice alone)
+    /// whose payment intent could not be read: there is no Stripe secret key. Nothing granted,
+    /// since one payment's shapes could not be told apart by their payment. Counted as
+    /// [`NotCredited`](Self::NotCredited) is, and logged; grant by hand once a key is set.
+    PaymentUnknown {
+        /// The invoice.
+        invoice: String,
+    },
     /// A refund (`charge.refunded`) took back its share of what the grant of its payment still
     /// held (`[stripe.credits] refunds`).
     Refunded {
@@ -139,6 +147,7 @@ impl WebhookReply {
             WebhookOutcome::UnknownPrice => "unknown_price",
             WebhookOutcome::MeterError { .. } => "meter_error",
             WebhookOutcome::NotCredited { .. } => "not_credited",
+            WebhookOutcome::PaymentUnknown { .. } => "payment_unknown",
             WebhookOutcome::Rejected(reason) => {
                 return serde_json::json!({
                     "type": "https://tollgate.rs/problems/bad-webhook",
@@ -360,7 +369,7 @@ impl WebhookHandler {
             }
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
-            WebhookOutcome::NotCredited { .. } => WebhookCount::NotCredited,
+            WebhookOutcome::NotCredited { .. } | WebhookOutcome::PaymentUnknown { .. } => WebhookCount::NotCredited,
             WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => return WebhookReply { outcome },
             _ => WebhookCount::Ignored,
         };

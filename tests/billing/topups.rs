@@ -528,3 +528,28 @@ async fn a_meter_that_is_not_exported_is_never_billed() {
         node.tollgate.usage_store().usage_range(&"acme".into(), NOON - 86_400, NOON + 6 * 86_400).await.unwrap();
     assert_eq!(usage.iter().map(|a| a.quantity).sum::<u64>(), 5, "every request counted");
 }
+
+/// Without a secret key, a paid invoice's payment intent cannot be read: its grant is refused
+/// and counted, never made without its payment (the session of the same payment, naming its
+/// payment intent, would then grant a second time).
+#[tokio::test]
+async fn an_invoice_whose_payment_cannot_be_read_is_refused_and_counted() {
+    let s = setup(Arc::new(MemoryStore::new()), "proportional").await;
+    let keyless = WebhookHandler::new(s.h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let inv = event("evt_1", "invoice.paid", invoice("in_1", "cus_acme", &[("price_pack", 2)]));
+    let signature = stripe_webhook::Webhook::generate_test_header(&inv, SECRET, Some(NOON));
+    let reply = keyless.handle(Some(&signature), inv.as_bytes()).await;
+    assert_eq!(
+        (reply.status().as_u16(), reply.outcome),
+        (200, WebhookOutcome::PaymentUnknown { invoice: "in_1".into() })
+    );
+    assert_eq!(s.h.tollgate.stats().webhooks_not_credited, 1);
+    assert_eq!(s.balance().await.granted, 0);
+    // The same payment's session names its payment intent: granted once.
+    let mut paid = session("cs_1", "cus_acme", true, Some("in_1"), Some("pi_1"));
+    paid["metadata"] = json!({ "tollgate_units": "200" });
+    let e = event("evt_2", "checkout.session.completed", paid);
+    let signature = stripe_webhook::Webhook::generate_test_header(&e, SECRET, Some(NOON));
+    assert_eq!(keyless.handle(Some(&signature), e.as_bytes()).await.outcome, credited(200, "in_1"));
+    assert_eq!(s.balance().await.granted, 200);
+}
