@@ -127,26 +127,33 @@ pub(crate) const DOT_SEGMENT: &str =
 /// result is UTF-8 (else only the escapes of ASCII characters are decoded). A path with a dot
 /// segment (`.` or `..`, after decoding) is refused: routers differ on them (axum matches `..`
 /// as a segment, a proxy may resolve it), so no rule could match what every one of them
-/// serves.
+/// serves. Empty segments are merged (`//v1//generate` is `/v1/generate`), as actix-web's
+/// `NormalizePath` and most proxies merge them before the router sees the path.
 ///
-/// Borrowed, without a copy, when there is nothing to decode.
+/// Borrowed, without a copy, when there is nothing to decode or merge.
 #[inline]
 pub(crate) fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
-    // Most paths have neither an escape nor a dot: answered here, inline.
-    if !path.bytes().any(|b| b == b'%' || b == b'.') {
-        return Ok(std::borrow::Cow::Borrowed(path));
+    // Most paths have no escape, no dot and no empty segment: answered here, inline.
+    let mut slash = false;
+    for b in path.bytes() {
+        if b == b'%' || b == b'.' || (slash && b == b'/') {
+            return normalize_escaped(path);
+        }
+        slash = b == b'/';
     }
-    normalize_escaped(path)
+    Ok(std::borrow::Cow::Borrowed(path))
 }
 
-/// [`normalize_path`] for a path with a `%` or a `.`.
+/// [`normalize_path`] for a path with a `%`, a `.` or an empty segment.
 #[inline(never)]
 fn normalize_escaped(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
     let bytes = path.as_bytes();
     let mut escaped = false;
+    let mut empty = false;
     for (i, &b) in bytes.iter().enumerate() {
         match b {
             b'%' => escaped = true,
+            b'/' if i > 0 && bytes[i - 1] == b'/' => empty = true,
             b'.' if i == 0 || bytes[i - 1] == b'/' => {
                 let end = bytes[i..].iter().position(|&c| c == b'/').map_or(bytes.len(), |n| i + n);
                 if end - i <= 2 && bytes[i..end].iter().all(|&c| c == b'.') {
@@ -156,15 +163,29 @@ fn normalize_escaped(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static s
             _ => {}
         }
     }
-    if !escaped {
+    if !escaped && !empty {
         return Ok(std::borrow::Cow::Borrowed(path));
     }
-    let decoded = decode(bytes, false);
-    let out = match String::from_utf8(decoded) {
-        Ok(out) => out,
-        // Escapes that do not make UTF-8: only those of ASCII characters are decoded.
-        Err(_) => String::from_utf8(decode(bytes, true)).unwrap_or_else(|_| path.to_owned()),
+    let mut out = if escaped {
+        let decoded = decode(bytes, false);
+        match String::from_utf8(decoded) {
+            Ok(out) => out,
+            // Escapes that do not make UTF-8: only those of ASCII characters are decoded.
+            Err(_) => String::from_utf8(decode(bytes, true)).unwrap_or_else(|_| path.to_owned()),
+        }
+    } else {
+        path.to_owned()
     };
+    // Empty segments merged (an escaped `/`, `%2F`, stays escaped: never merged).
+    if out.contains("//") {
+        let mut merged = String::with_capacity(out.len());
+        for c in out.chars() {
+            if !(c == '/' && merged.ends_with('/')) {
+                merged.push(c);
+            }
+        }
+        out = merged;
+    }
     // Dot segments written as escapes (`%2E%2E`) are dot segments too.
     if out.split('/').any(|segment| segment == "." || segment == "..") {
         return Err(DOT_SEGMENT);
@@ -240,6 +261,13 @@ mod tests {
         for fine in ["/v1/items.json", "/v1/.well-known", "/v1/...", "/v1/..x", "/v1/%2E%2E%2E"] {
             assert!(n(fine).is_ok(), "{fine}");
         }
+        // Empty segments merged, escaped slashes kept.
+        assert_eq!(n("/v1//generate").unwrap(), "/v1/generate");
+        assert_eq!(n("//v1///generate//").unwrap(), "/v1/generate/");
+        assert_eq!(n("/v1//gener%61te").unwrap(), "/v1/generate");
+        assert_eq!(n("/v1/%2F/x").unwrap(), "/v1/%2F/x");
+        assert_eq!(n("/v1//../x"), Err(DOT_SEGMENT));
+        assert!(matches!(normalize_path("/v1/generate/"), Ok(std::borrow::Cow::Borrowed(_))));
     }
 
     #[test]

@@ -492,6 +492,19 @@ pub fn scenarios() -> Vec<Scenario> {
             same_responses: false,
         },
         Scenario {
+            // As actix-web's `NormalizePath` and most proxies merge them: a route rule (its
+            // cost, its feature) holds on `/v1//reports` too.
+            name: "empty segments are merged before route rules match",
+            steps: vec![
+                Send(get("/v1//stream").key("key-free"), 403),
+                Send(get("/v1///stream/").key("key-free"), 403),
+                Send(post("/v1//reports").key("key-soft"), 404),
+                Send(get("/v1/items").key("key-free"), 200),
+            ],
+            usage: vec![("acme", "requests", 1), ("globex", "requests", 5)],
+            same_responses: false,
+        },
+        Scenario {
             name: "dot segments are refused",
             steps: vec![
                 Send(post("/v1/x/../reports").key("key-free"), 400),
