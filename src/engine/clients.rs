@@ -22,6 +22,57 @@ use crate::{
 /// the end, as a last line or at the end of the last line).
 const MAX_LINES: usize = 8;
 
+/// A client's address, and whether it identifies the client: it came through a trusted proxy,
+/// or it is a public address. A private, shared or local peer that is not a trusted proxy (a
+/// load balancer, a NAT) presents one address for many clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Client {
+    pub(crate) ip: IpAddr,
+    pub(crate) identifies: bool,
+}
+
+impl Client {
+    /// An address a front door gave (`RequestInfo::with_client`): it identifies the client
+    /// when it is public.
+    pub(crate) fn given(ip: IpAddr) -> Self {
+        Self { ip, identifies: is_public(ip) }
+    }
+}
+
+/// Whether `ip` is a public address: not private (RFC 1918, IPv6 unique local), shared
+/// (carrier-grade NAT, RFC 6598), loopback, link-local or unspecified. (Documentation ranges
+/// count as public.)
+pub(crate) fn is_public(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || (a == 100 && (64..128).contains(&b)))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback() || v6.is_unspecified() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// [`client_ip`], and whether the address identifies the client ([`Client`]).
+pub(crate) fn client<'a>(
+    peer: Option<IpAddr>,
+    trusted: &[IpRange],
+    header: ForwardedHeader,
+    lines: impl Iterator<Item = &'a [u8]>,
+) -> Option<Client> {
+    let through_proxy = peer.is_some_and(|p| trusted.iter().any(|r| r.contains(canonical(p))));
+    let ip = client_ip(peer, trusted, header, lines)?;
+    let hop_is_proxy = through_proxy && trusted.iter().any(|r| r.contains(ip));
+    Some(Client { ip, identifies: (through_proxy && !hop_is_proxy) || is_public(ip) })
+}
+
 /// The client's address: the peer's, or, when the peer is a trusted proxy, the rightmost
 /// address of the forwarding chain (the header the proxies write, every line in order) that
 /// is not a trusted proxy. The leftmost entries are whatever the client wrote: they are never
@@ -180,41 +231,130 @@ impl StateStore for ClientCells {
     }
 }
 
-/// The directory lookups of API keys per client address (`identify.unknown_key_rate`): a
-/// GCRA bucket per address key, in a bounded map (`limits.max_clients`, least recently used
-/// first). A lookup takes a cell before the directory is asked; one that finds its tenant (or
-/// that the store does not answer) gives it back, so only unknown keys count.
+/// The directory lookups of API keys (`identify.unknown_key_rate`).
+///
+/// - **Per client address**, when the address is the client's own ([`Client::identifies`]): a
+///   GCRA bucket per address key, in a bounded map (`limits.max_clients`, least recently used
+///   first). A lookup takes a cell before the directory is asked; one that finds its tenant
+///   (or that the store does not answer) gives it back, so only unknown keys count. A lookup
+///   that finds the bucket empty while lookups of its address are in flight waits for them
+///   (their cells may come back), so a burst of valid keys is never refused; it is refused
+///   (429) only once none is in flight.
+/// - **Shared by the node** for every other request (behind a load balancer that is not a
+///   trusted proxy, every client has its address): at most [`SHARED_IN_FLIGHT`] lookups at
+///   once, in arrival order, and store reads of unknown keys held to [`SHARED_UNKNOWN_RATE`] a
+///   second (a burst of as many). A lookup waits for its turn: it is never refused, so a valid
+///   key is never locked out by others' unknown keys.
 pub(crate) struct KeyLookups {
-    cells: moka::sync::Cache<u64, Arc<std::sync::atomic::AtomicI64>>,
+    cells: moka::sync::Cache<u64, Arc<AddressLookups>>,
+    shared: tokio::sync::Semaphore,
+    /// The theoretical arrival time of the shared budget's unknown keys (the runtime's
+    /// clock: a budget of the store's load, not of billing time).
+    shared_tat: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// The most directory lookups of API keys in flight at once in the node's shared budget.
+pub(crate) const SHARED_IN_FLIGHT: usize = 64;
+/// Store reads of unknown API keys a second in the node's shared budget (and its burst).
+pub(crate) const SHARED_UNKNOWN_RATE: u32 = 100;
+
+/// One client address's lookups: its bucket's theoretical arrival time (Unix nanoseconds),
+/// the lookups in flight, and a wake-up when one ends.
+#[derive(Default)]
+pub(crate) struct AddressLookups {
+    tat: std::sync::atomic::AtomicI64,
+    in_flight: std::sync::atomic::AtomicU32,
+    ended: tokio::sync::Notify,
+}
+
+/// A lookup of one client address in flight: counted until dropped.
+pub(crate) struct InFlight(Arc<AddressLookups>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.ended.notify_waiters();
+    }
 }
 
 impl KeyLookups {
     pub(crate) fn new(capacity: u64) -> Self {
-        Self { cells: lru(capacity).build() }
+        Self {
+            cells: lru(capacity).build(),
+            shared: tokio::sync::Semaphore::new(SHARED_IN_FLIGHT),
+            shared_tat: std::sync::Mutex::new(None),
+        }
     }
 
-    /// Takes a cell of `address`'s bucket at `now` (Unix nanoseconds), at once (concurrent
-    /// lookups from one address cannot all pass a check made before any is charged): `Err`
-    /// with the seconds until one comes back when the bucket is empty.
-    pub(crate) fn take(&self, address: u64, rate: crate::config::Rate, now: i64) -> Result<(), u64> {
+    /// Takes a cell of `address`'s bucket at `now()` (Unix nanoseconds), at once (concurrent
+    /// lookups from one address cannot all pass a check made before any is charged), and
+    /// counts the lookup in flight; while the bucket is empty and other lookups of the address
+    /// are in flight, waits for them. `Err` with the seconds until a cell comes back when the
+    /// bucket is empty and none is in flight.
+    pub(crate) async fn take(
+        &self,
+        address: u64,
+        rate: crate::config::Rate,
+        now: impl Fn() -> i64,
+    ) -> Result<InFlight, u64> {
         use std::sync::atomic::Ordering;
         let (t, tolerance) = Self::shape(rate);
-        let cell = self.cells.get_with(address, || Arc::new(std::sync::atomic::AtomicI64::new(0)));
-        cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-            let from = tat.max(now);
-            (from - now <= tolerance).then(|| from.saturating_add(t))
-        })
-        .map(|_| ())
-        .map_err(|tat| u64::try_from(tat - tolerance - now).unwrap_or(1).max(1).div_ceil(1_000_000_000))
+        let cell = self.cells.get_with(address, || Arc::new(AddressLookups::default()));
+        loop {
+            let ended = cell.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let now = now();
+            let taken = cell.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                let from = tat.max(now);
+                (from - now <= tolerance).then(|| from.saturating_add(t))
+            });
+            match taken {
+                Ok(_) => {
+                    cell.in_flight.fetch_add(1, Ordering::AcqRel);
+                    return Ok(InFlight(cell.clone()));
+                }
+                Err(_) if cell.in_flight.load(Ordering::Acquire) > 0 => ended.await,
+                Err(tat) => {
+                    return Err(u64::try_from(tat - tolerance - now).unwrap_or(1).max(1).div_ceil(1_000_000_000))
+                }
+            }
+        }
     }
 
     /// Gives back the cell of a lookup that found its tenant, or that the store did not answer.
-    pub(crate) fn give_back(&self, address: u64, rate: crate::config::Rate) {
+    pub(crate) fn give_back(&self, lookup: &InFlight, rate: crate::config::Rate) {
         use std::sync::atomic::Ordering;
-        if let Some(cell) = self.cells.get(&address) {
-            let (t, _) = Self::shape(rate);
-            cell.fetch_sub(t, Ordering::AcqRel);
+        let (t, _) = Self::shape(rate);
+        lookup.0.tat.fetch_sub(t, Ordering::AcqRel);
+    }
+
+    /// A turn in the node's shared budget: one of [`SHARED_IN_FLIGHT`] lookups, in arrival
+    /// order, once the unknown keys read before it are within [`SHARED_UNKNOWN_RATE`].
+    pub(crate) async fn shared_turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        let permit = self.shared.acquire().await.expect("the shared budget is never closed");
+        let (_, tolerance) = Self::shared_shape();
+        loop {
+            let now = tokio::time::Instant::now();
+            let tat = self.shared_tat.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(now);
+            if tat <= now + tolerance {
+                return permit;
+            }
+            tokio::time::sleep_until(tat - tolerance).await;
         }
+    }
+
+    /// Counts a store read of an unknown key in the node's shared budget.
+    pub(crate) fn shared_unknown(&self) {
+        let (t, _) = Self::shared_shape();
+        let now = tokio::time::Instant::now();
+        let mut tat = self.shared_tat.lock().unwrap_or_else(|e| e.into_inner());
+        *tat = Some(tat.map_or(now, |tat| tat.max(now)) + t);
+    }
+
+    fn shared_shape() -> (std::time::Duration, std::time::Duration) {
+        let t = std::time::Duration::from_secs(1) / SHARED_UNKNOWN_RATE;
+        (t, t * (SHARED_UNKNOWN_RATE - 1))
     }
 
     /// The emission interval of `rate` and the bucket's tolerance (its count at once).

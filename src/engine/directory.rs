@@ -86,36 +86,52 @@ impl Tollgate {
                             Ok(Some(declared(r)))
                         }
                         None => {
-                            // Limited per client address before the store is asked: past the
-                            // limit 429, never 401 (the key may be valid). Only keys the
-                            // directory did not know count; requests without an address are
-                            // not limited (one bucket for them all would let anyone lock every
-                            // new tenant out).
+                            // Limited per client address before the store is asked, when the
+                            // address is the client's own: past the limit 429, never 401 (the
+                            // key may be valid). Only keys the directory did not know count.
+                            // Other requests (behind a balancer that is not a trusted proxy,
+                            // without an address) share the node's budget, where they wait
+                            // their turn and are never refused: one bucket for them all would
+                            // let anyone lock every tenant the node does not hold out.
+                            let lookups = &self.shared.key_lookups;
                             let rate = rt.config.clients.unknown_key_rate;
-                            let taken = address != 0;
-                            if taken {
-                                if let Err(wait) = self.shared.key_lookups.take(address, rate, now_nanos) {
-                                    let r = Rejection::new(
-                                        RejectionKind::RateLimited,
-                                        "too many unknown API keys from this address: try again later",
-                                    )
-                                    .with_retry_after(wait);
-                                    if !rt.config.limits.shadow {
-                                        return Err(r);
+                            let clock = &self.shared.clock;
+                            let own = if address == 0 {
+                                None
+                            } else {
+                                match lookups.take(address, rate, || clock.unix_nanos()).await {
+                                    Ok(own) => Some(own),
+                                    Err(wait) => {
+                                        let r = Rejection::new(
+                                            RejectionKind::RateLimited,
+                                            "too many unknown API keys from this address: try again later",
+                                        )
+                                        .with_retry_after(wait);
+                                        if !rt.config.limits.shadow {
+                                            return Err(r);
+                                        }
+                                        // Shadow mode: counted, not refused; the shared budget.
+                                        self.would_refuse(&r);
+                                        None
                                     }
-                                    // Shadow mode: counted, not refused.
-                                    self.would_refuse(&r);
                                 }
-                            }
+                            };
+                            let turn = match own {
+                                Some(_) => None,
+                                None => Some(lookups.shared_turn().await),
+                            };
                             let found = self
                                 .shared
                                 .stores
                                 .guarded(timeout, self.shared.stores.roles.directory.find_key(&h))
                                 .await;
-                            if taken && !matches!(found, Ok(None)) {
+                            match (&own, &found) {
                                 // Only unknown keys count.
-                                self.shared.key_lookups.give_back(address, rate);
+                                (Some(own), found) if !matches!(found, Ok(None)) => lookups.give_back(own, rate),
+                                (None, Ok(None)) => lookups.shared_unknown(),
+                                _ => {}
                             }
+                            drop((own, turn));
                             found
                         }
                     }

@@ -128,7 +128,7 @@ impl FrontDoor {
     pub(crate) fn admit_raw<'a>(
         &mut self,
         describe: impl FnOnce(&Runtime) -> Result<RequestInfo<'a>, crate::Rejection>,
-        client: impl FnOnce(&Runtime) -> Option<std::net::IpAddr>,
+        client: impl FnOnce(&Runtime) -> Option<super::clients::Client>,
     ) -> Admission {
         let FrontDoor { tollgate, runtime } = self;
         let rt: &Arc<Runtime> = runtime.load();

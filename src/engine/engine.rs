@@ -125,6 +125,9 @@ pub(crate) enum Stage {
     Resolve {
         credential: OwnedCredential,
         meters: Arc<crate::plan::MeterTable>,
+        /// Whether the request's address is the client's own
+        /// ([`Client::identifies`](super::clients::Client)).
+        identified: bool,
     },
     /// An `Idempotency-Key` this node has not seen: claimed in the store first.
     Claim(Box<KeyClaim>),
@@ -325,7 +328,7 @@ impl Tollgate {
         &self,
         rt: &Runtime,
         req: &RequestInfo<'_>,
-        client: impl FnOnce() -> Option<std::net::IpAddr>,
+        client: impl FnOnce() -> Option<super::clients::Client>,
     ) -> Admission {
         if let Some(key) = req.idempotency_key {
             if let Err(why) = check_key(key) {
@@ -390,7 +393,7 @@ impl Tollgate {
                 if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
                     // The anonymous tenant: its rate is per client address, and so are its
                     // `Idempotency-Key`s (client B's key `1` is not client A's).
-                    let ip = req.client.or_else(client);
+                    let ip = req.client.map(super::clients::Client::given).or_else(client).map(|c| c.ip);
                     route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
                     if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
                         // Without its address an anonymous caller cannot be told from the
@@ -410,17 +413,21 @@ impl Tollgate {
                     }
                 }
                 // Anonymous callers (or an unknown key served as one) need their address.
-                let ip = req.client.or_else(client);
+                let who = req.client.map(super::clients::Client::given).or_else(client);
+                let ip = who.map(|c| c.ip);
                 if let Some(keys) = &rt.client_keys {
                     route.client = keys.key(ip);
                 }
+                // Its lookups of API keys are limited per address only when the address is the
+                // client's own; else they share the node's budget.
+                let identified = who.is_some_and(|c| c.identifies);
                 let credential = match lookup {
                     Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
                     Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
                     Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
                 };
                 Admission::Pending(PendingAdmission {
-                    stage: Stage::Resolve { credential, meters: rt.meters.clone() },
+                    stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
                     route,
                     idempotency: idem
                         .map(|(key, request)| Box::new(PendingKey { key: key.into(), request, client: ip })),
@@ -446,9 +453,11 @@ impl Tollgate {
         loop {
             let next = match stage {
                 Stage::Quota(partial) => return self.lease_and_take(*partial, route).await,
-                Stage::Resolve { credential, meters } => {
-                    // The client address's key (0: none) limits its lookups of API keys.
-                    let state = match self.lookup(credential, route.client).await {
+                Stage::Resolve { credential, meters, identified } => {
+                    // The client address's key limits its lookups of API keys, when the address
+                    // is the client's own (0: the node's shared budget).
+                    let address = if identified { route.client } else { 0 };
+                    let state = match self.lookup(credential, address).await {
                         Ok(state) => state,
                         Err(rejection) => return Err(self.count(rejection)),
                     };

@@ -643,25 +643,25 @@ impl Runtime {
         )))
     }
 
-    /// The client address of a request, when anonymous callers are limited per address
-    /// (else `None`, and nothing is read): the peer, or through trusted proxies the rightmost
-    /// untrusted hop of `Forwarded` / `X-Forwarded-For`.
+    /// The client address of a request (else `None`, and nothing is read): the peer, or
+    /// through trusted proxies the rightmost untrusted hop of `Forwarded` / `X-Forwarded-For`;
+    /// with whether it identifies the client.
     #[inline]
     pub(crate) fn client_ip<'a, I>(
         &self,
         peer: Option<std::net::IpAddr>,
         header_values: impl FnOnce(&'static str) -> I,
-    ) -> Option<std::net::IpAddr>
+    ) -> Option<crate::engine::clients::Client>
     where
         I: Iterator<Item = &'a [u8]>,
     {
         self.client_keys.as_ref()?;
         let clients = &self.config.clients;
         if clients.trusted_proxies.is_empty() {
-            return peer;
+            return peer.map(crate::engine::clients::Client::given);
         }
         let header = clients.forwarded_header;
-        crate::engine::clients::client_ip(peer, &clients.trusted_proxies, header, header_values(header.name()))
+        crate::engine::clients::client(peer, &clients.trusted_proxies, header, header_values(header.name()))
     }
 
     /// Whether an `Idempotency-Key` on a request with this method is honoured.

@@ -375,3 +375,84 @@ async fn concurrent_unknown_keys_from_one_address_are_limited_too() {
     let lookups = store.lookups.load(Ordering::SeqCst);
     assert!(lookups <= 2, "{lookups} lookups: {statuses:?}");
 }
+
+/// Behind a load balancer that is not a trusted proxy (the default: `trusted_proxies = []`),
+/// every client has the balancer's private address. Unknown keys from anyone never lock a
+/// valid tenant out: such lookups share the node's budget, where they wait their turn and are
+/// never refused, and the store reads of unknown keys stay bounded per second.
+#[tokio::test(start_paused = true)]
+async fn unknown_keys_behind_a_balancer_never_lock_out_a_valid_tenant() {
+    use std::sync::{atomic::Ordering, Arc};
+    use tollgate::store::{KeyHash, TenantRecord};
+    let store = Arc::new(common::Faulty::default());
+    let record = TenantRecord::new("acme".into(), "paid".into());
+    store.inner.put_tenant(&record, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build("[plans.paid]\nrate = \"1000/s\"\n", store.clone(), clock, handle);
+    let from_lb = |key: String| {
+        let mut r = req("GET", "/", Some(&key), None);
+        r.extensions_mut().insert(ClientAddr("10.0.3.7".parse::<IpAddr>().unwrap()));
+        r
+    };
+    let started = tokio::time::Instant::now();
+    for i in 0..250 {
+        assert_eq!(h.send(from_lb(format!("random-{i}"))).await.status, 401, "{i}: never 429");
+    }
+    assert_eq!(h.send(from_lb("key-acme".into())).await.status, 200, "the valid tenant is served");
+    assert_eq!(store.lookups.load(Ordering::SeqCst), 251);
+    // 100 at once, then 100 a second: the other 150 waited their turn.
+    let waited = started.elapsed();
+    assert!(waited >= std::time::Duration::from_millis(1450), "{waited:?}");
+    // A public peer is a client of its own: limited per address (10 a minute).
+    let from = |ip: &str, key: String| {
+        let mut r = req("GET", "/", Some(&key), None);
+        r.extensions_mut().insert(ClientAddr(ip.parse::<IpAddr>().unwrap()));
+        r
+    };
+    let refused = count_429(&h, (0..20).map(|i| from("203.0.113.5", format!("other-{i}")))).await;
+    assert_eq!(refused, 10, "past its 10 unknown keys");
+}
+
+/// How many of these requests, sent one after another, were answered 429.
+async fn count_429(
+    h: &Harness,
+    requests: impl Iterator<Item = http::Request<http_body_util::Full<bytes::Bytes>>>,
+) -> usize {
+    let mut n = 0;
+    for r in requests {
+        if h.send(r).await.status == 429 {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// A burst of first lookups of valid keys from one client address is never refused, however
+/// small its budget of unknown keys: past the bucket a lookup waits for those in flight (their
+/// cells come back when they find their tenant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_valid_keys_from_one_address_is_never_refused() {
+    use std::sync::{atomic::Ordering, Arc};
+    use tollgate::store::{KeyHash, TenantRecord};
+    use tower::ServiceExt;
+    let store = Arc::new(common::Faulty::default());
+    for i in 0..30 {
+        let record = TenantRecord::new(format!("t{i}").as_str().into(), "paid".into());
+        store.inner.put_tenant(&record, &[KeyHash::of(format!("key-{i}").as_bytes())]).await.unwrap();
+    }
+    store.lookup_delay_ms.store(20, Ordering::SeqCst);
+    let toml = "[identify]\nunknown_key_rate = \"2/min\"\n[plans.paid]\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let svc = h.svc.clone();
+        tasks.spawn(async move {
+            let mut r = req("GET", "/", Some(&format!("key-{i}")), None);
+            r.extensions_mut().insert(ClientAddr("203.0.113.9".parse::<IpAddr>().unwrap()));
+            svc.oneshot(r).await.unwrap().status().as_u16()
+        });
+    }
+    let statuses = tasks.join_all().await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+}
