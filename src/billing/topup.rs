@@ -33,13 +33,15 @@ pub(crate) const METER_KEY: &str = "tollgate_meter";
 const UNKNOWN_CUSTOMER_GRACE_SECS: i64 = 86_400;
 /// The most pages of line items (100 each) read for one payment.
 const MAX_PAGES: usize = 10;
-/// How long the price ids of lookup keys are trusted, in seconds.
+/// How long the price ids of lookup keys, and the lookup key of a price id, are trusted, in
+/// seconds.
 const LOOKUP_TTL_SECS: i64 = 3600;
-/// How soon a payment on a price id not known as a lookup key's reads them again, in seconds
-/// (a lookup key moved to a new price: `transfer_lookup_key`).
-const LOOKUP_RETRY_SECS: i64 = 60;
 /// The most lookup keys Stripe takes in one `GET /v1/prices` ("up to 10 lookup_keys").
 const LOOKUP_KEYS_PER_CALL: usize = 10;
+/// The most prices of one payment read one by one (`GET /v1/prices/{id}`).
+const PRICES_READ_PER_PAYMENT: usize = 20;
+/// The most price ids whose lookup key is kept.
+const PRICES_KEPT: usize = 1000;
 
 /// Whether a key of `[stripe.credits.prices]` is a lookup key: a price id starts with
 /// `price_` (or, for prices made by the old Plans API, `plan_`), anything else is a lookup
@@ -48,13 +50,20 @@ pub(crate) fn is_lookup_key(key: &str) -> bool {
     !key.starts_with("price_") && !key.starts_with("plan_")
 }
 
-/// The price ids of `[stripe.credits.prices]`'s lookup keys, as Stripe last said: an invoice
-/// line names its price by id alone (`pricing.price_details.price`), so a lookup key is
-/// matched through this. Read with `GET /v1/prices?lookup_keys[]=…`, kept at most an hour,
-/// read again at most once a minute when a payment names a price id it lacks.
+/// The lookup keys of prices, as Stripe last said: an invoice line names its price by id
+/// alone (`pricing.price_details.price`), so a lookup key of `[stripe.credits.prices]` is
+/// matched through this.
+///
+/// - The configuration's lookup keys are resolved to price ids together
+///   (`GET /v1/prices?lookup_keys[]=…`, active prices, then archived ones), one read at a time
+///   for the node, kept at most [`LOOKUP_TTL_SECS`].
+/// - A price id of a payment that this reading lacks (a lookup key moved to a new price since,
+///   or a price of something else) is read alone (`GET /v1/prices/{id}`), and its lookup key
+///   kept as long (none: a minute), at most [`PRICES_KEPT`] of them.
 #[derive(Debug, Default)]
 pub(crate) struct LookupKeys {
-    read: std::sync::Mutex<Option<Resolved>>,
+    read: tokio::sync::Mutex<Option<Resolved>>,
+    prices: std::sync::Mutex<std::collections::HashMap<String, (i64, Option<String>)>>,
 }
 
 /// One reading of the lookup keys.
@@ -66,6 +75,39 @@ struct Resolved {
     at: i64,
     /// Price id → lookup key.
     ids: std::collections::HashMap<String, String>,
+}
+
+/// Price id → lookup key for `keys`, read with `GET /v1/prices?lookup_keys[]=…`: active
+/// prices (the list's default), then archived ones, which subscriptions made before still
+/// renew on.
+async fn read_lookup_keys(
+    reader: &super::webhook::StripeReader,
+    keys: &[String],
+) -> Result<std::collections::HashMap<String, String>, ReadError> {
+    let mut ids = std::collections::HashMap::new();
+    for active in ["true", "false"] {
+        let missing: Vec<&String> = keys.iter().filter(|k| !ids.values().any(|v| v == *k)).collect();
+        for chunk in missing.chunks(LOOKUP_KEYS_PER_CALL) {
+            let query: Vec<String> = chunk.iter().map(|k| format!("lookup_keys%5B%5D={}", query_encode(k))).collect();
+            let page = reader.get(&format!("v1/prices?active={active}&limit=100&{}", query.join("&"))).await?;
+            let data = page["data"]
+                .as_array()
+                .ok_or_else(|| ReadError { permanent: true, why: "a list of prices without data".into() })?;
+            for price in data {
+                if let (Some(id), Some(key)) = (price["id"].as_str(), price["lookup_key"].as_str()) {
+                    if chunk.iter().any(|k| *k == key) {
+                        ids.insert(id.to_owned(), key.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    for key in keys {
+        if !ids.values().any(|k| k == key) {
+            tracing::warn!(lookup_key = %key, "[stripe.credits.prices] names a lookup key no Stripe price has");
+        }
+    }
+    Ok(ids)
 }
 
 /// `s` percent-encoded for a query string (every byte but the unreserved characters).
@@ -233,17 +275,13 @@ impl WebhookHandler {
                     .collect();
                 let ids = match self.lookup_ids(credits, &unmatched).await {
                     Ok(ids) => ids,
-                    Err(ReadError { permanent: false, why }) => {
+                    // A paid line is never taken for one on no credit price unread: answered
+                    // 500 (Stripe delivers it again), whatever the cause, logged for a person.
+                    Err(ReadError { why, .. }) => {
                         tracing::error!(%event, %kind, object = %object, error = %why,
                             "the prices of [stripe.credits.prices]'s lookup keys could not be read from Stripe: \
                              answered 500, so Stripe delivers it again");
                         return Some(WebhookOutcome::ApiFailed(why));
-                    }
-                    Err(ReadError { why, .. }) => {
-                        tracing::error!(%event, %kind, object = %object, error = %why,
-                            "the prices of [stripe.credits.prices]'s lookup keys cannot be read with this key: \
-                             lines on them are not matched");
-                        Default::default()
                     }
                 };
                 let credit = |keys: &[String]| {
@@ -319,8 +357,18 @@ impl WebhookHandler {
             }
             Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
         };
+        let Some(quota) = &self.quota else {
+            tracing::error!(%event, "[stripe.credits] on a webhook handler without a quota store (WebhookHandler::with_quota)");
+            return Some(WebhookOutcome::StoreFailed("no quota store to grant credits in".into()));
+        };
+        // One payment, one grant, whatever meter each shape of it names.
+        match quota.credit_grants(&tenant, None).await {
+            Ok((grants, _)) if grants.iter().any(|g| g.id == grant_id) => return Some(WebhookOutcome::Duplicate),
+            Ok(_) => {}
+            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+        }
         // The payment intent, for refunds: the object's, else the invoice's payments' (a
-        // subscription's session names none).
+        // subscription's session names none). Read once the payment is known to be new.
         let invoice = if session { id_of(&o["invoice"]) } else { Some(object) };
         let payment = match (id_of(&o["payment_intent"]), invoice) {
             (Some(p), _) => Some(p.to_owned()),
@@ -348,16 +396,6 @@ impl WebhookHandler {
             },
             (None, None) => None,
         };
-        let Some(quota) = &self.quota else {
-            tracing::error!(%event, "[stripe.credits] on a webhook handler without a quota store (WebhookHandler::with_quota)");
-            return Some(WebhookOutcome::StoreFailed("no quota store to grant credits in".into()));
-        };
-        // One payment, one grant, whatever meter each shape of it names.
-        match quota.credit_grants(&tenant, None).await {
-            Ok((grants, _)) if grants.iter().any(|g| g.id == grant_id) => return Some(WebhookOutcome::Duplicate),
-            Ok(_) => {}
-            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
-        }
         let now = self.clock.unix_secs();
         let created = body["created"].as_i64().unwrap_or(now);
         // From the payment, or from now for a delivery that comes late (a retry, a resend).
@@ -443,10 +481,10 @@ impl WebhookHandler {
         }
     }
 
-    /// Price id → lookup key for the lookup keys of `[stripe.credits.prices]`, when `unmatched`
-    /// names a key the map lacks: kept at most [`LOOKUP_TTL_SECS`], read again when older
-    /// than [`LOOKUP_RETRY_SECS`] and a price id is not in it. Empty without lookup keys; an
-    /// error when they could not be read (no secret key is a permanent one).
+    /// Price id → lookup key, for the price ids of `unmatched` lines (lines on no key of the
+    /// map), when the map has lookup keys ([`LookupKeys`]). Empty without lookup keys; an
+    /// error when a price could not be read (no secret key is a permanent one), so that no
+    /// paid line is taken for one on no credit price unread.
     async fn lookup_ids(
         &self,
         credits: &CreditSettings,
@@ -456,13 +494,6 @@ impl WebhookHandler {
         if keys.is_empty() || unmatched.is_empty() {
             return Ok(Default::default());
         }
-        let now = self.clock.unix_secs();
-        let cached = self.lookup_keys.read.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(r) = cached.filter(|r| r.keys == keys && now - r.at < LOOKUP_TTL_SECS) {
-            if now - r.at < LOOKUP_RETRY_SECS || unmatched.iter().all(|id| r.ids.contains_key(*id)) {
-                return Ok(r.ids);
-            }
-        }
         let Some(reader) = self.reader.as_ref() else {
             return Err(ReadError {
                 permanent: true,
@@ -470,34 +501,55 @@ impl WebhookHandler {
                     .into(),
             });
         };
-        let mut ids = std::collections::HashMap::new();
-        // Active prices first (the list's default); then archived ones, which subscriptions
-        // made before still renew on.
-        for active in ["true", "false"] {
-            let missing: Vec<&String> = keys.iter().filter(|k| !ids.values().any(|v| v == *k)).collect();
-            for chunk in missing.chunks(LOOKUP_KEYS_PER_CALL) {
-                let query: Vec<String> =
-                    chunk.iter().map(|k| format!("lookup_keys%5B%5D={}", query_encode(k))).collect();
-                let page = reader.get(&format!("v1/prices?active={active}&limit=100&{}", query.join("&"))).await?;
-                let data = page["data"]
-                    .as_array()
-                    .ok_or_else(|| ReadError { permanent: true, why: "a list of prices without data".into() })?;
-                for price in data {
-                    if let (Some(id), Some(key)) = (price["id"].as_str(), price["lookup_key"].as_str()) {
-                        if chunk.iter().any(|k| *k == key) {
-                            ids.insert(id.to_owned(), key.to_owned());
-                        }
-                    }
+        let now = self.clock.unix_secs();
+        let mut ids = {
+            // One reading at a time: a burst of renewals makes one.
+            let mut read = self.lookup_keys.read.lock().await;
+            match read.as_ref().filter(|r| r.keys == keys && now - r.at < LOOKUP_TTL_SECS) {
+                Some(r) => r.ids.clone(),
+                None => {
+                    let ids = read_lookup_keys(reader, &keys).await?;
+                    *read = Some(Resolved { keys: keys.clone(), at: now, ids: ids.clone() });
+                    ids
                 }
             }
-        }
-        for key in &keys {
-            if !ids.values().any(|k| k == key) {
-                tracing::warn!(lookup_key = %key, "[stripe.credits.prices] names a lookup key no Stripe price has");
+        };
+        // The price ids the reading lacks, one by one: a lookup key moved to a new price since.
+        let mut missing: Vec<&str> = unmatched.iter().copied().filter(|id| !ids.contains_key(*id)).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        for id in missing.into_iter().take(PRICES_READ_PER_PAYMENT) {
+            let kept = self.lookup_keys.prices.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
+            // A price without a lookup key is asked again after a minute: the key may be moved
+            // to it (a new price of a pack); one with a lookup key is kept an hour.
+            let fresh = |(at, key): &(i64, Option<String>)| now - at < if key.is_some() { LOOKUP_TTL_SECS } else { 60 };
+            let key = match kept.filter(fresh) {
+                Some((_, key)) => key,
+                None => {
+                    if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        continue;
+                    }
+                    let key = match reader.get(&format!("v1/prices/{id}")).await {
+                        Ok(price) => price["lookup_key"].as_str().map(str::to_owned),
+                        // A price id Stripe does not know: no lookup key.
+                        Err(ReadError { why, .. }) if why.starts_with("404") => None,
+                        Err(e) => return Err(e),
+                    };
+                    let mut prices = self.lookup_keys.prices.lock().unwrap_or_else(|e| e.into_inner());
+                    if prices.len() >= PRICES_KEPT {
+                        prices.retain(|_, (at, _)| now - *at < LOOKUP_TTL_SECS);
+                        if prices.len() >= PRICES_KEPT {
+                            prices.clear();
+                        }
+                    }
+                    prices.insert(id.to_owned(), (now, key.clone()));
+                    key
+                }
+            };
+            if let Some(key) = key.filter(|k| keys.contains(k)) {
+                ids.insert(id.to_owned(), key);
             }
         }
-        *self.lookup_keys.read.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Resolved { keys, at: now, ids: ids.clone() });
         Ok(ids)
     }
 

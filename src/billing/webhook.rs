@@ -508,9 +508,12 @@ impl WebhookHandler {
                     ));
                 }
             };
-            if record.subscriptions.is_none() {
-                // Stored before subscriptions were: its last event orders what is unknown.
+            // No subscription event stored yet: what its subscriptions give is unknown, and they
+            // stay so (`legacy`, kept for its first subscription event's rules).
+            let legacy = record.subscriptions.is_none() || subs.legacy;
+            if legacy {
                 subs.floor = record.last_event_at.unwrap_or(i64::MIN);
+                subs.legacy = true;
             }
             if record.last_event_at.is_some_and(|last| last > fields.created)
                 || subs.customer_at.is_some_and(|last| last > fields.created)
@@ -518,7 +521,10 @@ impl WebhookHandler {
                 tracing::info!(event = %fields.id, %customer, "Stripe webhook older than the last applied: ignored");
                 return WebhookOutcome::Stale;
             }
-            if let Some(best) = subs.best(&Order::new(settings)) {
+            // Without stored subscriptions, a plan a price gives stands for a live subscription
+            // that gives it (a tenant from before, or one set on its plan by hand).
+            let priced = legacy && settings.prices.values().any(|p| p == &record.plan);
+            if let Some(best) = subs.best(&Order::new(settings)).or_else(|| priced.then(|| record.plan.clone())) {
                 tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, %best, mapped = %plan,
                     "Stripe webhook of the customer ignored: a live subscription gives the plan \
                      (dunning goes through [stripe.subscription_status])");
@@ -590,11 +596,13 @@ impl WebhookHandler {
                     ));
                 }
             };
-            // A tenant whose subscriptions were never stored (before this version): its last
-            // event orders them all, and the plan follows this one event alone, as before.
-            let legacy = record.subscriptions.is_none();
+            // A tenant whose subscriptions were never stored (before this version; only its
+            // customer's events since): its last event orders them all, and the plan follows
+            // this one event alone, as before. From this event on they are stored.
+            let legacy = record.subscriptions.is_none() || subs.legacy;
             if legacy {
                 subs.floor = record.last_event_at.unwrap_or(i64::MIN);
+                subs.legacy = false;
             }
             let before = subs.subs.get(subscription).cloned();
             let stale = match &before {
@@ -770,6 +778,10 @@ struct Subscriptions {
     /// older one is stale, and writing it makes concurrent customer events conflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     customer_at: Option<i64>,
+    /// Written by a customer's event alone: no subscription event was stored yet, so the
+    /// tenant's first one follows the rules of a tenant from before subscriptions were stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    legacy: bool,
 }
 
 /// How plans rank: `[stripe] plan_order` first, then the plans prices give, then the rest.

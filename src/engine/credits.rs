@@ -18,7 +18,8 @@ pub struct CreditExpiryReport {
     /// Units they still held, taken from their balances.
     pub lost: u64,
     /// Expired grants passed over because their close failed lately: each is tried again
-    /// after its own wait (a minute, doubling up to an hour), and never holds the others back.
+    /// after its own wait (two minutes, doubling up to an hour), and never holds the others
+    /// back.
     pub waiting: usize,
 }
 
@@ -29,8 +30,9 @@ const PAGES: usize = 10;
 /// Failures in a row, with no close between them, after which a pass stops with the error
 /// (the store is down).
 const MAX_FAILURES: usize = 3;
-/// The first wait after a failed close, in seconds; it doubles with each failure.
-const FIRST_WAIT_SECS: i64 = 60;
+/// The first wait after a failed close, in seconds (longer than the worker's minute between
+/// passes, so the next pass goes past it); it doubles with each failure.
+const FIRST_WAIT_SECS: i64 = 120;
 /// The longest wait, in seconds.
 const LONGEST_WAIT_SECS: i64 = 3600;
 /// The most grants kept waiting on a node: past it the one due soonest is forgotten (it is
@@ -64,9 +66,11 @@ impl CreditExpiry {
         self.lock().len()
     }
 
-    fn failed(&self, grant: (TenantId, MeterId, String), now: i64) -> i64 {
+    /// Records a failed close: when it is tried again, and whether it had failed before.
+    fn failed(&self, grant: (TenantId, MeterId, String), now: i64) -> (i64, bool) {
         let mut waiting = self.lock();
-        let failures = waiting.get(&grant).map_or(0, |(_, n)| *n).saturating_add(1);
+        let before = waiting.get(&grant).map_or(0, |(_, n)| *n);
+        let failures = before.saturating_add(1);
         let wait = FIRST_WAIT_SECS.saturating_mul(1 << (failures - 1).min(10)).min(LONGEST_WAIT_SECS);
         waiting.insert(grant, (now + wait, failures));
         if waiting.len() > MAX_WAITING {
@@ -74,7 +78,7 @@ impl CreditExpiry {
                 waiting.remove(&soonest);
             }
         }
-        now + wait
+        (now + wait, before > 0)
     }
 
     fn closed(&self, grant: &(TenantId, MeterId, String)) {
@@ -87,7 +91,8 @@ impl Tollgate {
     /// grant another node closed first is passed over): each loses the units it still held,
     /// units leased to nodes counting as spent. The worker runs it every minute; at most
     /// 1,000 grants a pass. A grant whose close fails (a busy balance, a timeout) waits on
-    /// this node (a minute, doubling up to an hour) while the pass goes on to the others.
+    /// this node (two minutes, doubling up to an hour) while the pass goes on to the others;
+    /// one that fails again never stops a pass.
     ///
     /// # Errors
     /// A store error (or timeout) on several closes in a row, or on the listing: the grants
@@ -121,12 +126,16 @@ impl Tollgate {
                 {
                     Ok(closed) => closed,
                     Err(e) => {
-                        let again = expiry.failed(id, now);
+                        let (again, retried) = expiry.failed(id, now);
                         tracing::warn!(tenant = %grant.tenant, meter = %grant.meter, grant = %grant.id, error = %e,
                             again, "an expired credit grant could not be closed; tried again after a wait");
-                        in_a_row += 1;
-                        if in_a_row > MAX_FAILURES {
-                            return Err(e);
+                        // Only grants that never failed here tell that the store is down: those
+                        // failing again (a hot balance) never stop the pass.
+                        if !retried {
+                            in_a_row += 1;
+                            if in_a_row > MAX_FAILURES {
+                                return Err(e);
+                            }
                         }
                         continue;
                     }

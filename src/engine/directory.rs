@@ -439,6 +439,18 @@ impl DirectoryEvents for Tollgate {
         }
         let engine = self.clone();
         tokio::spawn(async move {
+            // A pass that panics must not leave the queue held for good.
+            struct Running(Tollgate);
+            impl Drop for Running {
+                fn drop(&mut self) {
+                    if std::thread::panicking() {
+                        let mut queue = self.0.shared.exporter.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
+                        queue.running = false;
+                    }
+                }
+            }
+            let guard = Running(engine);
+            let engine = &guard.0;
             loop {
                 let next = {
                     let mut queue = engine.shared.exporter.meter_errors.lock().unwrap_or_else(|e| e.into_inner());

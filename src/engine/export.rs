@@ -439,9 +439,11 @@ impl Exporter {
                 if !closed(&rt, &agg.key, now, all) || (!all && agg.claimed_until.is_some_and(|t| t > now)) {
                     continue;
                 }
-                // An export in flight keeps the customer fixed when it began.
+                // An export in flight keeps the customer fixed when it began. A meter kept out
+                // of the export needs none: it is parked at its begin, whatever its tenant.
                 let customer = match agg.send.as_ref() {
                     Some(send) => send.customer.clone(),
+                    None if !rt.config.exports_meter(&agg.key.meter) => None,
                     None => match customers.of(&self.deps, &rt, &agg.key.tenant).await? {
                         Customer::Known(None, true) if pass.sink.needs_customer() => {
                             // A billed plan's tenant without a customer: never begun (that would
@@ -659,6 +661,14 @@ impl Pass {
         // Whether this attempt is the one that began the export's count of attempts that may
         // have reached the billing system (no earlier one may have).
         let first_attempt = agg.first_attempt_at == Some(claim.now);
+        // A meter kept out of the export, never attempted: parked as such before anything
+        // else (not skipped as unbillable, nor parked for its customer).
+        if first_attempt && !self.rt.config.exports_meter(&agg.key.meter) {
+            if let Some(reason) = park_reason(&self.rt, &self.limits, &agg, &send, now, false) {
+                self.park(&agg, &reason, report).await?;
+                return Ok(None);
+            }
+        }
         if send.customer.is_none() && self.sink.needs_customer() {
             // Not billable: marked done without a call, counted.
             if store.finish_export(&agg, now).await? {

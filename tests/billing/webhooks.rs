@@ -683,3 +683,30 @@ async fn an_event_of_the_customer_never_overrides_a_live_subscription(s: Setup) 
     assert_eq!(s.signed(&older).await, (200, WebhookOutcome::Stale));
     assert_eq!(s.plan().await, "metered");
 }
+
+on_every_store!(an_event_of_the_customer_keeps_the_rules_of_a_tenant_without_stored_subscriptions);
+/// A tenant none of whose subscription events was stored (from before, or set on a plan by
+/// hand): a plan a price gives stands for the subscription that gives it, so a card update
+/// does not move it; on another plan the customer's event applies, and the tenant's first
+/// subscription event still follows the rules of a tenant from before.
+async fn an_event_of_the_customer_keeps_the_rules_of_a_tenant_without_stored_subscriptions(s: Setup) {
+    let card = event("evt_1", "payment_method.attached", NOON - 50, payment_method("cus_acme"));
+    assert_eq!(s.signed(&card).await, (200, applied("metered")), "free is no plan of a price");
+    // An ignored status of a subscription on a priced plan: as before, the plan is kept.
+    let incomplete = event(
+        "evt_2",
+        "customer.subscription.updated",
+        NOON - 40,
+        subscription("cus_acme", "incomplete", "price_pro_monthly", None),
+    );
+    assert_eq!(s.signed(&incomplete).await, (200, WebhookOutcome::Ignored));
+    assert_eq!(s.plan().await, "metered");
+    // Set on pro by hand, its subscriptions unknown: a card update leaves it there.
+    let mut acme = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
+    acme.plan = "pro".into();
+    acme.subscriptions = None;
+    s.store.put_tenant(&acme, &[]).await.unwrap();
+    let card = event("evt_3", "payment_method.attached", NOON - 30, payment_method("cus_acme"));
+    assert_eq!(s.signed(&card).await, (200, WebhookOutcome::Ignored));
+    assert_eq!(s.plan().await, "pro");
+}

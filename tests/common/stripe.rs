@@ -47,7 +47,9 @@
 //!   "Only return the price with these lookup_keys, if any exist. You can specify up to 10
 //!   lookup_keys"): the prices a test added ([`StandIn::add_price`], complete `price` objects),
 //!   active ones unless `active=false`, filtered by every `lookup_keys[]` given; more than 10
-//!   is a 400. Counted by [`StandIn::price_reads`]; [`StandIn::fail_reads`] fails these too.
+//!   is a 400. `GET /v1/prices/{id}` ("Retrieve a price"): the price, or 404
+//!   `resource_missing`. Counted by [`StandIn::price_reads`]; [`StandIn::fail_reads`] fails
+//!   these too.
 //! - Test hooks: [`StandIn::lose`] drops an accepted event from the summaries (Stripe lost
 //!   it; its identifier stays taken), [`StandIn::inject`] adds one sent outside tollgate.
 //!
@@ -631,6 +633,18 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
         let body = serde_json::json!({ "object": "list", "data": data, "has_more": has_more, "url": url });
         (200, body.to_string(), "application/json")
     };
+    if let Some(id) = path.strip_prefix("/v1/prices/") {
+        // "Retrieve a price": the price, or 404 `resource_missing`.
+        s.price_reads += 1;
+        if s.failing_reads > 0 {
+            s.failing_reads -= 1;
+            return error(500, "api_error", "", "An unknown error occurred");
+        }
+        return match s.prices.iter().find(|p| p["id"] == id) {
+            Some(price) => (200, price.to_string(), "application/json"),
+            None => error(404, "invalid_request_error", "resource_missing", &format!("No such price: '{id}'")),
+        };
+    }
     if path == "/v1/prices" {
         s.price_reads += 1;
         if s.failing_reads > 0 {

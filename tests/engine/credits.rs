@@ -105,10 +105,18 @@ async fn grants_whose_close_keeps_failing_never_stall_expiry() {
     assert_eq!((report.grants, report.waiting), (1, 4), "the grant behind them closed: {report:?}");
     let (grants, _) = admin.credits("acme").await.unwrap();
     assert!(grants[0].closed.is_some());
+    // The worker's next passes, a minute apart: they wait; failing again, they stop no pass.
+    admin.grant_credits("acme", "tokens", 10, Some(t + 230), "pi_b").await.unwrap();
+    fake.advance(std::time::Duration::from_secs(60));
+    assert_eq!(node.expire_credits().await.unwrap().grants, 1, "the new one behind them");
+    admin.grant_credits("acme", "tokens", 10, Some(t + 300), "pi_c").await.unwrap();
+    fake.advance(std::time::Duration::from_secs(61));
+    let report = node.expire_credits().await.unwrap();
+    assert_eq!((report.grants, report.waiting), (1, 4), "tried again, failed again, not stopped: {report:?}");
     // Their store answers again; after their wait they close.
     *faulty.refuse_tenant.lock().unwrap() = None;
     assert_eq!(node.expire_credits().await.unwrap().grants, 0, "still waiting");
-    fake.advance(std::time::Duration::from_secs(61));
+    fake.advance(std::time::Duration::from_secs(241));
     let report = node.expire_credits().await.unwrap();
     assert_eq!((report.grants, report.waiting), (4, 0), "{report:?}");
 }

@@ -23,10 +23,17 @@ fn node(toml: &str) -> (Harness, Arc<Faulty>) {
 
 #[tokio::test]
 async fn unknown_credentials_cause_bounded_store_traffic() {
-    // Lookups per client address are limited apart (tests/engine/clients.rs): not here.
+    // Lookups per client address are limited apart (tests/engine/clients.rs): not here (a
+    // public address of its own, with room for every lookup).
     let (h, store) = node(&format!("[identify]\nunknown_key_rate = \"100000/s\"\n{PLANS}"));
+    let status = |key: String| {
+        let mut r = common::req("GET", "/", Some(&key), None);
+        r.extensions_mut().insert(tollgate::door::ClientAddr("203.0.113.1".parse().unwrap()));
+        let h = &h;
+        async move { h.send(r).await.status.as_u16() }
+    };
     for i in 0..100_000u32 {
-        let r = h.status("/", &format!("unknown-{}", i % 1000)).await;
+        let r = status(format!("unknown-{}", i % 1000)).await;
         assert_eq!(r, 401);
     }
     let lookups = store.lookups.load(Ordering::SeqCst);
@@ -35,7 +42,7 @@ async fn unknown_credentials_cause_bounded_store_traffic() {
     // After the TTL, they are asked again (once each).
     h.clock.advance(Duration::from_secs(11));
     for i in 0..1000u32 {
-        assert_eq!(h.status("/", &format!("unknown-{i}")).await, 401);
+        assert_eq!(status(format!("unknown-{i}")).await, 401);
     }
     assert!(store.lookups.load(Ordering::SeqCst) <= 2_100);
 }

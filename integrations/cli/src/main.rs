@@ -424,7 +424,7 @@ async fn run(cli: Cli) -> Result<()> {
                     a.quantity,
                     a.exported,
                     a.revision,
-                    if config.exports_meter(&a.key.meter) {
+                    if config.exports_meter(&a.key.meter) || a.exported > 0 {
                         a.send.as_ref().and_then(|s| s.customer.as_deref()).unwrap_or("-")
                     } else {
                         "not exported (export = false)"
