@@ -270,6 +270,14 @@ pub(crate) struct AddressLookups {
 /// A lookup of one client address in flight: counted until dropped.
 pub(crate) struct InFlight(Arc<AddressLookups>);
 
+impl InFlight {
+    /// Gives back the cell of a lookup that found its tenant, or that the store did not answer.
+    pub(crate) fn give_back(&self, rate: crate::config::Rate) {
+        let (t, _) = KeyLookups::shape(rate);
+        self.0.tat.fetch_sub(t, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
@@ -320,13 +328,6 @@ impl KeyLookups {
                 }
             }
         }
-    }
-
-    /// Gives back the cell of a lookup that found its tenant, or that the store did not answer.
-    pub(crate) fn give_back(&self, lookup: &InFlight, rate: crate::config::Rate) {
-        use std::sync::atomic::Ordering;
-        let (t, _) = Self::shape(rate);
-        lookup.0.tat.fetch_sub(t, Ordering::AcqRel);
     }
 
     /// A turn in the node's shared budget: one of [`SHARED_IN_FLIGHT`] lookups, in arrival

@@ -39,20 +39,23 @@ const LONGEST_WAIT_SECS: i64 = 3600;
 /// tried at the next pass).
 const MAX_WAITING: usize = 1000;
 
+/// A grant: its tenant, meter and id.
+type GrantKey = (TenantId, MeterId, String);
+
 /// The expired grants whose close failed on this node, each with when it is tried again and
 /// how many times it failed.
 #[derive(Debug, Default)]
 pub(crate) struct CreditExpiry {
-    waiting: std::sync::Mutex<HashMap<(TenantId, MeterId, String), (i64, u32)>>,
+    waiting: std::sync::Mutex<HashMap<GrantKey, (i64, u32)>>,
 }
 
 impl CreditExpiry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TenantId, MeterId, String), (i64, u32)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GrantKey, (i64, u32)>> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `grant` waits past `now` after a failed close.
-    fn waits(&self, grant: &(TenantId, MeterId, String), now: i64) -> bool {
+    fn waits(&self, grant: &GrantKey, now: i64) -> bool {
         self.lock().get(grant).is_some_and(|(at, _)| *at > now)
     }
 
@@ -67,7 +70,7 @@ impl CreditExpiry {
     }
 
     /// Records a failed close: when it is tried again, and whether it had failed before.
-    fn failed(&self, grant: (TenantId, MeterId, String), now: i64) -> (i64, bool) {
+    fn failed(&self, grant: GrantKey, now: i64) -> (i64, bool) {
         let mut waiting = self.lock();
         let before = waiting.get(&grant).map_or(0, |(_, n)| *n);
         let failures = before.saturating_add(1);
@@ -81,7 +84,7 @@ impl CreditExpiry {
         (now + wait, before > 0)
     }
 
-    fn closed(&self, grant: &(TenantId, MeterId, String)) {
+    fn closed(&self, grant: &GrantKey) {
         self.lock().remove(grant);
     }
 }

@@ -127,7 +127,7 @@ impl Tollgate {
                                 .await;
                             match (&own, &found) {
                                 // Only unknown keys count.
-                                (Some(own), found) if !matches!(found, Ok(None)) => lookups.give_back(own, rate),
+                                (Some(own), found) if !matches!(found, Ok(None)) => own.give_back(rate),
                                 (None, Ok(None)) => lookups.shared_unknown(),
                                 _ => {}
                             }

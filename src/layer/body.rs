@@ -89,11 +89,12 @@ impl<B> TollgateBody<B> {
     /// The body of the first request with an `Idempotency-Key`, already billed: `capture`
     /// holds it as it streams and stores it when its last frame has gone. A body that fails,
     /// or is dropped before its end, stores nothing: the key is released.
-    pub(crate) fn stored(body: B, capture: ResponseCapture, in_flight: Option<InFlight>) -> Self
+    /// `exact`: the length the server stops at (the body's own, or the announced
+    /// `Content-Length`), if known.
+    pub(crate) fn stored(body: B, capture: ResponseCapture, in_flight: Option<InFlight>, exact: Option<u64>) -> Self
     where
         B: Body,
     {
-        let exact = body.size_hint().exact();
         let stored = Other::Stored { body, capture: Some(capture), seen: 0, exact, in_flight };
         Self { kind: Kind::Other { other: Some(Box::pin(stored)) } }
     }

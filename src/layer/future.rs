@@ -98,16 +98,20 @@ fn with_capture<B: http_body::Body<Data = Bytes>>(
     // No body a server would poll: ended, of length 0, or a status without one (1xx, 204,
     // 304: the server sends none, whatever the body).
     let status = response.status().as_u16();
-    let empty = response.body().is_end_stream()
-        || response.body().size_hint().exact() == Some(0)
-        || status < 200
-        || status == 204
-        || status == 304;
+    // The length the server writes and then stops at: the body's own, else the one the
+    // handler announced in `Content-Length` (a proxied stream): hyper stops polling there.
+    let announced = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let exact = response.body().size_hint().exact().or(announced);
+    let empty = response.body().is_end_stream() || exact == Some(0) || status < 200 || status == 204 || status == 304;
     if empty {
         capture.finish();
         response.map(TollgateBody::inner)
     } else {
-        response.map(|body| TollgateBody::stored(body, capture, in_flight))
+        response.map(|body| TollgateBody::stored(body, capture, in_flight, exact))
     }
 }
 

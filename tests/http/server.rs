@@ -53,6 +53,21 @@ async fn serve() -> (std::net::SocketAddr, Tollgate, Arc<tollgate::store::Memory
                 axum::body::Body::from_stream(tokio_stream::iter(chunks))
             }),
         )
+        // A proxied upstream: `Content-Length` announced by the handler, the body streamed
+        // with no length of its own. The server stops polling once that many bytes are out.
+        .route(
+            "/proxied",
+            post(|| async {
+                let n = called();
+                let (a, b) = (format!("upstream #{n:04}, "), "part 2".to_owned());
+                let len = a.len() + b.len();
+                let chunks = [Ok::<_, Infallible>(Bytes::from(a)), Ok(Bytes::from(b))];
+                http::Response::builder()
+                    .header(http::header::CONTENT_LENGTH, len)
+                    .body(axum::body::Body::from_stream(tokio_stream::iter(chunks)))
+                    .unwrap()
+            }),
+        )
         // Reads its body.
         .route("/echo", post(|body: Bytes| async move { format!("#{}: {}", called(), String::from_utf8_lossy(&body)) }))
         .route("/", get(|| async { "ok" }))
@@ -115,7 +130,7 @@ async fn send(addr: std::net::SocketAddr, path: &str, key: &str, body: &str) -> 
 async fn a_real_server_stores_every_kind_of_response_for_its_replays() {
     let (addr, engine, store) = serve().await;
     let mut expected_calls = 0;
-    for (path, status) in [("/orders", 200), ("/empty", 204), ("/stream", 200), ("/echo", 200)] {
+    for (path, status) in [("/orders", 200), ("/empty", 204), ("/stream", 200), ("/proxied", 200), ("/echo", 200)] {
         let key = format!("key{path}");
         let first = send(addr, path, &key, "a body").await;
         assert_eq!(first.status, status, "{path}: {}", first.head);
@@ -140,6 +155,6 @@ async fn a_real_server_stores_every_kind_of_response_for_its_replays() {
     engine.flush().await.unwrap();
     use tollgate::store::prelude::*;
     let billed: u64 = store.usage_range(&"t".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
-    assert_eq!(billed, 4, "each first request once, no replay");
-    assert_eq!(engine.stats().responses_stored, 4);
+    assert_eq!(billed, 5, "each first request once, no replay");
+    assert_eq!(engine.stats().responses_stored, 5);
 }
