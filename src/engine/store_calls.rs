@@ -147,6 +147,36 @@ impl StoreCalls {
         self.after(&result);
         result
     }
+
+    /// The lock of a quota cell, waited for until `deadline` (the request's whole time for
+    /// its store calls), after [`StoreCalls::before`]: while the store fails fast, at once.
+    /// The wait is for other requests' store calls, so it never counts toward failing fast;
+    /// `Err(Timeout)` when it runs out (answered by `on_store_error` as any).
+    pub(crate) async fn lock_within<'a>(
+        &self,
+        limit: Duration,
+        deadline: tokio::time::Instant,
+        lock: &'a tokio::sync::Mutex<()>,
+    ) -> Result<tokio::sync::MutexGuard<'a, ()>, StoreError> {
+        self.before()?;
+        tokio::time::timeout_at(deadline, lock.lock()).await.map_err(|_| StoreError::Timeout(limit))
+    }
+
+    /// The store calls made under a lock taken with [`StoreCalls::lock_within`], in what is
+    /// left until `deadline`: their outcome counts toward failing fast ([`StoreCalls::after`]).
+    pub(crate) async fn locked<T>(
+        &self,
+        limit: Duration,
+        deadline: tokio::time::Instant,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let result = match tokio::time::timeout_at(deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(limit)),
+        };
+        self.after(&result);
+        result
+    }
 }
 
 /// `fut`, or [`StoreError::Timeout`] once `limit` has passed.

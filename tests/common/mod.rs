@@ -242,6 +242,8 @@ pub struct Faulty {
     pub stall_tenant: std::sync::Mutex<Option<String>>,
     /// Quota calls of this tenant are answered with an error, not applied.
     pub refuse_tenant: std::sync::Mutex<Option<String>>,
+    /// Quota calls of this tenant take this many milliseconds (a contended row), then apply.
+    pub slow_tenant: std::sync::Mutex<Option<(String, u64)>>,
     /// Tenant lookups answered.
     pub lookups: AtomicU64,
     /// Directory reads of tenants whose id contains this fail (a record the store cannot
@@ -276,6 +278,7 @@ impl Default for Faulty {
             lose_answers: Default::default(),
             stall_tenant: Default::default(),
             refuse_tenant: Default::default(),
+            slow_tenant: Default::default(),
             lookups: Default::default(),
             unreadable_tenants: Default::default(),
             tenant_reads: Default::default(),
@@ -330,6 +333,10 @@ impl Faulty {
         let stalled = self.stall_tenant.lock().unwrap().as_deref() == Some(tenant);
         if stalled {
             std::future::pending::<()>().await;
+        }
+        let slow = self.slow_tenant.lock().unwrap().clone().filter(|(t, _)| t == tenant);
+        if let Some((_, ms)) = slow {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         Ok(())
     }

@@ -563,3 +563,29 @@ async fn a_quota_call_the_store_keeps_refusing_is_given_up_without_holding_up_ot
     assert_eq!(store.reserved(&common::day_key("x", common::NOON)).await.unwrap(), 26);
     assert_eq!(store.reserved(&common::day_key("y", common::NOON)).await.unwrap(), 25);
 }
+
+/// Requests queued on one busy tenant's lock never make the other tenants fail fast: a wait
+/// for the lock that runs out answers by `on_store_error` (at most `store_timeout` in all), and
+/// only the store's own timeouts count toward failing fast.
+#[tokio::test(start_paused = true)]
+async fn lock_waits_never_open_the_breaker_for_other_tenants() {
+    use tower::ServiceExt;
+    let toml = "[usage]\nstore_timeout = \"250ms\"\n\
+                [plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }\n\
+                [tenants.hot]\nplan = \"p\"\nkeys = [\"key-hot\"]\n[tenants.cold]\nplan = \"p\"\nkeys = [\"key-cold\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    *store.slow_tenant.lock().unwrap() = Some(("hot".into(), 120));
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let svc = h.svc.clone();
+        burst.spawn(async move { svc.oneshot(common::req("GET", "/", Some("key-hot"), None)).await.unwrap().status() });
+    }
+    let statuses: Vec<u16> = burst.join_all().await.into_iter().map(|s| s.as_u16()).collect();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.contains(&503), "the ones whose wait ran out: fail-closed, {statuses:?}");
+    // The store answered every call in time: the cold tenant's first lease is asked for.
+    assert_eq!(h.status("/", "key-cold").await, 200);
+    assert_eq!(h.tollgate.stats().store_fast_failures, 0);
+}
