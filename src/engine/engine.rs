@@ -607,6 +607,22 @@ impl Tollgate {
         self.shared.leases.return_leases(&rt, states).await;
     }
 
+    /// Waits, at most `limit`, for this node's `Idempotency-Key` settlements under way (each
+    /// completed or failed keyed request's, made in the background after its response) to
+    /// reach the store: `true` when none is left. A front door whose process is frozen after
+    /// each response (Lambda on-demand) awaits this before it returns, or the others in the
+    /// fleet would answer 409 to the key's retries until its claim expires (and then run them
+    /// again, billed again). Usually `usage.store_timeout` is enough.
+    pub async fn settlements_done(&self, limit: Duration) -> bool {
+        super::idempotency::all_settled(&self.shared.idempotency.settling, limit).await
+    }
+
+    /// `usage.store_timeout` of the configuration in force: how long one store call may take.
+    #[must_use]
+    pub fn store_timeout(&self) -> Duration {
+        self.shared.runtime.load().config.usage.store_timeout
+    }
+
     /// `usage.flush_interval` of the configuration in force: how often usage should reach the
     /// store (the worker's pace; a front door that flushes itself, as on Lambda, follows it).
     #[must_use]

@@ -199,6 +199,20 @@ impl Drop for Forget {
     }
 }
 
+/// Waits (at most `limit`) for every settlement under way on this node: `true` when none is
+/// left.
+pub(crate) async fn all_settled(settling: &Settling, limit: Duration) -> bool {
+    let waiting: Vec<tokio::sync::watch::Receiver<()>> =
+        settling.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+    // Each ends when its task drops the sender (`changed` then answers an error).
+    let all = async {
+        for mut rx in waiting {
+            let _ = rx.changed().await;
+        }
+    };
+    tokio::time::timeout(limit, all).await.is_ok()
+}
+
 /// Waits (at most `limit`) for this node's settlement of `key` in the store, if one is under
 /// way.
 pub(crate) async fn settled(settling: &Settling, key: &str, limit: Duration) {

@@ -349,6 +349,16 @@ where
         let flush = self.flush.clone();
         Box::pin(async move {
             let result = invoked.await;
+            // Before the environment is frozen: the keyed requests' settlements (the fleet
+            // answers their retries from them), then the usage if due.
+            let engine = &flush.engine;
+            let budget = (engine.store_timeout() * 2).min(std::time::Duration::from_secs(2));
+            if !engine.settlements_done(budget).await {
+                tracing::warn!(
+                    "tollgate: an Idempotency-Key settlement did not reach the store before the invocation ended; \
+                     its claim frees itself after its in-flight time"
+                );
+            }
             flush.flush_if_due().await;
             result
         })

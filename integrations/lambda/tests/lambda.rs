@@ -354,3 +354,32 @@ async fn the_export_entry_point_flushes_and_exports() {
     let written = std::fs::read_to_string(&out).unwrap();
     assert_eq!(written.lines().count(), 1, "{written}");
 }
+
+/// On-demand Lambda freezes the environment once the invocation returns: a keyed request's
+/// settlement, made in the background after the response, must reach the store before that.
+/// Another node of the fleet, asked at once (nothing here runs meanwhile), answers the key's
+/// retry from the store: a replay, not a 409 and later a second run billed again.
+#[tokio::test]
+async fn an_idempotency_key_is_settled_before_the_invocation_ends() {
+    let (engine, _clock, store) = flushing_engine().await;
+    let keyed = Req::new("POST", "/v1/echo").key("key-acme").header("idempotency-key", "order-1").body("x".into());
+    let payload = event(Payload::Http, &keyed);
+    let serve = (engine.clone(), payload.clone());
+    let runtime_service = tower::service_fn(move |_: LambdaInvocation| {
+        let (engine, payload) = serve.clone();
+        async move {
+            let first = invoke(tollgate_lambda::service(engine, tower::service_fn(conformance::app)), &payload).await;
+            assert_eq!(first.status, 200);
+            Ok::<(), lambda_http::Error>(())
+        }
+    });
+    let mut service = tower::Layer::layer(&tollgate_lambda::FlushLayer::new(engine.clone()), runtime_service);
+    service.ready().await.unwrap().call(invocation()).await.unwrap();
+    // Frozen from here: another environment takes the retry.
+    let (clock, _) = Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(FLUSHING).unwrap();
+    let (other, _worker) = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
+    let retry = invoke(tollgate_lambda::service(other, tower::service_fn(conformance::app)), &payload).await;
+    assert_eq!(retry.status, 200, "{:?}", retry.body);
+    assert_eq!(retry.headers.get("idempotent-replayed").map(String::as_str), Some("true"), "{:?}", retry.headers);
+}
