@@ -202,11 +202,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!("  listening on http://{addr}  (Ctrl-C to stop)");
+    println!("  listening on http://{addr}  (Ctrl-C or SIGTERM to stop)");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(shutdown_signal())
         .await?;
 
     let report = tollgate.shutdown().await?;
@@ -313,4 +311,21 @@ async fn client_addr(mut request: axum::extract::Request, next: axum::middleware
         request.extensions_mut().insert(tollgate::door::ClientAddr(peer.ip()));
     }
     next.run(request).await
+}
+
+/// SIGTERM (how containers and systemd stop a service) or Ctrl-C: the server stops taking
+/// requests, then the engine flushes (tollgate-axum offers this as `shutdown_signal`).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut terminate) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

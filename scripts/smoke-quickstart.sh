@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts the quickstart on a free loopback port, checks what the README promises with curl,
-# stops it with SIGINT and checks that it flushed. Bounded: every wait has a limit.
+# stops it with SIGTERM, as containers and systemd do, and checks that it flushed. Bounded: every wait has a limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,7 +64,7 @@ for _ in $(seq 50); do grep -q '^reloaded' "$work/out.log" && break; sleep 0.1; 
 check "reload" "reloaded" "$(grep -o '^reloaded' "$work/out.log" | head -1)"
 check "quota kept across reload" 429 "$(code "$base/v1/items" "${free[@]}")"
 
-kill -INT $pid
+kill -TERM $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 check "graceful stop (21 request units + 120 tokens)" "stopped: flushed 141 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out.log" || true)"
 check "state kept in tollgate.db" yes "$([ -s "$work/tollgate.db" ] && echo yes || echo no)"
@@ -75,7 +75,7 @@ check "quota kept across restart" 429 "$(code "$base/v1/items" "${free[@]}")"
 check "remaining after restart" '"requests-day";r=0' \
   "$(curl -s -D - -o /dev/null "$base/v1/items" "${free[@]}" | tr -d '\r' | sed -n 's/^ratelimit: .*\("requests-day";r=[0-9]*\).*/\1/p')"
 check "pro tenant after restart" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
-kill -INT $pid
+kill -TERM $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 check "second stop (1 request unit)" "stopped: flushed 1 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
 
@@ -99,7 +99,7 @@ shared_quota() { # label feature env...: the three nodes on the store the env na
     echo "the quickstart on $label did not start:"; cat "$dir/out.log"
   }
   stop() { # name: stops $pid, prints the units it flushed
-    kill -INT $pid
+    kill -TERM $pid
     for _ in $(seq 150); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
     grep -o 'stopped: flushed [0-9]* units' "$work/$label-$1/out.log" | grep -o '[0-9]*' || echo none
   }
@@ -147,7 +147,7 @@ says() { # env...: starts the Stripe build with [stripe], prints its billing lin
   (cd "$work" && env "$@" PORT=$port TOLLGATE_CONFIG="$work/stripe.toml" RUST_LOG=warn "$bin") >"$work/stripe.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do grep -q 'billing:' "$work/stripe.log" && break; sleep 0.1; done
-  kill -INT $pid 2>/dev/null || true
+  kill -TERM $pid 2>/dev/null || true
   for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
   grep 'billing:' "$work/stripe.log" | head -1 | sed 's/^ *//'
 }
@@ -166,7 +166,7 @@ check "[stripe] webhooks: mounted, said" yes \
   "$(grep -q 'webhooks: POST /stripe/webhook' "$work/webhook.log" && grep -q 'reconcile: what Stripe holds' "$work/webhook.log" && echo yes || echo no)"
 check "[stripe] webhooks: a forged signature gets 400" 400 \
   "$(code -X POST "$base/stripe/webhook" -H 'stripe-signature: t=1,v1=00' -d '{}')"
-kill -INT $pid 2>/dev/null || true
+kill -TERM $pid 2>/dev/null || true
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 
 echo "$passed passed, $failed failed"

@@ -87,7 +87,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (engine, worker) = tollgate::Tollgate::builder(config).open().await?;
     let worker = tokio::spawn(worker.run());
     let app_engine = engine.clone();
-    println!("listening on http://127.0.0.1:8080 (Ctrl-C to stop)");
+    // actix-web's HttpServer stops gracefully on SIGTERM and SIGINT itself.
+    println!("listening on http://127.0.0.1:8080 (Ctrl-C or SIGTERM to stop)");
     HttpServer::new(move || {
         App::new()
             .wrap(TollgateMiddleware::new(app_engine.clone()))

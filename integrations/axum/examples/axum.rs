@@ -95,11 +95,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .layer(tollgate::TollgateLayer::new(engine.clone()))
         .layer(axum::middleware::from_fn(tollgate_axum::client_addr));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-    println!("listening on http://127.0.0.1:3000 (Ctrl-C to stop)");
+    println!("listening on http://127.0.0.1:3000 (Ctrl-C or SIGTERM to stop)");
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .with_graceful_shutdown(tollgate_axum::shutdown_signal())
         .await?;
     // The last usage reaches the store; leases go back.
     let report = engine.shutdown().await?;

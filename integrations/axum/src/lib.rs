@@ -242,3 +242,40 @@ where
 
 #[doc = include_str!("../docs/guide.md")]
 pub mod guide {}
+
+/// Resolves when the process is asked to stop: **SIGTERM** (how containers, systemd and
+/// Kubernetes stop a service) or SIGINT (Ctrl-C) on Unix, Ctrl-C elsewhere. Give it to
+/// `axum::serve(…).with_graceful_shutdown(…)`, then call
+/// [`Tollgate::shutdown`](tollgate::Tollgate::shutdown), so that the last usage reaches the
+/// store and the leases go back before the process exits.
+///
+/// ```no_run
+/// # async fn run(app: axum::Router, engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
+/// let listener = tokio::net::TcpListener::bind("0.0.0.0:3000").await?;
+/// axum::serve(listener, app).with_graceful_shutdown(tollgate_axum::shutdown_signal()).await?;
+/// engine.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            // No SIGTERM handler could be installed: Ctrl-C alone.
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -345,3 +345,17 @@ keys = ["key-big"]
     let (status, _, _) = text(route.oneshot(get_req("/sso", Some("key-big"))).await.unwrap()).await;
     assert_eq!(status, 500);
 }
+
+/// `shutdown_signal` resolves on SIGTERM, the signal containers, systemd and Kubernetes stop a
+/// service with (the process's default action would end it before the last flush).
+#[cfg(unix)]
+#[tokio::test]
+async fn shutdown_signal_resolves_on_sigterm() {
+    let stop = tokio::spawn(tollgate_axum::shutdown_signal());
+    // Its handler is installed on its first poll.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!stop.is_finished());
+    let sent = std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    tokio::time::timeout(std::time::Duration::from_secs(5), stop).await.expect("resolved on SIGTERM").unwrap();
+}
