@@ -40,18 +40,21 @@ impl Client {
 }
 
 /// Whether `ip` is a public address: not private (RFC 1918, IPv6 unique local), shared
-/// (carrier-grade NAT, RFC 6598), loopback, link-local or unspecified. (Documentation ranges
-/// count as public.)
+/// (carrier-grade NAT, RFC 6598; DS-Lite's 192.0.0.0/24), loopback, link-local, "this
+/// network" (0.0.0.0/8) or reserved (240.0.0.0/4). (Documentation ranges count as public.)
 pub(crate) fn is_public(ip: IpAddr) -> bool {
     match canonical(ip) {
         IpAddr::V4(v4) => {
             let [a, b, ..] = v4.octets();
+            let c = v4.octets()[2];
             !(v4.is_private()
                 || v4.is_loopback()
                 || v4.is_link_local()
-                || v4.is_unspecified()
                 || v4.is_broadcast()
-                || (a == 100 && (64..128).contains(&b)))
+                || a == 0
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0))
         }
         IpAddr::V6(v6) => {
             let first = v6.segments()[0];
@@ -243,11 +246,17 @@ impl StateStore for ClientCells {
 /// - **Shared by the node** for every other request (behind a load balancer that is not a
 ///   trusted proxy, every client has its address): at most [`SHARED_IN_FLIGHT`] lookups at
 ///   once, in arrival order, and store reads of unknown keys held to [`SHARED_UNKNOWN_RATE`] a
-///   second (a burst of as many). A lookup waits for its turn: it is never refused, so a valid
-///   key is never locked out by others' unknown keys.
+///   second (a burst of as many). A lookup waits for its turn, in a queue of at most
+///   [`SHARED_WAITING`] (past it, 503: memory is bounded whatever a flood sends).
+/// - **Keys found valid before** (at most [`KNOWN_KEYS`], the most recent) take neither: a
+///   tenant evicted, or a node restarted, is looked up at once whatever others send.
 pub(crate) struct KeyLookups {
     cells: moka::sync::Cache<u64, Arc<AddressLookups>>,
+    /// Digests of API keys the directory knew, as the tenant table keys them.
+    known: moka::sync::Cache<(u64, u64), ()>,
     shared: tokio::sync::Semaphore,
+    /// Lookups waiting for the shared budget.
+    waiting: std::sync::atomic::AtomicUsize,
     /// The theoretical arrival time of the shared budget's unknown keys (the runtime's
     /// clock: a budget of the store's load, not of billing time).
     shared_tat: std::sync::Mutex<Option<tokio::time::Instant>>,
@@ -257,6 +266,10 @@ pub(crate) struct KeyLookups {
 pub(crate) const SHARED_IN_FLIGHT: usize = 64;
 /// Store reads of unknown API keys a second in the node's shared budget (and its burst).
 pub(crate) const SHARED_UNKNOWN_RATE: u32 = 100;
+/// The most lookups waiting for the shared budget.
+pub(crate) const SHARED_WAITING: usize = 4096;
+/// The most API keys remembered as found valid.
+pub(crate) const KNOWN_KEYS: u64 = 100_000;
 
 /// One client address's lookups: its bucket's theoretical arrival time (Unix nanoseconds),
 /// the lookups in flight, and a wake-up when one ends.
@@ -289,6 +302,8 @@ impl KeyLookups {
     pub(crate) fn new(capacity: u64) -> Self {
         Self {
             cells: lru(capacity).build(),
+            known: lru(KNOWN_KEYS).build(),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             shared: tokio::sync::Semaphore::new(SHARED_IN_FLIGHT),
             shared_tat: std::sync::Mutex::new(None),
         }
@@ -308,38 +323,73 @@ impl KeyLookups {
         use std::sync::atomic::Ordering;
         let (t, tolerance) = Self::shape(rate);
         let cell = self.cells.get_with(address, || Arc::new(AddressLookups::default()));
+        // Once none was in flight: one more try (a lookup may have given its cell back
+        // between this one's take and its count), then the refusal.
+        let mut last_try = false;
         loop {
             let ended = cell.ended.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
+            // Counted in flight before the take: a lookup that finds the bucket empty sees
+            // every other one that took a cell.
+            cell.in_flight.fetch_add(1, Ordering::AcqRel);
             let now = now();
             let taken = cell.tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
                 let from = tat.max(now);
                 (from - now <= tolerance).then(|| from.saturating_add(t))
             });
-            match taken {
-                Ok(_) => {
-                    cell.in_flight.fetch_add(1, Ordering::AcqRel);
-                    return Ok(InFlight(cell.clone()));
-                }
-                Err(_) if cell.in_flight.load(Ordering::Acquire) > 0 => ended.await,
-                Err(tat) => {
-                    return Err(u64::try_from(tat - tolerance - now).unwrap_or(1).max(1).div_ceil(1_000_000_000))
-                }
+            let tat = match taken {
+                Ok(_) => return Ok(InFlight(cell.clone())),
+                Err(tat) => tat,
+            };
+            let others = cell.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
+            if others > 0 {
+                ended.await;
+            } else if !last_try {
+                last_try = true;
+            } else {
+                return Err(u64::try_from(tat - tolerance - now).unwrap_or(1).max(1).div_ceil(1_000_000_000));
             }
         }
     }
 
+    /// Whether the key of this digest was found valid lately: looked up at once.
+    pub(crate) fn is_known(&self, digest: (u64, u64)) -> bool {
+        self.known.contains_key(&digest)
+    }
+
+    /// Remembers (or, when the directory no longer knows it, forgets) a key found valid.
+    pub(crate) fn found(&self, digest: (u64, u64), valid: bool) {
+        if valid {
+            self.known.insert(digest, ());
+        } else {
+            self.known.invalidate(&digest);
+        }
+    }
+
     /// A turn in the node's shared budget: one of [`SHARED_IN_FLIGHT`] lookups, in arrival
-    /// order, once the unknown keys read before it are within [`SHARED_UNKNOWN_RATE`].
-    pub(crate) async fn shared_turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+    /// order, once the unknown keys read before it are within [`SHARED_UNKNOWN_RATE`]; `None`
+    /// when [`SHARED_WAITING`] lookups wait already.
+    pub(crate) async fn shared_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        use std::sync::atomic::Ordering;
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= SHARED_WAITING {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let _waiting = Waiting(&self.waiting);
         let permit = self.shared.acquire().await.expect("the shared budget is never closed");
         let (_, tolerance) = Self::shared_shape();
         loop {
             let now = tokio::time::Instant::now();
             let tat = self.shared_tat.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(now);
             if tat <= now + tolerance {
-                return permit;
+                return Some(permit);
             }
             tokio::time::sleep_until(tat - tolerance).await;
         }

@@ -96,7 +96,9 @@ impl Tollgate {
                             let lookups = &self.shared.key_lookups;
                             let rate = rt.config.clients.unknown_key_rate;
                             let clock = &self.shared.clock;
-                            let own = if address == 0 {
+                            // A key found valid before is looked up at once.
+                            let known = lookups.is_known(unknown_key);
+                            let own = if address == 0 || known {
                                 None
                             } else {
                                 match lookups.take(address, rate, || clock.unix_nanos()).await {
@@ -116,10 +118,19 @@ impl Tollgate {
                                     }
                                 }
                             };
-                            let turn = match own {
-                                Some(_) => None,
-                                None => Some(lookups.shared_turn().await),
-                            };
+                            let turn =
+                                match (&own, known) {
+                                    (Some(_), _) | (None, true) => None,
+                                    (None, false) => match lookups.shared_turn().await {
+                                        Some(turn) => Some(turn),
+                                        None => return Err(Rejection::new(
+                                            RejectionKind::StoreUnavailable,
+                                            "too many lookups of unknown API keys are waiting on this node: try again \
+                                             later",
+                                        )
+                                        .with_retry_after(1)),
+                                    },
+                                };
                             let found = self
                                 .shared
                                 .stores
@@ -128,8 +139,11 @@ impl Tollgate {
                             match (&own, &found) {
                                 // Only unknown keys count.
                                 (Some(own), found) if !matches!(found, Ok(None)) => own.give_back(rate),
-                                (None, Ok(None)) => lookups.shared_unknown(),
+                                (None, Ok(None)) if !known => lookups.shared_unknown(),
                                 _ => {}
+                            }
+                            if let Ok(record) = &found {
+                                lookups.found(unknown_key, record.is_some());
                             }
                             drop((own, turn));
                             found

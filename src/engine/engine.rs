@@ -607,14 +607,16 @@ impl Tollgate {
         self.shared.leases.return_leases(&rt, states).await;
     }
 
-    /// Waits, at most `limit`, for this node's `Idempotency-Key` settlements under way (each
-    /// completed or failed keyed request's, made in the background after its response) to
-    /// reach the store: `true` when none is left. A front door whose process is frozen after
-    /// each response (Lambda on-demand) awaits this before it returns, or the others in the
-    /// fleet would answer 409 to the key's retries until its claim expires (and then run them
-    /// again, billed again). Usually `usage.store_timeout` is enough.
-    pub async fn settlements_done(&self, limit: Duration) -> bool {
-        super::idempotency::all_settled(&self.shared.idempotency.settling, limit).await
+    /// Waits, at most `limit`, for this node's `Idempotency-Key` settlements that began at or
+    /// after `since` (each completed or failed keyed request's, made in the background after
+    /// its response) to reach the store: `true` when none of them is left. A front door whose
+    /// process is frozen after each response (Lambda on-demand) awaits those of the invocation
+    /// (`since` its start) before it returns, or the others in the fleet would answer 409 to
+    /// the key's retries until its claim expires (and then run them again, billed again).
+    /// Usually `usage.store_timeout` is enough. Settlements begun earlier (retrying after a
+    /// store hiccup) are not waited for.
+    pub async fn settlements_done(&self, since: std::time::Instant, limit: Duration) -> bool {
+        super::idempotency::all_settled(&self.shared.idempotency.settling, since, limit).await
     }
 
     /// `usage.store_timeout` of the configuration in force: how long one store call may take.

@@ -163,8 +163,10 @@ impl Responses {
     }
 }
 
-/// Fleet keys being settled, each with a receiver that closes when the settlement ends.
-pub(crate) type Settling = Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>>;
+/// Fleet keys being settled, each with a receiver that closes when the settlement ends (its
+/// value: when the settlement began).
+pub(crate) type Settling =
+    Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<std::time::Instant>>>>;
 
 /// A claim held in the store too: settled there when the request ends.
 pub(crate) struct FleetClaim {
@@ -188,7 +190,7 @@ const MAX_SETTLING: usize = 10_000;
 
 /// Removes a settled key from the settling map once its settlement ended, however, if the
 /// entry is still this settlement's (a later claim of the key may have its own).
-struct Forget(Settling, String, tokio::sync::watch::Receiver<()>);
+struct Forget(Settling, String, tokio::sync::watch::Receiver<std::time::Instant>);
 
 impl Drop for Forget {
     fn drop(&mut self) {
@@ -199,11 +201,17 @@ impl Drop for Forget {
     }
 }
 
-/// Waits (at most `limit`) for every settlement under way on this node: `true` when none is
-/// left.
-pub(crate) async fn all_settled(settling: &Settling, limit: Duration) -> bool {
-    let waiting: Vec<tokio::sync::watch::Receiver<()>> =
-        settling.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+/// Waits (at most `limit`) for the settlements under way on this node that began at or after
+/// `since`: `true` when none of them is left. (Older ones, retrying after a store hiccup, are
+/// not waited for.)
+pub(crate) async fn all_settled(settling: &Settling, since: std::time::Instant, limit: Duration) -> bool {
+    let waiting: Vec<tokio::sync::watch::Receiver<std::time::Instant>> = settling
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .filter(|rx| *rx.borrow() >= since)
+        .cloned()
+        .collect();
     // Each ends when its task drops the sender (`changed` then answers an error).
     let all = async {
         for mut rx in waiting {
@@ -236,7 +244,7 @@ impl FleetClaim {
             }
             return;
         };
-        let (done, waiting) = tokio::sync::watch::channel(());
+        let (done, waiting) = tokio::sync::watch::channel(std::time::Instant::now());
         {
             let mut settling = self.settling.lock().unwrap_or_else(|e| e.into_inner());
             if settling.len() >= MAX_SETTLING {

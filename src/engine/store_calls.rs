@@ -151,30 +151,41 @@ impl StoreCalls {
     /// The lock of a quota cell, waited for until `deadline` (the request's whole time for
     /// its store calls), after [`StoreCalls::before`]: while the store fails fast, at once.
     /// The wait is for other requests' store calls, so it never counts toward failing fast;
-    /// `Err(Timeout)` when it runs out (answered by `on_store_error` as any).
+    /// `Err(Timeout)` when it runs out (answered by `on_store_error` as any). With the guard,
+    /// whether the lock had to be waited for.
     pub(crate) async fn lock_within<'a>(
         &self,
         limit: Duration,
         deadline: tokio::time::Instant,
         lock: &'a tokio::sync::Mutex<()>,
-    ) -> Result<tokio::sync::MutexGuard<'a, ()>, StoreError> {
+    ) -> Result<(tokio::sync::MutexGuard<'a, ()>, bool), StoreError> {
         self.before()?;
-        tokio::time::timeout_at(deadline, lock.lock()).await.map_err(|_| StoreError::Timeout(limit))
+        if let Ok(guard) = lock.try_lock() {
+            return Ok((guard, false));
+        }
+        let guard = tokio::time::timeout_at(deadline, lock.lock()).await.map_err(|_| StoreError::Timeout(limit))?;
+        Ok((guard, true))
     }
 
     /// The store calls made under a lock taken with [`StoreCalls::lock_within`], in what is
-    /// left until `deadline`: their outcome counts toward failing fast ([`StoreCalls::after`]).
+    /// left until `deadline`: their outcome counts toward failing fast ([`StoreCalls::after`]),
+    /// but for a timeout of calls made after a wait for the lock (`waited`: they had less than
+    /// the whole `limit`, and the store may have answered in time).
     pub(crate) async fn locked<T>(
         &self,
         limit: Duration,
         deadline: tokio::time::Instant,
+        waited: bool,
         fut: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        let whole = !waited;
         let result = match tokio::time::timeout_at(deadline, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout(limit)),
         };
-        self.after(&result);
+        if whole || !matches!(result, Err(StoreError::Timeout(_))) {
+            self.after(&result);
+        }
         result
     }
 }

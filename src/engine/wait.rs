@@ -34,9 +34,9 @@ impl Tollgate {
         let stores = &self.shared.stores;
         let outcome = match stores.lock_within(timeout, deadline, cell.lock()).await {
             Err(e) => Err(e),
-            Ok(_guard) => {
+            Ok((_guard, waited)) => {
                 stores
-                    .locked(timeout, deadline, async {
+                    .locked(timeout, deadline, waited, async {
                         // A call left in flight by a timeout may have landed: its units come first.
                         self.shared.leases.settle_inflight(cell).await?;
                         if !charged {
@@ -147,9 +147,9 @@ impl Tollgate {
             let stores = &self.shared.stores;
             let checked = match stores.lock_within(timeout, deadline, cell.lock()).await {
                 Err(e) => Err(e),
-                Ok(_guard) => {
+                Ok((_guard, waited)) => {
                     stores
-                        .locked(timeout, deadline, async {
+                        .locked(timeout, deadline, waited, async {
                             self.shared.leases.settle_inflight(cell).await?;
                             if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
                                 self.shared.leases.refill_locked(&rt, cell, p.at, 0).await?;

@@ -172,14 +172,27 @@ where
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {
                             if let Some(data) = frame.data_ref() {
+                                let before = *seen;
                                 *seen += data.len() as u64;
                                 if let Some(c) = capture.as_mut() {
-                                    c.data(data);
+                                    // Never past the length the server writes (it cuts there).
+                                    let keep = exact.map_or(data.len(), |n| {
+                                        usize::try_from(n.saturating_sub(before)).unwrap_or(usize::MAX).min(data.len())
+                                    });
+                                    c.data(&data[..keep]);
                                 }
                             }
                             // The last frame: the server may not poll again.
-                            if body.is_end_stream() || exact.is_some_and(|n| *seen >= n) {
+                            if exact.is_some_and(|n| *seen >= n) {
                                 if let Some(c) = capture.take() {
+                                    c.finish();
+                                }
+                                *in_flight = None;
+                            } else if body.is_end_stream() {
+                                // Shorter than it announced: not served whole, not stored.
+                                if exact.is_some() {
+                                    *capture = None;
+                                } else if let Some(c) = capture.take() {
                                     c.finish();
                                 }
                                 *in_flight = None;
@@ -191,7 +204,10 @@ where
                             *in_flight = None;
                         }
                         Poll::Ready(None) => {
-                            if let Some(c) = capture.take() {
+                            // Shorter than it announced: not served whole, not stored.
+                            if exact.is_some_and(|n| *seen < n) {
+                                *capture = None;
+                            } else if let Some(c) = capture.take() {
                                 c.finish();
                             }
                             *in_flight = None;

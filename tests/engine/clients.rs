@@ -456,3 +456,39 @@ async fn a_burst_of_valid_keys_from_one_address_is_never_refused() {
     let statuses = tasks.join_all().await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
 }
+
+/// A key found valid before is looked up at once, whatever floods the node's shared budget
+/// (a tenant evicted while random keys queue); the queue of that budget is bounded: past it,
+/// 503 with `Retry-After`, never an unbounded wait.
+#[tokio::test(start_paused = true)]
+async fn keys_found_before_skip_the_queue_and_the_queue_is_bounded() {
+    use std::sync::Arc;
+    use tollgate::store::{KeyHash, TenantRecord};
+    use tower::ServiceExt;
+    let store = Arc::new(common::Faulty::default());
+    let record = TenantRecord::new("acme".into(), "paid".into());
+    store.inner.put_tenant(&record, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build("[plans.paid]\nrate = \"1000/s\"\n", store.clone(), clock, handle);
+    let from_lb = |key: String| {
+        let mut r = req("GET", "/", Some(&key), None);
+        r.extensions_mut().insert(ClientAddr("10.0.3.7".parse::<IpAddr>().unwrap()));
+        r
+    };
+    assert_eq!(h.send(from_lb("key-acme".into())).await.status, 200);
+    h.tollgate.invalidate_tenant(&"acme".into());
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..5000 {
+        let svc = h.svc.clone();
+        let r = from_lb(format!("flood-{i}"));
+        flood.spawn(async move { svc.oneshot(r).await.unwrap().status().as_u16() });
+    }
+    // Let the flood queue up, then the known tenant comes back: served at once.
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(h.send(from_lb("key-acme".into())).await.status, 200);
+    assert!(started.elapsed() < std::time::Duration::from_millis(100), "{:?}", started.elapsed());
+    let statuses = flood.join_all().await;
+    let turned_away = statuses.iter().filter(|s| **s == 503).count();
+    assert!(turned_away > 0 && statuses.iter().all(|s| *s == 401 || *s == 503), "{turned_away}");
+}

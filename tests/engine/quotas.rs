@@ -570,8 +570,9 @@ async fn a_quota_call_the_store_keeps_refusing_is_given_up_without_holding_up_ot
 #[tokio::test(start_paused = true)]
 async fn lock_waits_never_open_the_breaker_for_other_tenants() {
     use tower::ServiceExt;
+    // A limit of 15 keeps every lease at 1 unit: each request of `hot` asks the store.
     let toml = "[usage]\nstore_timeout = \"250ms\"\n\
-                [plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }\n\
+                [plans.p]\nquotas.requests = { limit = 15, period = \"day\", mode = \"hard\", lease = 1 }\n\
                 [tenants.hot]\nplan = \"p\"\nkeys = [\"key-hot\"]\n[tenants.cold]\nplan = \"p\"\nkeys = [\"key-cold\"]\n";
     let store = Arc::new(common::Faulty::default());
     *store.slow_tenant.lock().unwrap() = Some(("hot".into(), 120));
@@ -585,6 +586,16 @@ async fn lock_waits_never_open_the_breaker_for_other_tenants() {
     let statuses: Vec<u16> = burst.join_all().await.into_iter().map(|s| s.as_u16()).collect();
     assert!(statuses.contains(&200), "{statuses:?}");
     assert!(statuses.contains(&503), "the ones whose wait ran out: fail-closed, {statuses:?}");
+    // Then one every 50 ms: each gets the lock with less than its whole time left, and some
+    // calls are cut short though the store answers each in 120 ms. Not counted either.
+    let mut staggered = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let svc = h.svc.clone();
+        staggered
+            .spawn(async move { svc.oneshot(common::req("GET", "/", Some("key-hot"), None)).await.unwrap().status() });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    staggered.join_all().await;
     // The store answered every call in time: the cold tenant's first lease is asked for.
     assert_eq!(h.status("/", "key-cold").await, 200);
     assert_eq!(h.tollgate.stats().store_fast_failures, 0);

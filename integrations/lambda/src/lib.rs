@@ -345,6 +345,7 @@ where
 
     fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
         // The inner service posts the response to the Runtime API before it returns.
+        let began = std::time::Instant::now();
         let invoked = self.inner.call(invocation);
         let flush = self.flush.clone();
         Box::pin(async move {
@@ -353,7 +354,7 @@ where
             // answers their retries from them), then the usage if due.
             let engine = &flush.engine;
             let budget = (engine.store_timeout() * 2).min(std::time::Duration::from_secs(2));
-            if !engine.settlements_done(budget).await {
+            if !engine.settlements_done(began, budget).await {
                 tracing::warn!(
                     "tollgate: an Idempotency-Key settlement did not reach the store before the invocation ended; \
                      its claim frees itself after its in-flight time"
