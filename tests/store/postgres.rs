@@ -414,3 +414,49 @@ fn psql_as(url: &str, sql: &str) -> String {
     let out = std::process::Command::new("psql").args(["-qtA", url, "-c", sql]).output().unwrap();
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
+
+/// A migration never stalls a running fleet: while a long transaction holds a lock on a table
+/// the migration alters (the hourly prune holds `ROW EXCLUSIVE` on `quota`), its `ALTER TABLE`
+/// waits for `ACCESS EXCLUSIVE` a moment at a time (`lock_timeout`), so the other nodes' writes
+/// on that table are never queued behind it for long; it goes through once the lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it() {
+    let Some((store, options)) = postgres::store().await else { return };
+    drop(store);
+    let s = options.schema.clone();
+    // The schema as version 2 left it: what the step to version 3 adds, taken away.
+    psql(&format!(
+        "ALTER TABLE {s}.quota DROP COLUMN granted; DROP TABLE {s}.credit; \
+         UPDATE {s}.meta SET value = '2' WHERE key = 'schema_version'"
+    ));
+    // A long transaction of a running node holds ROW EXCLUSIVE on quota for 3 s.
+    let url = postgres::url().unwrap();
+    let holder = std::process::Command::new("psql")
+        .args([
+            "-qtA",
+            &url,
+            "-c",
+            &format!("BEGIN; LOCK TABLE {s}.quota IN ROW EXCLUSIVE MODE; SELECT pg_sleep(3); COMMIT;"),
+        ])
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A new node starts and migrates meanwhile.
+    let migrating = tokio::spawn({
+        let options = options.clone();
+        async move { tollgate::store::PostgresStore::open(&options).await.map(|_| ()) }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Another node writes quota rows: ROW EXCLUSIVE too, which the held lock lets through. It
+    // must not be queued behind the migration's ACCESS EXCLUSIVE (it gives up after 1 s).
+    let write = psql_as(
+        &url,
+        &format!("SET lock_timeout = '1s'; UPDATE {s}.quota SET reserved = reserved WHERE tenant = 'nobody'"),
+    );
+    assert!(!write.contains("ERROR"), "a write was queued behind the migration: {write}");
+    let mut holder = holder;
+    assert!(holder.wait().unwrap().success());
+    migrating.await.unwrap().expect("migrated once the lock was free");
+    assert_eq!(psql(&format!("SELECT value FROM {s}.meta WHERE key = 'schema_version'")), "3");
+    assert_eq!(psql(&format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{s}' AND tablename = 'credit'")), "1");
+}

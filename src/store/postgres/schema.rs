@@ -149,6 +149,11 @@ CREATE INDEX credit_due ON {s}.credit (expires_at) WHERE closed_at IS NULL AND e
 "#,
 ];
 
+/// How long a migration step waits for a table lock at a time.
+const DDL_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+/// How long a migration keeps trying to take its table locks.
+const DDL_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// What a schema holds, as read.
 enum Found {
     /// No schema, or an empty one.
@@ -198,7 +203,41 @@ impl PostgresStore {
 
     /// Brings the schema to [`SCHEMA_VERSION`] in one transaction under an advisory lock, so
     /// that nodes starting at once apply each step once.
+    ///
+    /// A step that alters a table waits for its lock at most [`DDL_LOCK_TIMEOUT`] at a time
+    /// (`lock_timeout`): while it waits, the running nodes' writes on that table queue behind
+    /// it, so it gives up, lets them through, and tries again after a pause (doubling up to
+    /// five seconds), for at most [`DDL_LOCK_PATIENCE`].
     pub(super) async fn apply_migrations(&self) -> Result<(u32, u32), StoreError> {
+        let started = tokio::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let locked = std::sync::atomic::AtomicBool::new(false);
+            match self.migrate_once(&locked).await {
+                Err(_)
+                    if locked.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() < DDL_LOCK_PATIENCE =>
+                {
+                    tracing::info!(schema = %self.inner.schema, ?pause,
+                        "the migration waits for a table lock a long transaction holds; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(_) if locked.load(std::sync::atomic::Ordering::Relaxed) => {
+                    return Err(StoreError::Unusable(format!(
+                        "the migration of schema `{}` could not take its table locks within {} s: a long transaction \
+                         holds them; try again (nothing was changed)",
+                        self.inner.schema,
+                        DDL_LOCK_PATIENCE.as_secs()
+                    )))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt of [`apply_migrations`](Self::apply_migrations); `locked` is set when a step
+    /// gave up waiting for a table lock.
+    async fn migrate_once(&self, locked: &std::sync::atomic::AtomicBool) -> Result<(u32, u32), StoreError> {
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
@@ -227,8 +266,16 @@ impl PostgresStore {
             if !exists {
                 tx.batch_execute(&self.sql("CREATE SCHEMA {s}")).await?;
             }
+            // Table locks are waited for a moment at a time: the running fleet's writes queue
+            // behind a waiting `ALTER TABLE`.
+            tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", DDL_LOCK_TIMEOUT.as_millis())).await?;
             for step in &MIGRATIONS[from as usize..] {
-                tx.batch_execute(&self.sql(step)).await?;
+                if let Err(e) = tx.batch_execute(&self.sql(step)).await {
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                        locked.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    return Err(e.into());
+                }
             }
             if from == 0 {
                 // A new schema draws its meter event identifier namespace.
