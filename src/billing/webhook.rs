@@ -498,23 +498,13 @@ impl WebhookHandler {
                 }
                 Err(e) => return self.settle(config, fields, customer, &plan, Err(e)),
             };
-            let mut subs = match Subscriptions::parse(record.subscriptions.as_deref()) {
-                Ok(subs) => subs,
-                Err(e) => {
-                    tracing::error!(event = %fields.id, tenant = %record.id, error = %e,
-                        "the tenant's stored subscriptions are unreadable: the event is not applied");
-                    return WebhookOutcome::StoreFailed(format!(
-                        "the tenant's stored subscriptions are unreadable: {e}"
-                    ));
-                }
+            let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
+                Ok(read) => read,
+                Err(outcome) => return outcome,
             };
             // No subscription event stored yet: what its subscriptions give is unknown, and they
             // stay so (`legacy`, kept for its first subscription event's rules).
-            let legacy = record.subscriptions.is_none() || subs.legacy;
-            if legacy {
-                subs.floor = record.last_event_at.unwrap_or(i64::MIN);
-                subs.legacy = true;
-            }
+            subs.legacy = legacy;
             if record.last_event_at.is_some_and(|last| last > fields.created)
                 || subs.customer_at.is_some_and(|last| last > fields.created)
             {
@@ -585,25 +575,12 @@ impl WebhookHandler {
                 }
                 Err(e) => return self.settle(config, fields, &customer, &PlanId::from(""), Err(e)),
             };
-            let mut subs = match Subscriptions::parse(record.subscriptions.as_deref()) {
-                Ok(subs) => subs,
-                Err(e) => {
-                    // Never written over: its order and ended subscriptions would be lost.
-                    tracing::error!(event = %fields.id, tenant = %record.id, error = %e,
-                        "the tenant's stored subscriptions are unreadable: the event is not applied");
-                    return WebhookOutcome::StoreFailed(format!(
-                        "the tenant's stored subscriptions are unreadable: {e}"
-                    ));
-                }
+            let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
+                Ok(read) => read,
+                Err(outcome) => return outcome,
             };
-            // A tenant whose subscriptions were never stored (before this version; only its
-            // customer's events since): its last event orders them all, and the plan follows
-            // this one event alone, as before. From this event on they are stored.
-            let legacy = record.subscriptions.is_none() || subs.legacy;
-            if legacy {
-                subs.floor = record.last_event_at.unwrap_or(i64::MIN);
-                subs.legacy = false;
-            }
+            // From this event on they are stored.
+            subs.legacy = false;
             let before = subs.subs.get(subscription).cloned();
             let stale = match &before {
                 Some(b) => (b.at, b.rank) > (fields.created, rank),
@@ -808,6 +785,23 @@ impl<'a> Order<'a> {
 impl Subscriptions {
     /// At most this many are kept per tenant: those giving no plan go first, oldest first.
     const MAX: usize = 32;
+
+    /// The tenant's subscriptions as stored, and whether no subscription event of it was
+    /// stored yet (from before this version, or only its customer's events since): then its
+    /// last event orders them all, and its plan follows one event alone, as before. Unreadable
+    /// ones are never written over (their order and ended subscriptions would be lost).
+    fn of(fields: &Fields, record: &crate::store::TenantRecord) -> Result<(Self, bool), WebhookOutcome> {
+        let mut subs = Self::parse(record.subscriptions.as_deref()).map_err(|e| {
+            tracing::error!(event = %fields.id, tenant = %record.id, error = %e,
+                "the tenant's stored subscriptions are unreadable: the event is not applied");
+            WebhookOutcome::StoreFailed(format!("the tenant's stored subscriptions are unreadable: {e}"))
+        })?;
+        let legacy = record.subscriptions.is_none() || subs.legacy;
+        if legacy {
+            subs.floor = record.last_event_at.unwrap_or(i64::MIN);
+        }
+        Ok((subs, legacy))
+    }
 
     /// As stored.
     fn parse(text: Option<&str>) -> Result<Self, serde_json::Error> {
