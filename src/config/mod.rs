@@ -133,6 +133,9 @@ pub struct Limits {
     pub headers: HeaderStyle,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_window: Duration,
+    /// How long a request may hold its `Idempotency-Key` in flight in all: its claim is renewed
+    /// while it runs, up to this; past it the key is released (and counted).
+    pub idempotency_max_in_flight: Duration,
     /// The most `Idempotency-Key`s remembered at once.
     pub idempotency_capacity: u64,
     /// The methods whose `Idempotency-Key` is honoured (`POST` and `PATCH` by default: the

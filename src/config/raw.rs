@@ -134,6 +134,7 @@ pub(crate) struct RawLimits {
     pub(crate) idle_timeout: Option<String>,
     pub(crate) headers: Option<String>,
     pub(crate) idempotency_window: Option<String>,
+    pub(crate) idempotency_max_in_flight: Option<String>,
     pub(crate) idempotency_capacity: Option<u64>,
     pub(crate) idempotency_methods: Option<Vec<String>>,
     pub(crate) idempotency_max_body: Option<u64>,

@@ -1190,6 +1190,17 @@ impl Validator<'_, '_> {
                 l.idempotency_window.as_deref(),
                 Duration::from_secs(24 * 3600),
             )?,
+            idempotency_max_in_flight: {
+                let d = self.duration(
+                    "limits.idempotency_max_in_flight",
+                    l.idempotency_max_in_flight.as_deref(),
+                    Duration::from_secs(15 * 60),
+                )?;
+                if d > Duration::from_secs(24 * 3600) {
+                    return Err(self.invalid("limits.idempotency_max_in_flight", "must be at most 24 hours"));
+                }
+                d
+            },
             idempotency_capacity: match l.idempotency_capacity {
                 None => 100_000,
                 Some(0) => return Err(self.invalid("limits.idempotency_capacity", "must be at least 1")),

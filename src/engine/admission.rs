@@ -307,12 +307,17 @@ impl Tollgate {
                 max_request_body: config.limits.idempotency_max_request_body,
                 buffer_bytes: config.limits.idempotency_buffer_bytes,
             },
+            renewal: None,
         }));
         let answer =
             self.shared.stores.guarded(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;
+        }
+        if let (Ok(IdempotencyState::Claimed), Some(fleet)) = (&answer, claim.fleet.as_mut()) {
+            // Held while the request runs, however long (up to `idempotency_max_in_flight`).
+            fleet.renew_while_running(self.shared.clock.clone(), config.limits.idempotency_max_in_flight);
         }
         // Refused for its key (or the store): the request spends no rate cells.
         match answer {

@@ -94,11 +94,14 @@ pub(crate) enum NotStored {
     StoreFull,
     /// A 5xx, a gRPC answer, or a body that failed or was cut off.
     NotStorable,
+    /// The request ran longer than `limits.idempotency_max_in_flight`: its key was released
+    /// while it ran.
+    TooLong,
 }
 
 impl NotStored {
-    pub(crate) const ALL: [NotStored; 4] =
-        [NotStored::TooLarge, NotStored::BufferFull, NotStored::StoreFull, NotStored::NotStorable];
+    pub(crate) const ALL: [NotStored; 5] =
+        [NotStored::TooLarge, NotStored::BufferFull, NotStored::StoreFull, NotStored::NotStorable, NotStored::TooLong];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -106,6 +109,7 @@ impl NotStored {
             NotStored::BufferFull => "buffer_full",
             NotStored::StoreFull => "store_full",
             NotStored::NotStorable => "not_storable",
+            NotStored::TooLong => "too_long",
         }
     }
 }
@@ -183,6 +187,22 @@ pub(crate) struct FleetClaim {
     pub(crate) responses: Arc<Responses>,
     /// What the response capture keeps to.
     pub(crate) limits: CaptureLimits,
+    /// The renewal of the claim while the request runs (stopped when it settles or drops).
+    pub(crate) renewal: Option<Renewal>,
+}
+
+/// How often a claim in flight is renewed: well within [`IN_FLIGHT_SECS`], so that a renewal
+/// that fails has two more chances before the claim would free itself.
+const RENEW_EVERY_SECS: u64 = 100;
+
+/// The task renewing a claim while its request runs: aborted when dropped.
+#[derive(Debug)]
+pub(crate) struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The most settlements under way at once (each retries for up to [`IN_FLIGHT_SECS`]).
@@ -231,12 +251,60 @@ pub(crate) async fn settled(settling: &Settling, key: &str, limit: Duration) {
 }
 
 impl FleetClaim {
+    /// Renews the claim every [`RENEW_EVERY_SECS`] while the request runs, so that a retry on
+    /// another node keeps getting 409 however long it takes; for at most `max_in_flight` in
+    /// all, after which the key is released (and counted): a retry may then run.
+    pub(crate) fn renew_while_running(&mut self, clock: crate::clock::Clock, max_in_flight: Duration) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (store, key, owner, timeout) = (self.store.clone(), self.key.clone(), self.owner, self.timeout);
+        let (claimed_at, window, responses) = (self.claimed_at, self.window, self.responses.clone());
+        let max = i64::try_from(max_in_flight.as_secs()).unwrap_or(i64::MAX);
+        let task = rt.spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(RENEW_EVERY_SECS)).await;
+                let now = clock.unix_secs();
+                if now.saturating_sub(claimed_at) >= max {
+                    let released = tokio::time::timeout(
+                        timeout,
+                        store.settle_idempotency(&key, owner, &IdempotencySettle::Released),
+                    )
+                    .await;
+                    if matches!(released, Ok(Ok(IdempotencySettled::Settled))) {
+                        responses.not_stored(NotStored::TooLong);
+                        tracing::warn!(
+                            "a request held its Idempotency-Key past limits.idempotency_max_in_flight: the key is \
+                             released, and a retry may run"
+                        );
+                    }
+                    return;
+                }
+                let until = now.saturating_add(IN_FLIGHT_SECS).min(claimed_at.saturating_add(window));
+                let renewed = tokio::time::timeout(
+                    timeout,
+                    store.settle_idempotency(&key, owner, &IdempotencySettle::Renewed { until }),
+                )
+                .await;
+                match renewed {
+                    Ok(Ok(IdempotencySettled::Settled)) => {}
+                    // Settled or taken by now: nothing more to hold.
+                    Ok(Ok(_)) => return,
+                    // Tried again at the next turn, well before the claim frees itself.
+                    Ok(Err(e)) => tracing::debug!(error = %e, "renewing an Idempotency-Key claim failed"),
+                    Err(_) => tracing::debug!("renewing an Idempotency-Key claim timed out"),
+                }
+            }
+        });
+        self.renewal = Some(Renewal(task));
+    }
+
     /// Settles the claim in the store in the background (after the response), retried a few
     /// times. A claim left unsettled frees itself after [`IN_FLIGHT_SECS`].
     ///
     /// A completion carries the bytes its response holds (given back once the store answered)
     /// and this node's entry of the key (forgotten if the response is not stored).
-    fn settle(self, how: IdempotencySettle, held: Option<HeldBytes>, local: Option<LocalEntry>) {
+    fn settle(mut self, how: IdempotencySettle, held: Option<HeldBytes>, local: Option<LocalEntry>) {
+        // The request has ended: no more renewals.
+        self.renewal = None;
         let completing = matches!(how, IdempotencySettle::Completed(_));
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             if let Some(local) = local {

@@ -215,6 +215,14 @@ pub enum IdempotencySettle {
     /// The request was not billed (refused, failed, dropped), or its response cannot be
     /// stored: the key is free again.
     Released,
+    /// The request still runs: its claim holds until `until` (Unix seconds; never past the
+    /// binding's expiry), so a retry elsewhere keeps getting 409 rather than running it again.
+    /// Changes only a claim this owner holds and has not completed ([`IdempotencySettled::NotHeld`]
+    /// otherwise). A store written before this mode must not take it as a release.
+    Renewed {
+        /// The claim's new in-flight end.
+        until: i64,
+    },
 }
 
 /// A completed request's response, and the bounds its storing keeps to.

@@ -468,3 +468,14 @@ fn a_reconcile_interval_of_zero_turns_it_off() {
     let e = Config::from_toml_str("[export]\nreconcile_after = \"0s\"\n").unwrap_err();
     assert_eq!(e.key(), "export.reconcile_after", "{e}");
 }
+
+/// `limits.idempotency_max_in_flight`: 15 minutes by default, longer than zero, at most a day.
+#[test]
+fn idempotency_max_in_flight_is_checked() {
+    let config = Config::from_toml_str("[plans.p]\n").unwrap();
+    assert_eq!(config.limits().idempotency_max_in_flight, Duration::from_secs(900));
+    for bad in ["\"0s\"", "\"25h\"", "\"soon\""] {
+        let e = Config::from_toml_str(&format!("[limits]\nidempotency_max_in_flight = {bad}\n")).unwrap_err();
+        assert_eq!(e.key(), "limits.idempotency_max_in_flight", "{bad}: {e}");
+    }
+}

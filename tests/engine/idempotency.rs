@@ -356,3 +356,41 @@ async fn a_keyed_response_that_fails_midway_is_billed_and_not_stored() {
     assert_eq!(billed, 2, "billed at the head, each run");
     assert_eq!((engine.stats().responses_stored, engine.stats().responses_not_stored), (0, 2));
 }
+
+/// A request that runs longer than a claim's 5-minute hold keeps its `Idempotency-Key`: its
+/// node renews the claim while it runs, so a retry on another node keeps getting 409 instead
+/// of running it a second time (billed twice); up to `limits.idempotency_max_in_flight`, past
+/// which the key is released and counted.
+#[tokio::test(start_paused = true)]
+async fn a_long_request_keeps_its_idempotency_key_across_the_fleet() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let toml =
+        "[limits]\nidempotency_max_in_flight = \"12m\"\n[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
+    let a = common::node_with_worker(toml, store.clone(), clock.clone(), handle.clone());
+    let b = common::node_with_worker(toml, store.clone(), clock, handle.clone());
+    let info = RequestInfo::new("POST", "/orders", Credential::ApiKey(b"key-t")).with_idempotency_key(b"order-9");
+    let first = match a.tollgate.admit(&info) {
+        Admission::Pending(p) => a.tollgate.resolve(p).await.unwrap(),
+        other => panic!("a key this node has not seen asks the store: {other:?}"),
+    };
+    let retry = || common::req("POST", "/orders", Some("key-t"), Some("order-9"));
+    // Ten minutes of work, the clock moving in steps; the retry is refused all along.
+    for step in 1..=20 {
+        handle.advance(std::time::Duration::from_secs(30));
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        if step % 4 == 0 {
+            assert_eq!(b.send(retry()).await.status, 409, "still running at {} s", step * 30);
+        }
+    }
+    assert_eq!(b.tollgate.stats().responses_not_stored, 0);
+    // Past twelve minutes the key is released (counted): a retry may run.
+    for _ in 0..6 {
+        handle.advance(std::time::Duration::from_secs(30));
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    }
+    assert_eq!(a.tollgate.stats().responses_not_stored, 1, "released past idempotency_max_in_flight");
+    assert_eq!(b.send(retry()).await.status, 200, "runs now");
+    drop(first);
+}

@@ -111,3 +111,45 @@ pub async fn stored_responses_are_bounded_in_bytes<S: ?Sized + IdempotencyStore>
     assert_eq!(s.claim_idempotency(&claim("k0", 1000, later)).await.unwrap(), IdempotencyState::Claimed);
     assert_eq!(s.settle_idempotency("k0", 1000, &settle(&small, later)).await.unwrap(), IdempotencySettled::Settled);
 }
+
+/// A claim renewed by its owner (the request still runs) holds past its first in-flight end,
+/// never past the binding's expiry; a renewal of a claim another owner holds, or of a
+/// completed one, changes nothing; a renewed claim still completes.
+pub async fn a_claim_renewed_by_its_owner_holds_while_the_request_runs<S: ?Sized + IdempotencyStore>(
+    h: &mut StoreUnderTest<S>,
+) {
+    let now = 1_773_489_600;
+    let s = h.s();
+    let renew = |until: i64| IdempotencySettle::Renewed { until };
+    let claim = IdempotencyClaim::new("long", "r1", 1, now, now + 300, now + 86_400);
+    assert_eq!(s.claim_idempotency(&claim).await.unwrap(), IdempotencyState::Claimed);
+    // Another owner's renewal: nothing.
+    assert_eq!(s.settle_idempotency("long", 2, &renew(now + 400)).await.unwrap(), IdempotencySettled::NotHeld);
+    assert_eq!(s.settle_idempotency("long", 1, &renew(now + 400)).await.unwrap(), IdempotencySettled::Settled);
+    h.restart().await;
+    let s = h.s();
+    let retry = |at: i64| IdempotencyClaim::new("long", "r1", 3, at, at + 300, at + 86_400);
+    assert_eq!(s.claim_idempotency(&retry(now + 350)).await.unwrap(), IdempotencyState::InFlight, "renewed");
+    assert_eq!(s.read_idempotency("long", "r1", now + 350).await.unwrap(), Some(IdempotencyState::InFlight));
+    // Never past the binding's expiry.
+    assert_eq!(s.settle_idempotency("long", 1, &renew(now + 90_000)).await.unwrap(), IdempotencySettled::Settled);
+    assert_eq!(s.claim_idempotency(&retry(now + 86_400)).await.unwrap(), IdempotencyState::Claimed);
+    // The first owner's claim is gone: its renewal and its completion change nothing.
+    assert_eq!(s.settle_idempotency("long", 1, &renew(now + 86_500)).await.unwrap(), IdempotencySettled::NotHeld);
+    // A renewed claim completes; a completed one is not renewed.
+    let other = IdempotencyClaim::new("other", "r1", 4, now, now + 300, now + 86_400);
+    assert_eq!(s.claim_idempotency(&other).await.unwrap(), IdempotencyState::Claimed);
+    assert_eq!(s.settle_idempotency("other", 4, &renew(now + 500)).await.unwrap(), IdempotencySettled::Settled);
+    assert_eq!(
+        s.settle_idempotency("other", 4, &completed(&response(b"done"), now + 450)).await.unwrap(),
+        IdempotencySettled::Settled
+    );
+    assert_eq!(s.settle_idempotency("other", 4, &renew(now + 900)).await.unwrap(), IdempotencySettled::NotHeld);
+    let done = IdempotencyState::Completed(Some(Box::new(response(b"done"))));
+    assert_eq!(
+        s.claim_idempotency(&IdempotencyClaim::new("other", "r1", 5, now + 950, now + 1250, now + 86_400))
+            .await
+            .unwrap(),
+        done
+    );
+}

@@ -106,6 +106,7 @@ macro_rules! store_conformance {
         $crate::store_conformance!(@tests idempotency, $make;
             idempotency_keys_are_claimed_once_and_settled_by_their_owner,
             stored_responses_are_bounded_in_bytes,
+            a_claim_renewed_by_its_owner_holds_while_the_request_runs,
         );
     };
     (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {

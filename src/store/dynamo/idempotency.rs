@@ -124,8 +124,31 @@ impl IdempotencyStore for DynamoStore {
         owner: u64,
         how: &IdempotencySettle,
     ) -> Result<IdempotencySettled, StoreError> {
-        let IdempotencySettle::Completed(done) = how else {
-            return self.release_idempotency(key, owner).await;
+        let done = match how {
+            IdempotencySettle::Completed(done) => done,
+            IdempotencySettle::Renewed { until } => {
+                let renewed = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key("pk", s(idempotency_pk(key)))
+                    .key("sk", s("I"))
+                    .update_expression("SET #until = :u")
+                    .condition_expression("#owner = :o AND completed = :no")
+                    .expression_attribute_names("#owner", "owner")
+                    .expression_attribute_names("#until", "until")
+                    .expression_attribute_values(":o", s(hex_node(owner)))
+                    .expression_attribute_values(":no", AttributeValue::Bool(false))
+                    .expression_attribute_values(":u", n(*until))
+                    .send()
+                    .await;
+                return match renewed {
+                    Ok(_) => Ok(IdempotencySettled::Settled),
+                    Err(e) if is_ccf(&e) => Ok(IdempotencySettled::NotHeld),
+                    Err(e) => Err(sdk(e)),
+                };
+            }
+            _ => return self.release_idempotency(key, owner).await,
         };
         let bytes = done.response.encode();
         let size = bytes.len() as u64;

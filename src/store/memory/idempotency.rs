@@ -76,6 +76,11 @@ impl IdempotencyStore for MemoryStore {
                     b.response = Some(Arc::<StoredResponse>::clone(&done.response));
                 }
             }
+            IdempotencySettle::Renewed { until } => {
+                if let Some(b) = inner.idempotency.get_mut(key) {
+                    b.in_flight_until = (*until).min(b.expires_at);
+                }
+            }
             _ => {
                 inner.idempotency.remove(key);
             }

@@ -106,10 +106,24 @@ impl IdempotencyStore for PostgresStore {
         let settle = self.sql(
             "UPDATE {s}.idempotency SET completed = true, response = $3 WHERE idem_key = $1 AND owner = $2 AND NOT completed",
         );
+        let renew = self.sql(
+            "UPDATE {s}.idempotency SET in_flight_until = least($3, expires_at) \
+             WHERE idem_key = $1 AND owner = $2 AND NOT completed RETURNING 1",
+        );
+        let renewed = match how {
+            IdempotencySettle::Renewed { until } => Some(*until),
+            _ => None,
+        };
         let owner = owner as i64;
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
+            if let Some(until) = renewed {
+                // One statement: held, not completed, this owner's.
+                let renewed = !tx.query_typed(&renew, args![key, owner, until]).await?.is_empty();
+                tx.commit().await?;
+                return Ok(if renewed { IdempotencySettled::Settled } else { IdempotencySettled::NotHeld });
+            }
             if tx.query_typed_opt(&held, args![key, owner]).await?.is_none() {
                 return Ok(IdempotencySettled::NotHeld);
             }

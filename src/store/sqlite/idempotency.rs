@@ -74,6 +74,10 @@ impl IdempotencyStore for SqliteStore {
             IdempotencySettle::Completed(done) => Some((done.response.encode(), done.bucket(), done.bucket_bytes())),
             _ => None,
         };
+        let renewed = match how {
+            IdempotencySettle::Renewed { until } => Some(*until),
+            _ => None,
+        };
         self.write(move |tx, _| {
             let held: Option<i64> = tx
                 .prepare_cached("SELECT 1 FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0")?
@@ -81,6 +85,14 @@ impl IdempotencyStore for SqliteStore {
                 .optional()?;
             if held.is_none() {
                 return Ok(IdempotencySettled::NotHeld);
+            }
+            if let Some(until) = renewed {
+                tx.prepare_cached(
+                    "UPDATE idempotency SET in_flight_until = min(?3, expires_at) \
+                     WHERE key = ?1 AND owner = ?2 AND completed = 0",
+                )?
+                .execute(params![key, owner as i64, until])?;
+                return Ok(IdempotencySettled::Settled);
             }
             let release = |tx: &Transaction<'_>| {
                 tx.prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0")?
