@@ -315,7 +315,9 @@ impl Tollgate {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;
         }
-        if let (Ok(IdempotencyState::Claimed), Some(fleet)) = (&answer, claim.fleet.as_mut()) {
+        // Also when the call failed: it may have landed (a timeout), and a claim it did not
+        // make is answered NotHeld, which ends the renewals.
+        if let (Ok(IdempotencyState::Claimed) | Err(_), Some(fleet)) = (&answer, claim.fleet.as_mut()) {
             // Held while the request runs, however long (up to `idempotency_max_in_flight`).
             fleet.renew_while_running(self.shared.clock.clone(), config.limits.idempotency_max_in_flight);
         }

@@ -248,8 +248,9 @@ impl StateStore for ClientCells {
 ///   once, in arrival order, and store reads of unknown keys held to [`SHARED_UNKNOWN_RATE`] a
 ///   second (a burst of as many). A lookup waits for its turn, in a queue of at most
 ///   [`SHARED_WAITING`] (past it, 503: memory is bounded whatever a flood sends).
-/// - **Keys found valid before** (at most [`KNOWN_KEYS`], the most recent) take neither: a
-///   tenant evicted, or a node restarted, is looked up at once whatever others send.
+/// - **Keys found valid before on this node** (at most [`KNOWN_KEYS`], the most recent) take
+///   neither: a tenant evicted while idle, or after a reload, is looked up at once whatever
+///   others send. (After a restart the node knows none yet.)
 pub(crate) struct KeyLookups {
     cells: moka::sync::Cache<u64, Arc<AddressLookups>>,
     /// Digests of API keys the directory knew, as the tenant table keys them.
@@ -344,7 +345,9 @@ impl KeyLookups {
             };
             let others = cell.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
             if others > 0 {
-                ended.await;
+                // Woken when one of them ends; "others" may also be lookups counted for a
+                // moment, as this one was, that then gave up: so never for long.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(50), ended).await;
             } else if !last_try {
                 last_try = true;
             } else {

@@ -350,6 +350,15 @@ impl FleetClaim {
                         self.responses.stored();
                         return;
                     }
+                    // Not held any more (released past `idempotency_max_in_flight`, or
+                    // expired): the store does not hold this response, so this node must not
+                    // replay it either.
+                    Ok(Ok(IdempotencySettled::NotHeld)) if completing => {
+                        if let Some(local) = local.take() {
+                            local.forget();
+                        }
+                        return;
+                    }
                     Ok(Ok(_)) => return,
                     Ok(Err(e)) => tracing::debug!(error = %e, attempt, "settling an Idempotency-Key failed"),
                     Err(_) => tracing::debug!(attempt, "settling an Idempotency-Key timed out"),

@@ -152,7 +152,7 @@ impl StoreCalls {
     /// its store calls), after [`StoreCalls::before`]: while the store fails fast, at once.
     /// The wait is for other requests' store calls, so it never counts toward failing fast;
     /// `Err(Timeout)` when it runs out (answered by `on_store_error` as any). With the guard,
-    /// whether the lock had to be waited for.
+    /// whether the wait left the calls under it less than half their time.
     pub(crate) async fn lock_within<'a>(
         &self,
         limit: Duration,
@@ -164,13 +164,15 @@ impl StoreCalls {
             return Ok((guard, false));
         }
         let guard = tokio::time::timeout_at(deadline, lock.lock()).await.map_err(|_| StoreError::Timeout(limit))?;
-        Ok((guard, true))
+        // A call with at least half its time left still tells whether the store answers.
+        let short = deadline.saturating_duration_since(tokio::time::Instant::now()) < limit / 2;
+        Ok((guard, short))
     }
 
     /// The store calls made under a lock taken with [`StoreCalls::lock_within`], in what is
     /// left until `deadline`: their outcome counts toward failing fast ([`StoreCalls::after`]),
-    /// but for a timeout of calls made after a wait for the lock (`waited`: they had less than
-    /// the whole `limit`, and the store may have answered in time).
+    /// but for a timeout of calls made after a long wait for the lock (`waited`: they had less
+    /// than half their `limit`, and the store may have answered in time).
     pub(crate) async fn locked<T>(
         &self,
         limit: Duration,
