@@ -148,12 +148,26 @@ impl StoreCalls {
         result
     }
 
+    /// `fut` (a quota cell's store calls) under the cell's `lock`, within `limit` in all: the
+    /// wait for the lock never counts toward failing fast, the calls do
+    /// ([`StoreCalls::lock_within`], [`StoreCalls::locked`]).
+    pub(crate) async fn under_lock<T>(
+        &self,
+        limit: Duration,
+        lock: &tokio::sync::Mutex<()>,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let (_guard, waited) = self.lock_within(limit, deadline, lock).await?;
+        self.locked(limit, deadline, waited, fut).await
+    }
+
     /// The lock of a quota cell, waited for until `deadline` (the request's whole time for
     /// its store calls), after [`StoreCalls::before`]: while the store fails fast, at once.
     /// The wait is for other requests' store calls, so it never counts toward failing fast;
     /// `Err(Timeout)` when it runs out (answered by `on_store_error` as any). With the guard,
     /// whether the wait left the calls under it less than half their time.
-    pub(crate) async fn lock_within<'a>(
+    async fn lock_within<'a>(
         &self,
         limit: Duration,
         deadline: tokio::time::Instant,
@@ -173,7 +187,7 @@ impl StoreCalls {
     /// left until `deadline`: their outcome counts toward failing fast ([`StoreCalls::after`]),
     /// but for a timeout of calls made after a long wait for the lock (`waited`: they had less
     /// than half their `limit`, and the store may have answered in time).
-    pub(crate) async fn locked<T>(
+    async fn locked<T>(
         &self,
         limit: Duration,
         deadline: tokio::time::Instant,

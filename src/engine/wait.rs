@@ -30,38 +30,33 @@ impl Tollgate {
         let charged = p.charged;
         // At most `store_timeout` in all; only the store calls' own time counts toward
         // failing fast, never the wait for other requests' calls on the cell's lock.
-        let deadline = tokio::time::Instant::now() + timeout;
-        let stores = &self.shared.stores;
-        let outcome = match stores.lock_within(timeout, deadline, cell.lock()).await {
-            Err(e) => Err(e),
-            Ok((_guard, waited)) => {
-                stores
-                    .locked(timeout, deadline, waited, async {
-                        // A call left in flight by a timeout may have landed: its units come first.
-                        self.shared.leases.settle_inflight(cell).await?;
-                        if !charged {
-                            // A replay: the units must be there, but are not taken.
-                            if cell.check_units(u64::from(cost), at).is_err() {
-                                self.shared.leases.refill_locked(&rt, cell, at, 0).await?;
-                            }
-                            return Ok(match cell.check_units(u64::from(cost), at) {
-                                Ok(()) => Ok((None, cell.lease(), None)),
-                                Err(_) => Err(()),
-                            });
-                        }
-                        match cell.try_take(u64::from(cost), at) {
-                            Take::Taken { left, tag } => return Ok(Ok((Some(tag), left, None))),
-                            Take::Exhausted => return Ok(Err(())),
-                            Take::NeedLease => {}
-                        }
-                        match self.shared.leases.refill_locked(&rt, cell, at, u64::from(cost)).await? {
-                            Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
-                            Refill::Short | Refill::Done => Ok(Err(())),
-                        }
-                    })
-                    .await
-            }
-        };
+        let outcome = self
+            .shared
+            .stores
+            .under_lock(timeout, cell.lock(), async {
+                // A call left in flight by a timeout may have landed: its units come first.
+                self.shared.leases.settle_inflight(cell).await?;
+                if !charged {
+                    // A replay: the units must be there, but are not taken.
+                    if cell.check_units(u64::from(cost), at).is_err() {
+                        self.shared.leases.refill_locked(&rt, cell, at, 0).await?;
+                    }
+                    return Ok(match cell.check_units(u64::from(cost), at) {
+                        Ok(()) => Ok((None, cell.lease(), None)),
+                        Err(_) => Err(()),
+                    });
+                }
+                match cell.try_take(u64::from(cost), at) {
+                    Take::Taken { left, tag } => return Ok(Ok((Some(tag), left, None))),
+                    Take::Exhausted => return Ok(Err(())),
+                    Take::NeedLease => {}
+                }
+                match self.shared.leases.refill_locked(&rt, cell, at, u64::from(cost)).await? {
+                    Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
+                    Refill::Short | Refill::Done => Ok(Err(())),
+                }
+            })
+            .await;
         match outcome {
             Ok(Ok((tag, left, start))) => {
                 if let Some(start) = start {
@@ -143,22 +138,17 @@ impl Tollgate {
             if cell.check_units(1, p.at).is_ok() {
                 continue;
             }
-            let deadline = tokio::time::Instant::now() + timeout;
-            let stores = &self.shared.stores;
-            let checked = match stores.lock_within(timeout, deadline, cell.lock()).await {
-                Err(e) => Err(e),
-                Ok((_guard, waited)) => {
-                    stores
-                        .locked(timeout, deadline, waited, async {
-                            self.shared.leases.settle_inflight(cell).await?;
-                            if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
-                                self.shared.leases.refill_locked(&rt, cell, p.at, 0).await?;
-                            }
-                            Ok(cell.check_units(1, p.at))
-                        })
-                        .await
-                }
-            };
+            let checked = self
+                .shared
+                .stores
+                .under_lock(timeout, cell.lock(), async {
+                    self.shared.leases.settle_inflight(cell).await?;
+                    if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
+                        self.shared.leases.refill_locked(&rt, cell, p.at, 0).await?;
+                    }
+                    Ok(cell.check_units(1, p.at))
+                })
+                .await;
             match checked {
                 Ok(Err(Take::Exhausted)) if p.state.plan.shadow => self.would_refuse(&Self::shadow_quota(&p.state, m)),
                 Ok(Err(Take::Exhausted)) => {
