@@ -90,16 +90,21 @@ impl QuotaStore for Timed {
 
     async fn refund_credits(
         &self,
-        tenant: &tollgate::config::TenantId,
-        meter: &tollgate::config::MeterId,
-        id: &str,
-        refund: tollgate::store::CreditRefund,
-    ) -> Result<Option<u64>, StoreError> {
-        self.inner.refund_credits(tenant, meter, id, refund).await
+        refund: &tollgate::store::CreditRefund,
+    ) -> Result<tollgate::store::RefundOutcome, StoreError> {
+        self.inner.refund_credits(refund).await
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<tollgate::store::CreditGrant>, StoreError> {
         self.inner.expired_credits(now, limit).await
+    }
+
+    async fn counters(
+        &self,
+        tenant: &tollgate::config::TenantId,
+        meter: &tollgate::config::MeterId,
+    ) -> Result<Vec<tollgate::store::QuotaCounter>, StoreError> {
+        self.inner.counters(tenant, meter).await
     }
 }
 

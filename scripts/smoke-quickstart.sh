@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --locked --example quickstart
+cargo build --locked -p tollgate-cli
+cli="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/tollgate"
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 bin="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/examples/quickstart"
@@ -68,6 +70,15 @@ kill -TERM $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
 check "graceful stop (21 request units + 120 tokens)" "stopped: flushed 141 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out.log" || true)"
 check "state kept in tollgate.db" yes "$([ -s "$work/tollgate.db" ] && echo yes || echo no)"
+# Stopped, the node gave its leases back: the store's counters hold exactly what was used
+# (acme: 5 + 1 + 1 + 13 requests, 120 tokens; globex: 1 request).
+counters() { # tenant meter period: the units its counter holds, read with the CLI
+  (cd "$work" && "$cli" --config "$OLDPWD/examples/quickstart.toml" quota show "$1") |
+    awk -v m="$2" -v p="$3" '$1 == m && $2 == p { print ($NF == "-") ? $(NF-1) : $NF }'
+}
+check "acme's requests counter equals its usage" 20 "$(counters acme requests day)"
+check "acme's tokens counter equals its usage" 120 "$(counters acme tokens month@1)"
+check "globex's requests counter equals its usage" 1 "$(counters globex requests day)"
 
 # A restart on the same file: the daily quota is still spent, and the headers say so.
 start "$work/out2.log"

@@ -509,6 +509,25 @@ impl Admin {
         Ok(outcome)
     }
 
+    /// A tenant's quota counters in the store, on every meter of the configuration (by meter,
+    /// then period start): what each holds, leases included (see
+    /// [`QuotaStore::counters`](crate::store::QuotaStore::counters)). With every node stopped,
+    /// what was used.
+    ///
+    /// # Errors
+    /// A bad tenant id, no configuration or quota store, or the store failed.
+    pub async fn quota_counters(&self, tenant: &str) -> Result<Vec<crate::store::QuotaCounter>, AdminError> {
+        let tenant = Self::tenant_id(tenant)?;
+        let config =
+            self.config.as_ref().ok_or_else(|| AdminError::Invalid("no configuration to read the meters of".into()))?;
+        let quota = self.quota()?;
+        let mut out = Vec::new();
+        for meter in config.meters() {
+            out.extend(quota.counters(&tenant, meter.id()).await?);
+        }
+        Ok(out)
+    }
+
     /// A tenant's credit grants (open, and closed ones kept: at least 35 days) by meter and
     /// spending order,
     /// with the balance of each meter.

@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::webhook::{ReadError, WebhookHandler, WebhookOutcome};
 use crate::{
     config::{Config, CreditSettings, MeterId, RefundPolicy, TenantId},
-    store::{contract::MAX_BALANCE, CreditGrant, CreditRefund, GrantOutcome},
+    store::{contract::MAX_BALANCE, CreditGrant, CreditRefund, GrantOutcome, RefundOutcome},
 };
 
 /// The metadata key of a checkout session or invoice that says how many units it grants,
@@ -138,8 +138,12 @@ enum LinesError {
 /// that buys nothing (it charges nothing or prorates) keeps its keys apart, to be reported.
 #[derive(Debug)]
 struct Line {
+    /// The line's id (an invoice line's `il_…`), which credit notes name.
+    id: Option<String>,
     keys: Vec<String>,
     quantity: u64,
+    /// What the line charged (an invoice line's `amount`, a session line's `amount_total`).
+    amount: u64,
     skipped: Vec<String>,
 }
 
@@ -168,11 +172,13 @@ fn line_of(v: &Value) -> Line {
             keys.push(key.to_owned());
         }
     }
+    let id = id_of(&v["id"]).map(str::to_owned);
     if amount.is_some_and(|a| a <= 0) || prorated {
-        return Line { keys: Vec::new(), quantity: 0, skipped: keys };
+        return Line { id, keys: Vec::new(), quantity: 0, amount: 0, skipped: keys };
     }
+    let amount = amount.and_then(|a| u64::try_from(a).ok()).unwrap_or(0);
     // A line without a quantity (usage-based) buys no pack.
-    Line { keys, quantity: v["quantity"].as_u64().unwrap_or(0), skipped: Vec::new() }
+    Line { id, keys, quantity: v["quantity"].as_u64().unwrap_or(0), amount, skipped: Vec::new() }
 }
 
 impl WebhookHandler {
@@ -232,8 +238,11 @@ impl WebhookHandler {
                 }
             }
         };
-        let units = match units {
-            Some(u) => u,
+        // What the payment paid for the credits: its total with `tollgate_units`, else the
+        // amounts of its credit lines.
+        let whole = o["amount_total"].as_u64().or_else(|| o["amount_paid"].as_u64());
+        let (units, paid) = match units {
+            Some(u) => (u, whole),
             None if credits.prices.is_empty() => return None,
             None => {
                 let lines = match self.lines(o, object, session).await {
@@ -293,6 +302,10 @@ impl WebhookHandler {
                     let per = credit(&line.keys).copied().unwrap_or(0);
                     total + u128::from(per) * u128::from(line.quantity)
                 });
+                let paid = lines
+                    .iter()
+                    .filter(|l| credit(&l.keys).is_some_and(|per| *per > 0) && l.quantity > 0)
+                    .fold(0u64, |paid, l| paid.saturating_add(l.amount));
                 let skipped = lines.iter().filter(|l| credit(&l.skipped).is_some()).count();
                 match u64::try_from(total) {
                     Ok(0) if skipped > 0 => {
@@ -312,7 +325,7 @@ impl WebhookHandler {
                             "a paid payment on no price of [stripe.credits.prices]: no credits granted");
                         return Some(WebhookOutcome::NotCredited { prices });
                     }
-                    Ok(u) if u <= MAX_BALANCE => u,
+                    Ok(u) if u <= MAX_BALANCE => (u, Some(paid)),
                     _ => {
                         tracing::error!(%event, object = %object, units = %total,
                             "a payment for more units than a balance holds (2^50): nothing granted");
@@ -406,6 +419,9 @@ impl WebhookHandler {
         if let Some(p) = payment {
             grant = grant.paid_by(p);
         }
+        if let Some(paid) = paid {
+            grant = grant.costing(paid);
+        }
         match quota.grant_credits(&grant).await {
             Ok(GrantOutcome::Granted(balance)) => {
                 // At once on this node: its next request asks the store again.
@@ -426,8 +442,13 @@ impl WebhookHandler {
         }
     }
 
-    /// A refund (`charge.refunded`): its share of what the grant of its payment still holds
-    /// is taken back, once per amount refunded.
+    /// A refund (`charge.refunded`): the units the refunded money bought are taken back from
+    /// the grant of its payment, as Stripe holds the payment's refunds now (cumulative, so
+    /// redeliveries and refunds out of order take each unit once). With a secret key, refunds
+    /// whose metadata says `tollgate_units` take that many, and the credit notes of the
+    /// payment's invoice say which lines were refunded; the rest is shared by
+    /// `refund_attribution`. A refund before its grant is kept by the store and applied when the
+    /// grant lands.
     async fn refund(
         &self,
         config: &Config,
@@ -441,44 +462,148 @@ impl WebhookHandler {
         let body: Value = serde_json::from_str(payload).ok()?;
         let o = &body["data"]["object"];
         let intent = id_of(&o["payment_intent"]);
-        let invoice = id_of(&o["invoice"]);
         let (Some(amount), Some(refunded)) = (o["amount"].as_u64(), o["amount_refunded"].as_u64()) else {
             return None;
         };
-        let customer = id_of(&o["customer"])?;
-        let tenant = match self.tenant_of(config, customer).await {
-            Ok(Some(t)) => t,
-            Ok(None) => return None,
-            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
-        };
         let quota = self.quota.as_ref()?;
-        let grants = match quota.credit_grants(&tenant, None).await {
-            Ok((grants, _)) => grants,
-            Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+        let tenant = match id_of(&o["customer"]) {
+            Some(customer) => match self.tenant_of(config, customer).await {
+                Ok(t) => t,
+                Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+            },
+            None => None,
         };
-        let of_payment = |g: &&CreditGrant| {
-            let id = Some(g.id.as_str());
-            g.payment.as_deref().is_some_and(|p| Some(p) == intent) || id == intent || id == invoice
-        };
-        let Some(grant) = grants.iter().find(of_payment) else {
-            // Not a payment for credits (or its grant closed and was dropped).
+        // The invoice: the charge's (API versions before 2025-03-31), else the grant's id when
+        // the grant of this payment was made for an invoice.
+        let mut invoice = id_of(&o["invoice"]).map(str::to_owned);
+        if let (None, Some(tenant), Some(intent)) = (&invoice, &tenant, intent) {
+            match quota.credit_grants(tenant, None).await {
+                Ok((grants, _)) => {
+                    invoice = grants
+                        .iter()
+                        .find(|g| g.payment.as_deref() == Some(intent) && g.id.starts_with("in_"))
+                        .map(|g| g.id.clone());
+                }
+                Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+            }
+        }
+        let Some(payment) = intent.or(invoice.as_deref()).map(str::to_owned) else {
+            tracing::info!(%event, "a refund of a charge without a payment intent: no credits to take back");
             return None;
         };
-        let refund = match credits.refunds {
-            RefundPolicy::Unspent => CreditRefund::new(amount.max(refunded), amount.max(refunded)),
-            _ => CreditRefund::new(refunded, amount),
-        };
-        match quota.refund_credits(&tenant, &grant.meter, &grant.id, refund).await {
-            Ok(Some(units)) => {
-                self.node.tenant_changed(&tenant);
-                tracing::info!(%event, %tenant, meter = %grant.meter, grant = %grant.id, units, refunded, amount,
-                    "a refund took back prepaid credits");
-                Some(WebhookOutcome::Refunded { tenant, meter: grant.meter.clone(), units })
+        let now = self.clock.unix_secs();
+        let mut refund =
+            CreditRefund::new(payment.clone(), refunded, amount, now).attributed(credits.refund_attribution);
+        if let Some(invoice) = &invoice {
+            refund = refund.of_invoice(invoice.clone());
+        }
+        if let Some(tenant) = &tenant {
+            refund = refund.for_tenant(tenant.clone());
+        }
+        if self.reader.is_some() {
+            match self.refund_details(credits, intent, invoice.as_deref(), refunded).await {
+                Ok((plain, of_credits, units)) => {
+                    refund.refunded = plain;
+                    refund = refund.of_credit_lines(of_credits).naming_units(units);
+                }
+                Err(ReadError { why, .. }) => {
+                    tracing::error!(%event, %payment, error = %why,
+                        "the payment's refunds or credit notes could not be read from Stripe: answered 500, so \
+                         Stripe delivers it again");
+                    return Some(WebhookOutcome::ApiFailed(why));
+                }
             }
-            // That much was refunded already, or the grant has closed.
-            Ok(None) => Some(WebhookOutcome::Duplicate),
+        }
+        match quota.refund_credits(&refund).await {
+            Ok(RefundOutcome::Taken { tenant, meter, grant, units }) => {
+                self.node.tenant_changed(&tenant);
+                tracing::info!(%event, %tenant, %meter, %grant, units, refunded, amount,
+                    "a refund took back prepaid credits");
+                Some(WebhookOutcome::Refunded { tenant, meter, units })
+            }
+            // That much was taken back already, or the grant has closed.
+            Ok(RefundOutcome::Nothing) => Some(WebhookOutcome::Duplicate),
+            Ok(RefundOutcome::Kept) => {
+                tracing::info!(%event, %payment, refunded, amount,
+                    "a refund of a payment no grant has yet: kept, and applied when its grant lands");
+                Some(WebhookOutcome::RefundKept { payment })
+            }
+            Ok(RefundOutcome::Full) => {
+                tracing::error!(%event, %payment,
+                    "a refund of a payment no grant has yet, and too many refunds are kept: answered 500, so \
+                     Stripe delivers it again");
+                Some(WebhookOutcome::StoreFailed("too many refunds kept for grants that have not landed".into()))
+            }
             Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
         }
+    }
+
+    /// What Stripe holds of a payment's refunds, all cumulative: the money refunded that
+    /// nothing attributes, the money refunded of credit lines as the invoice's credit notes
+    /// name them, and the units named by refunds' `tollgate_units` metadata.
+    async fn refund_details(
+        &self,
+        credits: &CreditSettings,
+        intent: Option<&str>,
+        invoice: Option<&str>,
+        refunded: u64,
+    ) -> Result<(u64, u64, u64), ReadError> {
+        let reader = self.reader.as_ref().ok_or_else(|| ReadError { permanent: true, why: "no secret key".into() })?;
+        let safe = |id: &str| id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let mut plain = refunded;
+        let mut units = 0u64;
+        if let Some(intent) = intent.filter(|i| safe(i)) {
+            let page = reader.get(&format!("v1/refunds?payment_intent={intent}&limit=100")).await?;
+            for r in page["data"].as_array().into_iter().flatten() {
+                if r["status"] == "failed" || r["status"] == "canceled" {
+                    continue;
+                }
+                let named = r["metadata"][UNITS_KEY].as_str().and_then(|s| s.trim().parse::<u64>().ok());
+                if let Some(u) = named {
+                    units = units.saturating_add(u);
+                    plain = plain.saturating_sub(r["amount"].as_u64().unwrap_or(0));
+                }
+            }
+        }
+        let mut of_credits = 0u64;
+        if let Some(invoice) = invoice.filter(|i| safe(i)) {
+            let notes = reader.get(&format!("v1/credit_notes?invoice={invoice}&limit=100")).await?;
+            let notes: Vec<&Value> =
+                notes["data"].as_array().into_iter().flatten().filter(|n| n["status"] != "void").collect();
+            if !notes.is_empty() {
+                let lines = match self.lines(&Value::Null, invoice, false).await {
+                    Ok(lines) => lines,
+                    Err(LinesError::Read(e)) => return Err(e),
+                    Err(e) => return Err(ReadError { permanent: true, why: format!("the invoice's lines: {e:?}") }),
+                };
+                let ids = self
+                    .lookup_ids(
+                        credits,
+                        &lines.iter().flat_map(|l| l.keys.iter().map(String::as_str)).collect::<Vec<_>>(),
+                    )
+                    .await?;
+                let credit_lines: Vec<&str> = lines
+                    .iter()
+                    .filter(|l| {
+                        l.keys.iter().any(|k| {
+                            credits.prices.contains_key(k)
+                                || ids.get(k).is_some_and(|key| credits.prices.contains_key(key))
+                        })
+                    })
+                    .filter_map(|l| l.id.as_deref())
+                    .collect();
+                for note in notes {
+                    // The note's refunds are attributed by its lines, not shared.
+                    plain = plain.saturating_sub(note["refund_amount"].as_u64().unwrap_or(0));
+                    for line in note["lines"]["data"].as_array().into_iter().flatten() {
+                        if id_of(&line["invoice_line_item"]).is_some_and(|il| credit_lines.contains(&il)) {
+                            of_credits = of_credits.saturating_add(line["amount"].as_u64().unwrap_or(0));
+                        }
+                    }
+                }
+            }
+        }
+        Ok((plain, of_credits, units))
     }
 
     /// Price id → lookup key, for the price ids of `unmatched` lines (lines on no key of the

@@ -79,8 +79,14 @@ pub enum WebhookOutcome {
         /// The invoice.
         invoice: String,
     },
-    /// A refund (`charge.refunded`) took back its share of what the grant of its payment still
-    /// held (`[stripe.credits] refunds`).
+    /// A refund (`charge.refunded`) of a payment no grant has yet (the grant's event is still
+    /// being delivered again): kept by the store, and applied when the grant lands.
+    RefundKept {
+        /// The payment intent (or invoice).
+        payment: String,
+    },
+    /// A refund (`charge.refunded`) took back the units the refunded money bought, from what
+    /// the grant of its payment still held (`[stripe.credits] refunds`).
     Refunded {
         /// The tenant.
         tenant: TenantId,
@@ -139,6 +145,7 @@ impl WebhookReply {
             WebhookOutcome::Applied { .. } => "applied",
             WebhookOutcome::Credited { .. } => "credited",
             WebhookOutcome::Refunded { .. } => "refunded",
+            WebhookOutcome::RefundKept { .. } => "refund_kept",
             WebhookOutcome::Duplicate => "duplicate",
             WebhookOutcome::Stale => "stale",
             WebhookOutcome::UnknownCustomer => "unknown_customer",
@@ -364,9 +371,10 @@ impl WebhookHandler {
             self.refusals.refused(self.clock.unix_secs(), reason);
         }
         let count = match &outcome {
-            WebhookOutcome::Applied { .. } | WebhookOutcome::Credited { .. } | WebhookOutcome::Refunded { .. } => {
-                WebhookCount::Applied
-            }
+            WebhookOutcome::Applied { .. }
+            | WebhookOutcome::Credited { .. }
+            | WebhookOutcome::Refunded { .. }
+            | WebhookOutcome::RefundKept { .. } => WebhookCount::Applied,
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
             WebhookOutcome::NotCredited { .. } | WebhookOutcome::PaymentUnknown { .. } => WebhookCount::NotCredited,

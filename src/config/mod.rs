@@ -138,6 +138,12 @@ pub struct Limits {
     pub idempotency_max_in_flight: Duration,
     /// The most `Idempotency-Key`s remembered at once.
     pub idempotency_capacity: u64,
+    /// The most `Idempotency-Key` bindings the store holds for the whole fleet
+    /// (`idempotency_keys_max`, 2^24 by default): past it a new key is not bound, its request
+    /// is served without it and counted (`outcome="keys_full"`); a live binding is never
+    /// deleted to make room. SQLite and the memory store hold at most 2^20 whatever this says;
+    /// DynamoDB expires bindings by TTL and has no count.
+    pub idempotency_keys_max: u64,
     /// The methods whose `Idempotency-Key` is honoured (`POST` and `PATCH` by default: the
     /// others are idempotent by definition, and their key is not even read).
     pub idempotency_methods: Vec<http::Method>,
@@ -506,6 +512,9 @@ pub struct CreditSettings {
     pub expires_after: Option<Duration>,
     /// What a refund takes back.
     pub refunds: RefundPolicy,
+    /// How money refunded of a payment that bought credits and other things is shared when
+    /// nothing says which lines it was for (`refund_attribution`, `"pro_rata"` by default).
+    pub refund_attribution: crate::store::RefundAttribution,
 }
 
 /// What a refund of a payment (`charge.refunded`) takes back from the grant it paid for
@@ -513,11 +522,13 @@ pub struct CreditSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RefundPolicy {
-    /// `"proportional"` (the default): the part of the units the grant still holds that the
-    /// refund is of what was not refunded before (refunding half of a payment takes half of
-    /// what its grant still holds; a full refund, all of it).
+    /// `"proportional"` (the default): the units that the money refunded of the credit lines
+    /// bought, at the grant's price per unit, at most what the grant still holds (see
+    /// [`CreditRefund::units_for`](crate::store::CreditRefund::units_for)).
     Proportional,
-    /// `"unspent"`: any refund takes everything the grant still holds.
+    /// `"unspent"`: now the same as `"proportional"` (it took everything the grant held
+    /// on any refund, a 1-cent one included, taking back units that were paid for). Kept so
+    /// that configurations load.
     Unspent,
     /// `"ignore"`: refunds take nothing back (handle them by hand: `tollgate credits revoke`).
     Ignore,

@@ -90,6 +90,7 @@ pub(crate) struct RawCredits {
     pub(crate) prices: BTreeMap<String, i64>,
     pub(crate) expires_after: Option<String>,
     pub(crate) refunds: Option<String>,
+    pub(crate) refund_attribution: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,6 +137,7 @@ pub(crate) struct RawLimits {
     pub(crate) idempotency_window: Option<String>,
     pub(crate) idempotency_max_in_flight: Option<String>,
     pub(crate) idempotency_capacity: Option<u64>,
+    pub(crate) idempotency_keys_max: Option<u64>,
     pub(crate) idempotency_methods: Option<Vec<String>>,
     pub(crate) idempotency_max_body: Option<u64>,
     pub(crate) idempotency_max_request_body: Option<u64>,

@@ -673,7 +673,17 @@ impl Validator<'_, '_> {
                 ))
             }
         };
-        Ok(CreditSettings { meter, prices, expires_after, refunds })
+        let refund_attribution = match raw.refund_attribution.as_deref().unwrap_or("pro_rata") {
+            "pro_rata" => crate::store::RefundAttribution::ProRata,
+            "credits_first" => crate::store::RefundAttribution::CreditsFirst,
+            other => {
+                return Err(self.invalid(
+                    "stripe.credits.refund_attribution",
+                    format!("expected \"pro_rata\" or \"credits_first\", not \"{other}\""),
+                ))
+            }
+        };
+        Ok(CreditSettings { meter, prices, expires_after, refunds, refund_attribution })
     }
 
     fn stripe(&self, raw: &RawStripe, plans: &BTreeMap<PlanId, PlanSpec>) -> Result<StripeSettings, ConfigError> {
@@ -1181,9 +1191,14 @@ impl Validator<'_, '_> {
             )?,
             headers: match l.headers.as_deref().unwrap_or("draft") {
                 "draft" => HeaderStyle::Draft,
+                "draft-compat" => HeaderStyle::DraftCompat,
                 "legacy" => HeaderStyle::Legacy,
                 "none" => HeaderStyle::None,
-                _ => return Err(self.invalid("limits.headers", "expected \"draft\", \"legacy\" or \"none\"")),
+                _ => {
+                    return Err(
+                        self.invalid("limits.headers", "expected \"draft\", \"draft-compat\", \"legacy\" or \"none\"")
+                    )
+                }
             },
             idempotency_window: self.duration(
                 "limits.idempotency_window",
@@ -1200,6 +1215,11 @@ impl Validator<'_, '_> {
                     return Err(self.invalid("limits.idempotency_max_in_flight", "must be at most 24 hours"));
                 }
                 d
+            },
+            idempotency_keys_max: match l.idempotency_keys_max {
+                None => 1 << 24,
+                Some(0) => return Err(self.invalid("limits.idempotency_keys_max", "must be at least 1")),
+                Some(n) => n,
             },
             idempotency_capacity: match l.idempotency_capacity {
                 None => 100_000,

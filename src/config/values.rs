@@ -275,8 +275,16 @@ pub enum Synchronous {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum HeaderStyle {
-    /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft-10 structured fields).
+    /// `RateLimit-Policy` and `RateLimit` as IETF httpapi ratelimit-headers draft-10 says
+    /// (draft-11 where its text differs): `t` of the rate is the seconds until the next cell,
+    /// `qu` takes only registered units (a meter of another unit says it in the vendor
+    /// parameter `tollgate-unit`), and 429s of the rate, a quota or concurrency use the
+    /// draft's `quota-exceeded` problem type with `violated-policies`.
     Draft,
+    /// `"draft-compat"`: the draft forms of earlier tollgate versions, for clients that depend
+    /// on them: `t` of the rate until the bucket is full, `qu` naming any meter, and
+    /// tollgate's own problem types on every 429.
+    DraftCompat,
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
     Legacy,
     /// No rate-limit headers (`Retry-After` is still sent on 429).

@@ -7,7 +7,7 @@ use governor::clock::Clock as _;
 
 use super::{
     engine::{KeyClaim, Partial, PendingAdmission, ReplayRead, Stage},
-    idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, Verdict, IN_FLIGHT_SECS},
+    idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
     ticket::{Held, UNLEASED},
     Admission, ResponseCapture, Ticket, Tollgate,
 };
@@ -284,7 +284,8 @@ impl Tollgate {
             now,
             now.saturating_add(IN_FLIGHT_SECS.min(window)),
             now.saturating_add(window),
-        );
+        )
+        .at_most(config.limits.idempotency_keys_max);
         let timeout = config.usage.store_timeout;
         let settling = &self.shared.idempotency.settling;
         // A claim of this key this node is still settling (a failed request retried at once).
@@ -311,6 +312,14 @@ impl Tollgate {
         }));
         let answer =
             self.shared.stores.guarded(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
+        if let Ok(IdempotencyState::Full) = answer {
+            // The store holds the fleet's cap of live keys: served without its key, counted.
+            // Dropped here: this node's hold on the key goes too, and nothing is stored.
+            claim.fleet = None;
+            drop(claim);
+            self.shared.idempotency.responses.not_stored(NotStored::KeysFull);
+            return self.decide_rated(state, route, true, None, headers, at);
+        }
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
             // Bound by another request: nothing of this node's to settle.
             claim.fleet = None;
@@ -342,6 +351,7 @@ impl Tollgate {
                 state.give_back_rate(route.client, route.cost, &mut headers);
                 self.reject(Self::key_mismatch(&state))
             }
+            Ok(IdempotencyState::Full) => unreachable!("answered above"),
             Err(e) => {
                 self.store_error("claim idempotency key", &e);
                 if state.plan.on_store_error == StoreErrorPolicy::FailClosed {
@@ -399,22 +409,35 @@ impl Tollgate {
                 Ok(Ok(None)) => {}
                 Ok(Ok(Some(remaining))) => {
                     let empty = policy.burst.get() - remaining.min(policy.burst.get());
-                    headers.set_rate(remaining, ceil_secs(policy.rate.interval() * empty));
+                    // t: until the next cell (at most one cell's time; none when full); under
+                    // "draft-compat", until the bucket is full.
+                    let cells = if plan.header_style == HeaderStyle::DraftCompat { empty } else { empty.min(1) };
+                    headers.set_rate(remaining, ceil_secs(policy.rate.interval() * cells));
                 }
                 Ok(Err(not_until)) if plan.shadow => {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
-                    let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
-                    headers.set_rate(0, ceil_secs(full).max(1));
+                    let t = if plan.header_style == HeaderStyle::DraftCompat {
+                        wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)))
+                    } else {
+                        wait
+                    };
+                    headers.set_rate(0, ceil_secs(t).max(1));
                     self.would_refuse(&Self::shadow_rate(state));
                 }
                 Err(_) if plan.shadow => self.would_refuse(&Self::shadow_rate(state)),
                 Ok(Err(not_until)) => {
                     let wait = not_until.wait_time_from(self.shared.clock.now());
-                    // Retry-After: until this request could pass; t: until the bucket is
-                    // full again, as on a 200.
+                    // Retry-After: until this request could pass; t: the same (the next cells
+                    // it needs), so Retry-After is never earlier than t; under "draft-compat",
+                    // t until the bucket is full again, as on a 200.
                     let retry = ceil_secs(wait).max(1);
-                    let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
-                    headers.set_rate(0, ceil_secs(full).max(1));
+                    let t = if plan.header_style == HeaderStyle::DraftCompat {
+                        let full = wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)));
+                        ceil_secs(full).max(1)
+                    } else {
+                        retry
+                    };
+                    headers.set_rate(0, t);
                     Self::quota_headers(state, headers, meter, now);
                     let mut r = Rejection::new(
                         RejectionKind::RateLimited,

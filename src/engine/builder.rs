@@ -423,6 +423,8 @@ impl Builder {
             shutdown: shutdown_tx,
             key_lookups: super::clients::KeyLookups::new(limits.max_clients),
             credit_expiry: super::credits::CreditExpiry::default(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            started: std::time::Instant::now(),
             unknown: super::clients::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };

@@ -241,6 +241,11 @@ pub(crate) struct Shared {
     pub(crate) key_lookups: super::clients::KeyLookups,
     /// Expired credit grants whose close failed here, waiting to be tried again.
     pub(crate) credit_expiry: super::credits::CreditExpiry,
+    /// Set when shutdown begins: no request is admitted after it (its usage would come after
+    /// the final flush, and its lease after the leases were given back).
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// When the engine was built: settlements begun since then are all of them.
+    pub(crate) started: std::time::Instant,
 }
 
 /// An anonymous caller's `Idempotency-Key` scoped to its client address: the key, a NUL (no
@@ -330,6 +335,12 @@ impl Tollgate {
         req: &RequestInfo<'_>,
         client: impl FnOnce() -> Option<super::clients::Client>,
     ) -> Admission {
+        if self.shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.reject(
+                Rejection::new(RejectionKind::StoreUnavailable, "the server is stopping; send the request again")
+                    .with_retry_after(1),
+            );
+        }
         if let Some(key) = req.idempotency_key {
             if let Err(why) = check_key(key) {
                 return self.reject(Rejection::new(RejectionKind::MalformedIdempotencyKey, why));
@@ -494,6 +505,16 @@ impl Tollgate {
     pub(crate) fn count(&self, mut rejection: Rejection) -> Rejection {
         if matches!(
             rejection.kind(),
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::ConcurrencyLimited
+        ) && rejection.status() == http::StatusCode::TOO_MANY_REQUESTS
+            // A prepaid balance answered 429 is not a policy of RateLimit-Policy.
+            && !rejection.policy().is_some_and(|p| p.ends_with("-prepaid"))
+            && self.shared.runtime.load().config.limits.headers == crate::config::HeaderStyle::Draft
+        {
+            rejection.inner.quota_exceeded_type = true;
+        }
+        if matches!(
+            rejection.kind(),
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials | RejectionKind::MalformedCredentials
         ) && self.shared.runtime.load().config.limits.shadow
         {
@@ -602,9 +623,9 @@ impl Tollgate {
 
     /// Gives the unused units of these states' current leases back to the store, and owes
     /// what they used beyond them.
-    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) {
+    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> usize {
         let rt = self.shared.runtime.load_full();
-        self.shared.leases.return_leases(&rt, states).await;
+        self.shared.leases.return_leases(&rt, states).await
     }
 
     /// Waits, at most `limit`, for this node's `Idempotency-Key` settlements that began at or

@@ -97,11 +97,20 @@ pub(crate) enum NotStored {
     /// The request ran longer than `limits.idempotency_max_in_flight`: its key was released
     /// while it ran.
     TooLong,
+    /// The store held `limits.idempotency_keys_max` live keys: the request was served without
+    /// its key (a retry of it runs again).
+    KeysFull,
 }
 
 impl NotStored {
-    pub(crate) const ALL: [NotStored; 5] =
-        [NotStored::TooLarge, NotStored::BufferFull, NotStored::StoreFull, NotStored::NotStorable, NotStored::TooLong];
+    pub(crate) const ALL: [NotStored; 6] = [
+        NotStored::TooLarge,
+        NotStored::BufferFull,
+        NotStored::StoreFull,
+        NotStored::NotStorable,
+        NotStored::TooLong,
+        NotStored::KeysFull,
+    ];
 
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -110,6 +119,7 @@ impl NotStored {
             NotStored::StoreFull => "store_full",
             NotStored::NotStorable => "not_storable",
             NotStored::TooLong => "too_long",
+            NotStored::KeysFull => "keys_full",
         }
     }
 }

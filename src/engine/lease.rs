@@ -60,7 +60,7 @@ impl Leases {
     /// locks, so each must have its own sequence there.
     fn token(&self, cell: QuotaRef<'_>) -> ReserveToken {
         let sender = cell.sender(|| self.ids.new_sender());
-        ReserveToken::new(sender, self.ids.next_seq())
+        ReserveToken::new(sender, self.ids.next_seq()).at(self.clock.unix_secs())
     }
 
     /// Sends one store call of `cell`. The call is recorded as in flight first: if this future
@@ -240,7 +240,7 @@ impl Leases {
     /// Gives the unused units of `cell`'s lease back to the store and owes its debt (on
     /// eviction, reload and shutdown), with the lock taken here. Retried with the same token
     /// within `store_timeout`; what is still in flight then is logged.
-    pub(crate) async fn return_lease(&self, rt: &Runtime, cell: QuotaRef<'_>) {
+    pub(crate) async fn return_lease(&self, rt: &Runtime, cell: QuotaRef<'_>) -> bool {
         let timeout = rt.config.usage.store_timeout;
         let _guard = cell.lock().lock().await;
         let result = with_timeout(timeout, async {
@@ -280,16 +280,22 @@ impl Leases {
                 tracing::error!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
                     "a quota call is still unanswered as the lease is given back: the store may count its units");
             }
+            return false;
         }
+        true
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes
-    /// what they used beyond them.
-    pub(crate) async fn return_leases(&self, rt: &Runtime, states: Vec<Tenant>) {
+    /// what they used beyond them: the number of leases the store did not take.
+    pub(crate) async fn return_leases(&self, rt: &Runtime, states: Vec<Tenant>) -> usize {
+        let mut failed = 0;
         for state in states {
             for cell in state.quotas() {
-                self.return_lease(rt, cell).await;
+                if !self.return_lease(rt, cell).await {
+                    failed += 1;
+                }
             }
         }
+        failed
     }
 }

@@ -6,7 +6,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use super::{engine::Prefetch, store_calls::with_timeout, ExportReport, FlushReport, Tollgate};
 use crate::{config::Config, metrics::Totals, plan::Runtime, store::StoreError};
 
-/// What [`Tollgate::shutdown`] drained.
+/// What [`Tollgate::shutdown`] drained, and what it could not do in time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShutdownReport {
@@ -14,6 +14,14 @@ pub struct ShutdownReport {
     pub flush: FlushReport,
     /// The final export.
     pub export: ExportReport,
+    /// Whether every `Idempotency-Key` settlement begun reached the store in time.
+    pub keys_settled: bool,
+    /// Whether every lease was given back in time (a lease not given back stays leased until
+    /// its period ends: a hard quota under-admits meanwhile).
+    pub leases_returned: bool,
+    /// Whether the export ran to its end (not asked for, or not in time: `false`; a durable
+    /// store's next export sends what is left).
+    pub exported: bool,
 }
 
 /// [`Tollgate::shutdown`] could not hand everything to the store before
@@ -113,54 +121,71 @@ impl Tollgate {
         Ok(())
     }
 
-    /// Stops the worker, flushes every usage record, exports (closed windows; every window,
-    /// open ones included, when the store does not outlive the process, with timestamps no
-    /// later than now) and gives every lease back. Call it once the server has stopped taking
-    /// requests. A store that fails is retried until `usage.shutdown_timeout`.
+    /// Stops the engine in the one order every door uses, within `usage.shutdown_timeout`:
+    /// see [`shutdown_within`](Self::shutdown_within). Call it once the server has stopped
+    /// taking requests.
     ///
     /// # Errors
     /// A [`ShutdownError`] saying how many records and units were not flushed (also logged);
     /// leases are still given back where the store takes them.
     pub async fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
+        let budget = self.shared.runtime.load().config.usage.shutdown_timeout;
+        self.shutdown_within(budget, true).await
+    }
+
+    /// Stops the engine within `budget`, in one order, for every door:
+    ///
+    /// 1. **stop admitting**: a request that reaches the engine from now on is answered 503
+    ///    with `Retry-After: 1` (its usage would come after the final flush), and the worker
+    ///    stops;
+    /// 2. **settle open `Idempotency-Key`s**: the settlements already begun reach the store
+    ///    (within two store timeouts), so a retry elsewhere is answered from them;
+    /// 3. **flush** every usage record, retried while the store fails, until two thirds of
+    ///    the budget;
+    /// 4. **give every lease back**, within a sixth of it at least;
+    /// 5. **export**, with `export`, in the time left (closed windows; every window, open ones
+    ///    included, when the store does not outlive the process).
+    ///
+    /// [`shutdown`](Self::shutdown) runs it within `usage.shutdown_timeout`; Lambda's
+    /// extension within its ~500 ms, without the export (the scheduled export sends what is
+    /// stored). The report says what could not be done.
+    ///
+    /// # Errors
+    /// A [`ShutdownError`] when usage was not flushed: how many records and units were lost
+    /// with this process (also logged). The leases are still given back, and the export tried.
+    pub async fn shutdown_within(&self, budget: Duration, export: bool) -> Result<ShutdownReport, ShutdownError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + budget;
+        // 1. Stop admitting.
+        self.shared.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.shared.shutdown.send(true);
         let rt = self.shared.runtime.load_full();
-        let deadline = tokio::time::Instant::now() + rt.config.usage.shutdown_timeout;
         let durable = self.shared.stores.roles.usage.is_durable();
         let mut report = ShutdownReport::default();
+        // 2. Settle the keys of requests that ended.
+        let settle_for = (rt.config.usage.store_timeout * 2).min(budget / 4);
+        report.keys_settled = self.settlements_done(self.shared.started, settle_for).await;
+        if !report.keys_settled {
+            tracing::error!("shutdown: some Idempotency-Key settlements did not reach the store in time");
+        }
+        // 3. Flush, retried while the store fails, leaving a third of the budget.
+        let flush_until = started + budget * 2 / 3;
         let mut delay = Duration::from_millis(20);
-        let result = loop {
+        let flushed = loop {
             let attempt = async {
-                let flush = self.flush().await?;
-                report.flush.batches += flush.batches;
-                report.flush.records += flush.records;
-                report.flush.units += flush.units;
-                let export = self.export_pass(!durable).await?;
-                report.export = export;
-                if !durable && export.waiting > 0 {
-                    // The store dies with the process: windows left waiting for their tenant's
-                    // customer would be lost, so they are retried as a failure is.
-                    return Err(StoreError::Backend(
-                        format!(
-                            "{} windows wait for their tenant's billing customer (the directory could not \
-                             be read for it, or does not hold it) and the usage store does not outlive the process",
-                            export.waiting
-                        )
-                        .into(),
-                    ));
-                }
-                Ok::<_, StoreError>(())
-            };
-            // Each attempt is bounded by the deadline too: a store or sink that hangs cannot
-            // hold shutdown past it.
-            let attempt = async {
-                match tokio::time::timeout_at(deadline, attempt).await {
+                match tokio::time::timeout_at(flush_until, self.flush()).await {
                     Ok(r) => r,
-                    Err(_) => Err(StoreError::Timeout(rt.config.usage.shutdown_timeout)),
+                    Err(_) => Err(StoreError::Timeout(budget)),
                 }
             };
             match attempt.await {
-                Ok(()) => break Ok(()),
-                Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                Ok(flush) => {
+                    report.flush.batches += flush.batches;
+                    report.flush.records += flush.records;
+                    report.flush.units += flush.units;
+                    break Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() + delay < flush_until => {
                     tracing::warn!(error = %e, "shutdown: the store failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
@@ -168,10 +193,67 @@ impl Tollgate {
                 Err(e) => break Err(e),
             }
         };
+        // 4. Give every lease back: what is left of the budget, at least a sixth of it.
+        let leases_until = deadline.max(tokio::time::Instant::now() + budget / 6);
         let mut live = Vec::new();
         self.shared.table.for_each(|s| live.push(s.clone()));
-        self.return_leases(live).await;
-        match result {
+        report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(0));
+        if !report.leases_returned {
+            tracing::error!(
+                "shutdown: not every lease was given back in time (their units stay leased until the period ends)"
+            );
+        }
+        // 5. Export in the time left.
+        let mut unexported = None;
+        if export && flushed.is_ok() {
+            let mut delay = Duration::from_millis(20);
+            loop {
+                let attempt = async {
+                    let export = self.export_pass(!durable).await?;
+                    report.export = export;
+                    if !durable && export.waiting > 0 {
+                        // The store dies with the process: windows left waiting for their
+                        // tenant's customer would be lost, so they are retried as a failure is.
+                        return Err(StoreError::Backend(
+                            format!(
+                                "{} windows wait for their tenant's billing customer (the directory could not \
+                                 be read for it, or does not hold it) and the usage store does not outlive the process",
+                                export.waiting
+                            )
+                            .into(),
+                        ));
+                    }
+                    Ok::<_, StoreError>(())
+                };
+                let attempt = async {
+                    match tokio::time::timeout_at(deadline, attempt).await {
+                        Ok(r) => r,
+                        Err(_) => Err(StoreError::Timeout(budget)),
+                    }
+                };
+                match attempt.await {
+                    Ok(()) => {
+                        report.exported = true;
+                        break;
+                    }
+                    Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                        tracing::warn!(error = %e, "shutdown: the export failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        if durable {
+                            tracing::error!(error = %e, "shutdown: the export did not end in time; the next one sends it");
+                        } else {
+                            // The usage store dies with the process: what was not exported is lost.
+                            unexported = Some(e);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        match flushed.and(unexported.map_or(Ok(()), Err)) {
             Ok(()) => Ok(report),
             Err(source) => {
                 let (records, units) = self.shared.pipeline.lock().await.held();

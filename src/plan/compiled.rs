@@ -243,11 +243,13 @@ pub(crate) enum MonthPolicy {
     Many(Box<[usize]>),
 }
 
-/// Appends `"METER-PERIOD";q=LIMIT;w=W` to a `RateLimit-Policy` list, with `;qu="METER"` when
-/// the meter does not count requests (draft-10's quota unit, `requests` by default).
+/// Appends `"METER-PERIOD";q=LIMIT;w=W` to a `RateLimit-Policy` list, with the quota's unit
+/// when the meter does not count requests: under `headers = "draft"`, `qu` only for a unit the
+/// draft registers (`content-bytes`), else the vendor parameter `tollgate-unit="METER"`; under
+/// `"draft-compat"`, `qu="METER"` as before.
 /// A prepaid balance is not listed: its quota is each tenant's own and it has no window, so
 /// only the `RateLimit` field reports it (`r`, without `t`).
-pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u64) {
+pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u64, style: HeaderStyle) {
     use std::fmt::Write as _;
     if quota.period() == Period::Prepaid {
         return;
@@ -256,8 +258,15 @@ pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u
         out.push_str(", ");
     }
     let _ = write!(out, "\"{meter}-{}\";q={};w={w}", quota.period().name(), quota.limit());
-    if meter != "requests" {
-        let _ = write!(out, ";qu=\"{meter}\"");
+    match meter {
+        "requests" => {}
+        "content-bytes" => out.push_str(";qu=\"content-bytes\""),
+        _ if style == HeaderStyle::DraftCompat => {
+            let _ = write!(out, ";qu=\"{meter}\"");
+        }
+        _ => {
+            let _ = write!(out, ";tollgate-unit=\"{meter}\"");
+        }
     }
 }
 
@@ -373,7 +382,7 @@ impl CompiledPlan {
                             for &k in list.iter() {
                                 let (i, q) = &quotas[k];
                                 let w = if k == month { (28 + d as u64) * 86_400 } else { q.period().nominal_secs() };
-                                policy_item(&mut s, meters.ids[*i].as_str(), q, w);
+                                policy_item(&mut s, meters.ids[*i].as_str(), q, w, config.limits.headers);
                             }
                             match overrides {
                                 None => http::HeaderValue::from_static(intern(s)),
@@ -394,7 +403,7 @@ impl CompiledPlan {
                 }
                 for &k in list.iter() {
                     let (i, q) = &quotas[k];
-                    policy_item(&mut s, meters.ids[*i].as_str(), q, q.period().nominal_secs());
+                    policy_item(&mut s, meters.ids[*i].as_str(), q, q.period().nominal_secs(), config.limits.headers);
                 }
                 // Built from static bytes, so that every response clones it without touching a
                 // shared count; an overridden plan's own values are not leaked.

@@ -155,7 +155,9 @@ pub(crate) fn emit(
 ) {
     if state.has & CONCURRENCY != 0 {
         match plan.header_style {
-            HeaderStyle::Draft => return emit_concurrency(plan, state, retry_after, tenant, put),
+            HeaderStyle::Draft | HeaderStyle::DraftCompat => {
+                return emit_concurrency(plan, state, retry_after, tenant, put)
+            }
             HeaderStyle::Legacy => {
                 // The policy that refused: no place left, and no reset to announce.
                 let mut num = itoa::Buffer::new();
@@ -219,7 +221,7 @@ fn emit_fields(
         _ => (state.rate(plan), state.quota(plan)),
     };
     match plan.header_style {
-        HeaderStyle::Draft => {
+        HeaderStyle::Draft | HeaderStyle::DraftCompat => {
             let months = plan.policy_months.get(usize::from(state.shape)).and_then(Option::as_ref);
             if let Some(crate::plan::MonthPolicy::One { meter, by_days }) = months {
                 // The month in force: the tenant's quota cell knows its period (one not leased
@@ -253,7 +255,7 @@ fn emit_fields(
                         }
                         period => period.nominal_secs(),
                     };
-                    crate::plan::policy_item(&mut value, plan.meters.ids[*m].as_str(), spec, w);
+                    crate::plan::policy_item(&mut value, plan.meters.ids[*m].as_str(), spec, w, plan.header_style);
                 }
                 put(Field::RateLimitPolicy, Value::Owned(value));
             } else if let Some(Some(policy)) = plan.policy_header.get(usize::from(state.shape)) {

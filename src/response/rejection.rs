@@ -201,6 +201,9 @@ pub(crate) struct Details {
     pub(crate) challenge: Option<Arc<str>>,
     /// Shadow mode lets the request through: it is served without a tenant.
     pub(crate) shadowed: bool,
+    /// Answered with the IETF draft's `quota-exceeded` problem type (`limits.headers =
+    /// "draft"`, a 429 of the rate, a quota or concurrency).
+    pub(crate) quota_exceeded_type: bool,
 }
 
 impl Rejection {
@@ -225,6 +228,7 @@ impl Rejection {
                 headers: HeaderState::default(),
                 challenge: None,
                 shadowed: false,
+                quota_exceeded_type: false,
             }),
         }
     }
@@ -258,6 +262,21 @@ impl Rejection {
     #[must_use]
     pub fn detail(&self) -> &str {
         &self.inner.detail
+    }
+
+    /// The problem type URI of this rejection's body: with `limits.headers = "draft"`, a 429 of
+    /// the rate, a quota or concurrency has the IETF draft's
+    /// `https://iana.org/assignments/http-problem-types#quota-exceeded` (its
+    /// `violated-policies` name the `RateLimit-Policy` items, and `kind` keeps tollgate's);
+    /// every other rejection, and every one under `"draft-compat"`, `"legacy"` or `"none"`,
+    /// [`RejectionKind::problem_type`].
+    #[must_use]
+    pub fn problem_type(&self) -> &'static str {
+        if self.inner.quota_exceeded_type {
+            QUOTA_EXCEEDED_TYPE
+        } else {
+            self.inner.kind.problem_type()
+        }
     }
 
     /// The violated policy (`rate`, or `METER-PERIOD` such as `requests-day`), if any.
@@ -306,11 +325,16 @@ impl Rejection {
     #[must_use]
     pub fn problem_json(&self) -> Vec<u8> {
         let mut body = serde_json::json!({
-            "type": self.inner.kind.problem_type(),
+            "type": self.problem_type(),
             "title": self.inner.kind.title(),
             "status": self.status().as_u16(),
             "detail": self.inner.detail,
         });
+        if self.inner.quota_exceeded_type {
+            // The draft's members, and tollgate's kind beside them.
+            body["violated-policies"] = serde_json::json!(self.inner.policy.as_deref().into_iter().collect::<Vec<_>>());
+            body["kind"] = self.inner.kind.label().into();
+        }
         if let Some(policy) = &self.inner.policy {
             body["policy"] = policy.as_str().into();
         }
@@ -338,6 +362,9 @@ impl fmt::Display for Rejection {
         write!(f, "{}: {}", self.inner.kind.title(), self.inner.detail)
     }
 }
+
+/// The problem type of ratelimit-headers draft-10 for requests past a quota policy.
+pub(crate) const QUOTA_EXCEEDED_TYPE: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
 
 /// Why a repeated API key header is refused; a key with a comma (a repeated header joined by
 /// a proxy) gets the same answer.

@@ -34,15 +34,47 @@ pub const EVENT_IDS_KEPT_SECS: i64 = RETENTION_SECS;
 /// an id forgotten inside its horizon. DynamoDB expires them by TTL and has no count.
 pub const EVENT_IDS_MAX: usize = 1 << 20;
 
-/// The most `Idempotency-Key` bindings a store that cannot expire them by itself keeps at once:
-/// past it, expired ones go first, then those expiring first.
+/// The most `Idempotency-Key` bindings a store that cannot expire them by itself (SQLite,
+/// memory) keeps at once, whatever `limits.idempotency_keys_max` says: past it, expired ones go
+/// first, and a new key finds no room while the others are live
+/// ([`IdempotencyState::Full`](super::IdempotencyState::Full)). A live binding is never
+/// forgotten to make room.
 pub const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
 
-/// The senders whose last quota call a counter remembers, to answer a re-sent
+/// The senders whose last quota call a counter remembers at least, to answer a re-sent
 /// [`ReserveToken`](super::ReserveToken) once. A sender is one quota cell of one engine (a
-/// tenant state): a tenant evicted and seen again many times in a period makes many. Past this,
-/// the sender with the oldest call is forgotten (its calls were answered long ago).
+/// tenant state): a tenant evicted and seen again many times in a period makes many.
+///
+/// Senders are forgotten by the time of their last call ([`ReserveToken::at`](super::ReserveToken::at)),
+/// oldest first, never by sequence number (each node numbers its own calls), and never one
+/// that called within [`SENDER_QUIET_SECS`] of the call being applied (its retry may still
+/// come). So a counter holds more than this many senders only while they all called within
+/// that window. Entries written without a time (by builds before it was recorded) count as
+/// the oldest.
 pub const SENDERS_KEPT: usize = 64;
+
+/// How long after its last quota call a sender is never forgotten by a counter (see
+/// [`SENDERS_KEPT`]): far past any retry of a call (a store call times out within seconds).
+pub const SENDER_QUIET_SECS: i64 = 600;
+
+/// How long units forgiven by a close or a refund are kept
+/// ([`CreditBalance::forgiven`](super::CreditBalance::forgiven)): long enough for every lease
+/// outstanding at the close to be spent or given back (a node gives back an idle tenant's
+/// leases after `limits.idle_timeout`, 15 minutes by default), after which releases lower the
+/// balance's used units again in full. Meanwhile a release of units leased from the other
+/// grants is drawn on it too: the balance errs to fewer units left, by at most the units
+/// forgiven, for that time.
+pub const FORGIVEN_SECS: i64 = 2 * 3_600;
+
+/// How long a refund that arrived before its grant is kept
+/// ([`RefundOutcome::Kept`](super::RefundOutcome::Kept)): as long as usage (Stripe retries a
+/// payment's event for 3 days, well within it).
+pub const REFUNDS_KEPT_SECS: i64 = RETENTION_SECS;
+
+/// The most refunds a store keeps for grants that have not landed: past it a refund is not
+/// kept ([`RefundOutcome::Full`](super::RefundOutcome::Full)) and is asked for again later
+/// (Stripe delivers its event again).
+pub const REFUNDS_KEPT_MAX: usize = 10_000;
 
 /// The most open credit grants a tenant holds on one meter: a grant past them is refused
 /// ([`GrantOutcome::TooMany`](super::GrantOutcome::TooMany)).

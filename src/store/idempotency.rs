@@ -25,6 +25,12 @@ pub struct IdempotencyClaim {
     pub in_flight_until: i64,
     /// When the binding expires (`limits.idempotency_window` after the claim).
     pub expires_at: i64,
+    /// The most bindings the store holds for the fleet (`limits.idempotency_keys_max`): past
+    /// it, a new key is not bound ([`IdempotencyState::Full`]). A store never forgets a live
+    /// binding to make room; a store bounded by its own size (SQLite, memory) holds at most
+    /// [`IDEMPOTENCY_KEYS_MAX`](super::contract::IDEMPOTENCY_KEYS_MAX) whatever this says; a
+    /// store that expires bindings by itself (DynamoDB's TTL) may have no count.
+    pub max_keys: u64,
 }
 
 impl IdempotencyClaim {
@@ -38,7 +44,22 @@ impl IdempotencyClaim {
         in_flight_until: i64,
         expires_at: i64,
     ) -> Self {
-        Self { key: key.into(), request: request.into(), owner, now, in_flight_until, expires_at }
+        Self {
+            key: key.into(),
+            request: request.into(),
+            owner,
+            now,
+            in_flight_until,
+            expires_at,
+            max_keys: super::contract::IDEMPOTENCY_KEYS_MAX as u64,
+        }
+    }
+
+    /// Bound only while the store holds fewer than `max_keys` bindings.
+    #[must_use]
+    pub fn at_most(mut self, max_keys: u64) -> Self {
+        self.max_keys = max_keys;
+        self
     }
 }
 
@@ -57,6 +78,10 @@ pub enum IdempotencyState {
     Completed(Option<Box<StoredResponse>>),
     /// The key is bound to another request: 422.
     Mismatch,
+    /// The key is free, but the store holds [`max_keys`](IdempotencyClaim::max_keys) bindings
+    /// that are not past their window: it was not bound (the request is served without its
+    /// key, and counted).
+    Full,
 }
 
 impl IdempotencyState {

@@ -35,6 +35,21 @@ impl QuotaKey {
         Self { tenant, meter, period, start, end }
     }
 
+    /// The counter of `tenant` on `meter` named by a period's tag ([`period_tag`](Self::period_tag))
+    /// and bounds, as a store keeps it; `None` for a tag no period has.
+    #[must_use]
+    pub fn from_tag(tenant: TenantId, meter: MeterId, tag: &str, start: i64, end: i64) -> Option<Self> {
+        let period = match tag {
+            "day" => Period::Day,
+            "prepaid" => Period::Prepaid,
+            _ => {
+                let day: u8 = tag.strip_prefix("month@")?.parse().ok()?;
+                Period::Month { anchor_day: day }
+            }
+        };
+        Some(Self::new(tenant, meter, period, start, end))
+    }
+
     /// The period's kind as a short stable text: `day`, or `month@D` for a month anchored on day D.
     #[must_use]
     pub fn period_tag(&self) -> String {
@@ -49,7 +64,10 @@ impl QuotaKey {
 /// timeout carries the same token, so a store applies it at most once.
 ///
 /// A store keeps, per key and node, the sequence number of the last call it applied (and that
-/// call's answer); a call whose sequence number is not higher is not applied again.
+/// call's answer) with the time of that call; a call whose sequence number is not higher is not
+/// applied again. Senders are forgotten by the time of their last call, never by sequence
+/// number (those of different nodes do not compare): see
+/// [`SENDERS_KEPT`](super::contract::SENDERS_KEPT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct ReserveToken {
@@ -57,13 +75,24 @@ pub struct ReserveToken {
     pub node: u64,
     /// Increases with every quota call of that node.
     pub seq: u64,
+    /// When the call was made, by the sender's clock (Unix seconds): the store remembers its
+    /// senders by it.
+    pub at: i64,
 }
 
 impl ReserveToken {
-    /// A token.
+    /// A token made now (by the system clock).
     #[must_use]
     pub fn new(node: u64, seq: u64) -> Self {
-        Self { node, seq }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self { node, seq, at: i64::try_from(now).unwrap_or(i64::MAX) }
+    }
+
+    /// Made at `secs` (Unix seconds), by the sender's own clock.
+    #[must_use]
+    pub fn at(mut self, secs: i64) -> Self {
+        self.at = secs;
+        self
     }
 }
 
@@ -87,6 +116,26 @@ pub struct Reservation {
     /// the limit the grant shrinks towards it, see [`grant_for`](Self::grant_for). Equal to
     /// `units` unless [`shrinking`](Self::shrinking) was called: no shrinking.
     pub at_least: u64,
+}
+
+/// A quota counter as a store holds it ([`QuotaStore::counters`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QuotaCounter {
+    /// The counter.
+    pub key: QuotaKey,
+    /// Units reserved by every node together: leased (spent or not yet) and owed.
+    pub reserved: u64,
+    /// A prepaid balance's granted units (its limit); `None` for a calendar period.
+    pub granted: Option<u64>,
+}
+
+impl QuotaCounter {
+    /// `key` holding `reserved`, with a prepaid balance's `granted`.
+    #[must_use]
+    pub fn new(key: QuotaKey, reserved: u64, granted: Option<u64>) -> Self {
+        Self { key, reserved, granted }
+    }
 }
 
 /// Near a hard limit a grant is at most `1 / SHRINK` of the units left.
@@ -175,12 +224,26 @@ pub struct CreditGrant {
     pub granted_at: i64,
     /// When it expires (Unix seconds), if ever. Grants are spent soonest-to-expire first.
     pub expires_at: Option<i64>,
-    /// The payment it came from (a Stripe payment intent id), for refunds.
+    /// The payment it came from (a Stripe payment intent id), for refunds: one grant per
+    /// payment and tenant.
     pub payment: Option<String>,
-    /// How much of that payment has been refunded so far, as
-    /// [`refund_credits`](QuotaStore::refund_credits) last applied (in the payment's currency,
-    /// smallest unit); 0 without refunds.
+    /// What the payment paid for this grant's units: the amounts of its credit lines (in the
+    /// payment's currency, smallest unit), if known. A refund takes back the units the refunded
+    /// part of it bought.
+    pub paid: Option<u64>,
+    /// The units bought: [`units`](Self::units) before any refund lowered it.
+    pub bought: u64,
+    /// The units the payment's refunds take back in all, as
+    /// [`refund_credits`](QuotaStore::refund_credits) last applied them (at most what the grant
+    /// held then): a refund delivered again, or late, takes nothing more.
+    pub taken: u64,
+    /// Money of the payment refunded before this build recorded [`paid`](Self::paid) (grants
+    /// made by earlier versions); 0 otherwise.
     pub refunded: u64,
+    /// Another grant of the tenant was made for the same payment first, before one grant per
+    /// payment was enforced (schema upgrades keep such grants as they were, marked): listed
+    /// for a person to revoke.
+    pub duplicate: bool,
     /// How it closed, once expired or revoked.
     pub closed: Option<CreditClosure>,
 }
@@ -197,9 +260,20 @@ impl CreditGrant {
             granted_at,
             expires_at: None,
             payment: None,
+            paid: None,
+            bought: units,
+            taken: 0,
             refunded: 0,
+            duplicate: false,
             closed: None,
         }
+    }
+
+    /// Bought for `amount` (the amounts of the payment's credit lines, smallest currency unit).
+    #[must_use]
+    pub fn costing(mut self, amount: u64) -> Self {
+        self.paid = Some(amount);
+        self
     }
 
     /// Expiring at `at` (Unix seconds).
@@ -245,13 +319,29 @@ pub struct CreditBalance {
     pub granted: u64,
     /// Units used: reserved by nodes (spent or leased) and owed.
     pub reserved: u64,
+    /// Units a close (or a refund) took out of `reserved` with its grant, counting them used
+    /// though some may still be leased to nodes: releases draw on it before they lower
+    /// `reserved`, so a closed grant's leased units never come back inside the other grants.
+    /// Kept until [`forgiven_until`](Self::forgiven_until); see [`release_against`].
+    pub forgiven: u64,
+    /// Until when `forgiven` holds (Unix seconds): [`FORGIVEN_SECS`](super::contract::FORGIVEN_SECS)
+    /// after the last close or refund that added to it.
+    pub forgiven_until: i64,
 }
 
 impl CreditBalance {
     /// A balance of `granted` units with `reserved` used.
     #[must_use]
     pub fn new(granted: u64, reserved: u64) -> Self {
-        Self { granted, reserved }
+        Self { granted, reserved, forgiven: 0, forgiven_until: 0 }
+    }
+
+    /// With `forgiven` units forgiven until `until`.
+    #[must_use]
+    pub fn forgiving(mut self, forgiven: u64, until: i64) -> Self {
+        self.forgiven = forgiven;
+        self.forgiven_until = until;
+        self
     }
 
     /// Units left: negative when usage that had to be billed took it below zero (the next
@@ -283,71 +373,289 @@ pub(crate) fn fits(granted: u64, units: u64) -> bool {
     units > 0 && granted.checked_add(units).is_some_and(|t| t <= super::contract::MAX_BALANCE)
 }
 
-/// Closes one credit grant of `grants` (open ones, of one tenant and meter) against `balance`:
-/// what the grant still holds when the units used are spent soonest-to-expire first, and the
-/// balance after it (the grant's units leave the granted total, the part of it used leaves the
-/// used total). Every store closes by this rule.
+/// Closes one credit grant of `grants` (open ones, of one tenant and meter) against `balance`
+/// at `now`: what the grant still holds when the units used are spent soonest-to-expire first,
+/// and the balance after it (the grant's units leave the granted total, the part of it used
+/// leaves the used total and is forgiven: see [`CreditBalance::forgiven`]). Every store
+/// closes by this rule.
 #[must_use]
-pub(crate) fn close_against(grants: &[CreditGrant], id: &str, balance: CreditBalance) -> Option<(u64, CreditBalance)> {
+pub(crate) fn close_against(
+    grants: &[CreditGrant],
+    id: &str,
+    balance: CreditBalance,
+    now: i64,
+) -> Option<(u64, CreditBalance)> {
     let grant = grants.iter().find(|g| g.id == id && g.closed.is_none())?;
+    let spent = spent_of(grants, grant, balance);
+    let lost = grant.units - spent;
+    let after = CreditBalance::new(balance.granted.saturating_sub(grant.units), balance.reserved.saturating_sub(spent));
+    Some((lost, forgive(balance, after, spent, now)))
+}
+
+/// The units of `grant` counted used: the used total spent soonest-to-expire first.
+fn spent_of(grants: &[CreditGrant], grant: &CreditGrant, balance: CreditBalance) -> u64 {
     let before: u64 = grants
         .iter()
         .filter(|g| g.closed.is_none() && g.spending_order() < grant.spending_order())
         .fold(0u64, |a, g| a.saturating_add(g.units));
-    let spent = balance.reserved.saturating_sub(before).min(grant.units);
-    let lost = grant.units - spent;
-    Some((
-        lost,
-        CreditBalance::new(balance.granted.saturating_sub(grant.units), balance.reserved.saturating_sub(spent)),
-    ))
+    balance.reserved.saturating_sub(before).min(grant.units)
 }
 
-/// A refund of the payment that bought a grant ([`QuotaStore::refund_credits`]): how much of
-/// the payment's `amount` has been refunded in all (Stripe's charge `amount_refunded`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `after` with `units` more forgiven (what was still forgiven at `now` kept), until
+/// [`FORGIVEN_SECS`](super::contract::FORGIVEN_SECS) from `now`.
+fn forgive(before: CreditBalance, after: CreditBalance, units: u64, now: i64) -> CreditBalance {
+    let still = if before.forgiven_until > now { before.forgiven } else { 0 };
+    if units == 0 {
+        return after.forgiving(still, if still > 0 { before.forgiven_until } else { 0 });
+    }
+    after.forgiving(still.saturating_add(units), now.saturating_add(super::contract::FORGIVEN_SECS))
+}
+
+/// A release of `units` at `now` from a counter holding `reserved`, `forgiven` until
+/// `forgiven_until`: `(reserved, forgiven)` after it. While forgiven units are kept, a release
+/// draws on them first (they left `reserved` already, with a closed grant), then lowers
+/// `reserved` (never below zero). Every store releases by this rule.
+#[must_use]
+pub fn release_against(reserved: u64, forgiven: u64, forgiven_until: i64, units: u64, now: i64) -> (u64, u64) {
+    let forgiven = if forgiven_until > now { forgiven } else { 0 };
+    let drawn = forgiven.min(units);
+    (reserved.saturating_sub(units - drawn), forgiven - drawn)
+}
+
+/// How the money refunded of a payment is shared between its credit lines and its other lines
+/// when nothing says which lines were refunded (`[stripe.credits] refund_attribution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RefundAttribution {
+    /// `"pro_rata"` (the default): each line gets its share of the payment: the credit lines
+    /// `refunded × paid / amount`.
+    #[default]
+    ProRata,
+    /// `"credits_first"`: the refund is taken from the credit lines first, up to what they
+    /// cost.
+    CreditsFirst,
+}
+
+/// A refund of a payment that bought credits ([`QuotaStore::refund_credits`]), as Stripe holds
+/// it now: everything is cumulative (in all, this refund included), so that refunds delivered
+/// again, late or out of order take back each unit once.
+///
+/// The grant loses the units that the money refunded of its credit lines bought, at the
+/// grant's price per unit ([`units_for`](Self::units_for)), at most what it still holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CreditRefund {
-    /// Refunded in all, this refund included.
-    pub refunded: u64,
-    /// The payment's amount.
+    /// The payment (a payment intent id): the grant with this payment, or with this id.
+    pub payment: String,
+    /// The payment's invoice, if any: a grant with this id is the payment's too.
+    pub invoice: Option<String>,
+    /// The payment's amount (smallest currency unit).
     pub amount: u64,
+    /// Money refunded in all that no credit note or metadata attributes (shared by
+    /// [`attribution`](Self::attribution)).
+    pub refunded: u64,
+    /// How `refunded` is shared.
+    pub attribution: RefundAttribution,
+    /// Money refunded in all of the credit lines themselves, as the invoice's credit notes
+    /// name them.
+    pub of_credits: u64,
+    /// Units taken back in all by refunds that say how many (`tollgate_units` metadata).
+    pub units: u64,
+    /// When the refund was seen (Unix seconds): one that arrives before its grant is kept
+    /// [`REFUNDS_KEPT_SECS`](super::contract::REFUNDS_KEPT_SECS) from then.
+    pub at: i64,
+    /// The tenant whose customer paid, when known: a store that finds grants by tenant looks
+    /// there for grants made before it recorded payments apart.
+    pub tenant: Option<TenantId>,
 }
 
 impl CreditRefund {
-    /// `refunded` of `amount` refunded in all.
+    /// `refunded` of `amount` refunded in all, of `payment`, attributed pro rata, seen at `at`.
     #[must_use]
-    pub fn new(refunded: u64, amount: u64) -> Self {
-        Self { refunded, amount }
+    pub fn new(payment: impl Into<String>, refunded: u64, amount: u64, at: i64) -> Self {
+        Self {
+            payment: payment.into(),
+            invoice: None,
+            amount,
+            refunded,
+            attribution: RefundAttribution::ProRata,
+            of_credits: 0,
+            units: 0,
+            at,
+            tenant: None,
+        }
+    }
+
+    /// Paid by `tenant`'s customer.
+    #[must_use]
+    pub fn for_tenant(mut self, tenant: TenantId) -> Self {
+        self.tenant = Some(tenant);
+        self
+    }
+
+    /// Of this invoice's payment.
+    #[must_use]
+    pub fn of_invoice(mut self, invoice: impl Into<String>) -> Self {
+        self.invoice = Some(invoice.into());
+        self
+    }
+
+    /// Shared by this rule.
+    #[must_use]
+    pub fn attributed(mut self, attribution: RefundAttribution) -> Self {
+        self.attribution = attribution;
+        self
+    }
+
+    /// With `money` refunded of the credit lines in all (credit notes), beside what is
+    /// attributed.
+    #[must_use]
+    pub fn of_credit_lines(mut self, money: u64) -> Self {
+        self.of_credits = money;
+        self
+    }
+
+    /// With `units` taken back in all by refunds that say so.
+    #[must_use]
+    pub fn naming_units(mut self, units: u64) -> Self {
+        self.units = units;
+        self
+    }
+
+    /// Whether this refund is of `grant`'s payment.
+    #[must_use]
+    pub fn is_of(&self, grant: &CreditGrant) -> bool {
+        grant.payment.as_deref() == Some(self.payment.as_str())
+            || grant.id == self.payment
+            || self.invoice.as_deref().is_some_and(|i| grant.id == i)
+    }
+
+    /// The units this refund takes back from `grant` in all (before the cap at what the grant
+    /// still holds): `units` named, plus what the money refunded of the credit lines bought at
+    /// the grant's price, `bought × money / paid` rounded down, all of `bought` once the
+    /// credit lines are refunded in full. The money of the credit lines is `of_credits` plus
+    /// `refunded` attributed: pro rata `refunded × paid / amount`, credits first
+    /// `min(refunded, paid)`. A grant made before its cost was recorded counts the payment's
+    /// amount less what was refunded then as its cost, and its units then as bought. Every
+    /// store refunds by this rule.
+    #[must_use]
+    pub fn units_for(&self, grant: &CreditGrant) -> u64 {
+        let (paid, amount, refunded) = match grant.paid {
+            Some(paid) => (paid, self.amount, self.refunded),
+            None => {
+                let left = self.amount.saturating_sub(grant.refunded);
+                (left, left, self.refunded.saturating_sub(grant.refunded))
+            }
+        };
+        let attributed = match self.attribution {
+            RefundAttribution::ProRata if amount > 0 => {
+                (u128::from(refunded) * u128::from(paid) / u128::from(amount)) as u64
+            }
+            RefundAttribution::ProRata => 0,
+            RefundAttribution::CreditsFirst => refunded.min(paid),
+        };
+        let money = attributed.saturating_add(self.of_credits);
+        let bought = if money >= paid && paid > 0 {
+            grant.bought
+        } else if paid == 0 {
+            0
+        } else {
+            (u128::from(grant.bought) * u128::from(money) / u128::from(paid)) as u64
+        };
+        bought.saturating_add(self.units).min(grant.bought)
     }
 }
 
-/// Refunds part of one open credit grant of `grants` (open ones, of one tenant and meter)
-/// against `balance`: the units it takes back and the balance after it. Of what the grant still
-/// holds (units used are taken from the soonest-to-expire grants first, as
-/// [`close_against`] counts them), the share the refund is of what was not refunded before
-/// leaves it: `held × (refunded − before) / (amount − before)`, rounded down (all of it once the
-/// whole amount is refunded). `None` when there is no such open grant or that much was refunded
-/// already. Every store refunds by this rule.
+/// Applies `refund` to its grant among `grants` (open ones, of one tenant and meter) against
+/// `balance` at `now`: `Some((units, removed, taken, after))`, the units taken from what the
+/// grant still held, the units it loses in all, the grant's new [`taken`](CreditGrant::taken),
+/// and the balance after it; `None` when it takes nothing more (a redelivery, or less refunded
+/// than before). The units to take are `units_for − taken`: first from what the grant still
+/// holds, then from its units counted used, which leave it as a close's do (forgiven, since
+/// some may be leased). Every store refunds by this rule.
 #[must_use]
 pub(crate) fn refund_against(
     grants: &[CreditGrant],
-    id: &str,
+    refund: &CreditRefund,
     balance: CreditBalance,
-    refund: CreditRefund,
-) -> Option<(u64, CreditBalance)> {
-    let grant = grants.iter().find(|g| g.id == id && g.closed.is_none())?;
-    if refund.refunded <= grant.refunded {
+    now: i64,
+) -> Option<(u64, u64, u64, CreditBalance)> {
+    let grant = grants.iter().find(|g| g.closed.is_none() && refund.is_of(g))?;
+    let target = refund.units_for(grant);
+    if target <= grant.taken {
         return None;
     }
-    let (held, _) = close_against(grants, id, balance)?;
-    let removed = if refund.refunded >= refund.amount || refund.amount <= grant.refunded {
-        held
+    let delta = target - grant.taken;
+    let spent = spent_of(grants, grant, balance);
+    let held = grant.units - spent;
+    let from_held = delta.min(held);
+    let from_spent = (delta - from_held).min(spent);
+    let removed = from_held + from_spent;
+    let after =
+        CreditBalance::new(balance.granted.saturating_sub(removed), balance.reserved.saturating_sub(from_spent));
+    Some((from_held, removed, target, forgive(balance, after, from_spent, now)))
+}
+
+/// The answer to [`QuotaStore::refund_credits`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefundOutcome {
+    /// The refund took units back from the grant `grant` of `tenant` on `meter`: `units` of
+    /// what it still held (it may also lose units counted used, which leave the balance with
+    /// it).
+    Taken {
+        /// The tenant.
+        tenant: TenantId,
+        /// The meter.
+        meter: MeterId,
+        /// The grant's id.
+        grant: String,
+        /// Units taken from what the grant held.
+        units: u64,
+    },
+    /// The grant took this much back already (a redelivery, a late refund), or it has closed.
+    Nothing,
+    /// No grant of this payment yet: kept, and applied by the grant's own write when it lands
+    /// (within [`REFUNDS_KEPT_SECS`](super::contract::REFUNDS_KEPT_SECS)).
+    Kept,
+    /// No grant of this payment yet, and [`REFUNDS_KEPT_MAX`](super::contract::REFUNDS_KEPT_MAX)
+    /// refunds are kept already: nothing was kept (ask again later).
+    Full,
+}
+
+/// A refund kept until its grant lands, as a store holds it.
+pub(crate) fn kept_refund_json(refund: &CreditRefund) -> String {
+    serde_json::json!({
+        "payment": refund.payment, "invoice": refund.invoice, "amount": refund.amount,
+        "refunded": refund.refunded,
+        "attribution": match refund.attribution { RefundAttribution::ProRata => "pro_rata", RefundAttribution::CreditsFirst => "credits_first" },
+        "of_credits": refund.of_credits, "units": refund.units, "at": refund.at,
+    })
+    .to_string()
+}
+
+/// A kept refund read back (`None`: not one).
+pub(crate) fn kept_refund_of(json: &str) -> Option<CreditRefund> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let mut r =
+        CreditRefund::new(v["payment"].as_str()?, v["refunded"].as_u64()?, v["amount"].as_u64()?, v["at"].as_i64()?);
+    r.invoice = v["invoice"].as_str().map(str::to_owned);
+    r.attribution =
+        if v["attribution"] == "credits_first" { RefundAttribution::CreditsFirst } else { RefundAttribution::ProRata };
+    r.of_credits = v["of_credits"].as_u64().unwrap_or(0);
+    r.units = v["units"].as_u64().unwrap_or(0);
+    Some(r)
+}
+
+/// Of two copies of one payment's refund, the one Stripe sent later: more refunded in every
+/// part (refunds only grow), else the later seen.
+pub(crate) fn newer_refund(a: CreditRefund, b: CreditRefund) -> CreditRefund {
+    let key = |r: &CreditRefund| (r.refunded.saturating_add(r.of_credits).saturating_add(r.units), r.at);
+    if key(&b) >= key(&a) {
+        b
     } else {
-        let share = u128::from(held) * u128::from(refund.refunded - grant.refunded)
-            / u128::from(refund.amount - grant.refunded);
-        (share as u64).min(held)
-    };
-    Some((removed, CreditBalance::new(balance.granted.saturating_sub(removed), balance.reserved)))
+        a
+    }
 }
 
 /// Where quota counters live: a conditional atomic add per call, so that the units leased by all
@@ -368,11 +676,18 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError>;
 
     /// Gives back `units` reserved earlier and not used; at most once per token, as
-    /// [`reserve`](Self::reserve).
+    /// [`reserve`](Self::reserve). A prepaid balance draws on its forgiven units first
+    /// ([`release_against`], at the token's time).
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError>;
 
     /// Adds a grant of prepaid units: its units join the balance of `(grant.tenant,
-    /// grant.meter)` in the same write that records the grant, once per grant id.
+    /// grant.meter)` in the same write that records the grant, once per grant id and once per
+    /// payment: a grant whose id, or whose [`payment`](CreditGrant::payment), another grant of
+    /// the tenant has (on any meter) is a [`GrantOutcome::Duplicate`] and adds nothing.
+    ///
+    /// A refund of its payment (or invoice) kept by [`refund_credits`](Self::refund_credits)
+    /// is applied in the same write, and forgotten: the grant lands with those units taken
+    /// back.
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError>;
 
     /// The tenant's credit grants (open, and closed ones not dropped yet: a closed grant is
@@ -386,9 +701,10 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError>;
 
     /// Closes an open grant, once: with `revoke`, at once; without, only if it has expired by
-    /// `now` (the worker's expiry). Its units leave the balance (units used are taken from the soonest-to-expire grants first,
-    /// so it loses what it still holds by that rule); its
-    /// closure is returned, or `None` if there is no such open grant (or it has not expired).
+    /// `now` (the worker's expiry). Its units leave the balance (units used are taken from the
+    /// soonest-to-expire grants first, so it loses what it still holds by that rule, and its
+    /// units counted used are forgiven: [`CreditBalance::forgiven`]); its closure is returned,
+    /// or `None` if there is no such open grant (or it has not expired).
     async fn close_credits(
         &self,
         tenant: &TenantId,
@@ -398,21 +714,27 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError>;
 
-    /// Takes back what a refund of the payment that bought an open grant refunds of what the
-    /// grant still holds (see [`CreditRefund`]; the rule every store applies is
-    /// `held × (refunded − before) / (amount − before)`), once per refunded amount: applied
-    /// only when `refund.refunded` is more than the grant's [`refunded`](CreditGrant::refunded)
-    /// so far, which it then records, in the same write that lowers the grant's units and the
-    /// balance. The units taken back; `None` when there is no such open grant or that much was
-    /// refunded already (a redelivery).
-    async fn refund_credits(
-        &self,
-        tenant: &TenantId,
-        meter: &MeterId,
-        id: &str,
-        refund: CreditRefund,
-    ) -> Result<Option<u64>, StoreError>;
+    /// Applies a refund of the payment that bought a grant, in the grant's write: the units
+    /// [`CreditRefund::units_for`] says, less those the grant's refunds took already
+    /// ([`taken`](CreditGrant::taken), which it then records), first from what the grant still
+    /// holds, then from its units counted used (see `refund_against`'s rule in
+    /// [`CreditRefund`]). The grant is the open grant of any tenant whose payment, or id, is
+    /// the refund's payment, or whose id is its invoice.
+    ///
+    /// Without such a grant (Stripe delivers a refund before a grant that is still being
+    /// retried), the refund is kept by its payment and invoice, the newer of two copies
+    /// winning, and [`grant_credits`](Self::grant_credits) applies it in the grant's own write:
+    /// [`RefundOutcome::Kept`], or [`RefundOutcome::Full`] past
+    /// [`REFUNDS_KEPT_MAX`](super::contract::REFUNDS_KEPT_MAX) kept refunds. Whether the grant
+    /// exists and the keeping are one atomic step, so a grant landing meanwhile is never missed.
+    async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError>;
 
     /// Open grants expired by `now`, of every tenant, up to `limit`: for the worker to close.
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError>;
+
+    /// The counters of `tenant` on `meter` the store holds (the periods still of use, a
+    /// prepaid balance among them), by period start: for reading (`tollgate quota show`), never
+    /// on the request path. What a counter holds includes the units leased to nodes and not
+    /// used yet: once every node has given its leases back (stopped), it is what was used.
+    async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError>;
 }

@@ -41,6 +41,11 @@
 //!   `starting_after`; an object the test did not add gets 404 `resource_missing`, as an
 //!   unknown id does. `GET /v1/invoice_payments?invoice=…` ("List all payments for an
 //!   invoice"): the invoice's payments a test added, else an empty list.
+//!   `GET /v1/refunds?payment_intent=…` ("List all refunds": "Only return refunds for the
+//!   PaymentIntent specified by this ID") and `GET /v1/credit_notes?invoice=…` ("List all credit
+//!   notes": "Only return credit notes for the invoice specified by this invoice ID"): those a
+//!   test added ([`StandIn::add_refunds`], [`StandIn::add_credit_notes`]), else an empty list;
+//!   the filter is required here (tollgate never lists an account's refunds whole).
 //!   [`StandIn::fail_reads`] makes the next reads of these answer 500 `api_error`.
 //! - `GET /v1/prices` (Stripe's API reference, "List all prices": "Returns a list of your
 //!   active prices … For the list of inactive prices, set active to false"; `lookup_keys`:
@@ -122,6 +127,8 @@ struct State {
     /// Lists by path (a payment's line items), reads of them, and reads to fail.
     lists: HashMap<String, Vec<serde_json::Value>>,
     invoice_payments: HashMap<String, Vec<serde_json::Value>>,
+    refunds: HashMap<String, Vec<serde_json::Value>>,
+    credit_notes: HashMap<String, Vec<serde_json::Value>>,
     list_reads: u64,
     failing_reads: u32,
     /// Prices (complete `price` objects), and the reads of their list.
@@ -288,6 +295,16 @@ impl StandIn {
     /// The payments of an invoice (`invoice_payment` objects).
     pub fn add_invoice_payments(&self, invoice: &str, payments: Vec<serde_json::Value>) {
         self.lock().invoice_payments.insert(invoice.to_owned(), payments);
+    }
+
+    /// The refunds of a payment intent (`refund` objects), newest first as Stripe lists them.
+    pub fn add_refunds(&self, payment_intent: &str, refunds: Vec<serde_json::Value>) {
+        self.lock().refunds.insert(payment_intent.to_owned(), refunds);
+    }
+
+    /// The credit notes of an invoice (`credit_note` objects, their lines embedded).
+    pub fn add_credit_notes(&self, invoice: &str, notes: Vec<serde_json::Value>) {
+        self.lock().credit_notes.insert(invoice.to_owned(), notes);
     }
 
     /// A price `id`, active or archived, with this lookup key.
@@ -671,7 +688,11 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
             .collect();
         return page(items, "/v1/prices");
     }
-    if path.starts_with("/v1/checkout/sessions/") || path.starts_with("/v1/invoices/") || path == "/v1/invoice_payments"
+    if path.starts_with("/v1/checkout/sessions/")
+        || path.starts_with("/v1/invoices/")
+        || path == "/v1/invoice_payments"
+        || path == "/v1/refunds"
+        || path == "/v1/credit_notes"
     {
         s.list_reads += 1;
         if s.failing_reads > 0 {
@@ -681,6 +702,12 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
         let (items, url) = if path == "/v1/invoice_payments" {
             let Some(invoice) = q.get("invoice") else { return invalid("invoice is required") };
             (s.invoice_payments.get(invoice).cloned().unwrap_or_default(), path.to_owned())
+        } else if path == "/v1/refunds" {
+            let Some(intent) = q.get("payment_intent") else { return invalid("payment_intent is required here") };
+            (s.refunds.get(intent).cloned().unwrap_or_default(), path.to_owned())
+        } else if path == "/v1/credit_notes" {
+            let Some(invoice) = q.get("invoice") else { return invalid("invoice is required here") };
+            (s.credit_notes.get(invoice).cloned().unwrap_or_default(), path.to_owned())
         } else {
             match s.lists.get(path) {
                 Some(items) => (items.clone(), path.to_owned()),

@@ -749,6 +749,51 @@ pub async fn engine() -> (Tollgate, tollgate::clock::FakeClock, Arc<MemoryStore>
 }
 
 /// Runs one scenario on a door `make` builds over a fresh engine.
+/// The rules of the rate-limit fields (ratelimit-headers draft-10, `headers = "draft"`), checked
+/// on every response of every door:
+/// - `qu` takes only the draft's registered units; another unit is `tollgate-unit`;
+/// - a 429 of the rate, a quota or concurrency has the draft's `quota-exceeded` problem type,
+///   whose `violated-policies` name items of its `RateLimit-Policy`, with tollgate's `kind`;
+/// - its `Retry-After` is never earlier than the `t` of a violated policy.
+pub fn check_fields(scenario: &str, i: usize, resp: &Resp) {
+    let policy = resp.headers.get("ratelimit-policy").map(String::as_str).unwrap_or_default();
+    for item in policy.split(", ").filter(|i| !i.is_empty()) {
+        for param in item.split(';').skip(1) {
+            if let Some(unit) = param.strip_prefix("qu=") {
+                assert!(
+                    ["\"requests\"", "\"content-bytes\"", "\"concurrent-requests\""].contains(&unit),
+                    "{scenario}: response {i}: an unregistered qu: {policy}"
+                );
+            }
+        }
+    }
+    if resp.status != 429 || resp.headers.get("content-type").is_none_or(|c| c != "application/problem+json") {
+        return;
+    }
+    let body: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(
+        body["type"], "https://iana.org/assignments/http-problem-types#quota-exceeded",
+        "{scenario}: {i}: {body}"
+    );
+    assert!(body["kind"].is_string(), "{scenario}: {i}: tollgate's kind kept: {body}");
+    let names: Vec<&str> =
+        policy.split(", ").filter_map(|i| i.split(';').next()).map(|n| n.trim_matches('"')).collect();
+    let retry: u64 = resp.headers.get("retry-after").expect("a 429 says when").parse().unwrap();
+    let items = resp.headers.get("ratelimit").map(String::as_str).unwrap_or_default();
+    for violated in body["violated-policies"].as_array().expect("violated-policies") {
+        let violated = violated.as_str().unwrap();
+        assert!(names.contains(&violated), "{scenario}: {i}: {violated} is not in RateLimit-Policy: {policy}");
+        let t = items
+            .split(", ")
+            .find(|item| item.split(';').next().map(|n| n.trim_matches('"')) == Some(violated))
+            .and_then(|item| item.split(';').find_map(|p| p.strip_prefix("t=")))
+            .map(|t| t.parse::<u64>().unwrap());
+        if let Some(t) = t {
+            assert!(retry >= t, "{scenario}: {i}: Retry-After {retry} is earlier than t={t} of {violated}");
+        }
+    }
+}
+
 pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, check_statuses: bool) -> Outcome {
     let (engine, clock, store) = engine().await;
     let door = make(engine.clone());
@@ -826,6 +871,9 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
             }
             Advance(by) => clock.advance(by),
         }
+    }
+    for (i, resp) in responses.iter().enumerate() {
+        check_fields(scenario.name, i, resp);
     }
     engine.flush().await.expect("the memory store takes every flush");
     let mut usage = BTreeMap::new();

@@ -394,3 +394,26 @@ async fn a_long_request_keeps_its_idempotency_key_across_the_fleet() {
     assert_eq!(b.send(retry()).await.status, 200, "runs now");
     drop(first);
 }
+
+/// Past the fleet's cap of keys (`limits.idempotency_keys_max`) a live binding is never deleted
+/// to make room: a new key is not bound, its request is served without it and counted, and
+/// the keys bound before keep answering their retries.
+#[tokio::test]
+async fn past_the_fleets_cap_of_keys_a_new_key_is_served_unkeyed_and_the_old_ones_hold() {
+    let store: std::sync::Arc<dyn tollgate::store::Store> = std::sync::Arc::new(tollgate::store::MemoryStore::new());
+    let toml = "[limits]\nidempotency_keys_max = 2\n[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
+    let a = common::node_with_worker(toml, store.clone(), clock, handle);
+    let keyed = |key: &'static str| common::req("POST", "/orders", Some("key-t"), Some(key));
+    for key in ["k1", "k2", "k3"] {
+        assert_eq!(a.send(keyed(key)).await.status, 200);
+    }
+    assert_eq!(a.tollgate.stats().responses_not_stored, 1, "k3 was served without its key, counted");
+    // k1 and k2 are replays; k3 was not bound: its retry runs again.
+    for key in ["k1", "k2"] {
+        let again = a.send(keyed(key)).await;
+        assert_eq!(again.headers.get("idempotent-replayed").map(|v| v.as_bytes()), Some(&b"true"[..]), "{key}");
+    }
+    let again = a.send(keyed("k3")).await;
+    assert_eq!(again.headers.get("idempotent-replayed"), None);
+}

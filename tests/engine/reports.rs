@@ -102,8 +102,10 @@ keys = ["key-t"]
     assert_eq!(h.reserved(&key(midnight)).await, 5, "the next day is charged its own 5 only");
 }
 
-/// `RateLimit-Policy` names the unit of a quota not counted in requests (`qu`, the meter), and
-/// a month's window is the current period's length (March: 31 days), not a nominal 30 days.
+/// `RateLimit-Policy` names the unit of a quota not counted in requests: `qu` takes only the
+/// draft's registered units, so another meter says it in `tollgate-unit` (with
+/// `headers = "draft-compat"`, `qu` as before); a month's window is the current period's
+/// length (March: 31 days), not a nominal 30 days.
 #[tokio::test]
 async fn the_policy_names_its_unit_and_the_current_month_s_length() {
     let toml = format!(
@@ -115,12 +117,15 @@ async fn the_policy_names_its_unit_and_the_current_month_s_length() {
     );
     let h = Harness::new(&toml);
     let policy = h.get("/tokens/1", "key-t").await.header("ratelimit-policy").unwrap_or_default().to_owned();
-    assert_eq!(policy, "\"tokens-month\";q=500;w=2678400;qu=\"tokens\"");
+    assert_eq!(policy, "\"tokens-month\";q=500;w=2678400;tollgate-unit=\"tokens\"");
+    let compat = Harness::new(&format!("[limits]\nheaders = \"draft-compat\"\n{toml}"));
+    let policy = compat.get("/tokens/1", "key-t").await.header("ratelimit-policy").unwrap_or_default().to_owned();
+    assert_eq!(policy, "\"tokens-month\";q=500;w=2678400;qu=\"tokens\"", "today's form kept");
     let policy = h.get("/other", "key-r").await.header("ratelimit-policy").unwrap_or_default().to_owned();
     assert_eq!(policy, "\"requests-month\";q=9;w=2678400", "requests are the default unit");
     // Two month quotas, anchored apart: each its own month (Feb 20 to Mar 20: 28 days).
     let policy = h.get("/tokens/1", "key-b").await.header("ratelimit-policy").unwrap_or_default().to_owned();
-    assert_eq!(policy, "\"requests-month\";q=9;w=2419200, \"tokens-month\";q=500;w=2678400;qu=\"tokens\"");
+    assert_eq!(policy, "\"requests-month\";q=9;w=2419200, \"tokens-month\";q=500;w=2678400;tollgate-unit=\"tokens\"");
     // In April (30 days) the same policy says so.
     h.clock.advance(std::time::Duration::from_secs(20 * 86_400));
     let policy = h.get("/other", "key-r").await.header("ratelimit-policy").unwrap_or_default().to_owned();

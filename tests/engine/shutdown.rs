@@ -68,9 +68,37 @@ async fn a_store_down_at_shutdown_is_retried_then_the_loss_is_reported() {
     store.usage_down.store(true, Ordering::SeqCst);
     let started = std::time::Instant::now();
     let err = tollgate.shutdown().await.unwrap_err();
-    assert!(started.elapsed() >= Duration::from_millis(250), "retried until the deadline");
+    assert!(started.elapsed() >= Duration::from_millis(180), "retried until two thirds of the budget");
     assert_eq!((err.records(), err.units()), (1, 5), "{err}");
     assert!(err.to_string().contains("5 units"), "{err}");
+}
+
+/// One shutdown order for every door: once it begins no request is admitted (its usage would
+/// come after the final flush, its lease after the leases went back), the usage is flushed,
+/// and leases a store does not take back in time are reported, within the budget.
+#[tokio::test]
+async fn once_shutdown_begins_no_request_is_admitted_and_what_was_not_done_is_reported() {
+    let store = Arc::new(common::Faulty::default());
+    let toml = TOML
+        .replace("[plans.p]\n", "[plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"hard\" }\n");
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let config = Config::from_toml_str(&toml).unwrap();
+    let (engine, _worker) =
+        Tollgate::builder(config).store_arc(store.clone()).billing_sink(Collect::default()).clock(clock).build();
+    let layer = tollgate::TollgateLayer::new(engine.clone());
+    let h = Harness::from_layer(layer, handle);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    // The store holds every quota call: the lease cannot be given back.
+    store.stall(true);
+    let report = engine.shutdown().await.unwrap();
+    assert_eq!(report.flush.units, 3, "{report:?}");
+    assert!(report.keys_settled);
+    assert!(!report.leases_returned, "{report:?}");
+    // A request that reaches the engine now is refused, never admitted after the final flush.
+    assert_eq!(h.status("/", "key-t").await, 503);
+    store.stall(false);
 }
 
 #[tokio::test]

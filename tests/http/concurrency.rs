@@ -68,7 +68,9 @@ async fn a_streaming_answer_holds_its_place_until_its_body_has_gone() {
     assert_eq!(rejection.kind(), tollgate::response::RejectionKind::ConcurrencyLimited);
     let body = refused.into_body().collect().await.unwrap().to_bytes();
     let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert!(problem["type"].as_str().unwrap().ends_with("#variant.ConcurrencyLimited"), "{problem}");
+    assert_eq!(problem["type"], "https://iana.org/assignments/http-problem-types#quota-exceeded", "{problem}");
+    assert_eq!(problem["violated-policies"], serde_json::json!(["concurrency"]));
+    assert_eq!(problem["kind"], "concurrency_limited");
 
     // The tenant's state replaced while its answers stream (an eviction, a revalidation, a
     // plan change): the count is the tenant's, not the state's.

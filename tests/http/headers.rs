@@ -57,25 +57,41 @@ async fn the_rate_policy_describes_the_bucket_and_r_never_exceeds_q() {
     }
 }
 
+/// `t` of the rate is the seconds until the next cell (draft-10: the policy's quota units come
+/// back), on a 200 and a 429 alike, and a 429's `Retry-After` is never earlier than it.
 #[tokio::test]
 async fn t_means_the_same_on_a_200_and_a_429() {
-    // 2/s, burst 4: after 4 requests the bucket is empty and full again in 2 s.
-    let h = Harness::new(&plan("2/s", 4, "{ limit = 1000, period = \"day\" }"));
+    // 1 per 4 s, burst 4: after 4 requests the bucket is empty; the next cell in 4 s.
+    let h = Harness::new(&plan("15/min", 4, "{ limit = 1000, period = \"day\" }"));
+    let first = h.get("/", "key-t").await;
+    assert_eq!(items(first.header("ratelimit").unwrap())[0], ("rate".into(), 3, 4), "the next cell, not a full bucket");
     let mut last_t = 0;
-    for _ in 0..4 {
+    for _ in 0..3 {
         let r = h.get("/", "key-t").await;
         assert_eq!(r.status, 200);
         last_t = items(r.header("ratelimit").unwrap())[0].2;
     }
-    assert_eq!(last_t, 2, "empty: full again in 2 s");
+    assert_eq!(last_t, 4, "empty: the next cell in 4 s (full again in 16 s)");
     let r = h.get("/", "key-t").await;
     assert_eq!(r.status, 429);
     let rate = items(r.header("ratelimit").unwrap())[0].clone();
-    assert_eq!(rate, ("rate".into(), 0, 2), "t: until the bucket is full, as on a 200");
-    assert_eq!(r.header("retry-after"), Some("1"), "until this request could pass");
+    assert_eq!(rate, ("rate".into(), 0, 4), "t: until the next cell, as on a 200");
+    assert_eq!(r.header("retry-after"), Some("4"), "never earlier than t");
     // Every policy of RateLimit-Policy is in the 429's RateLimit.
     let names: Vec<String> = items(r.header("ratelimit").unwrap()).into_iter().map(|i| i.0).collect();
     assert_eq!(names, ["rate", "requests-day"]);
+    // `headers = "draft-compat"`: t until the bucket is full, as earlier versions said.
+    let compat = Harness::new(&format!(
+        "[limits]\nheaders = \"draft-compat\"\n{}",
+        plan("15/min", 4, "{ limit = 1000, period = \"day\" }")
+    ));
+    let r = compat.get("/", "key-t").await;
+    assert_eq!(items(r.header("ratelimit").unwrap())[0], ("rate".into(), 3, 4));
+    for _ in 0..3 {
+        compat.get("/", "key-t").await;
+    }
+    let r = compat.get("/", "key-t").await;
+    assert_eq!((r.status.as_u16(), items(r.header("ratelimit").unwrap())[0].2), (429, 16));
 }
 
 #[tokio::test]

@@ -66,11 +66,14 @@ async fn a_quota_rejection_is_a_complete_problem() {
     // The refused request spent no rate cell: one of four is left, as before it.
     assert_eq!(r.header("ratelimit"), Some("\"rate\";r=1;t=1, \"requests-day\";r=0;t=43200"));
     let body = r.json();
-    assert_eq!(problem_fields(&body), ["detail", "policy", "retry_after", "status", "title", "type"]);
+    // The draft's problem type, naming the violated RateLimit-Policy item; tollgate's kind beside.
     assert_eq!(
-        body["type"],
-        "https://docs.rs/tollgate/latest/tollgate/response/enum.RejectionKind.html#variant.QuotaExceeded"
+        problem_fields(&body),
+        ["detail", "kind", "policy", "retry_after", "status", "title", "type", "violated-policies"]
     );
+    assert_eq!(body["type"], "https://iana.org/assignments/http-problem-types#quota-exceeded");
+    assert_eq!(body["violated-policies"], serde_json::json!(["requests-day"]));
+    assert_eq!(body["kind"], "quota_exceeded");
     assert_eq!(body["title"], "Quota exceeded");
     assert_eq!(body["status"], 429);
     assert_eq!(body["detail"], "the day quota of 3 requests on plan `free` is spent until the period ends");
@@ -93,11 +96,34 @@ async fn a_rate_rejection_is_a_complete_problem() {
     // Every policy of RateLimit-Policy: the quota's item too.
     assert_eq!(r.header("ratelimit"), Some("\"rate\";r=0;t=1, \"requests-day\";r=296;t=43200"));
     let body = r.json();
-    assert_eq!(problem_fields(&body), ["detail", "policy", "retry_after", "status", "title", "type"]);
+    assert_eq!(body["type"], "https://iana.org/assignments/http-problem-types#quota-exceeded");
+    assert_eq!(body["violated-policies"], serde_json::json!(["rate"]));
+    assert_eq!(body["kind"], "rate_limited");
     assert_eq!(body["title"], "Rate limit exceeded");
     assert_eq!(body["policy"], "rate");
     assert_eq!(body["retry_after"], 1);
     assert_eq!(body["detail"], "the rate of plan `free` (10/s, burst 4) is spent");
+}
+
+/// `headers = "draft-compat"` keeps the forms of earlier versions for clients that depend on
+/// them: tollgate's own problem type on a 429, and `t` of the rate until the bucket is full.
+#[tokio::test]
+async fn draft_compat_keeps_the_earlier_forms() {
+    let h = Harness::new(&format!(
+        "[limits]\nheaders = \"draft-compat\"\n{}",
+        CONFIG.replace("limit = 3,", "limit = 300,")
+    ));
+    for _ in 0..4 {
+        assert_eq!(h.status("/", "key-acme").await, 200);
+    }
+    let r = h.get("/", "key-acme").await;
+    assert_eq!(r.status, 429);
+    let body = r.json();
+    assert_eq!(problem_fields(&body), ["detail", "policy", "retry_after", "status", "title", "type"]);
+    assert_eq!(
+        body["type"],
+        "https://docs.rs/tollgate/latest/tollgate/response/enum.RejectionKind.html#variant.RateLimited"
+    );
 }
 
 #[tokio::test]

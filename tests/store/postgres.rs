@@ -424,11 +424,8 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
     let Some((store, options)) = postgres::store().await else { return };
     drop(store);
     let s = options.schema.clone();
-    // The schema as version 2 left it: what the step to version 3 adds, taken away.
-    psql(&format!(
-        "ALTER TABLE {s}.quota DROP COLUMN granted; DROP TABLE {s}.credit; \
-         UPDATE {s}.meta SET value = '2' WHERE key = 'schema_version'"
-    ));
+    // The schema as version 3 left it: what the step to version 4 adds, taken away.
+    psql(&format!("{}; UPDATE {s}.meta SET value = '3' WHERE key = 'schema_version'", back_to_version_3(&s)));
     // A long transaction of a running node holds ROW EXCLUSIVE on quota for 3 s.
     let url = postgres::url().unwrap();
     let holder = std::process::Command::new("psql")
@@ -457,6 +454,42 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
     let mut holder = holder;
     assert!(holder.wait().unwrap().success());
     migrating.await.unwrap().expect("migrated once the lock was free");
-    assert_eq!(psql(&format!("SELECT value FROM {s}.meta WHERE key = 'schema_version'")), "3");
-    assert_eq!(psql(&format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{s}' AND tablename = 'credit'")), "1");
+    assert_eq!(psql(&format!("SELECT value FROM {s}.meta WHERE key = 'schema_version'")), "4");
+    assert_eq!(
+        psql(&format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{s}' AND tablename = 'credit_refund_kept'")),
+        "1"
+    );
+}
+
+/// What the step from version 3 to 4 adds, taken away.
+fn back_to_version_3(s: &str) -> String {
+    format!(
+        "DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
+         DROP TABLE {s}.idempotency_shard_bytes; ALTER TABLE {s}.quota DROP COLUMN forgiven, DROP COLUMN forgiven_until; \
+         DROP INDEX {s}.credit_payment; DROP INDEX {s}.credit_by_payment; DROP INDEX {s}.credit_id; \
+         ALTER TABLE {s}.credit DROP COLUMN paid, DROP COLUMN bought, DROP COLUMN taken, DROP COLUMN duplicate"
+    )
+}
+
+/// A schema of version 3 holding two grants of one payment (made before one grant per payment
+/// was enforced) is migrated keeping both, the later one marked a duplicate; a third grant of
+/// that payment is then refused. Senders written without a time are kept as the oldest.
+#[tokio::test]
+async fn grants_of_one_payment_made_twice_before_version_4_are_kept_and_marked() {
+    use tollgate::store::{CreditGrant, GrantOutcome, QuotaStore};
+    let Some((store, options)) = postgres::store().await else { return };
+    drop(store);
+    let s = options.schema.clone();
+    psql(&format!(
+        "{}; INSERT INTO {s}.credit (tenant, meter, id, units, granted_at, payment) VALUES \
+         ('t', 'tokens', 'cs_1', 100, 10, 'pi_1'), ('t', 'images', 'in_1', 100, 20, 'pi_1'); \
+         UPDATE {s}.meta SET value = '3' WHERE key = 'schema_version'",
+        back_to_version_3(&s)
+    ));
+    let store = tollgate::store::PostgresStore::open(&options).await.unwrap();
+    let (grants, _) = store.credit_grants(&"t".into(), None).await.unwrap();
+    let marks: Vec<(&str, bool, u64)> = grants.iter().map(|g| (g.id.as_str(), g.duplicate, g.bought)).collect();
+    assert_eq!(marks, [("in_1", true, 100), ("cs_1", false, 100)], "both kept, the later marked");
+    let third = CreditGrant::new("t".into(), "tokens".into(), "in_2", 5, 30).paid_by("pi_1");
+    assert!(matches!(store.grant_credits(&third).await.unwrap(), GrantOutcome::Duplicate(_)));
 }

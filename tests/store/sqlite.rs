@@ -307,11 +307,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 11);
-    conn.execute_batch("PRAGMA user_version = 12").unwrap();
+    assert_eq!(version, 12);
+    conn.execute_batch("PRAGMA user_version = 13").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 12"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 13"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -344,9 +344,11 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
         [
             "api_key",
             "credit",
+            "credit_refund_kept",
             "flush",
             "idempotency",
             "idempotency_bytes",
+            "idempotency_count",
             "ledger",
             "meta",
             "quota",
@@ -437,7 +439,9 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     // Back to version 1 as it was written.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
+        "DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; \
+         DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
          ALTER TABLE tenant DROP COLUMN metronome_customer; ALTER TABLE tenant DROP COLUMN subscriptions; DROP TABLE ledger; DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
          CREATE INDEX usage_pending ON usage (tenant, meter, window_start) \
          WHERE dead IS NULL AND (quantity > exported OR in_flight IS NOT NULL); DROP TABLE idempotency; DROP TABLE idempotency_bytes; ALTER TABLE api_key DROP COLUMN prefix; \
@@ -457,7 +461,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 11);
+    assert_eq!(version, 12);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()
@@ -501,4 +505,34 @@ async fn one_file_named_two_ways_by_two_roles_is_opened_once() {
     assert_eq!(at(Arc::as_ptr(engine.quota_store()).cast()), usage);
     assert_eq!(at(Arc::as_ptr(engine.directory_store()).cast()), usage, "one file, one store");
     assert_ne!(at(Arc::as_ptr(engine.idempotency_store()).cast()), usage, "another file");
+}
+
+/// A file of schema version 11 holding two grants of one payment (made before one grant per
+/// payment was enforced) is migrated keeping both, the later one marked a duplicate; a third
+/// grant of that payment is then refused.
+#[tokio::test]
+async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked() {
+    use tollgate::store::{CreditGrant, GrantOutcome, QuotaStore};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    drop(SqliteStore::open(&db).await.unwrap());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; \
+         DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
+         ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \
+         ALTER TABLE credit DROP COLUMN taken; ALTER TABLE credit DROP COLUMN duplicate; \
+         INSERT INTO credit (tenant, meter, id, units, granted_at, payment) VALUES \
+             ('t', 'tokens', 'cs_1', 100, 10, 'pi_1'), ('t', 'images', 'in_1', 100, 20, 'pi_1'); \
+         PRAGMA user_version = 11;",
+    )
+    .unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&db).await.unwrap();
+    let (grants, _) = store.credit_grants(&"t".into(), None).await.unwrap();
+    let marks: Vec<(&str, bool, u64)> = grants.iter().map(|g| (g.id.as_str(), g.duplicate, g.bought)).collect();
+    assert_eq!(marks, [("in_1", true, 100), ("cs_1", false, 100)], "both kept, the later marked");
+    let third = CreditGrant::new("t".into(), "tokens".into(), "in_2", 5, 30).paid_by("pi_1");
+    assert!(matches!(store.grant_credits(&third).await.unwrap(), GrantOutcome::Duplicate(_)));
 }

@@ -65,6 +65,11 @@ enum Command {
         #[command(subcommand)]
         command: CreditCommand,
     },
+    /// A tenant's quota counters in the store.
+    Quota {
+        #[command(subcommand)]
+        command: QuotaCommand,
+    },
     /// A tenant's usage per meter and window, with what was exported of it.
     Usage {
         /// The tenant.
@@ -146,6 +151,17 @@ enum DynamoCommand {
     /// Terraform) if it has none; prints the table's namespace. Run it before the table's first
     /// export, with every node on this version.
     InitNamespace,
+}
+
+#[derive(Subcommand)]
+enum QuotaCommand {
+    /// Shows what each quota counter of a tenant holds in the store, per meter and period:
+    /// the units reserved by every node (leased and owed) and a prepaid balance's granted
+    /// units. With every node stopped (its leases given back), what was used.
+    Show {
+        /// The tenant id.
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -351,6 +367,28 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
         Command::Credits { command } => credits(&admin(&cli.config).await?, command).await,
+        Command::Quota { command: QuotaCommand::Show { tenant } } => {
+            let counters = admin(&cli.config).await?.quota_counters(&tenant).await?;
+            println!(
+                "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12}",
+                "meter", "period", "start", "end", "reserved", "granted"
+            );
+            for c in &counters {
+                println!(
+                    "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12}",
+                    c.key.meter.as_str(),
+                    c.key.period_tag(),
+                    time_text(c.key.start),
+                    time_text(c.key.end),
+                    c.reserved,
+                    c.granted.map_or_else(|| "-".to_owned(), |g| g.to_string())
+                );
+            }
+            if counters.is_empty() {
+                println!("`{tenant}` has no quota counters in the store");
+            }
+            Ok(())
+        }
         Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl, new_namespace } => {
             let config = load(&cli.config)?;
             if repair_ttl {
@@ -1149,6 +1187,17 @@ async fn credits(admin: &Admin, command: CreditCommand) -> Result<()> {
                     Some(c) => format!("expired {} ({} lost)", time_text(c.at), c.lost),
                     None => "open".to_owned(),
                 };
+                let mut state = state;
+                if g.taken > 0 {
+                    state.push_str(&format!(", {} of {} bought taken back by refunds", g.taken, g.bought));
+                }
+                if g.duplicate {
+                    // Made before one grant per payment was enforced: a person decides.
+                    let payment = g.payment.as_deref().unwrap_or("?");
+                    state.push_str(&format!(
+                        ", DUPLICATE: a second grant of payment {payment} (revoke it if it was not paid twice)"
+                    ));
+                }
                 println!(
                     "{:<12} {:<24} {:>12} {:<20} {:<20} {state}",
                     g.meter.as_str(),

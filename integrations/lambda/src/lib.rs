@@ -166,19 +166,19 @@ where
     }
 }
 
-/// What the graceful-shutdown hook of [`run`] does within [`SHUTDOWN_BUDGET`]: the final
-/// flush first (usage is what is billed), then the leases given back. No export: it may not fit
-/// in Lambda's ~500 ms, and the scheduled export ([`export_handler`]) sends what is stored.
+/// What the graceful-shutdown hook of [`run`] does within [`SHUTDOWN_BUDGET`]: the engine's
+/// one shutdown order ([`Tollgate::shutdown_within`]: stop admitting, settle open keys, flush,
+/// give the leases back), without the export: it may not fit in Lambda's ~500 ms, and the
+/// scheduled export ([`export_handler`]) sends what is stored.
 pub async fn shutdown(engine: &Tollgate) {
-    // Two thirds of the budget for the flush (a slow store must not leave the leases
-    // nothing), the rest for the leases.
-    match tokio::time::timeout(SHUTDOWN_BUDGET * 2 / 3, engine.flush()).await {
-        Ok(Ok(report)) => tracing::info!(records = report.records, "tollgate: flushed at shutdown"),
-        Ok(Err(e)) => tracing::error!(error = %e, "tollgate: usage not flushed at shutdown"),
-        Err(_) => tracing::error!("tollgate: the final flush did not end within its share of the shutdown budget"),
-    }
-    if tokio::time::timeout(SHUTDOWN_BUDGET / 3, engine.release_leases()).await.is_err() {
-        tracing::error!("tollgate: not every lease was given back within the shutdown budget");
+    match engine.shutdown_within(SHUTDOWN_BUDGET, false).await {
+        Ok(report) => tracing::info!(
+            records = report.flush.records,
+            keys_settled = report.keys_settled,
+            leases_returned = report.leases_returned,
+            "tollgate: stopped"
+        ),
+        Err(e) => tracing::error!(error = %e, "tollgate: usage not flushed at shutdown"),
     }
 }
 

@@ -153,3 +153,32 @@ pub async fn a_claim_renewed_by_its_owner_holds_while_the_request_runs<S: ?Sized
         done
     );
 }
+
+/// A live binding is never forgotten to make room: past the fleet's cap
+/// ([`IdempotencyClaim::max_keys`]) a new key is not bound ([`IdempotencyState::Full`]; a store
+/// may share the cap out in parts, or, expiring bindings by itself, have no count), and every
+/// key bound stays bound for its window; bindings past their window make room.
+pub async fn a_live_binding_is_never_forgotten_to_make_room<S: ?Sized + IdempotencyStore>(h: &mut StoreUnderTest<S>) {
+    let now = 1_773_532_800;
+    let claim =
+        |key: &str, owner: u64, at: i64| IdempotencyClaim::new(key, "r", owner, at, at + 300, at + 86_400).at_most(3);
+    let s = h.s();
+    let mut bound = Vec::new();
+    for i in 0..40u64 {
+        let key = format!("live{i}");
+        match s.claim_idempotency(&claim(&key, i + 1, now)).await.unwrap() {
+            IdempotencyState::Claimed => bound.push(key),
+            IdempotencyState::Full => assert_eq!(s.read_idempotency(&key, "r", now).await.unwrap(), None, "not bound"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(bound.len() >= 3, "{bound:?}");
+    // Completed or in flight, every key bound is still bound.
+    for (i, key) in bound.iter().enumerate() {
+        let again = s.claim_idempotency(&claim(key, 1000 + i as u64, now + 1)).await.unwrap();
+        assert_eq!(again, IdempotencyState::InFlight, "{key} was forgotten while live");
+    }
+    // Past their window they make room.
+    let later = now + 86_400 + 1;
+    assert_eq!(s.claim_idempotency(&claim("fresh", 5000, later)).await.unwrap(), IdempotencyState::Claimed);
+}

@@ -64,8 +64,13 @@ macro_rules! store_conformance {
             concurrent_reserves_never_pass_a_prepaid_balance,
             a_prepaid_balance_leaves_the_calendar_periods_beside_it,
             racing_grants_and_closes_apply_once,
-            a_refund_takes_back_its_share_of_what_a_grant_still_holds_once,
+            a_refund_takes_back_what_the_refunded_money_bought_once,
+            refunds_are_attributed_to_the_credit_lines,
+            a_refund_before_its_grant_is_applied_when_the_grant_lands,
+            one_payment_grants_once_on_any_meter,
+            a_closed_grants_leased_units_do_not_come_back_through_a_release,
             a_grant_after_an_empty_balance_is_spendable_at_once,
+            a_resent_call_is_applied_once_among_many_senders,
         );
     };
     (@role usage, $make:expr) => {
@@ -107,6 +112,7 @@ macro_rules! store_conformance {
             idempotency_keys_are_claimed_once_and_settled_by_their_owner,
             stored_responses_are_bounded_in_bytes,
             a_claim_renewed_by_its_owner_holds_while_the_request_runs,
+            a_live_binding_is_never_forgotten_to_make_room,
         );
     };
     (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {

@@ -327,9 +327,10 @@ pub async fn credit_grants_apply_once_and_bound_a_prepaid_balance<S: ?Sized + Qu
         GrantOutcome::Duplicate(g) => assert_eq!((g.units, g.expires_at), (100, Some(DAY0 + DAY))),
         other => panic!("{other:?}"),
     }
-    // Another tenant's and another meter's grants are apart.
+    // Another tenant's and another meter's grants are apart (one id is one grant on every
+    // meter of a tenant: see `one_payment_grants_once_on_any_meter`).
     h.s().grant_credits(&credit("q", "inv_1", 7, None)).await.unwrap();
-    let other_meter = crate::store::CreditGrant::new("p".into(), "requests".into(), "inv_1", 9, DAY0);
+    let other_meter = crate::store::CreditGrant::new("p".into(), "requests".into(), "inv_2", 9, DAY0);
     assert!(matches!(h.s().grant_credits(&other_meter).await.unwrap(), GrantOutcome::Granted(_)));
     // A limit the caller names is not the prepaid one.
     let a = h.s().reserve(&ask(&key, 60, Some(10_000), 1, 2)).await.unwrap();
@@ -351,7 +352,7 @@ pub async fn credit_grants_apply_once_and_bound_a_prepaid_balance<S: ?Sized + Qu
     assert_eq!((c.granted, c.limit), (40, Some(180)));
     let (grants, balances) = h.s().credit_grants(&"p".into(), None).await.unwrap();
     let ids: Vec<(&str, &str)> = grants.iter().map(|g| (g.meter.as_str(), g.id.as_str())).collect();
-    assert_eq!(ids, [("requests", "inv_1"), ("tokens", "inv_1"), ("tokens", "inv_3"), ("tokens", "pi_2")]);
+    assert_eq!(ids, [("requests", "inv_2"), ("tokens", "inv_1"), ("tokens", "inv_3"), ("tokens", "pi_2")]);
     assert_eq!(balances.len(), 2, "{balances:?}");
     assert_eq!(balance(h.s(), "q").await, CreditBalance::new(7, 0));
 }
@@ -411,38 +412,197 @@ pub async fn grants_are_spent_soonest_to_expire_first<S: ?Sized + QuotaInspect>(
     assert_eq!(order, ["soon", "late", "never"], "listed in spending order");
 }
 
-/// A refund takes back its share of what the grant still holds, once per refunded amount:
-/// half a payment refunded takes half of what is left of its grant, a redelivery nothing, the
-/// rest of the payment all of it; the units used stay used.
-pub async fn a_refund_takes_back_its_share_of_what_a_grant_still_holds_once<S: ?Sized + QuotaInspect>(
+/// A refund takes back the units the refunded money bought, at the grant's price, once: half
+/// the money half the units bought, first from what the grant still holds; a redelivery, or an
+/// older refund delivered late, nothing; the rest of the money the rest of the units, those
+/// counted used leaving the balance with the grant (forgiven: a release of them later does not
+/// bring them back). A 1-cent refund of a 10-unit-per-dollar pack takes nothing.
+pub async fn a_refund_takes_back_what_the_refunded_money_bought_once<S: ?Sized + QuotaInspect>(
     h: &mut StoreUnderTest<S>,
 ) {
-    use crate::store::{CreditBalance, CreditRefund};
+    use crate::store::{CreditBalance, CreditRefund, RefundOutcome};
     let key = prepaid_key("r", "tokens");
-    let (t, m) = (&"r".into(), &"tokens".into());
+    let at = DAY0 + 60;
+    let refund = |refunded: u64| CreditRefund::new("pi_1", refunded, 1000, at);
     h.s().grant_credits(&credit("r", "soon", 40, Some(DAY0 + DAY))).await.unwrap();
-    h.s().grant_credits(&credit("r", "pi_1", 100, None).paid_by("pi_1")).await.unwrap();
+    h.s().grant_credits(&credit("r", "pi_1", 100, None).paid_by("pi_1").costing(1000)).await.unwrap();
     // 60 used: soon's 40, then 20 of pi_1's (80 held).
-    assert_eq!(h.s().reserve(&ask(&key, 60, None, 1, 1)).await.unwrap().granted, 60);
-    assert_eq!(h.s().refund_credits(t, m, "nope", CreditRefund::new(500, 1000)).await.unwrap(), None);
-    // Half of a 1,000 payment refunded: half of the 80 held.
-    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(500, 1000)).await.unwrap(), Some(40));
-    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(500, 1000)).await.unwrap(), None, "once");
-    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(400, 1000)).await.unwrap(), None, "older");
+    let lease = Reservation::new(key.clone(), 60, 0, None, ReserveToken::new(1, 1).at(at));
+    assert_eq!(h.s().reserve(&lease).await.unwrap().granted, 60);
+    // Half the money: 50 of the 100 bought, from the 80 held.
+    let taken = RefundOutcome::Taken { tenant: "r".into(), meter: "tokens".into(), grant: "pi_1".into(), units: 50 };
+    assert_eq!(h.s().refund_credits(&refund(500)).await.unwrap(), taken);
+    assert_eq!(h.s().refund_credits(&refund(500)).await.unwrap(), RefundOutcome::Nothing, "once");
+    assert_eq!(h.s().refund_credits(&refund(400)).await.unwrap(), RefundOutcome::Nothing, "older");
     h.restart().await;
-    assert_eq!(balance(h.s(), "r").await, CreditBalance::new(100, 60));
-    let (grants, _) = h.s().credit_grants(t, Some(m)).await.unwrap();
+    assert_eq!(balance(h.s(), "r").await, CreditBalance::new(90, 60));
+    let (grants, _) = h.s().credit_grants(&"r".into(), Some(&"tokens".into())).await.unwrap();
     let g = grants.iter().find(|g| g.id == "pi_1").unwrap();
-    assert_eq!((g.units, g.refunded, g.payment.as_deref()), (60, 500, Some("pi_1")));
-    // 250 more of the 500 left: half of the 40 it still holds.
-    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(750, 1000)).await.unwrap(), Some(20));
-    assert_eq!(h.s().reserve(&ask(&key, 30, None, 1, 2)).await.unwrap().granted, 20, "20 left to spend");
-    // The rest refunded while all of it is spent: nothing to take back, and recorded.
-    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(1000, 1000)).await.unwrap(), Some(0));
-    assert_eq!(balance(h.s(), "r").await, CreditBalance::new(80, 80));
-    // A closed grant is not refunded.
-    h.s().close_credits(t, m, "pi_1", true, DAY0).await.unwrap();
-    assert_eq!(h.s().refund_credits(t, m, "pi_1", CreditRefund::new(2000, 2000)).await.unwrap(), None);
+    assert_eq!((g.units, g.bought, g.taken, g.paid, g.payment.as_deref()), (50, 100, 50, Some(1000), Some("pi_1")));
+    // The rest: 50 more, 30 held and 20 counted used, which leave with it.
+    let rest = h.s().refund_credits(&refund(1000)).await.unwrap();
+    assert!(matches!(rest, RefundOutcome::Taken { units: 30, .. }), "{rest:?}");
+    assert_eq!(balance(h.s(), "r").await, CreditBalance::new(40, 40));
+    // The node gives back 20 it had leased and not used: they were pi_1's, refunded.
+    h.s().release(&key, 20, ReserveToken::new(1, 2).at(at + 60)).await.unwrap();
+    assert_eq!(balance(h.s(), "r").await, CreditBalance::new(40, 40), "a refunded grant's lease does not come back");
+    // A closed grant takes nothing; a payment no grant has is kept.
+    h.s().close_credits(&"r".into(), &"tokens".into(), "pi_1", true, at).await.unwrap();
+    assert_eq!(h.s().refund_credits(&refund(1000).naming_units(10)).await.unwrap(), RefundOutcome::Nothing);
+    // A cent of a dollar's 10 units takes nothing; the dollar, all 10.
+    h.s().grant_credits(&credit("r", "pi_2", 10, None).paid_by("pi_2").costing(100)).await.unwrap();
+    assert_eq!(h.s().refund_credits(&CreditRefund::new("pi_2", 1, 100, at)).await.unwrap(), RefundOutcome::Nothing);
+    let all = h.s().refund_credits(&CreditRefund::new("pi_2", 100, 100, at)).await.unwrap();
+    assert!(matches!(all, RefundOutcome::Taken { units: 10, .. }), "{all:?}");
+}
+
+/// The worked examples of docs/credits.md, as a store applies them: a refund of the other
+/// lines of a mixed payment takes nothing when credit notes say so, half its money pro rata, all
+/// of it credits first; "the unused 40%" takes 40% of the units bought; partial refunds
+/// delivered out of order take each unit once; `tollgate_units` named on a refund add to it.
+pub async fn refunds_are_attributed_to_the_credit_lines<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::{CreditBalance, CreditRefund, RefundAttribution, RefundOutcome};
+    let at = DAY0 + 60;
+    let units = |o: RefundOutcome| match o {
+        RefundOutcome::Taken { units, .. } => units,
+        RefundOutcome::Nothing => 0,
+        other => panic!("{other:?}"),
+    };
+    // in_9: 300 units for 500 beside seats for 500, paid 1000 by pi_9.
+    h.s().grant_credits(&credit("mix", "in_9", 300, None).paid_by("pi_9").costing(500)).await.unwrap();
+    let seats = CreditRefund::new("pi_9", 0, 1000, at).of_invoice("in_9").of_credit_lines(0);
+    assert_eq!(units(h.s().refund_credits(&seats).await.unwrap()), 0, "the seats' credit note");
+    let pro_rata = CreditRefund::new("pi_9", 500, 1000, at);
+    assert_eq!(units(h.s().refund_credits(&pro_rata).await.unwrap()), 150, "half the money, pro rata");
+    let first = CreditRefund::new("pi_9", 500, 1000, at).attributed(RefundAttribution::CreditsFirst);
+    assert_eq!(units(h.s().refund_credits(&first).await.unwrap()), 150, "the credits' 500, credits first");
+    assert_eq!(balance(h.s(), "mix").await, CreditBalance::new(0, 0));
+    // 1,000 units for 10,000, 600 used; the unused 40% refunded: 400 taken, none left.
+    let key = prepaid_key("used", "tokens");
+    h.s().grant_credits(&credit("used", "pi_4", 1000, None).paid_by("pi_4").costing(10_000)).await.unwrap();
+    let used = Reservation::new(key, 600, 0, None, ReserveToken::new(1, 1).at(at));
+    assert_eq!(h.s().reserve(&used).await.unwrap().granted, 600);
+    let forty = CreditRefund::new("pi_4", 4000, 10_000, at);
+    assert_eq!(units(h.s().refund_credits(&forty).await.unwrap()), 400);
+    assert_eq!(balance(h.s(), "used").await, CreditBalance::new(600, 600));
+    // Two partial refunds, the later (cumulative 300) delivered first, and 7 units named.
+    h.s().grant_credits(&credit("late", "pi_5", 100, None).paid_by("pi_5").costing(1000)).await.unwrap();
+    assert_eq!(units(h.s().refund_credits(&CreditRefund::new("pi_5", 300, 1000, at)).await.unwrap()), 30);
+    assert_eq!(units(h.s().refund_credits(&CreditRefund::new("pi_5", 100, 1000, at)).await.unwrap()), 0);
+    let named = CreditRefund::new("pi_5", 300, 1000, at).naming_units(7);
+    assert_eq!(units(h.s().refund_credits(&named).await.unwrap()), 7);
+    assert_eq!(balance(h.s(), "late").await, CreditBalance::new(63, 0));
+}
+
+/// A refund delivered before its grant (the grant's event is still being retried) is kept by
+/// its payment, the newer copy winning, and the grant applies it in its own write when it
+/// lands; delivered again after, it takes nothing more.
+pub async fn a_refund_before_its_grant_is_applied_when_the_grant_lands<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::{CreditBalance, CreditRefund, GrantOutcome, RefundOutcome};
+    let at = DAY0 + 60;
+    let early = |refunded| CreditRefund::new("pi_e", refunded, 1000, at).of_invoice("in_e");
+    assert_eq!(h.s().refund_credits(&early(400)).await.unwrap(), RefundOutcome::Kept);
+    assert_eq!(h.s().refund_credits(&early(600)).await.unwrap(), RefundOutcome::Kept, "the newer copy");
+    assert_eq!(h.s().refund_credits(&early(500)).await.unwrap(), RefundOutcome::Kept, "an older one late");
+    h.restart().await;
+    let grant = credit("early", "in_e", 100, None).paid_by("pi_e").costing(1000);
+    let landed = h.s().grant_credits(&grant).await.unwrap();
+    assert_eq!(landed, GrantOutcome::Granted(CreditBalance::new(40, 0)), "60 of 100 refunded before it landed");
+    assert_eq!(h.s().refund_credits(&early(600)).await.unwrap(), RefundOutcome::Nothing, "applied once");
+    // Kept under its invoice too: a grant made without the payment intent finds it.
+    let by_invoice = CreditRefund::new("pi_f", 1000, 1000, at).of_invoice("in_f");
+    assert_eq!(h.s().refund_credits(&by_invoice).await.unwrap(), RefundOutcome::Kept);
+    let landed = h.s().grant_credits(&credit("early", "in_f", 50, None).costing(1000)).await.unwrap();
+    assert_eq!(landed, GrantOutcome::Granted(CreditBalance::new(40, 0)), "refunded in full before it landed");
+    assert_eq!(balance(h.s(), "early").await, CreditBalance::new(40, 0));
+}
+
+/// One grant per payment: a second grant of a payment, under another id or on another meter,
+/// adds nothing and answers the first; so does one under the same id on another meter.
+pub async fn one_payment_grants_once_on_any_meter<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::GrantOutcome;
+    let first = credit("once", "cs_1", 100, None).paid_by("pi_1");
+    assert!(matches!(h.s().grant_credits(&first).await.unwrap(), GrantOutcome::Granted(_)));
+    let invoice = credit("once", "in_1", 100, None).paid_by("pi_1");
+    let GrantOutcome::Duplicate(seen) = h.s().grant_credits(&invoice).await.unwrap() else { panic!("granted twice") };
+    assert_eq!(seen.id, "cs_1");
+    let mut other_meter = credit("once", "in_1", 100, None).paid_by("pi_1");
+    other_meter.meter = "images".into();
+    assert!(matches!(h.s().grant_credits(&other_meter).await.unwrap(), GrantOutcome::Duplicate(_)));
+    let mut same_id = credit("once", "cs_1", 100, None);
+    same_id.meter = "images".into();
+    assert!(matches!(h.s().grant_credits(&same_id).await.unwrap(), GrantOutcome::Duplicate(_)));
+    assert_eq!(balance(h.s(), "once").await, crate::store::CreditBalance::new(100, 0));
+    let (images, _) = h.s().credit_grants(&"once".into(), Some(&"images".into())).await.unwrap();
+    assert!(images.is_empty(), "{images:?}");
+    // Another tenant's manual grant may reuse an id.
+    assert!(matches!(h.s().grant_credits(&credit("other", "cs_1", 5, None)).await.unwrap(), GrantOutcome::Granted(_)));
+}
+
+/// Units a close counted used leave with the grant, and a node's later release of those it
+/// had leased does not bring them back inside the other grants (the review's example: 150
+/// spendable, not 200). Once the forgiven window has passed, releases lower the used units in
+/// full again.
+pub async fn a_closed_grants_leased_units_do_not_come_back_through_a_release<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::CreditBalance;
+    let key = prepaid_key("fg", "tokens");
+    let at = DAY0 + 60;
+    let token = |node, seq, at| ReserveToken::new(node, seq).at(at);
+    h.s().grant_credits(&credit("fg", "a", 100, Some(DAY0 + 30))).await.unwrap();
+    h.s().grant_credits(&credit("fg", "b", 100, None)).await.unwrap();
+    // X leases 50 and uses none; Y leases 100 and uses them all.
+    assert_eq!(h.s().reserve(&Reservation::new(key.clone(), 50, 0, None, token(1, 1, at))).await.unwrap().granted, 50);
+    assert_eq!(
+        h.s().reserve(&Reservation::new(key.clone(), 100, 0, None, token(2, 1, at))).await.unwrap().granted,
+        100
+    );
+    let closed = h.s().close_credits(&"fg".into(), &"tokens".into(), "a", false, at).await.unwrap().unwrap();
+    assert_eq!(closed.lost, 0);
+    assert_eq!(balance(h.s(), "fg").await, CreditBalance::new(100, 50));
+    h.s().release(&key, 50, token(1, 2, at + 60)).await.unwrap();
+    let rest = h.s().reserve(&Reservation::new(key.clone(), 200, 0, None, token(3, 1, at + 60))).await.unwrap();
+    assert_eq!(rest.granted, 50, "150 spendable in all: {rest:?}");
+    // Past the window, a release is given back in full.
+    let later = at + crate::store::contract::FORGIVEN_SECS + 1;
+    h.s().release(&key, 10, token(3, 2, later)).await.unwrap();
+    assert_eq!(balance(h.s(), "fg").await, CreditBalance::new(100, 90));
+}
+
+/// A re-sent quota call is applied once however many senders a counter has seen: senders are
+/// forgotten by the time of their last call, never by sequence number (each node numbers its
+/// own), and never one within the quiet window. The review's case: 64 busy senders, then a
+/// new one's call sent twice.
+pub async fn a_resent_call_is_applied_once_among_many_senders<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::contract::{SENDERS_KEPT, SENDER_QUIET_SECS};
+    let key = day_key("busy", "requests");
+    let at = DAY0 + 60;
+    let call = |node: u64, seq: u64, at: i64| {
+        Reservation::new(key.clone(), 1, 0, Some(1000), ReserveToken::new(node, seq).at(at))
+    };
+    for node in 0..SENDERS_KEPT as u64 {
+        h.s().reserve(&call(1000 + node, 1_000_000, at)).await.unwrap();
+    }
+    // A new, quiet node: its sequence numbers are low.
+    let mine = Reservation::new(key.clone(), 10, 0, Some(1000), ReserveToken::new(7, 1).at(at));
+    assert_eq!(h.s().reserve(&mine).await.unwrap().reserved, 74);
+    for node in 0..SENDERS_KEPT as u64 {
+        h.s().reserve(&call(1000 + node, 1_000_001, at + 1)).await.unwrap();
+    }
+    let again = h.s().reserve(&mine).await.unwrap();
+    assert_eq!((again.granted, again.reserved), (10, 74), "answered again, not applied: {again:?}");
+    // Far later, the old senders are forgotten and the counter stays bounded; the
+    // newest are remembered.
+    let later = at + SENDER_QUIET_SECS * 2;
+    for node in 0..SENDERS_KEPT as u64 {
+        h.s().reserve(&call(5000 + node, 1, later)).await.unwrap();
+    }
+    let fresh = Reservation::new(key.clone(), 1, 0, Some(1000), ReserveToken::new(5000, 1).at(later));
+    let answered = h.s().reserve(&fresh).await.unwrap();
+    assert_eq!((answered.granted, answered.reserved), (1, 74 + 64 + 1), "the same call answered again");
 }
 
 /// Many callers spend one prepaid balance at once while a grant lands among them: every unit

@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::{
     Client,
 };
 
-use super::contract::{EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, SENDERS_KEPT};
+use super::contract::{EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, SENDERS_KEPT, SENDER_QUIET_SECS};
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
@@ -28,6 +28,7 @@ use super::{
 };
 use crate::base::{KeyHash, TenantId};
 
+mod counters;
 mod directory;
 mod export;
 mod idempotency;
@@ -36,16 +37,15 @@ mod schema;
 mod usage;
 
 use schema::{
-    credit_pk, credit_sk, customer_pk, idempotency_pk, key_pk, keys_gpk, quota_pk, quota_sk, tenant_pk, usage_gsk,
-    usage_pk, usage_sk, CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, SEP,
+    credit_pk, credit_sk, customer_pk, grant_id_pk, idempotency_pk, kept_refund_pk, kept_refunds_count_pk, key_pk,
+    keys_gpk, payment_pk, quota_pk, quota_sk, tenant_pk, usage_gsk, usage_pk, usage_sk, CREDIT_DUE_GPK, META_PK,
+    NAMESPACE_SK, ONE_SK, SEP,
 };
 
 type Item = HashMap<String, AttributeValue>;
 
 /// A transaction holds at most 100 actions: a flush's records and its flush id.
 const MAX_BATCH_RECORDS: usize = 99;
-/// A sender whose last call is younger than this is never forgotten: its retry may still come.
-const SENDER_QUIET_SECS: i64 = 600;
 /// How many times a call that lost a race (a transaction conflict, a counter created under
 /// it) is tried again, with backoff and jitter.
 const ATTEMPTS: u32 = 12;

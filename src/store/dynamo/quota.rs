@@ -5,8 +5,8 @@ use crate::{
     base::{MeterId, Period},
     store::{
         contract,
-        quota::{close_against, fits, refund_against, CreditRefund},
-        CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
+        quota::{close_against, fits, kept_refund_json, kept_refund_of, newer_refund, refund_against, CreditRefund},
+        release_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome,
     },
 };
 
@@ -56,6 +56,9 @@ impl QuotaStore for DynamoStore {
     }
 
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
+        if key.period == Period::Prepaid {
+            return self.release_prepaid(key, units, token).await;
+        }
         // Never below zero: at most what the counter holds is given back.
         let mut units = units;
         for _ in 0..ATTEMPTS {
@@ -87,55 +90,109 @@ impl QuotaStore for DynamoStore {
         }
         let pk = credit_pk(&grant.tenant);
         let sk = credit_sk(grant.meter.as_str(), &grant.id);
-        if let Some(item) = self.get(pk.clone(), &sk).await? {
-            return Ok(GrantOutcome::Duplicate(credit_of(&item).ok_or(StoreError::Conflict("a credit item"))?));
-        }
-        if self.open_grants(&grant.tenant, &grant.meter).await?.len() >= contract::OPEN_GRANTS_MAX {
-            return Ok(GrantOutcome::TooMany);
-        }
-        let mut put = Put::builder()
-            .table_name(&self.table)
-            .item("pk", s(pk.clone()))
-            .item("sk", s(sk.clone()))
-            .item("tenant", s(grant.tenant.as_str()))
-            .item("meter", s(grant.meter.as_str()))
-            .item("id", s(grant.id.as_str()))
-            .item("units", n(grant.units))
-            .item("granted_at", n(grant.granted_at))
-            .condition_expression("attribute_not_exists(pk)");
-        if let Some(at) = grant.expires_at {
-            put = put
-                .item("expires_at", n(at))
-                .item("gpk", s(CREDIT_DUE_GPK))
-                .item("gsk", s(format!("{}{SEP}{pk}{SEP}{sk}", window_text(at))));
-        }
-        if let Some(p) = &grant.payment {
-            put = put.item("payment", s(p.as_str()));
-        }
-        let add = Update::builder()
-            .table_name(&self.table)
-            .key("pk", s(quota_pk(&key)))
-            .key("sk", s(quota_sk(&key)))
-            .update_expression("ADD granted :u, room :u")
-            // Never past the most a balance holds.
-            .condition_expression("attribute_exists(pk) AND granted <= :most")
-            .expression_attribute_values(":u", n(grant.units))
-            .expression_attribute_values(":most", n(contract::MAX_BALANCE - grant.units));
-        let actions = vec![
-            TransactWriteItem::builder().put(put.build().map_err(backend)?).build(),
-            TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
-        ];
-        if self.transact(actions, "a credit grant").await?.is_some() {
-            // Granted under this id meanwhile: as stored; else the balance would pass its most.
-            return match self.get(pk, &sk).await? {
-                Some(item) => {
-                    Ok(GrantOutcome::Duplicate(credit_of(&item).ok_or(StoreError::Conflict("a credit item"))?))
+        let payment = grant.payment.as_deref().unwrap_or(&grant.id);
+        for attempt in 0..ATTEMPTS {
+            // One grant per id on every meter of the tenant, and one per payment.
+            if let Some(seen) = self.granted_before(grant).await? {
+                // A refund kept for it is applied now (a crash between the grant and its
+                // refund's application is repaired by Stripe's redelivery of the grant).
+                self.apply_kept_refunds(&seen, payment).await?;
+                return Ok(GrantOutcome::Duplicate(seen));
+            }
+            if self.open_grants(&grant.tenant, &grant.meter).await?.len() >= contract::OPEN_GRANTS_MAX {
+                return Ok(GrantOutcome::TooMany);
+            }
+            // Refunds kept for this payment: the transaction holds only if they are as read.
+            let kept_keys = kept_keys(payment, &grant.id);
+            let mut kept = Vec::new();
+            for k in &kept_keys {
+                kept.push(self.get(kept_refund_pk(k), ONE_SK).await?);
+            }
+            let mut put = Put::builder()
+                .table_name(&self.table)
+                .item("pk", s(pk.clone()))
+                .item("sk", s(sk.clone()))
+                .item("tenant", s(grant.tenant.as_str()))
+                .item("meter", s(grant.meter.as_str()))
+                .item("id", s(grant.id.as_str()))
+                .item("units", n(grant.units))
+                .item("bought", n(grant.units))
+                .item("taken", n(0))
+                .item("granted_at", n(grant.granted_at))
+                .condition_expression("attribute_not_exists(pk)");
+            if let Some(at) = grant.expires_at {
+                put = put
+                    .item("expires_at", n(at))
+                    .item("gpk", s(CREDIT_DUE_GPK))
+                    .item("gsk", s(format!("{}{SEP}{pk}{SEP}{sk}", window_text(at))));
+            }
+            if let Some(p) = &grant.payment {
+                put = put.item("payment", s(p.as_str()));
+            }
+            if let Some(paid) = grant.paid {
+                put = put.item("paid", n(paid));
+            }
+            let add = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(quota_pk(&key)))
+                .key("sk", s(quota_sk(&key)))
+                .update_expression("ADD granted :u, room :u")
+                // Never past the most a balance holds.
+                .condition_expression("attribute_exists(pk) AND granted <= :most")
+                .expression_attribute_values(":u", n(grant.units))
+                .expression_attribute_values(":most", n(contract::MAX_BALANCE - grant.units));
+            let mut actions = vec![
+                TransactWriteItem::builder().put(put.build().map_err(backend)?).build(),
+                TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
+            ];
+            let mut markers = vec![grant_id_pk(&grant.tenant, &grant.id)];
+            if let Some(p) = &grant.payment {
+                markers.push(payment_pk(p));
+            }
+            for marker in markers {
+                let put = Put::builder()
+                    .table_name(&self.table)
+                    .item("pk", s(marker))
+                    .item("sk", s(ONE_SK))
+                    .item("tenant", s(grant.tenant.as_str()))
+                    .item("meter", s(grant.meter.as_str()))
+                    .item("id", s(grant.id.as_str()))
+                    .condition_expression("attribute_not_exists(pk)");
+                actions.push(TransactWriteItem::builder().put(put.build().map_err(backend)?).build());
+            }
+            for (k, item) in kept_keys.iter().zip(&kept) {
+                actions.push(unchanged(&self.table, kept_refund_pk(k), item.as_ref())?);
+            }
+            if self.transact(actions, "a credit grant").await?.is_some() {
+                // Granted meanwhile (under its id or payment), a refund kept meanwhile, or the
+                // balance would pass its most.
+                if self.granted_before(grant).await?.is_some() {
+                    continue;
                 }
-                None => Ok(GrantOutcome::TooLarge),
-            };
+                let now: Vec<Option<Item>> = {
+                    let mut v = Vec::new();
+                    for k in &kept_keys {
+                        v.push(self.get(kept_refund_pk(k), ONE_SK).await?);
+                    }
+                    v
+                };
+                if now != kept {
+                    backoff(attempt).await;
+                    continue;
+                }
+                return Ok(GrantOutcome::TooLarge);
+            }
+            let stored = self.get(pk.clone(), &sk).await?.as_ref().and_then(credit_of);
+            if let Some(stored) = stored {
+                self.apply_kept_refunds(&stored, payment).await?;
+            }
+            let counter = self.get(quota_pk(&key), &quota_sk(&key)).await?.unwrap_or_default();
+            return Ok(GrantOutcome::Granted(CreditBalance::new(
+                get_u(&counter, "granted"),
+                get_u(&counter, "reserved"),
+            )));
         }
-        let counter = self.get(quota_pk(&key), &quota_sk(&key)).await?.unwrap_or_default();
-        Ok(GrantOutcome::Granted(CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))))
+        Err(StoreError::Conflict("a credit grant raced with refunds under every attempt"))
     }
 
     async fn credit_grants(
@@ -175,7 +232,8 @@ impl QuotaStore for DynamoStore {
             if !due {
                 return Ok(None);
             }
-            let Some((lost, after)) = close_against(&open, id, balance) else { return Ok(None) };
+            let Some((lost, after)) = close_against(&open, id, balance, now) else { return Ok(None) };
+            let payment = open.iter().find(|g| g.id == id).and_then(|g| g.payment.clone());
             let close = Update::builder()
                 .table_name(&self.table)
                 .key("pk", s(credit_pk(tenant)))
@@ -193,6 +251,29 @@ impl QuotaStore for DynamoStore {
             ];
             match self.transact(actions, "a credit grant's closing").await? {
                 None => {
+                    // Its markers go with it, once it is dropped (best effort: a marker left
+                    // names a closed grant, which refunds and grants read as such).
+                    let ttl = now.saturating_add(contract::CLOSED_GRANTS_KEPT_SECS);
+                    let markers = std::iter::once(grant_id_pk(tenant, id)).chain(payment.as_deref().map(payment_pk));
+                    for marker in markers {
+                        if let Err(e) = self
+                            .client
+                            .update_item()
+                            .table_name(&self.table)
+                            .key("pk", s(marker))
+                            .key("sk", s(ONE_SK))
+                            .update_expression("SET #ttl = :ttl")
+                            .condition_expression("attribute_exists(pk)")
+                            .expression_attribute_names("#ttl", "ttl")
+                            .expression_attribute_values(":ttl", n(ttl))
+                            .send()
+                            .await
+                        {
+                            if !is_ccf(&e) {
+                                tracing::debug!(error = %sdk(e), "a closed grant's marker keeps no expiry");
+                            }
+                        }
+                    }
                     // Closed grants are kept a while (their ids, for duplicates), then dropped.
                     for old in
                         all.iter().filter(|g| g.closed.is_some_and(|c| c.at <= now - contract::CLOSED_GRANTS_KEPT_SECS))
@@ -214,44 +295,51 @@ impl QuotaStore for DynamoStore {
         Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
     }
 
-    async fn refund_credits(
-        &self,
-        tenant: &TenantId,
-        meter: &MeterId,
-        id: &str,
-        refund: CreditRefund,
-    ) -> Result<Option<u64>, StoreError> {
-        let key = prepaid_key(tenant, meter);
+    async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
         for attempt in 0..ATTEMPTS {
-            // As a close: the balance first, then its grants, and a write conditional on both
-            // as read (a reserve, grant or close meanwhile makes it read again).
-            let Some((balance, all)) = self.read_balance(&key).await? else { return Ok(None) };
-            let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
-            let Some(grant) = open.iter().find(|g| g.id == id) else { return Ok(None) };
-            let Some((removed, after)) = refund_against(&open, id, balance, refund) else { return Ok(None) };
-            let take = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(credit_pk(tenant)))
-                .key("sk", s(credit_sk(meter.as_str(), id)))
-                .update_expression("SET units = :u, refunded = :rf")
-                .condition_expression(
-                    "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
-                     AND (attribute_not_exists(refunded) OR refunded = :rf0)",
-                )
-                .expression_attribute_values(":u", n(grant.units - removed))
-                .expression_attribute_values(":rf", n(refund.refunded))
-                .expression_attribute_values(":u0", n(grant.units))
-                .expression_attribute_values(":rf0", n(grant.refunded));
-            let actions = vec![
-                TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
-                self.set_balance(&key, balance, after)?,
-            ];
-            match self.transact(actions, "a credit grant's refund").await? {
-                None => return Ok(Some(removed)),
-                Some(_) => backoff(attempt).await,
+            // The grant of the payment: by its marker, or (a grant made before markers) among
+            // the grants of the tenant that paid.
+            let mut grant = match self.get(payment_pk(&refund.payment), ONE_SK).await? {
+                Some(marker) => match (get_s(&marker, "tenant"), get_s(&marker, "meter"), get_s(&marker, "id")) {
+                    (Some(t), Some(m), Some(id)) => {
+                        self.get(credit_pk(&t.into()), &credit_sk(m, id)).await?.as_ref().and_then(credit_of)
+                    }
+                    _ => None,
+                },
+                None => None,
+            };
+            if grant.is_none() {
+                if let Some(tenant) = &refund.tenant {
+                    let all = self.grants(tenant, None).await?;
+                    grant = all
+                        .iter()
+                        .find(|g| g.closed.is_none() && refund.is_of(g))
+                        .or_else(|| all.iter().find(|g| refund.is_of(g)))
+                        .cloned();
+                }
+            }
+            if let Some(grant) = grant {
+                if grant.closed.is_some() {
+                    return Ok(RefundOutcome::Nothing);
+                }
+                return Ok(match self.apply_refund_to(&grant.tenant, &grant.meter, refund).await? {
+                    Some((id, units)) => {
+                        RefundOutcome::Taken { tenant: grant.tenant, meter: grant.meter, grant: id, units }
+                    }
+                    None => RefundOutcome::Nothing,
+                });
+            }
+            // No grant yet: kept, on the condition that no grant of the payment landed meanwhile.
+            match self.keep_refund(refund).await? {
+                Some(outcome) => return Ok(outcome),
+                None => backoff(attempt).await,
             }
         }
-        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
+        Err(StoreError::Conflict("a refund raced with its grant under every attempt"))
+    }
+
+    async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
+        self.quota_counters(tenant, meter).await
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
@@ -358,7 +446,8 @@ impl DynamoStore {
     /// counter as read refuses a computation over grants read before). `None`: no balance.
     async fn read_balance(&self, key: &QuotaKey) -> Result<Option<(CreditBalance, Vec<CreditGrant>)>, StoreError> {
         let Some(counter) = self.get(quota_pk(key), &quota_sk(key)).await? else { return Ok(None) };
-        let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"));
+        let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))
+            .forgiving(get_u(&counter, "forgiven"), get_i(&counter, "forgiven_until").unwrap_or(0));
         Ok(Some((balance, self.grants(&key.tenant, Some(&key.meter)).await?)))
     }
 
@@ -375,8 +464,13 @@ impl DynamoStore {
             .table_name(&self.table)
             .key("pk", s(quota_pk(key)))
             .key("sk", s(quota_sk(key)))
-            .update_expression("SET granted = :g, reserved = :r, room = :room")
-            .condition_expression("granted = :g0 AND reserved = :r0")
+            .update_expression("SET granted = :g, reserved = :r, room = :room, forgiven = :f, forgiven_until = :fu")
+            .condition_expression(
+                "granted = :g0 AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)",
+            )
+            .expression_attribute_values(":f", n(after.forgiven))
+            .expression_attribute_values(":fu", n(after.forgiven_until))
+            .expression_attribute_values(":f0", n(before.forgiven))
             .expression_attribute_values(":g", n(after.granted))
             .expression_attribute_values(":r", n(after.reserved))
             .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
@@ -397,6 +491,10 @@ fn credit_of(item: &Item) -> Option<CreditGrant> {
     .expiring(get_i(item, "expires_at"));
     g.payment = get_s(item, "payment").map(str::to_owned);
     g.refunded = get_u(item, "refunded");
+    g.paid = item.contains_key("paid").then(|| get_u(item, "paid"));
+    // Written before the units bought were recorded: its units then.
+    g.bought = if item.contains_key("bought") { get_u(item, "bought") } else { g.units };
+    g.taken = get_u(item, "taken");
     if let Some(at) = get_i(item, "closed_at") {
         let revoked = item.get("revoked").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
         g.closed = Some(CreditClosure { at, revoked, lost: get_u(item, "lost") });
@@ -523,7 +621,7 @@ impl DynamoStore {
                 AttributeValue::M(HashMap::from([
                     ("s".to_owned(), n(token.seq)),
                     ("g".to_owned(), n(granted)),
-                    ("t".to_owned(), n(unix_now())),
+                    ("t".to_owned(), n(token.at)),
                 ])),
             )
             .return_values(ReturnValue::AllNew)
@@ -572,21 +670,27 @@ impl DynamoStore {
             .expression_attribute_values(":r", n(reserved))
             .expression_attribute_values(":seq", n(token.seq));
         if let Some(senders) = senders.filter(|m| m.len() > SENDERS_KEPT) {
-            let quiet_since = unix_now() - SENDER_QUIET_SECS;
-            let mut by_age: Vec<(i64, &String)> = senders
+            // The caller's clock, as the call carried it.
+            let quiet_since = token.at - SENDER_QUIET_SECS;
+            // A record without a time (an earlier build's) counts as the oldest.
+            let mut by_age: Vec<(Option<i64>, &String)> = senders
                 .iter()
                 .filter(|(node, _)| **node != hex_node(token.node))
-                .filter_map(|(node, v)| v.as_m().ok().and_then(|m| get_i(m, "t")).map(|t| (t, node)))
-                .filter(|(t, _)| *t < quiet_since)
+                .filter_map(|(node, v)| v.as_m().ok().map(|m| (get_i(m, "t"), node)))
+                .filter(|(t, _)| t.unwrap_or(i64::MIN) < quiet_since)
                 .collect();
             by_age.sort();
             for (i, (t, node)) in by_age.iter().take(senders.len() - SENDERS_KEPT).enumerate() {
                 expr.push_str(if i == 0 { " REMOVE " } else { ", " });
                 expr.push_str(&format!("senders.#d{i}"));
-                condition.push_str(&format!(" AND senders.#d{i}.t = :t{i}"));
-                req = req
-                    .expression_attribute_names(format!("#d{i}"), (*node).clone())
-                    .expression_attribute_values(format!(":t{i}"), n(t));
+                req = req.expression_attribute_names(format!("#d{i}"), (*node).clone());
+                match t {
+                    Some(t) => {
+                        condition.push_str(&format!(" AND senders.#d{i}.t = :t{i}"));
+                        req = req.expression_attribute_values(format!(":t{i}"), n(t));
+                    }
+                    None => condition.push_str(&format!(" AND attribute_not_exists(senders.#d{i}.t)")),
+                }
             }
         }
         if let Err(e) = req.update_expression(expr).condition_expression(condition).send().await {
@@ -610,5 +714,258 @@ impl DynamoStore {
                 Grant::new(0, reserved)
             }
         })
+    }
+}
+
+/// The keys a refund of a grant's payment is kept under: its payment (or id) and its id.
+fn kept_keys(payment: &str, id: &str) -> Vec<String> {
+    let mut keys = vec![payment.to_owned()];
+    if id != payment {
+        keys.push(id.to_owned());
+    }
+    keys
+}
+
+/// A transaction's check that the item at `pk` is as read: absent, or with the same `at`.
+fn unchanged(table: &str, pk: String, read: Option<&Item>) -> Result<TransactWriteItem, StoreError> {
+    let check =
+        aws_sdk_dynamodb::types::ConditionCheck::builder().table_name(table).key("pk", s(pk)).key("sk", s(ONE_SK));
+    let check = match read.and_then(|i| get_i(i, "kept_at")) {
+        Some(at) => check.condition_expression("kept_at = :at").expression_attribute_values(":at", n(at)),
+        None => check.condition_expression("attribute_not_exists(pk)"),
+    };
+    Ok(TransactWriteItem::builder().condition_check(check.build().map_err(backend)?).build())
+}
+
+impl DynamoStore {
+    /// A release on a prepaid balance: drawn on its forgiven units first
+    /// ([`release_against`]), in one update conditional on the counter as read.
+    async fn release_prepaid(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
+        for attempt in 0..ATTEMPTS {
+            let Some(item) = self.get(quota_pk(key), &quota_sk(key)).await? else {
+                if !self.ensure_counter(key).await? {
+                    return Ok(());
+                }
+                continue;
+            };
+            if Self::seen(&item, token).is_some() {
+                return Ok(());
+            }
+            let reserved = get_u(&item, "reserved");
+            let forgiven = get_u(&item, "forgiven");
+            let until = get_i(&item, "forgiven_until").unwrap_or(0);
+            let (after, left) = release_against(reserved, forgiven, until, units, token.at);
+            let drop = reserved - after;
+            let out = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(quota_pk(key)))
+                .key("sk", s(quota_sk(key)))
+                .update_expression("ADD reserved :nd, room :d SET forgiven = :f, senders.#n = :rec")
+                .condition_expression(
+                    "attribute_exists(pk) AND (attribute_not_exists(senders.#n) OR senders.#n.s < :seq) \
+                     AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)",
+                )
+                .expression_attribute_names("#n", hex_node(token.node))
+                .expression_attribute_values(":nd", n(-int(drop)))
+                .expression_attribute_values(":d", n(drop))
+                .expression_attribute_values(":f", n(left))
+                .expression_attribute_values(":seq", n(token.seq))
+                .expression_attribute_values(":r0", n(reserved))
+                .expression_attribute_values(":f0", n(forgiven))
+                .expression_attribute_values(
+                    ":rec",
+                    AttributeValue::M(HashMap::from([
+                        ("s".to_owned(), n(token.seq)),
+                        ("g".to_owned(), n(0)),
+                        ("t".to_owned(), n(token.at)),
+                    ])),
+                )
+                .return_values(ReturnValue::AllNew)
+                .send()
+                .await;
+            match out {
+                Ok(out) => {
+                    let item = out.attributes.unwrap_or_default();
+                    self.after_add(key, token, get_u(&item, "reserved"), &item).await;
+                    return Ok(());
+                }
+                Err(e) if is_ccf(&e) => backoff(attempt).await,
+                Err(e) => return Err(sdk(e)),
+            }
+        }
+        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
+    }
+
+    /// The grant a new grant would repeat: one of the tenant with its id (on any meter), or
+    /// one of its payment, by their markers; else one under the same (tenant, meter, id).
+    async fn granted_before(&self, grant: &CreditGrant) -> Result<Option<CreditGrant>, StoreError> {
+        let mut markers = vec![grant_id_pk(&grant.tenant, &grant.id)];
+        if let Some(p) = &grant.payment {
+            markers.push(payment_pk(p));
+        }
+        for marker in markers {
+            if let Some(m) = self.get(marker, ONE_SK).await? {
+                if let (Some(t), Some(meter), Some(id)) = (get_s(&m, "tenant"), get_s(&m, "meter"), get_s(&m, "id")) {
+                    if let Some(g) =
+                        self.get(credit_pk(&t.into()), &credit_sk(meter, id)).await?.as_ref().and_then(credit_of)
+                    {
+                        return Ok(Some(g));
+                    }
+                }
+            }
+        }
+        let own = self.get(credit_pk(&grant.tenant), &credit_sk(grant.meter.as_str(), &grant.id)).await?;
+        Ok(own.as_ref().and_then(credit_of))
+    }
+
+    /// Applies the refunds kept for `grant`'s payment (`payment`, or its id) to it, then
+    /// forgets them. Idempotent: a grant takes each unit once (its `taken`).
+    async fn apply_kept_refunds(&self, grant: &CreditGrant, payment: &str) -> Result<(), StoreError> {
+        let keys = kept_keys(payment, &grant.id);
+        let mut kept = Vec::new();
+        for k in &keys {
+            if let Some(item) = self.get(kept_refund_pk(k), ONE_SK).await? {
+                if let Some(r) = get_s(&item, "refund").and_then(kept_refund_of) {
+                    kept.push((k.clone(), item.clone(), r));
+                }
+            }
+        }
+        let Some(refund) = kept.iter().map(|(_, _, r)| r.clone()).reduce(newer_refund) else { return Ok(()) };
+        if grant.closed.is_none() {
+            self.apply_refund_to(&grant.tenant, &grant.meter, &refund).await?;
+        }
+        for (k, item, _) in kept {
+            // Only as read: a newer copy kept meanwhile stays, for the next delivery.
+            let _ = self
+                .client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", s(kept_refund_pk(&k)))
+                .key("sk", s(ONE_SK))
+                .condition_expression("kept_at = :at")
+                .expression_attribute_values(":at", n(get_i(&item, "kept_at").unwrap_or(0)))
+                .send()
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Applies `refund` to its open grant of `(tenant, meter)`: the grant's id and the units
+    /// taken from what it held, or `None` when it takes nothing more; one transaction on the
+    /// grant (as read: its units and `taken`) and the balance (as read).
+    async fn apply_refund_to(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        refund: &CreditRefund,
+    ) -> Result<Option<(String, u64)>, StoreError> {
+        let key = prepaid_key(tenant, meter);
+        for attempt in 0..ATTEMPTS {
+            let Some((balance, all)) = self.read_balance(&key).await? else { return Ok(None) };
+            let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
+            let Some(grant) = open.iter().find(|g| refund.is_of(g)) else { return Ok(None) };
+            let Some((units, removed, taken, after)) = refund_against(&open, refund, balance, refund.at) else {
+                return Ok(None);
+            };
+            let take = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(credit_pk(tenant)))
+                .key("sk", s(credit_sk(meter.as_str(), &grant.id)))
+                .update_expression("SET units = :u, taken = :t")
+                .condition_expression(
+                    "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
+                     AND (attribute_not_exists(taken) OR taken = :t0)",
+                )
+                .expression_attribute_values(":u", n(grant.units - removed))
+                .expression_attribute_values(":t", n(taken))
+                .expression_attribute_values(":u0", n(grant.units))
+                .expression_attribute_values(":t0", n(grant.taken));
+            let actions = vec![
+                TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
+                self.set_balance(&key, balance, after)?,
+            ];
+            match self.transact(actions, "a credit grant's refund").await? {
+                None => return Ok(Some((grant.id.clone(), units))),
+                Some(_) => backoff(attempt).await,
+            }
+        }
+        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
+    }
+
+    /// Keeps a refund whose grant has not landed, under its payment and invoice, the newer of
+    /// two copies winning, on the condition that no grant of the payment has landed:
+    /// `Some(Kept)` or `Some(Full)`, `None` when a condition failed (read again).
+    async fn keep_refund(&self, refund: &CreditRefund) -> Result<Option<RefundOutcome>, StoreError> {
+        let mut keys = vec![refund.payment.clone()];
+        if let Some(i) = refund.invoice.as_ref().filter(|i| **i != refund.payment) {
+            keys.push(i.clone());
+        }
+        let mut actions = Vec::new();
+        // No grant of the payment (nor of its invoice, as an id: checked by the grant's own
+        // transaction against the kept items).
+        let check = aws_sdk_dynamodb::types::ConditionCheck::builder()
+            .table_name(&self.table)
+            .key("pk", s(payment_pk(&refund.payment)))
+            .key("sk", s(ONE_SK))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(backend)?;
+        actions.push(TransactWriteItem::builder().condition_check(check).build());
+        let mut new = false;
+        for k in &keys {
+            let read = self.get(kept_refund_pk(k), ONE_SK).await?;
+            let before = read.as_ref().and_then(|i| get_s(i, "refund")).and_then(kept_refund_of);
+            new |= before.is_none();
+            let kept = match before {
+                Some(b) => newer_refund(b, refund.clone()),
+                None => refund.clone(),
+            };
+            let mut put = Put::builder()
+                .table_name(&self.table)
+                .item("pk", s(kept_refund_pk(k)))
+                .item("sk", s(ONE_SK))
+                .item("refund", s(kept_refund_json(&kept)))
+                .item("kept_at", n(kept.at))
+                .item("ttl", n(kept.at.saturating_add(contract::REFUNDS_KEPT_SECS)));
+            put = match read.as_ref().and_then(|i| get_i(i, "kept_at")) {
+                Some(at) => put.condition_expression("kept_at = :at0").expression_attribute_values(":at0", n(at)),
+                None => put.condition_expression("attribute_not_exists(pk)"),
+            };
+            actions.push(TransactWriteItem::builder().put(put.build().map_err(backend)?).build());
+        }
+        if new {
+            // At most REFUNDS_KEPT_MAX kept: shared out over the days they are kept.
+            let per_day = (contract::REFUNDS_KEPT_MAX as u64).div_ceil((contract::REFUNDS_KEPT_SECS / 86_400) as u64);
+            let day = refund.at.div_euclid(86_400);
+            let count = Update::builder()
+                .table_name(&self.table)
+                .key("pk", s(kept_refunds_count_pk(day)))
+                .key("sk", s(ONE_SK))
+                .update_expression("ADD n :one SET #ttl = :ttl")
+                .condition_expression("attribute_not_exists(n) OR n < :most")
+                .expression_attribute_names("#ttl", "ttl")
+                .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":most", n(per_day))
+                .expression_attribute_values(":ttl", n((day + 36) * 86_400));
+            actions.push(TransactWriteItem::builder().update(count.build().map_err(backend)?).build());
+        }
+        match self.transact(actions, "a kept refund").await? {
+            None => Ok(Some(RefundOutcome::Kept)),
+            Some(reasons) => {
+                // The day's count alone refused: full.
+                let failed: Vec<usize> = reasons
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.as_deref() == Some("ConditionalCheckFailed"))
+                    .map(|(i, _)| i)
+                    .collect();
+                if new && failed == [reasons.len() - 1] {
+                    return Ok(Some(RefundOutcome::Full));
+                }
+                Ok(None)
+            }
+        }
     }
 }

@@ -163,6 +163,29 @@ pub(super) fn credit_sk(meter: &str, id: &str) -> String {
     format!("{meter}{SEP}{id}")
 }
 
+/// The marker of a payment intent's grant (one per payment): its tenant, meter and grant id.
+pub(super) fn payment_pk(payment: &str) -> String {
+    format!("PAY{SEP}{payment}")
+}
+
+/// The marker of a grant id of a tenant (one grant per id on every meter of the tenant).
+pub(super) fn grant_id_pk(tenant: &TenantId, id: &str) -> String {
+    format!("GID{SEP}{tenant}{SEP}{id}")
+}
+
+/// A refund kept until its grant lands, by payment (or invoice).
+pub(super) fn kept_refund_pk(payment: &str) -> String {
+    format!("REFUND{SEP}{payment}")
+}
+
+/// The count of refunds kept on one day (`REFUNDS_KEPT_MAX` shared out over their 35 days).
+pub(super) fn kept_refunds_count_pk(day: i64) -> String {
+    format!("REFUNDS_KEPT{SEP}{day}")
+}
+
+/// The sort key of the markers, kept refunds and counts above.
+pub(super) const ONE_SK: &str = "-";
+
 /// The index partition of open grants that expire.
 pub(super) const CREDIT_DUE_GPK: &str = "CREDITDUE";
 

@@ -24,7 +24,10 @@ impl IdempotencyStore for MemoryStore {
                 return Ok(if b.request != c.request { IdempotencyState::Mismatch } else { b.state() });
             }
         }
-        inner.make_room_for_binding(c.now);
+        let replacing = inner.idempotency.contains_key(&c.key);
+        if !replacing && !inner.make_room_for_binding(c.now, c.max_keys) {
+            return Ok(IdempotencyState::Full);
+        }
         let binding = Binding {
             request: c.request.clone(),
             owner: c.owner,

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use super::contract::{
     EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, RETENTION_SECS, SENDERS_KEPT,
+    SENDER_QUIET_SECS,
 };
 use super::{
     ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, DeadLetter, Deferral, DirectoryStore,
@@ -56,6 +57,8 @@ struct Inner {
     quotas: HashMap<(TenantId, MeterId), Counters>,
     /// (tenant, meter) -> its credit grants, open and recently closed.
     credits: BTreeMap<(TenantId, MeterId), Vec<CreditGrant>>,
+    /// Refunds that came before their grant, by payment.
+    kept_refunds: BTreeMap<String, crate::store::CreditRefund>,
     usage: BTreeMap<ExportKey, Aggregate>,
     /// The keys of the aggregates the export has yet to send (or has in flight), and of those
     /// parked as dead letters: a listing walks these, not 35 days of exported windows.
@@ -103,22 +106,15 @@ impl Binding {
 }
 
 impl Inner {
-    fn make_room_for_binding(&mut self, now: i64) {
-        if self.idempotency.len() < IDEMPOTENCY_KEYS_MAX {
-            return;
+    /// Whether a new binding fits under `max_keys` (and [`IDEMPOTENCY_KEYS_MAX`]): bindings
+    /// past their window go first; a binding not past it is never forgotten.
+    fn make_room_for_binding(&mut self, now: i64, max_keys: u64) -> bool {
+        let cap = usize::try_from(max_keys).unwrap_or(usize::MAX).min(IDEMPOTENCY_KEYS_MAX);
+        if self.idempotency.len() < cap {
+            return true;
         }
-        self.idempotency.retain(|_, b| b.live(now));
-        if self.idempotency.len() >= IDEMPOTENCY_KEYS_MAX {
-            // Live bindings only: the sixteenth expiring first goes at once, so that the scan
-            // above happens at most once per that many claims.
-            let mut by_expiry: Vec<(i64, String)> =
-                self.idempotency.iter().map(|(k, b)| (b.expires_at, k.clone())).collect();
-            let cut = by_expiry.len() / 16;
-            by_expiry.select_nth_unstable(cut);
-            for (_, k) in &by_expiry[..=cut] {
-                self.idempotency.remove(k);
-            }
-        }
+        self.idempotency.retain(|_, b| now < b.expires_at);
+        self.idempotency.len() < cap
     }
 
     /// Files the aggregate at `key` in [`Inner::pending`] or [`Inner::parked`] (or neither),
@@ -196,8 +192,12 @@ struct Counter {
     reserved: u64,
     /// A prepaid balance's granted units (its limit); `None` for a calendar period.
     granted: Option<u64>,
-    /// Per node: the sequence number of its last call applied, and that call's grant.
-    applied: HashMap<u64, (u64, Grant)>,
+    /// Per node: the sequence number of its last call applied, that call's grant, and the time
+    /// of its last call.
+    applied: HashMap<u64, (u64, Grant, i64)>,
+    /// A prepaid balance's forgiven units, and until when they hold.
+    forgiven: u64,
+    forgiven_until: i64,
 }
 
 impl Counters {
@@ -224,7 +224,14 @@ impl Counters {
         debug_assert!(self.periods.len() <= before);
         self.dropped_before = dropped;
         let granted = (key.period == crate::base::Period::Prepaid).then_some(0);
-        self.periods.push(Counter { key: key.clone(), reserved: 0, granted, applied: HashMap::new() });
+        self.periods.push(Counter {
+            key: key.clone(),
+            reserved: 0,
+            granted,
+            applied: HashMap::new(),
+            forgiven: 0,
+            forgiven_until: 0,
+        });
         self.periods.last_mut()
     }
 
@@ -234,20 +241,27 @@ impl Counters {
 }
 
 impl Counter {
-    /// Records the answer to `token`'s call.
+    /// Records the answer to `token`'s call, forgetting the senders past [`SENDERS_KEPT`] by
+    /// the time of their last call, never one within [`SENDER_QUIET_SECS`] of this call.
     fn applied(&mut self, token: ReserveToken, grant: Grant) {
-        self.applied.insert(token.node, (token.seq, grant));
-        if self.applied.len() > SENDERS_KEPT {
-            if let Some(oldest) = self.applied.iter().min_by_key(|(_, (seq, _))| *seq).map(|(n, _)| *n) {
-                self.applied.remove(&oldest);
-            }
+        let at = self.applied.get(&token.node).map_or(token.at, |(_, _, at)| token.at.max(*at));
+        self.applied.insert(token.node, (token.seq, grant, at));
+        let quiet_since = token.at.saturating_sub(SENDER_QUIET_SECS);
+        while self.applied.len() > SENDERS_KEPT {
+            let oldest = self
+                .applied
+                .iter()
+                .filter(|(_, (_, _, at))| *at < quiet_since)
+                .min_by_key(|(n, (_, _, at))| (*at, **n));
+            let Some(oldest) = oldest.map(|(n, _)| *n) else { break };
+            self.applied.remove(&oldest);
         }
     }
 
     /// Whether a call with `token` was applied already; `Some(grant)` answers it again.
     fn seen(&self, token: ReserveToken) -> Option<Grant> {
         match self.applied.get(&token.node) {
-            Some((seq, grant)) if token.seq <= *seq => {
+            Some((seq, grant, _)) if token.seq <= *seq => {
                 Some(if token.seq == *seq { *grant } else { Grant::new(0, self.reserved).with_limit(self.granted) })
             }
             _ => None,
@@ -445,7 +459,8 @@ mod tests {
     async fn a_counter_remembers_a_bounded_number_of_senders() {
         let s = MemoryStore::new();
         for sender in 1..=200u64 {
-            let r = Reservation::new(qk(0), 1, 0, None, ReserveToken::new(sender, sender));
+            let at = i64::try_from(sender).unwrap() * 1000;
+            let r = Reservation::new(qk(0), 1, 0, None, ReserveToken::new(sender, sender).at(at));
             s.reserve(&r).await.unwrap();
         }
         let inner = s.lock();

@@ -2,8 +2,9 @@
 
 use super::*;
 use crate::store::{
-    contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX},
-    quota::{close_against, fits, refund_against, CreditRefund},
+    contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX, REFUNDS_KEPT_MAX, REFUNDS_KEPT_SECS},
+    quota::{close_against, fits, newer_refund, refund_against, CreditRefund},
+    release_against, RefundOutcome,
 };
 
 /// The key of `(tenant, meter)`'s prepaid balance.
@@ -41,7 +42,13 @@ impl QuotaStore for MemoryStore {
         let counters = inner.quotas.entry((key.tenant.clone(), key.meter.clone())).or_default();
         if let Some(c) = counters.get(key) {
             if c.seen(token).is_none() {
-                c.reserved = c.reserved.saturating_sub(units);
+                if c.granted.is_some() {
+                    // A prepaid balance draws on its forgiven units first.
+                    (c.reserved, c.forgiven) =
+                        release_against(c.reserved, c.forgiven, c.forgiven_until, units, token.at);
+                } else {
+                    c.reserved = c.reserved.saturating_sub(units);
+                }
                 let grant = Grant::new(0, c.reserved).with_limit(c.granted);
                 c.applied(token, grant);
             }
@@ -52,10 +59,15 @@ impl QuotaStore for MemoryStore {
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
         let mut inner = self.lock();
         let pair = (grant.tenant.clone(), grant.meter.clone());
-        let grants = inner.credits.entry(pair.clone()).or_default();
-        if let Some(seen) = grants.iter().find(|g| g.id == grant.id) {
+        // One grant per id and per payment, on any meter of the tenant.
+        let same = |g: &&CreditGrant| g.id == grant.id || (g.payment.is_some() && g.payment == grant.payment);
+        let seen = inner.credits.get(&pair).and_then(|l| l.iter().find(same)).or_else(|| {
+            inner.credits.iter().filter(|((t, _), _)| *t == grant.tenant).flat_map(|(_, l)| l.iter()).find(same)
+        });
+        if let Some(seen) = seen {
             return Ok(GrantOutcome::Duplicate(seen.clone()));
         }
+        let grants = inner.credits.entry(pair.clone()).or_default();
         if grants.iter().filter(|g| g.closed.is_none()).count() >= OPEN_GRANTS_MAX {
             return Ok(GrantOutcome::TooMany);
         }
@@ -64,13 +76,28 @@ impl QuotaStore for MemoryStore {
         if !fits(c.granted.unwrap_or(0), grant.units) {
             return Ok(GrantOutcome::TooLarge);
         }
-        let granted = c.granted.unwrap_or(0) + grant.units;
-        c.granted = Some(granted);
-        let reserved = c.reserved;
+        c.granted = Some(c.granted.unwrap_or(0) + grant.units);
         let mut stored = grant.clone();
         stored.closed = None;
-        inner.credits.entry(pair).or_default().push(stored);
-        Ok(GrantOutcome::Granted(CreditBalance::new(granted, reserved)))
+        stored.bought = grant.units;
+        stored.taken = 0;
+        stored.refunded = 0;
+        stored.duplicate = false;
+        inner.credits.entry(pair.clone()).or_default().push(stored);
+        // A refund of this payment that came first is applied now, in the same write.
+        let payment = grant.payment.clone().unwrap_or_else(|| grant.id.clone());
+        let kept: Vec<String> = inner
+            .kept_refunds
+            .iter()
+            .filter(|(p, r)| **p == payment || **p == grant.id || r.invoice.as_deref() == Some(grant.id.as_str()))
+            .map(|(p, _)| p.clone())
+            .collect();
+        let refund = kept.iter().filter_map(|p| inner.kept_refunds.remove(p)).reduce(newer_refund);
+        if let Some(refund) = refund {
+            apply_refund(&mut inner, &pair, &refund);
+        }
+        let c = inner.quotas.entry(pair).or_default().get(&key).expect("the prepaid period never ends");
+        Ok(GrantOutcome::Granted(CreditBalance::new(c.granted.unwrap_or(0), c.reserved)))
     }
 
     async fn credit_grants(
@@ -119,10 +146,12 @@ impl QuotaStore for MemoryStore {
         let grants = grants.clone();
         let key = prepaid(tenant, meter);
         let c = inner.quotas.entry(pair.clone()).or_default().get(&key).expect("the prepaid period never ends");
-        let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved);
-        let Some((lost, after)) = close_against(&grants, id, balance) else { return Ok(None) };
+        let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved).forgiving(c.forgiven, c.forgiven_until);
+        let Some((lost, after)) = close_against(&grants, id, balance, now) else { return Ok(None) };
         c.granted = Some(after.granted);
         c.reserved = after.reserved;
+        c.forgiven = after.forgiven;
+        c.forgiven_until = after.forgiven_until;
         let closure = CreditClosure { at: now, revoked: revoke, lost };
         let list = inner.credits.get_mut(&pair).expect("read above");
         if let Some(g) = list.iter_mut().find(|g| g.id == id) {
@@ -133,27 +162,51 @@ impl QuotaStore for MemoryStore {
         Ok(Some(closure))
     }
 
-    async fn refund_credits(
+    async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
+        let mut inner = self.lock();
+        let mut of = inner
+            .credits
+            .iter()
+            .flat_map(|(pair, l)| l.iter().map(move |g| (pair, g)))
+            .filter(|(_, g)| refund.is_of(g));
+        let open = of.clone().find(|(_, g)| g.closed.is_none()).map(|(pair, _)| pair.clone());
+        if let Some(pair) = open {
+            return Ok(match apply_refund(&mut inner, &pair, refund) {
+                Some((grant, units)) => RefundOutcome::Taken { tenant: pair.0, meter: pair.1, grant, units },
+                None => RefundOutcome::Nothing,
+            });
+        }
+        if of.next().is_some() {
+            return Ok(RefundOutcome::Nothing);
+        }
+        inner.kept_refunds.retain(|_, r| r.at >= refund.at - REFUNDS_KEPT_SECS);
+        let kept = match inner.kept_refunds.remove(&refund.payment) {
+            Some(before) => newer_refund(before, refund.clone()),
+            None if inner.kept_refunds.len() >= REFUNDS_KEPT_MAX => return Ok(RefundOutcome::Full),
+            None => refund.clone(),
+        };
+        inner.kept_refunds.insert(kept.payment.clone(), kept);
+        Ok(RefundOutcome::Kept)
+    }
+
+    async fn counters(
         &self,
         tenant: &TenantId,
         meter: &MeterId,
-        id: &str,
-        refund: CreditRefund,
-    ) -> Result<Option<u64>, StoreError> {
-        let mut inner = self.lock();
-        let pair = (tenant.clone(), meter.clone());
-        let Some(grants) = inner.credits.get(&pair).cloned() else { return Ok(None) };
-        let key = prepaid(tenant, meter);
-        let Some(c) = inner.quotas.entry(pair.clone()).or_default().get(&key) else { return Ok(None) };
-        let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved);
-        let Some((removed, after)) = refund_against(&grants, id, balance, refund) else { return Ok(None) };
-        c.granted = Some(after.granted);
-        let list = inner.credits.get_mut(&pair).expect("read above");
-        if let Some(g) = list.iter_mut().find(|g| g.id == id) {
-            g.units -= removed;
-            g.refunded = refund.refunded;
-        }
-        Ok(Some(removed))
+    ) -> Result<Vec<crate::store::QuotaCounter>, StoreError> {
+        let inner = self.lock();
+        let mut out: Vec<crate::store::QuotaCounter> = inner
+            .quotas
+            .get(&(tenant.clone(), meter.clone()))
+            .map(|c| {
+                c.periods
+                    .iter()
+                    .map(|p| crate::store::QuotaCounter::new(p.key.clone(), p.reserved, p.granted))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|c| c.key.start);
+        Ok(out)
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
@@ -169,4 +222,22 @@ impl QuotaStore for MemoryStore {
         due.truncate(limit);
         Ok(due)
     }
+}
+
+/// Applies `refund` to its open grant of `pair`: the grant's id and the units taken from what
+/// it held, or `None` when it takes nothing more.
+fn apply_refund(inner: &mut Inner, pair: &(TenantId, MeterId), refund: &CreditRefund) -> Option<(String, u64)> {
+    let grants: Vec<CreditGrant> = inner.credits.get(pair)?.iter().filter(|g| g.closed.is_none()).cloned().collect();
+    let key = prepaid(&pair.0, &pair.1);
+    let c = inner.quotas.entry(pair.clone()).or_default().get(&key)?;
+    let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved).forgiving(c.forgiven, c.forgiven_until);
+    let (units, removed, taken, after) = refund_against(&grants, refund, balance, refund.at)?;
+    c.granted = Some(after.granted);
+    c.reserved = after.reserved;
+    c.forgiven = after.forgiven;
+    c.forgiven_until = after.forgiven_until;
+    let g = inner.credits.get_mut(pair)?.iter_mut().find(|g| g.closed.is_none() && refund.is_of(g))?;
+    g.units -= removed;
+    g.taken = taken;
+    Some((g.id.clone(), units))
 }

@@ -11,6 +11,10 @@ fn binding(r: &Row) -> (String, bool, Option<Vec<u8>>) {
 /// A binding live at `$2`: unexpired, and completed or still within its in-flight time.
 const LIVE: &str = "$2 < expires_at AND (completed OR $2 < in_flight_until)";
 
+/// The shards of the count of bindings and of the bytes of stored responses: a claim or a
+/// completion updates one of them, so that they do not queue on one row.
+pub(super) const SHARDS: u64 = 16;
+
 #[async_trait]
 impl IdempotencyStore for PostgresStore {
     async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
@@ -21,16 +25,28 @@ impl IdempotencyStore for PostgresStore {
              VALUES ($1, $3, $4, false, $5, $6, NULL) \
              ON CONFLICT (idem_key) DO UPDATE SET request = excluded.request, owner = excluded.owner, completed = false, \
              in_flight_until = excluded.in_flight_until, expires_at = excluded.expires_at, response = NULL \
-             WHERE NOT ($2 < i.expires_at AND (i.completed OR $2 < i.in_flight_until)) RETURNING 1",
+             WHERE NOT ($2 < i.expires_at AND (i.completed OR $2 < i.in_flight_until)) RETURNING (xmax = 0)",
         );
+        // A new row is counted in its key's shard, under the fleet's cap shared out.
+        let count = self
+            .sql("UPDATE {s}.idempotency_count SET n = n + 1 WHERE shard = hashtext($1) & 15 AND n < $2 RETURNING 1");
+        // Bindings past their window make room, a thousand at a time; a live one never does.
+        let room = self.sql(
+            "WITH gone AS (DELETE FROM {s}.idempotency WHERE idem_key IN (SELECT idem_key FROM {s}.idempotency \
+             WHERE expires_at <= $2 AND hashtext(idem_key) & 15 = hashtext($1) & 15 AND idem_key <> $1 LIMIT 1000) \
+             RETURNING 1) \
+             UPDATE {s}.idempotency_count SET n = GREATEST(n - (SELECT count(*) FROM gone), 0) \
+             WHERE shard = hashtext($1) & 15",
+        );
+        let cap = int(c.max_keys.div_ceil(SHARDS));
         let held = self
             .sql(&format!("SELECT request, completed, response FROM {{s}}.idempotency WHERE idem_key = $1 AND {LIVE}"));
         let found = self
             .retrying(|| async {
                 let mut client = self.client().await?;
                 let tx = self.begin(&mut client).await?;
-                let claimed = !tx
-                    .query_typed(
+                let claimed = tx
+                    .query_typed_opt(
                         &claim,
                         args![
                             c.key.as_str(),
@@ -42,14 +58,23 @@ impl IdempotencyStore for PostgresStore {
                         ],
                     )
                     .await?
-                    .is_empty();
-                let found = if claimed {
+                    .map(|r| r.get::<_, bool>(0));
+                if claimed == Some(true) {
+                    // A new row: counted, or rolled back past the cap.
+                    if tx.query_typed(&count, args![c.key.as_str(), cap]).await?.is_empty() {
+                        tx.query_typed(&room, args![c.key.as_str(), c.now]).await?;
+                        if tx.query_typed(&count, args![c.key.as_str(), cap]).await?.is_empty() {
+                            return Ok(Some(None));
+                        }
+                    }
+                }
+                let found = if claimed.is_some() {
                     None
                 } else {
                     let row = tx.query_typed_opt(&held, args![c.key.as_str(), c.now]).await?;
                     // Not live by now (it expired between the two statements): claim again.
                     let row = row.ok_or(Fail::Store(StoreError::Conflict("the idempotency binding")))?;
-                    Some(binding(&row))
+                    Some(Some(binding(&row)))
                 };
                 tx.commit().await?;
                 Ok(found)
@@ -57,7 +82,8 @@ impl IdempotencyStore for PostgresStore {
             .await?;
         match found {
             None => Ok(IdempotencyState::Claimed),
-            Some((bound, completed, response)) => {
+            Some(None) => Ok(IdempotencyState::Full),
+            Some(Some((bound, completed, response))) => {
                 IdempotencyState::of_binding(&bound, &c.request, completed, response.as_deref())
             }
         }
@@ -96,13 +122,20 @@ impl IdempotencyStore for PostgresStore {
         };
         let held =
             self.sql("SELECT 1 FROM {s}.idempotency WHERE idem_key = $1 AND owner = $2 AND NOT completed FOR UPDATE");
-        let release = self.sql("DELETE FROM {s}.idempotency WHERE idem_key = $1 AND owner = $2 AND NOT completed");
-        let old_buckets = self.sql("DELETE FROM {s}.idempotency_bytes WHERE bucket < $1");
+        let release = self.sql(
+            "WITH gone AS (DELETE FROM {s}.idempotency WHERE idem_key = $1 AND owner = $2 AND NOT completed RETURNING 1) \
+             UPDATE {s}.idempotency_count SET n = GREATEST(n - (SELECT count(*) FROM gone), 0) \
+             WHERE shard = hashtext($1) & 15",
+        );
+        // Each completion adds to one of the bucket's shards (by owner, drawn per request),
+        // each holding its share of the bound: completions do not queue on one row.
+        let old_buckets = self.sql("DELETE FROM {s}.idempotency_shard_bytes WHERE bucket < $1");
         let add = self.sql(
-            "INSERT INTO {s}.idempotency_bytes AS b (bucket, bytes) SELECT $1, $2 WHERE $2 <= $3 \
-             ON CONFLICT (bucket) DO UPDATE SET bytes = b.bytes + excluded.bytes \
+            "INSERT INTO {s}.idempotency_shard_bytes AS b (bucket, shard, bytes) SELECT $1, $4, $2 WHERE $2 <= $3 \
+             ON CONFLICT (bucket, shard) DO UPDATE SET bytes = b.bytes + excluded.bytes \
              WHERE b.bytes + excluded.bytes <= $3 RETURNING 1",
         );
+        let shard = (owner % SHARDS) as i64;
         let settle = self.sql(
             "UPDATE {s}.idempotency SET completed = true, response = $3 WHERE idem_key = $1 AND owner = $2 AND NOT completed",
         );
@@ -135,7 +168,7 @@ impl IdempotencyStore for PostgresStore {
             // Only this bucket and the one before can hold live responses.
             tx.query_typed(&old_buckets, args![*bucket - 1]).await?;
             let size = bytes.len() as i64;
-            if tx.query_typed(&add, args![*bucket, size, int(*allowed)]).await?.is_empty() {
+            if tx.query_typed(&add, args![*bucket, size, int(*allowed / SHARDS), shard]).await?.is_empty() {
                 tx.query_typed(&release, args![key, owner]).await?;
                 tx.commit().await?;
                 return Ok(IdempotencySettled::Refused);

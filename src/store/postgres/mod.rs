@@ -594,10 +594,12 @@ impl PostgresStore {
         // Deletes of a backlog may take longer than a call's statement timeout.
         let long = format!("SET LOCAL statement_timeout = {}", self.inner.timeout.as_millis().max(300_000));
         let ledger = self.sql("DELETE FROM {s}.ledger WHERE kept_from < $1");
-        let idem = self.sql("DELETE FROM {s}.idempotency WHERE expires_at <= $1");
-        let idem_cap = self.sql(
-            "DELETE FROM {s}.idempotency WHERE idem_key IN (SELECT idem_key FROM {s}.idempotency \
-             ORDER BY expires_at LIMIT GREATEST(0, (SELECT count(*) FROM {s}.idempotency) - $1))",
+        // Only bindings past their window, taken out of their shards' counts: a live binding is
+        // never deleted (past `limits.idempotency_keys_max` a new key is not bound instead).
+        let idem = self.sql(
+            "WITH gone AS (DELETE FROM {s}.idempotency WHERE expires_at <= $1 RETURNING hashtext(idem_key) & 15 AS shard) \
+             UPDATE {s}.idempotency_count c SET n = GREATEST(c.n - g.k, 0) \
+             FROM (SELECT shard, count(*) AS k FROM gone GROUP BY shard) g WHERE c.shard = g.shard",
         );
         self.retrying(|| async {
             let mut client = self.client().await?;
@@ -616,7 +618,6 @@ impl PostgresStore {
             tx.query_typed(&flush, args![wall.saturating_sub(FLUSH_IDS_KEPT_SECS)]).await?;
             tx.query_typed(&ledger, args![newest.min(wall).saturating_sub(crate::store::LEDGER_KEPT_SECS)]).await?;
             tx.query_typed(&idem, args![wall]).await?;
-            tx.query_typed(&idem_cap, args![int(contract::IDEMPOTENCY_KEYS_MAX as u64)]).await?;
             for (lock, delete, recount) in &ids {
                 tx.query_typed(lock, &[]).await?;
                 tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;

@@ -4,8 +4,8 @@ use super::*;
 use crate::{
     base::MeterId,
     store::{
-        quota::{close_against, fits, refund_against, CreditRefund},
-        CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
+        quota::{close_against, fits, kept_refund_json, kept_refund_of, newer_refund, refund_against, CreditRefund},
+        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
     },
 };
 
@@ -15,9 +15,15 @@ use crate::{
 ///
 /// `$1..$5` the key, `$6` the node (text), `$7` its sequence number, `$8` the units wanted,
 /// `$9` the units added unconditionally (owed; negative to release), `$10` the limit (NULL:
-/// none), `$11` the fewest units worth granting. The grant follows [`Reservation::grant_for`].
+/// none), `$11` the fewest units worth granting, `$12` the call's time. The grant follows
+/// [`Reservation::grant_for`]; a release draws on a prepaid balance's forgiven units first
+/// ([`release_against`](crate::store::release_against)). Each sender's entry is `[seq, granted, reserved, time]`; senders are
+/// forgotten by time, oldest first (entries of earlier builds have no time: the oldest), never
+/// one that called within [`SENDER_QUIET_SECS`](contract::SENDER_QUIET_SECS).
 pub(super) fn reserve_sql(schema: &str) -> String {
-    let after = format!("GREATEST(LEAST(q.reserved::numeric + $9, {MAX_INT}), 0)");
+    let live = "(q.forgiven_until > $12)";
+    let drawn = format!("(CASE WHEN {live} THEN LEAST(q.forgiven::numeric, GREATEST(-$9::numeric, 0)) ELSE 0 END)");
+    let after = format!("GREATEST(LEAST(q.reserved::numeric + $9 + {drawn}, {MAX_INT}), 0)");
     // A prepaid balance is held to its grants (`granted`), whatever the caller says.
     let limit = "coalesce(q.granted::numeric, $10::numeric)";
     let left = format!("GREATEST({limit} - {after}, 0)");
@@ -25,15 +31,20 @@ pub(super) fn reserve_sql(schema: &str) -> String {
         "(CASE WHEN {limit} IS NULL THEN $8::numeric ELSE LEAST($8::numeric, GREATEST(ceil({left} / 8), $11), {left}) END)"
     );
     let reserved = format!("LEAST({after} + {granted}, {MAX_INT})");
+    let at = "coalesce((value ->> 3)::bigint, 0)";
     format!(
         "UPDATE {schema}.quota AS q SET reserved = {reserved}::bigint, answer = {granted}::bigint, \
-         senders = (SELECT jsonb_object_agg(e.key, e.value) FROM (SELECT key, value FROM jsonb_each(q.senders || \
-             jsonb_build_object($6::text, jsonb_build_array($7::bigint, {granted}, {reserved}))) \
-             ORDER BY (value ->> 0)::numeric DESC LIMIT {kept}) e) \
+         forgiven = (CASE WHEN {live} THEN q.forgiven - {drawn} ELSE 0 END)::bigint, \
+         senders = (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) FROM ( \
+             SELECT key, value, {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
+             FROM jsonb_each(q.senders || jsonb_build_object($6::text, \
+                 jsonb_build_array($7::bigint, {granted}, {reserved}, $12::bigint)))) e \
+             WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet}) \
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
          AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, true) \
          RETURNING q.answer, q.reserved, q.granted",
-        kept = contract::SENDERS_KEPT
+        kept = contract::SENDERS_KEPT,
+        quiet = contract::SENDER_QUIET_SECS,
     )
 }
 
@@ -90,7 +101,8 @@ impl PostgresStore {
                     int(c.units),
                     c.delta,
                     c.limit.map(int),
-                    int(c.at_least)
+                    int(c.at_least),
+                    c.token.at
                 ],
             )
             .await?;
@@ -209,25 +221,36 @@ impl QuotaStore for PostgresStore {
             return Err(StoreError::Conflict("the prepaid counter"));
         }
         let (t, m) = (grant.tenant.as_str(), grant.meter.as_str());
+        let payment = grant.payment.as_deref().unwrap_or(grant.id.as_str());
         let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
-        let seen = self
-            .sql(&format!("SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND id = $3"));
+        let seen = self.sql(&format!(
+            "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 \
+             AND (id = $2 OR ($3::text IS NOT NULL AND payment = $3)) ORDER BY meter = $4 DESC, id = $2 DESC LIMIT 1"
+        ));
         let open = self.sql("SELECT count(*) FROM {s}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL");
         let insert = self.sql(
-            "INSERT INTO {s}.credit (tenant, meter, id, units, granted_at, expires_at, payment) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO {s}.credit (tenant, meter, id, units, granted_at, expires_at, payment, paid, bought) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $4)",
         );
         let add = self.sql(&format!(
             "UPDATE {{s}}.quota SET granted = coalesce(granted, 0) + $3 WHERE {PREPAID} RETURNING reserved, granted"
         ));
+        let kept = self.sql(
+            "DELETE FROM {s}.credit_refund_kept WHERE payment = $1 OR payment = $2 OR invoice = $2 RETURNING refund",
+        );
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
+            // One payment's grant and its refunds run one at a time (a refund kept meanwhile
+            // is seen here, a grant made meanwhile is seen by the refund).
+            self.lock_payments(&tx, &[payment, grant.id.as_str()]).await?;
             // The balance's row is locked first: grants and closes of one balance run one at a
             // time.
             let row = tx.query_typed_one(&lock, args![t, m]).await?;
             let granted_before = uint(row.get::<_, Option<i64>>(1).unwrap_or(0));
-            if let Some(row) = tx.query_typed_opt(&seen, args![t, m, grant.id.as_str()]).await? {
+            if let Some(row) =
+                tx.query_typed_opt(&seen, args![t, grant.id.as_str(), grant.payment.as_deref(), m]).await?
+            {
                 tx.commit().await?;
                 return Ok(GrantOutcome::Duplicate(credit_row(&row)));
             }
@@ -249,14 +272,25 @@ impl QuotaStore for PostgresStore {
                     int(grant.units),
                     grant.granted_at,
                     grant.expires_at,
-                    grant.payment.as_deref()
+                    grant.payment.as_deref(),
+                    grant.paid.map(int)
                 ],
             )
             .await?;
-            let row = tx.query_typed_one(&add, args![t, m, int(grant.units)]).await?;
+            tx.query_typed_one(&add, args![t, m, int(grant.units)]).await?;
+            // A refund of this payment that came first is applied now, in the same write.
+            let refund = tx
+                .query_typed(&kept, args![payment, grant.id.as_str()])
+                .await?
+                .iter()
+                .filter_map(|r| kept_refund_of(&r.get::<_, String>(0)))
+                .reduce(newer_refund);
+            if let Some(refund) = refund {
+                self.apply_refund(&tx, t, m, &refund).await?;
+            }
+            let (balance, _) = self.locked_balance(&tx, t, m).await?.expect("locked above");
             tx.commit().await?;
-            let granted = uint(row.get::<_, Option<i64>>(1).unwrap_or(0));
-            Ok(GrantOutcome::Granted(CreditBalance::new(granted, uint(row.get(0)))))
+            Ok(GrantOutcome::Granted(CreditBalance::new(balance.granted, balance.reserved)))
         })
         .await
     }
@@ -303,7 +337,9 @@ impl QuotaStore for PostgresStore {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
         let (t, m) = (tenant.as_str(), meter.as_str());
-        let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
+        let set = self.sql(&format!(
+            "UPDATE {{s}}.quota SET granted = $3, reserved = $4, forgiven = $5, forgiven_until = $6 WHERE {PREPAID}"
+        ));
         let close = self.sql(
             "UPDATE {s}.credit SET closed_at = $4, revoked = $5, lost = $6 WHERE tenant = $1 AND meter = $2 AND id = $3",
         );
@@ -317,12 +353,16 @@ impl QuotaStore for PostgresStore {
             };
             let due =
                 open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
-            let closing = if due { close_against(&open, id, balance) } else { None };
+            let closing = if due { close_against(&open, id, balance, now) } else { None };
             let Some((lost, after)) = closing else {
                 tx.commit().await?;
                 return Ok(None);
             };
-            tx.query_typed(&set, args![t, m, int(after.granted), int(after.reserved)]).await?;
+            tx.query_typed(
+                &set,
+                args![t, m, int(after.granted), int(after.reserved), int(after.forgiven), after.forgiven_until],
+            )
+            .await?;
             tx.query_typed(&close, args![t, m, id, now, revoke, int(lost)]).await?;
             tx.query_typed(&prune, args![t, m, now - contract::CLOSED_GRANTS_KEPT_SECS]).await?;
             tx.commit().await?;
@@ -331,33 +371,84 @@ impl QuotaStore for PostgresStore {
         .await
     }
 
-    async fn refund_credits(
-        &self,
-        tenant: &TenantId,
-        meter: &MeterId,
-        id: &str,
-        refund: CreditRefund,
-    ) -> Result<Option<u64>, StoreError> {
-        let (t, m) = (tenant.as_str(), meter.as_str());
-        let set = self.sql(&format!("UPDATE {{s}}.quota SET granted = $3, reserved = $4 WHERE {PREPAID}"));
-        let take = self.sql(
-            "UPDATE {s}.credit SET units = units - $4, refunded = $5 WHERE tenant = $1 AND meter = $2 AND id = $3",
+    async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
+        let invoice = refund.invoice.as_deref().unwrap_or(refund.payment.as_str());
+        let find = self.sql(
+            "SELECT tenant, meter, closed_at IS NULL FROM {s}.credit \
+             WHERE payment = $1 OR id = $1 OR id = $2 ORDER BY closed_at IS NULL DESC LIMIT 1",
+        );
+        let prune = self.sql("DELETE FROM {s}.credit_refund_kept WHERE at < $1");
+        let before = self.sql("SELECT refund FROM {s}.credit_refund_kept WHERE payment = $1");
+        let count = self.sql("SELECT count(*) FROM {s}.credit_refund_kept");
+        let keep = self.sql(
+            "INSERT INTO {s}.credit_refund_kept (payment, invoice, refund, at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (payment) DO UPDATE SET invoice = excluded.invoice, refund = excluded.refund, at = excluded.at",
         );
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
-            let Some((balance, open)) = self.locked_balance(&tx, t, m).await? else {
-                tx.commit().await?;
-                return Ok(None);
+            self.lock_payments(&tx, &[refund.payment.as_str(), invoice]).await?;
+            let found = tx.query_typed_opt(&find, args![refund.payment.as_str(), invoice]).await?;
+            let outcome = match found {
+                Some(row) if row.get::<_, bool>(2) => {
+                    let (t, m): (String, String) = (row.get(0), row.get(1));
+                    match self.apply_refund(&tx, &t, &m, refund).await? {
+                        Some((grant, units)) => {
+                            RefundOutcome::Taken { tenant: t.as_str().into(), meter: m.as_str().into(), grant, units }
+                        }
+                        None => RefundOutcome::Nothing,
+                    }
+                }
+                Some(_) => RefundOutcome::Nothing,
+                None => {
+                    tx.query_typed(&prune, args![refund.at - contract::REFUNDS_KEPT_SECS]).await?;
+                    let prior = tx.query_typed_opt(&before, args![refund.payment.as_str()]).await?;
+                    let kept = match prior.as_ref().and_then(|r| kept_refund_of(&r.get::<_, String>(0))) {
+                        Some(prior) => Some(newer_refund(prior, refund.clone())),
+                        None => {
+                            let n: i64 = tx.query_typed_one(&count, &[]).await?.get(0);
+                            (uint(n) < contract::REFUNDS_KEPT_MAX as u64).then(|| refund.clone())
+                        }
+                    };
+                    match kept {
+                        Some(kept) => {
+                            tx.query_typed(
+                                &keep,
+                                args![kept.payment.as_str(), kept.invoice.as_deref(), kept_refund_json(&kept), kept.at],
+                            )
+                            .await?;
+                            RefundOutcome::Kept
+                        }
+                        None => RefundOutcome::Full,
+                    }
+                }
             };
-            let Some((removed, after)) = refund_against(&open, id, balance, refund) else {
-                tx.commit().await?;
-                return Ok(None);
-            };
-            tx.query_typed(&set, args![t, m, int(after.granted), int(after.reserved)]).await?;
-            tx.query_typed(&take, args![t, m, id, int(removed), int(refund.refunded)]).await?;
             tx.commit().await?;
-            Ok(Some(removed))
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn counters(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+    ) -> Result<Vec<crate::store::QuotaCounter>, StoreError> {
+        let sql = self.sql(
+            "SELECT period, start_at, end_at, reserved, granted FROM {s}.quota WHERE tenant = $1 AND meter = $2 \
+             ORDER BY start_at",
+        );
+        self.retrying(|| async {
+            let client = self.client().await?;
+            let rows = client.query_typed(&sql, args![tenant.as_str(), meter.as_str()]).await?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| {
+                    let key =
+                        QuotaKey::from_tag(tenant.clone(), meter.clone(), &r.get::<_, String>(0), r.get(1), r.get(2))?;
+                    Some(crate::store::QuotaCounter::new(key, uint(r.get(3)), r.get::<_, Option<i64>>(4).map(uint)))
+                })
+                .collect())
         })
         .await
     }
@@ -389,6 +480,46 @@ fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
 }
 
 impl PostgresStore {
+    /// Takes the transaction's locks on payment ids (a payment intent, an invoice): a grant and
+    /// a refund of one payment run one at a time. In one order, so two never wait on each other.
+    async fn lock_payments(&self, tx: &deadpool_postgres::Transaction<'_>, ids: &[&str]) -> Pg<()> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            tx.query_typed("SELECT pg_advisory_xact_lock(hashtext('tollgate-payment:' || $1))", args![id]).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies `refund` to its open grant of `(t, m)`, in `tx`: the grant's id and the units
+    /// taken from what it held, or `None` when it takes nothing more.
+    async fn apply_refund(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        t: &str,
+        m: &str,
+        refund: &CreditRefund,
+    ) -> Pg<Option<(String, u64)>> {
+        let set = self.sql(&format!(
+            "UPDATE {{s}}.quota SET granted = $3, reserved = $4, forgiven = $5, forgiven_until = $6 WHERE {PREPAID}"
+        ));
+        let take = self
+            .sql("UPDATE {s}.credit SET units = units - $4, taken = $5 WHERE tenant = $1 AND meter = $2 AND id = $3");
+        let Some((balance, open)) = self.locked_balance(tx, t, m).await? else { return Ok(None) };
+        let Some((units, removed, taken, after)) = refund_against(&open, refund, balance, refund.at) else {
+            return Ok(None);
+        };
+        let id = open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
+        tx.query_typed(
+            &set,
+            args![t, m, int(after.granted), int(after.reserved), int(after.forgiven), after.forgiven_until],
+        )
+        .await?;
+        tx.query_typed(&take, args![t, m, id.as_str(), int(removed), int(taken)]).await?;
+        Ok(Some((id, units)))
+    }
+
     /// Locks `(t, m)`'s balance row and reads it with its open grants, in `tx`: grants, closes
     /// and refunds of one balance run one at a time. `None`: no balance.
     async fn locked_balance(
@@ -397,19 +528,22 @@ impl PostgresStore {
         t: &str,
         m: &str,
     ) -> Pg<Option<(CreditBalance, Vec<CreditGrant>)>> {
-        let lock = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"));
+        let lock = self.sql(&format!(
+            "SELECT reserved, granted, forgiven, forgiven_until FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"
+        ));
         let open = self.sql(&format!(
             "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL"
         ));
         let Some(row) = tx.query_typed_opt(&lock, args![t, m]).await? else { return Ok(None) };
-        let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)));
+        let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)))
+            .forgiving(uint(row.get(2)), row.get(3));
         let open = tx.query_typed(&open, args![t, m]).await?.iter().map(credit_row).collect();
         Ok(Some((balance, open)))
     }
 }
 
-const CREDIT_COLUMNS: &str =
-    "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, refunded";
+const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, \
+     refunded, paid, bought, taken, duplicate";
 
 fn credit_row(r: &Row) -> CreditGrant {
     let mut g = CreditGrant::new(
@@ -422,6 +556,11 @@ fn credit_row(r: &Row) -> CreditGrant {
     .expiring(r.get(5));
     g.payment = r.get(6);
     g.refunded = uint(r.get(10));
+    g.paid = r.get::<_, Option<i64>>(11).map(uint);
+    // Written before the units bought were recorded (or by such a node): its units then.
+    g.bought = r.get::<_, Option<i64>>(12).map_or(g.units, uint);
+    g.taken = uint(r.get(13));
+    g.duplicate = r.get(14);
     if let Some(at) = r.get::<_, Option<i64>>(7) {
         g.closed = Some(CreditClosure {
             at,

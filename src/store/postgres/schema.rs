@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -146,6 +146,47 @@ CREATE TABLE {s}.credit (
     PRIMARY KEY (tenant, meter, id)
 );
 CREATE INDEX credit_due ON {s}.credit (expires_at) WHERE closed_at IS NULL AND expires_at IS NOT NULL;
+"#,
+    // Senders carry the time of their last call as a fourth element (none: written by an
+    // earlier build, the oldest); a prepaid balance's forgiven units; a grant's cost, units
+    // bought and units its refunds took back; one grant per payment (duplicates made before
+    // are kept, marked); refunds kept until their grant lands. Every new column has a default,
+    // so nodes of the previous version keep writing valid rows during an upgrade.
+    r#"
+ALTER TABLE {s}.quota ADD COLUMN forgiven bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.quota ADD COLUMN forgiven_until bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.credit ADD COLUMN paid bigint;
+ALTER TABLE {s}.credit ADD COLUMN bought bigint;
+ALTER TABLE {s}.credit ADD COLUMN taken bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.credit ADD COLUMN duplicate boolean NOT NULL DEFAULT false;
+UPDATE {s}.credit c SET duplicate = true WHERE c.payment IS NOT NULL AND EXISTS (
+    SELECT 1 FROM {s}.credit o WHERE o.tenant = c.tenant AND o.payment = c.payment
+    AND (o.granted_at, o.meter, o.id) < (c.granted_at, c.meter, c.id));
+CREATE UNIQUE INDEX credit_payment ON {s}.credit (tenant, payment) WHERE payment IS NOT NULL AND NOT duplicate;
+CREATE INDEX credit_by_payment ON {s}.credit (payment) WHERE payment IS NOT NULL;
+CREATE INDEX credit_id ON {s}.credit (id);
+CREATE TABLE {s}.credit_refund_kept (
+    payment text COLLATE "C" PRIMARY KEY,
+    invoice text COLLATE "C",
+    refund  text NOT NULL,
+    at      bigint NOT NULL
+);
+CREATE INDEX credit_refund_kept_invoice ON {s}.credit_refund_kept (invoice) WHERE invoice IS NOT NULL;
+CREATE INDEX credit_refund_kept_at ON {s}.credit_refund_kept (at);
+CREATE TABLE {s}.idempotency_count (
+    shard integer PRIMARY KEY,
+    n     bigint NOT NULL
+);
+INSERT INTO {s}.idempotency_count (shard, n) SELECT g, 0 FROM generate_series(0, 15) g;
+UPDATE {s}.idempotency_count c SET n = k.n
+    FROM (SELECT hashtext(idem_key) & 15 AS shard, count(*) AS n FROM {s}.idempotency GROUP BY 1) k
+    WHERE c.shard = k.shard;
+CREATE TABLE {s}.idempotency_shard_bytes (
+    bucket bigint NOT NULL,
+    shard  integer NOT NULL,
+    bytes  bigint NOT NULL,
+    PRIMARY KEY (bucket, shard)
+);
 "#,
 ];
 
@@ -293,6 +334,23 @@ impl PostgresStore {
                 args![SCHEMA_VERSION.to_string()],
             )
             .await?;
+            if (1..4).contains(&from) {
+                // Grants of one payment made twice before one grant per payment was enforced:
+                // kept as they were (their units may be spent), marked, and named for a person.
+                let dups = tx
+                    .query_typed(
+                        &self.sql("SELECT tenant, meter, id, payment FROM {s}.credit WHERE duplicate LIMIT 100"),
+                        &[],
+                    )
+                    .await?;
+                for row in dups {
+                    let (tenant, meter, id, payment): (String, String, String, String) =
+                        (row.get(0), row.get(1), row.get(2), row.get(3));
+                    tracing::warn!(schema = %self.inner.schema, %tenant, %meter, grant = %id, %payment,
+                        "a second credit grant of one payment, made before one grant per payment was enforced: kept, \
+                         marked duplicate (tollgate credits list); revoke it if it was not paid for twice");
+                }
+            }
             tx.commit().await?;
             tracing::info!(schema = %self.inner.schema, from, to = SCHEMA_VERSION, "PostgreSQL schema migrated");
             Ok((from, SCHEMA_VERSION))

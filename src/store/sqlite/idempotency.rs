@@ -16,6 +16,30 @@ fn live(tx: &Transaction<'_>, key: &str, now: i64) -> Sql<Option<Held>> {
     .optional()
 }
 
+/// Adds `delta` to the count of bindings.
+fn count(tx: &Transaction<'_>, delta: i64) -> Sql<()> {
+    tx.prepare_cached("UPDATE idempotency_count SET n = max(0, n + ?1) WHERE id = 0")?.execute([delta])?;
+    Ok(())
+}
+
+/// Whether one more binding fits under `max_keys` (and the store's own bound): bindings past
+/// their window make room first, a thousand at a time; a live one never does.
+fn room(tx: &Transaction<'_>, now: i64, max_keys: u64) -> Sql<bool> {
+    let cap = int(max_keys.min(contract::IDEMPOTENCY_KEYS_MAX as u64));
+    let n: i64 = tx.prepare_cached("SELECT n FROM idempotency_count WHERE id = 0")?.query_row([], |r| r.get(0))?;
+    if n < cap {
+        return Ok(true);
+    }
+    let gone = tx
+        .prepare_cached(
+            "DELETE FROM idempotency WHERE key IN \
+             (SELECT key FROM idempotency WHERE expires_at <= ?1 ORDER BY expires_at LIMIT 1000)",
+        )?
+        .execute([now])?;
+    count(tx, -(gone as i64))?;
+    Ok(n - (gone as i64) < cap)
+}
+
 #[async_trait]
 impl IdempotencyStore for SqliteStore {
     async fn claim_idempotency(&self, c: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
@@ -24,7 +48,14 @@ impl IdempotencyStore for SqliteStore {
             .write(move |tx, _| {
                 let c = &ask;
                 if let Some(held) = live(tx, &c.key, c.now)? {
-                    return Ok(Some(held));
+                    return Ok(Some(Some(held)));
+                }
+                let present: Option<i64> = tx
+                    .prepare_cached("SELECT 1 FROM idempotency WHERE key = ?1")?
+                    .query_row([&c.key], |r| r.get(0))
+                    .optional()?;
+                if present.is_none() && !room(tx, c.now, c.max_keys)? {
+                    return Ok(None);
                 }
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO idempotency \
@@ -38,12 +69,16 @@ impl IdempotencyStore for SqliteStore {
                     c.in_flight_until,
                     c.expires_at
                 ])?;
-                Ok(None)
+                if present.is_none() {
+                    count(tx, 1)?;
+                }
+                Ok(Some(None))
             })
             .await?;
         match held {
-            None => Ok(IdempotencyState::Claimed),
-            Some((bound, completed, response)) => {
+            None => Ok(IdempotencyState::Full),
+            Some(None) => Ok(IdempotencyState::Claimed),
+            Some(Some((bound, completed, response))) => {
                 IdempotencyState::of_binding(&bound, &c.request, completed, response.as_deref())
             }
         }
@@ -95,8 +130,10 @@ impl IdempotencyStore for SqliteStore {
                 return Ok(IdempotencySettled::Settled);
             }
             let release = |tx: &Transaction<'_>| {
-                tx.prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0")?
-                    .execute(params![key, owner as i64])
+                let gone = tx
+                    .prepare_cached("DELETE FROM idempotency WHERE key = ?1 AND owner = ?2 AND completed = 0")?
+                    .execute(params![key, owner as i64])?;
+                count(tx, -(gone as i64))
             };
             let Some((bytes, bucket, allowed)) = &completed else {
                 release(tx)?;

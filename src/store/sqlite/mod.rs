@@ -469,12 +469,10 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
         "DELETE FROM ledger WHERE kept_from < ?1",
         [newest_window.min(wall).saturating_sub(crate::store::LEDGER_KEPT_SECS)],
     )?;
+    // Only bindings past their window: a live one is never forgotten (a claim past the cap
+    // finds no room instead). The count is taken again, which also mends any drift.
     tx.execute("DELETE FROM idempotency WHERE expires_at <= ?1", [wall])?;
-    tx.execute(
-        "DELETE FROM idempotency WHERE key IN (SELECT key FROM idempotency ORDER BY expires_at \
-         LIMIT max(0, (SELECT count(*) FROM idempotency) - ?1))",
-        [int(contract::IDEMPOTENCY_KEYS_MAX as u64)],
-    )?;
+    tx.execute("UPDATE idempotency_count SET n = (SELECT count(*) FROM idempotency) WHERE id = 0", [])?;
     tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
     Ok(())
 }

@@ -4,8 +4,8 @@ use super::*;
 use crate::{
     base::MeterId,
     store::{
-        quota::{close_against, fits, refund_against, CreditRefund},
-        CreditBalance, CreditClosure, CreditGrant, GrantOutcome,
+        quota::{close_against, fits, kept_refund_json, kept_refund_of, newer_refund, refund_against, CreditRefund},
+        release_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
     },
 };
 
@@ -39,10 +39,31 @@ impl QuotaStore for SqliteStore {
         let key = key.clone();
         self.write(move |tx, _| {
             let period = key.period_tag();
-            if let Some((reserved, _)) = counter(tx, &key, &period)? {
+            if let Some((reserved, granted)) = counter(tx, &key, &period)? {
                 if seen(tx, &key, &period, token, reserved)?.is_none() {
-                    let grant = Grant::new(0, uint(reserved).saturating_sub(units));
-                    applied(tx, &key, &period, token, grant)?;
+                    let after = if granted.is_some() {
+                        // A prepaid balance draws on its forgiven units first.
+                        let (forgiven, until) = forgiven_of(tx, &key, &period)?;
+                        let (after, left) = release_against(uint(reserved), forgiven, until, units, token.at);
+                        if left != forgiven {
+                            tx.prepare_cached(
+                                "UPDATE quota SET forgiven = ?6 \
+                                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+                            )?
+                            .execute(params![
+                                key.tenant.as_str(),
+                                key.meter.as_str(),
+                                period,
+                                key.start,
+                                key.end,
+                                int(left)
+                            ])?;
+                        }
+                        after
+                    } else {
+                        uint(reserved).saturating_sub(units)
+                    };
+                    applied(tx, &key, &period, token, Grant::new(0, after))?;
                 }
             }
             Ok(())
@@ -54,11 +75,13 @@ impl QuotaStore for SqliteStore {
         let grant = grant.clone();
         self.write(move |tx, _| {
             let (t, m) = (grant.tenant.as_str(), grant.meter.as_str());
+            // One grant per id and per payment, on any meter of the tenant.
             let seen: Option<CreditGrant> = tx
                 .prepare_cached(&format!(
-                    "SELECT {CREDIT_COLUMNS} FROM credit WHERE tenant = ?1 AND meter = ?2 AND id = ?3"
+                    "SELECT {CREDIT_COLUMNS} FROM credit WHERE tenant = ?1 \
+                     AND (id = ?2 OR (?3 IS NOT NULL AND payment = ?3)) ORDER BY meter = ?4 DESC, id = ?2 DESC LIMIT 1"
                 ))?
-                .query_row(params![t, m, grant.id], credit_row)
+                .query_row(params![t, grant.id, grant.payment, m], credit_row)
                 .optional()?;
             if let Some(seen) = seen {
                 return Ok(GrantOutcome::Duplicate(seen));
@@ -76,8 +99,8 @@ impl QuotaStore for SqliteStore {
                 return Ok(GrantOutcome::TooLarge);
             }
             tx.prepare_cached(
-                "INSERT INTO credit (tenant, meter, id, units, granted_at, expires_at, payment) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO credit (tenant, meter, id, units, granted_at, expires_at, payment, paid, bought) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?4)",
             )?
             .execute(params![
                 t,
@@ -86,11 +109,36 @@ impl QuotaStore for SqliteStore {
                 int(grant.units),
                 grant.granted_at,
                 grant.expires_at,
-                grant.payment
+                grant.payment,
+                grant.paid.map(int)
             ])?;
             let granted = granted.unwrap_or(0) + grant.units;
             set_balance(tx, &key, &period, granted, uint(reserved))?;
-            Ok(GrantOutcome::Granted(CreditBalance::new(granted, uint(reserved))))
+            // A refund of this payment that came first is applied now, in the same write.
+            let kept: Vec<(String, String)> = tx
+                .prepare_cached(
+                    "SELECT payment, refund FROM credit_refund_kept \
+                     WHERE payment = ?1 OR payment = ?2 OR invoice = ?2",
+                )?
+                .query_map(params![grant.payment.as_deref().unwrap_or(&grant.id), grant.id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<Sql<_>>()?;
+            let mut refund: Option<CreditRefund> = None;
+            for (payment, json) in kept {
+                tx.prepare_cached("DELETE FROM credit_refund_kept WHERE payment = ?1")?.execute([&payment])?;
+                if let Some(r) = kept_refund_of(&json) {
+                    refund = Some(match refund {
+                        Some(before) => newer_refund(before, r),
+                        None => r,
+                    });
+                }
+            }
+            if let Some(refund) = refund {
+                apply_refund(tx, &grant.tenant, &grant.meter, &refund)?;
+            }
+            let b = Balance::read(tx, &grant.tenant, &grant.meter)?;
+            Ok(GrantOutcome::Granted(CreditBalance::new(b.now.granted, b.now.reserved)))
         })
         .await
     }
@@ -155,7 +203,7 @@ impl QuotaStore for SqliteStore {
             if !revoke && grant.expires_at.is_none_or(|at| at > now) {
                 return Ok(None);
             }
-            let Some((lost, after)) = close_against(&b.open, &id, b.now) else { return Ok(None) };
+            let Some((lost, after)) = close_against(&b.open, &id, b.now, now) else { return Ok(None) };
             b.write(tx, after)?;
             tx.prepare_cached(
                 "UPDATE credit SET closed_at = ?4, revoked = ?5, lost = ?6 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
@@ -169,24 +217,55 @@ impl QuotaStore for SqliteStore {
         .await
     }
 
-    async fn refund_credits(
+    async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
+        let refund = refund.clone();
+        self.write(move |tx, _| {
+            let invoice = refund.invoice.as_deref().unwrap_or(&refund.payment);
+            let found: Option<(String, String, bool)> = tx
+                .prepare_cached(
+                    "SELECT tenant, meter, closed_at IS NULL FROM credit \
+                     WHERE payment = ?1 OR id = ?1 OR id = ?2 ORDER BY closed_at IS NULL DESC LIMIT 1",
+                )?
+                .query_row(params![refund.payment, invoice], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            match found {
+                Some((tenant, meter, true)) => {
+                    let (tenant, meter) = (TenantId::from(tenant.as_str()), MeterId::from(meter.as_str()));
+                    Ok(match apply_refund(tx, &tenant, &meter, &refund)? {
+                        Some((grant, units)) => RefundOutcome::Taken { tenant, meter, grant, units },
+                        None => RefundOutcome::Nothing,
+                    })
+                }
+                Some(_) => Ok(RefundOutcome::Nothing),
+                None => keep_refund(tx, &refund),
+            }
+        })
+        .await
+    }
+
+    async fn counters(
         &self,
         tenant: &TenantId,
         meter: &MeterId,
-        id: &str,
-        refund: CreditRefund,
-    ) -> Result<Option<u64>, StoreError> {
-        let (tenant, meter, id) = (tenant.clone(), meter.clone(), id.to_owned());
-        self.write(move |tx, _| {
-            let (t, m) = (tenant.as_str(), meter.as_str());
-            let b = Balance::read(tx, &tenant, &meter)?;
-            let Some((removed, after)) = refund_against(&b.open, &id, b.now, refund) else { return Ok(None) };
-            b.write(tx, after)?;
-            tx.prepare_cached(
-                "UPDATE credit SET units = units - ?4, refunded = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
-            )?
-            .execute(params![t, m, id, int(removed), int(refund.refunded)])?;
-            Ok(Some(removed))
+    ) -> Result<Vec<crate::store::QuotaCounter>, StoreError> {
+        let (tenant, meter) = (tenant.clone(), meter.clone());
+        self.read(move |tx| {
+            let rows: Vec<(String, i64, i64, i64, Option<i64>)> = tx
+                .prepare_cached(
+                    "SELECT period, start, end, reserved, granted FROM quota WHERE tenant = ?1 AND meter = ?2 \
+                     ORDER BY start",
+                )?
+                .query_map(params![tenant.as_str(), meter.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<Sql<_>>()?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(tag, start, end, reserved, granted)| {
+                    let key = QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end)?;
+                    Some(crate::store::QuotaCounter::new(key, uint(reserved), granted.map(uint)))
+                })
+                .collect())
         })
         .await
     }
@@ -210,6 +289,62 @@ fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
     QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
 }
 
+/// Applies `refund` to its open grant of `(tenant, meter)`: the grant's id and the units taken
+/// from what it held, or `None` when it takes nothing more.
+fn apply_refund(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    meter: &MeterId,
+    refund: &CreditRefund,
+) -> Sql<Option<(String, u64)>> {
+    let b = Balance::read(tx, tenant, meter)?;
+    let Some((units, removed, taken, after)) = refund_against(&b.open, refund, b.now, refund.at) else {
+        return Ok(None);
+    };
+    let id = b.open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
+    b.write(tx, after)?;
+    tx.prepare_cached("UPDATE credit SET units = units - ?4, taken = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3")?
+        .execute(params![tenant.as_str(), meter.as_str(), id, int(removed), int(taken)])?;
+    Ok(Some((id, units)))
+}
+
+/// Keeps a refund whose grant has not landed (the newer copy of one payment's refund wins).
+fn keep_refund(tx: &Transaction<'_>, refund: &CreditRefund) -> Sql<RefundOutcome> {
+    tx.prepare_cached("DELETE FROM credit_refund_kept WHERE at < ?1")?
+        .execute([refund.at - contract::REFUNDS_KEPT_SECS])?;
+    let before: Option<String> = tx
+        .prepare_cached("SELECT refund FROM credit_refund_kept WHERE payment = ?1")?
+        .query_row([&refund.payment], |r| r.get(0))
+        .optional()?;
+    let kept = match before.as_deref().and_then(kept_refund_of) {
+        Some(before) => newer_refund(before, refund.clone()),
+        None => {
+            let n: i64 = tx.prepare_cached("SELECT count(*) FROM credit_refund_kept")?.query_row([], |r| r.get(0))?;
+            if uint(n) >= contract::REFUNDS_KEPT_MAX as u64 {
+                return Ok(RefundOutcome::Full);
+            }
+            refund.clone()
+        }
+    };
+    tx.prepare_cached(
+        "INSERT INTO credit_refund_kept (payment, invoice, refund, at) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (payment) DO UPDATE SET invoice = excluded.invoice, refund = excluded.refund, at = excluded.at",
+    )?
+    .execute(params![kept.payment, kept.invoice, kept_refund_json(&kept), kept.at])?;
+    Ok(RefundOutcome::Kept)
+}
+
+/// A prepaid balance's forgiven units and until when they hold.
+fn forgiven_of(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<(u64, i64)> {
+    tx.prepare_cached(
+        "SELECT forgiven, forgiven_until FROM quota \
+         WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+    )?
+    .query_row(params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end], |r| {
+        Ok((uint(r.get(0)?), r.get(1)?))
+    })
+}
+
 /// A prepaid balance as a close or a refund reads it, in its write transaction: its counter
 /// and its open grants.
 struct Balance {
@@ -225,11 +360,28 @@ impl Balance {
         let key = prepaid_key(tenant, meter);
         let period = key.period_tag();
         let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
-        Ok(Self { now: CreditBalance::new(granted.unwrap_or(0), uint(reserved)), key, period, open })
+        let (forgiven, until) = forgiven_of(tx, &key, &period)?;
+        let now = CreditBalance::new(granted.unwrap_or(0), uint(reserved)).forgiving(forgiven, until);
+        Ok(Self { now, key, period, open })
     }
 
     fn write(&self, tx: &Transaction<'_>, after: CreditBalance) -> Sql<()> {
-        set_balance(tx, &self.key, &self.period, after.granted, after.reserved)
+        set_balance(tx, &self.key, &self.period, after.granted, after.reserved)?;
+        let k = &self.key;
+        tx.prepare_cached(
+            "UPDATE quota SET forgiven = ?6, forgiven_until = ?7 \
+             WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+        )?
+        .execute(params![
+            k.tenant.as_str(),
+            k.meter.as_str(),
+            self.period,
+            k.start,
+            k.end,
+            int(after.forgiven),
+            after.forgiven_until
+        ])?;
+        Ok(())
     }
 }
 
@@ -251,14 +403,19 @@ fn set_balance(tx: &Transaction<'_>, key: &QuotaKey, period: &str, granted: u64,
     Ok(())
 }
 
-const CREDIT_COLUMNS: &str =
-    "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, refunded";
+const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, \
+     refunded, paid, bought, taken, duplicate";
 
 fn credit_row(r: &rusqlite::Row<'_>) -> Sql<CreditGrant> {
     let (tenant, meter, id): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
     let mut g = CreditGrant::new(tenant.into(), meter.into(), id, uint(r.get(3)?), r.get(4)?).expiring(r.get(5)?);
     g.payment = r.get(6)?;
     g.refunded = uint(r.get(10)?);
+    g.paid = r.get::<_, Option<i64>>(11)?.map(uint);
+    // Written before the units bought were recorded (or by such a node): its units then.
+    g.bought = r.get::<_, Option<i64>>(12)?.map_or(g.units, uint);
+    g.taken = uint(r.get(13)?);
+    g.duplicate = r.get::<_, i64>(14)? != 0;
     let closed_at: Option<i64> = r.get(7)?;
     if let Some(at) = closed_at {
         let revoked: Option<bool> = r.get(8)?;
@@ -353,10 +510,11 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
     )?
     .execute(params![t, m, period, key.start, key.end, int(grant.reserved)])?;
     tx.prepare_cached(
-        "INSERT INTO quota_sender (tenant, meter, period, start, end, node, seq, granted, reserved) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+        "INSERT INTO quota_sender (tenant, meter, period, start, end, node, seq, granted, reserved, at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
          ON CONFLICT (tenant, meter, period, start, end, node) \
-         DO UPDATE SET seq = excluded.seq, granted = excluded.granted, reserved = excluded.reserved",
+         DO UPDATE SET seq = excluded.seq, granted = excluded.granted, reserved = excluded.reserved, \
+         at = max(at, excluded.at)",
     )?
     .execute(params![
         t,
@@ -367,14 +525,25 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
         node_int(token.node),
         int(token.seq),
         int(grant.granted),
-        int(grant.reserved)
+        int(grant.reserved),
+        token.at
     ])?;
+    // Senders are forgotten by the time of their last call, oldest first, never one that
+    // called within the quiet window (its retry may still come).
     tx.prepare_cached(
         "DELETE FROM quota_sender WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
-         AND node NOT IN (SELECT node FROM quota_sender \
+         AND at < ?7 AND node NOT IN (SELECT node FROM quota_sender \
              WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
-             ORDER BY seq DESC LIMIT ?6)",
+             ORDER BY at DESC, node LIMIT ?6)",
     )?
-    .execute(params![t, m, period, key.start, key.end, int(contract::SENDERS_KEPT as u64)])?;
+    .execute(params![
+        t,
+        m,
+        period,
+        key.start,
+        key.end,
+        int(contract::SENDERS_KEPT as u64),
+        token.at.saturating_sub(contract::SENDER_QUIET_SECS)
+    ])?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 11;
+pub(super) const SCHEMA_VERSION: i32 = 12;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -177,6 +177,39 @@ CREATE TABLE credit (
     PRIMARY KEY (tenant, meter, id)
 ) WITHOUT ROWID;
 CREATE INDEX credit_due ON credit (expires_at) WHERE closed_at IS NULL AND expires_at IS NOT NULL;
+",
+    // Senders forgotten by the time of their last call (0: written before it was recorded,
+    // the oldest); a prepaid balance's forgiven units; a grant's cost, units bought and units
+    // its refunds took back; one grant per payment (duplicates made before are kept, marked);
+    // refunds kept until their grant lands. Every new column has a default, so nodes of the
+    // previous version keep writing valid rows during an upgrade.
+    r"
+ALTER TABLE quota_sender ADD COLUMN at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quota ADD COLUMN forgiven INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quota ADD COLUMN forgiven_until INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE credit ADD COLUMN paid INTEGER;
+ALTER TABLE credit ADD COLUMN bought INTEGER;
+ALTER TABLE credit ADD COLUMN taken INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE credit ADD COLUMN duplicate INTEGER NOT NULL DEFAULT 0;
+UPDATE credit SET duplicate = 1 WHERE payment IS NOT NULL AND EXISTS (
+    SELECT 1 FROM credit c WHERE c.tenant = credit.tenant AND c.payment = credit.payment
+    AND (c.granted_at, c.meter, c.id) < (credit.granted_at, credit.meter, credit.id));
+CREATE UNIQUE INDEX credit_payment ON credit (tenant, payment) WHERE payment IS NOT NULL AND duplicate = 0;
+CREATE INDEX credit_by_payment ON credit (payment) WHERE payment IS NOT NULL;
+CREATE INDEX credit_id ON credit (id);
+CREATE TABLE credit_refund_kept (
+    payment TEXT PRIMARY KEY,
+    invoice TEXT,
+    refund  TEXT NOT NULL,
+    at      INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX credit_refund_kept_invoice ON credit_refund_kept (invoice) WHERE invoice IS NOT NULL;
+CREATE INDEX credit_refund_kept_at ON credit_refund_kept (at);
+CREATE TABLE idempotency_count (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    n  INTEGER NOT NULL
+);
+INSERT INTO idempotency_count (id, n) SELECT 0, count(*) FROM idempotency;
 ",
 ];
 
@@ -352,6 +385,24 @@ pub(super) fn migrate(path: &Path, db: &mut Connection) -> Result<(), StoreError
     if from < MIGRATIONS.len() {
         tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"))
             .map_err(backend)?;
+        if (1..12).contains(&from) {
+            // Grants of one payment made twice before one grant per payment was enforced:
+            // kept as they were (their units may be spent), marked, and named for a person.
+            let mut dup = tx
+                .prepare("SELECT tenant, meter, id, payment FROM credit WHERE duplicate = 1 LIMIT 100")
+                .map_err(backend)?;
+            let rows = dup
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                })
+                .map_err(backend)?;
+            for row in rows {
+                let (tenant, meter, id, payment) = row.map_err(backend)?;
+                tracing::warn!(path = %path.display(), %tenant, %meter, grant = %id, %payment,
+                    "a second credit grant of one payment, made before one grant per payment was enforced: kept, \
+                     marked duplicate (tollgate credits list); revoke it if it was not paid for twice");
+            }
+        }
         tracing::info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "database schema migrated");
     }
     tx.commit().map_err(backend)
