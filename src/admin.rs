@@ -511,7 +511,7 @@ impl Admin {
 
     /// A tenant's quota counters in the store, on every meter of the configuration (by meter,
     /// then period start): what each holds, leases included (see
-    /// [`QuotaStore::counters`](crate::store::QuotaStore::counters)). With every node stopped,
+    /// [`QuotaStore::counters`]). With every node stopped,
     /// what was used.
     ///
     /// # Errors
