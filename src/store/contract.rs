@@ -61,9 +61,7 @@ pub const SENDER_QUIET_SECS: i64 = 600;
 /// ([`CreditBalance::forgiven`](super::CreditBalance::forgiven)): long enough for every lease
 /// outstanding at the close to be spent or given back (a node gives back an idle tenant's
 /// leases after `limits.idle_timeout`, 15 minutes by default), after which releases lower the
-/// balance's used units again in full. Meanwhile a release of units leased from the other
-/// grants is drawn on it too: the balance errs to fewer units left, by at most the units
-/// forgiven, for that time.
+/// balance's used units again in full.
 pub const FORGIVEN_SECS: i64 = 2 * 3_600;
 
 /// How long a refund that arrived before its grant is kept

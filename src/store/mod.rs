@@ -59,8 +59,8 @@ pub use memory::MemoryStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{
-    release_against, CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaCounter,
-    QuotaKey, QuotaStore, RefundAttribution, RefundOutcome, Reservation, ReserveToken, SHRINK,
+    CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaCounter, QuotaKey, QuotaStore,
+    RefundAttribution, RefundOutcome, Reservation, ReserveToken, SHRINK,
 };
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]

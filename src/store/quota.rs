@@ -319,10 +319,11 @@ pub struct CreditBalance {
     pub granted: u64,
     /// Units used: reserved by nodes (spent or leased) and owed.
     pub reserved: u64,
-    /// Units a close (or a refund) took out of `reserved` with its grant, counting them used
-    /// though some may still be leased to nodes: releases draw on it before they lower
-    /// `reserved`, so a closed grant's leased units never come back inside the other grants.
-    /// Kept until [`forgiven_until`](Self::forgiven_until); see [`release_against`].
+    /// Units a close (or a refund) took out of `reserved` with its grant that may still be
+    /// leased to nodes: the part of it inside each node's last lease, kept per node. That
+    /// node's release of that lease draws on them before it lowers `reserved`, so a closed
+    /// grant's leased units never come back inside the other grants, and no other release
+    /// draws on them. Kept until [`forgiven_until`](Self::forgiven_until).
     pub forgiven: u64,
     /// Until when `forgiven` holds (Unix seconds): [`FORGIVEN_SECS`](super::contract::FORGIVEN_SECS)
     /// after the last close or refund that added to it.
@@ -373,53 +374,150 @@ pub(crate) fn fits(granted: u64, units: u64) -> bool {
     units > 0 && granted.checked_add(units).is_some_and(|t| t <= super::contract::MAX_BALANCE)
 }
 
-/// Closes one credit grant of `grants` (open ones, of one tenant and meter) against `balance`
-/// at `now`: what the grant still holds when the units used are spent soonest-to-expire first,
-/// and the balance after it (the grant's units leave the granted total, the part of it used
-/// leaves the used total and is forgiven: see [`CreditBalance::forgiven`]). Every store
-/// closes by this rule.
+/// Closes one credit grant of `grants` (open ones, of one tenant and meter) against `balance`:
+/// what the grant still holds when the units used are spent soonest-to-expire first, the
+/// balance after it (the grant's units leave the granted total, the part of it used leaves
+/// the used total), and where in the used total that part was (see [`forgive`]: the stores
+/// forgive the part of it still leased). Every store closes by this rule.
 #[must_use]
 pub(crate) fn close_against(
     grants: &[CreditGrant],
     id: &str,
     balance: CreditBalance,
-    now: i64,
-) -> Option<(u64, CreditBalance)> {
+) -> Option<(u64, CreditBalance, UsedTaken)> {
     let grant = grants.iter().find(|g| g.id == id && g.closed.is_none())?;
-    let spent = spent_of(grants, grant, balance);
+    let (lo, spent) = spent_of(grants, grant, balance);
     let lost = grant.units - spent;
     let after = CreditBalance::new(balance.granted.saturating_sub(grant.units), balance.reserved.saturating_sub(spent));
-    Some((lost, forgive(balance, after, spent, now)))
+    Some((lost, after, UsedTaken { lo, hi: lo + spent }))
 }
 
-/// The units of `grant` counted used: the used total spent soonest-to-expire first.
-fn spent_of(grants: &[CreditGrant], grant: &CreditGrant, balance: CreditBalance) -> u64 {
+/// Where `grant`'s units counted used start in the used total, and how many they are: the
+/// used total spent soonest-to-expire first.
+fn spent_of(grants: &[CreditGrant], grant: &CreditGrant, balance: CreditBalance) -> (u64, u64) {
     let before: u64 = grants
         .iter()
         .filter(|g| g.closed.is_none() && g.spending_order() < grant.spending_order())
         .fold(0u64, |a, g| a.saturating_add(g.units));
-    balance.reserved.saturating_sub(before).min(grant.units)
+    let lo = balance.reserved.min(before);
+    (lo, (balance.reserved - lo).min(grant.units))
 }
 
-/// `after` with `units` more forgiven (what was still forgiven at `now` kept), until
-/// [`FORGIVEN_SECS`](super::contract::FORGIVEN_SECS) from `now`.
-fn forgive(before: CreditBalance, after: CreditBalance, units: u64, now: i64) -> CreditBalance {
-    let still = if before.forgiven_until > now { before.forgiven } else { 0 };
-    if units == 0 {
-        return after.forgiving(still, if still > 0 { before.forgiven_until } else { 0 });
+/// The units counted used that a close or a refund took out of a balance's used total:
+/// positions `lo..hi` of the used total as it stood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UsedTaken {
+    lo: u64,
+    hi: u64,
+}
+
+impl UsedTaken {
+    /// Of a lease of `granted` units answered with `reserved` used after it (so positions
+    /// `reserved − granted..reserved`), the units inside this range.
+    #[must_use]
+    pub(crate) fn of_lease(&self, granted: u64, reserved: u64) -> u64 {
+        let start = reserved.saturating_sub(granted);
+        reserved.min(self.hi).saturating_sub(start.max(self.lo))
     }
-    after.forgiving(still.saturating_add(units), now.saturating_add(super::contract::FORGIVEN_SECS))
 }
 
-/// A release of `units` at `now` from a counter holding `reserved`, `forgiven` until
-/// `forgiven_until`: `(reserved, forgiven)` after it. While forgiven units are kept, a release
-/// draws on them first (they left `reserved` already, with a closed grant), then lowers
-/// `reserved` (never below zero). Every store releases by this rule.
+/// Per sender (named as its store names it), the units of closed or refunded grants that its
+/// lease at the close may still give back, and the sequence number of its last call then
+/// ([`CreditBalance::forgiven`] is their sum).
+pub(crate) type ForgivenBy = std::collections::BTreeMap<String, (u64, u64)>;
+
+/// A sender's last quota call on a counter, as a store keeps it: `(name, seq, granted,
+/// reserved after)`.
+pub(crate) type SenderCall = (String, u64, u64, u64);
+
+/// `after` (a close's or a refund's balance, from `before`) with the units of `taken` that
+/// the senders' last leases hold forgiven, per sender, for
+/// [`FORGIVEN_SECS`](super::contract::FORGIVEN_SECS) from `now`. A lease is taken from the
+/// used total in order, so a node whose last lease lies inside the units that left may give
+/// them back, and only that node's release is drawn on them
+/// ([`release_against`]); a release by any other node, or by that node after a later call
+/// (its lease since is another grant's), lowers the used total in full. Entries of a window
+/// that has passed are dropped; what is still forgiven is kept.
 #[must_use]
-pub fn release_against(reserved: u64, forgiven: u64, forgiven_until: i64, units: u64, now: i64) -> (u64, u64) {
-    let forgiven = if forgiven_until > now { forgiven } else { 0 };
-    let drawn = forgiven.min(units);
-    (reserved.saturating_sub(units - drawn), forgiven - drawn)
+pub(crate) fn forgive(
+    before: CreditBalance,
+    after: CreditBalance,
+    by: ForgivenBy,
+    taken: UsedTaken,
+    senders: &[SenderCall],
+    now: i64,
+) -> (CreditBalance, ForgivenBy) {
+    let live = before.forgiven_until > now;
+    let mut by = if live { by } else { ForgivenBy::new() };
+    let mut added = 0u64;
+    for (name, seq, granted, reserved) in senders {
+        let units = taken.of_lease(*granted, *reserved);
+        if units == 0 {
+            continue;
+        }
+        added = added.saturating_add(units);
+        let entry = by.entry(name.clone()).or_insert((0, *seq));
+        if entry.1 != *seq {
+            // Forgiven for an earlier lease: the sender has called since.
+            *entry = (0, *seq);
+        }
+        entry.0 = entry.0.saturating_add(units);
+    }
+    by.retain(|_, (units, _)| *units > 0);
+    let total = by.values().fold(0u64, |a, (u, _)| a.saturating_add(*u));
+    let until = match (added, total) {
+        (0, 0) => 0,
+        (0, _) => before.forgiven_until,
+        _ => now.saturating_add(super::contract::FORGIVEN_SECS),
+    };
+    (after.forgiving(total, until), by)
+}
+
+/// A release of `units` at `now` by `sender`, whose last call before it had sequence number
+/// `last` (`None`: not remembered), from a prepaid balance holding `reserved` with `forgiven`
+/// units forgiven (`by` per sender) until `until`: `(reserved, forgiven)` after it, `by`
+/// updated. The release draws first on what is forgiven to this sender for the lease it still
+/// holds (units of a closed or refunded grant: they do not come back), then lowers `reserved`
+/// (never below zero). What is forgiven to it for an earlier lease is dropped. Every store
+/// releases by this rule.
+#[must_use]
+pub(crate) fn release_against(
+    reserved: u64,
+    forgiven: u64,
+    until: i64,
+    by: &mut ForgivenBy,
+    (sender, last): (&str, Option<u64>),
+    units: u64,
+    now: i64,
+) -> (u64, u64) {
+    if until <= now {
+        by.clear();
+        return (reserved.saturating_sub(units), 0);
+    }
+    let Some(&(held, seq)) = by.get(sender) else { return (reserved.saturating_sub(units), forgiven) };
+    if last != Some(seq) {
+        by.remove(sender);
+        return (reserved.saturating_sub(units), forgiven.saturating_sub(held));
+    }
+    let drawn = held.min(units);
+    if drawn == held {
+        by.remove(sender);
+    } else {
+        by.insert(sender.to_owned(), (held - drawn, seq));
+    }
+    (reserved.saturating_sub(units - drawn), forgiven.saturating_sub(drawn))
+}
+
+/// [`ForgivenBy`] as the SQL stores keep it: a JSON object of `[units, seq]`.
+#[must_use]
+pub(crate) fn forgiven_by_json(by: &ForgivenBy) -> String {
+    serde_json::to_string(by).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// [`ForgivenBy`] read back from [`forgiven_by_json`] (empty if unreadable).
+#[must_use]
+pub(crate) fn forgiven_by_of(json: &str) -> ForgivenBy {
+    serde_json::from_str(json).unwrap_or_default()
 }
 
 /// How the money refunded of a payment is shared between its credit lines and its other lines
@@ -567,33 +665,33 @@ impl CreditRefund {
 }
 
 /// Applies `refund` to its grant among `grants` (open ones, of one tenant and meter) against
-/// `balance` at `now`: `Some((units, removed, taken, after))`, the units taken from what the
+/// `balance`: `Some((units, removed, taken, after, used))`, the units taken from what the
 /// grant still held, the units it loses in all, the grant's new [`taken`](CreditGrant::taken),
-/// and the balance after it; `None` when it takes nothing more (a redelivery, or less refunded
-/// than before). The units to take are `units_for − taken`: first from what the grant still
-/// holds, then from its units counted used, which leave it as a close's do (forgiven, since
-/// some may be leased). Every store refunds by this rule.
+/// the balance after it, and where its units counted used that left were in the used total
+/// (to [`forgive`]); `None` when it takes nothing more (a redelivery, or less refunded than
+/// before). The units to take are `units_for − taken`: first from what the grant still holds,
+/// then from its units counted used, the last used first, which leave it as a close's do.
+/// Every store refunds by this rule.
 #[must_use]
 pub(crate) fn refund_against(
     grants: &[CreditGrant],
     refund: &CreditRefund,
     balance: CreditBalance,
-    now: i64,
-) -> Option<(u64, u64, u64, CreditBalance)> {
+) -> Option<(u64, u64, u64, CreditBalance, UsedTaken)> {
     let grant = grants.iter().find(|g| g.closed.is_none() && refund.is_of(g))?;
     let target = refund.units_for(grant);
     if target <= grant.taken {
         return None;
     }
     let delta = target - grant.taken;
-    let spent = spent_of(grants, grant, balance);
+    let (lo, spent) = spent_of(grants, grant, balance);
     let held = grant.units - spent;
     let from_held = delta.min(held);
     let from_spent = (delta - from_held).min(spent);
     let removed = from_held + from_spent;
     let after =
         CreditBalance::new(balance.granted.saturating_sub(removed), balance.reserved.saturating_sub(from_spent));
-    Some((from_held, removed, target, forgive(balance, after, from_spent, now)))
+    Some((from_held, removed, target, after, UsedTaken { lo: lo + spent - from_spent, hi: lo + spent }))
 }
 
 /// The answer to [`QuotaStore::refund_credits`].
@@ -676,8 +774,9 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError>;
 
     /// Gives back `units` reserved earlier and not used; at most once per token, as
-    /// [`reserve`](Self::reserve). A prepaid balance draws on its forgiven units first
-    /// ([`release_against`], at the token's time).
+    /// [`reserve`](Self::reserve). A prepaid balance's release draws first on the
+    /// units forgiven to this node for the lease it gives back ([`CreditBalance::forgiven`],
+    /// at the token's time).
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError>;
 
     /// Adds a grant of prepaid units: its units join the balance of `(grant.tenant,
@@ -703,7 +802,8 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// Closes an open grant, once: with `revoke`, at once; without, only if it has expired by
     /// `now` (the worker's expiry). Its units leave the balance (units used are taken from the
     /// soonest-to-expire grants first, so it loses what it still holds by that rule, and its
-    /// units counted used are forgiven: [`CreditBalance::forgiven`]); its closure is returned,
+    /// units counted used that nodes' last leases hold are forgiven:
+    /// [`CreditBalance::forgiven`]); its closure is returned,
     /// or `None` if there is no such open grant (or it has not expired).
     async fn close_credits(
         &self,

@@ -440,7 +440,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
         "DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
-         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; \
+         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; \
          DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
          ALTER TABLE tenant DROP COLUMN metronome_customer; ALTER TABLE tenant DROP COLUMN subscriptions; DROP TABLE ledger; DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
          CREATE INDEX usage_pending ON usage (tenant, meter, window_start) \
@@ -519,7 +519,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
         "DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
-         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; \
+         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; \
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \
          ALTER TABLE credit DROP COLUMN taken; ALTER TABLE credit DROP COLUMN duplicate; \

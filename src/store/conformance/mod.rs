@@ -69,6 +69,7 @@ macro_rules! store_conformance {
             a_refund_before_its_grant_is_applied_when_the_grant_lands,
             one_payment_grants_once_on_any_meter,
             a_closed_grants_leased_units_do_not_come_back_through_a_release,
+            only_a_closed_grants_own_lease_is_drawn_on_what_it_forgave,
             a_grant_after_an_empty_balance_is_spendable_at_once,
             a_resent_call_is_applied_once_among_many_senders,
         );

@@ -572,6 +572,35 @@ pub async fn a_closed_grants_leased_units_do_not_come_back_through_a_release<S: 
     assert_eq!(balance(h.s(), "fg").await, CreditBalance::new(100, 90));
 }
 
+/// What a close forgives is held for the nodes whose last lease lies inside the units that
+/// left, and drawn only by that node's release of that lease. A release of a lease taken from
+/// the other grants, by another node or by the same node after a later call, lowers the used
+/// units in full: no unit of the other grants is lost.
+pub async fn only_a_closed_grants_own_lease_is_drawn_on_what_it_forgave<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::CreditBalance;
+    let key = prepaid_key("fo", "tokens");
+    let at = DAY0 + 60;
+    let call = |node, seq, units| Reservation::new(key.clone(), units, 0, None, ReserveToken::new(node, seq).at(at));
+    h.s().grant_credits(&credit("fo", "a", 100, Some(DAY0 + 30))).await.unwrap();
+    h.s().grant_credits(&credit("fo", "b", 100, None)).await.unwrap();
+    // Z leases a's 100 and uses them all; X then leases 50, which are b's.
+    assert_eq!(h.s().reserve(&call(1, 1, 100)).await.unwrap().granted, 100);
+    assert_eq!(h.s().reserve(&call(2, 1, 50)).await.unwrap().granted, 50);
+    let closed = h.s().close_credits(&"fo".into(), &"tokens".into(), "a", false, at).await.unwrap().unwrap();
+    assert_eq!(closed.lost, 0);
+    h.restart().await;
+    assert_eq!(balance(h.s(), "fo").await, CreditBalance::new(100, 50));
+    // X gives its 50 back: b's, they come back.
+    h.s().release(&key, 50, ReserveToken::new(2, 2).at(at + 60)).await.unwrap();
+    assert_eq!(balance(h.s(), "fo").await, CreditBalance::new(100, 0), "b's units come back");
+    // Z leases again, from b, and gives back 20 it did not use: they come back too.
+    assert_eq!(h.s().reserve(&call(1, 2, 30)).await.unwrap().granted, 30);
+    h.s().release(&key, 20, ReserveToken::new(1, 3).at(at + 120)).await.unwrap();
+    assert_eq!(balance(h.s(), "fo").await, CreditBalance::new(100, 10), "Z's later lease was b's");
+}
+
 /// A re-sent quota call is applied once however many senders a counter has seen: senders are
 /// forgotten by the time of their last call, never by sequence number (each node numbers its
 /// own), and never one within the quiet window. The review's case: 64 busy senders, then a

@@ -5,8 +5,11 @@ use crate::{
     base::{MeterId, Period},
     store::{
         contract,
-        quota::{close_against, fits, kept_refund_json, kept_refund_of, newer_refund, refund_against, CreditRefund},
-        release_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome,
+        quota::{
+            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
+            newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
+        },
+        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome,
     },
 };
 
@@ -225,14 +228,15 @@ impl QuotaStore for DynamoStore {
         for attempt in 0..ATTEMPTS {
             // The balance first, then its grants: a grant or a close after the read changes the
             // balance, so the condition below refuses a computation over grants read before.
-            let Some((balance, all)) = self.read_balance(&key).await? else { return Ok(None) };
+            let Some((balance, all, forgiving)) = self.read_balance(&key).await? else { return Ok(None) };
             let open: Vec<CreditGrant> = all.iter().filter(|g| g.closed.is_none()).cloned().collect();
             let due =
                 open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
             if !due {
                 return Ok(None);
             }
-            let Some((lost, after)) = close_against(&open, id, balance, now) else { return Ok(None) };
+            let Some((lost, after, used)) = close_against(&open, id, balance) else { return Ok(None) };
+            let (after, by) = forgive(balance, after, forgiving.0, used, &forgiving.1, now);
             let payment = open.iter().find(|g| g.id == id).and_then(|g| g.payment.clone());
             let close = Update::builder()
                 .table_name(&self.table)
@@ -247,7 +251,7 @@ impl QuotaStore for DynamoStore {
                 .expression_attribute_values(":lost", n(lost));
             let actions = vec![
                 TransactWriteItem::builder().update(close.build().map_err(backend)?).build(),
-                self.set_balance(&key, balance, after)?,
+                self.set_balance(&key, balance, after, &by)?,
             ];
             match self.transact(actions, "a credit grant's closing").await? {
                 None => {
@@ -443,33 +447,56 @@ fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
 impl DynamoStore {
     /// A prepaid balance as a close or a refund reads it: its counter first, then its grants
     /// (a grant or a close after the read changes the counter, so a write conditional on the
-    /// counter as read refuses a computation over grants read before). `None`: no balance.
-    async fn read_balance(&self, key: &QuotaKey) -> Result<Option<(CreditBalance, Vec<CreditGrant>)>, StoreError> {
+    /// counter as read refuses a computation over grants read before), with what is forgiven
+    /// per sender and the senders' last calls. `None`: no balance.
+    async fn read_balance(
+        &self,
+        key: &QuotaKey,
+    ) -> Result<Option<(CreditBalance, Vec<CreditGrant>, (ForgivenBy, Vec<SenderCall>))>, StoreError> {
         let Some(counter) = self.get(quota_pk(key), &quota_sk(key)).await? else { return Ok(None) };
         let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))
             .forgiving(get_u(&counter, "forgiven"), get_i(&counter, "forgiven_until").unwrap_or(0));
-        Ok(Some((balance, self.grants(&key.tenant, Some(&key.meter)).await?)))
+        let by = forgiven_by_of(get_s(&counter, "forgiven_by").unwrap_or("{}"));
+        // A sender whose answer is not recorded yet (`r`) names no lease.
+        let senders = counter
+            .get("senders")
+            .and_then(|v| v.as_m().ok())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(node, rec)| {
+                        let rec = rec.as_m().ok()?;
+                        rec.get("r")?;
+                        Some((node.clone(), get_u(rec, "s"), get_u(rec, "g"), get_u(rec, "r")))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Some((balance, self.grants(&key.tenant, Some(&key.meter)).await?, (by, senders))))
     }
 
-    /// Sets a balance to `after`, only if it is still `before` (a reserve or release meanwhile
-    /// makes the caller read it again).
+    /// Sets a balance to `after` (forgiven per sender as `by`), only if it is still `before`
+    /// (a reserve or release meanwhile makes the caller read it again).
     fn set_balance(
         &self,
         key: &QuotaKey,
         before: CreditBalance,
         after: CreditBalance,
+        by: &ForgivenBy,
     ) -> Result<TransactWriteItem, StoreError> {
         let room = i128::from(after.granted) - i128::from(after.reserved);
         let set = Update::builder()
             .table_name(&self.table)
             .key("pk", s(quota_pk(key)))
             .key("sk", s(quota_sk(key)))
-            .update_expression("SET granted = :g, reserved = :r, room = :room, forgiven = :f, forgiven_until = :fu")
+            .update_expression(
+                "SET granted = :g, reserved = :r, room = :room, forgiven = :f, forgiven_until = :fu, forgiven_by = :fb",
+            )
             .condition_expression(
                 "granted = :g0 AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)",
             )
             .expression_attribute_values(":f", n(after.forgiven))
             .expression_attribute_values(":fu", n(after.forgiven_until))
+            .expression_attribute_values(":fb", s(forgiven_by_json(by)))
             .expression_attribute_values(":f0", n(before.forgiven))
             .expression_attribute_values(":g", n(after.granted))
             .expression_attribute_values(":r", n(after.reserved))
@@ -754,7 +781,15 @@ impl DynamoStore {
             let reserved = get_u(&item, "reserved");
             let forgiven = get_u(&item, "forgiven");
             let until = get_i(&item, "forgiven_until").unwrap_or(0);
-            let (after, left) = release_against(reserved, forgiven, until, units, token.at);
+            let mut by = forgiven_by_of(get_s(&item, "forgiven_by").unwrap_or("{}"));
+            let name = hex_node(token.node);
+            let last = item
+                .get("senders")
+                .and_then(|v| v.as_m().ok())
+                .and_then(|m| m.get(&name))
+                .and_then(|r| r.as_m().ok())
+                .map(|r| get_u(r, "s"));
+            let (after, left) = release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at);
             let drop = reserved - after;
             let out = self
                 .client
@@ -762,15 +797,16 @@ impl DynamoStore {
                 .table_name(&self.table)
                 .key("pk", s(quota_pk(key)))
                 .key("sk", s(quota_sk(key)))
-                .update_expression("ADD reserved :nd, room :d SET forgiven = :f, senders.#n = :rec")
+                .update_expression("ADD reserved :nd, room :d SET forgiven = :f, forgiven_by = :fb, senders.#n = :rec")
                 .condition_expression(
                     "attribute_exists(pk) AND (attribute_not_exists(senders.#n) OR senders.#n.s < :seq) \
                      AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)",
                 )
-                .expression_attribute_names("#n", hex_node(token.node))
+                .expression_attribute_names("#n", name.as_str())
                 .expression_attribute_values(":nd", n(-int(drop)))
                 .expression_attribute_values(":d", n(drop))
                 .expression_attribute_values(":f", n(left))
+                .expression_attribute_values(":fb", s(forgiven_by_json(&by)))
                 .expression_attribute_values(":seq", n(token.seq))
                 .expression_attribute_values(":r0", n(reserved))
                 .expression_attribute_values(":f0", n(forgiven))
@@ -863,12 +899,13 @@ impl DynamoStore {
     ) -> Result<Option<(String, u64)>, StoreError> {
         let key = prepaid_key(tenant, meter);
         for attempt in 0..ATTEMPTS {
-            let Some((balance, all)) = self.read_balance(&key).await? else { return Ok(None) };
+            let Some((balance, all, forgiving)) = self.read_balance(&key).await? else { return Ok(None) };
             let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
             let Some(grant) = open.iter().find(|g| refund.is_of(g)) else { return Ok(None) };
-            let Some((units, removed, taken, after)) = refund_against(&open, refund, balance, refund.at) else {
+            let Some((units, removed, taken, after, used)) = refund_against(&open, refund, balance) else {
                 return Ok(None);
             };
+            let (after, by) = forgive(balance, after, forgiving.0, used, &forgiving.1, refund.at);
             let take = Update::builder()
                 .table_name(&self.table)
                 .key("pk", s(credit_pk(tenant)))
@@ -884,7 +921,7 @@ impl DynamoStore {
                 .expression_attribute_values(":t0", n(grant.taken));
             let actions = vec![
                 TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
-                self.set_balance(&key, balance, after)?,
+                self.set_balance(&key, balance, after, &by)?,
             ];
             match self.transact(actions, "a credit grant's refund").await? {
                 None => return Ok(Some((grant.id.clone(), units))),

@@ -195,9 +195,10 @@ struct Counter {
     /// Per node: the sequence number of its last call applied, that call's grant, and the time
     /// of its last call.
     applied: HashMap<u64, (u64, Grant, i64)>,
-    /// A prepaid balance's forgiven units, and until when they hold.
+    /// A prepaid balance's forgiven units, per sender, and until when they hold.
     forgiven: u64,
     forgiven_until: i64,
+    forgiven_by: crate::store::quota::ForgivenBy,
 }
 
 impl Counters {
@@ -231,6 +232,7 @@ impl Counters {
             applied: HashMap::new(),
             forgiven: 0,
             forgiven_until: 0,
+            forgiven_by: Default::default(),
         });
         self.periods.last_mut()
     }
@@ -241,6 +243,14 @@ impl Counters {
 }
 
 impl Counter {
+    /// Its senders' last calls, as [`forgive`](crate::store::quota::forgive) reads them.
+    fn sender_calls(&self) -> Vec<crate::store::quota::SenderCall> {
+        self.applied
+            .iter()
+            .map(|(node, (seq, grant, _))| (node.to_string(), *seq, grant.granted, grant.reserved))
+            .collect()
+    }
+
     /// Records the answer to `token`'s call, forgetting the senders past [`SENDERS_KEPT`] by
     /// the time of their last call, never one within [`SENDER_QUIET_SECS`] of this call.
     fn applied(&mut self, token: ReserveToken, grant: Grant) {

@@ -3,8 +3,8 @@
 use super::*;
 use crate::store::{
     contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX, REFUNDS_KEPT_MAX, REFUNDS_KEPT_SECS},
-    quota::{close_against, fits, newer_refund, refund_against, CreditRefund},
-    release_against, RefundOutcome,
+    quota::{close_against, fits, forgive, newer_refund, refund_against, release_against, CreditRefund},
+    RefundOutcome,
 };
 
 /// The key of `(tenant, meter)`'s prepaid balance.
@@ -44,8 +44,16 @@ impl QuotaStore for MemoryStore {
             if c.seen(token).is_none() {
                 if c.granted.is_some() {
                     // A prepaid balance draws on its forgiven units first.
-                    (c.reserved, c.forgiven) =
-                        release_against(c.reserved, c.forgiven, c.forgiven_until, units, token.at);
+                    let last = c.applied.get(&token.node).map(|(seq, _, _)| *seq);
+                    (c.reserved, c.forgiven) = release_against(
+                        c.reserved,
+                        c.forgiven,
+                        c.forgiven_until,
+                        &mut c.forgiven_by,
+                        (&token.node.to_string(), last),
+                        units,
+                        token.at,
+                    );
                 } else {
                     c.reserved = c.reserved.saturating_sub(units);
                 }
@@ -147,7 +155,9 @@ impl QuotaStore for MemoryStore {
         let key = prepaid(tenant, meter);
         let c = inner.quotas.entry(pair.clone()).or_default().get(&key).expect("the prepaid period never ends");
         let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved).forgiving(c.forgiven, c.forgiven_until);
-        let Some((lost, after)) = close_against(&grants, id, balance, now) else { return Ok(None) };
+        let Some((lost, after, used)) = close_against(&grants, id, balance) else { return Ok(None) };
+        let (after, by) = forgive(balance, after, std::mem::take(&mut c.forgiven_by), used, &c.sender_calls(), now);
+        c.forgiven_by = by;
         c.granted = Some(after.granted);
         c.reserved = after.reserved;
         c.forgiven = after.forgiven;
@@ -231,7 +241,9 @@ fn apply_refund(inner: &mut Inner, pair: &(TenantId, MeterId), refund: &CreditRe
     let key = prepaid(&pair.0, &pair.1);
     let c = inner.quotas.entry(pair.clone()).or_default().get(&key)?;
     let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved).forgiving(c.forgiven, c.forgiven_until);
-    let (units, removed, taken, after) = refund_against(&grants, refund, balance, refund.at)?;
+    let (units, removed, taken, after, used) = refund_against(&grants, refund, balance)?;
+    let (after, by) = forgive(balance, after, std::mem::take(&mut c.forgiven_by), used, &c.sender_calls(), refund.at);
+    c.forgiven_by = by;
     c.granted = Some(after.granted);
     c.reserved = after.reserved;
     c.forgiven = after.forgiven;

@@ -4,7 +4,10 @@ use super::*;
 use crate::{
     base::MeterId,
     store::{
-        quota::{close_against, fits, kept_refund_json, kept_refund_of, newer_refund, refund_against, CreditRefund},
+        quota::{
+            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
+            newer_refund, refund_against, CreditRefund, ForgivenBy, SenderCall, UsedTaken,
+        },
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
     },
 };
@@ -16,13 +19,28 @@ use crate::{
 /// `$1..$5` the key, `$6` the node (text), `$7` its sequence number, `$8` the units wanted,
 /// `$9` the units added unconditionally (owed; negative to release), `$10` the limit (NULL:
 /// none), `$11` the fewest units worth granting, `$12` the call's time. The grant follows
-/// [`Reservation::grant_for`]; a release draws on a prepaid balance's forgiven units first
-/// ([`release_against`](crate::store::release_against)). Each sender's entry is `[seq, granted, reserved, time]`; senders are
+/// [`Reservation::grant_for`]; a release draws first on a prepaid balance's units forgiven to
+/// its sender (`store::quota::release_against`). Each sender's entry is `[seq, granted, reserved, time]`; senders are
 /// forgotten by time, oldest first (entries of earlier builds have no time: the oldest), never
 /// one that called within [`SENDER_QUIET_SECS`](contract::SENDER_QUIET_SECS).
 pub(super) fn reserve_sql(schema: &str) -> String {
     let live = "(q.forgiven_until > $12)";
-    let drawn = format!("(CASE WHEN {live} THEN LEAST(q.forgiven::numeric, GREATEST(-$9::numeric, 0)) ELSE 0 END)");
+    // A release draws on what is forgiven to its sender for the lease it still holds (the
+    // entry's sequence number is the sender's last call's), and drops what is forgiven to it
+    // for an earlier lease: `store::quota::release_against`.
+    let released = "GREATEST(-$9::numeric, 0)";
+    let mine = "(q.forgiven_by -> $6::text)";
+    let held = format!("coalesce(({mine} ->> 0)::numeric, 0)");
+    let same = format!("coalesce(({mine} ->> 1)::numeric = (q.senders -> $6::text ->> 0)::numeric, false)");
+    let drawn = format!("(CASE WHEN {live} AND {same} THEN LEAST({held}, {released}) ELSE 0 END)");
+    let dropped = format!("(CASE WHEN {live} AND $9 < 0 AND NOT {same} THEN {held} ELSE 0 END)");
+    let by = format!(
+        "(CASE WHEN NOT {live} THEN '{{}}'::jsonb \
+          WHEN $9 >= 0 OR {mine} IS NULL THEN q.forgiven_by \
+          WHEN {same} AND {held} > {released} THEN jsonb_set(q.forgiven_by, ARRAY[$6::text], \
+              jsonb_build_array({held} - {released}, {mine} -> 1)) \
+          ELSE q.forgiven_by - $6::text END)"
+    );
     let after = format!("GREATEST(LEAST(q.reserved::numeric + $9 + {drawn}, {MAX_INT}), 0)");
     // A prepaid balance is held to its grants (`granted`), whatever the caller says.
     let limit = "coalesce(q.granted::numeric, $10::numeric)";
@@ -34,7 +52,8 @@ pub(super) fn reserve_sql(schema: &str) -> String {
     let at = "coalesce((value ->> 3)::bigint, 0)";
     format!(
         "UPDATE {schema}.quota AS q SET reserved = {reserved}::bigint, answer = {granted}::bigint, \
-         forgiven = (CASE WHEN {live} THEN q.forgiven - {drawn} ELSE 0 END)::bigint, \
+         forgiven = (CASE WHEN {live} THEN GREATEST(q.forgiven - {drawn} - {dropped}, 0) ELSE 0 END)::bigint, \
+         forgiven_by = {by}, \
          senders = (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) FROM ( \
              SELECT key, value, {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
              FROM jsonb_each(q.senders || jsonb_build_object($6::text, \
@@ -288,7 +307,7 @@ impl QuotaStore for PostgresStore {
             if let Some(refund) = refund {
                 self.apply_refund(&tx, t, m, &refund).await?;
             }
-            let (balance, _) = self.locked_balance(&tx, t, m).await?.expect("locked above");
+            let balance = self.locked_balance(&tx, t, m).await?.expect("locked above").balance;
             tx.commit().await?;
             Ok(GrantOutcome::Granted(CreditBalance::new(balance.granted, balance.reserved)))
         })
@@ -337,9 +356,6 @@ impl QuotaStore for PostgresStore {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
         let (t, m) = (tenant.as_str(), meter.as_str());
-        let set = self.sql(&format!(
-            "UPDATE {{s}}.quota SET granted = $3, reserved = $4, forgiven = $5, forgiven_until = $6 WHERE {PREPAID}"
-        ));
         let close = self.sql(
             "UPDATE {s}.credit SET closed_at = $4, revoked = $5, lost = $6 WHERE tenant = $1 AND meter = $2 AND id = $3",
         );
@@ -347,22 +363,19 @@ impl QuotaStore for PostgresStore {
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
-            let Some((balance, open)) = self.locked_balance(&tx, t, m).await? else {
+            let Some(locked) = self.locked_balance(&tx, t, m).await? else {
                 tx.commit().await?;
                 return Ok(None);
             };
+            let open = &locked.open;
             let due =
                 open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
-            let closing = if due { close_against(&open, id, balance, now) } else { None };
-            let Some((lost, after)) = closing else {
+            let closing = if due { close_against(open, id, locked.balance) } else { None };
+            let Some((lost, after, used)) = closing else {
                 tx.commit().await?;
                 return Ok(None);
             };
-            tx.query_typed(
-                &set,
-                args![t, m, int(after.granted), int(after.reserved), int(after.forgiven), after.forgiven_until],
-            )
-            .await?;
+            self.set_locked(&tx, t, m, locked, after, used, now).await?;
             tx.query_typed(&close, args![t, m, id, now, revoke, int(lost)]).await?;
             tx.query_typed(&prune, args![t, m, now - contract::CLOSED_GRANTS_KEPT_SECS]).await?;
             tx.commit().await?;
@@ -501,35 +514,24 @@ impl PostgresStore {
         m: &str,
         refund: &CreditRefund,
     ) -> Pg<Option<(String, u64)>> {
-        let set = self.sql(&format!(
-            "UPDATE {{s}}.quota SET granted = $3, reserved = $4, forgiven = $5, forgiven_until = $6 WHERE {PREPAID}"
-        ));
         let take = self
             .sql("UPDATE {s}.credit SET units = units - $4, taken = $5 WHERE tenant = $1 AND meter = $2 AND id = $3");
-        let Some((balance, open)) = self.locked_balance(tx, t, m).await? else { return Ok(None) };
-        let Some((units, removed, taken, after)) = refund_against(&open, refund, balance, refund.at) else {
+        let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(None) };
+        let Some((units, removed, taken, after, used)) = refund_against(&locked.open, refund, locked.balance) else {
             return Ok(None);
         };
-        let id = open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
-        tx.query_typed(
-            &set,
-            args![t, m, int(after.granted), int(after.reserved), int(after.forgiven), after.forgiven_until],
-        )
-        .await?;
+        let id = locked.open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
+        self.set_locked(tx, t, m, locked, after, used, refund.at).await?;
         tx.query_typed(&take, args![t, m, id.as_str(), int(removed), int(taken)]).await?;
         Ok(Some((id, units)))
     }
 
     /// Locks `(t, m)`'s balance row and reads it with its open grants, in `tx`: grants, closes
     /// and refunds of one balance run one at a time. `None`: no balance.
-    async fn locked_balance(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        t: &str,
-        m: &str,
-    ) -> Pg<Option<(CreditBalance, Vec<CreditGrant>)>> {
+    async fn locked_balance(&self, tx: &deadpool_postgres::Transaction<'_>, t: &str, m: &str) -> Pg<Option<Locked>> {
         let lock = self.sql(&format!(
-            "SELECT reserved, granted, forgiven, forgiven_until FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"
+            "SELECT reserved, granted, forgiven, forgiven_until, forgiven_by::text, senders::text \
+             FROM {{s}}.quota WHERE {PREPAID} FOR UPDATE"
         ));
         let open = self.sql(&format!(
             "SELECT {CREDIT_COLUMNS} FROM {{s}}.credit WHERE tenant = $1 AND meter = $2 AND closed_at IS NULL"
@@ -537,9 +539,65 @@ impl PostgresStore {
         let Some(row) = tx.query_typed_opt(&lock, args![t, m]).await? else { return Ok(None) };
         let balance = CreditBalance::new(uint(row.get::<_, Option<i64>>(1).unwrap_or(0)), uint(row.get(0)))
             .forgiving(uint(row.get(2)), row.get(3));
+        let by = forgiven_by_of(&row.get::<_, String>(4));
+        let senders = sender_calls(&row.get::<_, String>(5));
         let open = tx.query_typed(&open, args![t, m]).await?.iter().map(credit_row).collect();
-        Ok(Some((balance, open)))
+        Ok(Some(Locked { balance, open, by, senders }))
     }
+
+    /// Sets a locked balance to `after`, forgiving the units of `used` that the senders' last
+    /// leases hold.
+    #[allow(clippy::too_many_arguments)]
+    async fn set_locked(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        t: &str,
+        m: &str,
+        locked: Locked,
+        after: CreditBalance,
+        used: UsedTaken,
+        now: i64,
+    ) -> Pg<()> {
+        let set = self.sql(&format!(
+            "UPDATE {{s}}.quota SET granted = $3, reserved = $4, forgiven = $5, forgiven_until = $6, \
+             forgiven_by = $7::text::jsonb WHERE {PREPAID}"
+        ));
+        let (after, by) = forgive(locked.balance, after, locked.by, used, &locked.senders, now);
+        let by = forgiven_by_json(&by);
+        tx.query_typed(
+            &set,
+            args![
+                t,
+                m,
+                int(after.granted),
+                int(after.reserved),
+                int(after.forgiven),
+                after.forgiven_until,
+                by.as_str()
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A prepaid balance's row, locked.
+struct Locked {
+    balance: CreditBalance,
+    open: Vec<CreditGrant>,
+    by: ForgivenBy,
+    senders: Vec<SenderCall>,
+}
+
+/// A counter's senders (`{node: [seq, granted, reserved, time]}`) as `forgive` reads them.
+fn sender_calls(json: &str) -> Vec<SenderCall> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(json) else { return Vec::new() };
+    map.into_iter()
+        .filter_map(|(node, entry)| {
+            let n = |i: usize| entry.get(i).and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()));
+            Some((node, n(0)?, n(1)?, n(2)?))
+        })
+        .collect()
 }
 
 const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, \

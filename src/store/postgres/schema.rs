@@ -148,13 +148,14 @@ CREATE TABLE {s}.credit (
 CREATE INDEX credit_due ON {s}.credit (expires_at) WHERE closed_at IS NULL AND expires_at IS NOT NULL;
 "#,
     // Senders carry the time of their last call as a fourth element (none: written by an
-    // earlier build, the oldest); a prepaid balance's forgiven units; a grant's cost, units
+    // earlier build, the oldest); a prepaid balance's forgiven units (per sender); a grant's cost, units
     // bought and units its refunds took back; one grant per payment (duplicates made before
     // are kept, marked); refunds kept until their grant lands. Every new column has a default,
     // so nodes of the previous version keep writing valid rows during an upgrade.
     r#"
 ALTER TABLE {s}.quota ADD COLUMN forgiven bigint NOT NULL DEFAULT 0;
 ALTER TABLE {s}.quota ADD COLUMN forgiven_until bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.quota ADD COLUMN forgiven_by jsonb NOT NULL DEFAULT '{}';
 ALTER TABLE {s}.credit ADD COLUMN paid bigint;
 ALTER TABLE {s}.credit ADD COLUMN bought bigint;
 ALTER TABLE {s}.credit ADD COLUMN taken bigint NOT NULL DEFAULT 0;

@@ -4,8 +4,11 @@ use super::*;
 use crate::{
     base::MeterId,
     store::{
-        quota::{close_against, fits, kept_refund_json, kept_refund_of, newer_refund, refund_against, CreditRefund},
-        release_against, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
+        quota::{
+            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
+            newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall, UsedTaken,
+        },
+        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
     },
 };
 
@@ -42,12 +45,15 @@ impl QuotaStore for SqliteStore {
             if let Some((reserved, granted)) = counter(tx, &key, &period)? {
                 if seen(tx, &key, &period, token, reserved)?.is_none() {
                     let after = if granted.is_some() {
-                        // A prepaid balance draws on its forgiven units first.
-                        let (forgiven, until) = forgiven_of(tx, &key, &period)?;
-                        let (after, left) = release_against(uint(reserved), forgiven, until, units, token.at);
+                        // A prepaid balance draws on what is forgiven to this sender first.
+                        let (forgiven, until, mut by) = forgiven_of(tx, &key, &period)?;
+                        let last = last_seq(tx, &key, &period, token)?;
+                        let sender = node_int(token.node).to_string();
+                        let (after, left) =
+                            release_against(uint(reserved), forgiven, until, &mut by, (&sender, last), units, token.at);
                         if left != forgiven {
                             tx.prepare_cached(
-                                "UPDATE quota SET forgiven = ?6 \
+                                "UPDATE quota SET forgiven = ?6, forgiven_by = ?7 \
                                  WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
                             )?
                             .execute(params![
@@ -56,7 +62,8 @@ impl QuotaStore for SqliteStore {
                                 period,
                                 key.start,
                                 key.end,
-                                int(left)
+                                int(left),
+                                forgiven_by_json(&by)
                             ])?;
                         }
                         after
@@ -203,8 +210,8 @@ impl QuotaStore for SqliteStore {
             if !revoke && grant.expires_at.is_none_or(|at| at > now) {
                 return Ok(None);
             }
-            let Some((lost, after)) = close_against(&b.open, &id, b.now, now) else { return Ok(None) };
-            b.write(tx, after)?;
+            let Some((lost, after, used)) = close_against(&b.open, &id, b.now) else { return Ok(None) };
+            b.write(tx, after, used, now)?;
             tx.prepare_cached(
                 "UPDATE credit SET closed_at = ?4, revoked = ?5, lost = ?6 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
             )?
@@ -298,11 +305,11 @@ fn apply_refund(
     refund: &CreditRefund,
 ) -> Sql<Option<(String, u64)>> {
     let b = Balance::read(tx, tenant, meter)?;
-    let Some((units, removed, taken, after)) = refund_against(&b.open, refund, b.now, refund.at) else {
+    let Some((units, removed, taken, after, used)) = refund_against(&b.open, refund, b.now) else {
         return Ok(None);
     };
     let id = b.open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
-    b.write(tx, after)?;
+    b.write(tx, after, used, refund.at)?;
     tx.prepare_cached("UPDATE credit SET units = units - ?4, taken = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3")?
         .execute(params![tenant.as_str(), meter.as_str(), id, int(removed), int(taken)])?;
     Ok(Some((id, units)))
@@ -334,15 +341,29 @@ fn keep_refund(tx: &Transaction<'_>, refund: &CreditRefund) -> Sql<RefundOutcome
     Ok(RefundOutcome::Kept)
 }
 
-/// A prepaid balance's forgiven units and until when they hold.
-fn forgiven_of(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<(u64, i64)> {
+/// A prepaid balance's forgiven units, until when they hold, and per sender.
+fn forgiven_of(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<(u64, i64, ForgivenBy)> {
     tx.prepare_cached(
-        "SELECT forgiven, forgiven_until FROM quota \
+        "SELECT forgiven, forgiven_until, forgiven_by FROM quota \
          WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
     )?
     .query_row(params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end], |r| {
-        Ok((uint(r.get(0)?), r.get(1)?))
+        Ok((uint(r.get(0)?), r.get(1)?, forgiven_by_of(&r.get::<_, String>(2)?)))
     })
+}
+
+/// The sequence number of `token`'s sender's last call on the counter, if remembered.
+fn last_seq(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveToken) -> Sql<Option<u64>> {
+    tx.prepare_cached(
+        "SELECT seq FROM quota_sender \
+         WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 AND node = ?6",
+    )?
+    .query_row(
+        params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end, node_int(token.node)],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|seq| seq.map(uint))
 }
 
 /// A prepaid balance as a close or a refund reads it, in its write transaction: its counter
@@ -351,6 +372,7 @@ struct Balance {
     key: QuotaKey,
     period: String,
     now: CreditBalance,
+    by: ForgivenBy,
     open: Vec<CreditGrant>,
 }
 
@@ -360,16 +382,27 @@ impl Balance {
         let key = prepaid_key(tenant, meter);
         let period = key.period_tag();
         let (reserved, granted) = counter(tx, &key, &period)?.expect("the prepaid period never ends");
-        let (forgiven, until) = forgiven_of(tx, &key, &period)?;
+        let (forgiven, until, by) = forgiven_of(tx, &key, &period)?;
         let now = CreditBalance::new(granted.unwrap_or(0), uint(reserved)).forgiving(forgiven, until);
-        Ok(Self { now, key, period, open })
+        Ok(Self { now, by, key, period, open })
     }
 
-    fn write(&self, tx: &Transaction<'_>, after: CreditBalance) -> Sql<()> {
-        set_balance(tx, &self.key, &self.period, after.granted, after.reserved)?;
+    /// Writes `after`, forgiving the units of `used` that the senders' last leases hold.
+    fn write(self, tx: &Transaction<'_>, after: CreditBalance, used: UsedTaken, now: i64) -> Sql<()> {
         let k = &self.key;
+        let senders: Vec<SenderCall> = tx
+            .prepare_cached(
+                "SELECT node, seq, granted, reserved FROM quota_sender \
+                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+            )?
+            .query_map(params![k.tenant.as_str(), k.meter.as_str(), self.period, k.start, k.end], |r| {
+                Ok((r.get::<_, i64>(0)?.to_string(), uint(r.get(1)?), uint(r.get(2)?), uint(r.get(3)?)))
+            })?
+            .collect::<Sql<_>>()?;
+        let (after, by) = forgive(self.now, after, self.by, used, &senders, now);
+        set_balance(tx, k, &self.period, after.granted, after.reserved)?;
         tx.prepare_cached(
-            "UPDATE quota SET forgiven = ?6, forgiven_until = ?7 \
+            "UPDATE quota SET forgiven = ?6, forgiven_until = ?7, forgiven_by = ?8 \
              WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
         )?
         .execute(params![
@@ -379,7 +412,8 @@ impl Balance {
             k.start,
             k.end,
             int(after.forgiven),
-            after.forgiven_until
+            after.forgiven_until,
+            forgiven_by_json(&by)
         ])?;
         Ok(())
     }

@@ -179,7 +179,7 @@ CREATE TABLE credit (
 CREATE INDEX credit_due ON credit (expires_at) WHERE closed_at IS NULL AND expires_at IS NOT NULL;
 ",
     // Senders forgotten by the time of their last call (0: written before it was recorded,
-    // the oldest); a prepaid balance's forgiven units; a grant's cost, units bought and units
+    // the oldest); a prepaid balance's forgiven units (per sender); a grant's cost, units bought and units
     // its refunds took back; one grant per payment (duplicates made before are kept, marked);
     // refunds kept until their grant lands. Every new column has a default, so nodes of the
     // previous version keep writing valid rows during an upgrade.
@@ -187,6 +187,7 @@ CREATE INDEX credit_due ON credit (expires_at) WHERE closed_at IS NULL AND expir
 ALTER TABLE quota_sender ADD COLUMN at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE quota ADD COLUMN forgiven INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE quota ADD COLUMN forgiven_until INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quota ADD COLUMN forgiven_by TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE credit ADD COLUMN paid INTEGER;
 ALTER TABLE credit ADD COLUMN bought INTEGER;
 ALTER TABLE credit ADD COLUMN taken INTEGER NOT NULL DEFAULT 0;
