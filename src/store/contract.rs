@@ -54,7 +54,11 @@ pub const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
 pub const SENDERS_KEPT: usize = 64;
 
 /// How long after its last quota call a sender is never forgotten by a counter (see
-/// [`SENDERS_KEPT`]): far past any retry of a call (a store call times out within seconds).
+/// [`SENDERS_KEPT`]). A call may be re-sent later than that (an engine re-sends an unanswered
+/// call at its cell's next call, which for an idle tenant is its eviction): a counter keeps the
+/// latest last-call time of the senders it forgot, and a call from a sender it does not
+/// remember that is no later is answered as an older call (nothing granted), never applied
+/// again. A new node's first call is taken for one only if its clock is this far behind.
 pub const SENDER_QUIET_SECS: i64 = 600;
 
 /// How long units forgiven by a close or a refund are kept

@@ -421,6 +421,18 @@ impl UsedTaken {
     }
 }
 
+/// Whether a call made at `at` by a sender a counter does not remember may have been applied
+/// before the sender was forgotten: no later than `forgotten_at`, the latest last-call time of
+/// a sender it forgot (0: none). Senders are forgotten only past
+/// [`SENDER_QUIET_SECS`](super::contract::SENDER_QUIET_SECS) of quiet, so a new sender's first
+/// call is never taken for one, unless its clock is that far behind. Such a call is answered
+/// as an older call (nothing granted), never applied: a retry that comes after its sender
+/// was forgotten is not applied twice. Every store answers by this rule.
+#[must_use]
+pub(crate) fn forgotten(at: i64, forgotten_at: i64) -> bool {
+    forgotten_at > 0 && at <= forgotten_at
+}
+
 /// Per sender (named as its store names it), the units of closed or refunded grants that its
 /// lease at the close may still give back, and the sequence number of its last call then
 /// ([`CreditBalance::forgiven`] is their sum).
@@ -618,6 +630,15 @@ impl CreditRefund {
     pub fn naming_units(mut self, units: u64) -> Self {
         self.units = units;
         self
+    }
+
+    /// This refund, kept until `grant` landed, as applied by the grant's write: at the grant's
+    /// time if that is later (what it forgives is kept from then).
+    #[must_use]
+    pub(crate) fn landing(&self, grant: &CreditGrant) -> Self {
+        let mut r = self.clone();
+        r.at = r.at.max(grant.granted_at);
+        r
     }
 
     /// Whether this refund is of `grant`'s payment.

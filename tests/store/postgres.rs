@@ -465,7 +465,7 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
 fn back_to_version_3(s: &str) -> String {
     format!(
         "DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
-         DROP TABLE {s}.idempotency_shard_bytes; ALTER TABLE {s}.quota DROP COLUMN forgiven, DROP COLUMN forgiven_until, DROP COLUMN forgiven_by; \
+         DROP TABLE {s}.idempotency_shard_bytes; ALTER TABLE {s}.quota DROP COLUMN forgiven, DROP COLUMN forgiven_until, DROP COLUMN forgiven_by, DROP COLUMN senders_forgotten_at; \
          DROP INDEX {s}.credit_payment; DROP INDEX {s}.credit_by_payment; DROP INDEX {s}.credit_id; \
          ALTER TABLE {s}.credit DROP COLUMN paid, DROP COLUMN bought, DROP COLUMN taken, DROP COLUMN duplicate"
     )
@@ -492,4 +492,33 @@ async fn grants_of_one_payment_made_twice_before_version_4_are_kept_and_marked()
     assert_eq!(marks, [("in_1", true, 100), ("cs_1", false, 100)], "both kept, the later marked");
     let third = CreditGrant::new("t".into(), "tokens".into(), "in_2", 5, 30).paid_by("pi_1");
     assert!(matches!(store.grant_credits(&third).await.unwrap(), GrantOutcome::Duplicate(_)));
+}
+
+/// Shard counts of `Idempotency-Key` bindings that drifted (nodes of version 3 bind and delete
+/// keys without counting them, during an upgrade) are counted again by the hourly prune: a
+/// shard counted full with nothing bound accepts keys again once a node has pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drifted_key_counts_are_counted_again_by_the_prune() {
+    use tollgate::store::{FlushId, IdempotencyClaim, IdempotencyState, UsageBatch, UsageRecord};
+    let Some((a, options)) = postgres::store().await else { return };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let claim = |k: &str| IdempotencyClaim::new(k, "r", 1, now, now + 300, now + 3600).at_most(16);
+    // One key a shard: every shard counted full, and nothing bound.
+    psql(&format!("UPDATE {}.idempotency_count SET n = 1", options.schema));
+    assert_eq!(a.claim_idempotency(&claim("k1")).await.unwrap(), IdempotencyState::Full);
+    drop(a);
+    // A node that starts prunes at its first commit.
+    let b = PostgresStore::open(&options).await.unwrap();
+    let batch = UsageBatch::new(FlushId::new("f1"), vec![UsageRecord::new("t".into(), "requests".into(), NOON, 1)]);
+    b.commit_usage(&batch).await.unwrap();
+    let mut claimed = IdempotencyState::Full;
+    for _ in 0..50 {
+        claimed = b.claim_idempotency(&claim("k1")).await.unwrap();
+        if claimed != IdempotencyState::Full {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(claimed, IdempotencyState::Claimed, "counted again: one key in its shard");
+    assert_eq!(psql(&format!("SELECT sum(n) FROM {}.idempotency_count", options.schema)), "1");
 }

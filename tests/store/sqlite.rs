@@ -440,7 +440,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
         "DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
-         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; \
+         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
          ALTER TABLE tenant DROP COLUMN metronome_customer; ALTER TABLE tenant DROP COLUMN subscriptions; DROP TABLE ledger; DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
          CREATE INDEX usage_pending ON usage (tenant, meter, window_start) \
@@ -519,7 +519,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
         "DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
-         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; \
+         ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \
          ALTER TABLE credit DROP COLUMN taken; ALTER TABLE credit DROP COLUMN duplicate; \
@@ -535,4 +535,29 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
     assert_eq!(marks, [("in_1", true, 100), ("cs_1", false, 100)], "both kept, the later marked");
     let third = CreditGrant::new("t".into(), "tokens".into(), "in_2", 5, 30).paid_by("pi_1");
     assert!(matches!(store.grant_credits(&third).await.unwrap(), GrantOutcome::Duplicate(_)));
+}
+
+/// A grant written without its units bought (by a node of version 11 during a rolling
+/// upgrade) is refunded in full by refunds that grow: its first refund records its units as
+/// bought, so the second takes the rest, not a share of what the first left.
+#[tokio::test]
+async fn a_grant_an_earlier_node_wrote_is_refunded_in_full_by_growing_refunds() {
+    use tollgate::store::{CreditRefund, QuotaStore, RefundOutcome};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&db).await.unwrap();
+    let grant = tollgate::store::CreditGrant::new("t".into(), "tokens".into(), "pi_1", 1000, 10).paid_by("pi_1");
+    store.grant_credits(&grant).await.unwrap();
+    drop(store);
+    // As a version-11 node writes it: no cost, no units bought.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("UPDATE credit SET bought = NULL, paid = NULL").unwrap();
+    drop(conn);
+    let store = SqliteStore::open(&db).await.unwrap();
+    let half = store.refund_credits(&CreditRefund::new("pi_1", 5000, 10000, 100)).await.unwrap();
+    assert!(matches!(half, RefundOutcome::Taken { units: 500, .. }), "{half:?}");
+    let all = store.refund_credits(&CreditRefund::new("pi_1", 10000, 10000, 200)).await.unwrap();
+    assert!(matches!(all, RefundOutcome::Taken { units: 500, .. }), "the rest: {all:?}");
+    let (grants, _) = store.credit_grants(&"t".into(), None).await.unwrap();
+    assert_eq!((grants[0].units, grants[0].bought, grants[0].taken), (0, 1000, 1000));
 }

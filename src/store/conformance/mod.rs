@@ -72,6 +72,7 @@ macro_rules! store_conformance {
             only_a_closed_grants_own_lease_is_drawn_on_what_it_forgave,
             a_grant_after_an_empty_balance_is_spendable_at_once,
             a_resent_call_is_applied_once_among_many_senders,
+            a_retry_after_its_sender_was_forgotten_is_not_applied_again,
         );
     };
     (@role usage, $make:expr) => {

@@ -601,6 +601,33 @@ pub async fn only_a_closed_grants_own_lease_is_drawn_on_what_it_forgave<S: ?Size
     assert_eq!(balance(h.s(), "fo").await, CreditBalance::new(100, 10), "Z's later lease was b's");
 }
 
+/// A call re-sent after its sender was forgotten (a node that held an unanswered call while
+/// its tenant went idle, then 64 other senders called) is not applied again: a counter keeps
+/// the latest last-call time of the senders it forgot, and a call from a sender it does not
+/// remember that is no later is answered as an older call. A new sender's first call, later
+/// than that, is applied.
+pub async fn a_retry_after_its_sender_was_forgotten_is_not_applied_again<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::contract::{SENDERS_KEPT, SENDER_QUIET_SECS};
+    let key = day_key("gone", "requests");
+    let at = DAY0 + 60;
+    let call = |node: u64, seq: u64, units: u64, at: i64| {
+        Reservation::new(key.clone(), units, 0, Some(1000), ReserveToken::new(node, seq).at(at))
+    };
+    let mine = call(7, 1, 10, at);
+    assert_eq!(h.s().reserve(&mine).await.unwrap().reserved, 10);
+    let later = at + SENDER_QUIET_SECS + 60;
+    for node in 0..SENDERS_KEPT as u64 {
+        h.s().reserve(&call(1000 + node, 1, 1, later)).await.unwrap();
+    }
+    h.restart().await;
+    let again = h.s().reserve(&mine).await.unwrap();
+    assert_eq!((again.granted, again.reserved), (0, 74), "not applied again: {again:?}");
+    let first = h.s().reserve(&call(8, 1, 10, later + 1)).await.unwrap();
+    assert_eq!((first.granted, first.reserved), (10, 84), "a new sender's call is applied: {first:?}");
+}
+
 /// A re-sent quota call is applied once however many senders a counter has seen: senders are
 /// forgotten by the time of their last call, never by sequence number (each node numbers its
 /// own), and never one within the quiet window. The review's case: 64 busy senders, then a

@@ -6,8 +6,8 @@ use crate::{
     store::{
         contract,
         quota::{
-            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
-            newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
+            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
+            kept_refund_of, newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
         },
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome,
     },
@@ -627,8 +627,7 @@ impl DynamoStore {
         token: ReserveToken,
     ) -> Result<Result<(u64, Option<u64>), Option<Item>>, StoreError> {
         let prepaid = key.period == Period::Prepaid;
-        let mut condition =
-            "attribute_exists(pk) AND (attribute_not_exists(senders.#n) OR senders.#n.s < :seq)".to_owned();
+        let mut condition = format!("attribute_exists(pk) AND {NEW_CALL}");
         let mut req = self
             .client
             .update_item()
@@ -643,6 +642,7 @@ impl DynamoStore {
             .expression_attribute_names("#n", hex_node(token.node))
             .expression_attribute_values(":d", n(delta))
             .expression_attribute_values(":seq", n(token.seq))
+            .expression_attribute_values(":at", n(token.at))
             .expression_attribute_values(
                 ":rec",
                 AttributeValue::M(HashMap::from([
@@ -707,7 +707,22 @@ impl DynamoStore {
                 .filter(|(t, _)| t.unwrap_or(i64::MIN) < quiet_since)
                 .collect();
             by_age.sort();
-            for (i, (t, node)) in by_age.iter().take(senders.len() - SENDERS_KEPT).enumerate() {
+            let gone = &by_age[..by_age.len().min(senders.len() - SENDERS_KEPT)];
+            // The latest time forgotten is kept, over the value read (`store::quota::forgotten`).
+            let before = get_i(item, "forgotten_at");
+            let latest = gone.iter().filter_map(|(t, _)| *t).max();
+            if let Some(latest) = latest.filter(|l| before.is_none_or(|b| *l > b)) {
+                expr.push_str(", forgotten_at = :fa");
+                req = req.expression_attribute_values(":fa", n(latest));
+                match before {
+                    Some(b) => {
+                        condition.push_str(" AND forgotten_at = :fa0");
+                        req = req.expression_attribute_values(":fa0", n(b));
+                    }
+                    None => condition.push_str(" AND attribute_not_exists(forgotten_at)"),
+                }
+            }
+            for (i, (t, node)) in gone.iter().enumerate() {
                 expr.push_str(if i == 0 { " REMOVE " } else { ", " });
                 expr.push_str(&format!("senders.#d{i}"));
                 req = req.expression_attribute_names(format!("#d{i}"), (*node).clone());
@@ -732,7 +747,11 @@ impl DynamoStore {
     /// A call's answer when its token was applied before (from the counter as it was).
     pub(super) fn seen(item: &Item, token: ReserveToken) -> Option<Grant> {
         let reserved = get_u(item, "reserved");
-        let rec = item.get("senders")?.as_m().ok()?.get(&hex_node(token.node))?.as_m().ok()?;
+        let Some(rec) = item.get("senders")?.as_m().ok()?.get(&hex_node(token.node)) else {
+            // A sender forgotten since its call: answered as an older call, never applied.
+            return forgotten(token.at, get_i(item, "forgotten_at").unwrap_or(0)).then(|| Grant::new(0, reserved));
+        };
+        let rec = rec.as_m().ok()?;
         let seq = get_u(rec, "s");
         (token.seq <= seq).then(|| {
             if token.seq == seq {
@@ -743,6 +762,13 @@ impl DynamoStore {
         })
     }
 }
+
+/// The condition that `#n`'s call with `:seq` made at `:at` is new: its sender's last call is
+/// older, or its sender is not remembered and it is later than every sender forgotten
+/// (`store::quota::forgotten`).
+const NEW_CALL: &str =
+    "((attribute_not_exists(senders.#n) AND (attribute_not_exists(forgotten_at) OR forgotten_at < :at)) \
+     OR senders.#n.s < :seq)";
 
 /// The keys a refund of a grant's payment is kept under: its payment (or id) and its id.
 fn kept_keys(payment: &str, id: &str) -> Vec<String> {
@@ -798,10 +824,11 @@ impl DynamoStore {
                 .key("pk", s(quota_pk(key)))
                 .key("sk", s(quota_sk(key)))
                 .update_expression("ADD reserved :nd, room :d SET forgiven = :f, forgiven_by = :fb, senders.#n = :rec")
-                .condition_expression(
-                    "attribute_exists(pk) AND (attribute_not_exists(senders.#n) OR senders.#n.s < :seq) \
-                     AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)",
-                )
+                .condition_expression(format!(
+                    "attribute_exists(pk) AND {NEW_CALL} \
+                     AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)"
+                ))
+                .expression_attribute_values(":at", n(token.at))
                 .expression_attribute_names("#n", name.as_str())
                 .expression_attribute_values(":nd", n(-int(drop)))
                 .expression_attribute_values(":d", n(drop))
@@ -870,7 +897,7 @@ impl DynamoStore {
         }
         let Some(refund) = kept.iter().map(|(_, _, r)| r.clone()).reduce(newer_refund) else { return Ok(()) };
         if grant.closed.is_none() {
-            self.apply_refund_to(&grant.tenant, &grant.meter, &refund).await?;
+            self.apply_refund_to(&grant.tenant, &grant.meter, &refund.landing(grant)).await?;
         }
         for (k, item, _) in kept {
             // Only as read: a newer copy kept meanwhile stays, for the next delivery.
@@ -910,7 +937,8 @@ impl DynamoStore {
                 .table_name(&self.table)
                 .key("pk", s(credit_pk(tenant)))
                 .key("sk", s(credit_sk(meter.as_str(), &grant.id)))
-                .update_expression("SET units = :u, taken = :t")
+                // Written by an earlier build without its units bought: they are its units now.
+                .update_expression("SET units = :u, taken = :t, bought = if_not_exists(bought, :u0)")
                 .condition_expression(
                     "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
                      AND (attribute_not_exists(taken) OR taken = :t0)",

@@ -199,6 +199,9 @@ struct Counter {
     forgiven: u64,
     forgiven_until: i64,
     forgiven_by: crate::store::quota::ForgivenBy,
+    /// The latest last-call time of a sender forgotten (0: none): a call from a sender not
+    /// remembered that is no later may have been applied before it was forgotten.
+    forgotten_at: i64,
 }
 
 impl Counters {
@@ -233,6 +236,7 @@ impl Counters {
             forgiven: 0,
             forgiven_until: 0,
             forgiven_by: Default::default(),
+            forgotten_at: 0,
         });
         self.periods.last_mut()
     }
@@ -264,15 +268,22 @@ impl Counter {
                 .filter(|(_, (_, _, at))| *at < quiet_since)
                 .min_by_key(|(n, (_, _, at))| (*at, **n));
             let Some(oldest) = oldest.map(|(n, _)| *n) else { break };
-            self.applied.remove(&oldest);
+            if let Some((_, _, at)) = self.applied.remove(&oldest) {
+                self.forgotten_at = self.forgotten_at.max(at);
+            }
         }
     }
 
-    /// Whether a call with `token` was applied already; `Some(grant)` answers it again.
+    /// Whether a call with `token` was applied already; `Some(grant)` answers it again. A
+    /// call from a sender no longer remembered, no later than the last call of a sender
+    /// forgotten, may have been applied: it is answered as an older call, never applied.
     fn seen(&self, token: ReserveToken) -> Option<Grant> {
         match self.applied.get(&token.node) {
             Some((seq, grant, _)) if token.seq <= *seq => {
                 Some(if token.seq == *seq { *grant } else { Grant::new(0, self.reserved).with_limit(self.granted) })
+            }
+            None if crate::store::quota::forgotten(token.at, self.forgotten_at) => {
+                Some(Grant::new(0, self.reserved).with_limit(self.granted))
             }
             _ => None,
         }

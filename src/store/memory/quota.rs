@@ -102,7 +102,7 @@ impl QuotaStore for MemoryStore {
             .collect();
         let refund = kept.iter().filter_map(|p| inner.kept_refunds.remove(p)).reduce(newer_refund);
         if let Some(refund) = refund {
-            apply_refund(&mut inner, &pair, &refund);
+            apply_refund(&mut inner, &pair, &refund.landing(grant));
         }
         let c = inner.quotas.entry(pair).or_default().get(&key).expect("the prepaid period never ends");
         Ok(GrantOutcome::Granted(CreditBalance::new(c.granted.unwrap_or(0), c.reserved)))

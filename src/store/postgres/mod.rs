@@ -594,12 +594,16 @@ impl PostgresStore {
         // Deletes of a backlog may take longer than a call's statement timeout.
         let long = format!("SET LOCAL statement_timeout = {}", self.inner.timeout.as_millis().max(300_000));
         let ledger = self.sql("DELETE FROM {s}.ledger WHERE kept_from < $1");
-        // Only bindings past their window, taken out of their shards' counts: a live binding is
-        // never deleted (past `limits.idempotency_keys_max` a new key is not bound instead).
-        let idem = self.sql(
-            "WITH gone AS (DELETE FROM {s}.idempotency WHERE expires_at <= $1 RETURNING hashtext(idem_key) & 15 AS shard) \
-             UPDATE {s}.idempotency_count c SET n = GREATEST(c.n - g.k, 0) \
-             FROM (SELECT shard, count(*) AS k FROM gone GROUP BY shard) g WHERE c.shard = g.shard",
+        // Only bindings past their window: a live binding is never deleted (past
+        // `limits.idempotency_keys_max` a new key is not bound instead). Then each shard is
+        // counted again: nodes of an earlier version (during an upgrade) bind and delete keys
+        // without counting them, and a count that drifted would refuse keys for good. (A
+        // claim committing meanwhile may be missed: off by it until the next prune.)
+        let idem = self.sql("DELETE FROM {s}.idempotency WHERE expires_at <= $1");
+        let idem_recount = self.sql(
+            "UPDATE {s}.idempotency_count c SET n = coalesce(k.n, 0) \
+             FROM {s}.idempotency_count s LEFT JOIN (SELECT hashtext(idem_key) & 15 AS shard, count(*) AS n \
+             FROM {s}.idempotency GROUP BY 1) k ON k.shard = s.shard WHERE c.shard = s.shard AND c.n <> coalesce(k.n, 0)",
         );
         self.retrying(|| async {
             let mut client = self.client().await?;
@@ -618,6 +622,7 @@ impl PostgresStore {
             tx.query_typed(&flush, args![wall.saturating_sub(FLUSH_IDS_KEPT_SECS)]).await?;
             tx.query_typed(&ledger, args![newest.min(wall).saturating_sub(crate::store::LEDGER_KEPT_SECS)]).await?;
             tx.query_typed(&idem, args![wall]).await?;
+            tx.query_typed(&idem_recount, &[]).await?;
             for (lock, delete, recount) in &ids {
                 tx.query_typed(lock, &[]).await?;
                 tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;

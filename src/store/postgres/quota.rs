@@ -5,8 +5,8 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
-            newer_refund, refund_against, CreditRefund, ForgivenBy, SenderCall, UsedTaken,
+            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
+            kept_refund_of, newer_refund, refund_against, CreditRefund, ForgivenBy, SenderCall, UsedTaken,
         },
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
     },
@@ -50,17 +50,27 @@ pub(super) fn reserve_sql(schema: &str) -> String {
     );
     let reserved = format!("LEAST({after} + {granted}, {MAX_INT})");
     let at = "coalesce((value ->> 3)::bigint, 0)";
+    // The latest last-call time of the senders forgotten by this call (`store::quota::forgotten`).
+    let forgotten = format!(
+        "(CASE WHEN (SELECT count(*) FROM jsonb_object_keys(q.senders)) < {kept} THEN q.senders_forgotten_at \
+          ELSE GREATEST(q.senders_forgotten_at, coalesce((SELECT max(e.at) FROM ( \
+             SELECT {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank FROM jsonb_each(q.senders)) e \
+             WHERE e.rank >= {kept} AND e.at < $12::bigint - {quiet}), 0)) END)",
+        kept = contract::SENDERS_KEPT,
+        quiet = contract::SENDER_QUIET_SECS,
+    );
     format!(
         "UPDATE {schema}.quota AS q SET reserved = {reserved}::bigint, answer = {granted}::bigint, \
          forgiven = (CASE WHEN {live} THEN GREATEST(q.forgiven - {drawn} - {dropped}, 0) ELSE 0 END)::bigint, \
-         forgiven_by = {by}, \
+         forgiven_by = {by}, senders_forgotten_at = {forgotten}, \
          senders = (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) FROM ( \
              SELECT key, value, {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
              FROM jsonb_each(q.senders || jsonb_build_object($6::text, \
                  jsonb_build_array($7::bigint, {granted}, {reserved}, $12::bigint)))) e \
              WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet}) \
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
-         AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, true) \
+         AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, \
+             NOT (q.senders_forgotten_at > 0 AND $12::bigint <= q.senders_forgotten_at)) \
          RETURNING q.answer, q.reserved, q.granted",
         kept = contract::SENDERS_KEPT,
         quiet = contract::SENDER_QUIET_SECS,
@@ -133,7 +143,7 @@ impl PostgresStore {
             .query_typed_opt(
                 &self.sql(
                     "SELECT reserved, (senders -> $6 ->> 0)::numeric::text, (senders -> $6 ->> 1)::bigint, \
-                     (senders -> $6 ->> 2)::bigint, granted FROM {s}.quota \
+                     (senders -> $6 ->> 2)::bigint, granted, senders_forgotten_at FROM {s}.quota \
                      WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5",
                 ),
                 args![t, m, p, k.start, k.end, node.as_str()],
@@ -151,6 +161,10 @@ impl PostgresStore {
                 .with_limit(limit),
             )),
             Some(last) if c.token.seq < last => Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit))),
+            // A sender forgotten since its call: answered as an older call, never applied.
+            None if forgotten(c.token.at, row.get(5)) => {
+                Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit)))
+            }
             // Created by another node between the two statements: the update again (the
             // creation finds the counter there and changes nothing).
             _ => Ok(Attempt::Missing),
@@ -305,7 +319,7 @@ impl QuotaStore for PostgresStore {
                 .filter_map(|r| kept_refund_of(&r.get::<_, String>(0)))
                 .reduce(newer_refund);
             if let Some(refund) = refund {
-                self.apply_refund(&tx, t, m, &refund).await?;
+                self.apply_refund(&tx, t, m, &refund.landing(grant)).await?;
             }
             let balance = self.locked_balance(&tx, t, m).await?.expect("locked above").balance;
             tx.commit().await?;
@@ -515,7 +529,7 @@ impl PostgresStore {
         refund: &CreditRefund,
     ) -> Pg<Option<(String, u64)>> {
         let take = self
-            .sql("UPDATE {s}.credit SET units = units - $4, taken = $5 WHERE tenant = $1 AND meter = $2 AND id = $3");
+            .sql("UPDATE {s}.credit SET bought = coalesce(bought, units), units = units - $4, taken = $5 WHERE tenant = $1 AND meter = $2 AND id = $3");
         let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(None) };
         let Some((units, removed, taken, after, used)) = refund_against(&locked.open, refund, locked.balance) else {
             return Ok(None);

@@ -156,8 +156,10 @@ CREATE INDEX credit_due ON {s}.credit (expires_at) WHERE closed_at IS NULL AND e
 ALTER TABLE {s}.quota ADD COLUMN forgiven bigint NOT NULL DEFAULT 0;
 ALTER TABLE {s}.quota ADD COLUMN forgiven_until bigint NOT NULL DEFAULT 0;
 ALTER TABLE {s}.quota ADD COLUMN forgiven_by jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE {s}.quota ADD COLUMN senders_forgotten_at bigint NOT NULL DEFAULT 0;
 ALTER TABLE {s}.credit ADD COLUMN paid bigint;
 ALTER TABLE {s}.credit ADD COLUMN bought bigint;
+UPDATE {s}.credit SET bought = units;
 ALTER TABLE {s}.credit ADD COLUMN taken bigint NOT NULL DEFAULT 0;
 ALTER TABLE {s}.credit ADD COLUMN duplicate boolean NOT NULL DEFAULT false;
 UPDATE {s}.credit c SET duplicate = true WHERE c.payment IS NOT NULL AND EXISTS (

@@ -5,8 +5,9 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
-            newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall, UsedTaken,
+            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
+            kept_refund_of, newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
+            UsedTaken,
         },
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
     },
@@ -142,7 +143,7 @@ impl QuotaStore for SqliteStore {
                 }
             }
             if let Some(refund) = refund {
-                apply_refund(tx, &grant.tenant, &grant.meter, &refund)?;
+                apply_refund(tx, &grant.tenant, &grant.meter, &refund.landing(&grant))?;
             }
             let b = Balance::read(tx, &grant.tenant, &grant.meter)?;
             Ok(GrantOutcome::Granted(CreditBalance::new(b.now.granted, b.now.reserved)))
@@ -310,7 +311,7 @@ fn apply_refund(
     };
     let id = b.open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
     b.write(tx, after, used, refund.at)?;
-    tx.prepare_cached("UPDATE credit SET units = units - ?4, taken = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3")?
+    tx.prepare_cached("UPDATE credit SET bought = coalesce(bought, units), units = units - ?4, taken = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3")?
         .execute(params![tenant.as_str(), meter.as_str(), id, int(removed), int(taken)])?;
     Ok(Some((id, units)))
 }
@@ -532,7 +533,18 @@ fn seen(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveToken,
         Some((last, granted, then)) if seq <= last => {
             Some(if seq == last { Grant::new(uint(granted), uint(then)) } else { Grant::new(0, uint(reserved)) })
         }
-        _ => None,
+        Some(_) => None,
+        None => {
+            let forgotten_at: i64 = tx
+                .prepare_cached(
+                    "SELECT senders_forgotten_at FROM quota \
+                     WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+                )?
+                .query_row(params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            forgotten(token.at, forgotten_at).then(|| Grant::new(0, uint(reserved)))
+        }
     })
 }
 
@@ -563,21 +575,34 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
         token.at
     ])?;
     // Senders are forgotten by the time of their last call, oldest first, never one that
-    // called within the quiet window (its retry may still come).
-    tx.prepare_cached(
-        "DELETE FROM quota_sender WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
-         AND at < ?7 AND node NOT IN (SELECT node FROM quota_sender \
-             WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
-             ORDER BY at DESC, node LIMIT ?6)",
-    )?
-    .execute(params![
-        t,
-        m,
-        period,
-        key.start,
-        key.end,
-        int(contract::SENDERS_KEPT as u64),
-        token.at.saturating_sub(contract::SENDER_QUIET_SECS)
-    ])?;
+    // called within the quiet window (its retry may still come); the latest time forgotten is
+    // kept (`store::quota::forgotten`).
+    let forgotten: Option<i64> = tx
+        .prepare_cached(
+            "DELETE FROM quota_sender WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
+             AND at < ?7 AND node NOT IN (SELECT node FROM quota_sender \
+                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
+                 ORDER BY at DESC, node LIMIT ?6) RETURNING at",
+        )?
+        .query_map(
+            params![
+                t,
+                m,
+                period,
+                key.start,
+                key.end,
+                int(contract::SENDERS_KEPT as u64),
+                token.at.saturating_sub(contract::SENDER_QUIET_SECS)
+            ],
+            |r| r.get::<_, i64>(0),
+        )?
+        .try_fold(None, |most: Option<i64>, at| at.map(|at| Some(most.map_or(at, |m| m.max(at)))))?;
+    if let Some(at) = forgotten {
+        tx.prepare_cached(
+            "UPDATE quota SET senders_forgotten_at = max(senders_forgotten_at, ?6) \
+             WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+        )?
+        .execute(params![t, m, period, key.start, key.end, at])?;
+    }
     Ok(())
 }
