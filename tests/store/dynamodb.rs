@@ -364,3 +364,29 @@ async fn the_ttl_never_deletes_a_dead_letter_or_a_window_waiting_for_export() {
     assert!(store.finish_export(&begun, 1_000).await.unwrap());
     assert_eq!(ttl().await, w + 35 * DAY);
 }
+
+/// A grant written before the one-grant-per-payment markers (by an earlier version, during an
+/// upgrade) has none: a second grant of its payment, under another id, is still a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_granted_before_its_marker_existed_is_granted_once() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use tollgate::store::{CreditGrant, GrantOutcome, QuotaStore};
+    let Some(store) = common::dynamo::table().await else { return };
+    let first = CreditGrant::new("t".into(), "tokens".into(), "pi_X", 100, 10).paid_by("pi_X");
+    assert!(matches!(store.grant_credits(&first).await.unwrap(), GrantOutcome::Granted(_)));
+    // As an earlier version wrote it: no markers.
+    for pk in ["PAY\u{1}pi_X", "GID\u{1}t\u{1}pi_X"] {
+        store
+            .client()
+            .delete_item()
+            .table_name(store.table())
+            .key("pk", AttributeValue::S(pk.into()))
+            .key("sk", AttributeValue::S("-".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let second = CreditGrant::new("t".into(), "tokens".into(), "in_Y", 100, 20).paid_by("pi_X");
+    let again = store.grant_credits(&second).await.unwrap();
+    assert!(matches!(&again, GrantOutcome::Duplicate(g) if g.id == "pi_X"), "{again:?}");
+}

@@ -111,6 +111,37 @@ impl QuotaStore for DynamoStore {
             for k in &kept_keys {
                 kept.push(self.get(kept_refund_pk(k), ONE_SK).await?);
             }
+            // A refund kept for it is applied in the grant's own transaction: the grant lands
+            // with those units taken back, and the balance as read is set (by the rule every
+            // store refunds by); without one, its units are added to the balance.
+            let refund = kept
+                .iter()
+                .flatten()
+                .filter_map(|item| get_s(item, "refund").and_then(kept_refund_of))
+                .reduce(newer_refund)
+                .map(|r| r.landing(grant));
+            let mut landed = grant.clone();
+            landed.bought = grant.units;
+            landed.taken = 0;
+            landed.closed = None;
+            let mut balance_write = None;
+            if let Some(refund) = &refund {
+                let Some((before, mut open, forgiving)) = self.read_balance(&key).await? else {
+                    return Err(StoreError::Conflict("the prepaid counter"));
+                };
+                if !fits(before.granted, grant.units) {
+                    return Ok(GrantOutcome::TooLarge);
+                }
+                open.retain(|g| g.closed.is_none());
+                open.push(landed.clone());
+                let with = CreditBalance { granted: before.granted.saturating_add(grant.units), ..before };
+                if let Some((_, removed, taken, after, used)) = refund_against(&open, refund, with) {
+                    let (after, by) = forgive(before, after, forgiving.0, used, &forgiving.1, refund.at);
+                    landed.units -= removed;
+                    landed.taken = taken;
+                    balance_write = Some(self.set_balance(&key, before, after, &by)?);
+                }
+            }
             let mut put = Put::builder()
                 .table_name(&self.table)
                 .item("pk", s(pk.clone()))
@@ -118,9 +149,9 @@ impl QuotaStore for DynamoStore {
                 .item("tenant", s(grant.tenant.as_str()))
                 .item("meter", s(grant.meter.as_str()))
                 .item("id", s(grant.id.as_str()))
-                .item("units", n(grant.units))
+                .item("units", n(landed.units))
                 .item("bought", n(grant.units))
-                .item("taken", n(0))
+                .item("taken", n(landed.taken))
                 .item("granted_at", n(grant.granted_at))
                 .condition_expression("attribute_not_exists(pk)");
             if let Some(at) = grant.expires_at {
@@ -144,10 +175,12 @@ impl QuotaStore for DynamoStore {
                 .condition_expression("attribute_exists(pk) AND granted <= :most")
                 .expression_attribute_values(":u", n(grant.units))
                 .expression_attribute_values(":most", n(contract::MAX_BALANCE - grant.units));
-            let mut actions = vec![
-                TransactWriteItem::builder().put(put.build().map_err(backend)?).build(),
-                TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
-            ];
+            let balance_write = match balance_write {
+                Some(set) => set,
+                None => TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
+            };
+            let mut actions =
+                vec![TransactWriteItem::builder().put(put.build().map_err(backend)?).build(), balance_write];
             let mut markers = vec![grant_id_pk(&grant.tenant, &grant.id)];
             if let Some(p) = &grant.payment {
                 markers.push(payment_pk(p));
@@ -179,7 +212,8 @@ impl QuotaStore for DynamoStore {
                     }
                     v
                 };
-                if now != kept {
+                if now != kept || refund.is_some() {
+                    // (With a refund, the balance is set as read: a reserve meanwhile.)
                     backoff(attempt).await;
                     continue;
                 }
@@ -880,7 +914,13 @@ impl DynamoStore {
             }
         }
         let own = self.get(credit_pk(&grant.tenant), &credit_sk(grant.meter.as_str(), &grant.id)).await?;
-        Ok(own.as_ref().and_then(credit_of))
+        if let Some(own) = own.as_ref().and_then(credit_of) {
+            return Ok(Some(own));
+        }
+        // Grants written before the markers were (by an earlier version) have none: the
+        // tenant's grants are read for the payment (grants are few, and rare).
+        let Some(payment) = &grant.payment else { return Ok(None) };
+        Ok(self.grants(&grant.tenant, None).await?.into_iter().find(|g| g.payment.as_ref() == Some(payment)))
     }
 
     /// Applies the refunds kept for `grant`'s payment (`payment`, or its id) to it, then
