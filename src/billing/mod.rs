@@ -31,21 +31,34 @@ pub(crate) use webhook::read_secrets;
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};
 
-/// Why the sink the configuration names could not be set up.
+/// Why the sink the configuration names could not be set up. The sink's own error is kept,
+/// to match on:
+///
+/// ```
+/// # #[cfg(feature = "stripe")] {
+/// use tollgate::billing::{configured_sink, SinkSetupError, StripeSetupError};
+/// let config = tollgate::Config::from_toml_str(
+///     "[stripe]\nsecret_key_file = \"/nonexistent/stripe-key\"\n",
+/// ).unwrap();
+/// let Err(SinkSetupError::Failed(e)) = configured_sink(&config) else { panic!("not set up") };
+/// let Some(StripeSetupError::SecretFile { source, .. }) = e.downcast_ref() else { panic!("{e}") };
+/// assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+/// # }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SinkSetupError {
     /// The sink's secret is not set (its environment variable or key file): a process without
-    /// it exports nothing, one with it does.
-    #[error("{0}")]
-    MissingSecret(String),
+    /// it exports nothing, one with it does. The sink's own error, as it said it.
+    #[error(transparent)]
+    MissingSecret(Box<dyn std::error::Error + Send + Sync>),
     /// This build lacks the sink's cargo feature.
     #[error("export.sink = \"{0}\" but this build has no `{0}` feature")]
     NotBuilt(&'static str),
     /// The sink could not be set up (a secret file that cannot be read, a client that cannot
-    /// be built).
-    #[error("{0}")]
-    Failed(String),
+    /// be built): the sink's own error (for example a `StripeSetupError`, to downcast).
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The billing sink the configuration names: `export.sink` (`"stripe"`, `"metronome"`,
@@ -70,18 +83,19 @@ pub fn configured_sink(config: &crate::Config) -> Result<Option<std::sync::Arc<d
     Ok(Some(match kind {
         None => return Ok(None),
         Some(SinkKind::Jsonl) => {
-            let file = config.export.file.clone().ok_or(SinkSetupError::Failed("export.file is not set".into()))?;
+            let file =
+                config.export.file.clone().ok_or_else(|| SinkSetupError::Failed("export.file is not set".into()))?;
             std::sync::Arc::new(JsonlSink::new(file))
         }
         #[cfg(feature = "stripe")]
         Some(SinkKind::Stripe) => std::sync::Arc::new(StripeSink::from_config(config).map_err(|e| match e {
-            StripeSetupError::MissingSecret { .. } => SinkSetupError::MissingSecret(e.to_string()),
-            e => SinkSetupError::Failed(e.to_string()),
+            StripeSetupError::MissingSecret { .. } => SinkSetupError::MissingSecret(Box::new(e)),
+            e => SinkSetupError::Failed(Box::new(e)),
         })?),
         #[cfg(feature = "metronome")]
         Some(SinkKind::Metronome) => std::sync::Arc::new(MetronomeSink::from_config(config).map_err(|e| match e {
-            MetronomeSetupError::MissingToken => SinkSetupError::MissingSecret(e.to_string()),
-            e => SinkSetupError::Failed(e.to_string()),
+            MetronomeSetupError::MissingToken => SinkSetupError::MissingSecret(Box::new(e)),
+            e => SinkSetupError::Failed(Box::new(e)),
         })?),
         #[allow(unreachable_patterns)]
         Some(other) => return Err(SinkSetupError::NotBuilt(other.as_str())),
