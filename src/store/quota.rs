@@ -461,6 +461,8 @@ pub(crate) fn forgive(
 ) -> (CreditBalance, ForgivenBy) {
     let live = before.forgiven_until > now;
     let mut by = if live { by } else { ForgivenBy::new() };
+    // An entry whose sender has called since, or was forgotten, can never be drawn on: gone.
+    by.retain(|name, (_, seq)| senders.iter().any(|(n, s, _, _)| n == name && s == seq));
     let mut added = 0u64;
     for (name, seq, granted, reserved) in senders {
         let units = taken.of_lease(*granted, *reserved);
