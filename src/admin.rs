@@ -26,6 +26,7 @@ use crate::{
     config::{Config, MeterId, PlanId, TenantId},
     engine::{BuildError, OpenStores},
     store::{
+        limited::{Limited, Path, Policy},
         unix_now, ApiKeyRecord, CreditBalance, CreditClosure, CreditGrant, DeadLetter, DirectoryEvents, DirectoryStore,
         ExportKey, GrantOutcome, QuotaStore, Store, StoreError, TenantRecord, UsageAggregate, UsageExportStore,
     },
@@ -145,8 +146,13 @@ pub struct CopyReport {
 }
 
 /// Administration of the directory, and of the usage and dead letters of the export.
+///
+/// Each store call is bounded by `limits.background_timeout` (10 s without a configuration),
+/// never failing fast; [`for_engine`](Self::for_engine) shares the engine's store calls.
 #[derive(Debug, Clone)]
 pub struct Admin {
+    /// The policy of the store calls (the engine's, for an engine's).
+    calls: Arc<Policy>,
     directory: Arc<dyn DirectoryStore>,
     usage: Arc<dyn UsageExportStore>,
     /// The quota role, for prepaid credits ([`grant_credits`](Self::grant_credits)).
@@ -168,13 +174,25 @@ impl Admin {
     /// Administers a directory and usage kept in different stores, without a configuration
     /// (and without prepaid credits unless [`with_quota`](Self::with_quota)).
     pub fn with_roles(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>) -> Self {
-        Self { directory, usage, quota: None, config: None, node: None }
+        Self::limited(directory, usage, Policy::standalone())
+    }
+
+    /// `directory` and `usage` called by `calls`, on the background path.
+    fn limited(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>, calls: Arc<Policy>) -> Self {
+        Self {
+            directory: Arc::new(Limited::new(directory, calls.clone(), Path::Background)),
+            usage: Arc::new(Limited::new(usage, calls.clone(), Path::Background)),
+            calls,
+            quota: None,
+            config: None,
+            node: None,
+        }
     }
 
     /// With the quota store that holds prepaid credits.
     #[must_use]
     pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
-        self.quota = Some(quota);
+        self.quota = Some(Arc::new(Limited::new(quota, self.calls.clone(), Path::Background)));
         self
     }
 
@@ -182,10 +200,12 @@ impl Admin {
     /// its own changes at once (the other nodes within `limits.directory_ttl`).
     #[must_use]
     pub fn for_engine(engine: &crate::Tollgate) -> Self {
+        let stores = &engine.shared.stores;
         Self {
-            directory: engine.directory_store().clone(),
-            usage: engine.usage_store().clone(),
-            quota: Some(engine.quota_store().clone()),
+            calls: stores.policy().clone(),
+            directory: stores.background().directory.clone(),
+            usage: stores.background().usage.clone(),
+            quota: Some(stores.background().quota.clone()),
             config: Some(engine.config()),
             node: Some(Arc::new(engine.clone())),
         }
@@ -198,9 +218,13 @@ impl Admin {
         }
     }
 
-    /// Plans are checked against `config`.
+    /// Plans are checked against `config`, and store calls bounded by its
+    /// `limits.background_timeout` (an engine's follow the engine's configuration).
     #[must_use]
     pub fn with_config(mut self, config: Config) -> Self {
+        if self.node.is_none() {
+            self.calls.configure(&config);
+        }
         self.config = Some(config);
         self
     }
@@ -216,7 +240,8 @@ impl Admin {
         let directory = open.role(config, StoreRole::Directory).await?;
         let usage = open.role(config, StoreRole::Usage).await?;
         let quota = open.role(config, StoreRole::Quota).await?;
-        Ok(Self::with_roles(directory, usage).with_quota(quota).with_config(config.clone()))
+        let calls = Policy::standalone();
+        Ok(Self::limited(directory, usage, calls).with_quota(quota).with_config(config.clone()))
     }
 
     /// The directory administered.
@@ -603,10 +628,10 @@ impl Admin {
             let Some(last) = page.last() else { return Ok(report) };
             after = Some(last.id.clone());
             for tenant in &page {
-                to.put_tenant(tenant, &[]).await?;
+                self.calls.call(Path::Background, "put tenant", to.put_tenant(tenant, &[])).await?;
                 report.tenants += 1;
                 for key in self.directory.list_keys(&tenant.id).await? {
-                    to.put_key(&key).await?;
+                    self.calls.call(Path::Background, "put key", to.put_key(&key)).await?;
                     report.keys += 1;
                 }
             }

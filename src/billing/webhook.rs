@@ -12,7 +12,10 @@ use super::Secret;
 use crate::{
     clock::Clock,
     config::{Config, MeterId, PlanId, StripeSettings, TenantId},
-    store::{DirectoryEvents, DirectoryStore, PlanChange, PlanChangeOutcome, QuotaStore, WebhookCount},
+    store::{
+        limited::{Limited, Path, Policy},
+        DirectoryEvents, DirectoryStore, PlanChange, PlanChangeOutcome, QuotaStore, WebhookCount,
+    },
 };
 
 /// What a webhook delivery did.
@@ -237,6 +240,8 @@ struct Fields {
 ///   retry applies it.
 /// - The new plan applies at once on this node, within `limits.directory_ttl` elsewhere.
 pub struct WebhookHandler {
+    /// The policy of its store calls: background calls, within `limits.background_timeout`.
+    calls: Arc<Policy>,
     pub(super) directory: Arc<dyn DirectoryStore>,
     pub(super) node: Arc<dyn DirectoryEvents>,
     config: Arc<dyn Fn() -> Config + Send + Sync>,
@@ -293,7 +298,8 @@ impl WebhookHandler {
     /// requests (a webhook-only function): the directory plans are changed in, who is told of
     /// a change (`node`; the engine, when there is one: see [`new`](Self::new)), the
     /// configuration in force (read at each delivery, so a reload applies), the clock
-    /// signatures are checked against, and the signing secrets.
+    /// signatures are checked against, and the signing secrets. Each store call is bounded by
+    /// the configuration's `limits.background_timeout` as it was at this call.
     pub fn from_parts(
         directory: Arc<dyn DirectoryStore>,
         node: Arc<dyn DirectoryEvents>,
@@ -301,8 +307,23 @@ impl WebhookHandler {
         clock: Clock,
         secrets: Vec<Secret>,
     ) -> Self {
+        let calls = Policy::standalone();
+        calls.configure(&config());
+        Self::calling(calls, directory, node, config, clock, secrets)
+    }
+
+    /// A handler whose store calls `calls` makes (an engine's policy, for an engine's handler).
+    pub(crate) fn calling(
+        calls: Arc<Policy>,
+        directory: Arc<dyn DirectoryStore>,
+        node: Arc<dyn DirectoryEvents>,
+        config: impl Fn() -> Config + Send + Sync + 'static,
+        clock: Clock,
+        secrets: Vec<Secret>,
+    ) -> Self {
         Self {
-            directory,
+            directory: Arc::new(Limited::new(directory, calls.clone(), Path::Background)),
+            calls,
             node,
             config: Arc::new(config),
             clock,
@@ -319,7 +340,7 @@ impl WebhookHandler {
     /// handler made with [`new`](Self::new) uses the engine's quota store).
     #[must_use]
     pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
-        self.quota = Some(quota);
+        self.quota = Some(Arc::new(Limited::new(quota, self.calls.clone(), Path::Background)));
         self
     }
 

@@ -182,6 +182,11 @@ pub struct Limits {
     /// or `429` ([`RejectionKind::QuotaExceeded`](crate::response::RejectionKind::QuotaExceeded)).
     /// Neither carries `Retry-After`: a balance comes back with a payment, not with time.
     pub balance_status: u16,
+    /// The longest one store call of background work may take (10 s by default): the flush,
+    /// the export and reconciliation passes, webhooks, [`Admin`](crate::admin::Admin), the
+    /// settlement of `Idempotency-Key` claims and the worker's passes. They never fail fast;
+    /// the request path's calls are bounded by `usage.store_timeout` instead.
+    pub background_timeout: Duration,
 }
 
 /// Where a request comes from, for anonymous callers limited per client address

@@ -149,6 +149,7 @@ pub(crate) struct RawLimits {
     pub(crate) shadow: Option<bool>,
     pub(crate) max_clients: Option<u64>,
     pub(crate) balance_status: Option<i64>,
+    pub(crate) background_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1282,6 +1282,17 @@ impl Validator<'_, '_> {
                 Some(0) => return Err(self.invalid("limits.max_clients", "must be at least 1")),
                 Some(n) => n,
             },
+            background_timeout: {
+                let d = self.duration(
+                    "limits.background_timeout",
+                    l.background_timeout.as_deref(),
+                    Duration::from_secs(10),
+                )?;
+                if d.is_zero() {
+                    return Err(self.invalid("limits.background_timeout", "must be longer than zero"));
+                }
+                d
+            },
         })
     }
 

@@ -119,9 +119,9 @@ impl Tollgate {
         // This node's own settlement of the key, if it is still under way.
         settled(&self.shared.idempotency.settling, &fleet_key, timeout).await;
         let now = self.shared.clock.unix_secs();
-        let store = &self.shared.stores.roles.idempotency;
+        let store = &self.shared.stores.request().idempotency;
         let bound_to = format!("{request:032x}");
-        let read = self.shared.stores.guarded(timeout, store.read_idempotency(&fleet_key, &bound_to, now)).await;
+        let read = store.read_idempotency(&fleet_key, &bound_to, now).await;
         match read {
             Ok(Some(IdempotencyState::Completed(Some(response)))) => {
                 self.replay(state, route, headers, at, response, config.limits.idempotency_max_request_body)
@@ -154,10 +154,9 @@ impl Tollgate {
                     }
                 }
             }
-            Err(e) => {
+            Err(_) => {
                 // A replay cannot be answered without its response, nor run again (its work
                 // was done): 503 whatever the policy.
-                self.store_error("read idempotent response", &e);
                 state.give_back_rate(route.client, route.cost, &mut headers);
                 let r = Rejection::new(
                     RejectionKind::StoreUnavailable,
@@ -294,10 +293,9 @@ impl Tollgate {
         // the claim still settles (released, or completed under fail-open); a settle of a
         // binding this owner does not hold changes nothing.
         claim.fleet = Some(Box::new(FleetClaim {
-            store: self.shared.stores.roles.idempotency.clone(),
+            store: self.shared.stores.background().idempotency.clone(),
             key: fleet_key,
             owner,
-            timeout,
             settling: settling.clone(),
             claimed_at: now,
             window,
@@ -310,8 +308,7 @@ impl Tollgate {
             },
             renewal: None,
         }));
-        let answer =
-            self.shared.stores.guarded(timeout, self.shared.stores.roles.idempotency.claim_idempotency(&ask)).await;
+        let answer = self.shared.stores.request().idempotency.claim_idempotency(&ask).await;
         if let Ok(IdempotencyState::Full) = answer {
             // The store holds the fleet's cap of live keys: served without its key, counted.
             // Dropped here: this node's hold on the key goes too, and nothing is stored.
@@ -352,8 +349,7 @@ impl Tollgate {
                 self.reject(Self::key_mismatch(&state))
             }
             Ok(IdempotencyState::Full) => unreachable!("answered above"),
-            Err(e) => {
-                self.store_error("claim idempotency key", &e);
+            Err(_) => {
                 if state.plan.on_store_error == StoreErrorPolicy::FailClosed {
                     state.give_back_rate(route.client, route.cost, &mut headers);
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");

@@ -392,7 +392,7 @@ impl Builder {
             idempotency: self.idempotency.unwrap_or(all),
         };
         let totals = Arc::new(Totals::default());
-        let stores = Arc::new(StoreCalls::new(roles, metrics.clone(), totals.clone(), clock.clone()));
+        let stores = Arc::new(StoreCalls::new(roles, metrics.clone(), totals.clone(), clock.clone(), &runtime.config));
         let ids = Arc::new(NodeIds::new());
         let leases = Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold), clock.clone());
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());

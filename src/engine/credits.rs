@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{store_calls::with_timeout, Tollgate};
+use super::Tollgate;
 use crate::{
     config::{MeterId, TenantId},
     store::StoreError,
@@ -101,9 +101,8 @@ impl Tollgate {
     /// A store error (or timeout) on several closes in a row, or on the listing: the grants
     /// not closed are closed by a later pass.
     pub async fn expire_credits(&self) -> Result<CreditExpiryReport, StoreError> {
-        let quota = &self.shared.stores.roles.quota;
+        let quota = &self.shared.stores.background().quota;
         let expiry = &self.shared.credit_expiry;
-        let timeout = self.shared.runtime.load().config.usage.store_timeout;
         let mut report = CreditExpiryReport::default();
         let mut in_a_row = 0;
         expiry.prune(self.shared.clock.unix_secs());
@@ -112,7 +111,7 @@ impl Tollgate {
             // Those waiting are listed too (they come first, by expiry): room for them beside
             // a page of the rest.
             let waiting = expiry.count();
-            let due = with_timeout(timeout, quota.expired_credits(now, PAGE + waiting)).await?;
+            let due = quota.expired_credits(now, PAGE + waiting).await?;
             let listed = due.len();
             let mut tried = 0;
             for grant in due {
@@ -121,12 +120,7 @@ impl Tollgate {
                     continue;
                 }
                 tried += 1;
-                let closed = match with_timeout(
-                    timeout,
-                    quota.close_credits(&grant.tenant, &grant.meter, &grant.id, false, now),
-                )
-                .await
-                {
+                let closed = match quota.close_credits(&grant.tenant, &grant.meter, &grant.id, false, now).await {
                     Ok(closed) => closed,
                     Err(e) => {
                         let (again, retried) = expiry.failed(id, now);

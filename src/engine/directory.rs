@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use super::{
     engine::OwnedCredential,
-    store_calls::with_timeout,
     table::{Lookup, ANONYMOUS},
     Tollgate,
 };
@@ -38,7 +37,6 @@ impl Tollgate {
     /// limited (`identify.unknown_key_rate`).
     pub(crate) async fn lookup(&self, credential: OwnedCredential, address: u64) -> Result<Tenant, Rejection> {
         let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
         let lookup = match &credential {
             OwnedCredential::ApiKey(key) => {
@@ -131,11 +129,7 @@ impl Tollgate {
                                         .with_retry_after(1)),
                                     },
                                 };
-                            let found = self
-                                .shared
-                                .stores
-                                .guarded(timeout, self.shared.stores.roles.directory.find_key(&h))
-                                .await;
+                            let found = self.shared.stores.request().directory.find_key(&h).await;
                             match (&own, &found) {
                                 // Only unknown keys count.
                                 (Some(own), found) if !matches!(found, Ok(None)) => own.give_back(rate),
@@ -155,15 +149,14 @@ impl Tollgate {
                         validated = i64::MAX;
                         Ok(Some(declared(r)))
                     }
-                    None => self.shared.stores.guarded(timeout, self.shared.stores.roles.directory.tenant(id)).await,
+                    None => self.shared.stores.request().directory.tenant(id).await,
                 },
                 OwnedCredential::Anonymous => Ok(None),
             }
         };
         let record = match record {
             Ok(r) => r,
-            Err(e) => {
-                self.store_error("find tenant", &e);
+            Err(_) => {
                 // Without a tenant nothing can be billed: only an anonymous plan can fail open.
                 return match &rt.anonymous {
                     Some(plan) if plan.on_store_error == StoreErrorPolicy::FailOpen => Ok(self.anonymous(&rt, plan)),
@@ -270,7 +263,6 @@ impl Tollgate {
     pub async fn revalidate(&self) -> usize {
         let rt = self.shared.runtime.load_full();
         let ttl = rt.config.limits.directory_ttl.as_secs() as i64;
-        let timeout = rt.config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
         // Read again a quarter of a TTL early: the worker passes every quarter TTL, so a
         // change reaches this node within the TTL.
@@ -286,8 +278,8 @@ impl Tollgate {
                 let mut failed = false;
                 for (digest, hash) in creds {
                     let answer = match hash {
-                        Some(h) => with_timeout(timeout, self.shared.stores.roles.directory.find_key(h)).await,
-                        None => with_timeout(timeout, self.shared.stores.roles.directory.tenant(id)).await,
+                        Some(h) => self.shared.stores.background().directory.find_key(h).await,
+                        None => self.shared.stores.background().directory.tenant(id).await,
                     };
                     match answer {
                         Ok(Some(r)) if r.id == *id => record = Some(r),
@@ -295,7 +287,7 @@ impl Tollgate {
                         Err(e) => {
                             // Kept as it is; asked again at the next pass, which stops here:
                             // a store that fails is not asked once per tenant.
-                            self.store_error("revalidate tenant", &e);
+                            tracing::debug!(error = %e, "revalidating tenants stopped at a store error");
                             failed = true;
                             break;
                         }
@@ -506,14 +498,16 @@ impl crate::billing::WebhookHandler {
     #[must_use]
     pub fn new(tollgate: Tollgate, secrets: Vec<crate::billing::Secret>) -> Self {
         let config = tollgate.clone();
-        Self::from_parts(
-            tollgate.shared.stores.roles.directory.clone(),
+        let stores = &tollgate.shared.stores;
+        Self::calling(
+            stores.policy().clone(),
+            stores.given().directory.clone(),
             Arc::new(tollgate.clone()),
             move || config.config(),
             tollgate.shared.clock.clone(),
             secrets,
         )
-        .with_quota(tollgate.shared.stores.roles.quota.clone())
+        .with_quota(stores.given().quota.clone())
     }
 
     /// A handler with the signing secrets of `stripe.webhook_secret_file`, or of

@@ -533,11 +533,6 @@ impl Tollgate {
         rejection
     }
 
-    /// Counts a store error, and logs it once per burst.
-    pub(crate) fn store_error(&self, op: &'static str, e: &StoreError) {
-        self.shared.stores.failed(op, e);
-    }
-
     /// Commits all usage recorded so far to the store, exactly once: a batch that fails is
     /// kept and retried first, with the same id, by the next flush. Usage is drained from the
     /// tenants' counters even when the store is down (held in memory, merged per tenant,
@@ -624,8 +619,7 @@ impl Tollgate {
     /// Gives the unused units of these states' current leases back to the store, and owes
     /// what they used beyond them.
     pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> usize {
-        let rt = self.shared.runtime.load_full();
-        self.shared.leases.return_leases(&rt, states).await
+        self.shared.leases.return_leases(states).await
     }
 
     /// Waits, at most `limit`, for this node's `Idempotency-Key` settlements that began at or
@@ -688,25 +682,25 @@ impl Tollgate {
     /// The store of the quota role: leases are reserved from it.
     #[must_use]
     pub fn quota_store(&self) -> &Arc<dyn QuotaStore> {
-        &self.shared.stores.roles.quota
+        &self.shared.stores.given().quota
     }
 
     /// The store of the usage and export roles: usage is flushed to it and exported from it.
     #[must_use]
     pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
-        &self.shared.stores.roles.usage
+        &self.shared.stores.given().usage
     }
 
     /// The store of the directory role: tenants and keys are looked up in it.
     #[must_use]
     pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
-        &self.shared.stores.roles.directory
+        &self.shared.stores.given().directory
     }
 
     /// The store of the idempotency role: `Idempotency-Key` bindings are claimed in it.
     #[must_use]
     pub fn idempotency_store(&self) -> &Arc<dyn IdempotencyStore> {
-        &self.shared.stores.roles.idempotency
+        &self.shared.stores.given().idempotency
     }
 
     /// The configuration in force.

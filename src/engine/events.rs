@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::store_calls::{with_timeout, StoreCalls};
+use super::store_calls::StoreCalls;
 use crate::{
     config::{MeterId, TenantId},
     metrics::{Metrics, Totals},
@@ -302,21 +302,21 @@ impl EventRecorder {
         self.held.remove(id)
     }
 
-    /// Writes the events prepared (their units taken) in one store call, within `timeout`,
+    /// Writes the events prepared (their units taken) in one store call, within
+    /// `events.store_timeout`,
     /// and sets each one's outcome in `out`. Returns whether units were given back
     /// (duplicates). When the write may have landed (a timeout, a batch applied in part), the
     /// units stay taken, so a hard quota is never passed, and are held for the event's retry on
     /// this node (which reuses them; a retry of an event already stored answers `Duplicate`).
     pub(crate) async fn commit(
         &self,
-        timeout: Duration,
         ready: Vec<Prepared>,
         out: &mut [Option<Result<EventOutcome, EventError>>],
     ) -> bool {
         let mut returned = false;
         if !ready.is_empty() {
             let batch: Vec<UsageEvent> = ready.iter().map(|p| p.event.clone()).collect();
-            match with_timeout(timeout, self.stores.roles.usage.commit_events(&batch)).await {
+            match self.stores.events().commit_events(&batch).await {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
                     for (p, outcome) in ready.into_iter().zip(outcomes) {
                         if outcome != EventOutcome::Applied {
@@ -333,9 +333,12 @@ impl EventRecorder {
                 answer => {
                     let e = match answer {
                         Err(e) => e,
-                        Ok(_) => StoreError::Backend("the store answered for another number of events".into()),
+                        Ok(_) => {
+                            let e = StoreError::Backend("the store answered for another number of events".into());
+                            self.stores.policy().failed("record usage events", &e);
+                            e
+                        }
                     };
-                    self.stores.failed("record usage events", &e);
                     // The write may have landed (a timeout, a batch applied in part): the
                     // units stay taken, so a hard quota is never passed, and are held for the
                     // event's retry on this node (which reuses them; a retry of an event

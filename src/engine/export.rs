@@ -21,10 +21,7 @@ use std::{
 
 use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
-use super::{
-    node::NodeIds,
-    store_calls::{with_timeout, StoreCalls},
-};
+use super::{node::NodeIds, store_calls::StoreCalls};
 use crate::{
     billing::{identifier_in, BillingSink, CustomerField, MeterEvent, SinkError, SinkLimits},
     clock::Clock,
@@ -141,7 +138,7 @@ impl Customers {
     }
 
     /// The tenant's billing customer: the directory's, else the file's for a static tenant.
-    /// The directory is asked within `usage.store_timeout`; a failure is counted and logged,
+    /// The directory is asked within `limits.background_timeout`; a failure is counted and logged,
     /// and leaves the tenant [`Customer::Unreadable`] for the rest of the pass.
     ///
     /// # Errors
@@ -150,8 +147,7 @@ impl Customers {
         if let Some(c) = self.cache.get(tenant) {
             return Ok(c.clone());
         }
-        let timeout = rt.config.usage.store_timeout;
-        let customer = match with_timeout(timeout, deps.stores.roles.directory.tenant(tenant)).await {
+        let customer = match deps.stores.background().directory.tenant(tenant).await {
             Ok(record) => {
                 self.failures = 0;
                 match (record, rt.static_tenants.get(tenant)) {
@@ -173,7 +169,6 @@ impl Customers {
                 }
             }
             Err(e) => {
-                deps.stores.failed("export customer", &e);
                 self.failures += 1;
                 if self.failures >= Self::MAX_FAILURES {
                     return Err(e);
@@ -345,14 +340,19 @@ impl Exporter {
         // Without a sink (a dry run), Stripe's rule if the configuration has `[stripe]`.
         let needs_customer = self.sink.as_ref().map_or_else(|| rt.config.sink_needs_customer(), |s| s.needs_customer());
         let now = self.deps.clock.unix_secs();
-        let namespace = self.deps.stores.roles.usage.identifier_namespace().await?;
+        let namespace = self.deps.stores.background().usage.identifier_namespace().await?;
         let limits = self.limits(rt);
         let mut out = Vec::new();
         let mut customers = Customers::new(self.customer_field(rt));
         let mut after: Option<ExportKey> = None;
         loop {
-            let page =
-                self.deps.stores.roles.usage.pending_exports(listing_bound(rt, now), after.as_ref(), PAGE).await?;
+            let page = self
+                .deps
+                .stores
+                .background()
+                .usage
+                .pending_exports(listing_bound(rt, now), after.as_ref(), PAGE)
+                .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             for agg in page {
@@ -398,7 +398,7 @@ impl Exporter {
         let rt = runtime.load_full();
         let settings = rt.config.export.clone();
         let now = self.deps.clock.unix_secs();
-        let namespace = self.deps.stores.roles.usage.identifier_namespace().await?;
+        let namespace = self.deps.stores.background().usage.identifier_namespace().await?;
         let limits = self.limits(&rt);
         let field = sink.customer_field();
         let pass = Arc::new(Pass {
@@ -425,7 +425,7 @@ impl Exporter {
             } else {
                 PAGE
             };
-            let page = self.deps.stores.roles.usage.pending_exports(bound, after.as_ref(), page_size).await?;
+            let page = self.deps.stores.background().usage.pending_exports(bound, after.as_ref(), page_size).await?;
             let Some(last) = page.last() else { break };
             after = Some(last.key.clone());
             // One lane per (customer, meter), so this node has one call in flight per
@@ -460,7 +460,7 @@ impl Exporter {
                                 let planned = plan_send(&rt, &pass.limits, &agg, now, None, &pass.namespace);
                                 let until = now + settings.claim.as_secs() as i64;
                                 let claim = ExportClaim::new(self.deps.ids.node(), now, until);
-                                let usage = &self.deps.stores.roles.usage;
+                                let usage = &self.deps.stores.background().usage;
                                 if let Some(begun) = usage.begin_export(&agg, &claim, &planned).await? {
                                     pass.park(&begun, &reason, &mut report).await?;
                                 }
@@ -647,7 +647,7 @@ impl Pass {
         report: &mut ExportReport,
     ) -> Result<Option<Ready>, StoreError> {
         let shared = &self.deps;
-        let store = &shared.stores.roles.usage;
+        let store = &shared.stores.background().usage;
         let settings = &self.rt.config.export;
         // The clock is read for each aggregate: a claim and a next-attempt time count from the
         // call, however long the pass has run.
@@ -721,7 +721,7 @@ impl Pass {
     ) -> Result<bool, StoreError> {
         let Ready { agg, event, first_attempt } = ready;
         let shared = &self.deps;
-        let store = &shared.stores.roles.usage;
+        let store = &shared.stores.background().usage;
         let settings = &self.rt.config.export;
         let now = shared.clock.unix_secs();
         // Only this store sends identifiers of its namespace: when an earlier attempt of this
@@ -836,7 +836,7 @@ impl Pass {
     async fn let_go(&self, agg: &UsageAggregate, first_attempt: bool) -> Result<(), StoreError> {
         let now = self.deps.clock.unix_secs();
         let claim = ExportClaim::new(self.deps.ids.node(), now, now);
-        self.deps.stores.roles.usage.defer_export(agg, &claim, never_sent(first_attempt, agg.attempts)).await?;
+        self.deps.stores.background().usage.defer_export(agg, &claim, never_sent(first_attempt, agg.attempts)).await?;
         Ok(())
     }
 
@@ -845,7 +845,7 @@ impl Pass {
         tracing::error!(%reason, tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
             revision = agg.revision, units = agg.quantity.saturating_sub(agg.exported),
             "meter event dead-lettered (tollgate export --dead-letters lists it)");
-        shared.stores.roles.usage.dead_letter(agg, reason).await?;
+        shared.stores.background().usage.dead_letter(agg, reason).await?;
         report.dead_letters += 1;
         Totals::add(&shared.totals.dead_letters, 1);
         shared.metrics.dead_letters.increment(1);

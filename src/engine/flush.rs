@@ -11,11 +11,7 @@ use std::{
     time::Duration,
 };
 
-use super::{
-    lease::Leases,
-    store_calls::{with_timeout, StoreCalls},
-    table::TenantTable,
-};
+use super::{lease::Leases, store_calls::StoreCalls, table::TenantTable};
 use crate::{
     clock::Clock,
     config::{MeterId, StoreErrorPolicy, TenantId},
@@ -176,8 +172,8 @@ impl Pipeline {
         self.clock.resync();
         let mut report = FlushReport::default();
         let dropped = self.drain(rt, table, &mut p);
-        leases.return_leases(rt, dropped).await;
-        self.commit_pending(rt, &mut p, &mut report).await?;
+        leases.return_leases(dropped).await;
+        self.commit_pending(&mut p, &mut report).await?;
         if !p.staged.is_empty() {
             let records: Vec<UsageRecord> = p
                 .staged
@@ -186,7 +182,7 @@ impl Pipeline {
                     UsageRecord::new(tenant, meter, window_start, quantity).with_billable(billable)
                 })
                 .collect();
-            let max = self.stores.roles.usage.max_batch_records().max(1);
+            let max = self.stores.background().usage.max_batch_records().max(1);
             for chunk in records.chunks(max) {
                 p.seq += 1;
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
@@ -194,7 +190,7 @@ impl Pipeline {
                 p.formed.push_back(self.clock.unix_secs());
             }
         }
-        self.commit_pending(rt, &mut p, &mut report).await?;
+        self.commit_pending(&mut p, &mut report).await?;
         // Everything held was taken: the buffer has room again.
         self.buffer_full.store(false, Relaxed);
         if report.batches > 0 {
@@ -203,8 +199,7 @@ impl Pipeline {
         Ok(report)
     }
 
-    async fn commit_pending(&self, rt: &Runtime, p: &mut Batches, report: &mut FlushReport) -> Result<(), StoreError> {
-        let timeout = rt.config.usage.store_timeout.max(Duration::from_secs(2));
+    async fn commit_pending(&self, p: &mut Batches, report: &mut FlushReport) -> Result<(), StoreError> {
         while let Some(batch) = p.pending.front() {
             // A batch is retried only while the store surely remembers its id (a retry after
             // the id expired would count it twice); one that waited that long (the store down
@@ -223,7 +218,7 @@ impl Pipeline {
             let mut attempt = 0;
             let outcome = loop {
                 attempt += 1;
-                match with_timeout(timeout, self.stores.roles.usage.commit_usage(batch)).await {
+                match self.stores.background().usage.commit_usage(batch).await {
                     Ok(outcome) => break Ok(outcome),
                     Err(e) if attempt < COMMIT_ATTEMPTS => {
                         tracing::debug!(error = %e, attempt, "usage commit failed, retrying");

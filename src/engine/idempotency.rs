@@ -187,7 +187,6 @@ pub(crate) struct FleetClaim {
     pub(crate) store: Arc<dyn IdempotencyStore>,
     pub(crate) key: String,
     pub(crate) owner: u64,
-    pub(crate) timeout: Duration,
     pub(crate) settling: Settling,
     /// When the key was claimed (the binding expires `window` after), and
     /// `limits.idempotency_window` and `limits.idempotency_store_bytes`, for the response.
@@ -266,7 +265,7 @@ impl FleetClaim {
     /// all, after which the key is released (and counted): a retry may then run.
     pub(crate) fn renew_while_running(&mut self, clock: crate::clock::Clock, max_in_flight: Duration) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let (store, key, owner, timeout) = (self.store.clone(), self.key.clone(), self.owner, self.timeout);
+        let (store, key, owner) = (self.store.clone(), self.key.clone(), self.owner);
         let (claimed_at, window, responses) = (self.claimed_at, self.window, self.responses.clone());
         let max = i64::try_from(max_in_flight.as_secs()).unwrap_or(i64::MAX);
         let task = rt.spawn(async move {
@@ -274,12 +273,8 @@ impl FleetClaim {
                 tokio::time::sleep(Duration::from_secs(RENEW_EVERY_SECS)).await;
                 let now = clock.unix_secs();
                 if now.saturating_sub(claimed_at) >= max {
-                    let released = tokio::time::timeout(
-                        timeout,
-                        store.settle_idempotency(&key, owner, &IdempotencySettle::Released),
-                    )
-                    .await;
-                    if matches!(released, Ok(Ok(IdempotencySettled::Settled))) {
+                    let released = store.settle_idempotency(&key, owner, &IdempotencySettle::Released).await;
+                    if matches!(released, Ok(IdempotencySettled::Settled)) {
                         responses.not_stored(NotStored::TooLong);
                         tracing::warn!(
                             "a request held its Idempotency-Key past limits.idempotency_max_in_flight: the key is \
@@ -289,18 +284,13 @@ impl FleetClaim {
                     return;
                 }
                 let until = now.saturating_add(IN_FLIGHT_SECS).min(claimed_at.saturating_add(window));
-                let renewed = tokio::time::timeout(
-                    timeout,
-                    store.settle_idempotency(&key, owner, &IdempotencySettle::Renewed { until }),
-                )
-                .await;
+                let renewed = store.settle_idempotency(&key, owner, &IdempotencySettle::Renewed { until }).await;
                 match renewed {
-                    Ok(Ok(IdempotencySettled::Settled)) => {}
+                    Ok(IdempotencySettled::Settled) => {}
                     // Settled or taken by now: nothing more to hold.
-                    Ok(Ok(_)) => return,
+                    Ok(_) => return,
                     // Tried again at the next turn, well before the claim frees itself.
-                    Ok(Err(e)) => tracing::debug!(error = %e, "renewing an Idempotency-Key claim failed"),
-                    Err(_) => tracing::debug!("renewing an Idempotency-Key claim timed out"),
+                    Err(e) => tracing::debug!(error = %e, "renewing an Idempotency-Key claim failed"),
                 }
             }
         });
@@ -346,32 +336,29 @@ impl FleetClaim {
             let give_up = tokio::time::Instant::now() + Duration::from_secs(IN_FLIGHT_SECS as u64);
             let mut attempt = 0u32;
             loop {
-                match tokio::time::timeout(self.timeout, self.store.settle_idempotency(&self.key, self.owner, &how))
-                    .await
-                {
-                    Ok(Ok(IdempotencySettled::Refused)) => {
+                match self.store.settle_idempotency(&self.key, self.owner, &how).await {
+                    Ok(IdempotencySettled::Refused) => {
                         self.responses.not_stored(NotStored::StoreFull);
                         if let Some(local) = local.take() {
                             local.forget();
                         }
                         return;
                     }
-                    Ok(Ok(IdempotencySettled::Settled)) if completing => {
+                    Ok(IdempotencySettled::Settled) if completing => {
                         self.responses.stored();
                         return;
                     }
                     // Not held any more (released past `idempotency_max_in_flight`, or
                     // expired): the store does not hold this response, so this node must not
                     // replay it either.
-                    Ok(Ok(IdempotencySettled::NotHeld)) if completing => {
+                    Ok(IdempotencySettled::NotHeld) if completing => {
                         if let Some(local) = local.take() {
                             local.forget();
                         }
                         return;
                     }
-                    Ok(Ok(_)) => return,
-                    Ok(Err(e)) => tracing::debug!(error = %e, attempt, "settling an Idempotency-Key failed"),
-                    Err(_) => tracing::debug!(attempt, "settling an Idempotency-Key timed out"),
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!(error = %e, attempt, "settling an Idempotency-Key failed"),
                 }
                 let pause = Duration::from_millis(100u64 << attempt.min(7));
                 if tokio::time::Instant::now() + pause >= give_up {

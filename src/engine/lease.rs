@@ -3,11 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{
-    node::NodeIds,
-    store_calls::{with_timeout, StoreCalls},
-    thresholds::Thresholds,
-};
+use super::{node::NodeIds, store_calls::StoreCalls, thresholds::Thresholds};
 use crate::{
     clock::Clock,
     config::QuotaMode,
@@ -77,7 +73,7 @@ impl Leases {
                 "a quota call has failed {MAX_ATTEMPTS} times; it is kept and sent again until the store answers");
         }
         cell.locked().inflight = Some(Box::new(call.clone()));
-        let store = &self.stores.roles.quota;
+        let store = &self.stores.request().quota;
         let answer = match call.kind {
             CallKind::Reserve { units, owed, limit, at_least, .. } => {
                 let r = Reservation::new(call.key.clone(), units, owed, limit, call.token).shrinking(at_least);
@@ -240,41 +236,42 @@ impl Leases {
     /// Gives the unused units of `cell`'s lease back to the store and owes its debt (on
     /// eviction, reload and shutdown), with the lock taken here. Retried with the same token
     /// within `store_timeout`; what is still in flight then is logged.
-    pub(crate) async fn return_lease(&self, rt: &Runtime, cell: QuotaRef<'_>) -> bool {
-        let timeout = rt.config.usage.store_timeout;
+    pub(crate) async fn return_lease(&self, cell: QuotaRef<'_>) -> bool {
         let _guard = cell.lock().lock().await;
-        let result = with_timeout(timeout, async {
-            self.settle_inflight(cell).await?;
-            self.settle_previous(cell).await?;
-            // Units taken outside a lease go to their own periods (all of them, for a cell that
-            // never held a lease).
-            self.settle_unleased_elsewhere(cell).await?;
-            let left = cell.take_all();
-            let owed = cell.take_unleased();
-            let (start, end) = cell.period();
-            if end == 0 {
-                return Ok(());
-            }
-            // Usage outside the lease is owed and the rest of the lease given back: one call.
-            let net = i128::from(left) - i128::from(owed);
-            let kind = match net.cmp(&0) {
-                std::cmp::Ordering::Greater => CallKind::Release { units: net as u64 },
-                std::cmp::Ordering::Less => CallKind::Reserve {
-                    units: 0,
-                    owed: (-net) as u64,
-                    limit: None,
-                    refill: false,
-                    repay: 0,
-                    at_least: 0,
-                },
-                std::cmp::Ordering::Equal => return Ok(()),
-            };
-            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
-            self.send(cell, call).await.map(drop)
-        })
-        .await;
+        let result = self
+            .stores
+            .within(async {
+                self.settle_inflight(cell).await?;
+                self.settle_previous(cell).await?;
+                // Units taken outside a lease go to their own periods (all of them, for a cell that
+                // never held a lease).
+                self.settle_unleased_elsewhere(cell).await?;
+                let left = cell.take_all();
+                let owed = cell.take_unleased();
+                let (start, end) = cell.period();
+                if end == 0 {
+                    return Ok(());
+                }
+                // Usage outside the lease is owed and the rest of the lease given back: one call.
+                let net = i128::from(left) - i128::from(owed);
+                let kind = match net.cmp(&0) {
+                    std::cmp::Ordering::Greater => CallKind::Release { units: net as u64 },
+                    std::cmp::Ordering::Less => CallKind::Reserve {
+                        units: 0,
+                        owed: (-net) as u64,
+                        limit: None,
+                        refill: false,
+                        repay: 0,
+                        at_least: 0,
+                    },
+                    std::cmp::Ordering::Equal => return Ok(()),
+                };
+                let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
+                self.send(cell, call).await.map(drop)
+            })
+            .await;
         if let Err(e) = result {
-            self.stores.failed("return lease", &e);
+            tracing::debug!(error = %e, "a lease could not be given back");
             if let Some(call) = cell.locked().inflight.clone() {
                 // Reported: the store may hold units this node never used nor gave back.
                 tracing::error!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
@@ -287,11 +284,11 @@ impl Leases {
 
     /// Gives the unused units of these states' current leases back to the store, and owes
     /// what they used beyond them: the number of leases the store did not take.
-    pub(crate) async fn return_leases(&self, rt: &Runtime, states: Vec<Tenant>) -> usize {
+    pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> usize {
         let mut failed = 0;
         for state in states {
             for cell in state.quotas() {
-                if !self.return_lease(rt, cell).await {
+                if !self.return_lease(cell).await {
                     failed += 1;
                 }
             }

@@ -3,7 +3,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use super::{engine::Prefetch, store_calls::with_timeout, ExportReport, FlushReport, Tollgate};
+use super::{engine::Prefetch, ExportReport, FlushReport, Tollgate};
 use crate::{config::Config, metrics::Totals, plan::Runtime, store::StoreError};
 
 /// What [`Tollgate::shutdown`] drained, and what it could not do in time.
@@ -113,6 +113,7 @@ impl Tollgate {
         }
         let rt = Runtime::compile(config, &self.shared.metrics, &self.shared.clock);
         self.shared.table.rates.set_cap(rt.config.limits.max_tenants);
+        self.shared.stores.configure(&rt.config);
         self.shared.runtime.store(Arc::new(rt));
         // Every tenant gets a state of the new configuration; their buckets carry over.
         let states = self.shared.table.evict_all();
@@ -160,7 +161,7 @@ impl Tollgate {
         self.shared.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.shared.shutdown.send(true);
         let rt = self.shared.runtime.load_full();
-        let durable = self.shared.stores.roles.usage.is_durable();
+        let durable = self.shared.stores.given().usage.is_durable();
         let mut report = ShutdownReport::default();
         // 2. Settle the keys of requests that ended.
         let settle_for = (rt.config.usage.store_timeout * 2).min(budget / 4);
@@ -337,20 +338,21 @@ impl Tollgate {
             return;
         };
         let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.usage.store_timeout;
         let now = self.shared.clock.unix_secs();
-        let result = with_timeout(timeout, async {
-            let _guard = cell.lock().lock().await;
-            self.shared.leases.settle_inflight(cell).await?;
-            if cell.lease() < cell.low() {
-                self.shared.leases.refill_locked(&rt, cell, now, 0).await?;
-            }
-            Ok(())
-        })
-        .await;
+        let result = self
+            .shared
+            .stores
+            .under_lock(cell.lock(), async {
+                self.shared.leases.settle_inflight(cell).await?;
+                if cell.lease() < cell.low() {
+                    self.shared.leases.refill_locked(&rt, cell, now, 0).await?;
+                }
+                Ok(())
+            })
+            .await;
         cell.prefetch_done();
         if let Err(e) = result {
-            self.store_error("prefetch lease", &e);
+            tracing::debug!(error = %e, "a lease could not be prefetched");
         }
     }
 }

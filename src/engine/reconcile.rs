@@ -260,7 +260,7 @@ impl Exporter {
         request: &ReconcileRequest,
     ) -> Result<ReconcileReport, ReconcileError> {
         let sink = self.sink.clone().ok_or(ReconcileError::Unreadable)?;
-        let store = &self.deps.stores.roles.usage;
+        let store = &self.deps.stores.background().usage;
         let settings = &rt.config.export;
         let now = self.deps.clock.unix_secs();
         let after = settings.reconcile_after.as_secs() as i64;
@@ -406,7 +406,7 @@ impl Exporter {
                  customer, delayed summaries?): reported, nothing sent again"
             );
         }
-        let store = &self.deps.stores.roles.usage;
+        let store = &self.deps.stores.background().usage;
         for (customer, meter, tenant, hour, cell, held, verdict) in judged {
             let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
             let letters: u64 = cell.letters.iter().map(|l| l.entry.send.value).sum();
@@ -469,7 +469,7 @@ impl Exporter {
 
     /// Every ledger entry of the hour starting at `hour`, page after page until one is empty.
     async fn ledger_hour(&self, hour: i64) -> Result<Vec<LedgerEntry>, StoreError> {
-        let store = &self.deps.stores.roles.usage;
+        let store = &self.deps.stores.background().usage;
         let mut out = Vec::new();
         let mut cursor: Option<(ExportKey, u32)> = None;
         loop {
@@ -484,7 +484,7 @@ impl Exporter {
     /// Whether an export of the hour's tenants for `customer` and the cell's meter is in
     /// flight with its stamp in `hour` (not in the ledger yet, perhaps already held).
     async fn in_flight_in(&self, cell: &Cell, customer: &str, hour: i64) -> Result<bool, StoreError> {
-        let store = &self.deps.stores.roles.usage;
+        let store = &self.deps.stores.background().usage;
         let tenants: BTreeSet<&TenantId> = cell
             .letters
             .iter()
@@ -532,7 +532,7 @@ impl Exporter {
         after: i64,
         fix: bool,
     ) -> Result<DriftAction, ReconcileError> {
-        let store = &self.deps.stores.roles.usage;
+        let store = &self.deps.stores.background().usage;
         let expected: u64 = cell.expected.iter().map(|e| e.send.value).sum();
         let lacking: Vec<&LedgerEntry> = if short == expected {
             cell.expected.iter().collect()
@@ -574,7 +574,7 @@ impl Exporter {
         if !fix {
             return Ok(DriftAction::Reported);
         }
-        let store = &self.deps.stores.roles.usage;
+        let store = &self.deps.stores.background().usage;
         for l in &cell.letters {
             let e = &l.entry;
             let mut agg = UsageAggregate::new(e.key.clone(), 0);
@@ -607,7 +607,7 @@ impl Exporter {
         if !fix {
             return Ok(DriftAction::Reported);
         }
-        let store = &self.deps.stores.roles.usage;
+        let store = &self.deps.stores.background().usage;
         let mut since = now;
         for l in &cell.letters {
             since = since.min(store.note_lacking(&l.entry, now).await?);

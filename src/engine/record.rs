@@ -13,7 +13,6 @@ use super::{
         MAX_QUANTITY,
     },
     lease::Refill,
-    store_calls::with_timeout,
     table::Lookup,
     Tollgate,
 };
@@ -75,7 +74,7 @@ impl Tollgate {
         let rt = self.shared.runtime.load_full();
         let now = self.shared.clock.unix_secs();
         let hold = hold.min(Duration::from_secs(86_400));
-        let (state, meter, at) = self.check_event(&rt, event, now, rt.config.usage.store_timeout).await?;
+        let (state, meter, at) = self.check_event(&rt, event, now).await?;
         if event.quantity == 0 {
             return Ok(());
         }
@@ -91,9 +90,7 @@ impl Tollgate {
             }
             held.give_back();
         }
-        let tag = self
-            .take_for_event(&rt, &state, meter, event.quantity, at, now, rt.config.usage.store_timeout, For::Reserve)
-            .await?;
+        let tag = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
         let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold, period };
         self.shared.events.reserve(id, Arc::new(reserved));
         Ok(())
@@ -206,30 +203,22 @@ impl Tollgate {
     /// One pass over a batch: the outcomes, and whether units were given back (duplicates).
     async fn record_pass(&self, events: &[Event]) -> (Vec<Result<EventOutcome, EventError>>, bool) {
         let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.events.store_timeout;
         let now = self.shared.clock.unix_secs();
         let mut out: Vec<Option<Result<EventOutcome, EventError>>> = (0..events.len()).map(|_| None).collect();
         let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
-            match self.prepare_event(&rt, e, index, now, rt.config.usage.store_timeout).await {
+            match self.prepare_event(&rt, e, index, now).await {
                 Ok(p) => ready.push(p),
                 Err(err) => out[index] = Some(Err(err)),
             }
         }
-        let returned = self.shared.events.commit(timeout, ready, &mut out).await;
+        let returned = self.shared.events.commit(ready, &mut out).await;
         (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), returned)
     }
 
     /// Checks an event, finds its tenant and takes its units from the quota of its period.
-    async fn prepare_event(
-        &self,
-        rt: &Runtime,
-        e: &Event,
-        index: usize,
-        now: i64,
-        lookup_timeout: Duration,
-    ) -> Result<Prepared, EventError> {
-        let (state, meter, at) = self.check_event(rt, e, now, lookup_timeout).await?;
+    async fn prepare_event(&self, rt: &Runtime, e: &Event, index: usize, now: i64) -> Result<Prepared, EventError> {
+        let (state, meter, at) = self.check_event(rt, e, now).await?;
         let step = Self::event_window(rt, e);
         let window_start = at - at.rem_euclid(step);
         // Ids are unique per tenant: two tenants' jobs may use the same ids.
@@ -254,8 +243,7 @@ impl Tollgate {
                     if let Some(r) = other {
                         r.give_back();
                     }
-                    let tag =
-                        self.take_for_event(rt, &state, meter, e.quantity, at, now, lookup_timeout, For::Work).await?;
+                    let tag = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
                     (state, meter, tag)
                 }
             },
@@ -275,13 +263,7 @@ impl Tollgate {
 
     /// Checks an event (its id, quantity, time, meter) and finds its tenant: its state, the
     /// meter's index in the state's plan, and the event's time in Unix seconds.
-    async fn check_event(
-        &self,
-        rt: &Runtime,
-        e: &Event,
-        now: i64,
-        lookup_timeout: Duration,
-    ) -> Result<(Tenant, usize, i64), EventError> {
+    async fn check_event(&self, rt: &Runtime, e: &Event, now: i64) -> Result<(Tenant, usize, i64), EventError> {
         if e.id.is_empty() || e.id.len() > EVENT_ID_MAX_LEN {
             return Err(EventError::InvalidId);
         }
@@ -303,7 +285,7 @@ impl Tollgate {
         if at - at.rem_euclid(step) < now.saturating_sub(MAX_AGE.as_secs() as i64) {
             return Err(EventError::TooOld { age_secs: now.saturating_sub(at).max(0) as u64 });
         }
-        let state = self.known_tenant(&e.tenant, lookup_timeout).await?;
+        let state = self.known_tenant(&e.tenant).await?;
         // A state of another configuration (a reload meanwhile) indexes meters its own way.
         let meter = state.plan.meters.index(e.meter.as_str()).unwrap_or(meter_index);
         state.touch(now);
@@ -319,7 +301,7 @@ impl Tollgate {
     }
 
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
-    pub(crate) async fn known_tenant(&self, id: &TenantId, timeout: Duration) -> Result<Tenant, EventError> {
+    pub(crate) async fn known_tenant(&self, id: &TenantId) -> Result<Tenant, EventError> {
         if let Some(s) = self.shared.table.get(Lookup::Identity(id.as_str())) {
             if s.id == *id {
                 return Ok(s);
@@ -331,7 +313,7 @@ impl Tollgate {
             }
         }
         // Unknown, or the directory did not answer: ask once more, to tell which.
-        match with_timeout(timeout, self.shared.stores.roles.directory.tenant(id)).await {
+        match self.shared.stores.request().directory.tenant(id).await {
             Ok(None) => Err(EventError::UnknownTenant(id.clone())),
             Ok(Some(_)) => Err(EventError::Store(StoreError::Backend("the tenant directory did not answer".into()))),
             Err(e) => Err(EventError::Store(e)),
@@ -351,7 +333,6 @@ impl Tollgate {
         quantity: u64,
         at: i64,
         now: i64,
-        timeout: Duration,
         purpose: For,
     ) -> Result<Option<Taken>, EventError> {
         let Some(cell) = state.quota(meter) else {
@@ -387,20 +368,22 @@ impl Tollgate {
             Take::Exhausted => return Err(exceeded()),
             Take::NeedLease => {}
         }
-        let taken = with_timeout(timeout, async {
-            let _guard = cell.lock().lock().await;
-            self.shared.leases.settle_inflight(cell).await?;
-            match cell.try_take(quantity, now) {
-                Take::Taken { tag, .. } => return Ok(Some(tag)),
-                Take::Exhausted => return Ok(None),
-                Take::NeedLease => {}
-            }
-            Ok(match self.shared.leases.refill_locked(rt, cell, now, quantity).await? {
-                Refill::Taken { tag, .. } => Some(tag),
-                Refill::Short | Refill::Done => None,
+        let taken = self
+            .shared
+            .stores
+            .under_lock(cell.lock(), async {
+                self.shared.leases.settle_inflight(cell).await?;
+                match cell.try_take(quantity, now) {
+                    Take::Taken { tag, .. } => return Ok(Some(tag)),
+                    Take::Exhausted => return Ok(None),
+                    Take::NeedLease => {}
+                }
+                Ok(match self.shared.leases.refill_locked(rt, cell, now, quantity).await? {
+                    Refill::Taken { tag, .. } => Some(tag),
+                    Refill::Short | Refill::Done => None,
+                })
             })
-        })
-        .await;
+            .await;
         match taken {
             Ok(Some(tag)) => Ok(Some(Taken::Lease(tag))),
             Ok(None) if state.plan.shadow => {
@@ -413,10 +396,7 @@ impl Tollgate {
             }
             Ok(None) if purpose == For::Work => Ok(past_limit()),
             Ok(None) => Err(exceeded()),
-            Err(e) => {
-                self.store_error("reserve quota for an event", &e);
-                Err(EventError::Store(e))
-            }
+            Err(e) => Err(EventError::Store(e)),
         }
     }
 }

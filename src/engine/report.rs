@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{events::EventError, store_calls::with_timeout, Tollgate};
+use super::{events::EventError, Tollgate};
 use crate::{
     config::{MeterId, Period, PlanId, QuotaMode, TenantId},
     store::StoreError,
@@ -89,8 +89,7 @@ impl Tollgate {
     /// The tenant is unknown, or the store did not answer.
     pub async fn usage_report(&self, tenant: &TenantId, from: i64, to: i64) -> Result<UsageReport, ReportError> {
         let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.usage.store_timeout;
-        let state = self.known_tenant(tenant, timeout).await.map_err(|e| match e {
+        let state = self.known_tenant(tenant).await.map_err(|e| match e {
             EventError::UnknownTenant(t) => ReportError::UnknownTenant(t),
             EventError::Store(e) => ReportError::Store(e),
             other => ReportError::Store(StoreError::Backend(other.to_string().into())),
@@ -138,7 +137,7 @@ impl Tollgate {
         let read = |lo: i64, hi: i64| async move {
             let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
             if lo < hi {
-                for a in with_timeout(timeout, self.shared.stores.roles.usage.usage_range(tenant, lo, hi)).await? {
+                for a in self.shared.stores.request().usage.usage_range(tenant, lo, hi).await? {
                     *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
                 }
             }
@@ -155,8 +154,7 @@ impl Tollgate {
         let mut balances: BTreeMap<MeterId, (u64, u64)> = BTreeMap::new();
         for cell in state.quotas().filter(|c| c.prepaid()) {
             let meter = cell.meter_id();
-            let (_, found) =
-                with_timeout(timeout, self.shared.stores.roles.quota.credit_grants(tenant, Some(meter))).await?;
+            let (_, found) = self.shared.stores.request().quota.credit_grants(tenant, Some(meter)).await?;
             let b = found.into_iter().find(|(m, _)| m == meter).map(|(_, b)| b).unwrap_or_default();
             let (_, end) = cell.period();
             let held = if now < end { cell.lease().max(0) as u64 } else { 0 };

@@ -18,7 +18,6 @@ impl Tollgate {
     pub(crate) async fn lease_and_take(&self, mut p: Partial, route: RouteCost) -> Result<Ticket, Rejection> {
         let (meter, cost) = (route.meter, route.cost);
         let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.usage.store_timeout;
         let state = p.state.clone();
         if route.reports != 0 {
             p = self.check_reports_with_store(p, route).await?;
@@ -33,7 +32,7 @@ impl Tollgate {
         let outcome = self
             .shared
             .stores
-            .under_lock(timeout, cell.lock(), async {
+            .under_lock(cell.lock(), async {
                 // A call left in flight by a timeout may have landed: its units come first.
                 self.shared.leases.settle_inflight(cell).await?;
                 if !charged {
@@ -92,8 +91,7 @@ impl Tollgate {
                 p.state.give_back_rate(route.client, cost, &mut p.headers);
                 Err(self.count(Self::quota_exceeded(p, meter)))
             }
-            Err(e) => {
-                self.store_error("reserve quota", &e);
+            Err(_) => {
                 match p.state.plan.quota_policy(meter) {
                     StoreErrorPolicy::FailOpen => {
                         // Admitted without a lease: its units are owed, and charged to the
@@ -128,7 +126,6 @@ impl Tollgate {
         route: RouteCost,
     ) -> Result<Partial, Rejection> {
         let rt = self.shared.runtime.load_full();
-        let timeout = rt.config.usage.store_timeout;
         let state = p.state.clone();
         let mut bits = route.reports;
         while bits != 0 {
@@ -141,7 +138,7 @@ impl Tollgate {
             let checked = self
                 .shared
                 .stores
-                .under_lock(timeout, cell.lock(), async {
+                .under_lock(cell.lock(), async {
                     self.shared.leases.settle_inflight(cell).await?;
                     if let Err(Take::NeedLease) = cell.check_units(1, p.at) {
                         self.shared.leases.refill_locked(&rt, cell, p.at, 0).await?;
@@ -156,8 +153,7 @@ impl Tollgate {
                     return Err(self.count(Self::quota_exceeded(p, m)));
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    self.store_error("reserve quota", &e);
+                Err(_) => {
                     if p.state.plan.quota_policy(m) == StoreErrorPolicy::FailClosed {
                         p.claim = None;
                         p.state.give_back_rate(route.client, route.cost, &mut p.headers);

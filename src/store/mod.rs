@@ -29,6 +29,7 @@ mod dynamo;
 mod error;
 mod export;
 mod idempotency;
+pub(crate) mod limited;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;

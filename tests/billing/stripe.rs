@@ -1555,3 +1555,23 @@ async fn a_meter_error_report_during_another_s_reconciliation_is_queued() {
     }
     assert_eq!(standin.summary_reads(), reads + 2, "one pass per report");
 }
+
+/// A reconciliation pass's store calls are bounded by `limits.background_timeout`: it ends
+/// with the store's timeout rather than wait on a store that hangs (on main it waited for
+/// good).
+#[tokio::test]
+async fn a_reconciliation_on_a_store_that_hangs_ends_at_the_background_timeout() {
+    let standin = stand_in().await;
+    let toml = format!("{}\n[limits]\nbackground_timeout = \"300ms\"\n", config(&standin.url));
+    let store = Arc::new(Faulty::default());
+    let h = node(&toml, store.clone(), NOON + 2 * HOUR);
+    at(&h.clock, &standin, NOON + 2 * HOUR);
+    store.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let request = ReconcileRequest::new(NOON, NOON + HOUR);
+    let pass = h.tollgate.reconcile(&request);
+    let e = tokio::time::timeout(Duration::from_secs(60), pass).await.expect("the pass ends").unwrap_err();
+    assert!(
+        matches!(e, tollgate::report::ReconcileError::Store(tollgate::store::StoreError::Timeout(d)) if d == Duration::from_millis(300)),
+        "{e:?}"
+    );
+}

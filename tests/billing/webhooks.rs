@@ -710,3 +710,19 @@ async fn an_event_of_the_customer_keeps_the_rules_of_a_tenant_without_stored_sub
     assert_eq!(s.signed(&card).await, (200, WebhookOutcome::Ignored));
     assert_eq!(s.plan().await, "pro");
 }
+
+/// A webhook's store calls are bounded by `limits.background_timeout`: a delivery on a
+/// directory that hangs is answered 500 (Stripe retries it) once the bound has passed, rather
+/// than held open (on main it waited for good), and changes nothing.
+#[tokio::test]
+async fn a_delivery_on_a_directory_that_hangs_gets_500_at_the_background_timeout() {
+    let store = Arc::new(common::Faulty::default());
+    let s = setup_on(store.clone(), &CONFIG.replace("[limits]\n", "[limits]\nbackground_timeout = \"300ms\"\n")).await;
+    store.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = event("evt_1", "payment_method.attached", NOON - 10, payment_method("cus_acme"));
+    let (status, _) = tokio::time::timeout(std::time::Duration::from_secs(60), s.signed(&e)).await.expect("answered");
+    assert_eq!(status, 500);
+    store.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(s.plan().await, "free", "nothing changed");
+    assert_eq!(s.signed(&e).await, (200, applied("metered")), "the retry applies it");
+}

@@ -234,6 +234,8 @@ pub struct Faulty {
     pub lose_event_answers: std::sync::atomic::AtomicU32,
     /// Every call fails.
     pub down: AtomicBool,
+    /// Export listings and directory reads never answer (a store that hangs).
+    pub hang: AtomicBool,
     /// Usage writes and export listings fail.
     pub usage_down: AtomicBool,
     /// Quota calls are applied, then their answer never comes in time.
@@ -274,6 +276,7 @@ impl Default for Faulty {
             lose_commit_answers: Default::default(),
             lose_event_answers: Default::default(),
             down: Default::default(),
+            hang: Default::default(),
             usage_down: Default::default(),
             lose_answers: Default::default(),
             stall_tenant: Default::default(),
@@ -311,6 +314,13 @@ impl Faulty {
             Err(StoreError::Backend("switched off".into()))
         } else {
             Ok(())
+        }
+    }
+
+    /// While [`Faulty::hang`]: never answers.
+    async fn hung(&self) {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -470,6 +480,7 @@ impl ExportStore for Faulty {
         limit: usize,
     ) -> Result<Vec<UsageAggregate>, StoreError> {
         self.check_usage()?;
+        self.hung().await;
         self.inner.pending_exports(before, after, limit).await
     }
 
@@ -500,6 +511,7 @@ impl ExportStore for Faulty {
         limit: usize,
     ) -> Result<Vec<LedgerEntry>, StoreError> {
         self.check()?;
+        self.hung().await;
         self.inner.ledger(hour, after, limit).await
     }
 
@@ -532,6 +544,7 @@ impl ExportStore for Faulty {
 
     async fn identifier_namespace(&self) -> Result<String, StoreError> {
         self.check()?;
+        self.hung().await;
         self.inner.identifier_namespace().await
     }
 
@@ -554,11 +567,13 @@ impl DirectoryStore for Faulty {
         after: Option<&tollgate::config::TenantId>,
         limit: usize,
     ) -> Result<Vec<TenantRecord>, StoreError> {
+        self.hung().await;
         self.inner.list_tenants(after, limit).await
     }
 
     async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
         self.check()?;
+        self.hung().await;
         self.inner.tenant_by_customer(customer).await
     }
 
@@ -599,6 +614,7 @@ impl DirectoryStore for Faulty {
     async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {
         self.tenant_reads.fetch_add(1, Ordering::SeqCst);
         self.check()?;
+        self.hung().await;
         if self.unreadable_tenants.lock().unwrap().as_deref().is_some_and(|p| id.as_str().contains(p)) {
             return Err(StoreError::Backend(format!("the record of {id} cannot be decoded").into()));
         }

@@ -615,3 +615,54 @@ async fn already_held_after_an_attempt_that_may_have_reached_is_delivered() {
     assert!(ids.len() == 2 && ids[0] == ids[1], "the same identifier: {ids:?}");
     assert!(store.pending_exports(i64::MAX, None, 10).await.unwrap().is_empty());
 }
+
+/// Background work's store calls are bounded by `limits.background_timeout`: an export pass
+/// and `Admin` end with the store's timeout rather than wait on a store that hangs (on main
+/// they waited for good); a reload moves the bound, and `Admin` on stores alone takes its
+/// configuration's.
+#[tokio::test]
+async fn background_store_calls_are_bounded_by_background_timeout() {
+    use tollgate::{
+        admin::{Admin, AdminError},
+        store::StoreError,
+    };
+    let ms = Duration::from_millis;
+    let bounded = |d: Duration| move |e: &StoreError| matches!(e, StoreError::Timeout(t) if *t == d);
+    let store = Arc::new(common::Faulty::default());
+    let config = |limit: &str| {
+        Config::from_toml_str(&format!("[limits]\nbackground_timeout = \"{limit}\"\n[plans.p]\n")).unwrap()
+    };
+    let (engine, _worker) = Tollgate::builder(config("300ms"))
+        .store_arc(store.clone())
+        .billing_sink(Shared(Arc::new(Recording::default())))
+        .build();
+    store.hang.store(true, Ordering::SeqCst);
+
+    let e = tokio::time::timeout(Duration::from_secs(60), engine.export())
+        .await
+        .expect("the export pass ends")
+        .unwrap_err();
+    assert!(bounded(ms(300))(&e), "{e:?}");
+    let admin = Admin::for_engine(&engine);
+    match tokio::time::timeout(Duration::from_secs(60), admin.tenants()).await.expect("Admin's call ends") {
+        Err(AdminError::Store(e)) => assert!(bounded(ms(300))(&e), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    let errors = engine.stats().store_errors;
+    assert!(errors >= 2, "each counted: {errors}");
+
+    engine.reload(config("400ms")).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(60), engine.export())
+        .await
+        .expect("the export pass ends")
+        .unwrap_err();
+    assert!(bounded(ms(400))(&e), "{e:?}");
+
+    let alone = Admin::new(store.clone()).with_config(config("200ms"));
+    match tokio::time::timeout(Duration::from_secs(60), alone.tenants()).await.expect("Admin's call ends") {
+        Err(AdminError::Store(e)) => assert!(bounded(ms(200))(&e), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    // Nothing failed fast: background calls never do.
+    assert_eq!(engine.stats().store_fast_failures, 0);
+}

@@ -1,0 +1,519 @@
+//! The policy of store calls. Every call of every role goes through a [`Limited`] store, as
+//! object_store's `LimitStore` wraps a store in the role it implements: the wrapper holds the
+//! call's time limit, fails fast while the store keeps timing out (on the request path only),
+//! and counts and logs the errors (one line per burst, every error counted). No call site picks
+//! its own time limit, and nothing calls a store bare.
+//!
+//! The engine holds two handles per role, the request path's and background work's, and one
+//! more for the batch writes of usage events; an [`Admin`](crate::admin::Admin) or a webhook
+//! handler built on stores alone holds background handles:
+//!
+//! | path | time limit of a call | fails fast |
+//! |---|---|---|
+//! | request: key lookups, `Idempotency-Key` claims, quota calls under a cell's lock, tenant reports | `usage.store_timeout`, and what is left of the request's own (lock waits included) | yes |
+//! | events: a batch of usage events | `events.store_timeout` | no |
+//! | background: flush, export, reconciliation, webhooks, `Admin`, settlements, the worker | `limits.background_timeout` | no |
+
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::{
+    clock::Clock,
+    config::{Config, MeterId, PlanId, TenantId},
+    metrics::{Metrics, Totals},
+    store::{
+        ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
+        DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
+        IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash,
+        LedgerEntry, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore, RefundOutcome, Reservation,
+        ReserveToken, StoreError, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+    },
+};
+
+/// A burst of store errors is logged at most once per this long.
+pub(crate) const STORE_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Failures in a row of the request path's store calls after which they fail fast.
+const FAILURES_BEFORE_FAST: u32 = 3;
+/// The first interval of failing fast; it doubles while the probe fails, up to the most.
+const FAST_FIRST: Duration = Duration::from_millis(100);
+const FAST_MOST: Duration = Duration::from_secs(5);
+
+/// `limits.background_timeout` when there is no configuration (an [`Admin`](crate::admin::Admin)
+/// or a webhook handler built on stores alone).
+pub(crate) const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which calls a [`Limited`] store makes: its time limit, and whether it fails fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// The request path: `usage.store_timeout` a call, fails fast.
+    Request = 0,
+    /// Batches of usage events: `events.store_timeout` a call.
+    Events = 1,
+    /// Background work: `limits.background_timeout` a call.
+    Background = 2,
+}
+
+tokio::task_local! {
+    /// The end of a request's whole time for its store calls (set by [`within_deadline`]): a
+    /// call made under it has what is left, at most its own limit.
+    static DEADLINE: Instant;
+}
+
+/// `fut`, its calls of the request path given at most until `deadline` in all.
+pub(crate) async fn within_deadline<T>(deadline: Instant, fut: impl Future<Output = T>) -> T {
+    DEADLINE.scope(deadline, fut).await
+}
+
+/// What every [`Limited`] store of an engine shares: the time limits of each path, the
+/// breaker of the request path, and the count and log of errors.
+#[derive(Debug)]
+pub(crate) struct Policy {
+    /// The time limit of a call of each [`Path`], in nanoseconds (set again at each reload).
+    limits: [AtomicU64; 3],
+    /// When store errors were last logged, and how many came since.
+    logged_at: AtomicI64,
+    unlogged: AtomicU64,
+    metrics: Arc<Metrics>,
+    totals: Arc<Totals>,
+    clock: Clock,
+    /// The request path's store calls failed this many times in a row.
+    failures: AtomicU32,
+    /// Until when (engine clock, Unix nanoseconds) they fail fast, and the interval that set it.
+    fast_until: AtomicI64,
+    fast_for: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Policy {
+    pub(crate) fn new(metrics: Arc<Metrics>, totals: Arc<Totals>, clock: Clock) -> Self {
+        Self {
+            limits: [nanos(Duration::from_millis(250)), nanos(Duration::from_secs(10)), nanos(BACKGROUND_TIMEOUT)]
+                .map(AtomicU64::new),
+            logged_at: AtomicI64::new(0),
+            unlogged: AtomicU64::new(0),
+            metrics,
+            totals,
+            clock,
+            failures: AtomicU32::new(0),
+            fast_until: AtomicI64::new(0),
+            fast_for: AtomicU64::new(0),
+        }
+    }
+
+    /// The policy of stores used without an engine: background calls of
+    /// [`BACKGROUND_TIMEOUT`] each until [configured](Self::configure).
+    pub(crate) fn standalone() -> Arc<Self> {
+        Arc::new(Self::new(Arc::new(Metrics::register()), Arc::new(Totals::default()), Clock::system()))
+    }
+
+    /// Takes the time limits of `config`.
+    pub(crate) fn configure(&self, config: &Config) {
+        let limits = [config.usage.store_timeout, config.events.store_timeout, config.limits.background_timeout];
+        for (slot, limit) in self.limits.iter().zip(limits) {
+            slot.store(nanos(limit), Relaxed);
+        }
+    }
+
+    /// The time limit of one call of `path`.
+    pub(crate) fn limit(&self, path: Path) -> Duration {
+        Duration::from_nanos(self.limits[path as usize].load(Relaxed))
+    }
+
+    /// Whether the request path's calls fail fast now (without taking the probe).
+    pub(crate) fn failing_fast(&self) -> bool {
+        self.failures.load(Relaxed) >= FAILURES_BEFORE_FAST && self.clock.unix_nanos() < self.fast_until.load(Relaxed)
+    }
+
+    /// Before a store call of the request path: `Err` at once while the store fails fast
+    /// (after [`FAILURES_BEFORE_FAST`] failures in a row), so that an outage costs a few
+    /// timeouts and not one per request. When the interval is over, one call goes through to
+    /// probe the store (the others still fail fast); its outcome ([`Self::after`]) closes the
+    /// breaker or opens it again for twice as long, up to [`FAST_MOST`].
+    fn before(&self) -> Result<(), StoreError> {
+        if self.failures.load(Relaxed) < FAILURES_BEFORE_FAST {
+            return Ok(());
+        }
+        let now = self.clock.unix_nanos();
+        let until = self.fast_until.load(Relaxed);
+        if now >= until {
+            // The probe: the interval is taken again meanwhile, so only this call goes.
+            let again = i64::try_from(self.fast_for.load(Relaxed)).unwrap_or(i64::MAX);
+            if self.fast_until.compare_exchange(until, now.saturating_add(again), Relaxed, Relaxed).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(self.fast_failure())
+    }
+
+    /// A call failed fast: counted.
+    pub(crate) fn fast_failure(&self) -> StoreError {
+        self.metrics.store_fast_failures.increment(1);
+        Totals::add(&self.totals.store_fast_failures, 1);
+        StoreError::Backend("the store failed several times in a row: failing fast for a moment".into())
+    }
+
+    /// After a store call of the request path let through by [`Self::before`]: a timeout
+    /// counts towards opening the breaker (or opens it again, longer); an answer, even an
+    /// error, closes it (a store that answers costs no timeout, and one key it refuses must not
+    /// hold up every other tenant).
+    fn after<T>(&self, result: &Result<T, StoreError>) {
+        if !matches!(result, Err(StoreError::Timeout(_))) {
+            if self.failures.swap(0, Relaxed) >= FAILURES_BEFORE_FAST {
+                tracing::info!("the store answers again: no longer failing fast");
+            }
+            self.fast_for.store(0, Relaxed);
+            return;
+        }
+        let failures = self.failures.fetch_add(1, Relaxed).saturating_add(1);
+        if failures >= FAILURES_BEFORE_FAST {
+            let next = match self.fast_for.load(Relaxed) {
+                0 => nanos(FAST_FIRST),
+                last => last.saturating_mul(2).min(nanos(FAST_MOST)),
+            };
+            self.fast_for.store(next, Relaxed);
+            let until = self.clock.unix_nanos().saturating_add(i64::try_from(next).unwrap_or(i64::MAX));
+            self.fast_until.store(until, Relaxed);
+            if failures == FAILURES_BEFORE_FAST {
+                tracing::warn!(failures, "the store keeps failing: requests fail fast for a moment, then probe it");
+            }
+        }
+    }
+
+    /// Counts a store error, and logs it once per burst: the first of a burst at once, then at
+    /// most one line every [`STORE_ERROR_LOG_EVERY`] with the number of errors since the last
+    /// line (an outage does not log once per request). A lost race
+    /// ([`StoreError::Conflict`]) is an answer, not a failure: neither.
+    pub(crate) fn failed(&self, op: &'static str, e: &StoreError) {
+        if matches!(e, StoreError::Conflict(_)) {
+            return;
+        }
+        self.metrics.store_errors.increment(1);
+        Totals::add(&self.totals.store_errors, 1);
+        let now = self.clock.unix_nanos();
+        self.unlogged.fetch_add(1, Relaxed);
+        let last = self.logged_at.load(Relaxed);
+        let every = i64::try_from(STORE_ERROR_LOG_EVERY.as_nanos()).unwrap_or(i64::MAX);
+        let due = last == 0 || now.saturating_sub(last) >= every || now < last;
+        if due && self.logged_at.compare_exchange(last, now.max(1), Relaxed, Relaxed).is_ok() {
+            let errors = self.unlogged.swap(0, Relaxed);
+            tracing::warn!(op, error = %e, errors, "store error ({errors} since the last such line)");
+        }
+    }
+
+    /// One store call `op` of `path`: within the path's limit (and, under
+    /// [`within_deadline`], what is left of the request's); on the request path failed
+    /// at once while the store fails fast, and its outcome fed to the breaker; an error
+    /// counted and logged.
+    ///
+    /// A timeout of a call that had less than half its limit (the request's time went to the
+    /// wait for a lock, or to calls before it) tells nothing of the store: it is not fed to
+    /// the breaker.
+    pub(crate) async fn call<T>(
+        &self,
+        path: Path,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let fast = path == Path::Request;
+        if fast {
+            if let Err(e) = self.before() {
+                self.failed(op, &e);
+                return Err(e);
+            }
+        }
+        let limit = self.limit(path);
+        let now = Instant::now();
+        let own = now.checked_add(limit).unwrap_or_else(|| now + Duration::from_secs(86_400 * 365));
+        let (until, whole) = match DEADLINE.try_with(|d| *d) {
+            Ok(deadline) if deadline < own => (deadline, deadline.saturating_duration_since(now) >= limit / 2),
+            _ => (own, true),
+        };
+        let result = match tokio::time::timeout_at(until, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(limit)),
+        };
+        if fast && (whole || !matches!(result, Err(StoreError::Timeout(_)))) {
+            self.after(&result);
+        }
+        if let Err(e) = &result {
+            self.failed(op, e);
+        }
+        result
+    }
+}
+
+/// A store in one role, its calls made by a [`Policy`] on one [`Path`]. Implements each role
+/// its store does; a role method it does not forward is a compile error
+/// (`clippy::missing_trait_methods`).
+pub(crate) struct Limited<S: ?Sized> {
+    inner: Arc<S>,
+    policy: Arc<Policy>,
+    path: Path,
+}
+
+impl<S: ?Sized> Limited<S> {
+    pub(crate) fn new(inner: Arc<S>, policy: Arc<Policy>, path: Path) -> Self {
+        Self { inner, policy, path }
+    }
+
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.policy.call(self.path, op, fut).await
+    }
+}
+
+impl<S: ?Sized + std::fmt::Debug> std::fmt::Debug for Limited<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limited").field("store", &self.inner).field("path", &self.path).finish()
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
+    async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        self.call("reserve quota", self.inner.reserve(r)).await
+    }
+
+    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
+        self.call("release quota", self.inner.release(key, units, token)).await
+    }
+
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
+        self.call("grant credits", self.inner.grant_credits(grant)).await
+    }
+
+    async fn credit_grants(
+        &self,
+        tenant: &TenantId,
+        meter: Option<&MeterId>,
+    ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError> {
+        self.call("read credit grants", self.inner.credit_grants(tenant, meter)).await
+    }
+
+    async fn close_credits(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Result<Option<CreditClosure>, StoreError> {
+        self.call("close credits", self.inner.close_credits(tenant, meter, id, revoke, now)).await
+    }
+
+    async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
+        self.call("refund credits", self.inner.refund_credits(refund)).await
+    }
+
+    async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
+        self.call("list expired credits", self.inner.expired_credits(now, limit)).await
+    }
+
+    async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
+        self.call("read quota counters", self.inner.counters(tenant, meter)).await
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: UsageStore + ?Sized> UsageStore for Limited<S> {
+    async fn commit_usage(&self, batch: &UsageBatch) -> Result<CommitOutcome, StoreError> {
+        self.call("flush usage", self.inner.commit_usage(batch)).await
+    }
+
+    async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
+        self.call("record usage events", self.inner.commit_events(events)).await
+    }
+
+    async fn usage_range(&self, tenant: &TenantId, from: i64, to: i64) -> Result<Vec<UsageAggregate>, StoreError> {
+        self.call("read usage", self.inner.usage_range(tenant, from, to)).await
+    }
+
+    fn max_batch_records(&self) -> usize {
+        self.inner.max_batch_records()
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: ExportStore + ?Sized> ExportStore for Limited<S> {
+    async fn pending_exports(
+        &self,
+        window_start_before: i64,
+        after: Option<&ExportKey>,
+        limit: usize,
+    ) -> Result<Vec<UsageAggregate>, StoreError> {
+        self.call("list pending exports", self.inner.pending_exports(window_start_before, after, limit)).await
+    }
+
+    async fn begin_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        send: &ExportSend,
+    ) -> Result<Option<UsageAggregate>, StoreError> {
+        self.call("begin export", self.inner.begin_export(aggregate, claim, send)).await
+    }
+
+    async fn defer_export(
+        &self,
+        aggregate: &UsageAggregate,
+        claim: &ExportClaim,
+        deferral: Deferral,
+    ) -> Result<bool, StoreError> {
+        self.call("defer export", self.inner.defer_export(aggregate, claim, deferral)).await
+    }
+
+    async fn finish_export(&self, aggregate: &UsageAggregate, now: i64) -> Result<bool, StoreError> {
+        self.call("finish export", self.inner.finish_export(aggregate, now)).await
+    }
+
+    async fn dead_letter(&self, aggregate: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
+        self.call("dead-letter", self.inner.dead_letter(aggregate, reason)).await
+    }
+
+    async fn dead_letters(&self, after: Option<&ExportKey>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        self.call("list dead letters", self.inner.dead_letters(after, limit)).await
+    }
+
+    async fn requeue_dead_letter(&self, key: &ExportKey) -> Result<bool, StoreError> {
+        self.call("requeue a dead letter", self.inner.requeue_dead_letter(key)).await
+    }
+
+    async fn ledger(
+        &self,
+        hour: i64,
+        after: Option<(&ExportKey, u32)>,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.call("read the ledger", self.inner.ledger(hour, after, limit)).await
+    }
+
+    async fn note_lacking(&self, entry: &LedgerEntry, now: i64) -> Result<i64, StoreError> {
+        self.call("note lacking units", self.inner.note_lacking(entry, now)).await
+    }
+
+    async fn clear_lacking(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
+        self.call("clear lacking units", self.inner.clear_lacking(entry)).await
+    }
+
+    async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
+        self.call("export again", self.inner.reexport(entry)).await
+    }
+
+    fn is_durable(&self) -> bool {
+        self.inner.is_durable()
+    }
+
+    async fn identifier_namespace(&self) -> Result<String, StoreError> {
+        self.call("read the identifier namespace", self.inner.identifier_namespace()).await
+    }
+
+    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
+        self.call("set the identifier namespace", self.inner.set_identifier_namespace(current, new)).await
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
+    async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {
+        self.call("find key", self.inner.find_key(key)).await
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        self.call("find tenant", self.inner.tenant(id)).await
+    }
+
+    async fn tenant_by_customer(&self, customer: &str) -> Result<Option<TenantRecord>, StoreError> {
+        self.call("find tenant by customer", self.inner.tenant_by_customer(customer)).await
+    }
+
+    async fn list_tenants(&self, after: Option<&TenantId>, limit: usize) -> Result<Vec<TenantRecord>, StoreError> {
+        self.call("list tenants", self.inner.list_tenants(after, limit)).await
+    }
+
+    async fn list_keys(&self, tenant: &TenantId) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.call("list keys", self.inner.list_keys(tenant)).await
+    }
+
+    async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
+        self.call("put tenant", self.inner.put_tenant(record, keys)).await
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        self.call("put key", self.inner.put_key(key)).await
+    }
+
+    async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError> {
+        self.call("remove key", self.inner.remove_key(key)).await
+    }
+
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        self.call("set overrides", self.inner.set_overrides(tenant, overrides)).await
+    }
+
+    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
+        self.call("set Metronome customer", self.inner.set_metronome_customer(tenant, customer)).await
+    }
+
+    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &PlanId) -> Result<bool, StoreError> {
+        self.call("set plan", self.inner.set_plan_if_unchanged(read, plan)).await
+    }
+
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        self.call("set customer", self.inner.set_customer_if_unchanged(tenant, read, customer)).await
+    }
+
+    async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {
+        self.call("apply plan change", self.inner.apply_plan_change(change)).await
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Limited<S> {
+    async fn claim_idempotency(&self, claim: &IdempotencyClaim) -> Result<IdempotencyState, StoreError> {
+        self.call("claim idempotency key", self.inner.claim_idempotency(claim)).await
+    }
+
+    async fn read_idempotency(
+        &self,
+        key: &str,
+        request: &str,
+        now: i64,
+    ) -> Result<Option<IdempotencyState>, StoreError> {
+        self.call("read idempotent response", self.inner.read_idempotency(key, request, now)).await
+    }
+
+    async fn settle_idempotency(
+        &self,
+        key: &str,
+        owner: u64,
+        how: &IdempotencySettle,
+    ) -> Result<IdempotencySettled, StoreError> {
+        self.call("settle idempotency key", self.inner.settle_idempotency(key, owner, how)).await
+    }
+}
