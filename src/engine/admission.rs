@@ -5,8 +5,11 @@ use std::{borrow::Cow, num::NonZeroU32, time::Duration};
 
 use governor::clock::Clock as _;
 
+use std::sync::Arc;
+
 use super::{
-    engine::{KeyClaim, Partial, PendingAdmission, ReplayRead, Stage},
+    charge::RateCharge,
+    engine::{KeyClaim, Partial, ReplayRead, Stage},
     idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
     ticket::{Held, UNLEASED},
     Admission, ResponseCapture, Ticket, Tollgate,
@@ -15,7 +18,7 @@ use crate::{
     clock::Clock,
     config::{HeaderStyle, StoreErrorPolicy},
     engine::Prefetch,
-    plan::RouteCost,
+    plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{IdempotencyClaim, IdempotencyState, StoredResponse},
     tenant::{QuotaRef, Slot, Take, Tenant},
@@ -67,9 +70,8 @@ impl Tollgate {
     #[cold]
     #[inline(never)]
     fn first_key(&self, state: Tenant, route: RouteCost, claim: Claim, key: &[u8], request: u128) -> Admission {
-        let mut headers = HeaderState::new(route.meter, route.shape);
-        let at = match self.check_rate(&state, &route, &mut headers) {
-            Ok(at) => at,
+        let charge = match self.check_rate(state, &route) {
+            Ok(charge) => charge,
             Err(r) => {
                 drop(claim);
                 return self.reject(r);
@@ -77,18 +79,14 @@ impl Tollgate {
         };
         // A tenant at its limit of requests in flight is refused before its key is claimed: a
         // storm of refused retries costs no store write. (Taken for good after the claim.)
+        let state = charge.state();
         let limit = state.plan.concurrency;
         if limit != 0 && !state.plan.shadow && Slot::full(&self.shared.in_flight, &state.id, limit) {
             drop(claim);
-            state.give_back_rate(route.client, route.cost, &mut headers);
-            return self.reject(Self::too_many_in_flight(&state, headers, route.meter, at));
+            return self.reject(Self::too_many_in_flight(charge, route.meter));
         }
         let key = key.into();
-        Admission::Pending(PendingAdmission {
-            stage: Stage::Claim(Box::new(KeyClaim { state, claim, key, request, headers, at })),
-            route,
-            idempotency: None,
-        })
+        Admission::pending(Stage::Claim(Box::new(KeyClaim { charge, claim, key, request })), route)
     }
 
     /// A replay of a key this node saw complete: its rate check, then its stored response is
@@ -96,24 +94,21 @@ impl Tollgate {
     #[cold]
     #[inline(never)]
     fn replay_key(&self, state: Tenant, route: RouteCost, key: &[u8], request: u128) -> Admission {
-        let mut headers = HeaderState::new(route.meter, route.shape);
-        let at = match self.check_rate(&state, &route, &mut headers) {
-            Ok(at) => at,
+        let charge = match self.check_rate(state, &route) {
+            Ok(charge) => charge,
             Err(r) => return self.reject(r),
         };
-        Admission::Pending(PendingAdmission {
-            stage: Stage::Replay(Box::new(ReplayRead { state, key: key.into(), request, headers, at })),
-            route,
-            idempotency: None,
-        })
+        Admission::pending(Stage::Replay(Box::new(ReplayRead { charge, key: key.into(), request })), route)
     }
 
-    /// Reads the stored response of a replay, within `usage.store_timeout`. A key the store
-    /// no longer holds (expired there, or its response was not stored) is claimed anew: the
-    /// request runs and is charged.
-    pub(crate) async fn read_replay(&self, r: ReplayRead, route: RouteCost) -> Admission {
-        let ReplayRead { state, key, request, mut headers, at } = r;
-        let config = self.shared.runtime.load().config.clone();
+    /// Reads the stored response of a replay, within `usage.store_timeout`, under the
+    /// configuration `rt` it was decided under. A key the store no longer holds (expired
+    /// there, or its response was not stored) is claimed anew: the request runs and is
+    /// charged. Refused, its rate cells go back (its charge's drop).
+    pub(crate) async fn read_replay(&self, r: ReplayRead, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+        let ReplayRead { charge, key, request } = r;
+        let state = charge.state();
+        let config = &rt.config;
         let timeout = config.usage.store_timeout;
         let fleet_key = Idempotency::fleet_key(&state.id, &key);
         // This node's own settlement of the key, if it is still under way.
@@ -124,45 +119,34 @@ impl Tollgate {
         let read = store.read_idempotency(&fleet_key, &bound_to, now).await;
         match read {
             Ok(Some(IdempotencyState::Completed(Some(response)))) => {
-                self.replay(state, route, headers, at, response, config.limits.idempotency_max_request_body)
+                self.replay(charge, route, response, config.limits.idempotency_max_request_body)
             }
-            Ok(Some(IdempotencyState::Completed(None))) => {
-                state.give_back_rate(route.client, route.cost, &mut headers);
-                self.reject(Self::response_not_kept(&state))
-            }
+            Ok(Some(IdempotencyState::Completed(None))) => self.reject(Self::response_not_kept(state)),
             Ok(Some(IdempotencyState::Mismatch)) => {
                 // Bound elsewhere to another request (this node's entry was stale).
                 self.shared.idempotency.forget(&state.id, &key);
-                state.give_back_rate(route.client, route.cost, &mut headers);
-                self.reject(Self::key_mismatch(&state))
+                self.reject(Self::key_mismatch(state))
             }
-            Ok(Some(_)) => {
-                state.give_back_rate(route.client, route.cost, &mut headers);
-                self.reject(Self::key_in_use(&state))
-            }
+            Ok(Some(_)) => self.reject(Self::key_in_use(state)),
             Ok(None) => {
                 // Not in the store any more: this node's entry is stale; the key is claimed
                 // as a new one (the rate check already passed).
                 self.shared.idempotency.forget(&state.id, &key);
                 match self.shared.idempotency.check(&state.id, &key, request) {
                     Verdict::First(claim) => {
-                        Box::pin(self.claim_in_store(KeyClaim { state, claim, key, request, headers, at }, route)).await
+                        Box::pin(self.claim_in_store(KeyClaim { charge, claim, key, request }, route, rt)).await
                     }
-                    _ => {
-                        state.give_back_rate(route.client, route.cost, &mut headers);
-                        self.reject(Self::key_in_use(&state))
-                    }
+                    _ => self.reject(Self::key_in_use(state)),
                 }
             }
             Err(_) => {
                 // A replay cannot be answered without its response, nor run again (its work
                 // was done): 503 whatever the policy.
-                state.give_back_rate(route.client, route.cost, &mut headers);
                 let r = Rejection::new(
                     RejectionKind::StoreUnavailable,
                     "the response of this Idempotency-Key could not be read from the store",
                 );
-                self.reject(r.with_retry_after(1).for_tenant(&state))
+                self.reject(r.with_retry_after(1).for_tenant(state))
             }
         }
     }
@@ -170,13 +154,13 @@ impl Tollgate {
     /// A replay admitted with its stored response: nothing charged, no quota touched.
     fn replay(
         &self,
-        state: Tenant,
+        charge: RateCharge,
         route: RouteCost,
-        mut headers: HeaderState,
-        at: i64,
         response: Box<StoredResponse>,
         max_request_body: u64,
     ) -> Admission {
+        let at = charge.at;
+        let (state, mut headers) = charge.keep();
         self.shared.metrics.replays.increment(1);
         self.shared.metrics.admitted.increment(1);
         Self::quota_headers(&state, &mut headers, route.meter, at);
@@ -266,13 +250,15 @@ impl Tollgate {
     }
 
     /// Asks the store about an `Idempotency-Key` this node has not seen (one conditional
-    /// write), within `usage.store_timeout`; then decides as [`decide`](Self::decide) does.
-    /// A store that does not answer follows `on_store_error`: fail-open charges the request
-    /// under this node's claim alone, fail-closed answers 503.
-    pub(crate) async fn claim_in_store(&self, c: KeyClaim, route: RouteCost) -> Admission {
-        let KeyClaim { state, mut claim, key, request, mut headers, at } = c;
+    /// write), within `usage.store_timeout`, under the configuration `rt` the request was
+    /// decided under; then decides as [`decide`](Self::decide) does. A store that does not
+    /// answer follows `on_store_error`: fail-open charges the request under this node's claim
+    /// alone, fail-closed answers 503. Refused, its rate cells go back (its charge's drop).
+    pub(crate) async fn claim_in_store(&self, c: KeyClaim, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+        let KeyClaim { charge, mut claim, key, request } = c;
+        let state = charge.state();
         let now = self.shared.clock.unix_secs();
-        let config = self.shared.runtime.load().config.clone();
+        let config = &rt.config;
         let window = i64::try_from(config.limits.idempotency_window.as_secs()).unwrap_or(i64::MAX);
         let owner = self.shared.ids.node() ^ self.shared.ids.next_seq().wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let fleet_key = Idempotency::fleet_key(&state.id, &key);
@@ -315,7 +301,7 @@ impl Tollgate {
             claim.fleet = None;
             drop(claim);
             self.shared.idempotency.responses.not_stored(NotStored::KeysFull);
-            return self.decide_rated(state, route, true, None, headers, at);
+            return self.decide_rated(charge, route, true, None);
         }
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
             // Bound by another request: nothing of this node's to settle.
@@ -327,35 +313,26 @@ impl Tollgate {
             // Held while the request runs, however long (up to `idempotency_max_in_flight`).
             fleet.renew_while_running(self.shared.clock.clone(), config.limits.idempotency_max_in_flight);
         }
-        // Refused for its key (or the store): the request spends no rate cells.
+        // Refused for its key (or the store): the request spends no rate cells (its charge
+        // goes back as it drops).
         match answer {
-            Ok(IdempotencyState::Claimed) => self.decide_rated(state, route, true, Some(claim), headers, at),
+            Ok(IdempotencyState::Claimed) => self.decide_rated(charge, route, true, Some(claim)),
             Ok(IdempotencyState::Completed(Some(response))) => {
                 // Completed on another node: a replay here too from now on.
                 claim.completed_elsewhere();
                 let max_request_body = config.limits.idempotency_max_request_body;
-                self.replay(state, route, headers, at, response, max_request_body)
+                self.replay(charge, route, response, max_request_body)
             }
-            Ok(IdempotencyState::Completed(None)) => {
-                state.give_back_rate(route.client, route.cost, &mut headers);
-                self.reject(Self::response_not_kept(&state))
-            }
-            Ok(IdempotencyState::InFlight) => {
-                state.give_back_rate(route.client, route.cost, &mut headers);
-                self.reject(Self::key_in_use(&state))
-            }
-            Ok(IdempotencyState::Mismatch) => {
-                state.give_back_rate(route.client, route.cost, &mut headers);
-                self.reject(Self::key_mismatch(&state))
-            }
+            Ok(IdempotencyState::Completed(None)) => self.reject(Self::response_not_kept(state)),
+            Ok(IdempotencyState::InFlight) => self.reject(Self::key_in_use(state)),
+            Ok(IdempotencyState::Mismatch) => self.reject(Self::key_mismatch(state)),
             Ok(IdempotencyState::Full) => unreachable!("answered above"),
             Err(_) => {
                 if state.plan.on_store_error == StoreErrorPolicy::FailClosed {
-                    state.give_back_rate(route.client, route.cost, &mut headers);
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
-                    self.reject(r.with_retry_after(1).for_tenant(&state))
+                    self.reject(r.with_retry_after(1).for_tenant(state))
                 } else {
-                    self.decide_rated(state, route, true, Some(claim), headers, at)
+                    self.decide_rated(charge, route, true, Some(claim))
                 }
             }
         }
@@ -371,9 +348,8 @@ impl Tollgate {
         charged: bool,
         claim: Option<Claim>,
     ) -> Admission {
-        let mut headers = HeaderState::new(route.meter, route.shape);
-        match self.check_rate(&state, &route, &mut headers) {
-            Ok(now) => self.decide_rated(state, route, charged, claim, headers, now),
+        match self.check_rate(state, &route) {
+            Ok(charge) => self.decide_rated(charge, route, charged, claim),
             Err(r) => {
                 drop(claim);
                 self.reject(r)
@@ -381,10 +357,13 @@ impl Tollgate {
         }
     }
 
-    /// The rate check of a request: its time (the clock reading of the check), or its 429.
+    /// The rate check of a request: the cells it took (with its tenant, its headers and its
+    /// time, the clock reading of the check), put back unless it is admitted; or its 429.
     #[inline(always)]
-    fn check_rate(&self, state: &Tenant, route: &RouteCost, headers: &mut HeaderState) -> Result<i64, Rejection> {
+    fn check_rate(&self, tenant: Tenant, route: &RouteCost) -> Result<RateCharge, Rejection> {
         let (meter, cost) = (route.meter, route.cost);
+        let mut checked_headers = HeaderState::new(route.meter, route.shape);
+        let (state, headers) = (&tenant, &mut checked_headers);
         let plan = &state.plan;
         let now = if let Some(policy) = &plan.rate {
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
@@ -461,7 +440,7 @@ impl Tollgate {
             state.touch(now);
             now
         };
-        Ok(now)
+        Ok(RateCharge::new(tenant, route, checked_headers, now))
     }
 
     /// [`decide_keyed`](Self::decide_keyed) once the rate check passed (at `now`, its
@@ -469,17 +448,16 @@ impl Tollgate {
     #[inline(always)]
     pub(crate) fn decide_rated(
         &self,
-        state: Tenant,
+        mut charge: RateCharge,
         route: RouteCost,
         charged: bool,
         claim: Option<Claim>,
-        mut headers: HeaderState,
-        now: i64,
     ) -> Admission {
-        let (meter, cost) = (route.meter, route.cost);
+        let (meter, cost, now) = (route.meter, route.cost, charge.at);
         if !charged {
             self.shared.metrics.replays.increment(1);
         }
+        let state = charge.state();
         let plan = &state.plan;
         // A place among the tenant's requests in flight, taken before any unit: refused, the
         // request spends no rate cells and takes no units.
@@ -488,37 +466,32 @@ impl Tollgate {
             limit => match Slot::enter(&self.shared.in_flight, &state.id, limit) {
                 Some(slot) => Some(slot),
                 None if plan.shadow => {
-                    self.would_refuse(&Self::shadow_concurrency(&state));
+                    self.would_refuse(&Self::shadow_concurrency(state));
                     None
                 }
                 None => {
-                    state.give_back_rate(route.client, cost, &mut headers);
                     drop(claim);
-                    return self.reject(Self::too_many_in_flight(&state, headers, meter, now));
+                    return self.reject(Self::too_many_in_flight(charge, meter));
                 }
             },
         };
         if route.reports != 0 {
-            match Self::check_reports(&state, route.reports, now) {
+            match Self::check_reports(state, route.reports, now) {
                 Ok(()) => {}
-                Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&Self::shadow_quota(&state, m)),
+                Err((m, Take::Exhausted)) if plan.shadow => self.would_refuse(&Self::shadow_quota(state, m)),
                 Err((m, Take::Exhausted)) => {
-                    state.give_back_rate(route.client, cost, &mut headers);
-                    let p = Partial { state, headers, claim, charged, at: now, slot };
-                    return self.reject(Self::quota_exceeded(p, m));
+                    return self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, m));
                 }
                 Err(_) => {
-                    return Admission::Pending(PendingAdmission {
-                        stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now, slot })),
-                        route,
-                        idempotency: None,
-                    })
+                    return Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
                 }
             }
         }
-        match self.take_units(&state, &mut headers, meter, cost, charged, now) {
+        let (state, headers) = charge.split();
+        match self.take_units(state, headers, meter, cost, charged, now) {
             Ok(quota_tag) => {
                 self.shared.metrics.admitted.increment(1);
+                let (state, headers) = charge.keep();
                 Admission::Admitted(Ticket {
                     state,
                     headers,
@@ -533,16 +506,9 @@ impl Tollgate {
                     slot,
                 })
             }
-            Err(Take::Exhausted) => {
-                // Refused for its quota: the request spends no rate cells.
-                state.give_back_rate(route.client, cost, &mut headers);
-                self.reject(Self::quota_exceeded(Partial { state, headers, claim, charged, at: now, slot }, meter))
-            }
-            Err(_) => Admission::Pending(PendingAdmission {
-                stage: Stage::Quota(Box::new(Partial { state, headers, claim, charged, at: now, slot })),
-                route,
-                idempotency: None,
-            }),
+            // Refused for its quota: the request spends no rate cells.
+            Err(Take::Exhausted) => self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, meter)),
+            Err(_) => Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route),
         }
     }
 
@@ -670,25 +636,32 @@ impl Tollgate {
 
     #[inline]
     pub(crate) fn ticket(p: Partial, cost: u32, quota_tag: u32) -> Ticket {
+        let Partial { charge, claim, charged, slot } = p;
+        let at = charge.at;
+        let (state, headers) = charge.keep();
         Ticket {
-            headers: p.headers,
-            state: p.state,
+            headers,
+            state,
             cost,
-            charged: p.charged,
+            charged,
             quota_tag,
-            at: p.at,
-            claim: p.claim.map(|c| Box::new(Held::First(ResponseCapture::new(c)))),
+            at,
+            claim: claim.map(|c| Box::new(Held::First(ResponseCapture::new(c)))),
             done: false,
             called: false,
             in_poll: false,
-            slot: p.slot,
+            slot,
         }
     }
 
-    pub(crate) fn quota_exceeded(mut p: Partial, meter: usize) -> Rejection {
+    /// The refusal of a spent quota (of the route's meter, or of a meter its handler
+    /// reports): its rate cells go back and its key is released.
+    pub(crate) fn quota_exceeded(p: Partial, meter: usize) -> Rejection {
         // Refused: the key is released (the claim's drop).
-        p.claim = None;
-        let state = p.state.clone();
+        let Partial { charge, claim, .. } = p;
+        drop(claim);
+        let at = charge.at;
+        let (state, mut headers) = charge.refuse();
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
         let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
@@ -713,31 +686,34 @@ impl Tollgate {
                     cell.spec.period().name(),
                     cell.spec.limit(),
                     cell.meter_id(),
-                    p.state.plan.id
+                    state.plan.id
                 )),
             );
-            (r, Some((end - p.at).max(1) as u64))
+            (r, Some((end - at).max(1) as u64))
         };
         r.inner.policy = Some(policy);
-        if meter == p.headers.meter() {
-            p.headers.set_quota(0, retry.unwrap_or(0));
+        if meter == headers.meter() {
+            headers.set_quota(0, retry.unwrap_or(0));
         } else {
             // A reported meter: its item is read live from the tenant; the route's meter
             // keeps its own.
-            let own = p.headers.meter();
-            Self::quota_headers(&state, &mut p.headers, own, p.at);
+            let own = headers.meter();
+            Self::quota_headers(&state, &mut headers, own, at);
         }
-        r.inner.headers = p.headers;
+        r.inner.headers = headers;
         match retry {
-            Some(retry) => r.with_retry_after(retry).for_tenant(&p.state),
-            None => r.for_tenant(&p.state),
+            Some(retry) => r.with_retry_after(retry).for_tenant(&state),
+            None => r.for_tenant(&state),
         }
     }
 
     /// The tenant has its plan's `concurrency` requests in flight on this node: 429, to come
     /// back in a second; `RateLimit-Policy` names the limit (`qu="concurrent-requests"`).
     #[cold]
-    pub(crate) fn too_many_in_flight(state: &Tenant, mut headers: HeaderState, meter: usize, at: i64) -> Rejection {
+    pub(crate) fn too_many_in_flight(charge: RateCharge, meter: usize) -> Rejection {
+        let at = charge.at;
+        let (state, mut headers) = charge.refuse();
+        let state = &state;
         Self::quota_headers(state, &mut headers, meter, at);
         headers.set_concurrency();
         let limit = state.plan.concurrency;

@@ -133,7 +133,14 @@ impl FrontDoor {
         let FrontDoor { tollgate, runtime } = self;
         let rt: &Arc<Runtime> = runtime.load();
         match describe(rt) {
-            Ok(req) => tollgate.admit_in(rt, &req, || client(rt)),
+            Ok(req) => match tollgate.admit_in(rt, &req, || client(rt)) {
+                // It keeps the configuration it was decided under while it waits.
+                Admission::Pending(mut pending) => {
+                    pending.rt = Some(rt.clone());
+                    Admission::Pending(pending)
+                }
+                decided => decided,
+            },
             Err(rejection) => Admission::Rejected(tollgate.count(rejection)),
         }
     }

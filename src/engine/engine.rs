@@ -6,6 +6,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{
+    charge::RateCharge,
     events::EventRecorder,
     export::{ExportReport, Exporter},
     flush::{FlushReport, Pipeline},
@@ -23,7 +24,7 @@ use crate::{
     config::TenantId,
     metrics::{Metrics, Stats, Totals},
     plan::{RouteCost, Runtime},
-    response::{HeaderState, Rejection, RejectionKind},
+    response::{Rejection, RejectionKind},
     store::{DirectoryStore, IdempotencyStore, QuotaStore, StoreError, UsageExportStore},
     tenant::{check_api_key, Credential, Tenant},
 };
@@ -113,12 +114,26 @@ pub enum Admission {
 }
 
 /// A request waiting on the store. Await [`Tollgate::resolve`] with it.
+///
+/// It keeps the configuration it was decided under, whatever reload lands while it waits.
+/// Dropped without being resolved (the client gone, a timeout), the rate cells it took go
+/// back.
 pub struct PendingAdmission {
     pub(crate) stage: Stage,
     pub(crate) route: RouteCost,
+    /// The configuration it was decided under (set by the front door that decided it).
+    pub(crate) rt: Option<Arc<Runtime>>,
     /// The `Idempotency-Key` of a request whose tenant is not known yet. (Boxed: rare, and
     /// admissions move by value.)
     pub(crate) idempotency: Option<Box<PendingKey>>,
+}
+
+impl Admission {
+    /// A request waiting on the store at `stage`.
+    #[inline]
+    pub(crate) fn pending(stage: Stage, route: RouteCost) -> Self {
+        Self::Pending(PendingAdmission { stage, route, rt: None, idempotency: None })
+    }
 }
 
 pub(crate) enum Stage {
@@ -137,33 +152,31 @@ pub(crate) enum Stage {
     Quota(Box<Partial>),
 }
 
-/// The `Idempotency-Key` of a pending request: the key, the request's digest, and the client's
-/// address (served as the anonymous tenant, its key is scoped to it).
+/// The `Idempotency-Key` of a pending request: the key, the request's digest, and the key
+/// scoped to the client's address, for a request served as the anonymous tenant when anonymous
+/// callers are limited per address (`None`: no address, the key is not honoured then).
 pub(crate) struct PendingKey {
     pub(crate) key: Box<[u8]>,
     pub(crate) request: u128,
-    pub(crate) client: Option<std::net::IpAddr>,
+    pub(crate) scoped: Option<Box<[u8]>>,
 }
 
 /// A request whose `Idempotency-Key` the store is asked about.
 pub(crate) struct KeyClaim {
-    pub(crate) state: Tenant,
+    /// The rate check the request passed before its key was claimed (its tenant, headers and
+    /// time): put back if it is dropped.
+    pub(crate) charge: RateCharge,
     pub(crate) claim: Claim,
     pub(crate) key: Box<[u8]>,
     pub(crate) request: u128,
-    /// The rate check the request passed before its key was claimed, and its time.
-    pub(crate) headers: HeaderState,
-    pub(crate) at: i64,
 }
 
 /// A replay whose stored response is read.
 pub(crate) struct ReplayRead {
-    pub(crate) state: Tenant,
+    /// The rate check the request passed.
+    pub(crate) charge: RateCharge,
     pub(crate) key: Box<[u8]>,
     pub(crate) request: u128,
-    /// The rate check the request passed, and its time.
-    pub(crate) headers: HeaderState,
-    pub(crate) at: i64,
 }
 
 pub(crate) enum OwnedCredential {
@@ -174,11 +187,11 @@ pub(crate) enum OwnedCredential {
 
 /// A request that passed the rate check and waits for quota units.
 pub(crate) struct Partial {
-    pub(crate) state: Tenant,
-    pub(crate) headers: HeaderState,
+    /// The rate check it passed (its tenant, headers and time): put back if it is refused or
+    /// dropped.
+    pub(crate) charge: RateCharge,
     pub(crate) claim: Option<Claim>,
     pub(crate) charged: bool,
-    pub(crate) at: i64,
     /// Its place among the tenant's requests in flight (a plan with `concurrency`): freed if
     /// the request is refused, the ticket's once admitted.
     pub(crate) slot: Option<Box<crate::tenant::Slot>>,
@@ -437,11 +450,15 @@ impl Tollgate {
                     Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
                     Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
                 };
+                let idempotency = idem.map(|(key, request)| {
+                    let scoped = rt.client_keys.as_ref().and_then(|keys| Some(scoped_key(key, keys, Some(ip?)).into()));
+                    Box::new(PendingKey { key: key.into(), request, scoped })
+                });
                 Admission::Pending(PendingAdmission {
                     stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
                     route,
-                    idempotency: idem
-                        .map(|(key, request)| Box::new(PendingKey { key: key.into(), request, client: ip })),
+                    rt: None,
+                    idempotency,
                 })
             }
         }
@@ -458,12 +475,14 @@ impl Tollgate {
         self.reject(Rejection::new(RejectionKind::MalformedCredentials, why))
     }
 
-    /// Finishes a pending admission: asks the store, within `usage.store_timeout`.
+    /// Finishes a pending admission: asks the store, within `usage.store_timeout`, under the
+    /// configuration it was decided under.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        let PendingAdmission { mut stage, mut route, idempotency } = pending;
+        let PendingAdmission { mut stage, mut route, rt, idempotency } = pending;
+        let rt = rt.unwrap_or_else(|| self.shared.runtime.load_full());
         loop {
             let next = match stage {
-                Stage::Quota(partial) => return self.lease_and_take(*partial, route).await,
+                Stage::Quota(partial) => return self.lease_and_take(*partial, route, &rt).await,
                 Stage::Resolve { credential, meters, identified } => {
                     // The client address's key limits its lookups of API keys, when the address
                     // is the client's own (0: the node's shared budget).
@@ -476,19 +495,17 @@ impl Tollgate {
                     if !Arc::ptr_eq(&state.plan.meters, &meters) {
                         route = meters.remap(route, &state.plan.meters);
                     }
-                    let rt = self.shared.runtime.load();
                     let anonymous = rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
-                    let scoped = match (&idempotency, &rt.client_keys) {
-                        (Some(k), Some(keys)) if anonymous => k.client.map(|ip| scoped_key(&k.key, keys, Some(ip))),
-                        _ => None,
-                    };
-                    // An anonymous caller without its address: its key is not honoured.
-                    let unscoped = if anonymous && rt.client_keys.is_some() { None } else { idempotency.as_ref() };
-                    let key = scoped.as_deref().or(unscoped.map(|k| &k.key[..]));
-                    self.decide(state, route, key.zip(idempotency.as_ref().map(|k| k.request)))
+                    // Its key scoped to its address when it is served as the anonymous tenant
+                    // limited per address (without its address, the key is not honoured).
+                    let key = idempotency.as_ref().and_then(|k| match (anonymous, &rt.client_keys) {
+                        (true, Some(_)) => k.scoped.as_deref().map(|key| (key, k.request)),
+                        _ => Some((&k.key[..], k.request)),
+                    });
+                    self.decide(state, route, key)
                 }
-                Stage::Claim(c) => self.claim_in_store(*c, route).await,
-                Stage::Replay(r) => self.read_replay(*r, route).await,
+                Stage::Claim(c) => self.claim_in_store(*c, route, &rt).await,
+                Stage::Replay(r) => self.read_replay(*r, route, &rt).await,
             };
             match next {
                 Admission::Admitted(t) => return Ok(t),

@@ -3,6 +3,7 @@
 mod admission;
 mod builder;
 mod capture;
+mod charge;
 pub(crate) mod clients;
 mod credits;
 mod directory;

@@ -133,15 +133,16 @@ impl TenantState {
 
     /// Gives back the `cost` cells a request refused after its rate check took from its rate
     /// bucket (the tenant's, or for the anonymous tenant the client's: `client`, its address's
-    /// key), and says so in its `headers`.
-    pub(crate) fn give_back_rate(&self, client: u64, cost: u32, headers: &mut crate::response::HeaderState) {
-        let Some(policy) = &self.plan.rate else { return };
+    /// key). What was given back, with the bucket's burst, for the request's headers; `None`
+    /// when the plan has no rate.
+    pub(crate) fn give_back_rate(&self, client: u64, cost: u32) -> Option<(u32, u32)> {
+        let policy = self.plan.rate.as_ref()?;
         let nanos = policy.nanos(cost);
         match &self.plan.clients {
             None => self.gcra.give_back(nanos),
             Some(clients) => clients.cells.give_back(client, nanos),
         }
-        headers.give_back(cost, policy.burst.get());
+        Some((cost, policy.burst.get()))
     }
 }
 

@@ -417,3 +417,32 @@ async fn past_the_fleets_cap_of_keys_a_new_key_is_served_unkeyed_and_the_old_one
     let again = a.send(keyed("k3")).await;
     assert_eq!(again.headers.get("idempotent-replayed"), None);
 }
+
+/// A request waiting on the store keeps the configuration it was decided under: a reload
+/// landing while it waits does not change how its response is kept. On main the reload's
+/// `idempotency_max_body` applied to it, its response was not stored, and its retry ran (and
+/// was billed) again.
+#[tokio::test]
+async fn a_pending_admission_keeps_the_configuration_it_was_decided_under() {
+    let kept = format!("[limits]\nidempotency_max_body = 65536\n{TOML}");
+    let small = format!("[limits]\nidempotency_max_body = 4\n{TOML}");
+    let h = Harness::new(&kept);
+    let info = RequestInfo::new("POST", "/orders", Credential::ApiKey(b"key-t")).with_idempotency_key(b"k");
+    let Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an unseen tenant waits") };
+    h.tollgate.reload(tollgate::Config::from_toml_str(&small).unwrap()).await.unwrap();
+    let mut first = h.tollgate.resolve(pending).await.unwrap();
+    let mut capture = first.capture().unwrap();
+    capture.request_body().end();
+    capture.head(201, []);
+    capture.data(b"created");
+    assert!(first.complete(201));
+    capture.finish();
+    let replay = match h.tollgate.admit(&info) {
+        Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+        Admission::Admitted(t) => t,
+        Admission::Rejected(r) => panic!("{r}"),
+    };
+    assert!(replay.is_replay(), "stored under the configuration it was decided under");
+    assert_eq!(&replay.replayed_response().unwrap().body[..], b"created");
+    assert_eq!(billed(&h).await, 1);
+}

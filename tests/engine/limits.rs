@@ -492,3 +492,24 @@ async fn escapes_actix_web_decodes_are_charged_by_their_route() {
     assert_eq!(h.send(req("POST", "/v1/models%3agenerate", Some("key-a"), None)).await.status, 200);
     assert_eq!(h.send(req("POST", "/v1/models:generate", Some("key-a"), None)).await.status, 429, "6 spent: 2 × 3");
 }
+
+/// A request waiting on the store that is dropped before it is resolved (its client gone
+/// while its lease was asked for, a timeout around it) gives back the rate cells its check
+/// took: on main they stayed spent, and the tenant's next request was refused for a rate it
+/// never used.
+#[tokio::test]
+async fn a_pending_admission_dropped_gives_its_rate_cells_back() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let toml = common::one_tenant(
+        "rate = \"1/min\"\nburst = 2\nquotas.requests = { limit = 100, period = \"day\", mode = \"hard\", lease = 1 }",
+    );
+    let h = Harness::new(&toml);
+    assert_eq!(h.status("/", "key-t").await, 200, "one cell of two");
+    // The lease of one unit is spent: the next request waits on the store, its cell taken.
+    let info = RequestInfo::new("GET", "/", Credential::ApiKey(b"key-t"));
+    let Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("an empty lease waits on the store") };
+    drop(pending);
+    // The clock has not moved: only the cell given back lets this one through.
+    assert_eq!(h.status("/", "key-t").await, 200, "the dropped request's cell came back");
+    assert_eq!(h.status("/", "key-t").await, 429, "and the burst is spent");
+}
