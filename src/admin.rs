@@ -199,7 +199,7 @@ impl Admin {
     /// Administers the stores of a running engine, with its configuration: the engine sees
     /// its own changes at once (the other nodes within `limits.directory_ttl`).
     #[must_use]
-    pub fn for_engine(engine: &crate::Tollgate) -> Self {
+    pub fn for_engine(engine: &crate::engine::Tollgate) -> Self {
         let stores = &engine.shared.stores;
         Self {
             calls: stores.policy().clone(),
@@ -510,7 +510,7 @@ impl Admin {
     ) -> Result<GrantOutcome, AdminError> {
         let tenant_id = Self::tenant_id(tenant)?;
         let meter = self.credit_meter(meter)?;
-        if units == 0 || units > crate::store::contract::MAX_BALANCE {
+        if units == 0 || units > crate::base::MAX_BALANCE {
             return Err(AdminError::Invalid(format!("{units} units: a grant holds 1 to 2^50 units")));
         }
         // A tenant of the directory or of the file: a typo never makes a balance of its own.

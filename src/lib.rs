@@ -12,9 +12,10 @@ pub mod door {
     //! request. The tower layer, `tollgate-actix` and `tollgate-lambda` are built on these;
     //! the [architecture guide](crate::guide::architecture) describes the fast path they share.
     pub use crate::engine::{
-        is_stored_header, Admission, BodyPrint, ClientAddr, FrontDoor, InFlight, PendingAdmission, RequestInfo,
-        RequestView, ResponseCapture, Ticket, DRAIN_LIMIT,
+        is_stored_header, replay_response, Admission, BodyPrint, ClientAddr, FrontDoor, InFlight, PendingAdmission,
+        RequestInfo, RequestView, ResponseCapture, Ticket, DRAIN_LIMIT,
     };
+    pub use crate::response::{respond, respond_for};
     pub use crate::store::StoredResponse;
     pub use crate::tenant::Credential;
 }
@@ -55,7 +56,7 @@ pub mod events {
 mod engine;
 pub mod layer;
 mod metrics;
-pub mod plan;
+mod plan;
 pub mod report {
     //! What the engine's operations report: a flush, an export pass, a reconciliation, a shutdown, a tenant's
     //! usage, a crossed quota threshold, and the counters of the background paths.

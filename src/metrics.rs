@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use metrics::{counter, gauge, Counter, Gauge};
 
-use crate::response::RejectionKind;
+use crate::base::RejectionKind;
 
 pub(crate) struct Metrics {
     pub(crate) admitted: Counter,
@@ -110,8 +110,7 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn events(&self, outcome: crate::engine::ProcessedAs) -> &Counter {
-        use crate::engine::ProcessedAs;
+    pub(crate) fn events(&self, outcome: ProcessedAs) -> &Counter {
         let i = match outcome {
             ProcessedAs::Applied => 0,
             ProcessedAs::Duplicate => 1,
@@ -316,4 +315,11 @@ impl Totals {
             response_bytes_buffered: 0,
         }
     }
+}
+
+/// How an event was processed, for the metric.
+pub(crate) enum ProcessedAs {
+    Applied,
+    Duplicate,
+    Refused(&'static str),
 }

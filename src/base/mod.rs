@@ -1,5 +1,6 @@
 //! The names every layer shares, at the bottom of the crate: tenant, plan and meter ids, quota
-//! periods and modes, API key digests, and what a change of the directory tells the engine.
+//! periods and modes, API key digests, what a change of the directory tells the engine, and the
+//! billing sinks' facts.
 //!
 //! Nothing here imports another module of the crate; the configuration, the stores, billing and
 //! the engine all build on it. Users reach these through [`crate::config`] and the crate root.
@@ -9,6 +10,8 @@ mod ids;
 mod key;
 mod period;
 mod random;
+mod rejection;
+mod sink;
 
 pub use events::{DirectoryEvents, WebhookCount};
 pub use ids::{InvalidTenantId, MeterId, PlanId, TenantId};
@@ -16,8 +19,15 @@ pub use key::KeyHash;
 pub(crate) use key::{check_api_key, COMMA_IN_KEY, MAX_KEY_LEN};
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
+pub use rejection::RejectionKind;
+pub use sink::{CustomerField, RefundAttribution, SinkKind, SinkLimits};
 
 /// The most bytes of one stored `Idempotency-Key` response on DynamoDB (see
 /// `store::contract::DYNAMODB_MAX_RESPONSE_BYTES`): here so the configuration can check its
 /// limit without importing the stores.
 pub(crate) const DYNAMODB_MAX_RESPONSE_BYTES: usize = 350_000;
+
+/// The most units a prepaid balance's open grants hold together (see
+/// `store::contract::MAX_BALANCE`): here so the configuration, billing and `Admin` check
+/// grants without importing the stores.
+pub(crate) const MAX_BALANCE: u64 = 1 << 50;

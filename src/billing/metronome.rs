@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use super::{BillingSink, CustomerField, MeterEvent, Secret, SinkError, SinkLimits};
+use crate::base::SinkKind;
 use crate::config::{Config, MeterAggregation};
 
 /// Why the Metronome sink could not be set up.
@@ -176,15 +177,15 @@ impl BillingSink for MetronomeSink {
     }
 
     fn limits(&self) -> SinkLimits {
-        SinkLimits::METRONOME
+        SinkKind::Metronome.limits()
     }
 
     fn customer_field(&self) -> CustomerField {
-        CustomerField::Metronome
+        SinkKind::Metronome.customer_field()
     }
 
     fn needs_customer(&self) -> bool {
-        true
+        SinkKind::Metronome.needs_customer()
     }
 }
 

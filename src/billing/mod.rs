@@ -17,7 +17,8 @@ mod webhook;
 #[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use self::stripe::{StripeSetupError, StripeSink};
-pub use event::{identifier, identifier_in, BillingSink, CustomerField, MeterEvent, SinkError, SinkLimits};
+pub use crate::base::{CustomerField, SinkLimits};
+pub use event::{identifier, identifier_in, BillingSink, MeterEvent, SinkError};
 pub use jsonl::JsonlSink;
 #[cfg(feature = "metronome")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metronome")))]
@@ -77,7 +78,9 @@ pub enum SinkSetupError {
 /// # Errors
 /// The sink's secret is missing or unreadable, its client cannot be built, or this build
 /// lacks its feature.
-pub fn configured_sink(config: &crate::Config) -> Result<Option<std::sync::Arc<dyn BillingSink>>, SinkSetupError> {
+pub fn configured_sink(
+    config: &crate::config::Config,
+) -> Result<Option<std::sync::Arc<dyn BillingSink>>, SinkSetupError> {
     use crate::config::SinkKind;
     let kind = config.export.sink_kind(config.stripe().is_some());
     Ok(Some(match kind {

@@ -161,7 +161,7 @@ impl BillingSink for StripeSink {
     }
 
     fn needs_customer(&self) -> bool {
-        true
+        crate::base::SinkKind::Stripe.needs_customer()
     }
 
     fn reads_back(&self) -> bool {

@@ -20,8 +20,9 @@ use serde_json::Value;
 
 use super::webhook::{ReadError, WebhookHandler, WebhookOutcome};
 use crate::{
+    base::MAX_BALANCE,
     config::{Config, CreditSettings, MeterId, RefundPolicy, TenantId},
-    store::{contract::MAX_BALANCE, CreditGrant, CreditRefund, GrantOutcome, RefundOutcome},
+    store::{CreditGrant, CreditRefund, GrantOutcome, RefundOutcome},
 };
 
 /// The metadata key of a checkout session or invoice that says how many units it grants,

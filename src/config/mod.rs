@@ -7,6 +7,7 @@
 mod error;
 pub(crate) mod net;
 mod raw;
+mod route;
 mod validate;
 
 pub(crate) use validate::ANONYMOUS_TENANT;
@@ -14,9 +15,11 @@ mod values;
 
 use std::{collections::BTreeMap, num::NonZeroU32, num::NonZeroU64, path::Path, time::Duration};
 
-pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, TenantId};
+pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, SinkKind, TenantId};
 pub use error::{ConfigError, ConfigErrorKind};
 pub use net::{ForwardedHeader, IpRange};
+pub(crate) use route::normalize_path;
+pub use route::RoutePattern;
 pub use values::{
     HeaderStyle, Identify, Migrate, OnUnknown, PostgresSettings, Rate, RateError, StatusSet, StoreErrorPolicy,
     StoreSettings, Synchronous,
@@ -367,30 +370,6 @@ pub struct ExportSettings {
     pub file: Option<std::path::PathBuf>,
 }
 
-/// A billing sink the configuration can name (`[export] sink`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SinkKind {
-    /// Stripe Billing Meters (`StripeSink`, with `[stripe]`).
-    Stripe,
-    /// Metronome's `/v1/ingest` (`MetronomeSink`, with `[metronome]`).
-    Metronome,
-    /// A JSON-lines file (`JsonlSink`, at `export.file`).
-    Jsonl,
-}
-
-impl SinkKind {
-    /// Its name in the configuration.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SinkKind::Stripe => "stripe",
-            SinkKind::Metronome => "metronome",
-            SinkKind::Jsonl => "jsonl",
-        }
-    }
-}
-
 impl ExportSettings {
     /// The sink in force: `export.sink`, else Stripe when the configuration has `[stripe]`.
     #[must_use]
@@ -519,7 +498,7 @@ pub struct CreditSettings {
     pub refunds: RefundPolicy,
     /// How money refunded of a payment that bought credits and other things is shared when
     /// nothing says which lines it was for (`refund_attribution`, `"pro_rata"` by default).
-    pub refund_attribution: crate::store::RefundAttribution,
+    pub refund_attribution: crate::base::RefundAttribution,
 }
 
 /// What a refund of a payment (`charge.refunded`) takes back from the grant it paid for
@@ -758,7 +737,7 @@ impl PlanOverride {
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
     pub(crate) method: Option<http::Method>,
-    pub(crate) pattern: crate::plan::RoutePattern,
+    pub(crate) pattern: RoutePattern,
     pub(crate) meter: MeterId,
     pub(crate) cost: NonZeroU32,
     pub(crate) reports: Vec<MeterId>,

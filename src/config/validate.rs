@@ -8,6 +8,7 @@ use std::{
 
 use toml::de::{DeTable, DeValue};
 
+use super::RoutePattern;
 use super::{
     raw::{
         RawConfig, RawCredits, RawEvents, RawExport, RawIdentify, RawLimits, RawMeter, RawMetronome, RawOverride,
@@ -19,7 +20,7 @@ use super::{
     StatusSet, StoreErrorPolicy, StoreOrigin, StoreRole, StoreRoles, StoreSettings, StripeSettings, Synchronous,
     TenantId, TenantSpec, UsageSettings,
 };
-use crate::{base::KeyHash, plan::RoutePattern};
+use crate::base::KeyHash;
 
 /// The document with spans, to place errors found after deserialization.
 struct Located<'a> {
@@ -540,7 +541,7 @@ impl Validator<'_, '_> {
                 "export.unconfirmed_after",
                 raw.unconfirmed_after.as_deref(),
                 if raw.sink.as_deref() == Some("metronome") {
-                    crate::billing::SinkLimits::METRONOME.max_unconfirmed
+                    crate::base::SinkLimits::METRONOME.max_unconfirmed
                 } else {
                     d.unconfirmed_after
                 },
@@ -585,14 +586,14 @@ impl Validator<'_, '_> {
             return Err(self.invalid("export.reconcile_interval", "must be 0 (off) or at least 1 minute"));
         }
         if export.sink == Some(SinkKind::Metronome) {
-            if export.unconfirmed_after > crate::billing::SinkLimits::METRONOME.max_unconfirmed {
+            if export.unconfirmed_after > crate::base::SinkLimits::METRONOME.max_unconfirmed {
                 return Err(self.invalid(
                     "export.unconfirmed_after",
                     "must be at most 33 days: Metronome de-duplicates transaction ids over 34 days only, so a \
                      later re-send could be billed twice",
                 ));
             }
-        } else if export.unconfirmed_after > crate::billing::SinkLimits::STRIPE.max_unconfirmed {
+        } else if export.unconfirmed_after > crate::base::SinkLimits::STRIPE.max_unconfirmed {
             return Err(self.invalid(
                 "export.unconfirmed_after",
                 "must be at most 23 hours: Stripe de-duplicates meter event identifiers over about 24 hours only, \
@@ -653,7 +654,7 @@ impl Validator<'_, '_> {
         for (price, units) in &raw.prices {
             let path = format!("stripe.credits.prices.{price}");
             let units = self.positive(&path, *units)?.get();
-            if units > crate::store::contract::MAX_BALANCE {
+            if units > crate::base::MAX_BALANCE {
                 return Err(self.invalid(&path, "at most 2^50 units"));
             }
             prices.insert(price.clone(), units);
@@ -674,8 +675,8 @@ impl Validator<'_, '_> {
             }
         };
         let refund_attribution = match raw.refund_attribution.as_deref().unwrap_or("pro_rata") {
-            "pro_rata" => crate::store::RefundAttribution::ProRata,
-            "credits_first" => crate::store::RefundAttribution::CreditsFirst,
+            "pro_rata" => crate::base::RefundAttribution::ProRata,
+            "credits_first" => crate::base::RefundAttribution::CreditsFirst,
             other => {
                 return Err(self.invalid(
                     "stripe.credits.refund_attribution",
@@ -1800,7 +1801,7 @@ impl Validator<'_, '_> {
             }
         };
         let limit = match (period, q.limit) {
-            (Period::Prepaid, _) => NonZeroU64::new(crate::store::contract::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
+            (Period::Prepaid, _) => NonZeroU64::new(crate::base::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
             (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
             (_, None) => {
                 return Err(

@@ -360,10 +360,16 @@ impl Tollgate {
     /// The rate check of a request: the cells it took (with its tenant, its headers and its
     /// time, the clock reading of the check), put back unless it is admitted; or its 429.
     #[inline(always)]
-    fn check_rate(&self, tenant: Tenant, route: &RouteCost) -> Result<RateCharge, Rejection> {
+    fn check_rate(&self, state: Tenant, route: &RouteCost) -> Result<RateCharge, Rejection> {
+        let mut headers = HeaderState::new(route.meter, route.shape);
+        let at = self.rate_of(&state, route, &mut headers)?;
+        Ok(RateCharge::new(state, route, headers, at))
+    }
+
+    /// [`check_rate`](Self::check_rate)'s check: the request's time, or its 429.
+    #[inline(always)]
+    fn rate_of(&self, state: &Tenant, route: &RouteCost, headers: &mut HeaderState) -> Result<i64, Rejection> {
         let (meter, cost) = (route.meter, route.cost);
-        let mut checked_headers = HeaderState::new(route.meter, route.shape);
-        let (state, headers) = (&tenant, &mut checked_headers);
         let plan = &state.plan;
         let now = if let Some(policy) = &plan.rate {
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
@@ -440,7 +446,7 @@ impl Tollgate {
             state.touch(now);
             now
         };
-        Ok(RateCharge::new(tenant, route, checked_headers, now))
+        Ok(now)
     }
 
     /// [`decide_keyed`](Self::decide_keyed) once the rate check passed (at `now`, its
@@ -656,6 +662,8 @@ impl Tollgate {
 
     /// The refusal of a spent quota (of the route's meter, or of a meter its handler
     /// reports): its rate cells go back and its key is released.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn quota_exceeded(p: Partial, meter: usize) -> Rejection {
         // Refused: the key is released (the claim's drop).
         let Partial { charge, claim, .. } = p;

@@ -425,7 +425,7 @@ impl Builder {
             credit_expiry: super::credits::CreditExpiry::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
-            unknown: super::clients::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
+            unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
         };
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
@@ -434,9 +434,6 @@ impl Builder {
 }
 
 /// The billing customer the configuration's sink bills (without a sink given in code).
-fn customer_field_of(config: &Config) -> crate::billing::CustomerField {
-    match config.export.sink {
-        Some(crate::config::SinkKind::Metronome) => crate::billing::CustomerField::Metronome,
-        _ => crate::billing::CustomerField::Stripe,
-    }
+fn customer_field_of(config: &Config) -> crate::base::CustomerField {
+    config.export.sink.map(crate::base::SinkKind::customer_field).unwrap_or_default()
 }

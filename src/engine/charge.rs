@@ -62,10 +62,17 @@ impl RateCharge {
         self.keep()
     }
 
+    #[inline]
     fn put_back(&mut self) {
-        if self.cost == 0 {
-            return;
+        if self.cost != 0 {
+            self.put_back_cells();
         }
+    }
+
+    /// The cells go back (the request was refused, or dropped): off the admitted path.
+    #[cold]
+    #[inline(never)]
+    fn put_back_cells(&mut self) {
         if let Some(state) = &self.state {
             if let Some((cells, burst)) = state.give_back_rate(self.client, self.cost) {
                 self.headers.give_back(cells, burst);

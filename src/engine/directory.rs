@@ -471,7 +471,7 @@ impl DirectoryEvents for Tollgate {
                 let after = engine.shared.runtime.load().config.export.reconcile_after.as_secs() as i64;
                 let wait = (to + after + 60 - engine.shared.clock.unix_secs()).clamp(0, 2 * 3600);
                 tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())).await;
-                let request = crate::report::ReconcileRequest::new(from - 26 * 3600, to + 3600);
+                let request = crate::engine::ReconcileRequest::new(from - 26 * 3600, to + 3600);
                 match engine.reconcile(&request).await {
                     Ok(r) => tracing::warn!(
                         from,

@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use super::{Admission, RequestInfo, RuntimeCache, Tollgate};
-use crate::door::Credential;
-use crate::Identity;
+use crate::tenant::Credential;
+use crate::tenant::Identity;
 use crate::{
     config::Identify,
     plan::Runtime,
-    response::{Rejection, RejectionKind, REPEATED_IDEMPOTENCY_KEY, REPEATED_KEY},
+    response::{put_header, Rejection, RejectionKind, IDEMPOTENT_REPLAYED, REPEATED_IDEMPOTENCY_KEY, REPEATED_KEY},
 };
 
 /// The address of the client that sent a request, as its front door saw it: the peer of the
@@ -41,13 +41,48 @@ pub trait RequestView {
     fn client_addr(&self) -> Option<std::net::IpAddr> {
         None
     }
+
+    /// The values of the header `name`, for requests that find a parsed name faster than its
+    /// text (an [`http::HeaderMap`]): by default [`header_values`](Self::header_values) of
+    /// `name.as_str()`. The API key header and `Idempotency-Key` are read through it.
+    fn header_values_named<'s>(&'s self, name: &http::HeaderName) -> impl Iterator<Item = &'s [u8]> {
+        self.header_values(name.as_str())
+    }
+
+    /// Whether the request's method is `method`, for requests that compare a parsed method
+    /// faster than its name (an [`http::Request`]): by default [`method`](Self::method)
+    /// compared with `method.as_str()`. `limits.idempotency_methods` is checked through it.
+    fn method_is(&self, method: &http::Method) -> bool {
+        self.method() == method.as_str()
+    }
+}
+
+/// The header of the `Idempotency-Key`.
+static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+
+/// The credential of a request as `[identify]` says, the one rule of every front door: the
+/// values of the API key header (`api_key` reads them), or the [`Identity`] an authentication
+/// layer put in the request (`identity` reads it).
+#[inline]
+pub(crate) fn credential_by<'a, 'i, I: Iterator<Item = &'a [u8]>>(
+    identify: &'i Identify,
+    api_key: impl FnOnce(&'i http::HeaderName) -> I,
+    identity: impl FnOnce() -> Option<&'a Identity>,
+) -> Credential<'a> {
+    match identify {
+        Identify::ApiKey { header } => credential_in(api_key(header)),
+        Identify::Extension => match identity() {
+            Some(identity) => Credential::Tenant(identity.tenant().as_str()),
+            None => Credential::Missing,
+        },
+    }
 }
 
 /// The credential in the values of the API key header: none, one, or a repeated header
 /// (malformed; a key with a comma, a repeated header joined by a proxy, is refused when the
 /// key is checked). Shared by every front door.
 #[inline]
-pub(crate) fn credential_in<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential<'a> {
+fn credential_in<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Credential<'a> {
     match (values.next(), values.next()) {
         (None, _) => Credential::Missing,
         (Some(v), None) => Credential::ApiKey(v),
@@ -59,7 +94,7 @@ pub(crate) fn credential_in<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> C
 /// `Idempotency-Key` is read (from `keys`) only on methods that honour it, a repeated one is
 /// refused, and a key binds the request's `query` too.
 #[inline]
-pub(crate) fn describe<'a, I: Iterator<Item = &'a [u8]>>(
+fn describe<'a, I: Iterator<Item = &'a [u8]>>(
     info: RequestInfo<'a>,
     query: Option<&'a str>,
     honoured: bool,
@@ -125,22 +160,22 @@ impl FrontDoor {
     #[inline]
     /// `client` reads the client's address, only for a request served as the anonymous tenant
     /// when anonymous callers are limited per address.
-    pub(crate) fn admit_raw<'a>(
+    fn admit_raw<'a>(
         &mut self,
-        describe: impl FnOnce(&Runtime) -> Result<RequestInfo<'a>, crate::Rejection>,
-        client: impl FnOnce(&Runtime) -> Option<super::clients::Client>,
+        describe: impl FnOnce(&Runtime) -> Result<RequestInfo<'a>, crate::response::Rejection>,
+        client: impl FnOnce(&Runtime) -> Option<crate::tenant::Client>,
     ) -> Admission {
         let FrontDoor { tollgate, runtime } = self;
         let rt: &Arc<Runtime> = runtime.load();
         match describe(rt) {
-            Ok(req) => match tollgate.admit_in(rt, &req, || client(rt)) {
-                // It keeps the configuration it was decided under while it waits.
-                Admission::Pending(mut pending) => {
+            Ok(req) => {
+                let mut admission = tollgate.admit_in(rt, &req, || client(rt));
+                if let Admission::Pending(pending) = &mut admission {
+                    // It keeps the configuration it was decided under while it waits.
                     pending.rt = Some(rt.clone());
-                    Admission::Pending(pending)
                 }
-                decided => decided,
-            },
+                admission
+            }
             Err(rejection) => Admission::Rejected(tollgate.count(rejection)),
         }
     }
@@ -157,19 +192,24 @@ impl FrontDoor {
     /// here; the rest come back as [`Admission::Pending`], for [`Tollgate::resolve`].
     #[inline]
     pub fn admit_request(&mut self, request: &impl RequestView) -> Admission {
+        self.admit_view(request, |identify| {
+            credential_by(identify, |header| request.header_values_named(header), || request.identity())
+        })
+    }
+
+    /// [`admit_request`](Self::admit_request) with the credential `credential` finds (the
+    /// tower layer's [`TenantResolver`](crate::TenantResolver)).
+    #[inline]
+    pub(crate) fn admit_view<'a, V: RequestView>(
+        &mut self,
+        request: &'a V,
+        credential: impl FnOnce(&Identify) -> Credential<'a>,
+    ) -> Admission {
         self.admit_raw(
             |rt| {
-                let credential = match &rt.config.identify {
-                    Identify::ApiKey { header } => credential_in(request.header_values(header.as_str())),
-                    Identify::Extension => match request.identity() {
-                        Some(identity) => Credential::Tenant(identity.tenant().as_str()),
-                        None => Credential::Missing,
-                    },
-                };
-                let info = RequestInfo::new(request.method(), request.path(), credential);
-                describe(info, request.query(), rt.honours_idempotency(request.method()), || {
-                    request.header_values("idempotency-key")
-                })
+                let info = RequestInfo::new(request.method(), request.path(), credential(&rt.config.identify));
+                let honoured = rt.idempotency_methods().iter().any(|m| request.method_is(m));
+                describe(info, request.query(), honoured, || request.header_values_named(&IDEMPOTENCY_KEY))
             },
             |rt| rt.client_ip(request.client_addr(), |name| request.header_values(name)),
         )
@@ -192,4 +232,28 @@ impl FrontDoor {
             |_| None,
         )
     }
+}
+
+/// The answer to a replay ([`Ticket::is_replay`](super::Ticket::is_replay)): the stored
+/// response, marked `Idempotent-Replayed: true`, with this request's rate-limit header fields.
+/// Not a replay: an empty 500 (never sent by the doors, which ask first).
+#[must_use]
+pub fn replay_response(ticket: &super::Ticket) -> http::Response<bytes::Bytes> {
+    let Some(stored) = ticket.replayed_response() else {
+        let mut response = http::Response::new(bytes::Bytes::new());
+        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        return response;
+    };
+    let mut response = http::Response::new(stored.body.clone());
+    *response.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
+    let headers = response.headers_mut();
+    for (name, value) in &stored.headers {
+        if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(name.as_str()), http::HeaderValue::from_bytes(value))
+        {
+            headers.append(name, value);
+        }
+    }
+    headers.insert(IDEMPOTENT_REPLAYED.clone(), http::HeaderValue::from_static("true"));
+    ticket.emit(&mut |field, value| put_header(headers, field, value));
+    response
 }

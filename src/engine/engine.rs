@@ -141,7 +141,7 @@ pub(crate) enum Stage {
         credential: OwnedCredential,
         meters: Arc<crate::plan::MeterTable>,
         /// Whether the request's address is the client's own
-        /// ([`Client::identifies`](super::clients::Client)).
+        /// ([`Client::identifies`](crate::tenant::Client)).
         identified: bool,
     },
     /// An `Idempotency-Key` this node has not seen: claimed in the store first.
@@ -231,7 +231,7 @@ pub(crate) struct Shared {
     pub(crate) exporter: Exporter,
     /// Which of a tenant's billing customers its usage is billed to: the sink's, else the one
     /// of the sink the configuration names.
-    pub(crate) customer_field: crate::billing::CustomerField,
+    pub(crate) customer_field: crate::base::CustomerField,
     /// Usage events of jobs and queues.
     pub(crate) events: EventRecorder,
     /// Whether the store is the one the configuration's `[store]` names (opened by
@@ -263,7 +263,7 @@ pub(crate) struct Shared {
 
 /// An anonymous caller's `Idempotency-Key` scoped to its client address: the key, a NUL (no
 /// key has one: they are visible ASCII), the address's group.
-fn scoped_key(key: &[u8], keys: &super::clients::ClientKeys, ip: Option<std::net::IpAddr>) -> Vec<u8> {
+fn scoped_key(key: &[u8], keys: &crate::tenant::ClientKeys, ip: Option<std::net::IpAddr>) -> Vec<u8> {
     [key, &[0], &keys.group(ip)].concat()
 }
 
@@ -346,7 +346,7 @@ impl Tollgate {
         &self,
         rt: &Runtime,
         req: &RequestInfo<'_>,
-        client: impl FnOnce() -> Option<super::clients::Client>,
+        client: impl FnOnce() -> Option<crate::tenant::Client>,
     ) -> Admission {
         if self.shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
             return self.reject(
@@ -390,7 +390,7 @@ impl Tollgate {
         };
         // The path as the routers match it: rules are matched, and idempotent requests told
         // apart, on what the application serves.
-        let path = match crate::plan::normalize_path(req.path) {
+        let path = match crate::config::normalize_path(req.path) {
             Ok(path) => path,
             Err(why) => {
                 // A malformed key is answered first, as when it was checked before the path.
@@ -417,7 +417,7 @@ impl Tollgate {
                 if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
                     // The anonymous tenant: its rate is per client address, and so are its
                     // `Idempotency-Key`s (client B's key `1` is not client A's).
-                    let ip = req.client.map(super::clients::Client::given).or_else(client).map(|c| c.ip);
+                    let ip = req.client.map(crate::tenant::Client::given).or_else(client).map(|c| c.ip);
                     route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
                     if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
                         // Without its address an anonymous caller cannot be told from the
@@ -437,7 +437,7 @@ impl Tollgate {
                     }
                 }
                 // Anonymous callers (or an unknown key served as one) need their address.
-                let who = req.client.map(super::clients::Client::given).or_else(client);
+                let who = req.client.map(crate::tenant::Client::given).or_else(client);
                 let ip = who.map(|c| c.ip);
                 if let Some(keys) = &rt.client_keys {
                     route.client = keys.key(ip);
@@ -722,7 +722,7 @@ impl Tollgate {
 
     /// The configuration in force.
     #[must_use]
-    pub fn config(&self) -> crate::Config {
+    pub fn config(&self) -> crate::config::Config {
         self.shared.runtime.load().config.clone()
     }
 }

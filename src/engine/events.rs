@@ -16,7 +16,7 @@ use std::{
 use super::store_calls::StoreCalls;
 use crate::{
     config::{MeterId, TenantId},
-    metrics::{Metrics, Totals},
+    metrics::{Metrics, ProcessedAs, Totals},
     store::{EventOutcome, StoreError, UsageEvent},
     tenant::Tenant,
 };
@@ -471,11 +471,4 @@ fn clone_error(e: &StoreError) -> StoreError {
         StoreError::Timeout(d) => StoreError::Timeout(*d),
         other => StoreError::Backend(other.to_string().into()),
     }
-}
-
-/// How an event was processed, for the metric.
-pub(crate) enum ProcessedAs {
-    Applied,
-    Duplicate,
-    Refused(&'static str),
 }

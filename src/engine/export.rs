@@ -23,7 +23,8 @@ use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
 use super::{node::NodeIds, store_calls::StoreCalls};
 use crate::{
-    billing::{identifier_in, BillingSink, CustomerField, MeterEvent, SinkError, SinkLimits},
+    base::{CustomerField, SinkKind, SinkLimits},
+    billing::{identifier_in, BillingSink, MeterEvent, SinkError},
     clock::Clock,
     config::{MeterAggregation, MeterId, TenantId},
     metrics::{Metrics, Totals},
@@ -314,8 +315,7 @@ impl Exporter {
     fn limits(&self, rt: &Runtime) -> SinkLimits {
         let mut limits = match &self.sink {
             Some(sink) => sink.limits(),
-            None if rt.config.export.sink == Some(crate::config::SinkKind::Metronome) => SinkLimits::METRONOME,
-            None => SinkLimits::STRIPE,
+            None => rt.config.export.sink.map(SinkKind::limits).unwrap_or_default(),
         };
         limits.max_unconfirmed = limits.max_unconfirmed.min(rt.config.export.unconfirmed_after);
         limits
@@ -325,8 +325,7 @@ impl Exporter {
     fn customer_field(&self, rt: &Runtime) -> CustomerField {
         match &self.sink {
             Some(sink) => sink.customer_field(),
-            None if rt.config.export.sink == Some(crate::config::SinkKind::Metronome) => CustomerField::Metronome,
-            None => CustomerField::Stripe,
+            None => rt.config.export.sink.map(SinkKind::customer_field).unwrap_or_default(),
         }
     }
 

@@ -458,7 +458,7 @@ impl Drop for Claim {
 
 impl Idempotency {
     pub(crate) fn new(window: Duration, capacity: u64) -> Self {
-        let seen = super::clients::lru(capacity).time_to_live(window).build();
+        let seen = crate::tenant::lru(capacity).time_to_live(window).build();
         Self { seen, settling: Settling::default(), responses: Arc::default() }
     }
 

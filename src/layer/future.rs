@@ -9,14 +9,11 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::{
-    request::BodyMode,
-    respond::{put_header, reject_for, replay_response},
-    TollgateBody,
-};
+use super::{request::BodyMode, TollgateBody};
 use crate::{
+    door::replay_response,
     engine::{BodyPrint, InFlight, Ticket, DRAIN_LIMIT},
-    response::{Rejection, RejectionResponder},
+    response::{put_header, reject_for, Rejection, RejectionResponder},
 };
 
 type Resolving = Pin<Box<dyn Future<Output = Result<Ticket, Rejection>> + Send>>;

@@ -7,13 +7,18 @@ mod future;
 mod layer;
 mod request;
 mod resolver;
-mod respond;
 mod service;
 
+/// Moved: [`respond`](crate::response::respond) and [`respond_for`](crate::response::respond_for)
+/// are in [`response`](crate::response), [`replay_response`](crate::door::replay_response) in
+/// [`door`](crate::door); kept here too.
+pub use crate::{
+    door::replay_response,
+    response::{respond, respond_for},
+};
 pub use body::TollgateBody;
 pub use future::ResponseFuture;
 pub use layer::TollgateLayer;
 pub use request::{BodyMode, Buffered, RebuildBody, RequestBody, SameBody, Streamed};
 pub use resolver::{FromConfig, TenantResolver};
-pub use respond::{replay_response, respond, respond_for};
 pub use service::TollgateService;

@@ -1,6 +1,6 @@
 use http::Request;
 
-use crate::Identity;
+use crate::tenant::Identity;
 use crate::{config::Identify, tenant::Credential};
 
 /// Finds what identifies the tenant of a request.
@@ -40,14 +40,10 @@ pub struct FromConfig;
 impl<B> TenantResolver<B> for FromConfig {
     #[inline]
     fn resolve<'r>(&self, request: &'r Request<B>, identify: &Identify) -> Credential<'r> {
-        match identify {
-            Identify::ApiKey { header } => {
-                crate::engine::credential_in(request.headers().get_all(header).iter().map(http::HeaderValue::as_bytes))
-            }
-            Identify::Extension => match request.extensions().get::<Identity>() {
-                Some(identity) => Credential::Tenant(identity.tenant().as_str()),
-                None => Credential::Missing,
-            },
-        }
+        crate::engine::credential_by(
+            identify,
+            |header| request.headers().get_all(header).iter().map(http::HeaderValue::as_bytes),
+            || request.extensions().get::<Identity>(),
+        )
     }
 }

@@ -10,7 +10,7 @@ use governor::{
     InsufficientCapacity, NotUntil,
 };
 
-use crate::engine::clients::{ClientCells, ClientKeys};
+use crate::tenant::{ClientCells, ClientKeys};
 
 use crate::{
     base::Period,
@@ -24,7 +24,7 @@ use crate::{
     tenant::{Tenant, TenantCells},
 };
 
-use super::RoutePattern;
+use crate::config::RoutePattern;
 
 /// The meters of a configuration, by index.
 #[derive(Debug)]
@@ -198,7 +198,7 @@ pub(crate) struct CompiledPlan {
     /// limit.
     pub(crate) concurrency: u32,
     /// How a request is refused when a prepaid balance is empty (`limits.balance_status`).
-    pub(crate) balance_refusal: crate::response::RejectionKind,
+    pub(crate) balance_refusal: crate::base::RejectionKind,
     pub(crate) metrics: Arc<Metrics>,
     /// The features routes require that the plan includes (a bit per feature index).
     pub(crate) feature_bits: u64,
@@ -438,9 +438,9 @@ impl CompiledPlan {
             header_style: config.limits.headers,
             concurrency: spec.concurrency.map_or(0, std::num::NonZeroU32::get),
             balance_refusal: if config.limits.balance_status == 429 {
-                crate::response::RejectionKind::QuotaExceeded
+                crate::base::RejectionKind::QuotaExceeded
             } else {
-                crate::response::RejectionKind::CreditsExhausted
+                crate::base::RejectionKind::CreditsExhausted
             },
             metrics: metrics.clone(),
             feature_bits: meters
@@ -660,30 +660,29 @@ impl Runtime {
         &self,
         peer: Option<std::net::IpAddr>,
         header_values: impl FnOnce(&'static str) -> I,
-    ) -> Option<crate::engine::clients::Client>
+    ) -> Option<crate::tenant::Client>
     where
         I: Iterator<Item = &'a [u8]>,
     {
         self.client_keys.as_ref()?;
         let clients = &self.config.clients;
         if clients.trusted_proxies.is_empty() {
-            return peer.map(crate::engine::clients::Client::given);
+            return peer.map(crate::tenant::Client::given);
         }
         let header = clients.forwarded_header;
-        crate::engine::clients::client(peer, &clients.trusted_proxies, header, header_values(header.name()))
+        crate::tenant::client(peer, &clients.trusted_proxies, header, header_values(header.name()))
+    }
+
+    /// `limits.idempotency_methods`, compiled.
+    #[inline]
+    pub(crate) fn idempotency_methods(&self) -> &[http::Method] {
+        &self.idempotency_methods
     }
 
     /// Whether an `Idempotency-Key` on a request with this method is honoured.
     #[inline]
     pub(crate) fn honours_idempotency(&self, method: &str) -> bool {
         self.idempotency_methods.iter().any(|m| m.as_str() == method)
-    }
-
-    /// [`honours_idempotency`](Self::honours_idempotency) for an [`http::Method`]: standard
-    /// methods compare without reading their names.
-    #[inline]
-    pub(crate) fn honours_idempotency_method(&self, method: &http::Method) -> bool {
-        self.idempotency_methods.iter().any(|m| m == method)
     }
 
     /// The meter and cost of a request: the first matching route, else the default meter at 1.

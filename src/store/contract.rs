@@ -90,7 +90,7 @@ pub const CLOSED_GRANTS_KEPT_SECS: i64 = RETENTION_SECS;
 /// The most units a prepaid balance's open grants hold together (2^50): a grant past it is
 /// refused ([`GrantOutcome::TooLarge`](super::GrantOutcome::TooLarge)), so no store's
 /// arithmetic overflows.
-pub const MAX_BALANCE: u64 = 1 << 50;
+pub const MAX_BALANCE: u64 = crate::base::MAX_BALANCE;
 
 /// The longest body of a stored `Idempotency-Key` response on DynamoDB:
 /// `limits.idempotency_max_body` is refused above it for a DynamoDB idempotency store. An item

@@ -58,10 +58,10 @@ impl TenantRecord {
 
     /// Its customer in the billing system `field` names.
     #[must_use]
-    pub fn customer_in(&self, field: crate::billing::CustomerField) -> Option<&str> {
+    pub fn customer_in(&self, field: crate::base::CustomerField) -> Option<&str> {
         match field {
-            crate::billing::CustomerField::Stripe => self.customer.as_deref(),
-            crate::billing::CustomerField::Metronome => self.metronome_customer.as_deref(),
+            crate::base::CustomerField::Stripe => self.customer.as_deref(),
+            crate::base::CustomerField::Metronome => self.metronome_customer.as_deref(),
         }
     }
 

@@ -40,7 +40,7 @@ mod usage;
 
 use std::sync::Arc;
 
-pub use crate::base::{DirectoryEvents, KeyHash, WebhookCount};
+pub use crate::base::{DirectoryEvents, KeyHash, RefundAttribution, WebhookCount};
 pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord};
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
@@ -61,7 +61,7 @@ pub use memory::MemoryStore;
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{
     CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaCounter, QuotaKey, QuotaStore,
-    RefundAttribution, RefundOutcome, Reservation, ReserveToken, SHRINK,
+    RefundOutcome, Reservation, ReserveToken, SHRINK,
 };
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]

@@ -6,7 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::StoreError;
-use crate::base::{MeterId, Period, TenantId};
+use crate::base::{MeterId, Period, RefundAttribution, TenantId};
 
 /// One quota counter: a tenant's units of one meter in one calendar period.
 ///
@@ -532,20 +532,6 @@ pub(crate) fn forgiven_by_json(by: &ForgivenBy) -> String {
 #[must_use]
 pub(crate) fn forgiven_by_of(json: &str) -> ForgivenBy {
     serde_json::from_str(json).unwrap_or_default()
-}
-
-/// How the money refunded of a payment is shared between its credit lines and its other lines
-/// when nothing says which lines were refunded (`[stripe.credits] refund_attribution`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum RefundAttribution {
-    /// `"pro_rata"` (the default): each line gets its share of the payment: the credit lines
-    /// `refunded × paid / amount`.
-    #[default]
-    ProRata,
-    /// `"credits_first"`: the refund is taken from the credit lines first, up to what they
-    /// cost.
-    CreditsFirst,
 }
 
 /// A refund of a payment that bought credits ([`QuotaStore::refund_credits`]), as Stripe holds

@@ -125,12 +125,12 @@ impl TenantContext {
     ///
     /// # Errors
     /// The rejection to answer.
-    pub fn require_feature(&self, feature: &str) -> Result<(), crate::Rejection> {
+    pub fn require_feature(&self, feature: &str) -> Result<(), crate::response::Rejection> {
         if self.has_feature(feature) {
             return Ok(());
         }
-        let mut r = crate::Rejection::new(
-            crate::RejectionKind::FeatureNotInPlan,
+        let mut r = crate::response::Rejection::new(
+            crate::base::RejectionKind::FeatureNotInPlan,
             format!("this route needs the feature `{feature}`, which plan `{}` does not include", self.plan()),
         );
         r.inner.policy = Some(feature.to_owned());

@@ -117,7 +117,7 @@ impl Worker {
                     "reconciliation pass"
                 ),
                 // Read back, yet nothing came of it this time: the loop goes on.
-                Err(e @ crate::report::ReconcileError::Unreadable) => {
+                Err(e @ crate::engine::ReconcileError::Unreadable) => {
                     tracing::debug!(error = %e, "reconciliation read nothing back; tried again at the next pass");
                 }
                 Err(e) => tracing::warn!(error = %e, "reconciliation failed; retried at the next pass"),

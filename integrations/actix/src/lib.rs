@@ -3,7 +3,7 @@
 //! route for Stripe webhooks.
 //!
 //! The middleware decides as tollgate's tower layer does, through the same engine calls
-//! ([`FrontDoor::admit_request`], [`tollgate::layer::respond_for`]): the same decisions,
+//! ([`FrontDoor::admit_request`], [`tollgate::response::respond_for`]): the same decisions,
 //! rate-limit headers, problem+json bodies, usage recording and `Idempotency-Key` handling
 //! (replays answered with the stored response). It never buffers a request body: bodies
 //! stream through, fingerprinted as they are read for the first request with an
@@ -361,7 +361,7 @@ async fn replay<B, P: RejectionResponder>(
     }
     match ticket.check_replay_body(print.digest()) {
         Ok(()) => {
-            let response = to_actix(tollgate::layer::replay_response(&ticket));
+            let response = to_actix(tollgate::door::replay_response(&ticket));
             Ok(request.into_response(response).map_into_right_body())
         }
         Err(rejection) => Ok(reject(request, &responder, rejection)),
@@ -450,7 +450,7 @@ fn reject<B, P: RejectionResponder>(
     rejection: Rejection,
 ) -> ServiceResponse<EitherBody<B>> {
     let content_type = request.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes);
-    let response = to_actix(tollgate::layer::respond_for(content_type, responder, rejection));
+    let response = to_actix(tollgate::response::respond_for(content_type, responder, rejection));
     request.into_response(response).map_into_right_body()
 }
 
@@ -548,7 +548,7 @@ impl<F: tollgate::Feature> FromRequest for RequireFeature<F> {
             Ok(()) => Ok(Self(Tenant(tenant), std::marker::PhantomData)),
             Err(r) => {
                 let detail = r.to_string();
-                let response = to_actix(tollgate::layer::respond(&ProblemJson, r));
+                let response = to_actix(tollgate::response::respond(&ProblemJson, r));
                 Err(actix_web::error::InternalError::from_response(detail, response).into())
             }
         })
@@ -601,7 +601,7 @@ impl Responder for RejectionResponse {
     type Body = BoxBody;
 
     fn respond_to(self, _req: &HttpRequest) -> HttpResponse {
-        to_actix(tollgate::layer::respond(&ProblemJson, self.0))
+        to_actix(tollgate::response::respond(&ProblemJson, self.0))
     }
 }
 

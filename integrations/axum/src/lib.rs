@@ -179,7 +179,7 @@ pub async fn client_addr(mut request: axum::extract::Request, next: axum::middle
 /// `Retry-After`, and the rejection in the extensions — for handlers that ask the engine
 /// themselves (through [`Tollgate::front_door`](tollgate::Tollgate::front_door), on routes the
 /// layer does not also cover). For a layer with another responder, use
-/// [`tollgate::layer::respond`] with it.
+/// [`tollgate::response::respond`] with it.
 #[derive(Debug, Clone)]
 pub struct RejectionResponse(pub Rejection);
 
@@ -191,7 +191,7 @@ impl From<Rejection> for RejectionResponse {
 
 impl IntoResponse for RejectionResponse {
     fn into_response(self) -> Response {
-        tollgate::layer::respond(&tollgate::response::ProblemJson, self.0).map(axum::body::Body::from)
+        tollgate::response::respond(&tollgate::response::ProblemJson, self.0).map(axum::body::Body::from)
     }
 }
 

@@ -431,12 +431,8 @@ async fn run(cli: Cli) -> Result<()> {
             // As the exporter bills it: the directory's customer, else the file's, in the
             // billing system of the configured sink.
             let file = config.tenants().iter().find(|t| t.id().as_str() == tenant);
-            let metronome = config.export().sink == Some(tollgate::config::SinkKind::Metronome);
-            let field = if metronome {
-                tollgate::billing::CustomerField::Metronome
-            } else {
-                tollgate::billing::CustomerField::Stripe
-            };
+            let field = config.export().sink.map(tollgate::config::SinkKind::customer_field).unwrap_or_default();
+            let metronome = field == tollgate::billing::CustomerField::Metronome;
             let customer = admin
                 .directory_store()
                 .tenant(&tenant.as_str().into())

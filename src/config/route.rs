@@ -5,7 +5,7 @@ use std::fmt;
 /// A path pattern: literal segments, `{name}` for one segment, `{*name}` for the rest.
 ///
 /// ```
-/// use tollgate::plan::RoutePattern;
+/// use tollgate::config::RoutePattern;
 /// let p = RoutePattern::parse("/v1/models/{id}/generate").unwrap();
 /// assert!(p.matches("/v1/models/gpt/generate"));
 /// assert!(!p.matches("/v1/models/gpt"));

@@ -1,10 +1,9 @@
-//! Responses to rejections, shared by the tower layer's service and response future and by other
-//! front doors: the responder's body, the rate-limit header fields, the rejection in the
-//! extensions.
+//! Responses to rejections, for every front door: the responder's body, the rate-limit header
+//! fields, the rejection in the extensions.
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 
-use crate::response::{Field, Rejection, RejectionResponder, Value};
+use super::{Field, Rejection, RejectionResponder, Value};
 
 /// The response to a rejection of `request`: for a gRPC request (by content type) a
 /// trailers-only gRPC status, otherwise the responder's; plus rate-limit headers and
@@ -19,7 +18,7 @@ pub(crate) fn reject_for<B, P: RejectionResponder>(
 }
 
 /// [`respond`] to a request with this `Content-Type`: for a gRPC request a trailers-only
-/// gRPC status ([`GrpcStatus`](crate::response::GrpcStatus)) whatever the responder, as the
+/// gRPC status ([`GrpcStatus`](super::GrpcStatus)) whatever the responder, as the
 /// tower layer answers. For front doors that do not see an [`http::Request`].
 pub fn respond_for<P: RejectionResponder>(
     content_type: Option<&[u8]>,
@@ -27,7 +26,7 @@ pub fn respond_for<P: RejectionResponder>(
     rejection: Rejection,
 ) -> Response<bytes::Bytes> {
     if content_type.is_some_and(|v| v.starts_with(b"application/grpc")) {
-        respond(&crate::response::GrpcStatus, rejection)
+        respond(&super::GrpcStatus, rejection)
     } else {
         respond(responder, rejection)
     }
@@ -45,30 +44,7 @@ pub fn respond<P: RejectionResponder>(responder: &P, rejection: Rejection) -> Re
     response
 }
 
-/// The answer to a replay ([`Ticket::is_replay`](crate::door::Ticket::is_replay)): the stored
-/// response, marked `Idempotent-Replayed: true`, with this request's rate-limit header fields.
-/// Not a replay: an empty 500 (never sent by the doors, which ask first).
-#[must_use]
-pub fn replay_response(ticket: &crate::door::Ticket) -> Response<bytes::Bytes> {
-    let Some(stored) = ticket.replayed_response() else {
-        let mut response = Response::new(bytes::Bytes::new());
-        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-        return response;
-    };
-    let mut response = Response::new(stored.body.clone());
-    *response.status_mut() = http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
-    let headers = response.headers_mut();
-    for (name, value) in &stored.headers {
-        if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_bytes(value)) {
-            headers.append(name, value);
-        }
-    }
-    headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
-    ticket.emit(&mut |field, value| put_header(headers, field, value));
-    response
-}
-
-static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+pub(crate) static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");

@@ -1,0 +1,179 @@
+//! Why a request was turned away: the kinds every layer names (the responses, the metrics,
+//! the engine), here at the bottom so that counting a kind imports nothing above.
+
+use http::StatusCode;
+
+/// Why a request was turned away.
+///
+/// Each kind has its own `type` URI in the problem body: the documentation of the variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// The tenant's rate (token bucket) is spent: 429.
+    RateLimited,
+    /// The tenant's hard quota for the period is spent: 429 (with `Retry-After`, the end of
+    /// the period). Also an empty prepaid balance with `limits.balance_status = 429` (without
+    /// `Retry-After`).
+    QuotaExceeded,
+    /// The tenant has its plan's `concurrency` requests in flight on this node already (from
+    /// admission to the end of the response body): 429, with `Retry-After: 1`. Nothing is
+    /// charged.
+    ConcurrencyLimited,
+    /// The tenant's prepaid balance on the route's meter is spent: 402 Payment Required,
+    /// without `Retry-After` (a top-up restores it, not time). Nothing is charged.
+    CreditsExhausted,
+    /// No credential identifies the tenant: 401.
+    MissingCredentials,
+    /// The API key or identity is not in the tenant directory: 401.
+    UnknownCredentials,
+    /// The credential cannot be read (empty, too long, not visible ASCII): 400.
+    MalformedCredentials,
+    /// The `Idempotency-Key` header cannot be read: 400.
+    MalformedIdempotencyKey,
+    /// The store did not answer in time and the plan fails closed: 503.
+    StoreUnavailable,
+    /// The request with this `Idempotency-Key` is still being processed: 409.
+    IdempotencyKeyInUse,
+    /// The `Idempotency-Key` was first used for another request (another method, path or
+    /// query): 422.
+    IdempotencyKeyMismatch,
+    /// The route needs a feature the tenant's plan (with its overrides) does not include:
+    /// 403. Nothing is charged.
+    FeatureNotInPlan,
+    /// The path has a dot segment (`.` or `..`, perhaps percent-encoded), which routers serve
+    /// differently: 400. Nothing is charged.
+    MalformedPath,
+}
+
+macro_rules! docs {
+    ($variant:literal) => {
+        concat!("https://docs.rs/tollgate/latest/tollgate/response/enum.RejectionKind.html#variant.", $variant)
+    };
+}
+
+impl RejectionKind {
+    /// The HTTP status of the response.
+    #[must_use]
+    pub fn status(self) -> StatusCode {
+        match self {
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::ConcurrencyLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => StatusCode::UNAUTHORIZED,
+            RejectionKind::MalformedCredentials
+            | RejectionKind::MalformedIdempotencyKey
+            | RejectionKind::MalformedPath => StatusCode::BAD_REQUEST,
+            RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            RejectionKind::CreditsExhausted => StatusCode::PAYMENT_REQUIRED,
+            RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            RejectionKind::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            RejectionKind::FeatureNotInPlan => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The gRPC status code a gRPC client gets for it: `RESOURCE_EXHAUSTED` (8) for 429 and
+    /// 402,
+    /// `UNAUTHENTICATED` (16) for 401, `INVALID_ARGUMENT` (3) for 400, `UNAVAILABLE` (14) for
+    /// 503, `ABORTED` (10) for 409, `FAILED_PRECONDITION` (9) for 422, `PERMISSION_DENIED`
+    /// (7) for 403.
+    #[must_use]
+    pub fn grpc_code(self) -> u8 {
+        match self {
+            RejectionKind::RateLimited
+            | RejectionKind::QuotaExceeded
+            | RejectionKind::CreditsExhausted
+            | RejectionKind::ConcurrencyLimited => 8,
+            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
+            RejectionKind::MalformedCredentials
+            | RejectionKind::MalformedIdempotencyKey
+            | RejectionKind::MalformedPath => 3,
+            RejectionKind::StoreUnavailable => 14,
+            RejectionKind::IdempotencyKeyInUse => 10,
+            RejectionKind::IdempotencyKeyMismatch => 9,
+            RejectionKind::FeatureNotInPlan => 7,
+        }
+    }
+
+    /// The HTTP status of the response, as a number (for front doors on another `http`
+    /// version, such as actix-web 4).
+    #[must_use]
+    pub fn status_code(self) -> u16 {
+        self.status().as_u16()
+    }
+
+    /// A short, human-readable summary that does not change from one occurrence to the next.
+    #[must_use]
+    pub fn title(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => "Rate limit exceeded",
+            RejectionKind::QuotaExceeded => "Quota exceeded",
+            RejectionKind::CreditsExhausted => "Prepaid credits exhausted",
+            RejectionKind::ConcurrencyLimited => "Too many concurrent requests",
+            RejectionKind::MissingCredentials => "Missing credentials",
+            RejectionKind::UnknownCredentials => "Unknown credentials",
+            RejectionKind::MalformedCredentials => "Malformed credentials",
+            RejectionKind::MalformedIdempotencyKey => "Malformed Idempotency-Key",
+            RejectionKind::StoreUnavailable => "Quota store unavailable",
+            RejectionKind::IdempotencyKeyInUse => "Idempotency-Key in use",
+            RejectionKind::IdempotencyKeyMismatch => "Idempotency-Key reused",
+            RejectionKind::FeatureNotInPlan => "Feature not in plan",
+            RejectionKind::MalformedPath => "Malformed path",
+        }
+    }
+
+    /// The problem type URI.
+    #[must_use]
+    pub fn problem_type(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => docs!("RateLimited"),
+            RejectionKind::QuotaExceeded => docs!("QuotaExceeded"),
+            RejectionKind::CreditsExhausted => docs!("CreditsExhausted"),
+            RejectionKind::ConcurrencyLimited => docs!("ConcurrencyLimited"),
+            RejectionKind::MissingCredentials => docs!("MissingCredentials"),
+            RejectionKind::UnknownCredentials => docs!("UnknownCredentials"),
+            RejectionKind::MalformedCredentials => docs!("MalformedCredentials"),
+            RejectionKind::MalformedIdempotencyKey => docs!("MalformedIdempotencyKey"),
+            RejectionKind::StoreUnavailable => docs!("StoreUnavailable"),
+            RejectionKind::IdempotencyKeyInUse => docs!("IdempotencyKeyInUse"),
+            RejectionKind::IdempotencyKeyMismatch => docs!("IdempotencyKeyMismatch"),
+            RejectionKind::FeatureNotInPlan => docs!("FeatureNotInPlan"),
+            RejectionKind::MalformedPath => docs!("MalformedPath"),
+        }
+    }
+
+    /// A stable label for metrics and logs.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectionKind::RateLimited => "rate_limited",
+            RejectionKind::QuotaExceeded => "quota_exceeded",
+            RejectionKind::CreditsExhausted => "credits_exhausted",
+            RejectionKind::ConcurrencyLimited => "concurrency_limited",
+            RejectionKind::MissingCredentials => "missing_credentials",
+            RejectionKind::UnknownCredentials => "unknown_credentials",
+            RejectionKind::MalformedCredentials => "malformed_credentials",
+            RejectionKind::MalformedIdempotencyKey => "malformed_idempotency_key",
+            RejectionKind::StoreUnavailable => "store_unavailable",
+            RejectionKind::IdempotencyKeyInUse => "idempotency_key_in_use",
+            RejectionKind::IdempotencyKeyMismatch => "idempotency_key_mismatch",
+            RejectionKind::FeatureNotInPlan => "feature_not_in_plan",
+            RejectionKind::MalformedPath => "malformed_path",
+        }
+    }
+
+    pub(crate) const ALL: [RejectionKind; 13] = [
+        RejectionKind::RateLimited,
+        RejectionKind::QuotaExceeded,
+        RejectionKind::CreditsExhausted,
+        RejectionKind::ConcurrencyLimited,
+        RejectionKind::MissingCredentials,
+        RejectionKind::UnknownCredentials,
+        RejectionKind::MalformedCredentials,
+        RejectionKind::MalformedIdempotencyKey,
+        RejectionKind::StoreUnavailable,
+        RejectionKind::IdempotencyKeyInUse,
+        RejectionKind::IdempotencyKeyMismatch,
+        RejectionKind::FeatureNotInPlan,
+        RejectionKind::MalformedPath,
+    ];
+}
