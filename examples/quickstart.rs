@@ -236,7 +236,7 @@ fn stripe_routes(app: Router, tollgate: &Tollgate) -> Router {
             println!("  reconcile: what Stripe holds against what was exported, every {every:?}");
         }
     }
-    let handler = match tollgate::billing::WebhookHandler::from_config(tollgate.clone()) {
+    let handler = match tollgate.webhook_handler() {
         Ok(handler) => std::sync::Arc::new(handler),
         Err(e) => {
             println!("  webhooks: off ({e})");

@@ -51,7 +51,7 @@ pub mod events {
     //! id, recorded at most once per id in the window of its own time and checked against
     //! the hard quotas of its own period ([`Tollgate::record_event`](crate::Tollgate::record_event)).
     //! The [events guide](crate::guide::events) explains them.
-    pub use crate::engine::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
+    pub use crate::engine::usage::events::{Event, EventError, QueueMessage, UsageMessage, MAX_AGE};
 }
 mod engine;
 pub mod layer;
@@ -70,7 +70,6 @@ pub mod response;
 pub mod store;
 mod tenant;
 mod usage;
-mod worker;
 
 /// The AWS SDK for DynamoDB that [`store::DynamoStore`] is built on, to build its client with
 /// the same version.
@@ -78,9 +77,9 @@ mod worker;
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use aws_sdk_dynamodb;
 pub use config::Config;
+pub use engine::Worker;
 pub use engine::{BuildError, Builder, ShutdownError, Tollgate};
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::Identity;
 pub use usage::{Feature, QuotaStatus, RecordError, TenantContext};
-pub use worker::Worker;

@@ -14,35 +14,7 @@ pub(crate) struct Metrics {
     pub(crate) refunded_units: Counter,
     pub(crate) replays: Counter,
     pub(crate) overage_units: Counter,
-    pub(crate) store_errors: Counter,
-    pub(crate) flushes: Counter,
-    pub(crate) flush_errors: Counter,
-    pub(crate) flushed_units: Counter,
-    pub(crate) exported_events: Counter,
-    pub(crate) dead_letters: Counter,
-    pub(crate) export_retries: Counter,
-    pub(crate) unbillable_windows: Counter,
-    pub(crate) late_revisions: Counter,
-    pub(crate) events_past_limit: Counter,
-    pub(crate) waiting_windows: Counter,
-    pub(crate) unconfirmed_exports: Counter,
-    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
-    pub(crate) webhooks_applied: Counter,
-    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
-    pub(crate) webhooks_ignored: Counter,
-    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
-    pub(crate) webhooks_rejected: Counter,
-    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
-    pub(crate) webhooks_not_credited: Counter,
-    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
-    pub(crate) meter_errors: Counter,
-    pub(crate) evictions: Counter,
     pub(crate) rate_states_dropped: Counter,
-    pub(crate) overrides_not_served: Counter,
-    pub(crate) store_fast_failures: Counter,
-    pub(crate) negative_hits: Counter,
-    pub(crate) buffer_full: Counter,
-    pub(crate) dropped_units: Counter,
     pub(crate) tenants: Gauge,
     /// Units by which the billing system differs from the ledger, as the last reconciliation
     /// pass found: lacking, then surplus.
@@ -50,7 +22,6 @@ pub(crate) struct Metrics {
     /// Usage events: applied, duplicate, then one per refusal reason ([`EVENT_REFUSALS`]).
     pub(crate) events: [Counter; 2 + EVENT_REFUSALS.len()],
     /// Anonymous requests without a client address (one shared bucket).
-    pub(crate) anonymous_without_address: Counter,
     /// Refusals shadow mode let through, by reason.
     pub(crate) would_refuse: [Counter; RejectionKind::ALL.len()],
 }
@@ -67,36 +38,12 @@ impl Metrics {
             refunded_units: counter!("tollgate_usage_refunded_units_total"),
             replays: counter!("tollgate_idempotent_replays_total"),
             overage_units: counter!("tollgate_overage_units_total"),
-            store_errors: counter!("tollgate_store_errors_total"),
-            flushes: counter!("tollgate_flushes_total"),
-            flush_errors: counter!("tollgate_flush_errors_total"),
-            flushed_units: counter!("tollgate_usage_flushed_units_total"),
-            exported_events: counter!("tollgate_export_events_total"),
-            dead_letters: counter!("tollgate_export_dead_letters_total"),
-            export_retries: counter!("tollgate_export_retries_total"),
-            unbillable_windows: counter!("tollgate_export_unbillable_windows_total"),
-            late_revisions: counter!("tollgate_export_late_revisions_total"),
-            events_past_limit: counter!("tollgate_usage_events_past_limit_total"),
-            waiting_windows: counter!("tollgate_export_waiting_windows_total"),
-            unconfirmed_exports: counter!("tollgate_export_unconfirmed_total"),
-            webhooks_applied: counter!("tollgate_webhook_events_total", "outcome" => "applied"),
-            webhooks_ignored: counter!("tollgate_webhook_events_total", "outcome" => "ignored"),
-            webhooks_rejected: counter!("tollgate_webhook_events_total", "outcome" => "rejected"),
-            webhooks_not_credited: counter!("tollgate_webhook_events_total", "outcome" => "not_credited"),
-            meter_errors: counter!("tollgate_billing_meter_errors_total"),
-            evictions: counter!("tollgate_tenants_evicted_total"),
             rate_states_dropped: counter!("tollgate_rate_states_dropped_total"),
-            overrides_not_served: counter!("tollgate_overrides_not_served_total"),
-            store_fast_failures: counter!("tollgate_store_fast_failures_total"),
-            negative_hits: counter!("tollgate_unknown_credential_cache_hits_total"),
-            buffer_full: counter!("tollgate_usage_buffer_full_total"),
-            dropped_units: counter!("tollgate_usage_dropped_units_total"),
             tenants: gauge!("tollgate_tenants_tracked"),
             drift: [
                 gauge!("tollgate_billing_drift_units", "direction" => "lacking"),
                 gauge!("tollgate_billing_drift_units", "direction" => "surplus"),
             ],
-            anonymous_without_address: counter!("tollgate_anonymous_without_address_total"),
             would_refuse: RejectionKind::ALL
                 .map(|k| counter!("tollgate_shadow_would_refuse_total", "reason" => k.label())),
             events: std::array::from_fn(|i| {
@@ -130,43 +77,124 @@ impl Metrics {
     }
 }
 
-/// Totals kept by the engine itself for the background paths (never touched per request).
-#[derive(Debug, Default)]
+/// A background counter: the engine's own total (read by [`Stats`]) and its metric, added to
+/// at once.
+#[derive(Debug)]
+pub(crate) struct Tally {
+    total: AtomicU64,
+    metric: Counter,
+}
+
+impl Tally {
+    fn new(metric: Counter) -> Self {
+        Self { total: AtomicU64::new(0), metric }
+    }
+
+    /// Adds `n` to the total and to the metric.
+    #[inline]
+    pub(crate) fn add(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+        self.metric.increment(n);
+    }
+
+    /// The total so far.
+    pub(crate) fn get(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// Totals kept by the engine itself for the background paths (never touched per request):
+/// each [`Tally`] with its metric, the rest (labelled metrics counted apart) alone.
+#[derive(Debug)]
 pub(crate) struct Totals {
-    pub(crate) flushes: AtomicU64,
-    pub(crate) flushed_units: AtomicU64,
-    pub(crate) flush_errors: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
-    pub(crate) exported_events: AtomicU64,
+    pub(crate) flushes: Tally,
+    pub(crate) flushed_units: Tally,
+    pub(crate) flush_errors: Tally,
+    pub(crate) store_errors: Tally,
+    pub(crate) exported_events: Tally,
     pub(crate) exported_units: AtomicU64,
-    pub(crate) dead_letters: AtomicU64,
-    pub(crate) export_retries: AtomicU64,
-    pub(crate) unbillable_windows: AtomicU64,
-    pub(crate) late_revisions: AtomicU64,
-    pub(crate) events_past_limit: AtomicU64,
-    pub(crate) waiting_windows: AtomicU64,
-    pub(crate) unconfirmed_exports: AtomicU64,
-    pub(crate) webhooks_applied: AtomicU64,
-    pub(crate) webhooks_ignored: AtomicU64,
-    pub(crate) webhooks_rejected: AtomicU64,
-    pub(crate) webhooks_not_credited: AtomicU64,
-    pub(crate) meter_errors: AtomicU64,
-    pub(crate) evictions: AtomicU64,
-    pub(crate) overrides_not_served: AtomicU64,
-    pub(crate) store_fast_failures: AtomicU64,
-    pub(crate) negative_hits: AtomicU64,
-    pub(crate) buffer_full: AtomicU64,
-    pub(crate) dropped_units: AtomicU64,
+    pub(crate) dead_letters: Tally,
+    pub(crate) export_retries: Tally,
+    pub(crate) unbillable_windows: Tally,
+    pub(crate) late_revisions: Tally,
+    pub(crate) events_past_limit: Tally,
+    pub(crate) waiting_windows: Tally,
+    pub(crate) unconfirmed_exports: Tally,
+    pub(crate) webhooks_applied: Tally,
+    pub(crate) webhooks_ignored: Tally,
+    pub(crate) webhooks_rejected: Tally,
+    pub(crate) webhooks_not_credited: Tally,
+    pub(crate) meter_errors: Tally,
+    pub(crate) evictions: Tally,
+    pub(crate) overrides_not_served: Tally,
+    pub(crate) store_fast_failures: Tally,
+    pub(crate) negative_hits: Tally,
+    pub(crate) buffer_full: Tally,
+    pub(crate) dropped_units: Tally,
     pub(crate) events_applied: AtomicU64,
     pub(crate) events_duplicate: AtomicU64,
     pub(crate) events_refused: AtomicU64,
     pub(crate) shadow_would_refuse: AtomicU64,
-    pub(crate) anonymous_without_address: AtomicU64,
+    pub(crate) anonymous_without_address: Tally,
 }
 
 impl Totals {
+    /// The totals, their metrics registered (install the recorder before).
+    pub(crate) fn register() -> Self {
+        Self {
+            flushes: Tally::new(counter!("tollgate_flushes_total")),
+            flushed_units: Tally::new(counter!("tollgate_usage_flushed_units_total")),
+            flush_errors: Tally::new(counter!("tollgate_flush_errors_total")),
+            store_errors: Tally::new(counter!("tollgate_store_errors_total")),
+            exported_events: Tally::new(counter!("tollgate_export_events_total")),
+            dead_letters: Tally::new(counter!("tollgate_export_dead_letters_total")),
+            export_retries: Tally::new(counter!("tollgate_export_retries_total")),
+            unbillable_windows: Tally::new(counter!("tollgate_export_unbillable_windows_total")),
+            late_revisions: Tally::new(counter!("tollgate_export_late_revisions_total")),
+            events_past_limit: Tally::new(counter!("tollgate_usage_events_past_limit_total")),
+            waiting_windows: Tally::new(counter!("tollgate_export_waiting_windows_total")),
+            unconfirmed_exports: Tally::new(counter!("tollgate_export_unconfirmed_total")),
+            webhooks_applied: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "applied")),
+            webhooks_ignored: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "ignored")),
+            webhooks_rejected: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "rejected")),
+            webhooks_not_credited: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "not_credited")),
+            meter_errors: Tally::new(counter!("tollgate_billing_meter_errors_total")),
+            evictions: Tally::new(counter!("tollgate_tenants_evicted_total")),
+            overrides_not_served: Tally::new(counter!("tollgate_overrides_not_served_total")),
+            store_fast_failures: Tally::new(counter!("tollgate_store_fast_failures_total")),
+            negative_hits: Tally::new(counter!("tollgate_unknown_credential_cache_hits_total")),
+            buffer_full: Tally::new(counter!("tollgate_usage_buffer_full_total")),
+            dropped_units: Tally::new(counter!("tollgate_usage_dropped_units_total")),
+            anonymous_without_address: Tally::new(counter!("tollgate_anonymous_without_address_total")),
+            exported_units: AtomicU64::new(0),
+            events_applied: AtomicU64::new(0),
+            events_duplicate: AtomicU64::new(0),
+            events_refused: AtomicU64::new(0),
+            shadow_would_refuse: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds `n` to a total that has no metric of its own.
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A usage event processed: its total and its metric (labelled by outcome) at once.
+    pub(crate) fn event(&self, metrics: &Metrics, outcome: ProcessedAs) {
+        let total = match outcome {
+            ProcessedAs::Applied => &self.events_applied,
+            ProcessedAs::Duplicate => &self.events_duplicate,
+            ProcessedAs::Refused(_) => &self.events_refused,
+        };
+        Self::add(total, 1);
+        metrics.events(outcome).increment(1);
+    }
+
+    /// A refusal shadow mode let through: its total and its metric (labelled by reason) at
+    /// once.
+    pub(crate) fn would_refuse(&self, metrics: &Metrics, kind: RejectionKind) {
+        Self::add(&self.shadow_would_refuse, 1);
+        metrics.would_refuse(kind).increment(1);
     }
 }
 
@@ -278,35 +306,35 @@ impl Totals {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Stats {
             tracked_tenants,
-            flushes: l(&self.flushes),
-            flushed_units: l(&self.flushed_units),
-            flush_errors: l(&self.flush_errors),
-            store_errors: l(&self.store_errors),
-            exported_events: l(&self.exported_events),
+            flushes: self.flushes.get(),
+            flushed_units: self.flushed_units.get(),
+            flush_errors: self.flush_errors.get(),
+            store_errors: self.store_errors.get(),
+            exported_events: self.exported_events.get(),
             exported_units: l(&self.exported_units),
-            dead_letters: l(&self.dead_letters),
-            export_retries: l(&self.export_retries),
-            unbillable_windows: l(&self.unbillable_windows),
-            late_revisions: l(&self.late_revisions),
-            events_past_limit: l(&self.events_past_limit),
-            waiting_windows: l(&self.waiting_windows),
-            unconfirmed_exports: l(&self.unconfirmed_exports),
-            webhooks_applied: l(&self.webhooks_applied),
-            webhooks_ignored: l(&self.webhooks_ignored),
-            webhooks_rejected: l(&self.webhooks_rejected),
-            webhooks_not_credited: l(&self.webhooks_not_credited),
-            meter_errors: l(&self.meter_errors),
-            evictions: l(&self.evictions),
-            overrides_not_served: l(&self.overrides_not_served),
-            store_fast_failures: l(&self.store_fast_failures),
-            negative_hits: l(&self.negative_hits),
-            buffer_full: l(&self.buffer_full),
-            dropped_units: l(&self.dropped_units),
+            dead_letters: self.dead_letters.get(),
+            export_retries: self.export_retries.get(),
+            unbillable_windows: self.unbillable_windows.get(),
+            late_revisions: self.late_revisions.get(),
+            events_past_limit: self.events_past_limit.get(),
+            waiting_windows: self.waiting_windows.get(),
+            unconfirmed_exports: self.unconfirmed_exports.get(),
+            webhooks_applied: self.webhooks_applied.get(),
+            webhooks_ignored: self.webhooks_ignored.get(),
+            webhooks_rejected: self.webhooks_rejected.get(),
+            webhooks_not_credited: self.webhooks_not_credited.get(),
+            meter_errors: self.meter_errors.get(),
+            evictions: self.evictions.get(),
+            overrides_not_served: self.overrides_not_served.get(),
+            store_fast_failures: self.store_fast_failures.get(),
+            negative_hits: self.negative_hits.get(),
+            buffer_full: self.buffer_full.get(),
+            dropped_units: self.dropped_units.get(),
             events_applied: l(&self.events_applied),
             events_duplicate: l(&self.events_duplicate),
             events_refused: l(&self.events_refused),
             shadow_would_refuse: l(&self.shadow_would_refuse),
-            anonymous_without_address: l(&self.anonymous_without_address),
+            anonymous_without_address: self.anonymous_without_address.get(),
             held_rate_states: 0,
             rate_states_dropped: 0,
             tracked_clients: 0,

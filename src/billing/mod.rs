@@ -5,12 +5,16 @@ pub(crate) mod event;
 mod jsonl;
 #[cfg(feature = "metronome")]
 mod metronome;
+#[cfg(feature = "stripe")]
+pub(crate) mod prices;
+#[cfg(feature = "stripe")]
+mod reader;
 #[cfg(any(feature = "stripe", feature = "metronome"))]
 mod secret;
 #[cfg(feature = "stripe")]
 mod stripe;
 #[cfg(feature = "stripe")]
-pub(crate) mod topup;
+mod topup;
 #[cfg(feature = "stripe")]
 mod webhook;
 

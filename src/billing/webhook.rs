@@ -8,7 +8,7 @@ use http::StatusCode;
 use stripe_webhook::{EventObject, Webhook, WebhookError};
 
 pub(crate) use super::stripe::read_secrets;
-use super::Secret;
+use super::{reader::StripeReader, Secret};
 use crate::{
     clock::Clock,
     config::{Config, MeterId, PlanId, StripeSettings, TenantId},
@@ -252,7 +252,7 @@ pub struct WebhookHandler {
     /// Reads what an event lacks (a payment's line items) with the secret key.
     pub(super) reader: Option<Arc<StripeReader>>,
     /// The price ids of `[stripe.credits.prices]`'s lookup keys, as Stripe last said.
-    pub(super) lookup_keys: Arc<super::topup::LookupKeys>,
+    pub(super) lookup_keys: Arc<super::prices::LookupKeys>,
     /// The event destination of Stripe's thin meter error events, if configured.
     destination: Option<Arc<Destination>>,
     /// Refusals logged at most once a second: the second of the last log, and the refusals
@@ -296,7 +296,8 @@ impl WebhookHandler {
 
     /// A handler over the parts it uses, for a process that handles webhooks without serving
     /// requests (a webhook-only function): the directory plans are changed in, who is told of
-    /// a change (`node`; the engine, when there is one: see [`new`](Self::new)), the
+    /// a change (`node`; the engine, when there is one: see
+    /// [`Tollgate::webhook_handler`](crate::Tollgate::webhook_handler)), the
     /// configuration in force (read at each delivery, so a reload applies), the clock
     /// signatures are checked against, and the signing secrets. Each store call is bounded by
     /// the configuration's `limits.background_timeout` as it was at this call.
@@ -337,7 +338,7 @@ impl WebhookHandler {
     }
 
     /// Tops up prepaid balances in `quota` from payments, as `[stripe.credits]` configures (a
-    /// handler made with [`new`](Self::new) uses the engine's quota store).
+    /// handler made by [`Tollgate::webhook_handler`](crate::Tollgate::webhook_handler) uses the engine's quota store).
     #[must_use]
     pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
         self.quota = Some(Arc::new(Limited::new(quota, self.calls.clone(), Path::Background)));
@@ -347,7 +348,8 @@ impl WebhookHandler {
     /// Reads what a payment's event lacks (the line items of a checkout session, an invoice's
     /// lines past the ten it embeds) from Stripe's API with `api_key`, from `api_base` or
     /// `https://api.stripe.com/`, within `timeout` (at most 10 s).
-    /// [`from_config`](Self::from_config) sets it from the secret key when there is one.
+    /// [`Tollgate::webhook_handler`](crate::Tollgate::webhook_handler) sets it from the secret key
+    /// when there is one.
     #[must_use]
     pub fn with_api_key(mut self, api_key: Secret, api_base: Option<&str>, timeout: std::time::Duration) -> Self {
         self.reader = Some(Arc::new(StripeReader::new(api_key, api_base, timeout)));
@@ -907,9 +909,6 @@ impl WebhookHandler {
 /// Stripe's meter error events (thin events).
 const METER_ERRORS: [&str; 2] = ["v1.billing.meter.error_report_triggered", "v1.billing.meter.no_meter_found"];
 
-/// The API version the full events are read at: the one async-stripe is generated for.
-const STRIPE_VERSION: &str = "2026-09-30.endive";
-
 /// An event destination: its signing secrets, how to read a full event, and the thin events
 /// handled lately (a redelivery is a duplicate).
 struct Destination {
@@ -917,11 +916,6 @@ struct Destination {
     reader: Option<Arc<StripeReader>>,
     seen: std::sync::Mutex<std::collections::VecDeque<String>>,
 }
-
-type HttpsClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    http_body_util::Empty<Bytes>,
->;
 
 /// How many thin event ids a handler remembers.
 const THIN_SEEN: usize = 1024;
@@ -954,81 +948,6 @@ impl Destination {
             return Err(format!("`{id}` is not an event id"));
         }
         reader.get(&format!("v2/core/events/{id}")).await.map_err(|e| e.why)
-    }
-}
-
-/// Reads Stripe's API while a delivery waits (a full thin event, a payment's line items):
-/// async-stripe has no v2 client and its v1 client would bring a second HTTP stack, so one
-/// GET over the same hyper and rustls stack, with the secret key, within the timeout (at most
-/// 10 s: Stripe waits that long for the delivery's answer), the body at most 1 MiB.
-pub(crate) struct StripeReader {
-    api_key: Secret,
-    api_base: String,
-    timeout: std::time::Duration,
-    client: std::sync::OnceLock<HttpsClient>,
-}
-
-impl fmt::Debug for StripeReader {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StripeReader").field("api_base", &self.api_base).finish_non_exhaustive()
-    }
-}
-
-impl StripeReader {
-    pub(crate) fn new(api_key: Secret, api_base: Option<&str>, timeout: std::time::Duration) -> Self {
-        let base = api_base.unwrap_or("https://api.stripe.com/");
-        let api_base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
-        Self { api_key, api_base, timeout, client: std::sync::OnceLock::new() }
-    }
-
-    /// `GET {api_base}{path}` (a path and query, without a leading `/`) at
-    /// [`STRIPE_VERSION`]: the JSON body of a 2xx, or why not.
-    pub(crate) async fn get(&self, path: &str) -> Result<serde_json::Value, ReadError> {
-        use http_body_util::BodyExt;
-        let client = self.client.get_or_init(|| {
-            let connector =
-                hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
-        });
-        let passing = |e: &dyn fmt::Display| ReadError { permanent: false, why: e.to_string() };
-        let request = http::Request::get(format!("{}{path}", self.api_base))
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
-            .header("stripe-version", STRIPE_VERSION)
-            .body(http_body_util::Empty::new())
-            .map_err(|e| ReadError { permanent: true, why: e.to_string() })?;
-        let read = async {
-            let response = client.request(request).await.map_err(|e| passing(&e))?;
-            let status = response.status();
-            let body = http_body_util::Limited::new(response.into_body(), WebhookHandler::MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| passing(&e))?
-                .to_bytes();
-            if !status.is_success() {
-                // A refusal (a key that may not read it, an object of another account) stays
-                // one; a rate limit or a server error may pass.
-                let permanent = status.is_client_error() && status != http::StatusCode::TOO_MANY_REQUESTS;
-                let why = format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
-                return Err(ReadError { permanent, why });
-            }
-            serde_json::from_slice(&body).map_err(|e| ReadError { permanent: true, why: e.to_string() })
-        };
-        let limit = self.timeout.min(std::time::Duration::from_secs(10));
-        tokio::time::timeout(limit, read).await.map_err(|_| passing(&"timed out"))?
-    }
-}
-
-/// Why a read of Stripe's API failed, and whether trying again later may succeed.
-#[derive(Debug)]
-pub(crate) struct ReadError {
-    /// A 4xx (but 429) or an answer that cannot be read: trying again will not help.
-    pub(crate) permanent: bool,
-    pub(crate) why: String,
-}
-
-impl fmt::Display for ReadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.why)
     }
 }
 

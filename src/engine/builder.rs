@@ -3,17 +3,19 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::{
-    engine::{Shared, Tollgate},
-    events::EventRecorder,
-    export::Exporter,
-    flush::Pipeline,
-    idempotency::Idempotency,
-    lease::Leases,
+use super::Worker;
+use crate::engine::{
+    admit::idempotency::Idempotency,
+    admit::table::TenantTable,
+    engine::Tollgate,
+    export::exporter::Exporter,
     node::NodeIds,
+    shared::{Shared, SharedParts},
     store_calls::StoreCalls,
-    table::TenantTable,
-    thresholds::{ThresholdCrossed, ThresholdHook, Thresholds},
+    usage::events::EventRecorder,
+    usage::flush::Pipeline,
+    usage::lease::Leases,
+    usage::thresholds::{ThresholdCrossed, ThresholdHook, Thresholds},
 };
 use crate::{
     billing::BillingSink,
@@ -22,7 +24,6 @@ use crate::{
     metrics::{Metrics, Totals},
     plan::Runtime,
     store::{DirectoryStore, IdempotencyStore, MemoryStore, QuotaStore, Roles, Store, UsageExportStore},
-    worker::Worker,
 };
 
 /// Why [`Builder::open`] could not build an engine.
@@ -391,18 +392,18 @@ impl Builder {
             directory: self.directory.unwrap_or_else(|| all.clone()),
             idempotency: self.idempotency.unwrap_or(all),
         };
-        let totals = Arc::new(Totals::default());
-        let stores = Arc::new(StoreCalls::new(roles, metrics.clone(), totals.clone(), clock.clone(), &runtime.config));
+        let totals = Arc::new(Totals::register());
+        let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));
         let ids = Arc::new(NodeIds::new());
         let leases = Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold), clock.clone());
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
         let customer_field =
             self.sink.as_ref().map_or_else(|| customer_field_of(&runtime.config), |s| s.customer_field());
-        let pipeline = Pipeline::new(stores.clone(), metrics.clone(), totals.clone(), clock.clone(), needs_customer);
+        let pipeline = Pipeline::new(stores.clone(), totals.clone(), clock.clone(), needs_customer);
         let exporter =
             Exporter::new(self.sink, stores.clone(), ids.clone(), clock.clone(), metrics.clone(), totals.clone());
         let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone());
-        let shared = Shared {
+        let shared = Shared::from(SharedParts {
             runtime: ArcSwap::from_pointee(runtime),
             table: TenantTable::new(limits.max_tenants, metrics.rate_states_dropped.clone()),
             stores,
@@ -421,12 +422,12 @@ impl Builder {
             sweep_now: Notify::new(),
             in_flight: crate::tenant::InFlightCounts::default(),
             shutdown: shutdown_tx,
-            key_lookups: super::clients::KeyLookups::new(limits.max_clients),
-            credit_expiry: super::credits::CreditExpiry::default(),
+            key_lookups: crate::engine::admit::clients::KeyLookups::new(limits.max_clients),
+            credit_expiry: crate::engine::usage::credits::CreditExpiry::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
             unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
-        };
+        });
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
         (tollgate, worker)
@@ -436,4 +437,73 @@ impl Builder {
 /// The billing customer the configuration's sink bills (without a sink given in code).
 fn customer_field_of(config: &Config) -> crate::base::CustomerField {
     config.export.sink.map(crate::base::SinkKind::customer_field).unwrap_or_default()
+}
+
+#[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
+impl Tollgate {
+    /// A Stripe webhook handler for the tenants of this engine's directory, verifying with any
+    /// of `secrets`: plan changes apply at once on this node (the engine forgets the tenant),
+    /// within `limits.directory_ttl` on the others. Its store calls are this engine's
+    /// background calls (`limits.background_timeout`).
+    #[must_use]
+    pub fn webhook_handler_with_secrets(&self, secrets: Vec<crate::billing::Secret>) -> crate::billing::WebhookHandler {
+        let config = self.clone();
+        let stores = self.shared.stores();
+        crate::billing::WebhookHandler::calling(
+            stores.policy().clone(),
+            stores.given().directory.clone(),
+            Arc::new(self.clone()),
+            move || config.config(),
+            self.shared.clock().clone(),
+            secrets,
+        )
+        .with_quota(stores.given().quota.clone())
+    }
+
+    /// A Stripe webhook handler as the configuration sets it up: the signing secrets of
+    /// `stripe.webhook_secret_file`, or of `STRIPE_WEBHOOK_SECRET` (comma-separated); the
+    /// secret key (`stripe.secret_key_file` or `STRIPE_SECRET_KEY`), when there is one, to read
+    /// what payments' events lack; the event destination of Stripe's meter errors, if
+    /// configured.
+    ///
+    /// # Errors
+    /// No signing secret, a file that cannot be read, or a `[stripe.credits]` price named by a
+    /// lookup key without a secret key.
+    pub fn webhook_handler(&self) -> Result<crate::billing::WebhookHandler, crate::billing::StripeSetupError> {
+        use crate::billing::{read_secrets, StripeSetupError};
+        let config = self.config();
+        let file = config.stripe().and_then(|s| s.webhook_secret_file.as_deref());
+        let secrets = read_secrets(file, "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
+        let mut handler = self.webhook_handler_with_secrets(secrets);
+        let Some(stripe) = config.stripe() else { return Ok(handler) };
+        // The secret key reads what payments' events lack, when there is one.
+        let key = read_secrets(stripe.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")
+            .ok()
+            .and_then(|k| k.into_iter().next());
+        if let Some(key) = key.clone() {
+            handler = handler.with_api_key(key, stripe.api_base.as_deref(), stripe.timeout);
+        } else if let Some(lookup) =
+            stripe.credits.as_ref().and_then(|c| c.prices.keys().find(|k| crate::billing::prices::is_lookup_key(k)))
+        {
+            return Err(StripeSetupError::LookupKeyWithoutSecretKey { key: lookup.clone() });
+        } else if stripe.credits.is_some() {
+            tracing::warn!(
+                "[stripe.credits] without a Stripe secret key: checkout sessions without `tollgate_units` \
+                metadata cannot be read for their line items, and grant nothing (logged) until one is set"
+            );
+        }
+        // The event destination of Stripe's meter errors, if one is configured.
+        let destination = match read_secrets(
+            stripe.event_destination_secret_file.as_deref(),
+            "STRIPE_EVENT_DESTINATION_SECRET",
+            "event_destination_secret_file",
+        ) {
+            Ok(secrets) => secrets,
+            Err(StripeSetupError::MissingSecret { .. }) => return Ok(handler),
+            Err(e) => return Err(e),
+        };
+        // The full event is fetched with the API key, when there is one.
+        Ok(handler.with_event_destination(destination, key, stripe.api_base.as_deref(), stripe.timeout))
+    }
 }

@@ -3,26 +3,22 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch, Notify};
 
-use super::{
-    charge::RateCharge,
-    events::EventRecorder,
-    export::{ExportReport, Exporter},
-    flush::{FlushReport, Pipeline},
-    idempotency::{check_key, Claim, Idempotency},
-    lease::Leases,
-    node::NodeIds,
-    reconcile::{ReconcileError, ReconcileReport, ReconcileRequest},
-    store_calls::StoreCalls,
-    table::{Lookup, TenantTable, ANONYMOUS},
-    ticket::Ticket,
+use crate::engine::{
+    admit::charge::RateCharge,
+    admit::idempotency::{check_key, Claim, Idempotency},
+    admit::table::{Lookup, ANONYMOUS},
+    admit::ticket::Ticket,
+    export::exporter::ExportReport,
+    export::reconcile::{ReconcileError, ReconcileReport, ReconcileRequest},
+    shared::Shared,
+    usage::flush::FlushReport,
 };
 use crate::{
     billing::MeterEvent,
     clock::Clock,
     config::TenantId,
-    metrics::{Metrics, Stats, Totals},
+    metrics::Stats,
     plan::{RouteCost, Runtime},
     response::{Rejection, RejectionKind},
     store::{DirectoryStore, IdempotencyStore, QuotaStore, StoreError, UsageExportStore},
@@ -209,58 +205,6 @@ impl fmt::Debug for PendingAdmission {
     }
 }
 
-pub(crate) struct Prefetch {
-    pub(crate) state: Tenant,
-    pub(crate) meter: usize,
-}
-
-/// What every clone of the engine shares: the configuration in force, the tenants, and the
-/// parts that own the rest (each handed what it needs).
-pub(crate) struct Shared {
-    pub(crate) runtime: ArcSwap<Runtime>,
-    pub(crate) table: TenantTable,
-    /// The store of each role, the time limit of a call and the log of store errors.
-    pub(crate) stores: Arc<StoreCalls>,
-    /// This node's id and the sequence numbers of its calls.
-    pub(crate) ids: Arc<NodeIds>,
-    /// Quota leases (with the threshold notifications their answers trigger).
-    pub(crate) leases: Leases,
-    /// Usage drained from the tenants and not yet committed, flushed in batches.
-    pub(crate) pipeline: Pipeline,
-    /// The billing export.
-    pub(crate) exporter: Exporter,
-    /// Which of a tenant's billing customers its usage is billed to: the sink's, else the one
-    /// of the sink the configuration names.
-    pub(crate) customer_field: crate::base::CustomerField,
-    /// Usage events of jobs and queues.
-    pub(crate) events: EventRecorder,
-    /// Whether the store is the one the configuration's `[store]` names (opened by
-    /// `Builder::open`), which a reload may then not change.
-    pub(crate) store_configured: bool,
-    pub(crate) clock: Clock,
-    pub(crate) idempotency: Idempotency,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) totals: Arc<Totals>,
-    pub(crate) prefetch: mpsc::Sender<Prefetch>,
-    pub(crate) sweep_now: Notify,
-    /// The requests in flight of tenants whose plan limits them, by tenant.
-    pub(crate) in_flight: crate::tenant::InFlightCounts,
-    pub(crate) shutdown: watch::Sender<bool>,
-    /// Credentials the directory did not know, each with when it stops being remembered (the
-    /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it
-    /// unknown, whatever the hits since.
-    pub(crate) unknown: moka::sync::Cache<(u64, u64), i64>,
-    /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
-    pub(crate) key_lookups: super::clients::KeyLookups,
-    /// Expired credit grants whose close failed here, waiting to be tried again.
-    pub(crate) credit_expiry: super::credits::CreditExpiry,
-    /// Set when shutdown begins: no request is admitted after it (its usage would come after
-    /// the final flush, and its lease after the leases were given back).
-    pub(crate) stopping: std::sync::atomic::AtomicBool,
-    /// When the engine was built: settlements begun since then are all of them.
-    pub(crate) started: std::time::Instant,
-}
-
 /// An anonymous caller's `Idempotency-Key` scoped to its client address: the key, a NUL (no
 /// key has one: they are visible ASCII), the address's group.
 fn scoped_key(key: &[u8], keys: &crate::tenant::ClientKeys, ip: Option<std::net::IpAddr>) -> Vec<u8> {
@@ -275,7 +219,7 @@ impl std::ops::Deref for RuntimeSource {
     type Target = ArcSwap<Runtime>;
 
     fn deref(&self) -> &ArcSwap<Runtime> {
-        &self.0.runtime
+        self.0.runtime()
     }
 }
 
@@ -311,8 +255,8 @@ pub struct Tollgate {
 impl fmt::Debug for Tollgate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tollgate")
-            .field("tenants", &self.shared.table.len())
-            .field("stores", &self.shared.stores)
+            .field("tenants", &self.shared.table().len())
+            .field("stores", self.shared.stores())
             .finish_non_exhaustive()
     }
 }
@@ -348,7 +292,7 @@ impl Tollgate {
         req: &RequestInfo<'_>,
         client: impl FnOnce() -> Option<crate::tenant::Client>,
     ) -> Admission {
-        if self.shared.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.shared.stopping().load(std::sync::atomic::Ordering::Relaxed) {
             return self.reject(
                 Rejection::new(RejectionKind::StoreUnavailable, "the server is stopping; send the request again")
                     .with_retry_after(1),
@@ -404,7 +348,7 @@ impl Tollgate {
         };
         let mut route = rt.route(req.method, &path);
         let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, &path, req.query)));
-        match self.shared.table.get(lookup) {
+        match self.shared.table().get(lookup) {
             Some(state) => {
                 // A state of the configuration before a reload, met in the moment before its
                 // eviction: its plan indexes meters its own way.
@@ -479,7 +423,7 @@ impl Tollgate {
     /// configuration it was decided under.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
         let PendingAdmission { mut stage, mut route, rt, idempotency } = pending;
-        let rt = rt.unwrap_or_else(|| self.shared.runtime.load_full());
+        let rt = rt.unwrap_or_else(|| self.shared.runtime().load_full());
         loop {
             let next = match stage {
                 Stage::Quota(partial) => return self.lease_and_take(*partial, route, &rt).await,
@@ -526,21 +470,21 @@ impl Tollgate {
         ) && rejection.status() == http::StatusCode::TOO_MANY_REQUESTS
             // A prepaid balance answered 429 is not a policy of RateLimit-Policy.
             && !rejection.policy().is_some_and(|p| p.ends_with("-prepaid"))
-            && self.shared.runtime.load().config.limits.headers == crate::config::HeaderStyle::Draft
+            && self.shared.runtime().load().config.limits.headers == crate::config::HeaderStyle::Draft
         {
             rejection.inner.quota_exceeded_type = true;
         }
         if matches!(
             rejection.kind(),
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials | RejectionKind::MalformedCredentials
-        ) && self.shared.runtime.load().config.limits.shadow
+        ) && self.shared.runtime().load().config.limits.shadow
         {
             // Shadow mode for the whole configuration: unidentified requests pass, counted.
             rejection.inner.shadowed = true;
             self.would_refuse(&rejection);
             return rejection;
         }
-        self.shared.metrics.rejected(rejection.kind()).increment(1);
+        self.shared.metrics().rejected(rejection.kind()).increment(1);
         tracing::debug!(
             reason = rejection.kind().label(),
             tenant = rejection.tenant().map(|t| t.as_str()),
@@ -559,7 +503,7 @@ impl Tollgate {
     /// # Errors
     /// The store error that stopped the flush; nothing is lost.
     pub async fn flush(&self) -> Result<FlushReport, StoreError> {
-        self.shared.pipeline.flush(&self.shared.runtime, &self.shared.table, &self.shared.leases).await
+        self.shared.pipeline().flush(self.shared.runtime(), self.shared.table(), self.shared.leases()).await
     }
 
     /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,
@@ -601,18 +545,18 @@ impl Tollgate {
     /// No sink or one that cannot be read back ([`ReconcileError::Unreadable`]), the store, or
     /// the billing system failed.
     pub async fn reconcile(&self, request: &ReconcileRequest) -> Result<ReconcileReport, ReconcileError> {
-        self.shared.exporter.reconcile(&self.shared.runtime.load_full(), request).await
+        self.shared.exporter().reconcile(&self.shared.runtime().load_full(), request).await
     }
 
     /// The worker's reconciliation pass: with `fix`, over the hours that reach every event
     /// from `export.reconcile_after` after its export until past the billing system's
-    /// de-duplication horizon ([`worker_reach`](super::reconcile::worker_reach)); sets the drift gauges.
+    /// de-duplication horizon ([`worker_reach`](crate::engine::export::reconcile::worker_reach)); sets the drift gauges.
     pub(crate) async fn reconcile_pass(&self) -> Result<ReconcileReport, ReconcileError> {
-        let rt = self.shared.runtime.load_full();
-        let now = self.shared.clock.unix_secs();
-        let from = now - super::reconcile::worker_reach(&rt);
+        let rt = self.shared.runtime().load_full();
+        let now = self.shared.clock().unix_secs();
+        let from = now - crate::engine::export::reconcile::worker_reach(&rt);
         let report = self.reconcile(&ReconcileRequest::new(from, now).fix(true)).await?;
-        self.shared.exporter.record_drift(&report);
+        self.shared.exporter().record_drift(&report);
         Ok(report)
     }
 
@@ -623,20 +567,20 @@ impl Tollgate {
     /// # Errors
     /// A store error.
     pub async fn export_preview(&self) -> Result<Vec<MeterEvent>, StoreError> {
-        self.shared.exporter.preview(&self.shared.runtime.load_full()).await
+        self.shared.exporter().preview(&self.shared.runtime().load_full()).await
     }
 
     /// [`export`](Self::export); with `all`, windows still open count as closed (the final
     /// export of a store that does not outlive the process), with timestamps no later than
     /// now.
     pub(crate) async fn export_pass(&self, all: bool) -> Result<ExportReport, StoreError> {
-        self.shared.exporter.export_pass(&self.shared.runtime, all).await
+        self.shared.exporter().export_pass(self.shared.runtime(), all).await
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes
     /// what they used beyond them.
     pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> usize {
-        self.shared.leases.return_leases(states).await
+        self.shared.leases().return_leases(states).await
     }
 
     /// Waits, at most `limit`, for this node's `Idempotency-Key` settlements that began at or
@@ -648,20 +592,20 @@ impl Tollgate {
     /// Usually `usage.store_timeout` is enough. Settlements begun earlier (retrying after a
     /// store hiccup) are not waited for.
     pub async fn settlements_done(&self, since: std::time::Instant, limit: Duration) -> bool {
-        super::idempotency::all_settled(&self.shared.idempotency.settling, since, limit).await
+        self.shared.idempotency().all_settled(since, limit).await
     }
 
     /// `usage.store_timeout` of the configuration in force: how long one store call may take.
     #[must_use]
     pub fn store_timeout(&self) -> Duration {
-        self.shared.runtime.load().config.usage.store_timeout
+        self.shared.runtime().load().config.usage.store_timeout
     }
 
     /// `usage.flush_interval` of the configuration in force: how often usage should reach the
     /// store (the worker's pace; a front door that flushes itself, as on Lambda, follows it).
     #[must_use]
     pub fn flush_interval(&self) -> Duration {
-        self.shared.runtime.load().config.usage.flush_interval
+        self.shared.runtime().load().config.usage.flush_interval
     }
 
     /// This engine's node id (drawn anew by [`after_restore`](Self::after_restore)), for tests
@@ -670,20 +614,20 @@ impl Tollgate {
     #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     #[must_use]
     pub fn node_id(&self) -> u64 {
-        self.shared.ids.node()
+        self.shared.ids().node()
     }
 
     /// Counters of the background paths, and the number of tenants held.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        let mut stats = self.shared.totals.snapshot(self.shared.table.len());
-        stats.held_rate_states = self.shared.table.rates.len() as u64;
-        stats.rate_states_dropped = self.shared.table.rates.dropped();
-        let responses = &self.shared.idempotency.responses;
+        let mut stats = self.shared.totals().snapshot(self.shared.table().len());
+        stats.held_rate_states = self.shared.table().rates().len() as u64;
+        stats.rate_states_dropped = self.shared.table().rates().dropped();
+        let responses = self.shared.idempotency().responses();
         stats.responses_stored = responses.stored.load(std::sync::atomic::Ordering::Relaxed);
         stats.responses_not_stored = responses.not_stored_total();
         stats.response_bytes_buffered = responses.buffered.load(std::sync::atomic::Ordering::Relaxed);
-        if let Some(clients) = self.shared.runtime.load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
+        if let Some(clients) = self.shared.runtime().load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
             clients.cells.settle();
             stats.tracked_clients = clients.cells.len();
         }
@@ -693,37 +637,37 @@ impl Tollgate {
     /// The clock the engine reads.
     #[must_use]
     pub fn clock(&self) -> &Clock {
-        &self.shared.clock
+        self.shared.clock()
     }
 
     /// The store of the quota role: leases are reserved from it.
     #[must_use]
     pub fn quota_store(&self) -> &Arc<dyn QuotaStore> {
-        &self.shared.stores.given().quota
+        &self.shared.stores().given().quota
     }
 
     /// The store of the usage and export roles: usage is flushed to it and exported from it.
     #[must_use]
     pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
-        &self.shared.stores.given().usage
+        &self.shared.stores().given().usage
     }
 
     /// The store of the directory role: tenants and keys are looked up in it.
     #[must_use]
     pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
-        &self.shared.stores.given().directory
+        &self.shared.stores().given().directory
     }
 
     /// The store of the idempotency role: `Idempotency-Key` bindings are claimed in it.
     #[must_use]
     pub fn idempotency_store(&self) -> &Arc<dyn IdempotencyStore> {
-        &self.shared.stores.given().idempotency
+        &self.shared.stores().given().idempotency
     }
 
     /// The configuration in force.
     #[must_use]
     pub fn config(&self) -> crate::config::Config {
-        self.shared.runtime.load().config.clone()
+        self.shared.runtime().load().config.clone()
     }
 }
 

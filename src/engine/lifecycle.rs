@@ -3,8 +3,8 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use super::{engine::Prefetch, ExportReport, FlushReport, Tollgate};
-use crate::{config::Config, metrics::Totals, plan::Runtime, store::StoreError};
+use crate::engine::{shared::Prefetch, ExportReport, FlushReport, Tollgate};
+use crate::{config::Config, plan::Runtime, store::StoreError};
 
 /// What [`Tollgate::shutdown`] drained, and what it could not do in time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -75,23 +75,22 @@ impl Tollgate {
     /// seen ones while more than `limits.max_tenants` are held. Their usage is flushed by the
     /// next flush and their leases are given back. Returns how many were evicted.
     pub async fn sweep(&self) -> usize {
-        self.shared.events.sweep();
-        let rt = self.shared.runtime.load_full();
+        self.shared.events().sweep();
+        let rt = self.shared.runtime().load_full();
         let limits = &rt.config.limits;
-        let cutoff = self.shared.clock.unix_secs() - limits.idle_timeout.as_secs() as i64;
-        let mut seen = self.shared.table.last_seen();
+        let cutoff = self.shared.clock().unix_secs() - limits.idle_timeout.as_secs() as i64;
+        let mut seen = self.shared.table().last_seen();
         let (mut evict, mut keep): (Vec<_>, Vec<_>) = seen.drain(..).partition(|(t, _)| *t < cutoff);
         if keep.len() > limits.max_tenants {
             keep.sort_by_key(|(t, _)| *t);
             let extra = keep.len() - limits.max_tenants;
             evict.extend(keep.drain(..extra));
         }
-        let states = self.shared.table.evict(evict.into_iter().map(|(_, id)| id));
+        let states = self.shared.table().evict(evict.into_iter().map(|(_, id)| id));
         let n = states.len();
         if n > 0 {
-            Totals::add(&self.shared.totals.evictions, n as u64);
-            self.shared.metrics.evictions.increment(n as u64);
-            self.shared.metrics.tenants.set(self.shared.table.len() as f64);
+            self.shared.totals().evictions.add(n as u64);
+            self.shared.metrics().tenants.set(self.shared.table().len() as f64);
             tracing::debug!(evicted = n, "tenants evicted");
         }
         self.return_leases(states).await;
@@ -108,15 +107,15 @@ impl Tollgate {
     /// (`[store]`) is refused, naming the file, line and key that changed; the running
     /// configuration and store stay. A store given in code is not the file's to change.
     pub async fn reload(&self, config: Config) -> Result<(), crate::config::ConfigError> {
-        if self.shared.store_configured {
-            self.shared.runtime.load().config.check_same_store(&config)?;
+        if self.shared.store_configured() {
+            self.shared.runtime().load().config.check_same_store(&config)?;
         }
-        let rt = Runtime::compile(config, &self.shared.metrics, &self.shared.clock);
-        self.shared.table.rates.set_cap(rt.config.limits.max_tenants);
-        self.shared.stores.configure(&rt.config);
-        self.shared.runtime.store(Arc::new(rt));
+        let rt = Runtime::compile(config, self.shared.metrics(), self.shared.clock());
+        self.shared.table().rates().set_cap(rt.config.limits.max_tenants);
+        self.shared.stores().configure(&rt.config);
+        self.shared.runtime().store(Arc::new(rt));
         // Every tenant gets a state of the new configuration; their buckets carry over.
-        let states = self.shared.table.evict_all();
+        let states = self.shared.table().evict_all();
         self.return_leases(states).await;
         tracing::info!("configuration reloaded");
         Ok(())
@@ -130,7 +129,7 @@ impl Tollgate {
     /// A [`ShutdownError`] saying how many records and units were not flushed (also logged);
     /// leases are still given back where the store takes them.
     pub async fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
-        let budget = self.shared.runtime.load().config.usage.shutdown_timeout;
+        let budget = self.shared.runtime().load().config.usage.shutdown_timeout;
         self.shutdown_within(budget, true).await
     }
 
@@ -158,14 +157,14 @@ impl Tollgate {
         let started = tokio::time::Instant::now();
         let deadline = started + budget;
         // 1. Stop admitting.
-        self.shared.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.shared.shutdown.send(true);
-        let rt = self.shared.runtime.load_full();
-        let durable = self.shared.stores.given().usage.is_durable();
+        self.shared.stopping().store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.shared.shutdown().send(true);
+        let rt = self.shared.runtime().load_full();
+        let durable = self.shared.stores().given().usage.is_durable();
         let mut report = ShutdownReport::default();
         // 2. Settle the keys of requests that ended.
         let settle_for = (rt.config.usage.store_timeout * 2).min(budget / 4);
-        report.keys_settled = self.settlements_done(self.shared.started, settle_for).await;
+        report.keys_settled = self.settlements_done(self.shared.started(), settle_for).await;
         if !report.keys_settled {
             tracing::error!("shutdown: some Idempotency-Key settlements did not reach the store in time");
         }
@@ -197,7 +196,7 @@ impl Tollgate {
         // 4. Give every lease back: what is left of the budget, at least a sixth of it.
         let leases_until = deadline.max(tokio::time::Instant::now() + budget / 6);
         let mut live = Vec::new();
-        self.shared.table.for_each(|s| live.push(s.clone()));
+        self.shared.table().for_each(|s| live.push(s.clone()));
         report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(0));
         if !report.leases_returned {
             tracing::error!(
@@ -257,7 +256,7 @@ impl Tollgate {
         match flushed.and(unexported.map_or(Ok(()), Err)) {
             Ok(()) => Ok(report),
             Err(source) => {
-                let (records, units) = self.shared.pipeline.lock().await.held();
+                let (records, units) = self.shared.pipeline().lock().await.held();
                 let err = ShutdownError { records, units, source };
                 tracing::error!(records, units, error = %err.source, "shutdown: usage not flushed is lost");
                 Err(err)
@@ -270,7 +269,7 @@ impl Tollgate {
     /// within the short shutdown phase, where the full [`shutdown`](Self::shutdown) with its
     /// export may not fit).
     pub async fn release_leases(&self) {
-        let states = self.shared.table.evict_all();
+        let states = self.shared.table().evict_all();
         self.return_leases(states).await;
     }
 
@@ -285,7 +284,7 @@ impl Tollgate {
     pub async fn before_snapshot(&self) -> Result<FlushReport, StoreError> {
         self.release_leases().await;
         let report = self.flush().await?;
-        let (records, _) = self.shared.pipeline.lock().await.held();
+        let (records, _) = self.shared.pipeline().lock().await.held();
         if records > 0 {
             return Err(StoreError::Backend(format!("{records} usage records are still unflushed").into()));
         }
@@ -298,16 +297,16 @@ impl Tollgate {
     /// and reads the wall clock again. Copies of one snapshot then never share a flush id or
     /// a lease.
     pub async fn after_restore(&self) {
-        self.shared.ids.renew();
-        self.shared.pipeline.lock().await.renew_node();
-        self.shared.table.reseed();
+        self.shared.ids().renew();
+        self.shared.pipeline().lock().await.renew_node();
+        self.shared.table().reseed();
         // Normally none (`before_snapshot` let every tenant go, and nothing ran since). What
         // is left was in the snapshot, so it is in every copy: none may give its leases back
         // or flush its usage (each would). It is forgotten: its leases under-admit until
         // their period ends rather than over-admit, its usage is not billed rather than
         // billed once per copy.
-        drop(self.shared.table.evict_all());
-        let left = std::mem::take(&mut *self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(self.shared.table().evict_all());
+        let left = std::mem::take(&mut *self.shared.table().retired());
         let mut units = 0u64;
         for state in &left {
             for cell in state.quotas() {
@@ -319,8 +318,8 @@ impl Tollgate {
         if !left.is_empty() {
             tracing::warn!(tenants = left.len(), units, "restored: tenant state left in the snapshot was forgotten");
         }
-        self.shared.unknown.invalidate_all();
-        self.shared.clock.resync();
+        self.shared.unknown().invalidate_all();
+        self.shared.clock().resync();
         tracing::info!("restored from a snapshot: new node id and secrets");
     }
 
@@ -337,15 +336,15 @@ impl Tollgate {
         let Some(cell) = state.quota(job.meter) else {
             return;
         };
-        let rt = self.shared.runtime.load_full();
-        let now = self.shared.clock.unix_secs();
+        let rt = self.shared.runtime().load_full();
+        let now = self.shared.clock().unix_secs();
         let result = self
             .shared
-            .stores
+            .stores()
             .under_lock(cell.lock(), async {
-                self.shared.leases.settle_inflight(cell).await?;
+                self.shared.leases().settle_inflight(cell).await?;
                 if cell.lease() < cell.low() {
-                    self.shared.leases.refill_locked(&rt, cell, now, 0).await?;
+                    self.shared.leases().refill_locked(&rt, cell, now, 0).await?;
                 }
                 Ok(())
             })

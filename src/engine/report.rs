@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{events::EventError, Tollgate};
+use crate::engine::{usage::events::EventError, Tollgate};
 use crate::{
     config::{MeterId, Period, PlanId, QuotaMode, TenantId},
     store::StoreError,
@@ -88,13 +88,13 @@ impl Tollgate {
     /// # Errors
     /// The tenant is unknown, or the store did not answer.
     pub async fn usage_report(&self, tenant: &TenantId, from: i64, to: i64) -> Result<UsageReport, ReportError> {
-        let rt = self.shared.runtime.load_full();
+        let rt = self.shared.runtime().load_full();
         let state = self.known_tenant(tenant).await.map_err(|e| match e {
             EventError::UnknownTenant(t) => ReportError::UnknownTenant(t),
             EventError::Store(e) => ReportError::Store(e),
             other => ReportError::Store(StoreError::Backend(other.to_string().into())),
         })?;
-        let now = self.shared.clock.unix_secs();
+        let now = self.shared.clock().unix_secs();
         let periods: Vec<(MeterId, Period, i64, i64, u64, QuotaMode)> = state
             .quotas()
             .map(|c| {
@@ -110,7 +110,7 @@ impl Tollgate {
         };
         // Held while reading: no flush moves usage from this node into the store meanwhile,
         // so nothing is counted twice or missed.
-        let pipeline = self.shared.pipeline.lock().await;
+        let pipeline = self.shared.pipeline().lock().await;
         let mut local: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
         for ((t, meter, window), q) in pipeline.staged_of(tenant) {
             debug_assert_eq!(t, tenant);
@@ -125,8 +125,8 @@ impl Tollgate {
         };
         // The tenant's state and any retired ones (a plan change), each once: a state retired
         // between the two reads is met in both.
-        let mut states: Vec<Tenant> = self.shared.table.state(tenant).into_iter().collect();
-        for s in self.shared.table.retired.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let mut states: Vec<Tenant> = self.shared.table().state(tenant).into_iter().collect();
+        for s in self.shared.table().retired().iter() {
             if s.id == *tenant && !states.iter().any(|t| Tenant::ptr_eq(t, s)) {
                 states.push(s.clone());
             }
@@ -137,7 +137,7 @@ impl Tollgate {
         let read = |lo: i64, hi: i64| async move {
             let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
             if lo < hi {
-                for a in self.shared.stores.request().usage.usage_range(tenant, lo, hi).await? {
+                for a in self.shared.stores().request().usage.usage_range(tenant, lo, hi).await? {
                     *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
                 }
             }
@@ -154,7 +154,7 @@ impl Tollgate {
         let mut balances: BTreeMap<MeterId, (u64, u64)> = BTreeMap::new();
         for cell in state.quotas().filter(|c| c.prepaid()) {
             let meter = cell.meter_id();
-            let (_, found) = self.shared.stores.request().quota.credit_grants(tenant, Some(meter)).await?;
+            let (_, found) = self.shared.stores().request().quota.credit_grants(tenant, Some(meter)).await?;
             let b = found.into_iter().find(|(m, _)| m == meter).map(|(_, b)| b).unwrap_or_default();
             let (_, end) = cell.period();
             let held = if now < end { cell.lease().max(0) as u64 } else { 0 };

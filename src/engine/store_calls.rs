@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use crate::{
     clock::Clock,
     config::Config,
-    metrics::{Metrics, Totals},
+    metrics::Totals,
     store::{
         limited::{within_deadline, Limited, Path, Policy},
         Roles, StoreError, UsageExportStore,
@@ -39,8 +39,8 @@ pub(crate) struct StoreCalls {
 }
 
 impl StoreCalls {
-    pub(crate) fn new(given: Roles, metrics: Arc<Metrics>, totals: Arc<Totals>, clock: Clock, config: &Config) -> Self {
-        let policy = Arc::new(Policy::new(metrics, totals, clock));
+    pub(crate) fn new(given: Roles, totals: Arc<Totals>, clock: Clock, config: &Config) -> Self {
+        let policy = Arc::new(Policy::new(totals, clock));
         policy.configure(config);
         Self {
             request: wrapped(&given, &policy, Path::Request),

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::{
     clock::Clock,
     config::{Config, MeterId, PlanId, TenantId},
-    metrics::{Metrics, Totals},
+    metrics::Totals,
     store::{
         ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
         DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
@@ -83,7 +83,6 @@ pub(crate) struct Policy {
     /// When store errors were last logged, and how many came since.
     logged_at: AtomicI64,
     unlogged: AtomicU64,
-    metrics: Arc<Metrics>,
     totals: Arc<Totals>,
     clock: Clock,
     /// The request path's store calls failed this many times in a row.
@@ -98,13 +97,12 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl Policy {
-    pub(crate) fn new(metrics: Arc<Metrics>, totals: Arc<Totals>, clock: Clock) -> Self {
+    pub(crate) fn new(totals: Arc<Totals>, clock: Clock) -> Self {
         Self {
             limits: [nanos(Duration::from_millis(250)), nanos(Duration::from_secs(10)), nanos(BACKGROUND_TIMEOUT)]
                 .map(AtomicU64::new),
             logged_at: AtomicI64::new(0),
             unlogged: AtomicU64::new(0),
-            metrics,
             totals,
             clock,
             failures: AtomicU32::new(0),
@@ -116,7 +114,7 @@ impl Policy {
     /// The policy of stores used without an engine: background calls of
     /// [`BACKGROUND_TIMEOUT`] each until [configured](Self::configure).
     pub(crate) fn standalone() -> Arc<Self> {
-        Arc::new(Self::new(Arc::new(Metrics::register()), Arc::new(Totals::default()), Clock::system()))
+        Arc::new(Self::new(Arc::new(Totals::register()), Clock::system()))
     }
 
     /// Takes the time limits of `config`.
@@ -160,8 +158,7 @@ impl Policy {
 
     /// A call failed fast: counted.
     pub(crate) fn fast_failure(&self) -> StoreError {
-        self.metrics.store_fast_failures.increment(1);
-        Totals::add(&self.totals.store_fast_failures, 1);
+        self.totals.store_fast_failures.add(1);
         StoreError::Backend("the store failed several times in a row: failing fast for a moment".into())
     }
 
@@ -200,8 +197,7 @@ impl Policy {
         if matches!(e, StoreError::Conflict(_)) {
             return;
         }
-        self.metrics.store_errors.increment(1);
-        Totals::add(&self.totals.store_errors, 1);
+        self.totals.store_errors.add(1);
         let now = self.clock.unix_nanos();
         self.unlogged.fetch_add(1, Relaxed);
         let last = self.logged_at.load(Relaxed);

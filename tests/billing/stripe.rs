@@ -1482,13 +1482,12 @@ async fn stripe_s_meter_errors_are_verified_fetched_counted_and_reconciled() {
     }));
     let now = NOON + 3 * HOUR;
     at(&h.clock, &standin, now);
-    let handler = tollgate::billing::WebhookHandler::new(h.tollgate.clone(), vec![Secret::new("whsec_webhooks")])
-        .with_event_destination(
-            vec![Secret::new(DESTINATION)],
-            Some(Secret::new(SECRET)),
-            Some(&standin.url),
-            Duration::from_secs(5),
-        );
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new("whsec_webhooks")]).with_event_destination(
+        vec![Secret::new(DESTINATION)],
+        Some(Secret::new(SECRET)),
+        Some(&standin.url),
+        Duration::from_secs(5),
+    );
     let sign = |payload: &str, secret: &str| stripe_webhook::Webhook::generate_test_header(payload, secret, Some(now));
     let e = thin_event("evt_test_meter_1", "v1.billing.meter.error_report_triggered");
     // Signed with the webhook endpoint's secret, not the destination's: refused.
@@ -1525,7 +1524,7 @@ async fn stripe_s_meter_errors_are_verified_fetched_counted_and_reconciled() {
     let e3 = thin_event("evt_test_3", "v1.account.updated");
     let reply = handler.handle(Some(&sign(&e3, DESTINATION)), e3.as_bytes()).await;
     assert_eq!((reply.status().as_u16(), reply.outcome), (200, tollgate::billing::WebhookOutcome::Ignored));
-    let plain = tollgate::billing::WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(DESTINATION)]);
+    let plain = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(DESTINATION)]);
     assert_eq!(plain.handle(Some(&sign(&e, DESTINATION)), e.as_bytes()).await.status(), 400);
     assert_eq!(h.tollgate.stats().meter_errors, 2);
 }

@@ -172,7 +172,7 @@ async fn setup(store: Arc<dyn Store>, refunds: &str) -> Setup {
     let toml = config(refunds);
     let h = Harness::with_store(&toml, store.clone(), NOON);
     let stripe = StandIn::start(&[]).await;
-    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET)]).with_api_key(
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
         Secret::new(common::stripe::SECRET),
         Some(&stripe.url),
         Duration::from_secs(5),
@@ -344,7 +344,7 @@ async fn the_shapes_of_one_payment_grant_once_even_on_different_meters(s: Setup)
 async fn without_a_secret_key_a_payment_needing_its_line_items_is_not_retried_forever() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let s = setup(store.clone(), "proportional").await;
-    let handler = WebhookHandler::new(s.h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let handler = s.h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
     let payload = event("evt_1", "checkout.session.completed", session("cs_1", "cus_acme", true, None, Some("pi_1")));
     let signature = stripe_webhook::Webhook::generate_test_header(&payload, SECRET, Some(NOON));
     let reply = handler.handle(Some(&signature), payload.as_bytes()).await;
@@ -587,12 +587,12 @@ async fn a_lookup_key_without_a_secret_key_is_refused_at_load() {
     );
     let toml = config("proportional").replace("[stripe.credits]", &format!("{stripe}[stripe.credits]"));
     let h = Harness::with_store(&toml, Arc::new(MemoryStore::new()), NOON);
-    let e = WebhookHandler::from_config(h.tollgate.clone()).unwrap_err();
+    let e = h.tollgate.webhook_handler().unwrap_err();
     assert!(e.to_string().contains("stripe.credits.prices.pack_large"), "{e}");
     // By price id only: taken.
     let by_id = toml.replace(", pack_large = 1000", "");
     let h = Harness::with_store(&by_id, Arc::new(MemoryStore::new()), NOON);
-    assert!(WebhookHandler::from_config(h.tollgate.clone()).is_ok());
+    assert!(h.tollgate.webhook_handler().is_ok());
 }
 
 /// A prepaid meter paid up front is kept out of every export with `[meters.X] export = false`:
@@ -648,7 +648,7 @@ async fn a_meter_that_is_not_exported_is_never_billed() {
 #[tokio::test]
 async fn an_invoice_whose_payment_cannot_be_read_is_refused_and_counted() {
     let s = setup(Arc::new(MemoryStore::new()), "proportional").await;
-    let keyless = WebhookHandler::new(s.h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let keyless = s.h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
     let inv = event("evt_1", "invoice.paid", invoice("in_1", "cus_acme", &[("price_pack", 2)]));
     let signature = stripe_webhook::Webhook::generate_test_header(&inv, SECRET, Some(NOON));
     let reply = keyless.handle(Some(&signature), inv.as_bytes()).await;
@@ -673,7 +673,7 @@ async fn an_invoice_whose_payment_cannot_be_read_is_refused_and_counted() {
 #[tokio::test]
 async fn an_invoice_after_its_session_granted_is_a_duplicate_even_without_a_key() {
     let s = setup(Arc::new(MemoryStore::new()), "proportional").await;
-    let keyless = WebhookHandler::new(s.h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let keyless = s.h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
     let send = |payload: String| {
         let signature = stripe_webhook::Webhook::generate_test_header(&payload, SECRET, Some(NOON));
         let handler = &keyless;

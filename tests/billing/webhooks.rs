@@ -142,7 +142,7 @@ async fn setup_on(store: Arc<dyn Store>, config: &str) -> Setup {
     let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
     store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
     let h = Harness::with_store(config, store.clone(), NOON);
-    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET), Secret::new(OLD_SECRET)]);
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET), Secret::new(OLD_SECRET)]);
     Setup { h, store, handler }
 }
 
@@ -232,7 +232,7 @@ async fn rotated_secrets_are_each_accepted_and_any_v1_signature_may_match(s: Set
         format!("{},v1={}", sign(&e2, "whsec_unknown", NOON), sign(&e2, SECRET, NOON).split("v1=").nth(1).unwrap());
     assert_eq!(s.deliver(&e2, &both).await, (200, applied("metered")));
     // A handler that no longer has the previous secret refuses it.
-    let current_only = WebhookHandler::new(s.h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let current_only = s.h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
     let e3 = event("evt_3", "payment_method.attached", NOON, payment_method("cus_acme"));
     assert_eq!(current_only.handle(Some(&sign(&e3, OLD_SECRET, NOON)), e3.as_bytes()).await.status(), 400);
 }
@@ -351,7 +351,7 @@ async fn a_store_failure_is_a_500_and_the_retry_applies() {
     let acme = TenantRecord::new("acme".into(), "free".into()).with_customer("cus_acme");
     store.inner.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
     let h = Harness::with_store(CONFIG, store.clone(), NOON);
-    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
     let e = event("evt_1", "payment_method.attached", NOON, payment_method("cus_acme"));
     store.down.store(true, std::sync::atomic::Ordering::SeqCst);
     let reply = handler.handle(Some(&sign(&e, SECRET, NOON)), e.as_bytes()).await;
@@ -374,7 +374,7 @@ async fn a_plan_change_the_overrides_do_not_fit_is_applied_and_served_without_th
     acme.overrides = Some(r#"{"burst": 10}"#.into());
     store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
     let h = Harness::with_store(&config, store.clone(), NOON);
-    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
     let s = Setup { h, store, handler };
     assert_eq!(s.admitted(1).await, (1, "acme on free".into()));
     let e = event("evt_1", "payment_method.attached", NOON - 10, payment_method("cus_acme"));
@@ -461,7 +461,7 @@ async fn a_webhook_for_a_file_tenant_says_its_plan_is_the_file_s() {
         format!("{CONFIG}[tenants.filed]\nplan = \"free\"\nkeys = [\"key-filed\"]\nstripe_customer = \"cus_filed\"\n");
     let store = Arc::new(MemoryStore::new());
     let h = Harness::with_store(&toml, store.clone(), NOON);
-    let handler = WebhookHandler::new(h.tollgate.clone(), vec![Secret::new(SECRET)]);
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]);
     let e = event(
         "evt_f",
         "customer.subscription.updated",

@@ -600,10 +600,7 @@ fn stripe_signature(_: &str, _: &str, _: i64) -> String {
 /// The webhook handler of a door over `engine`, verifying with [`WEBHOOK_SECRET`].
 #[cfg(feature = "stripe")]
 pub fn webhooks(engine: &Tollgate) -> Arc<tollgate::billing::WebhookHandler> {
-    Arc::new(tollgate::billing::WebhookHandler::new(
-        engine.clone(),
-        vec![tollgate::billing::Secret::new(WEBHOOK_SECRET)],
-    ))
+    Arc::new(engine.webhook_handler_with_secrets(vec![tollgate::billing::Secret::new(WEBHOOK_SECRET)]))
 }
 
 /// The application on `http` types, for the tower layer (and Lambda, whose requests are

@@ -615,7 +615,7 @@ impl Responder for RejectionResponse {
 /// ```no_run
 /// # fn app(engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
 /// use actix_web::{web, App};
-/// let webhooks = tollgate::billing::WebhookHandler::from_config(engine.clone())?;
+/// let webhooks = engine.webhook_handler()?;
 /// let app = App::new()
 ///     .route("/stripe/webhook", tollgate_actix::stripe_webhook(webhooks))
 ///     .service(web::scope("/v1").wrap(tollgate_actix::TollgateMiddleware::new(engine)));

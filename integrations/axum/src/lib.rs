@@ -204,7 +204,7 @@ impl IntoResponse for RejectionResponse {
 ///
 /// ```no_run
 /// # async fn run(engine: tollgate::Tollgate, api: axum::Router) -> Result<(), Box<dyn std::error::Error>> {
-/// let webhooks = tollgate::billing::WebhookHandler::from_config(engine.clone())?;
+/// let webhooks = engine.webhook_handler()?;
 /// let app = axum::Router::new()
 ///     .merge(api.layer(tollgate::TollgateLayer::new(engine)))
 ///     .route("/stripe/webhook", tollgate_axum::stripe_webhook(webhooks));

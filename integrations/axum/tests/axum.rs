@@ -153,7 +153,7 @@ async fn a_rejection_responds_as_the_layer_does() {
 #[tokio::test]
 async fn the_webhook_route_verifies_and_moves_the_plan() {
     use tollgate::{
-        billing::{Secret, WebhookHandler},
+        billing::Secret,
         store::{prelude::*, MemoryStore, TenantRecord},
     };
     let config = format!("{CONFIG}[plans.metered]\n[stripe.events]\n\"payment_method.attached\" = \"metered\"\n");
@@ -162,7 +162,7 @@ async fn the_webhook_route_verifies_and_moves_the_plan() {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let (engine, _worker) =
         Tollgate::builder(tollgate::Config::from_toml_str(&config).unwrap()).store_arc(store.clone()).build();
-    let handler = WebhookHandler::new(engine.clone(), vec![Secret::new("whsec_test")]);
+    let handler = engine.webhook_handler_with_secrets(vec![Secret::new("whsec_test")]);
     let app: Router = Router::new().route("/stripe/webhook", tollgate_axum::stripe_webhook(handler));
     let payload = format!(
         r#"{{"id":"evt_1","object":"event","type":"payment_method.attached","created":{now},"data":{{"object":{{"object":"payment_method","customer":"cus_beta"}}}}}}"#

@@ -11,7 +11,7 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use super::idempotency::{CaptureLimits, Claim, HeldBytes, NotStored, Responses};
+use crate::engine::admit::idempotency::{CaptureLimits, Claim, HeldBytes, NotStored, Responses};
 
 /// The longest a request body left unread (or a replay's body) is waited for, to fingerprint
 /// it: past it, the body has no fingerprint (a first request's key is bound without one; a
@@ -239,9 +239,9 @@ pub fn is_stored_header(name: &str) -> bool {
 
 /// The response of a first request with an `Idempotency-Key`, held while it streams and
 /// stored with the key when it ends ([`finish`](Self::finish)): replays are answered with it.
-/// Held by the [`Ticket`](super::Ticket) of such a request: the door feeds its request body's
-/// fingerprint as the handler reads it ([`Ticket::capture_mut`](super::Ticket::capture_mut)),
-/// and takes it with the response ([`Ticket::capture`](super::Ticket::capture)).
+/// Held by the [`Ticket`](crate::engine::Ticket) of such a request: the door feeds its request body's
+/// fingerprint as the handler reads it ([`Ticket::capture_mut`](crate::engine::Ticket::capture_mut)),
+/// and takes it with the response ([`Ticket::capture`](crate::engine::Ticket::capture)).
 ///
 /// A response is not stored, and its key is released (a retry runs again and is billed), if
 /// it is a 5xx, longer than `limits.idempotency_max_body`, would take this node past

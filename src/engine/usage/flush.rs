@@ -11,11 +11,11 @@ use std::{
     time::Duration,
 };
 
-use super::{lease::Leases, store_calls::StoreCalls, table::TenantTable};
+use crate::engine::{admit::table::TenantTable, store_calls::StoreCalls, usage::lease::Leases};
 use crate::{
     clock::Clock,
     config::{MeterId, StoreErrorPolicy, TenantId},
-    metrics::{Metrics, Totals},
+    metrics::Totals,
     plan::Runtime,
     store::{CommitOutcome, FlushId, StoreError, UsageBatch, UsageRecord},
     tenant::Tenant,
@@ -26,9 +26,8 @@ use crate::{
 pub(crate) struct Pipeline {
     batches: tokio::sync::Mutex<Batches>,
     /// The usage buffer is at `usage.max_buffered_records`: fail-closed tenants are refused.
-    pub(crate) buffer_full: AtomicBool,
+    buffer_full: AtomicBool,
     stores: Arc<StoreCalls>,
-    metrics: Arc<Metrics>,
     totals: Arc<Totals>,
     clock: Clock,
     /// Whether the billing sink needs a customer (`None`: no sink on this node, so Stripe's
@@ -117,9 +116,15 @@ const COMMIT_ATTEMPTS: u32 = 3;
 const MAX_BATCH_WAIT_SECS: i64 = crate::store::contract::FLUSH_IDS_KEPT_SECS - 86_400;
 
 impl Pipeline {
+    /// Whether the usage buffer is full (the store has not taken what it holds): fail-closed
+    /// tenants are refused until a flush empties it.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        self.buffer_full.load(Relaxed)
+    }
+
     pub(crate) fn new(
         stores: Arc<StoreCalls>,
-        metrics: Arc<Metrics>,
         totals: Arc<Totals>,
         clock: Clock,
         sink_needs_customer: Option<bool>,
@@ -128,7 +133,6 @@ impl Pipeline {
             batches: tokio::sync::Mutex::new(Batches::new()),
             buffer_full: AtomicBool::new(false),
             stores,
-            metrics,
             totals,
             clock,
             sink_needs_customer,
@@ -209,8 +213,7 @@ impl Pipeline {
                 let units: u64 = batch.records.iter().map(|r| r.quantity).sum();
                 tracing::error!(batch = %batch.id, units,
                     "a usage batch waited longer than the store keeps flush ids: dropped, not retried (it could be counted twice)");
-                Totals::add(&self.totals.dropped_units, units);
-                self.metrics.dropped_units.increment(units);
+                self.totals.dropped_units.add(units);
                 p.pending.pop_front();
                 p.formed.pop_front();
                 continue;
@@ -236,16 +239,13 @@ impl Pipeline {
                     report.batches += 1;
                     report.records += batch.records.len();
                     let t = &self.totals;
-                    Totals::add(&t.flushes, 1);
-                    Totals::add(&t.flushed_units, units);
-                    self.metrics.flushes.increment(1);
-                    self.metrics.flushed_units.increment(units);
+                    t.flushes.add(1);
+                    t.flushed_units.add(units);
                     p.pending.pop_front();
                     p.formed.pop_front();
                 }
                 Err(e) => {
-                    Totals::add(&self.totals.flush_errors, 1);
-                    self.metrics.flush_errors.increment(1);
+                    self.totals.flush_errors.add(1);
                     let (records, units) = p.held();
                     tracing::warn!(error = %e, records, units, "usage flush failed; the usage is kept and retried");
                     return Err(e);
@@ -292,7 +292,7 @@ impl Pipeline {
         };
         table.for_each(|s| s.drain_usage(|m, w, q| add(s, m, w, q)));
         let mut dropped = Vec::new();
-        let mut retired = table.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let mut retired = table.retired();
         retired.retain(|s| {
             // Checked before draining: with no other holder, nothing can record after.
             let sole = Tenant::count(s) == 1;
@@ -306,10 +306,8 @@ impl Pipeline {
         let full = full || room == 0;
         self.buffer_full.store(full, Relaxed);
         if full {
-            Totals::add(&self.totals.buffer_full, 1);
-            self.metrics.buffer_full.increment(1);
-            Totals::add(&self.totals.dropped_units, dropped_units);
-            self.metrics.dropped_units.increment(dropped_units);
+            self.totals.buffer_full.add(1);
+            self.totals.dropped_units.add(dropped_units);
             if !was_full || dropped_units > 0 {
                 tracing::error!(
                     max,

@@ -5,14 +5,13 @@
 
 use std::sync::Arc;
 
-use super::{
+use crate::engine::{
+    admit::table::{Lookup, ANONYMOUS},
     engine::OwnedCredential,
-    table::{Lookup, ANONYMOUS},
     Tollgate,
 };
 use crate::{
     config::{StoreErrorPolicy, TenantId, ANONYMOUS_TENANT},
-    metrics::Totals,
     plan::{CompiledPlan, Runtime, StaticTenant},
     response::{Rejection, RejectionKind},
     store::{DirectoryEvents, TenantRecord, WebhookCount},
@@ -36,8 +35,8 @@ impl Tollgate {
     /// `address`: the client address's key (0: none), whose directory lookups of API keys are
     /// limited (`identify.unknown_key_rate`).
     pub(crate) async fn lookup(&self, credential: OwnedCredential, address: u64) -> Result<Tenant, Rejection> {
-        let rt = self.shared.runtime.load_full();
-        let now = self.shared.clock.unix_secs();
+        let rt = self.shared.runtime().load_full();
+        let now = self.shared.clock().unix_secs();
         let lookup = match &credential {
             OwnedCredential::ApiKey(key) => {
                 // The request path checks a key's characters only when the table does not
@@ -52,26 +51,26 @@ impl Tollgate {
             OwnedCredential::Tenant(id) => Lookup::Identity(id.as_str()),
             OwnedCredential::Anonymous => Lookup::Identity(ANONYMOUS),
         };
-        let digest = self.shared.table.digest(lookup);
+        let digest = self.shared.table().digest(lookup);
         let unknown_key = (digest.lo, digest.hi);
         // One lookup per credential at a time: the requests that waited for another's lookup
         // find its answer (the tenant in the table, or the key remembered as unknown). A key
         // remembered as unknown needs no turn.
-        let now_nanos = self.shared.clock.unix_nanos();
-        let known_unknown = self.shared.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
-        let _turn = if known_unknown { None } else { Some(self.shared.table.flights.enter(unknown_key).await) };
-        if let Some(state) = self.shared.table.get(lookup) {
+        let now_nanos = self.shared.clock().unix_nanos();
+        let known_unknown = self.shared.unknown().get(&unknown_key).is_some_and(|until| now_nanos < until);
+        let _turn = if known_unknown { None } else { Some(self.shared.table().lookup_turn(unknown_key).await) };
+        if let Some(state) = self.shared.table().get(lookup) {
             return Ok(state);
         }
         let mut hash = None;
         let mut validated = now;
         // Remembered as unknown until `negative_ttl` after the lookup that found it so: a hit
         // never renews the entry, so a key issued meanwhile is accepted within that time.
-        let now_nanos = self.shared.clock.unix_nanos();
-        let remembered = known_unknown || self.shared.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
+        let now_nanos = self.shared.clock().unix_nanos();
+        let remembered =
+            known_unknown || self.shared.unknown().get(&unknown_key).is_some_and(|until| now_nanos < until);
         let record = if remembered {
-            Totals::add(&self.shared.totals.negative_hits, 1);
-            self.shared.metrics.negative_hits.increment(1);
+            self.shared.totals().negative_hits.add(1);
             Ok(None)
         } else {
             match &credential {
@@ -91,9 +90,9 @@ impl Tollgate {
                             // without an address) share the node's budget, where they wait
                             // their turn and are never refused: one bucket for them all would
                             // let anyone lock every tenant the node does not hold out.
-                            let lookups = &self.shared.key_lookups;
+                            let lookups = self.shared.key_lookups();
                             let rate = rt.config.clients.unknown_key_rate;
-                            let clock = &self.shared.clock;
+                            let clock = self.shared.clock();
                             // A key found valid before is looked up at once.
                             let known = lookups.is_known(unknown_key);
                             let own = if address == 0 || known {
@@ -129,7 +128,7 @@ impl Tollgate {
                                         .with_retry_after(1)),
                                     },
                                 };
-                            let found = self.shared.stores.request().directory.find_key(&h).await;
+                            let found = self.shared.stores().request().directory.find_key(&h).await;
                             match (&own, &found) {
                                 // Only unknown keys count.
                                 (Some(own), found) if !matches!(found, Ok(None)) => own.give_back(rate),
@@ -149,7 +148,7 @@ impl Tollgate {
                         validated = i64::MAX;
                         Ok(Some(declared(r)))
                     }
-                    None => self.shared.stores.request().directory.tenant(id).await,
+                    None => self.shared.stores().request().directory.tenant(id).await,
                 },
                 OwnedCredential::Anonymous => Ok(None),
             }
@@ -171,7 +170,7 @@ impl Tollgate {
         let Some(record) = record else {
             if !remembered && !matches!(credential, OwnedCredential::Anonymous) {
                 let ttl = i64::try_from(rt.config.limits.negative_ttl.as_nanos()).unwrap_or(i64::MAX);
-                self.shared.unknown.insert(unknown_key, now_nanos.saturating_add(ttl));
+                self.shared.unknown().insert(unknown_key, now_nanos.saturating_add(ttl));
             }
             return match &rt.anonymous {
                 Some(plan) => Ok(self.anonymous(&rt, plan)),
@@ -202,7 +201,7 @@ impl Tollgate {
                     .with_retry_after(60));
             }
         };
-        let state = self.shared.table.attach(lookup, hash, &record.id, validated, || {
+        let state = self.shared.table().attach(lookup, hash, &record.id, validated, || {
             if let Some(why) = &unfit {
                 self.overrides_not_served(&record, why);
             }
@@ -216,7 +215,7 @@ impl Tollgate {
         let id = TenantId::from(ANONYMOUS_TENANT);
         let state = self
             .shared
-            .table
+            .table()
             .attach(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, || self.new_state(id.clone(), plan, None));
         self.after_insert(rt);
         state
@@ -224,11 +223,11 @@ impl Tollgate {
 
     /// The tenant's customer in the billing system its usage is exported to.
     fn customer_of(&self, record: &TenantRecord) -> Option<String> {
-        record.customer_in(self.shared.customer_field).map(str::to_owned)
+        record.customer_in(self.shared.customer_field()).map(str::to_owned)
     }
 
     pub(crate) fn new_state(&self, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
-        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock.clone())
+        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock().clone())
     }
 
     /// Holds the tenant cap on insertion, so that it holds where no worker runs (AWS Lambda):
@@ -236,20 +235,19 @@ impl Tollgate {
     /// is drained and their leases returned by the next flush). The worker is woken too.
     fn after_insert(&self, rt: &Runtime) {
         let max = rt.config.limits.max_tenants;
-        let tracked = self.shared.table.len();
+        let tracked = self.shared.table().len();
         if tracked > max {
-            let mut seen = self.shared.table.last_seen();
+            let mut seen = self.shared.table().last_seen();
             seen.sort_unstable_by_key(|(t, _)| *t);
             let keep = max - (max / 16).min(max.saturating_sub(1));
             let extra = seen.len().saturating_sub(keep);
-            let evicted = self.shared.table.evict(seen.drain(..extra).map(|(_, id)| id));
+            let evicted = self.shared.table().evict(seen.drain(..extra).map(|(_, id)| id));
             if !evicted.is_empty() {
-                Totals::add(&self.shared.totals.evictions, evicted.len() as u64);
-                self.shared.metrics.evictions.increment(evicted.len() as u64);
+                self.shared.totals().evictions.add(evicted.len() as u64);
             }
-            self.shared.sweep_now.notify_one();
+            self.shared.sweep_now().notify_one();
         }
-        self.shared.metrics.tenants.set(self.shared.table.len() as f64);
+        self.shared.metrics().tenants.set(self.shared.table().len() as f64);
     }
 
     /// Confirms with the store the tenants this node holds, off the request path (the worker
@@ -261,14 +259,14 @@ impl Tollgate {
     /// are dropped from the table instead, to be looked up on their next request. Tenants
     /// declared in the configuration are not read. Returns how many tenants were read.
     pub async fn revalidate(&self) -> usize {
-        let rt = self.shared.runtime.load_full();
+        let rt = self.shared.runtime().load_full();
         let ttl = rt.config.limits.directory_ttl.as_secs() as i64;
-        let now = self.shared.clock.unix_secs();
+        let now = self.shared.clock().unix_secs();
         // Read again a quarter of a TTL early: the worker passes every quarter TTL, so a
         // change reaches this node within the TTL.
-        let stale = self.shared.table.stale(now - ttl + ttl / 4);
+        let stale = self.shared.table().stale(now - ttl + ttl / 4);
         let (active, idle): (Vec<_>, Vec<_>) = stale.into_iter().partition(|(_, seen, _)| *seen >= now - ttl);
-        let dropped = self.shared.table.evict(idle.into_iter().map(|(id, _, _)| id));
+        let dropped = self.shared.table().evict(idle.into_iter().map(|(id, _, _)| id));
         self.return_leases(dropped).await;
         let mut read = 0;
         for batch in active.chunks(BATCH) {
@@ -278,12 +276,12 @@ impl Tollgate {
                 let mut failed = false;
                 for (digest, hash) in creds {
                     let answer = match hash {
-                        Some(h) => self.shared.stores.background().directory.find_key(h).await,
-                        None => self.shared.stores.background().directory.tenant(id).await,
+                        Some(h) => self.shared.stores().background().directory.find_key(h).await,
+                        None => self.shared.stores().background().directory.tenant(id).await,
                     };
                     match answer {
                         Ok(Some(r)) if r.id == *id => record = Some(r),
-                        Ok(_) => self.shared.table.forget(*digest),
+                        Ok(_) => self.shared.table().forget(*digest),
                         Err(e) => {
                             // Kept as it is; asked again at the next pass, which stops here:
                             // a store that fails is not asked once per tenant.
@@ -298,7 +296,7 @@ impl Tollgate {
                 }
                 match record {
                     None => {
-                        let gone = self.shared.table.evict([id.clone()]);
+                        let gone = self.shared.table().evict([id.clone()]);
                         self.return_leases(gone).await;
                     }
                     Some(r) => self.refresh(&rt, r, now).await,
@@ -312,7 +310,7 @@ impl Tollgate {
     /// Applies a directory record to the tenant held: a new state if its plan or customer
     /// changed, else just confirmed.
     async fn refresh(&self, rt: &Runtime, record: TenantRecord, now: i64) {
-        let Some(current) = self.shared.table.state(&record.id) else {
+        let Some(current) = self.shared.table().state(&record.id) else {
             return;
         };
         let overrides = record.overrides.as_deref().filter(|o| !o.trim().is_empty());
@@ -320,7 +318,7 @@ impl Tollgate {
             Ok(plan) => plan,
             Err(why) => {
                 tracing::error!(tenant = %record.id, plan = %record.plan, "the tenant's new plan cannot be served ({why}); kept on its plan");
-                self.shared.table.confirmed(&record.id, now);
+                self.shared.table().confirmed(&record.id, now);
                 return;
             }
         };
@@ -328,10 +326,10 @@ impl Tollgate {
         // that fits it (then already served so: nothing changed).
         let served = plan.overrides.as_deref();
         let changed = current.plan.id != record.plan
-            || current.customer.as_deref() != record.customer_in(self.shared.customer_field)
+            || current.customer.as_deref() != record.customer_in(self.shared.customer_field())
             || current.plan.overrides.as_deref() != served;
         if !changed {
-            self.shared.table.confirmed(&record.id, now);
+            self.shared.table().confirmed(&record.id, now);
             return;
         }
         if let Some(why) = &unfit {
@@ -339,7 +337,7 @@ impl Tollgate {
         }
         let old = self
             .shared
-            .table
+            .table()
             .replace(&record.id, now, || self.new_state(record.id.clone(), &plan, self.customer_of(&record)));
         if let Some(old) = old {
             tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
@@ -350,8 +348,7 @@ impl Tollgate {
     /// Counts and logs a tenant served its plan without the overrides, which do not fit it.
     #[cold]
     fn overrides_not_served(&self, record: &TenantRecord, why: &str) {
-        Totals::add(&self.shared.totals.overrides_not_served, 1);
-        self.shared.metrics.overrides_not_served.increment(1);
+        self.shared.totals().overrides_not_served.add(1);
         tracing::error!(tenant = %record.id, plan = %record.plan, overrides = record.overrides.as_deref(),
             "the tenant's overrides do not fit its plan ({why}): served the plan without them until they are mended");
     }
@@ -360,15 +357,15 @@ impl Tollgate {
     /// (after a plan change made on this node, for example). Usage recorded so far is kept
     /// and billed; its leases go back at the next flush.
     pub fn invalidate_tenant(&self, tenant: &TenantId) {
-        self.shared.table.evict([tenant.clone()]);
+        self.shared.table().evict([tenant.clone()]);
     }
 
     /// Forgets an API key on this node (and that it was unknown): its next request reads the
     /// directory again.
     pub fn invalidate_key(&self, key: &[u8]) {
-        let digest = self.shared.table.digest(Lookup::ApiKey(key));
-        self.shared.table.forget(digest);
-        self.shared.unknown.invalidate(&(digest.lo, digest.hi));
+        let digest = self.shared.table().digest(Lookup::ApiKey(key));
+        self.shared.table().forget(digest);
+        self.shared.unknown().invalidate(&(digest.lo, digest.hi));
     }
 }
 
@@ -417,16 +414,15 @@ impl DirectoryEvents for Tollgate {
     }
 
     fn webhook_handled(&self, outcome: WebhookCount) {
-        let shared = &self.shared;
-        let (total, counter) = match outcome {
-            WebhookCount::Applied => (&shared.totals.webhooks_applied, &shared.metrics.webhooks_applied),
-            WebhookCount::Rejected => (&shared.totals.webhooks_rejected, &shared.metrics.webhooks_rejected),
-            WebhookCount::MeterError => (&shared.totals.meter_errors, &shared.metrics.meter_errors),
-            WebhookCount::NotCredited => (&shared.totals.webhooks_not_credited, &shared.metrics.webhooks_not_credited),
-            _ => (&shared.totals.webhooks_ignored, &shared.metrics.webhooks_ignored),
+        let totals = self.shared.totals();
+        let tally = match outcome {
+            WebhookCount::Applied => &totals.webhooks_applied,
+            WebhookCount::Rejected => &totals.webhooks_rejected,
+            WebhookCount::MeterError => &totals.meter_errors,
+            WebhookCount::NotCredited => &totals.webhooks_not_credited,
+            _ => &totals.webhooks_ignored,
         };
-        Totals::add(total, 1);
-        counter.increment(1);
+        tally.add(1);
     }
 
     fn meter_error(&self, from: i64, to: i64) {
@@ -434,14 +430,9 @@ impl DirectoryEvents for Tollgate {
         // reports that come meanwhile are queued (bounded: merged past the bound) and
         // reconciled after it. A report only: the events Stripe refused are lacking, and
         // sending them again before their cause is fixed would be refused again.
-        {
-            let mut queue = self.shared.exporter.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
-            queue.push(from, to);
-            if queue.running {
-                tracing::debug!(from, to, "a reconciliation after a meter error report is under way: queued");
-                return;
-            }
-            queue.running = true;
+        if !self.shared.exporter().after_meter_error(from, to) {
+            tracing::debug!(from, to, "a reconciliation after a meter error report is under way: queued");
+            return;
         }
         let engine = self.clone();
         tokio::spawn(async move {
@@ -450,26 +441,17 @@ impl DirectoryEvents for Tollgate {
             impl Drop for Running {
                 fn drop(&mut self) {
                     if std::thread::panicking() {
-                        let mut queue = self.0.shared.exporter.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
-                        queue.running = false;
+                        self.0.shared.exporter().meter_errors_abandoned();
                     }
                 }
             }
             let guard = Running(engine);
             let engine = &guard.0;
             loop {
-                let next = {
-                    let mut queue = engine.shared.exporter.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
-                    if queue.queued.is_empty() {
-                        queue.running = false;
-                        return;
-                    }
-                    queue.queued.remove(0)
-                };
-                let (from, to) = next;
+                let Some((from, to)) = engine.shared.exporter().next_meter_error() else { return };
                 // Once the window has settled (export.reconcile_after), or its hours are skipped.
-                let after = engine.shared.runtime.load().config.export.reconcile_after.as_secs() as i64;
-                let wait = (to + after + 60 - engine.shared.clock.unix_secs()).clamp(0, 2 * 3600);
+                let after = engine.shared.runtime().load().config.export.reconcile_after.as_secs() as i64;
+                let wait = (to + after + 60 - engine.shared.clock().unix_secs()).clamp(0, 2 * 3600);
                 tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())).await;
                 let request = crate::engine::ReconcileRequest::new(from - 26 * 3600, to + 3600);
                 match engine.reconcile(&request).await {
@@ -487,68 +469,5 @@ impl DirectoryEvents for Tollgate {
                 }
             }
         });
-    }
-}
-
-#[cfg(feature = "stripe")]
-impl crate::billing::WebhookHandler {
-    /// A handler for the tenants of `tollgate`'s directory, verifying with any of `secrets`:
-    /// plan changes apply at once on this node (the engine forgets the tenant), within
-    /// `limits.directory_ttl` on the others.
-    #[must_use]
-    pub fn new(tollgate: Tollgate, secrets: Vec<crate::billing::Secret>) -> Self {
-        let config = tollgate.clone();
-        let stores = &tollgate.shared.stores;
-        Self::calling(
-            stores.policy().clone(),
-            stores.given().directory.clone(),
-            Arc::new(tollgate.clone()),
-            move || config.config(),
-            tollgate.shared.clock.clone(),
-            secrets,
-        )
-        .with_quota(stores.given().quota.clone())
-    }
-
-    /// A handler with the signing secrets of `stripe.webhook_secret_file`, or of
-    /// `STRIPE_WEBHOOK_SECRET` (comma-separated).
-    ///
-    /// # Errors
-    /// No secret, or the file cannot be read.
-    pub fn from_config(tollgate: Tollgate) -> Result<Self, crate::billing::StripeSetupError> {
-        use crate::billing::{read_secrets, StripeSetupError};
-        let config = tollgate.config();
-        let file = config.stripe().and_then(|s| s.webhook_secret_file.as_deref());
-        let secrets = read_secrets(file, "STRIPE_WEBHOOK_SECRET", "webhook_secret_file")?;
-        let mut handler = Self::new(tollgate.clone(), secrets);
-        let Some(stripe) = config.stripe() else { return Ok(handler) };
-        // The secret key reads what payments' events lack, when there is one.
-        let key = read_secrets(stripe.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")
-            .ok()
-            .and_then(|k| k.into_iter().next());
-        if let Some(key) = key.clone() {
-            handler = handler.with_api_key(key, stripe.api_base.as_deref(), stripe.timeout);
-        } else if let Some(lookup) =
-            stripe.credits.as_ref().and_then(|c| c.prices.keys().find(|k| crate::billing::topup::is_lookup_key(k)))
-        {
-            return Err(StripeSetupError::LookupKeyWithoutSecretKey { key: lookup.clone() });
-        } else if stripe.credits.is_some() {
-            tracing::warn!(
-                "[stripe.credits] without a Stripe secret key: checkout sessions without `tollgate_units` \
-                metadata cannot be read for their line items, and grant nothing (logged) until one is set"
-            );
-        }
-        // The event destination of Stripe's meter errors, if one is configured.
-        let destination = match read_secrets(
-            stripe.event_destination_secret_file.as_deref(),
-            "STRIPE_EVENT_DESTINATION_SECRET",
-            "event_destination_secret_file",
-        ) {
-            Ok(secrets) => secrets,
-            Err(StripeSetupError::MissingSecret { .. }) => return Ok(handler),
-            Err(e) => return Err(e),
-        };
-        // The full event is fetched with the API key, when there is one.
-        Ok(handler.with_event_destination(destination, key, stripe.api_base.as_deref(), stripe.timeout))
     }
 }

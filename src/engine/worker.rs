@@ -62,11 +62,11 @@ impl Worker {
     /// An export pass every `export.interval` (after the first flush interval, so a node
     /// starting up flushes before it exports).
     async fn exports(tollgate: Tollgate, shutdown: watch::Receiver<bool>, enabled: bool) {
-        if !tollgate.shared.exporter.has_sink() || !enabled {
+        if !tollgate.shared.exporter().has_sink() || !enabled {
             return;
         }
-        let first = tollgate.shared.runtime.load().config.usage.flush_interval;
-        let every = || tollgate.shared.runtime.load().config.export.interval;
+        let first = tollgate.shared.runtime().load().config.usage.flush_interval;
+        let every = || tollgate.shared.runtime().load().config.export.interval;
         periodically(shutdown, first, every, || async {
             if let Err(e) = tollgate.export().await {
                 tracing::warn!(error = %e, "usage export failed; retried at the next pass");
@@ -96,10 +96,10 @@ impl Worker {
     /// it acts on what it proves ([`Tollgate::reconcile`]).
     async fn reconciliations(tollgate: Tollgate, shutdown: watch::Receiver<bool>, enabled: bool) {
         // A sink that cannot be read back was said at build: nothing to compare, ever.
-        if !tollgate.shared.exporter.reads_back() || !enabled {
+        if !tollgate.shared.exporter().reads_back() || !enabled {
             return;
         }
-        let interval = || tollgate.shared.runtime.load().config.export.reconcile_interval;
+        let interval = || tollgate.shared.runtime().load().config.export.reconcile_interval;
         let every = || interval().max(Duration::from_secs(60));
         periodically(shutdown, every(), every, || async {
             if interval().is_zero() {
@@ -130,7 +130,7 @@ impl Worker {
     async fn background(mut self) {
         let intervals = |t: &Tollgate| {
             // Read in place: the configuration (with its tenants) is not cloned per tick.
-            let rt = t.shared.runtime.load();
+            let rt = t.shared.runtime().load();
             let sweep = (rt.config.limits.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
             let directory = (rt.config.limits.directory_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
             (rt.config.usage.flush_interval, sweep, directory)
@@ -163,7 +163,7 @@ impl Worker {
                     let (_, _, directory_every) = intervals(&self.tollgate);
                     next_directory = Instant::now() + directory_every;
                 }
-                _ = self.tollgate.shared.sweep_now.notified() => {
+                _ = self.tollgate.shared.sweep_now().notified() => {
                     self.tollgate.sweep().await;
                 }
             }

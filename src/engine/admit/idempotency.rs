@@ -63,10 +63,33 @@ pub(crate) struct Idempotency {
     /// Claims this node is settling in the store (by fleet key): a request with the same key
     /// waits for its settlement before it asks the store, so a retry right after a failure
     /// on this node is never told the key is in flight. Entries leave when settled.
-    pub(crate) settling: Settling,
+    settling: Settling,
     /// What became of the responses of completed requests, and the bytes held while they
     /// stream.
-    pub(crate) responses: Arc<Responses>,
+    responses: Arc<Responses>,
+}
+
+impl Idempotency {
+    /// The claims this node is settling in the store.
+    pub(crate) fn settling(&self) -> &Settling {
+        &self.settling
+    }
+
+    /// What became of the responses of completed requests.
+    pub(crate) fn responses(&self) -> &Arc<Responses> {
+        &self.responses
+    }
+
+    /// Waits (at most `limit`) for this node's settlement of `key`, if one is under way.
+    pub(crate) async fn settled(&self, key: &str, limit: Duration) {
+        settled(&self.settling, key, limit).await;
+    }
+
+    /// Waits (at most `limit`) for the settlements under way that began at or after `since`:
+    /// `true` when none is left.
+    pub(crate) async fn all_settled(&self, since: std::time::Instant, limit: Duration) -> bool {
+        all_settled(&self.settling, since, limit).await
+    }
 }
 
 /// The responses of first requests: the bytes this node holds while they stream, and what

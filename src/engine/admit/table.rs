@@ -8,7 +8,7 @@ use std::{
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
 
-use super::rates::RateMemory;
+use crate::engine::rates::RateMemory;
 use crate::{
     config::TenantId,
     tenant::{Fingerprinter, KeyHash, Tenant, TenantState, TAG_API_KEY, TAG_TENANT},
@@ -84,14 +84,30 @@ pub(crate) struct TenantTable {
     tenants: DashMap<TenantId, Entry, RandomState>,
     /// States taken out of the maps (evicted, or replaced by a reload) that may still receive
     /// usage from requests in flight: drained at every flush until nobody else holds them.
-    pub(crate) retired: Mutex<Vec<Tenant>>,
+    retired: Mutex<Vec<Tenant>>,
     /// The rate buckets of tenants let go before they were full again, by tenant.
-    pub(crate) rates: RateMemory,
+    rates: RateMemory,
     /// Lookups under way, one per credential.
-    pub(crate) flights: Flights,
+    flights: Flights,
 }
 
 impl TenantTable {
+    /// The states taken out of the maps that may still receive usage (evicted, or replaced
+    /// by a reload), to drain.
+    pub(crate) fn retired(&self) -> std::sync::MutexGuard<'_, Vec<Tenant>> {
+        self.retired.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The rate buckets of tenants let go before they were full again.
+    pub(crate) fn rates(&self) -> &RateMemory {
+        &self.rates
+    }
+
+    /// The turn of a lookup of the credential `key`: one lookup per credential at a time.
+    pub(crate) async fn lookup_turn(&self, key: (u64, u64)) -> impl Drop + '_ {
+        self.flights.enter(key).await
+    }
+
     pub(crate) fn new(capacity_hint: usize, rate_states_dropped: metrics::Counter) -> Self {
         let shards = (std::thread::available_parallelism().map_or(4, |n| n.get()) * 16).next_power_of_two();
         // Grown on demand: a small service should not pay for its cap at start-up.

@@ -7,11 +7,11 @@ use governor::clock::Clock as _;
 
 use std::sync::Arc;
 
-use super::{
-    charge::RateCharge,
+use crate::engine::{
+    admit::charge::RateCharge,
+    admit::idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
+    admit::ticket::{Held, UNLEASED},
     engine::{KeyClaim, Partial, ReplayRead, Stage},
-    idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
-    ticket::{Held, UNLEASED},
     Admission, ResponseCapture, Ticket, Tollgate,
 };
 use crate::{
@@ -41,9 +41,7 @@ impl Tollgate {
                 return self.reject(r);
             }
         }
-        if state.plan.on_store_error == StoreErrorPolicy::FailClosed
-            && self.shared.pipeline.buffer_full.load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if state.plan.on_store_error == StoreErrorPolicy::FailClosed && self.shared.pipeline().is_full() {
             let r = Rejection::new(
                 RejectionKind::StoreUnavailable,
                 "usage cannot be recorded: the store has not taken it and the usage buffer is full",
@@ -52,7 +50,7 @@ impl Tollgate {
         }
         let (charged, claim) = match idem {
             None => (true, None),
-            Some((key, request)) => match self.shared.idempotency.check(&state.id, key, request) {
+            Some((key, request)) => match self.shared.idempotency().check(&state.id, key, request) {
                 // A key this node has not seen: the store has the fleet's answer.
                 Verdict::First(claim) => return self.first_key(state, route, claim, key, request),
                 // Answered with the stored response (one store read), after the rate check.
@@ -81,7 +79,7 @@ impl Tollgate {
         // storm of refused retries costs no store write. (Taken for good after the claim.)
         let state = charge.state();
         let limit = state.plan.concurrency;
-        if limit != 0 && !state.plan.shadow && Slot::full(&self.shared.in_flight, &state.id, limit) {
+        if limit != 0 && !state.plan.shadow && Slot::full(self.shared.in_flight(), &state.id, limit) {
             drop(claim);
             return self.reject(Self::too_many_in_flight(charge, route.meter));
         }
@@ -112,9 +110,9 @@ impl Tollgate {
         let timeout = config.usage.store_timeout;
         let fleet_key = Idempotency::fleet_key(&state.id, &key);
         // This node's own settlement of the key, if it is still under way.
-        settled(&self.shared.idempotency.settling, &fleet_key, timeout).await;
-        let now = self.shared.clock.unix_secs();
-        let store = &self.shared.stores.request().idempotency;
+        self.shared.idempotency().settled(&fleet_key, timeout).await;
+        let now = self.shared.clock().unix_secs();
+        let store = &self.shared.stores().request().idempotency;
         let bound_to = format!("{request:032x}");
         let read = store.read_idempotency(&fleet_key, &bound_to, now).await;
         match read {
@@ -124,15 +122,15 @@ impl Tollgate {
             Ok(Some(IdempotencyState::Completed(None))) => self.reject(Self::response_not_kept(state)),
             Ok(Some(IdempotencyState::Mismatch)) => {
                 // Bound elsewhere to another request (this node's entry was stale).
-                self.shared.idempotency.forget(&state.id, &key);
+                self.shared.idempotency().forget(&state.id, &key);
                 self.reject(Self::key_mismatch(state))
             }
             Ok(Some(_)) => self.reject(Self::key_in_use(state)),
             Ok(None) => {
                 // Not in the store any more: this node's entry is stale; the key is claimed
                 // as a new one (the rate check already passed).
-                self.shared.idempotency.forget(&state.id, &key);
-                match self.shared.idempotency.check(&state.id, &key, request) {
+                self.shared.idempotency().forget(&state.id, &key);
+                match self.shared.idempotency().check(&state.id, &key, request) {
                     Verdict::First(claim) => {
                         Box::pin(self.claim_in_store(KeyClaim { charge, claim, key, request }, route, rt)).await
                     }
@@ -161,8 +159,8 @@ impl Tollgate {
     ) -> Admission {
         let at = charge.at;
         let (state, mut headers) = charge.keep();
-        self.shared.metrics.replays.increment(1);
-        self.shared.metrics.admitted.increment(1);
+        self.shared.metrics().replays.increment(1);
+        self.shared.metrics().admitted.increment(1);
         Self::quota_headers(&state, &mut headers, route.meter, at);
         Admission::Admitted(Ticket {
             state,
@@ -193,7 +191,7 @@ impl Tollgate {
     /// The 403 of a route whose feature the tenant's plan lacks.
     #[cold]
     fn feature_refusal(&self, state: &Tenant, feature: u8) -> Rejection {
-        let rt = self.shared.runtime.load();
+        let rt = self.shared.runtime().load();
         let name = usize::from(feature)
             .checked_sub(1)
             .and_then(|i| state.plan.meters.features.get(i).or_else(|| rt.meters.features.get(i)))
@@ -223,8 +221,7 @@ impl Tollgate {
     /// Counts and logs a refusal shadow mode let through.
     #[cold]
     pub(crate) fn would_refuse(&self, r: &Rejection) {
-        self.shared.metrics.would_refuse(r.kind()).increment(1);
-        crate::metrics::Totals::add(&self.shared.totals.shadow_would_refuse, 1);
+        self.shared.totals().would_refuse(self.shared.metrics(), r.kind());
         tracing::debug!(
             reason = r.kind().label(),
             tenant = r.tenant().map(|t| t.as_str()),
@@ -257,10 +254,10 @@ impl Tollgate {
     pub(crate) async fn claim_in_store(&self, c: KeyClaim, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
         let KeyClaim { charge, mut claim, key, request } = c;
         let state = charge.state();
-        let now = self.shared.clock.unix_secs();
+        let now = self.shared.clock().unix_secs();
         let config = &rt.config;
         let window = i64::try_from(config.limits.idempotency_window.as_secs()).unwrap_or(i64::MAX);
-        let owner = self.shared.ids.node() ^ self.shared.ids.next_seq().wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let owner = self.shared.ids().node() ^ self.shared.ids().next_seq().wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let fleet_key = Idempotency::fleet_key(&state.id, &key);
         let ask = IdempotencyClaim::new(
             fleet_key.clone(),
@@ -272,21 +269,21 @@ impl Tollgate {
         )
         .at_most(config.limits.idempotency_keys_max);
         let timeout = config.usage.store_timeout;
-        let settling = &self.shared.idempotency.settling;
+        let settling = self.shared.idempotency().settling();
         // A claim of this key this node is still settling (a failed request retried at once).
         settled(settling, &fleet_key, timeout).await;
         // Held before the call: if the call times out after landing, or this future is dropped,
         // the claim still settles (released, or completed under fail-open); a settle of a
         // binding this owner does not hold changes nothing.
         claim.fleet = Some(Box::new(FleetClaim {
-            store: self.shared.stores.background().idempotency.clone(),
+            store: self.shared.stores().background().idempotency.clone(),
             key: fleet_key,
             owner,
             settling: settling.clone(),
             claimed_at: now,
             window,
             max_stored: config.limits.idempotency_store_bytes,
-            responses: self.shared.idempotency.responses.clone(),
+            responses: self.shared.idempotency().responses().clone(),
             limits: CaptureLimits {
                 max_body: config.limits.idempotency_max_body,
                 max_request_body: config.limits.idempotency_max_request_body,
@@ -294,13 +291,13 @@ impl Tollgate {
             },
             renewal: None,
         }));
-        let answer = self.shared.stores.request().idempotency.claim_idempotency(&ask).await;
+        let answer = self.shared.stores().request().idempotency.claim_idempotency(&ask).await;
         if let Ok(IdempotencyState::Full) = answer {
             // The store holds the fleet's cap of live keys: served without its key, counted.
             // Dropped here: this node's hold on the key goes too, and nothing is stored.
             claim.fleet = None;
             drop(claim);
-            self.shared.idempotency.responses.not_stored(NotStored::KeysFull);
+            self.shared.idempotency().responses().not_stored(NotStored::KeysFull);
             return self.decide_rated(charge, route, true, None);
         }
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
@@ -311,7 +308,7 @@ impl Tollgate {
         // make is answered NotHeld, which ends the renewals.
         if let (Ok(IdempotencyState::Claimed) | Err(_), Some(fleet)) = (&answer, claim.fleet.as_mut()) {
             // Held while the request runs, however long (up to `idempotency_max_in_flight`).
-            fleet.renew_while_running(self.shared.clock.clone(), config.limits.idempotency_max_in_flight);
+            fleet.renew_while_running(self.shared.clock().clone(), config.limits.idempotency_max_in_flight);
         }
         // Refused for its key (or the store): the request spends no rate cells (its charge
         // goes back as it drops).
@@ -396,7 +393,7 @@ impl Tollgate {
                     headers.set_rate(remaining, ceil_secs(policy.rate.interval() * cells));
                 }
                 Ok(Err(not_until)) if plan.shadow => {
-                    let wait = not_until.wait_time_from(self.shared.clock.now());
+                    let wait = not_until.wait_time_from(self.shared.clock().now());
                     let t = if plan.header_style == HeaderStyle::DraftCompat {
                         wait + Duration::from_nanos(policy.nanos(policy.burst.get().saturating_sub(cost)))
                     } else {
@@ -407,7 +404,7 @@ impl Tollgate {
                 }
                 Err(_) if plan.shadow => self.would_refuse(&Self::shadow_rate(state)),
                 Ok(Err(not_until)) => {
-                    let wait = not_until.wait_time_from(self.shared.clock.now());
+                    let wait = not_until.wait_time_from(self.shared.clock().now());
                     // Retry-After: until this request could pass; t: the same (the next cells
                     // it needs), so Retry-After is never earlier than t; under "draft-compat",
                     // t until the bucket is full again, as on a 200.
@@ -442,7 +439,7 @@ impl Tollgate {
             }
             now
         } else {
-            let now = self.shared.clock.unix_secs();
+            let now = self.shared.clock().unix_secs();
             state.touch(now);
             now
         };
@@ -461,7 +458,7 @@ impl Tollgate {
     ) -> Admission {
         let (meter, cost, now) = (route.meter, route.cost, charge.at);
         if !charged {
-            self.shared.metrics.replays.increment(1);
+            self.shared.metrics().replays.increment(1);
         }
         let state = charge.state();
         let plan = &state.plan;
@@ -469,7 +466,7 @@ impl Tollgate {
         // request spends no rate cells and takes no units.
         let slot = match plan.concurrency {
             0 => None,
-            limit => match Slot::enter(&self.shared.in_flight, &state.id, limit) {
+            limit => match Slot::enter(self.shared.in_flight(), &state.id, limit) {
                 Some(slot) => Some(slot),
                 None if plan.shadow => {
                     self.would_refuse(&Self::shadow_concurrency(state));
@@ -496,7 +493,7 @@ impl Tollgate {
         let (state, headers) = charge.split();
         match self.take_units(state, headers, meter, cost, charged, now) {
             Ok(quota_tag) => {
-                self.shared.metrics.admitted.increment(1);
+                self.shared.metrics().admitted.increment(1);
                 let (state, headers) = charge.keep();
                 Admission::Admitted(Ticket {
                     state,
@@ -573,8 +570,7 @@ impl Tollgate {
     /// others like it.
     #[cold]
     fn without_address(&self) {
-        self.shared.metrics.anonymous_without_address.increment(1);
-        crate::metrics::Totals::add(&self.shared.totals.anonymous_without_address, 1);
+        self.shared.totals().anonymous_without_address.add(1);
     }
 
     /// The refusal of a spent rate that shadow mode counts.
@@ -746,7 +742,7 @@ impl Tollgate {
     }
 
     pub(crate) fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {
-        if self.shared.prefetch.try_send(Prefetch { state: state.clone(), meter }).is_err() {
+        if self.shared.prefetch().try_send(Prefetch { state: state.clone(), meter }).is_err() {
             cell.prefetch_done();
         }
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Admission, RequestInfo, RuntimeCache, Tollgate};
+use crate::engine::{Admission, RequestInfo, RuntimeCache, Tollgate};
 use crate::tenant::Credential;
 use crate::tenant::Identity;
 use crate::{
@@ -234,11 +234,11 @@ impl FrontDoor {
     }
 }
 
-/// The answer to a replay ([`Ticket::is_replay`](super::Ticket::is_replay)): the stored
+/// The answer to a replay ([`Ticket::is_replay`](crate::engine::Ticket::is_replay)): the stored
 /// response, marked `Idempotent-Replayed: true`, with this request's rate-limit header fields.
 /// Not a replay: an empty 500 (never sent by the doors, which ask first).
 #[must_use]
-pub fn replay_response(ticket: &super::Ticket) -> http::Response<bytes::Bytes> {
+pub fn replay_response(ticket: &crate::engine::Ticket) -> http::Response<bytes::Bytes> {
     let Some(stored) = ticket.replayed_response() else {
         let mut response = http::Response::new(bytes::Bytes::new());
         *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::export::Exporter;
+use crate::engine::export::exporter::Exporter;
 use crate::{
     billing::SinkError,
     config::{MeterAggregation, MeterId, TenantId},

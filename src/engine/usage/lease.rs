@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{node::NodeIds, store_calls::StoreCalls, thresholds::Thresholds};
+use crate::engine::{node::NodeIds, store_calls::StoreCalls, usage::thresholds::Thresholds};
 use crate::{
     clock::Clock,
     config::QuotaMode,

@@ -6,14 +6,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::{
+use crate::engine::{
+    admit::table::Lookup,
     engine::OwnedCredential,
-    events::{
+    usage::events::{
         Event, EventError, Prepared, QueueMessage, Reserved, Taken, UsageMessage, EVENT_ID_MAX_LEN, MAX_AGE,
         MAX_QUANTITY,
     },
-    lease::Refill,
-    table::Lookup,
+    usage::lease::Refill,
     Tollgate,
 };
 use crate::{
@@ -71,8 +71,8 @@ impl Tollgate {
     /// The checks [`record_events`](Self::record_events) makes, [`EventError::QuotaExceeded`],
     /// or a store error while the quota was asked (retryable).
     pub async fn reserve_event(&self, event: &Event, hold: Duration) -> Result<(), EventError> {
-        let rt = self.shared.runtime.load_full();
-        let now = self.shared.clock.unix_secs();
+        let rt = self.shared.runtime().load_full();
+        let now = self.shared.clock().unix_secs();
         let hold = hold.min(Duration::from_secs(86_400));
         let (state, meter, at) = self.check_event(&rt, event, now).await?;
         if event.quantity == 0 {
@@ -80,19 +80,19 @@ impl Tollgate {
         }
         let id = format!("{}\u{1f}{}", state.id, event.id);
         let period = Self::period_of(&state, meter, at);
-        if let Some(held) = self.shared.events.take_reserved(&id) {
+        if let Some(held) = self.shared.events().take_reserved(&id) {
             let same_meter = held.state.plan.meters.ids.get(held.meter) == Some(&event.meter);
             if held.quantity == event.quantity && same_meter && held.period == period {
                 // The same work reserved again: held again, for `hold` from now.
                 let again = Reserved { state: held.state.clone(), tag: held.tag, hold, ..*held };
-                self.shared.events.reserve(id, Arc::new(again));
+                self.shared.events().reserve(id, Arc::new(again));
                 return Ok(());
             }
             held.give_back();
         }
         let tag = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
         let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold, period };
-        self.shared.events.reserve(id, Arc::new(reserved));
+        self.shared.events().reserve(id, Arc::new(reserved));
         Ok(())
     }
 
@@ -102,7 +102,7 @@ impl Tollgate {
     /// another process, which charged it there).
     pub async fn release_event(&self, event: &Event) -> bool {
         let id = format!("{}\u{1f}{}", event.tenant, event.id);
-        match self.shared.events.take_reserved(&id) {
+        match self.shared.events().take_reserved(&id) {
             Some(r) => {
                 r.give_back();
                 true
@@ -150,7 +150,7 @@ impl Tollgate {
     pub async fn record_events(&self, events: &[Event]) -> Vec<Result<EventOutcome, EventError>> {
         let out = self.record_uncounted(events).await;
         for (e, o) in events.iter().zip(&out) {
-            self.shared.events.count(&e.id, Some(e), o);
+            self.shared.events().count(&e.id, Some(e), o);
         }
         out
     }
@@ -161,7 +161,7 @@ impl Tollgate {
     /// be read is refused with [`EventError::Malformed`] (final: acknowledge it), counted and
     /// logged.
     pub async fn record_messages(&self, messages: &[QueueMessage<'_>]) -> Vec<Result<EventOutcome, EventError>> {
-        let rt = self.shared.runtime.load_full();
+        let rt = self.shared.runtime().load_full();
         let parsed: Vec<Result<Event, EventError>> =
             messages.iter().map(|m| UsageMessage::read(m, &rt.config.events)).collect();
         let events: Vec<Event> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
@@ -176,7 +176,7 @@ impl Tollgate {
                 Err(err) => (None, Err(err)),
             };
             let id = event.as_ref().map_or(m.id.unwrap_or("-"), |e| e.id.as_str());
-            self.shared.events.count(id, event.as_ref(), &outcome);
+            self.shared.events().count(id, event.as_ref(), &outcome);
             out.push(outcome);
         }
         out
@@ -202,8 +202,8 @@ impl Tollgate {
 
     /// One pass over a batch: the outcomes, and whether units were given back (duplicates).
     async fn record_pass(&self, events: &[Event]) -> (Vec<Result<EventOutcome, EventError>>, bool) {
-        let rt = self.shared.runtime.load_full();
-        let now = self.shared.clock.unix_secs();
+        let rt = self.shared.runtime().load_full();
+        let now = self.shared.clock().unix_secs();
         let mut out: Vec<Option<Result<EventOutcome, EventError>>> = (0..events.len()).map(|_| None).collect();
         let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
@@ -212,7 +212,7 @@ impl Tollgate {
                 Err(err) => out[index] = Some(Err(err)),
             }
         }
-        let returned = self.shared.events.commit(ready, &mut out).await;
+        let returned = self.shared.events().commit(ready, &mut out).await;
         (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), returned)
     }
 
@@ -225,9 +225,9 @@ impl Tollgate {
         let id = format!("{}\u{1f}{}", state.id, e.id);
         // Units still held for this event by an attempt whose write may have landed: reused,
         // not taken again (a retry is never refused for the units of its own first attempt).
-        let (state, meter, tag) = match self.shared.events.take_held(&id) {
+        let (state, meter, tag) = match self.shared.events().take_held(&id) {
             Some(held) if held.quantity == e.quantity => (state, meter, Some(Taken::Held)),
-            _ => match self.shared.events.take_reserved(&id) {
+            _ => match self.shared.events().take_reserved(&id) {
                 // The units reserved for this work are the event's, for good: even if the event
                 // turns out a duplicate (recorded on another node first, which charged it), they
                 // are not given back, so a hard quota is never passed through reservations.
@@ -249,7 +249,7 @@ impl Tollgate {
             },
         };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
-            .with_billable(self.shared.pipeline.billable(rt, &state) && rt.config.exports_meter(&e.meter));
+            .with_billable(self.shared.pipeline().billable(rt, &state) && rt.config.exports_meter(&e.meter));
         Ok(Prepared {
             index,
             state,
@@ -302,7 +302,7 @@ impl Tollgate {
 
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
     pub(crate) async fn known_tenant(&self, id: &TenantId) -> Result<Tenant, EventError> {
-        if let Some(s) = self.shared.table.get(Lookup::Identity(id.as_str())) {
+        if let Some(s) = self.shared.table().get(Lookup::Identity(id.as_str())) {
             if s.id == *id {
                 return Ok(s);
             }
@@ -313,7 +313,7 @@ impl Tollgate {
             }
         }
         // Unknown, or the directory did not answer: ask once more, to tell which.
-        match self.shared.stores.request().directory.tenant(id).await {
+        match self.shared.stores().request().directory.tenant(id).await {
             Ok(None) => Err(EventError::UnknownTenant(id.clone())),
             Ok(Some(_)) => Err(EventError::Store(StoreError::Backend("the tenant directory did not answer".into()))),
             Err(e) => Err(EventError::Store(e)),
@@ -370,15 +370,15 @@ impl Tollgate {
         }
         let taken = self
             .shared
-            .stores
+            .stores()
             .under_lock(cell.lock(), async {
-                self.shared.leases.settle_inflight(cell).await?;
+                self.shared.leases().settle_inflight(cell).await?;
                 match cell.try_take(quantity, now) {
                     Take::Taken { tag, .. } => return Ok(Some(tag)),
                     Take::Exhausted => return Ok(None),
                     Take::NeedLease => {}
                 }
-                Ok(match self.shared.leases.refill_locked(rt, cell, now, quantity).await? {
+                Ok(match self.shared.leases().refill_locked(rt, cell, now, quantity).await? {
                     Refill::Taken { tag, .. } => Some(tag),
                     Refill::Short | Refill::Done => None,
                 })

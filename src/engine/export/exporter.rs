@@ -21,7 +21,7 @@ use std::{
 
 use tokio::{sync::Mutex, task::JoinSet, time::Instant};
 
-use super::{node::NodeIds, store_calls::StoreCalls};
+use crate::engine::{node::NodeIds, store_calls::StoreCalls};
 use crate::{
     base::{CustomerField, SinkKind, SinkLimits},
     billing::{identifier_in, BillingSink, MeterEvent, SinkError},
@@ -250,6 +250,35 @@ pub(crate) struct Exporter {
     pub(super) deps: Deps,
 }
 
+impl Exporter {
+    /// Queues the window `(from, to)` of a Stripe meter error report: `true` when no
+    /// reconciliation after such a report is under way (the caller starts one, which takes the
+    /// queue with [`next_meter_error`](Self::next_meter_error)), `false` when one is (it takes
+    /// this window too before it ends).
+    pub(crate) fn after_meter_error(&self, from: i64, to: i64) -> bool {
+        let mut queue = self.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
+        queue.push(from, to);
+        !std::mem::replace(&mut queue.running, true)
+    }
+
+    /// The next window queued for the reconciliation under way; `None` ends it (a later
+    /// report starts another).
+    pub(crate) fn next_meter_error(&self) -> Option<(i64, i64)> {
+        let mut queue = self.meter_errors.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.queued.is_empty() {
+            queue.running = false;
+            return None;
+        }
+        Some(queue.queued.remove(0))
+    }
+
+    /// The reconciliation under way ended without emptying the queue (its task panicked): a
+    /// later report starts another.
+    pub(crate) fn meter_errors_abandoned(&self) {
+        self.meter_errors.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+    }
+}
+
 impl std::fmt::Debug for Exporter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exporter").field("sink", &self.sink).finish_non_exhaustive()
@@ -465,8 +494,7 @@ impl Exporter {
                                 }
                             } else {
                                 report.awaiting_customer += 1;
-                                Totals::add(&self.deps.totals.waiting_windows, 1);
-                                self.deps.metrics.waiting_windows.increment(1);
+                                self.deps.totals.waiting_windows.add(1);
                             }
                             continue;
                         }
@@ -493,8 +521,7 @@ impl Exporter {
                                 continue;
                             }
                             report.waiting += 1;
-                            Totals::add(&self.deps.totals.waiting_windows, 1);
-                            self.deps.metrics.waiting_windows.increment(1);
+                            self.deps.totals.waiting_windows.add(1);
                             continue;
                         }
                     },
@@ -672,8 +699,7 @@ impl Pass {
             // Not billable: marked done without a call, counted.
             if store.finish_export(&agg, now).await? {
                 report.unbillable += 1;
-                Totals::add(&shared.totals.unbillable_windows, 1);
-                shared.metrics.unbillable_windows.increment(1);
+                shared.totals.unbillable_windows.add(1);
                 tracing::debug!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
                     "window skipped: the tenant has no billing customer");
             }
@@ -681,8 +707,7 @@ impl Pass {
         }
         if let Some(reason) = park_reason(&self.rt, &self.limits, &agg, &send, now, !first_attempt) {
             if reason.starts_with("unconfirmed") {
-                Totals::add(&shared.totals.unconfirmed_exports, 1);
-                shared.metrics.unconfirmed_exports.increment(1);
+                shared.totals.unconfirmed_exports.add(1);
             }
             self.park(&agg, &reason, report).await?;
             return Ok(None);
@@ -749,8 +774,7 @@ impl Pass {
         if delivered {
             if store.finish_export(&agg, now).await? {
                 if is_late(&self.rt, &self.limits, event.window_end, now) {
-                    Totals::add(&shared.totals.late_revisions, 1);
-                    shared.metrics.late_revisions.increment(1);
+                    shared.totals.late_revisions.add(1);
                     tracing::info!(tenant = %agg.key.tenant, meter = %agg.key.meter, window = agg.key.window_start,
                         revision = agg.revision, timestamp = event.timestamp,
                         "revision exported after the invoice grace: stamped at export time if it began late \
@@ -758,9 +782,8 @@ impl Pass {
                 }
                 report.events += 1;
                 report.units += event.value;
-                Totals::add(&shared.totals.exported_events, 1);
+                shared.totals.exported_events.add(1);
                 Totals::add(&shared.totals.exported_units, event.value);
-                shared.metrics.exported_events.increment(1);
             }
             return Ok(true);
         }
@@ -823,8 +846,7 @@ impl Pass {
                 store.defer_export(&agg, &ExportClaim::new(shared.ids.node(), now, next), deferral).await?;
                 report.retries += 1;
                 report.deferred = true;
-                Totals::add(&shared.totals.export_retries, 1);
-                shared.metrics.export_retries.increment(1);
+                shared.totals.export_retries.add(1);
                 Ok(false)
             }
         }
@@ -846,8 +868,7 @@ impl Pass {
             "meter event dead-lettered (tollgate export --dead-letters lists it)");
         shared.stores.background().usage.dead_letter(agg, reason).await?;
         report.dead_letters += 1;
-        Totals::add(&shared.totals.dead_letters, 1);
-        shared.metrics.dead_letters.increment(1);
+        shared.totals.dead_letters.add(1);
         Ok(())
     }
 }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use super::{admission::NO_TAG, engine::Partial, lease::Refill, ticket::UNLEASED, Ticket, Tollgate};
+use crate::engine::{
+    admit::admission::NO_TAG, admit::ticket::UNLEASED, engine::Partial, usage::lease::Refill, Ticket, Tollgate,
+};
 use crate::{
     config::StoreErrorPolicy,
     plan::{RouteCost, Runtime},
@@ -38,14 +40,14 @@ impl Tollgate {
         // failing fast, never the wait for other requests' calls on the cell's lock.
         let outcome = self
             .shared
-            .stores
+            .stores()
             .under_lock(cell.lock(), async {
                 // A call left in flight by a timeout may have landed: its units come first.
-                self.shared.leases.settle_inflight(cell).await?;
+                self.shared.leases().settle_inflight(cell).await?;
                 if !charged {
                     // A replay: the units must be there, but are not taken.
                     if cell.check_units(u64::from(cost), at).is_err() {
-                        self.shared.leases.refill_locked(rt, cell, at, 0).await?;
+                        self.shared.leases().refill_locked(rt, cell, at, 0).await?;
                     }
                     return Ok(match cell.check_units(u64::from(cost), at) {
                         Ok(()) => Ok((None, cell.lease(), None)),
@@ -57,7 +59,7 @@ impl Tollgate {
                     Take::Exhausted => return Ok(Err(())),
                     Take::NeedLease => {}
                 }
-                match self.shared.leases.refill_locked(rt, cell, at, u64::from(cost)).await? {
+                match self.shared.leases().refill_locked(rt, cell, at, u64::from(cost)).await? {
                     Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
                     Refill::Short | Refill::Done => Ok(Err(())),
                 }
@@ -79,7 +81,7 @@ impl Tollgate {
                     }
                     None => NO_TAG,
                 };
-                self.shared.metrics.admitted.increment(1);
+                self.shared.metrics().admitted.increment(1);
                 Ok(Self::ticket(p, cost, tag))
             }
             Ok(Err(())) if charged && state.plan.shadow => {
@@ -88,12 +90,12 @@ impl Tollgate {
                 self.would_refuse(&Self::shadow_quota(&state, meter));
                 let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
                 p.charge.headers.set_quota(0, (cell.period().1 - p.charge.at).max(0) as u64);
-                self.shared.metrics.admitted.increment(1);
+                self.shared.metrics().admitted.increment(1);
                 Ok(Self::ticket(p, cost, tag))
             }
             Ok(Err(())) if state.plan.shadow => {
                 self.would_refuse(&Self::shadow_quota(&state, meter));
-                self.shared.metrics.admitted.increment(1);
+                self.shared.metrics().admitted.increment(1);
                 Ok(Self::ticket(p, cost, NO_TAG))
             }
             Ok(Err(())) => Err(self.count(Self::quota_exceeded(p, meter))),
@@ -107,7 +109,7 @@ impl Tollgate {
                         } else {
                             NO_TAG
                         };
-                        self.shared.metrics.admitted.increment(1);
+                        self.shared.metrics().admitted.increment(1);
                         Ok(Self::ticket(p, cost, tag))
                     }
                     StoreErrorPolicy::FailClosed => {
@@ -144,11 +146,11 @@ impl Tollgate {
             }
             let checked = self
                 .shared
-                .stores
+                .stores()
                 .under_lock(cell.lock(), async {
-                    self.shared.leases.settle_inflight(cell).await?;
+                    self.shared.leases().settle_inflight(cell).await?;
                     if let Err(Take::NeedLease) = cell.check_units(1, at) {
-                        self.shared.leases.refill_locked(rt, cell, at, 0).await?;
+                        self.shared.leases().refill_locked(rt, cell, at, 0).await?;
                     }
                     Ok(cell.check_units(1, at))
                 })

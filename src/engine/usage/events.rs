@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::store_calls::StoreCalls;
+use crate::engine::store_calls::StoreCalls;
 use crate::{
     config::{MeterId, TenantId},
     metrics::{Metrics, ProcessedAs, Totals},
@@ -322,8 +322,7 @@ impl EventRecorder {
                         if outcome != EventOutcome::Applied {
                             returned |= give_back(&p);
                         } else if matches!(p.tag, Some(Taken::PastLimit(_))) {
-                            Totals::add(&self.totals.events_past_limit, 1);
-                            self.metrics.events_past_limit.increment(1);
+                            self.totals.events_past_limit.add(1);
                             tracing::info!(tenant = %p.state.id, quantity = p.quantity,
                                 "usage event charged past its hard quota: the work was done (reserve_event asks first)");
                         }
@@ -360,17 +359,10 @@ impl EventRecorder {
         let totals = &self.totals;
         let metrics = &self.metrics;
         match outcome {
-            Ok(EventOutcome::Applied) => {
-                Totals::add(&totals.events_applied, 1);
-                metrics.events(ProcessedAs::Applied).increment(1);
-            }
-            Ok(_) => {
-                Totals::add(&totals.events_duplicate, 1);
-                metrics.events(ProcessedAs::Duplicate).increment(1);
-            }
+            Ok(EventOutcome::Applied) => totals.event(metrics, ProcessedAs::Applied),
+            Ok(_) => totals.event(metrics, ProcessedAs::Duplicate),
             Err(err) => {
-                Totals::add(&totals.events_refused, 1);
-                metrics.events(ProcessedAs::Refused(err.label())).increment(1);
+                totals.event(metrics, ProcessedAs::Refused(err.label()));
                 if !err.is_retryable() {
                     tracing::warn!(
                         id,

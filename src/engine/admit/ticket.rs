@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use super::capture::ResponseCapture;
+use crate::engine::admit::capture::ResponseCapture;
 use crate::{
     config::{HeaderStyle, PlanId, TenantId},
     response::{emit, Field, HeaderState, Rejection, RejectionKind, Value},

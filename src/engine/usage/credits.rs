@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::Tollgate;
+use crate::engine::Tollgate;
 use crate::{
     config::{MeterId, TenantId},
     store::StoreError,
@@ -101,13 +101,13 @@ impl Tollgate {
     /// A store error (or timeout) on several closes in a row, or on the listing: the grants
     /// not closed are closed by a later pass.
     pub async fn expire_credits(&self) -> Result<CreditExpiryReport, StoreError> {
-        let quota = &self.shared.stores.background().quota;
-        let expiry = &self.shared.credit_expiry;
+        let quota = &self.shared.stores().background().quota;
+        let expiry = self.shared.credit_expiry();
         let mut report = CreditExpiryReport::default();
         let mut in_a_row = 0;
-        expiry.prune(self.shared.clock.unix_secs());
+        expiry.prune(self.shared.clock().unix_secs());
         for _ in 0..PAGES {
-            let now = self.shared.clock.unix_secs();
+            let now = self.shared.clock().unix_secs();
             // Those waiting are listed too (they come first, by expiry): room for them beside
             // a page of the rest.
             let waiting = expiry.count();
