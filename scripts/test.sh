@@ -84,6 +84,19 @@ fi
 step "the default build compiles alone"
 cargo check --workspace --locked
 
+step "each feature of the root crate alone, warnings denied (as cargo hack check --each-feature)"
+# Every feature on its own, and none: a feature that only compiles, or only compiles without
+# warnings, beside another is caught here. The loop needs nothing installed.
+features=$(cargo metadata --no-deps --format-version 1 --locked \
+  | python3 -c 'import json,sys; print(" ".join(sorted(f for p in json.load(sys.stdin)["packages"] if p["name"]=="tollgate" for f in p["features"] if f != "default")))')
+for feature in "" $features; do
+  out=$(cargo check -p tollgate --locked --no-default-features ${feature:+--features "$feature"} --message-format short 2>&1) \
+    || { echo "$out"; echo "the root crate does not build with only: ${feature:-no features}"; exit 1; }
+  if grep -E "^(src|benches|examples)/.*(warning|error)" <<<"$out"; then
+    echo "warnings with only: ${feature:-no features}"; exit 1
+  fi
+done
+
 step "unit and behaviour tests"
 cargo test --workspace --locked --all-features --lib --bins --tests --examples
 

@@ -524,12 +524,14 @@ pub(crate) fn release_against(
 
 /// [`ForgivenBy`] as the SQL stores keep it: a JSON object of `[units, seq]`.
 #[must_use]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
 pub(crate) fn forgiven_by_json(by: &ForgivenBy) -> String {
     serde_json::to_string(by).unwrap_or_else(|_| "{}".to_owned())
 }
 
 /// [`ForgivenBy`] read back from [`forgiven_by_json`] (empty if unreadable).
 #[must_use]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
 pub(crate) fn forgiven_by_of(json: &str) -> ForgivenBy {
     serde_json::from_str(json).unwrap_or_default()
 }
@@ -731,6 +733,7 @@ pub enum RefundOutcome {
 }
 
 /// A refund kept until its grant lands, as a store holds it.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
 pub(crate) fn kept_refund_json(refund: &CreditRefund) -> String {
     serde_json::json!({
         "payment": refund.payment, "invoice": refund.invoice, "amount": refund.amount,
@@ -742,6 +745,7 @@ pub(crate) fn kept_refund_json(refund: &CreditRefund) -> String {
 }
 
 /// A kept refund read back (`None`: not one).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
 pub(crate) fn kept_refund_of(json: &str) -> Option<CreditRefund> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     let mut r =
