@@ -9,9 +9,8 @@ mod request;
 mod resolver;
 mod service;
 
-/// Moved: [`respond`](crate::response::respond) and [`respond_for`](crate::response::respond_for)
-/// are in [`response`](crate::response), [`replay_response`](crate::door::replay_response) in
-/// [`door`](crate::door); kept here too.
+// Moved: `respond` and `respond_for` are in `response`, `replay_response` in `door`; kept here
+// too.
 pub use crate::{
     door::replay_response,
     response::{respond, respond_for},
