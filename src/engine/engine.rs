@@ -439,12 +439,15 @@ impl Tollgate {
                     if !Arc::ptr_eq(&state.plan.meters, &meters) {
                         route = meters.remap(route, &state.plan.meters);
                     }
-                    let anonymous = rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
-                    // Its key scoped to its address when it is served as the anonymous tenant
-                    // limited per address (without its address, the key is not honoured).
-                    let key = idempotency.as_ref().and_then(|k| match (anonymous, &rt.client_keys) {
-                        (true, Some(_)) => k.scoped.as_deref().map(|key| (key, k.request)),
-                        _ => Some((&k.key[..], k.request)),
+                    // Served as the anonymous tenant, under the configuration it was decided
+                    // under or one a reload brought while it waited (a key scoped for nothing
+                    // is never honoured unscoped there, where every caller shares the tenant).
+                    let anonymous = state.id.as_str() == crate::config::ANONYMOUS_TENANT
+                        && (rt.anonymous.is_some() || self.shared.runtime().load().anonymous.is_some());
+                    // Its key scoped to its address (without its address, not honoured).
+                    let key = idempotency.as_ref().and_then(|k| match anonymous {
+                        true => k.scoped.as_deref().map(|key| (key, k.request)),
+                        false => Some((&k.key[..], k.request)),
                     });
                     self.decide(state, route, key)
                 }

@@ -492,3 +492,36 @@ async fn keys_found_before_skip_the_queue_and_the_queue_is_bounded() {
     let turned_away = statuses.iter().filter(|s| **s == 503).count();
     assert!(turned_away > 0 && statuses.iter().all(|s| *s == 401 || *s == 503), "{turned_away}");
 }
+
+/// Two unseen callers waiting on the directory while a reload makes unknown keys anonymous:
+/// each one's `Idempotency-Key` is still scoped to its own address, so the second is never
+/// answered with the first one's stored response.
+#[tokio::test]
+async fn keys_of_callers_waiting_across_a_reload_to_anonymous_stay_scoped_to_their_address() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let start = std::time::Instant::now();
+    let before = "[plans.paid]\n[tenants.t]\nplan = \"paid\"\nkeys = [\"key-t\"]\n";
+    let h = Harness::new(before);
+    let waiting = |key: &'static [u8], ip: &str| {
+        let info = RequestInfo::new("POST", "/orders", Credential::ApiKey(key))
+            .with_idempotency_key(b"k")
+            .with_client(Some(ip.parse().unwrap()));
+        match h.tollgate.admit(&info) {
+            Admission::Pending(p) => p,
+            other => panic!("an unseen key waits on the directory: {other:?}"),
+        }
+    };
+    let (first, second) = (waiting(b"unknown-1", "203.0.113.1"), waiting(b"unknown-2", "203.0.113.2"));
+    h.tollgate.reload(tollgate::Config::from_toml_str(TOML).unwrap()).await.unwrap();
+    let mut ticket = h.tollgate.resolve(first).await.unwrap();
+    assert_eq!(ticket.tenant().as_str(), "anonymous");
+    let mut capture = ticket.capture().expect("its key is honoured, scoped to its address");
+    capture.request_body().end();
+    capture.head(201, []);
+    capture.data(b"the first caller's order");
+    assert!(ticket.complete(201));
+    capture.finish();
+    assert!(h.tollgate.settlements_done(start, std::time::Duration::from_secs(5)).await);
+    let other = h.tollgate.resolve(second).await.unwrap();
+    assert!(!other.is_replay(), "another address's key is its own: never the first caller's response");
+}
