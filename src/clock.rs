@@ -1,3 +1,5 @@
+//! Time sources: the system clock, and a fake clock for tests.
+
 use std::{
     cell::Cell,
     fmt,

@@ -1,3 +1,5 @@
+//! Usage as handlers see it: the [`TenantContext`] in the request extensions.
+
 use std::fmt;
 
 use crate::{
