@@ -153,6 +153,9 @@ pub struct CopyReport {
 pub struct Admin {
     /// The policy of the store calls (the engine's, for an engine's).
     calls: Arc<Policy>,
+    /// The directory and usage stores as given (what the accessors hand out: wrapping them
+    /// again would count each error twice).
+    given: (Arc<dyn DirectoryStore>, Arc<dyn UsageExportStore>),
     directory: Arc<dyn DirectoryStore>,
     usage: Arc<dyn UsageExportStore>,
     /// The quota role, for prepaid credits ([`grant_credits`](Self::grant_credits)).
@@ -180,8 +183,9 @@ impl Admin {
     /// `directory` and `usage` called by `calls`, on the background path.
     fn limited(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>, calls: Arc<Policy>) -> Self {
         Self {
-            directory: Arc::new(Limited::new(directory, calls.clone(), Path::Background)),
-            usage: Arc::new(Limited::new(usage, calls.clone(), Path::Background)),
+            directory: Arc::new(Limited::new(directory.clone(), calls.clone(), Path::Background)),
+            usage: Arc::new(Limited::new(usage.clone(), calls.clone(), Path::Background)),
+            given: (directory, usage),
             calls,
             quota: None,
             config: None,
@@ -203,6 +207,7 @@ impl Admin {
         let stores = engine.shared.stores();
         Self {
             calls: stores.policy().clone(),
+            given: (stores.given().directory.clone(), stores.given().usage.clone()),
             directory: stores.background().directory.clone(),
             usage: stores.background().usage.clone(),
             quota: Some(stores.background().quota.clone()),
@@ -246,12 +251,12 @@ impl Admin {
 
     /// The directory administered.
     pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
-        &self.directory
+        &self.given.0
     }
 
     /// The usage (and its export) administered.
     pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
-        &self.usage
+        &self.given.1
     }
 
     fn plan(&self, plan: &str) -> Result<PlanId, AdminError> {

@@ -12,7 +12,7 @@ use crate::{
     config::Config,
     metrics::Totals,
     store::{
-        limited::{within_deadline, Limited, Path, Policy},
+        limited::{within_deadline, within_deadline_unguarded, Limited, Path, Policy},
         Roles, StoreError, UsageExportStore,
     },
 };
@@ -114,9 +114,11 @@ impl StoreCalls {
     }
 
     /// `fut` (calls made on the [request](Self::request) handles) within
-    /// `usage.store_timeout` in all, for a caller that already holds what it waited for.
+    /// `usage.store_timeout` in all, for a caller that already holds what it waited for, and
+    /// never failing fast: a lease given back (shutdown, reload, eviction) is tried whatever
+    /// the breaker says, as before the wrapper.
     pub(crate) async fn within<T>(&self, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         let deadline = Instant::now() + self.policy.limit(Path::Request);
-        within_deadline(deadline, fut).await
+        within_deadline_unguarded(deadline, fut).await
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! | path | time limit of a call | fails fast |
 //! |---|---|---|
-//! | request: key lookups, `Idempotency-Key` claims, quota calls under a cell's lock, tenant reports | `usage.store_timeout`, and what is left of the request's own (lock waits included) | yes |
+//! | request: key lookups, `Idempotency-Key` claims, quota calls under a cell's lock, tenant reports | `usage.store_timeout`, and under a cell's lock what is left of that wait's (the lock wait included) | yes (lease returns: no) |
 //! | events: a batch of usage events | `events.store_timeout` | no |
 //! | background: flush, export, reconciliation, webhooks, `Admin`, settlements, the worker | `limits.background_timeout` | no |
 
@@ -72,6 +72,19 @@ tokio::task_local! {
 /// `fut`, its calls of the request path given at most until `deadline` in all.
 pub(crate) async fn within_deadline<T>(deadline: Instant, fut: impl Future<Output = T>) -> T {
     DEADLINE.scope(deadline, fut).await
+}
+
+tokio::task_local! {
+    /// Set by [`within_deadline_unguarded`]: the request path's calls made under it never fail
+    /// fast, nor feed the breaker.
+    static UNGUARDED: ();
+}
+
+/// [`within_deadline`], the calls never failing fast: work that must be tried whatever the
+/// breaker says (a lease given back at shutdown or eviction: one not tried stays leased until
+/// its period ends).
+pub(crate) async fn within_deadline_unguarded<T>(deadline: Instant, fut: impl Future<Output = T>) -> T {
+    UNGUARDED.scope((), DEADLINE.scope(deadline, fut)).await
 }
 
 /// What every [`Limited`] store of an engine shares: the time limits of each path, the
@@ -223,7 +236,7 @@ impl Policy {
         op: &'static str,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let fast = path == Path::Request;
+        let fast = path == Path::Request && UNGUARDED.try_with(|()| ()).is_err();
         if fast {
             if let Err(e) = self.before() {
                 self.failed(op, &e);

@@ -600,3 +600,27 @@ async fn lock_waits_never_open_the_breaker_for_other_tenants() {
     assert_eq!(h.status("/", "key-cold").await, 200);
     assert_eq!(h.tollgate.stats().store_fast_failures, 0);
 }
+
+/// A lease given back at shutdown is tried whatever the breaker says: the store timed out a
+/// few times (the breaker is open, requests fail fast) and answers again; the shutdown that
+/// follows gives the leases back at once rather than failing them fast, which left their units
+/// leased until the period ended.
+#[tokio::test]
+async fn leases_are_given_back_at_shutdown_while_requests_fail_fast() {
+    let toml = "[usage]\nstore_timeout = \"20ms\"\non_store_error = \"fail-open\"\n\
+                [plans.p]\nquotas.requests = { limit = 1000, period = \"day\", mode = \"soft\", lease = 10 }\n\
+                [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n[tenants.u]\nplan = \"p\"\nkeys = [\"key-u\"]\n";
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = Clock::fake_at_unix(common::NOON);
+    let h = Harness::build(toml, store.clone(), clock, handle);
+    assert_eq!(h.status("/", "key-u").await, 200, "u holds a lease");
+    store.lose_answers.store(true, Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(h.status("/", "key-t").await, 200, "fail-open");
+    }
+    assert!(h.tollgate.stats().store_fast_failures > 0, "the breaker is open");
+    store.lose_answers.store(false, Ordering::SeqCst);
+    h.tollgate.shutdown().await.unwrap();
+    let key = common::day_key("u", common::NOON);
+    assert_eq!(store.reserved(&key).await.unwrap(), 1, "u's unused units went back");
+}
