@@ -1,0 +1,86 @@
+//! `tollgate credits`: prepaid credit grants and balances.
+
+use tollgate::admin::Admin;
+
+use crate::{
+    opt::CreditCommand,
+    util::{parse_time, time_text, Result},
+};
+
+pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()> {
+    use tollgate::store::GrantOutcome;
+    match command {
+        CreditCommand::Grant { tenant, meter, units, expires_at, id } => {
+            let expires_at = expires_at.as_deref().map(parse_time).transpose()?;
+            let id = id.unwrap_or_else(|| {
+                let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                format!("g_{:x}{:04x}", nanos.as_nanos(), std::process::id() & 0xffff)
+            });
+            match admin.grant_credits(&tenant, &meter, units, expires_at, &id).await? {
+                GrantOutcome::Granted(b) => println!(
+                    "granted {units} units of `{meter}` to `{tenant}` under id {id}; balance {} ({} granted, {} used)",
+                    b.left(),
+                    b.granted,
+                    b.reserved
+                ),
+                GrantOutcome::Duplicate(g) => {
+                    println!("grant {id} exists already ({} units of `{}`): nothing added", g.units, g.meter)
+                }
+                GrantOutcome::TooMany => {
+                    return Err(format!("`{tenant}` holds the most open grants on `{meter}` already").into())
+                }
+                GrantOutcome::TooLarge => {
+                    return Err(format!("the balance of `{tenant}` on `{meter}` would pass 2^50 units").into())
+                }
+                _ => return Err("the store answered a grant this build does not know".into()),
+            }
+        }
+        CreditCommand::List { tenant } => {
+            let (grants, balances) = admin.credits(&tenant).await?;
+            println!("{:<12} {:<24} {:>12} {:<20} {:<20} state", "meter", "grant", "units", "granted", "expires");
+            for g in &grants {
+                let state = match g.closed {
+                    Some(c) if c.revoked => format!("revoked {} ({} lost)", time_text(c.at), c.lost),
+                    Some(c) => format!("expired {} ({} lost)", time_text(c.at), c.lost),
+                    None => "open".to_owned(),
+                };
+                let mut state = state;
+                if g.taken > 0 {
+                    state.push_str(&format!(", {} of {} bought taken back by refunds", g.taken, g.bought));
+                }
+                if g.duplicate {
+                    // Made before one grant per payment was enforced: a person decides.
+                    let payment = g.payment.as_deref().unwrap_or("?");
+                    state.push_str(&format!(
+                        ", DUPLICATE: a second grant of payment {payment} (revoke it if it was not paid twice)"
+                    ));
+                }
+                println!(
+                    "{:<12} {:<24} {:>12} {:<20} {:<20} {state}",
+                    g.meter.as_str(),
+                    g.id,
+                    g.units,
+                    time_text(g.granted_at),
+                    g.expires_at.map_or_else(|| "never".to_owned(), time_text)
+                );
+            }
+            for (meter, b) in &balances {
+                println!(
+                    "balance of `{}`: {} left ({} granted, {} used)",
+                    meter.as_str(),
+                    b.left(),
+                    b.granted,
+                    b.reserved
+                );
+            }
+            if grants.is_empty() {
+                println!("`{tenant}` has no credit grants");
+            }
+        }
+        CreditCommand::Revoke { tenant, grant_id, meter } => {
+            let c = admin.revoke_credits(&tenant, meter.as_deref(), &grant_id).await?;
+            println!("grant {grant_id} of `{tenant}` revoked: {} units it still held left the balance", c.lost);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The command line: clap's types. Their doc comments are the texts of `tollgate --help`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Plan limits and usage billing: administration")]
+pub(crate) struct Cli {
+    /// The configuration file (its `[store]` says which store the commands work on).
+    #[arg(long, short, global = true, env = "TOLLGATE_CONFIG", default_value = "tollgate.toml")]
+    pub(crate) config: PathBuf,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Validates a configuration and summarizes it; errors name file:line:column and key.
+    Check {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+    },
+    /// Creates the PostgreSQL schema of every role whose store is one, or applies its missing
+    /// migrations (under an advisory lock; run it as the schema's owner before starting nodes
+    /// whose role has only `[store] migrate = "verify"`'s privileges).
+    Migrate,
+    /// Copies the tenant directory (tenants with their plans, customers, overrides and
+    /// subscriptions, and API key hashes) from this configuration's directory store to the one
+    /// of another configuration: for moving from one store to another (SQLite to PostgreSQL).
+    /// Quota counters and unexported usage stay where they are (docs/postgres.md, "Moving to
+    /// it"). Running it again writes the same records again.
+    CopyDirectory {
+        /// The configuration whose directory store receives the copy.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// The DynamoDB table.
+    Dynamodb {
+        #[command(subcommand)]
+        command: DynamoCommand,
+    },
+    /// Tenants and their plans.
+    Tenants {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// API keys (stored only as SHA-256 hashes).
+    Keys {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Prepaid credits: grants of units a tenant's balance on a meter holds, kept in the quota
+    /// store, spent soonest-to-expire first.
+    Credits {
+        #[command(subcommand)]
+        command: CreditCommand,
+    },
+    /// A tenant's quota counters in the store.
+    Quota {
+        #[command(subcommand)]
+        command: QuotaCommand,
+    },
+    /// A tenant's usage per meter and window, with what was exported of it.
+    Usage {
+        /// The tenant.
+        tenant: String,
+        /// Only this meter.
+        #[arg(long)]
+        meter: Option<String>,
+        /// From (a date `2026-11-01`, an RFC 3339 time, or Unix seconds; default: 30 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// To, exclusive (same forms; default: now).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Exports closed windows to Stripe (`[stripe]`, key from STRIPE_SECRET_KEY or the key
+    /// file): one pass, for a scheduled job. Nodes with a worker export on their own too;
+    /// claims in the store keep two exporters off one aggregate.
+    Export {
+        /// Prints what would be sent, and sends nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Lists the dead letters (refused, never confirmed, too old) instead.
+        #[arg(long, conflicts_with = "dry_run")]
+        dead_letters: bool,
+        /// Puts a dead letter back in line, as a new revision (after its cause was fixed, or a
+        /// reconciliation found Stripe never took it).
+        #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters"])]
+        requeue: Option<Vec<String>>,
+        /// Puts back in line every dead letter Stripe refused (`refused: …`), after fixing a
+        /// cause they share (a meter created late). First, with the key, the letters Stripe may
+        /// hold (unconfirmed, unsettled, status-less) are reconciled; too-old and `no customer`
+        /// ones are left.
+        #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue"])]
+        requeue_all: bool,
+        /// Marks a dead letter's export as taken by Stripe (a reconciliation found its
+        /// identifier there); WINDOW `all` confirms every `no customer` letter of the tenant's
+        /// meter, once billed by hand.
+        #[arg(long, num_args = 3, value_names = ["TENANT", "METER", "WINDOW"], conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all"])]
+        confirm: Option<Vec<String>>,
+        /// On DynamoDB: gives the dead letters parked by an earlier version a TTL past any
+        /// horizon, so the table never deletes them (run once after upgrading; again changes
+        /// nothing).
+        #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all", "confirm"])]
+        repair_ttl: bool,
+        /// After restoring a backup (or copying the store for a second deployment): exports
+        /// what is due and reconciles the last 35 days under the current meter event identifier
+        /// namespace (so what Stripe already holds is marked exported), then gives the store a
+        /// new namespace; refused while dead letters Stripe may hold remain.
+        #[arg(long, conflicts_with_all = ["dry_run", "dead_letters", "requeue", "requeue_all", "confirm", "repair_ttl"])]
+        new_namespace: bool,
+    },
+    /// Compares what Stripe holds (its hourly meter event summaries) with what tollgate
+    /// exported (the store's ledger), per tenant, meter and hour; with --fix, acts on what it
+    /// proves: an hour Stripe lost is sent again as a new revision (after two passes
+    /// `export.reconcile_after` apart, past Stripe's 24-hour de-duplication), dead letters that
+    /// may have been taken are confirmed or requeued. Stripe holding more is only reported.
+    Reconcile {
+        /// From (a date, an RFC 3339 time, or Unix seconds; default: 2 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// To, exclusive (same forms; default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Act on what is proven (otherwise only report).
+        #[arg(long)]
+        fix: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DynamoCommand {
+    /// Creates the table the configuration names (on-demand, with its indexes and TTL) and
+    /// draws its meter event identifier namespace.
+    CreateTable,
+    /// Draws the meter event identifier namespace of a table made otherwise (CloudFormation,
+    /// Terraform) if it has none; prints the table's namespace. Run it before the table's first
+    /// export, with every node on this version.
+    InitNamespace,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum QuotaCommand {
+    /// Shows what each quota counter of a tenant holds in the store, per meter and period:
+    /// the units reserved by every node (leased and owed) and a prepaid balance's granted
+    /// units. With every node stopped (its leases given back), what was used.
+    Show {
+        /// The tenant id.
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CreditCommand {
+    /// Grants prepaid units to a tenant on a meter, once per grant id: run again with the same
+    /// --id after a failure, and nothing is granted twice.
+    Grant {
+        /// The tenant id.
+        tenant: String,
+        /// The meter.
+        meter: String,
+        /// Units granted.
+        units: u64,
+        /// When the grant expires (RFC 3339 or Unix seconds); never without it.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// The grant's id (an invoice or payment id); one is drawn without it, and printed.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Lists a tenant's grants (open, and closed ones kept: at least 35 days) and balances.
+    List {
+        /// The tenant id.
+        tenant: String,
+    },
+    /// Revokes an open grant: the units it still holds leave the balance.
+    Revoke {
+        /// The tenant id.
+        tenant: String,
+        /// The grant's id.
+        grant_id: String,
+        /// The meter, when the id names grants on several.
+        #[arg(long)]
+        meter: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TenantCommand {
+    /// Adds a tenant.
+    Add {
+        /// The tenant id.
+        id: String,
+        /// Its plan (a plan of the configuration).
+        #[arg(long)]
+        plan: String,
+        /// Its billing customer (a Stripe customer id). A customer belongs to one tenant: one
+        /// another tenant holds is refused, naming it, unless --move.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Take the customer from the tenant holding it (that tenant keeps none).
+        #[arg(long = "move", requires = "customer")]
+        take: bool,
+        /// Its Metronome customer id or ingest alias: what its usage events carry when
+        /// `[export] sink = "metronome"` (docs/metronome.md).
+        #[arg(long)]
+        metronome_customer: Option<String>,
+    },
+    /// Lists the tenants.
+    List,
+    /// Sets a tenant's billing customer (the fix for a wrong one), or removes it with --none.
+    /// Windows waiting for export are billed to the new customer (docs/stripe.md).
+    SetCustomer {
+        /// The tenant id.
+        id: String,
+        /// The billing customer (a Stripe customer id).
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        customer: Option<String>,
+        /// Remove the tenant's customer.
+        #[arg(long)]
+        none: bool,
+        /// Take the customer from the tenant holding it (that tenant keeps none).
+        #[arg(long = "move", conflicts_with = "none")]
+        take: bool,
+    },
+    /// Sets a tenant's Metronome customer id or ingest alias, or removes it with --none: what
+    /// its usage events carry with `[export] sink = "metronome"` (docs/metronome.md).
+    SetMetronomeCustomer {
+        /// The tenant id.
+        id: String,
+        /// The Metronome customer id or ingest alias.
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        customer: Option<String>,
+        /// Remove the tenant's Metronome customer.
+        #[arg(long)]
+        none: bool,
+    },
+    /// Moves a tenant to another plan.
+    SetPlan {
+        /// The tenant id.
+        id: String,
+        /// The new plan.
+        plan: String,
+    },
+    /// Sets a tenant's overrides of its plan, as JSON with the keys of
+    /// `[tenants.X.overrides]`: '{"rate": "100/s", "burst": 200, "quotas": {"requests":
+    /// {"limit": 50000, "period": "month"}}, "features": ["sso"]}'. Replaces any overrides it
+    /// had; running nodes see them within limits.directory_ttl.
+    SetOverride {
+        /// The tenant id.
+        id: String,
+        /// The overrides, as JSON.
+        overrides: String,
+    },
+    /// Removes a tenant's overrides: it is served by its plan alone.
+    ClearOverride {
+        /// The tenant id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeyCommand {
+    /// Issues a key for a tenant; the key is printed once, only its hash is kept.
+    Issue {
+        /// The tenant.
+        tenant: String,
+        /// Expires after this long (`90d`, `12h`).
+        #[arg(long, conflicts_with = "expires_at")]
+        expires_in: Option<humantime::Duration>,
+        /// Expires at this time (a date, an RFC 3339 time, or Unix seconds).
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// A `tg_test_` key rather than `tg_live_`.
+        #[arg(long)]
+        test: bool,
+    },
+    /// Lists a tenant's keys: id, prefix, created, expiry.
+    List {
+        /// The tenant.
+        tenant: String,
+    },
+    /// Revokes a key at once (running nodes stop taking it within the directory TTL).
+    Revoke {
+        /// The tenant.
+        tenant: String,
+        /// The key's id (`k_…`, from `keys list`).
+        id: String,
+    },
+    /// Issues a new key and keeps the old one working for a grace period.
+    Rotate {
+        /// The tenant.
+        tenant: String,
+        /// The id of the key to replace.
+        id: String,
+        /// How long the old key keeps working (`24h`, `7d`).
+        #[arg(long, default_value = "24h")]
+        grace: humantime::Duration,
+    },
+    /// Imports tenants, plans, customers and existing keys (or their SHA-256 hashes) from a
+    /// CSV file with a header: tenant, plan, customer, key | key_sha256, expires_at.
+    Import {
+        /// The CSV file (`-` for standard input).
+        file: PathBuf,
+    },
+}

@@ -1,0 +1,217 @@
+//! The stores themselves: `tollgate check` (with the identifier namespace), `migrate`,
+//! `copy-directory`, `dynamodb create-table` and `init-namespace`, and `export --repair-ttl`.
+
+use std::path::Path;
+
+use tollgate::{
+    admin::Admin,
+    config::{StoreRole, StoreSettings},
+    Config,
+};
+
+use crate::util::{admin, load, Result};
+
+pub(crate) async fn check(config: &Config) -> Result<()> {
+    println!("configuration OK");
+    println!("store: {}", config.store());
+    for role in StoreRole::ALL {
+        if config.store_of(role) != config.store() {
+            println!("  {} role: {}", role.name(), config.store_of(role));
+        }
+    }
+    let meters: Vec<&str> = config.meters().iter().map(|m| m.id().as_str()).collect();
+    println!("meters ({}): {}", meters.len(), meters.join(", "));
+    println!("plans ({}):", config.plans().len());
+    for (id, plan) in config.plans() {
+        let rate = plan.rate().map_or("no rate limit".to_owned(), |r| format!("{r}, burst {}", plan.burst()));
+        let quotas: Vec<String> = plan
+            .quotas()
+            .iter()
+            .map(|(m, q)| {
+                format!(
+                    "{} {} per {} ({})",
+                    q.limit(),
+                    m.as_str(),
+                    q.period().name(),
+                    format!("{:?}", q.mode()).to_lowercase()
+                )
+            })
+            .collect();
+        let quotas = if quotas.is_empty() { "no quota".to_owned() } else { quotas.join(", ") };
+        println!("  {id}: {rate}; {quotas}");
+    }
+    println!("routes: {}", config.routes().len());
+    println!("tenants in the file: {}", config.tenants().len());
+    let u = config.usage();
+    println!(
+        "usage: window {}, flush every {}, on store error {:?}",
+        humantime::format_duration(u.window),
+        humantime::format_duration(u.flush_interval),
+        u.on_store_error
+    );
+    println!("meter event identifier namespace: {}", namespace(config).await);
+    Ok(())
+}
+
+/// The usage store's identifier namespace, as `check` shows it: read without changing the
+/// store (a SQLite file is neither made nor migrated by a check).
+async fn namespace(config: &Config) -> String {
+    #[cfg_attr(not(any(feature = "sqlite", feature = "dynamodb")), allow(unused_variables))]
+    let shown = |ns: std::result::Result<Option<String>, tollgate::store::StoreError>| match ns {
+        Ok(Some(ns)) if ns.is_empty() => "(empty: the store was made before namespaces)".to_owned(),
+        Ok(Some(ns)) => ns,
+        Ok(None) => "drawn when the store is created".to_owned(),
+        Err(e) => format!("unreadable: {e}"),
+    };
+    match config.store_of(StoreRole::Usage) {
+        StoreSettings::Memory => "drawn by each process (memory store)".to_owned(),
+        #[cfg(feature = "sqlite")]
+        StoreSettings::Sqlite { path, .. } => match tollgate::store::SqliteStore::read_identifier_namespace(path).await
+        {
+            Ok(None) => format!("drawn when {} is created", path.display()),
+            other => shown(other),
+        },
+        #[cfg(feature = "dynamodb")]
+        StoreSettings::Dynamodb { table, endpoint } => {
+            use tollgate::store::ExportStore;
+            let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+            shown(store.identifier_namespace().await.map(Some))
+        }
+        #[cfg(feature = "postgres")]
+        StoreSettings::Postgres(p) => {
+            use tollgate::store::ExportStore;
+            // Verified, never migrated: a check changes nothing.
+            let mut settings = p.clone();
+            settings.migrate = tollgate::config::Migrate::Verify;
+            match tollgate::store::PostgresStore::options_of(&settings) {
+                Err(e) => format!("unreadable: {e}"),
+                Ok(options) => match tollgate::store::PostgresStore::open(&options).await {
+                    Ok(store) => shown(store.identifier_namespace().await.map(Some)),
+                    Err(e) => format!("unreadable: {e}"),
+                },
+            }
+        }
+        other => format!("not read ({other})"),
+    }
+}
+
+/// Creates or migrates the PostgreSQL schema of every role whose store is one.
+pub(crate) async fn migrate(config: &Config) -> Result<()> {
+    let mut schemas: Vec<&tollgate::config::PostgresSettings> = Vec::new();
+    for role in StoreRole::ALL {
+        if let StoreSettings::Postgres(p) = config.store_of(role) {
+            if !schemas.contains(&p) {
+                schemas.push(p);
+            }
+        }
+    }
+    if schemas.is_empty() {
+        return Err(format!(
+            "the configuration's store is {}, not PostgreSQL (a SQLite file migrates itself when opened)",
+            config.store()
+        )
+        .into());
+    }
+    #[cfg(feature = "postgres")]
+    for p in schemas {
+        let options = tollgate::store::PostgresStore::options_of(p)?;
+        match tollgate::store::PostgresStore::migrate(&options).await? {
+            (from, to) if from == to => println!("schema `{}` is at version {to}: nothing to do", p.schema),
+            (0, to) => println!("schema `{}` created at version {to}", p.schema),
+            (from, to) => println!("schema `{}` migrated from version {from} to {to}", p.schema),
+        }
+    }
+    #[cfg(feature = "postgres")]
+    return Ok(());
+    #[cfg(not(feature = "postgres"))]
+    {
+        let _ = schemas;
+        Err("this build of tollgate has no PostgreSQL support (cargo feature `postgres`)".into())
+    }
+}
+
+/// Copies the tenant directory of the configuration at `config` to the directory store of the
+/// one at `to`.
+pub(crate) async fn copy_directory(config: &Path, to: &Path) -> Result<()> {
+    let from = admin(config).await?;
+    let target = Admin::open(&load(to)?).await?;
+    let report = from.copy_directory(target.directory_store().as_ref()).await?;
+    println!("copied {} tenants and {} API keys to the directory of {}", report.tenants, report.keys, to.display());
+    Ok(())
+}
+
+/// Creates the DynamoDB table of every role whose store is one (`[store]` and the roles' own).
+pub(crate) async fn create_table(config: &Config) -> Result<()> {
+    let mut tables: Vec<(&String, &Option<String>)> = Vec::new();
+    for role in StoreRole::ALL {
+        if let StoreSettings::Dynamodb { table, endpoint } = config.store_of(role) {
+            if !tables.contains(&(table, endpoint)) {
+                tables.push((table, endpoint));
+            }
+        }
+    }
+    if tables.is_empty() {
+        return Err(format!("the configuration's store is {}, not a DynamoDB table", config.store()).into());
+    }
+    #[cfg(feature = "dynamodb")]
+    for (table, endpoint) in tables {
+        let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+        store.create_table().await?;
+        println!("table `{table}` created (on-demand; indexes gsi1, gsi2; TTL on `ttl`)");
+    }
+    #[cfg(feature = "dynamodb")]
+    return Ok(());
+    #[cfg(not(feature = "dynamodb"))]
+    {
+        let _ = tables;
+        Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
+    }
+}
+
+/// Draws the identifier namespace of the usage role's DynamoDB table if it has none.
+pub(crate) async fn init_namespace(config: &Config) -> Result<()> {
+    let StoreSettings::Dynamodb { table, endpoint } = config.store_of(StoreRole::Usage) else {
+        return Err(format!("the usage store is {}, not a DynamoDB table", config.store_of(StoreRole::Usage)).into());
+    };
+    #[cfg(feature = "dynamodb")]
+    {
+        let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+        store.check_table().await?;
+        match store.init_identifier_namespace().await? {
+            (true, ns) => println!("table `{table}`: identifier namespace {ns} drawn"),
+            (false, ns) if ns.is_empty() => {
+                return Err(format!("table `{table}` holds a namespace item without a value: mend or delete it").into())
+            }
+            (false, ns) => println!("table `{table}` has its identifier namespace: {ns}"),
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "dynamodb"))]
+    {
+        let _ = (table, endpoint);
+        Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
+    }
+}
+
+/// Mends the TTL of the dead letters in the usage role's DynamoDB table.
+pub(crate) async fn repair_ttl_of(config: &Config) -> Result<()> {
+    let StoreSettings::Dynamodb { table, endpoint } = config.store_of(StoreRole::Usage) else {
+        return Err(format!(
+            "--repair-ttl mends a DynamoDB table; the usage store is {}",
+            config.store_of(StoreRole::Usage)
+        )
+        .into());
+    };
+    #[cfg(feature = "dynamodb")]
+    {
+        let store = tollgate::store::DynamoStore::from_env(table.clone(), endpoint.as_deref()).await;
+        let mended = store.repair_dead_letter_ttl().await?;
+        println!("{mended} dead letters in `{table}` given a TTL past any horizon (kept until requeued or confirmed)");
+        Ok(())
+    }
+    #[cfg(not(feature = "dynamodb"))]
+    {
+        let _ = (table, endpoint);
+        Err("this build of tollgate has no DynamoDB support (cargo feature `dynamodb`)".into())
+    }
+}

@@ -1,0 +1,83 @@
+//! What a tenant used: `tollgate quota show` (its quota counters) and `tollgate usage` (its usage
+//! per window, with what was exported of it).
+
+use std::path::Path;
+
+use tollgate::admin::Admin;
+
+use crate::util::{admin, load, now, parse_time, time_text, Result};
+
+/// `quota show`: what each quota counter of the tenant holds in the store.
+pub(crate) async fn quota_show(config: &Path, tenant: String) -> Result<()> {
+    let counters = admin(config).await?.quota_counters(&tenant).await?;
+    println!("{:<12} {:<10} {:<20} {:<20} {:>12} {:>12}", "meter", "period", "start", "end", "reserved", "granted");
+    for c in &counters {
+        println!(
+            "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12}",
+            c.key.meter.as_str(),
+            c.key.period_tag(),
+            time_text(c.key.start),
+            time_text(c.key.end),
+            c.reserved,
+            c.granted.map_or_else(|| "-".to_owned(), |g| g.to_string())
+        );
+    }
+    if counters.is_empty() {
+        println!("`{tenant}` has no quota counters in the store");
+    }
+    Ok(())
+}
+
+/// `usage`: the tenant's usage per meter and window, billed as the exporter bills it.
+pub(crate) async fn usage(
+    config: &Path,
+    tenant: String,
+    meter: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+) -> Result<()> {
+    let now = now();
+    let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(now.saturating_add(1));
+    let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(to.saturating_sub(30 * 86_400));
+    let config = load(config)?;
+    let admin = Admin::open(&config).await?;
+    let rows = admin.usage(&tenant, meter.as_deref(), from, to).await?;
+    // As the exporter bills it: the directory's customer, else the file's, in the
+    // billing system of the configured sink.
+    let file = config.tenants().iter().find(|t| t.id().as_str() == tenant);
+    let field = config.export().sink.map(tollgate::config::SinkKind::customer_field).unwrap_or_default();
+    let metronome = field == tollgate::billing::CustomerField::Metronome;
+    let customer = admin
+        .directory_store()
+        .tenant(&tenant.as_str().into())
+        .await?
+        .and_then(|t| t.customer_in(field).map(str::to_owned))
+        .or_else(|| {
+            file.and_then(|t| if metronome { t.metronome_customer() } else { t.stripe_customer() }).map(str::to_owned)
+        });
+    println!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
+    println!(
+        "{:<12} {:<22} {:>12} {:>12} {:>8}  sent for",
+        "meter", "window (UTC)", "quantity", "exported", "revision"
+    );
+    let (mut total, mut exported) = (0u64, 0u64);
+    for a in &rows {
+        total += a.quantity;
+        exported += a.exported;
+        println!(
+            "{:<12} {:<22} {:>12} {:>12} {:>8}  {}",
+            a.key.meter.as_str(),
+            time_text(a.key.window_start),
+            a.quantity,
+            a.exported,
+            a.revision,
+            if config.exports_meter(&a.key.meter) || a.exported > 0 {
+                a.send.as_ref().and_then(|s| s.customer.as_deref()).unwrap_or("-")
+            } else {
+                "not exported (export = false)"
+            }
+        );
+    }
+    println!("{} windows, {total} units, {exported} exported", rows.len());
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! What the command groups share: the configuration and the administration it opens, and times.
+
+use std::time::Duration;
+
+use tollgate::{admin::Admin, Config};
+
+pub(crate) type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+pub(crate) fn load(path: &std::path::Path) -> Result<Config> {
+    Config::from_path(path).map_err(Into::into)
+}
+
+pub(crate) async fn admin(config: &std::path::Path) -> Result<Admin> {
+    Ok(Admin::open(&load(config)?).await?)
+}
+
+pub(crate) fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn now() -> i64 {
+    secs(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default())
+}
+
+pub(crate) fn time_text(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0)
+        .map_or_else(|| unix.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+/// A time given as Unix seconds, an RFC 3339 time, or a date (midnight UTC).
+pub(crate) fn parse_time(text: &str) -> Result<i64> {
+    if let Ok(n) = text.parse::<i64>() {
+        return Ok(n);
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).map_or(0, |t| t.and_utc().timestamp()));
+    }
+    Err(format!("`{text}` is not a time: give a date (2026-11-01), an RFC 3339 time or Unix seconds").into())
+}
