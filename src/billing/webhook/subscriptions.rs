@@ -1,0 +1,362 @@
+//! A tenant's subscriptions as the webhooks last saw them, ordered per subscription, and the
+//! plan changes of a customer's and a subscription's events applied over them.
+
+use super::{
+    transition::{canceled_plan, transition, Fields},
+    WebhookHandler, WebhookOutcome,
+};
+use crate::{
+    config::{Config, PlanId, StripeSettings},
+    store::{PlanChange, PlanChangeOutcome},
+};
+
+impl WebhookHandler {
+    /// An event of the customer, not of one of its subscriptions (`[stripe.events]`, such as
+    /// `payment_method.attached`): it moves the tenant only while no live subscription gives
+    /// it a plan. The write is conditional on the subscriptions and plan as read, and records
+    /// the event's time among the subscriptions, so a subscription's event, or a newer
+    /// customer event, that lands meanwhile makes it read again.
+    pub(super) async fn customer_event(
+        &self,
+        config: &Config,
+        settings: &StripeSettings,
+        fields: &Fields,
+        customer: &str,
+        plan: PlanId,
+    ) -> WebhookOutcome {
+        for _ in 0..8 {
+            let record = match self.directory.tenant_by_customer(customer).await {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone());
+                    let result = self.directory.apply_plan_change(&change).await;
+                    return self.settle(config, fields, customer, &plan, result);
+                }
+                Err(e) => return self.settle(config, fields, customer, &plan, Err(e)),
+            };
+            let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
+                Ok(read) => read,
+                Err(outcome) => return outcome,
+            };
+            // No subscription event stored yet: what its subscriptions give is unknown, and they
+            // stay so (`legacy`, kept for its first subscription event's rules).
+            subs.legacy = legacy;
+            if record.last_event_at.is_some_and(|last| last > fields.created)
+                || subs.customer_at.is_some_and(|last| last > fields.created)
+            {
+                tracing::info!(event = %fields.id, %customer, "Stripe webhook older than the last applied: ignored");
+                return WebhookOutcome::Stale;
+            }
+            // Without stored subscriptions, a plan a price gives stands for a live subscription
+            // that gives it (a tenant from before, or one set on its plan by hand).
+            let priced = legacy && settings.prices.values().any(|p| p == &record.plan);
+            if let Some(best) = subs.best(&Order::new(settings)).or_else(|| priced.then(|| record.plan.clone())) {
+                tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, %best, mapped = %plan,
+                    "Stripe webhook of the customer ignored: a live subscription gives the plan \
+                     (dunning goes through [stripe.subscription_status])");
+                return WebhookOutcome::Ignored;
+            }
+            subs.customer_at = Some(fields.created);
+            let change = PlanChange::new(fields.id.clone(), customer.to_owned(), fields.created, plan.clone())
+                .with_subscriptions(&record, subs.to_json());
+            match self.directory.apply_plan_change(&change).await {
+                Ok(PlanChangeOutcome::Changed) => {}
+                result => return self.settle(config, fields, customer, &plan, result),
+            }
+        }
+        WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
+    }
+
+    /// A subscription's event: ordered by its subscription (by `created`, ties broken by the
+    /// event's meaning: created, then updated, then deleted), recorded with the tenant's other
+    /// subscriptions, and the tenant's plan computed from every live one: the highest of the
+    /// plans they give (`[stripe] plan_order`); with none left after a subscription that gave
+    /// one ended, the canceled outcome. A subscription that gives no plan (an add-on on a price
+    /// `[stripe.prices]` does not map) never moves the tenant.
+    pub(super) async fn subscription_event(
+        &self,
+        config: &Config,
+        settings: &StripeSettings,
+        fields: &Fields,
+        subscription: &str,
+    ) -> WebhookOutcome {
+        let Some(customer) = fields.customer.clone() else {
+            tracing::warn!(event = %fields.id, kind = %fields.kind, "Stripe webhook ignored: it names no customer");
+            return WebhookOutcome::Ignored;
+        };
+        let rank = event_rank(&fields.kind);
+        let status = fields.status.as_deref().unwrap_or_default();
+        let ended =
+            fields.kind == "customer.subscription.deleted" || matches!(status, "canceled" | "incomplete_expired");
+        let by_price = fields.prices.iter().find_map(|p| settings.prices.get(p)).cloned();
+        let transition = transition(settings, fields);
+        // What the subscription gives after the event: a plan, nothing, or what it gave before
+        // (a status mapped to `ignore`, or no transition configured).
+        let gives: Option<Option<PlanId>> = match (&transition, ended) {
+            (_, true) | (Err(()), _) => Some(None),
+            (Ok(Some(plan)), false) => Some(Some(plan.clone())),
+            (Ok(None), false) => None,
+        };
+        for _ in 0..8 {
+            let record = match self.directory.tenant_by_customer(&customer).await {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    return self.settle(
+                        config,
+                        fields,
+                        &customer,
+                        &PlanId::from(""),
+                        Ok(PlanChangeOutcome::UnknownCustomer),
+                    )
+                }
+                Err(e) => return self.settle(config, fields, &customer, &PlanId::from(""), Err(e)),
+            };
+            let (mut subs, legacy) = match Subscriptions::of(fields, &record) {
+                Ok(read) => read,
+                Err(outcome) => return outcome,
+            };
+            // From this event on they are stored.
+            subs.legacy = false;
+            let before = subs.subs.get(subscription).cloned();
+            let stale = match &before {
+                Some(b) => (b.at, b.rank) > (fields.created, rank),
+                // Older than what was forgotten (or, before this version, than the last event).
+                None => fields.created < subs.floor,
+            };
+            if stale {
+                tracing::info!(event = %fields.id, %customer, subscription,
+                    "Stripe webhook older than the last applied for its subscription: ignored");
+                return WebhookOutcome::Stale;
+            }
+            let gave = before.as_ref().and_then(|b| b.plan.as_deref().map(PlanId::from));
+            let bore = before.as_ref().is_some_and(|b| b.bore) || gave.is_some();
+            let now_gives = gives.clone().unwrap_or_else(|| gave.clone());
+            // A subscription that gives (or gave) a plan: its end, or its move to a price no
+            // plan maps, moves the tenant.
+            let bearing = bore || by_price.is_some();
+            let lost_plan = bearing && now_gives.is_none();
+            let order = Order::new(settings);
+            let best_before = subs.best(&order);
+            let plan_text = now_gives.as_ref().map(|p| p.as_str().to_owned());
+            let bore_now = bore || now_gives.is_some();
+            subs.subs
+                .insert(subscription.to_owned(), Sub { at: fields.created, rank, plan: plan_text, bore: bore_now });
+            subs.prune();
+            let best = subs.best(&order);
+            let plan = if legacy {
+                match (&gives, ended) {
+                    (Some(Some(plan)), _) => plan.clone(),
+                    (_, true) if by_price.is_some() => canceled_plan(settings).unwrap_or_else(|| record.plan.clone()),
+                    _ => record.plan.clone(),
+                }
+            } else {
+                match best {
+                    // Written only when the best changes or this subscription gives it anew: a
+                    // plan set by hand survives an add-on's event or an ignored status.
+                    Some(best) if best_before.as_ref() != Some(&best) || matches!(gives, Some(Some(_))) => best,
+                    Some(_) => record.plan.clone(),
+                    None if lost_plan => canceled_plan(settings).unwrap_or_else(|| record.plan.clone()),
+                    None => record.plan.clone(),
+                }
+            };
+            let moved = matches!(gives, Some(Some(_)))
+                || (lost_plan && !legacy)
+                || (ended && by_price.is_some())
+                || plan != record.plan;
+            let change = PlanChange::new(fields.id.clone(), customer.clone(), fields.created, plan.clone())
+                .with_subscriptions(&record, subs.to_json());
+            match self.directory.apply_plan_change(&change).await {
+                Ok(PlanChangeOutcome::Changed) => {}
+                Ok(PlanChangeOutcome::Applied(_)) if !moved => {
+                    // Recorded (its order holds for later events), nothing moved.
+                    return match transition {
+                        Err(()) => {
+                            tracing::warn!(event = %fields.id, prices = ?fields.prices,
+                                "Stripe webhook: the subscription's prices are not in [stripe.prices]; the plan follows the customer's other subscriptions");
+                            WebhookOutcome::UnknownPrice
+                        }
+                        _ => {
+                            tracing::info!(event = %fields.id, kind = %fields.kind, status = ?fields.status,
+                                "Stripe webhook recorded: no transition configured, the plan is unchanged");
+                            WebhookOutcome::Ignored
+                        }
+                    };
+                }
+                result => return self.settle(config, fields, &customer, &plan, result),
+            }
+        }
+        WebhookOutcome::StoreFailed("the tenant's subscriptions kept changing under concurrent events".into())
+    }
+
+    /// The outcome of a plan change the store answered.
+    fn settle(
+        &self,
+        config: &Config,
+        fields: &Fields,
+        customer: &str,
+        plan: &PlanId,
+        result: Result<PlanChangeOutcome, crate::store::StoreError>,
+    ) -> WebhookOutcome {
+        match result {
+            Ok(PlanChangeOutcome::Applied(record)) => {
+                // The tenant's overrides are checked over the new plan as `Admin::set_plan`
+                // checks them. The customer paid for the plan: it is applied whatever they say,
+                // and nodes serve it without overrides that do not fit (counted there).
+                if let Some(json) = record.overrides.as_deref().filter(|o| !o.trim().is_empty()) {
+                    let fits = crate::config::PlanOverride::from_json(json, config)
+                        .map_err(|e| e.to_string())
+                        .and_then(|o| config.check_override(&record.plan, &o));
+                    if let Err(why) = fits {
+                        tracing::error!(event = %fields.id, tenant = %record.id, plan = %record.plan,
+                            "the tenant's overrides do not fit the plan a Stripe webhook moved it to ({why}): \
+                             it is served the plan without them until they are mended (tollgate tenants set-override)");
+                    }
+                }
+                self.node.tenant_changed(&record.id);
+                tracing::info!(event = %fields.id, kind = %fields.kind, tenant = %record.id, plan = %record.plan,
+                    "plan changed by a Stripe webhook");
+                WebhookOutcome::Applied { tenant: record.id, plan: record.plan }
+            }
+            Ok(PlanChangeOutcome::Duplicate) => WebhookOutcome::Duplicate,
+            Ok(PlanChangeOutcome::Stale) => {
+                tracing::info!(event = %fields.id, %customer, "Stripe webhook older than the last applied: ignored");
+                WebhookOutcome::Stale
+            }
+            Ok(PlanChangeOutcome::UnknownCustomer) => {
+                if let Some(t) = config.tenants().iter().find(|t| t.stripe_customer() == Some(customer)) {
+                    tracing::warn!(event = %fields.id, %customer, tenant = %t.id(), %plan,
+                        "Stripe webhook for a tenant declared in the configuration file: its plan is the file's, \
+                         nothing changed (change it in the file, or move the tenant to the store's directory)");
+                    return WebhookOutcome::FileTenant { tenant: t.id().clone() };
+                }
+                tracing::warn!(event = %fields.id, %customer, "Stripe webhook for a customer no tenant has: ignored");
+                WebhookOutcome::UnknownCustomer
+            }
+            Ok(PlanChangeOutcome::Changed) => {
+                // Only a subscription's change is answered Changed; its caller reads again.
+                WebhookOutcome::StoreFailed("the tenant changed meanwhile".into())
+            }
+            Err(e) => {
+                tracing::error!(event = %fields.id, error = %e, "Stripe webhook not applied: the store failed");
+                WebhookOutcome::StoreFailed(e.to_string())
+            }
+        }
+    }
+}
+
+/// Events of one subscription in one second are ordered by their meaning: created, then
+/// updated (and the others), then deleted.
+fn event_rank(kind: &str) -> u8 {
+    match kind {
+        "customer.subscription.created" => 0,
+        "customer.subscription.deleted" => 2,
+        _ => 1,
+    }
+}
+
+/// One subscription as the webhooks last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Sub {
+    /// Its last event's `created`, and that event's rank ([`event_rank`]).
+    at: i64,
+    rank: u8,
+    /// The plan it gives; `None` once ended, or when its prices map to no plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    plan: Option<String>,
+    /// Whether it ever gave a plan: its end, or its move to a price no plan maps, then moves
+    /// the tenant.
+    #[serde(default)]
+    bore: bool,
+}
+
+/// A tenant's subscriptions by id ([`TenantRecord::subscriptions`](crate::store::TenantRecord::subscriptions)),
+/// and the time below which a subscription not kept is stale (what was forgotten).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Subscriptions {
+    #[serde(default)]
+    floor: i64,
+    subs: std::collections::BTreeMap<String, Sub>,
+    /// The `created` of the last event of the customer (not of a subscription) applied: an
+    /// older one is stale, and writing it makes concurrent customer events conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    customer_at: Option<i64>,
+    /// Written by a customer's event alone: no subscription event was stored yet, so the
+    /// tenant's first one follows the rules of a tenant from before subscriptions were stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    legacy: bool,
+}
+
+/// How plans rank: `[stripe] plan_order` first, then the plans prices give, then the rest.
+struct Order<'a> {
+    listed: &'a [PlanId],
+    priced: std::collections::BTreeSet<&'a str>,
+}
+
+impl<'a> Order<'a> {
+    fn new(settings: &'a StripeSettings) -> Self {
+        Self { listed: &settings.plan_order, priced: settings.prices.values().map(PlanId::as_str).collect() }
+    }
+
+    /// Lower is higher.
+    fn rank(&self, plan: &str) -> usize {
+        match self.listed.iter().position(|o| o.as_str() == plan) {
+            Some(i) => i,
+            None if self.priced.contains(plan) => self.listed.len(),
+            None => self.listed.len() + 1,
+        }
+    }
+}
+
+impl Subscriptions {
+    /// At most this many are kept per tenant: those giving no plan go first, oldest first.
+    const MAX: usize = 32;
+
+    /// The tenant's subscriptions as stored, and whether no subscription event of it was
+    /// stored yet (from before this version, or only its customer's events since): then its
+    /// last event orders them all, and its plan follows one event alone, as before. Unreadable
+    /// ones are never written over (their order and ended subscriptions would be lost).
+    fn of(fields: &Fields, record: &crate::store::TenantRecord) -> Result<(Self, bool), WebhookOutcome> {
+        let mut subs = Self::parse(record.subscriptions.as_deref()).map_err(|e| {
+            tracing::error!(event = %fields.id, tenant = %record.id, error = %e,
+                "the tenant's stored subscriptions are unreadable: the event is not applied");
+            WebhookOutcome::StoreFailed(format!("the tenant's stored subscriptions are unreadable: {e}"))
+        })?;
+        let legacy = record.subscriptions.is_none() || subs.legacy;
+        if legacy {
+            subs.floor = record.last_event_at.unwrap_or(i64::MIN);
+        }
+        Ok((subs, legacy))
+    }
+
+    /// As stored.
+    fn parse(text: Option<&str>) -> Result<Self, serde_json::Error> {
+        text.map_or_else(|| Ok(Self { floor: i64::MIN, ..Self::default() }), serde_json::from_str)
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Bounded: subscriptions that give nothing go first, then the oldest; the floor rises to
+    /// the newest event forgotten, so a late event of a forgotten subscription is stale.
+    fn prune(&mut self) {
+        while self.subs.len() > Self::MAX {
+            let victim =
+                self.subs.iter().min_by_key(|(_, s)| (s.plan.is_some(), s.at, s.rank)).map(|(id, _)| id.clone());
+            let Some(id) = victim else { break };
+            if let Some(gone) = self.subs.remove(&id) {
+                self.floor = self.floor.max(gone.at + 1);
+            }
+        }
+    }
+
+    /// The plan of the live subscriptions: the highest by `order`, among equals the one whose
+    /// event came last.
+    fn best(&self, order: &Order<'_>) -> Option<PlanId> {
+        self.subs
+            .values()
+            .filter_map(|s| s.plan.as_ref().map(|p| (p, s.at, s.rank)))
+            .min_by(|a, b| order.rank(a.0).cmp(&order.rank(b.0)).then((b.1, b.2).cmp(&(a.1, a.2))))
+            .map(|(p, _, _)| PlanId::from(p.as_str()))
+    }
+}
