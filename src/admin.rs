@@ -28,7 +28,8 @@ use crate::{
     store::{
         limited::{Limited, Path, Policy},
         unix_now, ApiKeyRecord, CreditBalance, CreditClosure, CreditGrant, DeadLetter, DirectoryEvents, DirectoryStore,
-        ExportKey, GrantOutcome, QuotaStore, Store, StoreError, TenantRecord, UsageAggregate, UsageExportStore,
+        DirectoryStoreExt, ExportKey, ExportStoreExt, GrantOutcome, QuotaStore, Store, StoreError, TenantRecord,
+        TenantUpdate, UpdateWhen, UsageAggregate, UsageExportStore, UsageStoreExt,
     },
 };
 
@@ -373,7 +374,8 @@ impl Admin {
             if let (Some(c), false) = (customer, take) {
                 self.refuse_held(c, &record.id).await?;
             }
-            if self.directory.set_customer_if_unchanged(&record.id, record.customer.as_deref(), customer).await? {
+            let update = TenantUpdate::Customer(record.id.clone(), customer.map(str::to_owned));
+            if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
                 record.customer = customer.map(str::to_owned);
                 self.changed(&record.id);
                 return Ok(record);
@@ -420,7 +422,8 @@ impl Admin {
                     AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}"))
                 })?;
             }
-            if self.directory.set_plan_if_unchanged(&record, &plan).await? {
+            let update = TenantUpdate::Plan(record.id.clone(), plan.clone());
+            if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
                 record.plan = plan;
                 self.changed(&record.id);
                 return Ok(record);
@@ -454,7 +457,7 @@ impl Admin {
                 (!o.is_empty()).then(|| o.to_json())
             }
         };
-        if !self.directory.set_overrides(&tenant, json.as_deref()).await? {
+        if !self.directory.update_tenant(&TenantUpdate::Overrides(tenant.clone(), json), UpdateWhen::Always).await? {
             return Err(AdminError::UnknownTenant(id.to_owned()));
         }
         self.changed(&tenant);
@@ -473,7 +476,8 @@ impl Admin {
     pub async fn set_metronome_customer(&self, id: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
         let tenant = Self::tenant_id(id)?;
         let customer = customer.map(check_metronome_customer).transpose()?;
-        if !self.directory.set_metronome_customer(&tenant, customer).await? {
+        let update = TenantUpdate::MetronomeCustomer(tenant.clone(), customer.map(str::to_owned));
+        if !self.directory.update_tenant(&update, UpdateWhen::Always).await? {
             return Err(AdminError::UnknownTenant(id.to_owned()));
         }
         self.changed(&tenant);
@@ -605,14 +609,7 @@ impl Admin {
     /// # Errors
     /// The store failed.
     pub async fn tenants(&self) -> Result<Vec<TenantRecord>, AdminError> {
-        let mut out: Vec<TenantRecord> = Vec::new();
-        loop {
-            let page = self.directory.list_tenants(out.last().map(|t| &t.id), 500).await?;
-            if page.is_empty() {
-                return Ok(out);
-            }
-            out.extend(page);
-        }
+        Ok(self.directory.all_tenants().await?)
     }
 
     /// Copies the directory to another directory store: every tenant with its plan, billing
@@ -938,18 +935,10 @@ impl Admin {
     /// # Errors
     /// No such dead letter or aggregate ([`AdminError::Invalid`]), or the store failed.
     pub async fn confirm_dead_letter(&self, key: &ExportKey) -> Result<bool, AdminError> {
-        let mut after = None;
-        let dead = loop {
-            let page = self.usage.dead_letters(after.as_ref(), 100).await?;
-            let Some(last) = page.last() else { return Err(AdminError::Invalid("no such dead letter".into())) };
-            if let Some(d) = page.iter().find(|d| &d.key == key) {
-                break d.clone();
-            }
-            after = Some(last.key.clone());
+        let Some(dead) = self.usage.dead_letter_of(key).await? else {
+            return Err(AdminError::Invalid("no such dead letter".into()));
         };
-        let window = key.window_start;
-        let aggregates = self.usage.usage_range(&key.tenant, window, window.saturating_add(1)).await?;
-        let Some(mut agg) = aggregates.into_iter().find(|a| &a.key == key) else {
+        let Some(mut agg) = self.usage.aggregate(key).await? else {
             return Err(AdminError::Invalid("no such aggregate".into()));
         };
         agg.revision = dead.revision;

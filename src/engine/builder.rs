@@ -230,7 +230,7 @@ impl Builder {
         self
     }
 
-    /// The store of the usage and export roles, which share the usage aggregates, instead of
+    /// The store of the usage, export and ledger roles, which share writes, instead of
     /// [`store`](Self::store)'s.
     pub fn usage_store(mut self, store: Arc<dyn UsageExportStore>) -> Self {
         self.usage = Some(store);

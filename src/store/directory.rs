@@ -194,6 +194,55 @@ pub enum PlanChangeOutcome {
     Changed,
 }
 
+/// One of a tenant's own settings, written by [`DirectoryStore::update_tenant`] alone: the
+/// rest of the tenant (its plan, if not this, its last billing event, its subscriptions) is
+/// kept, so a webhook's change at the same moment is not overwritten.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TenantUpdate {
+    /// Its plan.
+    Plan(TenantId, PlanId),
+    /// Its billing customer (a Stripe customer id), or with `None` none.
+    Customer(TenantId, Option<String>),
+    /// Its Metronome customer id or ingest alias, or with `None` none.
+    MetronomeCustomer(TenantId, Option<String>),
+    /// Its overrides of its plan in their JSON form, or with `None` none.
+    Overrides(TenantId, Option<String>),
+}
+
+impl TenantUpdate {
+    /// The tenant it writes.
+    #[must_use]
+    pub fn tenant(&self) -> &TenantId {
+        match self {
+            Self::Plan(t, _) | Self::Customer(t, _) | Self::MetronomeCustomer(t, _) | Self::Overrides(t, _) => t,
+        }
+    }
+
+    /// Whether `stored` holds the setting this update writes as `read` does (for a plan, its
+    /// last billing event too: a webhook's change moves both).
+    pub(crate) fn unchanged(&self, read: &TenantRecord, stored: &TenantRecord) -> bool {
+        match self {
+            Self::Plan(..) => stored.plan == read.plan && stored.last_event_at == read.last_event_at,
+            Self::Customer(..) => stored.customer == read.customer,
+            Self::MetronomeCustomer(..) => stored.metronome_customer == read.metronome_customer,
+            Self::Overrides(..) => stored.overrides == read.overrides,
+        }
+    }
+}
+
+/// When [`DirectoryStore::update_tenant`] writes: object_store's `PutMode` for a tenant's
+/// settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpdateWhen<'a> {
+    /// Whenever the tenant exists.
+    Always,
+    /// Only if the setting the update writes is still as this read of the tenant holds it (for
+    /// a plan, its last applied billing event too): a check-then-write without a lost update.
+    Unchanged(&'a TenantRecord),
+}
+
 /// Where the tenant directory lives: key hash → tenant, tenant → plan, customer and overrides, and
 /// the last plan change applied per customer.
 #[async_trait]
@@ -225,31 +274,15 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     /// Removes an API key from the directory.
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError>;
 
-    /// Sets (or with `None` removes) a tenant's overrides of its plan, changing nothing else
-    /// of it (a plan change by a webhook at the same moment is kept). Returns whether the
-    /// tenant exists.
-    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError>;
-
-    /// Sets (or with `None` removes) a tenant's Metronome customer id or ingest alias,
-    /// changing nothing else of it. Returns whether the tenant exists.
-    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError>;
-
-    /// Sets the plan of the tenant `read` describes, only if its plan and its last applied
-    /// billing event are still those `read` holds (one conditional write): `false` when they
-    /// changed since (a webhook applied meanwhile) or the tenant is gone; read it again. Nothing
-    /// else of the tenant is written.
-    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &PlanId) -> Result<bool, StoreError>;
-
-    /// Sets the billing customer of `tenant` (`None` removes it), only if its customer is still
-    /// `read` (one conditional write of the tenant's customer alone): `false` when it changed
-    /// since or the tenant is gone. A customer given to this tenant leaves any other, as with
-    /// [`put_tenant`](Self::put_tenant): callers check who holds it first.
-    async fn set_customer_if_unchanged(
-        &self,
-        tenant: &TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError>;
+    /// Writes one of a tenant's own settings ([`TenantUpdate`]), changing nothing else of it:
+    /// [`UpdateWhen::Always`], or only if that setting is still as a read left it
+    /// ([`UpdateWhen::Unchanged`], one conditional write). Returns whether it wrote: `false`
+    /// when the tenant is gone, or changed since the read (read it again).
+    ///
+    /// A billing customer given to this tenant leaves any other, as with
+    /// [`put_tenant`](Self::put_tenant) (callers check who holds it first), and a tenant whose
+    /// customer changes forgets its subscriptions (another customer's are not its own).
+    async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError>;
 
     /// Applies a plan change atomically: only if `change.event_id` was never seen and the
     /// event is not older than the last one applied to that customer (for a change with

@@ -28,14 +28,15 @@ use tokio::time::Instant;
 
 use crate::{
     clock::Clock,
-    config::{Config, MeterId, PlanId, TenantId},
+    config::{Config, MeterId, TenantId},
     metrics::Totals,
     store::{
         ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
         DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
         IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash,
-        LedgerEntry, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore, RefundOutcome, Reservation,
-        ReserveToken, StoreError, TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+        LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore, RefundOutcome,
+        Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch,
+        UsageEvent, UsageStore,
     },
 };
 
@@ -406,6 +407,22 @@ impl<S: ExportStore + ?Sized> ExportStore for Limited<S> {
         self.call("requeue a dead letter", self.inner.requeue_dead_letter(key)).await
     }
 
+    fn is_durable(&self) -> bool {
+        self.inner.is_durable()
+    }
+
+    async fn identifier_namespace(&self) -> Result<String, StoreError> {
+        self.call("read the identifier namespace", self.inner.identifier_namespace()).await
+    }
+
+    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
+        self.call("set the identifier namespace", self.inner.set_identifier_namespace(current, new)).await
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: LedgerStore + ?Sized> LedgerStore for Limited<S> {
     async fn ledger(
         &self,
         hour: i64,
@@ -425,18 +442,6 @@ impl<S: ExportStore + ?Sized> ExportStore for Limited<S> {
 
     async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
         self.call("export again", self.inner.reexport(entry)).await
-    }
-
-    fn is_durable(&self) -> bool {
-        self.inner.is_durable()
-    }
-
-    async fn identifier_namespace(&self) -> Result<String, StoreError> {
-        self.call("read the identifier namespace", self.inner.identifier_namespace()).await
-    }
-
-    async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {
-        self.call("set the identifier namespace", self.inner.set_identifier_namespace(current, new)).await
     }
 }
 
@@ -475,25 +480,8 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
         self.call("remove key", self.inner.remove_key(key)).await
     }
 
-    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
-        self.call("set overrides", self.inner.set_overrides(tenant, overrides)).await
-    }
-
-    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
-        self.call("set Metronome customer", self.inner.set_metronome_customer(tenant, customer)).await
-    }
-
-    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &PlanId) -> Result<bool, StoreError> {
-        self.call("set plan", self.inner.set_plan_if_unchanged(read, plan)).await
-    }
-
-    async fn set_customer_if_unchanged(
-        &self,
-        tenant: &TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        self.call("set customer", self.inner.set_customer_if_unchanged(tenant, read, customer)).await
+    async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
+        self.call("update tenant", self.inner.update_tenant(update, when)).await
     }
 
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {

@@ -5,12 +5,13 @@
 //! |---|---|---|---|
 //! | quota | [`QuotaStore`] | reserved units per (tenant, meter, period) | leases, on the request path's refills |
 //! | usage | [`UsageStore`] | usage aggregates per (tenant, meter, window) | the flush pipeline, usage events, reports |
-//! | export | [`ExportStore`] | each aggregate's export state, dead letters | the exporter, `tollgate dead-letters` |
+//! | export | [`ExportStore`] | each aggregate's export state, dead letters, the identifier namespace | the exporter, `tollgate dead-letters` |
+//! | ledger | [`LedgerStore`] | what each export sent, and what reconciliation found lacking | reconciliation |
 //! | directory | [`DirectoryStore`] | key hashes, tenants, plans, customers, overrides | tenant lookups, [`Admin`](crate::admin::Admin), webhooks |
 //! | idempotency | [`IdempotencyStore`] | `Idempotency-Key` bindings | requests carrying the header |
 //!
-//! [`Store`] is every role at once, implemented for any type that has them all. The usage and
-//! export roles share the aggregates, so one store holds both ([`UsageExportStore`]).
+//! [`Store`] is every role at once, implemented for any type that has them all. The usage,
+//! export and ledger roles share writes, so one store holds the three ([`UsageExportStore`]).
 //! [`Tollgate::builder`](crate::Tollgate::builder) takes one store for everything, or one per
 //! role (for example a directory kept in the team's own database, quotas in DynamoDB).
 //!
@@ -28,7 +29,9 @@ mod directory;
 mod dynamo;
 mod error;
 mod export;
+mod ext;
 mod idempotency;
+mod ledger;
 pub(crate) mod limited;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -41,20 +44,22 @@ mod usage;
 use std::sync::Arc;
 
 pub use crate::base::{DirectoryEvents, KeyHash, RefundAttribution, WebhookCount};
-pub use directory::{ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord};
+pub use directory::{
+    ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord, TenantUpdate,
+    UpdateWhen,
+};
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use dynamo::DynamoStore;
 pub use error::StoreError;
 pub(crate) use export::draw_namespace;
-pub use export::{
-    DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, LedgerEntry, UsageAggregate,
-    LEDGER_KEPT_SECS,
-};
+pub use export::{DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
+pub use ext::{DirectoryStoreExt, ExportStoreExt, UsageStoreExt};
 pub use idempotency::{
     CompletedRequest, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
     StoredResponse,
 };
+pub use ledger::{LedgerEntry, LedgerStore, LEDGER_KEPT_SECS};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -70,25 +75,32 @@ pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, Us
 
 /// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.
 pub mod prelude {
-    pub use super::{DirectoryStore, ExportStore, IdempotencyStore, QuotaStore, Store, UsageExportStore, UsageStore};
+    pub use super::{
+        DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, QuotaStore,
+        Store, UsageExportStore, UsageStore, UsageStoreExt,
+    };
     #[cfg(any(test, feature = "test-util"))]
     pub use super::{QuotaInspect, StoreInspect, UsageInspect};
 }
 
 /// Every role at once: what [`Tollgate::builder`](crate::Tollgate::builder)'s `store` takes.
 ///
-/// Implemented for every type that implements the five roles; implement those, never this.
+/// Implemented for every type that implements the six roles; implement those, never this.
 pub trait Store: QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore {}
 
-impl<T> Store for T where T: QuotaStore + UsageStore + ExportStore + DirectoryStore + IdempotencyStore + ?Sized {}
+impl<T> Store for T where
+    T: QuotaStore + UsageStore + ExportStore + LedgerStore + DirectoryStore + IdempotencyStore + ?Sized
+{
+}
 
-/// The usage and export roles together, as one store holds them: they share the aggregates
-/// (the export state is kept beside the usage it exports).
+/// The usage, export and ledger roles together, as one store holds them: they share writes
+/// (the export state is kept beside the usage it exports, and an export's ledger entry is
+/// written with its export).
 ///
-/// Implemented for every type that implements both.
-pub trait UsageExportStore: UsageStore + ExportStore {}
+/// Implemented for every type that implements the three.
+pub trait UsageExportStore: UsageStore + ExportStore + LedgerStore {}
 
-impl<T> UsageExportStore for T where T: UsageStore + ExportStore + ?Sized {}
+impl<T> UsageExportStore for T where T: UsageStore + ExportStore + LedgerStore + ?Sized {}
 
 /// What tests read from a quota store beyond what the engine needs (feature `test-util`).
 #[cfg(any(test, feature = "test-util"))]

@@ -15,7 +15,7 @@ use tollgate::store::KeyHash;
 use tollgate::store::Store;
 use tollgate::{
     billing::{Secret, WebhookHandler, WebhookOutcome},
-    store::{MemoryStore, TenantRecord},
+    store::{MemoryStore, TenantRecord, TenantUpdate, UpdateWhen},
 };
 
 const SECRET: &str = "whsec_current";
@@ -612,7 +612,8 @@ async fn a_plan_set_by_hand_survives_events_that_change_nothing(s: Setup) {
         applied("pro")
     );
     let read = s.store.tenant(&"acme".into()).await.unwrap().unwrap();
-    assert!(s.store.set_plan_if_unchanged(&read, &"metered".into()).await.unwrap());
+    let update = TenantUpdate::Plan(read.id.clone(), "metered".into());
+    assert!(s.store.update_tenant(&update, UpdateWhen::Unchanged(&read)).await.unwrap());
     assert_eq!(
         s.signed(&event("e2", created, NOON - 20, sub_of("sub_a", "active", "price_addon"))).await.1,
         WebhookOutcome::UnknownPrice

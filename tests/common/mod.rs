@@ -472,6 +472,35 @@ impl UsageStore for Faulty {
 }
 
 #[async_trait::async_trait]
+impl LedgerStore for Faulty {
+    async fn ledger(
+        &self,
+        hour: i64,
+        after: Option<(&ExportKey, u32)>,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        self.check()?;
+        self.hung().await;
+        self.inner.ledger(hour, after, limit).await
+    }
+
+    async fn note_lacking(&self, entry: &LedgerEntry, now: i64) -> Result<i64, StoreError> {
+        self.check()?;
+        self.inner.note_lacking(entry, now).await
+    }
+
+    async fn clear_lacking(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.clear_lacking(entry).await
+    }
+
+    async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.reexport(entry).await
+    }
+}
+
+#[async_trait::async_trait]
 impl ExportStore for Faulty {
     async fn pending_exports(
         &self,
@@ -502,32 +531,6 @@ impl ExportStore for Faulty {
     async fn finish_export(&self, a: &UsageAggregate, now: i64) -> Result<bool, StoreError> {
         self.check()?;
         self.inner.finish_export(a, now).await
-    }
-
-    async fn ledger(
-        &self,
-        hour: i64,
-        after: Option<(&ExportKey, u32)>,
-        limit: usize,
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
-        self.check()?;
-        self.hung().await;
-        self.inner.ledger(hour, after, limit).await
-    }
-
-    async fn note_lacking(&self, entry: &LedgerEntry, now: i64) -> Result<i64, StoreError> {
-        self.check()?;
-        self.inner.note_lacking(entry, now).await
-    }
-
-    async fn clear_lacking(&self, entry: &LedgerEntry) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.clear_lacking(entry).await
-    }
-
-    async fn reexport(&self, entry: &LedgerEntry) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.reexport(entry).await
     }
 
     async fn dead_letter(&self, a: &UsageAggregate, reason: &str) -> Result<(), StoreError> {
@@ -582,23 +585,13 @@ impl DirectoryStore for Faulty {
         self.inner.apply_plan_change(change).await
     }
 
-    async fn set_plan_if_unchanged(
+    async fn update_tenant(
         &self,
-        read: &TenantRecord,
-        plan: &tollgate::config::PlanId,
+        update: &tollgate::store::TenantUpdate,
+        when: tollgate::store::UpdateWhen<'_>,
     ) -> Result<bool, StoreError> {
         self.check()?;
-        self.inner.set_plan_if_unchanged(read, plan).await
-    }
-
-    async fn set_customer_if_unchanged(
-        &self,
-        tenant: &tollgate::config::TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.set_customer_if_unchanged(tenant, read, customer).await
+        self.inner.update_tenant(update, when).await
     }
 
     async fn find_key(&self, key: &tollgate::store::KeyHash) -> Result<Option<TenantRecord>, StoreError> {
@@ -625,24 +618,6 @@ impl DirectoryStore for Faulty {
             self.inner.apply_plan_change(&change).await?;
         }
         read
-    }
-
-    async fn set_overrides(
-        &self,
-        tenant: &tollgate::config::TenantId,
-        overrides: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.set_overrides(tenant, overrides).await
-    }
-
-    async fn set_metronome_customer(
-        &self,
-        tenant: &tollgate::config::TenantId,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.set_metronome_customer(tenant, customer).await
     }
 
     async fn put_tenant(&self, record: &TenantRecord, keys: &[tollgate::store::KeyHash]) -> Result<(), StoreError> {

@@ -396,7 +396,7 @@ async fn the_documented_least_privileges_are_enough() {
         let mut h = open(least.clone()).await;
         match case {
             0 => {
-                conformance::export::the_ledger_keeps_each_exported_revision_and_reexports_a_lost_one_once(&mut h).await
+                conformance::ledger::the_ledger_keeps_each_exported_revision_and_reexports_a_lost_one_once(&mut h).await
             }
             1 => conformance::quota::a_period_two_periods_old_is_dropped_and_stays_dropped(&mut h).await,
             2 => conformance::usage::usage_events_apply_once_per_id(&mut h).await,

@@ -1,7 +1,54 @@
 //! The directory role: tenants, keys, customers, overrides and plan changes.
 
 use super::*;
-use crate::store::{ApiKeyRecord, DirectoryStore, KeyHash, PlanChange, PlanChangeOutcome, TenantRecord};
+use crate::base::{PlanId, TenantId};
+use crate::store::{
+    ApiKeyRecord, DirectoryStore, KeyHash, PlanChange, PlanChangeOutcome, StoreError, TenantRecord, TenantUpdate,
+    UpdateWhen,
+};
+
+/// `tenant`'s customer set to `customer` if it is still `read`.
+async fn set_customer_if_unchanged<S: ?Sized + DirectoryStore>(
+    s: &S,
+    tenant: &TenantId,
+    read: Option<&str>,
+    customer: Option<&str>,
+) -> Result<bool, StoreError> {
+    let mut read_as = TenantRecord::new(tenant.clone(), PlanId::from("unread"));
+    read_as.customer = read.map(str::to_owned);
+    let update = TenantUpdate::Customer(tenant.clone(), customer.map(str::to_owned));
+    s.update_tenant(&update, UpdateWhen::Unchanged(&read_as)).await
+}
+
+/// The plan of the tenant `read` describes set to `plan`, if its plan and last billing event
+/// are still those read.
+async fn set_plan_if_unchanged<S: ?Sized + DirectoryStore>(
+    s: &S,
+    read: &TenantRecord,
+    plan: &PlanId,
+) -> Result<bool, StoreError> {
+    s.update_tenant(&TenantUpdate::Plan(read.id.clone(), plan.clone()), UpdateWhen::Unchanged(read)).await
+}
+
+/// `tenant`'s overrides set, whatever they were.
+async fn set_overrides<S: ?Sized + DirectoryStore>(
+    s: &S,
+    tenant: &TenantId,
+    overrides: Option<&str>,
+) -> Result<bool, StoreError> {
+    let update = TenantUpdate::Overrides(tenant.clone(), overrides.map(str::to_owned));
+    s.update_tenant(&update, UpdateWhen::Always).await
+}
+
+/// `tenant`'s Metronome customer set, whatever it was.
+async fn set_metronome_customer<S: ?Sized + DirectoryStore>(
+    s: &S,
+    tenant: &TenantId,
+    customer: Option<&str>,
+) -> Result<bool, StoreError> {
+    let update = TenantUpdate::MetronomeCustomer(tenant.clone(), customer.map(str::to_owned));
+    s.update_tenant(&update, UpdateWhen::Always).await
+}
 
 /// A customer given to a second tenant leaves the first (its record no longer names it), and
 /// the first tenant's later changes do not take the customer from the second.
@@ -38,21 +85,21 @@ pub async fn a_metronome_customer_is_kept_beside_the_stripe_one<S: ?Sized + Dire
     assert_eq!(h.s().list_tenants(None, 10).await.unwrap(), vec![m.clone()]);
     let change = PlanChange::new("evt_m", "cus_m", 10, "pro".into());
     assert!(matches!(h.s().apply_plan_change(&change).await.unwrap(), PlanChangeOutcome::Applied(_)));
-    assert!(h.s().set_customer_if_unchanged(&"m".into(), Some("cus_m"), Some("cus_n")).await.unwrap());
+    assert!(set_customer_if_unchanged(h.s(), &"m".into(), Some("cus_m"), Some("cus_n")).await.unwrap());
     let read = h.s().tenant(&"m".into()).await.unwrap().unwrap();
     assert_eq!(
         (read.plan.as_str(), read.customer.as_deref(), read.metronome_customer.as_deref()),
         ("pro", Some("cus_n"), Some("acct-m"))
     );
     // Set alone: the plan, the customers and the last event stay.
-    assert!(h.s().set_metronome_customer(&"m".into(), Some("acct-m2")).await.unwrap());
-    assert!(!h.s().set_metronome_customer(&"nobody".into(), Some("acct-x")).await.unwrap());
+    assert!(set_metronome_customer(h.s(), &"m".into(), Some("acct-m2")).await.unwrap());
+    assert!(!set_metronome_customer(h.s(), &"nobody".into(), Some("acct-x")).await.unwrap());
     assert_eq!(h.s().tenant(&"nobody".into()).await.unwrap(), None, "no tenant was made");
     h.restart().await;
     let mut expected = read.clone();
     expected.metronome_customer = Some("acct-m2".into());
     assert_eq!(h.s().tenant(&"m".into()).await.unwrap(), Some(expected));
-    assert!(h.s().set_metronome_customer(&"m".into(), None).await.unwrap());
+    assert!(set_metronome_customer(h.s(), &"m".into(), None).await.unwrap());
     assert_eq!(h.s().tenant(&"m".into()).await.unwrap().unwrap().metronome_customer, None);
     h.s().put_tenant(&m, &[]).await.unwrap();
     h.s().put_tenant(&TenantRecord::new("m".into(), "pro".into()), &[]).await.unwrap();
@@ -70,11 +117,11 @@ pub async fn a_customer_is_set_only_over_what_was_read<S: ?Sized + DirectoryStor
     assert!(matches!(h.s().apply_plan_change(&moved).await.unwrap(), PlanChangeOutcome::Applied(_)));
     let mut x = TenantRecord::new("x".into(), "pro".into()).with_customer("cus_x");
     x.last_event_at = Some(10);
-    assert!(!h.s().set_customer_if_unchanged(&"x".into(), Some("cus_old"), Some("cus_z")).await.unwrap());
-    assert!(!h.s().set_customer_if_unchanged(&"x".into(), None, Some("cus_z")).await.unwrap());
-    assert!(!h.s().set_customer_if_unchanged(&"nobody".into(), None, Some("cus_z")).await.unwrap());
+    assert!(!set_customer_if_unchanged(h.s(), &"x".into(), Some("cus_old"), Some("cus_z")).await.unwrap());
+    assert!(!set_customer_if_unchanged(h.s(), &"x".into(), None, Some("cus_z")).await.unwrap());
+    assert!(!set_customer_if_unchanged(h.s(), &"nobody".into(), None, Some("cus_z")).await.unwrap());
     assert_eq!(h.s().tenant(&"x".into()).await.unwrap(), Some(x.clone()), "refused: nothing changed");
-    assert!(h.s().set_customer_if_unchanged(&"x".into(), Some("cus_x"), Some("cus_z")).await.unwrap());
+    assert!(set_customer_if_unchanged(h.s(), &"x".into(), Some("cus_x"), Some("cus_z")).await.unwrap());
     h.restart().await;
     let mut expected = x.clone();
     expected.customer = Some("cus_z".into());
@@ -82,11 +129,11 @@ pub async fn a_customer_is_set_only_over_what_was_read<S: ?Sized + DirectoryStor
     assert_eq!(h.s().tenant_by_customer("cus_z").await.unwrap(), Some(expected.clone()));
     assert_eq!(h.s().tenant_by_customer("cus_x").await.unwrap(), None, "the old one leads nowhere");
     // Given y's customer: y loses it.
-    assert!(h.s().set_customer_if_unchanged(&"x".into(), Some("cus_z"), Some("cus_y")).await.unwrap());
+    assert!(set_customer_if_unchanged(h.s(), &"x".into(), Some("cus_z"), Some("cus_y")).await.unwrap());
     assert_eq!(h.s().tenant(&"y".into()).await.unwrap().unwrap().customer, None);
     assert_eq!(h.s().tenant_by_customer("cus_y").await.unwrap().map(|t| t.id), Some("x".into()));
     // Removed.
-    assert!(h.s().set_customer_if_unchanged(&"x".into(), Some("cus_y"), None).await.unwrap());
+    assert!(set_customer_if_unchanged(h.s(), &"x".into(), Some("cus_y"), None).await.unwrap());
     assert_eq!(h.s().tenant(&"x".into()).await.unwrap().unwrap().customer, None);
     assert_eq!(h.s().tenant_by_customer("cus_y").await.unwrap(), None);
 }
@@ -166,17 +213,17 @@ pub async fn tenant_overrides_are_kept_and_set_alone<S: ?Sized + DirectoryStore>
     assert_eq!((after.plan.as_str(), after.overrides.as_deref()), ("pro", Some(json)));
     // Set alone: the plan stays.
     let other = r#"{"burst":7}"#;
-    assert!(h.s().set_overrides(&"acme".into(), Some(other)).await.unwrap());
+    assert!(set_overrides(h.s(), &"acme".into(), Some(other)).await.unwrap());
     h.restart().await;
     let now = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
     assert_eq!((now.plan.as_str(), now.overrides.as_deref(), now.last_event_at), ("pro", Some(other), Some(100)));
     let listed = h.s().list_tenants(None, 10).await.unwrap();
     assert_eq!(listed.iter().find(|t| t.id.as_str() == "acme").and_then(|t| t.overrides.as_deref()), Some(other));
     // Removed.
-    assert!(h.s().set_overrides(&"acme".into(), None).await.unwrap());
+    assert!(set_overrides(h.s(), &"acme".into(), None).await.unwrap());
     assert_eq!(h.s().tenant(&"acme".into()).await.unwrap().unwrap().overrides, None);
     // An unknown tenant: nothing created.
-    assert!(!h.s().set_overrides(&"nobody".into(), Some(other)).await.unwrap());
+    assert!(!set_overrides(h.s(), &"nobody".into(), Some(other)).await.unwrap());
     assert_eq!(h.s().tenant(&"nobody".into()).await.unwrap(), None);
 }
 
@@ -280,26 +327,26 @@ pub async fn a_plan_is_set_only_over_what_was_read<S: ?Sized + DirectoryStore>(h
     h.s().put_tenant(&acme, &[]).await.unwrap();
     let read = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
     // Unchanged since the read: written, the plan alone.
-    assert!(h.s().set_plan_if_unchanged(&read, &"pro".into()).await.unwrap());
+    assert!(set_plan_if_unchanged(h.s(), &read, &"pro".into()).await.unwrap());
     let mut expected = acme.clone();
     expected.plan = "pro".into();
     assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(expected.clone()));
     // The same read again: the plan changed since (the write above).
-    assert!(!h.s().set_plan_if_unchanged(&read, &"team".into()).await.unwrap());
+    assert!(!set_plan_if_unchanged(h.s(), &read, &"team".into()).await.unwrap());
     // A webhook applied between a read and the write: refused, the webhook's change kept.
     let read = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
     let change = PlanChange::new("evt_1", "cus_a", 1_000, "pro".into());
     assert!(matches!(h.s().apply_plan_change(&change).await.unwrap(), PlanChangeOutcome::Applied(_)));
-    assert!(!h.s().set_plan_if_unchanged(&read, &"free".into()).await.unwrap(), "same plan, newer event");
+    assert!(!set_plan_if_unchanged(h.s(), &read, &"free".into()).await.unwrap(), "same plan, newer event");
     let read = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
     assert_eq!(read.last_event_at, Some(1_000));
-    assert!(h.s().set_plan_if_unchanged(&read, &"free".into()).await.unwrap());
+    assert!(set_plan_if_unchanged(h.s(), &read, &"free".into()).await.unwrap());
     let stored = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
     assert_eq!((stored.plan.as_str(), stored.last_event_at), ("free", Some(1_000)), "the event time kept");
     assert_eq!(stored.overrides, acme.overrides);
     // A tenant that is gone.
     let ghost = TenantRecord::new("ghost".into(), "free".into());
-    assert!(!h.s().set_plan_if_unchanged(&ghost, &"pro".into()).await.unwrap());
+    assert!(!set_plan_if_unchanged(h.s(), &ghost, &"pro".into()).await.unwrap());
     assert_eq!(h.s().tenant(&"ghost".into()).await.unwrap(), None);
 }
 
@@ -329,7 +376,7 @@ pub async fn a_subscription_change_applies_over_the_subscriptions_read<S: ?Sized
     assert_eq!(h.s().apply_plan_change(&stale).await.unwrap(), PlanChangeOutcome::Changed);
     assert_eq!(h.s().tenant(&"acme".into()).await.unwrap(), Some(stored.clone()));
     // A plan set by hand since the read: Changed too (not overwritten).
-    assert!(h.s().set_plan_if_unchanged(&stored, &"comp".into()).await.unwrap());
+    assert!(set_plan_if_unchanged(h.s(), &stored, &"comp".into()).await.unwrap());
     let over_hand = PlanChange::new("evt_3", "cus_a", 900, "free".into()).with_subscriptions(&stored, "{}");
     assert_eq!(h.s().apply_plan_change(&over_hand).await.unwrap(), PlanChangeOutcome::Changed);
     let comped = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
@@ -349,8 +396,52 @@ pub async fn a_subscription_change_applies_over_the_subscriptions_read<S: ?Sized
     // Another customer: the subscriptions of the old one are forgotten.
     let now = h.s().tenant(&"acme".into()).await.unwrap().unwrap();
     assert!(now.subscriptions.is_some());
-    assert!(h.s().set_customer_if_unchanged(&"acme".into(), Some("cus_a"), Some("cus_a")).await.unwrap());
+    assert!(set_customer_if_unchanged(h.s(), &"acme".into(), Some("cus_a"), Some("cus_a")).await.unwrap());
     assert!(h.s().tenant(&"acme".into()).await.unwrap().unwrap().subscriptions.is_some(), "the same customer");
-    assert!(h.s().set_customer_if_unchanged(&"acme".into(), Some("cus_a"), Some("cus_b")).await.unwrap());
+    assert!(set_customer_if_unchanged(h.s(), &"acme".into(), Some("cus_a"), Some("cus_b")).await.unwrap());
     assert_eq!(h.s().tenant(&"acme".into()).await.unwrap().unwrap().subscriptions, None);
+}
+
+/// `update_tenant` in each mode, for each setting: `Always` writes whenever the tenant exists,
+/// `Unchanged` only over the setting as read; each writes that setting alone.
+pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: ?Sized + DirectoryStore>(
+    h: &mut StoreUnderTest<S>,
+) {
+    let u = TenantRecord::new("u".into(), "free".into()).with_customer("cus_u").with_metronome_customer("acct-u");
+    let v = TenantRecord::new("v".into(), "free".into()).with_customer("cus_v");
+    h.s().put_tenant(&u, &[]).await.unwrap();
+    h.s().put_tenant(&v, &[]).await.unwrap();
+    let read = h.s().tenant(&"u".into()).await.unwrap().unwrap();
+    // A plan, whatever it was; then a write over the old read is refused.
+    assert!(h.s().update_tenant(&TenantUpdate::Plan("u".into(), "pro".into()), UpdateWhen::Always).await.unwrap());
+    let stale = TenantUpdate::Plan("u".into(), "team".into());
+    assert!(!h.s().update_tenant(&stale, UpdateWhen::Unchanged(&read)).await.unwrap(), "plan changed since");
+    // Overrides and a Metronome customer over what was read: the plan's change does not stop them.
+    let overrides = TenantUpdate::Overrides("u".into(), Some(r#"{"burst":3}"#.into()));
+    assert!(h.s().update_tenant(&overrides, UpdateWhen::Unchanged(&read)).await.unwrap());
+    let again = TenantUpdate::Overrides("u".into(), Some(r#"{"burst":4}"#.into()));
+    assert!(!h.s().update_tenant(&again, UpdateWhen::Unchanged(&read)).await.unwrap(), "overrides changed since");
+    let metronome = TenantUpdate::MetronomeCustomer("u".into(), None);
+    assert!(h.s().update_tenant(&metronome, UpdateWhen::Unchanged(&read)).await.unwrap());
+    let metronome = TenantUpdate::MetronomeCustomer("u".into(), Some("acct-x".into()));
+    assert!(!h.s().update_tenant(&metronome, UpdateWhen::Unchanged(&read)).await.unwrap(), "removed since");
+    // A customer, whatever it was: taken from the tenant that held it.
+    let customer = TenantUpdate::Customer("u".into(), Some("cus_v".into()));
+    assert!(h.s().update_tenant(&customer, UpdateWhen::Always).await.unwrap());
+    h.restart().await;
+    let now = h.s().tenant(&"u".into()).await.unwrap().unwrap();
+    assert_eq!(
+        (now.plan.as_str(), now.customer.as_deref(), now.metronome_customer.as_deref(), now.overrides.as_deref()),
+        ("pro", Some("cus_v"), None, Some(r#"{"burst":3}"#)),
+        "each setting written alone"
+    );
+    assert_eq!(h.s().tenant(&"v".into()).await.unwrap().unwrap().customer, None, "the customer left v");
+    assert_eq!(h.s().tenant_by_customer("cus_v").await.unwrap().map(|t| t.id), Some("u".into()));
+    assert_eq!(h.s().tenant_by_customer("cus_u").await.unwrap(), None, "u's old customer is no one's");
+    // An unknown tenant, in either mode: nothing created.
+    for when in [UpdateWhen::Always, UpdateWhen::Unchanged(&read)] {
+        let ghost = TenantUpdate::Plan("ghost".into(), "pro".into());
+        assert!(!h.s().update_tenant(&ghost, when).await.unwrap());
+    }
+    assert_eq!(h.s().tenant(&"ghost".into()).await.unwrap(), None);
 }

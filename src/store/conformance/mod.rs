@@ -32,14 +32,14 @@
 /// Writes one `#[tokio::test]` (multi-threaded) per function of the store conformance suite
 /// ([`store::conformance`](crate::store::conformance)), in a module `$name` with a module per
 /// role. `$make` is an expression giving a fresh `Option<StoreUnderTest<_>>` for each test
-/// (`None` skips it). The roles default to all five; name some to test a store of those roles
+/// (`None` skips it). The roles default to all six; name some to test a store of those roles
 /// only: `store_conformance!(my_directory, make(), directory)`.
 ///
 /// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
 #[macro_export]
 macro_rules! store_conformance {
     ($name:ident, $make:expr) => {
-        $crate::store_conformance!($name, $make, quota, usage, export, directory, idempotency);
+        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency);
     };
     ($name:ident, $make:expr, $($role:ident),+ $(,)?) => {
         mod $name {
@@ -93,6 +93,10 @@ macro_rules! store_conformance {
             dead_letters_outlive_the_retention,
             an_export_never_sent_is_fixed_anew_at_its_next_begin,
             a_stale_read_never_re_fixes_an_export,
+        );
+    };
+    (@role ledger, $make:expr) => {
+        $crate::store_conformance!(@tests ledger, $make;
             the_ledger_keeps_each_exported_revision_and_reexports_a_lost_one_once,
         );
     };
@@ -106,6 +110,7 @@ macro_rules! store_conformance {
             a_customer_is_set_only_over_what_was_read,
             a_subscription_change_applies_over_the_subscriptions_read,
             tenant_overrides_are_kept_and_set_alone,
+            a_tenant_update_writes_one_setting_always_or_over_what_was_read,
             api_keys_carry_an_id_a_prefix_and_an_expiry,
         );
     };
@@ -135,6 +140,7 @@ macro_rules! store_conformance {
 pub mod directory;
 pub mod export;
 pub mod idempotency;
+pub mod ledger;
 pub mod quota;
 pub mod usage;
 

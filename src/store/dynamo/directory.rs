@@ -215,69 +215,37 @@ impl DirectoryStore for DynamoStore {
         Ok(self.get(tenant_pk(id), "T").await?.as_ref().and_then(tenant_record))
     }
 
-    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
-        let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(tenant_pk(&read.id)))
-            .key("sk", s("T"))
-            .update_expression("SET #plan = :p")
-            .expression_attribute_names("#plan", "plan")
-            .expression_attribute_values(":p", s(plan.as_str()))
-            .expression_attribute_values(":old", s(read.plan.as_str()));
-        let update = match read.last_event_at {
-            Some(at) => update
-                .condition_expression("attribute_exists(pk) AND #plan = :old AND last_event_at = :at")
-                .expression_attribute_values(":at", n(at)),
-            None => update
-                .condition_expression("attribute_exists(pk) AND #plan = :old AND attribute_not_exists(last_event_at)"),
+    async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
+        let read = match when {
+            UpdateWhen::Unchanged(read) => Some(read),
+            _ => None,
         };
-        match update.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if is_ccf(&e) => Ok(false),
-            Err(e) => Err(sdk(e)),
-        }
-    }
-
-    async fn set_customer_if_unchanged(
-        &self,
-        tenant: &TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let update =
-            self.client.update_item().table_name(&self.table).key("pk", s(tenant_pk(tenant))).key("sk", s("T"));
-        let update = match read {
-            Some(r) => update
-                .condition_expression("attribute_exists(pk) AND customer = :read")
-                .expression_attribute_values(":read", s(r)),
-            None => update.condition_expression("attribute_exists(pk) AND attribute_not_exists(customer)"),
-        };
-        // Another customer's subscriptions are not this one's.
-        let forget = if read == customer { "" } else { " REMOVE subscriptions" };
-        let update = match customer {
-            Some(c) => {
-                update.update_expression(format!("SET customer = :c{forget}")).expression_attribute_values(":c", s(c))
+        match update {
+            TenantUpdate::Plan(tenant, plan) => self.set_plan(tenant, plan, read).await,
+            TenantUpdate::Customer(tenant, customer) => match read {
+                Some(read) => self.set_customer(tenant, read.customer.as_deref(), customer.as_deref()).await,
+                // Its customer as stored, then one conditional write from it (the mapping items
+                // follow the tenant's customer): tried again while another write moves it.
+                None => {
+                    for _ in 0..8 {
+                        let Some(stored) = self.tenant(tenant).await? else { return Ok(false) };
+                        if self.set_customer(tenant, stored.customer.as_deref(), customer.as_deref()).await? {
+                            return Ok(true);
+                        }
+                    }
+                    Err(StoreError::Conflict("the tenant's customer"))
+                }
+            },
+            TenantUpdate::MetronomeCustomer(tenant, v) => {
+                let was = read.map(|r| r.metronome_customer.as_deref());
+                self.set_tenant_attribute(tenant, "metronome_customer", v.as_deref(), read.is_some(), was.flatten())
+                    .await
             }
-            None if read == customer => update.update_expression("REMOVE customer"),
-            None => update.update_expression("REMOVE customer, subscriptions"),
-        };
-        match update.send().await {
-            Ok(_) => {}
-            Err(e) if is_ccf(&e) => return Ok(false),
-            Err(e) => return Err(sdk(e)),
+            TenantUpdate::Overrides(tenant, v) => {
+                let was = read.map(|r| r.overrides.as_deref());
+                self.set_tenant_attribute(tenant, "overrides", v.as_deref(), read.is_some(), was.flatten()).await
+            }
         }
-        self.move_customer(tenant, read, customer).await?;
-        Ok(true)
-    }
-
-    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
-        self.set_tenant_attribute(tenant, "overrides", overrides).await
-    }
-
-    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
-        self.set_tenant_attribute(tenant, "metronome_customer", customer).await
     }
 
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
@@ -348,6 +316,78 @@ impl DirectoryStore for DynamoStore {
 }
 
 impl DynamoStore {
+    /// Sets `tenant`'s plan, only if its plan and last billing event are still those of `read`
+    /// when one is given (one conditional write).
+    async fn set_plan(
+        &self,
+        tenant: &TenantId,
+        plan: &crate::base::PlanId,
+        read: Option<&TenantRecord>,
+    ) -> Result<bool, StoreError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(tenant_pk(tenant)))
+            .key("sk", s("T"))
+            .update_expression("SET #plan = :p")
+            .expression_attribute_names("#plan", "plan")
+            .expression_attribute_values(":p", s(plan.as_str()));
+        let update = match read {
+            None => update.condition_expression("attribute_exists(pk)"),
+            Some(read) => {
+                let update = update.expression_attribute_values(":old", s(read.plan.as_str()));
+                match read.last_event_at {
+                    Some(at) => update
+                        .condition_expression("attribute_exists(pk) AND #plan = :old AND last_event_at = :at")
+                        .expression_attribute_values(":at", n(at)),
+                    None => update.condition_expression(
+                        "attribute_exists(pk) AND #plan = :old AND attribute_not_exists(last_event_at)",
+                    ),
+                }
+            }
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    /// Sets `tenant`'s customer if it is still `read` (one conditional write of the tenant's
+    /// item), then moves the customer index to follow.
+    async fn set_customer(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let update =
+            self.client.update_item().table_name(&self.table).key("pk", s(tenant_pk(tenant))).key("sk", s("T"));
+        let update = match read {
+            Some(r) => update
+                .condition_expression("attribute_exists(pk) AND customer = :read")
+                .expression_attribute_values(":read", s(r)),
+            None => update.condition_expression("attribute_exists(pk) AND attribute_not_exists(customer)"),
+        };
+        // Another customer's subscriptions are not this one's.
+        let forget = if read == customer { "" } else { " REMOVE subscriptions" };
+        let update = match customer {
+            Some(c) => {
+                update.update_expression(format!("SET customer = :c{forget}")).expression_attribute_values(":c", s(c))
+            }
+            None if read == customer => update.update_expression("REMOVE customer"),
+            None => update.update_expression("REMOVE customer, subscriptions"),
+        };
+        match update.send().await {
+            Ok(_) => {}
+            Err(e) if is_ccf(&e) => return Ok(false),
+            Err(e) => return Err(sdk(e)),
+        }
+        self.move_customer(tenant, read, customer).await?;
+        Ok(true)
+    }
+
     /// The customer index after `tenant`'s customer went from `old` to `new` (its item written
     /// already): a customer given to it leaves any other tenant, and its old one's index entry
     /// goes (unless another tenant has it since).
@@ -400,13 +440,15 @@ impl DynamoStore {
 }
 
 impl DynamoStore {
-    /// Sets (or with `None` removes) one attribute of a tenant's item, nothing else of it;
-    /// whether the tenant exists.
+    /// Sets (or with `None` removes) one attribute of a tenant's item, nothing else of it (with
+    /// `if_unchanged`, only if it is still `read`); whether it wrote.
     async fn set_tenant_attribute(
         &self,
         tenant: &TenantId,
         name: &str,
         value: Option<&str>,
+        if_unchanged: bool,
+        read: Option<&str>,
     ) -> Result<bool, StoreError> {
         let update = self
             .client
@@ -414,8 +456,14 @@ impl DynamoStore {
             .table_name(&self.table)
             .key("pk", s(tenant_pk(tenant)))
             .key("sk", s("T"))
-            .condition_expression("attribute_exists(pk)")
             .expression_attribute_names("#a", name);
+        let update = match (if_unchanged, read) {
+            (false, _) => update.condition_expression("attribute_exists(pk)"),
+            (true, None) => update.condition_expression("attribute_exists(pk) AND attribute_not_exists(#a)"),
+            (true, Some(r)) => update
+                .condition_expression("attribute_exists(pk) AND #a = :read")
+                .expression_attribute_values(":read", s(r)),
+        };
         let update = match value {
             Some(v) => update.update_expression("SET #a = :v").expression_attribute_values(":v", s(v)),
             None => update.update_expression("REMOVE #a"),

@@ -23,8 +23,9 @@ use super::contract::{EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS, 
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError,
-    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore, LEDGER_KEPT_SECS,
+    LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken,
+    StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
+    UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, TenantId};
 
@@ -32,6 +33,7 @@ mod counters;
 mod directory;
 mod export;
 mod idempotency;
+mod ledger;
 mod quota;
 mod schema;
 mod usage;

@@ -65,67 +65,41 @@ impl DirectoryStore for MemoryStore {
         Ok(self.lock().tenants.get(id).cloned())
     }
 
-    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
-        Ok(match self.lock().tenants.get_mut(&read.id) {
-            Some(t) if t.plan == read.plan && t.last_event_at == read.last_event_at => {
-                t.plan = plan.clone();
-                true
-            }
-            _ => false,
-        })
-    }
-
-    async fn set_customer_if_unchanged(
-        &self,
-        tenant: &TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
+    async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        if inner.tenants.get(tenant).is_none_or(|t| t.customer.as_deref() != read) {
-            return Ok(false);
-        }
-        if let Some(old) = read {
-            if inner.customers.get(old) == Some(tenant) {
-                inner.customers.remove(old);
+        let tenant = update.tenant();
+        let Some(t) = inner.tenants.get_mut(tenant) else { return Ok(false) };
+        if let UpdateWhen::Unchanged(read) = when {
+            if !update.unchanged(read, t) {
+                return Ok(false);
             }
         }
-        if let Some(c) = customer {
-            // Given to this tenant, it leaves any other.
-            if let Some(other) = inner.customers.insert(c.to_owned(), tenant.clone()).filter(|o| o != tenant) {
-                if let Some(t) = inner.tenants.get_mut(&other) {
-                    t.customer = None;
+        match update {
+            TenantUpdate::Plan(_, plan) => t.plan = plan.clone(),
+            TenantUpdate::MetronomeCustomer(_, v) => t.metronome_customer.clone_from(v),
+            TenantUpdate::Overrides(_, v) => t.overrides.clone_from(v),
+            TenantUpdate::Customer(_, customer) => {
+                if t.customer != *customer {
+                    // Another customer's subscriptions are not this one's.
+                    t.subscriptions = None;
+                }
+                let old = std::mem::replace(&mut t.customer, customer.clone());
+                if let Some(old) = old {
+                    if inner.customers.get(&old) == Some(tenant) {
+                        inner.customers.remove(&old);
+                    }
+                }
+                if let Some(c) = customer {
+                    // Given to this tenant, it leaves any other.
+                    if let Some(other) = inner.customers.insert(c.clone(), tenant.clone()).filter(|o| o != tenant) {
+                        if let Some(o) = inner.tenants.get_mut(&other) {
+                            o.customer = None;
+                        }
+                    }
                 }
             }
         }
-        if let Some(t) = inner.tenants.get_mut(tenant) {
-            if t.customer.as_deref() != customer {
-                // Another customer's subscriptions are not this one's.
-                t.subscriptions = None;
-            }
-            t.customer = customer.map(str::to_owned);
-        }
         Ok(true)
-    }
-
-    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
-        Ok(match self.lock().tenants.get_mut(tenant) {
-            Some(t) => {
-                t.overrides = overrides.map(str::to_owned);
-                true
-            }
-            None => false,
-        })
-    }
-
-    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
-        Ok(match self.lock().tenants.get_mut(tenant) {
-            Some(t) => {
-                t.metronome_customer = customer.map(str::to_owned);
-                true
-            }
-            None => false,
-        })
     }
 
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {

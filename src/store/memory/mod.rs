@@ -12,15 +12,16 @@ use super::contract::{
 use super::{
     ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, DeadLetter, Deferral, DirectoryStore,
     EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, FlushId, Grant, GrantOutcome, IdempotencyClaim,
-    IdempotencySettle, IdempotencyState, IdempotencyStore, LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey,
-    QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
-    UsageStore, LEDGER_KEPT_SECS,
+    IdempotencySettle, IdempotencyState, IdempotencyStore, LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome,
+    QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
+    UsageAggregate, UsageBatch, UsageEvent, UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
 mod directory;
 mod export;
 mod idempotency;
+mod ledger;
 mod quota;
 mod usage;
 

@@ -162,67 +162,47 @@ impl DirectoryStore for PostgresStore {
         .await
     }
 
-    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
-        let sql = self.sql(
-            "UPDATE {s}.tenant SET plan = $2 WHERE id = $1 AND plan = $3 AND last_event_at IS NOT DISTINCT FROM $4 \
-             RETURNING 1",
-        );
-        self.retrying(|| async {
-            let client = self.client().await?;
-            let rows = client
-                .query_typed(&sql, args![read.id.as_str(), plan.as_str(), read.plan.as_str(), read.last_event_at])
-                .await?;
-            Ok(rows.len() == 1)
-        })
-        .await
-    }
-
-    async fn set_customer_if_unchanged(
-        &self,
-        tenant: &TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let lock = self.sql("SELECT customer FROM {s}.tenant WHERE id = $1 FOR UPDATE");
+    async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
+        let lock = self.sql(&format!("SELECT {TENANT_COLUMNS} FROM {{s}}.tenant t WHERE t.id = $1 FOR UPDATE"));
+        let write = match update {
+            TenantUpdate::Plan(..) => self.sql("UPDATE {s}.tenant SET plan = $2 WHERE id = $1"),
+            // Another customer's subscriptions are not this one's.
+            TenantUpdate::Customer(..) => self.sql(
+                "UPDATE {s}.tenant SET customer = $2, \
+                 subscriptions = CASE WHEN customer IS NOT DISTINCT FROM $2 THEN subscriptions ELSE NULL END \
+                 WHERE id = $1",
+            ),
+            TenantUpdate::MetronomeCustomer(..) => {
+                self.sql("UPDATE {s}.tenant SET metronome_customer = $2 WHERE id = $1")
+            }
+            TenantUpdate::Overrides(..) => self.sql("UPDATE {s}.tenant SET overrides = $2 WHERE id = $1"),
+        };
         let release = self.sql("UPDATE {s}.tenant SET customer = NULL WHERE customer = $1 AND id <> $2");
-        // Another customer's subscriptions are not this one's.
-        let set = self.sql(
-            "UPDATE {s}.tenant SET customer = $2, \
-             subscriptions = CASE WHEN customer IS NOT DISTINCT FROM $2 THEN subscriptions ELSE NULL END WHERE id = $1",
-        );
+        let id = update.tenant().as_str();
+        let value: Option<&str> = match update {
+            TenantUpdate::Plan(_, plan) => Some(plan.as_str()),
+            TenantUpdate::Customer(_, v) | TenantUpdate::MetronomeCustomer(_, v) | TenantUpdate::Overrides(_, v) => {
+                v.as_deref()
+            }
+        };
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
-            let stored =
-                tx.query_typed_opt(&lock, args![tenant.as_str()]).await?.map(|r| r.get::<_, Option<String>>(0));
-            if stored.as_ref().map(Option::as_deref) != Some(read) {
+            let Some(stored) = tx.query_typed_opt(&lock, args![id]).await?.as_ref().map(tenant_row) else {
                 return Ok(false);
+            };
+            if let UpdateWhen::Unchanged(read) = when {
+                if !update.unchanged(read, &stored) {
+                    return Ok(false);
+                }
             }
-            if let Some(c) = customer {
+            if let (TenantUpdate::Customer(..), Some(c)) = (update, value) {
                 // Given to this tenant, it leaves any other.
-                tx.query_typed(&release, args![c, tenant.as_str()]).await?;
+                tx.query_typed(&release, args![c, id]).await?;
             }
-            tx.query_typed(&set, args![tenant.as_str(), customer]).await?;
+            tx.query_typed(&write, args![id, value]).await?;
             tx.commit().await?;
             Ok(true)
-        })
-        .await
-    }
-
-    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
-        let sql = self.sql("UPDATE {s}.tenant SET overrides = $2 WHERE id = $1 RETURNING 1");
-        self.retrying(|| async {
-            let client = self.client().await?;
-            Ok(client.query_typed(&sql, args![tenant.as_str(), overrides]).await?.len() == 1)
-        })
-        .await
-    }
-
-    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
-        let sql = self.sql("UPDATE {s}.tenant SET metronome_customer = $2 WHERE id = $1 RETURNING 1");
-        self.retrying(|| async {
-            let client = self.client().await?;
-            Ok(client.query_typed(&sql, args![tenant.as_str(), customer]).await?.len() == 1)
         })
         .await
     }

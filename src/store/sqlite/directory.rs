@@ -155,66 +155,52 @@ impl DirectoryStore for SqliteStore {
         .await
     }
 
-    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &crate::base::PlanId) -> Result<bool, StoreError> {
-        let (read, plan) = (read.clone(), plan.clone());
+    async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
+        let update = update.clone();
+        let read = match when {
+            UpdateWhen::Unchanged(read) => Some(read.clone()),
+            _ => None,
+        };
         self.write(move |tx, _| {
-            let changed = tx
-                .prepare_cached("UPDATE tenant SET plan = ?2 WHERE id = ?1 AND plan = ?3 AND last_event_at IS ?4")?
-                .execute(params![read.id.as_str(), plan.as_str(), read.plan.as_str(), read.last_event_at])?;
-            Ok(changed == 1)
-        })
-        .await
-    }
-
-    async fn set_customer_if_unchanged(
-        &self,
-        tenant: &TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let (tenant, read, customer) = (tenant.clone(), read.map(str::to_owned), customer.map(str::to_owned));
-        self.write(move |tx, _| {
-            let stored: Option<Option<String>> = tx
-                .prepare_cached("SELECT customer FROM tenant WHERE id = ?1")?
-                .query_row([tenant.as_str()], |r| r.get(0))
-                .optional()?;
-            if stored != Some(read.clone()) {
+            let id = update.tenant().as_str();
+            let Some(stored) = tx
+                .prepare_cached(&format!("SELECT {TENANT_COLUMNS} FROM tenant t WHERE t.id = ?1"))?
+                .query_row([id], tenant_row)
+                .optional()?
+            else {
+                return Ok(false);
+            };
+            if read.as_ref().is_some_and(|read| !update.unchanged(read, &stored)) {
                 return Ok(false);
             }
-            if let Some(c) = &customer {
-                // Given to this tenant, it leaves any other.
-                tx.prepare_cached("UPDATE tenant SET customer = NULL WHERE customer = ?1 AND id <> ?2")?
-                    .execute(params![c, tenant.as_str()])?;
+            match &update {
+                TenantUpdate::Plan(_, plan) => {
+                    tx.prepare_cached("UPDATE tenant SET plan = ?2 WHERE id = ?1")?
+                        .execute(params![id, plan.as_str()])?;
+                }
+                TenantUpdate::Customer(_, customer) => {
+                    if let Some(c) = customer {
+                        // Given to this tenant, it leaves any other.
+                        tx.prepare_cached("UPDATE tenant SET customer = NULL WHERE customer = ?1 AND id <> ?2")?
+                            .execute(params![c, id])?;
+                    }
+                    // Another customer's subscriptions are not this one's.
+                    tx.prepare_cached(
+                        "UPDATE tenant SET customer = ?2, \
+                         subscriptions = CASE WHEN customer IS ?2 THEN subscriptions ELSE NULL END WHERE id = ?1",
+                    )?
+                    .execute(params![id, customer])?;
+                }
+                TenantUpdate::MetronomeCustomer(_, customer) => {
+                    tx.prepare_cached("UPDATE tenant SET metronome_customer = ?2 WHERE id = ?1")?
+                        .execute(params![id, customer])?;
+                }
+                TenantUpdate::Overrides(_, overrides) => {
+                    tx.prepare_cached("UPDATE tenant SET overrides = ?2 WHERE id = ?1")?
+                        .execute(params![id, overrides])?;
+                }
             }
-            // Another customer's subscriptions are not this one's.
-            tx.prepare_cached(
-                "UPDATE tenant SET customer = ?2, \
-                 subscriptions = CASE WHEN customer IS ?2 THEN subscriptions ELSE NULL END WHERE id = ?1",
-            )?
-            .execute(params![tenant.as_str(), customer])?;
             Ok(true)
-        })
-        .await
-    }
-
-    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
-        let (tenant, overrides) = (tenant.clone(), overrides.map(str::to_owned));
-        self.write(move |tx, _| {
-            let changed = tx
-                .prepare_cached("UPDATE tenant SET overrides = ?2 WHERE id = ?1")?
-                .execute(params![tenant.as_str(), overrides])?;
-            Ok(changed == 1)
-        })
-        .await
-    }
-
-    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
-        let (tenant, customer) = (tenant.clone(), customer.map(str::to_owned));
-        self.write(move |tx, _| {
-            let changed = tx
-                .prepare_cached("UPDATE tenant SET metronome_customer = ?2 WHERE id = ?1")?
-                .execute(params![tenant.as_str(), customer])?;
-            Ok(changed == 1)
         })
         .await
     }

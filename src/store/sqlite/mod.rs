@@ -13,8 +13,9 @@ use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_
 use super::{
     unix_now, ApiKeyRecord, CommitOutcome, DeadLetter, Deferral, DirectoryStore, EventOutcome, ExportClaim, ExportKey,
     ExportSend, ExportStore, Grant, IdempotencyClaim, IdempotencySettle, IdempotencyState, IdempotencyStore,
-    LedgerEntry, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError,
-    TenantRecord, UsageAggregate, UsageBatch, UsageEvent, UsageRecord, UsageStore,
+    LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaKey, QuotaStore, Reservation, ReserveToken,
+    StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageRecord,
+    UsageStore,
 };
 use crate::{
     base::{KeyHash, TenantId},
@@ -24,6 +25,7 @@ use crate::{
 mod directory;
 mod export;
 mod idempotency;
+mod ledger;
 mod quota;
 mod schema;
 mod usage;
