@@ -1,0 +1,147 @@
+//! API keys: issued, rotated, listed and revoked.
+
+use crate::store::KeyHash;
+use crate::store::{unix_now, ApiKeyRecord};
+
+use super::{Admin, AdminError};
+
+/// How many characters of a key are kept to recognise it by (`tg_live_ab12`).
+const PREFIX_CHARS: usize = 12;
+
+/// How a key is issued.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct KeyOptions {
+    /// From when it no longer works (Unix seconds), if ever.
+    pub expires_at: Option<i64>,
+    /// `tg_test_` keys instead of `tg_live_` ones (the same otherwise: a name for people).
+    pub test: bool,
+}
+
+impl KeyOptions {
+    /// A `tg_test_` key if `test`.
+    #[must_use]
+    pub fn test(mut self, test: bool) -> Self {
+        self.test = test;
+        self
+    }
+
+    /// Expiring at `at` (Unix seconds).
+    #[must_use]
+    pub fn expiring(mut self, at: i64) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+}
+
+/// A key just issued: the only time the key itself is seen.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct IssuedKey {
+    /// The key, to hand to the customer. Not stored anywhere.
+    pub key: String,
+    /// What the directory keeps of it.
+    pub record: ApiKeyRecord,
+}
+
+impl std::fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedKey").field("key", &"…").field("record", &self.record).finish()
+    }
+}
+
+/// A new key: `tg_live_` (or `tg_test_`) and 32 random base-62 characters (190 bits).
+fn new_key(test: bool) -> Result<String, AdminError> {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut key = String::from(if test { "tg_test_" } else { "tg_live_" });
+    let mut n = 0;
+    while n < 32 {
+        let mut bytes = [0u8; 64];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| AdminError::Invalid(format!("the system's random source failed: {e}")))?;
+        // Rejection sampling: 248 = 4 × 62, so every character is equally likely.
+        for b in bytes.into_iter().filter(|b| *b < 248) {
+            if n == 32 {
+                break;
+            }
+            key.push(char::from(ALPHABET[usize::from(b % 62)]));
+            n += 1;
+        }
+    }
+    Ok(key)
+}
+
+impl Admin {
+    /// Issues a new key for a tenant: returned once, stored as its hash with its id, its first
+    /// characters and its expiry.
+    ///
+    /// # Errors
+    /// No such tenant, or the store failed.
+    pub async fn issue_key(&self, tenant: &str, options: KeyOptions) -> Result<IssuedKey, AdminError> {
+        let record = self.existing(tenant).await?;
+        let key = new_key(options.test)?;
+        let stored = ApiKeyRecord::new(KeyHash::of(key.as_bytes()), record.id, unix_now())
+            .with_prefix(&key[..PREFIX_CHARS])
+            .with_expiry(options.expires_at);
+        self.directory.put_key(&stored).await?;
+        Ok(IssuedKey { key, record: stored })
+    }
+
+    /// Rotates a key: issues a new one, and keeps the old one working until `grace_until`
+    /// (Unix seconds) so clients can move over.
+    ///
+    /// # Errors
+    /// No such tenant or key, or the store failed.
+    pub async fn rotate_key(&self, tenant: &str, id: &str, grace_until: i64) -> Result<IssuedKey, AdminError> {
+        let old = self.key(tenant, id).await?;
+        let issued = self.issue_key(tenant, KeyOptions::default()).await?;
+        let until = old.expires_at.map_or(grace_until, |at| at.min(grace_until));
+        let tenant = old.tenant.clone();
+        self.directory.put_key(&old.with_expiry(Some(until))).await?;
+        self.changed(&tenant);
+        Ok(issued)
+    }
+
+    /// The keys of a tenant (expired ones included), in id order.
+    ///
+    /// # Errors
+    /// No such tenant, or the store failed.
+    pub async fn keys(&self, tenant: &str) -> Result<Vec<ApiKeyRecord>, AdminError> {
+        let record = self.existing(tenant).await?;
+        Ok(self.directory.list_keys(&record.id).await?)
+    }
+
+    async fn key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
+        let keys = self.keys(tenant).await?;
+        keys.into_iter()
+            .find(|k| k.id == id)
+            .ok_or_else(|| AdminError::UnknownKey { tenant: tenant.to_owned(), id: id.to_owned() })
+    }
+
+    /// Revokes a key at once. Running nodes stop taking it within `limits.directory_ttl`
+    /// (at once on a node that is told through [`Tollgate::invalidate_key`](crate::Tollgate::invalidate_key)).
+    ///
+    /// # Errors
+    /// No such tenant or key, or the store failed.
+    pub async fn revoke_key(&self, tenant: &str, id: &str) -> Result<ApiKeyRecord, AdminError> {
+        let key = self.key(tenant, id).await?;
+        self.directory.remove_key(&key.hash).await?;
+        self.changed(&key.tenant);
+        Ok(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_random_and_shaped() {
+        let a = new_key(false).unwrap();
+        let b = new_key(true).unwrap();
+        assert!(a.starts_with("tg_live_") && a.len() == 40, "{a}");
+        assert!(b.starts_with("tg_test_") && b.len() == 40, "{b}");
+        assert_ne!(a[8..], b[8..]);
+        assert!(a[8..].bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+}

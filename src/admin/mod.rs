@@ -1,0 +1,33 @@
+//! The directory's administration, for the `tollgate` command and for teams that build their own
+//! admin pages: tenants and their plans, API keys (issued, listed, rotated, revoked, imported),
+//! the usage a tenant was billed, and the dead letters of the export. It works on the directory
+//! role ([`DirectoryStore`](crate::store::DirectoryStore)) and the usage and export roles ([`UsageExportStore`](crate::store::UsageExportStore)) of any store,
+//! and checks plans against the configuration.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use tollgate::admin::{Admin, KeyOptions};
+//!
+//! let config = tollgate::Config::from_toml_str("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"10/s\"\n").unwrap();
+//! let admin = Admin::open(&config).await.unwrap();
+//! admin.add_tenant("acme", "free", None).await.unwrap();
+//! let issued = admin.issue_key("acme", KeyOptions::default()).await.unwrap();
+//! assert!(issued.key.starts_with("tg_live_")); // shown once: only its hash is stored
+//! assert_eq!(admin.keys("acme").await.unwrap()[0].id, issued.record.id);
+//! # }
+//! ```
+
+mod credits;
+mod error;
+mod exports;
+mod import;
+mod keys;
+mod open;
+mod tenants;
+
+pub use error::AdminError;
+pub use import::ImportReport;
+pub use keys::{IssuedKey, KeyOptions};
+pub use open::Admin;
+pub use tenants::CopyReport;

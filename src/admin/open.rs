@@ -1,0 +1,152 @@
+//! `Admin`: the stores it administers, its constructors, and the checks its operations share.
+
+use std::sync::Arc;
+
+use crate::{
+    config::StoreRole,
+    config::{Config, PlanId, TenantId},
+    engine::{BuildError, OpenStores},
+    store::{
+        limited::{Limited, Path, Policy},
+        DirectoryEvents, DirectoryStore, QuotaStore, Store, TenantRecord, UsageExportStore,
+    },
+};
+
+use super::AdminError;
+
+/// Administration of the directory, and of the usage and dead letters of the export.
+///
+/// Each store call is bounded by `limits.background_timeout` (10 s without a configuration),
+/// never failing fast; [`for_engine`](Self::for_engine) shares the engine's store calls.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// The policy of the store calls (the engine's, for an engine's).
+    pub(super) calls: Arc<Policy>,
+    /// The directory and usage stores as given (what the accessors hand out: wrapping them
+    /// again would count each error twice).
+    pub(super) given: (Arc<dyn DirectoryStore>, Arc<dyn UsageExportStore>),
+    pub(super) directory: Arc<dyn DirectoryStore>,
+    pub(super) usage: Arc<dyn UsageExportStore>,
+    /// The quota role, for prepaid credits ([`grant_credits`](Self::grant_credits)).
+    pub(super) quota: Option<Arc<dyn QuotaStore>>,
+    pub(super) config: Option<Config>,
+    /// Told of each change, when administering a running engine.
+    pub(super) node: Option<Arc<dyn DirectoryEvents>>,
+}
+
+impl Admin {
+    /// Administers `store` (every role), without a configuration: any plan name is taken.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_roles(store.clone(), store.clone()).with_quota(store)
+    }
+
+    /// Administers a directory and usage kept in different stores, without a configuration
+    /// (and without prepaid credits unless [`with_quota`](Self::with_quota)).
+    pub fn with_roles(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>) -> Self {
+        Self::limited(directory, usage, Policy::standalone())
+    }
+
+    /// `directory` and `usage` called by `calls`, on the background path.
+    fn limited(
+        directory: Arc<dyn DirectoryStore>,
+        usage: Arc<dyn UsageExportStore>,
+        calls: Arc<Policy>,
+    ) -> Self {
+        Self {
+            directory: Arc::new(Limited::new(directory.clone(), calls.clone(), Path::Background)),
+            usage: Arc::new(Limited::new(usage.clone(), calls.clone(), Path::Background)),
+            given: (directory, usage),
+            calls,
+            quota: None,
+            config: None,
+            node: None,
+        }
+    }
+
+    /// With the quota store that holds prepaid credits.
+    #[must_use]
+    pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
+        self.quota = Some(Arc::new(Limited::new(quota, self.calls.clone(), Path::Background)));
+        self
+    }
+
+    /// Administers the stores of a running engine, with its configuration: the engine sees
+    /// its own changes at once (the other nodes within `limits.directory_ttl`).
+    #[must_use]
+    pub fn for_engine(engine: &crate::engine::Tollgate) -> Self {
+        let stores = engine.shared.stores();
+        Self {
+            calls: stores.policy().clone(),
+            given: (stores.given().directory.clone(), stores.given().usage.clone()),
+            directory: stores.background().directory.clone(),
+            usage: stores.background().usage.clone(),
+            quota: Some(stores.background().quota.clone()),
+            config: Some(engine.config()),
+            node: Some(Arc::new(engine.clone())),
+        }
+    }
+
+    /// Drops what the engine (if any) holds of `tenant`: its next request reads the directory.
+    pub(super) fn changed(&self, tenant: &TenantId) {
+        if let Some(node) = &self.node {
+            node.tenant_changed(tenant);
+        }
+    }
+
+    /// Plans are checked against `config`, and store calls bounded by its
+    /// `limits.background_timeout` (an engine's follow the engine's configuration).
+    #[must_use]
+    pub fn with_config(mut self, config: Config) -> Self {
+        if self.node.is_none() {
+            self.calls.configure(&config);
+        }
+        self.config = Some(config);
+        self
+    }
+
+    /// Opens the stores `config` names for the directory and usage roles (`[store]`, or
+    /// `[store.directory]` and `[store.usage]` where the file has them; with the standard AWS
+    /// environment for DynamoDB) and checks plans against `config`.
+    ///
+    /// # Errors
+    /// The store could not be opened, or its kind needs a cargo feature this build lacks.
+    pub async fn open(config: &Config) -> Result<Self, BuildError> {
+        let mut open = OpenStores::default();
+        let directory = open.role(config, StoreRole::Directory).await?;
+        let usage = open.role(config, StoreRole::Usage).await?;
+        let quota = open.role(config, StoreRole::Quota).await?;
+        let calls = Policy::standalone();
+        Ok(Self::limited(directory, usage, calls).with_quota(quota).with_config(config.clone()))
+    }
+
+    /// The directory administered.
+    pub fn directory_store(&self) -> &Arc<dyn DirectoryStore> {
+        &self.given.0
+    }
+
+    /// The usage (and its export) administered.
+    pub fn usage_store(&self) -> &Arc<dyn UsageExportStore> {
+        &self.given.1
+    }
+
+    pub(super) fn plan(&self, plan: &str) -> Result<PlanId, AdminError> {
+        let id = PlanId::from(plan);
+        match &self.config {
+            Some(c) if c.plan(&id).is_none() => Err(AdminError::UnknownPlan(plan.to_owned())),
+            _ => Ok(id),
+        }
+    }
+
+    pub(super) fn tenant_id(id: &str) -> Result<TenantId, AdminError> {
+        if TenantId::is_valid(id) {
+            Ok(TenantId::from(id))
+        } else {
+            Err(AdminError::Invalid(format!("`{id}` is not a tenant id: 1 to 128 visible ASCII characters")))
+        }
+    }
+
+    pub(super) async fn existing(&self, id: &str) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        self.directory.tenant(&tenant).await?.ok_or_else(|| AdminError::UnknownTenant(id.to_owned()))
+    }
+}

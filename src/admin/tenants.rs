@@ -1,0 +1,284 @@
+//! Tenants: added, their plans, billing customers and overrides set, listed, and the directory copied.
+
+use crate::{
+    config::TenantId,
+    store::{limited::Path, DirectoryStore, DirectoryStoreExt, StoreError, TenantRecord, TenantUpdate, UpdateWhen},
+};
+
+use super::{Admin, AdminError};
+
+/// What a directory copy did ([`Admin::copy_directory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CopyReport {
+    /// Tenants written to the other store (created, or replaced by the copied record).
+    pub tenants: usize,
+    /// API keys written (their hashes, ids, prefixes, creation and expiry times).
+    pub keys: usize,
+}
+
+/// How many times `set_plan` reads the tenant again when its plan changed under it.
+const SET_PLAN_ATTEMPTS: usize = 5;
+
+/// A Metronome customer id or ingest alias: not blank, at most 255 bytes, no control
+/// characters (the configuration's rule for `metronome_customer`).
+fn check_metronome_customer(m: &str) -> Result<&str, AdminError> {
+    if m.trim() != m || m.is_empty() || m.len() > 255 || m.chars().any(char::is_control) {
+        return Err(AdminError::Invalid(format!("`{m}` is not a Metronome customer id or ingest alias")));
+    }
+    Ok(m)
+}
+
+pub(super) fn check_customer(c: &str) -> Result<&str, AdminError> {
+    if c.is_empty() || c.len() > 255 || !c.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(AdminError::Invalid(format!("`{c}` is not a billing customer id")));
+    }
+    Ok(c)
+}
+
+impl Admin {
+    /// Adds a tenant on `plan`, with a billing customer (a Stripe customer id) if given. A
+    /// customer belongs to one tenant: one another tenant holds is refused
+    /// ([`add_tenant_moving_customer`](Self::add_tenant_moving_customer) moves it).
+    ///
+    /// # Errors
+    /// The tenant exists, the plan is unknown, [`AdminError::CustomerHeld`], or the store
+    /// failed.
+    pub async fn add_tenant(&self, id: &str, plan: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
+        self.add(id, plan, customer, false).await
+    }
+
+    /// [`add_tenant`](Self::add_tenant), taking the billing customer from the tenant that
+    /// holds it, if one does (that tenant keeps no customer).
+    ///
+    /// # Errors
+    /// The tenant exists, an unknown plan, a bad id, or the store failed.
+    pub async fn add_tenant_moving_customer(
+        &self,
+        id: &str,
+        plan: &str,
+        customer: &str,
+    ) -> Result<TenantRecord, AdminError> {
+        self.add(id, plan, Some(customer), true).await
+    }
+
+    /// [`add_tenant`](Self::add_tenant) (or, with `take`,
+    /// [`add_tenant_moving_customer`](Self::add_tenant_moving_customer)), with a Metronome
+    /// customer id or ingest alias: what its usage events carry when the billing sink is
+    /// Metronome.
+    ///
+    /// # Errors
+    /// As [`add_tenant`](Self::add_tenant), and a Metronome customer that is empty, longer than
+    /// 255 bytes or holds control characters.
+    pub async fn add_tenant_with_metronome_customer(
+        &self,
+        id: &str,
+        plan: &str,
+        customer: Option<&str>,
+        metronome_customer: &str,
+        take: bool,
+    ) -> Result<TenantRecord, AdminError> {
+        let m = check_metronome_customer(metronome_customer)?;
+        self.add_record(id, plan, customer, Some(m), take).await
+    }
+
+    async fn add(
+        &self,
+        id: &str,
+        plan: &str,
+        customer: Option<&str>,
+        take: bool,
+    ) -> Result<TenantRecord, AdminError> {
+        self.add_record(id, plan, customer, None, take).await
+    }
+
+    async fn add_record(
+        &self,
+        id: &str,
+        plan: &str,
+        customer: Option<&str>,
+        metronome_customer: Option<&str>,
+        take: bool,
+    ) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        let plan = self.plan(plan)?;
+        if self.directory.tenant(&tenant).await?.is_some() {
+            return Err(AdminError::TenantExists(id.to_owned()));
+        }
+        let mut record = TenantRecord::new(tenant, plan);
+        record.metronome_customer = metronome_customer.map(str::to_owned);
+        if let Some(c) = customer {
+            let c = check_customer(c)?;
+            if !take {
+                self.refuse_held(c, &record.id).await?;
+            }
+            record = record.with_customer(c);
+        }
+        self.directory.put_tenant(&record, &[]).await?;
+        Ok(record)
+    }
+
+    /// Sets (or, with `None`, removes) a tenant's billing customer: the fix for a wrong one.
+    /// With `take`, a customer another tenant holds is moved from it; without, that is refused.
+    /// Written over the customer read only, and nothing else of the tenant: a plan change a
+    /// webhook applies meanwhile is kept. Its windows waiting for export are billed to the new
+    /// customer (exports in flight keep the customer they began with); usage it had flushed
+    /// while it had no customer on a plan that is not `billed` was not billable and stays so,
+    /// and the windows of a tenant left without a customer (`None`, or the holder under `take`)
+    /// are no longer billed unless its plan is `billed`.
+    ///
+    /// # Errors
+    /// No such tenant, a bad customer id, [`AdminError::CustomerHeld`], or the store failed.
+    pub async fn set_customer(&self, id: &str, customer: Option<&str>, take: bool) -> Result<TenantRecord, AdminError> {
+        let customer = customer.map(check_customer).transpose()?;
+        for _ in 0..SET_PLAN_ATTEMPTS {
+            let mut record = self.existing(id).await?;
+            if let (Some(c), false) = (customer, take) {
+                self.refuse_held(c, &record.id).await?;
+            }
+            let update = TenantUpdate::Customer(record.id.clone(), customer.map(str::to_owned));
+            if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
+                record.customer = customer.map(str::to_owned);
+                self.changed(&record.id);
+                return Ok(record);
+            }
+        }
+        Err(AdminError::Store(StoreError::Conflict("the tenant's customer (it kept changing)")))
+    }
+
+    /// [`AdminError::CustomerHeld`] if a tenant other than `tenant` holds `customer`.
+    async fn refuse_held(&self, customer: &str, tenant: &TenantId) -> Result<(), AdminError> {
+        // A tenant of the configuration file holds it (its webhooks answer `file_tenant`).
+        if let Some(config) = &self.config {
+            if let Some(t) = config.tenants().iter().find(|t| t.stripe_customer() == Some(customer) && t.id() != tenant)
+            {
+                return Err(AdminError::CustomerHeld {
+                    customer: customer.to_owned(),
+                    holder: format!("{} (in the configuration file)", t.id()),
+                });
+            }
+        }
+        match self.directory.tenant_by_customer(customer).await? {
+            Some(holder) if &holder.id != tenant => {
+                Err(AdminError::CustomerHeld { customer: customer.to_owned(), holder: holder.id.to_string() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves a tenant to another plan. Running nodes see it within `limits.directory_ttl`.
+    ///
+    /// # Errors
+    /// No such tenant, an unknown plan, or the store failed.
+    pub async fn set_plan(&self, id: &str, plan: &str) -> Result<TenantRecord, AdminError> {
+        let plan = self.plan(plan)?;
+        // Written only over what was read: a webhook applied meanwhile is read again (its plan
+        // replaced, its event time kept, so an older event delivered late stays stale).
+        for _ in 0..SET_PLAN_ATTEMPTS {
+            let mut record = self.existing(id).await?;
+            if let (Some(config), Some(json)) = (&self.config, &record.overrides) {
+                // The tenant's overrides must hold over the new plan too.
+                let o = crate::config::PlanOverride::from_json(json, config)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+                config.check_override(&plan, &o).map_err(|e| {
+                    AdminError::Invalid(format!("the tenant's overrides do not fit plan `{plan}`: {e}"))
+                })?;
+            }
+            let update = TenantUpdate::Plan(record.id.clone(), plan.clone());
+            if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
+                record.plan = plan;
+                self.changed(&record.id);
+                return Ok(record);
+            }
+        }
+        Err(AdminError::Store(StoreError::Conflict("the tenant's plan (webhooks kept changing it)")))
+    }
+
+    /// Sets a tenant's overrides of its plan (their JSON form, the keys of
+    /// `[tenants.X.overrides]`: `rate`, `burst`, `quotas`, `features`), checked against the
+    /// configuration; `None` removes them. Only the overrides change (a plan change made at
+    /// the same moment is kept). Running nodes see it within `limits.directory_ttl`.
+    ///
+    /// # Errors
+    /// No such tenant, overrides that are not valid for the configuration (or no
+    /// configuration to check them against), or the store failed.
+    pub async fn set_overrides(&self, id: &str, overrides: Option<&str>) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        let json = match overrides {
+            None => None,
+            Some(text) => {
+                let Some(config) = &self.config else {
+                    return Err(AdminError::Invalid(
+                        "overrides are checked against a configuration: none is given".into(),
+                    ));
+                };
+                let o = crate::config::PlanOverride::from_json(text, config)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+                let record = self.existing(id).await?;
+                config.check_override(&record.plan, &o).map_err(AdminError::Invalid)?;
+                (!o.is_empty()).then(|| o.to_json())
+            }
+        };
+        if !self.directory.update_tenant(&TenantUpdate::Overrides(tenant.clone(), json), UpdateWhen::Always).await? {
+            return Err(AdminError::UnknownTenant(id.to_owned()));
+        }
+        self.changed(&tenant);
+        self.existing(id).await
+    }
+
+    /// Sets (or, with `None`, removes) a tenant's Metronome customer id or ingest alias: what
+    /// its usage events carry with `export.sink = "metronome"`. Nothing else of the tenant
+    /// changes. Its windows waiting for export are billed to the new customer (exports in
+    /// flight keep the customer they began with). Running nodes see it within
+    /// `limits.directory_ttl`.
+    ///
+    /// # Errors
+    /// No such tenant, a customer that is empty, longer than 255 bytes or holds control
+    /// characters, or the store failed.
+    pub async fn set_metronome_customer(&self, id: &str, customer: Option<&str>) -> Result<TenantRecord, AdminError> {
+        let tenant = Self::tenant_id(id)?;
+        let customer = customer.map(check_metronome_customer).transpose()?;
+        let update = TenantUpdate::MetronomeCustomer(tenant.clone(), customer.map(str::to_owned));
+        if !self.directory.update_tenant(&update, UpdateWhen::Always).await? {
+            return Err(AdminError::UnknownTenant(id.to_owned()));
+        }
+        self.changed(&tenant);
+        self.existing(id).await
+    }
+
+    /// Every tenant of the directory, in id order.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn tenants(&self) -> Result<Vec<TenantRecord>, AdminError> {
+        Ok(self.directory.all_tenants().await?)
+    }
+
+    /// Copies the directory to another directory store: every tenant with its plan, billing
+    /// customer, overrides, subscriptions and last webhook time, and every API key (its hash,
+    /// id, prefix, creation and expiry). For a team moving from one store to another (a SQLite
+    /// file to PostgreSQL): tenants the other store holds are replaced by the copied record,
+    /// other tenants and keys there are left, and running it again writes the same records
+    /// again. Quota counters, usage and its export state are not copied: they stay in the
+    /// store that holds them until exported (see the PostgreSQL guide, "Moving to it").
+    ///
+    /// # Errors
+    /// Either store failed; what was written before stays (running it again finishes it).
+    pub async fn copy_directory(&self, to: &dyn DirectoryStore) -> Result<CopyReport, AdminError> {
+        let mut report = CopyReport::default();
+        let mut after: Option<TenantId> = None;
+        loop {
+            let page = self.directory.list_tenants(after.as_ref(), 500).await?;
+            let Some(last) = page.last() else { return Ok(report) };
+            after = Some(last.id.clone());
+            for tenant in &page {
+                self.calls.call(Path::Background, "put tenant", to.put_tenant(tenant, &[])).await?;
+                report.tenants += 1;
+                for key in self.directory.list_keys(&tenant.id).await? {
+                    self.calls.call(Path::Background, "put key", to.put_key(&key)).await?;
+                    report.keys += 1;
+                }
+            }
+        }
+    }
+}
