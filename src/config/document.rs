@@ -1,0 +1,509 @@
+//! The whole document: the raw file, its validation from the top, and the [`Config`] it gives.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+
+use super::{
+    events::*, export::*, identify::*, limits::*, located::*, meters::*, metronome::*, plans::*, routes::*, store::*,
+    stripe::*, tenants::*, usage::*, validator::*,
+};
+use super::{ConfigError, ConfigErrorKind, ConfigErrorKind as Kind};
+use crate::base::{MeterId, PlanId, QuotaMode, SinkKind};
+
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    pub(crate) identify: RawIdentify,
+    #[serde(default)]
+    pub(crate) limits: RawLimits,
+    #[serde(default)]
+    pub(crate) usage: RawUsage,
+    #[serde(default)]
+    pub(crate) meters: BTreeMap<String, RawMeter>,
+    #[serde(default)]
+    pub(crate) plans: BTreeMap<String, RawPlan>,
+    #[serde(default)]
+    pub(crate) routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub(crate) tenants: BTreeMap<String, RawTenant>,
+    pub(crate) store: Option<RawStore>,
+    #[serde(default)]
+    pub(crate) export: RawExport,
+    pub(crate) stripe: Option<RawStripe>,
+    pub(crate) metronome: Option<RawMetronome>,
+    #[serde(default)]
+    pub(crate) events: RawEvents,
+}
+
+pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
+    let root = match DeTable::parse(text) {
+        Ok(root) => root,
+        Err(e) => return Err(syntax_error(text, &e)),
+    };
+    if root.get_ref().is_empty() {
+        // A file that declares nothing is more likely a wrong path or a truncated file than a
+        // deliberate configuration with no plans (which any key at all still allows).
+        return Err(ConfigError::new(
+            Kind::InvalidValue,
+            "",
+            "the file declares nothing (no plans, meters, routes or tenants): \
+             an empty configuration is rejected rather than taken to mean \"reject everyone\"",
+        )
+        .at(Some((1, 1))));
+    }
+    let loc = Located { text, root: Some(DeValue::Table(root.get_ref().clone())) };
+    let raw: RawConfig = {
+        let de = toml::Deserializer::from(root);
+        serde_path_to_error::deserialize(de).map_err(|e| serde_error(&loc, e))?
+    };
+    Validator { loc: &loc }.config(raw)
+}
+
+/// A parsed and validated configuration.
+///
+/// ```
+/// let config = tollgate::Config::from_toml_str(r#"
+///     [plans.free]
+///     rate = "10/s"
+///     burst = 20
+///     quotas.requests = { limit = 1000, period = "day", mode = "hard" }
+///
+///     [tenants.acme]
+///     plan = "free"
+///     keys = ["tg_test_acme"]
+/// "#).unwrap();
+/// assert_eq!(config.plans().len(), 1);
+/// assert_eq!(config.plan(&"free".into()).unwrap().burst().get(), 20);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) identify: Identify,
+    pub(crate) on_unknown: OnUnknown,
+    pub(crate) limits: Limits,
+    pub(crate) usage: UsageSettings,
+    pub(crate) meters: Vec<MeterSpec>,
+    pub(crate) default_meter: MeterId,
+    pub(crate) plans: BTreeMap<PlanId, PlanSpec>,
+    pub(crate) routes: Vec<RouteSpec>,
+    pub(crate) tenants: Vec<TenantSpec>,
+    pub(crate) store: StoreSettings,
+    /// The stores of the roles that have one of their own (`[store.directory]` and the others).
+    pub(crate) store_roles: StoreRoles,
+    pub(crate) export: ExportSettings,
+    pub(crate) stripe: Option<StripeSettings>,
+    pub(crate) metronome: Option<MetronomeSettings>,
+    pub(crate) events: EventSettings,
+    pub(crate) clients: ClientSettings,
+    /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
+    pub(crate) store_written: Option<StoreOrigin>,
+    /// The file the configuration was read from.
+    pub(crate) file: Option<std::path::PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates the TOML file at `path`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, line, column and key of the first problem.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(ConfigErrorKind::Io, "", format!("cannot read the file: {e}"))
+                .in_file(Some(path.to_owned()))
+        })?;
+        let mut config = parse(&text).map_err(|e| e.in_file(Some(path.to_owned())))?;
+        config.file = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// Parses and validates a TOML document.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the line, column and key of the first problem.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        parse(text)
+    }
+
+    /// How tenants are identified.
+    pub fn identify(&self) -> &Identify {
+        &self.identify
+    }
+
+    /// What a request with a missing or unknown tenant gets.
+    pub fn on_unknown(&self) -> &OnUnknown {
+        &self.on_unknown
+    }
+
+    /// Memory bounds and header style.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Usage aggregation, flushing and billing settings.
+    pub fn usage(&self) -> &UsageSettings {
+        &self.usage
+    }
+
+    /// The declared meters (`requests` always exists).
+    pub fn meters(&self) -> &[MeterSpec] {
+        &self.meters
+    }
+
+    /// The meter charged by requests that match no route.
+    pub fn default_meter(&self) -> &MeterId {
+        &self.default_meter
+    }
+
+    /// The plans, by name.
+    pub fn plans(&self) -> &BTreeMap<PlanId, PlanSpec> {
+        &self.plans
+    }
+
+    /// One plan by name.
+    pub fn plan(&self, id: &PlanId) -> Option<&PlanSpec> {
+        self.plans.get(id)
+    }
+
+    /// Whether `plan` with the overrides `o` merged over it holds as a plan must: every
+    /// route's cost within its burst, and each hard quota on a meter that requests are
+    /// charged, a route reports or events record.
+    ///
+    /// # Errors
+    /// What does not hold.
+    pub fn check_override(&self, plan: &PlanId, o: &PlanOverride) -> Result<(), String> {
+        let Some(base) = self.plans.get(plan) else {
+            return Err(format!("no plan `{plan}`"));
+        };
+        let merged = base.with_override(o);
+        if o.burst.is_some() && merged.rate.is_none() {
+            return Err("a burst needs a rate (the plan has none, and the overrides set none)".into());
+        }
+        if merged.rate.is_some() {
+            if let Some(r) = self.routes.iter().find(|r| r.cost > merged.burst) {
+                return Err(format!(
+                    "the route {} costs {} and the overridden burst is {}: no request could ever pass",
+                    r.path(),
+                    r.cost,
+                    merged.burst
+                ));
+            }
+        }
+        for (meter, q) in &merged.quotas {
+            let enforced = *meter == self.default_meter
+                || self.routes.iter().any(|r| r.meter == *meter || r.reports.contains(meter))
+                || self.events.products.values().any(|m| m == meter);
+            if q.mode == QuotaMode::Hard && !enforced {
+                return Err(format!(
+                    "a hard quota on `{meter}`, but no route charges or reports it and no event product records it"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The route rules, in the order they are matched (the first match wins).
+    pub fn routes(&self) -> &[RouteSpec] {
+        &self.routes
+    }
+
+    /// The tenants declared in the file.
+    pub fn tenants(&self) -> &[TenantSpec] {
+        &self.tenants
+    }
+
+    /// Whether `meter`'s usage is exported: `[meters.X] export`, `true` for a meter the
+    /// configuration does not declare.
+    #[must_use]
+    pub fn exports_meter(&self, meter: &MeterId) -> bool {
+        self.meters.iter().find(|m| &m.id == meter).is_none_or(MeterSpec::exported)
+    }
+
+    /// How closed windows are exported (`[export]`).
+    pub fn export(&self) -> &ExportSettings {
+        &self.export
+    }
+
+    /// How client addresses are read for anonymous callers.
+    pub fn clients(&self) -> &ClientSettings {
+        &self.clients
+    }
+
+    /// How usage events from jobs and queues are taken (`[events]`).
+    pub fn events(&self) -> &EventSettings {
+        &self.events
+    }
+
+    /// Stripe's settings, if the file has a `[stripe]` section.
+    pub fn stripe(&self) -> Option<&StripeSettings> {
+        self.stripe.as_ref()
+    }
+
+    /// Whether the sink the configuration names needs a billing customer (Stripe and
+    /// Metronome do; a file does not), for an engine built without a sink.
+    pub(crate) fn sink_needs_customer(&self) -> bool {
+        matches!(self.export.sink_kind(self.stripe.is_some()), Some(SinkKind::Stripe | SinkKind::Metronome))
+    }
+
+    /// `[metronome]`, if present.
+    #[must_use]
+    pub fn metronome(&self) -> Option<&MetronomeSettings> {
+        self.metronome.as_ref()
+    }
+
+    /// The file the configuration was read from, if any.
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
+    }
+
+    /// The store the configuration names (`[store]`; SQLite in `tollgate.db` without one).
+    pub fn store(&self) -> &StoreSettings {
+        &self.store
+    }
+
+    /// The store of `role`: its own section (`[store.directory]`, …) if the file has one, else
+    /// `[store]`'s.
+    ///
+    /// ```
+    /// use tollgate::config::{StoreRole, StoreSettings};
+    /// let config = tollgate::Config::from_toml_str(
+    ///     "[store]\nkind = \"memory\"\n[store.directory]\nkind = \"sqlite\"\npath = \"directory.db\"\n",
+    /// )
+    /// .unwrap();
+    /// assert!(matches!(config.store_of(StoreRole::Directory), StoreSettings::Sqlite { .. }));
+    /// assert_eq!(config.store_of(StoreRole::Quota), &StoreSettings::Memory);
+    /// ```
+    pub fn store_of(&self, role: StoreRole) -> &StoreSettings {
+        self.store_roles.get(role).unwrap_or(&self.store)
+    }
+
+    /// Whether the file has a `[store]` section.
+    pub fn names_store(&self) -> bool {
+        self.store_written.is_some()
+    }
+
+    /// Refuses `next` as a reload of `self` when it names another store: the running store
+    /// stays. The error names the file, line and key that changed.
+    pub(crate) fn check_same_store(&self, next: &Config) -> Result<(), ConfigError> {
+        if self.store == next.store {
+            // A role's own store cannot change either.
+            let Some(role) = StoreRole::ALL.into_iter().find(|r| self.store_roles.get(*r) != next.store_roles.get(*r))
+            else {
+                return Ok(());
+            };
+            let origin = next.store_written.as_ref();
+            let position = origin.and_then(|o| o.keys.get(role.name()).copied().or(o.section));
+            return Err(ConfigError::new(
+                ConfigErrorKind::Conflict,
+                format!("store.{}", role.name()),
+                format!(
+                    "the store of the {} role cannot change while the service runs (it is {}, the new file \
+                     says {}): the reload is refused and the running stores stay; restart to use another store",
+                    role.name(),
+                    self.store_of(role),
+                    next.store_of(role)
+                ),
+            )
+            .at(position)
+            .in_file(next.file.clone()));
+        }
+        let key = match (&self.store, &next.store) {
+            (StoreSettings::Sqlite { path: a, .. }, StoreSettings::Sqlite { path: b, .. }) if a != b => "path",
+            (StoreSettings::Sqlite { .. }, StoreSettings::Sqlite { .. }) => "synchronous",
+            (StoreSettings::Dynamodb { table: a, .. }, StoreSettings::Dynamodb { table: b, .. }) if a != b => "table",
+            (StoreSettings::Dynamodb { .. }, StoreSettings::Dynamodb { .. }) => "endpoint",
+            (StoreSettings::Postgres(a), StoreSettings::Postgres(b)) => {
+                if a.url != b.url {
+                    "url"
+                } else if a.schema != b.schema {
+                    "schema"
+                } else if a.pool_size != b.pool_size {
+                    "pool_size"
+                } else if a.statement_timeout != b.statement_timeout {
+                    "statement_timeout"
+                } else if a.migrate != b.migrate {
+                    "migrate"
+                } else {
+                    "ca_file"
+                }
+            }
+            _ => "kind",
+        };
+        let origin = next.store_written.as_ref();
+        let position = origin.and_then(|o| o.keys.get(key).copied().or(o.section));
+        Err(ConfigError::new(
+            ConfigErrorKind::Conflict,
+            format!("store.{key}"),
+            format!(
+                "the store cannot change while the service runs (it is {}, the new file says {}): \
+                 the reload is refused and the running store stays; restart to use another store",
+                self.store, next.store
+            ),
+        )
+        .at(position)
+        .in_file(next.file.clone()))
+    }
+}
+
+impl Validator<'_, '_> {
+    pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let meters = self.meters(&raw.meters)?;
+        let default_meter =
+            self.meter_ref(&meters, "usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
+        let plans = self.plans(&raw.plans, &meters)?;
+        let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
+        let clients = self.clients(&raw.identify)?;
+        let limits = self.limits(&raw.limits)?;
+        let usage = self.usage(&raw.usage)?;
+        for m in &meters {
+            if let Some(w) = m.aggregation.window_secs() {
+                if w % usage.window.as_secs() as i64 != 0 {
+                    return Err(self.invalid(
+                        &format!("meters.{}.aggregation", m.id),
+                        format!(
+                            "usage.window ({}s) must divide the meter's window ({w}s): \
+                             each tollgate window must fall inside one window of the billing meter",
+                            usage.window.as_secs()
+                        ),
+                    ));
+                }
+            }
+        }
+        let export = self.export(&raw.export)?;
+        let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans)).transpose()?;
+        let metronome = raw.metronome.as_ref().map(|m| self.metronome(m)).transpose()?;
+        // Metronome's timeout applies with its sink even without a `[metronome]` section.
+        let metronome_timeout = metronome
+            .as_ref()
+            .map(|m| m.timeout)
+            .or((export.sink == Some(SinkKind::Metronome)).then_some(Duration::from_secs(30)));
+        if metronome.is_some() && export.sink != Some(SinkKind::Metronome) {
+            return Err(self.invalid(
+                "metronome",
+                "a [metronome] section without export.sink = \"metronome\": usage would not go to Metronome; \
+                 set the sink (one sink at a time) or remove the section",
+            ));
+        }
+        for (section, timeout) in [("stripe", stripe.as_ref().map(|s| s.timeout)), ("metronome", metronome_timeout)] {
+            // A claim must outlast the call it covers, or another node could send the same
+            // event while the first call is still under way.
+            if timeout.is_some_and(|t| export.claim < t * 2) {
+                return Err(self.invalid(
+                    "export.claim",
+                    format!(
+                        "must be at least twice {section}.timeout ({}s): a claim must outlast the call it covers",
+                        timeout.unwrap_or_default().as_secs()
+                    ),
+                ));
+            }
+        }
+        if export.sink == Some(SinkKind::Stripe) && stripe.is_none() {
+            return Err(
+                self.invalid("export.sink", "\"stripe\" needs a [stripe] section (its api_base, timeout and key file)")
+            );
+        }
+        if export.sink == Some(SinkKind::Metronome) {
+            // Metronome sums events: a pre-aggregated meter's running totals would be added up.
+            if let Some(m) = meters.iter().find(|m| m.aggregation != MeterAggregation::Sum) {
+                return Err(self.invalid(
+                    &format!("meters.{}.aggregation", m.id),
+                    "a pre-aggregated meter (\"hour\", \"day\") is a Stripe Billing Meters notion: with \
+                     export.sink = \"metronome\" use \"sum\" and let the billable metric aggregate",
+                ));
+            }
+        }
+        let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
+        let events = self.events(&raw.events, &meters)?;
+        self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
+        let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events)?;
+        if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
+            return Err(self.loc.error(
+                Kind::Conflict,
+                &format!("tenants.{ANONYMOUS_TENANT}"),
+                "`anonymous` is the tenant of unknown callers (identify.unknown = \"anonymous\"): name this tenant otherwise",
+            ));
+        }
+        let (store, store_roles, store_written) = match &raw.store {
+            None => (StoreSettings::default(), StoreRoles::default(), None),
+            Some(raw) => {
+                let (store, roles) = self.stores(raw)?;
+                let mut origin = StoreOrigin { section: self.loc.find("store"), ..StoreOrigin::default() };
+                for key in [
+                    "kind",
+                    "path",
+                    "synchronous",
+                    "table",
+                    "endpoint",
+                    "url",
+                    "schema",
+                    "pool_size",
+                    "statement_timeout",
+                    "migrate",
+                    "ca_file",
+                ] {
+                    if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
+                        origin.keys.insert(key, pos);
+                    }
+                }
+                for role in ["quota", "usage", "directory", "idempotency"] {
+                    if let Some(pos) = self.loc.find_exact(&format!("store.{role}")) {
+                        origin.keys.insert(role, pos);
+                    }
+                }
+                (store, roles, Some(origin))
+            }
+        };
+        let dynamo =
+            matches!(store_roles.get(StoreRole::Idempotency).unwrap_or(&store), StoreSettings::Dynamodb { .. });
+        // A window's share of the store's bytes (DynamoDB's in 16 counters) must hold one
+        // response of the longest stored body with its headers (allowed 8 KiB), or every such
+        // response is refused.
+        let parts = if dynamo { 32 } else { 2 };
+        let longest = limits.idempotency_max_body.saturating_add(HEADERS_ALLOWANCE);
+        if limits.idempotency_store_bytes / parts < longest {
+            return Err(self.invalid(
+                "limits.idempotency_store_bytes",
+                format!(
+                    "must be at least {} bytes: {parts} times limits.idempotency_max_body ({}) and 8 KiB of \
+                     headers{}, so that each window's share holds one response of the longest stored body",
+                    longest.saturating_mul(parts),
+                    limits.idempotency_max_body,
+                    if dynamo { " (a DynamoDB idempotency store splits a window's half in 16 counters)" } else { "" },
+                ),
+            ));
+        }
+        if dynamo && limits.idempotency_max_body > crate::base::DYNAMODB_MAX_RESPONSE_BYTES as u64 {
+            return Err(self.invalid(
+                "limits.idempotency_max_body",
+                format!(
+                    "at most {} bytes on a DynamoDB idempotency store (an item holds 400 KB, its attribute \
+                     names and the response's headers included)",
+                    crate::base::DYNAMODB_MAX_RESPONSE_BYTES
+                ),
+            ));
+        }
+        Ok(Config {
+            identify,
+            on_unknown,
+            limits,
+            usage,
+            meters,
+            default_meter,
+            plans,
+            routes,
+            tenants,
+            store,
+            store_roles,
+            store_written,
+            export,
+            stripe,
+            metronome,
+            events,
+            clients,
+            file: None,
+        })
+    }
+}

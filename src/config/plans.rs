@@ -1,0 +1,460 @@
+//! `[plans.<name>]` and tenants' overrides of them: rates, bursts, quotas and features.
+
+use std::{
+    collections::BTreeMap,
+    num::{NonZeroU32, NonZeroU64},
+};
+
+use serde::Deserialize;
+
+use super::{document::*, located::*, meters::*, rate::*, validator::*};
+use super::{ConfigError, ConfigErrorKind as Kind};
+use crate::base::{MeterId, Period, PlanId, QuotaMode};
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPlan {
+    pub(crate) rate: Option<String>,
+    pub(crate) burst: Option<i64>,
+    pub(crate) on_store_error: Option<String>,
+    #[serde(default)]
+    pub(crate) quotas: BTreeMap<String, RawQuota>,
+    #[serde(default)]
+    pub(crate) features: Vec<String>,
+    pub(crate) shadow: Option<bool>,
+    pub(crate) billed: Option<bool>,
+    pub(crate) concurrency: Option<i64>,
+}
+
+/// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
+/// store's directory (the same keys).
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOverride {
+    pub(crate) rate: Option<String>,
+    pub(crate) burst: Option<i64>,
+    #[serde(default)]
+    pub(crate) quotas: BTreeMap<String, RawQuota>,
+    #[serde(default)]
+    pub(crate) features: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawQuota {
+    pub(crate) limit: Option<i64>,
+    pub(crate) period: String,
+    pub(crate) mode: Option<String>,
+    pub(crate) anchor_day: Option<i64>,
+    pub(crate) lease: Option<i64>,
+}
+
+/// A TOML syntax error; a duplicate key is named by its full key path.
+/// A tenant's overrides in their JSON form (the store's directory), checked as the file's are.
+pub(super) fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let raw: RawOverride = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { "overrides".to_owned() } else { format!("overrides.{path}") };
+        ConfigError::new(Kind::InvalidValue, key, e.inner().to_string())
+    })?;
+    let loc = Located { text: "", root: None };
+    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters)
+}
+
+/// A plan: a rate with its burst, and quotas per meter.
+#[derive(Debug, Clone)]
+pub struct PlanSpec {
+    pub(crate) id: PlanId,
+    pub(crate) rate: Option<Rate>,
+    pub(crate) burst: NonZeroU32,
+    pub(crate) on_store_error: Option<StoreErrorPolicy>,
+    pub(crate) quotas: BTreeMap<MeterId, QuotaSpec>,
+    pub(crate) features: std::collections::BTreeSet<String>,
+    pub(crate) shadow: bool,
+    pub(crate) billed: bool,
+    pub(crate) concurrency: Option<NonZeroU32>,
+}
+
+impl PlanSpec {
+    /// The most requests of one tenant in flight at once on a node (`concurrency = N`),
+    /// counted from admission to the end of the response body; `None`: no limit.
+    #[must_use]
+    pub fn concurrency(&self) -> Option<NonZeroU32> {
+        self.concurrency
+    }
+
+    /// Whether the plan's tenants must be billed (`billed = true`): with a billing sink that
+    /// needs a customer, the windows of such a tenant without one stay pending until it has
+    /// one (within the billing system's 35 days), never written off. Tenants with a customer
+    /// are billed whatever their plan; tenants of other plans without one (a free tier) are
+    /// not.
+    #[must_use]
+    pub fn billed(&self) -> bool {
+        self.billed
+    }
+
+    /// The features the plan includes (`features = ["sso"]`): a route with `feature = "sso"`
+    /// refuses tenants whose plan lacks it with 403.
+    #[must_use]
+    pub fn features(&self) -> &std::collections::BTreeSet<String> {
+        &self.features
+    }
+
+    /// Whether the plan runs in shadow mode (decisions counted, nothing refused).
+    #[must_use]
+    pub fn shadow(&self) -> bool {
+        self.shadow
+    }
+
+    /// The plan with a tenant's overrides merged over it: the override's rate (its burst, else
+    /// the rate's own count) and burst replace the plan's, its quotas replace the plan's on
+    /// the same meters, its features are added.
+    #[must_use]
+    pub fn with_override(&self, o: &PlanOverride) -> PlanSpec {
+        let mut merged = self.clone();
+        if let Some(rate) = o.rate {
+            merged.rate = Some(rate);
+            merged.burst = o.burst.unwrap_or(rate.count());
+        } else if let Some(burst) = o.burst {
+            merged.burst = burst;
+        }
+        for (m, q) in &o.quotas {
+            merged.quotas.insert(m.clone(), q.clone());
+        }
+        merged.features.extend(o.features.iter().cloned());
+        merged
+    }
+
+    /// The plan's name.
+    #[must_use]
+    pub fn id(&self) -> &PlanId {
+        &self.id
+    }
+
+    /// The sustained rate, or `None` when the plan has no rate limit.
+    #[must_use]
+    pub fn rate(&self) -> Option<Rate> {
+        self.rate
+    }
+
+    /// How many cells may be spent at once (defaults to the rate's count).
+    #[must_use]
+    pub fn burst(&self) -> NonZeroU32 {
+        self.burst
+    }
+
+    /// The plan's policy when the store cannot be reached, if it overrides the global one.
+    #[must_use]
+    pub fn on_store_error(&self) -> Option<StoreErrorPolicy> {
+        self.on_store_error
+    }
+
+    /// The quotas of the plan, by meter.
+    #[must_use]
+    pub fn quotas(&self) -> &BTreeMap<MeterId, QuotaSpec> {
+        &self.quotas
+    }
+}
+
+/// A quota on one meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaSpec {
+    pub(crate) limit: NonZeroU64,
+    pub(crate) period: Period,
+    pub(crate) mode: QuotaMode,
+    pub(crate) lease: NonZeroU64,
+}
+
+impl QuotaSpec {
+    /// Units allowed per period. A prepaid balance ([`Period::Prepaid`]) has no limit of its
+    /// own (each tenant's open grants are its limit): this is then
+    /// [`MAX_BALANCE`](crate::store::contract::MAX_BALANCE), the most a balance can hold.
+    #[must_use]
+    pub fn limit(&self) -> NonZeroU64 {
+        self.limit
+    }
+
+    /// The calendar period.
+    #[must_use]
+    pub fn period(&self) -> Period {
+        self.period
+    }
+
+    /// Hard (reject) or soft (admit and count overage).
+    #[must_use]
+    pub fn mode(&self) -> QuotaMode {
+        self.mode
+    }
+
+    /// How many units a node reserves from the store at once.
+    #[must_use]
+    pub fn lease(&self) -> NonZeroU64 {
+        self.lease
+    }
+}
+
+/// A tenant's overrides of its plan (`[tenants.X.overrides]` in the file, or JSON with the
+/// same keys in the store's directory, set with `tollgate tenants set-override`): rate,
+/// burst, quotas and features, merged over the plan ([`PlanSpec::with_override`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct PlanOverride {
+    /// The rate instead of the plan's.
+    pub rate: Option<Rate>,
+    /// The burst instead of the plan's (with `rate`: else the rate's count).
+    pub burst: Option<NonZeroU32>,
+    /// Quotas instead of the plan's on these meters (or added).
+    pub quotas: BTreeMap<MeterId, QuotaSpec>,
+    /// Features added to the plan's.
+    pub features: std::collections::BTreeSet<String>,
+}
+
+impl PlanOverride {
+    /// Reads overrides from their JSON form (`{"rate": "100/s", "burst": 50, "quotas":
+    /// {"tokens": {"limit": 500, "period": "day"}}, "features": ["sso"]}`), checked against
+    /// the configuration's meters as the file's `[tenants.X.overrides]` are.
+    ///
+    /// # Errors
+    /// What is wrong, with the key path (no line: the text is not a file).
+    pub fn from_json(json: &str, config: &Config) -> Result<Self, ConfigError> {
+        parse_override(json, config)
+    }
+
+    /// The JSON form, as the store's directory keeps it.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let mut o = serde_json::Map::new();
+        if let Some(r) = self.rate {
+            o.insert("rate".into(), r.to_string().into());
+        }
+        if let Some(b) = self.burst {
+            o.insert("burst".into(), b.get().into());
+        }
+        if !self.quotas.is_empty() {
+            let quotas: serde_json::Map<String, serde_json::Value> = self
+                .quotas
+                .iter()
+                .map(|(m, q)| {
+                    let mut v = serde_json::json!({
+                        "period": q.period.name(),
+                        "mode": match q.mode { QuotaMode::Hard => "hard", QuotaMode::Soft => "soft" },
+                        "lease": q.lease.get(),
+                    });
+                    // A balance's limit is its grants, not a key.
+                    if q.period != Period::Prepaid {
+                        v["limit"] = q.limit.get().into();
+                    }
+                    if let Period::Month { anchor_day } = q.period {
+                        v["anchor_day"] = anchor_day.into();
+                    }
+                    (m.to_string(), v)
+                })
+                .collect();
+            o.insert("quotas".into(), quotas.into());
+        }
+        if !self.features.is_empty() {
+            o.insert("features".into(), self.features.iter().cloned().collect::<Vec<_>>().into());
+        }
+        serde_json::Value::Object(o).to_string()
+    }
+
+    /// Whether it changes nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+impl Validator<'_, '_> {
+    /// `[plans]`.
+    pub(super) fn plans(
+        &self,
+        raw: &BTreeMap<String, RawPlan>,
+        meters: &[MeterSpec],
+    ) -> Result<BTreeMap<PlanId, PlanSpec>, ConfigError> {
+        let mut plans = BTreeMap::new();
+        for (name, p) in raw {
+            check_name(self, &format!("plans.{name}"), name)?;
+            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, meters)?);
+        }
+        Ok(plans)
+    }
+
+    pub(super) fn plan(&self, name: &str, p: &RawPlan, meters: &[MeterSpec]) -> Result<PlanSpec, ConfigError> {
+        let base = format!("plans.{name}");
+        let rate = match &p.rate {
+            None => None,
+            Some(r) => Some(
+                r.parse::<Rate>().map_err(|e| self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\"")))?,
+            ),
+        };
+        let burst = match (p.burst, rate) {
+            (Some(b), _) => {
+                let b = u32::try_from(b).ok().and_then(NonZeroU32::new);
+                b.ok_or_else(|| self.invalid(&format!("{base}.burst"), "must be a whole number from 1 to 4294967295"))?
+            }
+            (None, Some(rate)) => rate.count(),
+            (None, None) => NonZeroU32::MAX,
+        };
+        if p.burst.is_some() && rate.is_none() {
+            return Err(self.invalid(&format!("{base}.burst"), "a burst needs a rate"));
+        }
+        let on_store_error = match &p.on_store_error {
+            Some(v) => Some(self.policy(&format!("{base}.on_store_error"), v)?),
+            None => None,
+        };
+        let mut quotas = BTreeMap::new();
+        for (meter, q) in &p.quotas {
+            let qbase = format!("{base}.quotas.{meter}");
+            let id = self.meter_ref(meters, &qbase, meter)?;
+            quotas.insert(id, self.quota(&qbase, q)?);
+        }
+        let features = self.features(&format!("{base}.features"), &p.features)?;
+        Ok(PlanSpec {
+            id: name.into(),
+            rate,
+            burst,
+            on_store_error,
+            quotas,
+            features,
+            shadow: p.shadow.unwrap_or(false),
+            billed: p.billed.unwrap_or(false),
+            concurrency: match p.concurrency {
+                None => None,
+                Some(n) => Some(
+                    u32::try_from(n).ok().filter(|n| *n <= 1_000_000).and_then(NonZeroU32::new).ok_or_else(|| {
+                        self.invalid(
+                            &format!("{base}.concurrency"),
+                            format!("a number of requests from 1 to 1000000, not {n}"),
+                        )
+                    })?,
+                ),
+            },
+        })
+    }
+
+    /// A list of feature names: each a name (letters, digits, `-`, `_`, `.`), none twice.
+    pub(super) fn features(
+        &self,
+        path: &str,
+        raw: &[String],
+    ) -> Result<std::collections::BTreeSet<String>, ConfigError> {
+        let mut features = std::collections::BTreeSet::new();
+        for (i, f) in raw.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            check_name(self, &at, f)?;
+            if !features.insert(f.clone()) {
+                return Err(self.invalid(&at, format!("`{f}` is listed twice")));
+            }
+        }
+        Ok(features)
+    }
+
+    /// A tenant's overrides of its plan (`[tenants.X.overrides]`, or their JSON form).
+    pub(super) fn plan_override(
+        &self,
+        base: &str,
+        o: &RawOverride,
+        meters: &[MeterSpec],
+    ) -> Result<PlanOverride, ConfigError> {
+        let rate = match &o.rate {
+            None => None,
+            Some(r) => Some(
+                r.parse::<Rate>().map_err(|e| self.invalid(&format!("{base}.rate"), format!("{e}, not \"{r}\"")))?,
+            ),
+        };
+        let burst = match o.burst {
+            None => None,
+            Some(b) => Some(u32::try_from(b).ok().and_then(NonZeroU32::new).ok_or_else(|| {
+                self.invalid(&format!("{base}.burst"), "must be a whole number from 1 to 4294967295")
+            })?),
+        };
+        let mut quotas = BTreeMap::new();
+        for (meter, q) in &o.quotas {
+            let qbase = format!("{base}.quotas.{meter}");
+            let id = self.meter_ref(meters, &qbase, meter)?;
+            quotas.insert(id, self.quota(&qbase, q)?);
+        }
+        let features = self.features(&format!("{base}.features"), &o.features)?;
+        Ok(PlanOverride { rate, burst, quotas, features })
+    }
+
+    pub(super) fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {
+        let period = match q.period.as_str() {
+            "day" => {
+                if q.anchor_day.is_some() {
+                    return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
+                }
+                Period::Day
+            }
+            "month" => {
+                let anchor_day = match q.anchor_day {
+                    None => 1,
+                    Some(d @ 1..=31) => d as u8,
+                    Some(d) => {
+                        return Err(self.invalid(
+                            &format!("{base}.anchor_day"),
+                            format!("must be a day of the month from 1 to 31, not {d}"),
+                        ))
+                    }
+                };
+                Period::Month { anchor_day }
+            }
+            "prepaid" => {
+                if q.anchor_day.is_some() {
+                    return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
+                }
+                if q.limit.is_some() {
+                    return Err(self.invalid(
+                        &format!("{base}.limit"),
+                        "a prepaid balance has no limit: each tenant's grants are its limit (`tollgate credits grant`)",
+                    ));
+                }
+                if q.mode.as_deref().is_some_and(|m| m != "hard") {
+                    return Err(self.invalid(
+                        &format!("{base}.mode"),
+                        "a prepaid balance is hard: work past it is refused (usage reported after the work may still take it below zero)",
+                    ));
+                }
+                Period::Prepaid
+            }
+            other => {
+                return Err(self.invalid(
+                    &format!("{base}.period"),
+                    format!("expected \"day\", \"month\" or \"prepaid\", not \"{other}\""),
+                ))
+            }
+        };
+        let limit = match (period, q.limit) {
+            (Period::Prepaid, _) => NonZeroU64::new(crate::base::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
+            (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
+            (_, None) => {
+                return Err(
+                    self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)")
+                )
+            }
+        };
+        let mode = match q.mode.as_deref().unwrap_or("hard") {
+            "hard" => QuotaMode::Hard,
+            "soft" => QuotaMode::Soft,
+            other => {
+                return Err(
+                    self.invalid(&format!("{base}.mode"), format!("expected \"hard\" or \"soft\", not \"{other}\""))
+                )
+            }
+        };
+        let lease = match q.lease {
+            Some(l) => self.positive(&format!("{base}.lease"), l)?,
+            // A balance's leases start small (a balance is money, and may be small); they grow
+            // with the tenant's pace up to a sixteenth of what it holds.
+            None if period == Period::Prepaid => NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
+            // A sixteenth of the limit, between 1 and 10,000 units.
+            None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
+        };
+        Ok(QuotaSpec { limit, period, mode, lease })
+    }
+}

@@ -1,0 +1,447 @@
+//! `[store]` and its role sections: a store for every role.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::validator::*;
+use super::ConfigError;
+
+#[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub(crate) kind: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) synchronous: Option<String>,
+    pub(crate) table: Option<String>,
+    pub(crate) endpoint: Option<String>,
+    pub(crate) url: Option<String>,
+    pub(crate) schema: Option<String>,
+    pub(crate) pool_size: Option<i64>,
+    pub(crate) statement_timeout: Option<String>,
+    pub(crate) migrate: Option<String>,
+    pub(crate) ca_file: Option<String>,
+    /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`: a store of
+    /// that role's own (only under `[store]`).
+    pub(crate) quota: Option<Box<RawStore>>,
+    pub(crate) usage: Option<Box<RawStore>>,
+    pub(crate) directory: Option<Box<RawStore>>,
+    pub(crate) idempotency: Option<Box<RawStore>>,
+}
+
+/// Where the engine keeps its counters, usage and tenant directory: the `[store]` section.
+///
+/// Without a `[store]` section, [`Builder::open`](crate::Builder::open) opens the embedded
+/// durable default: SQLite in `tollgate.db` in the working directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreSettings {
+    /// `kind = "memory"`: everything in the process's memory, lost when it stops.
+    Memory,
+    /// `kind = "sqlite"`: one SQLite file (cargo feature `sqlite`, on by default).
+    Sqlite {
+        /// The database file (`path`, default `tollgate.db`, relative to the working directory).
+        path: std::path::PathBuf,
+        /// When a committed write reaches the disk (`synchronous`, default `"full"`).
+        synchronous: Synchronous,
+    },
+    /// `kind = "dynamodb"`: one DynamoDB table shared by a fleet (cargo feature `dynamodb`).
+    Dynamodb {
+        /// The table's name (`table`).
+        table: String,
+        /// An endpoint other than AWS's (`endpoint`), such as a local DynamoDB-compatible server.
+        endpoint: Option<String>,
+    },
+    /// `kind = "postgres"`: one schema of a PostgreSQL database shared by a fleet (cargo
+    /// feature `postgres`).
+    Postgres(PostgresSettings),
+}
+
+/// The keys of `[store] kind = "postgres"`.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresSettings {
+    /// The connection URL (`url`); without it, the `DATABASE_URL` environment variable is read
+    /// when the store opens. Never shown: it may hold a password.
+    pub url: Option<String>,
+    /// The schema holding tollgate's tables (`schema`, default `tollgate`).
+    pub schema: String,
+    /// The most connections of the pool (`pool_size`, default 16).
+    pub pool_size: usize,
+    /// How long one statement of a transaction may run (`SET LOCAL`; a call that is one
+    /// statement is bounded by the engine's time limit), and how long a call waits for a
+    /// connection (`statement_timeout`, default 5 s, at most 24 days).
+    pub statement_timeout: std::time::Duration,
+    /// Apply migrations at open, or only verify the schema (`migrate`, default `"auto"`).
+    pub migrate: Migrate,
+    /// Certificate authorities to trust besides the public ones (`ca_file`, a PEM file).
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("migrate", &self.migrate)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            schema: "tollgate".to_owned(),
+            pool_size: 16,
+            statement_timeout: std::time::Duration::from_secs(5),
+            migrate: Migrate::Auto,
+            ca_file: None,
+        }
+    }
+}
+
+/// Whether a store applies its schema's migrations when it opens, or only checks that the
+/// schema is the one it needs (`[store] migrate`, PostgreSQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Migrate {
+    /// Creates the schema and applies missing migrations at open, under an advisory lock (the
+    /// role owns the schema).
+    #[default]
+    Auto,
+    /// Checks the version only, and refuses a schema that is missing or older: for a role of
+    /// least privilege, with `tollgate migrate` run by the schema's owner.
+    Verify,
+}
+
+impl StoreSettings {
+    /// The kind as written in the file (`memory`, `sqlite`, `dynamodb`).
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreSettings::Memory => "memory",
+            StoreSettings::Sqlite { .. } => "sqlite",
+            StoreSettings::Dynamodb { .. } => "dynamodb",
+            StoreSettings::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Whether the nodes of a fleet share this store (DynamoDB, PostgreSQL), rather than each
+    /// node having its own (memory, a SQLite file).
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        match self {
+            StoreSettings::Memory | StoreSettings::Sqlite { .. } => false,
+            StoreSettings::Dynamodb { .. } | StoreSettings::Postgres(_) => true,
+        }
+    }
+
+    /// The cargo feature the kind needs, if any.
+    #[must_use]
+    pub fn feature(&self) -> Option<&'static str> {
+        match self {
+            StoreSettings::Memory => None,
+            StoreSettings::Sqlite { .. } => Some("sqlite"),
+            StoreSettings::Dynamodb { .. } => Some("dynamodb"),
+            StoreSettings::Postgres(_) => Some("postgres"),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreSettings {
+    /// `memory`, `sqlite at <path> (synchronous = full)`, `dynamodb table <table>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSettings::Memory => f.write_str("memory"),
+            StoreSettings::Sqlite { path, synchronous } => {
+                let sync = match synchronous {
+                    Synchronous::Full => "full",
+                    Synchronous::Normal => "normal",
+                };
+                write!(f, "sqlite at {} (synchronous = {sync})", path.display())
+            }
+            StoreSettings::Dynamodb { table, endpoint: None } => write!(f, "dynamodb table {table}"),
+            StoreSettings::Dynamodb { table, endpoint: Some(e) } => write!(f, "dynamodb table {table} at {e}"),
+            // The URL is never shown (it may hold a password).
+            StoreSettings::Postgres(p) => write!(f, "postgres schema {}", p.schema),
+        }
+    }
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings::Sqlite { path: "tollgate.db".into(), synchronous: Synchronous::Full }
+    }
+}
+
+/// SQLite's `synchronous` setting for the store's file (in WAL mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// `FULL`: every committed store call is on disk before it returns, through a power cut or
+    /// an operating-system crash too. The default: store calls are off the request path and
+    /// batched, so an fsync each is cheap.
+    #[default]
+    Full,
+    /// `NORMAL`: a process crash (SIGKILL included) loses nothing committed; a power cut or an
+    /// operating-system crash may lose the calls since the last checkpoint.
+    Normal,
+}
+
+/// A role a store plays, as the configuration can name a store for it apart from `[store]`
+/// (`[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreRole {
+    /// Quota counters (`QuotaStore`).
+    Quota,
+    /// Usage and its export, which share the aggregates (`UsageStore` and `ExportStore`).
+    Usage,
+    /// The tenant directory (`DirectoryStore`).
+    Directory,
+    /// `Idempotency-Key` bindings (`IdempotencyStore`).
+    Idempotency,
+}
+
+impl StoreRole {
+    /// Every role.
+    pub const ALL: [StoreRole; 4] = [StoreRole::Quota, StoreRole::Usage, StoreRole::Directory, StoreRole::Idempotency];
+
+    /// The role's name in the configuration (`[store.NAME]`).
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreRole::Quota => "quota",
+            StoreRole::Usage => "usage",
+            StoreRole::Directory => "directory",
+            StoreRole::Idempotency => "idempotency",
+        }
+    }
+}
+
+/// The stores named for a role of their own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct StoreRoles {
+    pub(crate) quota: Option<StoreSettings>,
+    pub(crate) usage: Option<StoreSettings>,
+    pub(crate) directory: Option<StoreSettings>,
+    pub(crate) idempotency: Option<StoreSettings>,
+}
+
+impl StoreRoles {
+    pub(crate) fn get(&self, role: StoreRole) -> Option<&StoreSettings> {
+        match role {
+            StoreRole::Quota => self.quota.as_ref(),
+            StoreRole::Usage => self.usage.as_ref(),
+            StoreRole::Directory => self.directory.as_ref(),
+            StoreRole::Idempotency => self.idempotency.as_ref(),
+        }
+    }
+}
+
+/// Where the `[store]` section and its keys stand in the file.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StoreOrigin {
+    pub(crate) section: Option<(usize, usize)>,
+    pub(crate) keys: BTreeMap<&'static str, (usize, usize)>,
+}
+
+impl Validator<'_, '_> {
+    /// The `[store]` section and its role sections: a store for every role, and the stores of
+    /// the roles that have one of their own.
+    pub(super) fn stores(&self, raw: &RawStore) -> Result<(StoreSettings, StoreRoles), ConfigError> {
+        let store = self.store(raw, "store")?;
+        let role = |name: &str, r: &Option<Box<RawStore>>| -> Result<Option<StoreSettings>, ConfigError> {
+            let Some(r) = r else { return Ok(None) };
+            let at = format!("store.{name}");
+            for (nested, set) in [
+                ("quota", r.quota.is_some()),
+                ("usage", r.usage.is_some()),
+                ("directory", r.directory.is_some()),
+                ("idempotency", r.idempotency.is_some()),
+            ] {
+                if set {
+                    return Err(self.invalid(
+                        &format!("{at}.{nested}"),
+                        "a role's store is named under [store], not under another role",
+                    ));
+                }
+            }
+            self.store(r, &at).map(Some)
+        };
+        let roles = StoreRoles {
+            quota: role("quota", &raw.quota)?,
+            usage: role("usage", &raw.usage)?,
+            directory: role("directory", &raw.directory)?,
+            idempotency: role("idempotency", &raw.idempotency)?,
+        };
+        self.one_kind_of_sharing(&store, &roles)?;
+        Ok((store, roles))
+    }
+
+    /// Every role of a fleet is shared: a store the nodes share (DynamoDB) for one role and one
+    /// node's own (memory, a SQLite file) for another is refused, at the role's section. With
+    /// one node's quota store each node would count alone (the fleet admitting N times a hard
+    /// limit); with one node's idempotency store a replay sent to another node would run again;
+    /// with one node's directory a webhook's plan change would reach one node; with one node's
+    /// usage store two nodes would export the same window.
+    pub(super) fn one_kind_of_sharing(&self, store: &StoreSettings, roles: &StoreRoles) -> Result<(), ConfigError> {
+        let of = |role: StoreRole| roles.get(role).unwrap_or(store);
+        let written = self.loc.find_exact("store.kind").is_some() || self.loc.find_exact("store.path").is_some();
+        let section = |role: StoreRole| {
+            if roles.get(role).is_some() {
+                format!("[store.{}]", role.name())
+            } else if written {
+                "[store]".to_owned()
+            } else {
+                "[store]'s default, a SQLite file tollgate.db".to_owned()
+            }
+        };
+        let Some(shared) = StoreRole::ALL.into_iter().find(|r| of(*r).is_shared()) else { return Ok(()) };
+        let Some(own) = StoreRole::ALL.into_iter().find(|r| !of(*r).is_shared()) else { return Ok(()) };
+        // Placed at the role section involved: the node's own one if it has a section, else
+        // the shared one (the node's own store then comes from `[store]`).
+        let at = if roles.get(own).is_some() { own } else { shared };
+        Err(self.invalid(
+            &format!("store.{}.kind", at.name()),
+            format!(
+                "the {} role's store is {} (`{}`), shared by a fleet, but the {} role's is {} (`{}`), one node's own: \
+                 every role of a fleet needs a shared store (with one node's store for a role, each node would keep \
+                 its own {})",
+                shared.name(),
+                of(shared).kind(),
+                section(shared),
+                own.name(),
+                of(own).kind(),
+                section(own),
+                match own {
+                    StoreRole::Quota => "quota counts and the fleet would admit a hard limit once per node",
+                    StoreRole::Idempotency => "idempotency keys and a replay sent to another node would run again",
+                    StoreRole::Directory => "tenants and plans and a webhook's plan change would reach one node",
+                    StoreRole::Usage => "usage and two nodes would export the same window",
+                }
+            ),
+        ))
+    }
+
+    /// A store section (`[store]`, or a role's under it, at `at`): a known kind, and only the
+    /// keys of that kind.
+    pub(super) fn store(&self, raw: &RawStore, at: &str) -> Result<StoreSettings, ConfigError> {
+        let kind = raw.kind.as_deref().unwrap_or("sqlite");
+        let only = |key: &str, set: bool, kinds: &str| {
+            if set {
+                Err(self
+                    .invalid(&format!("{at}.{key}"), format!("`{key}` applies to kind = {kinds}, not to \"{kind}\"")))
+            } else {
+                Ok(())
+            }
+        };
+        let text = |key: &str, value: &Option<String>| -> Result<Option<String>, ConfigError> {
+            match value {
+                Some(v) if v.trim().is_empty() => Err(self.invalid(&format!("{at}.{key}"), "must not be empty")),
+                v => Ok(v.clone()),
+            }
+        };
+        let postgres_only = || {
+            for (key, set) in [
+                ("url", raw.url.is_some()),
+                ("schema", raw.schema.is_some()),
+                ("pool_size", raw.pool_size.is_some()),
+                ("statement_timeout", raw.statement_timeout.is_some()),
+                ("migrate", raw.migrate.is_some()),
+                ("ca_file", raw.ca_file.is_some()),
+            ] {
+                only(key, set, "\"postgres\"")?;
+            }
+            Ok::<_, ConfigError>(())
+        };
+        match kind {
+            "memory" => {
+                only("path", raw.path.is_some(), "\"sqlite\"")?;
+                only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                only("table", raw.table.is_some(), "\"dynamodb\"")?;
+                only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                postgres_only()?;
+                Ok(StoreSettings::Memory)
+            }
+            "sqlite" => {
+                only("table", raw.table.is_some(), "\"dynamodb\"")?;
+                only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                postgres_only()?;
+                let path = text("path", &raw.path)?.unwrap_or_else(|| "tollgate.db".to_owned());
+                let synchronous = match raw.synchronous.as_deref() {
+                    None | Some("full") => Synchronous::Full,
+                    Some("normal") => Synchronous::Normal,
+                    Some(_) => {
+                        return Err(self.invalid(&format!("{at}.synchronous"), "expected \"full\" or \"normal\""))
+                    }
+                };
+                Ok(StoreSettings::Sqlite { path: path.into(), synchronous })
+            }
+            "dynamodb" => {
+                only("path", raw.path.is_some(), "\"sqlite\"")?;
+                only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                postgres_only()?;
+                let Some(table) = text("table", &raw.table)? else {
+                    return Err(self.invalid(
+                        &format!("{at}.table"),
+                        "kind = \"dynamodb\" needs the table's name: table = \"...\"",
+                    ));
+                };
+                Ok(StoreSettings::Dynamodb { table, endpoint: text("endpoint", &raw.endpoint)? })
+            }
+            "postgres" => {
+                only("path", raw.path.is_some(), "\"sqlite\"")?;
+                only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                only("table", raw.table.is_some(), "\"dynamodb\"")?;
+                only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                let mut p = PostgresSettings { url: text("url", &raw.url)?, ..PostgresSettings::default() };
+                if let Some(schema) = text("schema", &raw.schema)? {
+                    let plain = schema.len() <= 63
+                        && !schema.starts_with("pg_")
+                        && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                        && schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                    if !plain {
+                        return Err(self.invalid(
+                            &format!("{at}.schema"),
+                            "a schema name is lower-case letters, digits and `_`, starting with a letter or `_` \
+                             (not `pg_`), at most 63 bytes",
+                        ));
+                    }
+                    p.schema = schema;
+                }
+                if let Some(size) = raw.pool_size {
+                    p.pool_size = usize::try_from(size)
+                        .ok()
+                        .filter(|s| (1..=1024).contains(s))
+                        .ok_or_else(|| self.invalid(&format!("{at}.pool_size"), "expected 1 to 1024 connections"))?;
+                }
+                p.statement_timeout = self.duration(
+                    &format!("{at}.statement_timeout"),
+                    raw.statement_timeout.as_deref(),
+                    p.statement_timeout,
+                )?;
+                // PostgreSQL's statement_timeout is an int of milliseconds.
+                if p.statement_timeout.as_millis() > i32::MAX as u128 {
+                    return Err(self.invalid(&format!("{at}.statement_timeout"), "at most 24 days"));
+                }
+                p.migrate = match raw.migrate.as_deref() {
+                    None | Some("auto") => Migrate::Auto,
+                    Some("verify") => Migrate::Verify,
+                    Some(_) => return Err(self.invalid(&format!("{at}.migrate"), "expected \"auto\" or \"verify\"")),
+                };
+                p.ca_file = text("ca_file", &raw.ca_file)?.map(Into::into);
+                Ok(StoreSettings::Postgres(p))
+            }
+            other => Err(self.invalid(
+                &format!("{at}.kind"),
+                format!("unknown store kind `{other}`: expected \"sqlite\", \"memory\", \"dynamodb\" or \"postgres\""),
+            )),
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The configuration's tests: the file as a whole, placed errors, and the values.
+
+use std::time::Duration;
+
+use super::{document::*, located::*, rate::*, usage::*};
+use super::{ConfigError, ConfigErrorKind as Kind};
+use crate::base::MeterId;
+
+mod validation {
+    use super::*;
+
+    fn err(text: &str) -> ConfigError {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn a_tenant_named_like_the_anonymous_tenant_is_refused() {
+        let e = err("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"p\"\n[plans.p]\n[tenants.anonymous]\nplan = \"p\"\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::Conflict, "tenants.anonymous", Some(5)));
+        assert!(parse("[plans.p]\n[tenants.anonymous]\nplan = \"p\"\n").is_ok(), "fine without an anonymous plan");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let e = err("[plans.free]\nrate = \"1/s\"\nrat = 3\n");
+        assert_eq!(e.kind(), Kind::UnknownKey);
+        assert_eq!(e.key(), "plans.free.rat");
+        assert_eq!(e.line(), Some(3));
+        let e = err("[usage]\nflush = \"1s\"\n");
+        assert_eq!(e.key(), "usage.flush");
+        assert_eq!((e.line(), e.column()), (Some(2), Some(1)));
+    }
+
+    #[test]
+    fn impossible_values_are_rejected_where_they_stand() {
+        let e = err("[plans.free]\nrate = \"10/s\"\nburst = 2\n[[routes]]\npath = \"/x\"\ncost = 5\n");
+        assert_eq!(e.key(), "routes[0].cost");
+        assert_eq!(e.line(), Some(6));
+        let e = err("[tenants.a]\nplan = \"gold\"\n");
+        assert_eq!(e.kind(), Kind::UnknownReference);
+        assert_eq!((e.key(), e.line()), ("tenants.a.plan", Some(2)));
+        let e = err("[[routes]]\npath = \"/a/{id}\"\n[[routes]]\npath = \"/a/{other}\"\n");
+        assert_eq!(e.kind(), Kind::Conflict);
+        assert_eq!((e.key(), e.line()), ("routes[1].path", Some(4)));
+        let e = err("[plans.p.quotas.requests]\nlimit = 0\nperiod = \"day\"\n");
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.requests.limit", Some(2)));
+        let e = err("[plans.p]\nquotas.widgets = { limit = 5, period = \"day\" }\n");
+        assert_eq!(e.key(), "plans.p.quotas.widgets");
+        assert_eq!(e.line(), Some(2));
+    }
+
+    #[test]
+    fn type_errors_and_syntax_errors_have_positions() {
+        let e = err("[plans.free]\nburst = \"many\"\n");
+        assert_eq!(e.key(), "plans.free.burst");
+        assert_eq!(e.line(), Some(2));
+        let e = err("[plans.free\nrate = 1\n");
+        assert_eq!(e.kind(), Kind::Syntax);
+        assert_eq!(e.line(), Some(1));
+    }
+
+    /// The key path and line of the error `text` gives.
+    fn at(text: &str) -> (String, Option<usize>) {
+        let e = err(text);
+        (e.key().to_owned(), e.line())
+    }
+
+    #[test]
+    fn tenant_names_follow_the_tenant_id_grammar() {
+        let ok = parse("[plans.p]\n[tenants.\"sub|1234\"]\nplan = \"p\"\n").unwrap();
+        assert_eq!(ok.tenants()[0].id().as_str(), "sub|1234");
+        let e = err("[plans.p]\n[tenants.\"a b\"]\nplan = \"p\"\n");
+        assert_eq!(e.kind(), Kind::InvalidValue);
+        assert_eq!((e.key(), e.line(), e.column()), ("tenants.a b", Some(2), Some(1)));
+        let long = "x".repeat(129);
+        let e = err(&format!("[plans.p]\n\n[tenants.{long}]\nplan = \"p\"\n"));
+        assert_eq!((e.key(), e.line()), (format!("tenants.{long}").as_str(), Some(3)));
+        assert!(parse(&format!("[plans.p]\n[tenants.{}]\nplan = \"p\"\n", "x".repeat(128))).is_ok());
+        // Plans and meters keep the stricter name grammar.
+        assert_eq!(at("[plans.\"a|b\"]\n"), ("plans.a|b".to_owned(), Some(1)));
+    }
+
+    #[test]
+    fn an_empty_event_name_is_rejected() {
+        assert_eq!(at("[meters.tokens]\nevent_name = \"\"\n"), ("meters.tokens.event_name".to_owned(), Some(2)));
+    }
+
+    #[test]
+    fn grace_stays_within_the_billing_horizon() {
+        assert_eq!(at("[usage]\ngrace = \"36days\"\n"), ("usage.grace".to_owned(), Some(2)));
+        assert_eq!(at("[usage]\ngrace = \"35days 1s\"\n"), ("usage.grace".to_owned(), Some(2)));
+        assert_eq!(parse("[usage]\ngrace = \"35days\"\n").unwrap().usage().grace, Duration::from_secs(35 * 86_400));
+    }
+
+    #[test]
+    fn stored_responses_fit_their_store() {
+        // A window's half of the store must hold one response of the longest body, with 8 KiB
+        // of headers.
+        assert_eq!(
+            at("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 18383\n"),
+            ("limits.idempotency_store_bytes".to_owned(), Some(3))
+        );
+        assert!(parse("[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 18384\n").is_ok());
+        assert_eq!(
+            at("[limits]\nidempotency_store_bytes = 0\n"),
+            ("limits.idempotency_store_bytes".to_owned(), Some(2))
+        );
+        assert_eq!(
+            at("[limits]\nidempotency_buffer_bytes = 0\n"),
+            ("limits.idempotency_buffer_bytes".to_owned(), Some(2))
+        );
+        // DynamoDB: an item holds 400 KB; the window's half is split in 16 counters.
+        let dynamo = "[store]\nkind = \"dynamodb\"\ntable = \"t\"\n";
+        assert_eq!(
+            at(&format!("{dynamo}[limits]\nidempotency_max_body = 350001\nidempotency_store_bytes = 100000000\n")),
+            ("limits.idempotency_max_body".to_owned(), Some(5))
+        );
+        assert_eq!(
+            at(&format!("{dynamo}[limits]\nidempotency_max_body = 1000\nidempotency_store_bytes = 294143\n")),
+            ("limits.idempotency_store_bytes".to_owned(), Some(6))
+        );
+        assert!(parse(&format!("{dynamo}[limits]\nidempotency_max_body = 350000\n")).is_ok());
+    }
+
+    #[test]
+    fn an_empty_billable_list_is_rejected() {
+        let e = err("[usage]\nbillable = []\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "usage.billable", Some(2)));
+    }
+
+    #[test]
+    fn only_standard_methods_are_accepted() {
+        assert_eq!(at("[[routes]]\nmethod = \"GETT\"\npath = \"/x\"\n"), ("routes[0].method".to_owned(), Some(2)));
+        assert_eq!(
+            at("[limits]\nidempotency_methods = [\"POST\", \"GETT\"]\n"),
+            ("limits.idempotency_methods[1]".to_owned(), Some(2))
+        );
+        assert_eq!(
+            at("[limits]\nidempotency_methods = [\"*\"]\n"),
+            ("limits.idempotency_methods[0]".to_owned(), Some(2))
+        );
+        let c = parse("[[routes]]\nmethod = \"patch\"\npath = \"/a\"\n[[routes]]\nmethod = \"*\"\npath = \"/b\"\n")
+            .unwrap();
+        assert_eq!(c.routes()[0].method(), Some(&http::Method::PATCH));
+        assert_eq!(c.routes()[1].method(), None);
+        for m in ["get", "HEAD", "Post", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"] {
+            assert!(parse(&format!("[limits]\nidempotency_methods = [\"{m}\"]\n")).is_ok(), "{m}");
+        }
+    }
+
+    #[test]
+    fn route_paths_without_empty_segments_or_repeated_parameters() {
+        for path in ["/a//b", "/a/", "//", "/a/{id}/b/{id}", "/a/{id}/{*id}"] {
+            let text = format!("[[routes]]\nmethod = \"GET\"\npath = \"{path}\"\n");
+            assert_eq!(at(&text), ("routes[0].path".to_owned(), Some(3)), "{path}");
+        }
+        assert!(parse("[[routes]]\npath = \"/\"\n[[routes]]\npath = \"/a/{id}/b/{other}\"\n").is_ok());
+    }
+
+    #[test]
+    fn rates_with_stray_spaces_or_underscores_are_rejected() {
+        for rate in ["2 / s", "_2/s", " 2/s", "2/s ", "2_/s", "6__000/min"] {
+            let text = format!("[plans.a]\nrate = \"{rate}\"\n");
+            assert_eq!(at(&text), ("plans.a.rate".to_owned(), Some(2)), "{rate}");
+        }
+        let c = parse("[plans.a]\nrate = \"6_000/min\"\n[plans.b]\nrate = \"2/s\"\n").unwrap();
+        assert_eq!(c.plan(&"a".into()).unwrap().rate().unwrap().count().get(), 6000);
+    }
+
+    #[test]
+    fn duplicate_keys_are_named() {
+        let e = err("[plans.a]\nrate=\"1/s\"\nrate=\"2/s\"\n");
+        assert_eq!((e.key(), e.line(), e.column()), ("plans.a.rate", Some(3), Some(1)));
+        assert!(e.message().contains("duplicate key"), "{e}");
+        assert_eq!(at("[plans.a]\n[plans.b]\n[plans.a]\n"), ("plans.a".to_owned(), Some(3)));
+        assert_eq!(
+            at("[[routes]]\npath = \"/a\"\n[[routes]]\npath = \"/b\"\npath = \"/c\"\n"),
+            ("routes[1].path".to_owned(), Some(5))
+        );
+        assert_eq!(
+            at("[plans.a]\nquotas.x.limit = 1\nquotas.y.limit = 2\nquotas.x.limit = 3\n"),
+            ("plans.a.quotas.x.limit".to_owned(), Some(4))
+        );
+        assert_eq!(
+            at("[plans.a]\nquotas.requests = { limit = 1, period = \"day\", limit = 2 }\n"),
+            ("plans.a.quotas.requests.limit".to_owned(), Some(2))
+        );
+        assert_eq!(at("[tenants.\"a b\"]\nplan = \"p\"\n\"plan\" = \"q\"\n"), ("tenants.a b.plan".to_owned(), Some(3)));
+    }
+
+    #[test]
+    fn an_empty_document_is_rejected() {
+        for text in ["", "\n  \n", "# nothing yet\n\n# still nothing\n"] {
+            let e = err(text);
+            assert_eq!(e.kind(), Kind::InvalidValue);
+            assert_eq!((e.key(), e.line(), e.column()), ("", Some(1), Some(1)));
+            assert!(e.message().contains("no plans"), "{e}");
+        }
+        // Any key at all makes a document: a configuration without plans stays valid.
+        assert!(parse("[limits]\n").is_ok());
+        assert!(parse("[limits]\nmax_tenants = 5\n").unwrap().plans().is_empty());
+    }
+
+    #[test]
+    fn new_settings_have_defaults() {
+        let c = parse("[limits]\n").unwrap();
+        assert_eq!(c.usage().shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(c.limits().directory_ttl, Duration::from_secs(60));
+        assert_eq!(c.limits().negative_ttl, Duration::from_secs(10));
+        assert_eq!(c.limits().negative_capacity, 100_000);
+        let c = parse(
+            "[limits]\ndirectory_ttl = \"5m\"\nnegative_ttl = \"1s\"\nnegative_capacity = 7\n\
+             [usage]\nshutdown_timeout = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.usage().shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits().directory_ttl, Duration::from_secs(300));
+        assert_eq!(c.limits().negative_ttl, Duration::from_secs(1));
+        assert_eq!(c.limits().negative_capacity, 7);
+    }
+
+    #[test]
+    fn new_settings_reject_bad_values() {
+        assert_eq!(at("[usage]\nshutdown_timeout = \"soon\"\n"), ("usage.shutdown_timeout".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\n\ndirectory_ttl = \"0s\"\n"), ("limits.directory_ttl".to_owned(), Some(3)));
+        assert_eq!(at("[limits]\nnegative_ttl = \"10\"\n"), ("limits.negative_ttl".to_owned(), Some(2)));
+        let e = err("[limits]\nnegative_capacity = 0\n");
+        assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "limits.negative_capacity", Some(2)));
+        assert_eq!(at("[limits]\nnegative_capacity = -3\n"), ("limits.negative_capacity".to_owned(), Some(2)));
+    }
+
+    const TOKENS: &str = "[meters.tokens]\n[meters.images]\n";
+
+    #[test]
+    fn routes_declare_the_meters_their_handler_reports() {
+        let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"images\"]\n")).unwrap();
+        assert_eq!(c.routes()[0].reports(), [MeterId::from("tokens"), MeterId::from("images")]);
+        let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\n")).unwrap();
+        assert!(c.routes()[0].reports().is_empty());
+
+        let e = err(&format!("{TOKENS}[[routes]]\npath = \"/g\"\n\nreports = [\"tokens\", \"widgets\"]\n"));
+        assert_eq!(e.kind(), Kind::UnknownReference);
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(6)));
+        let e = err(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"tokens\"]\n"));
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(5)));
+        let e = err(&format!(
+            "{TOKENS}[[routes]]\npath = \"/g\"\nmeter = \"tokens\"\nreports = [\"images\", \"tokens\"]\n"
+        ));
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[1]", Some(6)));
+        // A route without a meter charges the default meter: it cannot report it too.
+        let e = err("[[routes]]\npath = \"/g\"\nreports = [\"requests\"]\n");
+        assert_eq!((e.key(), e.line()), ("routes[0].reports[0]", Some(3)));
+    }
+
+    #[test]
+    fn a_hard_quota_needs_a_route_that_charges_or_reports_its_meter() {
+        let plan = "[plans.p]\nrate = \"1/s\"\nquotas.tokens = { limit = 5, period = \"day\" }\n";
+        let e = err(&format!("{TOKENS}{plan}"));
+        assert_eq!(e.kind(), Kind::InvalidValue);
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.tokens", Some(5)));
+        assert!(e.message().contains("reports"), "{e}");
+        // Reported, charged by a route, or the default meter: each makes the quota reachable.
+        assert!(parse(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nreports = [\"tokens\"]\n")).is_ok());
+        assert!(parse(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nmeter = \"tokens\"\n")).is_ok());
+        assert!(parse(&format!("{TOKENS}{plan}[usage]\ndefault_meter = \"tokens\"\n")).is_ok());
+        // A soft quota only counts overage: it is allowed on any meter.
+        assert!(parse(&format!(
+            "{TOKENS}[plans.p]\nquotas.tokens = {{ limit = 5, period = \"day\", mode = \"soft\" }}\n"
+        ))
+        .is_ok());
+        // `requests` is the default meter, so its quotas are always reachable...
+        assert!(parse("[plans.p]\nquotas.requests = { limit = 5, period = \"day\" }\n").is_ok());
+        // ...unless another meter is the default and no route charges `requests`.
+        let e = err(&format!(
+            "{TOKENS}[usage]\ndefault_meter = \"tokens\"\n[plans.p]\nquotas.requests = {{ limit = 5, period = \"day\" }}\n"
+        ));
+        assert_eq!((e.key(), e.line()), ("plans.p.quotas.requests", Some(6)));
+    }
+
+    #[test]
+    fn paths_split_with_indices() {
+        let segs: Vec<String> = split_path("routes[3].cost")
+            .map(|s| match s {
+                Segment::Key(k) => k.to_owned(),
+                Segment::Index(i) => i.to_string(),
+            })
+            .collect();
+        assert_eq!(segs, ["routes", "3", "cost"]);
+    }
+}
+
+mod values {
+    use super::*;
+    use crate::base::{InvalidTenantId, Period, TenantId};
+    use chrono::{TimeZone, Utc};
+
+    fn ts(y: i32, m: u32, d: u32) -> i64 {
+        Utc.with_ymd_and_hms(y, m, d, 0, 0, 0).unwrap().timestamp()
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!("100/s".parse::<Rate>().unwrap().interval(), Duration::from_millis(10));
+        assert_eq!("6_000/min".parse::<Rate>().unwrap().count().get(), 6000);
+        assert_eq!("1/day".parse::<Rate>().unwrap().per(), Duration::from_secs(86_400));
+        assert_eq!("0/s".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("10/week".parse::<Rate>(), Err(RateError::Unit));
+        assert_eq!("10".parse::<Rate>(), Err(RateError::Format));
+        assert_eq!("-3/s".parse::<Rate>(), Err(RateError::Count));
+        // Underscores only between digits, and no spaces anywhere.
+        assert_eq!("1_000_000/day".parse::<Rate>().unwrap().count().get(), 1_000_000);
+        assert_eq!("_2/s".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("2_/s".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("6__000/min".parse::<Rate>(), Err(RateError::Count));
+        assert_eq!("2 / s".parse::<Rate>(), Err(RateError::Format));
+        assert_eq!(" 2/s".parse::<Rate>(), Err(RateError::Format));
+        assert_eq!("2/s\n".parse::<Rate>(), Err(RateError::Format));
+    }
+
+    #[test]
+    fn tenant_ids() {
+        assert_eq!(TenantId::parse("sub|1234").unwrap().as_str(), "sub|1234");
+        assert!(TenantId::is_valid("!~") && TenantId::is_valid(&"a".repeat(128)));
+        assert_eq!(TenantId::parse(""), Err(InvalidTenantId::Empty));
+        assert_eq!(TenantId::parse(&"a".repeat(129)), Err(InvalidTenantId::TooLong { len: 129 }));
+        assert_eq!(TenantId::parse("a b"), Err(InvalidTenantId::Character { at: 1, found: ' ' }));
+        assert_eq!(TenantId::parse("ab\t"), Err(InvalidTenantId::Character { at: 2, found: '\t' }));
+        assert_eq!(TenantId::parse("café"), Err(InvalidTenantId::Character { at: 3, found: 'é' }));
+        assert!(!TenantId::is_valid("a\u{7f}"));
+        assert!(TenantId::parse("a b").unwrap_err().to_string().contains("128 visible ASCII"));
+    }
+
+    #[test]
+    fn month_periods_follow_the_calendar() {
+        let m = Period::Month { anchor_day: 1 };
+        assert_eq!(m.bounds(ts(2026, 2, 14) + 5), (ts(2026, 2, 1), ts(2026, 3, 1)));
+        assert_eq!(m.bounds(ts(2026, 12, 31)), (ts(2026, 12, 1), ts(2027, 1, 1)));
+        let anchored = Period::Month { anchor_day: 31 };
+        // February has no 31st: the period starts on its last day.
+        assert_eq!(anchored.bounds(ts(2026, 3, 1)), (ts(2026, 2, 28), ts(2026, 3, 31)));
+        assert_eq!(anchored.bounds(ts(2026, 1, 30)), (ts(2025, 12, 31), ts(2026, 1, 31)));
+        let d = Period::Day;
+        assert_eq!(d.bounds(ts(2024, 2, 29) + 86_399), (ts(2024, 2, 29), ts(2024, 3, 1)));
+    }
+
+    #[test]
+    fn status_sets() {
+        let s = StatusSet::default();
+        assert!(s.contains(200) && s.contains(404) && !s.contains(500) && !s.contains(99));
+        assert_eq!(format!("{s:?}"), "[100-499]");
+    }
+}
+
+/// `reference.toml`: every key tollgate reads, each once at least, and nothing else.
+mod reference {
+    use std::collections::BTreeSet;
+
+    use super::RawConfig;
+
+    const REFERENCE: &str = include_str!("reference.toml");
+
+    /// The roles a `[store]` section may hold a section of.
+    const ROLES: [&str; 4] = ["quota", "usage", "directory", "idempotency"];
+
+    /// Tables whose keys are names the user chose (a meter, a plan, a tenant, a quota's meter).
+    const NAMED: [&str; 4] = ["meters", "plans", "tenants", "quotas"];
+
+    /// The path of `key` under `path`: a user-chosen name is `*`, and a role's store section
+    /// counts as `[store]` itself.
+    fn child(path: &str, key: &str) -> String {
+        let parent = path.rsplit('.').next().unwrap_or("");
+        let key = if NAMED.contains(&parent) { "*" } else { key };
+        match path {
+            "" => key.to_owned(),
+            "store" if ROLES.contains(&key) => path.to_owned(),
+            p => format!("{p}.{key}"),
+        }
+    }
+
+    /// Every field path serde knows of the raw document (absent keys are `null`): the keys
+    /// tollgate reads. Maps of free-form values (`stripe.prices`) are values, not fields.
+    fn fields(value: &serde_json::Value, path: &str, out: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map)
+                if !path.ends_with(".prices")
+                    && !path.ends_with(".events")
+                    && !path.ends_with(".subscription_status")
+                    && !path.ends_with(".products") =>
+            {
+                for (k, v) in map {
+                    let at = child(path, k);
+                    out.insert(at.clone());
+                    fields(v, &at, out);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| fields(v, path, out)),
+            _ => {}
+        }
+    }
+
+    /// Every key path the reference writes.
+    fn written(value: &toml::Value, path: &str, out: &mut BTreeSet<String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let at = child(path, k);
+                    out.insert(at.clone());
+                    written(v, &at, out);
+                }
+            }
+            toml::Value::Array(items) => items.iter().for_each(|v| written(v, path, out)),
+            _ => {}
+        }
+    }
+
+    fn keys() -> (BTreeSet<String>, BTreeSet<String>) {
+        // Every table denies unknown keys: each key of the reference is one tollgate reads.
+        let raw: RawConfig = toml::from_str(REFERENCE).unwrap_or_else(|e| panic!("src/config/reference.toml: {e}"));
+        let (mut all, mut shown) = (BTreeSet::new(), BTreeSet::new());
+        fields(&serde_json::to_value(&raw).unwrap(), "", &mut all);
+        written(&toml::Value::Table(toml::from_str(REFERENCE).unwrap()), "", &mut shown);
+        (all, shown)
+    }
+
+    #[test]
+    fn the_reference_names_every_key_tollgate_reads() {
+        let (all, shown) = keys();
+        let missing: Vec<&String> = all.difference(&shown).collect();
+        assert!(missing.is_empty(), "src/config/reference.toml does not write {missing:?}");
+        assert!(all.len() > 120, "{} keys", all.len());
+    }
+
+    /// docs/configuration.md, the guide, names every key of the reference.
+    #[test]
+    fn the_configuration_guide_names_every_key_of_the_reference() {
+        let guide = include_str!("../../docs/configuration.md");
+        let (all, _) = keys();
+        let absent: Vec<&String> = all
+            .iter()
+            .filter(|path| {
+                let key = path.rsplit('.').next().unwrap();
+                path.contains('.')
+                    && key != "*"
+                    && !guide.contains(&format!("`{key}`"))
+                    && !guide.contains(&format!("`{key} ="))
+            })
+            .collect();
+        assert!(absent.is_empty(), "docs/configuration.md does not name {absent:?}");
+    }
+}
