@@ -47,11 +47,7 @@ impl Admin {
     }
 
     /// `directory` and `usage` called by `calls`, on the background path.
-    fn limited(
-        directory: Arc<dyn DirectoryStore>,
-        usage: Arc<dyn UsageExportStore>,
-        calls: Arc<Policy>,
-    ) -> Self {
+    fn limited(directory: Arc<dyn DirectoryStore>, usage: Arc<dyn UsageExportStore>, calls: Arc<Policy>) -> Self {
         Self {
             directory: Arc::new(Limited::new(directory.clone(), calls.clone(), Path::Background)),
             usage: Arc::new(Limited::new(usage.clone(), calls.clone(), Path::Background)),

@@ -82,13 +82,7 @@ impl Admin {
         self.add_record(id, plan, customer, Some(m), take).await
     }
 
-    async fn add(
-        &self,
-        id: &str,
-        plan: &str,
-        customer: Option<&str>,
-        take: bool,
-    ) -> Result<TenantRecord, AdminError> {
+    async fn add(&self, id: &str, plan: &str, customer: Option<&str>, take: bool) -> Result<TenantRecord, AdminError> {
         self.add_record(id, plan, customer, None, take).await
     }
 

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use super::{ExportKey, ExportSend, StoreError};
 
-/// How long the [ledger](ExportStore::ledger) keeps an entry after its export: Stripe takes
+/// How long the [ledger](LedgerStore::ledger) keeps an entry after its export: Stripe takes
 /// meter events up to 35 days old, so nothing older can be compared or sent again.
 pub const LEDGER_KEPT_SECS: i64 = 35 * 86_400;
 
