@@ -6,8 +6,12 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    events::*, export::*, identify::*, limits::*, located::*, meters::*, metronome::*, plans::*, routes::*, store::*,
-    stripe::*, tenants::*, usage::*, validator::*,
+    events::RawEvents, export::RawExport, identify::RawIdentify, limits::RawLimits, limits::HEADERS_ALLOWANCE,
+    located::serde_error, located::syntax_error, located::Located, meters::RawMeter, metronome::RawMetronome,
+    plans::RawPlan, routes::RawRoute, store::RawStore, store::StoreOrigin, store::StoreRoles, stripe::RawStripe,
+    tenants::RawTenant, usage::RawUsage, validator::Validator, ClientSettings, EventSettings, ExportSettings, Identify,
+    Limits, MeterAggregation, MeterSpec, MetronomeSettings, OnUnknown, PlanOverride, PlanSpec, RouteSpec, StoreRole,
+    StoreSettings, StripeSettings, TenantSpec, UsageSettings, ANONYMOUS_TENANT,
 };
 use super::{ConfigError, ConfigErrorKind, ConfigErrorKind as Kind};
 use crate::base::{MeterId, PlanId, QuotaMode, SinkKind};

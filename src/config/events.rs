@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::Deserialize;
 
 use super::ConfigError;
-use super::{meters::*, validator::*};
+use super::{validator::Validator, MeterSpec};
 use crate::base::MeterId;
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{plans::*, rate::*, validator::*};
+use super::{validator::Validator, PlanSpec, Rate};
 use super::{ConfigError, ForwardedHeader, IpRange};
 use crate::base::PlanId;
 

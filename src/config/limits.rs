@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::validator::*;
+use super::validator::Validator;
 use super::ConfigError;
 
 #[derive(Debug, Default, Deserialize)]

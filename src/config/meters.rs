@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::validator::*;
 use super::ConfigError;
+use super::{validator::check_name, validator::Validator};
 use crate::base::MeterId;
 
 #[derive(Debug, Default, Deserialize)]

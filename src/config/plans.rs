@@ -7,7 +7,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{document::*, located::*, meters::*, rate::*, validator::*};
+use super::{located::Located, validator::check_name, validator::Validator, Config, MeterSpec, Rate, StoreErrorPolicy};
 use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::{MeterId, Period, PlanId, QuotaMode};
 

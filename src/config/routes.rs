@@ -7,7 +7,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{events::*, meters::*, plans::*, validator::*};
+use super::{validator::check_name, validator::Validator, EventSettings, MeterSpec, PlanSpec};
 use super::{ConfigError, ConfigErrorKind as Kind, RoutePattern};
 use crate::base::{MeterId, Period, PlanId, QuotaMode};
 

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::Deserialize;
 
 use super::ConfigError;
-use super::{export::*, plans::*, validator::*};
+use super::{export::host_only, validator::Validator, PlanSpec};
 use crate::base::{MeterId, Period, PlanId};
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Deserialize;
 
-use super::{events::*, meters::*, plans::*, routes::*, validator::*};
+use super::{plans::RawOverride, validator::Validator, EventSettings, MeterSpec, PlanOverride, PlanSpec, RouteSpec};
 use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::{KeyHash, MeterId, PlanId, TenantId};
 

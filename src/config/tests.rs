@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{document::*, located::*, rate::*, usage::*};
+use super::{document::parse, located::split_path, located::Segment, Rate, RateError, StatusSet};
 use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::MeterId;
 
@@ -355,7 +355,7 @@ mod values {
 mod reference {
     use std::collections::BTreeSet;
 
-    use super::RawConfig;
+    use super::super::document::RawConfig;
 
     const REFERENCE: &str = include_str!("reference.toml");
 

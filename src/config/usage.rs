@@ -4,8 +4,8 @@ use std::{fmt, time::Duration};
 
 use serde::Deserialize;
 
-use super::validator::*;
 use super::ConfigError;
+use super::{validator::Validator, StoreErrorPolicy};
 
 #[derive(Debug, Default, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, num::NonZeroU64, time::Duration};
 
-use super::{located::*, meters::*, plans::*};
+use super::{located::Located, MeterSpec, PlanSpec};
 use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::{MeterId, PlanId};
 
