@@ -10,7 +10,7 @@ use crate::engine::{
     engine::Tollgate,
     export::exporter::Exporter,
     node::NodeIds,
-    shared::{Shared, SharedParts},
+    shared::Shared,
     store_calls::StoreCalls,
     usage::events::EventRecorder,
     usage::flush::Pipeline,
@@ -403,7 +403,7 @@ impl Builder {
         let exporter =
             Exporter::new(self.sink, stores.clone(), ids.clone(), clock.clone(), metrics.clone(), totals.clone());
         let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone());
-        let shared = Shared::from(SharedParts {
+        let shared = Shared {
             runtime: ArcSwap::from_pointee(runtime),
             table: TenantTable::new(limits.max_tenants, metrics.rate_states_dropped.clone()),
             stores,
@@ -427,7 +427,7 @@ impl Builder {
             stopping: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
             unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
-        });
+        };
         let tollgate = Tollgate { shared: Arc::new(shared) };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
         (tollgate, worker)

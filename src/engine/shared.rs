@@ -28,49 +28,53 @@ pub(crate) struct Prefetch {
 
 /// What every clone of the engine shares: the configuration in force, the tenants, and the
 /// parts that own the rest (each handed what it needs).
+///
+/// Assembled once by the builder (its fields are visible there for that, within `engine`);
+/// every part reads it through the accessors below, and nothing writes it: it lives behind the
+/// engine's `Arc`.
 pub(crate) struct Shared {
-    runtime: ArcSwap<Runtime>,
-    table: TenantTable,
+    pub(super) runtime: ArcSwap<Runtime>,
+    pub(super) table: TenantTable,
     /// The store of each role, the time limit of a call and the log of store errors.
-    stores: Arc<StoreCalls>,
+    pub(super) stores: Arc<StoreCalls>,
     /// This node's id and the sequence numbers of its calls.
-    ids: Arc<NodeIds>,
+    pub(super) ids: Arc<NodeIds>,
     /// Quota leases (with the threshold notifications their answers trigger).
-    leases: Leases,
+    pub(super) leases: Leases,
     /// Usage drained from the tenants and not yet committed, flushed in batches.
-    pipeline: Pipeline,
+    pub(super) pipeline: Pipeline,
     /// The billing export.
-    exporter: Exporter,
+    pub(super) exporter: Exporter,
     /// Which of a tenant's billing customers its usage is billed to: the sink's, else the one
     /// of the sink the configuration names.
-    customer_field: crate::base::CustomerField,
+    pub(super) customer_field: crate::base::CustomerField,
     /// Usage events of jobs and queues.
-    events: EventRecorder,
+    pub(super) events: EventRecorder,
     /// Whether the store is the one the configuration's `[store]` names (opened by
     /// `Builder::open`), which a reload may then not change.
-    store_configured: bool,
-    clock: Clock,
-    idempotency: Idempotency,
-    metrics: Arc<Metrics>,
-    totals: Arc<Totals>,
-    prefetch: mpsc::Sender<Prefetch>,
-    sweep_now: Notify,
+    pub(super) store_configured: bool,
+    pub(super) clock: Clock,
+    pub(super) idempotency: Idempotency,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) totals: Arc<Totals>,
+    pub(super) prefetch: mpsc::Sender<Prefetch>,
+    pub(super) sweep_now: Notify,
     /// The requests in flight of tenants whose plan limits them, by tenant.
-    in_flight: crate::tenant::InFlightCounts,
-    shutdown: watch::Sender<bool>,
+    pub(super) in_flight: crate::tenant::InFlightCounts,
+    pub(super) shutdown: watch::Sender<bool>,
     /// Credentials the directory did not know, each with when it stops being remembered (the
     /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it
     /// unknown, whatever the hits since.
-    unknown: moka::sync::Cache<(u64, u64), i64>,
+    pub(super) unknown: moka::sync::Cache<(u64, u64), i64>,
     /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
-    key_lookups: crate::engine::admit::clients::KeyLookups,
+    pub(super) key_lookups: crate::engine::admit::clients::KeyLookups,
     /// Expired credit grants whose close failed here, waiting to be tried again.
-    credit_expiry: crate::engine::usage::credits::CreditExpiry,
+    pub(super) credit_expiry: crate::engine::usage::credits::CreditExpiry,
     /// Set when shutdown begins: no request is admitted after it (its usage would come after
     /// the final flush, and its lease after the leases were given back).
-    stopping: std::sync::atomic::AtomicBool,
+    pub(super) stopping: std::sync::atomic::AtomicBool,
     /// When the engine was built: settlements begun since then are all of them.
-    started: std::time::Instant,
+    pub(super) started: std::time::Instant,
 }
 
 impl Shared {
@@ -215,87 +219,5 @@ impl Shared {
     #[inline]
     pub(crate) fn started(&self) -> std::time::Instant {
         self.started
-    }
-}
-
-/// What the builder hands over to make a [`Shared`] (once).
-pub(crate) struct SharedParts {
-    pub(crate) runtime: ArcSwap<Runtime>,
-    pub(crate) table: TenantTable,
-    pub(crate) stores: Arc<StoreCalls>,
-    pub(crate) ids: Arc<NodeIds>,
-    pub(crate) leases: Leases,
-    pub(crate) pipeline: Pipeline,
-    pub(crate) exporter: Exporter,
-    pub(crate) customer_field: crate::base::CustomerField,
-    pub(crate) events: EventRecorder,
-    pub(crate) store_configured: bool,
-    pub(crate) clock: Clock,
-    pub(crate) idempotency: Idempotency,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) totals: Arc<Totals>,
-    pub(crate) prefetch: mpsc::Sender<Prefetch>,
-    pub(crate) sweep_now: Notify,
-    pub(crate) in_flight: crate::tenant::InFlightCounts,
-    pub(crate) shutdown: watch::Sender<bool>,
-    pub(crate) unknown: moka::sync::Cache<(u64, u64), i64>,
-    pub(crate) key_lookups: crate::engine::admit::clients::KeyLookups,
-    pub(crate) credit_expiry: crate::engine::usage::credits::CreditExpiry,
-    pub(crate) stopping: std::sync::atomic::AtomicBool,
-    pub(crate) started: std::time::Instant,
-}
-
-impl From<SharedParts> for Shared {
-    fn from(parts: SharedParts) -> Self {
-        let SharedParts {
-            runtime,
-            table,
-            stores,
-            ids,
-            leases,
-            pipeline,
-            exporter,
-            customer_field,
-            events,
-            store_configured,
-            clock,
-            idempotency,
-            metrics,
-            totals,
-            prefetch,
-            sweep_now,
-            in_flight,
-            shutdown,
-            unknown,
-            key_lookups,
-            credit_expiry,
-            stopping,
-            started,
-        } = parts;
-        Self {
-            runtime,
-            table,
-            stores,
-            ids,
-            leases,
-            pipeline,
-            exporter,
-            customer_field,
-            events,
-            store_configured,
-            clock,
-            idempotency,
-            metrics,
-            totals,
-            prefetch,
-            sweep_now,
-            in_flight,
-            shutdown,
-            unknown,
-            key_lookups,
-            credit_expiry,
-            stopping,
-            started,
-        }
     }
 }
