@@ -1,4 +1,4 @@
-//! The configuration compiled for the request path: indices instead of names, precomputed
+//! Plans and routes compiled for the request path: indices instead of names, precomputed
 //! header values.
 
 use std::{collections::HashMap, fmt::Write as _, num::NonZeroU32, sync::Arc};
