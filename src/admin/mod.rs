@@ -1,8 +1,9 @@
 //! The directory's administration, for the `tollgate` command and for teams that build their own
 //! admin pages: tenants and their plans, API keys (issued, listed, rotated, revoked, imported),
 //! the usage a tenant was billed, and the dead letters of the export. It works on the directory
-//! role ([`DirectoryStore`](crate::store::DirectoryStore)) and the usage and export roles ([`UsageExportStore`](crate::store::UsageExportStore)) of any store,
-//! and checks plans against the configuration.
+//! role ([`DirectoryStore`](crate::store::DirectoryStore)) and the usage, export and ledger
+//! roles ([`UsageExportStore`](crate::store::UsageExportStore)) of any store, and checks plans
+//! against the configuration.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]

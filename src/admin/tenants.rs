@@ -191,33 +191,42 @@ impl Admin {
     /// Sets a tenant's overrides of its plan (their JSON form, the keys of
     /// `[tenants.X.overrides]`: `rate`, `burst`, `quotas`, `features`), checked against the
     /// configuration; `None` removes them. Only the overrides change (a plan change made at
-    /// the same moment is kept). Running nodes see it within `limits.directory_ttl`.
+    /// the same moment is kept), and they are written only over the plan they were checked
+    /// against: a plan changed meanwhile is read and checked again. Running nodes see it
+    /// within `limits.directory_ttl`.
     ///
     /// # Errors
     /// No such tenant, overrides that are not valid for the configuration (or no
     /// configuration to check them against), or the store failed.
     pub async fn set_overrides(&self, id: &str, overrides: Option<&str>) -> Result<TenantRecord, AdminError> {
         let tenant = Self::tenant_id(id)?;
-        let json = match overrides {
-            None => None,
-            Some(text) => {
-                let Some(config) = &self.config else {
-                    return Err(AdminError::Invalid(
-                        "overrides are checked against a configuration: none is given".into(),
-                    ));
-                };
-                let o = crate::config::PlanOverride::from_json(text, config)
-                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
-                let record = self.existing(id).await?;
-                config.check_override(&record.plan, &o).map_err(AdminError::Invalid)?;
-                (!o.is_empty()).then(|| o.to_json())
+        let Some(text) = overrides else {
+            // Removing them fits any plan.
+            if !self.directory.update_tenant(&TenantUpdate::Overrides(tenant.clone(), None), UpdateWhen::Always).await?
+            {
+                return Err(AdminError::UnknownTenant(id.to_owned()));
             }
+            self.changed(&tenant);
+            return self.existing(id).await;
         };
-        if !self.directory.update_tenant(&TenantUpdate::Overrides(tenant.clone(), json), UpdateWhen::Always).await? {
-            return Err(AdminError::UnknownTenant(id.to_owned()));
+        let Some(config) = &self.config else {
+            return Err(AdminError::Invalid("overrides are checked against a configuration: none is given".into()));
+        };
+        let o = crate::config::PlanOverride::from_json(text, config).map_err(|e| AdminError::Invalid(e.to_string()))?;
+        let json = (!o.is_empty()).then(|| o.to_json());
+        for _ in 0..SET_PLAN_ATTEMPTS {
+            let mut record = self.existing(id).await?;
+            config.check_override(&record.plan, &o).map_err(AdminError::Invalid)?;
+            // Written only over the tenant as checked: a plan changed meanwhile (by hand or by
+            // a webhook) is read again and checked again.
+            let update = TenantUpdate::Overrides(tenant.clone(), json.clone());
+            if self.directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
+                record.overrides = json;
+                self.changed(&tenant);
+                return Ok(record);
+            }
         }
-        self.changed(&tenant);
-        self.existing(id).await
+        Err(AdminError::Store(StoreError::Conflict("the tenant (it kept changing)")))
     }
 
     /// Sets (or, with `None`, removes) a tenant's Metronome customer id or ingest alias: what

@@ -87,6 +87,7 @@ pub(super) fn split_path(path: &str) -> impl Iterator<Item = Segment<'_>> {
     })
 }
 
+/// A TOML syntax error; a duplicate key is named by its full key path.
 pub(super) fn syntax_error(text: &str, e: &toml::de::Error) -> ConfigError {
     let loc = Located { text, root: None };
     let span = e.span();

@@ -52,7 +52,6 @@ pub(crate) struct RawQuota {
     pub(crate) lease: Option<i64>,
 }
 
-/// A TOML syntax error; a duplicate key is named by its full key path.
 /// A tenant's overrides in their JSON form (the store's directory), checked as the file's are.
 pub(super) fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigError> {
     let mut de = serde_json::Deserializer::from_str(json);

@@ -200,7 +200,8 @@ pub enum Synchronous {
 pub enum StoreRole {
     /// Quota counters (`QuotaStore`).
     Quota,
-    /// Usage and its export, which share the aggregates (`UsageStore` and `ExportStore`).
+    /// Usage, its export and the ledger of what was exported, which share writes (`UsageStore`,
+    /// `ExportStore` and `LedgerStore`).
     Usage,
     /// The tenant directory (`DirectoryStore`).
     Directory,

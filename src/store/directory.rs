@@ -197,8 +197,10 @@ pub enum PlanChangeOutcome {
 /// One of a tenant's own settings, written by [`DirectoryStore::update_tenant`] alone: the
 /// rest of the tenant (its plan, if not this, its last billing event, its subscriptions) is
 /// kept, so a webhook's change at the same moment is not overwritten.
+///
+/// Not `#[non_exhaustive]`, on purpose: a new setting is a new variant that every store must
+/// write, so it breaks a store's build rather than falling into a catch-all at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum TenantUpdate {
     /// Its plan.
     Plan(TenantId, PlanId),
@@ -218,28 +220,22 @@ impl TenantUpdate {
             Self::Plan(t, _) | Self::Customer(t, _) | Self::MetronomeCustomer(t, _) | Self::Overrides(t, _) => t,
         }
     }
-
-    /// Whether `stored` holds the setting this update writes as `read` does (for a plan, its
-    /// last billing event too: a webhook's change moves both).
-    pub(crate) fn unchanged(&self, read: &TenantRecord, stored: &TenantRecord) -> bool {
-        match self {
-            Self::Plan(..) => stored.plan == read.plan && stored.last_event_at == read.last_event_at,
-            Self::Customer(..) => stored.customer == read.customer,
-            Self::MetronomeCustomer(..) => stored.metronome_customer == read.metronome_customer,
-            Self::Overrides(..) => stored.overrides == read.overrides,
-        }
-    }
 }
 
 /// When [`DirectoryStore::update_tenant`] writes: object_store's `PutMode` for a tenant's
 /// settings.
+///
+/// Not `#[non_exhaustive]`, on purpose: a new mode breaks a store's build rather than being
+/// taken for another at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum UpdateWhen<'a> {
     /// Whenever the tenant exists.
     Always,
-    /// Only if the setting the update writes is still as this read of the tenant holds it (for
-    /// a plan, its last applied billing event too): a check-then-write without a lost update.
+    /// Only if the tenant is unchanged since this read of it: stored, it still equals `read`
+    /// in everything the directory keeps of it ([`TenantRecord`]'s fields: plan, customers,
+    /// overrides, last billing event, subscriptions). A read of another tenant never matches.
+    /// A check-then-write without a lost update: a check made on the read (overrides that fit
+    /// the plan read, a customer no one else holds) still holds when the write lands.
     Unchanged(&'a TenantRecord),
 }
 
@@ -275,7 +271,7 @@ pub trait DirectoryStore: Send + Sync + fmt::Debug + 'static {
     async fn remove_key(&self, key: &KeyHash) -> Result<(), StoreError>;
 
     /// Writes one of a tenant's own settings ([`TenantUpdate`]), changing nothing else of it:
-    /// [`UpdateWhen::Always`], or only if that setting is still as a read left it
+    /// [`UpdateWhen::Always`], or only if the tenant is unchanged since a read of it
     /// ([`UpdateWhen::Unchanged`], one conditional write). Returns whether it wrote: `false`
     /// when the tenant is gone, or changed since the read (read it again).
     ///

@@ -2,15 +2,20 @@
 
 use async_trait::async_trait;
 
-use super::{DeadLetter, DirectoryStore, ExportKey, ExportStore, StoreError, TenantRecord, UsageAggregate, UsageStore};
+use super::{
+    DeadLetter, DirectoryStore, ExportKey, ExportStore, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
+    UsageAggregate, UsageStore,
+};
+use crate::base::{PlanId, TenantId};
 
 /// Tenants listed page by page.
 const TENANT_PAGE: usize = 500;
 /// Dead letters listed page by page.
 const DEAD_LETTER_PAGE: usize = 100;
 
-/// Reads of the directory built on [`DirectoryStore`]'s own: implemented for every directory
-/// store by a blanket impl.
+/// Reads of the directory built on [`DirectoryStore`]'s own, and the tenant writes of earlier
+/// versions (deprecated) over [`update_tenant`](DirectoryStore::update_tenant): implemented for
+/// every directory store by a blanket impl.
 ///
 /// You MUST NOT implement this trait: a store implements [`DirectoryStore`], and gets these.
 #[async_trait]
@@ -26,6 +31,45 @@ pub trait DirectoryStoreExt: DirectoryStore {
             }
             out.extend(page);
         }
+    }
+
+    /// Sets (or with `None` removes) a tenant's overrides; whether the tenant exists.
+    #[deprecated(note = "use `update_tenant(&TenantUpdate::Overrides(tenant, overrides), UpdateWhen::Always)`")]
+    async fn set_overrides(&self, tenant: &TenantId, overrides: Option<&str>) -> Result<bool, StoreError> {
+        let update = TenantUpdate::Overrides(tenant.clone(), overrides.map(str::to_owned));
+        self.update_tenant(&update, UpdateWhen::Always).await
+    }
+
+    /// Sets (or with `None` removes) a tenant's Metronome customer; whether the tenant exists.
+    #[deprecated(note = "use `update_tenant(&TenantUpdate::MetronomeCustomer(tenant, customer), UpdateWhen::Always)`")]
+    async fn set_metronome_customer(&self, tenant: &TenantId, customer: Option<&str>) -> Result<bool, StoreError> {
+        let update = TenantUpdate::MetronomeCustomer(tenant.clone(), customer.map(str::to_owned));
+        self.update_tenant(&update, UpdateWhen::Always).await
+    }
+
+    /// Sets the plan of the tenant `read` describes if it is unchanged since that read.
+    #[deprecated(note = "use `update_tenant(&TenantUpdate::Plan(read.id.clone(), plan), UpdateWhen::Unchanged(read))`")]
+    async fn set_plan_if_unchanged(&self, read: &TenantRecord, plan: &PlanId) -> Result<bool, StoreError> {
+        self.update_tenant(&TenantUpdate::Plan(read.id.clone(), plan.clone()), UpdateWhen::Unchanged(read)).await
+    }
+
+    /// Sets `tenant`'s customer if it is still `read`: over the tenant as read now, with that
+    /// customer (`false`, as before, when it is not, or when the tenant changed meanwhile).
+    #[deprecated(
+        note = "read the tenant, then `update_tenant(&TenantUpdate::Customer(..), UpdateWhen::Unchanged(&read))`"
+    )]
+    async fn set_customer_if_unchanged(
+        &self,
+        tenant: &TenantId,
+        read: Option<&str>,
+        customer: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let Some(stored) = self.tenant(tenant).await? else { return Ok(false) };
+        if stored.customer.as_deref() != read {
+            return Ok(false);
+        }
+        let update = TenantUpdate::Customer(tenant.clone(), customer.map(str::to_owned));
+        self.update_tenant(&update, UpdateWhen::Unchanged(&stored)).await
     }
 }
 

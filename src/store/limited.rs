@@ -481,7 +481,13 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
     }
 
     async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
-        self.call("update tenant", self.inner.update_tenant(update, when)).await
+        let what = match update {
+            TenantUpdate::Plan(..) => "set plan",
+            TenantUpdate::Customer(..) => "set customer",
+            TenantUpdate::MetronomeCustomer(..) => "set Metronome customer",
+            TenantUpdate::Overrides(..) => "set overrides",
+        };
+        self.call(what, self.inner.update_tenant(update, when)).await
     }
 
     async fn apply_plan_change(&self, change: &PlanChange) -> Result<PlanChangeOutcome, StoreError> {

@@ -255,3 +255,31 @@ async fn set_plan_keeps_a_webhook_applied_between_its_read_and_its_write() {
     assert_eq!(late, PlanChangeOutcome::Stale);
     assert_eq!(store.tenant(&"t".into()).await.unwrap().unwrap().plan.as_str(), "team");
 }
+
+/// `Admin::set_overrides` writes only over the plan it checked the overrides against: a plan
+/// changed between its check and its write (a webhook) is read and checked again, and
+/// overrides that do not fit the new plan are refused, nothing written. (Before, both writes
+/// landed and left overrides the plan cannot take.)
+#[tokio::test]
+async fn set_overrides_checks_them_against_the_plan_they_are_written_over() {
+    use tollgate::store::prelude::*;
+    use tollgate::store::PlanChange;
+    let config = tollgate::Config::from_toml_str(
+        "[plans.free]\nrate = \"10/s\"\n[plans.norate]\nquotas.requests = { limit = 100, period = \"day\" }\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(common::Faulty::default());
+    let tenant = TenantRecord::new("t".into(), "free".into()).with_customer("cus_t");
+    store.put_tenant(&tenant, &[]).await.unwrap();
+    // A webhook moves the tenant to a plan without a rate just after the admin read it.
+    *store.plan_change_after_read.lock().unwrap() = Some(PlanChange::new("evt_1", "cus_t", NOON, "norate".into()));
+    let admin = tollgate::admin::Admin::new(store.clone()).with_config(config);
+    let e = admin.set_overrides("t", Some(r#"{"burst": 5}"#)).await.unwrap_err().to_string();
+    assert!(e.contains("a burst needs a rate"), "{e}");
+    let stored = store.tenant(&"t".into()).await.unwrap().unwrap();
+    assert_eq!((stored.plan.as_str(), stored.overrides), ("norate", None), "the webhook's plan, no overrides");
+    // Over the plan as it is now, overrides that fit it are written.
+    let record = admin.set_overrides("t", Some(r#"{"rate": "5/s"}"#)).await.unwrap();
+    assert_eq!(record.plan.as_str(), "norate");
+    assert!(store.tenant(&"t".into()).await.unwrap().unwrap().overrides.unwrap().contains("5/s"));
+}

@@ -7,14 +7,16 @@ use crate::store::{
     UpdateWhen,
 };
 
-/// `tenant`'s customer set to `customer` if it is still `read`.
+/// `tenant`'s customer set to `customer` if it is still `read` (and nothing else changed).
 async fn set_customer_if_unchanged<S: ?Sized + DirectoryStore>(
     s: &S,
     tenant: &TenantId,
     read: Option<&str>,
     customer: Option<&str>,
 ) -> Result<bool, StoreError> {
-    let mut read_as = TenantRecord::new(tenant.clone(), PlanId::from("unread"));
+    // The tenant as stored, but for its customer: as given.
+    let mut read_as =
+        s.tenant(tenant).await?.unwrap_or_else(|| TenantRecord::new(tenant.clone(), PlanId::from("none")));
     read_as.customer = read.map(str::to_owned);
     let update = TenantUpdate::Customer(tenant.clone(), customer.map(str::to_owned));
     s.update_tenant(&update, UpdateWhen::Unchanged(&read_as)).await
@@ -403,7 +405,8 @@ pub async fn a_subscription_change_applies_over_the_subscriptions_read<S: ?Sized
 }
 
 /// `update_tenant` in each mode, for each setting: `Always` writes whenever the tenant exists,
-/// `Unchanged` only over the setting as read; each writes that setting alone.
+/// `Unchanged` only over the tenant as read (whatever changed of it since); each writes its
+/// setting alone.
 pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: ?Sized + DirectoryStore>(
     h: &mut StoreUnderTest<S>,
 ) {
@@ -412,19 +415,27 @@ pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: 
     h.s().put_tenant(&u, &[]).await.unwrap();
     h.s().put_tenant(&v, &[]).await.unwrap();
     let read = h.s().tenant(&"u".into()).await.unwrap().unwrap();
-    // A plan, whatever it was; then a write over the old read is refused.
+    // A plan, whatever it was; then any write over the old read is refused, whatever it sets.
     assert!(h.s().update_tenant(&TenantUpdate::Plan("u".into(), "pro".into()), UpdateWhen::Always).await.unwrap());
-    let stale = TenantUpdate::Plan("u".into(), "team".into());
-    assert!(!h.s().update_tenant(&stale, UpdateWhen::Unchanged(&read)).await.unwrap(), "plan changed since");
-    // Overrides and a Metronome customer over what was read: the plan's change does not stop them.
     let overrides = TenantUpdate::Overrides("u".into(), Some(r#"{"burst":3}"#.into()));
+    for stale in [
+        TenantUpdate::Plan("u".into(), "team".into()),
+        overrides.clone(),
+        TenantUpdate::MetronomeCustomer("u".into(), None),
+        TenantUpdate::Customer("u".into(), Some("cus_w".into())),
+    ] {
+        assert!(!h.s().update_tenant(&stale, UpdateWhen::Unchanged(&read)).await.unwrap(), "{stale:?}: changed since");
+    }
+    // Over a new read: written.
+    let read = h.s().tenant(&"u".into()).await.unwrap().unwrap();
     assert!(h.s().update_tenant(&overrides, UpdateWhen::Unchanged(&read)).await.unwrap());
-    let again = TenantUpdate::Overrides("u".into(), Some(r#"{"burst":4}"#.into()));
-    assert!(!h.s().update_tenant(&again, UpdateWhen::Unchanged(&read)).await.unwrap(), "overrides changed since");
+    let read = h.s().tenant(&"u".into()).await.unwrap().unwrap();
     let metronome = TenantUpdate::MetronomeCustomer("u".into(), None);
     assert!(h.s().update_tenant(&metronome, UpdateWhen::Unchanged(&read)).await.unwrap());
-    let metronome = TenantUpdate::MetronomeCustomer("u".into(), Some("acct-x".into()));
-    assert!(!h.s().update_tenant(&metronome, UpdateWhen::Unchanged(&read)).await.unwrap(), "removed since");
+    // A read of another tenant never matches.
+    let other = h.s().tenant(&"v".into()).await.unwrap().unwrap();
+    let plan = TenantUpdate::Plan("u".into(), "team".into());
+    assert!(!h.s().update_tenant(&plan, UpdateWhen::Unchanged(&other)).await.unwrap(), "another tenant's read");
     // A customer, whatever it was: taken from the tenant that held it.
     let customer = TenantUpdate::Customer("u".into(), Some("cus_v".into()));
     assert!(h.s().update_tenant(&customer, UpdateWhen::Always).await.unwrap());
@@ -439,7 +450,8 @@ pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: 
     assert_eq!(h.s().tenant_by_customer("cus_v").await.unwrap().map(|t| t.id), Some("u".into()));
     assert_eq!(h.s().tenant_by_customer("cus_u").await.unwrap(), None, "u's old customer is no one's");
     // An unknown tenant, in either mode: nothing created.
-    for when in [UpdateWhen::Always, UpdateWhen::Unchanged(&read)] {
+    let ghost_read = TenantRecord::new("ghost".into(), "free".into());
+    for when in [UpdateWhen::Always, UpdateWhen::Unchanged(&ghost_read)] {
         let ghost = TenantUpdate::Plan("ghost".into(), "pro".into());
         assert!(!h.s().update_tenant(&ghost, when).await.unwrap());
     }

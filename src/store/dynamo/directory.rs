@@ -216,35 +216,23 @@ impl DirectoryStore for DynamoStore {
     }
 
     async fn update_tenant(&self, update: &TenantUpdate, when: UpdateWhen<'_>) -> Result<bool, StoreError> {
-        let read = match when {
-            UpdateWhen::Unchanged(read) => Some(read),
-            _ => None,
-        };
-        match update {
-            TenantUpdate::Plan(tenant, plan) => self.set_plan(tenant, plan, read).await,
-            TenantUpdate::Customer(tenant, customer) => match read {
-                Some(read) => self.set_customer(tenant, read.customer.as_deref(), customer.as_deref()).await,
-                // Its customer as stored, then one conditional write from it (the mapping items
-                // follow the tenant's customer): tried again while another write moves it.
-                None => {
-                    for _ in 0..8 {
-                        let Some(stored) = self.tenant(tenant).await? else { return Ok(false) };
-                        if self.set_customer(tenant, stored.customer.as_deref(), customer.as_deref()).await? {
-                            return Ok(true);
-                        }
+        let tenant = update.tenant();
+        match (update, when) {
+            // The customer index follows the tenant's customer: the customer it had must be
+            // known, so the write is made over the tenant as read, tried again while another
+            // write changes it.
+            (TenantUpdate::Customer(..), UpdateWhen::Always) => {
+                for _ in 0..8 {
+                    let Some(stored) = self.tenant(tenant).await? else { return Ok(false) };
+                    if self.write_tenant(update, Some(&stored)).await? {
+                        return Ok(true);
                     }
-                    Err(StoreError::Conflict("the tenant's customer"))
                 }
-            },
-            TenantUpdate::MetronomeCustomer(tenant, v) => {
-                let was = read.map(|r| r.metronome_customer.as_deref());
-                self.set_tenant_attribute(tenant, "metronome_customer", v.as_deref(), read.is_some(), was.flatten())
-                    .await
+                Err(StoreError::Conflict("the tenant's customer"))
             }
-            TenantUpdate::Overrides(tenant, v) => {
-                let was = read.map(|r| r.overrides.as_deref());
-                self.set_tenant_attribute(tenant, "overrides", v.as_deref(), read.is_some(), was.flatten()).await
-            }
+            (_, UpdateWhen::Always) => self.write_tenant(update, None).await,
+            (_, UpdateWhen::Unchanged(read)) if read.id != *tenant => Ok(false),
+            (_, UpdateWhen::Unchanged(read)) => self.write_tenant(update, Some(read)).await,
         }
     }
 
@@ -316,75 +304,79 @@ impl DirectoryStore for DynamoStore {
 }
 
 impl DynamoStore {
-    /// Sets `tenant`'s plan, only if its plan and last billing event are still those of `read`
-    /// when one is given (one conditional write).
-    async fn set_plan(
-        &self,
-        tenant: &TenantId,
-        plan: &crate::base::PlanId,
-        read: Option<&TenantRecord>,
-    ) -> Result<bool, StoreError> {
-        let update = self
+    /// One conditional write of `update`: only if the tenant exists and, with `read`, is
+    /// still as read in everything the directory keeps of it. A customer write then moves the
+    /// customer index to follow (`read` is required for it: the customer it had).
+    async fn write_tenant(&self, update: &TenantUpdate, read: Option<&TenantRecord>) -> Result<bool, StoreError> {
+        let mut write = self
             .client
             .update_item()
             .table_name(&self.table)
-            .key("pk", s(tenant_pk(tenant)))
-            .key("sk", s("T"))
-            .update_expression("SET #plan = :p")
-            .expression_attribute_names("#plan", "plan")
-            .expression_attribute_values(":p", s(plan.as_str()));
-        let update = match read {
-            None => update.condition_expression("attribute_exists(pk)"),
-            Some(read) => {
-                let update = update.expression_attribute_values(":old", s(read.plan.as_str()));
-                match read.last_event_at {
-                    Some(at) => update
-                        .condition_expression("attribute_exists(pk) AND #plan = :old AND last_event_at = :at")
-                        .expression_attribute_values(":at", n(at)),
-                    None => update.condition_expression(
-                        "attribute_exists(pk) AND #plan = :old AND attribute_not_exists(last_event_at)",
-                    ),
+            .key("pk", s(tenant_pk(update.tenant())))
+            .key("sk", s("T"));
+        let mut condition = String::from("attribute_exists(pk)");
+        if let Some(read) = read {
+            let texts = [
+                ("plan", Some(read.plan.as_str())),
+                ("customer", read.customer.as_deref()),
+                ("metronome_customer", read.metronome_customer.as_deref()),
+                ("overrides", read.overrides.as_deref()),
+                ("subscriptions", read.subscriptions.as_deref()),
+            ];
+            for (name, value) in texts {
+                write = write.expression_attribute_names(format!("#r_{name}"), name);
+                match value {
+                    Some(v) => {
+                        condition.push_str(&format!(" AND #r_{name} = :r_{name}"));
+                        write = write.expression_attribute_values(format!(":r_{name}"), s(v));
+                    }
+                    None => condition.push_str(&format!(" AND attribute_not_exists(#r_{name})")),
                 }
             }
-        };
-        match update.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if is_ccf(&e) => Ok(false),
-            Err(e) => Err(sdk(e)),
+            write = write.expression_attribute_names("#r_last_event_at", "last_event_at");
+            match read.last_event_at {
+                Some(at) => {
+                    condition.push_str(" AND #r_last_event_at = :r_last_event_at");
+                    write = write.expression_attribute_values(":r_last_event_at", n(at));
+                }
+                None => condition.push_str(" AND attribute_not_exists(#r_last_event_at)"),
+            }
         }
-    }
-
-    /// Sets `tenant`'s customer if it is still `read` (one conditional write of the tenant's
-    /// item), then moves the customer index to follow.
-    async fn set_customer(
-        &self,
-        tenant: &TenantId,
-        read: Option<&str>,
-        customer: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let update =
-            self.client.update_item().table_name(&self.table).key("pk", s(tenant_pk(tenant))).key("sk", s("T"));
-        let update = match read {
-            Some(r) => update
-                .condition_expression("attribute_exists(pk) AND customer = :read")
-                .expression_attribute_values(":read", s(r)),
-            None => update.condition_expression("attribute_exists(pk) AND attribute_not_exists(customer)"),
+        let (name, value) = match update {
+            TenantUpdate::Plan(_, plan) => ("plan", Some(plan.as_str())),
+            TenantUpdate::Customer(_, c) => ("customer", c.as_deref()),
+            TenantUpdate::MetronomeCustomer(_, m) => ("metronome_customer", m.as_deref()),
+            TenantUpdate::Overrides(_, o) => ("overrides", o.as_deref()),
         };
         // Another customer's subscriptions are not this one's.
-        let forget = if read == customer { "" } else { " REMOVE subscriptions" };
-        let update = match customer {
-            Some(c) => {
-                update.update_expression(format!("SET customer = :c{forget}")).expression_attribute_values(":c", s(c))
+        let forget = match (update, read) {
+            (TenantUpdate::Customer(_, c), Some(read)) => read.customer != *c,
+            (TenantUpdate::Customer(..), None) => {
+                return Err(StoreError::Backend("a customer is written over a read of its tenant".into()))
             }
-            None if read == customer => update.update_expression("REMOVE customer"),
-            None => update.update_expression("REMOVE customer, subscriptions"),
+            _ => false,
         };
-        match update.send().await {
+        write = write.expression_attribute_names("#u", name);
+        let expression = match (value, forget) {
+            (Some(v), forget) => {
+                write = write.expression_attribute_values(":u", s(v));
+                if forget {
+                    "SET #u = :u REMOVE subscriptions"
+                } else {
+                    "SET #u = :u"
+                }
+            }
+            (None, true) => "REMOVE #u, subscriptions",
+            (None, false) => "REMOVE #u",
+        };
+        match write.condition_expression(condition).update_expression(expression).send().await {
             Ok(_) => {}
             Err(e) if is_ccf(&e) => return Ok(false),
             Err(e) => return Err(sdk(e)),
         }
-        self.move_customer(tenant, read, customer).await?;
+        if let (TenantUpdate::Customer(tenant, customer), Some(read)) = (update, read) {
+            self.move_customer(tenant, read.customer.as_deref(), customer.as_deref()).await?;
+        }
         Ok(true)
     }
 
@@ -436,42 +428,5 @@ impl DynamoStore {
                 .await;
         }
         Ok(())
-    }
-}
-
-impl DynamoStore {
-    /// Sets (or with `None` removes) one attribute of a tenant's item, nothing else of it (with
-    /// `if_unchanged`, only if it is still `read`); whether it wrote.
-    async fn set_tenant_attribute(
-        &self,
-        tenant: &TenantId,
-        name: &str,
-        value: Option<&str>,
-        if_unchanged: bool,
-        read: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(tenant_pk(tenant)))
-            .key("sk", s("T"))
-            .expression_attribute_names("#a", name);
-        let update = match (if_unchanged, read) {
-            (false, _) => update.condition_expression("attribute_exists(pk)"),
-            (true, None) => update.condition_expression("attribute_exists(pk) AND attribute_not_exists(#a)"),
-            (true, Some(r)) => update
-                .condition_expression("attribute_exists(pk) AND #a = :read")
-                .expression_attribute_values(":read", s(r)),
-        };
-        let update = match value {
-            Some(v) => update.update_expression("SET #a = :v").expression_attribute_values(":v", s(v)),
-            None => update.update_expression("REMOVE #a"),
-        };
-        match update.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if is_ccf(&e) => Ok(false),
-            Err(e) => Err(sdk(e)),
-        }
     }
 }

@@ -70,7 +70,7 @@ impl DirectoryStore for MemoryStore {
         let tenant = update.tenant();
         let Some(t) = inner.tenants.get_mut(tenant) else { return Ok(false) };
         if let UpdateWhen::Unchanged(read) = when {
-            if !update.unchanged(read, t) {
+            if read != t {
                 return Ok(false);
             }
         }

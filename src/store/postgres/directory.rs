@@ -192,7 +192,7 @@ impl DirectoryStore for PostgresStore {
                 return Ok(false);
             };
             if let UpdateWhen::Unchanged(read) = when {
-                if !update.unchanged(read, &stored) {
+                if *read != stored {
                     return Ok(false);
                 }
             }

@@ -159,7 +159,7 @@ impl DirectoryStore for SqliteStore {
         let update = update.clone();
         let read = match when {
             UpdateWhen::Unchanged(read) => Some(read.clone()),
-            _ => None,
+            UpdateWhen::Always => None,
         };
         self.write(move |tx, _| {
             let id = update.tenant().as_str();
@@ -170,7 +170,7 @@ impl DirectoryStore for SqliteStore {
             else {
                 return Ok(false);
             };
-            if read.as_ref().is_some_and(|read| !update.unchanged(read, &stored)) {
+            if read.as_ref().is_some_and(|read| *read != stored) {
                 return Ok(false);
             }
             match &update {
