@@ -502,4 +502,61 @@ mod reference {
             "docs/configuration.md does not name these keys in their table's section: {absent:?}"
         );
     }
+
+    /// Every value the reference shows is one its key accepts: the reference loads as one
+    /// configuration once the keys that exclude each other (named at its top) are taken apart,
+    /// and each of those loads with what it needs.
+    #[cfg(all(feature = "stripe", feature = "metronome", feature = "dynamodb", feature = "postgres"))]
+    #[test]
+    fn every_value_of_the_reference_is_one_its_key_accepts() {
+        let load = |t: &toml::Table, what: &str| {
+            let text = toml::to_string(t).unwrap();
+            if let Err(e) = crate::Config::from_toml_str(&text) {
+                panic!("src/config/reference.toml, {what}: {e}");
+            }
+        };
+        let doc: toml::Table = toml::from_str(REFERENCE).unwrap();
+        let table = |t: &toml::Table, key: &str| -> toml::Table {
+            t.get(key).and_then(toml::Value::as_table).cloned().unwrap_or_else(|| panic!("no [{key}]"))
+        };
+        let mut main = doc.clone();
+        let mut store = table(&main, "store");
+        let roles: Vec<(&str, toml::Value)> =
+            ROLES.iter().filter_map(|r| store.remove(*r).map(|section| (*r, section))).collect();
+        main.insert("store".into(), store.into());
+        let mut export = table(&main, "export");
+        let file = export.remove("file").expect("export.file");
+        main.insert("export".into(), export.clone().into());
+        let metronome = main.remove("metronome").expect("[metronome]");
+        let mut identify = table(&main, "identify");
+        let anonymous = identify.remove("anonymous_plan").expect("identify.anonymous_plan");
+        main.insert("identify".into(), identify.clone().into());
+        load(&main, "as one configuration");
+        // Each role's section, as the store of every role.
+        for (role, section) in roles {
+            let mut t = main.clone();
+            t.insert("store".into(), section);
+            load(&t, &format!("[store.{role}] as [store]"));
+        }
+        // `export.file`, with the sink that takes it.
+        let mut t = main.clone();
+        let mut jsonl = export.clone();
+        jsonl.insert("sink".into(), "jsonl".into());
+        jsonl.insert("file".into(), file);
+        t.insert("export".into(), jsonl.into());
+        load(&t, "export.file with sink = \"jsonl\"");
+        // `[metronome]`, with its sink.
+        let mut t = main.clone();
+        let mut sink = export.clone();
+        sink.insert("sink".into(), "metronome".into());
+        t.insert("export".into(), sink.into());
+        t.insert("metronome".into(), metronome);
+        load(&t, "[metronome] with sink = \"metronome\"");
+        // `identify.anonymous_plan`, with unknown callers served anonymously.
+        let mut t = main.clone();
+        identify.insert("unknown".into(), "anonymous".into());
+        identify.insert("anonymous_plan".into(), anonymous);
+        t.insert("identify".into(), identify.into());
+        load(&t, "identify.anonymous_plan with unknown = \"anonymous\"");
+    }
 }
