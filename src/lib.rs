@@ -78,7 +78,7 @@ mod usage;
 pub use aws_sdk_dynamodb;
 pub use config::Config;
 pub use engine::Worker;
-pub use engine::{BuildError, Builder, ShutdownError, Tollgate};
+pub use engine::{BuildError, Builder, Hold, Overrun, ShutdownError, Tollgate};
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::Identity;

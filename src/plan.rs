@@ -161,6 +161,12 @@ impl<K: std::hash::Hash, S: StateStore<Key = K>> std::fmt::Debug for Limiter<K, 
     }
 }
 
+/// The engine a plan was compiled for, reached from a tenant's context when a handler asks
+/// it for something (a hold's store calls): set once the engine is built, weak so that a plan
+/// outliving its engine keeps nothing alive, and type-erased since the plan sits below the
+/// engine. One per engine, shared by every runtime it compiles.
+pub(crate) type Host = Arc<std::sync::OnceLock<std::sync::Weak<dyn std::any::Any + Send + Sync>>>;
+
 /// A plan ready for the request path.
 #[derive(Debug)]
 pub(crate) struct CompiledPlan {
@@ -200,6 +206,8 @@ pub(crate) struct CompiledPlan {
     /// How a request is refused when a prepaid balance is empty (`limits.balance_status`).
     pub(crate) balance_refusal: crate::base::RejectionKind,
     pub(crate) metrics: Arc<Metrics>,
+    /// The engine it was compiled for.
+    pub(crate) host: Host,
     /// The features routes require that the plan includes (a bit per feature index).
     pub(crate) feature_bits: u64,
     /// Every feature of the plan (with the tenant's overrides), sorted.
@@ -443,6 +451,7 @@ impl CompiledPlan {
                 crate::base::RejectionKind::CreditsExhausted
             },
             metrics: metrics.clone(),
+            host: Host::default(),
             feature_bits: meters
                 .features
                 .iter()
@@ -511,10 +520,12 @@ pub(crate) struct Runtime {
     pub(crate) client_keys: Option<ClientKeys>,
     metrics: Arc<Metrics>,
     clock: Clock,
+    /// The engine it was compiled for (every plan's `host`).
+    pub(crate) host: Host,
 }
 
 impl Runtime {
-    pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>, clock: &Clock) -> Self {
+    pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>, clock: &Clock, host: &Host) -> Self {
         // The default meter first: its cells sit on the line every request touches.
         let mut ids: Vec<MeterId> = config.meters.iter().map(|m| m.id.clone()).collect();
         if let Some(i) = ids.iter().position(|m| *m == config.default_meter) {
@@ -563,7 +574,9 @@ impl Runtime {
             .plans
             .values()
             .map(|p| {
-                (p.id.clone(), Arc::new(CompiledPlan::compile(p, &meters, &shapes, &config, metrics, clock, None)))
+                let mut plan = CompiledPlan::compile(p, &meters, &shapes, &config, metrics, clock, None);
+                plan.host = host.clone();
+                (p.id.clone(), Arc::new(plan))
             })
             .collect();
         let default_meter = index(&config.default_meter);
@@ -572,6 +585,7 @@ impl Runtime {
         let anonymous = match &config.on_unknown {
             crate::config::OnUnknown::Anonymous(p) => config.plans.get(p).map(|spec| {
                 let mut plan = CompiledPlan::compile(spec, &meters, &shapes, &config, metrics, clock, None);
+                plan.host = host.clone();
                 plan.clients = spec.rate.map(|rate| {
                     let quota = governor::Quota::with_period(rate.interval())
                         .expect("validated: the interval of a rate is never zero")
@@ -619,6 +633,7 @@ impl Runtime {
             client_keys,
             metrics: metrics.clone(),
             clock: clock.clone(),
+            host: host.clone(),
             config,
         }
     }
@@ -641,7 +656,7 @@ impl Runtime {
         }
         self.config.check_override(plan, &o)?;
         let spec = self.config.plans[plan].with_override(&o);
-        Ok(Arc::new(CompiledPlan::compile(
+        let mut compiled = CompiledPlan::compile(
             &spec,
             &self.meters,
             &self.shapes,
@@ -649,7 +664,9 @@ impl Runtime {
             &self.metrics,
             &self.clock,
             Some(json.into()),
-        )))
+        );
+        compiled.host = self.host.clone();
+        Ok(Arc::new(compiled))
     }
 
     /// The client address of a request (else `None`, and nothing is read): the peer, or

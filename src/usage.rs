@@ -78,11 +78,26 @@ pub enum RecordError {
     /// certainly a bug in the caller).
     #[error("the quantity {0} is larger than i64::MAX")]
     TooLarge(u64),
+    /// A [`Hold`](crate::Hold) with [`Overrun::Refuse`](crate::Overrun::Refuse): this many
+    /// units beyond what it holds do not fit the node's lease. Nothing was recorded: the work
+    /// they stand for must not be delivered (stop, or [`extend`](crate::Hold::extend) first).
+    #[error("{0} units beyond the hold do not fit")]
+    Overrun(u64),
 }
 
 impl TenantContext {
     pub(crate) fn new(state: Tenant, charged: bool) -> Self {
         Self { state, charged }
+    }
+
+    /// The tenant's state.
+    pub(crate) fn state(&self) -> &Tenant {
+        &self.state
+    }
+
+    /// Whether this request is charged (not a replay).
+    pub(crate) fn is_charged(&self) -> bool {
+        self.charged
     }
 
     /// The tenant.

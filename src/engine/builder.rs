@@ -378,7 +378,8 @@ impl Builder {
         let metrics = Arc::new(Metrics::register());
         let limits = self.config.limits.clone();
         let clock = self.clock.unwrap_or_default();
-        let runtime = Runtime::compile(self.config, &metrics, &clock);
+        let host = crate::plan::Host::default();
+        let runtime = Runtime::compile(self.config, &metrics, &clock, &host);
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let all: Arc<dyn Store> = match self.store {
@@ -428,7 +429,11 @@ impl Builder {
             started: std::time::Instant::now(),
             unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
         };
-        let tollgate = Tollgate { shared: Arc::new(shared) };
+        let shared = Arc::new(shared);
+        // Tenants' contexts reach the engine through their plans (a hold's store calls).
+        let erased: Arc<dyn std::any::Any + Send + Sync> = shared.clone();
+        let _ = host.set(Arc::downgrade(&erased));
+        let tollgate = Tollgate { shared };
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
         (tollgate, worker)
     }

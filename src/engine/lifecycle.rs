@@ -110,7 +110,8 @@ impl Tollgate {
         if self.shared.store_configured() {
             self.shared.runtime().load().config.check_same_store(&config)?;
         }
-        let rt = Runtime::compile(config, self.shared.metrics(), self.shared.clock());
+        let rt =
+            Runtime::compile(config, self.shared.metrics(), self.shared.clock(), &self.shared.runtime().load().host);
         self.shared.table().rates().set_cap(rt.config.limits.max_tenants);
         self.shared.stores().configure(&rt.config);
         self.shared.runtime().store(Arc::new(rt));

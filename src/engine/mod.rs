@@ -28,6 +28,7 @@ pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
 pub(crate) use shared::Prefetch;
 pub use usage::credits::CreditExpiryReport;
 pub use usage::flush::FlushReport;
+pub use usage::hold::{Hold, Overrun};
 pub use usage::thresholds::ThresholdCrossed;
 
 pub use admit::ticket::{InFlight, Ticket};

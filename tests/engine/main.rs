@@ -12,6 +12,7 @@ mod credits;
 mod directory;
 mod events;
 mod features;
+mod holds;
 mod idempotency;
 mod limits;
 mod metrics;

@@ -1,0 +1,348 @@
+//! Holds: units of a hard quota or a prepaid balance set aside while a request's work runs,
+//! recorded as the work reports them, the rest given back when the hold settles. A hold comes
+//! out of the node's lease as a request's cost does (so the fleet's limit holds it), and waits
+//! on the store only when the lease is short.
+
+use std::{borrow::Cow, sync::Arc};
+
+use crate::engine::{
+    admit::{admission::NO_TAG, ticket::UNLEASED},
+    shared::Shared,
+    usage::lease::Refill,
+};
+use crate::{
+    config::StoreErrorPolicy,
+    response::{Rejection, RejectionKind},
+    tenant::{QuotaRef, Take, Tenant},
+    usage::{RecordError, TenantContext},
+};
+
+impl TenantContext {
+    /// Holds `units` of `meter` for this request's work, before it runs: a hard quota's or a
+    /// prepaid balance's units are taken now (from the node's lease, else from the store),
+    /// recorded as the work reports them ([`Hold::record`]), and what is not recorded is given
+    /// back when the hold settles or drops. Records beyond the hold are charged as debt
+    /// ([`Overrun::Debt`]); [`hold_with`](Self::hold_with) picks [`Overrun::Refuse`].
+    ///
+    /// ```no_run
+    /// # async fn generate(ctx: tollgate::TenantContext, max_tokens: u64) -> Result<String, tollgate::Rejection> {
+    /// use tollgate::Overrun;
+    /// let mut hold = ctx.hold_with("tokens", max_tokens, Overrun::Refuse).await?;
+    /// let mut out = String::new();
+    /// for chunk in ["Hello", ", ", "world"] {
+    ///     // Each chunk is billed before it is sent; past the hold, more is asked for.
+    ///     if hold.record(1).is_err() {
+    ///         hold.extend(64).await?;
+    ///         hold.record(1).expect("just extended");
+    ///     }
+    ///     out.push_str(chunk);
+    /// }
+    /// hold.settle(); // what was held and not used goes back
+    /// # Ok(out) }
+    /// ```
+    ///
+    /// # Errors
+    /// The rejection to answer with (put it in the response as it is, so the front door gives
+    /// the request's units back): 429 when the quota's period cannot cover `units` (402 for a
+    /// balance), 503 when the store does not answer and the quota fails closed. In shadow
+    /// mode the refusal is counted and the units taken past the limit.
+    pub async fn hold(&self, meter: &str, units: u64) -> Result<Hold, Rejection> {
+        self.hold_with(meter, units, Overrun::Debt).await
+    }
+
+    /// [`hold`](Self::hold), with what a record beyond the hold does.
+    ///
+    /// # Errors
+    /// As [`hold`](Self::hold).
+    pub async fn hold_with(&self, meter: &str, units: u64, overrun: Overrun) -> Result<Hold, Rejection> {
+        let state = self.state().clone();
+        let index = state.plan.meters.index(meter).ok_or_else(|| meter.into());
+        let mut hold = Hold::new(state, index, self.is_charged(), overrun);
+        hold.extend(units).await?;
+        Ok(hold)
+    }
+}
+
+/// What a record beyond its hold does ([`TenantContext::hold_with`](crate::TenantContext::hold_with)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overrun {
+    /// Recorded anyway: what the hold does not cover is taken from the node's lease, past the
+    /// limit if need be (the period then stays spent), as
+    /// [`TenantContext::record`](crate::TenantContext::record) does. The default.
+    #[default]
+    Debt,
+    /// Refused: [`Hold::record`] returns [`RecordError::Overrun`] and records nothing when the
+    /// hold and the node's lease do not cover it. With every use of a meter held this way,
+    /// what is recorded never passes the limit, across the fleet.
+    Refuse,
+}
+
+/// Units of a tenant's hard quota or prepaid balance held for the work of one request
+/// ([`TenantContext::hold`](crate::TenantContext::hold)): taken from the limit before the
+/// work, recorded as the work reports them ([`record`](Self::record)), extended while it runs
+/// ([`extend`](Self::extend)), and what is held and not recorded given back when it settles
+/// ([`settle`](Self::settle), or its drop: a handler that fails, panics or is cut off gives
+/// its whole hold back, minus what it recorded).
+///
+/// A hold on a meter where the tenant's plan (with its overrides) has no hard quota or
+/// balance, or of a replayed `Idempotency-Key`, holds nothing: its records are recorded as
+/// [`TenantContext::record`](crate::TenantContext::record) records them.
+#[must_use = "a hold dropped at once gives its units back: record through it while the work runs"]
+pub struct Hold {
+    state: Tenant,
+    /// The meter's index (else its name: not declared, its records fail).
+    meter: Result<usize, Box<str>>,
+    /// `false` for a replay: nothing is held or recorded.
+    charged: bool,
+    /// Whether units are held from a quota (a hard quota or a balance).
+    live: bool,
+    /// The tag of the period the held units came from ([`NO_TAG`]: none; [`UNLEASED`]: taken
+    /// past the lease, owed to the store).
+    tag: u32,
+    /// When they were taken (Unix seconds).
+    at: i64,
+    held: u64,
+    recorded: u64,
+    overrun: Overrun,
+}
+
+impl Hold {
+    pub(crate) fn new(state: Tenant, meter: Result<usize, Box<str>>, charged: bool, overrun: Overrun) -> Self {
+        let at = state.clock.unix_secs();
+        Self { state, meter, charged, live: false, tag: NO_TAG, at, held: 0, recorded: 0, overrun }
+    }
+
+    /// Units held and not recorded yet.
+    #[must_use]
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Units recorded through this hold.
+    #[must_use]
+    pub fn recorded(&self) -> u64 {
+        self.recorded
+    }
+
+    /// The quota cell units are held from: a hard quota or a balance of a charged request.
+    fn cell(&self) -> Option<QuotaRef<'_>> {
+        if !self.charged {
+            return None;
+        }
+        self.state.quota(*self.meter.as_ref().ok()?).filter(QuotaRef::hard)
+    }
+
+    /// Records `units` of the held meter, in the current window. Never waits: they come out
+    /// of the hold, then out of the node's lease; what neither covers is taken past the limit
+    /// ([`Overrun::Debt`]) or refused ([`Overrun::Refuse`]: nothing recorded). Does nothing for
+    /// a replayed request.
+    ///
+    /// # Errors
+    /// [`RecordError::Overrun`] (with [`Overrun::Refuse`]), [`RecordError::UnknownMeter`] when
+    /// the held meter is not declared, [`RecordError::TooLarge`] past `i64::MAX`.
+    pub fn record(&mut self, units: u64) -> Result<(), RecordError> {
+        let meter = match &self.meter {
+            Ok(meter) => *meter,
+            Err(name) => return Err(RecordError::UnknownMeter(name.to_string())),
+        };
+        if i64::try_from(units).is_err() {
+            return Err(RecordError::TooLarge(units));
+        }
+        if !self.charged || units == 0 {
+            return Ok(());
+        }
+        let now = self.state.clock.unix_secs();
+        if let Some(cell) = self.cell() {
+            let covered = units.min(self.held);
+            let beyond = units - covered;
+            if beyond > 0 {
+                match cell.try_take(beyond, now) {
+                    Take::Taken { .. } => {}
+                    _ if self.overrun == Overrun::Refuse && !self.state.plan.shadow => {
+                        return Err(RecordError::Overrun(beyond));
+                    }
+                    _ => {
+                        cell.force_take(beyond, now);
+                    }
+                }
+            }
+            self.held -= covered;
+        } else if let Some(cell) = self.state.quota(meter) {
+            // A soft quota: counted as `record` counts it.
+            cell.force_take(units, now);
+        }
+        self.state.record(meter, now, units);
+        self.state.plan.metrics.usage_units.increment(units);
+        self.recorded += units;
+        Ok(())
+    }
+
+    /// Holds `units` more while the work runs (a streaming answer, per chunk): from the node's
+    /// lease, else from the store (waiting at most `usage.store_timeout`). Refused, nothing
+    /// more is held (what is held stays): the handler should stop the work and answer with
+    /// the rejection, or end what it streams.
+    ///
+    /// # Errors
+    /// The rejection: 429 when the quota is spent (402 for a balance), 503 when the store
+    /// does not answer and the quota fails closed.
+    pub async fn extend(&mut self, units: u64) -> Result<(), Rejection> {
+        if units == 0 || self.cell().is_none() {
+            return Ok(());
+        }
+        let Ok(meter) = self.meter else { return Ok(()) };
+        let (tag, at) = take(&self.state, meter, units).await?;
+        if self.live && tag != self.tag && self.held > 0 {
+            // The period rolled since: what is left of the old one goes back to it.
+            give_back(&self.state, meter, self.held, self.tag, self.at);
+            self.held = 0;
+        }
+        self.live = true;
+        self.tag = tag;
+        self.at = at;
+        self.held += units;
+        Ok(())
+    }
+
+    /// Gives back what is held and not recorded: the work is done.
+    pub fn settle(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if self.held == 0 || !self.live {
+            return;
+        }
+        if let Ok(meter) = self.meter {
+            give_back(&self.state, meter, self.held, self.tag, self.at);
+        }
+        self.held = 0;
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("tenant", &self.state.id)
+            .field("held", &self.held)
+            .field("recorded", &self.recorded)
+            .field("overrun", &self.overrun)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Gives `units` held from the period tagged `tag` back: to its lease, or after its roll to its
+/// counter in the store; units taken past the lease are owed no more.
+fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32, at: i64) {
+    let Some(cell) = state.quota(meter) else { return };
+    if let Ok(tag) = u16::try_from(tag) {
+        cell.refund(units, tag);
+    } else if tag == UNLEASED {
+        cell.refund_unleased(units, at);
+    }
+    state.plan.metrics.refunded_units.increment(units);
+}
+
+/// The engine the tenant's plan was compiled for, if it still runs.
+fn engine(state: &Tenant) -> Option<Arc<Shared>> {
+    state.plan.host.get()?.upgrade()?.downcast::<Shared>().ok()
+}
+
+/// Takes `units` of the tenant's hard quota or balance on `meter` for a hold: from the lease,
+/// else with the cell's lock held from a refill (the units straight from its reservation), as
+/// a request that waits takes its cost. Returns the tag of the period they came from, and
+/// when.
+async fn take(state: &Tenant, meter: usize, units: u64) -> Result<(u32, i64), Rejection> {
+    let cell = state.quota(meter).expect("a hold takes from a quota");
+    let at = state.clock.unix_secs();
+    if i64::try_from(units).is_err() {
+        return Err(spent(state, meter, at));
+    }
+    match cell.try_take(units, at) {
+        Take::Taken { tag, .. } => return Ok((u32::from(tag), at)),
+        Take::Exhausted => return refused(state, meter, units, at),
+        Take::NeedLease => {}
+    }
+    let Some(shared) = engine(state) else {
+        // The engine is gone (shut down and dropped): nothing can be asked of the store.
+        return Err(unavailable(state));
+    };
+    let rt = shared.runtime().load_full();
+    let outcome = shared
+        .stores()
+        .under_lock(cell.lock(), async {
+            shared.leases().settle_inflight(cell).await?;
+            match cell.try_take(units, at) {
+                Take::Taken { tag, .. } => return Ok(Ok((u32::from(tag), at))),
+                Take::Exhausted => return Ok(Err(())),
+                Take::NeedLease => {}
+            }
+            match shared.leases().refill_locked(&rt, cell, at, units).await? {
+                Refill::Taken { tag, start } => Ok(Ok((u32::from(tag), at.max(start)))),
+                Refill::Short | Refill::Done => Ok(Err(())),
+            }
+        })
+        .await;
+    match outcome {
+        Ok(Ok(taken)) => Ok(taken),
+        Ok(Err(())) => refused(state, meter, units, at),
+        Err(_) => match state.plan.quota_policy(meter) {
+            // Held without a lease: owed, and charged to the period once the store answers.
+            StoreErrorPolicy::FailOpen => Ok((cell.force_take(units, at).map_or(UNLEASED, u32::from), at)),
+            StoreErrorPolicy::FailClosed => Err(unavailable(state)),
+        },
+    }
+}
+
+/// A hold the limit cannot cover: refused, or in shadow mode counted and taken past it.
+fn refused(state: &Tenant, meter: usize, units: u64, at: i64) -> Result<(u32, i64), Rejection> {
+    let r = spent(state, meter, at);
+    if state.plan.shadow {
+        state.plan.metrics.would_refuse(r.kind()).increment(1);
+        tracing::debug!(tenant = %state.id, "shadow mode: would refuse a hold ({r})");
+        let cell = state.quota(meter).expect("a hold takes from a quota");
+        return Ok((cell.force_take(units, at).map_or(UNLEASED, u32::from), at));
+    }
+    state.plan.metrics.rejected(r.kind()).increment(1);
+    Err(r)
+}
+
+/// The answer to a hold the quota's period, or the balance, cannot cover.
+fn spent(state: &Tenant, meter: usize, at: i64) -> Rejection {
+    let cell = state.quota(meter).expect("a hold takes from a quota");
+    let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
+    let mut r = if cell.prepaid() {
+        // An empty balance comes back with a payment, not with time: no Retry-After.
+        Rejection::new(
+            state.plan.balance_refusal,
+            Cow::Owned(format!("the prepaid {} balance cannot cover this work: a top-up restores it", cell.meter_id())),
+        )
+    } else {
+        let (_, end) = cell.period();
+        Rejection::new(
+            RejectionKind::QuotaExceeded,
+            Cow::Owned(format!(
+                "the {} quota of {} {} on plan `{}` cannot cover this work until the period ends",
+                cell.spec.period().name(),
+                cell.spec.limit(),
+                cell.meter_id(),
+                state.plan.id
+            )),
+        )
+        .with_retry_after((end - at).max(1) as u64)
+    };
+    r.inner.policy = Some(policy);
+    r.for_tenant(state)
+}
+
+fn unavailable(state: &Tenant) -> Rejection {
+    let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
+    state.plan.metrics.rejected(r.kind()).increment(1);
+    r.with_retry_after(1).for_tenant(state)
+}

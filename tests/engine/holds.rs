@@ -1,0 +1,350 @@
+//! Holds from a handler: units of a hard quota set aside before the work, recorded as it
+//! reports them, the rest given back. What is recorded never passes the limit when the work
+//! holds first and refuses to overrun.
+
+use std::sync::Arc;
+
+use crate::common;
+
+use common::{Harness, NOON};
+use tollgate::{
+    door::{Admission, Credential, RequestInfo, Ticket},
+    store::QuotaKey,
+    Overrun, RecordError, RejectionKind, TenantContext,
+};
+
+const TOML: &str = r#"
+[meters.tokens]
+[plans.p]
+quotas.tokens = { limit = 500, period = "month", mode = "hard", lease = 100 }
+[plans.soft]
+quotas.tokens = { limit = 500, period = "month", mode = "soft" }
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[tenants.u]
+plan = "p"
+keys = ["key-u"]
+[tenants.s]
+plan = "soft"
+keys = ["key-s"]
+"#;
+
+/// An admitted request of the tenant with `key`, and its context.
+async fn admitted(h: &Harness, key: &'static str) -> (Ticket, TenantContext) {
+    admit(h, key).await.unwrap_or_else(|r| panic!("{r}"))
+}
+
+/// A request of the tenant with `key` on the route that reports tokens: admitted with its
+/// context, or refused (once the quota is spent, the route is refused before it works).
+async fn admit(h: &Harness, key: &'static str) -> Result<(Ticket, TenantContext), tollgate::Rejection> {
+    let info = RequestInfo::new("POST", "/generate", Credential::ApiKey(key.as_bytes()));
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await?,
+        Admission::Rejected(r) => return Err(r),
+    };
+    let ctx = ticket.context();
+    Ok((ticket, ctx))
+}
+
+async fn tokens_billed(h: &Harness, tenant: &str) -> u64 {
+    h.tollgate.flush().await.unwrap();
+    common::committed(&**h.tollgate.usage_store(), tenant, "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await
+}
+
+fn assert_send<T: Send>(t: T) -> T {
+    t
+}
+
+/// The outside report's case: a hard tokens quota of 500 and calls of 120 tokens. Without
+/// holds, 5 calls one after another were admitted (600 tokens); each holding its 120 first,
+/// the fifth is refused before it works, and 480 are billed.
+#[tokio::test]
+async fn calls_one_after_another_never_record_past_a_hard_limit() {
+    let h = Harness::new(TOML);
+    let mut served = 0;
+    for _ in 0..8 {
+        let (ticket, ctx) = admitted(&h, "key-t").await;
+        match assert_send(ctx.hold_with("tokens", 120, Overrun::Refuse)).await {
+            Ok(mut hold) => {
+                hold.record(120).unwrap();
+                hold.settle();
+                assert!(ticket.complete(200));
+                served += 1;
+            }
+            Err(r) => {
+                assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+                assert_eq!(r.policy(), Some("tokens-month"));
+                assert!(r.retry_after().is_some(), "a period comes back with time");
+                ticket.give_back();
+            }
+        }
+    }
+    assert_eq!(served, 4);
+    assert_eq!(tokens_billed(&h, "t").await, 480);
+}
+
+/// Sixteen calls at once, each holding 120 of 500 while it works: at most four hold at a time,
+/// and what they record stays within the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_at_once_share_the_limit_through_their_holds() {
+    let h = Arc::new(Harness::new(TOML));
+    let mut tasks = tokio::task::JoinSet::new();
+    let barrier = Arc::new(tokio::sync::Barrier::new(16));
+    for _ in 0..16 {
+        let (h, barrier) = (h.clone(), barrier.clone());
+        tasks.spawn(async move {
+            let (ticket, ctx) = admitted(&h, "key-u").await;
+            let hold = ctx.hold_with("tokens", 120, Overrun::Refuse).await;
+            // Every call has asked before any records or settles.
+            barrier.wait().await;
+            match hold {
+                Ok(mut hold) => {
+                    hold.record(120).unwrap();
+                    drop(hold);
+                    assert!(ticket.complete(200));
+                    1
+                }
+                Err(_) => {
+                    ticket.give_back();
+                    0
+                }
+            }
+        });
+    }
+    let mut served = 0;
+    while let Some(n) = tasks.join_next().await {
+        served += n.unwrap();
+    }
+    assert_eq!(served, 4, "500 / 120 holds at once");
+    assert_eq!(tokens_billed(&h, "u").await, 480);
+}
+
+/// What a hold does not record goes back when it drops (a handler that fails, panics or is
+/// cut off): the next holds can take it.
+#[tokio::test]
+async fn a_dropped_hold_gives_back_what_it_did_not_record() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold("tokens", 300).await.unwrap();
+    hold.record(100).unwrap();
+    assert_eq!((hold.held(), hold.recorded()), (200, 100));
+    // The work ends early (its future dropped).
+    drop(hold);
+    assert!(ticket.complete(200));
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let rest = ctx.hold_with("tokens", 400, Overrun::Refuse).await.expect("100 recorded, 400 left");
+    assert!(ctx.hold("tokens", 1).await.is_err(), "all of it held or recorded");
+    drop(rest);
+    ticket.give_back();
+    assert_eq!(tokens_billed(&h, "t").await, 100);
+}
+
+/// `Overrun::Refuse` records nothing the hold and the lease cannot cover; `Overrun::Debt`
+/// records it past the limit, and the period stays spent.
+#[tokio::test]
+async fn an_overrun_is_refused_or_recorded_as_debt() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 500, Overrun::Refuse).await.unwrap();
+    assert_eq!(hold.record(501), Err(RecordError::Overrun(1)));
+    assert_eq!((hold.held(), hold.recorded()), (500, 0), "nothing recorded");
+    hold.record(500).unwrap();
+    assert_eq!(hold.record(1), Err(RecordError::Overrun(1)));
+    hold.settle();
+    assert!(ticket.complete(200));
+    assert_eq!(tokens_billed(&h, "t").await, 500);
+
+    let (ticket, ctx) = admitted(&h, "key-u").await;
+    let mut hold = ctx.hold("tokens", 500).await.unwrap();
+    hold.record(600).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    assert_eq!(tokens_billed(&h, "u").await, 600, "debt is billed");
+    // The period stays spent: the route that reports tokens refuses the next call.
+    assert_eq!(h.status("/generate", "key-u").await, 429);
+}
+
+/// A streaming answer extends its hold per chunk; the extension that the limit cannot cover
+/// is refused, and the work stops there, having billed exactly what it streamed.
+#[tokio::test]
+async fn an_extension_is_refused_when_the_limit_runs_out() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 50, Overrun::Refuse).await.unwrap();
+    let mut streamed = 0;
+    loop {
+        if hold.record(50).is_err() {
+            match hold.extend(50).await {
+                Ok(()) => hold.record(50).unwrap(),
+                Err(r) => {
+                    assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+                    break;
+                }
+            }
+        }
+        streamed += 50;
+    }
+    assert_eq!(streamed, 500);
+    assert_eq!(hold.recorded(), 500);
+    hold.settle();
+    assert!(ticket.complete(200));
+    assert_eq!(tokens_billed(&h, "t").await, 500);
+}
+
+/// A soft quota holds nothing (its records are billed past its limit, as overage), and
+/// neither does a meter without a quota on the plan; an undeclared meter fails to record.
+#[tokio::test]
+async fn a_soft_quota_holds_nothing() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-s").await;
+    let mut hold = ctx.hold_with("tokens", 10_000, Overrun::Refuse).await.unwrap();
+    assert_eq!(hold.held(), 0);
+    hold.record(700).unwrap();
+    hold.settle();
+    let mut unknown = ctx.hold("widgets", 5).await.unwrap();
+    assert!(matches!(unknown.record(1), Err(RecordError::UnknownMeter(m)) if m == "widgets"));
+    drop(unknown);
+    assert!(ticket.complete(200));
+    assert_eq!(tokens_billed(&h, "s").await, 700);
+}
+
+/// Units held count as taken: the store's counter holds them until the hold settles, and
+/// once settled the lease gets back what was not recorded.
+#[tokio::test]
+async fn held_units_are_taken_from_the_limit_until_settled() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold("tokens", 450).await.unwrap();
+    let month = tollgate::config::Period::Month { anchor_day: 1 }.bounds(NOON);
+    let key =
+        QuotaKey::new("t".into(), "tokens".into(), tollgate::config::Period::Month { anchor_day: 1 }, month.0, month.1);
+    assert!(h.reserved(&key).await >= 450, "the store counts the hold");
+    let q = ctx.quota("tokens").unwrap();
+    assert!(q.remaining <= 50, "this node shows it taken: {q:?}");
+    hold.record(10).unwrap();
+    hold.settle();
+    assert!(ctx.quota("tokens").unwrap().remaining >= 490, "what was not recorded came back");
+    assert!(ticket.complete(200));
+}
+
+/// A tiny xorshift, for the fleet's random estimates and actuals.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Four engines with their workers on one store, the clock moving: 8 tasks send calls that
+/// hold a random estimate and record a random actual at most the estimate, some streaming with
+/// extensions, some failing before they record. Never more than L is recorded; once the nodes
+/// shut down (their leases given back), the store's counter holds exactly what was recorded,
+/// and so does the usage billed.
+async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::store::StoreInspect>) {
+    const L: u64 = 2_000;
+    let toml = TOML.replace(
+        "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
+        &format!("limit = {L}, period = \"month\", mode = \"hard\", lease = 100"),
+    );
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Arc<Harness>> = (0..4)
+        .map(|_| Arc::new(common::node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())))
+        .collect();
+    let recorded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let (h, recorded) = (nodes[i as usize % 4].clone(), recorded.clone());
+        tasks.spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1));
+            let mut refused = 0;
+            while refused < 3 {
+                let Ok((ticket, ctx)) = admit(&h, "key-t").await else {
+                    refused += 1;
+                    continue;
+                };
+                let estimate = 1 + rng.below(150);
+                let mut hold = match ctx.hold_with("tokens", estimate, Overrun::Refuse).await {
+                    Ok(hold) => hold,
+                    Err(r) => {
+                        assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+                        refused += 1;
+                        ticket.give_back();
+                        continue;
+                    }
+                };
+                match rng.below(4) {
+                    // Fails before it records: the whole hold goes back.
+                    0 => {
+                        drop(hold);
+                        ticket.give_back();
+                        continue;
+                    }
+                    // Streams: records in chunks, extending while the limit allows.
+                    1 => {
+                        for _ in 0..1 + rng.below(6) {
+                            let chunk = 1 + rng.below(40);
+                            if hold.record(chunk).is_err() {
+                                if hold.extend(chunk).await.is_err() {
+                                    break;
+                                }
+                                hold.record(chunk).unwrap();
+                            }
+                            recorded.fetch_add(chunk, std::sync::atomic::Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    // Records an actual at most its estimate.
+                    _ => {
+                        let actual = rng.below(estimate + 1);
+                        hold.record(actual).unwrap();
+                        recorded.fetch_add(actual, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                hold.settle();
+                assert!(ticket.complete(200));
+            }
+        });
+    }
+    // The clock moves while they run (leases age, prefetches and flushes happen).
+    while !tasks.is_empty() {
+        tokio::select! {
+            done = tasks.join_next() => { done.unwrap().unwrap(); }
+            () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {
+                handle.advance(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+    let recorded = recorded.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(recorded <= L, "recorded {recorded} of {L}");
+    assert!(recorded > L / 2, "the tasks spent most of it: {recorded}");
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let month = tollgate::config::Period::Month { anchor_day: 1 };
+    let (start, end) = month.bounds(NOON);
+    let key = QuotaKey::new("t".into(), "tokens".into(), month, start, end);
+    assert_eq!(store.reserved(&key).await.unwrap(), recorded, "taken = recorded, nothing stranded or lost");
+    let billed = common::committed(&*store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
+    assert_eq!(billed, recorded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_on_one_memory_store_never_record_past_the_limit() {
+    four_nodes_never_record_past_the_limit(Arc::new(tollgate::store::MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_on_one_sqlite_file_never_record_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("holds.db")).await.unwrap();
+    four_nodes_never_record_past_the_limit(Arc::new(store)).await;
+}
