@@ -751,7 +751,8 @@ impl<'a> QuotaRef<'a> {
         let cold = self.cold();
         let mut word = self.hot.lease.load(Ordering::Acquire);
         while Lease::tag(word) == tag {
-            let next = Lease::word(tag, (Lease::value(word) + cost as i64).min(Lease::MAX));
+            let cost = i64::try_from(cost).unwrap_or(i64::MAX);
+            let next = Lease::word(tag, Lease::value(word).saturating_add(cost).min(Lease::MAX));
             match self.hot.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     cold.exhausted.store(false, Ordering::Release);

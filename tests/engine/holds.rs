@@ -265,8 +265,10 @@ async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::store::
         let (h, recorded) = (nodes[i as usize % 4].clone(), recorded.clone());
         tasks.spawn(async move {
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1));
-            let mut refused = 0;
+            let (mut refused, mut calls) = (0, 0);
             while refused < 3 {
+                calls += 1;
+                assert!(calls < 2_000, "never refused: the holds do not hold the limit");
                 let Ok((ticket, ctx)) = admit(&h, "key-t").await else {
                     refused += 1;
                     continue;
@@ -347,4 +349,47 @@ async fn four_nodes_on_one_sqlite_file_never_record_past_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let store = tollgate::store::SqliteStore::open(dir.path().join("holds.db")).await.unwrap();
     four_nodes_never_record_past_the_limit(Arc::new(store)).await;
+}
+
+/// A hold no period could cover (past the limit) is refused before anything is taken.
+#[tokio::test]
+async fn a_hold_past_the_limit_is_refused_and_takes_nothing() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let r = ctx.hold("tokens", 501).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+    let r = ctx.hold("tokens", u64::MAX).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+    let all = ctx.hold_with("tokens", 500, Overrun::Refuse).await.expect("nothing was taken");
+    drop(all);
+    ticket.give_back();
+}
+
+/// A hold belongs to the period it was taken in: recorded after the period's end, what it
+/// held is billed in that period's last window, and what it did not record goes back to that
+/// period's counter, not to the new one.
+#[tokio::test]
+async fn a_hold_across_the_period_end_stays_in_its_period() {
+    let toml = TOML.replace(
+        "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
+        "limit = 500, period = \"day\", mode = \"hard\", lease = 100",
+    );
+    let day = NOON - NOON.rem_euclid(86_400);
+    let midnight = day + 86_400;
+    let h = Harness::at(&toml, midnight - 60);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 100, Overrun::Refuse).await.unwrap();
+    h.clock.advance(std::time::Duration::from_secs(120));
+    hold.record(60).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    h.tollgate.shutdown().await.unwrap();
+    let first = tollgate::config::Period::Day.bounds(midnight - 1);
+    let second = tollgate::config::Period::Day.bounds(midnight);
+    let key = |(start, end)| QuotaKey::new("t".into(), "tokens".into(), tollgate::config::Period::Day, start, end);
+    assert_eq!(h.reserved(&key(first)).await, 60, "the first day's counter: what was recorded");
+    assert_eq!(h.reserved(&key(second)).await, 0, "nothing of it moved to the next day");
+    let store = h.tollgate.usage_store();
+    assert_eq!(common::committed(&**store, "t", "tokens", day, midnight, 3600).await, 60, "billed on the first day");
+    assert_eq!(common::committed(&**store, "t", "tokens", midnight, midnight + 86_400, 3600).await, 0);
 }

@@ -5,11 +5,7 @@
 
 use std::{borrow::Cow, sync::Arc};
 
-use crate::engine::{
-    admit::{admission::NO_TAG, ticket::UNLEASED},
-    shared::Shared,
-    usage::lease::Refill,
-};
+use crate::engine::{admit::admission::NO_TAG, shared::Shared, usage::lease::Refill, Prefetch};
 use crate::{
     config::StoreErrorPolicy,
     response::{Rejection, RejectionKind},
@@ -44,8 +40,9 @@ impl TenantContext {
     /// # Errors
     /// The rejection to answer with (put it in the response as it is, so the front door gives
     /// the request's units back): 429 when the quota's period cannot cover `units` (402 for a
-    /// balance), 503 when the store does not answer and the quota fails closed. In shadow
-    /// mode the refusal is counted and the units taken past the limit.
+    /// balance; a hold past the limit is refused before anything is taken), 503 when the store
+    /// does not answer and the quota fails closed (failing open, the hold holds nothing). In
+    /// shadow mode the refusal is counted and the units taken past the limit.
     pub async fn hold(&self, meter: &str, units: u64) -> Result<Hold, Rejection> {
         self.hold_with(meter, units, Overrun::Debt).await
     }
@@ -97,8 +94,7 @@ pub struct Hold {
     charged: bool,
     /// Whether units are held from a quota (a hard quota or a balance).
     live: bool,
-    /// The tag of the period the held units came from ([`NO_TAG`]: none; [`UNLEASED`]: taken
-    /// past the lease, owed to the store).
+    /// The tag of the period the held units came from ([`NO_TAG`]: none).
     tag: u32,
     /// When they were taken (Unix seconds).
     at: i64,
@@ -159,20 +155,37 @@ impl Hold {
             if beyond > 0 {
                 match cell.try_take(beyond, now) {
                     Take::Taken { .. } => {}
-                    _ if self.overrun == Overrun::Refuse && !self.state.plan.shadow => {
-                        return Err(RecordError::Overrun(beyond));
+                    _ if self.overrun == Overrun::Refuse => {
+                        if !self.state.plan.shadow {
+                            return Err(RecordError::Overrun(beyond));
+                        }
+                        // Shadow mode: counted, and recorded past the limit.
+                        self.state.plan.metrics.would_refuse(RejectionKind::QuotaExceeded).increment(1);
+                        cell.force_take(beyond, now);
                     }
                     _ => {
                         cell.force_take(beyond, now);
                     }
                 }
             }
-            self.held -= covered;
-        } else if let Some(cell) = self.state.quota(meter) {
-            // A soft quota: counted as `record` counts it.
-            cell.force_take(units, now);
+            // Held units belong to the period they were taken in: after its end, they are
+            // recorded in its last second, as its counter charged them.
+            let (_, end) = cell.window(self.at);
+            let at = if now >= end && !cell.prepaid() { end - 1 } else { now };
+            if covered > 0 {
+                self.held -= covered;
+                self.state.record(meter, at, covered);
+            }
+            if beyond > 0 {
+                self.state.record(meter, now, beyond);
+            }
+        } else {
+            if let Some(cell) = self.state.quota(meter) {
+                // A soft quota: counted as `record` counts it.
+                cell.force_take(units, now);
+            }
+            self.state.record(meter, now, units);
         }
-        self.state.record(meter, now, units);
         self.state.plan.metrics.usage_units.increment(units);
         self.recorded += units;
         Ok(())
@@ -191,16 +204,18 @@ impl Hold {
             return Ok(());
         }
         let Ok(meter) = self.meter else { return Ok(()) };
-        let (tag, at) = take(&self.state, meter, units).await?;
+        // `None`: the store did not answer and the quota fails open: nothing is held, and
+        // what is recorded is charged as `record` charges it.
+        let Some((tag, at)) = take(&self.state, meter, units).await? else { return Ok(()) };
         if self.live && tag != self.tag && self.held > 0 {
             // The period rolled since: what is left of the old one goes back to it.
-            give_back(&self.state, meter, self.held, self.tag, self.at);
+            give_back(&self.state, meter, self.held, self.tag);
             self.held = 0;
         }
         self.live = true;
         self.tag = tag;
         self.at = at;
-        self.held += units;
+        self.held = self.held.saturating_add(units);
         Ok(())
     }
 
@@ -214,7 +229,7 @@ impl Hold {
             return;
         }
         if let Ok(meter) = self.meter {
-            give_back(&self.state, meter, self.held, self.tag, self.at);
+            give_back(&self.state, meter, self.held, self.tag);
         }
         self.held = 0;
     }
@@ -238,14 +253,10 @@ impl std::fmt::Debug for Hold {
 }
 
 /// Gives `units` held from the period tagged `tag` back: to its lease, or after its roll to its
-/// counter in the store; units taken past the lease are owed no more.
-fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32, at: i64) {
-    let Some(cell) = state.quota(meter) else { return };
-    if let Ok(tag) = u16::try_from(tag) {
-        cell.refund(units, tag);
-    } else if tag == UNLEASED {
-        cell.refund_unleased(units, at);
-    }
+/// counter in the store.
+fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32) {
+    let (Some(cell), Ok(tag)) = (state.quota(meter), u16::try_from(tag)) else { return };
+    cell.refund(units, tag);
     state.plan.metrics.refunded_units.increment(units);
 }
 
@@ -257,21 +268,29 @@ fn engine(state: &Tenant) -> Option<Arc<Shared>> {
 /// Takes `units` of the tenant's hard quota or balance on `meter` for a hold: from the lease,
 /// else with the cell's lock held from a refill (the units straight from its reservation), as
 /// a request that waits takes its cost. Returns the tag of the period they came from, and
-/// when.
-async fn take(state: &Tenant, meter: usize, units: u64) -> Result<(u32, i64), Rejection> {
+/// when; `None` when the store did not answer and the quota fails open (nothing held).
+async fn take(state: &Tenant, meter: usize, units: u64) -> Result<Option<(u32, i64)>, Rejection> {
     let cell = state.quota(meter).expect("a hold takes from a quota");
     let at = state.clock.unix_secs();
-    if i64::try_from(units).is_err() {
-        return Err(spent(state, meter, at));
+    // A hold no period could ever cover is refused before anything is asked: a calendar
+    // quota's limit, or the largest balance a store keeps.
+    let most = if cell.prepaid() { crate::base::MAX_BALANCE } else { cell.spec.limit().get() };
+    if units > most {
+        return refused(state, meter, units, at, false);
     }
     match cell.try_take(units, at) {
-        Take::Taken { tag, .. } => return Ok((u32::from(tag), at)),
-        Take::Exhausted => return refused(state, meter, units, at),
+        Take::Taken { tag, left } => {
+            if cell.wants_prefetch(left) {
+                prefetch(state, meter);
+            }
+            return Ok(Some((u32::from(tag), at)));
+        }
+        Take::Exhausted => return refused(state, meter, units, at, true),
         Take::NeedLease => {}
     }
     let Some(shared) = engine(state) else {
         // The engine is gone (shut down and dropped): nothing can be asked of the store.
-        return Err(unavailable(state));
+        return failed(state, meter);
     };
     let rt = shared.runtime().load_full();
     let outcome = shared
@@ -290,24 +309,40 @@ async fn take(state: &Tenant, meter: usize, units: u64) -> Result<(u32, i64), Re
         })
         .await;
     match outcome {
-        Ok(Ok(taken)) => Ok(taken),
-        Ok(Err(())) => refused(state, meter, units, at),
-        Err(_) => match state.plan.quota_policy(meter) {
-            // Held without a lease: owed, and charged to the period once the store answers.
-            StoreErrorPolicy::FailOpen => Ok((cell.force_take(units, at).map_or(UNLEASED, u32::from), at)),
-            StoreErrorPolicy::FailClosed => Err(unavailable(state)),
-        },
+        Ok(Ok(taken)) => Ok(Some(taken)),
+        Ok(Err(())) => refused(state, meter, units, at, true),
+        Err(_) => failed(state, meter),
     }
 }
 
-/// A hold the limit cannot cover: refused, or in shadow mode counted and taken past it.
-fn refused(state: &Tenant, meter: usize, units: u64, at: i64) -> Result<(u32, i64), Rejection> {
+/// The store did not answer: the quota's policy decides. Failing open, nothing is held.
+fn failed(state: &Tenant, meter: usize) -> Result<Option<(u32, i64)>, Rejection> {
+    match state.plan.quota_policy(meter) {
+        StoreErrorPolicy::FailOpen => Ok(None),
+        StoreErrorPolicy::FailClosed => Err(unavailable(state)),
+    }
+}
+
+/// Asks the worker to refill the lease ahead of need, as a request that took from it does.
+fn prefetch(state: &Tenant, meter: usize) {
+    let Some(shared) = engine(state) else { return };
+    if shared.prefetch().try_send(Prefetch { state: state.clone(), meter }).is_err() {
+        if let Some(cell) = state.quota(meter) {
+            cell.prefetch_done();
+        }
+    }
+}
+
+/// A hold the limit cannot cover: refused, or in shadow mode counted and (when the period
+/// could ever cover it, `fits`) taken past the limit.
+fn refused(state: &Tenant, meter: usize, units: u64, at: i64, fits: bool) -> Result<Option<(u32, i64)>, Rejection> {
     let r = spent(state, meter, at);
     if state.plan.shadow {
         state.plan.metrics.would_refuse(r.kind()).increment(1);
         tracing::debug!(tenant = %state.id, "shadow mode: would refuse a hold ({r})");
         let cell = state.quota(meter).expect("a hold takes from a quota");
-        return Ok((cell.force_take(units, at).map_or(UNLEASED, u32::from), at));
+        // Taken past the limit from this period's lease; owed outside a lease, nothing is held.
+        return Ok(fits.then(|| cell.force_take(units, at)).flatten().map(|tag| (u32::from(tag), at)));
     }
     state.plan.metrics.rejected(r.kind()).increment(1);
     Err(r)
