@@ -24,12 +24,38 @@ pub(crate) struct Metrics {
     /// Anonymous requests without a client address (one shared bucket).
     /// Refusals shadow mode let through, by reason.
     pub(crate) would_refuse: [Counter; RejectionKind::ALL.len()],
+    /// Holds: taken, extended, refused, settled ([`HOLD_OUTCOMES`]).
+    holds: [Counter; 4],
+    /// Units held and not recorded, given back when their holds settled.
+    pub(crate) hold_returned_units: Counter,
+}
+
+/// What happened to a hold, as labelled in `tollgate_holds_total`.
+const HOLD_OUTCOMES: [&str; 4] = ["taken", "extended", "refused", "settled"];
+
+/// What happened to a hold, for [`Metrics::hold`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum HoldOutcome {
+    /// A hold took its first units.
+    Taken = 0,
+    /// A hold took more.
+    Extended = 1,
+    /// A hold (or an extension) was refused.
+    Refused = 2,
+    /// A hold that held units settled (or dropped).
+    Settled = 3,
 }
 
 /// The reasons a usage event is refused, as labelled in `tollgate_usage_events_total`.
 const EVENT_REFUSALS: [&str; 6] = ["invalid", "too_old", "in_future", "quota", "store_error", "not_yet"];
 
 impl Metrics {
+    /// The counter of holds with this outcome.
+    #[inline]
+    pub(crate) fn hold(&self, outcome: HoldOutcome) -> &Counter {
+        &self.holds[outcome as usize]
+    }
+
     pub(crate) fn register() -> Self {
         Self {
             admitted: counter!("tollgate_requests_admitted_total"),
@@ -46,6 +72,8 @@ impl Metrics {
             ],
             would_refuse: RejectionKind::ALL
                 .map(|k| counter!("tollgate_shadow_would_refuse_total", "reason" => k.label())),
+            holds: HOLD_OUTCOMES.map(|o| counter!("tollgate_holds_total", "outcome" => o)),
+            hold_returned_units: counter!("tollgate_hold_returned_units_total"),
             events: std::array::from_fn(|i| {
                 let outcome = match i {
                     0 => "applied",

@@ -211,3 +211,30 @@ async fn shadow_mode_counts_what_it_would_refuse_by_reason() {
     assert_eq!(recorder.get("tollgate_usage_recorded_units_total"), 4, "the tenant's requests are billed");
     assert_eq!(layer.handle().stats().shadow_would_refuse, 8);
 }
+
+/// Holds are counted by outcome, with the units they gave back.
+#[tokio::test]
+async fn holds_are_counted_by_outcome() {
+    let config = Config::from_toml_str(common::holds::TOML).unwrap();
+    let recorder = Recording::default();
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = metrics::with_local_recorder(&recorder, || Tollgate::builder(config).clock(clock).build());
+    let info = tollgate::door::RequestInfo::new("POST", "/generate", tollgate::door::Credential::ApiKey(b"key-t"));
+    let ticket = match engine.admit(&info) {
+        tollgate::door::Admission::Admitted(t) => t,
+        tollgate::door::Admission::Pending(p) => engine.resolve(p).await.unwrap(),
+        tollgate::door::Admission::Rejected(r) => panic!("{r}"),
+    };
+    let ctx = ticket.context();
+    let mut hold = ctx.hold("tokens", 100).await.unwrap();
+    hold.record(40).unwrap();
+    hold.extend(10).await.unwrap();
+    hold.settle();
+    assert!(ctx.hold("tokens", 501).await.is_err());
+    assert!(ticket.complete(200));
+    assert_eq!(recorder.get("tollgate_holds_total{outcome=taken}"), 1);
+    assert_eq!(recorder.get("tollgate_holds_total{outcome=extended}"), 1);
+    assert_eq!(recorder.get("tollgate_holds_total{outcome=settled}"), 1);
+    assert_eq!(recorder.get("tollgate_holds_total{outcome=refused}"), 1);
+    assert_eq!(recorder.get("tollgate_hold_returned_units_total"), 70);
+}

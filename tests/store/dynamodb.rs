@@ -390,3 +390,12 @@ async fn a_payment_granted_before_its_marker_existed_is_granted_once() {
     let again = store.grant_credits(&second).await.unwrap();
     assert!(matches!(&again, GrantOutcome::Duplicate(g) if g.id == "pi_X"), "{again:?}");
 }
+
+/// Holds across four engines on one DynamoDB table (the local server answers one call at a
+/// time), their workers running and the clock moving: what is recorded never passes the
+/// limit, and after shutdown the counter holds exactly what was recorded (`common::holds`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_holding_never_record_past_the_limit() {
+    let Some(store) = dynamo::table().await else { return };
+    common::holds::four_nodes_never_record_past_the_limit(Arc::new(store)).await;
+}

@@ -522,3 +522,12 @@ async fn drifted_key_counts_are_counted_again_by_the_prune() {
     assert_eq!(claimed, IdempotencyState::Claimed, "counted again: one key in its shard");
     assert_eq!(psql(&format!("SELECT sum(n) FROM {}.idempotency_count", options.schema)), "1");
 }
+
+/// Holds across four engines on one PostgreSQL schema, their workers running and the clock
+/// moving: what is recorded never passes the limit, and after shutdown the counter holds
+/// exactly what was recorded (`common::holds`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_holding_never_record_past_the_limit() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::holds::four_nodes_never_record_past_the_limit(Arc::new(store)).await;
+}

@@ -8,6 +8,7 @@ use std::{borrow::Cow, sync::Arc};
 use crate::engine::{admit::admission::NO_TAG, shared::Shared, usage::lease::Refill, Prefetch};
 use crate::{
     config::StoreErrorPolicy,
+    metrics::HoldOutcome,
     response::{Rejection, RejectionKind},
     tenant::{QuotaRef, Take, Tenant},
     usage::{RecordError, TenantContext},
@@ -206,7 +207,13 @@ impl Hold {
         let Ok(meter) = self.meter else { return Ok(()) };
         // `None`: the store did not answer and the quota fails open: nothing is held, and
         // what is recorded is charged as `record` charges it.
-        let Some((tag, at)) = take(&self.state, meter, units).await? else { return Ok(()) };
+        let taken = take(&self.state, meter, units).await;
+        if taken.is_err() {
+            self.state.plan.metrics.hold(HoldOutcome::Refused).increment(1);
+        }
+        let Some((tag, at)) = taken? else { return Ok(()) };
+        let outcome = if self.live { HoldOutcome::Extended } else { HoldOutcome::Taken };
+        self.state.plan.metrics.hold(outcome).increment(1);
         if self.live && tag != self.tag && self.held > 0 {
             // The period rolled since: what is left of the old one goes back to it.
             give_back(&self.state, meter, self.held, self.tag);
@@ -225,7 +232,12 @@ impl Hold {
     }
 
     fn release(&mut self) {
-        if self.held == 0 || !self.live {
+        if !self.live {
+            return;
+        }
+        self.live = false;
+        self.state.plan.metrics.hold(HoldOutcome::Settled).increment(1);
+        if self.held == 0 {
             return;
         }
         if let Ok(meter) = self.meter {
@@ -257,7 +269,7 @@ impl std::fmt::Debug for Hold {
 fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32) {
     let (Some(cell), Ok(tag)) = (state.quota(meter), u16::try_from(tag)) else { return };
     cell.refund(units, tag);
-    state.plan.metrics.refunded_units.increment(units);
+    state.plan.metrics.hold_returned_units.increment(units);
 }
 
 /// The engine the tenant's plan was compiled for, if it still runs.

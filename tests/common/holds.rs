@@ -1,0 +1,160 @@
+//! Holds across a fleet: the configuration, requests and the fleet check the engine's and the
+//! stores' tests share.
+
+use std::sync::Arc;
+
+use super::{committed, node_with_worker, Harness, NOON};
+use tollgate::{
+    door::{Admission, Credential, RequestInfo, Ticket},
+    store::QuotaKey,
+    Overrun, RejectionKind, TenantContext,
+};
+
+/// Tenants `t` and `u` with a hard tokens quota of 500 a month, `s` with a soft one, and the
+/// route that reports tokens.
+pub const TOML: &str = r#"
+[meters.tokens]
+[plans.p]
+quotas.tokens = { limit = 500, period = "month", mode = "hard", lease = 100 }
+[plans.soft]
+quotas.tokens = { limit = 500, period = "month", mode = "soft" }
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[tenants.u]
+plan = "p"
+keys = ["key-u"]
+[tenants.s]
+plan = "soft"
+keys = ["key-s"]
+"#;
+
+/// An admitted request of the tenant with `key`, and its context.
+pub async fn admitted(h: &Harness, key: &'static str) -> (Ticket, TenantContext) {
+    admit(h, key).await.unwrap_or_else(|r| panic!("{r}"))
+}
+
+/// A request of the tenant with `key` on the route that reports tokens: admitted with its
+/// context, or refused (once the quota is spent, the route is refused before it works).
+pub async fn admit(h: &Harness, key: &'static str) -> Result<(Ticket, TenantContext), tollgate::Rejection> {
+    let info = RequestInfo::new("POST", "/generate", Credential::ApiKey(key.as_bytes()));
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await?,
+        Admission::Rejected(r) => return Err(r),
+    };
+    let ctx = ticket.context();
+    Ok((ticket, ctx))
+}
+
+/// A tiny xorshift, for the fleet's random estimates and actuals.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Four engines with their workers on one store, the clock moving: 8 tasks send calls that
+/// hold a random estimate and record a random actual at most the estimate, some streaming with
+/// extensions, some failing before they record. Never more than L is recorded; once the nodes
+/// shut down (their leases given back), the store's counter holds exactly what was recorded,
+/// and so does the usage billed.
+pub async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::store::StoreInspect>) {
+    const L: u64 = 2_000;
+    // Fail-closed with a long store timeout: on a loaded machine (the local DynamoDB server
+    // answers one call at a time) a slow answer must not refuse a hold, which is not what this
+    // test is about.
+    let toml = TOML.replace(
+        "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
+        &format!("limit = {L}, period = \"month\", mode = \"hard\", lease = 100"),
+    ) + "[usage]\nstore_timeout = \"30s\"\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Arc<Harness>> =
+        (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let recorded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let (h, recorded) = (nodes[i as usize % 4].clone(), recorded.clone());
+        tasks.spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1));
+            let (mut refused, mut calls) = (0, 0);
+            while refused < 3 {
+                calls += 1;
+                assert!(calls < 2_000, "never refused: the holds do not hold the limit");
+                let Ok((ticket, ctx)) = admit(&h, "key-t").await else {
+                    refused += 1;
+                    continue;
+                };
+                let estimate = 1 + rng.below(150);
+                let mut hold = match ctx.hold_with("tokens", estimate, Overrun::Refuse).await {
+                    Ok(hold) => hold,
+                    Err(r) => {
+                        assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+                        refused += 1;
+                        ticket.give_back();
+                        continue;
+                    }
+                };
+                match rng.below(4) {
+                    // Fails before it records: the whole hold goes back.
+                    0 => {
+                        drop(hold);
+                        ticket.give_back();
+                        continue;
+                    }
+                    // Streams: records in chunks, extending while the limit allows.
+                    1 => {
+                        for _ in 0..1 + rng.below(6) {
+                            let chunk = 1 + rng.below(40);
+                            if hold.record(chunk).is_err() {
+                                if hold.extend(chunk).await.is_err() {
+                                    break;
+                                }
+                                hold.record(chunk).unwrap();
+                            }
+                            recorded.fetch_add(chunk, std::sync::atomic::Ordering::SeqCst);
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    // Records an actual at most its estimate.
+                    _ => {
+                        let actual = rng.below(estimate + 1);
+                        hold.record(actual).unwrap();
+                        recorded.fetch_add(actual, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                hold.settle();
+                assert!(ticket.complete(200));
+            }
+        });
+    }
+    // The clock moves while they run (leases age, prefetches and flushes happen).
+    while !tasks.is_empty() {
+        tokio::select! {
+            done = tasks.join_next() => { done.unwrap().unwrap(); }
+            () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {
+                handle.advance(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+    let recorded = recorded.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(recorded <= L, "recorded {recorded} of {L}");
+    assert!(recorded > L / 2, "the tasks spent most of it: {recorded}");
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let month = tollgate::config::Period::Month { anchor_day: 1 };
+    let (start, end) = month.bounds(NOON);
+    let key = QuotaKey::new("t".into(), "tokens".into(), month, start, end);
+    assert_eq!(store.reserved(&key).await.unwrap(), recorded, "taken = recorded, nothing stranded or lost");
+    let billed = committed(&*store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
+    assert_eq!(billed, recorded);
+}
