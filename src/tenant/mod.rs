@@ -11,5 +11,5 @@ pub(crate) use handle::Tenant;
 pub use key::{Credential, Identity};
 pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
 pub(crate) use state::{
-    Call, CallKind, GcraCell, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantCells, TenantState,
+    Call, CallKind, GcraCell, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantCells, TenantState, LEASE_MAX,
 };

@@ -332,6 +332,9 @@ impl Lease {
     }
 }
 
+/// The most units a lease holds (and the largest debt): a hold larger than this is refused.
+pub(crate) const LEASE_MAX: u64 = Lease::MAX as u64;
+
 /// The most periods whose units taken outside a lease are owed separately.
 const UNLEASED_PERIODS: usize = 4;
 

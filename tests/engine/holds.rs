@@ -245,3 +245,41 @@ async fn a_hold_across_the_period_end_stays_in_its_period() {
     assert_eq!(common::committed(&**store, "t", "tokens", day, midnight, 3600).await, 60, "billed on the first day");
     assert_eq!(common::committed(&**store, "t", "tokens", midnight, midnight + 86_400, 3600).await, 0);
 }
+
+/// The store down and the quota failing open: a hold holds nothing, and what the work
+/// records is charged as `record` charges it (even with `Overrun::Refuse`): billed, owed to
+/// the store once it answers.
+#[tokio::test]
+async fn failing_open_a_hold_holds_nothing_and_its_records_are_charged() {
+    let toml = TOML.replace("[plans.p]\n", "[plans.p]\non_store_error = \"fail-open\"\n");
+    let store = Arc::new(common::Faulty::default());
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut hold = ctx.hold_with("tokens", 300, Overrun::Refuse).await.expect("failing open");
+    assert_eq!(hold.held(), 0);
+    hold.record(300).expect("charged as record charges it");
+    hold.settle();
+    assert!(ticket.complete(200));
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(tokens_billed(&h, "t").await, 300);
+}
+
+/// In shadow mode a hold the limit cannot cover is counted and taken past it (one no period
+/// could cover takes nothing); its records are billed.
+#[tokio::test]
+async fn in_shadow_mode_a_refused_hold_is_taken_past_the_limit() {
+    let toml = TOML.replace("[plans.p]\n", "[plans.p]\nshadow = true\n");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut first = ctx.hold_with("tokens", 400, Overrun::Refuse).await.unwrap();
+    let mut second = ctx.hold_with("tokens", 200, Overrun::Refuse).await.expect("shadow: not refused");
+    assert_eq!(second.held(), 200, "taken past the limit");
+    let past = ctx.hold_with("tokens", 501, Overrun::Refuse).await.expect("shadow: not refused");
+    assert_eq!(past.held(), 0, "no period could cover it: nothing taken");
+    first.record(400).unwrap();
+    second.record(250).expect("shadow: recorded past the hold");
+    drop((first, second, past));
+    assert!(ticket.complete(200));
+    assert_eq!(tokens_billed(&h, "t").await, 650);
+}

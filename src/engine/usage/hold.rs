@@ -10,7 +10,7 @@ use crate::{
     config::StoreErrorPolicy,
     metrics::HoldOutcome,
     response::{Rejection, RejectionKind},
-    tenant::{QuotaRef, Take, Tenant},
+    tenant::{QuotaRef, Take, Tenant, LEASE_MAX},
     usage::{RecordError, TenantContext},
 };
 
@@ -43,7 +43,8 @@ impl TenantContext {
     /// the request's units back): 429 when the quota's period cannot cover `units` (402 for a
     /// balance; a hold past the limit is refused before anything is taken), 503 when the store
     /// does not answer and the quota fails closed (failing open, the hold holds nothing). In
-    /// shadow mode the refusal is counted and the units taken past the limit.
+    /// shadow mode the refusal is counted and the units taken past the limit (a hold past the
+    /// limit takes nothing).
     pub async fn hold(&self, meter: &str, units: u64) -> Result<Hold, Rejection> {
         self.hold_with(meter, units, Overrun::Debt).await
     }
@@ -102,12 +103,15 @@ pub struct Hold {
     held: u64,
     recorded: u64,
     overrun: Overrun,
+    /// Whether the store did not answer and the quota failed open: nothing is held, and
+    /// records are charged as [`TenantContext::record`] charges them.
+    open: bool,
 }
 
 impl Hold {
     pub(crate) fn new(state: Tenant, meter: Result<usize, Box<str>>, charged: bool, overrun: Overrun) -> Self {
         let at = state.clock.unix_secs();
-        Self { state, meter, charged, live: false, tag: NO_TAG, at, held: 0, recorded: 0, overrun }
+        Self { state, meter, charged, live: false, tag: NO_TAG, at, held: 0, recorded: 0, overrun, open: false }
     }
 
     /// Units held and not recorded yet.
@@ -150,7 +154,7 @@ impl Hold {
             return Ok(());
         }
         let now = self.state.clock.unix_secs();
-        if let Some(cell) = self.cell() {
+        if let Some(cell) = self.cell().filter(|_| !self.open) {
             let covered = units.min(self.held);
             let beyond = units - covered;
             if beyond > 0 {
@@ -161,7 +165,9 @@ impl Hold {
                             return Err(RecordError::Overrun(beyond));
                         }
                         // Shadow mode: counted, and recorded past the limit.
-                        self.state.plan.metrics.would_refuse(RejectionKind::QuotaExceeded).increment(1);
+                        let kind =
+                            if cell.prepaid() { self.state.plan.balance_refusal } else { RejectionKind::QuotaExceeded };
+                        self.state.plan.metrics.would_refuse(kind).increment(1);
                         cell.force_take(beyond, now);
                     }
                     _ => {
@@ -211,7 +217,10 @@ impl Hold {
         if taken.is_err() {
             self.state.plan.metrics.hold(HoldOutcome::Refused).increment(1);
         }
-        let Some((tag, at)) = taken? else { return Ok(()) };
+        let Some((tag, at)) = taken? else {
+            self.open = true;
+            return Ok(());
+        };
         let outcome = if self.live { HoldOutcome::Extended } else { HoldOutcome::Taken };
         self.state.plan.metrics.hold(outcome).increment(1);
         if self.live && tag != self.tag && self.held > 0 {
@@ -286,7 +295,7 @@ async fn take(state: &Tenant, meter: usize, units: u64) -> Result<Option<(u32, i
     let at = state.clock.unix_secs();
     // A hold no period could ever cover is refused before anything is asked: a calendar
     // quota's limit, or the largest balance a store keeps.
-    let most = if cell.prepaid() { crate::base::MAX_BALANCE } else { cell.spec.limit().get() };
+    let most = if cell.prepaid() { crate::base::MAX_BALANCE } else { cell.spec.limit().get() }.min(LEASE_MAX);
     if units > most {
         return refused(state, meter, units, at, false);
     }
@@ -337,8 +346,9 @@ fn failed(state: &Tenant, meter: usize) -> Result<Option<(u32, i64)>, Rejection>
 
 /// Asks the worker to refill the lease ahead of need, as a request that took from it does.
 fn prefetch(state: &Tenant, meter: usize) {
-    let Some(shared) = engine(state) else { return };
-    if shared.prefetch().try_send(Prefetch { state: state.clone(), meter }).is_err() {
+    let sent = engine(state)
+        .is_some_and(|shared| shared.prefetch().try_send(Prefetch { state: state.clone(), meter }).is_ok());
+    if !sent {
         if let Some(cell) = state.quota(meter) {
             cell.prefetch_done();
         }
