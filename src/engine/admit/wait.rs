@@ -4,9 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::engine::{
-    admit::admission::NO_TAG, admit::ticket::UNLEASED, engine::Partial, usage::lease::Refill, Ticket, Tollgate,
-};
+use crate::engine::{admit::admission::NO_TAG, admit::ticket::UNLEASED, engine::Partial, Ticket, Tollgate};
 use crate::{
     config::StoreErrorPolicy,
     plan::{RouteCost, Runtime},
@@ -54,15 +52,10 @@ impl Tollgate {
                         Err(_) => Err(()),
                     });
                 }
-                match cell.try_take(u64::from(cost), at) {
-                    Take::Taken { left, tag } => return Ok(Ok((Some(tag), left, None))),
-                    Take::Exhausted => return Ok(Err(())),
-                    Take::NeedLease => {}
-                }
-                match self.shared.leases().refill_locked(rt, cell, at, u64::from(cost)).await? {
-                    Refill::Taken { tag, start } => Ok(Ok((Some(tag), cell.lease(), Some(start)))),
-                    Refill::Short | Refill::Done => Ok(Err(())),
-                }
+                Ok(match self.shared.leases().take_locked(rt, cell, at, u64::from(cost)).await? {
+                    Some(t) => Ok((Some(t.tag), t.left, t.start)),
+                    None => Err(()),
+                })
             })
             .await;
         match outcome {

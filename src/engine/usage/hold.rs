@@ -5,7 +5,7 @@
 
 use std::{borrow::Cow, sync::Arc};
 
-use crate::engine::{admit::admission::NO_TAG, shared::Shared, usage::lease::Refill, Prefetch};
+use crate::engine::{admit::admission::NO_TAG, shared::Shared, Prefetch};
 use crate::{
     config::StoreErrorPolicy,
     metrics::HoldOutcome,
@@ -317,16 +317,12 @@ async fn take(state: &Tenant, meter: usize, units: u64) -> Result<Option<(u32, i
     let outcome = shared
         .stores()
         .under_lock(cell.lock(), async {
+            // A call left in flight by a timeout may have landed: its units come first.
             shared.leases().settle_inflight(cell).await?;
-            match cell.try_take(units, at) {
-                Take::Taken { tag, .. } => return Ok(Ok((u32::from(tag), at))),
-                Take::Exhausted => return Ok(Err(())),
-                Take::NeedLease => {}
-            }
-            match shared.leases().refill_locked(&rt, cell, at, units).await? {
-                Refill::Taken { tag, start } => Ok(Ok((u32::from(tag), at.max(start)))),
-                Refill::Short | Refill::Done => Ok(Err(())),
-            }
+            Ok(match shared.leases().take_locked(&rt, cell, at, units).await? {
+                Some(t) => Ok((u32::from(t.tag), t.start.map_or(at, |start| at.max(start)))),
+                None => Err(()),
+            })
         })
         .await;
     match outcome {

@@ -29,6 +29,16 @@ pub(crate) enum Refill {
     Done,
 }
 
+/// Units taken for a request or a hold with the cell's lock held ([`Leases::take_locked`]).
+pub(crate) struct Taken {
+    /// The tag of the period they came from.
+    pub(crate) tag: u16,
+    /// The units left in the lease after them.
+    pub(crate) left: i64,
+    /// The start of the period a refill took them from (`None`: from the lease as it was).
+    pub(crate) start: Option<i64>,
+}
+
 /// Whether the store's answer says the hard limit is reached: nothing left to lease. (A grant
 /// smaller than asked does not say it: near the limit, grants shrink.)
 fn spent(limit: Option<u64>, grant: &Grant) -> bool {
@@ -231,6 +241,28 @@ impl Leases {
                 _ => Refill::Short,
             })
         }
+    }
+
+    /// Takes `units` of `cell` at `at` for a request or a hold, with the cell's lock held by
+    /// the caller: from the lease if a refill came in meanwhile, else straight from a new
+    /// reservation (asking at least `units`), so that no other request can take them first.
+    /// `None`: the limit cannot cover them.
+    pub(crate) async fn take_locked(
+        &self,
+        rt: &Runtime,
+        cell: QuotaRef<'_>,
+        at: i64,
+        units: u64,
+    ) -> Result<Option<Taken>, StoreError> {
+        match cell.try_take(units, at) {
+            crate::tenant::Take::Taken { tag, left } => return Ok(Some(Taken { tag, left, start: None })),
+            crate::tenant::Take::Exhausted => return Ok(None),
+            crate::tenant::Take::NeedLease => {}
+        }
+        Ok(match self.refill_locked(rt, cell, at, units).await? {
+            Refill::Taken { tag, start } => Some(Taken { tag, left: cell.lease(), start: Some(start) }),
+            Refill::Short | Refill::Done => None,
+        })
     }
 
     /// Gives the unused units of `cell`'s lease back to the store and owes its debt (on
