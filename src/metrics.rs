@@ -24,14 +24,15 @@ pub(crate) struct Metrics {
     /// Anonymous requests without a client address (one shared bucket).
     /// Refusals shadow mode let through, by reason.
     pub(crate) would_refuse: [Counter; RejectionKind::ALL.len()],
-    /// Holds: taken, extended, refused, settled ([`HOLD_OUTCOMES`]).
-    holds: [Counter; 4],
+    /// Holds by outcome ([`HOLD_OUTCOMES`]).
+    holds: [Counter; 7],
     /// Units held and not recorded, given back when their holds settled.
     pub(crate) hold_returned_units: Counter,
 }
 
 /// What happened to a hold, as labelled in `tollgate_holds_total`.
-const HOLD_OUTCOMES: [&str; 4] = ["taken", "extended", "refused", "settled"];
+const HOLD_OUTCOMES: [&str; 7] =
+    ["taken", "extended", "refused_spent", "refused_held", "refused_full", "settled", "expired"];
 
 /// What happened to a hold, for [`Metrics::hold`].
 #[derive(Debug, Clone, Copy)]
@@ -40,10 +41,16 @@ pub(crate) enum HoldOutcome {
     Taken = 0,
     /// A hold took more.
     Extended = 1,
-    /// A hold (or an extension) was refused.
-    Refused = 2,
+    /// A hold (or an extension) was refused: the limit is spent.
+    RefusedSpent = 2,
+    /// A hold (or an extension) was refused: other requests hold the units.
+    RefusedHeld = 3,
+    /// A hold was refused: the node has `limits.max_holds` open.
+    RefusedFull = 4,
     /// A hold that held units settled (or dropped).
-    Settled = 3,
+    Settled = 5,
+    /// A hold was settled past its `hold_timeout`.
+    Expired = 6,
 }
 
 /// The reasons a usage event is refused, as labelled in `tollgate_usage_events_total`.
@@ -327,6 +334,17 @@ pub struct Stats {
     pub responses_not_stored: u64,
     /// Response bytes this node holds now while responses stream to be stored.
     pub response_bytes_buffered: u64,
+    /// Holds open on this node now ([`TenantContext::hold`](crate::TenantContext::hold)).
+    pub holds_open: u64,
+    /// Units those holds hold now (taken from the limits, not recorded yet).
+    pub units_held: u64,
+    /// Holds settled by the node past their `hold_timeout`, as recorded so far.
+    pub holds_expired: u64,
+    /// Records through a hold after the node settled it (past its `hold_timeout`, or at
+    /// shutdown): charged as debt.
+    pub records_after_settle: u64,
+    /// Holds refused because the node had `limits.max_holds` open.
+    pub holds_refused_full: u64,
 }
 
 impl Totals {
@@ -369,6 +387,11 @@ impl Totals {
             responses_stored: 0,
             responses_not_stored: 0,
             response_bytes_buffered: 0,
+            holds_open: 0,
+            units_held: 0,
+            holds_expired: 0,
+            records_after_settle: 0,
+            holds_refused_full: 0,
         }
     }
 }

@@ -43,6 +43,14 @@ pub enum RejectionKind {
     /// The path has a dot segment (`.` or `..`, perhaps percent-encoded), which routers serve
     /// differently: 400. Nothing is charged.
     MalformedPath,
+    /// A hold could not be taken because other requests of the tenant hold the units it needs
+    /// (they are not spent: they come back as those requests settle), or the node has
+    /// `limits.max_holds` holds open: 429 with `Retry-After: 1`. It names no policy, and its
+    /// `RateLimit` item's `r` is the units not held. Nothing is charged.
+    UnitsHeld,
+    /// The estimate a route's `hold` reads from a request header does not parse as a whole
+    /// number of units, is zero, or is above the hold's `max`: 400. Nothing is charged.
+    MalformedHoldEstimate,
 }
 
 macro_rules! docs {
@@ -56,13 +64,15 @@ impl RejectionKind {
     #[must_use]
     pub fn status(self) -> StatusCode {
         match self {
-            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::ConcurrencyLimited => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            RejectionKind::RateLimited
+            | RejectionKind::QuotaExceeded
+            | RejectionKind::ConcurrencyLimited
+            | RejectionKind::UnitsHeld => StatusCode::TOO_MANY_REQUESTS,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => StatusCode::UNAUTHORIZED,
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
-            | RejectionKind::MalformedPath => StatusCode::BAD_REQUEST,
+            | RejectionKind::MalformedPath
+            | RejectionKind::MalformedHoldEstimate => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             RejectionKind::CreditsExhausted => StatusCode::PAYMENT_REQUIRED,
             RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
@@ -82,11 +92,13 @@ impl RejectionKind {
             RejectionKind::RateLimited
             | RejectionKind::QuotaExceeded
             | RejectionKind::CreditsExhausted
-            | RejectionKind::ConcurrencyLimited => 8,
+            | RejectionKind::ConcurrencyLimited
+            | RejectionKind::UnitsHeld => 8,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
-            | RejectionKind::MalformedPath => 3,
+            | RejectionKind::MalformedPath
+            | RejectionKind::MalformedHoldEstimate => 3,
             RejectionKind::StoreUnavailable => 14,
             RejectionKind::IdempotencyKeyInUse => 10,
             RejectionKind::IdempotencyKeyMismatch => 9,
@@ -118,6 +130,8 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyMismatch => "Idempotency-Key reused",
             RejectionKind::FeatureNotInPlan => "Feature not in plan",
             RejectionKind::MalformedPath => "Malformed path",
+            RejectionKind::UnitsHeld => "Units held",
+            RejectionKind::MalformedHoldEstimate => "Malformed hold estimate",
         }
     }
 
@@ -138,6 +152,8 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyMismatch => docs!("IdempotencyKeyMismatch"),
             RejectionKind::FeatureNotInPlan => docs!("FeatureNotInPlan"),
             RejectionKind::MalformedPath => docs!("MalformedPath"),
+            RejectionKind::UnitsHeld => docs!("UnitsHeld"),
+            RejectionKind::MalformedHoldEstimate => docs!("MalformedHoldEstimate"),
         }
     }
 
@@ -158,10 +174,12 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyMismatch => "idempotency_key_mismatch",
             RejectionKind::FeatureNotInPlan => "feature_not_in_plan",
             RejectionKind::MalformedPath => "malformed_path",
+            RejectionKind::UnitsHeld => "units_held",
+            RejectionKind::MalformedHoldEstimate => "malformed_hold_estimate",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 13] = [
+    pub(crate) const ALL: [RejectionKind; 15] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::CreditsExhausted,
@@ -175,5 +193,7 @@ impl RejectionKind {
         RejectionKind::IdempotencyKeyMismatch,
         RejectionKind::FeatureNotInPlan,
         RejectionKind::MalformedPath,
+        RejectionKind::UnitsHeld,
+        RejectionKind::MalformedHoldEstimate,
     ];
 }

@@ -30,6 +30,8 @@ pub(crate) struct RawLimits {
     pub(crate) max_clients: Option<u64>,
     pub(crate) balance_status: Option<i64>,
     pub(crate) background_timeout: Option<String>,
+    pub(crate) hold_timeout: Option<String>,
+    pub(crate) max_holds: Option<u64>,
 }
 
 /// What the headers of a stored response are allowed beside its body, when the store's bound
@@ -122,6 +124,16 @@ pub struct Limits {
     /// settlement of `Idempotency-Key` claims and the worker's passes. They never fail fast;
     /// the request path's calls are bounded by `usage.store_timeout` instead.
     pub background_timeout: Duration,
+    /// The longest a request's hold ([`TenantContext::hold`](crate::TenantContext::hold), or
+    /// a route's `hold`) stays open (15 minutes by default; a route may set its own): past it,
+    /// it is settled as recorded so far (its other units given back) and counted
+    /// ([`Stats::holds_expired`](crate::Stats::holds_expired)); a record through it after
+    /// that is charged as debt.
+    pub hold_timeout: Duration,
+    /// The most holds open at once on a node (10,000 by default): a hold past it is refused,
+    /// 429 `Units held` with `Retry-After: 1`, and counted
+    /// (`tollgate_holds_total{outcome="refused_full"}`).
+    pub max_holds: usize,
 }
 
 impl Validator<'_, '_> {
@@ -230,6 +242,19 @@ impl Validator<'_, '_> {
                 None => 100_000,
                 Some(0) => return Err(self.invalid("limits.max_clients", "must be at least 1")),
                 Some(n) => n,
+            },
+            hold_timeout: {
+                let d =
+                    self.duration("limits.hold_timeout", l.hold_timeout.as_deref(), Duration::from_secs(15 * 60))?;
+                if d < Duration::from_secs(1) {
+                    return Err(self.invalid("limits.hold_timeout", "must be at least 1s"));
+                }
+                d
+            },
+            max_holds: match l.max_holds {
+                None => 10_000,
+                Some(0) => return Err(self.invalid("limits.max_holds", "must be at least 1")),
+                Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
             },
             background_timeout: {
                 let d = self.duration(

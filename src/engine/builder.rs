@@ -427,6 +427,7 @@ impl Builder {
             credit_expiry: crate::engine::usage::credits::CreditExpiry::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
+            holds: crate::engine::usage::held::OpenHolds::default(),
             unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
         };
         let shared = Arc::new(shared);

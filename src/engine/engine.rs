@@ -630,6 +630,12 @@ impl Tollgate {
         stats.responses_stored = responses.stored.load(std::sync::atomic::Ordering::Relaxed);
         stats.responses_not_stored = responses.not_stored_total();
         stats.response_bytes_buffered = responses.buffered.load(std::sync::atomic::Ordering::Relaxed);
+        let holds = self.shared.holds();
+        stats.holds_open = holds.len() as u64;
+        stats.units_held = holds.units();
+        stats.holds_expired = holds.expired.load(std::sync::atomic::Ordering::Relaxed);
+        stats.records_after_settle = holds.records_after_settle.load(std::sync::atomic::Ordering::Relaxed);
+        stats.holds_refused_full = holds.refused_full.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(clients) = self.shared.runtime().load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
             clients.cells.settle();
             stats.tracked_clients = clients.cells.len();

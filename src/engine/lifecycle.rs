@@ -19,6 +19,9 @@ pub struct ShutdownReport {
     /// Whether every lease was given back in time (a lease not given back stays leased until
     /// its period ends: a hard quota under-admits meanwhile).
     pub leases_returned: bool,
+    /// Holds still open when their share of the budget (a quarter) ran out: settled as
+    /// recorded so far, their other units given back before the leases were.
+    pub holds_closed: usize,
     /// Whether the export ran to its end (not asked for, or not in time: `false`; a durable
     /// store's next export sends what is left).
     pub exported: bool,
@@ -169,7 +172,14 @@ impl Tollgate {
         if !report.keys_settled {
             tracing::error!("shutdown: some Idempotency-Key settlements did not reach the store in time");
         }
-        // 3. Flush, retried while the store fails, leaving a third of the budget.
+        // 3. Wait for the open holds (their requests record what their work did), a quarter
+        // of the budget at most; settle the rest as recorded so far, before the flush takes
+        // their usage and the leases go back with their units.
+        if !self.shared.holds().drained(started + budget / 4).await {
+            report.holds_closed = self.shared.holds().close_all();
+            tracing::warn!(holds = report.holds_closed, "shutdown: holds still open were settled as recorded so far");
+        }
+        // 4. Flush, retried while the store fails, leaving a third of the budget.
         let flush_until = started + budget * 2 / 3;
         let mut delay = Duration::from_millis(20);
         let flushed = loop {
@@ -194,7 +204,7 @@ impl Tollgate {
                 Err(e) => break Err(e),
             }
         };
-        // 4. Give every lease back: what is left of the budget, at least a sixth of it.
+        // 5. Give every lease back: what is left of the budget, at least a sixth of it.
         let leases_until = deadline.max(tokio::time::Instant::now() + budget / 6);
         let mut live = Vec::new();
         self.shared.table().for_each(|s| live.push(s.clone()));
@@ -204,7 +214,7 @@ impl Tollgate {
                 "shutdown: not every lease was given back in time (their units stay leased until the period ends)"
             );
         }
-        // 5. Export in the time left.
+        // 6. Export in the time left.
         let mut unexported = None;
         if export && flushed.is_ok() {
             let mut delay = Duration::from_millis(20);

@@ -48,7 +48,12 @@ pub struct QuotaUsage {
     /// prepaid balance, the units taken from it by the whole fleet as the quota store holds
     /// them: spent, or leased by another node and not used yet (at most a lease per node).
     pub used: u64,
-    /// `limit − used`, 0 past the limit.
+    /// Units this node holds for open holds of the tenant
+    /// ([`TenantContext::hold`](crate::TenantContext::hold)): taken from the limit, not used
+    /// yet (not in `used`). Other nodes' holds are in `used` for a balance (as their leases
+    /// are), and not counted for a calendar quota.
+    pub held: u64,
+    /// `limit − used − held`, 0 past the limit.
     pub remaining: u64,
 }
 
@@ -157,21 +162,27 @@ impl Tollgate {
             let (_, found) = self.shared.stores().request().quota.credit_grants(tenant, Some(meter)).await?;
             let b = found.into_iter().find(|(m, _)| m == meter).map(|(_, b)| b).unwrap_or_default();
             let (_, end) = cell.period();
-            let held = if now < end { cell.lease().max(0) as u64 } else { 0 };
-            balances.insert(meter.clone(), (b.granted, b.reserved.saturating_sub(held)));
+            let leased = if now < end { cell.lease().max(0) as u64 } else { 0 };
+            balances.insert(meter.clone(), (b.granted, b.reserved.saturating_sub(leased).saturating_sub(cell.held())));
         }
+        // This node's holds, in every state of the tenant.
+        let held = |meter: &MeterId| -> u64 {
+            states.iter().filter_map(|s| s.quotas().find(|c| c.meter_id() == meter).map(|c| c.held())).sum()
+        };
         let quotas = periods
             .into_iter()
             .map(|(meter, period, start, end, limit, mode)| {
+                let held = held(&meter);
                 if let Some(&(granted, used)) = balances.get(&meter).filter(|_| period == Period::Prepaid) {
-                    let remaining = granted.saturating_sub(used);
-                    return QuotaUsage { meter, period, start, end, limit: granted, mode, used, remaining };
+                    let remaining = granted.saturating_sub(used).saturating_sub(held);
+                    return QuotaUsage { meter, period, start, end, limit: granted, mode, used, held, remaining };
                 }
                 let sum = |m: &BTreeMap<(MeterId, i64), u64>| -> u64 {
                     m.iter().filter(|((id, w), _)| *id == meter && *w >= start && *w < end).map(|(_, q)| *q).sum()
                 };
                 let used = sum(&in_periods).saturating_add(sum(&local));
-                QuotaUsage { meter, period, start, end, limit, mode, used, remaining: limit.saturating_sub(used) }
+                let remaining = limit.saturating_sub(used).saturating_sub(held);
+                QuotaUsage { meter, period, start, end, limit, mode, used, held, remaining }
             })
             .collect();
         let mut usage = in_range;

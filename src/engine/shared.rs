@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub(super) stopping: std::sync::atomic::AtomicBool,
     /// When the engine was built: settlements begun since then are all of them.
     pub(super) started: std::time::Instant,
+    /// The holds open on this node.
+    pub(super) holds: crate::engine::usage::held::OpenHolds,
 }
 
 impl Shared {
@@ -215,8 +217,13 @@ impl Shared {
         &self.stopping
     }
 
-    /// When the engine was built: settlements begun since then are all of them.
+    /// The holds open on this node.
     #[inline]
+    pub(crate) fn holds(&self) -> &crate::engine::usage::held::OpenHolds {
+        &self.holds
+    }
+
+    /// When the engine was built: settlements begun since then are all of them.
     pub(crate) fn started(&self) -> std::time::Instant {
         self.started
     }

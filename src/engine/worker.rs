@@ -55,7 +55,8 @@ impl Worker {
         let exports = Self::exports(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
         let reconciliations = Self::reconciliations(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
         let expiries = Self::credit_expiries(self.tollgate.clone(), self.shutdown.clone());
-        tokio::join!(self.background(), exports, reconciliations, expiries);
+        let holds = Self::hold_expiries(self.tollgate.clone(), self.shutdown.clone());
+        tokio::join!(self.background(), exports, reconciliations, expiries, holds);
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -70,6 +71,20 @@ impl Worker {
         periodically(shutdown, first, every, || async {
             if let Err(e) = tollgate.export().await {
                 tracing::warn!(error = %e, "usage export failed; retried at the next pass");
+            }
+            true
+        })
+        .await;
+    }
+
+    /// A pass settling the holds open past their `hold_timeout` every second, as recorded so
+    /// far (their other units given back).
+    async fn hold_expiries(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || Duration::from_secs(1);
+        periodically(shutdown, every(), every, || async {
+            let expired = tollgate.shared.holds().expire(tollgate.shared.clock().unix_secs());
+            if expired > 0 {
+                tracing::warn!(holds = expired, "holds open past limits.hold_timeout were settled as recorded so far");
             }
             true
         })

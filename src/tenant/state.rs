@@ -405,6 +405,8 @@ struct QuotaCold {
     late_refunds: AtomicU64,
     /// The sender id of this cell's store calls (0: not drawn yet).
     sender: AtomicU64,
+    /// Units this node holds for open holds: taken from the lease, not recorded yet.
+    held: AtomicU64,
 
     /// Touched only with `lock` held: the previous period, and the store call sent but not
     /// answered (it is sent again, with its token, before any other call of this cell).
@@ -418,6 +420,10 @@ pub(crate) struct Locked {
     /// The previous period's bounds (its key: [`QuotaRef::key`]).
     pub(crate) prev: Option<(i64, i64)>,
     pub(crate) inflight: Option<Box<Call>>,
+    /// Whether the lease was given back ([`QuotaRef::take_all`], on eviction, reload and
+    /// shutdown) and none leased since: units a hold gives back then go to the store, not to
+    /// a lease nobody returns. Also read, without the cell's lock, by a hold giving back.
+    pub(crate) returned: bool,
 }
 
 /// A store call of one quota cell.
@@ -766,6 +772,21 @@ impl<'a> QuotaRef<'a> {
         }
         if cold.prev_tag.load(Ordering::Acquire) == u32::from(tag) {
             cold.late_refunds.fetch_add(cost, Ordering::AcqRel);
+        }
+    }
+
+    /// Units this node holds for open holds.
+    pub(crate) fn held(&self) -> u64 {
+        self.cold().held.load(Ordering::Relaxed)
+    }
+
+    /// `units` more held (`true`) or no longer held (`false`) by an open hold.
+    pub(crate) fn count_held(&self, units: u64, more: bool) {
+        let held = &self.cold().held;
+        if more {
+            held.fetch_add(units, Ordering::Relaxed);
+        } else {
+            let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(h.saturating_sub(units)));
         }
     }
 

@@ -283,3 +283,148 @@ async fn in_shadow_mode_a_refused_hold_is_taken_past_the_limit() {
     assert!(ticket.complete(200));
     assert_eq!(tokens_billed(&h, "t").await, 650);
 }
+
+/// The month's key of tenant `tenant`'s tokens quota.
+fn month_key(tenant: &str) -> QuotaKey {
+    let period = tollgate::config::Period::Month { anchor_day: 1 };
+    let (start, end) = period.bounds(NOON);
+    QuotaKey::new(tenant.into(), "tokens".into(), period, start, end)
+}
+
+/// A hold refused because other requests hold the units (they come back as those end) is
+/// answered `Units held`: 429, `Retry-After: 1`, no policy named, `r` the units not held. One
+/// refused because the units are recorded answers as a spent quota does.
+#[tokio::test]
+async fn a_hold_others_keep_from_fitting_is_told_units_held_not_spent() {
+    let h = Harness::new(TOML);
+    let (t1, c1) = admitted(&h, "key-t").await;
+    let mut first = c1.hold_with("tokens", 450, Overrun::Refuse).await.unwrap();
+    let (t2, c2) = admitted(&h, "key-t").await;
+    let r = c2.hold_with("tokens", 100, Overrun::Refuse).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::UnitsHeld);
+    assert_eq!(r.status_code(), 429);
+    assert_eq!(r.retry_after(), Some(std::time::Duration::from_secs(1)));
+    assert_eq!(r.policy(), None, "it violates no policy");
+    let body: serde_json::Value = serde_json::from_slice(&r.problem_json()).unwrap();
+    assert!(body["type"].as_str().unwrap().ends_with("#variant.UnitsHeld"), "{body}");
+    assert!(body.get("policy").is_none() && body.get("violated-policies").is_none(), "{body}");
+    let mut headers = Vec::new();
+    r.for_each_header(|f, v| headers.push((f.name().to_owned(), v.to_owned())));
+    let item = headers.iter().find(|(f, _)| f.eq_ignore_ascii_case("ratelimit")).map(|(_, v)| v.clone());
+    assert!(item.as_deref().is_some_and(|v| v.contains("\"tokens-month\";r=50;")), "{headers:?}");
+    // The first request records all it held: spent, not held.
+    first.record(450).unwrap();
+    first.settle();
+    let r = c2.hold_with("tokens", 100, Overrun::Refuse).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+    assert_eq!(r.policy(), Some("tokens-month"));
+    let last = c2.hold_with("tokens", 50, Overrun::Refuse).await.expect("50 left, none held");
+    drop(last);
+    assert!(t1.complete(200));
+    t2.give_back();
+    assert_eq!(h.tollgate.stats().units_held, 0);
+}
+
+/// A hold settled after its tenant's lease was given back (a reload, an eviction) sends what
+/// it did not record to the store, instead of to a lease nobody returns.
+#[tokio::test]
+async fn a_hold_settled_after_its_lease_was_given_back_releases_to_the_store() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 300, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    h.tollgate.reload(tollgate::config::Config::from_toml_str(TOML).unwrap()).await.unwrap();
+    assert!(h.reserved(&month_key("t")).await >= 300, "the held units stay reserved while held");
+    hold.settle();
+    assert!(ticket.complete(200));
+    let mut reserved = 0;
+    for _ in 0..200 {
+        reserved = h.reserved(&month_key("t")).await;
+        if reserved == 100 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(reserved, 100, "what the hold did not record went back to the store");
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let rest = ctx.hold_with("tokens", 400, Overrun::Refuse).await.expect("400 are free again");
+    drop(rest);
+    ticket.give_back();
+    assert_eq!(tokens_billed(&h, "t").await, 100);
+}
+
+/// A hold open past `limits.hold_timeout` is settled by the worker as recorded so far: its
+/// other units come back, a record through it after that is charged as debt and counted, and
+/// it cannot be extended.
+#[tokio::test]
+async fn a_hold_open_past_its_timeout_is_settled_by_the_worker() {
+    let toml = format!("{TOML}\n[limits]\nhold_timeout = \"2s\"\n");
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = common::node_with_worker(&toml, store, clock, handle);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 400, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    assert_eq!((h.tollgate.stats().holds_open, h.tollgate.stats().units_held), (1, 300));
+    h.clock.advance(std::time::Duration::from_secs(3));
+    for _ in 0..300 {
+        if h.tollgate.stats().holds_expired == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let stats = h.tollgate.stats();
+    assert_eq!((stats.holds_expired, stats.holds_open, stats.units_held), (1, 0, 0));
+    assert_eq!(hold.held(), 0, "settled as recorded so far");
+    hold.record(30).expect("a record after the settle is charged as debt");
+    assert_eq!(h.tollgate.stats().records_after_settle, 1);
+    let r = hold.extend(10).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::StoreUnavailable);
+    drop(hold);
+    assert!(ticket.complete(200));
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let rest = ctx.hold_with("tokens", 370, Overrun::Refuse).await.expect("the 300 not recorded came back");
+    drop(rest);
+    ticket.give_back();
+    assert_eq!(tokens_billed(&h, "t").await, 130);
+}
+
+/// At most `limits.max_holds` holds are open on a node: past it a hold is refused with `Units
+/// held`, counted, and takes nothing.
+#[tokio::test]
+async fn holds_past_max_holds_are_refused_and_counted() {
+    let toml = format!("{TOML}\n[limits]\nmax_holds = 2\n");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let a = ctx.hold("tokens", 10).await.unwrap();
+    let b = ctx.hold("tokens", 10).await.unwrap();
+    let r = ctx.hold("tokens", 10).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::UnitsHeld);
+    assert_eq!(r.retry_after(), Some(std::time::Duration::from_secs(1)));
+    assert_eq!((h.tollgate.stats().holds_refused_full, h.tollgate.stats().units_held), (1, 20));
+    drop(a);
+    let c = ctx.hold("tokens", 10).await.expect("one settled, a place is free");
+    drop((b, c));
+    assert_eq!(h.tollgate.stats().holds_open, 0);
+    ticket.give_back();
+}
+
+/// Shutdown waits for open holds (a quarter of `usage.shutdown_timeout`), then settles them as
+/// recorded so far before the leases go back: the store keeps what was recorded, nothing held.
+#[tokio::test]
+async fn shutdown_settles_the_holds_still_open() {
+    let toml = format!("{TOML}\n[usage]\nshutdown_timeout = \"2s\"\n");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 300, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    assert!(ticket.complete(200));
+    let report = h.tollgate.shutdown().await.unwrap();
+    assert_eq!(report.holds_closed, 1);
+    assert!(report.leases_returned);
+    assert_eq!(h.reserved(&month_key("t")).await, 100, "recorded stays, the rest went back");
+    assert_eq!(hold.held(), 0);
+    let store = h.tollgate.usage_store();
+    assert_eq!(common::committed(&**store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await, 100);
+    drop(hold);
+}

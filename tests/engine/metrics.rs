@@ -235,6 +235,6 @@ async fn holds_are_counted_by_outcome() {
     assert_eq!(recorder.get("tollgate_holds_total{outcome=taken}"), 1);
     assert_eq!(recorder.get("tollgate_holds_total{outcome=extended}"), 1);
     assert_eq!(recorder.get("tollgate_holds_total{outcome=settled}"), 1);
-    assert_eq!(recorder.get("tollgate_holds_total{outcome=refused}"), 1);
+    assert_eq!(recorder.get("tollgate_holds_total{outcome=refused_spent}"), 1);
     assert_eq!(recorder.get("tollgate_hold_returned_units_total"), 70);
 }

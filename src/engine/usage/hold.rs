@@ -3,9 +3,13 @@
 //! out of the node's lease as a request's cost does (so the fleet's limit holds it), and waits
 //! on the store only when the lease is short.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{
+    borrow::Cow,
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
+};
 
 use crate::engine::{admit::admission::NO_TAG, shared::Shared, Prefetch};
+use crate::response::HeaderState;
 use crate::{
     config::StoreErrorPolicy,
     metrics::HoldOutcome,
@@ -56,7 +60,7 @@ impl TenantContext {
     pub async fn hold_with(&self, meter: &str, units: u64, overrun: Overrun) -> Result<Hold, Rejection> {
         let state = self.state().clone();
         let index = state.plan.meters.index(meter).ok_or_else(|| meter.into());
-        let mut hold = Hold::new(state, index, self.is_charged(), overrun);
+        let mut hold = Hold::new(state, index, self.is_charged(), overrun, None);
         hold.extend(units).await?;
         Ok(hold)
     }
@@ -87,114 +91,223 @@ pub enum Overrun {
 /// A hold on a meter where the tenant's plan (with its overrides) has no hard quota or
 /// balance, or of a replayed `Idempotency-Key`, holds nothing: its records are recorded as
 /// [`TenantContext::record`](crate::TenantContext::record) records them.
+///
+/// A hold stays open at most `limits.hold_timeout` (15 minutes by default): past it, or when
+/// the engine shuts down with it open, it is settled as recorded so far, and a record through
+/// it after that is charged as debt and counted
+/// ([`Stats::records_after_settle`](crate::Stats::records_after_settle)).
 #[must_use = "a hold dropped at once gives its units back: record through it while the work runs"]
 pub struct Hold {
+    inner: Arc<HoldInner>,
+    /// The engine (its open holds, its store calls), while it runs.
+    engine: Option<Arc<Shared>>,
+}
+
+/// What a hold shares with the node's open holds ([`OpenHolds`]), which settle it past its
+/// deadline or at shutdown.
+pub(crate) struct HoldInner {
+    pub(crate) id: u64,
     state: Tenant,
     /// The meter's index (else its name: not declared, its records fail).
     meter: Result<usize, Box<str>>,
     /// `false` for a replay: nothing is held or recorded.
     charged: bool,
+    overrun: Overrun,
+    /// How long it may stay open, in seconds.
+    timeout: i64,
+    open: Mutex<Open>,
+}
+
+/// A hold's units and what became of them.
+struct Open {
     /// Whether units are held from a quota (a hard quota or a balance).
     live: bool,
+    /// Whether it is among the node's open holds.
+    registered: bool,
     /// The tag of the period the held units came from ([`NO_TAG`]: none).
     tag: u32,
     /// When they were taken (Unix seconds).
     at: i64,
+    /// When it is settled if still open (Unix seconds).
+    deadline: i64,
     held: u64,
     recorded: u64,
-    overrun: Overrun,
     /// Whether the store did not answer and the quota failed open: nothing is held, and
     /// records are charged as [`TenantContext::record`] charges them.
-    open: bool,
+    failed_open: bool,
+    /// Settled by the node rather than by its owner.
+    closed: Option<Closed>,
+}
+
+/// Why the node settled a hold its owner had not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// Open past its `hold_timeout`.
+    Expired,
+    /// The engine shut down.
+    Shutdown,
+}
+
+impl HoldInner {
+    fn lock(&self) -> MutexGuard<'_, Open> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Units held and not recorded yet.
+    pub(crate) fn held(&self) -> u64 {
+        self.lock().held
+    }
+
+    /// When it is settled if still open.
+    pub(crate) fn deadline(&self) -> i64 {
+        self.lock().deadline
+    }
+
+    /// Settles it as recorded so far, for `why`: whether it held units.
+    pub(crate) fn close(&self, why: Closed) -> bool {
+        let mut open = self.lock();
+        if open.closed.is_none() {
+            open.closed = Some(why);
+        }
+        open.registered = false;
+        if !open.live {
+            return false;
+        }
+        open.live = false;
+        let outcome = if why == Closed::Expired { HoldOutcome::Expired } else { HoldOutcome::Settled };
+        self.state.plan.metrics.hold(outcome).increment(1);
+        let held = std::mem::take(&mut open.held);
+        if let Ok(meter) = self.meter {
+            give_back(&self.state, meter, held, open.tag, open.at, None);
+        }
+        true
+    }
 }
 
 impl Hold {
-    pub(crate) fn new(state: Tenant, meter: Result<usize, Box<str>>, charged: bool, overrun: Overrun) -> Self {
+    pub(crate) fn new(
+        state: Tenant,
+        meter: Result<usize, Box<str>>,
+        charged: bool,
+        overrun: Overrun,
+        timeout: Option<std::time::Duration>,
+    ) -> Self {
         let at = state.clock.unix_secs();
-        Self { state, meter, charged, live: false, tag: NO_TAG, at, held: 0, recorded: 0, overrun, open: false }
+        let engine = engine(&state);
+        let timeout = timeout
+            .or_else(|| engine.as_ref().map(|e| e.runtime().load().config.limits.hold_timeout))
+            .map_or(i64::MAX, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+        let id = engine.as_ref().map_or(0, |e| e.holds().next_id());
+        let open = Open {
+            live: false,
+            registered: false,
+            tag: NO_TAG,
+            at,
+            deadline: i64::MAX,
+            held: 0,
+            recorded: 0,
+            failed_open: false,
+            closed: None,
+        };
+        let inner = HoldInner { id, state, meter, charged, overrun, timeout, open: Mutex::new(open) };
+        Self { inner: Arc::new(inner), engine }
     }
 
     /// Units held and not recorded yet.
     #[must_use]
     pub fn held(&self) -> u64 {
-        self.held
+        self.inner.lock().held
     }
 
     /// Units recorded through this hold.
     #[must_use]
     pub fn recorded(&self) -> u64 {
-        self.recorded
+        self.inner.lock().recorded
     }
 
     /// The quota cell units are held from: a hard quota or a balance of a charged request.
     fn cell(&self) -> Option<QuotaRef<'_>> {
-        if !self.charged {
+        if !self.inner.charged {
             return None;
         }
-        self.state.quota(*self.meter.as_ref().ok()?).filter(QuotaRef::hard)
+        self.inner.state.quota(*self.inner.meter.as_ref().ok()?).filter(QuotaRef::hard)
     }
 
     /// Records `units` of the held meter, in the current window. Never waits: they come out
     /// of the hold, then out of the node's lease; what neither covers is taken past the limit
     /// ([`Overrun::Debt`]) or refused ([`Overrun::Refuse`]: nothing recorded). Does nothing for
-    /// a replayed request.
+    /// a replayed request. After the node settled the hold (past `limits.hold_timeout`, or at
+    /// shutdown), the units are charged as debt, and counted.
     ///
     /// # Errors
     /// [`RecordError::Overrun`] (with [`Overrun::Refuse`]), [`RecordError::UnknownMeter`] when
     /// the held meter is not declared, [`RecordError::TooLarge`] past `i64::MAX`.
     pub fn record(&mut self, units: u64) -> Result<(), RecordError> {
-        let meter = match &self.meter {
+        let inner = &*self.inner;
+        let meter = match &inner.meter {
             Ok(meter) => *meter,
             Err(name) => return Err(RecordError::UnknownMeter(name.to_string())),
         };
         if i64::try_from(units).is_err() {
             return Err(RecordError::TooLarge(units));
         }
-        if !self.charged || units == 0 {
+        if !inner.charged || units == 0 {
             return Ok(());
         }
-        let now = self.state.clock.unix_secs();
-        if let Some(cell) = self.cell().filter(|_| !self.open) {
-            let covered = units.min(self.held);
-            let beyond = units - covered;
-            if beyond > 0 {
-                match cell.try_take(beyond, now) {
-                    Take::Taken { .. } => {}
-                    _ if self.overrun == Overrun::Refuse => {
-                        if !self.state.plan.shadow {
-                            return Err(RecordError::Overrun(beyond));
+        let state = &inner.state;
+        let now = state.clock.unix_secs();
+        let mut open = inner.lock();
+        if open.closed.is_some() {
+            if let Some(engine) = &self.engine {
+                engine.holds().records_after_settle.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match self.cell().filter(|_| !open.failed_open && open.closed.is_none()) {
+            Some(cell) => {
+                let covered = units.min(open.held);
+                let beyond = units - covered;
+                if beyond > 0 {
+                    match cell.try_take(beyond, now) {
+                        Take::Taken { .. } => {}
+                        _ if inner.overrun == Overrun::Refuse => {
+                            if !state.plan.shadow {
+                                return Err(RecordError::Overrun(beyond));
+                            }
+                            // Shadow mode: counted, and recorded past the limit.
+                            let kind =
+                                if cell.prepaid() { state.plan.balance_refusal } else { RejectionKind::QuotaExceeded };
+                            state.plan.metrics.would_refuse(kind).increment(1);
+                            cell.force_take(beyond, now);
                         }
-                        // Shadow mode: counted, and recorded past the limit.
-                        let kind =
-                            if cell.prepaid() { self.state.plan.balance_refusal } else { RejectionKind::QuotaExceeded };
-                        self.state.plan.metrics.would_refuse(kind).increment(1);
-                        cell.force_take(beyond, now);
-                    }
-                    _ => {
-                        cell.force_take(beyond, now);
+                        _ => {
+                            cell.force_take(beyond, now);
+                        }
                     }
                 }
+                // Held units belong to the period they were taken in: after its end, they are
+                // recorded in its last second, as its counter charged them.
+                let (_, end) = cell.window(open.at);
+                let at = if now >= end && !cell.prepaid() { end - 1 } else { now };
+                if covered > 0 {
+                    open.held -= covered;
+                    cell.count_held(covered, false);
+                    state.record(meter, at, covered);
+                }
+                if beyond > 0 {
+                    state.record(meter, now, beyond);
+                }
             }
-            // Held units belong to the period they were taken in: after its end, they are
-            // recorded in its last second, as its counter charged them.
-            let (_, end) = cell.window(self.at);
-            let at = if now >= end && !cell.prepaid() { end - 1 } else { now };
-            if covered > 0 {
-                self.held -= covered;
-                self.state.record(meter, at, covered);
+            None => {
+                if let Some(cell) = state.quota(meter) {
+                    // A soft quota, a hold that failed open or was settled: counted as
+                    // `record` counts it.
+                    cell.force_take(units, now);
+                }
+                state.record(meter, now, units);
             }
-            if beyond > 0 {
-                self.state.record(meter, now, beyond);
-            }
-        } else {
-            if let Some(cell) = self.state.quota(meter) {
-                // A soft quota: counted as `record` counts it.
-                cell.force_take(units, now);
-            }
-            self.state.record(meter, now, units);
         }
-        self.state.plan.metrics.usage_units.increment(units);
-        self.recorded += units;
+        state.plan.metrics.usage_units.increment(units);
+        open.recorded += units;
         Ok(())
     }
 
@@ -204,34 +317,75 @@ impl Hold {
     /// the rejection, or end what it streams.
     ///
     /// # Errors
-    /// The rejection: 429 when the quota is spent (402 for a balance), 503 when the store
-    /// does not answer and the quota fails closed.
+    /// The rejection: 429 when the quota is spent (402 for a balance), 429 `Units held` when
+    /// other requests hold the units it needs (or the node has `limits.max_holds` open), 503
+    /// when the store does not answer and the quota fails closed, or when the node settled the
+    /// hold (past `limits.hold_timeout`, or at shutdown).
     pub async fn extend(&mut self, units: u64) -> Result<(), Rejection> {
         if units == 0 || self.cell().is_none() {
             return Ok(());
         }
-        let Ok(meter) = self.meter else { return Ok(()) };
+        let Ok(meter) = self.inner.meter else { return Ok(()) };
+        let state = &self.inner.state;
+        {
+            let mut open = self.inner.lock();
+            if let Some(why) = open.closed {
+                return Err(closed(state, why));
+            }
+            if !open.live && !open.registered {
+                if let Some(engine) = &self.engine {
+                    let max = engine.runtime().load().config.limits.max_holds;
+                    open.deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
+                    if !engine.holds().enter(&self.inner, max) {
+                        drop(open);
+                        engine.holds().refused_full.fetch_add(1, Ordering::Relaxed);
+                        state.plan.metrics.hold(HoldOutcome::RefusedFull).increment(1);
+                        state.plan.metrics.rejected(RejectionKind::UnitsHeld).increment(1);
+                        return Err(full(state, max));
+                    }
+                    open.registered = true;
+                }
+            }
+        }
         // `None`: the store did not answer and the quota fails open: nothing is held, and
         // what is recorded is charged as `record` charges it.
-        let taken = take(&self.state, meter, units).await;
-        if taken.is_err() {
-            self.state.plan.metrics.hold(HoldOutcome::Refused).increment(1);
-        }
-        let Some((tag, at)) = taken? else {
-            self.open = true;
-            return Ok(());
+        let taken = take(state, meter, units).await;
+        let mut open = self.inner.lock();
+        let taken = match taken {
+            Ok(Some(taken)) => taken,
+            other => {
+                if !open.live && open.registered {
+                    open.registered = false;
+                    if let Some(engine) = &self.engine {
+                        engine.holds().leave(self.inner.id);
+                    }
+                }
+                if matches!(other, Ok(None)) {
+                    open.failed_open = true;
+                }
+                return other.map(drop);
+            }
         };
-        let outcome = if self.live { HoldOutcome::Extended } else { HoldOutcome::Taken };
-        self.state.plan.metrics.hold(outcome).increment(1);
-        if self.live && tag != self.tag && self.held > 0 {
-            // The period rolled since: what is left of the old one goes back to it.
-            give_back(&self.state, meter, self.held, self.tag);
-            self.held = 0;
+        let (tag, at) = taken;
+        if let Some(why) = open.closed {
+            // Settled by the node while this waited on the store: the units go back.
+            give_back(state, meter, units, tag, at, self.engine.as_ref());
+            return Err(closed(state, why));
         }
-        self.live = true;
-        self.tag = tag;
-        self.at = at;
-        self.held = self.held.saturating_add(units);
+        let outcome = if open.live { HoldOutcome::Extended } else { HoldOutcome::Taken };
+        state.plan.metrics.hold(outcome).increment(1);
+        if let Some(cell) = state.quota(meter) {
+            cell.count_held(units, true);
+        }
+        if open.live && tag != open.tag && open.held > 0 {
+            // The period rolled since: what is left of the old one goes back to it.
+            let old = std::mem::take(&mut open.held);
+            give_back(state, meter, old, open.tag, open.at, self.engine.as_ref());
+        }
+        open.live = true;
+        open.tag = tag;
+        open.at = at;
+        open.held = open.held.saturating_add(units);
         Ok(())
     }
 
@@ -241,18 +395,26 @@ impl Hold {
     }
 
     fn release(&mut self) {
-        if !self.live {
+        let mut open = self.inner.lock();
+        if open.registered {
+            open.registered = false;
+            if let Some(engine) = &self.engine {
+                engine.holds().leave(self.inner.id);
+            }
+        }
+        if !open.live {
             return;
         }
-        self.live = false;
-        self.state.plan.metrics.hold(HoldOutcome::Settled).increment(1);
-        if self.held == 0 {
+        open.live = false;
+        let state = &self.inner.state;
+        state.plan.metrics.hold(HoldOutcome::Settled).increment(1);
+        let held = std::mem::take(&mut open.held);
+        if held == 0 {
             return;
         }
-        if let Ok(meter) = self.meter {
-            give_back(&self.state, meter, self.held, self.tag);
+        if let Ok(meter) = self.inner.meter {
+            give_back(state, meter, held, open.tag, open.at, self.engine.as_ref());
         }
-        self.held = 0;
     }
 }
 
@@ -264,21 +426,54 @@ impl Drop for Hold {
 
 impl std::fmt::Debug for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open = self.inner.lock();
         f.debug_struct("Hold")
-            .field("tenant", &self.state.id)
-            .field("held", &self.held)
-            .field("recorded", &self.recorded)
-            .field("overrun", &self.overrun)
+            .field("tenant", &self.inner.state.id)
+            .field("held", &open.held)
+            .field("recorded", &open.recorded)
+            .field("overrun", &self.inner.overrun)
             .finish_non_exhaustive()
     }
 }
 
-/// Gives `units` held from the period tagged `tag` back: to its lease, or after its roll to its
-/// counter in the store.
-fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32) {
+/// Gives `units` held from the period tagged `tag` (taken at `at`) back: to its lease, after
+/// that period's roll to its counter in the store, and after the lease was given back
+/// (eviction, reload) to the store at once, as a late release.
+fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32, at: i64, engine_: Option<&Arc<Shared>>) {
     let (Some(cell), Ok(tag)) = (state.quota(meter), u16::try_from(tag)) else { return };
-    cell.refund(units, tag);
+    cell.count_held(units, false);
+    if units == 0 {
+        return;
+    }
     state.plan.metrics.hold_returned_units.increment(units);
+    let late = {
+        // The lock the lease's return marks it under: the units reach the lease before it is
+        // emptied, or go to the store.
+        let locked = cell.locked();
+        if !locked.returned {
+            cell.refund(units, tag);
+        }
+        locked.returned
+    };
+    if late {
+        release_late(state, meter, units, at, engine_.cloned().or_else(|| engine(state)));
+    }
+}
+
+/// Sends `units` of a hold whose lease was given back to the store, in the background.
+fn release_late(state: &Tenant, meter: usize, units: u64, at: i64, engine: Option<Arc<Shared>>) {
+    let (Some(engine), Ok(runtime)) = (engine, tokio::runtime::Handle::try_current()) else {
+        tracing::warn!(tenant = %state.id, units, "a hold settled after its lease was given back, with no engine running: its units stay reserved until the period ends");
+        return;
+    };
+    let state = state.clone();
+    runtime.spawn(async move {
+        let Some(cell) = state.quota(meter) else { return };
+        let (start, end) = cell.window(at);
+        if let Err(e) = engine.leases().release_late(cell, start, end, units).await {
+            tracing::warn!(tenant = %state.id, units, error = %e, "a hold's units could not be given back to the store: they stay reserved until the period ends");
+        }
+    });
 }
 
 /// The engine the tenant's plan was compiled for, if it still runs.
@@ -352,9 +547,15 @@ fn prefetch(state: &Tenant, meter: usize) {
 }
 
 /// A hold the limit cannot cover: refused, or in shadow mode counted and (when the period
-/// could ever cover it, `fits`) taken past the limit.
+/// could ever cover it, `fits`) taken past the limit. Refused because this node's other holds
+/// hold the units it needs (they come back as their requests end), it is answered `Units
+/// held`; else as a spent limit.
 fn refused(state: &Tenant, meter: usize, units: u64, at: i64, fits: bool) -> Result<Option<(u32, i64)>, Rejection> {
-    let r = spent(state, meter, at);
+    let (r, outcome) = match units_held(state, meter, units, at).filter(|_| fits) {
+        Some(r) => (r, HoldOutcome::RefusedHeld),
+        None => (spent(state, meter, at), HoldOutcome::RefusedSpent),
+    };
+    state.plan.metrics.hold(outcome).increment(1);
     if state.plan.shadow {
         state.plan.metrics.would_refuse(r.kind()).increment(1);
         tracing::debug!(tenant = %state.id, "shadow mode: would refuse a hold ({r})");
@@ -364,6 +565,50 @@ fn refused(state: &Tenant, meter: usize, units: u64, at: i64, fits: bool) -> Res
     }
     state.plan.metrics.rejected(r.kind()).increment(1);
     Err(r)
+}
+
+/// The answer to a hold of `units` that this node's open holds keep from fitting (`None`:
+/// what is not held cannot cover it either). Holds of other nodes are not known here: their
+/// units count as spent, as the rest of their leases do.
+fn units_held(state: &Tenant, meter: usize, units: u64, at: i64) -> Option<Rejection> {
+    let cell = state.quota(meter)?;
+    let held = cell.held();
+    let (free, _) = cell.estimate(cell.lease());
+    if held == 0 || free.saturating_add(held) < units {
+        return None;
+    }
+    let mut r = Rejection::new(
+        RejectionKind::UnitsHeld,
+        Cow::Owned(format!(
+            "other requests hold {held} {} units until they end; {free} are not held, and this work needs {units}",
+            cell.meter_id()
+        )),
+    )
+    .with_retry_after(1);
+    let (_, end) = cell.period();
+    r.inner.headers = HeaderState::new(meter, 0);
+    r.inner.headers.set_quota(free, if cell.prepaid() { 0 } else { (end - at).max(0) as u64 });
+    Some(r.for_tenant(state))
+}
+
+/// The answer to a hold refused because the node has `max` holds open.
+fn full(state: &Tenant, max: usize) -> Rejection {
+    Rejection::new(
+        RejectionKind::UnitsHeld,
+        Cow::Owned(format!("this node has {max} holds open (limits.max_holds); try again in a moment")),
+    )
+    .with_retry_after(1)
+    .for_tenant(state)
+}
+
+/// The answer to an extension of a hold the node settled.
+fn closed(state: &Tenant, why: Closed) -> Rejection {
+    let detail = match why {
+        Closed::Expired => "the hold was open past limits.hold_timeout and was settled: it cannot be extended",
+        Closed::Shutdown => "the node is shutting down: the hold was settled and cannot be extended",
+    };
+    state.plan.metrics.rejected(RejectionKind::StoreUnavailable).increment(1);
+    Rejection::new(RejectionKind::StoreUnavailable, detail).with_retry_after(1).for_tenant(state)
 }
 
 /// The answer to a hold the quota's period, or the balance, cannot cover.

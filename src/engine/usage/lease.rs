@@ -192,6 +192,8 @@ impl Leases {
         now: i64,
         need: u64,
     ) -> Result<Refill, StoreError> {
+        // Leased again: units given back go to the lease.
+        cell.locked().returned = false;
         self.settle_inflight(cell).await?;
         self.roll_if_over(cell, now).await?;
         self.settle_previous(cell).await?;
@@ -278,7 +280,13 @@ impl Leases {
                 // Units taken outside a lease go to their own periods (all of them, for a cell that
                 // never held a lease).
                 self.settle_unleased_elsewhere(cell).await?;
-                let left = cell.take_all();
+                let left = {
+                    // Marked under the same lock a hold's give-back takes: its units come to
+                    // the lease before this empties it, or go to the store after.
+                    let mut locked = cell.locked();
+                    locked.returned = true;
+                    cell.take_all()
+                };
                 let owed = cell.take_unleased();
                 let (start, end) = cell.period();
                 if end == 0 {
@@ -312,6 +320,26 @@ impl Leases {
             return false;
         }
         true
+    }
+
+    /// Gives `units` back to the counter of the period `[start, end)` of `cell` (a hold's,
+    /// settled after its lease was given back), with the cell's lock taken here.
+    pub(crate) async fn release_late(
+        &self,
+        cell: QuotaRef<'_>,
+        start: i64,
+        end: i64,
+        units: u64,
+    ) -> Result<(), StoreError> {
+        let _guard = cell.lock().lock().await;
+        self.stores
+            .within(async {
+                self.settle_inflight(cell).await?;
+                let kind = CallKind::Release { units };
+                let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
+                self.send(cell, call).await.map(drop)
+            })
+            .await
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes

@@ -4,6 +4,7 @@
 pub(crate) mod credits;
 pub(crate) mod events;
 pub(crate) mod flush;
+pub(crate) mod held;
 pub(crate) mod hold;
 pub(crate) mod lease;
 pub(crate) mod record;

@@ -1,0 +1,104 @@
+//! The holds open on this node: bounded by `limits.max_holds`, settled by the worker past
+//! their `hold_timeout`, waited for and settled by shutdown, and summed for `Stats`.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+};
+
+use crate::engine::usage::hold::{Closed, HoldInner};
+
+/// The holds open on this node, by id: each from the moment it holds units to its settle.
+/// Bounded by `limits.max_holds`.
+#[derive(Default)]
+pub(crate) struct OpenHolds {
+    open: Mutex<HashMap<u64, Arc<HoldInner>>>,
+    next: AtomicU64,
+    /// Holds settled past their `hold_timeout`.
+    pub(crate) expired: AtomicU64,
+    /// Records through a hold after it was settled (by expiry or shutdown), charged as debt.
+    pub(crate) records_after_settle: AtomicU64,
+    /// Holds refused because `limits.max_holds` were open.
+    pub(crate) refused_full: AtomicU64,
+}
+
+impl std::fmt::Debug for OpenHolds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenHolds").field("open", &self.len()).finish_non_exhaustive()
+    }
+}
+
+impl OpenHolds {
+    fn map(&self) -> MutexGuard<'_, HashMap<u64, Arc<HoldInner>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new hold's id.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers `hold` as open, unless `max` are open already.
+    pub(crate) fn enter(&self, hold: &Arc<HoldInner>, max: usize) -> bool {
+        let mut map = self.map();
+        if map.len() >= max {
+            return false;
+        }
+        map.insert(hold.id, hold.clone());
+        true
+    }
+
+    /// `id` is settled.
+    pub(crate) fn leave(&self, id: u64) {
+        self.map().remove(&id);
+    }
+
+    /// How many holds are open.
+    pub(crate) fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// The units the open holds hold.
+    pub(crate) fn units(&self) -> u64 {
+        let holds: Vec<_> = self.map().values().cloned().collect();
+        holds.iter().map(|h| h.held()).sum()
+    }
+
+    /// Settles every hold whose deadline is at or before `now` (Unix seconds) as recorded so
+    /// far: the number settled.
+    pub(crate) fn expire(&self, now: i64) -> usize {
+        let due: Vec<_> = self.map().values().filter(|h| h.deadline() <= now).cloned().collect();
+        let mut n = 0;
+        for hold in due {
+            if hold.close(Closed::Expired) {
+                n += 1;
+            }
+            self.leave(hold.id);
+        }
+        self.expired.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Settles every open hold as recorded so far (shutdown): the number settled.
+    pub(crate) fn close_all(&self) -> usize {
+        let all: Vec<_> = self.map().drain().map(|(_, h)| h).collect();
+        all.iter().filter(|h| h.close(Closed::Shutdown)).count()
+    }
+
+    /// Waits until no hold is open, or `until`: whether none is.
+    pub(crate) async fn drained(&self, until: tokio::time::Instant) -> bool {
+        loop {
+            if self.len() == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            let step = tokio::time::Instant::now() + std::time::Duration::from_millis(10);
+            tokio::time::sleep_until(step.min(until)).await;
+        }
+    }
+}
