@@ -60,7 +60,15 @@ impl MeterTable {
                 .and_then(|name| to.features.iter().position(|n| n == name))
                 .map_or(NO_SUCH_FEATURE, |i| i as u8 + 1),
         };
-        RouteCost { meter, cost: route.cost, reports, shape: meter as u8, feature, client: route.client }
+        RouteCost {
+            meter,
+            cost: route.cost,
+            reports,
+            shape: meter as u8,
+            feature,
+            client: route.client,
+            hold: route.hold,
+        }
     }
 
     pub(crate) fn index(&self, name: &str) -> Option<usize> {
@@ -485,6 +493,8 @@ pub(crate) struct RouteCost {
     pub(crate) feature: u8,
     /// The key of the client's address, for the anonymous tenant's rate (0: none).
     pub(crate) client: u64,
+    /// The route's hold (its index in [`Runtime::holds`] + 1; 0: none).
+    pub(crate) hold: u8,
 }
 
 /// A tenant declared in the configuration.
@@ -506,6 +516,10 @@ pub(crate) struct Runtime {
     pub(crate) meters: Arc<MeterTable>,
     pub(crate) plans: HashMap<PlanId, Arc<CompiledPlan>>,
     pub(crate) routes: Box<[CompiledRoute]>,
+    /// The holds of the routes that hold ([`RouteCost::hold`]).
+    pub(crate) holds: Box<[Arc<crate::config::RouteHold>]>,
+    /// The headers their estimates are read from, each once.
+    pub(crate) hold_headers: Arc<[http::HeaderName]>,
     pub(crate) default_meter: usize,
     pub(crate) anonymous: Option<Arc<CompiledPlan>>,
     /// The tenants declared in the file, consulted before the store.
@@ -544,6 +558,7 @@ impl Runtime {
         // The policy shapes of the routes: (meter, meters reported); first each meter alone,
         // then one per other combination the routes use (at most 256 in all).
         let mut shapes: Vec<(usize, u64)> = (0..meters.ids.len()).map(|m| (m, 0)).collect();
+        let mut holds: Vec<Arc<crate::config::RouteHold>> = Vec::new();
         let routes: Box<[CompiledRoute]> = config
             .routes
             .iter()
@@ -563,10 +578,25 @@ impl Runtime {
                     .as_ref()
                     .and_then(|f| meters.features.iter().position(|x| **x == **f))
                     .map_or(0, |i| i as u8 + 1);
+                let hold = match &r.hold {
+                    None => 0,
+                    Some(h) => {
+                        holds.push(Arc::new(h.clone()));
+                        u8::try_from(holds.len()).expect("validated: at most 255 routes hold")
+                    }
+                };
                 CompiledRoute {
                     method: r.method.clone(),
                     pattern: r.pattern.clone(),
-                    cost: RouteCost { meter, cost: r.cost.get(), reports, shape: shape as u8, feature, client: 0 },
+                    cost: RouteCost {
+                        meter,
+                        cost: r.cost.get(),
+                        reports,
+                        shape: shape as u8,
+                        feature,
+                        client: 0,
+                        hold,
+                    },
                 }
             })
             .collect();
@@ -623,6 +653,18 @@ impl Runtime {
             meters: meters.clone(),
             plans,
             routes,
+            hold_headers: {
+                let mut names: Vec<http::HeaderName> = Vec::new();
+                for h in &holds {
+                    if let crate::config::HoldEstimate::Header { header, .. } = &h.estimate {
+                        if !names.contains(header) {
+                            names.push(header.clone());
+                        }
+                    }
+                }
+                names.into()
+            },
+            holds: holds.into(),
             default_meter,
             anonymous,
             static_keys,
@@ -722,6 +764,7 @@ impl Runtime {
             shape: self.default_meter as u8,
             feature: 0,
             client: 0,
+            hold: 0,
         }
     }
 }

@@ -24,6 +24,8 @@ use crate::{
 pub struct TenantContext {
     state: Tenant,
     charged: bool,
+    /// The hold of the request's route (`[[routes]] hold`): records of its meter go through it.
+    hold: Option<std::sync::Arc<crate::engine::RouteHeld>>,
 }
 
 /// A plan feature as a type, for extractors that require one (`tollgate_axum::RequireFeature`,
@@ -87,7 +89,13 @@ pub enum RecordError {
 
 impl TenantContext {
     pub(crate) fn new(state: Tenant, charged: bool) -> Self {
-        Self { state, charged }
+        Self { state, charged, hold: None }
+    }
+
+    /// With the hold of the request's route.
+    pub(crate) fn holding(mut self, hold: Option<std::sync::Arc<crate::engine::RouteHeld>>) -> Self {
+        self.hold = hold;
+        self
     }
 
     /// The tenant's state.
@@ -207,9 +215,14 @@ impl TenantContext {
     /// routes that declare the meter in `reports` (recording on other routes still bills).
     /// Does nothing for a replayed request.
     ///
+    /// On a route that holds this meter (`[[routes]] hold`), the units come out of the
+    /// route's hold first, as [`Hold::record`](crate::Hold::record) takes them: past it, the
+    /// route's `overrun` decides.
+    ///
     /// # Errors
     /// [`RecordError::UnknownMeter`] when `meter` is not declared, [`RecordError::TooLarge`]
-    /// for a quantity past `i64::MAX`.
+    /// for a quantity past `i64::MAX`, [`RecordError::Overrun`] past a route's hold with
+    /// `overrun = "refuse"` (nothing recorded).
     pub fn record(&self, meter: &str, quantity: u64) -> Result<(), RecordError> {
         let index = self.state.plan.meters.index(meter).ok_or_else(|| RecordError::UnknownMeter(meter.to_owned()))?;
         if i64::try_from(quantity).is_err() {
@@ -217,6 +230,9 @@ impl TenantContext {
         }
         if !self.charged || quantity == 0 {
             return Ok(());
+        }
+        if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, quantity)) {
+            return result;
         }
         let now = self.state.clock.unix_secs();
         self.state.record(index, now, quantity);

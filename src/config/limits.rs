@@ -127,7 +127,7 @@ pub struct Limits {
     /// The longest a request's hold ([`TenantContext::hold`](crate::TenantContext::hold), or
     /// a route's `hold`) stays open (15 minutes by default; a route may set its own): past it,
     /// it is settled as recorded so far (its other units given back) and counted
-    /// ([`Stats::holds_expired`](crate::Stats::holds_expired)); a record through it after
+    /// ([`Stats::holds_expired`](crate::report::Stats::holds_expired)); a record through it after
     /// that is charged as debt.
     pub hold_timeout: Duration,
     /// The most holds open at once on a node (10,000 by default): a hold past it is refused,

@@ -50,7 +50,7 @@ pub use plans::{PlanOverride, PlanSpec, QuotaSpec};
 pub use rate::{Rate, RateError};
 pub(crate) use route::normalize_path;
 pub use route::RoutePattern;
-pub use routes::RouteSpec;
+pub use routes::{HoldEstimate, HoldSettle, RouteHold, RouteSpec};
 pub use store::{Migrate, PostgresSettings, StoreRole, StoreSettings, Synchronous};
 pub use stripe::{CreditSettings, RefundPolicy, StatusOutcome, StripeSettings};
 pub use tenants::TenantSpec;

@@ -22,6 +22,82 @@ pub(crate) struct RawRoute {
     #[serde(default)]
     pub(crate) reports: Vec<String>,
     pub(crate) feature: Option<String>,
+    /// `hold.METER = N`, or `{ header, default, max }`.
+    #[serde(default)]
+    pub(crate) hold: BTreeMap<String, RawHold>,
+    pub(crate) actual_header: Option<String>,
+    pub(crate) settle: Option<String>,
+    pub(crate) overrun: Option<String>,
+    pub(crate) hold_timeout: Option<String>,
+}
+
+/// A route's hold estimate: a number of units, or read from a request header.
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(untagged)]
+pub(crate) enum RawHold {
+    Units(i64),
+    Header(RawHeaderHold),
+}
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHeaderHold {
+    pub(crate) header: String,
+    pub(crate) default: i64,
+    pub(crate) max: i64,
+}
+
+/// The units a route holds of its meter before its handler runs (`[[routes]] hold`), and how
+/// the hold settles when the response body ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouteHold {
+    /// The meter held.
+    pub meter: MeterId,
+    /// How many units.
+    pub estimate: HoldEstimate,
+    /// What is billed when the response ends.
+    pub settle: HoldSettle,
+    /// The response header (or trailer) that says how many units the work used, if the route
+    /// names one (`actual_header`).
+    pub actual_header: Option<http::HeaderName>,
+    /// What a record beyond the hold does.
+    pub overrun: crate::Overrun,
+    /// The longest the hold stays open (`hold_timeout`; `None`: `limits.hold_timeout`).
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// How many units a route holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HoldEstimate {
+    /// This many, for every request.
+    Units(u64),
+    /// Read from the request header `header` (a whole number of units): `default` when the
+    /// request does not send it; a value that does not parse, is zero or is above `max` is
+    /// answered 400 (`MalformedHoldEstimate`), nothing taken.
+    Header {
+        /// The header, lowercase.
+        header: http::HeaderName,
+        /// The units held without the header.
+        default: u64,
+        /// The most units a request may ask.
+        max: u64,
+    },
+}
+
+/// What a route's hold bills when the response ends (`settle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum HoldSettle {
+    /// `"actual"`, the default: what the work reported, through `TenantContext::record` on
+    /// the held meter or in the route's `actual_header`; the rest goes back.
+    #[default]
+    Actual,
+    /// `"estimate"`: the hold is billed in full (at least; what was recorded beyond it stays).
+    Estimate,
 }
 
 /// A route rule: method and path pattern, to a meter and a cost.
@@ -33,9 +109,16 @@ pub struct RouteSpec {
     pub(crate) cost: NonZeroU32,
     pub(crate) reports: Vec<MeterId>,
     pub(crate) feature: Option<String>,
+    pub(crate) hold: Option<RouteHold>,
 }
 
 impl RouteSpec {
+    /// What the route holds before its handler runs (`hold`), if it holds.
+    #[must_use]
+    pub fn hold(&self) -> Option<&RouteHold> {
+        self.hold.as_ref()
+    }
+
     /// The feature a tenant's plan must include for this route (else 403).
     #[must_use]
     pub fn feature(&self) -> Option<&str> {
@@ -157,9 +240,120 @@ impl Validator<'_, '_> {
                     Some(f.clone())
                 }
             };
-            routes.push(RouteSpec { method, pattern, meter, cost, reports, feature });
+            let hold = self.route_hold(&base, r, &reports, plans)?;
+            routes.push(RouteSpec { method, pattern, meter, cost, reports, feature, hold });
+        }
+        if routes.iter().filter(|r| r.hold.is_some()).count() > 255 {
+            return Err(self.invalid("routes", "at most 255 routes may hold"));
         }
         Ok(routes)
+    }
+
+    /// A route's `hold` and the keys that go with it.
+    fn route_hold(
+        &self,
+        base: &str,
+        r: &RawRoute,
+        reports: &[MeterId],
+        plans: &BTreeMap<PlanId, PlanSpec>,
+    ) -> Result<Option<RouteHold>, ConfigError> {
+        let Some((name, raw)) = r.hold.iter().next() else {
+            for (key, set) in [
+                ("actual_header", r.actual_header.is_some()),
+                ("settle", r.settle.is_some()),
+                ("overrun", r.overrun.is_some()),
+                ("hold_timeout", r.hold_timeout.is_some()),
+            ] {
+                if set {
+                    return Err(self.invalid(&format!("{base}.{key}"), "only used with `hold`"));
+                }
+            }
+            return Ok(None);
+        };
+        let path = format!("{base}.hold.{name}");
+        if r.hold.len() > 1 {
+            return Err(self.invalid(&format!("{base}.hold"), "a route holds one meter"));
+        }
+        let meter = reports.iter().find(|m| m.as_str() == name).cloned().ok_or_else(|| {
+            self.invalid(
+                &path,
+                format!("`{name}` is not in this route's `reports`: a route holds a meter its handler reports"),
+            )
+        })?;
+        let limited = plans
+            .values()
+            .any(|p| p.quotas.get(&meter).is_some_and(|q| q.mode == QuotaMode::Hard || q.period == Period::Prepaid));
+        if !limited {
+            return Err(self.invalid(
+                &path,
+                format!("no plan has a hard quota or a prepaid balance on `{meter}`: the hold would hold nothing"),
+            ));
+        }
+        let units = |key: &str, n: i64| -> Result<u64, ConfigError> {
+            u64::try_from(n).ok().filter(|n| (1..=crate::tenant::LEASE_MAX).contains(n)).ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("must be a whole number of units from 1 to {}, not {n}", crate::tenant::LEASE_MAX),
+                )
+            })
+        };
+        let estimate = match raw {
+            RawHold::Units(n) => HoldEstimate::Units(units(&path, *n)?),
+            RawHold::Header(h) => {
+                let header = http::HeaderName::try_from(h.header.as_str()).map_err(|_| {
+                    self.invalid(&format!("{path}.header"), format!("`{}` is not a valid header name", h.header))
+                })?;
+                let default = units(&format!("{path}.default"), h.default)?;
+                let max = units(&format!("{path}.max"), h.max)?;
+                if max < default {
+                    return Err(
+                        self.invalid(&format!("{path}.max"), format!("{max} is below the `default` of {default}"))
+                    );
+                }
+                HoldEstimate::Header { header, default, max }
+            }
+        };
+        let settle = match r.settle.as_deref() {
+            None | Some("actual") => HoldSettle::Actual,
+            Some("estimate") => HoldSettle::Estimate,
+            Some(other) => {
+                return Err(self
+                    .invalid(&format!("{base}.settle"), format!("expected \"actual\" or \"estimate\", not `{other}`")))
+            }
+        };
+        let actual_header = match &r.actual_header {
+            None => None,
+            Some(_) if settle == HoldSettle::Estimate => {
+                return Err(self.invalid(
+                    &format!("{base}.actual_header"),
+                    "settle = \"estimate\" bills the estimate: the header would not be read",
+                ))
+            }
+            Some(h) => Some(http::HeaderName::try_from(h.as_str()).map_err(|_| {
+                self.invalid(&format!("{base}.actual_header"), format!("`{h}` is not a valid header name"))
+            })?),
+        };
+        let overrun = match r.overrun.as_deref() {
+            None | Some("debt") => crate::Overrun::Debt,
+            Some("refuse") => crate::Overrun::Refuse,
+            Some(other) => {
+                return Err(
+                    self.invalid(&format!("{base}.overrun"), format!("expected \"debt\" or \"refuse\", not `{other}`"))
+                )
+            }
+        };
+        let timeout = match &r.hold_timeout {
+            None => None,
+            Some(t) => {
+                let key = format!("{base}.hold_timeout");
+                let d = self.duration(&key, Some(t), std::time::Duration::ZERO)?;
+                if d < std::time::Duration::from_secs(1) {
+                    return Err(self.invalid(&key, "must be at least 1s"));
+                }
+                Some(d)
+            }
+        };
+        Ok(Some(RouteHold { meter, estimate, settle, actual_header, overrun, timeout }))
     }
 
     /// A hard quota on a meter that no request is charged (the default meter, a route's

@@ -253,6 +253,53 @@ mod validation {
     }
 
     #[test]
+    fn a_route_holds_a_limited_meter_it_reports_with_sound_estimates() {
+        use crate::config::{HoldEstimate, HoldSettle};
+        let plan = "[plans.p]\nquotas.tokens = { limit = 500, period = \"day\" }\n";
+        let route = |hold: &str| format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nreports = [\"tokens\"]\n{hold}");
+        let c = parse(&route("hold.tokens = 64\n")).unwrap();
+        let h = c.routes()[0].hold().unwrap();
+        assert_eq!(
+            (&h.estimate, h.settle, h.overrun),
+            (&HoldEstimate::Units(64), HoldSettle::Actual, crate::Overrun::Debt)
+        );
+        let c = parse(&route(
+            "hold.tokens = { header = \"x-max-tokens\", default = 8, max = 32 }\nactual_header = \"x-usage-tokens\"\noverrun = \"refuse\"\nhold_timeout = \"2m\"\n",
+        ))
+        .unwrap();
+        let h = c.routes()[0].hold().unwrap();
+        assert!(matches!(&h.estimate, HoldEstimate::Header { default: 8, max: 32, .. }));
+        assert_eq!(h.actual_header.as_ref().map(|n| n.as_str()), Some("x-usage-tokens"));
+        assert_eq!((h.overrun, h.timeout), (crate::Overrun::Refuse, Some(Duration::from_secs(120))));
+        // Each bad input, named with its line.
+        let at = |hold: &str| {
+            let e = err(&route(hold));
+            (e.key().to_owned(), e.line(), e.message().to_owned())
+        };
+        assert_eq!(at("hold.tokens = 0\n").0, "routes[0].hold.tokens");
+        assert_eq!(at("hold.tokens = -5\n").0, "routes[0].hold.tokens");
+        let (key, line, _) = at("hold.tokens = { header = \"x-max\", default = 64, max = 8 }\n");
+        assert_eq!((key.as_str(), line), ("routes[0].hold.tokens.max", Some(8)));
+        assert_eq!(
+            at("hold.tokens = { header = \"x-max\", default = 0, max = 8 }\n").0,
+            "routes[0].hold.tokens.default"
+        );
+        assert_eq!(at("hold.tokens = 5\nsettle = \"later\"\n").0, "routes[0].settle");
+        assert_eq!(at("hold.tokens = 5\noverrun = \"maybe\"\n").0, "routes[0].overrun");
+        let (key, _, message) = at("hold.tokens = 5\nsettle = \"estimate\"\nactual_header = \"x-used\"\n");
+        assert_eq!(key, "routes[0].actual_header", "{message}");
+        assert_eq!(at("overrun = \"refuse\"\n").0, "routes[0].overrun");
+        assert_eq!(at("hold.tokens = 5\nhold_timeout = \"10ms\"\n").0, "routes[0].hold_timeout");
+        // Held, the meter must be one the route reports and a plan limits.
+        let e = err(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nreports = [\"tokens\"]\nhold.images = 5\n"));
+        assert_eq!((e.key(), e.line()), ("routes[0].hold.images", Some(8)));
+        let soft = "[plans.p]\nquotas.tokens = { limit = 500, period = \"day\", mode = \"soft\" }\n";
+        let e = err(&format!("{TOKENS}{soft}[[routes]]\npath = \"/g\"\nreports = [\"tokens\"]\nhold.tokens = 5\n"));
+        assert_eq!(e.key(), "routes[0].hold.tokens");
+        assert!(e.message().contains("no plan"), "{e}");
+    }
+
+    #[test]
     fn a_hard_quota_needs_a_route_that_charges_or_reports_its_meter() {
         let plan = "[plans.p]\nrate = \"1/s\"\nquotas.tokens = { limit = 5, period = \"day\" }\n";
         let e = err(&format!("{TOKENS}{plan}"));
@@ -493,6 +540,8 @@ mod reference {
                     format!("`{key}."),
                     format!(".{key}]"),
                     format!(".{key}."),
+                    // A dotted key assigned (`hold.tokens = 4096`).
+                    format!(".{key} ="),
                 ];
                 !named.iter().any(|n| text.contains(n.as_str()))
             })

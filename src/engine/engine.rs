@@ -52,6 +52,11 @@ pub struct RequestInfo<'a> {
     /// The client's address (the front doors fill it in when anonymous callers are limited
     /// per address: the peer, or through trusted proxies the forwarded client).
     pub client: Option<std::net::IpAddr>,
+    /// Header fields of the request (name, value), for what a route reads from them: the
+    /// estimate of a `[[routes]] hold` read from a header (a field given twice is a repeated
+    /// header, refused). A front door gives at least the fields
+    /// [`FrontDoor::hold_headers`](crate::door::FrontDoor::hold_headers) names; without them such a route holds its `default`.
+    pub headers: &'a [(&'a str, &'a [u8])],
 }
 
 impl fmt::Debug for RequestInfo<'_> {
@@ -63,6 +68,7 @@ impl fmt::Debug for RequestInfo<'_> {
             .field("credential", &self.credential)
             .field("idempotency_key", &self.idempotency_key.map(|k| format!("<{} bytes, not shown>", k.len())))
             .field("client", &self.client)
+            .field("headers", &self.headers.len())
             .finish()
     }
 }
@@ -71,7 +77,15 @@ impl<'a> RequestInfo<'a> {
     /// A request with this method, path and credential, no query and no `Idempotency-Key`.
     #[must_use]
     pub fn new(method: &'a str, path: &'a str, credential: Credential<'a>) -> Self {
-        Self { method, path, query: None, credential, idempotency_key: None, client: None }
+        Self { method, path, query: None, credential, idempotency_key: None, client: None, headers: &[] }
+    }
+
+    /// With header fields of the request, for what a route reads from them (a `hold`
+    /// estimate): (name, value) pairs, a repeated header as several pairs.
+    #[must_use]
+    pub fn with_headers(mut self, headers: &'a [(&'a str, &'a [u8])]) -> Self {
+        self.headers = headers;
+        self
     }
 
     /// With a query string (without the `?`).
@@ -122,13 +136,15 @@ pub struct PendingAdmission {
     /// The `Idempotency-Key` of a request whose tenant is not known yet. (Boxed: rare, and
     /// admissions move by value.)
     pub(crate) idempotency: Option<Box<PendingKey>>,
+    /// The units its route holds (its `hold`), taken once it is admitted.
+    pub(crate) hold: Option<u64>,
 }
 
 impl Admission {
     /// A request waiting on the store at `stage`.
     #[inline]
     pub(crate) fn pending(stage: Stage, route: RouteCost) -> Self {
-        Self::Pending(PendingAdmission { stage, route, rt: None, idempotency: None })
+        Self::Pending(PendingAdmission { stage, route, rt: None, idempotency: None, hold: None })
     }
 }
 
@@ -146,6 +162,8 @@ pub(crate) enum Stage {
     /// store.
     Replay(Box<ReplayRead>),
     Quota(Box<Partial>),
+    /// Admitted: the route's hold is taken before the handler runs.
+    Hold(Box<Ticket>),
 }
 
 /// The `Idempotency-Key` of a pending request: the key, the request's digest, and the key
@@ -200,6 +218,7 @@ impl fmt::Debug for PendingAdmission {
             Stage::Claim(_) => "claim idempotency key",
             Stage::Replay(_) => "read idempotent response",
             Stage::Quota(_) => "lease quota",
+            Stage::Hold(_) => "take the route's hold",
         };
         f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.route.cost).finish()
     }
@@ -347,63 +366,163 @@ impl Tollgate {
             }
         };
         let mut route = rt.route(req.method, &path);
-        let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, &path, req.query)));
-        match self.shared.table().get(lookup) {
-            Some(state) => {
-                // A state of the configuration before a reload, met in the moment before its
-                // eviction: its plan indexes meters its own way.
-                let mut route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
-                    route
-                } else {
-                    rt.meters.remap(route, &state.plan.meters)
-                };
-                let anonymous = || rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
-                if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
-                    // The anonymous tenant: its rate is per client address, and so are its
-                    // `Idempotency-Key`s (client B's key `1` is not client A's).
-                    let ip = req.client.map(crate::tenant::Client::given).or_else(client).map(|c| c.ip);
-                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
-                    if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
-                        // Without its address an anonymous caller cannot be told from the
-                        // others: its key is not honoured (a stored response is never
-                        // answered to another client).
-                        let Some(ip) = ip else { return self.decide(state, route, None) };
-                        let scoped = scoped_key(key, keys, Some(ip));
-                        return self.decide(state, route, Some((&scoped, request)));
+        // A route that holds: its estimate is read before anything is taken (a bad one is
+        // refused, nothing charged), and the hold taken once the request is admitted.
+        let hold = match route.hold {
+            0 => None,
+            i => match Self::hold_estimate(&rt.holds[usize::from(i) - 1], req.headers) {
+                Ok(units) => Some(units),
+                Err(r) => return self.reject(r),
+            },
+        };
+        let admission = 'decided: {
+            let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, &path, req.query)));
+            match self.shared.table().get(lookup) {
+                Some(state) => {
+                    // A state of the configuration before a reload, met in the moment before its
+                    // eviction: its plan indexes meters its own way.
+                    let mut route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
+                        route
+                    } else {
+                        rt.meters.remap(route, &state.plan.meters)
+                    };
+                    let anonymous = || rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
+                    if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
+                        // The anonymous tenant: its rate is per client address, and so are its
+                        // `Idempotency-Key`s (client B's key `1` is not client A's).
+                        let ip = req.client.map(crate::tenant::Client::given).or_else(client).map(|c| c.ip);
+                        route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
+                        if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
+                            // Without its address an anonymous caller cannot be told from the
+                            // others: its key is not honoured (a stored response is never
+                            // answered to another client).
+                            let Some(ip) = ip else { break 'decided self.decide(state, route, None) };
+                            let scoped = scoped_key(key, keys, Some(ip));
+                            break 'decided self.decide(state, route, Some((&scoped, request)));
+                        }
                     }
+                    self.decide(state, route, idem)
                 }
-                self.decide(state, route, idem)
+                None => {
+                    if let Lookup::ApiKey(key) = lookup {
+                        if check_api_key(key).is_err() {
+                            return self.malformed_key(key);
+                        }
+                    }
+                    // Anonymous callers (or an unknown key served as one) need their address.
+                    let who = req.client.map(crate::tenant::Client::given).or_else(client);
+                    let ip = who.map(|c| c.ip);
+                    if let Some(keys) = &rt.client_keys {
+                        route.client = keys.key(ip);
+                    }
+                    // Its lookups of API keys are limited per address only when the address is the
+                    // client's own; else they share the node's budget.
+                    let identified = who.is_some_and(|c| c.identifies);
+                    let credential = match lookup {
+                        Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
+                        Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
+                        Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
+                    };
+                    let idempotency = idem.map(|(key, request)| {
+                        let scoped =
+                            rt.client_keys.as_ref().and_then(|keys| Some(scoped_key(key, keys, Some(ip?)).into()));
+                        Box::new(PendingKey { key: key.into(), request, scoped })
+                    });
+                    Admission::Pending(PendingAdmission {
+                        stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
+                        route,
+                        rt: None,
+                        idempotency,
+                        hold: None,
+                    })
+                }
             }
-            None => {
-                if let Lookup::ApiKey(key) = lookup {
-                    if check_api_key(key).is_err() {
-                        return self.malformed_key(key);
-                    }
-                }
-                // Anonymous callers (or an unknown key served as one) need their address.
-                let who = req.client.map(crate::tenant::Client::given).or_else(client);
-                let ip = who.map(|c| c.ip);
-                if let Some(keys) = &rt.client_keys {
-                    route.client = keys.key(ip);
-                }
-                // Its lookups of API keys are limited per address only when the address is the
-                // client's own; else they share the node's budget.
-                let identified = who.is_some_and(|c| c.identifies);
-                let credential = match lookup {
-                    Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
-                    Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
-                    Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
+        };
+        match hold {
+            None => admission,
+            Some(units) => Self::holding(admission, route, units),
+        }
+    }
+
+    /// The units a route's hold holds for a request: its estimate, or read from the header
+    /// it names (its `default` without one; refused, 400, when it does not parse, is zero or
+    /// is above its `max`).
+    fn hold_estimate(hold: &crate::config::RouteHold, headers: &[(&str, &[u8])]) -> Result<u64, Rejection> {
+        match &hold.estimate {
+            crate::config::HoldEstimate::Units(n) => Ok(*n),
+            crate::config::HoldEstimate::Header { header, default, max } => {
+                let mut values = headers.iter().filter(|(name, _)| name.eq_ignore_ascii_case(header.as_str()));
+                let parsed = match (values.next(), values.next()) {
+                    (None, _) => return Ok(*default),
+                    // Repeated: no one estimate.
+                    (Some(_), Some(_)) => None,
+                    (Some((_, value)), None) => std::str::from_utf8(value)
+                        .ok()
+                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|v| v.parse::<u64>().ok()),
                 };
-                let idempotency = idem.map(|(key, request)| {
-                    let scoped = rt.client_keys.as_ref().and_then(|keys| Some(scoped_key(key, keys, Some(ip?)).into()));
-                    Box::new(PendingKey { key: key.into(), request, scoped })
-                });
-                Admission::Pending(PendingAdmission {
-                    stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
-                    route,
-                    rt: None,
-                    idempotency,
-                })
+                match parsed {
+                    Some(n) if n >= 1 && n <= *max => Ok(n),
+                    _ => Err(Rejection::new(
+                        RejectionKind::MalformedHoldEstimate,
+                        format!(
+                            "the `{header}` header must be sent once, a whole number of {} units from 1 to {max}",
+                            hold.meter
+                        ),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// `admission` of a request on a route that holds `units`: admitted, it waits for its
+    /// hold ([`resolve`](Self::resolve)).
+    #[cold]
+    #[inline(never)]
+    fn holding(admission: Admission, route: RouteCost, units: u64) -> Admission {
+        match admission {
+            Admission::Admitted(ticket) => Admission::Pending(PendingAdmission {
+                stage: Stage::Hold(Box::new(ticket)),
+                route,
+                rt: None,
+                idempotency: None,
+                hold: Some(units),
+            }),
+            Admission::Pending(mut p) => {
+                p.hold = Some(units);
+                Admission::Pending(p)
+            }
+            rejected @ Admission::Rejected(_) => rejected,
+        }
+    }
+
+    /// Takes the hold of an admitted request's route before its handler runs; refused, the
+    /// request's units go back and the refusal is its answer. A replay holds nothing.
+    async fn take_hold(
+        &self,
+        mut ticket: Ticket,
+        route: RouteCost,
+        units: u64,
+        rt: &Runtime,
+    ) -> Result<Ticket, Rejection> {
+        let Some(spec) = rt.holds.get(usize::from(route.hold).wrapping_sub(1)) else { return Ok(ticket) };
+        if !ticket.charged {
+            return Ok(ticket);
+        }
+        let state = ticket.state.clone();
+        let Some(meter) = state.plan.meters.index(spec.meter.as_str()) else { return Ok(ticket) };
+        let mut hold = crate::engine::Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout);
+        match hold.extend(units).await {
+            Ok(()) => {
+                ticket.hold =
+                    Some(std::sync::Arc::new(crate::engine::admit::ticket::RouteHeld::new(spec.clone(), meter, hold)));
+                Ok(ticket)
+            }
+            Err(mut r) => {
+                // The route's policies, the held meter's read live.
+                r.inner.headers = ticket.headers;
+                ticket.give_back();
+                Err(self.typed(r))
             }
         }
     }
@@ -422,11 +541,15 @@ impl Tollgate {
     /// Finishes a pending admission: asks the store, within `usage.store_timeout`, under the
     /// configuration it was decided under.
     pub async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
-        let PendingAdmission { mut stage, mut route, rt, idempotency } = pending;
+        let PendingAdmission { mut stage, mut route, rt, idempotency, hold } = pending;
         let rt = rt.unwrap_or_else(|| self.shared.runtime().load_full());
         loop {
             let next = match stage {
-                Stage::Quota(partial) => return self.lease_and_take(*partial, route, &rt).await,
+                Stage::Quota(partial) => match self.lease_and_take(*partial, route, &rt).await {
+                    Ok(t) => Admission::Admitted(t),
+                    Err(r) => Admission::Rejected(r),
+                },
+                Stage::Hold(ticket) => Admission::Admitted(*ticket),
                 Stage::Resolve { credential, meters, identified } => {
                     // The client address's key limits its lookups of API keys, when the address
                     // is the client's own (0: the node's shared budget).
@@ -455,7 +578,12 @@ impl Tollgate {
                 Stage::Replay(r) => self.read_replay(*r, route, &rt).await,
             };
             match next {
-                Admission::Admitted(t) => return Ok(t),
+                Admission::Admitted(t) => {
+                    return match hold {
+                        None => Ok(t),
+                        Some(units) => self.take_hold(t, route, units, &rt).await,
+                    }
+                }
                 Admission::Rejected(r) => return Err(r),
                 Admission::Pending(p) => (stage, route) = (p.stage, p.route),
             }
@@ -464,6 +592,21 @@ impl Tollgate {
 
     pub(crate) fn reject(&self, rejection: Rejection) -> Admission {
         Admission::Rejected(self.count(rejection))
+    }
+
+    /// `rejection` with the problem type its kind is answered with (the draft's
+    /// `quota-exceeded` for a 429 of a policy under `limits.headers = "draft"`).
+    pub(crate) fn typed(&self, mut rejection: Rejection) -> Rejection {
+        if matches!(
+            rejection.kind(),
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::ConcurrencyLimited
+        ) && rejection.status() == http::StatusCode::TOO_MANY_REQUESTS
+            && !rejection.policy().is_some_and(|p| p.ends_with("-prepaid"))
+            && self.shared.runtime().load().config.limits.headers == crate::config::HeaderStyle::Draft
+        {
+            rejection.inner.quota_exceeded_type = true;
+        }
+        rejection
     }
 
     pub(crate) fn count(&self, mut rejection: Rejection) -> Rejection {

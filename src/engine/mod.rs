@@ -31,5 +31,6 @@ pub use usage::flush::FlushReport;
 pub use usage::hold::{Hold, Overrun};
 pub use usage::thresholds::ThresholdCrossed;
 
+pub(crate) use admit::ticket::RouteHeld;
 pub use admit::ticket::{InFlight, Ticket};
 pub use worker::Worker;

@@ -33,8 +33,9 @@ pin_project! {
     #[project = OtherProj]
     enum Other<B> {
         Full { data: Option<Bytes> },
-        // A gRPC answer billed when its trailers come: the ticket lives until the body ends.
-        Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16 },
+        // A gRPC answer billed when its trailers come, or the answer of a route that holds
+        // (`grpc`: false) billed when it ends: the ticket lives until the body ends.
+        Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16, grpc: bool },
         // The answer to the first request with an `Idempotency-Key` (billed at its head): held
         // while it streams, stored with the key when its last frame has gone (a server does
         // not poll a body for its end once the length it announced is written). `seen`: its
@@ -66,7 +67,17 @@ impl<B> TollgateBody<B> {
     /// without), given back if the body fails, and dropped (billed as a request cut off) if
     /// the body is.
     pub(crate) fn tracked(body: B, ticket: Ticket, status: u16) -> Self {
-        Self { kind: Kind::Other { other: Some(Box::pin(Other::Tracked { body, ticket: Some(ticket), status })) } }
+        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: true };
+        Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }
+    }
+
+    /// The body of the answer of a route that holds units (`[[routes]] hold`): `ticket` is
+    /// completed with `status` when the body ends (its route's `actual_header` read in the
+    /// trailers, if they come), given back if the body fails, and dropped (billed as a request
+    /// cut off) if the body is.
+    pub(crate) fn held(body: B, ticket: Ticket, status: u16) -> Self {
+        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: false };
+        Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }
     }
 
     /// The inner service's body, holding the request's place among its tenant's requests in
@@ -127,7 +138,7 @@ where
             KindProj::Other { other: None } => Poll::Ready(None),
             KindProj::Other { other: Some(other) } => match other.as_mut().project() {
                 OtherProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-                OtherProj::Tracked { mut body, ticket, status } => {
+                OtherProj::Tracked { mut body, ticket, status, grpc } => {
                     // Marked while the body runs: a panic in it is a failure, not a cut-off.
                     if let Some(t) = ticket.as_mut() {
                         t.in_poll = true;
@@ -139,10 +150,18 @@ where
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {
                             if let Some(trailers) = frame.trailers_ref() {
-                                if let Some(t) = ticket.take() {
-                                    // No status in a gRPC answer's trailers is an error
-                                    // (the client sees UNKNOWN).
-                                    t.complete_grpc(grpc_code(trailers.get("grpc-status")).unwrap_or(2));
+                                if let Some(mut t) = ticket.take() {
+                                    if let Some(value) = t.actual_header().and_then(|h| trailers.get(h)) {
+                                        let value = value.as_bytes().to_vec();
+                                        t.set_actual(&value);
+                                    }
+                                    if *grpc {
+                                        // No status in a gRPC answer's trailers is an error
+                                        // (the client sees UNKNOWN).
+                                        t.complete_grpc(grpc_code(trailers.get("grpc-status")).unwrap_or(2));
+                                    } else {
+                                        t.complete(*status);
+                                    }
                                 }
                             } else if body.is_end_stream() {
                                 // The body says it ended with this frame: a server stops

@@ -138,6 +138,40 @@ fn counted<R: http_body::Body<Data = Bytes>>(
     response.map(|body| TollgateBody::counted(body, in_flight))
 }
 
+/// The answer of a route that holds units (`[[routes]] hold`, kept off the common path): its
+/// ticket completes when the body ends, with the route's `actual_header` read in the headers
+/// (and in the trailers, if they say it).
+#[cold]
+#[inline(never)]
+fn held<R: http_body::Body<Data = Bytes>>(
+    response: Response<R>,
+    mut ticket: Ticket,
+    grpc: Grpc,
+) -> Response<TollgateBody<R>> {
+    if response.extensions().get::<Rejection>().is_some() {
+        // Refused by tollgate inside the service: not billed, the hold goes back.
+        ticket.give_back();
+        return response.map(TollgateBody::inner);
+    }
+    if let Some(value) = ticket.actual_header().and_then(|h| response.headers().get(h)) {
+        let value = value.as_bytes().to_vec();
+        ticket.set_actual(&value);
+    }
+    let status = response.status().as_u16();
+    match grpc {
+        Grpc::Status(code) => {
+            ticket.complete_grpc(code);
+            response.map(TollgateBody::inner)
+        }
+        Grpc::Trailers => response.map(|body| TollgateBody::tracked(body, ticket, status)),
+        Grpc::No if response.body().is_end_stream() => {
+            ticket.complete(status);
+            response.map(TollgateBody::inner)
+        }
+        Grpc::No => response.map(|body| TollgateBody::held(body, ticket, status)),
+    }
+}
+
 /// A replay whose body is being read (for at most [`DRAIN_LIMIT`]).
 struct Replaying<P> {
     print: BodyPrint,
@@ -286,6 +320,10 @@ fn keyed<R: http_body::Body<Data = Bytes>>(
     let in_flight = if matches!(grpc, Grpc::Trailers) { None } else { ticket.take_in_flight() };
     match grpc {
         Grpc::No => {
+            if ticket.holds() {
+                // Its hold settles with the head: its actual is in a header, or unknown.
+                ticket.set_actual_from_head(|name| response.headers().get(name).map(http::HeaderValue::as_bytes));
+            }
             // Billed at the head, as every response; stored when its body has gone (not
             // billed: the capture's drop releases the key).
             let billed = ticket.complete(status);
@@ -377,6 +415,9 @@ where
                                 let headers = response.headers_mut();
                                 ticket.emit(&mut |field, value| put_header(headers, field, value));
                                 let mut ticket = ticket;
+                                if ticket.holds() {
+                                    return Poll::Ready(Ok(held(response, ticket, grpc)));
+                                }
                                 // Held by the body until it has gone (a tracked body's ticket
                                 // keeps its own).
                                 let in_flight = match grpc {

@@ -11,6 +11,9 @@
 //! - `POST /v1/generate` → 200 `generated`, the handler records 7 `tokens`;
 //! - `GET /v1/stream` → 200 `ab` in two chunks, 3 `tokens` recorded after the head;
 //! - `POST /v1/orders` → 201 `created` (the body is not read);
+//! - `POST /v1/complete` → 200 `completed` with `x-usage-tokens: 2` (the route holds its
+//!   `x-max-tokens` and settles on that header);
+//! - `POST /v1/draw` → 200 `drawn` (the route holds 3 tokens, billed in full);
 //! - `POST /v1/echo` → 200 `echo: <the body>`, with `x-call: <n>`, the number of this call of
 //!   the handler in the process ([`echo`]): a replay answered by the handler again would carry
 //!   a new one;
@@ -87,6 +90,20 @@ method = "GET"
 path = "/v1/stream"
 feature = "streaming"
 
+[[routes]]
+method = "POST"
+path = "/v1/complete"
+reports = ["tokens"]
+hold.tokens = { header = "x-max-tokens", default = 4, max = 8 }
+actual_header = "x-usage-tokens"
+
+[[routes]]
+method = "POST"
+path = "/v1/draw"
+reports = ["tokens"]
+hold.tokens = 3
+settle = "estimate"
+
 [tenants.acme]
 plan = "free"
 keys = ["key-free"]
@@ -123,6 +140,8 @@ pub fn echo(body: &[u8]) -> (String, String) {
 /// What the handlers record.
 pub const GENERATE_TOKENS: u64 = 7;
 pub const STREAM_TOKENS: u64 = 3;
+/// What `POST /v1/complete` says it used, in `x-usage-tokens`.
+pub const COMPLETE_TOKENS: u64 = 2;
 
 /// A request of a scenario.
 #[derive(Debug, Clone)]
@@ -342,6 +361,26 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(post("/v1/reports").key("key-free"), 429),
             ],
             usage: vec![("acme", "requests", 10)],
+            same_responses: true,
+        },
+        Scenario {
+            name: "holds from the configuration: estimates, actuals, bad estimates",
+            steps: vec![
+                // An estimate that does not parse, or above the route's `max`: 400, nothing taken.
+                Send(post("/v1/complete").key("key-free").header("x-max-tokens", "abc"), 400),
+                Send(post("/v1/complete").key("key-free").header("x-max-tokens", "9"), 400),
+                Send(post("/v1/complete").key("key-free").header("x-max-tokens", "0"), 400),
+                Send(post("/v1/complete").key("key-free").header("x-max-tokens", "4").header("x-max-tokens", "4"), 400),
+                // Holds 8, billed the 2 its `x-usage-tokens` says.
+                Send(post("/v1/complete").key("key-free").header("x-max-tokens", "8"), 200),
+                // Holds 3, billed in full (`settle = "estimate"`).
+                Send(post("/v1/draw").key("key-free"), 200),
+                // 5 tokens left: a hold of 6 is refused before the work, its request not billed.
+                Send(post("/v1/complete").key("key-free").header("x-max-tokens", "6"), 429),
+                // The default estimate, 4: billed 2.
+                Send(post("/v1/complete").key("key-free"), 200),
+            ],
+            usage: vec![("acme", "requests", 3), ("acme", "tokens", 7)],
             same_responses: true,
         },
         Scenario {
@@ -643,6 +682,13 @@ where
             .body(AppBody::Stream { ctx: Some(ctx.expect("a tenant")), sent: 0 })
             .unwrap(),
         ("POST", "/v1/orders") => text(201, "created"),
+        ("POST", "/v1/complete") => http::Response::builder()
+            .status(200)
+            .header("content-type", "text/plain")
+            .header("x-usage-tokens", COMPLETE_TOKENS.to_string())
+            .body(AppBody::Full(Some(bytes::Bytes::from_static(b"completed"))))
+            .unwrap(),
+        ("POST", "/v1/draw") => text(200, "drawn"),
         ("POST", "/v1/slow") => {
             ENTERED.notify_one();
             RELEASE.notified().await;

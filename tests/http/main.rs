@@ -10,5 +10,6 @@ mod concurrency;
 mod doors;
 mod grpc;
 mod headers;
+mod holds;
 mod responses;
 mod server;

@@ -286,6 +286,11 @@ where
             let status = response.status().as_u16();
             let head = response.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
             capture.head(status, head.collect::<Vec<_>>());
+            if ticket.holds() {
+                // Its hold settles with the head: its actual is in a header, or unknown.
+                let head = response.headers();
+                ticket.set_actual_from_head(|name| head.get(name.as_str()).map(|v| v.as_bytes()));
+            }
             if !ticket.complete(status) {
                 // Not billed: nothing stored, the key is released (the capture's drop); the
                 // body still holds the request's place until it has gone.
@@ -328,6 +333,35 @@ where
                     seen: 0,
                     size,
                     in_flight,
+                    held: None,
+                }))
+            }));
+        } else if ticket.holds() {
+            // A route that holds: its ticket completes when the body has gone, with what the
+            // route's `actual_header` says.
+            if let Some(value) = ticket.actual_header().and_then(|h| response.headers().get(h.as_str())) {
+                let value = value.as_bytes().to_vec();
+                ticket.set_actual(&value);
+            }
+            let status = response.status().as_u16();
+            let size = match response.response().body().size() {
+                actix_web::body::BodySize::Sized(n) => Some(n),
+                actix_web::body::BodySize::None => Some(0),
+                actix_web::body::BodySize::Stream => None,
+            };
+            if size == Some(0) || status < 200 || status == 204 || status == 304 {
+                // No body to poll: actix sends none.
+                ticket.complete(status);
+                return Ok(counted(response, in_flight));
+            }
+            return Ok(response.map_body(|_, body| {
+                EitherBody::right(BoxBody::new(Stored {
+                    body: Box::pin(body),
+                    capture: None,
+                    seen: 0,
+                    size,
+                    in_flight,
+                    held: Some((ticket, status)),
                 }))
             }));
         } else {
@@ -379,6 +413,9 @@ struct Stored<B> {
     seen: u64,
     size: Option<u64>,
     in_flight: Option<tollgate::door::InFlight>,
+    /// The ticket of a route that holds units (`[[routes]] hold`), completed with its status
+    /// when the body has gone (given back if it fails; billed as cut off if it is dropped).
+    held: Option<(Ticket, u16)>,
 }
 
 /// The response, its body holding the request's place among its tenant's requests in flight
@@ -397,6 +434,7 @@ fn counted<B: MessageBody + 'static>(
                 seen: 0,
                 size: None,
                 in_flight,
+                held: None,
             }))
         }),
     }
@@ -425,16 +463,25 @@ impl<B: MessageBody> MessageBody for Stored<B> {
                     if let Some(c) = this.capture.take() {
                         c.finish();
                     }
+                    if let Some((ticket, status)) = this.held.take() {
+                        ticket.complete(status);
+                    }
                     this.in_flight = None;
                 }
             }
             std::task::Poll::Ready(Some(Err(_))) => {
                 this.capture = None;
+                if let Some((ticket, _)) = this.held.take() {
+                    ticket.give_back();
+                }
                 this.in_flight = None;
             }
             std::task::Poll::Ready(None) => {
                 if let Some(c) = this.capture.take() {
                     c.finish();
+                }
+                if let Some((ticket, status)) = this.held.take() {
+                    ticket.complete(status);
                 }
                 this.in_flight = None;
             }

@@ -53,6 +53,16 @@ fn api(cfg: &mut web::ServiceConfig) {
         )
         .route("/v1/orders", web::post().to(|| async { text(201, "created") }))
         .route(
+            "/v1/complete",
+            web::post().to(|| async {
+                HttpResponse::Ok()
+                    .content_type("text/plain")
+                    .insert_header(("x-usage-tokens", conformance::COMPLETE_TOKENS.to_string()))
+                    .body("completed")
+            }),
+        )
+        .route("/v1/draw", web::post().to(|| async { text(200, "drawn") }))
+        .route(
             "/v1/echo",
             web::post().to(|body: web::Bytes| async move {
                 let (call, text) = conformance::echo(&body);

@@ -222,6 +222,20 @@ fn conformance_app(engine: Tollgate) -> Router {
         )
         .route("/v1/orders", post(|| async { text(201, "created") }))
         .route(
+            "/v1/complete",
+            post(|| async {
+                (
+                    [
+                        (http::header::CONTENT_TYPE, "text/plain".to_owned()),
+                        (http::HeaderName::from_static("x-usage-tokens"), conformance::COMPLETE_TOKENS.to_string()),
+                    ],
+                    "completed",
+                )
+                    .into_response()
+            }),
+        )
+        .route("/v1/draw", post(|| async { text(200, "drawn") }))
+        .route(
             "/v1/echo",
             post(|body: bytes::Bytes| async move {
                 let (call, text) = conformance::echo(&body);

@@ -174,6 +174,7 @@ impl Tollgate {
             called: false,
             in_poll: false,
             slot: None,
+            hold: None,
         })
     }
 
@@ -507,6 +508,7 @@ impl Tollgate {
                     called: false,
                     in_poll: false,
                     slot,
+                    hold: None,
                 })
             }
             // Refused for its quota: the request spends no rate cells.
@@ -653,6 +655,7 @@ impl Tollgate {
             called: false,
             in_poll: false,
             slot,
+            hold: None,
         }
     }
 

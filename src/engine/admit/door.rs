@@ -180,6 +180,13 @@ impl FrontDoor {
         }
     }
 
+    /// The headers a route of the configuration in force reads (the estimates of `[[routes]]
+    /// hold`): a door that builds [`RequestInfo`] itself gives their fields
+    /// ([`RequestInfo::with_headers`]).
+    pub fn hold_headers(&mut self) -> Vec<http::HeaderName> {
+        self.runtime.load().hold_headers.to_vec()
+    }
+
     /// Whether an `Idempotency-Key` on `method` is honoured (`limits.idempotency_methods`): a
     /// door reads the header only then.
     #[inline]
@@ -205,9 +212,22 @@ impl FrontDoor {
         request: &'a V,
         credential: impl FnOnce(&Identify) -> Credential<'a>,
     ) -> Admission {
+        // A route may read its hold's estimate from a header: those fields go with the request.
+        let names = {
+            let holds = &self.runtime.load().hold_headers;
+            (!holds.is_empty()).then(|| holds.clone())
+        };
+        let mut fields: Vec<(&str, &[u8])> = Vec::new();
+        if let Some(names) = &names {
+            for name in names.iter() {
+                fields.extend(request.header_values_named(name).map(|v| (name.as_str(), v)));
+            }
+        }
+        let fields = &fields[..];
         self.admit_raw(
-            |rt| {
-                let info = RequestInfo::new(request.method(), request.path(), credential(&rt.config.identify));
+            move |rt| {
+                let info = RequestInfo::new(request.method(), request.path(), credential(&rt.config.identify))
+                    .with_headers(fields);
                 let honoured = rt.idempotency_methods().iter().any(|m| request.method_is(m));
                 describe(info, request.query(), honoured, || request.header_values_named(&IDEMPOTENCY_KEY))
             },

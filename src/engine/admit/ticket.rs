@@ -1,14 +1,19 @@
 //! An admitted request, until its response is known.
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+};
 
 use crate::engine::admit::capture::ResponseCapture;
 use crate::{
     config::{HeaderStyle, PlanId, TenantId},
+    config::{HoldSettle, RouteHold},
+    engine::Hold,
     response::{emit, Field, HeaderState, Rejection, RejectionKind, Value},
     store::StoredResponse,
     tenant::Tenant,
-    usage::TenantContext,
+    usage::{RecordError, TenantContext},
 };
 
 /// What a ticket holds of its `Idempotency-Key` (always in a box: keyed requests are rare).
@@ -54,6 +59,69 @@ pub struct Ticket {
     pub(crate) in_poll: bool,
     /// The request's place among its tenant's requests in flight (a plan with `concurrency`).
     pub(crate) slot: Option<Box<crate::tenant::Slot>>,
+    /// The hold of its route (`[[routes]] hold`), shared with its contexts.
+    pub(crate) hold: Option<Arc<RouteHeld>>,
+}
+
+/// The hold a route takes for a request before its handler runs (`[[routes]] hold`): shared
+/// by the ticket and the request's [`TenantContext`]s (whose records of the held meter go
+/// through it), settled when the ticket completes.
+pub(crate) struct RouteHeld {
+    spec: Arc<RouteHold>,
+    meter: usize,
+    hold: Mutex<Option<Hold>>,
+    /// What the response said the work used (`actual_header`).
+    actual: Mutex<Actual>,
+}
+
+/// What a response said of its work's units.
+#[derive(Clone, Copy)]
+enum Actual {
+    /// Nothing (yet).
+    Unsaid,
+    /// This many.
+    Said(u64),
+    /// Something that does not parse.
+    Unreadable,
+}
+
+impl RouteHeld {
+    pub(crate) fn new(spec: Arc<RouteHold>, meter: usize, hold: Hold) -> Self {
+        Self { spec, meter, hold: Mutex::new(Some(hold)), actual: Mutex::new(Actual::Unsaid) }
+    }
+
+    /// Records `units` of `meter` through the hold, if it holds that meter and is open.
+    pub(crate) fn record(&self, meter: usize, units: u64) -> Option<Result<(), RecordError>> {
+        if meter != self.meter {
+            return None;
+        }
+        let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        hold.as_mut().map(|h| h.record(units))
+    }
+
+    /// Settles the hold: `billed`, with what the route's `settle` bills (the estimate, or the
+    /// actual the response said beyond what was recorded); else what was not recorded goes
+    /// back whole.
+    fn settle(&self, billed: bool) {
+        let Some(mut hold) = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        if billed {
+            let more = match self.spec.settle {
+                HoldSettle::Estimate => hold.held(),
+                _ => match *self.actual.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Actual::Said(actual) => actual.saturating_sub(hold.recorded()),
+                    // Unreadable: the estimate is billed in full (the work was done, and its
+                    // size is not known).
+                    Actual::Unreadable => hold.held(),
+                    Actual::Unsaid => 0,
+                },
+            };
+            if more > 0 {
+                // The work was done: billed, beyond the hold as debt if need be.
+                hold.record_done(more);
+            }
+        }
+        hold.settle();
+    }
 }
 
 /// A request counted against its tenant's `concurrency` (a plan's limit of requests in flight
@@ -163,7 +231,48 @@ impl Ticket {
     /// The handle to put in the request extensions.
     #[must_use]
     pub fn context(&self) -> TenantContext {
-        TenantContext::new(self.state.clone(), self.charged)
+        TenantContext::new(self.state.clone(), self.charged).holding(self.hold.clone())
+    }
+
+    /// Whether the request's route holds units (`[[routes]] hold`) until its response ends: a
+    /// front door then completes the ticket when the response body has ended (the tower
+    /// layer does), and reads the route's [`actual_header`](Self::actual_header) in the
+    /// response's headers or trailers.
+    #[must_use]
+    pub fn holds(&self) -> bool {
+        self.hold.is_some()
+    }
+
+    /// The response header (or trailer) that says how many units of the held meter the work
+    /// used (`[[routes]] actual_header`), if the route names one.
+    #[must_use]
+    pub fn actual_header(&self) -> Option<&http::HeaderName> {
+        self.hold.as_ref()?.spec.actual_header.as_ref()
+    }
+
+    /// For a response billed at its head (the first request with an `Idempotency-Key`,
+    /// whose response is stored as it is billed): sets what the route's
+    /// [`actual_header`](Self::actual_header) says in the response's headers, read through
+    /// `header`; a route that names one the head lacks bills its estimate in full (its
+    /// trailers are not waited for).
+    pub fn set_actual_from_head<'h>(&mut self, header: impl Fn(&http::HeaderName) -> Option<&'h [u8]>) {
+        let Some(name) = self.actual_header().cloned() else { return };
+        let value = header(&name).unwrap_or_default().to_vec();
+        self.set_actual(&value);
+    }
+
+    /// Sets what the response's [`actual_header`](Self::actual_header) says (a header, or a
+    /// trailer: the last one read wins): a whole number of units, billed through the hold when
+    /// the ticket completes (what `TenantContext::record` recorded on the held meter counts
+    /// toward it). A value that does not parse bills the hold's estimate in full, logged.
+    pub fn set_actual(&mut self, value: &[u8]) {
+        let Some(held) = &self.hold else { return };
+        let parsed = std::str::from_utf8(value).ok().map(str::trim).and_then(|v| v.parse::<u64>().ok());
+        if parsed.is_none() {
+            tracing::warn!(tenant = %self.state.id, header = ?held.spec.actual_header,
+                "the response's actual usage does not parse: the hold's estimate is billed in full");
+        }
+        *held.actual.lock().unwrap_or_else(|e| e.into_inner()) = parsed.map_or(Actual::Unreadable, Actual::Said);
     }
 
     /// Writes the rate-limit header fields of the response through `put`.
@@ -226,6 +335,9 @@ impl Ticket {
         if !self.charged {
             return false;
         }
+        if let Some(held) = self.hold.take() {
+            held.settle(true);
+        }
         self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
         self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
         if self.claim.is_some() {
@@ -245,6 +357,10 @@ impl Ticket {
     fn refund(&mut self) {
         if !self.charged {
             return;
+        }
+        if let Some(held) = self.hold.take() {
+            // Not billed: what the work recorded stays, the rest of the hold goes back.
+            held.settle(false);
         }
         if let Some(cell) = self.state.quota(self.headers.meter()) {
             if let Ok(tag) = u16::try_from(self.quota_tag) {

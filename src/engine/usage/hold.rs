@@ -95,7 +95,7 @@ pub enum Overrun {
 /// A hold stays open at most `limits.hold_timeout` (15 minutes by default): past it, or when
 /// the engine shuts down with it open, it is settled as recorded so far, and a record through
 /// it after that is charged as debt and counted
-/// ([`Stats::records_after_settle`](crate::Stats::records_after_settle)).
+/// ([`Stats::records_after_settle`](crate::report::Stats::records_after_settle)).
 #[must_use = "a hold dropped at once gives its units back: record through it while the work runs"]
 pub struct Hold {
     inner: Arc<HoldInner>,
@@ -243,6 +243,18 @@ impl Hold {
     /// [`RecordError::Overrun`] (with [`Overrun::Refuse`]), [`RecordError::UnknownMeter`] when
     /// the held meter is not declared, [`RecordError::TooLarge`] past `i64::MAX`.
     pub fn record(&mut self, units: u64) -> Result<(), RecordError> {
+        self.record_with(units, self.inner.overrun)
+    }
+
+    /// Records `units` of work that was done (a route's actual, or its estimate billed in
+    /// full): beyond the hold, as debt whatever the hold's `overrun`.
+    pub(crate) fn record_done(&mut self, units: u64) {
+        if let Err(e) = self.record_with(units, Overrun::Debt) {
+            tracing::warn!(tenant = %self.inner.state.id, error = %e, "a held route's usage could not be recorded");
+        }
+    }
+
+    fn record_with(&mut self, units: u64, overrun: Overrun) -> Result<(), RecordError> {
         let inner = &*self.inner;
         let meter = match &inner.meter {
             Ok(meter) => *meter,
@@ -269,7 +281,7 @@ impl Hold {
                 if beyond > 0 {
                     match cell.try_take(beyond, now) {
                         Take::Taken { .. } => {}
-                        _ if inner.overrun == Overrun::Refuse => {
+                        _ if overrun == Overrun::Refuse => {
                             if !state.plan.shadow {
                                 return Err(RecordError::Overrun(beyond));
                             }
@@ -586,7 +598,8 @@ fn units_held(state: &Tenant, meter: usize, units: u64, at: i64) -> Option<Rejec
     )
     .with_retry_after(1);
     let (_, end) = cell.period();
-    r.inner.headers = HeaderState::new(meter, 0);
+    // The held meter's own policy (each meter alone is the shape of its index).
+    r.inner.headers = HeaderState::new(meter, meter as u8);
     r.inner.headers.set_quota(free, if cell.prepaid() { 0 } else { (end - at).max(0) as u64 });
     Some(r.for_tenant(state))
 }
@@ -636,6 +649,8 @@ fn spent(state: &Tenant, meter: usize, at: i64) -> Rejection {
         .with_retry_after((end - at).max(1) as u64)
     };
     r.inner.policy = Some(policy);
+    // The held meter's own policy (each meter alone is the shape of its index).
+    r.inner.headers = HeaderState::new(meter, meter as u8);
     r.for_tenant(state)
 }
 
