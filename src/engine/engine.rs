@@ -365,82 +365,103 @@ impl Tollgate {
                 return self.reject(Rejection::new(RejectionKind::MalformedPath, why));
             }
         };
-        let mut route = rt.route(req.method, &path);
-        // A route that holds: its estimate is read before anything is taken (a bad one is
-        // refused, nothing charged), and the hold taken once the request is admitted.
-        let hold = match route.hold {
-            0 => None,
-            i => match Self::hold_estimate(&rt.holds[usize::from(i) - 1], req.headers) {
-                Ok(units) => Some(units),
-                Err(r) => return self.reject(r),
-            },
-        };
-        let admission = 'decided: {
-            let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, &path, req.query)));
-            match self.shared.table().get(lookup) {
-                Some(state) => {
-                    // A state of the configuration before a reload, met in the moment before its
-                    // eviction: its plan indexes meters its own way.
-                    let mut route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
-                        route
-                    } else {
-                        rt.meters.remap(route, &state.plan.meters)
-                    };
-                    let anonymous = || rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
-                    if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
-                        // The anonymous tenant: its rate is per client address, and so are its
-                        // `Idempotency-Key`s (client B's key `1` is not client A's).
-                        let ip = req.client.map(crate::tenant::Client::given).or_else(client).map(|c| c.ip);
-                        route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
-                        if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
-                            // Without its address an anonymous caller cannot be told from the
-                            // others: its key is not honoured (a stored response is never
-                            // answered to another client).
-                            let Some(ip) = ip else { break 'decided self.decide(state, route, None) };
-                            let scoped = scoped_key(key, keys, Some(ip));
-                            break 'decided self.decide(state, route, Some((&scoped, request)));
-                        }
+        let route = rt.route(req.method, &path);
+        if route.hold != 0 {
+            return self.admit_holding(rt, req, lookup, route, &path, client);
+        }
+        self.admit_routed(rt, req, lookup, route, &path, client)
+    }
+
+    /// [`admit_in`](Self::admit_in) on a route that holds: its estimate is read before
+    /// anything is taken (a bad one is refused, nothing charged), and the hold taken once the
+    /// request is admitted.
+    #[cold]
+    #[inline(never)]
+    fn admit_holding(
+        &self,
+        rt: &Runtime,
+        req: &RequestInfo<'_>,
+        lookup: Lookup<'_>,
+        route: RouteCost,
+        path: &str,
+        client: impl FnOnce() -> Option<crate::tenant::Client>,
+    ) -> Admission {
+        match Self::hold_estimate(&rt.holds[usize::from(route.hold) - 1], req.headers) {
+            Ok(units) => Self::holding(self.admit_routed(rt, req, lookup, route, path, client), route, units),
+            Err(r) => self.reject(r),
+        }
+    }
+
+    /// [`admit_in`](Self::admit_in) once the route is known.
+    #[inline(always)]
+    fn admit_routed(
+        &self,
+        rt: &Runtime,
+        req: &RequestInfo<'_>,
+        lookup: Lookup<'_>,
+        mut route: RouteCost,
+        path: &str,
+        client: impl FnOnce() -> Option<crate::tenant::Client>,
+    ) -> Admission {
+        let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, path, req.query)));
+        match self.shared.table().get(lookup) {
+            Some(state) => {
+                // A state of the configuration before a reload, met in the moment before its
+                // eviction: its plan indexes meters its own way.
+                let mut route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
+                    route
+                } else {
+                    rt.meters.remap(route, &state.plan.meters)
+                };
+                let anonymous = || rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
+                if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
+                    // The anonymous tenant: its rate is per client address, and so are its
+                    // `Idempotency-Key`s (client B's key `1` is not client A's).
+                    let ip = req.client.map(crate::tenant::Client::given).or_else(client).map(|c| c.ip);
+                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
+                    if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
+                        // Without its address an anonymous caller cannot be told from the
+                        // others: its key is not honoured (a stored response is never
+                        // answered to another client).
+                        let Some(ip) = ip else { return self.decide(state, route, None) };
+                        let scoped = scoped_key(key, keys, Some(ip));
+                        return self.decide(state, route, Some((&scoped, request)));
                     }
-                    self.decide(state, route, idem)
                 }
-                None => {
-                    if let Lookup::ApiKey(key) = lookup {
-                        if check_api_key(key).is_err() {
-                            return self.malformed_key(key);
-                        }
-                    }
-                    // Anonymous callers (or an unknown key served as one) need their address.
-                    let who = req.client.map(crate::tenant::Client::given).or_else(client);
-                    let ip = who.map(|c| c.ip);
-                    if let Some(keys) = &rt.client_keys {
-                        route.client = keys.key(ip);
-                    }
-                    // Its lookups of API keys are limited per address only when the address is the
-                    // client's own; else they share the node's budget.
-                    let identified = who.is_some_and(|c| c.identifies);
-                    let credential = match lookup {
-                        Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
-                        Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
-                        Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
-                    };
-                    let idempotency = idem.map(|(key, request)| {
-                        let scoped =
-                            rt.client_keys.as_ref().and_then(|keys| Some(scoped_key(key, keys, Some(ip?)).into()));
-                        Box::new(PendingKey { key: key.into(), request, scoped })
-                    });
-                    Admission::Pending(PendingAdmission {
-                        stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
-                        route,
-                        rt: None,
-                        idempotency,
-                        hold: None,
-                    })
-                }
+                self.decide(state, route, idem)
             }
-        };
-        match hold {
-            None => admission,
-            Some(units) => Self::holding(admission, route, units),
+            None => {
+                if let Lookup::ApiKey(key) = lookup {
+                    if check_api_key(key).is_err() {
+                        return self.malformed_key(key);
+                    }
+                }
+                // Anonymous callers (or an unknown key served as one) need their address.
+                let who = req.client.map(crate::tenant::Client::given).or_else(client);
+                let ip = who.map(|c| c.ip);
+                if let Some(keys) = &rt.client_keys {
+                    route.client = keys.key(ip);
+                }
+                // Its lookups of API keys are limited per address only when the address is the
+                // client's own; else they share the node's budget.
+                let identified = who.is_some_and(|c| c.identifies);
+                let credential = match lookup {
+                    Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
+                    Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
+                    Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
+                };
+                let idempotency = idem.map(|(key, request)| {
+                    let scoped = rt.client_keys.as_ref().and_then(|keys| Some(scoped_key(key, keys, Some(ip?)).into()));
+                    Box::new(PendingKey { key: key.into(), request, scoped })
+                });
+                Admission::Pending(PendingAdmission {
+                    stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
+                    route,
+                    rt: None,
+                    idempotency,
+                    hold: None,
+                })
+            }
         }
     }
 

@@ -68,17 +68,33 @@ impl Rng {
 /// shut down (their leases given back), the store's counter holds exactly what was recorded,
 /// and so does the usage billed.
 pub async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::store::StoreInspect>) {
+    four_nodes_holding(store, false).await;
+}
+
+/// [`four_nodes_never_record_past_the_limit`], on a prepaid balance of L granted before.
+pub async fn four_nodes_never_spend_past_the_balance(store: Arc<dyn tollgate::store::StoreInspect>) {
+    four_nodes_holding(store, true).await;
+}
+
+async fn four_nodes_holding(store: Arc<dyn tollgate::store::StoreInspect>, balance: bool) {
     const L: u64 = 2_000;
     // Fail-closed with a long store timeout: on a loaded machine (the local DynamoDB server
     // answers one call at a time) a slow answer must not refuse a hold, which is not what this
     // test is about.
-    let toml = TOML.replace(
-        "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
-        &format!("limit = {L}, period = \"month\", mode = \"hard\", lease = 100"),
-    ) + "[usage]\nstore_timeout = \"30s\"\n";
+    let quota = if balance {
+        "period = \"prepaid\", lease = 100".to_owned()
+    } else {
+        format!("limit = {L}, period = \"month\", mode = \"hard\", lease = 100")
+    };
+    let toml = TOML.replace("limit = 500, period = \"month\", mode = \"hard\", lease = 100", &quota)
+        + "[usage]\nstore_timeout = \"30s\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =
         (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let admin = tollgate::admin::Admin::for_engine(&nodes[0].tollgate);
+    if balance {
+        admin.grant_credits("t", "tokens", L, None, "pi_fleet").await.unwrap();
+    }
     let recorded = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..8u64 {
@@ -99,7 +115,7 @@ pub async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::sto
                     Err(r) => {
                         // Spent; or held by this node's other requests, tried again.
                         match r.kind() {
-                            RejectionKind::QuotaExceeded => refused += 1,
+                            RejectionKind::QuotaExceeded | RejectionKind::CreditsExhausted => refused += 1,
                             RejectionKind::UnitsHeld => tokio::task::yield_now().await,
                             other => panic!("{other:?}: {r}"),
                         }
@@ -128,6 +144,16 @@ pub async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::sto
                             tokio::task::yield_now().await;
                         }
                     }
+                    // Cut off after it recorded part: what it recorded is billed, the rest
+                    // of its hold goes back (the ticket is dropped, not completed).
+                    2 => {
+                        let part = rng.below(estimate + 1);
+                        hold.record(part).unwrap();
+                        recorded.fetch_add(part, std::sync::atomic::Ordering::SeqCst);
+                        drop(hold);
+                        drop(ticket);
+                        continue;
+                    }
                     // Records an actual at most its estimate.
                     _ => {
                         let actual = rng.below(estimate + 1);
@@ -155,10 +181,15 @@ pub async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::sto
     for h in &nodes {
         h.tollgate.shutdown().await.unwrap();
     }
-    let month = tollgate::config::Period::Month { anchor_day: 1 };
-    let (start, end) = month.bounds(NOON);
-    let key = QuotaKey::new("t".into(), "tokens".into(), month, start, end);
-    assert_eq!(store.reserved(&key).await.unwrap(), recorded, "taken = recorded, nothing stranded or lost");
+    let taken = if balance {
+        let (_, balances) = admin.credits("t").await.unwrap();
+        balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b.reserved).unwrap()
+    } else {
+        let month = tollgate::config::Period::Month { anchor_day: 1 };
+        let (start, end) = month.bounds(NOON);
+        store.reserved(&QuotaKey::new("t".into(), "tokens".into(), month, start, end)).await.unwrap()
+    };
+    assert_eq!(taken, recorded, "taken = recorded, nothing stranded or lost");
     let billed = committed(&*store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
     assert_eq!(billed, recorded);
 }

@@ -203,6 +203,18 @@ async fn four_nodes_on_one_sqlite_file_never_record_past_the_limit() {
     four_nodes_never_record_past_the_limit(Arc::new(store)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_on_one_memory_store_never_spend_past_the_balance() {
+    common::holds::four_nodes_never_spend_past_the_balance(Arc::new(tollgate::store::MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_on_one_sqlite_file_never_spend_past_the_balance() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("balance.db")).await.unwrap();
+    common::holds::four_nodes_never_spend_past_the_balance(Arc::new(store)).await;
+}
+
 /// A hold no period could cover (past the limit) is refused before anything is taken.
 #[tokio::test]
 async fn a_hold_past_the_limit_is_refused_and_takes_nothing() {

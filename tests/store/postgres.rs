@@ -531,3 +531,10 @@ async fn four_nodes_holding_never_record_past_the_limit() {
     let Some((store, _)) = postgres::store().await else { return };
     common::holds::four_nodes_never_record_past_the_limit(Arc::new(store)).await;
 }
+
+/// The same on a prepaid balance granted before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_holding_never_spend_past_the_balance() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::holds::four_nodes_never_spend_past_the_balance(Arc::new(store)).await;
+}

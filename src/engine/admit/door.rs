@@ -160,9 +160,9 @@ impl FrontDoor {
     #[inline]
     /// `client` reads the client's address, only for a request served as the anonymous tenant
     /// when anonymous callers are limited per address.
-    fn admit_raw<'a>(
-        &mut self,
-        describe: impl FnOnce(&Runtime) -> Result<RequestInfo<'a>, crate::response::Rejection>,
+    fn admit_raw<'x>(
+        &'x mut self,
+        describe: impl FnOnce(&'x Runtime) -> Result<RequestInfo<'x>, crate::response::Rejection>,
         client: impl FnOnce(&Runtime) -> Option<crate::tenant::Client>,
     ) -> Admission {
         let FrontDoor { tollgate, runtime } = self;
@@ -213,19 +213,14 @@ impl FrontDoor {
         credential: impl FnOnce(&Identify) -> Credential<'a>,
     ) -> Admission {
         // A route may read its hold's estimate from a header: those fields go with the request.
-        let names = {
-            let holds = &self.runtime.load().hold_headers;
-            (!holds.is_empty()).then(|| holds.clone())
-        };
         let mut fields: Vec<(&str, &[u8])> = Vec::new();
-        if let Some(names) = &names {
-            for name in names.iter() {
-                fields.extend(request.header_values_named(name).map(|v| (name.as_str(), v)));
-            }
-        }
-        let fields = &fields[..];
+        let fields = &mut fields;
         self.admit_raw(
             move |rt| {
+                for name in rt.hold_headers.iter() {
+                    fields.extend(request.header_values_named(name).map(|v| (name.as_str(), v)));
+                }
+                let fields: &Vec<_> = fields;
                 let info = RequestInfo::new(request.method(), request.path(), credential(&rt.config.identify))
                     .with_headers(fields);
                 let honoured = rt.idempotency_methods().iter().any(|m| request.method_is(m));
