@@ -403,7 +403,8 @@ impl Builder {
         let pipeline = Pipeline::new(stores.clone(), totals.clone(), clock.clone(), needs_customer);
         let exporter =
             Exporter::new(self.sink, stores.clone(), ids.clone(), clock.clone(), metrics.clone(), totals.clone());
-        let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone());
+        let holds = Arc::new(crate::engine::usage::held::OpenHolds::default());
+        let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone(), holds.clone());
         let shared = Shared {
             runtime: ArcSwap::from_pointee(runtime),
             table: TenantTable::new(limits.max_tenants, metrics.rate_states_dropped.clone()),
@@ -427,7 +428,7 @@ impl Builder {
             credit_expiry: crate::engine::usage::credits::CreditExpiry::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             started: std::time::Instant::now(),
-            holds: crate::engine::usage::held::OpenHolds::default(),
+            holds,
             unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
         };
         let shared = Arc::new(shared);

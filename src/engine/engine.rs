@@ -794,6 +794,8 @@ impl Tollgate {
         stats.responses_stored = responses.stored.load(std::sync::atomic::Ordering::Relaxed);
         stats.responses_not_stored = responses.not_stored_total();
         stats.response_bytes_buffered = responses.buffered.load(std::sync::atomic::Ordering::Relaxed);
+        // Jobs' holds whose hold ended are counted gone.
+        self.shared.events().sweep();
         let holds = self.shared.holds();
         stats.holds_open = holds.len() as u64;
         stats.units_held = holds.units();

@@ -76,7 +76,7 @@ pub(crate) struct Shared {
     /// When the engine was built: settlements begun since then are all of them.
     pub(super) started: std::time::Instant,
     /// The holds open on this node.
-    pub(super) holds: crate::engine::usage::held::OpenHolds,
+    pub(super) holds: Arc<crate::engine::usage::held::OpenHolds>,
 }
 
 impl Shared {

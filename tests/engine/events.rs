@@ -172,6 +172,42 @@ async fn a_released_reservation_gives_its_units_back_and_an_expired_one_keeps_th
     assert_eq!(engine.stats().events_past_limit, 0, "other took its reservation");
 }
 
+/// A job's reservation is one of the node's holds: counted open with its units while it
+/// holds them, refused past `limits.max_holds` (retryable), counted expired when its hold ends
+/// (its units still spent).
+#[tokio::test]
+async fn reservations_are_the_nodes_job_holds() {
+    let toml = format!("{TOML}\n[limits]\nmax_holds = 2\n");
+    let config = Config::from_toml_str(&toml).unwrap();
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = Tollgate::builder(config).store_arc(Arc::new(MemoryStore::new())).clock(clock).build();
+    let hold = Duration::from_secs(60);
+    engine.reserve_event(&ev("a", 3, NOON), hold).await.unwrap();
+    engine.reserve_event(&ev("b", 2, NOON), Duration::from_millis(50)).await.unwrap();
+    let stats = engine.stats();
+    assert_eq!((stats.holds_open, stats.units_held), (2, 5));
+    let full = engine.reserve_event(&ev("c", 1, NOON), hold).await.unwrap_err();
+    assert!(matches!(full, EventError::HoldsFull { max: 2 }) && full.is_retryable(), "{full}");
+    assert_eq!(engine.stats().holds_refused_full, 1);
+    // "a" recorded: its hold is the event's.
+    assert_eq!(engine.record_event(ev("a", 3, NOON)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!((engine.stats().holds_open, engine.stats().units_held), (1, 2));
+    // "b" expires (the cache's timer ticks about once a second): counted, its units spent.
+    let mut expired = 0;
+    for _ in 0..100 {
+        expired = engine.stats().holds_expired;
+        if expired == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(expired, 1);
+    assert_eq!((engine.stats().holds_open, engine.stats().units_held), (0, 0));
+    assert!(!engine.release_event(&ev("b", 2, NOON)).await, "expired");
+    engine.reserve_event(&ev("c", 5, NOON), hold).await.expect("a place is free, 5 units left");
+    assert!(matches!(engine.reserve_event(&ev("d", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
+}
+
 /// Events the queue must not drop (the work was done) are retryable, so a queue redelivers
 /// them or moves them to its dead-letter queue rather than acknowledging them: a time ahead of
 /// `events.max_skew` (a producer's clock), a product code `[events.products]` does not map.

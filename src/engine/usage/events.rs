@@ -14,6 +14,7 @@ use std::{
 };
 
 use crate::engine::store_calls::StoreCalls;
+use crate::engine::usage::held::OpenHolds;
 use crate::{
     config::{MeterId, TenantId},
     metrics::{Metrics, ProcessedAs, Totals},
@@ -123,6 +124,14 @@ pub enum EventError {
     /// applies the event, or answers `Duplicate` if it did.
     #[error("the store did not record the event: {0}")]
     Store(#[source] StoreError),
+    /// The node has `limits.max_holds` holds open (requests' and jobs' reservations): only
+    /// [`Tollgate::reserve_event`](crate::Tollgate::reserve_event) refuses so. Retryable, once
+    /// some settle.
+    #[error("this node has {max} holds open (limits.max_holds)")]
+    HoldsFull {
+        /// `limits.max_holds`.
+        max: usize,
+    },
     /// The event's time is in a quota period that has not begun on this node's clock (within
     /// `events.max_skew`): its quota cannot be checked yet. Retryable: delivered again once
     /// the period has begun, it is applied there.
@@ -139,11 +148,18 @@ impl EventError {
     /// so it is redelivered or reaches the dead-letter queue. The other errors are final.
     #[must_use]
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Store(_) | Self::PeriodNotStarted { .. } | Self::InFuture { .. } | Self::UnknownProduct(_))
+        matches!(
+            self,
+            Self::Store(_)
+                | Self::PeriodNotStarted { .. }
+                | Self::InFuture { .. }
+                | Self::UnknownProduct(_)
+                | Self::HoldsFull { .. }
+        )
     }
 
     /// A short name for logs and metrics: `invalid`, `unknown_product`, `too_old`,
-    /// `in_future`, `quota`, `store_error`, `not_yet`.
+    /// `in_future`, `quota`, `store_error`, `not_yet`, `holds_full`.
     #[must_use]
     pub fn label(&self) -> &'static str {
         match self {
@@ -154,6 +170,7 @@ impl EventError {
             Self::QuotaExceeded { .. } => "quota",
             Self::Store(_) => "store_error",
             Self::PeriodNotStarted { .. } => "not_yet",
+            Self::HoldsFull { .. } => "holds_full",
         }
     }
 }
@@ -254,6 +271,8 @@ pub(crate) struct EventRecorder {
     stores: Arc<StoreCalls>,
     metrics: Arc<Metrics>,
     totals: Arc<Totals>,
+    /// The node's open holds: each reservation is one (a job's hold) while it holds units.
+    holds: Arc<OpenHolds>,
 }
 
 impl std::fmt::Debug for EventRecorder {
@@ -263,7 +282,12 @@ impl std::fmt::Debug for EventRecorder {
 }
 
 impl EventRecorder {
-    pub(crate) fn new(stores: Arc<StoreCalls>, metrics: Arc<Metrics>, totals: Arc<Totals>) -> Self {
+    pub(crate) fn new(
+        stores: Arc<StoreCalls>,
+        metrics: Arc<Metrics>,
+        totals: Arc<Totals>,
+        holds: Arc<OpenHolds>,
+    ) -> Self {
         // Only events whose write failed ambiguously are held: a few, while the store is in
         // trouble.
         let held = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build();
@@ -271,17 +295,42 @@ impl EventRecorder {
         // the units stay spent. The event may have been recorded by another process (a queue's
         // consumer), which charged it there: giving them back could pass the limit. A job that
         // abandons its work releases them (`release_event`).
+        // Each reservation is one of the node's open holds (a job's) until it goes, however it
+        // goes: its units are counted held meanwhile.
+        let jobs = holds.clone();
         let reserved = moka::sync::Cache::builder()
             .max_capacity(RESERVATIONS_MAX)
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .expire_after(HoldFor)
+            .eviction_listener(move |_, r: Arc<Reserved>, cause| {
+                jobs.job_left(r.held(), matches!(cause, moka::notification::RemovalCause::Expired));
+                if let Some(cell) = r.state.quota(r.meter) {
+                    cell.count_held(r.held(), false);
+                }
+            })
             .build();
-        Self { held, reserved, stores, metrics, totals }
+        Self { held, reserved, stores, metrics, totals, holds }
+    }
+
+    /// Whether a job's hold may open: fewer than `max` holds are open on the node (counted
+    /// refused when not).
+    pub(crate) fn may_reserve(&self, max: usize) -> bool {
+        self.reserved.run_pending_tasks();
+        if self.holds.len() < max {
+            return true;
+        }
+        self.holds.refused_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.hold(crate::metrics::HoldOutcome::RefusedFull).increment(1);
+        false
     }
 
     /// Holds the units of a reservation under the event's `id` until it is recorded,
     /// released, or its hold ends.
     pub(crate) fn reserve(&self, id: String, reserved: Arc<Reserved>) {
+        if let Some(cell) = reserved.state.quota(reserved.meter) {
+            cell.count_held(reserved.held(), true);
+        }
+        self.holds.job_entered(reserved.held());
         self.reserved.insert(id, reserved);
         self.reserved.run_pending_tasks();
     }
@@ -294,7 +343,10 @@ impl EventRecorder {
 
     /// The units reserved for the event `id`, taken out (they become the event's).
     pub(crate) fn take_reserved(&self, id: &str) -> Option<Arc<Reserved>> {
-        self.reserved.remove(id)
+        let taken = self.reserved.remove(id);
+        // Its listener runs now: the hold is no longer counted open.
+        self.reserved.run_pending_tasks();
+        taken
     }
 
     /// The units held for the event `id` (of its tenant) by an earlier attempt, taken out.
@@ -395,6 +447,15 @@ pub(crate) struct Reserved {
 }
 
 impl Reserved {
+    /// The units it holds of a quota (none on a meter without one).
+    pub(crate) fn held(&self) -> u64 {
+        if self.tag.is_some() {
+            self.quantity
+        } else {
+            0
+        }
+    }
+
     /// Gives the units back to the tenant's lease (the work was not recorded).
     pub(crate) fn give_back(&self) {
         let Some(cell) = self.state.quota(self.meter) else { return };

@@ -23,6 +23,10 @@ pub(crate) struct OpenHolds {
     pub(crate) records_after_settle: AtomicU64,
     /// Holds refused because `limits.max_holds` were open.
     pub(crate) refused_full: AtomicU64,
+    /// Jobs' holds open ([`Tollgate::reserve_event`](crate::Tollgate::reserve_event)'s
+    /// reservations), and the units they hold.
+    jobs: AtomicU64,
+    job_units: AtomicU64,
 }
 
 impl std::fmt::Debug for OpenHolds {
@@ -56,15 +60,30 @@ impl OpenHolds {
         self.map().remove(&id);
     }
 
-    /// How many holds are open.
+    /// How many holds are open: requests' and jobs'.
     pub(crate) fn len(&self) -> usize {
-        self.map().len()
+        self.map().len() + usize::try_from(self.jobs.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
 
     /// The units the open holds hold.
     pub(crate) fn units(&self) -> u64 {
         let holds: Vec<_> = self.map().values().cloned().collect();
-        holds.iter().map(|h| h.held()).sum()
+        holds.iter().map(|h| h.held()).sum::<u64>() + self.job_units.load(Ordering::Relaxed)
+    }
+
+    /// A job's hold of `units` opened.
+    pub(crate) fn job_entered(&self, units: u64) {
+        self.jobs.fetch_add(1, Ordering::Relaxed);
+        self.job_units.fetch_add(units, Ordering::Relaxed);
+    }
+
+    /// A job's hold went (recorded, released, or `expired`: its units stay spent).
+    pub(crate) fn job_left(&self, units: u64, expired: bool) {
+        let _ = self.jobs.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+        let _ = self.job_units.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(units)));
+        if expired {
+            self.expired.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Settles every hold whose deadline is at or before `now` (Unix seconds) as recorded so
@@ -88,10 +107,11 @@ impl OpenHolds {
         all.iter().filter(|h| h.close(Closed::Shutdown)).count()
     }
 
-    /// Waits until no hold is open, or `until`: whether none is.
+    /// Waits until no request's hold is open, or `until`: whether none is. (A job's hold is
+    /// not waited for: it outlives the process as its rule says, its units spent.)
     pub(crate) async fn drained(&self, until: tokio::time::Instant) -> bool {
         loop {
-            if self.len() == 0 {
+            if self.map().is_empty() {
                 return true;
             }
             if tokio::time::Instant::now() >= until {

@@ -90,6 +90,10 @@ impl Tollgate {
             }
             held.give_back();
         }
+        let max = rt.config.limits.max_holds;
+        if !self.shared.events().may_reserve(max) {
+            return Err(EventError::HoldsFull { max });
+        }
         let tag = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
         let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold, period };
         self.shared.events().reserve(id, Arc::new(reserved));
