@@ -171,6 +171,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/", get(|| async { "hello from behind tollgate\n" }))
         .route("/v1/items", get(items))
         .route("/v1/generate", post(generate))
+        .route("/v1/complete", post(complete))
         .layer(layer)
         // The client's address, for callers limited per address (anonymous callers, lookups of
         // unknown keys) and their `Idempotency-Key`s: what `tollgate_axum::client_addr` does.
@@ -303,6 +304,18 @@ async fn generate(Extension(ctx): Extension<TenantContext>) -> Json<Value> {
     let tokens = 120;
     ctx.record("tokens", tokens).expect("the tokens meter is declared");
     Json(json!({ "tenant": ctx.tenant(), "tokens": tokens, "text": "lorem ipsum" }))
+}
+
+/// Holds the request's `x-max-tokens` (a route rule) and records the 40 tokens it
+/// "generated" through the hold; a record past the hold is refused (`overrun = "refuse"`).
+async fn complete(Extension(ctx): Extension<TenantContext>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let tokens = 40;
+    match ctx.record("tokens", tokens) {
+        Ok(()) => Json(json!({ "tenant": ctx.tenant(), "tokens": tokens, "text": "lorem ipsum" })).into_response(),
+        // The hold (and the balance) does not cover the work: nothing is generated.
+        Err(e) => (axum::http::StatusCode::PAYMENT_REQUIRED, format!("{e}\n")).into_response(),
+    }
 }
 
 /// Puts the connection's peer in the request as tollgate's client address.

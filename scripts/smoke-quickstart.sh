@@ -86,9 +86,25 @@ check "quota kept across restart" 429 "$(code "$base/v1/items" "${free[@]}")"
 check "remaining after restart" '"requests-day";r=0' \
   "$(curl -s -D - -o /dev/null "$base/v1/items" "${free[@]}" | tr -d '\r' | sed -n 's/^ratelimit: .*\("requests-day";r=[0-9]*\).*/\1/p')"
 check "pro tenant after restart" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
+# A prepaid balance: nothing granted, nothing served; a grant with the CLI (on the running
+# node's file) is spent by completions that hold their `x-max-tokens` first, and the one the
+# balance cannot cover is refused before any work, so it never goes below zero.
+prepaid=(-H 'x-api-key: tg_test_prepaid_initech')
+check "prepaid: no balance yet" 402 "$(code -X POST "$base/v1/complete" "${prepaid[@]}" -H 'x-max-tokens: 50')"
+(cd "$work" && "$cli" --config "$OLDPWD/examples/quickstart.toml" credits grant initech tokens 100 --id pi_smoke) >/dev/null
+# The refusal above is trusted for the rest of its second; the store is asked again after it.
+sleep 1.1
+check "prepaid: a bad estimate" 400 "$(code -X POST "$base/v1/complete" "${prepaid[@]}" -H 'x-max-tokens: lots')"
+check "prepaid: holds 50, bills 40" 200 "$(code -X POST "$base/v1/complete" "${prepaid[@]}" -H 'x-max-tokens: 50')"
+check "prepaid: holds 50 of the 60 left, bills 40" 200 "$(code -X POST "$base/v1/complete" "${prepaid[@]}" -H 'x-max-tokens: 50')"
+check "prepaid: 20 left cannot hold 50" 402 "$(code -X POST "$base/v1/complete" "${prepaid[@]}" -H 'x-max-tokens: 50')"
+check "prepaid: the balance in the headers" '"tokens-prepaid";r=20' \
+  "$(curl -s -D - -o /dev/null -X POST "$base/v1/complete" "${prepaid[@]}" -H 'x-max-tokens: 50' | tr -d '\r' | sed -n 's/^ratelimit: .*\("tokens-prepaid";r=[0-9]*\).*/\1/p')"
 kill -TERM $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-check "second stop (1 request unit)" "stopped: flushed 1 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
+check "second stop (1 + 2 request units, 80 tokens)" "stopped: flushed 83 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
+check "prepaid: the balance's counter holds exactly what was recorded (80 of 100)" "80 100" \
+  "$(cd "$work" && "$cli" --config "$OLDPWD/examples/quickstart.toml" quota show initech | awk '$1 == "tokens" && $2 == "prepaid" { print $(NF-1), $NF }')"
 
 # On a store a fleet shares (DynamoDB, PostgreSQL; when the test script runs a local server):
 # quickstart processes on one table or schema share the free tenant's daily quota of 20. Node A

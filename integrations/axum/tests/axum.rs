@@ -2,6 +2,8 @@
 //! layer, the extractor, rejections as responses, the client address, the Stripe webhook route.
 #![allow(missing_docs)]
 
+#[path = "../examples/ai_stream.rs"]
+mod ai_stream;
 #[path = "../../../tests/conformance/mod.rs"]
 mod conformance;
 
@@ -372,4 +374,50 @@ async fn shutdown_signal_resolves_on_sigterm() {
     let sent = std::process::Command::new("kill").args(["-TERM", &std::process::id().to_string()]).status().unwrap();
     assert!(sent.success());
     tokio::time::timeout(std::time::Duration::from_secs(5), stop).await.expect("resolved on SIGTERM").unwrap();
+}
+
+/// The AI example: a completion holds its `max_tokens` from the prepaid balance before the
+/// model runs and bills each streamed token; when the balance cannot cover a request whole, it
+/// streams what the balance allows and is stopped by a refused extension; an empty balance
+/// refuses the next one before any work (402). What is billed is exactly what was streamed.
+#[tokio::test]
+async fn the_ai_example_bills_exactly_what_it_streamed_and_stops_at_the_balance() {
+    use tower::ServiceExt;
+    let config = tollgate::Config::from_toml_str(ai_stream::CONFIG).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).open().await.unwrap();
+    tollgate::admin::Admin::for_engine(&engine).grant_credits("acme", "tokens", 100, None, "g-1").await.unwrap();
+    let complete = |max_tokens: u64| {
+        Request::post("/v1/completions")
+            .header("x-api-key", "tg_prepaid_acme")
+            .header("content-type", "application/json")
+            .body(Body::from(format!("{{\"prompt\": \"once upon a time\", \"max_tokens\": {max_tokens}}}")))
+            .unwrap()
+    };
+    let stream = |body: &str| -> (usize, Option<String>) {
+        let tokens = body.split("\n\n").filter(|e| e.starts_with("data: ")).count();
+        let end = body
+            .split("\n\n")
+            .find_map(|e| e.strip_prefix("event: ").map(|e| e.split('\n').next().unwrap().to_owned()));
+        (tokens, end)
+    };
+    let app = ai_stream::app(engine.clone());
+    let response = app.clone().oneshot(complete(60)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert_eq!(stream(&body), (60, Some("done".to_owned())), "{body}");
+    // 40 left: more than the balance is asked, so the stream holds a chunk at a time and stops.
+    let response = app.clone().oneshot(complete(60)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert_eq!(stream(&body), (40, Some("stopped".to_owned())), "{body}");
+    let response = app.clone().oneshot(complete(10)).await.unwrap();
+    assert_eq!(response.status(), 402, "nothing left: refused before the model runs");
+    let now = engine.clock().unix_secs();
+    let report = engine.usage_report(&"acme".into(), now - 3600, now + 3600).await.unwrap();
+    let billed: u64 = report.usage.iter().filter(|w| w.meter.as_str() == "tokens").map(|w| w.quantity).sum();
+    assert_eq!(billed, 100, "exactly what was streamed");
+    engine.shutdown().await.unwrap();
+    let (_, balances) = tollgate::admin::Admin::for_engine(&engine).credits("acme").await.unwrap();
+    let b = balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b).unwrap();
+    assert_eq!((b.granted, b.reserved), (100, 100));
 }
