@@ -340,3 +340,101 @@ async fn two_processes_share_a_hard_quota(kind: Kind, test: &str) {
     assert_eq!(open(&db).await.reserved(&day_key("t", NOON)).await.unwrap(), admitted, "leases went back at shutdown");
     let _ = std::fs::remove_file(&go);
 }
+
+/// A hard tokens quota of 1,000 a day (`lease = 10`, growing up to 62), and the route whose
+/// handler holds and records tokens.
+const HELD: &str = "quotas.tokens = { limit = 1000, period = \"day\", mode = \"hard\", lease = 10 }
+[meters.tokens]
+[[routes]]
+path = \"/generate\"
+reports = [\"tokens\"]";
+
+/// The tokens quota's counter of the day holding `unix`.
+fn tokens_key(unix: i64) -> tollgate::store::QuotaKey {
+    let start = unix - unix.rem_euclid(86_400);
+    tollgate::store::QuotaKey::new("t".into(), "tokens".into(), tollgate::config::Period::Day, start, start + 86_400)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_with_holds_open_strands_at_most_its_lease_and_its_holds() {
+    let test = "a_process_killed_with_holds_open_strands_at_most_its_lease_and_its_holds";
+    strands_its_lease_and_its_holds(Kind::Sqlite, test).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_process_killed_with_holds_open_strands_at_most_its_lease_and_its_holds() {
+    let test = "postgres_a_process_killed_with_holds_open_strands_at_most_its_lease_and_its_holds";
+    strands_its_lease_and_its_holds(Kind::Postgres, test).await;
+}
+
+/// A node works through holds (each request holds 30 tokens and records 20), then is killed
+/// with three holds of 50 open, 10 recorded through each. What the store counts beyond what
+/// was recorded (stranded) is at most its lease (the bound of a lease, as above) plus the units
+/// its holds held; nothing is counted twice: what is billed is what was recorded, and a new
+/// node admits the rest of the limit.
+async fn strands_its_lease_and_its_holds(kind: Kind, test: &str) {
+    if let Some((_, db)) = role() {
+        let h = engine(&db, HELD, NOON, None).await;
+        let mut used = 0;
+        for _ in 0..20 {
+            let (ticket, ctx) = common::holds::admitted(&h, "key-t").await;
+            let mut hold = ctx.hold_with("tokens", 30, tollgate::Overrun::Refuse).await.unwrap();
+            hold.record(20).unwrap();
+            hold.settle();
+            assert!(ticket.complete(200));
+            used += 20;
+        }
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            let (ticket, ctx) = common::holds::admitted(&h, "key-t").await;
+            let mut hold = ctx.hold_with("tokens", 50, tollgate::Overrun::Refuse).await.unwrap();
+            hold.record(10).unwrap();
+            used += 10;
+            open.push((ticket, hold));
+        }
+        // What was recorded reaches the store; the holds stay open.
+        h.tollgate.flush().await.unwrap();
+        say("held", h.tollgate.stats().units_held);
+        say("used", used);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        unreachable!("killed before this: {open:?}");
+    }
+    let Some((db, _dir)) = location(kind).await else { return };
+    let (child, mut lines) = spawn(test, "holds", &db);
+    let said = read_until(&mut lines, "used");
+    let (held, used) = (said[0].1, said[1].1);
+    sigkill(child);
+    assert_eq!(held, 120, "three holds of 50, 10 recorded through each");
+
+    let store = open(&db).await;
+    let reserved = store.reserved(&tokens_key(NOON)).await.unwrap();
+    let stranded = reserved - used;
+    assert!(
+        (held..=held + STRANDED_AT_MOST).contains(&stranded),
+        "stranded {stranded} (reserved {reserved} for {used} used, {held} held)"
+    );
+    let billed = common::committed(&*store, "t", "tokens", NOON - 86_400, NOON + 86_400, 3600).await;
+    assert_eq!(billed, used, "billed once, exactly what was recorded");
+    // A new node holds the rest of the limit, and no more.
+    let h = engine(&db, HELD, NOON + 60, None).await;
+    let mut taken = 0;
+    // Refused at admission once the quota is spent, or by the hold.
+    while let Ok((ticket, ctx)) = common::holds::admit(&h, "key-t").await {
+        match ctx.hold_with("tokens", 10, tollgate::Overrun::Refuse).await {
+            Ok(mut hold) => {
+                hold.record(10).unwrap();
+                hold.settle();
+                assert!(ticket.complete(200));
+                taken += 10;
+                assert!(taken <= 1000);
+            }
+            Err(_) => {
+                ticket.give_back();
+                break;
+            }
+        }
+    }
+    assert!(1000 - reserved - taken < 10, "the rest of the limit is held: {taken} of {}", 1000 - reserved);
+    eprintln!("stranded {stranded}: {held} held, {} of the lease ({STRANDED_AT_MOST} at most)", stranded - held);
+}
