@@ -440,3 +440,72 @@ async fn shutdown_settles_the_holds_still_open() {
     assert_eq!(common::committed(&**store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await, 100);
     drop(hold);
 }
+
+/// Store calls per 1,000 held requests at a steady rate (100 a second, the worker running):
+/// holds ride the node's lease, which grows with the tenant's pace, so the store is asked a
+/// few times, not per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_held_requests_ask_the_store_a_few_times() {
+    let toml = TOML.replace(
+        "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
+        "limit = 10000000, period = \"month\", mode = \"hard\", lease = 100",
+    );
+    let store = Arc::new(common::Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = common::node_with_worker(&toml, store.clone(), clock, handle);
+    let before = store.quota_calls.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..1_000 {
+        let (ticket, ctx) = admitted(&h, "key-t").await;
+        let mut hold = ctx.hold_with("tokens", 100, Overrun::Refuse).await.unwrap();
+        hold.record(60).unwrap();
+        hold.settle();
+        assert!(ticket.complete(200));
+        h.clock.advance(std::time::Duration::from_millis(10));
+        tokio::task::yield_now().await;
+    }
+    let calls = store.quota_calls.load(std::sync::atomic::Ordering::SeqCst) - before;
+    eprintln!("{calls} quota store calls for 1,000 held requests (100 tokens held, 60 used, 100/s)");
+    assert!(calls <= 60, "{calls} store calls for 1,000 held requests");
+    assert_eq!(tokens_billed(&h, "t").await, 60_000);
+}
+
+/// Holds taken and settled without pause on two threads while the worker's expiry pass scans
+/// the node's open holds (every second): neither waits on the other for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_settle_while_the_worker_scans_them() {
+    let toml = TOML.replace(
+        "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
+        "limit = 1000000000, period = \"month\", mode = \"hard\", lease = 1000000",
+    );
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Arc::new(common::node_with_worker(&toml, store, clock, handle));
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(2500);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let h = h.clone();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while std::time::Instant::now() < until {
+                let (ticket, ctx) = admitted(&h, "key-t").await;
+                let mut hold = ctx.hold("tokens", 10).await.unwrap();
+                hold.record(1).unwrap();
+                hold.settle();
+                assert!(ticket.complete(200));
+                n += 1;
+            }
+            n
+        });
+    }
+    let done = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut n = 0;
+        while let Some(r) = tasks.join_next().await {
+            n += r.unwrap();
+        }
+        n
+    })
+    .await;
+    let n = done.expect("the holds and the worker's pass never wait on each other for good");
+    assert_eq!(h.tollgate.stats().holds_open, 0);
+    assert_eq!(tokens_billed(&h, "t").await, n);
+}

@@ -87,7 +87,9 @@ impl OpenHolds {
     }
 
     /// Settles every hold whose deadline is at or before `now` (Unix seconds) as recorded so
-    /// far: the number settled.
+    /// far: the number settled. The map's lock is held only to find them, reading their deadlines
+    /// without their own locks (a settle takes the map's lock with its own held: never the
+    /// other way round).
     pub(crate) fn expire(&self, now: i64) -> usize {
         let due: Vec<_> = self.map().values().filter(|h| h.deadline() <= now).cloned().collect();
         let mut n = 0;

@@ -5,7 +5,10 @@
 
 use std::{
     borrow::Cow,
-    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
 };
 
 use crate::engine::{admit::admission::NO_TAG, shared::Shared, Prefetch};
@@ -115,6 +118,10 @@ pub(crate) struct HoldInner {
     overrun: Overrun,
     /// How long it may stay open, in seconds.
     timeout: i64,
+    /// When it is settled if still open (Unix seconds), read by the node's expiry pass without
+    /// the lock below (the pass holds the open holds' lock, which a settle takes after this
+    /// one: never the other way round).
+    deadline: AtomicI64,
     open: Mutex<Open>,
 }
 
@@ -128,8 +135,6 @@ struct Open {
     tag: u32,
     /// When they were taken (Unix seconds).
     at: i64,
-    /// When it is settled if still open (Unix seconds).
-    deadline: i64,
     held: u64,
     recorded: u64,
     /// Whether the store did not answer and the quota failed open: nothing is held, and
@@ -160,7 +165,7 @@ impl HoldInner {
 
     /// When it is settled if still open.
     pub(crate) fn deadline(&self) -> i64 {
-        self.lock().deadline
+        self.deadline.load(Ordering::Relaxed)
     }
 
     /// Settles it as recorded so far, for `why`: whether it held units.
@@ -203,13 +208,13 @@ impl Hold {
             registered: false,
             tag: NO_TAG,
             at,
-            deadline: i64::MAX,
             held: 0,
             recorded: 0,
             failed_open: false,
             closed: None,
         };
-        let inner = HoldInner { id, state, meter, charged, overrun, timeout, open: Mutex::new(open) };
+        let deadline = AtomicI64::new(i64::MAX);
+        let inner = HoldInner { id, state, meter, charged, overrun, timeout, deadline, open: Mutex::new(open) };
         Self { inner: Arc::new(inner), engine }
     }
 
@@ -347,7 +352,8 @@ impl Hold {
             if !open.live && !open.registered {
                 if let Some(engine) = &self.engine {
                     let max = engine.runtime().load().config.limits.max_holds;
-                    open.deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
+                    let deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
+                    self.inner.deadline.store(deadline, Ordering::Relaxed);
                     if !engine.holds().enter(&self.inner, max) {
                         drop(open);
                         engine.holds().refused_full.fetch_add(1, Ordering::Relaxed);
