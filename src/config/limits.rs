@@ -130,8 +130,9 @@ pub struct Limits {
     /// ([`Stats::holds_expired`](crate::report::Stats::holds_expired)); a record through it after
     /// that is charged as debt.
     pub hold_timeout: Duration,
-    /// The most holds open at once on a node (10,000 by default): a hold past it is refused,
-    /// 429 `Units held` with `Retry-After: 1`, and counted
+    /// The most holds open at once on a node, requests' holds and jobs' reservations together
+    /// (10,000 by default): a request's hold past it is refused, 429 `Units held` with
+    /// `Retry-After: 1`, a reservation with `EventError::HoldsFull`; both counted
     /// (`tollgate_holds_total{outcome="refused_full"}`).
     pub max_holds: usize,
 }

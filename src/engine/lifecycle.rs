@@ -355,7 +355,7 @@ impl Tollgate {
             .under_lock(cell.lock(), async {
                 self.shared.leases().settle_inflight(cell).await?;
                 if cell.lease() < cell.low() {
-                    self.shared.leases().refill_locked(&rt, cell, now, 0).await?;
+                    self.shared.leases().refill_locked(&rt, cell, now, 0, 0).await?;
                 }
                 Ok(())
             })

@@ -833,7 +833,7 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn next_size(&self, now_nanos: i64) -> u64 {
         let cold = self.cold();
         let base = self.spec.lease().get().min(Lease::MAX as u64 / 4);
-        let cap = base.max(self.limit() / 16).min(Lease::MAX as u64 / 4);
+        let cap = self.lease_cap();
         let size = match cold.size.load(Ordering::Relaxed) {
             0 => base,
             s => s,
@@ -849,6 +849,13 @@ impl<'a> QuotaRef<'a> {
         } else {
             size
         }
+    }
+
+    /// The largest lease of this cell: a sixteenth of the limit, or the configured size if
+    /// larger.
+    pub(crate) fn lease_cap(&self) -> u64 {
+        let base = self.spec.lease().get().min(Lease::MAX as u64 / 4);
+        base.max(self.limit() / 16).min(Lease::MAX as u64 / 4)
     }
 
     /// Records a lease of `size` units granted at `now_nanos` (the pace the next size

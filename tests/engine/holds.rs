@@ -442,31 +442,34 @@ async fn shutdown_settles_the_holds_still_open() {
 }
 
 /// Store calls per 1,000 held requests at a steady rate (100 a second, the worker running):
-/// holds ride the node's lease, which grows with the tenant's pace, so the store is asked a
-/// few times, not per request.
+/// holds ride the node's lease, which holds a few of their estimates and grows with the
+/// tenant's pace, so the store is asked a few times, not per request; also for holds ten times
+/// the configured lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_held_requests_ask_the_store_a_few_times() {
-    let toml = TOML.replace(
-        "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
-        "limit = 10000000, period = \"month\", mode = \"hard\", lease = 100",
-    );
-    let store = Arc::new(common::Faulty::default());
-    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let h = common::node_with_worker(&toml, store.clone(), clock, handle);
-    let before = store.quota_calls.load(std::sync::atomic::Ordering::SeqCst);
-    for _ in 0..1_000 {
-        let (ticket, ctx) = admitted(&h, "key-t").await;
-        let mut hold = ctx.hold_with("tokens", 100, Overrun::Refuse).await.unwrap();
-        hold.record(60).unwrap();
-        hold.settle();
-        assert!(ticket.complete(200));
-        h.clock.advance(std::time::Duration::from_millis(10));
-        tokio::task::yield_now().await;
+    for (estimate, used) in [(100, 60), (1_000, 600)] {
+        let toml = TOML.replace(
+            "limit = 500, period = \"month\", mode = \"hard\", lease = 100",
+            "limit = 100000000, period = \"month\", mode = \"hard\", lease = 100",
+        );
+        let store = Arc::new(common::Faulty::default());
+        let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+        let h = common::node_with_worker(&toml, store.clone(), clock, handle);
+        let before = store.quota_calls.load(std::sync::atomic::Ordering::SeqCst);
+        for _ in 0..1_000 {
+            let (ticket, ctx) = admitted(&h, "key-t").await;
+            let mut hold = ctx.hold_with("tokens", estimate, Overrun::Refuse).await.unwrap();
+            hold.record(used).unwrap();
+            hold.settle();
+            assert!(ticket.complete(200));
+            h.clock.advance(std::time::Duration::from_millis(10));
+            tokio::task::yield_now().await;
+        }
+        let calls = store.quota_calls.load(std::sync::atomic::Ordering::SeqCst) - before;
+        eprintln!("{calls} quota store calls for 1,000 held requests ({estimate} tokens held, {used} used, 100/s, lease = 100)");
+        assert!(calls <= 60, "{calls} store calls for 1,000 held requests of {estimate}");
+        assert_eq!(tokens_billed(&h, "t").await, 1_000 * used);
     }
-    let calls = store.quota_calls.load(std::sync::atomic::Ordering::SeqCst) - before;
-    eprintln!("{calls} quota store calls for 1,000 held requests (100 tokens held, 60 used, 100/s)");
-    assert!(calls <= 60, "{calls} store calls for 1,000 held requests");
-    assert_eq!(tokens_billed(&h, "t").await, 60_000);
 }
 
 /// Holds taken and settled without pause on two threads while the worker's expiry pass scans
@@ -508,4 +511,25 @@ async fn holds_settle_while_the_worker_scans_them() {
     let n = done.expect("the holds and the worker's pass never wait on each other for good");
     assert_eq!(h.tollgate.stats().holds_open, 0);
     assert_eq!(tokens_billed(&h, "t").await, n);
+}
+
+/// A handler that panics while it holds gives its hold back as it unwinds, minus what it
+/// recorded (which is billed).
+#[tokio::test]
+async fn a_panicking_handler_gives_its_hold_back() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let task = tokio::spawn(async move {
+        let mut hold = ctx.hold_with("tokens", 300, Overrun::Refuse).await.unwrap();
+        hold.record(50).unwrap();
+        panic!("the handler fails mid-work");
+    });
+    assert!(task.await.unwrap_err().is_panic());
+    ticket.give_back();
+    assert_eq!((h.tollgate.stats().holds_open, h.tollgate.stats().units_held), (0, 0));
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let rest = ctx.hold_with("tokens", 450, Overrun::Refuse).await.expect("the 250 not recorded came back");
+    drop(rest);
+    ticket.give_back();
+    assert_eq!(tokens_billed(&h, "t").await, 50);
 }

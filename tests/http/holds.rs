@@ -28,6 +28,11 @@ path = "/draw"
 reports = ["tokens"]
 hold.tokens = 40
 settle = "estimate"
+[[routes]]
+path = "/stream"
+reports = ["tokens"]
+hold.tokens = 40
+overrun = "refuse"
 [tenants.t]
 plan = "p"
 keys = ["key-t"]
@@ -62,6 +67,8 @@ impl Node {
         http::Response<tollgate::layer::TollgateBody<Body>>,
         mpsc::Sender<Result<Frame<Bytes>, std::convert::Infallible>>,
     ) {
+        // The contexts of earlier requests are done with (their work, and their holds, end).
+        self.contexts.lock().unwrap().clear();
         let (tx, rx): (_, Frames) = mpsc::channel(8);
         let rx = Arc::new(Mutex::new(Some(rx)));
         let contexts = self.contexts.clone();
@@ -86,11 +93,13 @@ impl Node {
         (response, tx)
     }
 
+    /// The context the handler was given (taken: the test holds the work's part of the hold).
     fn context(&self) -> TenantContext {
-        self.contexts.lock().unwrap().last().cloned().expect("the handler ran")
+        self.contexts.lock().unwrap().pop().expect("the handler ran")
     }
 
     async fn billed(&self) -> u64 {
+        self.contexts.lock().unwrap().clear();
         self.engine.flush().await.unwrap();
         common::committed(&**self.engine.usage_store(), "t", "tokens", NOON - 86_400, NOON + 86_400, 3600).await
     }
@@ -105,7 +114,7 @@ fn data(text: &'static str) -> Result<Frame<Bytes>, std::convert::Infallible> {
 #[tokio::test]
 async fn a_held_route_settles_when_its_streamed_body_ends() {
     let node = Node::new();
-    let (response, tx) = node.send("/chat", 200, None).await;
+    let (response, tx) = node.send("/stream", 200, None).await;
     assert_eq!(response.status(), 200);
     let ctx = node.context();
     ctx.record("tokens", 10).unwrap();
@@ -116,6 +125,9 @@ async fn a_held_route_settles_when_its_streamed_body_ends() {
     drop(tx);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "a");
+    assert_eq!(node.engine.stats().holds_open, 1, "the work may still record");
+    // The handler's work is done.
+    drop(ctx);
     assert_eq!((node.engine.stats().holds_open, node.engine.stats().units_held), (0, 0), "settled at the end");
     assert_eq!(node.billed().await, 15);
     // 85 left: two more holds of 40 fit, a third does not.
@@ -126,7 +138,7 @@ async fn a_held_route_settles_when_its_streamed_body_ends() {
         response.into_body().collect().await.unwrap();
     }
     assert_eq!(node.billed().await, 95, "settle = \"estimate\" bills the hold in full");
-    let (response, _tx) = node.send("/chat", 200, None).await;
+    let (response, _tx) = node.send("/stream", 200, None).await;
     assert_eq!(response.status(), 429);
 }
 
@@ -146,9 +158,11 @@ async fn the_actual_in_a_trailer_is_billed() {
 }
 
 /// A request that is not billed (a 5xx) gives its hold back, minus what it recorded; one cut
-/// off while its body streams bills what it recorded (`usage.bill_cancelled`).
+/// off while its body streams is billed (`usage.bill_cancelled`), and on a route whose actual
+/// comes in its response (`actual_header`), never said, the estimate is billed in full: a
+/// client that leaves before the trailer gets no work for free.
 #[tokio::test]
-async fn a_failed_request_returns_its_hold_and_a_cut_off_one_bills_what_it_recorded() {
+async fn a_failed_request_returns_its_hold_and_a_cut_off_one_bills_its_estimate() {
     let node = Node::new();
     let (response, tx) = node.send("/chat", 500, None).await;
     node.context().record("tokens", 4).unwrap();
@@ -166,14 +180,35 @@ async fn a_failed_request_returns_its_hold_and_a_cut_off_one_bills_what_it_recor
     drop(body);
     drop(tx);
     assert_eq!(node.engine.stats().units_held, 0);
-    assert_eq!(node.billed().await, 11);
-    // 89 left: a hold of 40 fits twice.
-    for _ in 0..2 {
-        let (response, tx) = node.send("/draw", 200, None).await;
-        assert_eq!(response.status(), 200);
-        drop(tx);
-        response.into_body().collect().await.unwrap();
-    }
+    assert_eq!(node.billed().await, 44, "4, then the estimate of 40 (7 of it recorded)");
+    // 56 left: a hold of 40 fits once.
+    let (response, tx) = node.send("/draw", 200, None).await;
+    assert_eq!(response.status(), 200);
+    drop(tx);
+    response.into_body().collect().await.unwrap();
+    let (response, _tx) = node.send("/draw", 200, None).await;
+    assert_eq!(response.status(), 429);
+}
+
+/// A first request with an `Idempotency-Key` is billed at its head (its response is stored as
+/// it streams), and keeps its hold while the body streams: what the work records goes through
+/// it (past it, refused), and it settles once the body has gone, its actual read from the head
+/// (here none: the estimate in full).
+#[tokio::test]
+async fn a_keyed_request_keeps_its_hold_while_its_body_streams() {
+    let node = Node::new();
+    let (response, tx) = node.send("/chat", 200, Some("k-chat")).await;
+    assert_eq!(response.status(), 200);
+    let ctx = node.context();
+    ctx.record("tokens", 10).unwrap();
+    assert_eq!(ctx.record("tokens", 200), Err(RecordError::Overrun(170)), "the hold's overrun applies");
+    assert_eq!(node.engine.stats().holds_open, 1, "open while the body streams");
+    tx.send(data("a")).await.unwrap();
+    drop(tx);
+    response.into_body().collect().await.unwrap();
+    drop(ctx);
+    assert_eq!((node.engine.stats().holds_open, node.engine.stats().units_held), (0, 0));
+    assert_eq!(node.billed().await, 40, "no actual in the head: the estimate");
 }
 
 /// A replay of an `Idempotency-Key` takes no hold: with the quota spent by the first request,
@@ -197,4 +232,31 @@ async fn a_replay_takes_no_hold() {
     assert_eq!(response.status(), 200, "the replay holds nothing");
     assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), "drawn");
     assert_eq!(node.billed().await, 80);
+}
+
+/// A handler on a held route that panics (the layer's future unwinds) gives the route's hold
+/// back whole: the request is not billed.
+#[tokio::test]
+async fn a_panicking_handler_returns_its_routes_hold() {
+    let node = Node::new();
+    let service = tollgate::TollgateLayer::new(node.engine.clone()).streamed_bodies().layer(tower::service_fn(
+        |_: http::Request<tollgate::layer::RequestBody<http_body_util::Full<Bytes>>>| async move {
+            if true {
+                panic!("the handler fails");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::new())))
+        },
+    ));
+    let request =
+        http::Request::post("/draw").header("x-api-key", "key-t").body(http_body_util::Full::new(Bytes::new()));
+    let task = tokio::spawn(service.oneshot(request.unwrap()));
+    assert!(task.await.unwrap_err().is_panic());
+    assert_eq!((node.engine.stats().holds_open, node.engine.stats().units_held), (0, 0));
+    assert_eq!(node.billed().await, 0, "not billed, its estimate back");
+    for _ in 0..2 {
+        let (response, tx) = node.send("/draw", 200, None).await;
+        assert_eq!(response.status(), 200, "the whole limit is there");
+        drop(tx);
+        response.into_body().collect().await.unwrap();
+    }
 }

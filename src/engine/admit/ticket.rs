@@ -2,7 +2,10 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use crate::engine::admit::capture::ResponseCapture;
@@ -65,14 +68,23 @@ pub struct Ticket {
 
 /// The hold a route takes for a request before its handler runs (`[[routes]] hold`): shared
 /// by the ticket and the request's [`TenantContext`]s (whose records of the held meter go
-/// through it), settled when the ticket completes.
+/// through it). It settles when the last of them goes: the ticket has ended (billed or not)
+/// and the work that could record through it (the handler, a body it streams) is done. A
+/// response billed at its head (the first request with an `Idempotency-Key`) keeps its hold
+/// while its body streams.
 pub(crate) struct RouteHeld {
     spec: Arc<RouteHold>,
     meter: usize,
     hold: Mutex<Option<Hold>>,
     /// What the response said the work used (`actual_header`).
     actual: Mutex<Actual>,
+    /// How the ticket ended: [`NOT_ENDED`], [`BILLED`] or [`NOT_BILLED`].
+    ended: AtomicU8,
 }
+
+const NOT_ENDED: u8 = 0;
+const BILLED: u8 = 1;
+const NOT_BILLED: u8 = 2;
 
 /// What a response said of its work's units.
 #[derive(Clone, Copy)]
@@ -87,7 +99,13 @@ enum Actual {
 
 impl RouteHeld {
     pub(crate) fn new(spec: Arc<RouteHold>, meter: usize, hold: Hold) -> Self {
-        Self { spec, meter, hold: Mutex::new(Some(hold)), actual: Mutex::new(Actual::Unsaid) }
+        Self {
+            spec,
+            meter,
+            hold: Mutex::new(Some(hold)),
+            actual: Mutex::new(Actual::Unsaid),
+            ended: AtomicU8::new(NOT_ENDED),
+        }
     }
 
     /// Records `units` of `meter` through the hold, if it holds that meter and is open.
@@ -99,28 +117,42 @@ impl RouteHeld {
         hold.as_mut().map(|h| h.record(units))
     }
 
-    /// Settles the hold: `billed`, with what the route's `settle` bills (the estimate, or the
-    /// actual the response said beyond what was recorded); else what was not recorded goes
-    /// back whole.
-    fn settle(&self, billed: bool) {
+    /// The ticket ended, `billed` or not: the hold settles so once the work is done.
+    fn end(&self, billed: bool) {
+        self.ended.store(if billed { BILLED } else { NOT_BILLED }, Ordering::Release);
+    }
+
+    /// Settles the hold. Billed: with what the route's `settle` bills (the estimate, or the
+    /// actual the response said beyond what was recorded; a route that names `actual_header`
+    /// whose response said none, or nothing readable, bills the estimate in full: the work was
+    /// done and its size is not known). Not billed: what was not recorded goes back whole.
+    fn settle(&self) {
         let Some(mut hold) = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-        if billed {
-            let more = match self.spec.settle {
-                HoldSettle::Estimate => hold.held(),
-                _ => match *self.actual.lock().unwrap_or_else(|e| e.into_inner()) {
-                    Actual::Said(actual) => actual.saturating_sub(hold.recorded()),
-                    // Unreadable: the estimate is billed in full (the work was done, and its
-                    // size is not known).
-                    Actual::Unreadable => hold.held(),
-                    Actual::Unsaid => 0,
-                },
+        if self.ended.load(Ordering::Acquire) != NOT_BILLED {
+            let actual = *self.actual.lock().unwrap_or_else(|e| e.into_inner());
+            let more = match (self.spec.settle, actual) {
+                (HoldSettle::Estimate, _) => hold.held(),
+                (_, Actual::Said(actual)) => actual.saturating_sub(hold.recorded()),
+                (_, Actual::Unreadable) => hold.held(),
+                (_, Actual::Unsaid) if self.spec.actual_header.is_some() => hold.held(),
+                (_, Actual::Unsaid) => 0,
             };
+            if more > hold.held() {
+                tracing::warn!(meter = %self.spec.meter, held = hold.held(), reported = more,
+                    "a held route reported more than it held: charged past the hold, as debt (cap the work at the hold)");
+            }
             if more > 0 {
                 // The work was done: billed, beyond the hold as debt if need be.
                 hold.record_done(more);
             }
         }
         hold.settle();
+    }
+}
+
+impl Drop for RouteHeld {
+    fn drop(&mut self) {
+        self.settle();
     }
 }
 
@@ -251,14 +283,15 @@ impl Ticket {
     }
 
     /// For a response billed at its head (the first request with an `Idempotency-Key`,
-    /// whose response is stored as it is billed): sets what the route's
-    /// [`actual_header`](Self::actual_header) says in the response's headers, read through
-    /// `header`; a route that names one the head lacks bills its estimate in full (its
-    /// trailers are not waited for).
+    /// whose response is stored as it is billed, and whose trailers are not read): sets what
+    /// the route's [`actual_header`](Self::actual_header) says in the response's headers, read
+    /// through `header` (a route that names one the head lacks bills its estimate in full).
     pub fn set_actual_from_head<'h>(&mut self, header: impl Fn(&http::HeaderName) -> Option<&'h [u8]>) {
         let Some(name) = self.actual_header().cloned() else { return };
-        let value = header(&name).unwrap_or_default().to_vec();
-        self.set_actual(&value);
+        if let Some(value) = header(&name) {
+            let value = value.to_vec();
+            self.set_actual(&value);
+        }
     }
 
     /// Sets what the response's [`actual_header`](Self::actual_header) says (a header, or a
@@ -336,7 +369,7 @@ impl Ticket {
             return false;
         }
         if let Some(held) = self.hold.take() {
-            held.settle(true);
+            held.end(true);
         }
         self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
         self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
@@ -360,7 +393,7 @@ impl Ticket {
         }
         if let Some(held) = self.hold.take() {
             // Not billed: what the work recorded stays, the rest of the hold goes back.
-            held.settle(false);
+            held.end(false);
         }
         if let Some(cell) = self.state.quota(self.headers.meter()) {
             if let Ok(tag) = u16::try_from(self.quota_tag) {

@@ -45,14 +45,14 @@ impl Tollgate {
                 if !charged {
                     // A replay: the units must be there, but are not taken.
                     if cell.check_units(u64::from(cost), at).is_err() {
-                        self.shared.leases().refill_locked(rt, cell, at, 0).await?;
+                        self.shared.leases().refill_locked(rt, cell, at, 0, 0).await?;
                     }
                     return Ok(match cell.check_units(u64::from(cost), at) {
                         Ok(()) => Ok((None, cell.lease(), None)),
                         Err(_) => Err(()),
                     });
                 }
-                Ok(match self.shared.leases().take_locked(rt, cell, at, u64::from(cost)).await? {
+                Ok(match self.shared.leases().take_locked(rt, cell, at, u64::from(cost), 0).await? {
                     Some(t) => Ok((Some(t.tag), t.left, t.start)),
                     None => Err(()),
                 })
@@ -143,7 +143,7 @@ impl Tollgate {
                 .under_lock(cell.lock(), async {
                     self.shared.leases().settle_inflight(cell).await?;
                     if let Err(Take::NeedLease) = cell.check_units(1, at) {
-                        self.shared.leases().refill_locked(rt, cell, at, 0).await?;
+                        self.shared.leases().refill_locked(rt, cell, at, 0, 0).await?;
                     }
                     Ok(cell.check_units(1, at))
                 })

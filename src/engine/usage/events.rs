@@ -312,11 +312,12 @@ impl EventRecorder {
         Self { held, reserved, stores, metrics, totals, holds }
     }
 
-    /// Whether a job's hold may open: fewer than `max` holds are open on the node (counted
-    /// refused when not).
-    pub(crate) fn may_reserve(&self, max: usize) -> bool {
+    /// Opens a job's hold, if fewer than `max` holds are open on the node (counted refused
+    /// when not). Opened, it is closed by its reservation's end, or by
+    /// [`close_job`](Self::close_job) when no reservation comes of it.
+    pub(crate) fn open_job(&self, max: usize) -> bool {
         self.reserved.run_pending_tasks();
-        if self.holds.len() < max {
+        if self.holds.open_job(max) {
             return true;
         }
         self.holds.refused_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -324,13 +325,23 @@ impl EventRecorder {
         false
     }
 
+    /// A job's hold opened for the same work reserved again.
+    pub(crate) fn reopen_job(&self) {
+        self.holds.reopen_job();
+    }
+
+    /// A job's hold opened and not reserved (its units were refused).
+    pub(crate) fn close_job(&self) {
+        self.holds.job_left(0, false);
+    }
+
     /// Holds the units of a reservation under the event's `id` until it is recorded,
-    /// released, or its hold ends.
+    /// released, or its hold ends: its job's hold was opened first.
     pub(crate) fn reserve(&self, id: String, reserved: Arc<Reserved>) {
         if let Some(cell) = reserved.state.quota(reserved.meter) {
             cell.count_held(reserved.held(), true);
         }
-        self.holds.job_entered(reserved.held());
+        self.holds.job_holds(reserved.held());
         self.reserved.insert(id, reserved);
         self.reserved.run_pending_tasks();
     }
@@ -460,7 +471,18 @@ impl Reserved {
     pub(crate) fn give_back(&self) {
         let Some(cell) = self.state.quota(self.meter) else { return };
         match self.tag {
-            Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => cell.refund(self.quantity, tag),
+            // To the lease, or to the store once the lease was given back (a release after
+            // shutdown began, or after a reload).
+            Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => {
+                crate::engine::usage::hold::return_units(
+                    &self.state,
+                    self.meter,
+                    self.quantity,
+                    tag,
+                    self.taken_at,
+                    None,
+                );
+            }
             Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(self.quantity, self.taken_at),
             Some(Taken::Held) | None => {}
         }

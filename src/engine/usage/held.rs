@@ -45,14 +45,35 @@ impl OpenHolds {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `hold` as open, unless `max` are open already.
+    /// Registers `hold` as open, unless `max` are open already (requests' and jobs').
     pub(crate) fn enter(&self, hold: &Arc<HoldInner>, max: usize) -> bool {
         let mut map = self.map();
-        if map.len() >= max {
+        if map.len().saturating_add(self.jobs()) >= max {
             return false;
         }
         map.insert(hold.id, hold.clone());
         true
+    }
+
+    /// Opens a job's hold, unless `max` are open already (requests' and jobs'): checked and
+    /// counted under the open holds' lock, as [`enter`](Self::enter) is.
+    pub(crate) fn open_job(&self, max: usize) -> bool {
+        let map = self.map();
+        if map.len().saturating_add(self.jobs()) >= max {
+            return false;
+        }
+        self.jobs.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// A job's hold opened again (the same work reserved again), whatever the cap: it was
+    /// open a moment ago.
+    pub(crate) fn reopen_job(&self) {
+        self.jobs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn jobs(&self) -> usize {
+        usize::try_from(self.jobs.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
     }
 
     /// `id` is settled.
@@ -62,7 +83,7 @@ impl OpenHolds {
 
     /// How many holds are open: requests' and jobs'.
     pub(crate) fn len(&self) -> usize {
-        self.map().len() + usize::try_from(self.jobs.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+        self.map().len().saturating_add(self.jobs())
     }
 
     /// The units the open holds hold.
@@ -71,9 +92,8 @@ impl OpenHolds {
         holds.iter().map(|h| h.held()).sum::<u64>() + self.job_units.load(Ordering::Relaxed)
     }
 
-    /// A job's hold of `units` opened.
-    pub(crate) fn job_entered(&self, units: u64) {
-        self.jobs.fetch_add(1, Ordering::Relaxed);
+    /// A job's hold (opened by [`open_job`](Self::open_job)) holds `units`.
+    pub(crate) fn job_holds(&self, units: u64) {
         self.job_units.fetch_add(units, Ordering::Relaxed);
     }
 

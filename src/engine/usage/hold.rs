@@ -11,7 +11,7 @@ use std::{
     },
 };
 
-use crate::engine::{admit::admission::NO_TAG, shared::Shared, Prefetch};
+use crate::engine::{admit::admission::NO_TAG, shared::Shared, usage::lease::LEASE_PER_HOLD, Prefetch};
 use crate::response::HeaderState;
 use crate::{
     config::StoreErrorPolicy,
@@ -367,7 +367,9 @@ impl Hold {
         }
         // `None`: the store did not answer and the quota fails open: nothing is held, and
         // what is recorded is charged as `record` charges it.
-        let taken = take(state, meter, units).await;
+        // What this hold holds already is not "held by others" to its own extension.
+        let own = self.inner.held();
+        let taken = take(state, meter, units, own).await;
         let mut open = self.inner.lock();
         let taken = match taken {
             Ok(Some(taken)) => taken,
@@ -386,7 +388,11 @@ impl Hold {
         };
         let (tag, at) = taken;
         if let Some(why) = open.closed {
-            // Settled by the node while this waited on the store: the units go back.
+            // Settled by the node while this waited on the store: the units go back (counted
+            // held first: a give-back counts them no longer held).
+            if let Some(cell) = state.quota(meter) {
+                cell.count_held(units, true);
+            }
             give_back(state, meter, units, tag, at, self.engine.as_ref());
             return Err(closed(state, why));
         }
@@ -401,6 +407,8 @@ impl Hold {
             give_back(state, meter, old, open.tag, open.at, self.engine.as_ref());
         }
         open.live = true;
+        // The store answers again: records come out of the hold from now on.
+        open.failed_open = false;
         open.tag = tag;
         open.at = at;
         open.held = open.held.saturating_add(units);
@@ -456,14 +464,23 @@ impl std::fmt::Debug for Hold {
 
 /// Gives `units` held from the period tagged `tag` (taken at `at`) back: to its lease, after
 /// that period's roll to its counter in the store, and after the lease was given back
-/// (eviction, reload) to the store at once, as a late release.
+/// (eviction, reload, shutdown) to the store at once, as a late release.
 fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32, at: i64, engine_: Option<&Arc<Shared>>) {
-    let (Some(cell), Ok(tag)) = (state.quota(meter), u16::try_from(tag)) else { return };
+    let Some(cell) = state.quota(meter) else { return };
     cell.count_held(units, false);
     if units == 0 {
         return;
     }
     state.plan.metrics.hold_returned_units.increment(units);
+    if let Ok(tag) = u16::try_from(tag) {
+        return_units(state, meter, units, tag, at, engine_.cloned());
+    }
+}
+
+/// Gives `units` taken from the lease of the period tagged `tag` (at `at`) back, as
+/// [`give_back`] does, without counting them: a hold's, or a job's reservation's.
+pub(crate) fn return_units(state: &Tenant, meter: usize, units: u64, tag: u16, at: i64, engine_: Option<Arc<Shared>>) {
+    let Some(cell) = state.quota(meter) else { return };
     let late = {
         // The lock the lease's return marks it under: the units reach the lease before it is
         // emptied, or go to the store.
@@ -474,7 +491,7 @@ fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32, at: i64, engine
         locked.returned
     };
     if late {
-        release_late(state, meter, units, at, engine_.cloned().or_else(|| engine(state)));
+        release_late(state, meter, units, at, engine_.or_else(|| engine(state)));
     }
 }
 
@@ -503,14 +520,14 @@ fn engine(state: &Tenant) -> Option<Arc<Shared>> {
 /// else with the cell's lock held from a refill (the units straight from its reservation), as
 /// a request that waits takes its cost. Returns the tag of the period they came from, and
 /// when; `None` when the store did not answer and the quota fails open (nothing held).
-async fn take(state: &Tenant, meter: usize, units: u64) -> Result<Option<(u32, i64)>, Rejection> {
+async fn take(state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Option<(u32, i64)>, Rejection> {
     let cell = state.quota(meter).expect("a hold takes from a quota");
     let at = state.clock.unix_secs();
     // A hold no period could ever cover is refused before anything is asked: a calendar
     // quota's limit, or the largest balance a store keeps.
     let most = if cell.prepaid() { crate::base::MAX_BALANCE } else { cell.spec.limit().get() }.min(LEASE_MAX);
     if units > most {
-        return refused(state, meter, units, at, false);
+        return refused(state, meter, units, own, at, false);
     }
     match cell.try_take(units, at) {
         Take::Taken { tag, left } => {
@@ -519,7 +536,7 @@ async fn take(state: &Tenant, meter: usize, units: u64) -> Result<Option<(u32, i
             }
             return Ok(Some((u32::from(tag), at)));
         }
-        Take::Exhausted => return refused(state, meter, units, at, true),
+        Take::Exhausted => return refused(state, meter, units, own, at, true),
         Take::NeedLease => {}
     }
     let Some(shared) = engine(state) else {
@@ -532,7 +549,7 @@ async fn take(state: &Tenant, meter: usize, units: u64) -> Result<Option<(u32, i
         .under_lock(cell.lock(), async {
             // A call left in flight by a timeout may have landed: its units come first.
             shared.leases().settle_inflight(cell).await?;
-            Ok(match shared.leases().take_locked(&rt, cell, at, units).await? {
+            Ok(match shared.leases().take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD)).await? {
                 Some(t) => Ok((u32::from(t.tag), t.start.map_or(at, |start| at.max(start)))),
                 None => Err(()),
             })
@@ -540,7 +557,7 @@ async fn take(state: &Tenant, meter: usize, units: u64) -> Result<Option<(u32, i
         .await;
     match outcome {
         Ok(Ok(taken)) => Ok(Some(taken)),
-        Ok(Err(())) => refused(state, meter, units, at, true),
+        Ok(Err(())) => refused(state, meter, units, own, at, true),
         Err(_) => failed(state, meter),
     }
 }
@@ -568,8 +585,15 @@ fn prefetch(state: &Tenant, meter: usize) {
 /// could ever cover it, `fits`) taken past the limit. Refused because this node's other holds
 /// hold the units it needs (they come back as their requests end), it is answered `Units
 /// held`; else as a spent limit.
-fn refused(state: &Tenant, meter: usize, units: u64, at: i64, fits: bool) -> Result<Option<(u32, i64)>, Rejection> {
-    let (r, outcome) = match units_held(state, meter, units, at).filter(|_| fits) {
+fn refused(
+    state: &Tenant,
+    meter: usize,
+    units: u64,
+    own: u64,
+    at: i64,
+    fits: bool,
+) -> Result<Option<(u32, i64)>, Rejection> {
+    let (r, outcome) = match units_held(state, meter, units, own, at).filter(|_| fits) {
         Some(r) => (r, HoldOutcome::RefusedHeld),
         None => (spent(state, meter, at), HoldOutcome::RefusedSpent),
     };
@@ -585,12 +609,13 @@ fn refused(state: &Tenant, meter: usize, units: u64, at: i64, fits: bool) -> Res
     Err(r)
 }
 
-/// The answer to a hold of `units` that this node's open holds keep from fitting (`None`:
-/// what is not held cannot cover it either). Holds of other nodes are not known here: their
-/// units count as spent, as the rest of their leases do.
-fn units_held(state: &Tenant, meter: usize, units: u64, at: i64) -> Option<Rejection> {
+/// The answer to a hold of `units` that this node's other open holds (requests' and jobs',
+/// not the asking hold's `own` units) keep from fitting (`None`: what they do not hold cannot
+/// cover it either). Holds of other nodes are not known here: their units count as spent, as
+/// the rest of their leases do.
+fn units_held(state: &Tenant, meter: usize, units: u64, own: u64, at: i64) -> Option<Rejection> {
     let cell = state.quota(meter)?;
-    let held = cell.held();
+    let held = cell.held().saturating_sub(own);
     let (free, _) = cell.estimate(cell.lease());
     if held == 0 || free.saturating_add(held) < units {
         return None;

@@ -29,6 +29,10 @@ pub(crate) enum Refill {
     Done,
 }
 
+/// A lease asked for a hold holds at least this many of its estimates (within the cell's
+/// largest lease).
+pub(crate) const LEASE_PER_HOLD: u64 = 4;
+
 /// Units taken for a request or a hold with the cell's lock held ([`Leases::take_locked`]).
 pub(crate) struct Taken {
     /// The tag of the period they came from.
@@ -181,9 +185,10 @@ impl Leases {
         self.send(cell, Call { key: old, token: self.token(cell), kind, attempts: 0, errors: 0 }).await.map(drop)
     }
 
-    /// Reserves a new lease for `cell` in the period holding `now`; with `need`, that many
-    /// units of it are reserved for the request waiting (they never pass through the lease,
-    /// so no other request can take them first). Owes what the lease and the reports owe.
+    /// Reserves a new lease for `cell` in the period holding `now`, of at least `min_lease`
+    /// units (a hold's few estimates; 0: the cell's own size); with `need`, that many units of
+    /// it are reserved for the request waiting (they never pass through the lease, so no
+    /// other request can take them first). Owes what the lease and the reports owe.
     /// Call with the cell's lock held.
     pub(crate) async fn refill_locked(
         &self,
@@ -191,6 +196,7 @@ impl Leases {
         cell: QuotaRef<'_>,
         now: i64,
         need: u64,
+        min_lease: u64,
     ) -> Result<Refill, StoreError> {
         // Leased again: units given back go to the lease.
         cell.locked().returned = false;
@@ -202,7 +208,9 @@ impl Leases {
         let repay = (-cell.lease()).max(0) as u64;
         let owed = repay + cell.take_unleased();
         let now_nanos = self.clock.unix_nanos();
-        let size = cell.next_size(now_nanos);
+        // A lease asked for a hold holds a few of its estimates (`min_lease`), within the
+        // cell's largest lease: holds ride the lease instead of asking the store each.
+        let size = cell.next_size(now_nanos).max(min_lease.min(cell.lease_cap()));
         // A prepaid balance is held by the store to its grants, whatever the call says: 0 is
         // what a balance holds before its first grant.
         let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| if cell.prepaid() { 0 } else { cell.limit() });
@@ -247,7 +255,8 @@ impl Leases {
 
     /// Takes `units` of `cell` at `at` for a request or a hold, with the cell's lock held by
     /// the caller: from the lease if a refill came in meanwhile, else straight from a new
-    /// reservation (asking at least `units`), so that no other request can take them first.
+    /// reservation (asking at least `units`, in a lease of at least `min_lease`), so that no
+    /// other request can take them first.
     /// `None`: the limit cannot cover them.
     pub(crate) async fn take_locked(
         &self,
@@ -255,13 +264,14 @@ impl Leases {
         cell: QuotaRef<'_>,
         at: i64,
         units: u64,
+        min_lease: u64,
     ) -> Result<Option<Taken>, StoreError> {
         match cell.try_take(units, at) {
             crate::tenant::Take::Taken { tag, left } => return Ok(Some(Taken { tag, left, start: None })),
             crate::tenant::Take::Exhausted => return Ok(None),
             crate::tenant::Take::NeedLease => {}
         }
-        Ok(match self.refill_locked(rt, cell, at, units).await? {
+        Ok(match self.refill_locked(rt, cell, at, units, min_lease).await? {
             Refill::Taken { tag, start } => Some(Taken { tag, left: cell.lease(), start: Some(start) }),
             Refill::Short | Refill::Done => None,
         })

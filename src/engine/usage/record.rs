@@ -85,18 +85,21 @@ impl Tollgate {
             if held.quantity == event.quantity && same_meter && held.period == period {
                 // The same work reserved again: held again, for `hold` from now.
                 let again = Reserved { state: held.state.clone(), tag: held.tag, hold, ..*held };
+                self.shared.events().reopen_job();
                 self.shared.events().reserve(id, Arc::new(again));
                 return Ok(());
             }
             held.give_back();
         }
         let max = rt.config.limits.max_holds;
-        if !self.shared.events().may_reserve(max) {
+        if !self.shared.events().open_job(max) {
             return Err(EventError::HoldsFull { max });
         }
+        // Closed again if no reservation comes of it (refused, failed, or this future dropped).
+        let opened = OpenedJob(Some(self.shared.events()));
         let tag = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
         let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold, period };
-        self.shared.events().reserve(id, Arc::new(reserved));
+        opened.reserve(id, Arc::new(reserved));
         Ok(())
     }
 
@@ -382,7 +385,7 @@ impl Tollgate {
                     Take::Exhausted => return Ok(None),
                     Take::NeedLease => {}
                 }
-                Ok(match self.shared.leases().refill_locked(rt, cell, now, quantity).await? {
+                Ok(match self.shared.leases().refill_locked(rt, cell, now, quantity, 0).await? {
                     Refill::Taken { tag, .. } => Some(tag),
                     Refill::Short | Refill::Done => None,
                 })
@@ -401,6 +404,25 @@ impl Tollgate {
             Ok(None) if purpose == For::Work => Ok(past_limit()),
             Ok(None) => Err(exceeded()),
             Err(e) => Err(EventError::Store(e)),
+        }
+    }
+}
+
+/// A job's hold opened for a reservation: closed when dropped before the reservation is made.
+struct OpenedJob<'a>(Option<&'a crate::engine::usage::events::EventRecorder>);
+
+impl OpenedJob<'_> {
+    fn reserve(mut self, id: String, reserved: Arc<Reserved>) {
+        if let Some(events) = self.0.take() {
+            events.reserve(id, reserved);
+        }
+    }
+}
+
+impl Drop for OpenedJob<'_> {
+    fn drop(&mut self) {
+        if let Some(events) = self.0.take() {
+            events.close_job();
         }
     }
 }
