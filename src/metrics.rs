@@ -25,14 +25,14 @@ pub(crate) struct Metrics {
     /// Refusals shadow mode let through, by reason.
     pub(crate) would_refuse: [Counter; RejectionKind::ALL.len()],
     /// Holds by outcome ([`HOLD_OUTCOMES`]).
-    holds: [Counter; 7],
+    holds: [Counter; 8],
     /// Units held and not recorded, given back when their holds settled.
     pub(crate) hold_returned_units: Counter,
 }
 
 /// What happened to a hold, as labelled in `tollgate_holds_total`.
-const HOLD_OUTCOMES: [&str; 7] =
-    ["taken", "extended", "refused_spent", "refused_held", "refused_full", "settled", "expired"];
+const HOLD_OUTCOMES: [&str; 8] =
+    ["taken", "extended", "refused_spent", "refused_held", "refused_full", "settled", "expired", "overrun"];
 
 /// What happened to a hold, for [`Metrics::hold`].
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +51,8 @@ pub(crate) enum HoldOutcome {
     Settled = 5,
     /// A hold was settled past its `hold_timeout`.
     Expired = 6,
+    /// A record through a hold went beyond what it held, charged as debt.
+    Overrun = 7,
 }
 
 /// The reasons a usage event is refused, as labelled in `tollgate_usage_events_total`.
@@ -345,6 +347,12 @@ pub struct Stats {
     pub records_after_settle: u64,
     /// Holds refused because the node had `limits.max_holds` open.
     pub holds_refused_full: u64,
+    /// Records through a hold beyond what it held (taken from the node's lease, or past the
+    /// limit as debt when it is spent, with [`Overrun::Debt`](crate::Overrun)): a handler that
+    /// recorded more than it held, or a route whose actual (`actual_header`) says more than
+    /// its estimate. Where they happen, the limit holds only as far as the lease covers them;
+    /// the metric is `tollgate_holds_total{outcome="overrun"}`.
+    pub hold_overruns: u64,
 }
 
 impl Totals {
@@ -392,6 +400,7 @@ impl Totals {
             holds_expired: 0,
             records_after_settle: 0,
             holds_refused_full: 0,
+            hold_overruns: 0,
         }
     }
 }

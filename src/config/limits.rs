@@ -34,6 +34,10 @@ pub(crate) struct RawLimits {
     pub(crate) max_holds: Option<u64>,
 }
 
+/// The longest a hold may stay open (`hold_timeout`): a day, so that it sees at most one roll
+/// of its quota's period (its units go back to the period they came from).
+pub(crate) const MAX_HOLD_TIMEOUT: Duration = Duration::from_secs(86_400);
+
 /// What the headers of a stored response are allowed beside its body, when the store's bound
 /// is checked against `limits.idempotency_max_body`.
 pub(super) const HEADERS_ALLOWANCE: u64 = 8 * 1024;
@@ -247,8 +251,8 @@ impl Validator<'_, '_> {
             hold_timeout: {
                 let d =
                     self.duration("limits.hold_timeout", l.hold_timeout.as_deref(), Duration::from_secs(15 * 60))?;
-                if d < Duration::from_secs(1) {
-                    return Err(self.invalid("limits.hold_timeout", "must be at least 1s"));
+                if d < Duration::from_secs(1) || d > MAX_HOLD_TIMEOUT {
+                    return Err(self.invalid("limits.hold_timeout", "must be from 1s to 24h"));
                 }
                 d
             },

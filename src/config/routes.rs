@@ -347,8 +347,8 @@ impl Validator<'_, '_> {
             Some(t) => {
                 let key = format!("{base}.hold_timeout");
                 let d = self.duration(&key, Some(t), std::time::Duration::ZERO)?;
-                if d < std::time::Duration::from_secs(1) {
-                    return Err(self.invalid(&key, "must be at least 1s"));
+                if d < std::time::Duration::from_secs(1) || d > super::limits::MAX_HOLD_TIMEOUT {
+                    return Err(self.invalid(&key, "must be from 1s to 24h"));
                 }
                 Some(d)
             }

@@ -224,6 +224,7 @@ mod validation {
         assert_eq!(at("[usage]\nshutdown_timeout = \"soon\"\n"), ("usage.shutdown_timeout".to_owned(), Some(2)));
         assert_eq!(at("[limits]\n\ndirectory_ttl = \"0s\"\n"), ("limits.directory_ttl".to_owned(), Some(3)));
         assert_eq!(at("[limits]\nnegative_ttl = \"10\"\n"), ("limits.negative_ttl".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\nhold_timeout = \"2d\"\n"), ("limits.hold_timeout".to_owned(), Some(2)));
         let e = err("[limits]\nnegative_capacity = 0\n");
         assert_eq!((e.kind(), e.key(), e.line()), (Kind::InvalidValue, "limits.negative_capacity", Some(2)));
         assert_eq!(at("[limits]\nnegative_capacity = -3\n"), ("limits.negative_capacity".to_owned(), Some(2)));
@@ -290,6 +291,8 @@ mod validation {
         assert_eq!(key, "routes[0].actual_header", "{message}");
         assert_eq!(at("overrun = \"refuse\"\n").0, "routes[0].overrun");
         assert_eq!(at("hold.tokens = 5\nhold_timeout = \"10ms\"\n").0, "routes[0].hold_timeout");
+        // A day at most: a hold sees at most one roll of its period.
+        assert_eq!(at("hold.tokens = 5\nhold_timeout = \"25h\"\n").0, "routes[0].hold_timeout");
         // Held, the meter must be one the route reports and a plan limits.
         let e = err(&format!("{TOKENS}{plan}[[routes]]\npath = \"/g\"\nreports = [\"tokens\"]\nhold.images = 5\n"));
         assert_eq!((e.key(), e.line()), ("routes[0].hold.images", Some(8)));

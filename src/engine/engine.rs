@@ -136,8 +136,9 @@ pub struct PendingAdmission {
     /// The `Idempotency-Key` of a request whose tenant is not known yet. (Boxed: rare, and
     /// admissions move by value.)
     pub(crate) idempotency: Option<Box<PendingKey>>,
-    /// The units its route holds (its `hold`), taken once it is admitted.
-    pub(crate) hold: Option<u64>,
+    /// Its route's `hold` (as configured when it was decided: a reload while it waits does
+    /// not move it) and the units it holds, taken once it is admitted.
+    pub(crate) hold: Option<(Arc<crate::config::RouteHold>, u64)>,
 }
 
 impl Admission {
@@ -386,8 +387,11 @@ impl Tollgate {
         path: &str,
         client: impl FnOnce() -> Option<crate::tenant::Client>,
     ) -> Admission {
-        match Self::hold_estimate(&rt.holds[usize::from(route.hold) - 1], req.headers) {
-            Ok(units) => Self::holding(self.admit_routed(rt, req, lookup, route, path, client), route, units),
+        let spec = &rt.holds[usize::from(route.hold) - 1];
+        match Self::hold_estimate(spec, req.headers) {
+            Ok(units) => {
+                Self::holding(self.admit_routed(rt, req, lookup, route, path, client), route, spec.clone(), units)
+            }
             Err(r) => self.reject(r),
         }
     }
@@ -500,17 +504,17 @@ impl Tollgate {
     /// hold ([`resolve`](Self::resolve)).
     #[cold]
     #[inline(never)]
-    fn holding(admission: Admission, route: RouteCost, units: u64) -> Admission {
+    fn holding(admission: Admission, route: RouteCost, spec: Arc<crate::config::RouteHold>, units: u64) -> Admission {
         match admission {
             Admission::Admitted(ticket) => Admission::Pending(PendingAdmission {
                 stage: Stage::Hold(Box::new(ticket)),
                 route,
                 rt: None,
                 idempotency: None,
-                hold: Some(units),
+                hold: Some((spec, units)),
             }),
             Admission::Pending(mut p) => {
-                p.hold = Some(units);
+                p.hold = Some((spec, units));
                 Admission::Pending(p)
             }
             rejected @ Admission::Rejected(_) => rejected,
@@ -518,15 +522,15 @@ impl Tollgate {
     }
 
     /// Takes the hold of an admitted request's route before its handler runs; refused, the
-    /// request's units go back and the refusal is its answer. A replay holds nothing.
+    /// request's units and its rate cells (of the bucket keyed `client`) go back, as for a
+    /// request refused at admission, and the refusal is its answer. A replay holds nothing.
     async fn take_hold(
         &self,
         mut ticket: Ticket,
-        route: RouteCost,
+        spec: Arc<crate::config::RouteHold>,
         units: u64,
-        rt: &Runtime,
+        client: u64,
     ) -> Result<Ticket, Rejection> {
-        let Some(spec) = rt.holds.get(usize::from(route.hold).wrapping_sub(1)) else { return Ok(ticket) };
         if !ticket.charged {
             return Ok(ticket);
         }
@@ -536,10 +540,15 @@ impl Tollgate {
         match hold.extend(units).await {
             Ok(()) => {
                 ticket.hold =
-                    Some(std::sync::Arc::new(crate::engine::admit::ticket::RouteHeld::new(spec.clone(), meter, hold)));
+                    Some(std::sync::Arc::new(crate::engine::admit::ticket::RouteHeld::new(spec, meter, units, hold)));
                 Ok(ticket)
             }
             Err(mut r) => {
+                // Refused at admission: its rate cells go back too (a client told to retry in
+                // a second spends none on the refusal).
+                if let Some((cells, burst)) = ticket.state.give_back_rate(client, ticket.cost) {
+                    ticket.headers.give_back(cells, burst);
+                }
                 // The route's policies, the held meter's read live.
                 r.inner.headers = ticket.headers;
                 ticket.give_back();
@@ -602,7 +611,7 @@ impl Tollgate {
                 Admission::Admitted(t) => {
                     return match hold {
                         None => Ok(t),
-                        Some(units) => self.take_hold(t, route, units, &rt).await,
+                        Some((spec, units)) => self.take_hold(t, spec, units, route.client).await,
                     }
                 }
                 Admission::Rejected(r) => return Err(r),
@@ -802,6 +811,7 @@ impl Tollgate {
         stats.holds_expired = holds.expired.load(std::sync::atomic::Ordering::Relaxed);
         stats.records_after_settle = holds.records_after_settle.load(std::sync::atomic::Ordering::Relaxed);
         stats.holds_refused_full = holds.refused_full.load(std::sync::atomic::Ordering::Relaxed);
+        stats.hold_overruns = holds.overruns.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(clients) = self.shared.runtime().load().anonymous.as_ref().and_then(|p| p.clients.as_ref()) {
             clients.cells.settle();
             stats.tracked_clients = clients.cells.len();

@@ -142,12 +142,14 @@ impl Tollgate {
     /// 1. **stop admitting**: a request that reaches the engine from now on is answered 503
     ///    with `Retry-After: 1` (its usage would come after the final flush), and the worker
     ///    stops;
-    /// 2. **settle open `Idempotency-Key`s**: the settlements already begun reach the store
+    /// 2. **wait for open holds** (a quarter of the budget at most), then settle those still
+    ///    open as recorded so far;
+    /// 3. **settle open `Idempotency-Key`s**: the settlements already begun reach the store
     ///    (within two store timeouts), so a retry elsewhere is answered from them;
-    /// 3. **flush** every usage record, retried while the store fails, until two thirds of
+    /// 4. **flush** every usage record, retried while the store fails, until two thirds of
     ///    the budget;
-    /// 4. **give every lease back**, within a sixth of it at least;
-    /// 5. **export**, with `export`, in the time left (closed windows; every window, open ones
+    /// 5. **give every lease back**, within a sixth of it at least;
+    /// 6. **export**, with `export`, in the time left (closed windows; every window, open ones
     ///    included, when the store does not outlive the process).
     ///
     /// [`shutdown`](Self::shutdown) runs it within `usage.shutdown_timeout`; Lambda's
@@ -166,18 +168,19 @@ impl Tollgate {
         let rt = self.shared.runtime().load_full();
         let durable = self.shared.stores().given().usage.is_durable();
         let mut report = ShutdownReport::default();
-        // 2. Settle the keys of requests that ended.
+        // 2. Wait for the open holds (their requests record what their work did, and their
+        // bodies end, which begins the settlement of their keys), a quarter of the budget at
+        // most; settle the rest as recorded so far, before the flush takes their usage and the
+        // leases go back with their units.
+        if !self.shared.holds().drained(started + budget / 4).await {
+            report.holds_closed = self.shared.holds().close_all();
+            tracing::warn!(holds = report.holds_closed, "shutdown: holds still open were settled as recorded so far");
+        }
+        // 3. Settle the keys of requests that ended.
         let settle_for = (rt.config.usage.store_timeout * 2).min(budget / 4);
         report.keys_settled = self.settlements_done(self.shared.started(), settle_for).await;
         if !report.keys_settled {
             tracing::error!("shutdown: some Idempotency-Key settlements did not reach the store in time");
-        }
-        // 3. Wait for the open holds (their requests record what their work did), a quarter
-        // of the budget at most; settle the rest as recorded so far, before the flush takes
-        // their usage and the leases go back with their units.
-        if !self.shared.holds().drained(started + budget / 4).await {
-            report.holds_closed = self.shared.holds().close_all();
-            tracing::warn!(holds = report.holds_closed, "shutdown: holds still open were settled as recorded so far");
         }
         // 4. Flush, retried while the store fails, leaving a third of the budget.
         let flush_until = started + budget * 2 / 3;
@@ -293,6 +296,9 @@ impl Tollgate {
     /// The store's error when the flush failed: the snapshot must not be taken then (each copy
     /// would flush the same usage again), so the runtime's hook reports it and stops.
     pub async fn before_snapshot(&self) -> Result<FlushReport, StoreError> {
+        // Holds open now would be open in every copy: settled as recorded so far, their units
+        // back in the leases that go back next.
+        self.shared.holds().close_all();
         self.release_leases().await;
         let report = self.flush().await?;
         let (records, _) = self.shared.pipeline().lock().await.held();
@@ -329,6 +335,9 @@ impl Tollgate {
         if !left.is_empty() {
             tracing::warn!(tenants = left.len(), units, "restored: tenant state left in the snapshot was forgotten");
         }
+        // Jobs' reservations in the snapshot are in every copy: forgotten, their units spent
+        // (each copy giving them back would over-admit).
+        self.shared.events().forget_reserved();
         self.shared.unknown().invalidate_all();
         self.shared.clock().resync();
         tracing::info!("restored from a snapshot: new node id and secrets");

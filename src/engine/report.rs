@@ -154,8 +154,13 @@ impl Tollgate {
         let in_periods = read(period_lo, period_hi).await?;
         let in_range = read(from, to).await?;
         drop(pipeline);
+        // This node's holds, in every state of the tenant.
+        let held = |meter: &MeterId| -> u64 {
+            states.iter().filter_map(|s| s.quotas().find(|c| c.meter_id() == meter).map(|c| c.held())).sum()
+        };
         // A balance as the store holds it: its grants, and the units the fleet took from it
-        // (spent, or leased by a node and not used yet: this node's own lease is not used).
+        // (spent, or leased by a node and not used yet: this node's own lease is not used, nor
+        // what its holds hold, in any state of the tenant).
         let mut balances: BTreeMap<MeterId, (u64, u64)> = BTreeMap::new();
         for cell in state.quotas().filter(|c| c.prepaid()) {
             let meter = cell.meter_id();
@@ -163,12 +168,8 @@ impl Tollgate {
             let b = found.into_iter().find(|(m, _)| m == meter).map(|(_, b)| b).unwrap_or_default();
             let (_, end) = cell.period();
             let leased = if now < end { cell.lease().max(0) as u64 } else { 0 };
-            balances.insert(meter.clone(), (b.granted, b.reserved.saturating_sub(leased).saturating_sub(cell.held())));
+            balances.insert(meter.clone(), (b.granted, b.reserved.saturating_sub(leased).saturating_sub(held(meter))));
         }
-        // This node's holds, in every state of the tenant.
-        let held = |meter: &MeterId| -> u64 {
-            states.iter().filter_map(|s| s.quotas().find(|c| c.meter_id() == meter).map(|c| c.held())).sum()
-        };
         let quotas = periods
             .into_iter()
             .map(|(meter, period, start, end, limit, mode)| {

@@ -34,8 +34,10 @@ pin_project! {
     enum Other<B> {
         Full { data: Option<Bytes> },
         // A gRPC answer billed when its trailers come, or the answer of a route that holds
-        // (`grpc`: false) billed when it ends: the ticket lives until the body ends.
-        Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16, grpc: bool },
+        // (`grpc`: false) billed when it ends: the ticket lives until the body ends (or its
+        // last byte of `exact`, the length a server writes and then stops polling at; `seen`:
+        // its bytes so far).
+        Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16, grpc: bool, seen: u64, exact: Option<u64> },
         // The answer to the first request with an `Idempotency-Key` (billed at its head): held
         // while it streams, stored with the key when its last frame has gone (a server does
         // not poll a body for its end once the length it announced is written). `seen`: its
@@ -67,16 +69,17 @@ impl<B> TollgateBody<B> {
     /// without), given back if the body fails, and dropped (billed as a request cut off) if
     /// the body is.
     pub(crate) fn tracked(body: B, ticket: Ticket, status: u16) -> Self {
-        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: true };
+        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: true, seen: 0, exact: None };
         Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }
     }
 
     /// The body of the answer of a route that holds units (`[[routes]] hold`): `ticket` is
     /// completed with `status` when the body ends (its route's `actual_header` read in the
-    /// trailers, if they come), given back if the body fails, and dropped (billed as a request
-    /// cut off) if the body is.
-    pub(crate) fn held(body: B, ticket: Ticket, status: u16) -> Self {
-        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: false };
+    /// trailers, if they come), or when its `exact` length has been read (a server stops
+    /// there), given back if the body fails, and dropped (billed as a request cut off) if the
+    /// body is before.
+    pub(crate) fn held(body: B, ticket: Ticket, status: u16, exact: Option<u64>) -> Self {
+        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: false, seen: 0, exact };
         Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }
     }
 
@@ -138,7 +141,7 @@ where
             KindProj::Other { other: None } => Poll::Ready(None),
             KindProj::Other { other: Some(other) } => match other.as_mut().project() {
                 OtherProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-                OtherProj::Tracked { mut body, ticket, status, grpc } => {
+                OtherProj::Tracked { mut body, ticket, status, grpc, seen, exact } => {
                     // Marked while the body runs: a panic in it is a failure, not a cut-off.
                     if let Some(t) = ticket.as_mut() {
                         t.in_poll = true;
@@ -163,11 +166,15 @@ where
                                         t.complete(*status);
                                     }
                                 }
-                            } else if body.is_end_stream() {
-                                // The body says it ended with this frame: a server stops
-                                // polling it here, with no trailers to come.
-                                if let Some(t) = ticket.take() {
-                                    t.complete(*status);
+                            } else {
+                                *seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                                // The body says it ended with this frame, or its announced
+                                // length is written: a server stops polling it here, with no
+                                // trailers to come.
+                                if body.is_end_stream() || exact.is_some_and(|n| *seen >= n) {
+                                    if let Some(t) = ticket.take() {
+                                        t.complete(*status);
+                                    }
                                 }
                             }
                         }

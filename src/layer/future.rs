@@ -86,6 +86,18 @@ fn drain_within(
     Poll::Pending
 }
 
+/// The length a server writes of `response`'s body and then stops at: the body's own, else
+/// the one the handler announced in `Content-Length` (a proxied stream): hyper stops polling
+/// there, and drops the body.
+fn exact_length<B: http_body::Body>(response: &Response<B>) -> Option<u64> {
+    let announced = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    response.body().size_hint().exact().or(announced)
+}
+
 /// A response whose capture is ready to hold its body: stored at once if it has none.
 fn with_capture<B: http_body::Body<Data = Bytes>>(
     response: Response<B>,
@@ -95,14 +107,7 @@ fn with_capture<B: http_body::Body<Data = Bytes>>(
     // No body a server would poll: ended, of length 0, or a status without one (1xx, 204,
     // 304: the server sends none, whatever the body).
     let status = response.status().as_u16();
-    // The length the server writes and then stops at: the body's own, else the one the
-    // handler announced in `Content-Length` (a proxied stream): hyper stops polling there.
-    let announced = response
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let exact = response.body().size_hint().exact().or(announced);
+    let exact = exact_length(&response);
     let empty = response.body().is_end_stream() || exact == Some(0) || status < 200 || status == 204 || status == 304;
     if empty {
         capture.finish();
@@ -153,10 +158,7 @@ fn held<R: http_body::Body<Data = Bytes>>(
         ticket.give_back();
         return response.map(TollgateBody::inner);
     }
-    if let Some(value) = ticket.actual_header().and_then(|h| response.headers().get(h)) {
-        let value = value.as_bytes().to_vec();
-        ticket.set_actual(&value);
-    }
+    ticket.set_actual_from_head(|name| response.headers().get(name).map(http::HeaderValue::as_bytes));
     let status = response.status().as_u16();
     match grpc {
         Grpc::Status(code) => {
@@ -164,11 +166,15 @@ fn held<R: http_body::Body<Data = Bytes>>(
             response.map(TollgateBody::inner)
         }
         Grpc::Trailers => response.map(|body| TollgateBody::tracked(body, ticket, status)),
-        Grpc::No if response.body().is_end_stream() => {
+        // No body a server would poll: ended, or a status without one.
+        Grpc::No if response.body().is_end_stream() || status < 200 || status == 204 || status == 304 => {
             ticket.complete(status);
             response.map(TollgateBody::inner)
         }
-        Grpc::No => response.map(|body| TollgateBody::held(body, ticket, status)),
+        Grpc::No => {
+            let exact = exact_length(&response);
+            response.map(|body| TollgateBody::held(body, ticket, status, exact))
+        }
     }
 }
 
@@ -321,7 +327,7 @@ fn keyed<R: http_body::Body<Data = Bytes>>(
     match grpc {
         Grpc::No => {
             if ticket.holds() {
-                // Its hold settles with the head: its actual is in a header, or unknown.
+                // Its actual is read from the head (a stored response's trailers are not).
                 ticket.set_actual_from_head(|name| response.headers().get(name).map(http::HeaderValue::as_bytes));
             }
             // Billed at the head, as every response; stored when its body has gone (not

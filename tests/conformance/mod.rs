@@ -384,6 +384,26 @@ pub fn scenarios() -> Vec<Scenario> {
             same_responses: true,
         },
         Scenario {
+            name: "held routes of a tenant without a hard quota, and a keyed one: billed as the route says",
+            steps: vec![
+                // The soft plan has no quota on tokens: the holds hold nothing, and are billed
+                // all the same: the estimate, then the actual its header says.
+                Send(post("/v1/draw").key("key-soft"), 200),
+                Send(post("/v1/complete").key("key-soft").header("x-max-tokens", "8"), 200),
+                // A first keyed request is billed its actual once; its replay holds nothing.
+                Send(
+                    post("/v1/complete").key("key-soft").header("x-max-tokens", "8").header("idempotency-key", "c-1"),
+                    200,
+                ),
+                Replay(
+                    post("/v1/complete").key("key-soft").header("x-max-tokens", "8").header("idempotency-key", "c-1"),
+                    200,
+                ),
+            ],
+            usage: vec![("globex", "requests", 3), ("globex", "tokens", 7)],
+            same_responses: true,
+        },
+        Scenario {
             name: "soft quota: admitted past the limit, counted",
             steps: vec![
                 Send(get("/v1/items").key("key-soft"), 200),

@@ -503,3 +503,24 @@ async fn a_write_whose_answer_was_lost_keeps_its_units() {
     assert_eq!(engine.record_event(ev("c", 2, NOON)).await.unwrap(), EventOutcome::Applied);
     assert_eq!(stored(&*faulty, NOON, NOON + HOUR).await, 10);
 }
+
+/// Work recorded with another quantity than it reserved settles its reservation: fewer units
+/// take from it and give the rest back, more take the rest anew as work done (past the limit,
+/// counted). The reservation's units never leave it in between, so nothing else takes them.
+#[tokio::test]
+async fn a_reservation_settles_work_of_another_size() {
+    let config = Config::from_toml_str(TOML).unwrap();
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = Tollgate::builder(config).store_arc(Arc::new(MemoryStore::new())).clock(clock).build();
+    let hold = Duration::from_secs(60);
+    engine.reserve_event(&ev("a", 6, NOON), hold).await.unwrap();
+    assert_eq!(engine.record_event(ev("a", 4, NOON)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(engine.stats().units_held, 0);
+    // 6 left: 2 of the reservation came back.
+    engine.reserve_event(&ev("b", 6, NOON), hold).await.expect("the 2 not used came back");
+    assert_eq!(engine.record_event(ev("b", 9, NOON)).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(engine.stats().events_past_limit, 1, "3 past the limit: the work was done");
+    assert!(matches!(engine.reserve_event(&ev("c", 1, NOON), hold).await, Err(EventError::QuotaExceeded { .. })));
+    engine.flush().await.unwrap();
+    assert_eq!(committed(&**engine.usage_store(), "t", "tokens", NOON - DAY, NOON + DAY, HOUR).await, 13);
+}

@@ -222,6 +222,7 @@ async fn a_hold_past_the_limit_is_refused_and_takes_nothing() {
     let (ticket, ctx) = admitted(&h, "key-t").await;
     let r = ctx.hold("tokens", 501).await.unwrap_err();
     assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
+    assert_eq!(r.retry_after(), None, "no period will ever cover it: no time to wait for");
     let r = ctx.hold("tokens", u64::MAX).await.unwrap_err();
     assert_eq!(r.kind(), RejectionKind::QuotaExceeded);
     let all = ctx.hold_with("tokens", 500, Overrun::Refuse).await.expect("nothing was taken");
@@ -532,4 +533,45 @@ async fn a_panicking_handler_gives_its_hold_back() {
     drop(rest);
     ticket.give_back();
     assert_eq!(tokens_billed(&h, "t").await, 50);
+}
+
+/// Once shutdown has begun, a handler admitted before it can no longer hold: its hold would
+/// lease units after the leases went back (stranded) and record after the final flush (lost).
+#[tokio::test]
+async fn a_hold_asked_once_shutdown_began_is_refused() {
+    let h = Harness::new(TOML);
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    h.tollgate.shutdown().await.unwrap();
+    let r = ctx.hold_with("tokens", 300, Overrun::Refuse).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::StoreUnavailable);
+    assert_eq!(r.retry_after(), Some(std::time::Duration::from_secs(1)));
+    ticket.give_back();
+    assert_eq!(h.reserved(&month_key("t")).await, 0, "nothing leased after the leases went back");
+    assert_eq!(h.tollgate.stats().holds_open, 0);
+}
+
+/// `usage_report` on a prepaid balance shows this node's held units once, also while a
+/// reload has retired the state that holds them.
+#[tokio::test]
+async fn a_balances_report_counts_its_held_units_once() {
+    let toml = TOML
+        .replace("limit = 500, period = \"month\", mode = \"hard\", lease = 100", "period = \"prepaid\", lease = 100");
+    let h = Harness::new(&toml);
+    tollgate::admin::Admin::for_engine(&h.tollgate).grant_credits("t", "tokens", 1_000, None, "pi_1").await.unwrap();
+    let (ticket, ctx) = admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 300, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    let report = |h: &Harness| {
+        let engine = h.tollgate.clone();
+        async move {
+            let r = engine.usage_report(&"t".into(), NOON - 86_400, NOON + 86_400).await.unwrap();
+            let q = r.quotas.into_iter().find(|q| q.meter.as_str() == "tokens").unwrap();
+            (q.used, q.held, q.remaining)
+        }
+    };
+    assert_eq!(report(&h).await, (100, 200, 700));
+    h.tollgate.reload(tollgate::config::Config::from_toml_str(&toml).unwrap()).await.unwrap();
+    assert_eq!(report(&h).await, (100, 200, 700), "held once, though its state was retired");
+    hold.settle();
+    assert!(ticket.complete(200));
 }

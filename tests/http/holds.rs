@@ -33,9 +33,25 @@ path = "/stream"
 reports = ["tokens"]
 hold.tokens = 40
 overrun = "refuse"
+[plans.soft]
+quotas.tokens = { limit = 100, period = "day", mode = "soft" }
+[plans.none]
+[plans.rated]
+rate = "1/min"
+burst = 2
+quotas.tokens = { limit = 50, period = "day", mode = "hard", lease = 50 }
+[tenants.r]
+plan = "rated"
+keys = ["key-r"]
 [tenants.t]
 plan = "p"
 keys = ["key-t"]
+[tenants.s]
+plan = "soft"
+keys = ["key-s"]
+[tenants.n]
+plan = "none"
+keys = ["key-n"]
 "#;
 
 type Frames = mpsc::Receiver<Result<Frame<Bytes>, std::convert::Infallible>>;
@@ -46,14 +62,27 @@ type Body = StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes
 struct Node {
     engine: Tollgate,
     contexts: Arc<Mutex<Vec<TenantContext>>>,
+    clock: tollgate::clock::FakeClock,
+    /// The API key requests are sent with.
+    key: &'static str,
+    /// Headers the handler's response carries.
+    headers: Vec<(&'static str, &'static str)>,
 }
 
 impl Node {
     fn new() -> Self {
-        let (clock, _handle) = Clock::fake_at_unix(NOON);
-        let config = Config::from_toml_str(TOML).unwrap();
-        let (engine, _worker) = Tollgate::builder(config).store_arc(Arc::new(MemoryStore::new())).clock(clock).build();
-        Self { engine, contexts: Arc::default() }
+        Self::with("", false)
+    }
+
+    /// A node of `toml` added to the file's, its worker running when `worker`.
+    fn with(toml: &str, worker: bool) -> Self {
+        let (clock, handle) = Clock::fake_at_unix(NOON);
+        let config = Config::from_toml_str(&format!("{TOML}\n{toml}")).unwrap();
+        let (engine, w) = Tollgate::builder(config).store_arc(Arc::new(MemoryStore::new())).clock(clock).build();
+        if worker {
+            tokio::spawn(w.run());
+        }
+        Self { engine, contexts: Arc::default(), clock: handle, key: "key-t", headers: Vec::new() }
     }
 
     /// Sends `POST path`: the response (its body still streaming from what is sent on the
@@ -72,20 +101,25 @@ impl Node {
         let (tx, rx): (_, Frames) = mpsc::channel(8);
         let rx = Arc::new(Mutex::new(Some(rx)));
         let contexts = self.contexts.clone();
+        let headers = self.headers.clone();
         let service = tollgate::TollgateLayer::new(self.engine.clone()).streamed_bodies().layer(tower::service_fn(
             move |req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<Bytes>>>| {
-                let (contexts, rx) = (contexts.clone(), rx.clone());
+                let (contexts, rx, headers) = (contexts.clone(), rx.clone(), headers.clone());
                 async move {
                     if let Some(ctx) = req.extensions().get::<TenantContext>() {
                         contexts.lock().unwrap().push(ctx.clone());
                     }
                     let rx = rx.lock().unwrap().take().expect("one call");
                     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-                    Ok::<_, std::convert::Infallible>(http::Response::builder().status(status).body(body).unwrap())
+                    let mut response = http::Response::builder().status(status);
+                    for (name, value) in headers {
+                        response = response.header(name, value);
+                    }
+                    Ok::<_, std::convert::Infallible>(response.body(body).unwrap())
                 }
             },
         ));
-        let mut request = http::Request::post(path).header("x-api-key", "key-t");
+        let mut request = http::Request::post(path).header("x-api-key", self.key);
         if let Some(key) = key {
             request = request.header("idempotency-key", key);
         }
@@ -99,9 +133,13 @@ impl Node {
     }
 
     async fn billed(&self) -> u64 {
+        self.billed_to("t").await
+    }
+
+    async fn billed_to(&self, tenant: &str) -> u64 {
         self.contexts.lock().unwrap().clear();
         self.engine.flush().await.unwrap();
-        common::committed(&**self.engine.usage_store(), "t", "tokens", NOON - 86_400, NOON + 86_400, 3600).await
+        common::committed(&**self.engine.usage_store(), tenant, "tokens", NOON - 86_400, NOON + 86_400, 3600).await
     }
 }
 
@@ -259,4 +297,130 @@ async fn a_panicking_handler_returns_its_routes_hold() {
         drop(tx);
         response.into_body().collect().await.unwrap();
     }
+}
+
+/// A tenant whose plan has no hard quota on the held meter (a soft quota, or none) holds
+/// nothing, and is billed all the same: the estimate on a route that bills it, or on one whose
+/// `actual_header` the response never says; what the header says when it does.
+#[tokio::test]
+async fn a_tenant_without_a_hard_quota_is_billed_what_a_held_route_bills() {
+    for (tenant, key) in [("s", "key-s"), ("n", "key-n")] {
+        let mut node = Node::new();
+        node.key = key;
+        for path in ["/draw", "/chat"] {
+            let (response, tx) = node.send(path, 200, None).await;
+            assert_eq!(response.status(), 200);
+            drop(tx);
+            response.into_body().collect().await.unwrap();
+        }
+        node.headers = vec![("x-usage-tokens", "7")];
+        let (response, tx) = node.send("/chat", 200, None).await;
+        drop(tx);
+        response.into_body().collect().await.unwrap();
+        assert_eq!(node.billed_to(tenant).await, 87, "{tenant}: the estimate twice, then the actual said");
+    }
+}
+
+/// A hold the node settles past its `hold_timeout` while the response still streams: the
+/// route's estimate is billed when the body ends all the same (past the limit, as debt,
+/// counted), so a client that reads slowly gets no work for free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_route_whose_hold_expired_still_bills_its_estimate() {
+    let node = Node::with("[limits]\nhold_timeout = \"2s\"", true);
+    let (response, tx) = node.send("/draw", 200, None).await;
+    assert_eq!(response.status(), 200);
+    node.clock.advance(std::time::Duration::from_secs(3));
+    for _ in 0..300 {
+        if node.engine.stats().holds_expired == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(node.engine.stats().holds_expired, 1);
+    tx.send(data("slow")).await.unwrap();
+    drop(tx);
+    response.into_body().collect().await.unwrap();
+    assert_eq!(node.billed().await, 40, "the estimate, billed when the body ended");
+    assert_eq!(node.engine.stats().records_after_settle, 1);
+}
+
+/// A request cut off before its handler answered, on a route whose actual comes in the
+/// response (`actual_header`), bills what the work recorded and gives the rest of its hold
+/// back: no response, no work delivered beyond what was recorded.
+#[tokio::test]
+async fn a_request_cut_off_before_its_answer_bills_what_it_recorded() {
+    let node = Node::new();
+    let (started, mut ready) = mpsc::channel::<TenantContext>(1);
+    let service = tollgate::TollgateLayer::new(node.engine.clone()).streamed_bodies().layer(tower::service_fn(
+        move |req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<Bytes>>>| {
+            let started = started.clone();
+            async move {
+                let ctx = req.extensions().get::<TenantContext>().cloned().unwrap();
+                ctx.record("tokens", 5).unwrap();
+                started.send(ctx).await.unwrap();
+                std::future::pending::<()>().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::new())))
+            }
+        },
+    ));
+    let request =
+        http::Request::post("/chat").header("x-api-key", "key-t").body(http_body_util::Full::new(Bytes::new()));
+    let call = tokio::spawn(service.oneshot(request.unwrap()));
+    let ctx = ready.recv().await.unwrap();
+    call.abort();
+    let _ = call.await;
+    drop(ctx);
+    assert_eq!((node.engine.stats().holds_open, node.engine.stats().units_held), (0, 0));
+    assert_eq!(node.billed().await, 5, "what it recorded, not the estimate");
+}
+
+/// A response that says more than its route held is billed in full (the work was done), past
+/// the limit as debt, and counted.
+#[tokio::test]
+async fn an_actual_past_the_hold_is_billed_and_counted() {
+    let mut node = Node::new();
+    node.headers = vec![("x-usage-tokens", "60")];
+    let (response, tx) = node.send("/chat", 200, None).await;
+    drop(tx);
+    response.into_body().collect().await.unwrap();
+    assert_eq!(node.billed().await, 60);
+    assert_eq!(node.engine.stats().hold_overruns, 1);
+}
+
+/// A held answer with a `Content-Length` is billed when its last announced byte is read: a
+/// server stops polling the body there, and drops it, which must not count as a cut-off.
+#[tokio::test]
+async fn a_held_answer_of_announced_length_is_billed_at_its_last_byte() {
+    let mut node = Node::with("[usage]\nbill_cancelled = false", false);
+    node.headers = vec![("content-length", "4")];
+    let (response, tx) = node.send("/draw", 200, None).await;
+    tx.send(data("ab")).await.unwrap();
+    tx.send(data("cd")).await.unwrap();
+    // As hyper does: frames until the announced length is written, then the body is dropped.
+    let mut body = response.into_body();
+    let mut seen = 0;
+    while seen < 4 {
+        seen += body.frame().await.unwrap().unwrap().into_data().unwrap().len();
+    }
+    drop(body);
+    drop(tx);
+    assert_eq!(node.billed().await, 40);
+}
+
+/// A route's hold refused at admission (here `Units held`: another request holds the units)
+/// spends none of the request's rate cells, as a request refused for its quota does: a client
+/// told to retry in a second is not rate limited for having asked.
+#[tokio::test]
+async fn a_refused_hold_spends_no_rate_cells() {
+    let mut node = Node::new();
+    node.key = "key-r";
+    let (first, tx) = node.send("/draw", 200, None).await;
+    assert_eq!(first.status(), 200);
+    let (refused, _tx) = node.send("/draw", 200, None).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.extensions().get::<tollgate::Rejection>().unwrap().kind(), tollgate::RejectionKind::UnitsHeld);
+    drop(tx);
+    first.into_body().collect().await.unwrap();
+    let (plain, _tx) = node.send("/plain", 200, None).await;
+    assert_eq!(plain.status(), 200, "the burst of 2 is spent by 2 requests served, not by the refusal");
 }

@@ -339,10 +339,8 @@ where
         } else if ticket.holds() {
             // A route that holds: its ticket completes when the body has gone, with what the
             // route's `actual_header` says.
-            if let Some(value) = ticket.actual_header().and_then(|h| response.headers().get(h.as_str())) {
-                let value = value.as_bytes().to_vec();
-                ticket.set_actual(&value);
-            }
+            let head = response.headers();
+            ticket.set_actual_from_head(|name| head.get(name.as_str()).map(|v| v.as_bytes()));
             let status = response.status().as_u16();
             let size = match response.response().body().size() {
                 actix_web::body::BodySize::Sized(n) => Some(n),

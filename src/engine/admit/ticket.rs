@@ -3,7 +3,7 @@
 use std::{
     fmt,
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
         Arc, Mutex,
     },
 };
@@ -75,11 +75,19 @@ pub struct Ticket {
 pub(crate) struct RouteHeld {
     spec: Arc<RouteHold>,
     meter: usize,
+    /// The units the route held for the request (its estimate): what `settle = "estimate"`
+    /// bills, whether or not the hold holds them (a plan without a hard quota on the meter, a
+    /// hold failed open, one the node settled).
+    estimate: u64,
     hold: Mutex<Option<Hold>>,
     /// What the response said the work used (`actual_header`).
     actual: Mutex<Actual>,
     /// How the ticket ended: [`NOT_ENDED`], [`BILLED`] or [`NOT_BILLED`].
     ended: AtomicU8,
+    /// Whether the handler answered (the door read the response's head): a route whose
+    /// `actual_header` was never said bills its estimate only then (the work was delivered,
+    /// its size unknown); cut off before, it bills what was recorded.
+    responded: AtomicBool,
 }
 
 const NOT_ENDED: u8 = 0;
@@ -98,13 +106,15 @@ enum Actual {
 }
 
 impl RouteHeld {
-    pub(crate) fn new(spec: Arc<RouteHold>, meter: usize, hold: Hold) -> Self {
+    pub(crate) fn new(spec: Arc<RouteHold>, meter: usize, estimate: u64, hold: Hold) -> Self {
         Self {
             spec,
             meter,
+            estimate,
             hold: Mutex::new(Some(hold)),
             actual: Mutex::new(Actual::Unsaid),
             ended: AtomicU8::new(NOT_ENDED),
+            responded: AtomicBool::new(false),
         }
     }
 
@@ -122,23 +132,28 @@ impl RouteHeld {
         self.ended.store(if billed { BILLED } else { NOT_BILLED }, Ordering::Release);
     }
 
-    /// Settles the hold. Billed: with what the route's `settle` bills (the estimate, or the
-    /// actual the response said beyond what was recorded; a route that names `actual_header`
-    /// whose response said none, or nothing readable, bills the estimate in full: the work was
-    /// done and its size is not known). Not billed: what was not recorded goes back whole.
+    /// Settles the hold. Billed: with what the route's `settle` bills beyond what was
+    /// recorded: the estimate, or the actual the response said; a route that names
+    /// `actual_header` whose response said none (once the handler answered), or nothing
+    /// readable, bills the estimate in full: the work was done and its size is not known.
+    /// Billed whether or not the hold holds the units (a tenant without a hard quota on the
+    /// meter, a hold that failed open or that the node settled: then as debt). Not billed:
+    /// what was not recorded goes back whole.
     fn settle(&self) {
         let Some(mut hold) = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
         if self.ended.load(Ordering::Acquire) != NOT_BILLED {
             let actual = *self.actual.lock().unwrap_or_else(|e| e.into_inner());
+            let estimate = self.estimate.saturating_sub(hold.recorded());
             let more = match (self.spec.settle, actual) {
-                (HoldSettle::Estimate, _) => hold.held(),
+                (HoldSettle::Estimate, _) | (_, Actual::Unreadable) => estimate,
                 (_, Actual::Said(actual)) => actual.saturating_sub(hold.recorded()),
-                (_, Actual::Unreadable) => hold.held(),
-                (_, Actual::Unsaid) if self.spec.actual_header.is_some() => hold.held(),
+                (_, Actual::Unsaid) if self.spec.actual_header.is_some() && self.responded.load(Ordering::Acquire) => {
+                    estimate
+                }
                 (_, Actual::Unsaid) => 0,
             };
-            if more > hold.held() {
-                tracing::warn!(meter = %self.spec.meter, held = hold.held(), reported = more,
+            if more > estimate {
+                tracing::warn!(meter = %self.spec.meter, estimate = self.estimate, reported = more,
                     "a held route reported more than it held: charged past the hold, as debt (cap the work at the hold)");
             }
             if more > 0 {
@@ -282,11 +297,16 @@ impl Ticket {
         self.hold.as_ref()?.spec.actual_header.as_ref()
     }
 
-    /// For a response billed at its head (the first request with an `Idempotency-Key`,
-    /// whose response is stored as it is billed, and whose trailers are not read): sets what
-    /// the route's [`actual_header`](Self::actual_header) says in the response's headers, read
-    /// through `header` (a route that names one the head lacks bills its estimate in full).
+    /// The handler answered, on a route that holds ([`holds`](Self::holds)): call it with the
+    /// response's head, before its body streams. Sets what the route's
+    /// [`actual_header`](Self::actual_header) says in the response's headers, read through
+    /// `header` (a trailer may say it later, through [`set_actual`](Self::set_actual)). From
+    /// then on, a route that names an `actual_header` its response never says (a client gone
+    /// before the trailer) bills its estimate in full; a request cut off before this call bills
+    /// what its work recorded.
     pub fn set_actual_from_head<'h>(&mut self, header: impl Fn(&http::HeaderName) -> Option<&'h [u8]>) {
+        let Some(held) = &self.hold else { return };
+        held.responded.store(true, Ordering::Release);
         let Some(name) = self.actual_header().cloned() else { return };
         if let Some(value) = header(&name) {
             let value = value.to_vec();

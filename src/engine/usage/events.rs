@@ -254,6 +254,9 @@ pub(crate) struct Prepared {
     pub(crate) quantity: u64,
     /// Where the units were taken from, to give them back if the write does not apply.
     pub(crate) tag: Option<Taken>,
+    /// Units of `quantity` from a reservation of the work, never given back (the rest was
+    /// taken anew, under `tag`).
+    pub(crate) reserved: u64,
     /// When they were taken (the clock, not the event's time).
     pub(crate) taken_at: i64,
     pub(crate) event: UsageEvent,
@@ -323,6 +326,13 @@ impl EventRecorder {
         self.holds.refused_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.hold(crate::metrics::HoldOutcome::RefusedFull).increment(1);
         false
+    }
+
+    /// Forgets every reservation without giving its units back (they stay spent): a process
+    /// restored from a snapshot shares them with every other copy.
+    pub(crate) fn forget_reserved(&self) {
+        self.reserved.invalidate_all();
+        self.reserved.run_pending_tasks();
     }
 
     /// A job's hold opened for the same work reserved again.
@@ -469,21 +479,23 @@ impl Reserved {
 
     /// Gives the units back to the tenant's lease (the work was not recorded).
     pub(crate) fn give_back(&self) {
+        self.give_back_part(self.quantity);
+    }
+
+    /// Gives `units` of it back (the work recorded took fewer than were reserved).
+    pub(crate) fn give_back_part(&self, units: u64) {
         let Some(cell) = self.state.quota(self.meter) else { return };
+        let units = units.min(self.quantity);
+        if units == 0 {
+            return;
+        }
         match self.tag {
             // To the lease, or to the store once the lease was given back (a release after
             // shutdown began, or after a reload).
             Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => {
-                crate::engine::usage::hold::return_units(
-                    &self.state,
-                    self.meter,
-                    self.quantity,
-                    tag,
-                    self.taken_at,
-                    None,
-                );
+                crate::engine::usage::hold::return_units(&self.state, self.meter, units, tag, self.taken_at, None);
             }
-            Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(self.quantity, self.taken_at),
+            Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(units, self.taken_at),
             Some(Taken::Held) | None => {}
         }
     }
@@ -533,12 +545,13 @@ pub(crate) enum Taken {
 /// Gives an event's units back (its write did not apply them); whether there were any.
 fn give_back(p: &Prepared) -> bool {
     let Some(cell) = p.state.quota(p.meter) else { return false };
+    let units = p.quantity - p.reserved;
     match p.tag {
-        Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => cell.refund(p.quantity, tag),
-        Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(p.quantity, p.taken_at),
+        Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => cell.refund(units, tag),
+        Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(units, p.taken_at),
         Some(Taken::Held) | None => return false,
     }
-    p.quantity > 0
+    units > 0
 }
 
 fn clone_error(e: &StoreError) -> StoreError {

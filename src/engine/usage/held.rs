@@ -23,6 +23,8 @@ pub(crate) struct OpenHolds {
     pub(crate) records_after_settle: AtomicU64,
     /// Holds refused because `limits.max_holds` were open.
     pub(crate) refused_full: AtomicU64,
+    /// Records through a hold beyond what it held, charged as debt.
+    pub(crate) overruns: AtomicU64,
     /// Jobs' holds open ([`Tollgate::reserve_event`](crate::Tollgate::reserve_event)'s
     /// reservations), and the units they hold.
     jobs: AtomicU64,

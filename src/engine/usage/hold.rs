@@ -311,6 +311,11 @@ impl Hold {
                     state.record(meter, at, covered);
                 }
                 if beyond > 0 {
+                    // Recorded beyond the hold (from the lease, or past the limit): counted.
+                    state.plan.metrics.hold(HoldOutcome::Overrun).increment(1);
+                    if let Some(engine) = &self.engine {
+                        engine.holds().overruns.fetch_add(1, Ordering::Relaxed);
+                    }
                     state.record(meter, now, beyond);
                 }
             }
@@ -351,6 +356,11 @@ impl Hold {
             }
             if !open.live && !open.registered {
                 if let Some(engine) = &self.engine {
+                    if engine.stopping().load(Ordering::Relaxed) {
+                        // Its units would be leased after the leases went back (stranded),
+                        // its records made after the final flush (lost).
+                        return Err(closed(state, Closed::Shutdown));
+                    }
                     let max = engine.runtime().load().config.limits.max_holds;
                     let deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
                     self.inner.deadline.store(deadline, Ordering::Relaxed);
@@ -595,7 +605,7 @@ fn refused(
 ) -> Result<Option<(u32, i64)>, Rejection> {
     let (r, outcome) = match units_held(state, meter, units, own, at).filter(|_| fits) {
         Some(r) => (r, HoldOutcome::RefusedHeld),
-        None => (spent(state, meter, at), HoldOutcome::RefusedSpent),
+        None => (spent(state, meter, at, fits), HoldOutcome::RefusedSpent),
     };
     state.plan.metrics.hold(outcome).increment(1);
     if state.plan.shadow {
@@ -649,14 +659,15 @@ fn full(state: &Tenant, max: usize) -> Rejection {
 fn closed(state: &Tenant, why: Closed) -> Rejection {
     let detail = match why {
         Closed::Expired => "the hold was open past limits.hold_timeout and was settled: it cannot be extended",
-        Closed::Shutdown => "the node is shutting down: the hold was settled and cannot be extended",
+        Closed::Shutdown => "the node is shutting down: no hold is taken or extended; send the request again",
     };
     state.plan.metrics.rejected(RejectionKind::StoreUnavailable).increment(1);
     Rejection::new(RejectionKind::StoreUnavailable, detail).with_retry_after(1).for_tenant(state)
 }
 
-/// The answer to a hold the quota's period, or the balance, cannot cover.
-fn spent(state: &Tenant, meter: usize, at: i64) -> Rejection {
+/// The answer to a hold the quota's period, or the balance, cannot cover (`fits`: one could,
+/// else no period ever will, and no `Retry-After` says otherwise).
+fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Rejection {
     let cell = state.quota(meter).expect("a hold takes from a quota");
     let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
     let mut r = if cell.prepaid() {
@@ -664,6 +675,17 @@ fn spent(state: &Tenant, meter: usize, at: i64) -> Rejection {
         Rejection::new(
             state.plan.balance_refusal,
             Cow::Owned(format!("the prepaid {} balance cannot cover this work: a top-up restores it", cell.meter_id())),
+        )
+    } else if !fits {
+        Rejection::new(
+            RejectionKind::QuotaExceeded,
+            Cow::Owned(format!(
+                "the {} quota of {} {} on plan `{}` can never cover this work: it is larger than the limit",
+                cell.spec.period().name(),
+                cell.spec.limit(),
+                cell.meter_id(),
+                state.plan.id
+            )),
         )
     } else {
         let (_, end) = cell.period();

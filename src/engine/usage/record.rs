@@ -47,8 +47,9 @@ impl Tollgate {
     /// from the tenant's hard quota of its period as a request's are, and refused with
     /// [`EventError::QuotaExceeded`] when they are not there (do not do the work). They are held
     /// on this engine for `hold` (at most a day): recording the event through this engine (the
-    /// same id, meter, quantity and quota period, once the work is done) takes them rather than
-    /// new ones, for good. [`release_event`](Self::release_event) gives them back when the work
+    /// same id, meter and quota period, once the work is done) takes them rather than new ones,
+    /// for good; an event of fewer units gives the rest back, one of more takes the rest anew as
+    /// work done (past the limit if need be, counted in `Stats::events_past_limit`). [`release_event`](Self::release_event) gives them back when the work
     /// is abandoned. Neither recorded here nor released within the hold, they stay spent: the
     /// event may have been recorded by another process (a queue's consumer), which charged it
     /// there, so giving them back could pass the limit (the quota under-admits by them
@@ -232,26 +233,34 @@ impl Tollgate {
         let id = format!("{}\u{1f}{}", state.id, e.id);
         // Units still held for this event by an attempt whose write may have landed: reused,
         // not taken again (a retry is never refused for the units of its own first attempt).
-        let (state, meter, tag) = match self.shared.events().take_held(&id) {
-            Some(held) if held.quantity == e.quantity => (state, meter, Some(Taken::Held)),
+        let (state, meter, tag, reserved) = match self.shared.events().take_held(&id) {
+            Some(held) if held.quantity == e.quantity => (state, meter, Some(Taken::Held), 0),
             _ => match self.shared.events().take_reserved(&id) {
                 // The units reserved for this work are the event's, for good: even if the event
                 // turns out a duplicate (recorded on another node first, which charged it), they
-                // are not given back, so a hard quota is never passed through reservations.
+                // are not given back, so a hard quota is never passed through reservations. Work
+                // that took fewer gives the rest back; work that took more takes the rest anew,
+                // as work done (past the limit if need be).
                 Some(r)
-                    if r.quantity == e.quantity
-                        && r.state.plan.meters.ids.get(r.meter) == Some(&e.meter)
+                    if r.state.plan.meters.ids.get(r.meter) == Some(&e.meter)
                         && r.period == Self::period_of(&state, meter, at) =>
                 {
-                    (state, meter, r.tag.map(|_| Taken::Held))
+                    if e.quantity <= r.quantity || r.tag.is_none() {
+                        r.give_back_part(r.quantity.saturating_sub(e.quantity));
+                        (state, meter, r.tag.map(|_| Taken::Held), 0)
+                    } else {
+                        let more = e.quantity - r.quantity;
+                        let tag = self.take_for_event(rt, &state, meter, more, at, now, For::Work).await?;
+                        (state, meter, tag, r.quantity)
+                    }
                 }
                 other => {
-                    // Reserved for other work (another quantity): given back, taken anew.
+                    // Reserved for other work (another meter or period): given back, taken anew.
                     if let Some(r) = other {
                         r.give_back();
                     }
                     let tag = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
-                    (state, meter, tag)
+                    (state, meter, tag, 0)
                 }
             },
         };
@@ -263,6 +272,7 @@ impl Tollgate {
             meter,
             quantity: e.quantity,
             tag,
+            reserved,
             taken_at: now,
             event: UsageEvent::new(id, record, at),
         })
