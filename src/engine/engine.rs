@@ -522,14 +522,13 @@ impl Tollgate {
     }
 
     /// Takes the hold of an admitted request's route before its handler runs; refused, the
-    /// request's units and its rate cells (of the bucket keyed `client`) go back, as for a
-    /// request refused at admission, and the refusal is its answer. A replay holds nothing.
+    /// request's units and its rate cells (of its tenant's bucket) go back, as for a request
+    /// refused at admission, and the refusal is its answer. A replay holds nothing.
     async fn take_hold(
         &self,
         mut ticket: Ticket,
         spec: Arc<crate::config::RouteHold>,
         units: u64,
-        client: u64,
     ) -> Result<Ticket, Rejection> {
         if !ticket.charged {
             return Ok(ticket);
@@ -545,9 +544,12 @@ impl Tollgate {
             }
             Err(mut r) => {
                 // Refused at admission: its rate cells go back too (a client told to retry in
-                // a second spends none on the refusal).
-                if let Some((cells, burst)) = ticket.state.give_back_rate(client, ticket.cost) {
-                    ticket.headers.give_back(cells, burst);
+                // a second spends none on the refusal). Not an anonymous caller's: its bucket
+                // is its address's, which the ticket does not keep (it spends its cell).
+                if ticket.state.plan.clients.is_none() {
+                    if let Some((cells, burst)) = ticket.state.give_back_rate(0, ticket.cost) {
+                        ticket.headers.give_back(cells, burst);
+                    }
                 }
                 // The route's policies, the held meter's read live.
                 r.inner.headers = ticket.headers;
@@ -611,7 +613,7 @@ impl Tollgate {
                 Admission::Admitted(t) => {
                     return match hold {
                         None => Ok(t),
-                        Some((spec, units)) => self.take_hold(t, spec, units, route.client).await,
+                        Some((spec, units)) => self.take_hold(t, spec, units).await,
                     }
                 }
                 Admission::Rejected(r) => return Err(r),

@@ -1,5 +1,6 @@
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -7,7 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::engine::{InFlight, ResponseCapture, Ticket};
+use crate::engine::{InFlight, ResponseCapture, RouteHeld, Ticket};
 
 pin_project! {
     /// The response body of a [`TollgateService`](super::TollgateService): the inner service's
@@ -35,9 +36,18 @@ pin_project! {
         Full { data: Option<Bytes> },
         // A gRPC answer billed when its trailers come, or the answer of a route that holds
         // (`grpc`: false) billed when it ends: the ticket lives until the body ends (or its
-        // last byte of `exact`, the length a server writes and then stops polling at; `seen`:
-        // its bytes so far).
-        Tracked { #[pin] body: B, ticket: Option<Ticket>, status: u16, grpc: bool, seen: u64, exact: Option<u64> },
+        // last byte of `exact`, the length an HTTP/1 server writes and then stops polling at;
+        // `seen`: its bytes so far). The route's hold (`held`) lives until the body has gone:
+        // trailers that come after the last byte (HTTP/2) still say its actual.
+        Tracked {
+            #[pin] body: B,
+            ticket: Option<Ticket>,
+            status: u16,
+            grpc: bool,
+            seen: u64,
+            exact: Option<u64>,
+            held: Option<Arc<RouteHeld>>,
+        },
         // The answer to the first request with an `Idempotency-Key` (billed at its head): held
         // while it streams, stored with the key when its last frame has gone (a server does
         // not poll a body for its end once the length it announced is written). `seen`: its
@@ -69,7 +79,8 @@ impl<B> TollgateBody<B> {
     /// without), given back if the body fails, and dropped (billed as a request cut off) if
     /// the body is.
     pub(crate) fn tracked(body: B, ticket: Ticket, status: u16) -> Self {
-        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: true, seen: 0, exact: None };
+        let held = ticket.route_hold();
+        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: true, seen: 0, exact: None, held };
         Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }
     }
 
@@ -79,7 +90,8 @@ impl<B> TollgateBody<B> {
     /// there), given back if the body fails, and dropped (billed as a request cut off) if the
     /// body is before.
     pub(crate) fn held(body: B, ticket: Ticket, status: u16, exact: Option<u64>) -> Self {
-        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: false, seen: 0, exact };
+        let held = ticket.route_hold();
+        let tracked = Other::Tracked { body, ticket: Some(ticket), status, grpc: false, seen: 0, exact, held };
         Self { kind: Kind::Other { other: Some(Box::pin(tracked)) } }
     }
 
@@ -141,7 +153,7 @@ where
             KindProj::Other { other: None } => Poll::Ready(None),
             KindProj::Other { other: Some(other) } => match other.as_mut().project() {
                 OtherProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-                OtherProj::Tracked { mut body, ticket, status, grpc, seen, exact } => {
+                OtherProj::Tracked { mut body, ticket, status, grpc, seen, exact, held } => {
                     // Marked while the body runs: a panic in it is a failure, not a cut-off.
                     if let Some(t) = ticket.as_mut() {
                         t.in_poll = true;
@@ -153,11 +165,13 @@ where
                     match &polled {
                         Poll::Ready(Some(Ok(frame))) => {
                             if let Some(trailers) = frame.trailers_ref() {
-                                if let Some(mut t) = ticket.take() {
-                                    if let Some(value) = t.actual_header().and_then(|h| trailers.get(h)) {
-                                        let value = value.as_bytes().to_vec();
-                                        t.set_actual(&value);
+                                // Read into the route's hold, also after the ticket completed.
+                                if let Some(h) = held.as_ref() {
+                                    if let Some(value) = h.actual_header().and_then(|name| trailers.get(name)) {
+                                        h.set_actual(value.as_bytes());
                                     }
+                                }
+                                if let Some(t) = ticket.take() {
                                     if *grpc {
                                         // No status in a gRPC answer's trailers is an error
                                         // (the client sees UNKNOWN).

@@ -322,14 +322,15 @@ fn keyed<R: http_body::Body<Data = Bytes>>(
         ticket.give_back();
         return Ok(response.map(TollgateBody::inner));
     }
+    if ticket.holds() {
+        // The handler answered; its actual is read from the head (a stored response's
+        // trailers are not; a gRPC stream's are, by its tracked body).
+        ticket.set_actual_from_head(|name| response.headers().get(name).map(http::HeaderValue::as_bytes));
+    }
     // Held by the body until it has gone (a tracked body's ticket keeps its own).
     let in_flight = if matches!(grpc, Grpc::Trailers) { None } else { ticket.take_in_flight() };
     match grpc {
         Grpc::No => {
-            if ticket.holds() {
-                // Its actual is read from the head (a stored response's trailers are not).
-                ticket.set_actual_from_head(|name| response.headers().get(name).map(http::HeaderValue::as_bytes));
-            }
             // Billed at the head, as every response; stored when its body has gone (not
             // billed: the capture's drop releases the key).
             let billed = ticket.complete(status);

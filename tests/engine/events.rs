@@ -524,3 +524,39 @@ async fn a_reservation_settles_work_of_another_size() {
     engine.flush().await.unwrap();
     assert_eq!(committed(&**engine.usage_store(), "t", "tokens", NOON - DAY, NOON + DAY, HOUR).await, 13);
 }
+
+/// Work of more units than it reserved whose extra units the store cannot give (it fails):
+/// the event is not recorded, and its reservation goes back rather than being lost, so the
+/// retry is charged its units once.
+#[tokio::test]
+async fn a_reservation_survives_work_of_more_units_whose_rest_the_store_refused() {
+    let toml = TOML.replace(
+        "quotas.tokens = { limit = 10, period = \"day\", mode = \"hard\" }",
+        "quotas.tokens = { limit = 100, period = \"day\", mode = \"hard\", lease = 10 }",
+    );
+    let faulty = Arc::new(Faulty::default());
+    let config = Config::from_toml_str(&toml).unwrap();
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = Tollgate::builder(config).store_arc(faulty.clone()).clock(clock).build();
+    engine.reserve_event(&ev("a", 10, NOON), Duration::from_secs(60)).await.unwrap();
+    faulty.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = engine.record_event(ev("a", 12, NOON)).await.unwrap_err();
+    assert!(failed.is_retryable(), "{failed}");
+    faulty.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(engine.record_event(ev("a", 12, NOON)).await.unwrap(), EventOutcome::Applied);
+    engine.shutdown().await.unwrap();
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(NOON);
+    let key = tollgate::store::QuotaKey::new("t".into(), "tokens".into(), day, start, end);
+    assert_eq!(faulty.inner.reserved(&key).await.unwrap(), 12, "charged once: the reservation was not lost");
+}
+
+/// Once shutdown has begun a job can no longer reserve (its units would be leased after the
+/// leases went back): refused, retryable elsewhere.
+#[tokio::test]
+async fn a_reservation_asked_once_shutdown_began_is_refused() {
+    let (engine, _clock) = engine_on(Arc::new(MemoryStore::new()), NOON);
+    engine.shutdown().await.unwrap();
+    let e = engine.reserve_event(&ev("a", 1, NOON), Duration::from_secs(60)).await.unwrap_err();
+    assert!(matches!(e, EventError::ShuttingDown) && e.is_retryable(), "{e}");
+}

@@ -424,3 +424,20 @@ async fn a_refused_hold_spends_no_rate_cells() {
     let (plain, _tx) = node.send("/plain", 200, None).await;
     assert_eq!(plain.status(), 200, "the burst of 2 is spent by 2 requests served, not by the refusal");
 }
+
+/// Trailers that come after the announced length (as HTTP/2 sends them) still say the actual
+/// of a held answer: billed what they say, not the estimate.
+#[tokio::test]
+async fn trailers_after_the_announced_length_say_the_actual() {
+    let mut node = Node::new();
+    node.headers = vec![("content-length", "4")];
+    let (response, tx) = node.send("/chat", 200, None).await;
+    tx.send(data("ab")).await.unwrap();
+    tx.send(data("cd")).await.unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-usage-tokens", http::HeaderValue::from_static("25"));
+    tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
+    drop(tx);
+    response.into_body().collect().await.unwrap();
+    assert_eq!(node.billed().await, 25);
+}

@@ -262,7 +262,9 @@ where
             // status, without the rate-limit headers, which only a response carries): billed
             // by that status, as the tower layer bills a response.
             Err(error) => {
-                ticket.complete(error.error_response().status().as_u16());
+                let response = error.error_response();
+                ticket.set_actual_from_head(|name| response.headers().get(name.as_str()).map(|v| v.as_bytes()));
+                ticket.complete(response.status().as_u16());
                 return Err(error);
             }
         };
@@ -287,7 +289,7 @@ where
             let head = response.headers().iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
             capture.head(status, head.collect::<Vec<_>>());
             if ticket.holds() {
-                // Its hold settles with the head: its actual is in a header, or unknown.
+                // The handler answered; its actual is read from the head (actix has no trailers).
                 let head = response.headers();
                 ticket.set_actual_from_head(|name| head.get(name.as_str()).map(|v| v.as_bytes()));
             }

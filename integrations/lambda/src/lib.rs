@@ -167,8 +167,8 @@ where
 }
 
 /// What the graceful-shutdown hook of [`run`] does within [`SHUTDOWN_BUDGET`]: the engine's
-/// one shutdown order ([`Tollgate::shutdown_within`]: stop admitting, settle open keys, flush,
-/// give the leases back), without the export: it may not fit in Lambda's ~500 ms, and the
+/// one shutdown order ([`Tollgate::shutdown_within`]: stop admitting, wait for open holds,
+/// settle open keys, flush, give the leases back), without the export: it may not fit in Lambda's ~500 ms, and the
 /// scheduled export ([`export_handler`]) sends what is stored.
 pub async fn shutdown(engine: &Tollgate) {
     match engine.shutdown_within(SHUTDOWN_BUDGET, false).await {

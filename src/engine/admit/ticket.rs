@@ -127,6 +127,21 @@ impl RouteHeld {
         hold.as_mut().map(|h| h.record(units))
     }
 
+    /// The response header (or trailer) that says the work's units, if the route names one.
+    pub(crate) fn actual_header(&self) -> Option<&http::HeaderName> {
+        self.spec.actual_header.as_ref()
+    }
+
+    /// Sets what the response's `actual_header` says (see [`Ticket::set_actual`]).
+    pub(crate) fn set_actual(&self, value: &[u8]) {
+        let parsed = std::str::from_utf8(value).ok().map(str::trim).and_then(|v| v.parse::<u64>().ok());
+        if parsed.is_none() {
+            tracing::warn!(meter = %self.spec.meter, header = ?self.spec.actual_header,
+                "the response's actual usage does not parse: the hold's estimate is billed in full");
+        }
+        *self.actual.lock().unwrap_or_else(|e| e.into_inner()) = parsed.map_or(Actual::Unreadable, Actual::Said);
+    }
+
     /// The ticket ended, `billed` or not: the hold settles so once the work is done.
     fn end(&self, billed: bool) {
         self.ended.store(if billed { BILLED } else { NOT_BILLED }, Ordering::Release);
@@ -316,16 +331,17 @@ impl Ticket {
 
     /// Sets what the response's [`actual_header`](Self::actual_header) says (a header, or a
     /// trailer: the last one read wins): a whole number of units, billed through the hold when
-    /// the ticket completes (what `TenantContext::record` recorded on the held meter counts
-    /// toward it). A value that does not parse bills the hold's estimate in full, logged.
+    /// it settles (what `TenantContext::record` recorded on the held meter counts toward it).
+    /// A value that does not parse bills the hold's estimate in full, logged.
     pub fn set_actual(&mut self, value: &[u8]) {
-        let Some(held) = &self.hold else { return };
-        let parsed = std::str::from_utf8(value).ok().map(str::trim).and_then(|v| v.parse::<u64>().ok());
-        if parsed.is_none() {
-            tracing::warn!(tenant = %self.state.id, header = ?held.spec.actual_header,
-                "the response's actual usage does not parse: the hold's estimate is billed in full");
+        if let Some(held) = &self.hold {
+            held.set_actual(value);
         }
-        *held.actual.lock().unwrap_or_else(|e| e.into_inner()) = parsed.map_or(Actual::Unreadable, Actual::Said);
+    }
+
+    /// The route's hold, for a body that reads its trailers after the ticket completed.
+    pub(crate) fn route_hold(&self) -> Option<Arc<RouteHeld>> {
+        self.hold.clone()
     }
 
     /// Writes the rate-limit header fields of the response through `put`.

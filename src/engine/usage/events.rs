@@ -132,6 +132,11 @@ pub enum EventError {
         /// `limits.max_holds`.
         max: usize,
     },
+    /// The engine is shutting down: only [`Tollgate::reserve_event`](crate::Tollgate::reserve_event)
+    /// refuses so (its units would be leased after the leases went back). Retryable, on
+    /// another node.
+    #[error("the engine is shutting down: reserve on another node")]
+    ShuttingDown,
     /// The event's time is in a quota period that has not begun on this node's clock (within
     /// `events.max_skew`): its quota cannot be checked yet. Retryable: delivered again once
     /// the period has begun, it is applied there.
@@ -155,11 +160,12 @@ impl EventError {
                 | Self::InFuture { .. }
                 | Self::UnknownProduct(_)
                 | Self::HoldsFull { .. }
+                | Self::ShuttingDown
         )
     }
 
     /// A short name for logs and metrics: `invalid`, `unknown_product`, `too_old`,
-    /// `in_future`, `quota`, `store_error`, `not_yet`, `holds_full`.
+    /// `in_future`, `quota`, `store_error`, `not_yet`, `holds_full`, `shutting_down`.
     #[must_use]
     pub fn label(&self) -> &'static str {
         match self {
@@ -171,6 +177,7 @@ impl EventError {
             Self::Store(_) => "store_error",
             Self::PeriodNotStarted { .. } => "not_yet",
             Self::HoldsFull { .. } => "holds_full",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 }

@@ -29,6 +29,17 @@ pub(crate) struct OpenHolds {
     /// reservations), and the units they hold.
     jobs: AtomicU64,
     job_units: AtomicU64,
+    /// No hold opens: the node is shutting down (set and read under the map's lock).
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+/// Why a hold was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// `limits.max_holds` are open.
+    Full,
+    /// The node is shutting down.
+    Stopping,
 }
 
 impl std::fmt::Debug for OpenHolds {
@@ -47,14 +58,25 @@ impl OpenHolds {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `hold` as open, unless `max` are open already (requests' and jobs').
-    pub(crate) fn enter(&self, hold: &Arc<HoldInner>, max: usize) -> bool {
+    /// Registers `hold` as open, unless `max` are open already (requests' and jobs') or the
+    /// node stopped taking holds ([`stop`](Self::stop)): checked under the open holds' lock,
+    /// so a hold is either among those shutdown waits for and settles, or refused.
+    pub(crate) fn enter(&self, hold: &Arc<HoldInner>, max: usize) -> Result<(), Refused> {
         let mut map = self.map();
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(Refused::Stopping);
+        }
         if map.len().saturating_add(self.jobs()) >= max {
-            return false;
+            return Err(Refused::Full);
         }
         map.insert(hold.id, hold.clone());
-        true
+        Ok(())
+    }
+
+    /// No hold opens from now on (shutdown).
+    pub(crate) fn stop(&self) {
+        let _map = self.map();
+        self.stopped.store(true, Ordering::Relaxed);
     }
 
     /// Opens a job's hold, unless `max` are open already (requests' and jobs'): checked and

@@ -11,7 +11,12 @@ use std::{
     },
 };
 
-use crate::engine::{admit::admission::NO_TAG, shared::Shared, usage::lease::LEASE_PER_HOLD, Prefetch};
+use crate::engine::{
+    admit::admission::NO_TAG,
+    shared::Shared,
+    usage::{held::Refused, lease::LEASE_PER_HOLD},
+    Prefetch,
+};
 use crate::response::HeaderState;
 use crate::{
     config::StoreErrorPolicy,
@@ -356,20 +361,21 @@ impl Hold {
             }
             if !open.live && !open.registered {
                 if let Some(engine) = &self.engine {
-                    if engine.stopping().load(Ordering::Relaxed) {
-                        // Its units would be leased after the leases went back (stranded),
-                        // its records made after the final flush (lost).
-                        return Err(closed(state, Closed::Shutdown));
-                    }
                     let max = engine.runtime().load().config.limits.max_holds;
                     let deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
                     self.inner.deadline.store(deadline, Ordering::Relaxed);
-                    if !engine.holds().enter(&self.inner, max) {
-                        drop(open);
-                        engine.holds().refused_full.fetch_add(1, Ordering::Relaxed);
-                        state.plan.metrics.hold(HoldOutcome::RefusedFull).increment(1);
-                        state.plan.metrics.rejected(RejectionKind::UnitsHeld).increment(1);
-                        return Err(full(state, max));
+                    match engine.holds().enter(&self.inner, max) {
+                        Ok(()) => {}
+                        // Shutdown began: its units would be leased after the leases went
+                        // back (stranded), its records made after the final flush (lost).
+                        Err(Refused::Stopping) => return Err(closed(state, Closed::Shutdown)),
+                        Err(Refused::Full) => {
+                            drop(open);
+                            engine.holds().refused_full.fetch_add(1, Ordering::Relaxed);
+                            state.plan.metrics.hold(HoldOutcome::RefusedFull).increment(1);
+                            state.plan.metrics.rejected(RejectionKind::UnitsHeld).increment(1);
+                            return Err(full(state, max));
+                        }
                     }
                     open.registered = true;
                 }

@@ -70,8 +70,13 @@ impl Tollgate {
     ///
     /// # Errors
     /// The checks [`record_events`](Self::record_events) makes, [`EventError::QuotaExceeded`],
-    /// or a store error while the quota was asked (retryable).
+    /// a store error while the quota was asked (retryable), [`EventError::HoldsFull`], or
+    /// [`EventError::ShuttingDown`] once the engine's shutdown has begun.
     pub async fn reserve_event(&self, event: &Event, hold: Duration) -> Result<(), EventError> {
+        if self.shared.stopping().load(std::sync::atomic::Ordering::Relaxed) {
+            // Its units would be leased after the leases went back.
+            return Err(EventError::ShuttingDown);
+        }
         let rt = self.shared.runtime().load_full();
         let now = self.shared.clock().unix_secs();
         let hold = hold.min(Duration::from_secs(86_400));
@@ -250,7 +255,14 @@ impl Tollgate {
                         (state, meter, r.tag.map(|_| Taken::Held), 0)
                     } else {
                         let more = e.quantity - r.quantity;
-                        let tag = self.take_for_event(rt, &state, meter, more, at, now, For::Work).await?;
+                        let tag = match self.take_for_event(rt, &state, meter, more, at, now, For::Work).await {
+                            Ok(tag) => tag,
+                            Err(err) => {
+                                // Not recorded: the reservation goes back (a retry takes anew).
+                                r.give_back();
+                                return Err(err);
+                            }
+                        };
                         (state, meter, tag, r.quantity)
                     }
                 }
