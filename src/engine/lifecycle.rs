@@ -165,6 +165,7 @@ impl Tollgate {
         // 1. Stop admitting.
         self.shared.stopping().store(true, std::sync::atomic::Ordering::Relaxed);
         self.shared.holds().stop();
+        self.shared.leases().stop();
         let _ = self.shared.shutdown().send(true);
         let rt = self.shared.runtime().load_full();
         let durable = self.shared.stores().given().usage.is_durable();

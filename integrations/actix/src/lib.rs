@@ -262,9 +262,8 @@ where
             // status, without the rate-limit headers, which only a response carries): billed
             // by that status, as the tower layer bills a response.
             Err(error) => {
-                let response = error.error_response();
-                ticket.set_actual_from_head(|name| response.headers().get(name.as_str()).map(|v| v.as_bytes()));
-                ticket.complete(response.status().as_u16());
+                // (The handler may not have run: a held route bills what its work recorded.)
+                ticket.complete(error.error_response().status().as_u16());
                 return Err(error);
             }
         };

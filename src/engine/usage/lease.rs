@@ -57,11 +57,19 @@ pub(crate) struct Leases {
     ids: Arc<NodeIds>,
     thresholds: Thresholds,
     clock: Clock,
+    /// The engine is shutting down: a lease given back is not taken again.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Leases {
     pub(crate) fn new(stores: Arc<StoreCalls>, ids: Arc<NodeIds>, thresholds: Thresholds, clock: Clock) -> Self {
-        Self { stores, ids, thresholds, clock }
+        Self { stores, ids, thresholds, clock, stopped: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    /// Shutdown began: from now on a cell whose lease was given back is not leased again (no
+    /// one would give the new lease back: its units would stay leased until the period ends).
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The next token of `cell`'s calls. The sender is the cell itself (this engine's node
@@ -198,6 +206,12 @@ impl Leases {
         need: u64,
         min_lease: u64,
     ) -> Result<Refill, StoreError> {
+        // Shutdown gave this lease back (under the cell's lock, which this call holds): a new
+        // one would stay leased for good. The work waiting on it (a request, a hold, a job's
+        // reservation still in flight) is answered as a store that cannot serve it.
+        if cell.locked().returned && self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Backend("the engine is shutting down: its leases were given back".into()));
+        }
         // Leased again: units given back go to the lease.
         cell.locked().returned = false;
         self.settle_inflight(cell).await?;

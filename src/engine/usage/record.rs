@@ -258,8 +258,10 @@ impl Tollgate {
                         let tag = match self.take_for_event(rt, &state, meter, more, at, now, For::Work).await {
                             Ok(tag) => tag,
                             Err(err) => {
-                                // Not recorded: the reservation goes back (a retry takes anew).
-                                r.give_back();
+                                // Not recorded: the reservation is held again for the retry,
+                                // which takes from it (its units never leave it meanwhile).
+                                self.shared.events().reopen_job();
+                                self.shared.events().reserve(id, r);
                                 return Err(err);
                             }
                         };
