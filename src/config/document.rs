@@ -281,7 +281,7 @@ impl Config {
     /// assert_eq!(config.store_of(StoreRole::Quota), &StoreSettings::Memory);
     /// ```
     pub fn store_of(&self, role: StoreRole) -> &StoreSettings {
-        self.store_roles.get(role).unwrap_or(&self.store)
+        self.store_roles.of(role, &self.store)
     }
 
     /// Whether the file has a `[store]` section.
@@ -452,7 +452,7 @@ impl Validator<'_, '_> {
                         origin.keys.insert(key, pos);
                     }
                 }
-                for role in ["quota", "usage", "directory", "idempotency"] {
+                for role in ["quota", "usage", "directory", "idempotency", "rate"] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{role}")) {
                         origin.keys.insert(role, pos);
                     }

@@ -22,12 +22,14 @@ pub(crate) struct RawStore {
     pub(crate) statement_timeout: Option<String>,
     pub(crate) migrate: Option<String>,
     pub(crate) ca_file: Option<String>,
-    /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`: a store of
-    /// that role's own (only under `[store]`).
+    /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
+    /// `[store.rate]`: a store of that role's own (only under `[store]`).
     pub(crate) quota: Option<Box<RawStore>>,
     pub(crate) usage: Option<Box<RawStore>>,
     pub(crate) directory: Option<Box<RawStore>>,
     pub(crate) idempotency: Option<Box<RawStore>>,
+    /// `[store.rate]`: the store of tenants' shared rates (by default the quota role's).
+    pub(crate) rate: Option<Box<RawStore>>,
 }
 
 /// Where the engine keeps its counters, usage and tenant directory: the `[store]` section.
@@ -194,7 +196,8 @@ pub enum Synchronous {
 }
 
 /// A role a store plays, as the configuration can name a store for it apart from `[store]`
-/// (`[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`).
+/// (`[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
+/// `[store.rate]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreRole {
@@ -207,11 +210,15 @@ pub enum StoreRole {
     Directory,
     /// `Idempotency-Key` bindings (`IdempotencyStore`).
     Idempotency,
+    /// Tenants' shared rates (`RateStore`, `rate_scope = "fleet"`); without a section of its
+    /// own, the quota role's store.
+    Rate,
 }
 
 impl StoreRole {
     /// Every role.
-    pub const ALL: [StoreRole; 4] = [StoreRole::Quota, StoreRole::Usage, StoreRole::Directory, StoreRole::Idempotency];
+    pub const ALL: [StoreRole; 5] =
+        [StoreRole::Quota, StoreRole::Usage, StoreRole::Directory, StoreRole::Idempotency, StoreRole::Rate];
 
     /// The role's name in the configuration (`[store.NAME]`).
     #[must_use]
@@ -221,6 +228,7 @@ impl StoreRole {
             StoreRole::Usage => "usage",
             StoreRole::Directory => "directory",
             StoreRole::Idempotency => "idempotency",
+            StoreRole::Rate => "rate",
         }
     }
 }
@@ -232,15 +240,27 @@ pub(crate) struct StoreRoles {
     pub(crate) usage: Option<StoreSettings>,
     pub(crate) directory: Option<StoreSettings>,
     pub(crate) idempotency: Option<StoreSettings>,
+    pub(crate) rate: Option<StoreSettings>,
 }
 
 impl StoreRoles {
+    /// The store named for `role` in a section of its own.
     pub(crate) fn get(&self, role: StoreRole) -> Option<&StoreSettings> {
         match role {
             StoreRole::Quota => self.quota.as_ref(),
             StoreRole::Usage => self.usage.as_ref(),
             StoreRole::Directory => self.directory.as_ref(),
             StoreRole::Idempotency => self.idempotency.as_ref(),
+            StoreRole::Rate => self.rate.as_ref(),
+        }
+    }
+
+    /// The store of `role`: its own section's, else (the rate role) the quota role's, else
+    /// `store`.
+    pub(crate) fn of<'a>(&'a self, role: StoreRole, store: &'a StoreSettings) -> &'a StoreSettings {
+        match role {
+            StoreRole::Rate => self.rate.as_ref().or(self.quota.as_ref()).unwrap_or(store),
+            _ => self.get(role).unwrap_or(store),
         }
     }
 }
@@ -265,6 +285,7 @@ impl Validator<'_, '_> {
                 ("usage", r.usage.is_some()),
                 ("directory", r.directory.is_some()),
                 ("idempotency", r.idempotency.is_some()),
+                ("rate", r.rate.is_some()),
             ] {
                 if set {
                     return Err(self.invalid(
@@ -280,6 +301,7 @@ impl Validator<'_, '_> {
             usage: role("usage", &raw.usage)?,
             directory: role("directory", &raw.directory)?,
             idempotency: role("idempotency", &raw.idempotency)?,
+            rate: role("rate", &raw.rate)?,
         };
         self.one_kind_of_sharing(&store, &roles)?;
         Ok((store, roles))
@@ -292,11 +314,13 @@ impl Validator<'_, '_> {
     /// with one node's directory a webhook's plan change would reach one node; with one node's
     /// usage store two nodes would export the same window.
     pub(super) fn one_kind_of_sharing(&self, store: &StoreSettings, roles: &StoreRoles) -> Result<(), ConfigError> {
-        let of = |role: StoreRole| roles.get(role).unwrap_or(store);
+        let of = |role: StoreRole| roles.of(role, store);
         let written = self.loc.find_exact("store.kind").is_some() || self.loc.find_exact("store.path").is_some();
         let section = |role: StoreRole| {
             if roles.get(role).is_some() {
                 format!("[store.{}]", role.name())
+            } else if role == StoreRole::Rate && roles.quota.is_some() {
+                "[store.quota], the rate role's by default".to_owned()
             } else if written {
                 "[store]".to_owned()
             } else {
@@ -325,6 +349,7 @@ impl Validator<'_, '_> {
                     StoreRole::Idempotency => "idempotency keys and a replay sent to another node would run again",
                     StoreRole::Directory => "tenants and plans and a webhook's plan change would reach one node",
                     StoreRole::Usage => "usage and two nodes would export the same window",
+                    StoreRole::Rate => "tenants' fleet rates and the fleet would admit a fleet rate once per node",
                 }
             ),
         ))

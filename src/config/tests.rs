@@ -410,7 +410,7 @@ mod reference {
     const REFERENCE: &str = include_str!("reference.toml");
 
     /// The roles a `[store]` section may hold a section of.
-    const ROLES: [&str; 4] = ["quota", "usage", "directory", "idempotency"];
+    const ROLES: [&str; 5] = ["quota", "usage", "directory", "idempotency", "rate"];
 
     /// Tables whose keys are names the user chose (a meter, a plan, a tenant, a quota's meter).
     const NAMED: [&str; 4] = ["meters", "plans", "tenants", "quotas"];

@@ -23,7 +23,7 @@ use crate::{
     config::{Config, StoreRole, StoreSettings},
     metrics::{Metrics, Totals},
     plan::Runtime,
-    store::{DirectoryStore, IdempotencyStore, MemoryStore, QuotaStore, Roles, Store, UsageExportStore},
+    store::{DirectoryStore, IdempotencyStore, MemoryStore, QuotaStore, RateStore, Roles, Store, UsageExportStore},
 };
 
 /// Why [`Builder::open`] could not build an engine.
@@ -168,6 +168,7 @@ pub struct Builder {
     usage: Option<Arc<dyn UsageExportStore>>,
     directory: Option<Arc<dyn DirectoryStore>>,
     idempotency: Option<Arc<dyn IdempotencyStore>>,
+    rate: Option<Arc<dyn RateStore>>,
     sink: Option<Arc<dyn BillingSink>>,
     clock: Option<Clock>,
     /// Whether `store` was opened from the configuration.
@@ -183,6 +184,7 @@ impl std::fmt::Debug for Builder {
             .field("usage", &self.usage)
             .field("directory", &self.directory)
             .field("idempotency", &self.idempotency)
+            .field("rate", &self.rate)
             .field("sink", &self.sink)
             .finish_non_exhaustive()
     }
@@ -200,6 +202,7 @@ impl Tollgate {
             usage: None,
             directory: None,
             idempotency: None,
+            rate: None,
             sink: None,
             clock: None,
             configured: false,
@@ -266,10 +269,22 @@ impl Builder {
         self
     }
 
+    /// The store of the rate role (tenants' shared rates, `rate_scope = "fleet"`), instead of
+    /// [`store`](Self::store)'s. (From the configuration, `[store.rate]`, else the quota role's
+    /// store.)
+    pub fn rate_store(mut self, store: Arc<dyn RateStore>) -> Self {
+        self.rate = Some(store);
+        self
+    }
+
     /// Whether some role has no store given in code.
     fn lacks_a_store(&self) -> bool {
         self.store.is_none()
-            && (self.quota.is_none() || self.usage.is_none() || self.directory.is_none() || self.idempotency.is_none())
+            && (self.quota.is_none()
+                || self.usage.is_none()
+                || self.directory.is_none()
+                || self.idempotency.is_none()
+                || self.rate.is_none())
     }
 
     /// Where closed usage windows are exported.
@@ -335,6 +350,9 @@ impl Builder {
             if self.idempotency.is_none() {
                 self.idempotency = Some(open.role(&self.config, StoreRole::Idempotency).await?);
             }
+            if self.rate.is_none() {
+                self.rate = Some(open.role(&self.config, StoreRole::Rate).await?);
+            }
             self.configured = true;
         }
         Ok(self.build())
@@ -361,6 +379,7 @@ impl Builder {
                 (StoreRole::Usage, self.usage.is_some()),
                 (StoreRole::Directory, self.directory.is_some()),
                 (StoreRole::Idempotency, self.idempotency.is_some()),
+                (StoreRole::Rate, self.rate.is_some()),
             ];
             for (role, given) in given {
                 let configured = self.config.store_of(role);
@@ -391,7 +410,8 @@ impl Builder {
             quota: self.quota.unwrap_or_else(|| all.clone()),
             usage: self.usage.unwrap_or_else(|| all.clone()),
             directory: self.directory.unwrap_or_else(|| all.clone()),
-            idempotency: self.idempotency.unwrap_or(all),
+            idempotency: self.idempotency.unwrap_or_else(|| all.clone()),
+            rate: self.rate.unwrap_or(all),
         };
         let totals = Arc::new(Totals::register());
         let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));

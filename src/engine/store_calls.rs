@@ -24,6 +24,7 @@ fn wrapped(roles: &Roles, policy: &Arc<Policy>, path: Path) -> Roles {
         usage: Arc::new(Limited::new(roles.usage.clone(), policy.clone(), path)),
         directory: Arc::new(Limited::new(roles.directory.clone(), policy.clone(), path)),
         idempotency: Arc::new(Limited::new(roles.idempotency.clone(), policy.clone(), path)),
+        rate: Arc::new(Limited::new(roles.rate.clone(), policy.clone(), path)),
     }
 }
 

@@ -34,9 +34,9 @@ use crate::{
         ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
         DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
         IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash,
-        LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore, RefundOutcome,
-        Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch,
-        UsageEvent, UsageStore,
+        LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore, RateStore,
+        RefundOutcome, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate,
+        UsageBatch, UsageEvent, UsageStore,
     },
 };
 
@@ -518,5 +518,17 @@ impl<S: IdempotencyStore + ?Sized> IdempotencyStore for Limited<S> {
         how: &IdempotencySettle,
     ) -> Result<IdempotencySettled, StoreError> {
         self.call("settle idempotency key", self.inner.settle_idempotency(key, owner, how)).await
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: RateStore + ?Sized> RateStore for Limited<S> {
+    async fn take_cells(&self, call: &crate::store::CellCall) -> Result<crate::store::CellGrant, StoreError> {
+        self.call("take rate cells", self.inner.take_cells(call)).await
+    }
+
+    async fn return_cells(&self, call: &crate::store::CellReturn) -> Result<(), StoreError> {
+        self.call("return rate cells", self.inner.return_cells(call)).await
     }
 }

@@ -9,6 +9,7 @@
 //! | ledger | [`LedgerStore`] | what each export sent, and what reconciliation found lacking | reconciliation |
 //! | directory | [`DirectoryStore`] | key hashes, tenants, plans, customers, overrides | tenant lookups, [`Admin`](crate::admin::Admin), webhooks |
 //! | idempotency | [`IdempotencyStore`] | `Idempotency-Key` bindings | requests carrying the header |
+//! | rate | [`RateStore`] | a GCRA bucket per tenant whose rate the fleet shares (`rate_scope = "fleet"`) | cell leases, on the request path |
 //!
 //! [`Store`] is every role at once, implemented for any type that has them all. The usage,
 //! export and ledger roles share writes, so one store holds the three ([`UsageExportStore`]).
@@ -37,6 +38,7 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod quota;
+mod rate;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod usage;
@@ -68,6 +70,7 @@ pub use quota::{
     CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaCounter, QuotaKey, QuotaStore,
     RefundOutcome, Reservation, ReserveToken, SHRINK,
 };
+pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;
@@ -77,7 +80,7 @@ pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, Us
 pub mod prelude {
     pub use super::{
         DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, QuotaStore,
-        Store, UsageExportStore, UsageStore, UsageStoreExt,
+        RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
     };
     #[cfg(any(test, feature = "test-util"))]
     pub use super::{QuotaInspect, StoreInspect, UsageInspect};
@@ -85,11 +88,11 @@ pub mod prelude {
 
 /// Every role at once: what [`Tollgate::builder`](crate::Tollgate::builder)'s `store` takes.
 ///
-/// Implemented for every type that implements the six roles; implement those, never this.
-pub trait Store: QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore {}
+/// Implemented for every type that implements the seven roles; implement those, never this.
+pub trait Store: QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore + RateStore {}
 
 impl<T> Store for T where
-    T: QuotaStore + UsageStore + ExportStore + LedgerStore + DirectoryStore + IdempotencyStore + ?Sized
+    T: QuotaStore + UsageStore + ExportStore + LedgerStore + DirectoryStore + IdempotencyStore + RateStore + ?Sized
 {
 }
 
@@ -136,6 +139,7 @@ pub(crate) struct Roles {
     pub(crate) usage: Arc<dyn UsageExportStore>,
     pub(crate) directory: Arc<dyn DirectoryStore>,
     pub(crate) idempotency: Arc<dyn IdempotencyStore>,
+    pub(crate) rate: Arc<dyn RateStore>,
 }
 
 /// Now by the wall clock, in Unix seconds: what key expiry is measured against.

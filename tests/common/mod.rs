@@ -262,6 +262,10 @@ pub struct Faulty {
     pub idempotency_writes: AtomicU64,
     /// Idempotency reads (`read_idempotency`).
     pub idempotency_reads: AtomicU64,
+    /// Rate calls (cells taken or given back) that reached the store.
+    pub rate_calls: AtomicU64,
+    /// Rate calls fail (the rate role's store down alone).
+    pub rate_down: AtomicBool,
     /// A plan change applied right after the next tenant read answers: a webhook landing
     /// between a read and the write made from it.
     pub plan_change_after_read: std::sync::Mutex<Option<PlanChange>>,
@@ -290,6 +294,8 @@ impl Default for Faulty {
             quota_calls: Default::default(),
             idempotency_writes: Default::default(),
             idempotency_reads: Default::default(),
+            rate_calls: Default::default(),
+            rate_down: Default::default(),
             plan_change_after_read: Default::default(),
             held: Default::default(),
             guard: Default::default(),
@@ -672,6 +678,27 @@ impl IdempotencyStore for Faulty {
         self.idempotency_writes.fetch_add(1, Ordering::SeqCst);
         self.check()?;
         self.inner.settle_idempotency(key, owner, how).await
+    }
+}
+
+#[async_trait::async_trait]
+impl tollgate::store::RateStore for Faulty {
+    async fn take_cells(&self, call: &tollgate::store::CellCall) -> Result<tollgate::store::CellGrant, StoreError> {
+        self.rate_calls.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        if self.rate_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("the rate store is down".into()));
+        }
+        self.inner.take_cells(call).await
+    }
+
+    async fn return_cells(&self, call: &tollgate::store::CellReturn) -> Result<(), StoreError> {
+        self.rate_calls.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        if self.rate_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("the rate store is down".into()));
+        }
+        self.inner.return_cells(call).await
     }
 }
 

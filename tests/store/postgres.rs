@@ -386,7 +386,7 @@ async fn the_documented_least_privileges_are_enough() {
             async move { Arc::new(PostgresStore::open(&least).await.unwrap()) as Arc<dyn StoreInspect> }
         })
     };
-    for case in 0..5 {
+    for case in 0..6 {
         let (s, owned, least) = fresh();
         assert_eq!(PostgresStore::migrate(&owned).await.unwrap(), (0, tollgate::store::POSTGRES_SCHEMA_VERSION));
         psql(&format!(
@@ -401,6 +401,7 @@ async fn the_documented_least_privileges_are_enough() {
             1 => conformance::quota::a_period_two_periods_old_is_dropped_and_stays_dropped(&mut h).await,
             2 => conformance::usage::usage_events_apply_once_per_id(&mut h).await,
             3 => conformance::directory::plan_changes_apply_once_and_in_order(&mut h).await,
+            4 => conformance::rate::a_resent_rate_call_is_applied_once(&mut h).await,
             _ => conformance::idempotency::stored_responses_are_bounded_in_bytes(&mut h).await,
         }
         // And it cannot change the schema.
@@ -454,7 +455,7 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
     let mut holder = holder;
     assert!(holder.wait().unwrap().success());
     migrating.await.unwrap().expect("migrated once the lock was free");
-    assert_eq!(psql(&format!("SELECT value FROM {s}.meta WHERE key = 'schema_version'")), "4");
+    assert_eq!(psql(&format!("SELECT value FROM {s}.meta WHERE key = 'schema_version'")), "5");
     assert_eq!(
         psql(&format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{s}' AND tablename = 'credit_refund_kept'")),
         "1"
@@ -464,7 +465,7 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
 /// What the step from version 3 to 4 adds, taken away.
 fn back_to_version_3(s: &str) -> String {
     format!(
-        "DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
+        "DROP TABLE {s}.rate_cells; DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
          DROP TABLE {s}.idempotency_shard_bytes; ALTER TABLE {s}.quota DROP COLUMN forgiven, DROP COLUMN forgiven_until, DROP COLUMN forgiven_by, DROP COLUMN senders_forgotten_at; \
          DROP INDEX {s}.credit_payment; DROP INDEX {s}.credit_by_payment; DROP INDEX {s}.credit_id; \
          ALTER TABLE {s}.credit DROP COLUMN paid, DROP COLUMN bought, DROP COLUMN taken, DROP COLUMN duplicate"

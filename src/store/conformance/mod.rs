@@ -32,14 +32,14 @@
 /// Writes one `#[tokio::test]` (multi-threaded) per function of the store conformance suite
 /// ([`store::conformance`](crate::store::conformance)), in a module `$name` with a module per
 /// role. `$make` is an expression giving a fresh `Option<StoreUnderTest<_>>` for each test
-/// (`None` skips it). The roles default to all six; name some to test a store of those roles
+/// (`None` skips it). The roles default to all seven; name some to test a store of those roles
 /// only: `store_conformance!(my_directory, make(), directory)`.
 ///
 /// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
 #[macro_export]
 macro_rules! store_conformance {
     ($name:ident, $make:expr) => {
-        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency);
+        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency, rate);
     };
     ($name:ident, $make:expr, $($role:ident),+ $(,)?) => {
         mod $name {
@@ -122,6 +122,13 @@ macro_rules! store_conformance {
             a_live_binding_is_never_forgotten_to_make_room,
         );
     };
+    (@role rate, $make:expr) => {
+        $crate::store_conformance!(@tests rate, $make;
+            cells_are_never_granted_twice,
+            a_return_never_gives_back_cells_whose_time_has_passed,
+            a_resent_rate_call_is_applied_once,
+        );
+    };
     (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {
         mod $role {
             #[allow(unused_imports)]
@@ -142,6 +149,7 @@ pub mod export;
 pub mod idempotency;
 pub mod ledger;
 pub mod quota;
+pub mod rate;
 pub mod usage;
 
 use std::{future::Future, pin::Pin, sync::Arc};

@@ -189,6 +189,11 @@ pub(super) const ONE_SK: &str = "-";
 /// The index partition of open grants that expire.
 pub(super) const CREDIT_DUE_GPK: &str = "CREDITDUE";
 
+/// The partition of a tenant's shared rate (sort key [`ONE_SK`]).
+pub(super) fn rate_pk(tenant: &TenantId) -> String {
+    format!("R{SEP}{tenant}")
+}
+
 pub(super) fn customer_pk(customer: &str) -> String {
     format!("C{SEP}{customer}")
 }

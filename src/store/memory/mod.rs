@@ -23,6 +23,7 @@ mod export;
 mod idempotency;
 mod ledger;
 mod quota;
+mod rate;
 mod usage;
 
 /// The embedded store: everything in this process's memory, nothing to run.
@@ -85,6 +86,9 @@ struct Inner {
     /// The newest window committed, and when aggregates were last pruned against it.
     newest_window: i64,
     pruned_at: i64,
+    /// Tenants' shared rates (`rate_scope = "fleet"`): their buckets, dropped once full again
+    /// and quiet.
+    rates: HashMap<TenantId, crate::store::RateRow>,
 }
 
 /// One `Idempotency-Key` binding.

@@ -34,6 +34,7 @@ mod export;
 mod idempotency;
 mod ledger;
 mod quota;
+mod rate;
 mod schema;
 mod usage;
 
@@ -602,6 +603,8 @@ impl PostgresStore {
         // without counting them, and a count that drifted would refuse keys for good. (A
         // claim committing meanwhile may be missed: off by it until the next prune.)
         let idem = self.sql("DELETE FROM {s}.idempotency WHERE expires_at <= $1");
+        // Shared rates whose bucket has been full for a day.
+        let rates = self.sql("DELETE FROM {s}.rate_cells WHERE tat < $1");
         let idem_recount = self.sql(
             "UPDATE {s}.idempotency_count c SET n = coalesce(k.n, 0) \
              FROM {s}.idempotency_count s LEFT JOIN (SELECT hashtext(idem_key) & 15 AS shard, count(*) AS n \
@@ -625,6 +628,7 @@ impl PostgresStore {
             tx.query_typed(&ledger, args![newest.min(wall).saturating_sub(crate::store::LEDGER_KEPT_SECS)]).await?;
             tx.query_typed(&idem, args![wall]).await?;
             tx.query_typed(&idem_recount, &[]).await?;
+            tx.query_typed(&rates, args![wall.saturating_sub(86_400).saturating_mul(1_000_000_000)]).await?;
             for (lock, delete, recount) in &ids {
                 tx.query_typed(lock, &[]).await?;
                 tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;

@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -190,6 +190,15 @@ CREATE TABLE {s}.idempotency_shard_bytes (
     bytes  bigint NOT NULL,
     PRIMARY KEY (bucket, shard)
 );
+"#,
+    // 4 -> 5: tenants' shared rates (the rate role).
+    r#"
+CREATE TABLE {s}.rate_cells (
+    tenant  text COLLATE "C" PRIMARY KEY,
+    tat     bigint NOT NULL,
+    senders text NOT NULL
+);
+CREATE INDEX rate_cells_tat ON {s}.rate_cells (tat);
 "#,
 ];
 

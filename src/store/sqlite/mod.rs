@@ -27,6 +27,7 @@ mod export;
 mod idempotency;
 mod ledger;
 mod quota;
+mod rate;
 mod schema;
 mod usage;
 
@@ -474,6 +475,9 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     // Only bindings past their window: a live one is never forgotten (a claim past the cap
     // finds no room instead). The count is taken again, which also mends any drift.
     tx.execute("DELETE FROM idempotency WHERE expires_at <= ?1", [wall])?;
+    // Shared rates whose bucket has been full for a day (a tenant's row comes back, empty,
+    // at its next lease; its senders, quiet that long, are not needed).
+    tx.execute("DELETE FROM rate_cells WHERE tat < ?1", [wall.saturating_sub(86_400).saturating_mul(1_000_000_000)])?;
     tx.execute("UPDATE idempotency_count SET n = (SELECT count(*) FROM idempotency) WHERE id = 0", [])?;
     tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
     Ok(())

@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 12;
+pub(super) const SCHEMA_VERSION: i32 = 13;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -213,6 +213,15 @@ CREATE TABLE idempotency_count (
     n  INTEGER NOT NULL
 );
 INSERT INTO idempotency_count (id, n) SELECT 0, count(*) FROM idempotency;
+",
+    // 12 -> 13: tenants' shared rates (the rate role).
+    r"
+CREATE TABLE rate_cells (
+    tenant  TEXT PRIMARY KEY,
+    tat     INTEGER NOT NULL,
+    senders TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX rate_cells_tat ON rate_cells (tat);
 ",
 ];
 

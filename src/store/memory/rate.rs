@@ -1,0 +1,36 @@
+//! The rate role of the MemoryStore: tenants' shared buckets, under the store's lock.
+
+use super::*;
+use crate::store::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
+
+/// Buckets full again for this long (and whose senders are quiet) are dropped when another is
+/// written: a tenant's row lives while its rate is used.
+const IDLE_NANOS: i64 = 3_600 * 1_000_000_000;
+
+/// Drops the buckets that are full again and quiet, when there are many (at most once per
+/// this many rows written).
+const PRUNE_EVERY: usize = 4_096;
+
+#[async_trait]
+impl RateStore for MemoryStore {
+    async fn take_cells(&self, call: &CellCall) -> Result<CellGrant, StoreError> {
+        let mut inner = self.lock();
+        prune(&mut inner.rates, call.now);
+        let row = inner.rates.entry(call.tenant.clone()).or_insert_with(RateRow::default);
+        Ok(row.take(call))
+    }
+
+    async fn return_cells(&self, call: &CellReturn) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(row) = inner.rates.get_mut(&call.tenant) {
+            row.give_back(call);
+        }
+        Ok(())
+    }
+}
+
+fn prune(rates: &mut HashMap<TenantId, RateRow>, now: i64) {
+    if rates.len() >= PRUNE_EVERY && rates.len().is_power_of_two() {
+        rates.retain(|_, row| !row.idle(now, IDLE_NANOS));
+    }
+}
