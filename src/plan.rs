@@ -91,13 +91,18 @@ pub(crate) struct RatePolicy {
     pub(crate) start: u64,
 }
 
+/// `RateLimit-Policy`'s `q` and `w` of a bucket (see [`RatePolicy::q`]).
+fn policy_q_w(rate: Rate, burst: NonZeroU32) -> (u64, u64) {
+    let t = rate.interval().as_nanos().max(1);
+    let burst_nanos = u128::from(burst.get()) * t;
+    let w = burst_nanos.div_ceil(1_000_000_000).max(1);
+    let q = (w * 1_000_000_000 / t).max(u128::from(burst.get()));
+    (q.min(u128::from(u64::MAX)) as u64, w.min(u128::from(u64::MAX)) as u64)
+}
+
 impl RatePolicy {
     fn new(rate: Rate, burst: NonZeroU32, limiter: PlanLimiter, start: u64) -> Self {
-        let t = rate.interval().as_nanos().max(1);
-        let burst_nanos = u128::from(burst.get()) * t;
-        let w = burst_nanos.div_ceil(1_000_000_000).max(1);
-        let q = (w * 1_000_000_000 / t).max(u128::from(burst.get()));
-        let (q, w) = (q.min(u128::from(u64::MAX)) as u64, w.min(u128::from(u64::MAX)) as u64);
+        let (q, w) = policy_q_w(rate, burst);
         Self { rate, burst, limiter, q, w, start }
     }
 
@@ -175,11 +180,34 @@ impl<K: std::hash::Hash, S: StateStore<Key = K>> std::fmt::Debug for Limiter<K, 
 /// engine. One per engine, shared by every runtime it compiles.
 pub(crate) type Host = Arc<std::sync::OnceLock<std::sync::Weak<dyn std::any::Any + Send + Sync>>>;
 
+/// The client key of a request whose cells were taken from its tenant's fleet lease (a plan
+/// with `rate_scope = "fleet"`, never the anonymous plan's, whose keys are addresses'): its
+/// rate charge gives them back there.
+pub(crate) const FLEET_TAKEN: u64 = u64::MAX;
+
+/// A fleet rate (`rate_scope = "fleet"`): one bucket per tenant in the rate role's store. The
+/// plan's `rate` is then the node's own bucket when the store fails and the rate fails open
+/// (rate / N, burst / N, N = `limits.fleet_size_hint`).
+#[derive(Debug)]
+pub(crate) struct FleetRate {
+    pub(crate) bucket: crate::tenant::FleetBucket,
+    /// The rate as written, for messages.
+    pub(crate) rate: Rate,
+    /// What a store failure does: the plan's `on_store_error` if set (its own or `[usage]`'s),
+    /// else fail-open (to the node's own bucket).
+    pub(crate) on_store_error: StoreErrorPolicy,
+    /// `RateLimit-Policy`'s `q` and `w` of the fleet's bucket (see [`RatePolicy`]).
+    pub(crate) q: u64,
+    pub(crate) w: u64,
+}
+
 /// A plan ready for the request path.
 #[derive(Debug)]
 pub(crate) struct CompiledPlan {
     pub(crate) id: PlanId,
     pub(crate) rate: Option<RatePolicy>,
+    /// The fleet's rate (`rate_scope = "fleet"`), whose bucket the rate role's store keeps.
+    pub(crate) fleet: Option<Box<FleetRate>>,
     /// (meter index, quota), in meter order.
     pub(crate) quotas: Box<[(usize, QuotaSpec)]>,
     /// For each meter, the index of its quota in `quotas`.
@@ -342,15 +370,50 @@ impl CompiledPlan {
         overrides: Option<Box<str>>,
     ) -> Self {
         let informed = config.limits.headers != HeaderStyle::None;
+        // A fleet rate: the shared bucket's parameters; the node's own bucket is its share
+        // (rate / N, burst / N, never below the dearest route), used only while the store
+        // fails and the rate fails open.
+        let fleet = match (spec.rate, spec.rate_scope) {
+            (Some(rate), crate::config::RateScope::Fleet) => {
+                let (q, w) = policy_q_w(rate, spec.burst);
+                Some(Box::new(FleetRate {
+                    bucket: crate::tenant::FleetBucket {
+                        interval: u64::try_from(rate.interval().as_nanos()).unwrap_or(u64::MAX).max(1),
+                        burst: spec.burst.get(),
+                    },
+                    rate,
+                    on_store_error: match (spec.on_store_error, config.usage.on_store_error_set) {
+                        (Some(p), _) => p,
+                        (None, true) => config.usage.on_store_error,
+                        (None, false) => StoreErrorPolicy::FailOpen,
+                    },
+                    q,
+                    w,
+                }))
+            }
+            _ => None,
+        };
         let rate = spec.rate.map(|rate| {
+            let (rate, burst) = match &fleet {
+                None => (rate, spec.burst),
+                Some(_) => {
+                    let n = config.limits.fleet_size_hint.max(1);
+                    let dearest = config.routes.iter().map(|r| r.cost.get()).max().unwrap_or(1);
+                    let share = Rate::new(rate.count(), rate.per().saturating_mul(n)).unwrap_or(rate);
+                    let burst = NonZeroU32::new((spec.burst.get() / n).max(dearest)).unwrap_or(NonZeroU32::MIN);
+                    (share, burst)
+                }
+            };
             let quota = governor::Quota::with_period(rate.interval())
                 .expect("validated: the interval of a rate is never zero")
-                .allow_burst(spec.burst);
+                .allow_burst(burst);
             // governor's limiter reads its start from the clock as it is made: the same
             // reading on a fake clock, within nanoseconds on the system's.
             let start = governor::clock::Clock::now(clock).into();
-            RatePolicy::new(rate, spec.burst, PlanLimiter::new(quota, TenantCells, clock, informed), start)
+            RatePolicy::new(rate, burst, PlanLimiter::new(quota, TenantCells, clock, informed), start)
         });
+        // `RateLimit-Policy` names the fleet's bucket, not the node's share.
+        let rate_item = fleet.as_ref().map(|f| (f.q, f.w)).or(rate.as_ref().map(|r| (r.q, r.w)));
         let mut quotas: Vec<(usize, QuotaSpec)> =
             spec.quotas.iter().filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone()))).collect();
         quotas.sort_by_key(|(m, _)| *m);
@@ -392,8 +455,8 @@ impl CompiledPlan {
                         meter: quotas[month].0,
                         by_days: std::array::from_fn(|d| {
                             let mut s = String::new();
-                            if let Some(r) = &rate {
-                                let _ = write!(s, "\"rate\";q={};w={}", r.q, r.w);
+                            if let Some((q, w)) = rate_item {
+                                let _ = write!(s, "\"rate\";q={q};w={w}");
                             }
                             for &k in list.iter() {
                                 let (i, q) = &quotas[k];
@@ -414,8 +477,8 @@ impl CompiledPlan {
             .iter()
             .map(|list| {
                 let mut s = String::new();
-                if let Some(r) = &rate {
-                    let _ = write!(s, "\"rate\";q={};w={}", r.q, r.w);
+                if let Some((q, w)) = rate_item {
+                    let _ = write!(s, "\"rate\";q={q};w={w}");
                 }
                 for &k in list.iter() {
                     let (i, q) = &quotas[k];
@@ -432,6 +495,7 @@ impl CompiledPlan {
         Self {
             id: spec.id.clone(),
             rate,
+            fleet,
             quotas,
             quota_of,
             window_secs: config.usage.window.as_secs().max(1) as i64,

@@ -186,6 +186,9 @@ impl Config {
         if o.burst.is_some() && merged.rate.is_none() {
             return Err("a burst needs a rate (the plan has none, and the overrides set none)".into());
         }
+        if merged.rate_scope == super::RateScope::Fleet && merged.rate.is_none() {
+            return Err("a fleet rate needs a rate (the plan has none, and the overrides set none)".into());
+        }
         if merged.rate.is_some() {
             if let Some(r) = self.routes.iter().find(|r| r.cost > merged.burst) {
                 return Err(format!(

@@ -32,6 +32,7 @@ pub(crate) struct RawLimits {
     pub(crate) background_timeout: Option<String>,
     pub(crate) hold_timeout: Option<String>,
     pub(crate) max_holds: Option<u64>,
+    pub(crate) fleet_size_hint: Option<u64>,
 }
 
 /// The longest a hold may stay open (`hold_timeout`): a day, so that it sees at most one roll
@@ -139,6 +140,10 @@ pub struct Limits {
     /// `Retry-After: 1`, a reservation with `EventError::HoldsFull`; both counted
     /// (`tollgate_holds_total{outcome="refused_full"}`).
     pub max_holds: usize,
+    /// How many nodes share a fleet rate (1 by default): when the rate role's store fails and
+    /// a fleet rate fails open, each node falls back to a bucket of its own at rate / N and
+    /// burst / N (never below the largest route cost).
+    pub fleet_size_hint: u32,
 }
 
 impl Validator<'_, '_> {
@@ -260,6 +265,15 @@ impl Validator<'_, '_> {
                 None => 10_000,
                 Some(0) => return Err(self.invalid("limits.max_holds", "must be at least 1")),
                 Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            fleet_size_hint: match l.fleet_size_hint {
+                None => 1,
+                Some(n @ 1..=10_000) => n as u32,
+                Some(n) => {
+                    return Err(
+                        self.invalid("limits.fleet_size_hint", format!("a number of nodes from 1 to 10000, not {n}"))
+                    )
+                }
             },
             background_timeout: {
                 let d = self.duration(

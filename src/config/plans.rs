@@ -25,6 +25,7 @@ pub(crate) struct RawPlan {
     pub(crate) shadow: Option<bool>,
     pub(crate) billed: Option<bool>,
     pub(crate) concurrency: Option<i64>,
+    pub(crate) rate_scope: Option<String>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
@@ -35,6 +36,7 @@ pub(crate) struct RawPlan {
 pub(crate) struct RawOverride {
     pub(crate) rate: Option<String>,
     pub(crate) burst: Option<i64>,
+    pub(crate) rate_scope: Option<String>,
     #[serde(default)]
     pub(crate) quotas: BTreeMap<String, RawQuota>,
     #[serde(default)]
@@ -76,9 +78,29 @@ pub struct PlanSpec {
     pub(crate) shadow: bool,
     pub(crate) billed: bool,
     pub(crate) concurrency: Option<NonZeroU32>,
+    pub(crate) rate_scope: RateScope,
+}
+
+/// Whose rate a plan's `rate` is (`rate_scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RateScope {
+    /// `"node"` (the default): each node keeps its own bucket; behind a load balancer with N
+    /// nodes a tenant may get N times the rate.
+    #[default]
+    Node,
+    /// `"fleet"`: one bucket per tenant for the whole fleet, in the rate role's store, leased
+    /// out to the nodes in cells (see the configuration guide for its bound).
+    Fleet,
 }
 
 impl PlanSpec {
+    /// Whose rate the plan's `rate` is: each node's, or the fleet's (`rate_scope`).
+    #[must_use]
+    pub fn rate_scope(&self) -> RateScope {
+        self.rate_scope
+    }
+
     /// The most requests of one tenant in flight at once on a node (`concurrency = N`),
     /// counted from admission to the end of the response body; `None`: no limit.
     #[must_use]
@@ -120,6 +142,9 @@ impl PlanSpec {
             merged.burst = o.burst.unwrap_or(rate.count());
         } else if let Some(burst) = o.burst {
             merged.burst = burst;
+        }
+        if let Some(scope) = o.rate_scope {
+            merged.rate_scope = scope;
         }
         for (m, q) in &o.quotas {
             merged.quotas.insert(m.clone(), q.clone());
@@ -206,6 +231,8 @@ pub struct PlanOverride {
     pub rate: Option<Rate>,
     /// The burst instead of the plan's (with `rate`: else the rate's count).
     pub burst: Option<NonZeroU32>,
+    /// Whose rate instead of the plan's (`rate_scope`).
+    pub rate_scope: Option<RateScope>,
     /// Quotas instead of the plan's on these meters (or added).
     pub quotas: BTreeMap<MeterId, QuotaSpec>,
     /// Features added to the plan's.
@@ -232,6 +259,9 @@ impl PlanOverride {
         }
         if let Some(b) = self.burst {
             o.insert("burst".into(), b.get().into());
+        }
+        if let Some(scope) = self.rate_scope {
+            o.insert("rate_scope".into(), scope_name(scope).into());
         }
         if !self.quotas.is_empty() {
             let quotas: serde_json::Map<String, serde_json::Value> = self
@@ -268,7 +298,25 @@ impl PlanOverride {
     }
 }
 
+/// A rate scope's name in the file.
+fn scope_name(scope: RateScope) -> &'static str {
+    match scope {
+        RateScope::Node => "node",
+        RateScope::Fleet => "fleet",
+    }
+}
+
 impl Validator<'_, '_> {
+    /// `rate_scope` at `key`: `"node"` or `"fleet"`.
+    fn rate_scope(&self, key: &str, raw: Option<&str>) -> Result<Option<RateScope>, ConfigError> {
+        match raw {
+            None => Ok(None),
+            Some("node") => Ok(Some(RateScope::Node)),
+            Some("fleet") => Ok(Some(RateScope::Fleet)),
+            Some(other) => Err(self.invalid(key, format!("expected \"node\" or \"fleet\", not \"{other}\""))),
+        }
+    }
+
     /// `[plans]`.
     pub(super) fn plans(
         &self,
@@ -302,6 +350,10 @@ impl Validator<'_, '_> {
         if p.burst.is_some() && rate.is_none() {
             return Err(self.invalid(&format!("{base}.burst"), "a burst needs a rate"));
         }
+        let rate_scope = self.rate_scope(&format!("{base}.rate_scope"), p.rate_scope.as_deref())?.unwrap_or_default();
+        if rate_scope == RateScope::Fleet && rate.is_none() {
+            return Err(self.invalid(&format!("{base}.rate_scope"), "a fleet rate needs a rate"));
+        }
         let on_store_error = match &p.on_store_error {
             Some(v) => Some(self.policy(&format!("{base}.on_store_error"), v)?),
             None => None,
@@ -320,6 +372,7 @@ impl Validator<'_, '_> {
             on_store_error,
             quotas,
             features,
+            rate_scope,
             shadow: p.shadow.unwrap_or(false),
             billed: p.billed.unwrap_or(false),
             concurrency: match p.concurrency {
@@ -379,7 +432,8 @@ impl Validator<'_, '_> {
             quotas.insert(id, self.quota(&qbase, q)?);
         }
         let features = self.features(&format!("{base}.features"), &o.features)?;
-        Ok(PlanOverride { rate, burst, quotas, features })
+        let rate_scope = self.rate_scope(&format!("{base}.rate_scope"), o.rate_scope.as_deref())?;
+        Ok(PlanOverride { rate, burst, rate_scope, quotas, features })
     }
 
     pub(super) fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {

@@ -165,6 +165,8 @@ pub(crate) enum Stage {
     Quota(Box<Partial>),
     /// Admitted: the route's hold is taken before the handler runs.
     Hold(Box<Ticket>),
+    /// Its tenant's fleet rate lease is empty: cells are leased from the rate store first.
+    Rate(Box<crate::engine::admit::fleet::RateWait>),
 }
 
 /// The `Idempotency-Key` of a pending request: the key, the request's digest, and the key
@@ -220,6 +222,7 @@ impl fmt::Debug for PendingAdmission {
             Stage::Replay(_) => "read idempotent response",
             Stage::Quota(_) => "lease quota",
             Stage::Hold(_) => "take the route's hold",
+            Stage::Rate(_) => "lease fleet rate cells",
         };
         f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.route.cost).finish()
     }
@@ -582,6 +585,7 @@ impl Tollgate {
                     Err(r) => Admission::Rejected(r),
                 },
                 Stage::Hold(ticket) => Admission::Admitted(*ticket),
+                Stage::Rate(w) => self.lease_cells(*w, route, &rt).await,
                 Stage::Resolve { credential, meters, identified } => {
                     // The client address's key limits its lookups of API keys, when the address
                     // is the client's own (0: the node's shared budget).

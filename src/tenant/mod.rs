@@ -1,12 +1,14 @@
 //! Tenants: how a request names its tenant, and the per-tenant state on the request path.
 
 mod clients;
+mod fleet;
 mod handle;
 mod key;
 mod state;
 
 pub(crate) use crate::base::{check_api_key, draw_u64, KeyHash, COMMA_IN_KEY};
 pub(crate) use clients::{client, lru, Client, ClientCells, ClientKeys};
+pub(crate) use fleet::{FleetBucket, FleetCells};
 pub(crate) use handle::Tenant;
 pub use key::{Credential, Identity};
 pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};

@@ -36,6 +36,9 @@ pub(crate) struct TenantState {
     more: Box<[MeterCell]>,
     /// One per quota of the plan, in the plan's order.
     quotas: Box<[QuotaCold]>,
+    /// The cells of the tenant's fleet rate this node holds (a plan with `rate_scope =
+    /// "fleet"`).
+    fleet: Option<Box<super::FleetCells>>,
     evicted: AtomicBool,
     /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
     /// (no flush drained it for two windows): (meter, window index, quantity).
@@ -136,6 +139,12 @@ impl TenantState {
     /// key). What was given back, with the bucket's burst, for the request's headers; `None`
     /// when the plan has no rate.
     pub(crate) fn give_back_rate(&self, client: u64, cost: u32) -> Option<(u32, u32)> {
+        if client == crate::plan::FLEET_TAKEN {
+            // Cells of the tenant's fleet lease: back to it.
+            let (fleet, bucket) = (self.fleet()?, self.plan.fleet.as_ref()?);
+            fleet.give_back(cost);
+            return Some((cost, bucket.bucket.burst));
+        }
         let policy = self.plan.rate.as_ref()?;
         let nanos = policy.nanos(cost);
         match &self.plan.clients {
@@ -158,6 +167,7 @@ impl TenantState {
         let more = (1..meters).map(|_| MeterCell::default()).collect();
         let quotas = plan.quotas.iter().map(|_| QuotaCold::default()).collect();
         let now = clock.unix_secs();
+        let fleet = plan.fleet.is_some().then(Box::default);
         Self {
             refs: AtomicU32::new(1),
             last_seen: AtomicU32::new(now as u32),
@@ -166,6 +176,7 @@ impl TenantState {
             first: MeterCell::default(),
             more,
             quotas,
+            fleet,
             evicted: AtomicBool::new(false),
             stale: std::sync::Mutex::new(Vec::new()),
             id,
@@ -194,6 +205,11 @@ impl TenantState {
 
     pub(crate) fn last_seen(&self) -> i64 {
         i64::from(self.last_seen.load(Ordering::Relaxed))
+    }
+
+    /// The cells of the tenant's fleet rate this node holds (`rate_scope = "fleet"`).
+    pub(crate) fn fleet(&self) -> Option<&super::FleetCells> {
+        self.fleet.as_deref()
     }
 
     pub(crate) fn is_evicted(&self) -> bool {

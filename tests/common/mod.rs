@@ -3,6 +3,7 @@
 
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
+pub mod fleet;
 pub mod holds;
 #[cfg(feature = "metronome")]
 pub mod metronome;

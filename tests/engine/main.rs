@@ -12,6 +12,7 @@ mod credits;
 mod directory;
 mod events;
 mod features;
+mod fleet;
 mod holds;
 mod idempotency;
 mod limits;

@@ -34,7 +34,7 @@ fn ceil_secs(d: Duration) -> u64 {
 impl Tollgate {
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
+    pub(crate) fn decide(&self, state: Tenant, mut route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
         if !state.plan.allows(route.feature) {
             let r = self.feature_refusal(&state, route.feature);
             if !self.shadowed(&state, &r) {
@@ -48,6 +48,13 @@ impl Tollgate {
             );
             return self.reject(r.with_retry_after(1).for_tenant(&state));
         }
+        // A fleet rate: the request's cells come from its tenant's lease (waiting for one when
+        // it is empty); its rate check then reports them, and its charge gives them back.
+        if state.plan.fleet.is_some() && route.client != crate::plan::FLEET_TAKEN {
+            if let Some(waits) = self.take_fleet_cells(&state, &mut route, idem) {
+                return waits;
+            }
+        }
         let (charged, claim) = match idem {
             None => (true, None),
             Some((key, request)) => match self.shared.idempotency().check(&state.id, key, request) {
@@ -55,11 +62,26 @@ impl Tollgate {
                 Verdict::First(claim) => return self.first_key(state, route, claim, key, request),
                 // Answered with the stored response (one store read), after the rate check.
                 Verdict::Replay => return self.replay_key(state, route, key, request),
-                Verdict::InFlight => return self.reject(Self::key_in_use(&state)),
-                Verdict::Mismatch => return self.reject(Self::key_mismatch(&state)),
+                // Refused before the rate check: cells taken from a fleet lease go back.
+                Verdict::InFlight => {
+                    Self::give_back_fleet_cells(&state, route);
+                    return self.reject(Self::key_in_use(&state));
+                }
+                Verdict::Mismatch => {
+                    Self::give_back_fleet_cells(&state, route);
+                    return self.reject(Self::key_mismatch(&state));
+                }
             },
         };
         self.decide_keyed(state, route, charged, claim)
+    }
+
+    /// Gives back the cells a request took from its tenant's fleet lease, refused before its
+    /// rate check (nothing when it took none).
+    fn give_back_fleet_cells(state: &Tenant, route: RouteCost) {
+        if route.client == crate::plan::FLEET_TAKEN {
+            state.give_back_rate(route.client, route.cost);
+        }
     }
 
     /// A key this node has not seen, for a request that passed its feature check: the store is
@@ -370,6 +392,10 @@ impl Tollgate {
         let (meter, cost) = (route.meter, route.cost);
         let plan = &state.plan;
         let now = if let Some(policy) = &plan.rate {
+            if route.client == crate::plan::FLEET_TAKEN {
+                // Taken from the tenant's fleet lease already.
+                return Ok(self.fleet_rate_of(state, headers));
+            }
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
             let checked = match &plan.clients {
                 None => policy.limiter.check(state, cells),

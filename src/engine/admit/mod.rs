@@ -8,6 +8,7 @@ pub(crate) mod charge;
 pub(crate) mod clients;
 pub(crate) mod directory;
 pub(crate) mod door;
+pub(crate) mod fleet;
 pub(crate) mod idempotency;
 pub(crate) mod table;
 pub(crate) mod ticket;

@@ -376,7 +376,24 @@ impl Leases {
                     failed += 1;
                 }
             }
+            self.return_cells(&state).await;
         }
         failed
+    }
+
+    /// Gives the unspent cells of a tenant's fleet rate lease back to the shared bucket (the
+    /// part of the lease still ahead); a return that fails leaves them spent (the fleet
+    /// under-admits by them until the lease's end).
+    async fn return_cells(&self, state: &Tenant) {
+        let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) else { return };
+        let _one = fleet.lock().lock().await;
+        let now = self.clock.unix_nanos();
+        let Some((cells, lease_end)) = fleet.take_unspent(now) else { return };
+        let sender = fleet.sender(|| self.ids.new_sender());
+        let token = ReserveToken::new(sender, self.ids.next_seq()).at(now.div_euclid(1_000_000_000));
+        let call = crate::store::CellReturn::new(state.id.clone(), cells, rate.bucket.interval, lease_end, now, token);
+        if let Err(e) = self.stores.within(self.stores.request().rate.return_cells(&call)).await {
+            tracing::debug!(tenant = %state.id, error = %e, "unspent fleet rate cells could not be given back");
+        }
     }
 }

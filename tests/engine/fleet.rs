@@ -1,0 +1,133 @@
+//! Fleet-wide rates (`rate_scope = "fleet"`): one bucket per tenant for every node, leased
+//! out in cells; exact up to the documented bound, a store call per lease, not per request.
+
+use std::sync::{atomic::Ordering, Arc};
+
+use crate::common;
+
+use common::fleet::{excess_over_bound, four_nodes_share_one_rate, send, TOML};
+use common::{node_with_worker, Faulty, Harness, NOON};
+use tollgate::RejectionKind;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_on_one_memory_store_share_one_rate() {
+    four_nodes_share_one_rate(Arc::new(tollgate::store::MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_on_one_sqlite_file_share_one_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("rate.db")).await.unwrap();
+    four_nodes_share_one_rate(Arc::new(store)).await;
+}
+
+/// The reason for the feature: with each node keeping its own bucket, four nodes admit about
+/// four times the plan's rate, and pass the one limiter's bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_each_with_its_own_rate_admit_four_times_the_plan() {
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (admitted, _nodes) = common::fleet::four_nodes_send(store, "node", 2).await;
+    eprintln!("node scope: {} admitted in 2 s (one limiter: 220)", admitted.len());
+    assert!(admitted.len() > 600, "{} admitted", admitted.len());
+    assert!(excess_over_bound(&admitted) > 0);
+}
+
+/// Store calls per 1,000 requests of one tenant sending at its plan's rate, the engine clock
+/// moving: at 2/s every request leases its one cell (a cell lives at most 50 ms: a store call
+/// per request, as a central limiter makes); at 100/s and 5,000/s a lease holds the cells of
+/// about 50 ms of the tenant's pace (at most the burst), so the calls are far fewer than the
+/// requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_calls_follow_the_pace_not_the_requests() {
+    for (per_second, burst) in [(2u64, 2u32), (100, 20), (5_000, 100)] {
+        let toml = TOML
+            .replace("SCOPE", "fleet")
+            .replace("rate = \"100/s\"\nburst = 20", &format!("rate = \"{per_second}/s\"\nburst = {burst}"));
+        let store = Arc::new(Faulty::default());
+        let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+        let h = node_with_worker(&toml, store.clone(), clock, handle);
+        let step = std::time::Duration::from_nanos(1_000_000_000 / per_second);
+        let before = store.rate_calls.load(Ordering::SeqCst);
+        for _ in 0..1_000 {
+            send(&h).await.unwrap();
+            h.clock.advance(step);
+        }
+        let calls = store.rate_calls.load(Ordering::SeqCst) - before;
+        eprintln!("{calls} rate store calls for 1,000 requests at {per_second}/s (rate {per_second}/s, burst {burst})");
+        match per_second {
+            2 => assert_eq!(calls, 1_000, "one cell per lease at 2/s"),
+            100 => assert!(calls <= 250, "{calls} calls at 100/s"),
+            _ => assert!(calls <= 20, "{calls} calls at 5,000/s"),
+        }
+    }
+}
+
+/// A request refused by the shared bucket says when its cells come back, in `Retry-After`
+/// and in `RateLimit`; a refused request's cells go back to its node's lease.
+#[tokio::test]
+async fn a_refusal_says_when_the_fleets_cells_come_back() {
+    let toml = TOML.replace("SCOPE", "fleet") + "[limits]\nfleet_size_hint = 4\n";
+    let h = Harness::new(&toml);
+    for _ in 0..20 {
+        let reply = h.get("/", "key-t").await;
+        assert_eq!(reply.status, 200);
+        assert!(reply.header("ratelimit").is_some());
+    }
+    let reply = h.get("/", "key-t").await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.rejection.as_ref().unwrap().kind(), RejectionKind::RateLimited);
+    assert_eq!(reply.header("retry-after"), Some("1"), "a cell comes back in 10 ms");
+    assert!(reply.header("ratelimit").unwrap().contains("r=0"), "{:?}", reply.header("ratelimit"));
+    // The fleet's bucket (100/s, burst 20), as a node's own would read; not the node's share.
+    assert_eq!(reply.header("ratelimit-policy"), Some("\"rate\";q=100;w=1"));
+    h.clock.advance(std::time::Duration::from_millis(30));
+    assert_eq!(h.get("/", "key-t").await.status, 200, "3 cells back");
+}
+
+/// The rate store failing: a fleet rate fails open by default, to the node's share of the rate
+/// (`limits.fleet_size_hint`: here 4 nodes, so 5 of the burst of 20); set to fail closed, it
+/// answers 503.
+#[tokio::test]
+async fn a_failing_rate_store_falls_back_to_the_nodes_share_or_refuses() {
+    let toml = TOML.replace("SCOPE", "fleet") + "[limits]\nfleet_size_hint = 4\n";
+    let store = Arc::new(Faulty::default());
+    store.rate_down.store(true, Ordering::SeqCst);
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    let mut ok = 0;
+    for _ in 0..20 {
+        if h.get("/", "key-t").await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5, "the node's share of the burst");
+    let closed = TOML
+        .replace("SCOPE", "fleet")
+        .replace("rate_scope = \"fleet\"", "rate_scope = \"fleet\"\non_store_error = \"fail-closed\"");
+    let store = Arc::new(Faulty::default());
+    store.rate_down.store(true, Ordering::SeqCst);
+    let h = Harness::with_store(&closed, store, NOON);
+    let reply = h.get("/", "key-t").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.header("retry-after"), Some("1"));
+}
+
+/// Cells a node leased and did not spend go back to the shared bucket when it shuts down (the
+/// part of the lease still ahead): another node gets them at once.
+#[tokio::test]
+async fn a_node_shutting_down_gives_its_unspent_cells_back() {
+    let toml = TOML.replace("SCOPE", "fleet");
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let b = node_with_worker(&toml, store.clone(), clock, handle);
+    // A's pace grows its leases: it holds cells it has not spent.
+    for _ in 0..6 {
+        send(&a).await.unwrap();
+    }
+    a.tollgate.shutdown().await.unwrap();
+    let mut served = 0;
+    while send(&b).await.is_ok() {
+        served += 1;
+    }
+    assert_eq!(served, 20 - 6, "the burst less what A spent, nothing stranded");
+}
