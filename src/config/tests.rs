@@ -230,6 +230,34 @@ mod validation {
         assert_eq!(at("[limits]\nnegative_capacity = -3\n"), ("limits.negative_capacity".to_owned(), Some(2)));
     }
 
+    #[test]
+    fn fleet_rates_refuse_what_they_cannot_be() {
+        // An unknown scope; a fleet scope without a rate; a fleet size of 0.
+        let e = err("[plans.p]\nrate = \"10/s\"\nrate_scope = \"cluster\"\n");
+        assert_eq!((e.key(), e.line()), ("plans.p.rate_scope", Some(3)), "{e}");
+        assert_eq!(at("[plans.p]\nrate_scope = \"fleet\"\n"), ("plans.p.rate_scope".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\nfleet_size_hint = 0\n"), ("limits.fleet_size_hint".to_owned(), Some(2)));
+        // The anonymous plan keeps its rate per client address: never for the fleet.
+        let e = err("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"free\"\n\
+             [plans.free]\nrate = \"10/s\"\nrate_scope = \"fleet\"\n");
+        assert_eq!((e.key(), e.line()), ("plans.free.rate_scope", Some(6)), "{e}");
+        // An override: an unknown scope, and a fleet scope the merged plan has no rate for.
+        let e =
+            err("[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"k\"]\n[tenants.t.overrides]\nrate_scope = \"all\"\n");
+        assert_eq!(e.key(), "tenants.t.overrides.rate_scope", "{e}");
+        let e = err(
+            "[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"k\"]\n[tenants.t.overrides]\nrate_scope = \"fleet\"\n",
+        );
+        assert!(e.key().starts_with("tenants.t.overrides"), "{e}");
+        // Accepted: a plan's fleet rate, and a tenant's override back to the node.
+        let c = crate::Config::from_toml_str(
+            "[plans.p]\nrate = \"10/s\"\nrate_scope = \"fleet\"\n[limits]\nfleet_size_hint = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.plans()[&crate::base::PlanId::from("p")].rate_scope(), crate::config::RateScope::Fleet);
+        assert_eq!(c.limits().fleet_size_hint, 3);
+    }
+
     const TOKENS: &str = "[meters.tokens]\n[meters.images]\n";
 
     #[test]

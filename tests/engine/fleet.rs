@@ -9,16 +9,19 @@ use common::fleet::{excess_over_bound, four_nodes_share_one_rate, send, TOML};
 use common::{node_with_worker, Faulty, Harness, NOON};
 use tollgate::RejectionKind;
 
+/// Real time per millisecond of engine time in the fleet runs.
+const STEP: std::time::Duration = std::time::Duration::from_micros(200);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_on_one_memory_store_share_one_rate() {
-    four_nodes_share_one_rate(Arc::new(tollgate::store::MemoryStore::new())).await;
+    four_nodes_share_one_rate(Arc::new(tollgate::store::MemoryStore::new()), STEP).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_on_one_sqlite_file_share_one_rate() {
     let dir = tempfile::tempdir().unwrap();
     let store = tollgate::store::SqliteStore::open(dir.path().join("rate.db")).await.unwrap();
-    four_nodes_share_one_rate(Arc::new(store)).await;
+    four_nodes_share_one_rate(Arc::new(store), STEP).await;
 }
 
 /// The reason for the feature: with each node keeping its own bucket, four nodes admit about
@@ -26,7 +29,7 @@ async fn four_nodes_on_one_sqlite_file_share_one_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_each_with_its_own_rate_admit_four_times_the_plan() {
     let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
-    let (admitted, _nodes) = common::fleet::four_nodes_send(store, "node", 2).await;
+    let (admitted, _nodes) = common::fleet::four_nodes_send(store, "node", 2, STEP).await;
     eprintln!("node scope: {} admitted in 2 s (one limiter: 220)", admitted.len());
     assert!(admitted.len() > 600, "{} admitted", admitted.len());
     assert!(excess_over_bound(&admitted) > 0);

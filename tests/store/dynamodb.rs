@@ -406,3 +406,11 @@ async fn four_nodes_holding_never_spend_past_the_balance() {
     let Some(store) = dynamo::table().await else { return };
     common::holds::four_nodes_never_spend_past_the_balance(Arc::new(store)).await;
 }
+
+/// Four engines on one DynamoDB table (the local server, one request at a time) share a fleet
+/// rate within its documented bound, counted on the engine clock (tests/common/fleet.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_share_one_fleet_rate() {
+    let Some(store) = dynamo::table().await else { return };
+    common::fleet::four_nodes_share_one_rate(Arc::new(store), std::time::Duration::from_millis(2)).await;
+}

@@ -539,3 +539,11 @@ async fn four_nodes_holding_never_spend_past_the_balance() {
     let Some((store, _)) = postgres::store().await else { return };
     common::holds::four_nodes_never_spend_past_the_balance(Arc::new(store)).await;
 }
+
+/// Four engines on one PostgreSQL schema share a fleet rate within its documented bound,
+/// counted on the engine clock (tests/common/fleet.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_share_one_fleet_rate() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::fleet::four_nodes_share_one_rate(Arc::new(store), std::time::Duration::from_micros(500)).await;
+}
