@@ -167,6 +167,13 @@ pub struct FakeClock {
 }
 
 impl FakeClock {
+    /// A clock reading this handle's time: another engine of a test's fleet on the same fake
+    /// time.
+    #[must_use]
+    pub fn clock(&self) -> Clock {
+        Clock { inner: Arc::new(Inner::Fake(self.clone())) }
+    }
+
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
         let by = i64::try_from(by.as_nanos()).unwrap_or(i64::MAX);

@@ -75,6 +75,11 @@ rate = "100/s"
 burst = 100
 concurrency = 1
 
+[plans.fleet]
+rate = "5/s"
+burst = 5
+rate_scope = "fleet"
+
 [[routes]]
 method = "POST"
 path = "/v1/reports"
@@ -115,6 +120,10 @@ keys = ["key-soft"]
 [tenants.initech]
 plan = "single"
 keys = ["key-single"]
+
+[tenants.umbrella]
+plan = "fleet"
+keys = ["key-fleet"]
 
 [stripe.events]
 "payment_method.attached" = "pro"
@@ -259,6 +268,7 @@ impl Scenario {
                 Overlap(a, b, sa, sb) => Overlap(resolve(a), resolve(b), sa, sb),
                 Cancel(req) => Cancel(resolve(req)),
                 Replay(req, status) => Replay(resolve(req), status),
+                OtherNode(req, status) => OtherNode(resolve(req), status),
                 Advance(by) => Advance(by),
             })
             .collect();
@@ -283,6 +293,9 @@ pub enum Step {
     /// be answered with that request's response (its body, and its `x-call` if it has one),
     /// marked `Idempotent-Replayed: true`, with this status.
     Replay(Req, u16),
+    /// Send a request through a second node: the same door over a second engine sharing the
+    /// first's store and clock (a fleet of two behind a load balancer).
+    OtherNode(Req, u16),
 }
 
 #[derive(Debug, Clone)]
@@ -314,7 +327,7 @@ fn post(path: &'static str) -> Req {
     Req::new("POST", path)
 }
 
-use Step::{Advance, Cancel, Overlap, Replay, Send};
+use Step::{Advance, Cancel, OtherNode, Overlap, Replay, Send};
 
 /// The table.
 pub fn scenarios() -> Vec<Scenario> {
@@ -401,6 +414,26 @@ pub fn scenarios() -> Vec<Scenario> {
                 ),
             ],
             usage: vec![("globex", "requests", 3), ("globex", "tokens", 7)],
+            same_responses: true,
+        },
+        Scenario {
+            name: "a fleet rate: two nodes behind a balancer share one bucket",
+            steps: vec![
+                // A burst of 5 for the fleet: three on one node, two on the other, then
+                // neither node has a cell left.
+                Send(get("/v1/items").key("key-fleet"), 200),
+                OtherNode(get("/v1/items").key("key-fleet"), 200),
+                Send(get("/v1/items").key("key-fleet"), 200),
+                OtherNode(get("/v1/items").key("key-fleet"), 200),
+                Send(get("/v1/items").key("key-fleet"), 200),
+                OtherNode(get("/v1/items").key("key-fleet"), 429),
+                Send(get("/v1/items").key("key-fleet"), 429),
+                // A fifth of a second later, one cell, for either node.
+                Advance(Duration::from_millis(200)),
+                OtherNode(get("/v1/items").key("key-fleet"), 200),
+                Send(get("/v1/items").key("key-fleet"), 429),
+            ],
+            usage: vec![("umbrella", "requests", 6)],
             same_responses: true,
         },
         Scenario {
@@ -806,9 +839,15 @@ pub async fn engine() -> (Tollgate, tollgate::clock::FakeClock, Arc<MemoryStore>
     let beta = TenantRecord::new("beta".into(), "free".into()).with_customer("cus_beta");
     store.put_tenant(&beta, &[KeyHash::of(b"key-beta")]).await.unwrap();
     let (clock, fake) = Clock::fake_at_unix(NOON);
+    (engine_on(store.clone(), clock), fake, store)
+}
+
+/// An engine of the conformance configuration over `store`, on `clock` (a second node of a
+/// fleet shares both with the first).
+pub fn engine_on(store: Arc<MemoryStore>, clock: Clock) -> Tollgate {
     let config = tollgate::Config::from_toml_str(CONFIG).expect("the conformance configuration");
-    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
-    (engine, fake, store)
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    engine
 }
 
 /// Runs one scenario on a door `make` builds over a fresh engine.
@@ -860,6 +899,10 @@ pub fn check_fields(scenario: &str, i: usize, resp: &Resp) {
 pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, check_statuses: bool) -> Outcome {
     let (engine, clock, store) = engine().await;
     let door = make(engine.clone());
+    // The second node, for the steps that need it.
+    let other =
+        scenario.steps.iter().any(|s| matches!(s, OtherNode(..))).then(|| engine_on(store.clone(), clock.clock()));
+    let other_door = other.clone().map(make);
     let mut responses = Vec::new();
     // The first answer to each `Idempotency-Key`, for the replays.
     let mut firsts: BTreeMap<String, Resp> = BTreeMap::new();
@@ -932,6 +975,14 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
                 entered.await.unwrap_or_else(|_| panic!("{}: step {i}: the handler never started", scenario.name));
                 // The client is gone: the request's future is dropped with the handler in it.
             }
+            OtherNode(req, status) => {
+                let door = other_door.as_ref().expect("a second node");
+                let resp = door.send(req).await;
+                if check_statuses {
+                    assert_eq!(resp.status, status, "{}: step {i} (the second node): {resp:?}", scenario.name);
+                }
+                responses.push(resp);
+            }
             Advance(by) => clock.advance(by),
         }
     }
@@ -939,8 +990,11 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
         check_fields(scenario.name, i, resp);
     }
     engine.flush().await.expect("the memory store takes every flush");
+    if let Some(other) = &other {
+        other.flush().await.expect("the memory store takes every flush");
+    }
     let mut usage = BTreeMap::new();
-    for tenant in ["acme", "globex", "beta", "initech"] {
+    for tenant in ["acme", "globex", "beta", "initech", "umbrella"] {
         for a in store.usage_range(&tenant.into(), 0, i64::MAX).await.unwrap() {
             *usage.entry((tenant.to_owned(), a.key.meter.to_string())).or_insert(0) += a.quantity;
         }
