@@ -3,11 +3,11 @@
 //! `cargo bench --bench profile -- <case> <tenants> <iterations> [threads]`
 //! where case is one of the benchmark's: bare, tower_governor, tower_governor_headers,
 //! tollgate, tollgate_headers, tollgate_defaults, tollgate_credits (a prepaid balance instead of
-//! the month quota). `scripts/compare.sh` (interleaved medians)
+//! the month quota), tollgate_fleet (the rate shared by a fleet: cells from a warm lease). `scripts/compare.sh` (interleaved medians)
 //! and `scripts/instructions.sh` (callgrind counts per request) drive it. Under `cargo test
 //! --benches` (no case given) it runs every case a thousand times, as a smoke test.
 
-const CASES: [&str; 7] = [
+const CASES: [&str; 8] = [
     "bare",
     "tower_governor",
     "tower_governor_headers",
@@ -15,6 +15,7 @@ const CASES: [&str; 7] = [
     "tollgate_headers",
     "tollgate_defaults",
     "tollgate_credits",
+    "tollgate_fleet",
 ];
 
 #[path = "support/mod.rs"]
@@ -51,7 +52,10 @@ fn one(case: &str, tenants: usize, iters: u64, threads: usize) {
             time(&support::tollgate_service(tenants, "draft", true, &rt), &keys, iters, threads, &rt)
         }
         "tollgate_credits" => {
-            time(&support::tollgate_service_on(tenants, "none", false, true, &rt), &keys, iters, threads, &rt)
+            time(&support::tollgate_service_on(tenants, "none", false, true, false, &rt), &keys, iters, threads, &rt)
+        }
+        "tollgate_fleet" => {
+            time(&support::tollgate_service_on(tenants, "none", false, false, true, &rt), &keys, iters, threads, &rt)
         }
         other => panic!("unknown case {other}"),
     };

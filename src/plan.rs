@@ -180,10 +180,23 @@ impl<K: std::hash::Hash, S: StateStore<Key = K>> std::fmt::Debug for Limiter<K, 
 /// engine. One per engine, shared by every runtime it compiles.
 pub(crate) type Host = Arc<std::sync::OnceLock<std::sync::Weak<dyn std::any::Any + Send + Sync>>>;
 
-/// The client key of a request whose cells were taken from its tenant's fleet lease (a plan
-/// with `rate_scope = "fleet"`, never the anonymous plan's, whose keys are addresses'): its
-/// rate charge gives them back there.
-pub(crate) const FLEET_TAKEN: u64 = u64::MAX;
+/// The bit of a route's client key that marks a request whose cells were taken from its
+/// tenant's fleet lease (a plan with `rate_scope = "fleet"`; the anonymous plan's keys, its
+/// callers' addresses', never have it): the low 32 bits are the lease they came from (0: none,
+/// a shadow refusal admitted without cells), where its rate charge gives them back.
+pub(crate) const FLEET_TAKEN: u64 = 1 << 63;
+
+/// The client key of a request whose cells came from the fleet lease `generation`.
+#[inline]
+pub(crate) fn fleet_key(generation: u32) -> u64 {
+    FLEET_TAKEN | u64::from(generation)
+}
+
+/// Whether a client key marks cells of a fleet lease ([`FLEET_TAKEN`]).
+#[inline]
+pub(crate) fn is_fleet(client: u64) -> bool {
+    client & FLEET_TAKEN != 0
+}
 
 /// A fleet rate (`rate_scope = "fleet"`): one bucket per tenant in the rate role's store. The
 /// plan's `rate` is then the node's own bucket when the store fails and the rate fails open
@@ -257,6 +270,16 @@ pub(crate) struct CompiledPlan {
 }
 
 impl CompiledPlan {
+    /// `RateLimit-Policy`'s `q` and `w` of the plan's rate: the fleet's bucket for a fleet
+    /// rate (not the node's share), else the node's.
+    #[inline]
+    pub(crate) fn rate_q_w(&self) -> Option<(u64, u64)> {
+        match &self.fleet {
+            Some(f) => Some((f.q, f.w)),
+            None => self.rate.as_ref().map(|r| (r.q, r.w)),
+        }
+    }
+
     /// What a quota call for `meter` does when the store does not answer: the policy set in
     /// the file, else the quota's mode (a hard quota fails closed, it is never passed; a soft
     /// one, or none, fails open).
@@ -414,6 +437,7 @@ impl CompiledPlan {
         });
         // `RateLimit-Policy` names the fleet's bucket, not the node's share.
         let rate_item = fleet.as_ref().map(|f| (f.q, f.w)).or(rate.as_ref().map(|r| (r.q, r.w)));
+        // (As `rate_q_w` reads it once the plan is built.)
         let mut quotas: Vec<(usize, QuotaSpec)> =
             spec.quotas.iter().filter_map(|(m, q)| meters.index(m.as_str()).map(|i| (i, q.clone()))).collect();
         quotas.sort_by_key(|(m, _)| *m);

@@ -138,16 +138,19 @@ pub(crate) fn tollgate_service(
     context: bool,
     rt: &tokio::runtime::Runtime,
 ) -> tollgate::TollgateService<Bare> {
-    tollgate_service_on(tenants, headers, context, false, rt)
+    tollgate_service_on(tenants, headers, context, false, false, rt)
 }
 
 /// [`tollgate_service`], with `prepaid`: each tenant's requests spend a prepaid balance (a
-/// grant of 10^12 units each) instead of a month quota.
+/// grant of 10^12 units each) instead of a month quota; with `fleet`: the plan's rate is the
+/// fleet's (`rate_scope = "fleet"`, 10^6/s with a burst of 10^6: a lease of cells lives 50 ms,
+/// so most requests spend warm cells and a few lease more).
 pub(crate) fn tollgate_service_on(
     tenants: usize,
     headers: &str,
     context: bool,
     prepaid: bool,
+    fleet: bool,
     rt: &tokio::runtime::Runtime,
 ) -> tollgate::TollgateService<Bare> {
     // TOLLGATE_BENCH_NO_REFILL=1: leases no run exhausts, and no flush or revalidation of the
@@ -169,9 +172,14 @@ pub(crate) fn tollgate_service_on(
         flush_interval = "{flush}"
         # A rate no benchmark reaches: every request is admitted (and recorded).
         [plans.bench]
-        rate = "1000000000/s"
+        {rate}
         quotas.requests = {quota}
         "#,
+        rate = if fleet {
+            "rate = \"1000000/s\"\nburst = 1000000\nrate_scope = \"fleet\""
+        } else {
+            "rate = \"1000000000/s\""
+        },
         quota = if prepaid {
             format!("{{ period = \"prepaid\"{lease} }}")
         } else {

@@ -304,6 +304,21 @@ impl Validator<'_, '_> {
             rate: role("rate", &raw.rate)?,
         };
         self.one_kind_of_sharing(&store, &roles)?;
+        // A fleet rate on SQLite is the processes sharing the file's: kept in one process's
+        // memory beside it, each process would keep its own.
+        if roles.rate.as_ref().is_some_and(|r| *r == StoreSettings::Memory)
+            && *roles.of(StoreRole::Quota, &store) != StoreSettings::Memory
+        {
+            return Err(self.invalid(
+                "store.rate.kind",
+                format!(
+                    "the rate role's store is memory but the quota role's is {}: tenants' fleet rates would be each \
+                     process's own (the processes sharing the file, or the nodes sharing the store, would each keep \
+                     their own bucket); keep the rate role on the quota role's store",
+                    roles.of(StoreRole::Quota, &store).kind()
+                ),
+            ));
+        }
         Ok((store, roles))
     }
 

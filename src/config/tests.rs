@@ -249,6 +249,10 @@ mod validation {
             "[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"k\"]\n[tenants.t.overrides]\nrate_scope = \"fleet\"\n",
         );
         assert!(e.key().starts_with("tenants.t.overrides"), "{e}");
+        // A fleet rate kept in one process's memory beside a SQLite quota store (the
+        // processes sharing the file would each keep their own).
+        let e = err("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[store.rate]\nkind = \"memory\"\n");
+        assert_eq!(e.key(), "store.rate.kind", "{e}");
         // Accepted: a plan's fleet rate, and a tenant's override back to the node.
         let c = crate::Config::from_toml_str(
             "[plans.p]\nrate = \"10/s\"\nrate_scope = \"fleet\"\n[limits]\nfleet_size_hint = 3\n",

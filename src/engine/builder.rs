@@ -277,14 +277,12 @@ impl Builder {
         self
     }
 
-    /// Whether some role has no store given in code.
+    /// Whether some role has no store given in code (the rate role aside: code that gives
+    /// the other four keeps its stores, and its fleet rates are each node's unless it gives
+    /// [`rate_store`](Self::rate_store) too).
     fn lacks_a_store(&self) -> bool {
         self.store.is_none()
-            && (self.quota.is_none()
-                || self.usage.is_none()
-                || self.directory.is_none()
-                || self.idempotency.is_none()
-                || self.rate.is_none())
+            && (self.quota.is_none() || self.usage.is_none() || self.directory.is_none() || self.idempotency.is_none())
     }
 
     /// Where closed usage windows are exported.
@@ -398,6 +396,16 @@ impl Builder {
         let limits = self.config.limits.clone();
         let clock = self.clock.unwrap_or_default();
         let host = crate::plan::Host::default();
+        if self.store.is_none()
+            && self.rate.is_none()
+            && self.config.plans().values().any(|p| p.rate_scope() == crate::config::RateScope::Fleet)
+        {
+            tracing::warn!(
+                "a plan keeps its rate for the fleet (rate_scope = \"fleet\") but the rate role has no store: it is \
+                 kept in this process's memory, so each node keeps its own; give Builder::rate_store (or open the \
+                 configured stores with Builder::open)"
+            );
+        }
         let runtime = Runtime::compile(self.config, &metrics, &clock, &host);
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);

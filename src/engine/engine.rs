@@ -547,9 +547,10 @@ impl Tollgate {
             }
             Err(mut r) => {
                 // Refused at admission: its rate cells go back too (a client told to retry in
-                // a second spends none on the refusal). Not an anonymous caller's: its bucket
-                // is its address's, which the ticket does not keep (it spends its cell).
-                if ticket.state.plan.clients.is_none() {
+                // a second spends none on the refusal). Not an anonymous caller's (its bucket
+                // is its address's) nor a fleet rate's (its lease): the ticket keeps neither,
+                // and the cell stays spent.
+                if ticket.state.plan.clients.is_none() && ticket.state.plan.fleet.is_none() {
                     if let Some((cells, burst)) = ticket.state.give_back_rate(0, ticket.cost) {
                         ticket.headers.give_back(cells, burst);
                     }

@@ -123,9 +123,9 @@ impl HeaderState {
     }
 
     pub(crate) fn rate(&self, plan: &CompiledPlan) -> Option<PolicyStatus> {
-        let policy = plan.rate.as_ref().filter(|_| self.has & RATE != 0)?;
+        let (q, _) = plan.rate_q_w().filter(|_| self.has & RATE != 0)?;
         Some(PolicyStatus {
-            limit: policy.q,
+            limit: q,
             remaining: u64::from(self.rate_remaining),
             reset_secs: u64::from(self.rate_reset),
         })
@@ -240,11 +240,11 @@ fn emit_fields(
                 // A month quota's window is the length of its current period.
                 let now = tenant.map_or(0, |t| t.clock.unix_secs());
                 let mut value = String::with_capacity(96);
-                if let Some(r) = &plan.rate {
+                if let Some((q, w)) = plan.rate_q_w() {
                     value.push_str("\"rate\";q=");
-                    value.push_str(num.format(r.q));
+                    value.push_str(num.format(q));
                     value.push_str(";w=");
-                    value.push_str(num.format(r.w));
+                    value.push_str(num.format(w));
                 }
                 for &k in months.iter() {
                     let (m, spec) = &plan.quotas[k];

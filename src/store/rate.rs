@@ -200,7 +200,8 @@ impl RateRow {
     }
 
     /// Applies a [`CellCall`] (once per token): what it got. The row changes only when cells
-    /// are granted, or to remember the call.
+    /// are granted: a refused call is not remembered (sent again, it is weighed again, and
+    /// refusing costs a store no write).
     pub fn take(&mut self, call: &CellCall) -> CellGrant {
         if let Some((granted, tat)) = self.seen(&call.token) {
             return CellGrant::new(granted, tat);
@@ -213,12 +214,14 @@ impl RateRow {
         let granted = if granted >= i128::from(call.need.max(1)) { granted as u32 } else { 0 };
         if granted > 0 {
             self.tat = (base + i128::from(granted) * t).min(i128::from(i64::MAX)) as i64;
+            self.applied(&call.token, granted);
         }
-        self.applied(&call.token, granted);
         CellGrant::new(granted, self.tat)
     }
 
-    /// Applies a [`CellReturn`] (once per token).
+    /// Applies a [`CellReturn`] (once per token). A store writes the row only when a call
+    /// changed it (compare it with its copy read): answered again, or refused, nothing is
+    /// written.
     pub fn give_back(&mut self, call: &CellReturn) {
         if self.seen(&call.token).is_some() {
             return;

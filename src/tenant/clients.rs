@@ -174,8 +174,9 @@ impl ClientKeys {
         let mut h = self.hasher.build_hasher();
         h.write_u8(group.0);
         h.write_u128(group.1);
-        // Never 0 (no address) nor `u64::MAX` (a fleet lease's cells: `plan::FLEET_TAKEN`).
-        h.finish().clamp(1, u64::MAX - 1)
+        // Never 0 (no address), never with the top bit (a fleet lease's cells:
+        // `plan::FLEET_TAKEN`).
+        (h.finish() >> 1).max(1)
     }
 }
 

@@ -35,6 +35,9 @@ pub(crate) struct FleetCells {
 /// A lease of cells, as this node spends it.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Local {
+    /// Which lease (from 1; 0: none yet): a refused request's cells go back only to the lease
+    /// they came from, while it lasts.
+    pub(crate) generation: u32,
     /// Cells leased and not spent.
     pub(crate) cells: u32,
     /// They are spent before this (Unix nanoseconds), else dropped.
@@ -58,29 +61,41 @@ impl FleetCells {
         self.local.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes `cost` cells of the lease at `now` (Unix nanoseconds): the cells left and the
-    /// bucket's TAT as last read, or `None` when the lease cannot cover them (spent, or past
-    /// its time).
-    pub(crate) fn take(&self, cost: u32, now: i64) -> Option<(u32, i64)> {
+    /// Takes `cost` cells of the lease at `now` (Unix nanoseconds): the lease they came from,
+    /// or `None` when it cannot cover them (spent, or past its time).
+    pub(crate) fn take(&self, cost: u32, now: i64) -> Option<u32> {
         let mut l = self.local();
         if now < l.expires && l.cells >= cost {
             l.cells -= cost;
-            return Some((l.cells, l.tat));
+            return Some(l.generation);
         }
         None
     }
 
-    /// The cells of the lease left and the bucket's TAT as last read.
-    pub(crate) fn peek(&self) -> (u32, i64) {
+    /// The cells of the lease left (none once past its time at `now`) and the bucket's TAT as
+    /// last read.
+    pub(crate) fn peek(&self, now: i64) -> (u32, i64) {
         let l = self.local();
-        (l.cells, l.tat)
+        (if now < l.expires { l.cells } else { 0 }, l.tat)
     }
 
-    /// Gives back `cost` cells a refused request took (they go on serving the lease, while
-    /// it lasts).
-    pub(crate) fn give_back(&self, cost: u32) {
+    /// Gives back `cost` cells a refused request took from the lease `generation`: they go
+    /// on serving it while it lasts; a later lease never gets them (it was granted its own).
+    pub(crate) fn give_back(&self, cost: u32, generation: u32) {
         let mut l = self.local();
-        l.cells = l.cells.saturating_add(cost);
+        if generation != 0 && generation == l.generation {
+            l.cells = l.cells.saturating_add(cost).min(l.granted);
+        }
+    }
+
+    /// Whether the shared bucket, as last read, cannot give `cost` cells at `now` (its TAT
+    /// only moves forward, but for cells given back): the request is refused without asking.
+    /// The TAT read.
+    pub(crate) fn refused_by_reading(&self, cost: u32, now: i64, bucket: FleetBucket) -> Option<i64> {
+        let tat = self.local().tat;
+        let t = i128::from(bucket.interval);
+        let wait = i128::from(tat.max(now)) + i128::from(cost) * t - i128::from(bucket.burst) * t - i128::from(now);
+        (wait > 0).then_some(tat)
     }
 
     /// Whether the plan's own bucket serves now, the store having failed (fail-open).
@@ -117,7 +132,10 @@ impl FleetCells {
     /// the burst.
     pub(crate) fn want(&self, need: u32, now: i64, bucket: FleetBucket) -> u32 {
         let mut l = self.local();
-        if l.granted > 0 {
+        if l.granted > 0 && now >= l.expires.saturating_add(CELL_LIFE_NANOS) {
+            // Quiet for longer than a cell's life: the pace starts again.
+            l.next = 1;
+        } else if l.granted > 0 {
             let spent = l.granted.saturating_sub(if now < l.expires { l.cells } else { l.cells.min(l.granted) });
             let life = (l.expires - l.granted_at).max(1);
             let took = (now.min(l.expires) - l.granted_at).max(1);
@@ -134,18 +152,20 @@ impl FleetCells {
     }
 
     /// A lease of `granted` cells came at `now` (the bucket's TAT then `tat`); `cost` of them
-    /// are the waiting request's. Cells of the previous lease still alive stay.
-    pub(crate) fn leased(&self, granted: u32, cost: u32, tat: i64, now: i64, bucket: FleetBucket) {
+    /// are the waiting request's. What the previous lease had left (fewer than a request
+    /// costs) is dropped: a lease's cells live at most its own life. Returns its generation.
+    pub(crate) fn leased(&self, granted: u32, cost: u32, tat: i64, now: i64, bucket: FleetBucket) -> u32 {
         let mut l = self.local();
-        let kept = if now < l.expires { l.cells } else { 0 };
         let life = i128::from(granted) * i128::from(bucket.interval);
-        l.cells = kept.saturating_add(granted).saturating_sub(cost);
+        l.generation = l.generation.wrapping_add(1).max(1);
+        l.cells = granted.saturating_sub(cost);
         l.expires = now.saturating_add(life.min(i128::from(CELL_LIFE_NANOS)) as i64);
         l.lease_end = tat;
         l.tat = tat;
         l.granted = granted;
         l.granted_at = now;
         l.fallback_until = 0;
+        l.generation
     }
 
     /// The bucket's TAT as a refused call read it.
@@ -157,9 +177,15 @@ impl FleetCells {
     /// some of its time is still ahead at `now`.
     pub(crate) fn take_unspent(&self, now: i64) -> Option<(u32, i64)> {
         let mut l = self.local();
-        let cells = std::mem::take(&mut l.cells);
+        let cells = std::mem::take(&mut l.cells).min(l.granted);
+        let alive = now < l.expires;
+        // The lease ends; the pace starts again (a state let go with requests waiting leases
+        // no more than they need).
         l.expires = 0;
-        (cells > 0 && l.lease_end > now).then_some((cells, l.lease_end))
+        l.granted = 0;
+        l.next = 1;
+        l.generation = l.generation.wrapping_add(1).max(1);
+        (alive && cells > 0 && l.lease_end > now).then_some((cells, l.lease_end))
     }
 
     /// What a response reports of the rate at `now`, having `left` cells of the lease and
@@ -170,5 +196,63 @@ impl FleetCells {
         let horizon = i128::from(now) + i128::from(bucket.burst) * t;
         let free = ((horizon - i128::from(tat.max(now))) / t).max(0);
         u32::try_from(free).unwrap_or(u32::MAX).saturating_add(left).min(bucket.burst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: FleetBucket = FleetBucket { interval: 10_000_000, burst: 20 };
+    const NOW: i64 = 1_000_000_000_000;
+
+    /// A refused request's cells go back to the lease they came from while it lasts; a later
+    /// lease never gets them (it was granted its own), nor does a lease past its time give them
+    /// out.
+    #[test]
+    fn cells_go_back_only_to_their_own_lease() {
+        let f = FleetCells::default();
+        let first = f.leased(5, 1, NOW + 50_000_000, NOW, B);
+        let taken = f.take(2, NOW).unwrap();
+        assert_eq!((taken, f.peek(NOW).0), (first, 2));
+        f.give_back(2, taken);
+        assert_eq!(f.peek(NOW).0, 4, "back to its lease");
+        f.give_back(9, taken);
+        assert_eq!(f.peek(NOW).0, 5, "never more than the lease was granted");
+        let taken = f.take(3, NOW).unwrap();
+        // A new lease (the first one spent or gone): the late give-back does not reach it.
+        let later = NOW + 60_000_000;
+        let second = f.leased(4, 1, later + 40_000_000, later, B);
+        assert_ne!(second, first);
+        f.give_back(3, taken);
+        assert_eq!(f.peek(later).0, 3, "the second lease keeps its own 3");
+        // Leftovers of a lease are not carried into the next one.
+        assert!(f.take(3, later).is_some());
+        assert_eq!(f.peek(later + 50_000_000).0, 0, "past its time: nothing to spend");
+    }
+
+    /// A lease's life is min(50 ms, k·T); its size follows the pace and starts again after a
+    /// quiet spell, or once the lease was given back (a state let go).
+    #[test]
+    fn leases_follow_the_pace_and_start_again() {
+        let f = FleetCells::default();
+        assert_eq!(f.want(1, NOW, B), 1);
+        f.leased(1, 1, NOW + 10_000_000, NOW, B);
+        // Spent at once, expired 10 ms later: its pace fills 50 ms with 5.
+        assert_eq!(f.want(1, NOW + 10_000_000, B), 5);
+        f.leased(5, 1, NOW + 60_000_000, NOW + 10_000_000, B);
+        // Spent within its life: twice as many.
+        for _ in 0..4 {
+            f.take(1, NOW + 20_000_000).unwrap();
+        }
+        assert_eq!(f.want(1, NOW + 20_000_000, B), 10);
+        // Quiet longer than a cell's life: from one again.
+        assert_eq!(f.want(1, NOW + 10_000_000_000, B), 1);
+        // Given back (a state let go): from one again, and a give-back of it reaches nothing.
+        let g = f.leased(20, 1, NOW + 11_000_000_000, NOW + 10_000_000_000, B);
+        assert_eq!(f.take_unspent(NOW + 10_000_000_000), Some((19, NOW + 11_000_000_000)));
+        f.give_back(1, g);
+        assert_eq!(f.peek(NOW + 10_000_000_000).0, 0);
+        assert_eq!(f.want(1, NOW + 10_000_000_000, B), 1);
     }
 }

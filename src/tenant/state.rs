@@ -139,10 +139,10 @@ impl TenantState {
     /// key). What was given back, with the bucket's burst, for the request's headers; `None`
     /// when the plan has no rate.
     pub(crate) fn give_back_rate(&self, client: u64, cost: u32) -> Option<(u32, u32)> {
-        if client == crate::plan::FLEET_TAKEN {
-            // Cells of the tenant's fleet lease: back to it.
+        if crate::plan::is_fleet(client) {
+            // Cells of the tenant's fleet lease: back to the lease they came from.
             let (fleet, bucket) = (self.fleet()?, self.plan.fleet.as_ref()?);
-            fleet.give_back(cost);
+            fleet.give_back(cost, client as u32);
             return Some((cost, bucket.bucket.burst));
         }
         let policy = self.plan.rate.as_ref()?;

@@ -134,3 +134,22 @@ async fn a_node_shutting_down_gives_its_unspent_cells_back() {
     }
     assert_eq!(served, 20 - 6, "the burst less what A spent, nothing stranded");
 }
+
+/// A tenant over its fleet rate is refused by its node from the bucket's last reading: a storm
+/// of requests costs no store call each (one at most, until its cells come back).
+#[tokio::test]
+async fn a_tenant_over_its_rate_costs_no_store_call_per_refusal() {
+    let toml = TOML.replace("SCOPE", "fleet");
+    let store = Arc::new(Faulty::default());
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    while h.get("/", "key-t").await.status == 200 {}
+    let before = store.rate_calls.load(Ordering::SeqCst);
+    for _ in 0..100 {
+        let reply = h.get("/", "key-t").await;
+        assert_eq!(reply.status, 429);
+        assert_eq!(reply.header("retry-after"), Some("1"));
+    }
+    assert!(store.rate_calls.load(Ordering::SeqCst) - before <= 1, "refused from the bucket's last reading");
+    h.clock.advance(std::time::Duration::from_millis(20));
+    assert_eq!(h.get("/", "key-t").await.status, 200, "its cells came back");
+}

@@ -38,6 +38,8 @@ impl Tollgate {
         if !state.plan.allows(route.feature) {
             let r = self.feature_refusal(&state, route.feature);
             if !self.shadowed(&state, &r) {
+                // (Cells of a fleet lease taken while it waited go back.)
+                Self::give_back_fleet_cells(&state, route);
                 return self.reject(r);
             }
         }
@@ -46,11 +48,12 @@ impl Tollgate {
                 RejectionKind::StoreUnavailable,
                 "usage cannot be recorded: the store has not taken it and the usage buffer is full",
             );
+            Self::give_back_fleet_cells(&state, route);
             return self.reject(r.with_retry_after(1).for_tenant(&state));
         }
         // A fleet rate: the request's cells come from its tenant's lease (waiting for one when
         // it is empty); its rate check then reports them, and its charge gives them back.
-        if state.plan.fleet.is_some() && route.client != crate::plan::FLEET_TAKEN {
+        if state.plan.fleet.is_some() && !crate::plan::is_fleet(route.client) {
             if let Some(waits) = self.take_fleet_cells(&state, &mut route, idem) {
                 return waits;
             }
@@ -79,7 +82,7 @@ impl Tollgate {
     /// Gives back the cells a request took from its tenant's fleet lease, refused before its
     /// rate check (nothing when it took none).
     fn give_back_fleet_cells(state: &Tenant, route: RouteCost) {
-        if route.client == crate::plan::FLEET_TAKEN {
+        if crate::plan::is_fleet(route.client) {
             state.give_back_rate(route.client, route.cost);
         }
     }
@@ -392,7 +395,7 @@ impl Tollgate {
         let (meter, cost) = (route.meter, route.cost);
         let plan = &state.plan;
         let now = if let Some(policy) = &plan.rate {
-            if route.client == crate::plan::FLEET_TAKEN {
+            if crate::plan::is_fleet(route.client) {
                 // Taken from the tenant's fleet lease already.
                 return Ok(self.fleet_rate_of(state, headers));
             }

@@ -7,9 +7,9 @@ use std::{borrow::Cow, sync::Arc};
 use crate::engine::{engine::Stage, Admission, Tollgate};
 use crate::{
     config::{HeaderStyle, StoreErrorPolicy},
-    plan::{RouteCost, Runtime, FLEET_TAKEN},
+    plan::{fleet_key, RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
-    store::{CellCall, ReserveToken},
+    store::{CellCall, ReserveToken, StoreError},
     tenant::{FleetCells, Tenant},
 };
 
@@ -24,15 +24,27 @@ pub(crate) struct RateWait {
     pub(crate) key: Option<(Box<[u8]>, u128)>,
 }
 
+/// What a lease call came to.
+enum Lease {
+    /// The request's cells, from this lease.
+    Taken(u32),
+    /// The store is taken as down: the plan's own bucket serves.
+    Fallback,
+    /// The shared bucket cannot give them: its TAT, read at this time.
+    Refused(i64, i64),
+}
+
 fn ceil_secs_nanos(nanos: i128) -> u64 {
     u64::try_from((nanos.max(0) + 999_999_999) / 1_000_000_000).unwrap_or(u64::MAX)
 }
 
 impl Tollgate {
-    /// Takes the request's cells from its tenant's fleet lease (the route then carries
-    /// [`FLEET_TAKEN`]: its rate check reports them and its charge gives them back); `Some`
-    /// when it must wait for a lease first. While the store is taken as down (fail-open), the
-    /// plan's own bucket serves instead (the route is left as it is).
+    /// Takes the request's cells from its tenant's fleet lease (the route then carries their
+    /// lease, [`fleet_key`]: its rate check reports them and its charge gives them back);
+    /// `Some` when it must wait for a lease first, or is refused at once because the shared
+    /// bucket, as last read, cannot give its cells (no store call for a tenant over its rate).
+    /// While the store is taken as down (fail-open), the plan's own bucket serves instead (the
+    /// route is left as it is).
     #[cold]
     #[inline(never)]
     pub(crate) fn take_fleet_cells(
@@ -41,13 +53,22 @@ impl Tollgate {
         route: &mut RouteCost,
         key: Option<(&[u8], u128)>,
     ) -> Option<Admission> {
-        let fleet = state.fleet()?;
+        let (fleet, rate) = (state.fleet()?, state.plan.fleet.as_ref()?);
         let now = self.shared.clock().unix_nanos();
         if fleet.in_fallback(now) {
             return None;
         }
-        if fleet.take(route.cost, now).is_some() {
-            route.client = FLEET_TAKEN;
+        if let Some(generation) = fleet.take(route.cost, now) {
+            route.client = fleet_key(generation);
+            return None;
+        }
+        if let Some(tat) = fleet.refused_by_reading(route.cost, now, rate.bucket) {
+            let r = self.fleet_refusal(state, *route, tat, now);
+            if !self.shadowed(state, &r) {
+                return Some(self.reject(r));
+            }
+            // Shadow mode: counted, admitted without cells.
+            route.client = fleet_key(0);
             return None;
         }
         let key = key.map(|(k, request)| (Box::from(k), request));
@@ -65,7 +86,7 @@ impl Tollgate {
         state.touch(at);
         if let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) {
             if state.plan.header_style != HeaderStyle::None {
-                let (left, tat) = fleet.peek();
+                let (left, tat) = fleet.peek(now);
                 let r = FleetCells::remaining(left, tat, now, rate.bucket);
                 let empty = rate.bucket.burst.saturating_sub(r);
                 let cells = if state.plan.header_style == HeaderStyle::DraftCompat { empty } else { empty.min(1) };
@@ -76,63 +97,80 @@ impl Tollgate {
     }
 
     /// Leases cells of the waiting request's tenant (one store call for the tenant's waiting
-    /// requests on this node), then decides the request again: its cells are in the lease.
-    /// Refused by the shared bucket, it is answered 429 with the time its cells come back; the
-    /// store failing, the fleet rate's `on_store_error` decides (fail-open: the plan's own
-    /// bucket, rate / N, serves for a second; fail-closed: 503).
+    /// requests on this node, within `usage.store_timeout` with the wait for it), then decides
+    /// the request again, its cells taken from the new lease. Refused by the shared bucket (or
+    /// by a bucket other nodes keep writing), it is answered 429 with the time its cells come
+    /// back; the store failing, the fleet rate's `on_store_error` decides (fail-open: the
+    /// plan's own bucket, rate / N, serves for a second; fail-closed: 503).
     pub(crate) async fn lease_cells(&self, w: RateWait, mut route: RouteCost, rt: &Arc<Runtime>) -> Admission {
         let RateWait { state, key } = w;
+        let key = key.as_ref().map(|(k, r)| (&k[..], *r));
         let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) else {
-            return self.decide(state.clone(), route, key.as_ref().map(|(k, r)| (&k[..], *r)));
+            return self.decide(state.clone(), route, key);
         };
+        let _ = rt;
         let bucket = rate.bucket;
         let cost = route.cost;
-        let one = fleet.lock().lock().await;
-        let now = self.shared.clock().unix_nanos();
-        let taken = if fleet.in_fallback(now) {
-            false
-        } else if fleet.take(cost, now).is_some() {
-            // Another request's lease came meanwhile.
-            true
-        } else {
-            let want = fleet.want(cost, now, bucket);
-            let sender = fleet.sender(|| self.shared.ids().new_sender());
-            let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
-            let call = CellCall::new(state.id.clone(), want, cost, bucket.interval, bucket.burst, now, token);
-            match self.shared.stores().request().rate.take_cells(&call).await {
-                Ok(grant) if grant.granted >= cost => {
-                    fleet.leased(grant.granted, cost, grant.tat, now, bucket);
-                    true
+        let leased = self
+            .shared
+            .stores()
+            .under_lock(fleet.lock(), async {
+                let now = self.shared.clock().unix_nanos();
+                if fleet.in_fallback(now) {
+                    return Ok(Lease::Fallback);
                 }
-                Ok(grant) => {
-                    fleet.read(grant.tat);
-                    let r = self.fleet_refusal(&state, route, grant.tat, now);
-                    if !self.shadowed(&state, &r) {
-                        return self.reject(r);
-                    }
-                    // Shadow mode: counted, served from the plan's own bucket.
-                    fleet.fall_back(now.saturating_add(FALLBACK_NANOS));
-                    false
+                // Another request's lease came meanwhile.
+                if let Some(generation) = fleet.take(cost, now) {
+                    return Ok(Lease::Taken(generation));
                 }
-                Err(e) => {
-                    tracing::debug!(tenant = %state.id, error = %e, "the rate store failed");
-                    if rate.on_store_error == StoreErrorPolicy::FailClosed {
-                        let r =
-                            Rejection::new(RejectionKind::StoreUnavailable, "the rate store did not answer in time");
-                        return self.reject(r.with_retry_after(1).for_tenant(&state));
-                    }
-                    fleet.fall_back(now.saturating_add(FALLBACK_NANOS));
-                    false
+                let want = fleet.want(cost, now, bucket);
+                let sender = fleet.sender(|| self.shared.ids().new_sender());
+                let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
+                let call = CellCall::new(state.id.clone(), want, cost, bucket.interval, bucket.burst, now, token);
+                let grant = self.shared.stores().request().rate.take_cells(&call).await?;
+                if grant.granted >= cost {
+                    return Ok(Lease::Taken(fleet.leased(grant.granted, cost, grant.tat, now, bucket)));
                 }
+                fleet.read(grant.tat);
+                Ok(Lease::Refused(grant.tat, now))
+            })
+            .await;
+        match leased {
+            Ok(Lease::Taken(generation)) => route.client = fleet_key(generation),
+            Ok(Lease::Fallback) => {}
+            Ok(Lease::Refused(tat, now)) => {
+                let r = self.fleet_refusal(&state, route, tat, now);
+                if !self.shadowed(&state, &r) {
+                    return self.reject(r);
+                }
+                // Shadow mode: counted, admitted without cells.
+                route.client = fleet_key(0);
             }
-        };
-        drop(one);
-        if taken {
-            route.client = FLEET_TAKEN;
+            Err(StoreError::Conflict(why)) => {
+                // The bucket is written by other nodes all along: a busy tenant, not an outage.
+                tracing::debug!(tenant = %state.id, why, "a fleet rate's bucket stayed contended");
+                let now = self.shared.clock().unix_nanos();
+                let r = self.fleet_refusal(
+                    &state,
+                    route,
+                    now.saturating_add(i64::try_from(bucket.interval).unwrap_or(i64::MAX)),
+                    now,
+                );
+                if !self.shadowed(&state, &r) {
+                    return self.reject(r);
+                }
+                route.client = fleet_key(0);
+            }
+            Err(e) => {
+                tracing::debug!(tenant = %state.id, error = %e, "the rate store failed");
+                if rate.on_store_error == StoreErrorPolicy::FailClosed {
+                    let r = Rejection::new(RejectionKind::StoreUnavailable, "the rate store did not answer in time");
+                    return self.reject(r.with_retry_after(1).for_tenant(&state));
+                }
+                fleet.fall_back(self.shared.clock().unix_nanos().saturating_add(FALLBACK_NANOS));
+            }
         }
-        // Decided again under the configuration it was decided under.
-        let _ = rt;
-        self.decide(state, route, key.as_ref().map(|(k, r)| (&k[..], *r)))
+        self.decide(state, route, key)
     }
 
     /// The 429 of a request whose cells the shared bucket refused: `Retry-After` when the

@@ -37,7 +37,12 @@ impl DynamoStore {
                 None if create => (RateRow::default(), 0),
                 None => return Ok(None),
             };
+            let before = row.clone();
             let out = apply(&mut row);
+            if row == before && found.is_some() {
+                // Answered again, or refused: nothing to write.
+                return Ok(Some(out));
+            }
             let put = self
                 .client
                 .put_item()

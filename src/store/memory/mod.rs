@@ -89,6 +89,8 @@ struct Inner {
     /// Tenants' shared rates (`rate_scope = "fleet"`): their buckets, dropped once full again
     /// and quiet.
     rates: HashMap<TenantId, crate::store::RateRow>,
+    /// When the buckets were last pruned (the callers' clock, Unix nanoseconds).
+    rates_pruned: i64,
 }
 
 /// One `Idempotency-Key` binding.

@@ -7,15 +7,17 @@ use crate::store::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 /// written: a tenant's row lives while its rate is used.
 const IDLE_NANOS: i64 = 3_600 * 1_000_000_000;
 
-/// Drops the buckets that are full again and quiet, when there are many (at most once per
-/// this many rows written).
-const PRUNE_EVERY: usize = 4_096;
+/// Buckets are pruned when there are at least this many, at most once a minute.
+const PRUNE_FROM: usize = 4_096;
 
 #[async_trait]
 impl RateStore for MemoryStore {
     async fn take_cells(&self, call: &CellCall) -> Result<CellGrant, StoreError> {
         let mut inner = self.lock();
-        prune(&mut inner.rates, call.now);
+        if inner.rates.len() >= PRUNE_FROM && call.now >= inner.rates_pruned.saturating_add(60_000_000_000) {
+            inner.rates_pruned = call.now;
+            inner.rates.retain(|_, row| !row.idle(call.now, IDLE_NANOS));
+        }
         let row = inner.rates.entry(call.tenant.clone()).or_insert_with(RateRow::default);
         Ok(row.take(call))
     }
@@ -26,11 +28,5 @@ impl RateStore for MemoryStore {
             row.give_back(call);
         }
         Ok(())
-    }
-}
-
-fn prune(rates: &mut HashMap<TenantId, RateRow>, now: i64) {
-    if rates.len() >= PRUNE_EVERY && rates.len().is_power_of_two() {
-        rates.retain(|_, row| !row.idle(now, IDLE_NANOS));
     }
 }

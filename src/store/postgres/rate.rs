@@ -25,8 +25,11 @@ impl PostgresStore {
             }
             let Some(found) = tx.query_typed_opt(&read, args![tenant]).await? else { return Ok(None) };
             let mut row = RateRow::from_stored(found.get(0), found.get::<_, &str>(1)).map_err(Fail::Store)?;
+            let before = row.clone();
             let out = apply(&mut row);
-            tx.query_typed(&write, args![tenant, row.tat, row.senders_json()]).await?;
+            if row != before {
+                tx.query_typed(&write, args![tenant, row.tat, row.senders_json()]).await?;
+            }
             tx.commit().await?;
             Ok(Some(out))
         })

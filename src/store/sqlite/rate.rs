@@ -38,8 +38,11 @@ impl RateStore for SqliteStore {
                 Ok(row) => row,
                 Err(e) => return Ok(Err(e)),
             };
+            let before = row.clone();
             let grant = row.take(&call);
-            put(tx, call.tenant.as_str(), &row)?;
+            if row != before {
+                put(tx, call.tenant.as_str(), &row)?;
+            }
             Ok(Ok(grant))
         })
         .await?
@@ -53,8 +56,11 @@ impl RateStore for SqliteStore {
                 Ok(row) => row,
                 Err(e) => return Ok(Err(e)),
             };
+            let before = row.clone();
             row.give_back(&call);
-            put(tx, call.tenant.as_str(), &row)?;
+            if row != before {
+                put(tx, call.tenant.as_str(), &row)?;
+            }
             Ok(Ok(()))
         })
         .await?
