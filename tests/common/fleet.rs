@@ -51,10 +51,23 @@ pub async fn four_nodes_send(
     secs: i64,
     step: std::time::Duration,
 ) -> (Vec<i64>, Vec<Arc<Harness>>) {
+    four_nodes_send_each([store.clone(), store.clone(), store.clone(), store], scope, secs, step).await
+}
+
+/// [`four_nodes_send`], each node with its own handle of the store (processes sharing a
+/// SQLite file: each its own connections).
+pub async fn four_nodes_send_each(
+    stores: [Arc<dyn tollgate::store::StoreInspect>; 4],
+    scope: &str,
+    secs: i64,
+    step: std::time::Duration,
+) -> (Vec<i64>, Vec<Arc<Harness>>) {
     let toml = TOML.replace("SCOPE", scope);
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let nodes: Vec<Arc<Harness>> =
-        (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let nodes: Vec<Arc<Harness>> = stores
+        .into_iter()
+        .map(|store| Arc::new(node_with_worker(&toml, store, clock.clone(), handle.clone())))
+        .collect();
     let admitted = Arc::new(Mutex::new(Vec::new()));
     let end = NOON * 1_000_000_000 + secs * 1_000_000_000;
     let mut tasks = tokio::task::JoinSet::new();
@@ -108,13 +121,64 @@ pub fn excess_over_bound(admitted: &[i64]) -> i64 {
 /// bound, counted on the engine clock (1 ms of it every `step`: slower for a slow store, so
 /// that the store's latency does not starve the run).
 pub async fn four_nodes_share_one_rate(store: Arc<dyn tollgate::store::StoreInspect>, step: std::time::Duration) {
+    four_nodes_share_one_rate_each([store.clone(), store.clone(), store.clone(), store], step).await;
+}
+
+/// [`four_nodes_share_one_rate`], each node with its own handle of the store.
+pub async fn four_nodes_share_one_rate_each(
+    stores: [Arc<dyn tollgate::store::StoreInspect>; 4],
+    step: std::time::Duration,
+) {
     let secs = 2;
-    let (admitted, nodes) = four_nodes_send(store, "fleet", secs, step).await;
+    let (admitted, nodes) = four_nodes_send_each(stores, "fleet", secs, step).await;
     assert_eq!(excess_over_bound(&admitted), 0, "the fleet passed its bound");
     let ideal = BURST + secs * 1_000_000_000 / T;
     assert!(admitted.len() as i64 > ideal / 2, "the fleet under-admits: {} of about {ideal}", admitted.len());
     eprintln!("fleet scope: {} admitted in {secs} s (one limiter: {ideal})", admitted.len());
     for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+}
+
+/// Store calls per 1,000 requests of one tenant sending at its plan's rate, on `store` (`name`
+/// in the figures printed), the engine clock moving: at 2/s every request leases its one cell
+/// (a cell lives at most 50 ms: a store call per request, as a central limiter makes); at
+/// 100/s and 5,000/s a lease holds the cells of about 50 ms of the tenant's pace (at most the
+/// burst), so the calls are far fewer than the requests. The counts are the engine's: the
+/// store's latency does not change them (its clock does not move during a call).
+pub async fn store_calls_per_thousand(store: Arc<dyn tollgate::store::StoreInspect>, name: &str) {
+    use std::sync::atomic::Ordering;
+    for (per_second, burst) in [(2u64, 2u32), (100, 20), (5_000, 100)] {
+        let toml = TOML
+            .replace("SCOPE", "fleet")
+            .replace("rate = \"100/s\"\nburst = 20", &format!("rate = \"{per_second}/s\"\nburst = {burst}"))
+            .replace(
+                "keys = [\"key-t\"]",
+                &format!("keys = [\"key-t\"]\n[tenants.t{per_second}]\nplan = \"p\"\nkeys = [\"key-{per_second}\"]"),
+            );
+        let counted = Arc::new(super::Faulty::over(store.clone()));
+        let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+        let h = node_with_worker(&toml, counted.clone(), clock, handle);
+        let key = format!("key-{per_second}");
+        let step = std::time::Duration::from_nanos(1_000_000_000 / per_second);
+        let before = counted.rate_calls.load(Ordering::SeqCst);
+        for _ in 0..1_000 {
+            let info = RequestInfo::new("GET", "/", Credential::ApiKey(key.as_bytes()));
+            let ticket = match h.tollgate.admit(&info) {
+                Admission::Admitted(t) => t,
+                Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+                Admission::Rejected(r) => panic!("{r}"),
+            };
+            assert!(ticket.complete(200));
+            h.clock.advance(step);
+        }
+        let calls = counted.rate_calls.load(Ordering::SeqCst) - before;
+        eprintln!("{name}: {calls} rate store calls for 1,000 requests at {per_second}/s (rate {per_second}/s, burst {burst})");
+        match per_second {
+            2 => assert_eq!(calls, 1_000, "one cell per lease at 2/s"),
+            100 => assert!(calls <= 250, "{calls} calls at 100/s"),
+            _ => assert!(calls <= 20, "{calls} calls at 5,000/s"),
+        }
         h.tollgate.shutdown().await.unwrap();
     }
 }

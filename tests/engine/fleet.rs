@@ -17,11 +17,19 @@ async fn four_nodes_on_one_memory_store_share_one_rate() {
     four_nodes_share_one_rate(Arc::new(tollgate::store::MemoryStore::new()), STEP).await;
 }
 
+/// Four nodes each with its own handle of one SQLite file (its own connections, as processes
+/// sharing the file on one host have).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_on_one_sqlite_file_share_one_rate() {
     let dir = tempfile::tempdir().unwrap();
-    let store = tollgate::store::SqliteStore::open(dir.path().join("rate.db")).await.unwrap();
-    four_nodes_share_one_rate(Arc::new(store), STEP).await;
+    let path = dir.path().join("rate.db");
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        let store: Arc<dyn tollgate::store::StoreInspect> =
+            Arc::new(tollgate::store::SqliteStore::open(&path).await.unwrap());
+        stores.push(store);
+    }
+    common::fleet::four_nodes_share_one_rate_each(stores.try_into().unwrap(), STEP).await;
 }
 
 /// The reason for the feature: with each node keeping its own bucket, four nodes admit about
@@ -35,34 +43,11 @@ async fn four_nodes_each_with_its_own_rate_admit_four_times_the_plan() {
     assert!(excess_over_bound(&admitted) > 0);
 }
 
-/// Store calls per 1,000 requests of one tenant sending at its plan's rate, the engine clock
-/// moving: at 2/s every request leases its one cell (a cell lives at most 50 ms: a store call
-/// per request, as a central limiter makes); at 100/s and 5,000/s a lease holds the cells of
-/// about 50 ms of the tenant's pace (at most the burst), so the calls are far fewer than the
-/// requests.
+/// Store calls per 1,000 requests at 2/s, 100/s and 5,000/s (tests/common/fleet.rs), on the
+/// memory store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_calls_follow_the_pace_not_the_requests() {
-    for (per_second, burst) in [(2u64, 2u32), (100, 20), (5_000, 100)] {
-        let toml = TOML
-            .replace("SCOPE", "fleet")
-            .replace("rate = \"100/s\"\nburst = 20", &format!("rate = \"{per_second}/s\"\nburst = {burst}"));
-        let store = Arc::new(Faulty::default());
-        let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-        let h = node_with_worker(&toml, store.clone(), clock, handle);
-        let step = std::time::Duration::from_nanos(1_000_000_000 / per_second);
-        let before = store.rate_calls.load(Ordering::SeqCst);
-        for _ in 0..1_000 {
-            send(&h).await.unwrap();
-            h.clock.advance(step);
-        }
-        let calls = store.rate_calls.load(Ordering::SeqCst) - before;
-        eprintln!("{calls} rate store calls for 1,000 requests at {per_second}/s (rate {per_second}/s, burst {burst})");
-        match per_second {
-            2 => assert_eq!(calls, 1_000, "one cell per lease at 2/s"),
-            100 => assert!(calls <= 250, "{calls} calls at 100/s"),
-            _ => assert!(calls <= 20, "{calls} calls at 5,000/s"),
-        }
-    }
+    common::fleet::store_calls_per_thousand(Arc::new(tollgate::store::MemoryStore::new()), "memory").await;
 }
 
 /// A request refused by the shared bucket says when its cells come back, in `Retry-After`

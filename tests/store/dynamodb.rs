@@ -414,3 +414,11 @@ async fn four_nodes_share_one_fleet_rate() {
     let Some(store) = dynamo::table().await else { return };
     common::fleet::four_nodes_share_one_rate(Arc::new(store), std::time::Duration::from_millis(2)).await;
 }
+
+/// Store calls per 1,000 requests of a fleet rate at 2/s, 100/s and 5,000/s, on DynamoDB (the
+/// local server: the engine clock, not the server, sets the pace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rate_store_calls_follow_the_pace() {
+    let Some(store) = dynamo::table().await else { return };
+    common::fleet::store_calls_per_thousand(Arc::new(store), "dynamodb").await;
+}

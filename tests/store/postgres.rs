@@ -547,3 +547,10 @@ async fn four_nodes_share_one_fleet_rate() {
     let Some((store, _)) = postgres::store().await else { return };
     common::fleet::four_nodes_share_one_rate(Arc::new(store), std::time::Duration::from_micros(500)).await;
 }
+
+/// Store calls per 1,000 requests of a fleet rate at 2/s, 100/s and 5,000/s, on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rate_store_calls_follow_the_pace() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::fleet::store_calls_per_thousand(Arc::new(store), "postgres").await;
+}

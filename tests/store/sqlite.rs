@@ -562,3 +562,11 @@ async fn a_grant_an_earlier_node_wrote_is_refunded_in_full_by_growing_refunds() 
     let (grants, _) = store.credit_grants(&"t".into(), None).await.unwrap();
     assert_eq!((grants[0].units, grants[0].bought, grants[0].taken), (0, 1000, 1000));
 }
+
+/// Store calls per 1,000 requests of a fleet rate at 2/s, 100/s and 5,000/s, on a SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rate_store_calls_follow_the_pace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("calls.db")).await.unwrap();
+    common::fleet::store_calls_per_thousand(Arc::new(store), "sqlite").await;
+}
