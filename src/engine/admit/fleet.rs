@@ -63,7 +63,7 @@ impl Tollgate {
             return None;
         }
         if let Some(tat) = fleet.refused_by_reading(route.cost, now, rate.bucket) {
-            let r = self.fleet_refusal(state, *route, tat, now);
+            let r = Self::fleet_refusal(state, *route, tat, now);
             if !self.shadowed(state, &r) {
                 return Some(self.reject(r));
             }
@@ -139,7 +139,7 @@ impl Tollgate {
             Ok(Lease::Taken(generation)) => route.client = fleet_key(generation),
             Ok(Lease::Fallback) => {}
             Ok(Lease::Refused(tat, now)) => {
-                let r = self.fleet_refusal(&state, route, tat, now);
+                let r = Self::fleet_refusal(&state, route, tat, now);
                 if !self.shadowed(&state, &r) {
                     return self.reject(r);
                 }
@@ -150,7 +150,7 @@ impl Tollgate {
                 // The bucket is written by other nodes all along: a busy tenant, not an outage.
                 tracing::debug!(tenant = %state.id, why, "a fleet rate's bucket stayed contended");
                 let now = self.shared.clock().unix_nanos();
-                let r = self.fleet_refusal(
+                let r = Self::fleet_refusal(
                     &state,
                     route,
                     now.saturating_add(i64::try_from(bucket.interval).unwrap_or(i64::MAX)),
@@ -175,7 +175,7 @@ impl Tollgate {
 
     /// The 429 of a request whose cells the shared bucket refused: `Retry-After` when the
     /// cells it costs come back (the bucket's TAT `tat`, at `now`).
-    fn fleet_refusal(&self, state: &Tenant, route: RouteCost, tat: i64, now: i64) -> Rejection {
+    fn fleet_refusal(state: &Tenant, route: RouteCost, tat: i64, now: i64) -> Rejection {
         let rate = state.plan.fleet.as_ref().expect("a fleet rate");
         let b = rate.bucket;
         let t = i128::from(b.interval);

@@ -1,7 +1,7 @@
 //! The rate role of the MemoryStore: tenants' shared buckets, under the store's lock.
 
 use super::*;
-use crate::store::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
+use crate::store::{CellCall, CellGrant, CellReturn, RateStore};
 
 /// Buckets full again for this long (and whose senders are quiet) are dropped when another is
 /// written: a tenant's row lives while its rate is used.
@@ -18,7 +18,7 @@ impl RateStore for MemoryStore {
             inner.rates_pruned = call.now;
             inner.rates.retain(|_, row| !row.idle(call.now, IDLE_NANOS));
         }
-        let row = inner.rates.entry(call.tenant.clone()).or_insert_with(RateRow::default);
+        let row = inner.rates.entry(call.tenant.clone()).or_default();
         Ok(row.take(call))
     }
 
