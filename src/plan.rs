@@ -252,6 +252,9 @@ pub(crate) struct CompiledPlan {
     /// The most requests of one tenant in flight at once on a node (`concurrency`); 0: no
     /// limit.
     pub(crate) concurrency: u32,
+    /// Whether `concurrency` counts the fleet's requests (`concurrency_scope = "fleet"`), in
+    /// places leased from the places role's store.
+    pub(crate) concurrency_fleet: bool,
     /// How a request is refused when a prepaid balance is empty (`limits.balance_status`).
     pub(crate) balance_refusal: crate::base::RejectionKind,
     pub(crate) metrics: Arc<Metrics>,
@@ -397,7 +400,7 @@ impl CompiledPlan {
         // (rate / N, burst / N, never below the dearest route), used only while the store
         // fails and the rate fails open.
         let fleet = match (spec.rate, spec.rate_scope) {
-            (Some(rate), crate::config::RateScope::Fleet) => {
+            (Some(rate), crate::config::Scope::Fleet) => {
                 let (q, w) = policy_q_w(rate, spec.burst);
                 Some(Box::new(FleetRate {
                     bucket: crate::tenant::FleetBucket {
@@ -541,6 +544,7 @@ impl CompiledPlan {
             billable_grpc: config.usage.billable_grpc,
             header_style: config.limits.headers,
             concurrency: spec.concurrency.map_or(0, std::num::NonZeroU32::get),
+            concurrency_fleet: spec.concurrency.is_some() && spec.concurrency_scope == crate::config::Scope::Fleet,
             balance_refusal: if config.limits.balance_status == 429 {
                 crate::base::RejectionKind::QuotaExceeded
             } else {

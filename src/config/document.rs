@@ -186,7 +186,7 @@ impl Config {
         if o.burst.is_some() && merged.rate.is_none() {
             return Err("a burst needs a rate (the plan has none, and the overrides set none)".into());
         }
-        if merged.rate_scope == super::RateScope::Fleet && merged.rate.is_none() {
+        if merged.rate_scope == super::Scope::Fleet && merged.rate.is_none() {
             return Err("a fleet rate needs a rate (the plan has none, and the overrides set none)".into());
         }
         if merged.rate.is_some() {
@@ -455,7 +455,7 @@ impl Validator<'_, '_> {
                         origin.keys.insert(key, pos);
                     }
                 }
-                for role in ["quota", "usage", "directory", "idempotency", "rate"] {
+                for role in ["quota", "usage", "directory", "idempotency", "rate", "places"] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{role}")) {
                         origin.keys.insert(role, pos);
                     }

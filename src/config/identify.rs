@@ -142,7 +142,7 @@ impl Validator<'_, '_> {
                          be one count shared by all of them (one slow client would lock out the rest)",
                     ));
                 }
-                if plans.get(&id).is_some_and(|p| p.rate_scope == super::RateScope::Fleet) {
+                if plans.get(&id).is_some_and(|p| p.rate_scope == super::Scope::Fleet) {
                     return Err(self.invalid(
                         &format!("plans.{plan}.rate_scope"),
                         "the anonymous plan's rate is kept per client address: a fleet rate would keep one bucket \

@@ -33,6 +33,7 @@ pub(crate) struct RawLimits {
     pub(crate) hold_timeout: Option<String>,
     pub(crate) max_holds: Option<u64>,
     pub(crate) fleet_size_hint: Option<u64>,
+    pub(crate) place_ttl: Option<String>,
 }
 
 /// The longest a hold may stay open (`hold_timeout`): a day, so that it sees at most one roll
@@ -144,6 +145,10 @@ pub struct Limits {
     /// a fleet rate fails open, each node falls back to a bucket of its own at rate / N and
     /// burst / N (never below the largest route cost).
     pub fleet_size_hint: u32,
+    /// How long a node's places of a fleet concurrency hold without a renewal (30 s by
+    /// default): a node that dies frees them then. A node renews them every third of it, and
+    /// stops admitting on places it could not renew within two thirds of it.
+    pub place_ttl: Duration,
 }
 
 impl Validator<'_, '_> {
@@ -265,6 +270,16 @@ impl Validator<'_, '_> {
                 None => 10_000,
                 Some(0) => return Err(self.invalid("limits.max_holds", "must be at least 1")),
                 Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            place_ttl: {
+                let d = self.duration("limits.place_ttl", l.place_ttl.as_deref(), Duration::from_secs(30))?;
+                if d < Duration::from_secs(3) || d > Duration::from_secs(3600) {
+                    return Err(self.invalid(
+                        "limits.place_ttl",
+                        "must be from 3s (a node renews its places every third of it) to 1h",
+                    ));
+                }
+                d
             },
             fleet_size_hint: match l.fleet_size_hint {
                 None => 1,

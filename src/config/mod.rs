@@ -46,7 +46,7 @@ pub use limits::{HeaderStyle, Limits};
 pub use meters::{MeterAggregation, MeterSpec};
 pub use metronome::MetronomeSettings;
 pub use net::{ForwardedHeader, IpRange};
-pub use plans::{PlanOverride, PlanSpec, QuotaSpec, RateScope};
+pub use plans::{PlanOverride, PlanSpec, QuotaSpec, Scope};
 pub use rate::{Rate, RateError};
 pub(crate) use route::normalize_path;
 pub use route::RoutePattern;

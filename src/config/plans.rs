@@ -26,6 +26,7 @@ pub(crate) struct RawPlan {
     pub(crate) billed: Option<bool>,
     pub(crate) concurrency: Option<i64>,
     pub(crate) rate_scope: Option<String>,
+    pub(crate) concurrency_scope: Option<String>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
@@ -78,27 +79,36 @@ pub struct PlanSpec {
     pub(crate) shadow: bool,
     pub(crate) billed: bool,
     pub(crate) concurrency: Option<NonZeroU32>,
-    pub(crate) rate_scope: RateScope,
+    pub(crate) rate_scope: Scope,
+    pub(crate) concurrency_scope: Scope,
 }
 
-/// Whose rate a plan's `rate` is (`rate_scope`).
+/// Whose limit a plan's `rate` or `concurrency` is (`rate_scope`, `concurrency_scope`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
-pub enum RateScope {
-    /// `"node"` (the default): each node keeps its own bucket; behind a load balancer with N
-    /// nodes a tenant may get N times the rate.
+pub enum Scope {
+    /// `"node"` (the default): each node keeps its own; behind a load balancer with N nodes a
+    /// tenant may get N times the limit.
     #[default]
     Node,
-    /// `"fleet"`: one bucket per tenant for the whole fleet, in the rate role's store, leased
-    /// out to the nodes in cells (see the configuration guide for its bound).
+    /// `"fleet"`: one limit per tenant for the whole fleet, in the rate or places role's store,
+    /// leased out to the nodes (cells of a rate, places of a concurrency; see the
+    /// configuration guide for their bounds).
     Fleet,
 }
 
 impl PlanSpec {
     /// Whose rate the plan's `rate` is: each node's, or the fleet's (`rate_scope`).
     #[must_use]
-    pub fn rate_scope(&self) -> RateScope {
+    pub fn rate_scope(&self) -> Scope {
         self.rate_scope
+    }
+
+    /// Whose count the plan's `concurrency` is: each node's, or the fleet's
+    /// (`concurrency_scope`).
+    #[must_use]
+    pub fn concurrency_scope(&self) -> Scope {
+        self.concurrency_scope
     }
 
     /// The most requests of one tenant in flight at once on a node (`concurrency = N`),
@@ -232,7 +242,7 @@ pub struct PlanOverride {
     /// The burst instead of the plan's (with `rate`: else the rate's count).
     pub burst: Option<NonZeroU32>,
     /// Whose rate instead of the plan's (`rate_scope`).
-    pub rate_scope: Option<RateScope>,
+    pub rate_scope: Option<Scope>,
     /// Quotas instead of the plan's on these meters (or added).
     pub quotas: BTreeMap<MeterId, QuotaSpec>,
     /// Features added to the plan's.
@@ -299,20 +309,20 @@ impl PlanOverride {
 }
 
 /// A rate scope's name in the file.
-fn scope_name(scope: RateScope) -> &'static str {
+fn scope_name(scope: Scope) -> &'static str {
     match scope {
-        RateScope::Node => "node",
-        RateScope::Fleet => "fleet",
+        Scope::Node => "node",
+        Scope::Fleet => "fleet",
     }
 }
 
 impl Validator<'_, '_> {
-    /// `rate_scope` at `key`: `"node"` or `"fleet"`.
-    fn rate_scope(&self, key: &str, raw: Option<&str>) -> Result<Option<RateScope>, ConfigError> {
+    /// A scope (`rate_scope`, `concurrency_scope`) at `key`: `"node"` or `"fleet"`.
+    fn rate_scope(&self, key: &str, raw: Option<&str>) -> Result<Option<Scope>, ConfigError> {
         match raw {
             None => Ok(None),
-            Some("node") => Ok(Some(RateScope::Node)),
-            Some("fleet") => Ok(Some(RateScope::Fleet)),
+            Some("node") => Ok(Some(Scope::Node)),
+            Some("fleet") => Ok(Some(Scope::Fleet)),
             Some(other) => Err(self.invalid(key, format!("expected \"node\" or \"fleet\", not \"{other}\""))),
         }
     }
@@ -351,8 +361,13 @@ impl Validator<'_, '_> {
             return Err(self.invalid(&format!("{base}.burst"), "a burst needs a rate"));
         }
         let rate_scope = self.rate_scope(&format!("{base}.rate_scope"), p.rate_scope.as_deref())?.unwrap_or_default();
-        if rate_scope == RateScope::Fleet && rate.is_none() {
+        if rate_scope == Scope::Fleet && rate.is_none() {
             return Err(self.invalid(&format!("{base}.rate_scope"), "a fleet rate needs a rate"));
+        }
+        let concurrency_scope =
+            self.rate_scope(&format!("{base}.concurrency_scope"), p.concurrency_scope.as_deref())?.unwrap_or_default();
+        if concurrency_scope == Scope::Fleet && p.concurrency.is_none() {
+            return Err(self.invalid(&format!("{base}.concurrency_scope"), "a fleet concurrency needs `concurrency`"));
         }
         let on_store_error = match &p.on_store_error {
             Some(v) => Some(self.policy(&format!("{base}.on_store_error"), v)?),
@@ -373,6 +388,7 @@ impl Validator<'_, '_> {
             quotas,
             features,
             rate_scope,
+            concurrency_scope,
             shadow: p.shadow.unwrap_or(false),
             billed: p.billed.unwrap_or(false),
             concurrency: match p.concurrency {

@@ -23,13 +23,15 @@ pub(crate) struct RawStore {
     pub(crate) migrate: Option<String>,
     pub(crate) ca_file: Option<String>,
     /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
-    /// `[store.rate]`: a store of that role's own (only under `[store]`).
+    /// `[store.rate]`, `[store.places]`: a store of that role's own (only under `[store]`).
     pub(crate) quota: Option<Box<RawStore>>,
     pub(crate) usage: Option<Box<RawStore>>,
     pub(crate) directory: Option<Box<RawStore>>,
     pub(crate) idempotency: Option<Box<RawStore>>,
     /// `[store.rate]`: the store of tenants' shared rates (by default the quota role's).
     pub(crate) rate: Option<Box<RawStore>>,
+    /// `[store.places]`: the store of tenants' places in flight (by default the quota role's).
+    pub(crate) places: Option<Box<RawStore>>,
 }
 
 /// Where the engine keeps its counters, usage and tenant directory: the `[store]` section.
@@ -197,7 +199,7 @@ pub enum Synchronous {
 
 /// A role a store plays, as the configuration can name a store for it apart from `[store]`
 /// (`[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
-/// `[store.rate]`).
+/// `[store.rate]`, `[store.places]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreRole {
@@ -213,12 +215,21 @@ pub enum StoreRole {
     /// Tenants' shared rates (`RateStore`, `rate_scope = "fleet"`); without a section of its
     /// own, the quota role's store.
     Rate,
+    /// Tenants' places in flight (`PlaceStore`, `concurrency_scope = "fleet"`); without a
+    /// section of its own, the quota role's store.
+    Places,
 }
 
 impl StoreRole {
     /// Every role.
-    pub const ALL: [StoreRole; 5] =
-        [StoreRole::Quota, StoreRole::Usage, StoreRole::Directory, StoreRole::Idempotency, StoreRole::Rate];
+    pub const ALL: [StoreRole; 6] = [
+        StoreRole::Quota,
+        StoreRole::Usage,
+        StoreRole::Directory,
+        StoreRole::Idempotency,
+        StoreRole::Rate,
+        StoreRole::Places,
+    ];
 
     /// The role's name in the configuration (`[store.NAME]`).
     #[must_use]
@@ -229,6 +240,7 @@ impl StoreRole {
             StoreRole::Directory => "directory",
             StoreRole::Idempotency => "idempotency",
             StoreRole::Rate => "rate",
+            StoreRole::Places => "places",
         }
     }
 }
@@ -241,6 +253,7 @@ pub(crate) struct StoreRoles {
     pub(crate) directory: Option<StoreSettings>,
     pub(crate) idempotency: Option<StoreSettings>,
     pub(crate) rate: Option<StoreSettings>,
+    pub(crate) places: Option<StoreSettings>,
 }
 
 impl StoreRoles {
@@ -252,14 +265,15 @@ impl StoreRoles {
             StoreRole::Directory => self.directory.as_ref(),
             StoreRole::Idempotency => self.idempotency.as_ref(),
             StoreRole::Rate => self.rate.as_ref(),
+            StoreRole::Places => self.places.as_ref(),
         }
     }
 
-    /// The store of `role`: its own section's, else (the rate role) the quota role's, else
-    /// `store`.
+    /// The store of `role`: its own section's, else (the rate and places roles) the quota
+    /// role's, else `store`.
     pub(crate) fn of<'a>(&'a self, role: StoreRole, store: &'a StoreSettings) -> &'a StoreSettings {
         match role {
-            StoreRole::Rate => self.rate.as_ref().or(self.quota.as_ref()).unwrap_or(store),
+            StoreRole::Rate | StoreRole::Places => self.get(role).or(self.quota.as_ref()).unwrap_or(store),
             _ => self.get(role).unwrap_or(store),
         }
     }
@@ -286,6 +300,7 @@ impl Validator<'_, '_> {
                 ("directory", r.directory.is_some()),
                 ("idempotency", r.idempotency.is_some()),
                 ("rate", r.rate.is_some()),
+                ("places", r.places.is_some()),
             ] {
                 if set {
                     return Err(self.invalid(
@@ -302,22 +317,26 @@ impl Validator<'_, '_> {
             directory: role("directory", &raw.directory)?,
             idempotency: role("idempotency", &raw.idempotency)?,
             rate: role("rate", &raw.rate)?,
+            places: role("places", &raw.places)?,
         };
         self.one_kind_of_sharing(&store, &roles)?;
-        // A fleet rate on SQLite is the processes sharing the file's: kept in one process's
-        // memory beside it, each process would keep its own.
-        if roles.rate.as_ref().is_some_and(|r| *r == StoreSettings::Memory)
-            && *roles.of(StoreRole::Quota, &store) != StoreSettings::Memory
-        {
-            return Err(self.invalid(
-                "store.rate.kind",
-                format!(
-                    "the rate role's store is memory but the quota role's is {}: tenants' fleet rates would be each \
-                     process's own (the processes sharing the file, or the nodes sharing the store, would each keep \
-                     their own bucket); keep the rate role on the quota role's store",
-                    roles.of(StoreRole::Quota, &store).kind()
-                ),
-            ));
+        // A fleet rate or concurrency on SQLite is the processes sharing the file's: kept in
+        // one process's memory beside it, each process would keep its own.
+        for role in [StoreRole::Rate, StoreRole::Places] {
+            if roles.get(role).is_some_and(|r| *r == StoreSettings::Memory)
+                && *roles.of(StoreRole::Quota, &store) != StoreSettings::Memory
+            {
+                return Err(self.invalid(
+                    &format!("store.{}.kind", role.name()),
+                    format!(
+                        "the {} role's store is memory but the quota role's is {}: it would be each process's own \
+                         (the processes sharing the file, or the nodes sharing the store, would each keep their \
+                         own); keep it on the quota role's store",
+                        role.name(),
+                        roles.of(StoreRole::Quota, &store).kind()
+                    ),
+                ));
+            }
         }
         Ok((store, roles))
     }
@@ -334,8 +353,8 @@ impl Validator<'_, '_> {
         let section = |role: StoreRole| {
             if roles.get(role).is_some() {
                 format!("[store.{}]", role.name())
-            } else if role == StoreRole::Rate && roles.quota.is_some() {
-                "[store.quota], the rate role's by default".to_owned()
+            } else if matches!(role, StoreRole::Rate | StoreRole::Places) && roles.quota.is_some() {
+                format!("[store.quota], the {} role's by default", role.name())
             } else if written {
                 "[store]".to_owned()
             } else {
@@ -365,6 +384,9 @@ impl Validator<'_, '_> {
                     StoreRole::Directory => "tenants and plans and a webhook's plan change would reach one node",
                     StoreRole::Usage => "usage and two nodes would export the same window",
                     StoreRole::Rate => "tenants' fleet rates and the fleet would admit a fleet rate once per node",
+                    StoreRole::Places => {
+                        "tenants' places in flight and the fleet would admit a fleet concurrency once per node"
+                    }
                 }
             ),
         ))

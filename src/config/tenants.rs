@@ -166,7 +166,7 @@ impl Validator<'_, '_> {
                     if o.burst.is_some() && merged.rate.is_none() {
                         return Err(self.invalid(&format!("{base}.overrides.burst"), "a burst needs a rate"));
                     }
-                    if merged.rate_scope == super::RateScope::Fleet && merged.rate.is_none() {
+                    if merged.rate_scope == super::Scope::Fleet && merged.rate.is_none() {
                         return Err(self.invalid(&format!("{base}.overrides.rate_scope"), "a fleet rate needs a rate"));
                     }
                     let mut one = BTreeMap::new();

@@ -249,6 +249,14 @@ mod validation {
             "[plans.p]\n[tenants.t]\nplan = \"p\"\nkeys = [\"k\"]\n[tenants.t.overrides]\nrate_scope = \"fleet\"\n",
         );
         assert!(e.key().starts_with("tenants.t.overrides"), "{e}");
+        // A fleet concurrency: an unknown scope, one without `concurrency`, a TTL too short to
+        // renew.
+        let e = err("[plans.p]\nconcurrency = 3\nconcurrency_scope = \"all\"\n");
+        assert_eq!((e.key(), e.line()), ("plans.p.concurrency_scope", Some(3)), "{e}");
+        assert_eq!(at("[plans.p]\nconcurrency_scope = \"fleet\"\n"), ("plans.p.concurrency_scope".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\nplace_ttl = \"2s\"\n"), ("limits.place_ttl".to_owned(), Some(2)));
+        let e = err("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[store.places]\nkind = \"memory\"\n");
+        assert_eq!(e.key(), "store.places.kind", "{e}");
         // A fleet rate kept in one process's memory beside a SQLite quota store (the
         // processes sharing the file would each keep their own).
         let e = err("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[store.rate]\nkind = \"memory\"\n");
@@ -258,7 +266,7 @@ mod validation {
             "[plans.p]\nrate = \"10/s\"\nrate_scope = \"fleet\"\n[limits]\nfleet_size_hint = 3\n",
         )
         .unwrap();
-        assert_eq!(c.plans()[&crate::base::PlanId::from("p")].rate_scope(), crate::config::RateScope::Fleet);
+        assert_eq!(c.plans()[&crate::base::PlanId::from("p")].rate_scope(), crate::config::Scope::Fleet);
         assert_eq!(c.limits().fleet_size_hint, 3);
     }
 
@@ -442,7 +450,7 @@ mod reference {
     const REFERENCE: &str = include_str!("reference.toml");
 
     /// The roles a `[store]` section may hold a section of.
-    const ROLES: [&str; 5] = ["quota", "usage", "directory", "idempotency", "rate"];
+    const ROLES: [&str; 6] = ["quota", "usage", "directory", "idempotency", "rate", "places"];
 
     /// Tables whose keys are names the user chose (a meter, a plan, a tenant, a quota's meter).
     const NAMED: [&str; 4] = ["meters", "plans", "tenants", "quotas"];

@@ -23,7 +23,10 @@ use crate::{
     config::{Config, StoreRole, StoreSettings},
     metrics::{Metrics, Totals},
     plan::Runtime,
-    store::{DirectoryStore, IdempotencyStore, MemoryStore, QuotaStore, RateStore, Roles, Store, UsageExportStore},
+    store::{
+        DirectoryStore, IdempotencyStore, MemoryStore, PlaceStore, QuotaStore, RateStore, Roles, Store,
+        UsageExportStore,
+    },
 };
 
 /// Why [`Builder::open`] could not build an engine.
@@ -169,6 +172,7 @@ pub struct Builder {
     directory: Option<Arc<dyn DirectoryStore>>,
     idempotency: Option<Arc<dyn IdempotencyStore>>,
     rate: Option<Arc<dyn RateStore>>,
+    places: Option<Arc<dyn PlaceStore>>,
     sink: Option<Arc<dyn BillingSink>>,
     clock: Option<Clock>,
     /// Whether `store` was opened from the configuration.
@@ -185,6 +189,7 @@ impl std::fmt::Debug for Builder {
             .field("directory", &self.directory)
             .field("idempotency", &self.idempotency)
             .field("rate", &self.rate)
+            .field("places", &self.places)
             .field("sink", &self.sink)
             .finish_non_exhaustive()
     }
@@ -203,6 +208,7 @@ impl Tollgate {
             directory: None,
             idempotency: None,
             rate: None,
+            places: None,
             sink: None,
             clock: None,
             configured: false,
@@ -277,7 +283,15 @@ impl Builder {
         self
     }
 
-    /// Whether some role has no store given in code (the rate role aside: code that gives
+    /// The store of the places role (tenants' requests in flight across the fleet,
+    /// `concurrency_scope = "fleet"`), instead of [`store`](Self::store)'s. (From the
+    /// configuration, `[store.places]`, else the quota role's store.)
+    pub fn places_store(mut self, store: Arc<dyn PlaceStore>) -> Self {
+        self.places = Some(store);
+        self
+    }
+
+    /// Whether some role has no store given in code (the rate and places roles aside: code that gives
     /// the other four keeps its stores, and its fleet rates are each node's unless it gives
     /// [`rate_store`](Self::rate_store) too).
     fn lacks_a_store(&self) -> bool {
@@ -351,6 +365,9 @@ impl Builder {
             if self.rate.is_none() {
                 self.rate = Some(open.role(&self.config, StoreRole::Rate).await?);
             }
+            if self.places.is_none() {
+                self.places = Some(open.role(&self.config, StoreRole::Places).await?);
+            }
             self.configured = true;
         }
         Ok(self.build())
@@ -378,6 +395,7 @@ impl Builder {
                 (StoreRole::Directory, self.directory.is_some()),
                 (StoreRole::Idempotency, self.idempotency.is_some()),
                 (StoreRole::Rate, self.rate.is_some()),
+                (StoreRole::Places, self.places.is_some()),
             ];
             for (role, given) in given {
                 let configured = self.config.store_of(role);
@@ -396,14 +414,13 @@ impl Builder {
         let limits = self.config.limits.clone();
         let clock = self.clock.unwrap_or_default();
         let host = crate::plan::Host::default();
-        if self.store.is_none()
-            && self.rate.is_none()
-            && self.config.plans().values().any(|p| p.rate_scope() == crate::config::RateScope::Fleet)
-        {
+        let fleet_rate = self.config.plans().values().any(|p| p.rate_scope() == crate::config::Scope::Fleet);
+        let fleet_places = self.config.plans().values().any(|p| p.concurrency_scope() == crate::config::Scope::Fleet);
+        if self.store.is_none() && ((self.rate.is_none() && fleet_rate) || (self.places.is_none() && fleet_places)) {
             tracing::warn!(
-                "a plan keeps its rate for the fleet (rate_scope = \"fleet\") but the rate role has no store: it is \
-                 kept in this process's memory, so each node keeps its own; give Builder::rate_store (or open the \
-                 configured stores with Builder::open)"
+                "a plan keeps its rate or concurrency for the fleet (rate_scope, concurrency_scope = \"fleet\") but \
+                 its role has no store: it is kept in this process's memory, so each node keeps its own; give \
+                 Builder::rate_store and Builder::places_store (or open the configured stores with Builder::open)"
             );
         }
         let runtime = Runtime::compile(self.config, &metrics, &clock, &host);
@@ -419,7 +436,8 @@ impl Builder {
             usage: self.usage.unwrap_or_else(|| all.clone()),
             directory: self.directory.unwrap_or_else(|| all.clone()),
             idempotency: self.idempotency.unwrap_or_else(|| all.clone()),
-            rate: self.rate.unwrap_or(all),
+            rate: self.rate.unwrap_or_else(|| all.clone()),
+            places: self.places.unwrap_or(all),
         };
         let totals = Arc::new(Totals::register());
         let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));
@@ -451,6 +469,7 @@ impl Builder {
             prefetch: prefetch_tx,
             sweep_now: Notify::new(),
             in_flight: crate::tenant::InFlightCounts::default(),
+            places: crate::engine::admit::places::PlacesNode::default(),
             shutdown: shutdown_tx,
             key_lookups: crate::engine::admit::clients::KeyLookups::new(limits.max_clients),
             credit_expiry: crate::engine::usage::credits::CreditExpiry::default(),

@@ -167,6 +167,8 @@ pub(crate) enum Stage {
     Hold(Box<Ticket>),
     /// Its tenant's fleet rate lease is empty: cells are leased from the rate store first.
     Rate(Box<crate::engine::admit::fleet::RateWait>),
+    /// Its node holds no free place of its tenant's fleet concurrency: one is leased first.
+    Places(Box<Partial>),
 }
 
 /// The `Idempotency-Key` of a pending request: the key, the request's digest, and the key
@@ -223,6 +225,7 @@ impl fmt::Debug for PendingAdmission {
             Stage::Quota(_) => "lease quota",
             Stage::Hold(_) => "take the route's hold",
             Stage::Rate(_) => "lease fleet rate cells",
+            Stage::Places(_) => "lease a place",
         };
         f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.route.cost).finish()
     }
@@ -587,6 +590,7 @@ impl Tollgate {
                 },
                 Stage::Hold(ticket) => Admission::Admitted(*ticket),
                 Stage::Rate(w) => self.lease_cells(*w, route, &rt).await,
+                Stage::Places(p) => self.acquire_place(*p, route, &rt).await,
                 Stage::Resolve { credential, meters, identified } => {
                     // The client address's key limits its lookups of API keys, when the address
                     // is the client's own (0: the node's shared budget).

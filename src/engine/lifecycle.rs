@@ -148,7 +148,8 @@ impl Tollgate {
     ///    (within two store timeouts), so a retry elsewhere is answered from them;
     /// 4. **flush** every usage record, retried while the store fails, until two thirds of
     ///    the budget;
-    /// 5. **give every lease back**, within a sixth of it at least;
+    /// 5. **give every lease back** (and a fleet concurrency's places), within a sixth of it at
+    ///    least;
     /// 6. **export**, with `export`, in the time left (closed windows; every window, open ones
     ///    included, when the store does not outlive the process).
     ///
@@ -209,11 +210,13 @@ impl Tollgate {
                 Err(e) => break Err(e),
             }
         };
-        // 5. Give every lease back: what is left of the budget, at least a sixth of it.
+        // 5. Give every lease back (and every place of a fleet concurrency): what is left of
+        // the budget, at least a sixth of it.
         let leases_until = deadline.max(tokio::time::Instant::now() + budget / 6);
         let mut live = Vec::new();
         self.shared.table().for_each(|s| live.push(s.clone()));
         report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(0));
+        let _ = tokio::time::timeout_at(leases_until, self.release_all_places()).await;
         if !report.leases_returned {
             tracing::error!(
                 "shutdown: not every lease was given back in time (their units stay leased until the period ends)"

@@ -77,6 +77,8 @@ pub(crate) struct Shared {
     pub(super) started: std::time::Instant,
     /// The holds open on this node.
     pub(super) holds: Arc<crate::engine::usage::held::OpenHolds>,
+    /// This node's places of tenants with a fleet concurrency.
+    pub(super) places: crate::engine::admit::places::PlacesNode,
 }
 
 impl Shared {
@@ -182,6 +184,11 @@ impl Shared {
     #[inline]
     pub(crate) fn in_flight(&self) -> &crate::tenant::InFlightCounts {
         &self.in_flight
+    }
+
+    /// This node's places of tenants with a fleet concurrency.
+    pub(crate) fn places(&self) -> &crate::engine::admit::places::PlacesNode {
+        &self.places
     }
 
     /// `shutdown`.

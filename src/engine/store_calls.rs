@@ -25,6 +25,7 @@ fn wrapped(roles: &Roles, policy: &Arc<Policy>, path: Path) -> Roles {
         directory: Arc::new(Limited::new(roles.directory.clone(), policy.clone(), path)),
         idempotency: Arc::new(Limited::new(roles.idempotency.clone(), policy.clone(), path)),
         rate: Arc::new(Limited::new(roles.rate.clone(), policy.clone(), path)),
+        places: Arc::new(Limited::new(roles.places.clone(), policy.clone(), path)),
     }
 }
 

@@ -56,7 +56,8 @@ impl Worker {
         let reconciliations = Self::reconciliations(self.tollgate.clone(), self.shutdown.clone(), self.flushes);
         let expiries = Self::credit_expiries(self.tollgate.clone(), self.shutdown.clone());
         let holds = Self::hold_expiries(self.tollgate.clone(), self.shutdown.clone());
-        tokio::join!(self.background(), exports, reconciliations, expiries, holds);
+        let places = Self::places(self.tollgate.clone(), self.shutdown.clone());
+        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places);
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -86,6 +87,17 @@ impl Worker {
             if expired > 0 {
                 tracing::warn!(holds = expired, "holds open past limits.hold_timeout were settled as recorded so far");
             }
+            true
+        })
+        .await;
+    }
+
+    /// A pass over this node's places of fleet concurrencies every second: renewed every
+    /// third of `limits.place_ttl`, a spare given back after a second.
+    async fn places(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || Duration::from_secs(1);
+        periodically(shutdown, every(), every, || async {
+            tollgate.tend_places().await;
             true
         })
         .await;

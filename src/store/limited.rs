@@ -34,9 +34,9 @@ use crate::{
         ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
         DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
         IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash,
-        LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore, RateStore,
-        RefundOutcome, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate,
-        UsageBatch, UsageEvent, UsageStore,
+        LedgerEntry, LedgerStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore,
+        RateStore, RefundOutcome, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
+        UsageAggregate, UsageBatch, UsageEvent, UsageStore,
     },
 };
 
@@ -530,5 +530,21 @@ impl<S: RateStore + ?Sized> RateStore for Limited<S> {
 
     async fn return_cells(&self, call: &crate::store::CellReturn) -> Result<(), StoreError> {
         self.call("return rate cells", self.inner.return_cells(call)).await
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: PlaceStore + ?Sized> PlaceStore for Limited<S> {
+    async fn acquire_places(&self, call: &crate::store::PlaceCall) -> Result<crate::store::Places, StoreError> {
+        self.call("acquire places", self.inner.acquire_places(call)).await
+    }
+
+    async fn renew_places(&self, call: &crate::store::PlaceCall) -> Result<crate::store::Places, StoreError> {
+        self.call("renew places", self.inner.renew_places(call)).await
+    }
+
+    async fn release_places(&self, call: &crate::store::PlaceCall) -> Result<crate::store::Places, StoreError> {
+        self.call("release places", self.inner.release_places(call)).await
     }
 }

@@ -10,6 +10,7 @@
 //! | directory | [`DirectoryStore`] | key hashes, tenants, plans, customers, overrides | tenant lookups, [`Admin`](crate::admin::Admin), webhooks |
 //! | idempotency | [`IdempotencyStore`] | `Idempotency-Key` bindings | requests carrying the header |
 //! | rate | [`RateStore`] | a GCRA bucket per tenant whose rate the fleet shares (`rate_scope = "fleet"`) | cell leases, on the request path |
+//! | places | [`PlaceStore`] | each node's places among a tenant's requests in flight (`concurrency_scope = "fleet"`) | place leases, their renewal and release |
 //!
 //! [`Store`] is every role at once, implemented for any type that has them all. The usage,
 //! export and ledger roles share writes, so one store holds the three ([`UsageExportStore`]).
@@ -35,6 +36,7 @@ mod idempotency;
 mod ledger;
 pub(crate) mod limited;
 mod memory;
+mod place;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod quota;
@@ -63,6 +65,7 @@ pub use idempotency::{
 };
 pub use ledger::{LedgerEntry, LedgerStore, LEDGER_KEPT_SECS};
 pub use memory::MemoryStore;
+pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
@@ -79,8 +82,8 @@ pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, Us
 /// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.
 pub mod prelude {
     pub use super::{
-        DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, QuotaStore,
-        RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
+        DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, PlaceStore,
+        QuotaStore, RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
     };
     #[cfg(any(test, feature = "test-util"))]
     pub use super::{QuotaInspect, StoreInspect, UsageInspect};
@@ -88,11 +91,19 @@ pub mod prelude {
 
 /// Every role at once: what [`Tollgate::builder`](crate::Tollgate::builder)'s `store` takes.
 ///
-/// Implemented for every type that implements the seven roles; implement those, never this.
-pub trait Store: QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore + RateStore {}
+/// Implemented for every type that implements the eight roles; implement those, never this.
+pub trait Store: QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore + RateStore + PlaceStore {}
 
 impl<T> Store for T where
-    T: QuotaStore + UsageStore + ExportStore + LedgerStore + DirectoryStore + IdempotencyStore + RateStore + ?Sized
+    T: QuotaStore
+        + UsageStore
+        + ExportStore
+        + LedgerStore
+        + DirectoryStore
+        + IdempotencyStore
+        + RateStore
+        + PlaceStore
+        + ?Sized
 {
 }
 
@@ -140,6 +151,7 @@ pub(crate) struct Roles {
     pub(crate) directory: Arc<dyn DirectoryStore>,
     pub(crate) idempotency: Arc<dyn IdempotencyStore>,
     pub(crate) rate: Arc<dyn RateStore>,
+    pub(crate) places: Arc<dyn PlaceStore>,
 }
 
 /// Now by the wall clock, in Unix seconds: what key expiry is measured against.

@@ -483,11 +483,22 @@ pub(crate) type InFlightCounts = std::sync::Arc<dashmap::DashMap<crate::config::
 /// A request of a tenant in flight under its plan's `concurrency`, from its admission to the
 /// end of its response body: dropped, it frees its place.
 pub(crate) struct Slot {
-    counts: InFlightCounts,
-    tenant: crate::config::TenantId,
+    kind: SlotKind,
+}
+
+enum SlotKind {
+    /// A place of the node's own count.
+    Node { counts: InFlightCounts, tenant: crate::config::TenantId },
+    /// A place of a fleet concurrency: what frees it.
+    Fleet(Option<Box<dyn FnOnce() + Send + Sync>>),
 }
 
 impl Slot {
+    /// A place whose freeing `free` does (a fleet concurrency's: the engine's).
+    pub(crate) fn on_drop(free: Box<dyn FnOnce() + Send + Sync>) -> Box<Slot> {
+        Box::new(Slot { kind: SlotKind::Fleet(Some(free)) })
+    }
+
     /// A place among the `limit` requests of `tenant` that may be in flight at once, if one is
     /// free (checked and taken under the map's lock: a refused attempt never counts).
     /// Boxed: it travels in every ticket, which stays a pointer bigger for it (the plans that
@@ -499,7 +510,7 @@ impl Slot {
         }
         *n += 1;
         drop(n);
-        Some(Box::new(Slot { counts: counts.clone(), tenant: tenant.clone() }))
+        Some(Box::new(Slot { kind: SlotKind::Node { counts: counts.clone(), tenant: tenant.clone() } }))
     }
 
     /// Whether `tenant` has `limit` requests in flight already (a check before work that a
@@ -511,10 +522,19 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.counts.entry(self.tenant.clone()) {
-            *e.get_mut() = e.get().saturating_sub(1);
-            if *e.get() == 0 {
-                e.remove();
+        match &mut self.kind {
+            SlotKind::Node { counts, tenant } => {
+                if let dashmap::mapref::entry::Entry::Occupied(mut e) = counts.entry(tenant.clone()) {
+                    *e.get_mut() = e.get().saturating_sub(1);
+                    if *e.get() == 0 {
+                        e.remove();
+                    }
+                }
+            }
+            SlotKind::Fleet(free) => {
+                if let Some(free) = free.take() {
+                    free();
+                }
             }
         }
     }
@@ -522,7 +542,10 @@ impl Drop for Slot {
 
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("Slot").field(&self.tenant).finish()
+        match &self.kind {
+            SlotKind::Node { tenant, .. } => f.debug_tuple("Slot").field(tenant).finish(),
+            SlotKind::Fleet(_) => f.write_str("Slot(fleet)"),
+        }
     }
 }
 

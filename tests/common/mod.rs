@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod holds;
 #[cfg(feature = "metronome")]
 pub mod metronome;
+pub mod places;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod stripe;
@@ -267,6 +268,10 @@ pub struct Faulty {
     pub rate_calls: AtomicU64,
     /// Rate calls fail (the rate role's store down alone).
     pub rate_down: AtomicBool,
+    /// Places calls (acquire, renew, release) that reached the store.
+    pub place_calls: AtomicU64,
+    /// Places calls fail (the places role's store down alone).
+    pub places_down: AtomicBool,
     /// A plan change applied right after the next tenant read answers: a webhook landing
     /// between a read and the write made from it.
     pub plan_change_after_read: std::sync::Mutex<Option<PlanChange>>,
@@ -297,6 +302,8 @@ impl Default for Faulty {
             idempotency_reads: Default::default(),
             rate_calls: Default::default(),
             rate_down: Default::default(),
+            place_calls: Default::default(),
+            places_down: Default::default(),
             plan_change_after_read: Default::default(),
             held: Default::default(),
             guard: Default::default(),
@@ -700,6 +707,35 @@ impl tollgate::store::RateStore for Faulty {
             return Err(StoreError::Backend("the rate store is down".into()));
         }
         self.inner.return_cells(call).await
+    }
+}
+
+impl Faulty {
+    fn place_call(&self) -> Result<(), StoreError> {
+        self.place_calls.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
+        if self.places_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("the places store is down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl tollgate::store::PlaceStore for Faulty {
+    async fn acquire_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
+        self.place_call()?;
+        self.inner.acquire_places(call).await
+    }
+
+    async fn renew_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
+        self.place_call()?;
+        self.inner.renew_places(call).await
+    }
+
+    async fn release_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
+        self.place_call()?;
+        self.inner.release_places(call).await
     }
 }
 

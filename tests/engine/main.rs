@@ -18,6 +18,7 @@ mod idempotency;
 mod limits;
 mod metrics;
 mod pipeline;
+mod places;
 mod quotas;
 mod reports;
 mod shadow;

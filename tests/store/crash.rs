@@ -438,3 +438,56 @@ async fn strands_its_lease_and_its_holds(kind: Kind, test: &str) {
     assert!(1000 - reserved - taken < 10, "the rest of the limit is held: {taken} of {}", 1000 - reserved);
     eprintln!("stranded {stranded}: {held} held, {} of the lease ({STRANDED_AT_MOST} at most)", stranded - held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_killed_holding_places_frees_them_within_the_place_ttl() {
+    let test = "a_process_killed_holding_places_frees_them_within_the_place_ttl";
+    frees_its_places_within_the_ttl(Kind::Sqlite, test).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_process_killed_holding_places_frees_them_within_the_place_ttl() {
+    let test = "postgres_a_process_killed_holding_places_frees_them_within_the_place_ttl";
+    frees_its_places_within_the_ttl(Kind::Postgres, test).await;
+}
+
+/// The plan of the places tests: 3 requests in flight for the fleet.
+const PLACES: &str = "concurrency = 3\nconcurrency_scope = \"fleet\"";
+
+/// A node holds all 3 places of a fleet concurrency (3 requests in flight) and is killed: its
+/// places stay taken until `limits.place_ttl` (30 s) after its last call, then another node
+/// gets all three.
+async fn frees_its_places_within_the_ttl(kind: Kind, test: &str) {
+    if let Some((_, db)) = role() {
+        let h = engine(&db, PLACES, NOON, None).await;
+        let mut running = Vec::new();
+        for _ in 0..3 {
+            running.push(common::places::admit_key(&h, "key-t").await.unwrap());
+        }
+        say("running", running.len() as u64);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        unreachable!("killed before this: {running:?}");
+    }
+    let Some((db, _dir)) = location(kind).await else { return };
+    let (child, mut lines) = spawn(test, "places", &db);
+    assert_eq!(read_until(&mut lines, "running"), vec![("running".to_owned(), 3)]);
+    sigkill(child);
+    // Within the TTL: the dead node's places still hold.
+    let h = engine(&db, PLACES, NOON + 20, None).await;
+    let refused = common::places::admit_key(&h, "key-t").await.unwrap_err();
+    assert_eq!(refused.kind(), tollgate::RejectionKind::ConcurrencyLimited);
+    // Past it: all three come back.
+    h.clock.advance(Duration::from_secs(11));
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        running.push(common::places::admit_key(&h, "key-t").await.expect("the dead node's places came back"));
+    }
+    assert_eq!(
+        common::places::admit_key(&h, "key-t").await.unwrap_err().kind(),
+        tollgate::RejectionKind::ConcurrencyLimited
+    );
+    for t in running {
+        assert!(t.complete(200));
+    }
+}

@@ -422,3 +422,11 @@ async fn fleet_rate_store_calls_follow_the_pace() {
     let Some(store) = dynamo::table().await else { return };
     common::fleet::store_calls_per_thousand(Arc::new(store), "dynamodb").await;
 }
+
+/// Four engines on one DynamoDB table run at most a fleet concurrency's requests at once
+/// (tests/common/places.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_run_at_most_the_fleets_concurrency() {
+    let Some(store) = dynamo::table().await else { return };
+    common::places::four_nodes_run_at_most(Arc::new(store)).await;
+}

@@ -455,7 +455,7 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
     let mut holder = holder;
     assert!(holder.wait().unwrap().success());
     migrating.await.unwrap().expect("migrated once the lock was free");
-    assert_eq!(psql(&format!("SELECT value FROM {s}.meta WHERE key = 'schema_version'")), "5");
+    assert_eq!(psql(&format!("SELECT value FROM {s}.meta WHERE key = 'schema_version'")), "6");
     assert_eq!(
         psql(&format!("SELECT count(*) FROM pg_tables WHERE schemaname = '{s}' AND tablename = 'credit_refund_kept'")),
         "1"
@@ -465,7 +465,7 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
 /// What the step from version 3 to 4 adds, taken away.
 fn back_to_version_3(s: &str) -> String {
     format!(
-        "DROP TABLE {s}.rate_cells; DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
+        "DROP TABLE {s}.place_leases; DROP TABLE {s}.rate_cells; DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
          DROP TABLE {s}.idempotency_shard_bytes; ALTER TABLE {s}.quota DROP COLUMN forgiven, DROP COLUMN forgiven_until, DROP COLUMN forgiven_by, DROP COLUMN senders_forgotten_at; \
          DROP INDEX {s}.credit_payment; DROP INDEX {s}.credit_by_payment; DROP INDEX {s}.credit_id; \
          ALTER TABLE {s}.credit DROP COLUMN paid, DROP COLUMN bought, DROP COLUMN taken, DROP COLUMN duplicate"
@@ -553,4 +553,12 @@ async fn four_nodes_share_one_fleet_rate() {
 async fn fleet_rate_store_calls_follow_the_pace() {
     let Some((store, _)) = postgres::store().await else { return };
     common::fleet::store_calls_per_thousand(Arc::new(store), "postgres").await;
+}
+
+/// Four engines on one PostgreSQL schema run at most a fleet concurrency's requests at once
+/// (tests/common/places.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_run_at_most_the_fleets_concurrency() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::places::four_nodes_run_at_most(Arc::new(store)).await;
 }

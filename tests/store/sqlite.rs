@@ -307,11 +307,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 13);
-    conn.execute_batch("PRAGMA user_version = 14").unwrap();
+    assert_eq!(version, 14);
+    conn.execute_batch("PRAGMA user_version = 15").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 14"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 15"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -351,6 +351,7 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
             "idempotency_count",
             "ledger",
             "meta",
+            "place_leases",
             "quota",
             "quota_floor",
             "quota_sender",
@@ -440,7 +441,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     // Back to version 1 as it was written.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+        "DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
          ALTER TABLE tenant DROP COLUMN metronome_customer; ALTER TABLE tenant DROP COLUMN subscriptions; DROP TABLE ledger; DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
@@ -462,7 +463,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 13);
+    assert_eq!(version, 14);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()
@@ -519,7 +520,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+        "DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \
@@ -569,4 +570,13 @@ async fn fleet_rate_store_calls_follow_the_pace() {
     let dir = tempfile::tempdir().unwrap();
     let store = tollgate::store::SqliteStore::open(dir.path().join("calls.db")).await.unwrap();
     common::fleet::store_calls_per_thousand(Arc::new(store), "sqlite").await;
+}
+
+/// Four engines, each with its own handle of one SQLite file, run at most a fleet
+/// concurrency's requests at once (tests/common/places.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_run_at_most_the_fleets_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("places.db")).await.unwrap();
+    common::places::four_nodes_run_at_most(Arc::new(store)).await;
 }

@@ -360,6 +360,13 @@ where
                      its claim frees itself after its in-flight time"
                 );
             }
+            // The places of a fleet concurrency this invocation's requests freed.
+            if !engine.places_released(budget).await {
+                tracing::warn!(
+                    "tollgate: a place of a fleet concurrency was not given back before the invocation ended; it \
+                     frees itself after limits.place_ttl"
+                );
+            }
             flush.flush_if_due().await;
             result
         })

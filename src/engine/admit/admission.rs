@@ -104,7 +104,11 @@ impl Tollgate {
         // storm of refused retries costs no store write. (Taken for good after the claim.)
         let state = charge.state();
         let limit = state.plan.concurrency;
-        if limit != 0 && !state.plan.shadow && Slot::full(self.shared.in_flight(), &state.id, limit) {
+        let full = || match state.plan.concurrency_fleet {
+            true => self.fleet_places_full(state),
+            false => Slot::full(self.shared.in_flight(), &state.id, limit),
+        };
+        if limit != 0 && !state.plan.shadow && full() {
             drop(claim);
             return self.reject(Self::too_many_in_flight(charge, route.meter));
         }
@@ -481,12 +485,12 @@ impl Tollgate {
     #[inline(always)]
     pub(crate) fn decide_rated(
         &self,
-        mut charge: RateCharge,
+        charge: RateCharge,
         route: RouteCost,
         charged: bool,
         claim: Option<Claim>,
     ) -> Admission {
-        let (meter, cost, now) = (route.meter, route.cost, charge.at);
+        let meter = route.meter;
         if !charged {
             self.shared.metrics().replays.increment(1);
         }
@@ -496,6 +500,21 @@ impl Tollgate {
         // request spends no rate cells and takes no units.
         let slot = match plan.concurrency {
             0 => None,
+            _ if plan.concurrency_fleet => match self.enter_fleet_place(state) {
+                Ok(Some(slot)) => Some(slot),
+                Ok(None) if plan.shadow => {
+                    self.would_refuse(&Self::shadow_concurrency(state));
+                    None
+                }
+                Ok(None) => {
+                    drop(claim);
+                    return self.reject(Self::too_many_in_flight(charge, meter));
+                }
+                Err(()) => {
+                    let partial = Partial { charge, claim, charged, slot: None };
+                    return Admission::pending(Stage::Places(Box::new(partial)), route);
+                }
+            },
             limit => match Slot::enter(self.shared.in_flight(), &state.id, limit) {
                 Some(slot) => Some(slot),
                 None if plan.shadow => {
@@ -508,6 +527,24 @@ impl Tollgate {
                 }
             },
         };
+        self.decide_placed(charge, route, charged, claim, slot)
+    }
+
+    /// [`decide_rated`](Self::decide_rated) once the request has its place among its tenant's
+    /// requests in flight (`slot`, when its plan limits them): the reported meters and the
+    /// quota.
+    #[inline(always)]
+    pub(crate) fn decide_placed(
+        &self,
+        mut charge: RateCharge,
+        route: RouteCost,
+        charged: bool,
+        claim: Option<Claim>,
+        slot: Option<Box<Slot>>,
+    ) -> Admission {
+        let (meter, cost, now) = (route.meter, route.cost, charge.at);
+        let state = charge.state();
+        let plan = &state.plan;
         if route.reports != 0 {
             match Self::check_reports(state, route.reports, now) {
                 Ok(()) => {}

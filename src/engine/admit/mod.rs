@@ -10,6 +10,7 @@ pub(crate) mod directory;
 pub(crate) mod door;
 pub(crate) mod fleet;
 pub(crate) mod idempotency;
+pub(crate) mod places;
 pub(crate) mod table;
 pub(crate) mod ticket;
 pub(crate) mod wait;

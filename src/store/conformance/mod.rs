@@ -32,14 +32,14 @@
 /// Writes one `#[tokio::test]` (multi-threaded) per function of the store conformance suite
 /// ([`store::conformance`](crate::store::conformance)), in a module `$name` with a module per
 /// role. `$make` is an expression giving a fresh `Option<StoreUnderTest<_>>` for each test
-/// (`None` skips it). The roles default to all seven; name some to test a store of those roles
+/// (`None` skips it). The roles default to all eight; name some to test a store of those roles
 /// only: `store_conformance!(my_directory, make(), directory)`.
 ///
 /// The calling crate needs `tokio` with the `macros` and `rt-multi-thread` features.
 #[macro_export]
 macro_rules! store_conformance {
     ($name:ident, $make:expr) => {
-        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency, rate);
+        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency, rate, place);
     };
     ($name:ident, $make:expr, $($role:ident),+ $(,)?) => {
         mod $name {
@@ -129,6 +129,13 @@ macro_rules! store_conformance {
             a_resent_rate_call_is_applied_once,
         );
     };
+    (@role place, $make:expr) => {
+        $crate::store_conformance!(@tests place, $make;
+            places_are_never_held_past_the_limit,
+            places_expire_unless_renewed,
+            a_resent_places_call_is_applied_once,
+        );
+    };
     (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {
         mod $role {
             #[allow(unused_imports)]
@@ -148,6 +155,7 @@ pub mod directory;
 pub mod export;
 pub mod idempotency;
 pub mod ledger;
+pub mod place;
 pub mod quota;
 pub mod rate;
 pub mod usage;

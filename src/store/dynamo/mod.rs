@@ -34,6 +34,7 @@ mod directory;
 mod export;
 mod idempotency;
 mod ledger;
+mod place;
 mod quota;
 mod rate;
 mod schema;
@@ -41,8 +42,8 @@ mod usage;
 
 use schema::{
     credit_pk, credit_sk, customer_pk, grant_id_pk, idempotency_pk, kept_refund_pk, kept_refunds_count_pk, key_pk,
-    keys_gpk, payment_pk, quota_pk, quota_sk, rate_pk, tenant_pk, usage_gsk, usage_pk, usage_sk, CREDIT_DUE_GPK,
-    META_PK, NAMESPACE_SK, ONE_SK, SEP,
+    keys_gpk, payment_pk, places_pk, quota_pk, quota_sk, rate_pk, tenant_pk, usage_gsk, usage_pk, usage_sk,
+    CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, ONE_SK, SEP,
 };
 
 type Item = HashMap<String, AttributeValue>;

@@ -194,6 +194,11 @@ pub(super) fn rate_pk(tenant: &TenantId) -> String {
     format!("R{SEP}{tenant}")
 }
 
+/// The partition of a tenant's places (sort key [`ONE_SK`]).
+pub(super) fn places_pk(tenant: &TenantId) -> String {
+    format!("PL{SEP}{tenant}")
+}
+
 pub(super) fn customer_pk(customer: &str) -> String {
     format!("C{SEP}{customer}")
 }

@@ -22,6 +22,7 @@ mod directory;
 mod export;
 mod idempotency;
 mod ledger;
+mod place;
 mod quota;
 mod rate;
 mod usage;
@@ -91,6 +92,8 @@ struct Inner {
     rates: HashMap<TenantId, crate::store::RateRow>,
     /// When the buckets were last pruned (the callers' clock, Unix nanoseconds).
     rates_pruned: i64,
+    /// Tenants' places (`concurrency_scope = "fleet"`), while a node holds some.
+    places: HashMap<TenantId, crate::store::PlaceRow>,
 }
 
 /// One `Idempotency-Key` binding.

@@ -33,6 +33,7 @@ mod directory;
 mod export;
 mod idempotency;
 mod ledger;
+mod place;
 mod quota;
 mod rate;
 mod schema;
@@ -605,6 +606,7 @@ impl PostgresStore {
         let idem = self.sql("DELETE FROM {s}.idempotency WHERE expires_at <= $1");
         // Shared rates whose bucket has been full for a day.
         let rates = self.sql("DELETE FROM {s}.rate_cells WHERE tat < $1");
+        let places = self.sql("DELETE FROM {s}.place_leases WHERE expires < $1");
         let idem_recount = self.sql(
             "UPDATE {s}.idempotency_count c SET n = coalesce(k.n, 0) \
              FROM {s}.idempotency_count s LEFT JOIN (SELECT hashtext(idem_key) & 15 AS shard, count(*) AS n \
@@ -629,6 +631,7 @@ impl PostgresStore {
             tx.query_typed(&idem, args![wall]).await?;
             tx.query_typed(&idem_recount, &[]).await?;
             tx.query_typed(&rates, args![wall.saturating_sub(86_400).saturating_mul(1_000_000_000)]).await?;
+            tx.query_typed(&places, args![wall.saturating_mul(1_000_000_000)]).await?;
             for (lock, delete, recount) in &ids {
                 tx.query_typed(lock, &[]).await?;
                 tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;

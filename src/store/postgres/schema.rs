@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -199,6 +199,14 @@ CREATE TABLE {s}.rate_cells (
     senders text NOT NULL
 );
 CREATE INDEX rate_cells_tat ON {s}.rate_cells (tat);
+"#,
+    // 5 -> 6: tenants' places (the places role).
+    r#"
+CREATE TABLE {s}.place_leases (
+    tenant  text COLLATE "C" PRIMARY KEY,
+    holders text NOT NULL,
+    expires bigint NOT NULL
+);
 "#,
 ];
 

@@ -26,6 +26,7 @@ mod directory;
 mod export;
 mod idempotency;
 mod ledger;
+mod place;
 mod quota;
 mod rate;
 mod schema;
@@ -478,6 +479,8 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     // Shared rates whose bucket has been full for a day (a tenant's row comes back, empty,
     // at its next lease; its senders, quiet that long, are not needed).
     tx.execute("DELETE FROM rate_cells WHERE tat < ?1", [wall.saturating_sub(86_400).saturating_mul(1_000_000_000)])?;
+    // Places rows whose every node's places expired (a node that died while holding some).
+    tx.execute("DELETE FROM place_leases WHERE expires < ?1", [wall.saturating_mul(1_000_000_000)])?;
     tx.execute("UPDATE idempotency_count SET n = (SELECT count(*) FROM idempotency) WHERE id = 0", [])?;
     tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
     Ok(())

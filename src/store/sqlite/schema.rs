@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 13;
+pub(super) const SCHEMA_VERSION: i32 = 14;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -222,6 +222,14 @@ CREATE TABLE rate_cells (
     senders TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX rate_cells_tat ON rate_cells (tat);
+",
+    // 13 -> 14: tenants' places (the places role).
+    r"
+CREATE TABLE place_leases (
+    tenant  TEXT PRIMARY KEY,
+    holders TEXT NOT NULL,
+    expires INTEGER NOT NULL
+) WITHOUT ROWID;
 ",
 ];
 

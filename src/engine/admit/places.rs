@@ -1,0 +1,380 @@
+//! Admission under a fleet concurrency (`concurrency_scope = "fleet"`): a request takes one of
+//! the places its node leased of its tenant's places in the places role's store, leasing one
+//! more when none is free; a place freed is given back at once when the node holds more than
+//! one spare, the spare after a second; the node renews its places while they are held.
+
+use std::sync::{
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+    Arc, Mutex, MutexGuard,
+};
+
+use dashmap::DashMap;
+
+use crate::engine::{engine::Partial, Admission, Tollgate};
+use crate::{
+    base::TenantId,
+    config::StoreErrorPolicy,
+    plan::{RouteCost, Runtime},
+    response::{Rejection, RejectionKind},
+    store::{PlaceCall, Places, ReserveToken},
+    tenant::{Slot, Tenant},
+};
+
+/// How long a spare place (held, no request on it) is kept before it is given back.
+const SPARE_NANOS: i64 = 1_000_000_000;
+
+/// How long a node serves a fail-open fleet concurrency from its own count once the places
+/// store failed, before it asks the store again.
+const FALLBACK_NANOS: i64 = 1_000_000_000;
+
+/// This node's places of each tenant with a fleet concurrency, while it holds some or has a
+/// request on one (the map is bounded by the tenants with requests in flight, and those
+/// whose places wait to be given back).
+#[derive(Debug, Default)]
+pub(crate) struct PlacesNode {
+    map: DashMap<TenantId, Arc<TenantPlaces>>,
+    /// Releases under way (in the background, after a request's body went).
+    releasing: AtomicUsize,
+    released: tokio::sync::Notify,
+}
+
+/// One tenant's places on this node.
+#[derive(Debug)]
+pub(crate) struct TenantPlaces {
+    tenant: TenantId,
+    local: Mutex<Local>,
+    /// One store call at a time for this tenant on this node (their sequence numbers in order).
+    lock: tokio::sync::Mutex<()>,
+    /// The sender id of this tenant's places calls (0: not drawn yet).
+    sender: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Local {
+    /// Places this node holds in the store.
+    held: u32,
+    /// Requests on them.
+    in_flight: u32,
+    /// Until then the places held may take requests (Unix nanoseconds): two thirds of the
+    /// TTL after their last acquire or renewal, so that a node that cannot renew stops
+    /// admitting on them well before they expire in the store.
+    valid_until: i64,
+    /// When they were last acquired or renewed.
+    renewed_at: i64,
+    /// Since when the node holds a spare place (0: none).
+    spare_since: i64,
+    /// The places every node held, as the last call read them.
+    taken: u32,
+    /// The tenant's limit, as its last acquire gave it (its renewals ask within it).
+    limit: u32,
+    /// Until then the store is taken as down and the node counts alone (fail-open).
+    fallback_until: i64,
+}
+
+impl TenantPlaces {
+    fn local(&self) -> MutexGuard<'_, Local> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a request at `now`, if a held one is free and still valid.
+    fn enter(&self, now: i64) -> bool {
+        let mut l = self.local();
+        if now < l.valid_until && l.in_flight < l.held {
+            l.in_flight += 1;
+            if l.in_flight == l.held {
+                l.spare_since = 0;
+            }
+            return true;
+        }
+        false
+    }
+
+    /// A request left its place at `now`: the places to give back at once (more than one
+    /// spare), if any.
+    fn leave(&self, now: i64) -> Option<u32> {
+        let mut l = self.local();
+        l.in_flight = l.in_flight.saturating_sub(1);
+        if l.held > l.in_flight + 1 {
+            return Some(l.in_flight + 1);
+        }
+        if l.held > l.in_flight && l.spare_since == 0 {
+            l.spare_since = now;
+        }
+        None
+    }
+
+    /// What the store said this node holds, at `now`, valid `valid` nanoseconds.
+    fn answered(&self, p: Places, now: i64, valid: i64) {
+        let mut l = self.local();
+        l.held = p.held;
+        l.taken = p.taken;
+        l.renewed_at = now;
+        l.valid_until = now.saturating_add(valid);
+        l.fallback_until = 0;
+        if l.held <= l.in_flight {
+            l.spare_since = 0;
+        }
+    }
+
+    fn sender(&self, draw: impl FnOnce() -> u64) -> u64 {
+        match self.sender.load(Ordering::Relaxed) {
+            0 => {
+                let drawn = draw().max(1);
+                match self.sender.compare_exchange(0, drawn, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => drawn,
+                    Err(other) => other,
+                }
+            }
+            s => s,
+        }
+    }
+}
+
+impl PlacesNode {
+    fn of(&self, tenant: &TenantId) -> Arc<TenantPlaces> {
+        if let Some(p) = self.map.get(tenant) {
+            return p.clone();
+        }
+        self.map
+            .entry(tenant.clone())
+            .or_insert_with(|| {
+                Arc::new(TenantPlaces {
+                    tenant: tenant.clone(),
+                    local: Mutex::default(),
+                    lock: tokio::sync::Mutex::new(()),
+                    sender: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+}
+
+/// What an acquire came to.
+enum Acquired {
+    /// A place for the request.
+    Place,
+    /// None free among the fleet's.
+    Full,
+    /// The store is taken as down (fail-open): the node counts alone.
+    Fallback,
+}
+
+impl Tollgate {
+    /// The TTL of places and how long an acquire or renewal keeps them valid here.
+    fn place_times(rt: &Runtime) -> (i64, i64) {
+        let ttl = i64::try_from(rt.config.limits.place_ttl.as_nanos()).unwrap_or(i64::MAX);
+        (ttl, ttl / 3 * 2)
+    }
+
+    /// A place among the tenant's requests in flight across the fleet, from those this node
+    /// holds: `Ok(Some)`; `Ok(None)` when none is free (while the store is taken as down and
+    /// the node counts alone, its share of the limit, fail-open); `Err` when the node must
+    /// lease one first.
+    pub(crate) fn enter_fleet_place(&self, state: &Tenant) -> Result<Option<Box<Slot>>, ()> {
+        let places = self.shared.places().of(&state.id);
+        let now = self.shared.clock().unix_nanos();
+        if places.local().fallback_until > now {
+            return Ok(self.node_share(state));
+        }
+        if places.enter(now) {
+            return Ok(Some(self.fleet_slot(places)));
+        }
+        Err(())
+    }
+
+    /// Whether the tenant's places are all taken as this node last read them (within a
+    /// second), and none it holds is free: a keyed request is refused before its key is
+    /// claimed (a storm of refused retries costs no store write).
+    pub(crate) fn fleet_places_full(&self, state: &Tenant) -> bool {
+        let Some(places) = self.shared.places().map.get(&state.id).map(|p| p.clone()) else { return false };
+        let now = self.shared.clock().unix_nanos();
+        let l = *places.local();
+        let free = now < l.valid_until && l.in_flight < l.held;
+        !free && l.taken >= state.plan.concurrency && now < l.renewed_at.saturating_add(1_000_000_000)
+    }
+
+    /// The node's own count while the places store is down: `concurrency / fleet_size_hint`
+    /// (at least one), refused past it.
+    fn node_share(&self, state: &Tenant) -> Option<Box<Slot>> {
+        let n = self.shared.runtime().load().config.limits.fleet_size_hint.max(1);
+        let limit = (state.plan.concurrency / n).max(1);
+        Slot::enter(self.shared.in_flight(), &state.id, limit)
+    }
+
+    /// A slot on one of `places`, freed (and given back when more than one is spare) when the
+    /// request's body has gone.
+    fn fleet_slot(&self, places: Arc<TenantPlaces>) -> Box<Slot> {
+        let engine = self.clone();
+        Slot::on_drop(Box::new(move || {
+            let now = engine.shared.clock().unix_nanos();
+            if let Some(keep) = places.leave(now) {
+                engine.release_places_later(places, keep);
+            }
+        }))
+    }
+
+    /// Gives places back in the background (the node then holds `keep`), counted until done
+    /// ([`places_released`](Self::places_released)).
+    fn release_places_later(&self, places: Arc<TenantPlaces>, keep: u32) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        self.shared.places().releasing.fetch_add(1, Ordering::AcqRel);
+        let engine = self.clone();
+        rt.spawn(async move {
+            engine.set_places(&places, keep, true).await;
+            if engine.shared.places().releasing.fetch_sub(1, Ordering::AcqRel) == 1 {
+                engine.shared.places().released.notify_waiters();
+            }
+        });
+    }
+
+    /// Sets this node's places of `tenant` to `count` (a release, or a renewal), under the
+    /// tenant's lock; a failure leaves them as they were (they expire in the store).
+    async fn set_places(&self, places: &TenantPlaces, count: u32, release: bool) {
+        let rt = self.shared.runtime().load_full();
+        let (ttl, valid) = Self::place_times(&rt);
+        let tenant = &places.tenant;
+        let _one = places.lock.lock().await;
+        let now = self.shared.clock().unix_nanos();
+        let limit = places.local().limit;
+        // Never fewer than the requests on them (one may have come meanwhile).
+        let count = count.max(places.local().in_flight);
+        let sender = places.sender(|| self.shared.ids().new_sender());
+        let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
+        let call = PlaceCall::new(tenant.clone(), count, limit, ttl, now, token);
+        let stores = self.shared.stores();
+        let answer = if release {
+            stores.within(stores.request().places.release_places(&call)).await
+        } else {
+            stores.within(stores.request().places.renew_places(&call)).await
+        };
+        match answer {
+            Ok(p) if release => {
+                let mut l = places.local();
+                l.held = p.held;
+                l.taken = p.taken;
+                if l.held <= l.in_flight {
+                    l.spare_since = 0;
+                }
+            }
+            Ok(p) => places.answered(p, now, valid),
+            Err(e) => tracing::debug!(tenant = %tenant, error = %e, "places could not be set"),
+        }
+    }
+
+    /// Leases a place for a request whose node holds none free (one store call for the
+    /// tenant's waiting requests on this node, within `usage.store_timeout`), then decides the
+    /// request on with it. None free in the fleet: 429 `Too many concurrent requests`; the store
+    /// failing: the plan's `on_store_error` (fail-open, the default: the node counts alone for a
+    /// second, its share of the limit; fail-closed: 503).
+    pub(crate) async fn acquire_place(&self, p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+        let state = p.charge.state().clone();
+        let places = self.shared.places().of(&state.id);
+        let limit = state.plan.concurrency;
+        let (ttl, valid) = Self::place_times(rt);
+        let acquired = self
+            .shared
+            .stores()
+            .under_lock(&places.lock, async {
+                let now = self.shared.clock().unix_nanos();
+                if places.local().fallback_until > now {
+                    return Ok(Acquired::Fallback);
+                }
+                if places.enter(now) {
+                    return Ok(Acquired::Place);
+                }
+                // As many as its requests in flight, and this one.
+                let count = places.local().in_flight + 1;
+                let sender = places.sender(|| self.shared.ids().new_sender());
+                let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
+                let call = PlaceCall::new(state.id.clone(), count, limit, ttl, now, token);
+                places.local().limit = limit;
+                let answer = self.shared.stores().request().places.acquire_places(&call).await?;
+                places.answered(answer, now, valid);
+                Ok(if places.enter(now) { Acquired::Place } else { Acquired::Full })
+            })
+            .await;
+        let Partial { charge, claim, charged, .. } = p;
+        let slot = match acquired {
+            Ok(Acquired::Place) => Some(self.fleet_slot(places)),
+            Ok(Acquired::Fallback) => match self.node_share(&state) {
+                Some(slot) => Some(slot),
+                None if state.plan.shadow => None,
+                None => return self.reject(Self::too_many_in_flight(charge, route.meter)),
+            },
+            Ok(Acquired::Full) => {
+                if !self.shadowed(&state, &Self::shadow_concurrency(&state)) {
+                    return self.reject(Self::too_many_in_flight(charge, route.meter));
+                }
+                None
+            }
+            Err(e) => {
+                tracing::debug!(tenant = %state.id, error = %e, "the places store failed");
+                if state.plan.on_store_error_set && state.plan.on_store_error == StoreErrorPolicy::FailClosed {
+                    let r = Rejection::new(RejectionKind::StoreUnavailable, "the places store did not answer in time");
+                    return self.reject(r.with_retry_after(1).for_tenant(&state));
+                }
+                places.local().fallback_until = self.shared.clock().unix_nanos().saturating_add(FALLBACK_NANOS);
+                match self.node_share(&state) {
+                    Some(slot) => Some(slot),
+                    None if state.plan.shadow => None,
+                    None => return self.reject(Self::too_many_in_flight(charge, route.meter)),
+                }
+            }
+        };
+        self.decide_placed(charge, route, charged, claim, slot)
+    }
+
+    /// The worker's pass over this node's places: renews those held (every third of the
+    /// TTL), gives back a spare held longer than a second, and forgets tenants with no place
+    /// and no request.
+    pub(crate) async fn tend_places(&self) {
+        let rt = self.shared.runtime().load_full();
+        let (ttl, _) = Self::place_times(&rt);
+        let now = self.shared.clock().unix_nanos();
+        let entries: Vec<Arc<TenantPlaces>> = self.shared.places().map.iter().map(|e| e.value().clone()).collect();
+        for places in entries {
+            let l = *places.local();
+            if l.held > l.in_flight && l.spare_since != 0 && now >= l.spare_since.saturating_add(SPARE_NANOS) {
+                self.set_places(&places, l.in_flight, true).await;
+            } else if l.held > 0 && now >= l.renewed_at.saturating_add(ttl / 3) {
+                self.set_places(&places, l.held, false).await;
+            }
+            let l = *places.local();
+            if l.held == 0 && l.in_flight == 0 {
+                self.shared.places().map.remove_if(&places.tenant, |_, p| {
+                    let l = p.local();
+                    l.held == 0 && l.in_flight == 0
+                });
+            }
+        }
+    }
+
+    /// Gives every place this node holds back (shutdown): the other nodes may take them at
+    /// once rather than after their TTL.
+    pub(crate) async fn release_all_places(&self) {
+        let entries: Vec<Arc<TenantPlaces>> = self.shared.places().map.iter().map(|e| e.value().clone()).collect();
+        for places in entries {
+            if places.local().held > 0 {
+                self.set_places(&places, 0, true).await;
+            }
+        }
+    }
+
+    /// Waits, at most `limit`, for the places given back in the background (after requests'
+    /// bodies went) to reach the store: `true` when none is left. A front door whose process
+    /// is frozen after each response (Lambda on-demand) awaits them before it returns, so
+    /// that the other nodes get the places at once.
+    pub async fn places_released(&self, limit: std::time::Duration) -> bool {
+        let node = self.shared.places();
+        let wait = async {
+            loop {
+                let notified = node.released.notified();
+                if node.releasing.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+}

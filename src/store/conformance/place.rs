@@ -1,0 +1,82 @@
+//! The places role: a tenant's places in flight, shared by its nodes, never more than its
+//! limit at once; a node's places expire unless renewed; each call applied once.
+
+use super::*;
+
+use crate::store::{PlaceCall, PlaceStore, Places};
+
+/// How long places hold: 30 s.
+const TTL: i64 = 30_000_000_000;
+/// A time in Unix nanoseconds.
+const NOW: i64 = DAY0 * 1_000_000_000;
+
+fn call(tenant: &str, count: u32, now: i64, node: u64, seq: u64) -> PlaceCall {
+    PlaceCall::new(tenant.into(), count, 5, TTL, now, ReserveToken::new(node, seq).at(now / 1_000_000_000))
+}
+
+/// Eight nodes each take places at once, one at a time, until none is left: together they
+/// hold the limit exactly; a release frees places for the others.
+pub async fn places_are_never_held_past_the_limit<S: ?Sized + PlaceStore>(h: &mut StoreUnderTest<S>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for node in 1..=8u64 {
+        let s = h.shared();
+        tasks.spawn(async move {
+            let (mut held, mut seq) = (0u32, 0u64);
+            loop {
+                seq += 1;
+                let p = s.acquire_places(&call("t", held + 1, NOW, node, seq)).await.unwrap();
+                assert!(p.taken <= 5, "{p:?}");
+                if p.held <= held {
+                    return held;
+                }
+                held = p.held;
+            }
+        });
+    }
+    let mut total = 0;
+    while let Some(held) = tasks.join_next().await {
+        total += held.unwrap();
+    }
+    assert_eq!(total, 5, "the limit, each place once");
+    let s = h.s();
+    // Every node gives its places back: another tenant's are its own, and all five are free.
+    for node in 1..=8u64 {
+        s.release_places(&call("t", 0, NOW, node, 100)).await.unwrap();
+    }
+    assert_eq!(s.acquire_places(&call("u", 5, NOW, 9, 1)).await.unwrap(), Places::new(5, 5));
+    assert_eq!(s.acquire_places(&call("t", 9, NOW, 9, 2)).await.unwrap(), Places::new(5, 5));
+}
+
+/// A node's places expire `ttl` after its last call unless it renews them: a node that died
+/// frees its places then; a renewal keeps them, and a node whose places expired and were taken
+/// does not get them back by renewing. The places outlive a restart of the store.
+pub async fn places_expire_unless_renewed<S: ?Sized + PlaceStore>(h: &mut StoreUnderTest<S>) {
+    let s = h.s();
+    assert_eq!(s.acquire_places(&call("t", 3, NOW, 1, 1)).await.unwrap(), Places::new(3, 3));
+    assert_eq!(s.acquire_places(&call("t", 2, NOW, 2, 1)).await.unwrap(), Places::new(2, 5));
+    h.restart().await;
+    let s = h.s();
+    // Node 2 renews; node 1 (dead) does not.
+    let later = NOW + TTL / 2;
+    assert_eq!(s.renew_places(&call("t", 2, later, 2, 2)).await.unwrap(), Places::new(2, 5));
+    assert_eq!(s.acquire_places(&call("t", 1, later, 3, 1)).await.unwrap(), Places::new(0, 5), "node 1's still hold");
+    let expired = NOW + TTL + 1;
+    assert_eq!(s.acquire_places(&call("t", 3, expired, 3, 2)).await.unwrap(), Places::new(3, 5), "node 1's freed");
+    // Node 1 comes back and renews: its places went to node 3.
+    assert_eq!(s.renew_places(&call("t", 3, expired, 1, 2)).await.unwrap(), Places::new(0, 5));
+}
+
+/// A call re-sent with its token is answered as it was (counts are totals: no harm done), and
+/// an older call of the same sender changes nothing.
+pub async fn a_resent_places_call_is_applied_once<S: ?Sized + PlaceStore>(h: &mut StoreUnderTest<S>) {
+    let s = h.s();
+    let first = s.acquire_places(&call("t", 2, NOW, 1, 5)).await.unwrap();
+    assert_eq!(first, Places::new(2, 2));
+    assert_eq!(s.acquire_places(&call("t", 2, NOW, 1, 5)).await.unwrap(), first, "re-sent");
+    assert_eq!(s.release_places(&call("t", 1, NOW, 1, 6)).await.unwrap(), Places::new(1, 1));
+    // The acquire of seq 5 arriving late (after the release of seq 6): it changes nothing.
+    assert_eq!(s.acquire_places(&call("t", 2, NOW, 1, 5)).await.unwrap(), Places::new(1, 1));
+    // A release re-sent: the same total.
+    assert_eq!(s.release_places(&call("t", 1, NOW, 1, 6)).await.unwrap(), Places::new(1, 1));
+    assert_eq!(s.acquire_places(&call("t", 5, NOW, 2, 1)).await.unwrap(), Places::new(4, 5));
+}

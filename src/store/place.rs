@@ -1,0 +1,189 @@
+//! The places role: a tenant's requests in flight across the fleet (`concurrency_scope =
+//! "fleet"`), as places each node leases for a while and renews while its requests run.
+
+use std::{collections::BTreeMap, fmt};
+
+use async_trait::async_trait;
+
+use super::{ReserveToken, StoreError};
+use crate::base::TenantId;
+
+/// A node's places of one tenant, set by a call of [`PlaceStore`]: the node (its token's
+/// sender) asks to hold `count` places in all, of the tenant's `limit`, until `now + ttl`.
+///
+/// Counts are absolute (the node's total, not a change), so a call re-sent after a timeout
+/// does no harm; a call older than one of its sender already applied (a lower sequence number)
+/// changes nothing. A node's places expire `ttl` after its last call: a node that dies (or
+/// stops renewing) frees them then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PlaceCall {
+    /// Whose requests.
+    pub tenant: TenantId,
+    /// The places the node asks to hold in all.
+    pub count: u32,
+    /// The most places the tenant's nodes may hold together (its plan's `concurrency`).
+    pub limit: u32,
+    /// How long the places hold after this call, in nanoseconds.
+    pub ttl: i64,
+    /// The caller's clock, Unix nanoseconds.
+    pub now: i64,
+    /// Who sent it (the node: its sender id) and its place in that sender's calls.
+    pub token: ReserveToken,
+}
+
+impl PlaceCall {
+    /// `count` places of `tenant`'s `limit`, held until `now + ttl`.
+    #[must_use]
+    pub fn new(tenant: TenantId, count: u32, limit: u32, ttl: i64, now: i64, token: ReserveToken) -> Self {
+        Self { tenant, count, limit, ttl, now, token }
+    }
+}
+
+/// What a [`PlaceCall`] left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Places {
+    /// The places the calling node holds now (until its call's `now + ttl`).
+    pub held: u32,
+    /// The places every node of the tenant holds now, this one's included.
+    pub taken: u32,
+}
+
+impl Places {
+    /// `held` of `taken`.
+    #[must_use]
+    pub fn new(held: u32, taken: u32) -> Self {
+        Self { held, taken }
+    }
+}
+
+/// Where tenants' requests in flight are counted for the fleet (`concurrency_scope = "fleet"`):
+/// per tenant, the places each node holds, each node's until it expires.
+///
+/// Each call is one atomic read-modify-write of the tenant's row, with the rules of
+/// [`PlaceRow`]: nodes together never hold more than `limit` live places.
+#[async_trait]
+pub trait PlaceStore: Send + Sync + fmt::Debug + 'static {
+    /// Takes places: the node holds `count` in all if they fit beside the other nodes' live
+    /// places (else as many as fit), until `now + ttl`.
+    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
+
+    /// Renews the node's places, `count` of them at most, until `now + ttl` (as an acquire:
+    /// places that expired meanwhile and were taken by others are not held again).
+    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
+
+    /// Gives places back: the node holds `count` at most from now on (its expiry unchanged;
+    /// none: its entry goes).
+    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
+}
+
+/// What a call does ([`PlaceRow::apply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlaceMode {
+    /// [`PlaceStore::acquire_places`] or [`PlaceStore::renew_places`].
+    Hold,
+    /// [`PlaceStore::release_places`].
+    Release,
+}
+
+/// One node's places, as a row keeps them: how many, until when (Unix nanoseconds), and the
+/// sequence number of its last call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Holder(u32, i64, u64);
+
+/// One tenant's places as a store keeps them (JSON of [`to_json`](Self::to_json)), with the
+/// rules of the role applied to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlaceRow {
+    holders: BTreeMap<u64, Holder>,
+}
+
+impl PlaceRow {
+    /// A row as stored (empty text: none).
+    ///
+    /// # Errors
+    /// The text is not what [`to_json`](Self::to_json) writes.
+    pub fn from_json(text: &str) -> Result<Self, StoreError> {
+        if text.is_empty() {
+            return Ok(Self::default());
+        }
+        let holders: BTreeMap<String, Holder> = serde_json::from_str(text)
+            .map_err(|e| StoreError::Backend(format!("a places row does not read: {e}").into()))?;
+        Ok(Self { holders: holders.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect() })
+    }
+
+    /// The row, as stored.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        let holders: BTreeMap<String, Holder> = self.holders.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        serde_json::to_string(&holders).unwrap_or_default()
+    }
+
+    /// Whether no node holds a place (the row can go).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.holders.is_empty()
+    }
+
+    /// The latest expiry of a node's places (0: none).
+    #[must_use]
+    pub fn expires(&self) -> i64 {
+        self.holders.values().map(|h| h.1).max().unwrap_or(0)
+    }
+
+    /// Applies a call (`mode`): what the calling node holds, and the places taken in all.
+    /// Expired entries go; a call older than its sender's last (a lower sequence number) only
+    /// reads.
+    pub fn apply(&mut self, call: &PlaceCall, mode: PlaceMode) -> Places {
+        let now = call.now;
+        self.holders.retain(|_, h| h.1 > now);
+        let node = call.token.node;
+        let mine = self.holders.get(&node).copied();
+        let others: u32 = self.holders.iter().filter(|(k, _)| **k != node).map(|(_, h)| h.0).sum();
+        if mine.is_some_and(|h| call.token.seq < h.2) {
+            let held = mine.map_or(0, |h| h.0);
+            return Places::new(held, others.saturating_add(held));
+        }
+        let held = match mode {
+            PlaceMode::Hold => call.count.min(call.limit.saturating_sub(others)),
+            PlaceMode::Release => call.count.min(mine.map_or(0, |h| h.0)),
+        };
+        if held == 0 {
+            self.holders.remove(&node);
+        } else {
+            let until = match (mode, mine) {
+                (PlaceMode::Release, Some(h)) => h.1,
+                _ => now.saturating_add(call.ttl.max(0)),
+            };
+            self.holders.insert(node, Holder(held, until, call.token.seq));
+        }
+        Places::new(held, others.saturating_add(held))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: i64 = 30_000_000_000;
+
+    fn call(node: u64, seq: u64, count: u32, now: i64) -> PlaceCall {
+        PlaceCall::new("t".into(), count, 5, TTL, now, ReserveToken::new(node, seq).at(now / 1_000_000_000))
+    }
+
+    #[test]
+    fn places_are_shared_expire_and_come_back() {
+        let mut row = PlaceRow::default();
+        assert_eq!(row.apply(&call(1, 1, 3, 0), PlaceMode::Hold), Places::new(3, 3));
+        assert_eq!(row.apply(&call(2, 1, 4, 0), PlaceMode::Hold), Places::new(2, 5), "2 fit");
+        assert_eq!(row.apply(&call(1, 2, 1, 1), PlaceMode::Release), Places::new(1, 3));
+        // Re-sent: the same; older: only read.
+        assert_eq!(row.apply(&call(1, 2, 1, 1), PlaceMode::Release), Places::new(1, 3));
+        assert_eq!(row.apply(&call(1, 1, 3, 1), PlaceMode::Hold), Places::new(1, 3));
+        // Node 1 stops renewing: its place frees after the TTL.
+        assert_eq!(row.apply(&call(2, 2, 4, TTL + 2), PlaceMode::Hold), Places::new(4, 4));
+        let stored = PlaceRow::from_json(&row.to_json()).unwrap();
+        assert_eq!(stored, row);
+    }
+}

@@ -1,0 +1,48 @@
+//! The places role of the PostgresStore: a tenant's places read under a row lock and written
+//! in one transaction.
+
+use super::*;
+use crate::store::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
+
+impl PostgresStore {
+    async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
+        let insert = self
+            .sql("INSERT INTO {s}.place_leases (tenant, holders, expires) VALUES ($1, '', 0) ON CONFLICT DO NOTHING");
+        let read = self.sql("SELECT holders FROM {s}.place_leases WHERE tenant = $1 FOR UPDATE");
+        let write = self.sql("UPDATE {s}.place_leases SET holders = $2, expires = $3 WHERE tenant = $1");
+        let delete = self.sql("DELETE FROM {s}.place_leases WHERE tenant = $1");
+        let tenant = call.tenant.as_str();
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            tx.query_typed(&insert, args![tenant]).await?;
+            let found = tx.query_typed_one(&read, args![tenant]).await?;
+            let mut row = PlaceRow::from_json(found.get::<_, &str>(0)).map_err(Fail::Store)?;
+            let before = row.clone();
+            let out = row.apply(call, mode);
+            if row.is_empty() {
+                tx.query_typed(&delete, args![tenant]).await?;
+            } else if row != before {
+                tx.query_typed(&write, args![tenant, row.to_json(), row.expires()]).await?;
+            }
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl PlaceStore for PostgresStore {
+    async fn acquire_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
+        self.places(call, PlaceMode::Hold).await
+    }
+
+    async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
+        self.places(call, PlaceMode::Hold).await
+    }
+
+    async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError> {
+        self.places(call, PlaceMode::Release).await
+    }
+}

@@ -1,0 +1,85 @@
+//! Fleet-wide concurrency: the configuration, requests and the fleet check the engine's and
+//! the stores' tests share.
+
+use std::sync::{
+    atomic::{AtomicU32, Ordering},
+    Arc,
+};
+
+use super::{node_with_worker, Harness, NOON};
+use tollgate::{
+    door::{Admission, Credential, RequestInfo, Ticket},
+    RejectionKind,
+};
+
+/// Tenant `t` on a plan of 5 requests in flight for the whole fleet.
+pub const TOML: &str = r#"
+[plans.p]
+concurrency = 5
+concurrency_scope = "fleet"
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[usage]
+store_timeout = "30s"
+"#;
+
+pub async fn admit(h: &Harness) -> Result<Ticket, tollgate::Rejection> {
+    admit_key(h, "key-t").await
+}
+
+/// A request of the tenant with `key`: admitted (its ticket), or why not.
+pub async fn admit_key(h: &Harness, key: &str) -> Result<Ticket, tollgate::Rejection> {
+    let info = RequestInfo::new("GET", "/", Credential::ApiKey(key.as_bytes()));
+    match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => Ok(t),
+        Admission::Pending(p) => h.tollgate.resolve(p).await,
+        Admission::Rejected(r) => Err(r),
+    }
+}
+
+/// The check: shared with the stores' tests.
+pub async fn four_nodes_run_at_most(store: Arc<dyn tollgate::store::StoreInspect>) {
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Arc<Harness>> =
+        (0..4).map(|_| Arc::new(node_with_worker(TOML, store.clone(), clock.clone(), handle.clone()))).collect();
+    let inside = Arc::new(AtomicU32::new(0));
+    let most = Arc::new(AtomicU32::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40usize {
+        let (h, inside, most) = (nodes[i % 4].clone(), inside.clone(), most.clone());
+        tasks.spawn(async move {
+            loop {
+                match admit(&h).await {
+                    Ok(ticket) => {
+                        let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        assert!(ticket.complete(200));
+                        return;
+                    }
+                    Err(r) => {
+                        assert_eq!(r.kind(), RejectionKind::ConcurrencyLimited, "{r}");
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        });
+    }
+    while !tasks.is_empty() {
+        tokio::select! {
+            done = tasks.join_next() => { done.unwrap().unwrap(); }
+            () = tokio::time::sleep(std::time::Duration::from_millis(1)) => {
+                handle.advance(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+    let most = most.load(Ordering::SeqCst);
+    eprintln!("at most {most} of 5 in their handlers at once, 40 served by 4 nodes");
+    assert!(most <= 5, "{most} in their handlers at once");
+    assert!(most >= 2, "the nodes shared the places");
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+}

@@ -1,0 +1,130 @@
+//! Fleet-wide concurrency (`concurrency_scope = "fleet"`): a tenant's requests in flight
+//! counted across the fleet, in places each node leases, renews and gives back.
+
+use std::sync::{atomic::Ordering, Arc};
+
+use crate::common;
+
+use common::places::{admit, TOML};
+use common::{node_with_worker, Faulty, Harness, NOON};
+use tollgate::{door::Ticket, RejectionKind};
+
+/// Four engines on one store, their workers running and the clock moving; 40 slow requests at
+/// once, each retried until served: at most 5 are in their handlers at any instant, counted by
+/// the handler, and all 40 are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_run_at_most_the_fleets_concurrency() {
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    common::places::four_nodes_run_at_most(store).await;
+}
+
+/// A node paused past `limits.place_ttl` (its worker does not renew): its places expire in
+/// the store and another node takes them; back, the paused node gets none of them again (its
+/// places are no longer valid here past two thirds of the TTL: it asks the store), so the
+/// over-admission is only its requests already running: 5 + 5 at most, then back to 5.
+#[tokio::test]
+async fn a_paused_nodes_places_expire_and_go_to_the_others() {
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    // A has no worker running: it renews nothing (a node paused, or its store calls failing).
+    let a = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(TOML, store.clone(), clock, handle.clone());
+    let mut running: Vec<Ticket> = Vec::new();
+    for _ in 0..5 {
+        running.push(admit(&a).await.unwrap());
+    }
+    assert_eq!(admit(&b).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited, "A holds the 5");
+    // A is paused (no call of it reaches the store) past the TTL.
+    handle.advance(std::time::Duration::from_secs(31));
+    // Past the TTL: A's places expired; B takes them while A's 5 still run (the bound).
+    let mut b_running = Vec::new();
+    for _ in 0..5 {
+        b_running.push(admit(&b).await.unwrap());
+    }
+    assert_eq!(admit(&b).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited);
+    assert_eq!(admit(&a).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited, "A gets none back");
+    for t in running {
+        assert!(t.complete(200));
+    }
+    for t in b_running {
+        assert!(t.complete(200));
+    }
+}
+
+/// A place freed goes back to the store at once when the node holds more than one spare, so
+/// another node gets it; the last spare after a second (the worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_places_go_back_to_the_fleet() {
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = node_with_worker(TOML, store.clone(), clock.clone(), handle.clone());
+    let b = node_with_worker(TOML, store.clone(), clock, handle.clone());
+    let mut running = Vec::new();
+    for _ in 0..5 {
+        running.push(admit(&a).await.unwrap());
+    }
+    for t in running {
+        assert!(t.complete(200));
+    }
+    // A keeps one spare for a moment: B gets 4 at once.
+    assert!(a.tollgate.places_released(std::time::Duration::from_secs(5)).await);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(admit(&b).await.expect("given back at once"));
+    }
+    // The spare goes back after a second (the worker's pass, the clock moving).
+    let mut fifth = None;
+    for _ in 0..300 {
+        handle.advance(std::time::Duration::from_millis(100));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        if let Ok(t) = admit(&b).await {
+            fifth = Some(t);
+            break;
+        }
+    }
+    assert!(fifth.is_some(), "A's spare came back");
+    drop(got);
+}
+
+/// The places store failing: a fleet concurrency fails open by default to the node's share
+/// (`concurrency / limits.fleet_size_hint`); set to fail closed, 503.
+#[tokio::test]
+async fn a_failing_places_store_falls_back_to_the_nodes_share_or_refuses() {
+    let toml = format!("{TOML}[limits]\nfleet_size_hint = 2\n");
+    let store = Arc::new(Faulty::default());
+    store.places_down.store(true, Ordering::SeqCst);
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    let mut running = Vec::new();
+    while let Ok(t) = admit(&h).await {
+        running.push(t);
+        assert!(running.len() <= 5);
+    }
+    assert_eq!(running.len(), 2, "5 / 2 on this node alone");
+    let closed = TOML
+        .replace("concurrency_scope = \"fleet\"", "concurrency_scope = \"fleet\"\non_store_error = \"fail-closed\"");
+    let store = Arc::new(Faulty::default());
+    store.places_down.store(true, Ordering::SeqCst);
+    let h = Harness::with_store(&closed, store, NOON);
+    assert_eq!(admit(&h).await.unwrap_err().kind(), RejectionKind::StoreUnavailable);
+}
+
+/// A node admits on the places it holds only while they are valid: two thirds of the TTL after
+/// its last renewal (its worker renews every third), past it a request asks the store (a node
+/// that cannot renew stops admitting on places that may expire under it).
+#[tokio::test]
+async fn places_not_renewed_in_time_are_not_admitted_on() {
+    let store = Arc::new(Faulty::default());
+    let h = Harness::with_store(TOML, store.clone(), NOON);
+    let first = admit(&h).await.unwrap();
+    let second = admit(&h).await.unwrap();
+    assert!(second.complete(200));
+    let calls = store.place_calls.load(Ordering::SeqCst);
+    let again = admit(&h).await.unwrap();
+    assert_eq!(store.place_calls.load(Ordering::SeqCst), calls, "the spare, held and valid");
+    assert!(again.complete(200));
+    h.clock.advance(std::time::Duration::from_secs(21));
+    let late = admit(&h).await.unwrap();
+    assert!(store.place_calls.load(Ordering::SeqCst) > calls, "not renewed in time: asked the store");
+    assert!(late.complete(200));
+    assert!(first.complete(200));
+}
