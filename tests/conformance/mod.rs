@@ -80,6 +80,12 @@ rate = "5/s"
 burst = 5
 rate_scope = "fleet"
 
+[plans.one]
+rate = "100/s"
+burst = 100
+concurrency = 1
+concurrency_scope = "fleet"
+
 [[routes]]
 method = "POST"
 path = "/v1/reports"
@@ -124,6 +130,10 @@ keys = ["key-single"]
 [tenants.umbrella]
 plan = "fleet"
 keys = ["key-fleet"]
+
+[tenants.hooli]
+plan = "one"
+keys = ["key-one"]
 
 [stripe.events]
 "payment_method.attached" = "pro"
@@ -269,6 +279,7 @@ impl Scenario {
                 Cancel(req) => Cancel(resolve(req)),
                 Replay(req, status) => Replay(resolve(req), status),
                 OtherNode(req, status) => OtherNode(resolve(req), status),
+                OverlapOther(a, b, sa, sb) => OverlapOther(resolve(a), resolve(b), sa, sb),
                 Advance(by) => Advance(by),
             })
             .collect();
@@ -296,6 +307,8 @@ pub enum Step {
     /// Send a request through a second node: the same door over a second engine sharing the
     /// first's store and clock (a fleet of two behind a load balancer).
     OtherNode(Req, u16),
+    /// [`Overlap`](Step::Overlap), the second request sent through the second node.
+    OverlapOther(Req, Req, u16, u16),
 }
 
 #[derive(Debug, Clone)]
@@ -327,7 +340,7 @@ fn post(path: &'static str) -> Req {
     Req::new("POST", path)
 }
 
-use Step::{Advance, Cancel, OtherNode, Overlap, Replay, Send};
+use Step::{Advance, Cancel, OtherNode, Overlap, OverlapOther, Replay, Send};
 
 /// The table.
 pub fn scenarios() -> Vec<Scenario> {
@@ -522,6 +535,20 @@ pub fn scenarios() -> Vec<Scenario> {
                 Send(get("/v1/items").key("key-single"), 200),
             ],
             usage: vec![("initech", "requests", 3)],
+            same_responses: true,
+        },
+        Scenario {
+            name: "a fleet concurrency: one request in flight across two nodes",
+            steps: vec![
+                // The second node is refused while the first node's request runs: the place is
+                // the fleet's.
+                OverlapOther(post("/v1/slow").key("key-one"), get("/v1/items").key("key-one"), 201, 429),
+                // The first node keeps the place as its spare for a moment: its next request
+                // takes it, the second node's is refused.
+                Send(get("/v1/items").key("key-one"), 200),
+                OtherNode(get("/v1/items").key("key-one"), 429),
+            ],
+            usage: vec![("hooli", "requests", 2)],
             same_responses: true,
         },
         Scenario {
@@ -900,8 +927,11 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
     let (engine, clock, store) = engine().await;
     let door = make(engine.clone());
     // The second node, for the steps that need it.
-    let other =
-        scenario.steps.iter().any(|s| matches!(s, OtherNode(..))).then(|| engine_on(store.clone(), clock.clock()));
+    let other = scenario
+        .steps
+        .iter()
+        .any(|s| matches!(s, OtherNode(..) | OverlapOther(..)))
+        .then(|| engine_on(store.clone(), clock.clock()));
     let other_door = other.clone().map(make);
     let mut responses = Vec::new();
     // The first answer to each `Idempotency-Key`, for the replays.
@@ -943,12 +973,17 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
                 }
                 responses.push(resp);
             }
-            Overlap(first, second, status_first, status_second) => {
+            Overlap(first, second, status_first, status_second)
+            | OverlapOther(first, second, status_first, status_second) => {
+                let second_door = match step {
+                    OverlapOther(..) => other_door.as_ref().expect("a second node"),
+                    _ => &door,
+                };
                 let _one_at_a_time = OVERLAP.lock().await;
                 let overlap = async {
                     tokio::join!(door.send(first), async {
                         ENTERED.notified().await;
-                        let b = door.send(second).await;
+                        let b = second_door.send(second).await;
                         RELEASE.notify_one();
                         b
                     })
@@ -994,7 +1029,7 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
         other.flush().await.expect("the memory store takes every flush");
     }
     let mut usage = BTreeMap::new();
-    for tenant in ["acme", "globex", "beta", "initech", "umbrella"] {
+    for tenant in ["acme", "globex", "beta", "initech", "umbrella", "hooli"] {
         for a in store.usage_range(&tenant.into(), 0, i64::MAX).await.unwrap() {
             *usage.entry((tenant.to_owned(), a.key.meter.to_string())).or_insert(0) += a.quantity;
         }

@@ -333,6 +333,7 @@ impl Tollgate {
         let now = self.shared.clock().unix_nanos();
         let entries: Vec<Arc<TenantPlaces>> = self.shared.places().map.iter().map(|e| e.value().clone()).collect();
         for places in entries {
+            let tenant = places.tenant.clone();
             let l = *places.local();
             if l.held > l.in_flight && l.spare_since != 0 && now >= l.spare_since.saturating_add(SPARE_NANOS) {
                 self.set_places(&places, l.in_flight, true).await;
@@ -341,9 +342,12 @@ impl Tollgate {
             }
             let l = *places.local();
             if l.held == 0 && l.in_flight == 0 {
-                self.shared.places().map.remove_if(&places.tenant, |_, p| {
+                // Only while nobody else holds it (a request taking a place, a release under
+                // way): a later request then makes a new entry, never a second one beside it.
+                drop(places);
+                self.shared.places().map.remove_if(&tenant, |_, p| {
                     let l = p.local();
-                    l.held == 0 && l.in_flight == 0
+                    Arc::strong_count(p) == 1 && l.held == 0 && l.in_flight == 0
                 });
             }
         }
