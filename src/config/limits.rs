@@ -273,10 +273,10 @@ impl Validator<'_, '_> {
             },
             place_ttl: {
                 let d = self.duration("limits.place_ttl", l.place_ttl.as_deref(), Duration::from_secs(30))?;
-                if d < Duration::from_secs(3) || d > Duration::from_secs(3600) {
+                if d < Duration::from_secs(10) || d > Duration::from_secs(3600) {
                     return Err(self.invalid(
                         "limits.place_ttl",
-                        "must be from 3s (a node renews its places every third of it) to 1h",
+                        "must be from 10s (a node renews its places every third of it, with a pass a second) to 1h",
                     ));
                 }
                 d

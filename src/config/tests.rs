@@ -254,7 +254,7 @@ mod validation {
         let e = err("[plans.p]\nconcurrency = 3\nconcurrency_scope = \"all\"\n");
         assert_eq!((e.key(), e.line()), ("plans.p.concurrency_scope", Some(3)), "{e}");
         assert_eq!(at("[plans.p]\nconcurrency_scope = \"fleet\"\n"), ("plans.p.concurrency_scope".to_owned(), Some(2)));
-        assert_eq!(at("[limits]\nplace_ttl = \"2s\"\n"), ("limits.place_ttl".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\nplace_ttl = \"5s\"\n"), ("limits.place_ttl".to_owned(), Some(2)));
         let e = err("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[store.places]\nkind = \"memory\"\n");
         assert_eq!(e.key(), "store.places.kind", "{e}");
         // A fleet rate kept in one process's memory beside a SQLite quota store (the

@@ -40,9 +40,14 @@ pub async fn admit_key(h: &Harness, key: &str) -> Result<Ticket, tollgate::Rejec
 
 /// The check: shared with the stores' tests.
 pub async fn four_nodes_run_at_most(store: Arc<dyn tollgate::store::StoreInspect>) {
+    four_nodes_run_at_most_with(store, TOML).await;
+}
+
+/// [`four_nodes_run_at_most`] with the configuration `toml`.
+pub async fn four_nodes_run_at_most_with(store: Arc<dyn tollgate::store::StoreInspect>, toml: &str) {
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =
-        (0..4).map(|_| Arc::new(node_with_worker(TOML, store.clone(), clock.clone(), handle.clone()))).collect();
+        (0..4).map(|_| Arc::new(node_with_worker(toml, store.clone(), clock.clone(), handle.clone()))).collect();
     let inside = Arc::new(AtomicU32::new(0));
     let most = Arc::new(AtomicU32::new(0));
     let mut tasks = tokio::task::JoinSet::new();

@@ -15,7 +15,10 @@ use tollgate::{door::Ticket, RejectionKind};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_run_at_most_the_fleets_concurrency() {
     let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
-    common::places::four_nodes_run_at_most(store).await;
+    // The default store timeout: the requests waiting on one node share its call, and a wait
+    // for it is not taken for a store failure.
+    let toml = TOML.replace("[usage]\nstore_timeout = \"30s\"\n", "");
+    common::places::four_nodes_run_at_most_with(store, &toml).await;
 }
 
 /// A node paused past `limits.place_ttl` (its worker does not renew): its places expire in
@@ -127,4 +130,27 @@ async fn places_not_renewed_in_time_are_not_admitted_on() {
     assert!(store.place_calls.load(Ordering::SeqCst) > calls, "not renewed in time: asked the store");
     assert!(late.complete(200));
     assert!(first.complete(200));
+}
+
+/// On Lambda an invocation gives back the places its requests freed before it ends, the spare
+/// too (`Tollgate::places_released`): another node gets them at once, not after the TTL.
+#[tokio::test]
+async fn places_released_gives_back_the_spare_too() {
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(TOML, store, clock, handle);
+    let mut running = Vec::new();
+    for _ in 0..5 {
+        running.push(admit(&a).await.unwrap());
+    }
+    for t in running {
+        assert!(t.complete(200));
+    }
+    assert!(a.tollgate.places_released(std::time::Duration::from_secs(5)).await);
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(admit(&b).await.expect("every place given back, the spare too"));
+    }
+    drop(got);
 }

@@ -572,8 +572,8 @@ async fn fleet_rate_store_calls_follow_the_pace() {
     common::fleet::store_calls_per_thousand(Arc::new(store), "sqlite").await;
 }
 
-/// Four engines, each with its own handle of one SQLite file, run at most a fleet
-/// concurrency's requests at once (tests/common/places.rs).
+/// Four engines on one SQLite file run at most a fleet concurrency's requests at once
+/// (tests/common/places.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_run_at_most_the_fleets_concurrency() {
     let dir = tempfile::tempdir().unwrap();

@@ -63,12 +63,26 @@ struct Local {
     renewed_at: i64,
     /// Since when the node holds a spare place (0: none).
     spare_since: i64,
-    /// The places every node held, as the last call read them.
+    /// The places every node held, as the last call read them, and when.
     taken: u32,
+    read_at: i64,
     /// The tenant's limit, as its last acquire gave it (its renewals ask within it).
     limit: u32,
     /// Until then the store is taken as down and the node counts alone (fail-open).
     fallback_until: i64,
+    /// Requests waiting for a place (one acquire asks for all of them).
+    waiting: u32,
+}
+
+/// What a call of [`Tollgate::set_places`] sets.
+#[derive(Debug, Clone, Copy)]
+enum Set {
+    /// Gives back down to this many (never below the requests on them).
+    ReleaseTo(u32),
+    /// Gives back the spares (down to the requests on them).
+    Spares,
+    /// Renews what is held.
+    Renew,
 }
 
 impl TenantPlaces {
@@ -89,8 +103,8 @@ impl TenantPlaces {
         false
     }
 
-    /// A request left its place at `now`: the places to give back at once (more than one
-    /// spare), if any.
+    /// A request left its place at `now`: the places to keep when more than one is spare
+    /// (the rest given back at once), if any.
     fn leave(&self, now: i64) -> Option<u32> {
         let mut l = self.local();
         l.in_flight = l.in_flight.saturating_sub(1);
@@ -108,6 +122,7 @@ impl TenantPlaces {
         let mut l = self.local();
         l.held = p.held;
         l.taken = p.taken;
+        l.read_at = now;
         l.renewed_at = now;
         l.valid_until = now.saturating_add(valid);
         l.fallback_until = 0;
@@ -149,6 +164,24 @@ impl PlacesNode {
     }
 }
 
+/// A request counted among its tenant's waiters on this node until it is dropped (answered,
+/// or its future dropped).
+struct Waiting<'a>(&'a TenantPlaces);
+
+impl<'a> Waiting<'a> {
+    fn new(places: &'a TenantPlaces) -> Self {
+        places.local().waiting += 1;
+        Self(places)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut l = self.0.local();
+        l.waiting = l.waiting.saturating_sub(1);
+    }
+}
+
 /// What an acquire came to.
 enum Acquired {
     /// A place for the request.
@@ -174,10 +207,14 @@ impl Tollgate {
         let places = self.shared.places().of(&state.id);
         let now = self.shared.clock().unix_nanos();
         if places.local().fallback_until > now {
-            return Ok(self.node_share(state));
+            return Ok(self.node_share(state, &places));
         }
         if places.enter(now) {
             return Ok(Some(self.fleet_slot(places)));
+        }
+        // Every place taken as last read (within a second): refused without asking the store.
+        if Self::read_full(&places, state.plan.concurrency, now) {
+            return Ok(None);
         }
         Err(())
     }
@@ -190,14 +227,21 @@ impl Tollgate {
         let now = self.shared.clock().unix_nanos();
         let l = *places.local();
         let free = now < l.valid_until && l.in_flight < l.held;
-        !free && l.taken >= state.plan.concurrency && now < l.renewed_at.saturating_add(1_000_000_000)
+        !free && Self::read_full(&places, state.plan.concurrency, now)
+    }
+
+    /// Whether the store's last answer (within a second) found every place taken.
+    fn read_full(places: &TenantPlaces, limit: u32, now: i64) -> bool {
+        let l = places.local();
+        l.taken >= limit && now < l.read_at.saturating_add(1_000_000_000)
     }
 
     /// The node's own count while the places store is down: `concurrency / fleet_size_hint`
-    /// (at least one), refused past it.
-    fn node_share(&self, state: &Tenant) -> Option<Box<Slot>> {
+    /// (at least one), the requests still running on its places of the fleet counted in it;
+    /// refused past it.
+    fn node_share(&self, state: &Tenant, places: &TenantPlaces) -> Option<Box<Slot>> {
         let n = self.shared.runtime().load().config.limits.fleet_size_hint.max(1);
-        let limit = (state.plan.concurrency / n).max(1);
+        let limit = (state.plan.concurrency / n).max(1).saturating_sub(places.local().in_flight);
         Slot::enter(self.shared.in_flight(), &state.id, limit)
     }
 
@@ -220,43 +264,77 @@ impl Tollgate {
         self.shared.places().releasing.fetch_add(1, Ordering::AcqRel);
         let engine = self.clone();
         rt.spawn(async move {
-            engine.set_places(&places, keep, true).await;
+            engine.set_places(&places, Set::ReleaseTo(keep)).await;
             if engine.shared.places().releasing.fetch_sub(1, Ordering::AcqRel) == 1 {
                 engine.shared.places().released.notify_waiters();
             }
         });
     }
 
-    /// Sets this node's places of `tenant` to `count` (a release, or a renewal), under the
-    /// tenant's lock; a failure leaves them as they were (they expire in the store).
-    async fn set_places(&self, places: &TenantPlaces, count: u32, release: bool) {
+    /// Gives back or renews this node's places of a tenant, under the tenant's lock (waited
+    /// for within `usage.store_timeout`), the count read under it. A release lowers the places
+    /// held here before the store is asked: no request takes one of them meanwhile (the store
+    /// may answer after another node took them), and a release that fails leaves them given up
+    /// here (they expire in the store). A renewal that fails changes nothing: the places stop
+    /// being valid here two thirds of the TTL after the last one.
+    async fn set_places(&self, places: &TenantPlaces, set: Set) {
         let rt = self.shared.runtime().load_full();
         let (ttl, valid) = Self::place_times(&rt);
+        let limit_wait = rt.config.usage.store_timeout;
         let tenant = &places.tenant;
-        let _one = places.lock.lock().await;
-        let now = self.shared.clock().unix_nanos();
-        let limit = places.local().limit;
-        // Never fewer than the requests on them (one may have come meanwhile).
-        let count = count.max(places.local().in_flight);
-        let sender = places.sender(|| self.shared.ids().new_sender());
-        let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
-        let call = PlaceCall::new(tenant.clone(), count, limit, ttl, now, token);
-        let stores = self.shared.stores();
-        let answer = if release {
-            stores.within(stores.request().places.release_places(&call)).await
-        } else {
-            stores.within(stores.request().places.renew_places(&call)).await
+        let Ok(_one) = tokio::time::timeout(limit_wait, places.lock.lock()).await else {
+            tracing::debug!(tenant = %tenant, "places not set: their lock did not come in time");
+            return;
         };
-        match answer {
-            Ok(p) if release => {
-                let mut l = places.local();
-                l.held = p.held;
-                l.taken = p.taken;
+        let now = self.shared.clock().unix_nanos();
+        let (count, limit) = {
+            let mut l = places.local();
+            let count = match set {
+                // Never fewer than the requests on them.
+                Set::ReleaseTo(keep) => keep.max(l.in_flight),
+                Set::Spares => l.in_flight,
+                Set::Renew => l.held,
+            };
+            if matches!(set, Set::Renew) && count == 0 {
+                return;
+            }
+            if !matches!(set, Set::Renew) {
+                if count >= l.held {
+                    return;
+                }
+                l.held = count;
                 if l.held <= l.in_flight {
                     l.spare_since = 0;
                 }
             }
-            Ok(p) => places.answered(p, now, valid),
+            (count, l.limit)
+        };
+        let sender = places.sender(|| self.shared.ids().new_sender());
+        let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
+        let call = PlaceCall::new(tenant.clone(), count, limit, ttl, now, token);
+        let stores = self.shared.stores();
+        let answer = match set {
+            Set::Renew => stores.within(stores.request().places.renew_places(&call)).await,
+            _ => stores.within(stores.request().places.release_places(&call)).await,
+        };
+        match answer {
+            Ok(p) => {
+                let mut l = places.local();
+                l.taken = p.taken;
+                match set {
+                    // Renewed: what the store says is held (fewer, if some expired and were
+                    // taken meanwhile), valid from now.
+                    Set::Renew => {
+                        l.held = p.held;
+                        l.renewed_at = now;
+                        l.valid_until = now.saturating_add(valid);
+                    }
+                    _ => l.held = l.held.min(p.held),
+                }
+                if l.held <= l.in_flight {
+                    l.spare_since = 0;
+                }
+            }
             Err(e) => tracing::debug!(tenant = %tenant, error = %e, "places could not be set"),
         }
     }
@@ -271,37 +349,47 @@ impl Tollgate {
         let places = self.shared.places().of(&state.id);
         let limit = state.plan.concurrency;
         let (ttl, valid) = Self::place_times(rt);
-        let acquired = self
-            .shared
-            .stores()
-            .under_lock(&places.lock, async {
-                let now = self.shared.clock().unix_nanos();
-                if places.local().fallback_until > now {
-                    return Ok(Acquired::Fallback);
-                }
-                if places.enter(now) {
-                    return Ok(Acquired::Place);
-                }
-                // As many as its requests in flight, and this one.
-                let count = places.local().in_flight + 1;
-                let sender = places.sender(|| self.shared.ids().new_sender());
-                let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
-                let call = PlaceCall::new(state.id.clone(), count, limit, ttl, now, token);
-                places.local().limit = limit;
-                let answer = self.shared.stores().request().places.acquire_places(&call).await?;
-                places.answered(answer, now, valid);
-                Ok(if places.enter(now) { Acquired::Place } else { Acquired::Full })
-            })
-            .await;
+        let timeout = rt.config.usage.store_timeout;
+        let waiting = Waiting::new(&places);
+        let acquired = async {
+            // The wait for the other waiters' call is not a store failure: past it, busy.
+            let Ok(_one) = tokio::time::timeout(timeout, places.lock.lock()).await else {
+                return Ok(Acquired::Full);
+            };
+            let now = self.shared.clock().unix_nanos();
+            if places.local().fallback_until > now {
+                return Ok(Acquired::Fallback);
+            }
+            if places.enter(now) {
+                return Ok(Acquired::Place);
+            }
+            // As many as its requests in flight and every request waiting: one call serves
+            // them all.
+            let count = {
+                let mut l = places.local();
+                l.limit = limit;
+                l.in_flight.saturating_add(l.waiting.max(1))
+            };
+            let sender = places.sender(|| self.shared.ids().new_sender());
+            let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
+            let call = PlaceCall::new(state.id.clone(), count, limit, ttl, now, token);
+            let stores = self.shared.stores();
+            let answer = stores.within(stores.request().places.acquire_places(&call)).await?;
+            places.answered(answer, now, valid);
+            Ok(if places.enter(now) { Acquired::Place } else { Acquired::Full })
+        }
+        .await;
+        drop(waiting);
         let Partial { charge, claim, charged, .. } = p;
         let slot = match acquired {
             Ok(Acquired::Place) => Some(self.fleet_slot(places)),
-            Ok(Acquired::Fallback) => match self.node_share(&state) {
+            Ok(Acquired::Fallback) => match self.node_share(&state, &places) {
                 Some(slot) => Some(slot),
-                None if state.plan.shadow => None,
+                None if self.shadowed(&state, &Self::shadow_concurrency(&state)) => None,
                 None => return self.reject(Self::too_many_in_flight(charge, route.meter)),
             },
-            Ok(Acquired::Full) => {
+            Ok(Acquired::Full) | Err(crate::store::StoreError::Conflict(_)) => {
+                // None free (or the tenant's row written by other nodes all along: busy).
                 if !self.shadowed(&state, &Self::shadow_concurrency(&state)) {
                     return self.reject(Self::too_many_in_flight(charge, route.meter));
                 }
@@ -314,9 +402,9 @@ impl Tollgate {
                     return self.reject(r.with_retry_after(1).for_tenant(&state));
                 }
                 places.local().fallback_until = self.shared.clock().unix_nanos().saturating_add(FALLBACK_NANOS);
-                match self.node_share(&state) {
+                match self.node_share(&state, &places) {
                     Some(slot) => Some(slot),
-                    None if state.plan.shadow => None,
+                    None if self.shadowed(&state, &Self::shadow_concurrency(&state)) => None,
                     None => return self.reject(Self::too_many_in_flight(charge, route.meter)),
                 }
             }
@@ -336,9 +424,11 @@ impl Tollgate {
             let tenant = places.tenant.clone();
             let l = *places.local();
             if l.held > l.in_flight && l.spare_since != 0 && now >= l.spare_since.saturating_add(SPARE_NANOS) {
-                self.set_places(&places, l.in_flight, true).await;
-            } else if l.held > 0 && now >= l.renewed_at.saturating_add(ttl / 3) {
-                self.set_places(&places, l.held, false).await;
+                self.set_places(&places, Set::Spares).await;
+            }
+            let l = *places.local();
+            if l.held > 0 && now >= l.renewed_at.saturating_add(ttl / 3) {
+                self.set_places(&places, Set::Renew).await;
             }
             let l = *places.local();
             if l.held == 0 && l.in_flight == 0 {
@@ -359,7 +449,7 @@ impl Tollgate {
         let entries: Vec<Arc<TenantPlaces>> = self.shared.places().map.iter().map(|e| e.value().clone()).collect();
         for places in entries {
             if places.local().held > 0 {
-                self.set_places(&places, 0, true).await;
+                self.set_places(&places, Set::ReleaseTo(0)).await;
             }
         }
     }
@@ -370,6 +460,25 @@ impl Tollgate {
     /// that the other nodes get the places at once.
     pub async fn places_released(&self, limit: std::time::Duration) -> bool {
         let node = self.shared.places();
+        // The spares too: a process frozen after the invocation would keep them until their
+        // TTL.
+        let spares: Vec<Arc<TenantPlaces>> = node
+            .map
+            .iter()
+            .filter(|e| {
+                let l = e.value().local();
+                l.held > l.in_flight
+            })
+            .map(|e| e.value().clone())
+            .collect();
+        let release = async {
+            for places in spares {
+                self.set_places(&places, Set::Spares).await;
+            }
+        };
+        if tokio::time::timeout(limit, release).await.is_err() {
+            return false;
+        }
         let wait = async {
             loop {
                 let notified = node.released.notified();

@@ -40,7 +40,7 @@ impl DynamoStore {
                 .item("ver", n(version + 1))
                 // Gone a day after its last node's places expired (TTL deletion is lazy: a
                 // row read after it only holds expired places).
-                .item("ttl", n(row.expires() / 1_000_000_000 + 86_400));
+                .item("ttl", n(row.expires().max(call.now) / 1_000_000_000 + 86_400));
             let put = if found.is_some() {
                 put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
             } else {

@@ -606,6 +606,8 @@ impl PostgresStore {
         let idem = self.sql("DELETE FROM {s}.idempotency WHERE expires_at <= $1");
         // Shared rates whose bucket has been full for a day.
         let rates = self.sql("DELETE FROM {s}.rate_cells WHERE tat < $1");
+        // Rows of places that all expired a day ago (a row emptied by its last release keeps
+        // its latest expiry).
         let places = self.sql("DELETE FROM {s}.place_leases WHERE expires < $1");
         let idem_recount = self.sql(
             "UPDATE {s}.idempotency_count c SET n = coalesce(k.n, 0) \
@@ -631,7 +633,7 @@ impl PostgresStore {
             tx.query_typed(&idem, args![wall]).await?;
             tx.query_typed(&idem_recount, &[]).await?;
             tx.query_typed(&rates, args![wall.saturating_sub(86_400).saturating_mul(1_000_000_000)]).await?;
-            tx.query_typed(&places, args![wall.saturating_mul(1_000_000_000)]).await?;
+            tx.query_typed(&places, args![wall.saturating_sub(86_400).saturating_mul(1_000_000_000)]).await?;
             for (lock, delete, recount) in &ids {
                 tx.query_typed(lock, &[]).await?;
                 tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;

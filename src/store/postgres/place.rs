@@ -10,19 +10,21 @@ impl PostgresStore {
             .sql("INSERT INTO {s}.place_leases (tenant, holders, expires) VALUES ($1, '', 0) ON CONFLICT DO NOTHING");
         let read = self.sql("SELECT holders FROM {s}.place_leases WHERE tenant = $1 FOR UPDATE");
         let write = self.sql("UPDATE {s}.place_leases SET holders = $2, expires = $3 WHERE tenant = $1");
-        let delete = self.sql("DELETE FROM {s}.place_leases WHERE tenant = $1");
         let tenant = call.tenant.as_str();
+        // The row is kept when no node holds a place (the hourly prune deletes it once it has
+        // been empty a while): a call racing the deletion would find no row to lock.
         self.retrying(|| async {
             let mut client = self.client().await?;
             let tx = self.begin(&mut client).await?;
             tx.query_typed(&insert, args![tenant]).await?;
-            let found = tx.query_typed_one(&read, args![tenant]).await?;
+            let Some(found) = tx.query_typed_opt(&read, args![tenant]).await? else {
+                // Deleted by the prune between the insert and the lock: a race lost.
+                return Err(Fail::Store(StoreError::Conflict("a places row deleted under the call")));
+            };
             let mut row = PlaceRow::from_json(found.get::<_, &str>(0)).map_err(Fail::Store)?;
             let before = row.clone();
             let out = row.apply(call, mode);
-            if row.is_empty() {
-                tx.query_typed(&delete, args![tenant]).await?;
-            } else if row != before {
+            if row != before {
                 tx.query_typed(&write, args![tenant, row.to_json(), row.expires()]).await?;
             }
             tx.commit().await?;
