@@ -272,6 +272,8 @@ pub struct Faulty {
     pub place_calls: AtomicU64,
     /// Places calls fail (the places role's store down alone).
     pub places_down: AtomicBool,
+    /// Places acquisitions take this many milliseconds, then apply.
+    pub place_delay_ms: AtomicU64,
     /// A plan change applied right after the next tenant read answers: a webhook landing
     /// between a read and the write made from it.
     pub plan_change_after_read: std::sync::Mutex<Option<PlanChange>>,
@@ -304,6 +306,7 @@ impl Default for Faulty {
             rate_down: Default::default(),
             place_calls: Default::default(),
             places_down: Default::default(),
+            place_delay_ms: Default::default(),
             plan_change_after_read: Default::default(),
             held: Default::default(),
             guard: Default::default(),
@@ -725,6 +728,10 @@ impl Faulty {
 impl tollgate::store::PlaceStore for Faulty {
     async fn acquire_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
         self.place_call()?;
+        let delay = self.place_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         self.inner.acquire_places(call).await
     }
 

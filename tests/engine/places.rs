@@ -55,8 +55,10 @@ async fn a_paused_nodes_places_expire_and_go_to_the_others() {
 }
 
 /// A place freed goes back to the store at once when the node holds more than one spare, so
-/// another node gets it; the last spare after a second (the worker).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// another node gets it; the last spare after a second (the worker), not never.
+///
+/// One thread: the releases in the background have run when the test next sleeps.
+#[tokio::test]
 async fn freed_places_go_back_to_the_fleet() {
     let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
@@ -69,15 +71,17 @@ async fn freed_places_go_back_to_the_fleet() {
     for t in running {
         assert!(t.complete(200));
     }
-    // A keeps one spare for a moment: B gets 4 at once.
-    assert!(a.tollgate.places_released(std::time::Duration::from_secs(5)).await);
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    // A keeps one spare for a moment: B gets 4 at once, not the fifth.
     let mut got = Vec::new();
     for _ in 0..4 {
         got.push(admit(&b).await.expect("given back at once"));
     }
-    // The spare goes back after a second (the worker's pass, the clock moving).
+    assert_eq!(admit(&b).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited, "A's spare, for a second");
+    // The spare goes back after a second (the worker's pass, the clock moving), well before
+    // its places would expire (30 s).
     let mut fifth = None;
-    for _ in 0..300 {
+    for _ in 0..100 {
         handle.advance(std::time::Duration::from_millis(100));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         if let Ok(t) = admit(&b).await {
@@ -152,5 +156,85 @@ async fn places_released_gives_back_the_spare_too() {
     for _ in 0..5 {
         got.push(admit(&b).await.expect("every place given back, the spare too"));
     }
+    drop(got);
+}
+
+/// A plan lowered while a node holds places: the node admits within the new limit at once, not
+/// on the places it held under the old one.
+#[tokio::test]
+async fn a_lowered_concurrency_holds_on_the_places_a_node_already_holds() {
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = Harness::with_store(TOML, store, NOON);
+    let mut running = Vec::new();
+    for _ in 0..5 {
+        running.push(admit(&h).await.unwrap());
+    }
+    h.tollgate
+        .reload(tollgate::Config::from_toml_str(&TOML.replace("concurrency = 5", "concurrency = 2")).unwrap())
+        .await
+        .unwrap();
+    // 5 still run; 3 end: 2 in flight, the limit.
+    for t in running.drain(..3) {
+        assert!(t.complete(200));
+    }
+    let refused = admit(&h).await.unwrap_err();
+    assert_eq!(refused.kind(), RejectionKind::ConcurrencyLimited, "2 in flight of 2");
+    assert!(running.pop().unwrap().complete(200));
+    running.push(admit(&h).await.expect("1 in flight of 2"));
+    assert_eq!(admit(&h).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited);
+    for t in running {
+        assert!(t.complete(200));
+    }
+}
+
+/// A request that gave up while its node asked for places (its future dropped) leaves the node
+/// a place more than its requests: that spare goes back too, after a second, not renewed
+/// forever.
+#[tokio::test]
+async fn a_place_asked_for_a_request_that_gave_up_goes_back() {
+    let memory: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let slow = Arc::new(Faulty::over(memory.clone()));
+    slow.place_delay_ms.store(50, Ordering::SeqCst);
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = Arc::new(node_with_worker(TOML, slow.clone(), clock.clone(), handle.clone()));
+    let b = node_with_worker(TOML, memory, clock, handle.clone());
+    // The first asks for one place; the two behind it wait for its call, then share one.
+    let first = tokio::spawn({
+        let a = a.clone();
+        async move { admit(&a).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    let second = tokio::spawn({
+        let a = a.clone();
+        async move { admit(&a).await }
+    });
+    let third = tokio::spawn({
+        let a = a.clone();
+        async move { admit(&a).await }
+    });
+    let first = first.await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    // The third gives up while the second's call (for both) is out.
+    third.abort();
+    let second = second.await.unwrap().unwrap();
+    slow.place_delay_ms.store(0, Ordering::SeqCst);
+    assert!(first.complete(200));
+    assert!(second.complete(200));
+    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    // A holds one spare now, no request on it: B gets 4, and the fifth after a second.
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(admit(&b).await.expect("given back at once"));
+    }
+    let mut fifth = None;
+    for _ in 0..100 {
+        handle.advance(std::time::Duration::from_millis(100));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        if let Ok(t) = admit(&b).await {
+            fifth = Some(t);
+            break;
+        }
+    }
+    assert!(fifth.is_some(), "A's spare came back");
     drop(got);
 }

@@ -49,6 +49,17 @@ pub(crate) struct TenantPlaces {
     sender: AtomicU64,
 }
 
+impl Local {
+    /// Marks since when the node holds a spare place (none: unmarked).
+    fn note_spare(&mut self, now: i64) {
+        if self.held <= self.in_flight {
+            self.spare_since = 0;
+        } else if self.spare_since == 0 {
+            self.spare_since = now;
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Local {
     /// Places this node holds in the store.
@@ -91,13 +102,14 @@ impl TenantPlaces {
     }
 
     /// A place for a request at `now`, if a held one is free and still valid.
-    fn enter(&self, now: i64) -> bool {
+    /// A place for a request at `now`, if a held one is free and still valid, within the
+    /// tenant's `limit` as its plan says now (the limit the node's calls carry from now on).
+    fn enter(&self, now: i64, limit: u32) -> bool {
         let mut l = self.local();
-        if now < l.valid_until && l.in_flight < l.held {
+        l.limit = limit;
+        if now < l.valid_until && l.in_flight < l.held.min(limit) {
             l.in_flight += 1;
-            if l.in_flight == l.held {
-                l.spare_since = 0;
-            }
+            l.note_spare(now);
             return true;
         }
         false
@@ -108,13 +120,9 @@ impl TenantPlaces {
     fn leave(&self, now: i64) -> Option<u32> {
         let mut l = self.local();
         l.in_flight = l.in_flight.saturating_sub(1);
-        if l.held > l.in_flight + 1 {
-            return Some(l.in_flight + 1);
-        }
-        if l.held > l.in_flight && l.spare_since == 0 {
-            l.spare_since = now;
-        }
-        None
+        // The one spare left (after the release below, or as it is) goes after a second.
+        l.note_spare(now);
+        (l.held > l.in_flight + 1).then_some(l.in_flight + 1)
     }
 
     /// What the store said this node holds, at `now`, valid `valid` nanoseconds.
@@ -126,9 +134,7 @@ impl TenantPlaces {
         l.renewed_at = now;
         l.valid_until = now.saturating_add(valid);
         l.fallback_until = 0;
-        if l.held <= l.in_flight {
-            l.spare_since = 0;
-        }
+        l.note_spare(now);
     }
 
     fn sender(&self, draw: impl FnOnce() -> u64) -> u64 {
@@ -164,21 +170,27 @@ impl PlacesNode {
     }
 }
 
-/// A request counted among its tenant's waiters on this node until it is dropped (answered,
-/// or its future dropped).
-struct Waiting<'a>(&'a TenantPlaces);
+/// A request counted among its tenant's waiters on this node until [`done`](Self::done) (or
+/// dropped: its future dropped).
+struct Waiting<'a>(Option<&'a TenantPlaces>);
 
 impl<'a> Waiting<'a> {
     fn new(places: &'a TenantPlaces) -> Self {
         places.local().waiting += 1;
-        Self(places)
+        Self(Some(places))
+    }
+
+    fn done(&mut self) {
+        if let Some(places) = self.0.take() {
+            let mut l = places.local();
+            l.waiting = l.waiting.saturating_sub(1);
+        }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        let mut l = self.0.local();
-        l.waiting = l.waiting.saturating_sub(1);
+        self.done();
     }
 }
 
@@ -209,7 +221,7 @@ impl Tollgate {
         if places.local().fallback_until > now {
             return Ok(self.node_share(state, &places));
         }
-        if places.enter(now) {
+        if places.enter(now, state.plan.concurrency) {
             return Ok(Some(self.fleet_slot(places)));
         }
         // Every place taken as last read (within a second): refused without asking the store.
@@ -287,8 +299,14 @@ impl Tollgate {
             return;
         };
         let now = self.shared.clock().unix_nanos();
+        // A renewal asks within the tenant's limit as its plan says now (a plan changed since
+        // the node's last request would otherwise renew within the old one).
+        let current = self.shared.table().state(tenant).map(|s| s.plan.concurrency).filter(|c| *c > 0);
         let (count, limit) = {
             let mut l = places.local();
+            if let Some(c) = current {
+                l.limit = c;
+            }
             let count = match set {
                 // Never fewer than the requests on them.
                 Set::ReleaseTo(keep) => keep.max(l.in_flight),
@@ -303,9 +321,7 @@ impl Tollgate {
                     return;
                 }
                 l.held = count;
-                if l.held <= l.in_flight {
-                    l.spare_since = 0;
-                }
+                l.note_spare(now);
             }
             (count, l.limit)
         };
@@ -331,9 +347,7 @@ impl Tollgate {
                     }
                     _ => l.held = l.held.min(p.held),
                 }
-                if l.held <= l.in_flight {
-                    l.spare_since = 0;
-                }
+                l.note_spare(now);
             }
             Err(e) => tracing::debug!(tenant = %tenant, error = %e, "places could not be set"),
         }
@@ -350,7 +364,7 @@ impl Tollgate {
         let limit = state.plan.concurrency;
         let (ttl, valid) = Self::place_times(rt);
         let timeout = rt.config.usage.store_timeout;
-        let waiting = Waiting::new(&places);
+        let mut waiting = Waiting::new(&places);
         let acquired = async {
             // The wait for the other waiters' call is not a store failure: past it, busy.
             let Ok(_one) = tokio::time::timeout(timeout, places.lock.lock()).await else {
@@ -358,10 +372,17 @@ impl Tollgate {
             };
             let now = self.shared.clock().unix_nanos();
             if places.local().fallback_until > now {
+                waiting.done();
                 return Ok(Acquired::Fallback);
             }
-            if places.enter(now) {
+            if places.enter(now, limit) {
+                waiting.done();
                 return Ok(Acquired::Place);
+            }
+            // Another waiter's call just found every place taken.
+            if Self::read_full(&places, limit, now) {
+                waiting.done();
+                return Ok(Acquired::Full);
             }
             // As many as its requests in flight and every request waiting: one call serves
             // them all.
@@ -374,9 +395,11 @@ impl Tollgate {
             let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
             let call = PlaceCall::new(state.id.clone(), count, limit, ttl, now, token);
             let stores = self.shared.stores();
-            let answer = stores.within(stores.request().places.acquire_places(&call)).await?;
-            places.answered(answer, now, valid);
-            Ok(if places.enter(now) { Acquired::Place } else { Acquired::Full })
+            let answer = stores.within(stores.request().places.acquire_places(&call)).await;
+            // No longer waiting, before the lock goes: the next caller counts it no more.
+            waiting.done();
+            places.answered(answer?, now, valid);
+            Ok(if places.enter(now, limit) { Acquired::Place } else { Acquired::Full })
         }
         .await;
         drop(waiting);

@@ -632,13 +632,25 @@ impl PostgresStore {
             tx.query_typed(&ledger, args![newest.min(wall).saturating_sub(crate::store::LEDGER_KEPT_SECS)]).await?;
             tx.query_typed(&idem, args![wall]).await?;
             tx.query_typed(&idem_recount, &[]).await?;
-            tx.query_typed(&rates, args![wall.saturating_sub(86_400).saturating_mul(1_000_000_000)]).await?;
-            tx.query_typed(&places, args![wall.saturating_sub(86_400).saturating_mul(1_000_000_000)]).await?;
+
             for (lock, delete, recount) in &ids {
                 tx.query_typed(lock, &[]).await?;
                 tx.query_typed(delete, args![EVENT_IDS_KEPT_SECS, wall]).await?;
                 tx.query_typed(recount, &[]).await?;
             }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await?;
+        // Fleet rates' and places' rows, in a short transaction of their own: a request's call
+        // on a row being deleted waits for the deleting transaction, which must not be the long
+        // prune above.
+        let day_ago = wall.saturating_sub(86_400).saturating_mul(1_000_000_000);
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            tx.query_typed(&rates, args![day_ago]).await?;
+            tx.query_typed(&places, args![day_ago]).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -25,7 +25,9 @@ impl PostgresStore {
             let before = row.clone();
             let out = row.apply(call, mode);
             if row != before {
-                tx.query_typed(&write, args![tenant, row.to_json(), row.expires()]).await?;
+                // An emptied row keeps the time of its last call: the prune deletes it a day
+                // later, never while its tenant's nodes come and go.
+                tx.query_typed(&write, args![tenant, row.to_json(), row.expires().max(call.now)]).await?;
             }
             tx.commit().await?;
             Ok(out)
