@@ -365,6 +365,19 @@ impl Validator<'_, '_> {
         let clients = self.clients(&raw.identify)?;
         let limits = self.limits(&raw.limits)?;
         let usage = self.usage(&raw.usage)?;
+        // A node renews its places a third of `place_ttl` after the last renewal, in a pass a
+        // second, each call taking up to `usage.store_timeout`, and it admits on them for two
+        // thirds of it: the renewal must be able to land before the node stops admitting.
+        let renewal = (usage.store_timeout + Duration::from_secs(1)) * 3;
+        if plans.values().any(|p| p.concurrency_scope == super::Scope::Fleet) && limits.place_ttl < renewal {
+            return Err(self.invalid(
+                "limits.place_ttl",
+                format!(
+                    "too short to renew a fleet concurrency's places: at least 3 × (usage.store_timeout + 1s) = {}s",
+                    renewal.as_secs_f64().ceil()
+                ),
+            ));
+        }
         for m in &meters {
             if let Some(w) = m.aggregation.window_secs() {
                 if w % usage.window.as_secs() as i64 != 0 {

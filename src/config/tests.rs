@@ -255,6 +255,17 @@ mod validation {
         assert_eq!((e.key(), e.line()), ("plans.p.concurrency_scope", Some(3)), "{e}");
         assert_eq!(at("[plans.p]\nconcurrency_scope = \"fleet\"\n"), ("plans.p.concurrency_scope".to_owned(), Some(2)));
         assert_eq!(at("[limits]\nplace_ttl = \"5s\"\n"), ("limits.place_ttl".to_owned(), Some(2)));
+        // A TTL a renewal cannot land within, given the store calls' time limit: refused where
+        // a plan counts its concurrency for the fleet, accepted where none does.
+        let slow = "[usage]\nstore_timeout = \"10s\"\n[limits]\nplace_ttl = \"30s\"\n";
+        let e = err(&format!("[plans.p]\nconcurrency = 3\nconcurrency_scope = \"fleet\"\n{slow}"));
+        assert_eq!((e.key(), e.line()), ("limits.place_ttl", Some(7)), "{e}");
+        assert!(e.to_string().contains("33s"), "{e}");
+        assert!(parse(&format!("[plans.p]\nconcurrency = 3\n{slow}")).is_ok());
+        // The anonymous plan keeps its requests in flight per client address: no fleet scope.
+        let e = err("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"free\"\n\
+             [plans.free]\nconcurrency = 2\nconcurrency_scope = \"fleet\"\n");
+        assert!(e.key().starts_with("plans.free.concurrency") || e.key() == "identify.anonymous_plan", "{e}");
         let e = err("[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[store.places]\nkind = \"memory\"\n");
         assert_eq!(e.key(), "store.places.kind", "{e}");
         // A fleet rate kept in one process's memory beside a SQLite quota store (the

@@ -169,6 +169,9 @@ pub(crate) enum Stage {
     Rate(Box<crate::engine::admit::fleet::RateWait>),
     /// Its node holds no free place of its tenant's fleet concurrency: one is leased first.
     Places(Box<Partial>),
+    /// A first `Idempotency-Key` whose node holds no free place of its tenant's fleet
+    /// concurrency: the place is leased first, then the key claimed.
+    PlaceThenClaim(Box<KeyClaim>),
 }
 
 /// The `Idempotency-Key` of a pending request: the key, the request's digest, and the key
@@ -188,6 +191,17 @@ pub(crate) struct KeyClaim {
     pub(crate) claim: Claim,
     pub(crate) key: Box<[u8]>,
     pub(crate) request: u128,
+    /// Its place among the tenant's requests in flight: taken before the claim (a fleet
+    /// concurrency), or after it.
+    pub(crate) placed: ClaimPlace,
+}
+
+/// Where the place of a first keyed request among its tenant's requests in flight stands.
+pub(crate) enum ClaimPlace {
+    /// Taken after its key is claimed, as its plan says (a plan without a fleet concurrency).
+    After,
+    /// Taken before the claim: its slot (none in shadow mode past the limit).
+    Taken(Option<Box<crate::tenant::Slot>>),
 }
 
 /// A replay whose stored response is read.
@@ -226,6 +240,7 @@ impl fmt::Debug for PendingAdmission {
             Stage::Hold(_) => "take the route's hold",
             Stage::Rate(_) => "lease fleet rate cells",
             Stage::Places(_) => "lease a place",
+            Stage::PlaceThenClaim(_) => "lease a place, then claim idempotency key",
         };
         f.debug_struct("PendingAdmission").field("stage", &stage).field("cost", &self.route.cost).finish()
     }
@@ -591,6 +606,7 @@ impl Tollgate {
                 Stage::Hold(ticket) => Admission::Admitted(*ticket),
                 Stage::Rate(w) => self.lease_cells(*w, route, &rt).await,
                 Stage::Places(p) => self.acquire_place(*p, route, &rt).await,
+                Stage::PlaceThenClaim(c) => self.place_then_claim(*c, route, &rt).await,
                 Stage::Resolve { credential, meters, identified } => {
                     // The client address's key limits its lookups of API keys, when the address
                     // is the client's own (0: the node's shared budget).

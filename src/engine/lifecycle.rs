@@ -305,6 +305,9 @@ impl Tollgate {
         // back in the leases that go back next.
         self.shared.holds().close_all();
         self.release_leases().await;
+        // Places of fleet concurrencies held now would be held by every copy (each admitting
+        // on them): given back, spares too.
+        self.release_all_places().await;
         let report = self.flush().await?;
         let (records, _) = self.shared.pipeline().lock().await.held();
         if records > 0 {
@@ -343,6 +346,9 @@ impl Tollgate {
         // Jobs' reservations in the snapshot are in every copy: forgotten, their units spent
         // (each copy giving them back would over-admit).
         self.shared.events().forget_reserved();
+        // Places still held in the snapshot are in every copy, with the senders drawn before
+        // it: forgotten (they expire in the store), and leased anew under this copy's own.
+        self.forget_places();
         self.shared.unknown().invalidate_all();
         self.shared.clock().resync();
         tracing::info!("restored from a snapshot: new node id and secrets");

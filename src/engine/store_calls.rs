@@ -93,26 +93,40 @@ impl StoreCalls {
         lock: &tokio::sync::Mutex<()>,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
+        match self.under_lock_or_busy(lock, fut).await {
+            Ok(Some(answer)) => Ok(answer),
+            Ok(None) => {
+                let e = StoreError::Timeout(self.policy.limit(Path::Request));
+                self.policy.failed("wait for a quota cell's lock", &e);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`under_lock`](Self::under_lock), a lock that does not come in time answered `Ok(None)`
+    /// and not counted as a store error: the caller tells a busy tenant (other requests' calls
+    /// held the lock) from a store that failed.
+    pub(crate) async fn under_lock_or_busy<T>(
+        &self,
+        lock: &tokio::sync::Mutex<()>,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<Option<T>, StoreError> {
         let limit = self.policy.limit(Path::Request);
         let deadline = Instant::now() + limit;
         let _guard = match lock.try_lock() {
             Ok(guard) => guard,
-            Err(_) => {
-                let waited = if self.policy.failing_fast() {
-                    Err(self.policy.fast_failure())
-                } else {
-                    tokio::time::timeout_at(deadline, lock.lock()).await.map_err(|_| StoreError::Timeout(limit))
-                };
-                match waited {
-                    Ok(guard) => guard,
-                    Err(e) => {
-                        self.policy.failed("wait for a quota cell's lock", &e);
-                        return Err(e);
-                    }
-                }
+            Err(_) if self.policy.failing_fast() => {
+                let e = self.policy.fast_failure();
+                self.policy.failed("wait for a quota cell's lock", &e);
+                return Err(e);
             }
+            Err(_) => match tokio::time::timeout_at(deadline, lock.lock()).await {
+                Ok(guard) => guard,
+                Err(_) => return Ok(None),
+            },
         };
-        within_deadline(deadline, fut).await
+        within_deadline(deadline, fut).await.map(Some)
     }
 
     /// `fut` (calls made on the [request](Self::request) handles) within

@@ -74,7 +74,7 @@ pub trait PlaceStore: Send + Sync + fmt::Debug + 'static {
     async fn renew_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
 
     /// Gives places back: the node holds `count` at most from now on (its expiry unchanged;
-    /// none: its entry goes).
+    /// none: its entry holds none, and goes a TTL later).
     async fn release_places(&self, call: &PlaceCall) -> Result<Places, StoreError>;
 }
 
@@ -120,7 +120,8 @@ impl PlaceRow {
         serde_json::to_string(&holders).unwrap_or_default()
     }
 
-    /// Whether no node holds a place (the row can go).
+    /// Whether the row remembers no node (it can go): none holds a place, and none gave its
+    /// last one back within a TTL.
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.holders.is_empty()
@@ -149,15 +150,17 @@ impl PlaceRow {
             PlaceMode::Hold => call.count.min(call.limit.saturating_sub(others)),
             PlaceMode::Release => call.count.min(mine.map_or(0, |h| h.0)),
         };
-        if held == 0 {
-            self.holders.remove(&node);
-        } else {
-            let until = match (mode, mine) {
-                (PlaceMode::Release, Some(h)) => h.1,
-                _ => now.saturating_add(call.ttl.max(0)),
-            };
-            self.holders.insert(node, Holder(held, until, call.token.seq));
+        // A release keeps the places' expiry; a node holding none is remembered for a TTL all
+        // the same (its sequence number: a late call of it changes nothing), then forgotten.
+        let until = match (mode, mine) {
+            (PlaceMode::Release, Some(h)) if held > 0 => h.1,
+            _ => now.saturating_add(call.ttl.max(0)),
+        };
+        if held == 0 && mine.is_none() {
+            // Never held one: nothing to remember.
+            return Places::new(0, others);
         }
+        self.holders.insert(node, Holder(held, until, call.token.seq));
         Places::new(held, others.saturating_add(held))
     }
 }

@@ -184,6 +184,9 @@ impl FleetCells {
         l.expires = 0;
         l.granted = 0;
         l.next = 1;
+        // The reading counted this lease's cells as taken: forgotten, so that no request is
+        // refused by cells now given back (the next one asks the store).
+        l.tat = 0;
         l.generation = l.generation.wrapping_add(1).max(1);
         (alive && cells > 0 && l.lease_end > now).then_some((cells, l.lease_end))
     }

@@ -268,12 +268,16 @@ pub struct Faulty {
     pub rate_calls: AtomicU64,
     /// Rate calls fail (the rate role's store down alone).
     pub rate_down: AtomicBool,
+    /// Rate calls take this many milliseconds, then apply (a slow store, or a far one).
+    pub rate_delay_ms: AtomicU64,
     /// Places calls (acquire, renew, release) that reached the store.
     pub place_calls: AtomicU64,
     /// Places calls fail (the places role's store down alone).
     pub places_down: AtomicBool,
     /// Places acquisitions take this many milliseconds, then apply.
     pub place_delay_ms: AtomicU64,
+    /// Places renewals take this many milliseconds, then apply.
+    pub renew_delay_ms: AtomicU64,
     /// A plan change applied right after the next tenant read answers: a webhook landing
     /// between a read and the write made from it.
     pub plan_change_after_read: std::sync::Mutex<Option<PlanChange>>,
@@ -304,9 +308,11 @@ impl Default for Faulty {
             idempotency_reads: Default::default(),
             rate_calls: Default::default(),
             rate_down: Default::default(),
+            rate_delay_ms: Default::default(),
             place_calls: Default::default(),
             places_down: Default::default(),
             place_delay_ms: Default::default(),
+            renew_delay_ms: Default::default(),
             plan_change_after_read: Default::default(),
             held: Default::default(),
             guard: Default::default(),
@@ -700,6 +706,10 @@ impl tollgate::store::RateStore for Faulty {
         if self.rate_down.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("the rate store is down".into()));
         }
+        let delay = self.rate_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         self.inner.take_cells(call).await
     }
 
@@ -737,6 +747,10 @@ impl tollgate::store::PlaceStore for Faulty {
 
     async fn renew_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
         self.place_call()?;
+        let delay = self.renew_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         self.inner.renew_places(call).await
     }
 

@@ -21,7 +21,7 @@ concurrency_scope = "fleet"
 plan = "p"
 keys = ["key-t"]
 [usage]
-store_timeout = "30s"
+store_timeout = "5s"
 "#;
 
 pub async fn admit(h: &Harness) -> Result<Ticket, tollgate::Rejection> {
@@ -45,9 +45,17 @@ pub async fn four_nodes_run_at_most(store: Arc<dyn tollgate::store::StoreInspect
 
 /// [`four_nodes_run_at_most`] with the configuration `toml`.
 pub async fn four_nodes_run_at_most_with(store: Arc<dyn tollgate::store::StoreInspect>, toml: &str) {
+    four_nodes_run_at_most_each([store.clone(), store.clone(), store.clone(), store], toml).await;
+}
+
+/// [`four_nodes_run_at_most_with`], each node with its own handle of the store (processes
+/// sharing a SQLite file: each its own connections).
+pub async fn four_nodes_run_at_most_each(stores: [Arc<dyn tollgate::store::StoreInspect>; 4], toml: &str) {
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let nodes: Vec<Arc<Harness>> =
-        (0..4).map(|_| Arc::new(node_with_worker(toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let nodes: Vec<Arc<Harness>> = stores
+        .into_iter()
+        .map(|store| Arc::new(node_with_worker(toml, store, clock.clone(), handle.clone())))
+        .collect();
     let inside = Arc::new(AtomicU32::new(0));
     let most = Arc::new(AtomicU32::new(0));
     let mut tasks = tokio::task::JoinSet::new();

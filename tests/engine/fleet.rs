@@ -138,3 +138,38 @@ async fn a_tenant_over_its_rate_costs_no_store_call_per_refusal() {
     h.clock.advance(std::time::Duration::from_millis(20));
     assert_eq!(h.get("/", "key-t").await.status, 200, "its cells came back");
 }
+
+/// Requests that waited together for a lease, the bucket spent by other nodes: the first call
+/// reads the bucket, the others are refused from that reading. None of them waits its turn
+/// for a call of its own, so none times out into the fail-open fallback (which would serve the
+/// node's own bucket while the fleet's is spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_spent_fleet_rate_are_refused_from_one_reading() {
+    let toml = TOML.replace("SCOPE", "fleet").replace("store_timeout = \"30s\"", "store_timeout = \"250ms\"");
+    let store = Arc::new(Faulty::default());
+    let h = Arc::new(Harness::with_store(&toml, store.clone(), NOON));
+    // Another node spent the whole burst: this one has not read the bucket yet.
+    let now = h.tollgate.clock().unix_nanos();
+    let other = tollgate::store::ReserveToken::new(u64::MAX - 7, 1);
+    let call = tollgate::store::CellCall::new("t".into(), 20, 20, common::fleet::T as u64, 20, now, other);
+    let grant = tollgate::store::RateStore::take_cells(&*store.inner, &call).await.unwrap();
+    assert_eq!(grant.granted, 20);
+    // A store 20 ms away: 100 waiters each calling in turn would wait 2 s for their turn.
+    store.rate_delay_ms.store(20, Ordering::SeqCst);
+    let before = store.rate_calls.load(Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move { send(&h).await }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => served += 1,
+            Err(r) => assert_eq!(r.kind(), RejectionKind::RateLimited, "{r:?}"),
+        }
+    }
+    assert_eq!(served, 0, "the fleet's bucket is spent: nothing served from the node's own");
+    let calls = store.rate_calls.load(Ordering::SeqCst) - before;
+    assert!(calls <= 2, "{calls} store calls: the waiters share one reading");
+}

@@ -17,7 +17,7 @@ async fn four_nodes_run_at_most_the_fleets_concurrency() {
     let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
     // The default store timeout: the requests waiting on one node share its call, and a wait
     // for it is not taken for a store failure.
-    let toml = TOML.replace("[usage]\nstore_timeout = \"30s\"\n", "");
+    let toml = TOML.replace("[usage]\nstore_timeout = \"5s\"\n", "");
     common::places::four_nodes_run_at_most_with(store, &toml).await;
 }
 
@@ -152,6 +152,8 @@ async fn places_released_gives_back_the_spare_too() {
         assert!(t.complete(200));
     }
     assert!(a.tollgate.places_released(std::time::Duration::from_secs(5)).await);
+    // B's reading of a full fleet holds for a second.
+    b.clock.advance(std::time::Duration::from_millis(1_100));
     let mut got = Vec::new();
     for _ in 0..5 {
         got.push(admit(&b).await.expect("every place given back, the spare too"));
@@ -237,4 +239,94 @@ async fn a_place_asked_for_a_request_that_gave_up_goes_back() {
     }
     assert!(fifth.is_some(), "A's spare came back");
     drop(got);
+}
+
+/// A node renews its tenants' places together, not one after another: with 50 tenants and a
+/// store taking 300 ms a renewal, every renewal lands within a pass, and no place still in use
+/// expires for another node to take (one after another, the pass would take 15 s, and most
+/// places would expire under their running requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_of_many_tenants_land_before_their_places_expire() {
+    let mut toml =
+        String::from("[usage]\nstore_timeout = \"1s\"\n[plans.p]\nconcurrency = 1\nconcurrency_scope = \"fleet\"\n");
+    for i in 0..50 {
+        toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"));
+    }
+    let store = Arc::new(Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(&toml, store.clone(), clock, handle.clone());
+    let mut running = Vec::new();
+    for i in 0..50 {
+        running.push(common::places::admit_key(&a, &format!("key-{i}")).await.unwrap());
+    }
+    store.renew_delay_ms.store(300, Ordering::SeqCst);
+    // Past a third of the TTL: A's worker renews (its pass comes within a second).
+    handle.advance(std::time::Duration::from_secs(11));
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    // Past the first TTL: places not renewed would have expired.
+    handle.advance(std::time::Duration::from_secs(20));
+    for i in 0..50 {
+        let r = common::places::admit_key(&b, &format!("key-{i}")).await;
+        assert_eq!(r.unwrap_err().kind(), RejectionKind::ConcurrencyLimited, "tenant {i}'s place expired under A");
+    }
+    for t in running {
+        assert!(t.complete(200));
+    }
+}
+
+/// A keyed request takes its place first, then claims its key: with every place of the fleet
+/// held by another node (this one has never asked), it is refused with 429 and its key is never
+/// written, so a retry of the same key elsewhere is not answered 409 meanwhile.
+#[tokio::test]
+async fn a_keyed_request_takes_its_place_before_it_claims_its_key() {
+    let store = Arc::new(Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(TOML, store.clone(), clock, handle);
+    let mut running = Vec::new();
+    for _ in 0..5 {
+        running.push(admit(&a).await.unwrap());
+    }
+    let writes = store.idempotency_writes.load(Ordering::SeqCst);
+    let reply = b.send(common::req_with("POST", "/", "key-t", "k-1", b"{}")).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.rejection.unwrap().kind(), RejectionKind::ConcurrencyLimited);
+    assert_eq!(store.idempotency_writes.load(Ordering::SeqCst), writes, "no key claimed for a refused request");
+    // A's places given back: the keyed request runs, its key claimed once, and is answered as
+    // usual.
+    for t in running {
+        assert!(t.complete(200));
+    }
+    assert!(a.tollgate.places_released(std::time::Duration::from_secs(5)).await);
+    // B's reading of a full fleet holds for a second.
+    b.clock.advance(std::time::Duration::from_millis(1_100));
+    let reply = b.send(common::req_with("POST", "/", "key-t", "k-1", b"{}")).await;
+    assert_eq!(reply.status, 200);
+    let replay = b.send(common::req_with("POST", "/", "key-t", "k-1", b"{}")).await;
+    assert_eq!(replay.status, 200);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+}
+
+/// Before a snapshot (Lambda SnapStart) a node gives back every place it holds, its spare
+/// too: copies restored from the snapshot would each believe they hold them. After the
+/// restore it leases places anew, as a node of its own.
+#[tokio::test]
+async fn a_snapshot_holds_no_place() {
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(TOML, store.clone(), clock, handle);
+    // A priming request: its place is A's spare once it is done.
+    assert!(admit(&a).await.unwrap().complete(200));
+    a.tollgate.before_snapshot().await.unwrap();
+    a.tollgate.after_restore().await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(admit(&b).await.expect("every place free"));
+    }
+    assert_eq!(admit(&a).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited);
+    for t in got {
+        assert!(t.complete(200));
+    }
 }

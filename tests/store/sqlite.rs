@@ -572,11 +572,17 @@ async fn fleet_rate_store_calls_follow_the_pace() {
     common::fleet::store_calls_per_thousand(Arc::new(store), "sqlite").await;
 }
 
-/// Four engines on one SQLite file run at most a fleet concurrency's requests at once
-/// (tests/common/places.rs).
+/// Four engines on one SQLite file, each with its own handle (processes sharing the file), run
+/// at most a fleet concurrency's requests at once (tests/common/places.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_run_at_most_the_fleets_concurrency() {
     let dir = tempfile::tempdir().unwrap();
-    let store = tollgate::store::SqliteStore::open(dir.path().join("places.db")).await.unwrap();
-    common::places::four_nodes_run_at_most(Arc::new(store)).await;
+    let path = dir.path().join("places.db");
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        let store: Arc<dyn tollgate::store::StoreInspect> =
+            Arc::new(tollgate::store::SqliteStore::open(&path).await.unwrap());
+        stores.push(store);
+    }
+    common::places::four_nodes_run_at_most_each(stores.try_into().unwrap(), common::places::TOML).await;
 }

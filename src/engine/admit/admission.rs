@@ -11,7 +11,7 @@ use crate::engine::{
     admit::charge::RateCharge,
     admit::idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
     admit::ticket::{Held, UNLEASED},
-    engine::{KeyClaim, Partial, ReplayRead, Stage},
+    engine::{ClaimPlace, KeyClaim, Partial, ReplayRead, Stage},
     Admission, ResponseCapture, Ticket, Tollgate,
 };
 use crate::{
@@ -101,19 +101,35 @@ impl Tollgate {
             }
         };
         // A tenant at its limit of requests in flight is refused before its key is claimed: a
-        // storm of refused retries costs no store write. (Taken for good after the claim.)
+        // storm of refused retries costs no store write. On a node, its place is taken for
+        // good after the claim; a fleet concurrency's place is taken before it (leased first
+        // when the node holds none free), so that a refusal never writes the key.
         let state = charge.state();
         let limit = state.plan.concurrency;
-        let full = || match state.plan.concurrency_fleet {
-            true => self.fleet_places_full(state),
-            false => Slot::full(self.shared.in_flight(), &state.id, limit),
-        };
-        if limit != 0 && !state.plan.shadow && full() {
+        let key = key.into();
+        if limit != 0 && !state.plan.shadow && state.plan.concurrency_fleet {
+            let placed = match self.enter_fleet_place(state) {
+                Ok(Some(slot)) => ClaimPlace::Taken(Some(slot)),
+                Ok(None) => {
+                    drop(claim);
+                    return self.reject(Self::too_many_in_flight(charge, route.meter));
+                }
+                Err(()) => {
+                    let c = KeyClaim { charge, claim, key, request, placed: ClaimPlace::After };
+                    return Admission::pending(Stage::PlaceThenClaim(Box::new(c)), route);
+                }
+            };
+            let c = KeyClaim { charge, claim, key, request, placed };
+            return Admission::pending(Stage::Claim(Box::new(c)), route);
+        }
+        if limit != 0 && !state.plan.shadow && Slot::full(self.shared.in_flight(), &state.id, limit) {
             drop(claim);
             return self.reject(Self::too_many_in_flight(charge, route.meter));
         }
-        let key = key.into();
-        Admission::pending(Stage::Claim(Box::new(KeyClaim { charge, claim, key, request })), route)
+        Admission::pending(
+            Stage::Claim(Box::new(KeyClaim { charge, claim, key, request, placed: ClaimPlace::After })),
+            route,
+        )
     }
 
     /// A replay of a key this node saw complete: its rate check, then its stored response is
@@ -161,7 +177,8 @@ impl Tollgate {
                 self.shared.idempotency().forget(&state.id, &key);
                 match self.shared.idempotency().check(&state.id, &key, request) {
                     Verdict::First(claim) => {
-                        Box::pin(self.claim_in_store(KeyClaim { charge, claim, key, request }, route, rt)).await
+                        let c = KeyClaim { charge, claim, key, request, placed: ClaimPlace::After };
+                        Box::pin(self.claim_in_store(c, route, rt)).await
                     }
                     _ => self.reject(Self::key_in_use(state)),
                 }
@@ -282,7 +299,7 @@ impl Tollgate {
     /// answer follows `on_store_error`: fail-open charges the request under this node's claim
     /// alone, fail-closed answers 503. Refused, its rate cells go back (its charge's drop).
     pub(crate) async fn claim_in_store(&self, c: KeyClaim, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
-        let KeyClaim { charge, mut claim, key, request } = c;
+        let KeyClaim { charge, mut claim, key, request, placed } = c;
         let state = charge.state();
         let now = self.shared.clock().unix_secs();
         let config = &rt.config;
@@ -328,7 +345,7 @@ impl Tollgate {
             claim.fleet = None;
             drop(claim);
             self.shared.idempotency().responses().not_stored(NotStored::KeysFull);
-            return self.decide_rated(charge, route, true, None);
+            return self.decide_claimed(charge, route, None, placed);
         }
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
             // Bound by another request: nothing of this node's to settle.
@@ -343,7 +360,7 @@ impl Tollgate {
         // Refused for its key (or the store): the request spends no rate cells (its charge
         // goes back as it drops).
         match answer {
-            Ok(IdempotencyState::Claimed) => self.decide_rated(charge, route, true, Some(claim)),
+            Ok(IdempotencyState::Claimed) => self.decide_claimed(charge, route, Some(claim), placed),
             Ok(IdempotencyState::Completed(Some(response))) => {
                 // Completed on another node: a replay here too from now on.
                 claim.completed_elsewhere();
@@ -359,9 +376,24 @@ impl Tollgate {
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                     self.reject(r.with_retry_after(1).for_tenant(state))
                 } else {
-                    self.decide_rated(charge, route, true, Some(claim))
+                    self.decide_claimed(charge, route, Some(claim), placed)
                 }
             }
+        }
+    }
+
+    /// A first request decided on once its key is claimed: with the place it took before the
+    /// claim (`placed`), or taking its place now.
+    fn decide_claimed(
+        &self,
+        charge: RateCharge,
+        route: RouteCost,
+        claim: Option<Claim>,
+        placed: ClaimPlace,
+    ) -> Admission {
+        match placed {
+            ClaimPlace::Taken(slot) => self.decide_placed(charge, route, true, claim, slot),
+            ClaimPlace::After => self.decide_rated(charge, route, true, claim),
         }
     }
 

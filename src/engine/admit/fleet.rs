@@ -32,6 +32,8 @@ enum Lease {
     Fallback,
     /// The shared bucket cannot give them: its TAT, read at this time.
     Refused(i64, i64),
+    /// Other waiters' calls held the tenant's lease lock past the request's time.
+    Busy,
 }
 
 fn ceil_secs_nanos(nanos: i128) -> u64 {
@@ -114,7 +116,7 @@ impl Tollgate {
         let leased = self
             .shared
             .stores()
-            .under_lock(fleet.lock(), async {
+            .under_lock_or_busy(fleet.lock(), async {
                 let now = self.shared.clock().unix_nanos();
                 if fleet.in_fallback(now) {
                     return Ok(Lease::Fallback);
@@ -122,6 +124,12 @@ impl Tollgate {
                 // Another request's lease came meanwhile.
                 if let Some(generation) = fleet.take(cost, now) {
                     return Ok(Lease::Taken(generation));
+                }
+                // Another waiter's call just read the bucket spent: refused from that reading,
+                // with no call of its own (the waiters of a spent bucket cost one call, and
+                // none waits its turn into a timeout).
+                if let Some(tat) = fleet.refused_by_reading(cost, now, bucket) {
+                    return Ok(Lease::Refused(tat, now));
                 }
                 let want = fleet.want(cost, now, bucket);
                 let sender = fleet.sender(|| self.shared.ids().new_sender());
@@ -134,10 +142,25 @@ impl Tollgate {
                 fleet.read(grant.tat);
                 Ok(Lease::Refused(grant.tat, now))
             })
-            .await;
+            .await
+            .map(|lease| lease.unwrap_or(Lease::Busy));
         match leased {
             Ok(Lease::Taken(generation)) => route.client = fleet_key(generation),
             Ok(Lease::Fallback) => {}
+            // The lock did not come in time: the call that held it failed (the fallback serves,
+            // as it does for that call) or the tenant is busy.
+            Ok(Lease::Busy) if fleet.in_fallback(self.shared.clock().unix_nanos()) => {}
+            Ok(Lease::Busy) => {
+                let now = self.shared.clock().unix_nanos();
+                let tat = fleet
+                    .refused_by_reading(cost, now, bucket)
+                    .unwrap_or_else(|| now.saturating_add(i64::try_from(bucket.interval).unwrap_or(i64::MAX)));
+                let r = Self::fleet_refusal(&state, route, tat, now);
+                if !self.shadowed(&state, &r) {
+                    return self.reject(r);
+                }
+                route.client = fleet_key(0);
+            }
             Ok(Lease::Refused(tat, now)) => {
                 let r = Self::fleet_refusal(&state, route, tat, now);
                 if !self.shadowed(&state, &r) {

@@ -10,7 +10,10 @@ use std::sync::{
 
 use dashmap::DashMap;
 
-use crate::engine::{engine::Partial, Admission, Tollgate};
+use crate::engine::{
+    engine::{KeyClaim, Partial},
+    Admission, Tollgate,
+};
 use crate::{
     base::TenantId,
     config::StoreErrorPolicy,
@@ -22,6 +25,9 @@ use crate::{
 
 /// How long a spare place (held, no request on it) is kept before it is given back.
 const SPARE_NANOS: i64 = 1_000_000_000;
+
+/// The most tenants whose places the worker's pass renews or gives back at once.
+const TENDED_AT_ONCE: usize = 64;
 
 /// How long a node serves a fail-open fleet concurrency from its own count once the places
 /// store failed, before it asks the store again.
@@ -194,6 +200,16 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// What a request's lease of a place came to.
+enum Placed {
+    /// Its place (none: admitted without one, in shadow mode).
+    Slot(Option<Box<Slot>>),
+    /// Every place of the fleet taken: 429.
+    Full,
+    /// The store failed and the plan fails closed: 503.
+    Refused(Rejection),
+}
+
 /// What an acquire came to.
 enum Acquired {
     /// A place for the request.
@@ -229,17 +245,6 @@ impl Tollgate {
             return Ok(None);
         }
         Err(())
-    }
-
-    /// Whether the tenant's places are all taken as this node last read them (within a
-    /// second), and none it holds is free: a keyed request is refused before its key is
-    /// claimed (a storm of refused retries costs no store write).
-    pub(crate) fn fleet_places_full(&self, state: &Tenant) -> bool {
-        let Some(places) = self.shared.places().map.get(&state.id).map(|p| p.clone()) else { return false };
-        let now = self.shared.clock().unix_nanos();
-        let l = *places.local();
-        let free = now < l.valid_until && l.in_flight < l.held;
-        !free && Self::read_full(&places, state.plan.concurrency, now)
     }
 
     /// Whether the store's last answer (within a second) found every place taken.
@@ -359,7 +364,40 @@ impl Tollgate {
     /// failing: the plan's `on_store_error` (fail-open, the default: the node counts alone for a
     /// second, its share of the limit; fail-closed: 503).
     pub(crate) async fn acquire_place(&self, p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
-        let state = p.charge.state().clone();
+        let Partial { charge, claim, charged, .. } = p;
+        match self.lease_place(charge.state(), rt).await {
+            Placed::Slot(slot) => self.decide_placed(charge, route, charged, claim, slot),
+            Placed::Full => {
+                drop(claim);
+                self.reject(Self::too_many_in_flight(charge, route.meter))
+            }
+            Placed::Refused(r) => self.reject(r),
+        }
+    }
+
+    /// A first request with an `Idempotency-Key` on a fleet concurrency whose node holds no
+    /// free place: its place is leased first ([`acquire_place`](Self::acquire_place)'s
+    /// answers), then its key is claimed with the place held, so that a request refused for
+    /// its place never writes its key.
+    pub(crate) async fn place_then_claim(&self, mut c: KeyClaim, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
+        match self.lease_place(c.charge.state(), rt).await {
+            Placed::Slot(slot) => {
+                c.placed = crate::engine::engine::ClaimPlace::Taken(slot);
+                Box::pin(self.claim_in_store(c, route, rt)).await
+            }
+            Placed::Full => {
+                let KeyClaim { charge, claim, .. } = c;
+                drop(claim);
+                self.reject(Self::too_many_in_flight(charge, route.meter))
+            }
+            Placed::Refused(r) => self.reject(r),
+        }
+    }
+
+    /// A place for a request of `state`'s tenant, leased when the node holds none free:
+    /// the slot (none in shadow mode past the limit), every place taken, or the store's
+    /// failure answered as the plan says.
+    async fn lease_place(&self, state: &Tenant, rt: &Arc<Runtime>) -> Placed {
         let places = self.shared.places().of(&state.id);
         let limit = state.plan.concurrency;
         let (ttl, valid) = Self::place_times(rt);
@@ -403,36 +441,26 @@ impl Tollgate {
         }
         .await;
         drop(waiting);
-        let Partial { charge, claim, charged, .. } = p;
-        let slot = match acquired {
-            Ok(Acquired::Place) => Some(self.fleet_slot(places)),
-            Ok(Acquired::Fallback) => match self.node_share(&state, &places) {
-                Some(slot) => Some(slot),
-                None if self.shadowed(&state, &Self::shadow_concurrency(&state)) => None,
-                None => return self.reject(Self::too_many_in_flight(charge, route.meter)),
-            },
-            Ok(Acquired::Full) | Err(crate::store::StoreError::Conflict(_)) => {
-                // None free (or the tenant's row written by other nodes all along: busy).
-                if !self.shadowed(&state, &Self::shadow_concurrency(&state)) {
-                    return self.reject(Self::too_many_in_flight(charge, route.meter));
-                }
-                None
-            }
+        let shadow_or_full = |slot: Option<Box<Slot>>| match slot {
+            Some(slot) => Placed::Slot(Some(slot)),
+            None if self.shadowed(state, &Self::shadow_concurrency(state)) => Placed::Slot(None),
+            None => Placed::Full,
+        };
+        match acquired {
+            Ok(Acquired::Place) => Placed::Slot(Some(self.fleet_slot(places))),
+            Ok(Acquired::Fallback) => shadow_or_full(self.node_share(state, &places)),
+            // None free (or the tenant's row written by other nodes all along: busy).
+            Ok(Acquired::Full) | Err(crate::store::StoreError::Conflict(_)) => shadow_or_full(None),
             Err(e) => {
                 tracing::debug!(tenant = %state.id, error = %e, "the places store failed");
                 if state.plan.on_store_error_set && state.plan.on_store_error == StoreErrorPolicy::FailClosed {
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the places store did not answer in time");
-                    return self.reject(r.with_retry_after(1).for_tenant(&state));
+                    return Placed::Refused(r.with_retry_after(1).for_tenant(state));
                 }
                 places.local().fallback_until = self.shared.clock().unix_nanos().saturating_add(FALLBACK_NANOS);
-                match self.node_share(&state, &places) {
-                    Some(slot) => Some(slot),
-                    None if self.shadowed(&state, &Self::shadow_concurrency(&state)) => None,
-                    None => return self.reject(Self::too_many_in_flight(charge, route.meter)),
-                }
+                shadow_or_full(self.node_share(state, &places))
             }
-        };
-        self.decide_placed(charge, route, charged, claim, slot)
+        }
     }
 
     /// The worker's pass over this node's places: renews those held (every third of the
@@ -443,7 +471,9 @@ impl Tollgate {
         let (ttl, _) = Self::place_times(&rt);
         let now = self.shared.clock().unix_nanos();
         let entries: Vec<Arc<TenantPlaces>> = self.shared.places().map.iter().map(|e| e.value().clone()).collect();
-        for places in entries {
+        // Tenants together, a few dozen calls at a time: one after another, a slow store
+        // would delay the last tenants' renewals past their places' expiry.
+        let tend = |places: Arc<TenantPlaces>| async move {
             let tenant = places.tenant.clone();
             let l = *places.local();
             if l.held > l.in_flight && l.spare_since != 0 && now >= l.spare_since.saturating_add(SPARE_NANOS) {
@@ -463,18 +493,27 @@ impl Tollgate {
                     Arc::strong_count(p) == 1 && l.held == 0 && l.in_flight == 0
                 });
             }
-        }
+        };
+        futures_util::StreamExt::for_each_concurrent(futures_util::stream::iter(entries), TENDED_AT_ONCE, tend).await;
     }
 
     /// Gives every place this node holds back (shutdown): the other nodes may take them at
     /// once rather than after their TTL.
     pub(crate) async fn release_all_places(&self) {
         let entries: Vec<Arc<TenantPlaces>> = self.shared.places().map.iter().map(|e| e.value().clone()).collect();
-        for places in entries {
+        let release = |places: Arc<TenantPlaces>| async move {
             if places.local().held > 0 {
                 self.set_places(&places, Set::ReleaseTo(0)).await;
             }
-        }
+        };
+        futures_util::StreamExt::for_each_concurrent(futures_util::stream::iter(entries), TENDED_AT_ONCE, release)
+            .await;
+    }
+
+    /// Forgets every place this node holds, without a store call (a process restored from a
+    /// snapshot: its copies share them); they expire in the store.
+    pub(crate) fn forget_places(&self) {
+        self.shared.places().map.clear();
     }
 
     /// Waits, at most `limit`, for the places given back in the background (after requests'
@@ -494,11 +533,11 @@ impl Tollgate {
             })
             .map(|e| e.value().clone())
             .collect();
-        let release = async {
-            for places in spares {
-                self.set_places(&places, Set::Spares).await;
-            }
-        };
+        let release = futures_util::StreamExt::for_each_concurrent(
+            futures_util::stream::iter(spares),
+            TENDED_AT_ONCE,
+            |places| async move { self.set_places(&places, Set::Spares).await },
+        );
         if tokio::time::timeout(limit, release).await.is_err() {
             return false;
         }

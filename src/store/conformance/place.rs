@@ -79,4 +79,10 @@ pub async fn a_resent_places_call_is_applied_once<S: ?Sized + PlaceStore>(h: &mu
     // A release re-sent: the same total.
     assert_eq!(s.release_places(&call("t", 1, NOW, 1, 6)).await.unwrap(), Places::new(1, 1));
     assert_eq!(s.acquire_places(&call("t", 5, NOW, 2, 1)).await.unwrap(), Places::new(4, 5));
+    // Released to none, its sender is still known: the acquire of seq 7 arriving after the
+    // release of seq 8 changes nothing (the node would hold places it does not know of).
+    assert_eq!(s.acquire_places(&call("u", 2, NOW, 3, 7)).await.unwrap(), Places::new(2, 2));
+    assert_eq!(s.release_places(&call("u", 0, NOW, 3, 8)).await.unwrap(), Places::new(0, 0));
+    assert_eq!(s.acquire_places(&call("u", 2, NOW, 3, 7)).await.unwrap(), Places::new(0, 0), "late");
+    assert_eq!(s.acquire_places(&call("u", 5, NOW, 4, 1)).await.unwrap(), Places::new(5, 5), "all free");
 }
