@@ -366,14 +366,22 @@ impl Validator<'_, '_> {
         let limits = self.limits(&raw.limits)?;
         let usage = self.usage(&raw.usage)?;
         // A node renews its places a third of `place_ttl` after the last renewal, in a pass a
-        // second, each call taking up to `usage.store_timeout`, and it admits on them for two
-        // thirds of it: the renewal must be able to land before the node stops admitting.
-        let renewal = (usage.store_timeout + Duration::from_secs(1)) * 3;
+        // second, each renewal waiting up to `usage.store_timeout` for its tenant's lock and its
+        // call as long again, and it admits on them for two thirds of it: the renewal must be
+        // able to land before the node stops admitting.
+        let renewal = (usage.store_timeout * 2 + Duration::from_secs(1)) * 3;
         if plans.values().any(|p| p.concurrency_scope == super::Scope::Fleet) && limits.place_ttl < renewal {
+            // Named where the file sets it: `place_ttl` when written, else the timeout.
+            let key = match self.loc.find_exact("limits.place_ttl") {
+                Some(_) => "limits.place_ttl",
+                None => "usage.store_timeout",
+            };
             return Err(self.invalid(
-                "limits.place_ttl",
+                key,
                 format!(
-                    "too short to renew a fleet concurrency's places: at least 3 × (usage.store_timeout + 1s) = {}s",
+                    "limits.place_ttl ({}s) is too short to renew a fleet concurrency's places with this \
+                     usage.store_timeout: it must be at least 3 × (2 × usage.store_timeout + 1s) = {}s",
+                    limits.place_ttl.as_secs(),
                     renewal.as_secs_f64().ceil()
                 ),
             ));
@@ -468,7 +476,7 @@ impl Validator<'_, '_> {
                         origin.keys.insert(key, pos);
                     }
                 }
-                for role in ["quota", "usage", "directory", "idempotency", "rate", "places"] {
+                for role in ["quota", "usage", "directory", "idempotency", "rate", "places", "alerts"] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{role}")) {
                         origin.keys.insert(role, pos);
                     }

@@ -32,6 +32,8 @@ pub(crate) struct RawStore {
     pub(crate) rate: Option<Box<RawStore>>,
     /// `[store.places]`: the store of tenants' places in flight (by default the quota role's).
     pub(crate) places: Option<Box<RawStore>>,
+    /// `[store.alerts]`: the store of the alerts outbox (by default the usage role's).
+    pub(crate) alerts: Option<Box<RawStore>>,
 }
 
 /// Where the engine keeps its counters, usage and tenant directory: the `[store]` section.
@@ -199,7 +201,7 @@ pub enum Synchronous {
 
 /// A role a store plays, as the configuration can name a store for it apart from `[store]`
 /// (`[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
-/// `[store.rate]`, `[store.places]`).
+/// `[store.rate]`, `[store.places]`, `[store.alerts]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreRole {
@@ -218,17 +220,21 @@ pub enum StoreRole {
     /// Tenants' places in flight (`PlaceStore`, `concurrency_scope = "fleet"`); without a
     /// section of its own, the quota role's store.
     Places,
+    /// The alerts outbox (`OutboxStore`): durable, as usage is; without a section of its own,
+    /// the usage role's store.
+    Alerts,
 }
 
 impl StoreRole {
     /// Every role.
-    pub const ALL: [StoreRole; 6] = [
+    pub const ALL: [StoreRole; 7] = [
         StoreRole::Quota,
         StoreRole::Usage,
         StoreRole::Directory,
         StoreRole::Idempotency,
         StoreRole::Rate,
         StoreRole::Places,
+        StoreRole::Alerts,
     ];
 
     /// The role's name in the configuration (`[store.NAME]`).
@@ -241,6 +247,7 @@ impl StoreRole {
             StoreRole::Idempotency => "idempotency",
             StoreRole::Rate => "rate",
             StoreRole::Places => "places",
+            StoreRole::Alerts => "alerts",
         }
     }
 }
@@ -254,6 +261,7 @@ pub(crate) struct StoreRoles {
     pub(crate) idempotency: Option<StoreSettings>,
     pub(crate) rate: Option<StoreSettings>,
     pub(crate) places: Option<StoreSettings>,
+    pub(crate) alerts: Option<StoreSettings>,
 }
 
 impl StoreRoles {
@@ -266,14 +274,16 @@ impl StoreRoles {
             StoreRole::Idempotency => self.idempotency.as_ref(),
             StoreRole::Rate => self.rate.as_ref(),
             StoreRole::Places => self.places.as_ref(),
+            StoreRole::Alerts => self.alerts.as_ref(),
         }
     }
 
     /// The store of `role`: its own section's, else (the rate and places roles) the quota
-    /// role's, else `store`.
+    /// role's, (the alerts role) the usage role's, else `store`.
     pub(crate) fn of<'a>(&'a self, role: StoreRole, store: &'a StoreSettings) -> &'a StoreSettings {
         match role {
             StoreRole::Rate | StoreRole::Places => self.get(role).or(self.quota.as_ref()).unwrap_or(store),
+            StoreRole::Alerts => self.get(role).or(self.usage.as_ref()).unwrap_or(store),
             _ => self.get(role).unwrap_or(store),
         }
     }
@@ -301,6 +311,7 @@ impl Validator<'_, '_> {
                 ("idempotency", r.idempotency.is_some()),
                 ("rate", r.rate.is_some()),
                 ("places", r.places.is_some()),
+                ("alerts", r.alerts.is_some()),
             ] {
                 if set {
                     return Err(self.invalid(
@@ -318,22 +329,31 @@ impl Validator<'_, '_> {
             idempotency: role("idempotency", &raw.idempotency)?,
             rate: role("rate", &raw.rate)?,
             places: role("places", &raw.places)?,
+            alerts: role("alerts", &raw.alerts)?,
         };
         self.one_kind_of_sharing(&store, &roles)?;
         // A fleet rate or concurrency on SQLite is the processes sharing the file's: kept in
-        // one process's memory beside it, each process would keep its own.
-        for role in [StoreRole::Rate, StoreRole::Places] {
+        // one process's memory beside it, each process would keep its own. The alerts outbox
+        // is durable as usage is: in memory beside a durable usage store, a crash would lose
+        // the alerts written.
+        for (role, beside) in [
+            (StoreRole::Rate, StoreRole::Quota),
+            (StoreRole::Places, StoreRole::Quota),
+            (StoreRole::Alerts, StoreRole::Usage),
+        ] {
             if roles.get(role).is_some_and(|r| *r == StoreSettings::Memory)
-                && *roles.of(StoreRole::Quota, &store) != StoreSettings::Memory
+                && *roles.of(beside, &store) != StoreSettings::Memory
             {
                 return Err(self.invalid(
                     &format!("store.{}.kind", role.name()),
                     format!(
-                        "the {} role's store is memory but the quota role's is {}: it would be each process's own \
+                        "the {} role's store is memory but the {} role's is {}: it would be each process's own \
                          (the processes sharing the file, or the nodes sharing the store, would each keep their \
-                         own); keep it on the quota role's store",
+                         own, and lose it in a crash); keep it on the {} role's store",
                         role.name(),
-                        roles.of(StoreRole::Quota, &store).kind()
+                        beside.name(),
+                        roles.of(beside, &store).kind(),
+                        beside.name()
                     ),
                 ));
             }
@@ -387,6 +407,7 @@ impl Validator<'_, '_> {
                     StoreRole::Places => {
                         "tenants' places in flight and the fleet would admit a fleet concurrency once per node"
                     }
+                    StoreRole::Alerts => "alerts outbox and the fleet would send each alert once per node",
                 }
             ),
         ))

@@ -257,11 +257,14 @@ mod validation {
         assert_eq!(at("[limits]\nplace_ttl = \"5s\"\n"), ("limits.place_ttl".to_owned(), Some(2)));
         // A TTL a renewal cannot land within, given the store calls' time limit: refused where
         // a plan counts its concurrency for the fleet, accepted where none does.
-        let slow = "[usage]\nstore_timeout = \"10s\"\n[limits]\nplace_ttl = \"30s\"\n";
+        let slow = "[usage]\nstore_timeout = \"5s\"\n[limits]\nplace_ttl = \"30s\"\n";
         let e = err(&format!("[plans.p]\nconcurrency = 3\nconcurrency_scope = \"fleet\"\n{slow}"));
         assert_eq!((e.key(), e.line()), ("limits.place_ttl", Some(7)), "{e}");
         assert!(e.to_string().contains("33s"), "{e}");
         assert!(parse(&format!("[plans.p]\nconcurrency = 3\n{slow}")).is_ok());
+        // Without `place_ttl` in the file, the timeout that makes the default too short.
+        let e = err("[usage]\nstore_timeout = \"5s\"\n[plans.p]\nconcurrency = 3\nconcurrency_scope = \"fleet\"\n");
+        assert_eq!((e.key(), e.line()), ("usage.store_timeout", Some(2)), "{e}");
         // The anonymous plan keeps its requests in flight per client address: no fleet scope.
         let e = err("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"free\"\n\
              [plans.free]\nconcurrency = 2\nconcurrency_scope = \"fleet\"\n");
@@ -461,7 +464,7 @@ mod reference {
     const REFERENCE: &str = include_str!("reference.toml");
 
     /// The roles a `[store]` section may hold a section of.
-    const ROLES: [&str; 6] = ["quota", "usage", "directory", "idempotency", "rate", "places"];
+    const ROLES: [&str; 7] = ["quota", "usage", "directory", "idempotency", "rate", "places", "alerts"];
 
     /// Tables whose keys are names the user chose (a meter, a plan, a tenant, a quota's meter).
     const NAMED: [&str; 4] = ["meters", "plans", "tenants", "quotas"];

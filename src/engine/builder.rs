@@ -24,7 +24,7 @@ use crate::{
     metrics::{Metrics, Totals},
     plan::Runtime,
     store::{
-        DirectoryStore, IdempotencyStore, MemoryStore, PlaceStore, QuotaStore, RateStore, Roles, Store,
+        DirectoryStore, IdempotencyStore, MemoryStore, OutboxStore, PlaceStore, QuotaStore, RateStore, Roles, Store,
         UsageExportStore,
     },
 };
@@ -173,6 +173,7 @@ pub struct Builder {
     idempotency: Option<Arc<dyn IdempotencyStore>>,
     rate: Option<Arc<dyn RateStore>>,
     places: Option<Arc<dyn PlaceStore>>,
+    alerts: Option<Arc<dyn OutboxStore>>,
     sink: Option<Arc<dyn BillingSink>>,
     clock: Option<Clock>,
     /// Whether `store` was opened from the configuration.
@@ -190,6 +191,7 @@ impl std::fmt::Debug for Builder {
             .field("idempotency", &self.idempotency)
             .field("rate", &self.rate)
             .field("places", &self.places)
+            .field("alerts", &self.alerts)
             .field("sink", &self.sink)
             .finish_non_exhaustive()
     }
@@ -209,6 +211,7 @@ impl Tollgate {
             idempotency: None,
             rate: None,
             places: None,
+            alerts: None,
             sink: None,
             clock: None,
             configured: false,
@@ -291,6 +294,14 @@ impl Builder {
         self
     }
 
+    /// The store of the alerts role (the outbox of alerts to deliver, `[alerts]`), instead of
+    /// [`store`](Self::store)'s. (From the configuration, `[store.alerts]`, else the usage
+    /// role's store.)
+    pub fn alerts_store(mut self, store: Arc<dyn OutboxStore>) -> Self {
+        self.alerts = Some(store);
+        self
+    }
+
     /// Whether some role has no store given in code (the rate and places roles aside: code that gives
     /// the other four keeps its stores, and its fleet rates are each node's unless it gives
     /// [`rate_store`](Self::rate_store) too).
@@ -368,6 +379,9 @@ impl Builder {
             if self.places.is_none() {
                 self.places = Some(open.role(&self.config, StoreRole::Places).await?);
             }
+            if self.alerts.is_none() {
+                self.alerts = Some(open.role(&self.config, StoreRole::Alerts).await?);
+            }
             self.configured = true;
         }
         Ok(self.build())
@@ -396,6 +410,7 @@ impl Builder {
                 (StoreRole::Idempotency, self.idempotency.is_some()),
                 (StoreRole::Rate, self.rate.is_some()),
                 (StoreRole::Places, self.places.is_some()),
+                (StoreRole::Alerts, self.alerts.is_some()),
             ];
             for (role, given) in given {
                 let configured = self.config.store_of(role);
@@ -437,7 +452,8 @@ impl Builder {
             directory: self.directory.unwrap_or_else(|| all.clone()),
             idempotency: self.idempotency.unwrap_or_else(|| all.clone()),
             rate: self.rate.unwrap_or_else(|| all.clone()),
-            places: self.places.unwrap_or(all),
+            places: self.places.unwrap_or_else(|| all.clone()),
+            alerts: self.alerts.unwrap_or(all),
         };
         let totals = Arc::new(Totals::register());
         let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));

@@ -26,6 +26,7 @@ fn wrapped(roles: &Roles, policy: &Arc<Policy>, path: Path) -> Roles {
         idempotency: Arc::new(Limited::new(roles.idempotency.clone(), policy.clone(), path)),
         rate: Arc::new(Limited::new(roles.rate.clone(), policy.clone(), path)),
         places: Arc::new(Limited::new(roles.places.clone(), policy.clone(), path)),
+        alerts: Arc::new(Limited::new(roles.alerts.clone(), policy.clone(), path)),
     }
 }
 

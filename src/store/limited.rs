@@ -34,9 +34,9 @@ use crate::{
         ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
         DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
         IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash,
-        LedgerEntry, LedgerStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey, QuotaStore,
-        RateStore, RefundOutcome, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
-        UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+        LedgerEntry, LedgerStore, OutboxStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey,
+        QuotaStore, RateStore, RefundOutcome, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate,
+        UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
     },
 };
 
@@ -546,5 +546,44 @@ impl<S: PlaceStore + ?Sized> PlaceStore for Limited<S> {
 
     async fn release_places(&self, call: &crate::store::PlaceCall) -> Result<crate::store::Places, StoreError> {
         self.call("release places", self.inner.release_places(call)).await
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+#[async_trait]
+impl<S: OutboxStore + ?Sized> OutboxStore for Limited<S> {
+    async fn put_alerts(&self, entries: &[crate::store::OutboxEntry]) -> Result<usize, StoreError> {
+        self.call("put alerts", self.inner.put_alerts(entries)).await
+    }
+
+    async fn claim_alerts(
+        &self,
+        claim: &crate::store::AlertClaim,
+    ) -> Result<Vec<crate::store::OutboxEntry>, StoreError> {
+        self.call("claim alerts", self.inner.claim_alerts(claim)).await
+    }
+
+    async fn settle_alert(
+        &self,
+        key: &crate::store::AlertKey,
+        owner: u64,
+        outcome: &crate::store::AlertOutcome,
+    ) -> Result<bool, StoreError> {
+        self.call("settle an alert", self.inner.settle_alert(key, owner, outcome)).await
+    }
+
+    async fn list_alerts(
+        &self,
+        query: &crate::store::AlertQuery,
+    ) -> Result<Vec<crate::store::OutboxEntry>, StoreError> {
+        self.call("list alerts", self.inner.list_alerts(query)).await
+    }
+
+    async fn requeue_alert(&self, key: &crate::store::AlertKey, now: i64) -> Result<bool, StoreError> {
+        self.call("requeue an alert", self.inner.requeue_alert(key, now)).await
+    }
+
+    async fn prune_alerts(&self, now: i64) -> Result<u64, StoreError> {
+        self.call("prune alerts", self.inner.prune_alerts(now)).await
     }
 }

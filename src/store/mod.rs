@@ -11,6 +11,7 @@
 //! | idempotency | [`IdempotencyStore`] | `Idempotency-Key` bindings | requests carrying the header |
 //! | rate | [`RateStore`] | a GCRA bucket per tenant whose rate the fleet shares (`rate_scope = "fleet"`) | cell leases, on the request path |
 //! | places | [`PlaceStore`] | each node's places among a tenant's requests in flight (`concurrency_scope = "fleet"`) | place leases, their renewal and release |
+//! | alerts | [`OutboxStore`] | alerts (threshold crossings) to deliver as signed webhooks, and their delivery state | the nodes that see a crossing, the worker's deliveries, `tollgate alerts` |
 //!
 //! [`Store`] is every role at once, implemented for any type that has them all. The usage,
 //! export and ledger roles share writes, so one store holds the three ([`UsageExportStore`]).
@@ -36,6 +37,7 @@ mod idempotency;
 mod ledger;
 pub(crate) mod limited;
 mod memory;
+mod outbox;
 mod place;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -65,6 +67,7 @@ pub use idempotency::{
 };
 pub use ledger::{LedgerEntry, LedgerStore, LEDGER_KEPT_SECS};
 pub use memory::MemoryStore;
+pub use outbox::{AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore, MAX_ERROR};
 pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -82,8 +85,8 @@ pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, Us
 /// The role traits, to call store methods on any store: `use tollgate::store::prelude::*;`.
 pub mod prelude {
     pub use super::{
-        DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, PlaceStore,
-        QuotaStore, RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
+        DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, OutboxStore,
+        PlaceStore, QuotaStore, RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
     };
     #[cfg(any(test, feature = "test-util"))]
     pub use super::{QuotaInspect, StoreInspect, UsageInspect};
@@ -91,8 +94,11 @@ pub mod prelude {
 
 /// Every role at once: what [`Tollgate::builder`](crate::Tollgate::builder)'s `store` takes.
 ///
-/// Implemented for every type that implements the eight roles; implement those, never this.
-pub trait Store: QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore + RateStore + PlaceStore {}
+/// Implemented for every type that implements the nine roles; implement those, never this.
+pub trait Store:
+    QuotaStore + UsageExportStore + DirectoryStore + IdempotencyStore + RateStore + PlaceStore + OutboxStore
+{
+}
 
 impl<T> Store for T where
     T: QuotaStore
@@ -103,6 +109,7 @@ impl<T> Store for T where
         + IdempotencyStore
         + RateStore
         + PlaceStore
+        + OutboxStore
         + ?Sized
 {
 }
@@ -152,6 +159,7 @@ pub(crate) struct Roles {
     pub(crate) idempotency: Arc<dyn IdempotencyStore>,
     pub(crate) rate: Arc<dyn RateStore>,
     pub(crate) places: Arc<dyn PlaceStore>,
+    pub(crate) alerts: Arc<dyn OutboxStore>,
 }
 
 /// Now by the wall clock, in Unix seconds: what key expiry is measured against.

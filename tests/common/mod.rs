@@ -278,6 +278,10 @@ pub struct Faulty {
     pub place_delay_ms: AtomicU64,
     /// Places renewals take this many milliseconds, then apply.
     pub renew_delay_ms: AtomicU64,
+    /// Alerts calls fail (the alerts role's store down alone).
+    pub alerts_down: AtomicBool,
+    /// Alert writes (`put_alerts`) that reached the store.
+    pub alert_puts: AtomicU64,
     /// A plan change applied right after the next tenant read answers: a webhook landing
     /// between a read and the write made from it.
     pub plan_change_after_read: std::sync::Mutex<Option<PlanChange>>,
@@ -313,6 +317,8 @@ impl Default for Faulty {
             places_down: Default::default(),
             place_delay_ms: Default::default(),
             renew_delay_ms: Default::default(),
+            alerts_down: Default::default(),
+            alert_puts: Default::default(),
             plan_change_after_read: Default::default(),
             held: Default::default(),
             guard: Default::default(),
@@ -757,6 +763,61 @@ impl tollgate::store::PlaceStore for Faulty {
     async fn release_places(&self, call: &tollgate::store::PlaceCall) -> Result<tollgate::store::Places, StoreError> {
         self.place_call()?;
         self.inner.release_places(call).await
+    }
+}
+
+impl Faulty {
+    fn alerts_call(&self) -> Result<(), StoreError> {
+        self.check()?;
+        if self.alerts_down.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("the alerts store is down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl tollgate::store::OutboxStore for Faulty {
+    async fn put_alerts(&self, entries: &[tollgate::store::OutboxEntry]) -> Result<usize, StoreError> {
+        self.alert_puts.fetch_add(1, Ordering::SeqCst);
+        self.alerts_call()?;
+        self.inner.put_alerts(entries).await
+    }
+
+    async fn claim_alerts(
+        &self,
+        claim: &tollgate::store::AlertClaim,
+    ) -> Result<Vec<tollgate::store::OutboxEntry>, StoreError> {
+        self.alerts_call()?;
+        self.inner.claim_alerts(claim).await
+    }
+
+    async fn settle_alert(
+        &self,
+        key: &tollgate::store::AlertKey,
+        owner: u64,
+        outcome: &tollgate::store::AlertOutcome,
+    ) -> Result<bool, StoreError> {
+        self.alerts_call()?;
+        self.inner.settle_alert(key, owner, outcome).await
+    }
+
+    async fn list_alerts(
+        &self,
+        query: &tollgate::store::AlertQuery,
+    ) -> Result<Vec<tollgate::store::OutboxEntry>, StoreError> {
+        self.alerts_call()?;
+        self.inner.list_alerts(query).await
+    }
+
+    async fn requeue_alert(&self, key: &tollgate::store::AlertKey, now: i64) -> Result<bool, StoreError> {
+        self.alerts_call()?;
+        self.inner.requeue_alert(key, now).await
+    }
+
+    async fn prune_alerts(&self, now: i64) -> Result<u64, StoreError> {
+        self.alerts_call()?;
+        self.inner.prune_alerts(now).await
     }
 }
 

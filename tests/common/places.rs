@@ -21,7 +21,7 @@ concurrency_scope = "fleet"
 plan = "p"
 keys = ["key-t"]
 [usage]
-store_timeout = "5s"
+store_timeout = "4s"
 "#;
 
 pub async fn admit(h: &Harness) -> Result<Ticket, tollgate::Rejection> {

@@ -173,3 +173,29 @@ async fn waiters_on_a_spent_fleet_rate_are_refused_from_one_reading() {
     let calls = store.rate_calls.load(Ordering::SeqCst) - before;
     assert!(calls <= 2, "{calls} store calls: the waiters share one reading");
 }
+
+/// Requests waiting for a lease on a slow but healthy store: a waiter left with too little of
+/// its time for a call of its own is answered busy, not sent to call and time out (which would
+/// be taken for a store failure, and the node's own bucket would serve): what is served never
+/// passes what the shared bucket granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_slow_store_never_fall_back_while_it_answers() {
+    let toml = TOML.replace("SCOPE", "fleet").replace("store_timeout = \"30s\"", "store_timeout = \"250ms\"");
+    let store = Arc::new(Faulty::default());
+    store.rate_delay_ms.store(100, Ordering::SeqCst);
+    let h = Arc::new(Harness::with_store(&toml, store.clone(), NOON));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move { send(&h).await }));
+    }
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => served += 1,
+            Err(r) => assert_eq!(r.kind(), RejectionKind::RateLimited, "{r:?}"),
+        }
+    }
+    // The engine clock does not move: the shared bucket has its burst to give, no more.
+    assert!(served <= 20, "{served} served: the node's own bucket served beside the fleet's");
+}

@@ -17,7 +17,7 @@ async fn four_nodes_run_at_most_the_fleets_concurrency() {
     let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
     // The default store timeout: the requests waiting on one node share its call, and a wait
     // for it is not taken for a store failure.
-    let toml = TOML.replace("[usage]\nstore_timeout = \"5s\"\n", "");
+    let toml = TOML.replace("[usage]\nstore_timeout = \"4s\"\n", "");
     common::places::four_nodes_run_at_most_with(store, &toml).await;
 }
 
@@ -329,4 +329,53 @@ async fn a_snapshot_holds_no_place() {
     for t in got {
         assert!(t.complete(200));
     }
+}
+
+/// A place the node could not give back before the snapshot (the store down then) is forgotten
+/// by the restored copy: it asks the store, under a sender of its own, rather than admitting
+/// on a place every copy would believe it holds.
+#[tokio::test]
+async fn a_restored_copy_forgets_the_places_it_could_not_give_back() {
+    let store = Arc::new(Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(TOML, store.clone(), clock, handle.clone());
+    assert!(admit(&a).await.unwrap().complete(200), "A holds a spare");
+    store.places_down.store(true, Ordering::SeqCst);
+    a.tollgate.before_snapshot().await.unwrap();
+    a.tollgate.after_restore().await;
+    store.places_down.store(false, Ordering::SeqCst);
+    // The spare is still A's old sender's in the store: 4 for B, none for the restored A.
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(admit(&b).await.unwrap());
+    }
+    handle.advance(std::time::Duration::from_millis(1_100));
+    assert_eq!(admit(&a).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited, "not on the forgotten spare");
+    for t in got {
+        assert!(t.complete(200));
+    }
+}
+
+/// A tenant's entry on a node comes and goes with its requests; its row in the store keeps one
+/// entry per node however often (the node's one sender), not one per busy spell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_busy_again_and_again_keeps_one_entry_per_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("places.db");
+    let store: Arc<dyn tollgate::store::StoreInspect> =
+        Arc::new(tollgate::store::SqliteStore::open(&path).await.unwrap());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = node_with_worker(TOML, store, clock, handle.clone());
+    for _ in 0..4 {
+        assert!(admit(&a).await.unwrap().complete(200));
+        // The spare goes back after a second (the worker's pass), and the idle entry with it.
+        handle.advance(std::time::Duration::from_millis(1_500));
+        tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    }
+    let db = rusqlite::Connection::open(&path).unwrap();
+    let holders: String =
+        db.query_row("SELECT holders FROM place_leases WHERE tenant = 't'", [], |r| r.get(0)).unwrap();
+    let entries = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&holders).unwrap().len();
+    assert_eq!(entries, 1, "one entry for the node: {holders}");
 }

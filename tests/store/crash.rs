@@ -130,7 +130,7 @@ async fn engine(db: &Path, plan: &str, at: i64, sink: Option<Collect>) -> Harnes
         // A generous store timeout: on a loaded machine a quota call may take longer than the
         // default 250 ms, and fail-open would then admit past the limit (documented), which
         // is not what these tests are about.
-        "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\nstore_timeout = \"9s\"\n{}",
+        "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\nstore_timeout = \"4s\"\n{}",
         common::one_tenant(&format!("rate = \"100000/s\"\n{plan}"))
     ))
     .unwrap();

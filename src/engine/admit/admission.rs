@@ -100,36 +100,48 @@ impl Tollgate {
                 return self.reject(r);
             }
         };
-        // A tenant at its limit of requests in flight is refused before its key is claimed: a
-        // storm of refused retries costs no store write. On a node, its place is taken for
-        // good after the claim; a fleet concurrency's place is taken before it (leased first
-        // when the node holds none free), so that a refusal never writes the key.
+        match self.claim_stage(charge, claim, key.into(), request, route.meter) {
+            Ok((c, false)) => Admission::pending(Stage::Claim(c), route),
+            Ok((c, true)) => Admission::pending(Stage::PlaceThenClaim(c), route),
+            Err(r) => self.reject(r),
+        }
+    }
+
+    /// What a first keyed request does next once its rate check passed: its key claimed in the
+    /// store. A tenant at its limit of requests in flight is refused before its key is claimed:
+    /// a storm of refused retries costs no store write. On a node, its place is taken for good
+    /// after the claim; a fleet concurrency's place is taken before it (leased first when the
+    /// node holds none free), so that a refusal never writes the key. The claim to make, and
+    /// whether a place must be leased first.
+    fn claim_stage(
+        &self,
+        charge: RateCharge,
+        claim: Claim,
+        key: Box<[u8]>,
+        request: u128,
+        meter: usize,
+    ) -> Result<(Box<KeyClaim>, bool), Rejection> {
         let state = charge.state();
         let limit = state.plan.concurrency;
-        let key = key.into();
         if limit != 0 && !state.plan.shadow && state.plan.concurrency_fleet {
             let placed = match self.enter_fleet_place(state) {
                 Ok(Some(slot)) => ClaimPlace::Taken(Some(slot)),
                 Ok(None) => {
                     drop(claim);
-                    return self.reject(Self::too_many_in_flight(charge, route.meter));
+                    return Err(Self::too_many_in_flight(charge, meter));
                 }
                 Err(()) => {
                     let c = KeyClaim { charge, claim, key, request, placed: ClaimPlace::After };
-                    return Admission::pending(Stage::PlaceThenClaim(Box::new(c)), route);
+                    return Ok((Box::new(c), true));
                 }
             };
-            let c = KeyClaim { charge, claim, key, request, placed };
-            return Admission::pending(Stage::Claim(Box::new(c)), route);
+            return Ok((Box::new(KeyClaim { charge, claim, key, request, placed }), false));
         }
         if limit != 0 && !state.plan.shadow && Slot::full(self.shared.in_flight(), &state.id, limit) {
             drop(claim);
-            return self.reject(Self::too_many_in_flight(charge, route.meter));
+            return Err(Self::too_many_in_flight(charge, meter));
         }
-        Admission::pending(
-            Stage::Claim(Box::new(KeyClaim { charge, claim, key, request, placed: ClaimPlace::After })),
-            route,
-        )
+        Ok((Box::new(KeyClaim { charge, claim, key, request, placed: ClaimPlace::After }), false))
     }
 
     /// A replay of a key this node saw complete: its rate check, then its stored response is
@@ -176,10 +188,12 @@ impl Tollgate {
                 // as a new one (the rate check already passed).
                 self.shared.idempotency().forget(&state.id, &key);
                 match self.shared.idempotency().check(&state.id, &key, request) {
-                    Verdict::First(claim) => {
-                        let c = KeyClaim { charge, claim, key, request, placed: ClaimPlace::After };
-                        Box::pin(self.claim_in_store(c, route, rt)).await
-                    }
+                    // As a first request: its place first on a fleet concurrency.
+                    Verdict::First(claim) => match self.claim_stage(charge, claim, key, request, route.meter) {
+                        Ok((c, true)) => Box::pin(self.place_then_claim(*c, route, rt)).await,
+                        Ok((c, false)) => Box::pin(self.claim_in_store(*c, route, rt)).await,
+                        Err(r) => self.reject(r),
+                    },
                     _ => self.reject(Self::key_in_use(state)),
                 }
             }

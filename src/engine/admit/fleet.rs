@@ -110,9 +110,12 @@ impl Tollgate {
         let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) else {
             return self.decide(state.clone(), route, key);
         };
-        let _ = rt;
         let bucket = rate.bucket;
         let cost = route.cost;
+        // A waiter left with less than half the time for its own call answers busy rather
+        // than call: its call timing out would be taken for a store failure (the fallback).
+        let began = tokio::time::Instant::now();
+        let half = rt.config.usage.store_timeout / 2;
         let leased = self
             .shared
             .stores()
@@ -130,6 +133,9 @@ impl Tollgate {
                 // none waits its turn into a timeout).
                 if let Some(tat) = fleet.refused_by_reading(cost, now, bucket) {
                     return Ok(Lease::Refused(tat, now));
+                }
+                if began.elapsed() > half {
+                    return Ok(Lease::Busy);
                 }
                 let want = fleet.want(cost, now, bucket);
                 let sender = fleet.sender(|| self.shared.ids().new_sender());

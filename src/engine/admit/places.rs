@@ -39,6 +39,10 @@ const FALLBACK_NANOS: i64 = 1_000_000_000;
 #[derive(Debug, Default)]
 pub(crate) struct PlacesNode {
     map: DashMap<TenantId, Arc<TenantPlaces>>,
+    /// The sender id of this node's places calls, for every tenant (0: not drawn yet): a
+    /// tenant's entry comes and goes with its requests, and a sender drawn for each would
+    /// leave one more holder of none in the tenant's row each time (kept for a TTL).
+    sender: AtomicU64,
     /// Releases under way (in the background, after a request's body went).
     releasing: AtomicUsize,
     released: tokio::sync::Notify,
@@ -51,8 +55,6 @@ pub(crate) struct TenantPlaces {
     local: Mutex<Local>,
     /// One store call at a time for this tenant on this node (their sequence numbers in order).
     lock: tokio::sync::Mutex<()>,
-    /// The sender id of this tenant's places calls (0: not drawn yet).
-    sender: AtomicU64,
 }
 
 impl Local {
@@ -142,19 +144,6 @@ impl TenantPlaces {
         l.fallback_until = 0;
         l.note_spare(now);
     }
-
-    fn sender(&self, draw: impl FnOnce() -> u64) -> u64 {
-        match self.sender.load(Ordering::Relaxed) {
-            0 => {
-                let drawn = draw().max(1);
-                match self.sender.compare_exchange(0, drawn, Ordering::Relaxed, Ordering::Relaxed) {
-                    Ok(_) => drawn,
-                    Err(other) => other,
-                }
-            }
-            s => s,
-        }
-    }
 }
 
 impl PlacesNode {
@@ -169,7 +158,6 @@ impl PlacesNode {
                     tenant: tenant.clone(),
                     local: Mutex::default(),
                     lock: tokio::sync::Mutex::new(()),
-                    sender: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -330,7 +318,7 @@ impl Tollgate {
             }
             (count, l.limit)
         };
-        let sender = places.sender(|| self.shared.ids().new_sender());
+        let sender = self.places_sender();
         let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
         let call = PlaceCall::new(tenant.clone(), count, limit, ttl, now, token);
         let stores = self.shared.stores();
@@ -346,6 +334,10 @@ impl Tollgate {
                     // Renewed: what the store says is held (fewer, if some expired and were
                     // taken meanwhile), valid from now.
                     Set::Renew => {
+                        if now > l.renewed_at.saturating_add(ttl) {
+                            tracing::warn!(tenant = %tenant, "places renewed after they expired in the store: \
+                                renewals run late (a slow store, or many tenants holding places)");
+                        }
                         l.held = p.held;
                         l.renewed_at = now;
                         l.valid_until = now.saturating_add(valid);
@@ -429,7 +421,7 @@ impl Tollgate {
                 l.limit = limit;
                 l.in_flight.saturating_add(l.waiting.max(1))
             };
-            let sender = places.sender(|| self.shared.ids().new_sender());
+            let sender = self.places_sender();
             let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
             let call = PlaceCall::new(state.id.clone(), count, limit, ttl, now, token);
             let stores = self.shared.stores();
@@ -511,9 +503,25 @@ impl Tollgate {
     }
 
     /// Forgets every place this node holds, without a store call (a process restored from a
-    /// snapshot: its copies share them); they expire in the store.
+    /// snapshot: its copies share them and their sender); they expire in the store.
     pub(crate) fn forget_places(&self) {
         self.shared.places().map.clear();
+        self.shared.places().sender.store(0, Ordering::Relaxed);
+    }
+
+    /// This node's sender id for places calls, drawn on the first call.
+    fn places_sender(&self) -> u64 {
+        let sender = &self.shared.places().sender;
+        match sender.load(Ordering::Relaxed) {
+            0 => {
+                let drawn = self.shared.ids().new_sender().max(1);
+                match sender.compare_exchange(0, drawn, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => drawn,
+                    Err(other) => other,
+                }
+            }
+            s => s,
+        }
     }
 
     /// Waits, at most `limit`, for the places given back in the background (after requests'

@@ -39,7 +39,7 @@
 #[macro_export]
 macro_rules! store_conformance {
     ($name:ident, $make:expr) => {
-        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency, rate, place);
+        $crate::store_conformance!($name, $make, quota, usage, export, ledger, directory, idempotency, rate, place, outbox);
     };
     ($name:ident, $make:expr, $($role:ident),+ $(,)?) => {
         mod $name {
@@ -136,6 +136,13 @@ macro_rules! store_conformance {
             a_resent_places_call_is_applied_once,
         );
     };
+    (@role outbox, $make:expr) => {
+        $crate::store_conformance!(@tests outbox, $make;
+            alerts_are_written_once_per_key,
+            a_row_is_claimed_by_one_node_at_a_time,
+            retries_dead_letters_and_prunes_apply_once,
+        );
+    };
     (@tests $role:ident, $make:expr; $($test:ident),+ $(,)?) => {
         mod $role {
             #[allow(unused_imports)]
@@ -155,6 +162,7 @@ pub mod directory;
 pub mod export;
 pub mod idempotency;
 pub mod ledger;
+pub mod outbox;
 pub mod place;
 pub mod quota;
 pub mod rate;

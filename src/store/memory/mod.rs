@@ -22,6 +22,7 @@ mod directory;
 mod export;
 mod idempotency;
 mod ledger;
+mod outbox;
 mod place;
 mod quota;
 mod rate;
@@ -92,8 +93,13 @@ struct Inner {
     rates: HashMap<TenantId, crate::store::RateRow>,
     /// When the buckets were last pruned (the callers' clock, Unix nanoseconds).
     rates_pruned: i64,
-    /// Tenants' places (`concurrency_scope = "fleet"`), while a node holds some.
+    /// Tenants' places (`concurrency_scope = "fleet"`), while a node holds some or gave its
+    /// last back within a TTL.
     places: HashMap<TenantId, crate::store::PlaceRow>,
+    /// When the places were last pruned (the callers' clock, Unix nanoseconds).
+    places_pruned: i64,
+    /// The alerts outbox, by key.
+    alerts: std::collections::BTreeMap<crate::store::AlertKey, crate::store::OutboxEntry>,
 }
 
 /// One `Idempotency-Key` binding.

@@ -33,6 +33,7 @@ mod directory;
 mod export;
 mod idempotency;
 mod ledger;
+mod outbox;
 mod place;
 mod quota;
 mod rate;

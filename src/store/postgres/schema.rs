@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -207,6 +207,29 @@ CREATE TABLE {s}.place_leases (
     holders text NOT NULL,
     expires bigint NOT NULL
 );
+"#,
+    // 6 -> 7: the alerts outbox (the alerts role), and a tenant's own alert endpoint.
+    r#"
+CREATE TABLE {s}.alert_outbox (
+    id           text COLLATE "C" NOT NULL,
+    destination  text COLLATE "C" NOT NULL,
+    tenant       text NOT NULL,
+    event        text NOT NULL,
+    body         text NOT NULL,
+    created_at   bigint NOT NULL,
+    keep_until   bigint NOT NULL,
+    state        text NOT NULL,
+    attempts     bigint NOT NULL,
+    next_at      bigint NOT NULL,
+    claim_owner  bigint NOT NULL,
+    claim_until  bigint NOT NULL,
+    last_error   text,
+    delivered_at bigint,
+    PRIMARY KEY (id, destination)
+);
+CREATE INDEX alert_outbox_due ON {s}.alert_outbox (next_at) WHERE state = 'pending';
+CREATE INDEX alert_outbox_kept ON {s}.alert_outbox (keep_until) WHERE state <> 'pending';
+ALTER TABLE {s}.tenant ADD COLUMN alert_endpoint text;
 "#,
 ];
 

@@ -26,6 +26,7 @@ mod directory;
 mod export;
 mod idempotency;
 mod ledger;
+mod outbox;
 mod place;
 mod quota;
 mod rate;

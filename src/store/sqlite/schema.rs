@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 14;
+pub(super) const SCHEMA_VERSION: i32 = 15;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -230,6 +230,29 @@ CREATE TABLE place_leases (
     holders TEXT NOT NULL,
     expires INTEGER NOT NULL
 ) WITHOUT ROWID;
+",
+    // 14 -> 15: the alerts outbox (the alerts role), and a tenant's own alert endpoint.
+    r"
+CREATE TABLE alert_outbox (
+    id           TEXT NOT NULL,
+    destination  TEXT NOT NULL,
+    tenant       TEXT NOT NULL,
+    event        TEXT NOT NULL,
+    body         TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    keep_until   INTEGER NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL,
+    next_at      INTEGER NOT NULL,
+    claim_owner  INTEGER NOT NULL,
+    claim_until  INTEGER NOT NULL,
+    last_error   TEXT,
+    delivered_at INTEGER,
+    PRIMARY KEY (id, destination)
+) WITHOUT ROWID;
+CREATE INDEX alert_outbox_due ON alert_outbox (state, next_at);
+CREATE INDEX alert_outbox_kept ON alert_outbox (keep_until) WHERE state != 'pending';
+ALTER TABLE tenant ADD COLUMN alert_endpoint TEXT;
 ",
 ];
 
