@@ -19,9 +19,12 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step "local DynamoDB server (moto, in a venv)"
 venv="${TOLLGATE_MOTO_VENV:-$PWD/.venv/moto}"
-if ! "$venv/bin/python" -c 'import moto, flask' 2>/dev/null; then
+# The alerts tests verify deliveries with the official Standard Webhooks library, and their
+# bodies against docs/alerts.schema.json, in the same venv (scripts/alert-receiver.py).
+if ! "$venv/bin/python" -c 'import moto, flask, standardwebhooks, jsonschema' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[dynamodb]==5.2.5' flask flask-cors
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[dynamodb]==5.2.5' flask flask-cors \
+    'standardwebhooks==1.1.0' 'jsonschema==4.25.1'
 fi
 moto_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 moto_log=$(mktemp)

@@ -45,6 +45,18 @@ pub mod guide {
     pub mod events {}
     #[doc = include_str!("../docs/performance.md")]
     pub mod performance {}
+    #[doc = include_str!("../docs/alerts.md")]
+    pub mod alerts {}
+}
+pub mod alerts {
+    //! Alerts: threshold crossings (a quota's percentages, units left, a hard limit or a
+    //! balance reached) written once per fleet to a durable outbox and delivered as signed
+    //! webhooks ([Standard Webhooks](https://www.standardwebhooks.com/)) to the endpoints of
+    //! `[alerts]` and to tenants' own. The [alerts guide](crate::guide::alerts) explains them,
+    //! with receivers in Rust and Python.
+    pub use crate::base::{is_public, signature_header, BadSecret, WebhookSecret};
+    pub use crate::config::{AlertEndpoint, AlertSettings, EVENT_TYPES};
+    pub use crate::engine::{AlertReport, EndpointError};
 }
 pub mod events {
     //! Usage from outside a request: events of jobs and queues, each with its own time and
@@ -59,10 +71,10 @@ mod metrics;
 mod plan;
 pub mod report {
     //! What the engine's operations report: a flush, an export pass, a reconciliation, a shutdown, a tenant's
-    //! usage, a crossed quota threshold, and the counters of the background paths.
+    //! usage, a crossed quota threshold, a pass delivering alerts, and the counters of the background paths.
     pub use crate::engine::{
-        CreditExpiryReport, Drift, DriftAction, ExportReport, FlushReport, QuotaUsage, ReconcileError, ReconcileReport,
-        ReconcileRequest, ReportError, ShutdownReport, ThresholdCrossed, UsageReport, WindowUsage,
+        AlertReport, CreditExpiryReport, Drift, DriftAction, ExportReport, FlushReport, QuotaUsage, ReconcileError,
+        ReconcileReport, ReconcileRequest, ReportError, ShutdownReport, ThresholdCrossed, UsageReport, WindowUsage,
     };
     pub use crate::metrics::Stats;
 }

@@ -28,7 +28,14 @@ pub(crate) struct Metrics {
     holds: [Counter; 8],
     /// Units held and not recorded, given back when their holds settled.
     pub(crate) hold_returned_units: Counter,
+    /// Alert rows this node wrote to the outbox (new ones: the fleet writes each once).
+    pub(crate) alerts_written: Counter,
+    /// Deliveries of alerts by outcome ([`ALERT_OUTCOMES`]).
+    alert_deliveries: [Counter; 4],
 }
+
+/// What a delivery of an alert came to, as labelled in `tollgate_alert_deliveries_total`.
+const ALERT_OUTCOMES: [&str; 4] = ["delivered", "retried", "dead", "released"];
 
 /// What happened to a hold, as labelled in `tollgate_holds_total`.
 const HOLD_OUTCOMES: [&str; 8] =
@@ -83,6 +90,8 @@ impl Metrics {
                 .map(|k| counter!("tollgate_shadow_would_refuse_total", "reason" => k.label())),
             holds: HOLD_OUTCOMES.map(|o| counter!("tollgate_holds_total", "outcome" => o)),
             hold_returned_units: counter!("tollgate_hold_returned_units_total"),
+            alerts_written: counter!("tollgate_alerts_written_total"),
+            alert_deliveries: ALERT_OUTCOMES.map(|o| counter!("tollgate_alert_deliveries_total", "outcome" => o)),
             events: std::array::from_fn(|i| {
                 let outcome = match i {
                     0 => "applied",
@@ -101,6 +110,13 @@ impl Metrics {
             ProcessedAs::Refused(label) => 2 + EVENT_REFUSALS.iter().position(|l| *l == label).unwrap_or(0),
         };
         &self.events[i]
+    }
+
+    /// The counter of alert deliveries with this outcome (`delivered`, `retried`, `dead`,
+    /// `released`).
+    pub(crate) fn alert_deliveries(&self, outcome: &str) -> &Counter {
+        let i = ALERT_OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(3);
+        &self.alert_deliveries[i]
     }
 
     pub(crate) fn would_refuse(&self, kind: RejectionKind) -> &Counter {

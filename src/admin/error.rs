@@ -38,6 +38,9 @@ pub enum AdminError {
         /// The tenant holding it.
         holder: String,
     },
+    /// A tenant's alert endpoint was refused: nothing was stored.
+    #[error(transparent)]
+    AlertEndpoint(crate::engine::EndpointError),
     /// A line of an import is not valid: nothing was imported.
     #[error("line {line}: {message}")]
     Import {

@@ -19,6 +19,7 @@
 //! # }
 //! ```
 
+mod alerts;
 mod credits;
 mod error;
 mod exports;

@@ -8,7 +8,7 @@ use crate::{
     engine::{BuildError, OpenStores},
     store::{
         limited::{Limited, Path, Policy},
-        DirectoryEvents, DirectoryStore, QuotaStore, Store, TenantRecord, UsageExportStore,
+        DirectoryEvents, DirectoryStore, OutboxStore, QuotaStore, Store, TenantRecord, UsageExportStore,
     },
 };
 
@@ -29,15 +29,20 @@ pub struct Admin {
     pub(super) usage: Arc<dyn UsageExportStore>,
     /// The quota role, for prepaid credits ([`grant_credits`](Self::grant_credits)).
     pub(super) quota: Option<Arc<dyn QuotaStore>>,
+    /// The alerts role, for the outbox ([`alerts`](Self::alerts)).
+    pub(super) alerts: Option<Arc<dyn OutboxStore>>,
     pub(super) config: Option<Config>,
     /// Told of each change, when administering a running engine.
     pub(super) node: Option<Arc<dyn DirectoryEvents>>,
+    /// The engine's clock when administering a running engine (the system's otherwise): what
+    /// requeued alerts are due by.
+    pub(super) clock: crate::clock::Clock,
 }
 
 impl Admin {
     /// Administers `store` (every role), without a configuration: any plan name is taken.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self::with_roles(store.clone(), store.clone()).with_quota(store)
+        Self::with_roles(store.clone(), store.clone()).with_quota(store.clone()).with_alerts(store)
     }
 
     /// Administers a directory and usage kept in different stores, without a configuration
@@ -54,8 +59,10 @@ impl Admin {
             given: (directory, usage),
             calls,
             quota: None,
+            alerts: None,
             config: None,
             node: None,
+            clock: crate::clock::Clock::system(),
         }
     }
 
@@ -63,6 +70,13 @@ impl Admin {
     #[must_use]
     pub fn with_quota(mut self, quota: Arc<dyn QuotaStore>) -> Self {
         self.quota = Some(Arc::new(Limited::new(quota, self.calls.clone(), Path::Background)));
+        self
+    }
+
+    /// With the store of the alerts outbox.
+    #[must_use]
+    pub fn with_alerts(mut self, alerts: Arc<dyn OutboxStore>) -> Self {
+        self.alerts = Some(Arc::new(Limited::new(alerts, self.calls.clone(), Path::Background)));
         self
     }
 
@@ -77,8 +91,10 @@ impl Admin {
             directory: stores.background().directory.clone(),
             usage: stores.background().usage.clone(),
             quota: Some(stores.background().quota.clone()),
+            alerts: Some(stores.background().alerts.clone()),
             config: Some(engine.config()),
             node: Some(Arc::new(engine.clone())),
+            clock: engine.clock().clone(),
         }
     }
 
@@ -111,8 +127,9 @@ impl Admin {
         let directory = open.role(config, StoreRole::Directory).await?;
         let usage = open.role(config, StoreRole::Usage).await?;
         let quota = open.role(config, StoreRole::Quota).await?;
+        let alerts = open.role(config, StoreRole::Alerts).await?;
         let calls = Policy::standalone();
-        Ok(Self::limited(directory, usage, calls).with_quota(quota).with_config(config.clone()))
+        Ok(Self::limited(directory, usage, calls).with_quota(quota).with_alerts(alerts).with_config(config.clone()))
     }
 
     /// The directory administered.

@@ -11,6 +11,7 @@ mod key;
 mod period;
 mod random;
 mod rejection;
+mod signing;
 mod sink;
 
 pub use events::{DirectoryEvents, WebhookCount};
@@ -20,6 +21,10 @@ pub(crate) use key::{check_api_key, COMMA_IN_KEY, MAX_KEY_LEN};
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
 pub use rejection::RejectionKind;
+#[cfg(feature = "stripe")]
+pub(crate) use signing::hmac_sha256;
+pub(crate) use signing::is_loopback;
+pub use signing::{is_public, signature_header, BadSecret, WebhookSecret};
 pub use sink::{CustomerField, RefundAttribution, SinkKind, SinkLimits};
 
 /// The most bytes of one stored `Idempotency-Key` response on DynamoDB (see

@@ -6,12 +6,12 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    events::RawEvents, export::RawExport, identify::RawIdentify, limits::RawLimits, limits::HEADERS_ALLOWANCE,
-    located::serde_error, located::syntax_error, located::Located, meters::RawMeter, metronome::RawMetronome,
-    plans::RawPlan, routes::RawRoute, store::RawStore, store::StoreOrigin, store::StoreRoles, stripe::RawStripe,
-    tenants::RawTenant, usage::RawUsage, validator::Validator, ClientSettings, EventSettings, ExportSettings, Identify,
-    Limits, MeterAggregation, MeterSpec, MetronomeSettings, OnUnknown, PlanOverride, PlanSpec, RouteSpec, StoreRole,
-    StoreSettings, StripeSettings, TenantSpec, UsageSettings, ANONYMOUS_TENANT,
+    alerts::RawAlerts, events::RawEvents, export::RawExport, identify::RawIdentify, limits::RawLimits,
+    limits::HEADERS_ALLOWANCE, located::serde_error, located::syntax_error, located::Located, meters::RawMeter,
+    metronome::RawMetronome, plans::RawPlan, routes::RawRoute, store::RawStore, store::StoreOrigin, store::StoreRoles,
+    stripe::RawStripe, tenants::RawTenant, usage::RawUsage, validator::Validator, ClientSettings, EventSettings,
+    ExportSettings, Identify, Limits, MeterAggregation, MeterSpec, MetronomeSettings, OnUnknown, PlanOverride,
+    PlanSpec, RouteSpec, StoreRole, StoreSettings, StripeSettings, TenantSpec, UsageSettings, ANONYMOUS_TENANT,
 };
 use super::{ConfigError, ConfigErrorKind, ConfigErrorKind as Kind};
 use crate::base::{MeterId, PlanId, QuotaMode, SinkKind};
@@ -41,6 +41,8 @@ pub(crate) struct RawConfig {
     pub(crate) metronome: Option<RawMetronome>,
     #[serde(default)]
     pub(crate) events: RawEvents,
+    #[serde(default)]
+    pub(crate) alerts: RawAlerts,
 }
 
 pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -101,6 +103,7 @@ pub struct Config {
     pub(crate) stripe: Option<StripeSettings>,
     pub(crate) metronome: Option<MetronomeSettings>,
     pub(crate) events: EventSettings,
+    pub(crate) alerts: super::AlertSettings,
     pub(crate) clients: ClientSettings,
     /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
     pub(crate) store_written: Option<StoreOrigin>,
@@ -130,6 +133,11 @@ impl Config {
     /// A [`ConfigError`] naming the line, column and key of the first problem.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
         parse(text)
+    }
+
+    /// Where alerts go and how they are delivered (`[alerts]`).
+    pub fn alerts(&self) -> &super::AlertSettings {
+        &self.alerts
     }
 
     /// How tenants are identified.
@@ -445,6 +453,7 @@ impl Validator<'_, '_> {
         }
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
         let events = self.events(&raw.events, &meters)?;
+        let alerts = self.alerts(&raw.alerts)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
         let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events)?;
         if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
@@ -530,6 +539,7 @@ impl Validator<'_, '_> {
             stripe,
             metronome,
             events,
+            alerts,
             clients,
             file: None,
         })

@@ -14,6 +14,7 @@
 //!
 #![doc = concat!("```toml\n", include_str!("reference.toml"), "```")]
 
+mod alerts;
 mod document;
 mod error;
 mod events;
@@ -37,6 +38,7 @@ mod usage;
 mod validator;
 
 pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, SinkKind, TenantId};
+pub use alerts::{AlertEndpoint, AlertSettings, EVENT_TYPES};
 pub use document::Config;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use events::EventSettings;

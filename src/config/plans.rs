@@ -27,6 +27,7 @@ pub(crate) struct RawPlan {
     pub(crate) concurrency: Option<i64>,
     pub(crate) rate_scope: Option<String>,
     pub(crate) concurrency_scope: Option<String>,
+    pub(crate) tenant_alerts: Option<bool>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
@@ -81,6 +82,7 @@ pub struct PlanSpec {
     pub(crate) concurrency: Option<NonZeroU32>,
     pub(crate) rate_scope: Scope,
     pub(crate) concurrency_scope: Scope,
+    pub(crate) tenant_alerts: bool,
 }
 
 /// Whose limit a plan's `rate` or `concurrency` is (`rate_scope`, `concurrency_scope`).
@@ -109,6 +111,13 @@ impl PlanSpec {
     #[must_use]
     pub fn concurrency_scope(&self) -> Scope {
         self.concurrency_scope
+    }
+
+    /// Whether the plan's tenants may register an endpoint of their own for their alerts
+    /// (`tenant_alerts = true`): its alerts then go there too.
+    #[must_use]
+    pub fn tenant_alerts(&self) -> bool {
+        self.tenant_alerts
     }
 
     /// The most requests of one tenant in flight at once on a node (`concurrency = N`),
@@ -389,6 +398,15 @@ impl Validator<'_, '_> {
             features,
             rate_scope,
             concurrency_scope,
+            tenant_alerts: match p.tenant_alerts {
+                Some(true) if !cfg!(feature = "alerts") => {
+                    return Err(self.invalid(
+                        &format!("{base}.tenant_alerts"),
+                        "delivering alerts needs the cargo feature `alerts` (tollgate = { features = [\"alerts\"] })",
+                    ))
+                }
+                t => t.unwrap_or(false),
+            },
             shadow: p.shadow.unwrap_or(false),
             billed: p.billed.unwrap_or(false),
             concurrency: match p.concurrency {

@@ -467,7 +467,7 @@ mod reference {
     const ROLES: [&str; 7] = ["quota", "usage", "directory", "idempotency", "rate", "places", "alerts"];
 
     /// Tables whose keys are names the user chose (a meter, a plan, a tenant, a quota's meter).
-    const NAMED: [&str; 4] = ["meters", "plans", "tenants", "quotas"];
+    const NAMED: [&str; 5] = ["meters", "plans", "tenants", "quotas", "endpoints"];
 
     /// The path of `key` under `path`: a user-chosen name is `*`, and a role's store section
     /// counts as `[store]` itself.
@@ -515,6 +515,14 @@ mod reference {
             toml::Value::Array(items) => items.iter().for_each(|v| written(v, path, out)),
             _ => {}
         }
+    }
+
+    /// A file of the test's own in the system's temporary directory, holding `text`.
+    #[allow(dead_code)]
+    fn tempfile_in_target(name: &str, text: &str) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     fn keys() -> (BTreeSet<String>, BTreeSet<String>) {
@@ -571,6 +579,7 @@ mod reference {
             ["export", ..] => "## `[export]`",
             ["stripe", ..] => "## `[stripe]`",
             ["metronome", ..] => "## `[metronome]`",
+            ["alerts", ..] => "## `[alerts]`",
             _ => panic!("no table in the guide for `{path}`"),
         }
     }
@@ -612,7 +621,13 @@ mod reference {
     /// Every value the reference shows is one its key accepts: the reference loads as one
     /// configuration once the keys that exclude each other (named at its top) are taken apart,
     /// and each of those loads with what it needs.
-    #[cfg(all(feature = "stripe", feature = "metronome", feature = "dynamodb", feature = "postgres"))]
+    #[cfg(all(
+        feature = "stripe",
+        feature = "metronome",
+        feature = "dynamodb",
+        feature = "postgres",
+        feature = "alerts"
+    ))]
     #[test]
     fn every_value_of_the_reference_is_one_its_key_accepts() {
         let load = |t: &toml::Table, what: &str| {
@@ -626,6 +641,16 @@ mod reference {
             t.get(key).and_then(toml::Value::as_table).cloned().unwrap_or_else(|| panic!("no [{key}]"))
         };
         let mut main = doc.clone();
+        // The alert endpoints' secrets: the variable one names, the file the other does.
+        std::env::set_var("TOLLGATE_ALERTS_OPS_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let secrets = tempfile_in_target("tollgate-alerts", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n");
+        let mut alerts = table(&main, "alerts");
+        let mut endpoints = table(&alerts, "endpoints");
+        let mut billing = table(&endpoints, "billing");
+        billing.insert("secret_file".into(), secrets.to_string_lossy().into_owned().into());
+        endpoints.insert("billing".into(), billing.into());
+        alerts.insert("endpoints".into(), endpoints.into());
+        main.insert("alerts".into(), alerts.into());
         let mut store = table(&main, "store");
         let roles: Vec<(&str, toml::Value)> =
             ROLES.iter().filter_map(|r| store.remove(*r).map(|section| (*r, section))).collect();

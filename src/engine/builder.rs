@@ -458,7 +458,9 @@ impl Builder {
         let totals = Arc::new(Totals::register());
         let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));
         let ids = Arc::new(NodeIds::new());
-        let leases = Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold), clock.clone());
+        let alerts = Arc::new(crate::engine::alerts::AlertQueue::default());
+        let leases =
+            Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold, alerts.clone()), clock.clone());
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
         let customer_field =
             self.sink.as_ref().map_or_else(|| customer_field_of(&runtime.config), |s| s.customer_field());
@@ -486,6 +488,9 @@ impl Builder {
             sweep_now: Notify::new(),
             in_flight: crate::tenant::InFlightCounts::default(),
             places: crate::engine::admit::places::PlacesNode::default(),
+            alerts,
+            #[cfg(feature = "alerts")]
+            deliverer: std::sync::OnceLock::new(),
             shutdown: shutdown_tx,
             key_lookups: crate::engine::admit::clients::KeyLookups::new(limits.max_clients),
             credit_expiry: crate::engine::usage::credits::CreditExpiry::default(),

@@ -703,10 +703,16 @@ impl Tollgate {
     /// meter and window, up to a bound), so an outage longer than a window keeps every
     /// window's usage in its own window.
     ///
+    /// It also writes the alerts this node saw (threshold crossings, `[alerts]`) to the
+    /// outbox; one that cannot be written is written when a refill sees it again.
+    ///
     /// # Errors
     /// The store error that stopped the flush; nothing is lost.
     pub async fn flush(&self) -> Result<FlushReport, StoreError> {
-        self.shared.pipeline().flush(self.shared.runtime(), self.shared.table(), self.shared.leases()).await
+        let flushed =
+            self.shared.pipeline().flush(self.shared.runtime(), self.shared.table(), self.shared.leases()).await;
+        self.write_alerts().await;
+        flushed
     }
 
     /// Sends the usage of closed windows to the billing sink, exactly once per (tenant, meter,

@@ -1,6 +1,7 @@
 //! The engine shared by every front door: admission, completion, the usage pipeline.
 
 mod admit;
+pub(crate) mod alerts;
 mod builder;
 #[allow(clippy::module_inception)]
 mod engine;
@@ -17,6 +18,7 @@ mod worker;
 pub use admit::capture::{is_stored_header, BodyPrint, ResponseCapture, DRAIN_LIMIT};
 pub(crate) use admit::door::credential_by;
 pub use admit::door::{replay_response, ClientAddr, FrontDoor, RequestView};
+pub use alerts::{AlertReport, EndpointError};
 pub(crate) use builder::OpenStores;
 pub use builder::{BuildError, Builder};
 pub(crate) use engine::RuntimeCache;

@@ -79,6 +79,11 @@ pub(crate) struct Shared {
     pub(super) holds: Arc<crate::engine::usage::held::OpenHolds>,
     /// This node's places of tenants with a fleet concurrency.
     pub(super) places: crate::engine::admit::places::PlacesNode,
+    /// Crossings waiting to be written to the alerts outbox.
+    pub(super) alerts: Arc<crate::engine::alerts::AlertQueue>,
+    /// The HTTP clients alerts are delivered through, made at the first delivery.
+    #[cfg(feature = "alerts")]
+    pub(super) deliverer: std::sync::OnceLock<Result<crate::engine::alerts::Deliverer, String>>,
 }
 
 impl Shared {
@@ -189,6 +194,17 @@ impl Shared {
     /// This node's places of tenants with a fleet concurrency.
     pub(crate) fn places(&self) -> &crate::engine::admit::places::PlacesNode {
         &self.places
+    }
+
+    /// Crossings waiting to be written to the alerts outbox.
+    pub(crate) fn alerts(&self) -> &crate::engine::alerts::AlertQueue {
+        &self.alerts
+    }
+
+    /// The HTTP clients alerts are delivered through (each call within `timeout`).
+    #[cfg(feature = "alerts")]
+    pub(crate) fn deliverer(&self, timeout: std::time::Duration) -> Result<&crate::engine::alerts::Deliverer, String> {
+        self.deliverer.get_or_init(|| crate::engine::alerts::Deliverer::new(timeout)).as_ref().map_err(Clone::clone)
     }
 
     /// `shutdown`.

@@ -57,7 +57,8 @@ impl Worker {
         let expiries = Self::credit_expiries(self.tollgate.clone(), self.shutdown.clone());
         let holds = Self::hold_expiries(self.tollgate.clone(), self.shutdown.clone());
         let places = Self::places(self.tollgate.clone(), self.shutdown.clone());
-        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places);
+        let alerts = Self::alerts(self.tollgate.clone(), self.shutdown.clone());
+        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places, alerts);
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -99,6 +100,44 @@ impl Worker {
         periodically(shutdown, every(), every, || async {
             tollgate.tend_places().await;
             true
+        })
+        .await;
+    }
+
+    /// A pass delivering due alerts every second ([`Tollgate::deliver_alerts`]), when the
+    /// configuration sends any; delivered and dead rows past their keep time are pruned every
+    /// hour.
+    async fn alerts(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || crate::engine::alerts::PASS_EVERY;
+        let next_prune = std::sync::Arc::new(std::sync::Mutex::new(Instant::now() + Duration::from_secs(60)));
+        periodically(shutdown, every(), every, || {
+            let (tollgate, next_prune) = (tollgate.clone(), next_prune.clone());
+            async move {
+                if !tollgate.alerts_configured() {
+                    return true;
+                }
+                let report = tollgate.deliver_alerts().await;
+                if report.claimed > 0 {
+                    tracing::debug!(
+                        delivered = report.delivered,
+                        retried = report.retried,
+                        dead = report.dead,
+                        "alerts delivered"
+                    );
+                }
+                let prune = {
+                    let mut next = next_prune.lock().unwrap_or_else(|e| e.into_inner());
+                    let due = Instant::now() >= *next;
+                    if due {
+                        *next = Instant::now() + Duration::from_secs(3_600);
+                    }
+                    due
+                };
+                if prune {
+                    tollgate.prune_alerts().await;
+                }
+                true
+            }
         })
         .await;
     }

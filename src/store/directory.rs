@@ -32,6 +32,10 @@ pub struct TenantRecord {
     /// plan it gives, so that events are ordered per subscription and the plan follows every
     /// live one.
     pub subscriptions: Option<String>,
+    /// Its own endpoint for its alerts, in its JSON form (`{"url": …, "secrets": ["whsec_…"]}`,
+    /// kept as text by the store, read by the engine): the signing secrets are kept here, at
+    /// rest in the directory.
+    pub alert_endpoint: Option<String>,
 }
 
 impl TenantRecord {
@@ -46,6 +50,7 @@ impl TenantRecord {
             last_event_at: None,
             overrides: None,
             subscriptions: None,
+            alert_endpoint: None,
         }
     }
 
@@ -210,6 +215,9 @@ pub enum TenantUpdate {
     MetronomeCustomer(TenantId, Option<String>),
     /// Its overrides of its plan in their JSON form, or with `None` none.
     Overrides(TenantId, Option<String>),
+    /// Its own alert endpoint in its JSON form ([`TenantRecord::alert_endpoint`]), or with
+    /// `None` none.
+    AlertEndpoint(TenantId, Option<String>),
 }
 
 impl TenantUpdate {
@@ -217,7 +225,11 @@ impl TenantUpdate {
     #[must_use]
     pub fn tenant(&self) -> &TenantId {
         match self {
-            Self::Plan(t, _) | Self::Customer(t, _) | Self::MetronomeCustomer(t, _) | Self::Overrides(t, _) => t,
+            Self::Plan(t, _)
+            | Self::Customer(t, _)
+            | Self::MetronomeCustomer(t, _)
+            | Self::Overrides(t, _)
+            | Self::AlertEndpoint(t, _) => t,
         }
     }
 }

@@ -486,6 +486,7 @@ impl<S: DirectoryStore + ?Sized> DirectoryStore for Limited<S> {
             TenantUpdate::Customer(..) => "set customer",
             TenantUpdate::MetronomeCustomer(..) => "set Metronome customer",
             TenantUpdate::Overrides(..) => "set overrides",
+            TenantUpdate::AlertEndpoint(..) => "set alert endpoint",
         };
         self.call(what, self.inner.update_tenant(update, when)).await
     }

@@ -1,6 +1,7 @@
 //! A service behind tollgate, driven in-process with a fake clock.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod alerts;
 #[cfg(feature = "dynamodb")]
 pub mod dynamo;
 pub mod fleet;

@@ -141,6 +141,16 @@ async fn a_store_kind_not_compiled_in_is_an_error_at_build_naming_the_feature() 
         let err = tollgate::Tollgate::builder(config).open().await.unwrap_err();
         assert!(err.to_string().contains("cargo feature `sqlite`"), "{err}");
     }
+    // Alerts cannot be delivered without their feature: refused at load, at the key.
+    #[cfg(not(feature = "alerts"))]
+    {
+        let e = Config::from_toml_str("[plans.free]\n[alerts.endpoints.ops]\nurl = \"https://x.example.com/\"\n")
+            .unwrap_err();
+        assert_eq!(e.key(), "alerts.endpoints", "{e}");
+        assert!(e.to_string().contains("cargo feature `alerts`"), "{e}");
+        let e = Config::from_toml_str("[plans.free]\ntenant_alerts = true\n").unwrap_err();
+        assert_eq!((e.key(), e.line()), ("plans.free.tenant_alerts", Some(2)), "{e}");
+    }
 }
 
 #[cfg(feature = "sqlite")]

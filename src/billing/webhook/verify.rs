@@ -14,25 +14,9 @@ pub(super) fn signed_bytes(header: &str, body: &[u8], secret: &str, now: i64) ->
         }
     }
     let Some(t) = t.filter(|t| (now - t).abs() <= 300) else { return false };
-    let mac = hmac_sha256(secret.as_bytes(), &[t.to_string().as_bytes(), b".", body]);
+    let mac = crate::base::hmac_sha256(secret.as_bytes(), &[t.to_string().as_bytes(), b".", body]);
     candidates.iter().any(|c| {
         hex::decode(c)
             .is_ok_and(|sig| sig.len() == mac.len() && sig.iter().zip(mac).fold(0, |d, (a, b)| d | (a ^ b)) == 0)
     })
-}
-
-/// HMAC-SHA256 (RFC 2104) of the concatenated `parts` under `key`.
-fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut block = [0u8; 64];
-    if key.len() > block.len() {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new().chain_update(block.map(|b| b ^ 0x36));
-    for part in parts {
-        inner.update(part);
-    }
-    Sha256::new().chain_update(block.map(|b| b ^ 0x5c)).chain_update(inner.finalize()).finalize().into()
 }

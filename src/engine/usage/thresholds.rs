@@ -56,9 +56,12 @@ pub(crate) struct Marks {
 /// The threshold hook.
 pub(crate) type ThresholdHook = std::sync::Arc<dyn Fn(&ThresholdCrossed) + Send + Sync>;
 
-/// The hook and what it was told: kept by the engine, not the tenants' states.
+/// The hook and what it was told, and the queue of crossings for the alerts outbox: kept by
+/// the engine, not the tenants' states.
 pub(crate) struct Thresholds {
     hook: Option<ThresholdHook>,
+    /// Crossings waiting to be written to the alerts outbox (`[alerts]`).
+    queue: std::sync::Arc<crate::engine::alerts::AlertQueue>,
     /// The thresholds notified, per (tenant, meter): in which period and limit, which
     /// percentages (bounded: see [`check`](Self::check)).
     marks: Mutex<HashMap<(TenantId, MeterId), Marks>>,
@@ -71,14 +74,78 @@ impl std::fmt::Debug for Thresholds {
 }
 
 impl Thresholds {
-    pub(crate) fn new(hook: Option<ThresholdHook>) -> Self {
-        Self { hook, marks: Mutex::default() }
+    /// Offers the alerts outbox every threshold `reserved` units have crossed (its queue
+    /// writes each crossing once per node, put-if-absent in the outbox: once per fleet): the
+    /// percentages of `usage.notify_at` (below 100 for a hard quota or a balance, whose limit
+    /// reached is its own alert), the units left of `usage.notify_left`, and a hard limit or a
+    /// balance reached.
+    fn offer_alerts(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
+        let settings = rt.config.alerts();
+        let to_tenant = rt.config.plans().get(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
+        let limit = cell.limit();
+        if (settings.endpoints.is_empty() && !to_tenant) || limit == 0 {
+            return;
+        }
+        use crate::engine::alerts::{Crossing, Threshold};
+        let usage = &rt.config.usage;
+        let (prepaid, mode) = (cell.prepaid(), cell.spec.mode());
+        let capped = prepaid || mode == QuotaMode::Hard;
+        let mut crossed: Vec<Threshold> = usage
+            .notify_at
+            .iter()
+            .filter(|p| !(capped && **p >= 100))
+            .filter(|p| u128::from(reserved) * 100 >= u128::from(limit) * u128::from(**p))
+            .map(|p| Threshold::Percent(*p))
+            .collect();
+        crossed.extend(
+            usage.notify_left.iter().filter(|n| limit.saturating_sub(reserved) <= **n).map(|n| Threshold::Left(*n)),
+        );
+        if capped && reserved >= limit {
+            crossed.push(Threshold::Exhausted);
+        }
+        if crossed.is_empty() {
+            return;
+        }
+        let crossings = crossed
+            .into_iter()
+            .map(|threshold| {
+                let c = Crossing {
+                    tenant: cell.tenant().clone(),
+                    plan: cell.plan_id().clone(),
+                    meter: cell.meter_id().clone(),
+                    period: cell.spec.period(),
+                    start,
+                    end,
+                    limit,
+                    mode,
+                    prepaid,
+                    threshold,
+                    reserved,
+                    at: now,
+                };
+                let to = c.destinations(settings, &rt.config);
+                (c, to)
+            })
+            .collect();
+        let cap = rt.config.limits.max_tenants.saturating_mul(4).max(1024);
+        let dropped = self.queue.offer(crossings, cap);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "alerts: crossings dropped, too many waiting to be written (seen again at a refill)"
+            );
+        }
+    }
+
+    pub(crate) fn new(hook: Option<ThresholdHook>, queue: std::sync::Arc<crate::engine::alerts::AlertQueue>) -> Self {
+        Self { hook, queue, marks: Mutex::default() }
     }
 
     /// Calls the threshold hook for the thresholds of `usage.notify_at` that `reserved` units
     /// (all the fleet's, as the store just said) reach for the first time in this period on
     /// this node.
     pub(crate) fn check(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
+        self.offer_alerts(rt, now, cell, reserved, start, end);
         let Some(hook) = &self.hook else { return };
         let limit_units = cell.limit();
         let limit = u128::from(limit_units);

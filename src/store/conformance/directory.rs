@@ -423,6 +423,7 @@ pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: 
         overrides.clone(),
         TenantUpdate::MetronomeCustomer("u".into(), None),
         TenantUpdate::Customer("u".into(), Some("cus_w".into())),
+        TenantUpdate::AlertEndpoint("u".into(), Some("{}".into())),
     ] {
         assert!(!h.s().update_tenant(&stale, UpdateWhen::Unchanged(&read)).await.unwrap(), "{stale:?}: changed since");
     }
@@ -432,6 +433,16 @@ pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: 
     let read = h.s().tenant(&"u".into()).await.unwrap().unwrap();
     let metronome = TenantUpdate::MetronomeCustomer("u".into(), None);
     assert!(h.s().update_tenant(&metronome, UpdateWhen::Unchanged(&read)).await.unwrap());
+    // A tenant's alert endpoint (its secrets at rest): written over a read, then part of what
+    // a later read must match.
+    let read = h.s().tenant(&"u".into()).await.unwrap().unwrap();
+    let endpoint = r#"{"url":"https://hooks.example.com/u","secrets":["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]}"#;
+    let alerts = TenantUpdate::AlertEndpoint("u".into(), Some(endpoint.into()));
+    assert!(h.s().update_tenant(&alerts, UpdateWhen::Unchanged(&read)).await.unwrap());
+    assert!(
+        !h.s().update_tenant(&metronome, UpdateWhen::Unchanged(&read)).await.unwrap(),
+        "the endpoint changed since"
+    );
     // A read of another tenant never matches.
     let other = h.s().tenant(&"v".into()).await.unwrap().unwrap();
     let plan = TenantUpdate::Plan("u".into(), "team".into());
@@ -446,6 +457,10 @@ pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: 
         ("pro", Some("cus_v"), None, Some(r#"{"burst":3}"#)),
         "each setting written alone"
     );
+    assert_eq!(now.alert_endpoint.as_deref(), Some(endpoint));
+    let none = TenantUpdate::AlertEndpoint("u".into(), None);
+    assert!(h.s().update_tenant(&none, UpdateWhen::Always).await.unwrap());
+    assert_eq!(h.s().tenant(&"u".into()).await.unwrap().unwrap().alert_endpoint, None);
     assert_eq!(h.s().tenant(&"v".into()).await.unwrap().unwrap().customer, None, "the customer left v");
     assert_eq!(h.s().tenant_by_customer("cus_v").await.unwrap().map(|t| t.id), Some("u".into()));
     assert_eq!(h.s().tenant_by_customer("cus_u").await.unwrap(), None, "u's old customer is no one's");

@@ -263,6 +263,9 @@ impl DirectoryStore for DynamoStore {
         if let Some(o) = &record.overrides {
             put = put.item("overrides", s(o.as_str()));
         }
+        if let Some(a) = &record.alert_endpoint {
+            put = put.item("alert_endpoint", s(a.as_str()));
+        }
         put.send().await.map_err(sdk)?;
         let old = old.and_then(|o| o.customer);
         self.move_customer(&record.id, old.as_deref(), record.customer.as_deref()).await?;
@@ -322,6 +325,7 @@ impl DynamoStore {
                 ("metronome_customer", read.metronome_customer.as_deref()),
                 ("overrides", read.overrides.as_deref()),
                 ("subscriptions", read.subscriptions.as_deref()),
+                ("alert_endpoint", read.alert_endpoint.as_deref()),
             ];
             for (name, value) in texts {
                 write = write.expression_attribute_names(format!("#r_{name}"), name);
@@ -347,6 +351,7 @@ impl DynamoStore {
             TenantUpdate::Customer(_, c) => ("customer", c.as_deref()),
             TenantUpdate::MetronomeCustomer(_, m) => ("metronome_customer", m.as_deref()),
             TenantUpdate::Overrides(_, o) => ("overrides", o.as_deref()),
+            TenantUpdate::AlertEndpoint(_, a) => ("alert_endpoint", a.as_deref()),
         };
         // Another customer's subscriptions are not this one's.
         let forget = match (update, read) {

@@ -246,6 +246,7 @@ fn tenant_record(item: &Item) -> Option<TenantRecord> {
     t.customer = get_s(item, "customer").map(str::to_owned);
     t.last_event_at = get_i(item, "last_event_at");
     t.overrides = get_s(item, "overrides").map(str::to_owned);
+    t.alert_endpoint = get_s(item, "alert_endpoint").map(str::to_owned);
     t.subscriptions = get_s(item, "subscriptions").map(str::to_owned);
     t.metronome_customer = get_s(item, "metronome_customer").map(str::to_owned);
     Some(t)

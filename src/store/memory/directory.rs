@@ -78,6 +78,7 @@ impl DirectoryStore for MemoryStore {
             TenantUpdate::Plan(_, plan) => t.plan = plan.clone(),
             TenantUpdate::MetronomeCustomer(_, v) => t.metronome_customer.clone_from(v),
             TenantUpdate::Overrides(_, v) => t.overrides.clone_from(v),
+            TenantUpdate::AlertEndpoint(_, v) => t.alert_endpoint.clone_from(v),
             TenantUpdate::Customer(_, customer) => {
                 if t.customer != *customer {
                     // Another customer's subscriptions are not this one's.

@@ -4,7 +4,7 @@
 use super::*;
 
 const TENANT_COLUMNS: &str =
-    "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer";
+    "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer, t.alert_endpoint";
 
 fn tenant_row(r: &Row) -> TenantRecord {
     let mut t = TenantRecord::new(r.get::<_, String>(0).into(), r.get::<_, String>(1).into());
@@ -13,6 +13,7 @@ fn tenant_row(r: &Row) -> TenantRecord {
     t.overrides = r.get(4);
     t.subscriptions = r.get(5);
     t.metronome_customer = r.get(6);
+    t.alert_endpoint = r.get(7);
     t
 }
 
@@ -176,14 +177,16 @@ impl DirectoryStore for PostgresStore {
                 self.sql("UPDATE {s}.tenant SET metronome_customer = $2 WHERE id = $1")
             }
             TenantUpdate::Overrides(..) => self.sql("UPDATE {s}.tenant SET overrides = $2 WHERE id = $1"),
+            TenantUpdate::AlertEndpoint(..) => self.sql("UPDATE {s}.tenant SET alert_endpoint = $2 WHERE id = $1"),
         };
         let release = self.sql("UPDATE {s}.tenant SET customer = NULL WHERE customer = $1 AND id <> $2");
         let id = update.tenant().as_str();
         let value: Option<&str> = match update {
             TenantUpdate::Plan(_, plan) => Some(plan.as_str()),
-            TenantUpdate::Customer(_, v) | TenantUpdate::MetronomeCustomer(_, v) | TenantUpdate::Overrides(_, v) => {
-                v.as_deref()
-            }
+            TenantUpdate::Customer(_, v)
+            | TenantUpdate::MetronomeCustomer(_, v)
+            | TenantUpdate::Overrides(_, v)
+            | TenantUpdate::AlertEndpoint(_, v) => v.as_deref(),
         };
         self.retrying(|| async {
             let mut client = self.client().await?;
@@ -210,11 +213,12 @@ impl DirectoryStore for PostgresStore {
     async fn put_tenant(&self, record: &TenantRecord, keys: &[KeyHash]) -> Result<(), StoreError> {
         let release = self.sql("UPDATE {s}.tenant SET customer = NULL WHERE customer = $1 AND id <> $2");
         let upsert = self.sql(
-            "INSERT INTO {s}.tenant (id, plan, customer, last_event_at, overrides, subscriptions, metronome_customer) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+            "INSERT INTO {s}.tenant (id, plan, customer, last_event_at, overrides, subscriptions, metronome_customer, \
+             alert_endpoint) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
              last_event_at = excluded.last_event_at, overrides = excluded.overrides, \
-             subscriptions = excluded.subscriptions, metronome_customer = excluded.metronome_customer",
+             subscriptions = excluded.subscriptions, metronome_customer = excluded.metronome_customer, \
+             alert_endpoint = excluded.alert_endpoint",
         );
         let key = self.sql(
             "INSERT INTO {s}.api_key (hash, tenant, created_at) VALUES ($1, $2, $3) \
@@ -237,7 +241,8 @@ impl DirectoryStore for PostgresStore {
                     record.last_event_at,
                     record.overrides.as_deref(),
                     record.subscriptions.as_deref(),
-                    record.metronome_customer.as_deref()
+                    record.metronome_customer.as_deref(),
+                    record.alert_endpoint.as_deref()
                 ],
             )
             .await?;

@@ -199,6 +199,10 @@ impl DirectoryStore for SqliteStore {
                     tx.prepare_cached("UPDATE tenant SET overrides = ?2 WHERE id = ?1")?
                         .execute(params![id, overrides])?;
                 }
+                TenantUpdate::AlertEndpoint(_, endpoint) => {
+                    tx.prepare_cached("UPDATE tenant SET alert_endpoint = ?2 WHERE id = ?1")?
+                        .execute(params![id, endpoint])?;
+                }
             }
             Ok(true)
         })
@@ -215,11 +219,12 @@ impl DirectoryStore for SqliteStore {
                     .execute(params![c, id])?;
             }
             tx.prepare_cached(
-                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides, subscriptions, metronome_customer) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                "INSERT INTO tenant (id, plan, customer, last_event_at, overrides, subscriptions, metronome_customer, \
+                 alert_endpoint) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
                  ON CONFLICT (id) DO UPDATE SET plan = excluded.plan, customer = excluded.customer, \
                  last_event_at = excluded.last_event_at, overrides = excluded.overrides, \
-                 subscriptions = excluded.subscriptions, metronome_customer = excluded.metronome_customer",
+                 subscriptions = excluded.subscriptions, metronome_customer = excluded.metronome_customer, \
+                 alert_endpoint = excluded.alert_endpoint",
             )?
             .execute(params![
                 id,
@@ -228,7 +233,8 @@ impl DirectoryStore for SqliteStore {
                 record.last_event_at,
                 record.overrides,
                 record.subscriptions,
-                record.metronome_customer
+                record.metronome_customer,
+                record.alert_endpoint
             ])?;
             for key in &keys {
                 tx.prepare_cached(
@@ -261,8 +267,9 @@ fn tenant_row(r: &Row<'_>) -> Sql<TenantRecord> {
     t.overrides = r.get(4)?;
     t.subscriptions = r.get(5)?;
     t.metronome_customer = r.get(6)?;
+    t.alert_endpoint = r.get(7)?;
     Ok(t)
 }
 
 const TENANT_COLUMNS: &str =
-    "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer";
+    "t.id, t.plan, t.customer, t.last_event_at, t.overrides, t.subscriptions, t.metronome_customer, t.alert_endpoint";

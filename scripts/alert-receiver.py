@@ -1,0 +1,113 @@
+"""A receiver of tollgate's alerts for the tests: verifies each delivery with the official
+Standard Webhooks library (`standardwebhooks` from PyPI) and validates its body against
+docs/alerts.schema.json, records it, and answers as the test tells it.
+
+    python scripts/alert-receiver.py PORT SECRET [SECRET ...]
+
+It prints `ready` once it listens. Control:
+    GET  /received      -> [{"id", "type", "path", "verified", "valid", "error"}] in arrival order
+    POST /mode          -> {"mode": "ok" | "down" | "slow" | "redirect" | "huge", "seconds": N}
+    POST /secret        -> {"secret": "whsec_..."}: verified with it too
+Every other POST is a delivery.
+"""
+
+import json
+import pathlib
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jsonschema
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+PORT = int(sys.argv[1])
+HOOKS = [Webhook(s) for s in sys.argv[2:]]
+SCHEMA = json.loads((pathlib.Path(__file__).resolve().parent.parent / "docs" / "alerts.schema.json").read_text())
+LOCK = threading.Lock()
+RECEIVED = []
+MODE = {"mode": "ok", "seconds": 0}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, body=b"", headers=()):
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/received":
+            with LOCK:
+                body = json.dumps(RECEIVED).encode()
+            return self.answer(200, body, [("content-type", "application/json")])
+        self.answer(404)
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        if self.path == "/mode":
+            with LOCK:
+                MODE.update(json.loads(body))
+            return self.answer(204)
+        if self.path == "/secret":
+            with LOCK:
+                HOOKS.append(Webhook(json.loads(body)["secret"]))
+            return self.answer(204)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        verified, error = False, None
+        for hook in HOOKS:
+            try:
+                hook.verify(body, headers)
+                verified = True
+                break
+            except WebhookVerificationError as e:
+                error = str(e)
+        valid = False
+        try:
+            jsonschema.validate(json.loads(body), SCHEMA)
+            valid = True
+        except Exception as e:  # noqa: BLE001 - recorded for the test to show
+            error = error or str(e)
+        with LOCK:
+            mode = dict(MODE)
+            RECEIVED.append(
+                {
+                    "id": headers.get("webhook-id"),
+                    "type": json.loads(body).get("type") if body else None,
+                    "path": self.path,
+                    "verified": verified,
+                    "valid": valid,
+                    "error": None if verified and valid else error,
+                    "mode": mode["mode"],
+                }
+            )
+        if mode["mode"] == "down":
+            return self.answer(503)
+        if mode["mode"] == "slow":
+            time.sleep(mode["seconds"])
+        if mode["mode"] == "redirect":
+            return self.answer(302, headers=[("location", "/elsewhere")])
+        if mode["mode"] == "huge":
+            self.send_response(200)
+            self.send_header("content-length", str(1 << 30))
+            self.end_headers()
+            chunk = b"x" * 65536
+            try:
+                while True:
+                    self.wfile.write(chunk)
+            except OSError:
+                return None
+        if not verified:
+            return self.answer(400)
+        self.answer(200, b'{"ok":true}', [("content-type", "application/json")])
+
+
+server = ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+server.daemon_threads = True
+print("ready", flush=True)
+server.serve_forever()

@@ -1,0 +1,231 @@
+//! A tenant's own endpoint for its alerts: registered through `Admin`, the CLI, or the route an
+//! application mounts for its tenants ([`Tollgate::tenant_alert_endpoint`]); checked at
+//! registration (a URL, https, every address it resolves to public) and again at every
+//! connection (the SSRF guard).
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use super::TenantEndpoint;
+use crate::{
+    base::{TenantId, WebhookSecret},
+    config::Config,
+    engine::Tollgate,
+    store::{DirectoryStore, StoreError, TenantUpdate, UpdateWhen},
+    usage::TenantContext,
+};
+
+/// The longest body the route reads.
+pub(crate) const MAX_BODY: usize = 4 * 1024;
+
+/// Why a tenant's endpoint was refused: nothing was stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    /// No such tenant.
+    #[error("no tenant `{0}`")]
+    UnknownTenant(String),
+    /// The tenant's plan does not send alerts to tenants (`tenant_alerts`).
+    #[error("plan `{0}` does not send alerts to its tenants' endpoints (tenant_alerts)")]
+    NotOnPlan(String),
+    /// The URL is not one a tenant may register: why.
+    #[error("{0}")]
+    BadUrl(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EndpointError {
+    /// The HTTP status of its problem+json answer.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            EndpointError::UnknownTenant(_) => StatusCode::NOT_FOUND,
+            EndpointError::NotOnPlan(_) => StatusCode::FORBIDDEN,
+            EndpointError::BadUrl(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            EndpointError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// Checks `url` for a tenant under `config` and resolves its host: every address must be one
+/// a tenant's endpoint may reach (a name that also resolves to a private address is refused).
+pub(crate) async fn check_url(config: &Config, url: &str) -> Result<(), EndpointError> {
+    let settings = config.alerts();
+    let (host, port) = settings.tenant_url(url).map_err(EndpointError::BadUrl)?;
+    #[cfg(feature = "alerts")]
+    {
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| EndpointError::BadUrl(format!("{host} does not resolve: {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(EndpointError::BadUrl(format!("{host} resolves to no address")));
+        }
+        if let Some(bad) = addrs.iter().find(|a| !settings.tenant_may_reach(a.ip())) {
+            return Err(EndpointError::BadUrl(format!("{host} resolves to {}, not a public address", bad.ip())));
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "alerts"))]
+    {
+        let _ = (host, port);
+        Err(EndpointError::BadUrl("this build cannot deliver alerts (the cargo feature `alerts`)".to_owned()))
+    }
+}
+
+/// Registers `url` as `tenant`'s endpoint (a new signing secret, returned), or with `None`
+/// removes it. Refused, nothing is stored.
+pub(crate) async fn set_tenant_endpoint(
+    directory: &dyn DirectoryStore,
+    config: &Config,
+    tenant: &TenantId,
+    url: Option<&str>,
+) -> Result<Option<WebhookSecret>, EndpointError> {
+    let record = directory.tenant(tenant).await?.ok_or_else(|| EndpointError::UnknownTenant(tenant.to_string()))?;
+    let Some(url) = url else {
+        let update = TenantUpdate::AlertEndpoint(tenant.clone(), None);
+        return match directory.update_tenant(&update, UpdateWhen::Always).await? {
+            true => Ok(None),
+            false => Err(EndpointError::UnknownTenant(tenant.to_string())),
+        };
+    };
+    let allowed = config.plans().get(&record.plan).is_some_and(crate::config::PlanSpec::tenant_alerts);
+    if !allowed {
+        return Err(EndpointError::NotOnPlan(record.plan.to_string()));
+    }
+    check_url(config, url).await?;
+    let secret = WebhookSecret::generate();
+    let text = serde_json::to_string(&TenantEndpoint { url: url.to_owned(), secrets: vec![secret.expose()] })
+        .map_err(|e| EndpointError::Store(StoreError::Backend(Box::new(e))))?;
+    // Over the tenant as read: a plan change meanwhile (to a plan without tenant alerts) wins.
+    let update = TenantUpdate::AlertEndpoint(tenant.clone(), Some(text));
+    if !directory.update_tenant(&update, UpdateWhen::Unchanged(&record)).await? {
+        return Err(EndpointError::Store(StoreError::Conflict("the tenant, changed while its endpoint was set")));
+    }
+    Ok(Some(secret))
+}
+
+/// A problem+json answer.
+fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> http::Response<Bytes> {
+    let body = serde_json::json!({
+        "type": format!("https://tollgate.rs/problems/{kind}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = http::Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::response::PROBLEM_JSON));
+    response
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> http::Response<Bytes> {
+    let mut response = http::Response::new(Bytes::from(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
+impl Tollgate {
+    /// The route an application mounts for its tenants' own alert endpoint, behind tollgate's
+    /// layer (the calling tenant is the one it sets; any key of the tenant may): `GET` answers
+    /// `{"url": …}` (404 without one), `PUT` with `{"url": "https://…"}` registers it and
+    /// answers `{"url": …, "secret": "whsec_…"}` (the secret deliveries are signed with, shown
+    /// once; a new one each time), `DELETE` removes it (204). A refusal is a problem+json 4xx
+    /// (403 when the plan does not send alerts to tenants, 422 for a URL that is not https or
+    /// resolves to a private address, 400 for a body that is not that JSON) and stores
+    /// nothing. The door crates mount it (`tollgate_axum::alert_endpoint`,
+    /// `tollgate_actix::alert_endpoint`).
+    pub async fn tenant_alert_endpoint(
+        &self,
+        tenant: &TenantContext,
+        method: &Method,
+        body: &[u8],
+    ) -> http::Response<Bytes> {
+        let config = self.shared.runtime().load().config.clone();
+        let directory = &self.shared.stores().background().directory;
+        let id = tenant.tenant();
+        match *method {
+            Method::GET => match directory.tenant(id).await {
+                Ok(Some(record)) => {
+                    match record.alert_endpoint.and_then(|t| serde_json::from_str::<TenantEndpoint>(&t).ok()) {
+                        Some(e) => json(StatusCode::OK, &serde_json::json!({ "url": e.url })),
+                        None => problem(
+                            StatusCode::NOT_FOUND,
+                            "no-alert-endpoint",
+                            "No alert endpoint",
+                            "no endpoint is registered",
+                        ),
+                    }
+                }
+                Ok(None) => problem(
+                    StatusCode::NOT_FOUND,
+                    "unknown-tenant",
+                    "Unknown tenant",
+                    "the tenant is not in the directory",
+                ),
+                Err(_) => {
+                    problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
+                }
+            },
+            Method::PUT => {
+                if body.len() > MAX_BODY {
+                    return problem(StatusCode::PAYLOAD_TOO_LARGE, "bad-request", "Body too large", "at most 4 KiB");
+                }
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Put {
+                    url: String,
+                }
+                let Ok(put) = serde_json::from_slice::<Put>(body) else {
+                    return problem(
+                        StatusCode::BAD_REQUEST,
+                        "bad-request",
+                        "Bad request",
+                        "expected {\"url\": \"https://…\"}",
+                    );
+                };
+                match set_tenant_endpoint(directory.as_ref(), &config, id, Some(&put.url)).await {
+                    Ok(secret) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "url": put.url, "secret": secret.map(|s| s.expose()) }),
+                    ),
+                    Err(e) => endpoint_problem(&e),
+                }
+            }
+            Method::DELETE => match set_tenant_endpoint(directory.as_ref(), &config, id, None).await {
+                Ok(_) => {
+                    let mut response = http::Response::new(Bytes::new());
+                    *response.status_mut() = StatusCode::NO_CONTENT;
+                    response
+                }
+                Err(e) => endpoint_problem(&e),
+            },
+            _ => {
+                let mut r =
+                    problem(StatusCode::METHOD_NOT_ALLOWED, "bad-request", "Method not allowed", "GET, PUT or DELETE");
+                r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, PUT, DELETE"));
+                r
+            }
+        }
+    }
+}
+
+/// The problem+json of a refused registration.
+fn endpoint_problem(e: &EndpointError) -> http::Response<Bytes> {
+    let (kind, title) = match e {
+        EndpointError::UnknownTenant(_) => ("unknown-tenant", "Unknown tenant"),
+        EndpointError::NotOnPlan(_) => ("alerts-not-on-plan", "Alerts not on this plan"),
+        EndpointError::BadUrl(_) => ("bad-alert-endpoint", "Endpoint refused"),
+        EndpointError::Store(_) => ("store-unavailable", "Store unavailable"),
+    };
+    let detail = match e {
+        EndpointError::Store(_) => "the endpoint was not stored; try again".to_owned(),
+        e => e.to_string(),
+    };
+    problem(e.status(), kind, title, &detail)
+}

@@ -1,0 +1,305 @@
+//! Alerts: threshold crossings written once per fleet to the outbox (the alerts role), and
+//! delivered from it as signed webhooks (Standard Webhooks), one node at a time per alert.
+//!
+//! A node finds a crossing in a store's answer (a lease refill), queues it without a store
+//! call ([`AlertQueue`]), and its next flush writes its rows put-if-absent under the
+//! crossing's deterministic id: however many nodes see it, the fleet holds one row per alert
+//! and destination. The worker claims due rows, posts them, and settles each: delivered, due
+//! again later (exponential backoff), or a dead letter past `alerts.retry_for`.
+
+#[cfg(feature = "alerts")]
+mod deliver;
+mod endpoint;
+mod queue;
+
+#[cfg(feature = "alerts")]
+pub(crate) use deliver::Deliverer;
+pub(crate) use endpoint::set_tenant_endpoint;
+pub use endpoint::EndpointError;
+use std::time::Duration;
+
+pub(crate) use queue::{AlertQueue, Crossing, Threshold};
+#[cfg(feature = "alerts")]
+use queue::{ENDPOINT, TENANT};
+
+use crate::{
+    engine::Tollgate,
+    store::{AlertClaim, AlertOutcome, OutboxEntry},
+};
+
+/// The most rows one claim takes.
+const CLAIM_BATCH: usize = 32;
+/// The most deliveries under way at once on a node.
+#[cfg(feature = "alerts")]
+const AT_ONCE: usize = 16;
+/// The first retry's delay, doubled at each attempt up to [`MAX_BACKOFF_SECS`].
+#[cfg(feature = "alerts")]
+const FIRST_BACKOFF_SECS: i64 = 5;
+#[cfg(feature = "alerts")]
+const MAX_BACKOFF_SECS: i64 = 6 * 3_600;
+
+/// What a pass over the outbox did ([`Tollgate::deliver_alerts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AlertReport {
+    /// Rows claimed for delivery.
+    pub claimed: usize,
+    /// Delivered (2xx).
+    pub delivered: usize,
+    /// Failed, due again later.
+    pub retried: usize,
+    /// Failed past the retry horizon (or with nowhere to go): dead letters.
+    pub dead: usize,
+}
+
+/// The delay before attempt `attempts + 1` of a row (`attempts` made): 5 s doubled each time,
+/// at most 6 h, give or take a fifth (spread by the row's id, the same on every node).
+#[cfg(feature = "alerts")]
+pub(crate) fn backoff_secs(id: &str, attempts: u32) -> i64 {
+    let base = FIRST_BACKOFF_SECS.saturating_mul(1i64 << attempts.min(20)).min(MAX_BACKOFF_SECS);
+    let spread = id.bytes().fold(attempts as i64, |h, b| h.wrapping_mul(31).wrapping_add(i64::from(b)));
+    base + (base / 5) * (spread.rem_euclid(41) - 20) / 20
+}
+
+/// A tenant's own endpoint, as the directory keeps it (JSON).
+#[cfg_attr(not(feature = "alerts"), allow(dead_code))]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TenantEndpoint {
+    pub(crate) url: String,
+    pub(crate) secrets: Vec<String>,
+}
+
+impl Tollgate {
+    /// Writes the crossings this node saw to the alerts outbox, put-if-absent (a flush does;
+    /// shutdown too): rows already there (another node's) are left as they are. A crossing
+    /// whose write failed is seen again at a later refill and written then.
+    pub(crate) async fn write_alerts(&self) -> usize {
+        let queue = self.shared.alerts();
+        let waiting = queue.take();
+        if waiting.is_empty() {
+            return 0;
+        }
+        let stores = self.shared.stores().background();
+        let namespace = match queue.namespace.get_or_try_init(|| stores.usage.identifier_namespace()).await {
+            Ok(ns) => ns.clone(),
+            Err(e) => {
+                tracing::warn!(error = %e, "alerts not written: the identifier namespace could not be read");
+                waiting.iter().for_each(|(c, _)| queue.unmark(c));
+                return 0;
+            }
+        };
+        let mut written = 0;
+        for (crossing, to) in waiting {
+            let rows = crossing.rows(&namespace, &to);
+            match stores.alerts.put_alerts(&rows).await {
+                Ok(n) => {
+                    written += n;
+                    self.shared.metrics().alerts_written.increment(n as u64);
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %crossing.tenant, error = %e, "an alert was not written; written when it is seen again");
+                    queue.unmark(&crossing);
+                }
+            }
+        }
+        written
+    }
+
+    /// Whether any alert can have a destination under the configuration in force.
+    pub(crate) fn alerts_configured(&self) -> bool {
+        let rt = self.shared.runtime().load();
+        !rt.config.alerts().endpoints.is_empty() || rt.config.plans().values().any(|p| p.tenant_alerts())
+    }
+
+    /// Delivers the alerts due in the outbox, claiming them a batch at a time for
+    /// `alerts.claim` (no other node delivers them meanwhile), for at most half a claim: the
+    /// worker does it every second; call it on AWS Lambda's on-demand model after invocations,
+    /// or from a scheduled job, where no worker runs between them.
+    pub async fn deliver_alerts(&self) -> AlertReport {
+        let mut report = AlertReport::default();
+        if !self.alerts_configured() {
+            return report;
+        }
+        let started = tokio::time::Instant::now();
+        let settings = self.shared.runtime().load().config.alerts().clone();
+        loop {
+            let now = self.shared.clock().unix_secs();
+            let claim_secs = i64::try_from(settings.claim.as_secs()).unwrap_or(i64::MAX);
+            let owner = self.shared.ids().node().max(1);
+            let claim = AlertClaim::new(owner, now, now.saturating_add(claim_secs), CLAIM_BATCH);
+            let claimed = match self.shared.stores().background().alerts.claim_alerts(&claim).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "alerts: due rows could not be claimed; tried at the next pass");
+                    return report;
+                }
+            };
+            let full = claimed.len() == CLAIM_BATCH;
+            report.claimed += claimed.len();
+            self.deliver_claimed(claimed, owner, &mut report).await;
+            if !full || started.elapsed() >= settings.claim / 2 {
+                return report;
+            }
+        }
+    }
+
+    #[cfg(feature = "alerts")]
+    async fn deliver_claimed(&self, claimed: Vec<OutboxEntry>, owner: u64, report: &mut AlertReport) {
+        use futures_util::StreamExt;
+        // Each delivery owns what it needs: no future borrows across the batch.
+        let deliveries = claimed.into_iter().map(|row| {
+            let engine = self.clone();
+            async move {
+                let outcome = engine.deliver_one(&row).await;
+                (row, outcome)
+            }
+        });
+        let delivered: Vec<(OutboxEntry, AlertOutcome)> =
+            futures_util::stream::iter(deliveries).buffer_unordered(AT_ONCE).collect().await;
+        for (row, outcome) in delivered {
+            self.settle_alert(&row, owner, outcome, report).await;
+        }
+    }
+
+    #[cfg(not(feature = "alerts"))]
+    async fn deliver_claimed(&self, claimed: Vec<OutboxEntry>, owner: u64, report: &mut AlertReport) {
+        // Without the feature nothing can be sent: the claims go (another node, built with
+        // it, delivers them).
+        for row in &claimed {
+            self.settle_alert(row, owner, AlertOutcome::Release, report).await;
+        }
+    }
+
+    /// Settles a delivery, counted.
+    async fn settle_alert(&self, row: &OutboxEntry, owner: u64, outcome: AlertOutcome, report: &mut AlertReport) {
+        let label = match &outcome {
+            AlertOutcome::Delivered { .. } => {
+                report.delivered += 1;
+                "delivered"
+            }
+            AlertOutcome::Retry { error, .. } => {
+                report.retried += 1;
+                tracing::info!(alert = %row.key, error = %error, "an alert's delivery failed; tried again later");
+                "retried"
+            }
+            AlertOutcome::Dead { error } => {
+                report.dead += 1;
+                tracing::warn!(alert = %row.key, error = %error, "an alert became a dead letter");
+                "dead"
+            }
+            _ => "released",
+        };
+        self.shared.metrics().alert_deliveries(label).increment(1);
+        match self.shared.stores().background().alerts.settle_alert(&row.key, owner, &outcome).await {
+            Ok(true) => {}
+            // Its claim expired and another node took it: it delivers it (again, under the
+            // same id).
+            Ok(false) => tracing::debug!(alert = %row.key, "an alert's claim was lost before its settle"),
+            Err(e) => {
+                tracing::warn!(alert = %row.key, error = %e, "an alert's delivery was not settled; delivered again")
+            }
+        }
+    }
+
+    /// One delivery of `row`: its outcome.
+    #[cfg(feature = "alerts")]
+    async fn deliver_one(&self, row: &OutboxEntry) -> AlertOutcome {
+        let settings = self.shared.runtime().load().config.alerts().clone();
+        let now = self.shared.clock().unix_secs();
+        let failed = |error: String| {
+            let horizon = row.created_at.saturating_add(i64::try_from(settings.retry_for.as_secs()).unwrap_or(0));
+            let at = now.saturating_add(backoff_secs(&row.key.id, row.attempts));
+            if at > horizon {
+                AlertOutcome::Dead { error }
+            } else {
+                AlertOutcome::Retry { at, error }
+            }
+        };
+        let (tenant, url, secrets) = match self.destination(row, &settings).await {
+            Ok(Some(to)) => to,
+            Ok(None) => {
+                return AlertOutcome::Dead { error: format!("{}: no such destination any more", row.key.destination) }
+            }
+            Err(e) => return failed(e),
+        };
+        let deliverer = match self.shared.deliverer(settings.timeout) {
+            Ok(d) => d,
+            Err(e) => return failed(format!("no HTTP client: {e}")),
+        };
+        deliverer.allow_private(&settings.allow_private);
+        // The signature's time is the wall clock's: receivers compare it with theirs.
+        let timestamp = crate::store::unix_now();
+        match deliverer.send(tenant, &url, &row.key.id, timestamp, &row.body, &secrets, settings.timeout).await {
+            deliver::Sent::Delivered => AlertOutcome::Delivered { at: now },
+            deliver::Sent::Failed(e) => failed(e),
+        }
+    }
+
+    /// Where `row` goes: whether it is a tenant's endpoint, its URL and secrets; `None` when
+    /// the destination is gone (an endpoint no longer in `[alerts]`, a tenant without one).
+    #[cfg(feature = "alerts")]
+    async fn destination(
+        &self,
+        row: &OutboxEntry,
+        settings: &crate::config::AlertSettings,
+    ) -> Result<Option<(bool, String, Vec<crate::base::WebhookSecret>)>, String> {
+        if let Some(name) = row.key.destination.strip_prefix(ENDPOINT) {
+            return Ok(settings.endpoint(name).map(|e| (false, e.url.clone(), e.secrets.clone())));
+        }
+        if row.key.destination != TENANT {
+            return Ok(None);
+        }
+        let record = self
+            .shared
+            .stores()
+            .background()
+            .directory
+            .tenant(&row.tenant)
+            .await
+            .map_err(|e| format!("the tenant's endpoint could not be read: {e}"))?;
+        let Some(text) = record.and_then(|r| r.alert_endpoint) else { return Ok(None) };
+        let endpoint: TenantEndpoint =
+            serde_json::from_str(&text).map_err(|e| format!("the tenant's endpoint does not read: {e}"))?;
+        if let Err(why) = settings.tenant_url(&endpoint.url) {
+            return Err(format!("the tenant's endpoint is refused: {why}"));
+        }
+        let secrets = endpoint
+            .secrets
+            .iter()
+            .map(|s| crate::base::WebhookSecret::parse(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the tenant's secret does not read: {e}"))?;
+        Ok(Some((true, endpoint.url, secrets)))
+    }
+
+    /// Prunes delivered and dead rows past their keep time (hourly, from the worker).
+    pub(crate) async fn prune_alerts(&self) {
+        let now = self.shared.clock().unix_secs();
+        match self.shared.stores().background().alerts.prune_alerts(now).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "alerts: delivered and dead rows past their keep time pruned"),
+            Err(e) => tracing::warn!(error = %e, "alerts: pruning failed; tried again in an hour"),
+        }
+    }
+}
+
+/// How long the worker waits between passes over the outbox.
+pub(crate) const PASS_EVERY: Duration = Duration::from_secs(1);
+
+#[cfg(all(test, feature = "alerts"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_six_hours_within_three_days() {
+        assert!((4..=6).contains(&backoff_secs("alert_x", 0)));
+        assert!((8..=12).contains(&backoff_secs("alert_x", 1)));
+        assert!((17_280..=25_920).contains(&backoff_secs("alert_x", 30)));
+        let (mut t, mut n) = (0, 0);
+        while t < 3 * 86_400 {
+            t += backoff_secs("alert_y", n);
+            n += 1;
+        }
+        assert!((15..40).contains(&n), "{n} attempts in 3 days");
+    }
+}

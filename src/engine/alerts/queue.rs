@@ -1,0 +1,320 @@
+//! Crossings a node saw, waiting to be written to the outbox: found in a store's answer (a lease
+//! refill, under the cell's lock, where no store call is made for them), written by the next
+//! flush, put-if-absent under their deterministic id.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    base::{MeterId, Period, PlanId, QuotaMode, TenantId},
+    config::{AlertSettings, Config},
+    store::{AlertKey, OutboxEntry},
+};
+
+/// The most crossings waiting to be written on a node: past it, a new one is dropped (counted)
+/// and written when a refill sees it again.
+const MAX_PENDING: usize = 10_000;
+
+/// How long a crossing's rows are kept after its period ends (once delivered or dead): past
+/// the end, a node can no longer see the crossing again (and write it anew).
+pub(crate) const KEPT_AFTER_PERIOD_SECS: i64 = 35 * 86_400;
+
+/// How long the rows of a prepaid balance's crossing are kept (once delivered or dead): a
+/// balance has no period end; its crossings are named by its limit, which a grant changes.
+pub(crate) const KEPT_FOR_BALANCE_SECS: i64 = 400 * 86_400;
+
+/// A threshold of a quota or a balance, as one crossing names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Threshold {
+    /// A percentage of the limit used (`usage.notify_at`).
+    Percent(u16),
+    /// Units left (`usage.notify_left`).
+    Left(u64),
+    /// A hard quota's limit, or a balance's, reached.
+    Exhausted,
+}
+
+impl Threshold {
+    /// As the alert's id names it.
+    fn tag(self) -> String {
+        match self {
+            Threshold::Percent(p) => format!("percent:{p}"),
+            Threshold::Left(n) => format!("left:{n}"),
+            Threshold::Exhausted => "exhausted".to_owned(),
+        }
+    }
+}
+
+/// A crossing of one threshold, as a node saw it in a store's answer.
+#[derive(Debug, Clone)]
+pub(crate) struct Crossing {
+    pub(crate) tenant: TenantId,
+    pub(crate) plan: PlanId,
+    pub(crate) meter: MeterId,
+    pub(crate) period: Period,
+    /// The period's bounds (a prepaid balance: its own, the whole time).
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+    pub(crate) limit: u64,
+    pub(crate) mode: QuotaMode,
+    pub(crate) prepaid: bool,
+    pub(crate) threshold: Threshold,
+    /// The units the fleet had reserved then.
+    pub(crate) reserved: u64,
+    /// When the node saw it (engine clock, Unix seconds).
+    pub(crate) at: i64,
+}
+
+impl Crossing {
+    /// Its event type (a documented, versioned schema each).
+    pub(crate) fn event(&self) -> &'static str {
+        match (self.prepaid, self.threshold) {
+            (true, Threshold::Exhausted) => "balance.exhausted",
+            (true, _) => "balance.low",
+            (false, Threshold::Exhausted) => "quota.exhausted",
+            (false, _) => "quota.threshold_crossed",
+        }
+    }
+
+    /// Its id: the same on every node that sees it (tenant, meter, period start, limit,
+    /// threshold), in the deployment's identifier namespace (two deployments sending to one
+    /// receiver never share an id).
+    pub(crate) fn id(&self, namespace: &str) -> String {
+        let digest = Sha256::new()
+            .chain_update(b"tollgate alert\0")
+            .chain_update(namespace.as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.tenant.as_str().as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.meter.as_str().as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.start.to_string().as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.limit.to_string().as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.threshold.tag().as_bytes())
+            .finalize();
+        format!("alert_{}", hex::encode(&digest[..16]))
+    }
+
+    /// Its JSON body (schema version 1): what every delivery of it sends.
+    pub(crate) fn body(&self) -> String {
+        let time = |secs: i64| {
+            chrono::DateTime::from_timestamp(secs, 0)
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_default()
+        };
+        let threshold = match self.threshold {
+            Threshold::Percent(p) => serde_json::json!({ "percent": p }),
+            Threshold::Left(n) => serde_json::json!({ "left": n }),
+            Threshold::Exhausted => serde_json::json!({ "percent": 100 }),
+        };
+        let mut data = serde_json::json!({
+            "version": 1,
+            "tenant": self.tenant.as_str(),
+            "plan": self.plan.as_str(),
+            "meter": self.meter.as_str(),
+            "limit": self.limit,
+            "used": self.reserved,
+            "threshold": threshold,
+        });
+        if self.prepaid {
+            data["left"] = self.limit.saturating_sub(self.reserved).into();
+        } else {
+            data["period"] = serde_json::json!({
+                "name": self.period.name(),
+                "start": time(self.start),
+                "end": time(self.end),
+            });
+            data["mode"] = match self.mode {
+                QuotaMode::Hard => "hard",
+                QuotaMode::Soft => "soft",
+            }
+            .into();
+        }
+        serde_json::json!({ "type": self.event(), "timestamp": time(self.at), "data": data }).to_string()
+    }
+
+    /// Until when its rows are kept once delivered or dead.
+    fn keep_until(&self) -> i64 {
+        if self.prepaid {
+            self.at.saturating_add(KEPT_FOR_BALANCE_SECS)
+        } else {
+            self.end.saturating_add(KEPT_AFTER_PERIOD_SECS)
+        }
+    }
+
+    /// Where it goes under `settings` and its tenant's plan (`tenant_alerts`): the operator's
+    /// endpoints that take its event type (`endpoint:NAME`), and the tenant's own (`tenant`).
+    pub(crate) fn destinations(&self, settings: &AlertSettings, config: &Config) -> Vec<String> {
+        let mut to: Vec<String> = settings
+            .endpoints
+            .iter()
+            .filter(|e| e.wants(self.event()))
+            .map(|e| format!("{ENDPOINT}{}", e.name))
+            .collect();
+        if config.plans().get(&self.plan).is_some_and(crate::config::PlanSpec::tenant_alerts) {
+            to.push(TENANT.to_owned());
+        }
+        to
+    }
+
+    /// Its outbox rows, one per destination.
+    pub(crate) fn rows(&self, namespace: &str, destinations: &[String]) -> Vec<OutboxEntry> {
+        let (id, body) = (self.id(namespace), self.body());
+        destinations
+            .iter()
+            .map(|to| {
+                OutboxEntry::new(
+                    AlertKey::new(id.clone(), to.clone()),
+                    self.tenant.clone(),
+                    self.event(),
+                    body.clone(),
+                    self.at,
+                    self.keep_until(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The destination prefix of an operator's endpoint.
+pub(crate) const ENDPOINT: &str = "endpoint:";
+/// The destination of a tenant's own endpoint.
+pub(crate) const TENANT: &str = "tenant";
+
+/// What marks a crossing as handed to the outbox on this node.
+type Mark = (TenantId, MeterId, i64, u64, Threshold);
+
+/// Crossings waiting to be written, and those this node wrote (or has waiting): each is
+/// written once per node while it remembers it, and again (a no-op in the outbox) after a
+/// restart or once forgotten.
+#[derive(Debug, Default)]
+pub(crate) struct AlertQueue {
+    pending: Mutex<VecDeque<(Crossing, Vec<String>)>>,
+    /// Marked crossings, with their period's end (forgotten once it passed).
+    marked: Mutex<HashMap<Mark, i64>>,
+    /// The deployment's identifier namespace, read once.
+    pub(crate) namespace: tokio::sync::OnceCell<String>,
+}
+
+fn mark(c: &Crossing) -> Mark {
+    (c.tenant.clone(), c.meter.clone(), c.start, c.limit, c.threshold)
+}
+
+impl AlertQueue {
+    /// Offers crossings a store's answer showed (`destinations` for each, by its event): those
+    /// not marked yet wait to be written. Returns how many were dropped (the queue full).
+    pub(crate) fn offer(&self, crossed: Vec<(Crossing, Vec<String>)>, cap: usize) -> usize {
+        let mut dropped = 0;
+        let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (c, to) in crossed {
+            if to.is_empty() || marked.contains_key(&mark(&c)) {
+                continue;
+            }
+            if pending.len() >= MAX_PENDING {
+                dropped += 1;
+                continue;
+            }
+            if marked.len() >= cap {
+                // Bounded: periods over go first; else everything (written again: no-ops).
+                let now = c.at;
+                marked.retain(|_, end| *end > now);
+                if marked.len() >= cap {
+                    marked.clear();
+                }
+            }
+            marked.insert(mark(&c), c.end);
+            pending.push_back((c, to));
+        }
+        dropped
+    }
+
+    /// Takes the crossings waiting to be written.
+    pub(crate) fn take(&self) -> Vec<(Crossing, Vec<String>)> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect()
+    }
+
+    /// A crossing whose write failed: unmarked, so that the next refill that sees it offers it
+    /// again.
+    pub(crate) fn unmark(&self, c: &Crossing) {
+        self.marked.lock().unwrap_or_else(|e| e.into_inner()).remove(&mark(c));
+    }
+
+    /// How many crossings wait.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn crossing(threshold: Threshold, prepaid: bool) -> Crossing {
+        Crossing {
+            tenant: "acme".into(),
+            plan: "pro".into(),
+            meter: "tokens".into(),
+            period: if prepaid { Period::Prepaid } else { Period::Month { anchor_day: 1 } },
+            start: 1_772_323_200,
+            end: 1_775_001_600,
+            limit: 1_000,
+            mode: QuotaMode::Hard,
+            prepaid,
+            threshold,
+            reserved: 812,
+            at: 1_773_489_600,
+        }
+    }
+
+    #[test]
+    fn a_crossing_has_one_id_its_event_and_a_body_of_schema_1() {
+        let c = crossing(Threshold::Percent(80), false);
+        assert_eq!(c.id("ns"), crossing(Threshold::Percent(80), false).id("ns"), "deterministic");
+        assert_ne!(c.id("ns"), c.id("other"), "per deployment");
+        assert_ne!(c.id("ns"), crossing(Threshold::Percent(90), false).id("ns"));
+        assert!(c.id("ns").starts_with("alert_") && c.id("ns").len() == 38);
+        let body: serde_json::Value = serde_json::from_str(&c.body()).unwrap();
+        assert_eq!(body["type"], "quota.threshold_crossed");
+        assert_eq!(body["timestamp"], "2026-03-14T12:00:00Z");
+        assert_eq!(body["data"]["version"], 1);
+        assert_eq!(body["data"]["threshold"]["percent"], 80);
+        assert_eq!(body["data"]["period"]["start"], "2026-03-01T00:00:00Z");
+        assert_eq!(body["data"]["mode"], "hard");
+        assert_eq!(crossing(Threshold::Exhausted, false).event(), "quota.exhausted");
+        assert_eq!(crossing(Threshold::Left(100), true).event(), "balance.low");
+        let balance: serde_json::Value = serde_json::from_str(&crossing(Threshold::Exhausted, true).body()).unwrap();
+        assert_eq!(
+            (balance["type"].as_str(), balance["data"]["left"].as_u64()),
+            (Some("balance.exhausted"), Some(188))
+        );
+    }
+
+    #[test]
+    fn a_crossing_is_offered_once_until_unmarked_and_the_marks_are_bounded() {
+        let q = AlertQueue::default();
+        let to = vec![TENANT.to_owned()];
+        let c = crossing(Threshold::Percent(80), false);
+        assert_eq!(q.offer(vec![(c.clone(), to.clone()), (c.clone(), to.clone())], 100), 0);
+        assert_eq!(q.waiting(), 1);
+        assert_eq!(q.take().len(), 1);
+        q.offer(vec![(c.clone(), to.clone())], 100);
+        assert_eq!(q.waiting(), 0, "written already");
+        q.unmark(&c);
+        q.offer(vec![(c.clone(), to.clone())], 100);
+        assert_eq!(q.waiting(), 1, "its write failed: offered again");
+        q.offer(vec![(crossing(Threshold::Percent(90), false), Vec::new())], 100);
+        assert_eq!(q.waiting(), 1, "nowhere to go: nothing written");
+        for p in 0..10 {
+            q.offer(vec![(crossing(Threshold::Percent(p), false), to.clone())], 4);
+        }
+        assert!(q.marked.lock().unwrap().len() <= 4);
+    }
+}
