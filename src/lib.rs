@@ -18,6 +18,9 @@ pub mod door {
     pub use crate::response::{respond, respond_for};
     pub use crate::store::StoredResponse;
     pub use crate::tenant::Credential;
+    /// The most bytes of a body [`Tollgate::tenant_alert_endpoint`](crate::Tollgate::tenant_alert_endpoint)
+    /// reads (a longer one is answered 413).
+    pub const ALERT_ENDPOINT_MAX_BODY: usize = crate::engine::alerts::MAX_ENDPOINT_BODY;
 }
 pub mod guide {
     //! The guides, from the repository's `docs/` folder: their Rust examples are compiled as

@@ -178,6 +178,33 @@ mod tests {
         assert_eq!(WebhookSecret::parse(&two[1].expose()).unwrap(), two[1]);
     }
 
+    /// The official Rust library verifies what tollgate signs: with several secrets (a
+    /// rotation), with the one it knows; a changed body or id does not verify.
+    #[test]
+    fn the_official_library_verifies_our_signatures() {
+        let (old, new) = (WebhookSecret::generate(), WebhookSecret::generate());
+        let now = crate::store::unix_now();
+        let body = br#"{"type":"quota.exhausted"}"#;
+        let headers = |id: &str, body: &[u8]| {
+            let mut h = http::HeaderMap::new();
+            h.insert("webhook-id", id.parse().unwrap());
+            h.insert("webhook-timestamp", now.to_string().parse().unwrap());
+            h.insert(
+                "webhook-signature",
+                signature_header(&[new.clone(), old.clone()], id, now, body).parse().unwrap(),
+            );
+            h
+        };
+        for secret in [&old, &new] {
+            let hook = standardwebhooks::Webhook::new(&secret.expose()).unwrap();
+            hook.verify(body, &headers("alert_1", body)).unwrap();
+            assert!(hook.verify(b"{}", &headers("alert_1", body)).is_err(), "another body");
+            let mut other = headers("alert_1", body);
+            other.insert("webhook-id", "alert_2".parse().unwrap());
+            assert!(hook.verify(body, &other).is_err(), "another id");
+        }
+    }
+
     #[test]
     fn bad_secrets_are_refused() {
         for bad in ["", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_***", "whsec_c2hvcnQ=", "whsec_"] {

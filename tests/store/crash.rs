@@ -491,3 +491,126 @@ async fn frees_its_places_within_the_ttl(kind: Kind, test: &str) {
         assert!(t.complete(200));
     }
 }
+
+/// The configuration of the alerts crash tests: tenant `t`, 100 requests a day, an alert at
+/// 80% to the receiver at `url`, signed with the secret in `secret`.
+#[cfg(feature = "alerts")]
+fn alert_config(url: &str, secret: &str) -> Config {
+    Config::from_toml_str(&format!(
+        "[usage]\nnotify_at = [80]\nstore_timeout = \"4s\"\n{}{}",
+        common::alerts::section(url, secret, ""),
+        common::one_tenant("rate = \"100000/s\"\nquotas.requests = { limit = 100, period = \"day\" }")
+    ))
+    .unwrap()
+}
+
+/// An engine on the store at `db` for the alerts crash tests, its worker running or not.
+#[cfg(feature = "alerts")]
+async fn alert_engine(db: &Path, url: &str, secret: &str, at: i64, worker: bool) -> Harness {
+    let (clock, handle) = Clock::fake_at_unix(at);
+    let (engine, w) = Tollgate::builder(alert_config(url, secret)).store_arc(open(db).await).clock(clock).build();
+    if worker {
+        tokio::spawn(w.run());
+    }
+    Harness::from_layer(TollgateLayer::new(engine), handle)
+}
+
+#[cfg(feature = "alerts")]
+const ALERT_URL: &str = "TOLLGATE_CRASH_ALERT_URL";
+#[cfg(feature = "alerts")]
+const ALERT_SECRET: &str = "TOLLGATE_CRASH_ALERT_SECRET";
+
+/// A node SIGKILLed while its delivery of an alert is under way (the receiver holds the
+/// request): after its claim expires another node delivers the alert again, under the same
+/// `webhook-id`, never as a new alert.
+#[cfg(feature = "alerts")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_delivery_leaves_the_alert_to_another_under_its_id() {
+    if let Some((_, db)) = role() {
+        let (url, secret) = (std::env::var(ALERT_URL).unwrap(), std::env::var(ALERT_SECRET).unwrap());
+        let h = alert_engine(&db, &url, &secret, NOON, false).await;
+        for _ in 0..85 {
+            assert_eq!(h.status("/", "key-t").await, 200);
+        }
+        h.tollgate.flush().await.unwrap();
+        say("written", 1);
+        // The receiver holds the post: the child is killed while it waits.
+        h.tollgate.deliver_alerts().await;
+        unreachable!("killed before this");
+    }
+    let Some(receiver) = common::alerts::Receiver::start() else { return };
+    receiver.mode("slow", 60).await;
+    let (_keep, secret) = common::alerts::secret_file();
+    let Some((db, _dir)) = location(Kind::Sqlite).await else { return };
+    let test = "a_node_killed_mid_delivery_leaves_the_alert_to_another_under_its_id";
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args([&common::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "alerts")
+        .env(DB, &db)
+        .env(ALERT_URL, receiver.url("/hook"))
+        .env(ALERT_SECRET, &secret)
+        .stdout(Stdio::piped());
+    let mut child = child.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    read_until(&mut lines, "written");
+    let got = receiver.wait_for(Duration::from_secs(20), |got| !got.is_empty()).await;
+    assert_eq!(got.len(), 1, "the child's delivery under way");
+    sigkill(child);
+    receiver.mode("ok", 0).await;
+    // Another node, past the dead node's claim (60 s).
+    let h = alert_engine(&db, &receiver.url("/hook"), &secret, NOON + 61, false).await;
+    assert_eq!(h.tollgate.deliver_alerts().await.delivered, 1);
+    let got = receiver.received().await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|d| d.verified && d.valid), "{got:?}");
+    assert_eq!(got[0].id, got[1].id, "the same webhook-id: a redelivery, not a new alert");
+    // Nothing more to deliver.
+    h.clock.advance(Duration::from_secs(3_600));
+    assert_eq!(h.tollgate.deliver_alerts().await.claimed, 0);
+}
+
+/// A node SIGKILLed after its refill saw a crossing and before its flush wrote it: the next
+/// refill on that counter, by another node, sees the crossing again and writes it; the alert is
+/// delivered once.
+#[cfg(feature = "alerts")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_before_it_wrote_a_crossing_loses_no_alert() {
+    if let Some((_, db)) = role() {
+        let (url, secret) = (std::env::var(ALERT_URL).unwrap(), std::env::var(ALERT_SECRET).unwrap());
+        // No worker: nothing is flushed, the crossing stays in this process.
+        let h = alert_engine(&db, &url, &secret, NOON, false).await;
+        for _ in 0..85 {
+            assert_eq!(h.status("/", "key-t").await, 200);
+        }
+        say("crossed", 1);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        unreachable!("killed before this");
+    }
+    let Some(receiver) = common::alerts::Receiver::start() else { return };
+    let (_keep, secret) = common::alerts::secret_file();
+    let Some((db, _dir)) = location(Kind::Sqlite).await else { return };
+    let test = "a_node_killed_before_it_wrote_a_crossing_loses_no_alert";
+    let mut child = Command::new(std::env::current_exe().unwrap());
+    child
+        .args([&common::test_name(module_path!(), test), "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "alerts")
+        .env(DB, &db)
+        .env(ALERT_URL, receiver.url("/hook"))
+        .env(ALERT_SECRET, &secret)
+        .stdout(Stdio::piped());
+    let mut child = child.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    read_until(&mut lines, "crossed");
+    sigkill(child);
+    let h = alert_engine(&db, &receiver.url("/hook"), &secret, NOON + 1, false).await;
+    let outbox = open(&db).await;
+    assert!(outbox.list_alerts(&tollgate::store::AlertQuery::new(10)).await.unwrap().is_empty(), "never written");
+    // The next request's refill sees the fleet past 80% (the dead node's lease counts as used).
+    assert_eq!(h.status("/", "key-t").await, 200);
+    h.tollgate.flush().await.unwrap();
+    assert_eq!(h.tollgate.deliver_alerts().await.delivered, 1);
+    let got = receiver.received().await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].verified && got[0].valid && got[0].kind.as_deref() == Some("quota.threshold_crossed"), "{got:?}");
+}

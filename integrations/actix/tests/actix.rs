@@ -393,3 +393,53 @@ async fn a_real_server_stores_sized_and_empty_responses_for_their_replays() {
     let billed: u64 = store.usage_range(&"acme".into(), 0, i64::MAX).await.unwrap().iter().map(|a| a.quantity).sum();
     assert_eq!(billed, 2, "each first request once, no replay");
 }
+
+/// The tenants' alert endpoint route inside the middleware: refusals are problem+json 4xx and
+/// store nothing; a registration answers its secret once.
+#[cfg(feature = "alerts")]
+#[actix_web::test]
+async fn tenants_register_their_alert_endpoint_through_the_route() {
+    use tollgate::store::{DirectoryStore, MemoryStore};
+    let config = tollgate::Config::from_toml_str(
+        "[alerts]\nallow_private = [\"127.0.0.1/32\"]\n[plans.pro]\nrate = \"100/s\"\ntenant_alerts = true\n\
+         [plans.free]\nrate = \"100/s\"\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    let admin = tollgate::admin::Admin::for_engine(&engine);
+    admin.add_tenant("acme", "pro", None).await.unwrap();
+    admin.add_tenant("bob", "free", None).await.unwrap();
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let bob = admin.issue_key("bob", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let app = test::init_service(
+        App::new().service(
+            web::scope("/v1")
+                .wrap(TollgateMiddleware::new(engine.clone()))
+                .route("/alerts/endpoint", tollgate_actix::alert_endpoint(engine)),
+        ),
+    )
+    .await;
+    let call = |method: Method, key: &str, body: &str| {
+        TestRequest::default()
+            .method(method)
+            .uri("/v1/alerts/endpoint")
+            .insert_header(("x-api-key", key.to_owned()))
+            .set_payload(body.to_owned())
+            .to_request()
+    };
+    let r = test::call_service(&app, call(Method::PUT, &bob, r#"{"url":"https://hooks.example.com/x"}"#)).await;
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+    for bad in ["http://hooks.example.com/x", "https://10.0.0.7/x", "https://169.254.169.254/latest"] {
+        let r = test::call_service(&app, call(Method::PUT, &acme, &format!(r#"{{"url":"{bad}"}}"#))).await;
+        assert_eq!(r.status().as_u16(), 422, "{bad}");
+    }
+    assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None, "nothing stored");
+    let r = test::call_service(&app, call(Method::PUT, &acme, r#"{"url":"http://127.0.0.1:9/hook"}"#)).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+    assert!(body["secret"].as_str().unwrap().starts_with("whsec_"));
+    let r = test::call_service(&app, call(Method::DELETE, &acme, "")).await;
+    assert_eq!(r.status().as_u16(), 204);
+}

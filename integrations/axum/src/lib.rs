@@ -195,6 +195,40 @@ impl IntoResponse for RejectionResponse {
     }
 }
 
+/// The route an application mounts for its tenants' own alert endpoint
+/// ([`Tollgate::tenant_alert_endpoint`](tollgate::Tollgate::tenant_alert_endpoint)), behind
+/// tollgate's layer: the calling tenant sets its own (any key of the tenant may). `GET`
+/// answers `{"url": …}`, `PUT` with `{"url": "https://…"}` registers it and answers the new
+/// signing secret once, `DELETE` removes it; refusals (a plan without `tenant_alerts`, a URL
+/// that is not https or resolves to a private address) are problem+json 4xx and store nothing.
+///
+/// ```no_run
+/// # async fn run(engine: tollgate::Tollgate, api: axum::Router) {
+/// let app = api
+///     .route("/v1/alerts/endpoint", tollgate_axum::alert_endpoint(engine.clone()))
+///     .layer(tollgate::TollgateLayer::new(engine));
+/// # let _: axum::Router = app;
+/// # }
+/// ```
+pub fn alert_endpoint<S>(engine: tollgate::Tollgate) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
+        let engine = engine.clone();
+        async move {
+            // One byte past the route's bound is enough for it to answer 413.
+            let cap = tollgate::door::ALERT_ENDPOINT_MAX_BODY + 1;
+            let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, cap)).await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => bytes::Bytes::from(vec![0; cap]),
+            };
+            engine.tenant_alert_endpoint(&tenant, &method, &body).await.map(axum::body::Body::from)
+        }
+    };
+    axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
+}
+
 /// A `POST` route for Stripe webhooks over tollgate's
 /// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
 /// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store

@@ -421,3 +421,69 @@ async fn the_ai_example_bills_exactly_what_it_streamed_and_stops_at_the_balance(
     let b = balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b).unwrap();
     assert_eq!((b.granted, b.reserved), (100, 100));
 }
+
+/// The tenants' alert endpoint route behind the layer: the calling tenant registers its own
+/// endpoint; a plan without `tenant_alerts` gets 403, a URL that is not https or resolves to a
+/// private address 422, a body that is not the JSON 400, all problem+json, nothing stored.
+#[cfg(feature = "alerts")]
+#[tokio::test]
+async fn tenants_register_their_alert_endpoint_through_the_route() {
+    use tollgate::store::{DirectoryStore, MemoryStore};
+    let config = tollgate::Config::from_toml_str(
+        "[alerts]\nallow_private = [\"127.0.0.1/32\"]\n[plans.pro]\nrate = \"100/s\"\ntenant_alerts = true\n\
+         [plans.free]\nrate = \"100/s\"\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    let admin = tollgate::admin::Admin::for_engine(&engine);
+    admin.add_tenant("acme", "pro", None).await.unwrap();
+    admin.add_tenant("bob", "free", None).await.unwrap();
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let bob = admin.issue_key("bob", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let app = Router::new()
+        .route("/v1/alerts/endpoint", tollgate_axum::alert_endpoint(engine.clone()))
+        .layer(TollgateLayer::new(engine));
+    let call = |method: &str, key: &str, body: &str| {
+        Request::builder()
+            .method(method)
+            .uri("/v1/alerts/endpoint")
+            .header("x-api-key", key)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap()
+    };
+    let send = |req: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(req).await.unwrap();
+            let status = response.status();
+            let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, content_type, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+        }
+    };
+    let problem = |(status, ct, _): &(StatusCode, Option<String>, serde_json::Value), want: StatusCode| {
+        assert_eq!(*status, want);
+        assert_eq!(ct.as_deref(), Some("application/problem+json"));
+    };
+    problem(&send(call("PUT", &bob, r#"{"url":"https://hooks.example.com/x"}"#)).await, StatusCode::FORBIDDEN);
+    for bad in ["http://hooks.example.com/x", "https://10.0.0.7/x", "https://169.254.169.254/latest", "nope"] {
+        let got = send(call("PUT", &acme, &format!(r#"{{"url":"{bad}"}}"#))).await;
+        problem(&got, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(got.2["detail"].as_str().is_some(), "{got:?}");
+    }
+    problem(&send(call("PUT", &acme, "not json")).await, StatusCode::BAD_REQUEST);
+    problem(&send(call("PUT", &acme, &"x".repeat(5_000))).await, StatusCode::PAYLOAD_TOO_LARGE);
+    problem(&send(call("GET", &acme, "")).await, StatusCode::NOT_FOUND);
+    assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None, "nothing stored");
+    let (status, _, body) = send(call("PUT", &acme, r#"{"url":"http://127.0.0.1:9/hook"}"#)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["secret"].as_str().unwrap().starts_with("whsec_"));
+    let (status, _, body) = send(call("GET", &acme, "")).await;
+    assert_eq!((status, body["url"].as_str()), (StatusCode::OK, Some("http://127.0.0.1:9/hook")));
+    assert!(body.get("secret").is_none(), "the secret is shown once");
+    let (status, _, _) = send(call("DELETE", &acme, "")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None);
+}

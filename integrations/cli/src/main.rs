@@ -3,6 +3,7 @@
 //! whichever store the configuration names (`[store]`: SQLite by default, DynamoDB with the
 //! standard AWS environment, PostgreSQL with `url` or `DATABASE_URL`). See `tollgate --help`.
 
+mod alerts;
 mod credits;
 mod dead_letters;
 mod export;
@@ -19,6 +20,7 @@ use clap::Parser;
 use tollgate::admin::Admin;
 
 use crate::{
+    alerts::alerts,
     credits::credits,
     dead_letters::{confirm_dead_letter, list_dead_letters, requeue_all_dead_letters, requeue_dead_letter},
     export::{export, new_namespace_of, reconcile, settle_letters},
@@ -60,6 +62,7 @@ async fn run(cli: Cli) -> Result<()> {
             tenants(&Admin::open(&config).await?, &config, command).await
         }
         Command::Keys { command } => keys(&admin(&cli.config).await?, command).await,
+        Command::Alerts { command } => alerts(&admin(&cli.config).await?, command).await,
         Command::Credits { command } => credits(&admin(&cli.config).await?, command).await,
         Command::Quota { command: QuotaCommand::Show { tenant } } => quota_show(&cli.config, tenant).await,
         Command::Export { dry_run, dead_letters, requeue, requeue_all, confirm, repair_ttl, new_namespace } => {

@@ -45,6 +45,12 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
+    /// Alerts (threshold crossings delivered as signed webhooks from the outbox): list them,
+    /// read their dead letters, send one again.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertCommand,
+    },
     /// API keys (stored only as SHA-256 hashes).
     Keys {
         #[command(subcommand)]
@@ -262,6 +268,41 @@ pub(crate) enum TenantCommand {
         /// The tenant id.
         id: String,
     },
+    /// Registers a tenant's own endpoint for its alerts (its plan must have tenant_alerts), or
+    /// removes it with --none. The URL must be https and resolve to public addresses only
+    /// (or [alerts] allow_private); refused, nothing is stored. Prints the new signing secret
+    /// once (`whsec_…`): it is kept in the directory, deliveries are signed with it.
+    SetAlertEndpoint {
+        /// The tenant id.
+        id: String,
+        /// The endpoint's URL.
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        url: Option<String>,
+        /// Remove the tenant's endpoint.
+        #[arg(long)]
+        none: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AlertCommand {
+    /// Lists the alerts in the outbox (one line per alert and destination), in id order.
+    List {
+        /// Only these: pending, delivered or dead.
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Sends an alert again: its dead letters (one per destination) are pending again, due now,
+    /// retried for alerts.retry_for from now, under the same webhook-id.
+    Retry {
+        /// The alert's id (`alert_…`, its webhook-id).
+        id: String,
+    },
+    /// Lists the alerts given up after alerts.retry_for (dead letters), with their last error.
+    DeadLetters,
 }
 
 #[derive(Subcommand)]

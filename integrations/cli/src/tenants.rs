@@ -86,6 +86,15 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
             let t = admin.set_overrides(&id, None).await?;
             println!("tenant `{}` on plan `{}` without overrides", t.id, t.plan);
         }
+        TenantCommand::SetAlertEndpoint { id, url, none: _ } => {
+            match admin.set_alert_endpoint(&id, url.as_deref()).await? {
+                Some(secret) => {
+                    println!("tenant `{id}` receives its alerts at {}", url.unwrap_or_default());
+                    println!("signing secret (shown once): {secret}");
+                }
+                None => println!("tenant `{id}` has no alert endpoint"),
+            }
+        }
     }
     Ok(())
 }

@@ -661,3 +661,68 @@ fn credits_are_granted_once_listed_and_revoked() {
         .contains("expire"));
     assert!(ok(d, &["credits", "list", "nobody"]).contains("no credit grants"));
 }
+
+/// `tollgate tenants set-alert-endpoint`: refused (an error, nothing stored) off a plan with
+/// `tenant_alerts`, for a URL that is not https, or one of a private address; stored with its
+/// secret printed once otherwise. `tollgate alerts list | dead-letters | retry ID` read the
+/// outbox and send a dead letter again.
+#[cfg(feature = "alerts")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_tenant_endpoints_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("tollgate.toml"),
+        "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[alerts]\nallow_private = [\"127.0.0.1/32\"]\n\
+         [plans.free]\nrate = \"10/s\"\n[plans.pro]\nrate = \"10/s\"\ntenant_alerts = true\n",
+    )
+    .unwrap();
+    ok(dir.path(), &["tenants", "add", "acme", "--plan", "pro"]);
+    ok(dir.path(), &["tenants", "add", "bob", "--plan", "free"]);
+    let err = fails(dir.path(), &["tenants", "set-alert-endpoint", "bob", "https://hooks.example.com/x"]);
+    assert!(err.contains("tenant_alerts"), "{err}");
+    for bad in ["http://hooks.example.com/x", "https://10.0.0.1/x", "https://169.254.169.254/", "not a url"] {
+        let err = fails(dir.path(), &["tenants", "set-alert-endpoint", "acme", bad]);
+        assert!(err.starts_with("error:"), "{bad}: {err}");
+    }
+    let store = tollgate::store::SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+    assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None, "nothing stored");
+    let out = ok(dir.path(), &["tenants", "set-alert-endpoint", "acme", "http://127.0.0.1:9/hook"]);
+    let secret = out.lines().find_map(|l| l.strip_prefix("signing secret (shown once): ")).unwrap();
+    assert!(secret.starts_with("whsec_"), "{out}");
+    let stored = store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint.unwrap();
+    assert!(stored.contains(secret) && stored.contains("127.0.0.1:9"), "{stored}");
+    ok(dir.path(), &["tenants", "set-alert-endpoint", "acme", "--none"]);
+    assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None);
+    // The outbox: a dead letter, listed and sent again.
+    use tollgate::store::{AlertClaim, AlertKey, AlertOutcome, OutboxEntry};
+    let now = tollgate::clock::Clock::system().unix_secs();
+    let row = OutboxEntry::new(
+        AlertKey::new("alert_x", "endpoint:ops"),
+        "acme".into(),
+        "quota.exhausted",
+        "{}",
+        now,
+        now + 86_400,
+    );
+    store.put_alerts(&[row]).await.unwrap();
+    let claimed = store.claim_alerts(&AlertClaim::new(7, now, now + 60, 10)).await.unwrap();
+    assert!(store
+        .settle_alert(&claimed[0].key, 7, &AlertOutcome::Dead { error: "503 Service Unavailable".into() })
+        .await
+        .unwrap());
+    drop(store);
+    let out = ok(dir.path(), &["alerts", "dead-letters"]);
+    assert!(
+        out.contains("alert_x") && out.contains("503 Service Unavailable") && out.contains("1 dead letters"),
+        "{out}"
+    );
+    let out = ok(dir.path(), &["alerts", "list", "--state", "dead"]);
+    assert!(out.contains("alert_x"), "{out}");
+    let err = fails(dir.path(), &["alerts", "list", "--state", "lost"]);
+    assert!(err.contains("--state"), "{err}");
+    ok(dir.path(), &["alerts", "retry", "alert_x"]);
+    let out = ok(dir.path(), &["alerts", "list", "--state", "pending"]);
+    assert!(out.contains("alert_x"), "{out}");
+    let err = fails(dir.path(), &["alerts", "retry", "alert_x"]);
+    assert!(err.contains("no dead letter"), "{err}");
+}

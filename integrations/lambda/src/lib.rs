@@ -278,8 +278,9 @@ impl<S: Service<Request>> Service<Request> for FromEventService<S> {
 }
 
 /// A Lambda runtime layer for the on-demand model: after an invocation's response has been
-/// posted, and before the next event is fetched, flushes usage if `usage.flush_interval` has
-/// passed since the last flush. A frozen process runs no background task, so this is how
+/// posted, and before the next event is fetched, flushes usage (and the alerts the process
+/// saw) if `usage.flush_interval` has passed since the last flush, then delivers the alerts
+/// due, within a short budget. A frozen process runs no background task, so this is how
 /// usage reaches the store between invocations; the response never waits for it.
 #[derive(Debug, Clone)]
 pub struct FlushLayer {
@@ -367,7 +368,12 @@ where
                      frees itself after limits.place_ttl"
                 );
             }
-            flush.flush_if_due().await;
+            // The alerts this process wrote (its flush) or others left due: delivered within
+            // the budget, as no worker runs while the environment is frozen; one cut short is
+            // delivered again once its claim expires.
+            if flush.flush_if_due().await {
+                let _ = tokio::time::timeout(budget, engine.deliver_alerts()).await;
+            }
             result
         })
     }

@@ -16,6 +16,7 @@ mod queue;
 pub(crate) use deliver::Deliverer;
 pub(crate) use endpoint::set_tenant_endpoint;
 pub use endpoint::EndpointError;
+pub(crate) use endpoint::MAX_BODY as MAX_ENDPOINT_BODY;
 use std::time::Duration;
 
 pub(crate) use queue::{AlertQueue, Crossing, Threshold};
