@@ -6,7 +6,7 @@ docs/alerts.schema.json, records it, and answers as the test tells it.
 
 It prints `ready` once it listens. Control:
     GET  /received      -> [{"id", "type", "path", "verified", "valid", "error"}] in arrival order
-    POST /mode          -> {"mode": "ok" | "down" | "slow" | "redirect" | "huge", "seconds": N}
+    POST /mode          -> {"mode": "ok" | "down" | "slow" | "slowbody" | "redirect" | "huge", "seconds": N}
     POST /secret        -> {"secret": "whsec_..."}: verified with it too
 Every other POST is a delivery.
 """
@@ -92,6 +92,18 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(mode["seconds"])
         if mode["mode"] == "redirect":
             return self.answer(302, headers=[("location", "/elsewhere")])
+        if mode["mode"] == "slowbody":
+            # The status at once, the body after a while.
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(mode["seconds"])
+            try:
+                self.wfile.write(b"ok")
+            except OSError:
+                pass
+            return None
         if mode["mode"] == "huge":
             self.send_response(200)
             self.send_header("content-length", str(1 << 30))

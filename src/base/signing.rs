@@ -126,7 +126,11 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
-            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address.
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an IPv4 address; the local-use
+            // NAT64 prefix (64:ff9b:1::/48, RFC 8215) leads into a private network.
+            if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+                return false;
+            }
             if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
                 let v4 = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
                 return is_public(IpAddr::V4(v4));
@@ -240,6 +244,7 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::8.8.8.8",
             "2002:7f00:1::",
             "2001:db8::1",
         ] {

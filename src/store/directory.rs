@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use super::StoreError;
 use crate::base::{KeyHash, PlanId, TenantId};
 
-/// A tenant in the directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A tenant in the directory. `Debug` never shows its alert endpoint's secrets.
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TenantRecord {
     /// The tenant.
@@ -36,6 +36,21 @@ pub struct TenantRecord {
     /// kept as text by the store, read by the engine): the signing secrets are kept here, at
     /// rest in the directory.
     pub alert_endpoint: Option<String>,
+}
+
+impl fmt::Debug for TenantRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantRecord")
+            .field("id", &self.id)
+            .field("plan", &self.plan)
+            .field("customer", &self.customer)
+            .field("metronome_customer", &self.metronome_customer)
+            .field("last_event_at", &self.last_event_at)
+            .field("overrides", &self.overrides)
+            .field("subscriptions", &self.subscriptions)
+            .field("alert_endpoint", &self.alert_endpoint.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl TenantRecord {

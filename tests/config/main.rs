@@ -262,6 +262,7 @@ fn the_toml_blocks_of_the_docs_are_valid_configurations() {
         "stripe",
         "metronome",
         "events",
+        "alerts",
     ];
     let blocks = toml_blocks();
     assert!(blocks.len() >= 10, "the docs' toml blocks were found: {}", blocks.len());

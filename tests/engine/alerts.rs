@@ -199,23 +199,26 @@ async fn a_crossing_not_written_is_written_at_a_later_refill() {
 /// `alerts.timeout`; a redirect is not followed; a huge answer is not read past its bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_endpoint_does_not_stall_the_others_and_redirects_are_not_followed() {
-    let (Some(slow), Some(fast), Some(moved), Some(huge)) =
-        (Receiver::start(), Receiver::start(), Receiver::start(), Receiver::start())
+    let (Some(slow), Some(fast), Some(moved), Some(huge), Some(lazy)) =
+        (Receiver::start(), Receiver::start(), Receiver::start(), Receiver::start(), Receiver::start())
     else {
         return;
     };
     slow.mode("slow", 30).await;
     moved.mode("redirect", 0).await;
     huge.mode("huge", 0).await;
+    lazy.mode("slowbody", 30).await;
     let (_dir, secret) = secret_file();
     let alerts = format!(
         "{}[alerts.endpoints.fast]\nurl = \"{}\"\nsecret_file = \"{secret}\"\n\
          [alerts.endpoints.moved]\nurl = \"{}\"\nsecret_file = \"{secret}\"\n\
-         [alerts.endpoints.huge]\nurl = \"{}\"\nsecret_file = \"{secret}\"\n",
+         [alerts.endpoints.huge]\nurl = \"{}\"\nsecret_file = \"{secret}\"\n\
+         [alerts.endpoints.lazy]\nurl = \"{}\"\nsecret_file = \"{secret}\"\n",
         section(&slow.url("/hook"), &secret, ""),
         fast.url("/hook"),
         moved.url("/hook"),
-        huge.url("/hook")
+        huge.url("/hook"),
+        lazy.url("/hook")
     );
     let toml = plan(&alerts);
     let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
@@ -239,6 +242,8 @@ async fn a_slow_endpoint_does_not_stall_the_others_and_redirects_are_not_followe
     assert_eq!(row("endpoint:fast").state, AlertState::Delivered);
     // A 2xx with a gigabyte of answer: delivered, its answer read no further than its bound.
     assert_eq!(row("endpoint:huge").state, AlertState::Delivered);
+    // A 2xx whose body comes late: the status decides, delivered.
+    assert_eq!(row("endpoint:lazy").state, AlertState::Delivered);
     assert!(row("endpoint:moved").last_error.as_deref().unwrap_or_default().contains("redirect"), "{rows:?}");
     assert!(row("endpoint:ops").last_error.as_deref().unwrap_or_default().contains("no answer"), "{rows:?}");
     h.tollgate.shutdown().await.unwrap();
@@ -261,6 +266,9 @@ async fn tenant_endpoints_reach_only_addresses_they_may() {
     let admin = tollgate::admin::Admin::for_engine(&h.tollgate);
     admin.add_tenant("t", "p", None).await.unwrap();
     admin.add_tenant("u", "p", None).await.unwrap();
+    admin.add_tenant("v", "p", None).await.unwrap();
+    admin.add_tenant("w", "p", None).await.unwrap();
+    admin.add_tenant("x", "p", None).await.unwrap();
     admin.add_tenant("f", "free", None).await.unwrap();
     let key = admin.issue_key("t", tollgate::admin::KeyOptions::default()).await.unwrap().key;
     let key_u = admin.issue_key("u", tollgate::admin::KeyOptions::default()).await.unwrap().key;
@@ -294,6 +302,19 @@ async fn tenant_endpoints_reach_only_addresses_they_may() {
     let rebound = format!(r#"{{"url":"https://localhost:{}/tenant","secrets":["{SECRET}"]}}"#, receiver.port);
     let update = tollgate::store::TenantUpdate::AlertEndpoint("u".into(), Some(rebound));
     h.tollgate.directory_store().update_tenant(&update, tollgate::store::UpdateWhen::Always).await.unwrap();
+    // Private addresses written in the record itself (never through registration): refused
+    // when delivered, never connected to.
+    for (tenant, url) in [("v", "https://10.1.2.3/hook"), ("w", "https://169.254.169.254/latest/meta-data")] {
+        let text = format!(r#"{{"url":"{url}","secrets":["{SECRET}"]}}"#);
+        let update = tollgate::store::TenantUpdate::AlertEndpoint(tenant.into(), Some(text));
+        h.tollgate.directory_store().update_tenant(&update, tollgate::store::UpdateWhen::Always).await.unwrap();
+    }
+    for tenant in ["v", "w"] {
+        let key = admin.issue_key(tenant, tollgate::admin::KeyOptions::default()).await.unwrap().key;
+        for _ in 0..85 {
+            assert_eq!(h.status("/", &key).await, 200);
+        }
+    }
     for _ in 0..85 {
         assert_eq!(h.status("/", &key_u).await, 200);
     }
@@ -310,4 +331,47 @@ async fn tenant_endpoints_reach_only_addresses_they_may() {
     assert_eq!(rows.len(), 1);
     let error = rows[0].last_error.clone().unwrap_or_default();
     assert!(error.contains("refused") && error.contains("localhost"), "{error}");
+    let all = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    for tenant in ["v", "w"] {
+        let row = all.iter().find(|r| r.tenant.as_str() == tenant).unwrap();
+        let error = row.last_error.clone().unwrap_or_default();
+        assert!(row.state == AlertState::Pending && error.contains("not a public address"), "{row:?}");
+    }
+    // A tenant of the plan that registered no endpoint: its crossings have nowhere to go, and
+    // leave no row (no dead letter of nothing).
+    let key_x = admin.issue_key("x", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    for _ in 0..85 {
+        assert_eq!(h.status("/", &key_x).await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    let all = store.list_alerts(&AlertQuery::new(20)).await.unwrap();
+    assert!(all.iter().all(|r| r.tenant.as_str() != "x"), "{all:?}");
 }
+
+/// Within a short budget (Lambda's, after an invocation), an attempt's time limit is the time
+/// left, and the delivery is settled (tried again later, backing off), never cut off with its
+/// claim held and its attempt unrecorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_within_a_short_budget_is_settled_not_cut_off() {
+    let Some(receiver) = Receiver::start() else { return };
+    receiver.mode("slow", 3).await;
+    let (_dir, secret) = secret_file();
+    let toml = plan(&section(&receiver.url("/hook"), &secret, ""));
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    for _ in 0..85 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    let report = h.tollgate.deliver_alerts_within(Duration::from_millis(1_500)).await;
+    assert_eq!((report.claimed, report.retried), (1, 1), "{report:?}");
+    let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    assert_eq!((rows[0].attempts, rows[0].claim.0), (1, 0), "settled: its attempt counted, its claim gone");
+    assert!(rows[0].next_at > NOW_SECS, "backing off");
+    // Once the receiver answers in time, delivered.
+    receiver.mode("ok", 0).await;
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(h.tollgate.deliver_alerts_within(Duration::from_secs(2)).await.delivered, 1);
+}
+
+const NOW_SECS: i64 = NOON;

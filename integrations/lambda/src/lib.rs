@@ -369,10 +369,11 @@ where
                 );
             }
             // The alerts this process wrote (its flush) or others left due: delivered within
-            // the budget, as no worker runs while the environment is frozen; one cut short is
-            // delivered again once its claim expires.
+            // the budget, as no worker runs while the environment is frozen (each attempt's
+            // time limit the time left, each settled as it ends; one not started keeps its
+            // place).
             if flush.flush_if_due().await {
-                let _ = tokio::time::timeout(budget, engine.deliver_alerts()).await;
+                engine.deliver_alerts_within(budget).await;
             }
             result
         })

@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt as _, Full};
 use hyper_util::{client::legacy::Client, rt::TokioIo};
 use tokio::net::TcpStream;
 
@@ -166,28 +166,25 @@ impl Deliverer {
             Err(e) => return Sent::Failed(format!("the request cannot be made: {e}")),
         };
         let client = if tenant { &self.tenant } else { &self.operator };
-        let exchange = async {
-            let response = client.request(request).await.map_err(|e| chain(&e))?;
-            let status = response.status();
-            // Read up to the bound, then dropped: a huge answer is not waited for.
-            let mut body = response.into_body();
-            let mut read = 0usize;
-            while read < MAX_ANSWER {
-                match body.frame().await {
-                    Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
-                    Some(Err(_)) | None => break,
-                }
-            }
-            Ok::<_, String>(status)
+        let started = tokio::time::Instant::now();
+        let response = match tokio::time::timeout(timeout, client.request(request)).await {
+            Err(_) => return Sent::Failed(format!("no answer within {:.1}s", timeout.as_secs_f64())),
+            Ok(Err(e)) => return Sent::Failed(chain(&e)),
+            Ok(Ok(response)) => response,
         };
-        match tokio::time::timeout(timeout, exchange).await {
-            Err(_) => Sent::Failed(format!("no answer within {}s", timeout.as_secs())),
-            Ok(Err(e)) => Sent::Failed(e),
-            Ok(Ok(status)) if status.is_success() => Sent::Delivered,
-            Ok(Ok(status)) if status.is_redirection() => {
-                Sent::Failed(format!("{status}: redirects are not followed (answer 2xx at the endpoint itself)"))
-            }
-            Ok(Ok(status)) => Sent::Failed(status.to_string()),
+        // The status decides; the answer's body is read after it, up to its bound and within
+        // what is left of the time limit (at most a second), then dropped: a slow or huge body
+        // neither fails a delivery the endpoint accepted nor stalls the worker.
+        let status = response.status();
+        let drain = timeout.saturating_sub(started.elapsed()).min(Duration::from_secs(1));
+        let _ =
+            tokio::time::timeout(drain, http_body_util::Limited::new(response.into_body(), MAX_ANSWER).collect()).await;
+        if status.is_success() {
+            Sent::Delivered
+        } else if status.is_redirection() {
+            Sent::Failed(format!("{status}: redirects are not followed (answer 2xx at the endpoint itself)"))
+        } else {
+            Sent::Failed(status.to_string())
         }
     }
 }

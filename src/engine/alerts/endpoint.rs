@@ -56,8 +56,11 @@ pub(crate) async fn check_url(config: &Config, url: &str) -> Result<(), Endpoint
     let (host, port) = settings.tenant_url(url).map_err(EndpointError::BadUrl)?;
     #[cfg(feature = "alerts")]
     {
-        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        let lookup =
+            tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::lookup_host((host.as_str(), port)));
+        let addrs: Vec<std::net::SocketAddr> = lookup
             .await
+            .map_err(|_| EndpointError::BadUrl(format!("{host} did not resolve within 5 s")))?
             .map_err(|e| EndpointError::BadUrl(format!("{host} does not resolve: {e}")))?
             .collect();
         if addrs.is_empty() {

@@ -19,9 +19,12 @@ pub use endpoint::EndpointError;
 pub(crate) use endpoint::MAX_BODY as MAX_ENDPOINT_BODY;
 use std::time::Duration;
 
-pub(crate) use queue::{AlertQueue, Crossing, Threshold};
 #[cfg(feature = "alerts")]
-use queue::{ENDPOINT, TENANT};
+use queue::ENDPOINT;
+use queue::TENANT as TENANT_DESTINATION;
+#[cfg(feature = "alerts")]
+use queue::TENANT;
+pub(crate) use queue::{AlertQueue, Crossing, Threshold};
 
 use crate::{
     engine::Tollgate,
@@ -33,6 +36,12 @@ const CLAIM_BATCH: usize = 32;
 /// The most deliveries under way at once on a node.
 #[cfg(feature = "alerts")]
 const AT_ONCE: usize = 16;
+/// What a claim keeps back for the settle after its delivery (and the second a claim in whole
+/// seconds may lose).
+const SETTLE_MARGIN: Duration = Duration::from_secs(3);
+/// The least time an attempt is started with.
+#[cfg(feature = "alerts")]
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 /// The first retry's delay, doubled at each attempt up to [`MAX_BACKOFF_SECS`].
 #[cfg(feature = "alerts")]
 const FIRST_BACKOFF_SECS: i64 = 5;
@@ -64,33 +73,52 @@ pub(crate) fn backoff_secs(id: &str, attempts: u32) -> i64 {
 
 /// A tenant's own endpoint, as the directory keeps it (JSON).
 #[cfg_attr(not(feature = "alerts"), allow(dead_code))]
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct TenantEndpoint {
     pub(crate) url: String,
     pub(crate) secrets: Vec<String>,
 }
 
+impl std::fmt::Debug for TenantEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantEndpoint").field("url", &self.url).field("secrets", &"<redacted>").finish()
+    }
+}
+
 impl Tollgate {
     /// Writes the crossings this node saw to the alerts outbox, put-if-absent (a flush does;
     /// shutdown too): rows already there (another node's) are left as they are. A crossing
-    /// whose write failed is seen again at a later refill and written then.
+    /// whose write failed is seen again at a later refill and written then; one whose write
+    /// was cut short (shutdown's deadline) stays queued.
     pub(crate) async fn write_alerts(&self) -> usize {
         let queue = self.shared.alerts();
-        let waiting = queue.take();
-        if waiting.is_empty() {
+        if queue.next().is_none() {
             return 0;
         }
         let stores = self.shared.stores().background();
-        let namespace = match queue.namespace.get_or_try_init(|| stores.usage.identifier_namespace()).await {
-            Ok(ns) => ns.clone(),
+        // Read at each write: a namespace changed by an operator is used at once.
+        let namespace = match stores.usage.identifier_namespace().await {
+            Ok(ns) => ns,
             Err(e) => {
-                tracing::warn!(error = %e, "alerts not written: the identifier namespace could not be read");
-                waiting.iter().for_each(|(c, _)| queue.unmark(c));
+                tracing::warn!(error = %e, "alerts not written: the identifier namespace could not be read; tried at the next flush");
                 return 0;
             }
         };
         let mut written = 0;
-        for (crossing, to) in waiting {
+        while let Some((crossing, mut to)) = queue.next() {
+            // A tenant's own endpoint only when it registered one.
+            if to.iter().any(|d| d == TENANT_DESTINATION) {
+                match stores.directory.tenant(&crossing.tenant).await {
+                    Ok(record) if record.as_ref().is_some_and(|r| r.alert_endpoint.is_some()) => {}
+                    Ok(_) => to.retain(|d| d != TENANT_DESTINATION),
+                    Err(e) => {
+                        tracing::warn!(tenant = %crossing.tenant, error = %e, "an alert was not written; written when it is seen again");
+                        queue.unmark(&crossing);
+                        queue.written();
+                        continue;
+                    }
+                }
+            }
             let rows = crossing.rows(&namespace, &to);
             match stores.alerts.put_alerts(&rows).await {
                 Ok(n) => {
@@ -102,6 +130,7 @@ impl Tollgate {
                     queue.unmark(&crossing);
                 }
             }
+            queue.written();
         }
         written
     }
@@ -114,20 +143,33 @@ impl Tollgate {
 
     /// Delivers the alerts due in the outbox, claiming them a batch at a time for
     /// `alerts.claim` (no other node delivers them meanwhile), for at most half a claim: the
-    /// worker does it every second; call it on AWS Lambda's on-demand model after invocations,
-    /// or from a scheduled job, where no worker runs between them.
+    /// worker does it every second; a scheduled job may call it too.
     pub async fn deliver_alerts(&self) -> AlertReport {
+        let half = self.shared.runtime().load().config.alerts().claim / 2;
+        self.deliver_alerts_within(half).await
+    }
+
+    /// [`deliver_alerts`](Self::deliver_alerts) within `budget`: no delivery starts that could
+    /// not end within it (or within its claim), and each attempt's time limit is the least of
+    /// `alerts.timeout` and the time left; a delivery not started keeps its place (its claim
+    /// is given back). On AWS Lambda's on-demand model, `tollgate_lambda` calls it after
+    /// invocations, where no worker runs between them.
+    pub async fn deliver_alerts_within(&self, budget: Duration) -> AlertReport {
         let mut report = AlertReport::default();
         if !self.alerts_configured() {
             return report;
         }
         let started = tokio::time::Instant::now();
+        let pass_end = started + budget;
         let settings = self.shared.runtime().load().config.alerts().clone();
-        loop {
+        while tokio::time::Instant::now() < pass_end {
             let now = self.shared.clock().unix_secs();
             let claim_secs = i64::try_from(settings.claim.as_secs()).unwrap_or(i64::MAX);
             let owner = self.shared.ids().node().max(1);
             let claim = AlertClaim::new(owner, now, now.saturating_add(claim_secs), CLAIM_BATCH);
+            // A claim is counted in whole seconds from `now`: it may end up to a second early,
+            // and a settle needs its time too.
+            let claim_end = tokio::time::Instant::now() + settings.claim.saturating_sub(SETTLE_MARGIN);
             let claimed = match self.shared.stores().background().alerts.claim_alerts(&claim).await {
                 Ok(rows) => rows,
                 Err(e) => {
@@ -137,54 +179,69 @@ impl Tollgate {
             };
             let full = claimed.len() == CLAIM_BATCH;
             report.claimed += claimed.len();
-            self.deliver_claimed(claimed, owner, &mut report).await;
-            if !full || started.elapsed() >= settings.claim / 2 {
-                return report;
+            for label in self.deliver_claimed(claimed, owner, claim_end.min(pass_end)).await {
+                match label {
+                    "delivered" => report.delivered += 1,
+                    "retried" => report.retried += 1,
+                    "dead" => report.dead += 1,
+                    _ => {}
+                }
+            }
+            if !full {
+                break;
             }
         }
+        report
     }
 
+    /// Delivers claimed rows, [`AT_ONCE`] at a time, each settled as soon as it is done; one
+    /// that could not end by `end` is not started (its claim is given back). The outcomes.
     #[cfg(feature = "alerts")]
-    async fn deliver_claimed(&self, claimed: Vec<OutboxEntry>, owner: u64, report: &mut AlertReport) {
+    async fn deliver_claimed(
+        &self,
+        claimed: Vec<OutboxEntry>,
+        owner: u64,
+        end: tokio::time::Instant,
+    ) -> Vec<&'static str> {
         use futures_util::StreamExt;
         // Each delivery owns what it needs: no future borrows across the batch.
         let deliveries = claimed.into_iter().map(|row| {
             let engine = self.clone();
             async move {
-                let outcome = engine.deliver_one(&row).await;
-                (row, outcome)
+                let left = end.saturating_duration_since(tokio::time::Instant::now());
+                let outcome =
+                    if left < MIN_ATTEMPT { AlertOutcome::Release } else { engine.deliver_one(&row, left).await };
+                engine.settle_alert(&row, owner, outcome).await
             }
         });
-        let delivered: Vec<(OutboxEntry, AlertOutcome)> =
-            futures_util::stream::iter(deliveries).buffer_unordered(AT_ONCE).collect().await;
-        for (row, outcome) in delivered {
-            self.settle_alert(&row, owner, outcome, report).await;
-        }
+        futures_util::stream::iter(deliveries).buffer_unordered(AT_ONCE).collect().await
     }
 
     #[cfg(not(feature = "alerts"))]
-    async fn deliver_claimed(&self, claimed: Vec<OutboxEntry>, owner: u64, report: &mut AlertReport) {
+    async fn deliver_claimed(
+        &self,
+        claimed: Vec<OutboxEntry>,
+        owner: u64,
+        _: tokio::time::Instant,
+    ) -> Vec<&'static str> {
         // Without the feature nothing can be sent: the claims go (another node, built with
         // it, delivers them).
+        let mut labels = Vec::new();
         for row in &claimed {
-            self.settle_alert(row, owner, AlertOutcome::Release, report).await;
+            labels.push(self.settle_alert(row, owner, AlertOutcome::Release).await);
         }
+        labels
     }
 
-    /// Settles a delivery, counted.
-    async fn settle_alert(&self, row: &OutboxEntry, owner: u64, outcome: AlertOutcome, report: &mut AlertReport) {
+    /// Settles a delivery, counted: its label.
+    async fn settle_alert(&self, row: &OutboxEntry, owner: u64, outcome: AlertOutcome) -> &'static str {
         let label = match &outcome {
-            AlertOutcome::Delivered { .. } => {
-                report.delivered += 1;
-                "delivered"
-            }
+            AlertOutcome::Delivered { .. } => "delivered",
             AlertOutcome::Retry { error, .. } => {
-                report.retried += 1;
                 tracing::info!(alert = %row.key, error = %error, "an alert's delivery failed; tried again later");
                 "retried"
             }
             AlertOutcome::Dead { error } => {
-                report.dead += 1;
                 tracing::warn!(alert = %row.key, error = %error, "an alert became a dead letter");
                 "dead"
             }
@@ -200,12 +257,15 @@ impl Tollgate {
                 tracing::warn!(alert = %row.key, error = %e, "an alert's delivery was not settled; delivered again")
             }
         }
+        label
     }
 
-    /// One delivery of `row`: its outcome.
+    /// One delivery of `row`, within `left` at most (its destination read, its post made):
+    /// its outcome.
     #[cfg(feature = "alerts")]
-    async fn deliver_one(&self, row: &OutboxEntry) -> AlertOutcome {
+    async fn deliver_one(&self, row: &OutboxEntry, left: Duration) -> AlertOutcome {
         let settings = self.shared.runtime().load().config.alerts().clone();
+        let limit = settings.timeout.min(left);
         let now = self.shared.clock().unix_secs();
         let failed = |error: String| {
             let horizon = row.created_at.saturating_add(i64::try_from(settings.retry_for.as_secs()).unwrap_or(0));
@@ -230,7 +290,7 @@ impl Tollgate {
         deliverer.allow_private(&settings.allow_private);
         // The signature's time is the wall clock's: receivers compare it with theirs.
         let timestamp = crate::store::unix_now();
-        match deliverer.send(tenant, &url, &row.key.id, timestamp, &row.body, &secrets, settings.timeout).await {
+        match deliverer.send(tenant, &url, &row.key.id, timestamp, &row.body, &secrets, limit).await {
             deliver::Sent::Delivered => AlertOutcome::Delivered { at: now },
             deliver::Sent::Failed(e) => failed(e),
         }

@@ -24,8 +24,11 @@ const MAX_PENDING: usize = 10_000;
 pub(crate) const KEPT_AFTER_PERIOD_SECS: i64 = 35 * 86_400;
 
 /// How long the rows of a prepaid balance's crossing are kept (once delivered or dead): a
-/// balance has no period end; its crossings are named by its limit, which a grant changes.
-pub(crate) const KEPT_FOR_BALANCE_SECS: i64 = 400 * 86_400;
+/// balance has no period end, and its limit may come back to an earlier value (a pack expired,
+/// the same pack bought again), so a crossing of it is kept only a day after it was seen; past
+/// that, the same limit crossed again is a new alert (and a node that forgot it, restarted,
+/// may send a still low balance's alert once more).
+pub(crate) const KEPT_FOR_BALANCE_SECS: i64 = 86_400;
 
 /// A threshold of a quota or a balance, as one crossing names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,8 +100,20 @@ impl Crossing {
             .chain_update(self.limit.to_string().as_bytes())
             .chain_update(b"\0")
             .chain_update(self.threshold.tag().as_bytes())
+            .chain_update(self.episode().as_bytes())
             .finalize();
         format!("alert_{}", hex::encode(&digest[..16]))
+    }
+
+    /// A balance's crossing is named by the day it was seen too (its rows are kept a day): the
+    /// same limit crossed again on another day is another alert. A calendar quota's period
+    /// names it already.
+    fn episode(&self) -> String {
+        if self.prepaid {
+            format!("day:{}", self.at.div_euclid(86_400))
+        } else {
+            String::new()
+        }
     }
 
     /// Its JSON body (schema version 1): what every delivery of it sends.
@@ -187,8 +202,17 @@ pub(crate) const ENDPOINT: &str = "endpoint:";
 /// The destination of a tenant's own endpoint.
 pub(crate) const TENANT: &str = "tenant";
 
-/// What marks a crossing as handed to the outbox on this node.
-type Mark = (TenantId, MeterId, i64, u64, Threshold);
+/// The crossings this node handed to the outbox for one (tenant, meter): in which period and
+/// limit, and which thresholds. A new period or a new limit starts afresh (as the hook's marks
+/// do): a balance back at an earlier limit after its grants changed is a new episode.
+#[derive(Debug)]
+struct Marks {
+    start: i64,
+    limit: u64,
+    /// The period's end (a prepaid balance's: far away), for the bound.
+    end: i64,
+    done: Vec<Threshold>,
+}
 
 /// Crossings waiting to be written, and those this node wrote (or has waiting): each is
 /// written once per node while it remembers it, and again (a no-op in the outbox) after a
@@ -196,14 +220,7 @@ type Mark = (TenantId, MeterId, i64, u64, Threshold);
 #[derive(Debug, Default)]
 pub(crate) struct AlertQueue {
     pending: Mutex<VecDeque<(Crossing, Vec<String>)>>,
-    /// Marked crossings, with their period's end (forgotten once it passed).
-    marked: Mutex<HashMap<Mark, i64>>,
-    /// The deployment's identifier namespace, read once.
-    pub(crate) namespace: tokio::sync::OnceCell<String>,
-}
-
-fn mark(c: &Crossing) -> Mark {
-    (c.tenant.clone(), c.meter.clone(), c.start, c.limit, c.threshold)
+    marked: Mutex<HashMap<(TenantId, MeterId), Marks>>,
 }
 
 impl AlertQueue {
@@ -214,36 +231,60 @@ impl AlertQueue {
         let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (c, to) in crossed {
-            if to.is_empty() || marked.contains_key(&mark(&c)) {
+            if to.is_empty() {
+                continue;
+            }
+            let key = (c.tenant.clone(), c.meter.clone());
+            if !marked.contains_key(&key) && marked.len() >= cap {
+                // Bounded: periods over go first; else everything (written again: no-ops).
+                let now = c.at;
+                marked.retain(|_, m| m.end > now);
+                if marked.len() >= cap {
+                    marked.clear();
+                }
+            }
+            let m = marked.entry(key).or_insert_with(|| Marks {
+                start: c.start,
+                limit: c.limit,
+                end: c.end,
+                done: Vec::new(),
+            });
+            if (m.start, m.limit) != (c.start, c.limit) {
+                *m = Marks { start: c.start, limit: c.limit, end: c.end, done: Vec::new() };
+            }
+            if m.done.contains(&c.threshold) {
                 continue;
             }
             if pending.len() >= MAX_PENDING {
                 dropped += 1;
                 continue;
             }
-            if marked.len() >= cap {
-                // Bounded: periods over go first; else everything (written again: no-ops).
-                let now = c.at;
-                marked.retain(|_, end| *end > now);
-                if marked.len() >= cap {
-                    marked.clear();
-                }
-            }
-            marked.insert(mark(&c), c.end);
+            m.done.push(c.threshold);
             pending.push_back((c, to));
         }
         dropped
     }
 
-    /// Takes the crossings waiting to be written.
-    pub(crate) fn take(&self) -> Vec<(Crossing, Vec<String>)> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect()
+    /// The oldest crossing waiting to be written, left in the queue until [`written`]
+    /// (Self::written) takes it out: a write cut short (shutdown's deadline) leaves it there.
+    pub(crate) fn next(&self) -> Option<(Crossing, Vec<String>)> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).front().cloned()
+    }
+
+    /// The oldest crossing was written (or given up: then unmark it).
+    pub(crate) fn written(&self) {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
     }
 
     /// A crossing whose write failed: unmarked, so that the next refill that sees it offers it
     /// again.
     pub(crate) fn unmark(&self, c: &Crossing) {
-        self.marked.lock().unwrap_or_else(|e| e.into_inner()).remove(&mark(c));
+        let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = marked.get_mut(&(c.tenant.clone(), c.meter.clone())) {
+            if (m.start, m.limit) == (c.start, c.limit) {
+                m.done.retain(|t| *t != c.threshold);
+            }
+        }
     }
 
     /// How many crossings wait.
@@ -304,7 +345,8 @@ mod tests {
         let c = crossing(Threshold::Percent(80), false);
         assert_eq!(q.offer(vec![(c.clone(), to.clone()), (c.clone(), to.clone())], 100), 0);
         assert_eq!(q.waiting(), 1);
-        assert_eq!(q.take().len(), 1);
+        assert!(q.next().is_some());
+        q.written();
         q.offer(vec![(c.clone(), to.clone())], 100);
         assert_eq!(q.waiting(), 0, "written already");
         q.unmark(&c);
@@ -312,8 +354,19 @@ mod tests {
         assert_eq!(q.waiting(), 1, "its write failed: offered again");
         q.offer(vec![(crossing(Threshold::Percent(90), false), Vec::new())], 100);
         assert_eq!(q.waiting(), 1, "nowhere to go: nothing written");
-        for p in 0..10 {
-            q.offer(vec![(crossing(Threshold::Percent(p), false), to.clone())], 4);
+        // A balance whose limit changed and came back: a new episode, offered again.
+        let mut b = crossing(Threshold::Left(100), true);
+        q.offer(vec![(b.clone(), to.clone())], 100);
+        b.limit = 2_000;
+        q.offer(vec![(b.clone(), to.clone())], 100);
+        b.limit = 1_000;
+        let before = q.waiting();
+        q.offer(vec![(b.clone(), to.clone())], 100);
+        assert_eq!(q.waiting(), before + 1);
+        for t in 0..10 {
+            let mut c = crossing(Threshold::Percent(50), false);
+            c.tenant = format!("t{t}").into();
+            q.offer(vec![(c, to.clone())], 4);
         }
         assert!(q.marked.lock().unwrap().len() <= 4);
     }

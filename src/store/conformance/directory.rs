@@ -458,6 +458,7 @@ pub async fn a_tenant_update_writes_one_setting_always_or_over_what_was_read<S: 
         "each setting written alone"
     );
     assert_eq!(now.alert_endpoint.as_deref(), Some(endpoint));
+    assert!(!format!("{now:?}").contains("whsec_"), "a record's Debug never shows the secrets");
     let none = TenantUpdate::AlertEndpoint("u".into(), None);
     assert!(h.s().update_tenant(&none, UpdateWhen::Always).await.unwrap());
     assert_eq!(h.s().tenant(&"u".into()).await.unwrap().unwrap().alert_endpoint, None);

@@ -69,6 +69,13 @@ pub async fn a_row_is_claimed_by_one_node_at_a_time<S: ?Sized + OutboxStore>(h: 
     assert_eq!((before, all.len()), (20, 20), "each row claimed once");
     let s = h.s();
     assert!(s.claim_alerts(&AlertClaim::new(9, NOW + 59, NOW + 120, 50)).await.unwrap().is_empty(), "claims hold");
+    // A node id past i64::MAX (half of all) holds its claims and settles them as any other.
+    let high = u64::MAX - 1;
+    let got = s.claim_alerts(&AlertClaim::new(high, NOW + 60, NOW + 120, 1)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].claim, (high, NOW + 120));
+    assert!(!s.settle_alert(&got[0].key, i64::MAX as u64, &AlertOutcome::Release).await.unwrap(), "another owner");
+    assert!(s.settle_alert(&got[0].key, high, &AlertOutcome::Release).await.unwrap(), "its own claim");
     // Past the claims: node 9 takes every row; the first claimers' settles no longer land.
     let again = s.claim_alerts(&AlertClaim::new(9, NOW + 60, NOW + 120, 50)).await.unwrap();
     assert_eq!(again.len(), 20);

@@ -34,7 +34,8 @@ fn entry(item: &Item) -> Option<(OutboxEntry, i64)> {
     e.state = AlertState::parse(get_s(item, "st")?).unwrap_or(AlertState::Dead);
     e.attempts = u32::try_from(get_i(item, "att").unwrap_or(0)).unwrap_or(u32::MAX);
     e.next_at = get_i(item, "nx").unwrap_or(0);
-    e.claim = (get_u(item, "co"), get_i(item, "cu").unwrap_or(0));
+    // The owner is a node id: its bits, as a signed number (half of all ids are past i64::MAX).
+    e.claim = (get_i(item, "co").unwrap_or(0) as u64, get_i(item, "cu").unwrap_or(0));
     e.last_error = get_s(item, "err").map(str::to_owned);
     e.delivered_at = get_i(item, "dat");
     Some((e, get_i(item, "ver").unwrap_or(0)))
@@ -55,7 +56,7 @@ impl DynamoStore {
             .item("st", s(e.state.as_str()))
             .item("att", n(e.attempts))
             .item("nx", n(e.next_at))
-            .item("co", n(int(e.claim.0)))
+            .item("co", n(e.claim.0 as i64))
             .item("cu", n(e.claim.1))
             .item("ver", n(ver))
             // Deleted by DynamoDB some time after it may be pruned (a pending row never is).

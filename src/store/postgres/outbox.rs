@@ -57,7 +57,7 @@ impl PostgresStore {
                     e.state.as_str(),
                     i64::from(e.attempts),
                     e.next_at,
-                    int(e.claim.0),
+                    node_int(e.claim.0),
                     e.claim.1,
                     e.last_error.clone(),
                     e.delivered_at,
@@ -91,7 +91,7 @@ impl OutboxStore for PostgresStore {
         let states: Vec<String> = entries.iter().map(|e| e.state.as_str().to_owned()).collect();
         let attempts: Vec<i64> = entries.iter().map(|e| i64::from(e.attempts)).collect();
         let next: Vec<i64> = entries.iter().map(|e| e.next_at).collect();
-        let owners: Vec<i64> = entries.iter().map(|e| int(e.claim.0)).collect();
+        let owners: Vec<i64> = entries.iter().map(|e| node_int(e.claim.0)).collect();
         let until: Vec<i64> = entries.iter().map(|e| e.claim.1).collect();
         self.retrying(|| async {
             let client = self.client().await?;
@@ -131,7 +131,7 @@ impl OutboxStore for PostgresStore {
         let limit = i64::try_from(claim.limit).unwrap_or(i64::MAX);
         self.retrying(|| async {
             let client = self.client().await?;
-            let rows = client.query_typed(&sql, args![claim.now, limit, int(claim.owner), claim.until]).await?;
+            let rows = client.query_typed(&sql, args![claim.now, limit, node_int(claim.owner), claim.until]).await?;
             let mut claimed: Vec<OutboxEntry> = rows.iter().map(entry).collect();
             claimed.sort_by(|a, b| (a.next_at, &a.key).cmp(&(b.next_at, &b.key)));
             Ok(claimed)

@@ -93,6 +93,19 @@ impl OutboxStore for SqliteStore {
 
     async fn claim_alerts(&self, claim: &AlertClaim) -> Result<Vec<OutboxEntry>, StoreError> {
         let claim = *claim;
+        // Read first: the nodes' passes every second take no write lock on an idle outbox.
+        let due: bool = self
+            .read(move |tx| {
+                tx.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM alert_outbox WHERE state = 'pending' AND next_at <= ?1 \
+                     AND claim_until <= ?1)",
+                )?
+                .query_row([claim.now], |r| r.get(0))
+            })
+            .await?;
+        if !due {
+            return Ok(Vec::new());
+        }
         self.write(move |tx, _| {
             let due: Vec<OutboxEntry> = tx
                 .prepare_cached(&format!(
