@@ -175,11 +175,18 @@ impl Validator<'_, '_> {
         if retry_for < Duration::from_secs(60) || retry_for > d.retry_for {
             return Err(self.invalid("alerts.retry_for", "must be from 1m to 3 days"));
         }
-        let claim = self.duration("alerts.claim", raw.claim.as_deref(), d.claim.max(timeout * 2))?;
-        if claim < timeout * 2 || claim > Duration::from_secs(3_600) {
+        // A claim covers its delivery, the settle after it (and the second it may lose, being
+        // counted in whole seconds).
+        let least = (timeout * 2).max(timeout + Duration::from_secs(5));
+        let claim = self.duration("alerts.claim", raw.claim.as_deref(), d.claim.max(least))?;
+        if claim < least || claim > Duration::from_secs(3_600) {
             return Err(self.invalid(
                 "alerts.claim",
-                "must be at least twice alerts.timeout (a claim outlasts the delivery it covers) and at most 1h",
+                format!(
+                    "must be at least twice alerts.timeout and alerts.timeout + 5s ({}s here: a claim outlasts the \
+                     delivery it covers and its settle) and at most 1h",
+                    least.as_secs()
+                ),
             ));
         }
         let mut allow_private = Vec::new();
@@ -305,6 +312,9 @@ mod tests {
         assert_eq!(key, "alerts.endpoints.ops.events[0]");
         let (key, _, _) = refused("[plans.p]\nrate = \"1/s\"\n[alerts]\ntimeout = \"30s\"\nclaim = \"40s\"\n");
         assert_eq!(key, "alerts.claim");
+        let (key, _, why) = refused("[plans.p]\nrate = \"1/s\"\n[alerts]\ntimeout = \"1s\"\nclaim = \"2s\"\n");
+        assert_eq!(key, "alerts.claim");
+        assert!(why.contains("6s"), "{why}");
         let (key, _, _) = refused("[plans.p]\nrate = \"1/s\"\n[alerts]\nallow_private = [\"10.0.0.0/99\"]\n");
         assert_eq!(key, "alerts.allow_private[0]");
         // A secret in the file itself is an unknown key.

@@ -67,7 +67,9 @@ pub use idempotency::{
 };
 pub use ledger::{LedgerEntry, LedgerStore, LEDGER_KEPT_SECS};
 pub use memory::MemoryStore;
-pub use outbox::{AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore, MAX_ERROR};
+pub use outbox::{
+    AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore, DEAD_KEPT_SECS, MAX_ERROR,
+};
 pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -112,6 +112,10 @@ pub struct OutboxEntry {
 /// The longest `last_error` a store keeps, in bytes.
 pub const MAX_ERROR: usize = 300;
 
+/// A dead letter is kept at least this long after its last attempt was due (35 days), whatever
+/// its row's `keep_until` said.
+pub const DEAD_KEPT_SECS: i64 = 35 * 86_400;
+
 impl OutboxEntry {
     /// A pending row of a new alert, due at once.
     #[must_use]
@@ -174,6 +178,8 @@ impl OutboxEntry {
                 self.state = AlertState::Dead;
                 self.attempts = self.attempts.saturating_add(1);
                 self.last_error = Some(clip(error));
+                // A dead letter stays listed (and can be sent again) at least this long.
+                self.keep_until = self.keep_until.max(self.next_at.max(self.created_at).saturating_add(DEAD_KEPT_SECS));
             }
             AlertOutcome::Release => {}
         }
@@ -364,7 +370,8 @@ mod tests {
         assert!(!e.claimable(199) && e.claimable(200));
         e.claimed(9, 260);
         assert!(e.settle(9, &AlertOutcome::Dead { error: "gone".into() }));
-        assert!(!e.claimable(10_000) && !e.prunable(1_000) && e.prunable(1_001));
+        assert!(!e.claimable(10_000) && !e.prunable(1_001), "a dead letter outlives its keep time");
+        assert!(!e.prunable(200 + DEAD_KEPT_SECS) && e.prunable(200 + DEAD_KEPT_SECS + 1));
         assert!(e.requeue(5_000));
         assert!(!e.requeue(5_000), "pending already");
         assert_eq!((e.state, e.next_at, e.created_at), (AlertState::Pending, 5_000, 5_000));

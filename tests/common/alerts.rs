@@ -61,10 +61,16 @@ impl Receiver {
                 return None;
             }
         };
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/alert-receiver.py");
+        // The workspace's scripts, from the root crate or a door crate (integrations/NAME).
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let script = [manifest.to_path_buf(), manifest.join("../..")]
+            .into_iter()
+            .map(|root| root.join("scripts/alert-receiver.py"))
+            .find(|p| p.exists())
+            .expect("scripts/alert-receiver.py");
         let port = free_port();
         let mut child = Command::new(python)
-            .args([script, &port.to_string(), SECRET])
+            .args([script.as_os_str(), port.to_string().as_ref(), SECRET.as_ref()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

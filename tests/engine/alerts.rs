@@ -375,3 +375,42 @@ async fn a_delivery_within_a_short_budget_is_settled_not_cut_off() {
 }
 
 const NOW_SECS: i64 = NOON;
+
+/// A prepaid balance long low is alerted once, whichever node sees it and whenever; the same
+/// limit reached again after its grants changed (a pack gone, the same pack bought again) is
+/// a new alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_is_alerted_once_per_episode_of_its_grants() {
+    let (_dir, secret) = secret_file();
+    let toml = format!(
+        "[usage]\nnotify_at = []\nnotify_left = [3]\n{}[plans.p]\nrate = \"100000/s\"\nquotas.requests = {{ period = \"prepaid\" }}\n\
+         [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n",
+        section("http://127.0.0.1:9/hook", &secret, "")
+    );
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = Harness::build(&toml, store.clone(), clock.clone(), handle.clone());
+    let admin = tollgate::admin::Admin::for_engine(&a.tollgate);
+    admin.grant_credits("t", "requests", 10, None, "pack-1").await.unwrap();
+    for _ in 0..8 {
+        assert_eq!(a.status("/", "key-t").await, 200);
+    }
+    a.tollgate.flush().await.unwrap();
+    let low = |rows: &[tollgate::store::OutboxEntry]| rows.iter().filter(|r| r.event == "balance.low").count();
+    assert_eq!(low(&store.list_alerts(&AlertQuery::new(10)).await.unwrap()), 1);
+    // Another node, a day later, sees the same low balance: the same alert.
+    handle.advance(Duration::from_secs(86_400));
+    let b = Harness::build(&toml, store.clone(), clock.clone(), handle.clone());
+    assert_eq!(b.status("/", "key-t").await, 200);
+    b.tollgate.flush().await.unwrap();
+    assert_eq!(low(&store.list_alerts(&AlertQuery::new(10)).await.unwrap()), 1, "once per episode");
+    // The pack revoked, the same pack bought again: the same limit, a new episode.
+    admin.revoke_credits("t", Some("requests"), "pack-1").await.unwrap();
+    admin.grant_credits("t", "requests", 10, None, "pack-2").await.unwrap();
+    let c = Harness::build(&toml, store.clone(), clock, handle);
+    for _ in 0..8 {
+        assert_eq!(c.status("/", "key-t").await, 200);
+    }
+    c.tollgate.flush().await.unwrap();
+    assert_eq!(low(&store.list_alerts(&AlertQuery::new(10)).await.unwrap()), 2, "a new episode");
+}

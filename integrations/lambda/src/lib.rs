@@ -277,10 +277,14 @@ impl<S: Service<Request>> Service<Request> for FromEventService<S> {
     }
 }
 
+/// The time after an invocation given to the delivery of the alerts due (when a flush ran):
+/// each attempt gets the least of `alerts.timeout` and the time left.
+const ALERTS_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A Lambda runtime layer for the on-demand model: after an invocation's response has been
 /// posted, and before the next event is fetched, flushes usage (and the alerts the process
 /// saw) if `usage.flush_interval` has passed since the last flush, then delivers the alerts
-/// due, within a short budget. A frozen process runs no background task, so this is how
+/// due, within 5 s at most. A frozen process runs no background task, so this is how
 /// usage reaches the store between invocations; the response never waits for it.
 #[derive(Debug, Clone)]
 pub struct FlushLayer {
@@ -373,7 +377,7 @@ where
             // time limit the time left, each settled as it ends; one not started keeps its
             // place).
             if flush.flush_if_due().await {
-                engine.deliver_alerts_within(budget).await;
+                engine.deliver_alerts_within(ALERTS_BUDGET).await;
             }
             result
         })

@@ -383,3 +383,42 @@ async fn an_idempotency_key_is_settled_before_the_invocation_ends() {
     assert_eq!(retry.status, 200, "{:?}", retry.body);
     assert_eq!(retry.headers.get("idempotent-replayed").map(String::as_str), Some("true"), "{:?}", retry.headers);
 }
+
+#[path = "../../../tests/common/alerts.rs"]
+mod alerts;
+
+/// On the on-demand model no worker runs between invocations: the flush after an invocation
+/// writes the crossing it saw and delivers it, with the default time limits, verified by the
+/// official Standard Webhooks library.
+#[cfg(feature = "alerts")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_invocation_the_alerts_due_are_delivered() {
+    let Some(receiver) = alerts::Receiver::start() else { return };
+    let (_dir, secret) = alerts::secret_file();
+    let config = format!(
+        "[usage]\nnotify_at = [80]\n[alerts]\n[alerts.endpoints.ops]\nurl = \"{}\"\nsecret_file = \"{secret}\"\n\
+         [plans.p]\nrate = \"100000/s\"\nquotas.requests = {{ limit = 10, period = \"day\" }}\n\
+         [tenants.acme]\nplan = \"p\"\nkeys = [\"key-acme\"]\n",
+        receiver.url("/hook")
+    );
+    let store = Arc::new(MemoryStore::new());
+    let (clock, fake) = Clock::fake_at_unix(NOON);
+    let config = tollgate::Config::from_toml_str(&config).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    let serve = engine.clone();
+    let runtime_service = tower::service_fn(move |_: LambdaInvocation| {
+        let engine = serve.clone();
+        async move {
+            for _ in 0..9 {
+                assert_eq!(one_request(&engine).await, 200);
+            }
+            Ok::<(), lambda_http::Error>(())
+        }
+    });
+    let mut service = tower::Layer::layer(&tollgate_lambda::FlushLayer::new(engine.clone()), runtime_service);
+    fake.advance(Duration::from_secs(60));
+    service.ready().await.unwrap().call(invocation()).await.unwrap();
+    let got = receiver.received().await;
+    assert_eq!(got.len(), 1, "delivered before the invocation ended: {got:?}");
+    assert!(got[0].verified && got[0].valid, "{got:?}");
+}

@@ -38,10 +38,9 @@ const CLAIM_BATCH: usize = 32;
 const AT_ONCE: usize = 16;
 /// What a claim keeps back for the settle after its delivery (and the second a claim in whole
 /// seconds may lose).
-const SETTLE_MARGIN: Duration = Duration::from_secs(3);
+pub(crate) const SETTLE_MARGIN: Duration = Duration::from_secs(3);
 /// The least time an attempt is started with.
-#[cfg(feature = "alerts")]
-const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+pub(crate) const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 /// The first retry's delay, doubled at each attempt up to [`MAX_BACKOFF_SECS`].
 #[cfg(feature = "alerts")]
 const FIRST_BACKOFF_SECS: i64 = 5;
@@ -71,6 +70,17 @@ pub(crate) fn backoff_secs(id: &str, attempts: u32) -> i64 {
     base + (base / 5) * (spread.rem_euclid(41) - 20) / 20
 }
 
+/// The newest open grant of a balance (by when it was granted, then id): what names its
+/// episode.
+fn newest_open_grant(grants: &[crate::store::CreditGrant]) -> String {
+    grants
+        .iter()
+        .filter(|g| g.closed.is_none())
+        .max_by(|a, b| (a.granted_at, &a.id).cmp(&(b.granted_at, &b.id)))
+        .map(|g| format!("grant:{}:{}", g.granted_at, g.id))
+        .unwrap_or_default()
+}
+
 /// A tenant's own endpoint, as the directory keeps it (JSON).
 #[cfg_attr(not(feature = "alerts"), allow(dead_code))]
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
@@ -95,6 +105,9 @@ impl Tollgate {
         if queue.next().is_none() {
             return 0;
         }
+        // One writer at a time (the worker's flush, a caller's, Lambda's): each takes the
+        // queue's front after writing it.
+        let _one = queue.writing.lock().await;
         let stores = self.shared.stores().background();
         // Read at each write: a namespace changed by an operator is used at once.
         let namespace = match stores.usage.identifier_namespace().await {
@@ -105,7 +118,7 @@ impl Tollgate {
             }
         };
         let mut written = 0;
-        while let Some((crossing, mut to)) = queue.next() {
+        while let Some((seq, crossing, mut to)) = queue.next() {
             // A tenant's own endpoint only when it registered one.
             if to.iter().any(|d| d == TENANT_DESTINATION) {
                 match stores.directory.tenant(&crossing.tenant).await {
@@ -114,7 +127,26 @@ impl Tollgate {
                     Err(e) => {
                         tracing::warn!(tenant = %crossing.tenant, error = %e, "an alert was not written; written when it is seen again");
                         queue.unmark(&crossing);
-                        queue.written();
+                        queue.written(seq);
+                        continue;
+                    }
+                }
+            }
+            if to.is_empty() {
+                queue.written(seq);
+                continue;
+            }
+            // A balance's episode: its newest open grant (the same on every node until a grant
+            // lands or closes), so the same limit reached again after its grants changed is a
+            // new alert, and a balance long low is not alerted again by a node seeing it later.
+            let mut crossing = crossing;
+            if crossing.prepaid {
+                match stores.quota.credit_grants(&crossing.tenant, Some(&crossing.meter)).await {
+                    Ok((grants, _)) => crossing.episode = newest_open_grant(&grants),
+                    Err(e) => {
+                        tracing::warn!(tenant = %crossing.tenant, error = %e, "an alert was not written; written when it is seen again");
+                        queue.unmark(&crossing);
+                        queue.written(seq);
                         continue;
                     }
                 }
@@ -130,7 +162,7 @@ impl Tollgate {
                     queue.unmark(&crossing);
                 }
             }
-            queue.written();
+            queue.written(seq);
         }
         written
     }
@@ -179,15 +211,17 @@ impl Tollgate {
             };
             let full = claimed.len() == CLAIM_BATCH;
             report.claimed += claimed.len();
+            let mut released = false;
             for label in self.deliver_claimed(claimed, owner, claim_end.min(pass_end)).await {
                 match label {
                     "delivered" => report.delivered += 1,
                     "retried" => report.retried += 1,
                     "dead" => report.dead += 1,
-                    _ => {}
+                    _ => released = true,
                 }
             }
-            if !full {
+            // A row given back unsent is due still: claiming again would take it again.
+            if !full || released || pass_end.saturating_duration_since(tokio::time::Instant::now()) < SETTLE_MARGIN {
                 break;
             }
         }

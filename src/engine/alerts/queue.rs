@@ -24,11 +24,8 @@ const MAX_PENDING: usize = 10_000;
 pub(crate) const KEPT_AFTER_PERIOD_SECS: i64 = 35 * 86_400;
 
 /// How long the rows of a prepaid balance's crossing are kept (once delivered or dead): a
-/// balance has no period end, and its limit may come back to an earlier value (a pack expired,
-/// the same pack bought again), so a crossing of it is kept only a day after it was seen; past
-/// that, the same limit crossed again is a new alert (and a node that forgot it, restarted,
-/// may send a still low balance's alert once more).
-pub(crate) const KEPT_FOR_BALANCE_SECS: i64 = 86_400;
+/// balance has no period end; its crossings are named by its limit and its newest open grant.
+pub(crate) const KEPT_FOR_BALANCE_SECS: i64 = 35 * 86_400;
 
 /// A threshold of a quota or a balance, as one crossing names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +67,9 @@ pub(crate) struct Crossing {
     pub(crate) reserved: u64,
     /// When the node saw it (engine clock, Unix seconds).
     pub(crate) at: i64,
+    /// A prepaid balance's episode (its newest open grant, read when the crossing is written):
+    /// part of its id. Empty for a calendar quota (its period names it).
+    pub(crate) episode: String,
 }
 
 impl Crossing {
@@ -100,20 +100,9 @@ impl Crossing {
             .chain_update(self.limit.to_string().as_bytes())
             .chain_update(b"\0")
             .chain_update(self.threshold.tag().as_bytes())
-            .chain_update(self.episode().as_bytes())
+            .chain_update(self.episode.as_bytes())
             .finalize();
         format!("alert_{}", hex::encode(&digest[..16]))
-    }
-
-    /// A balance's crossing is named by the day it was seen too (its rows are kept a day): the
-    /// same limit crossed again on another day is another alert. A calendar quota's period
-    /// names it already.
-    fn episode(&self) -> String {
-        if self.prepaid {
-            format!("day:{}", self.at.div_euclid(86_400))
-        } else {
-            String::new()
-        }
     }
 
     /// Its JSON body (schema version 1): what every delivery of it sends.
@@ -219,8 +208,13 @@ struct Marks {
 /// restart or once forgotten.
 #[derive(Debug, Default)]
 pub(crate) struct AlertQueue {
-    pending: Mutex<VecDeque<(Crossing, Vec<String>)>>,
+    /// Each with its number in the queue.
+    pending: Mutex<VecDeque<(u64, Crossing, Vec<String>)>>,
+    /// The number of the next crossing queued.
+    next_seq: std::sync::atomic::AtomicU64,
     marked: Mutex<HashMap<(TenantId, MeterId), Marks>>,
+    /// Held by the one write of the queue at a time.
+    pub(crate) writing: tokio::sync::Mutex<()>,
 }
 
 impl AlertQueue {
@@ -260,20 +254,26 @@ impl AlertQueue {
                 continue;
             }
             m.done.push(c.threshold);
-            pending.push_back((c, to));
+            let seq = self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            pending.push_back((seq, c, to));
         }
         dropped
     }
 
-    /// The oldest crossing waiting to be written, left in the queue until [`written`]
-    /// (Self::written) takes it out: a write cut short (shutdown's deadline) leaves it there.
-    pub(crate) fn next(&self) -> Option<(Crossing, Vec<String>)> {
+    /// The oldest crossing waiting to be written, with its number, left in the queue until
+    /// [`written`](Self::written) takes it out: a write cut short (shutdown's deadline) leaves
+    /// it there.
+    pub(crate) fn next(&self) -> Option<(u64, Crossing, Vec<String>)> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).front().cloned()
     }
 
-    /// The oldest crossing was written (or given up: then unmark it).
-    pub(crate) fn written(&self) {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+    /// Crossing `seq` was written (or given up: then unmark it): out of the queue, wherever it
+    /// is (never another one).
+    pub(crate) fn written(&self, seq: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = pending.iter().position(|(s, ..)| *s == seq) {
+            pending.remove(i);
+        }
     }
 
     /// A crossing whose write failed: unmarked, so that the next refill that sees it offers it
@@ -312,6 +312,7 @@ mod tests {
             threshold,
             reserved: 812,
             at: 1_773_489_600,
+            episode: String::new(),
         }
     }
 
@@ -331,6 +332,10 @@ mod tests {
         assert_eq!(body["data"]["mode"], "hard");
         assert_eq!(crossing(Threshold::Exhausted, false).event(), "quota.exhausted");
         assert_eq!(crossing(Threshold::Left(100), true).event(), "balance.low");
+        let mut again = crossing(Threshold::Left(100), true);
+        let first = again.id("ns");
+        again.episode = "grant:1:g2".into();
+        assert_ne!(again.id("ns"), first, "another episode of the balance");
         let balance: serde_json::Value = serde_json::from_str(&crossing(Threshold::Exhausted, true).body()).unwrap();
         assert_eq!(
             (balance["type"].as_str(), balance["data"]["left"].as_u64()),
@@ -345,8 +350,9 @@ mod tests {
         let c = crossing(Threshold::Percent(80), false);
         assert_eq!(q.offer(vec![(c.clone(), to.clone()), (c.clone(), to.clone())], 100), 0);
         assert_eq!(q.waiting(), 1);
-        assert!(q.next().is_some());
-        q.written();
+        let (seq, ..) = q.next().unwrap();
+        q.written(seq);
+        q.written(seq);
         q.offer(vec![(c.clone(), to.clone())], 100);
         assert_eq!(q.waiting(), 0, "written already");
         q.unmark(&c);
@@ -354,6 +360,13 @@ mod tests {
         assert_eq!(q.waiting(), 1, "its write failed: offered again");
         q.offer(vec![(crossing(Threshold::Percent(90), false), Vec::new())], 100);
         assert_eq!(q.waiting(), 1, "nowhere to go: nothing written");
+        // A writer's `written` takes out its own crossing, never one another writer has not
+        // written (two writers at once).
+        q.offer(vec![(crossing(Threshold::Percent(95), false), to.clone())], 100);
+        let (first, ..) = q.next().unwrap();
+        q.written(first);
+        q.written(first);
+        assert_eq!(q.waiting(), 1, "the second crossing is still there");
         // A balance whose limit changed and came back: a new episode, offered again.
         let mut b = crossing(Threshold::Left(100), true);
         q.offer(vec![(b.clone(), to.clone())], 100);

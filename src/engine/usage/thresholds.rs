@@ -122,6 +122,7 @@ impl Thresholds {
                     threshold,
                     reserved,
                     at: now,
+                    episode: String::new(),
                 };
                 let to = c.destinations(settings, &rt.config);
                 (c, to)

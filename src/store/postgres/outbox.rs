@@ -37,7 +37,8 @@ impl PostgresStore {
             .sql(&format!("SELECT {COLUMNS} FROM {{s}}.alert_outbox WHERE id = $1 AND destination = $2 FOR UPDATE"));
         let write = self.sql(
             "UPDATE {s}.alert_outbox SET state = $3, attempts = $4, next_at = $5, claim_owner = $6, \
-             claim_until = $7, last_error = $8, delivered_at = $9, created_at = $10 WHERE id = $1 AND destination = $2",
+             claim_until = $7, last_error = $8, delivered_at = $9, created_at = $10, keep_until = $11 \
+             WHERE id = $1 AND destination = $2",
         );
         self.retrying(|| async {
             let mut client = self.client().await?;
@@ -61,7 +62,8 @@ impl PostgresStore {
                     e.claim.1,
                     e.last_error.clone(),
                     e.delivered_at,
-                    e.created_at
+                    e.created_at,
+                    e.keep_until
                 ],
             )
             .await?;
