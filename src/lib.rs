@@ -21,6 +21,9 @@ pub mod door {
     /// The most bytes of a body [`Tollgate::tenant_alert_endpoint`](crate::Tollgate::tenant_alert_endpoint)
     /// reads (a longer one is answered 413).
     pub const ALERT_ENDPOINT_MAX_BODY: usize = crate::engine::alerts::MAX_ENDPOINT_BODY;
+    /// The most bytes of a body [`Tollgate::tenant_spend_cap`](crate::Tollgate::tenant_spend_cap)
+    /// reads (a longer one is answered 413).
+    pub const SPEND_CAP_MAX_BODY: usize = crate::engine::usage::caps::MAX_BODY;
 }
 pub mod guide {
     //! The guides, from the repository's `docs/` folder: their Rust examples are compiled as
@@ -50,6 +53,18 @@ pub mod guide {
     pub mod performance {}
     #[doc = include_str!("../docs/alerts.md")]
     pub mod alerts {}
+    #[doc = include_str!("../docs/money.md")]
+    pub mod money {}
+}
+pub mod money {
+    //! Money: prices on meters and spend caps, exact decimals ([`Decimal`], never floats),
+    //! spend counted in nano-units (10⁻⁹) of `[billing] currency` on the reserved meter
+    //! `spend`. The [money guide](crate::guide::money) explains them.
+    pub use crate::config::billing::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap};
+    pub use crate::config::{BillingSettings, MAX_CAP_NANOS, NANOS, SPEND_METER};
+    pub use crate::engine::{CapError, SpendCapView};
+    pub use crate::store::SpendCap;
+    pub use rust_decimal::Decimal;
 }
 pub mod alerts {
     //! Alerts: threshold crossings (a quota's percentages, units left, a hard limit or a

@@ -14,6 +14,10 @@ pub(crate) struct Metrics {
     pub(crate) refunded_units: Counter,
     pub(crate) replays: Counter,
     pub(crate) overage_units: Counter,
+    /// Spend recorded, in nano-units of the currency.
+    pub(crate) spend_nanos: Counter,
+    /// Spend charged past a hard spend cap (work recorded without a hold that covered it).
+    pub(crate) spend_past_cap_nanos: Counter,
     pub(crate) rate_states_dropped: Counter,
     pub(crate) tenants: Gauge,
     /// Units by which the billing system differs from the ledger, as the last reconciliation
@@ -80,6 +84,8 @@ impl Metrics {
             refunded_units: counter!("tollgate_usage_refunded_units_total"),
             replays: counter!("tollgate_idempotent_replays_total"),
             overage_units: counter!("tollgate_overage_units_total"),
+            spend_nanos: counter!("tollgate_spend_nanos_total"),
+            spend_past_cap_nanos: counter!("tollgate_spend_past_cap_nanos_total"),
             rate_states_dropped: counter!("tollgate_rate_states_dropped_total"),
             tenants: gauge!("tollgate_tenants_tracked"),
             drift: [

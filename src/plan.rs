@@ -270,9 +270,22 @@ pub(crate) struct CompiledPlan {
     pub(crate) overrides: Option<Box<str>>,
     /// The anonymous tenant's plan: its rate per client address.
     pub(crate) clients: Option<ClientRate>,
+    /// The plan's spend cap: the index of the spend meter, whose quota it is (`spend = { … }`).
+    pub(crate) spend: Option<usize>,
+    /// With a spend cap, the price of each meter (by index): the plan's, else the meter's;
+    /// empty without one (nothing is priced then).
+    pub(crate) prices: Box<[Option<rust_decimal::Decimal>]>,
+    /// The priced meters, as bits (by index).
+    pub(crate) priced: u64,
 }
 
 impl CompiledPlan {
+    /// The price of `meter` when the plan counts spend (a spend cap and a price).
+    #[inline]
+    pub(crate) fn price(&self, meter: usize) -> Option<rust_decimal::Decimal> {
+        self.prices.get(meter).copied().flatten()
+    }
+
     /// `RateLimit-Policy`'s `q` and `w` of the plan's rate: the fleet's bucket for a fleet
     /// rate (not the node's share), else the node's.
     #[inline]
@@ -328,16 +341,24 @@ pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u
         out.push_str(", ");
     }
     let _ = write!(out, "\"{meter}-{}\";q={};w={w}", quota.period().name(), quota.limit());
+    // A spend cap counts nano-units of the currency (its own unit, not the registry's).
+    let unit = quota.unit.as_deref().unwrap_or(meter);
     match meter {
         "requests" => {}
         "content-bytes" => out.push_str(";qu=\"content-bytes\""),
         _ if style == HeaderStyle::DraftCompat => {
-            let _ = write!(out, ";qu=\"{meter}\"");
+            let _ = write!(out, ";qu=\"{unit}\"");
         }
         _ => {
-            let _ = write!(out, ";tollgate-unit=\"{meter}\"");
+            let _ = write!(out, ";tollgate-unit=\"{unit}\"");
         }
     }
+}
+
+/// `value` (a `RateLimit-Policy`) without the spend cap's item: a tenant that set its own cap
+/// has a limit of its own, left out as a balance's is.
+pub(crate) fn without_spend(value: &str) -> String {
+    value.split(", ").filter(|item| !item.starts_with("\"spend-")).collect::<Vec<_>>().join(", ")
 }
 
 /// The feature of a route that the tenant state's configuration does not know.
@@ -396,6 +417,18 @@ impl CompiledPlan {
         overrides: Option<Box<str>>,
     ) -> Self {
         let informed = config.limits.headers != HeaderStyle::None;
+        // Money: with a spend cap, each meter's price (the plan's, else the meter's own).
+        let spend_index = spec.spend().and_then(|_| meters.index(crate::config::SPEND_METER));
+        let prices: Box<[Option<rust_decimal::Decimal>]> = match spend_index {
+            None => Box::new([]),
+            Some(_) => meters
+                .ids
+                .iter()
+                .map(|id| {
+                    spec.prices().get(id).copied().or_else(|| config.meters().iter().find(|m| m.id() == id)?.price())
+                })
+                .collect(),
+        };
         // A fleet rate: the shared bucket's parameters; the node's own bucket is its share
         // (rate / N, burst / N, never below the dearest route), used only while the store
         // fails and the rate fails open.
@@ -447,6 +480,16 @@ impl CompiledPlan {
         let quotas: Box<[(usize, QuotaSpec)]> = quotas.into();
         let quota_of =
             (0..meters.ids.len()).map(|m| quotas.iter().position(|(i, _)| *i == m).map(|q| q as u8)).collect();
+        let priced = prices.iter().enumerate().filter(|(_, p)| p.is_some()).fold(0u64, |b, (i, _)| b | (1 << i));
+        // A route that uses a priced meter (its own, or one it reports) reports the spend too:
+        // its cap is a policy of the route's answers.
+        let shapes: Vec<(usize, u64)> = shapes
+            .iter()
+            .map(|&(m, reports)| match spend_index {
+                Some(s) if m != s && ((priced >> m) & 1 != 0 || reports & priced != 0) => (m, reports | (1 << s)),
+                _ => (m, reports),
+            })
+            .collect();
         let shape_reports = shapes
             .iter()
             .map(|&(m, reports)| {
@@ -562,6 +605,9 @@ impl CompiledPlan {
             shadow: spec.shadow || config.limits.shadow,
             overrides,
             clients: None,
+            spend: spend_index,
+            prices,
+            priced,
         }
     }
 }

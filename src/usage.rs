@@ -26,6 +26,9 @@ pub struct TenantContext {
     charged: bool,
     /// The hold of the request's route (`[[routes]] hold`): records of its meter go through it.
     hold: Option<std::sync::Arc<crate::engine::RouteHeld>>,
+    /// The request's spend (a plan with a spend cap): records of priced meters made without a
+    /// hold are charged through it, rounded once for the request.
+    spend: Option<std::sync::Arc<crate::engine::usage::spend::SpendTab>>,
 }
 
 /// A plan feature as a type, for extractors that require one (`tollgate_axum::RequireFeature`,
@@ -85,11 +88,24 @@ pub enum RecordError {
     /// they stand for must not be delivered (stop, or [`extend`](crate::Hold::extend) first).
     #[error("{0} units beyond the hold do not fit")]
     Overrun(u64),
+    /// A [`Hold`](crate::Hold) with [`Overrun::Refuse`](crate::Overrun::Refuse) on a priced
+    /// meter: the spend of these units beyond what the hold holds of the tenant's hard spend
+    /// cap (this many nano-units of the currency) does not fit the node's lease. Nothing was
+    /// recorded: the work must not be delivered (stop, or [`extend`](crate::Hold::extend)
+    /// first).
+    #[error("{0} nano-units of spend beyond the hold do not fit the spend cap")]
+    SpendCap(u64),
 }
 
 impl TenantContext {
     pub(crate) fn new(state: Tenant, charged: bool) -> Self {
-        Self { state, charged, hold: None }
+        Self { state, charged, hold: None, spend: None }
+    }
+
+    /// With the request's spend.
+    pub(crate) fn spending(mut self, spend: Option<std::sync::Arc<crate::engine::usage::spend::SpendTab>>) -> Self {
+        self.spend = spend;
+        self
     }
 
     /// With the hold of the request's route.
@@ -240,6 +256,14 @@ impl TenantContext {
             cell.force_take(quantity, now);
         }
         self.state.plan.metrics.usage_units.increment(quantity);
+        // A priced meter feeds the spend: through the request's tab (rounded once for the
+        // request), else rounded per call.
+        if let Some(exact) = crate::engine::usage::spend::cost_of(&self.state, index, quantity) {
+            match &self.spend {
+                Some(tab) => tab.add(&self.state, exact, now),
+                None => crate::engine::usage::spend::charge_units(&self.state, index, quantity, now),
+            }
+        }
         Ok(())
     }
 }

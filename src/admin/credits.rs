@@ -10,7 +10,7 @@ use crate::{
 use super::{Admin, AdminError};
 
 impl Admin {
-    fn quota(&self) -> Result<&Arc<dyn QuotaStore>, AdminError> {
+    pub(super) fn quota(&self) -> Result<&Arc<dyn QuotaStore>, AdminError> {
         self.quota.as_ref().ok_or_else(|| {
             AdminError::Invalid("prepaid credits live in the quota store: none is given (Admin::with_quota)".into())
         })

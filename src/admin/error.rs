@@ -41,6 +41,9 @@ pub enum AdminError {
     /// A tenant's alert endpoint was refused: nothing was stored.
     #[error(transparent)]
     AlertEndpoint(crate::engine::EndpointError),
+    /// A tenant's spend cap was refused (or could not be read): nothing was stored.
+    #[error(transparent)]
+    SpendCap(crate::engine::CapError),
     /// A line of an import is not valid: nothing was imported.
     #[error("line {line}: {message}")]
     Import {

@@ -20,6 +20,7 @@
 //! ```
 
 mod alerts;
+mod caps;
 mod credits;
 mod error;
 mod exports;

@@ -51,6 +51,11 @@ pub enum RejectionKind {
     /// The estimate a route's `hold` reads from a request header does not parse as a whole
     /// number of units, is zero, or is above the hold's `max`: 400. Nothing is charged.
     MalformedHoldEstimate,
+    /// The tenant's hard spend cap (money, `spend = { … }`) cannot cover the request's cost,
+    /// or its hold's estimated cost, in this period: 402 Payment Required, with
+    /// `Retry-After` and `t` at the period's end (a cap belongs to a calendar period). Nothing
+    /// is charged.
+    SpendCapReached,
 }
 
 macro_rules! docs {
@@ -74,7 +79,7 @@ impl RejectionKind {
             | RejectionKind::MalformedPath
             | RejectionKind::MalformedHoldEstimate => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            RejectionKind::CreditsExhausted => StatusCode::PAYMENT_REQUIRED,
+            RejectionKind::CreditsExhausted | RejectionKind::SpendCapReached => StatusCode::PAYMENT_REQUIRED,
             RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
             RejectionKind::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             RejectionKind::FeatureNotInPlan => StatusCode::FORBIDDEN,
@@ -92,6 +97,7 @@ impl RejectionKind {
             RejectionKind::RateLimited
             | RejectionKind::QuotaExceeded
             | RejectionKind::CreditsExhausted
+            | RejectionKind::SpendCapReached
             | RejectionKind::ConcurrencyLimited
             | RejectionKind::UnitsHeld => 8,
             RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials => 16,
@@ -132,6 +138,7 @@ impl RejectionKind {
             RejectionKind::MalformedPath => "Malformed path",
             RejectionKind::UnitsHeld => "Units held",
             RejectionKind::MalformedHoldEstimate => "Malformed hold estimate",
+            RejectionKind::SpendCapReached => "Spend cap reached",
         }
     }
 
@@ -154,6 +161,7 @@ impl RejectionKind {
             RejectionKind::MalformedPath => docs!("MalformedPath"),
             RejectionKind::UnitsHeld => docs!("UnitsHeld"),
             RejectionKind::MalformedHoldEstimate => docs!("MalformedHoldEstimate"),
+            RejectionKind::SpendCapReached => docs!("SpendCapReached"),
         }
     }
 
@@ -176,10 +184,11 @@ impl RejectionKind {
             RejectionKind::MalformedPath => "malformed_path",
             RejectionKind::UnitsHeld => "units_held",
             RejectionKind::MalformedHoldEstimate => "malformed_hold_estimate",
+            RejectionKind::SpendCapReached => "spend_cap_reached",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 15] = [
+    pub(crate) const ALL: [RejectionKind; 16] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::CreditsExhausted,
@@ -195,5 +204,6 @@ impl RejectionKind {
         RejectionKind::MalformedPath,
         RejectionKind::UnitsHeld,
         RejectionKind::MalformedHoldEstimate,
+        RejectionKind::SpendCapReached,
     ];
 }

@@ -33,7 +33,14 @@ pub(crate) struct RawEndpoint {
 
 /// The event types of alerts (the `type` of their JSON body), each with a documented,
 /// versioned schema (the [alerts guide](crate::guide::alerts)).
-pub const EVENT_TYPES: [&str; 4] = ["quota.threshold_crossed", "quota.exhausted", "balance.low", "balance.exhausted"];
+pub const EVENT_TYPES: [&str; 6] = [
+    "quota.threshold_crossed",
+    "quota.exhausted",
+    "balance.low",
+    "balance.exhausted",
+    "spend.threshold_crossed",
+    "spend.cap_reached",
+];
 
 /// `[alerts]`: the operator's endpoints for alerts, and how deliveries are made.
 #[derive(Debug, Clone, PartialEq, Eq)]

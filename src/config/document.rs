@@ -43,6 +43,7 @@ pub(crate) struct RawConfig {
     pub(crate) events: RawEvents,
     #[serde(default)]
     pub(crate) alerts: RawAlerts,
+    pub(crate) billing: Option<super::billing::RawBilling>,
 }
 
 pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -104,6 +105,7 @@ pub struct Config {
     pub(crate) metronome: Option<MetronomeSettings>,
     pub(crate) events: EventSettings,
     pub(crate) alerts: super::AlertSettings,
+    pub(crate) billing: super::BillingSettings,
     pub(crate) clients: ClientSettings,
     /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
     pub(crate) store_written: Option<StoreOrigin>,
@@ -133,6 +135,11 @@ impl Config {
     /// A [`ConfigError`] naming the line, column and key of the first problem.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
         parse(text)
+    }
+
+    /// The currency of prices and spend caps (`[billing]`).
+    pub fn billing(&self) -> &super::BillingSettings {
+        &self.billing
     }
 
     /// Where alerts go and how they are delivered (`[alerts]`).
@@ -365,10 +372,11 @@ impl Config {
 
 impl Validator<'_, '_> {
     pub(super) fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let meters = self.meters(&raw.meters)?;
+        let billing = self.billing(raw.billing.as_ref())?;
+        let meters = self.meters(&raw.meters, &billing)?;
         let default_meter =
             self.meter_ref(&meters, "usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
-        let plans = self.plans(&raw.plans, &meters)?;
+        let plans = self.plans(&raw.plans, &meters, &billing)?;
         let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
         let clients = self.clients(&raw.identify)?;
         let limits = self.limits(&raw.limits)?;
@@ -455,7 +463,7 @@ impl Validator<'_, '_> {
         let events = self.events(&raw.events, &meters)?;
         let alerts = self.alerts(&raw.alerts)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
-        let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events)?;
+        let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events, &billing)?;
         if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
             return Err(self.loc.error(
                 Kind::Conflict,
@@ -540,6 +548,7 @@ impl Validator<'_, '_> {
             metronome,
             events,
             alerts,
+            billing,
             clients,
             file: None,
         })

@@ -16,6 +16,7 @@ pub(crate) struct RawMeter {
     pub(crate) export: Option<bool>,
     pub(crate) event_name: Option<String>,
     pub(crate) aggregation: Option<String>,
+    pub(crate) price: Option<String>,
 }
 
 /// How the billing system's meter aggregates the events of a meter (`aggregation` in
@@ -56,6 +57,8 @@ pub struct MeterSpec {
     pub(crate) description: Option<String>,
     pub(crate) aggregation: MeterAggregation,
     pub(crate) export: bool,
+    /// Its price per unit, a decimal of the currency (`price`).
+    pub(crate) price: Option<rust_decimal::Decimal>,
 }
 
 impl MeterSpec {
@@ -65,6 +68,13 @@ impl MeterSpec {
     #[must_use]
     pub fn exported(&self) -> bool {
         self.export
+    }
+
+    /// Its price per unit (`price`, a decimal of `[billing] currency`): every unit of it feeds
+    /// the spend of plans with a spend cap. A plan or a tenant override may set its own.
+    #[must_use]
+    pub fn price(&self) -> Option<rust_decimal::Decimal> {
+        self.price
     }
 
     /// The meter's name.
@@ -93,18 +103,34 @@ impl MeterSpec {
 }
 
 impl Validator<'_, '_> {
-    /// `[meters]`: `requests` always exists.
-    pub(super) fn meters(&self, raw: &BTreeMap<String, RawMeter>) -> Result<Vec<MeterSpec>, ConfigError> {
+    /// `[meters]`: `requests` always exists; with `[billing]`, the meter `spend` too (the
+    /// money priced meters feed, never exported).
+    pub(super) fn meters(
+        &self,
+        raw: &BTreeMap<String, RawMeter>,
+        billing: &super::BillingSettings,
+    ) -> Result<Vec<MeterSpec>, ConfigError> {
         let mut meters = vec![MeterSpec {
             id: "requests".into(),
             event_name: "requests".into(),
             description: None,
             aggregation: MeterAggregation::Sum,
             export: true,
+            price: None,
         }];
         for (name, m) in raw {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
+            if name == super::billing::SPEND_METER {
+                return Err(self.invalid(
+                    &path,
+                    "`spend` is the reserved meter of money (what priced meters cost): name this meter otherwise",
+                ));
+            }
+            let price = match &m.price {
+                None => None,
+                Some(text) => Some(self.price(&format!("{path}.price"), text, billing)?),
+            };
             if m.event_name.as_deref().is_some_and(|e| e.trim().is_empty()) {
                 return Err(self.invalid(
                     &format!("{path}.event_name"),
@@ -131,6 +157,7 @@ impl Validator<'_, '_> {
                 description: m.description.clone(),
                 aggregation,
                 export: m.export.unwrap_or(true),
+                price,
             };
             // Stripe's limit for a meter's event_name.
             if spec.event_name.chars().count() > 100 {
@@ -145,8 +172,19 @@ impl Validator<'_, '_> {
                 meters.push(spec);
             }
         }
+        if billing.currency.is_some() {
+            // Money is never billed as units: the billing system bills the priced meters.
+            meters.push(MeterSpec {
+                id: super::billing::SPEND_METER.into(),
+                event_name: super::billing::SPEND_METER.into(),
+                description: Some("spend: what priced meters cost, in nano-units of the currency".into()),
+                aggregation: MeterAggregation::Sum,
+                export: false,
+                price: None,
+            });
+        }
         if meters.len() > 64 {
-            return Err(self.invalid("meters", "at most 64 meters may be declared"));
+            return Err(self.invalid("meters", "at most 64 meters may be declared (with `spend` under [billing])"));
         }
         // One Stripe meter per event_name: two meters sending one would be billed as one.
         let explicit = |m: &MeterSpec| raw.get(m.id.as_str()).is_some_and(|r| r.event_name.is_some());

@@ -15,6 +15,7 @@
 #![doc = concat!("```toml\n", include_str!("reference.toml"), "```")]
 
 mod alerts;
+pub(crate) mod billing;
 mod document;
 mod error;
 mod events;
@@ -39,6 +40,8 @@ mod validator;
 
 pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, SinkKind, TenantId};
 pub use alerts::{AlertEndpoint, AlertSettings, EVENT_TYPES};
+pub(crate) use billing::{amount_of, ceil_nanos, cost_nanos};
+pub use billing::{BillingSettings, MAX_CAP_NANOS, NANOS, SPEND_METER};
 pub use document::Config;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use events::EventSettings;

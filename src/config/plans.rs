@@ -28,6 +28,9 @@ pub(crate) struct RawPlan {
     pub(crate) rate_scope: Option<String>,
     pub(crate) concurrency_scope: Option<String>,
     pub(crate) tenant_alerts: Option<bool>,
+    #[serde(default)]
+    pub(crate) prices: BTreeMap<String, String>,
+    pub(crate) spend: Option<super::billing::RawSpend>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
@@ -43,6 +46,9 @@ pub(crate) struct RawOverride {
     pub(crate) quotas: BTreeMap<String, RawQuota>,
     #[serde(default)]
     pub(crate) features: Vec<String>,
+    #[serde(default)]
+    pub(crate) prices: BTreeMap<String, String>,
+    pub(crate) spend: Option<super::billing::RawSpend>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,7 +71,7 @@ pub(super) fn parse_override(json: &str, config: &Config) -> Result<PlanOverride
         ConfigError::new(Kind::InvalidValue, key, e.inner().to_string())
     })?;
     let loc = Located { text: "", root: None };
-    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters)
+    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)
 }
 
 /// A plan: a rate with its burst, and quotas per meter.
@@ -83,6 +89,26 @@ pub struct PlanSpec {
     pub(crate) rate_scope: Scope,
     pub(crate) concurrency_scope: Scope,
     pub(crate) tenant_alerts: bool,
+    /// Prices per meter that this plan sets (`prices.METER`), over the meters' own.
+    pub(crate) prices: BTreeMap<MeterId, rust_decimal::Decimal>,
+    /// The most a tenant may set its spend cap to (`spend.max_limit`), in nano-units; `None`
+    /// without a spend cap.
+    pub(crate) spend_max: Option<u64>,
+}
+
+/// The quota on the spend meter of a spend cap of `limit` nano-units.
+pub(crate) fn spend_quota(limit: u64, period: Period, mode: QuotaMode, currency: &str) -> QuotaSpec {
+    // A thirty-second of the cap a lease (within a lease's largest), so that a fleet's leases
+    // strand little of it.
+    let lease = (limit / 32).clamp(1, 1 << 44);
+    QuotaSpec {
+        limit: NonZeroU64::new(limit).unwrap_or(NonZeroU64::MIN),
+        period,
+        mode,
+        lease: NonZeroU64::new(lease).unwrap_or(NonZeroU64::MIN),
+        capped: true,
+        unit: Some(format!("nano-{currency}").into()),
+    }
 }
 
 /// Whose limit a plan's `rate` or `concurrency` is (`rate_scope`, `concurrency_scope`).
@@ -111,6 +137,27 @@ impl PlanSpec {
     #[must_use]
     pub fn concurrency_scope(&self) -> Scope {
         self.concurrency_scope
+    }
+
+    /// The prices the plan sets over its meters' own (`prices.METER`), a decimal of the
+    /// currency per unit.
+    #[must_use]
+    pub fn prices(&self) -> &BTreeMap<MeterId, rust_decimal::Decimal> {
+        &self.prices
+    }
+
+    /// The plan's spend cap, if any: its quota on the reserved meter `spend`, in nano-units of
+    /// the currency (`spend.limit`).
+    #[must_use]
+    pub fn spend(&self) -> Option<&QuotaSpec> {
+        self.spend_max.and_then(|_| self.quotas.get(super::billing::SPEND_METER))
+    }
+
+    /// The most a tenant may set its spend cap to, in nano-units (`spend.max_limit`, else the
+    /// cap's limit).
+    #[must_use]
+    pub fn spend_max(&self) -> Option<u64> {
+        self.spend_max
     }
 
     /// Whether the plan's tenants may register an endpoint of their own for their alerts
@@ -169,6 +216,13 @@ impl PlanSpec {
             merged.quotas.insert(m.clone(), q.clone());
         }
         merged.features.extend(o.features.iter().cloned());
+        for (m, p) in &o.prices {
+            merged.prices.insert(m.clone(), *p);
+        }
+        if let Some((spend, max)) = &o.spend {
+            merged.quotas.insert(super::billing::SPEND_METER.into(), spend.clone());
+            merged.spend_max = Some(*max);
+        }
         merged
     }
 
@@ -210,6 +264,11 @@ pub struct QuotaSpec {
     pub(crate) period: Period,
     pub(crate) mode: QuotaMode,
     pub(crate) lease: NonZeroU64,
+    /// A spend cap's quota: a tenant's own cap, kept by the quota store, holds it in place of
+    /// this limit when the tenant set one.
+    pub(crate) capped: bool,
+    /// Its unit in headers when it is not its meter's name (a spend cap's: `nano-usd`).
+    pub(crate) unit: Option<Box<str>>,
 }
 
 impl QuotaSpec {
@@ -256,6 +315,11 @@ pub struct PlanOverride {
     pub quotas: BTreeMap<MeterId, QuotaSpec>,
     /// Features added to the plan's.
     pub features: std::collections::BTreeSet<String>,
+    /// Prices instead of the plan's on these meters (`prices.METER`).
+    pub prices: BTreeMap<MeterId, rust_decimal::Decimal>,
+    /// A spend cap instead of the plan's (`spend = { … }`): its quota on the spend meter and
+    /// its `max_limit`, in nano-units.
+    pub spend: Option<(QuotaSpec, u64)>,
 }
 
 impl PlanOverride {
@@ -286,6 +350,7 @@ impl PlanOverride {
             let quotas: serde_json::Map<String, serde_json::Value> = self
                 .quotas
                 .iter()
+                .filter(|(m, _)| m.as_str() != super::billing::SPEND_METER)
                 .map(|(m, q)| {
                     let mut v = serde_json::json!({
                         "period": q.period.name(),
@@ -303,6 +368,24 @@ impl PlanOverride {
                 })
                 .collect();
             o.insert("quotas".into(), quotas.into());
+        }
+        if !self.prices.is_empty() {
+            let prices: serde_json::Map<String, serde_json::Value> =
+                self.prices.iter().map(|(m, p)| (m.to_string(), p.to_string().into())).collect();
+            o.insert("prices".into(), prices.into());
+        }
+        if let Some((q, max)) = &self.spend {
+            let amount = |n: u64| super::billing::amount_of(n).to_string();
+            let mut v = serde_json::json!({
+                "limit": amount(q.limit.get()),
+                "period": q.period.name(),
+                "mode": match q.mode { QuotaMode::Hard => "hard", QuotaMode::Soft => "soft" },
+                "max_limit": amount(*max),
+            });
+            if let Period::Month { anchor_day } = q.period {
+                v["anchor_day"] = anchor_day.into();
+            }
+            o.insert("spend".into(), v);
         }
         if !self.features.is_empty() {
             o.insert("features".into(), self.features.iter().cloned().collect::<Vec<_>>().into());
@@ -341,16 +424,43 @@ impl Validator<'_, '_> {
         &self,
         raw: &BTreeMap<String, RawPlan>,
         meters: &[MeterSpec],
+        billing: &super::BillingSettings,
     ) -> Result<BTreeMap<PlanId, PlanSpec>, ConfigError> {
         let mut plans = BTreeMap::new();
         for (name, p) in raw {
             check_name(self, &format!("plans.{name}"), name)?;
-            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, meters)?);
+            plans.insert(PlanId::from(name.as_str()), self.plan(name, p, meters, billing)?);
         }
         Ok(plans)
     }
 
-    pub(super) fn plan(&self, name: &str, p: &RawPlan, meters: &[MeterSpec]) -> Result<PlanSpec, ConfigError> {
+    /// Prices per meter at `base.prices` (each meter declared).
+    fn prices(
+        &self,
+        base: &str,
+        raw: &BTreeMap<String, String>,
+        meters: &[MeterSpec],
+        billing: &super::BillingSettings,
+    ) -> Result<BTreeMap<MeterId, rust_decimal::Decimal>, ConfigError> {
+        let mut prices = BTreeMap::new();
+        for (meter, text) in raw {
+            let key = format!("{base}.prices.{meter}");
+            let id = self.meter_ref(meters, &key, meter)?;
+            if id.as_str() == super::billing::SPEND_METER {
+                return Err(self.invalid(&key, "the spend meter is money already: it has no price"));
+            }
+            prices.insert(id, self.price(&key, text, billing)?);
+        }
+        Ok(prices)
+    }
+
+    pub(super) fn plan(
+        &self,
+        name: &str,
+        p: &RawPlan,
+        meters: &[MeterSpec],
+        billing: &super::BillingSettings,
+    ) -> Result<PlanSpec, ConfigError> {
         let base = format!("plans.{name}");
         let rate = match &p.rate {
             None => None,
@@ -386,8 +496,20 @@ impl Validator<'_, '_> {
         for (meter, q) in &p.quotas {
             let qbase = format!("{base}.quotas.{meter}");
             let id = self.meter_ref(meters, &qbase, meter)?;
+            if id.as_str() == super::billing::SPEND_METER {
+                return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));
+            }
             quotas.insert(id, self.quota(&qbase, q)?);
         }
+        let prices = self.prices(&base, &p.prices, meters, billing)?;
+        let spend_max = match &p.spend {
+            None => None,
+            Some(raw) => {
+                let (spec, max) = self.spend(&format!("{base}.spend"), raw, billing)?;
+                quotas.insert(super::billing::SPEND_METER.into(), spec);
+                Some(max)
+            }
+        };
         let features = self.features(&format!("{base}.features"), &p.features)?;
         Ok(PlanSpec {
             id: name.into(),
@@ -398,6 +520,8 @@ impl Validator<'_, '_> {
             features,
             rate_scope,
             concurrency_scope,
+            prices,
+            spend_max,
             tenant_alerts: match p.tenant_alerts {
                 Some(true) if !cfg!(feature = "alerts") => {
                     return Err(self.invalid(
@@ -446,6 +570,7 @@ impl Validator<'_, '_> {
         base: &str,
         o: &RawOverride,
         meters: &[MeterSpec],
+        billing: &super::BillingSettings,
     ) -> Result<PlanOverride, ConfigError> {
         let rate = match &o.rate {
             None => None,
@@ -463,11 +588,19 @@ impl Validator<'_, '_> {
         for (meter, q) in &o.quotas {
             let qbase = format!("{base}.quotas.{meter}");
             let id = self.meter_ref(meters, &qbase, meter)?;
+            if id.as_str() == super::billing::SPEND_METER {
+                return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));
+            }
             quotas.insert(id, self.quota(&qbase, q)?);
         }
         let features = self.features(&format!("{base}.features"), &o.features)?;
         let rate_scope = self.rate_scope(&format!("{base}.rate_scope"), o.rate_scope.as_deref())?;
-        Ok(PlanOverride { rate, burst, rate_scope, quotas, features })
+        let prices = self.prices(base, &o.prices, meters, billing)?;
+        let spend = match &o.spend {
+            None => None,
+            Some(raw) => Some(self.spend(&format!("{base}.spend"), raw, billing)?),
+        };
+        Ok(PlanOverride { rate, burst, rate_scope, quotas, features, prices, spend })
     }
 
     pub(super) fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {
@@ -542,6 +675,6 @@ impl Validator<'_, '_> {
             // A sixteenth of the limit, between 1 and 10,000 units.
             None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
         };
-        Ok(QuotaSpec { limit, period, mode, lease })
+        Ok(QuotaSpec { limit, period, mode, lease, capped: false, unit: None })
     }
 }

@@ -367,8 +367,10 @@ impl Validator<'_, '_> {
         default_meter: &MeterId,
         events: &EventSettings,
     ) -> Result<(), ConfigError> {
+        // The spend meter is fed by every priced meter, not charged by a route.
         let enforced = |m: &MeterId| {
-            m == default_meter
+            m.as_str() == super::billing::SPEND_METER
+                || m == default_meter
                 || routes.iter().any(|r| &r.meter == m || r.reports.contains(m))
                 || events.products.values().any(|e| e == m)
         };

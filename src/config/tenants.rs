@@ -86,6 +86,7 @@ impl TenantSpec {
 
 impl Validator<'_, '_> {
     /// `[tenants]`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn tenants(
         &self,
         raw: &BTreeMap<String, RawTenant>,
@@ -94,6 +95,7 @@ impl Validator<'_, '_> {
         routes: &[RouteSpec],
         default_meter: &MeterId,
         events: &EventSettings,
+        billing: &super::BillingSettings,
     ) -> Result<Vec<TenantSpec>, ConfigError> {
         let mut tenants = Vec::with_capacity(raw.len());
         let mut keys_seen = HashSet::new();
@@ -161,7 +163,7 @@ impl Validator<'_, '_> {
             let overrides = match &t.overrides {
                 None => None,
                 Some(o) => {
-                    let o = self.plan_override(&format!("{base}.overrides"), o, meters)?;
+                    let o = self.plan_override(&format!("{base}.overrides"), o, meters, billing)?;
                     let merged = plans[&plan].with_override(&o);
                     if o.burst.is_some() && merged.rate.is_none() {
                         return Err(self.invalid(&format!("{base}.overrides.burst"), "a burst needs a rate"));

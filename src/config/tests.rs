@@ -580,6 +580,7 @@ mod reference {
             ["stripe", ..] => "## `[stripe]`",
             ["metronome", ..] => "## `[metronome]`",
             ["alerts", ..] => "## `[alerts]`",
+            ["billing", ..] => "## `[billing]`",
             _ => panic!("no table in the guide for `{path}`"),
         }
     }

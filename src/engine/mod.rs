@@ -28,6 +28,7 @@ pub use export::reconcile::{Drift, DriftAction, ReconcileError, ReconcileReport,
 pub use lifecycle::{ShutdownError, ShutdownReport};
 pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
 pub(crate) use shared::Prefetch;
+pub use usage::caps::{CapError, SpendCapView};
 pub use usage::credits::CreditExpiryReport;
 pub use usage::flush::FlushReport;
 pub use usage::hold::{Hold, Overrun};

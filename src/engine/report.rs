@@ -24,6 +24,10 @@ pub struct UsageReport {
     pub quotas: Vec<QuotaUsage>,
     /// Its usage per meter and window over the range asked, in (meter, window) order.
     pub usage: Vec<WindowUsage>,
+    /// On a plan with a spend cap, its currency: the quota of the meter `spend` (among
+    /// [`quotas`](Self::quotas)) counts nano-units of it (`tollgate::money::amount_of` gives
+    /// the amount), and its limit is the tenant's own cap when it set one.
+    pub currency: Option<String>,
 }
 
 /// A quota in its current period.
@@ -100,11 +104,24 @@ impl Tollgate {
             other => ReportError::Store(StoreError::Backend(other.to_string().into())),
         })?;
         let now = self.shared.clock().unix_secs();
+        // A spend cap: the tenant's own, as the store holds it (this node may not have asked
+        // since it was set).
+        let own_cap = match state.plan.spend.and_then(|s| state.quota(s)) {
+            Some(cell) => {
+                let counters = self.shared.stores().request().quota.counters(tenant, cell.meter_id()).await?;
+                counters.into_iter().find_map(|c| c.cap)
+            }
+            None => None,
+        };
         let periods: Vec<(MeterId, Period, i64, i64, u64, QuotaMode)> = state
             .quotas()
             .map(|c| {
                 let (start, end) = c.spec.period().bounds(now);
-                (c.meter_id().clone(), c.spec.period(), start, end, c.limit(), c.spec.mode())
+                let mode = |hard: bool| if hard { QuotaMode::Hard } else { QuotaMode::Soft };
+                match own_cap.filter(|_| c.spec.capped) {
+                    Some(cap) => (c.meter_id().clone(), c.spec.period(), start, end, cap.limit, mode(cap.hard)),
+                    None => (c.meter_id().clone(), c.spec.period(), start, end, c.limit(), mode(c.hard())),
+                }
             })
             .collect();
         let coarse: Vec<(MeterId, i64)> =
@@ -197,6 +214,7 @@ impl Tollgate {
             .filter(|(_, q)| *q > 0)
             .map(|((meter, window_start), quantity)| WindowUsage { meter, window_start, quantity })
             .collect();
-        Ok(UsageReport { tenant: state.id.clone(), plan: state.plan.id.clone(), quotas, usage })
+        let currency = state.plan.spend.and_then(|_| rt.config.billing().currency.clone());
+        Ok(UsageReport { tenant: state.id.clone(), plan: state.plan.id.clone(), quotas, usage, currency })
     }
 }

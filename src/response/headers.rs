@@ -220,6 +220,17 @@ fn emit_fields(
         HeaderStyle::None => (None, None),
         _ => (state.rate(plan), state.quota(plan)),
     };
+    // A tenant that set its own spend cap: its policy is left out (as a balance's is).
+    let own_cap = plan.spend.is_some_and(|s| tenant.and_then(|t| t.quota(s)).is_some_and(|c| c.tenant_cap().is_some()));
+    let mut put = |field: Field, value: Value<'_>| match field {
+        Field::RateLimitPolicy if own_cap => {
+            let value = crate::plan::without_spend(value.as_str());
+            if !value.is_empty() {
+                put(field, Value::Owned(value));
+            }
+        }
+        _ => put(field, value),
+    };
     match plan.header_style {
         HeaderStyle::Draft | HeaderStyle::DraftCompat => {
             let months = plan.policy_months.get(usize::from(state.shape)).and_then(Option::as_ref);

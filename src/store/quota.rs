@@ -116,6 +116,49 @@ pub struct Reservation {
     /// the limit the grant shrinks towards it, see [`grant_for`](Self::grant_for). Equal to
     /// `units` unless [`shrinking`](Self::shrinking) was called: no shrinking.
     pub at_least: u64,
+    /// Whether the tenant's own cap on the counter's meter (a spend cap, kept by the store
+    /// beside its counters) holds the call instead of `limit`, or is set by it. Never for a
+    /// [`Period::Prepaid`] key.
+    pub cap: CapMode,
+}
+
+/// A tenant's own cap on one meter (its spend, in nano-units of the currency), kept by the
+/// quota store beside the meter's counters, whatever their period: every reservation made
+/// with [`CapMode::Stored`] is held to it in the same atomic step, so a raised cap is seen by
+/// the next call of any node, and a lowered one holds from the next call on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct SpendCap {
+    /// The limit, in the meter's units.
+    pub limit: u64,
+    /// Hard: reservations are held to it; soft: everything asked is granted (what is past
+    /// it is counted).
+    pub hard: bool,
+}
+
+impl SpendCap {
+    /// A cap of `limit`, `hard` or soft.
+    #[must_use]
+    pub fn new(limit: u64, hard: bool) -> Self {
+        Self { limit, hard }
+    }
+}
+
+/// What a [`Reservation`] does with the tenant's own cap on its meter ([`SpendCap`]): a mode
+/// of [`QuotaStore::reserve`], as a balance's grants are of a prepaid key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CapMode {
+    /// No cap is read: the call's `limit` holds it. Every counter but a spend cap's.
+    #[default]
+    Ignored,
+    /// The cap stored for the key's tenant and meter, if there is one, holds the call (its
+    /// limit and mode) in place of the call's `limit`; without one, the call's `limit` does.
+    /// The answer's [`Grant::cap`] says which.
+    Stored,
+    /// Stores this cap for the key's tenant and meter (`None`: removes the one stored, and
+    /// the call's `limit` holds again), then reserves as [`Stored`](Self::Stored) does.
+    Set(Option<SpendCap>),
 }
 
 /// A quota counter as a store holds it ([`QuotaStore::counters`]).
@@ -128,13 +171,22 @@ pub struct QuotaCounter {
     pub reserved: u64,
     /// A prepaid balance's granted units (its limit); `None` for a calendar period.
     pub granted: Option<u64>,
+    /// The tenant's own cap on the meter ([`SpendCap`]), if one is stored.
+    pub cap: Option<SpendCap>,
 }
 
 impl QuotaCounter {
     /// `key` holding `reserved`, with a prepaid balance's `granted`.
     #[must_use]
     pub fn new(key: QuotaKey, reserved: u64, granted: Option<u64>) -> Self {
-        Self { key, reserved, granted }
+        Self { key, reserved, granted, cap: None }
+    }
+
+    /// With the tenant's own cap on the meter.
+    #[must_use]
+    pub fn with_cap(mut self, cap: Option<SpendCap>) -> Self {
+        self.cap = cap;
+        self
     }
 }
 
@@ -145,7 +197,25 @@ impl Reservation {
     /// A reservation of `units` of `key` under `limit`, owing `owed`.
     #[must_use]
     pub fn new(key: QuotaKey, units: u64, owed: u64, limit: Option<u64>, token: ReserveToken) -> Self {
-        Self { key, units, owed, limit, token, at_least: units }
+        Self { key, units, owed, limit, token, at_least: units, cap: CapMode::Ignored }
+    }
+
+    /// Held to (or setting) the tenant's own cap on the meter ([`CapMode`]).
+    #[must_use]
+    pub fn capped(mut self, cap: CapMode) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// The limit the call is held to once the store's cap for its tenant and meter (`stored`,
+    /// after a [`CapMode::Set`]) is known: the cap's when one is stored and the call reads it
+    /// (none for a soft cap), else the call's own. Every store holds a call by this rule.
+    #[must_use]
+    pub fn limit_under(&self, stored: Option<SpendCap>) -> Option<u64> {
+        match (self.cap, stored) {
+            (CapMode::Ignored, _) | (_, None) => self.limit,
+            (_, Some(cap)) => cap.hard.then_some(cap.limit),
+        }
     }
 
     /// A lease that shrinks near the limit: it is granted at most an eighth of the units left
@@ -189,13 +259,24 @@ pub struct Grant {
     /// For a [`Period::Prepaid`] key, the limit the call was held to: the units of the open
     /// grants. `None` for a calendar period (its limit is the caller's).
     pub limit: Option<u64>,
+    /// For a call that read the tenant's own cap ([`CapMode::Stored`] or [`CapMode::Set`]):
+    /// the cap stored, which held the call in place of its `limit`; `None` when none is
+    /// stored (or the call read none).
+    pub cap: Option<SpendCap>,
 }
 
 impl Grant {
     /// A grant of `granted` units, leaving `reserved` reserved in all.
     #[must_use]
     pub fn new(granted: u64, reserved: u64) -> Self {
-        Self { granted, reserved, limit: None }
+        Self { granted, reserved, limit: None, cap: None }
+    }
+
+    /// Held to this cap of the tenant's ([`CapMode`]).
+    #[must_use]
+    pub fn with_cap(mut self, cap: Option<SpendCap>) -> Self {
+        self.cap = cap;
+        self
     }
 
     /// Held to this limit (a prepaid balance's granted units).
@@ -784,6 +865,14 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// Applied at most once per [`ReserveToken`]: a call whose token's sequence number is not
     /// higher than the last one applied for that node and key changes nothing, and answers
     /// the grant of the call applied with that token if it is the same one.
+    ///
+    /// With [`CapMode::Stored`], the tenant's own cap on the meter, when one is stored, holds
+    /// the call in place of `r.limit` ([`Reservation::limit_under`]); [`CapMode::Set`] stores
+    /// (or removes) that cap first, whether or not the token was seen (a write that is the
+    /// same when sent again). The answer carries the cap ([`Grant::cap`]). SQLite, PostgreSQL
+    /// and the memory store read the cap in the counter's own atomic write; DynamoDB reads it
+    /// just before its conditional write, so a reserve racing a change of the cap may be held
+    /// to the cap as it was, as a lease taken just before the change is.
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError>;
 
     /// Gives back `units` reserved earlier and not used; at most once per token, as

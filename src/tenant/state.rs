@@ -423,6 +423,9 @@ struct QuotaCold {
     sender: AtomicU64,
     /// Units this node holds for open holds: taken from the lease, not recorded yet.
     held: AtomicU64,
+    /// A spend cap's quota: the tenant's own cap as the store's last answer said (0: none, the
+    /// plan's holds): its limit, with [`CAP_SOFT`] set for a soft one.
+    cap: AtomicU64,
 
     /// Touched only with `lock` held: the previous period, and the store call sent but not
     /// answered (it is sent again, with its token, before any other call of this cell).
@@ -549,6 +552,9 @@ impl std::fmt::Debug for Slot {
     }
 }
 
+/// The bit of [`QuotaCold::cap`] that marks a soft cap.
+const CAP_SOFT: u64 = 1 << 63;
+
 /// The length of a prepaid balance's lease windows: 512 hours (a packed period is at most
 /// 1,023 hours long).
 pub(crate) const PREPAID_WINDOW: i64 = 512 * 3600;
@@ -585,7 +591,32 @@ impl<'a> QuotaRef<'a> {
     }
 
     pub(crate) fn hard(&self) -> bool {
+        if self.spec.capped {
+            // A spend cap: the tenant's own cap's mode, when it set one.
+            match self.cold().cap.load(Ordering::Relaxed) {
+                0 => {}
+                cap => return cap & CAP_SOFT == 0,
+            }
+        }
         self.spec.mode() == QuotaMode::Hard
+    }
+
+    /// The tenant's own cap on this spend cap's quota, as the store last said.
+    pub(crate) fn tenant_cap(&self) -> Option<crate::store::SpendCap> {
+        match self.cold().cap.load(Ordering::Relaxed) {
+            0 => None,
+            cap => Some(crate::store::SpendCap::new(cap & !CAP_SOFT, cap & CAP_SOFT == 0)),
+        }
+    }
+
+    /// Records the tenant's own cap the store's answer carried (a spend cap's quota). Call
+    /// with the lock held, before [`granted`](Self::granted).
+    pub(crate) fn capped_by(&self, cap: Option<crate::store::SpendCap>) {
+        if !self.spec.capped {
+            return;
+        }
+        let word = cap.map_or(0, |c| c.limit.clamp(1, !CAP_SOFT) | if c.hard { 0 } else { CAP_SOFT });
+        self.cold().cap.store(word, Ordering::Relaxed);
     }
 
     /// Whether this is a prepaid balance ([`Period::Prepaid`](crate::base::Period::Prepaid)).
@@ -614,6 +645,8 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn limit(&self) -> u64 {
         if self.prepaid() {
             self.cold().balance.load(Ordering::Relaxed)
+        } else if let Some(cap) = self.spec.capped.then(|| self.tenant_cap()).flatten() {
+            cap.limit
         } else {
             self.spec.limit().get()
         }

@@ -263,6 +263,7 @@ fn the_toml_blocks_of_the_docs_are_valid_configurations() {
         "metronome",
         "events",
         "alerts",
+        "billing",
     ];
     let blocks = toml_blocks();
     assert!(blocks.len() >= 10, "the docs' toml blocks were found: {}", blocks.len());

@@ -692,6 +692,48 @@ pub fn alert_endpoint(engine: tollgate::Tollgate) -> actix_web::Route {
     })
 }
 
+/// The route an application mounts for its tenants' own spend cap
+/// ([`Tollgate::tenant_spend_cap`](tollgate::Tollgate::tenant_spend_cap)), inside the
+/// middleware: the calling tenant sets its own (any key of the tenant may: mount it only where
+/// every key of a tenant may decide its spending). `GET` answers the cap in force, `PUT` with
+/// `{"limit": "25.00", "mode": "hard"}` sets the tenant's own (at most the plan's
+/// `spend.max_limit`), `DELETE` removes it; refusals are problem+json 4xx and store nothing.
+///
+/// ```no_run
+/// # fn app(engine: tollgate::Tollgate) {
+/// use actix_web::{web, App};
+/// let app = App::new().service(
+///     web::scope("/v1")
+///         .wrap(tollgate_actix::TollgateMiddleware::new(engine.clone()))
+///         .route("/spend/cap", tollgate_actix::spend_cap(engine)),
+/// );
+/// # }
+/// ```
+#[must_use]
+pub fn spend_cap(engine: tollgate::Tollgate) -> actix_web::Route {
+    actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, mut payload: actix_web::web::Payload| {
+        let engine = engine.clone();
+        async move {
+            // One byte past the route's bound is enough for it to answer 413.
+            let cap = tollgate::door::SPEND_CAP_MAX_BODY + 1;
+            let mut body = bytes::BytesMut::new();
+            while body.len() < cap {
+                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
+                    Some(Ok(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
+                    Some(Err(_)) => {
+                        body.clear();
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            // actix-web's `Method` is http 0.2's: by its name.
+            let method = http::Method::from_bytes(request.method().as_str().as_bytes()).unwrap_or(http::Method::POST);
+            to_actix(engine.tenant_spend_cap(&tenant, &method, &body).await)
+        }
+    })
+}
+
 /// A `POST` route for Stripe webhooks over tollgate's
 /// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
 /// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store

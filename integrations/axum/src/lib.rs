@@ -229,6 +229,41 @@ where
     axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
 }
 
+/// The route an application mounts for its tenants' own spend cap
+/// ([`Tollgate::tenant_spend_cap`](tollgate::Tollgate::tenant_spend_cap)), behind tollgate's
+/// layer: the calling tenant sets its own (any key of the tenant may: mount it only where
+/// every key of a tenant may decide its spending). `GET` answers the cap in force, `PUT` with
+/// `{"limit": "25.00", "mode": "hard"}` sets the tenant's own (at most the plan's
+/// `spend.max_limit`), `DELETE` removes it; refusals (a plan without a spend cap, a limit
+/// above the maximum or not an amount) are problem+json 4xx and store nothing.
+///
+/// ```no_run
+/// # async fn run(engine: tollgate::Tollgate, api: axum::Router) {
+/// let app = api
+///     .route("/v1/spend/cap", tollgate_axum::spend_cap(engine.clone()))
+///     .layer(tollgate::TollgateLayer::new(engine));
+/// # let _: axum::Router = app;
+/// # }
+/// ```
+pub fn spend_cap<S>(engine: tollgate::Tollgate) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
+        let engine = engine.clone();
+        async move {
+            // One byte past the route's bound is enough for it to answer 413.
+            let cap = tollgate::door::SPEND_CAP_MAX_BODY + 1;
+            let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, cap)).await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => bytes::Bytes::from(vec![0; cap]),
+            };
+            engine.tenant_spend_cap(&tenant, &method, &body).await.map(axum::body::Body::from)
+        }
+    };
+    axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
+}
+
 /// A `POST` route for Stripe webhooks over tollgate's
 /// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
 /// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store

@@ -268,6 +268,32 @@ pub(crate) enum TenantCommand {
         /// The tenant id.
         id: String,
     },
+    /// Sets a tenant's own spend cap (an amount of [billing] currency, "25.00"), lower or
+    /// higher than its plan's, up to the plan's spend.max_limit (or the operator's override);
+    /// or removes it with --none (the plan's cap holds again). Every node holds its
+    /// reservations to it from its next call to the store. Refused (not an amount, above the
+    /// maximum, a plan without a spend cap), nothing is stored.
+    SetCap {
+        /// The tenant id.
+        id: String,
+        /// The cap, a decimal amount of the currency.
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        limit: Option<String>,
+        /// A hard cap: work past it is refused (402). The default.
+        #[arg(long, conflicts_with = "soft")]
+        hard: bool,
+        /// A soft cap: work past it is served and counted, and alerts tell.
+        #[arg(long)]
+        soft: bool,
+        /// Remove the tenant's own cap.
+        #[arg(long)]
+        none: bool,
+    },
+    /// Shows a tenant's spend cap: the plan's, the tenant's own, the one in force.
+    ShowCap {
+        /// The tenant id.
+        id: String,
+    },
     /// Registers a tenant's own endpoint for its alerts (its plan must have tenant_alerts), or
     /// removes it with --none. The URL must be https and resolve to public addresses only
     /// (or [alerts] allow_private); refused, nothing is stored. Prints the new signing secret

@@ -86,6 +86,12 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
             let t = admin.set_overrides(&id, None).await?;
             println!("tenant `{}` on plan `{}` without overrides", t.id, t.plan);
         }
+        TenantCommand::SetCap { id, limit, hard: _, soft, none: _ } => {
+            let mode = if soft { tollgate::config::QuotaMode::Soft } else { tollgate::config::QuotaMode::Hard };
+            let view = admin.set_spend_cap(&id, limit.as_deref(), mode).await?;
+            print_cap(&id, &view);
+        }
+        TenantCommand::ShowCap { id } => print_cap(&id, &admin.spend_cap(&id).await?),
         TenantCommand::SetAlertEndpoint { id, url, none: _ } => {
             match admin.set_alert_endpoint(&id, url.as_deref()).await? {
                 Some(secret) => {
@@ -97,4 +103,22 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
         }
     }
     Ok(())
+}
+
+/// A tenant's spend cap, as `set-cap` and `show-cap` print it.
+fn print_cap(id: &str, view: &tollgate::money::SpendCapView) {
+    let amount = tollgate::money::amount_of;
+    let mode = |hard: bool| if hard { "hard" } else { "soft" };
+    let by = if view.own.is_some() { "the tenant's own" } else { "the plan's" };
+    println!(
+        "tenant `{id}`: spend cap {} {} ({}, {by}); plan's {} {} ({}); at most {} {}",
+        amount(view.limit),
+        view.currency,
+        mode(view.hard),
+        amount(view.plan_limit),
+        view.currency,
+        mode(view.plan_hard),
+        amount(view.max_limit),
+        view.currency
+    );
 }

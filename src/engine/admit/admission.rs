@@ -7,6 +7,7 @@ use governor::clock::Clock as _;
 
 use std::sync::Arc;
 
+use crate::engine::usage::spend::{RouteSpend, SpendTab};
 use crate::engine::{
     admit::charge::RateCharge,
     admit::idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
@@ -235,6 +236,7 @@ impl Tollgate {
             in_poll: false,
             slot: None,
             hold: None,
+            spend: None,
         })
     }
 
@@ -603,6 +605,20 @@ impl Tollgate {
                 }
             }
         }
+        // On a plan with a spend cap, the route's cost in money, before its units: refused,
+        // nothing is taken.
+        let spend = match plan.spend {
+            Some(s) if charged => match self.route_spend(state, &route, s, now) {
+                Ok(spend) => Some(spend),
+                Err(Take::Exhausted) => {
+                    return self.reject(Self::spend_cap_reached(Partial { charge, claim, charged, slot }));
+                }
+                Err(_) => {
+                    return Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
+                }
+            },
+            _ => None,
+        };
         let (state, headers) = charge.split();
         match self.take_units(state, headers, meter, cost, charged, now) {
             Ok(quota_tag) => {
@@ -621,12 +637,85 @@ impl Tollgate {
                     in_poll: false,
                     slot,
                     hold: None,
+                    spend: spend.map(SpendTab::new),
                 })
             }
-            // Refused for its quota: the request spends no rate cells.
-            Err(Take::Exhausted) => self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, meter)),
-            Err(_) => Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route),
+            // Refused for its quota: the request spends no rate cells, nor money.
+            Err(Take::Exhausted) => {
+                if let Some(spend) = spend {
+                    spend.give_back(charge.state());
+                }
+                self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, meter))
+            }
+            Err(_) => {
+                if let Some(spend) = spend {
+                    spend.give_back(charge.state());
+                }
+                Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
+            }
         }
+    }
+
+    /// The spend of a request's route cost on a plan with a spend cap (`spend`, the spend
+    /// meter's index): taken from the spend lease at once, or (a route whose meter is not
+    /// priced, that reports priced meters) only checked for a unit left. `Err`: the hard cap
+    /// cannot cover it ([`Take::Exhausted`]), or only the store can tell.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn route_spend(
+        &self,
+        state: &Tenant,
+        route: &RouteCost,
+        spend: usize,
+        at: i64,
+    ) -> Result<RouteSpend, Take> {
+        let Some(cell) = state.quota(spend) else { return Ok(RouteSpend::nothing(at)) };
+        let exact = crate::engine::usage::spend::cost_of(state, route.meter, u64::from(route.cost));
+        let exact = exact.unwrap_or_default();
+        let need = crate::config::ceil_nanos(exact);
+        if need == 0 {
+            if route.reports & state.plan.priced != 0 {
+                match cell.check_units(1, at) {
+                    Ok(()) => {}
+                    Err(Take::Exhausted) if state.plan.shadow => self.would_refuse(&Self::shadow_spend(state, at)),
+                    Err(why) => return Err(why),
+                }
+            }
+            return Ok(RouteSpend { exact, ..RouteSpend::nothing(at) });
+        }
+        match cell.try_take(need, at) {
+            Take::Taken { left, tag } => {
+                if cell.wants_prefetch(left) {
+                    self.request_prefetch(state, spend, cell);
+                }
+                Ok(RouteSpend { exact, taken: need, tag: u32::from(tag), at })
+            }
+            Take::Exhausted if state.plan.shadow => {
+                // Shadow mode: taken past the cap (owed to the store), the refusal counted.
+                self.would_refuse(&Self::shadow_spend(state, at));
+                let tag = cell.force_take(need, at).map_or(UNLEASED, u32::from);
+                Ok(RouteSpend { exact, taken: need, tag, at })
+            }
+            other => Err(other),
+        }
+    }
+
+    /// The refusal of a spent spend cap that shadow mode counts.
+    #[cold]
+    pub(crate) fn shadow_spend(state: &Tenant, at: i64) -> Rejection {
+        crate::engine::usage::spend::cap_reached(state, at)
+    }
+
+    /// The refusal of a request whose route's cost the hard spend cap cannot cover: its rate
+    /// cells go back and its key is released.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn spend_cap_reached(p: Partial) -> Rejection {
+        let Partial { charge, claim, .. } = p;
+        drop(claim);
+        let at = charge.at;
+        let (state, _) = charge.refuse();
+        crate::engine::usage::spend::cap_reached(&state, at)
     }
 
     /// Whether the hard quotas of the meters a route's handler reports still have units: the
@@ -751,7 +840,7 @@ impl Tollgate {
     }
 
     #[inline]
-    pub(crate) fn ticket(p: Partial, cost: u32, quota_tag: u32) -> Ticket {
+    pub(crate) fn ticket(p: Partial, cost: u32, quota_tag: u32, spend: Option<RouteSpend>) -> Ticket {
         let Partial { charge, claim, charged, slot } = p;
         let at = charge.at;
         let (state, headers) = charge.keep();
@@ -768,6 +857,7 @@ impl Tollgate {
             in_poll: false,
             slot,
             hold: None,
+            spend: spend.map(SpendTab::new),
         }
     }
 

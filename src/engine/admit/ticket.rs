@@ -64,6 +64,8 @@ pub struct Ticket {
     pub(crate) slot: Option<Box<crate::tenant::Slot>>,
     /// The hold of its route (`[[routes]] hold`), shared with its contexts.
     pub(crate) hold: Option<Arc<RouteHeld>>,
+    /// Its spend, on a plan with a spend cap (shared with its contexts).
+    pub(crate) spend: Option<Arc<crate::engine::usage::spend::SpendTab>>,
 }
 
 /// The hold a route takes for a request before its handler runs (`[[routes]] hold`): shared
@@ -293,7 +295,7 @@ impl Ticket {
     /// The handle to put in the request extensions.
     #[must_use]
     pub fn context(&self) -> TenantContext {
-        TenantContext::new(self.state.clone(), self.charged).holding(self.hold.clone())
+        TenantContext::new(self.state.clone(), self.charged).holding(self.hold.clone()).spending(self.spend.clone())
     }
 
     /// Whether the request's route holds units (`[[routes]] hold`) until its response ends: a
@@ -409,6 +411,9 @@ impl Ticket {
         }
         self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
         self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
+        if let Some(tab) = &self.spend {
+            tab.bill(&self.state);
+        }
         if self.claim.is_some() {
             self.release_key();
         }
@@ -437,6 +442,9 @@ impl Ticket {
             } else if self.quota_tag == UNLEASED {
                 cell.refund_unleased(u64::from(self.cost), self.at);
             }
+        }
+        if let Some(tab) = &self.spend {
+            tab.refund(&self.state);
         }
         // Not billed: the key is released (the claim's drop), so a retry is charged.
         if self.claim.is_some() {

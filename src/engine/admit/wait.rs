@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::engine::{admit::admission::NO_TAG, admit::ticket::UNLEASED, engine::Partial, Ticket, Tollgate};
+use crate::engine::{
+    admit::admission::NO_TAG, admit::ticket::UNLEASED, engine::Partial, usage::spend::RouteSpend, Ticket, Tollgate,
+};
 use crate::{
     config::StoreErrorPolicy,
     plan::{RouteCost, Runtime},
@@ -24,13 +26,108 @@ impl Tollgate {
         route: RouteCost,
         rt: &Arc<Runtime>,
     ) -> Result<Ticket, Rejection> {
-        let (meter, cost) = (route.meter, route.cost);
         let state = p.charge.state().clone();
         if route.reports != 0 {
             p = self.check_reports_with_store(p, route, rt).await?;
         }
+        // On a plan with a spend cap, the route's cost in money first; given back if the
+        // request is refused after (its route's own quota, the store).
+        let spend = match state.plan.spend {
+            Some(s) if p.charged => {
+                let (spend, back) = self.route_spend_with_store(p, route, s, rt).await?;
+                p = back;
+                Some(spend)
+            }
+            _ => None,
+        };
+        match self.lease_and_take_units(p, route, rt, spend).await {
+            Ok(ticket) => Ok(ticket),
+            Err(r) => {
+                if let Some(spend) = spend {
+                    spend.give_back(&state);
+                }
+                Err(r)
+            }
+        }
+    }
+
+    /// The spend of the route's cost ([`route_spend`](Self::route_spend)), asking the store
+    /// with the spend cell's lock held when the lease cannot tell; `on_store_error` when it
+    /// does not answer. Refused: 402 (its rate cells go back, its key is released).
+    async fn route_spend_with_store(
+        &self,
+        p: Partial,
+        route: RouteCost,
+        spend: usize,
+        rt: &Arc<Runtime>,
+    ) -> Result<(RouteSpend, Partial), Rejection> {
+        let state = p.charge.state().clone();
+        let at = p.charge.at;
+        match self.route_spend(&state, &route, spend, at) {
+            Ok(s) => return Ok((s, p)),
+            Err(Take::Exhausted) => return Err(self.count(Self::spend_cap_reached(p))),
+            Err(_) => {}
+        }
+        let Some(cell) = state.quota(spend) else { return Ok((RouteSpend::nothing(at), p)) };
+        let exact =
+            crate::engine::usage::spend::cost_of(&state, route.meter, u64::from(route.cost)).unwrap_or_default();
+        let need = crate::config::ceil_nanos(exact);
+        let outcome = self
+            .shared
+            .stores()
+            .under_lock(cell.lock(), async {
+                self.shared.leases().settle_inflight(cell).await?;
+                if need == 0 {
+                    // Only checked: a unit of the cap must be left.
+                    if let Err(Take::NeedLease) = cell.check_units(1, at) {
+                        self.shared.leases().refill_locked(rt, cell, at, 0, 0).await?;
+                    }
+                    return Ok(cell.check_units(1, at).map(|()| NO_TAG).map_err(drop));
+                }
+                Ok(match self.shared.leases().take_locked(rt, cell, at, need, 0).await? {
+                    Some(t) => Ok(u32::from(t.tag)),
+                    None => Err(()),
+                })
+            })
+            .await;
+        let taken = |tag| RouteSpend { exact, taken: if tag == NO_TAG { 0 } else { need }, tag, at };
+        match outcome {
+            Ok(Ok(tag)) => Ok((taken(tag), p)),
+            Ok(Err(())) if state.plan.shadow => {
+                self.would_refuse(&Self::shadow_spend(&state, at));
+                let tag = if need == 0 { NO_TAG } else { cell.force_take(need, at).map_or(UNLEASED, u32::from) };
+                Ok((taken(tag), p))
+            }
+            Ok(Err(())) => Err(self.count(Self::spend_cap_reached(p))),
+            Err(_) => match state.plan.quota_policy(spend) {
+                // Admitted without a lease: its spend is owed, and charged (past the cap if
+                // need be) once the store answers again.
+                StoreErrorPolicy::FailOpen => {
+                    let tag = if need == 0 { NO_TAG } else { cell.force_take(need, at).map_or(UNLEASED, u32::from) };
+                    Ok((taken(tag), p))
+                }
+                StoreErrorPolicy::FailClosed => {
+                    drop(p);
+                    let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
+                    Err(self.count(r.with_retry_after(1).for_tenant(&state)))
+                }
+            },
+        }
+    }
+
+    /// [`lease_and_take`](Self::lease_and_take) once the reported meters and the spend are
+    /// settled: the route meter's units.
+    async fn lease_and_take_units(
+        &self,
+        mut p: Partial,
+        route: RouteCost,
+        rt: &Arc<Runtime>,
+        spend: Option<RouteSpend>,
+    ) -> Result<Ticket, Rejection> {
+        let (meter, cost) = (route.meter, route.cost);
+        let state = p.charge.state().clone();
         let Some(cell) = state.quota(meter) else {
-            return Ok(Self::ticket(p, cost, NO_TAG));
+            return Ok(Self::ticket(p, cost, NO_TAG, spend));
         };
         let at = p.charge.at;
         let charged = p.charged;
@@ -75,7 +172,7 @@ impl Tollgate {
                     None => NO_TAG,
                 };
                 self.shared.metrics().admitted.increment(1);
-                Ok(Self::ticket(p, cost, tag))
+                Ok(Self::ticket(p, cost, tag, spend))
             }
             Ok(Err(())) if charged && state.plan.shadow => {
                 // Shadow mode: the units are taken past the limit (owed to the store), and the
@@ -84,12 +181,12 @@ impl Tollgate {
                 let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
                 p.charge.headers.set_quota(0, (cell.period().1 - p.charge.at).max(0) as u64);
                 self.shared.metrics().admitted.increment(1);
-                Ok(Self::ticket(p, cost, tag))
+                Ok(Self::ticket(p, cost, tag, spend))
             }
             Ok(Err(())) if state.plan.shadow => {
                 self.would_refuse(&Self::shadow_quota(&state, meter));
                 self.shared.metrics().admitted.increment(1);
-                Ok(Self::ticket(p, cost, NO_TAG))
+                Ok(Self::ticket(p, cost, NO_TAG, spend))
             }
             Ok(Err(())) => Err(self.count(Self::quota_exceeded(p, meter))),
             Err(_) => {
@@ -103,7 +200,7 @@ impl Tollgate {
                             NO_TAG
                         };
                         self.shared.metrics().admitted.increment(1);
-                        Ok(Self::ticket(p, cost, tag))
+                        Ok(Self::ticket(p, cost, tag, spend))
                     }
                     StoreErrorPolicy::FailClosed => {
                         // Refused for the store: the request spends no rate cells (its charge

@@ -40,6 +40,7 @@ const AT_ONCE: usize = 16;
 /// seconds may lose).
 pub(crate) const SETTLE_MARGIN: Duration = Duration::from_secs(3);
 /// The least time an attempt is started with.
+#[cfg(feature = "alerts")]
 pub(crate) const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 /// The first retry's delay, doubled at each attempt up to [`MAX_BACKOFF_SECS`].
 #[cfg(feature = "alerts")]

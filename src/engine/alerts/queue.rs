@@ -70,12 +70,19 @@ pub(crate) struct Crossing {
     /// A prepaid balance's episode (its newest open grant, read when the crossing is written):
     /// part of its id. Empty for a calendar quota (its period names it).
     pub(crate) episode: String,
+    /// A spend cap's currency (its limit and units are nano-units of it); `None` for a quota
+    /// or a balance.
+    pub(crate) currency: Option<String>,
 }
 
 impl Crossing {
     /// Its event type (a documented, versioned schema each).
     pub(crate) fn event(&self) -> &'static str {
         match (self.prepaid, self.threshold) {
+            _ if self.currency.is_some() => match self.threshold {
+                Threshold::Exhausted => "spend.cap_reached",
+                _ => "spend.threshold_crossed",
+            },
             (true, Threshold::Exhausted) => "balance.exhausted",
             (true, _) => "balance.low",
             (false, Threshold::Exhausted) => "quota.exhausted",
@@ -126,6 +133,11 @@ impl Crossing {
             "used": self.reserved,
             "threshold": threshold,
         });
+        if let Some(currency) = &self.currency {
+            data["currency"] = currency.as_str().into();
+            data["limit_amount"] = crate::config::amount_of(self.limit).to_string().into();
+            data["used_amount"] = crate::config::amount_of(self.reserved).to_string().into();
+        }
         if self.prepaid {
             data["left"] = self.limit.saturating_sub(self.reserved).into();
         } else {
@@ -313,6 +325,7 @@ mod tests {
             reserved: 812,
             at: 1_773_489_600,
             episode: String::new(),
+            currency: None,
         }
     }
 

@@ -399,6 +399,11 @@ impl EventRecorder {
             match self.stores.events().commit_events(&batch).await {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
                     for (p, outcome) in ready.into_iter().zip(outcomes) {
+                        if outcome == EventOutcome::Applied {
+                            // A priced meter feeds the spend, as work done (rounded per event,
+                            // past a hard cap if need be: counted).
+                            crate::engine::usage::spend::charge_units(&p.state, p.meter, p.quantity, p.taken_at);
+                        }
                         if outcome != EventOutcome::Applied {
                             returned |= give_back(&p);
                         } else if matches!(p.tag, Some(Taken::PastLimit(_))) {

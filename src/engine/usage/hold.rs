@@ -109,6 +109,27 @@ pub struct Hold {
     inner: Arc<HoldInner>,
     /// The engine (its open holds, its store calls), while it runs.
     engine: Option<Arc<Shared>>,
+    /// On a plan with a spend cap, a hold on a priced meter holds its estimated cost too: a
+    /// hold of the spend meter beside it.
+    spend: Option<Box<SpendSide>>,
+}
+
+/// The spend a hold on a priced meter holds beside its units: ⌈units held × price⌉ of the
+/// spend cap, recorded as ⌈units recorded × price⌉ (the hold's spend is rounded once, as it
+/// settles).
+struct SpendSide {
+    hold: Hold,
+    price: rust_decimal::Decimal,
+    /// Units the meter's hold was extended by in all, and units recorded through it.
+    extended: u64,
+    recorded: u64,
+}
+
+impl SpendSide {
+    /// ⌈units × price⌉ in nano-units.
+    fn nanos(&self, units: u64) -> u64 {
+        crate::config::ceil_nanos(crate::config::cost_nanos(units, self.price))
+    }
 }
 
 /// What a hold shares with the node's open holds ([`OpenHolds`]), which settle it past its
@@ -158,9 +179,122 @@ pub(crate) enum Closed {
     Shutdown,
 }
 
+/// How a record through a hold is covered, decided (and its units beyond the hold taken from
+/// the lease) before anything is recorded, so that a record refused by its spend takes
+/// nothing.
+struct Step {
+    /// Units held from a quota (else recorded as `TenantContext::record` records them).
+    held: bool,
+    covered: u64,
+    beyond: u64,
+    /// The tag of the lease the units beyond came from (`None`: taken past the limit, at
+    /// commit).
+    taken: Option<u16>,
+}
+
 impl HoldInner {
     fn lock(&self) -> MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The quota cell units are held from: a hard quota or a balance of a charged request.
+    fn cell(&self) -> Option<QuotaRef<'_>> {
+        if !self.charged {
+            return None;
+        }
+        self.state.quota(*self.meter.as_ref().ok()?).filter(QuotaRef::hard)
+    }
+
+    /// Covers `units` to record at `now`: from what is held, then from the node's lease; what
+    /// neither covers is refused ([`Overrun::Refuse`]: `Err` with the units beyond) or taken
+    /// past the limit at commit.
+    fn prepare(&self, open: &Open, units: u64, overrun: Overrun, now: i64) -> Result<Step, u64> {
+        let state = &self.state;
+        let Some(cell) = self.cell().filter(|_| !open.failed_open && open.closed.is_none()) else {
+            return Ok(Step { held: false, covered: 0, beyond: units, taken: None });
+        };
+        let covered = units.min(open.held);
+        let beyond = units - covered;
+        let mut taken = None;
+        if beyond > 0 {
+            match cell.try_take(beyond, now) {
+                Take::Taken { tag, .. } => taken = Some(tag),
+                _ if overrun == Overrun::Refuse => {
+                    if !state.plan.shadow {
+                        return Err(beyond);
+                    }
+                    // Shadow mode: counted, and recorded past the limit.
+                    let kind = if cell.prepaid() {
+                        state.plan.balance_refusal
+                    } else if state.plan.spend == self.meter.as_ref().ok().copied() {
+                        RejectionKind::SpendCapReached
+                    } else {
+                        RejectionKind::QuotaExceeded
+                    };
+                    state.plan.metrics.would_refuse(kind).increment(1);
+                }
+                _ => {}
+            }
+        }
+        Ok(Step { held: true, covered, beyond, taken })
+    }
+
+    /// Gives back what [`prepare`](Self::prepare) took: the record was refused.
+    fn undo(&self, step: &Step) {
+        if let (Some(tag), Some(cell)) = (step.taken, self.cell()) {
+            cell.refund(step.beyond, tag);
+        }
+    }
+
+    /// Records `units` as `step` covers them.
+    fn commit(&self, open: &mut Open, step: &Step, units: u64, now: i64, engine: Option<&Arc<Shared>>) {
+        let state = &self.state;
+        let Ok(meter) = self.meter else { return };
+        let spend = state.plan.spend == Some(meter);
+        match self.cell().filter(|_| step.held) {
+            Some(cell) => {
+                if step.beyond > 0 && step.taken.is_none() {
+                    if spend {
+                        state.plan.metrics.spend_past_cap_nanos.increment(step.beyond);
+                    }
+                    cell.force_take(step.beyond, now);
+                }
+                // Held units belong to the period they were taken in: after its end, they are
+                // recorded in its last second, as its counter charged them.
+                let (_, end) = cell.window(open.at);
+                let at = if now >= end && !cell.prepaid() { end - 1 } else { now };
+                if step.covered > 0 {
+                    open.held -= step.covered;
+                    cell.count_held(step.covered, false);
+                    state.record(meter, at, step.covered);
+                }
+                if step.beyond > 0 {
+                    // Recorded beyond the hold (from the lease, or past the limit): counted.
+                    state.plan.metrics.hold(HoldOutcome::Overrun).increment(1);
+                    if let Some(engine) = engine {
+                        engine.holds().overruns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    state.record(meter, now, step.beyond);
+                }
+            }
+            None => {
+                if let Some(cell) = state.quota(meter) {
+                    // A soft quota, a hold that failed open or was settled: counted as
+                    // `record` counts it.
+                    if spend && cell.hard() && matches!(cell.check_units(units, now), Err(Take::Exhausted)) {
+                        state.plan.metrics.spend_past_cap_nanos.increment(units);
+                    }
+                    cell.force_take(units, now);
+                }
+                state.record(meter, now, units);
+            }
+        }
+        if spend {
+            state.plan.metrics.spend_nanos.increment(units);
+        } else {
+            state.plan.metrics.usage_units.increment(units);
+        }
+        open.recorded += units;
     }
 
     /// Units held and not recorded yet.
@@ -219,8 +353,23 @@ impl Hold {
             closed: None,
         };
         let deadline = AtomicI64::new(i64::MAX);
+        // A priced meter on a plan with a spend cap: its cost is held too.
+        let priced = match (&meter, state.plan.spend) {
+            (Ok(m), Some(s)) if charged && *m != s => state.plan.price(*m).map(|price| (s, price)),
+            _ => None,
+        };
+        let spend = priced.map(|(s, price)| {
+            let hold = Hold::new(
+                state.clone(),
+                Ok(s),
+                charged,
+                overrun,
+                Some(std::time::Duration::from_secs(u64::try_from(timeout).unwrap_or(u64::MAX))),
+            );
+            Box::new(SpendSide { hold, price, extended: 0, recorded: 0 })
+        });
         let inner = HoldInner { id, state, meter, charged, overrun, timeout, deadline, open: Mutex::new(open) };
-        Self { inner: Arc::new(inner), engine }
+        Self { inner: Arc::new(inner), engine, spend }
     }
 
     /// Units held and not recorded yet.
@@ -237,10 +386,7 @@ impl Hold {
 
     /// The quota cell units are held from: a hard quota or a balance of a charged request.
     fn cell(&self) -> Option<QuotaRef<'_>> {
-        if !self.inner.charged {
-            return None;
-        }
-        self.inner.state.quota(*self.inner.meter.as_ref().ok()?).filter(QuotaRef::hard)
+        self.inner.cell()
     }
 
     /// Records `units` of the held meter, in the current window. Never waits: they come out
@@ -266,75 +412,45 @@ impl Hold {
 
     fn record_with(&mut self, units: u64, overrun: Overrun) -> Result<(), RecordError> {
         let inner = &*self.inner;
-        let meter = match &inner.meter {
-            Ok(meter) => *meter,
-            Err(name) => return Err(RecordError::UnknownMeter(name.to_string())),
-        };
+        if let Err(name) = &inner.meter {
+            return Err(RecordError::UnknownMeter(name.to_string()));
+        }
         if i64::try_from(units).is_err() {
             return Err(RecordError::TooLarge(units));
         }
         if !inner.charged || units == 0 {
             return Ok(());
         }
-        let state = &inner.state;
-        let now = state.clock.unix_secs();
+        let now = inner.state.clock.unix_secs();
         let mut open = inner.lock();
         if open.closed.is_some() {
             if let Some(engine) = &self.engine {
                 engine.holds().records_after_settle.fetch_add(1, Ordering::Relaxed);
             }
         }
-        match self.cell().filter(|_| !open.failed_open && open.closed.is_none()) {
-            Some(cell) => {
-                let covered = units.min(open.held);
-                let beyond = units - covered;
-                if beyond > 0 {
-                    match cell.try_take(beyond, now) {
-                        Take::Taken { .. } => {}
-                        _ if overrun == Overrun::Refuse => {
-                            if !state.plan.shadow {
-                                return Err(RecordError::Overrun(beyond));
-                            }
-                            // Shadow mode: counted, and recorded past the limit.
-                            let kind =
-                                if cell.prepaid() { state.plan.balance_refusal } else { RejectionKind::QuotaExceeded };
-                            state.plan.metrics.would_refuse(kind).increment(1);
-                            cell.force_take(beyond, now);
-                        }
-                        _ => {
-                            cell.force_take(beyond, now);
-                        }
-                    }
-                }
-                // Held units belong to the period they were taken in: after its end, they are
-                // recorded in its last second, as its counter charged them.
-                let (_, end) = cell.window(open.at);
-                let at = if now >= end && !cell.prepaid() { end - 1 } else { now };
-                if covered > 0 {
-                    open.held -= covered;
-                    cell.count_held(covered, false);
-                    state.record(meter, at, covered);
-                }
-                if beyond > 0 {
-                    // Recorded beyond the hold (from the lease, or past the limit): counted.
-                    state.plan.metrics.hold(HoldOutcome::Overrun).increment(1);
-                    if let Some(engine) = &self.engine {
-                        engine.holds().overruns.fetch_add(1, Ordering::Relaxed);
-                    }
-                    state.record(meter, now, beyond);
-                }
+        let step = inner.prepare(&open, units, overrun, now).map_err(RecordError::Overrun)?;
+        if let Some(side) = self.spend.as_deref_mut() {
+            // Its spend first: refused, the units taken for the record go back.
+            let nanos = side.nanos(side.recorded + units) - side.nanos(side.recorded);
+            if let Err(e) = side.hold.record_nanos(nanos, overrun, now) {
+                inner.undo(&step);
+                return Err(e);
             }
-            None => {
-                if let Some(cell) = state.quota(meter) {
-                    // A soft quota, a hold that failed open or was settled: counted as
-                    // `record` counts it.
-                    cell.force_take(units, now);
-                }
-                state.record(meter, now, units);
-            }
+            side.recorded += units;
         }
-        state.plan.metrics.usage_units.increment(units);
-        open.recorded += units;
+        inner.commit(&mut open, &step, units, now, self.engine.as_ref());
+        Ok(())
+    }
+
+    /// Records `nanos` of spend through this hold of the spend meter (a priced meter's side).
+    fn record_nanos(&mut self, nanos: u64, overrun: Overrun, now: i64) -> Result<(), RecordError> {
+        if nanos == 0 {
+            return Ok(());
+        }
+        let inner = &*self.inner;
+        let mut open = inner.lock();
+        let step = inner.prepare(&open, nanos, overrun, now).map_err(RecordError::SpendCap)?;
+        inner.commit(&mut open, &step, nanos, now, self.engine.as_ref());
         Ok(())
     }
 
@@ -349,7 +465,17 @@ impl Hold {
     /// when the store does not answer and the quota fails closed, or when the node settled the
     /// hold (past `limits.hold_timeout`, or at shutdown).
     pub async fn extend(&mut self, units: u64) -> Result<(), Rejection> {
-        if units == 0 || self.cell().is_none() {
+        if units == 0 {
+            return Ok(());
+        }
+        if let Some(side) = self.spend.as_deref_mut() {
+            // Its estimated cost first (a refusal holds no units); kept if its units are
+            // refused after (given back as the hold settles).
+            let nanos = side.nanos(side.extended.saturating_add(units)) - side.nanos(side.extended);
+            Box::pin(side.hold.extend(nanos)).await?;
+            side.extended = side.extended.saturating_add(units);
+        }
+        if self.cell().is_none() {
             return Ok(());
         }
         let Ok(meter) = self.inner.meter else { return Ok(()) };
@@ -541,7 +667,15 @@ async fn take(state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Opti
     let at = state.clock.unix_secs();
     // A hold no period could ever cover is refused before anything is asked: a calendar
     // quota's limit, or the largest balance a store keeps.
-    let most = if cell.prepaid() { crate::base::MAX_BALANCE } else { cell.spec.limit().get() }.min(LEASE_MAX);
+    let most = if cell.prepaid() {
+        crate::base::MAX_BALANCE
+    } else if cell.spec.capped {
+        // A spend cap: the tenant's own may be above the plan's (the store holds it).
+        crate::config::MAX_CAP_NANOS
+    } else {
+        cell.spec.limit().get()
+    }
+    .min(LEASE_MAX);
     if units > most {
         return refused(state, meter, units, own, at, false);
     }
@@ -674,6 +808,15 @@ fn closed(state: &Tenant, why: Closed) -> Rejection {
 /// The answer to a hold the quota's period, or the balance, cannot cover (`fits`: one could,
 /// else no period ever will, and no `Retry-After` says otherwise).
 fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Rejection {
+    if state.plan.spend == Some(meter) {
+        // A priced meter's cost, held beside its units: the spend cap refuses (402).
+        let mut r = crate::engine::usage::spend::cap_reached(state, at);
+        if !fits {
+            r.inner.retry_after = None;
+            r.inner.detail = Cow::Borrowed("this work costs more than the whole spend cap: no period can cover it");
+        }
+        return r;
+    }
     let cell = state.quota(meter).expect("a hold takes from a quota");
     let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
     let mut r = if cell.prepaid() {

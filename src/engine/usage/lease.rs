@@ -8,7 +8,7 @@ use crate::{
     clock::Clock,
     config::QuotaMode,
     plan::Runtime,
-    store::{Grant, Reservation, ReserveToken, StoreError, SHRINK},
+    store::{CapMode, Grant, Reservation, ReserveToken, StoreError, SHRINK},
     tenant::{Call, CallKind, QuotaRef, Tenant},
 };
 
@@ -47,6 +47,19 @@ pub(crate) struct Taken {
 /// smaller than asked does not say it: near the limit, grants shrink.)
 fn spent(limit: Option<u64>, grant: &Grant) -> bool {
     limit.is_some_and(|l| grant.reserved >= l)
+}
+
+/// Applies the store's answer to `cell`'s view of its counter: the reserved total, a
+/// balance's granted units, a spend cap's tenant-set cap, and whether the limit the call was
+/// held to (`limit`, the call's; else the balance's or the tenant's cap) is reached.
+fn answered(cell: QuotaRef<'_>, grant: &Grant, limit: Option<u64>) {
+    let limit = match grant.cap {
+        // The tenant's own cap held the call (a soft one: nothing).
+        Some(cap) => cap.hard.then_some(cap.limit),
+        None => grant.limit.or(limit),
+    };
+    cell.capped_by(grant.cap);
+    cell.granted(grant.reserved, grant.limit, spent(limit, grant));
 }
 
 /// The quota leases of this engine's tenants: every call of a quota cell to the quota store,
@@ -99,6 +112,8 @@ impl Leases {
         let answer = match call.kind {
             CallKind::Reserve { units, owed, limit, at_least, .. } => {
                 let r = Reservation::new(call.key.clone(), units, owed, limit, call.token).shrinking(at_least);
+                // A spend cap's counters are held to the tenant's own cap when it set one.
+                let r = if cell.spec.capped { r.capped(CapMode::Stored) } else { r };
                 store.reserve(&r).await
             }
             CallKind::Release { units } => store.release(&call.key, units, call.token).await.map(|()| Grant::new(0, 0)),
@@ -134,7 +149,7 @@ impl Leases {
         let grant = self.send(cell, call.clone()).await?;
         if let CallKind::Reserve { refill: true, repay, limit, .. } = call.kind {
             cell.credit(grant.granted + repay);
-            cell.granted(grant.reserved, grant.limit, spent(grant.limit.or(limit), &grant));
+            answered(cell, &grant, limit);
         }
         Ok(())
     }
@@ -226,8 +241,17 @@ impl Leases {
         // cell's largest lease: holds ride the lease instead of asking the store each.
         let size = cell.next_size(now_nanos).max(min_lease.min(cell.lease_cap()));
         // A prepaid balance is held by the store to its grants, whatever the call says: 0 is
-        // what a balance holds before its first grant.
-        let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| if cell.prepaid() { 0 } else { cell.limit() });
+        // what a balance holds before its first grant. A spend cap's call says the plan's
+        // limit: the store holds it to the tenant's own cap instead when one is set.
+        let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| {
+            if cell.prepaid() {
+                0
+            } else if cell.spec.capped {
+                cell.spec.limit().get()
+            } else {
+                cell.limit()
+            }
+        });
         // Near a hard limit, leases shrink (the store grants at most an eighth of what is
         // left, never less than the waiting request needs): asked that way already from what
         // the last answer said was left, so the store's rule rarely has to cut the ask. (A
@@ -245,7 +269,7 @@ impl Leases {
         // whole grant goes to the lease then.
         let grant = self.send(cell, call).await?;
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
-        cell.granted(grant.reserved, grant.limit, spent(grant.limit.or(limit), &grant));
+        answered(cell, &grant, limit);
         // A balance's thresholds belong to the balance, not to its lease's window.
         let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
         self.thresholds.check(rt, now, cell, grant.reserved, from, to);

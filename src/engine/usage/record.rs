@@ -84,6 +84,11 @@ impl Tollgate {
         if event.quantity == 0 {
             return Ok(());
         }
+        // A priced meter: the tenant's hard spend cap must have room (the work's spend is
+        // charged when its event is recorded, as work done).
+        if crate::engine::usage::spend::cost_of(&state, meter, event.quantity).is_some() {
+            self.check_spend_room(&rt, &state, now).await?;
+        }
         let id = format!("{}\u{1f}{}", state.id, event.id);
         let period = Self::period_of(&state, meter, at);
         if let Some(held) = self.shared.events().take_reserved(&id) {
@@ -121,6 +126,41 @@ impl Tollgate {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Whether the tenant's hard spend cap has a unit left in the period in force, asking the
+    /// store when the lease cannot tell: refused with [`EventError::QuotaExceeded`] on the
+    /// spend meter.
+    async fn check_spend_room(&self, rt: &Runtime, state: &Tenant, now: i64) -> Result<(), EventError> {
+        let Some(cell) = state.plan.spend.and_then(|s| state.quota(s)) else { return Ok(()) };
+        let checked = match cell.check_units(1, now) {
+            Err(Take::NeedLease) => self
+                .shared
+                .stores()
+                .under_lock(cell.lock(), async {
+                    self.shared.leases().settle_inflight(cell).await?;
+                    if let Err(Take::NeedLease) = cell.check_units(1, now) {
+                        self.shared.leases().refill_locked(rt, cell, now, 0, 0).await?;
+                    }
+                    Ok(cell.check_units(1, now))
+                })
+                .await
+                .map_err(EventError::Store)?,
+            other => other,
+        };
+        match checked {
+            Err(Take::Exhausted) if state.plan.shadow => {
+                self.would_refuse(&crate::engine::usage::spend::cap_reached(state, now));
+                Ok(())
+            }
+            Err(Take::Exhausted) => Err(EventError::QuotaExceeded {
+                meter: cell.meter_id().clone(),
+                period: cell.spec.period().name(),
+                limit: cell.limit(),
+                plan: state.plan.id.clone(),
+            }),
+            _ => Ok(()),
         }
     }
 

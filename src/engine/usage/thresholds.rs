@@ -88,8 +88,12 @@ impl Thresholds {
         }
         use crate::engine::alerts::{Crossing, Threshold};
         let usage = &rt.config.usage;
-        let (prepaid, mode) = (cell.prepaid(), cell.spec.mode());
-        let capped = prepaid || mode == QuotaMode::Hard;
+        // A spend cap: its currency; its mode the tenant's own cap's when it set one; its
+        // alerts at `notify_at` percent and when reached, whatever its mode.
+        let currency = cell.spec.capped.then(|| rt.config.billing().currency.clone()).flatten();
+        let prepaid = cell.prepaid();
+        let mode = if cell.hard() { QuotaMode::Hard } else { QuotaMode::Soft };
+        let capped = prepaid || mode == QuotaMode::Hard || currency.is_some();
         let mut crossed: Vec<Threshold> = usage
             .notify_at
             .iter()
@@ -97,9 +101,11 @@ impl Thresholds {
             .filter(|p| u128::from(reserved) * 100 >= u128::from(limit) * u128::from(**p))
             .map(|p| Threshold::Percent(*p))
             .collect();
-        crossed.extend(
-            usage.notify_left.iter().filter(|n| limit.saturating_sub(reserved) <= **n).map(|n| Threshold::Left(*n)),
-        );
+        if currency.is_none() {
+            crossed.extend(
+                usage.notify_left.iter().filter(|n| limit.saturating_sub(reserved) <= **n).map(|n| Threshold::Left(*n)),
+            );
+        }
         if capped && reserved >= limit {
             crossed.push(Threshold::Exhausted);
         }
@@ -123,6 +129,7 @@ impl Thresholds {
                     reserved,
                     at: now,
                     episode: String::new(),
+                    currency: currency.clone(),
                 };
                 let to = c.destinations(settings, &rt.config);
                 (c, to)

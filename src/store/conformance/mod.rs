@@ -73,6 +73,8 @@ macro_rules! store_conformance {
             a_grant_after_an_empty_balance_is_spendable_at_once,
             a_resent_call_is_applied_once_among_many_senders,
             a_retry_after_its_sender_was_forgotten_is_not_applied_again,
+            a_tenants_own_cap_holds_every_reserve_that_reads_it,
+            concurrent_reserves_never_pass_a_tenants_own_cap,
         );
     };
     (@role usage, $make:expr) => {

@@ -292,6 +292,91 @@ pub async fn near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left<S
     assert_eq!(s.reserve(&shrink(50, 1, 7)).await.unwrap(), Grant::new(0, 100));
 }
 
+/// A tenant's own cap (a spend cap) is stored beside its meter's counters: a reserve that
+/// reads it is held to it in place of its own limit (a soft one holds nothing), whatever the
+/// period; a reserve that does not read it ignores it; a raised cap is seen by the next call,
+/// a lowered one bounds every call after it; removing it brings the call's limit back.
+pub async fn a_tenants_own_cap_holds_every_reserve_that_reads_it<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::{CapMode, SpendCap};
+    let key = day_key("capped", "spend");
+    let s = h.s();
+    let call = |units, seq, cap| ask(&key, units, Some(100), 1, seq).capped(cap);
+    // Nothing stored: the call's limit, and the answer says no cap.
+    let g = s.reserve(&call(40, 1, CapMode::Stored)).await.unwrap();
+    assert_eq!((g.granted, g.reserved, g.cap), (40, 40, None));
+    // Lowered to 50: what is left under it, and the answer carries it.
+    let g = s.reserve(&call(40, 2, CapMode::Set(Some(SpendCap::new(50, true))))).await.unwrap();
+    assert_eq!((g.granted, g.reserved, g.cap), (10, 50, Some(SpendCap::new(50, true))), "held to the tenant's cap");
+    let g = s.reserve(&call(1, 3, CapMode::Stored)).await.unwrap();
+    assert_eq!((g.granted, g.reserved), (0, 50), "the cap is spent");
+    // A call that reads no cap keeps its own limit.
+    let g = s.reserve(&call(10, 4, CapMode::Ignored)).await.unwrap();
+    assert_eq!((g.granted, g.reserved, g.cap), (10, 60, None), "ignored: the call's limit");
+    // Raised past the call's limit: the next call sees it.
+    s.reserve(&call(0, 5, CapMode::Set(Some(SpendCap::new(500, true))))).await.unwrap();
+    let g = s.reserve(&call(100, 6, CapMode::Stored)).await.unwrap();
+    assert_eq!((g.granted, g.reserved), (100, 160), "raised: past the call's own limit");
+    // The same token sent again changes nothing and answers the same grant, with the cap.
+    let again = s.reserve(&call(100, 6, CapMode::Stored)).await.unwrap();
+    assert_eq!(again, g, "applied once");
+    // A soft cap holds nothing back.
+    s.reserve(&call(0, 7, CapMode::Set(Some(SpendCap::new(10, false))))).await.unwrap();
+    let g = s.reserve(&call(1_000, 8, CapMode::Stored)).await.unwrap();
+    assert_eq!((g.granted, g.cap), (1_000, Some(SpendCap::new(10, false))), "soft: everything asked");
+    // Another period of the same meter reads the same cap; another tenant reads none.
+    let next = QuotaKey::new("capped".into(), "spend".into(), Period::Day, DAY0 + DAY, DAY0 + 2 * DAY);
+    let g = s.reserve(&ask(&next, 5, Some(100), 1, 9).capped(CapMode::Stored)).await.unwrap();
+    assert_eq!(g.cap, Some(SpendCap::new(10, false)), "one cap for every period");
+    let other = day_key("other", "spend");
+    assert_eq!(s.reserve(&ask(&other, 5, Some(100), 1, 1).capped(CapMode::Stored)).await.unwrap().cap, None);
+    let counters = s.counters(&"capped".into(), &"spend".into()).await.unwrap();
+    assert!(counters.iter().all(|c| c.cap == Some(SpendCap::new(10, false))), "the counters show it: {counters:?}");
+    // Removed: the call's limit holds again.
+    let g = s.reserve(&ask(&next, 500, Some(100), 1, 10).capped(CapMode::Set(None))).await.unwrap();
+    assert_eq!((g.granted, g.reserved, g.cap), (95, 100, None), "removed: the call's limit again");
+}
+
+/// Many concurrent callers reserving under a tenant's own cap that one of them lowers and
+/// another raises meanwhile: the total reserved never passes the highest cap in force, and
+/// after the last change every grant is held to it.
+pub async fn concurrent_reserves_never_pass_a_tenants_own_cap<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::{CapMode, SpendCap};
+    const TASKS: u64 = 16;
+    const CALLS: u64 = 40;
+    let key = day_key("crowd", "spend");
+    // The plan's limit (the call's) is far above the tenant's cap of 300.
+    let set = |limit, seq| ask(&key, 0, Some(100_000), 999, seq).capped(CapMode::Set(Some(SpendCap::new(limit, true))));
+    h.s().reserve(&set(300, 1)).await.unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = h.shared();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for seq in 1..=CALLS {
+                let r = ask(&key, 1 + (seq + task) % 5, Some(100_000), 1000 + task, seq).capped(CapMode::Stored);
+                let g = store.reserve(&r).await.unwrap();
+                if g.granted > 0 {
+                    out.push(g);
+                }
+            }
+            out
+        }));
+    }
+    let mut grants = Vec::new();
+    for t in tasks {
+        grants.extend(t.await.unwrap());
+    }
+    let total = reserved(h.s(), &key).await;
+    assert_eq!(total, 300, "the cap is reached exactly and never passed");
+    assert_tiles(&mut grants, total, "under a tenant's cap");
+    assert!(grants.iter().all(|g| g.cap == Some(SpendCap::new(300, true))));
+    // Raised by 50: exactly 50 more go out.
+    h.s().reserve(&set(350, 2)).await.unwrap();
+    let g = h.s().reserve(&ask(&key, 1_000, Some(100_000), 5000, 1).capped(CapMode::Stored)).await.unwrap();
+    assert_eq!((g.granted, g.reserved), (50, 350));
+}
+
 fn prepaid_key(tenant: &str, meter: &str) -> QuotaKey {
     let (start, end) = Period::Prepaid.bounds(0);
     QuotaKey::new(tenant.into(), meter.into(), Period::Prepaid, start, end)

@@ -13,6 +13,7 @@ impl DynamoStore {
     ) -> Result<Vec<QuotaCounter>, StoreError> {
         let any = QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Day, 0, 0);
         let mut out = Vec::new();
+        let mut cap = None;
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let page = self
@@ -28,6 +29,10 @@ impl DynamoStore {
                 .map_err(sdk)?;
             for item in page.items.unwrap_or_default() {
                 let Some(sk) = get_s(&item, "sk") else { continue };
+                if sk == super::quota::CAP_SK {
+                    cap = super::quota::cap_of(&item);
+                    continue;
+                }
                 let mut parts = sk.split(SEP);
                 let (Some(tag), Some(from), Some(to)) = (parts.next(), parts.next(), parts.next()) else { continue };
                 let window = |t: &str| u64::from_str_radix(t, 16).ok().map(|w| (w ^ (1 << 63)) as i64);
@@ -42,6 +47,6 @@ impl DynamoStore {
             }
         }
         out.sort_by_key(|c| c.key.start);
-        Ok(out)
+        Ok(out.into_iter().map(|c| c.with_cap(cap)).collect())
     }
 }

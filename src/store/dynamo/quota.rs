@@ -9,13 +9,34 @@ use crate::{
             close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
             kept_refund_of, newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
         },
-        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome,
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome, SpendCap,
     },
 };
+
+/// The sort key of a tenant's own cap on a meter, in the partition of the meter's counters
+/// (it has no `end`: dropping ended periods never takes it).
+pub(super) const CAP_SK: &str = "CAP";
+
+/// A cap item read back.
+pub(super) fn cap_of(item: &Item) -> Option<SpendCap> {
+    let hard = item.get("hard")?.as_bool().ok().copied()?;
+    Some(SpendCap::new(get_u(item, "cap"), hard))
+}
 
 #[async_trait]
 impl QuotaStore for DynamoStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        if r.cap != CapMode::Ignored {
+            // The tenant's own cap, an item beside the meter's counters: set (or read) first,
+            // then the counter's conditional write holds the call to it. A reserve racing a
+            // change of the cap is held to the cap as it was read, as a lease taken just
+            // before the change would be.
+            let cap = self.cap_for(r).await?;
+            let mut held = r.clone();
+            held.limit = r.limit_under(cap);
+            held.cap = CapMode::Ignored;
+            return Box::pin(self.reserve(&held)).await.map(|g| g.with_cap(cap));
+        }
         if r.key.period == Period::Prepaid {
             return self.reserve_prepaid(r).await;
         }
@@ -564,6 +585,40 @@ fn credit_of(item: &Item) -> Option<CreditGrant> {
 }
 
 impl DynamoStore {
+    /// The tenant's own cap on the reservation's meter, as its [`CapMode`] sets or reads it:
+    /// the item `CAP` in the partition of the meter's counters.
+    async fn cap_for(&self, r: &Reservation) -> Result<Option<SpendCap>, StoreError> {
+        let pk = quota_pk(&r.key);
+        match r.cap {
+            CapMode::Ignored => Ok(None),
+            CapMode::Stored => Ok(self.get(pk, CAP_SK).await?.as_ref().and_then(cap_of)),
+            CapMode::Set(Some(cap)) => {
+                self.client
+                    .put_item()
+                    .table_name(&self.table)
+                    .item("pk", s(pk))
+                    .item("sk", s(CAP_SK))
+                    .item("cap", n(int(cap.limit)))
+                    .item("hard", AttributeValue::Bool(cap.hard))
+                    .send()
+                    .await
+                    .map_err(sdk)?;
+                Ok(Some(cap))
+            }
+            CapMode::Set(None) => {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .key("pk", s(pk))
+                    .key("sk", s(CAP_SK))
+                    .send()
+                    .await
+                    .map_err(sdk)?;
+                Ok(None)
+            }
+        }
+    }
+
     /// The counter of `key` exists (created now if its period is still of use, dropping the
     /// periods of the same tenant and meter that ended before it started); `false` for a
     /// period already dropped.

@@ -59,6 +59,8 @@ struct Inner {
     namespace: String,
     /// (tenant, meter) -> its counters, one per period still of use.
     quotas: HashMap<(TenantId, MeterId), Counters>,
+    /// (tenant, meter) -> the tenant's own cap on the meter (a spend cap), if it set one.
+    caps: HashMap<(TenantId, MeterId), crate::store::SpendCap>,
     /// (tenant, meter) -> its credit grants, open and recently closed.
     credits: BTreeMap<(TenantId, MeterId), Vec<CreditGrant>>,
     /// Refunds that came before their grant, by payment.

@@ -4,7 +4,7 @@ use super::*;
 use crate::store::{
     contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX, REFUNDS_KEPT_MAX, REFUNDS_KEPT_SECS},
     quota::{close_against, fits, forgive, newer_refund, refund_against, release_against, CreditRefund},
-    RefundOutcome,
+    CapMode, RefundOutcome,
 };
 
 /// The key of `(tenant, meter)`'s prepaid balance.
@@ -17,24 +17,39 @@ fn prepaid(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
 impl QuotaStore for MemoryStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         let mut inner = self.lock();
-        let counters = inner.quotas.entry((r.key.tenant.clone(), r.key.meter.clone())).or_default();
+        let pair = (r.key.tenant.clone(), r.key.meter.clone());
+        // The tenant's own cap, set first in the same step (under the lock).
+        let cap = match r.cap {
+            CapMode::Ignored => None,
+            CapMode::Stored => inner.caps.get(&pair).copied(),
+            CapMode::Set(Some(cap)) => {
+                inner.caps.insert(pair.clone(), cap);
+                Some(cap)
+            }
+            CapMode::Set(None) => {
+                inner.caps.remove(&pair);
+                None
+            }
+        };
+        let counters = inner.quotas.entry(pair).or_default();
         let Some(c) = counters.get(&r.key) else {
             // A late call for a period long over: nothing is left to reserve in it.
-            return Ok(Grant::new(0, 0));
+            return Ok(Grant::new(0, 0).with_cap(cap));
         };
         if let Some(grant) = c.seen(r.token) {
-            return Ok(grant);
+            return Ok(grant.with_cap(cap));
         }
         c.reserved = c.reserved.saturating_add(r.owed);
-        // A prepaid balance is held to its grants, whatever the caller says.
-        let granted = match c.granted.or(r.limit) {
+        // A prepaid balance is held to its grants, whatever the caller says; a spend cap to
+        // the tenant's own cap when it set one.
+        let granted = match c.granted.or(r.limit_under(cap)) {
             Some(limit) => r.grant_for(limit.saturating_sub(c.reserved)),
             None => r.units,
         };
         c.reserved = c.reserved.saturating_add(granted);
         let grant = Grant::new(granted, c.reserved).with_limit(c.granted);
         c.applied(r.token, grant);
-        Ok(grant)
+        Ok(grant.with_cap(cap))
     }
 
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
@@ -205,13 +220,14 @@ impl QuotaStore for MemoryStore {
         meter: &MeterId,
     ) -> Result<Vec<crate::store::QuotaCounter>, StoreError> {
         let inner = self.lock();
+        let cap = inner.caps.get(&(tenant.clone(), meter.clone())).copied();
         let mut out: Vec<crate::store::QuotaCounter> = inner
             .quotas
             .get(&(tenant.clone(), meter.clone()))
             .map(|c| {
                 c.periods
                     .iter()
-                    .map(|p| crate::store::QuotaCounter::new(p.key.clone(), p.reserved, p.granted))
+                    .map(|p| crate::store::QuotaCounter::new(p.key.clone(), p.reserved, p.granted).with_cap(cap))
                     .collect()
             })
             .unwrap_or_default();

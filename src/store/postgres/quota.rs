@@ -8,7 +8,7 @@ use crate::{
             close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
             kept_refund_of, newer_refund, refund_against, CreditRefund, ForgivenBy, SenderCall, UsedTaken,
         },
-        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome, SpendCap,
     },
 };
 
@@ -18,7 +18,9 @@ use crate::{
 ///
 /// `$1..$5` the key, `$6` the node (text), `$7` its sequence number, `$8` the units wanted,
 /// `$9` the units added unconditionally (owed; negative to release), `$10` the limit (NULL:
-/// none), `$11` the fewest units worth granting, `$12` the call's time. The grant follows
+/// none), `$11` the fewest units worth granting, `$12` the call's time, `$13` whether the
+/// tenant's own cap on the meter (`quota_cap`) holds the call in place of `$10` when one is
+/// stored ([`CapMode::Stored`]; [`Reservation::limit_under`]), read in the same statement. The grant follows
 /// [`Reservation::grant_for`]; a release draws first on a prepaid balance's units forgiven to
 /// its sender (`store::quota::release_against`). Each sender's entry is `[seq, granted, reserved, time]`; senders are
 /// forgotten by time, oldest first (entries of earlier builds have no time: the oldest), never
@@ -42,8 +44,15 @@ pub(super) fn reserve_sql(schema: &str) -> String {
           ELSE q.forgiven_by - $6::text END)"
     );
     let after = format!("GREATEST(LEAST(q.reserved::numeric + $9 + {drawn}, {MAX_INT}), 0)");
-    // A prepaid balance is held to its grants (`granted`), whatever the caller says.
-    let limit = "coalesce(q.granted::numeric, $10::numeric)";
+    // A prepaid balance is held to its grants (`granted`), whatever the caller says; a spend
+    // counter to the tenant's own cap when one is stored (none for a soft one).
+    let cap = format!("(SELECT c.cap, c.hard FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13)");
+    let limit = format!(
+        "(CASE WHEN q.granted IS NOT NULL THEN q.granted::numeric \
+          WHEN EXISTS {cap} THEN (SELECT CASE WHEN c.hard THEN c.cap::numeric END FROM {schema}.quota_cap c \
+              WHERE c.tenant = $1 AND c.meter = $2) \
+          ELSE $10::numeric END)"
+    );
     let left = format!("GREATEST({limit} - {after}, 0)");
     let granted = format!(
         "(CASE WHEN {limit} IS NULL THEN $8::numeric ELSE LEAST($8::numeric, GREATEST(ceil({left} / 8), $11), {left}) END)"
@@ -71,7 +80,9 @@ pub(super) fn reserve_sql(schema: &str) -> String {
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
          AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, \
              NOT (q.senders_forgotten_at > 0 AND $12::bigint <= q.senders_forgotten_at)) \
-         RETURNING q.answer, q.reserved, q.granted",
+         RETURNING q.answer, q.reserved, q.granted, \
+             (SELECT c.cap FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13), \
+             (SELECT c.hard FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13)",
         kept = contract::SENDERS_KEPT,
         quiet = contract::SENDER_QUIET_SECS,
     )
@@ -85,6 +96,8 @@ struct Call<'a> {
     delta: i64,
     limit: Option<u64>,
     at_least: u64,
+    /// Whether the tenant's own cap holds the call ([`CapMode::Stored`]).
+    capped: bool,
 }
 
 enum Attempt {
@@ -101,7 +114,14 @@ impl PostgresStore {
                 Attempt::Missing => {
                     if !self.retrying(|| self.create_counter(call.key)).await? {
                         // A period long over: nothing is left to reserve in it.
-                        return Ok(Grant::new(0, 0));
+                        let cap = match call.capped {
+                            true => {
+                                self.retrying(|| async { self.stored_cap(&self.client().await?, call.key).await })
+                                    .await?
+                            }
+                            false => None,
+                        };
+                        return Ok(Grant::new(0, 0).with_cap(cap));
                     }
                 }
             }
@@ -131,14 +151,19 @@ impl PostgresStore {
                     c.delta,
                     c.limit.map(int),
                     int(c.at_least),
-                    c.token.at
+                    c.token.at,
+                    c.capped
                 ],
             )
             .await?;
         if let Some(row) = row {
             let limit: Option<i64> = row.get(2);
-            return Ok(Attempt::Done(Grant::new(uint(row.get(0)), uint(row.get(1))).with_limit(limit.map(uint))));
+            let cap = row.get::<_, Option<i64>>(3).zip(row.get::<_, Option<bool>>(4));
+            let cap = cap.map(|(limit, hard)| SpendCap::new(uint(limit), hard));
+            let grant = Grant::new(uint(row.get(0)), uint(row.get(1))).with_limit(limit.map(uint)).with_cap(cap);
+            return Ok(Attempt::Done(grant));
         }
+        let cap = if c.capped { self.stored_cap(&client, k).await? } else { None };
         let seen = client
             .query_typed_opt(
                 &self.sql(
@@ -158,17 +183,50 @@ impl PostgresStore {
                     uint(row.get::<_, Option<i64>>(2).unwrap_or(0)),
                     uint(row.get::<_, Option<i64>>(3).unwrap_or(0)),
                 )
-                .with_limit(limit),
+                .with_limit(limit)
+                .with_cap(cap),
             )),
-            Some(last) if c.token.seq < last => Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit))),
+            Some(last) if c.token.seq < last => {
+                Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit).with_cap(cap)))
+            }
             // A sender forgotten since its call: answered as an older call, never applied.
             None if forgotten(c.token.at, row.get(5)) => {
-                Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit)))
+                Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit).with_cap(cap)))
             }
             // Created by another node between the two statements: the update again (the
             // creation finds the counter there and changes nothing).
             _ => Ok(Attempt::Missing),
         }
+    }
+
+    /// Stores (or with `None` removes) the tenant's own cap on the key's meter.
+    async fn set_cap(&self, key: &QuotaKey, cap: Option<SpendCap>) -> Result<(), StoreError> {
+        let (t, m) = (key.tenant.as_str(), key.meter.as_str());
+        let upsert = self.sql(
+            "INSERT INTO {s}.quota_cap (tenant, meter, cap, hard) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (tenant, meter) DO UPDATE SET cap = excluded.cap, hard = excluded.hard",
+        );
+        let delete = self.sql("DELETE FROM {s}.quota_cap WHERE tenant = $1 AND meter = $2");
+        self.retrying(|| async {
+            let client = self.client().await?;
+            match cap {
+                Some(cap) => client.query_typed(&upsert, args![t, m, int(cap.limit), cap.hard]).await?,
+                None => client.query_typed(&delete, args![t, m]).await?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// The cap stored for the key's tenant and meter, if any.
+    async fn stored_cap(&self, client: &deadpool_postgres::Object, key: &QuotaKey) -> Pg<Option<SpendCap>> {
+        let row = client
+            .query_typed_opt(
+                &self.sql("SELECT cap, hard FROM {s}.quota_cap WHERE tenant = $1 AND meter = $2"),
+                args![key.tenant.as_str(), key.meter.as_str()],
+            )
+            .await?;
+        Ok(row.map(|r| SpendCap::new(uint(r.get(0)), r.get(1))))
     }
 
     /// Creates the counter of `key` if its period is still of use, dropping the periods of the
@@ -232,6 +290,11 @@ impl PostgresStore {
 #[async_trait]
 impl QuotaStore for PostgresStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        if let CapMode::Set(cap) = r.cap {
+            // Stored first (a write that is the same when sent again), then read by the
+            // reserve's own statement.
+            self.set_cap(&r.key, cap).await?;
+        }
         let call = Call {
             key: &r.key,
             token: r.token,
@@ -239,12 +302,14 @@ impl QuotaStore for PostgresStore {
             delta: int(r.owed),
             limit: r.limit,
             at_least: r.at_least,
+            capped: r.cap != CapMode::Ignored,
         };
         self.quota_call(&call).await
     }
 
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        let call = Call { key, token, units: 0, delta: int(units).saturating_neg(), limit: None, at_least: 0 };
+        let call =
+            Call { key, token, units: 0, delta: int(units).saturating_neg(), limit: None, at_least: 0, capped: false };
         self.quota_call(&call).await.map(drop)
     }
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
@@ -468,12 +533,15 @@ impl QuotaStore for PostgresStore {
         self.retrying(|| async {
             let client = self.client().await?;
             let rows = client.query_typed(&sql, args![tenant.as_str(), meter.as_str()]).await?;
+            let probe = QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Day, 0, 0);
+            let cap = self.stored_cap(&client, &probe).await?;
             Ok(rows
                 .iter()
                 .filter_map(|r| {
                     let key =
                         QuotaKey::from_tag(tenant.clone(), meter.clone(), &r.get::<_, String>(0), r.get(1), r.get(2))?;
-                    Some(crate::store::QuotaCounter::new(key, uint(r.get(3)), r.get::<_, Option<i64>>(4).map(uint)))
+                    let granted = r.get::<_, Option<i64>>(4).map(uint);
+                    Some(crate::store::QuotaCounter::new(key, uint(r.get(3)), granted).with_cap(cap))
                 })
                 .collect())
         })

@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 7;
+pub const SCHEMA_VERSION: u32 = 8;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -230,6 +230,16 @@ CREATE TABLE {s}.alert_outbox (
 CREATE INDEX alert_outbox_due ON {s}.alert_outbox (next_at) WHERE state = 'pending';
 CREATE INDEX alert_outbox_kept ON {s}.alert_outbox (keep_until) WHERE state <> 'pending';
 ALTER TABLE {s}.tenant ADD COLUMN alert_endpoint text;
+"#,
+    // 7 -> 8: a tenant's own cap on a meter (its spend cap), beside the meter's counters.
+    r#"
+CREATE TABLE {s}.quota_cap (
+    tenant text COLLATE "C" NOT NULL,
+    meter  text COLLATE "C" NOT NULL,
+    cap    bigint NOT NULL,
+    hard   boolean NOT NULL,
+    PRIMARY KEY (tenant, meter)
+);
 "#,
 ];
 

@@ -9,7 +9,7 @@ use crate::{
             kept_refund_of, newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
             UsedTaken,
         },
-        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome, SpendCap,
     },
 };
 
@@ -18,23 +18,26 @@ impl QuotaStore for SqliteStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         let r = r.clone();
         self.write(move |tx, _| {
+            // The tenant's own cap, set first in the same transaction.
+            let cap = cap_of(tx, &r)?;
             let period = r.key.period_tag();
             let Some((reserved, limit)) = counter(tx, &r.key, &period)? else {
                 // A late call for a period long over: nothing is left to reserve in it.
-                return Ok(Grant::new(0, 0));
+                return Ok(Grant::new(0, 0).with_cap(cap));
             };
             if let Some(grant) = seen(tx, &r.key, &period, r.token, reserved)? {
-                return Ok(grant.with_limit(limit));
+                return Ok(grant.with_limit(limit).with_cap(cap));
             }
             let reserved = uint(reserved).saturating_add(r.owed);
-            // A prepaid balance is held to its grants, whatever the caller says.
-            let granted = match limit.or(r.limit) {
+            // A prepaid balance is held to its grants, whatever the caller says; a spend cap
+            // to the tenant's own cap when it set one.
+            let granted = match limit.or(r.limit_under(cap)) {
                 Some(limit) => r.grant_for(limit.saturating_sub(reserved)),
                 None => r.units,
             };
             let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit);
             applied(tx, &r.key, &period, r.token, grant)?;
-            Ok(grant)
+            Ok(grant.with_cap(cap))
         })
         .await
     }
@@ -267,11 +270,12 @@ impl QuotaStore for SqliteStore {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?
                 .collect::<Sql<_>>()?;
+            let cap = stored_cap(tx, &tenant, &meter)?;
             Ok(rows
                 .into_iter()
                 .filter_map(|(tag, start, end, reserved, granted)| {
                     let key = QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end)?;
-                    Some(crate::store::QuotaCounter::new(key, uint(reserved), granted.map(uint)))
+                    Some(crate::store::QuotaCounter::new(key, uint(reserved), granted.map(uint)).with_cap(cap))
                 })
                 .collect())
         })
@@ -605,4 +609,35 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
         .execute(params![t, m, period, key.start, key.end, at])?;
     }
     Ok(())
+}
+
+/// The tenant's own cap on the reservation's meter, as its [`CapMode`] reads or sets it (in
+/// the reservation's transaction).
+fn cap_of(tx: &Transaction<'_>, r: &Reservation) -> Sql<Option<SpendCap>> {
+    let (t, m) = (r.key.tenant.as_str(), r.key.meter.as_str());
+    match r.cap {
+        CapMode::Ignored => Ok(None),
+        CapMode::Stored => stored_cap(tx, &r.key.tenant, &r.key.meter),
+        CapMode::Set(Some(cap)) => {
+            tx.prepare_cached(
+                "INSERT INTO quota_cap (tenant, meter, cap, hard) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (tenant, meter) DO UPDATE SET cap = excluded.cap, hard = excluded.hard",
+            )?
+            .execute(params![t, m, int(cap.limit), cap.hard])?;
+            Ok(Some(cap))
+        }
+        CapMode::Set(None) => {
+            tx.prepare_cached("DELETE FROM quota_cap WHERE tenant = ?1 AND meter = ?2")?.execute(params![t, m])?;
+            Ok(None)
+        }
+    }
+}
+
+/// The cap stored for `(tenant, meter)`, if any.
+fn stored_cap(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> Sql<Option<SpendCap>> {
+    tx.prepare_cached("SELECT cap, hard FROM quota_cap WHERE tenant = ?1 AND meter = ?2")?
+        .query_row(params![tenant.as_str(), meter.as_str()], |r| {
+            Ok(SpendCap::new(uint(r.get::<_, i64>(0)?), r.get::<_, bool>(1)?))
+        })
+        .optional()
 }

@@ -8,7 +8,7 @@ use super::*;
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 15;
+pub(super) const SCHEMA_VERSION: i32 = 16;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -253,6 +253,16 @@ CREATE TABLE alert_outbox (
 CREATE INDEX alert_outbox_due ON alert_outbox (state, next_at);
 CREATE INDEX alert_outbox_kept ON alert_outbox (keep_until) WHERE state != 'pending';
 ALTER TABLE tenant ADD COLUMN alert_endpoint TEXT;
+",
+    // 15 -> 16: a tenant's own cap on a meter (its spend cap), beside the meter's counters.
+    r"
+CREATE TABLE quota_cap (
+    tenant TEXT NOT NULL,
+    meter  TEXT NOT NULL,
+    cap    INTEGER NOT NULL,
+    hard   INTEGER NOT NULL,
+    PRIMARY KEY (tenant, meter)
+) WITHOUT ROWID;
 ",
 ];
 

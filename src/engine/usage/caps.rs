@@ -1,0 +1,286 @@
+//! Spend caps tenants set themselves: kept by the quota store beside the tenant's spend
+//! counters (a mode of `reserve`, [`CapMode::Set`]), so that every reservation of every node is
+//! held to them; bounded by the plan's `spend.max_limit` (with the operator's overrides).
+//! Set through [`Admin::set_spend_cap`](crate::Admin::set_spend_cap), the CLI and the route an
+//! application mounts for its tenants ([`Tollgate::tenant_spend_cap`]).
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use crate::{
+    base::{QuotaMode, TenantId},
+    config::{amount_of, Config, PlanOverride, PlanSpec, SPEND_METER},
+    engine::Tollgate,
+    store::{CapMode, DirectoryStore, QuotaKey, QuotaStore, Reservation, ReserveToken, SpendCap, StoreError},
+    usage::TenantContext,
+};
+
+/// The sender of every cap's store call: one entry in the counter's senders, however many
+/// calls (each call's sequence number is its time in nanoseconds).
+const CAP_SENDER: u64 = 0x7370_656e_6463_6170; // "spendcap"
+
+/// Why a tenant's own spend cap was refused: nothing was stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CapError {
+    /// No such tenant (in the file nor the directory).
+    #[error("no tenant `{0}`")]
+    UnknownTenant(String),
+    /// The tenant's plan (with its overrides) has no spend cap.
+    #[error("plan `{0}` has no spend cap (spend = {{ ... }}): there is nothing to set")]
+    NoSpendCap(String),
+    /// The limit is not an amount of the currency (a decimal, more than 0, at most 9
+    /// decimals).
+    #[error("{0}")]
+    NotAnAmount(String),
+    /// The limit is above the most the tenant may set: the plan's `spend.max_limit`, or the
+    /// operator's override.
+    #[error("{asked} is above the most this tenant may set: {max}")]
+    AboveMax {
+        /// The limit asked, as a decimal of the currency.
+        asked: String,
+        /// The most, as a decimal of the currency.
+        max: String,
+    },
+    /// The store failed (nothing may have been stored; sending it again is safe).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A tenant's spend cap: the plan's (with the operator's overrides), the tenant's own if it
+/// set one, and the one in force. Amounts in nano-units of the currency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SpendCapView {
+    /// The currency (`[billing] currency`).
+    pub currency: String,
+    /// The cap in force: the tenant's own when set, else the plan's.
+    pub limit: u64,
+    /// Whether the cap in force is hard.
+    pub hard: bool,
+    /// The plan's cap, and whether it is hard.
+    pub plan_limit: u64,
+    /// The plan's mode.
+    pub plan_hard: bool,
+    /// The most the tenant may set.
+    pub max_limit: u64,
+    /// The tenant's own cap, if it set one.
+    pub own: Option<SpendCap>,
+}
+
+impl SpendCapView {
+    /// As the tenant's route answers it (amounts as decimal strings of the currency).
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        let mode = |hard: bool| if hard { "hard" } else { "soft" };
+        serde_json::json!({
+            "currency": self.currency,
+            "limit": amount_of(self.limit).to_string(),
+            "mode": mode(self.hard),
+            "max_limit": amount_of(self.max_limit).to_string(),
+            "plan_limit": amount_of(self.plan_limit).to_string(),
+            "set_by": if self.own.is_some() { "tenant" } else { "plan" },
+        })
+    }
+}
+
+/// The tenant's plan with its overrides merged, from the file or the directory.
+async fn plan_of(directory: &dyn DirectoryStore, config: &Config, tenant: &TenantId) -> Result<PlanSpec, CapError> {
+    if let Some(t) = config.tenants().iter().find(|t| t.id() == tenant) {
+        let plan = config.plans().get(t.plan()).ok_or_else(|| CapError::NoSpendCap(t.plan().to_string()))?;
+        return Ok(t.overrides().map_or_else(|| plan.clone(), |o| plan.with_override(o)));
+    }
+    let record = directory.tenant(tenant).await?.ok_or_else(|| CapError::UnknownTenant(tenant.to_string()))?;
+    let plan = config.plans().get(&record.plan).ok_or_else(|| CapError::NoSpendCap(record.plan.to_string()))?;
+    // Overrides that no longer parse under this configuration are left out (as the engine
+    // does: the plan alone).
+    let o = record.overrides.as_deref().and_then(|json| PlanOverride::from_json(json, config).ok());
+    Ok(o.map_or_else(|| plan.clone(), |o| plan.with_override(&o)))
+}
+
+/// What a call does with a tenant's own cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CapAct {
+    /// Reads it.
+    Read,
+    /// Sets it.
+    Set(SpendCap),
+    /// Removes it: the plan's holds again.
+    Remove,
+}
+
+/// Reads, sets or removes a tenant's own spend cap (`act`), at `now` (Unix seconds).
+pub(crate) async fn spend_cap(
+    quota: &dyn QuotaStore,
+    directory: &dyn DirectoryStore,
+    config: &Config,
+    tenant: &TenantId,
+    act: CapAct,
+    now: i64,
+) -> Result<SpendCapView, CapError> {
+    let plan = plan_of(directory, config, tenant).await?;
+    let Some(spec) = plan.spend() else { return Err(CapError::NoSpendCap(plan.id().to_string())) };
+    let currency = config.billing().currency.clone().unwrap_or_default();
+    let max = plan.spend_max().unwrap_or(spec.limit().get());
+    if let CapAct::Set(cap) = act {
+        if cap.limit == 0 {
+            return Err(CapError::NotAnAmount("a cap of more than 0".into()));
+        }
+        if cap.limit > max {
+            return Err(CapError::AboveMax {
+                asked: amount_of(cap.limit).to_string(),
+                max: amount_of(max).to_string(),
+            });
+        }
+    }
+    let plan_hard = spec.mode() == QuotaMode::Hard;
+    let own = match act {
+        CapAct::Set(_) | CapAct::Remove => {
+            let set = if let CapAct::Set(cap) = act { Some(cap) } else { None };
+            let (start, end) = spec.period().bounds(now);
+            let key = QuotaKey::new(tenant.clone(), SPEND_METER.into(), spec.period(), start, end);
+            let seq = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+            let token = ReserveToken::new(CAP_SENDER, seq).at(now);
+            let limit = plan_hard.then(|| spec.limit().get());
+            let r = Reservation::new(key, 0, 0, limit, token).capped(CapMode::Set(set));
+            quota.reserve(&r).await?.cap
+        }
+        CapAct::Read => quota.counters(tenant, &SPEND_METER.into()).await?.into_iter().find_map(|c| c.cap),
+    };
+    let (limit, hard) = own.map_or((spec.limit().get(), plan_hard), |c| (c.limit, c.hard));
+    Ok(SpendCapView { currency, limit, hard, plan_limit: spec.limit().get(), plan_hard, max_limit: max, own })
+}
+
+/// A cap written as a decimal amount and a mode.
+///
+/// # Errors
+/// [`CapError::NotAnAmount`].
+pub(crate) fn parse(limit: &str, hard: bool) -> Result<SpendCap, CapError> {
+    let nanos = crate::config::billing::parse_cap(limit).map_err(CapError::NotAnAmount)?;
+    Ok(SpendCap::new(nanos, hard))
+}
+
+fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> http::Response<Bytes> {
+    let body = serde_json::json!({
+        "type": format!("https://tollgate.rs/problems/{kind}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut response = http::Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::response::PROBLEM_JSON));
+    response
+}
+
+fn cap_problem(e: &CapError) -> http::Response<Bytes> {
+    let detail = e.to_string();
+    match e {
+        CapError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
+        CapError::NoSpendCap(_) => problem(StatusCode::FORBIDDEN, "no-spend-cap", "No spend cap", &detail),
+        CapError::NotAnAmount(_) => problem(StatusCode::BAD_REQUEST, "bad-request", "Not an amount", &detail),
+        CapError::AboveMax { .. } => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "cap-above-max", "Spend cap above the maximum", &detail)
+        }
+        CapError::Store(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
+        }
+    }
+}
+
+/// The most bytes of a body the spend cap route reads.
+pub(crate) const MAX_BODY: usize = 1024;
+
+impl Tollgate {
+    /// The route an application mounts for its tenants' own spend cap, behind tollgate's
+    /// layer (the calling tenant's cap; any key of the tenant may set it): `GET` answers the
+    /// cap in force (`{"currency", "limit", "mode", "max_limit", "plan_limit", "set_by"}`,
+    /// amounts as decimal strings of the currency), `PUT` with `{"limit": "25.00", "mode":
+    /// "hard"}` (`mode` optional: the plan's) sets the tenant's own, at most the plan's
+    /// `spend.max_limit` (or the operator's override), and answers the same; `DELETE` removes
+    /// it (the plan's holds again; 204). Every node holds reservations to it from its next
+    /// call to the store (a raised cap is seen within a second; a lowered one lets through at
+    /// most the spend leases nodes hold already). A refusal is a problem+json 4xx (403 when
+    /// the plan has no spend cap, 422 above the maximum, 400 for a body that is not that JSON
+    /// or a limit that is not an amount) and stores nothing. The door crates mount it
+    /// (`tollgate_axum::spend_cap`, `tollgate_actix::spend_cap`).
+    pub async fn tenant_spend_cap(
+        &self,
+        tenant: &TenantContext,
+        method: &Method,
+        body: &[u8],
+    ) -> http::Response<Bytes> {
+        let config = self.shared.runtime().load().config.clone();
+        let stores = self.shared.stores().background();
+        let now = self.shared.clock().unix_secs();
+        let id = tenant.tenant();
+        let act = match *method {
+            Method::GET => CapAct::Read,
+            Method::PUT => {
+                if body.len() > MAX_BODY {
+                    return problem(StatusCode::PAYLOAD_TOO_LARGE, "bad-request", "Body too large", "at most 1 KiB");
+                }
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Put {
+                    limit: String,
+                    mode: Option<String>,
+                }
+                let bad = || {
+                    problem(
+                        StatusCode::BAD_REQUEST,
+                        "bad-request",
+                        "Bad request",
+                        "expected {\"limit\": \"25.00\", \"mode\": \"hard\" | \"soft\"}",
+                    )
+                };
+                let Ok(put) = serde_json::from_slice::<Put>(body) else { return bad() };
+                let hard = match put.mode.as_deref() {
+                    Some("hard") => true,
+                    Some("soft") => false,
+                    None => {
+                        // The plan's mode.
+                        let plan = config.plans().get(tenant.plan());
+                        plan.and_then(PlanSpec::spend).is_none_or(|s| s.mode() == QuotaMode::Hard)
+                    }
+                    Some(_) => return bad(),
+                };
+                match parse(&put.limit, hard) {
+                    Ok(cap) => CapAct::Set(cap),
+                    Err(e) => return cap_problem(&e),
+                }
+            }
+            Method::DELETE => CapAct::Remove,
+            _ => {
+                let mut r = problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method-not-allowed",
+                    "Method not allowed",
+                    "GET, PUT or DELETE",
+                );
+                r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, PUT, DELETE"));
+                return r;
+            }
+        };
+        let removing = act == CapAct::Remove;
+        match spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await {
+            Ok(_) if removing => {
+                let mut response = http::Response::new(Bytes::new());
+                *response.status_mut() = StatusCode::NO_CONTENT;
+                response
+            }
+            Ok(view) => {
+                let mut response = http::Response::new(Bytes::from(view.to_json().to_string()));
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                response
+            }
+            Err(e) => cap_problem(&e),
+        }
+    }
+}
