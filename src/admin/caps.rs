@@ -4,7 +4,6 @@ use crate::{
     base::QuotaMode,
     engine::usage::caps::{parse, spend_cap, CapAct},
     money::SpendCapView,
-    store::unix_now,
 };
 
 use super::{Admin, AdminError};
@@ -35,7 +34,7 @@ impl Admin {
             Some(l) => CapAct::Set(parse(l, mode == QuotaMode::Hard).map_err(AdminError::SpendCap)?),
             None => CapAct::Remove,
         };
-        let view = spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, act, unix_now())
+        let view = spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, act, self.clock.unix_secs())
             .await
             .map_err(AdminError::SpendCap)?;
         self.changed(&id);
@@ -50,7 +49,7 @@ impl Admin {
         let id = Self::tenant_id(tenant)?;
         let config =
             self.config.as_ref().ok_or_else(|| AdminError::Invalid("no configuration to read plans from".into()))?;
-        spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, CapAct::Read, unix_now())
+        spend_cap(self.quota()?.as_ref(), self.directory.as_ref(), config, &id, CapAct::Read, self.clock.unix_secs())
             .await
             .map_err(AdminError::SpendCap)
     }

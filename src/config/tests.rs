@@ -286,6 +286,61 @@ mod validation {
 
     const TOKENS: &str = "[meters.tokens]\n[meters.images]\n";
 
+    const BILLING: &str = "[billing]\ncurrency = \"usd\"\n";
+
+    #[test]
+    fn prices_and_spend_caps_are_checked_with_their_line_and_key() {
+        // A price that is not a decimal, or negative; a float is not a decimal string.
+        let e = err(&format!("{BILLING}[meters.tokens]\nprice = \"two cents\"\n"));
+        assert_eq!((e.key(), e.line()), ("meters.tokens.price", Some(4)));
+        assert!(e.to_string().contains("decimal"), "{e}");
+        let e = err(&format!("{BILLING}[meters.tokens]\nprice = \"-0.01\"\n"));
+        assert_eq!((e.key(), e.line()), ("meters.tokens.price", Some(4)));
+        assert!(e.to_string().contains("negative"), "{e}");
+        let e = err(&format!("{BILLING}[meters.tokens]\nprice = 0.01\n"));
+        assert_eq!((e.key(), e.line()), ("meters.tokens.price", Some(4)), "money is never a float");
+        let e = err(&format!("{BILLING}[meters.tokens]\n[plans.p]\nprices.tokens = \"1e-3\"\n"));
+        assert_eq!((e.key(), e.line()), ("plans.p.prices.tokens", Some(5)));
+        // Money without a currency.
+        let e = err("[meters.tokens]\nprice = \"0.01\"\n");
+        assert_eq!((e.key(), e.line()), ("meters.tokens.price", Some(2)));
+        assert!(e.to_string().contains("[billing]"), "{e}");
+        let e = err("[plans.p]\nspend = { limit = \"50.00\" }\n");
+        assert_eq!((e.key(), e.line()), ("plans.p.spend", Some(2)));
+        assert!(e.to_string().contains("currency"), "{e}");
+        // A max_limit below the limit; a limit that is not an amount.
+        let e = err(&format!("{BILLING}[plans.p]\nspend = {{ limit = \"50.00\", max_limit = \"20.00\" }}\n"));
+        assert_eq!((e.key(), e.line()), ("plans.p.spend.max_limit", Some(4)));
+        let e = err(&format!("{BILLING}[plans.p]\nspend = {{ limit = \"0.0000000001\" }}\n"));
+        assert_eq!(e.key(), "plans.p.spend.limit");
+        let e = err(&format!("{BILLING}[plans.p]\nspend = {{ limit = \"2000000000\" }}\n"));
+        assert_eq!(e.key(), "plans.p.spend.limit");
+        let e = err(&format!("{BILLING}[plans.p]\nspend = {{ limit = \"5\", period = \"prepaid\" }}\n"));
+        assert_eq!(e.key(), "plans.p.spend.period");
+        // The reserved meter.
+        let e = err(&format!("{BILLING}[meters.spend]\n"));
+        assert_eq!((e.key(), e.line()), ("meters.spend", Some(3)));
+        assert!(e.to_string().contains("reserved"), "{e}");
+        let e = err("[meters.spend]\n");
+        assert_eq!(e.key(), "meters.spend", "reserved with or without [billing]");
+        let e = err(&format!("{BILLING}[plans.p]\nquotas.spend = {{ limit = 5, period = \"day\" }}\n"));
+        assert_eq!(e.key(), "plans.p.quotas.spend");
+        let e = err("[billing]\ncurrency = \"USD\"\n");
+        assert_eq!((e.key(), e.line()), ("billing.currency", Some(2)));
+        // A hard cap needs no route that charges the spend meter; and every price is exact.
+        let c = parse(&format!(
+            "{BILLING}[meters.tokens]\nprice = \"0.00000015\"\n[plans.p]\nprices.tokens = \"0.0000001\"\n\
+             spend = {{ limit = \"50.00\", max_limit = \"500.00\" }}\n"
+        ))
+        .unwrap();
+        let plan = &c.plans()[&crate::base::PlanId::from("p")];
+        assert_eq!(plan.spend().unwrap().limit().get(), 50_000_000_000);
+        assert_eq!(plan.spend_max(), Some(500_000_000_000));
+        assert_eq!(plan.prices()[&MeterId::from("tokens")].to_string(), "0.0000001");
+        let spend = c.meters().iter().find(|m| m.id().as_str() == "spend").unwrap();
+        assert!(!spend.exported(), "money is never exported as units");
+    }
+
     #[test]
     fn routes_declare_the_meters_their_handler_reports() {
         let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"images\"]\n")).unwrap();

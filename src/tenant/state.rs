@@ -609,6 +609,13 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
+    /// The tenant's own cap was just set (or removed) through this node: known at once, and
+    /// the store asked again at the next request rather than a refusal kept to the second.
+    pub(crate) fn cap_changed(&self, cap: Option<crate::store::SpendCap>) {
+        self.capped_by(cap);
+        self.cold().exhausted.store(false, Ordering::Release);
+    }
+
     /// Records the tenant's own cap the store's answer carried (a spend cap's quota). Call
     /// with the lock held, before [`granted`](Self::granted).
     pub(crate) fn capped_by(&self, cap: Option<crate::store::SpendCap>) {

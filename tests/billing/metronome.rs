@@ -552,3 +552,29 @@ fn metronome_is_said_at_build_not_to_be_reconciled() {
 fn config_text_without_reconciliation() -> String {
     config("http://127.0.0.1:9/").replace("[export]\n", "[export]\nreconcile_interval = \"0s\"\n")
 }
+
+/// Money is never billed as units: on a plan with a spend cap the priced meters go out to
+/// Metronome, the meter `spend` never (its usage stays in the store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_is_never_sent_to_metronome_only_the_priced_meters_are() {
+    let standin = StandIn::start().await;
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let toml = config(&standin.url).replace(
+        "[plans.p]\n",
+        "[billing]\ncurrency = \"usd\"\n[plans.p]\nprices.requests = \"0.001\"\nprices.tokens = \"0.00000015\"\n\
+         spend = { limit = \"100.00\", mode = \"soft\" }\n",
+    );
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    for _ in 0..3 {
+        assert_eq!(h.status("/tokens/10", "key-acme").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    let spent = common::committed(&*store, "acme", "spend", NOON - HOUR, NOON + HOUR, 15 * MIN).await;
+    assert_eq!(spent, 3 * (1_000_000 + 1_500));
+    drain(&[&h], &standin, NOON + HOUR + 5 * MIN).await;
+    let types: std::collections::BTreeSet<String> = standin.events().into_iter().map(|e| e.event_type).collect();
+    assert_eq!(types, ["api_requests".to_owned(), "llm_tokens".to_owned()].into(), "only the priced meters");
+    let totals = standin.totals();
+    assert_eq!(totals[&("acme-account".to_owned(), "llm_tokens".to_owned())], 30);
+}

@@ -1574,3 +1574,35 @@ async fn a_reconciliation_on_a_store_that_hangs_ends_at_the_background_timeout()
         "{e:?}"
     );
 }
+
+/// Money is never billed as units: on a plan with a spend cap, the priced meters go out to
+/// the stand-in (which answers an `event_name` it has no meter for with 400, as Stripe does),
+/// the meter `spend` never; its usage stays in the store, counted, reported, not exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_is_never_exported_only_the_priced_meters_are() {
+    let standin = stand_in().await;
+    let store: Arc<dyn StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let toml = config(&standin.url).replace(
+        "[plans.p]\n",
+        "[billing]\ncurrency = \"usd\"\n[plans.p]\nprices.requests = \"0.001\"\nprices.tokens = \"0.00000015\"\n\
+         spend = { limit = \"100.00\" }\n",
+    );
+    let h = node(&toml, store.clone(), NOON);
+    at(&h.clock, &standin, NOON);
+    for _ in 0..3 {
+        assert_eq!(h.status("/tokens/10", "key-acme").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    let spent = common::committed(&*store, "acme", "spend", NOON - HOUR, NOON + HOUR, 15 * MIN).await;
+    assert_eq!(spent, 3 * (1_000_000 + 1_500), "the spend is recorded: 3 × (0.001 + 10 × 0.00000015)");
+    // Before the export: what it would send has no spend.
+    at(&h.clock, &standin, NOON + HOUR + 5 * MIN);
+    let preview = h.tollgate.export_preview().await.unwrap();
+    assert!(!preview.is_empty() && preview.iter().all(|e| e.event_name != "spend"), "{preview:?}");
+    drain(&[&h], &standin, NOON + HOUR + 5 * MIN).await;
+    let names: std::collections::BTreeSet<String> = standin.events().into_iter().map(|e| e.event_name).collect();
+    assert_eq!(names, ["api_requests".to_owned(), "llm_tokens".to_owned()].into(), "only the priced meters");
+    let key = |t: &str| ("cus_acme".to_owned(), t.to_owned());
+    assert_eq!((standin.totals()[&key("api_requests")], standin.totals()[&key("llm_tokens")]), (3, 30));
+    assert!(h.tollgate.usage_store().dead_letters(None, 10).await.unwrap().is_empty(), "nothing refused");
+}

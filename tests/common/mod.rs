@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod holds;
 #[cfg(feature = "metronome")]
 pub mod metronome;
+pub mod money;
 pub mod places;
 #[cfg(feature = "postgres")]
 pub mod postgres;

@@ -51,8 +51,13 @@ headers = "draft"
 [usage]
 window = "1h"
 
+[billing]
+currency = "usd"
+
 [meters.requests]
+price = "0.05"
 [meters.tokens]
+price = "0.01"
 
 [plans.free]
 rate = "5/s"
@@ -114,6 +119,15 @@ path = "/v1/draw"
 reports = ["tokens"]
 hold.tokens = 3
 settle = "estimate"
+
+[plans.capped]
+rate = "100/s"
+burst = 100
+spend = { limit = "0.20", period = "month", mode = "hard" }
+
+[tenants.stark]
+plan = "capped"
+keys = ["key-capped"]
 
 [tenants.acme]
 plan = "free"
@@ -552,6 +566,26 @@ pub fn scenarios() -> Vec<Scenario> {
             same_responses: true,
         },
         Scenario {
+            name: "a spend cap: priced requests and tokens, then 402 with Retry-After until the month ends",
+            steps: vec![
+                // 0.05 a request, 0.01 a token, a cap of 0.20 a month.
+                Send(get("/v1/items").key("key-capped"), 200),
+                // 0.05, and the 7 tokens its handler records: 0.17 in all.
+                Send(post("/v1/generate").key("key-capped"), 200),
+                // 0.05 more does not fit: refused before the work, charged nothing.
+                Send(get("/v1/items").key("key-capped"), 402),
+                Send(post("/v1/reports").key("key-capped"), 402),
+                Advance(Duration::from_secs(2)),
+                Send(get("/v1/items").key("key-capped"), 402),
+            ],
+            usage: vec![
+                ("stark", "requests", 2),
+                ("stark", "tokens", GENERATE_TOKENS),
+                ("stark", "spend", 170_000_000),
+            ],
+            same_responses: true,
+        },
+        Scenario {
             name: "handler-reported usage, and its hard quota",
             steps: vec![
                 Send(post("/v1/generate").key("key-free"), 200),
@@ -896,7 +930,29 @@ pub fn check_fields(scenario: &str, i: usize, resp: &Resp) {
             }
         }
     }
-    if resp.status != 429 || resp.headers.get("content-type").is_none_or(|c| c != "application/problem+json") {
+    let problem = resp.headers.get("content-type").is_some_and(|c| c == "application/problem+json");
+    if resp.status == 402 && problem {
+        // A spent spend cap: it comes back with the period, so Retry-After and the cap's `t`
+        // say when, and the cap is a policy of the answer.
+        let body: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+        if let Some(cap) = body["policy"].as_str().filter(|p| p.starts_with("spend-")) {
+            assert_eq!(body["title"], "Spend cap reached", "{scenario}: {i}: {body}");
+            let retry: u64 = resp.headers.get("retry-after").expect("a spent cap says when").parse().unwrap();
+            let items = resp.headers.get("ratelimit").map(String::as_str).unwrap_or_default();
+            let t = items
+                .split(", ")
+                .find(|item| item.starts_with(&format!("\"{cap}\";")))
+                .and_then(|item| item.split(';').find_map(|p| p.strip_prefix("t=")))
+                .map(|t| t.parse::<u64>().unwrap())
+                .unwrap_or_else(|| panic!("{scenario}: {i}: no `t` of {cap} in RateLimit: {items}"));
+            assert!(retry >= t && t > 0, "{scenario}: {i}: Retry-After {retry}, t={t} of {cap}");
+            assert!(
+                policy.contains(&format!("\"{cap}\";q=")),
+                "{scenario}: {i}: {cap} not in RateLimit-Policy: {policy}"
+            );
+        }
+    }
+    if resp.status != 429 || !problem {
         return;
     }
     let body: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
@@ -1029,7 +1085,7 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
         other.flush().await.expect("the memory store takes every flush");
     }
     let mut usage = BTreeMap::new();
-    for tenant in ["acme", "globex", "beta", "initech", "umbrella", "hooli"] {
+    for tenant in ["acme", "globex", "beta", "initech", "umbrella", "hooli", "stark"] {
         for a in store.usage_range(&tenant.into(), 0, i64::MAX).await.unwrap() {
             *usage.entry((tenant.to_owned(), a.key.meter.to_string())).or_insert(0) += a.quantity;
         }

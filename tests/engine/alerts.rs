@@ -112,7 +112,15 @@ async fn an_alert_arrives_once_its_receiver_is_back() {
     assert!(got.len() >= 2, "tried while down, then delivered: {got:?}");
     assert!(got.iter().all(|d| d.id == got[0].id), "every attempt under one id: {got:?}");
     assert_eq!(got.iter().filter(|d| d.mode == "ok").count(), 1, "delivered once it was back: {got:?}");
-    let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    // The receiver answers before the node settles the row: its settle lands just after.
+    let mut rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    for _ in 0..50 {
+        if rows[0].state == AlertState::Delivered {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    }
     assert_eq!((rows[0].state, rows[0].attempts as usize), (AlertState::Delivered, got.len()));
     h.tollgate.shutdown().await.unwrap();
 }
@@ -413,4 +421,55 @@ async fn a_balance_is_alerted_once_per_episode_of_its_grants() {
     }
     c.tollgate.flush().await.unwrap();
     assert_eq!(low(&store.list_alerts(&AlertQuery::new(10)).await.unwrap()), 2, "a new episode");
+}
+
+/// Four engines spending together past 80% of a spend cap: one `spend.threshold_crossed`
+/// for the fleet (and at most one `spend.cap_reached`), in money, valid by the schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_spending_together_send_one_spend_alert() {
+    let Some(receiver) = Receiver::start() else { return };
+    let (_dir, secret) = secret_file();
+    let toml = format!(
+        "[usage]\nnotify_at = [80]\nstore_timeout = \"4s\"\n{}\n[billing]\ncurrency = \"usd\"\n\
+         [meters.requests]\nprice = \"0.01\"\n\
+         [plans.p]\nrate = \"100000/s\"\nspend = {{ limit = \"1.00\", period = \"month\" }}\n\
+         [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n",
+        section(&receiver.url("/hook"), &secret, "")
+    );
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Arc<Harness>> =
+        (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8usize {
+        let h = nodes[i % 4].clone();
+        tasks.spawn(async move {
+            for _ in 0..12 {
+                let status = h.status("/", "key-t").await;
+                assert!(status == 200 || status == 402, "{status}");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    for h in &nodes {
+        h.tollgate.flush().await.unwrap();
+    }
+    receiver.wait_for(Duration::from_secs(10), |got| !got.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let got = receiver.received().await;
+    all_sound(&got);
+    let kinds: Vec<_> = got.iter().filter_map(|d| d.kind.clone()).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "spend.threshold_crossed").count(), 1, "one for the fleet: {got:?}");
+    assert!(kinds.iter().filter(|k| *k == "spend.cap_reached").count() <= 1, "{got:?}");
+    assert!(kinds.iter().all(|k| k.starts_with("spend.")), "no alert of units for money: {kinds:?}");
+    let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    let crossed = rows.iter().find(|r| r.event == "spend.threshold_crossed").unwrap();
+    let body: serde_json::Value = serde_json::from_str(&crossed.body).unwrap();
+    assert_eq!(body["data"]["currency"], "usd");
+    assert_eq!(body["data"]["limit_amount"], "1");
+    assert_eq!(body["data"]["meter"], "spend");
+    assert_eq!(body["data"]["threshold"]["percent"], 80);
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
 }

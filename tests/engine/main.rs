@@ -18,6 +18,7 @@ mod holds;
 mod idempotency;
 mod limits;
 mod metrics;
+mod money;
 mod pipeline;
 mod places;
 mod quotas;

@@ -430,3 +430,12 @@ async fn four_nodes_run_at_most_the_fleets_concurrency() {
     let Some(store) = dynamo::table().await else { return };
     common::places::four_nodes_run_at_most(Arc::new(store)).await;
 }
+
+/// Holds on priced meters across four engines on one DynamoDB table (the local server answers
+/// one call at a time), 32 tasks: the spend never passes a hard cap of 1.00, and after
+/// shutdown the spend counter holds exactly what the calls cost (`common::money`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_holding_never_pass_a_hard_spend_cap() {
+    let Some(store) = dynamo::table().await else { return };
+    common::money::four_engines_never_pass_a_hard_spend_cap(Arc::new(store), 32).await;
+}

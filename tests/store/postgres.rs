@@ -468,7 +468,7 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
 /// What the step from version 3 to 4 adds, taken away.
 fn back_to_version_3(s: &str) -> String {
     format!(
-        "DROP TABLE {s}.alert_outbox; ALTER TABLE {s}.tenant DROP COLUMN alert_endpoint; DROP TABLE {s}.place_leases; DROP TABLE {s}.rate_cells; DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
+        "DROP TABLE {s}.quota_cap; DROP TABLE {s}.alert_outbox; ALTER TABLE {s}.tenant DROP COLUMN alert_endpoint; DROP TABLE {s}.place_leases; DROP TABLE {s}.rate_cells; DROP TABLE {s}.credit_refund_kept; DROP TABLE {s}.idempotency_count; \
          DROP TABLE {s}.idempotency_shard_bytes; ALTER TABLE {s}.quota DROP COLUMN forgiven, DROP COLUMN forgiven_until, DROP COLUMN forgiven_by, DROP COLUMN senders_forgotten_at; \
          DROP INDEX {s}.credit_payment; DROP INDEX {s}.credit_by_payment; DROP INDEX {s}.credit_id; \
          ALTER TABLE {s}.credit DROP COLUMN paid, DROP COLUMN bought, DROP COLUMN taken, DROP COLUMN duplicate"
@@ -564,4 +564,13 @@ async fn fleet_rate_store_calls_follow_the_pace() {
 async fn four_nodes_run_at_most_the_fleets_concurrency() {
     let Some((store, _)) = postgres::store().await else { return };
     common::places::four_nodes_run_at_most(Arc::new(store)).await;
+}
+
+/// Holds on priced meters across four engines on one PostgreSQL schema, 32 tasks, their
+/// workers running and the clock moving: the spend never passes a hard cap of 1.00, and after
+/// shutdown the spend counter holds exactly what the calls cost (`common::money`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_holding_never_pass_a_hard_spend_cap() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::money::four_engines_never_pass_a_hard_spend_cap(Arc::new(store), 32).await;
 }

@@ -354,6 +354,7 @@ async fn the_file_is_in_wal_mode_with_tollgate_s_tables() {
             "meta",
             "place_leases",
             "quota",
+            "quota_cap",
             "quota_floor",
             "quota_sender",
             "rate_cells",
@@ -442,7 +443,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     // Back to version 1 as it was written.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+        "DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_due; DROP TABLE credit; ALTER TABLE quota DROP COLUMN granted; \
          ALTER TABLE tenant DROP COLUMN metronome_customer; ALTER TABLE tenant DROP COLUMN subscriptions; DROP TABLE ledger; DROP TABLE meta; DROP INDEX usage_pending; ALTER TABLE usage DROP COLUMN billable; \
@@ -464,7 +465,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 15);
+    assert_eq!(version, 16);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()
@@ -521,7 +522,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
-        "DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
+        "DROP TABLE quota_cap; DROP TABLE alert_outbox; ALTER TABLE tenant DROP COLUMN alert_endpoint; DROP TABLE place_leases; DROP TABLE rate_cells; DROP TABLE credit_refund_kept; DROP TABLE idempotency_count; ALTER TABLE quota_sender DROP COLUMN at; \
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \

@@ -443,3 +443,49 @@ async fn tenants_register_their_alert_endpoint_through_the_route() {
     let r = test::call_service(&app, call(Method::DELETE, &acme, "")).await;
     assert_eq!(r.status().as_u16(), 204);
 }
+
+/// The tenants' spend cap route inside the middleware: within the maximum it is set, above it
+/// 422 problem+json and nothing stored.
+#[actix_web::test]
+async fn tenants_set_their_own_spend_cap_through_the_route() {
+    use tollgate::store::MemoryStore;
+    let config = tollgate::Config::from_toml_str(
+        "[billing]\ncurrency = \"usd\"\n[meters.requests]\nprice = \"0.10\"\n\
+         [plans.pro]\nspend = { limit = \"1.00\", max_limit = \"5.00\" }\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    let admin = tollgate::admin::Admin::for_engine(&engine);
+    admin.add_tenant("acme", "pro", None).await.unwrap();
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let app = test::init_service(
+        App::new().service(
+            web::scope("/v1")
+                .wrap(TollgateMiddleware::new(engine.clone()))
+                .route("/spend/cap", tollgate_actix::spend_cap(engine)),
+        ),
+    )
+    .await;
+    let call = |method: Method, body: &str| {
+        TestRequest::default()
+            .method(method)
+            .uri("/v1/spend/cap")
+            .insert_header(("x-api-key", acme.clone()))
+            .set_payload(body.to_owned())
+            .to_request()
+    };
+    let r = test::call_service(&app, call(Method::PUT, r#"{"limit":"9.00"}"#)).await;
+    assert_eq!(r.status().as_u16(), 422);
+    assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+    let r = test::call_service(&app, call(Method::PUT, r#"{"limit":"nine"}"#)).await;
+    assert_eq!(r.status().as_u16(), 400);
+    let r = test::call_service(&app, call(Method::GET, "")).await;
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+    assert_eq!(body["set_by"], "plan", "nothing stored");
+    let r = test::call_service(&app, call(Method::PUT, r#"{"limit":"4.00","mode":"soft"}"#)).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+    assert_eq!((body["limit"].as_str(), body["mode"].as_str()), (Some("4"), Some("soft")));
+    assert_eq!(admin.spend_cap("acme").await.unwrap().limit, 4_000_000_000);
+}

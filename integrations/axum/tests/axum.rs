@@ -487,3 +487,66 @@ async fn tenants_register_their_alert_endpoint_through_the_route() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(store.tenant(&"acme".into()).await.unwrap().unwrap().alert_endpoint, None);
 }
+
+/// The tenants' spend cap route behind the layer: the calling tenant sets its own cap within
+/// its plan's `max_limit`; above it 422, not an amount 400, a plan without a cap 403, all
+/// problem+json, nothing stored; the cap then holds its requests (402).
+#[tokio::test]
+async fn tenants_set_their_own_spend_cap_through_the_route() {
+    use tollgate::store::MemoryStore;
+    let config = tollgate::Config::from_toml_str(
+        "[billing]\ncurrency = \"usd\"\n[meters.requests]\nprice = \"0.10\"\n[meters.account]\n\
+         [plans.pro]\nspend = { limit = \"1.00\", max_limit = \"5.00\" }\n[plans.free]\nrate = \"100/s\"\n\
+         [[routes]]\npath = \"/v1/spend/cap\"\nmeter = \"account\"\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    let admin = tollgate::admin::Admin::for_engine(&engine);
+    admin.add_tenant("acme", "pro", None).await.unwrap();
+    admin.add_tenant("bob", "free", None).await.unwrap();
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let bob = admin.issue_key("bob", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let app = Router::new()
+        .route("/v1/spend/cap", tollgate_axum::spend_cap(engine.clone()))
+        .route("/v1/work", axum::routing::get(|| async { "done" }))
+        .layer(TollgateLayer::new(engine));
+    let call = |method: &str, path: &str, key: &str, body: &str| {
+        Request::builder().method(method).uri(path).header("x-api-key", key).body(Body::from(body.to_owned())).unwrap()
+    };
+    let send = |req: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(req).await.unwrap();
+            let status = response.status();
+            let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, content_type, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+        }
+    };
+    let problem = |(status, ct, _): &(StatusCode, Option<String>, serde_json::Value), want: StatusCode| {
+        assert_eq!(*status, want);
+        assert_eq!(ct.as_deref(), Some("application/problem+json"));
+    };
+    problem(&send(call("PUT", "/v1/spend/cap", &bob, r#"{"limit":"1.00"}"#)).await, StatusCode::FORBIDDEN);
+    problem(&send(call("PUT", "/v1/spend/cap", &acme, r#"{"limit":"5.01"}"#)).await, StatusCode::UNPROCESSABLE_ENTITY);
+    problem(&send(call("PUT", "/v1/spend/cap", &acme, r#"{"limit":"lots"}"#)).await, StatusCode::BAD_REQUEST);
+    problem(&send(call("PUT", "/v1/spend/cap", &acme, "not json")).await, StatusCode::BAD_REQUEST);
+    problem(&send(call("PUT", "/v1/spend/cap", &acme, &"x".repeat(5_000))).await, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _, body) = send(call("GET", "/v1/spend/cap", &acme, "")).await;
+    assert_eq!((status, body["limit"].as_str(), body["set_by"].as_str()), (StatusCode::OK, Some("1"), Some("plan")));
+    // Lowered to 0.30: three requests at 0.10, then 402.
+    let (status, _, body) = send(call("PUT", "/v1/spend/cap", &acme, r#"{"limit":"0.30","mode":"hard"}"#)).await;
+    assert_eq!((status, body["limit"].as_str()), (StatusCode::OK, Some("0.3")), "{body}");
+    for _ in 0..3 {
+        assert_eq!(send(call("GET", "/v1/work", &acme, "")).await.0, StatusCode::OK);
+    }
+    let refused = send(call("GET", "/v1/work", &acme, "")).await;
+    problem(&refused, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(refused.2["policy"], "spend-month");
+    // At its cap, the tenant can still raise it: the route's meter is not priced.
+    let (status, _, body) = send(call("PUT", "/v1/spend/cap", &acme, r#"{"limit":"0.40"}"#)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(send(call("GET", "/v1/work", &acme, "")).await.0, StatusCode::OK, "raised: seen at once on this node");
+    assert_eq!(send(call("DELETE", "/v1/spend/cap", &acme, "")).await.0, StatusCode::NO_CONTENT);
+}

@@ -727,3 +727,35 @@ async fn alerts_and_tenant_endpoints_from_the_command_line() {
     let err = fails(dir.path(), &["alerts", "retry", "alert_x"]);
     assert!(err.contains("no dead letter"), "{err}");
 }
+
+/// `tollgate tenants set-cap`: a tenant's own spend cap within its plan's `max_limit`; above
+/// it, not an amount, or on a plan without a cap: an error, nothing stored. `show-cap` and
+/// `--none`.
+#[test]
+fn spend_caps_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("tollgate.toml"),
+        "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[billing]\ncurrency = \"usd\"\n[meters.requests]\nprice = \"0.01\"\n\
+         [plans.free]\nrate = \"10/s\"\n\
+         [plans.pro]\nspend = { limit = \"50.00\", max_limit = \"500.00\" }\n",
+    )
+    .unwrap();
+    ok(d, &["tenants", "add", "acme", "--plan", "pro"]);
+    ok(d, &["tenants", "add", "bob", "--plan", "free"]);
+    let shown = ok(d, &["tenants", "show-cap", "acme"]);
+    assert!(shown.contains("spend cap 50 usd (hard, the plan's)") && shown.contains("at most 500 usd"), "{shown}");
+    for (limit, why) in [("500.01", "above the most"), ("lots", "not a decimal"), ("0", "more than 0")] {
+        let err = fails(d, &["tenants", "set-cap", "acme", limit]);
+        assert!(err.starts_with("error:") && err.contains(why), "{limit}: {err}");
+    }
+    assert!(fails(d, &["tenants", "set-cap", "bob", "5.00"]).contains("has no spend cap"));
+    assert!(ok(d, &["tenants", "show-cap", "acme"]).contains("the plan's"), "nothing stored");
+    let out = ok(d, &["tenants", "set-cap", "acme", "25.00", "--hard"]);
+    assert!(out.contains("spend cap 25 usd (hard, the tenant's own)"), "{out}");
+    let out = ok(d, &["tenants", "set-cap", "acme", "500", "--soft"]);
+    assert!(out.contains("spend cap 500 usd (soft, the tenant's own)"), "{out}");
+    let out = ok(d, &["tenants", "set-cap", "acme", "--none"]);
+    assert!(out.contains("spend cap 50 usd (hard, the plan's)"), "{out}");
+}

@@ -267,7 +267,16 @@ impl Tollgate {
             }
         };
         let removing = act == CapAct::Remove;
-        match spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await {
+        let answer = spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await;
+        if let (Ok(view), false) = (&answer, act == CapAct::Read) {
+            // This node knows at once (others at their next call to the store).
+            if let Some(state) = self.shared.table().state(id) {
+                if let Some(cell) = state.plan.spend.and_then(|s| state.quota(s)) {
+                    cell.cap_changed(view.own);
+                }
+            }
+        }
+        match answer {
             Ok(_) if removing => {
                 let mut response = http::Response::new(Bytes::new());
                 *response.status_mut() = StatusCode::NO_CONTENT;

@@ -1,0 +1,185 @@
+//! Spend caps across a fleet: the configuration, and the four engines' check the engine's and
+//! the stores' tests share.
+
+use std::{
+    str::FromStr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use super::{committed, holds::Rng, node_with_worker, Harness, NOON};
+use tollgate::{
+    config::Period,
+    door::{Admission, Credential, RequestInfo, Ticket},
+    money::{ceil_nanos, cost_nanos, Decimal, NANOS},
+    store::QuotaKey,
+    Overrun, RejectionKind, TenantContext,
+};
+
+/// The price of a token: 7,313.3333 nano-dollars (a price finer than a nano-unit, so that
+/// rounding shows).
+pub const TOKEN_PRICE: &str = "0.0000073133333";
+/// The price of a request: 1,000 nano-dollars.
+pub const REQUEST_PRICE: &str = "0.000001";
+
+/// Tenant `t` with a hard spend cap of 1.00 a month on priced tokens and requests; the route
+/// that reports tokens.
+pub const TOML: &str = r#"
+[billing]
+currency = "usd"
+[meters.requests]
+price = "0.000001"
+[meters.tokens]
+price = "0.0000073133333"
+[plans.p]
+spend = { limit = "1.00", period = "month", mode = "hard", max_limit = "10.00" }
+[[routes]]
+path = "/generate"
+reports = ["tokens"]
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[tenants.u]
+plan = "p"
+keys = ["key-u"]
+"#;
+
+/// The counter of `tenant`'s spend in the month holding noon.
+pub fn spend_key(tenant: &str) -> QuotaKey {
+    let month = Period::Month { anchor_day: 1 };
+    let (start, end) = month.bounds(NOON);
+    QuotaKey::new(tenant.into(), "spend".into(), month, start, end)
+}
+
+/// ⌈units × price⌉ in nano-units.
+pub fn nanos(units: u64, price: &str) -> u64 {
+    ceil_nanos(cost_nanos(units, Decimal::from_str(price).unwrap()))
+}
+
+/// A request of the tenant with `key` on the route that reports tokens: admitted with its
+/// context, or refused.
+pub async fn admit(h: &Harness, key: &'static str) -> Result<(Ticket, TenantContext), tollgate::Rejection> {
+    let info = RequestInfo::new("POST", "/generate", Credential::ApiKey(key.as_bytes()));
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await?,
+        Admission::Rejected(r) => return Err(r),
+    };
+    let ctx = ticket.context();
+    Ok((ticket, ctx))
+}
+
+/// Four engines with their workers on one store, the clock moving: `tasks` tasks send calls
+/// that each cost a priced request and hold a random estimate of priced tokens with `overrun =
+/// "refuse"`, recording an actual (some streaming with extensions, some failing before they
+/// record, some cut off). The spend recorded never passes the cap of 1.00; once the nodes shut
+/// down (their leases given back), the store's spend counter holds exactly what the calls
+/// cost, to the nano-dollar, and so does the spend usage.
+pub async fn four_engines_never_pass_a_hard_spend_cap(store: Arc<dyn tollgate::store::StoreInspect>, tasks: u64) {
+    const CAP: u64 = NANOS;
+    let toml = TOML.to_owned() + "[usage]\nstore_timeout = \"30s\"\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Arc<Harness>> =
+        (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let cost = Arc::new(AtomicU64::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..tasks {
+        let (h, cost) = (nodes[i as usize % 4].clone(), cost.clone());
+        set.spawn(async move {
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (i + 1));
+            let (mut refused, mut calls) = (0, 0);
+            while refused < 3 {
+                calls += 1;
+                assert!(calls < 5_000, "never refused: the cap does not hold");
+                let (ticket, ctx) = match admit(&h, "key-t").await {
+                    Ok(admitted) => admitted,
+                    Err(r) => {
+                        assert_eq!(r.kind(), RejectionKind::SpendCapReached, "{r}");
+                        refused += 1;
+                        continue;
+                    }
+                };
+                let estimate = 1 + rng.below(150);
+                let mut hold = match ctx.hold_with("tokens", estimate, Overrun::Refuse).await {
+                    Ok(hold) => hold,
+                    Err(r) => {
+                        match r.kind() {
+                            RejectionKind::SpendCapReached => refused += 1,
+                            RejectionKind::UnitsHeld => tokio::task::yield_now().await,
+                            other => panic!("{other:?}: {r}"),
+                        }
+                        ticket.give_back();
+                        continue;
+                    }
+                };
+                let mut recorded = 0;
+                let billed = match rng.below(4) {
+                    // Fails before it records: the whole hold goes back, and the request's.
+                    0 => {
+                        drop(hold);
+                        ticket.give_back();
+                        false
+                    }
+                    // Streams: records in chunks, extending while the cap allows.
+                    1 => {
+                        for _ in 0..1 + rng.below(6) {
+                            let chunk = 1 + rng.below(40);
+                            if hold.record(chunk).is_err() {
+                                if hold.extend(chunk).await.is_err() {
+                                    break;
+                                }
+                                hold.record(chunk).unwrap();
+                            }
+                            recorded += chunk;
+                            tokio::task::yield_now().await;
+                        }
+                        hold.settle();
+                        ticket.complete(200)
+                    }
+                    // Cut off after it recorded part: what it recorded is charged, the rest of
+                    // its hold and the request's cost go back (the ticket dropped unserved).
+                    2 => {
+                        let part = rng.below(estimate + 1);
+                        hold.record(part).unwrap();
+                        recorded = part;
+                        drop(hold);
+                        drop(ticket);
+                        false
+                    }
+                    // Records an actual at most its estimate.
+                    _ => {
+                        let actual = rng.below(estimate + 1);
+                        hold.record(actual).unwrap();
+                        recorded = actual;
+                        hold.settle();
+                        ticket.complete(200)
+                    }
+                };
+                // A hold's spend is rounded once: ⌈recorded × price⌉.
+                let spent = nanos(recorded, TOKEN_PRICE) + if billed { nanos(1, REQUEST_PRICE) } else { 0 };
+                cost.fetch_add(spent, Ordering::SeqCst);
+            }
+        });
+    }
+    // The clock moves while they run (leases age, prefetches and flushes happen).
+    while !set.is_empty() {
+        tokio::select! {
+            done = set.join_next() => { done.unwrap().unwrap(); }
+            () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {
+                handle.advance(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+    let cost = cost.load(Ordering::SeqCst);
+    assert!(cost <= CAP, "spent {cost} of {CAP} nano-dollars");
+    assert!(cost > CAP / 2, "the tasks spent most of it: {cost}");
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let taken = store.reserved(&spend_key("t")).await.unwrap();
+    assert_eq!(taken, cost, "the store's spend = what the calls cost, nothing stranded or lost");
+    let recorded = committed(&*store, "t", "spend", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
+    assert_eq!(recorded, cost, "the spend recorded = what the calls cost");
+}

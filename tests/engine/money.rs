@@ -1,0 +1,302 @@
+//! Money: prices on meters, spend caps over the reserved meter `spend`, caps tenants set.
+//! What a tenant is charged never passes a hard cap when its work holds first and refuses to
+//! overrun; spend is rounded once per request and once per hold; a tenant's own cap is kept
+//! by the store and seen by every node.
+
+use std::sync::Arc;
+
+use crate::common;
+
+use common::money::{admit, spend_key, TOKEN_PRICE, TOML};
+use common::{node_with_worker, Harness, NOON};
+use tollgate::{
+    admin::Admin,
+    config::QuotaMode,
+    money::{amount_of, NANOS},
+    Overrun, RejectionKind,
+};
+
+/// Half a month from noon to the end of March (2026-03-14T12:00Z → 2026-04-01).
+const TO_MONTH_END: u64 = 1_775_001_600 - NOON as u64;
+
+async fn spend_recorded(h: &Harness, tenant: &str) -> u64 {
+    h.tollgate.flush().await.unwrap();
+    common::committed(&**h.tollgate.usage_store(), tenant, "spend", NOON - 40 * 86_400, NOON + 86_400, 3600).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_memory_store_never_pass_a_hard_spend_cap() {
+    common::money::four_engines_never_pass_a_hard_spend_cap(Arc::new(tollgate::store::MemoryStore::new()), 32).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_sqlite_file_never_pass_a_hard_spend_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("spend.db")).await.unwrap();
+    common::money::four_engines_never_pass_a_hard_spend_cap(Arc::new(store), 32).await;
+}
+
+/// The issue's example: 7 tokens at $0.15 per million cost 1,050 nano-dollars, exactly.
+#[tokio::test]
+async fn seven_tokens_at_fifteen_cents_a_million_cost_1050_nano_dollars() {
+    let toml = TOML.replace(TOKEN_PRICE, "0.00000015").replace("price = \"0.000001\"", "");
+    let h = Harness::new(&toml);
+    assert_eq!(h.status("/tokens/7", "key-t").await, 200);
+    assert_eq!(spend_recorded(&h, "t").await, 1_050);
+    let report = h.tollgate.usage_report(&"t".into(), NOON - 3600, NOON + 3600).await.unwrap();
+    assert_eq!(report.currency.as_deref(), Some("usd"));
+    let spend = report.quotas.iter().find(|q| q.meter.as_str() == "spend").expect("the spend quota is reported");
+    assert_eq!((spend.used, spend.limit, spend.remaining), (1_050, NANOS, NANOS - 1_050));
+    assert_eq!(amount_of(spend.used).to_string(), "0.00000105");
+    assert!(report.usage.iter().any(|w| w.meter.as_str() == "spend" && w.quantity == 1_050));
+}
+
+/// A price finer than a nano-unit (1.5 nano-dollars a token): a request's records without a
+/// hold are rounded once for the request (ten records of one token: ⌈15⌉, not 10 × ⌈1.5⌉ =
+/// 20); a hold's once for the hold (three records: ⌈4.5⌉ = 5); a usage event once per event.
+#[tokio::test]
+async fn spend_is_rounded_once_per_request_and_once_per_hold() {
+    let toml = TOML.replace(TOKEN_PRICE, "0.0000000015").replace("price = \"0.000001\"", "");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    for _ in 0..10 {
+        ctx.record("tokens", 1).unwrap();
+    }
+    assert!(ticket.complete(200));
+    assert_eq!(spend_recorded(&h, "t").await, 15, "one request: ⌈10 × 1.5⌉");
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_with("tokens", 10, Overrun::Refuse).await.unwrap();
+    for _ in 0..3 {
+        hold.record(1).unwrap();
+    }
+    hold.settle();
+    assert!(ticket.complete(200));
+    assert_eq!(spend_recorded(&h, "t").await, 15 + 5, "one hold: ⌈3 × 1.5⌉");
+    // A streamed request of many records settles to the same total as one record of them all.
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    for _ in 0..1_001 {
+        ctx.record("tokens", 1).unwrap();
+    }
+    drop(ctx);
+    assert!(ticket.complete(200));
+    assert_eq!(spend_recorded(&h, "t").await, 20 + 1_502, "⌈1001 × 1.5⌉ = 1502");
+    // Usage events (jobs): each event rounded on its own.
+    for i in 0..3 {
+        let e = tollgate::events::Event::new(
+            format!("job-{i}"),
+            "t".into(),
+            "tokens".into(),
+            1,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(NOON as u64),
+        );
+        h.tollgate.record_event(e).await.unwrap();
+    }
+    assert_eq!(spend_recorded(&h, "t").await, 1_522 + 3 * 2, "an event: ⌈1.5⌉ each");
+    // The quota counter took what was recorded (this node's lease given back).
+    h.tollgate.shutdown().await.unwrap();
+    assert_eq!(h.reserved(&spend_key("t")).await, 1_528);
+}
+
+/// A route's priced cost is taken before the work: once the cap cannot cover it, 402 with
+/// `Retry-After` and `t` at the month's end, and the spend policy in the headers.
+#[tokio::test]
+async fn a_spent_cap_refuses_before_the_work_until_the_period_ends() {
+    // A request costs 0.30: three fit in 1.00.
+    let toml = TOML.replace("price = \"0.000001\"", "price = \"0.30\"");
+    let h = Harness::new(&toml);
+    for _ in 0..3 {
+        let r = h.get("/anything", "key-t").await;
+        assert_eq!(r.status, 200);
+        let policy = r.header("ratelimit-policy").unwrap();
+        assert!(
+            policy.contains("\"spend-month\";q=1000000000;w=2678400;tollgate-unit=\"nano-usd\""),
+            "the cap is a policy of the route: {policy}"
+        );
+        assert!(!policy.contains("qu="), "no unit outside the registry: {policy}");
+    }
+    let r = h.get("/anything", "key-t").await;
+    assert_eq!(r.status, 402);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    assert_eq!(r.header("retry-after"), Some(TO_MONTH_END.to_string().as_str()));
+    let limit = r.header("ratelimit").unwrap();
+    assert!(limit.contains(&format!("\"spend-month\";r=0;t={TO_MONTH_END}")), "{limit}");
+    let body = r.json();
+    assert_eq!(body["title"], "Spend cap reached");
+    assert_eq!(body["policy"], "spend-month");
+    assert_eq!(body["retry_after"], TO_MONTH_END);
+    assert_eq!(spend_recorded(&h, "t").await, 3 * 300_000_000, "the refused request costs nothing");
+}
+
+/// A hold on a priced meter holds its estimated cost too: refused (402) when the cap cannot
+/// cover it, before anything is taken; a record past it with `overrun = "refuse"` is refused
+/// and records nothing.
+#[tokio::test]
+async fn a_hold_on_a_priced_meter_holds_its_cost() {
+    // A token costs 0.01: 100 tokens fill the cap.
+    let toml = TOML.replace(TOKEN_PRICE, "0.01").replace("price = \"0.000001\"", "");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_with("tokens", 60, Overrun::Refuse).await.unwrap();
+    // Another request's hold cannot take what this one holds.
+    let (other, other_ctx) = admit(&h, "key-t").await.unwrap();
+    let r = other_ctx.hold_with("tokens", 50, Overrun::Refuse).await.unwrap_err();
+    assert!(matches!(r.kind(), RejectionKind::SpendCapReached | RejectionKind::UnitsHeld), "{r}");
+    other.give_back();
+    hold.record(60).unwrap();
+    // Past the hold and the cap: refused, nothing recorded.
+    let mut rest = other_ctx.hold_with("tokens", 40, Overrun::Refuse).await.unwrap();
+    assert_eq!(hold.record(1), Err(tollgate::RecordError::SpendCap(10_000_000)));
+    rest.record(40).unwrap();
+    rest.settle();
+    hold.settle();
+    assert!(ticket.complete(200));
+    let r = ctx.hold_with("tokens", 1, Overrun::Refuse).await.unwrap_err();
+    assert_eq!(r.kind(), RejectionKind::SpendCapReached);
+    assert_eq!(r.status().as_u16(), 402);
+    assert_eq!(r.retry_after(), Some(std::time::Duration::from_secs(TO_MONTH_END)));
+    assert_eq!(spend_recorded(&h, "t").await, NANOS, "exactly the cap");
+}
+
+/// A cap the tenant lowers below what it has spent: every node refuses once the spend lease it
+/// holds is used (at most one lease per node, the documented bound), and from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lowered_cap_is_held_by_every_node_within_a_lease() {
+    // A request costs 0.001; the plan's cap is 1.00 (a lease is at most 1/16 of it: 62.5
+    // requests' worth).
+    let toml = TOML.replace("price = \"0.000001\"", "price = \"0.001\"");
+    let store = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Harness> =
+        (0..4).map(|_| node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())).collect();
+    for h in &nodes {
+        for _ in 0..50 {
+            assert_eq!(h.status("/anything", "key-t").await, 200);
+        }
+    }
+    let before = 200 * 1_000_000;
+    let admin = Admin::for_engine(&nodes[0].tollgate);
+    let view = admin.set_spend_cap("t", Some("0.10"), QuotaMode::Hard).await.unwrap();
+    assert_eq!((view.limit, view.hard, view.own.is_some()), (100_000_000, true, true));
+    let lease_cap = NANOS / 16 / 1_000_000;
+    for (i, h) in nodes.iter().enumerate() {
+        let mut served = 0;
+        loop {
+            let r = h.get("/anything", "key-t").await;
+            if r.status == 402 {
+                let detail = r.json()["detail"].as_str().unwrap().to_owned();
+                assert!(detail.contains("the tenant's month spend cap of 0.1"), "{detail}");
+                break;
+            }
+            assert_eq!(r.status, 200);
+            served += 1;
+            assert!(served <= lease_cap, "node {i} served {served} past a lowered cap: more than its lease");
+        }
+        // And from then on, in later seconds too.
+        handle.advance(std::time::Duration::from_secs(2));
+        assert_eq!(h.status("/anything", "key-t").await, 402, "node {i}");
+    }
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let spent = tollgate::store::QuotaInspect::reserved(&*store, &spend_key("t")).await.unwrap();
+    assert!(spent <= before + 4 * NANOS / 16, "{spent}: at most a lease per node past the lowered cap");
+}
+
+/// A raised cap is seen within a second by every node, the one that did not set it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_cap_is_seen_within_a_second() {
+    let toml = TOML.replace("price = \"0.000001\"", "price = \"0.25\"");
+    let store = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let b = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let mut served = 0;
+    while a.status("/anything", "key-t").await == 200 {
+        served += 1;
+    }
+    assert_eq!(served, 4, "1.00 at 0.25 a request");
+    assert_eq!(b.status("/anything", "key-t").await, 402);
+    // The tenant raises its own cap (through the route an application mounts: see the doors'
+    // tests; here through Admin).
+    Admin::for_engine(&a.tollgate).set_spend_cap("t", Some("2.00"), QuotaMode::Hard).await.unwrap();
+    handle.advance(std::time::Duration::from_secs(1));
+    assert_eq!(b.status("/anything", "key-t").await, 200, "seen within a second by a node that did not set it");
+    assert_eq!(a.status("/anything", "key-t").await, 200);
+    // Its own cap is left out of RateLimit-Policy (it is not the plan's), the item stays.
+    let r = a.get("/anything", "key-t").await;
+    assert!(!r.header("ratelimit-policy").unwrap_or("").contains("spend"), "{:?}", r.header("ratelimit-policy"));
+    assert!(r.header("ratelimit").unwrap().contains("\"spend-month\";r="));
+    let report = a.tollgate.usage_report(&"t".into(), NOON - 3600, NOON + 3600).await.unwrap();
+    let spend = report.quotas.iter().find(|q| q.meter.as_str() == "spend").unwrap();
+    assert_eq!(spend.limit, 2 * NANOS, "the report shows the tenant's own cap");
+}
+
+/// Above the plan's `max_limit`, not an amount, or on a plan without a cap: refused, nothing
+/// changes.
+#[tokio::test]
+async fn a_cap_above_the_maximum_or_not_an_amount_is_refused_and_changes_nothing() {
+    let toml = TOML.to_owned() + "[plans.free]\n[tenants.f]\nplan = \"free\"\nkeys = [\"key-f\"]\n";
+    let h = Harness::new(&toml);
+    let admin = Admin::for_engine(&h.tollgate);
+    for (limit, why) in
+        [("10.01", "above the most"), ("abc", "not a decimal"), ("-1", "more than 0"), ("0.0000000001", "9 decimals")]
+    {
+        let e = admin.set_spend_cap("t", Some(limit), QuotaMode::Hard).await.unwrap_err();
+        assert!(matches!(e, tollgate::admin::AdminError::SpendCap(_)), "{limit}: {e}");
+        assert!(e.to_string().contains(why), "{limit}: {e}");
+    }
+    let e = admin.set_spend_cap("f", Some("1.00"), QuotaMode::Hard).await.unwrap_err();
+    assert!(e.to_string().contains("has no spend cap"), "{e}");
+    let view = admin.spend_cap("t").await.unwrap();
+    assert_eq!((view.limit, view.own, view.max_limit), (NANOS, None, 10 * NANOS), "nothing changed");
+    // At the maximum: taken.
+    let view = admin.set_spend_cap("t", Some("10.00"), QuotaMode::Soft).await.unwrap();
+    assert_eq!((view.limit, view.hard), (10 * NANOS, false));
+    // Removed: the plan's again.
+    let view = admin.set_spend_cap("t", None, QuotaMode::Hard).await.unwrap();
+    assert_eq!((view.limit, view.hard, view.own), (NANOS, true, None));
+}
+
+/// The tenant's own route (behind the layer): GET, PUT within the maximum, refusals as
+/// problem+json 4xx that change nothing, DELETE.
+#[tokio::test]
+async fn the_tenants_route_sets_its_own_cap_within_the_maximum() {
+    let h = Harness::new(TOML);
+    let ctx = {
+        let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+        ticket.give_back();
+        ctx
+    };
+    let call = |method: &str, body: &'static str| {
+        let (engine, ctx) = (h.tollgate.clone(), ctx.clone());
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        async move { engine.tenant_spend_cap(&ctx, &method, body.as_bytes()).await }
+    };
+    let r = call("GET", "").await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    assert_eq!(v["limit"], "1");
+    assert_eq!(v["max_limit"], "10");
+    assert_eq!(v["set_by"], "plan");
+    for (body, status) in [
+        (r#"{"limit": "10.50"}"#, 422),
+        (r#"{"limit": "ten"}"#, 400),
+        (r#"{"limit": 5}"#, 400),
+        (r#"{"limit": "5", "mode": "maybe"}"#, 400),
+        (r#"{"limit": "5", "extra": 1}"#, 400),
+    ] {
+        let r = call("PUT", body).await;
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json", "{body}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(call("GET", "").await.body()).unwrap();
+    assert_eq!(v["set_by"], "plan", "nothing changed");
+    let r = call("PUT", r#"{"limit": "2.50", "mode": "hard"}"#).await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+    assert_eq!((v["limit"].as_str(), v["set_by"].as_str()), (Some("2.5"), Some("tenant")));
+    assert_eq!(call("DELETE", "").await.status(), 204);
+    let v: serde_json::Value = serde_json::from_slice(call("GET", "").await.body()).unwrap();
+    assert_eq!(v["set_by"], "plan");
+    assert_eq!(call("POST", "").await.status(), 405);
+}
