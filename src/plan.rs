@@ -346,7 +346,8 @@ pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u
     match meter {
         "requests" => {}
         "content-bytes" => out.push_str(";qu=\"content-bytes\""),
-        _ if style == HeaderStyle::DraftCompat => {
+        // (A spend cap is new: its unit is a vendor parameter in every style.)
+        _ if style == HeaderStyle::DraftCompat && quota.unit.is_none() => {
             let _ = write!(out, ";qu=\"{unit}\"");
         }
         _ => {
@@ -358,7 +359,8 @@ pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u
 /// `value` (a `RateLimit-Policy`) without the spend cap's item: a tenant that set its own cap
 /// has a limit of its own, left out as a balance's is.
 pub(crate) fn without_spend(value: &str) -> String {
-    value.split(", ").filter(|item| !item.starts_with("\"spend-")).collect::<Vec<_>>().join(", ")
+    let spend = |item: &str| item.starts_with("\"spend-day\";") || item.starts_with("\"spend-month\";");
+    value.split(", ").filter(|item| !spend(item)).collect::<Vec<_>>().join(", ")
 }
 
 /// The feature of a route that the tenant state's configuration does not know.

@@ -1,8 +1,6 @@
 //! `[billing]`, prices and spend caps: money, as exact decimals (never floats), counted in
 //! nano-units of the currency.
 
-use std::str::FromStr;
-
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
@@ -183,7 +181,7 @@ impl Validator<'_, '_> {
             }
         };
         let currency = billing.currency.as_deref().unwrap_or_default();
-        let spec = super::plans::spend_quota(limit, period, mode, currency);
+        let spec = super::plans::spend_quota(limit, max, period, mode, currency);
         Ok((spec, max))
     }
 }
@@ -193,7 +191,7 @@ impl Validator<'_, '_> {
 /// # Errors
 /// Not a decimal, negative, zero, more than 9 decimals or past [`MAX_CAP_NANOS`].
 pub fn parse_cap(text: &str) -> Result<u64, String> {
-    let amount = Decimal::from_str(text.trim()).map_err(|_| format!("\"{text}\" is not a decimal amount"))?;
+    let amount = Decimal::from_str_exact(text.trim()).map_err(|_| format!("\"{text}\" is not a decimal amount"))?;
     match nanos_of(amount) {
         Some(n) if n > 0 && n <= MAX_CAP_NANOS => Ok(n),
         _ => Err(format!("\"{text}\": an amount more than 0, at most 9 decimals, at most 1,000,000,000")),
@@ -216,5 +214,6 @@ mod tests {
         assert_eq!(parse_cap("25.00"), Ok(25 * NANOS));
         assert!(parse_cap("-1").is_err() && parse_cap("0").is_err() && parse_cap("abc").is_err());
         assert!(parse_cap("1000000000.01").is_err());
+        assert!(parse_cap("25.0000000000000000000000000001").is_err(), "not rounded to 25");
     }
 }

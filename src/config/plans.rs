@@ -96,8 +96,9 @@ pub struct PlanSpec {
     pub(crate) spend_max: Option<u64>,
 }
 
-/// The quota on the spend meter of a spend cap of `limit` nano-units.
-pub(crate) fn spend_quota(limit: u64, period: Period, mode: QuotaMode, currency: &str) -> QuotaSpec {
+/// The quota on the spend meter of a spend cap of `limit` nano-units, which a tenant's own
+/// cap may raise up to `max`.
+pub(crate) fn spend_quota(limit: u64, max: u64, period: Period, mode: QuotaMode, currency: &str) -> QuotaSpec {
     // A thirty-second of the cap a lease (within a lease's largest), so that a fleet's leases
     // strand little of it.
     let lease = (limit / 32).clamp(1, 1 << 44);
@@ -107,6 +108,7 @@ pub(crate) fn spend_quota(limit: u64, period: Period, mode: QuotaMode, currency:
         mode,
         lease: NonZeroU64::new(lease).unwrap_or(NonZeroU64::MIN),
         capped: true,
+        cap_max: max,
         unit: Some(format!("nano-{currency}").into()),
     }
 }
@@ -267,6 +269,9 @@ pub struct QuotaSpec {
     /// A spend cap's quota: a tenant's own cap, kept by the quota store, holds it in place of
     /// this limit when the tenant set one.
     pub(crate) capped: bool,
+    /// A spend cap's quota: the most a tenant's own hard cap holds it to (`spend.max_limit`
+    /// in force); 0 otherwise.
+    pub(crate) cap_max: u64,
     /// Its unit in headers when it is not its meter's name (a spend cap's: `nano-usd`).
     pub(crate) unit: Option<Box<str>>,
 }
@@ -675,6 +680,6 @@ impl Validator<'_, '_> {
             // A sixteenth of the limit, between 1 and 10,000 units.
             None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
         };
-        Ok(QuotaSpec { limit, period, mode, lease, capped: false, unit: None })
+        Ok(QuotaSpec { limit, period, mode, lease, capped: false, cap_max: 0, unit: None })
     }
 }

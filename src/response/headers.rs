@@ -222,14 +222,20 @@ fn emit_fields(
     };
     // A tenant that set its own spend cap: its policy is left out (as a balance's is).
     let own_cap = plan.spend.is_some_and(|s| tenant.and_then(|t| t.quota(s)).is_some_and(|c| c.tenant_cap().is_some()));
-    let mut put = |field: Field, value: Value<'_>| match field {
-        Field::RateLimitPolicy if own_cap => {
-            let value = crate::plan::without_spend(value.as_str());
-            if !value.is_empty() {
-                put(field, Value::Owned(value));
+    let mut without_own_cap;
+    let put: &mut dyn FnMut(Field, Value<'_>) = if own_cap {
+        without_own_cap = |field: Field, value: Value<'_>| match field {
+            Field::RateLimitPolicy => {
+                let value = crate::plan::without_spend(value.as_str());
+                if !value.is_empty() {
+                    put(field, Value::Owned(value));
+                }
             }
-        }
-        _ => put(field, value),
+            _ => put(field, value),
+        };
+        &mut without_own_cap
+    } else {
+        put
     };
     match plan.header_style {
         HeaderStyle::Draft | HeaderStyle::DraftCompat => {

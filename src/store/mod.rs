@@ -75,8 +75,8 @@ pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{
-    CapMode, CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaCounter, QuotaKey,
-    QuotaStore, RefundOutcome, Reservation, ReserveToken, SpendCap, SHRINK,
+    capped_limit, CapMode, CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaCounter,
+    QuotaKey, QuotaStore, RefundOutcome, Reservation, ReserveToken, SpendCap, SHRINK,
 };
 pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 #[cfg(feature = "sqlite")]

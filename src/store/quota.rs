@@ -120,6 +120,10 @@ pub struct Reservation {
     /// beside its counters) holds the call instead of `limit`, or is set by it. Never for a
     /// [`Period::Prepaid`] key.
     pub cap: CapMode,
+    /// With a `cap` other than [`CapMode::Ignored`]: the most a stored hard cap holds the call
+    /// to (the plan's `spend.max_limit` in force, so that a cap set under another plan or
+    /// override never lifts the one in force); `None`: the stored cap alone.
+    pub cap_max: Option<u64>,
 }
 
 /// A tenant's own cap on one meter (its spend, in nano-units of the currency), kept by the
@@ -141,6 +145,19 @@ impl SpendCap {
     #[must_use]
     pub fn new(limit: u64, hard: bool) -> Self {
         Self { limit, hard }
+    }
+}
+
+/// The limit a call of `limit` (the plan's: `None` for a soft cap) is held to under the
+/// tenant's own cap `stored`: a hard cap's limit, at most `max`; else (none, or a soft one) the
+/// call's own. A soft cap of the tenant's never lifts a hard limit of the plan's (a tenant
+/// moved to a plan with a hard cap is held to it), and a hard one never passes the maximum in
+/// force (a tenant moved to a smaller plan is held to that plan's maximum).
+#[must_use]
+pub fn capped_limit(limit: Option<u64>, max: Option<u64>, stored: Option<SpendCap>) -> Option<u64> {
+    match stored {
+        Some(cap) if cap.hard => Some(max.map_or(cap.limit, |m| cap.limit.min(m))),
+        _ => limit,
     }
 }
 
@@ -197,7 +214,7 @@ impl Reservation {
     /// A reservation of `units` of `key` under `limit`, owing `owed`.
     #[must_use]
     pub fn new(key: QuotaKey, units: u64, owed: u64, limit: Option<u64>, token: ReserveToken) -> Self {
-        Self { key, units, owed, limit, token, at_least: units, cap: CapMode::Ignored }
+        Self { key, units, owed, limit, token, at_least: units, cap: CapMode::Ignored, cap_max: None }
     }
 
     /// Held to (or setting) the tenant's own cap on the meter ([`CapMode`]).
@@ -207,14 +224,21 @@ impl Reservation {
         self
     }
 
+    /// Held by a stored hard cap to at most `max` ([`cap_max`](Self::cap_max)).
+    #[must_use]
+    pub fn cap_within(mut self, max: u64) -> Self {
+        self.cap_max = Some(max);
+        self
+    }
+
     /// The limit the call is held to once the store's cap for its tenant and meter (`stored`,
-    /// after a [`CapMode::Set`]) is known: the cap's when one is stored and the call reads it
-    /// (none for a soft cap), else the call's own. Every store holds a call by this rule.
+    /// after a [`CapMode::Set`]) is known, when the call reads it: [`capped_limit`]. Every
+    /// store holds a call by this rule.
     #[must_use]
     pub fn limit_under(&self, stored: Option<SpendCap>) -> Option<u64> {
-        match (self.cap, stored) {
-            (CapMode::Ignored, _) | (_, None) => self.limit,
-            (_, Some(cap)) => cap.hard.then_some(cap.limit),
+        match self.cap {
+            CapMode::Ignored => self.limit,
+            _ => capped_limit(self.limit, self.cap_max, stored),
         }
     }
 

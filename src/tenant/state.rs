@@ -165,7 +165,15 @@ impl TenantState {
     pub(crate) fn new(id: TenantId, plan: Arc<CompiledPlan>, customer: Option<Arc<str>>, clock: Clock) -> Self {
         let meters = plan.meters.ids.len().max(1);
         let more = (1..meters).map(|_| MeterCell::default()).collect();
-        let quotas = plan.quotas.iter().map(|_| QuotaCold::default()).collect();
+        let quotas = plan
+            .quotas
+            .iter()
+            .map(|(_, spec)| QuotaCold {
+                // A spend cap's: the tenant's own cap is not known until the store answers.
+                cap: AtomicU64::new(if spec.capped { CAP_UNKNOWN } else { 0 }),
+                ..QuotaCold::default()
+            })
+            .collect();
         let now = clock.unix_secs();
         let fleet = plan.fleet.is_some().then(Box::default);
         Self {
@@ -424,7 +432,8 @@ struct QuotaCold {
     /// Units this node holds for open holds: taken from the lease, not recorded yet.
     held: AtomicU64,
     /// A spend cap's quota: the tenant's own cap as the store's last answer said (0: none, the
-    /// plan's holds): its limit, with [`CAP_SOFT`] set for a soft one.
+    /// plan's holds; [`CAP_UNKNOWN`]: no answer yet): its limit, with [`CAP_SOFT`] set for a
+    /// soft one.
     cap: AtomicU64,
 
     /// Touched only with `lock` held: the previous period, and the store call sent but not
@@ -555,6 +564,14 @@ impl std::fmt::Debug for Slot {
 /// The bit of [`QuotaCold::cap`] that marks a soft cap.
 const CAP_SOFT: u64 = 1 << 63;
 
+/// [`QuotaCold::cap`] before the store's first answer: the tenant may have set a hard cap of
+/// its own (on any node), so the quota is held as a hard one until the store says (its holds
+/// and checks ask the store).
+const CAP_UNKNOWN: u64 = u64::MAX;
+
+/// The largest limit [`QuotaCold::cap`] holds (a cap's largest is far below).
+const CAP_LIMIT_MAX: u64 = 1 << 62;
+
 /// The length of a prepaid balance's lease windows: 512 hours (a packed period is at most
 /// 1,023 hours long).
 pub(crate) const PREPAID_WINDOW: i64 = 512 * 3600;
@@ -591,20 +608,20 @@ impl<'a> QuotaRef<'a> {
     }
 
     pub(crate) fn hard(&self) -> bool {
-        if self.spec.capped {
-            // A spend cap: the tenant's own cap's mode, when it set one.
-            match self.cold().cap.load(Ordering::Relaxed) {
-                0 => {}
-                cap => return cap & CAP_SOFT == 0,
-            }
-        }
+        // A spend cap: hard when the tenant set a hard cap of its own, or may have (not known
+        // yet). A soft one of its own never makes the plan's hard cap soft
+        // (`store::capped_limit`).
         self.spec.mode() == QuotaMode::Hard
+            || (self.spec.capped && {
+                let cap = self.cold().cap.load(Ordering::Relaxed);
+                cap == CAP_UNKNOWN || (cap != 0 && cap & CAP_SOFT == 0)
+            })
     }
 
     /// The tenant's own cap on this spend cap's quota, as the store last said.
     pub(crate) fn tenant_cap(&self) -> Option<crate::store::SpendCap> {
         match self.cold().cap.load(Ordering::Relaxed) {
-            0 => None,
+            0 | CAP_UNKNOWN => None,
             cap => Some(crate::store::SpendCap::new(cap & !CAP_SOFT, cap & CAP_SOFT == 0)),
         }
     }
@@ -622,7 +639,7 @@ impl<'a> QuotaRef<'a> {
         if !self.spec.capped {
             return;
         }
-        let word = cap.map_or(0, |c| c.limit.clamp(1, !CAP_SOFT) | if c.hard { 0 } else { CAP_SOFT });
+        let word = cap.map_or(0, |c| c.limit.clamp(1, CAP_LIMIT_MAX) | if c.hard { 0 } else { CAP_SOFT });
         self.cold().cap.store(word, Ordering::Relaxed);
     }
 
@@ -653,7 +670,13 @@ impl<'a> QuotaRef<'a> {
         if self.prepaid() {
             self.cold().balance.load(Ordering::Relaxed)
         } else if let Some(cap) = self.spec.capped.then(|| self.tenant_cap()).flatten() {
-            cap.limit
+            // As the store holds it (`store::capped_limit`): a hard cap of the tenant's within
+            // the maximum in force; a soft one on a plan whose cap is soft (its warnings).
+            match cap.hard {
+                true => cap.limit.min(self.spec.cap_max),
+                false if self.spec.mode() == QuotaMode::Hard => self.spec.limit().get(),
+                false => cap.limit,
+            }
         } else {
             self.spec.limit().get()
         }
@@ -702,7 +725,8 @@ impl<'a> QuotaRef<'a> {
             return Take::NeedLease;
         }
         let tag = PeriodBits::tag(bits);
-        let cost = cost as i64;
+        // A cost past any lease (a spend of a huge record) is never covered by one.
+        let cost = i64::try_from(cost).unwrap_or(i64::MAX);
         let mut word = h.lease.load(Ordering::Acquire);
         loop {
             let left = Lease::value(word);
@@ -735,7 +759,7 @@ impl<'a> QuotaRef<'a> {
         if now < start || now >= end || Lease::tag(word) != PeriodBits::tag(bits) {
             return Err(Take::NeedLease);
         }
-        if Lease::value(word) >= cost as i64 {
+        if Lease::value(word) >= i64::try_from(cost).unwrap_or(i64::MAX) {
             Ok(())
         } else if self.spent(now) {
             Err(Take::Exhausted)

@@ -249,9 +249,13 @@ async fn a_cap_above_the_maximum_or_not_an_amount_is_refused_and_changes_nothing
     assert!(e.to_string().contains("has no spend cap"), "{e}");
     let view = admin.spend_cap("t").await.unwrap();
     assert_eq!((view.limit, view.own, view.max_limit), (NANOS, None, 10 * NANOS), "nothing changed");
+    // Soft on a plan whose cap is hard: refused (the operator's hard stop stays).
+    let e = admin.set_spend_cap("t", Some("5.00"), QuotaMode::Soft).await.unwrap_err();
+    assert!(e.to_string().contains("is hard too"), "{e}");
+    assert_eq!(admin.spend_cap("t").await.unwrap().own, None, "nothing changed");
     // At the maximum: taken.
-    let view = admin.set_spend_cap("t", Some("10.00"), QuotaMode::Soft).await.unwrap();
-    assert_eq!((view.limit, view.hard), (10 * NANOS, false));
+    let view = admin.set_spend_cap("t", Some("10.00"), QuotaMode::Hard).await.unwrap();
+    assert_eq!((view.limit, view.hard), (10 * NANOS, true));
     // Removed: the plan's again.
     let view = admin.set_spend_cap("t", None, QuotaMode::Hard).await.unwrap();
     assert_eq!((view.limit, view.hard, view.own), (NANOS, true, None));
@@ -284,6 +288,8 @@ async fn the_tenants_route_sets_its_own_cap_within_the_maximum() {
         (r#"{"limit": 5}"#, 400),
         (r#"{"limit": "5", "mode": "maybe"}"#, 400),
         (r#"{"limit": "5", "extra": 1}"#, 400),
+        (r#"{"limit": "5", "mode": "soft"}"#, 422),
+        (r#"{"limit": "25.0000000000000000000000000001"}"#, 400),
     ] {
         let r = call("PUT", body).await;
         assert_eq!(r.status().as_u16(), status, "{body}");
@@ -299,4 +305,139 @@ async fn the_tenants_route_sets_its_own_cap_within_the_maximum() {
     let v: serde_json::Value = serde_json::from_slice(call("GET", "").await.body()).unwrap();
     assert_eq!(v["set_by"], "plan");
     assert_eq!(call("POST", "").await.status(), 405);
+}
+
+/// Plans for a tenant in the directory moved between them: `p` (hard 1.00, up to 10.00),
+/// `small` (hard 0.50, no more), `softly` (soft 1.00, up to 10.00). A request costs 0.25.
+fn moving_plans() -> String {
+    TOML.replace("price = \"0.000001\"", "price = \"0.25\"")
+        + "[limits]\ndirectory_ttl = \"5s\"\n\
+           [plans.small]\nspend = { limit = \"0.50\", mode = \"hard\" }\n\
+           [plans.softly]\nspend = { limit = \"1.00\", mode = \"soft\", max_limit = \"10.00\" }\n"
+}
+
+/// Served at 0.25 a request until refused (at most 100).
+async fn served_until_refused(h: &Harness, key: &str) -> u32 {
+    let mut served = 0;
+    while served < 100 {
+        match h.status("/anything", key).await {
+            200 => served += 1,
+            402 => break,
+            other => panic!("{other}"),
+        }
+    }
+    served
+}
+
+/// A cap set under one plan never lifts the next plan's: a hard cap of 10.00 set on `p`,
+/// the tenant moved to `small` (at most 0.50), is held to 0.50; a soft cap set on `softly`,
+/// the tenant moved to `p` (hard), is held to `p`'s hard 1.00 (a tenant's soft cap never
+/// turns an operator's hard stop into a warning).
+#[tokio::test]
+async fn a_cap_set_under_one_plan_never_lifts_the_next_plans() {
+    let h = Harness::new(&moving_plans());
+    let admin = Admin::for_engine(&h.tollgate);
+    for (tenant, from) in [("d", "p"), ("e", "softly")] {
+        admin.add_tenant(tenant, from, None).await.unwrap();
+    }
+    let key_d = admin.issue_key("d", Default::default()).await.unwrap().key;
+    let key_e = admin.issue_key("e", Default::default()).await.unwrap().key;
+    admin.set_spend_cap("d", Some("10.00"), QuotaMode::Hard).await.unwrap();
+    let view = admin.set_spend_cap("e", Some("5.00"), QuotaMode::Soft).await.unwrap();
+    assert_eq!((view.limit, view.hard), (5 * NANOS, false), "soft on a soft plan: taken");
+    admin.set_plan("d", "small").await.unwrap();
+    admin.set_plan("e", "p").await.unwrap();
+    h.clock.advance(std::time::Duration::from_secs(6));
+    assert_eq!(served_until_refused(&h, &key_d).await, 2, "held to small's maximum, 0.50");
+    assert_eq!(served_until_refused(&h, &key_e).await, 4, "held to p's hard cap, 1.00");
+    let view = admin.spend_cap("d").await.unwrap();
+    assert_eq!((view.limit, view.max_limit, view.own.map(|c| c.limit)), (NANOS / 2, NANOS / 2, Some(10 * NANOS)));
+    let view = admin.spend_cap("e").await.unwrap();
+    assert_eq!((view.limit, view.hard), (NANOS, true), "the plan's hard cap in force");
+}
+
+/// On a plan whose cap is soft, a hard cap the tenant set through one node holds on another
+/// node that never heard of it: a node that has not read the tenant's cap yet takes the cap
+/// as possibly hard (its holds ask the store), and a node that read "none" before reads it
+/// again once its spend lease is overdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_cap_set_on_a_soft_plan_holds_on_every_node() {
+    let toml = moving_plans().replace("[tenants.u]\nplan = \"p\"", "[tenants.u]\nplan = \"softly\"");
+    let toml = toml.replace("price = \"0.25\"", "");
+    let toml = toml.replace(TOKEN_PRICE, "0.01");
+    let store = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let a = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let b = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    let c = node_with_worker(&toml, store.clone(), clock.clone(), handle.clone());
+    // c serves u first: it reads "no cap of the tenant's own" (the plan's soft 1.00).
+    for _ in 0..3 {
+        let (ticket, ctx) = admit(&c, "key-u").await.unwrap();
+        ctx.record("tokens", 1).unwrap();
+        assert!(ticket.complete(200));
+    }
+    // u sets a hard cap of 0.50 through a.
+    Admin::for_engine(&a.tollgate).set_spend_cap("u", Some("0.50"), QuotaMode::Hard).await.unwrap();
+    // b never served u: its holds ask the store, which holds them to 0.50.
+    let mut held = 0;
+    loop {
+        let (ticket, ctx) = admit(&b, "key-u").await.unwrap();
+        match ctx.hold_with("tokens", 5, Overrun::Refuse).await {
+            Ok(mut hold) => {
+                hold.record(5).unwrap();
+                hold.settle();
+                assert!(ticket.complete(200));
+                held += 5;
+                assert!(held <= 50, "b passed the tenant's hard cap: {held} tokens at 0.01");
+            }
+            Err(r) => {
+                assert_eq!(r.kind(), RejectionKind::SpendCapReached, "{r}");
+                ticket.give_back();
+                break;
+            }
+        }
+    }
+    assert!(held >= 40, "{held}");
+    // c records without holds: it learns the cap once its lease (1.00 / 32) is overdrawn.
+    let mut recorded = 0u64;
+    loop {
+        let Ok((ticket, ctx)) = admit(&c, "key-u").await else { break };
+        ctx.record("tokens", 1).unwrap();
+        assert!(ticket.complete(200));
+        recorded += 1;
+        assert!(recorded <= 200, "c never learned of the tenant's hard cap");
+    }
+    for h in [&a, &b, &c] {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let spent = tollgate::store::QuotaInspect::reserved(&*store, &spend_key("u")).await.unwrap();
+    assert!(spent <= NANOS / 2 + 2 * NANOS / 32, "{spent}: at most a lease of c's past the cap");
+}
+
+/// A record whose spend is past any lease (10¹² tokens at 0.01: 10¹⁹ nano-dollars, past a
+/// signed 64-bit count) through a hold that refuses to overrun: refused, nothing recorded, the
+/// cap intact (it once wrapped to a negative cost and was taken).
+#[tokio::test]
+async fn a_record_costing_more_than_any_lease_is_refused() {
+    let toml = TOML.replace(TOKEN_PRICE, "0.01").replace("price = \"0.000001\"", "");
+    let h = Harness::new(&toml);
+    let (ticket, ctx) = admit(&h, "key-t").await.unwrap();
+    let mut hold = ctx.hold_with("tokens", 10, Overrun::Refuse).await.unwrap();
+    assert!(matches!(hold.record(1_000_000_000_000), Err(tollgate::RecordError::SpendCap(_))));
+    hold.record(10).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    assert_eq!(spend_recorded(&h, "t").await, 10 * 10_000_000, "only the ten tokens");
+}
+
+/// Under `headers = "draft-compat"` (which names other meters' units with `qu`), the spend
+/// cap's unit stays a vendor parameter: `qu` takes only the draft's registered units.
+#[tokio::test]
+async fn the_spend_unit_is_a_vendor_parameter_in_every_header_style() {
+    let toml = TOML.to_owned() + "[limits]\nheaders = \"draft-compat\"\n";
+    let h = Harness::new(&toml);
+    let r = h.get("/anything", "key-t").await;
+    let policy = r.header("ratelimit-policy").unwrap();
+    assert!(policy.contains("\"spend-month\";q=1000000000;w=2678400;tollgate-unit=\"nano-usd\""), "{policy}");
+    assert!(!policy.contains("qu=\"nano-usd\""), "{policy}");
 }

@@ -483,9 +483,12 @@ async fn tenants_set_their_own_spend_cap_through_the_route() {
     let r = test::call_service(&app, call(Method::GET, "")).await;
     let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
     assert_eq!(body["set_by"], "plan", "nothing stored");
+    // Soft on a plan whose cap is hard: refused.
     let r = test::call_service(&app, call(Method::PUT, r#"{"limit":"4.00","mode":"soft"}"#)).await;
+    assert_eq!(r.status().as_u16(), 422);
+    let r = test::call_service(&app, call(Method::PUT, r#"{"limit":"4.00","mode":"hard"}"#)).await;
     assert_eq!(r.status().as_u16(), 200);
     let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
-    assert_eq!((body["limit"].as_str(), body["mode"].as_str()), (Some("4"), Some("soft")));
+    assert_eq!((body["limit"].as_str(), body["mode"].as_str()), (Some("4"), Some("hard")));
     assert_eq!(admin.spend_cap("acme").await.unwrap().limit, 4_000_000_000);
 }

@@ -739,7 +739,8 @@ fn spend_caps_from_the_command_line() {
         d.join("tollgate.toml"),
         "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[billing]\ncurrency = \"usd\"\n[meters.requests]\nprice = \"0.01\"\n\
          [plans.free]\nrate = \"10/s\"\n\
-         [plans.pro]\nspend = { limit = \"50.00\", max_limit = \"500.00\" }\n",
+         [plans.pro]\nspend = { limit = \"50.00\", max_limit = \"500.00\" }\n\
+         [plans.lite]\nspend = { limit = \"5.00\", mode = \"soft\", max_limit = \"50.00\" }\n",
     )
     .unwrap();
     ok(d, &["tenants", "add", "acme", "--plan", "pro"]);
@@ -754,8 +755,14 @@ fn spend_caps_from_the_command_line() {
     assert!(ok(d, &["tenants", "show-cap", "acme"]).contains("the plan's"), "nothing stored");
     let out = ok(d, &["tenants", "set-cap", "acme", "25.00", "--hard"]);
     assert!(out.contains("spend cap 25 usd (hard, the tenant's own)"), "{out}");
-    let out = ok(d, &["tenants", "set-cap", "acme", "500", "--soft"]);
-    assert!(out.contains("spend cap 500 usd (soft, the tenant's own)"), "{out}");
+    // Soft on a plan whose cap is hard: an error, nothing stored.
+    let err = fails(d, &["tenants", "set-cap", "acme", "500", "--soft"]);
+    assert!(err.starts_with("error:") && err.contains("is hard too"), "{err}");
+    assert!(ok(d, &["tenants", "show-cap", "acme"]).contains("spend cap 25 usd (hard, the tenant's own)"));
+    // On a plan whose cap is soft, a soft one of the tenant's.
+    ok(d, &["tenants", "add", "cy", "--plan", "lite"]);
+    let out = ok(d, &["tenants", "set-cap", "cy", "20", "--soft"]);
+    assert!(out.contains("spend cap 20 usd (soft, the tenant's own)"), "{out}");
     let out = ok(d, &["tenants", "set-cap", "acme", "--none"]);
     assert!(out.contains("spend cap 50 usd (hard, the plan's)"), "{out}");
 }

@@ -675,6 +675,11 @@ impl Tollgate {
         let need = crate::config::ceil_nanos(exact);
         if need == 0 {
             if route.reports & state.plan.priced != 0 {
+                // A soft cap whose lease the records overdrew: to the store (its debt paid,
+                // and the tenant's own cap, maybe set meanwhile, read).
+                if cell.lease() < 0 && !cell.hard() {
+                    return Err(Take::NeedLease);
+                }
                 match cell.check_units(1, at) {
                     Ok(()) => {}
                     Err(Take::Exhausted) if state.plan.shadow => self.would_refuse(&Self::shadow_spend(state, at)),

@@ -42,6 +42,10 @@ pub enum CapError {
         /// The most, as a decimal of the currency.
         max: String,
     },
+    /// A soft cap asked on a plan whose cap is hard: a tenant's own cap never turns the
+    /// operator's hard stop into a warning.
+    #[error("the plan's spend cap is hard: a cap of the tenant's own is hard too")]
+    SoftUnderHard,
     /// The store failed (nothing may have been stored; sending it again is safe).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -54,7 +58,8 @@ pub enum CapError {
 pub struct SpendCapView {
     /// The currency (`[billing] currency`).
     pub currency: String,
-    /// The cap in force: the tenant's own when set, else the plan's.
+    /// The cap in force: the tenant's own hard cap when set (at most `max_limit`), or its
+    /// soft cap on a plan with a soft one, else the plan's.
     pub limit: u64,
     /// Whether the cap in force is hard.
     pub hard: bool,
@@ -105,6 +110,8 @@ pub(crate) enum CapAct {
     Read,
     /// Sets it.
     Set(SpendCap),
+    /// Sets a cap of this limit in the mode of the plan's cap (with its overrides).
+    SetInPlanMode(u64),
     /// Removes it: the plan's holds again.
     Remove,
 }
@@ -122,7 +129,15 @@ pub(crate) async fn spend_cap(
     let Some(spec) = plan.spend() else { return Err(CapError::NoSpendCap(plan.id().to_string())) };
     let currency = config.billing().currency.clone().unwrap_or_default();
     let max = plan.spend_max().unwrap_or(spec.limit().get());
+    let plan_hard = spec.mode() == QuotaMode::Hard;
+    let act = match act {
+        CapAct::SetInPlanMode(limit) => CapAct::Set(SpendCap::new(limit, plan_hard)),
+        act => act,
+    };
     if let CapAct::Set(cap) = act {
+        if plan_hard && !cap.hard {
+            return Err(CapError::SoftUnderHard);
+        }
         if cap.limit == 0 {
             return Err(CapError::NotAnAmount("a cap of more than 0".into()));
         }
@@ -133,23 +148,27 @@ pub(crate) async fn spend_cap(
             });
         }
     }
-    let plan_hard = spec.mode() == QuotaMode::Hard;
-    let own = match act {
-        CapAct::Set(_) | CapAct::Remove => {
-            let set = if let CapAct::Set(cap) = act { Some(cap) } else { None };
-            let (start, end) = spec.period().bounds(now);
-            let key = QuotaKey::new(tenant.clone(), SPEND_METER.into(), spec.period(), start, end);
-            let seq = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-            let token = ReserveToken::new(CAP_SENDER, seq).at(now);
-            let limit = plan_hard.then(|| spec.limit().get());
-            let r = Reservation::new(key, 0, 0, limit, token).capped(CapMode::Set(set));
-            quota.reserve(&r).await?.cap
-        }
-        CapAct::Read => quota.counters(tenant, &SPEND_METER.into()).await?.into_iter().find_map(|c| c.cap),
+    // Read through a reservation of nothing too (the counters alone may be gone: an idle
+    // tenant's rows are swept, its cap is kept).
+    let mode = match act {
+        CapAct::Set(cap) => CapMode::Set(Some(cap)),
+        CapAct::Remove => CapMode::Set(None),
+        CapAct::Read | CapAct::SetInPlanMode(_) => CapMode::Stored,
     };
-    let (limit, hard) = own.map_or((spec.limit().get(), plan_hard), |c| (c.limit, c.hard));
+    let (start, end) = spec.period().bounds(now);
+    let key = QuotaKey::new(tenant.clone(), SPEND_METER.into(), spec.period(), start, end);
+    let seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let token = ReserveToken::new(CAP_SENDER, seq).at(now);
+    let limit = plan_hard.then(|| spec.limit().get());
+    let r = Reservation::new(key, 0, 0, limit, token).capped(mode).cap_within(max);
+    let own = quota.reserve(&r).await?.cap;
+    let (limit, hard) = match own {
+        Some(c) if c.hard => (c.limit.min(max), true),
+        Some(c) if !plan_hard => (c.limit, false),
+        _ => (spec.limit().get(), plan_hard),
+    };
     Ok(SpendCapView { currency, limit, hard, plan_limit: spec.limit().get(), plan_hard, max_limit: max, own })
 }
 
@@ -183,6 +202,9 @@ fn cap_problem(e: &CapError) -> http::Response<Bytes> {
         CapError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
         CapError::NoSpendCap(_) => problem(StatusCode::FORBIDDEN, "no-spend-cap", "No spend cap", &detail),
         CapError::NotAnAmount(_) => problem(StatusCode::BAD_REQUEST, "bad-request", "Not an amount", &detail),
+        CapError::SoftUnderHard => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "cap-mode", "A hard spend cap stays hard", &detail)
+        }
         CapError::AboveMax { .. } => {
             problem(StatusCode::UNPROCESSABLE_ENTITY, "cap-above-max", "Spend cap above the maximum", &detail)
         }
@@ -240,17 +262,15 @@ impl Tollgate {
                 };
                 let Ok(put) = serde_json::from_slice::<Put>(body) else { return bad() };
                 let hard = match put.mode.as_deref() {
-                    Some("hard") => true,
-                    Some("soft") => false,
-                    None => {
-                        // The plan's mode.
-                        let plan = config.plans().get(tenant.plan());
-                        plan.and_then(PlanSpec::spend).is_none_or(|s| s.mode() == QuotaMode::Hard)
-                    }
+                    Some("hard") => Some(true),
+                    Some("soft") => Some(false),
+                    // The mode of the plan's cap (with the tenant's overrides).
+                    None => None,
                     Some(_) => return bad(),
                 };
-                match parse(&put.limit, hard) {
-                    Ok(cap) => CapAct::Set(cap),
+                match parse(&put.limit, hard.unwrap_or(true)) {
+                    Ok(cap) if hard.is_some() => CapAct::Set(cap),
+                    Ok(cap) => CapAct::SetInPlanMode(cap.limit),
                     Err(e) => return cap_problem(&e),
                 }
             }

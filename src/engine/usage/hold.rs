@@ -431,12 +431,12 @@ impl Hold {
         let step = inner.prepare(&open, units, overrun, now).map_err(RecordError::Overrun)?;
         if let Some(side) = self.spend.as_deref_mut() {
             // Its spend first: refused, the units taken for the record go back.
-            let nanos = side.nanos(side.recorded + units) - side.nanos(side.recorded);
+            let nanos = side.nanos(side.recorded.saturating_add(units)) - side.nanos(side.recorded);
             if let Err(e) = side.hold.record_nanos(nanos, overrun, now) {
                 inner.undo(&step);
                 return Err(e);
             }
-            side.recorded += units;
+            side.recorded = side.recorded.saturating_add(units);
         }
         inner.commit(&mut open, &step, units, now, self.engine.as_ref());
         Ok(())

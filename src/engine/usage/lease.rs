@@ -54,9 +54,9 @@ fn spent(limit: Option<u64>, grant: &Grant) -> bool {
 /// held to (`limit`, the call's; else the balance's or the tenant's cap) is reached.
 fn answered(cell: QuotaRef<'_>, grant: &Grant, limit: Option<u64>) {
     let limit = match grant.cap {
-        // The tenant's own cap held the call (a soft one: nothing).
-        Some(cap) => cap.hard.then_some(cap.limit),
-        None => grant.limit.or(limit),
+        // The tenant's own hard cap held the call, within the plan's maximum.
+        Some(cap) if cap.hard => crate::store::capped_limit(limit, Some(cell.spec.cap_max), Some(cap)),
+        _ => grant.limit.or(limit),
     };
     cell.capped_by(grant.cap);
     cell.granted(grant.reserved, grant.limit, spent(limit, grant));
@@ -113,13 +113,20 @@ impl Leases {
             CallKind::Reserve { units, owed, limit, at_least, .. } => {
                 let r = Reservation::new(call.key.clone(), units, owed, limit, call.token).shrinking(at_least);
                 // A spend cap's counters are held to the tenant's own cap when it set one.
-                let r = if cell.spec.capped { r.capped(CapMode::Stored) } else { r };
+                let r = if cell.spec.capped { r.capped(CapMode::Stored).cap_within(cell.spec.cap_max) } else { r };
                 store.reserve(&r).await
             }
             CallKind::Release { units } => store.release(&call.key, units, call.token).await.map(|()| Grant::new(0, 0)),
         };
         match &answer {
-            Ok(_) => cell.locked().inflight = None,
+            Ok(grant) => {
+                cell.locked().inflight = None;
+                // Every answer of a spend cap's reservation says the tenant's own cap: a node
+                // learns it from its debts' calls too, not only from its refills.
+                if matches!(call.kind, CallKind::Reserve { .. }) {
+                    cell.capped_by(grant.cap);
+                }
+            }
             // No answer: it may have been applied. Kept.
             Err(StoreError::Timeout(_)) => {}
             Err(e) => {

@@ -57,6 +57,13 @@ impl Tollgate {
     /// same id gives the earlier units back first. Nothing is written to the store until the
     /// event is recorded.
     ///
+    /// On a priced meter of a plan with a hard spend cap, the cap is checked (refused with
+    /// [`EventError::QuotaExceeded`] of the meter `spend` when it is spent) but the work's cost
+    /// is not held: it is charged when the event is recorded, as work done, past the cap if
+    /// need be (counted in `tollgate_spend_past_cap_nanos_total`). For exact spend, hold work
+    /// in a request ([`TenantContext::hold_with`](crate::TenantContext::hold_with) with
+    /// `Overrun::Refuse`).
+    ///
     /// ```no_run
     /// # async fn job(engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
     /// use std::time::{Duration, SystemTime};

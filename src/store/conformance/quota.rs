@@ -293,8 +293,8 @@ pub async fn near_the_limit_a_shrinking_reserve_gets_an_eighth_of_what_is_left<S
 }
 
 /// A tenant's own cap (a spend cap) is stored beside its meter's counters: a reserve that
-/// reads it is held to it in place of its own limit (a soft one holds nothing), whatever the
-/// period; a reserve that does not read it ignores it; a raised cap is seen by the next call,
+/// reads it is held to it in place of its own limit (at most the call's maximum; a soft one
+/// leaves the call's own limit), whatever the period; a reserve that does not read it ignores it; a raised cap is seen by the next call,
 /// a lowered one bounds every call after it; removing it brings the call's limit back.
 pub async fn a_tenants_own_cap_holds_every_reserve_that_reads_it<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
     use crate::store::{CapMode, SpendCap};
@@ -319,10 +319,16 @@ pub async fn a_tenants_own_cap_holds_every_reserve_that_reads_it<S: ?Sized + Quo
     // The same token sent again changes nothing and answers the same grant, with the cap.
     let again = s.reserve(&call(100, 6, CapMode::Stored)).await.unwrap();
     assert_eq!(again, g, "applied once");
-    // A soft cap holds nothing back.
-    s.reserve(&call(0, 7, CapMode::Set(Some(SpendCap::new(10, false))))).await.unwrap();
-    let g = s.reserve(&call(1_000, 8, CapMode::Stored)).await.unwrap();
-    assert_eq!((g.granted, g.cap), (1_000, Some(SpendCap::new(10, false))), "soft: everything asked");
+    // Within the maximum in force (a plan the tenant was moved to): held to it.
+    let g = s.reserve(&call(100, 7, CapMode::Stored).cap_within(170)).await.unwrap();
+    assert_eq!((g.granted, g.reserved), (10, 170), "the stored cap, at most the maximum in force");
+    // A soft cap never lifts the call's own limit (a hard plan's); a call without one (a
+    // soft plan's) is granted everything asked.
+    s.reserve(&call(0, 8, CapMode::Set(Some(SpendCap::new(10, false))))).await.unwrap();
+    let g = s.reserve(&call(1, 9, CapMode::Stored)).await.unwrap();
+    assert_eq!((g.granted, g.cap), (0, Some(SpendCap::new(10, false))), "soft: the call's own limit holds");
+    let g = s.reserve(&ask(&key, 1_000, None, 1, 10).capped(CapMode::Stored)).await.unwrap();
+    assert_eq!((g.granted, g.cap), (1_000, Some(SpendCap::new(10, false))), "soft, no limit: everything asked");
     // Another period of the same meter reads the same cap; another tenant reads none.
     let next = QuotaKey::new("capped".into(), "spend".into(), Period::Day, DAY0 + DAY, DAY0 + 2 * DAY);
     let g = s.reserve(&ask(&next, 5, Some(100), 1, 9).capped(CapMode::Stored)).await.unwrap();

@@ -20,7 +20,8 @@ use crate::{
 /// `$9` the units added unconditionally (owed; negative to release), `$10` the limit (NULL:
 /// none), `$11` the fewest units worth granting, `$12` the call's time, `$13` whether the
 /// tenant's own cap on the meter (`quota_cap`) holds the call in place of `$10` when one is
-/// stored ([`CapMode::Stored`]; [`Reservation::limit_under`]), read in the same statement. The grant follows
+/// stored ([`CapMode::Stored`]; [`Reservation::limit_under`]), read in the same statement, `$14`
+/// the most a stored hard cap holds it to (NULL: none). The grant follows
 /// [`Reservation::grant_for`]; a release draws first on a prepaid balance's units forgiven to
 /// its sender (`store::quota::release_against`). Each sender's entry is `[seq, granted, reserved, time]`; senders are
 /// forgotten by time, oldest first (entries of earlier builds have no time: the oldest), never
@@ -45,11 +46,13 @@ pub(super) fn reserve_sql(schema: &str) -> String {
     );
     let after = format!("GREATEST(LEAST(q.reserved::numeric + $9 + {drawn}, {MAX_INT}), 0)");
     // A prepaid balance is held to its grants (`granted`), whatever the caller says; a spend
-    // counter to the tenant's own cap when one is stored (none for a soft one).
+    // counter to the tenant's own hard cap, within `$14`, when one is stored (a soft one: the
+    // call's limit; `store::quota::capped_limit`).
     let cap = format!("(SELECT c.cap, c.hard FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13)");
     let limit = format!(
         "(CASE WHEN q.granted IS NOT NULL THEN q.granted::numeric \
-          WHEN EXISTS {cap} THEN (SELECT CASE WHEN c.hard THEN c.cap::numeric END FROM {schema}.quota_cap c \
+          WHEN EXISTS {cap} THEN (SELECT CASE WHEN c.hard THEN LEAST(c.cap::numeric, coalesce($14::numeric, c.cap::numeric)) \
+              ELSE $10::numeric END FROM {schema}.quota_cap c \
               WHERE c.tenant = $1 AND c.meter = $2) \
           ELSE $10::numeric END)"
     );
@@ -98,6 +101,8 @@ struct Call<'a> {
     at_least: u64,
     /// Whether the tenant's own cap holds the call ([`CapMode::Stored`]).
     capped: bool,
+    /// The most the tenant's own hard cap holds it to.
+    cap_max: Option<u64>,
 }
 
 enum Attempt {
@@ -152,7 +157,8 @@ impl PostgresStore {
                     c.limit.map(int),
                     int(c.at_least),
                     c.token.at,
-                    c.capped
+                    c.capped,
+                    c.cap_max.map(int)
                 ],
             )
             .await?;
@@ -303,13 +309,22 @@ impl QuotaStore for PostgresStore {
             limit: r.limit,
             at_least: r.at_least,
             capped: r.cap != CapMode::Ignored,
+            cap_max: r.cap_max,
         };
         self.quota_call(&call).await
     }
 
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        let call =
-            Call { key, token, units: 0, delta: int(units).saturating_neg(), limit: None, at_least: 0, capped: false };
+        let call = Call {
+            key,
+            token,
+            units: 0,
+            delta: int(units).saturating_neg(),
+            limit: None,
+            at_least: 0,
+            capped: false,
+            cap_max: None,
+        };
         self.quota_call(&call).await.map(drop)
     }
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
