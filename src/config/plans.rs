@@ -302,6 +302,24 @@ impl QuotaSpec {
     pub fn lease(&self) -> NonZeroU64 {
         self.lease
     }
+
+    /// A spend cap's quota: the tenant's own cap `own` if it is the one in force (a hard one,
+    /// or a soft one on a plan whose cap is soft: a soft cap of the tenant's never lifts a
+    /// hard one of the plan's), as the store holds it (`store::capped_limit`): a hard one at
+    /// most `cap_max`.
+    pub(crate) fn own_in_force(&self, own: Option<crate::store::SpendCap>) -> Option<crate::store::SpendCap> {
+        match own? {
+            c if c.hard => Some(crate::store::SpendCap::new(c.limit.min(self.cap_max), true)),
+            c if self.mode == QuotaMode::Soft => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The limit and hardness in force of a spend cap's quota under the tenant's own cap
+    /// `own` ([`own_in_force`](Self::own_in_force), else the plan's).
+    pub(crate) fn in_force(&self, own: Option<crate::store::SpendCap>) -> (u64, bool) {
+        self.own_in_force(own).map_or((self.limit.get(), self.mode == QuotaMode::Hard), |c| (c.limit, c.hard))
+    }
 }
 
 /// A tenant's overrides of its plan (`[tenants.X.overrides]` in the file, or JSON with the

@@ -105,11 +105,14 @@ impl Tollgate {
         })?;
         let now = self.shared.clock().unix_secs();
         // A spend cap: the tenant's own, as the store holds it (this node may not have asked
-        // since it was set).
+        // since it was set; without counters, as this node last read it).
         let own_cap = match state.plan.spend.and_then(|s| state.quota(s)) {
             Some(cell) => {
                 let counters = self.shared.stores().request().quota.counters(tenant, cell.meter_id()).await?;
-                counters.into_iter().find_map(|c| c.cap)
+                match counters.is_empty() {
+                    true => cell.tenant_cap(),
+                    false => counters.into_iter().find_map(|c| c.cap),
+                }
             }
             None => None,
         };
@@ -118,10 +121,12 @@ impl Tollgate {
             .map(|c| {
                 let (start, end) = c.spec.period().bounds(now);
                 let mode = |hard: bool| if hard { QuotaMode::Hard } else { QuotaMode::Soft };
-                match own_cap.filter(|_| c.spec.capped) {
-                    Some(cap) => (c.meter_id().clone(), c.spec.period(), start, end, cap.limit, mode(cap.hard)),
-                    None => (c.meter_id().clone(), c.spec.period(), start, end, c.limit(), mode(c.hard())),
-                }
+                let (limit, hard) = match c.spec.capped {
+                    // The cap in force (the tenant's within the plan's), not this node's view.
+                    true => c.spec.in_force(own_cap),
+                    false => (c.limit(), c.hard()),
+                };
+                (c.meter_id().clone(), c.spec.period(), start, end, limit, mode(hard))
             })
             .collect();
         let coarse: Vec<(MeterId, i64)> =

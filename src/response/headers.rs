@@ -221,7 +221,8 @@ fn emit_fields(
         _ => (state.rate(plan), state.quota(plan)),
     };
     // A tenant that set its own spend cap: its policy is left out (as a balance's is).
-    let own_cap = plan.spend.is_some_and(|s| tenant.and_then(|t| t.quota(s)).is_some_and(|c| c.tenant_cap().is_some()));
+    let own_cap =
+        plan.spend.is_some_and(|s| tenant.and_then(|t| t.quota(s)).is_some_and(|c| c.own_cap_in_force().is_some()));
     let mut without_own_cap;
     let put: &mut dyn FnMut(Field, Value<'_>) = if own_cap {
         without_own_cap = |field: Field, value: Value<'_>| match field {

@@ -626,6 +626,12 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
+    /// The tenant's own cap, as the store last said, when it is the one in force
+    /// ([`QuotaSpec::own_in_force`](crate::config::QuotaSpec)).
+    pub(crate) fn own_cap_in_force(&self) -> Option<crate::store::SpendCap> {
+        self.spec.own_in_force(self.tenant_cap())
+    }
+
     /// The tenant's own cap was just set (or removed) through this node: known at once, and
     /// the store asked again at the next request rather than a refusal kept to the second.
     pub(crate) fn cap_changed(&self, cap: Option<crate::store::SpendCap>) {
@@ -669,14 +675,10 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn limit(&self) -> u64 {
         if self.prepaid() {
             self.cold().balance.load(Ordering::Relaxed)
-        } else if let Some(cap) = self.spec.capped.then(|| self.tenant_cap()).flatten() {
+        } else if let Some(cap) = self.spec.capped.then(|| self.own_cap_in_force()).flatten() {
             // As the store holds it (`store::capped_limit`): a hard cap of the tenant's within
             // the maximum in force; a soft one on a plan whose cap is soft (its warnings).
-            match cap.hard {
-                true => cap.limit.min(self.spec.cap_max),
-                false if self.spec.mode() == QuotaMode::Hard => self.spec.limit().get(),
-                false => cap.limit,
-            }
+            cap.limit
         } else {
             self.spec.limit().get()
         }

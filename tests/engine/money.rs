@@ -353,7 +353,13 @@ async fn a_cap_set_under_one_plan_never_lifts_the_next_plans() {
     let view = admin.spend_cap("d").await.unwrap();
     assert_eq!((view.limit, view.max_limit, view.own.map(|c| c.limit)), (NANOS / 2, NANOS / 2, Some(10 * NANOS)));
     let view = admin.spend_cap("e").await.unwrap();
-    assert_eq!((view.limit, view.hard), (NANOS, true), "the plan's hard cap in force");
+    assert_eq!((view.limit, view.hard, view.own_in_force), (NANOS, true, false), "the plan's hard cap in force");
+    // The report says the caps in force too.
+    for (tenant, limit) in [("d", NANOS / 2), ("e", NANOS)] {
+        let report = h.tollgate.usage_report(&tenant.into(), NOON - 3600, NOON + 3600).await.unwrap();
+        let spend = report.quotas.iter().find(|q| q.meter.as_str() == "spend").unwrap();
+        assert_eq!((spend.limit, spend.mode), (limit, QuotaMode::Hard), "{tenant}");
+    }
 }
 
 /// On a plan whose cap is soft, a hard cap the tenant set through one node holds on another
@@ -378,6 +384,21 @@ async fn a_hard_cap_set_on_a_soft_plan_holds_on_every_node() {
     }
     // u sets a hard cap of 0.50 through a.
     Admin::for_engine(&a.tollgate).set_spend_cap("u", Some("0.50"), QuotaMode::Hard).await.unwrap();
+    // A long request on c, which read "none", streams through a hold that refuses to overrun:
+    // once its spend lease is used, c reads the cap in the background and its records are
+    // held to it.
+    {
+        let (ticket, ctx) = admit(&c, "key-u").await.unwrap();
+        let mut hold = ctx.hold_with("tokens", 1, Overrun::Refuse).await.unwrap();
+        let mut streamed = 0;
+        while hold.record(1).is_ok() {
+            streamed += 1;
+            assert!(streamed <= 60, "c streamed past the tenant's hard cap: {streamed} tokens at 0.01");
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        hold.settle();
+        assert!(ticket.complete(200));
+    }
     // b never served u: its holds ask the store, which holds them to 0.50.
     let mut held = 0;
     loop {

@@ -109,7 +109,7 @@ pub(crate) async fn tenants(admin: &Admin, config: &Config, command: TenantComma
 fn print_cap(id: &str, view: &tollgate::money::SpendCapView) {
     let amount = tollgate::money::amount_of;
     let mode = |hard: bool| if hard { "hard" } else { "soft" };
-    let by = if view.own.is_some() { "the tenant's own" } else { "the plan's" };
+    let by = if view.own_in_force { "the tenant's own" } else { "the plan's" };
     println!(
         "tenant `{id}`: spend cap {} {} ({}, {by}); plan's {} {} ({}); at most {} {}",
         amount(view.limit),

@@ -80,7 +80,7 @@ impl Tollgate {
                 if need == 0 {
                     // Only checked: a unit of the cap must be left (a soft cap's overdrawn
                     // lease goes to the store: its debt paid, the tenant's own cap read).
-                    if cell.lease() < 0 || matches!(cell.check_units(1, at), Err(Take::NeedLease)) {
+                    if (cell.lease() < 0 && !cell.hard()) || matches!(cell.check_units(1, at), Err(Take::NeedLease)) {
                         self.shared.leases().refill_locked(rt, cell, at, 0, 0).await?;
                     }
                     return Ok(cell.check_units(1, at).map(|()| NO_TAG).map_err(drop));

@@ -69,8 +69,11 @@ pub struct SpendCapView {
     pub plan_hard: bool,
     /// The most the tenant may set.
     pub max_limit: u64,
-    /// The tenant's own cap, if it set one.
+    /// The tenant's own cap, if it set one (kept across plan changes).
     pub own: Option<SpendCap>,
+    /// Whether the tenant's own cap is the one in force (not a soft one under a plan whose
+    /// cap is hard).
+    pub own_in_force: bool,
 }
 
 impl SpendCapView {
@@ -84,7 +87,7 @@ impl SpendCapView {
             "mode": mode(self.hard),
             "max_limit": amount_of(self.max_limit).to_string(),
             "plan_limit": amount_of(self.plan_limit).to_string(),
-            "set_by": if self.own.is_some() { "tenant" } else { "plan" },
+            "set_by": if self.own_in_force { "tenant" } else { "plan" },
         })
     }
 }
@@ -148,8 +151,15 @@ pub(crate) async fn spend_cap(
             });
         }
     }
-    // Read through a reservation of nothing too (the counters alone may be gone: an idle
+    // Read from the counters; through a reservation of nothing when there are none (an idle
     // tenant's rows are swept, its cap is kept).
+    if act == CapAct::Read {
+        let counters = quota.counters(tenant, &SPEND_METER.into()).await?;
+        if !counters.is_empty() {
+            let own = counters.into_iter().find_map(|c| c.cap);
+            return Ok(view(spec, currency, max, own));
+        }
+    }
     let mode = match act {
         CapAct::Set(cap) => CapMode::Set(Some(cap)),
         CapAct::Remove => CapMode::Set(None),
@@ -164,12 +174,24 @@ pub(crate) async fn spend_cap(
     let limit = plan_hard.then(|| spec.limit().get());
     let r = Reservation::new(key, 0, 0, limit, token).capped(mode).cap_within(max);
     let own = quota.reserve(&r).await?.cap;
-    let (limit, hard) = match own {
-        Some(c) if c.hard => (c.limit.min(max), true),
-        Some(c) if !plan_hard => (c.limit, false),
-        _ => (spec.limit().get(), plan_hard),
-    };
-    Ok(SpendCapView { currency, limit, hard, plan_limit: spec.limit().get(), plan_hard, max_limit: max, own })
+    Ok(view(spec, currency, max, own))
+}
+
+/// The view of a tenant's cap under its plan's spend quota `spec` (its maximum `max`) with
+/// its own cap `own`, as stored.
+fn view(spec: &crate::config::QuotaSpec, currency: String, max: u64, own: Option<SpendCap>) -> SpendCapView {
+    let (limit, hard) = spec.in_force(own);
+    let in_force = spec.own_in_force(own).is_some();
+    SpendCapView {
+        currency,
+        limit,
+        hard,
+        plan_limit: spec.limit().get(),
+        plan_hard: spec.mode() == QuotaMode::Hard,
+        max_limit: max,
+        own,
+        own_in_force: in_force,
+    }
 }
 
 /// A cap written as a decimal amount and a mode.

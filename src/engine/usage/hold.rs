@@ -285,6 +285,9 @@ impl HoldInner {
                         state.plan.metrics.spend_past_cap_nanos.increment(units);
                     }
                     cell.force_take(units, now);
+                    if spend {
+                        crate::engine::usage::spend::refill_when_low(state, meter, cell);
+                    }
                 }
                 state.record(meter, now, units);
             }
@@ -721,7 +724,7 @@ fn failed(state: &Tenant, meter: usize) -> Result<Option<(u32, i64)>, Rejection>
 }
 
 /// Asks the worker to refill the lease ahead of need, as a request that took from it does.
-fn prefetch(state: &Tenant, meter: usize) {
+pub(crate) fn prefetch(state: &Tenant, meter: usize) {
     let sent = engine(state)
         .is_some_and(|shared| shared.prefetch().try_send(Prefetch { state: state.clone(), meter }).is_ok());
     if !sent {

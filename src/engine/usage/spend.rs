@@ -154,8 +154,19 @@ pub(crate) fn charge(state: &Tenant, nanos: u64, now: i64) {
             state.plan.metrics.spend_past_cap_nanos.increment(nanos);
         }
         cell.force_take(nanos, now);
+        refill_when_low(state, spend, cell);
     }
     record(state, nanos, now);
+}
+
+/// After spend was charged past the spend lease's low watermark (work done, whatever the
+/// lease held): the lease is refilled in the background, so that the node reads the store's
+/// count and the tenant's own cap (a hard one may have been set through another node since)
+/// within a lease, however long its requests run.
+pub(crate) fn refill_when_low(state: &Tenant, spend: usize, cell: crate::tenant::QuotaRef<'_>) {
+    if cell.wants_prefetch(cell.lease()) {
+        crate::engine::usage::hold::prefetch(state, spend);
+    }
 }
 
 /// The spend of `units` of `meter` recorded outside a request (a context of its own), rounded
@@ -180,7 +191,7 @@ pub(crate) fn cap_reached(state: &Tenant, at: i64) -> Rejection {
     let cell = state.quota(spend).expect("a spend cap is a quota on the spend meter");
     let (_, end) = cell.window(at);
     let period = cell.spec.period().name();
-    let whose = if cell.tenant_cap().is_some() { "the tenant's" } else { "the plan's" };
+    let whose = if cell.own_cap_in_force().is_some() { "the tenant's" } else { "the plan's" };
     let mut r = Rejection::new(
         RejectionKind::SpendCapReached,
         Cow::Owned(format!(

@@ -322,12 +322,18 @@ pub async fn a_tenants_own_cap_holds_every_reserve_that_reads_it<S: ?Sized + Quo
     // Within the maximum in force (a plan the tenant was moved to): held to it.
     let g = s.reserve(&call(100, 7, CapMode::Stored).cap_within(170)).await.unwrap();
     assert_eq!((g.granted, g.reserved), (10, 170), "the stored cap, at most the maximum in force");
+    let again = s.reserve(&call(100, 7, CapMode::Stored).cap_within(170)).await.unwrap();
+    assert_eq!(again, g, "a resent call within a maximum: applied once");
+    // A maximum above the stored cap: the cap holds.
+    s.reserve(&call(0, 8, CapMode::Set(Some(SpendCap::new(200, true))))).await.unwrap();
+    let g = s.reserve(&call(50, 9, CapMode::Stored).cap_within(1_000)).await.unwrap();
+    assert_eq!((g.granted, g.reserved), (30, 200), "the stored cap, under the maximum");
     // A soft cap never lifts the call's own limit (a hard plan's); a call without one (a
-    // soft plan's) is granted everything asked.
-    s.reserve(&call(0, 8, CapMode::Set(Some(SpendCap::new(10, false))))).await.unwrap();
-    let g = s.reserve(&call(1, 9, CapMode::Stored)).await.unwrap();
+    // soft plan's) is granted everything asked, whatever its maximum.
+    s.reserve(&call(0, 10, CapMode::Set(Some(SpendCap::new(10, false))))).await.unwrap();
+    let g = s.reserve(&call(1, 11, CapMode::Stored)).await.unwrap();
     assert_eq!((g.granted, g.cap), (0, Some(SpendCap::new(10, false))), "soft: the call's own limit holds");
-    let g = s.reserve(&ask(&key, 1_000, None, 1, 10).capped(CapMode::Stored)).await.unwrap();
+    let g = s.reserve(&ask(&key, 1_000, None, 1, 12).capped(CapMode::Stored).cap_within(5)).await.unwrap();
     assert_eq!((g.granted, g.cap), (1_000, Some(SpendCap::new(10, false))), "soft, no limit: everything asked");
     // Another period of the same meter reads the same cap; another tenant reads none.
     let next = QuotaKey::new("capped".into(), "spend".into(), Period::Day, DAY0 + DAY, DAY0 + 2 * DAY);
