@@ -462,3 +462,24 @@ async fn the_spend_unit_is_a_vendor_parameter_in_every_header_style() {
     assert!(policy.contains("\"spend-month\";q=1000000000;w=2678400;tollgate-unit=\"nano-usd\""), "{policy}");
     assert!(!policy.contains("qu=\"nano-usd\""), "{policy}");
 }
+
+/// A tenant's own cap leaves the spend item out of `RateLimit-Policy`, and only it: a meter
+/// whose name starts with `spend-` keeps its policy.
+#[tokio::test]
+async fn a_tenants_own_cap_leaves_out_only_the_spend_policy() {
+    let toml = TOML.replace("[plans.p]\n", "[plans.p]\nquotas.spend-tracker = { limit = 100, period = \"day\" }\n")
+        + "[meters.spend-tracker]\n[[routes]]\npath = \"/track\"\nmeter = \"spend-tracker\"\n";
+    let h = Harness::new(&toml);
+    Admin::for_engine(&h.tollgate).set_spend_cap("t", Some("2.00"), QuotaMode::Hard).await.unwrap();
+    // A priced request: the node reads the tenant's cap, and leaves the plan's out.
+    let r = h.get("/anything", "key-t").await;
+    assert!(
+        !r.header("ratelimit-policy").unwrap_or("").contains("\"spend-month\""),
+        "{:?}",
+        r.header("ratelimit-policy")
+    );
+    let r = h.get("/track", "key-t").await;
+    assert_eq!(r.status, 200);
+    let policy = r.header("ratelimit-policy").unwrap_or("");
+    assert!(policy.contains("\"spend-tracker-day\";q=100"), "{policy}");
+}
