@@ -4,6 +4,7 @@ mod headers;
 mod problem;
 mod rejection;
 mod respond;
+pub(crate) mod route;
 
 pub use crate::base::RejectionKind;
 pub use headers::Field;

@@ -651,6 +651,30 @@ impl Responder for RejectionResponse {
     }
 }
 
+/// The method and body of a call of a tenant's own route, the body read up to one byte past
+/// `max` (enough for the route to answer 413; a body that fails midway is read as empty).
+async fn tenant_route_call(
+    request: &HttpRequest,
+    mut payload: actix_web::web::Payload,
+    max: usize,
+) -> (http::Method, bytes::BytesMut) {
+    let cap = max + 1;
+    let mut body = bytes::BytesMut::new();
+    while body.len() < cap {
+        match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
+            Some(Ok(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
+            Some(Err(_)) => {
+                body.clear();
+                break;
+            }
+            None => break,
+        }
+    }
+    // actix-web's `Method` is http 0.2's: by its name.
+    let method = http::Method::from_bytes(request.method().as_str().as_bytes()).unwrap_or(http::Method::POST);
+    (method, body)
+}
+
 /// The route an application mounts for its tenants' own alert endpoint
 /// ([`Tollgate::tenant_alert_endpoint`](tollgate::Tollgate::tenant_alert_endpoint)), inside
 /// the middleware: the calling tenant sets its own (any key of the tenant may). `GET` answers
@@ -669,24 +693,10 @@ impl Responder for RejectionResponse {
 /// ```
 #[must_use]
 pub fn alert_endpoint(engine: tollgate::Tollgate) -> actix_web::Route {
-    actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, mut payload: actix_web::web::Payload| {
+    actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, payload: actix_web::web::Payload| {
         let engine = engine.clone();
         async move {
-            // One byte past the route's bound is enough for it to answer 413.
-            let cap = tollgate::door::ALERT_ENDPOINT_MAX_BODY + 1;
-            let mut body = bytes::BytesMut::new();
-            while body.len() < cap {
-                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
-                    Some(Ok(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
-                    Some(Err(_)) => {
-                        body.clear();
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            // actix-web's `Method` is http 0.2's: by its name.
-            let method = http::Method::from_bytes(request.method().as_str().as_bytes()).unwrap_or(http::Method::POST);
+            let (method, body) = tenant_route_call(&request, payload, tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
             to_actix(engine.tenant_alert_endpoint(&tenant, &method, &body).await)
         }
     })
@@ -711,24 +721,10 @@ pub fn alert_endpoint(engine: tollgate::Tollgate) -> actix_web::Route {
 /// ```
 #[must_use]
 pub fn spend_cap(engine: tollgate::Tollgate) -> actix_web::Route {
-    actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, mut payload: actix_web::web::Payload| {
+    actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, payload: actix_web::web::Payload| {
         let engine = engine.clone();
         async move {
-            // One byte past the route's bound is enough for it to answer 413.
-            let cap = tollgate::door::SPEND_CAP_MAX_BODY + 1;
-            let mut body = bytes::BytesMut::new();
-            while body.len() < cap {
-                match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
-                    Some(Ok(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
-                    Some(Err(_)) => {
-                        body.clear();
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            // actix-web's `Method` is http 0.2's: by its name.
-            let method = http::Method::from_bytes(request.method().as_str().as_bytes()).unwrap_or(http::Method::POST);
+            let (method, body) = tenant_route_call(&request, payload, tollgate::door::SPEND_CAP_MAX_BODY).await;
             to_actix(engine.tenant_spend_cap(&tenant, &method, &body).await)
         }
     })

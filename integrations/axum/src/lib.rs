@@ -195,6 +195,16 @@ impl IntoResponse for RejectionResponse {
     }
 }
 
+/// The body of a call of a tenant's own route, read up to one byte past `max` (a longer one,
+/// or one that fails midway, as `max + 1` bytes: the route answers 413).
+async fn bounded_body(body: axum::body::Body, max: usize) -> bytes::Bytes {
+    let cap = max + 1;
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, cap)).await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => bytes::Bytes::from(vec![0; cap]),
+    }
+}
+
 /// The route an application mounts for its tenants' own alert endpoint
 /// ([`Tollgate::tenant_alert_endpoint`](tollgate::Tollgate::tenant_alert_endpoint)), behind
 /// tollgate's layer: the calling tenant sets its own (any key of the tenant may). `GET`
@@ -217,12 +227,7 @@ where
     let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
         let engine = engine.clone();
         async move {
-            // One byte past the route's bound is enough for it to answer 413.
-            let cap = tollgate::door::ALERT_ENDPOINT_MAX_BODY + 1;
-            let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, cap)).await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => bytes::Bytes::from(vec![0; cap]),
-            };
+            let body = bounded_body(body, tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
             engine.tenant_alert_endpoint(&tenant, &method, &body).await.map(axum::body::Body::from)
         }
     };
@@ -252,12 +257,7 @@ where
     let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
         let engine = engine.clone();
         async move {
-            // One byte past the route's bound is enough for it to answer 413.
-            let cap = tollgate::door::SPEND_CAP_MAX_BODY + 1;
-            let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, cap)).await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => bytes::Bytes::from(vec![0; cap]),
-            };
+            let body = bounded_body(body, tollgate::door::SPEND_CAP_MAX_BODY).await;
             engine.tenant_spend_cap(&tenant, &method, &body).await.map(axum::body::Body::from)
         }
     };

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 
 use super::TenantEndpoint;
+use crate::response::route::{json, no_content, not_get_put_delete, problem, too_large};
 use crate::{
     base::{TenantId, WebhookSecret},
     config::Config,
@@ -110,29 +111,6 @@ pub(crate) async fn set_tenant_endpoint(
     Ok(Some(secret))
 }
 
-/// A problem+json answer.
-fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> http::Response<Bytes> {
-    let body = serde_json::json!({
-        "type": format!("https://tollgate.rs/problems/{kind}"),
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    let mut response = http::Response::new(Bytes::from(body.to_string()));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::response::PROBLEM_JSON));
-    response
-}
-
-fn json(status: StatusCode, value: &serde_json::Value) -> http::Response<Bytes> {
-    let mut response = http::Response::new(Bytes::from(value.to_string()));
-    *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    response
-}
-
 impl Tollgate {
     /// The route an application mounts for its tenants' own alert endpoint, behind tollgate's
     /// layer (the calling tenant is the one it sets; any key of the tenant may): `GET` answers
@@ -177,7 +155,7 @@ impl Tollgate {
             },
             Method::PUT => {
                 if body.len() > MAX_BODY {
-                    return problem(StatusCode::PAYLOAD_TOO_LARGE, "bad-request", "Body too large", "at most 4 KiB");
+                    return too_large("4 KiB");
                 }
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
@@ -201,19 +179,10 @@ impl Tollgate {
                 }
             }
             Method::DELETE => match set_tenant_endpoint(directory.as_ref(), &config, id, None).await {
-                Ok(_) => {
-                    let mut response = http::Response::new(Bytes::new());
-                    *response.status_mut() = StatusCode::NO_CONTENT;
-                    response
-                }
+                Ok(_) => no_content(),
                 Err(e) => endpoint_problem(&e),
             },
-            _ => {
-                let mut r =
-                    problem(StatusCode::METHOD_NOT_ALLOWED, "bad-request", "Method not allowed", "GET, PUT or DELETE");
-                r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, PUT, DELETE"));
-                r
-            }
+            _ => not_get_put_delete(),
         }
     }
 }

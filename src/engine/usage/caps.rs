@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
+use crate::response::route::{json, no_content, not_get_put_delete, problem, too_large};
 use crate::{
     base::{QuotaMode, TenantId},
     config::{amount_of, Config, PlanOverride, PlanSpec, SPEND_METER},
@@ -203,21 +204,6 @@ pub(crate) fn parse(limit: &str, hard: bool) -> Result<SpendCap, CapError> {
     Ok(SpendCap::new(nanos, hard))
 }
 
-fn problem(status: StatusCode, kind: &str, title: &str, detail: &str) -> http::Response<Bytes> {
-    let body = serde_json::json!({
-        "type": format!("https://tollgate.rs/problems/{kind}"),
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail,
-    });
-    let mut response = http::Response::new(Bytes::from(body.to_string()));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::response::PROBLEM_JSON));
-    response
-}
-
 fn cap_problem(e: &CapError) -> http::Response<Bytes> {
     let detail = e.to_string();
     match e {
@@ -266,7 +252,7 @@ impl Tollgate {
             Method::GET => CapAct::Read,
             Method::PUT => {
                 if body.len() > MAX_BODY {
-                    return problem(StatusCode::PAYLOAD_TOO_LARGE, "bad-request", "Body too large", "at most 1 KiB");
+                    return too_large("1 KiB");
                 }
                 #[derive(serde::Deserialize)]
                 #[serde(deny_unknown_fields)]
@@ -297,16 +283,7 @@ impl Tollgate {
                 }
             }
             Method::DELETE => CapAct::Remove,
-            _ => {
-                let mut r = problem(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method-not-allowed",
-                    "Method not allowed",
-                    "GET, PUT or DELETE",
-                );
-                r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, PUT, DELETE"));
-                return r;
-            }
+            _ => return not_get_put_delete(),
         };
         let removing = act == CapAct::Remove;
         let answer = spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await;
@@ -319,18 +296,8 @@ impl Tollgate {
             }
         }
         match answer {
-            Ok(_) if removing => {
-                let mut response = http::Response::new(Bytes::new());
-                *response.status_mut() = StatusCode::NO_CONTENT;
-                response
-            }
-            Ok(view) => {
-                let mut response = http::Response::new(Bytes::from(view.to_json().to_string()));
-                response
-                    .headers_mut()
-                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-                response
-            }
+            Ok(_) if removing => no_content(),
+            Ok(view) => json(StatusCode::OK, &view.to_json()),
             Err(e) => cap_problem(&e),
         }
     }
