@@ -60,10 +60,10 @@ pub mod money {
     //! Money: prices on meters and spend caps, exact decimals ([`Decimal`], never floats),
     //! spend counted in nano-units (10⁻⁹) of `[billing] currency` on the reserved meter
     //! `spend`. The [money guide](crate::guide::money) explains them.
-    pub use crate::config::billing::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap};
-    pub use crate::config::{BillingSettings, MAX_CAP_NANOS, NANOS, SPEND_METER};
+    pub use crate::base::SpendCap;
+    pub use crate::base::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, MAX_CAP_NANOS, NANOS, SPEND_METER};
+    pub use crate::config::BillingSettings;
     pub use crate::engine::{CapError, SpendCapView};
-    pub use crate::store::SpendCap;
     pub use rust_decimal::Decimal;
 }
 pub mod alerts {
@@ -107,8 +107,9 @@ mod usage;
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub use aws_sdk_dynamodb;
 pub use config::Config;
+pub use config::Overrun;
 pub use engine::Worker;
-pub use engine::{BuildError, Builder, Hold, Overrun, ShutdownError, Tollgate};
+pub use engine::{BuildError, Builder, Hold, ShutdownError, Tollgate};
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::Identity;

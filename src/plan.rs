@@ -21,7 +21,7 @@ use crate::{
     },
     metrics::Metrics,
     tenant::KeyHash,
-    tenant::{Tenant, TenantCells},
+    tenant::{GcraCell, TenantCells},
 };
 
 use crate::config::RoutePattern;
@@ -123,7 +123,7 @@ pub(crate) enum Limiter<K: std::hash::Hash, S: StateStore<Key = K>> {
 
 /// The plan's rate limiter: for every tenant of the plan, each tenant's cell living in its
 /// own state.
-pub(crate) type PlanLimiter = Limiter<Tenant, TenantCells>;
+pub(crate) type PlanLimiter = Limiter<GcraCell, TenantCells>;
 
 /// The anonymous plan's rate limiter: per client address, in a bounded map.
 pub(crate) type ClientLimiter = Limiter<u64, ClientCells>;

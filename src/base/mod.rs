@@ -1,6 +1,6 @@
 //! The names every layer shares, at the bottom of the crate: tenant, plan and meter ids, quota
-//! periods and modes, API key digests, what a change of the directory tells the engine, and the
-//! billing sinks' facts.
+//! periods and modes, API key digests, money, what a change of the directory tells the engine, and
+//! the billing sinks' facts.
 //!
 //! Nothing here imports another module of the crate; the configuration, the stores, billing and
 //! the engine all build on it. Users reach these through [`crate::config`] and the crate root.
@@ -8,6 +8,7 @@
 mod events;
 mod ids;
 mod key;
+mod money;
 mod period;
 mod random;
 mod rejection;
@@ -18,6 +19,7 @@ pub use events::{DirectoryEvents, WebhookCount};
 pub use ids::{InvalidTenantId, MeterId, PlanId, TenantId};
 pub use key::KeyHash;
 pub(crate) use key::{check_api_key, COMMA_IN_KEY, MAX_KEY_LEN};
+pub use money::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, SpendCap, MAX_CAP_NANOS, NANOS, SPEND_METER};
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
 pub use rejection::RejectionKind;
@@ -36,3 +38,8 @@ pub(crate) const DYNAMODB_MAX_RESPONSE_BYTES: usize = 350_000;
 /// `store::contract::MAX_BALANCE`): here so the configuration, billing and `Admin` check
 /// grants without importing the stores.
 pub(crate) const MAX_BALANCE: u64 = 1 << 50;
+
+/// The most units a quota lease holds (and the largest debt one carries: a lease word keeps a
+/// signed 48-bit count): a hold or a route's hold estimate larger than this is refused. Here so
+/// the configuration checks estimates without importing the tenants' state.
+pub(crate) const LEASE_MAX: u64 = (1 << 46) - 1;

@@ -6,10 +6,13 @@ use std::fmt;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::{Secret, WebhookHandler};
+use super::Secret;
 
 /// The API version the full events are read at: the one async-stripe is generated for.
 const STRIPE_VERSION: &str = "2026-09-30.endive";
+
+/// The most bytes of an answer of Stripe's API read (a longer one is an error).
+const MAX_ANSWER: usize = 1 << 20;
 
 type HttpsClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
@@ -58,7 +61,7 @@ impl StripeReader {
         let read = async {
             let response = client.request(request).await.map_err(|e| passing(&e))?;
             let status = response.status();
-            let body = http_body_util::Limited::new(response.into_body(), WebhookHandler::MAX_BODY)
+            let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
                 .map_err(|e| passing(&e))?

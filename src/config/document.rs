@@ -8,10 +8,11 @@ use toml::de::{DeTable, DeValue};
 use super::{
     alerts::RawAlerts, events::RawEvents, export::RawExport, identify::RawIdentify, limits::RawLimits,
     limits::HEADERS_ALLOWANCE, located::serde_error, located::syntax_error, located::Located, meters::RawMeter,
-    metronome::RawMetronome, plans::RawPlan, routes::RawRoute, store::RawStore, store::StoreOrigin, store::StoreRoles,
-    stripe::RawStripe, tenants::RawTenant, usage::RawUsage, validator::Validator, ClientSettings, EventSettings,
-    ExportSettings, Identify, Limits, MeterAggregation, MeterSpec, MetronomeSettings, OnUnknown, PlanOverride,
-    PlanSpec, RouteSpec, StoreRole, StoreSettings, StripeSettings, TenantSpec, UsageSettings, ANONYMOUS_TENANT,
+    metronome::RawMetronome, plans::RawOverride, plans::RawPlan, routes::RawRoute, store::RawStore, store::StoreOrigin,
+    store::StoreRoles, stripe::RawStripe, tenants::RawTenant, usage::RawUsage, validator::Validator, ClientSettings,
+    EventSettings, ExportSettings, Identify, Limits, MeterAggregation, MeterSpec, MetronomeSettings, OnUnknown,
+    PlanOverride, PlanSpec, RouteSpec, StoreRole, StoreSettings, StripeSettings, TenantSpec, UsageSettings,
+    ANONYMOUS_TENANT,
 };
 use super::{ConfigError, ConfigErrorKind, ConfigErrorKind as Kind};
 use crate::base::{MeterId, PlanId, QuotaMode, SinkKind};
@@ -553,4 +554,28 @@ impl Validator<'_, '_> {
             file: None,
         })
     }
+}
+
+impl PlanOverride {
+    /// Reads overrides from their JSON form (`{"rate": "100/s", "burst": 50, "quotas":
+    /// {"tokens": {"limit": 500, "period": "day"}}, "features": ["sso"]}`), checked against
+    /// the configuration's meters as the file's `[tenants.X.overrides]` are.
+    ///
+    /// # Errors
+    /// What is wrong, with the key path (no line: the text is not a file).
+    pub fn from_json(json: &str, config: &Config) -> Result<Self, ConfigError> {
+        parse_override(json, config)
+    }
+}
+
+/// A tenant's overrides in their JSON form (the store's directory), checked as the file's are.
+fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigError> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let raw: RawOverride = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { "overrides".to_owned() } else { format!("overrides.{path}") };
+        ConfigError::new(Kind::InvalidValue, key, e.inner().to_string())
+    })?;
+    let loc = Located { text: "", root: None };
+    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)
 }

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::ConfigError;
 use super::{validator::check_name, validator::Validator};
+use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::MeterId;
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +103,18 @@ impl MeterSpec {
 }
 
 impl Validator<'_, '_> {
+    /// A reference to a declared meter.
+    pub(super) fn meter_ref(&self, meters: &[MeterSpec], path: &str, name: &str) -> Result<MeterId, ConfigError> {
+        match meters.iter().find(|m| m.id.as_str() == name) {
+            Some(m) => Ok(m.id.clone()),
+            None => Err(self.loc.error(
+                Kind::UnknownReference,
+                path,
+                format!("unknown meter `{name}`: declare it under [meters]"),
+            )),
+        }
+    }
+
     /// `[meters]`: `requests` always exists; with `[billing]`, the meter `spend` too (the
     /// money priced meters feed, never exported).
     pub(super) fn meters(
@@ -121,7 +133,7 @@ impl Validator<'_, '_> {
         for (name, m) in raw {
             let path = format!("meters.{name}");
             check_name(self, &path, name)?;
-            if name == super::billing::SPEND_METER {
+            if name == crate::base::SPEND_METER {
                 return Err(self.invalid(
                     &path,
                     "`spend` is the reserved meter of money (what priced meters cost): name this meter otherwise",
@@ -175,8 +187,8 @@ impl Validator<'_, '_> {
         if billing.currency.is_some() {
             // Money is never billed as units: the billing system bills the priced meters.
             meters.push(MeterSpec {
-                id: super::billing::SPEND_METER.into(),
-                event_name: super::billing::SPEND_METER.into(),
+                id: crate::base::SPEND_METER.into(),
+                event_name: crate::base::SPEND_METER.into(),
                 description: Some("spend: what priced meters cost, in nano-units of the currency".into()),
                 aggregation: MeterAggregation::Sum,
                 export: false,

@@ -15,7 +15,7 @@
 #![doc = concat!("```toml\n", include_str!("reference.toml"), "```")]
 
 mod alerts;
-pub(crate) mod billing;
+mod billing;
 mod document;
 mod error;
 mod events;
@@ -27,6 +27,7 @@ mod meters;
 mod metronome;
 pub(crate) mod net;
 mod plans;
+mod quota;
 mod rate;
 mod route;
 mod routes;
@@ -38,10 +39,11 @@ mod tests;
 mod usage;
 mod validator;
 
+pub(crate) use crate::base::{amount_of, ceil_nanos, cost_nanos};
 pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, SinkKind, TenantId};
+pub use crate::base::{MAX_CAP_NANOS, NANOS, SPEND_METER};
 pub use alerts::{AlertEndpoint, AlertSettings, EVENT_TYPES};
-pub(crate) use billing::{amount_of, ceil_nanos, cost_nanos};
-pub use billing::{BillingSettings, MAX_CAP_NANOS, NANOS, SPEND_METER};
+pub use billing::BillingSettings;
 pub use document::Config;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use events::EventSettings;
@@ -51,11 +53,12 @@ pub use limits::{HeaderStyle, Limits};
 pub use meters::{MeterAggregation, MeterSpec};
 pub use metronome::MetronomeSettings;
 pub use net::{ForwardedHeader, IpRange};
-pub use plans::{PlanOverride, PlanSpec, QuotaSpec, Scope};
+pub use plans::{PlanOverride, PlanSpec, Scope};
+pub use quota::QuotaSpec;
 pub use rate::{Rate, RateError};
 pub(crate) use route::normalize_path;
 pub use route::RoutePattern;
-pub use routes::{HoldEstimate, HoldSettle, RouteHold, RouteSpec};
+pub use routes::{HoldEstimate, HoldSettle, Overrun, RouteHold, RouteSpec};
 pub use store::{Migrate, PostgresSettings, StoreRole, StoreSettings, Synchronous};
 pub use stripe::{CreditSettings, RefundPolicy, StatusOutcome, StripeSettings};
 pub use tenants::TenantSpec;

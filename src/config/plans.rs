@@ -1,13 +1,11 @@
 //! `[plans.<name>]` and tenants' overrides of them: rates, bursts, quotas and features.
 
-use std::{
-    collections::BTreeMap,
-    num::{NonZeroU32, NonZeroU64},
-};
+use std::{collections::BTreeMap, num::NonZeroU32};
 
 use serde::Deserialize;
 
-use super::{located::Located, validator::check_name, validator::Validator, Config, MeterSpec, Rate, StoreErrorPolicy};
+use super::quota::{RawQuota, RawSpend};
+use super::{validator::check_name, validator::Validator, MeterSpec, QuotaSpec, Rate, StoreErrorPolicy};
 use super::{ConfigError, ConfigErrorKind as Kind};
 use crate::base::{MeterId, Period, PlanId, QuotaMode};
 
@@ -30,7 +28,7 @@ pub(crate) struct RawPlan {
     pub(crate) tenant_alerts: Option<bool>,
     #[serde(default)]
     pub(crate) prices: BTreeMap<String, String>,
-    pub(crate) spend: Option<super::billing::RawSpend>,
+    pub(crate) spend: Option<RawSpend>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
@@ -48,30 +46,7 @@ pub(crate) struct RawOverride {
     pub(crate) features: Vec<String>,
     #[serde(default)]
     pub(crate) prices: BTreeMap<String, String>,
-    pub(crate) spend: Option<super::billing::RawSpend>,
-}
-
-#[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawQuota {
-    pub(crate) limit: Option<i64>,
-    pub(crate) period: String,
-    pub(crate) mode: Option<String>,
-    pub(crate) anchor_day: Option<i64>,
-    pub(crate) lease: Option<i64>,
-}
-
-/// A tenant's overrides in their JSON form (the store's directory), checked as the file's are.
-pub(super) fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigError> {
-    let mut de = serde_json::Deserializer::from_str(json);
-    let raw: RawOverride = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let key = if path == "." { "overrides".to_owned() } else { format!("overrides.{path}") };
-        ConfigError::new(Kind::InvalidValue, key, e.inner().to_string())
-    })?;
-    let loc = Located { text: "", root: None };
-    Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)
+    pub(crate) spend: Option<RawSpend>,
 }
 
 /// A plan: a rate with its burst, and quotas per meter.
@@ -94,23 +69,6 @@ pub struct PlanSpec {
     /// The most a tenant may set its spend cap to (`spend.max_limit`), in nano-units; `None`
     /// without a spend cap.
     pub(crate) spend_max: Option<u64>,
-}
-
-/// The quota on the spend meter of a spend cap of `limit` nano-units, which a tenant's own
-/// cap may raise up to `max`.
-pub(crate) fn spend_quota(limit: u64, max: u64, period: Period, mode: QuotaMode, currency: &str) -> QuotaSpec {
-    // A thirty-second of the cap a lease (within a lease's largest), so that a fleet's leases
-    // strand little of it.
-    let lease = (limit / 32).clamp(1, 1 << 44);
-    QuotaSpec {
-        limit: NonZeroU64::new(limit).unwrap_or(NonZeroU64::MIN),
-        period,
-        mode,
-        lease: NonZeroU64::new(lease).unwrap_or(NonZeroU64::MIN),
-        capped: true,
-        cap_max: max,
-        unit: Some(format!("nano-{currency}").into()),
-    }
 }
 
 /// Whose limit a plan's `rate` or `concurrency` is (`rate_scope`, `concurrency_scope`).
@@ -152,7 +110,7 @@ impl PlanSpec {
     /// the currency (`spend.limit`).
     #[must_use]
     pub fn spend(&self) -> Option<&QuotaSpec> {
-        self.spend_max.and_then(|_| self.quotas.get(super::billing::SPEND_METER))
+        self.spend_max.and_then(|_| self.quotas.get(crate::base::SPEND_METER))
     }
 
     /// The most a tenant may set its spend cap to, in nano-units (`spend.max_limit`, else the
@@ -222,7 +180,7 @@ impl PlanSpec {
             merged.prices.insert(m.clone(), *p);
         }
         if let Some((spend, max)) = &o.spend {
-            merged.quotas.insert(super::billing::SPEND_METER.into(), spend.clone());
+            merged.quotas.insert(crate::base::SPEND_METER.into(), spend.clone());
             merged.spend_max = Some(*max);
         }
         merged
@@ -259,69 +217,6 @@ impl PlanSpec {
     }
 }
 
-/// A quota on one meter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QuotaSpec {
-    pub(crate) limit: NonZeroU64,
-    pub(crate) period: Period,
-    pub(crate) mode: QuotaMode,
-    pub(crate) lease: NonZeroU64,
-    /// A spend cap's quota: a tenant's own cap, kept by the quota store, holds it in place of
-    /// this limit when the tenant set one.
-    pub(crate) capped: bool,
-    /// A spend cap's quota: the most a tenant's own hard cap holds it to (`spend.max_limit`
-    /// in force); 0 otherwise.
-    pub(crate) cap_max: u64,
-    /// Its unit in headers when it is not its meter's name (a spend cap's: `nano-usd`).
-    pub(crate) unit: Option<Box<str>>,
-}
-
-impl QuotaSpec {
-    /// Units allowed per period. A prepaid balance ([`Period::Prepaid`]) has no limit of its
-    /// own (each tenant's open grants are its limit): this is then
-    /// [`MAX_BALANCE`](crate::store::contract::MAX_BALANCE), the most a balance can hold.
-    #[must_use]
-    pub fn limit(&self) -> NonZeroU64 {
-        self.limit
-    }
-
-    /// The calendar period.
-    #[must_use]
-    pub fn period(&self) -> Period {
-        self.period
-    }
-
-    /// Hard (reject) or soft (admit and count overage).
-    #[must_use]
-    pub fn mode(&self) -> QuotaMode {
-        self.mode
-    }
-
-    /// How many units a node reserves from the store at once.
-    #[must_use]
-    pub fn lease(&self) -> NonZeroU64 {
-        self.lease
-    }
-
-    /// A spend cap's quota: the tenant's own cap `own` if it is the one in force (a hard one,
-    /// or a soft one on a plan whose cap is soft: a soft cap of the tenant's never lifts a
-    /// hard one of the plan's), as the store holds it (`store::capped_limit`): a hard one at
-    /// most `cap_max`.
-    pub(crate) fn own_in_force(&self, own: Option<crate::store::SpendCap>) -> Option<crate::store::SpendCap> {
-        match own? {
-            c if c.hard => Some(crate::store::SpendCap::new(c.limit.min(self.cap_max), true)),
-            c if self.mode == QuotaMode::Soft => Some(c),
-            _ => None,
-        }
-    }
-
-    /// The limit and hardness in force of a spend cap's quota under the tenant's own cap
-    /// `own` ([`own_in_force`](Self::own_in_force), else the plan's).
-    pub(crate) fn in_force(&self, own: Option<crate::store::SpendCap>) -> (u64, bool) {
-        self.own_in_force(own).map_or((self.limit.get(), self.mode == QuotaMode::Hard), |c| (c.limit, c.hard))
-    }
-}
-
 /// A tenant's overrides of its plan (`[tenants.X.overrides]` in the file, or JSON with the
 /// same keys in the store's directory, set with `tollgate tenants set-override`): rate,
 /// burst, quotas and features, merged over the plan ([`PlanSpec::with_override`]).
@@ -346,16 +241,6 @@ pub struct PlanOverride {
 }
 
 impl PlanOverride {
-    /// Reads overrides from their JSON form (`{"rate": "100/s", "burst": 50, "quotas":
-    /// {"tokens": {"limit": 500, "period": "day"}}, "features": ["sso"]}`), checked against
-    /// the configuration's meters as the file's `[tenants.X.overrides]` are.
-    ///
-    /// # Errors
-    /// What is wrong, with the key path (no line: the text is not a file).
-    pub fn from_json(json: &str, config: &Config) -> Result<Self, ConfigError> {
-        parse_override(json, config)
-    }
-
     /// The JSON form, as the store's directory keeps it.
     #[must_use]
     pub fn to_json(&self) -> String {
@@ -373,7 +258,7 @@ impl PlanOverride {
             let quotas: serde_json::Map<String, serde_json::Value> = self
                 .quotas
                 .iter()
-                .filter(|(m, _)| m.as_str() != super::billing::SPEND_METER)
+                .filter(|(m, _)| m.as_str() != crate::base::SPEND_METER)
                 .map(|(m, q)| {
                     let mut v = serde_json::json!({
                         "period": q.period.name(),
@@ -398,7 +283,7 @@ impl PlanOverride {
             o.insert("prices".into(), prices.into());
         }
         if let Some((q, max)) = &self.spend {
-            let amount = |n: u64| super::billing::amount_of(n).to_string();
+            let amount = |n: u64| crate::base::amount_of(n).to_string();
             let mut v = serde_json::json!({
                 "limit": amount(q.limit.get()),
                 "period": q.period.name(),
@@ -432,6 +317,24 @@ fn scope_name(scope: Scope) -> &'static str {
 }
 
 impl Validator<'_, '_> {
+    /// A reference to a declared plan.
+    pub(super) fn plan_ref(
+        &self,
+        plans: &BTreeMap<PlanId, PlanSpec>,
+        path: &str,
+        name: &str,
+    ) -> Result<PlanId, ConfigError> {
+        let id = PlanId::from(name);
+        if plans.contains_key(&id) {
+            Ok(id)
+        } else {
+            Err(self.loc.error(
+                Kind::UnknownReference,
+                path,
+                format!("unknown plan `{name}`: declare it under [plans]"),
+            ))
+        }
+    }
     /// A scope (`rate_scope`, `concurrency_scope`) at `key`: `"node"` or `"fleet"`.
     fn rate_scope(&self, key: &str, raw: Option<&str>) -> Result<Option<Scope>, ConfigError> {
         match raw {
@@ -469,7 +372,7 @@ impl Validator<'_, '_> {
         for (meter, text) in raw {
             let key = format!("{base}.prices.{meter}");
             let id = self.meter_ref(meters, &key, meter)?;
-            if id.as_str() == super::billing::SPEND_METER {
+            if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&key, "the spend meter is money already: it has no price"));
             }
             prices.insert(id, self.price(&key, text, billing)?);
@@ -519,7 +422,7 @@ impl Validator<'_, '_> {
         for (meter, q) in &p.quotas {
             let qbase = format!("{base}.quotas.{meter}");
             let id = self.meter_ref(meters, &qbase, meter)?;
-            if id.as_str() == super::billing::SPEND_METER {
+            if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));
             }
             quotas.insert(id, self.quota(&qbase, q)?);
@@ -529,7 +432,7 @@ impl Validator<'_, '_> {
             None => None,
             Some(raw) => {
                 let (spec, max) = self.spend(&format!("{base}.spend"), raw, billing)?;
-                quotas.insert(super::billing::SPEND_METER.into(), spec);
+                quotas.insert(crate::base::SPEND_METER.into(), spec);
                 Some(max)
             }
         };
@@ -611,7 +514,7 @@ impl Validator<'_, '_> {
         for (meter, q) in &o.quotas {
             let qbase = format!("{base}.quotas.{meter}");
             let id = self.meter_ref(meters, &qbase, meter)?;
-            if id.as_str() == super::billing::SPEND_METER {
+            if id.as_str() == crate::base::SPEND_METER {
                 return Err(self.invalid(&qbase, "spend is capped with `spend = { limit = … }`, in money"));
             }
             quotas.insert(id, self.quota(&qbase, q)?);
@@ -624,80 +527,5 @@ impl Validator<'_, '_> {
             Some(raw) => Some(self.spend(&format!("{base}.spend"), raw, billing)?),
         };
         Ok(PlanOverride { rate, burst, rate_scope, quotas, features, prices, spend })
-    }
-
-    pub(super) fn quota(&self, base: &str, q: &RawQuota) -> Result<QuotaSpec, ConfigError> {
-        let period = match q.period.as_str() {
-            "day" => {
-                if q.anchor_day.is_some() {
-                    return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
-                }
-                Period::Day
-            }
-            "month" => {
-                let anchor_day = match q.anchor_day {
-                    None => 1,
-                    Some(d @ 1..=31) => d as u8,
-                    Some(d) => {
-                        return Err(self.invalid(
-                            &format!("{base}.anchor_day"),
-                            format!("must be a day of the month from 1 to 31, not {d}"),
-                        ))
-                    }
-                };
-                Period::Month { anchor_day }
-            }
-            "prepaid" => {
-                if q.anchor_day.is_some() {
-                    return Err(self.invalid(&format!("{base}.anchor_day"), "only monthly quotas have an anchor day"));
-                }
-                if q.limit.is_some() {
-                    return Err(self.invalid(
-                        &format!("{base}.limit"),
-                        "a prepaid balance has no limit: each tenant's grants are its limit (`tollgate credits grant`)",
-                    ));
-                }
-                if q.mode.as_deref().is_some_and(|m| m != "hard") {
-                    return Err(self.invalid(
-                        &format!("{base}.mode"),
-                        "a prepaid balance is hard: work past it is refused (usage reported after the work may still take it below zero)",
-                    ));
-                }
-                Period::Prepaid
-            }
-            other => {
-                return Err(self.invalid(
-                    &format!("{base}.period"),
-                    format!("expected \"day\", \"month\" or \"prepaid\", not \"{other}\""),
-                ))
-            }
-        };
-        let limit = match (period, q.limit) {
-            (Period::Prepaid, _) => NonZeroU64::new(crate::base::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
-            (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
-            (_, None) => {
-                return Err(
-                    self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)")
-                )
-            }
-        };
-        let mode = match q.mode.as_deref().unwrap_or("hard") {
-            "hard" => QuotaMode::Hard,
-            "soft" => QuotaMode::Soft,
-            other => {
-                return Err(
-                    self.invalid(&format!("{base}.mode"), format!("expected \"hard\" or \"soft\", not \"{other}\""))
-                )
-            }
-        };
-        let lease = match q.lease {
-            Some(l) => self.positive(&format!("{base}.lease"), l)?,
-            // A balance's leases start small (a balance is money, and may be small); they grow
-            // with the tenant's pace up to a sixteenth of what it holds.
-            None if period == Period::Prepaid => NonZeroU64::new(100).unwrap_or(NonZeroU64::MIN),
-            // A sixteenth of the limit, between 1 and 10,000 units.
-            None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
-        };
-        Ok(QuotaSpec { limit, period, mode, lease, capped: false, cap_max: 0, unit: None })
     }
 }

@@ -49,6 +49,21 @@ pub(crate) struct RawHeaderHold {
     pub(crate) max: i64,
 }
 
+/// What a record beyond its hold does ([`TenantContext::hold_with`](crate::TenantContext::hold_with)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overrun {
+    /// Recorded anyway: what the hold does not cover is taken from the node's lease, past the
+    /// limit if need be (the period then stays spent), as
+    /// [`TenantContext::record`](crate::TenantContext::record) does. The default.
+    #[default]
+    Debt,
+    /// Refused: [`Hold::record`] returns [`RecordError::Overrun`] and records nothing when the
+    /// hold and the node's lease do not cover it. With every use of a meter held this way,
+    /// what is recorded never passes the limit, across the fleet.
+    Refuse,
+}
+
 /// The units a route holds of its meter before its handler runs (`[[routes]] hold`), and how
 /// the hold settles when the response body ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +79,7 @@ pub struct RouteHold {
     /// names one (`actual_header`).
     pub actual_header: Option<http::HeaderName>,
     /// What a record beyond the hold does.
-    pub overrun: crate::Overrun,
+    pub overrun: Overrun,
     /// The longest the hold stays open (`hold_timeout`; `None`: `limits.hold_timeout`).
     pub timeout: Option<std::time::Duration>,
 }
@@ -290,10 +305,10 @@ impl Validator<'_, '_> {
             ));
         }
         let units = |key: &str, n: i64| -> Result<u64, ConfigError> {
-            u64::try_from(n).ok().filter(|n| (1..=crate::tenant::LEASE_MAX).contains(n)).ok_or_else(|| {
+            u64::try_from(n).ok().filter(|n| (1..=crate::base::LEASE_MAX).contains(n)).ok_or_else(|| {
                 self.invalid(
                     key,
-                    format!("must be a whole number of units from 1 to {}, not {n}", crate::tenant::LEASE_MAX),
+                    format!("must be a whole number of units from 1 to {}, not {n}", crate::base::LEASE_MAX),
                 )
             })
         };
@@ -334,8 +349,8 @@ impl Validator<'_, '_> {
             })?),
         };
         let overrun = match r.overrun.as_deref() {
-            None | Some("debt") => crate::Overrun::Debt,
-            Some("refuse") => crate::Overrun::Refuse,
+            None | Some("debt") => Overrun::Debt,
+            Some("refuse") => Overrun::Refuse,
             Some(other) => {
                 return Err(
                     self.invalid(&format!("{base}.overrun"), format!("expected \"debt\" or \"refuse\", not `{other}`"))
@@ -369,7 +384,7 @@ impl Validator<'_, '_> {
     ) -> Result<(), ConfigError> {
         // The spend meter is fed by every priced meter, not charged by a route.
         let enforced = |m: &MeterId| {
-            m.as_str() == super::billing::SPEND_METER
+            m.as_str() == crate::base::SPEND_METER
                 || m == default_meter
                 || routes.iter().any(|r| &r.meter == m || r.reports.contains(m))
                 || events.products.values().any(|e| e == m)

@@ -1,10 +1,9 @@
 //! The checks every table shares: durations, methods, policies, names and references to meters and plans.
 
-use std::{collections::BTreeMap, num::NonZeroU64, time::Duration};
+use std::{num::NonZeroU64, time::Duration};
 
-use super::{located::Located, MeterSpec, PlanSpec};
+use super::located::Located;
 use super::{ConfigError, ConfigErrorKind as Kind};
-use crate::base::{MeterId, PlanId};
 
 pub(super) struct Validator<'l, 'a> {
     pub(super) loc: &'l Located<'a>,
@@ -92,36 +91,5 @@ impl Validator<'_, '_> {
             .ok()
             .and_then(NonZeroU64::new)
             .ok_or_else(|| self.invalid(path, format!("must be a whole number of at least 1, not {value}")))
-    }
-
-    /// A reference to a declared meter.
-    pub(super) fn meter_ref(&self, meters: &[MeterSpec], path: &str, name: &str) -> Result<MeterId, ConfigError> {
-        match meters.iter().find(|m| m.id.as_str() == name) {
-            Some(m) => Ok(m.id.clone()),
-            None => Err(self.loc.error(
-                Kind::UnknownReference,
-                path,
-                format!("unknown meter `{name}`: declare it under [meters]"),
-            )),
-        }
-    }
-
-    /// A reference to a declared plan.
-    pub(super) fn plan_ref(
-        &self,
-        plans: &BTreeMap<PlanId, PlanSpec>,
-        path: &str,
-        name: &str,
-    ) -> Result<PlanId, ConfigError> {
-        let id = PlanId::from(name);
-        if plans.contains_key(&id) {
-            Ok(id)
-        } else {
-            Err(self.loc.error(
-                Kind::UnknownReference,
-                path,
-                format!("unknown plan `{name}`: declare it under [plans]"),
-            ))
-        }
     }
 }

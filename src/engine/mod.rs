@@ -31,7 +31,7 @@ pub(crate) use shared::Prefetch;
 pub use usage::caps::{CapError, SpendCapView};
 pub use usage::credits::CreditExpiryReport;
 pub use usage::flush::FlushReport;
-pub use usage::hold::{Hold, Overrun};
+pub use usage::hold::Hold;
 pub use usage::thresholds::ThresholdCrossed;
 
 pub(crate) use admit::ticket::RouteHeld;

@@ -6,6 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use super::StoreError;
+pub use crate::base::SpendCap;
 use crate::base::{MeterId, Period, RefundAttribution, TenantId};
 
 /// One quota counter: a tenant's units of one meter in one calendar period.
@@ -124,28 +125,6 @@ pub struct Reservation {
     /// to (the plan's `spend.max_limit` in force, so that a cap set under another plan or
     /// override never lifts the one in force); `None`: the stored cap alone.
     pub cap_max: Option<u64>,
-}
-
-/// A tenant's own cap on one meter (its spend, in nano-units of the currency), kept by the
-/// quota store beside the meter's counters, whatever their period: every reservation made
-/// with [`CapMode::Stored`] is held to it in the same atomic step, so a raised cap is seen by
-/// the next call of any node, and a lowered one holds from the next call on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub struct SpendCap {
-    /// The limit, in the meter's units.
-    pub limit: u64,
-    /// Hard: reservations are held to it; soft: everything asked is granted (what is past
-    /// it is counted).
-    pub hard: bool,
-}
-
-impl SpendCap {
-    /// A cap of `limit`, `hard` or soft.
-    #[must_use]
-    pub fn new(limit: u64, hard: bool) -> Self {
-        Self { limit, hard }
-    }
 }
 
 /// The limit a call of `limit` (the plan's: `None` for a soft cap) is held to under the

@@ -2,6 +2,7 @@
 
 mod clients;
 mod fleet;
+mod gcra;
 mod handle;
 mod key;
 mod state;
@@ -9,9 +10,8 @@ mod state;
 pub(crate) use crate::base::{check_api_key, draw_u64, KeyHash, COMMA_IN_KEY};
 pub(crate) use clients::{client, lru, Client, ClientCells, ClientKeys};
 pub(crate) use fleet::{FleetBucket, FleetCells};
+pub(crate) use gcra::{GcraCell, TenantCells};
 pub(crate) use handle::Tenant;
 pub use key::{Credential, Identity};
 pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
-pub(crate) use state::{
-    Call, CallKind, GcraCell, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantCells, TenantState, LEASE_MAX,
-};
+pub(crate) use state::{Call, CallKind, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantState};

@@ -6,9 +6,7 @@ use std::sync::{
     Arc,
 };
 
-use governor::{nanos::Nanos, state::StateStore};
-
-use super::Tenant;
+use super::GcraCell;
 use crate::{
     clock::Clock,
     config::{MeterId, QuotaMode, QuotaSpec, TenantId},
@@ -28,7 +26,7 @@ pub(crate) struct TenantState {
     pub(super) refs: AtomicU32,
     /// Unix seconds (`u32`: until 2106).
     last_seen: AtomicU32,
-    gcra: GcraCell,
+    pub(crate) gcra: GcraCell,
     pub(crate) plan: Arc<CompiledPlan>,
     first: MeterCell,
     // Cold from here.
@@ -48,72 +46,13 @@ pub(crate) struct TenantState {
     pub(crate) clock: Clock,
 }
 
-/// governor's keyed state store over the GCRA cells that live in the tenants' states: one
-/// rate limiter per plan (its parameters, its clock) serves every tenant of the plan, and a
-/// tenant's rate state costs 8 bytes on the line the request touches anyway.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct TenantCells;
-
-impl StateStore for TenantCells {
-    type Key = Tenant;
-
-    #[inline]
-    fn measure_and_replace<T, F, E>(&self, key: &Self::Key, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        key.gcra.measure_and_replace(f)
-    }
-}
-
-/// A tenant's GCRA state (governor's theoretical arrival time, in nanoseconds from the plan
-/// limiter's start; 0: none yet), updated as governor's own in-memory state is, and also able
-/// to give cells back.
-#[derive(Default)]
-pub(crate) struct GcraCell(AtomicU64);
-
-impl GcraCell {
-    #[inline]
-    pub(crate) fn measure_and_replace<T, F, E>(&self, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        let mut prev = self.0.load(Ordering::Acquire);
-        let mut decision = f(std::num::NonZeroU64::new(prev).map(|n| n.get().into()));
-        while let Ok((result, next)) = decision {
-            match self.0.compare_exchange_weak(prev, next.into(), Ordering::Release, Ordering::Relaxed) {
-                Ok(_) => return Ok(result),
-                Err(now) => prev = now,
-            }
-            decision = f(std::num::NonZeroU64::new(prev).map(|n| n.get().into()));
-        }
-        decision.map(|(result, _)| result)
-    }
-}
-
-impl GcraCell {
-    /// Gives back `nanos` of the bucket (the cells of a request refused for another reason
-    /// after its rate check). A conforming check moved the arrival time to
-    /// `max(tat, now) + n·T`, so taking `n·T` off never leaves it below where it was.
-    pub(crate) fn give_back(&self, nanos: u64) {
-        let mut prev = self.0.load(Ordering::Acquire);
-        while prev > 0 {
-            let next = prev.saturating_sub(nanos).max(1);
-            match self.0.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return,
-                Err(now) => prev = now,
-            }
-        }
-    }
-}
-
 impl TenantState {
     /// The tenant's own rate bucket as a theoretical arrival time on the engine clock's
     /// monotonic nanoseconds, to carry it to another state of the tenant (`None`: the plan has
     /// no rate of the tenant's own, or the bucket was never used).
     pub(crate) fn rate_tat(&self) -> Option<u64> {
         let rate = self.plan.rate.as_ref().filter(|_| self.plan.clients.is_none())?;
-        let tat = self.gcra.0.load(Ordering::Acquire);
+        let tat = self.gcra.tat();
         (tat != 0).then(|| rate.start.saturating_add(tat))
     }
 
@@ -124,7 +63,7 @@ impl TenantState {
     pub(crate) fn restore_rate(&self, tat: u64) {
         if let Some(rate) = self.plan.rate.as_ref().filter(|_| self.plan.clients.is_none()) {
             let cap = self.rate_now().saturating_add(rate.nanos(rate.burst.get()));
-            self.gcra.0.store(tat.min(cap).saturating_sub(rate.start).max(1), Ordering::Release);
+            self.gcra.set_tat(tat.min(cap).saturating_sub(rate.start).max(1));
         }
     }
 
@@ -338,7 +277,7 @@ struct Lease;
 impl Lease {
     const MASK: u64 = (1 << 48) - 1;
     /// The largest lease held (and the largest debt): far beyond any lease size in use.
-    pub(crate) const MAX: i64 = (1 << 46) - 1;
+    pub(crate) const MAX: i64 = crate::base::LEASE_MAX as i64;
 
     #[inline]
     fn tag(word: u64) -> u16 {
@@ -355,9 +294,6 @@ impl Lease {
         (u64::from(tag) << 48) | (value as u64 & Self::MASK)
     }
 }
-
-/// The most units a lease holds (and the largest debt): a hold larger than this is refused.
-pub(crate) const LEASE_MAX: u64 = Lease::MAX as u64;
 
 /// The most periods whose units taken outside a lease are owed separately.
 const UNLEASED_PERIODS: usize = 4;

@@ -3,13 +3,15 @@
 
 use std::{fmt, sync::Arc};
 
-use super::{WebhookHandler, WebhookOutcome};
+use super::outcome::WebhookOutcome;
 use crate::billing::{reader::StripeReader, Secret};
+use crate::store::DirectoryEvents;
 
-impl WebhookHandler {
+impl Destination {
     /// A verified thin event: a meter error is fetched in full, logged, counted, and its window
-    /// reconciled; a redelivery of one handled here is a duplicate.
-    pub(super) async fn thin(&self, destination: &Destination, thin: Thin) -> WebhookOutcome {
+    /// reconciled (`node` told); a redelivery of one handled here is a duplicate.
+    pub(super) async fn receive(&self, thin: Thin, node: &dyn DirectoryEvents) -> WebhookOutcome {
+        let destination = self;
         if !METER_ERRORS.contains(&thin.kind.as_str()) {
             tracing::info!(event = %thin.id, kind = %thin.kind, "Stripe thin event ignored: not a meter error");
             return WebhookOutcome::Ignored;
@@ -27,7 +29,7 @@ impl WebhookHandler {
                     "Stripe refused meter events after taking them: fix the cause (the customer, the meter); \
                      reconciliation finds them lacking and sends them again once proven");
                 if let Some((from, to)) = report.window.or(created.map(|c| (c, c))) {
-                    self.node.meter_error(from, to);
+                    node.meter_error(from, to);
                 }
                 WebhookOutcome::MeterError { kind: thin.kind, errors: report.errors }
             }
@@ -37,7 +39,7 @@ impl WebhookHandler {
                      see it in the Dashboard (Workbench, Events)");
                 // The thin event's own time stands for the window.
                 if let Some(c) = created {
-                    self.node.meter_error(c, c);
+                    node.meter_error(c, c);
                 }
                 WebhookOutcome::MeterError { kind: thin.kind, errors: 0 }
             }

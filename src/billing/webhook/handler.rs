@@ -3,214 +3,23 @@
 
 use std::{fmt, sync::Arc};
 
-use bytes::Bytes;
-use http::StatusCode;
 use stripe_webhook::{Webhook, WebhookError};
 
 use super::{
     destination::{is_thin, thin_event, Destination},
+    outcome::{WebhookOutcome, WebhookReply},
     transition::{json_fields, transition, typed_fields},
     verify::signed_bytes,
 };
 use crate::{
     billing::{reader::StripeReader, Secret},
     clock::Clock,
-    config::{Config, MeterId, PlanId, TenantId},
+    config::Config,
     store::{
         limited::{Limited, Path, Policy},
         DirectoryEvents, DirectoryStore, QuotaStore, WebhookCount,
     },
 };
-
-/// What a webhook delivery did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum WebhookOutcome {
-    /// The tenant moved to this plan (the event id is marked seen in the same write).
-    Applied {
-        /// The tenant.
-        tenant: TenantId,
-        /// Its plan now.
-        plan: PlanId,
-    },
-    /// The event id was applied before: nothing changed.
-    Duplicate,
-    /// A newer event was applied already: for a subscription's event, of that subscription
-    /// (`created`, then created < updated < deleted within a second); for another event, for
-    /// the customer. Nothing changed.
-    Stale,
-    /// No tenant of the directory has this customer: nothing changed.
-    UnknownCustomer,
-    /// The customer is a tenant's declared in the configuration file, whose plan is the
-    /// file's: nothing changed (change the plan in the file, or move the tenant to the
-    /// store's directory to have webhooks move it). Logged.
-    FileTenant {
-        /// The tenant.
-        tenant: TenantId,
-    },
-    /// No transition is configured for this event (its type, its subscription status), or
-    /// the event names no customer: nothing changed.
-    Ignored,
-    /// An active subscription whose prices (ids and lookup keys) `[stripe.prices]` does not
-    /// map and that gave no plan before (an add-on): the plan is unchanged; the subscription's
-    /// event is recorded (its order holds for later events).
-    UnknownPrice,
-    /// A paid checkout session or invoice granted prepaid units (`[stripe.credits]`), once per
-    /// payment: its grant id is the invoice's id, else the payment intent's (never the event's),
-    /// so the session and the invoice of one payment grant once.
-    Credited {
-        /// The tenant.
-        tenant: TenantId,
-        /// The balance's meter.
-        meter: MeterId,
-        /// Units granted.
-        units: u64,
-        /// The grant's id.
-        grant: String,
-    },
-    /// A paid checkout session or invoice none of whose paid lines is on a price of
-    /// `[stripe.credits.prices]`, by id or by lookup key (resolved to ids through the API):
-    /// nothing granted. Counted (`Stats::webhooks_not_credited`,
-    /// `tollgate_webhook_events_total{outcome="not_credited"}`) and logged with the prices the
-    /// lines name, so that a credit price the map lacks is seen, never silent. A payment whose
-    /// event is also a configured plan transition goes on to it.
-    NotCredited {
-        /// The price ids of the payment's lines.
-        prices: Vec<String>,
-    },
-    /// A paid invoice (or a subscription's checkout session, which names its invoice alone)
-    /// whose payment intent could not be read: there is no Stripe secret key. Nothing granted,
-    /// since one payment's shapes could not be told apart by their payment. Counted as
-    /// [`NotCredited`](Self::NotCredited) is, and logged; grant by hand once a key is set.
-    PaymentUnknown {
-        /// The invoice.
-        invoice: String,
-    },
-    /// A refund (`charge.refunded`) of a payment no grant has yet (the grant's event is still
-    /// being delivered again): kept by the store, and applied when the grant lands.
-    RefundKept {
-        /// The payment intent (or invoice).
-        payment: String,
-    },
-    /// A refund (`charge.refunded`) took back the units the refunded money bought, from what
-    /// the grant of its payment still held (`[stripe.credits] refunds`).
-    Refunded {
-        /// The tenant.
-        tenant: TenantId,
-        /// The balance's meter.
-        meter: MeterId,
-        /// Units taken back (0: all of it was spent).
-        units: u64,
-    },
-    /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
-    /// not an event. Nothing changed.
-    Rejected(String),
-    /// Refused with 413: a body longer than [`WebhookHandler::MAX_BODY`]. Nothing changed.
-    TooLarge,
-    /// The store failed: 500, so Stripe delivers the event again. Nothing changed.
-    StoreFailed(String),
-    /// What the event lacks could not be read from Stripe's API (a payment's line items: no
-    /// secret key, a timeout, an error): 500, so Stripe delivers the event again. Nothing
-    /// changed.
-    ApiFailed(String),
-    /// A meter error event of Stripe's (a thin event from the event destination, verified with
-    /// its secret): Stripe refused meter events after taking them. Logged, counted, and the
-    /// hours it names reconciled (a report).
-    MeterError {
-        /// The event's type: `v1.billing.meter.error_report_triggered` or
-        /// `v1.billing.meter.no_meter_found`.
-        kind: String,
-        /// How many meter events it reports refused (0 when the full event could not be read).
-        errors: u64,
-    },
-}
-
-/// The answer to a webhook delivery: a status and a small JSON body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookReply {
-    /// What the delivery did.
-    pub outcome: WebhookOutcome,
-}
-
-impl WebhookReply {
-    /// The HTTP status: 200 for every verified event (applied or not, so Stripe does not
-    /// retry what cannot change), 400 for a rejected delivery, 500 when the store failed.
-    #[must_use]
-    pub fn status(&self) -> StatusCode {
-        match self.outcome {
-            WebhookOutcome::Rejected(_) => StatusCode::BAD_REQUEST,
-            WebhookOutcome::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            _ => StatusCode::OK,
-        }
-    }
-
-    /// The body: `{"received":true,"outcome":"applied"}`, or a problem+json for a refusal.
-    #[must_use]
-    pub fn body(&self) -> String {
-        let outcome = match &self.outcome {
-            WebhookOutcome::Applied { .. } => "applied",
-            WebhookOutcome::Credited { .. } => "credited",
-            WebhookOutcome::Refunded { .. } => "refunded",
-            WebhookOutcome::RefundKept { .. } => "refund_kept",
-            WebhookOutcome::Duplicate => "duplicate",
-            WebhookOutcome::Stale => "stale",
-            WebhookOutcome::UnknownCustomer => "unknown_customer",
-            WebhookOutcome::FileTenant { .. } => "file_tenant",
-            WebhookOutcome::Ignored => "ignored",
-            WebhookOutcome::UnknownPrice => "unknown_price",
-            WebhookOutcome::MeterError { .. } => "meter_error",
-            WebhookOutcome::NotCredited { .. } => "not_credited",
-            WebhookOutcome::PaymentUnknown { .. } => "payment_unknown",
-            WebhookOutcome::Rejected(reason) => {
-                return serde_json::json!({
-                    "type": "https://tollgate.rs/problems/bad-webhook",
-                    "title": "Bad webhook",
-                    "status": 400,
-                    "detail": reason,
-                })
-                .to_string()
-            }
-            WebhookOutcome::TooLarge => {
-                return serde_json::json!({
-                    "type": "https://tollgate.rs/problems/bad-webhook",
-                    "title": "Webhook too large",
-                    "status": 413,
-                    "detail": format!("the body is longer than {} bytes", WebhookHandler::MAX_BODY),
-                })
-                .to_string()
-            }
-            WebhookOutcome::ApiFailed(_) => {
-                return serde_json::json!({
-                    "type": "https://tollgate.rs/problems/stripe-unavailable",
-                    "title": "Stripe API unavailable",
-                    "status": 500,
-                    "detail": "the payment's details could not be read; deliver it again",
-                })
-                .to_string()
-            }
-            WebhookOutcome::StoreFailed(_) => {
-                return serde_json::json!({
-                    "type": "https://tollgate.rs/problems/store-unavailable",
-                    "title": "Store unavailable",
-                    "status": 500,
-                    "detail": "the event was not applied; deliver it again",
-                })
-                .to_string()
-            }
-        };
-        serde_json::json!({ "received": true, "outcome": outcome }).to_string()
-    }
-
-    /// As an HTTP response.
-    pub fn into_response(self) -> http::Response<Bytes> {
-        let content_type = if self.status().is_success() { "application/json" } else { "application/problem+json" };
-        let mut response = http::Response::new(Bytes::from(self.body()));
-        *response.status_mut() = self.status();
-        response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
-        response
-    }
-}
 
 /// Verifies Stripe webhook deliveries and moves tenants between plans as `[stripe]`
 /// configures; framework-free (the signature header's value and the raw body in, a
@@ -281,7 +90,7 @@ impl WebhookHandler {
     /// object embeds its lists truncated, an invoice's `lines` at 10, and metadata is capped at
     /// 50 keys of 500 characters). Every door's webhook route reads at most this much; a longer
     /// body gets 413 and changes nothing.
-    pub const MAX_BODY: usize = 1 << 20;
+    pub const MAX_BODY: usize = super::outcome::MAX_BODY;
 
     /// A handler over the parts it uses, for a process that handles webhooks without serving
     /// requests (a webhook-only function): the directory plans are changed in, who is told of
@@ -423,7 +232,7 @@ impl WebhookHandler {
                 return reject("no signature matches an event destination secret");
             }
             if let Some(thin) = thin_event(payload) {
-                return self.thin(destination, thin).await;
+                return destination.receive(thin, &*self.node).await;
             }
             return reject("signed by the event destination, but not a thin event");
         }

@@ -3,9 +3,11 @@
 
 mod destination;
 mod handler;
+mod outcome;
 mod subscriptions;
 mod transition;
 mod verify;
 
 pub(crate) use super::stripe::read_secrets;
-pub use handler::{WebhookHandler, WebhookOutcome, WebhookReply};
+pub use handler::WebhookHandler;
+pub use outcome::{WebhookOutcome, WebhookReply};

@@ -453,7 +453,7 @@ impl Tollgate {
             }
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
             let checked = match &plan.clients {
-                None => policy.limiter.check(state, cells),
+                None => policy.limiter.check(&state.gcra, cells),
                 Some(clients) => {
                     if route.client == 0 {
                         self.without_address();

@@ -200,7 +200,7 @@ fn view(spec: &crate::config::QuotaSpec, currency: String, max: u64, own: Option
 /// # Errors
 /// [`CapError::NotAnAmount`].
 pub(crate) fn parse(limit: &str, hard: bool) -> Result<SpendCap, CapError> {
-    let nanos = crate::config::billing::parse_cap(limit).map_err(CapError::NotAnAmount)?;
+    let nanos = crate::base::parse_cap(limit).map_err(CapError::NotAnAmount)?;
     Ok(SpendCap::new(nanos, hard))
 }
 

@@ -19,10 +19,10 @@ use crate::engine::{
 };
 use crate::response::HeaderState;
 use crate::{
-    config::StoreErrorPolicy,
+    config::{Overrun, StoreErrorPolicy},
     metrics::HoldOutcome,
     response::{Rejection, RejectionKind},
-    tenant::{QuotaRef, Take, Tenant, LEASE_MAX},
+    tenant::{QuotaRef, Take, Tenant},
     usage::{RecordError, TenantContext},
 };
 
@@ -72,21 +72,6 @@ impl TenantContext {
         hold.extend(units).await?;
         Ok(hold)
     }
-}
-
-/// What a record beyond its hold does ([`TenantContext::hold_with`](crate::TenantContext::hold_with)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Overrun {
-    /// Recorded anyway: what the hold does not cover is taken from the node's lease, past the
-    /// limit if need be (the period then stays spent), as
-    /// [`TenantContext::record`](crate::TenantContext::record) does. The default.
-    #[default]
-    Debt,
-    /// Refused: [`Hold::record`] returns [`RecordError::Overrun`] and records nothing when the
-    /// hold and the node's lease do not cover it. With every use of a meter held this way,
-    /// what is recorded never passes the limit, across the fleet.
-    Refuse,
 }
 
 /// Units of a tenant's hard quota or prepaid balance held for the work of one request
@@ -678,7 +663,7 @@ async fn take(state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Opti
     } else {
         cell.spec.limit().get()
     }
-    .min(LEASE_MAX);
+    .min(crate::base::LEASE_MAX);
     if units > most {
         return refused(state, meter, units, own, at, false);
     }

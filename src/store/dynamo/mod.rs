@@ -33,6 +33,7 @@ mod counters;
 mod directory;
 mod export;
 mod idempotency;
+mod keys;
 mod ledger;
 mod outbox;
 mod place;
@@ -41,10 +42,10 @@ mod rate;
 mod schema;
 mod usage;
 
-use schema::{
+use keys::{
     credit_pk, credit_sk, customer_pk, grant_id_pk, idempotency_pk, kept_refund_pk, kept_refunds_count_pk, key_pk,
     keys_gpk, payment_pk, places_pk, quota_pk, quota_sk, rate_pk, tenant_pk, usage_gsk, usage_pk, usage_sk,
-    CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, ONE_SK, SEP,
+    window_text, CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, ONE_SK, SEP,
 };
 
 type Item = HashMap<String, AttributeValue>;
@@ -123,11 +124,6 @@ where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
 {
     e.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
-}
-
-/// A window start as text that sorts as the number does (negative ones included).
-fn window_text(w: i64) -> String {
-    format!("{:016x}", (w as u64) ^ (1 << 63))
 }
 
 fn hex_node(v: u64) -> String {

@@ -38,7 +38,10 @@ mod place;
 mod quota;
 mod rate;
 mod schema;
+mod sql;
 mod usage;
+
+use sql::MAX_INT;
 
 pub use schema::SCHEMA_VERSION as POSTGRES_SCHEMA_VERSION;
 
@@ -50,8 +53,6 @@ const PRUNE_EVERY_SECS: i64 = 3600;
 /// How many times a transaction that lost to another (a serialization failure, a deadlock, a
 /// unique key taken meanwhile) is run again before the call fails.
 const ATTEMPTS: u32 = 6;
-/// The largest value a `bigint` holds: counters saturate there.
-const MAX_INT: &str = "9223372036854775807";
 
 use crate::config::Migrate;
 
@@ -464,7 +465,7 @@ impl PostgresStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
-                reserve_sql: quota::reserve_sql(&format!("\"{schema}\"")),
+                reserve_sql: sql::reserve_sql(&format!("\"{schema}\"")),
                 quoted: format!("\"{schema}\""),
                 schema,
                 timeout: options.statement_timeout,

@@ -7,7 +7,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::contract::{self, EVENT_IDS_KEPT_SECS, FLUSH_IDS_KEPT_SECS, RETENTION_SECS};
 use super::{
@@ -22,6 +22,7 @@ use crate::{
     config::Synchronous,
 };
 
+mod conn;
 mod directory;
 mod export;
 mod idempotency;
@@ -33,20 +34,15 @@ mod rate;
 mod schema;
 mod usage;
 
+use conn::{backend, int, is_busy, node_int, uint, unusable, AtCapacity, Conn, Sql};
 use schema::open_blocking;
 
-/// How long a call waits for another connection's write lock (SQLite's busy handler) before
-/// the call is retried.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many times a call that still finds the database busy is retried, with backoff, before
 /// it fails as a store error (about 30 s in all, with the busy timeout).
 const BUSY_RETRIES: u32 = 5;
 /// The most usage records one transaction writes: bounds how long a flush holds the write lock
 /// that the other connections (another engine, another process) wait for.
 const MAX_BATCH_RECORDS: usize = 4096;
-/// The connection's page cache, in KiB: a flush touches a page per tenant of the batch, and a
-/// page read from the cache costs no system call.
-const CACHE_KIB: u32 = 32 * 1024;
 /// Old rows are pruned at most this often (in window time or in wall-clock time).
 const PRUNE_EVERY_SECS: i64 = 3600;
 
@@ -108,82 +104,6 @@ impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore").field("path", &self.inner.path).finish_non_exhaustive()
     }
-}
-
-/// The connection, and what it remembers to prune old rows.
-struct Conn {
-    db: Connection,
-    /// The newest usage window committed through this connection (or found at open).
-    newest_window: i64,
-    /// The newest window when rows were last pruned, and when (wall clock).
-    pruned_window: i64,
-    pruned_at: Option<Instant>,
-    /// How many usage event ids and webhook event ids the file holds.
-    ids: IdCounts,
-}
-
-/// The ids a file holds of each kind (`None`: to be counted, at open and after a prune), and
-/// the most it keeps ([`contract::EVENT_IDS_MAX`]): at the cap a new one is refused, never one
-/// forgotten inside its horizon.
-#[derive(Debug)]
-struct IdCounts {
-    events: Option<usize>,
-    webhooks: Option<usize>,
-    cap: usize,
-}
-
-impl Default for IdCounts {
-    fn default() -> Self {
-        Self { events: None, webhooks: None, cap: contract::EVENT_IDS_MAX }
-    }
-}
-
-/// Refuses a new id at the cap: the call's transaction rolls back, and the caller gets
-/// [`StoreError::Full`].
-#[derive(Debug)]
-struct AtCapacity(&'static str);
-
-impl std::fmt::Display for AtCapacity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} at capacity", self.0)
-    }
-}
-
-impl std::error::Error for AtCapacity {}
-
-/// A failure inside a call: SQLite's, or a value that does not fit.
-type Sql<T> = Result<T, rusqlite::Error>;
-
-fn unusable(path: &Path, what: impl std::fmt::Display) -> StoreError {
-    StoreError::Unusable(format!("{}: {what}", path.display()))
-}
-
-fn backend(e: rusqlite::Error) -> StoreError {
-    if let rusqlite::Error::ToSqlConversionFailure(inner) = &e {
-        if let Some(AtCapacity(what)) = inner.downcast_ref::<AtCapacity>() {
-            return StoreError::Full(what);
-        }
-    }
-    StoreError::Backend(Box::new(e))
-}
-
-fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
-}
-
-/// A u64 as SQLite stores it (values past `i64::MAX` saturate).
-fn int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// A count read back (never negative in a valid file).
-fn uint(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-/// A node or sender id (any u64) as an SQLite integer, bit for bit.
-fn node_int(v: u64) -> i64 {
-    i64::from_ne_bytes(v.to_ne_bytes())
 }
 
 impl SqliteStore {
@@ -485,13 +405,6 @@ fn prune(tx: &Transaction<'_>, newest_window: i64) -> Sql<()> {
     tx.execute("UPDATE idempotency_count SET n = (SELECT count(*) FROM idempotency) WHERE id = 0", [])?;
     tracing::debug!(aggregates = dropped, flushes, "pruned old rows");
     Ok(())
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(unix_now().unsigned_abs());
-    h.finish()
 }
 
 // ---- quota counters ----

@@ -1,7 +1,12 @@
 //! The schema of the SqliteStore: its tables, their migrations, and opening a file (checked,
 //! created or migrated).
 
-use super::*;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+
+use super::conn::{backend, rand_u64, unusable, Conn, IdCounts, Sql, BUSY_TIMEOUT, CACHE_KIB};
+use crate::{config::Synchronous, store::StoreError};
 
 /// `PRAGMA application_id` of a tollgate database ("TGL1"): a SQLite file without it is not
 /// ours, and is refused rather than written to.

@@ -1,0 +1,86 @@
+//! SQL text the PostgresStore's statements share: the reserve statement of the quota role,
+//! and the largest `bigint`.
+
+use crate::store::contract;
+
+/// The largest value a `bigint` holds: counters saturate there.
+pub(super) const MAX_INT: &str = "9223372036854775807";
+
+/// The reserve (and release) statement. The counter's row carries its senders' last calls, so
+/// the condition that the token is new, the grant under the limit and the record of the answer
+/// are one atomic write; every node of a fleet sees the row as the last one left it.
+///
+/// `$1..$5` the key, `$6` the node (text), `$7` its sequence number, `$8` the units wanted,
+/// `$9` the units added unconditionally (owed; negative to release), `$10` the limit (NULL:
+/// none), `$11` the fewest units worth granting, `$12` the call's time, `$13` whether the
+/// tenant's own cap on the meter (`quota_cap`) holds the call in place of `$10` when one is
+/// stored ([`CapMode::Stored`]; [`Reservation::limit_under`]), read in the same statement, `$14`
+/// the most a stored hard cap holds it to (NULL: none). The grant follows
+/// [`Reservation::grant_for`]; a release draws first on a prepaid balance's units forgiven to
+/// its sender (`store::quota::release_against`). Each sender's entry is `[seq, granted, reserved, time]`; senders are
+/// forgotten by time, oldest first (entries of earlier builds have no time: the oldest), never
+/// one that called within [`SENDER_QUIET_SECS`](contract::SENDER_QUIET_SECS).
+pub(super) fn reserve_sql(schema: &str) -> String {
+    let live = "(q.forgiven_until > $12)";
+    // A release draws on what is forgiven to its sender for the lease it still holds (the
+    // entry's sequence number is the sender's last call's), and drops what is forgiven to it
+    // for an earlier lease: `store::quota::release_against`.
+    let released = "GREATEST(-$9::numeric, 0)";
+    let mine = "(q.forgiven_by -> $6::text)";
+    let held = format!("coalesce(({mine} ->> 0)::numeric, 0)");
+    let same = format!("coalesce(({mine} ->> 1)::numeric = (q.senders -> $6::text ->> 0)::numeric, false)");
+    let drawn = format!("(CASE WHEN {live} AND {same} THEN LEAST({held}, {released}) ELSE 0 END)");
+    let dropped = format!("(CASE WHEN {live} AND $9 < 0 AND NOT {same} THEN {held} ELSE 0 END)");
+    let by = format!(
+        "(CASE WHEN NOT {live} THEN '{{}}'::jsonb \
+          WHEN $9 >= 0 OR {mine} IS NULL THEN q.forgiven_by \
+          WHEN {same} AND {held} > {released} THEN jsonb_set(q.forgiven_by, ARRAY[$6::text], \
+              jsonb_build_array({held} - {released}, {mine} -> 1)) \
+          ELSE q.forgiven_by - $6::text END)"
+    );
+    let after = format!("GREATEST(LEAST(q.reserved::numeric + $9 + {drawn}, {MAX_INT}), 0)");
+    // A prepaid balance is held to its grants (`granted`), whatever the caller says; a spend
+    // counter to the tenant's own hard cap, within `$14`, when one is stored (a soft one: the
+    // call's limit; `store::quota::capped_limit`).
+    let cap = format!("(SELECT c.cap, c.hard FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13)");
+    let limit = format!(
+        "(CASE WHEN q.granted IS NOT NULL THEN q.granted::numeric \
+          WHEN EXISTS {cap} THEN (SELECT CASE WHEN c.hard THEN LEAST(c.cap::numeric, coalesce($14::numeric, c.cap::numeric)) \
+              ELSE $10::numeric END FROM {schema}.quota_cap c \
+              WHERE c.tenant = $1 AND c.meter = $2) \
+          ELSE $10::numeric END)"
+    );
+    let left = format!("GREATEST({limit} - {after}, 0)");
+    let granted = format!(
+        "(CASE WHEN {limit} IS NULL THEN $8::numeric ELSE LEAST($8::numeric, GREATEST(ceil({left} / 8), $11), {left}) END)"
+    );
+    let reserved = format!("LEAST({after} + {granted}, {MAX_INT})");
+    let at = "coalesce((value ->> 3)::bigint, 0)";
+    // The latest last-call time of the senders forgotten by this call (`store::quota::forgotten`).
+    let forgotten = format!(
+        "(CASE WHEN (SELECT count(*) FROM jsonb_object_keys(q.senders)) < {kept} THEN q.senders_forgotten_at \
+          ELSE GREATEST(q.senders_forgotten_at, coalesce((SELECT max(e.at) FROM ( \
+             SELECT {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank FROM jsonb_each(q.senders)) e \
+             WHERE e.rank >= {kept} AND e.at < $12::bigint - {quiet}), 0)) END)",
+        kept = contract::SENDERS_KEPT,
+        quiet = contract::SENDER_QUIET_SECS,
+    );
+    format!(
+        "UPDATE {schema}.quota AS q SET reserved = {reserved}::bigint, answer = {granted}::bigint, \
+         forgiven = (CASE WHEN {live} THEN GREATEST(q.forgiven - {drawn} - {dropped}, 0) ELSE 0 END)::bigint, \
+         forgiven_by = {by}, senders_forgotten_at = {forgotten}, \
+         senders = (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) FROM ( \
+             SELECT key, value, {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
+             FROM jsonb_each(q.senders || jsonb_build_object($6::text, \
+                 jsonb_build_array($7::bigint, {granted}, {reserved}, $12::bigint)))) e \
+             WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet}) \
+         WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
+         AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, \
+             NOT (q.senders_forgotten_at > 0 AND $12::bigint <= q.senders_forgotten_at)) \
+         RETURNING q.answer, q.reserved, q.granted, \
+             (SELECT c.cap FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13), \
+             (SELECT c.hard FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13)",
+        kept = contract::SENDERS_KEPT,
+        quiet = contract::SENDER_QUIET_SECS,
+    )
+}
