@@ -99,7 +99,6 @@ pub mod report {
 pub mod response;
 pub mod store;
 mod tenant;
-mod usage;
 
 /// The AWS SDK for DynamoDB that [`store::DynamoStore`] is built on, to build its client with
 /// the same version.
@@ -110,7 +109,7 @@ pub use config::Config;
 pub use config::Overrun;
 pub use engine::Worker;
 pub use engine::{BuildError, Builder, Hold, ShutdownError, Tollgate};
+pub use engine::{Feature, QuotaStatus, RecordError, TenantContext};
 pub use layer::{TenantResolver, TollgateLayer, TollgateService};
 pub use response::{Rejection, RejectionKind, RejectionResponder};
 pub use tenant::Identity;
-pub use usage::{Feature, QuotaStatus, RecordError, TenantContext};

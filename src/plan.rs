@@ -174,12 +174,6 @@ impl<K: std::hash::Hash, S: StateStore<Key = K>> std::fmt::Debug for Limiter<K, 
     }
 }
 
-/// The engine a plan was compiled for, reached from a tenant's context when a handler asks
-/// it for something (a hold's store calls): set once the engine is built, weak so that a plan
-/// outliving its engine keeps nothing alive, and type-erased since the plan sits below the
-/// engine. One per engine, shared by every runtime it compiles.
-pub(crate) type Host = Arc<std::sync::OnceLock<std::sync::Weak<dyn std::any::Any + Send + Sync>>>;
-
 /// The bit of a route's client key that marks a request whose cells were taken from its
 /// tenant's fleet lease (a plan with `rate_scope = "fleet"`; the anonymous plan's keys, its
 /// callers' addresses', never have it): the low 32 bits are the lease they came from (0: none,
@@ -258,8 +252,6 @@ pub(crate) struct CompiledPlan {
     /// How a request is refused when a prepaid balance is empty (`limits.balance_status`).
     pub(crate) balance_refusal: crate::base::RejectionKind,
     pub(crate) metrics: Arc<Metrics>,
-    /// The engine it was compiled for.
-    pub(crate) host: Host,
     /// The features routes require that the plan includes (a bit per feature index).
     pub(crate) feature_bits: u64,
     /// Every feature of the plan (with the tenant's overrides), sorted.
@@ -596,7 +588,6 @@ impl CompiledPlan {
                 crate::base::RejectionKind::CreditsExhausted
             },
             metrics: metrics.clone(),
-            host: Host::default(),
             feature_bits: meters
                 .features
                 .iter()
@@ -674,12 +665,10 @@ pub(crate) struct Runtime {
     pub(crate) client_keys: Option<ClientKeys>,
     metrics: Arc<Metrics>,
     clock: Clock,
-    /// The engine it was compiled for (every plan's `host`).
-    pub(crate) host: Host,
 }
 
 impl Runtime {
-    pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>, clock: &Clock, host: &Host) -> Self {
+    pub(crate) fn compile(config: Config, metrics: &Arc<Metrics>, clock: &Clock) -> Self {
         // The default meter first: its cells sit on the line every request touches.
         let mut ids: Vec<MeterId> = config.meters.iter().map(|m| m.id.clone()).collect();
         if let Some(i) = ids.iter().position(|m| *m == config.default_meter) {
@@ -744,8 +733,7 @@ impl Runtime {
             .plans
             .values()
             .map(|p| {
-                let mut plan = CompiledPlan::compile(p, &meters, &shapes, &config, metrics, clock, None);
-                plan.host = host.clone();
+                let plan = CompiledPlan::compile(p, &meters, &shapes, &config, metrics, clock, None);
                 (p.id.clone(), Arc::new(plan))
             })
             .collect();
@@ -755,7 +743,6 @@ impl Runtime {
         let anonymous = match &config.on_unknown {
             crate::config::OnUnknown::Anonymous(p) => config.plans.get(p).map(|spec| {
                 let mut plan = CompiledPlan::compile(spec, &meters, &shapes, &config, metrics, clock, None);
-                plan.host = host.clone();
                 plan.clients = spec.rate.map(|rate| {
                     let quota = governor::Quota::with_period(rate.interval())
                         .expect("validated: the interval of a rate is never zero")
@@ -815,7 +802,6 @@ impl Runtime {
             client_keys,
             metrics: metrics.clone(),
             clock: clock.clone(),
-            host: host.clone(),
             config,
         }
     }
@@ -838,7 +824,7 @@ impl Runtime {
         }
         self.config.check_override(plan, &o)?;
         let spec = self.config.plans[plan].with_override(&o);
-        let mut compiled = CompiledPlan::compile(
+        let compiled = CompiledPlan::compile(
             &spec,
             &self.meters,
             &self.shapes,
@@ -847,7 +833,6 @@ impl Runtime {
             &self.clock,
             Some(json.into()),
         );
-        compiled.host = self.host.clone();
         Ok(Arc::new(compiled))
     }
 

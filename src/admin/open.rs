@@ -84,7 +84,7 @@ impl Admin {
     /// its own changes at once (the other nodes within `limits.directory_ttl`).
     #[must_use]
     pub fn for_engine(engine: &crate::engine::Tollgate) -> Self {
-        let stores = engine.shared.stores();
+        let stores = engine.shared().stores();
         Self {
             calls: stores.policy().clone(),
             given: (stores.given().directory.clone(), stores.given().usage.clone()),

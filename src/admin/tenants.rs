@@ -249,6 +249,15 @@ impl Admin {
         self.existing(id).await
     }
 
+    /// The tenant `id` as the directory holds it (`None`: no such tenant), read within the
+    /// background time limit as every call of `Admin` is.
+    ///
+    /// # Errors
+    /// An id that is not one, or the store failed.
+    pub async fn tenant(&self, id: &str) -> Result<Option<TenantRecord>, AdminError> {
+        Ok(self.directory.tenant(&Self::tenant_id(id)?).await?)
+    }
+
     /// Every tenant of the directory, in id order.
     ///
     /// # Errors

@@ -58,7 +58,7 @@ pub enum Overrun {
     /// [`TenantContext::record`](crate::TenantContext::record) does. The default.
     #[default]
     Debt,
-    /// Refused: [`Hold::record`] returns [`RecordError::Overrun`] and records nothing when the
+    /// Refused: [`Hold::record`](crate::Hold::record) returns [`RecordError::Overrun`](crate::RecordError::Overrun) and records nothing when the
     /// hold and the node's lease do not cover it. With every use of a meter held this way,
     /// what is recorded never passes the limit, across the fleet.
     Refuse,

@@ -1,21 +1,30 @@
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch};
 
 use super::Worker;
 use crate::engine::{
-    admit::idempotency::Idempotency,
-    admit::table::TenantTable,
-    engine::Tollgate,
+    admit::{
+        clients::KeyLookups,
+        gate::{Gate, GateParts},
+        idempotency::Idempotency,
+        table::TenantTable,
+    },
+    alerts::{AlertQueue, Alerts},
+    engine::{Engine, Tollgate},
     export::exporter::Exporter,
     node::NodeIds,
-    shared::Shared,
+    shared::{Shared, SharedParts},
     store_calls::StoreCalls,
-    usage::events::EventRecorder,
-    usage::flush::Pipeline,
-    usage::lease::Leases,
-    usage::thresholds::{ThresholdCrossed, ThresholdHook, Thresholds},
+    usage::{
+        events::EventRecorder,
+        flush::Pipeline,
+        held::OpenHolds,
+        lease::Leases,
+        taken::Prefetcher,
+        thresholds::{ThresholdCrossed, ThresholdHook, Thresholds},
+        units::Units,
+    },
 };
 use crate::{
     billing::BillingSink,
@@ -428,7 +437,6 @@ impl Builder {
         let metrics = Arc::new(Metrics::register());
         let limits = self.config.limits.clone();
         let clock = self.clock.unwrap_or_default();
-        let host = crate::plan::Host::default();
         let fleet_rate = self.config.plans().values().any(|p| p.rate_scope() == crate::config::Scope::Fleet);
         let fleet_places = self.config.plans().values().any(|p| p.concurrency_scope() == crate::config::Scope::Fleet);
         if self.store.is_none() && ((self.rate.is_none() && fleet_rate) || (self.places.is_none() && fleet_places)) {
@@ -438,7 +446,7 @@ impl Builder {
                  Builder::rate_store and Builder::places_store (or open the configured stores with Builder::open)"
             );
         }
-        let runtime = Runtime::compile(self.config, &metrics, &clock, &host);
+        let runtime = Runtime::compile(self.config, &metrics, &clock);
         let (prefetch_tx, prefetch_rx) = mpsc::channel(PREFETCH_QUEUE);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let all: Arc<dyn Store> = match self.store {
@@ -458,52 +466,48 @@ impl Builder {
         let totals = Arc::new(Totals::register());
         let stores = Arc::new(StoreCalls::new(roles, totals.clone(), clock.clone(), &runtime.config));
         let ids = Arc::new(NodeIds::new());
-        let alerts = Arc::new(crate::engine::alerts::AlertQueue::default());
-        let leases =
-            Leases::new(stores.clone(), ids.clone(), Thresholds::new(self.on_threshold, alerts.clone()), clock.clone());
+        let queue = Arc::new(AlertQueue::default());
+        let leases = Arc::new(Leases::new(
+            stores.clone(),
+            ids.clone(),
+            Thresholds::new(self.on_threshold, queue.clone()),
+            clock.clone(),
+        ));
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
         let customer_field =
             self.sink.as_ref().map_or_else(|| customer_field_of(&runtime.config), |s| s.customer_field());
         let pipeline = Pipeline::new(stores.clone(), totals.clone(), clock.clone(), needs_customer);
         let exporter =
             Exporter::new(self.sink, stores.clone(), ids.clone(), clock.clone(), metrics.clone(), totals.clone());
-        let holds = Arc::new(crate::engine::usage::held::OpenHolds::default());
-        let events = EventRecorder::new(stores.clone(), metrics.clone(), totals.clone(), holds.clone());
-        let shared = Shared {
-            runtime: ArcSwap::from_pointee(runtime),
-            table: TenantTable::new(limits.max_tenants, metrics.rate_states_dropped.clone()),
+        let holds = Arc::new(OpenHolds::default());
+        let prefetcher = Prefetcher::new(prefetch_tx);
+        let events =
+            EventRecorder::new(stores.clone(), metrics.clone(), totals.clone(), holds.clone(), prefetcher.clone());
+        let table = Arc::new(TenantTable::new(limits.max_tenants, metrics.rate_states_dropped.clone()));
+        let shared = Arc::new(Shared::new(SharedParts {
+            runtime,
             stores,
             ids,
-            leases,
-            pipeline,
-            exporter,
-            customer_field,
-            events,
-            store_configured: self.configured,
             clock,
-            idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity),
             metrics,
             totals,
-            prefetch: prefetch_tx,
-            sweep_now: Notify::new(),
-            in_flight: crate::tenant::InFlightCounts::default(),
-            places: crate::engine::admit::places::PlacesNode::default(),
-            alerts,
-            #[cfg(feature = "alerts")]
-            deliverer: std::sync::OnceLock::new(),
+            store_configured: self.configured,
             shutdown: shutdown_tx,
-            key_lookups: crate::engine::admit::clients::KeyLookups::new(limits.max_clients),
-            credit_expiry: crate::engine::usage::credits::CreditExpiry::default(),
-            stopping: std::sync::atomic::AtomicBool::new(false),
-            started: std::time::Instant::now(),
-            holds,
-            unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
-        };
-        let shared = Arc::new(shared);
-        // Tenants' contexts reach the engine through their plans (a hold's store calls).
-        let erased: Arc<dyn std::any::Any + Send + Sync> = shared.clone();
-        let _ = host.set(Arc::downgrade(&erased));
-        let tollgate = Tollgate { shared };
+        }));
+        let units = Arc::new(Units::new(shared.clone(), leases, pipeline, events, holds, prefetcher));
+        let gate = Gate::new(
+            shared.clone(),
+            units.clone(),
+            GateParts {
+                table,
+                idempotency: Idempotency::new(limits.idempotency_window, limits.idempotency_capacity),
+                unknown: crate::tenant::lru(limits.negative_capacity).time_to_live(limits.negative_ttl).build(),
+                key_lookups: KeyLookups::new(limits.max_clients),
+                customer_field,
+            },
+        );
+        let alerts = Alerts::new(shared.clone(), queue);
+        let tollgate = Tollgate::from_parts(Engine { shared, gate, units, exporter, alerts });
         let worker = Worker::new(tollgate.clone(), prefetch_rx, shutdown_rx);
         (tollgate, worker)
     }
@@ -524,13 +528,13 @@ impl Tollgate {
     #[must_use]
     pub fn webhook_handler_with_secrets(&self, secrets: Vec<crate::billing::Secret>) -> crate::billing::WebhookHandler {
         let config = self.clone();
-        let stores = self.shared.stores();
+        let stores = self.shared().stores();
         crate::billing::WebhookHandler::calling(
             stores.policy().clone(),
             stores.given().directory.clone(),
             Arc::new(self.clone()),
             move || config.config(),
-            self.shared.clock().clone(),
+            self.shared().clock().clone(),
             secrets,
         )
         .with_quota(stores.given().quota.clone())

@@ -3,7 +3,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use crate::engine::{shared::Prefetch, ExportReport, FlushReport, Tollgate};
+use crate::engine::{ExportReport, FlushReport, Tollgate};
 use crate::{config::Config, plan::Runtime, store::StoreError};
 
 /// What [`Tollgate::shutdown`] drained, and what it could not do in time.
@@ -78,22 +78,22 @@ impl Tollgate {
     /// seen ones while more than `limits.max_tenants` are held. Their usage is flushed by the
     /// next flush and their leases are given back. Returns how many were evicted.
     pub async fn sweep(&self) -> usize {
-        self.shared.events().sweep();
-        let rt = self.shared.runtime().load_full();
+        self.units().events().sweep();
+        let rt = self.shared().runtime().load_full();
         let limits = &rt.config.limits;
-        let cutoff = self.shared.clock().unix_secs() - limits.idle_timeout.as_secs() as i64;
-        let mut seen = self.shared.table().last_seen();
+        let cutoff = self.shared().clock().unix_secs() - limits.idle_timeout.as_secs() as i64;
+        let mut seen = self.gate().table().last_seen();
         let (mut evict, mut keep): (Vec<_>, Vec<_>) = seen.drain(..).partition(|(t, _)| *t < cutoff);
         if keep.len() > limits.max_tenants {
             keep.sort_by_key(|(t, _)| *t);
             let extra = keep.len() - limits.max_tenants;
             evict.extend(keep.drain(..extra));
         }
-        let states = self.shared.table().evict(evict.into_iter().map(|(_, id)| id));
+        let states = self.gate().table().evict(evict.into_iter().map(|(_, id)| id));
         let n = states.len();
         if n > 0 {
-            self.shared.totals().evictions.add(n as u64);
-            self.shared.metrics().tenants.set(self.shared.table().len() as f64);
+            self.shared().totals().evictions.add(n as u64);
+            self.shared().metrics().tenants.set(self.gate().table().len() as f64);
             tracing::debug!(evicted = n, "tenants evicted");
         }
         self.return_leases(states).await;
@@ -110,16 +110,15 @@ impl Tollgate {
     /// (`[store]`) is refused, naming the file, line and key that changed; the running
     /// configuration and store stay. A store given in code is not the file's to change.
     pub async fn reload(&self, config: Config) -> Result<(), crate::config::ConfigError> {
-        if self.shared.store_configured() {
-            self.shared.runtime().load().config.check_same_store(&config)?;
+        if self.shared().store_configured() {
+            self.shared().runtime().load().config.check_same_store(&config)?;
         }
-        let rt =
-            Runtime::compile(config, self.shared.metrics(), self.shared.clock(), &self.shared.runtime().load().host);
-        self.shared.table().rates().set_cap(rt.config.limits.max_tenants);
-        self.shared.stores().configure(&rt.config);
-        self.shared.runtime().store(Arc::new(rt));
+        let rt = Runtime::compile(config, self.shared().metrics(), self.shared().clock());
+        self.gate().table().rates().set_cap(rt.config.limits.max_tenants);
+        self.shared().stores().configure(&rt.config);
+        self.shared().runtime().store(Arc::new(rt));
         // Every tenant gets a state of the new configuration; their buckets carry over.
-        let states = self.shared.table().evict_all();
+        let states = self.gate().table().evict_all();
         self.return_leases(states).await;
         tracing::info!("configuration reloaded");
         Ok(())
@@ -133,7 +132,7 @@ impl Tollgate {
     /// A [`ShutdownError`] saying how many records and units were not flushed (also logged);
     /// leases are still given back where the store takes them.
     pub async fn shutdown(&self) -> Result<ShutdownReport, ShutdownError> {
-        let budget = self.shared.runtime().load().config.usage.shutdown_timeout;
+        let budget = self.shared().runtime().load().config.usage.shutdown_timeout;
         self.shutdown_within(budget, true).await
     }
 
@@ -164,24 +163,24 @@ impl Tollgate {
         let started = tokio::time::Instant::now();
         let deadline = started + budget;
         // 1. Stop admitting.
-        self.shared.stopping().store(true, std::sync::atomic::Ordering::Relaxed);
-        self.shared.holds().stop();
-        self.shared.leases().stop();
-        let _ = self.shared.shutdown().send(true);
-        let rt = self.shared.runtime().load_full();
-        let durable = self.shared.stores().given().usage.is_durable();
+        self.shared().stopping().store(true, std::sync::atomic::Ordering::Relaxed);
+        self.units().holds().stop();
+        self.units().leases().stop();
+        let _ = self.shared().shutdown().send(true);
+        let rt = self.shared().runtime().load_full();
+        let durable = self.shared().stores().given().usage.is_durable();
         let mut report = ShutdownReport::default();
         // 2. Wait for the open holds (their requests record what their work did, and their
         // bodies end, which begins the settlement of their keys), a quarter of the budget at
         // most; settle the rest as recorded so far, before the flush takes their usage and the
         // leases go back with their units.
-        if !self.shared.holds().drained(started + budget / 4).await {
-            report.holds_closed = self.shared.holds().close_all();
+        if !self.units().holds().drained(started + budget / 4).await {
+            report.holds_closed = self.units().holds().close_all();
             tracing::warn!(holds = report.holds_closed, "shutdown: holds still open were settled as recorded so far");
         }
         // 3. Settle the keys of requests that ended.
         let settle_for = (rt.config.usage.store_timeout * 2).min(budget / 4);
-        report.keys_settled = self.settlements_done(self.shared.started(), settle_for).await;
+        report.keys_settled = self.settlements_done(self.shared().started(), settle_for).await;
         if !report.keys_settled {
             tracing::error!("shutdown: some Idempotency-Key settlements did not reach the store in time");
         }
@@ -214,9 +213,9 @@ impl Tollgate {
         // the budget, at least a sixth of it.
         let leases_until = deadline.max(tokio::time::Instant::now() + budget / 6);
         let mut live = Vec::new();
-        self.shared.table().for_each(|s| live.push(s.clone()));
+        self.gate().table().for_each(|s| live.push(s.clone()));
         report.leases_returned = matches!(tokio::time::timeout_at(leases_until, self.return_leases(live)).await, Ok(0));
-        let _ = tokio::time::timeout_at(leases_until, self.release_all_places()).await;
+        let _ = tokio::time::timeout_at(leases_until, self.gate().places().release_all()).await;
         if !report.leases_returned {
             tracing::error!(
                 "shutdown: not every lease was given back in time (their units stay leased until the period ends)"
@@ -275,7 +274,7 @@ impl Tollgate {
         match flushed.and(unexported.map_or(Ok(()), Err)) {
             Ok(()) => Ok(report),
             Err(source) => {
-                let (records, units) = self.shared.pipeline().lock().await.held();
+                let (records, units) = self.units().pipeline().lock().await.held();
                 let err = ShutdownError { records, units, source };
                 tracing::error!(records, units, error = %err.source, "shutdown: usage not flushed is lost");
                 Err(err)
@@ -288,7 +287,7 @@ impl Tollgate {
     /// within the short shutdown phase, where the full [`shutdown`](Self::shutdown) with its
     /// export may not fit).
     pub async fn release_leases(&self) {
-        let states = self.shared.table().evict_all();
+        let states = self.gate().table().evict_all();
         self.return_leases(states).await;
     }
 
@@ -303,13 +302,13 @@ impl Tollgate {
     pub async fn before_snapshot(&self) -> Result<FlushReport, StoreError> {
         // Holds open now would be open in every copy: settled as recorded so far, their units
         // back in the leases that go back next.
-        self.shared.holds().close_all();
+        self.units().holds().close_all();
         self.release_leases().await;
         // Places of fleet concurrencies held now would be held by every copy (each admitting
         // on them): given back, spares too.
-        self.release_all_places().await;
+        self.gate().places().release_all().await;
         let report = self.flush().await?;
-        let (records, _) = self.shared.pipeline().lock().await.held();
+        let (records, _) = self.units().pipeline().lock().await.held();
         if records > 0 {
             return Err(StoreError::Backend(format!("{records} usage records are still unflushed").into()));
         }
@@ -322,16 +321,16 @@ impl Tollgate {
     /// and reads the wall clock again. Copies of one snapshot then never share a flush id or
     /// a lease.
     pub async fn after_restore(&self) {
-        self.shared.ids().renew();
-        self.shared.pipeline().lock().await.renew_node();
-        self.shared.table().reseed();
+        self.shared().ids().renew();
+        self.units().pipeline().lock().await.renew_node();
+        self.gate().table().reseed();
         // Normally none (`before_snapshot` let every tenant go, and nothing ran since). What
         // is left was in the snapshot, so it is in every copy: none may give its leases back
         // or flush its usage (each would). It is forgotten: its leases under-admit until
         // their period ends rather than over-admit, its usage is not billed rather than
         // billed once per copy.
-        drop(self.shared.table().evict_all());
-        let left = std::mem::take(&mut *self.shared.table().retired());
+        drop(self.gate().table().evict_all());
+        let left = std::mem::take(&mut *self.gate().table().retired());
         let mut units = 0u64;
         for state in &left {
             for cell in state.quotas() {
@@ -345,44 +344,12 @@ impl Tollgate {
         }
         // Jobs' reservations in the snapshot are in every copy: forgotten, their units spent
         // (each copy giving them back would over-admit).
-        self.shared.events().forget_reserved();
+        self.units().events().forget_reserved();
         // Places still held in the snapshot are in every copy, with the senders drawn before
         // it: forgotten (they expire in the store), and leased anew under this copy's own.
-        self.forget_places();
-        self.shared.unknown().invalidate_all();
-        self.shared.clock().resync();
+        self.gate().places().forget();
+        self.gate().forget_unknown();
+        self.shared().clock().resync();
         tracing::info!("restored from a snapshot: new node id and secrets");
-    }
-
-    /// Refills a lease that fell below its low watermark.
-    pub(crate) async fn prefetch(&self, job: Prefetch) {
-        // A retired state needs no refill: its lease goes back when its last request is done.
-        let state = job.state;
-        if state.is_evicted() {
-            if let Some(cell) = state.quota(job.meter) {
-                cell.prefetch_done();
-            }
-            return;
-        }
-        let Some(cell) = state.quota(job.meter) else {
-            return;
-        };
-        let rt = self.shared.runtime().load_full();
-        let now = self.shared.clock().unix_secs();
-        let result = self
-            .shared
-            .stores()
-            .under_lock(cell.lock(), async {
-                self.shared.leases().settle_inflight(cell).await?;
-                if cell.lease() < cell.low() {
-                    self.shared.leases().refill_locked(&rt, cell, now, 0, 0).await?;
-                }
-                Ok(())
-            })
-            .await;
-        cell.prefetch_done();
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "a lease could not be prefetched");
-        }
     }
 }

@@ -1,39 +1,45 @@
-//! The engine shared by every front door: admission, completion, the usage pipeline.
+//! The engine shared by every front door, as parts that each own their state: admission
+//! (`admit/`, the [`Gate`](admit::gate::Gate)), usage (`usage/`, the
+//! [`Units`](usage::units::Units)), export (`export/`) and alerts (`alerts/`), over what they
+//! all share (`shared.rs`); [`Tollgate`] is the facade that holds them.
 
 mod admit;
 pub(crate) mod alerts;
 mod builder;
+mod door;
 #[allow(clippy::module_inception)]
 mod engine;
 mod export;
 mod lifecycle;
 mod node;
 mod rates;
+mod record;
 mod report;
+mod routes;
 mod shared;
 mod store_calls;
+mod tenants;
 pub(crate) mod usage;
 mod worker;
 
 pub use admit::capture::{is_stored_header, BodyPrint, ResponseCapture, DRAIN_LIMIT};
-pub(crate) use admit::door::credential_by;
-pub use admit::door::{replay_response, ClientAddr, FrontDoor, RequestView};
+pub use admit::stage::{Admission, PendingAdmission, RequestInfo};
+pub use admit::ticket::{InFlight, Ticket};
 pub use alerts::{AlertReport, EndpointError};
 pub(crate) use builder::OpenStores;
 pub use builder::{BuildError, Builder};
-pub(crate) use engine::RuntimeCache;
-pub use engine::{Admission, PendingAdmission, RequestInfo, Tollgate};
+pub(crate) use door::credential_by;
+pub use door::{replay_response, ClientAddr, FrontDoor, RequestView};
+pub use engine::Tollgate;
 pub use export::exporter::ExportReport;
 pub use export::reconcile::{Drift, DriftAction, ReconcileError, ReconcileReport, ReconcileRequest};
 pub use lifecycle::{ShutdownError, ShutdownReport};
 pub use report::{QuotaUsage, ReportError, UsageReport, WindowUsage};
-pub(crate) use shared::Prefetch;
 pub use usage::caps::{CapError, SpendCapView};
+pub use usage::context::{Feature, QuotaStatus, TenantContext};
 pub use usage::credits::CreditExpiryReport;
 pub use usage::flush::FlushReport;
-pub use usage::hold::Hold;
+pub(crate) use usage::hold::RouteHeld;
+pub use usage::hold::{Hold, RecordError};
 pub use usage::thresholds::ThresholdCrossed;
-
-pub(crate) use admit::ticket::RouteHeld;
-pub use admit::ticket::{InFlight, Ticket};
 pub use worker::Worker;

@@ -97,18 +97,18 @@ impl Tollgate {
     /// # Errors
     /// The tenant is unknown, or the store did not answer.
     pub async fn usage_report(&self, tenant: &TenantId, from: i64, to: i64) -> Result<UsageReport, ReportError> {
-        let rt = self.shared.runtime().load_full();
+        let rt = self.shared().runtime().load_full();
         let state = self.known_tenant(tenant).await.map_err(|e| match e {
             EventError::UnknownTenant(t) => ReportError::UnknownTenant(t),
             EventError::Store(e) => ReportError::Store(e),
             other => ReportError::Store(StoreError::Backend(other.to_string().into())),
         })?;
-        let now = self.shared.clock().unix_secs();
+        let now = self.shared().clock().unix_secs();
         // A spend cap: the tenant's own, as the store holds it (this node may not have asked
         // since it was set; without counters, as this node last read it).
         let own_cap = match state.plan.spend.and_then(|s| state.quota(s)) {
             Some(cell) => {
-                let counters = self.shared.stores().request().quota.counters(tenant, cell.meter_id()).await?;
+                let counters = self.shared().stores().request().quota.counters(tenant, cell.meter_id()).await?;
                 match counters.is_empty() {
                     true => cell.tenant_cap(),
                     false => counters.into_iter().find_map(|c| c.cap),
@@ -137,7 +137,7 @@ impl Tollgate {
         };
         // Held while reading: no flush moves usage from this node into the store meanwhile,
         // so nothing is counted twice or missed.
-        let pipeline = self.shared.pipeline().lock().await;
+        let pipeline = self.units().pipeline().lock().await;
         let mut local: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
         for ((t, meter, window), q) in pipeline.staged_of(tenant) {
             debug_assert_eq!(t, tenant);
@@ -152,8 +152,8 @@ impl Tollgate {
         };
         // The tenant's state and any retired ones (a plan change), each once: a state retired
         // between the two reads is met in both.
-        let mut states: Vec<Tenant> = self.shared.table().state(tenant).into_iter().collect();
-        for s in self.shared.table().retired().iter() {
+        let mut states: Vec<Tenant> = self.gate().table().state(tenant).into_iter().collect();
+        for s in self.gate().table().retired().iter() {
             if s.id == *tenant && !states.iter().any(|t| Tenant::ptr_eq(t, s)) {
                 states.push(s.clone());
             }
@@ -164,7 +164,7 @@ impl Tollgate {
         let read = |lo: i64, hi: i64| async move {
             let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
             if lo < hi {
-                for a in self.shared.stores().request().usage.usage_range(tenant, lo, hi).await? {
+                for a in self.shared().stores().request().usage.usage_range(tenant, lo, hi).await? {
                     *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
                 }
             }
@@ -186,7 +186,7 @@ impl Tollgate {
         let mut balances: BTreeMap<MeterId, (u64, u64)> = BTreeMap::new();
         for cell in state.quotas().filter(|c| c.prepaid()) {
             let meter = cell.meter_id();
-            let (_, found) = self.shared.stores().request().quota.credit_grants(tenant, Some(meter)).await?;
+            let (_, found) = self.shared().stores().request().quota.credit_grants(tenant, Some(meter)).await?;
             let b = found.into_iter().find(|(m, _)| m == meter).map(|(_, b)| b).unwrap_or_default();
             let (_, end) = cell.period();
             let leased = if now < end { cell.lease().max(0) as u64 } else { 0 };

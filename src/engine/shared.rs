@@ -1,102 +1,84 @@
-//! What every clone of the engine shares: the configuration in force, the tenants, and the
-//! parts that own the rest, each behind its own verbs and handed out read-only.
+//! What every part of the engine needs: the configuration in force, the store calls, the
+//! node's ids, the clock, the counters, and the shutdown signals. Each part (admission, usage,
+//! export, alerts) owns the rest of its state and is handed an `Arc` of this.
 
-use std::sync::Arc;
+use std::sync::{atomic::AtomicBool, Arc};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 use crate::{
     clock::Clock,
-    engine::{
-        admit::{idempotency::Idempotency, table::TenantTable},
-        export::exporter::Exporter,
-        node::NodeIds,
-        store_calls::StoreCalls,
-        usage::{events::EventRecorder, flush::Pipeline, lease::Leases},
-    },
+    engine::{node::NodeIds, store_calls::StoreCalls},
     metrics::{Metrics, Totals},
     plan::Runtime,
-    tenant::Tenant,
 };
 
-/// A lease to refill in the background, asked for by a request that took from it.
-pub(crate) struct Prefetch {
-    pub(crate) state: Tenant,
-    pub(crate) meter: usize,
-}
-
-/// What every clone of the engine shares: the configuration in force, the tenants, and the
-/// parts that own the rest (each handed what it needs).
-///
-/// Assembled once by the builder (its fields are visible there for that, within `engine`);
-/// every part reads it through the accessors below, and nothing writes it: it lives behind the
-/// engine's `Arc`.
+/// What every part shares. Assembled once by the builder; nothing writes it but through its
+/// fields' own verbs.
 pub(crate) struct Shared {
-    pub(super) runtime: ArcSwap<Runtime>,
-    pub(super) table: TenantTable,
+    runtime: ArcSwap<Runtime>,
     /// The store of each role, the time limit of a call and the log of store errors.
-    pub(super) stores: Arc<StoreCalls>,
+    stores: Arc<StoreCalls>,
     /// This node's id and the sequence numbers of its calls.
-    pub(super) ids: Arc<NodeIds>,
-    /// Quota leases (with the threshold notifications their answers trigger).
-    pub(super) leases: Leases,
-    /// Usage drained from the tenants and not yet committed, flushed in batches.
-    pub(super) pipeline: Pipeline,
-    /// The billing export.
-    pub(super) exporter: Exporter,
-    /// Which of a tenant's billing customers its usage is billed to: the sink's, else the one
-    /// of the sink the configuration names.
-    pub(super) customer_field: crate::base::CustomerField,
-    /// Usage events of jobs and queues.
-    pub(super) events: EventRecorder,
+    ids: Arc<NodeIds>,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    totals: Arc<Totals>,
     /// Whether the store is the one the configuration's `[store]` names (opened by
     /// `Builder::open`), which a reload may then not change.
-    pub(super) store_configured: bool,
-    pub(super) clock: Clock,
-    pub(super) idempotency: Idempotency,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) totals: Arc<Totals>,
-    pub(super) prefetch: mpsc::Sender<Prefetch>,
-    pub(super) sweep_now: Notify,
-    /// The requests in flight of tenants whose plan limits them, by tenant.
-    pub(super) in_flight: crate::tenant::InFlightCounts,
-    pub(super) shutdown: watch::Sender<bool>,
-    /// Credentials the directory did not know, each with when it stops being remembered (the
-    /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it
-    /// unknown, whatever the hits since.
-    pub(super) unknown: moka::sync::Cache<(u64, u64), i64>,
-    /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
-    pub(super) key_lookups: crate::engine::admit::clients::KeyLookups,
-    /// Expired credit grants whose close failed here, waiting to be tried again.
-    pub(super) credit_expiry: crate::engine::usage::credits::CreditExpiry,
+    store_configured: bool,
+    /// Tells the worker to stop.
+    shutdown: watch::Sender<bool>,
+    /// Wakes the worker's sweep (the tenant cap passed on insertion).
+    sweep_now: Notify,
     /// Set when shutdown begins: no request is admitted after it (its usage would come after
     /// the final flush, and its lease after the leases were given back).
-    pub(super) stopping: std::sync::atomic::AtomicBool,
+    stopping: AtomicBool,
     /// When the engine was built: settlements begun since then are all of them.
-    pub(super) started: std::time::Instant,
-    /// The holds open on this node.
-    pub(super) holds: Arc<crate::engine::usage::held::OpenHolds>,
-    /// This node's places of tenants with a fleet concurrency.
-    pub(super) places: crate::engine::admit::places::PlacesNode,
-    /// Crossings waiting to be written to the alerts outbox.
-    pub(super) alerts: Arc<crate::engine::alerts::AlertQueue>,
-    /// The HTTP clients alerts are delivered through, made at the first delivery.
-    #[cfg(feature = "alerts")]
-    pub(super) deliverer: std::sync::OnceLock<Result<crate::engine::alerts::Deliverer, String>>,
+    started: std::time::Instant,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("stores", &self.stores).finish_non_exhaustive()
+    }
+}
+
+/// What the builder hands [`Shared::new`].
+pub(crate) struct SharedParts {
+    pub(crate) runtime: Runtime,
+    pub(crate) stores: Arc<StoreCalls>,
+    pub(crate) ids: Arc<NodeIds>,
+    pub(crate) clock: Clock,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) totals: Arc<Totals>,
+    pub(crate) store_configured: bool,
+    pub(crate) shutdown: watch::Sender<bool>,
 }
 
 impl Shared {
-    /// `runtime`.
+    pub(crate) fn new(parts: SharedParts) -> Self {
+        let SharedParts { runtime, stores, ids, clock, metrics, totals, store_configured, shutdown } = parts;
+        Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            stores,
+            ids,
+            clock,
+            metrics,
+            totals,
+            store_configured,
+            shutdown,
+            sweep_now: Notify::new(),
+            stopping: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The configuration in force, compiled for the request path.
     #[inline]
     pub(crate) fn runtime(&self) -> &ArcSwap<Runtime> {
         &self.runtime
-    }
-
-    /// `table`.
-    #[inline]
-    pub(crate) fn table(&self) -> &TenantTable {
-        &self.table
     }
 
     /// The store of each role, the time limit of a call and the log of store errors.
@@ -111,142 +93,51 @@ impl Shared {
         &self.ids
     }
 
-    /// Quota leases (with the threshold notifications their answers trigger).
-    #[inline]
-    pub(crate) fn leases(&self) -> &Leases {
-        &self.leases
-    }
-
-    /// Usage drained from the tenants and not yet committed, flushed in batches.
-    #[inline]
-    pub(crate) fn pipeline(&self) -> &Pipeline {
-        &self.pipeline
-    }
-
-    /// The billing export.
-    #[inline]
-    pub(crate) fn exporter(&self) -> &Exporter {
-        &self.exporter
-    }
-
-    /// Which of a tenant's billing customers its usage is billed to: the sink's, else the one
-    /// of the sink the configuration names.
-    #[inline]
-    pub(crate) fn customer_field(&self) -> crate::base::CustomerField {
-        self.customer_field
-    }
-
-    /// Usage events of jobs and queues.
-    #[inline]
-    pub(crate) fn events(&self) -> &EventRecorder {
-        &self.events
-    }
-
-    /// Whether the store is the one the configuration's `[store]` names (opened by
-    /// `Builder::open`), which a reload may then not change.
-    #[inline]
-    pub(crate) fn store_configured(&self) -> bool {
-        self.store_configured
-    }
-
-    /// `clock`.
+    /// The clock the engine reads.
     #[inline]
     pub(crate) fn clock(&self) -> &Clock {
         &self.clock
     }
 
-    /// `idempotency`.
-    #[inline]
-    pub(crate) fn idempotency(&self) -> &Idempotency {
-        &self.idempotency
-    }
-
-    /// `metrics`.
+    /// The metrics.
     #[inline]
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
-    /// `totals`.
+    /// The counters of the background paths.
     #[inline]
     pub(crate) fn totals(&self) -> &Arc<Totals> {
         &self.totals
     }
 
-    /// `prefetch`.
+    /// Whether the store is the one the configuration's `[store]` names, which a reload may
+    /// then not change.
     #[inline]
-    pub(crate) fn prefetch(&self) -> &mpsc::Sender<Prefetch> {
-        &self.prefetch
+    pub(crate) fn store_configured(&self) -> bool {
+        self.store_configured
     }
 
-    /// `sweep_now`.
-    #[inline]
-    pub(crate) fn sweep_now(&self) -> &Notify {
-        &self.sweep_now
-    }
-
-    /// The requests in flight of tenants whose plan limits them, by tenant.
-    #[inline]
-    pub(crate) fn in_flight(&self) -> &crate::tenant::InFlightCounts {
-        &self.in_flight
-    }
-
-    /// This node's places of tenants with a fleet concurrency.
-    pub(crate) fn places(&self) -> &crate::engine::admit::places::PlacesNode {
-        &self.places
-    }
-
-    /// Crossings waiting to be written to the alerts outbox.
-    pub(crate) fn alerts(&self) -> &crate::engine::alerts::AlertQueue {
-        &self.alerts
-    }
-
-    /// The HTTP clients alerts are delivered through (each call within `timeout`).
-    #[cfg(feature = "alerts")]
-    pub(crate) fn deliverer(&self, timeout: std::time::Duration) -> Result<&crate::engine::alerts::Deliverer, String> {
-        self.deliverer.get_or_init(|| crate::engine::alerts::Deliverer::new(timeout)).as_ref().map_err(Clone::clone)
-    }
-
-    /// `shutdown`.
+    /// Tells the worker to stop.
     #[inline]
     pub(crate) fn shutdown(&self) -> &watch::Sender<bool> {
         &self.shutdown
     }
 
-    /// Credentials the directory did not know, each with when it stops being remembered (the
-    /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it
-    /// unknown, whatever the hits since.
+    /// Wakes the worker's sweep.
     #[inline]
-    pub(crate) fn unknown(&self) -> &moka::sync::Cache<(u64, u64), i64> {
-        &self.unknown
+    pub(crate) fn sweep_now(&self) -> &Notify {
+        &self.sweep_now
     }
 
-    /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
+    /// Set when shutdown begins: no request is admitted after it.
     #[inline]
-    pub(crate) fn key_lookups(&self) -> &crate::engine::admit::clients::KeyLookups {
-        &self.key_lookups
-    }
-
-    /// Expired credit grants whose close failed here, waiting to be tried again.
-    #[inline]
-    pub(crate) fn credit_expiry(&self) -> &crate::engine::usage::credits::CreditExpiry {
-        &self.credit_expiry
-    }
-
-    /// Set when shutdown begins: no request is admitted after it (its usage would come after
-    /// the final flush, and its lease after the leases were given back).
-    #[inline]
-    pub(crate) fn stopping(&self) -> &std::sync::atomic::AtomicBool {
+    pub(crate) fn stopping(&self) -> &AtomicBool {
         &self.stopping
     }
 
-    /// The holds open on this node.
+    /// When the engine was built.
     #[inline]
-    pub(crate) fn holds(&self) -> &crate::engine::usage::held::OpenHolds {
-        &self.holds
-    }
-
-    /// When the engine was built: settlements begun since then are all of them.
     pub(crate) fn started(&self) -> std::time::Instant {
         self.started
     }

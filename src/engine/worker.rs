@@ -5,7 +5,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::engine::{Prefetch, Tollgate};
+use crate::engine::{usage::taken::Prefetch, Tollgate};
 
 /// The engine's background work: flushes usage every `usage.flush_interval` and exports
 /// closed windows, refills quota leases before they run out, evicts idle tenants, revalidates
@@ -65,11 +65,11 @@ impl Worker {
     /// An export pass every `export.interval` (after the first flush interval, so a node
     /// starting up flushes before it exports).
     async fn exports(tollgate: Tollgate, shutdown: watch::Receiver<bool>, enabled: bool) {
-        if !tollgate.shared.exporter().has_sink() || !enabled {
+        if !tollgate.exporter().has_sink() || !enabled {
             return;
         }
-        let first = tollgate.shared.runtime().load().config.usage.flush_interval;
-        let every = || tollgate.shared.runtime().load().config.export.interval;
+        let first = tollgate.shared().runtime().load().config.usage.flush_interval;
+        let every = || tollgate.shared().runtime().load().config.export.interval;
         periodically(shutdown, first, every, || async {
             if let Err(e) = tollgate.export().await {
                 tracing::warn!(error = %e, "usage export failed; retried at the next pass");
@@ -84,7 +84,7 @@ impl Worker {
     async fn hold_expiries(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
         let every = || Duration::from_secs(1);
         periodically(shutdown, every(), every, || async {
-            let expired = tollgate.shared.holds().expire(tollgate.shared.clock().unix_secs());
+            let expired = tollgate.units().holds().expire(tollgate.shared().clock().unix_secs());
             if expired > 0 {
                 tracing::warn!(holds = expired, "holds open past limits.hold_timeout were settled as recorded so far");
             }
@@ -98,7 +98,7 @@ impl Worker {
     async fn places(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
         let every = || Duration::from_secs(1);
         periodically(shutdown, every(), every, || async {
-            tollgate.tend_places().await;
+            tollgate.gate().places().tend().await;
             true
         })
         .await;
@@ -113,7 +113,7 @@ impl Worker {
         periodically(shutdown, every(), every, || {
             let (tollgate, next_prune) = (tollgate.clone(), next_prune.clone());
             async move {
-                if !tollgate.alerts_configured() {
+                if !tollgate.alerts().configured() {
                     return true;
                 }
                 let report = tollgate.deliver_alerts().await;
@@ -134,7 +134,7 @@ impl Worker {
                     due
                 };
                 if prune {
-                    tollgate.prune_alerts().await;
+                    tollgate.alerts().prune().await;
                 }
                 true
             }
@@ -162,10 +162,10 @@ impl Worker {
     /// it acts on what it proves ([`Tollgate::reconcile`]).
     async fn reconciliations(tollgate: Tollgate, shutdown: watch::Receiver<bool>, enabled: bool) {
         // A sink that cannot be read back was said at build: nothing to compare, ever.
-        if !tollgate.shared.exporter().reads_back() || !enabled {
+        if !tollgate.exporter().reads_back() || !enabled {
             return;
         }
-        let interval = || tollgate.shared.runtime().load().config.export.reconcile_interval;
+        let interval = || tollgate.shared().runtime().load().config.export.reconcile_interval;
         let every = || interval().max(Duration::from_secs(60));
         periodically(shutdown, every(), every, || async {
             if interval().is_zero() {
@@ -196,7 +196,7 @@ impl Worker {
     async fn background(mut self) {
         let intervals = |t: &Tollgate| {
             // Read in place: the configuration (with its tenants) is not cloned per tick.
-            let rt = t.shared.runtime().load();
+            let rt = t.shared().runtime().load();
             let sweep = (rt.config.limits.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
             let directory = (rt.config.limits.directory_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
             (rt.config.usage.flush_interval, sweep, directory)
@@ -212,7 +212,7 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
-                Some(job) = self.prefetch.recv() => self.tollgate.prefetch(job).await,
+                Some(job) = self.prefetch.recv() => self.tollgate.units().refill(job).await,
                 _ = tokio::time::sleep_until(next_flush), if self.flushes => {
                     // A failed flush is logged by `flush` and retried at the next one.
                     let _ = self.tollgate.flush().await;
@@ -229,7 +229,7 @@ impl Worker {
                     let (_, _, directory_every) = intervals(&self.tollgate);
                     next_directory = Instant::now() + directory_every;
                 }
-                _ = self.tollgate.shared.sweep_now().notified() => {
+                _ = self.tollgate.shared().sweep_now().notified() => {
                     self.tollgate.sweep().await;
                 }
             }

@@ -176,7 +176,7 @@ mod tests {
     fn state() -> (TenantState, Arc<crate::plan::CompiledPlan>) {
         let config = Config::from_toml_str("[plans.p]\nrate = \"10/s\"").unwrap();
         let clock = Clock::fake_at_unix(1_700_000_000).0;
-        let rt = Runtime::compile(config, &Arc::new(Metrics::register()), &clock, &crate::plan::Host::default());
+        let rt = Runtime::compile(config, &Arc::new(Metrics::register()), &clock);
         let plan = rt.plans.values().next().unwrap().clone();
         (TenantState::new("t".into(), plan.clone(), None, clock), plan)
     }

@@ -1,6 +1,8 @@
 //! The configuration through the public API: the shipped example, tenant ids, errors in files.
 #![allow(missing_docs)]
 
+mod house;
+
 use std::time::Duration;
 
 use tollgate::config::{ConfigErrorKind, InvalidTenantId, MeterId, TenantId};

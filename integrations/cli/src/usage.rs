@@ -47,14 +47,9 @@ pub(crate) async fn usage(
     let file = config.tenants().iter().find(|t| t.id().as_str() == tenant);
     let field = config.export().sink.map(tollgate::config::SinkKind::customer_field).unwrap_or_default();
     let metronome = field == tollgate::billing::CustomerField::Metronome;
-    let customer = admin
-        .directory_store()
-        .tenant(&tenant.as_str().into())
-        .await?
-        .and_then(|t| t.customer_in(field).map(str::to_owned))
-        .or_else(|| {
-            file.and_then(|t| if metronome { t.metronome_customer() } else { t.stripe_customer() }).map(str::to_owned)
-        });
+    let customer = admin.tenant(&tenant).await?.and_then(|t| t.customer_in(field).map(str::to_owned)).or_else(|| {
+        file.and_then(|t| if metronome { t.metronome_customer() } else { t.stripe_customer() }).map(str::to_owned)
+    });
     println!("tenant {tenant}, billing customer {}", customer.as_deref().unwrap_or("-"));
     println!(
         "{:<12} {:<22} {:>12} {:>12} {:>8}  sent for",

@@ -91,7 +91,7 @@ pub enum WebhookOutcome {
     /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
     /// not an event. Nothing changed.
     Rejected(String),
-    /// Refused with 413: a body longer than [`WebhookHandler::MAX_BODY`]. Nothing changed.
+    /// Refused with 413: a body longer than [`WebhookHandler::MAX_BODY`](crate::billing::WebhookHandler::MAX_BODY). Nothing changed.
     TooLarge,
     /// The store failed: 500, so Stripe delivers the event again. Nothing changed.
     StoreFailed(String),

@@ -1,91 +1,91 @@
 //! Admission without waiting: idempotency, rate, the quotas of the route's meter and of the
 //! meters its handler reports, the headers of the answer.
 
-use std::{borrow::Cow, num::NonZeroU32, time::Duration};
+use std::{borrow::Cow, num::NonZeroU32, sync::Arc, time::Duration};
 
 use governor::clock::Clock as _;
 
-use std::sync::Arc;
-
-use crate::engine::usage::spend::{RouteSpend, SpendTab};
 use crate::engine::{
-    admit::charge::RateCharge,
-    admit::idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
-    admit::ticket::{Held, UNLEASED},
-    engine::{ClaimPlace, KeyClaim, Partial, ReplayRead, Stage},
-    Admission, ResponseCapture, Ticket, Tollgate,
+    admit::{
+        capture::ResponseCapture,
+        charge::RateCharge,
+        gate::Gate,
+        idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
+        stage::{Admission, ClaimPlace, KeyClaim, Partial, Ready, ReplayRead, Stage},
+        ticket::{Held, Ticket},
+    },
+    usage::{
+        spend::{RouteSpend, SpendTab},
+        taken::{Source, Taken},
+    },
 };
 use crate::{
     clock::Clock,
     config::{HeaderStyle, StoreErrorPolicy},
-    engine::Prefetch,
     plan::{RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
     store::{IdempotencyClaim, IdempotencyState, StoredResponse},
     tenant::{QuotaRef, Slot, Take, Tenant},
 };
 
-/// No quota units were taken (no quota on the meter, or a replay).
-pub(crate) const NO_TAG: u32 = u32::MAX;
-
 fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-impl Tollgate {
+impl Gate {
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
-    pub(crate) fn decide(&self, state: Tenant, mut route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
+    pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
+        self.decide_charged(RateCharge::new(state, &route), route, idem)
+    }
+
+    /// [`decide`](Self::decide) with the request's rate charge, which may hold cells already
+    /// (a fleet rate's, from a lease it waited for): refused before its rate check, they go
+    /// back as the charge drops.
+    #[inline]
+    pub(crate) fn decide_charged(
+        &self,
+        mut charge: RateCharge,
+        mut route: RouteCost,
+        idem: Option<(&[u8], u128)>,
+    ) -> Admission {
+        let state = charge.state();
         if !state.plan.allows(route.feature) {
-            let r = self.feature_refusal(&state, route.feature);
-            if !self.shadowed(&state, &r) {
-                // (Cells of a fleet lease taken while it waited go back.)
-                Self::give_back_fleet_cells(&state, route);
+            let r = self.feature_refusal(state, route.feature);
+            if !self.shadowed(state, &r) {
                 return self.reject(r);
             }
         }
-        if state.plan.on_store_error == StoreErrorPolicy::FailClosed && self.shared.pipeline().is_full() {
+        if state.plan.on_store_error == StoreErrorPolicy::FailClosed && self.units.pipeline().is_full() {
             let r = Rejection::new(
                 RejectionKind::StoreUnavailable,
                 "usage cannot be recorded: the store has not taken it and the usage buffer is full",
             );
-            Self::give_back_fleet_cells(&state, route);
-            return self.reject(r.with_retry_after(1).for_tenant(&state));
+            return self.reject(r.with_retry_after(1).for_tenant(state));
         }
         // A fleet rate: the request's cells come from its tenant's lease (waiting for one when
         // it is empty); its rate check then reports them, and its charge gives them back.
         if state.plan.fleet.is_some() && !crate::plan::is_fleet(route.client) {
-            if let Some(waits) = self.take_fleet_cells(&state, &mut route, idem) {
-                return waits;
-            }
+            charge = match self.take_fleet_cells(charge, &mut route, idem) {
+                Ok(charge) => charge,
+                Err(waits) => return waits,
+            };
         }
+        let state = charge.state();
         let (charged, claim) = match idem {
             None => (true, None),
-            Some((key, request)) => match self.shared.idempotency().check(&state.id, key, request) {
+            Some((key, request)) => match self.idempotency.check(&state.id, key, request) {
                 // A key this node has not seen: the store has the fleet's answer.
-                Verdict::First(claim) => return self.first_key(state, route, claim, key, request),
+                Verdict::First(claim) => return self.first_key(charge, route, claim, key, request),
                 // Answered with the stored response (one store read), after the rate check.
-                Verdict::Replay => return self.replay_key(state, route, key, request),
-                // Refused before the rate check: cells taken from a fleet lease go back.
-                Verdict::InFlight => {
-                    Self::give_back_fleet_cells(&state, route);
-                    return self.reject(Self::key_in_use(&state));
-                }
-                Verdict::Mismatch => {
-                    Self::give_back_fleet_cells(&state, route);
-                    return self.reject(Self::key_mismatch(&state));
-                }
+                Verdict::Replay => return self.replay_key(charge, route, key, request),
+                // Refused before the rate check (cells taken from a fleet lease go back with
+                // the charge).
+                Verdict::InFlight => return self.reject(Self::key_in_use(state)),
+                Verdict::Mismatch => return self.reject(Self::key_mismatch(state)),
             },
         };
-        self.decide_keyed(state, route, charged, claim)
-    }
-
-    /// Gives back the cells a request took from its tenant's fleet lease, refused before its
-    /// rate check (nothing when it took none).
-    fn give_back_fleet_cells(state: &Tenant, route: RouteCost) {
-        if crate::plan::is_fleet(route.client) {
-            state.give_back_rate(route.client, route.cost);
-        }
+        self.decide_keyed(charge, route, charged, claim)
     }
 
     /// A key this node has not seen, for a request that passed its feature check: the store is
@@ -93,14 +93,18 @@ impl Tollgate {
     /// rate costs no store write.
     #[cold]
     #[inline(never)]
-    fn first_key(&self, state: Tenant, route: RouteCost, claim: Claim, key: &[u8], request: u128) -> Admission {
-        let charge = match self.check_rate(state, &route) {
-            Ok(charge) => charge,
-            Err(r) => {
-                drop(claim);
-                return self.reject(r);
-            }
-        };
+    fn first_key(
+        &self,
+        mut charge: RateCharge,
+        route: RouteCost,
+        claim: Claim,
+        key: &[u8],
+        request: u128,
+    ) -> Admission {
+        if let Err(r) = self.check_rate(&mut charge, &route) {
+            drop(claim);
+            return self.reject(r);
+        }
         match self.claim_stage(charge, claim, key.into(), request, route.meter) {
             Ok((c, false)) => Admission::pending(Stage::Claim(c), route),
             Ok((c, true)) => Admission::pending(Stage::PlaceThenClaim(c), route),
@@ -125,7 +129,7 @@ impl Tollgate {
         let state = charge.state();
         let limit = state.plan.concurrency;
         if limit != 0 && !state.plan.shadow && state.plan.concurrency_fleet {
-            let placed = match self.enter_fleet_place(state) {
+            let placed = match self.places.enter(state) {
                 Ok(Some(slot)) => ClaimPlace::Taken(Some(slot)),
                 Ok(None) => {
                     drop(claim);
@@ -138,7 +142,7 @@ impl Tollgate {
             };
             return Ok((Box::new(KeyClaim { charge, claim, key, request, placed }), false));
         }
-        if limit != 0 && !state.plan.shadow && Slot::full(self.shared.in_flight(), &state.id, limit) {
+        if limit != 0 && !state.plan.shadow && Slot::full(&self.in_flight, &state.id, limit) {
             drop(claim);
             return Err(Self::too_many_in_flight(charge, meter));
         }
@@ -149,11 +153,10 @@ impl Tollgate {
     /// read (never a quota: a replay takes no units).
     #[cold]
     #[inline(never)]
-    fn replay_key(&self, state: Tenant, route: RouteCost, key: &[u8], request: u128) -> Admission {
-        let charge = match self.check_rate(state, &route) {
-            Ok(charge) => charge,
-            Err(r) => return self.reject(r),
-        };
+    fn replay_key(&self, mut charge: RateCharge, route: RouteCost, key: &[u8], request: u128) -> Admission {
+        if let Err(r) = self.check_rate(&mut charge, &route) {
+            return self.reject(r);
+        }
         Admission::pending(Stage::Replay(Box::new(ReplayRead { charge, key: key.into(), request })), route)
     }
 
@@ -168,7 +171,7 @@ impl Tollgate {
         let timeout = config.usage.store_timeout;
         let fleet_key = Idempotency::fleet_key(&state.id, &key);
         // This node's own settlement of the key, if it is still under way.
-        self.shared.idempotency().settled(&fleet_key, timeout).await;
+        self.idempotency.settled(&fleet_key, timeout).await;
         let now = self.shared.clock().unix_secs();
         let store = &self.shared.stores().request().idempotency;
         let bound_to = format!("{request:032x}");
@@ -180,15 +183,15 @@ impl Tollgate {
             Ok(Some(IdempotencyState::Completed(None))) => self.reject(Self::response_not_kept(state)),
             Ok(Some(IdempotencyState::Mismatch)) => {
                 // Bound elsewhere to another request (this node's entry was stale).
-                self.shared.idempotency().forget(&state.id, &key);
+                self.idempotency.forget(&state.id, &key);
                 self.reject(Self::key_mismatch(state))
             }
             Ok(Some(_)) => self.reject(Self::key_in_use(state)),
             Ok(None) => {
                 // Not in the store any more: this node's entry is stale; the key is claimed
                 // as a new one (the rate check already passed).
-                self.shared.idempotency().forget(&state.id, &key);
-                match self.shared.idempotency().check(&state.id, &key, request) {
+                self.idempotency.forget(&state.id, &key);
+                match self.idempotency.check(&state.id, &key, request) {
                     // As a first request: its place first on a fleet concurrency.
                     Verdict::First(claim) => match self.claim_stage(charge, claim, key, request, route.meter) {
                         Ok((c, true)) => Box::pin(self.place_then_claim(*c, route, rt)).await,
@@ -226,7 +229,7 @@ impl Tollgate {
         Admission::Admitted(Ticket {
             state,
             headers,
-            quota_tag: NO_TAG,
+            source: None,
             at,
             claim: Some(Box::new(Held::Replay { response, max_request_body })),
             cost: route.cost,
@@ -237,6 +240,7 @@ impl Tollgate {
             slot: None,
             hold: None,
             spend: None,
+            units: self.units.clone(),
         })
     }
 
@@ -269,28 +273,6 @@ impl Tollgate {
         );
         r.inner.policy = Some(name);
         r.for_tenant(state)
-    }
-
-    /// In shadow mode, a refusal is counted and logged instead of answered: `true` (go on).
-    #[cold]
-    pub(crate) fn shadowed(&self, state: &Tenant, r: &Rejection) -> bool {
-        if !state.plan.shadow {
-            return false;
-        }
-        self.would_refuse(r);
-        true
-    }
-
-    /// Counts and logs a refusal shadow mode let through.
-    #[cold]
-    pub(crate) fn would_refuse(&self, r: &Rejection) {
-        self.shared.totals().would_refuse(self.shared.metrics(), r.kind());
-        tracing::debug!(
-            reason = r.kind().label(),
-            tenant = r.tenant().map(|t| t.as_str()),
-            policy = r.policy(),
-            "shadow mode: would refuse ({r})"
-        );
     }
 
     fn key_in_use(state: &Tenant) -> Rejection {
@@ -332,7 +314,7 @@ impl Tollgate {
         )
         .at_most(config.limits.idempotency_keys_max);
         let timeout = config.usage.store_timeout;
-        let settling = self.shared.idempotency().settling();
+        let settling = self.idempotency.settling();
         // A claim of this key this node is still settling (a failed request retried at once).
         settled(settling, &fleet_key, timeout).await;
         // Held before the call: if the call times out after landing, or this future is dropped,
@@ -346,7 +328,7 @@ impl Tollgate {
             claimed_at: now,
             window,
             max_stored: config.limits.idempotency_store_bytes,
-            responses: self.shared.idempotency().responses().clone(),
+            responses: self.idempotency.responses().clone(),
             limits: CaptureLimits {
                 max_body: config.limits.idempotency_max_body,
                 max_request_body: config.limits.idempotency_max_request_body,
@@ -360,7 +342,7 @@ impl Tollgate {
             // Dropped here: this node's hold on the key goes too, and nothing is stored.
             claim.fleet = None;
             drop(claim);
-            self.shared.idempotency().responses().not_stored(NotStored::KeysFull);
+            self.idempotency.responses().not_stored(NotStored::KeysFull);
             return self.decide_claimed(charge, route, None, placed);
         }
         if !matches!(answer, Ok(IdempotencyState::Claimed) | Err(_)) {
@@ -415,16 +397,16 @@ impl Tollgate {
 
     /// [`decide`](Self::decide) once the `Idempotency-Key` (if any) has answered: `charged`
     /// is false for a replay; `claim` holds the key of a first request.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn decide_keyed(
         &self,
-        state: Tenant,
+        mut charge: RateCharge,
         route: RouteCost,
         charged: bool,
         claim: Option<Claim>,
     ) -> Admission {
-        match self.check_rate(state, &route) {
-            Ok(charge) => self.decide_rated(charge, route, charged, claim),
+        match self.check_rate(&mut charge, &route) {
+            Ok(()) => self.decide_rated(charge, route, charged, claim),
             Err(r) => {
                 drop(claim);
                 self.reject(r)
@@ -432,24 +414,32 @@ impl Tollgate {
         }
     }
 
-    /// The rate check of a request: the cells it took (with its tenant, its headers and its
-    /// time, the clock reading of the check), put back unless it is admitted; or its 429.
+    /// The rate check of a request: the cells it takes become its charge's (with its headers
+    /// and its time, the clock reading of the check), put back unless it is admitted; or its
+    /// 429.
     #[inline(always)]
-    fn check_rate(&self, state: Tenant, route: &RouteCost) -> Result<RateCharge, Rejection> {
-        let mut headers = HeaderState::new(route.meter, route.shape);
-        let at = self.rate_of(&state, route, &mut headers)?;
-        Ok(RateCharge::new(state, route, headers, at))
+    fn check_rate(&self, charge: &mut RateCharge, route: &RouteCost) -> Result<(), Rejection> {
+        let (state, headers) = charge.split();
+        let (at, took) = self.rate_of(state, route, headers)?;
+        if took {
+            charge.took(route.client, route.cost, at);
+        } else {
+            charge.at = at;
+        }
+        Ok(())
     }
 
-    /// [`check_rate`](Self::check_rate)'s check: the request's time, or its 429.
+    /// [`check_rate`](Self::check_rate)'s check: the request's time, and whether it took cells
+    /// of its bucket (those of a fleet lease were taken before); or its 429.
     #[inline(always)]
-    fn rate_of(&self, state: &Tenant, route: &RouteCost, headers: &mut HeaderState) -> Result<i64, Rejection> {
+    fn rate_of(&self, state: &Tenant, route: &RouteCost, headers: &mut HeaderState) -> Result<(i64, bool), Rejection> {
         let (meter, cost) = (route.meter, route.cost);
         let plan = &state.plan;
+        let mut took = false;
         let now = if let Some(policy) = &plan.rate {
             if crate::plan::is_fleet(route.client) {
                 // Taken from the tenant's fleet lease already.
-                return Ok(self.fleet_rate_of(state, headers));
+                return Ok((self.fleet_rate_of(state, headers), false));
             }
             let cells = NonZeroU32::new(cost).unwrap_or(NonZeroU32::MIN);
             let checked = match &plan.clients {
@@ -466,8 +456,9 @@ impl Tollgate {
             state.touch(now);
             match checked {
                 // Header values are only computed when headers are sent.
-                Ok(Ok(None)) => {}
+                Ok(Ok(None)) => took = true,
                 Ok(Ok(Some(remaining))) => {
+                    took = true;
                     let empty = policy.burst.get() - remaining.min(policy.burst.get());
                     // t: until the next cell (at most one cell's time; none when full); under
                     // "draft-compat", until the bucket is full.
@@ -525,7 +516,7 @@ impl Tollgate {
             state.touch(now);
             now
         };
-        Ok(now)
+        Ok((now, took))
     }
 
     /// [`decide_keyed`](Self::decide_keyed) once the rate check passed (at `now`, its
@@ -548,7 +539,7 @@ impl Tollgate {
         // request spends no rate cells and takes no units.
         let slot = match plan.concurrency {
             0 => None,
-            _ if plan.concurrency_fleet => match self.enter_fleet_place(state) {
+            _ if plan.concurrency_fleet => match self.places.enter(state) {
                 Ok(Some(slot)) => Some(slot),
                 Ok(None) if plan.shadow => {
                     self.would_refuse(&Self::shadow_concurrency(state));
@@ -563,7 +554,7 @@ impl Tollgate {
                     return Admission::pending(Stage::Places(Box::new(partial)), route);
                 }
             },
-            limit => match Slot::enter(self.shared.in_flight(), &state.id, limit) {
+            limit => match Slot::enter(&self.in_flight, &state.id, limit) {
                 Some(slot) => Some(slot),
                 None if plan.shadow => {
                     self.would_refuse(&Self::shadow_concurrency(state));
@@ -621,38 +612,17 @@ impl Tollgate {
         };
         let (state, headers) = charge.split();
         match self.take_units(state, headers, meter, cost, charged, now) {
-            Ok(quota_tag) => {
+            Ok(source) => {
                 self.shared.metrics().admitted.increment(1);
-                let (state, headers) = charge.keep();
-                Admission::Admitted(Ticket {
-                    state,
-                    headers,
-                    quota_tag,
-                    at: now,
-                    claim: claim.map(|c| Box::new(Held::First(ResponseCapture::new(c)))),
-                    cost,
-                    charged,
-                    done: false,
-                    called: false,
-                    in_poll: false,
-                    slot,
-                    hold: None,
-                    spend: spend.map(SpendTab::new),
-                })
-            }
-            // Refused for its quota: the request spends no rate cells, nor money.
-            Err(Take::Exhausted) => {
-                if let Some(spend) = spend {
-                    spend.give_back(charge.state());
+                if route.hold != 0 && charged {
+                    return Self::ready_for_hold(Partial { charge, claim, charged, slot }, &route, source, spend);
                 }
-                self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, meter))
+                Admission::Admitted(self.ticket_of(charge, claim, charged, slot, cost, source, spend))
             }
-            Err(_) => {
-                if let Some(spend) = spend {
-                    spend.give_back(charge.state());
-                }
-                Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route)
-            }
+            // Refused for its quota: the request spends no rate cells, nor money (its spend
+            // goes back as it drops).
+            Err(Take::Exhausted) => self.reject(Self::quota_exceeded(Partial { charge, claim, charged, slot }, meter)),
+            Err(_) => Admission::pending(Stage::Quota(Box::new(Partial { charge, claim, charged, slot })), route),
         }
     }
 
@@ -691,15 +661,14 @@ impl Tollgate {
         match cell.try_take(need, at) {
             Take::Taken { left, tag } => {
                 if cell.wants_prefetch(left) {
-                    self.request_prefetch(state, spend, cell);
+                    self.units.prefetcher().request(state, spend, cell);
                 }
-                Ok(RouteSpend { exact, taken: need, tag: u32::from(tag), at })
+                Ok(RouteSpend { exact, taken: Taken::lease(state, spend, need, tag, at), at })
             }
             Take::Exhausted if state.plan.shadow => {
                 // Shadow mode: taken past the cap (owed to the store), the refusal counted.
                 self.would_refuse(&Self::shadow_spend(state, at));
-                let tag = cell.force_take(need, at).map_or(UNLEASED, u32::from);
-                Ok(RouteSpend { exact, taken: need, tag, at })
+                Ok(RouteSpend { exact, taken: Taken::force(state, spend, need, at), at })
             }
             other => Err(other),
         }
@@ -716,10 +685,8 @@ impl Tollgate {
     #[cold]
     #[inline(never)]
     pub(crate) fn spend_cap_reached(p: Partial) -> Rejection {
-        let Partial { charge, claim, .. } = p;
-        drop(claim);
-        let at = charge.at;
-        let (state, _) = charge.refuse();
+        let at = p.charge.at;
+        let (state, _) = p.refuse();
         crate::engine::usage::spend::cap_reached(&state, at)
     }
 
@@ -738,9 +705,9 @@ impl Tollgate {
         Ok(())
     }
 
-    /// Takes quota units from the local lease, in place. `Ok`: the tag of the period they
-    /// were taken from ([`NO_TAG`]: none were, the meter has no quota or the request is a
-    /// replay); `Err`: [`Take::Exhausted`], or [`Take::NeedLease`] (refill the lease first).
+    /// Takes quota units from the local lease, in place. `Ok`: where they came from (`None`:
+    /// none were taken, the meter has no quota or the request is a replay); `Err`:
+    /// [`Take::Exhausted`], or [`Take::NeedLease`] (refill the lease first).
     #[inline(always)]
     pub(crate) fn take_units(
         &self,
@@ -750,25 +717,24 @@ impl Tollgate {
         cost: u32,
         charged: bool,
         at: i64,
-    ) -> Result<u32, Take> {
+    ) -> Result<Option<Source>, Take> {
         let Some(cell) = state.quota(meter) else {
-            return Ok(NO_TAG);
+            return Ok(None);
         };
         if !charged {
             // A replay takes nothing.
-            return Ok(NO_TAG);
+            return Ok(None);
         }
         match cell.try_take(u64::from(cost), at) {
             Take::Taken { left, tag } => {
                 self.taken(state, headers, meter, cell, cost, left, at);
-                Ok(u32::from(tag))
+                Ok(Some(Source::Lease(tag)))
             }
             Take::Exhausted if state.plan.shadow => {
                 // Shadow mode: taken past the limit (owed to the store), the refusal counted.
                 self.would_refuse(&Self::shadow_quota(state, meter));
-                let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
                 headers.set_quota(0, (cell.period().1 - at).max(0) as u64);
-                Ok(tag)
+                Ok(Some(Source::forced(cell.force_take(u64::from(cost), at))))
             }
             other => Err(other),
         }
@@ -826,7 +792,7 @@ impl Tollgate {
             }
         }
         if cell.wants_prefetch(left) {
-            self.request_prefetch(state, meter, cell);
+            self.units.prefetcher().request(state, meter, cell);
         }
     }
 
@@ -844,9 +810,55 @@ impl Tollgate {
         }
     }
 
+    /// An admitted request's ticket (its route cost's units came from `source`), or on a route
+    /// that holds, the request ready for its hold ([`Stage::Hold`]): its rate cells and units
+    /// become the ticket's once the hold is there, and go back as they drop if it is refused.
+    #[inline(always)]
+    pub(crate) fn admitted(
+        &self,
+        p: Partial,
+        route: &RouteCost,
+        source: Option<Source>,
+        spend: Option<RouteSpend>,
+    ) -> Admission {
+        if route.hold != 0 && p.charged {
+            return Self::ready_for_hold(p, route, source, spend);
+        }
+        Admission::Admitted(self.ticket(p, route.cost, source, spend))
+    }
+
+    /// A request admitted on a route that holds, waiting for its hold.
+    #[cold]
+    #[inline(never)]
+    fn ready_for_hold(p: Partial, route: &RouteCost, source: Option<Source>, spend: Option<RouteSpend>) -> Admission {
+        let taken = match source {
+            Some(source) => Taken::new(p.charge.state(), route.meter, u64::from(route.cost), source, p.charge.at),
+            None => Taken::none(),
+        };
+        Admission::pending(Stage::Hold(Box::new(Ready { partial: p, taken, spend })), *route)
+    }
+
+    /// The ticket of an admitted request: its rate cells, place, key and units are its own.
     #[inline]
-    pub(crate) fn ticket(p: Partial, cost: u32, quota_tag: u32, spend: Option<RouteSpend>) -> Ticket {
+    pub(crate) fn ticket(&self, p: Partial, cost: u32, source: Option<Source>, spend: Option<RouteSpend>) -> Ticket {
         let Partial { charge, claim, charged, slot } = p;
+        self.ticket_of(charge, claim, charged, slot, cost, source, spend)
+    }
+
+    /// [`ticket`](Self::ticket) of a request's parts (the admitted path builds no
+    /// [`Partial`]).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn ticket_of(
+        &self,
+        charge: RateCharge,
+        claim: Option<Claim>,
+        charged: bool,
+        slot: Option<Box<Slot>>,
+        cost: u32,
+        source: Option<Source>,
+        spend: Option<RouteSpend>,
+    ) -> Ticket {
         let at = charge.at;
         let (state, headers) = charge.keep();
         Ticket {
@@ -854,7 +866,7 @@ impl Tollgate {
             state,
             cost,
             charged,
-            quota_tag,
+            source,
             at,
             claim: claim.map(|c| Box::new(Held::First(ResponseCapture::new(c)))),
             done: false,
@@ -863,6 +875,7 @@ impl Tollgate {
             slot,
             hold: None,
             spend: spend.map(SpendTab::new),
+            units: self.units.clone(),
         }
     }
 
@@ -871,11 +884,9 @@ impl Tollgate {
     #[cold]
     #[inline(never)]
     pub(crate) fn quota_exceeded(p: Partial, meter: usize) -> Rejection {
-        // Refused: the key is released (the claim's drop).
-        let Partial { charge, claim, .. } = p;
-        drop(claim);
-        let at = charge.at;
-        let (state, mut headers) = charge.refuse();
+        // Refused: the key is released and the place freed (their drops).
+        let at = p.charge.at;
+        let (state, mut headers) = p.refuse();
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
         let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
@@ -949,11 +960,5 @@ impl Tollgate {
             Rejection::new(RejectionKind::ConcurrencyLimited, "too many requests in flight (shadow mode: not refused)");
         r.inner.policy = Some("concurrency".to_owned());
         r.for_tenant(state)
-    }
-
-    pub(crate) fn request_prefetch(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {
-        if self.shared.prefetch().try_send(Prefetch { state: state.clone(), meter }).is_err() {
-            cell.prefetch_done();
-        }
     }
 }

@@ -1,7 +1,9 @@
-//! A request's rate charge: the cells its rate check took, put back when the charge is dropped
-//! (a request refused for anything else, or abandoned while it waited on the store, spends
-//! none), unless the request was admitted and they became its ticket's. Tokio's
-//! `SemaphorePermit` shape: returned on drop, kept by [`RateCharge::keep`].
+//! A request's rate charge: the cells its rate check took (or a fleet rate's lease gave it),
+//! put back when the charge is dropped (a request refused for anything else, or abandoned
+//! while it waited on the store, spends none), unless the request was admitted and they became
+//! its ticket's. Tokio's `SemaphorePermit` shape: returned on drop, kept by
+//! [`RateCharge::keep`]. A charge is made before the rate check, holding no cell: everything a
+//! request takes of its rate from then on is the charge's.
 
 use crate::{plan::RouteCost, response::HeaderState, tenant::Tenant};
 
@@ -14,16 +16,32 @@ pub(crate) struct RateCharge {
     pub(crate) headers: HeaderState,
     /// The request's time: the clock reading of its rate check.
     pub(crate) at: i64,
-    /// The bucket's key among the client addresses (the anonymous tenant).
+    /// The bucket the cells came from: the tenant's (0), a client address's key (the anonymous
+    /// tenant), or the tenant's fleet lease ([`fleet_key`](crate::plan::fleet_key)).
     client: u64,
-    /// The cells to put back; 0 once put back or kept.
+    /// The cells to put back; 0 when none were taken, or once put back or kept.
     cost: u32,
 }
 
 impl RateCharge {
+    /// The charge of a request on `route`, before anything was taken of its rate.
     #[inline]
-    pub(crate) fn new(state: Tenant, route: &RouteCost, headers: HeaderState, at: i64) -> Self {
-        Self { state: Some(state), headers, at, client: route.client, cost: route.cost }
+    pub(crate) fn new(state: Tenant, route: &RouteCost) -> Self {
+        Self {
+            state: Some(state),
+            headers: HeaderState::new(route.meter, route.shape),
+            at: 0,
+            client: route.client,
+            cost: 0,
+        }
+    }
+
+    /// `cost` cells were taken from the bucket `client` at `at`: they are the charge's.
+    #[inline]
+    pub(crate) fn took(&mut self, client: u64, cost: u32, at: i64) {
+        self.client = client;
+        self.cost = cost;
+        self.at = at;
     }
 
     /// The tenant.

@@ -5,16 +5,16 @@
 
 use std::sync::Arc;
 
-use crate::engine::{
-    admit::table::{Lookup, ANONYMOUS},
-    engine::OwnedCredential,
-    Tollgate,
+use crate::engine::admit::{
+    gate::Gate,
+    stage::OwnedCredential,
+    table::{Lookup, ANONYMOUS},
 };
 use crate::{
     config::{StoreErrorPolicy, TenantId, ANONYMOUS_TENANT},
     plan::{CompiledPlan, Runtime, StaticTenant},
     response::{Rejection, RejectionKind},
-    store::{DirectoryEvents, TenantRecord, WebhookCount},
+    store::TenantRecord,
     tenant::{KeyHash, Tenant, TenantState},
 };
 
@@ -30,7 +30,7 @@ fn declared(t: &StaticTenant) -> TenantRecord {
 /// How many tenants one revalidation pass reads before it yields.
 const BATCH: usize = 100;
 
-impl Tollgate {
+impl Gate {
     /// Finds (or creates) the state of a tenant the table does not know yet.
     /// `address`: the client address's key (0: none), whose directory lookups of API keys are
     /// limited (`identify.unknown_key_rate`).
@@ -51,15 +51,15 @@ impl Tollgate {
             OwnedCredential::Tenant(id) => Lookup::Identity(id.as_str()),
             OwnedCredential::Anonymous => Lookup::Identity(ANONYMOUS),
         };
-        let digest = self.shared.table().digest(lookup);
+        let digest = self.table.digest(lookup);
         let unknown_key = (digest.lo, digest.hi);
         // One lookup per credential at a time: the requests that waited for another's lookup
         // find its answer (the tenant in the table, or the key remembered as unknown). A key
         // remembered as unknown needs no turn.
         let now_nanos = self.shared.clock().unix_nanos();
-        let known_unknown = self.shared.unknown().get(&unknown_key).is_some_and(|until| now_nanos < until);
-        let _turn = if known_unknown { None } else { Some(self.shared.table().lookup_turn(unknown_key).await) };
-        if let Some(state) = self.shared.table().get(lookup) {
+        let known_unknown = self.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
+        let _turn = if known_unknown { None } else { Some(self.table.lookup_turn(unknown_key).await) };
+        if let Some(state) = self.table.get(lookup) {
             return Ok(state);
         }
         let mut hash = None;
@@ -67,8 +67,7 @@ impl Tollgate {
         // Remembered as unknown until `negative_ttl` after the lookup that found it so: a hit
         // never renews the entry, so a key issued meanwhile is accepted within that time.
         let now_nanos = self.shared.clock().unix_nanos();
-        let remembered =
-            known_unknown || self.shared.unknown().get(&unknown_key).is_some_and(|until| now_nanos < until);
+        let remembered = known_unknown || self.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
         let record = if remembered {
             self.shared.totals().negative_hits.add(1);
             Ok(None)
@@ -90,7 +89,7 @@ impl Tollgate {
                             // without an address) share the node's budget, where they wait
                             // their turn and are never refused: one bucket for them all would
                             // let anyone lock every tenant the node does not hold out.
-                            let lookups = self.shared.key_lookups();
+                            let lookups = &self.key_lookups;
                             let rate = rt.config.clients.unknown_key_rate;
                             let clock = self.shared.clock();
                             // A key found valid before is looked up at once.
@@ -170,7 +169,7 @@ impl Tollgate {
         let Some(record) = record else {
             if !remembered && !matches!(credential, OwnedCredential::Anonymous) {
                 let ttl = i64::try_from(rt.config.limits.negative_ttl.as_nanos()).unwrap_or(i64::MAX);
-                self.shared.unknown().insert(unknown_key, now_nanos.saturating_add(ttl));
+                self.unknown.insert(unknown_key, now_nanos.saturating_add(ttl));
             }
             return match &rt.anonymous {
                 Some(plan) => Ok(self.anonymous(&rt, plan)),
@@ -201,7 +200,7 @@ impl Tollgate {
                     .with_retry_after(60));
             }
         };
-        let state = self.shared.table().attach(lookup, hash, &record.id, validated, || {
+        let state = self.table.attach(lookup, hash, &record.id, validated, || {
             if let Some(why) = &unfit {
                 self.overrides_not_served(&record, why);
             }
@@ -214,8 +213,7 @@ impl Tollgate {
     fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
         let id = TenantId::from(ANONYMOUS_TENANT);
         let state = self
-            .shared
-            .table()
+            .table
             .attach(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, || self.new_state(id.clone(), plan, None));
         self.after_insert(rt);
         state
@@ -223,7 +221,7 @@ impl Tollgate {
 
     /// The tenant's customer in the billing system its usage is exported to.
     fn customer_of(&self, record: &TenantRecord) -> Option<String> {
-        record.customer_in(self.shared.customer_field()).map(str::to_owned)
+        record.customer_in(self.customer_field).map(str::to_owned)
     }
 
     pub(crate) fn new_state(&self, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
@@ -235,19 +233,19 @@ impl Tollgate {
     /// is drained and their leases returned by the next flush). The worker is woken too.
     fn after_insert(&self, rt: &Runtime) {
         let max = rt.config.limits.max_tenants;
-        let tracked = self.shared.table().len();
+        let tracked = self.table.len();
         if tracked > max {
-            let mut seen = self.shared.table().last_seen();
+            let mut seen = self.table.last_seen();
             seen.sort_unstable_by_key(|(t, _)| *t);
             let keep = max - (max / 16).min(max.saturating_sub(1));
             let extra = seen.len().saturating_sub(keep);
-            let evicted = self.shared.table().evict(seen.drain(..extra).map(|(_, id)| id));
+            let evicted = self.table.evict(seen.drain(..extra).map(|(_, id)| id));
             if !evicted.is_empty() {
                 self.shared.totals().evictions.add(evicted.len() as u64);
             }
             self.shared.sweep_now().notify_one();
         }
-        self.shared.metrics().tenants.set(self.shared.table().len() as f64);
+        self.shared.metrics().tenants.set(self.table.len() as f64);
     }
 
     /// Confirms with the store the tenants this node holds, off the request path (the worker
@@ -258,16 +256,16 @@ impl Tollgate {
     /// one's usage is kept and billed, its leases go back). Tenants not seen within the TTL
     /// are dropped from the table instead, to be looked up on their next request. Tenants
     /// declared in the configuration are not read. Returns how many tenants were read.
-    pub async fn revalidate(&self) -> usize {
+    pub(crate) async fn revalidate(&self) -> usize {
         let rt = self.shared.runtime().load_full();
         let ttl = rt.config.limits.directory_ttl.as_secs() as i64;
         let now = self.shared.clock().unix_secs();
         // Read again a quarter of a TTL early: the worker passes every quarter TTL, so a
         // change reaches this node within the TTL.
-        let stale = self.shared.table().stale(now - ttl + ttl / 4);
+        let stale = self.table.stale(now - ttl + ttl / 4);
         let (active, idle): (Vec<_>, Vec<_>) = stale.into_iter().partition(|(_, seen, _)| *seen >= now - ttl);
-        let dropped = self.shared.table().evict(idle.into_iter().map(|(id, _, _)| id));
-        self.return_leases(dropped).await;
+        let dropped = self.table.evict(idle.into_iter().map(|(id, _, _)| id));
+        self.units.leases().return_leases(dropped).await;
         let mut read = 0;
         for batch in active.chunks(BATCH) {
             for (id, _, creds) in batch {
@@ -281,7 +279,7 @@ impl Tollgate {
                     };
                     match answer {
                         Ok(Some(r)) if r.id == *id => record = Some(r),
-                        Ok(_) => self.shared.table().forget(*digest),
+                        Ok(_) => self.table.forget(*digest),
                         Err(e) => {
                             // Kept as it is; asked again at the next pass, which stops here:
                             // a store that fails is not asked once per tenant.
@@ -296,8 +294,8 @@ impl Tollgate {
                 }
                 match record {
                     None => {
-                        let gone = self.shared.table().evict([id.clone()]);
-                        self.return_leases(gone).await;
+                        let gone = self.table.evict([id.clone()]);
+                        self.units.leases().return_leases(gone).await;
                     }
                     Some(r) => self.refresh(&rt, r, now).await,
                 }
@@ -310,7 +308,7 @@ impl Tollgate {
     /// Applies a directory record to the tenant held: a new state if its plan or customer
     /// changed, else just confirmed.
     async fn refresh(&self, rt: &Runtime, record: TenantRecord, now: i64) {
-        let Some(current) = self.shared.table().state(&record.id) else {
+        let Some(current) = self.table.state(&record.id) else {
             return;
         };
         let overrides = record.overrides.as_deref().filter(|o| !o.trim().is_empty());
@@ -318,7 +316,7 @@ impl Tollgate {
             Ok(plan) => plan,
             Err(why) => {
                 tracing::error!(tenant = %record.id, plan = %record.plan, "the tenant's new plan cannot be served ({why}); kept on its plan");
-                self.shared.table().confirmed(&record.id, now);
+                self.table.confirmed(&record.id, now);
                 return;
             }
         };
@@ -326,22 +324,20 @@ impl Tollgate {
         // that fits it (then already served so: nothing changed).
         let served = plan.overrides.as_deref();
         let changed = current.plan.id != record.plan
-            || current.customer.as_deref() != record.customer_in(self.shared.customer_field())
+            || current.customer.as_deref() != record.customer_in(self.customer_field)
             || current.plan.overrides.as_deref() != served;
         if !changed {
-            self.shared.table().confirmed(&record.id, now);
+            self.table.confirmed(&record.id, now);
             return;
         }
         if let Some(why) = &unfit {
             self.overrides_not_served(&record, why);
         }
-        let old = self
-            .shared
-            .table()
-            .replace(&record.id, now, || self.new_state(record.id.clone(), &plan, self.customer_of(&record)));
+        let old =
+            self.table.replace(&record.id, now, || self.new_state(record.id.clone(), &plan, self.customer_of(&record)));
         if let Some(old) = old {
             tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
-            self.return_leases(vec![old]).await;
+            self.units.leases().return_leases(vec![old]).await;
         }
     }
 
@@ -356,16 +352,16 @@ impl Tollgate {
     /// Forgets what this node holds of `tenant`: its next request reads the directory again
     /// (after a plan change made on this node, for example). Usage recorded so far is kept
     /// and billed; its leases go back at the next flush.
-    pub fn invalidate_tenant(&self, tenant: &TenantId) {
-        self.shared.table().evict([tenant.clone()]);
+    pub(crate) fn invalidate_tenant(&self, tenant: &TenantId) {
+        self.table.evict([tenant.clone()]);
     }
 
     /// Forgets an API key on this node (and that it was unknown): its next request reads the
     /// directory again.
-    pub fn invalidate_key(&self, key: &[u8]) {
-        let digest = self.shared.table().digest(Lookup::ApiKey(key));
-        self.shared.table().forget(digest);
-        self.shared.unknown().invalidate(&(digest.lo, digest.hi));
+    pub(crate) fn invalidate_key(&self, key: &[u8]) {
+        let digest = self.table.digest(Lookup::ApiKey(key));
+        self.table.forget(digest);
+        self.unknown.invalidate(&(digest.lo, digest.hi));
     }
 }
 
@@ -401,73 +397,5 @@ fn served_plan(rt: &Runtime, record: &TenantRecord) -> Result<(Arc<CompiledPlan>
             }
             _ => Err(why),
         },
-    }
-}
-
-/// The engine is told of directory changes made outside its lookups (webhooks, [`Admin`]): it
-/// forgets the tenant, so the change applies at once on this node.
-///
-/// [`Admin`]: crate::admin::Admin
-impl DirectoryEvents for Tollgate {
-    fn tenant_changed(&self, tenant: &TenantId) {
-        self.invalidate_tenant(tenant);
-    }
-
-    fn webhook_handled(&self, outcome: WebhookCount) {
-        let totals = self.shared.totals();
-        let tally = match outcome {
-            WebhookCount::Applied => &totals.webhooks_applied,
-            WebhookCount::Rejected => &totals.webhooks_rejected,
-            WebhookCount::MeterError => &totals.meter_errors,
-            WebhookCount::NotCredited => &totals.webhooks_not_credited,
-            _ => &totals.webhooks_ignored,
-        };
-        tally.add(1);
-    }
-
-    fn meter_error(&self, from: i64, to: i64) {
-        // In the background: the webhook is answered at once. One at a time: the windows of
-        // reports that come meanwhile are queued (bounded: merged past the bound) and
-        // reconciled after it. A report only: the events Stripe refused are lacking, and
-        // sending them again before their cause is fixed would be refused again.
-        if !self.shared.exporter().after_meter_error(from, to) {
-            tracing::debug!(from, to, "a reconciliation after a meter error report is under way: queued");
-            return;
-        }
-        let engine = self.clone();
-        tokio::spawn(async move {
-            // A pass that panics must not leave the queue held for good.
-            struct Running(Tollgate);
-            impl Drop for Running {
-                fn drop(&mut self) {
-                    if std::thread::panicking() {
-                        self.0.shared.exporter().meter_errors_abandoned();
-                    }
-                }
-            }
-            let guard = Running(engine);
-            let engine = &guard.0;
-            loop {
-                let Some((from, to)) = engine.shared.exporter().next_meter_error() else { return };
-                // Once the window has settled (export.reconcile_after), or its hours are skipped.
-                let after = engine.shared.runtime().load().config.export.reconcile_after.as_secs() as i64;
-                let wait = (to + after + 60 - engine.shared.clock().unix_secs()).clamp(0, 2 * 3600);
-                tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())).await;
-                let request = crate::engine::ReconcileRequest::new(from - 26 * 3600, to + 3600);
-                match engine.reconcile(&request).await {
-                    Ok(r) => tracing::warn!(
-                        from,
-                        to,
-                        lacking_units = r.lacking_units,
-                        surplus_units = r.surplus_units,
-                        hours = r.drift.len() + r.more_drift,
-                        "reconciled the hours around Stripe's meter error report"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not reconcile the hours of Stripe's meter error report")
-                    }
-                }
-            }
-        });
     }
 }

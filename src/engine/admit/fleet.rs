@@ -4,7 +4,11 @@
 
 use std::{borrow::Cow, sync::Arc};
 
-use crate::engine::{engine::Stage, Admission, Tollgate};
+use crate::engine::admit::{
+    charge::RateCharge,
+    gate::Gate,
+    stage::{Admission, RateWait, Stage},
+};
 use crate::{
     config::{HeaderStyle, StoreErrorPolicy},
     plan::{fleet_key, RouteCost, Runtime},
@@ -16,13 +20,6 @@ use crate::{
 /// How long a node serves a fail-open fleet rate from its own bucket once the rate role's
 /// store failed, before it asks the store again.
 const FALLBACK_NANOS: i64 = 1_000_000_000;
-
-/// A request of a fleet rate waiting for its tenant's lease of cells, with what it carries to
-/// be decided again once the lease came.
-pub(crate) struct RateWait {
-    pub(crate) state: Tenant,
-    pub(crate) key: Option<(Box<[u8]>, u128)>,
-}
 
 /// What a lease call came to.
 enum Lease {
@@ -40,7 +37,7 @@ fn ceil_secs_nanos(nanos: i128) -> u64 {
     u64::try_from((nanos.max(0) + 999_999_999) / 1_000_000_000).unwrap_or(u64::MAX)
 }
 
-impl Tollgate {
+impl Gate {
     /// Takes the request's cells from its tenant's fleet lease (the route then carries their
     /// lease, [`fleet_key`]: its rate check reports them and its charge gives them back);
     /// `Some` when it must wait for a lease first, or is refused at once because the shared
@@ -51,31 +48,33 @@ impl Tollgate {
     #[inline(never)]
     pub(crate) fn take_fleet_cells(
         &self,
-        state: &Tenant,
+        mut charge: RateCharge,
         route: &mut RouteCost,
         key: Option<(&[u8], u128)>,
-    ) -> Option<Admission> {
-        let (fleet, rate) = (state.fleet()?, state.plan.fleet.as_ref()?);
+    ) -> Result<RateCharge, Admission> {
+        let state = charge.state();
+        let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) else { return Ok(charge) };
         let now = self.shared.clock().unix_nanos();
         if fleet.in_fallback(now) {
-            return None;
+            return Ok(charge);
         }
         if let Some(generation) = fleet.take(route.cost, now) {
             route.client = fleet_key(generation);
-            return None;
+            charge.took(route.client, route.cost, 0);
+            return Ok(charge);
         }
         if let Some(tat) = fleet.refused_by_reading(route.cost, now, rate.bucket) {
             let r = Self::fleet_refusal(state, *route, tat, now);
             if !self.shadowed(state, &r) {
-                return Some(self.reject(r));
+                return Err(self.reject(r));
             }
             // Shadow mode: counted, admitted without cells.
             route.client = fleet_key(0);
-            return None;
+            return Ok(charge);
         }
         let key = key.map(|(k, request)| (Box::from(k), request));
-        let wait = RateWait { state: state.clone(), key };
-        Some(Admission::pending(Stage::Rate(Box::new(wait)), *route))
+        let wait = RateWait { charge, key };
+        Err(Admission::pending(Stage::Rate(Box::new(wait)), *route))
     }
 
     /// The rate check of a request whose cells came from its tenant's fleet lease: its time,
@@ -105,10 +104,11 @@ impl Tollgate {
     /// back; the store failing, the fleet rate's `on_store_error` decides (fail-open: the
     /// plan's own bucket, rate / N, serves for a second; fail-closed: 503).
     pub(crate) async fn lease_cells(&self, w: RateWait, mut route: RouteCost, rt: &Arc<Runtime>) -> Admission {
-        let RateWait { state, key } = w;
+        let RateWait { mut charge, key } = w;
         let key = key.as_ref().map(|(k, r)| (&k[..], *r));
+        let state = charge.state().clone();
         let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) else {
-            return self.decide(state.clone(), route, key);
+            return self.decide_charged(charge, route, key);
         };
         let bucket = rate.bucket;
         let cost = route.cost;
@@ -151,7 +151,10 @@ impl Tollgate {
             .await
             .map(|lease| lease.unwrap_or(Lease::Busy));
         match leased {
-            Ok(Lease::Taken(generation)) => route.client = fleet_key(generation),
+            Ok(Lease::Taken(generation)) => {
+                route.client = fleet_key(generation);
+                charge.took(route.client, cost, 0);
+            }
             Ok(Lease::Fallback) => {}
             // The lock did not come in time: the call that held it failed (the fallback serves,
             // as it does for that call) or the tenant is busy.
@@ -199,7 +202,7 @@ impl Tollgate {
                 fleet.fall_back(self.shared.clock().unix_nanos().saturating_add(FALLBACK_NANOS));
             }
         }
-        self.decide(state, route, key)
+        self.decide_charged(charge, route, key)
     }
 
     /// The 429 of a request whose cells the shared bucket refused: `Retry-After` when the

@@ -1,16 +1,21 @@
 //! Admission: a request described by its front door, its tenant found, its rate, idempotency
 //! key and quota decided, without waiting where it can and on the store where it must; the
-//! ticket that completes it.
+//! ticket that completes it. The part is [`Gate`](gate::Gate) (`gate.rs`); its verbs are spread
+//! by flow over the files below, and the state machine a pending request goes through is in
+//! `stage.rs`.
 
 pub(crate) mod admission;
 pub(crate) mod capture;
 pub(crate) mod charge;
 pub(crate) mod clients;
 pub(crate) mod directory;
-pub(crate) mod door;
+pub(crate) mod entry;
 pub(crate) mod fleet;
+pub(crate) mod gate;
 pub(crate) mod idempotency;
+pub(crate) mod place_node;
 pub(crate) mod places;
+pub(crate) mod stage;
 pub(crate) mod table;
 pub(crate) mod ticket;
 pub(crate) mod wait;

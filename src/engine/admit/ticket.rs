@@ -2,21 +2,24 @@
 
 use std::{
     fmt,
-    sync::{
-        atomic::{AtomicBool, AtomicU8, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc},
 };
 
-use crate::engine::admit::capture::ResponseCapture;
+use crate::engine::{
+    admit::capture::ResponseCapture,
+    usage::{
+        context::TenantContext,
+        hold::RouteHeld,
+        spend::SpendTab,
+        taken::{Source, Taken},
+        units::Units,
+    },
+};
 use crate::{
     config::{HeaderStyle, PlanId, TenantId},
-    config::{HoldSettle, RouteHold},
-    engine::Hold,
     response::{emit, Field, HeaderState, Rejection, RejectionKind, Value},
     store::StoredResponse,
     tenant::Tenant,
-    usage::{RecordError, TenantContext},
 };
 
 /// What a ticket holds of its `Idempotency-Key` (always in a box: keyed requests are rare).
@@ -28,9 +31,6 @@ pub(crate) enum Held {
     /// read to compare its body.
     Replay { response: Box<StoredResponse>, max_request_body: u64 },
 }
-
-/// The units were owed outside any lease (admitted fail-open before the cell held one).
-pub(crate) const UNLEASED: u32 = u32::MAX - 1;
 
 /// An admitted request. Complete it with the response status: a billable status records the
 /// usage, any other gives the reserved units back.
@@ -46,8 +46,9 @@ pub struct Ticket {
     pub(crate) state: Tenant,
     /// The meter, and what the rate-limit headers report.
     pub(crate) headers: HeaderState,
-    /// The tag of the quota period the units were taken from (`NO_TAG`: none were).
-    pub(crate) quota_tag: u32,
+    /// Where the quota units of its route's cost came from (`None`: none were taken): billed,
+    /// they are spent; else they go back, as a [`Taken`] of its tenant's.
+    pub(crate) source: Option<Source>,
     pub(crate) at: i64,
     pub(crate) claim: Option<Box<Held>>,
     pub(crate) cost: u32,
@@ -65,127 +66,10 @@ pub struct Ticket {
     /// The hold of its route (`[[routes]] hold`), shared with its contexts.
     pub(crate) hold: Option<Arc<RouteHeld>>,
     /// Its spend, on a plan with a spend cap (shared with its contexts).
-    pub(crate) spend: Option<Arc<crate::engine::usage::spend::SpendTab>>,
-}
-
-/// The hold a route takes for a request before its handler runs (`[[routes]] hold`): shared
-/// by the ticket and the request's [`TenantContext`]s (whose records of the held meter go
-/// through it). It settles when the last of them goes: the ticket has ended (billed or not)
-/// and the work that could record through it (the handler, a body it streams) is done. A
-/// response billed at its head (the first request with an `Idempotency-Key`) keeps its hold
-/// while its body streams.
-pub(crate) struct RouteHeld {
-    spec: Arc<RouteHold>,
-    meter: usize,
-    /// The units the route held for the request (its estimate): what `settle = "estimate"`
-    /// bills, whether or not the hold holds them (a plan without a hard quota on the meter, a
-    /// hold failed open, one the node settled).
-    estimate: u64,
-    hold: Mutex<Option<Hold>>,
-    /// What the response said the work used (`actual_header`).
-    actual: Mutex<Actual>,
-    /// How the ticket ended: [`NOT_ENDED`], [`BILLED`] or [`NOT_BILLED`].
-    ended: AtomicU8,
-    /// Whether the handler answered (the door read the response's head): a route whose
-    /// `actual_header` was never said bills its estimate only then (the work was delivered,
-    /// its size unknown); cut off before, it bills what was recorded.
-    responded: AtomicBool,
-}
-
-const NOT_ENDED: u8 = 0;
-const BILLED: u8 = 1;
-const NOT_BILLED: u8 = 2;
-
-/// What a response said of its work's units.
-#[derive(Clone, Copy)]
-enum Actual {
-    /// Nothing (yet).
-    Unsaid,
-    /// This many.
-    Said(u64),
-    /// Something that does not parse.
-    Unreadable,
-}
-
-impl RouteHeld {
-    pub(crate) fn new(spec: Arc<RouteHold>, meter: usize, estimate: u64, hold: Hold) -> Self {
-        Self {
-            spec,
-            meter,
-            estimate,
-            hold: Mutex::new(Some(hold)),
-            actual: Mutex::new(Actual::Unsaid),
-            ended: AtomicU8::new(NOT_ENDED),
-            responded: AtomicBool::new(false),
-        }
-    }
-
-    /// Records `units` of `meter` through the hold, if it holds that meter and is open.
-    pub(crate) fn record(&self, meter: usize, units: u64) -> Option<Result<(), RecordError>> {
-        if meter != self.meter {
-            return None;
-        }
-        let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
-        hold.as_mut().map(|h| h.record(units))
-    }
-
-    /// The response header (or trailer) that says the work's units, if the route names one.
-    pub(crate) fn actual_header(&self) -> Option<&http::HeaderName> {
-        self.spec.actual_header.as_ref()
-    }
-
-    /// Sets what the response's `actual_header` says (see [`Ticket::set_actual`]).
-    pub(crate) fn set_actual(&self, value: &[u8]) {
-        let parsed = std::str::from_utf8(value).ok().map(str::trim).and_then(|v| v.parse::<u64>().ok());
-        if parsed.is_none() {
-            tracing::warn!(meter = %self.spec.meter, header = ?self.spec.actual_header,
-                "the response's actual usage does not parse: the hold's estimate is billed in full");
-        }
-        *self.actual.lock().unwrap_or_else(|e| e.into_inner()) = parsed.map_or(Actual::Unreadable, Actual::Said);
-    }
-
-    /// The ticket ended, `billed` or not: the hold settles so once the work is done.
-    fn end(&self, billed: bool) {
-        self.ended.store(if billed { BILLED } else { NOT_BILLED }, Ordering::Release);
-    }
-
-    /// Settles the hold. Billed: with what the route's `settle` bills beyond what was
-    /// recorded: the estimate, or the actual the response said; a route that names
-    /// `actual_header` whose response said none (once the handler answered), or nothing
-    /// readable, bills the estimate in full: the work was done and its size is not known.
-    /// Billed whether or not the hold holds the units (a tenant without a hard quota on the
-    /// meter, a hold that failed open or that the node settled: then as debt). Not billed:
-    /// what was not recorded goes back whole.
-    fn settle(&self) {
-        let Some(mut hold) = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-        if self.ended.load(Ordering::Acquire) != NOT_BILLED {
-            let actual = *self.actual.lock().unwrap_or_else(|e| e.into_inner());
-            let estimate = self.estimate.saturating_sub(hold.recorded());
-            let more = match (self.spec.settle, actual) {
-                (HoldSettle::Estimate, _) | (_, Actual::Unreadable) => estimate,
-                (_, Actual::Said(actual)) => actual.saturating_sub(hold.recorded()),
-                (_, Actual::Unsaid) if self.spec.actual_header.is_some() && self.responded.load(Ordering::Acquire) => {
-                    estimate
-                }
-                (_, Actual::Unsaid) => 0,
-            };
-            if more > estimate {
-                tracing::warn!(meter = %self.spec.meter, estimate = self.estimate, reported = more,
-                    "a held route reported more than it held: charged past the hold, as debt (cap the work at the hold)");
-            }
-            if more > 0 {
-                // The work was done: billed, beyond the hold as debt if need be.
-                hold.record_done(more);
-            }
-        }
-        hold.settle();
-    }
-}
-
-impl Drop for RouteHeld {
-    fn drop(&mut self) {
-        self.settle();
-    }
+    pub(crate) spend: Option<Arc<SpendTab>>,
+    /// The usage part, handed to its contexts (their holds), and through which its units go
+    /// back.
+    pub(crate) units: Arc<Units>,
 }
 
 /// A request counted against its tenant's `concurrency` (a plan's limit of requests in flight
@@ -295,7 +179,7 @@ impl Ticket {
     /// The handle to put in the request extensions.
     #[must_use]
     pub fn context(&self) -> TenantContext {
-        TenantContext::new(self.state.clone(), self.charged).holding(self.hold.clone()).spending(self.spend.clone())
+        TenantContext::new(self.state.clone(), self.charged, self.hold.clone(), self.spend.clone(), self.units.clone())
     }
 
     /// Whether the request's route holds units (`[[routes]] hold`) until its response ends: a
@@ -409,6 +293,7 @@ impl Ticket {
         if let Some(held) = self.hold.take() {
             held.end(true);
         }
+        self.source = None;
         self.state.record(self.headers.meter(), self.at, u64::from(self.cost));
         self.state.plan.metrics.usage_units.increment(u64::from(self.cost));
         if let Some(tab) = &self.spend {
@@ -436,15 +321,12 @@ impl Ticket {
             // Not billed: what the work recorded stays, the rest of the hold goes back.
             held.end(false);
         }
-        if let Some(cell) = self.state.quota(self.headers.meter()) {
-            if let Ok(tag) = u16::try_from(self.quota_tag) {
-                cell.refund(u64::from(self.cost), tag);
-            } else if self.quota_tag == UNLEASED {
-                cell.refund_unleased(u64::from(self.cost), self.at);
-            }
+        if let Some(source) = self.source.take() {
+            let taken = Taken::new(&self.state, self.headers.meter(), u64::from(self.cost), source, self.at);
+            self.units.give_back(taken);
         }
         if let Some(tab) = &self.spend {
-            tab.refund(&self.state);
+            tab.refund(&self.state, self.units.leases());
         }
         // Not billed: the key is released (the claim's drop), so a retry is charged.
         if self.claim.is_some() {

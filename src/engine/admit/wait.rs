@@ -5,7 +5,14 @@
 use std::sync::Arc;
 
 use crate::engine::{
-    admit::admission::NO_TAG, admit::ticket::UNLEASED, engine::Partial, usage::spend::RouteSpend, Ticket, Tollgate,
+    admit::{
+        gate::Gate,
+        stage::{Admission, Partial},
+    },
+    usage::{
+        spend::RouteSpend,
+        taken::{Source, Taken},
+    },
 };
 use crate::{
     config::StoreErrorPolicy,
@@ -14,41 +21,33 @@ use crate::{
     tenant::Take,
 };
 
-impl Tollgate {
+impl Gate {
     /// Takes the units with the quota cell's lock held: from the lease if a refill came in
     /// meanwhile, else straight from a new reservation, so that no other request can take
     /// them first. Bounded by `store_timeout`, then `on_store_error` applies. A hard quota
     /// refuses only when the store has fewer units left than the request costs. Refused (or
     /// dropped while it waits), its rate cells go back (its charge's drop).
-    pub(crate) async fn lease_and_take(
-        &self,
-        mut p: Partial,
-        route: RouteCost,
-        rt: &Arc<Runtime>,
-    ) -> Result<Ticket, Rejection> {
+    pub(crate) async fn lease_and_take(&self, mut p: Partial, route: RouteCost, rt: &Arc<Runtime>) -> Admission {
         let state = p.charge.state().clone();
         if route.reports != 0 {
-            p = self.check_reports_with_store(p, route, rt).await?;
+            p = match self.check_reports_with_store(p, route, rt).await {
+                Ok(p) => p,
+                Err(r) => return Admission::Rejected(r),
+            };
         }
-        // On a plan with a spend cap, the route's cost in money first; given back if the
-        // request is refused after (its route's own quota, the store).
+        // On a plan with a spend cap, the route's cost in money first; it goes back (as it
+        // drops) if the request is refused after (its route's own quota, the store).
         let spend = match state.plan.spend {
-            Some(s) if p.charged => {
-                let (spend, back) = self.route_spend_with_store(p, route, s, rt).await?;
-                p = back;
-                Some(spend)
-            }
+            Some(s) if p.charged => match self.route_spend_with_store(p, route, s, rt).await {
+                Ok((spend, back)) => {
+                    p = back;
+                    Some(spend)
+                }
+                Err(r) => return Admission::Rejected(r),
+            },
             _ => None,
         };
-        match self.lease_and_take_units(p, route, rt, spend).await {
-            Ok(ticket) => Ok(ticket),
-            Err(r) => {
-                if let Some(spend) = spend {
-                    spend.give_back(&state);
-                }
-                Err(r)
-            }
-        }
+        self.lease_and_take_units(p, route, rt, spend).await
     }
 
     /// The spend of the route's cost ([`route_spend`](Self::route_spend)), asking the store
@@ -76,37 +75,34 @@ impl Tollgate {
             .shared
             .stores()
             .under_lock(cell.lock(), async {
-                self.shared.leases().settle_inflight(cell).await?;
+                self.units.leases().settle_inflight(cell).await?;
                 if need == 0 {
                     // Only checked: a unit of the cap must be left (a soft cap's overdrawn
                     // lease goes to the store: its debt paid, the tenant's own cap read).
                     if (cell.lease() < 0 && !cell.hard()) || matches!(cell.check_units(1, at), Err(Take::NeedLease)) {
-                        self.shared.leases().refill_locked(rt, cell, at, 0, 0).await?;
+                        self.units.leases().refill_locked(rt, cell, at, 0, 0).await?;
                     }
-                    return Ok(cell.check_units(1, at).map(|()| NO_TAG).map_err(drop));
+                    return Ok(cell.check_units(1, at).map(|()| None).map_err(drop));
                 }
-                Ok(match self.shared.leases().take_locked(rt, cell, at, need, 0).await? {
-                    Some(t) => Ok(u32::from(t.tag)),
+                Ok(match self.units.leases().take_locked(rt, cell, at, need, 0).await? {
+                    Some(t) => Ok(Some(t.tag)),
                     None => Err(()),
                 })
             })
             .await;
-        let taken = |tag| RouteSpend { exact, taken: if tag == NO_TAG { 0 } else { need }, tag, at };
+        let spent = |taken| RouteSpend { exact, taken, at };
         match outcome {
-            Ok(Ok(tag)) => Ok((taken(tag), p)),
+            Ok(Ok(Some(tag))) => Ok((spent(Taken::lease(&state, spend, need, tag, at)), p)),
+            Ok(Ok(None)) => Ok((spent(Taken::none()), p)),
             Ok(Err(())) if state.plan.shadow => {
                 self.would_refuse(&Self::shadow_spend(&state, at));
-                let tag = if need == 0 { NO_TAG } else { cell.force_take(need, at).map_or(UNLEASED, u32::from) };
-                Ok((taken(tag), p))
+                Ok((spent(Taken::force(&state, spend, need, at)), p))
             }
             Ok(Err(())) => Err(self.count(Self::spend_cap_reached(p))),
             Err(_) => match state.plan.quota_policy(spend) {
                 // Admitted without a lease: its spend is owed, and charged (past the cap if
                 // need be) once the store answers again.
-                StoreErrorPolicy::FailOpen => {
-                    let tag = if need == 0 { NO_TAG } else { cell.force_take(need, at).map_or(UNLEASED, u32::from) };
-                    Ok((taken(tag), p))
-                }
+                StoreErrorPolicy::FailOpen => Ok((spent(Taken::force(&state, spend, need, at)), p)),
                 StoreErrorPolicy::FailClosed => {
                     drop(p);
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
@@ -124,33 +120,34 @@ impl Tollgate {
         route: RouteCost,
         rt: &Arc<Runtime>,
         spend: Option<RouteSpend>,
-    ) -> Result<Ticket, Rejection> {
+    ) -> Admission {
         let (meter, cost) = (route.meter, route.cost);
         let state = p.charge.state().clone();
         let Some(cell) = state.quota(meter) else {
-            return Ok(Self::ticket(p, cost, NO_TAG, spend));
+            return self.admitted(p, &route, None, spend);
         };
         let at = p.charge.at;
         let charged = p.charged;
         // At most `store_timeout` in all; only the store calls' own time counts toward
         // failing fast, never the wait for other requests' calls on the cell's lock.
+        let leases = self.units.leases();
         let outcome = self
             .shared
             .stores()
             .under_lock(cell.lock(), async {
                 // A call left in flight by a timeout may have landed: its units come first.
-                self.shared.leases().settle_inflight(cell).await?;
+                leases.settle_inflight(cell).await?;
                 if !charged {
                     // A replay: the units must be there, but are not taken.
                     if cell.check_units(u64::from(cost), at).is_err() {
-                        self.shared.leases().refill_locked(rt, cell, at, 0, 0).await?;
+                        leases.refill_locked(rt, cell, at, 0, 0).await?;
                     }
                     return Ok(match cell.check_units(u64::from(cost), at) {
                         Ok(()) => Ok((None, cell.lease(), None)),
                         Err(_) => Err(()),
                     });
                 }
-                Ok(match self.shared.leases().take_locked(rt, cell, at, u64::from(cost), 0).await? {
+                Ok(match leases.take_locked(rt, cell, at, u64::from(cost), 0).await? {
                     Some(t) => Ok((Some(t.tag), t.left, t.start)),
                     None => Err(()),
                 })
@@ -163,45 +160,38 @@ impl Tollgate {
                     // in: its units come from the new period, and so does its usage.
                     p.charge.at = p.charge.at.max(start);
                 }
-                let tag = match tag {
-                    Some(tag) => {
-                        let at = p.charge.at;
-                        let (state, headers) = p.charge.split();
-                        self.taken(state, headers, meter, cell, cost, left, at);
-                        u32::from(tag)
-                    }
-                    None => NO_TAG,
-                };
+                let source = tag.map(|tag| {
+                    let at = p.charge.at;
+                    let (state, headers) = p.charge.split();
+                    self.taken(state, headers, meter, cell, cost, left, at);
+                    Source::Lease(tag)
+                });
                 self.shared.metrics().admitted.increment(1);
-                Ok(Self::ticket(p, cost, tag, spend))
+                self.admitted(p, &route, source, spend)
             }
             Ok(Err(())) if charged && state.plan.shadow => {
                 // Shadow mode: the units are taken past the limit (owed to the store), and the
                 // refusal only counted.
                 self.would_refuse(&Self::shadow_quota(&state, meter));
-                let tag = cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from);
+                let source = Source::forced(cell.force_take(u64::from(cost), at));
                 p.charge.headers.set_quota(0, (cell.period().1 - p.charge.at).max(0) as u64);
                 self.shared.metrics().admitted.increment(1);
-                Ok(Self::ticket(p, cost, tag, spend))
+                self.admitted(p, &route, Some(source), spend)
             }
             Ok(Err(())) if state.plan.shadow => {
                 self.would_refuse(&Self::shadow_quota(&state, meter));
                 self.shared.metrics().admitted.increment(1);
-                Ok(Self::ticket(p, cost, NO_TAG, spend))
+                self.admitted(p, &route, None, spend)
             }
-            Ok(Err(())) => Err(self.count(Self::quota_exceeded(p, meter))),
+            Ok(Err(())) => Admission::Rejected(self.count(Self::quota_exceeded(p, meter))),
             Err(_) => {
                 match state.plan.quota_policy(meter) {
                     StoreErrorPolicy::FailOpen => {
                         // Admitted without a lease: its units are owed, and charged to the
                         // period (past the limit if need be) once the store answers again.
-                        let tag = if charged {
-                            cell.force_take(u64::from(cost), at).map_or(UNLEASED, u32::from)
-                        } else {
-                            NO_TAG
-                        };
+                        let source = charged.then(|| Source::forced(cell.force_take(u64::from(cost), at)));
                         self.shared.metrics().admitted.increment(1);
-                        Ok(Self::ticket(p, cost, tag, spend))
+                        self.admitted(p, &route, source, spend)
                     }
                     StoreErrorPolicy::FailClosed => {
                         // Refused for the store: the request spends no rate cells (its charge
@@ -209,7 +199,7 @@ impl Tollgate {
                         drop(p);
                         let r =
                             Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
-                        Err(self.count(r.with_retry_after(1).for_tenant(&state)))
+                        Admission::Rejected(self.count(r.with_retry_after(1).for_tenant(&state)))
                     }
                 }
             }
@@ -239,9 +229,9 @@ impl Tollgate {
                 .shared
                 .stores()
                 .under_lock(cell.lock(), async {
-                    self.shared.leases().settle_inflight(cell).await?;
+                    self.units.leases().settle_inflight(cell).await?;
                     if let Err(Take::NeedLease) = cell.check_units(1, at) {
-                        self.shared.leases().refill_locked(rt, cell, at, 0, 0).await?;
+                        self.units.leases().refill_locked(rt, cell, at, 0, 0).await?;
                     }
                     Ok(cell.check_units(1, at))
                 })

@@ -1,19 +1,17 @@
 //! A tenant's own endpoint for its alerts: registered through `Admin`, the CLI, or the route an
-//! application mounts for its tenants ([`Tollgate::tenant_alert_endpoint`]); checked at
+//! application mounts for its tenants ([`Tollgate::tenant_alert_endpoint`](crate::Tollgate::tenant_alert_endpoint)); checked at
 //! registration (a URL, https, every address it resolves to public) and again at every
 //! connection (the SSRF guard).
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::StatusCode;
 
 use super::TenantEndpoint;
-use crate::response::route::{json, no_content, not_get_put_delete, problem, too_large};
+use crate::response::route::problem;
 use crate::{
     base::{TenantId, WebhookSecret},
     config::Config,
-    engine::Tollgate,
     store::{DirectoryStore, StoreError, TenantUpdate, UpdateWhen},
-    usage::TenantContext,
 };
 
 /// The longest body the route reads.
@@ -111,84 +109,8 @@ pub(crate) async fn set_tenant_endpoint(
     Ok(Some(secret))
 }
 
-impl Tollgate {
-    /// The route an application mounts for its tenants' own alert endpoint, behind tollgate's
-    /// layer (the calling tenant is the one it sets; any key of the tenant may): `GET` answers
-    /// `{"url": …}` (404 without one), `PUT` with `{"url": "https://…"}` registers it and
-    /// answers `{"url": …, "secret": "whsec_…"}` (the secret deliveries are signed with, shown
-    /// once; a new one each time), `DELETE` removes it (204). A refusal is a problem+json 4xx
-    /// (403 when the plan does not send alerts to tenants, 422 for a URL that is not https or
-    /// resolves to a private address, 400 for a body that is not that JSON) and stores
-    /// nothing. The door crates mount it (`tollgate_axum::alert_endpoint`,
-    /// `tollgate_actix::alert_endpoint`).
-    pub async fn tenant_alert_endpoint(
-        &self,
-        tenant: &TenantContext,
-        method: &Method,
-        body: &[u8],
-    ) -> http::Response<Bytes> {
-        let config = self.shared.runtime().load().config.clone();
-        let directory = &self.shared.stores().background().directory;
-        let id = tenant.tenant();
-        match *method {
-            Method::GET => match directory.tenant(id).await {
-                Ok(Some(record)) => {
-                    match record.alert_endpoint.and_then(|t| serde_json::from_str::<TenantEndpoint>(&t).ok()) {
-                        Some(e) => json(StatusCode::OK, &serde_json::json!({ "url": e.url })),
-                        None => problem(
-                            StatusCode::NOT_FOUND,
-                            "no-alert-endpoint",
-                            "No alert endpoint",
-                            "no endpoint is registered",
-                        ),
-                    }
-                }
-                Ok(None) => problem(
-                    StatusCode::NOT_FOUND,
-                    "unknown-tenant",
-                    "Unknown tenant",
-                    "the tenant is not in the directory",
-                ),
-                Err(_) => {
-                    problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
-                }
-            },
-            Method::PUT => {
-                if body.len() > MAX_BODY {
-                    return too_large("4 KiB");
-                }
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Put {
-                    url: String,
-                }
-                let Ok(put) = serde_json::from_slice::<Put>(body) else {
-                    return problem(
-                        StatusCode::BAD_REQUEST,
-                        "bad-request",
-                        "Bad request",
-                        "expected {\"url\": \"https://…\"}",
-                    );
-                };
-                match set_tenant_endpoint(directory.as_ref(), &config, id, Some(&put.url)).await {
-                    Ok(secret) => json(
-                        StatusCode::OK,
-                        &serde_json::json!({ "url": put.url, "secret": secret.map(|s| s.expose()) }),
-                    ),
-                    Err(e) => endpoint_problem(&e),
-                }
-            }
-            Method::DELETE => match set_tenant_endpoint(directory.as_ref(), &config, id, None).await {
-                Ok(_) => no_content(),
-                Err(e) => endpoint_problem(&e),
-            },
-            _ => not_get_put_delete(),
-        }
-    }
-}
-
 /// The problem+json of a refused registration.
-fn endpoint_problem(e: &EndpointError) -> http::Response<Bytes> {
+pub(crate) fn endpoint_problem(e: &EndpointError) -> http::Response<Bytes> {
     let (kind, title) = match e {
         EndpointError::UnknownTenant(_) => ("unknown-tenant", "Unknown tenant"),
         EndpointError::NotOnPlan(_) => ("alerts-not-on-plan", "Alerts not on this plan"),

@@ -9,7 +9,7 @@
 
 #[cfg(feature = "alerts")]
 mod deliver;
-mod endpoint;
+pub(crate) mod endpoint;
 mod queue;
 
 #[cfg(feature = "alerts")]
@@ -26,8 +26,10 @@ use queue::TENANT as TENANT_DESTINATION;
 use queue::TENANT;
 pub(crate) use queue::{AlertQueue, Crossing, Threshold};
 
+use std::sync::Arc;
+
 use crate::{
-    engine::Tollgate,
+    engine::shared::Shared,
     store::{AlertClaim, AlertOutcome, OutboxEntry},
 };
 
@@ -48,7 +50,7 @@ const FIRST_BACKOFF_SECS: i64 = 5;
 #[cfg(feature = "alerts")]
 const MAX_BACKOFF_SECS: i64 = 6 * 3_600;
 
-/// What a pass over the outbox did ([`Tollgate::deliver_alerts`]).
+/// What a pass over the outbox did ([`Tollgate::deliver_alerts`](crate::Tollgate::deliver_alerts)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AlertReport {
@@ -96,13 +98,45 @@ impl std::fmt::Debug for TenantEndpoint {
     }
 }
 
-impl Tollgate {
+/// The alerts part: crossings waiting to be written to the outbox, and the HTTP clients they
+/// are delivered through.
+pub(crate) struct Alerts {
+    shared: Arc<Shared>,
+    /// Crossings waiting to be written to the alerts outbox.
+    queue: Arc<AlertQueue>,
+    /// The HTTP clients alerts are delivered through, made at the first delivery.
+    #[cfg(feature = "alerts")]
+    deliverer: std::sync::OnceLock<Result<Deliverer, String>>,
+}
+
+impl std::fmt::Debug for Alerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alerts").finish_non_exhaustive()
+    }
+}
+
+impl Alerts {
+    pub(crate) fn new(shared: Arc<Shared>, queue: Arc<AlertQueue>) -> Self {
+        Self {
+            shared,
+            queue,
+            #[cfg(feature = "alerts")]
+            deliverer: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The HTTP clients alerts are delivered through (each call within `timeout`).
+    #[cfg(feature = "alerts")]
+    fn deliverer(&self, timeout: Duration) -> Result<&Deliverer, String> {
+        self.deliverer.get_or_init(|| Deliverer::new(timeout)).as_ref().map_err(Clone::clone)
+    }
+
     /// Writes the crossings this node saw to the alerts outbox, put-if-absent (a flush does;
     /// shutdown too): rows already there (another node's) are left as they are. A crossing
     /// whose write failed is seen again at a later refill and written then; one whose write
     /// was cut short (shutdown's deadline) stays queued.
-    pub(crate) async fn write_alerts(&self) -> usize {
-        let queue = self.shared.alerts();
+    pub(crate) async fn write(&self) -> usize {
+        let queue = &self.queue;
         if queue.next().is_none() {
             return 0;
         }
@@ -169,27 +203,16 @@ impl Tollgate {
     }
 
     /// Whether any alert can have a destination under the configuration in force.
-    pub(crate) fn alerts_configured(&self) -> bool {
+    pub(crate) fn configured(&self) -> bool {
         let rt = self.shared.runtime().load();
         !rt.config.alerts().endpoints.is_empty() || rt.config.plans().values().any(|p| p.tenant_alerts())
     }
 
-    /// Delivers the alerts due in the outbox, claiming them a batch at a time for
-    /// `alerts.claim` (no other node delivers them meanwhile), for at most half a claim: the
-    /// worker does it every second; a scheduled job may call it too.
-    pub async fn deliver_alerts(&self) -> AlertReport {
-        let half = self.shared.runtime().load().config.alerts().claim / 2;
-        self.deliver_alerts_within(half).await
-    }
-
-    /// [`deliver_alerts`](Self::deliver_alerts) within `budget`: no delivery starts that could
-    /// not end within it (or within its claim), and each attempt's time limit is the least of
-    /// `alerts.timeout` and the time left; a delivery not started keeps its place (its claim
-    /// is given back). On AWS Lambda's on-demand model, `tollgate_lambda` calls it after
-    /// invocations, where no worker runs between them.
-    pub async fn deliver_alerts_within(&self, budget: Duration) -> AlertReport {
+    /// Delivers the alerts due (see
+    /// [`Tollgate::deliver_alerts_within`](crate::Tollgate::deliver_alerts_within)).
+    pub(crate) async fn deliver_within(&self, budget: Duration) -> AlertReport {
         let mut report = AlertReport::default();
-        if !self.alerts_configured() {
+        if !self.configured() {
             return report;
         }
         let started = tokio::time::Instant::now();
@@ -240,14 +263,10 @@ impl Tollgate {
     ) -> Vec<&'static str> {
         use futures_util::StreamExt;
         // Each delivery owns what it needs: no future borrows across the batch.
-        let deliveries = claimed.into_iter().map(|row| {
-            let engine = self.clone();
-            async move {
-                let left = end.saturating_duration_since(tokio::time::Instant::now());
-                let outcome =
-                    if left < MIN_ATTEMPT { AlertOutcome::Release } else { engine.deliver_one(&row, left).await };
-                engine.settle_alert(&row, owner, outcome).await
-            }
+        let deliveries = claimed.into_iter().map(|row| async move {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            let outcome = if left < MIN_ATTEMPT { AlertOutcome::Release } else { self.deliver_one(&row, left).await };
+            self.settle(&row, owner, outcome).await
         });
         futures_util::stream::iter(deliveries).buffer_unordered(AT_ONCE).collect().await
     }
@@ -263,13 +282,13 @@ impl Tollgate {
         // it, delivers them).
         let mut labels = Vec::new();
         for row in &claimed {
-            labels.push(self.settle_alert(row, owner, AlertOutcome::Release).await);
+            labels.push(self.settle(row, owner, AlertOutcome::Release).await);
         }
         labels
     }
 
     /// Settles a delivery, counted: its label.
-    async fn settle_alert(&self, row: &OutboxEntry, owner: u64, outcome: AlertOutcome) -> &'static str {
+    async fn settle(&self, row: &OutboxEntry, owner: u64, outcome: AlertOutcome) -> &'static str {
         let label = match &outcome {
             AlertOutcome::Delivered { .. } => "delivered",
             AlertOutcome::Retry { error, .. } => {
@@ -318,7 +337,7 @@ impl Tollgate {
             }
             Err(e) => return failed(e),
         };
-        let deliverer = match self.shared.deliverer(settings.timeout) {
+        let deliverer = match self.deliverer(settings.timeout) {
             Ok(d) => d,
             Err(e) => return failed(format!("no HTTP client: {e}")),
         };
@@ -369,7 +388,7 @@ impl Tollgate {
     }
 
     /// Prunes delivered and dead rows past their keep time (hourly, from the worker).
-    pub(crate) async fn prune_alerts(&self) {
+    pub(crate) async fn prune(&self) {
         let now = self.shared.clock().unix_secs();
         match self.shared.stores().background().alerts.prune_alerts(now).await {
             Ok(0) => {}

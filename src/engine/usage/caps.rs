@@ -2,18 +2,16 @@
 //! counters (a mode of `reserve`, [`CapMode::Set`]), so that every reservation of every node is
 //! held to them; bounded by the plan's `spend.max_limit` (with the operator's overrides).
 //! Set through [`Admin::set_spend_cap`](crate::Admin::set_spend_cap), the CLI and the route an
-//! application mounts for its tenants ([`Tollgate::tenant_spend_cap`]).
+//! application mounts for its tenants ([`Tollgate::tenant_spend_cap`](crate::Tollgate::tenant_spend_cap)).
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::StatusCode;
 
-use crate::response::route::{json, no_content, not_get_put_delete, problem, too_large};
+use crate::response::route::problem;
 use crate::{
     base::{QuotaMode, TenantId},
     config::{amount_of, Config, PlanOverride, PlanSpec, SPEND_METER},
-    engine::Tollgate,
     store::{CapMode, DirectoryStore, QuotaKey, QuotaStore, Reservation, ReserveToken, SpendCap, StoreError},
-    usage::TenantContext,
 };
 
 /// The sender of every cap's store call: one entry in the counter's senders, however many
@@ -204,7 +202,7 @@ pub(crate) fn parse(limit: &str, hard: bool) -> Result<SpendCap, CapError> {
     Ok(SpendCap::new(nanos, hard))
 }
 
-fn cap_problem(e: &CapError) -> http::Response<Bytes> {
+pub(crate) fn cap_problem(e: &CapError) -> http::Response<Bytes> {
     let detail = e.to_string();
     match e {
         CapError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
@@ -224,81 +222,3 @@ fn cap_problem(e: &CapError) -> http::Response<Bytes> {
 
 /// The most bytes of a body the spend cap route reads.
 pub(crate) const MAX_BODY: usize = 1024;
-
-impl Tollgate {
-    /// The route an application mounts for its tenants' own spend cap, behind tollgate's
-    /// layer (the calling tenant's cap; any key of the tenant may set it): `GET` answers the
-    /// cap in force (`{"currency", "limit", "mode", "max_limit", "plan_limit", "set_by"}`,
-    /// amounts as decimal strings of the currency), `PUT` with `{"limit": "25.00", "mode":
-    /// "hard"}` (`mode` optional: the plan's) sets the tenant's own, at most the plan's
-    /// `spend.max_limit` (or the operator's override), and answers the same; `DELETE` removes
-    /// it (the plan's holds again; 204). Every node holds reservations to it from its next
-    /// call to the store (a raised cap is seen within a second; a lowered one lets through at
-    /// most the spend leases nodes hold already). A refusal is a problem+json 4xx (403 when
-    /// the plan has no spend cap, 422 above the maximum, 400 for a body that is not that JSON
-    /// or a limit that is not an amount) and stores nothing. The door crates mount it
-    /// (`tollgate_axum::spend_cap`, `tollgate_actix::spend_cap`).
-    pub async fn tenant_spend_cap(
-        &self,
-        tenant: &TenantContext,
-        method: &Method,
-        body: &[u8],
-    ) -> http::Response<Bytes> {
-        let config = self.shared.runtime().load().config.clone();
-        let stores = self.shared.stores().background();
-        let now = self.shared.clock().unix_secs();
-        let id = tenant.tenant();
-        let act = match *method {
-            Method::GET => CapAct::Read,
-            Method::PUT => {
-                if body.len() > MAX_BODY {
-                    return too_large("1 KiB");
-                }
-                #[derive(serde::Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct Put {
-                    limit: String,
-                    mode: Option<String>,
-                }
-                let bad = || {
-                    problem(
-                        StatusCode::BAD_REQUEST,
-                        "bad-request",
-                        "Bad request",
-                        "expected {\"limit\": \"25.00\", \"mode\": \"hard\" | \"soft\"}",
-                    )
-                };
-                let Ok(put) = serde_json::from_slice::<Put>(body) else { return bad() };
-                let hard = match put.mode.as_deref() {
-                    Some("hard") => Some(true),
-                    Some("soft") => Some(false),
-                    // The mode of the plan's cap (with the tenant's overrides).
-                    None => None,
-                    Some(_) => return bad(),
-                };
-                match parse(&put.limit, hard.unwrap_or(true)) {
-                    Ok(cap) if hard.is_some() => CapAct::Set(cap),
-                    Ok(cap) => CapAct::SetInPlanMode(cap.limit),
-                    Err(e) => return cap_problem(&e),
-                }
-            }
-            Method::DELETE => CapAct::Remove,
-            _ => return not_get_put_delete(),
-        };
-        let removing = act == CapAct::Remove;
-        let answer = spend_cap(stores.quota.as_ref(), stores.directory.as_ref(), &config, id, act, now).await;
-        if let (Ok(view), false) = (&answer, act == CapAct::Read) {
-            // This node knows at once (others at their next call to the store).
-            if let Some(state) = self.shared.table().state(id) {
-                if let Some(cell) = state.plan.spend.and_then(|s| state.quota(s)) {
-                    cell.cap_changed(view.own);
-                }
-            }
-        }
-        match answer {
-            Ok(_) if removing => no_content(),
-            Ok(view) => json(StatusCode::OK, &view.to_json()),
-            Err(e) => cap_problem(&e),
-        }
-    }
-}

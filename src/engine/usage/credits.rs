@@ -3,13 +3,13 @@
 
 use std::collections::HashMap;
 
-use crate::engine::Tollgate;
 use crate::{
+    clock::Clock,
     config::{MeterId, TenantId},
-    store::StoreError,
+    store::{QuotaStore, StoreError},
 };
 
-/// What one [`Tollgate::expire_credits`] pass did.
+/// What one [`Tollgate::expire_credits`](crate::Tollgate::expire_credits) pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CreditExpiryReport {
@@ -89,25 +89,16 @@ impl CreditExpiry {
     }
 }
 
-impl Tollgate {
-    /// Closes the credit grants expired by the engine's clock, each once across a fleet (a
-    /// grant another node closed first is passed over): each loses the units it still held,
-    /// units leased to nodes counting as spent. The worker runs it every minute; at most
-    /// 1,000 grants a pass. A grant whose close fails (a busy balance, a timeout) waits on
-    /// this node (two minutes, doubling up to an hour) while the pass goes on to the others;
-    /// one that fails again never stops a pass.
-    ///
-    /// # Errors
-    /// A store error (or timeout) on several closes in a row, or on the listing: the grants
-    /// not closed are closed by a later pass.
-    pub async fn expire_credits(&self) -> Result<CreditExpiryReport, StoreError> {
-        let quota = &self.shared.stores().background().quota;
-        let expiry = self.shared.credit_expiry();
+impl CreditExpiry {
+    /// One pass closing expired grants in `quota` (see
+    /// [`Tollgate::expire_credits`](crate::Tollgate::expire_credits)).
+    pub(crate) async fn pass(&self, quota: &dyn QuotaStore, clock: &Clock) -> Result<CreditExpiryReport, StoreError> {
+        let expiry = self;
         let mut report = CreditExpiryReport::default();
         let mut in_a_row = 0;
-        expiry.prune(self.shared.clock().unix_secs());
+        expiry.prune(clock.unix_secs());
         for _ in 0..PAGES {
-            let now = self.shared.clock().unix_secs();
+            let now = clock.unix_secs();
             // Those waiting are listed too (they come first, by expiry): room for them beside
             // a page of the rest.
             let waiting = expiry.count();

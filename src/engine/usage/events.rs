@@ -14,7 +14,12 @@ use std::{
 };
 
 use crate::engine::store_calls::StoreCalls;
-use crate::engine::usage::held::OpenHolds;
+use crate::engine::usage::{
+    held::OpenHolds,
+    lease::Leases,
+    spend::charge_units,
+    taken::{Prefetcher, Taken},
+};
 use crate::{
     config::{MeterId, TenantId},
     metrics::{Metrics, ProcessedAs, Totals},
@@ -259,11 +264,9 @@ pub(crate) struct Prepared {
     pub(crate) state: Tenant,
     pub(crate) meter: usize,
     pub(crate) quantity: u64,
-    /// Where the units were taken from, to give them back if the write does not apply.
-    pub(crate) tag: Option<Taken>,
-    /// Units of `quantity` from a reservation of the work, never given back (the rest was
-    /// taken anew, under `tag`).
-    pub(crate) reserved: u64,
+    /// Its units taken anew (those of a reservation of the work are its own for good): given
+    /// back if the write does not apply them.
+    pub(crate) units: EventUnits,
     /// When they were taken (the clock, not the event's time).
     pub(crate) taken_at: i64,
     pub(crate) event: UsageEvent,
@@ -283,6 +286,8 @@ pub(crate) struct EventRecorder {
     totals: Arc<Totals>,
     /// The node's open holds: each reservation is one (a job's hold) while it holds units.
     holds: Arc<OpenHolds>,
+    /// Applied events of priced meters charge the spend, which may ask for a refill.
+    prefetcher: Prefetcher,
 }
 
 impl std::fmt::Debug for EventRecorder {
@@ -297,6 +302,7 @@ impl EventRecorder {
         metrics: Arc<Metrics>,
         totals: Arc<Totals>,
         holds: Arc<OpenHolds>,
+        prefetcher: Prefetcher,
     ) -> Self {
         // Only events whose write failed ambiguously are held: a few, while the store is in
         // trouble.
@@ -319,7 +325,7 @@ impl EventRecorder {
                 }
             })
             .build();
-        Self { held, reserved, stores, metrics, totals, holds }
+        Self { held, reserved, stores, metrics, totals, holds, prefetcher }
     }
 
     /// Opens a job's hold, if fewer than `max` holds are open on the node (counted refused
@@ -402,14 +408,16 @@ impl EventRecorder {
                         if outcome == EventOutcome::Applied {
                             // A priced meter feeds the spend, as work done (rounded per event,
                             // past a hard cap if need be: counted).
-                            crate::engine::usage::spend::charge_units(&p.state, p.meter, p.quantity, p.taken_at);
-                        }
-                        if outcome != EventOutcome::Applied {
-                            returned |= give_back(&p);
-                        } else if matches!(p.tag, Some(Taken::PastLimit(_))) {
-                            self.totals.events_past_limit.add(1);
-                            tracing::info!(tenant = %p.state.id, quantity = p.quantity,
-                                "usage event charged past its hard quota: the work was done (reserve_event asks first)");
+                            charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.prefetcher);
+                            if p.units.past_limit() {
+                                self.totals.events_past_limit.add(1);
+                                tracing::info!(tenant = %p.state.id, quantity = p.quantity,
+                                    "usage event charged past its hard quota: the work was done (reserve_event asks first)");
+                            }
+                            p.units.keep();
+                        } else {
+                            // Not applied (a duplicate): its units go back.
+                            returned |= p.units.give_back();
                         }
                         out[p.index] = Some(Ok(outcome));
                     }
@@ -428,9 +436,10 @@ impl EventRecorder {
                     // event's retry on this node (which reuses them; a retry of an event
                     // already stored answers `Duplicate`).
                     for p in ready {
-                        if p.tag.is_some() {
+                        if p.units.took() {
                             self.held.insert(p.event.id.clone(), HeldUnits { quantity: p.quantity });
                         }
+                        p.units.keep();
                         out[p.index] = Some(Err(EventError::Store(clone_error(&e))));
                     }
                 }
@@ -467,12 +476,17 @@ impl EventRecorder {
 /// units spent: bounded, whatever jobs ask).
 const RESERVATIONS_MAX: u64 = 100_000;
 
-/// Quota units reserved for an event's work, until it is recorded or its hold ends.
+/// Quota units reserved for an event's work, until it is recorded or its hold ends. Let go
+/// of (its hold ended, evicted past the bound, forgotten), its units stay spent: the event may
+/// have been recorded by another process, which charged it there, so giving them back could
+/// pass the limit. They go back only when the work is abandoned ([`give_back`](Self::give_back)).
 pub(crate) struct Reserved {
     pub(crate) state: Tenant,
     pub(crate) meter: usize,
     pub(crate) quantity: u64,
-    pub(crate) tag: Option<Taken>,
+    /// The units it holds of a quota (none on a meter without one), taken at `taken_at`.
+    units: std::sync::Mutex<Taken>,
+    held: u64,
     pub(crate) taken_at: i64,
     pub(crate) hold: Duration,
     /// The quota period the units were taken in (`None`: the meter has no quota).
@@ -480,36 +494,74 @@ pub(crate) struct Reserved {
 }
 
 impl Reserved {
+    pub(crate) fn new(
+        state: Tenant,
+        meter: usize,
+        quantity: u64,
+        units: Taken,
+        taken_at: i64,
+        hold: Duration,
+        period: Option<(i64, i64)>,
+    ) -> Self {
+        let held = units.units();
+        Self { state, meter, quantity, units: std::sync::Mutex::new(units), held, taken_at, hold, period }
+    }
+
+    /// The same work reserved again, for `hold` from now: its units move to the new
+    /// reservation.
+    pub(crate) fn again(&self, hold: Duration) -> Self {
+        let units = self.take();
+        let held = units.units();
+        Self {
+            state: self.state.clone(),
+            meter: self.meter,
+            quantity: self.quantity,
+            units: std::sync::Mutex::new(units),
+            held,
+            taken_at: self.taken_at,
+            hold,
+            period: self.period,
+        }
+    }
+
+    fn take(&self) -> Taken {
+        std::mem::take(&mut *self.units.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// The units it holds of a quota (none on a meter without one).
     pub(crate) fn held(&self) -> u64 {
-        if self.tag.is_some() {
-            self.quantity
-        } else {
-            0
-        }
+        self.held
     }
 
-    /// Gives the units back to the tenant's lease (the work was not recorded).
-    pub(crate) fn give_back(&self) {
-        self.give_back_part(self.quantity);
+    /// Whether it took units of a quota.
+    pub(crate) fn took(&self) -> bool {
+        self.held > 0
     }
 
-    /// Gives `units` of it back (the work recorded took fewer than were reserved).
-    pub(crate) fn give_back_part(&self, units: u64) {
-        let Some(cell) = self.state.quota(self.meter) else { return };
-        let units = units.min(self.quantity);
-        if units == 0 {
-            return;
-        }
-        match self.tag {
-            // To the lease, or to the store once the lease was given back (a release after
-            // shutdown began, or after a reload).
-            Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => {
-                crate::engine::usage::hold::return_units(&self.state, self.meter, units, tag, self.taken_at, None);
-            }
-            Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(units, self.taken_at),
-            Some(Taken::Held) | None => {}
-        }
+    /// Gives the units back (the work was not recorded): to their lease, or to the store once
+    /// the lease was given back (a release after shutdown began, or after a reload).
+    pub(crate) fn give_back(&self, leases: &Arc<Leases>) {
+        self.take().give_back(leases);
+    }
+
+    /// Gives `units` of it back (the work recorded took fewer than were reserved); the rest
+    /// are the event's for good.
+    pub(crate) fn give_back_part(&self, units: u64, leases: &Arc<Leases>) {
+        let mut taken = self.take();
+        taken.split(units).give_back(leases);
+        taken.keep();
+    }
+
+    /// The units are the event's for good.
+    pub(crate) fn keep(&self) {
+        self.take().keep();
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        // Let go of unrecorded and unreleased: the units stay spent.
+        self.take().keep();
     }
 }
 
@@ -539,31 +591,56 @@ pub(crate) struct HeldUnits {
     pub(crate) quantity: u64,
 }
 
-/// Where an event's quota units were taken from.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Taken {
-    /// The lease of the period with this tag.
-    Lease(u16),
-    /// Outside any lease (shadow mode past the limit): owed to the store.
-    Unleased,
-    /// Held from an earlier attempt whose write may have landed: a `Duplicate` now most
-    /// likely is that write, so they are never given back. Also units reserved for the work.
+/// An event's quota units taken anew (for work done, or a reservation).
+pub(crate) enum EventUnits {
+    /// None taken: a meter without a quota, a period already over.
+    None,
+    /// Taken for it: given back if its write does not apply them. `past_limit`: work done past
+    /// the hard quota, charged all the same (from the lease as a debt, or owed to the store).
+    Taken { taken: Taken, past_limit: bool },
+    /// Held from an earlier attempt whose write may have landed (a `Duplicate` now most
+    /// likely is that write), or reserved for the work: never given back.
     Held,
-    /// Work done past the hard quota: charged all the same, from the lease with this tag (a
-    /// debt) or owed to the store.
-    PastLimit(Option<u16>),
 }
 
-/// Gives an event's units back (its write did not apply them); whether there were any.
-fn give_back(p: &Prepared) -> bool {
-    let Some(cell) = p.state.quota(p.meter) else { return false };
-    let units = p.quantity - p.reserved;
-    match p.tag {
-        Some(Taken::Lease(tag) | Taken::PastLimit(Some(tag))) => cell.refund(units, tag),
-        Some(Taken::Unleased | Taken::PastLimit(None)) => cell.refund_unleased(units, p.taken_at),
-        Some(Taken::Held) | None => return false,
+impl EventUnits {
+    /// The units taken, as a reservation holds them (none held from an earlier attempt).
+    pub(crate) fn into_taken(self) -> Taken {
+        match self {
+            Self::Taken { taken, .. } => taken,
+            Self::None | Self::Held => Taken::none(),
+        }
     }
-    units > 0
+
+    /// Whether units of a quota are the event's (taken anew, or held).
+    pub(crate) fn took(&self) -> bool {
+        !matches!(self, Self::None)
+    }
+
+    /// Whether they were charged past the hard quota.
+    fn past_limit(&self) -> bool {
+        matches!(self, Self::Taken { past_limit: true, .. })
+    }
+
+    /// The units are the event's for good.
+    fn keep(self) {
+        if let Self::Taken { taken, .. } = self {
+            taken.keep();
+        }
+    }
+
+    /// Gives the units taken anew back (the write did not apply them); whether there were
+    /// any.
+    fn give_back(self) -> bool {
+        match self {
+            Self::Taken { taken, .. } => {
+                let any = taken.units() > 0;
+                drop(taken);
+                any
+            }
+            Self::None | Self::Held => false,
+        }
+    }
 }
 
 fn clone_error(e: &StoreError) -> StoreError {

@@ -9,13 +9,34 @@ use std::{
     },
 };
 
-use crate::engine::usage::hold::{Closed, HoldInner};
+/// A hold as the node's open holds see it: its id, when it is settled if still open, the units
+/// it holds, and its settle by the node (past its deadline, or at shutdown). `Hold`'s shared
+/// part implements it; the node holds them without knowing more of a hold.
+pub(crate) trait OpenHold: Send + Sync {
+    /// Its id among the node's open holds.
+    fn id(&self) -> u64;
+    /// When it is settled if still open (Unix seconds), read without its own lock.
+    fn deadline(&self) -> i64;
+    /// Units held and not recorded yet.
+    fn held(&self) -> u64;
+    /// Settles it as recorded so far, for `why`: whether it held units.
+    fn close(&self, why: Closed) -> bool;
+}
+
+/// Why the node settled a hold its owner had not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closed {
+    /// Open past its `hold_timeout`.
+    Expired,
+    /// The engine shut down.
+    Shutdown,
+}
 
 /// The holds open on this node, by id: each from the moment it holds units to its settle.
 /// Bounded by `limits.max_holds`.
 #[derive(Default)]
 pub(crate) struct OpenHolds {
-    open: Mutex<HashMap<u64, Arc<HoldInner>>>,
+    open: Mutex<HashMap<u64, Arc<dyn OpenHold>>>,
     next: AtomicU64,
     /// Holds settled past their `hold_timeout`.
     pub(crate) expired: AtomicU64,
@@ -49,7 +70,7 @@ impl std::fmt::Debug for OpenHolds {
 }
 
 impl OpenHolds {
-    fn map(&self) -> MutexGuard<'_, HashMap<u64, Arc<HoldInner>>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<u64, Arc<dyn OpenHold>>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -61,7 +82,7 @@ impl OpenHolds {
     /// Registers `hold` as open, unless `max` are open already (requests' and jobs') or the
     /// node stopped taking holds ([`stop`](Self::stop)): checked under the open holds' lock,
     /// so a hold is either among those shutdown waits for and settles, or refused.
-    pub(crate) fn enter(&self, hold: &Arc<HoldInner>, max: usize) -> Result<(), Refused> {
+    pub(crate) fn enter(&self, hold: Arc<dyn OpenHold>, max: usize) -> Result<(), Refused> {
         let mut map = self.map();
         if self.stopped.load(Ordering::Relaxed) {
             return Err(Refused::Stopping);
@@ -69,7 +90,7 @@ impl OpenHolds {
         if map.len().saturating_add(self.jobs()) >= max {
             return Err(Refused::Full);
         }
-        map.insert(hold.id, hold.clone());
+        map.insert(hold.id(), hold);
         Ok(())
     }
 
@@ -141,7 +162,7 @@ impl OpenHolds {
             if hold.close(Closed::Expired) {
                 n += 1;
             }
-            self.leave(hold.id);
+            self.leave(hold.id());
         }
         self.expired.fetch_add(n as u64, Ordering::Relaxed);
         n

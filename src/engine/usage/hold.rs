@@ -1,77 +1,53 @@
 //! Holds: units of a hard quota or a prepaid balance set aside while a request's work runs,
 //! recorded as the work reports them, the rest given back when the hold settles. A hold comes
 //! out of the node's lease as a request's cost does (so the fleet's limit holds it), and waits
-//! on the store only when the lease is short.
+//! on the store only when the lease is short. A route's hold ([`RouteHeld`]) is one a route
+//! takes for its requests (`[[routes]] hold`).
 
 use std::{
     borrow::Cow,
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering},
         Arc, Mutex, MutexGuard,
     },
 };
 
-use crate::engine::{
-    admit::admission::NO_TAG,
-    shared::Shared,
-    usage::{held::Refused, lease::LEASE_PER_HOLD},
-    Prefetch,
+use crate::engine::usage::{
+    held::{Closed, OpenHold, Refused},
+    lease::{Leases, LEASE_PER_HOLD},
+    taken::Taken,
+    units::Units,
 };
-use crate::response::HeaderState;
 use crate::{
-    config::{Overrun, StoreErrorPolicy},
+    config::{HoldSettle, Overrun, RouteHold, StoreErrorPolicy},
     metrics::HoldOutcome,
-    response::{Rejection, RejectionKind},
+    response::{HeaderState, Rejection, RejectionKind},
     tenant::{QuotaRef, Take, Tenant},
-    usage::{RecordError, TenantContext},
 };
 
-impl TenantContext {
-    /// Holds `units` of `meter` for this request's work, before it runs: a hard quota's or a
-    /// prepaid balance's units are taken now (from the node's lease, else from the store),
-    /// recorded as the work reports them ([`Hold::record`]), and what is not recorded is given
-    /// back when the hold settles or drops. Records beyond the hold are charged as debt
-    /// ([`Overrun::Debt`]); [`hold_with`](Self::hold_with) picks [`Overrun::Refuse`].
-    ///
-    /// ```no_run
-    /// # async fn generate(ctx: tollgate::TenantContext, max_tokens: u64) -> Result<String, tollgate::Rejection> {
-    /// use tollgate::Overrun;
-    /// let mut hold = ctx.hold_with("tokens", max_tokens, Overrun::Refuse).await?;
-    /// let mut out = String::new();
-    /// for chunk in ["Hello", ", ", "world"] {
-    ///     // Each chunk is billed before it is sent; past the hold, more is asked for.
-    ///     if hold.record(1).is_err() {
-    ///         hold.extend(64).await?;
-    ///         hold.record(1).expect("just extended");
-    ///     }
-    ///     out.push_str(chunk);
-    /// }
-    /// hold.settle(); // what was held and not used goes back
-    /// # Ok(out) }
-    /// ```
-    ///
-    /// # Errors
-    /// The rejection to answer with (put it in the response as it is, so the front door gives
-    /// the request's units back): 429 when the quota's period cannot cover `units` (402 for a
-    /// balance; a hold past the limit is refused before anything is taken), 503 when the store
-    /// does not answer and the quota fails closed (failing open, the hold holds nothing). In
-    /// shadow mode the refusal is counted and the units taken past the limit (a hold past the
-    /// limit takes nothing).
-    pub async fn hold(&self, meter: &str, units: u64) -> Result<Hold, Rejection> {
-        self.hold_with(meter, units, Overrun::Debt).await
-    }
-
-    /// [`hold`](Self::hold), with what a record beyond the hold does.
-    ///
-    /// # Errors
-    /// As [`hold`](Self::hold).
-    pub async fn hold_with(&self, meter: &str, units: u64, overrun: Overrun) -> Result<Hold, Rejection> {
-        let state = self.state().clone();
-        let index = state.plan.meters.index(meter).ok_or_else(|| meter.into());
-        let mut hold = Hold::new(state, index, self.is_charged(), overrun, None);
-        hold.extend(units).await?;
-        Ok(hold)
-    }
+/// Why [`TenantContext::record`](crate::TenantContext::record) refused a quantity (nothing was recorded).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The meter is not declared in the configuration.
+    #[error("unknown meter `{0}`")]
+    UnknownMeter(String),
+    /// The quantity is larger than `i64::MAX` (no meter counts that much at once; it is
+    /// certainly a bug in the caller).
+    #[error("the quantity {0} is larger than i64::MAX")]
+    TooLarge(u64),
+    /// A [`Hold`](crate::Hold) with [`Overrun::Refuse`](crate::Overrun::Refuse): this many
+    /// units beyond what it holds do not fit the node's lease. Nothing was recorded: the work
+    /// they stand for must not be delivered (stop, or [`extend`](crate::Hold::extend) first).
+    #[error("{0} units beyond the hold do not fit")]
+    Overrun(u64),
+    /// A [`Hold`](crate::Hold) with [`Overrun::Refuse`](crate::Overrun::Refuse) on a priced
+    /// meter: the spend of these units beyond what the hold holds of the tenant's hard spend
+    /// cap (this many nano-units of the currency) does not fit the node's lease. Nothing was
+    /// recorded: the work must not be delivered (stop, or [`extend`](crate::Hold::extend)
+    /// first).
+    #[error("{0} nano-units of spend beyond the hold do not fit the spend cap")]
+    SpendCap(u64),
 }
 
 /// Units of a tenant's hard quota or prepaid balance held for the work of one request
@@ -92,8 +68,8 @@ impl TenantContext {
 #[must_use = "a hold dropped at once gives its units back: record through it while the work runs"]
 pub struct Hold {
     inner: Arc<HoldInner>,
-    /// The engine (its open holds, its store calls), while it runs.
-    engine: Option<Arc<Shared>>,
+    /// The usage part: its open holds, its leases, its store calls.
+    units: Arc<Units>,
     /// On a plan with a spend cap, a hold on a priced meter holds its estimated cost too: a
     /// hold of the spend meter beside it.
     spend: Option<Box<SpendSide>>,
@@ -117,10 +93,10 @@ impl SpendSide {
     }
 }
 
-/// What a hold shares with the node's open holds ([`OpenHolds`]), which settle it past its
-/// deadline or at shutdown.
+/// What a hold shares with the node's open holds ([`OpenHolds`](crate::engine::usage::held::OpenHolds)),
+/// which settle it past its deadline or at shutdown.
 pub(crate) struct HoldInner {
-    pub(crate) id: u64,
+    id: u64,
     state: Tenant,
     /// The meter's index (else its name: not declared, its records fail).
     meter: Result<usize, Box<str>>,
@@ -133,6 +109,8 @@ pub(crate) struct HoldInner {
     /// the lock below (the pass holds the open holds' lock, which a settle takes after this
     /// one: never the other way round).
     deadline: AtomicI64,
+    /// The leases its units go back through when the node settles it.
+    leases: Arc<Leases>,
     open: Mutex<Open>,
 }
 
@@ -142,26 +120,15 @@ struct Open {
     live: bool,
     /// Whether it is among the node's open holds.
     registered: bool,
-    /// The tag of the period the held units came from ([`NO_TAG`]: none).
-    tag: u32,
-    /// When they were taken (Unix seconds).
-    at: i64,
-    held: u64,
+    /// The units held and not recorded yet, with the period they came from and when.
+    taken: Taken,
     recorded: u64,
     /// Whether the store did not answer and the quota failed open: nothing is held, and
-    /// records are charged as [`TenantContext::record`] charges them.
+    /// records are charged as [`TenantContext::record`](crate::TenantContext::record) charges
+    /// them.
     failed_open: bool,
     /// Settled by the node rather than by its owner.
     closed: Option<Closed>,
-}
-
-/// Why the node settled a hold its owner had not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Closed {
-    /// Open past its `hold_timeout`.
-    Expired,
-    /// The engine shut down.
-    Shutdown,
 }
 
 /// How a record through a hold is covered, decided (and its units beyond the hold taken from
@@ -172,9 +139,9 @@ struct Step {
     held: bool,
     covered: u64,
     beyond: u64,
-    /// The tag of the lease the units beyond came from (`None`: taken past the limit, at
-    /// commit).
-    taken: Option<u16>,
+    /// The units beyond taken from the lease (none: taken past the limit, at commit); they go
+    /// back as the step drops unless the record is committed.
+    taken: Taken,
 }
 
 impl HoldInner {
@@ -195,15 +162,16 @@ impl HoldInner {
     /// past the limit at commit.
     fn prepare(&self, open: &Open, units: u64, overrun: Overrun, now: i64) -> Result<Step, u64> {
         let state = &self.state;
-        let Some(cell) = self.cell().filter(|_| !open.failed_open && open.closed.is_none()) else {
-            return Ok(Step { held: false, covered: 0, beyond: units, taken: None });
+        let (Some(cell), Ok(meter)) = (self.cell().filter(|_| !open.failed_open && open.closed.is_none()), &self.meter)
+        else {
+            return Ok(Step { held: false, covered: 0, beyond: units, taken: Taken::none() });
         };
-        let covered = units.min(open.held);
+        let covered = units.min(open.taken.units());
         let beyond = units - covered;
-        let mut taken = None;
+        let mut taken = Taken::none();
         if beyond > 0 {
             match cell.try_take(beyond, now) {
-                Take::Taken { tag, .. } => taken = Some(tag),
+                Take::Taken { tag, .. } => taken = Taken::lease(state, *meter, beyond, tag, now),
                 _ if overrun == Overrun::Refuse => {
                     if !state.plan.shadow {
                         return Err(beyond);
@@ -211,7 +179,7 @@ impl HoldInner {
                     // Shadow mode: counted, and recorded past the limit.
                     let kind = if cell.prepaid() {
                         state.plan.balance_refusal
-                    } else if state.plan.spend == self.meter.as_ref().ok().copied() {
+                    } else if state.plan.spend == Some(*meter) {
                         RejectionKind::SpendCapReached
                     } else {
                         RejectionKind::QuotaExceeded
@@ -224,41 +192,34 @@ impl HoldInner {
         Ok(Step { held: true, covered, beyond, taken })
     }
 
-    /// Gives back what [`prepare`](Self::prepare) took: the record was refused.
-    fn undo(&self, step: &Step) {
-        if let (Some(tag), Some(cell)) = (step.taken, self.cell()) {
-            cell.refund(step.beyond, tag);
-        }
-    }
-
     /// Records `units` as `step` covers them.
-    fn commit(&self, open: &mut Open, step: &Step, units: u64, now: i64, engine: Option<&Arc<Shared>>) {
+    fn commit(&self, open: &mut Open, step: Step, units: u64, now: i64, hold: &Units) {
         let state = &self.state;
         let Ok(meter) = self.meter else { return };
         let spend = state.plan.spend == Some(meter);
         match self.cell().filter(|_| step.held) {
             Some(cell) => {
-                if step.beyond > 0 && step.taken.is_none() {
+                if step.beyond > 0 && step.taken.source().is_none() {
                     if spend {
                         state.plan.metrics.spend_past_cap_nanos.increment(step.beyond);
                     }
                     cell.force_take(step.beyond, now);
                 }
+                // Recorded: the units beyond are the record's.
+                step.taken.keep();
                 // Held units belong to the period they were taken in: after its end, they are
                 // recorded in its last second, as its counter charged them.
-                let (_, end) = cell.window(open.at);
+                let (_, end) = cell.window(open.taken.at());
                 let at = if now >= end && !cell.prepaid() { end - 1 } else { now };
                 if step.covered > 0 {
-                    open.held -= step.covered;
+                    open.taken.keep_part(step.covered);
                     cell.count_held(step.covered, false);
                     state.record(meter, at, step.covered);
                 }
                 if step.beyond > 0 {
                     // Recorded beyond the hold (from the lease, or past the limit): counted.
                     state.plan.metrics.hold(HoldOutcome::Overrun).increment(1);
-                    if let Some(engine) = engine {
-                        engine.holds().overruns.fetch_add(1, Ordering::Relaxed);
-                    }
+                    hold.holds().overruns.fetch_add(1, Ordering::Relaxed);
                     state.record(meter, now, step.beyond);
                 }
             }
@@ -271,7 +232,7 @@ impl HoldInner {
                     }
                     cell.force_take(units, now);
                     if spend {
-                        crate::engine::usage::spend::refill_when_low(state, meter, cell);
+                        hold.prefetcher().when_low(state, meter, cell);
                     }
                 }
                 state.record(meter, now, units);
@@ -285,18 +246,33 @@ impl HoldInner {
         open.recorded += units;
     }
 
-    /// Units held and not recorded yet.
-    pub(crate) fn held(&self) -> u64 {
-        self.lock().held
+    /// Gives back what it holds and has not recorded (settled): counted no longer held.
+    fn give_back(&self, taken: Taken) {
+        let Some(cell) = self.meter.as_ref().ok().and_then(|m| self.state.quota(*m)) else { return };
+        let units = taken.units();
+        cell.count_held(units, false);
+        if units == 0 {
+            return;
+        }
+        self.state.plan.metrics.hold_returned_units.increment(units);
+        taken.give_back(&self.leases);
+    }
+}
+
+impl OpenHold for HoldInner {
+    fn id(&self) -> u64 {
+        self.id
     }
 
-    /// When it is settled if still open.
-    pub(crate) fn deadline(&self) -> i64 {
+    fn deadline(&self) -> i64 {
         self.deadline.load(Ordering::Relaxed)
     }
 
-    /// Settles it as recorded so far, for `why`: whether it held units.
-    pub(crate) fn close(&self, why: Closed) -> bool {
+    fn held(&self) -> u64 {
+        self.lock().taken.units()
+    }
+
+    fn close(&self, why: Closed) -> bool {
         let mut open = self.lock();
         if open.closed.is_none() {
             open.closed = Some(why);
@@ -308,10 +284,8 @@ impl HoldInner {
         open.live = false;
         let outcome = if why == Closed::Expired { HoldOutcome::Expired } else { HoldOutcome::Settled };
         self.state.plan.metrics.hold(outcome).increment(1);
-        let held = std::mem::take(&mut open.held);
-        if let Ok(meter) = self.meter {
-            give_back(&self.state, meter, held, open.tag, open.at, None);
-        }
+        let held = std::mem::take(&mut open.taken);
+        self.give_back(held);
         true
     }
 }
@@ -323,19 +297,15 @@ impl Hold {
         charged: bool,
         overrun: Overrun,
         timeout: Option<std::time::Duration>,
+        units: Arc<Units>,
     ) -> Self {
-        let at = state.clock.unix_secs();
-        let engine = engine(&state);
-        let timeout = timeout
-            .or_else(|| engine.as_ref().map(|e| e.runtime().load().config.limits.hold_timeout))
-            .map_or(i64::MAX, |t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
-        let id = engine.as_ref().map_or(0, |e| e.holds().next_id());
+        let timeout = timeout.unwrap_or_else(|| units.hold_timeout());
+        let timeout_secs = i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX);
+        let id = units.holds().next_id();
         let open = Open {
             live: false,
             registered: false,
-            tag: NO_TAG,
-            at,
-            held: 0,
+            taken: Taken::none(),
             recorded: 0,
             failed_open: false,
             closed: None,
@@ -347,23 +317,28 @@ impl Hold {
             _ => None,
         };
         let spend = priced.map(|(s, price)| {
-            let hold = Hold::new(
-                state.clone(),
-                Ok(s),
-                charged,
-                overrun,
-                Some(std::time::Duration::from_secs(u64::try_from(timeout).unwrap_or(u64::MAX))),
-            );
+            let hold = Hold::new(state.clone(), Ok(s), charged, overrun, Some(timeout), units.clone());
             Box::new(SpendSide { hold, price, extended: 0, recorded: 0 })
         });
-        let inner = HoldInner { id, state, meter, charged, overrun, timeout, deadline, open: Mutex::new(open) };
-        Self { inner: Arc::new(inner), engine, spend }
+        let leases = units.leases().clone();
+        let inner = HoldInner {
+            id,
+            state,
+            meter,
+            charged,
+            overrun,
+            timeout: timeout_secs,
+            deadline,
+            leases,
+            open: Mutex::new(open),
+        };
+        Self { inner: Arc::new(inner), units, spend }
     }
 
     /// Units held and not recorded yet.
     #[must_use]
     pub fn held(&self) -> u64 {
-        self.inner.lock().held
+        self.inner.held()
     }
 
     /// Units recorded through this hold.
@@ -412,21 +387,17 @@ impl Hold {
         let now = inner.state.clock.unix_secs();
         let mut open = inner.lock();
         if open.closed.is_some() {
-            if let Some(engine) = &self.engine {
-                engine.holds().records_after_settle.fetch_add(1, Ordering::Relaxed);
-            }
+            self.units.holds().records_after_settle.fetch_add(1, Ordering::Relaxed);
         }
         let step = inner.prepare(&open, units, overrun, now).map_err(RecordError::Overrun)?;
         if let Some(side) = self.spend.as_deref_mut() {
-            // Its spend first: refused, the units taken for the record go back.
+            // Its spend first: refused, the units taken for the record go back (the step's
+            // drop).
             let nanos = side.nanos(side.recorded.saturating_add(units)) - side.nanos(side.recorded);
-            if let Err(e) = side.hold.record_nanos(nanos, overrun, now) {
-                inner.undo(&step);
-                return Err(e);
-            }
+            side.hold.record_nanos(nanos, overrun, now)?;
             side.recorded = side.recorded.saturating_add(units);
         }
-        inner.commit(&mut open, &step, units, now, self.engine.as_ref());
+        inner.commit(&mut open, step, units, now, &self.units);
         Ok(())
     }
 
@@ -438,7 +409,7 @@ impl Hold {
         let inner = &*self.inner;
         let mut open = inner.lock();
         let step = inner.prepare(&open, nanos, overrun, now).map_err(RecordError::SpendCap)?;
-        inner.commit(&mut open, &step, nanos, now, self.engine.as_ref());
+        inner.commit(&mut open, step, nanos, now, &self.units);
         Ok(())
     }
 
@@ -474,41 +445,37 @@ impl Hold {
                 return Err(closed(state, why));
             }
             if !open.live && !open.registered {
-                if let Some(engine) = &self.engine {
-                    let max = engine.runtime().load().config.limits.max_holds;
-                    let deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
-                    self.inner.deadline.store(deadline, Ordering::Relaxed);
-                    match engine.holds().enter(&self.inner, max) {
-                        Ok(()) => {}
-                        // Shutdown began: its units would be leased after the leases went
-                        // back (stranded), its records made after the final flush (lost).
-                        Err(Refused::Stopping) => return Err(closed(state, Closed::Shutdown)),
-                        Err(Refused::Full) => {
-                            drop(open);
-                            engine.holds().refused_full.fetch_add(1, Ordering::Relaxed);
-                            state.plan.metrics.hold(HoldOutcome::RefusedFull).increment(1);
-                            state.plan.metrics.rejected(RejectionKind::UnitsHeld).increment(1);
-                            return Err(full(state, max));
-                        }
+                let max = self.units.shared().runtime().load().config.limits.max_holds;
+                let deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
+                self.inner.deadline.store(deadline, Ordering::Relaxed);
+                match self.units.holds().enter(self.inner.clone(), max) {
+                    Ok(()) => {}
+                    // Shutdown began: its units would be leased after the leases went back
+                    // (stranded), its records made after the final flush (lost).
+                    Err(Refused::Stopping) => return Err(closed(state, Closed::Shutdown)),
+                    Err(Refused::Full) => {
+                        drop(open);
+                        self.units.holds().refused_full.fetch_add(1, Ordering::Relaxed);
+                        state.plan.metrics.hold(HoldOutcome::RefusedFull).increment(1);
+                        state.plan.metrics.rejected(RejectionKind::UnitsHeld).increment(1);
+                        return Err(full(state, max));
                     }
-                    open.registered = true;
                 }
+                open.registered = true;
             }
         }
         // `None`: the store did not answer and the quota fails open: nothing is held, and
         // what is recorded is charged as `record` charges it.
         // What this hold holds already is not "held by others" to its own extension.
         let own = self.inner.held();
-        let taken = take(state, meter, units, own).await;
+        let taken = take(&self.units, state, meter, units, own).await;
         let mut open = self.inner.lock();
         let taken = match taken {
             Ok(Some(taken)) => taken,
             other => {
                 if !open.live && open.registered {
                     open.registered = false;
-                    if let Some(engine) = &self.engine {
-                        engine.holds().leave(self.inner.id);
-                    }
+                    self.units.holds().leave(self.inner.id);
                 }
                 if matches!(other, Ok(None)) {
                     open.failed_open = true;
@@ -516,32 +483,24 @@ impl Hold {
                 return other.map(drop);
             }
         };
-        let (tag, at) = taken;
+        if let Some(cell) = state.quota(meter) {
+            cell.count_held(units, true);
+        }
         if let Some(why) = open.closed {
             // Settled by the node while this waited on the store: the units go back (counted
             // held first: a give-back counts them no longer held).
-            if let Some(cell) = state.quota(meter) {
-                cell.count_held(units, true);
-            }
-            give_back(state, meter, units, tag, at, self.engine.as_ref());
+            self.inner.give_back(taken);
             return Err(closed(state, why));
         }
         let outcome = if open.live { HoldOutcome::Extended } else { HoldOutcome::Taken };
         state.plan.metrics.hold(outcome).increment(1);
-        if let Some(cell) = state.quota(meter) {
-            cell.count_held(units, true);
-        }
-        if open.live && tag != open.tag && open.held > 0 {
+        if let Some(old) = open.taken.add(taken) {
             // The period rolled since: what is left of the old one goes back to it.
-            let old = std::mem::take(&mut open.held);
-            give_back(state, meter, old, open.tag, open.at, self.engine.as_ref());
+            self.inner.give_back(old);
         }
         open.live = true;
         // The store answers again: records come out of the hold from now on.
         open.failed_open = false;
-        open.tag = tag;
-        open.at = at;
-        open.held = open.held.saturating_add(units);
         Ok(())
     }
 
@@ -554,22 +513,18 @@ impl Hold {
         let mut open = self.inner.lock();
         if open.registered {
             open.registered = false;
-            if let Some(engine) = &self.engine {
-                engine.holds().leave(self.inner.id);
-            }
+            self.units.holds().leave(self.inner.id);
         }
         if !open.live {
             return;
         }
         open.live = false;
-        let state = &self.inner.state;
-        state.plan.metrics.hold(HoldOutcome::Settled).increment(1);
-        let held = std::mem::take(&mut open.held);
-        if held == 0 {
-            return;
-        }
-        if let Ok(meter) = self.inner.meter {
-            give_back(state, meter, held, open.tag, open.at, self.engine.as_ref());
+        self.inner.state.plan.metrics.hold(HoldOutcome::Settled).increment(1);
+        let held = std::mem::take(&mut open.taken);
+        if held.units() > 0 {
+            self.inner.give_back(held);
+        } else {
+            held.keep();
         }
     }
 }
@@ -585,72 +540,18 @@ impl std::fmt::Debug for Hold {
         let open = self.inner.lock();
         f.debug_struct("Hold")
             .field("tenant", &self.inner.state.id)
-            .field("held", &open.held)
+            .field("held", &open.taken.units())
             .field("recorded", &open.recorded)
             .field("overrun", &self.inner.overrun)
             .finish_non_exhaustive()
     }
 }
 
-/// Gives `units` held from the period tagged `tag` (taken at `at`) back: to its lease, after
-/// that period's roll to its counter in the store, and after the lease was given back
-/// (eviction, reload, shutdown) to the store at once, as a late release.
-fn give_back(state: &Tenant, meter: usize, units: u64, tag: u32, at: i64, engine_: Option<&Arc<Shared>>) {
-    let Some(cell) = state.quota(meter) else { return };
-    cell.count_held(units, false);
-    if units == 0 {
-        return;
-    }
-    state.plan.metrics.hold_returned_units.increment(units);
-    if let Ok(tag) = u16::try_from(tag) {
-        return_units(state, meter, units, tag, at, engine_.cloned());
-    }
-}
-
-/// Gives `units` taken from the lease of the period tagged `tag` (at `at`) back, as
-/// [`give_back`] does, without counting them: a hold's, or a job's reservation's.
-pub(crate) fn return_units(state: &Tenant, meter: usize, units: u64, tag: u16, at: i64, engine_: Option<Arc<Shared>>) {
-    let Some(cell) = state.quota(meter) else { return };
-    let late = {
-        // The lock the lease's return marks it under: the units reach the lease before it is
-        // emptied, or go to the store.
-        let locked = cell.locked();
-        if !locked.returned {
-            cell.refund(units, tag);
-        }
-        locked.returned
-    };
-    if late {
-        release_late(state, meter, units, at, engine_.or_else(|| engine(state)));
-    }
-}
-
-/// Sends `units` of a hold whose lease was given back to the store, in the background.
-fn release_late(state: &Tenant, meter: usize, units: u64, at: i64, engine: Option<Arc<Shared>>) {
-    let (Some(engine), Ok(runtime)) = (engine, tokio::runtime::Handle::try_current()) else {
-        tracing::warn!(tenant = %state.id, units, "a hold settled after its lease was given back, with no engine running: its units stay reserved until the period ends");
-        return;
-    };
-    let state = state.clone();
-    runtime.spawn(async move {
-        let Some(cell) = state.quota(meter) else { return };
-        let (start, end) = cell.window(at);
-        if let Err(e) = engine.leases().release_late(cell, start, end, units).await {
-            tracing::warn!(tenant = %state.id, units, error = %e, "a hold's units could not be given back to the store: they stay reserved until the period ends");
-        }
-    });
-}
-
-/// The engine the tenant's plan was compiled for, if it still runs.
-fn engine(state: &Tenant) -> Option<Arc<Shared>> {
-    state.plan.host.get()?.upgrade()?.downcast::<Shared>().ok()
-}
-
 /// Takes `units` of the tenant's hard quota or balance on `meter` for a hold: from the lease,
 /// else with the cell's lock held from a refill (the units straight from its reservation), as
 /// a request that waits takes its cost. Returns the tag of the period they came from, and
 /// when; `None` when the store did not answer and the quota fails open (nothing held).
-async fn take(state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Option<(u32, i64)>, Rejection> {
+async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Option<Taken>, Rejection> {
     let cell = state.quota(meter).expect("a hold takes from a quota");
     let at = state.clock.unix_secs();
     // A hold no period could ever cover is refused before anything is asked: a calendar
@@ -670,25 +571,23 @@ async fn take(state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Opti
     match cell.try_take(units, at) {
         Take::Taken { tag, left } => {
             if cell.wants_prefetch(left) {
-                prefetch(state, meter);
+                hold.prefetcher().request(state, meter, cell);
             }
-            return Ok(Some((u32::from(tag), at)));
+            return Ok(Some(Taken::lease(state, meter, units, tag, at)));
         }
         Take::Exhausted => return refused(state, meter, units, own, at, true),
         Take::NeedLease => {}
     }
-    let Some(shared) = engine(state) else {
-        // The engine is gone (shut down and dropped): nothing can be asked of the store.
-        return failed(state, meter);
-    };
-    let rt = shared.runtime().load_full();
-    let outcome = shared
+    let rt = hold.shared().runtime().load_full();
+    let leases = hold.leases();
+    let outcome = hold
+        .shared()
         .stores()
         .under_lock(cell.lock(), async {
             // A call left in flight by a timeout may have landed: its units come first.
-            shared.leases().settle_inflight(cell).await?;
-            Ok(match shared.leases().take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD)).await? {
-                Some(t) => Ok((u32::from(t.tag), t.start.map_or(at, |start| at.max(start)))),
+            leases.settle_inflight(cell).await?;
+            Ok(match leases.take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD)).await? {
+                Some(t) => Ok(Taken::lease(state, meter, units, t.tag, t.start.map_or(at, |start| at.max(start)))),
                 None => Err(()),
             })
         })
@@ -701,21 +600,10 @@ async fn take(state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Opti
 }
 
 /// The store did not answer: the quota's policy decides. Failing open, nothing is held.
-fn failed(state: &Tenant, meter: usize) -> Result<Option<(u32, i64)>, Rejection> {
+fn failed(state: &Tenant, meter: usize) -> Result<Option<Taken>, Rejection> {
     match state.plan.quota_policy(meter) {
         StoreErrorPolicy::FailOpen => Ok(None),
         StoreErrorPolicy::FailClosed => Err(unavailable(state)),
-    }
-}
-
-/// Asks the worker to refill the lease ahead of need, as a request that took from it does.
-pub(crate) fn prefetch(state: &Tenant, meter: usize) {
-    let sent = engine(state)
-        .is_some_and(|shared| shared.prefetch().try_send(Prefetch { state: state.clone(), meter }).is_ok());
-    if !sent {
-        if let Some(cell) = state.quota(meter) {
-            cell.prefetch_done();
-        }
     }
 }
 
@@ -730,7 +618,7 @@ fn refused(
     own: u64,
     at: i64,
     fits: bool,
-) -> Result<Option<(u32, i64)>, Rejection> {
+) -> Result<Option<Taken>, Rejection> {
     let (r, outcome) = match units_held(state, meter, units, own, at).filter(|_| fits) {
         Some(r) => (r, HoldOutcome::RefusedHeld),
         None => (spent(state, meter, at, fits), HoldOutcome::RefusedSpent),
@@ -741,7 +629,8 @@ fn refused(
         tracing::debug!(tenant = %state.id, "shadow mode: would refuse a hold ({r})");
         let cell = state.quota(meter).expect("a hold takes from a quota");
         // Taken past the limit from this period's lease; owed outside a lease, nothing is held.
-        return Ok(fits.then(|| cell.force_take(units, at)).flatten().map(|tag| (u32::from(tag), at)));
+        let tag = if fits { cell.force_take(units, at) } else { None };
+        return Ok(tag.map(|tag| Taken::lease(state, meter, units, tag, at)));
     }
     state.plan.metrics.rejected(r.kind()).increment(1);
     Err(r)
@@ -848,4 +737,124 @@ fn unavailable(state: &Tenant) -> Rejection {
     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
     state.plan.metrics.rejected(r.kind()).increment(1);
     r.with_retry_after(1).for_tenant(state)
+}
+
+/// The hold a route takes for a request before its handler runs (`[[routes]] hold`): shared
+/// by the ticket and the request's [`TenantContext`](crate::TenantContext)s (whose records of the held meter go
+/// through it). It settles when the last of them goes: the ticket has ended (billed or not)
+/// and the work that could record through it (the handler, a body it streams) is done. A
+/// response billed at its head (the first request with an `Idempotency-Key`) keeps its hold
+/// while its body streams.
+pub(crate) struct RouteHeld {
+    pub(crate) spec: Arc<RouteHold>,
+    meter: usize,
+    /// The units the route held for the request (its estimate): what `settle = "estimate"`
+    /// bills, whether or not the hold holds them (a plan without a hard quota on the meter, a
+    /// hold failed open, one the node settled).
+    estimate: u64,
+    hold: Mutex<Option<Hold>>,
+    /// What the response said the work used (`actual_header`).
+    actual: Mutex<Actual>,
+    /// How the ticket ended: [`NOT_ENDED`], [`BILLED`] or [`NOT_BILLED`].
+    ended: AtomicU8,
+    /// Whether the handler answered (the door read the response's head): a route whose
+    /// `actual_header` was never said bills its estimate only then (the work was delivered,
+    /// its size unknown); cut off before, it bills what was recorded.
+    pub(crate) responded: AtomicBool,
+}
+
+const NOT_ENDED: u8 = 0;
+const BILLED: u8 = 1;
+const NOT_BILLED: u8 = 2;
+
+/// What a response said of its work's units.
+#[derive(Clone, Copy)]
+enum Actual {
+    /// Nothing (yet).
+    Unsaid,
+    /// This many.
+    Said(u64),
+    /// Something that does not parse.
+    Unreadable,
+}
+
+impl RouteHeld {
+    pub(crate) fn new(spec: Arc<RouteHold>, meter: usize, estimate: u64, hold: Hold) -> Self {
+        Self {
+            spec,
+            meter,
+            estimate,
+            hold: Mutex::new(Some(hold)),
+            actual: Mutex::new(Actual::Unsaid),
+            ended: AtomicU8::new(NOT_ENDED),
+            responded: AtomicBool::new(false),
+        }
+    }
+
+    /// Records `units` of `meter` through the hold, if it holds that meter and is open.
+    pub(crate) fn record(&self, meter: usize, units: u64) -> Option<Result<(), RecordError>> {
+        if meter != self.meter {
+            return None;
+        }
+        let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        hold.as_mut().map(|h| h.record(units))
+    }
+
+    /// The response header (or trailer) that says the work's units, if the route names one.
+    pub(crate) fn actual_header(&self) -> Option<&http::HeaderName> {
+        self.spec.actual_header.as_ref()
+    }
+
+    /// Sets what the response's `actual_header` says (see [`Ticket::set_actual`]).
+    pub(crate) fn set_actual(&self, value: &[u8]) {
+        let parsed = std::str::from_utf8(value).ok().map(str::trim).and_then(|v| v.parse::<u64>().ok());
+        if parsed.is_none() {
+            tracing::warn!(meter = %self.spec.meter, header = ?self.spec.actual_header,
+                "the response's actual usage does not parse: the hold's estimate is billed in full");
+        }
+        *self.actual.lock().unwrap_or_else(|e| e.into_inner()) = parsed.map_or(Actual::Unreadable, Actual::Said);
+    }
+
+    /// The ticket ended, `billed` or not: the hold settles so once the work is done.
+    pub(crate) fn end(&self, billed: bool) {
+        self.ended.store(if billed { BILLED } else { NOT_BILLED }, Ordering::Release);
+    }
+
+    /// Settles the hold. Billed: with what the route's `settle` bills beyond what was
+    /// recorded: the estimate, or the actual the response said; a route that names
+    /// `actual_header` whose response said none (once the handler answered), or nothing
+    /// readable, bills the estimate in full: the work was done and its size is not known.
+    /// Billed whether or not the hold holds the units (a tenant without a hard quota on the
+    /// meter, a hold that failed open or that the node settled: then as debt). Not billed:
+    /// what was not recorded goes back whole.
+    fn settle(&self) {
+        let Some(mut hold) = self.hold.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+        if self.ended.load(Ordering::Acquire) != NOT_BILLED {
+            let actual = *self.actual.lock().unwrap_or_else(|e| e.into_inner());
+            let estimate = self.estimate.saturating_sub(hold.recorded());
+            let more = match (self.spec.settle, actual) {
+                (HoldSettle::Estimate, _) | (_, Actual::Unreadable) => estimate,
+                (_, Actual::Said(actual)) => actual.saturating_sub(hold.recorded()),
+                (_, Actual::Unsaid) if self.spec.actual_header.is_some() && self.responded.load(Ordering::Acquire) => {
+                    estimate
+                }
+                (_, Actual::Unsaid) => 0,
+            };
+            if more > estimate {
+                tracing::warn!(meter = %self.spec.meter, estimate = self.estimate, reported = more,
+                    "a held route reported more than it held: charged past the hold, as debt (cap the work at the hold)");
+            }
+            if more > 0 {
+                // The work was done: billed, beyond the hold as debt if need be.
+                hold.record_done(more);
+            }
+        }
+        hold.settle();
+    }
+}
+
+impl Drop for RouteHeld {
+    fn drop(&mut self) {
+        self.settle();
+    }
 }

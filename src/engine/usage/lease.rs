@@ -34,7 +34,7 @@ pub(crate) enum Refill {
 pub(crate) const LEASE_PER_HOLD: u64 = 4;
 
 /// Units taken for a request or a hold with the cell's lock held ([`Leases::take_locked`]).
-pub(crate) struct Taken {
+pub(crate) struct Took {
     /// The tag of the period they came from.
     pub(crate) tag: u16,
     /// The units left in the lease after them.
@@ -310,14 +310,14 @@ impl Leases {
         at: i64,
         units: u64,
         min_lease: u64,
-    ) -> Result<Option<Taken>, StoreError> {
+    ) -> Result<Option<Took>, StoreError> {
         match cell.try_take(units, at) {
-            crate::tenant::Take::Taken { tag, left } => return Ok(Some(Taken { tag, left, start: None })),
+            crate::tenant::Take::Taken { tag, left } => return Ok(Some(Took { tag, left, start: None })),
             crate::tenant::Take::Exhausted => return Ok(None),
             crate::tenant::Take::NeedLease => {}
         }
         Ok(match self.refill_locked(rt, cell, at, units, min_lease).await? {
-            Refill::Taken { tag, start } => Some(Taken { tag, left: cell.lease(), start: Some(start) }),
+            Refill::Taken { tag, start } => Some(Took { tag, left: cell.lease(), start: Some(start) }),
             Refill::Short | Refill::Done => None,
         })
     }

@@ -16,22 +16,24 @@ use std::{
 use rust_decimal::Decimal;
 
 use crate::{
-    config::{amount_of, ceil_nanos, cost_nanos},
-    engine::admit::{admission::NO_TAG, ticket::UNLEASED},
+    base::{amount_of, ceil_nanos, cost_nanos},
+    engine::usage::{
+        lease::Leases,
+        taken::{Prefetcher, Taken},
+    },
     response::{Rejection, RejectionKind},
     tenant::{Take, Tenant},
 };
 
-/// What a request's route cost took of its tenant's spend at admission.
-#[derive(Debug, Clone, Copy)]
+/// What a request's route cost took of its tenant's spend at admission: given back as it
+/// drops, unless it became its ticket's tab.
+#[derive(Debug)]
 pub(crate) struct RouteSpend {
     /// The cost's exact spend (nano-units, not rounded).
     pub(crate) exact: Decimal,
-    /// Nano-units taken from the spend lease for it (⌈exact⌉).
-    pub(crate) taken: u64,
-    /// The tag of the period they came from (`NO_TAG`: none; `UNLEASED`: owed outside a
-    /// lease).
-    pub(crate) tag: u32,
+    /// Nano-units taken from the spend lease for it (⌈exact⌉; none for a route whose meter is
+    /// not priced).
+    pub(crate) taken: Taken,
     /// When (the request's time).
     pub(crate) at: i64,
 }
@@ -39,26 +41,7 @@ pub(crate) struct RouteSpend {
 impl RouteSpend {
     /// Nothing taken: a route whose meter is not priced (its tab only).
     pub(crate) fn nothing(at: i64) -> Self {
-        Self { exact: Decimal::ZERO, taken: 0, tag: NO_TAG, at }
-    }
-
-    /// Gives back what was taken: the request was refused after its spend was (its route's
-    /// own quota, the store).
-    pub(crate) fn give_back(&self, state: &Tenant) {
-        give_back(state, self.taken, self.tag, self.at);
-    }
-}
-
-/// Gives `nanos` taken from the spend lease of the period tagged `tag` back.
-fn give_back(state: &Tenant, nanos: u64, tag: u32, at: i64) {
-    if nanos == 0 {
-        return;
-    }
-    let Some(cell) = state.plan.spend.and_then(|s| state.quota(s)) else { return };
-    if let Ok(tag) = u16::try_from(tag) {
-        cell.refund(nanos, tag);
-    } else if tag == UNLEASED {
-        cell.refund_unleased(nanos, at);
+        Self { exact: Decimal::ZERO, taken: Taken::none(), at }
     }
 }
 
@@ -76,15 +59,18 @@ struct Tab {
     exact: Decimal,
     /// Nano-units charged so far: ⌈exact⌉ (taken from the spend lease).
     charged: u64,
-    /// The route's cost: its exact spend, and the nano-units taken for it not yet recorded
-    /// (recorded when the request is billed).
-    route: RouteSpend,
-    pending: u64,
+    /// The route cost's exact spend.
+    route_exact: Decimal,
+    /// The nano-units taken for the route's cost, not yet recorded (recorded when the request
+    /// is billed), and when.
+    pending: Taken,
+    at: i64,
 }
 
 impl SpendTab {
     pub(crate) fn new(route: RouteSpend) -> Arc<Self> {
-        let tab = Tab { exact: route.exact, charged: route.taken, route, pending: route.taken };
+        let RouteSpend { exact, taken, at } = route;
+        let tab = Tab { exact, charged: taken.units(), route_exact: exact, pending: taken, at };
         Arc::new(Self { inner: Mutex::new(tab) })
     }
 
@@ -94,7 +80,7 @@ impl SpendTab {
 
     /// Work of `exact` nano-units done at `now` (a record without a hold): charged what the
     /// request's rounded total moves by.
-    pub(crate) fn add(&self, state: &Tenant, exact: Decimal, now: i64) {
+    pub(crate) fn add(&self, state: &Tenant, exact: Decimal, now: i64, prefetcher: &Prefetcher) {
         let delta = {
             let mut t = self.lock();
             t.exact = t.exact.saturating_add(exact);
@@ -103,33 +89,35 @@ impl SpendTab {
             t.charged = t.charged.max(total);
             delta
         };
-        charge(state, delta, now);
+        charge(state, delta, now, prefetcher);
     }
 
     /// The request is billed: its route's spend is recorded.
     pub(crate) fn bill(&self, state: &Tenant) {
         let (pending, at) = {
             let mut t = self.lock();
-            (std::mem::take(&mut t.pending), t.route.at)
+            (std::mem::take(&mut t.pending), t.at)
         };
-        record(state, pending, at);
+        record(state, pending.units(), at);
+        pending.keep();
     }
 
     /// The request is not billed: its route's spend goes back, less what the rounding of
     /// the work it recorded keeps (that part is recorded).
-    pub(crate) fn refund(&self, state: &Tenant) {
-        let (give, keep, route) = {
+    pub(crate) fn refund(&self, state: &Tenant, leases: &Arc<Leases>) {
+        let (give, keep, at) = {
             let mut t = self.lock();
-            let pending = std::mem::take(&mut t.pending);
-            t.exact = (t.exact - t.route.exact).max(Decimal::ZERO);
+            let mut pending = std::mem::take(&mut t.pending);
+            t.exact = (t.exact - t.route_exact).max(Decimal::ZERO);
             let total = ceil_nanos(t.exact);
-            let give = t.charged.saturating_sub(total).min(pending);
+            let give = t.charged.saturating_sub(total).min(pending.units());
             t.charged -= give;
-            t.route.exact = Decimal::ZERO;
-            (give, pending - give, t.route)
+            t.route_exact = Decimal::ZERO;
+            (pending.split(give), pending, t.at)
         };
-        give_back(state, give, route.tag, route.at);
-        record(state, keep, route.at);
+        give.give_back(leases);
+        record(state, keep.units(), at);
+        keep.keep();
     }
 }
 
@@ -144,7 +132,7 @@ fn record(state: &Tenant, nanos: u64, at: i64) {
 
 /// Charges `nanos` of spend for work done at `now`: taken from the spend lease (past a hard
 /// cap if need be, as debt: counted in `tollgate_spend_past_cap_nanos_total`) and recorded.
-pub(crate) fn charge(state: &Tenant, nanos: u64, now: i64) {
+pub(crate) fn charge(state: &Tenant, nanos: u64, now: i64, prefetcher: &Prefetcher) {
     let Some(spend) = state.plan.spend else { return };
     if nanos == 0 {
         return;
@@ -154,26 +142,16 @@ pub(crate) fn charge(state: &Tenant, nanos: u64, now: i64) {
             state.plan.metrics.spend_past_cap_nanos.increment(nanos);
         }
         cell.force_take(nanos, now);
-        refill_when_low(state, spend, cell);
+        prefetcher.when_low(state, spend, cell);
     }
     record(state, nanos, now);
 }
 
-/// After spend was charged past the spend lease's low watermark (work done, whatever the
-/// lease held): the lease is refilled in the background, so that the node reads the store's
-/// count and the tenant's own cap (a hard one may have been set through another node since)
-/// within a lease, however long its requests run.
-pub(crate) fn refill_when_low(state: &Tenant, spend: usize, cell: crate::tenant::QuotaRef<'_>) {
-    if cell.wants_prefetch(cell.lease()) {
-        crate::engine::usage::hold::prefetch(state, spend);
-    }
-}
-
 /// The spend of `units` of `meter` recorded outside a request (a context of its own), rounded
 /// per call: charged at once.
-pub(crate) fn charge_units(state: &Tenant, meter: usize, units: u64, now: i64) {
+pub(crate) fn charge_units(state: &Tenant, meter: usize, units: u64, now: i64, prefetcher: &Prefetcher) {
     if let Some(price) = state.plan.spend.and_then(|_| state.plan.price(meter)) {
-        charge(state, ceil_nanos(cost_nanos(units, price)), now);
+        charge(state, ceil_nanos(cost_nanos(units, price)), now, prefetcher);
     }
 }
 

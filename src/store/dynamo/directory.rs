@@ -110,16 +110,22 @@ impl DirectoryStore for DynamoStore {
             TransactWriteItem::builder().put(marker()?).build(),
             TransactWriteItem::builder().update(update).build(),
         ];
-        for attempt in 0..ATTEMPTS {
-            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
-                Ok(_) => {
-                    record.plan = change.plan.clone();
-                    record.last_event_at = Some(change.created);
-                    return Ok(PlanChangeOutcome::Applied(record));
-                }
-                Err(e) => match cancellation(&e) {
+        let (actions, marker, record) = (&actions, &marker, &record);
+        self.until_won("a plan change conflicted with other writes under every attempt", (), |(), _| {
+            Box::pin(async move {
+                let e = match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await
+                {
+                    Ok(_) => {
+                        let mut record = record.clone();
+                        record.plan = change.plan.clone();
+                        record.last_event_at = Some(change.created);
+                        return Ok(Race::Won(PlanChangeOutcome::Applied(record)));
+                    }
+                    Err(e) => e,
+                };
+                match cancellation(&e) {
                     Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
-                        return Ok(PlanChangeOutcome::Duplicate)
+                        Ok(Race::Won(PlanChangeOutcome::Duplicate))
                     }
                     Some(r) if r.get(1).is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
                         // Either a newer event was applied, or the customer left this tenant
@@ -128,11 +134,10 @@ impl DirectoryStore for DynamoStore {
                         let still =
                             now.as_ref().is_some_and(|t| t.customer.as_deref() == Some(change.customer.as_str()));
                         if !still {
-                            return Box::pin(self.apply_plan_change(change)).await;
+                            return Ok(Race::Won(Box::pin(self.apply_plan_change(change)).await?));
                         }
                         if now.and_then(|t| t.last_event_at).is_none_or(|last| last <= change.created) {
-                            backoff(attempt).await;
-                            continue;
+                            return Ok(Race::Lost(()));
                         }
                         // Older than the last event applied: its id is marked, nothing else changes.
                         let marked = self
@@ -143,18 +148,18 @@ impl DirectoryStore for DynamoStore {
                             .condition_expression("attribute_not_exists(pk)")
                             .send()
                             .await;
-                        return match marked {
-                            Ok(_) => Ok(PlanChangeOutcome::Stale),
-                            Err(e) if is_ccf(&e) => Ok(PlanChangeOutcome::Duplicate),
+                        match marked {
+                            Ok(_) => Ok(Race::Won(PlanChangeOutcome::Stale)),
+                            Err(e) if is_ccf(&e) => Ok(Race::Won(PlanChangeOutcome::Duplicate)),
                             Err(e) => Err(sdk(e)),
-                        };
+                        }
                     }
-                    Some(_) => backoff(attempt).await,
-                    None => return Err(sdk(e)),
-                },
-            }
-        }
-        Err(StoreError::Conflict("a plan change conflicted with other writes under every attempt"))
+                    Some(_) => Ok(Race::Lost(())),
+                    None => Err(sdk(e)),
+                }
+            })
+        })
+        .await
     }
 
     async fn find_key(&self, key: &KeyHash) -> Result<Option<TenantRecord>, StoreError> {

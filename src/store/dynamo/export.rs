@@ -230,18 +230,9 @@ impl ExportStore for DynamoStore {
     }
 
     async fn identifier_namespace(&self) -> Result<String, StoreError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", s(META_PK))
-            .key("sk", s(NAMESPACE_SK))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(sdk)?;
+        let item = self.get(META_PK.to_owned(), NAMESPACE_SK).await?;
         // A table made before namespaces has no such item: its identifiers as they were.
-        Ok(out.item.as_ref().and_then(|i| get_s(i, "value")).unwrap_or_default().to_owned())
+        Ok(item.as_ref().and_then(|i| get_s(i, "value")).unwrap_or_default().to_owned())
     }
 
     async fn set_identifier_namespace(&self, current: &str, new: &str) -> Result<bool, StoreError> {

@@ -94,17 +94,7 @@ impl IdempotencyStore for DynamoStore {
         request: &str,
         now: i64,
     ) -> Result<Option<IdempotencyState>, StoreError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", s(idempotency_pk(key)))
-            .key("sk", s("I"))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(sdk)?;
-        let Some(held) = out.item else { return Ok(None) };
+        let Some(held) = self.get(idempotency_pk(key), "I").await? else { return Ok(None) };
         let completed = held.get("completed").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
         // Expired (TTL deletion is lazy), or left in flight past its time: free.
         let expires = get_i(&held, "ttl").unwrap_or(i64::MAX);

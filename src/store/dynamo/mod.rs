@@ -30,6 +30,7 @@ use super::{
 use crate::base::{KeyHash, TenantId};
 
 mod counters;
+mod credits;
 mod directory;
 mod export;
 mod idempotency;
@@ -38,6 +39,7 @@ mod ledger;
 mod outbox;
 mod place;
 mod quota;
+mod race;
 mod rate;
 mod schema;
 mod usage;
@@ -47,6 +49,7 @@ use keys::{
     keys_gpk, payment_pk, places_pk, quota_pk, quota_sk, rate_pk, tenant_pk, usage_gsk, usage_pk, usage_sk,
     window_text, CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, ONE_SK, SEP,
 };
+use race::Race;
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -316,17 +319,20 @@ impl DynamoStore {
         actions: Vec<TransactWriteItem>,
         what: &'static str,
     ) -> Result<Option<Vec<Option<String>>>, StoreError> {
-        for attempt in 0..ATTEMPTS {
-            match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
-                Ok(_) => return Ok(None),
-                Err(e) => match cancellation(&e) {
-                    Some(r) if r.iter().flatten().any(|c| c == "ConditionalCheckFailed") => return Ok(Some(r)),
-                    Some(r) if retryable(&r) => backoff(attempt).await,
-                    _ => return Err(sdk(e)),
-                },
-            }
-        }
-        Err(StoreError::Conflict(what))
+        let actions = &actions;
+        self.until_won(what, (), |(), _| {
+            Box::pin(async move {
+                match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                    Ok(_) => Ok(Race::Won(None)),
+                    Err(e) => match cancellation(&e) {
+                        Some(r) if r.iter().flatten().any(|c| c == "ConditionalCheckFailed") => Ok(Race::Won(Some(r))),
+                        Some(r) if retryable(&r) => Ok(Race::Lost(())),
+                        _ => Err(sdk(e)),
+                    },
+                }
+            })
+        })
+        .await
     }
 }
 

@@ -94,18 +94,7 @@ impl DynamoStore {
     }
 
     async fn alert_row(&self, key: &AlertKey) -> Result<Option<(OutboxEntry, i64)>, StoreError> {
-        let found = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", s(ROWS_PK))
-            .key("sk", s(row_sk(key)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(sdk)?
-            .item;
-        Ok(found.as_ref().and_then(entry))
+        Ok(self.get(ROWS_PK.to_owned(), &row_sk(key)).await?.as_ref().and_then(entry))
     }
 
     /// Writes `after` over `before` (version `ver`) with the queue item moved as its state and
@@ -132,20 +121,20 @@ impl DynamoStore {
     async fn change_alert(
         &self,
         key: &AlertKey,
-        change: impl Fn(&mut OutboxEntry) -> bool,
+        change: impl Fn(&mut OutboxEntry) -> bool + Sync,
     ) -> Result<bool, StoreError> {
-        for attempt in 0..ATTEMPTS {
-            let Some((before, ver)) = self.alert_row(key).await? else { return Ok(false) };
-            let mut after = before.clone();
-            if !change(&mut after) {
-                return Ok(false);
-            }
-            if self.alert_write(&before, &after, ver).await? {
-                return Ok(true);
-            }
-            backoff(attempt).await;
-        }
-        Err(StoreError::Conflict("an alert, written by other nodes all along"))
+        let change = &change;
+        self.until_won("an alert, written by other nodes all along", (), |(), _| {
+            Box::pin(async move {
+                let Some((before, ver)) = self.alert_row(key).await? else { return Ok(Race::Won(false)) };
+                let mut after = before.clone();
+                if !change(&mut after) {
+                    return Ok(Race::Won(false));
+                }
+                Ok(if self.alert_write(&before, &after, ver).await? { Race::Won(true) } else { Race::Lost(()) })
+            })
+        })
+        .await
     }
 }
 

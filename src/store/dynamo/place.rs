@@ -6,53 +6,47 @@ use crate::store::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 
 impl DynamoStore {
     async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
-        let pk = places_pk(&call.tenant);
-        for attempt in 0..2 * ATTEMPTS {
-            let found = self
-                .client
-                .get_item()
-                .table_name(&self.table)
-                .key("pk", s(pk.as_str()))
-                .key("sk", s(ONE_SK))
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(sdk)?
-                .item;
-            let (mut row, version) = match &found {
-                Some(item) => {
-                    (PlaceRow::from_json(get_s(item, "holders").unwrap_or_default())?, get_i(item, "ver").unwrap_or(0))
+        let pk = &places_pk(&call.tenant);
+        let what = "a tenant's places, written by other nodes all along";
+        self.until_won_within(2 * ATTEMPTS, what, (), |(), _| {
+            Box::pin(async move {
+                let found = self.get(pk.clone(), ONE_SK).await?;
+                let (mut row, version) = match &found {
+                    Some(item) => (
+                        PlaceRow::from_json(get_s(item, "holders").unwrap_or_default())?,
+                        get_i(item, "ver").unwrap_or(0),
+                    ),
+                    None => (PlaceRow::default(), 0),
+                };
+                let before = row.clone();
+                let out = row.apply(call, mode);
+                if row == before && (found.is_some() || row.is_empty()) {
+                    return Ok(Race::Won(out));
                 }
-                None => (PlaceRow::default(), 0),
-            };
-            let before = row.clone();
-            let out = row.apply(call, mode);
-            if row == before && (found.is_some() || row.is_empty()) {
-                return Ok(out);
-            }
-            let put = self
-                .client
-                .put_item()
-                .table_name(&self.table)
-                .item("pk", s(pk.as_str()))
-                .item("sk", s(ONE_SK))
-                .item("holders", s(row.to_json()))
-                .item("ver", n(version + 1))
-                // Gone a day after its last node's places expired (TTL deletion is lazy: a
-                // row read after it only holds expired places).
-                .item("ttl", n(row.expires().max(call.now) / 1_000_000_000 + 86_400));
-            let put = if found.is_some() {
-                put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
-            } else {
-                put.condition_expression("attribute_not_exists(pk)")
-            };
-            match put.send().await {
-                Ok(_) => return Ok(out),
-                Err(e) if is_ccf(&e) => backoff(attempt).await,
-                Err(e) => return Err(sdk(e)),
-            }
-        }
-        Err(StoreError::Conflict("a tenant's places, written by other nodes all along"))
+                let put = self
+                    .client
+                    .put_item()
+                    .table_name(&self.table)
+                    .item("pk", s(pk.as_str()))
+                    .item("sk", s(ONE_SK))
+                    .item("holders", s(row.to_json()))
+                    .item("ver", n(version + 1))
+                    // Gone a day after its last node's places expired (TTL deletion is lazy: a
+                    // row read after it only holds expired places).
+                    .item("ttl", n(row.expires().max(call.now) / 1_000_000_000 + 86_400));
+                let put = if found.is_some() {
+                    put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
+                } else {
+                    put.condition_expression("attribute_not_exists(pk)")
+                };
+                match put.send().await {
+                    Ok(_) => Ok(Race::Won(out)),
+                    Err(e) if is_ccf(&e) => Ok(Race::Lost(())),
+                    Err(e) => Err(sdk(e)),
+                }
+            })
+        })
+        .await
     }
 }
 

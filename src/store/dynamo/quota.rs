@@ -1,14 +1,12 @@
-//! The quota role of the DynamoStore.
+//! The quota role of the DynamoStore: a calendar period's counter, reserved and released by
+//! conditional adds carrying each sender's last call; a tenant's own cap beside it. Prepaid
+//! balances and their grants are in `credits.rs`.
 
 use super::*;
 use crate::{
     base::{MeterId, Period},
     store::{
-        contract,
-        quota::{
-            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
-            kept_refund_of, newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
-        },
+        quota::{forgotten, CreditRefund},
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome, SpendCap,
     },
 };
@@ -48,35 +46,32 @@ impl QuotaStore for DynamoStore {
             Some(_) => r.grant_for(left),
             None => r.units,
         };
-        let mut units = within(r.limit.map_or(u64::MAX, |l| l.saturating_sub(r.owed)));
-        for attempt in 0..ATTEMPTS {
-            let at_most = match r.limit {
-                Some(l) if units > 0 => Some(int(l.saturating_sub(r.owed).saturating_sub(r.left_needed(units)))),
-                _ => None,
-            };
-            let delta = int(r.owed.saturating_add(units));
-            match self.add(&r.key, delta, units, at_most, None, r.token).await? {
-                Ok((reserved, _)) => return Ok(Grant::new(units, reserved)),
-                Err(None) => {
-                    if !self.ensure_counter(&r.key).await? {
-                        // A late call for a period long over: nothing is left to reserve in it.
-                        return Ok(Grant::new(0, 0));
-                    }
-                }
-                Err(Some(item)) => {
-                    if let Some(grant) = Self::seen(&item, r.token) {
-                        return Ok(grant);
-                    }
-                    let reserved = get_u(&item, "reserved");
-                    let left = r.limit.map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed)));
-                    units = within(left);
-                    if attempt > 2 {
-                        backoff(attempt).await;
-                    }
-                }
-            }
-        }
-        Err(StoreError::Conflict("a quota counter changed under every attempt"))
+        let units = within(r.limit.map_or(u64::MAX, |l| l.saturating_sub(r.owed)));
+        self.until_won("a quota counter changed under every attempt", units, |units, _| {
+            Box::pin(async move {
+                let at_most = match r.limit {
+                    Some(l) if units > 0 => Some(int(l.saturating_sub(r.owed).saturating_sub(r.left_needed(units)))),
+                    _ => None,
+                };
+                let delta = int(r.owed.saturating_add(units));
+                Ok(match self.add(&r.key, delta, units, at_most, None, r.token).await? {
+                    Ok((reserved, _)) => Race::Won(Grant::new(units, reserved)),
+                    // A late call for a period long over: nothing is left to reserve in it.
+                    Err(None) if !self.ensure_counter(&r.key).await? => Race::Won(Grant::new(0, 0)),
+                    Err(None) => Race::Lost(units),
+                    Err(Some(item)) => match Self::seen(&item, r.token) {
+                        Some(grant) => Race::Won(grant),
+                        None => {
+                            let reserved = get_u(&item, "reserved");
+                            Race::Lost(within(
+                                r.limit.map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed))),
+                            ))
+                        }
+                    },
+                })
+            })
+        })
+        .await
     }
 
     async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
@@ -84,173 +79,22 @@ impl QuotaStore for DynamoStore {
             return self.release_prepaid(key, units, token).await;
         }
         // Never below zero: at most what the counter holds is given back.
-        let mut units = units;
-        for _ in 0..ATTEMPTS {
-            match self.add(key, -int(units), 0, None, Some(int(units)), token).await? {
-                Ok(_) => return Ok(()),
-                Err(None) => {
-                    if !self.ensure_counter(key).await? {
-                        return Ok(());
-                    }
-                }
-                Err(Some(item)) => {
-                    if Self::seen(&item, token).is_some() {
-                        return Ok(());
-                    }
-                    units = units.min(get_u(&item, "reserved"));
-                }
-            }
-        }
-        Err(StoreError::Conflict("a quota counter changed under every attempt"))
+        self.until_won("a quota counter changed under every attempt", units, |units, _| {
+            Box::pin(async move {
+                Ok(match self.add(key, -int(units), 0, None, Some(int(units)), token).await? {
+                    Ok(_) => Race::Won(()),
+                    Err(None) if !self.ensure_counter(key).await? => Race::Won(()),
+                    Err(None) => Race::Lost(units),
+                    Err(Some(item)) if Self::seen(&item, token).is_some() => Race::Won(()),
+                    Err(Some(item)) => Race::Lost(units.min(get_u(&item, "reserved"))),
+                })
+            })
+        })
+        .await
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
-        let key = prepaid_key(&grant.tenant, &grant.meter);
-        if !fits(0, grant.units) {
-            return Ok(GrantOutcome::TooLarge);
-        }
-        if !self.ensure_counter(&key).await? {
-            return Err(StoreError::Conflict("the prepaid counter"));
-        }
-        let pk = credit_pk(&grant.tenant);
-        let sk = credit_sk(grant.meter.as_str(), &grant.id);
-        let payment = grant.payment.as_deref().unwrap_or(&grant.id);
-        for attempt in 0..ATTEMPTS {
-            // One grant per id on every meter of the tenant, and one per payment.
-            if let Some(seen) = self.granted_before(grant).await? {
-                // A refund kept for it is applied now (a crash between the grant and its
-                // refund's application is repaired by Stripe's redelivery of the grant).
-                self.apply_kept_refunds(&seen, payment).await?;
-                return Ok(GrantOutcome::Duplicate(seen));
-            }
-            if self.open_grants(&grant.tenant, &grant.meter).await?.len() >= contract::OPEN_GRANTS_MAX {
-                return Ok(GrantOutcome::TooMany);
-            }
-            // Refunds kept for this payment: the transaction holds only if they are as read.
-            let kept_keys = kept_keys(payment, &grant.id);
-            let mut kept = Vec::new();
-            for k in &kept_keys {
-                kept.push(self.get(kept_refund_pk(k), ONE_SK).await?);
-            }
-            // A refund kept for it is applied in the grant's own transaction: the grant lands
-            // with those units taken back, and the balance as read is set (by the rule every
-            // store refunds by); without one, its units are added to the balance.
-            let refund = kept
-                .iter()
-                .flatten()
-                .filter_map(|item| get_s(item, "refund").and_then(kept_refund_of))
-                .reduce(newer_refund)
-                .map(|r| r.landing(grant));
-            let mut landed = grant.clone();
-            landed.bought = grant.units;
-            landed.taken = 0;
-            landed.closed = None;
-            let mut balance_write = None;
-            if let Some(refund) = &refund {
-                let Some((before, mut open, forgiving)) = self.read_balance(&key).await? else {
-                    return Err(StoreError::Conflict("the prepaid counter"));
-                };
-                if !fits(before.granted, grant.units) {
-                    return Ok(GrantOutcome::TooLarge);
-                }
-                open.retain(|g| g.closed.is_none());
-                open.push(landed.clone());
-                let with = CreditBalance { granted: before.granted.saturating_add(grant.units), ..before };
-                if let Some((_, removed, taken, after, used)) = refund_against(&open, refund, with) {
-                    let (after, by) = forgive(before, after, forgiving.0, used, &forgiving.1, refund.at);
-                    landed.units -= removed;
-                    landed.taken = taken;
-                    balance_write = Some(self.set_balance(&key, before, after, &by)?);
-                }
-            }
-            let mut put = Put::builder()
-                .table_name(&self.table)
-                .item("pk", s(pk.clone()))
-                .item("sk", s(sk.clone()))
-                .item("tenant", s(grant.tenant.as_str()))
-                .item("meter", s(grant.meter.as_str()))
-                .item("id", s(grant.id.as_str()))
-                .item("units", n(landed.units))
-                .item("bought", n(grant.units))
-                .item("taken", n(landed.taken))
-                .item("granted_at", n(grant.granted_at))
-                .condition_expression("attribute_not_exists(pk)");
-            if let Some(at) = grant.expires_at {
-                put = put
-                    .item("expires_at", n(at))
-                    .item("gpk", s(CREDIT_DUE_GPK))
-                    .item("gsk", s(format!("{}{SEP}{pk}{SEP}{sk}", window_text(at))));
-            }
-            if let Some(p) = &grant.payment {
-                put = put.item("payment", s(p.as_str()));
-            }
-            if let Some(paid) = grant.paid {
-                put = put.item("paid", n(paid));
-            }
-            let add = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(quota_pk(&key)))
-                .key("sk", s(quota_sk(&key)))
-                .update_expression("ADD granted :u, room :u")
-                // Never past the most a balance holds.
-                .condition_expression("attribute_exists(pk) AND granted <= :most")
-                .expression_attribute_values(":u", n(grant.units))
-                .expression_attribute_values(":most", n(contract::MAX_BALANCE - grant.units));
-            let balance_write = match balance_write {
-                Some(set) => set,
-                None => TransactWriteItem::builder().update(add.build().map_err(backend)?).build(),
-            };
-            let mut actions =
-                vec![TransactWriteItem::builder().put(put.build().map_err(backend)?).build(), balance_write];
-            let mut markers = vec![grant_id_pk(&grant.tenant, &grant.id)];
-            if let Some(p) = &grant.payment {
-                markers.push(payment_pk(p));
-            }
-            for marker in markers {
-                let put = Put::builder()
-                    .table_name(&self.table)
-                    .item("pk", s(marker))
-                    .item("sk", s(ONE_SK))
-                    .item("tenant", s(grant.tenant.as_str()))
-                    .item("meter", s(grant.meter.as_str()))
-                    .item("id", s(grant.id.as_str()))
-                    .condition_expression("attribute_not_exists(pk)");
-                actions.push(TransactWriteItem::builder().put(put.build().map_err(backend)?).build());
-            }
-            for (k, item) in kept_keys.iter().zip(&kept) {
-                actions.push(unchanged(&self.table, kept_refund_pk(k), item.as_ref())?);
-            }
-            if self.transact(actions, "a credit grant").await?.is_some() {
-                // Granted meanwhile (under its id or payment), a refund kept meanwhile, or the
-                // balance would pass its most.
-                if self.granted_before(grant).await?.is_some() {
-                    continue;
-                }
-                let now: Vec<Option<Item>> = {
-                    let mut v = Vec::new();
-                    for k in &kept_keys {
-                        v.push(self.get(kept_refund_pk(k), ONE_SK).await?);
-                    }
-                    v
-                };
-                if now != kept || refund.is_some() {
-                    // (With a refund, the balance is set as read: a reserve meanwhile.)
-                    backoff(attempt).await;
-                    continue;
-                }
-                return Ok(GrantOutcome::TooLarge);
-            }
-            let stored = self.get(pk.clone(), &sk).await?.as_ref().and_then(credit_of);
-            if let Some(stored) = stored {
-                self.apply_kept_refunds(&stored, payment).await?;
-            }
-            let counter = self.get(quota_pk(&key), &quota_sk(&key)).await?.unwrap_or_default();
-            return Ok(GrantOutcome::Granted(CreditBalance::new(
-                get_u(&counter, "granted"),
-                get_u(&counter, "reserved"),
-            )));
-        }
-        Err(StoreError::Conflict("a credit grant raced with refunds under every attempt"))
+        self.grant(grant).await
     }
 
     async fn credit_grants(
@@ -258,17 +102,7 @@ impl QuotaStore for DynamoStore {
         tenant: &TenantId,
         meter: Option<&MeterId>,
     ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError> {
-        let mut grants = self.grants(tenant, meter).await?;
-        grants.sort_by(|a, b| (a.meter.as_str(), a.spending_order()).cmp(&(b.meter.as_str(), b.spending_order())));
-        let mut meters: Vec<MeterId> = grants.iter().map(|g| g.meter.clone()).collect();
-        meters.dedup();
-        let mut balances = Vec::with_capacity(meters.len());
-        for m in meters {
-            let key = prepaid_key(tenant, &m);
-            let counter = self.get(quota_pk(&key), &quota_sk(&key)).await?.unwrap_or_default();
-            balances.push((m, CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))));
-        }
-        Ok((grants, balances))
+        self.grants_and_balances(tenant, meter).await
     }
 
     async fn close_credits(
@@ -279,122 +113,11 @@ impl QuotaStore for DynamoStore {
         revoke: bool,
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
-        let key = prepaid_key(tenant, meter);
-        for attempt in 0..ATTEMPTS {
-            // The balance first, then its grants: a grant or a close after the read changes the
-            // balance, so the condition below refuses a computation over grants read before.
-            let Some((balance, all, forgiving)) = self.read_balance(&key).await? else { return Ok(None) };
-            let open: Vec<CreditGrant> = all.iter().filter(|g| g.closed.is_none()).cloned().collect();
-            let due =
-                open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
-            if !due {
-                return Ok(None);
-            }
-            let Some((lost, after, used)) = close_against(&open, id, balance) else { return Ok(None) };
-            let (after, by) = forgive(balance, after, forgiving.0, used, &forgiving.1, now);
-            let payment = open.iter().find(|g| g.id == id).and_then(|g| g.payment.clone());
-            let close = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(credit_pk(tenant)))
-                .key("sk", s(credit_sk(meter.as_str(), id)))
-                .update_expression("SET closed_at = :at, revoked = :rv, lost = :lost, #ttl = :ttl REMOVE gpk, gsk")
-                .expression_attribute_names("#ttl", "ttl")
-                .expression_attribute_values(":ttl", n(now.saturating_add(contract::CLOSED_GRANTS_KEPT_SECS)))
-                .condition_expression("attribute_exists(pk) AND attribute_not_exists(closed_at)")
-                .expression_attribute_values(":at", n(now))
-                .expression_attribute_values(":rv", AttributeValue::Bool(revoke))
-                .expression_attribute_values(":lost", n(lost));
-            let actions = vec![
-                TransactWriteItem::builder().update(close.build().map_err(backend)?).build(),
-                self.set_balance(&key, balance, after, &by)?,
-            ];
-            match self.transact(actions, "a credit grant's closing").await? {
-                None => {
-                    // Its markers go with it, once it is dropped (best effort: a marker left
-                    // names a closed grant, which refunds and grants read as such).
-                    let ttl = now.saturating_add(contract::CLOSED_GRANTS_KEPT_SECS);
-                    let markers = std::iter::once(grant_id_pk(tenant, id)).chain(payment.as_deref().map(payment_pk));
-                    for marker in markers {
-                        if let Err(e) = self
-                            .client
-                            .update_item()
-                            .table_name(&self.table)
-                            .key("pk", s(marker))
-                            .key("sk", s(ONE_SK))
-                            .update_expression("SET #ttl = :ttl")
-                            .condition_expression("attribute_exists(pk)")
-                            .expression_attribute_names("#ttl", "ttl")
-                            .expression_attribute_values(":ttl", n(ttl))
-                            .send()
-                            .await
-                        {
-                            if !is_ccf(&e) {
-                                tracing::debug!(error = %sdk(e), "a closed grant's marker keeps no expiry");
-                            }
-                        }
-                    }
-                    // Closed grants are kept a while (their ids, for duplicates), then dropped.
-                    for old in
-                        all.iter().filter(|g| g.closed.is_some_and(|c| c.at <= now - contract::CLOSED_GRANTS_KEPT_SECS))
-                    {
-                        let _ = self
-                            .client
-                            .delete_item()
-                            .table_name(&self.table)
-                            .key("pk", s(credit_pk(tenant)))
-                            .key("sk", s(credit_sk(meter.as_str(), &old.id)))
-                            .send()
-                            .await;
-                    }
-                    return Ok(Some(CreditClosure { at: now, revoked: revoke, lost }));
-                }
-                Some(_) => backoff(attempt).await,
-            }
-        }
-        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
+        self.close_grant(tenant, meter, id, revoke, now).await
     }
 
     async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
-        for attempt in 0..ATTEMPTS {
-            // The grant of the payment: by its marker, or (a grant made before markers) among
-            // the grants of the tenant that paid.
-            let mut grant = match self.get(payment_pk(&refund.payment), ONE_SK).await? {
-                Some(marker) => match (get_s(&marker, "tenant"), get_s(&marker, "meter"), get_s(&marker, "id")) {
-                    (Some(t), Some(m), Some(id)) => {
-                        self.get(credit_pk(&t.into()), &credit_sk(m, id)).await?.as_ref().and_then(credit_of)
-                    }
-                    _ => None,
-                },
-                None => None,
-            };
-            if grant.is_none() {
-                if let Some(tenant) = &refund.tenant {
-                    let all = self.grants(tenant, None).await?;
-                    grant = all
-                        .iter()
-                        .find(|g| g.closed.is_none() && refund.is_of(g))
-                        .or_else(|| all.iter().find(|g| refund.is_of(g)))
-                        .cloned();
-                }
-            }
-            if let Some(grant) = grant {
-                if grant.closed.is_some() {
-                    return Ok(RefundOutcome::Nothing);
-                }
-                return Ok(match self.apply_refund_to(&grant.tenant, &grant.meter, refund).await? {
-                    Some((id, units)) => {
-                        RefundOutcome::Taken { tenant: grant.tenant, meter: grant.meter, grant: id, units }
-                    }
-                    None => RefundOutcome::Nothing,
-                });
-            }
-            // No grant yet: kept, on the condition that no grant of the payment landed meanwhile.
-            match self.keep_refund(refund).await? {
-                Some(outcome) => return Ok(outcome),
-                None => backoff(attempt).await,
-            }
-        }
-        Err(StoreError::Conflict("a refund raced with its grant under every attempt"))
+        self.refund_grant(refund).await
     }
 
     async fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<QuotaCounter>, StoreError> {
@@ -402,186 +125,8 @@ impl QuotaStore for DynamoStore {
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        while out.len() < limit {
-            let page = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name("gsi1")
-                .key_condition_expression("gpk = :h AND gsk < :upto")
-                .expression_attribute_values(":h", s(CREDIT_DUE_GPK))
-                .expression_attribute_values(":upto", s(window_text(now.saturating_add(1))))
-                .limit(i32::try_from(limit - out.len()).unwrap_or(i32::MAX))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(sdk)?;
-            out.extend(page.items.unwrap_or_default().iter().filter_map(credit_of).filter(|g| g.closed.is_none()));
-            match page.last_evaluated_key {
-                Some(k) if out.len() < limit => start = Some(k),
-                _ => break,
-            }
-        }
-        out.truncate(limit);
-        Ok(out)
+        self.expired_grants(now, limit).await
     }
-}
-
-impl DynamoStore {
-    /// A reserve on a prepaid balance: held to the room its grants leave (`room` = granted −
-    /// reserved, kept beside them), in one conditional update; first as if the balance allowed
-    /// everything asked, then what the rule grants for the room read.
-    async fn reserve_prepaid(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        let mut units = r.units;
-        for attempt in 0..ATTEMPTS {
-            let need = (units > 0).then(|| int(r.owed.saturating_add(r.left_needed(units))));
-            match self.add(&r.key, int(r.owed.saturating_add(units)), units, need, None, r.token).await? {
-                Ok((reserved, granted)) => return Ok(Grant::new(units, reserved).with_limit(granted)),
-                Err(None) => {
-                    if !self.ensure_counter(&r.key).await? {
-                        return Ok(Grant::new(0, 0));
-                    }
-                }
-                Err(Some(item)) => {
-                    if let Some(grant) = Self::seen(&item, r.token) {
-                        return Ok(grant.with_limit(Some(get_u(&item, "granted"))));
-                    }
-                    let room = get_i(&item, "room").unwrap_or(0);
-                    let left = u64::try_from(room.saturating_sub(int(r.owed))).unwrap_or(0);
-                    units = r.grant_for(left);
-                    if attempt > 2 {
-                        backoff(attempt).await;
-                    }
-                }
-            }
-        }
-        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
-    }
-
-    /// The grants of `tenant` (on `meter`, or every meter), open and closed.
-    async fn grants(&self, tenant: &TenantId, meter: Option<&MeterId>) -> Result<Vec<CreditGrant>, StoreError> {
-        let mut out = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .expression_attribute_values(":pk", s(credit_pk(tenant)))
-                .set_exclusive_start_key(start.take());
-            q = match meter {
-                Some(m) => q
-                    .key_condition_expression("pk = :pk AND begins_with(sk, :m)")
-                    .expression_attribute_values(":m", s(format!("{m}{SEP}"))),
-                None => q.key_condition_expression("pk = :pk"),
-            };
-            let page = q.send().await.map_err(sdk)?;
-            out.extend(page.items.unwrap_or_default().iter().filter_map(credit_of));
-            match page.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
-        }
-        Ok(out)
-    }
-
-    async fn open_grants(&self, tenant: &TenantId, meter: &MeterId) -> Result<Vec<CreditGrant>, StoreError> {
-        Ok(self.grants(tenant, Some(meter)).await?.into_iter().filter(|g| g.closed.is_none()).collect())
-    }
-}
-
-/// The key of `(tenant, meter)`'s prepaid balance.
-fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
-    let (start, end) = Period::Prepaid.bounds(0);
-    QuotaKey::new(tenant.clone(), meter.clone(), Period::Prepaid, start, end)
-}
-
-impl DynamoStore {
-    /// A prepaid balance as a close or a refund reads it: its counter first, then its grants
-    /// (a grant or a close after the read changes the counter, so a write conditional on the
-    /// counter as read refuses a computation over grants read before), with what is forgiven
-    /// per sender and the senders' last calls. `None`: no balance.
-    async fn read_balance(
-        &self,
-        key: &QuotaKey,
-    ) -> Result<Option<(CreditBalance, Vec<CreditGrant>, (ForgivenBy, Vec<SenderCall>))>, StoreError> {
-        let Some(counter) = self.get(quota_pk(key), &quota_sk(key)).await? else { return Ok(None) };
-        let balance = CreditBalance::new(get_u(&counter, "granted"), get_u(&counter, "reserved"))
-            .forgiving(get_u(&counter, "forgiven"), get_i(&counter, "forgiven_until").unwrap_or(0));
-        let by = forgiven_by_of(get_s(&counter, "forgiven_by").unwrap_or("{}"));
-        // A sender whose answer is not recorded yet (`r`) names no lease.
-        let senders = counter
-            .get("senders")
-            .and_then(|v| v.as_m().ok())
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(node, rec)| {
-                        let rec = rec.as_m().ok()?;
-                        rec.get("r")?;
-                        Some((node.clone(), get_u(rec, "s"), get_u(rec, "g"), get_u(rec, "r")))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Some((balance, self.grants(&key.tenant, Some(&key.meter)).await?, (by, senders))))
-    }
-
-    /// Sets a balance to `after` (forgiven per sender as `by`), only if it is still `before`
-    /// (a reserve or release meanwhile makes the caller read it again).
-    fn set_balance(
-        &self,
-        key: &QuotaKey,
-        before: CreditBalance,
-        after: CreditBalance,
-        by: &ForgivenBy,
-    ) -> Result<TransactWriteItem, StoreError> {
-        let room = i128::from(after.granted) - i128::from(after.reserved);
-        let set = Update::builder()
-            .table_name(&self.table)
-            .key("pk", s(quota_pk(key)))
-            .key("sk", s(quota_sk(key)))
-            .update_expression(
-                "SET granted = :g, reserved = :r, room = :room, forgiven = :f, forgiven_until = :fu, forgiven_by = :fb",
-            )
-            .condition_expression(
-                "granted = :g0 AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)",
-            )
-            .expression_attribute_values(":f", n(after.forgiven))
-            .expression_attribute_values(":fu", n(after.forgiven_until))
-            .expression_attribute_values(":fb", s(forgiven_by_json(by)))
-            .expression_attribute_values(":f0", n(before.forgiven))
-            .expression_attribute_values(":g", n(after.granted))
-            .expression_attribute_values(":r", n(after.reserved))
-            .expression_attribute_values(":room", AttributeValue::N(room.to_string()))
-            .expression_attribute_values(":g0", n(before.granted))
-            .expression_attribute_values(":r0", n(before.reserved));
-        Ok(TransactWriteItem::builder().update(set.build().map_err(backend)?).build())
-    }
-}
-
-fn credit_of(item: &Item) -> Option<CreditGrant> {
-    let mut g = CreditGrant::new(
-        get_s(item, "tenant")?.into(),
-        get_s(item, "meter")?.into(),
-        get_s(item, "id")?,
-        get_u(item, "units"),
-        get_i(item, "granted_at")?,
-    )
-    .expiring(get_i(item, "expires_at"));
-    g.payment = get_s(item, "payment").map(str::to_owned);
-    g.refunded = get_u(item, "refunded");
-    g.paid = item.contains_key("paid").then(|| get_u(item, "paid"));
-    // Written before the units bought were recorded: its units then.
-    g.bought = if item.contains_key("bought") { get_u(item, "bought") } else { g.units };
-    g.taken = get_u(item, "taken");
-    if let Some(at) = get_i(item, "closed_at") {
-        let revoked = item.get("revoked").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
-        g.closed = Some(CreditClosure { at, revoked, lost: get_u(item, "lost") });
-    }
-    Some(g)
 }
 
 impl DynamoStore {
@@ -855,277 +400,6 @@ impl DynamoStore {
 /// The condition that `#n`'s call with `:seq` made at `:at` is new: its sender's last call is
 /// older, or its sender is not remembered and it is later than every sender forgotten
 /// (`store::quota::forgotten`).
-const NEW_CALL: &str =
+pub(super) const NEW_CALL: &str =
     "((attribute_not_exists(senders.#n) AND (attribute_not_exists(forgotten_at) OR forgotten_at < :at)) \
      OR senders.#n.s < :seq)";
-
-/// The keys a refund of a grant's payment is kept under: its payment (or id) and its id.
-fn kept_keys(payment: &str, id: &str) -> Vec<String> {
-    let mut keys = vec![payment.to_owned()];
-    if id != payment {
-        keys.push(id.to_owned());
-    }
-    keys
-}
-
-/// A transaction's check that the item at `pk` is as read: absent, or with the same `at`.
-fn unchanged(table: &str, pk: String, read: Option<&Item>) -> Result<TransactWriteItem, StoreError> {
-    let check =
-        aws_sdk_dynamodb::types::ConditionCheck::builder().table_name(table).key("pk", s(pk)).key("sk", s(ONE_SK));
-    let check = match read.and_then(|i| get_i(i, "kept_at")) {
-        Some(at) => check.condition_expression("kept_at = :at").expression_attribute_values(":at", n(at)),
-        None => check.condition_expression("attribute_not_exists(pk)"),
-    };
-    Ok(TransactWriteItem::builder().condition_check(check.build().map_err(backend)?).build())
-}
-
-impl DynamoStore {
-    /// A release on a prepaid balance: drawn on its forgiven units first
-    /// ([`release_against`]), in one update conditional on the counter as read.
-    async fn release_prepaid(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        for attempt in 0..ATTEMPTS {
-            let Some(item) = self.get(quota_pk(key), &quota_sk(key)).await? else {
-                if !self.ensure_counter(key).await? {
-                    return Ok(());
-                }
-                continue;
-            };
-            if Self::seen(&item, token).is_some() {
-                return Ok(());
-            }
-            let reserved = get_u(&item, "reserved");
-            let forgiven = get_u(&item, "forgiven");
-            let until = get_i(&item, "forgiven_until").unwrap_or(0);
-            let mut by = forgiven_by_of(get_s(&item, "forgiven_by").unwrap_or("{}"));
-            let name = hex_node(token.node);
-            let last = item
-                .get("senders")
-                .and_then(|v| v.as_m().ok())
-                .and_then(|m| m.get(&name))
-                .and_then(|r| r.as_m().ok())
-                .map(|r| get_u(r, "s"));
-            let (after, left) = release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at);
-            let drop = reserved - after;
-            let out = self
-                .client
-                .update_item()
-                .table_name(&self.table)
-                .key("pk", s(quota_pk(key)))
-                .key("sk", s(quota_sk(key)))
-                .update_expression("ADD reserved :nd, room :d SET forgiven = :f, forgiven_by = :fb, senders.#n = :rec")
-                .condition_expression(format!(
-                    "attribute_exists(pk) AND {NEW_CALL} \
-                     AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)"
-                ))
-                .expression_attribute_values(":at", n(token.at))
-                .expression_attribute_names("#n", name.as_str())
-                .expression_attribute_values(":nd", n(-int(drop)))
-                .expression_attribute_values(":d", n(drop))
-                .expression_attribute_values(":f", n(left))
-                .expression_attribute_values(":fb", s(forgiven_by_json(&by)))
-                .expression_attribute_values(":seq", n(token.seq))
-                .expression_attribute_values(":r0", n(reserved))
-                .expression_attribute_values(":f0", n(forgiven))
-                .expression_attribute_values(
-                    ":rec",
-                    AttributeValue::M(HashMap::from([
-                        ("s".to_owned(), n(token.seq)),
-                        ("g".to_owned(), n(0)),
-                        ("t".to_owned(), n(token.at)),
-                    ])),
-                )
-                .return_values(ReturnValue::AllNew)
-                .send()
-                .await;
-            match out {
-                Ok(out) => {
-                    let item = out.attributes.unwrap_or_default();
-                    self.after_add(key, token, get_u(&item, "reserved"), &item).await;
-                    return Ok(());
-                }
-                Err(e) if is_ccf(&e) => backoff(attempt).await,
-                Err(e) => return Err(sdk(e)),
-            }
-        }
-        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
-    }
-
-    /// The grant a new grant would repeat: one of the tenant with its id (on any meter), or
-    /// one of its payment, by their markers; else one under the same (tenant, meter, id).
-    async fn granted_before(&self, grant: &CreditGrant) -> Result<Option<CreditGrant>, StoreError> {
-        let mut markers = vec![grant_id_pk(&grant.tenant, &grant.id)];
-        if let Some(p) = &grant.payment {
-            markers.push(payment_pk(p));
-        }
-        for marker in markers {
-            if let Some(m) = self.get(marker, ONE_SK).await? {
-                if let (Some(t), Some(meter), Some(id)) = (get_s(&m, "tenant"), get_s(&m, "meter"), get_s(&m, "id")) {
-                    if let Some(g) =
-                        self.get(credit_pk(&t.into()), &credit_sk(meter, id)).await?.as_ref().and_then(credit_of)
-                    {
-                        return Ok(Some(g));
-                    }
-                }
-            }
-        }
-        let own = self.get(credit_pk(&grant.tenant), &credit_sk(grant.meter.as_str(), &grant.id)).await?;
-        if let Some(own) = own.as_ref().and_then(credit_of) {
-            return Ok(Some(own));
-        }
-        // Grants written before the markers were (by an earlier version) have none: the
-        // tenant's grants are read for the payment (grants are few, and rare).
-        let Some(payment) = &grant.payment else { return Ok(None) };
-        Ok(self.grants(&grant.tenant, None).await?.into_iter().find(|g| g.payment.as_ref() == Some(payment)))
-    }
-
-    /// Applies the refunds kept for `grant`'s payment (`payment`, or its id) to it, then
-    /// forgets them. Idempotent: a grant takes each unit once (its `taken`).
-    async fn apply_kept_refunds(&self, grant: &CreditGrant, payment: &str) -> Result<(), StoreError> {
-        let keys = kept_keys(payment, &grant.id);
-        let mut kept = Vec::new();
-        for k in &keys {
-            if let Some(item) = self.get(kept_refund_pk(k), ONE_SK).await? {
-                if let Some(r) = get_s(&item, "refund").and_then(kept_refund_of) {
-                    kept.push((k.clone(), item.clone(), r));
-                }
-            }
-        }
-        let Some(refund) = kept.iter().map(|(_, _, r)| r.clone()).reduce(newer_refund) else { return Ok(()) };
-        if grant.closed.is_none() {
-            self.apply_refund_to(&grant.tenant, &grant.meter, &refund.landing(grant)).await?;
-        }
-        for (k, item, _) in kept {
-            // Only as read: a newer copy kept meanwhile stays, for the next delivery.
-            let _ = self
-                .client
-                .delete_item()
-                .table_name(&self.table)
-                .key("pk", s(kept_refund_pk(&k)))
-                .key("sk", s(ONE_SK))
-                .condition_expression("kept_at = :at")
-                .expression_attribute_values(":at", n(get_i(&item, "kept_at").unwrap_or(0)))
-                .send()
-                .await;
-        }
-        Ok(())
-    }
-
-    /// Applies `refund` to its open grant of `(tenant, meter)`: the grant's id and the units
-    /// taken from what it held, or `None` when it takes nothing more; one transaction on the
-    /// grant (as read: its units and `taken`) and the balance (as read).
-    async fn apply_refund_to(
-        &self,
-        tenant: &TenantId,
-        meter: &MeterId,
-        refund: &CreditRefund,
-    ) -> Result<Option<(String, u64)>, StoreError> {
-        let key = prepaid_key(tenant, meter);
-        for attempt in 0..ATTEMPTS {
-            let Some((balance, all, forgiving)) = self.read_balance(&key).await? else { return Ok(None) };
-            let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
-            let Some(grant) = open.iter().find(|g| refund.is_of(g)) else { return Ok(None) };
-            let Some((units, removed, taken, after, used)) = refund_against(&open, refund, balance) else {
-                return Ok(None);
-            };
-            let (after, by) = forgive(balance, after, forgiving.0, used, &forgiving.1, refund.at);
-            let take = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(credit_pk(tenant)))
-                .key("sk", s(credit_sk(meter.as_str(), &grant.id)))
-                // Written by an earlier build without its units bought: they are its units now.
-                .update_expression("SET units = :u, taken = :t, bought = if_not_exists(bought, :u0)")
-                .condition_expression(
-                    "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
-                     AND (attribute_not_exists(taken) OR taken = :t0)",
-                )
-                .expression_attribute_values(":u", n(grant.units - removed))
-                .expression_attribute_values(":t", n(taken))
-                .expression_attribute_values(":u0", n(grant.units))
-                .expression_attribute_values(":t0", n(grant.taken));
-            let actions = vec![
-                TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
-                self.set_balance(&key, balance, after, &by)?,
-            ];
-            match self.transact(actions, "a credit grant's refund").await? {
-                None => return Ok(Some((grant.id.clone(), units))),
-                Some(_) => backoff(attempt).await,
-            }
-        }
-        Err(StoreError::Conflict("a prepaid balance changed under every attempt"))
-    }
-
-    /// Keeps a refund whose grant has not landed, under its payment and invoice, the newer of
-    /// two copies winning, on the condition that no grant of the payment has landed:
-    /// `Some(Kept)` or `Some(Full)`, `None` when a condition failed (read again).
-    async fn keep_refund(&self, refund: &CreditRefund) -> Result<Option<RefundOutcome>, StoreError> {
-        let mut keys = vec![refund.payment.clone()];
-        if let Some(i) = refund.invoice.as_ref().filter(|i| **i != refund.payment) {
-            keys.push(i.clone());
-        }
-        let mut actions = Vec::new();
-        // No grant of the payment (nor of its invoice, as an id: checked by the grant's own
-        // transaction against the kept items).
-        let check = aws_sdk_dynamodb::types::ConditionCheck::builder()
-            .table_name(&self.table)
-            .key("pk", s(payment_pk(&refund.payment)))
-            .key("sk", s(ONE_SK))
-            .condition_expression("attribute_not_exists(pk)")
-            .build()
-            .map_err(backend)?;
-        actions.push(TransactWriteItem::builder().condition_check(check).build());
-        let mut new = false;
-        for k in &keys {
-            let read = self.get(kept_refund_pk(k), ONE_SK).await?;
-            let before = read.as_ref().and_then(|i| get_s(i, "refund")).and_then(kept_refund_of);
-            new |= before.is_none();
-            let kept = match before {
-                Some(b) => newer_refund(b, refund.clone()),
-                None => refund.clone(),
-            };
-            let mut put = Put::builder()
-                .table_name(&self.table)
-                .item("pk", s(kept_refund_pk(k)))
-                .item("sk", s(ONE_SK))
-                .item("refund", s(kept_refund_json(&kept)))
-                .item("kept_at", n(kept.at))
-                .item("ttl", n(kept.at.saturating_add(contract::REFUNDS_KEPT_SECS)));
-            put = match read.as_ref().and_then(|i| get_i(i, "kept_at")) {
-                Some(at) => put.condition_expression("kept_at = :at0").expression_attribute_values(":at0", n(at)),
-                None => put.condition_expression("attribute_not_exists(pk)"),
-            };
-            actions.push(TransactWriteItem::builder().put(put.build().map_err(backend)?).build());
-        }
-        if new {
-            // At most REFUNDS_KEPT_MAX kept: shared out over the days they are kept.
-            let per_day = (contract::REFUNDS_KEPT_MAX as u64).div_ceil((contract::REFUNDS_KEPT_SECS / 86_400) as u64);
-            let day = refund.at.div_euclid(86_400);
-            let count = Update::builder()
-                .table_name(&self.table)
-                .key("pk", s(kept_refunds_count_pk(day)))
-                .key("sk", s(ONE_SK))
-                .update_expression("ADD n :one SET #ttl = :ttl")
-                .condition_expression("attribute_not_exists(n) OR n < :most")
-                .expression_attribute_names("#ttl", "ttl")
-                .expression_attribute_values(":one", n(1))
-                .expression_attribute_values(":most", n(per_day))
-                .expression_attribute_values(":ttl", n((day + 36) * 86_400));
-            actions.push(TransactWriteItem::builder().update(count.build().map_err(backend)?).build());
-        }
-        match self.transact(actions, "a kept refund").await? {
-            None => Ok(Some(RefundOutcome::Kept)),
-            Some(reasons) => {
-                // The day's count alone refused: full.
-                let failed: Vec<usize> = reasons
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.as_deref() == Some("ConditionalCheckFailed"))
-                    .map(|(i, _)| i)
-                    .collect();
-                if new && failed == [reasons.len() - 1] {
-                    return Ok(Some(RefundOutcome::Full));
-                }
-                Ok(None)
-            }
-        }
-    }
-}

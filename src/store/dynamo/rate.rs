@@ -9,64 +9,61 @@ impl DynamoStore {
     /// Runs `apply` on `tenant`'s bucket and writes it back if no other call wrote it
     /// meanwhile (else reads it again); with `create`, a missing bucket starts empty, else
     /// `None`.
-    async fn with_rate_item<T>(
+    async fn with_rate_item<T: Send>(
         &self,
         tenant: &TenantId,
         create: bool,
-        apply: impl Fn(&mut RateRow) -> T,
+        apply: impl Fn(&mut RateRow) -> T + Sync,
     ) -> Result<Option<T>, StoreError> {
-        let pk = rate_pk(tenant);
+        let pk = &rate_pk(tenant);
+        let apply = &apply;
         // Twice a counter's tries: every node of a busy tenant writes this one item.
-        for attempt in 0..2 * ATTEMPTS {
-            let found = self
-                .client
-                .get_item()
-                .table_name(&self.table)
-                .key("pk", s(pk.as_str()))
-                .key("sk", s(ONE_SK))
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(sdk)?
-                .item;
-            let (mut row, version) = match &found {
-                Some(item) => (
-                    RateRow::from_stored(get_i(item, "tat").unwrap_or(0), get_s(item, "senders").unwrap_or_default())?,
-                    get_i(item, "ver").unwrap_or(0),
-                ),
-                None if create => (RateRow::default(), 0),
-                None => return Ok(None),
-            };
-            let before = row.clone();
-            let out = apply(&mut row);
-            if row == before && found.is_some() {
-                // Answered again, or refused: nothing to write.
-                return Ok(Some(out));
-            }
-            let put = self
-                .client
-                .put_item()
-                .table_name(&self.table)
-                .item("pk", s(pk.as_str()))
-                .item("sk", s(ONE_SK))
-                .item("tat", n(row.tat))
-                .item("senders", s(row.senders_json()))
-                .item("ver", n(version + 1))
-                // Gone a day after its bucket is full again (TTL deletion is lazy: a row read
-                // after it only finds a full bucket).
-                .item("ttl", n(row.tat / 1_000_000_000 + 86_400));
-            let put = if found.is_some() {
-                put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
-            } else {
-                put.condition_expression("attribute_not_exists(pk)")
-            };
-            match put.send().await {
-                Ok(_) => return Ok(Some(out)),
-                Err(e) if is_ccf(&e) => backoff(attempt).await,
-                Err(e) => return Err(sdk(e)),
-            }
-        }
-        Err(StoreError::Conflict("a tenant's shared rate, written by other nodes all along"))
+        let what = "a tenant's shared rate, written by other nodes all along";
+        self.until_won_within(2 * ATTEMPTS, what, (), |(), _| {
+            Box::pin(async move {
+                let found = self.get(pk.clone(), ONE_SK).await?;
+                let (mut row, version) = match &found {
+                    Some(item) => (
+                        RateRow::from_stored(
+                            get_i(item, "tat").unwrap_or(0),
+                            get_s(item, "senders").unwrap_or_default(),
+                        )?,
+                        get_i(item, "ver").unwrap_or(0),
+                    ),
+                    None if create => (RateRow::default(), 0),
+                    None => return Ok(Race::Won(None)),
+                };
+                let before = row.clone();
+                let out = apply(&mut row);
+                if row == before && found.is_some() {
+                    // Answered again, or refused: nothing to write.
+                    return Ok(Race::Won(Some(out)));
+                }
+                let put = self
+                    .client
+                    .put_item()
+                    .table_name(&self.table)
+                    .item("pk", s(pk.as_str()))
+                    .item("sk", s(ONE_SK))
+                    .item("tat", n(row.tat))
+                    .item("senders", s(row.senders_json()))
+                    .item("ver", n(version + 1))
+                    // Gone a day after its bucket is full again (TTL deletion is lazy: a row read
+                    // after it only finds a full bucket).
+                    .item("ttl", n(row.tat / 1_000_000_000 + 86_400));
+                let put = if found.is_some() {
+                    put.condition_expression("ver = :ver").expression_attribute_values(":ver", n(version))
+                } else {
+                    put.condition_expression("attribute_not_exists(pk)")
+                };
+                match put.send().await {
+                    Ok(_) => Ok(Race::Won(Some(out))),
+                    Err(e) if is_ccf(&e) => Ok(Race::Lost(())),
+                    Err(e) => Err(sdk(e)),
+                }
+            })
+        })
+        .await
     }
 }
 

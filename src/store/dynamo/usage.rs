@@ -20,22 +20,24 @@ impl UsageStore for DynamoStore {
             let update = usage_update(&self.table, r)?;
             actions.push(TransactWriteItem::builder().update(update).build());
         }
-        for attempt in 0..ATTEMPTS {
-            let sent = self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await;
-            match sent {
-                Ok(_) => return Ok(CommitOutcome::Applied),
-                Err(e) => match cancellation(&e) {
-                    Some(reasons)
-                        if reasons.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>
-                    {
-                        return Ok(CommitOutcome::AlreadyApplied)
-                    }
-                    Some(reasons) if retryable(&reasons) => backoff(attempt).await,
-                    _ => return Err(sdk(e)),
-                },
-            }
-        }
-        Err(StoreError::Conflict("a usage flush conflicted with other writes under every attempt"))
+        let actions = &actions;
+        self.until_won("a usage flush conflicted with other writes under every attempt", (), |(), _| {
+            Box::pin(async move {
+                match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                    Ok(_) => Ok(Race::Won(CommitOutcome::Applied)),
+                    Err(e) => match cancellation(&e) {
+                        Some(reasons)
+                            if reasons.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>
+                        {
+                            Ok(Race::Won(CommitOutcome::AlreadyApplied))
+                        }
+                        Some(reasons) if retryable(&reasons) => Ok(Race::Lost(())),
+                        _ => Err(sdk(e)),
+                    },
+                }
+            })
+        })
+        .await
     }
 
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
@@ -44,7 +46,7 @@ impl UsageStore for DynamoStore {
         // lost are then answered as the first (applied), not as a duplicate; a later delivery
         // of the event, a new call, gets a new token and its condition fails (duplicate).
         let call = crate::base::draw_u64();
-        'events: for (i, e) in events.iter().enumerate() {
+        for (i, e) in events.iter().enumerate() {
             let token = format!("{call:016x}{:016x}", (i as u64) ^ 0x5bd1_e995);
             let seen = Put::builder()
                 .table_name(&self.table)
@@ -60,39 +62,41 @@ impl UsageStore for DynamoStore {
                 TransactWriteItem::builder().put(seen).build(),
                 TransactWriteItem::builder().update(update).build(),
             ];
-            for attempt in 0..ATTEMPTS {
-                let request = self
-                    .client
-                    .transact_write_items()
-                    .set_transact_items(Some(actions.clone()))
-                    .client_request_token(&token);
-                match request.send().await {
-                    Ok(_) => {
-                        out.push(EventOutcome::Applied);
-                        continue 'events;
-                    }
-                    // Another request with this token is still being applied: wait, send again.
-                    Err(err)
-                        if err.as_service_error().is_some_and(|e| {
-                            matches!(e, TransactWriteItemsError::TransactionInProgressException(_))
-                        }) =>
-                    {
-                        backoff(attempt).await
-                    }
-                    Err(err) => match cancellation(&err) {
-                        Some(reasons)
-                            if reasons.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>
-                        {
-                            out.push(EventOutcome::Duplicate);
-                            continue 'events;
+            let (actions, token) = (&actions, &token);
+            let outcome =
+                self.until_won("a usage event conflicted with other writes under every attempt", (), |(), _| {
+                    Box::pin(async move {
+                        let request = self
+                            .client
+                            .transact_write_items()
+                            .set_transact_items(Some(actions.clone()))
+                            .client_request_token(token);
+                        match request.send().await {
+                            Ok(_) => Ok(Race::Won(EventOutcome::Applied)),
+                            // Another request with this token is still being applied: wait, send again.
+                            Err(err)
+                                if err.as_service_error().is_some_and(|e| {
+                                    matches!(e, TransactWriteItemsError::TransactionInProgressException(_))
+                                }) =>
+                            {
+                                Ok(Race::Lost(()))
+                            }
+                            Err(err) => match cancellation(&err) {
+                                Some(reasons)
+                                    if reasons
+                                        .first()
+                                        .is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>
+                                {
+                                    Ok(Race::Won(EventOutcome::Duplicate))
+                                }
+                                Some(reasons) if !retryable(&reasons) => Err(sdk(err)),
+                                Some(_) => Ok(Race::Lost(())),
+                                None => Err(sdk(err)),
+                            },
                         }
-                        Some(reasons) if !retryable(&reasons) => return Err(sdk(err)),
-                        Some(_) => backoff(attempt).await,
-                        None => return Err(sdk(err)),
-                    },
-                }
-            }
-            return Err(StoreError::Conflict("a usage event conflicted with other writes under every attempt"));
+                    })
+                });
+            out.push(outcome.await?);
         }
         Ok(out)
     }

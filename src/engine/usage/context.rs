@@ -1,9 +1,16 @@
-//! Usage as handlers see it: the [`TenantContext`] in the request extensions.
+//! Usage as handlers see it: the [`TenantContext`] in the request extensions, and the holds
+//! it takes.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
+use crate::engine::usage::{
+    hold::{Hold, RecordError, RouteHeld},
+    spend::{charge_units, cost_of, SpendTab},
+    units::Units,
+};
 use crate::{
-    config::{PlanId, TenantId},
+    config::{Overrun, PlanId, TenantId},
+    response::Rejection,
     tenant::Tenant,
 };
 
@@ -25,10 +32,12 @@ pub struct TenantContext {
     state: Tenant,
     charged: bool,
     /// The hold of the request's route (`[[routes]] hold`): records of its meter go through it.
-    hold: Option<std::sync::Arc<crate::engine::RouteHeld>>,
+    hold: Option<Arc<RouteHeld>>,
     /// The request's spend (a plan with a spend cap): records of priced meters made without a
     /// hold are charged through it, rounded once for the request.
-    spend: Option<std::sync::Arc<crate::engine::usage::spend::SpendTab>>,
+    spend: Option<Arc<SpendTab>>,
+    /// The usage part: the holds this context takes, the leases they take from.
+    units: Arc<Units>,
 }
 
 /// A plan feature as a type, for extractors that require one (`tollgate_axum::RequireFeature`,
@@ -72,56 +81,17 @@ pub struct QuotaStatus {
     pub reset_secs: u64,
 }
 
-/// Why [`TenantContext::record`] refused a quantity (nothing was recorded).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RecordError {
-    /// The meter is not declared in the configuration.
-    #[error("unknown meter `{0}`")]
-    UnknownMeter(String),
-    /// The quantity is larger than `i64::MAX` (no meter counts that much at once; it is
-    /// certainly a bug in the caller).
-    #[error("the quantity {0} is larger than i64::MAX")]
-    TooLarge(u64),
-    /// A [`Hold`](crate::Hold) with [`Overrun::Refuse`](crate::Overrun::Refuse): this many
-    /// units beyond what it holds do not fit the node's lease. Nothing was recorded: the work
-    /// they stand for must not be delivered (stop, or [`extend`](crate::Hold::extend) first).
-    #[error("{0} units beyond the hold do not fit")]
-    Overrun(u64),
-    /// A [`Hold`](crate::Hold) with [`Overrun::Refuse`](crate::Overrun::Refuse) on a priced
-    /// meter: the spend of these units beyond what the hold holds of the tenant's hard spend
-    /// cap (this many nano-units of the currency) does not fit the node's lease. Nothing was
-    /// recorded: the work must not be delivered (stop, or [`extend`](crate::Hold::extend)
-    /// first).
-    #[error("{0} nano-units of spend beyond the hold do not fit the spend cap")]
-    SpendCap(u64),
-}
-
 impl TenantContext {
-    pub(crate) fn new(state: Tenant, charged: bool) -> Self {
-        Self { state, charged, hold: None, spend: None }
-    }
-
-    /// With the request's spend.
-    pub(crate) fn spending(mut self, spend: Option<std::sync::Arc<crate::engine::usage::spend::SpendTab>>) -> Self {
-        self.spend = spend;
-        self
-    }
-
-    /// With the hold of the request's route.
-    pub(crate) fn holding(mut self, hold: Option<std::sync::Arc<crate::engine::RouteHeld>>) -> Self {
-        self.hold = hold;
-        self
-    }
-
-    /// The tenant's state.
-    pub(crate) fn state(&self) -> &Tenant {
-        &self.state
-    }
-
-    /// Whether this request is charged (not a replay).
-    pub(crate) fn is_charged(&self) -> bool {
-        self.charged
+    /// The context of a request of `state` (`charged`: not a replay), with its route's hold
+    /// and its spend.
+    pub(crate) fn new(
+        state: Tenant,
+        charged: bool,
+        hold: Option<Arc<RouteHeld>>,
+        spend: Option<Arc<SpendTab>>,
+        units: Arc<Units>,
+    ) -> Self {
+        Self { state, charged, hold, spend, units }
     }
 
     /// The tenant.
@@ -258,13 +228,62 @@ impl TenantContext {
         self.state.plan.metrics.usage_units.increment(quantity);
         // A priced meter feeds the spend: through the request's tab (rounded once for the
         // request), else rounded per call.
-        if let Some(exact) = crate::engine::usage::spend::cost_of(&self.state, index, quantity) {
+        if let Some(exact) = cost_of(&self.state, index, quantity) {
+            let prefetcher = self.units.prefetcher();
             match &self.spend {
-                Some(tab) => tab.add(&self.state, exact, now),
-                None => crate::engine::usage::spend::charge_units(&self.state, index, quantity, now),
+                Some(tab) => tab.add(&self.state, exact, now, prefetcher),
+                None => charge_units(&self.state, index, quantity, now, prefetcher),
             }
         }
         Ok(())
+    }
+}
+
+impl TenantContext {
+    /// Holds `units` of `meter` for this request's work, before it runs: a hard quota's or a
+    /// prepaid balance's units are taken now (from the node's lease, else from the store),
+    /// recorded as the work reports them ([`Hold::record`]), and what is not recorded is given
+    /// back when the hold settles or drops. Records beyond the hold are charged as debt
+    /// ([`Overrun::Debt`]); [`hold_with`](Self::hold_with) picks [`Overrun::Refuse`].
+    ///
+    /// ```no_run
+    /// # async fn generate(ctx: tollgate::TenantContext, max_tokens: u64) -> Result<String, tollgate::Rejection> {
+    /// use tollgate::Overrun;
+    /// let mut hold = ctx.hold_with("tokens", max_tokens, Overrun::Refuse).await?;
+    /// let mut out = String::new();
+    /// for chunk in ["Hello", ", ", "world"] {
+    ///     // Each chunk is billed before it is sent; past the hold, more is asked for.
+    ///     if hold.record(1).is_err() {
+    ///         hold.extend(64).await?;
+    ///         hold.record(1).expect("just extended");
+    ///     }
+    ///     out.push_str(chunk);
+    /// }
+    /// hold.settle(); // what was held and not used goes back
+    /// # Ok(out) }
+    /// ```
+    ///
+    /// # Errors
+    /// The rejection to answer with (put it in the response as it is, so the front door gives
+    /// the request's units back): 429 when the quota's period cannot cover `units` (402 for a
+    /// balance; a hold past the limit is refused before anything is taken), 503 when the store
+    /// does not answer and the quota fails closed (failing open, the hold holds nothing). In
+    /// shadow mode the refusal is counted and the units taken past the limit (a hold past the
+    /// limit takes nothing).
+    pub async fn hold(&self, meter: &str, units: u64) -> Result<Hold, Rejection> {
+        self.hold_with(meter, units, Overrun::Debt).await
+    }
+
+    /// [`hold`](Self::hold), with what a record beyond the hold does.
+    ///
+    /// # Errors
+    /// As [`hold`](Self::hold).
+    pub async fn hold_with(&self, meter: &str, units: u64, overrun: Overrun) -> Result<Hold, Rejection> {
+        let state = self.state.clone();
+        let index = state.plan.meters.index(meter).ok_or_else(|| meter.into());
+        let mut hold = Hold::new(state, index, self.charged, overrun, None, self.units.clone());
+        hold.extend(units).await?;
+        Ok(hold)
     }
 }
 

@@ -3,7 +3,13 @@
 
 use std::sync::Arc;
 
-use crate::engine::{Admission, RequestInfo, RuntimeCache, Tollgate};
+use arc_swap::ArcSwap;
+
+use crate::engine::{
+    admit::stage::{Admission, RequestInfo},
+    shared::Shared,
+    Tollgate,
+};
 use crate::tenant::Credential;
 use crate::tenant::Identity;
 use crate::{
@@ -111,6 +117,40 @@ fn describe<'a, I: Iterator<Item = &'a [u8]>>(
     }
 }
 
+/// Derefs to the engine's configuration slot, for [`arc_swap::Cache`].
+#[derive(Clone)]
+pub(crate) struct RuntimeSource(Arc<Shared>);
+
+impl std::ops::Deref for RuntimeSource {
+    type Target = ArcSwap<Runtime>;
+
+    fn deref(&self) -> &ArcSwap<Runtime> {
+        self.0.runtime()
+    }
+}
+
+/// A front door's copy of the configuration in force: one relaxed load per request to see
+/// whether a reload replaced it, instead of a shared-counter update.
+#[derive(Clone)]
+pub(crate) struct RuntimeCache(arc_swap::Cache<RuntimeSource, Arc<Runtime>>);
+
+impl RuntimeCache {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self(arc_swap::Cache::new(RuntimeSource(shared)))
+    }
+
+    #[inline]
+    pub(crate) fn load(&mut self) -> &Arc<Runtime> {
+        self.0.load()
+    }
+}
+
+impl std::fmt::Debug for RuntimeCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RuntimeCache")
+    }
+}
+
 /// A front door's handle on the engine, with the configuration in force cached: what the
 /// tower layer uses per request, for other front doors (actix-web, Lambda) to use the same
 /// way. Keep one per service (or per worker thread): it is cheap to clone, and every clone
@@ -144,7 +184,7 @@ impl Tollgate {
     /// A [`FrontDoor`] on this engine.
     #[must_use]
     pub fn front_door(&self) -> FrontDoor {
-        FrontDoor { tollgate: self.clone(), runtime: self.runtime_cache() }
+        FrontDoor { tollgate: self.clone(), runtime: RuntimeCache::new(self.shared().clone()) }
     }
 }
 
@@ -169,14 +209,14 @@ impl FrontDoor {
         let rt: &Arc<Runtime> = runtime.load();
         match describe(rt) {
             Ok(req) => {
-                let mut admission = tollgate.admit_in(rt, &req, || client(rt));
+                let mut admission = tollgate.gate().admit_in(rt, &req, || client(rt));
                 if let Admission::Pending(pending) = &mut admission {
                     // It keeps the configuration it was decided under while it waits.
                     pending.rt = Some(rt.clone());
                 }
                 admission
             }
-            Err(rejection) => Admission::Rejected(tollgate.count(rejection)),
+            Err(rejection) => Admission::Rejected(tollgate.gate().count(rejection)),
         }
     }
 

@@ -7,13 +7,13 @@ use std::{
 };
 
 use crate::engine::{
-    admit::table::Lookup,
-    engine::OwnedCredential,
+    admit::{gate::Gate, stage::OwnedCredential, table::Lookup},
     usage::events::{
-        Event, EventError, Prepared, QueueMessage, Reserved, Taken, UsageMessage, EVENT_ID_MAX_LEN, MAX_AGE,
+        Event, EventError, EventUnits, Prepared, QueueMessage, Reserved, UsageMessage, EVENT_ID_MAX_LEN, MAX_AGE,
         MAX_QUANTITY,
     },
     usage::lease::Refill,
+    usage::taken::Taken,
     Tollgate,
 };
 use crate::{
@@ -80,12 +80,12 @@ impl Tollgate {
     /// a store error while the quota was asked (retryable), [`EventError::HoldsFull`], or
     /// [`EventError::ShuttingDown`] once the engine's shutdown has begun.
     pub async fn reserve_event(&self, event: &Event, hold: Duration) -> Result<(), EventError> {
-        if self.shared.stopping().load(std::sync::atomic::Ordering::Relaxed) {
+        if self.shared().stopping().load(std::sync::atomic::Ordering::Relaxed) {
             // Its units would be leased after the leases went back.
             return Err(EventError::ShuttingDown);
         }
-        let rt = self.shared.runtime().load_full();
-        let now = self.shared.clock().unix_secs();
+        let rt = self.shared().runtime().load_full();
+        let now = self.shared().clock().unix_secs();
         let hold = hold.min(Duration::from_secs(86_400));
         let (state, meter, at) = self.check_event(&rt, event, now).await?;
         if event.quantity == 0 {
@@ -98,25 +98,25 @@ impl Tollgate {
         }
         let id = format!("{}\u{1f}{}", state.id, event.id);
         let period = Self::period_of(&state, meter, at);
-        if let Some(held) = self.shared.events().take_reserved(&id) {
+        let events = self.units().events();
+        if let Some(held) = events.take_reserved(&id) {
             let same_meter = held.state.plan.meters.ids.get(held.meter) == Some(&event.meter);
             if held.quantity == event.quantity && same_meter && held.period == period {
                 // The same work reserved again: held again, for `hold` from now.
-                let again = Reserved { state: held.state.clone(), tag: held.tag, hold, ..*held };
-                self.shared.events().reopen_job();
-                self.shared.events().reserve(id, Arc::new(again));
+                events.reopen_job();
+                events.reserve(id, Arc::new(held.again(hold)));
                 return Ok(());
             }
-            held.give_back();
+            held.give_back(self.units().leases());
         }
         let max = rt.config.limits.max_holds;
-        if !self.shared.events().open_job(max) {
+        if !events.open_job(max) {
             return Err(EventError::HoldsFull { max });
         }
         // Closed again if no reservation comes of it (refused, failed, or this future dropped).
-        let opened = OpenedJob(Some(self.shared.events()));
-        let tag = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
-        let reserved = Reserved { state, meter, quantity: event.quantity, tag, taken_at: now, hold, period };
+        let opened = OpenedJob(Some(events));
+        let units = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
+        let reserved = Reserved::new(state, meter, event.quantity, units.into_taken(), now, hold, period);
         opened.reserve(id, Arc::new(reserved));
         Ok(())
     }
@@ -127,9 +127,9 @@ impl Tollgate {
     /// another process, which charged it there).
     pub async fn release_event(&self, event: &Event) -> bool {
         let id = format!("{}\u{1f}{}", event.tenant, event.id);
-        match self.shared.events().take_reserved(&id) {
+        match self.units().events().take_reserved(&id) {
             Some(r) => {
-                r.give_back();
+                r.give_back(self.units().leases());
                 true
             }
             None => false,
@@ -143,12 +143,12 @@ impl Tollgate {
         let Some(cell) = state.plan.spend.and_then(|s| state.quota(s)) else { return Ok(()) };
         let checked = match cell.check_units(1, now) {
             Err(Take::NeedLease) => self
-                .shared
+                .shared()
                 .stores()
                 .under_lock(cell.lock(), async {
-                    self.shared.leases().settle_inflight(cell).await?;
+                    self.units().leases().settle_inflight(cell).await?;
                     if let Err(Take::NeedLease) = cell.check_units(1, now) {
-                        self.shared.leases().refill_locked(rt, cell, now, 0, 0).await?;
+                        self.units().leases().refill_locked(rt, cell, now, 0, 0).await?;
                     }
                     Ok(cell.check_units(1, now))
                 })
@@ -158,7 +158,7 @@ impl Tollgate {
         };
         match checked {
             Err(Take::Exhausted) if state.plan.shadow => {
-                self.would_refuse(&crate::engine::usage::spend::cap_reached(state, now));
+                self.gate().would_refuse(&crate::engine::usage::spend::cap_reached(state, now));
                 Ok(())
             }
             Err(Take::Exhausted) => Err(EventError::QuotaExceeded {
@@ -210,7 +210,7 @@ impl Tollgate {
     pub async fn record_events(&self, events: &[Event]) -> Vec<Result<EventOutcome, EventError>> {
         let out = self.record_uncounted(events).await;
         for (e, o) in events.iter().zip(&out) {
-            self.shared.events().count(&e.id, Some(e), o);
+            self.units().events().count(&e.id, Some(e), o);
         }
         out
     }
@@ -221,7 +221,7 @@ impl Tollgate {
     /// be read is refused with [`EventError::Malformed`] (final: acknowledge it), counted and
     /// logged.
     pub async fn record_messages(&self, messages: &[QueueMessage<'_>]) -> Vec<Result<EventOutcome, EventError>> {
-        let rt = self.shared.runtime().load_full();
+        let rt = self.shared().runtime().load_full();
         let parsed: Vec<Result<Event, EventError>> =
             messages.iter().map(|m| UsageMessage::read(m, &rt.config.events)).collect();
         let events: Vec<Event> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
@@ -236,7 +236,7 @@ impl Tollgate {
                 Err(err) => (None, Err(err)),
             };
             let id = event.as_ref().map_or(m.id.unwrap_or("-"), |e| e.id.as_str());
-            self.shared.events().count(id, event.as_ref(), &outcome);
+            self.units().events().count(id, event.as_ref(), &outcome);
             out.push(outcome);
         }
         out
@@ -262,8 +262,8 @@ impl Tollgate {
 
     /// One pass over a batch: the outcomes, and whether units were given back (duplicates).
     async fn record_pass(&self, events: &[Event]) -> (Vec<Result<EventOutcome, EventError>>, bool) {
-        let rt = self.shared.runtime().load_full();
-        let now = self.shared.clock().unix_secs();
+        let rt = self.shared().runtime().load_full();
+        let now = self.shared().clock().unix_secs();
         let mut out: Vec<Option<Result<EventOutcome, EventError>>> = (0..events.len()).map(|_| None).collect();
         let mut ready: Vec<Prepared> = Vec::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
@@ -272,7 +272,7 @@ impl Tollgate {
                 Err(err) => out[index] = Some(Err(err)),
             }
         }
-        let returned = self.shared.events().commit(ready, &mut out).await;
+        let returned = self.units().events().commit(ready, &mut out).await;
         (out.into_iter().map(|o| o.unwrap_or(Err(EventError::InvalidId))).collect(), returned)
     }
 
@@ -285,9 +285,11 @@ impl Tollgate {
         let id = format!("{}\u{1f}{}", state.id, e.id);
         // Units still held for this event by an attempt whose write may have landed: reused,
         // not taken again (a retry is never refused for the units of its own first attempt).
-        let (state, meter, tag, reserved) = match self.shared.events().take_held(&id) {
-            Some(held) if held.quantity == e.quantity => (state, meter, Some(Taken::Held), 0),
-            _ => match self.shared.events().take_reserved(&id) {
+        let events = self.units().events();
+        let leases = self.units().leases();
+        let (state, meter, units) = match events.take_held(&id) {
+            Some(held) if held.quantity == e.quantity => (state, meter, EventUnits::Held),
+            _ => match events.take_reserved(&id) {
                 // The units reserved for this work are the event's, for good: even if the event
                 // turns out a duplicate (recorded on another node first, which charged it), they
                 // are not given back, so a hard quota is never passed through reservations. Work
@@ -297,43 +299,44 @@ impl Tollgate {
                     if r.state.plan.meters.ids.get(r.meter) == Some(&e.meter)
                         && r.period == Self::period_of(&state, meter, at) =>
                 {
-                    if e.quantity <= r.quantity || r.tag.is_none() {
-                        r.give_back_part(r.quantity.saturating_sub(e.quantity));
-                        (state, meter, r.tag.map(|_| Taken::Held), 0)
+                    if e.quantity <= r.quantity || !r.took() {
+                        let units = if r.took() { EventUnits::Held } else { EventUnits::None };
+                        r.give_back_part(r.quantity.saturating_sub(e.quantity), leases);
+                        (state, meter, units)
                     } else {
                         let more = e.quantity - r.quantity;
-                        let tag = match self.take_for_event(rt, &state, meter, more, at, now, For::Work).await {
-                            Ok(tag) => tag,
+                        let units = match self.take_for_event(rt, &state, meter, more, at, now, For::Work).await {
+                            Ok(units) => units,
                             Err(err) => {
                                 // Not recorded: the reservation is held again for the retry,
                                 // which takes from it (its units never leave it meanwhile).
-                                self.shared.events().reopen_job();
-                                self.shared.events().reserve(id, r);
+                                events.reopen_job();
+                                events.reserve(id, r);
                                 return Err(err);
                             }
                         };
-                        (state, meter, tag, r.quantity)
+                        r.keep();
+                        (state, meter, units)
                     }
                 }
                 other => {
                     // Reserved for other work (another meter or period): given back, taken anew.
                     if let Some(r) = other {
-                        r.give_back();
+                        r.give_back(leases);
                     }
-                    let tag = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
-                    (state, meter, tag, 0)
+                    let units = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
+                    (state, meter, units)
                 }
             },
         };
         let record = UsageRecord::new(state.id.clone(), e.meter.clone(), window_start, e.quantity)
-            .with_billable(self.shared.pipeline().billable(rt, &state) && rt.config.exports_meter(&e.meter));
+            .with_billable(self.units().pipeline().billable(rt, &state) && rt.config.exports_meter(&e.meter));
         Ok(Prepared {
             index,
             state,
             meter,
             quantity: e.quantity,
-            tag,
-            reserved,
+            units,
             taken_at: now,
             event: UsageEvent::new(id, record, at),
         })
@@ -380,18 +383,18 @@ impl Tollgate {
 
     /// The state of an event's tenant: never the anonymous tenant an unknown one would get.
     pub(crate) async fn known_tenant(&self, id: &TenantId) -> Result<Tenant, EventError> {
-        if let Some(s) = self.shared.table().get(Lookup::Identity(id.as_str())) {
+        if let Some(s) = self.gate().table().get(Lookup::Identity(id.as_str())) {
             if s.id == *id {
                 return Ok(s);
             }
         }
-        if let Ok(s) = self.lookup(OwnedCredential::Tenant(id.clone()), 0).await {
+        if let Ok(s) = self.gate().lookup(OwnedCredential::Tenant(id.clone()), 0).await {
             if s.id == *id {
                 return Ok(s);
             }
         }
         // Unknown, or the directory did not answer: ask once more, to tell which.
-        match self.shared.stores().request().directory.tenant(id).await {
+        match self.shared().stores().request().directory.tenant(id).await {
             Ok(None) => Err(EventError::UnknownTenant(id.clone())),
             Ok(Some(_)) => Err(EventError::Store(StoreError::Backend("the tenant directory did not answer".into()))),
             Err(e) => Err(EventError::Store(e)),
@@ -412,9 +415,9 @@ impl Tollgate {
         at: i64,
         now: i64,
         purpose: For,
-    ) -> Result<Option<Taken>, EventError> {
+    ) -> Result<EventUnits, EventError> {
         let Some(cell) = state.quota(meter) else {
-            return Ok(None);
+            return Ok(EventUnits::None);
         };
         let period = cell.spec.period();
         // A prepaid balance has one counter whatever the event's time: it is spent now.
@@ -422,7 +425,7 @@ impl Tollgate {
         // A period already over never refuses (its counter is left alone).
         let (start, end) = cell.window(at);
         if quantity == 0 || end <= now {
-            return Ok(None);
+            return Ok(EventUnits::None);
         }
         // Just ahead of the clock (within `events.max_skew`), in a period that has not begun:
         // its quota cannot be asked yet; a retry once it has begun applies it there.
@@ -438,39 +441,42 @@ impl Tollgate {
         // Work done that the quota cannot hold: charged past the limit (owed to the store,
         // which counts it at the next lease), the period stays spent.
         // (Counted once the event is applied: a duplicate gives them back.)
-        let past_limit = || Some(Taken::PastLimit(cell.force_take(quantity, now)));
+        let past_limit = || EventUnits::Taken { taken: Taken::force(state, meter, quantity, now), past_limit: true };
+        let leased =
+            |tag| EventUnits::Taken { taken: Taken::lease(state, meter, quantity, tag, now), past_limit: false };
         match cell.try_take(quantity, now) {
-            Take::Taken { tag, .. } => return Ok(Some(Taken::Lease(tag))),
+            Take::Taken { tag, .. } => return Ok(leased(tag)),
             Take::Exhausted if state.plan.shadow => {}
             Take::Exhausted if purpose == For::Work => return Ok(past_limit()),
             Take::Exhausted => return Err(exceeded()),
             Take::NeedLease => {}
         }
+        let leases = self.units().leases();
         let taken = self
-            .shared
+            .shared()
             .stores()
             .under_lock(cell.lock(), async {
-                self.shared.leases().settle_inflight(cell).await?;
+                leases.settle_inflight(cell).await?;
                 match cell.try_take(quantity, now) {
                     Take::Taken { tag, .. } => return Ok(Some(tag)),
                     Take::Exhausted => return Ok(None),
                     Take::NeedLease => {}
                 }
-                Ok(match self.shared.leases().refill_locked(rt, cell, now, quantity, 0).await? {
+                Ok(match leases.refill_locked(rt, cell, now, quantity, 0).await? {
                     Refill::Taken { tag, .. } => Some(tag),
                     Refill::Short | Refill::Done => None,
                 })
             })
             .await;
         match taken {
-            Ok(Some(tag)) => Ok(Some(Taken::Lease(tag))),
+            Ok(Some(tag)) => Ok(leased(tag)),
             Ok(None) if state.plan.shadow => {
                 // Shadow mode: taken past the limit (owed to the store); a reservation's refusal
                 // counted (work done is never refused).
                 if purpose == For::Reserve {
-                    self.would_refuse(&Self::shadow_quota(state, meter));
+                    self.gate().would_refuse(&Gate::shadow_quota(state, meter));
                 }
-                Ok(Some(cell.force_take(quantity, now).map_or(Taken::Unleased, Taken::Lease)))
+                Ok(EventUnits::Taken { taken: Taken::force(state, meter, quantity, now), past_limit: false })
             }
             Ok(None) if purpose == For::Work => Ok(past_limit()),
             Ok(None) => Err(exceeded()),

@@ -1,0 +1,241 @@
+//! A request as its front door described it, on its way in: refused before its tenant is
+//! known (the node stopping, a malformed key or path), routed, its hold's estimate read, its
+//! tenant found in the table (decided at once) or looked up in the directory (pending).
+
+use std::sync::Arc;
+
+use crate::engine::admit::{
+    gate::Gate,
+    idempotency::{check_key, Idempotency},
+    stage::{scoped_key, Admission, OwnedCredential, PendingAdmission, PendingKey, RequestInfo, Stage},
+    table::{Lookup, ANONYMOUS},
+};
+use crate::{
+    config::TenantId,
+    plan::{RouteCost, Runtime},
+    response::{Rejection, RejectionKind},
+    tenant::{check_api_key, Credential},
+};
+
+impl Gate {
+    /// Decides on a request described against `rt`, whose `idempotency_key` is only set on
+    /// methods that honour it.
+    #[inline]
+    pub(crate) fn admit_in(
+        &self,
+        rt: &Runtime,
+        req: &RequestInfo<'_>,
+        client: impl FnOnce() -> Option<crate::tenant::Client>,
+    ) -> Admission {
+        if self.shared.stopping().load(std::sync::atomic::Ordering::Relaxed) {
+            return self.reject(
+                Rejection::new(RejectionKind::StoreUnavailable, "the server is stopping; send the request again")
+                    .with_retry_after(1),
+            );
+        }
+        if let Some(key) = req.idempotency_key {
+            if let Err(why) = check_key(key) {
+                return self.reject(Rejection::new(RejectionKind::MalformedIdempotencyKey, why));
+            }
+        }
+        let lookup = match req.credential {
+            Credential::ApiKey(key) => {
+                // Its length bounds the digest's work; its characters are checked only when
+                // the table does not hold it: a key reaches the table only through the
+                // directory's lookup, which checks it first, and a match of the 128-bit keyed
+                // digest stands for the key.
+                if key.is_empty() || key.len() > crate::base::MAX_KEY_LEN {
+                    return self.malformed_key(key);
+                }
+                Lookup::ApiKey(key)
+            }
+            Credential::Tenant(id) => {
+                if !TenantId::is_valid(id) {
+                    return self.reject(Rejection::new(
+                        RejectionKind::MalformedCredentials,
+                        "a tenant identity is 1 to 128 visible ASCII characters",
+                    ));
+                }
+                Lookup::Identity(id)
+            }
+            Credential::Missing if rt.anonymous.is_some() => Lookup::Identity(ANONYMOUS),
+            Credential::Missing => {
+                let mut r =
+                    Rejection::new(RejectionKind::MissingCredentials, "the request does not identify its tenant");
+                r.inner.challenge = Some(rt.challenge.clone());
+                return self.reject(r);
+            }
+            Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
+        };
+        // The path as the routers match it: rules are matched, and idempotent requests told
+        // apart, on what the application serves.
+        let path = match crate::config::normalize_path(req.path) {
+            Ok(path) => path,
+            Err(why) => {
+                // A malformed key is answered first, as when it was checked before the path.
+                if let Lookup::ApiKey(key) = lookup {
+                    if check_api_key(key).is_err() {
+                        return self.malformed_key(key);
+                    }
+                }
+                return self.reject(Rejection::new(RejectionKind::MalformedPath, why));
+            }
+        };
+        let route = rt.route(req.method, &path);
+        if route.hold != 0 {
+            return self.admit_holding(rt, req, lookup, route, &path, client);
+        }
+        self.admit_routed(rt, req, lookup, route, &path, client)
+    }
+
+    /// [`admit_in`](Self::admit_in) on a route that holds: its estimate is read before
+    /// anything is taken (a bad one is refused, nothing charged), and the hold taken once the
+    /// request is admitted.
+    #[cold]
+    #[inline(never)]
+    fn admit_holding(
+        &self,
+        rt: &Runtime,
+        req: &RequestInfo<'_>,
+        lookup: Lookup<'_>,
+        route: RouteCost,
+        path: &str,
+        client: impl FnOnce() -> Option<crate::tenant::Client>,
+    ) -> Admission {
+        let spec = &rt.holds[usize::from(route.hold) - 1];
+        match Self::hold_estimate(spec, req.headers) {
+            Ok(units) => Self::holding(self.admit_routed(rt, req, lookup, route, path, client), spec.clone(), units),
+            Err(r) => self.reject(r),
+        }
+    }
+
+    /// [`admit_in`](Self::admit_in) once the route is known.
+    #[inline(always)]
+    fn admit_routed(
+        &self,
+        rt: &Runtime,
+        req: &RequestInfo<'_>,
+        lookup: Lookup<'_>,
+        mut route: RouteCost,
+        path: &str,
+        client: impl FnOnce() -> Option<crate::tenant::Client>,
+    ) -> Admission {
+        let idem = req.idempotency_key.map(|k| (k, Idempotency::request(req.method, path, req.query)));
+        match self.table.get(lookup) {
+            Some(state) => {
+                // A state of the configuration before a reload, met in the moment before its
+                // eviction: its plan indexes meters its own way.
+                let mut route = if Arc::ptr_eq(&state.plan.meters, &rt.meters) {
+                    route
+                } else {
+                    rt.meters.remap(route, &state.plan.meters)
+                };
+                let anonymous = || rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT;
+                if state.plan.clients.is_some() || (idem.is_some() && anonymous()) {
+                    // The anonymous tenant: its rate is per client address, and so are its
+                    // `Idempotency-Key`s (client B's key `1` is not client A's).
+                    let ip = req.client.map(crate::tenant::Client::given).or_else(client).map(|c| c.ip);
+                    route.client = rt.client_keys.as_ref().map_or(0, |k| k.key(ip));
+                    if let (Some((key, request)), Some(keys), true) = (idem, &rt.client_keys, anonymous()) {
+                        // Without its address an anonymous caller cannot be told from the
+                        // others: its key is not honoured (a stored response is never
+                        // answered to another client).
+                        let Some(ip) = ip else { return self.decide(state, route, None) };
+                        let scoped = scoped_key(key, keys, Some(ip));
+                        return self.decide(state, route, Some((&scoped, request)));
+                    }
+                }
+                self.decide(state, route, idem)
+            }
+            None => {
+                if let Lookup::ApiKey(key) = lookup {
+                    if check_api_key(key).is_err() {
+                        return self.malformed_key(key);
+                    }
+                }
+                // Anonymous callers (or an unknown key served as one) need their address.
+                let who = req.client.map(crate::tenant::Client::given).or_else(client);
+                let ip = who.map(|c| c.ip);
+                if let Some(keys) = &rt.client_keys {
+                    route.client = keys.key(ip);
+                }
+                // Its lookups of API keys are limited per address only when the address is the
+                // client's own; else they share the node's budget.
+                let identified = who.is_some_and(|c| c.identifies);
+                let credential = match lookup {
+                    Lookup::ApiKey(k) => OwnedCredential::ApiKey(k.into()),
+                    Lookup::Identity(ANONYMOUS) => OwnedCredential::Anonymous,
+                    Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
+                };
+                let idempotency = idem.map(|(key, request)| {
+                    let scoped = rt.client_keys.as_ref().and_then(|keys| Some(scoped_key(key, keys, Some(ip?)).into()));
+                    Box::new(PendingKey { key: key.into(), request, scoped })
+                });
+                Admission::Pending(PendingAdmission {
+                    stage: Stage::Resolve { credential, meters: rt.meters.clone(), identified },
+                    route,
+                    rt: None,
+                    idempotency,
+                    hold: None,
+                })
+            }
+        }
+    }
+
+    /// The units a route's hold holds for a request: its estimate, or read from the header
+    /// it names (its `default` without one; refused, 400, when it does not parse, is zero or
+    /// is above its `max`).
+    fn hold_estimate(hold: &crate::config::RouteHold, headers: &[(&str, &[u8])]) -> Result<u64, Rejection> {
+        match &hold.estimate {
+            crate::config::HoldEstimate::Units(n) => Ok(*n),
+            crate::config::HoldEstimate::Header { header, default, max } => {
+                let mut values = headers.iter().filter(|(name, _)| name.eq_ignore_ascii_case(header.as_str()));
+                let parsed = match (values.next(), values.next()) {
+                    (None, _) => return Ok(*default),
+                    // Repeated: no one estimate.
+                    (Some(_), Some(_)) => None,
+                    (Some((_, value)), None) => std::str::from_utf8(value)
+                        .ok()
+                        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|v| v.parse::<u64>().ok()),
+                };
+                match parsed {
+                    Some(n) if n >= 1 && n <= *max => Ok(n),
+                    _ => Err(Rejection::new(
+                        RejectionKind::MalformedHoldEstimate,
+                        format!(
+                            "the `{header}` header must be sent once, a whole number of {} units from 1 to {max}",
+                            hold.meter
+                        ),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// `admission` of a request on a route that holds `units`: a charged request admitted
+    /// waits for its hold ([`Stage::Hold`](crate::engine::admit::stage::Stage::Hold), in
+    /// [`resolve`](Gate::resolve)); a replay holds nothing.
+    #[cold]
+    #[inline(never)]
+    fn holding(admission: Admission, spec: Arc<crate::config::RouteHold>, units: u64) -> Admission {
+        match admission {
+            Admission::Pending(mut p) => {
+                p.hold = Some((spec, units));
+                Admission::Pending(p)
+            }
+            done => done,
+        }
+    }
+
+    /// The 400 of an API key that cannot be one (empty, too long, characters other than
+    /// visible ASCII, a comma).
+    #[cold]
+    #[inline(never)]
+    fn malformed_key(&self, key: &[u8]) -> Admission {
+        let why = check_api_key(key).err().unwrap_or("the API key is malformed");
+        // A comma: a repeated header a proxy joined; answered as a repeated one.
+        let why = if why == crate::tenant::COMMA_IN_KEY { crate::response::REPEATED_KEY } else { why };
+        self.reject(Rejection::new(RejectionKind::MalformedCredentials, why))
+    }
+}

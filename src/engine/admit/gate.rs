@@ -1,0 +1,246 @@
+//! The admission part of the engine ([`Gate`]): the tenant table, the `Idempotency-Key`s this
+//! node saw, the credentials the directory did not know, the lookups of API keys per client
+//! address, the requests in flight and the places of fleet concurrencies, behind the verbs that
+//! decide on a request. Its verbs are spread by flow over this folder's files (`entry.rs`: a
+//! request described and routed; `admission.rs`: deciding without waiting; `wait.rs`, `fleet.rs`,
+//! `places.rs`: what waits on the store; `directory.rs`: tenants looked up); this file holds the
+//! part, the loop a pending request goes through, and how refusals are counted.
+
+use std::sync::Arc;
+
+use crate::engine::{
+    admit::{
+        clients::KeyLookups,
+        idempotency::Idempotency,
+        place_node::PlacesNode,
+        stage::{Admission, PendingAdmission, Ready, Stage},
+        table::TenantTable,
+        ticket::Ticket,
+    },
+    shared::Shared,
+    usage::{hold::Hold, hold::RouteHeld, units::Units},
+};
+use crate::{
+    base::CustomerField,
+    config::{HeaderStyle, RouteHold},
+    response::{Rejection, RejectionKind},
+    tenant::InFlightCounts,
+};
+
+/// The admission part: what decides on a request, and the state only admission reads.
+pub(crate) struct Gate {
+    pub(super) shared: Arc<Shared>,
+    /// The usage part: the quota leases a request takes from, the holds its route takes.
+    pub(super) units: Arc<Units>,
+    pub(super) table: Arc<TenantTable>,
+    /// The `Idempotency-Key`s this node saw, and the settlements of their claims.
+    pub(super) idempotency: Idempotency,
+    /// Credentials the directory did not know, each with when it stops being remembered (the
+    /// engine clock's Unix nanoseconds): `limits.negative_ttl` after the lookup that found it
+    /// unknown, whatever the hits since.
+    pub(super) unknown: moka::sync::Cache<(u64, u64), i64>,
+    /// Directory lookups of API keys per client address (`identify.unknown_key_rate`).
+    pub(super) key_lookups: KeyLookups,
+    /// The requests in flight of tenants whose plan limits them, by tenant.
+    pub(super) in_flight: InFlightCounts,
+    /// This node's places of tenants with a fleet concurrency.
+    pub(super) places: Arc<PlacesNode>,
+    /// Which of a tenant's billing customers its usage is billed to (a tenant's state carries
+    /// it from its lookup).
+    pub(super) customer_field: CustomerField,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("tenants", &self.table.len()).finish_non_exhaustive()
+    }
+}
+
+/// What the builder hands the admission part.
+pub(crate) struct GateParts {
+    pub(crate) table: Arc<TenantTable>,
+    pub(crate) idempotency: Idempotency,
+    pub(crate) unknown: moka::sync::Cache<(u64, u64), i64>,
+    pub(crate) key_lookups: KeyLookups,
+    pub(crate) customer_field: CustomerField,
+}
+
+impl Gate {
+    pub(crate) fn new(shared: Arc<Shared>, units: Arc<Units>, parts: GateParts) -> Self {
+        let GateParts { table, idempotency, unknown, key_lookups, customer_field } = parts;
+        let in_flight = InFlightCounts::default();
+        let places = Arc::new(PlacesNode::new(shared.clone(), table.clone(), in_flight.clone()));
+        Self { shared, units, table, idempotency, unknown, key_lookups, in_flight, places, customer_field }
+    }
+
+    /// The tenant table.
+    #[inline]
+    pub(crate) fn table(&self) -> &Arc<TenantTable> {
+        &self.table
+    }
+
+    /// The `Idempotency-Key`s this node saw.
+    #[inline]
+    pub(crate) fn idempotency(&self) -> &Idempotency {
+        &self.idempotency
+    }
+
+    /// This node's places of fleet concurrencies.
+    #[inline]
+    pub(crate) fn places(&self) -> &Arc<PlacesNode> {
+        &self.places
+    }
+
+    /// Forgets the credentials remembered as unknown (a process restored from a snapshot).
+    pub(crate) fn forget_unknown(&self) {
+        self.unknown.invalidate_all();
+    }
+
+    /// Finishes a pending admission: asks the store, within `usage.store_timeout`, under the
+    /// configuration it was decided under.
+    pub(crate) async fn resolve(&self, pending: PendingAdmission) -> Result<Ticket, Rejection> {
+        let PendingAdmission { mut stage, mut route, rt, idempotency, hold } = pending;
+        let rt = rt.unwrap_or_else(|| self.shared.runtime().load_full());
+        loop {
+            let next = match stage {
+                Stage::Quota(partial) => self.lease_and_take(*partial, route, &rt).await,
+                Stage::Hold(ready) => match &hold {
+                    Some((spec, units)) => return self.take_hold(*ready, route.cost, spec.clone(), *units).await,
+                    None => {
+                        let Ready { partial, taken, spend } = *ready;
+                        return Ok(self.ticket(partial, route.cost, taken.into_source(), spend));
+                    }
+                },
+                Stage::Rate(w) => self.lease_cells(*w, route, &rt).await,
+                Stage::Places(p) => self.acquire_place(*p, route, &rt).await,
+                Stage::PlaceThenClaim(c) => self.place_then_claim(*c, route, &rt).await,
+                Stage::Resolve { credential, meters, identified } => {
+                    // The client address's key limits its lookups of API keys, when the address
+                    // is the client's own (0: the node's shared budget).
+                    let address = if identified { route.client } else { 0 };
+                    let state = match self.lookup(credential, address).await {
+                        Ok(state) => state,
+                        Err(rejection) => return Err(self.count(rejection)),
+                    };
+                    // A reload while the request waited: its route indexes the old meters.
+                    if !Arc::ptr_eq(&state.plan.meters, &meters) {
+                        route = meters.remap(route, &state.plan.meters);
+                    }
+                    // Served as the anonymous tenant, under the configuration it was decided
+                    // under or one a reload brought while it waited (a key scoped for nothing
+                    // is never honoured unscoped there, where every caller shares the tenant).
+                    let anonymous = state.id.as_str() == crate::config::ANONYMOUS_TENANT
+                        && (rt.anonymous.is_some() || self.shared.runtime().load().anonymous.is_some());
+                    // Its key scoped to its address (without its address, not honoured).
+                    let key = idempotency.as_ref().and_then(|k| match anonymous {
+                        true => k.scoped.as_deref().map(|key| (key, k.request)),
+                        false => Some((&k.key[..], k.request)),
+                    });
+                    self.decide(state, route, key)
+                }
+                Stage::Claim(c) => self.claim_in_store(*c, route, &rt).await,
+                Stage::Replay(r) => self.read_replay(*r, route, &rt).await,
+            };
+            match next {
+                Admission::Admitted(t) => return Ok(t),
+                Admission::Rejected(r) => return Err(r),
+                Admission::Pending(p) => (stage, route) = (p.stage, p.route),
+            }
+        }
+    }
+
+    /// Takes the hold of an admitted request's route before its handler runs, then makes its
+    /// ticket. Refused, everything the request took goes back as it drops (its rate cells, its
+    /// units, its place, its key), as for a request refused at admission (a client told to
+    /// retry in a second spends nothing on the refusal), and the refusal is its answer.
+    async fn take_hold(&self, ready: Ready, cost: u32, spec: Arc<RouteHold>, units: u64) -> Result<Ticket, Rejection> {
+        let Ready { partial, taken, spend } = ready;
+        let state = partial.charge.state().clone();
+        let Some(meter) = state.plan.meters.index(spec.meter.as_str()) else {
+            return Ok(self.ticket(partial, cost, taken.into_source(), spend));
+        };
+        let mut hold = Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout, self.units.clone());
+        match hold.extend(units).await {
+            Ok(()) => {
+                let mut ticket = self.ticket(partial, cost, taken.into_source(), spend);
+                ticket.hold = Some(Arc::new(RouteHeld::new(spec, meter, units, hold)));
+                Ok(ticket)
+            }
+            Err(mut r) => {
+                // The route's policies, the held meter's read live; the rate cells back.
+                let (_, headers) = partial.refuse();
+                r.inner.headers = headers;
+                self.units.give_back(taken);
+                if let Some(spend) = spend {
+                    self.units.give_back(spend.taken);
+                }
+                Err(self.typed(r))
+            }
+        }
+    }
+
+    pub(crate) fn reject(&self, rejection: Rejection) -> Admission {
+        Admission::Rejected(self.count(rejection))
+    }
+
+    /// `rejection` with the problem type its kind is answered with (the draft's
+    /// `quota-exceeded` for a 429 of a policy under `limits.headers = "draft"`; a prepaid
+    /// balance answered 429 is not a policy of `RateLimit-Policy`).
+    pub(crate) fn typed(&self, mut rejection: Rejection) -> Rejection {
+        if matches!(
+            rejection.kind(),
+            RejectionKind::RateLimited | RejectionKind::QuotaExceeded | RejectionKind::ConcurrencyLimited
+        ) && rejection.status() == http::StatusCode::TOO_MANY_REQUESTS
+            && !rejection.policy().is_some_and(|p| p.ends_with("-prepaid"))
+            && self.shared.runtime().load().config.limits.headers == HeaderStyle::Draft
+        {
+            rejection.inner.quota_exceeded_type = true;
+        }
+        rejection
+    }
+
+    /// `rejection` typed ([`typed`](Self::typed)) and counted; in shadow mode for the whole
+    /// configuration, an unidentified request passes, counted.
+    pub(crate) fn count(&self, rejection: Rejection) -> Rejection {
+        let mut rejection = self.typed(rejection);
+        if matches!(
+            rejection.kind(),
+            RejectionKind::MissingCredentials | RejectionKind::UnknownCredentials | RejectionKind::MalformedCredentials
+        ) && self.shared.runtime().load().config.limits.shadow
+        {
+            rejection.inner.shadowed = true;
+            self.would_refuse(&rejection);
+            return rejection;
+        }
+        self.shared.metrics().rejected(rejection.kind()).increment(1);
+        tracing::debug!(
+            reason = rejection.kind().label(),
+            tenant = rejection.tenant().map(|t| t.as_str()),
+            policy = rejection.policy(),
+            "request rejected"
+        );
+        rejection
+    }
+
+    /// In shadow mode, a refusal is counted and logged instead of answered: `true` (go on).
+    #[cold]
+    pub(crate) fn shadowed(&self, state: &crate::tenant::Tenant, r: &Rejection) -> bool {
+        if !state.plan.shadow {
+            return false;
+        }
+        self.would_refuse(r);
+        true
+    }
+
+    /// Counts and logs a refusal shadow mode let through.
+    #[cold]
+    pub(crate) fn would_refuse(&self, r: &Rejection) {
+        self.shared.totals().would_refuse(self.shared.metrics(), r.kind());
+        tracing::debug!(
+            reason = r.kind().label(),
+            tenant = r.tenant().map(|t| t.as_str()),
+            policy = r.policy(),
+            "shadow mode: would refuse ({r})"
+        );
+    }
+}

@@ -1,0 +1,103 @@
+//! The facade's verbs on tenants: the directory revalidated, a tenant or a key forgotten, and
+//! what a change of the directory made elsewhere (a webhook, `Admin`) tells the engine.
+
+use crate::engine::Tollgate;
+use crate::{
+    config::TenantId,
+    store::{DirectoryEvents, WebhookCount},
+};
+
+impl Tollgate {
+    /// Confirms with the store the tenants this node holds, off the request path (the worker
+    /// calls it; front doors without one may too). Tenants last confirmed more than
+    /// `limits.directory_ttl` ago and seen within it are read again, in batches: one store
+    /// read per credential (`find_key`, or `tenant` for an identity). A credential the store
+    /// no longer has stops working; a changed plan or customer gets a new state (the old
+    /// one's usage is kept and billed, its leases go back). Tenants not seen within the TTL
+    /// are dropped from the table instead, to be looked up on their next request. Tenants
+    /// declared in the configuration are not read. Returns how many tenants were read.
+    pub async fn revalidate(&self) -> usize {
+        self.gate().revalidate().await
+    }
+
+    /// Forgets what this node holds of `tenant`: its next request reads the directory again
+    /// (after a plan change made on this node, for example). Usage recorded so far is kept
+    /// and billed; its leases go back at the next flush.
+    pub fn invalidate_tenant(&self, tenant: &TenantId) {
+        self.gate().invalidate_tenant(tenant);
+    }
+
+    /// Forgets an API key on this node (and that it was unknown): its next request reads the
+    /// directory again.
+    pub fn invalidate_key(&self, key: &[u8]) {
+        self.gate().invalidate_key(key);
+    }
+}
+
+/// The engine is told of directory changes made outside its lookups (webhooks, [`Admin`]): it
+/// forgets the tenant, so the change applies at once on this node.
+///
+/// [`Admin`]: crate::admin::Admin
+impl DirectoryEvents for Tollgate {
+    fn tenant_changed(&self, tenant: &TenantId) {
+        self.invalidate_tenant(tenant);
+    }
+
+    fn webhook_handled(&self, outcome: WebhookCount) {
+        let totals = self.shared().totals();
+        let tally = match outcome {
+            WebhookCount::Applied => &totals.webhooks_applied,
+            WebhookCount::Rejected => &totals.webhooks_rejected,
+            WebhookCount::MeterError => &totals.meter_errors,
+            WebhookCount::NotCredited => &totals.webhooks_not_credited,
+            _ => &totals.webhooks_ignored,
+        };
+        tally.add(1);
+    }
+
+    fn meter_error(&self, from: i64, to: i64) {
+        // In the background: the webhook is answered at once. One at a time: the windows of
+        // reports that come meanwhile are queued (bounded: merged past the bound) and
+        // reconciled after it. A report only: the events Stripe refused are lacking, and
+        // sending them again before their cause is fixed would be refused again.
+        if !self.exporter().after_meter_error(from, to) {
+            tracing::debug!(from, to, "a reconciliation after a meter error report is under way: queued");
+            return;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            // A pass that panics must not leave the queue held for good.
+            struct Running(Tollgate);
+            impl Drop for Running {
+                fn drop(&mut self) {
+                    if std::thread::panicking() {
+                        self.0.exporter().meter_errors_abandoned();
+                    }
+                }
+            }
+            let guard = Running(engine);
+            let engine = &guard.0;
+            loop {
+                let Some((from, to)) = engine.exporter().next_meter_error() else { return };
+                // Once the window has settled (export.reconcile_after), or its hours are skipped.
+                let after = engine.shared().runtime().load().config.export.reconcile_after.as_secs() as i64;
+                let wait = (to + after + 60 - engine.shared().clock().unix_secs()).clamp(0, 2 * 3600);
+                tokio::time::sleep(std::time::Duration::from_secs(wait.unsigned_abs())).await;
+                let request = crate::engine::ReconcileRequest::new(from - 26 * 3600, to + 3600);
+                match engine.reconcile(&request).await {
+                    Ok(r) => tracing::warn!(
+                        from,
+                        to,
+                        lacking_units = r.lacking_units,
+                        surplus_units = r.surplus_units,
+                        hours = r.drift.len() + r.more_drift,
+                        "reconciled the hours around Stripe's meter error report"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not reconcile the hours of Stripe's meter error report")
+                    }
+                }
+            }
+        });
+    }
+}

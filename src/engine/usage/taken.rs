@@ -1,0 +1,277 @@
+//! Units taken from a tenant's quota cell, as a type: a [`Taken`] says where they came from
+//! (the lease of a period, or owed outside any lease) and when, and gives them back when it is
+//! dropped unless it was kept (tokio's `SemaphorePermit` shape, as `RateCharge` is for rate
+//! cells). Beside it, what brings units back to a node: the [`Prefetcher`] that asks the worker
+//! to refill a lease ahead of need, and the late release of units whose lease was given back.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::engine::usage::lease::Leases;
+use crate::tenant::{QuotaRef, Tenant};
+
+/// Where units taken from a quota cell came from. A holder that keeps its tenant itself (a
+/// ticket) keeps only this, and makes its [`Taken`] when the units go back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The lease of the period with this tag.
+    Lease(u16),
+    /// Outside any lease (admitted while the store failed, shadow mode past the limit, work
+    /// recorded past the lease): owed to the store by the cell's next call.
+    Unleased,
+}
+
+impl Source {
+    /// Where units taken past what the lease holds went ([`QuotaRef::force_take`]'s answer:
+    /// the lease tagged, or none).
+    #[inline]
+    pub(crate) fn forced(tag: Option<u16>) -> Self {
+        tag.map_or(Self::Unleased, Self::Lease)
+    }
+}
+
+/// Units of one tenant's quota cell (a meter's quota, a prepaid balance, a spend cap) taken
+/// for a request, a hold, a job's event or a request's spend, and not billed yet. Dropped, they
+/// go back where they came from: to the lease of their period (after that period's roll, to
+/// its counter, by the cell's next store call), or off what is owed outside a lease.
+/// [`keep`](Self::keep) makes them spent for good (billed). [`Units::give_back`] gives them
+/// back too, to the store at once when their lease was given back meanwhile (an eviction, a
+/// reload); a drop leaves them in that lease, which goes back to the store when the tenant's
+/// retired state is let go.
+///
+/// [`Units::give_back`]: crate::engine::usage::units::Units::give_back
+#[must_use = "units taken go back when this is dropped: keep them once they are billed"]
+pub(crate) struct Taken {
+    /// The tenant and the meter they came from; `None`: nothing taken.
+    cell: Option<(Tenant, usize)>,
+    units: u64,
+    source: Source,
+    /// When they were taken (Unix seconds): what is owed outside a lease is owed to the period
+    /// holding it.
+    at: i64,
+}
+
+impl Taken {
+    /// Nothing taken (a meter without a quota, a replay, an empty route cost).
+    #[inline]
+    pub(crate) const fn none() -> Self {
+        Self { cell: None, units: 0, source: Source::Unleased, at: 0 }
+    }
+
+    /// `units` of `meter` taken at `at` from `source`.
+    #[inline]
+    pub(crate) fn new(state: &Tenant, meter: usize, units: u64, source: Source, at: i64) -> Self {
+        if units == 0 {
+            return Self::none();
+        }
+        Self { cell: Some((state.clone(), meter)), units, source, at }
+    }
+
+    /// `units` of `meter` taken at `at` from the lease tagged `tag`.
+    #[inline]
+    pub(crate) fn lease(state: &Tenant, meter: usize, units: u64, tag: u16, at: i64) -> Self {
+        Self::new(state, meter, units, Source::Lease(tag), at)
+    }
+
+    /// Takes `units` of `meter` at `at` past the limit if need be ([`QuotaRef::force_take`]):
+    /// usage that already happened, or a request admitted without a lease.
+    pub(crate) fn force(state: &Tenant, meter: usize, units: u64, at: i64) -> Self {
+        match state.quota(meter) {
+            Some(cell) => Self::new(state, meter, units, Source::forced(cell.force_take(units, at)), at),
+            None => Self::none(),
+        }
+    }
+
+    /// The units it holds.
+    #[inline]
+    pub(crate) fn units(&self) -> u64 {
+        self.units
+    }
+
+    /// When they were taken.
+    #[inline]
+    pub(crate) fn at(&self) -> i64 {
+        self.at
+    }
+
+    /// Where they came from (`None`: nothing taken).
+    #[inline]
+    pub(crate) fn source(&self) -> Option<Source> {
+        self.cell.as_ref().map(|_| self.source)
+    }
+
+    /// The units are spent for good: billed, or usage recorded.
+    #[inline]
+    pub(crate) fn keep(mut self) {
+        self.cell = None;
+    }
+
+    /// Where the units came from, handed to a holder that keeps their tenant itself (a
+    /// ticket): it gives them back through a [`Taken`] of its own.
+    #[inline]
+    pub(crate) fn into_source(mut self) -> Option<Source> {
+        self.cell.take().map(|_| self.source)
+    }
+
+    /// `units` of them are spent for good (recorded through a hold); the rest still go back.
+    pub(crate) fn keep_part(&mut self, units: u64) {
+        self.units = self.units.saturating_sub(units);
+        if self.units == 0 {
+            self.cell = None;
+        }
+    }
+
+    /// Adds `more`, taken from the same source, to these units (a hold extended); units of
+    /// another source (the period rolled since) replace them, and the old ones are returned to
+    /// go back.
+    pub(crate) fn add(&mut self, more: Taken) -> Option<Taken> {
+        more.cell.as_ref()?;
+        if self.cell.is_none() {
+            *self = more;
+            return None;
+        }
+        if self.source == more.source {
+            self.units = self.units.saturating_add(more.units);
+            self.at = more.at;
+            more.keep();
+            return None;
+        }
+        Some(std::mem::replace(self, more))
+    }
+
+    /// Splits `units` off into a guard of their own (the part of a request's spend that goes
+    /// back while the rest is recorded).
+    pub(crate) fn split(&mut self, units: u64) -> Taken {
+        let units = units.min(self.units);
+        let Some((state, meter)) = &self.cell else { return Self::none() };
+        let part = Self::new(state, *meter, units, self.source, self.at);
+        self.keep_part(units);
+        part
+    }
+
+    /// The cell they came from, with its tenant.
+    fn cell(&self) -> Option<(&Tenant, QuotaRef<'_>)> {
+        let (state, meter) = self.cell.as_ref()?;
+        Some((state, state.quota(*meter)?))
+    }
+
+    /// Gives the units back to where they came from, here: their lease (a lease given back
+    /// meanwhile keeps them until the state's last return), or off what is owed outside a
+    /// lease.
+    fn restore(&mut self) {
+        if let Some((_, cell)) = self.cell() {
+            match self.source {
+                Source::Lease(tag) => cell.refund(self.units, tag),
+                Source::Unleased => cell.refund_unleased(self.units, self.at),
+            }
+        }
+        self.cell = None;
+    }
+
+    /// Gives the units back, to the store at once (in the background, through `leases`) when
+    /// their lease was given back meanwhile: there they would wait for the state's last
+    /// return. Under the lock a lease's return marks it with, so they reach the lease before
+    /// it is emptied, or the store after.
+    pub(crate) fn give_back(mut self, leases: &Arc<Leases>) {
+        let late = match (self.source, self.cell()) {
+            (Source::Lease(tag), Some((_, cell))) => {
+                let locked = cell.locked();
+                if !locked.returned {
+                    cell.refund(self.units, tag);
+                }
+                locked.returned
+            }
+            _ => {
+                self.restore();
+                return;
+            }
+        };
+        let Some((state, meter)) = self.cell.take() else { return };
+        if late {
+            release_late(state, meter, self.units, self.at, leases.clone());
+        }
+    }
+}
+
+impl Default for Taken {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+impl Drop for Taken {
+    #[inline]
+    fn drop(&mut self) {
+        if self.cell.is_some() {
+            self.restore();
+        }
+    }
+}
+
+impl std::fmt::Debug for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Taken")
+            .field("units", &self.units)
+            .field("source", &self.source())
+            .field("at", &self.at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sends `units` taken at `at` from a lease that was given back to the store, in the background.
+fn release_late(state: Tenant, meter: usize, units: u64, at: i64, leases: Arc<Leases>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(tenant = %state.id, units, "units given back after their lease was, with no runtime: they stay reserved until the period ends");
+        return;
+    };
+    runtime.spawn(async move {
+        let Some(cell) = state.quota(meter) else { return };
+        let (start, end) = cell.window(at);
+        if let Err(e) = leases.release_late(cell, start, end, units).await {
+            tracing::warn!(tenant = %state.id, units, error = %e, "units could not be given back to the store: they stay reserved until the period ends");
+        }
+    });
+}
+
+/// A lease to refill in the background, asked for by a request that took from it.
+pub(crate) struct Prefetch {
+    pub(crate) state: Tenant,
+    pub(crate) meter: usize,
+}
+
+/// Asks the worker to refill leases ahead of need (its queue bounded: a request never waits
+/// for it).
+#[derive(Clone)]
+pub(crate) struct Prefetcher(mpsc::Sender<Prefetch>);
+
+impl std::fmt::Debug for Prefetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prefetcher")
+    }
+}
+
+impl Prefetcher {
+    pub(crate) fn new(sender: mpsc::Sender<Prefetch>) -> Self {
+        Self(sender)
+    }
+
+    /// Asks for `meter`'s lease of `state` to be refilled (a request took from it past its
+    /// low watermark, and won the cell's prefetch flag): a full queue drops the ask and frees
+    /// the flag for the next request.
+    pub(crate) fn request(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {
+        if self.0.try_send(Prefetch { state: state.clone(), meter }).is_err() {
+            cell.prefetch_done();
+        }
+    }
+
+    /// After units were charged past the lease's low watermark (work done, whatever the lease
+    /// held): the lease is refilled in the background, so that the node reads the store's
+    /// count (and, for a spend cap, the tenant's own cap, maybe set through another node)
+    /// within a lease, however long its requests run.
+    pub(crate) fn when_low(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {
+        if cell.wants_prefetch(cell.lease()) {
+            self.request(state, meter, cell);
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The usage part of the engine ([`Units`]): the quota leases of the tenants, the usage
+//! pipeline, usage events, the holds open on the node, the expiry of prepaid credits and the
+//! prefetch queue, behind their verbs. One `Arc` of it is handed to every ticket, context and
+//! hold (no back-pointer through the plans).
+
+use std::sync::Arc;
+
+use crate::engine::{
+    shared::Shared,
+    usage::{
+        credits::{CreditExpiry, CreditExpiryReport},
+        events::EventRecorder,
+        flush::Pipeline,
+        held::OpenHolds,
+        lease::Leases,
+        taken::{Prefetch, Prefetcher, Taken},
+    },
+};
+use crate::store::StoreError;
+
+/// The usage part: what takes, gives back and records units. Built once by the builder.
+pub(crate) struct Units {
+    shared: Arc<Shared>,
+    /// Quota leases (with the threshold notifications their answers trigger).
+    leases: Arc<Leases>,
+    /// Usage drained from the tenants and not yet committed, flushed in batches.
+    pipeline: Pipeline,
+    /// Usage events of jobs and queues.
+    events: EventRecorder,
+    /// The holds open on this node.
+    holds: Arc<OpenHolds>,
+    /// Expired credit grants whose close failed here, waiting to be tried again.
+    credit_expiry: CreditExpiry,
+    prefetcher: Prefetcher,
+}
+
+impl std::fmt::Debug for Units {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Units").field("holds", &self.holds).finish_non_exhaustive()
+    }
+}
+
+impl Units {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        leases: Arc<Leases>,
+        pipeline: Pipeline,
+        events: EventRecorder,
+        holds: Arc<OpenHolds>,
+        prefetcher: Prefetcher,
+    ) -> Self {
+        Self { shared, leases, pipeline, events, holds, credit_expiry: CreditExpiry::default(), prefetcher }
+    }
+
+    /// What every part shares.
+    #[inline]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Quota leases.
+    #[inline]
+    pub(crate) fn leases(&self) -> &Arc<Leases> {
+        &self.leases
+    }
+
+    /// The usage pipeline.
+    #[inline]
+    pub(crate) fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Usage events of jobs and queues.
+    #[inline]
+    pub(crate) fn events(&self) -> &EventRecorder {
+        &self.events
+    }
+
+    /// The holds open on this node.
+    #[inline]
+    pub(crate) fn holds(&self) -> &OpenHolds {
+        &self.holds
+    }
+
+    /// The queue of leases to refill ahead of need.
+    #[inline]
+    pub(crate) fn prefetcher(&self) -> &Prefetcher {
+        &self.prefetcher
+    }
+
+    /// Gives units back: to their lease, or to the store at once when the lease was given
+    /// back meanwhile ([`Taken::give_back`]).
+    #[inline]
+    pub(crate) fn give_back(&self, taken: Taken) {
+        if taken.source().is_some() {
+            taken.give_back(&self.leases);
+        }
+    }
+
+    /// How long a hold may stay open, as the configuration in force says.
+    pub(crate) fn hold_timeout(&self) -> std::time::Duration {
+        self.shared.runtime().load().config.limits.hold_timeout
+    }
+
+    /// Refills a lease a request asked for (the worker's prefetch queue), if it is still
+    /// below its low watermark.
+    pub(crate) async fn refill(&self, job: Prefetch) {
+        // A retired state needs no refill: its lease goes back when its last request is done.
+        let state = job.state;
+        let Some(cell) = state.quota(job.meter) else { return };
+        if state.is_evicted() {
+            cell.prefetch_done();
+            return;
+        }
+        let rt = self.shared.runtime().load_full();
+        let now = self.shared.clock().unix_secs();
+        let result = self
+            .shared
+            .stores()
+            .under_lock(cell.lock(), async {
+                self.leases.settle_inflight(cell).await?;
+                if cell.lease() < cell.low() {
+                    self.leases.refill_locked(&rt, cell, now, 0, 0).await?;
+                }
+                Ok(())
+            })
+            .await;
+        cell.prefetch_done();
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "a lease could not be prefetched");
+        }
+    }
+
+    /// Closes expired credit grants (see
+    /// [`Tollgate::expire_credits`](crate::Tollgate::expire_credits)).
+    pub(crate) async fn expire_credits(&self) -> Result<CreditExpiryReport, StoreError> {
+        self.credit_expiry.pass(&*self.shared.stores().background().quota, self.shared.clock()).await
+    }
+}

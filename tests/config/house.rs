@@ -1,0 +1,768 @@
+//! The house: the imports between the crate's source files, read from the code, checked for
+//! circles and for layers that import upward (`base/` imports nothing above it; `config/`
+//! imports only `base/`).
+//!
+//! An import is a `use` item or a `crate::` / `super::` / `self::` path in code (or a path
+//! through a module a `use` named), traced through re-exports to the file that defines the
+//! item. Comments, doc comments (intra-doc links among them), string literals and `#[cfg(test)]`
+//! modules do not count. The reader is small and knows the crate's habits: no `#[path]`
+//! module, no `extern crate` alias.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Replaces comments and the insides of string and char literals by spaces (lines kept), so
+/// that what is left is code.
+fn code_of(src: &str) -> String {
+    let b = src.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let blank = |c: u8| if c == b'\n' { b'\n' } else { b' ' };
+    while i < b.len() {
+        let c = b[i];
+        if c == b'/' && b.get(i + 1) == Some(&b'/') {
+            while i < b.len() && b[i] != b'\n' {
+                out.push(b' ');
+                i += 1;
+            }
+        } else if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            let mut depth = 0;
+            while i < b.len() {
+                if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                    depth += 1;
+                    out.extend_from_slice(b"  ");
+                    i += 2;
+                } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                    depth -= 1;
+                    out.extend_from_slice(b"  ");
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    out.push(blank(b[i]));
+                    i += 1;
+                }
+            }
+        } else if (c == b'r' || (c == b'b' && b.get(i + 1) == Some(&b'r')))
+            && !b[..i].last().is_some_and(|p| p.is_ascii_alphanumeric() || *p == b'_')
+            && {
+                let j = if c == b'b' { i + 2 } else { i + 1 };
+                let mut k = j;
+                while b.get(k) == Some(&b'#') {
+                    k += 1;
+                }
+                b.get(k) == Some(&b'"')
+            }
+        {
+            // A raw string: r"…", r#"…"#, br"…".
+            let mut j = if c == b'b' { i + 2 } else { i + 1 };
+            let mut hashes = 0;
+            while b[j] == b'#' {
+                hashes += 1;
+                j += 1;
+            }
+            out.extend(std::iter::repeat_n(b' ', j - i));
+            out.push(b'"');
+            j += 1;
+            loop {
+                if b[j] == b'"' && b[j + 1..].iter().take(hashes).filter(|h| **h == b'#').count() == hashes {
+                    out.push(b'"');
+                    out.extend(std::iter::repeat_n(b' ', hashes));
+                    i = j + 1 + hashes;
+                    break;
+                }
+                out.push(blank(b[j]));
+                j += 1;
+            }
+        } else if c == b'"' {
+            out.push(b'"');
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                if b[i] == b'\\' {
+                    out.push(b' ');
+                    i += 1;
+                }
+                out.push(blank(b[i]));
+                i += 1;
+            }
+            out.push(b'"');
+            i += 1;
+        } else if c == b'\'' {
+            // A char literal ('x', '\n', '\u{..}'), or a lifetime ('a): only the first is blanked.
+            let end = if b.get(i + 1) == Some(&b'\\') {
+                b[i + 2..].iter().position(|x| *x == b'\'').map(|p| i + 2 + p)
+            } else if b.get(i + 2) == Some(&b'\'') {
+                Some(i + 2)
+            } else {
+                // Multi-byte chars: up to 4 bytes.
+                (i + 2..(i + 6).min(b.len())).find(|k| b[*k] == b'\'' && b[i + 1] >= 0x80)
+            };
+            match end {
+                Some(e) => {
+                    out.push(b'\'');
+                    out.extend(std::iter::repeat_n(b' ', e - i - 1));
+                    out.push(b'\'');
+                    i = e + 1;
+                }
+                None => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        } else {
+            out.push(c);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// A module: where it is, what it defines, what it imports.
+#[derive(Debug, Default)]
+struct Module {
+    file: String,
+    /// Items defined here (types, functions, constants, …).
+    items: BTreeSet<String>,
+    /// Child modules, by name, to their module path.
+    children: BTreeMap<String, String>,
+    /// `use` items: (the name they bind, the path), a glob binding `*`.
+    uses: Vec<(String, Vec<String>)>,
+    /// Which of `uses` are re-exports (`pub use`, `pub(crate) use`, …): names passed on, which
+    /// the module itself need not use.
+    reexports: BTreeSet<usize>,
+    /// Paths written in code (`crate::…`, `super::…`, `self::…`, `name::…`).
+    paths: Vec<Vec<String>>,
+}
+
+/// The crate's modules, by module path (`crate`, `crate::engine`, …).
+#[derive(Debug, Default)]
+struct Crate {
+    modules: BTreeMap<String, Module>,
+    /// `#[macro_export]` macros live at the crate's root.
+    macros: BTreeSet<String>,
+}
+
+/// The use tree after `use` (up to its `;`), flattened to (binding, path).
+fn flatten_use(tree: &str) -> Vec<(String, Vec<String>)> {
+    fn go(prefix: &[String], s: &str, out: &mut Vec<(String, Vec<String>)>) {
+        let s = s.trim().trim_start_matches("::");
+        if s.is_empty() {
+            return;
+        }
+        if let Some(open) = s.find('{') {
+            let head: Vec<String> =
+                s[..open].split("::").map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect();
+            let inner = &s[open + 1..s.rfind('}').unwrap_or(s.len())];
+            let mut path = prefix.to_vec();
+            path.extend(head);
+            let (mut depth, mut start) = (0, 0);
+            for (i, c) in inner.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        go(&path, &inner[start..i], out);
+                        start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+            go(&path, &inner[start..], out);
+            return;
+        }
+        let (p, alias) = match s.split_once(" as ") {
+            Some((p, a)) => (p.trim(), Some(a.trim().to_owned())),
+            None => (s, None),
+        };
+        let mut path = prefix.to_vec();
+        path.extend(p.split("::").map(str::trim).filter(|x| !x.is_empty()).map(str::to_owned));
+        if path.last().is_some_and(|l| l == "self") {
+            path.pop();
+        }
+        let Some(last) = path.last().cloned() else { return };
+        out.push((alias.unwrap_or(last), path));
+    }
+    let mut out = Vec::new();
+    go(&[], tree, &mut out);
+    out
+}
+
+/// Whether an attribute's text (inside `#[…]`) makes its item exist only in tests.
+fn test_only(attr: &str) -> bool {
+    let a: String = attr.chars().filter(|c| !c.is_whitespace()).collect();
+    a == "cfg(test)" || a.starts_with("cfg(all(test,") || a == "test" || a.starts_with("cfg(all(test)")
+}
+
+/// Reads the module whose code is `code` (a file's, or an inline module's body) into `krate`.
+fn read_module(krate: &mut Crate, files: &BTreeMap<String, String>, file: &str, path: &str, code: &str) {
+    let b = code.as_bytes();
+    let mut module = Module { file: file.to_owned(), ..Module::default() };
+    let (mut i, mut depth) = (0usize, 0i32);
+    let mut attrs: Vec<String> = Vec::new();
+    let dir_of_children = {
+        let stem = file.trim_end_matches(".rs");
+        if file.ends_with("/mod.rs") || file.ends_with("lib.rs") {
+            file.rsplit_once('/').map(|(d, _)| d.to_owned()).unwrap_or_default()
+        } else {
+            stem.to_owned()
+        }
+    };
+    let word_at = |i: usize| -> Option<(&str, usize)> {
+        if !is_ident(b[i]) || (i > 0 && (is_ident(b[i - 1]) || b[i - 1] == b'$')) {
+            return None;
+        }
+        let mut j = i;
+        while j < b.len() && is_ident(b[j]) {
+            j += 1;
+        }
+        Some((&code[i..j], j))
+    };
+    let skip_ws = |mut j: usize| {
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        j
+    };
+    let matching = |open: usize| -> usize {
+        let (mut d, mut k) = (0, open);
+        while k < b.len() {
+            match b[k] {
+                b'{' | b'[' | b'(' => d += 1,
+                b'}' | b']' | b')' => {
+                    d -= 1;
+                    if d == 0 {
+                        return k;
+                    }
+                }
+                _ => {}
+            }
+            k += 1;
+        }
+        b.len() - 1
+    };
+    while i < b.len() {
+        let c = b[i];
+        if c == b'#' && (b.get(i + 1) == Some(&b'[') || (b.get(i + 1) == Some(&b'!') && b.get(i + 2) == Some(&b'['))) {
+            let open = if b[i + 1] == b'[' { i + 1 } else { i + 2 };
+            let close = matching(open);
+            if b[i + 1] == b'[' {
+                attrs.push(code[open + 1..close].to_owned());
+            }
+            i = close + 1;
+            continue;
+        }
+        if c == b'{' {
+            depth += 1;
+            i += 1;
+            continue;
+        }
+        if c == b'}' {
+            depth -= 1;
+            i += 1;
+            continue;
+        }
+        if c == b';' && depth == 0 {
+            attrs.clear();
+        }
+        let Some((word, end)) = word_at(i) else {
+            i += 1;
+            continue;
+        };
+        match word {
+            "mod" if depth == 0 => {
+                let j = skip_ws(end);
+                let Some((name, after)) = word_at(j) else {
+                    i = end;
+                    continue;
+                };
+                let name = name.to_owned();
+                let k = skip_ws(after);
+                let child = format!("{path}::{name}");
+                let tests = attrs.iter().any(|a| test_only(a));
+                attrs.clear();
+                if b.get(k) == Some(&b';') {
+                    if !tests {
+                        let flat = format!("{dir_of_children}/{name}.rs");
+                        let nested = format!("{dir_of_children}/{name}/mod.rs");
+                        let f = if files.contains_key(&flat) { flat } else { nested };
+                        if let Some(text) = files.get(&f) {
+                            module.children.insert(name, child.clone());
+                            let code = code_of(text);
+                            read_module(krate, files, &f, &child, &code);
+                        }
+                    }
+                    i = k + 1;
+                } else if b.get(k) == Some(&b'{') {
+                    let close = matching(k);
+                    if !tests {
+                        module.children.insert(name, child.clone());
+                        // An inline module is of the same file, its names its own.
+                        let (dir_file, body) = (file.to_owned(), code[k + 1..close].to_owned());
+                        read_module(krate, files, &dir_file, &child, &body);
+                        // Its children's files sit where the file's would.
+                    }
+                    i = close + 1;
+                } else {
+                    i = k;
+                }
+            }
+            "use" => {
+                let semi = code[end..].find(';').map_or(b.len(), |p| end + p);
+                // `pub use`, `pub(crate) use`: a re-export.
+                let before = code[..i].trim_end();
+                let public = before.ends_with("pub")
+                    || (before.ends_with(')') && {
+                        let open = before.rfind('(').unwrap_or(0);
+                        before[..open].trim_end().ends_with("pub")
+                    });
+                for (name, p) in flatten_use(&code[end..semi]) {
+                    if public {
+                        module.reexports.insert(module.uses.len());
+                    }
+                    module.uses.push((name, p));
+                }
+                attrs.clear();
+                i = semi + 1;
+            }
+            "impl" | "fn" if depth == 0 && attrs.iter().any(|a| test_only(a)) => {
+                // A test-only function or impl: skipped whole.
+                let open = code[end..].find('{').map_or(b.len() - 1, |p| end + p);
+                i = matching(open) + 1;
+                attrs.clear();
+            }
+            "struct" | "enum" | "trait" | "type" | "fn" | "const" | "static" | "union" if depth == 0 => {
+                let j = skip_ws(end);
+                if let Some((name, after)) = word_at(j) {
+                    module.items.insert(name.to_owned());
+                    i = after;
+                } else {
+                    i = end;
+                }
+                attrs.clear();
+            }
+            "macro_rules" if code[end..].starts_with('!') => {
+                let j = skip_ws(end + 1);
+                if let Some((name, after)) = word_at(j) {
+                    if attrs.iter().any(|a| a.trim() == "macro_export") {
+                        krate.macros.insert(name.to_owned());
+                    } else {
+                        module.items.insert(name.to_owned());
+                    }
+                    i = after;
+                } else {
+                    i = end;
+                }
+                attrs.clear();
+            }
+            _ => {
+                // A path in code: `crate::a::b`, `super::x`, `self::x`, or through a name
+                // (resolved later only when the name is a module a `use` named).
+                let mut segs = vec![word.to_owned()];
+                let mut j = end;
+                while code[j..].starts_with("::") {
+                    let k = skip_ws(j + 2);
+                    if b.get(k) == Some(&b'{') || b.get(k) == Some(&b'<') || b.get(k) == Some(&b'*') {
+                        break;
+                    }
+                    match word_at(k) {
+                        Some((w, e)) => {
+                            segs.push(w.to_owned());
+                            j = e;
+                        }
+                        None => break,
+                    }
+                }
+                if segs.len() > 1 {
+                    module.paths.push(segs);
+                }
+                i = j.max(i + 1);
+            }
+        }
+    }
+    krate.modules.insert(path.to_owned(), module);
+}
+
+/// What a path leads to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Module(String),
+    /// An item, in the file that defines it.
+    Item(String),
+    /// Outside the crate, or not found.
+    Nothing,
+}
+
+impl Crate {
+    fn read(files: &BTreeMap<String, String>) -> Self {
+        let mut krate = Crate::default();
+        let root = files.get("src/lib.rs").expect("src/lib.rs");
+        read_module(&mut krate, files, "src/lib.rs", "crate", &code_of(root));
+        krate
+    }
+
+    fn parent(path: &str) -> &str {
+        path.rsplit_once("::").map_or("crate", |(p, _)| p)
+    }
+
+    /// The module a path's first segment starts from, in module `at`, and the rest of the path.
+    fn start<'p>(
+        &self,
+        at: &str,
+        path: &'p [String],
+        seen: &mut BTreeSet<(String, String)>,
+    ) -> Option<(Target, &'p [String])> {
+        let first = path.first()?;
+        match first.as_str() {
+            "crate" | "$crate" => Some((Target::Module("crate".into()), &path[1..])),
+            "self" => Some((Target::Module(at.into()), &path[1..])),
+            "super" => {
+                let mut m = Self::parent(at).to_owned();
+                let mut rest = &path[1..];
+                while rest.first().is_some_and(|s| s == "super") {
+                    m = Self::parent(&m).to_owned();
+                    rest = &rest[1..];
+                }
+                Some((Target::Module(m), rest))
+            }
+            name => {
+                let module = self.modules.get(at)?;
+                if let Some(child) = module.children.get(name) {
+                    return Some((Target::Module(child.clone()), &path[1..]));
+                }
+                // A name a `use` of this module binds.
+                let t = self.lookup_in(at, name, seen);
+                if t == Target::Nothing {
+                    None
+                } else {
+                    Some((t, &path[1..]))
+                }
+            }
+        }
+    }
+
+    /// What `name` is in module `m`: a child module, an item defined there, or what a `use`
+    /// (a re-export, or a glob) there binds to it.
+    fn lookup_in(&self, m: &str, name: &str, seen: &mut BTreeSet<(String, String)>) -> Target {
+        if !seen.insert((m.to_owned(), name.to_owned())) {
+            return Target::Nothing;
+        }
+        let Some(module) = self.modules.get(m) else { return Target::Nothing };
+        if let Some(child) = module.children.get(name) {
+            return Target::Module(child.clone());
+        }
+        if module.items.contains(name) {
+            return Target::Item(module.file.clone());
+        }
+        if m == "crate" && self.macros.contains(name) {
+            return Target::Item(module.file.clone());
+        }
+        for (bound, path) in &module.uses {
+            if bound == name {
+                let t = self.resolve(m, path, seen);
+                if t != Target::Nothing {
+                    return t;
+                }
+            }
+        }
+        for (bound, path) in &module.uses {
+            if bound == "*" {
+                if let Target::Module(g) = self.resolve(m, &path[..path.len() - 1], seen) {
+                    let t = self.lookup_in(&g, name, seen);
+                    if t != Target::Nothing {
+                        return t;
+                    }
+                }
+            }
+        }
+        Target::Nothing
+    }
+
+    /// What `path`, written in module `at`, leads to.
+    fn resolve(&self, at: &str, path: &[String], seen: &mut BTreeSet<(String, String)>) -> Target {
+        let Some((mut t, rest)) = self.start(at, path, seen) else { return Target::Nothing };
+        for seg in rest {
+            match &t {
+                Target::Module(m) => {
+                    let next = self.lookup_in(m, seg, seen);
+                    if next == Target::Nothing {
+                        // Not found: the module itself (a name of a macro, an enum variant…).
+                        return Target::Item(self.modules[m].file.clone());
+                    }
+                    t = next;
+                }
+                // Past an item: its associated items, variants, methods.
+                Target::Item(_) | Target::Nothing => break,
+            }
+        }
+        t
+    }
+
+    /// The files each file imports (its own left out).
+    fn imports(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (at, module) in &self.modules {
+            let entry = out.entry(module.file.clone()).or_default();
+            let mut add = |t: Target| {
+                if let Target::Item(f) = t {
+                    if f != module.file {
+                        entry.insert(f);
+                    }
+                }
+            };
+            for (n, (_, path)) in module.uses.iter().enumerate() {
+                if module.reexports.contains(&n) {
+                    // Passed on: an import of the files that use the name, not of this one.
+                    continue;
+                }
+                match path.split_last() {
+                    // A glob imports the items of its module.
+                    Some((last, prefix)) if last == "*" => match self.resolve(at, prefix, &mut BTreeSet::new()) {
+                        Target::Module(m) => add(Target::Item(self.modules[&m].file.clone())),
+                        t => add(t),
+                    },
+                    _ => add(self.resolve(at, path, &mut BTreeSet::new())),
+                }
+            }
+            for path in &module.paths {
+                let first = path[0].as_str();
+                let through = matches!(first, "crate" | "super" | "self" | "$crate")
+                    || module.children.contains_key(first)
+                    || matches!(self.lookup_in(at, first, &mut BTreeSet::new()), Target::Module(_));
+                if through {
+                    add(self.resolve(at, path, &mut BTreeSet::new()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The circles (strongly connected sets of more than one file) of an import graph.
+fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
+    // Tarjan's algorithm.
+    struct T<'g> {
+        g: &'g BTreeMap<String, BTreeSet<String>>,
+        index: HashMap<&'g str, usize>,
+        low: HashMap<&'g str, usize>,
+        stack: Vec<&'g str>,
+        on: BTreeSet<&'g str>,
+        next: usize,
+        out: Vec<Vec<String>>,
+    }
+    impl<'g> T<'g> {
+        fn visit(&mut self, v: &'g str) {
+            self.index.insert(v, self.next);
+            self.low.insert(v, self.next);
+            self.next += 1;
+            self.stack.push(v);
+            self.on.insert(v);
+            for w in self.g.get(v).into_iter().flatten() {
+                let w = w.as_str();
+                if !self.index.contains_key(w) {
+                    self.visit(w);
+                    let l = self.low[w].min(self.low[v]);
+                    self.low.insert(v, l);
+                } else if self.on.contains(w) {
+                    let l = self.index[w].min(self.low[v]);
+                    self.low.insert(v, l);
+                }
+            }
+            if self.low[v] == self.index[v] {
+                let mut set = Vec::new();
+                while let Some(w) = self.stack.pop() {
+                    self.on.remove(w);
+                    set.push(w.to_owned());
+                    if w == v {
+                        break;
+                    }
+                }
+                if set.len() > 1 {
+                    set.sort();
+                    self.out.push(set);
+                }
+            }
+        }
+    }
+    let mut t = T {
+        g: graph,
+        index: HashMap::new(),
+        low: HashMap::new(),
+        stack: Vec::new(),
+        on: BTreeSet::new(),
+        next: 0,
+        out: Vec::new(),
+    };
+    for v in graph.keys() {
+        if !t.index.contains_key(v.as_str()) {
+            t.visit(v);
+        }
+    }
+    t.out
+}
+
+impl Crate {
+    /// The names through which `from` imports `to`, for a message.
+    fn why(&self, from: &str, to: &str) -> String {
+        let mut names = BTreeSet::new();
+        for (at, module) in self.modules.iter().filter(|(_, m)| m.file == from) {
+            for (n, (_, path)) in module.uses.iter().enumerate() {
+                if !module.reexports.contains(&n)
+                    && self.resolve(at, path, &mut BTreeSet::new()) == Target::Item(to.into())
+                {
+                    names.insert(path.join("::"));
+                }
+            }
+            for path in &module.paths {
+                if self.resolve(at, path, &mut BTreeSet::new()) == Target::Item(to.into()) {
+                    names.insert(path.join("::"));
+                }
+            }
+        }
+        names.into_iter().collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// What is wrong with the house whose sources are `files` (path → text): circles, and
+/// imports out of `base/` or `config/` that run upward.
+fn faults(files: &BTreeMap<String, String>) -> Vec<String> {
+    let krate = Crate::read(files);
+    let graph = krate.imports();
+    let mut faults = Vec::new();
+    for circle in circles(&graph) {
+        // What ties it, for the message.
+        let ties: Vec<String> = circle
+            .iter()
+            .flat_map(|a| graph[a].iter().filter(|b| circle.contains(b)).map(move |b| (a, b)))
+            .map(|(a, b)| format!("{a} -> {b} ({})", krate.why(a, b)))
+            .collect();
+        faults.push(format!("a circle of {} files: {}", circle.len(), ties.join(", ")));
+    }
+    for (file, imports) in &graph {
+        for to in imports {
+            let upward = if file.starts_with("src/base/") {
+                !to.starts_with("src/base/")
+            } else if file.starts_with("src/config/") {
+                !to.starts_with("src/config/") && !to.starts_with("src/base/")
+            } else {
+                false
+            };
+            if upward {
+                faults.push(format!("{file} imports {to}: base/ imports nothing above it, config/ only base/"));
+            }
+            // The engine's parts (a folder each) never reach back into its facade.
+            let part =
+                ["admit", "usage", "export", "alerts"].iter().any(|p| file.starts_with(&format!("src/engine/{p}/")));
+            if part && to == "src/engine/engine.rs" {
+                faults.push(format!("{file} imports {to}: the engine's parts never import its facade"));
+            }
+        }
+    }
+    faults
+}
+
+fn sources() -> BTreeMap<String, String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = BTreeMap::new();
+    let mut stack = vec![root.join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+                files.insert(rel, std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// The crate has no import circle between its files, `base/` imports nothing above it,
+/// `config/` imports nothing but `base/`, and the engine's parts (`admit/`, `usage/`,
+/// `export/`, `alerts/`) never import its facade (docs/architecture.md, "Where new code goes").
+#[test]
+fn the_house_has_no_circle_and_its_bottom_stays_at_the_bottom() {
+    let files = sources();
+    let graph = Crate::read(&files).imports();
+    // The reader read the house: every file is a module, and the engine's imports were found.
+    let read: usize = graph.len();
+    assert!(read + 5 >= files.len(), "{read} of {} files read as modules", files.len());
+    assert!(graph.values().map(BTreeSet::len).sum::<usize>() > 300, "imports were found");
+    let faults = faults(&files);
+    assert!(faults.is_empty(), "the house is not whole:\n{}", faults.join("\n"));
+}
+
+/// The reader finds what it must: a circle through a re-export, an import through a module a
+/// `use` named, a path in code; and it ignores comments, strings and test modules.
+#[test]
+fn the_house_reader_finds_circles_through_re_exports_and_paths_and_ignores_comments() {
+    let tree = |files: &[(&str, &str)]| -> BTreeMap<String, String> {
+        files.iter().map(|(p, t)| ((*p).to_owned(), (*t).to_owned())).collect()
+    };
+    // a → (through engine's re-export) b; b → a by a path in code.
+    let circle = tree(&[
+        ("src/lib.rs", "mod engine;\nmod a;\npub use engine::B;"),
+        ("src/engine/mod.rs", "mod b;\npub use b::B;"),
+        ("src/engine/b.rs", "pub struct B;\nfn f() { crate::a::helper(); }"),
+        ("src/a.rs", "use crate::engine::B;\npub(crate) fn helper() {}"),
+    ]);
+    let found = faults(&circle);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("src/a.rs -> src/engine/b.rs (crate::engine::B)"), "{found:?}");
+    assert!(found[0].contains("src/engine/b.rs -> src/a.rs (crate::a::helper)"), "{found:?}");
+    // The same, tied only by a comment, a doc link, a string and a test module: no circle.
+    let quiet = tree(&[
+        ("src/lib.rs", "mod engine;\nmod a;"),
+        ("src/engine/mod.rs", "mod b;\npub use b::B;"),
+        (
+            "src/engine/b.rs",
+            "/// See [`crate::a::helper`].\npub struct B;\n// crate::a::helper()\nconst S: &str = \"crate::a::helper\";\n\
+             #[cfg(test)]\nmod tests { use crate::a::helper; }",
+        ),
+        ("src/a.rs", "use crate::engine::B;\npub(crate) fn helper() {}"),
+    ]);
+    assert_eq!(faults(&quiet), Vec::<String>::new());
+    // Through a module a `use` named, and `super::`: config importing upward is found.
+    let upward = tree(&[
+        ("src/lib.rs", "mod config;\nmod engine;"),
+        ("src/config/mod.rs", "mod plans;"),
+        ("src/config/plans.rs", "use crate::engine;\nfn f() -> engine::usage::Overrun { todo!() }"),
+        ("src/engine/mod.rs", "pub(crate) mod usage;"),
+        ("src/engine/usage.rs", "pub enum Overrun { A }\nfn g() { super::super::config::plans::x(); }"),
+    ]);
+    let found = faults(&upward);
+    assert!(found.iter().any(|f| f.starts_with("src/config/plans.rs imports src/engine/usage.rs")), "{found:?}");
+    // An engine part importing the facade: found.
+    let facade = tree(&[
+        ("src/lib.rs", "mod engine;"),
+        ("src/engine/mod.rs", "mod engine;\nmod usage;\npub use engine::Tollgate;"),
+        ("src/engine/engine.rs", "pub struct Tollgate;"),
+        ("src/engine/usage/mod.rs", "mod record;"),
+        ("src/engine/usage/record.rs", "impl crate::engine::Tollgate {}"),
+    ]);
+    let found = faults(&facade);
+    assert_eq!(
+        found,
+        vec!["src/engine/usage/record.rs imports src/engine/engine.rs: the engine's parts never import its facade"]
+    );
+    // base importing the store: found.
+    let base = tree(&[
+        ("src/lib.rs", "mod base;\nmod store;"),
+        ("src/base/mod.rs", "use crate::store::{Thing as T, other::*};"),
+        ("src/store/mod.rs", "pub struct Thing;\npub mod other;"),
+        ("src/store/other.rs", "pub struct O;"),
+    ]);
+    let found = faults(&base);
+    assert_eq!(
+        found,
+        vec![
+            "src/base/mod.rs imports src/store/mod.rs: base/ imports nothing above it, config/ only base/",
+            "src/base/mod.rs imports src/store/other.rs: base/ imports nothing above it, config/ only base/",
+        ]
+    );
+}
