@@ -1,5 +1,6 @@
 use std::sync::Arc;
 
+use crate::engine::table::TenantTable;
 use tokio::sync::{mpsc, watch};
 
 use super::Worker;
@@ -8,7 +9,6 @@ use crate::engine::{
         clients::KeyLookups,
         gate::{Gate, GateParts},
         idempotency::Idempotency,
-        table::TenantTable,
     },
     alerts::{AlertQueue, Alerts},
     engine::{Engine, Tollgate},

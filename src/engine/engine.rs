@@ -351,16 +351,3 @@ impl Tollgate {
         self.shared().runtime().load().config.clone()
     }
 }
-
-impl Rejection {
-    pub(crate) fn with_retry_after(mut self, secs: u64) -> Self {
-        self.inner.retry_after = Some(secs);
-        self
-    }
-
-    pub(crate) fn for_tenant(mut self, state: &Tenant) -> Self {
-        self.inner.tenant = Some(state.id.clone());
-        self.inner.state = Some(state.clone());
-        self
-    }
-}

@@ -18,6 +18,7 @@ mod report;
 mod routes;
 mod shared;
 mod store_calls;
+mod table;
 mod tenants;
 pub(crate) mod usage;
 mod worker;

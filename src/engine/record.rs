@@ -7,7 +7,8 @@ use std::{
 };
 
 use crate::engine::{
-    admit::{gate::Gate, stage::OwnedCredential, table::Lookup},
+    admit::{gate::Gate, stage::OwnedCredential},
+    table::Lookup,
     usage::events::{
         Event, EventError, EventUnits, Prepared, QueueMessage, Reserved, UsageMessage, EVENT_ID_MAX_LEN, MAX_AGE,
         MAX_QUANTITY,

@@ -32,6 +32,19 @@ pub(crate) struct Details {
 }
 
 impl Rejection {
+    /// The same refusal, telling the client to retry in `secs` seconds (`Retry-After`).
+    pub(crate) fn with_retry_after(mut self, secs: u64) -> Self {
+        self.inner.retry_after = Some(secs);
+        self
+    }
+
+    /// The same refusal, of `state`'s tenant (its headers and problem name it).
+    pub(crate) fn for_tenant(mut self, state: &Tenant) -> Self {
+        self.inner.tenant = Some(state.id.clone());
+        self.inner.state = Some(state.clone());
+        self
+    }
+
     /// Whether shadow mode (`limits.shadow`) lets this request through although it would be
     /// refused (a missing, unknown or malformed credential): a front door serves it, without a
     /// tenant (no ticket, no usage), instead of answering the rejection. The tower layer and

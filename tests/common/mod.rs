@@ -237,6 +237,11 @@ pub struct Faulty {
     pub lose_commit_answers: std::sync::atomic::AtomicU32,
     /// The next this many event commits are applied, then answer with an error.
     pub lose_event_answers: std::sync::atomic::AtomicU32,
+    /// Usage events are written, and their answer never comes (counted in
+    /// `hung_event_writes`).
+    pub hang_event_answers: AtomicBool,
+    /// Event writes that landed with their answer hung.
+    pub hung_event_writes: std::sync::atomic::AtomicU32,
     /// Every call fails.
     pub down: AtomicBool,
     /// Export listings and directory reads never answer (a store that hangs).
@@ -298,6 +303,8 @@ impl Default for Faulty {
             durable: true,
             lose_commit_answers: Default::default(),
             lose_event_answers: Default::default(),
+            hang_event_answers: Default::default(),
+            hung_event_writes: Default::default(),
             down: Default::default(),
             hang: Default::default(),
             usage_down: Default::default(),
@@ -486,6 +493,10 @@ impl UsageStore for Faulty {
     async fn commit_events(&self, events: &[UsageEvent]) -> Result<Vec<EventOutcome>, StoreError> {
         self.check_usage()?;
         let out = self.inner.commit_events(events).await?;
+        if self.hang_event_answers.load(Ordering::SeqCst) {
+            self.hung_event_writes.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
         let lose = self.lose_event_answers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if lose.is_ok() {
             return Err(StoreError::Timeout(std::time::Duration::from_millis(250)));

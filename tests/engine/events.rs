@@ -406,6 +406,33 @@ async fn a_failed_store_write_changes_nothing_and_can_be_retried() {
     assert_eq!(stored(&*faulty, NOON, NOON + HOUR).await, 10);
 }
 
+/// An event whose write landed and whose answer never came, its caller gone meanwhile (a
+/// job's deadline, a cancelled task): its units stay spent, so the quota is never passed on
+/// the units of a write that may have landed; the next event is refused past them.
+#[tokio::test]
+async fn an_event_cut_off_during_its_write_keeps_its_units() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let faulty = Arc::new(Faulty::default());
+    let (engine, _) = engine_on(faulty.clone(), NOON);
+    faulty.hang_event_answers.store(true, SeqCst);
+    let job = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.record_event(ev("a", 8, NOON)).await }
+    });
+    // Awaited until its write landed (the store holds it), then cut off.
+    while faulty.hung_event_writes.load(SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    job.abort();
+    assert!(job.await.unwrap_err().is_cancelled());
+    faulty.hang_event_answers.store(false, SeqCst);
+    assert_eq!(stored(&*faulty, NOON, NOON + HOUR).await, 8, "the write landed");
+    // 2 of the day's 10 are left: 3 more are refused, 2 taken.
+    let refused = engine.reserve_event(&ev("b", 3, NOON), Duration::from_secs(60)).await.unwrap_err();
+    assert!(matches!(refused, EventError::QuotaExceeded { .. }), "{refused}");
+    engine.reserve_event(&ev("c", 2, NOON), Duration::from_secs(60)).await.unwrap();
+}
+
 /// `[events.products]` names declared meters, with its position when it does not; a hard
 /// quota on a meter only events record is enforced by them.
 #[test]

@@ -238,3 +238,75 @@ async fn holds_are_counted_by_outcome() {
     assert_eq!(recorder.get("tollgate_holds_total{outcome=refused_spent}"), 1);
     assert_eq!(recorder.get("tollgate_hold_returned_units_total"), 70);
 }
+
+/// A request on a route that holds is counted refunded when its hold is refused, and when it
+/// is dropped while its hold waits on the store (its client gone), as a ticket given back is:
+/// its route cost went back both times.
+#[tokio::test]
+async fn a_request_whose_hold_is_refused_or_abandoned_is_counted_refunded() {
+    use futures_util::FutureExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    let config = Config::from_toml_str(
+        r#"
+        [meters.tokens]
+        [plans.p]
+        quotas.tokens = { limit = 100, period = "day", mode = "hard", lease = 10 }
+        [[routes]]
+        path = "/draw"
+        reports = ["tokens"]
+        hold.tokens = 60
+        [[routes]]
+        path = "/one"
+        reports = ["tokens"]
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+        [tenants.u]
+        plan = "p"
+        keys = ["key-u"]
+        "#,
+    )
+    .unwrap();
+    let recorder = Recording::default();
+    let store = Arc::new(common::Faulty::default());
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = metrics::with_local_recorder(&recorder, || {
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock).build()
+    });
+    let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rx = Arc::new(Mutex::new(Some(rx)));
+    let svc = layer.layer(tower::service_fn(
+        move |_r: http::Request<tollgate::layer::RequestBody<http_body_util::Full<bytes::Bytes>>>| {
+            let rx = rx.lock().unwrap().take();
+            async move {
+                // The first request's work runs until the test lets it end: its hold stays.
+                if let Some(rx) = rx {
+                    let _ = rx.await;
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::new())))
+            }
+        },
+    ));
+    let first = tokio::spawn(svc.clone().oneshot(req("GET", "/draw", Some("key-t"), None)));
+    while store.quota_calls.load(SeqCst) == 0 || recorder.get("tollgate_holds_total{outcome=taken}") == 0 {
+        tokio::task::yield_now().await;
+    }
+    // 40 of 100 left: a hold of 60 is refused.
+    let refused = svc.clone().oneshot(req("GET", "/draw", Some("key-t"), None)).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(recorder.get("tollgate_usage_refunded_units_total"), 1);
+    // The first ends; another tenant's hold waits on the store (its lease of 10 holds its
+    // route's unit, not its hold), and its client goes.
+    tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(svc.clone().oneshot(req("GET", "/one", Some("key-u"), None)).await.unwrap().status(), 200);
+    store.stall(true);
+    let calls = store.quota_calls.load(SeqCst);
+    let waiting = svc.clone().oneshot(req("GET", "/draw", Some("key-u"), None)).now_or_never();
+    assert!(waiting.is_none(), "its hold waits on the store");
+    assert!(store.quota_calls.load(SeqCst) > calls, "it asked the store");
+    store.stall(false);
+    assert_eq!(recorder.get("tollgate_usage_refunded_units_total"), 2);
+    assert_eq!(recorder.get("tollgate_usage_recorded_units_total"), 2, "the first request and /one are billed");
+}

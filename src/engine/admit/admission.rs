@@ -9,6 +9,7 @@ use crate::engine::{
     admit::{
         capture::ResponseCapture,
         charge::RateCharge,
+        fleet::FleetTake,
         gate::Gate,
         idempotency::{settled, CaptureLimits, Claim, FleetClaim, Idempotency, NotStored, Verdict, IN_FLIGHT_SECS},
         stage::{Admission, ClaimPlace, KeyClaim, Partial, Ready, ReplayRead, Stage},
@@ -66,10 +67,11 @@ impl Gate {
         // A fleet rate: the request's cells come from its tenant's lease (waiting for one when
         // it is empty); its rate check then reports them, and its charge gives them back.
         if state.plan.fleet.is_some() && !crate::plan::is_fleet(route.client) {
-            charge = match self.take_fleet_cells(charge, &mut route, idem) {
-                Ok(charge) => charge,
-                Err(waits) => return waits,
-            };
+            match self.take_fleet_cells(&mut charge, &mut route) {
+                FleetTake::Served => {}
+                FleetTake::Refused(refused) => return refused,
+                FleetTake::Waits => return Self::rate_wait(charge, route, idem),
+            }
         }
         let state = charge.state();
         let (charged, claim) = match idem {
@@ -835,7 +837,7 @@ impl Gate {
             Some(source) => Taken::new(p.charge.state(), route.meter, u64::from(route.cost), source, p.charge.at),
             None => Taken::none(),
         };
-        Admission::pending(Stage::Hold(Box::new(Ready { partial: p, taken, spend })), *route)
+        Admission::pending(Stage::Hold(Box::new(Ready::new(p, taken, spend, route.cost))), *route)
     }
 
     /// The ticket of an admitted request: its rate cells, place, key and units are its own.

@@ -3,13 +3,10 @@
 //! once on demand; unknown credentials cached for `limits.negative_ttl`; the tenant cap held
 //! on insertion, whether or not the worker runs.
 
+use crate::engine::table::{Lookup, ANONYMOUS};
 use std::sync::Arc;
 
-use crate::engine::admit::{
-    gate::Gate,
-    stage::OwnedCredential,
-    table::{Lookup, ANONYMOUS},
-};
+use crate::engine::admit::{gate::Gate, stage::OwnedCredential};
 use crate::{
     config::{StoreErrorPolicy, TenantId, ANONYMOUS_TENANT},
     plan::{CompiledPlan, Runtime, StaticTenant},

@@ -2,13 +2,13 @@
 //! known (the node stopping, a malformed key or path), routed, its hold's estimate read, its
 //! tenant found in the table (decided at once) or looked up in the directory (pending).
 
+use crate::engine::table::{Lookup, ANONYMOUS};
 use std::sync::Arc;
 
 use crate::engine::admit::{
     gate::Gate,
     idempotency::{check_key, Idempotency},
     stage::{scoped_key, Admission, OwnedCredential, PendingAdmission, PendingKey, RequestInfo, Stage},
-    table::{Lookup, ANONYMOUS},
 };
 use crate::{
     config::TenantId,

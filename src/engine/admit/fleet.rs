@@ -37,6 +37,17 @@ fn ceil_secs_nanos(nanos: i128) -> u64 {
     u64::try_from((nanos.max(0) + 999_999_999) / 1_000_000_000).unwrap_or(u64::MAX)
 }
 
+/// What a fleet rate's lease did for a request ([`Gate::take_fleet_cells`]).
+pub(crate) enum FleetTake {
+    /// Its cells came from the lease (or the plan's own bucket serves it, or shadow mode
+    /// admits it without cells): on to its rate check.
+    Served,
+    /// Refused by the shared bucket's last reading.
+    Refused(Admission),
+    /// The lease is empty: it waits for one ([`Gate::rate_wait`]).
+    Waits,
+}
+
 impl Gate {
     /// Takes the request's cells from its tenant's fleet lease (the route then carries their
     /// lease, [`fleet_key`]: its rate check reports them and its charge gives them back);
@@ -46,35 +57,37 @@ impl Gate {
     /// route is left as it is).
     #[cold]
     #[inline(never)]
-    pub(crate) fn take_fleet_cells(
-        &self,
-        mut charge: RateCharge,
-        route: &mut RouteCost,
-        key: Option<(&[u8], u128)>,
-    ) -> Result<RateCharge, Admission> {
+    pub(crate) fn take_fleet_cells(&self, charge: &mut RateCharge, route: &mut RouteCost) -> FleetTake {
         let state = charge.state();
-        let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) else { return Ok(charge) };
+        let (Some(fleet), Some(rate)) = (state.fleet(), state.plan.fleet.as_ref()) else { return FleetTake::Served };
         let now = self.shared.clock().unix_nanos();
         if fleet.in_fallback(now) {
-            return Ok(charge);
+            return FleetTake::Served;
         }
         if let Some(generation) = fleet.take(route.cost, now) {
             route.client = fleet_key(generation);
             charge.took(route.client, route.cost, 0);
-            return Ok(charge);
+            return FleetTake::Served;
         }
         if let Some(tat) = fleet.refused_by_reading(route.cost, now, rate.bucket) {
             let r = Self::fleet_refusal(state, *route, tat, now);
             if !self.shadowed(state, &r) {
-                return Err(self.reject(r));
+                return FleetTake::Refused(self.reject(r));
             }
             // Shadow mode: counted, admitted without cells.
             route.client = fleet_key(0);
-            return Ok(charge);
+            return FleetTake::Served;
         }
+        FleetTake::Waits
+    }
+
+    /// A request of a fleet rate whose tenant's lease is empty: it waits for a lease of cells
+    /// ([`Stage::Rate`]).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn rate_wait(charge: RateCharge, route: RouteCost, key: Option<(&[u8], u128)>) -> Admission {
         let key = key.map(|(k, request)| (Box::from(k), request));
-        let wait = RateWait { charge, key };
-        Err(Admission::pending(Stage::Rate(Box::new(wait)), *route))
+        Admission::pending(Stage::Rate(Box::new(RateWait { charge, key })), route)
     }
 
     /// The rate check of a request whose cells came from its tenant's fleet lease: its time,

@@ -6,6 +6,7 @@
 //! `places.rs`: what waits on the store; `directory.rs`: tenants looked up); this file holds the
 //! part, the loop a pending request goes through, and how refusals are counted.
 
+use crate::engine::table::TenantTable;
 use std::sync::Arc;
 
 use crate::engine::{
@@ -13,8 +14,7 @@ use crate::engine::{
         clients::KeyLookups,
         idempotency::Idempotency,
         place_node::PlacesNode,
-        stage::{Admission, PendingAdmission, Ready, Stage},
-        table::TenantTable,
+        stage::{Admission, PendingAdmission, Ready, ReadyParts, Stage},
         ticket::Ticket,
     },
     shared::Shared,
@@ -107,7 +107,7 @@ impl Gate {
                 Stage::Hold(ready) => match &hold {
                     Some((spec, units)) => return self.take_hold(*ready, route.cost, spec.clone(), *units).await,
                     None => {
-                        let Ready { partial, taken, spend } = *ready;
+                        let ReadyParts { partial, taken, spend } = ready.into_parts();
                         return Ok(self.ticket(partial, route.cost, taken.into_source(), spend));
                     }
                 },
@@ -154,26 +154,26 @@ impl Gate {
     /// units, its place, its key), as for a request refused at admission (a client told to
     /// retry in a second spends nothing on the refusal), and the refusal is its answer.
     async fn take_hold(&self, ready: Ready, cost: u32, spec: Arc<RouteHold>, units: u64) -> Result<Ticket, Rejection> {
-        let Ready { partial, taken, spend } = ready;
-        let state = partial.charge.state().clone();
+        let state = ready.state().clone();
         let Some(meter) = state.plan.meters.index(spec.meter.as_str()) else {
+            let ReadyParts { partial, taken, spend } = ready.into_parts();
             return Ok(self.ticket(partial, cost, taken.into_source(), spend));
         };
+        // Whole while its hold is asked for: dropped meanwhile, it gives everything back.
         let mut hold = Hold::new(state, Ok(meter), true, spec.overrun, spec.timeout, self.units.clone());
         match hold.extend(units).await {
             Ok(()) => {
+                let ReadyParts { partial, taken, spend } = ready.into_parts();
                 let mut ticket = self.ticket(partial, cost, taken.into_source(), spend);
                 ticket.hold = Some(Arc::new(RouteHeld::new(spec, meter, units, hold)));
                 Ok(ticket)
             }
             Err(mut r) => {
                 // The route's policies, the held meter's read live; the rate cells back.
+                let ReadyParts { partial, taken, spend } = ready.refused();
                 let (_, headers) = partial.refuse();
                 r.inner.headers = headers;
-                self.units.give_back(taken);
-                if let Some(spend) = spend {
-                    self.units.give_back(spend.taken);
-                }
+                drop((taken, spend));
                 Err(self.typed(r))
             }
         }

@@ -16,6 +16,5 @@ pub(crate) mod idempotency;
 pub(crate) mod place_node;
 pub(crate) mod places;
 pub(crate) mod stage;
-pub(crate) mod table;
 pub(crate) mod ticket;
 pub(crate) mod wait;

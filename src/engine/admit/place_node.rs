@@ -10,7 +10,7 @@ use std::sync::{
 
 use dashmap::DashMap;
 
-use crate::engine::{admit::table::TenantTable, shared::Shared};
+use crate::engine::{shared::Shared, table::TenantTable};
 use crate::{
     base::TenantId,
     config::StoreErrorPolicy,

@@ -263,11 +263,53 @@ pub(crate) struct RateWait {
 }
 
 /// A request admitted on a route that holds (`[[routes]] hold`), before its hold is taken:
-/// what becomes its ticket once the hold is there.
+/// what becomes its ticket once the hold is there. Dropped unused (its hold refused, the
+/// request gone while it waited), everything it took goes back as its parts drop, and its
+/// cost is counted refunded, as a ticket's would be.
 pub(crate) struct Ready {
+    parts: Option<ReadyParts>,
+    /// Its route's cost.
+    cost: u32,
+}
+
+/// What a [`Ready`] request took.
+pub(crate) struct ReadyParts {
     pub(crate) partial: Partial,
     /// The units of its route's cost, taken from the quota.
     pub(crate) taken: Taken,
     /// Its route cost's spend, on a plan with a spend cap.
     pub(crate) spend: Option<RouteSpend>,
+}
+
+impl Ready {
+    pub(crate) fn new(partial: Partial, taken: Taken, spend: Option<RouteSpend>, cost: u32) -> Self {
+        Self { parts: Some(ReadyParts { partial, taken, spend }), cost }
+    }
+
+    /// Its tenant.
+    pub(crate) fn state(&self) -> &Tenant {
+        self.parts.as_ref().expect("a Ready request keeps its parts until it goes").partial.charge.state()
+    }
+
+    /// Its parts, to become its ticket (or its refusal, counted refunded here).
+    pub(crate) fn into_parts(mut self) -> ReadyParts {
+        self.parts.take().expect("a Ready request's parts are taken once")
+    }
+
+    /// Its parts, given up (its hold refused): its cost counted refunded. What the parts took
+    /// goes back as they drop.
+    pub(crate) fn refused(mut self) -> ReadyParts {
+        let parts = self.parts.take().expect("a Ready request's parts are taken once");
+        parts.partial.charge.state().plan.metrics.refunded_units.increment(u64::from(self.cost));
+        parts
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        if let Some(parts) = &self.parts {
+            // Gone while it waited for its hold: as a ticket dropped before its service.
+            parts.partial.charge.state().plan.metrics.refunded_units.increment(u64::from(self.cost));
+        }
+    }
 }

@@ -322,11 +322,12 @@ impl Ticket {
             held.end(false);
         }
         if let Some(source) = self.source.take() {
-            let taken = Taken::new(&self.state, self.headers.meter(), u64::from(self.cost), source, self.at);
-            self.units.give_back(taken);
+            // Back to their lease, lock-free (a retired state's lease goes back once its last
+            // request is done).
+            drop(Taken::new(&self.state, self.headers.meter(), u64::from(self.cost), source, self.at));
         }
         if let Some(tab) = &self.spend {
-            tab.refund(&self.state, self.units.leases());
+            tab.refund(&self.state);
         }
         // Not billed: the key is released (the claim's drop), so a retry is charged.
         if self.claim.is_some() {

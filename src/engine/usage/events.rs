@@ -18,7 +18,7 @@ use crate::engine::usage::{
     held::OpenHolds,
     lease::Leases,
     spend::charge_units,
-    taken::{Prefetcher, Taken},
+    taken::{Prefetcher, Source, Taken},
 };
 use crate::{
     config::{MeterId, TenantId},
@@ -402,22 +402,28 @@ impl EventRecorder {
         let mut returned = false;
         if !ready.is_empty() {
             let batch: Vec<UsageEvent> = ready.iter().map(|p| p.event.clone()).collect();
+            // From the write on, the units are the events' whatever comes (a write cut off,
+            // this future dropped, may have landed): they go back only on an answer that says
+            // the write did not apply them.
+            let mut ready = ready;
+            let units: Vec<Writing> = ready.iter_mut().map(|p| std::mem::take(&mut p.units).writing()).collect();
             match self.stores.events().commit_events(&batch).await {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
-                    for (p, outcome) in ready.into_iter().zip(outcomes) {
+                    for ((p, units), outcome) in ready.into_iter().zip(units).zip(outcomes) {
                         if outcome == EventOutcome::Applied {
                             // A priced meter feeds the spend, as work done (rounded per event,
                             // past a hard cap if need be: counted).
                             charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.prefetcher);
-                            if p.units.past_limit() {
+                            if matches!(units, Writing::Taken { past_limit: true, .. }) {
                                 self.totals.events_past_limit.add(1);
                                 tracing::info!(tenant = %p.state.id, quantity = p.quantity,
                                     "usage event charged past its hard quota: the work was done (reserve_event asks first)");
                             }
-                            p.units.keep();
-                        } else {
-                            // Not applied (a duplicate): its units go back.
-                            returned |= p.units.give_back();
+                        } else if let Writing::Taken { source, units, .. } = units {
+                            // Not applied (a duplicate): its units go back to where they came
+                            // from.
+                            drop(Taken::new(&p.state, p.meter, units, source, p.taken_at));
+                            returned |= units > 0;
                         }
                         out[p.index] = Some(Ok(outcome));
                     }
@@ -435,11 +441,10 @@ impl EventRecorder {
                     // units stay taken, so a hard quota is never passed, and are held for the
                     // event's retry on this node (which reuses them; a retry of an event
                     // already stored answers `Duplicate`).
-                    for p in ready {
-                        if p.units.took() {
+                    for (p, units) in ready.into_iter().zip(units) {
+                        if !matches!(units, Writing::None) {
                             self.held.insert(p.event.id.clone(), HeldUnits { quantity: p.quantity });
                         }
-                        p.units.keep();
                         out[p.index] = Some(Err(EventError::Store(clone_error(&e))));
                     }
                 }
@@ -591,9 +596,12 @@ pub(crate) struct HeldUnits {
     pub(crate) quantity: u64,
 }
 
-/// An event's quota units taken anew (for work done, or a reservation).
+/// An event's quota units taken anew (for work done, or a reservation). Dropped before its
+/// write (a later event of the batch refused, the caller gone), units taken anew go back.
+#[derive(Default)]
 pub(crate) enum EventUnits {
     /// None taken: a meter without a quota, a period already over.
+    #[default]
     None,
     /// Taken for it: given back if its write does not apply them. `past_limit`: work done past
     /// the hard quota, charged all the same (from the lease as a debt, or owed to the store).
@@ -612,35 +620,28 @@ impl EventUnits {
         }
     }
 
-    /// Whether units of a quota are the event's (taken anew, or held).
-    pub(crate) fn took(&self) -> bool {
-        !matches!(self, Self::None)
-    }
-
-    /// Whether they were charged past the hard quota.
-    fn past_limit(&self) -> bool {
-        matches!(self, Self::Taken { past_limit: true, .. })
-    }
-
-    /// The units are the event's for good.
-    fn keep(self) {
-        if let Self::Taken { taken, .. } = self {
-            taken.keep();
-        }
-    }
-
-    /// Gives the units taken anew back (the write did not apply them); whether there were
-    /// any.
-    fn give_back(self) -> bool {
+    /// The units as the write carries them: plain data, kept whatever becomes of the write
+    /// unless its answer gives them back.
+    fn writing(self) -> Writing {
         match self {
-            Self::Taken { taken, .. } => {
-                let any = taken.units() > 0;
-                drop(taken);
-                any
+            Self::Taken { taken, past_limit } => {
+                let units = taken.units();
+                match taken.into_source() {
+                    Some(source) => Writing::Taken { source, units, past_limit },
+                    None => Writing::None,
+                }
             }
-            Self::None | Self::Held => false,
+            Self::Held => Writing::Held,
+            Self::None => Writing::None,
         }
     }
+}
+
+/// An event's units while its write is in flight ([`EventUnits`] handed over to it).
+enum Writing {
+    None,
+    Taken { source: Source, units: u64, past_limit: bool },
+    Held,
 }
 
 fn clone_error(e: &StoreError) -> StoreError {

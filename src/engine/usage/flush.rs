@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use crate::engine::{admit::table::TenantTable, store_calls::StoreCalls, usage::lease::Leases};
+use crate::engine::{store_calls::StoreCalls, table::TenantTable, usage::lease::Leases};
 use crate::{
     clock::Clock,
     config::{MeterId, StoreErrorPolicy, TenantId},

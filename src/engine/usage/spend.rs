@@ -17,10 +17,7 @@ use rust_decimal::Decimal;
 
 use crate::{
     base::{amount_of, ceil_nanos, cost_nanos},
-    engine::usage::{
-        lease::Leases,
-        taken::{Prefetcher, Taken},
-    },
+    engine::usage::taken::{Prefetcher, Taken},
     response::{Rejection, RejectionKind},
     tenant::{Take, Tenant},
 };
@@ -104,7 +101,7 @@ impl SpendTab {
 
     /// The request is not billed: its route's spend goes back, less what the rounding of
     /// the work it recorded keeps (that part is recorded).
-    pub(crate) fn refund(&self, state: &Tenant, leases: &Arc<Leases>) {
+    pub(crate) fn refund(&self, state: &Tenant) {
         let (give, keep, at) = {
             let mut t = self.lock();
             let mut pending = std::mem::take(&mut t.pending);
@@ -115,7 +112,7 @@ impl SpendTab {
             t.route_exact = Decimal::ZERO;
             (pending.split(give), pending, t.at)
         };
-        give.give_back(leases);
+        drop(give);
         record(state, keep.units(), at);
         keep.keep();
     }

@@ -33,14 +33,12 @@ impl Source {
 
 /// Units of one tenant's quota cell (a meter's quota, a prepaid balance, a spend cap) taken
 /// for a request, a hold, a job's event or a request's spend, and not billed yet. Dropped, they
-/// go back where they came from: to the lease of their period (after that period's roll, to
-/// its counter, by the cell's next store call), or off what is owed outside a lease.
-/// [`keep`](Self::keep) makes them spent for good (billed). [`Units::give_back`] gives them
-/// back too, to the store at once when their lease was given back meanwhile (an eviction, a
-/// reload); a drop leaves them in that lease, which goes back to the store when the tenant's
-/// retired state is let go.
-///
-/// [`Units::give_back`]: crate::engine::usage::units::Units::give_back
+/// go back where they came from, lock-free: to the lease of their period (after that period's
+/// roll, to its counter, by the cell's next store call; after the lease's return, they wait in
+/// it for the state's last return), or off what is owed outside a lease.
+/// [`keep`](Self::keep) makes them spent for good (billed). A hold's or a job's reservation,
+/// which may outlive its lease by long, goes back through [`give_back`](Self::give_back): to
+/// the store at once when its lease was given back meanwhile (an eviction, a reload).
 #[must_use = "units taken go back when this is dropped: keep them once they are billed"]
 pub(crate) struct Taken {
     /// The tenant and the meter they came from; `None`: nothing taken.
@@ -78,8 +76,8 @@ impl Taken {
     /// usage that already happened, or a request admitted without a lease.
     pub(crate) fn force(state: &Tenant, meter: usize, units: u64, at: i64) -> Self {
         match state.quota(meter) {
-            Some(cell) => Self::new(state, meter, units, Source::forced(cell.force_take(units, at)), at),
-            None => Self::none(),
+            Some(cell) if units > 0 => Self::new(state, meter, units, Source::forced(cell.force_take(units, at)), at),
+            _ => Self::none(),
         }
     }
 
@@ -156,9 +154,8 @@ impl Taken {
         Some((state, state.quota(*meter)?))
     }
 
-    /// Gives the units back to where they came from, here: their lease (a lease given back
-    /// meanwhile keeps them until the state's last return), or off what is owed outside a
-    /// lease.
+    /// Gives the units back to where they came from, here: their lease, or off what is owed
+    /// outside a lease.
     fn restore(&mut self) {
         if let Some((_, cell)) = self.cell() {
             match self.source {
@@ -170,17 +167,17 @@ impl Taken {
     }
 
     /// Gives the units back, to the store at once (in the background, through `leases`) when
-    /// their lease was given back meanwhile: there they would wait for the state's last
-    /// return. Under the lock a lease's return marks it with, so they reach the lease before
+    /// their lease was given back meanwhile (a hold or a reservation may outlive its lease by
+    /// long). Under the lock a lease's return marks it with, so they reach the lease before
     /// it is emptied, or the store after.
     pub(crate) fn give_back(mut self, leases: &Arc<Leases>) {
-        let late = match (self.source, self.cell()) {
+        let (late, tag) = match (self.source, self.cell()) {
             (Source::Lease(tag), Some((_, cell))) => {
                 let locked = cell.locked();
                 if !locked.returned {
                     cell.refund(self.units, tag);
                 }
-                locked.returned
+                (locked.returned, tag)
             }
             _ => {
                 self.restore();
@@ -189,7 +186,7 @@ impl Taken {
         };
         let Some((state, meter)) = self.cell.take() else { return };
         if late {
-            release_late(state, meter, self.units, self.at, leases.clone());
+            release_late(state, meter, self.units, tag, self.at, leases.clone());
         }
     }
 }
@@ -220,9 +217,15 @@ impl std::fmt::Debug for Taken {
 }
 
 /// Sends `units` taken at `at` from a lease that was given back to the store, in the background.
-fn release_late(state: Tenant, meter: usize, units: u64, at: i64, leases: Arc<Leases>) {
+fn release_late(state: Tenant, meter: usize, units: u64, tag: u16, at: i64, leases: Arc<Leases>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        tracing::warn!(tenant = %state.id, units, "units given back after their lease was, with no runtime: they stay reserved until the period ends");
+        // No runtime to send them with: they go to the lease, as a request's do (a lease
+        // taken again carries them; else they stay reserved in the store until the period
+        // ends).
+        tracing::debug!(tenant = %state.id, units, "units given back after their lease was, with no runtime: left in the lease");
+        if let Some(cell) = state.quota(meter) {
+            cell.refund(units, tag);
+        }
         return;
     };
     runtime.spawn(async move {

@@ -13,7 +13,7 @@ use crate::engine::{
         flush::Pipeline,
         held::OpenHolds,
         lease::Leases,
-        taken::{Prefetch, Prefetcher, Taken},
+        taken::{Prefetch, Prefetcher},
     },
 };
 use crate::store::StoreError;
@@ -86,15 +86,6 @@ impl Units {
     #[inline]
     pub(crate) fn prefetcher(&self) -> &Prefetcher {
         &self.prefetcher
-    }
-
-    /// Gives units back: to their lease, or to the store at once when the lease was given
-    /// back meanwhile ([`Taken::give_back`]).
-    #[inline]
-    pub(crate) fn give_back(&self, taken: Taken) {
-        if taken.source().is_some() {
-            taken.give_back(&self.leases);
-        }
     }
 
     /// How long a hold may stay open, as the configuration in force says.

@@ -4,6 +4,7 @@
 //! of a balance.
 
 use super::quota::NEW_CALL;
+use super::race::{Race, Retries};
 use super::*;
 use crate::{
     base::{MeterId, Period},
@@ -30,7 +31,7 @@ impl DynamoStore {
         let sk = credit_sk(grant.meter.as_str(), &grant.id);
         let payment = grant.payment.as_deref().unwrap_or(&grant.id);
         let (key, pk, sk) = (&key, &pk, &sk);
-        self.until_won("a credit grant raced with refunds under every attempt", (), |(), _| {
+        self.until_won("a credit grant raced with refunds under every attempt", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
                 // One grant per id on every meter of the tenant, and one per payment.
                 if let Some(seen) = self.granted_before(grant).await? {
@@ -196,7 +197,7 @@ impl DynamoStore {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
         let key = &prepaid_key(tenant, meter);
-        self.until_won("a prepaid balance changed under every attempt", (), |(), _| {
+        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
                 // The balance first, then its grants: a grant or a close after the read changes the
                 // balance, so the condition below refuses a computation over grants read before.
@@ -277,7 +278,7 @@ impl DynamoStore {
     }
 
     pub(super) async fn refund_grant(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
-        self.until_won("a refund raced with its grant under every attempt", (), |(), _| {
+        self.until_won("a refund raced with its grant under every attempt", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
                 // The grant of the payment: by its marker, or (a grant made before markers) among
                 // the grants of the tenant that paid.
@@ -354,7 +355,7 @@ impl DynamoStore {
     /// reserved, kept beside them), in one conditional update; first as if the balance allowed
     /// everything asked, then what the rule grants for the room read.
     pub(super) async fn reserve_prepaid(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        self.until_won("a prepaid balance changed under every attempt", r.units, |units, _| {
+        self.until_won("a prepaid balance changed under every attempt", Retries::QUICK_FIRST, r.units, |units, _| {
             Box::pin(async move {
                 let need = (units > 0).then(|| int(r.owed.saturating_add(r.left_needed(units))));
                 Ok(match self.add(&r.key, int(r.owed.saturating_add(units)), units, need, None, r.token).await? {
@@ -527,7 +528,7 @@ impl DynamoStore {
         units: u64,
         token: ReserveToken,
     ) -> Result<(), StoreError> {
-        self.until_won("a prepaid balance changed under every attempt", (), |(), _| {
+        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
                 let Some(item) = self.get(quota_pk(key), &quota_sk(key)).await? else {
                     if !self.ensure_counter(key).await? {
@@ -668,7 +669,7 @@ impl DynamoStore {
         refund: &CreditRefund,
     ) -> Result<Option<(String, u64)>, StoreError> {
         let key = &prepaid_key(tenant, meter);
-        self.until_won("a prepaid balance changed under every attempt", (), |(), _| {
+        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
                 let Some((balance, all, forgiving)) = self.read_balance(key).await? else { return Ok(Race::Won(None)) };
                 let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();

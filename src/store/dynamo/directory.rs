@@ -1,5 +1,6 @@
 //! The directory role of the DynamoStore.
 
+use super::race::{Race, Retries};
 use super::*;
 
 #[async_trait]
@@ -111,54 +112,60 @@ impl DirectoryStore for DynamoStore {
             TransactWriteItem::builder().update(update).build(),
         ];
         let (actions, marker, record) = (&actions, &marker, &record);
-        self.until_won("a plan change conflicted with other writes under every attempt", (), |(), _| {
-            Box::pin(async move {
-                let e = match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await
-                {
-                    Ok(_) => {
-                        let mut record = record.clone();
-                        record.plan = change.plan.clone();
-                        record.last_event_at = Some(change.created);
-                        return Ok(Race::Won(PlanChangeOutcome::Applied(record)));
-                    }
-                    Err(e) => e,
-                };
-                match cancellation(&e) {
-                    Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
-                        Ok(Race::Won(PlanChangeOutcome::Duplicate))
-                    }
-                    Some(r) if r.get(1).is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
-                        // Either a newer event was applied, or the customer left this tenant
-                        // since it was looked up: read it again to tell.
-                        let now = self.tenant(&record.id).await?;
-                        let still =
-                            now.as_ref().is_some_and(|t| t.customer.as_deref() == Some(change.customer.as_str()));
-                        if !still {
-                            return Ok(Race::Won(Box::pin(self.apply_plan_change(change)).await?));
+        self.until_won(
+            "a plan change conflicted with other writes under every attempt",
+            Retries::BACKING_OFF,
+            (),
+            |(), _| {
+                Box::pin(async move {
+                    let e =
+                        match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await
+                        {
+                            Ok(_) => {
+                                let mut record = record.clone();
+                                record.plan = change.plan.clone();
+                                record.last_event_at = Some(change.created);
+                                return Ok(Race::Won(PlanChangeOutcome::Applied(record)));
+                            }
+                            Err(e) => e,
+                        };
+                    match cancellation(&e) {
+                        Some(r) if r.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                            Ok(Race::Won(PlanChangeOutcome::Duplicate))
                         }
-                        if now.and_then(|t| t.last_event_at).is_none_or(|last| last <= change.created) {
-                            return Ok(Race::Lost(()));
+                        Some(r) if r.get(1).is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) => {
+                            // Either a newer event was applied, or the customer left this tenant
+                            // since it was looked up: read it again to tell.
+                            let now = self.tenant(&record.id).await?;
+                            let still =
+                                now.as_ref().is_some_and(|t| t.customer.as_deref() == Some(change.customer.as_str()));
+                            if !still {
+                                return Ok(Race::Won(Box::pin(self.apply_plan_change(change)).await?));
+                            }
+                            if now.and_then(|t| t.last_event_at).is_none_or(|last| last <= change.created) {
+                                return Ok(Race::Lost(()));
+                            }
+                            // Older than the last event applied: its id is marked, nothing else changes.
+                            let marked = self
+                                .client
+                                .put_item()
+                                .table_name(&self.table)
+                                .set_item(Some(marker()?.item))
+                                .condition_expression("attribute_not_exists(pk)")
+                                .send()
+                                .await;
+                            match marked {
+                                Ok(_) => Ok(Race::Won(PlanChangeOutcome::Stale)),
+                                Err(e) if is_ccf(&e) => Ok(Race::Won(PlanChangeOutcome::Duplicate)),
+                                Err(e) => Err(sdk(e)),
+                            }
                         }
-                        // Older than the last event applied: its id is marked, nothing else changes.
-                        let marked = self
-                            .client
-                            .put_item()
-                            .table_name(&self.table)
-                            .set_item(Some(marker()?.item))
-                            .condition_expression("attribute_not_exists(pk)")
-                            .send()
-                            .await;
-                        match marked {
-                            Ok(_) => Ok(Race::Won(PlanChangeOutcome::Stale)),
-                            Err(e) if is_ccf(&e) => Ok(Race::Won(PlanChangeOutcome::Duplicate)),
-                            Err(e) => Err(sdk(e)),
-                        }
+                        Some(_) => Ok(Race::Lost(())),
+                        None => Err(sdk(e)),
                     }
-                    Some(_) => Ok(Race::Lost(())),
-                    None => Err(sdk(e)),
-                }
-            })
-        })
+                })
+            },
+        )
         .await
     }
 
@@ -227,13 +234,17 @@ impl DirectoryStore for DynamoStore {
             // known, so the write is made over the tenant as read, tried again while another
             // write changes it.
             (TenantUpdate::Customer(..), UpdateWhen::Always) => {
-                for _ in 0..8 {
-                    let Some(stored) = self.tenant(tenant).await? else { return Ok(false) };
-                    if self.write_tenant(update, Some(&stored)).await? {
-                        return Ok(true);
-                    }
-                }
-                Err(StoreError::Conflict("the tenant's customer"))
+                let retries = Retries::AT_ONCE.attempts(8);
+                self.until_won("the tenant's customer", retries, (), |(), _| {
+                    Box::pin(async move {
+                        let Some(stored) = self.tenant(tenant).await? else { return Ok(Race::Won(false)) };
+                        Ok(match self.write_tenant(update, Some(&stored)).await? {
+                            true => Race::Won(true),
+                            false => Race::Lost(()),
+                        })
+                    })
+                })
+                .await
             }
             (_, UpdateWhen::Always) => self.write_tenant(update, None).await,
             (_, UpdateWhen::Unchanged(read)) if read.id != *tenant => Ok(false),

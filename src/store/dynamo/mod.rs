@@ -49,15 +49,11 @@ use keys::{
     keys_gpk, payment_pk, places_pk, quota_pk, quota_sk, rate_pk, tenant_pk, usage_gsk, usage_pk, usage_sk,
     window_text, CREDIT_DUE_GPK, META_PK, NAMESPACE_SK, ONE_SK, SEP,
 };
-use race::Race;
 
 type Item = HashMap<String, AttributeValue>;
 
 /// A transaction holds at most 100 actions: a flush's records and its flush id.
 const MAX_BATCH_RECORDS: usize = 99;
-/// How many times a call that lost a race (a transaction conflict, a counter created under
-/// it) is tried again, with backoff and jitter.
-const ATTEMPTS: u32 = 12;
 
 /// The DynamoDB store: quota counters, usage aggregates and their export state, flush ids,
 /// the tenant directory and seen event ids in one table shared by every node of a fleet.
@@ -131,14 +127,6 @@ where
 
 fn hex_node(v: u64) -> String {
     format!("{v:016x}")
-}
-
-/// Sleeps before attempt `attempt` of a call that lost a race: exponential, with jitter.
-async fn backoff(attempt: u32) {
-    let base = 10u64 << attempt.min(7);
-    // From the OS, not RandomState: copies of one SnapStart snapshot back off apart.
-    let jitter = crate::base::draw_u64() % base;
-    tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
 }
 
 impl DynamoStore {
@@ -307,33 +295,6 @@ fn exported_ttl(window_start: i64) -> i64 {
 /// so that late usage committed to one keeps it.
 fn dead_letter_ttl(window_start: i64) -> i64 {
     window_start.saturating_add(100 * 365 * 86_400)
-}
-
-impl DynamoStore {
-    /// Sends a transaction, again (with backoff, [`ATTEMPTS`] times) while it conflicts with
-    /// another or is throttled: `Ok(None)` when it went through, `Ok(Some(reasons))` when a
-    /// condition failed (one code per action); [`StoreError::Conflict`] naming `what` when every
-    /// attempt conflicted.
-    async fn transact(
-        &self,
-        actions: Vec<TransactWriteItem>,
-        what: &'static str,
-    ) -> Result<Option<Vec<Option<String>>>, StoreError> {
-        let actions = &actions;
-        self.until_won(what, (), |(), _| {
-            Box::pin(async move {
-                match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
-                    Ok(_) => Ok(Race::Won(None)),
-                    Err(e) => match cancellation(&e) {
-                        Some(r) if r.iter().flatten().any(|c| c == "ConditionalCheckFailed") => Ok(Race::Won(Some(r))),
-                        Some(r) if retryable(&r) => Ok(Race::Lost(())),
-                        _ => Err(sdk(e)),
-                    },
-                }
-            })
-        })
-        .await
-    }
 }
 
 /// Why a transaction was cancelled: one code per action (`None` for the actions that were

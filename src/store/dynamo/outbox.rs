@@ -3,6 +3,7 @@
 //! version; a pending row also has an item in the queue partition `AQ`, sorted by when it is
 //! due, which claims read instead of the whole outbox.
 
+use super::race::{Race, Retries};
 use super::*;
 use crate::store::{AlertClaim, AlertKey, AlertOutcome, AlertQuery, AlertState, OutboxEntry, OutboxStore};
 
@@ -124,7 +125,7 @@ impl DynamoStore {
         change: impl Fn(&mut OutboxEntry) -> bool + Sync,
     ) -> Result<bool, StoreError> {
         let change = &change;
-        self.until_won("an alert, written by other nodes all along", (), |(), _| {
+        self.until_won("an alert, written by other nodes all along", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
                 let Some((before, ver)) = self.alert_row(key).await? else { return Ok(Race::Won(false)) };
                 let mut after = before.clone();

@@ -1,6 +1,7 @@
 //! The places role of the DynamoStore: a tenant's places as one item, read consistently and
 //! written back under a condition on its version (read again when another node wrote it).
 
+use super::race::{Race, Retries, ATTEMPTS};
 use super::*;
 use crate::store::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 
@@ -8,7 +9,7 @@ impl DynamoStore {
     async fn places(&self, call: &PlaceCall, mode: PlaceMode) -> Result<Places, StoreError> {
         let pk = &places_pk(&call.tenant);
         let what = "a tenant's places, written by other nodes all along";
-        self.until_won_within(2 * ATTEMPTS, what, (), |(), _| {
+        self.until_won(what, Retries::BACKING_OFF.attempts(2 * ATTEMPTS), (), |(), _| {
             Box::pin(async move {
                 let found = self.get(pk.clone(), ONE_SK).await?;
                 let (mut row, version) = match &found {

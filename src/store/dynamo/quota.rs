@@ -2,6 +2,7 @@
 //! conditional adds carrying each sender's last call; a tenant's own cap beside it. Prepaid
 //! balances and their grants are in `credits.rs`.
 
+use super::race::{Race, Retries};
 use super::*;
 use crate::{
     base::{MeterId, Period},
@@ -47,7 +48,7 @@ impl QuotaStore for DynamoStore {
             None => r.units,
         };
         let units = within(r.limit.map_or(u64::MAX, |l| l.saturating_sub(r.owed)));
-        self.until_won("a quota counter changed under every attempt", units, |units, _| {
+        self.until_won("a quota counter changed under every attempt", Retries::QUICK_FIRST, units, |units, _| {
             Box::pin(async move {
                 let at_most = match r.limit {
                     Some(l) if units > 0 => Some(int(l.saturating_sub(r.owed).saturating_sub(r.left_needed(units)))),
@@ -79,7 +80,7 @@ impl QuotaStore for DynamoStore {
             return self.release_prepaid(key, units, token).await;
         }
         // Never below zero: at most what the counter holds is given back.
-        self.until_won("a quota counter changed under every attempt", units, |units, _| {
+        self.until_won("a quota counter changed under every attempt", Retries::AT_ONCE, units, |units, _| {
             Box::pin(async move {
                 Ok(match self.add(key, -int(units), 0, None, Some(int(units)), token).await? {
                     Ok(_) => Race::Won(()),

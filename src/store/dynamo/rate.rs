@@ -2,6 +2,7 @@
 //! and written back under a condition on its version (a compare-and-set, tried again when
 //! another node wrote it in between).
 
+use super::race::{Race, Retries, ATTEMPTS};
 use super::*;
 use crate::store::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 
@@ -19,7 +20,7 @@ impl DynamoStore {
         let apply = &apply;
         // Twice a counter's tries: every node of a busy tenant writes this one item.
         let what = "a tenant's shared rate, written by other nodes all along";
-        self.until_won_within(2 * ATTEMPTS, what, (), |(), _| {
+        self.until_won(what, Retries::BACKING_OFF.attempts(2 * ATTEMPTS), (), |(), _| {
             Box::pin(async move {
                 let found = self.get(pk.clone(), ONE_SK).await?;
                 let (mut row, version) = match &found {

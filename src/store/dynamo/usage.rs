@@ -1,5 +1,6 @@
 //! The usage role of the DynamoStore.
 
+use super::race::{Race, Retries};
 use super::*;
 
 #[async_trait]
@@ -21,22 +22,27 @@ impl UsageStore for DynamoStore {
             actions.push(TransactWriteItem::builder().update(update).build());
         }
         let actions = &actions;
-        self.until_won("a usage flush conflicted with other writes under every attempt", (), |(), _| {
-            Box::pin(async move {
-                match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
-                    Ok(_) => Ok(Race::Won(CommitOutcome::Applied)),
-                    Err(e) => match cancellation(&e) {
-                        Some(reasons)
-                            if reasons.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>
-                        {
-                            Ok(Race::Won(CommitOutcome::AlreadyApplied))
-                        }
-                        Some(reasons) if retryable(&reasons) => Ok(Race::Lost(())),
-                        _ => Err(sdk(e)),
-                    },
-                }
-            })
-        })
+        self.until_won(
+            "a usage flush conflicted with other writes under every attempt",
+            Retries::BACKING_OFF,
+            (),
+            |(), _| {
+                Box::pin(async move {
+                    match self.client.transact_write_items().set_transact_items(Some(actions.clone())).send().await {
+                        Ok(_) => Ok(Race::Won(CommitOutcome::Applied)),
+                        Err(e) => match cancellation(&e) {
+                            Some(reasons)
+                                if reasons.first().is_some_and(|c| c.as_deref() == Some("ConditionalCheckFailed")) =>
+                            {
+                                Ok(Race::Won(CommitOutcome::AlreadyApplied))
+                            }
+                            Some(reasons) if retryable(&reasons) => Ok(Race::Lost(())),
+                            _ => Err(sdk(e)),
+                        },
+                    }
+                })
+            },
+        )
         .await
     }
 
@@ -63,8 +69,11 @@ impl UsageStore for DynamoStore {
                 TransactWriteItem::builder().update(update).build(),
             ];
             let (actions, token) = (&actions, &token);
-            let outcome =
-                self.until_won("a usage event conflicted with other writes under every attempt", (), |(), _| {
+            let outcome = self.until_won(
+                "a usage event conflicted with other writes under every attempt",
+                Retries::BACKING_OFF,
+                (),
+                |(), _| {
                     Box::pin(async move {
                         let request = self
                             .client
@@ -95,7 +104,8 @@ impl UsageStore for DynamoStore {
                             },
                         }
                     })
-                });
+                },
+            );
             out.push(outcome.await?);
         }
         Ok(out)
