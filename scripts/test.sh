@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it, with every cargo feature: format, lints (warnings
 # denied), unit, behaviour and doc tests, the docs, and a smoke run of the quickstart over real
-# HTTP; the default build and the build without default features are checked too.
+# HTTP; the default build and the build without default features are checked too, and the
+# request path's instructions against its budget (valgrind, installed where it is missing).
 # Needs only the Rust toolchain (cargo, rustfmt, clippy), curl and python3 (with venv and pip):
 # it installs moto's DynamoDB server in a venv (.venv/moto), starts it on a free loopback port
 # for the DynamoDB tests, and stops it at the end; it starts a throwaway PostgreSQL cluster
@@ -124,6 +125,9 @@ RUSTC_BOOTSTRAP=1 RUSTDOCFLAGS="--cfg docsrs -D warnings" cargo doc --workspace 
 
 step "benchmarks compile and run once"
 cargo test --workspace --locked --benches -- --test 2>&1 | tail -n 3
+
+step "the request path within its instruction budget (callgrind; scripts/instructions.budget)"
+scripts/instruction-budget.sh
 
 step "quickstart smoke test"
 scripts/smoke-quickstart.sh
