@@ -341,7 +341,13 @@ fn read_module(krate: &mut Crate, files: &BTreeMap<String, String>, file: &str, 
                 attrs.clear();
             }
             "struct" | "enum" | "trait" | "type" | "fn" | "const" | "static" | "union" if depth == 0 => {
-                let j = skip_ws(end);
+                let mut j = skip_ws(end);
+                // `const fn f`, `static mut X`, `unsafe fn`: the name is after the qualifier.
+                while let Some((_, after)) =
+                    word_at(j).filter(|(w, _)| matches!(*w, "fn" | "mut" | "unsafe" | "extern"))
+                {
+                    j = skip_ws(after);
+                }
                 if let Some((name, after)) = word_at(j) {
                     module.items.insert(name.to_owned());
                     i = after;
@@ -530,9 +536,10 @@ impl Crate {
                 }
             };
             let passes_on = module.file.ends_with("/mod.rs") || module.file.ends_with("lib.rs");
-            for (n, (_, path)) in module.uses.iter().enumerate() {
-                if module.reexports.contains(&n) && passes_on && !every_reexport {
-                    // Passed on: an import of the files that use the name, not of this one.
+            for (n, (bound, path)) in module.uses.iter().enumerate() {
+                if module.reexports.contains(&n) && passes_on && !every_reexport && !module.idents.contains(bound) {
+                    // Passed on (and not used here): an import of the files that use the
+                    // name, not of this one.
                     continue;
                 }
                 match path.split_last() {
@@ -694,13 +701,19 @@ fn faults(files: &BTreeMap<String, String>) -> Vec<String> {
     // The engine's parts (a folder each) never reach back into its facade: `engine.rs` and
     // the files on top that build on it (`impl Tollgate`).
     let top = |f: &str| f.strip_prefix("src/engine/").is_some_and(|rest| !rest.contains('/'));
-    let facade: BTreeSet<&String> = graph
-        .iter()
-        .filter(|(f, imports)| {
-            f.as_str() == "src/engine/engine.rs" || (top(f) && imports.contains("src/engine/engine.rs"))
-        })
-        .map(|(f, _)| f)
-        .collect();
+    let mut facade: BTreeSet<&String> = graph.keys().filter(|f| f.as_str() == "src/engine/engine.rs").collect();
+    // And the files on top that build on the facade, through one another too.
+    loop {
+        let more: Vec<&String> = graph
+            .iter()
+            .filter(|(f, imports)| top(f) && !facade.contains(f) && imports.iter().any(|i| facade.contains(i)))
+            .map(|(f, _)| f)
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        facade.extend(more);
+    }
     for (file, imports) in &graph {
         let part = file.starts_with("src/engine/") && !top(file);
         for to in imports.iter().filter(|to| part && facade.contains(to)) {
@@ -822,6 +835,21 @@ fn the_house_reader_finds_circles_through_re_exports_and_paths_and_ignores_comme
              never import its facade"
         ]
     );
+    // Through another file on top: still the facade.
+    let mut through = door.clone();
+    through.insert(
+        "src/engine/mod.rs".into(),
+        "mod engine;\nmod door;\nmod record;\nmod shared;\nmod usage;\npub use engine::Tollgate;".into(),
+    );
+    through.insert("src/engine/record.rs".into(), "pub(crate) struct Recorder(crate::engine::door::Cache);".into());
+    through.insert("src/engine/usage/units.rs".into(), "use crate::engine::{record::Recorder, shared::Shared};".into());
+    assert_eq!(
+        faults(&through),
+        vec![
+            "src/engine/usage/units.rs imports src/engine/record.rs (crate::engine::record::Recorder): the engine's \
+             parts never import its facade"
+        ]
+    );
     // base importing the store: found.
     let base = tree(&[
         ("src/lib.rs", "mod base;\nmod store;"),
@@ -876,6 +904,24 @@ fn the_house_reader_counts_a_leaf_files_re_exports() {
         ("src/engine/b.rs", "pub struct B;\nfn f() { super::helper(); }"),
     ]);
     assert_eq!(faults(&own), Vec::<String>::new());
+    // A module's own file that uses what it passes on imports it: the circle is found.
+    let used = tree(&[
+        ("src/lib.rs", "mod engine;"),
+        ("src/engine/mod.rs", "mod b;\npub(crate) use b::B;\npub(crate) fn helper() -> B { B::new() }"),
+        ("src/engine/b.rs", "pub struct B;\nimpl B { fn new() -> Self { super::helper(); B } }"),
+    ]);
+    let found = faults(&used);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("src/engine/mod.rs -> src/engine/b.rs (B::new, b::B)"), "{found:?}");
+    // `const fn` and `static mut` items are found by their names.
+    let qualified = tree(&[
+        ("src/lib.rs", "mod a;\nmod b;"),
+        ("src/a.rs", "pub const fn helper() {}\npub static mut N: u8 = 0;\nfn f() { crate::b::g(); }"),
+        ("src/b.rs", "use crate::a::*;\npub fn g() { helper(); }"),
+    ]);
+    let found = faults(&qualified);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("src/b.rs -> src/a.rs (crate::a::* (helper))"), "{found:?}");
 }
 
 /// A glob import (`use super::*`) imports what the code uses of it, traced through the

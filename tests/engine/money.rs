@@ -483,3 +483,30 @@ async fn a_tenants_own_cap_leaves_out_only_the_spend_policy() {
     let policy = r.header("ratelimit-policy").unwrap_or("");
     assert!(policy.contains("\"spend-tracker-day\";q=100"), "{policy}");
 }
+
+/// A request that takes its route's priced cost, then waits on the store for its own quota
+/// and is dropped there (its client gone): its spend goes back with it. Once the node's leases
+/// are given back, the store's spend counter holds the one request served, not two.
+#[tokio::test]
+async fn a_request_dropped_while_its_quota_waits_gives_its_spend_back() {
+    use futures_util::FutureExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let toml = TOML.replace(
+        "spend = { limit",
+        "quotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }\nspend = { limit",
+    );
+    let store = Arc::new(common::Faulty::default());
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    assert_eq!(h.status("/", "key-t").await, 200, "served: its spend and its unit leased");
+    store.stall(true);
+    let calls = store.quota_calls.load(SeqCst);
+    let info = RequestInfo::new("GET", "/", Credential::ApiKey(b"key-t"));
+    let Admission::Pending(pending) = h.tollgate.admit(&info) else { panic!("its quota's lease is empty") };
+    assert!(h.tollgate.resolve(pending).now_or_never().is_none(), "its quota waits on the store");
+    assert!(store.quota_calls.load(SeqCst) > calls, "it asked the store, its spend taken");
+    store.stall(false);
+    h.tollgate.shutdown().await.unwrap();
+    use tollgate::store::QuotaInspect;
+    assert_eq!(store.reserved(&spend_key("t")).await.unwrap(), 1_000, "one request's price, in nano-dollars");
+}

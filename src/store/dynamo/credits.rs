@@ -141,7 +141,7 @@ impl DynamoStore {
                     // Granted meanwhile (under its id or payment), a refund kept meanwhile, or the
                     // balance would pass its most.
                     if self.granted_before(grant).await?.is_some() {
-                        return Ok(Race::Lost(()));
+                        return Ok(Race::Again(()));
                     }
                     let now: Vec<Option<Item>> = {
                         let mut v = Vec::new();
@@ -361,7 +361,7 @@ impl DynamoStore {
                 Ok(match self.add(&r.key, int(r.owed.saturating_add(units)), units, need, None, r.token).await? {
                     Ok((reserved, granted)) => Race::Won(Grant::new(units, reserved).with_limit(granted)),
                     Err(None) if !self.ensure_counter(&r.key).await? => Race::Won(Grant::new(0, 0)),
-                    Err(None) => Race::Lost(units),
+                    Err(None) => Race::Again(units),
                     Err(Some(item)) => match Self::seen(&item, r.token) {
                         Some(grant) => Race::Won(grant.with_limit(Some(get_u(&item, "granted")))),
                         None => {
@@ -534,7 +534,7 @@ impl DynamoStore {
                     if !self.ensure_counter(key).await? {
                         return Ok(Race::Won(()));
                     }
-                    return Ok(Race::Lost(()));
+                    return Ok(Race::Again(()));
                 };
                 if Self::seen(&item, token).is_some() {
                     return Ok(Race::Won(()));

@@ -59,7 +59,7 @@ impl QuotaStore for DynamoStore {
                     Ok((reserved, _)) => Race::Won(Grant::new(units, reserved)),
                     // A late call for a period long over: nothing is left to reserve in it.
                     Err(None) if !self.ensure_counter(&r.key).await? => Race::Won(Grant::new(0, 0)),
-                    Err(None) => Race::Lost(units),
+                    Err(None) => Race::Again(units),
                     Err(Some(item)) => match Self::seen(&item, r.token) {
                         Some(grant) => Race::Won(grant),
                         None => {

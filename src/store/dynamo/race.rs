@@ -21,8 +21,12 @@ pub(super) type Attempt<'a, T, S> = Pin<Box<dyn Future<Output = Result<Race<T, S
 pub(super) enum Race<T, S = ()> {
     /// The write held: the verb's answer.
     Won(T),
-    /// Another writer came first (the condition failed): the next attempt starts from this.
+    /// Another writer came first (the condition failed): the next attempt starts from this,
+    /// after the backoff its [`Retries`] say.
     Lost(S),
+    /// Not a race lost but a step of the write's own (a counter created first, a grant found
+    /// written under its id): the next attempt starts from this at once.
+    Again(S),
 }
 
 /// How a verb tries again after a lost race: how many attempts, and from which one on it
@@ -83,10 +87,11 @@ impl DynamoStore {
                 Race::Won(answer) => return Ok(answer),
                 Race::Lost(next) => {
                     state = next;
-                    if n + 1 < retries.attempts && retries.backs_off_after(n) {
+                    if retries.backs_off_after(n) {
                         backoff(n).await;
                     }
                 }
+                Race::Again(next) => state = next,
             }
         }
         Err(StoreError::Conflict(what))
