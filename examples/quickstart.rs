@@ -313,8 +313,14 @@ async fn complete(Extension(ctx): Extension<TenantContext>) -> axum::response::R
     let tokens = 40;
     match ctx.record("tokens", tokens) {
         Ok(()) => Json(json!({ "tenant": ctx.tenant(), "tokens": tokens, "text": "lorem ipsum" })).into_response(),
-        // The hold (and the balance) does not cover the work: nothing is generated.
-        Err(e) => (axum::http::StatusCode::PAYMENT_REQUIRED, format!("{e}\n")).into_response(),
+        // The hold (and the balance) does not cover the work: nothing is generated, and the
+        // refusal is tollgate's (402 for the balance), so the request is not billed either.
+        Err(e) => match ctx.refusal("tokens", &e) {
+            Some(refusal) => {
+                tollgate::response::respond(&tollgate::response::ProblemJson, refusal).map(axum::body::Body::from)
+            }
+            None => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        },
     }
 }
 

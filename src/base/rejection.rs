@@ -56,6 +56,10 @@ pub enum RejectionKind {
     /// `Retry-After` and `t` at the period's end (a cap belongs to a calendar period). Nothing
     /// is charged.
     SpendCapReached,
+    /// A hold larger than the whole of its limit: a hard quota's `limit`, a spend cap's whole
+    /// cap, the largest balance a store keeps. No period and no top-up can ever cover it, so
+    /// it is not a 429 to retry: 400, without `Retry-After`. Nothing is charged.
+    HoldExceedsLimit,
 }
 
 macro_rules! docs {
@@ -77,7 +81,8 @@ impl RejectionKind {
             RejectionKind::MalformedCredentials
             | RejectionKind::MalformedIdempotencyKey
             | RejectionKind::MalformedPath
-            | RejectionKind::MalformedHoldEstimate => StatusCode::BAD_REQUEST,
+            | RejectionKind::MalformedHoldEstimate
+            | RejectionKind::HoldExceedsLimit => StatusCode::BAD_REQUEST,
             RejectionKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             RejectionKind::CreditsExhausted | RejectionKind::SpendCapReached => StatusCode::PAYMENT_REQUIRED,
             RejectionKind::IdempotencyKeyInUse => StatusCode::CONFLICT,
@@ -88,9 +93,9 @@ impl RejectionKind {
 
     /// The gRPC status code a gRPC client gets for it: `RESOURCE_EXHAUSTED` (8) for 429 and
     /// 402,
-    /// `UNAUTHENTICATED` (16) for 401, `INVALID_ARGUMENT` (3) for 400, `UNAVAILABLE` (14) for
-    /// 503, `ABORTED` (10) for 409, `FAILED_PRECONDITION` (9) for 422, `PERMISSION_DENIED`
-    /// (7) for 403.
+    /// `UNAUTHENTICATED` (16) for 401, `INVALID_ARGUMENT` (3) for 400 (`OUT_OF_RANGE` (11) for
+    /// a hold larger than its limit), `UNAVAILABLE` (14) for 503, `ABORTED` (10) for 409,
+    /// `FAILED_PRECONDITION` (9) for 422, `PERMISSION_DENIED` (7) for 403.
     #[must_use]
     pub fn grpc_code(self) -> u8 {
         match self {
@@ -109,6 +114,7 @@ impl RejectionKind {
             RejectionKind::IdempotencyKeyInUse => 10,
             RejectionKind::IdempotencyKeyMismatch => 9,
             RejectionKind::FeatureNotInPlan => 7,
+            RejectionKind::HoldExceedsLimit => 11,
         }
     }
 
@@ -139,6 +145,7 @@ impl RejectionKind {
             RejectionKind::UnitsHeld => "Units held",
             RejectionKind::MalformedHoldEstimate => "Malformed hold estimate",
             RejectionKind::SpendCapReached => "Spend cap reached",
+            RejectionKind::HoldExceedsLimit => "Hold larger than the limit",
         }
     }
 
@@ -162,6 +169,7 @@ impl RejectionKind {
             RejectionKind::UnitsHeld => docs!("UnitsHeld"),
             RejectionKind::MalformedHoldEstimate => docs!("MalformedHoldEstimate"),
             RejectionKind::SpendCapReached => docs!("SpendCapReached"),
+            RejectionKind::HoldExceedsLimit => docs!("HoldExceedsLimit"),
         }
     }
 
@@ -185,10 +193,11 @@ impl RejectionKind {
             RejectionKind::UnitsHeld => "units_held",
             RejectionKind::MalformedHoldEstimate => "malformed_hold_estimate",
             RejectionKind::SpendCapReached => "spend_cap_reached",
+            RejectionKind::HoldExceedsLimit => "hold_exceeds_limit",
         }
     }
 
-    pub(crate) const ALL: [RejectionKind; 16] = [
+    pub(crate) const ALL: [RejectionKind; 17] = [
         RejectionKind::RateLimited,
         RejectionKind::QuotaExceeded,
         RejectionKind::CreditsExhausted,
@@ -205,5 +214,6 @@ impl RejectionKind {
         RejectionKind::UnitsHeld,
         RejectionKind::MalformedHoldEstimate,
         RejectionKind::SpendCapReached,
+        RejectionKind::HoldExceedsLimit,
     ];
 }

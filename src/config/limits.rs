@@ -32,6 +32,7 @@ pub(crate) struct RawLimits {
     pub(crate) background_timeout: Option<String>,
     pub(crate) hold_timeout: Option<String>,
     pub(crate) max_holds: Option<u64>,
+    pub(crate) max_holds_per_tenant: Option<u64>,
     pub(crate) fleet_size_hint: Option<u64>,
     pub(crate) place_ttl: Option<String>,
 }
@@ -141,6 +142,10 @@ pub struct Limits {
     /// `Retry-After: 1`, a reservation with `EventError::HoldsFull`; both counted
     /// (`tollgate_holds_total{outcome="refused_full"}`).
     pub max_holds: usize,
+    /// The most of those one tenant has open at once on a node (1,000 by default, at most
+    /// `max_holds`): one tenant's long streams never get every other tenant's holds refused.
+    /// Past it, the tenant's hold is refused as at `max_holds`.
+    pub max_holds_per_tenant: usize,
     /// How many nodes share a fleet rate (1 by default): when the rate role's store fails and
     /// a fleet rate fails open, each node falls back to a bucket of its own at rate / N and
     /// burst / N (never below the largest route cost).
@@ -269,6 +274,15 @@ impl Validator<'_, '_> {
             max_holds: match l.max_holds {
                 None => 10_000,
                 Some(0) => return Err(self.invalid("limits.max_holds", "must be at least 1")),
+                Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            max_holds_per_tenant: match l.max_holds_per_tenant {
+                // At most the node's: a node of few holds shares them as it did.
+                None => 1_000.min(l.max_holds.map_or(10_000, |n| usize::try_from(n).unwrap_or(usize::MAX))),
+                Some(0) => return Err(self.invalid("limits.max_holds_per_tenant", "must be at least 1")),
+                Some(n) if l.max_holds.is_some_and(|m| n > m) || (l.max_holds.is_none() && n > 10_000) => {
+                    return Err(self.invalid("limits.max_holds_per_tenant", "must be at most limits.max_holds"))
+                }
                 Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
             },
             place_ttl: {

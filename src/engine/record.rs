@@ -104,18 +104,18 @@ impl Tollgate {
             let same_meter = held.state.plan.meters.ids.get(held.meter) == Some(&event.meter);
             if held.quantity == event.quantity && same_meter && held.period == period {
                 // The same work reserved again: held again, for `hold` from now.
-                events.reopen_job();
+                events.reopen_job(&held.state.id);
                 events.reserve(id, Arc::new(held.again(hold)));
                 return Ok(());
             }
-            held.give_back(self.units().leases());
+            held.give_back(self.units().leases(), self.units().prefetcher());
         }
-        let max = rt.config.limits.max_holds;
-        if !events.open_job(max) {
+        let (max, per_tenant) = (rt.config.limits.max_holds, rt.config.limits.max_holds_per_tenant);
+        if !events.open_job(&state.id, max, per_tenant) {
             return Err(EventError::HoldsFull { max });
         }
         // Closed again if no reservation comes of it (refused, failed, or this future dropped).
-        let opened = OpenedJob(Some(events));
+        let opened = OpenedJob(Some((events, state.id.clone())));
         let units = self.take_for_event(&rt, &state, meter, event.quantity, at, now, For::Reserve).await?;
         let reserved = Reserved::new(state, meter, event.quantity, units.into_taken(), now, hold, period);
         opened.reserve(id, Arc::new(reserved));
@@ -130,7 +130,7 @@ impl Tollgate {
         let id = format!("{}\u{1f}{}", event.tenant, event.id);
         match self.units().events().take_reserved(&id) {
             Some(r) => {
-                r.give_back(self.units().leases());
+                r.give_back(self.units().leases(), self.units().prefetcher());
                 true
             }
             None => false,
@@ -302,7 +302,7 @@ impl Tollgate {
                 {
                     if e.quantity <= r.quantity || !r.took() {
                         let units = if r.took() { EventUnits::Held } else { EventUnits::None };
-                        r.give_back_part(r.quantity.saturating_sub(e.quantity), leases);
+                        r.give_back_part(r.quantity.saturating_sub(e.quantity), leases, self.units().prefetcher());
                         (state, meter, units)
                     } else {
                         let more = e.quantity - r.quantity;
@@ -311,7 +311,7 @@ impl Tollgate {
                             Err(err) => {
                                 // Not recorded: the reservation is held again for the retry,
                                 // which takes from it (its units never leave it meanwhile).
-                                events.reopen_job();
+                                events.reopen_job(&r.state.id);
                                 events.reserve(id, r);
                                 return Err(err);
                             }
@@ -323,7 +323,7 @@ impl Tollgate {
                 other => {
                     // Reserved for other work (another meter or period): given back, taken anew.
                     if let Some(r) = other {
-                        r.give_back(leases);
+                        r.give_back(leases, self.units().prefetcher());
                     }
                     let units = self.take_for_event(rt, &state, meter, e.quantity, at, now, For::Work).await?;
                     (state, meter, units)
@@ -487,11 +487,11 @@ impl Tollgate {
 }
 
 /// A job's hold opened for a reservation: closed when dropped before the reservation is made.
-struct OpenedJob<'a>(Option<&'a crate::engine::usage::events::EventRecorder>);
+struct OpenedJob<'a>(Option<(&'a crate::engine::usage::events::EventRecorder, TenantId)>);
 
 impl OpenedJob<'_> {
     fn reserve(mut self, id: String, reserved: Arc<Reserved>) {
-        if let Some(events) = self.0.take() {
+        if let Some((events, _)) = self.0.take() {
             events.reserve(id, reserved);
         }
     }
@@ -499,8 +499,8 @@ impl OpenedJob<'_> {
 
 impl Drop for OpenedJob<'_> {
     fn drop(&mut self) {
-        if let Some(events) = self.0.take() {
-            events.close_job();
+        if let Some((events, tenant)) = self.0.take() {
+            events.close_job(&tenant);
         }
     }
 }

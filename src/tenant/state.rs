@@ -363,6 +363,10 @@ struct QuotaCold {
     /// requests refunded after the roll: given back to that period by the next store call.
     prev_tag: AtomicU32,
     late_refunds: AtomicU64,
+    /// Units given back past the lease's cap ([`QuotaRef::trim`]), tagged with their period as
+    /// a lease word: not spendable here, they go back to the store with the cell's next call
+    /// (or the worker's, asked at once).
+    spare: AtomicU64,
     /// The sender id of this cell's store calls (0: not drawn yet).
     sender: AtomicU64,
     /// Units this node holds for open holds: taken from the lease, not recorded yet.
@@ -816,6 +820,113 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
+    /// The most units this node keeps in its lease once units come back to it (a hold's,
+    /// a job's): the cell's largest lease, and near a hard limit an eighth of what the store
+    /// last said was left (as a refill asks), so that the leases other nodes keep never strand
+    /// much of what is left.
+    pub(crate) fn keep_cap(&self) -> u64 {
+        let cap = self.lease_cap();
+        let limit = self.limit();
+        if !self.hard() || limit == 0 {
+            return cap;
+        }
+        cap.min(limit.saturating_sub(self.known_reserved()).div_ceil(crate::store::SHRINK)).max(1)
+    }
+
+    /// Moves what the lease of the period tagged `tag` holds past [`keep_cap`](Self::keep_cap)
+    /// to the cell's spare units, to go back to the store. Returns the units moved.
+    pub(crate) fn trim(&self, tag: u16) -> u64 {
+        let cap = i64::try_from(self.keep_cap()).unwrap_or(i64::MAX);
+        let h = self.hot;
+        let mut word = h.lease.load(Ordering::Acquire);
+        loop {
+            let left = Lease::value(word);
+            if Lease::tag(word) != tag || left <= cap {
+                return 0;
+            }
+            match h.lease.compare_exchange_weak(word, Lease::word(tag, cap), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(w) => word = w,
+            }
+        }
+        let excess = (Lease::value(word) - cap) as u64;
+        let spare = &self.cold().spare;
+        let mut word = spare.load(Ordering::Acquire);
+        loop {
+            // Spare units of an older period (not gone back yet) go to that period's late
+            // refunds first.
+            let next = if Lease::tag(word) == tag || Lease::value(word) == 0 {
+                Lease::word(tag, Lease::value(word).saturating_add(excess as i64).min(Lease::MAX))
+            } else {
+                Lease::word(tag, excess as i64)
+            };
+            match spare.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(old) => {
+                    if Lease::tag(old) != tag && Lease::value(old) > 0 {
+                        self.late_spare(Lease::tag(old), Lease::value(old) as u64);
+                    }
+                    return excess;
+                }
+                Err(w) => word = w,
+            }
+        }
+    }
+
+    /// The spare units waiting to go back ([`trim`](Self::trim)).
+    pub(crate) fn spare(&self) -> u64 {
+        Lease::value(self.cold().spare.load(Ordering::Acquire)).max(0) as u64
+    }
+
+    /// Takes the spare units of the current period (those of the period before go to its late
+    /// refunds). Call with the lock held.
+    pub(crate) fn take_spare(&self) -> u64 {
+        let word = self.cold().spare.swap(0, Ordering::AcqRel);
+        let units = Lease::value(word).max(0) as u64;
+        if units == 0 {
+            return 0;
+        }
+        let current = PeriodBits::tag(self.hot.period.load(Ordering::Acquire));
+        if Lease::tag(word) == current {
+            return units;
+        }
+        self.late_spare(Lease::tag(word), units);
+        0
+    }
+
+    /// Spare units of the period tagged `tag`, no longer the current one: to its counter with
+    /// the late refunds, if it is the period before; else (older) its counter is settled.
+    fn late_spare(&self, tag: u16, units: u64) {
+        let cold = self.cold();
+        if cold.prev_tag.load(Ordering::Acquire) == u32::from(tag) {
+            cold.late_refunds.fetch_add(units, Ordering::AcqRel);
+        }
+    }
+
+    /// Takes up to `units` from the lease of the current period (what a request waiting on a
+    /// refill uses of the lease before asking the store for the rest). Returns the units
+    /// taken. Call with the lock held.
+    pub(crate) fn drain(&self, units: u64) -> u64 {
+        let h = self.hot;
+        let tag = PeriodBits::tag(h.period.load(Ordering::Acquire));
+        let mut word = h.lease.load(Ordering::Acquire);
+        loop {
+            let left = Lease::value(word);
+            if Lease::tag(word) != tag || left <= 0 {
+                return 0;
+            }
+            let taken = left.min(i64::try_from(units).unwrap_or(i64::MAX));
+            match h.lease.compare_exchange_weak(
+                word,
+                Lease::word(tag, left - taken),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return taken as u64,
+                Err(w) => word = w,
+            }
+        }
+    }
+
     /// Units this node holds for open holds.
     pub(crate) fn held(&self) -> u64 {
         self.cold().held.load(Ordering::Relaxed)
@@ -831,10 +942,22 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
-    /// (remaining units across nodes, over a soft limit?) when `lease_left` units remain here.
+    /// `units` given back to the store: its count as this node knows it, less them; the
+    /// limit is no longer reached.
+    pub(crate) fn released(&self, units: u64) {
+        let cold = self.cold();
+        let _ = cold.reserved.fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| Some(r.saturating_sub(units)));
+        // The store has them left now: not spent.
+        if units > 0 {
+            cold.exhausted.store(false, Ordering::Release);
+        }
+    }
+
+    /// (remaining units across nodes, over a soft limit?) when `lease_left` units remain here
+    /// (spare units, unused, going back, count as remaining too).
     pub(crate) fn estimate(&self, lease_left: i64) -> (u64, bool) {
         let reserved = self.cold().reserved.load(Ordering::Relaxed);
-        let used = reserved.saturating_sub(lease_left.max(0) as u64);
+        let used = reserved.saturating_sub((lease_left.max(0) as u64).saturating_add(self.spare()));
         let limit = self.limit();
         (limit.saturating_sub(used), used > limit)
     }

@@ -193,3 +193,179 @@ async fn four_nodes_holding(store: Arc<dyn tollgate::store::StoreInspect>, balan
     let billed = committed(&*store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;
     assert_eq!(billed, recorded);
 }
+
+/// A hold example of issue 52: `nodes` engines on one store behind round robin, one request at
+/// a time, each holding `estimate` tokens and using `used` of them, on the quota `quota` (a
+/// `quotas.tokens` value; with `grant`, a prepaid balance granted that much first).
+pub struct RoundRobin {
+    pub nodes: usize,
+    pub quota: &'static str,
+    pub grant: Option<u64>,
+    /// The limit (or the balance).
+    pub limit: u64,
+    pub estimate: u64,
+    pub used: u64,
+}
+
+impl RoundRobin {
+    /// What one central counter serves of the sequence: a hold admitted while what is left
+    /// covers it, each using `used`.
+    pub fn central(&self) -> u64 {
+        if self.limit < self.estimate {
+            0
+        } else {
+            (self.limit - self.estimate) / self.used + 1
+        }
+    }
+
+    /// Sends the sequence (what the central counter serves, and 10 more) round robin over the
+    /// nodes, their workers running and the clock moving: the fleet serves at least 90% of
+    /// what the central counter serves, never records past the limit, and once the nodes shut
+    /// down the store holds exactly what was recorded. Returns what it served.
+    pub async fn serves_nine_tenths_of_a_central_counter(&self, store: Arc<dyn tollgate::store::StoreInspect>) -> u64 {
+        let toml = TOML.replace("limit = 500, period = \"month\", mode = \"hard\", lease = 100", self.quota);
+        let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+        let nodes: Vec<Harness> =
+            (0..self.nodes).map(|_| node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())).collect();
+        let admin = tollgate::admin::Admin::for_engine(&nodes[0].tollgate);
+        if let Some(units) = self.grant {
+            admin.grant_credits("t", "tokens", units, None, "pi_round_robin").await.unwrap();
+        }
+        let central = self.central();
+        let (mut served, mut refused) = (0u64, Vec::new());
+        for i in 0..central + 10 {
+            let h = &nodes[i as usize % self.nodes];
+            let (ticket, ctx) = match admit(h, "key-t").await {
+                Ok(admitted) => admitted,
+                // Refused before its handler: the limit is reached.
+                Err(r) => {
+                    assert!(matches!(r.kind(), RejectionKind::QuotaExceeded | RejectionKind::CreditsExhausted), "{r}");
+                    refused.push(i);
+                    continue;
+                }
+            };
+            match ctx.hold_with("tokens", self.estimate, Overrun::Refuse).await {
+                Ok(mut hold) => {
+                    hold.record(self.used).unwrap();
+                    hold.settle();
+                    assert!(ticket.complete(200));
+                    served += 1;
+                }
+                Err(r) => {
+                    assert!(
+                        matches!(r.kind(), RejectionKind::QuotaExceeded | RejectionKind::CreditsExhausted),
+                        "{:?}: {r}",
+                        r.kind()
+                    );
+                    ticket.give_back();
+                    refused.push(i);
+                }
+            }
+            // The clock moves, and the workers run, between requests; the spare units of the
+            // node that served (given back past its lease's cap, which its worker sends at
+            // once) are awaited through a flush, which sends whatever is left of them.
+            handle.advance(std::time::Duration::from_millis(100));
+            h.tollgate.flush().await.unwrap();
+        }
+        assert!(
+            served * 10 >= central * 9,
+            "the fleet served {served} where one central counter serves {central} (refused: {refused:?})"
+        );
+        assert!(served * self.used <= self.limit, "recorded past the limit: {served} × {}", self.used);
+        for h in &nodes {
+            h.tollgate.shutdown().await.unwrap();
+        }
+        let taken = if self.grant.is_some() {
+            let (_, balances) = admin.credits("t").await.unwrap();
+            balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b.reserved).unwrap()
+        } else {
+            let month = tollgate::config::Period::Month { anchor_day: 1 };
+            let (start, end) = month.bounds(NOON);
+            store.reserved(&QuotaKey::new("t".into(), "tokens".into(), month, start, end)).await.unwrap()
+        };
+        assert_eq!(taken, served * self.used, "taken = recorded, nothing stranded");
+        served
+    }
+}
+
+/// The issue's hard example: a monthly 100,000 tokens, holds of 32,768 using 500, three nodes
+/// (a central counter serves 135).
+pub const HARD_EXAMPLE: RoundRobin = RoundRobin {
+    nodes: 3,
+    quota: "limit = 100000, period = \"month\", mode = \"hard\"",
+    grant: None,
+    limit: 100_000,
+    estimate: 32_768,
+    used: 500,
+};
+
+/// The issue's prepaid example: a balance of 4,000, holds of 1,000 using 40, two nodes (a
+/// central counter serves 76; the fleet at least 69).
+pub const PREPAID_EXAMPLE: RoundRobin =
+    RoundRobin { nodes: 2, quota: "period = \"prepaid\"", grant: Some(4_000), limit: 4_000, estimate: 1_000, used: 40 };
+
+/// Four engines, 16 requests at once on each, holding 1,000 of a balance of 4,000 and using
+/// 40: the balance never goes below zero (what is recorded never passes it), and once the
+/// nodes shut down the store holds exactly what was recorded.
+pub async fn sixteen_at_once_on_four_nodes_never_overdraw(store: Arc<dyn tollgate::store::StoreInspect>) {
+    let toml = TOML
+        .replace("limit = 500, period = \"month\", mode = \"hard\", lease = 100", "period = \"prepaid\"")
+        .replace("[tenants.t]", "[usage]\nstore_timeout = \"30s\"\n[tenants.t]");
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Arc<Harness>> =
+        (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+    let admin = tollgate::admin::Admin::for_engine(&nodes[0].tollgate);
+    admin.grant_credits("t", "tokens", 4_000, None, "pi_sixteen").await.unwrap();
+    let recorded = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..64usize {
+        let (h, recorded) = (nodes[i % 4].clone(), recorded.clone());
+        tasks.spawn(async move {
+            let mut refused = 0;
+            while refused < 3 {
+                let (ticket, ctx) = match admit(&h, "key-t").await {
+                    Ok(admitted) => admitted,
+                    // Refused before its handler: the balance is spent.
+                    Err(r) if r.kind() == RejectionKind::CreditsExhausted => {
+                        refused += 1;
+                        continue;
+                    }
+                    Err(r) => panic!("{r}"),
+                };
+                match ctx.hold_with("tokens", 1_000, Overrun::Refuse).await {
+                    Ok(mut hold) => {
+                        hold.record(40).unwrap();
+                        recorded.fetch_add(40, std::sync::atomic::Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        hold.settle();
+                        assert!(ticket.complete(200));
+                    }
+                    Err(r) => {
+                        match r.kind() {
+                            RejectionKind::CreditsExhausted => refused += 1,
+                            RejectionKind::UnitsHeld => tokio::task::yield_now().await,
+                            other => panic!("{other:?}: {r}"),
+                        }
+                        ticket.give_back();
+                    }
+                }
+            }
+        });
+    }
+    while !tasks.is_empty() {
+        tokio::select! {
+            done = tasks.join_next() => { done.unwrap().unwrap(); }
+            () = tokio::time::sleep(std::time::Duration::from_millis(5)) => {
+                handle.advance(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+    let recorded = recorded.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(recorded <= 4_000, "recorded {recorded} of a balance of 4,000");
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let (_, balances) = admin.credits("t").await.unwrap();
+    let used = balances.into_iter().find(|(m, _)| m.as_str() == "tokens").map(|(_, b)| b.reserved).unwrap();
+    assert_eq!(used, recorded, "the balance's used = recorded, never past 4,000");
+}

@@ -441,3 +441,47 @@ async fn trailers_after_the_announced_length_say_the_actual() {
     response.into_body().collect().await.unwrap();
     assert_eq!(node.billed().await, 25);
 }
+
+/// A handler whose record its hold refuses answers tollgate's refusal
+/// (`TenantContext::refusal`): 429 `Quota exceeded` with `Retry-After`, as the engine's own,
+/// and the request is not billed (no `requests` unit, no tokens), its whole hold back. As the
+/// quickstart's `/v1/complete` does.
+#[tokio::test]
+async fn a_record_its_hold_refuses_is_answered_with_tollgates_refusal_and_not_billed() {
+    let (clock, _handle) = Clock::fake_at_unix(NOON);
+    let config = Config::from_toml_str(TOML).unwrap();
+    let (engine, _w) = Tollgate::builder(config).store_arc(Arc::new(MemoryStore::new())).clock(clock).build();
+    let service = tollgate::TollgateLayer::new(engine.clone()).streamed_bodies().layer(tower::service_fn(
+        |req: http::Request<tollgate::layer::RequestBody<http_body_util::Full<Bytes>>>| async move {
+            let ctx = req.extensions().get::<TenantContext>().unwrap().clone();
+            // 40 held of a quota of 50: 60 do not fit.
+            let response = match ctx.record("tokens", 60) {
+                Ok(()) => http::Response::new(http_body_util::Full::new(Bytes::from_static(b"generated"))),
+                Err(e) => {
+                    let refusal = ctx.refusal("tokens", &e).expect("a record its hold refused");
+                    tollgate::response::respond(&tollgate::response::ProblemJson, refusal)
+                        .map(http_body_util::Full::new)
+                }
+            };
+            Ok::<_, std::convert::Infallible>(response)
+        },
+    ));
+    let request = http::Request::post("/chat")
+        .header("x-api-key", "key-r")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let response = service.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(
+        response.extensions().get::<tollgate::Rejection>().map(tollgate::Rejection::kind),
+        Some(tollgate::RejectionKind::QuotaExceeded)
+    );
+    response.into_body().collect().await.unwrap();
+    engine.flush().await.unwrap();
+    let billed = |meter: &'static str| {
+        let engine = engine.clone();
+        async move { common::committed(&**engine.usage_store(), "r", meter, NOON - 86_400, NOON + 86_400, 3600).await }
+    };
+    assert_eq!((billed("requests").await, billed("tokens").await), (0, 0), "a refusal by the handler is not billed");
+}

@@ -155,6 +155,39 @@ impl TenantContext {
         Err(r)
     }
 
+    /// The answer to a record of `meter` refused through a hold ([`RecordError::Overrun`],
+    /// [`RecordError::SpendCap`]: the hold and the limit do not cover the work, which must
+    /// not be delivered): the rejection tollgate answers for such a limit (429 `Quota
+    /// exceeded` with `Retry-After` at the period's end, 402 `Prepaid credits exhausted`, 402
+    /// `Spend cap reached`), for the handler to answer instead of delivering. `None` for the
+    /// other errors (a meter not declared, a quantity no meter counts: bugs of the caller).
+    ///
+    /// Answered through tollgate's responders (`tollgate_axum::RejectionResponse`,
+    /// `tollgate_actix::RejectionResponse`, [`respond`](crate::response::respond)), the
+    /// response carries the rejection in its extensions, and the tower layer and the
+    /// actix-web middleware give the request's units back instead of billing it: a refusal by
+    /// the handler is not billed.
+    ///
+    /// [`RecordError::Overrun`]: crate::RecordError::Overrun
+    /// [`RecordError::SpendCap`]: crate::RecordError::SpendCap
+    #[must_use]
+    pub fn refusal(&self, meter: &str, e: &crate::RecordError) -> Option<crate::response::Rejection> {
+        let at = self.state.clock.unix_secs();
+        let r = match e {
+            crate::RecordError::SpendCap(_) if self.state.plan.spend.is_some() => {
+                crate::engine::usage::spend::cap_reached(&self.state, at)
+            }
+            crate::RecordError::Overrun(_) => {
+                let index = self.state.plan.meters.index(meter)?;
+                self.state.quota(index)?;
+                crate::engine::usage::hold::spent(&self.state, index, at, true)
+            }
+            _ => return None,
+        };
+        self.state.plan.metrics.rejected(r.kind()).increment(1);
+        Some(r)
+    }
+
     /// Whether the tenant's plan runs in shadow mode (limits counted, nothing refused).
     #[must_use]
     pub fn is_shadow(&self) -> bool {

@@ -319,7 +319,7 @@ impl EventRecorder {
             .eviction_policy(moka::policy::EvictionPolicy::lru())
             .expire_after(HoldFor)
             .eviction_listener(move |_, r: Arc<Reserved>, cause| {
-                jobs.job_left(r.held(), matches!(cause, moka::notification::RemovalCause::Expired));
+                jobs.job_left(&r.state.id, r.held(), matches!(cause, moka::notification::RemovalCause::Expired));
                 if let Some(cell) = r.state.quota(r.meter) {
                     cell.count_held(r.held(), false);
                 }
@@ -328,12 +328,13 @@ impl EventRecorder {
         Self { held, reserved, stores, metrics, totals, holds, prefetcher }
     }
 
-    /// Opens a job's hold, if fewer than `max` holds are open on the node (counted refused
-    /// when not). Opened, it is closed by its reservation's end, or by
-    /// [`close_job`](Self::close_job) when no reservation comes of it.
-    pub(crate) fn open_job(&self, max: usize) -> bool {
+    /// Opens a job's hold of `tenant`, if fewer than `max` holds are open on the node and
+    /// fewer than `per_tenant` of the tenant's (counted refused when not). Opened, it is closed
+    /// by its reservation's end, or by [`close_job`](Self::close_job) when no reservation comes
+    /// of it.
+    pub(crate) fn open_job(&self, tenant: &TenantId, max: usize, per_tenant: usize) -> bool {
         self.reserved.run_pending_tasks();
-        if self.holds.open_job(max) {
+        if self.holds.open_job(tenant, max, per_tenant).is_ok() {
             return true;
         }
         self.holds.refused_full.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -348,14 +349,14 @@ impl EventRecorder {
         self.reserved.run_pending_tasks();
     }
 
-    /// A job's hold opened for the same work reserved again.
-    pub(crate) fn reopen_job(&self) {
-        self.holds.reopen_job();
+    /// A job's hold of `tenant` opened for the same work reserved again.
+    pub(crate) fn reopen_job(&self, tenant: &TenantId) {
+        self.holds.reopen_job(tenant);
     }
 
-    /// A job's hold opened and not reserved (its units were refused).
-    pub(crate) fn close_job(&self) {
-        self.holds.job_left(0, false);
+    /// A job's hold of `tenant` opened and not reserved (its units were refused).
+    pub(crate) fn close_job(&self, tenant: &TenantId) {
+        self.holds.job_left(tenant, 0, false);
     }
 
     /// Holds the units of a reservation under the event's `id` until it is recorded,
@@ -545,15 +546,15 @@ impl Reserved {
 
     /// Gives the units back (the work was not recorded): to their lease, or to the store once
     /// the lease was given back (a release after shutdown began, or after a reload).
-    pub(crate) fn give_back(&self, leases: &Arc<Leases>) {
-        self.take().give_back(leases);
+    pub(crate) fn give_back(&self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
+        self.take().give_back(leases, prefetcher);
     }
 
     /// Gives `units` of it back (the work recorded took fewer than were reserved); the rest
     /// are the event's for good.
-    pub(crate) fn give_back_part(&self, units: u64, leases: &Arc<Leases>) {
+    pub(crate) fn give_back_part(&self, units: u64, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
         let mut taken = self.take();
-        taken.split(units).give_back(leases);
+        taken.split(units).give_back(leases, prefetcher);
         taken.keep();
     }
 

@@ -175,8 +175,10 @@ impl Pipeline {
         let rt = &*runtime.load_full();
         self.clock.resync();
         let mut report = FlushReport::default();
-        let dropped = self.drain(rt, table, &mut p);
+        let (dropped, spare) = self.drain(rt, table, &mut p);
         leases.return_leases(dropped).await;
+        // Units given back past a lease's cap that no call took yet go back now.
+        leases.release_spares(spare).await;
         self.commit_pending(&mut p, &mut report).await?;
         if !p.staged.is_empty() {
             let records: Vec<UsageRecord> = p
@@ -258,7 +260,9 @@ impl Pipeline {
     /// Moves the usage of every tenant (retired ones included) into the staged records, one
     /// per (tenant, meter, window). Returns the retired states nobody holds any more (their
     /// leases go back).
-    fn drain(&self, rt: &Runtime, table: &TenantTable, p: &mut Batches) -> Vec<Tenant> {
+    /// Drains every tenant's usage into `p`: the retired states no request holds any more
+    /// (their leases to go back), and the states with spare units (to go back).
+    fn drain(&self, rt: &Runtime, table: &TenantTable, p: &mut Batches) -> (Vec<Tenant>, Vec<Tenant>) {
         let max = rt.config.usage.max_buffered_records;
         let mut room = max.saturating_sub(p.records());
         let was_full = self.buffer_full.load(Relaxed);
@@ -290,7 +294,13 @@ impl Pipeline {
                 dropped_units = dropped_units.saturating_add(quantity);
             }
         };
-        table.for_each(|s| s.drain_usage(|m, w, q| add(s, m, w, q)));
+        let mut spare = Vec::new();
+        table.for_each(|s| {
+            s.drain_usage(|m, w, q| add(s, m, w, q));
+            if s.quotas().any(|c| c.spare() > 0) {
+                spare.push(s.clone());
+            }
+        });
         let mut dropped = Vec::new();
         let mut retired = table.retired();
         retired.retain(|s| {
@@ -319,6 +329,6 @@ impl Pipeline {
         } else if was_full {
             tracing::warn!("the usage buffer has room again");
         }
-        dropped
+        (dropped, spare)
     }
 }

@@ -1,4 +1,5 @@
-//! The holds open on this node: bounded by `limits.max_holds`, settled by the worker past
+//! The holds open on this node: bounded by `limits.max_holds` (and per tenant by
+//! `limits.max_holds_per_tenant`), settled by the worker past
 //! their `hold_timeout`, waited for and settled by shutdown, and summed for `Stats`.
 
 use std::{
@@ -15,6 +16,8 @@ use std::{
 pub(crate) trait OpenHold: Send + Sync {
     /// Its id among the node's open holds.
     fn id(&self) -> u64;
+    /// Its tenant.
+    fn tenant(&self) -> &crate::config::TenantId;
     /// When it is settled if still open (Unix seconds), read without its own lock.
     fn deadline(&self) -> i64;
     /// Units held and not recorded yet.
@@ -33,10 +36,10 @@ pub(crate) enum Closed {
 }
 
 /// The holds open on this node, by id: each from the moment it holds units to its settle.
-/// Bounded by `limits.max_holds`.
+/// Bounded by `limits.max_holds`, and per tenant by `limits.max_holds_per_tenant`.
 #[derive(Default)]
 pub(crate) struct OpenHolds {
-    open: Mutex<HashMap<u64, Arc<dyn OpenHold>>>,
+    open: Mutex<Open>,
     next: AtomicU64,
     /// Holds settled past their `hold_timeout`.
     pub(crate) expired: AtomicU64,
@@ -54,11 +57,52 @@ pub(crate) struct OpenHolds {
     stopped: std::sync::atomic::AtomicBool,
 }
 
+/// The open holds, and how many each tenant has open (requests' and jobs'): only tenants
+/// with one open have an entry, so it is bounded as the holds are.
+#[derive(Default)]
+struct Open {
+    holds: HashMap<u64, Arc<dyn OpenHold>>,
+    tenants: HashMap<crate::config::TenantId, usize>,
+}
+
+impl Open {
+    /// One more hold of `tenant`, unless the node holds `max` or the tenant `per_tenant`.
+    fn admit(
+        &mut self,
+        jobs: usize,
+        tenant: &crate::config::TenantId,
+        max: usize,
+        per_tenant: usize,
+    ) -> Result<(), Refused> {
+        if self.holds.len().saturating_add(jobs) >= max {
+            return Err(Refused::Full);
+        }
+        let n = self.tenants.get(tenant).copied().unwrap_or(0);
+        if n >= per_tenant {
+            return Err(Refused::TenantFull);
+        }
+        self.tenants.insert(tenant.clone(), n + 1);
+        Ok(())
+    }
+
+    /// One hold of `tenant` less.
+    fn left(&mut self, tenant: &crate::config::TenantId) {
+        if let Some(n) = self.tenants.get_mut(tenant) {
+            *n -= 1;
+            if *n == 0 {
+                self.tenants.remove(tenant);
+            }
+        }
+    }
+}
+
 /// Why a hold was not registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {
     /// `limits.max_holds` are open.
     Full,
+    /// `limits.max_holds_per_tenant` of the tenant's are open.
+    TenantFull,
     /// The node is shutting down.
     Stopping,
 }
@@ -70,7 +114,7 @@ impl std::fmt::Debug for OpenHolds {
 }
 
 impl OpenHolds {
-    fn map(&self) -> MutexGuard<'_, HashMap<u64, Arc<dyn OpenHold>>> {
+    fn map(&self) -> MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -79,18 +123,17 @@ impl OpenHolds {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `hold` as open, unless `max` are open already (requests' and jobs') or the
-    /// node stopped taking holds ([`stop`](Self::stop)): checked under the open holds' lock,
-    /// so a hold is either among those shutdown waits for and settles, or refused.
-    pub(crate) fn enter(&self, hold: Arc<dyn OpenHold>, max: usize) -> Result<(), Refused> {
+    /// Registers `hold` as open, unless `max` are open already (requests' and jobs'), its
+    /// tenant has `per_tenant` open, or the node stopped taking holds ([`stop`](Self::stop)):
+    /// checked under the open holds' lock, so a hold is either among those shutdown waits for
+    /// and settles, or refused.
+    pub(crate) fn enter(&self, hold: Arc<dyn OpenHold>, max: usize, per_tenant: usize) -> Result<(), Refused> {
         let mut map = self.map();
         if self.stopped.load(Ordering::Relaxed) {
             return Err(Refused::Stopping);
         }
-        if map.len().saturating_add(self.jobs()) >= max {
-            return Err(Refused::Full);
-        }
-        map.insert(hold.id(), hold);
+        map.admit(self.jobs(), hold.tenant(), max, per_tenant)?;
+        map.holds.insert(hold.id(), hold);
         Ok(())
     }
 
@@ -100,20 +143,26 @@ impl OpenHolds {
         self.stopped.store(true, Ordering::Relaxed);
     }
 
-    /// Opens a job's hold, unless `max` are open already (requests' and jobs'): checked and
-    /// counted under the open holds' lock, as [`enter`](Self::enter) is.
-    pub(crate) fn open_job(&self, max: usize) -> bool {
-        let map = self.map();
-        if map.len().saturating_add(self.jobs()) >= max {
-            return false;
-        }
+    /// Opens a job's hold of `tenant`, unless `max` are open already (requests' and jobs')
+    /// or the tenant has `per_tenant` open: checked and counted under the open holds' lock, as
+    /// [`enter`](Self::enter) is.
+    pub(crate) fn open_job(
+        &self,
+        tenant: &crate::config::TenantId,
+        max: usize,
+        per_tenant: usize,
+    ) -> Result<(), Refused> {
+        let mut map = self.map();
+        map.admit(self.jobs(), tenant, max, per_tenant)?;
         self.jobs.fetch_add(1, Ordering::Relaxed);
-        true
+        Ok(())
     }
 
-    /// A job's hold opened again (the same work reserved again), whatever the cap: it was
-    /// open a moment ago.
-    pub(crate) fn reopen_job(&self) {
+    /// A job's hold of `tenant` opened again (the same work reserved again), whatever the
+    /// caps: it was open a moment ago.
+    pub(crate) fn reopen_job(&self, tenant: &crate::config::TenantId) {
+        let mut map = self.map();
+        *map.tenants.entry(tenant.clone()).or_insert(0) += 1;
         self.jobs.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -123,17 +172,20 @@ impl OpenHolds {
 
     /// `id` is settled.
     pub(crate) fn leave(&self, id: u64) {
-        self.map().remove(&id);
+        let mut map = self.map();
+        if let Some(hold) = map.holds.remove(&id) {
+            map.left(hold.tenant());
+        }
     }
 
     /// How many holds are open: requests' and jobs'.
     pub(crate) fn len(&self) -> usize {
-        self.map().len().saturating_add(self.jobs())
+        self.map().holds.len().saturating_add(self.jobs())
     }
 
     /// The units the open holds hold.
     pub(crate) fn units(&self) -> u64 {
-        let holds: Vec<_> = self.map().values().cloned().collect();
+        let holds: Vec<_> = self.map().holds.values().cloned().collect();
         holds.iter().map(|h| h.held()).sum::<u64>() + self.job_units.load(Ordering::Relaxed)
     }
 
@@ -142,8 +194,9 @@ impl OpenHolds {
         self.job_units.fetch_add(units, Ordering::Relaxed);
     }
 
-    /// A job's hold went (recorded, released, or `expired`: its units stay spent).
-    pub(crate) fn job_left(&self, units: u64, expired: bool) {
+    /// A job's hold of `tenant` went (recorded, released, or `expired`: its units stay spent).
+    pub(crate) fn job_left(&self, tenant: &crate::config::TenantId, units: u64, expired: bool) {
+        self.map().left(tenant);
         let _ = self.jobs.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
         let _ = self.job_units.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(units)));
         if expired {
@@ -156,7 +209,7 @@ impl OpenHolds {
     /// without their own locks (a settle takes the map's lock with its own held: never the
     /// other way round).
     pub(crate) fn expire(&self, now: i64) -> usize {
-        let due: Vec<_> = self.map().values().filter(|h| h.deadline() <= now).cloned().collect();
+        let due: Vec<_> = self.map().holds.values().filter(|h| h.deadline() <= now).cloned().collect();
         let mut n = 0;
         for hold in due {
             if hold.close(Closed::Expired) {
@@ -170,7 +223,11 @@ impl OpenHolds {
 
     /// Settles every open hold as recorded so far (shutdown): the number settled.
     pub(crate) fn close_all(&self) -> usize {
-        let all: Vec<_> = self.map().drain().map(|(_, h)| h).collect();
+        let all: Vec<_> = {
+            let mut map = self.map();
+            map.tenants.clear();
+            map.holds.drain().map(|(_, h)| h).collect()
+        };
         all.iter().filter(|h| h.close(Closed::Shutdown)).count()
     }
 
@@ -178,7 +235,7 @@ impl OpenHolds {
     /// not waited for: it outlives the process as its rule says, its units spent.)
     pub(crate) async fn drained(&self, until: tokio::time::Instant) -> bool {
         loop {
-            if self.map().is_empty() {
+            if self.map().holds.is_empty() {
                 return true;
             }
             if tokio::time::Instant::now() >= until {

@@ -111,6 +111,8 @@ pub(crate) struct HoldInner {
     deadline: AtomicI64,
     /// The leases its units go back through when the node settles it.
     leases: Arc<Leases>,
+    /// Asks the worker to give units back past the lease's cap.
+    prefetcher: crate::engine::usage::taken::Prefetcher,
     open: Mutex<Open>,
 }
 
@@ -255,13 +257,17 @@ impl HoldInner {
             return;
         }
         self.state.plan.metrics.hold_returned_units.increment(units);
-        taken.give_back(&self.leases);
+        taken.give_back(&self.leases, &self.prefetcher);
     }
 }
 
 impl OpenHold for HoldInner {
     fn id(&self) -> u64 {
         self.id
+    }
+
+    fn tenant(&self) -> &crate::config::TenantId {
+        &self.state.id
     }
 
     fn deadline(&self) -> i64 {
@@ -330,6 +336,7 @@ impl Hold {
             timeout: timeout_secs,
             deadline,
             leases,
+            prefetcher: units.prefetcher().clone(),
             open: Mutex::new(open),
         };
         Self { inner: Arc::new(inner), units, spend }
@@ -429,10 +436,13 @@ impl Hold {
         }
         if let Some(side) = self.spend.as_deref_mut() {
             // Its estimated cost first (a refusal holds no units); kept if its units are
-            // refused after (given back as the hold settles).
-            let nanos = side.nanos(side.extended.saturating_add(units)) - side.nanos(side.extended);
+            // refused after (given back as the hold settles). Counted from what was recorded
+            // when records went past what was held (from the lease): a record of `units` next
+            // is always covered, whatever the rounding.
+            let base = side.extended.max(side.recorded);
+            let nanos = side.nanos(base.saturating_add(units)) - side.nanos(base);
             Box::pin(side.hold.extend(nanos)).await?;
-            side.extended = side.extended.saturating_add(units);
+            side.extended = base.saturating_add(units);
         }
         if self.cell().is_none() {
             return Ok(());
@@ -445,20 +455,26 @@ impl Hold {
                 return Err(closed(state, why));
             }
             if !open.live && !open.registered {
-                let max = self.units.shared().runtime().load().config.limits.max_holds;
+                let (max, per_tenant) = {
+                    let rt = self.units.shared().runtime().load();
+                    (rt.config.limits.max_holds, rt.config.limits.max_holds_per_tenant)
+                };
                 let deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
                 self.inner.deadline.store(deadline, Ordering::Relaxed);
-                match self.units.holds().enter(self.inner.clone(), max) {
+                match self.units.holds().enter(self.inner.clone(), max, per_tenant) {
                     Ok(()) => {}
                     // Shutdown began: its units would be leased after the leases went back
                     // (stranded), its records made after the final flush (lost).
                     Err(Refused::Stopping) => return Err(closed(state, Closed::Shutdown)),
-                    Err(Refused::Full) => {
+                    Err(why @ (Refused::Full | Refused::TenantFull)) => {
                         drop(open);
                         self.units.holds().refused_full.fetch_add(1, Ordering::Relaxed);
                         state.plan.metrics.hold(HoldOutcome::RefusedFull).increment(1);
                         state.plan.metrics.rejected(RejectionKind::UnitsHeld).increment(1);
-                        return Err(full(state, max));
+                        return Err(match why {
+                            Refused::TenantFull => tenant_full(state, per_tenant),
+                            _ => full(state, max),
+                        });
                     }
                 }
                 open.registered = true;
@@ -672,6 +688,18 @@ fn full(state: &Tenant, max: usize) -> Rejection {
     .for_tenant(state)
 }
 
+/// The answer to a hold refused because its tenant has `max` holds open on the node.
+fn tenant_full(state: &Tenant, max: usize) -> Rejection {
+    Rejection::new(
+        RejectionKind::UnitsHeld,
+        Cow::Owned(format!(
+            "this tenant has {max} holds open on this node (limits.max_holds_per_tenant); try again in a moment"
+        )),
+    )
+    .with_retry_after(1)
+    .for_tenant(state)
+}
+
 /// The answer to an extension of a hold the node settled.
 fn closed(state: &Tenant, why: Closed) -> Rejection {
     let detail = match why {
@@ -684,34 +712,40 @@ fn closed(state: &Tenant, why: Closed) -> Rejection {
 
 /// The answer to a hold the quota's period, or the balance, cannot cover (`fits`: one could,
 /// else no period ever will, and no `Retry-After` says otherwise).
-fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Rejection {
+pub(crate) fn spent(state: &Tenant, meter: usize, at: i64, fits: bool) -> Rejection {
+    let cell = state.quota(meter).expect("a hold takes from a quota");
+    if !fits {
+        // No period, no top-up can cover it: not a 429 to retry.
+        let whole = if state.plan.spend == Some(meter) {
+            "the whole spend cap".to_owned()
+        } else if cell.prepaid() {
+            format!("the largest {} balance a store keeps", cell.meter_id())
+        } else {
+            format!(
+                "the whole {} quota of {} {} on plan `{}`",
+                cell.spec.period().name(),
+                cell.spec.limit(),
+                cell.meter_id(),
+                state.plan.id
+            )
+        };
+        let mut r = Rejection::new(
+            RejectionKind::HoldExceedsLimit,
+            Cow::Owned(format!("this work is larger than {whole}: no period can ever cover it")),
+        );
+        r.inner.headers = HeaderState::new(meter, meter as u8);
+        return r.for_tenant(state);
+    }
     if state.plan.spend == Some(meter) {
         // A priced meter's cost, held beside its units: the spend cap refuses (402).
-        let mut r = crate::engine::usage::spend::cap_reached(state, at);
-        if !fits {
-            r.inner.retry_after = None;
-            r.inner.detail = Cow::Borrowed("this work costs more than the whole spend cap: no period can cover it");
-        }
-        return r;
+        return crate::engine::usage::spend::cap_reached(state, at);
     }
-    let cell = state.quota(meter).expect("a hold takes from a quota");
     let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
     let mut r = if cell.prepaid() {
         // An empty balance comes back with a payment, not with time: no Retry-After.
         Rejection::new(
             state.plan.balance_refusal,
             Cow::Owned(format!("the prepaid {} balance cannot cover this work: a top-up restores it", cell.meter_id())),
-        )
-    } else if !fits {
-        Rejection::new(
-            RejectionKind::QuotaExceeded,
-            Cow::Owned(format!(
-                "the {} quota of {} {} on plan `{}` can never cover this work: it is larger than the limit",
-                cell.spec.period().name(),
-                cell.spec.limit(),
-                cell.meter_id(),
-                state.plan.id
-            )),
         )
     } else {
         let (_, end) = cell.period();

@@ -237,6 +237,11 @@ impl Leases {
         // Leased again: units given back go to the lease.
         cell.locked().returned = false;
         self.settle_inflight(cell).await?;
+        // Units given back past the lease's cap are this node's still: they serve first.
+        let spare = cell.take_spare();
+        if spare > 0 {
+            cell.credit(spare);
+        }
         self.roll_if_over(cell, now).await?;
         self.settle_previous(cell).await?;
         self.settle_unleased_elsewhere(cell).await?;
@@ -269,31 +274,52 @@ impl Leases {
             Some(_) => size.min(cell.limit().saturating_sub(cell.known_reserved()).div_ceil(SHRINK).max(1)),
             None => size,
         };
-        let units = size.max(need);
-        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: need.max(1) };
+        // What the lease holds serves the waiting request first: the store is asked for what
+        // it lacks, never for the whole of it again (a hold's estimate asked anew each time
+        // would leave most of the limit reserved and unused).
+        let have = cell.drain(need);
+        let lacking = need - have;
+        if need > 0 && lacking == 0 && owed == 0 {
+            let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
+            return Ok(Refill::Taken { tag, start });
+        }
+        let units = size.max(lacking);
+        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: lacking.max(1) };
         let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
-        let grant = self.send(cell, call).await?;
+        let grant = match self.send(cell, call).await {
+            Ok(grant) => grant,
+            Err(e) => {
+                // Not answered: the units taken from the lease go back to it.
+                cell.credit(have);
+                return Err(e);
+            }
+        };
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
         answered(cell, &grant, limit);
         // A balance's thresholds belong to the balance, not to its lease's window.
         let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
         self.thresholds.check(rt, now, cell, grant.reserved, from, to);
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
-        if need > 0 && grant.granted >= need {
-            cell.credit(grant.granted - need + repay);
+        if need > 0 && grant.granted >= lacking {
+            cell.credit(grant.granted - lacking + repay);
             Ok(Refill::Taken { tag, start })
         } else {
-            cell.credit(grant.granted + repay);
+            cell.credit(grant.granted + repay + have);
             if need == 0 {
                 return Ok(Refill::Done);
             }
-            // Fewer units than the request costs were left in the store, but with what the
-            // lease already held they may cover it.
+            // Fewer units than the request costs were left in the store, but with units given
+            // back to the lease meanwhile they may cover it.
             Ok(match cell.try_take(need, now.max(start)) {
                 crate::tenant::Take::Taken { tag, .. } => Refill::Taken { tag, start },
-                _ => Refill::Short,
+                _ => {
+                    // Refused: the node keeps no more than its cap of what it cannot use; the
+                    // rest goes back now, for the fleet's other nodes.
+                    self.release_spare(cell, tag).await?;
+                    Refill::Short
+                }
             })
         }
     }
@@ -331,6 +357,10 @@ impl Leases {
             .stores
             .within(async {
                 self.settle_inflight(cell).await?;
+                // Spare units come back to the lease, given back with it (those of the period
+                // before join its late refunds, settled next).
+                let spare = cell.take_spare();
+                cell.credit(spare);
                 self.settle_previous(cell).await?;
                 // Units taken outside a lease go to their own periods (all of them, for a cell that
                 // never held a lease).
@@ -340,7 +370,8 @@ impl Leases {
                     // the lease before this empties it, or go to the store after.
                     let mut locked = cell.locked();
                     locked.returned = true;
-                    cell.take_all()
+                    let spare = i64::try_from(cell.take_spare()).unwrap_or(i64::MAX);
+                    cell.take_all().saturating_add(spare)
                 };
                 let owed = cell.take_unleased();
                 let (start, end) = cell.period();
@@ -395,6 +426,51 @@ impl Leases {
                 self.send(cell, call).await.map(drop)
             })
             .await
+    }
+
+    /// Trims the lease of the period tagged `tag` to its cap and gives the spare units back
+    /// to the store (its cell's next call). Call with the cell's lock held.
+    pub(crate) async fn release_spare(&self, cell: QuotaRef<'_>, tag: u16) -> Result<(), StoreError> {
+        cell.trim(tag);
+        let units = cell.take_spare();
+        if units == 0 {
+            return Ok(());
+        }
+        let (start, end) = cell.period();
+        let call = Call {
+            key: cell.key(start, end),
+            token: self.token(cell),
+            kind: CallKind::Release { units },
+            attempts: 0,
+            errors: 0,
+        };
+        self.send(cell, call).await?;
+        // The store's count as this node knows it, less what went back.
+        cell.released(units);
+        Ok(())
+    }
+
+    /// Gives the spare units of these states' cells back to the store (units given back past
+    /// a lease's cap that no call of the cell took yet), one call per cell, each with the
+    /// cell's lock taken here.
+    pub(crate) async fn release_spares(&self, states: Vec<Tenant>) {
+        for state in states {
+            for cell in state.quotas().filter(|c| c.spare() > 0) {
+                let _guard = cell.lock().lock().await;
+                let (start, end) = cell.period();
+                let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
+                let result = self
+                    .stores
+                    .within(async {
+                        self.settle_inflight(cell).await?;
+                        self.release_spare(cell, tag).await
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::debug!(tenant = %state.id, error = %e, "spare units could not be given back: the cell's next call sends them");
+                }
+            }
+        }
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes

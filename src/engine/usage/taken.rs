@@ -170,12 +170,17 @@ impl Taken {
     /// their lease was given back meanwhile (a hold or a reservation may outlive its lease by
     /// long). Under the lock a lease's return marks it with, so they reach the lease before
     /// it is emptied, or the store after.
-    pub(crate) fn give_back(mut self, leases: &Arc<Leases>) {
+    pub(crate) fn give_back(mut self, leases: &Arc<Leases>, prefetcher: &Prefetcher) {
         let (late, tag) = match (self.source, self.cell()) {
-            (Source::Lease(tag), Some((_, cell))) => {
+            (Source::Lease(tag), Some((state, cell))) => {
                 let locked = cell.locked();
                 if !locked.returned {
                     cell.refund(self.units, tag);
+                    // Past the lease's cap, they go back to the store for the other nodes,
+                    // asked of the worker at once.
+                    if cell.trim(tag) > 0 {
+                        prefetcher.tend(state, self.cell.as_ref().map_or(0, |(_, m)| *m));
+                    }
                 }
                 (locked.returned, tag)
             }
@@ -237,10 +242,13 @@ fn release_late(state: Tenant, meter: usize, units: u64, tag: u16, at: i64, leas
     });
 }
 
-/// A lease to refill in the background, asked for by a request that took from it.
+/// A lease to refill in the background, asked for by a request that took from it; or (a
+/// `tend`) spare units to give back.
 pub(crate) struct Prefetch {
     pub(crate) state: Tenant,
     pub(crate) meter: usize,
+    /// Asked by a request that won the cell's prefetch flag (cleared once done).
+    pub(crate) flagged: bool,
 }
 
 /// Asks the worker to refill leases ahead of need (its queue bounded: a request never waits
@@ -263,9 +271,16 @@ impl Prefetcher {
     /// low watermark, and won the cell's prefetch flag): a full queue drops the ask and frees
     /// the flag for the next request.
     pub(crate) fn request(&self, state: &Tenant, meter: usize, cell: QuotaRef<'_>) {
-        if self.0.try_send(Prefetch { state: state.clone(), meter }).is_err() {
+        if self.0.try_send(Prefetch { state: state.clone(), meter, flagged: true }).is_err() {
             cell.prefetch_done();
         }
+    }
+
+    /// Asks for the spare units of `meter`'s cell of `state` to go back to the store (units
+    /// given back past its lease's cap). A full queue drops the ask: they go with the cell's
+    /// next call, or the next flush.
+    pub(crate) fn tend(&self, state: &Tenant, meter: usize) {
+        let _ = self.0.try_send(Prefetch { state: state.clone(), meter, flagged: false });
     }
 
     /// After units were charged past the lease's low watermark (work done, whatever the lease

@@ -94,13 +94,18 @@ impl Units {
     }
 
     /// Refills a lease a request asked for (the worker's prefetch queue), if it is still
-    /// below its low watermark.
+    /// below its low watermark, and gives its spare units back to the store.
     pub(crate) async fn refill(&self, job: Prefetch) {
         // A retired state needs no refill: its lease goes back when its last request is done.
         let state = job.state;
         let Some(cell) = state.quota(job.meter) else { return };
+        let done = || {
+            if job.flagged {
+                cell.prefetch_done();
+            }
+        };
         if state.is_evicted() {
-            cell.prefetch_done();
+            done();
             return;
         }
         let rt = self.shared.runtime().load_full();
@@ -110,15 +115,22 @@ impl Units {
             .stores()
             .under_lock(cell.lock(), async {
                 self.leases.settle_inflight(cell).await?;
-                if cell.lease() < cell.low() {
+                if cell.spare() > 0 {
+                    let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(
+                        cell.period().0,
+                        cell.period().1,
+                    ));
+                    self.leases.release_spare(cell, tag).await?;
+                }
+                if job.flagged && cell.lease() < cell.low() {
                     self.leases.refill_locked(&rt, cell, now, 0, 0).await?;
                 }
                 Ok(())
             })
             .await;
-        cell.prefetch_done();
+        done();
         if let Err(e) = result {
-            tracing::debug!(error = %e, "a lease could not be prefetched");
+            tracing::debug!(error = %e, "a lease could not be prefetched, or its spare units given back");
         }
     }
 
