@@ -1032,6 +1032,11 @@ impl<'a> QuotaRef<'a> {
         self.hot.low.store(u32::try_from(size / 4).unwrap_or(u32::MAX), Ordering::Relaxed);
     }
 
+    /// Whether a refill ahead of need was asked for and not done yet.
+    pub(crate) fn prefetch_pending(&self) -> bool {
+        self.cold().prefetching.load(Ordering::Acquire)
+    }
+
     pub(crate) fn prefetch_done(&self) {
         self.cold().prefetching.store(false, Ordering::Release);
     }

@@ -381,25 +381,34 @@ async fn a_hard_cap_set_on_a_soft_plan_holds_on_every_node() {
         let (ticket, ctx) = admit(&c, "key-u").await.unwrap();
         ctx.record("tokens", 1).unwrap();
         assert!(ticket.complete(200));
+        // Its background refills awaited (a flush does what a prefetch asked, once).
+        c.tollgate.flush().await.unwrap();
     }
     // u sets a hard cap of 0.50 through a.
     Admin::for_engine(&a.tollgate).set_spend_cap("u", Some("0.50"), QuotaMode::Hard).await.unwrap();
     // A long request on c, which read "none", streams through a hold that refuses to overrun:
     // once its spend lease is used, c reads the cap in the background and its records are
     // held to it.
-    {
+    let streamed = {
         let (ticket, ctx) = admit(&c, "key-u").await.unwrap();
         let mut hold = ctx.hold_with("tokens", 1, Overrun::Refuse).await.unwrap();
         let mut streamed = 0;
         while hold.record(1).is_ok() {
             streamed += 1;
             assert!(streamed <= 60, "c streamed past the tenant's hard cap: {streamed} tokens at 0.01");
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            // The background work awaited: c's flush does the refill a record asked for (which
+            // reads the tenant's cap), as its worker's prefetch does at once, before the clock
+            // moves on.
+            c.tollgate.flush().await.unwrap();
+            handle.advance(std::time::Duration::from_millis(100));
         }
         hold.settle();
         assert!(ticket.complete(200));
-    }
-    // b never served u: its holds ask the store, which holds them to 0.50.
+        streamed
+    };
+    // b never served u: its holds ask the store, which holds them to 0.50: to all that is
+    // left of it (nothing stranded by c), in holds of 5.
+    let left = 50 - 3 - streamed;
     let mut held = 0;
     loop {
         let (ticket, ctx) = admit(&b, "key-u").await.unwrap();
@@ -418,7 +427,7 @@ async fn a_hard_cap_set_on_a_soft_plan_holds_on_every_node() {
             }
         }
     }
-    assert!(held >= 40, "{held}");
+    assert_eq!(held, left - left % 5, "b holds all that c left, {left} tokens, in holds of 5");
     // c records without holds: it learns the cap once its lease (1.00 / 32) is overdrawn.
     let mut recorded = 0u64;
     loop {

@@ -175,10 +175,11 @@ impl Pipeline {
         let rt = &*runtime.load_full();
         self.clock.resync();
         let mut report = FlushReport::default();
-        let (dropped, spare) = self.drain(rt, table, &mut p);
+        let (dropped, tend) = self.drain(rt, table, &mut p);
         leases.return_leases(dropped).await;
-        // Units given back past a lease's cap that no call took yet go back now.
-        leases.release_spares(spare).await;
+        // Units given back past a lease's cap that no call took yet go back now, and leases
+        // in debt owe it.
+        leases.tend(rt, tend).await;
         self.commit_pending(&mut p, &mut report).await?;
         if !p.staged.is_empty() {
             let records: Vec<UsageRecord> = p
@@ -261,7 +262,8 @@ impl Pipeline {
     /// per (tenant, meter, window). Returns the retired states nobody holds any more (their
     /// leases go back).
     /// Drains every tenant's usage into `p`: the retired states no request holds any more
-    /// (their leases to go back), and the states with spare units (to go back).
+    /// (their leases to go back), and the states with cells to tend (spare units to go back,
+    /// a lease in debt).
     fn drain(&self, rt: &Runtime, table: &TenantTable, p: &mut Batches) -> (Vec<Tenant>, Vec<Tenant>) {
         let max = rt.config.usage.max_buffered_records;
         let mut room = max.saturating_sub(p.records());
@@ -297,7 +299,7 @@ impl Pipeline {
         let mut spare = Vec::new();
         table.for_each(|s| {
             s.drain_usage(|m, w, q| add(s, m, w, q));
-            if s.quotas().any(|c| c.spare() > 0) {
+            if s.quotas().any(|c| c.spare() > 0 || c.lease() < 0 || c.prefetch_pending()) {
                 spare.push(s.clone());
             }
         });

@@ -450,12 +450,15 @@ impl Leases {
         Ok(())
     }
 
-    /// Gives the spare units of these states' cells back to the store (units given back past
-    /// a lease's cap that no call of the cell took yet), one call per cell, each with the
-    /// cell's lock taken here.
-    pub(crate) async fn release_spares(&self, states: Vec<Tenant>) {
+    /// Tends these states' cells with the cell's lock taken here, one call each: spare units
+    /// (given back past a lease's cap, no call of the cell took them yet) go back to the
+    /// store, and a lease in debt (work recorded past it), or one whose refill a request asked
+    /// for (the worker's queue may not have run it, or dropped it), is refilled: its debt
+    /// owed, the store's count and a spend cap's own cap read again.
+    pub(crate) async fn tend(&self, rt: &Runtime, states: Vec<Tenant>) {
+        let now = self.clock.unix_secs();
         for state in states {
-            for cell in state.quotas().filter(|c| c.spare() > 0) {
+            for cell in state.quotas().filter(|c| c.spare() > 0 || c.lease() < 0 || c.prefetch_pending()) {
                 let _guard = cell.lock().lock().await;
                 let (start, end) = cell.period();
                 let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
@@ -463,11 +466,23 @@ impl Leases {
                     .stores
                     .within(async {
                         self.settle_inflight(cell).await?;
-                        self.release_spare(cell, tag).await
+                        self.release_spare(cell, tag).await?;
+                        // In debt, or asked to refill ahead of need (the worker's job may not
+                        // have run yet: done here, it finds nothing to do).
+                        let asked = cell.prefetch_pending();
+                        let due = cell.lease() < 0 || (asked && cell.lease() < cell.low());
+                        if due && !state.is_evicted() {
+                            self.refill_locked(rt, cell, now, 0, 0).await?;
+                        }
+                        if asked {
+                            // Done: the worker's job for it finds nothing asked.
+                            cell.prefetch_done();
+                        }
+                        Ok(())
                     })
                     .await;
                 if let Err(e) = result {
-                    tracing::debug!(tenant = %state.id, error = %e, "spare units could not be given back: the cell's next call sends them");
+                    tracing::debug!(tenant = %state.id, error = %e, "a cell could not be tended: its next call does it");
                 }
             }
         }

@@ -122,7 +122,8 @@ impl Units {
                     ));
                     self.leases.release_spare(cell, tag).await?;
                 }
-                if job.flagged && cell.lease() < cell.low() {
+                // Still asked (a flush may have done it meanwhile), and still low.
+                if job.flagged && cell.prefetch_pending() && cell.lease() < cell.low() {
                     self.leases.refill_locked(&rt, cell, now, 0, 0).await?;
                 }
                 Ok(())
