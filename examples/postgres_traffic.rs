@@ -21,9 +21,7 @@ use std::{
 };
 
 use tollgate::store::prelude::*;
-use tollgate::store::{
-    Grant, KeyHash, PostgresOptions, PostgresStore, QuotaKey, Reservation, ReserveToken, StoreError,
-};
+use tollgate::store::{Grant, KeyHash, PostgresOptions, PostgresStore, QuotaKey, Reservation, StoreError};
 use tollgate::{clock::Clock, store::TenantRecord, Config, Tollgate, TollgateLayer};
 use tower::{Layer, ServiceExt};
 
@@ -54,9 +52,11 @@ impl QuotaStore for Timed {
         grant
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        self.wrote(key);
-        self.inner.release(key, units, token).await
+    async fn release(&self, releases: &[tollgate::store::Release]) -> Vec<Result<(), StoreError>> {
+        for r in releases {
+            self.wrote(&r.key);
+        }
+        self.inner.release(releases).await
     }
 
     async fn grant_credits(

@@ -25,3 +25,18 @@ pub enum StoreError {
     #[error("store error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+
+impl StoreError {
+    /// The same error, for each of several callers (a batch failed as a whole): the
+    /// backend's source as its message.
+    #[must_use]
+    pub(crate) fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Timeout(d) => StoreError::Timeout(*d),
+            StoreError::Conflict(what) => StoreError::Conflict(what),
+            StoreError::Unusable(why) => StoreError::Unusable(why.clone()),
+            StoreError::Full(what) => StoreError::Full(what),
+            StoreError::Backend(e) => StoreError::Backend(e.to_string().into()),
+        }
+    }
+}

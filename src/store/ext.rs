@@ -1,10 +1,11 @@
-//! Reads built on the roles' own reads, for every store: object_store's `ObjectStoreExt`.
+//! Reads built on the roles' own reads, and one release over the quota role's batch, for every
+//! store: object_store's `ObjectStoreExt`.
 
 use async_trait::async_trait;
 
 use super::{
-    DeadLetter, DirectoryStore, ExportKey, ExportStore, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
-    UsageAggregate, UsageStore,
+    DeadLetter, DirectoryStore, ExportKey, ExportStore, QuotaKey, QuotaStore, Release, ReserveToken, StoreError,
+    TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageStore,
 };
 use crate::base::{PlanId, TenantId};
 
@@ -114,3 +115,26 @@ pub trait UsageStoreExt: UsageStore {
 }
 
 impl<T: UsageStore + ?Sized> UsageStoreExt for T {}
+
+/// One release built on [`QuotaStore::release`]'s batch: implemented for every quota store by
+/// a blanket impl.
+///
+/// You MUST NOT implement this trait: a store implements [`QuotaStore`], and gets this.
+#[async_trait]
+pub trait QuotaStoreExt: QuotaStore {
+    /// Gives back `units` of `key` with `token`, its sender keeping nothing after them (a
+    /// [`Release::new`]): [`release`](QuotaStore::release) of a batch of one.
+    async fn release_units(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
+        self.release_one(Release::new(key.clone(), units, token)).await
+    }
+
+    /// [`release`](QuotaStore::release) of a batch of one.
+    async fn release_one(&self, release: Release) -> Result<(), StoreError> {
+        self.release(std::slice::from_ref(&release))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Backend("the store answered no release".into())))
+    }
+}
+
+impl<T: QuotaStore + ?Sized> QuotaStoreExt for T {}

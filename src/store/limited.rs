@@ -34,9 +34,9 @@ use crate::{
         ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, CreditRefund, DeadLetter, Deferral,
         DirectoryStore, EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, Grant, GrantOutcome,
         IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore, KeyHash,
-        LedgerEntry, LedgerStore, OutboxStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaKey,
-        QuotaStore, RateStore, RefundOutcome, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate,
-        UpdateWhen, UsageAggregate, UsageBatch, UsageEvent, UsageStore,
+        LedgerEntry, LedgerStore, OutboxStore, PlaceStore, PlanChange, PlanChangeOutcome, QuotaCounter, QuotaStore,
+        RateStore, RefundOutcome, Release, Reservation, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
+        UsageAggregate, UsageBatch, UsageEvent, UsageStore,
     },
 };
 
@@ -301,8 +301,22 @@ impl<S: QuotaStore + ?Sized> QuotaStore for Limited<S> {
         self.call("reserve quota", self.inner.reserve(r)).await
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        self.call("release quota", self.inner.release(key, units, token)).await
+    async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
+        // One call for the policy: a batch every release of which failed is a failed call
+        // (counted, and within the path's time limit as a whole).
+        let answer = self
+            .call("release quota", async {
+                let results = self.inner.release(releases).await;
+                match results.first() {
+                    Some(Err(e)) if results.iter().all(Result::is_err) => Err(e.duplicate()),
+                    _ => Ok(results),
+                }
+            })
+            .await;
+        match answer {
+            Ok(results) => results,
+            Err(e) => releases.iter().map(|_| Err(e.duplicate())).collect(),
+        }
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {

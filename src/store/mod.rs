@@ -60,7 +60,7 @@ pub use dynamo::DynamoStore;
 pub use error::StoreError;
 pub(crate) use export::draw_namespace;
 pub use export::{DeadLetter, Deferral, ExportClaim, ExportKey, ExportSend, ExportStore, UsageAggregate};
-pub use ext::{DirectoryStoreExt, ExportStoreExt, UsageStoreExt};
+pub use ext::{DirectoryStoreExt, ExportStoreExt, QuotaStoreExt, UsageStoreExt};
 pub use idempotency::{
     CompletedRequest, IdempotencyClaim, IdempotencySettle, IdempotencySettled, IdempotencyState, IdempotencyStore,
     StoredResponse,
@@ -75,8 +75,8 @@ pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{
-    capped_limit, CapMode, CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, QuotaCounter,
-    QuotaKey, QuotaStore, RefundOutcome, Reservation, ReserveToken, SpendCap, SHRINK,
+    capped_limit, CapMode, CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, Kept,
+    QuotaCounter, QuotaKey, QuotaStore, RefundOutcome, Release, Reservation, ReserveToken, SpendCap, SHRINK,
 };
 pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 #[cfg(feature = "sqlite")]
@@ -88,7 +88,7 @@ pub use usage::{CommitOutcome, EventOutcome, FlushId, UsageBatch, UsageEvent, Us
 pub mod prelude {
     pub use super::{
         DirectoryStore, DirectoryStoreExt, ExportStore, ExportStoreExt, IdempotencyStore, LedgerStore, OutboxStore,
-        PlaceStore, QuotaStore, RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
+        PlaceStore, QuotaStore, QuotaStoreExt, RateStore, Store, UsageExportStore, UsageStore, UsageStoreExt,
     };
     #[cfg(any(test, feature = "test-util"))]
     pub use super::{QuotaInspect, StoreInspect, UsageInspect};

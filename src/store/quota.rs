@@ -125,6 +125,163 @@ pub struct Reservation {
     /// to (the plan's `spend.max_limit` in force, so that a cap set under another plan or
     /// override never lifts the one in force); `None`: the stored cap alone.
     pub cap_max: Option<u64>,
+    /// What the caller keeps of the counter besides this grant (its lease's unused units, its
+    /// holds, its jobs' reservations): the store counts them reserved and unused
+    /// ([`Keeping`]).
+    pub kept: Kept,
+    /// When the caller's reservation of the counter (its lease and holds, with this grant)
+    /// expires unless a later call renews it (Unix seconds, by the caller's clock; 0: never).
+    pub expires_at: i64,
+}
+
+/// What a sender keeps of a counter besides what it used, as it says with each call: the
+/// unused units of its lease, the units its requests' holds hold, and the units its jobs'
+/// reservations hold. A store counts them reserved and not used, and gives the lease and the
+/// holds back if the sender's reservation expires (a node that died); jobs' reservations stay
+/// spent, by their rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Kept {
+    /// The lease's unused units.
+    pub lease: u64,
+    /// Units held by the sender's requests' holds, not recorded yet.
+    pub held: u64,
+    /// Units held by the sender's jobs' reservations (`reserve_event`).
+    pub jobs: u64,
+}
+
+impl Kept {
+    /// `lease` unused, `held` by holds, `jobs` by jobs' reservations.
+    #[must_use]
+    pub fn new(lease: u64, held: u64, jobs: u64) -> Self {
+        Self { lease, held, jobs }
+    }
+
+    /// What goes back to the counter if the sender's reservation expires: its lease and its
+    /// holds.
+    #[must_use]
+    pub fn unused(&self) -> u64 {
+        self.lease.saturating_add(self.held)
+    }
+
+    /// Everything kept: lease, holds and jobs.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.unused().saturating_add(self.jobs)
+    }
+}
+
+/// A call to [`QuotaStore::release`]: units given back to a counter, and what the caller
+/// keeps of it after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Release {
+    /// The counter.
+    pub key: QuotaKey,
+    /// Units given back (0: a report of what the caller keeps, renewing its reservation).
+    pub units: u64,
+    /// The call's token.
+    pub token: ReserveToken,
+    /// What the caller keeps of the counter after the release.
+    pub kept: Kept,
+    /// When the caller's reservation of the counter expires unless a later call renews it
+    /// (Unix seconds, by the caller's clock; 0: never).
+    pub expires_at: i64,
+}
+
+impl Release {
+    /// `units` of `key` given back with `token`, the caller keeping nothing after them and its
+    /// reservation never expiring.
+    #[must_use]
+    pub fn new(key: QuotaKey, units: u64, token: ReserveToken) -> Self {
+        Self { key, units, token, kept: Kept::default(), expires_at: 0 }
+    }
+
+    /// The caller keeps `kept` after it, its reservation expiring at `expires_at`.
+    #[must_use]
+    pub fn keeping(mut self, kept: Kept, expires_at: i64) -> Self {
+        self.kept = kept;
+        self.expires_at = expires_at;
+        self
+    }
+}
+
+/// A sender's reservation of a counter as a store keeps it beside the sender's last call:
+/// what it said it keeps (its lease with the grants answered since, its holds, its jobs),
+/// until when, and what its expiry gave back while it did not call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Keeping {
+    pub(crate) kept: Kept,
+    /// When it expires (Unix seconds, the sender's clock; 0: never).
+    pub(crate) expires_at: i64,
+    /// Units its expiry gave back (its lease and holds), the sender not having called since.
+    pub(crate) gone: u64,
+}
+
+impl Keeping {
+    /// The record of a call with `kept` (before its grant), `granted` more in its lease,
+    /// expiring at `expires_at`. A caller that keeps no reservation (`expires_at` 0: it says
+    /// nothing of what it keeps) keeps nothing as the store knows: its grants count as used.
+    #[must_use]
+    pub(crate) fn after(kept: Kept, granted: u64, expires_at: i64) -> Self {
+        let granted = if expires_at > 0 { granted } else { 0 };
+        let kept = Kept { lease: kept.lease.saturating_add(granted), ..kept };
+        Self { kept, expires_at, gone: 0 }
+    }
+
+    /// Whether it holds anything that an expiry would give back.
+    #[must_use]
+    pub(crate) fn live(&self) -> bool {
+        self.gone == 0 && self.kept.unused() > 0 && self.expires_at > 0
+    }
+}
+
+/// Expires the senders' reservations whose time has come at `now` (the calling sender's
+/// clock): each gives back its lease and its holds (its jobs' reservations stay spent, by
+/// their rule, and count as used from then on), and is marked gone with what it gave back.
+/// Returns the units given back. Every store expires by this rule, at every call of the
+/// counter, before applying the call.
+#[must_use]
+pub(crate) fn expire<'k>(keepings: impl IntoIterator<Item = &'k mut Keeping>, now: i64) -> u64 {
+    let mut back = 0u64;
+    for k in keepings {
+        if k.live() && k.expires_at <= now {
+            let units = k.kept.unused();
+            back = back.saturating_add(units);
+            k.gone = units;
+            k.kept = Kept::default();
+        }
+    }
+    back
+}
+
+/// A call of a sender whose reservation expired (`gone` units given back, the sender cut off
+/// from the store or paused past its expiry): it said it keeps `kept` now, so it used `gone −
+/// kept` since its last call, units the store no longer counts: they are owed again (returned
+/// here). The sender drops what it keeps (the answer says [`Grant::expired`]): its record
+/// keeps only its jobs. `None` for a sender that did not expire.
+#[must_use]
+pub(crate) fn revive(keeping: &Keeping, kept: Kept) -> Option<(u64, Kept)> {
+    (keeping.gone > 0)
+        .then(|| (keeping.gone.saturating_sub(kept.unused()), Kept { jobs: kept.jobs, ..Kept::default() }))
+}
+
+/// The units of `reserved` used, as a store knows: less what the senders keep (leases, holds,
+/// jobs' reservations). Thresholds and alerts follow it, not `reserved`.
+#[must_use]
+pub(crate) fn used_of<'k>(reserved: u64, keepings: impl IntoIterator<Item = &'k Keeping>) -> u64 {
+    let kept = keepings.into_iter().fold(0u64, |a, k| a.saturating_add(k.kept.total()));
+    reserved.saturating_sub(kept)
+}
+
+/// What the senders keep together ([`QuotaCounter`]'s `leased`, `held`, `jobs`).
+#[must_use]
+pub(crate) fn kept_of<'k>(keepings: impl IntoIterator<Item = &'k Keeping>) -> Kept {
+    keepings.into_iter().fold(Kept::default(), |a, k| Kept {
+        lease: a.lease.saturating_add(k.kept.lease),
+        held: a.held.saturating_add(k.kept.held),
+        jobs: a.jobs.saturating_add(k.kept.jobs),
+    })
 }
 
 /// The limit a call of `limit` (the plan's: `None` for a soft cap) is held to under the
@@ -169,13 +326,29 @@ pub struct QuotaCounter {
     pub granted: Option<u64>,
     /// The tenant's own cap on the meter ([`SpendCap`]), if one is stored.
     pub cap: Option<SpendCap>,
+    /// Of `reserved`, what the nodes keep and have not used, as their last calls said: in
+    /// their leases, held by their requests' holds, held by their jobs' reservations.
+    pub kept: Kept,
 }
 
 impl QuotaCounter {
     /// `key` holding `reserved`, with a prepaid balance's `granted`.
     #[must_use]
     pub fn new(key: QuotaKey, reserved: u64, granted: Option<u64>) -> Self {
-        Self { key, reserved, granted, cap: None }
+        Self { key, reserved, granted, cap: None, kept: Kept::default() }
+    }
+
+    /// With what the nodes keep of it.
+    #[must_use]
+    pub fn keeping(mut self, kept: Kept) -> Self {
+        self.kept = kept;
+        self
+    }
+
+    /// The units used: reserved, less what the nodes keep.
+    #[must_use]
+    pub fn used(&self) -> u64 {
+        self.reserved.saturating_sub(self.kept.total())
     }
 
     /// With the tenant's own cap on the meter.
@@ -193,7 +366,26 @@ impl Reservation {
     /// A reservation of `units` of `key` under `limit`, owing `owed`.
     #[must_use]
     pub fn new(key: QuotaKey, units: u64, owed: u64, limit: Option<u64>, token: ReserveToken) -> Self {
-        Self { key, units, owed, limit, token, at_least: units, cap: CapMode::Ignored, cap_max: None }
+        Self {
+            key,
+            units,
+            owed,
+            limit,
+            token,
+            at_least: units,
+            cap: CapMode::Ignored,
+            cap_max: None,
+            kept: Kept::default(),
+            expires_at: 0,
+        }
+    }
+
+    /// The caller keeps `kept` besides this grant, its reservation expiring at `expires_at`.
+    #[must_use]
+    pub fn keeping(mut self, kept: Kept, expires_at: i64) -> Self {
+        self.kept = kept;
+        self.expires_at = expires_at;
+        self
     }
 
     /// Held to (or setting) the tenant's own cap on the meter ([`CapMode`]).
@@ -266,13 +458,33 @@ pub struct Grant {
     /// the cap stored, which held the call in place of its `limit`; `None` when none is
     /// stored (or the call read none).
     pub cap: Option<SpendCap>,
+    /// Of `reserved`, the units used: less what every sender keeps (leases, holds, jobs'
+    /// reservations) as its last call said ([`used_of`]).
+    pub used: u64,
+    /// The caller's earlier reservation of the counter expired before this call (the store
+    /// gave back its lease and holds): it must drop what it keeps, its holds owed as used.
+    pub expired: bool,
 }
 
 impl Grant {
-    /// A grant of `granted` units, leaving `reserved` reserved in all.
+    /// A grant of `granted` units, leaving `reserved` reserved in all (and as many used).
     #[must_use]
     pub fn new(granted: u64, reserved: u64) -> Self {
-        Self { granted, reserved, limit: None, cap: None }
+        Self { granted, reserved, limit: None, cap: None, used: reserved, expired: false }
+    }
+
+    /// Of the reserved, `used` used.
+    #[must_use]
+    pub fn with_used(mut self, used: u64) -> Self {
+        self.used = used;
+        self
+    }
+
+    /// The caller's earlier reservation had expired.
+    #[must_use]
+    pub fn with_expired(mut self, expired: bool) -> Self {
+        self.expired = expired;
+        self
     }
 
     /// Held to this cap of the tenant's ([`CapMode`]).
@@ -859,6 +1071,15 @@ pub(crate) fn newer_refund(a: CreditRefund, b: CreditRefund) -> CreditRefund {
 /// A counter of a [`Period::Prepaid`] key is a prepaid balance: its limit is the sum of the
 /// tenant's open credit grants on the meter, held beside it (never the reservation's `limit`),
 /// so a lease is checked against the balance in the same conditional write.
+///
+/// Every call says what its sender keeps of the counter ([`Kept`]: its lease's unused units,
+/// its holds, its jobs' reservations) and until when ([`Reservation::expires_at`],
+/// [`Release::expires_at`]); the store keeps it beside the sender's last call. In the same
+/// write as each call, the reservations of other senders that expired give back their lease
+/// and holds (`expire`), and a sender that calls after its own expired owes again what it
+/// used since and is told to drop what it kept ([`Grant::expired`]); each answer says the
+/// units used, less what every sender keeps ([`Grant::used`]). The rules are written once, in
+/// this module; every store applies them.
 #[async_trait]
 pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// Adds `owed` to the counter of `r.key`, then reserves up to `r.units` more for the
@@ -878,11 +1099,16 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     /// to the cap as it was, as a lease taken just before the change is.
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError>;
 
-    /// Gives back `units` reserved earlier and not used; at most once per token, as
-    /// [`reserve`](Self::reserve). A prepaid balance's release draws first on the
-    /// units forgiven to this node for the lease it gives back ([`CreditBalance::forgiven`],
-    /// at the token's time).
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError>;
+    /// Gives back, for each of `releases`, `units` reserved earlier and not used, recording
+    /// what its sender keeps after them; each at most once per token, as
+    /// [`reserve`](Self::reserve). A prepaid balance's release draws first on the units
+    /// forgiven to this node for the lease it gives back ([`CreditBalance::forgiven`], at the
+    /// token's time). A batch (leases returned at shutdown, reload or eviction; reports of
+    /// what senders keep) is written in as few round trips as the store allows (one
+    /// transaction, or DynamoDB's transactions of 100); the answer has one result per
+    /// release, in order: one that fails (its counter written by another meanwhile, past
+    /// retries) does not stop the others, and its sender sends it again alone.
+    async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>>;
 
     /// Adds a grant of prepaid units: its units join the balance of `(grant.tenant,
     /// grant.meter)` in the same write that records the grant, once per grant id and once per

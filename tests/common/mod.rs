@@ -33,8 +33,8 @@ use tollgate::{
     layer::TollgateBody,
     store::{
         CommitOutcome, DeadLetter, Deferral, EventOutcome, ExportClaim, ExportKey, ExportSend, Grant, LedgerEntry,
-        MemoryStore, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, ReserveToken, StoreError, StoreInspect,
-        TenantRecord, UsageAggregate, UsageBatch, UsageEvent,
+        MemoryStore, PlanChange, PlanChangeOutcome, QuotaKey, Reservation, StoreError, StoreInspect, TenantRecord,
+        UsageAggregate, UsageBatch, UsageEvent,
     },
     Config, TenantContext, Tollgate, TollgateService,
 };
@@ -406,9 +406,15 @@ impl QuotaStore for Faulty {
         g
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        self.before_quota(key.tenant.as_str()).await?;
-        let r = self.inner.release(key, units, token).await;
+    async fn release(&self, releases: &[tollgate::store::Release]) -> Vec<Result<(), StoreError>> {
+        // Counted per call (a batch is one call).
+        if let Some(first) = releases.first() {
+            if let Err(e) = self.before_quota(first.key.tenant.as_str()).await {
+                let why = e.to_string();
+                return releases.iter().map(|_| Err(StoreError::Backend(why.clone().into()))).collect();
+            }
+        }
+        let r = self.inner.release(releases).await;
         self.after_quota().await;
         r
     }

@@ -8,7 +8,7 @@ use crate::{
     clock::Clock,
     config::QuotaMode,
     plan::Runtime,
-    store::{CapMode, Grant, Reservation, ReserveToken, StoreError, SHRINK},
+    store::{CapMode, Grant, QuotaStoreExt, Reservation, ReserveToken, StoreError, SHRINK},
     tenant::{Call, CallKind, QuotaRef, Tenant},
 };
 
@@ -116,7 +116,10 @@ impl Leases {
                 let r = if cell.spec.capped { r.capped(CapMode::Stored).cap_within(cell.spec.cap_max) } else { r };
                 store.reserve(&r).await
             }
-            CallKind::Release { units } => store.release(&call.key, units, call.token).await.map(|()| Grant::new(0, 0)),
+            CallKind::Release { units } => {
+                let release = crate::store::Release::new(call.key.clone(), units, call.token);
+                store.release_one(release).await.map(|()| Grant::new(0, 0))
+            }
         };
         match &answer {
             Ok(grant) => {

@@ -75,6 +75,9 @@ macro_rules! store_conformance {
             a_retry_after_its_sender_was_forgotten_is_not_applied_again,
             a_tenants_own_cap_holds_every_reserve_that_reads_it,
             concurrent_reserves_never_pass_a_tenants_own_cap,
+            what_senders_keep_is_reserved_not_used,
+            an_expired_reservation_gives_back_its_lease_and_holds_once,
+            a_batch_of_releases_applies_each_once,
         );
     };
     (@role usage, $make:expr) => {

@@ -1,7 +1,7 @@
 //! The quota role: reserve and release, atomic and applied once per token.
 
 use super::*;
-use crate::store::{Grant, QuotaInspect};
+use crate::store::{Grant, Kept, QuotaInspect, QuotaStoreExt, Release};
 
 pub(super) async fn reserved<S: ?Sized + QuotaInspect>(s: &S, key: &QuotaKey) -> u64 {
     s.reserved(key).await.unwrap()
@@ -106,7 +106,7 @@ pub async fn owed_units_pass_the_limit<S: ?Sized + QuotaInspect>(h: &mut StoreUn
     h.restart().await;
     assert_eq!(reserved(h.s(), &k).await, 15);
     // Back under the limit: units are granted up to it again.
-    h.s().release(&k, 7, ReserveToken::new(1, 4)).await.unwrap();
+    h.s().release_units(&k, 7, ReserveToken::new(1, 4)).await.unwrap();
     assert_eq!(reserved(h.s(), &k).await, 8);
     assert_eq!(h.s().reserve(&owe(5, 0, 5)).await.unwrap(), Grant::new(2, 10));
     // Owed units of a retried call are added once too.
@@ -158,15 +158,15 @@ pub async fn a_reserve_token_is_applied_once<S: ?Sized + QuotaInspect>(h: &mut S
     assert_eq!(reserved(h.s(), &k).await, 9);
 
     // Release is applied once per token too.
-    h.s().release(&k, 4, ReserveToken::new(1, 4)).await.unwrap();
-    h.s().release(&k, 4, ReserveToken::new(1, 4)).await.unwrap();
+    h.s().release_units(&k, 4, ReserveToken::new(1, 4)).await.unwrap();
+    h.s().release_units(&k, 4, ReserveToken::new(1, 4)).await.unwrap();
     assert_eq!(reserved(h.s(), &k).await, 5);
     h.restart().await;
-    h.s().release(&k, 4, ReserveToken::new(1, 4)).await.unwrap();
+    h.s().release_units(&k, 4, ReserveToken::new(1, 4)).await.unwrap();
     assert_eq!(reserved(h.s(), &k).await, 5);
     // A reserve with the release's token, or a release with an older one, changes nothing.
     assert_eq!(h.s().reserve(&ask(&k, 3, Some(10), 1, 4)).await.unwrap().granted, 0);
-    h.s().release(&k, 2, ReserveToken::new(1, 2)).await.unwrap();
+    h.s().release_units(&k, 2, ReserveToken::new(1, 2)).await.unwrap();
     assert_eq!(reserved(h.s(), &k).await, 5);
 
     // Tokens are per key: node 1's seq 1 on another key is new there.
@@ -183,13 +183,13 @@ pub async fn release_gives_units_back<S: ?Sized + QuotaInspect>(h: &mut StoreUnd
     let k = day_key("giver", "requests");
     assert_eq!(h.s().reserve(&ask(&k, 10, Some(10), 1, 1)).await.unwrap(), Grant::new(10, 10));
     assert_eq!(h.s().reserve(&ask(&k, 1, Some(10), 1, 2)).await.unwrap(), Grant::new(0, 10));
-    h.s().release(&k, 4, ReserveToken::new(1, 3)).await.unwrap();
+    h.s().release_units(&k, 4, ReserveToken::new(1, 3)).await.unwrap();
     assert_eq!(reserved(h.s(), &k).await, 6);
     h.restart().await;
     assert_eq!(reserved(h.s(), &k).await, 6);
     assert_eq!(h.s().reserve(&ask(&k, 9, Some(10), 2, 1)).await.unwrap(), Grant::new(4, 10));
     // Another node gives back everything.
-    h.s().release(&k, 10, ReserveToken::new(2, 2)).await.unwrap();
+    h.s().release_units(&k, 10, ReserveToken::new(2, 2)).await.unwrap();
     assert_eq!(reserved(h.s(), &k).await, 0);
     assert_eq!(h.s().reserve(&ask(&k, 3, Some(10), 1, 4)).await.unwrap(), Grant::new(3, 3));
 }
@@ -206,7 +206,7 @@ pub async fn a_period_two_periods_old_is_dropped_and_stays_dropped<S: ?Sized + Q
     assert_eq!(h.s().reserve(&ask(&day(0), 5, Some(10), 1, 1)).await.unwrap(), Grant::new(5, 5));
     assert_eq!(h.s().reserve(&ask(&day(1), 4, Some(10), 1, 2)).await.unwrap(), Grant::new(4, 4));
     // The day before is still there: a late release and owed units land in it.
-    h.s().release(&day(0), 2, ReserveToken::new(1, 3)).await.unwrap();
+    h.s().release_units(&day(0), 2, ReserveToken::new(1, 3)).await.unwrap();
     let owed = Reservation::new(day(0), 0, 1, Some(10), ReserveToken::new(1, 4));
     assert_eq!(h.s().reserve(&owed).await.unwrap(), Grant::new(0, 4));
     h.restart().await;
@@ -217,7 +217,7 @@ pub async fn a_period_two_periods_old_is_dropped_and_stays_dropped<S: ?Sized + Q
     h.restart().await;
     // Late calls for day 0 change nothing and do not bring it back.
     assert_eq!(h.s().reserve(&ask(&day(0), 3, Some(10), 2, 1)).await.unwrap(), Grant::new(0, 0));
-    h.s().release(&day(0), 3, ReserveToken::new(2, 2)).await.unwrap();
+    h.s().release_units(&day(0), 3, ReserveToken::new(2, 2)).await.unwrap();
     assert_eq!(reserved(h.s(), &day(0)).await, 0);
     // Another meter of the same tenant is another counter, untouched.
     let other = day_key("late", "tokens");
@@ -269,7 +269,7 @@ pub async fn quota_keys_of_different_periods_are_separate_counters<S: ?Sized + Q
         assert_eq!(reserved(h.s(), k).await, n, "{k:?}");
     }
     // A release on one counter leaves the others alone.
-    h.s().release(&month1, 7, ReserveToken::new(1, 100)).await.unwrap();
+    h.s().release_units(&month1, 7, ReserveToken::new(1, 100)).await.unwrap();
     assert_eq!(reserved(h.s(), &month1).await, 0);
     assert_eq!(reserved(h.s(), &day).await, 10);
     assert_eq!(reserved(h.s(), &month15).await, 10);
@@ -440,7 +440,7 @@ pub async fn credit_grants_apply_once_and_bound_a_prepaid_balance<S: ?Sized + Qu
     assert_eq!(h.s().reserve(&owed).await.unwrap().reserved, 160);
     assert_eq!(balance(h.s(), "p").await.left(), -10);
     // A release gives units back to the balance.
-    h.s().release(&key, 20, ReserveToken::new(1, 3)).await.unwrap();
+    h.s().release_units(&key, 20, ReserveToken::new(1, 3)).await.unwrap();
     assert_eq!(balance(h.s(), "p").await, CreditBalance::new(150, 140));
     // The next grant pays the debt first: 30 granted, 40 left after the 140 used of 180.
     let paid = h.s().grant_credits(&credit("p", "inv_3", 30, None)).await.unwrap();
@@ -541,7 +541,7 @@ pub async fn a_refund_takes_back_what_the_refunded_money_bought_once<S: ?Sized +
     assert!(matches!(rest, RefundOutcome::Taken { units: 30, .. }), "{rest:?}");
     assert_eq!(balance(h.s(), "r").await, CreditBalance::new(40, 40));
     // The node gives back 20 it had leased and not used: they were pi_1's, refunded.
-    h.s().release(&key, 20, ReserveToken::new(1, 2).at(at + 60)).await.unwrap();
+    h.s().release_units(&key, 20, ReserveToken::new(1, 2).at(at + 60)).await.unwrap();
     assert_eq!(balance(h.s(), "r").await, CreditBalance::new(40, 40), "a refunded grant's lease does not come back");
     // A closed grant takes nothing; a payment no grant has is kept.
     h.s().close_credits(&"r".into(), &"tokens".into(), "pi_1", true, at).await.unwrap();
@@ -660,12 +660,12 @@ pub async fn a_closed_grants_leased_units_do_not_come_back_through_a_release<S: 
     let closed = h.s().close_credits(&"fg".into(), &"tokens".into(), "a", false, at).await.unwrap().unwrap();
     assert_eq!(closed.lost, 0);
     assert_eq!(balance(h.s(), "fg").await, CreditBalance::new(100, 50));
-    h.s().release(&key, 50, token(1, 2, at + 60)).await.unwrap();
+    h.s().release_units(&key, 50, token(1, 2, at + 60)).await.unwrap();
     let rest = h.s().reserve(&Reservation::new(key.clone(), 200, 0, None, token(3, 1, at + 60))).await.unwrap();
     assert_eq!(rest.granted, 50, "150 spendable in all: {rest:?}");
     // Past the window, a release is given back in full.
     let later = at + crate::store::contract::FORGIVEN_SECS + 1;
-    h.s().release(&key, 10, token(3, 2, later)).await.unwrap();
+    h.s().release_units(&key, 10, token(3, 2, later)).await.unwrap();
     assert_eq!(balance(h.s(), "fg").await, CreditBalance::new(100, 90));
 }
 
@@ -690,11 +690,11 @@ pub async fn only_a_closed_grants_own_lease_is_drawn_on_what_it_forgave<S: ?Size
     h.restart().await;
     assert_eq!(balance(h.s(), "fo").await, CreditBalance::new(100, 50));
     // X gives its 50 back: b's, they come back.
-    h.s().release(&key, 50, ReserveToken::new(2, 2).at(at + 60)).await.unwrap();
+    h.s().release_units(&key, 50, ReserveToken::new(2, 2).at(at + 60)).await.unwrap();
     assert_eq!(balance(h.s(), "fo").await, CreditBalance::new(100, 0), "b's units come back");
     // Z leases again, from b, and gives back 20 it did not use: they come back too.
     assert_eq!(h.s().reserve(&call(1, 2, 30)).await.unwrap().granted, 30);
-    h.s().release(&key, 20, ReserveToken::new(1, 3).at(at + 120)).await.unwrap();
+    h.s().release_units(&key, 20, ReserveToken::new(1, 3).at(at + 120)).await.unwrap();
     assert_eq!(balance(h.s(), "fo").await, CreditBalance::new(100, 10), "Z's later lease was b's");
 }
 
@@ -880,4 +880,91 @@ pub async fn a_grant_after_an_empty_balance_is_spendable_at_once<S: ?Sized + Quo
     // And leases grow again from there: an eighth of what is left, asked by another sender.
     let lease = h.s().reserve(&ask(&key, 100, None, 2, 1).shrinking(1)).await.unwrap();
     assert_eq!((lease.granted, lease.limit), ((350 - 51_u64).div_ceil(8), Some(350)), "{lease:?}");
+}
+
+/// A call that keeps a reservation, made by sender `node` with `seq` at `at`.
+fn keeping(key: &QuotaKey, units: u64, node: u64, seq: u64, at: i64, kept: Kept, expires_at: i64) -> Reservation {
+    Reservation::new(key.clone(), units, 0, None, ReserveToken::new(node, seq).at(at)).keeping(kept, expires_at)
+}
+
+/// A report of what sender `node` keeps (a release of none), at `at`.
+fn report(key: &QuotaKey, node: u64, seq: u64, at: i64, kept: Kept, expires_at: i64) -> Release {
+    Release::new(key.clone(), 0, ReserveToken::new(node, seq).at(at)).keeping(kept, expires_at)
+}
+
+/// The counter of `key` as `counters` reads it.
+async fn counter_of<S: ?Sized + QuotaInspect>(s: &S, key: &QuotaKey) -> crate::store::QuotaCounter {
+    let all = s.counters(&key.tenant, &key.meter).await.unwrap();
+    all.into_iter().find(|c| c.key == *key).expect("the counter exists")
+}
+
+/// What each sender keeps of a counter (its lease with its grants, its holds, its jobs) is
+/// reserved and not used: every answer, and the counters read, tell the units used apart.
+pub async fn what_senders_keep_is_reserved_not_used<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    let key = day_key("keeps", "requests");
+    let at = DAY0 + 60;
+    // A leases 10 and keeps them: none used.
+    let a = h.s().reserve(&keeping(&key, 10, 1, 1, at, Kept::default(), at + 1800)).await.unwrap();
+    assert_eq!((a.granted, a.reserved, a.used, a.expired), (10, 10, 0, false));
+    // It used 4: it keeps 5 in its lease and 1 in a hold.
+    h.s().release_one(report(&key, 1, 2, at + 1, Kept::new(5, 1, 0), at + 1801)).await.unwrap();
+    // B leases 5 keeping 2 of a job's reservation besides.
+    let b = h.s().reserve(&keeping(&key, 5, 2, 1, at + 2, Kept::new(0, 0, 2), at + 1802)).await.unwrap();
+    assert_eq!((b.reserved, b.used), (15, 15 - 6 - 7), "used: 15 reserved, less A's 6 and B's 5 + 2");
+    let c = counter_of(h.s(), &key).await;
+    assert_eq!((c.reserved, c.kept, c.used()), (15, Kept::new(10, 1, 2), 2));
+    // A caller that keeps nothing (it says no expiry) counts its grant used: as before.
+    let d = h.s().reserve(&keeping(&key, 3, 3, 1, at + 3, Kept::default(), 0)).await.unwrap();
+    assert_eq!((d.reserved, d.used), (18, 5));
+}
+
+/// A sender's reservation past its expiry gives back its lease and its holds at the counter's
+/// next call by another sender (once), its jobs' reservations staying spent; a sender that
+/// calls after its own expired owes again what it used since its last call, drops the rest,
+/// and is told so.
+pub async fn an_expired_reservation_gives_back_its_lease_and_holds_once<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    let key = day_key("expires", "requests");
+    let at = DAY0 + 60;
+    h.s().reserve(&keeping(&key, 10, 1, 1, at, Kept::default(), at + 100)).await.unwrap();
+    // A keeps 5 in its lease, 3 in holds and 1 in a job's reservation; it used 1.
+    h.s().release_one(report(&key, 1, 2, at + 1, Kept::new(5, 3, 1), at + 100)).await.unwrap();
+    // Before A's expiry, B's call changes nothing of A's.
+    let b = h.s().reserve(&keeping(&key, 1, 2, 1, at + 50, Kept::default(), at + 500)).await.unwrap();
+    assert_eq!(b.reserved, 11);
+    // Past it, B's next call gives A's lease and holds back: 8.
+    let b = h.s().reserve(&keeping(&key, 1, 2, 2, at + 101, Kept::new(1, 0, 0), at + 501)).await.unwrap();
+    assert_eq!((b.reserved, b.used), (11 + 1 - 8, 4 - 2), "A's 8 back; used: A's 1 and its job's 1");
+    assert_eq!(reserved(h.s(), &key).await, 4);
+    // Once: B again, nothing more.
+    let b = h.s().reserve(&keeping(&key, 1, 2, 3, at + 102, Kept::new(2, 0, 0), at + 502)).await.unwrap();
+    assert_eq!(b.reserved, 5);
+    // A, cut off meanwhile, spent 2 more of its lease (it keeps 3 and its holds' 3): owed
+    // again; it drops what it keeps, and leases 2 anew.
+    let a = h.s().reserve(&keeping(&key, 2, 1, 3, at + 110, Kept::new(3, 3, 1), at + 210)).await.unwrap();
+    assert!(a.expired, "A is told its reservation expired");
+    assert_eq!(a.reserved, 5 + 2 + 2, "its 2 used since owed again, and its new 2");
+    let c = counter_of(h.s(), &key).await;
+    assert_eq!(c.kept, Kept::new(3 + 2, 0, 1), "B's lease 3, A's new 2; A's job's 1");
+    // Its next call is a live one again.
+    let a = h.s().reserve(&keeping(&key, 1, 1, 4, at + 111, Kept::new(2, 0, 1), at + 211)).await.unwrap();
+    assert!(!a.expired);
+}
+
+/// A batch of releases applies each, once per token: one already applied (a retry) changes
+/// nothing, the others go through.
+pub async fn a_batch_of_releases_applies_each_once<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    let keys: Vec<QuotaKey> = (0..5).map(|i| day_key(&format!("batch-{i}"), "requests")).collect();
+    for k in &keys {
+        h.s().reserve(&ask(k, 10, None, 7, 1)).await.unwrap();
+    }
+    h.s().release_units(&keys[0], 4, ReserveToken::new(7, 2)).await.unwrap();
+    let batch: Vec<Release> = keys.iter().map(|k| Release::new(k.clone(), 4, ReserveToken::new(7, 2))).collect();
+    let results = h.s().release(&batch).await;
+    assert_eq!(results.len(), 5);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    for k in &keys {
+        assert_eq!(reserved(h.s(), k).await, 6, "{k:?} released once");
+    }
 }

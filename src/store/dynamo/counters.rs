@@ -39,7 +39,9 @@ impl DynamoStore {
                 let (Some(from), Some(to)) = (window(from), window(to)) else { continue };
                 let Some(key) = QuotaKey::from_tag(tenant.clone(), meter.clone(), tag, from, to) else { continue };
                 let granted = (key.period == crate::base::Period::Prepaid).then(|| get_u(&item, "granted"));
-                out.push(QuotaCounter::new(key, get_u(&item, "reserved"), granted));
+                out.push(
+                    QuotaCounter::new(key, get_u(&item, "reserved"), granted).keeping(super::quota::kept_in(&item)),
+                );
             }
             match page.last_evaluated_key {
                 Some(k) if !k.is_empty() => start = Some(k),

@@ -3,7 +3,7 @@
 //! payments, refunds kept for grants that have not landed yet, and the reserves and releases
 //! of a balance.
 
-use super::quota::NEW_CALL;
+use super::quota::{dropped, keeping_of, record, Add, NEW_CALL};
 use super::race::{Race, Retries};
 use super::*;
 use crate::{
@@ -12,9 +12,9 @@ use crate::{
         contract,
         quota::{
             close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
-            newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
+            newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, Keeping, SenderCall,
         },
-        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome,
+        CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release,
     },
 };
 
@@ -355,23 +355,42 @@ impl DynamoStore {
     /// reserved, kept beside them), in one conditional update; first as if the balance allowed
     /// everything asked, then what the rule grants for the room read.
     pub(super) async fn reserve_prepaid(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        self.until_won("a prepaid balance changed under every attempt", Retries::QUICK_FIRST, r.units, |units, _| {
-            Box::pin(async move {
-                let need = (units > 0).then(|| int(r.owed.saturating_add(r.left_needed(units))));
-                Ok(match self.add(&r.key, int(r.owed.saturating_add(units)), units, need, None, r.token).await? {
-                    Ok((reserved, granted)) => Race::Won(Grant::new(units, reserved).with_limit(granted)),
-                    Err(None) if !self.ensure_counter(&r.key).await? => Race::Won(Grant::new(0, 0)),
-                    Err(None) => Race::Again(units),
-                    Err(Some(item)) => match Self::seen(&item, r.token) {
-                        Some(grant) => Race::Won(grant.with_limit(Some(get_u(&item, "granted")))),
-                        None => {
-                            let room = get_i(&item, "room").unwrap_or(0);
-                            Race::Lost(r.grant_for(u64::try_from(room.saturating_sub(int(r.owed))).unwrap_or(0)))
-                        }
-                    },
+        let from = (r.units, false);
+        self.until_won(
+            "a prepaid balance changed under every attempt",
+            Retries::QUICK_FIRST,
+            from,
+            |(units, revived), _| {
+                Box::pin(async move {
+                    let need = (units > 0).then(|| int(r.owed.saturating_add(r.left_needed(units))));
+                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.expires_at);
+                    let call = Add {
+                        delta: int(r.owed.saturating_add(units)),
+                        granted: units,
+                        at_most: need,
+                        at_least: None,
+                        keeping,
+                        revived,
+                    };
+                    Ok(match self.add(&r.key, &call, r.token).await? {
+                        Ok((grant, granted)) => Race::Won(grant.with_limit(granted)),
+                        Err(None) if !self.ensure_counter(&r.key).await? => Race::Won(Grant::new(0, 0)),
+                        Err(None) => Race::Again((units, revived)),
+                        Err(Some(item)) => match Self::seen(&item, r.token) {
+                            Some(grant) => Race::Won(grant.with_limit(Some(get_u(&item, "granted")))),
+                            None if !revived && self.revive_sender(&r.key, r.token, &item, r.kept).await? => {
+                                Race::Again((units, true))
+                            }
+                            None => {
+                                let room = get_i(&item, "room").unwrap_or(0);
+                                let left = u64::try_from(room.saturating_sub(int(r.owed))).unwrap_or(0);
+                                Race::Lost((r.grant_for(left), revived))
+                            }
+                        },
+                    })
                 })
-            })
-        })
+            },
+        )
         .await
     }
 
@@ -522,36 +541,52 @@ fn unchanged(table: &str, pk: String, read: Option<&Item>) -> Result<TransactWri
 impl DynamoStore {
     /// A release on a prepaid balance: drawn on its forgiven units first
     /// ([`release_against`]), in one update conditional on the counter as read.
-    pub(super) async fn release_prepaid(
-        &self,
-        key: &QuotaKey,
-        units: u64,
-        token: ReserveToken,
-    ) -> Result<(), StoreError> {
-        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, (), |(), _| {
+    pub(super) async fn release_prepaid(&self, r: &Release) -> Result<(), StoreError> {
+        let (key, units, token) = (&r.key, r.units, r.token);
+        // What it kept before the release (a revived sender's units went back at its expiry).
+        let before = Kept { lease: r.kept.lease.saturating_add(units), ..r.kept };
+        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, false, |revived, _| {
             Box::pin(async move {
                 let Some(item) = self.get(quota_pk(key), &quota_sk(key)).await? else {
                     if !self.ensure_counter(key).await? {
                         return Ok(Race::Won(()));
                     }
-                    return Ok(Race::Again(()));
+                    return Ok(Race::Again(revived));
                 };
                 if Self::seen(&item, token).is_some() {
                     return Ok(Race::Won(()));
+                }
+                let name = hex_node(token.node);
+                let rec = item
+                    .get("senders")
+                    .and_then(|v| v.as_m().ok())
+                    .and_then(|m| m.get(&name))
+                    .and_then(|r| r.as_m().ok());
+                if !revived && rec.is_some_and(|m| keeping_of(m).gone > 0) {
+                    return Ok(if self.revive_sender(key, token, &item, before).await? {
+                        Race::Again(true)
+                    } else {
+                        Race::Lost(false)
+                    });
                 }
                 let reserved = get_u(&item, "reserved");
                 let forgiven = get_u(&item, "forgiven");
                 let until = get_i(&item, "forgiven_until").unwrap_or(0);
                 let mut by = forgiven_by_of(get_s(&item, "forgiven_by").unwrap_or("{}"));
-                let name = hex_node(token.node);
-                let last = item
-                    .get("senders")
-                    .and_then(|v| v.as_m().ok())
-                    .and_then(|m| m.get(&name))
-                    .and_then(|r| r.as_m().ok())
-                    .map(|r| get_u(r, "s"));
-                let (after, left) = release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at);
+                let last = rec.map(|r| get_u(r, "s"));
+                // A revived sender's units went back at its expiry: not again.
+                let (after, left) = if revived {
+                    (reserved, forgiven)
+                } else {
+                    release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at)
+                };
                 let drop = reserved - after;
+                let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, r.expires_at);
+                let x = if revived {
+                    "senders.#n.x = :m1"
+                } else {
+                    "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z)"
+                };
                 let out = self
                     .client
                     .update_item()
@@ -562,7 +597,7 @@ impl DynamoStore {
                         "ADD reserved :nd, room :d SET forgiven = :f, forgiven_by = :fb, senders.#n = :rec",
                     )
                     .condition_expression(format!(
-                        "attribute_exists(pk) AND {NEW_CALL} \
+                        "attribute_exists(pk) AND {NEW_CALL} AND {x} \
                      AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)"
                     ))
                     .expression_attribute_values(":at", n(token.at))
@@ -574,24 +609,20 @@ impl DynamoStore {
                     .expression_attribute_values(":seq", n(token.seq))
                     .expression_attribute_values(":r0", n(reserved))
                     .expression_attribute_values(":f0", n(forgiven))
-                    .expression_attribute_values(
-                        ":rec",
-                        AttributeValue::M(HashMap::from([
-                            ("s".to_owned(), n(token.seq)),
-                            ("g".to_owned(), n(0)),
-                            ("t".to_owned(), n(token.at)),
-                        ])),
-                    )
+                    .expression_attribute_values(if revived { ":m1" } else { ":z" }, n(if revived { -1 } else { 0 }))
+                    .expression_attribute_values(":rec", record(token, 0, &keeping))
                     .return_values(ReturnValue::AllNew)
                     .send()
                     .await;
                 match out {
                     Ok(out) => {
                         let item = out.attributes.unwrap_or_default();
-                        self.after_add(key, token, get_u(&item, "reserved"), &item).await;
+                        let reserved =
+                            get_u(&item, "reserved").saturating_sub(self.expire_others(key, token, &item).await);
+                        self.after_add(key, token, reserved, &item).await;
                         Ok(Race::Won(()))
                     }
-                    Err(e) if is_ccf(&e) => Ok(Race::Lost(())),
+                    Err(e) if is_ccf(&e) => Ok(Race::Lost(revived)),
                     Err(e) => Err(sdk(e)),
                 }
             })

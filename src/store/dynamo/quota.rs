@@ -4,11 +4,13 @@
 
 use super::race::{Race, Retries};
 use super::*;
+pub(super) use crate::store::quota::Keeping;
 use crate::{
     base::{MeterId, Period},
     store::{
-        quota::{forgotten, CreditRefund},
-        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, QuotaCounter, RefundOutcome, SpendCap,
+        quota::{expire, forgotten, revive, CreditRefund},
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, QuotaCounter, RefundOutcome, Release,
+        SpendCap,
     },
 };
 
@@ -48,50 +50,52 @@ impl QuotaStore for DynamoStore {
             None => r.units,
         };
         let units = within(r.limit.map_or(u64::MAX, |l| l.saturating_sub(r.owed)));
-        self.until_won("a quota counter changed under every attempt", Retries::QUICK_FIRST, units, |units, _| {
-            Box::pin(async move {
-                let at_most = match r.limit {
-                    Some(l) if units > 0 => Some(int(l.saturating_sub(r.owed).saturating_sub(r.left_needed(units)))),
-                    _ => None,
-                };
-                let delta = int(r.owed.saturating_add(units));
-                Ok(match self.add(&r.key, delta, units, at_most, None, r.token).await? {
-                    Ok((reserved, _)) => Race::Won(Grant::new(units, reserved)),
-                    // A late call for a period long over: nothing is left to reserve in it.
-                    Err(None) if !self.ensure_counter(&r.key).await? => Race::Won(Grant::new(0, 0)),
-                    Err(None) => Race::Again(units),
-                    Err(Some(item)) => match Self::seen(&item, r.token) {
-                        Some(grant) => Race::Won(grant),
-                        None => {
-                            let reserved = get_u(&item, "reserved");
-                            Race::Lost(within(
-                                r.limit.map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed))),
-                            ))
+        let from = (units, false);
+        self.until_won(
+            "a quota counter changed under every attempt",
+            Retries::QUICK_FIRST,
+            from,
+            |(units, revived), _| {
+                Box::pin(async move {
+                    let at_most = match r.limit {
+                        Some(l) if units > 0 => {
+                            Some(int(l.saturating_sub(r.owed).saturating_sub(r.left_needed(units))))
                         }
-                    },
+                        _ => None,
+                    };
+                    let delta = int(r.owed.saturating_add(units));
+                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.expires_at);
+                    let call = Add { delta, granted: units, at_most, at_least: None, keeping, revived };
+                    Ok(match self.add(&r.key, &call, r.token).await? {
+                        Ok((grant, _)) => Race::Won(grant),
+                        // A late call for a period long over: nothing is left to reserve in it.
+                        Err(None) if !self.ensure_counter(&r.key).await? => Race::Won(Grant::new(0, 0)),
+                        Err(None) => Race::Again((units, revived)),
+                        Err(Some(item)) => match Self::seen(&item, r.token) {
+                            Some(grant) => Race::Won(grant),
+                            None if !revived && self.revive_sender(&r.key, r.token, &item, r.kept).await? => {
+                                Race::Again((units, true))
+                            }
+                            None => {
+                                let reserved = get_u(&item, "reserved");
+                                let left =
+                                    r.limit.map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed)));
+                                Race::Lost((within(left), revived))
+                            }
+                        },
+                    })
                 })
-            })
-        })
+            },
+        )
         .await
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        if key.period == Period::Prepaid {
-            return self.release_prepaid(key, units, token).await;
+    async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
+        let mut out = Vec::with_capacity(releases.len());
+        for r in releases {
+            out.push(self.release_units_of(r).await);
         }
-        // Never below zero: at most what the counter holds is given back.
-        self.until_won("a quota counter changed under every attempt", Retries::AT_ONCE, units, |units, _| {
-            Box::pin(async move {
-                Ok(match self.add(key, -int(units), 0, None, Some(int(units)), token).await? {
-                    Ok(_) => Race::Won(()),
-                    Err(None) if !self.ensure_counter(key).await? => Race::Won(()),
-                    Err(None) => Race::Lost(units),
-                    Err(Some(item)) if Self::seen(&item, token).is_some() => Race::Won(()),
-                    Err(Some(item)) => Race::Lost(units.min(get_u(&item, "reserved"))),
-                })
-            })
-        })
-        .await
+        out
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
@@ -246,23 +250,26 @@ impl DynamoStore {
         }
     }
 
-    /// Adds `delta` (positive or negative) to the counter of `key` for `token`'s call, at most
-    /// once per token, and only if the counter stays at or under `at_most` (when given; for a
-    /// prepaid balance, `at_most` is the room that must be left before the call). Returns the
-    /// counter after the call with a prepaid balance's granted units, or what the counter item
-    /// held when a condition failed (`Err(Some(item))`), or `Err(None)` when the counter does
-    /// not exist.
+    /// Applies `call` to the counter of `key` for `token`'s call, at most once per token, and
+    /// only if the counter stays at or under `at_most` (when given; for a prepaid balance,
+    /// `at_most` is the room that must be left before the call) and the caller's reservation
+    /// did not expire (or, `revived`, was revived for this call). Returns the answer (with the
+    /// units used, after the reservations of other senders that expired gave theirs back) and
+    /// a prepaid balance's granted units, or what the counter item held when a condition
+    /// failed (`Err(Some(item))`), or `Err(None)` when the counter does not exist.
     pub(super) async fn add(
         &self,
         key: &QuotaKey,
-        delta: i64,
-        granted: u64,
-        at_most: Option<i64>,
-        at_least: Option<i64>,
+        call: &Add,
         token: ReserveToken,
-    ) -> Result<Result<(u64, Option<u64>), Option<Item>>, StoreError> {
+    ) -> Result<Result<(Grant, Option<u64>), Option<Item>>, StoreError> {
         let prepaid = key.period == Period::Prepaid;
         let mut condition = format!("attribute_exists(pk) AND {NEW_CALL}");
+        condition.push_str(if call.revived {
+            " AND senders.#n.x = :revived"
+        } else {
+            " AND (attribute_not_exists(senders.#n.x) OR senders.#n.x = :zero)"
+        });
         let mut req = self
             .client
             .update_item()
@@ -275,42 +282,192 @@ impl DynamoStore {
                 "ADD reserved :d SET senders.#n = :rec"
             })
             .expression_attribute_names("#n", hex_node(token.node))
-            .expression_attribute_values(":d", n(delta))
+            .expression_attribute_values(":d", n(call.delta))
             .expression_attribute_values(":seq", n(token.seq))
             .expression_attribute_values(":at", n(token.at))
-            .expression_attribute_values(
-                ":rec",
-                AttributeValue::M(HashMap::from([
-                    ("s".to_owned(), n(token.seq)),
-                    ("g".to_owned(), n(granted)),
-                    ("t".to_owned(), n(token.at)),
-                ])),
-            )
+            .expression_attribute_values(":rec", record(token, call.granted, &call.keeping))
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        req = if call.revived {
+            req.expression_attribute_values(":revived", n(-1))
+        } else {
+            req.expression_attribute_values(":zero", n(0))
+        };
         if prepaid {
-            req = req.expression_attribute_values(":nd", n(delta.saturating_neg()));
+            req = req.expression_attribute_values(":nd", n(call.delta.saturating_neg()));
         }
-        if let Some(at_most) = at_most {
+        if let Some(at_most) = call.at_most {
             condition.push_str(if prepaid { " AND room >= :max" } else { " AND reserved <= :max" });
             req = req.expression_attribute_values(":max", n(at_most));
         }
-        if let Some(at_least) = at_least {
+        if let Some(at_least) = call.at_least {
             condition.push_str(" AND reserved >= :min");
             req = req.expression_attribute_values(":min", n(at_least));
         }
         match req.condition_expression(condition).send().await {
             Ok(out) => {
                 let item = out.attributes.unwrap_or_default();
-                let reserved = get_u(&item, "reserved");
+                let mut reserved = get_u(&item, "reserved");
+                // Other senders' reservations past their expiry give back their lease and holds.
+                reserved = reserved.saturating_sub(self.expire_others(key, token, &item).await);
                 self.after_add(key, token, reserved, &item).await;
-                Ok(Ok((reserved, prepaid.then(|| get_u(&item, "granted")))))
+                let grant = Grant::new(call.granted, reserved)
+                    .with_used(used_in(&item, reserved, token))
+                    .with_expired(call.revived);
+                Ok(Ok((grant, prepaid.then(|| get_u(&item, "granted")))))
             }
             Err(e) => match e.into_service_error() {
                 UpdateItemError::ConditionalCheckFailedException(c) => Ok(Err(c.item)),
                 e => Err(backend(e)),
             },
         }
+    }
+
+    /// Expires the reservations of other senders the counter `item` (as `token`'s call left
+    /// it) holds past their time (`store::quota::expire`): their lease and holds go back in
+    /// one update, conditional on each being as read, so that each is given back once (a
+    /// failed condition leaves it to the next call). Returns the units given back.
+    pub(super) async fn expire_others(&self, key: &QuotaKey, token: ReserveToken, item: &Item) -> u64 {
+        let caller = hex_node(token.node);
+        let Some(senders) = item.get("senders").and_then(|v| v.as_m().ok()) else { return 0 };
+        let mut due: Vec<(&String, u64, Keeping)> = senders
+            .iter()
+            .filter(|(node, _)| **node != caller)
+            .filter_map(|(node, v)| v.as_m().ok().map(|m| (node, get_u(m, "s"), keeping_of(m))))
+            .collect();
+        let back = expire(due.iter_mut().map(|(_, _, k)| k), token.at);
+        if back == 0 {
+            return 0;
+        }
+        let prepaid = key.period == Period::Prepaid;
+        let mut expr =
+            if prepaid { "ADD reserved :nb, room :b SET ".to_owned() } else { "ADD reserved :nb SET ".to_owned() };
+        let mut condition = "attribute_exists(pk)".to_owned();
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(quota_pk(key)))
+            .key("sk", s(quota_sk(key)))
+            .expression_attribute_values(":nb", n(-int(back)))
+            .expression_attribute_values(":z", n(0));
+        if prepaid {
+            req = req.expression_attribute_values(":b", n(int(back)));
+        }
+        for (i, (node, seq, k)) in due.iter().filter(|(_, _, k)| k.gone > 0).enumerate() {
+            if i > 0 {
+                expr.push_str(", ");
+            }
+            expr.push_str(&format!(
+                "senders.#e{i}.x = :g{i}, senders.#e{i}.l = :z, senders.#e{i}.h = :z, senders.#e{i}.j = :z"
+            ));
+            condition.push_str(&format!(
+                " AND senders.#e{i}.s = :s{i} AND (attribute_not_exists(senders.#e{i}.x) OR senders.#e{i}.x = :z)"
+            ));
+            req = req
+                .expression_attribute_names(format!("#e{i}"), (*node).clone())
+                .expression_attribute_values(format!(":g{i}"), n(k.gone))
+                .expression_attribute_values(format!(":s{i}"), n(*seq));
+        }
+        match req.update_expression(expr).condition_expression(condition).send().await {
+            Ok(_) => back,
+            Err(e) => {
+                if !is_ccf(&e) {
+                    tracing::debug!(error = %sdk(e), "expiring quota reservations failed: the next call does it");
+                }
+                0
+            }
+        }
+    }
+
+    /// Revives the caller's reservation, expired and given back (its record `gone`) while it
+    /// was cut off (`store::quota::revive`): what it used since its last call (`gone` less
+    /// what it says it keeps, `kept`) is owed again, its record keeps only its jobs, marked
+    /// revived for the call sent again. Whether it was revived here.
+    pub(super) async fn revive_sender(
+        &self,
+        key: &QuotaKey,
+        token: ReserveToken,
+        item: &Item,
+        kept: Kept,
+    ) -> Result<bool, StoreError> {
+        let node = hex_node(token.node);
+        let Some(rec) =
+            item.get("senders").and_then(|v| v.as_m().ok()).and_then(|m| m.get(&node)).and_then(|v| v.as_m().ok())
+        else {
+            return Ok(false);
+        };
+        let keeping = keeping_of(rec);
+        let Some((owed, _)) = revive(&keeping, kept) else { return Ok(false) };
+        let prepaid = key.period == Period::Prepaid;
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(quota_pk(key)))
+            .key("sk", s(quota_sk(key)))
+            .update_expression(if prepaid {
+                "ADD reserved :o, room :no SET senders.#n.x = :m1, senders.#n.l = :z, senders.#n.h = :z"
+            } else {
+                "ADD reserved :o SET senders.#n.x = :m1, senders.#n.l = :z, senders.#n.h = :z"
+            })
+            .condition_expression("senders.#n.s = :s AND senders.#n.x = :g")
+            .expression_attribute_names("#n", node)
+            .expression_attribute_values(":o", n(owed))
+            .expression_attribute_values(":m1", n(-1))
+            .expression_attribute_values(":z", n(0))
+            .expression_attribute_values(":s", n(get_u(rec, "s")))
+            .expression_attribute_values(":g", n(keeping.gone));
+        if prepaid {
+            req = req.expression_attribute_values(":no", n(-int(owed)));
+        }
+        match req.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if is_ccf(&e) => Ok(false),
+            Err(e) => Err(sdk(e)),
+        }
+    }
+
+    /// Gives back `r.units` of a calendar counter (a prepaid balance's release draws on its
+    /// forgiven units: `release_prepaid`), never below zero.
+    pub(super) async fn release_units_of(&self, r: &Release) -> Result<(), StoreError> {
+        if r.key.period == Period::Prepaid {
+            return self.release_prepaid(r).await;
+        }
+        let (key, token) = (&r.key, r.token);
+        // What it kept before the release (a revived sender's units went back at its expiry).
+        let before = Kept { lease: r.kept.lease.saturating_add(r.units), ..r.kept };
+        self.until_won(
+            "a quota counter changed under every attempt",
+            Retries::AT_ONCE,
+            (r.units, false),
+            |(units, revived), _| {
+                Box::pin(async move {
+                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, r.expires_at);
+                    let give = if revived { 0 } else { units };
+                    let call = Add {
+                        delta: -int(give),
+                        granted: 0,
+                        at_most: None,
+                        at_least: Some(int(give)),
+                        keeping,
+                        revived,
+                    };
+                    // Never below zero: at most what the counter holds is given back.
+                    Ok(match self.add(key, &call, token).await? {
+                        Ok(_) => Race::Won(()),
+                        Err(None) if !self.ensure_counter(key).await? => Race::Won(()),
+                        Err(None) => Race::Lost((units, revived)),
+                        Err(Some(item)) if Self::seen(&item, token).is_some() => Race::Won(()),
+                        Err(Some(item)) if !revived && self.revive_sender(key, token, &item, before).await? => {
+                            Race::Again((units, true))
+                        }
+                        Err(Some(item)) => Race::Lost((units.min(get_u(&item, "reserved")), revived)),
+                    })
+                })
+            },
+        )
+        .await
     }
 
     /// Records the counter after `token`'s call beside its grant (so a retry is answered as the
@@ -338,6 +495,8 @@ impl DynamoStore {
             let mut by_age: Vec<(Option<i64>, &String)> = senders
                 .iter()
                 .filter(|(node, _)| **node != hex_node(token.node))
+                // A live reservation is never forgotten: it expires first.
+                .filter(|(_, v)| !v.as_m().is_ok_and(|m| keeping_of(m).live()))
                 .filter_map(|(node, v)| v.as_m().ok().map(|m| (get_i(m, "t"), node)))
                 .filter(|(t, _)| t.unwrap_or(i64::MIN) < quiet_since)
                 .collect();
@@ -404,3 +563,66 @@ impl DynamoStore {
 pub(super) const NEW_CALL: &str =
     "((attribute_not_exists(senders.#n) AND (attribute_not_exists(forgotten_at) OR forgotten_at < :at)) \
      OR senders.#n.s < :seq)";
+
+/// One conditional add of a quota call ([`DynamoStore::add`]).
+pub(super) struct Add {
+    /// Added to the counter (negative to release).
+    pub(super) delta: i64,
+    /// Units granted to the caller (recorded to answer a retry).
+    pub(super) granted: u64,
+    pub(super) at_most: Option<i64>,
+    pub(super) at_least: Option<i64>,
+    /// What the caller keeps after the call.
+    pub(super) keeping: Keeping,
+    /// The caller's expired reservation was revived for this call.
+    pub(super) revived: bool,
+}
+
+/// What a revived sender keeps: its jobs alone (`store::quota::revive`).
+pub(super) fn dropped(kept: Kept) -> Kept {
+    Kept { jobs: kept.jobs, ..Kept::default() }
+}
+
+/// A sender's record of `token`'s call in the counter item's `senders` map: its sequence
+/// number, grant and time, and the reservation it keeps (`l`, `h`, `j`, `e`; `x` what its
+/// expiry gave back, −1 revived).
+pub(super) fn record(token: ReserveToken, granted: u64, keeping: &Keeping) -> AttributeValue {
+    AttributeValue::M(HashMap::from([
+        ("s".to_owned(), n(token.seq)),
+        ("g".to_owned(), n(granted)),
+        ("t".to_owned(), n(token.at)),
+        ("l".to_owned(), n(keeping.kept.lease)),
+        ("h".to_owned(), n(keeping.kept.held)),
+        ("j".to_owned(), n(keeping.kept.jobs)),
+        ("e".to_owned(), n(keeping.expires_at)),
+        ("x".to_owned(), n(0)),
+    ]))
+}
+
+/// The reservation a sender's record holds (none, never expiring, in records of earlier
+/// builds).
+pub(super) fn keeping_of(rec: &Item) -> Keeping {
+    Keeping {
+        kept: Kept::new(get_u(rec, "l"), get_u(rec, "h"), get_u(rec, "j")),
+        expires_at: get_i(rec, "e").unwrap_or(0),
+        gone: u64::try_from(get_i(rec, "x").unwrap_or(0)).unwrap_or(0),
+    }
+}
+
+/// What the senders of a counter item keep together (expired ones keep nothing).
+pub(super) fn kept_in(item: &Item) -> Kept {
+    let senders = item.get("senders").and_then(|v| v.as_m().ok());
+    let keepings: Vec<Keeping> =
+        senders.into_iter().flatten().filter_map(|(_, v)| v.as_m().ok().map(keeping_of)).collect();
+    crate::store::quota::kept_of(keepings.iter().filter(|k| k.gone == 0))
+}
+
+/// The units used of `reserved` as the counter `item` (after `token`'s call, expired
+/// reservations given back) says: less what its live senders keep.
+fn used_in(item: &Item, reserved: u64, token: ReserveToken) -> u64 {
+    let senders = item.get("senders").and_then(|v| v.as_m().ok());
+    let mut keepings: Vec<Keeping> =
+        senders.into_iter().flatten().filter_map(|(_, v)| v.as_m().ok().map(keeping_of)).collect();
+    let _ = expire(keepings.iter_mut(), token.at);
+    crate::store::quota::used_of(reserved, keepings.iter())
+}

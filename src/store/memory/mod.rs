@@ -204,15 +204,24 @@ struct Counters {
     dropped_before: i64,
 }
 
+/// A sender's last call applied to a counter: its sequence number, its grant, its time (the
+/// latest of its calls), and the reservation it keeps.
+#[derive(Debug, Clone, Copy)]
+struct Sender {
+    seq: u64,
+    grant: Grant,
+    at: i64,
+    keeping: crate::store::quota::Keeping,
+}
+
 #[derive(Debug)]
 struct Counter {
     key: QuotaKey,
     reserved: u64,
     /// A prepaid balance's granted units (its limit); `None` for a calendar period.
     granted: Option<u64>,
-    /// Per node: the sequence number of its last call applied, that call's grant, and the time
-    /// of its last call.
-    applied: HashMap<u64, (u64, Grant, i64)>,
+    /// Per node: its last call applied.
+    applied: HashMap<u64, Sender>,
     /// A prepaid balance's forgiven units, per sender, and until when they hold.
     forgiven: u64,
     forgiven_until: i64,
@@ -267,27 +276,46 @@ impl Counters {
 impl Counter {
     /// Its senders' last calls, as [`forgive`](crate::store::quota::forgive) reads them.
     fn sender_calls(&self) -> Vec<crate::store::quota::SenderCall> {
-        self.applied
-            .iter()
-            .map(|(node, (seq, grant, _))| (node.to_string(), *seq, grant.granted, grant.reserved))
-            .collect()
+        self.applied.iter().map(|(node, c)| (node.to_string(), c.seq, c.grant.granted, c.grant.reserved)).collect()
     }
 
-    /// Records the answer to `token`'s call, forgetting the senders past [`SENDERS_KEPT`] by
-    /// the time of their last call, never one within [`SENDER_QUIET_SECS`] of this call.
-    fn applied(&mut self, token: ReserveToken, grant: Grant) {
-        let at = self.applied.get(&token.node).map_or(token.at, |(_, _, at)| token.at.max(*at));
-        self.applied.insert(token.node, (token.seq, grant, at));
+    /// The reservations of other senders expired at `now` give back their lease and holds
+    /// (`store::quota::expire`); the call from `token` then, if its own had expired, owes what
+    /// it used since (`store::quota::revive`). What the caller keeps before its call, and
+    /// whether its reservation had expired.
+    fn expire_for(&mut self, token: ReserveToken, kept: crate::store::Kept) -> (crate::store::Kept, bool) {
+        let back = crate::store::quota::expire(self.applied.values_mut().map(|c| &mut c.keeping), token.at);
+        self.reserved = self.reserved.saturating_sub(back);
+        match self.applied.get(&token.node).and_then(|c| crate::store::quota::revive(&c.keeping, kept)) {
+            Some((owed, kept)) => {
+                self.reserved = self.reserved.saturating_add(owed);
+                (kept, true)
+            }
+            None => (kept, false),
+        }
+    }
+
+    /// What every sender keeps, and the units used.
+    fn used(&self) -> u64 {
+        crate::store::quota::used_of(self.reserved, self.applied.values().map(|c| &c.keeping))
+    }
+
+    /// Records the answer to `token`'s call and the reservation its sender keeps, forgetting
+    /// the senders past [`SENDERS_KEPT`] by the time of their last call, never one within
+    /// [`SENDER_QUIET_SECS`] of this call nor one whose reservation is live (it expires first).
+    fn applied(&mut self, token: ReserveToken, grant: Grant, keeping: crate::store::quota::Keeping) {
+        let at = self.applied.get(&token.node).map_or(token.at, |c| token.at.max(c.at));
+        self.applied.insert(token.node, Sender { seq: token.seq, grant, at, keeping });
         let quiet_since = token.at.saturating_sub(SENDER_QUIET_SECS);
         while self.applied.len() > SENDERS_KEPT {
             let oldest = self
                 .applied
                 .iter()
-                .filter(|(_, (_, _, at))| *at < quiet_since)
-                .min_by_key(|(n, (_, _, at))| (*at, **n));
+                .filter(|(_, c)| c.at < quiet_since && !c.keeping.live())
+                .min_by_key(|(n, c)| (c.at, **n));
             let Some(oldest) = oldest.map(|(n, _)| *n) else { break };
-            if let Some((_, _, at)) = self.applied.remove(&oldest) {
-                self.forgotten_at = self.forgotten_at.max(at);
+            if let Some(c) = self.applied.remove(&oldest) {
+                self.forgotten_at = self.forgotten_at.max(c.at);
             }
         }
     }
@@ -297,11 +325,13 @@ impl Counter {
     /// forgotten, may have been applied: it is answered as an older call, never applied.
     fn seen(&self, token: ReserveToken) -> Option<Grant> {
         match self.applied.get(&token.node) {
-            Some((seq, grant, _)) if token.seq <= *seq => {
-                Some(if token.seq == *seq { *grant } else { Grant::new(0, self.reserved).with_limit(self.granted) })
-            }
+            Some(c) if token.seq <= c.seq => Some(if token.seq == c.seq {
+                c.grant
+            } else {
+                Grant::new(0, self.reserved).with_limit(self.granted).with_used(self.used())
+            }),
             None if crate::store::quota::forgotten(token.at, self.forgotten_at) => {
-                Some(Grant::new(0, self.reserved).with_limit(self.granted))
+                Some(Grant::new(0, self.reserved).with_limit(self.granted).with_used(self.used()))
             }
             _ => None,
         }
@@ -433,7 +463,7 @@ impl crate::store::UsageInspect for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{QuotaInspect, UsageInspect, UsageRecord};
+    use crate::store::{QuotaInspect, QuotaStoreExt, UsageInspect, UsageRecord};
 
     fn qk(p: i64) -> QuotaKey {
         QuotaKey::new("t".into(), "requests".into(), crate::base::Period::Day, p, p + 86_400)
@@ -449,7 +479,7 @@ mod tests {
         assert_eq!(s.reserve(&r(qk(0), 7, Some(10), 1)).await.unwrap(), Grant::new(7, 7));
         assert_eq!(s.reserve(&r(qk(0), 7, Some(10), 2)).await.unwrap(), Grant::new(3, 10));
         assert_eq!(s.reserve(&r(qk(0), 1, Some(10), 3)).await.unwrap().granted, 0);
-        s.release(&qk(0), 4, ReserveToken::new(1, 4)).await.unwrap();
+        s.release_units(&qk(0), 4, ReserveToken::new(1, 4)).await.unwrap();
         assert_eq!(s.reserve(&r(qk(0), 9, Some(10), 5)).await.unwrap().granted, 4);
         // A new period starts from zero; the one before is kept until the next starts.
         assert_eq!(s.reserve(&r(qk(86_400), 9, Some(10), 6)).await.unwrap().granted, 9);
@@ -466,8 +496,8 @@ mod tests {
         assert_eq!(s.reserve(&first).await.unwrap(), Grant::new(6, 6));
         assert_eq!(s.reserve(&first).await.unwrap(), Grant::new(6, 6), "the same answer, applied once");
         assert_eq!(s.reserved(&qk(0)).await.unwrap(), 6);
-        s.release(&qk(0), 2, ReserveToken::new(1, 2)).await.unwrap();
-        s.release(&qk(0), 2, ReserveToken::new(1, 2)).await.unwrap();
+        s.release_units(&qk(0), 2, ReserveToken::new(1, 2)).await.unwrap();
+        s.release_units(&qk(0), 2, ReserveToken::new(1, 2)).await.unwrap();
         assert_eq!(s.reserved(&qk(0)).await.unwrap(), 4);
         // Another node's calls have their own sequence.
         let owed = Reservation::new(qk(0), 5, 9, Some(10), ReserveToken::new(2, 1));

@@ -4,8 +4,46 @@ use super::*;
 use crate::store::{
     contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX, REFUNDS_KEPT_MAX, REFUNDS_KEPT_SECS},
     quota::{close_against, fits, forgive, newer_refund, refund_against, release_against, CreditRefund},
-    CapMode, RefundOutcome,
+    CapMode, RefundOutcome, Release,
 };
+
+/// One release of a batch, in the store's lock.
+fn release_one(inner: &mut Inner, r: &Release) {
+    let token = r.token;
+    let counters = inner.quotas.entry((r.key.tenant.clone(), r.key.meter.clone())).or_default();
+    let Some(c) = counters.get(&r.key) else { return };
+    if c.seen(token).is_some() {
+        return;
+    }
+    // What it kept before the release: what it keeps after, and what it gives back.
+    let before = crate::store::Kept { lease: r.kept.lease.saturating_add(r.units), ..r.kept };
+    let (dropped, expired) = c.expire_for(token, before);
+    let kept = if expired { dropped } else { r.kept };
+    if expired {
+        // Given back at its expiry already: not again.
+    } else if c.granted.is_some() {
+        // A prepaid balance draws on its forgiven units first.
+        let last = c.applied.get(&token.node).map(|s| s.seq);
+        (c.reserved, c.forgiven) = release_against(
+            c.reserved,
+            c.forgiven,
+            c.forgiven_until,
+            &mut c.forgiven_by,
+            (&token.node.to_string(), last),
+            r.units,
+            token.at,
+        );
+    } else {
+        c.reserved = c.reserved.saturating_sub(r.units);
+    }
+    let keeping = crate::store::quota::Keeping::after(kept, 0, r.expires_at);
+    let grant = Grant::new(0, c.reserved).with_limit(c.granted).with_expired(expired);
+    c.applied(token, grant, keeping);
+    let used = c.used();
+    if let Some(s) = c.applied.get_mut(&token.node) {
+        s.grant = grant.with_used(used);
+    }
+}
 
 /// The key of `(tenant, meter)`'s prepaid balance.
 fn prepaid(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
@@ -39,6 +77,7 @@ impl QuotaStore for MemoryStore {
         if let Some(grant) = c.seen(r.token) {
             return Ok(grant.with_cap(cap));
         }
+        let (kept, expired) = c.expire_for(r.token, r.kept);
         c.reserved = c.reserved.saturating_add(r.owed);
         // A prepaid balance is held to its grants, whatever the caller says; a spend cap to
         // the tenant's own cap when it set one.
@@ -47,36 +86,25 @@ impl QuotaStore for MemoryStore {
             None => r.units,
         };
         c.reserved = c.reserved.saturating_add(granted);
-        let grant = Grant::new(granted, c.reserved).with_limit(c.granted);
-        c.applied(r.token, grant);
+        let keeping = crate::store::quota::Keeping::after(kept, granted, r.expires_at);
+        let mut grant = Grant::new(granted, c.reserved).with_limit(c.granted).with_expired(expired);
+        c.applied(r.token, grant, keeping);
+        grant = grant.with_used(c.used());
+        if let Some(s) = c.applied.get_mut(&r.token.node) {
+            s.grant = grant;
+        }
         Ok(grant.with_cap(cap))
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
+    async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
         let mut inner = self.lock();
-        let counters = inner.quotas.entry((key.tenant.clone(), key.meter.clone())).or_default();
-        if let Some(c) = counters.get(key) {
-            if c.seen(token).is_none() {
-                if c.granted.is_some() {
-                    // A prepaid balance draws on its forgiven units first.
-                    let last = c.applied.get(&token.node).map(|(seq, _, _)| *seq);
-                    (c.reserved, c.forgiven) = release_against(
-                        c.reserved,
-                        c.forgiven,
-                        c.forgiven_until,
-                        &mut c.forgiven_by,
-                        (&token.node.to_string(), last),
-                        units,
-                        token.at,
-                    );
-                } else {
-                    c.reserved = c.reserved.saturating_sub(units);
-                }
-                let grant = Grant::new(0, c.reserved).with_limit(c.granted);
-                c.applied(token, grant);
-            }
-        }
-        Ok(())
+        releases
+            .iter()
+            .map(|r| {
+                release_one(&mut inner, r);
+                Ok(())
+            })
+            .collect()
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
@@ -227,7 +255,11 @@ impl QuotaStore for MemoryStore {
             .map(|c| {
                 c.periods
                     .iter()
-                    .map(|p| crate::store::QuotaCounter::new(p.key.clone(), p.reserved, p.granted).with_cap(cap))
+                    .map(|p| {
+                        crate::store::QuotaCounter::new(p.key.clone(), p.reserved, p.granted)
+                            .with_cap(cap)
+                            .keeping(crate::store::quota::kept_of(p.applied.values().map(|c| &c.keeping)))
+                    })
                     .collect()
             })
             .unwrap_or_default();

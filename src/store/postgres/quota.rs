@@ -5,10 +5,11 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
-            kept_refund_of, newer_refund, refund_against, CreditRefund, ForgivenBy, SenderCall, UsedTaken,
+            close_against, expire, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
+            kept_refund_of, newer_refund, refund_against, revive, CreditRefund, ForgivenBy, Keeping, SenderCall,
+            UsedTaken,
         },
-        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome, SpendCap,
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
     },
 };
 
@@ -24,12 +25,18 @@ struct Call<'a> {
     capped: bool,
     /// The most the tenant's own hard cap holds it to.
     cap_max: Option<u64>,
+    /// What the sender keeps besides the grant, and when its reservation expires.
+    kept: Kept,
+    expires_at: i64,
 }
 
 enum Attempt {
     Done(Grant),
     /// No counter yet (or it was dropped meanwhile): create it, then try again.
     Missing,
+    /// A reservation of the counter may have expired (or the sender's own had): expire them
+    /// (`expire_due`), then try again.
+    Expiring,
 }
 
 impl PostgresStore {
@@ -37,6 +44,12 @@ impl PostgresStore {
         for _ in 0..ATTEMPTS {
             match self.retrying(|| self.try_quota(call)).await? {
                 Attempt::Done(grant) => return Ok(grant),
+                Attempt::Expiring => {
+                    // What the sender kept before the call: a release's units were kept too.
+                    let given = call.delta.min(0).unsigned_abs();
+                    let before = Kept { lease: call.kept.lease.saturating_add(given), ..call.kept };
+                    self.retrying(|| self.expire_due(call.key, call.token, before)).await?
+                }
                 Attempt::Missing => {
                     if !self.retrying(|| self.create_counter(call.key)).await? {
                         // A period long over: nothing is left to reserve in it.
@@ -79,7 +92,11 @@ impl PostgresStore {
                     int(c.at_least),
                     c.token.at,
                     c.capped,
-                    c.cap_max.map(int)
+                    c.cap_max.map(int),
+                    int(c.kept.lease),
+                    int(c.kept.held),
+                    int(c.kept.jobs),
+                    c.expires_at
                 ],
             )
             .await?;
@@ -87,7 +104,11 @@ impl PostgresStore {
             let limit: Option<i64> = row.get(2);
             let cap = row.get::<_, Option<i64>>(3).zip(row.get::<_, Option<bool>>(4));
             let cap = cap.map(|(limit, hard)| SpendCap::new(uint(limit), hard));
-            let grant = Grant::new(uint(row.get(0)), uint(row.get(1))).with_limit(limit.map(uint)).with_cap(cap);
+            let grant = Grant::new(uint(row.get(0)), uint(row.get(1)))
+                .with_limit(limit.map(uint))
+                .with_cap(cap)
+                .with_used(uint(row.get(5)))
+                .with_expired(row.get(6));
             return Ok(Attempt::Done(grant));
         }
         let cap = if c.capped { self.stored_cap(&client, k).await? } else { None };
@@ -95,13 +116,16 @@ impl PostgresStore {
             .query_typed_opt(
                 &self.sql(
                     "SELECT reserved, (senders -> $6 ->> 0)::numeric::text, (senders -> $6 ->> 1)::bigint, \
-                     (senders -> $6 ->> 2)::bigint, granted, senders_forgotten_at FROM {s}.quota \
+                     (senders -> $6 ->> 2)::bigint, granted, senders_forgotten_at, \
+                     (next_expiry IS NOT NULL AND next_expiry <= $7) OR coalesce((senders -> $6 ->> 8)::bigint, 0) > 0 \
+                     FROM {s}.quota \
                      WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5",
                 ),
-                args![t, m, p, k.start, k.end, node.as_str()],
+                args![t, m, p, k.start, k.end, node.as_str(), c.token.at],
             )
             .await?;
         let Some(row) = seen else { return Ok(Attempt::Missing) };
+        let expiring: bool = row.get(6);
         let last = row.get::<_, Option<String>>(1).and_then(|s| s.parse::<u64>().ok());
         let limit = row.get::<_, Option<i64>>(4).map(uint);
         match last {
@@ -120,10 +144,104 @@ impl PostgresStore {
             None if forgotten(c.token.at, row.get(5)) => {
                 Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit).with_cap(cap)))
             }
+            // A new call that found a reservation to expire first.
+            _ if expiring => Ok(Attempt::Expiring),
             // Created by another node between the two statements: the update again (the
             // creation finds the counter there and changes nothing).
             _ => Ok(Attempt::Missing),
         }
+    }
+
+    /// Expires the reservations of `key`'s senders that are due at `token`'s time, and revives
+    /// the sender's own if it had expired, by the rules of `store::quota` (`expire`, `revive`),
+    /// in one transaction with the counter's row locked: the reserve statement, sent again,
+    /// then finds nothing due (`next_expiry` recomputed exactly) and answers the revived sender
+    /// `expired`.
+    async fn expire_due(&self, key: &QuotaKey, token: ReserveToken, kept: Kept) -> Pg<()> {
+        let (period, node) = (key.period_tag(), node_int(token.node).to_string());
+        let (t, m, p) = (key.tenant.as_str(), key.meter.as_str(), period.as_str());
+        let mut client = self.client().await?;
+        let tx = self.begin(&mut client).await?;
+        let Some(row) = tx
+            .query_typed_opt(
+                &self.sql(
+                    "SELECT reserved, senders::text FROM {s}.quota \
+                     WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5 FOR UPDATE",
+                ),
+                args![t, m, p, key.start, key.end],
+            )
+            .await?
+        else {
+            tx.commit().await?;
+            return Ok(());
+        };
+        let mut reserved = uint(row.get(0));
+        let mut senders: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(row.get::<_, &str>(1)).unwrap_or_default();
+        let at = |v: &serde_json::Value, i: usize| v.get(i).and_then(serde_json::Value::as_i64).unwrap_or(0);
+        let mut keepings: Vec<(String, Keeping)> = senders
+            .iter()
+            .map(|(n, v)| {
+                let k = Keeping {
+                    kept: Kept::new(uint(at(v, 4)), uint(at(v, 5)), uint(at(v, 6))),
+                    expires_at: at(v, 7),
+                    gone: uint(at(v, 8).max(0)),
+                };
+                (n.clone(), k)
+            })
+            .collect();
+        reserved = reserved.saturating_sub(expire(keepings.iter_mut().map(|(_, k)| k), token.at));
+        let own = keepings.iter().find(|(n, _)| *n == node).map(|(_, k)| *k).unwrap_or_default();
+        let revived = revive(&own, kept);
+        if let Some((owed, _)) = revived {
+            reserved = reserved.saturating_add(owed);
+        }
+        for (n, k) in &keepings {
+            if let Some(serde_json::Value::Array(entry)) = senders.get_mut(n) {
+                entry.resize(9, serde_json::Value::from(0));
+                entry[4] = k.kept.lease.into();
+                entry[5] = k.kept.held.into();
+                entry[6] = k.kept.jobs.into();
+                entry[7] = k.expires_at.into();
+                // The reviving sender's entry says so to the statement sent again.
+                entry[8] = if *n == node && revived.is_some() { (-1).into() } else { k.gone.into() };
+            }
+        }
+        let next = keepings.iter().filter(|(_, k)| k.live()).map(|(_, k)| k.expires_at).min();
+        tx.query_typed(
+            &self.sql(
+                "UPDATE {s}.quota SET reserved = $6, senders = $7::text::jsonb, next_expiry = $8 \
+                 WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5",
+            ),
+            args![t, m, p, key.start, key.end, int(reserved), serde_json::Value::Object(senders).to_string(), next],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Each release of a batch, as one call of the reserve statement each (`units` 0, the
+    /// units given back as a negative delta), at most 16 at once.
+    async fn release_batch(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
+        use futures_util::StreamExt;
+        let calls: Vec<_> = releases.iter().map(|r| self.release_call(r)).collect();
+        futures_util::stream::iter(calls).buffered(16).collect().await
+    }
+
+    async fn release_call(&self, r: &Release) -> Result<(), StoreError> {
+        let call = Call {
+            key: &r.key,
+            token: r.token,
+            units: 0,
+            delta: int(r.units).saturating_neg(),
+            limit: None,
+            at_least: 0,
+            capped: false,
+            cap_max: None,
+            kept: r.kept,
+            expires_at: r.expires_at,
+        };
+        self.quota_call(&call).await.map(drop)
     }
 
     /// Stores (or with `None` removes) the tenant's own cap on the key's meter.
@@ -231,23 +349,16 @@ impl QuotaStore for PostgresStore {
             at_least: r.at_least,
             capped: r.cap != CapMode::Ignored,
             cap_max: r.cap_max,
+            kept: r.kept,
+            expires_at: r.expires_at,
         };
         self.quota_call(&call).await
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        let call = Call {
-            key,
-            token,
-            units: 0,
-            delta: int(units).saturating_neg(),
-            limit: None,
-            at_least: 0,
-            capped: false,
-            cap_max: None,
-        };
-        self.quota_call(&call).await.map(drop)
+    async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
+        self.release_batch(releases).await
     }
+
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
         let key = prepaid_key(&grant.tenant, &grant.meter);
         // The counter exists first (made as for a reserve), so the grant's update finds it.
@@ -463,8 +574,11 @@ impl QuotaStore for PostgresStore {
         meter: &MeterId,
     ) -> Result<Vec<crate::store::QuotaCounter>, StoreError> {
         let sql = self.sql(
-            "SELECT period, start_at, end_at, reserved, granted FROM {s}.quota WHERE tenant = $1 AND meter = $2 \
-             ORDER BY start_at",
+            "SELECT period, start_at, end_at, reserved, granted, \
+             (SELECT coalesce(sum(coalesce((e.value ->> 4)::numeric, 0)), 0)::bigint FROM jsonb_each(senders) e), \
+             (SELECT coalesce(sum(coalesce((e.value ->> 5)::numeric, 0)), 0)::bigint FROM jsonb_each(senders) e), \
+             (SELECT coalesce(sum(coalesce((e.value ->> 6)::numeric, 0)), 0)::bigint FROM jsonb_each(senders) e) \
+             FROM {s}.quota WHERE tenant = $1 AND meter = $2 ORDER BY start_at",
         );
         self.retrying(|| async {
             let client = self.client().await?;
@@ -477,7 +591,8 @@ impl QuotaStore for PostgresStore {
                     let key =
                         QuotaKey::from_tag(tenant.clone(), meter.clone(), &r.get::<_, String>(0), r.get(1), r.get(2))?;
                     let granted = r.get::<_, Option<i64>>(4).map(uint);
-                    Some(crate::store::QuotaCounter::new(key, uint(r.get(3)), granted).with_cap(cap))
+                    let kept = Kept::new(uint(r.get(5)), uint(r.get(6)), uint(r.get(7)));
+                    Some(crate::store::QuotaCounter::new(key, uint(r.get(3)), granted).with_cap(cap).keeping(kept))
                 })
                 .collect())
         })

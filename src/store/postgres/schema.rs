@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 8;
+pub const SCHEMA_VERSION: u32 = 9;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -240,6 +240,14 @@ CREATE TABLE {s}.quota_cap (
     hard   boolean NOT NULL,
     PRIMARY KEY (tenant, meter)
 );
+"#,
+    // 8 -> 9: each sender's entry grows what it keeps of the counter (`[…, lease, held, jobs,
+    // expires_at, gone]`, `store::quota::Keeping`); the counter keeps the least expiry of the
+    // reservations it holds (a bound: NULL, none) and whether its last answer was to a sender
+    // whose reservation had expired. Entries of earlier builds keep nothing and never expire.
+    r#"
+ALTER TABLE {s}.quota ADD COLUMN next_expiry bigint;
+ALTER TABLE {s}.quota ADD COLUMN answer_expired boolean NOT NULL DEFAULT false;
 "#,
 ];
 

@@ -15,30 +15,42 @@ pub(super) const MAX_INT: &str = "9223372036854775807";
 /// none), `$11` the fewest units worth granting, `$12` the call's time, `$13` whether the
 /// tenant's own cap on the meter (`quota_cap`) holds the call in place of `$10` when one is
 /// stored ([`CapMode::Stored`]; [`Reservation::limit_under`]), read in the same statement, `$14`
-/// the most a stored hard cap holds it to (NULL: none). The grant follows
-/// [`Reservation::grant_for`]; a release draws first on a prepaid balance's units forgiven to
-/// its sender (`store::quota::release_against`). Each sender's entry is `[seq, granted, reserved, time]`; senders are
-/// forgotten by time, oldest first (entries of earlier builds have no time: the oldest), never
-/// one that called within [`SENDER_QUIET_SECS`](contract::SENDER_QUIET_SECS).
+/// the most a stored hard cap holds it to (NULL: none), `$15..$17` what the sender keeps
+/// besides the grant (lease, held, jobs: `store::quota::Kept`), `$18` when its reservation
+/// expires (0: never). The grant follows [`Reservation::grant_for`]; a release draws first on
+/// a prepaid balance's units forgiven to its sender (`store::quota::release_against`). Each
+/// sender's entry is `[seq, granted, reserved, time, lease, held, jobs, expires_at, gone]`
+/// (`store::quota::Keeping`; `gone` −1 once a slow path revived an expired sender: this call
+/// drops what it keeps and is answered expired). Senders are forgotten by time, oldest first
+/// (entries of earlier builds have no time: the oldest), never one that called within
+/// [`SENDER_QUIET_SECS`](contract::SENDER_QUIET_SECS) nor one whose reservation is live.
+///
+/// The statement changes nothing, and so returns no row, when a reservation may have expired
+/// (`next_expiry`, a lower bound of the live ones' expiries, is due) or the sender's own had
+/// (`gone` > 0): the store then expires them in Rust (`PostgresStore::expire_due`, the rules of
+/// `store::quota`) and sends it again.
 pub(super) fn reserve_sql(schema: &str) -> String {
-    let live = "(q.forgiven_until > $12)";
+    let live_f = "(q.forgiven_until > $12)";
+    // A sender revived by the slow path: what it gives back was given back at its expiry.
+    let revived = "(coalesce((q.senders -> $6::text ->> 8)::bigint, 0) = -1)";
     // A release draws on what is forgiven to its sender for the lease it still holds (the
     // entry's sequence number is the sender's last call's), and drops what is forgiven to it
     // for an earlier lease: `store::quota::release_against`.
     let released = "GREATEST(-$9::numeric, 0)";
     let mine = "(q.forgiven_by -> $6::text)";
-    let held = format!("coalesce(({mine} ->> 0)::numeric, 0)");
+    let fheld = format!("coalesce(({mine} ->> 0)::numeric, 0)");
     let same = format!("coalesce(({mine} ->> 1)::numeric = (q.senders -> $6::text ->> 0)::numeric, false)");
-    let drawn = format!("(CASE WHEN {live} AND {same} THEN LEAST({held}, {released}) ELSE 0 END)");
-    let dropped = format!("(CASE WHEN {live} AND $9 < 0 AND NOT {same} THEN {held} ELSE 0 END)");
+    let drawn = format!("(CASE WHEN {live_f} AND {same} AND NOT {revived} THEN LEAST({fheld}, {released}) ELSE 0 END)");
+    let dropped = format!("(CASE WHEN {live_f} AND $9 < 0 AND NOT {same} THEN {fheld} ELSE 0 END)");
     let by = format!(
-        "(CASE WHEN NOT {live} THEN '{{}}'::jsonb \
+        "(CASE WHEN NOT {live_f} THEN '{{}}'::jsonb \
           WHEN $9 >= 0 OR {mine} IS NULL THEN q.forgiven_by \
-          WHEN {same} AND {held} > {released} THEN jsonb_set(q.forgiven_by, ARRAY[$6::text], \
-              jsonb_build_array({held} - {released}, {mine} -> 1)) \
+          WHEN {same} AND {fheld} > {released} THEN jsonb_set(q.forgiven_by, ARRAY[$6::text], \
+              jsonb_build_array({fheld} - {released}, {mine} -> 1)) \
           ELSE q.forgiven_by - $6::text END)"
     );
-    let after = format!("GREATEST(LEAST(q.reserved::numeric + $9 + {drawn}, {MAX_INT}), 0)");
+    let delta = format!("(CASE WHEN {revived} AND $9 < 0 THEN 0 ELSE $9 END)");
+    let after = format!("GREATEST(LEAST(q.reserved::numeric + {delta} + {drawn}, {MAX_INT}), 0)");
     // A prepaid balance is held to its grants (`granted`), whatever the caller says; a spend
     // counter to the tenant's own hard cap, within `$14`, when one is stored (a soft one: the
     // call's limit; `store::quota::capped_limit`).
@@ -56,30 +68,54 @@ pub(super) fn reserve_sql(schema: &str) -> String {
     );
     let reserved = format!("LEAST({after} + {granted}, {MAX_INT})");
     let at = "coalesce((value ->> 3)::bigint, 0)";
+    // What the sender keeps after the call (`store::quota::Keeping::after`); a revived one
+    // keeps only its jobs and this grant.
+    // (A caller that keeps no reservation, `$18` 0, keeps nothing of its grant: used.)
+    let kept_grant = format!("(CASE WHEN $18::bigint > 0 THEN {granted} ELSE 0 END)");
+    let lease = format!("(CASE WHEN {revived} THEN {kept_grant} ELSE $15::numeric + {kept_grant} END)");
+    let held = format!("(CASE WHEN {revived} THEN 0 ELSE $16::bigint END)");
+    // A live entry (`store::quota::Keeping::live`) is never forgotten: it expires first.
+    let live = "(coalesce((value ->> 8)::bigint, 0) = 0 AND coalesce((value ->> 4)::numeric, 0) \
+                + coalesce((value ->> 5)::numeric, 0) > 0 AND coalesce((value ->> 7)::bigint, 0) > 0)";
     // The latest last-call time of the senders forgotten by this call (`store::quota::forgotten`).
     let forgotten = format!(
         "(CASE WHEN (SELECT count(*) FROM jsonb_object_keys(q.senders)) < {kept} THEN q.senders_forgotten_at \
           ELSE GREATEST(q.senders_forgotten_at, coalesce((SELECT max(e.at) FROM ( \
-             SELECT {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank FROM jsonb_each(q.senders)) e \
-             WHERE e.rank >= {kept} AND e.at < $12::bigint - {quiet}), 0)) END)",
+             SELECT {at} AS at, {live} AS live, row_number() OVER (ORDER BY {at} DESC, key) AS rank FROM jsonb_each(q.senders)) e \
+             WHERE e.rank >= {kept} AND e.at < $12::bigint - {quiet} AND NOT e.live), 0)) END)",
         kept = contract::SENDERS_KEPT,
         quiet = contract::SENDER_QUIET_SECS,
     );
+    // The least expiry of the live reservations, as a bound: this one's joins it (a renewed
+    // one's earlier expiry stays until the slow path computes it again).
+    let next = format!(
+        "(CASE WHEN $18::bigint > 0 AND {lease} + $16::numeric > 0 \
+          THEN LEAST(coalesce(q.next_expiry, $18::bigint), $18::bigint) ELSE q.next_expiry END)"
+    );
+    let kept_all =
+        "(SELECT coalesce(sum(coalesce((e.value ->> 4)::numeric, 0) + coalesce((e.value ->> 5)::numeric, 0) \
+                    + coalesce((e.value ->> 6)::numeric, 0)), 0) FROM jsonb_each(q.senders) e)";
     format!(
         "UPDATE {schema}.quota AS q SET reserved = {reserved}::bigint, answer = {granted}::bigint, \
-         forgiven = (CASE WHEN {live} THEN GREATEST(q.forgiven - {drawn} - {dropped}, 0) ELSE 0 END)::bigint, \
+         answer_expired = {revived}, next_expiry = {next}, \
+         forgiven = (CASE WHEN {live_f} THEN GREATEST(q.forgiven - {drawn} - {dropped}, 0) ELSE 0 END)::bigint, \
          forgiven_by = {by}, senders_forgotten_at = {forgotten}, \
          senders = (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) FROM ( \
-             SELECT key, value, {at} AS at, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
+             SELECT key, value, {at} AS at, {live} AS live, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
              FROM jsonb_each(q.senders || jsonb_build_object($6::text, \
-                 jsonb_build_array($7::bigint, {granted}, {reserved}, $12::bigint)))) e \
-             WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet}) \
+                 jsonb_build_array($7::bigint, {granted}, {reserved}, $12::bigint, {lease}, {held}, $17::bigint, \
+                     $18::bigint, 0)))) e \
+             WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet} OR e.live) \
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
          AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, \
              NOT (q.senders_forgotten_at > 0 AND $12::bigint <= q.senders_forgotten_at)) \
+         AND (q.next_expiry IS NULL OR q.next_expiry > $12::bigint) \
+         AND coalesce((q.senders -> $6::text ->> 8)::bigint, 0) <= 0 \
          RETURNING q.answer, q.reserved, q.granted, \
              (SELECT c.cap FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13), \
-             (SELECT c.hard FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13)",
+             (SELECT c.hard FROM {schema}.quota_cap c WHERE c.tenant = $1 AND c.meter = $2 AND $13), \
+             GREATEST(q.reserved - {kept_all}, 0)::bigint, q.answer_expired",
+        live_f = "(q.forgiven_until > $12)",
         kept = contract::SENDERS_KEPT,
         quiet = contract::SENDER_QUIET_SECS,
     )

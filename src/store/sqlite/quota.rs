@@ -5,11 +5,11 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
-            kept_refund_of, newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, SenderCall,
-            UsedTaken,
+            close_against, expire, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
+            kept_refund_of, newer_refund, refund_against, release_against, revive, CreditRefund, ForgivenBy, Keeping,
+            SenderCall, UsedTaken,
         },
-        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, RefundOutcome, SpendCap,
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
     },
 };
 
@@ -28,58 +28,30 @@ impl QuotaStore for SqliteStore {
             if let Some(grant) = seen(tx, &r.key, &period, r.token, reserved)? {
                 return Ok(grant.with_limit(limit).with_cap(cap));
             }
-            let reserved = uint(reserved).saturating_add(r.owed);
+            let (reserved, kept, expired) = expire_for(tx, &r.key, &period, r.token, uint(reserved), r.kept)?;
+            let reserved = reserved.saturating_add(r.owed);
             // A prepaid balance is held to its grants, whatever the caller says; a spend cap
             // to the tenant's own cap when it set one.
             let granted = match limit.or(r.limit_under(cap)) {
                 Some(limit) => r.grant_for(limit.saturating_sub(reserved)),
                 None => r.units,
             };
-            let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit);
-            applied(tx, &r.key, &period, r.token, grant)?;
+            let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit).with_expired(expired);
+            let grant = applied(tx, &r.key, &period, r.token, grant, Keeping::after(kept, granted, r.expires_at))?;
             Ok(grant.with_cap(cap))
         })
         .await
     }
 
-    async fn release(&self, key: &QuotaKey, units: u64, token: ReserveToken) -> Result<(), StoreError> {
-        let key = key.clone();
-        self.write(move |tx, _| {
-            let period = key.period_tag();
-            if let Some((reserved, granted)) = counter(tx, &key, &period)? {
-                if seen(tx, &key, &period, token, reserved)?.is_none() {
-                    let after = if granted.is_some() {
-                        // A prepaid balance draws on what is forgiven to this sender first.
-                        let (forgiven, until, mut by) = forgiven_of(tx, &key, &period)?;
-                        let last = last_seq(tx, &key, &period, token)?;
-                        let sender = node_int(token.node).to_string();
-                        let (after, left) =
-                            release_against(uint(reserved), forgiven, until, &mut by, (&sender, last), units, token.at);
-                        if left != forgiven {
-                            tx.prepare_cached(
-                                "UPDATE quota SET forgiven = ?6, forgiven_by = ?7 \
-                                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
-                            )?
-                            .execute(params![
-                                key.tenant.as_str(),
-                                key.meter.as_str(),
-                                period,
-                                key.start,
-                                key.end,
-                                int(left),
-                                forgiven_by_json(&by)
-                            ])?;
-                        }
-                        after
-                    } else {
-                        uint(reserved).saturating_sub(units)
-                    };
-                    applied(tx, &key, &period, token, Grant::new(0, after))?;
-                }
-            }
-            Ok(())
-        })
-        .await
+    async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
+        let releases = releases.to_vec();
+        let n = releases.len();
+        // One transaction for the batch: each release is applied in it, or the whole batch
+        // fails (and each is sent again alone by its sender).
+        match self.write(move |tx, _| releases.iter().try_for_each(|r| release_one(tx, r))).await {
+            Ok(()) => (0..n).map(|_| Ok(())).collect(),
+            Err(e) => (0..n).map(|_| Err(e.duplicate())).collect(),
+        }
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
@@ -271,13 +243,15 @@ impl QuotaStore for SqliteStore {
                 })?
                 .collect::<Sql<_>>()?;
             let cap = stored_cap(tx, &tenant, &meter)?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|(tag, start, end, reserved, granted)| {
-                    let key = QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end)?;
-                    Some(crate::store::QuotaCounter::new(key, uint(reserved), granted.map(uint)).with_cap(cap))
-                })
-                .collect())
+            let mut out = Vec::new();
+            for (tag, start, end, reserved, granted) in rows {
+                let Some(key) = QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end) else { continue };
+                let kept = crate::store::quota::kept_of(keepings(tx, &key, &tag)?.iter().map(|(_, k)| k));
+                out.push(
+                    crate::store::QuotaCounter::new(key, uint(reserved), granted.map(uint)).with_cap(cap).keeping(kept),
+                );
+            }
+            Ok(out)
         })
         .await
     }
@@ -471,6 +445,108 @@ fn grants_of(tx: &Transaction<'_>, tenant: &str, meter: &str) -> Sql<Vec<CreditG
         .collect()
 }
 
+/// One release of a batch, in the batch's transaction.
+fn release_one(tx: &Transaction<'_>, r: &Release) -> Sql<()> {
+    let (key, token) = (&r.key, r.token);
+    let period = key.period_tag();
+    let Some((reserved, granted)) = counter(tx, key, &period)? else { return Ok(()) };
+    if seen(tx, key, &period, token, reserved)?.is_some() {
+        return Ok(());
+    }
+    // What it kept before the release: what it keeps after, and what it gives back.
+    let before = Kept { lease: r.kept.lease.saturating_add(r.units), ..r.kept };
+    let (reserved, dropped, expired) = expire_for(tx, key, &period, token, uint(reserved), before)?;
+    let (after, kept) = if expired {
+        // Given back at its expiry already: not again.
+        (reserved, dropped)
+    } else if granted.is_some() {
+        // A prepaid balance draws on what is forgiven to this sender first.
+        let (forgiven, until, mut by) = forgiven_of(tx, key, &period)?;
+        let last = last_seq(tx, key, &period, token)?;
+        let sender = node_int(token.node).to_string();
+        let (after, left) = release_against(reserved, forgiven, until, &mut by, (&sender, last), r.units, token.at);
+        if left != forgiven {
+            tx.prepare_cached(
+                "UPDATE quota SET forgiven = ?6, forgiven_by = ?7 \
+                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+            )?
+            .execute(params![
+                key.tenant.as_str(),
+                key.meter.as_str(),
+                period,
+                key.start,
+                key.end,
+                int(left),
+                forgiven_by_json(&by)
+            ])?;
+        }
+        (after, r.kept)
+    } else {
+        (reserved.saturating_sub(r.units), r.kept)
+    };
+    let grant = Grant::new(0, after).with_expired(expired);
+    applied(tx, key, &period, token, grant, Keeping::after(kept, 0, r.expires_at))?;
+    Ok(())
+}
+
+/// The reservations of the counter's senders, by node.
+fn keepings(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Vec<(i64, Keeping)>> {
+    tx.prepare_cached(
+        "SELECT node, lease, held, jobs, expires_at, gone FROM quota_sender \
+         WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+    )?
+    .query_map(params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            Keeping {
+                kept: Kept::new(uint(r.get(1)?), uint(r.get(2)?), uint(r.get(3)?)),
+                expires_at: r.get(4)?,
+                gone: uint(r.get(5)?),
+            },
+        ))
+    })?
+    .collect()
+}
+
+/// Expires the reservations of other senders whose time has come (`store::quota::expire`),
+/// and revives the caller's if it had expired (`store::quota::revive`): the counter's
+/// reserved units after them, what the caller keeps before its call, and whether its
+/// reservation had expired.
+fn expire_for(
+    tx: &Transaction<'_>,
+    key: &QuotaKey,
+    period: &str,
+    token: ReserveToken,
+    reserved: u64,
+    kept: Kept,
+) -> Sql<(u64, Kept, bool)> {
+    let mut all = keepings(tx, key, period)?;
+    let back = expire(all.iter_mut().map(|(_, k)| k), token.at);
+    if back > 0 {
+        for (node, k) in all.iter().filter(|(_, k)| k.gone > 0) {
+            tx.prepare_cached(
+                "UPDATE quota_sender SET lease = 0, held = 0, jobs = 0, gone = ?7 \
+                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 AND node = ?6",
+            )?
+            .execute(params![
+                key.tenant.as_str(),
+                key.meter.as_str(),
+                period,
+                key.start,
+                key.end,
+                node,
+                int(k.gone)
+            ])?;
+        }
+    }
+    let reserved = reserved.saturating_sub(back);
+    let own = all.iter().find(|(n, _)| *n == node_int(token.node)).map(|(_, k)| *k).unwrap_or_default();
+    Ok(match revive(&own, kept) {
+        Some((owed, dropped)) => (reserved.saturating_add(owed), dropped, true),
+        None => (reserved, kept, false),
+    })
+}
+
 /// The counter of `key`'s reserved units, with its granted units if it is a prepaid balance,
 /// created if its period is still of use (dropping the periods of the same tenant and meter
 /// that ended before it started); `None` for a period already dropped.
@@ -552,19 +628,36 @@ fn seen(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveToken,
     })
 }
 
-/// Sets the counter and records the answer to `token`'s call (keeping the newest senders).
-fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveToken, grant: Grant) -> Sql<()> {
+/// Sets the counter and records the answer to `token`'s call with the reservation its sender
+/// keeps (keeping the newest senders): the answer, with the units used.
+fn applied(
+    tx: &Transaction<'_>,
+    key: &QuotaKey,
+    period: &str,
+    token: ReserveToken,
+    grant: Grant,
+    keeping: Keeping,
+) -> Sql<Grant> {
     let (t, m) = (key.tenant.as_str(), key.meter.as_str());
     tx.prepare_cached(
         "UPDATE quota SET reserved = ?6 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
     )?
     .execute(params![t, m, period, key.start, key.end, int(grant.reserved)])?;
+    let kept: i64 = tx
+        .prepare_cached(
+            "SELECT coalesce(sum(lease + held + jobs), 0) FROM quota_sender \
+             WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 AND node != ?6",
+        )?
+        .query_row(params![t, m, period, key.start, key.end, node_int(token.node)], |r| r.get(0))?;
+    let grant = grant.with_used(grant.reserved.saturating_sub(uint(kept).saturating_add(keeping.kept.total())));
     tx.prepare_cached(
-        "INSERT INTO quota_sender (tenant, meter, period, start, end, node, seq, granted, reserved, at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+        "INSERT INTO quota_sender (tenant, meter, period, start, end, node, seq, granted, reserved, at, \
+         lease, held, jobs, expires_at, gone) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0) \
          ON CONFLICT (tenant, meter, period, start, end, node) \
          DO UPDATE SET seq = excluded.seq, granted = excluded.granted, reserved = excluded.reserved, \
-         at = max(at, excluded.at)",
+         at = max(at, excluded.at), lease = excluded.lease, held = excluded.held, jobs = excluded.jobs, \
+         expires_at = excluded.expires_at, gone = 0",
     )?
     .execute(params![
         t,
@@ -576,15 +669,20 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
         int(token.seq),
         int(grant.granted),
         int(grant.reserved),
-        token.at
+        token.at,
+        int(keeping.kept.lease),
+        int(keeping.kept.held),
+        int(keeping.kept.jobs),
+        keeping.expires_at
     ])?;
     // Senders are forgotten by the time of their last call, oldest first, never one that
-    // called within the quiet window (its retry may still come); the latest time forgotten is
-    // kept (`store::quota::forgotten`).
+    // called within the quiet window (its retry may still come) nor one whose reservation is
+    // live (it expires first); the latest time forgotten is kept (`store::quota::forgotten`).
     let forgotten: Option<i64> = tx
         .prepare_cached(
             "DELETE FROM quota_sender WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
-             AND at < ?7 AND node NOT IN (SELECT node FROM quota_sender \
+             AND at < ?7 AND NOT (gone = 0 AND lease + held > 0 AND expires_at > 0) \
+             AND node NOT IN (SELECT node FROM quota_sender \
                  WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
                  ORDER BY at DESC, node LIMIT ?6) RETURNING at",
         )?
@@ -608,7 +706,7 @@ fn applied(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveTok
         )?
         .execute(params![t, m, period, key.start, key.end, at])?;
     }
-    Ok(())
+    Ok(grant)
 }
 
 /// The tenant's own cap on the reservation's meter, as its [`CapMode`] reads or sets it (in

@@ -13,7 +13,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 16;
+pub(super) const SCHEMA_VERSION: i32 = 17;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -268,6 +268,16 @@ CREATE TABLE quota_cap (
     hard   INTEGER NOT NULL,
     PRIMARY KEY (tenant, meter)
 ) WITHOUT ROWID;
+",
+    // 16 -> 17: what each sender keeps of a counter (its lease, holds and jobs), until when,
+    // and what its expiry gave back (`store::quota::Keeping`). Defaults keep rows of the
+    // previous version valid: they keep nothing and never expire.
+    r"
+ALTER TABLE quota_sender ADD COLUMN lease INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quota_sender ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quota_sender ADD COLUMN jobs INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quota_sender ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE quota_sender ADD COLUMN gone INTEGER NOT NULL DEFAULT 0;
 ",
 ];
 
