@@ -127,7 +127,7 @@ pub struct Reservation {
     pub cap_max: Option<u64>,
     /// What the caller keeps of the counter besides this grant (its lease's unused units, its
     /// holds, its jobs' reservations): the store counts them reserved and unused
-    /// ([`Keeping`]).
+    /// ([`Kept`]).
     pub kept: Kept,
     /// When the caller's reservation of the counter (its lease and holds, with this grant)
     /// expires unless a later call renews it (Unix seconds, by the caller's clock; 0: never).
@@ -459,7 +459,7 @@ pub struct Grant {
     /// stored (or the call read none).
     pub cap: Option<SpendCap>,
     /// Of `reserved`, the units used: less what every sender keeps (leases, holds, jobs'
-    /// reservations) as its last call said ([`used_of`]).
+    /// reservations) as its last call said.
     pub used: u64,
     /// The caller's earlier reservation of the counter expired before this call (the store
     /// gave back its lease and holds): it must drop what it keeps, its holds owed as used.
