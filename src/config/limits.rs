@@ -35,6 +35,7 @@ pub(crate) struct RawLimits {
     pub(crate) max_holds_per_tenant: Option<u64>,
     pub(crate) fleet_size_hint: Option<u64>,
     pub(crate) place_ttl: Option<String>,
+    pub(crate) reservation_expiry: Option<String>,
 }
 
 /// The longest a hold may stay open (`hold_timeout`): a day, so that it sees at most one roll
@@ -154,6 +155,24 @@ pub struct Limits {
     /// default): a node that dies frees them then. A node renews them every third of it, and
     /// stops admitting on places it could not renew within two thirds of it.
     pub place_ttl: Duration,
+    /// How long a node's reservation of a quota counter (its lease's unused units and its
+    /// requests' holds) lasts without a call renewing it (30 minutes by default, at least twice
+    /// `idle_timeout`): a node renews it with every call and every flush that finds it
+    /// changed or half gone. Past it, the store gives those units back (a node that died: a
+    /// SIGKILL, a host lost, a Lambda environment reaped); jobs' reservations stay spent.
+    /// A node stops spending its lease at the expiry less [`Limits::clock_skew`], so the
+    /// clocks of a node and of the fleet's other nodes may differ by that much.
+    pub reservation_expiry: Duration,
+}
+
+impl Limits {
+    /// The clock skew between nodes that [`reservation_expiry`](Self::reservation_expiry)
+    /// tolerates: a tenth of it (3 minutes by default). A node stops spending a lease whose
+    /// reservation was last renewed `reservation_expiry − clock_skew` ago.
+    #[must_use]
+    pub fn clock_skew(&self) -> Duration {
+        self.reservation_expiry / 10
+    }
 }
 
 impl Validator<'_, '_> {
@@ -284,6 +303,23 @@ impl Validator<'_, '_> {
                     return Err(self.invalid("limits.max_holds_per_tenant", "must be at most limits.max_holds"))
                 }
                 Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            },
+            reservation_expiry: {
+                let idle =
+                    self.duration("limits.idle_timeout", l.idle_timeout.as_deref(), Duration::from_secs(15 * 60))?;
+                let d = self.duration(
+                    "limits.reservation_expiry",
+                    l.reservation_expiry.as_deref(),
+                    Duration::from_secs(30 * 60).max(idle * 2),
+                )?;
+                if d < idle * 2 || d < Duration::from_secs(60) || d > Duration::from_secs(30 * 86_400) {
+                    return Err(self.invalid(
+                        "limits.reservation_expiry",
+                        "must be at least twice limits.idle_timeout (an idle tenant's lease is renewed or \
+                         returned within it), at least 1m, and at most 30 days",
+                    ));
+                }
+                d
             },
             place_ttl: {
                 let d = self.duration("limits.place_ttl", l.place_ttl.as_deref(), Duration::from_secs(30))?;

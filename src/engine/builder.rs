@@ -472,6 +472,7 @@ impl Builder {
             ids.clone(),
             Thresholds::new(self.on_threshold, queue.clone()),
             clock.clone(),
+            &runtime.config,
         ));
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
         let customer_field =

@@ -111,6 +111,28 @@ impl Tollgate {
         self.front_door().admit_with(describe)
     }
 
+    /// Stops spending every lease whose reservation this node could not renew in time
+    /// (`limits.reservation_expiry` less [`Limits::clock_skew`](crate::config::Limits::clock_skew)
+    /// since the call that last renewed it): its units wait until a call renews it, or finds
+    /// that the store gave them back. Each flush does it first; a process that was frozen (a
+    /// Lambda environment between invocations) calls it before it serves again, so that it
+    /// never spends units the store may have given to the fleet meanwhile. Returns the leases
+    /// stopped.
+    #[must_use = "the leases stopped, for a log"]
+    pub fn stop_stale_leases(&self) -> usize {
+        let now = self.clock().unix_secs();
+        let (expiry, skew) = self.units().leases().expiry();
+        let mut stopped = 0;
+        self.gate().table().for_each(|s| {
+            for cell in s.quotas().filter(|c| c.stale(now, expiry, skew)) {
+                if cell.stash() > 0 {
+                    stopped += 1;
+                }
+            }
+        });
+        stopped
+    }
+
     /// Commits all usage recorded so far to the store, exactly once: a batch that fails is
     /// kept and retried first, with the same id, by the next flush. Usage is drained from the
     /// tenants' counters even when the store is down (held in memory, merged per tenant,

@@ -116,6 +116,7 @@ impl Tollgate {
         let rt = Runtime::compile(config, self.shared().metrics(), self.shared().clock());
         self.gate().table().rates().set_cap(rt.config.limits.max_tenants);
         self.shared().stores().configure(&rt.config);
+        self.units().leases().configure(&rt.config);
         self.shared().runtime().store(Arc::new(rt));
         // Every tenant gets a state of the new configuration; their buckets carry over.
         let states = self.gate().table().evict_all();

@@ -132,6 +132,9 @@ pub struct Reservation {
     /// When the caller's reservation of the counter (its lease and holds, with this grant)
     /// expires unless a later call renews it (Unix seconds, by the caller's clock; 0: never).
     pub expires_at: i64,
+    /// Of the units granted, how many the caller uses at once (the request waiting on the
+    /// call): they are used, not kept in its lease.
+    pub taking: u64,
 }
 
 /// What a sender keeps of a counter besides what it used, as it says with each call: the
@@ -219,12 +222,13 @@ pub(crate) struct Keeping {
 }
 
 impl Keeping {
-    /// The record of a call with `kept` (before its grant), `granted` more in its lease,
-    /// expiring at `expires_at`. A caller that keeps no reservation (`expires_at` 0: it says
-    /// nothing of what it keeps) keeps nothing as the store knows: its grants count as used.
+    /// The record of a call with `kept` (before its grant), `granted` more in its lease but
+    /// the `taking` of them it uses at once, expiring at `expires_at`. A caller that keeps no
+    /// reservation (`expires_at` 0: it says nothing of what it keeps) keeps nothing as the
+    /// store knows: its grants count as used.
     #[must_use]
-    pub(crate) fn after(kept: Kept, granted: u64, expires_at: i64) -> Self {
-        let granted = if expires_at > 0 { granted } else { 0 };
+    pub(crate) fn after(kept: Kept, granted: u64, taking: u64, expires_at: i64) -> Self {
+        let granted = if expires_at > 0 { granted - granted.min(taking) } else { 0 };
         let kept = Kept { lease: kept.lease.saturating_add(granted), ..kept };
         Self { kept, expires_at, gone: 0 }
     }
@@ -377,6 +381,7 @@ impl Reservation {
             cap_max: None,
             kept: Kept::default(),
             expires_at: 0,
+            taking: 0,
         }
     }
 
@@ -385,6 +390,13 @@ impl Reservation {
     pub fn keeping(mut self, kept: Kept, expires_at: i64) -> Self {
         self.kept = kept;
         self.expires_at = expires_at;
+        self
+    }
+
+    /// Of the grant, `units` are used at once by the caller (the request waiting on it).
+    #[must_use]
+    pub fn taking(mut self, units: u64) -> Self {
+        self.taking = units;
         self
     }
 

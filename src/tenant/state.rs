@@ -369,8 +369,17 @@ struct QuotaCold {
     spare: AtomicU64,
     /// The sender id of this cell's store calls (0: not drawn yet).
     sender: AtomicU64,
-    /// Units this node holds for open holds: taken from the lease, not recorded yet.
+    /// Units this node holds for open holds of the current period: taken from its lease,
+    /// not recorded yet (jobs' reservations among them).
     held: AtomicU64,
+    /// Of `held`, the units held by jobs' reservations (`reserve_event`): they stay spent if
+    /// their hold ends unrecorded, and a store never gives them back at an expiry.
+    jobs: AtomicU64,
+    /// `held` and `jobs` of earlier periods (holds open across a roll of a calendar period):
+    /// never told to the current period's counter. Counted with `locked` held, so that a roll
+    /// moves them in one step.
+    held_old: AtomicU64,
+    jobs_old: AtomicU64,
     /// A spend cap's quota: the tenant's own cap as the store's last answer said (0: none, the
     /// plan's holds; [`CAP_UNKNOWN`]: no answer yet): its limit, with [`CAP_SOFT`] set for a
     /// soft one.
@@ -392,6 +401,12 @@ pub(crate) struct Locked {
     /// shutdown) and none leased since: units a hold gives back then go to the store, not to
     /// a lease nobody returns. Also read, without the cell's lock, by a hold giving back.
     pub(crate) returned: bool,
+    /// What the last answered call of the current period told the store this node keeps
+    /// (lease, holds, jobs), and when it was sent (Unix seconds, this node's clock; 0: no call
+    /// renewed a reservation yet). A flush reports what changed since, and renews it before
+    /// it expires; past its expiry less the clock-skew bound the node stops spending it.
+    pub(crate) reported: crate::store::Kept,
+    pub(crate) reported_at: i64,
 }
 
 /// A store call of one quota cell.
@@ -404,13 +419,18 @@ pub(crate) struct Call {
     pub(crate) attempts: u32,
     /// How many times the store answered it with an error (a timeout is no answer).
     pub(crate) errors: u32,
+    /// What it says the node keeps after it, until when, and when it was first sent (fixed
+    /// at the first send: a store that applied an attempt whose answer was lost answers the
+    /// next with that attempt's record).
+    pub(crate) keeping: Option<(crate::store::Kept, i64, i64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum CallKind {
     /// Reserve `units` (under `limit`), owing `owed`; the answer goes to the lease when
     /// `refill` (with `repay` units of the lease's debt that `owed` covers).
-    Reserve { units: u64, owed: u64, limit: Option<u64>, refill: bool, repay: u64, at_least: u64 },
+    /// `taking` of the grant go to the request waiting on it.
+    Reserve { units: u64, owed: u64, limit: Option<u64>, refill: bool, repay: u64, at_least: u64, taking: u64 },
     /// Give back `units`.
     Release { units: u64 },
 }
@@ -836,7 +856,12 @@ impl<'a> QuotaRef<'a> {
     /// Moves what the lease of the period tagged `tag` holds past [`keep_cap`](Self::keep_cap)
     /// to the cell's spare units, to go back to the store. Returns the units moved.
     pub(crate) fn trim(&self, tag: u16) -> u64 {
-        let cap = i64::try_from(self.keep_cap()).unwrap_or(i64::MAX);
+        self.trim_to(tag, self.keep_cap())
+    }
+
+    /// Moves what the lease of the period tagged `tag` holds past `cap` to the spare units.
+    fn trim_to(&self, tag: u16, cap: u64) -> u64 {
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
         let h = self.hot;
         let mut word = h.lease.load(Ordering::Acquire);
         loop {
@@ -927,18 +952,125 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
-    /// Units this node holds for open holds.
+    /// Units this node holds for open holds (jobs' among them), of any period.
     pub(crate) fn held(&self) -> u64 {
-        self.cold().held.load(Ordering::Relaxed)
+        let cold = self.cold();
+        cold.held.load(Ordering::Relaxed).saturating_add(cold.held_old.load(Ordering::Relaxed))
     }
 
-    /// `units` more held (`true`) or no longer held (`false`) by an open hold.
-    pub(crate) fn count_held(&self, units: u64, more: bool) {
-        let held = &self.cold().held;
-        if more {
-            held.fetch_add(units, Ordering::Relaxed);
-        } else {
-            let _ = held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(h.saturating_sub(units)));
+    /// Whether units taken from the lease of the period tagged `tag` (`None`: outside any
+    /// lease) belong to the current period's counter. A balance has one counter, whatever
+    /// its window.
+    fn of_current(&self, tag: Option<u16>) -> bool {
+        self.prepaid() || tag.is_none_or(|t| t == PeriodBits::tag(self.hot.period.load(Ordering::Acquire)))
+    }
+
+    /// `units` more held (`true`) or no longer held (`false`) by an open hold, taken from the
+    /// lease of the period tagged `tag`.
+    pub(crate) fn count_held(&self, units: u64, more: bool, tag: Option<u16>) {
+        let cold = self.cold();
+        let _one = self.locked();
+        let held = if self.of_current(tag) { &cold.held } else { &cold.held_old };
+        count(held, units, more);
+    }
+
+    /// `units` more held (`true`) or no longer held (`false`) by a job's reservation: counted
+    /// held, and apart as jobs'.
+    pub(crate) fn count_jobs(&self, units: u64, more: bool, tag: Option<u16>) {
+        let cold = self.cold();
+        let _one = self.locked();
+        let (held, jobs) =
+            if self.of_current(tag) { (&cold.held, &cold.jobs) } else { (&cold.held_old, &cold.jobs_old) };
+        count(held, units, more);
+        count(jobs, units, more);
+    }
+
+    /// The holds of the current period become an earlier period's (at a roll, with the lock
+    /// held).
+    fn age_holds(&self) {
+        let cold = self.cold();
+        let _one = self.locked();
+        let held = cold.held.swap(0, Ordering::Relaxed);
+        cold.held_old.fetch_add(held, Ordering::Relaxed);
+        let jobs = cold.jobs.swap(0, Ordering::Relaxed);
+        cold.jobs_old.fetch_add(jobs, Ordering::Relaxed);
+    }
+
+    /// What this node keeps of the current period's counter, as it tells the store with each
+    /// call: the lease's unused units (and spare ones going back), the units its requests'
+    /// holds hold, and its jobs' reservations. With `debt`, a lease in debt (units used past
+    /// it, not owed to the store yet) takes its debt from the holds' units: those units are
+    /// used, and a store that gives the holds back at an expiry must keep them. A lease given
+    /// back (eviction, reload, shutdown) keeps its open holds as jobs' reservations are kept:
+    /// they never expire (no call renews a returned cell), and come back as they settle.
+    pub(crate) fn kept(&self, debt: bool, returned: bool) -> crate::store::Kept {
+        let cold = self.cold();
+        let (held, jobs) = (cold.held.load(Ordering::Relaxed), cold.jobs.load(Ordering::Relaxed));
+        if returned {
+            return crate::store::Kept::new(0, 0, held);
+        }
+        let left = self.lease();
+        let lease = u64::try_from(left.max(0)).unwrap_or(0).saturating_add(self.spare());
+        let mut holds = held.saturating_sub(jobs);
+        if debt {
+            holds = holds.saturating_sub(left.min(0).unsigned_abs());
+        }
+        crate::store::Kept::new(lease, holds, jobs)
+    }
+
+    /// Whether what this node keeps of the counter is to be told to the store at `now`: it
+    /// changed since the last call said it, or that call renewed it more than half of
+    /// `expiry` ago. `Some(true)`: the reservation is within `skew` of its expiry, and the
+    /// lease must not be spent until a call renews it.
+    pub(crate) fn report_due(&self, now: i64, expiry: i64, skew: i64) -> Option<bool> {
+        let locked = self.locked();
+        let kept = self.kept(true, locked.returned);
+        let at = locked.reported_at;
+        let keeps = kept.total() > 0 || locked.reported.total() > 0;
+        if at > 0 && keeps && now >= at.saturating_add(expiry - skew) {
+            return Some(true);
+        }
+        (kept != locked.reported || (keeps && now >= at.saturating_add(expiry / 2))).then_some(false)
+    }
+
+    /// Whether the reservation of what this node keeps was last renewed `expiry − skew` ago
+    /// or more (the store could not be reached): its lease must not be spent until a call
+    /// renews it.
+    pub(crate) fn stale(&self, now: i64, expiry: i64, skew: i64) -> bool {
+        let at = self.locked().reported_at;
+        at > 0 && now >= at.saturating_add(expiry - skew)
+    }
+
+    /// Stops spending the lease: its unused units move to the spare ones (they go back to the
+    /// store with the next call, or serve again once a call renews the reservation). Call
+    /// with the lock held.
+    pub(crate) fn stash(&self) -> u64 {
+        let tag = PeriodBits::tag(self.hot.period.load(Ordering::Acquire));
+        self.trim_to(tag, 0)
+    }
+
+    /// The store gave back what this node kept of the current period's counter (its
+    /// reservation expired: the node was cut off or paused past it): the lease and spare
+    /// units are dropped, and the units its requests' holds hold become a debt (what they
+    /// record is owed again; what they give back pays it). After a call that took the lease's
+    /// debt from the holds (`debt`), the debt and the holds are one: the lease owes the larger;
+    /// after a refill, which owed the debt, it owes both. Returns the lease units dropped.
+    /// Call with the lock held.
+    pub(crate) fn drop_kept(&self, debt: bool) -> u64 {
+        let cold = self.cold();
+        cold.spare.store(0, Ordering::Release);
+        let holds = cold.held.load(Ordering::Relaxed).saturating_sub(cold.jobs.load(Ordering::Relaxed));
+        let holds = i64::try_from(holds).unwrap_or(Lease::MAX).min(Lease::MAX);
+        let mut word = self.hot.lease.load(Ordering::Acquire);
+        loop {
+            let left = Lease::value(word);
+            let owed = left.min(0).saturating_neg();
+            let owes = if debt { -(owed.max(holds)) } else { -(owed.saturating_add(holds)) };
+            let next = Lease::word(Lease::tag(word), owes.max(-Lease::MAX));
+            match self.hot.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return u64::try_from(left.max(0)).unwrap_or(0),
+                Err(w) => word = w,
+            }
         }
     }
 
@@ -1053,6 +1185,10 @@ impl<'a> QuotaRef<'a> {
         // Late refunds of the old period go to it from now on.
         cold.prev_tag.store(if old_bits == 0 { u32::MAX } else { u32::from(old_tag) }, Ordering::Release);
         let old = self.hot.lease.swap(Lease::word(PeriodBits::tag(bits), 0), Ordering::AcqRel);
+        if !self.prepaid() {
+            // Holds open now belong to the period that ends.
+            self.age_holds();
+        }
         cold.exhausted.store(false, Ordering::Release);
         cold.reserved.store(0, Ordering::Release);
         self.hot.period.store(bits, Ordering::Release);
@@ -1131,6 +1267,15 @@ impl<'a> QuotaRef<'a> {
                 Err(w) => word = w,
             }
         }
+    }
+}
+
+/// Adds `units` to `counter` (`more`) or takes them off it (never below 0).
+fn count(counter: &AtomicU64, units: u64, more: bool) {
+    if more {
+        counter.fetch_add(units, Ordering::Relaxed);
+    } else {
+        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(h.saturating_sub(units)));
     }
 }
 

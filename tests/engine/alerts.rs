@@ -473,3 +473,51 @@ async fn four_engines_spending_together_send_one_spend_alert() {
         h.tollgate.shutdown().await.unwrap();
     }
 }
+
+/// Units only leased never cross a threshold (issue 52): eight engines each serve one request
+/// of a tenant with 16,000 a day and `notify_at = [50]`, their leases reserving half of it,
+/// and no alert is written, at their refills nor at their flushes. Crossing 50% by use writes
+/// one, seen within a lease (1,000) of the crossing.
+#[tokio::test]
+async fn leased_units_cross_no_threshold_and_use_crosses_it_once() {
+    let (_dir, secret) = secret_file();
+    let toml = format!(
+        "[usage]\nnotify_at = [50]\n{}\n[plans.p]\nrate = \"1000000/s\"\n\
+         quotas.requests = {{ limit = 16000, period = \"day\", lease = 1000 }}\n\
+         [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n",
+        section("http://127.0.0.1:9/hook", &secret, "allow_private = [\"127.0.0.1/32\"]")
+    );
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Harness> =
+        (0..8).map(|_| Harness::build(&toml, store.clone(), clock.clone(), handle.clone())).collect();
+    for h in &nodes {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    for h in &nodes {
+        h.tollgate.flush().await.unwrap();
+    }
+    let counter = store.counters(&"t".into(), &"requests".into()).await.unwrap().remove(0);
+    assert!(counter.reserved >= 8_000, "the leases reserve half the quota: {counter:?}");
+    assert_eq!(counter.used(), 8, "eight requests used: {counter:?}");
+    let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    assert!(rows.is_empty(), "no alert for units only leased: {rows:?}");
+
+    // Used past half, over the eight nodes in turn: one alert, within a lease of 8,000 used.
+    let mut served = 8u64;
+    while served < 8_200 {
+        for h in &nodes {
+            assert_eq!(h.status("/", "key-t").await, 200);
+            served += 1;
+        }
+    }
+    for h in &nodes {
+        h.tollgate.flush().await.unwrap();
+    }
+    let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+    let crossed: Vec<_> = rows.iter().filter(|r| r.event == "quota.threshold_crossed").collect();
+    assert_eq!(crossed.len(), 1, "one alert for the crossing by use: {rows:?}");
+    let body: serde_json::Value = serde_json::from_str(&crossed[0].body).unwrap();
+    let used = body["data"]["used"].as_u64().unwrap();
+    assert!((8_000..=9_000).contains(&used), "seen within a lease of the crossing: {body}");
+}

@@ -679,3 +679,73 @@ async fn sixteen_at_once_on_four_nodes_on_one_sqlite_file_never_overdraw_a_balan
     let store = tollgate::store::SqliteStore::open(dir.path().join("sixteen.db")).await.unwrap();
     common::holds::sixteen_at_once_on_four_nodes_never_overdraw(Arc::new(store)).await;
 }
+
+/// A node that dies without shutting down (no flush after its last, no lease given back)
+/// keeps its lease and its open holds of a prepaid balance only until its reservation expires
+/// (issue 52): past `limits.reservation_expiry`, another node's next call finds them given
+/// back, and the balance holds its grants less the usage committed, exactly (a balance has no
+/// period end to give them back otherwise).
+#[tokio::test]
+async fn a_dead_nodes_lease_and_holds_of_a_balance_come_back_at_its_expiry() {
+    const TOML: &str = "[meters.tokens]\n[plans.p]\nrate = \"100000/s\"\n\
+        quotas.tokens = { period = \"prepaid\", lease = 5000 }\n\
+        [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+        [tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let dead = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    tollgate::admin::Admin::for_engine(&dead.tollgate)
+        .grant_credits("t", "tokens", 1_000_000, None, "pi_1")
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let (ticket, ctx) = admitted(&dead, "key-t").await;
+        let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
+        hold.record(300).unwrap();
+        hold.settle();
+        assert!(ticket.complete(200));
+    }
+    // Three holds open when it dies, after its last flush.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (ticket, ctx) = admitted(&dead, "key-t").await;
+        open.push((ticket, ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap()));
+    }
+    dead.tollgate.flush().await.unwrap();
+    let balance = || async {
+        let c = store.counters(&"t".into(), &"tokens".into()).await.unwrap().remove(0);
+        (c.granted.unwrap_or(0), c.reserved)
+    };
+    let committed =
+        || async { common::committed(&*store, "t", "tokens", NOON - 86_400, NOON + 86_400 * 40, 3600).await };
+    assert_eq!(committed().await, 3_000);
+    let (_, reserved) = balance().await;
+    assert!(reserved >= 3_000 + 3 * 1_000, "its lease and holds are reserved while it lives: {reserved}");
+    // Killed: nothing of it runs again.
+    let _open = std::mem::ManuallyDrop::new(open);
+    let _dead = std::mem::ManuallyDrop::new(dead);
+
+    // Not before the expiry: another node's call leaves them reserved.
+    let other = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    handle.advance(std::time::Duration::from_secs(29 * 60));
+    let (ticket, ctx) = admitted(&other, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    other.tollgate.flush().await.unwrap();
+    let (_, reserved) = balance().await;
+    assert!(reserved >= 3_100 + 3 * 1_000, "not expired yet: {reserved}");
+
+    // Past it (30 minutes by default), the next call gives them back.
+    handle.advance(std::time::Duration::from_secs(2 * 60));
+    let (ticket, ctx) = admitted(&other, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 1_000, Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    other.tollgate.shutdown().await.unwrap();
+    let (granted, reserved) = balance().await;
+    assert_eq!(committed().await, 3_200);
+    assert_eq!((granted, reserved), (1_000_000, 3_200), "spendable = granted − committed, exactly");
+}

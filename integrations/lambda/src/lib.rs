@@ -349,6 +349,16 @@ where
     }
 
     fn call(&mut self, invocation: LambdaInvocation) -> Self::Future {
+        // Thawed after a flush interval or more (or the first invocation): leases this
+        // environment could not renew while frozen are not spent until a call renews them.
+        let now = self.flush.engine.clock().unix_nanos();
+        let interval = i64::try_from(self.flush.engine.flush_interval().as_nanos()).unwrap_or(i64::MAX);
+        if now.saturating_sub(self.flush.last.load(Ordering::Relaxed)) >= interval {
+            let stopped = self.flush.engine.stop_stale_leases();
+            if stopped > 0 {
+                tracing::warn!(stopped, "tollgate: leases not renewed while the environment was frozen wait for a store call");
+            }
+        }
         // The inner service posts the response to the Runtime API before it returns.
         let began = std::time::Instant::now();
         let invoked = self.inner.call(invocation);

@@ -63,8 +63,8 @@ pub(crate) struct Crossing {
     pub(crate) mode: QuotaMode,
     pub(crate) prepaid: bool,
     pub(crate) threshold: Threshold,
-    /// The units the fleet had reserved then.
-    pub(crate) reserved: u64,
+    /// The units the fleet had used then (reserved, less what nodes keep in leases and holds).
+    pub(crate) used: u64,
     /// When the node saw it (engine clock, Unix seconds).
     pub(crate) at: i64,
     /// A prepaid balance's episode (its newest open grant, read when the crossing is written):
@@ -130,16 +130,16 @@ impl Crossing {
             "plan": self.plan.as_str(),
             "meter": self.meter.as_str(),
             "limit": self.limit,
-            "used": self.reserved,
+            "used": self.used,
             "threshold": threshold,
         });
         if let Some(currency) = &self.currency {
             data["currency"] = currency.as_str().into();
             data["limit_amount"] = crate::config::amount_of(self.limit).to_string().into();
-            data["used_amount"] = crate::config::amount_of(self.reserved).to_string().into();
+            data["used_amount"] = crate::config::amount_of(self.used).to_string().into();
         }
         if self.prepaid {
-            data["left"] = self.limit.saturating_sub(self.reserved).into();
+            data["left"] = self.limit.saturating_sub(self.used).into();
         } else {
             data["period"] = serde_json::json!({
                 "name": self.period.name(),
@@ -322,7 +322,7 @@ mod tests {
             mode: QuotaMode::Hard,
             prepaid,
             threshold,
-            reserved: 812,
+            used: 812,
             at: 1_773_489_600,
             episode: String::new(),
             currency: None,

@@ -321,7 +321,7 @@ impl EventRecorder {
             .eviction_listener(move |_, r: Arc<Reserved>, cause| {
                 jobs.job_left(&r.state.id, r.held(), matches!(cause, moka::notification::RemovalCause::Expired));
                 if let Some(cell) = r.state.quota(r.meter) {
-                    cell.count_held(r.held(), false);
+                    cell.count_jobs(r.held(), false, r.tag());
                 }
             })
             .build();
@@ -363,7 +363,7 @@ impl EventRecorder {
     /// released, or its hold ends: its job's hold was opened first.
     pub(crate) fn reserve(&self, id: String, reserved: Arc<Reserved>) {
         if let Some(cell) = reserved.state.quota(reserved.meter) {
-            cell.count_held(reserved.held(), true);
+            cell.count_jobs(reserved.held(), true, reserved.tag());
         }
         self.holds.job_holds(reserved.held());
         self.reserved.insert(id, reserved);
@@ -500,6 +500,11 @@ pub(crate) struct Reserved {
 }
 
 impl Reserved {
+    /// The tag of the quota period its units were taken in.
+    pub(crate) fn tag(&self) -> Option<u16> {
+        self.period.map(|(start, end)| crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end)))
+    }
+
     pub(crate) fn new(
         state: Tenant,
         meter: usize,

@@ -177,10 +177,11 @@ impl Pipeline {
         let mut report = FlushReport::default();
         let (dropped, tend) = self.drain(rt, table, &mut p);
         leases.return_leases(dropped).await;
-        // Units given back past a lease's cap that no call took yet go back now, and leases
-        // in debt owe it.
-        leases.tend(rt, tend).await;
-        self.commit_pending(&mut p, &mut report).await?;
+        // Units given back past a lease's cap that no call took yet go back now, leases in
+        // debt owe it, and what changed in what the cells keep is told: beside the commits
+        // (a quota store in trouble never holds up the usage).
+        let (_, committed) = tokio::join!(leases.tend(rt, tend), self.commit_pending(&mut p, &mut report));
+        committed?;
         if !p.staged.is_empty() {
             let records: Vec<UsageRecord> = p
                 .staged
@@ -297,9 +298,12 @@ impl Pipeline {
             }
         };
         let mut spare = Vec::new();
+        let now = self.clock.unix_secs();
+        let expiry = i64::try_from(rt.config.limits.reservation_expiry.as_secs()).unwrap_or(i64::MAX);
+        let skew = i64::try_from(rt.config.limits.clock_skew().as_secs()).unwrap_or(i64::MAX);
         table.for_each(|s| {
             s.drain_usage(|m, w, q| add(s, m, w, q));
-            if s.quotas().any(|c| c.spare() > 0 || c.lease() < 0 || c.prefetch_pending()) {
+            if s.quotas().any(|c| Leases::needs_tending(c, now, expiry, skew)) {
                 spare.push(s.clone());
             }
         });
@@ -311,6 +315,9 @@ impl Pipeline {
             s.drain_usage(|m, w, q| add(s, m, w, q));
             if sole {
                 dropped.push(s.clone());
+            } else if s.quotas().any(|c| Leases::needs_tending(c, now, expiry, skew)) {
+                // Its requests' holds still settle: what it keeps is told as they do.
+                spare.push(s.clone());
             }
             !sole
         });

@@ -215,7 +215,7 @@ impl HoldInner {
                 let at = if now >= end && !cell.prepaid() { end - 1 } else { now };
                 if step.covered > 0 {
                     open.taken.keep_part(step.covered);
-                    cell.count_held(step.covered, false);
+                    cell.count_held(step.covered, false, open.taken.tag());
                     state.record(meter, at, step.covered);
                 }
                 if step.beyond > 0 {
@@ -252,7 +252,7 @@ impl HoldInner {
     fn give_back(&self, taken: Taken) {
         let Some(cell) = self.meter.as_ref().ok().and_then(|m| self.state.quota(*m)) else { return };
         let units = taken.units();
-        cell.count_held(units, false);
+        cell.count_held(units, false, taken.tag());
         if units == 0 {
             return;
         }
@@ -500,7 +500,7 @@ impl Hold {
             }
         };
         if let Some(cell) = state.quota(meter) {
-            cell.count_held(units, true);
+            cell.count_held(units, true, taken.tag());
         }
         if let Some(why) = open.closed {
             // Settled by the node while this waited on the store: the units go back (counted

@@ -29,6 +29,11 @@ pub(crate) enum Refill {
     Done,
 }
 
+/// How many cells a flush tends at once.
+const TEND_AT_ONCE: usize = 64;
+/// After this many store timeouts, a flush tends no more cells (the next flush does).
+const TEND_TIMEOUTS: u32 = 3;
+
 /// A lease asked for a hold holds at least this many of its estimates (within the cell's
 /// largest lease).
 pub(crate) const LEASE_PER_HOLD: u64 = 4;
@@ -72,11 +77,41 @@ pub(crate) struct Leases {
     clock: Clock,
     /// The engine is shutting down: a lease given back is not taken again.
     stopped: std::sync::atomic::AtomicBool,
+    /// `limits.reservation_expiry`, in seconds: how long what a call says this node keeps
+    /// stays reserved without another call.
+    expiry: std::sync::atomic::AtomicI64,
 }
 
 impl Leases {
-    pub(crate) fn new(stores: Arc<StoreCalls>, ids: Arc<NodeIds>, thresholds: Thresholds, clock: Clock) -> Self {
-        Self { stores, ids, thresholds, clock, stopped: std::sync::atomic::AtomicBool::new(false) }
+    pub(crate) fn new(
+        stores: Arc<StoreCalls>,
+        ids: Arc<NodeIds>,
+        thresholds: Thresholds,
+        clock: Clock,
+        config: &crate::config::Config,
+    ) -> Self {
+        let leases = Self {
+            stores,
+            ids,
+            thresholds,
+            clock,
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            expiry: std::sync::atomic::AtomicI64::new(0),
+        };
+        leases.configure(config);
+        leases
+    }
+
+    /// Takes `limits.reservation_expiry` of `config` (at the start and at each reload).
+    pub(crate) fn configure(&self, config: &crate::config::Config) {
+        let secs = i64::try_from(config.limits.reservation_expiry.as_secs()).unwrap_or(i64::MAX);
+        self.expiry.store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `limits.reservation_expiry` and the clock skew it tolerates, in seconds.
+    pub(crate) fn expiry(&self) -> (i64, i64) {
+        let expiry = self.expiry.load(std::sync::atomic::Ordering::Relaxed);
+        (expiry, expiry / 10)
     }
 
     /// Shutdown began: from now on a cell whose lease was given back is not leased again (no
@@ -107,23 +142,66 @@ impl Leases {
             tracing::error!(key = ?call.key, kind = ?call.kind,
                 "a quota call has failed {MAX_ATTEMPTS} times; it is kept and sent again until the store answers");
         }
+        // What this node keeps of the counter after the call, renewed for the expiry: of the
+        // current period's counter (a call settling another period keeps nothing of it). A
+        // refill pays the lease's debt, so its holds are all reserved after it; any other
+        // call leaves the debt, which the holds' units go to first. Fixed at the first send.
+        let (start, end) = cell.period();
+        let current = end != 0 && call.key == cell.key(start, end);
+        let refill = matches!(call.kind, CallKind::Reserve { refill: true, .. });
+        let (kept, expires_at, at) = *call.keeping.get_or_insert_with(|| {
+            let now = self.clock.unix_secs();
+            if current {
+                let returned = cell.locked().returned;
+                (cell.kept(!refill, returned), now.saturating_add(self.expiry().0), now)
+            } else {
+                (crate::store::Kept::default(), 0, now)
+            }
+        });
         cell.locked().inflight = Some(Box::new(call.clone()));
         let store = &self.stores.request().quota;
         let answer = match call.kind {
-            CallKind::Reserve { units, owed, limit, at_least, .. } => {
-                let r = Reservation::new(call.key.clone(), units, owed, limit, call.token).shrinking(at_least);
+            CallKind::Reserve { units, owed, limit, at_least, taking, .. } => {
+                let r = Reservation::new(call.key.clone(), units, owed, limit, call.token)
+                    .shrinking(at_least)
+                    .keeping(kept, expires_at)
+                    .taking(taking);
                 // A spend cap's counters are held to the tenant's own cap when it set one.
                 let r = if cell.spec.capped { r.capped(CapMode::Stored).cap_within(cell.spec.cap_max) } else { r };
                 store.reserve(&r).await
             }
             CallKind::Release { units } => {
-                let release = crate::store::Release::new(call.key.clone(), units, call.token);
+                let release = crate::store::Release::new(call.key.clone(), units, call.token).keeping(kept, expires_at);
                 store.release_one(release).await.map(|()| Grant::new(0, 0))
             }
         };
         match &answer {
             Ok(grant) => {
                 cell.locked().inflight = None;
+                if grant.expired && current {
+                    // The store gave back what this node kept before this call (it was cut
+                    // off or paused past its expiry): the lease is dropped, and its holds'
+                    // units are owed again as they record.
+                    let dropped = cell.drop_kept(!refill);
+                    tracing::warn!(key = ?call.key, dropped,
+                        "this node's reservation had expired in the store (limits.reservation_expiry): its lease is dropped");
+                }
+                if current {
+                    // As the store now counts it: a refill's grant joins the lease, but for
+                    // what the waiting request takes of it; an expired sender keeps its jobs.
+                    let taking = match call.kind {
+                        CallKind::Reserve { taking, .. } => grant.granted.min(taking),
+                        CallKind::Release { .. } => 0,
+                    };
+                    let reported = if grant.expired {
+                        crate::store::Kept::new(grant.granted - taking, 0, kept.jobs)
+                    } else {
+                        crate::store::Kept::new(kept.lease.saturating_add(grant.granted - taking), kept.held, kept.jobs)
+                    };
+                    let mut locked = cell.locked();
+                    locked.reported = reported;
+                    locked.reported_at = at;
+                }
                 // Every answer of a spend cap's reservation says the tenant's own cap: a node
                 // learns it from its debts' calls too, not only from its refills.
                 if matches!(call.kind, CallKind::Reserve { .. }) {
@@ -174,8 +252,14 @@ impl Leases {
         let prev = cell.locked().prev;
         if let Some((start, end)) = prev {
             let key = cell.key(start, end);
-            let call =
-                Call { key, token: self.token(cell), kind: CallKind::Release { units: late }, attempts: 0, errors: 0 };
+            let call = Call {
+                key,
+                token: self.token(cell),
+                kind: CallKind::Release { units: late },
+                attempts: 0,
+                errors: 0,
+                keeping: None,
+            };
             self.send(cell, call).await?;
         }
         Ok(())
@@ -186,9 +270,24 @@ impl Leases {
     /// one call each. Call with the cell's lock held.
     async fn settle_unleased_elsewhere(&self, cell: QuotaRef<'_>) -> Result<(), StoreError> {
         while let Some((start, end, units)) = cell.pop_unleased_elsewhere() {
-            let kind = CallKind::Reserve { units: 0, owed: units, limit: None, refill: false, repay: 0, at_least: 0 };
+            let kind = CallKind::Reserve {
+                units: 0,
+                owed: units,
+                limit: None,
+                refill: false,
+                repay: 0,
+                at_least: 0,
+                taking: 0,
+            };
             // Recorded in flight first: if it fails, the next call of the cell sends it again.
-            let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
+            let call = Call {
+                key: cell.key(start, end),
+                token: self.token(cell),
+                kind,
+                attempts: 0,
+                errors: 0,
+                keeping: None,
+            };
             self.send(cell, call).await?;
         }
         Ok(())
@@ -211,11 +310,21 @@ impl Leases {
         let kind = if left > 0 {
             CallKind::Release { units: left as u64 }
         } else if left < 0 {
-            CallKind::Reserve { units: 0, owed: left.unsigned_abs(), limit: None, refill: false, repay: 0, at_least: 0 }
+            CallKind::Reserve {
+                units: 0,
+                owed: left.unsigned_abs(),
+                limit: None,
+                refill: false,
+                repay: 0,
+                at_least: 0,
+                taking: 0,
+            }
         } else {
             return Ok(());
         };
-        self.send(cell, Call { key: old, token: self.token(cell), kind, attempts: 0, errors: 0 }).await.map(drop)
+        self.send(cell, Call { key: old, token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None })
+            .await
+            .map(drop)
     }
 
     /// Reserves a new lease for `cell` in the period holding `now`, of at least `min_lease`
@@ -240,10 +349,15 @@ impl Leases {
         // Leased again: units given back go to the lease.
         cell.locked().returned = false;
         self.settle_inflight(cell).await?;
-        // Units given back past the lease's cap are this node's still: they serve first.
-        let spare = cell.take_spare();
-        if spare > 0 {
-            cell.credit(spare);
+        // Units given back past the lease's cap are this node's still: they serve first. Not
+        // those of a reservation not renewed in time: they serve once this call renews it.
+        let (expiry, skew) = self.expiry();
+        let stale = cell.stale(self.clock.unix_secs(), expiry, skew);
+        if !stale {
+            let spare = cell.take_spare();
+            if spare > 0 {
+                cell.credit(spare);
+            }
         }
         self.roll_if_over(cell, now).await?;
         self.settle_previous(cell).await?;
@@ -258,15 +372,7 @@ impl Leases {
         // A prepaid balance is held by the store to its grants, whatever the call says: 0 is
         // what a balance holds before its first grant. A spend cap's call says the plan's
         // limit: the store holds it to the tenant's own cap instead when one is set.
-        let limit = (cell.spec.mode() == QuotaMode::Hard).then(|| {
-            if cell.prepaid() {
-                0
-            } else if cell.spec.capped {
-                cell.spec.limit().get()
-            } else {
-                cell.limit()
-            }
-        });
+        let limit = Self::limit_of(cell);
         // Near a hard limit, leases shrink (the store grants at most an eighth of what is
         // left, never less than the waiting request needs): asked that way already from what
         // the last answer said was left, so the store's rule rarely has to cut the ask. (A
@@ -287,8 +393,10 @@ impl Leases {
             return Ok(Refill::Taken { tag, start });
         }
         let units = size.max(lacking);
-        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: lacking.max(1) };
-        let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
+        let kind =
+            CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: lacking.max(1), taking: lacking };
+        let call =
+            Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None };
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
         let grant = match self.send(cell, call).await {
@@ -299,11 +407,16 @@ impl Leases {
                 return Err(e);
             }
         };
+        if stale && !grant.expired {
+            // Renewed: what waited serves again.
+            let spare = cell.take_spare();
+            cell.credit(spare);
+        }
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
         answered(cell, &grant, limit);
         // A balance's thresholds belong to the balance, not to its lease's window.
         let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
-        self.thresholds.check(rt, now, cell, grant.reserved, from, to);
+        self.thresholds.check(rt, now, cell, grant.reserved, grant.used, from, to);
         let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
         if need > 0 && grant.granted >= lacking {
             cell.credit(grant.granted - lacking + repay);
@@ -392,10 +505,21 @@ impl Leases {
                         refill: false,
                         repay: 0,
                         at_least: 0,
+                        taking: 0,
                     },
-                    std::cmp::Ordering::Equal => return Ok(()),
+                    // Nothing to give back or owe: what it keeps is told if the store's
+                    // record of it differs (its holds, now kept as jobs' are).
+                    std::cmp::Ordering::Equal if cell.locked().reported == cell.kept(true, true) => return Ok(()),
+                    std::cmp::Ordering::Equal => CallKind::Release { units: 0 },
                 };
-                let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
+                let call = Call {
+                    key: cell.key(start, end),
+                    token: self.token(cell),
+                    kind,
+                    attempts: 0,
+                    errors: 0,
+                    keeping: None,
+                };
                 self.send(cell, call).await.map(drop)
             })
             .await;
@@ -425,7 +549,14 @@ impl Leases {
             .within(async {
                 self.settle_inflight(cell).await?;
                 let kind = CallKind::Release { units };
-                let call = Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0 };
+                let call = Call {
+                    key: cell.key(start, end),
+                    token: self.token(cell),
+                    kind,
+                    attempts: 0,
+                    errors: 0,
+                    keeping: None,
+                };
                 self.send(cell, call).await.map(drop)
             })
             .await
@@ -446,6 +577,7 @@ impl Leases {
             kind: CallKind::Release { units },
             attempts: 0,
             errors: 0,
+            keeping: None,
         };
         self.send(cell, call).await?;
         // The store's count as this node knows it, less what went back.
@@ -458,37 +590,135 @@ impl Leases {
     /// store, and a lease in debt (work recorded past it), or one whose refill a request asked
     /// for (the worker's queue may not have run it, or dropped it), is refilled: its debt
     /// owed, the store's count and a spend cap's own cap read again.
+    ///
+    /// What the cell keeps (lease, holds, jobs) is told to the store when it changed since
+    /// the last call said it, or that call is half its expiry old (a report, renewing the
+    /// reservation). A reservation within the clock-skew bound of its expiry (the store could
+    /// not be reached to renew it) stops being spent: its lease waits as spare units, and
+    /// a refill renews it, or learns that the store gave it back.
     pub(crate) async fn tend(&self, rt: &Runtime, states: Vec<Tenant>) {
+        use futures_util::StreamExt as _;
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            // Shutting down: every lease goes back next, in one call each.
+            return;
+        }
         let now = self.clock.unix_secs();
-        for state in states {
-            for cell in state.quotas().filter(|c| c.spare() > 0 || c.lease() < 0 || c.prefetch_pending()) {
-                let _guard = cell.lock().lock().await;
-                let (start, end) = cell.period();
-                let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
-                let result = self
-                    .stores
-                    .within(async {
-                        self.settle_inflight(cell).await?;
-                        self.release_spare(cell, tag).await?;
-                        // In debt, or asked to refill ahead of need (the worker's job may not
-                        // have run yet: done here, it finds nothing to do).
-                        let asked = cell.prefetch_pending();
-                        let due = cell.lease() < 0 || (asked && cell.lease() < cell.low());
-                        if due && !state.is_evicted() {
-                            self.refill_locked(rt, cell, now, 0, 0).await?;
-                        }
-                        if asked {
-                            // Done: the worker's job for it finds nothing asked.
-                            cell.prefetch_done();
-                        }
-                        Ok(())
-                    })
-                    .await;
-                if let Err(e) = result {
-                    tracing::debug!(tenant = %state.id, error = %e, "a cell could not be tended: its next call does it");
-                }
+        let (expiry, skew) = self.expiry();
+        // A lease not renewed in time stops being spent first, with no store call (one that
+        // cannot be reached must not keep it spendable): it waits as spare units.
+        for state in &states {
+            for cell in state.quotas().filter(|c| c.stale(now, expiry, skew)) {
+                cell.stash();
             }
         }
+        let cells: Vec<(Tenant, usize)> = states
+            .iter()
+            .flat_map(|s| {
+                s.quotas()
+                    .enumerate()
+                    .filter(|(_, c)| Self::needs_tending(*c, now, expiry, skew))
+                    .map(|(i, _)| (s.clone(), i))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // A store that does not answer: the other cells wait for the next flush.
+        let timeouts = std::sync::atomic::AtomicU32::new(0);
+        futures_util::stream::iter(cells)
+            .for_each_concurrent(TEND_AT_ONCE, |(state, i)| {
+                let timeouts = &timeouts;
+                async move {
+                    if timeouts.load(std::sync::atomic::Ordering::Relaxed) >= TEND_TIMEOUTS {
+                        return;
+                    }
+                    let Some(cell) = state.quotas().nth(i) else { return };
+                    let _guard = cell.lock().lock().await;
+                    let result = self.stores.within(self.tend_cell(rt, &state, cell, now)).await;
+                    match result {
+                        Ok(()) => {}
+                        Err(e) => {
+                            if matches!(e, StoreError::Timeout(_)) {
+                                timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            tracing::debug!(tenant = %state.id, error = %e,
+                                "a cell could not be tended: its next call does it");
+                        }
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// [`tend`](Self::tend)'s work on one cell, with its lock held.
+    async fn tend_cell(&self, rt: &Runtime, state: &Tenant, cell: QuotaRef<'_>, now: i64) -> Result<(), StoreError> {
+        let (expiry, skew) = self.expiry();
+        self.settle_inflight(cell).await?;
+        let returned = cell.locked().returned;
+        if cell.stale(now, expiry, skew) && !returned {
+            // Renewed first (or found given back): its spare units serve again only then.
+            self.report(rt, cell, now).await?;
+        }
+        let (start, end) = cell.period();
+        let tag = crate::tenant::PeriodBits::tag(crate::tenant::PeriodBits::pack(start, end));
+        self.release_spare(cell, tag).await?;
+        // In debt, or asked to refill ahead of need (the worker's job may not have run yet:
+        // done here, it finds nothing to do).
+        let asked = cell.prefetch_pending();
+        let due = cell.lease() < 0 || (asked && cell.lease() < cell.low());
+        if due && !state.is_evicted() && !returned {
+            self.refill_locked(rt, cell, now, 0, 0).await?;
+        }
+        if asked {
+            // Done: the worker's job for it finds nothing asked.
+            cell.prefetch_done();
+        }
+        if end != 0 && cell.report_due(now, expiry, skew).is_some() {
+            self.report(rt, cell, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Tells the store what `cell` keeps (it changed since its last call said it, or is to be
+    /// renewed), asking nothing and giving nothing back: a reservation of no units, whose
+    /// answer says what the fleet has used (thresholds crossed by use are seen here too, not
+    /// only at refills) and whether the store gave this node's reservation back meanwhile.
+    /// Call with the cell's lock held.
+    async fn report(&self, rt: &Runtime, cell: QuotaRef<'_>, now: i64) -> Result<(), StoreError> {
+        let (start, end) = cell.period();
+        let limit = Self::limit_of(cell);
+        let kind = CallKind::Reserve { units: 0, owed: 0, limit, refill: false, repay: 0, at_least: 0, taking: 0 };
+        let call =
+            Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None };
+        let grant = self.send(cell, call).await?;
+        if !grant.expired {
+            // Renewed: units waiting while it was not serve again (given back past the
+            // lease's cap by the tending after).
+            let spare = cell.take_spare();
+            cell.credit(spare);
+        }
+        answered(cell, &grant, limit);
+        let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
+        self.thresholds.check(rt, now, cell, grant.reserved, grant.used, from, to);
+        Ok(())
+    }
+
+    /// The limit a call of `cell` says: a hard quota's (a prepaid balance's: 0, the store
+    /// holds it to its grants; a spend cap's: the plan's, the store holding it to the
+    /// tenant's own cap when one is set); none for a soft one.
+    fn limit_of(cell: QuotaRef<'_>) -> Option<u64> {
+        (cell.spec.mode() == QuotaMode::Hard).then(|| {
+            if cell.prepaid() {
+                0
+            } else if cell.spec.capped {
+                cell.spec.limit().get()
+            } else {
+                cell.limit()
+            }
+        })
+    }
+
+    /// Whether `cell` has anything for [`tend`](Self::tend) to do at `now`.
+    pub(crate) fn needs_tending(cell: QuotaRef<'_>, now: i64, expiry: i64, skew: i64) -> bool {
+        cell.spare() > 0 || cell.lease() < 0 || cell.prefetch_pending() || cell.report_due(now, expiry, skew).is_some()
     }
 
     /// Gives the unused units of these states' current leases back to the store, and owes

@@ -99,6 +99,14 @@ impl Taken {
         self.cell.as_ref().map(|_| self.source)
     }
 
+    /// The tag of the period whose lease the units came from (`None`: outside any lease).
+    pub(crate) fn tag(&self) -> Option<u16> {
+        match self.source {
+            Source::Lease(tag) => Some(tag),
+            Source::Unleased => None,
+        }
+    }
+
     /// The units are spent for good: billed, or usage recorded.
     #[inline]
     pub(crate) fn keep(mut self) {

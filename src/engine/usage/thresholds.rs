@@ -12,9 +12,10 @@ use crate::{
 
 /// A tenant crossed a threshold of a quota (`usage.notify_at`): given to the
 /// [`on_threshold`](crate::Builder::on_threshold) hook, once per threshold, quota and period on a
-/// node. Measured by the units the fleet has reserved, as the store said on this node's last
-/// lease refill: a threshold is seen within a lease of the moment usage reaches it (leases
-/// held by other nodes count as used).
+/// node. Measured by the units the fleet has used, as the store said on this node's last
+/// lease refill: reserved, less what every node keeps unused (its lease, its requests' holds,
+/// its jobs' reservations) as its last call said. A threshold is seen within a lease of the
+/// moment usage reaches it; units only leased or held never cross one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ThresholdCrossed {
@@ -37,11 +38,13 @@ pub struct ThresholdCrossed {
     /// The threshold crossed, in percent of the limit (`usage.notify_at`); for a threshold
     /// of units left, the percentage used then (rounded down).
     pub percent: u16,
-    /// For a threshold of units left (`usage.notify_left`), its units: `limit − reserved` is
+    /// For a threshold of units left (`usage.notify_left`), its units: `limit − used` is
     /// at most this many. `None` for a percentage.
     pub left: Option<u64>,
-    /// The units the fleet had reserved then.
+    /// The units the fleet had reserved then: used, and kept by nodes in leases and holds.
     pub reserved: u64,
+    /// Of them, the units used (what the threshold measures).
+    pub used: u64,
 }
 
 /// The thresholds notified for a tenant's quota: of which period and limit, which percentages.
@@ -74,12 +77,12 @@ impl std::fmt::Debug for Thresholds {
 }
 
 impl Thresholds {
-    /// Offers the alerts outbox every threshold `reserved` units have crossed (its queue
+    /// Offers the alerts outbox every threshold `used` units have crossed (its queue
     /// writes each crossing once per node, put-if-absent in the outbox: once per fleet): the
     /// percentages of `usage.notify_at` (below 100 for a hard quota or a balance, whose limit
     /// reached is its own alert), the units left of `usage.notify_left`, and a hard limit or a
     /// balance reached.
-    fn offer_alerts(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
+    fn offer_alerts(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, used: u64, start: i64, end: i64) {
         let settings = rt.config.alerts();
         let to_tenant = rt.config.plans().get(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
         let limit = cell.limit();
@@ -98,15 +101,15 @@ impl Thresholds {
             .notify_at
             .iter()
             .filter(|p| !(capped && **p >= 100))
-            .filter(|p| u128::from(reserved) * 100 >= u128::from(limit) * u128::from(**p))
+            .filter(|p| u128::from(used) * 100 >= u128::from(limit) * u128::from(**p))
             .map(|p| Threshold::Percent(*p))
             .collect();
         if currency.is_none() {
             crossed.extend(
-                usage.notify_left.iter().filter(|n| limit.saturating_sub(reserved) <= **n).map(|n| Threshold::Left(*n)),
+                usage.notify_left.iter().filter(|n| limit.saturating_sub(used) <= **n).map(|n| Threshold::Left(*n)),
             );
         }
-        if capped && reserved >= limit {
+        if capped && used >= limit {
             crossed.push(Threshold::Exhausted);
         }
         if crossed.is_empty() {
@@ -126,7 +129,7 @@ impl Thresholds {
                     mode,
                     prepaid,
                     threshold,
-                    reserved,
+                    used,
                     at: now,
                     episode: String::new(),
                     currency: currency.clone(),
@@ -149,22 +152,28 @@ impl Thresholds {
         Self { hook, queue, marks: Mutex::default() }
     }
 
-    /// Calls the threshold hook for the thresholds of `usage.notify_at` that `reserved` units
-    /// (all the fleet's, as the store just said) reach for the first time in this period on
-    /// this node.
-    pub(crate) fn check(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, reserved: u64, start: i64, end: i64) {
-        self.offer_alerts(rt, now, cell, reserved, start, end);
+    /// Calls the threshold hook for the thresholds of `usage.notify_at` that `used` units (all
+    /// the fleet's, as the store just said: of the `reserved`, those not kept by any node)
+    /// reach for the first time in this period on this node.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check(
+        &self,
+        rt: &Runtime,
+        now: i64,
+        cell: QuotaRef<'_>,
+        reserved: u64,
+        used: u64,
+        start: i64,
+        end: i64,
+    ) {
+        self.offer_alerts(rt, now, cell, used, start, end);
         let Some(hook) = &self.hook else { return };
         let limit_units = cell.limit();
         let limit = u128::from(limit_units);
         let usage = &rt.config.usage;
-        let crossed: Vec<u16> = usage
-            .notify_at
-            .iter()
-            .copied()
-            .filter(|pct| u128::from(reserved) * 100 >= limit * u128::from(*pct))
-            .collect();
-        let left = limit_units.saturating_sub(reserved);
+        let crossed: Vec<u16> =
+            usage.notify_at.iter().copied().filter(|pct| u128::from(used) * 100 >= limit * u128::from(*pct)).collect();
+        let left = limit_units.saturating_sub(used);
         // A balance without a grant yet has nothing to be left of.
         let crossed_left: Vec<u64> =
             usage.notify_left.iter().copied().filter(|n| left <= *n && limit_units > 0).collect();
@@ -198,8 +207,7 @@ impl Thresholds {
             m.left_done.extend(&new_left);
             (new, new_left)
         };
-        let used_pct =
-            (u128::from(reserved) * 100).checked_div(limit).map_or(0, |p| u16::try_from(p).unwrap_or(u16::MAX));
+        let used_pct = (u128::from(used) * 100).checked_div(limit).map_or(0, |p| u16::try_from(p).unwrap_or(u16::MAX));
         let marks = new.into_iter().map(|p| (p, None)).chain(new_left.into_iter().map(|n| (used_pct, Some(n))));
         for (pct, left) in marks {
             let crossed = ThresholdCrossed {
@@ -214,6 +222,7 @@ impl Thresholds {
                 percent: pct,
                 left,
                 reserved,
+                used,
             };
             tracing::info!(tenant = %crossed.tenant, meter = %crossed.meter, percent = pct, left = ?left,
                 "quota threshold crossed");

@@ -916,6 +916,12 @@ pub async fn what_senders_keep_is_reserved_not_used<S: ?Sized + QuotaInspect>(h:
     // A caller that keeps nothing (it says no expiry) counts its grant used: as before.
     let d = h.s().reserve(&keeping(&key, 3, 3, 1, at + 3, Kept::default(), 0)).await.unwrap();
     assert_eq!((d.reserved, d.used), (18, 5));
+    // What a grant's waiting request takes of it at once is used, not kept: C leases 4, 3 of
+    // them taken at once (it keeps 1).
+    let e = h.s().reserve(&keeping(&key, 4, 4, 1, at + 4, Kept::default(), at + 1804).taking(3)).await.unwrap();
+    assert_eq!((e.granted, e.reserved, e.used), (4, 22, 5 + 3));
+    let c = counter_of(h.s(), &key).await;
+    assert_eq!((c.kept, c.used()), (Kept::new(11, 1, 2), 8));
 }
 
 /// A sender's reservation past its expiry gives back its lease and its holds at the counter's

@@ -363,7 +363,8 @@ impl DynamoStore {
             |(units, revived), _| {
                 Box::pin(async move {
                     let need = (units > 0).then(|| int(r.owed.saturating_add(r.left_needed(units))));
-                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.expires_at);
+                    let keeping =
+                        Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.taking, r.expires_at);
                     let call = Add {
                         delta: int(r.owed.saturating_add(units)),
                         granted: units,
@@ -581,7 +582,7 @@ impl DynamoStore {
                     release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at)
                 };
                 let drop = reserved - after;
-                let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, r.expires_at);
+                let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, 0, r.expires_at);
                 let x = if revived {
                     "senders.#n.x = :m1"
                 } else {

@@ -64,7 +64,8 @@ impl QuotaStore for DynamoStore {
                         _ => None,
                     };
                     let delta = int(r.owed.saturating_add(units));
-                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.expires_at);
+                    let keeping =
+                        Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.taking, r.expires_at);
                     let call = Add { delta, granted: units, at_most, at_least: None, keeping, revived };
                     Ok(match self.add(&r.key, &call, r.token).await? {
                         Ok((grant, _)) => Race::Won(grant),
@@ -443,7 +444,7 @@ impl DynamoStore {
             (r.units, false),
             |(units, revived), _| {
                 Box::pin(async move {
-                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, r.expires_at);
+                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, 0, r.expires_at);
                     let give = if revived { 0 } else { units };
                     let call = Add {
                         delta: -int(give),

@@ -36,7 +36,7 @@ fn release_one(inner: &mut Inner, r: &Release) {
     } else {
         c.reserved = c.reserved.saturating_sub(r.units);
     }
-    let keeping = crate::store::quota::Keeping::after(kept, 0, r.expires_at);
+    let keeping = crate::store::quota::Keeping::after(kept, 0, 0, r.expires_at);
     let grant = Grant::new(0, c.reserved).with_limit(c.granted).with_expired(expired);
     c.applied(token, grant, keeping);
     let used = c.used();
@@ -86,7 +86,7 @@ impl QuotaStore for MemoryStore {
             None => r.units,
         };
         c.reserved = c.reserved.saturating_add(granted);
-        let keeping = crate::store::quota::Keeping::after(kept, granted, r.expires_at);
+        let keeping = crate::store::quota::Keeping::after(kept, granted, r.taking, r.expires_at);
         let mut grant = Grant::new(granted, c.reserved).with_limit(c.granted).with_expired(expired);
         c.applied(r.token, grant, keeping);
         grant = grant.with_used(c.used());

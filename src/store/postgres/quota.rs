@@ -28,6 +28,8 @@ struct Call<'a> {
     /// What the sender keeps besides the grant, and when its reservation expires.
     kept: Kept,
     expires_at: i64,
+    /// Of the grant, what the caller uses at once (`Reservation::taking`).
+    taking: u64,
 }
 
 enum Attempt {
@@ -96,7 +98,8 @@ impl PostgresStore {
                     int(c.kept.lease),
                     int(c.kept.held),
                     int(c.kept.jobs),
-                    c.expires_at
+                    c.expires_at,
+                    int(c.taking)
                 ],
             )
             .await?;
@@ -240,6 +243,7 @@ impl PostgresStore {
             cap_max: None,
             kept: r.kept,
             expires_at: r.expires_at,
+            taking: 0,
         };
         self.quota_call(&call).await.map(drop)
     }
@@ -351,6 +355,7 @@ impl QuotaStore for PostgresStore {
             cap_max: r.cap_max,
             kept: r.kept,
             expires_at: r.expires_at,
+            taking: r.taking,
         };
         self.quota_call(&call).await
     }

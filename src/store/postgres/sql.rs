@@ -71,7 +71,8 @@ pub(super) fn reserve_sql(schema: &str) -> String {
     // What the sender keeps after the call (`store::quota::Keeping::after`); a revived one
     // keeps only its jobs and this grant.
     // (A caller that keeps no reservation, `$18` 0, keeps nothing of its grant: used.)
-    let kept_grant = format!("(CASE WHEN $18::bigint > 0 THEN {granted} ELSE 0 END)");
+    // Of the grant, what the caller uses at once (`$19`) is used, not kept.
+    let kept_grant = format!("(CASE WHEN $18::bigint > 0 THEN {granted} - LEAST({granted}, $19::numeric) ELSE 0 END)");
     let lease = format!("(CASE WHEN {revived} THEN {kept_grant} ELSE $15::numeric + {kept_grant} END)");
     let held = format!("(CASE WHEN {revived} THEN 0 ELSE $16::bigint END)");
     // A live entry (`store::quota::Keeping::live`) is never forgotten: it expires first.

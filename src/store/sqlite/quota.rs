@@ -37,7 +37,8 @@ impl QuotaStore for SqliteStore {
                 None => r.units,
             };
             let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit).with_expired(expired);
-            let grant = applied(tx, &r.key, &period, r.token, grant, Keeping::after(kept, granted, r.expires_at))?;
+            let grant =
+                applied(tx, &r.key, &period, r.token, grant, Keeping::after(kept, granted, r.taking, r.expires_at))?;
             Ok(grant.with_cap(cap))
         })
         .await
@@ -485,7 +486,7 @@ fn release_one(tx: &Transaction<'_>, r: &Release) -> Sql<()> {
         (reserved.saturating_sub(r.units), r.kept)
     };
     let grant = Grant::new(0, after).with_expired(expired);
-    applied(tx, key, &period, token, grant, Keeping::after(kept, 0, r.expires_at))?;
+    applied(tx, key, &period, token, grant, Keeping::after(kept, 0, 0, r.expires_at))?;
     Ok(())
 }
 
