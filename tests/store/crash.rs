@@ -439,6 +439,116 @@ async fn strands_its_lease_and_its_holds(kind: Kind, test: &str) {
     eprintln!("stranded {stranded}: {held} held, {} of the lease ({STRANDED_AT_MOST} at most)", stranded - held);
 }
 
+/// A prepaid tokens balance (`lease = 5000`), and the route whose handler holds and records
+/// tokens.
+const BALANCE: &str = "quotas.tokens = { period = \"prepaid\", lease = 5000 }
+[meters.tokens]
+[[routes]]
+path = \"/generate\"
+reports = [\"tokens\"]";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_killed_with_holds_open_give_a_balance_back_at_their_expiry() {
+    let test = "processes_killed_with_holds_open_give_a_balance_back_at_their_expiry";
+    stranded_balance_comes_back(Kind::Sqlite, test).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_processes_killed_with_holds_open_give_a_balance_back_at_their_expiry() {
+    let test = "postgres_processes_killed_with_holds_open_give_a_balance_back_at_their_expiry";
+    stranded_balance_comes_back(Kind::Postgres, test).await;
+}
+
+/// A balance of 1,000,000 spent by four processes through holds (each request holds 1,000
+/// and records 300); each then opens two holds of 1,000 and flushes. Two are SIGKILLed with
+/// their holds open, two stop cleanly. A balance has no period end that would give a dead
+/// node's lease and holds back: past `limits.reservation_expiry` (30 minutes), the next call
+/// of another node finds them given back, and what the balance can spend is its grants less
+/// the usage committed, exactly, read from the store (issue 52).
+async fn stranded_balance_comes_back(kind: Kind, test: &str) {
+    if let Some((role, db)) = role() {
+        let h = engine(&db, BALANCE, NOON, None).await;
+        for _ in 0..20 {
+            let (ticket, ctx) = common::holds::admitted(&h, "key-t").await;
+            let mut hold = ctx.hold_with("tokens", 1_000, tollgate::Overrun::Refuse).await.unwrap();
+            hold.record(300).unwrap();
+            hold.settle();
+            assert!(ticket.complete(200));
+        }
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let (ticket, ctx) = common::holds::admitted(&h, "key-t").await;
+            open.push((ticket, ctx.hold_with("tokens", 1_000, tollgate::Overrun::Refuse).await.unwrap()));
+        }
+        // What was recorded reaches the store, and what it keeps is told.
+        h.tollgate.flush().await.unwrap();
+        say("held", h.tollgate.stats().units_held);
+        if role == "killed" {
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            unreachable!("killed before this: {open:?}");
+        }
+        // A survivor stops when the parent says so: its holds settle as recorded so far.
+        let stop = go_file(&db).with_extension("stop");
+        while !stop.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(open);
+        h.tollgate.shutdown().await.unwrap();
+        say("stopped", 0);
+        return;
+    }
+    let Some((db, _dir)) = location(kind).await else { return };
+    let stop = go_file(&db).with_extension("stop");
+    let _ = std::fs::remove_file(&stop);
+    let granting = engine(&db, BALANCE, NOON, None).await;
+    tollgate::admin::Admin::for_engine(&granting.tollgate)
+        .grant_credits("t", "tokens", 1_000_000, None, "pi_1")
+        .await
+        .unwrap();
+    granting.tollgate.shutdown().await.unwrap();
+    let mut children: Vec<_> =
+        ["killed", "killed", "survivor", "survivor"].iter().map(|role| (role, spawn(test, role, &db))).collect();
+    for (_, (_, lines)) in &mut children {
+        assert_eq!(read_until(lines, "held").last().unwrap().1, 2_000, "two holds of 1,000 open");
+    }
+    let mut survivors = Vec::new();
+    for (role, (child, lines)) in children {
+        if *role == "killed" {
+            sigkill(child);
+        } else {
+            survivors.push((child, lines));
+        }
+    }
+    std::fs::write(&stop, b"").unwrap();
+    for (mut child, mut lines) in survivors {
+        read_until(&mut lines, "stopped");
+        assert!(child.wait().unwrap().success());
+    }
+    let store = open(&db).await;
+    let balance = || async {
+        let c = store.counters(&"t".into(), &"tokens".into()).await.unwrap().remove(0);
+        (c.granted.unwrap_or(0), c.reserved)
+    };
+    let committed = || async { common::committed(&*store, "t", "tokens", NOON - 86_400, NOON + 86_400, 3600).await };
+    assert_eq!(committed().await, 4 * 20 * 300);
+    let (_, reserved) = balance().await;
+    assert!(reserved >= 4 * 20 * 300 + 2 * 2_000, "the dead keep their leases and holds until they expire: {reserved}");
+
+    // Past the expiry, another node's call gives them back.
+    let h = engine(&db, BALANCE, NOON + 31 * 60, None).await;
+    let (ticket, ctx) = common::holds::admitted(&h, "key-t").await;
+    let mut hold = ctx.hold_with("tokens", 1_000, tollgate::Overrun::Refuse).await.unwrap();
+    hold.record(100).unwrap();
+    hold.settle();
+    assert!(ticket.complete(200));
+    h.tollgate.shutdown().await.unwrap();
+    let committed = committed().await;
+    assert_eq!(committed, 4 * 20 * 300 + 100);
+    assert_eq!(balance().await, (1_000_000, committed), "spendable = granted − committed, exactly");
+    let _ = std::fs::remove_file(&stop);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_killed_holding_places_frees_them_within_the_place_ttl() {
     let test = "a_process_killed_holding_places_frees_them_within_the_place_ttl";

@@ -153,8 +153,10 @@ pub(crate) enum DynamoCommand {
 #[derive(Subcommand)]
 pub(crate) enum QuotaCommand {
     /// Shows what each quota counter of a tenant holds in the store, per meter and period:
-    /// the units reserved by every node (leased and owed) and a prepaid balance's granted
-    /// units. With every node stopped (its leases given back), what was used.
+    /// the units reserved by every node, and of them what the nodes keep as their last calls
+    /// said (unused in their leases, held by their requests' holds, held by their jobs'
+    /// reservations) and what is used; a prepaid balance's granted units. With every node
+    /// stopped (its leases given back), reserved is what was used.
     Show {
         /// The tenant id.
         tenant: String,

@@ -7,18 +7,27 @@ use tollgate::admin::Admin;
 
 use crate::util::{admin, load, now, parse_time, time_text, Result};
 
-/// `quota show`: what each quota counter of the tenant holds in the store.
+/// `quota show`: what each quota counter of the tenant holds in the store: reserved, and of
+/// it what the nodes keep (in leases, in their requests' holds, in their jobs' reservations,
+/// as their last calls said) and what is used.
 pub(crate) async fn quota_show(config: &Path, tenant: String) -> Result<()> {
     let counters = admin(config).await?.quota_counters(&tenant).await?;
-    println!("{:<12} {:<10} {:<20} {:<20} {:>12} {:>12}", "meter", "period", "start", "end", "reserved", "granted");
+    println!(
+        "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
+        "meter", "period", "start", "end", "reserved", "leased", "held", "jobs", "used", "granted"
+    );
     for c in &counters {
         println!(
-            "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12}",
+            "{:<12} {:<10} {:<20} {:<20} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}",
             c.key.meter.as_str(),
             c.key.period_tag(),
             time_text(c.key.start),
             time_text(c.key.end),
             c.reserved,
+            c.kept.lease,
+            c.kept.held,
+            c.kept.jobs,
+            c.used(),
             c.granted.map_or_else(|| "-".to_owned(), |g| g.to_string())
         );
     }

@@ -766,3 +766,36 @@ fn spend_caps_from_the_command_line() {
     let out = ok(d, &["tenants", "set-cap", "acme", "--none"]);
     assert!(out.contains("spend cap 50 usd (hard, the plan's)"), "{out}");
 }
+
+/// `quota show` tells apart what a counter holds: reserved, and of it what the running nodes
+/// keep unused in their leases and holds, and what is used (issue 52).
+#[tokio::test]
+async fn quota_show_tells_leased_held_and_used_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let toml = format!(
+        "[store]\nkind = \"sqlite\"\npath = \"{}\"\n[meters.tokens]\n\
+         [plans.p]\nquotas.tokens = {{ limit = 10000, period = \"day\", mode = \"hard\", lease = 500 }}\n\
+         [[routes]]\npath = \"/generate\"\nreports = [\"tokens\"]\n\
+         [tenants.acme]\nplan = \"p\"\nkeys = [\"key-acme\"]\n",
+        d.join("t.db").display()
+    );
+    std::fs::write(d.join("tollgate.toml"), &toml).unwrap();
+    let (engine, _worker) = Tollgate::builder(Config::from_toml_str(&toml).unwrap()).open().await.unwrap();
+    let h = Harness::from_layer(TollgateLayer::new(engine), tollgate::clock::Clock::fake_at_unix(NOON).1);
+    let (ticket, ctx) = common::holds::admitted(&h, "key-acme").await;
+    let mut hold = ctx.hold_with("tokens", 200, tollgate::Overrun::Refuse).await.unwrap();
+    hold.record(30).unwrap();
+    // What it keeps is told at the flush: its lease's rest, 170 still held, 30 used.
+    h.tollgate.flush().await.unwrap();
+    let out = ok(d, &["quota", "show", "acme"]);
+    let line = out.lines().find(|l| l.starts_with("tokens")).unwrap_or_else(|| panic!("{out}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let n: Vec<u64> = words[words.len() - 6..words.len() - 1].iter().map(|w| w.parse().unwrap()).collect();
+    let (reserved, leased, held, jobs, used) = (n[0], n[1], n[2], n[3], n[4]);
+    assert_eq!((held, jobs, used), (170, 0, 30), "{out}");
+    assert!(leased > 0 && reserved == leased + held + jobs + used, "{out}");
+    assert!(out.lines().next().unwrap().contains("leased"), "{out}");
+    hold.settle();
+    assert!(ticket.complete(200));
+}

@@ -356,7 +356,10 @@ where
         if now.saturating_sub(self.flush.last.load(Ordering::Relaxed)) >= interval {
             let stopped = self.flush.engine.stop_stale_leases();
             if stopped > 0 {
-                tracing::warn!(stopped, "tollgate: leases not renewed while the environment was frozen wait for a store call");
+                tracing::warn!(
+                    stopped,
+                    "tollgate: leases not renewed while the environment was frozen wait for a store call"
+                );
             }
         }
         // The inner service posts the response to the Runtime API before it returns.
