@@ -312,11 +312,12 @@ impl Validator<'_, '_> {
                     l.reservation_expiry.as_deref(),
                     Duration::from_secs(30 * 60).max(idle * 2),
                 )?;
-                if d < idle * 2 || d < Duration::from_secs(60) || d > Duration::from_secs(30 * 86_400) {
+                if d < idle * 2 || d < Duration::from_secs(300) || d > Duration::from_secs(30 * 86_400) {
                     return Err(self.invalid(
                         "limits.reservation_expiry",
                         "must be at least twice limits.idle_timeout (an idle tenant's lease is renewed or \
-                         returned within it), at least 1m, and at most 30 days",
+                         returned within it), at least 5m (a tenth of it is the clock skew tolerated), and \
+                         at most 30 days",
                     ));
                 }
                 d

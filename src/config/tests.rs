@@ -65,6 +65,22 @@ mod validation {
         (e.key().to_owned(), e.line())
     }
 
+    /// `limits.reservation_expiry`: 30 minutes by default, or twice an `idle_timeout` that
+    /// asks more; one under twice the idle timeout, under 5 minutes or over 30 days is refused
+    /// with its line. A tenth of it is the clock skew tolerated.
+    #[test]
+    fn a_reservation_expiry_outlasts_twice_the_idle_timeout() {
+        let c = parse("").unwrap();
+        assert_eq!(c.limits.reservation_expiry, Duration::from_secs(1800));
+        assert_eq!(c.limits.clock_skew(), Duration::from_secs(180));
+        let c = parse("[limits]\nidle_timeout = \"1h\"\n").unwrap();
+        assert_eq!(c.limits.reservation_expiry, Duration::from_secs(7200));
+        assert_eq!(at("[limits]\nreservation_expiry = \"20m\"\n"), ("limits.reservation_expiry".to_owned(), Some(2)));
+        assert_eq!(at("[limits]\nreservation_expiry = \"4m\"\nidle_timeout = \"1m\"\n").0, "limits.reservation_expiry");
+        assert_eq!(at("[limits]\nreservation_expiry = \"31d\"\n").0, "limits.reservation_expiry");
+        assert!(parse("[limits]\nreservation_expiry = \"5m\"\nidle_timeout = \"2m\"\n").is_ok());
+    }
+
     #[test]
     fn tenant_names_follow_the_tenant_id_grammar() {
         let ok = parse("[plans.p]\n[tenants.\"sub|1234\"]\nplan = \"p\"\n").unwrap();

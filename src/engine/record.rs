@@ -149,7 +149,7 @@ impl Tollgate {
                 .under_lock(cell.lock(), async {
                     self.units().leases().settle_inflight(cell).await?;
                     if let Err(Take::NeedLease) = cell.check_units(1, now) {
-                        self.units().leases().refill_locked(rt, cell, now, 0, 0).await?;
+                        self.units().leases().refill_locked(rt, cell, now, 0, 0, false).await?;
                     }
                     Ok(cell.check_units(1, now))
                 })
@@ -463,7 +463,7 @@ impl Tollgate {
                     Take::Exhausted => return Ok(None),
                     Take::NeedLease => {}
                 }
-                Ok(match leases.refill_locked(rt, cell, now, quantity, 0).await? {
+                Ok(match leases.refill_locked(rt, cell, now, quantity, 0, true).await? {
                     Refill::Taken { tag, .. } => Some(tag),
                     Refill::Short | Refill::Done => None,
                 })

@@ -57,8 +57,9 @@ impl Worker {
         let expiries = Self::credit_expiries(self.tollgate.clone(), self.shutdown.clone());
         let holds = Self::hold_expiries(self.tollgate.clone(), self.shutdown.clone());
         let places = Self::places(self.tollgate.clone(), self.shutdown.clone());
+        let stale = Self::stale_leases(self.tollgate.clone(), self.shutdown.clone());
         let alerts = Self::alerts(self.tollgate.clone(), self.shutdown.clone());
-        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places, alerts);
+        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places, alerts, stale);
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -87,6 +88,20 @@ impl Worker {
             let expired = tollgate.units().holds().expire(tollgate.shared().clock().unix_secs());
             if expired > 0 {
                 tracing::warn!(holds = expired, "holds open past limits.hold_timeout were settled as recorded so far");
+            }
+            true
+        })
+        .await;
+    }
+
+    /// A pass every second stopping the leases whose reservation was not renewed in time
+    /// ([`Tollgate::stop_stale_leases`]): beside the flushes, which a slow store may delay.
+    async fn stale_leases(tollgate: Tollgate, shutdown: watch::Receiver<bool>) {
+        let every = || Duration::from_secs(1);
+        periodically(shutdown, every(), every, || async {
+            let stopped = tollgate.stop_stale_leases();
+            if stopped > 0 {
+                tracing::warn!(stopped, "leases not renewed in time (limits.reservation_expiry) wait for a store call");
             }
             true
         })
@@ -205,6 +220,18 @@ impl Worker {
         let mut next_flush = Instant::now() + flush_every;
         let mut next_sweep = Instant::now() + sweep_every;
         let mut next_directory = Instant::now() + directory_every;
+        // The sweep runs beside the worker's other work (its leases go back in batches that
+        // may take a while): one at a time.
+        let mut sweeping: Option<tokio::task::JoinHandle<()>> = None;
+        let mut sweep = |tollgate: &Tollgate| {
+            if sweeping.as_ref().is_some_and(|s| !s.is_finished()) {
+                return;
+            }
+            let tollgate = tollgate.clone();
+            sweeping = Some(tokio::spawn(async move {
+                tollgate.sweep().await;
+            }));
+        };
         loop {
             if *self.shutdown.borrow() {
                 break;
@@ -220,7 +247,7 @@ impl Worker {
                     next_flush = Instant::now() + flush_every;
                 }
                 _ = tokio::time::sleep_until(next_sweep) => {
-                    self.tollgate.sweep().await;
+                    sweep(&self.tollgate);
                     let (_, sweep_every, _) = intervals(&self.tollgate);
                     next_sweep = Instant::now() + sweep_every;
                 }
@@ -230,7 +257,7 @@ impl Worker {
                     next_directory = Instant::now() + directory_every;
                 }
                 _ = self.tollgate.shared().sweep_now().notified() => {
-                    self.tollgate.sweep().await;
+                    sweep(&self.tollgate);
                 }
             }
         }

@@ -380,6 +380,12 @@ struct QuotaCold {
     /// moves them in one step.
     held_old: AtomicU64,
     jobs_old: AtomicU64,
+    /// The lease is not to be spent: its reservation was not renewed in time ([`QuotaRef::stash`]).
+    /// Units given back go to the spare ones meanwhile; a call that renews it lifts it.
+    stopped: AtomicBool,
+    /// When the last answered call of the current period renewed what the node keeps (Unix
+    /// seconds, this node's clock; 0: none). Read without the lock by the stop pass.
+    reported_at: AtomicI64,
     /// A spend cap's quota: the tenant's own cap as the store's last answer said (0: none, the
     /// plan's holds; [`CAP_UNKNOWN`]: no answer yet): its limit, with [`CAP_SOFT`] set for a
     /// soft one.
@@ -406,7 +412,6 @@ pub(crate) struct Locked {
     /// renewed a reservation yet). A flush reports what changed since, and renews it before
     /// it expires; past its expiry less the clock-skew bound the node stops spending it.
     pub(crate) reported: crate::store::Kept,
-    pub(crate) reported_at: i64,
 }
 
 /// A store call of one quota cell.
@@ -823,6 +828,11 @@ impl<'a> QuotaRef<'a> {
     /// taken from; after that period's roll, to that period's counter in the store.
     pub(crate) fn refund(&self, cost: u64, tag: u16) {
         let cold = self.cold();
+        if cold.stopped.load(Ordering::Acquire) && tag == PeriodBits::tag(self.hot.period.load(Ordering::Acquire)) {
+            // Not spendable until a call renews the reservation: waiting with the spare units.
+            self.add_spare(tag, cost);
+            return;
+        }
         let mut word = self.hot.lease.load(Ordering::Acquire);
         while Lease::tag(word) == tag {
             let cost = i64::try_from(cost).unwrap_or(i64::MAX);
@@ -875,6 +885,12 @@ impl<'a> QuotaRef<'a> {
             }
         }
         let excess = (Lease::value(word) - cap) as u64;
+        self.add_spare(tag, excess);
+        excess
+    }
+
+    /// Adds `units` of the period tagged `tag` to the spare units.
+    fn add_spare(&self, tag: u16, excess: u64) {
         let spare = &self.cold().spare;
         let mut word = spare.load(Ordering::Acquire);
         loop {
@@ -890,7 +906,7 @@ impl<'a> QuotaRef<'a> {
                     if Lease::tag(old) != tag && Lease::value(old) > 0 {
                         self.late_spare(Lease::tag(old), Lease::value(old) as u64);
                     }
-                    return excess;
+                    return;
                 }
                 Err(w) => word = w,
             }
@@ -1025,7 +1041,7 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn report_due(&self, now: i64, expiry: i64, skew: i64) -> Option<bool> {
         let locked = self.locked();
         let kept = self.kept(true, locked.returned);
-        let at = locked.reported_at;
+        let at = self.cold().reported_at.load(Ordering::Acquire);
         let keeps = kept.total() > 0 || locked.reported.total() > 0;
         if at > 0 && keeps && now >= at.saturating_add(expiry - skew) {
             return Some(true);
@@ -1037,16 +1053,55 @@ impl<'a> QuotaRef<'a> {
     /// or more (the store could not be reached): its lease must not be spent until a call
     /// renews it.
     pub(crate) fn stale(&self, now: i64, expiry: i64, skew: i64) -> bool {
-        let at = self.locked().reported_at;
-        at > 0 && now >= at.saturating_add(expiry - skew)
+        let at = self.cold().reported_at.load(Ordering::Acquire);
+        at > 0 && now >= at.saturating_add(expiry - skew) && self.lease() > 0
+    }
+
+    /// Records that a call sent at `at` told the store `kept` (what it now counts this node
+    /// keeps). Call with the lock held.
+    pub(crate) fn reported(&self, kept: crate::store::Kept, at: i64) {
+        self.locked().reported = kept;
+        self.cold().reported_at.store(at, Ordering::Release);
+    }
+
+    /// Forgets what the store was told of the period that ended (its counter's record was
+    /// settled by the roll's call).
+    pub(crate) fn forget_reported(&self) {
+        self.locked().reported = crate::store::Kept::default();
+        self.cold().reported_at.store(0, Ordering::Release);
+    }
+
+    /// When the last call renewed what this node keeps (0: none).
+    pub(crate) fn reported_at(&self) -> i64 {
+        self.cold().reported_at.load(Ordering::Acquire)
+    }
+
+    /// What the store was last told this node keeps.
+    pub(crate) fn reported_kept(&self) -> crate::store::Kept {
+        self.locked().reported
     }
 
     /// Stops spending the lease: its unused units move to the spare ones (they go back to the
     /// store with the next call, or serve again once a call renews the reservation). Call
     /// with the lock held.
     pub(crate) fn stash(&self) -> u64 {
+        self.cold().stopped.store(true, Ordering::Release);
         let tag = PeriodBits::tag(self.hot.period.load(Ordering::Acquire));
         self.trim_to(tag, 0)
+    }
+
+    /// Whether the lease is stopped ([`stash`](Self::stash)) until a call renews it.
+    pub(crate) fn stopped(&self) -> bool {
+        self.cold().stopped.load(Ordering::Acquire)
+    }
+
+    /// A call renewed the reservation: the lease may be spent again, with what waited as
+    /// spare units. Call with the lock held.
+    pub(crate) fn resume(&self) {
+        if self.cold().stopped.swap(false, Ordering::AcqRel) {
+            let spare = self.take_spare();
+            self.credit(spare);
+        }
     }
 
     /// The store gave back what this node kept of the current period's counter (its
@@ -1058,7 +1113,6 @@ impl<'a> QuotaRef<'a> {
     /// Call with the lock held.
     pub(crate) fn drop_kept(&self, debt: bool) -> u64 {
         let cold = self.cold();
-        cold.spare.store(0, Ordering::Release);
         let holds = cold.held.load(Ordering::Relaxed).saturating_sub(cold.jobs.load(Ordering::Relaxed));
         let holds = i64::try_from(holds).unwrap_or(Lease::MAX).min(Lease::MAX);
         let mut word = self.hot.lease.load(Ordering::Acquire);
@@ -1068,7 +1122,12 @@ impl<'a> QuotaRef<'a> {
             let owes = if debt { -(owed.max(holds)) } else { -(owed.saturating_add(holds)) };
             let next = Lease::word(Lease::tag(word), owes.max(-Lease::MAX));
             match self.hot.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return u64::try_from(left.max(0)).unwrap_or(0),
+                Ok(_) => {
+                    // After the lease: a stash meanwhile finds nothing to move.
+                    cold.spare.store(0, Ordering::Release);
+                    cold.stopped.store(false, Ordering::Release);
+                    return u64::try_from(left.max(0)).unwrap_or(0);
+                }
                 Err(w) => word = w,
             }
         }
@@ -1185,13 +1244,14 @@ impl<'a> QuotaRef<'a> {
         // Late refunds of the old period go to it from now on.
         cold.prev_tag.store(if old_bits == 0 { u32::MAX } else { u32::from(old_tag) }, Ordering::Release);
         let old = self.hot.lease.swap(Lease::word(PeriodBits::tag(bits), 0), Ordering::AcqRel);
-        if !self.prepaid() {
-            // Holds open now belong to the period that ends.
-            self.age_holds();
-        }
         cold.exhausted.store(false, Ordering::Release);
         cold.reserved.store(0, Ordering::Release);
         self.hot.period.store(bits, Ordering::Release);
+        if !self.prepaid() {
+            // Holds open now belong to the period that ends (a hold counted from now on is
+            // counted by its own tag).
+            self.age_holds();
+        }
         if old_bits == 0 {
             return None;
         }

@@ -929,3 +929,74 @@ pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<
     let stored = store.usage_range(&tenant.into(), NOON - 86_400, NOON + 86_400).await.unwrap();
     assert_eq!(stored.iter().map(|u| u.quantity).sum::<u64>(), 1, "billed once across the fleet: {stored:?}");
 }
+
+/// A node of 10,000 tenants, each with a lease of two meters (20,000 cells), shuts down with
+/// the default `usage.shutdown_timeout` (10 s): every lease goes back in time, in batches,
+/// and each counter then holds exactly what was used (issue 52). Returns the time the
+/// shutdown took.
+pub async fn ten_thousand_tenants_give_their_leases_back_at_shutdown(
+    store: Arc<dyn StoreInspect>,
+) -> std::time::Duration {
+    tenants_give_their_leases_back_at_shutdown(store, 10_000, "").await
+}
+
+/// [`ten_thousand_tenants_give_their_leases_back_at_shutdown`] with `tenants` tenants and
+/// `usage` lines of `[usage]` (a shutdown timeout).
+pub async fn tenants_give_their_leases_back_at_shutdown(
+    store: Arc<dyn StoreInspect>,
+    tenants: usize,
+    usage: &str,
+) -> std::time::Duration {
+    use std::fmt::Write as _;
+    let step = (tenants / 10).max(1);
+    // A generous store timeout for the many first calls made at once on a small pool (the
+    // shutdown keeps its default timeout, 10 s).
+    let toml = String::from(
+        "[usage]\nstore_timeout = \"5s\"\n{usage}\n[meters.images]\n[plans.p]\nrate = \"100000/s\"\n\
+         quotas.requests = { limit = 100000, period = \"day\", mode = \"hard\", lease = 50 }\n\
+         quotas.images = { limit = 100000, period = \"day\", mode = \"hard\", lease = 50 }\n\
+         [[routes]]\npath = \"/images\"\nmeter = \"images\"\n",
+    );
+    let mut toml = toml.replace("{usage}", usage);
+    for i in 0..tenants {
+        let _ = write!(toml, "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n");
+    }
+    let config = Config::from_toml_str(&toml).unwrap();
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).clock(clock).build();
+    let h = Arc::new(Harness::from_layer(tollgate::TollgateLayer::new(engine), handle));
+    // 64 tenants at a time: each first request of a meter is a store call.
+    for chunk in (0..tenants).collect::<Vec<_>>().chunks(64) {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in chunk {
+            let key: &'static str = Box::leak(format!("key-{i}").into_boxed_str());
+            let h = h.clone();
+            calls.spawn(async move {
+                assert_eq!(h.status("/", key).await, 200);
+                assert_eq!(h.status("/images", key).await, 200);
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            done.unwrap();
+        }
+    }
+    // The usage first (the shutdown's flush then has nothing to commit): what is timed is
+    // giving the leases back.
+    let flushed = std::time::Instant::now();
+    h.tollgate.flush().await.unwrap();
+    eprintln!("flush of 20,000 records: {:?}", flushed.elapsed());
+    let started = std::time::Instant::now();
+    let report = h.tollgate.shutdown().await.unwrap();
+    let took = started.elapsed();
+    eprintln!("shutdown of {tenants} tenants × 2 meters: {took:?}");
+    assert!(report.leases_returned, "every lease given back within the shutdown timeout: {report:?}");
+    for i in (0..tenants).step_by(step) {
+        for meter in ["requests", "images"] {
+            let counters = store.counters(&format!("t{i}").as_str().into(), &meter.into()).await.unwrap();
+            let reserved: u64 = counters.iter().map(|c| c.reserved).sum();
+            assert_eq!(reserved, 1, "t{i} {meter}: what was used, the rest given back");
+        }
+    }
+    eprintln!("{} leases given back in {took:?}", 2 * tenants);
+    took
+}

@@ -80,11 +80,11 @@ impl Gate {
                     // Only checked: a unit of the cap must be left (a soft cap's overdrawn
                     // lease goes to the store: its debt paid, the tenant's own cap read).
                     if (cell.lease() < 0 && !cell.hard()) || matches!(cell.check_units(1, at), Err(Take::NeedLease)) {
-                        self.units.leases().refill_locked(rt, cell, at, 0, 0).await?;
+                        self.units.leases().refill_locked(rt, cell, at, 0, 0, false).await?;
                     }
                     return Ok(cell.check_units(1, at).map(|()| None).map_err(drop));
                 }
-                Ok(match self.units.leases().take_locked(rt, cell, at, need, 0).await? {
+                Ok(match self.units.leases().take_locked(rt, cell, at, need, 0, true).await? {
                     Some(t) => Ok(Some(t.tag)),
                     None => Err(()),
                 })
@@ -140,14 +140,14 @@ impl Gate {
                 if !charged {
                     // A replay: the units must be there, but are not taken.
                     if cell.check_units(u64::from(cost), at).is_err() {
-                        leases.refill_locked(rt, cell, at, 0, 0).await?;
+                        leases.refill_locked(rt, cell, at, 0, 0, false).await?;
                     }
                     return Ok(match cell.check_units(u64::from(cost), at) {
                         Ok(()) => Ok((None, cell.lease(), None)),
                         Err(_) => Err(()),
                     });
                 }
-                Ok(match leases.take_locked(rt, cell, at, u64::from(cost), 0).await? {
+                Ok(match leases.take_locked(rt, cell, at, u64::from(cost), 0, true).await? {
                     Some(t) => Ok((Some(t.tag), t.left, t.start)),
                     None => Err(()),
                 })
@@ -231,7 +231,7 @@ impl Gate {
                 .under_lock(cell.lock(), async {
                     self.units.leases().settle_inflight(cell).await?;
                     if let Err(Take::NeedLease) = cell.check_units(1, at) {
-                        self.units.leases().refill_locked(rt, cell, at, 0, 0).await?;
+                        self.units.leases().refill_locked(rt, cell, at, 0, 0, false).await?;
                     }
                     Ok(cell.check_units(1, at))
                 })

@@ -602,7 +602,7 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
         .under_lock(cell.lock(), async {
             // A call left in flight by a timeout may have landed: its units come first.
             leases.settle_inflight(cell).await?;
-            Ok(match leases.take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD)).await? {
+            Ok(match leases.take_locked(&rt, cell, at, units, units.saturating_mul(LEASE_PER_HOLD), false).await? {
                 Some(t) => Ok(Taken::lease(state, meter, units, t.tag, t.start.map_or(at, |start| at.max(start)))),
                 None => Err(()),
             })

@@ -29,6 +29,26 @@ pub(crate) enum Refill {
     Done,
 }
 
+/// What a call readied by [`Leases::begin`] says.
+#[derive(Clone, Copy)]
+struct Sent {
+    kept: crate::store::Kept,
+    expires_at: i64,
+    /// When it was first sent (this node's clock).
+    at: i64,
+    /// Whether it is of the cell's current period's counter.
+    current: bool,
+    /// Whether it is a refill (which owes the lease's debt).
+    refill: bool,
+}
+
+/// The most releases one batch of lease returns sends (DynamoDB writes at most 100 items in
+/// a transaction).
+const RETURN_BATCH: usize = 100;
+
+/// How many batches of lease returns are in flight at once.
+const RETURN_AT_ONCE: usize = 4;
+
 /// How many cells a flush tends at once.
 const TEND_AT_ONCE: usize = 64;
 /// After this many store timeouts, a flush tends no more cells (the next flush does).
@@ -129,10 +149,11 @@ impl Leases {
         ReserveToken::new(sender, self.ids.next_seq()).at(self.clock.unix_secs())
     }
 
-    /// Sends one store call of `cell`. The call is recorded as in flight first: if this future
-    /// is dropped (a timeout) or the store fails, the next call of the cell sends it again,
-    /// with the same token, before anything else.
-    async fn send(&self, cell: QuotaRef<'_>, mut call: Call) -> Result<Grant, StoreError> {
+    /// Readies `call` of `cell` to be sent: counts the attempt, fixes what it says the node
+    /// keeps of the counter (at its first send), and records it as in flight: if the sending
+    /// future is dropped (a timeout) or the store fails, the next call of the cell sends it
+    /// again, with the same token and the same record, before anything else.
+    fn begin(&self, cell: QuotaRef<'_>, call: &mut Call) -> Sent {
         call.attempts = call.attempts.saturating_add(1);
         if call.attempts == MAX_ATTEMPTS {
             // Never given up: the store may have applied it (an answer lost, a timeout), and a
@@ -159,23 +180,44 @@ impl Leases {
             }
         });
         cell.locked().inflight = Some(Box::new(call.clone()));
+        Sent { kept, expires_at, at, current, refill }
+    }
+
+    /// The release `call` (readied by [`begin`](Self::begin)) sends.
+    fn release_of(call: &Call, sent: &Sent) -> crate::store::Release {
+        let units = match call.kind {
+            CallKind::Release { units } => units,
+            CallKind::Reserve { .. } => 0,
+        };
+        crate::store::Release::new(call.key.clone(), units, call.token).keeping(sent.kept, sent.expires_at)
+    }
+
+    /// Sends one store call of `cell` ([`begin`](Self::begin), then [`finish`](Self::finish)).
+    async fn send(&self, cell: QuotaRef<'_>, mut call: Call) -> Result<Grant, StoreError> {
+        let sent = self.begin(cell, &mut call);
         let store = &self.stores.request().quota;
         let answer = match call.kind {
             CallKind::Reserve { units, owed, limit, at_least, taking, .. } => {
                 let r = Reservation::new(call.key.clone(), units, owed, limit, call.token)
                     .shrinking(at_least)
-                    .keeping(kept, expires_at)
+                    .keeping(sent.kept, sent.expires_at)
                     .taking(taking);
                 // A spend cap's counters are held to the tenant's own cap when it set one.
                 let r = if cell.spec.capped { r.capped(CapMode::Stored).cap_within(cell.spec.cap_max) } else { r };
                 store.reserve(&r).await
             }
-            CallKind::Release { units } => {
-                let release = crate::store::Release::new(call.key.clone(), units, call.token).keeping(kept, expires_at);
-                store.release_one(release).await.map(|()| Grant::new(0, 0))
+            CallKind::Release { .. } => {
+                store.release_one(Self::release_of(&call, &sent)).await.map(|()| Grant::new(0, 0))
             }
         };
-        match &answer {
+        Self::finish(cell, &call, &sent, &answer);
+        answer
+    }
+
+    /// Applies the store's answer to a call of `cell` to what the cell knows of it.
+    fn finish(cell: QuotaRef<'_>, call: &Call, sent: &Sent, answer: &Result<Grant, StoreError>) {
+        let Sent { kept, at, current, refill, .. } = *sent;
+        match answer {
             Ok(grant) => {
                 cell.locked().inflight = None;
                 if grant.expired && current {
@@ -198,9 +240,7 @@ impl Leases {
                     } else {
                         crate::store::Kept::new(kept.lease.saturating_add(grant.granted - taking), kept.held, kept.jobs)
                     };
-                    let mut locked = cell.locked();
-                    locked.reported = reported;
-                    locked.reported_at = at;
+                    cell.reported(reported, at);
                 }
                 // Every answer of a spend cap's reservation says the tenant's own cap: a node
                 // learns it from its debts' calls too, not only from its refills.
@@ -224,7 +264,6 @@ impl Leases {
                 }
             }
         }
-        answer
     }
 
     /// Sends again the call left in flight by a timeout or a failure, and applies its answer.
@@ -307,8 +346,16 @@ impl Leases {
             return Ok(());
         };
         cell.locked().prev = Some((old.start, old.end));
+        // The old counter's record of what this node keeps is settled by this call (it keeps
+        // nothing of it now); the new one has none yet. (A balance's windows share a counter.)
+        let told = !cell.prepaid() && cell.reported_kept().total() > 0;
+        if !cell.prepaid() {
+            cell.forget_reported();
+        }
         let kind = if left > 0 {
             CallKind::Release { units: left as u64 }
+        } else if left == 0 && told {
+            CallKind::Release { units: 0 }
         } else if left < 0 {
             CallKind::Reserve {
                 units: 0,
@@ -339,6 +386,7 @@ impl Leases {
         now: i64,
         need: u64,
         min_lease: u64,
+        used_at_once: bool,
     ) -> Result<Refill, StoreError> {
         // Shutdown gave this lease back (under the cell's lock, which this call holds): a new
         // one would stay leased for good. The work waiting on it (a request, a hold, a job's
@@ -352,7 +400,11 @@ impl Leases {
         // Units given back past the lease's cap are this node's still: they serve first. Not
         // those of a reservation not renewed in time: they serve once this call renews it.
         let (expiry, skew) = self.expiry();
-        let stale = cell.stale(self.clock.unix_secs(), expiry, skew);
+        if cell.stale(self.clock.unix_secs(), expiry, skew) {
+            // Not renewed in time: its lease waits for this call's answer, not spent first.
+            cell.stash();
+        }
+        let stale = cell.stopped();
         if !stale {
             let spare = cell.take_spare();
             if spare > 0 {
@@ -393,8 +445,10 @@ impl Leases {
             return Ok(Refill::Taken { tag, start });
         }
         let units = size.max(lacking);
-        let kind =
-            CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: lacking.max(1), taking: lacking };
+        // What the waiting request takes of the grant is used at once (a request's units, a
+        // job's, which stay spent by rule); a hold's stay kept (held, given back at an expiry).
+        let taking = if used_at_once { lacking } else { 0 };
+        let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: lacking.max(1), taking };
         let call =
             Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None };
         // Answered here: applied below. Answered only when sent again (after a timeout): the
@@ -409,8 +463,7 @@ impl Leases {
         };
         if stale && !grant.expired {
             // Renewed: what waited serves again.
-            let spare = cell.take_spare();
-            cell.credit(spare);
+            cell.resume();
         }
         cell.leased(size.min(grant.granted.max(1)), now_nanos);
         answered(cell, &grant, limit);
@@ -452,87 +505,78 @@ impl Leases {
         at: i64,
         units: u64,
         min_lease: u64,
+        used_at_once: bool,
     ) -> Result<Option<Took>, StoreError> {
         match cell.try_take(units, at) {
             crate::tenant::Take::Taken { tag, left } => return Ok(Some(Took { tag, left, start: None })),
             crate::tenant::Take::Exhausted => return Ok(None),
             crate::tenant::Take::NeedLease => {}
         }
-        Ok(match self.refill_locked(rt, cell, at, units, min_lease).await? {
+        Ok(match self.refill_locked(rt, cell, at, units, min_lease, used_at_once).await? {
             Refill::Taken { tag, start } => Some(Took { tag, left: cell.lease(), start: Some(start) }),
             Refill::Short | Refill::Done => None,
         })
     }
 
-    /// Gives the unused units of `cell`'s lease back to the store and owes its debt (on
-    /// eviction, reload and shutdown), with the lock taken here. Retried with the same token
-    /// within `store_timeout`; what is still in flight then is logged.
-    pub(crate) async fn return_lease(&self, cell: QuotaRef<'_>) -> bool {
-        let _guard = cell.lock().lock().await;
-        let result = self
-            .stores
-            .within(async {
-                self.settle_inflight(cell).await?;
-                // Spare units come back to the lease, given back with it (those of the period
-                // before join its late refunds, settled next).
-                let spare = cell.take_spare();
-                cell.credit(spare);
-                self.settle_previous(cell).await?;
-                // Units taken outside a lease go to their own periods (all of them, for a cell that
-                // never held a lease).
-                self.settle_unleased_elsewhere(cell).await?;
-                let left = {
-                    // Marked under the same lock a hold's give-back takes: its units come to
-                    // the lease before this empties it, or go to the store after.
-                    let mut locked = cell.locked();
-                    locked.returned = true;
-                    let spare = i64::try_from(cell.take_spare()).unwrap_or(i64::MAX);
-                    cell.take_all().saturating_add(spare)
-                };
-                let owed = cell.take_unleased();
-                let (start, end) = cell.period();
-                if end == 0 {
-                    return Ok(());
-                }
-                // Usage outside the lease is owed and the rest of the lease given back: one call.
-                let net = i128::from(left) - i128::from(owed);
-                let kind = match net.cmp(&0) {
-                    std::cmp::Ordering::Greater => CallKind::Release { units: net as u64 },
-                    std::cmp::Ordering::Less => CallKind::Reserve {
-                        units: 0,
-                        owed: (-net) as u64,
-                        limit: None,
-                        refill: false,
-                        repay: 0,
-                        at_least: 0,
-                        taking: 0,
-                    },
-                    // Nothing to give back or owe: what it keeps is told if the store's
-                    // record of it differs (its holds, now kept as jobs' are).
-                    std::cmp::Ordering::Equal if cell.locked().reported == cell.kept(true, true) => return Ok(()),
-                    std::cmp::Ordering::Equal => CallKind::Release { units: 0 },
-                };
-                let call = Call {
-                    key: cell.key(start, end),
-                    token: self.token(cell),
-                    kind,
-                    attempts: 0,
-                    errors: 0,
-                    keeping: None,
-                };
-                self.send(cell, call).await.map(drop)
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "a lease could not be given back");
-            if let Some(call) = cell.locked().inflight.clone() {
-                // Reported: the store may hold units this node never used nor gave back.
-                tracing::error!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
-                    "a quota call is still unanswered as the lease is given back: the store may count its units");
-            }
-            return false;
+    /// Readies the return of `cell`'s lease (on eviction, reload and shutdown), with its lock
+    /// held by the caller: what must go first goes (a call in flight, the period before's late
+    /// refunds, usage taken outside a lease in other periods), the lease is emptied and marked
+    /// given back, and the one call that gives back its rest and owes its debt is returned
+    /// (`None`: nothing to send).
+    async fn prepare_return(&self, cell: QuotaRef<'_>) -> Result<Option<Call>, StoreError> {
+        self.settle_inflight(cell).await?;
+        // Spare units come back to the lease, given back with it (those of the period
+        // before join its late refunds, settled next).
+        let spare = cell.take_spare();
+        cell.credit(spare);
+        self.settle_previous(cell).await?;
+        // Units taken outside a lease go to their own periods (all of them, for a cell that
+        // never held a lease).
+        self.settle_unleased_elsewhere(cell).await?;
+        let left = {
+            // Marked under the same lock a hold's give-back takes: its units come to
+            // the lease before this empties it, or go to the store after.
+            let mut locked = cell.locked();
+            locked.returned = true;
+            let spare = i64::try_from(cell.take_spare()).unwrap_or(i64::MAX);
+            cell.take_all().saturating_add(spare)
+        };
+        let owed = cell.take_unleased();
+        let (start, end) = cell.period();
+        if end == 0 {
+            return Ok(None);
         }
-        true
+        // Usage outside the lease is owed and the rest of the lease given back: one call.
+        let net = i128::from(left) - i128::from(owed);
+        let kind = match net.cmp(&0) {
+            std::cmp::Ordering::Greater => CallKind::Release { units: net as u64 },
+            std::cmp::Ordering::Less => CallKind::Reserve {
+                units: 0,
+                owed: (-net) as u64,
+                limit: None,
+                refill: false,
+                repay: 0,
+                at_least: 0,
+                taking: 0,
+            },
+            // Nothing to give back or owe: what it keeps is told if the store's
+            // record of it differs (its holds, now kept as jobs' are).
+            std::cmp::Ordering::Equal if cell.locked().reported == cell.kept(true, true) => return Ok(None),
+            std::cmp::Ordering::Equal => CallKind::Release { units: 0 },
+        };
+        let call =
+            Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None };
+        Ok(Some(call))
+    }
+
+    /// Logs a lease that could not be given back.
+    fn unreturned(cell: QuotaRef<'_>, e: &StoreError) {
+        tracing::debug!(error = %e, "a lease could not be given back");
+        if let Some(call) = cell.locked().inflight.clone() {
+            // Reported: the store may hold units this node never used nor gave back.
+            tracing::error!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
+                "a quota call is still unanswered as the lease is given back: the store may count its units");
+        }
     }
 
     /// Gives `units` back to the counter of the period `[start, end)` of `cell` (a hold's,
@@ -611,20 +655,22 @@ impl Leases {
                 cell.stash();
             }
         }
-        let cells: Vec<(Tenant, usize)> = states
+        // The longest unrenewed first: a pass cut short by timeouts reaches them next time.
+        let mut cells: Vec<(i64, Tenant, usize)> = states
             .iter()
             .flat_map(|s| {
                 s.quotas()
                     .enumerate()
                     .filter(|(_, c)| Self::needs_tending(*c, now, expiry, skew))
-                    .map(|(i, _)| (s.clone(), i))
+                    .map(|(i, c)| (c.reported_at(), s.clone(), i))
                     .collect::<Vec<_>>()
             })
             .collect();
+        cells.sort_by_key(|(at, _, _)| *at);
         // A store that does not answer: the other cells wait for the next flush.
         let timeouts = std::sync::atomic::AtomicU32::new(0);
         futures_util::stream::iter(cells)
-            .for_each_concurrent(TEND_AT_ONCE, |(state, i)| {
+            .for_each_concurrent(TEND_AT_ONCE, |(_, state, i)| {
                 let timeouts = &timeouts;
                 async move {
                     if timeouts.load(std::sync::atomic::Ordering::Relaxed) >= TEND_TIMEOUTS {
@@ -653,7 +699,7 @@ impl Leases {
         let (expiry, skew) = self.expiry();
         self.settle_inflight(cell).await?;
         let returned = cell.locked().returned;
-        if cell.stale(now, expiry, skew) && !returned {
+        if (cell.stopped() || cell.stale(now, expiry, skew)) && !returned {
             // Renewed first (or found given back): its spare units serve again only then.
             self.report(rt, cell, now).await?;
         }
@@ -665,7 +711,7 @@ impl Leases {
         let asked = cell.prefetch_pending();
         let due = cell.lease() < 0 || (asked && cell.lease() < cell.low());
         if due && !state.is_evicted() && !returned {
-            self.refill_locked(rt, cell, now, 0, 0).await?;
+            self.refill_locked(rt, cell, now, 0, 0, false).await?;
         }
         if asked {
             // Done: the worker's job for it finds nothing asked.
@@ -692,8 +738,7 @@ impl Leases {
         if !grant.expired {
             // Renewed: units waiting while it was not serve again (given back past the
             // lease's cap by the tending after).
-            let spare = cell.take_spare();
-            cell.credit(spare);
+            cell.resume();
         }
         answered(cell, &grant, limit);
         let (from, to) = if cell.prepaid() { crate::base::Period::Prepaid.bounds(0) } else { (start, end) };
@@ -723,15 +768,63 @@ impl Leases {
 
     /// Gives the unused units of these states' current leases back to the store, and owes
     /// what they used beyond them: the number of leases the store did not take.
+    ///
+    /// The returns go in batches of [`RETURN_BATCH`] releases, one store call each
+    /// ([`QuotaStore::release`](crate::store::QuotaStore::release)), [`RETURN_AT_ONCE`] batches
+    /// at a time; a lease that owes more
+    /// than it gives back goes alone (a reservation). One release of a batch that fails (its
+    /// condition, a busy row) leaves the others returned: it is sent again alone, with its
+    /// token. A batch the store does not answer in time is sent again one release at a time.
     pub(crate) async fn return_leases(&self, states: Vec<Tenant>) -> usize {
         let mut failed = 0;
-        for state in states {
+        let mut ready = Vec::new();
+        for state in &states {
             for cell in state.quotas() {
-                if !self.return_lease(cell).await {
-                    failed += 1;
+                let guard = cell.lock().lock().await;
+                match self.stores.within(self.prepare_return(cell)).await {
+                    Ok(None) => {}
+                    Ok(Some(call)) if matches!(call.kind, CallKind::Release { .. }) => ready.push((cell, guard, call)),
+                    Ok(Some(call)) => {
+                        if let Err(e) = self.stores.within(self.send(cell, call)).await {
+                            failed += 1;
+                            Self::unreturned(cell, &e);
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        Self::unreturned(cell, &e);
+                    }
                 }
             }
-            self.return_cells(&state).await;
+        }
+        // A batch is background work: held to `limits.background_timeout`, not to a request's.
+        let store = self.stores.background().quota.clone();
+        let sent: Vec<Sent> = ready.iter_mut().map(|(cell, _, call)| self.begin(*cell, call)).collect();
+        let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, call), s)| Self::release_of(call, s)).collect();
+        let answers: Vec<Vec<Result<(), StoreError>>> = {
+            use futures_util::StreamExt as _;
+            let calls: Vec<_> = releases.chunks(RETURN_BATCH).map(|batch| store.release(batch)).collect();
+            futures_util::stream::iter(calls).buffered(RETURN_AT_ONCE).collect().await
+        };
+        let mut answers: Vec<_> = answers.into_iter().flatten().map(Some).collect();
+        answers.resize_with(ready.len(), || None);
+        for (((cell, _guard, call), s), answer) in ready.iter().zip(&sent).zip(answers) {
+            match answer {
+                Some(Ok(())) => Self::finish(*cell, call, s, &Ok(Grant::new(0, 0))),
+                other => {
+                    if let Some(Err(e)) = other {
+                        Self::finish(*cell, call, s, &Err(e));
+                    }
+                    // That one alone, again with its token (the others are returned).
+                    if let Err(e) = self.stores.within(self.settle_inflight(*cell)).await {
+                        failed += 1;
+                        Self::unreturned(*cell, &e);
+                    }
+                }
+            }
+        }
+        for state in &states {
+            self.return_cells(state).await;
         }
         failed
     }

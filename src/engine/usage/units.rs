@@ -124,7 +124,7 @@ impl Units {
                 }
                 // Still asked (a flush may have done it meanwhile), and still low.
                 if job.flagged && cell.prefetch_pending() && cell.lease() < cell.low() {
-                    self.leases.refill_locked(&rt, cell, now, 0, 0).await?;
+                    self.leases.refill_locked(&rt, cell, now, 0, 0, false).await?;
                 }
                 Ok(())
             })

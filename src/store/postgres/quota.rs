@@ -73,10 +73,16 @@ impl PostgresStore {
     /// The conditional update; when it changes nothing, the row is read to tell a token seen
     /// (answered again) from a counter that does not exist.
     async fn try_quota(&self, c: &Call<'_>) -> Pg<Attempt> {
+        let client = self.client().await?;
+        self.try_quota_on(&client, c).await
+    }
+
+    /// [`try_quota`](Self::try_quota) on `client` (statements sent at once on one connection
+    /// are pipelined).
+    async fn try_quota_on(&self, client: &deadpool_postgres::Object, c: &Call<'_>) -> Pg<Attempt> {
         let k = c.key;
         let (period, node) = (k.period_tag(), node_int(c.token.node).to_string());
         let (t, m, p) = (k.tenant.as_str(), k.meter.as_str(), period.as_str());
-        let client = self.client().await?;
         let row = client
             .query_typed_opt(
                 &self.inner.reserve_sql,
@@ -114,7 +120,7 @@ impl PostgresStore {
                 .with_expired(row.get(6));
             return Ok(Attempt::Done(grant));
         }
-        let cap = if c.capped { self.stored_cap(&client, k).await? } else { None };
+        let cap = if c.capped { self.stored_cap(client, k).await? } else { None };
         let seen = client
             .query_typed_opt(
                 &self.sql(
@@ -225,14 +231,41 @@ impl PostgresStore {
 
     /// Each release of a batch, as one call of the reserve statement each (`units` 0, the
     /// units given back as a negative delta), at most 16 at once.
+    /// A batch of releases: their statements pipelined on one connection in one transaction
+    /// (one round trip and one commit for the batch); when one of them does not apply at once
+    /// (a counter to create, a reservation to expire first, an error), none is kept, and each
+    /// goes alone after, as one call.
     async fn release_batch(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
-        use futures_util::StreamExt;
-        let calls: Vec<_> = releases.iter().map(|r| self.release_call(r)).collect();
-        futures_util::stream::iter(calls).buffered(16).collect().await
+        let calls: Vec<_> = releases.iter().map(Self::release_call).collect();
+        let mut out: Vec<Option<Result<(), StoreError>>> = Vec::with_capacity(calls.len());
+        if let Ok(client) = self.client().await {
+            // In one transaction: one commit (one WAL flush) for the batch. A statement that
+            // fails aborts it: none applied, each goes alone after.
+            if client.batch_execute("BEGIN").await.is_ok() {
+                let tries = futures_util::future::join_all(calls.iter().map(|c| self.try_quota_on(&client, c))).await;
+                let applied: Vec<_> =
+                    tries.into_iter().map(|t| matches!(t, Ok(Attempt::Done(_))).then_some(Ok(()))).collect();
+                let whole = applied.iter().all(Option::is_some);
+                if whole && client.batch_execute("COMMIT").await.is_ok() {
+                    out = applied;
+                } else {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                }
+            }
+        }
+        out.resize_with(calls.len(), || None);
+        let mut done = Vec::with_capacity(calls.len());
+        for (call, first) in calls.iter().zip(out) {
+            done.push(match first {
+                Some(answer) => answer,
+                None => self.quota_call(call).await.map(drop),
+            });
+        }
+        done
     }
 
-    async fn release_call(&self, r: &Release) -> Result<(), StoreError> {
-        let call = Call {
+    fn release_call(r: &Release) -> Call<'_> {
+        Call {
             key: &r.key,
             token: r.token,
             units: 0,
@@ -244,8 +277,7 @@ impl PostgresStore {
             kept: r.kept,
             expires_at: r.expires_at,
             taking: 0,
-        };
-        self.quota_call(&call).await.map(drop)
+        }
     }
 
     /// Stores (or with `None` removes) the tenant's own cap on the key's meter.
