@@ -70,15 +70,15 @@ mod validation {
     /// with its line. A tenth of it is the clock skew tolerated.
     #[test]
     fn a_reservation_expiry_outlasts_twice_the_idle_timeout() {
-        let c = parse("").unwrap();
+        let c = parse("[plans.p]\n").unwrap();
         assert_eq!(c.limits.reservation_expiry, Duration::from_secs(1800));
         assert_eq!(c.limits.clock_skew(), Duration::from_secs(180));
-        let c = parse("[limits]\nidle_timeout = \"1h\"\n").unwrap();
+        let c = parse("[plans.p]\n[limits]\nidle_timeout = \"1h\"\n").unwrap();
         assert_eq!(c.limits.reservation_expiry, Duration::from_secs(7200));
         assert_eq!(at("[limits]\nreservation_expiry = \"20m\"\n"), ("limits.reservation_expiry".to_owned(), Some(2)));
         assert_eq!(at("[limits]\nreservation_expiry = \"4m\"\nidle_timeout = \"1m\"\n").0, "limits.reservation_expiry");
         assert_eq!(at("[limits]\nreservation_expiry = \"31d\"\n").0, "limits.reservation_expiry");
-        assert!(parse("[limits]\nreservation_expiry = \"5m\"\nidle_timeout = \"2m\"\n").is_ok());
+        assert!(parse("[plans.p]\n[limits]\nreservation_expiry = \"5m\"\nidle_timeout = \"2m\"\n").is_ok());
     }
 
     #[test]

@@ -124,9 +124,10 @@ impl Tollgate {
         let (expiry, skew) = self.units().leases().expiry();
         let mut stopped = 0;
         self.gate().table().for_each(|s| {
-            for cell in s.quotas().filter(|c| !c.stopped() && c.stale(now, expiry, skew)) {
-                cell.stash();
-                stopped += 1;
+            for cell in s.quotas().filter(|c| c.stale(now, expiry, skew)) {
+                if cell.stash() > 0 {
+                    stopped += 1;
+                }
             }
         });
         stopped

@@ -261,6 +261,10 @@ impl Worker {
                 }
             }
         }
+        // A sweep under way ends its returns (each bounded by the store's time limits).
+        if let Some(sweeping) = sweeping {
+            let _ = sweeping.await;
+        }
     }
 }
 

@@ -677,10 +677,12 @@ impl Leases {
                         return;
                     }
                     let Some(cell) = state.quotas().nth(i) else { return };
-                    let _guard = cell.lock().lock().await;
-                    let result = self.stores.within(self.tend_cell(rt, &state, cell, now)).await;
+                    // A cell busy past the store's time limit (its lease going back) is tended
+                    // next time: a flush never waits on one for long.
+                    let result =
+                        self.stores.under_lock_or_busy(cell.lock(), self.tend_cell(rt, &state, cell, now)).await;
                     match result {
-                        Ok(()) => {}
+                        Ok(_) => {}
                         Err(e) => {
                             if matches!(e, StoreError::Timeout(_)) {
                                 timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -800,28 +802,44 @@ impl Leases {
         // A batch is background work: held to `limits.background_timeout`, not to a request's.
         let store = self.stores.background().quota.clone();
         let sent: Vec<Sent> = ready.iter_mut().map(|(cell, _, call)| self.begin(*cell, call)).collect();
+        // (A store may lock the counters of a batch in its order: see the PostgreSQL store.)
         let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, call), s)| Self::release_of(call, s)).collect();
         let answers: Vec<Vec<Result<(), StoreError>>> = {
             use futures_util::StreamExt as _;
             let calls: Vec<_> = releases.chunks(RETURN_BATCH).map(|batch| store.release(batch)).collect();
             futures_util::stream::iter(calls).buffered(RETURN_AT_ONCE).collect().await
         };
-        let mut answers: Vec<_> = answers.into_iter().flatten().map(Some).collect();
-        answers.resize_with(ready.len(), || None);
-        for (((cell, _guard, call), s), answer) in ready.iter().zip(&sent).zip(answers) {
+        // Each batch's answers, one per release (a store answering fewer: the rest unanswered).
+        let answers = answers.into_iter().zip(releases.chunks(RETURN_BATCH)).flat_map(|(mut got, batch)| {
+            got.truncate(batch.len());
+            let mut got: Vec<_> = got.into_iter().map(Some).collect();
+            got.resize_with(batch.len(), || None);
+            got
+        });
+        let mut timeouts = 0;
+        for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
             match answer {
-                Some(Ok(())) => Self::finish(*cell, call, s, &Ok(Grant::new(0, 0))),
+                Some(Ok(())) => Self::finish(cell, &call, s, &Ok(Grant::new(0, 0))),
                 other => {
                     if let Some(Err(e)) = other {
-                        Self::finish(*cell, call, s, &Err(e));
+                        Self::finish(cell, &call, s, &Err(e));
                     }
-                    // That one alone, again with its token (the others are returned).
-                    if let Err(e) = self.stores.within(self.settle_inflight(*cell)).await {
+                    // That one alone, again with its token (the others are returned); not
+                    // once the store stopped answering.
+                    let result = if timeouts < TEND_TIMEOUTS {
+                        self.stores.within(self.settle_inflight(cell)).await
+                    } else {
+                        Err(StoreError::Timeout(std::time::Duration::ZERO))
+                    };
+                    if let Err(e) = result {
+                        timeouts += u32::from(matches!(e, StoreError::Timeout(_)));
                         failed += 1;
-                        Self::unreturned(*cell, &e);
+                        Self::unreturned(cell, &e);
                     }
                 }
             }
+            // Answered: the cell serves again at once.
+            drop(guard);
         }
         for state in &states {
             self.return_cells(state).await;

@@ -57,8 +57,12 @@ impl PostgresStore {
                         // A period long over: nothing is left to reserve in it.
                         let cap = match call.capped {
                             true => {
-                                self.retrying(|| async { self.stored_cap(&self.client().await?, call.key).await })
-                                    .await?
+                                self.retrying(|| async {
+                                    let client = self.client().await?;
+                                    let client: &tokio_postgres::Client = &client;
+                                    self.stored_cap(client, call.key).await
+                                })
+                                .await?
                             }
                             false => None,
                         };
@@ -74,12 +78,13 @@ impl PostgresStore {
     /// (answered again) from a counter that does not exist.
     async fn try_quota(&self, c: &Call<'_>) -> Pg<Attempt> {
         let client = self.client().await?;
-        self.try_quota_on(&client, c).await
+        let client: &tokio_postgres::Client = &client;
+        self.try_quota_on(client, c).await
     }
 
     /// [`try_quota`](Self::try_quota) on `client` (statements sent at once on one connection
     /// are pipelined).
-    async fn try_quota_on(&self, client: &deadpool_postgres::Object, c: &Call<'_>) -> Pg<Attempt> {
+    async fn try_quota_on<C: tokio_postgres::GenericClient + Sync>(&self, client: &C, c: &Call<'_>) -> Pg<Attempt> {
         let k = c.key;
         let (period, node) = (k.period_tag(), node_int(c.token.node).to_string());
         let (t, m, p) = (k.tenant.as_str(), k.meter.as_str(), period.as_str());
@@ -236,32 +241,43 @@ impl PostgresStore {
     /// (a counter to create, a reservation to expire first, an error), none is kept, and each
     /// goes alone after, as one call.
     async fn release_batch(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
-        let calls: Vec<_> = releases.iter().map(Self::release_call).collect();
+        // In key order: two nodes returning at once lock shared counters in one order.
+        let mut order: Vec<usize> = (0..releases.len()).collect();
+        order.sort_by(|a, b| {
+            let (a, b) = (&releases[*a].key, &releases[*b].key);
+            (a.tenant.as_str(), a.meter.as_str(), a.start, a.end).cmp(&(
+                b.tenant.as_str(),
+                b.meter.as_str(),
+                b.start,
+                b.end,
+            ))
+        });
+        let sorted: Vec<&Release> = order.iter().map(|i| &releases[*i]).collect();
+        let calls: Vec<_> = sorted.iter().map(|r| Self::release_call(r)).collect();
         let mut out: Vec<Option<Result<(), StoreError>>> = Vec::with_capacity(calls.len());
-        if let Ok(client) = self.client().await {
+        if let Ok(mut client) = self.client().await {
             // In one transaction: one commit (one WAL flush) for the batch. A statement that
-            // fails aborts it: none applied, each goes alone after.
-            if client.batch_execute("BEGIN").await.is_ok() {
-                let tries = futures_util::future::join_all(calls.iter().map(|c| self.try_quota_on(&client, c))).await;
+            // fails aborts it: none applied, each goes alone after. Dropped before its commit
+            // (a timeout), the transaction rolls back before the connection serves again.
+            if let Ok(tx) = self.begin(&mut client).await {
+                let on: &tokio_postgres::Transaction<'_> = &tx;
+                let tries = futures_util::future::join_all(calls.iter().map(|c| self.try_quota_on(on, c))).await;
                 let applied: Vec<_> =
                     tries.into_iter().map(|t| matches!(t, Ok(Attempt::Done(_))).then_some(Ok(()))).collect();
-                let whole = applied.iter().all(Option::is_some);
-                if whole && client.batch_execute("COMMIT").await.is_ok() {
+                if applied.iter().all(Option::is_some) && tx.commit().await.is_ok() {
                     out = applied;
-                } else {
-                    let _ = client.batch_execute("ROLLBACK").await;
                 }
             }
         }
         out.resize_with(calls.len(), || None);
-        let mut done = Vec::with_capacity(calls.len());
-        for (call, first) in calls.iter().zip(out) {
-            done.push(match first {
+        let mut done: Vec<Option<Result<(), StoreError>>> = (0..calls.len()).map(|_| None).collect();
+        for ((call, first), i) in calls.iter().zip(out).zip(&order) {
+            done[*i] = Some(match first {
                 Some(answer) => answer,
                 None => self.quota_call(call).await.map(drop),
             });
         }
-        done
+        done.into_iter().map(|d| d.unwrap_or_else(|| Err(StoreError::Backend("no answer".into())))).collect()
     }
 
     fn release_call(r: &Release) -> Call<'_> {
@@ -300,7 +316,11 @@ impl PostgresStore {
     }
 
     /// The cap stored for the key's tenant and meter, if any.
-    async fn stored_cap(&self, client: &deadpool_postgres::Object, key: &QuotaKey) -> Pg<Option<SpendCap>> {
+    async fn stored_cap<C: tokio_postgres::GenericClient + Sync>(
+        &self,
+        client: &C,
+        key: &QuotaKey,
+    ) -> Pg<Option<SpendCap>> {
         let row = client
             .query_typed_opt(
                 &self.sql("SELECT cap, hard FROM {s}.quota_cap WHERE tenant = $1 AND meter = $2"),
@@ -621,7 +641,7 @@ impl QuotaStore for PostgresStore {
             let client = self.client().await?;
             let rows = client.query_typed(&sql, args![tenant.as_str(), meter.as_str()]).await?;
             let probe = QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Day, 0, 0);
-            let cap = self.stored_cap(&client, &probe).await?;
+            let cap = self.stored_cap::<tokio_postgres::Client>(&client, &probe).await?;
             Ok(rows
                 .iter()
                 .filter_map(|r| {
