@@ -111,8 +111,13 @@ fn stream_tokens(
             return Some((Ok(Event::default().event("done").data(format!("{{\"tokens\":{sent}}}"))), s));
         };
         if hold.record(1).is_err() {
-            // Past the hold: ask for more while the balance allows.
-            if let Err(rejection) = hold.extend(CHUNK).await {
+            // Past the hold: ask for more while the balance allows (a chunk, else the last
+            // units one at a time: a chunk larger than what is left is refused whole).
+            let extended = match hold.extend(CHUNK).await {
+                Ok(()) => Ok(()),
+                Err(_) => hold.extend(1).await,
+            };
+            if let Err(rejection) = extended {
                 let sent = s.sent;
                 s.hold.take()?.settle();
                 let why = format!("{{\"tokens\":{sent},\"reason\":{:?}}}", rejection.detail());
