@@ -149,6 +149,11 @@ impl Leases {
         ReserveToken::new(sender, self.ids.next_seq()).at(self.clock.unix_secs())
     }
 
+    /// A new call of `cell` to the counter `key`, with the cell's next token.
+    fn call(&self, cell: QuotaRef<'_>, key: crate::store::QuotaKey, kind: CallKind) -> Call {
+        Call { key, token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None }
+    }
+
     /// Readies `call` of `cell` to be sent: counts the attempt, fixes what it says the node
     /// keeps of the counter (at its first send), and records it as in flight: if the sending
     /// future is dropped (a timeout) or the store fails, the next call of the cell sends it
@@ -291,14 +296,7 @@ impl Leases {
         let prev = cell.locked().prev;
         if let Some((start, end)) = prev {
             let key = cell.key(start, end);
-            let call = Call {
-                key,
-                token: self.token(cell),
-                kind: CallKind::Release { units: late },
-                attempts: 0,
-                errors: 0,
-                keeping: None,
-            };
+            let call = self.call(cell, key, CallKind::Release { units: late });
             self.send(cell, call).await?;
         }
         Ok(())
@@ -319,14 +317,7 @@ impl Leases {
                 taking: 0,
             };
             // Recorded in flight first: if it fails, the next call of the cell sends it again.
-            let call = Call {
-                key: cell.key(start, end),
-                token: self.token(cell),
-                kind,
-                attempts: 0,
-                errors: 0,
-                keeping: None,
-            };
+            let call = self.call(cell, cell.key(start, end), kind);
             self.send(cell, call).await?;
         }
         Ok(())
@@ -369,9 +360,7 @@ impl Leases {
         } else {
             return Ok(());
         };
-        self.send(cell, Call { key: old, token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None })
-            .await
-            .map(drop)
+        self.send(cell, self.call(cell, old, kind)).await.map(drop)
     }
 
     /// Reserves a new lease for `cell` in the period holding `now`, of at least `min_lease`
@@ -449,8 +438,7 @@ impl Leases {
         // job's, which stay spent by rule); a hold's stay kept (held, given back at an expiry).
         let taking = if used_at_once { lacking } else { 0 };
         let kind = CallKind::Reserve { units, owed, limit, refill: true, repay, at_least: lacking.max(1), taking };
-        let call =
-            Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None };
+        let call = self.call(cell, cell.key(start, end), kind);
         // Answered here: applied below. Answered only when sent again (after a timeout): the
         // whole grant goes to the lease then.
         let grant = match self.send(cell, call).await {
@@ -564,8 +552,7 @@ impl Leases {
             std::cmp::Ordering::Equal if cell.locked().reported == cell.kept(true, true) => return Ok(None),
             std::cmp::Ordering::Equal => CallKind::Release { units: 0 },
         };
-        let call =
-            Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None };
+        let call = self.call(cell, cell.key(start, end), kind);
         Ok(Some(call))
     }
 
@@ -593,14 +580,7 @@ impl Leases {
             .within(async {
                 self.settle_inflight(cell).await?;
                 let kind = CallKind::Release { units };
-                let call = Call {
-                    key: cell.key(start, end),
-                    token: self.token(cell),
-                    kind,
-                    attempts: 0,
-                    errors: 0,
-                    keeping: None,
-                };
+                let call = self.call(cell, cell.key(start, end), kind);
                 self.send(cell, call).await.map(drop)
             })
             .await
@@ -615,14 +595,7 @@ impl Leases {
             return Ok(());
         }
         let (start, end) = cell.period();
-        let call = Call {
-            key: cell.key(start, end),
-            token: self.token(cell),
-            kind: CallKind::Release { units },
-            attempts: 0,
-            errors: 0,
-            keeping: None,
-        };
+        let call = self.call(cell, cell.key(start, end), CallKind::Release { units });
         self.send(cell, call).await?;
         // The store's count as this node knows it, less what went back.
         cell.released(units);
@@ -734,8 +707,7 @@ impl Leases {
         let (start, end) = cell.period();
         let limit = Self::limit_of(cell);
         let kind = CallKind::Reserve { units: 0, owed: 0, limit, refill: false, repay: 0, at_least: 0, taking: 0 };
-        let call =
-            Call { key: cell.key(start, end), token: self.token(cell), kind, attempts: 0, errors: 0, keeping: None };
+        let call = self.call(cell, cell.key(start, end), kind);
         let grant = self.send(cell, call).await?;
         if !grant.expired {
             // Renewed: units waiting while it was not serve again (given back past the
