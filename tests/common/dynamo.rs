@@ -53,6 +53,38 @@ pub async fn table() -> Option<DynamoStore> {
     Some(store)
 }
 
+/// A store on a new table of `endpoint` whose client counts the requests it sends (each
+/// attempt of each call).
+pub async fn counting_table(endpoint: &str) -> (DynamoStore, std::sync::Arc<AtomicU64>) {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let sent = std::sync::Arc::new(AtomicU64::new(0));
+    let config = client(endpoint).config().to_builder().interceptor(Counting(sent.clone())).build();
+    let name = format!("tollgate-counted-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let store = DynamoStore::new(Client::from_conf(config), name);
+    store.create_table().await.expect("the table is created");
+    (store, sent)
+}
+
+/// Counts the requests a client sends.
+#[derive(Debug)]
+struct Counting(std::sync::Arc<AtomicU64>);
+
+impl tollgate::aws_sdk_dynamodb::config::Intercept for Counting {
+    fn name(&self) -> &'static str {
+        "Counting"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _: &tollgate::aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &tollgate::aws_sdk_dynamodb::config::RuntimeComponents,
+        _: &mut tollgate::aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), tollgate::aws_sdk_dynamodb::error::BoxError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// A DynamoDB-compatible server of a test's own (so that the test may stop and resume it
 /// without holding up the others), or `None` (skipped) without the venv's Python.
 pub struct OwnServer {

@@ -932,12 +932,14 @@ pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<
 
 /// A node of `tenants` tenants, each with a lease of two meters, shuts down (`usage` lines of
 /// `[usage]`: its timeout): every lease goes back in time, in batches, and each counter then
-/// holds exactly what was used (issue 52). Returns the time the shutdown took.
+/// holds exactly what was used (issue 52). Returns the time the shutdown took and the store
+/// calls it made, as `calls` counts them (a store's own count of requests sent).
 pub async fn tenants_give_their_leases_back_at_shutdown(
     store: Arc<dyn StoreInspect>,
     tenants: usize,
     usage: &str,
-) -> std::time::Duration {
+    calls: &(dyn Fn() -> u64 + Sync),
+) -> (std::time::Duration, u64) {
     use std::fmt::Write as _;
     let step = (tenants / 10).max(1);
     // A generous store timeout for the many first calls made at once on a small pool (the
@@ -976,10 +978,10 @@ pub async fn tenants_give_their_leases_back_at_shutdown(
     let flushed = std::time::Instant::now();
     h.tollgate.flush().await.unwrap();
     eprintln!("flush of {} records: {:?}", 2 * tenants, flushed.elapsed());
-    let started = std::time::Instant::now();
+    let (started, calls_before) = (std::time::Instant::now(), calls());
     let report = h.tollgate.shutdown().await.unwrap();
-    let took = started.elapsed();
-    eprintln!("shutdown of {tenants} tenants × 2 meters: {took:?}");
+    let (took, made) = (started.elapsed(), calls() - calls_before);
+    eprintln!("shutdown of {tenants} tenants × 2 meters: {took:?}, {made} store calls");
     assert!(report.leases_returned, "every lease given back within the shutdown timeout: {report:?}");
     for i in (0..tenants).step_by(step) {
         for meter in ["requests", "images"] {
@@ -989,5 +991,5 @@ pub async fn tenants_give_their_leases_back_at_shutdown(
         }
     }
     eprintln!("{} leases given back in {took:?}", 2 * tenants);
-    took
+    (took, made)
 }

@@ -594,11 +594,10 @@ async fn four_nodes_run_at_most_the_fleets_concurrency() {
 }
 
 /// A node of 10,000 tenants × 2 meters on a SQLite file gives every lease back at shutdown,
-/// in batches (issue 52): about 3.5 s on the test machine, within the default 10 s timeout
-/// (asserted within 30 s here, the test binary running other tests beside it).
+/// in batches (issue 52), within the default 10 s timeout (about 3.5 s on the test machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tenants_give_their_leases_back_at_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
-    common::tenants_give_their_leases_back_at_shutdown(Arc::new(store), 10_000, "shutdown_timeout = \"30s\"").await;
+    common::tenants_give_their_leases_back_at_shutdown(Arc::new(store), 10_000, "", &|| 0).await;
 }

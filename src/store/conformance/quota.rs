@@ -973,4 +973,20 @@ pub async fn a_batch_of_releases_applies_each_once<S: ?Sized + QuotaInspect>(h: 
     for k in &keys {
         assert_eq!(reserved(h.s(), k).await, 6, "{k:?} released once");
     }
+    // A batch that a store applies together on the whole fails one item's condition (a
+    // counter that does not exist, a counter twice): the others still return, and those go
+    // alone after.
+    let missing = day_key("batch-missing", "requests");
+    let batch = vec![
+        Release::new(keys[1].clone(), 1, ReserveToken::new(7, 3)),
+        Release::new(missing.clone(), 4, ReserveToken::new(7, 3)),
+        Release::new(keys[2].clone(), 1, ReserveToken::new(7, 3)),
+        Release::new(keys[1].clone(), 2, ReserveToken::new(7, 4)),
+    ];
+    let results = h.s().release(&batch).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(reserved(h.s(), &keys[1]).await, 6 - 1 - 2, "both releases of one counter");
+    assert_eq!(reserved(h.s(), &keys[2]).await, 6 - 1);
+    assert_eq!(reserved(h.s(), &missing).await, 0, "never below zero");
+    assert_eq!(reserved(h.s(), &keys[3]).await, 6, "untouched");
 }

@@ -55,6 +55,9 @@ type Item = HashMap<String, AttributeValue>;
 /// A transaction holds at most 100 actions: a flush's records and its flush id.
 const MAX_BATCH_RECORDS: usize = 99;
 
+/// The most items of one `TransactWriteItems` (DynamoDB's limit).
+const TRANSACT_ITEMS_MAX: usize = 100;
+
 /// The DynamoDB store: quota counters, usage aggregates and their export state, flush ids,
 /// the tenant directory and seen event ids in one table shared by every node of a fleet.
 ///

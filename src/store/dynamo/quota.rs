@@ -92,9 +92,24 @@ impl QuotaStore for DynamoStore {
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
+        // Calendar counters, each once, go in transactions of at most 100 items
+        // (`release_together`); the rest, and each item a transaction did not apply, alone.
+        let mut seen = std::collections::HashSet::with_capacity(releases.len());
+        let together: Vec<usize> = (0..releases.len())
+            .filter(|i| {
+                let k = &releases[*i].key;
+                k.period != Period::Prepaid && seen.insert((quota_pk(k), quota_sk(k)))
+            })
+            .collect();
+        let mut applied = vec![false; releases.len()];
+        for chunk in together.chunks(TRANSACT_ITEMS_MAX) {
+            for i in self.release_together(releases, chunk).await {
+                applied[i] = true;
+            }
+        }
         let mut out = Vec::with_capacity(releases.len());
-        for r in releases {
-            out.push(self.release_units_of(r).await);
+        for (r, applied) in releases.iter().zip(applied) {
+            out.push(if applied { Ok(()) } else { self.release_units_of(r).await });
         }
         out
     }
@@ -265,47 +280,19 @@ impl DynamoStore {
         token: ReserveToken,
     ) -> Result<Result<(Grant, Option<u64>), Option<Item>>, StoreError> {
         let prepaid = key.period == Period::Prepaid;
-        let mut condition = format!("attribute_exists(pk) AND {NEW_CALL}");
-        condition.push_str(if call.revived {
-            " AND senders.#n.x = :revived"
-        } else {
-            " AND (attribute_not_exists(senders.#n.x) OR senders.#n.x = :zero)"
-        });
-        let mut req = self
+        let e = AddExpr::of(key, call, token);
+        let req = self
             .client
             .update_item()
             .table_name(&self.table)
             .key("pk", s(quota_pk(key)))
             .key("sk", s(quota_sk(key)))
-            .update_expression(if prepaid {
-                "ADD reserved :d, room :nd SET senders.#n = :rec"
-            } else {
-                "ADD reserved :d SET senders.#n = :rec"
-            })
-            .expression_attribute_names("#n", hex_node(token.node))
-            .expression_attribute_values(":d", n(call.delta))
-            .expression_attribute_values(":seq", n(token.seq))
-            .expression_attribute_values(":at", n(token.at))
-            .expression_attribute_values(":rec", record(token, call.granted, &call.keeping))
+            .update_expression(e.update)
+            .set_expression_attribute_names(Some(e.names))
+            .set_expression_attribute_values(Some(e.values))
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        req = if call.revived {
-            req.expression_attribute_values(":revived", n(-1))
-        } else {
-            req.expression_attribute_values(":zero", n(0))
-        };
-        if prepaid {
-            req = req.expression_attribute_values(":nd", n(call.delta.saturating_neg()));
-        }
-        if let Some(at_most) = call.at_most {
-            condition.push_str(if prepaid { " AND room >= :max" } else { " AND reserved <= :max" });
-            req = req.expression_attribute_values(":max", n(at_most));
-        }
-        if let Some(at_least) = call.at_least {
-            condition.push_str(" AND reserved >= :min");
-            req = req.expression_attribute_values(":min", n(at_least));
-        }
-        match req.condition_expression(condition).send().await {
+        match req.condition_expression(e.condition).send().await {
             Ok(out) => {
                 let item = out.attributes.unwrap_or_default();
                 let mut reserved = get_u(&item, "reserved");
@@ -427,6 +414,62 @@ impl DynamoStore {
             Err(e) if is_ccf(&e) => Ok(false),
             Err(e) => Err(sdk(e)),
         }
+    }
+
+    /// The calendar releases at `batch` (of `releases`, each counter once) in one
+    /// `TransactWriteItems`, each item the conditional add a release makes alone; the indexes
+    /// applied. DynamoDB cancels a transaction whole when one item's condition fails (a counter
+    /// missing, a reservation to expire first, a token seen already): the items its reasons do
+    /// not name go again together (at most three times), and the named ones are left to the
+    /// caller, which sends each alone. Sent again after a lost answer, an item applied already
+    /// fails its condition (its token is seen) and, alone, is answered as applied.
+    async fn release_together(&self, releases: &[Release], batch: &[usize]) -> Vec<usize> {
+        let mut left: Vec<usize> = batch.to_vec();
+        for _ in 0..3 {
+            if left.is_empty() {
+                break;
+            }
+            let items: Vec<TransactWriteItem> =
+                left.iter().filter_map(|i| Self::release_item(&self.table, &releases[*i])).collect();
+            if items.len() != left.len() {
+                return Vec::new();
+            }
+            match self.client.transact_write_items().set_transact_items(Some(items)).send().await {
+                Ok(_) => return left,
+                Err(e) => match cancellation(&e) {
+                    Some(reasons) if reasons.len() == left.len() => {
+                        left = left.iter().zip(&reasons).filter(|(_, why)| why.is_none()).map(|(i, _)| *i).collect();
+                    }
+                    _ => return Vec::new(),
+                },
+            }
+        }
+        Vec::new()
+    }
+
+    /// A calendar release as one item of a transaction (the add `release_units_of` makes
+    /// first), or `None` when the SDK refuses to build it.
+    fn release_item(table: &str, r: &Release) -> Option<TransactWriteItem> {
+        let call = Add {
+            delta: -int(r.units),
+            granted: 0,
+            at_most: None,
+            at_least: Some(int(r.units)),
+            keeping: Keeping::after(r.kept, 0, 0, r.expires_at),
+            revived: false,
+        };
+        let e = AddExpr::of(&r.key, &call, r.token);
+        let update = Update::builder()
+            .table_name(table)
+            .key("pk", s(quota_pk(&r.key)))
+            .key("sk", s(quota_sk(&r.key)))
+            .update_expression(e.update)
+            .condition_expression(e.condition)
+            .set_expression_attribute_names(Some(e.names))
+            .set_expression_attribute_values(Some(e.values))
+            .build()
+            .ok()?;
+        Some(TransactWriteItem::builder().update(update).build())
     }
 
     /// Gives back `r.units` of a calendar counter (a prepaid balance's release draws on its
@@ -577,6 +620,57 @@ pub(super) struct Add {
     pub(super) keeping: Keeping,
     /// The caller's expired reservation was revived for this call.
     pub(super) revived: bool,
+}
+
+/// The update and condition of an [`Add`] (one `UpdateItem`, or one item of a transaction).
+pub(super) struct AddExpr {
+    pub(super) update: &'static str,
+    pub(super) condition: String,
+    pub(super) names: HashMap<String, String>,
+    pub(super) values: HashMap<String, AttributeValue>,
+}
+
+impl AddExpr {
+    pub(super) fn of(key: &QuotaKey, call: &Add, token: ReserveToken) -> Self {
+        let prepaid = key.period == Period::Prepaid;
+        let mut condition = format!("attribute_exists(pk) AND {NEW_CALL}");
+        condition.push_str(if call.revived {
+            " AND senders.#n.x = :revived"
+        } else {
+            " AND (attribute_not_exists(senders.#n.x) OR senders.#n.x = :zero)"
+        });
+        let mut values = HashMap::from([
+            (":d".to_owned(), n(call.delta)),
+            (":seq".to_owned(), n(token.seq)),
+            (":at".to_owned(), n(token.at)),
+            (":rec".to_owned(), record(token, call.granted, &call.keeping)),
+        ]);
+        match call.revived {
+            true => values.insert(":revived".to_owned(), n(-1)),
+            false => values.insert(":zero".to_owned(), n(0)),
+        };
+        if prepaid {
+            values.insert(":nd".to_owned(), n(call.delta.saturating_neg()));
+        }
+        if let Some(at_most) = call.at_most {
+            condition.push_str(if prepaid { " AND room >= :max" } else { " AND reserved <= :max" });
+            values.insert(":max".to_owned(), n(at_most));
+        }
+        if let Some(at_least) = call.at_least {
+            condition.push_str(" AND reserved >= :min");
+            values.insert(":min".to_owned(), n(at_least));
+        }
+        Self {
+            update: if prepaid {
+                "ADD reserved :d, room :nd SET senders.#n = :rec"
+            } else {
+                "ADD reserved :d SET senders.#n = :rec"
+            },
+            condition,
+            names: HashMap::from([("#n".to_owned(), hex_node(token.node))]),
+            values,
+        }
+    }
 }
 
 /// What a revived sender keeps: its jobs alone (`store::quota::revive`).

@@ -182,6 +182,8 @@ struct Inner {
     set_timeout: String,
     /// The reserve statement (built once: it is long).
     reserve_sql: String,
+    /// The same rule over many releases at once (`sql::release_batch_sql`).
+    release_batch_sql: String,
     /// The newest usage window committed through this store (or found at open), and when rows
     /// were last pruned (wall clock).
     newest_window: AtomicI64,
@@ -466,6 +468,7 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 pool,
                 reserve_sql: sql::reserve_sql(&format!("\"{schema}\"")),
+                release_batch_sql: sql::release_batch_sql(&format!("\"{schema}\"")),
                 quoted: format!("\"{schema}\""),
                 schema,
                 timeout: options.statement_timeout,

@@ -234,50 +234,69 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Each release of a batch, as one call of the reserve statement each (`units` 0, the
-    /// units given back as a negative delta), at most 16 at once.
-    /// A batch of releases: their statements pipelined on one connection in one transaction
-    /// (one round trip and one commit for the batch); when one of them does not apply at once
-    /// (a counter to create, a reservation to expire first, an error), none is kept, and each
-    /// goes alone after, as one call.
+    /// A batch of releases: one statement applies all it can (`sql::release_batch_sql`, the
+    /// reserve statement's rule over arrays; one round trip and one commit), and each release
+    /// it did not apply (a counter to create, a reservation to expire first, a token it saw
+    /// already, a second release of one counter, or the statement failing) goes alone after,
+    /// as one call. A statement that failed changed nothing; one that timed out may have
+    /// applied: its releases, sent again alone with their tokens, apply once.
     async fn release_batch(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
-        // In key order: two nodes returning at once lock shared counters in one order.
-        let mut order: Vec<usize> = (0..releases.len()).collect();
-        order.sort_by(|a, b| {
-            let (a, b) = (&releases[*a].key, &releases[*b].key);
-            (a.tenant.as_str(), a.meter.as_str(), a.start, a.end).cmp(&(
-                b.tenant.as_str(),
-                b.meter.as_str(),
-                b.start,
-                b.end,
-            ))
-        });
-        let sorted: Vec<&Release> = order.iter().map(|i| &releases[*i]).collect();
-        let calls: Vec<_> = sorted.iter().map(|r| Self::release_call(r)).collect();
-        let mut out: Vec<Option<Result<(), StoreError>>> = Vec::with_capacity(calls.len());
-        if let Ok(mut client) = self.client().await {
-            // In one transaction: one commit (one WAL flush) for the batch. A statement that
-            // fails aborts it: none applied, each goes alone after. Dropped before its commit
-            // (a timeout), the transaction rolls back before the connection serves again.
-            if let Ok(tx) = self.begin(&mut client).await {
-                let on: &tokio_postgres::Transaction<'_> = &tx;
-                let tries = futures_util::future::join_all(calls.iter().map(|c| self.try_quota_on(on, c))).await;
-                let applied: Vec<_> =
-                    tries.into_iter().map(|t| matches!(t, Ok(Attempt::Done(_))).then_some(Ok(()))).collect();
-                if applied.iter().all(Option::is_some) && tx.commit().await.is_ok() {
-                    out = applied;
+        let mut seen = std::collections::HashSet::with_capacity(releases.len());
+        // Each counter once in the statement; later releases of one counter go alone, in order.
+        let batch: Vec<usize> = (0..releases.len())
+            .filter(|i| {
+                let k = &releases[*i].key;
+                seen.insert((k.tenant.as_str(), k.meter.as_str(), k.start, k.end))
+            })
+            .collect();
+        let mut applied = vec![false; releases.len()];
+        if let Ok(done) = self.release_many(releases, &batch).await {
+            for i in done {
+                if let Some(at) = usize::try_from(i).ok().and_then(|i| i.checked_sub(1)).and_then(|i| batch.get(i)) {
+                    applied[*at] = true;
                 }
             }
         }
-        out.resize_with(calls.len(), || None);
-        let mut done: Vec<Option<Result<(), StoreError>>> = (0..calls.len()).map(|_| None).collect();
-        for ((call, first), i) in calls.iter().zip(out).zip(&order) {
-            done[*i] = Some(match first {
-                Some(answer) => answer,
-                None => self.quota_call(call).await.map(drop),
+        let mut out = Vec::with_capacity(releases.len());
+        for (r, applied) in releases.iter().zip(applied) {
+            out.push(match applied {
+                true => Ok(()),
+                false => self.quota_call(&Self::release_call(r)).await.map(drop),
             });
         }
-        done.into_iter().map(|d| d.unwrap_or_else(|| Err(StoreError::Backend("no answer".into())))).collect()
+        out
+    }
+
+    /// The releases at `batch` (of `releases`) in one statement; the positions (from 1, in
+    /// `batch`) of those applied.
+    async fn release_many(&self, releases: &[Release], batch: &[usize]) -> Pg<Vec<i64>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let of = |f: &dyn Fn(&Release) -> i64| -> Vec<i64> { batch.iter().map(|i| f(&releases[*i])).collect() };
+        let text = |f: &dyn Fn(&Release) -> String| -> Vec<String> { batch.iter().map(|i| f(&releases[*i])).collect() };
+        let client = self.client().await?;
+        let rows = client
+            .query_typed(
+                &self.inner.release_batch_sql,
+                args![
+                    text(&|r| r.key.tenant.as_str().to_owned()),
+                    text(&|r| r.key.meter.as_str().to_owned()),
+                    text(&|r| r.key.period_tag()),
+                    of(&|r| r.key.start),
+                    of(&|r| r.key.end),
+                    text(&|r| node_int(r.token.node).to_string()),
+                    of(&|r| int(r.token.seq)),
+                    of(&|r| int(r.units).saturating_neg()),
+                    of(&|r| r.token.at),
+                    of(&|r| int(r.kept.lease)),
+                    of(&|r| int(r.kept.held)),
+                    of(&|r| int(r.kept.jobs)),
+                    of(&|r| r.expires_at)
+                ],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get::<_, i64>(0)).collect())
     }
 
     fn release_call(r: &Release) -> Call<'_> {

@@ -121,3 +121,36 @@ pub(super) fn reserve_sql(schema: &str) -> String {
         quiet = contract::SENDER_QUIET_SECS,
     )
 }
+
+/// Many releases in one statement: the reserve statement with each release's parameters read
+/// from arrays (`unnest`, one row per release) and those a release does not use set to what
+/// [`release_call`](super::PostgresStore) sends (no units wanted, no limit, no cap, nothing
+/// taken), so the rule stays the one written above. `$1..$13` are the arrays of the key (five),
+/// the node, the sequence number, the units given back as a negative delta, the call's time,
+/// and the lease, held, jobs and expiry kept. It returns the position (from 1) of each release
+/// applied; one that is not (a counter to create, a reservation to expire first, a token seen
+/// already) goes alone after, through the one-call path. Each counter may appear once in the
+/// arrays: `UPDATE … FROM` applies one source row per target row.
+pub(super) fn release_batch_sql(schema: &str) -> String {
+    let one = reserve_sql(schema);
+    let (update, _) = one.split_once(" RETURNING ").expect("the reserve statement returns its answer");
+    // From the highest number down, so `$1` never matches the start of `$12`.
+    let from_arrays = [19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1];
+    let mut body = update.to_owned();
+    for n in from_arrays {
+        let to = match n {
+            8 | 11 | 19 => "(0::bigint)".to_owned(),
+            10 | 14 => "(NULL::bigint)".to_owned(),
+            13 => "false".to_owned(),
+            _ => format!("r.p{n}"),
+        };
+        body = body.replace(&format!("${n}"), &to);
+    }
+    let (set, filter) = body.split_once(" WHERE q.tenant = ").expect("the reserve statement names its row");
+    format!(
+        "{set} FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::text[], \
+         $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[]) \
+         WITH ORDINALITY AS r(p1, p2, p3, p4, p5, p6, p7, p9, p12, p15, p16, p17, p18, i) \
+         WHERE q.tenant = {filter} RETURNING r.i"
+    )
+}
