@@ -9,7 +9,10 @@
 //! The counts do not depend on the server's speed; the latencies do (loopback, one machine).
 //! Run with a server that loads pg_stat_statements (scripts/postgres-server.sh starts one):
 //! `TOLLGATE_POSTGRES_URL=postgres://… cargo run --release --features postgres
-//!  --example postgres_traffic -- <tenants> <requests> <flush interval, s> <run time, s>`
+//!  --example postgres_traffic -- <tenants> <requests> <flush interval, s> <run time, s> [held]`
+//!
+//! With `held`, each request holds 200 tokens of a hard month quota (`x-max-tokens`) and its
+//! handler records 40 of them: the traffic of held requests (docs/performance.md).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -120,7 +123,9 @@ fn quantile(samples: &mut [Duration], q: f64) -> u128 {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse().expect("numbers")).collect();
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let held = std::env::args().nth(5).as_deref() == Some("held");
+    let args: Vec<u64> = args.into_iter().take(4).collect();
     let (tenants, requests, flush, run) = match args[..] {
         [t, r, f, s] => (t, r, f, s),
         _ => (1000, 1_000_000, 10, 600),
@@ -144,7 +149,14 @@ async fn main() {
     let config = Config::from_toml_str(&format!(
         "[usage]\nflush_interval = \"{flush}s\"\nwindow = \"1h\"\nstore_timeout = \"60s\"\n[limits]\nheaders = \"none\"\n\
          [plans.metered]\nrate = \"1000000/s\"\n\
-         quotas.requests = {{ limit = 100000000, period = \"month\", mode = \"hard\" }}\n"
+         quotas.requests = {{ limit = 100000000, period = \"month\", mode = \"hard\" }}\n{}",
+        if held {
+            "quotas.tokens = { limit = 100000000, period = \"month\", mode = \"hard\" }\n[meters.tokens]\n\
+             [[routes]]\npath = \"/complete\"\nreports = [\"tokens\"]\n\
+             hold.tokens = { header = \"x-max-tokens\", default = 200, max = 1000 }\n"
+        } else {
+            ""
+        }
     ))
     .unwrap();
     let start = 1_773_489_600; // 2026-03-14T12:00:00Z
@@ -152,7 +164,12 @@ async fn main() {
     let (engine, _worker) =
         Tollgate::builder(config).store_arc(store.clone()).quota_store(quota.clone()).clock(clock).build();
     let layer = TollgateLayer::new(engine.clone());
-    let svc = layer.layer(tower::service_fn(|_req: http::Request<axum::body::Body>| async {
+    let svc = layer.layer(tower::service_fn(|req: http::Request<axum::body::Body>| async move {
+        if let Some(ctx) = req.extensions().get::<tollgate::TenantContext>() {
+            if req.uri().path() == "/complete" {
+                ctx.record("tokens", 40).expect("within the hold");
+            }
+        }
         Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
     }));
     // What the server ran from here on (the setup's statements are not counted).
@@ -174,7 +191,8 @@ async fn main() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         let key = &keys[(rng % tenants) as usize];
-        let req = http::Request::get("/").header("x-api-key", key).body(axum::body::Body::empty()).unwrap();
+        let path = if held { "/complete" } else { "/" };
+        let req = http::Request::get(path).header("x-api-key", key).body(axum::body::Body::empty()).unwrap();
         let res = svc.clone().oneshot(req).await.unwrap();
         assert_eq!(res.status(), 200, "request {i}");
         fake.advance(step);

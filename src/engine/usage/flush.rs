@@ -178,10 +178,12 @@ impl Pipeline {
         let (dropped, tend) = self.drain(rt, table, &mut p);
         leases.return_leases(dropped).await;
         // Units given back past a lease's cap that no call took yet go back now, leases in
-        // debt owe it, and what changed in what the cells keep is told: beside the commits
-        // (a quota store in trouble never holds up the usage).
-        let (_, committed) = tokio::join!(leases.tend(rt, tend), self.commit_pending(&mut p, &mut report));
-        committed?;
+        // debt owe it, and what changed in what the cells keep is told, before any usage
+        // commits: a store that gives back a dead node's reservation must not give back units
+        // whose usage is committed (told after, it would). A quota store in trouble never
+        // holds up the usage for long: a pass stops after a few timeouts.
+        leases.tend(rt, tend).await;
+        self.commit_pending(&mut p, &mut report).await?;
         if !p.staged.is_empty() {
             let records: Vec<UsageRecord> = p
                 .staged
