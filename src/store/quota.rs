@@ -270,6 +270,53 @@ pub(crate) fn revive(keeping: &Keeping, kept: Kept) -> Option<(u64, Kept)> {
         .then(|| (keeping.gone.saturating_sub(kept.unused()), Kept { jobs: kept.jobs, ..Kept::default() }))
 }
 
+/// What a sender's record says of its next call, beside its reservation: each store keeps it
+/// with the record (`gone`'s column or field, as these numbers, where `gone` > 0 is an expiry
+/// not yet told).
+pub(crate) mod mark {
+    /// Nothing to tell.
+    pub(crate) const NONE: i64 = 0;
+    /// The sender's reservation expired and a call whose answer it does not read (a release)
+    /// took it: its next call drops what it keeps and is answered expired, owing nothing more.
+    pub(crate) const TELL: i64 = -1;
+    /// Its last call was answered expired: the same call sent again is answered so.
+    pub(crate) const TOLD: i64 = -2;
+}
+
+/// How a call of a sender is taken, by what the counter remembers of it: `own` its record's
+/// reservation (`None`: no record, a sender never seen or one forgotten), `mark` what the
+/// record says of its next call ([`mark`]), `kept` what the caller keeps before its call (a
+/// release's units included). `Some((owed, kept))` for a sender the store gave its
+/// reservation back (the call is answered [`Grant::expired`], and owes `owed` again; it keeps
+/// `kept` after, its jobs alone):
+/// - one whose expiry is not yet told: [`revive`];
+/// - one whose record says [`mark::TELL`]: it owes nothing more;
+/// - one the counter does not remember that says it keeps leased or held units: a counter
+///   forgets a sender only once its reservation is no longer live, so its units went back;
+///   what it used after its last renewal and before it stopped (within the clock-skew bound
+///   of its expiry) is not owed again (its record, which said how much went back, is gone).
+#[must_use]
+pub(crate) fn standing(own: Option<&Keeping>, mark: i64, kept: Kept) -> Option<(u64, Kept)> {
+    let dropped = Kept { jobs: kept.jobs, ..Kept::default() };
+    match own {
+        Some(_) if mark == mark::TELL => Some((0, dropped)),
+        Some(own) => revive(own, kept),
+        None if kept.lease.saturating_add(kept.held) > 0 => Some((0, dropped)),
+        None => None,
+    }
+}
+
+/// The mark a call leaves on its sender's record: a sender answered expired by a call whose
+/// answer it does not read (`answered` false: a release) is told by its next call.
+#[must_use]
+pub(crate) fn mark_after(expired: bool, answered: bool) -> i64 {
+    match (expired, answered) {
+        (true, false) => mark::TELL,
+        (true, true) => mark::TOLD,
+        (false, _) => mark::NONE,
+    }
+}
+
 /// The units of `reserved` used, as a store knows: less what the senders keep (leases, holds,
 /// jobs' reservations). Thresholds and alerts follow it, not `reserved`.
 #[must_use]

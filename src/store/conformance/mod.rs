@@ -78,6 +78,8 @@ macro_rules! store_conformance {
             what_senders_keep_is_reserved_not_used,
             an_expired_reservation_gives_back_its_lease_and_holds_once,
             a_batch_of_releases_applies_each_once,
+            an_expired_sender_is_told_by_its_next_answered_call,
+            a_forgotten_sender_keeps_nothing,
         );
     };
     (@role usage, $make:expr) => {

@@ -958,6 +958,76 @@ pub async fn an_expired_reservation_gives_back_its_lease_and_holds_once<S: ?Size
     assert!(!a.expired);
 }
 
+/// A sender whose reservation expired is told so by the first call whose answer it reads,
+/// whatever came before: a release sent first (its answer says nothing) gives nothing back
+/// (its units went back at the expiry) and owes what the sender used since, and the sender's
+/// next call is answered expired; a call sent again after a lost answer is answered as it
+/// was, expired included (issue 52).
+pub async fn an_expired_sender_is_told_by_its_next_answered_call<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    let key = day_key("told", "requests");
+    let at = DAY0 + 60;
+    h.s().reserve(&keeping(&key, 10, 1, 1, at, Kept::default(), at + 100)).await.unwrap();
+    // A keeps 5 in its lease, 3 in holds and 1 in a job's reservation; it used 1.
+    h.s().release_one(report(&key, 1, 2, at + 1, Kept::new(5, 3, 1), at + 100)).await.unwrap();
+    // Past A's expiry, B's call gives A's lease and holds back: 8.
+    let b = h.s().reserve(&keeping(&key, 1, 2, 1, at + 101, Kept::default(), at + 501)).await.unwrap();
+    assert_eq!(b.reserved, 11 - 8);
+    // A, cut off meanwhile, used 2 of its lease, and now gives back 1 of the 3 left: nothing
+    // goes back (it went back at the expiry), its 2 used are owed again.
+    let release =
+        Release::new(key.clone(), 1, ReserveToken::new(1, 3).at(at + 110)).keeping(Kept::new(2, 3, 1), at + 210);
+    h.s().release_one(release.clone()).await.unwrap();
+    assert_eq!(reserved(h.s(), &key).await, 3 + 2, "nothing given back twice; the 2 used owed again");
+    // Its next call is told, and owes nothing more.
+    let a = h.s().reserve(&keeping(&key, 2, 1, 4, at + 111, Kept::new(2, 3, 1), at + 211)).await.unwrap();
+    assert!(a.expired, "A is told its reservation expired: {a:?}");
+    assert_eq!(a.reserved, 5 + 2, "its new 2 only");
+    // Sent again (its answer lost), it is answered the same.
+    let again = h.s().reserve(&keeping(&key, 2, 1, 4, at + 111, Kept::new(2, 3, 1), at + 211)).await.unwrap();
+    assert!(again.expired, "the answer again says expired: {again:?}");
+    assert_eq!(reserved(h.s(), &key).await, 7, "not applied again");
+    // The release sent again changes nothing either.
+    h.s().release_one(release).await.unwrap();
+    assert_eq!(reserved(h.s(), &key).await, 7);
+    let a = h.s().reserve(&keeping(&key, 1, 1, 5, at + 112, Kept::new(2, 0, 1), at + 212)).await.unwrap();
+    assert!(!a.expired, "live again");
+}
+
+/// A sender the counter no longer remembers keeps nothing of it: a counter forgets a sender
+/// only once its reservation is no longer live (expired, or empty), so a call that says it
+/// keeps leased or held units, from a sender forgotten, is answered expired, and a release
+/// from one gives nothing back (issue 52: a node or Lambda environment back after its
+/// expiry and 64 other senders).
+pub async fn a_forgotten_sender_keeps_nothing<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::contract::{SENDERS_KEPT, SENDER_QUIET_SECS};
+    let key = day_key("forgotten", "requests");
+    let at = DAY0 + 60;
+    h.s().reserve(&keeping(&key, 10, 1, 1, at, Kept::default(), at + 100)).await.unwrap();
+    h.s().release_one(report(&key, 1, 2, at + 1, Kept::new(8, 0, 0), at + 100)).await.unwrap();
+    // Far past A's expiry, 64 other senders: A's 8 go back, and A is forgotten.
+    let later = at + 100 + SENDER_QUIET_SECS + 60;
+    for node in 0..SENDERS_KEPT as u64 {
+        h.s().reserve(&keeping(&key, 1, 1000 + node, 1, later, Kept::default(), 0)).await.unwrap();
+    }
+    assert_eq!(reserved(h.s(), &key).await, 10 - 8 + 64);
+    // A comes back: a release of 3 of its 8 gives nothing back.
+    h.s()
+        .release_one(
+            Release::new(key.clone(), 3, ReserveToken::new(1, 3).at(later + 1))
+                .keeping(Kept::new(5, 0, 0), later + 100),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reserved(h.s(), &key).await, 66, "nothing given back twice");
+    // Its next call is told to drop what it keeps.
+    let a = h.s().reserve(&keeping(&key, 1, 1, 4, later + 2, Kept::new(5, 0, 0), later + 100)).await.unwrap();
+    assert!(a.expired, "A is told it keeps nothing: {a:?}");
+    assert_eq!(a.reserved, 67);
+    // A sender never seen before, keeping nothing, is a new one.
+    let c = h.s().reserve(&keeping(&key, 1, 9, 1, later + 3, Kept::default(), later + 100)).await.unwrap();
+    assert!(!c.expired);
+}
+
 /// A batch of releases applies each, once per token: one already applied (a retry) changes
 /// nothing, the others go through.
 pub async fn a_batch_of_releases_applies_each_once<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {

@@ -3,7 +3,8 @@
 //! payments, refunds kept for grants that have not landed yet, and the reserves and releases
 //! of a balance.
 
-use super::quota::{dropped, keeping_of, record, Add, NEW_CALL};
+use super::quota::{claims, dropped, keeping_of, record, Add, Revived, NEW_CALL};
+use crate::store::quota::{mark, mark_after};
 use super::race::{Race, Retries};
 use super::*;
 use crate::{
@@ -355,7 +356,7 @@ impl DynamoStore {
     /// reserved, kept beside them), in one conditional update; first as if the balance allowed
     /// everything asked, then what the rule grants for the room read.
     pub(super) async fn reserve_prepaid(&self, r: &Reservation) -> Result<Grant, StoreError> {
-        let from = (r.units, false);
+        let from = (r.units, Revived::No);
         self.until_won(
             "a prepaid balance changed under every attempt",
             Retries::QUICK_FIRST,
@@ -363,8 +364,8 @@ impl DynamoStore {
             |(units, revived), _| {
                 Box::pin(async move {
                     let need = (units > 0).then(|| int(r.owed.saturating_add(r.left_needed(units))));
-                    let keeping =
-                        Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.taking, r.expires_at);
+                    let kept = if revived.any() { dropped(r.kept) } else { r.kept };
+                    let keeping = Keeping::after(kept, units, r.taking, r.expires_at);
                     let call = Add {
                         delta: int(r.owed.saturating_add(units)),
                         granted: units,
@@ -372,6 +373,8 @@ impl DynamoStore {
                         at_least: None,
                         keeping,
                         revived,
+                        answered: true,
+                        claims: claims(r.kept),
                     };
                     Ok(match self.add(&r.key, &call, r.token).await? {
                         Ok((grant, granted)) => Race::Won(grant.with_limit(granted)),
@@ -379,13 +382,18 @@ impl DynamoStore {
                         Err(None) => Race::Again((units, revived)),
                         Err(Some(item)) => match Self::seen(&item, r.token) {
                             Some(grant) => Race::Won(grant.with_limit(Some(get_u(&item, "granted")))),
-                            None if !revived && self.revive_sender(&r.key, r.token, &item, r.kept).await? => {
-                                Race::Again((units, true))
-                            }
                             None => {
-                                let room = get_i(&item, "room").unwrap_or(0);
-                                let left = u64::try_from(room.saturating_sub(int(r.owed))).unwrap_or(0);
-                                Race::Lost((r.grant_for(left), revived))
+                                let again = match revived {
+                                    Revived::No => self.revival(&r.key, r.token, &item, r.kept).await?,
+                                    _ => Revived::No,
+                                };
+                                if again.any() {
+                                    Race::Again((units, again))
+                                } else {
+                                    let room = get_i(&item, "room").unwrap_or(0);
+                                    let left = u64::try_from(room.saturating_sub(int(r.owed))).unwrap_or(0);
+                                    Race::Lost((r.grant_for(left), revived))
+                                }
                             }
                         },
                     })
@@ -546,7 +554,7 @@ impl DynamoStore {
         let (key, units, token) = (&r.key, r.units, r.token);
         // What it kept before the release (a revived sender's units went back at its expiry).
         let before = Kept { lease: r.kept.lease.saturating_add(units), ..r.kept };
-        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, false, |revived, _| {
+        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, Revived::No, |revived, _| {
             Box::pin(async move {
                 let Some(item) = self.get(quota_pk(key), &quota_sk(key)).await? else {
                     if !self.ensure_counter(key).await? {
@@ -563,12 +571,21 @@ impl DynamoStore {
                     .and_then(|v| v.as_m().ok())
                     .and_then(|m| m.get(&name))
                     .and_then(|r| r.as_m().ok());
-                if !revived && rec.is_some_and(|m| keeping_of(m).gone > 0) {
-                    return Ok(if self.revive_sender(key, token, &item, before).await? {
-                        Race::Again(true)
-                    } else {
-                        Race::Lost(false)
-                    });
+                // A sender whose reservation the store gave back (`store::quota::standing`).
+                if revived == Revived::No {
+                    let told = rec.is_some_and(|m| get_i(m, "x") == Some(mark::TELL));
+                    match rec {
+                        None if claims(before) => return Ok(Race::Again(Revived::Unknown)),
+                        Some(_) if told => return Ok(Race::Again(Revived::Known)),
+                        Some(m) if keeping_of(m).gone > 0 => {
+                            return Ok(if self.revive_sender(key, token, &item, before).await? {
+                                Race::Again(Revived::Known)
+                            } else {
+                                Race::Lost(Revived::No)
+                            });
+                        }
+                        _ => {}
+                    }
                 }
                 let reserved = get_u(&item, "reserved");
                 let forgiven = get_u(&item, "forgiven");
@@ -576,17 +593,26 @@ impl DynamoStore {
                 let mut by = forgiven_by_of(get_s(&item, "forgiven_by").unwrap_or("{}"));
                 let last = rec.map(|r| get_u(r, "s"));
                 // A revived sender's units went back at its expiry: not again.
-                let (after, left) = if revived {
+                let (after, left) = if revived.any() {
                     (reserved, forgiven)
                 } else {
                     release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at)
                 };
                 let drop = reserved - after;
-                let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, 0, r.expires_at);
-                let x = if revived {
-                    "senders.#n.x = :m1"
-                } else {
-                    "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z)"
+                let keeping = Keeping::after(if revived.any() { dropped(r.kept) } else { r.kept }, 0, 0, r.expires_at);
+                let x = match revived {
+                    Revived::Known => "senders.#n.x = :m1",
+                    Revived::Unknown => "attribute_not_exists(senders.#n)",
+                    Revived::No if claims(before) => {
+                        "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z OR senders.#n.x = :m2) \
+                         AND attribute_exists(senders.#n)"
+                    }
+                    Revived::No => "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z OR senders.#n.x = :m2)",
+                };
+                let marks: Vec<(&str, i64)> = match revived {
+                    Revived::Known => vec![(":m1", mark::TELL)],
+                    Revived::Unknown => vec![],
+                    Revived::No => vec![(":z", mark::NONE), (":m2", mark::TOLD)],
                 };
                 let out = self
                     .client
@@ -601,17 +627,24 @@ impl DynamoStore {
                         "attribute_exists(pk) AND {NEW_CALL} AND {x} \
                      AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)"
                     ))
-                    .expression_attribute_values(":at", n(token.at))
                     .expression_attribute_names("#n", name.as_str())
-                    .expression_attribute_values(":nd", n(-int(drop)))
-                    .expression_attribute_values(":d", n(drop))
-                    .expression_attribute_values(":f", n(left))
-                    .expression_attribute_values(":fb", s(forgiven_by_json(&by)))
-                    .expression_attribute_values(":seq", n(token.seq))
-                    .expression_attribute_values(":r0", n(reserved))
-                    .expression_attribute_values(":f0", n(forgiven))
-                    .expression_attribute_values(if revived { ":m1" } else { ":z" }, n(if revived { -1 } else { 0 }))
-                    .expression_attribute_values(":rec", record(token, 0, &keeping))
+                    .set_expression_attribute_values(Some(
+                        marks
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), n(*v)))
+                            .chain([
+                                (":at".to_owned(), n(token.at)),
+                                (":nd".to_owned(), n(-int(drop))),
+                                (":d".to_owned(), n(drop)),
+                                (":f".to_owned(), n(left)),
+                                (":fb".to_owned(), s(forgiven_by_json(&by))),
+                                (":seq".to_owned(), n(token.seq)),
+                                (":r0".to_owned(), n(reserved)),
+                                (":f0".to_owned(), n(forgiven)),
+                                (":rec".to_owned(), record(token, 0, &keeping, mark_after(revived.any(), false))),
+                            ])
+                            .collect(),
+                    ))
                     .return_values(ReturnValue::AllNew)
                     .send()
                     .await;

@@ -8,7 +8,7 @@ pub(super) use crate::store::quota::Keeping;
 use crate::{
     base::{MeterId, Period},
     store::{
-        quota::{expire, forgotten, revive, CreditRefund},
+        quota::{expire, forgotten, mark, mark_after, revive, CreditRefund},
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, QuotaCounter, RefundOutcome, Release,
         SpendCap,
     },
@@ -50,7 +50,7 @@ impl QuotaStore for DynamoStore {
             None => r.units,
         };
         let units = within(r.limit.map_or(u64::MAX, |l| l.saturating_sub(r.owed)));
-        let from = (units, false);
+        let from = (units, Revived::No);
         self.until_won(
             "a quota counter changed under every attempt",
             Retries::QUICK_FIRST,
@@ -64,9 +64,18 @@ impl QuotaStore for DynamoStore {
                         _ => None,
                     };
                     let delta = int(r.owed.saturating_add(units));
-                    let keeping =
-                        Keeping::after(if revived { dropped(r.kept) } else { r.kept }, units, r.taking, r.expires_at);
-                    let call = Add { delta, granted: units, at_most, at_least: None, keeping, revived };
+                    let kept = if revived.any() { dropped(r.kept) } else { r.kept };
+                    let keeping = Keeping::after(kept, units, r.taking, r.expires_at);
+                    let call = Add {
+                        delta,
+                        granted: units,
+                        at_most,
+                        at_least: None,
+                        keeping,
+                        revived,
+                        answered: true,
+                        claims: claims(r.kept),
+                    };
                     Ok(match self.add(&r.key, &call, r.token).await? {
                         Ok((grant, _)) => Race::Won(grant),
                         // A late call for a period long over: nothing is left to reserve in it.
@@ -74,9 +83,16 @@ impl QuotaStore for DynamoStore {
                         Err(None) => Race::Again((units, revived)),
                         Err(Some(item)) => match Self::seen(&item, r.token) {
                             Some(grant) => Race::Won(grant),
-                            None if !revived && self.revive_sender(&r.key, r.token, &item, r.kept).await? => {
-                                Race::Again((units, true))
-                            }
+                            None if !revived.any() => match self.revival(&r.key, r.token, &item, r.kept).await? {
+                                Revived::No => {
+                                    let reserved = get_u(&item, "reserved");
+                                    let left = r
+                                        .limit
+                                        .map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed)));
+                                    Race::Lost((within(left), revived))
+                                }
+                                again => Race::Again((units, again)),
+                            },
                             None => {
                                 let reserved = get_u(&item, "reserved");
                                 let left =
@@ -301,7 +317,7 @@ impl DynamoStore {
                 self.after_add(key, token, reserved, &item).await;
                 let grant = Grant::new(call.granted, reserved)
                     .with_used(used_in(&item, reserved, token))
-                    .with_expired(call.revived);
+                    .with_expired(call.revived.any());
                 Ok(Ok((grant, prepaid.then(|| get_u(&item, "granted")))))
             }
             Err(e) => match e.into_service_error() {
@@ -350,7 +366,7 @@ impl DynamoStore {
                 "senders.#e{i}.x = :g{i}, senders.#e{i}.l = :z, senders.#e{i}.h = :z, senders.#e{i}.j = :z"
             ));
             condition.push_str(&format!(
-                " AND senders.#e{i}.s = :s{i} AND (attribute_not_exists(senders.#e{i}.x) OR senders.#e{i}.x = :z)"
+                " AND senders.#e{i}.s = :s{i} AND (attribute_not_exists(senders.#e{i}.x) OR senders.#e{i}.x <= :z)"
             ));
             req = req
                 .expression_attribute_names(format!("#e{i}"), (*node).clone())
@@ -366,6 +382,31 @@ impl DynamoStore {
                 0
             }
         }
+    }
+
+    /// How a call that failed its condition is sent again, by what the counter `item`
+    /// remembers of its sender (`store::quota::standing`): revived when the store gave its
+    /// reservation back (its expiry not yet told is revived here, `revive_sender`; a record
+    /// left to be told by a release; no record of a sender that says it keeps units).
+    pub(super) async fn revival(
+        &self,
+        key: &QuotaKey,
+        token: ReserveToken,
+        item: &Item,
+        kept: Kept,
+    ) -> Result<Revived, StoreError> {
+        let rec = item
+            .get("senders")
+            .and_then(|v| v.as_m().ok())
+            .and_then(|m| m.get(&hex_node(token.node)))
+            .and_then(|v| v.as_m().ok());
+        Ok(match rec {
+            None if claims(kept) => Revived::Unknown,
+            None => Revived::No,
+            Some(rec) if get_i(rec, "x") == Some(mark::TELL) => Revived::Known,
+            Some(_) if self.revive_sender(key, token, item, kept).await? => Revived::Known,
+            Some(_) => Revived::No,
+        })
     }
 
     /// Revives the caller's reservation, expired and given back (its record `gone`) while it
@@ -456,7 +497,9 @@ impl DynamoStore {
             at_most: None,
             at_least: Some(int(r.units)),
             keeping: Keeping::after(r.kept, 0, 0, r.expires_at),
-            revived: false,
+            revived: Revived::No,
+            answered: false,
+            claims: claims(Kept { lease: r.kept.lease.saturating_add(r.units), ..r.kept }),
         };
         let e = AddExpr::of(&r.key, &call, r.token);
         let update = Update::builder()
@@ -484,11 +527,12 @@ impl DynamoStore {
         self.until_won(
             "a quota counter changed under every attempt",
             Retries::AT_ONCE,
-            (r.units, false),
+            (r.units, Revived::No),
             |(units, revived), _| {
                 Box::pin(async move {
-                    let keeping = Keeping::after(if revived { dropped(r.kept) } else { r.kept }, 0, 0, r.expires_at);
-                    let give = if revived { 0 } else { units };
+                    let kept = if revived.any() { dropped(r.kept) } else { r.kept };
+                    let keeping = Keeping::after(kept, 0, 0, r.expires_at);
+                    let give = if revived.any() { 0 } else { units };
                     let call = Add {
                         delta: -int(give),
                         granted: 0,
@@ -496,6 +540,8 @@ impl DynamoStore {
                         at_least: Some(int(give)),
                         keeping,
                         revived,
+                        answered: false,
+                        claims: claims(before),
                     };
                     // Never below zero: at most what the counter holds is given back.
                     Ok(match self.add(key, &call, token).await? {
@@ -503,9 +549,10 @@ impl DynamoStore {
                         Err(None) if !self.ensure_counter(key).await? => Race::Won(()),
                         Err(None) => Race::Lost((units, revived)),
                         Err(Some(item)) if Self::seen(&item, token).is_some() => Race::Won(()),
-                        Err(Some(item)) if !revived && self.revive_sender(key, token, &item, before).await? => {
-                            Race::Again((units, true))
-                        }
+                        Err(Some(item)) if !revived.any() => match self.revival(key, token, &item, before).await? {
+                            Revived::No => Race::Lost((units.min(get_u(&item, "reserved")), revived)),
+                            again => Race::Again((units, again)),
+                        },
                         Err(Some(item)) => Race::Lost((units.min(get_u(&item, "reserved")), revived)),
                     })
                 })
@@ -593,7 +640,9 @@ impl DynamoStore {
         let seq = get_u(rec, "s");
         (token.seq <= seq).then(|| {
             if token.seq == seq {
+                // Answered as it was, an expiry told included.
                 Grant::new(get_u(rec, "g"), rec.get("r").map_or(reserved, |_| get_u(rec, "r")))
+                    .with_expired(get_i(rec, "x") == Some(mark::TOLD))
             } else {
                 Grant::new(0, reserved)
             }
@@ -618,8 +667,34 @@ pub(super) struct Add {
     pub(super) at_least: Option<i64>,
     /// What the caller keeps after the call.
     pub(super) keeping: Keeping,
-    /// The caller's expired reservation was revived for this call.
-    pub(super) revived: bool,
+    /// Whether the store gave the caller's reservation back, and how it knows.
+    pub(super) revived: Revived,
+    /// Whether the caller reads the answer (false: a release).
+    pub(super) answered: bool,
+    /// Whether the caller says it kept leased or held units before the call: a counter that
+    /// does not remember it gave them back (`store::quota::standing`).
+    pub(super) claims: bool,
+}
+
+/// Whether a call's sender had its reservation given back (`store::quota::standing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Revived {
+    No,
+    /// Its record says so (revived by `revive_sender`, or left to be told by a release).
+    Known,
+    /// The counter does not remember it, and it says it keeps units.
+    Unknown,
+}
+
+impl Revived {
+    pub(super) fn any(self) -> bool {
+        self != Self::No
+    }
+}
+
+/// Whether a caller keeping `kept` before its call says it keeps leased or held units.
+pub(super) fn claims(kept: Kept) -> bool {
+    kept.lease.saturating_add(kept.held) > 0
 }
 
 /// The update and condition of an [`Add`] (one `UpdateItem`, or one item of a transaction).
@@ -634,21 +709,30 @@ impl AddExpr {
     pub(super) fn of(key: &QuotaKey, call: &Add, token: ReserveToken) -> Self {
         let prepaid = key.period == Period::Prepaid;
         let mut condition = format!("attribute_exists(pk) AND {NEW_CALL}");
-        condition.push_str(if call.revived {
-            " AND senders.#n.x = :revived"
-        } else {
-            " AND (attribute_not_exists(senders.#n.x) OR senders.#n.x = :zero)"
-        });
+        let mark = mark_after(call.revived.any(), call.answered);
         let mut values = HashMap::from([
             (":d".to_owned(), n(call.delta)),
             (":seq".to_owned(), n(token.seq)),
             (":at".to_owned(), n(token.at)),
-            (":rec".to_owned(), record(token, call.granted, &call.keeping)),
+            (":rec".to_owned(), record(token, call.granted, &call.keeping, mark)),
         ]);
         match call.revived {
-            true => values.insert(":revived".to_owned(), n(-1)),
-            false => values.insert(":zero".to_owned(), n(0)),
-        };
+            Revived::Known => {
+                condition.push_str(" AND senders.#n.x = :revived");
+                values.insert(":revived".to_owned(), n(mark::TELL));
+            }
+            Revived::Unknown => condition.push_str(" AND attribute_not_exists(senders.#n)"),
+            Revived::No => {
+                condition.push_str(
+                    " AND (attribute_not_exists(senders.#n.x) OR senders.#n.x = :zero OR senders.#n.x = :told)",
+                );
+                values.insert(":zero".to_owned(), n(mark::NONE));
+                values.insert(":told".to_owned(), n(mark::TOLD));
+                if call.claims {
+                    condition.push_str(" AND attribute_exists(senders.#n)");
+                }
+            }
+        }
         if prepaid {
             values.insert(":nd".to_owned(), n(call.delta.saturating_neg()));
         }
@@ -681,7 +765,7 @@ pub(super) fn dropped(kept: Kept) -> Kept {
 /// A sender's record of `token`'s call in the counter item's `senders` map: its sequence
 /// number, grant and time, and the reservation it keeps (`l`, `h`, `j`, `e`; `x` what its
 /// expiry gave back, −1 revived).
-pub(super) fn record(token: ReserveToken, granted: u64, keeping: &Keeping) -> AttributeValue {
+pub(super) fn record(token: ReserveToken, granted: u64, keeping: &Keeping, mark: i64) -> AttributeValue {
     AttributeValue::M(HashMap::from([
         ("s".to_owned(), n(token.seq)),
         ("g".to_owned(), n(granted)),
@@ -690,7 +774,7 @@ pub(super) fn record(token: ReserveToken, granted: u64, keeping: &Keeping) -> At
         ("h".to_owned(), n(keeping.kept.held)),
         ("j".to_owned(), n(keeping.kept.jobs)),
         ("e".to_owned(), n(keeping.expires_at)),
-        ("x".to_owned(), n(0)),
+        ("x".to_owned(), n(mark)),
     ]))
 }
 

@@ -212,6 +212,8 @@ struct Sender {
     grant: Grant,
     at: i64,
     keeping: crate::store::quota::Keeping,
+    /// What its record says of its next call (`store::quota::mark`).
+    mark: i64,
 }
 
 #[derive(Debug)]
@@ -280,13 +282,15 @@ impl Counter {
     }
 
     /// The reservations of other senders expired at `now` give back their lease and holds
-    /// (`store::quota::expire`); the call from `token` then, if its own had expired, owes what
-    /// it used since (`store::quota::revive`). What the caller keeps before its call, and
-    /// whether its reservation had expired.
+    /// (`store::quota::expire`); the call from `token` then, if the store gave its own back,
+    /// owes what it used since (`store::quota::standing`). What the caller keeps before its
+    /// call, and whether its reservation had been given back.
     fn expire_for(&mut self, token: ReserveToken, kept: crate::store::Kept) -> (crate::store::Kept, bool) {
         let back = crate::store::quota::expire(self.applied.values_mut().map(|c| &mut c.keeping), token.at);
         self.reserved = self.reserved.saturating_sub(back);
-        match self.applied.get(&token.node).and_then(|c| crate::store::quota::revive(&c.keeping, kept)) {
+        let own = self.applied.get(&token.node);
+        let mark = own.map_or(crate::store::quota::mark::NONE, |c| c.mark);
+        match crate::store::quota::standing(own.map(|c| &c.keeping), mark, kept) {
             Some((owed, kept)) => {
                 self.reserved = self.reserved.saturating_add(owed);
                 (kept, true)
@@ -303,9 +307,9 @@ impl Counter {
     /// Records the answer to `token`'s call and the reservation its sender keeps, forgetting
     /// the senders past [`SENDERS_KEPT`] by the time of their last call, never one within
     /// [`SENDER_QUIET_SECS`] of this call nor one whose reservation is live (it expires first).
-    fn applied(&mut self, token: ReserveToken, grant: Grant, keeping: crate::store::quota::Keeping) {
+    fn applied(&mut self, token: ReserveToken, grant: Grant, keeping: crate::store::quota::Keeping, mark: i64) {
         let at = self.applied.get(&token.node).map_or(token.at, |c| token.at.max(c.at));
-        self.applied.insert(token.node, Sender { seq: token.seq, grant, at, keeping });
+        self.applied.insert(token.node, Sender { seq: token.seq, grant, at, keeping, mark });
         let quiet_since = token.at.saturating_sub(SENDER_QUIET_SECS);
         while self.applied.len() > SENDERS_KEPT {
             let oldest = self

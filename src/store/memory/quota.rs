@@ -38,7 +38,7 @@ fn release_one(inner: &mut Inner, r: &Release) {
     }
     let keeping = crate::store::quota::Keeping::after(kept, 0, 0, r.expires_at);
     let grant = Grant::new(0, c.reserved).with_limit(c.granted).with_expired(expired);
-    c.applied(token, grant, keeping);
+    c.applied(token, grant, keeping, crate::store::quota::mark_after(expired, false));
     let used = c.used();
     if let Some(s) = c.applied.get_mut(&token.node) {
         s.grant = grant.with_used(used);
@@ -88,7 +88,7 @@ impl QuotaStore for MemoryStore {
         c.reserved = c.reserved.saturating_add(granted);
         let keeping = crate::store::quota::Keeping::after(kept, granted, r.taking, r.expires_at);
         let mut grant = Grant::new(granted, c.reserved).with_limit(c.granted).with_expired(expired);
-        c.applied(r.token, grant, keeping);
+        c.applied(r.token, grant, keeping, crate::store::quota::mark_after(expired, true));
         grant = grant.with_used(c.used());
         if let Some(s) = c.applied.get_mut(&r.token.node) {
             s.grant = grant;

@@ -6,7 +6,7 @@ use crate::{
     store::{
         quota::{
             close_against, expire, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
-            kept_refund_of, newer_refund, refund_against, revive, CreditRefund, ForgivenBy, Keeping, SenderCall,
+            kept_refund_of, mark, newer_refund, refund_against, revive, CreditRefund, ForgivenBy, Keeping, SenderCall,
             UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
@@ -30,6 +30,8 @@ struct Call<'a> {
     expires_at: i64,
     /// Of the grant, what the caller uses at once (`Reservation::taking`).
     taking: u64,
+    /// Whether the caller reads the answer (false: a release).
+    answered: bool,
 }
 
 enum Attempt {
@@ -110,7 +112,8 @@ impl PostgresStore {
                     int(c.kept.held),
                     int(c.kept.jobs),
                     c.expires_at,
-                    int(c.taking)
+                    int(c.taking),
+                    c.answered
                 ],
             )
             .await?;
@@ -131,7 +134,8 @@ impl PostgresStore {
                 &self.sql(
                     "SELECT reserved, (senders -> $6 ->> 0)::numeric::text, (senders -> $6 ->> 1)::bigint, \
                      (senders -> $6 ->> 2)::bigint, granted, senders_forgotten_at, \
-                     (next_expiry IS NOT NULL AND next_expiry <= $7) OR coalesce((senders -> $6 ->> 8)::bigint, 0) > 0 \
+                     (next_expiry IS NOT NULL AND next_expiry <= $7) OR coalesce((senders -> $6 ->> 8)::bigint, 0) > 0, \
+                     coalesce((senders -> $6 ->> 8)::bigint, 0) \
                      FROM {s}.quota \
                      WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5",
                 ),
@@ -143,13 +147,15 @@ impl PostgresStore {
         let last = row.get::<_, Option<String>>(1).and_then(|s| s.parse::<u64>().ok());
         let limit = row.get::<_, Option<i64>>(4).map(uint);
         match last {
+            // Answered as it was, an expiry told included.
             Some(last) if c.token.seq == last => Ok(Attempt::Done(
                 Grant::new(
                     uint(row.get::<_, Option<i64>>(2).unwrap_or(0)),
                     uint(row.get::<_, Option<i64>>(3).unwrap_or(0)),
                 )
                 .with_limit(limit)
-                .with_cap(cap),
+                .with_cap(cap)
+                .with_expired(row.get::<_, i64>(7) == mark::TOLD),
             )),
             Some(last) if c.token.seq < last => {
                 Ok(Attempt::Done(Grant::new(0, uint(row.get(0))).with_limit(limit).with_cap(cap)))
@@ -217,8 +223,13 @@ impl PostgresStore {
                 entry[5] = k.kept.held.into();
                 entry[6] = k.kept.jobs.into();
                 entry[7] = k.expires_at.into();
-                // The reviving sender's entry says so to the statement sent again.
-                entry[8] = if *n == node && revived.is_some() { (-1).into() } else { k.gone.into() };
+                // The reviving sender's entry says so to the statement sent again; an expired
+                // one says what went back; the others keep their mark.
+                if *n == node && revived.is_some() {
+                    entry[8] = mark::TELL.into();
+                } else if k.gone > 0 {
+                    entry[8] = k.gone.into();
+                }
             }
         }
         let next = keepings.iter().filter(|(_, k)| k.live()).map(|(_, k)| k.expires_at).min();
@@ -312,6 +323,7 @@ impl PostgresStore {
             kept: r.kept,
             expires_at: r.expires_at,
             taking: 0,
+            answered: false,
         }
     }
 
@@ -427,6 +439,7 @@ impl QuotaStore for PostgresStore {
             kept: r.kept,
             expires_at: r.expires_at,
             taking: r.taking,
+            answered: true,
         };
         self.quota_call(&call).await
     }

@@ -17,11 +17,12 @@ pub(super) const MAX_INT: &str = "9223372036854775807";
 /// stored ([`CapMode::Stored`]; [`Reservation::limit_under`]), read in the same statement, `$14`
 /// the most a stored hard cap holds it to (NULL: none), `$15..$17` what the sender keeps
 /// besides the grant (lease, held, jobs: `store::quota::Kept`), `$18` when its reservation
-/// expires (0: never). The grant follows [`Reservation::grant_for`]; a release draws first on
+/// expires (0: never), `$20` whether the caller reads the answer (false: a release). The grant follows [`Reservation::grant_for`]; a release draws first on
 /// a prepaid balance's units forgiven to its sender (`store::quota::release_against`). Each
 /// sender's entry is `[seq, granted, reserved, time, lease, held, jobs, expires_at, gone]`
-/// (`store::quota::Keeping`; `gone` −1 once a slow path revived an expired sender: this call
-/// drops what it keeps and is answered expired). Senders are forgotten by time, oldest first
+/// (`store::quota::Keeping`; `gone` negative: `store::quota::mark`, −1 once a slow path
+/// revived an expired sender or a release took it: this call drops what it keeps and is
+/// answered expired; −2 its last call was answered expired). Senders are forgotten by time, oldest first
 /// (entries of earlier builds have no time: the oldest), never one that called within
 /// [`SENDER_QUIET_SECS`](contract::SENDER_QUIET_SECS) nor one whose reservation is live.
 ///
@@ -31,8 +32,12 @@ pub(super) const MAX_INT: &str = "9223372036854775807";
 /// `store::quota`) and sends it again.
 pub(super) fn reserve_sql(schema: &str) -> String {
     let live_f = "(q.forgiven_until > $12)";
-    // A sender revived by the slow path: what it gives back was given back at its expiry.
-    let revived = "(coalesce((q.senders -> $6::text ->> 8)::bigint, 0) = -1)";
+    // A sender whose reservation the store gave back (`store::quota::standing`): revived by
+    // the slow path, or left to be told by a release (`mark::TELL`), or one the counter does
+    // not remember that says it keeps leased or held units. What it gives back went back at
+    // its expiry.
+    let revived = "(coalesce((q.senders -> $6::text ->> 8)::bigint, 0) = -1 \
+                   OR (q.senders -> $6::text IS NULL AND $15::numeric + $16::numeric + GREATEST(-$9::numeric, 0) > 0))";
     // A release draws on what is forgiven to its sender for the lease it still holds (the
     // entry's sequence number is the sender's last call's), and drops what is forgiven to it
     // for an earlier lease: `store::quota::release_against`.
@@ -76,7 +81,7 @@ pub(super) fn reserve_sql(schema: &str) -> String {
     let lease = format!("(CASE WHEN {revived} THEN {kept_grant} ELSE $15::numeric + {kept_grant} END)");
     let held = format!("(CASE WHEN {revived} THEN 0 ELSE $16::bigint END)");
     // A live entry (`store::quota::Keeping::live`) is never forgotten: it expires first.
-    let live = "(coalesce((value ->> 8)::bigint, 0) = 0 AND coalesce((value ->> 4)::numeric, 0) \
+    let live = "(coalesce((value ->> 8)::bigint, 0) <= 0 AND coalesce((value ->> 4)::numeric, 0) \
                 + coalesce((value ->> 5)::numeric, 0) > 0 AND coalesce((value ->> 7)::bigint, 0) > 0)";
     // The latest last-call time of the senders forgotten by this call (`store::quota::forgotten`).
     let forgotten = format!(
@@ -93,6 +98,8 @@ pub(super) fn reserve_sql(schema: &str) -> String {
         "(CASE WHEN $18::bigint > 0 AND {lease} + $16::numeric > 0 \
           THEN LEAST(coalesce(q.next_expiry, $18::bigint), $18::bigint) ELSE q.next_expiry END)"
     );
+    // `store::quota::mark_after`: a release ($20 false) leaves its sender to be told.
+    let mark = format!("(CASE WHEN {revived} THEN (CASE WHEN $20 THEN -2 ELSE -1 END) ELSE 0 END)");
     let kept_all =
         "(SELECT coalesce(sum(coalesce((e.value ->> 4)::numeric, 0) + coalesce((e.value ->> 5)::numeric, 0) \
                     + coalesce((e.value ->> 6)::numeric, 0)), 0) FROM jsonb_each(q.senders) e)";
@@ -105,7 +112,7 @@ pub(super) fn reserve_sql(schema: &str) -> String {
              SELECT key, value, {at} AS at, {live} AS live, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
              FROM jsonb_each(q.senders || jsonb_build_object($6::text, \
                  jsonb_build_array($7::bigint, {granted}, {reserved}, $12::bigint, {lease}, {held}, $17::bigint, \
-                     $18::bigint, 0)))) e \
+                     $18::bigint, {mark})))) e \
              WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet} OR e.live) \
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
          AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, \
@@ -125,7 +132,7 @@ pub(super) fn reserve_sql(schema: &str) -> String {
 /// Many releases in one statement: the reserve statement with each release's parameters read
 /// from arrays (`unnest`, one row per release) and those a release does not use set to what
 /// [`release_call`](super::PostgresStore) sends (no units wanted, no limit, no cap, nothing
-/// taken), so the rule stays the one written above. `$1..$13` are the arrays of the key (five),
+/// taken, no answer read), so the rule stays the one written above. `$1..$13` are the arrays of the key (five),
 /// the node, the sequence number, the units given back as a negative delta, the call's time,
 /// and the lease, held, jobs and expiry kept. It returns the position (from 1) of each release
 /// applied; one that is not (a counter to create, a reservation to expire first, a token seen
@@ -135,13 +142,13 @@ pub(super) fn release_batch_sql(schema: &str) -> String {
     let one = reserve_sql(schema);
     let (update, _) = one.split_once(" RETURNING ").expect("the reserve statement returns its answer");
     // From the highest number down, so `$1` never matches the start of `$12`.
-    let from_arrays = [19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1];
+    let from_arrays = [20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1];
     let mut body = update.to_owned();
     for n in from_arrays {
         let to = match n {
             8 | 11 | 19 => "(0::bigint)".to_owned(),
             10 | 14 => "(NULL::bigint)".to_owned(),
-            13 => "false".to_owned(),
+            13 | 20 => "false".to_owned(),
             _ => format!("r.p{n}"),
         };
         body = body.replace(&format!("${n}"), &to);

@@ -6,8 +6,8 @@ use crate::{
     store::{
         quota::{
             close_against, expire, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
-            kept_refund_of, newer_refund, refund_against, release_against, revive, CreditRefund, ForgivenBy, Keeping,
-            SenderCall, UsedTaken,
+            kept_refund_of, mark, mark_after, newer_refund, refund_against, release_against, standing, CreditRefund,
+            ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
     },
@@ -37,8 +37,15 @@ impl QuotaStore for SqliteStore {
                 None => r.units,
             };
             let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit).with_expired(expired);
-            let grant =
-                applied(tx, &r.key, &period, r.token, grant, Keeping::after(kept, granted, r.taking, r.expires_at))?;
+            let grant = applied(
+                tx,
+                &r.key,
+                &period,
+                r.token,
+                grant,
+                Keeping::after(kept, granted, r.taking, r.expires_at),
+                true,
+            )?;
             Ok(grant.with_cap(cap))
         })
         .await
@@ -486,7 +493,7 @@ fn release_one(tx: &Transaction<'_>, r: &Release) -> Sql<()> {
         (reserved.saturating_sub(r.units), r.kept)
     };
     let grant = Grant::new(0, after).with_expired(expired);
-    applied(tx, key, &period, token, grant, Keeping::after(kept, 0, 0, r.expires_at))?;
+    applied(tx, key, &period, token, grant, Keeping::after(kept, 0, 0, r.expires_at), false)?;
     Ok(())
 }
 
@@ -510,9 +517,9 @@ fn keepings(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Vec<(i64,
 }
 
 /// Expires the reservations of other senders whose time has come (`store::quota::expire`),
-/// and revives the caller's if it had expired (`store::quota::revive`): the counter's
-/// reserved units after them, what the caller keeps before its call, and whether its
-/// reservation had expired.
+/// and takes the caller's call by what the counter remembers of it (`store::quota::standing`):
+/// the counter's reserved units after them, what the caller keeps before its call, and whether
+/// its reservation had been given back.
 fn expire_for(
     tx: &Transaction<'_>,
     key: &QuotaKey,
@@ -541,8 +548,21 @@ fn expire_for(
         }
     }
     let reserved = reserved.saturating_sub(back);
-    let own = all.iter().find(|(n, _)| *n == node_int(token.node)).map(|(_, k)| *k).unwrap_or_default();
-    Ok(match revive(&own, kept) {
+    let own = all.iter().find(|(n, _)| *n == node_int(token.node)).map(|(_, k)| *k);
+    let mark = match own {
+        Some(_) => tx
+            .prepare_cached(
+                "SELECT gone FROM quota_sender \
+                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 AND node = ?6",
+            )?
+            .query_row(
+                params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end, node_int(token.node)],
+                |r| r.get::<_, i64>(0),
+            )?
+            .min(0),
+        None => mark::NONE,
+    };
+    Ok(match standing(own.as_ref(), mark, kept) {
         Some((owed, dropped)) => (reserved.saturating_add(owed), dropped, true),
         None => (reserved, kept, false),
     })
@@ -599,21 +619,24 @@ fn counter(tx: &Transaction<'_>, key: &QuotaKey, period: &str) -> Sql<Option<(i6
 
 /// Whether the call with `token` was applied already: `Some(grant)` answers it again.
 fn seen(tx: &Transaction<'_>, key: &QuotaKey, period: &str, token: ReserveToken, reserved: i64) -> Sql<Option<Grant>> {
-    let last: Option<(i64, i64, i64)> = tx
+    let last: Option<(i64, i64, i64, i64)> = tx
         .prepare_cached(
-            "SELECT seq, granted, reserved FROM quota_sender \
+            "SELECT seq, granted, reserved, gone FROM quota_sender \
              WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 AND node = ?6",
         )?
         .query_row(
             params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end, node_int(token.node)],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?)),
         )
         .optional()?;
     let seq = int(token.seq);
     Ok(match last {
-        Some((last, granted, then)) if seq <= last => {
-            Some(if seq == last { Grant::new(uint(granted), uint(then)) } else { Grant::new(0, uint(reserved)) })
-        }
+        Some((last, granted, then, gone)) if seq <= last => Some(if seq == last {
+            // Answered as it was, an expiry told included.
+            Grant::new(uint(granted), uint(then)).with_expired(gone == mark::TOLD)
+        } else {
+            Grant::new(0, uint(reserved))
+        }),
         Some(_) => None,
         None => {
             let forgotten_at: i64 = tx
@@ -638,6 +661,7 @@ fn applied(
     token: ReserveToken,
     grant: Grant,
     keeping: Keeping,
+    answered: bool,
 ) -> Sql<Grant> {
     let (t, m) = (key.tenant.as_str(), key.meter.as_str());
     tx.prepare_cached(
@@ -654,11 +678,11 @@ fn applied(
     tx.prepare_cached(
         "INSERT INTO quota_sender (tenant, meter, period, start, end, node, seq, granted, reserved, at, \
          lease, held, jobs, expires_at, gone) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 0) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
          ON CONFLICT (tenant, meter, period, start, end, node) \
          DO UPDATE SET seq = excluded.seq, granted = excluded.granted, reserved = excluded.reserved, \
          at = max(at, excluded.at), lease = excluded.lease, held = excluded.held, jobs = excluded.jobs, \
-         expires_at = excluded.expires_at, gone = 0",
+         expires_at = excluded.expires_at, gone = excluded.gone",
     )?
     .execute(params![
         t,
@@ -674,7 +698,8 @@ fn applied(
         int(keeping.kept.lease),
         int(keeping.kept.held),
         int(keeping.kept.jobs),
-        keeping.expires_at
+        keeping.expires_at,
+        mark_after(grant.expired, answered)
     ])?;
     // Senders are forgotten by the time of their last call, oldest first, never one that
     // called within the quiet window (its retry may still come) nor one whose reservation is
@@ -682,7 +707,7 @@ fn applied(
     let forgotten: Option<i64> = tx
         .prepare_cached(
             "DELETE FROM quota_sender WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
-             AND at < ?7 AND NOT (gone = 0 AND lease + held > 0 AND expires_at > 0) \
+             AND at < ?7 AND NOT (gone <= 0 AND lease + held > 0 AND expires_at > 0) \
              AND node NOT IN (SELECT node FROM quota_sender \
                  WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
                  ORDER BY at DESC, node LIMIT ?6) RETURNING at",
