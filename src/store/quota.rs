@@ -259,6 +259,29 @@ pub(crate) fn expire<'k>(keepings: impl IntoIterator<Item = &'k mut Keeping>, no
     back
 }
 
+/// [`expire`] on a prepaid balance holding `reserved`, with `forgiven` units forgiven (`by`
+/// per sender) until `until`: each sender's expiry gives its units back as its release would
+/// ([`release_against`]), drawing first on what is forgiven to it for the lease it holds (the
+/// units of a grant closed or refunded meanwhile left the balance then), so they never go
+/// back twice. `senders` names each (as its store names it) with its last call's sequence
+/// number. Returns `(reserved, forgiven)` after; `by` updated.
+#[must_use]
+pub(crate) fn expire_against<'k>(
+    senders: impl IntoIterator<Item = (String, u64, &'k mut Keeping)>,
+    now: i64,
+    (reserved, forgiven, until): (u64, u64, i64),
+    by: &mut ForgivenBy,
+) -> (u64, u64) {
+    let mut after = (reserved, forgiven);
+    for (name, seq, k) in senders {
+        let back = expire(std::iter::once(k), now);
+        if back > 0 {
+            after = release_against(after.0, after.1, until, by, (&name, Some(seq)), back, now);
+        }
+    }
+    after
+}
+
 /// A call of a sender whose reservation expired (`gone` units given back, the sender cut off
 /// from the store or paused past its expiry): it said it keeps `kept` now, so it used `gone −
 /// kept` since its last call, units the store no longer counts: they are owed again (returned

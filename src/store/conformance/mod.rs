@@ -80,6 +80,8 @@ macro_rules! store_conformance {
             a_batch_of_releases_applies_each_once,
             an_expired_sender_is_told_by_its_next_answered_call,
             a_forgotten_sender_keeps_nothing,
+            an_expired_lease_of_a_closed_grant_is_not_given_back_twice,
+            reservations_expire_one_after_another,
         );
     };
     (@role usage, $make:expr) => {

@@ -993,6 +993,41 @@ pub async fn an_expired_sender_is_told_by_its_next_answered_call<S: ?Sized + Quo
     assert!(!a.expired, "live again");
 }
 
+/// An expiry gives a sender's units back as its release would: what is forgiven to it (the
+/// units of a grant closed while it held them, taken out of the balance then) is drawn
+/// first, not given back twice (issue 52).
+pub async fn an_expired_lease_of_a_closed_grant_is_not_given_back_twice<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    let key = prepaid_key("fx", "tokens");
+    let at = DAY0 + 60;
+    h.s().grant_credits(&credit("fx", "a", 100, Some(DAY0 + 30))).await.unwrap();
+    h.s().grant_credits(&credit("fx", "b", 100, None)).await.unwrap();
+    // Z leases a's 100, X 50 of b's; each keeps its lease.
+    assert_eq!(h.s().reserve(&keeping(&key, 100, 1, 1, at, Kept::default(), at + 100)).await.unwrap().granted, 100);
+    assert_eq!(h.s().reserve(&keeping(&key, 50, 2, 1, at, Kept::default(), at + 1000)).await.unwrap().granted, 50);
+    let closed = h.s().close_credits(&"fx".into(), &"tokens".into(), "a", false, at).await.unwrap().unwrap();
+    assert_eq!(closed.lost, 0, "a's units are all leased");
+    let b = balance(h.s(), "fx").await;
+    assert_eq!((b.granted, b.reserved), (100, 50), "a's 100 left with a: Z's lease is forgiven");
+    // Z dies; past its expiry, X's call gives Z's lease back: a's 100 went with a, not again.
+    h.s().release_one(report(&key, 2, 2, at + 101, Kept::new(50, 0, 0), at + 1001)).await.unwrap();
+    assert_eq!(balance(h.s(), "fx").await.reserved, 50, "X's 50 still reserved");
+}
+
+/// Each sender's reservation expires in its turn, whether or not an earlier one was told:
+/// A expires (and is not heard from again), then B does.
+pub async fn reservations_expire_one_after_another<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    let key = day_key("in-turn", "requests");
+    let at = DAY0 + 60;
+    h.s().reserve(&keeping(&key, 10, 1, 1, at, Kept::default(), at + 100)).await.unwrap();
+    h.s().reserve(&keeping(&key, 20, 2, 1, at, Kept::default(), at + 200)).await.unwrap();
+    h.s().reserve(&keeping(&key, 1, 3, 1, at + 101, Kept::default(), at + 1000)).await.unwrap();
+    assert_eq!(reserved(h.s(), &key).await, 31 - 10, "A's lease back");
+    h.s().reserve(&keeping(&key, 1, 3, 2, at + 201, Kept::new(1, 0, 0), at + 1000)).await.unwrap();
+    assert_eq!(reserved(h.s(), &key).await, 22 - 20, "then B's");
+}
+
 /// A sender the counter no longer remembers keeps nothing of it: a counter forgets a sender
 /// only once its reservation is no longer live (expired, or empty), so a call that says it
 /// keeps leased or held units, from a sender forgotten, is answered expired, and a release

@@ -4,9 +4,9 @@
 //! of a balance.
 
 use super::quota::{claims, dropped, keeping_of, record, Add, Revived, NEW_CALL};
-use crate::store::quota::{mark, mark_after};
 use super::race::{Race, Retries};
 use super::*;
+use crate::store::quota::{mark, mark_after};
 use crate::{
     base::{MeterId, Period},
     store::{
@@ -554,113 +554,121 @@ impl DynamoStore {
         let (key, units, token) = (&r.key, r.units, r.token);
         // What it kept before the release (a revived sender's units went back at its expiry).
         let before = Kept { lease: r.kept.lease.saturating_add(units), ..r.kept };
-        self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, Revived::No, |revived, _| {
-            Box::pin(async move {
-                let Some(item) = self.get(quota_pk(key), &quota_sk(key)).await? else {
-                    if !self.ensure_counter(key).await? {
+        self.until_won(
+            "a prepaid balance changed under every attempt",
+            Retries::BACKING_OFF,
+            Revived::No,
+            |revived, _| {
+                Box::pin(async move {
+                    let Some(item) = self.get(quota_pk(key), &quota_sk(key)).await? else {
+                        if !self.ensure_counter(key).await? {
+                            return Ok(Race::Won(()));
+                        }
+                        return Ok(Race::Again(revived));
+                    };
+                    if Self::seen(&item, token).is_some() {
                         return Ok(Race::Won(()));
                     }
-                    return Ok(Race::Again(revived));
-                };
-                if Self::seen(&item, token).is_some() {
-                    return Ok(Race::Won(()));
-                }
-                let name = hex_node(token.node);
-                let rec = item
-                    .get("senders")
-                    .and_then(|v| v.as_m().ok())
-                    .and_then(|m| m.get(&name))
-                    .and_then(|r| r.as_m().ok());
-                // A sender whose reservation the store gave back (`store::quota::standing`).
-                if revived == Revived::No {
-                    let told = rec.is_some_and(|m| get_i(m, "x") == Some(mark::TELL));
-                    match rec {
-                        None if claims(before) => return Ok(Race::Again(Revived::Unknown)),
-                        Some(_) if told => return Ok(Race::Again(Revived::Known)),
-                        Some(m) if keeping_of(m).gone > 0 => {
-                            return Ok(if self.revive_sender(key, token, &item, before).await? {
-                                Race::Again(Revived::Known)
-                            } else {
-                                Race::Lost(Revived::No)
-                            });
+                    let name = hex_node(token.node);
+                    let rec = item
+                        .get("senders")
+                        .and_then(|v| v.as_m().ok())
+                        .and_then(|m| m.get(&name))
+                        .and_then(|r| r.as_m().ok());
+                    // A sender whose reservation the store gave back (`store::quota::standing`).
+                    if revived == Revived::No {
+                        let told = rec.is_some_and(|m| get_i(m, "x") == Some(mark::TELL));
+                        match rec {
+                            None if claims(before) => return Ok(Race::Again(Revived::Unknown)),
+                            Some(_) if told => return Ok(Race::Again(Revived::Known)),
+                            Some(m) if keeping_of(m).gone > 0 => {
+                                return Ok(if self.revive_sender(key, token, &item, before).await? {
+                                    Race::Again(Revived::Known)
+                                } else {
+                                    Race::Lost(Revived::No)
+                                });
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
-                }
-                let reserved = get_u(&item, "reserved");
-                let forgiven = get_u(&item, "forgiven");
-                let until = get_i(&item, "forgiven_until").unwrap_or(0);
-                let mut by = forgiven_by_of(get_s(&item, "forgiven_by").unwrap_or("{}"));
-                let last = rec.map(|r| get_u(r, "s"));
-                // A revived sender's units went back at its expiry: not again.
-                let (after, left) = if revived.any() {
-                    (reserved, forgiven)
-                } else {
-                    release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at)
-                };
-                let drop = reserved - after;
-                let keeping = Keeping::after(if revived.any() { dropped(r.kept) } else { r.kept }, 0, 0, r.expires_at);
-                let x = match revived {
-                    Revived::Known => "senders.#n.x = :m1",
-                    Revived::Unknown => "attribute_not_exists(senders.#n)",
-                    Revived::No if claims(before) => {
-                        "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z OR senders.#n.x = :m2) \
+                    let reserved = get_u(&item, "reserved");
+                    let forgiven = get_u(&item, "forgiven");
+                    let until = get_i(&item, "forgiven_until").unwrap_or(0);
+                    let mut by = forgiven_by_of(get_s(&item, "forgiven_by").unwrap_or("{}"));
+                    let last = rec.map(|r| get_u(r, "s"));
+                    // A revived sender's units went back at its expiry: not again.
+                    let (after, left) = if revived.any() {
+                        (reserved, forgiven)
+                    } else {
+                        release_against(reserved, forgiven, until, &mut by, (&name, last), units, token.at)
+                    };
+                    let drop = reserved - after;
+                    let keeping =
+                        Keeping::after(if revived.any() { dropped(r.kept) } else { r.kept }, 0, 0, r.expires_at);
+                    let x = match revived {
+                        Revived::Known => "senders.#n.x = :m1",
+                        Revived::Unknown => "attribute_not_exists(senders.#n)",
+                        Revived::No if claims(before) => {
+                            "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z OR senders.#n.x = :m2) \
                          AND attribute_exists(senders.#n)"
-                    }
-                    Revived::No => "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z OR senders.#n.x = :m2)",
-                };
-                let marks: Vec<(&str, i64)> = match revived {
-                    Revived::Known => vec![(":m1", mark::TELL)],
-                    Revived::Unknown => vec![],
-                    Revived::No => vec![(":z", mark::NONE), (":m2", mark::TOLD)],
-                };
-                let out = self
-                    .client
-                    .update_item()
-                    .table_name(&self.table)
-                    .key("pk", s(quota_pk(key)))
-                    .key("sk", s(quota_sk(key)))
-                    .update_expression(
-                        "ADD reserved :nd, room :d SET forgiven = :f, forgiven_by = :fb, senders.#n = :rec",
-                    )
-                    .condition_expression(format!(
-                        "attribute_exists(pk) AND {NEW_CALL} AND {x} \
+                        }
+                        Revived::No => {
+                            "(attribute_not_exists(senders.#n.x) OR senders.#n.x = :z OR senders.#n.x = :m2)"
+                        }
+                    };
+                    let marks: Vec<(&str, i64)> = match revived {
+                        Revived::Known => vec![(":m1", mark::TELL)],
+                        Revived::Unknown => vec![],
+                        Revived::No => vec![(":z", mark::NONE), (":m2", mark::TOLD)],
+                    };
+                    let out = self
+                        .client
+                        .update_item()
+                        .table_name(&self.table)
+                        .key("pk", s(quota_pk(key)))
+                        .key("sk", s(quota_sk(key)))
+                        .update_expression(
+                            "ADD reserved :nd, room :d SET forgiven = :f, forgiven_by = :fb, senders.#n = :rec",
+                        )
+                        .condition_expression(format!(
+                            "attribute_exists(pk) AND {NEW_CALL} AND {x} \
                      AND reserved = :r0 AND (attribute_not_exists(forgiven) OR forgiven = :f0)"
-                    ))
-                    .expression_attribute_names("#n", name.as_str())
-                    .set_expression_attribute_values(Some(
-                        marks
-                            .iter()
-                            .map(|(k, v)| ((*k).to_owned(), n(*v)))
-                            .chain([
-                                (":at".to_owned(), n(token.at)),
-                                (":nd".to_owned(), n(-int(drop))),
-                                (":d".to_owned(), n(drop)),
-                                (":f".to_owned(), n(left)),
-                                (":fb".to_owned(), s(forgiven_by_json(&by))),
-                                (":seq".to_owned(), n(token.seq)),
-                                (":r0".to_owned(), n(reserved)),
-                                (":f0".to_owned(), n(forgiven)),
-                                (":rec".to_owned(), record(token, 0, &keeping, mark_after(revived.any(), false))),
-                            ])
-                            .collect(),
-                    ))
-                    .return_values(ReturnValue::AllNew)
-                    .send()
-                    .await;
-                match out {
-                    Ok(out) => {
-                        let item = out.attributes.unwrap_or_default();
-                        let reserved =
-                            get_u(&item, "reserved").saturating_sub(self.expire_others(key, token, &item).await);
-                        self.after_add(key, token, reserved, &item).await;
-                        Ok(Race::Won(()))
+                        ))
+                        .expression_attribute_names("#n", name.as_str())
+                        .set_expression_attribute_values(Some(
+                            marks
+                                .iter()
+                                .map(|(k, v)| ((*k).to_owned(), n(*v)))
+                                .chain([
+                                    (":at".to_owned(), n(token.at)),
+                                    (":nd".to_owned(), n(-int(drop))),
+                                    (":d".to_owned(), n(drop)),
+                                    (":f".to_owned(), n(left)),
+                                    (":fb".to_owned(), s(forgiven_by_json(&by))),
+                                    (":seq".to_owned(), n(token.seq)),
+                                    (":r0".to_owned(), n(reserved)),
+                                    (":f0".to_owned(), n(forgiven)),
+                                    (":rec".to_owned(), record(token, 0, &keeping, mark_after(revived.any(), false))),
+                                ])
+                                .collect(),
+                        ))
+                        .return_values(ReturnValue::AllNew)
+                        .send()
+                        .await;
+                    match out {
+                        Ok(out) => {
+                            let item = out.attributes.unwrap_or_default();
+                            let reserved =
+                                get_u(&item, "reserved").saturating_sub(self.expire_others(key, token, &item).await);
+                            self.after_add(key, token, reserved, &item).await;
+                            Ok(Race::Won(()))
+                        }
+                        Err(e) if is_ccf(&e) => Ok(Race::Lost(revived)),
+                        Err(e) => Err(sdk(e)),
                     }
-                    Err(e) if is_ccf(&e) => Ok(Race::Lost(revived)),
-                    Err(e) => Err(sdk(e)),
-                }
-            })
-        })
+                })
+            },
+        )
         .await
     }
 

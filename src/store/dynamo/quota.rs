@@ -8,7 +8,9 @@ pub(super) use crate::store::quota::Keeping;
 use crate::{
     base::{MeterId, Period},
     store::{
-        quota::{expire, forgotten, mark, mark_after, revive, CreditRefund},
+        quota::{
+            expire, expire_against, forgiven_by_json, forgiven_by_of, forgotten, mark, mark_after, revive, CreditRefund,
+        },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, QuotaCounter, RefundOutcome, Release,
         SpendCap,
     },
@@ -86,9 +88,8 @@ impl QuotaStore for DynamoStore {
                             None if !revived.any() => match self.revival(&r.key, r.token, &item, r.kept).await? {
                                 Revived::No => {
                                     let reserved = get_u(&item, "reserved");
-                                    let left = r
-                                        .limit
-                                        .map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed)));
+                                    let left =
+                                        r.limit.map_or(u64::MAX, |l| l.saturating_sub(reserved.saturating_add(r.owed)));
                                     Race::Lost((within(left), revived))
                                 }
                                 again => Race::Again((units, again)),
@@ -339,11 +340,26 @@ impl DynamoStore {
             .filter(|(node, _)| **node != caller)
             .filter_map(|(node, v)| v.as_m().ok().map(|m| (node, get_u(m, "s"), keeping_of(m))))
             .collect();
-        let back = expire(due.iter_mut().map(|(_, _, k)| k), token.at);
-        if back == 0 {
+        // Those that expire now (one expired before and not yet told keeps its mark).
+        let was: Vec<u64> = due.iter().map(|(_, _, k)| k.gone).collect();
+        let prepaid = key.period == Period::Prepaid;
+        // A prepaid balance: each expiry draws first on what is forgiven to its sender.
+        let forgiven = get_u(item, "forgiven");
+        let mut by = forgiven_by_of(get_s(item, "forgiven_by").unwrap_or("{}"));
+        let (back, left) = if prepaid {
+            let reserved = get_u(item, "reserved");
+            let held = (reserved, forgiven, get_i(item, "forgiven_until").unwrap_or(0));
+            let named = due.iter_mut().map(|(n, seq, k)| ((*n).clone(), *seq, k));
+            let (after, left) = expire_against(named, token.at, held, &mut by);
+            (reserved - after, left)
+        } else {
+            (expire(due.iter_mut().map(|(_, _, k)| k), token.at), forgiven)
+        };
+        let now_gone: Vec<&(&String, u64, Keeping)> =
+            due.iter().zip(&was).filter(|((_, _, k), was)| k.gone != **was).map(|(d, _)| d).collect();
+        if now_gone.is_empty() {
             return 0;
         }
-        let prepaid = key.period == Period::Prepaid;
         let mut expr =
             if prepaid { "ADD reserved :nb, room :b SET ".to_owned() } else { "ADD reserved :nb SET ".to_owned() };
         let mut condition = "attribute_exists(pk)".to_owned();
@@ -357,8 +373,16 @@ impl DynamoStore {
             .expression_attribute_values(":z", n(0));
         if prepaid {
             req = req.expression_attribute_values(":b", n(int(back)));
+            if left != forgiven {
+                expr.push_str("forgiven = :f, forgiven_by = :fb, ");
+                condition.push_str(" AND (attribute_not_exists(forgiven) OR forgiven = :f0)");
+                req = req
+                    .expression_attribute_values(":f", n(left))
+                    .expression_attribute_values(":fb", s(forgiven_by_json(&by)))
+                    .expression_attribute_values(":f0", n(forgiven));
+            }
         }
-        for (i, (node, seq, k)) in due.iter().filter(|(_, _, k)| k.gone > 0).enumerate() {
+        for (i, (node, seq, k)) in now_gone.into_iter().enumerate() {
             if i > 0 {
                 expr.push_str(", ");
             }

@@ -286,8 +286,16 @@ impl Counter {
     /// owes what it used since (`store::quota::standing`). What the caller keeps before its
     /// call, and whether its reservation had been given back.
     fn expire_for(&mut self, token: ReserveToken, kept: crate::store::Kept) -> (crate::store::Kept, bool) {
-        let back = crate::store::quota::expire(self.applied.values_mut().map(|c| &mut c.keeping), token.at);
-        self.reserved = self.reserved.saturating_sub(back);
+        if self.granted.is_some() {
+            // A prepaid balance: each expiry draws first on what is forgiven to its sender.
+            let senders = self.applied.iter_mut().map(|(n, c)| (n.to_string(), c.seq, &mut c.keeping));
+            let held = (self.reserved, self.forgiven, self.forgiven_until);
+            (self.reserved, self.forgiven) =
+                crate::store::quota::expire_against(senders, token.at, held, &mut self.forgiven_by);
+        } else {
+            let back = crate::store::quota::expire(self.applied.values_mut().map(|c| &mut c.keeping), token.at);
+            self.reserved = self.reserved.saturating_sub(back);
+        }
         let own = self.applied.get(&token.node);
         let mark = own.map_or(crate::store::quota::mark::NONE, |c| c.mark);
         match crate::store::quota::standing(own.map(|c| &c.keeping), mark, kept) {

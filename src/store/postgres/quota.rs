@@ -5,9 +5,9 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, expire, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
-            kept_refund_of, mark, newer_refund, refund_against, revive, CreditRefund, ForgivenBy, Keeping, SenderCall,
-            UsedTaken,
+            close_against, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten,
+            kept_refund_json, kept_refund_of, mark, newer_refund, refund_against, revive, CreditRefund, ForgivenBy,
+            Keeping, SenderCall, UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
     },
@@ -185,7 +185,7 @@ impl PostgresStore {
         let Some(row) = tx
             .query_typed_opt(
                 &self.sql(
-                    "SELECT reserved, senders::text FROM {s}.quota \
+                    "SELECT reserved, senders::text, forgiven, forgiven_until, forgiven_by::text FROM {s}.quota \
                      WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5 FOR UPDATE",
                 ),
                 args![t, m, p, key.start, key.end],
@@ -210,7 +210,17 @@ impl PostgresStore {
                 (n.clone(), k)
             })
             .collect();
-        reserved = reserved.saturating_sub(expire(keepings.iter_mut().map(|(_, k)| k), token.at));
+        let (mut forgiven, until) = (uint(row.get(2)), row.get::<_, i64>(3));
+        let mut by = forgiven_by_of(row.get::<_, &str>(4));
+        if key.period == crate::base::Period::Prepaid {
+            // A prepaid balance: each expiry draws first on what is forgiven to its sender.
+            let seq = |n: &String| senders.get(n).map_or(0, |v| uint(at(v, 0)));
+            let named: Vec<(String, u64, &mut Keeping)> =
+                keepings.iter_mut().map(|(n, k)| (n.clone(), seq(n), k)).collect();
+            (reserved, forgiven) = expire_against(named, token.at, (reserved, forgiven, until), &mut by);
+        } else {
+            reserved = reserved.saturating_sub(expire(keepings.iter_mut().map(|(_, k)| k), token.at));
+        }
         let own = keepings.iter().find(|(n, _)| *n == node).map(|(_, k)| *k).unwrap_or_default();
         let revived = revive(&own, kept);
         if let Some((owed, _)) = revived {
@@ -235,10 +245,22 @@ impl PostgresStore {
         let next = keepings.iter().filter(|(_, k)| k.live()).map(|(_, k)| k.expires_at).min();
         tx.query_typed(
             &self.sql(
-                "UPDATE {s}.quota SET reserved = $6, senders = $7::text::jsonb, next_expiry = $8 \
+                "UPDATE {s}.quota SET reserved = $6, senders = $7::text::jsonb, next_expiry = $8, forgiven = $9, \
+                 forgiven_by = $10::text::jsonb \
                  WHERE tenant = $1 AND meter = $2 AND period = $3 AND start_at = $4 AND end_at = $5",
             ),
-            args![t, m, p, key.start, key.end, int(reserved), serde_json::Value::Object(senders).to_string(), next],
+            args![
+                t,
+                m,
+                p,
+                key.start,
+                key.end,
+                int(reserved),
+                serde_json::Value::Object(senders).to_string(),
+                next,
+                int(forgiven),
+                forgiven_by_json(&by)
+            ],
         )
         .await?;
         tx.commit().await?;
@@ -254,12 +276,20 @@ impl PostgresStore {
     async fn release_batch(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
         let mut seen = std::collections::HashSet::with_capacity(releases.len());
         // Each counter once in the statement; later releases of one counter go alone, in order.
-        let batch: Vec<usize> = (0..releases.len())
+        let mut batch: Vec<usize> = (0..releases.len())
             .filter(|i| {
                 let k = &releases[*i].key;
                 seen.insert((k.tenant.as_str(), k.meter.as_str(), k.start, k.end))
             })
             .collect();
+        // In key order (joined on the primary key, the rows are locked in the arrays. order): two nodes
+        // returning at once lock shared counters in one order. A deadlock all the same fails
+        // the statement, and its releases go alone.
+        let order = |i: &usize| {
+            let k = &releases[*i].key;
+            (k.tenant.as_str(), k.meter.as_str(), k.start, k.end)
+        };
+        batch.sort_by(|a, b| order(a).cmp(&order(b)));
         let mut applied = vec![false; releases.len()];
         if let Ok(done) = self.release_many(releases, &batch).await {
             for i in done {

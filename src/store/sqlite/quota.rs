@@ -5,9 +5,9 @@ use crate::{
     base::MeterId,
     store::{
         quota::{
-            close_against, expire, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten, kept_refund_json,
-            kept_refund_of, mark, mark_after, newer_refund, refund_against, release_against, standing, CreditRefund,
-            ForgivenBy, Keeping, SenderCall, UsedTaken,
+            close_against, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten,
+            kept_refund_json, kept_refund_of, mark, mark_after, newer_refund, refund_against, release_against,
+            standing, CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
     },
@@ -529,8 +529,42 @@ fn expire_for(
     kept: Kept,
 ) -> Sql<(u64, Kept, bool)> {
     let mut all = keepings(tx, key, period)?;
-    let back = expire(all.iter_mut().map(|(_, k)| k), token.at);
-    if back > 0 {
+    let before: Vec<u64> = all.iter().map(|(_, k)| k.gone).collect();
+    let reserved = if key.period == crate::base::Period::Prepaid {
+        // A prepaid balance: each expiry draws first on what is forgiven to its sender.
+        let (forgiven, until, mut by) = forgiven_of(tx, key, period)?;
+        let seqs: std::collections::HashMap<i64, i64> = tx
+            .prepare_cached(
+                "SELECT node, seq FROM quota_sender \
+                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+            )?
+            .query_map(params![key.tenant.as_str(), key.meter.as_str(), period, key.start, key.end], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Sql<_>>()?;
+        let senders = all.iter_mut().map(|(n, k)| (n.to_string(), uint(seqs.get(n).copied().unwrap_or(0)), k));
+        let by_before = by.clone();
+        let (after, left) = expire_against(senders, token.at, (reserved, forgiven, until), &mut by);
+        if left != forgiven || by != by_before {
+            tx.prepare_cached(
+                "UPDATE quota SET forgiven = ?6, forgiven_by = ?7 \
+                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+            )?
+            .execute(params![
+                key.tenant.as_str(),
+                key.meter.as_str(),
+                period,
+                key.start,
+                key.end,
+                int(left),
+                forgiven_by_json(&by)
+            ])?;
+        }
+        after
+    } else {
+        reserved.saturating_sub(expire(all.iter_mut().map(|(_, k)| k), token.at))
+    };
+    if all.iter().zip(&before).any(|((_, k), b)| k.gone != *b) {
         for (node, k) in all.iter().filter(|(_, k)| k.gone > 0) {
             tx.prepare_cached(
                 "UPDATE quota_sender SET lease = 0, held = 0, jobs = 0, gone = ?7 \
@@ -547,7 +581,6 @@ fn expire_for(
             ])?;
         }
     }
-    let reserved = reserved.saturating_sub(back);
     let own = all.iter().find(|(n, _)| *n == node_int(token.node)).map(|(_, k)| *k);
     let mark = match own {
         Some(_) => tx
