@@ -244,7 +244,9 @@ impl Keeping {
 /// clock): each gives back its lease and its holds (its jobs' reservations stay spent, by
 /// their rule, and count as used from then on), and is marked gone with what it gave back.
 /// Returns the units given back. Every store expires by this rule, at every call of the
-/// counter, before applying the call.
+/// counter: before applying the call, or on DynamoDB right after the call's conditional write
+/// (a call near the limit may then be granted less by what expired with it; the next call
+/// finds those units).
 #[must_use]
 pub(crate) fn expire<'k>(keepings: impl IntoIterator<Item = &'k mut Keeping>, now: i64) -> u64 {
     let mut back = 0u64;
