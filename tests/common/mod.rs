@@ -223,6 +223,21 @@ pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle:
     Harness { svc, tollgate, clock: handle, memory: None }
 }
 
+/// Waits until `holds` says the background work a test asserts on is done, asking every 10 ms,
+/// for at most `deadline`; fails naming `what` if it never is. Never a fixed sleep that races
+/// the work.
+pub async fn eventually<F, Fut>(what: &str, deadline: std::time::Duration, mut holds: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = std::time::Instant::now() + deadline;
+    while !holds().await {
+        assert!(std::time::Instant::now() < until, "{what}: not done within {deadline:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// A memory store with switches for the faults the tests need: calls that fail, calls that
 /// land without their answer coming back in time, and calls held until released; it also
 /// counts the tenant lookups it answers.

@@ -29,6 +29,19 @@ fn all_sound(got: &[common::alerts::Delivery]) {
     }
 }
 
+/// Awaits the workers' deliveries: every row in the outbox delivered, and no node finding
+/// one left to deliver (a second delivery, were there one, would have been made by then).
+async fn settled(store: &Arc<dyn tollgate::store::StoreInspect>, nodes: &[Arc<Harness>]) {
+    common::eventually("every alert delivered", Duration::from_secs(15), || async {
+        let rows = store.list_alerts(&AlertQuery::new(100)).await.unwrap();
+        !rows.is_empty() && rows.iter().all(|r| r.state == AlertState::Delivered)
+    })
+    .await;
+    for h in nodes {
+        assert_eq!(h.tollgate.deliver_alerts().await.claimed, 0, "nothing left to deliver");
+    }
+}
+
 /// Four engines cross 80% of a quota together: each sees the crossing in its store's answers
 /// and writes it, and the receiver gets exactly one alert, verified by the official library.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -55,8 +68,7 @@ async fn four_engines_crossing_together_send_one_alert() {
         h.tollgate.flush().await.unwrap();
     }
     receiver.wait_for(Duration::from_secs(10), |got| !got.is_empty()).await;
-    // Long enough for a second delivery, were there one.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    settled(&store, &nodes).await;
     let got = receiver.received().await;
     all_sound(&got);
     // The fleet crossed 80%, and (the leases of four nodes) reached the limit: one alert
@@ -243,8 +255,18 @@ async fn a_slow_endpoint_does_not_stall_the_others_and_redirects_are_not_followe
     all_sound(&got);
     let redirected = moved.wait_for(Duration::from_secs(5), |got| !got.is_empty()).await;
     assert!(redirected.iter().all(|d| d.path == "/hook"), "the redirect was followed: {redirected:?}");
-    // The slow one times out (3 s) and is due again; the redirect's failure is recorded.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The slow one times out (3 s) and is due again; the redirect's failure is recorded:
+    // awaited.
+    common::eventually("every endpoint's attempt recorded", Duration::from_secs(20), || async {
+        let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+        let state = |to: &str| rows.iter().find(|r| r.key.destination == to).map(|r| (r.state, r.last_error.is_some()));
+        ["endpoint:fast", "endpoint:huge", "endpoint:lazy"]
+            .iter()
+            .all(|to| state(to) == Some((AlertState::Delivered, false)))
+            && state("endpoint:moved").is_some_and(|(_, e)| e)
+            && state("endpoint:ops").is_some_and(|(_, e)| e)
+    })
+    .await;
     let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
     let row = |to: &str| rows.iter().find(|r| r.key.destination == to).unwrap();
     assert_eq!(row("endpoint:fast").state, AlertState::Delivered);
@@ -327,7 +349,12 @@ async fn tenant_endpoints_reach_only_addresses_they_may() {
         assert_eq!(h.status("/", &key_u).await, 200);
     }
     h.tollgate.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // Each tenant's attempt made and refused: awaited.
+    common::eventually("the attempts for u, v and w", Duration::from_secs(15), || async {
+        let rows = store.list_alerts(&AlertQuery::new(10)).await.unwrap();
+        ["u", "v", "w"].iter().all(|t| rows.iter().any(|r| r.tenant.as_str() == *t && r.last_error.is_some()))
+    })
+    .await;
     assert_eq!(receiver.received().await.len(), 1, "connected to a private address");
     let rows: Vec<_> = store
         .list_alerts(&AlertQuery::new(10))
@@ -455,7 +482,7 @@ async fn four_engines_spending_together_send_one_spend_alert() {
         h.tollgate.flush().await.unwrap();
     }
     receiver.wait_for(Duration::from_secs(10), |got| !got.is_empty()).await;
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    settled(&store, &nodes).await;
     let got = receiver.received().await;
     all_sound(&got);
     let kinds: Vec<_> = got.iter().filter_map(|d| d.kind.clone()).collect();

@@ -326,11 +326,12 @@ async fn anonymous_callers_do_not_share_idempotency_keys() {
         r.extensions_mut().insert(ClientAddr(ip.parse::<IpAddr>().unwrap()));
         r
     };
+    let since = std::time::Instant::now();
     assert_eq!(nodes[0].send(post("192.0.2.1", None)).await.status, 200);
     assert_eq!(nodes[0].send(post("192.0.2.2", None)).await.status, 200, "B's own request");
     // A's retry, on the other node: a replay (not charged); B's the same. (The claims are
-    // settled in the store right after the responses.)
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // settled in the store right after the responses: awaited.)
+    assert!(nodes[0].tollgate.settlements_done(since, std::time::Duration::from_secs(10)).await);
     assert_eq!(nodes[1].send(post("192.0.2.1", None)).await.status, 200);
     assert_eq!(nodes[1].send(post("192.0.2.2", None)).await.status, 200);
     for n in &nodes {

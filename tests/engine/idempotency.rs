@@ -98,17 +98,14 @@ async fn a_replay_is_answered_with_the_stored_response_without_running_the_handl
     let store = Arc::new(common::Faulty::default());
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let h = Harness::build(TOML, store.clone(), clock, handle);
+    let since = std::time::Instant::now();
     let first = h.send(req_with("POST", "/echo", "key-t", "e-1", b"hello")).await;
     assert_eq!(first.status, 201);
     assert!(std::str::from_utf8(&first.body).unwrap().ends_with(": hello"));
     assert_eq!(first.header("idempotent-replayed"), None);
-    // The claim and its settlement (in the background, after the response).
-    for _ in 0..100 {
-        if store.idempotency_writes.load(Ordering::SeqCst) == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The claim and its settlement (in the background, after the response): awaited.
+    assert!(h.tollgate.settlements_done(since, Duration::from_secs(10)).await);
+    assert_eq!(store.idempotency_writes.load(Ordering::SeqCst), 2, "the claim and its settlement");
     let reads = store.idempotency_reads.load(Ordering::SeqCst);
     let writes = store.idempotency_writes.load(Ordering::SeqCst);
     let replay = h.send(req_with("POST", "/echo", "key-t", "e-1", b"hello")).await;
@@ -301,15 +298,17 @@ async fn a_caller_over_its_rate_costs_no_idempotency_writes() {
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let toml = "[plans.p]\nrate = \"1/s\"\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n";
     let h = Harness::build(toml, store.clone(), clock, handle);
+    let since = std::time::Instant::now();
     let mut statuses = std::collections::BTreeMap::new();
     for i in 0..100 {
         let r = common::req("POST", "/", Some("key-t"), Some(&format!("order-{i}")));
         *statuses.entry(h.send(r).await.status.as_u16()).or_insert(0) += 1;
     }
     assert_eq!(statuses, [(200, 1), (429, 99)].into_iter().collect());
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The admitted request's settlement (in the background): awaited.
+    assert!(h.tollgate.settlements_done(since, Duration::from_secs(10)).await);
     let writes = store.idempotency_writes.load(std::sync::atomic::Ordering::SeqCst);
-    assert!(writes <= 2, "{writes} store writes for one admitted request");
+    assert_eq!(writes, 2, "{writes} store writes for one admitted request: its claim and settlement");
 }
 
 /// A body that sends one frame, then fails.

@@ -57,8 +57,9 @@ async fn a_paused_nodes_places_expire_and_go_to_the_others() {
 /// A place freed goes back to the store at once when the node holds more than one spare, so
 /// another node gets it; the last spare after a second (the worker), not never.
 ///
-/// One thread: the releases in the background have run when the test next sleeps.
-#[tokio::test]
+/// One thread, its clock paused: a sleep returns once every task is idle, so the releases in
+/// the background have run, and the worker's pass comes after a second of that clock.
+#[tokio::test(start_paused = true)]
 async fn freed_places_go_back_to_the_fleet() {
     let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
@@ -81,7 +82,7 @@ async fn freed_places_go_back_to_the_fleet() {
     // The spare goes back after a second (the worker's pass, the clock moving), well before
     // its places would expire (30 s).
     let mut fifth = None;
-    for _ in 0..100 {
+    for _ in 0..500 {
         handle.advance(std::time::Duration::from_millis(100));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         if let Ok(t) = admit(&b).await {
@@ -192,7 +193,10 @@ async fn a_lowered_concurrency_holds_on_the_places_a_node_already_holds() {
 /// A request that gave up while its node asked for places (its future dropped) leaves the node
 /// a place more than its requests: that spare goes back too, after a second, not renewed
 /// forever.
-#[tokio::test]
+///
+/// One thread, its clock paused (the store's delay too): each sleep returns once every task is
+/// idle, so the first call is out, then the second, when the test goes on.
+#[tokio::test(start_paused = true)]
 async fn a_place_asked_for_a_request_that_gave_up_goes_back() {
     let memory: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
     let slow = Arc::new(Faulty::over(memory.clone()));
@@ -229,7 +233,7 @@ async fn a_place_asked_for_a_request_that_gave_up_goes_back() {
         got.push(admit(&b).await.expect("given back at once"));
     }
     let mut fifth = None;
-    for _ in 0..100 {
+    for _ in 0..500 {
         handle.advance(std::time::Duration::from_millis(100));
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         if let Ok(t) = admit(&b).await {
@@ -245,7 +249,10 @@ async fn a_place_asked_for_a_request_that_gave_up_goes_back() {
 /// store taking 300 ms a renewal, every renewal lands within a pass, and no place still in use
 /// expires for another node to take (one after another, the pass would take 15 s, and most
 /// places would expire under their running requests).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///
+/// One thread, its clock paused: the store's 300 ms are that clock's, and the 2.5 s the test
+/// waits hold the worker's pass whatever the machine's load.
+#[tokio::test(start_paused = true)]
 async fn renewals_of_many_tenants_land_before_their_places_expire() {
     let mut toml =
         String::from("[usage]\nstore_timeout = \"1s\"\n[plans.p]\nconcurrency = 1\nconcurrency_scope = \"fleet\"\n");
@@ -367,11 +374,19 @@ async fn a_tenant_busy_again_and_again_keeps_one_entry_per_node() {
         Arc::new(tollgate::store::SqliteStore::open(&path).await.unwrap());
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let a = node_with_worker(TOML, store, clock, handle.clone());
+    let held = || {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let holders: String =
+            db.query_row("SELECT holders FROM place_leases WHERE tenant = 't'", [], |r| r.get(0)).unwrap();
+        let holders: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&holders).unwrap();
+        holders.values().filter_map(|h| h.get(0).and_then(serde_json::Value::as_u64)).sum::<u64>()
+    };
     for _ in 0..4 {
         assert!(admit(&a).await.unwrap().complete(200));
-        // The spare goes back after a second (the worker's pass), and the idle entry with it.
+        // The spare goes back after a second (the worker's pass), and the idle entry with it:
+        // awaited, the clock moving.
         handle.advance(std::time::Duration::from_millis(1_500));
-        tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+        common::eventually("the spare given back", std::time::Duration::from_secs(15), || async { held() == 0 }).await;
     }
     let db = rusqlite::Connection::open(&path).unwrap();
     let holders: String =

@@ -338,7 +338,11 @@ async fn a_stalled_refill_of_one_tenant_does_not_block_another() {
         let h = h.clone();
         tokio::spawn(async move { h.status("/", "key-0").await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // t0's call is in the store, stalled, before the others come.
+    common::eventually("t0's call stalled in the store", Duration::from_secs(10), || async {
+        store.quota_calls.load(Ordering::SeqCst) >= 1
+    })
+    .await;
     for i in 1..300 {
         let r = tokio::time::timeout(Duration::from_secs(2), h.status("/", &format!("key-{i}"))).await;
         assert_eq!(r.expect("not held up by t0's stalled refill"), 200);
@@ -418,8 +422,8 @@ async fn near_the_limit_leases_shrink_so_a_quiet_node_strands_few_units() {
         assert_eq!(busy.status("/", "key-t").await, 200);
         admitted += 1;
     }
-    // Let a prefetch of the busy node land.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A prefetch of the busy node lands (a flush does what a prefetch asked, awaited).
+    busy.tollgate.flush().await.unwrap();
     assert_eq!(quiet.status("/", "key-t").await, 200);
     admitted += 1;
     loop {

@@ -292,8 +292,9 @@ async fn two_processes_share_a_hard_quota(kind: Kind, test: &str) {
     const SHARED: &str = "quotas.requests = { limit = 300, period = \"day\", mode = \"hard\", lease = 4 }";
     if let Some((_, db)) = role() {
         let h = Arc::new(engine(&db, SHARED, NOON, None).await);
-        // Both children start together, when the parent says so.
+        // Both children start together, when the parent says so (once both are ready).
         let go = go_file(&db);
+        say("ready", 0);
         while !go.exists() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -325,8 +326,11 @@ async fn two_processes_share_a_hard_quota(kind: Kind, test: &str) {
     let Some((db, _dir)) = location(kind).await else { return };
     let go = go_file(&db);
     let _ = std::fs::remove_file(&go);
-    let children: Vec<_> = (0..2).map(|_| spawn(test, "share", &db)).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut children: Vec<_> = (0..2).map(|_| spawn(test, "share", &db)).collect();
+    // Both ready (their engines built, waiting), then both go: they overlap.
+    for (_, lines) in &mut children {
+        read_until(lines, "ready");
+    }
     std::fs::write(&go, b"").unwrap();
     let mut admitted = 0;
     for (mut child, mut lines) in children {

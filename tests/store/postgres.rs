@@ -438,7 +438,16 @@ async fn a_migration_waiting_for_a_table_lock_never_queues_the_fleet_behind_it()
         ])
         .spawn()
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The lock is held before the node starts: awaited.
+    let held = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = '{s}' AND c.relname = 'quota' AND l.mode = 'RowExclusiveLock' AND l.granted"
+    );
+    common::eventually("the long transaction's lock", std::time::Duration::from_secs(10), || async {
+        psql(&held).trim() != "0"
+    })
+    .await;
     // A new node starts and migrates meanwhile.
     let migrating = tokio::spawn({
         let options = options.clone();

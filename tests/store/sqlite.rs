@@ -240,6 +240,7 @@ async fn a_database_busy_past_the_busy_timeout_is_waited_for_and_reads_go_on() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(store.tenant(&"t".into()).await.unwrap().is_some());
     assert!(started.elapsed() < std::time::Duration::from_secs(3), "a read waited {:?}", started.elapsed());
+    assert!(!writing.is_finished(), "the write waits for the lock meanwhile");
     writing.await.unwrap().expect("the write waited for the lock instead of failing");
     assert!(started.elapsed() >= std::time::Duration::from_secs(6));
     holder.join().unwrap();
