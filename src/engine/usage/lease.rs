@@ -642,9 +642,11 @@ impl Leases {
         cells.sort_by_key(|(at, _, _)| *at);
         // A store that does not answer: the other cells wait for the next flush.
         let timeouts = std::sync::atomic::AtomicU32::new(0);
+        // Reports whose answer nothing reads, sent together after (`report_together`).
+        let together = std::sync::Mutex::new(Vec::new());
         futures_util::stream::iter(cells)
             .for_each_concurrent(TEND_AT_ONCE, |(_, state, i)| {
-                let timeouts = &timeouts;
+                let (timeouts, together) = (&timeouts, &together);
                 async move {
                     if timeouts.load(std::sync::atomic::Ordering::Relaxed) >= TEND_TIMEOUTS {
                         return;
@@ -655,6 +657,7 @@ impl Leases {
                     let result =
                         self.stores.under_lock_or_busy(cell.lock(), self.tend_cell(rt, &state, cell, now)).await;
                     match result {
+                        Ok(Some(true)) => together.lock().unwrap_or_else(|e| e.into_inner()).push((state.clone(), i)),
                         Ok(_) => {}
                         Err(e) => {
                             if matches!(e, StoreError::Timeout(_)) {
@@ -667,10 +670,71 @@ impl Leases {
                 }
             })
             .await;
+        let together = together.into_inner().unwrap_or_else(|e| e.into_inner());
+        if timeouts.load(std::sync::atomic::Ordering::Relaxed) < TEND_TIMEOUTS {
+            self.report_together(together).await;
+        }
     }
 
-    /// [`tend`](Self::tend)'s work on one cell, with its lock held.
-    async fn tend_cell(&self, rt: &Runtime, state: &Tenant, cell: QuotaRef<'_>, now: i64) -> Result<(), StoreError> {
+    /// Tells the store what these cells keep, [`RETURN_BATCH`] to a store call (a release of
+    /// no units each: [`QuotaStore::release`](crate::store::QuotaStore::release)), each cell's
+    /// lock held while its batch is out. For cells whose report's answer nothing reads: no
+    /// threshold or alert watches them, no spend cap's own cap is read from it, and their
+    /// reservation is renewed in time (a stale one's report is a reservation, whose answer
+    /// says whether it expired). A store that gave a cell's reservation back meanwhile tells
+    /// its next call (`store::quota::mark::TELL`).
+    async fn report_together(&self, cells: Vec<(Tenant, usize)>) {
+        use futures_util::StreamExt as _;
+        if cells.is_empty() {
+            return;
+        }
+        let now = self.clock.unix_secs();
+        let (expiry, skew) = self.expiry();
+        let mut ready = Vec::new();
+        for (state, i) in &cells {
+            let Some(cell) = state.quotas().nth(*i) else { continue };
+            let Ok(guard) = cell.lock().try_lock() else { continue };
+            // Still due, and nothing in flight (a call sent meanwhile told it, or will).
+            if cell.locked().inflight.is_some() || cell.locked().returned || cell.stale(now, expiry, skew) {
+                continue;
+            }
+            if cell.report_due(now, expiry, skew) != Some(false) {
+                continue;
+            }
+            let (start, end) = cell.period();
+            let call = self.call(cell, cell.key(start, end), CallKind::Release { units: 0 });
+            ready.push((cell, guard, call));
+        }
+        let store = self.stores.background().quota.clone();
+        let sent: Vec<Sent> = ready.iter_mut().map(|(cell, _, call)| self.begin(*cell, call)).collect();
+        let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, call), s)| Self::release_of(call, s)).collect();
+        let answers: Vec<Vec<Result<(), StoreError>>> = {
+            let calls: Vec<_> = releases.chunks(RETURN_BATCH).map(|batch| store.release(batch)).collect();
+            futures_util::stream::iter(calls).buffered(RETURN_AT_ONCE).collect().await
+        };
+        let answers = answers.into_iter().zip(releases.chunks(RETURN_BATCH)).flat_map(|(mut got, batch)| {
+            got.truncate(batch.len());
+            let mut got: Vec<_> = got.into_iter().map(Some).collect();
+            got.resize_with(batch.len(), || None);
+            got
+        });
+        for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
+            // Unanswered: in flight, sent again by the cell's next call.
+            let answer = answer.unwrap_or_else(|| Err(StoreError::Timeout(std::time::Duration::ZERO)));
+            Self::finish(cell, &call, s, &answer.map(|()| Grant::new(0, 0)));
+            drop(guard);
+        }
+    }
+
+    /// Whether nothing reads the answer to `cell`'s report: no threshold or alert watches it,
+    /// and no spend cap's own cap is read from it.
+    fn unwatched(&self, rt: &Runtime, cell: QuotaRef<'_>) -> bool {
+        !cell.spec.capped && !self.thresholds.watches(rt, cell)
+    }
+
+    /// [`tend`](Self::tend)'s work on one cell, with its lock held: `true` when its report is
+    /// left to be sent with others' ([`report_together`](Self::report_together)).
+    async fn tend_cell(&self, rt: &Runtime, state: &Tenant, cell: QuotaRef<'_>, now: i64) -> Result<bool, StoreError> {
         let (expiry, skew) = self.expiry();
         self.settle_inflight(cell).await?;
         let returned = cell.locked().returned;
@@ -692,10 +756,12 @@ impl Leases {
             // Done: the worker's job for it finds nothing asked.
             cell.prefetch_done();
         }
-        if end != 0 && cell.report_due(now, expiry, skew).is_some() {
-            self.report(rt, cell, now).await?;
+        match cell.report_due(now, expiry, skew) {
+            Some(false) if end != 0 && self.unwatched(rt, cell) => return Ok(true),
+            Some(_) if end != 0 => self.report(rt, cell, now).await?,
+            _ => {}
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Tells the store what `cell` keeps (it changed since its last call said it, or is to be

@@ -82,6 +82,16 @@ impl Thresholds {
     /// percentages of `usage.notify_at` (below 100 for a hard quota or a balance, whose limit
     /// reached is its own alert), the units left of `usage.notify_left`, and a hard limit or a
     /// balance reached.
+    /// Whether anything watches `cell`'s use: the hook, or alerts it may send (to the
+    /// operator's endpoints, or its tenant's).
+    pub(crate) fn watches(&self, rt: &Runtime, cell: QuotaRef<'_>) -> bool {
+        let usage = &rt.config.usage;
+        let thresholds = !usage.notify_at.is_empty() || !usage.notify_left.is_empty();
+        let alerts = !rt.config.alerts().endpoints.is_empty()
+            || rt.config.plans().get(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
+        (self.hook.is_some() && thresholds) || alerts
+    }
+
     fn offer_alerts(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, used: u64, start: i64, end: i64) {
         let settings = rt.config.alerts();
         let to_tenant = rt.config.plans().get(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);
