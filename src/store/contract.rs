@@ -53,6 +53,11 @@ pub const IDEMPOTENCY_KEYS_MAX: usize = 1 << 20;
 /// the oldest.
 pub const SENDERS_KEPT: usize = 64;
 
+/// A sender whose record keeps jobs' reservations (a job's, or a hold still open when its
+/// lease went back) is not forgotten for this long after its last call, live or not: its late
+/// releases must find it (longer than the longest `limits.hold_timeout`, a day).
+pub const SENDER_JOBS_KEPT_SECS: i64 = 2 * 86_400;
+
 /// How long after its last quota call a sender is never forgotten by a counter (see
 /// [`SENDERS_KEPT`]). A call may be re-sent later than that (an engine re-sends an unanswered
 /// call at its cell's next call, which for an idle tenant is its eviction): a counter keeps the

@@ -233,6 +233,15 @@ impl Keeping {
         Self { kept, expires_at, gone: 0 }
     }
 
+    /// Whether its sender is kept from being forgotten at `now`, its last call at `at`: its
+    /// reservation is live, or it keeps jobs' reservations and called within
+    /// [`SENDER_JOBS_KEPT_SECS`](super::contract::SENDER_JOBS_KEPT_SECS) (their late
+    /// releases must find it: a sender not remembered keeps nothing, [`standing`]).
+    #[must_use]
+    pub(crate) fn unforgettable(&self, at: i64, now: i64) -> bool {
+        self.live() || (self.kept.jobs > 0 && at >= now.saturating_sub(super::contract::SENDER_JOBS_KEPT_SECS))
+    }
+
     /// Whether it holds anything that an expiry would give back.
     #[must_use]
     pub(crate) fn live(&self) -> bool {

@@ -671,9 +671,7 @@ impl Leases {
             })
             .await;
         let together = together.into_inner().unwrap_or_else(|e| e.into_inner());
-        if timeouts.load(std::sync::atomic::Ordering::Relaxed) < TEND_TIMEOUTS {
-            self.report_together(together).await;
-        }
+        self.report_together(together, &timeouts).await;
     }
 
     /// Tells the store what these cells keep, [`RETURN_BATCH`] to a store call (a release of
@@ -683,18 +681,35 @@ impl Leases {
     /// reservation is renewed in time (a stale one's report is a reservation, whose answer
     /// says whether it expired). A store that gave a cell's reservation back meanwhile tells
     /// its next call (`store::quota::mark::TELL`).
-    async fn report_together(&self, cells: Vec<(Tenant, usize)>) {
+    async fn report_together(&self, cells: Vec<(Tenant, usize)>, timeouts: &std::sync::atomic::AtomicU32) {
         use futures_util::StreamExt as _;
-        if cells.is_empty() {
-            return;
-        }
+        use std::sync::atomic::Ordering::Relaxed;
+        // A batch's cells are locked only while their batch is out; a store that does not
+        // answer stops the pass (the tending's timeouts and these together), as it stops the
+        // tending: the usage waits on neither for long.
+        futures_util::stream::iter(cells.chunks(RETURN_BATCH))
+            .for_each_concurrent(RETURN_AT_ONCE, |batch| async move {
+                if timeouts.load(Relaxed) >= TEND_TIMEOUTS {
+                    return;
+                }
+                if !self.report_batch(batch).await {
+                    timeouts.fetch_add(1, Relaxed);
+                }
+            })
+            .await;
+    }
+
+    /// One batch of [`report_together`](Self::report_together): the cells still due and not
+    /// busy, in one store call; `false` when the store did not answer in time.
+    async fn report_batch(&self, cells: &[(Tenant, usize)]) -> bool {
         let now = self.clock.unix_secs();
         let (expiry, skew) = self.expiry();
         let mut ready = Vec::new();
-        for (state, i) in &cells {
+        for (state, i) in cells {
             let Some(cell) = state.quotas().nth(*i) else { continue };
+            // A cell busy meanwhile (a request's call tells the store) is passed over.
             let Ok(guard) = cell.lock().try_lock() else { continue };
-            // Still due, and nothing in flight (a call sent meanwhile told it, or will).
+            // Still due, and nothing in flight (its next call sends that first).
             if cell.locked().inflight.is_some() || cell.locked().returned || cell.stale(now, expiry, skew) {
                 continue;
             }
@@ -705,25 +720,24 @@ impl Leases {
             let call = self.call(cell, cell.key(start, end), CallKind::Release { units: 0 });
             ready.push((cell, guard, call));
         }
-        let store = self.stores.background().quota.clone();
+        if ready.is_empty() {
+            return true;
+        }
         let sent: Vec<Sent> = ready.iter_mut().map(|(cell, _, call)| self.begin(*cell, call)).collect();
         let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, call), s)| Self::release_of(call, s)).collect();
-        let answers: Vec<Vec<Result<(), StoreError>>> = {
-            let calls: Vec<_> = releases.chunks(RETURN_BATCH).map(|batch| store.release(batch)).collect();
-            futures_util::stream::iter(calls).buffered(RETURN_AT_ONCE).collect().await
-        };
-        let answers = answers.into_iter().zip(releases.chunks(RETURN_BATCH)).flat_map(|(mut got, batch)| {
-            got.truncate(batch.len());
-            let mut got: Vec<_> = got.into_iter().map(Some).collect();
-            got.resize_with(batch.len(), || None);
-            got
-        });
+        let store = self.stores.background().quota.clone();
+        let mut answers = store.release(&releases).await;
+        let answered = !answers.iter().any(|a| matches!(a, Err(StoreError::Timeout(_))));
+        answers.truncate(releases.len());
+        let mut answers: Vec<_> = answers.into_iter().map(Some).collect();
+        answers.resize_with(releases.len(), || None);
         for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
             // Unanswered: in flight, sent again by the cell's next call.
             let answer = answer.unwrap_or_else(|| Err(StoreError::Timeout(std::time::Duration::ZERO)));
             Self::finish(cell, &call, s, &answer.map(|()| Grant::new(0, 0)));
             drop(guard);
         }
+        answered
     }
 
     /// Whether nothing reads the answer to `cell`'s report: no threshold or alert watches it,
@@ -757,7 +771,7 @@ impl Leases {
             cell.prefetch_done();
         }
         match cell.report_due(now, expiry, skew) {
-            Some(false) if end != 0 && self.unwatched(rt, cell) => return Ok(true),
+            Some(false) if end != 0 && !cell.locked().returned && self.unwatched(rt, cell) => return Ok(true),
             Some(_) if end != 0 => self.report(rt, cell, now).await?,
             _ => {}
         }

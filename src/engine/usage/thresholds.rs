@@ -77,11 +77,6 @@ impl std::fmt::Debug for Thresholds {
 }
 
 impl Thresholds {
-    /// Offers the alerts outbox every threshold `used` units have crossed (its queue
-    /// writes each crossing once per node, put-if-absent in the outbox: once per fleet): the
-    /// percentages of `usage.notify_at` (below 100 for a hard quota or a balance, whose limit
-    /// reached is its own alert), the units left of `usage.notify_left`, and a hard limit or a
-    /// balance reached.
     /// Whether anything watches `cell`'s use: the hook, or alerts it may send (to the
     /// operator's endpoints, or its tenant's).
     pub(crate) fn watches(&self, rt: &Runtime, cell: QuotaRef<'_>) -> bool {
@@ -92,6 +87,11 @@ impl Thresholds {
         (self.hook.is_some() && thresholds) || alerts
     }
 
+    /// Offers the alerts outbox every threshold `used` units have crossed (its queue
+    /// writes each crossing once per node, put-if-absent in the outbox: once per fleet): the
+    /// percentages of `usage.notify_at` (below 100 for a hard quota or a balance, whose limit
+    /// reached is its own alert), the units left of `usage.notify_left`, and a hard limit or a
+    /// balance reached.
     fn offer_alerts(&self, rt: &Runtime, now: i64, cell: QuotaRef<'_>, used: u64, start: i64, end: i64) {
         let settings = rt.config.alerts();
         let to_tenant = rt.config.plans().get(cell.plan_id()).is_some_and(crate::config::PlanSpec::tenant_alerts);

@@ -82,6 +82,7 @@ macro_rules! store_conformance {
             a_forgotten_sender_keeps_nothing,
             an_expired_lease_of_a_closed_grant_is_not_given_back_twice,
             reservations_expire_one_after_another,
+            a_sender_keeping_jobs_is_remembered_for_its_late_releases,
         );
     };
     (@role usage, $make:expr) => {

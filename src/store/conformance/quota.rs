@@ -1015,6 +1015,30 @@ pub async fn an_expired_lease_of_a_closed_grant_is_not_given_back_twice<S: ?Size
     assert_eq!(balance(h.s(), "fx").await.reserved, 50, "X's 50 still reserved");
 }
 
+/// A sender keeping only jobs' reservations (a hold still open when its lease went back) is
+/// remembered while 64 other senders call: its late release gives its units back (a sender
+/// forgotten would keep nothing).
+pub async fn a_sender_keeping_jobs_is_remembered_for_its_late_releases<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::contract::{SENDERS_KEPT, SENDER_QUIET_SECS};
+    let key = day_key("late", "requests");
+    let at = DAY0 + 60;
+    h.s().reserve(&keeping(&key, 10, 1, 1, at, Kept::default(), at + 100_000)).await.unwrap();
+    // Its lease goes back (6), a hold of 4 still open: kept as a job's.
+    let back = Release::new(key.clone(), 6, ReserveToken::new(1, 2).at(at + 1)).keeping(Kept::new(0, 0, 4), 0);
+    h.s().release_one(back).await.unwrap();
+    let later = at + SENDER_QUIET_SECS + 60;
+    for node in 0..SENDERS_KEPT as u64 {
+        h.s().reserve(&keeping(&key, 1, 1000 + node, 1, later, Kept::default(), 0)).await.unwrap();
+    }
+    assert_eq!(reserved(h.s(), &key).await, 4 + 64);
+    // The hold settles, using none of its 4: they come back.
+    let late = Release::new(key.clone(), 4, ReserveToken::new(1, 3).at(later + 1)).keeping(Kept::default(), 0);
+    h.s().release_one(late).await.unwrap();
+    assert_eq!(reserved(h.s(), &key).await, 64, "the late release gave its units back");
+}
+
 /// Each sender's reservation expires in its turn, whether or not an earlier one was told:
 /// A expires (and is not heard from again), then B does.
 pub async fn reservations_expire_one_after_another<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {

@@ -663,7 +663,8 @@ impl DynamoStore {
                             self.after_add(key, token, reserved, &item).await;
                             Ok(Race::Won(()))
                         }
-                        Err(e) if is_ccf(&e) => Ok(Race::Lost(revived)),
+                        // Changed meanwhile, or inside another node's transaction: read again.
+                        Err(e) if is_ccf(&e) || is_conflict(&e) => Ok(Race::Lost(revived)),
                         Err(e) => Err(sdk(e)),
                     }
                 })

@@ -121,6 +121,14 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// Whether a write was refused because its item is inside a transaction under way.
+fn is_conflict<E, R>(e: &SdkError<E, R>) -> bool
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
+{
+    e.as_service_error().and_then(|e| e.code()) == Some("TransactionConflictException")
+}
+
 fn is_ccf<E, R>(e: &SdkError<E, R>) -> bool
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata,

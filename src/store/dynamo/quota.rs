@@ -109,13 +109,16 @@ impl QuotaStore for DynamoStore {
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
-        // Calendar counters, each once, go in transactions of at most 100 items
-        // (`release_together`); the rest, and each item a transaction did not apply, alone.
+        // Calendar counters and reports, each counter once, go in transactions of at most 100
+        // items (`release_together`); the rest, and each item a transaction did not apply,
+        // alone.
         let mut seen = std::collections::HashSet::with_capacity(releases.len());
         let together: Vec<usize> = (0..releases.len())
             .filter(|i| {
-                let k = &releases[*i].key;
-                k.period != Period::Prepaid && seen.insert((quota_pk(k), quota_sk(k)))
+                // A prepaid balance's release draws on its forgiven units (read first): alone;
+                // a report of what a sender keeps (no units) adds nothing, and goes together.
+                let (k, units) = (&releases[*i].key, releases[*i].units);
+                (k.period != Period::Prepaid || units == 0) && seen.insert((quota_pk(k), quota_sk(k)))
             })
             .collect();
         let mut applied = vec![false; releases.len()];
@@ -309,7 +312,20 @@ impl DynamoStore {
             .set_expression_attribute_values(Some(e.values))
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
-        match req.condition_expression(e.condition).send().await {
+        let req = req.condition_expression(e.condition);
+        // An item inside another node's transaction (a batch of releases) refuses the write
+        // until the transaction ends: sent again shortly, a few times.
+        let mut sent = req.clone().send().await;
+        for attempt in 0..5u32 {
+            match &sent {
+                Err(e) if is_conflict(e) => {
+                    tokio::time::sleep(Duration::from_millis(5 << attempt)).await;
+                    sent = req.clone().send().await;
+                }
+                _ => break,
+            }
+        }
+        match sent {
             Ok(out) => {
                 let item = out.attributes.unwrap_or_default();
                 let mut reserved = get_u(&item, "reserved");
@@ -611,7 +627,9 @@ impl DynamoStore {
                 .iter()
                 .filter(|(node, _)| **node != hex_node(token.node))
                 // A live reservation is never forgotten: it expires first.
-                .filter(|(_, v)| !v.as_m().is_ok_and(|m| keeping_of(m).live()))
+                .filter(|(_, v)| {
+                    !v.as_m().is_ok_and(|m| keeping_of(m).unforgettable(get_i(m, "t").unwrap_or(i64::MIN), token.at))
+                })
                 .filter_map(|(node, v)| v.as_m().ok().map(|m| (get_i(m, "t"), node)))
                 .filter(|(t, _)| t.unwrap_or(i64::MIN) < quiet_since)
                 .collect();

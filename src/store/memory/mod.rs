@@ -323,7 +323,7 @@ impl Counter {
             let oldest = self
                 .applied
                 .iter()
-                .filter(|(_, c)| c.at < quiet_since && !c.keeping.live())
+                .filter(|(_, c)| c.at < quiet_since && !c.keeping.unforgettable(c.at, token.at))
                 .min_by_key(|(n, c)| (c.at, **n));
             let Some(oldest) = oldest.map(|(n, _)| *n) else { break };
             if let Some(c) = self.applied.remove(&oldest) {

@@ -83,12 +83,19 @@ pub(super) fn reserve_sql(schema: &str) -> String {
     // A live entry (`store::quota::Keeping::live`) is never forgotten: it expires first.
     let live = "(coalesce((value ->> 8)::bigint, 0) <= 0 AND coalesce((value ->> 4)::numeric, 0) \
                 + coalesce((value ->> 5)::numeric, 0) > 0 AND coalesce((value ->> 7)::bigint, 0) > 0)";
+    // A sender keeping jobs' reservations that called within `SENDER_JOBS_KEPT_SECS`: kept
+    // (`store::quota::Keeping::unforgettable`).
+    let jobs = format!(
+        "(coalesce((value ->> 6)::numeric, 0) > 0 AND {at} >= $12::bigint - {})",
+        contract::SENDER_JOBS_KEPT_SECS
+    );
     // The latest last-call time of the senders forgotten by this call (`store::quota::forgotten`).
     let forgotten = format!(
         "(CASE WHEN (SELECT count(*) FROM jsonb_object_keys(q.senders)) < {kept} THEN q.senders_forgotten_at \
           ELSE GREATEST(q.senders_forgotten_at, coalesce((SELECT max(e.at) FROM ( \
-             SELECT {at} AS at, {live} AS live, row_number() OVER (ORDER BY {at} DESC, key) AS rank FROM jsonb_each(q.senders)) e \
-             WHERE e.rank >= {kept} AND e.at < $12::bigint - {quiet} AND NOT e.live), 0)) END)",
+             SELECT {at} AS at, {live} AS live, {jobs} AS jobs, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
+             FROM jsonb_each(q.senders)) e \
+             WHERE e.rank >= {kept} AND e.at < $12::bigint - {quiet} AND NOT e.live AND NOT e.jobs), 0)) END)",
         kept = contract::SENDERS_KEPT,
         quiet = contract::SENDER_QUIET_SECS,
     );
@@ -109,11 +116,12 @@ pub(super) fn reserve_sql(schema: &str) -> String {
          forgiven = (CASE WHEN {live_f} THEN GREATEST(q.forgiven - {drawn} - {dropped}, 0) ELSE 0 END)::bigint, \
          forgiven_by = {by}, senders_forgotten_at = {forgotten}, \
          senders = (SELECT coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) FROM ( \
-             SELECT key, value, {at} AS at, {live} AS live, row_number() OVER (ORDER BY {at} DESC, key) AS rank \
+             SELECT key, value, {at} AS at, {live} AS live, {jobs} AS jobs, \
+                 row_number() OVER (ORDER BY {at} DESC, key) AS rank \
              FROM jsonb_each(q.senders || jsonb_build_object($6::text, \
                  jsonb_build_array($7::bigint, {granted}, {reserved}, $12::bigint, {lease}, {held}, $17::bigint, \
                      $18::bigint, {mark})))) e \
-             WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet} OR e.live) \
+             WHERE e.rank <= {kept} OR e.at >= $12::bigint - {quiet} OR e.live OR e.jobs) \
          WHERE q.tenant = $1 AND q.meter = $2 AND q.period = $3 AND q.start_at = $4 AND q.end_at = $5 \
          AND coalesce((q.senders -> $6::text ->> 0)::numeric < $7, \
              NOT (q.senders_forgotten_at > 0 AND $12::bigint <= q.senders_forgotten_at)) \

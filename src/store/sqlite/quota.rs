@@ -740,7 +740,7 @@ fn applied(
     let forgotten: Option<i64> = tx
         .prepare_cached(
             "DELETE FROM quota_sender WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
-             AND at < ?7 AND NOT (gone <= 0 AND lease + held > 0 AND expires_at > 0) \
+             AND at < ?7 AND NOT (gone <= 0 AND lease + held > 0 AND expires_at > 0) AND NOT (jobs > 0 AND at >= ?8) \
              AND node NOT IN (SELECT node FROM quota_sender \
                  WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5 \
                  ORDER BY at DESC, node LIMIT ?6) RETURNING at",
@@ -753,7 +753,8 @@ fn applied(
                 key.start,
                 key.end,
                 int(contract::SENDERS_KEPT as u64),
-                token.at.saturating_sub(contract::SENDER_QUIET_SECS)
+                token.at.saturating_sub(contract::SENDER_QUIET_SECS),
+                token.at.saturating_sub(contract::SENDER_JOBS_KEPT_SECS)
             ],
             |r| r.get::<_, i64>(0),
         )?
