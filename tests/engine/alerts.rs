@@ -189,6 +189,51 @@ async fn past_the_retry_horizon_an_alert_is_a_dead_letter_that_can_be_sent_again
     h.tollgate.shutdown().await.unwrap();
 }
 
+/// An alert is tried until its `retry_for` window ends, not given up when the next backoff
+/// step would pass it (with `retry_for = "1m"` it went dead 35–41 s after it was written);
+/// sent again by hand, it gets a new window from then, tried again at its end (issue 53).
+/// No worker: the deliveries and the clock are the test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_is_tried_until_its_window_ends_and_a_retry_gives_a_new_window() {
+    let Some(receiver) = Receiver::start() else { return };
+    receiver.mode("down", 0).await;
+    let (_dir, secret) = secret_file();
+    let toml = plan(&section(&receiver.url("/hook"), &secret, "retry_for = \"1m\""));
+    let store: Arc<dyn tollgate::store::StoreInspect> = Arc::new(tollgate::store::MemoryStore::new());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build(&toml, store.clone(), clock, handle.clone());
+    for _ in 0..85 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    h.tollgate.flush().await.unwrap();
+    // Each second of the engine's clock, the deliveries due: the second it goes dead.
+    let dead_at = |from: i64| {
+        let (h, store, handle) = (&h, &store, &handle);
+        async move {
+            for second in 0..120 {
+                h.tollgate.deliver_alerts().await;
+                let dead = store.list_alerts(&AlertQuery::new(10).state(AlertState::Dead)).await.unwrap();
+                if !dead.is_empty() {
+                    return (second, dead[0].clone());
+                }
+                handle.advance(Duration::from_secs(1));
+            }
+            panic!("never a dead letter from {from}");
+        }
+    };
+    let (second, dead) = dead_at(0).await;
+    assert!(second >= 60, "given up {second} s after it was written, within its 1 minute: {dead:?}");
+    assert!(second <= 61, "tried past its window: {second} s");
+    let tried = receiver.received().await.len();
+    assert!(tried >= 4, "{tried} attempts within the window");
+    // Sent again by hand: a new window from now, tried at least twice more, dead at its end.
+    let admin = tollgate::admin::Admin::for_engine(&h.tollgate);
+    assert_eq!(admin.retry_alert(&dead.key.id).await.unwrap(), 1);
+    let (again, _) = dead_at(1).await;
+    assert!(again >= 60, "dead again {again} s after it was sent again");
+    assert!(receiver.received().await.len() >= tried + 2, "tried again, and at its window's end");
+}
+
 /// A crossing whose write failed (the outbox's store down) is written when a later refill
 /// sees it again: nothing is lost, nothing written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -321,14 +321,16 @@ impl Alerts {
         let settings = self.shared.runtime().load().config.alerts().clone();
         let limit = settings.timeout.min(left);
         let now = self.shared.clock().unix_secs();
+        // Tried until its window ends (`retry_for` from when it was written, or sent again by
+        // hand): a backoff step that would pass the window's end is cut to it, and a failure at
+        // or past the end makes it a dead letter.
         let failed = |error: String| {
             let horizon = row.created_at.saturating_add(i64::try_from(settings.retry_for.as_secs()).unwrap_or(0));
-            let at = now.saturating_add(backoff_secs(&row.key.id, row.attempts));
-            if at > horizon {
-                AlertOutcome::Dead { error }
-            } else {
-                AlertOutcome::Retry { at, error }
+            if now >= horizon {
+                return AlertOutcome::Dead { error };
             }
+            let at = now.saturating_add(backoff_secs(&row.key.id, row.attempts)).min(horizon);
+            AlertOutcome::Retry { at, error }
         };
         let (tenant, url, secrets) = match self.destination(row, &settings).await {
             Ok(Some(to)) => to,
