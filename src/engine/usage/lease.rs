@@ -87,6 +87,14 @@ fn answered(cell: QuotaRef<'_>, grant: &Grant, limit: Option<u64>) {
     cell.granted(grant.reserved, grant.limit, spent(limit, grant));
 }
 
+/// A batch's answers, one per release of `n` (a store answering fewer: the rest unanswered).
+fn one_each(mut got: Vec<Result<(), StoreError>>, n: usize) -> Vec<Option<Result<(), StoreError>>> {
+    got.truncate(n);
+    let mut got: Vec<_> = got.into_iter().map(Some).collect();
+    got.resize_with(n, || None);
+    got
+}
+
 /// The quota leases of this engine's tenants: every call of a quota cell to the quota store,
 /// numbered by this node, and the threshold notifications its answers trigger.
 #[derive(Debug)]
@@ -726,11 +734,9 @@ impl Leases {
         let sent: Vec<Sent> = ready.iter_mut().map(|(cell, _, call)| self.begin(*cell, call)).collect();
         let releases: Vec<_> = ready.iter().zip(&sent).map(|((_, _, call), s)| Self::release_of(call, s)).collect();
         let store = self.stores.background().quota.clone();
-        let mut answers = store.release(&releases).await;
+        let answers = store.release(&releases).await;
         let answered = !answers.iter().any(|a| matches!(a, Err(StoreError::Timeout(_))));
-        answers.truncate(releases.len());
-        let mut answers: Vec<_> = answers.into_iter().map(Some).collect();
-        answers.resize_with(releases.len(), || None);
+        let answers = one_each(answers, releases.len());
         for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
             // Unanswered: in flight, sent again by the cell's next call.
             let answer = answer.unwrap_or_else(|| Err(StoreError::Timeout(std::time::Duration::ZERO)));
@@ -862,12 +868,8 @@ impl Leases {
             futures_util::stream::iter(calls).buffered(RETURN_AT_ONCE).collect().await
         };
         // Each batch's answers, one per release (a store answering fewer: the rest unanswered).
-        let answers = answers.into_iter().zip(releases.chunks(RETURN_BATCH)).flat_map(|(mut got, batch)| {
-            got.truncate(batch.len());
-            let mut got: Vec<_> = got.into_iter().map(Some).collect();
-            got.resize_with(batch.len(), || None);
-            got
-        });
+        let answers =
+            answers.into_iter().zip(releases.chunks(RETURN_BATCH)).flat_map(|(got, batch)| one_each(got, batch.len()));
         let mut timeouts = 0;
         for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
             match answer {

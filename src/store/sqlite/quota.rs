@@ -474,19 +474,7 @@ fn release_one(tx: &Transaction<'_>, r: &Release) -> Sql<()> {
         let sender = node_int(token.node).to_string();
         let (after, left) = release_against(reserved, forgiven, until, &mut by, (&sender, last), r.units, token.at);
         if left != forgiven {
-            tx.prepare_cached(
-                "UPDATE quota SET forgiven = ?6, forgiven_by = ?7 \
-                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
-            )?
-            .execute(params![
-                key.tenant.as_str(),
-                key.meter.as_str(),
-                period,
-                key.start,
-                key.end,
-                int(left),
-                forgiven_by_json(&by)
-            ])?;
+            set_forgiven(tx, key, &period, left, &by)?;
         }
         (after, r.kept)
     } else {
@@ -494,6 +482,24 @@ fn release_one(tx: &Transaction<'_>, r: &Release) -> Sql<()> {
     };
     let grant = Grant::new(0, after).with_expired(expired);
     applied(tx, key, &period, token, grant, Keeping::after(kept, 0, 0, r.expires_at), false)?;
+    Ok(())
+}
+
+/// Stores a prepaid balance's forgiven units, `left` in all, `by` per sender.
+fn set_forgiven(tx: &Transaction<'_>, key: &QuotaKey, period: &str, left: u64, by: &ForgivenBy) -> Sql<()> {
+    tx.prepare_cached(
+        "UPDATE quota SET forgiven = ?6, forgiven_by = ?7 \
+         WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
+    )?
+    .execute(params![
+        key.tenant.as_str(),
+        key.meter.as_str(),
+        period,
+        key.start,
+        key.end,
+        int(left),
+        forgiven_by_json(by)
+    ])?;
     Ok(())
 }
 
@@ -546,19 +552,7 @@ fn expire_for(
         let by_before = by.clone();
         let (after, left) = expire_against(senders, token.at, (reserved, forgiven, until), &mut by);
         if left != forgiven || by != by_before {
-            tx.prepare_cached(
-                "UPDATE quota SET forgiven = ?6, forgiven_by = ?7 \
-                 WHERE tenant = ?1 AND meter = ?2 AND period = ?3 AND start = ?4 AND end = ?5",
-            )?
-            .execute(params![
-                key.tenant.as_str(),
-                key.meter.as_str(),
-                period,
-                key.start,
-                key.end,
-                int(left),
-                forgiven_by_json(&by)
-            ])?;
+            set_forgiven(tx, key, period, left, &by)?;
         }
         after
     } else {
