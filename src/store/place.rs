@@ -30,13 +30,31 @@ pub struct PlaceCall {
     pub now: i64,
     /// Who sent it (the node: its sender id) and its place in that sender's calls.
     pub token: ReserveToken,
+    /// How many of the `count` places the node keeps spare (no request on them): marked so in
+    /// the row, another node's acquire takes them before it is refused, and the node itself
+    /// uses them again only through an acquire.
+    pub spare: u32,
 }
 
 impl PlaceCall {
     /// `count` places of `tenant`'s `limit`, held until `now + ttl`.
     #[must_use]
     pub fn new(tenant: TenantId, count: u32, limit: u32, ttl: i64, now: i64, token: ReserveToken) -> Self {
-        Self { tenant, count, limit, ttl, now, token }
+        Self { tenant, count, limit, ttl, now, token, spare: 0 }
+    }
+
+    /// The same call, `spare` of its places marked as spares (at most `count`).
+    #[must_use]
+    pub fn with_spare(mut self, spare: u32) -> Self {
+        self.spare = spare.min(self.count);
+        self
+    }
+
+    /// The same call at `now` (a store that keeps places on its own clock sets it).
+    #[must_use]
+    pub fn at(mut self, now: i64) -> Self {
+        self.now = now;
+        self
     }
 }
 
@@ -48,13 +66,29 @@ pub struct Places {
     pub held: u32,
     /// The places every node of the tenant holds now, this one's included.
     pub taken: u32,
+    /// How many of `taken` are spares (held with no request on them): an acquire takes them
+    /// before it is refused.
+    pub spare: u32,
 }
 
 impl Places {
-    /// `held` of `taken`.
+    /// `held` of `taken`, none of them spare.
     #[must_use]
     pub fn new(held: u32, taken: u32) -> Self {
-        Self { held, taken }
+        Self { held, taken, spare: 0 }
+    }
+
+    /// The same, `spare` of `taken` spares.
+    #[must_use]
+    pub fn with_spare(mut self, spare: u32) -> Self {
+        self.spare = spare;
+        self
+    }
+
+    /// The places taken by requests, or held for them: those an acquire cannot take.
+    #[must_use]
+    pub fn busy(&self) -> u32 {
+        self.taken.saturating_sub(self.spare)
     }
 }
 
@@ -87,10 +121,44 @@ pub enum PlaceMode {
     Release,
 }
 
-/// One node's places, as a row keeps them: how many, until when (Unix nanoseconds), and the
-/// sequence number of its last call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct Holder(u32, i64, u64);
+/// One node's places, as a row keeps them: how many, until when (Unix nanoseconds), the
+/// sequence number of its last call, and how many of them are spares. Written as a JSON array
+/// of three numbers when none is spare (as rows were before spares were marked), of four
+/// otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(from = "HolderWire")]
+struct Holder {
+    count: u32,
+    until: i64,
+    seq: u64,
+    spare: u32,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum HolderWire {
+    Spares(u32, i64, u64, u32),
+    Plain(u32, i64, u64),
+}
+
+impl From<HolderWire> for Holder {
+    fn from(w: HolderWire) -> Self {
+        match w {
+            HolderWire::Spares(count, until, seq, spare) => Self { count, until, seq, spare: spare.min(count) },
+            HolderWire::Plain(count, until, seq) => Self { count, until, seq, spare: 0 },
+        }
+    }
+}
+
+impl serde::Serialize for Holder {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.spare {
+            0 => HolderWire::Plain(self.count, self.until, self.seq),
+            spare => HolderWire::Spares(self.count, self.until, self.seq, spare),
+        }
+        .serialize(s)
+    }
+}
 
 /// One tenant's places as a store keeps them (JSON of [`to_json`](Self::to_json)), with the
 /// rules of the role applied to it.
@@ -130,38 +198,68 @@ impl PlaceRow {
     /// The latest expiry of a node's places (0: none).
     #[must_use]
     pub fn expires(&self) -> i64 {
-        self.holders.values().map(|h| h.1).max().unwrap_or(0)
+        self.holders.values().map(|h| h.until).max().unwrap_or(0)
+    }
+
+    /// The places taken in all and the spares among them, the caller's included.
+    fn answer(&self, node: u64) -> Places {
+        let held = self.holders.get(&node).map_or(0, |h| h.count);
+        let taken = self.holders.values().map(|h| h.count).fold(0u32, u32::saturating_add);
+        let spare = self.holders.values().map(|h| h.spare).fold(0u32, u32::saturating_add);
+        Places::new(held, taken).with_spare(spare)
     }
 
     /// Applies a call (`mode`): what the calling node holds, and the places taken in all.
     /// Expired entries go; a call older than its sender's last (a lower sequence number) only
     /// reads.
+    ///
+    /// A hold takes what fits beside the other nodes' places; when the places it wants for
+    /// requests (`count − spare`) do not fit, it first takes other nodes' spares (a spare
+    /// never refuses the tenant elsewhere). The node a spare was taken from holds one place
+    /// fewer; it learns so at its next call, and never uses a spare it marked without one.
     pub fn apply(&mut self, call: &PlaceCall, mode: PlaceMode) -> Places {
         let now = call.now;
-        self.holders.retain(|_, h| h.1 > now);
+        self.holders.retain(|_, h| h.until > now);
         let node = call.token.node;
         let mine = self.holders.get(&node).copied();
-        let others: u32 = self.holders.iter().filter(|(k, _)| **k != node).map(|(_, h)| h.0).sum();
-        if mine.is_some_and(|h| call.token.seq < h.2) {
-            let held = mine.map_or(0, |h| h.0);
-            return Places::new(held, others.saturating_add(held));
+        if mine.is_some_and(|h| call.token.seq < h.seq) {
+            return self.answer(node);
         }
-        let held = match mode {
-            PlaceMode::Hold => call.count.min(call.limit.saturating_sub(others)),
-            PlaceMode::Release => call.count.min(mine.map_or(0, |h| h.0)),
+        let others = |row: &Self| -> u32 {
+            row.holders.iter().filter(|(k, _)| **k != node).map(|(_, h)| h.count).fold(0u32, u32::saturating_add)
         };
+        let spare = call.spare.min(call.count);
+        let held = match mode {
+            PlaceMode::Hold => {
+                let for_requests = call.count - spare;
+                let mut short = for_requests.saturating_sub(call.limit.saturating_sub(others(self)));
+                for (_, h) in self.holders.iter_mut().filter(|(k, _)| **k != node) {
+                    if short == 0 {
+                        break;
+                    }
+                    let taken = h.spare.min(short);
+                    h.count -= taken;
+                    h.spare -= taken;
+                    short -= taken;
+                }
+                call.count.min(call.limit.saturating_sub(others(self)))
+            }
+            PlaceMode::Release => call.count.min(mine.map_or(0, |h| h.count)),
+        };
+        // The places on requests first: the spares are what is left of them.
+        let spare = held.saturating_sub(call.count - spare);
         // A release keeps the places' expiry; a node holding none is remembered for a TTL all
         // the same (its sequence number: a late call of it changes nothing), then forgotten.
         let until = match (mode, mine) {
-            (PlaceMode::Release, Some(h)) if held > 0 => h.1,
+            (PlaceMode::Release, Some(h)) if held > 0 => h.until,
             _ => now.saturating_add(call.ttl.max(0)),
         };
         if held == 0 && mine.is_none() {
             // Never held one: nothing to remember.
-            return Places::new(0, others);
+            return self.answer(node);
         }
-        self.holders.insert(node, Holder(held, until, call.token.seq));
-        Places::new(held, others.saturating_add(held))
+        self.holders.insert(node, Holder { count: held, until, seq: call.token.seq, spare });
+        self.answer(node)
     }
 }
 
@@ -188,5 +286,24 @@ mod tests {
         assert_eq!(row.apply(&call(2, 2, 4, TTL + 2), PlaceMode::Hold), Places::new(4, 4));
         let stored = PlaceRow::from_json(&row.to_json()).unwrap();
         assert_eq!(stored, row);
+    }
+
+    #[test]
+    fn spares_are_marked_taken_first_and_read_from_older_rows() {
+        let mut row = PlaceRow::default();
+        assert_eq!(row.apply(&call(1, 1, 5, 0), PlaceMode::Hold), Places::new(5, 5));
+        assert_eq!(row.apply(&call(1, 2, 2, 0).with_spare(2), PlaceMode::Release), Places::new(2, 2).with_spare(2));
+        assert_eq!(row.apply(&call(2, 1, 4, 0), PlaceMode::Hold), Places::new(4, 5).with_spare(1), "3 free, 1 spare");
+        assert_eq!(row.apply(&call(3, 1, 1, 0), PlaceMode::Hold), Places::new(1, 5), "the last spare");
+        assert_eq!(row.apply(&call(4, 1, 1, 0), PlaceMode::Hold), Places::new(0, 5), "none left");
+        assert_eq!(row.apply(&call(1, 3, 2, 0).with_spare(2), PlaceMode::Hold), Places::new(0, 5));
+        // Written as three numbers while none is spare, four otherwise; both read.
+        assert!(!row.to_json().contains(",0]"), "{}", row.to_json());
+        let older = PlaceRow::from_json(r#"{"7":[2,100,3]}"#).unwrap();
+        assert_eq!(older.to_json(), r#"{"7":[2,100,3]}"#);
+        let mut spared = row.clone();
+        spared.apply(&call(2, 2, 4, 0).with_spare(1), PlaceMode::Release);
+        assert!(spared.to_json().contains(",1]"), "{}", spared.to_json());
+        assert_eq!(PlaceRow::from_json(&spared.to_json()).unwrap(), spared);
     }
 }

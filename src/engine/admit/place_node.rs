@@ -1,7 +1,9 @@
 //! This node's places of fleet concurrencies ([`PlacesNode`], `concurrency_scope = "fleet"`):
 //! each tenant's places leased from the places role's store, taken by requests, leased one
-//! more when none is free; a place freed is given back at once when the node holds more than
-//! one spare, the spare after a second; the node renews its places while they are held.
+//! more when none is free; a place freed is given back at once, or kept as the node's one
+//! spare: marked so in the store (another node's acquire takes it before it is refused, and
+//! this node uses it again only through an acquire), and given back after a second; the node
+//! renews its places while they are held.
 
 use std::sync::{
     atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -76,6 +78,9 @@ struct Local {
     held: u32,
     /// Requests on them.
     in_flight: u32,
+    /// Places held that the store has marked as spares (or may have, a call failing): another
+    /// node may have taken them, so no request takes one without an acquire.
+    marked: u32,
     /// Until then the places held may take requests (Unix nanoseconds): two thirds of the
     /// TTL after their last acquire or renewal, so that a node that cannot renew stops
     /// admitting on them well before they expire in the store.
@@ -84,7 +89,8 @@ struct Local {
     renewed_at: i64,
     /// Since when the node holds a spare place (0: none).
     spare_since: i64,
-    /// The places every node held, as the last call read them, and when.
+    /// The places every node held for requests (spares not counted: an acquire takes them),
+    /// as the last call read them, and when.
     taken: u32,
     read_at: i64,
     /// The tenant's limit, as its last acquire gave it (its renewals ask within it).
@@ -117,7 +123,7 @@ impl TenantPlaces {
     fn enter(&self, now: i64, limit: u32) -> bool {
         let mut l = self.local();
         l.limit = limit;
-        if now < l.valid_until && l.in_flight < l.held.min(limit) {
+        if now < l.valid_until && l.in_flight < l.held.saturating_sub(l.marked).min(limit) {
             l.in_flight += 1;
             l.note_spare(now);
             return true;
@@ -125,21 +131,24 @@ impl TenantPlaces {
         false
     }
 
-    /// A request left its place at `now`: the places to keep when more than one is spare
-    /// (the rest given back at once), if any.
+    /// A request left its place at `now`: the places to keep (its requests' and one spare,
+    /// marked as such in the store: the rest given back at once), when a free place is not
+    /// yet marked.
     fn leave(&self, now: i64) -> Option<u32> {
         let mut l = self.local();
         l.in_flight = l.in_flight.saturating_sub(1);
-        // The one spare left (after the release below, or as it is) goes after a second.
+        // The one spare left goes after a second.
         l.note_spare(now);
-        (l.held > l.in_flight + 1).then_some(l.in_flight + 1)
+        (l.held > l.in_flight.saturating_add(l.marked)).then_some(l.in_flight + 1)
     }
 
     /// What the store said this node holds, at `now`, valid `valid` nanoseconds.
     fn answered(&self, p: Places, now: i64, valid: i64) {
         let mut l = self.local();
         l.held = p.held;
-        l.taken = p.taken;
+        // The acquire marked none of them spare.
+        l.marked = 0;
+        l.taken = p.busy();
         l.read_at = now;
         l.renewed_at = now;
         l.valid_until = now.saturating_add(valid);
@@ -256,7 +265,8 @@ impl PlacesNode {
         Err(())
     }
 
-    /// Whether the store's last answer (within a second) found every place taken.
+    /// Whether the store's last answer (within a second) found every place taken by requests
+    /// (spares are not: an acquire takes them).
     fn read_full(places: &TenantPlaces, limit: u32, now: i64) -> bool {
         let l = places.local();
         l.taken >= limit && now < l.read_at.saturating_add(1_000_000_000)
@@ -316,32 +326,38 @@ impl PlacesNode {
         // A renewal asks within the tenant's limit as its plan says now (a plan changed since
         // the node's last request would otherwise renew within the old one).
         let current = self.table.state(tenant).map(|s| s.plan.concurrency).filter(|c| *c > 0);
-        let (count, limit) = {
+        let (count, spare, limit) = {
             let mut l = places.local();
             if let Some(c) = current {
                 l.limit = c;
             }
-            let count = match set {
-                // Never fewer than the requests on them.
-                Set::ReleaseTo(keep) => keep.max(l.in_flight),
-                Set::Spares => l.in_flight,
-                Set::Renew => l.held,
+            let (count, spare) = match set {
+                // Never fewer than the requests on them; what is kept past them is spare.
+                Set::ReleaseTo(keep) => {
+                    let count = keep.max(l.in_flight).min(l.held);
+                    (count, count - l.in_flight.min(count))
+                }
+                Set::Spares => (l.in_flight.min(l.held), 0),
+                Set::Renew => (l.held, l.marked),
             };
             if matches!(set, Set::Renew) && count == 0 {
                 return;
             }
             if !matches!(set, Set::Renew) {
-                if count >= l.held {
+                if count == l.held && spare == l.marked {
                     return;
                 }
+                // Marked before the call: a request here takes a spare only through an
+                // acquire from now on (another node may take it once the call lands).
                 l.held = count;
+                l.marked = spare;
                 l.note_spare(now);
             }
-            (count, l.limit)
+            (count, spare, l.limit)
         };
         let sender = self.sender();
         let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
-        let call = PlaceCall::new(tenant.clone(), count, limit, ttl, now, token);
+        let call = PlaceCall::new(tenant.clone(), count, limit, ttl, now, token).with_spare(spare);
         let stores = self.shared.stores();
         let answer = match set {
             Set::Renew => stores.within(stores.request().places.renew_places(&call)).await,
@@ -350,7 +366,7 @@ impl PlacesNode {
         match answer {
             Ok(p) => {
                 let mut l = places.local();
-                l.taken = p.taken;
+                l.taken = p.busy();
                 match set {
                     // Renewed: what the store says is held (fewer, if some expired and were
                     // taken meanwhile), valid from now.
@@ -365,6 +381,9 @@ impl PlacesNode {
                     }
                     _ => l.held = l.held.min(p.held),
                 }
+                // Spares another node took are no longer held.
+                let free = l.held.saturating_sub(l.in_flight);
+                l.marked = l.marked.min(free);
                 l.note_spare(now);
             }
             Err(e) => tracing::debug!(tenant = %tenant, error = %e, "places could not be set"),

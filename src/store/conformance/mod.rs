@@ -144,6 +144,7 @@ macro_rules! store_conformance {
             places_are_never_held_past_the_limit,
             places_expire_unless_renewed,
             a_resent_places_call_is_applied_once,
+            a_spare_is_taken_before_an_acquire_is_refused,
         );
     };
     (@role outbox, $make:expr) => {

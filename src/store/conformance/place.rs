@@ -86,3 +86,33 @@ pub async fn a_resent_places_call_is_applied_once<S: ?Sized + PlaceStore>(h: &mu
     assert_eq!(s.acquire_places(&call("u", 2, NOW, 3, 7)).await.unwrap(), Places::new(0, 0), "late");
     assert_eq!(s.acquire_places(&call("u", 5, NOW, 4, 1)).await.unwrap(), Places::new(5, 5), "all free");
 }
+
+/// A node's spares (places it holds with no request on them, marked in the call) are taken by
+/// another node's acquire before it is refused: a spare never refuses the tenant elsewhere.
+/// The node a spare was taken from holds one fewer, as its next call reads; a spare is never
+/// granted past the limit, and an acquire for spares alone takes none of the others'.
+pub async fn a_spare_is_taken_before_an_acquire_is_refused<S: ?Sized + PlaceStore>(h: &mut StoreUnderTest<S>) {
+    let s = h.s();
+    // Node 1: 3 places, 2 of them spare; node 2: the other 2, on requests.
+    let p = s.acquire_places(&call("t", 3, NOW, 1, 1)).await.unwrap();
+    assert_eq!((p.held, p.taken), (3, 3));
+    let p = s.release_places(&call("t", 3, NOW, 1, 2).with_spare(2)).await.unwrap();
+    assert_eq!((p.held, p.taken, p.spare, p.busy()), (3, 3, 2, 1), "marked");
+    assert_eq!(s.acquire_places(&call("t", 2, NOW, 2, 1)).await.unwrap(), Places::new(2, 5).with_spare(2));
+    // Node 3 wants one for a request: node 1's spare, not a refusal.
+    let p = s.acquire_places(&call("t", 1, NOW, 3, 1)).await.unwrap();
+    assert_eq!((p.held, p.taken, p.spare), (1, 5, 1), "a spare taken");
+    // Node 4 wants a spare only: it takes nobody's.
+    let p = s.acquire_places(&call("t", 1, NOW, 4, 1).with_spare(1)).await.unwrap();
+    assert_eq!((p.held, p.taken), (0, 5), "spares are not taken for spares");
+    // Node 1 renews what it thinks it holds: one on its request, one spare left.
+    let p = s.renew_places(&call("t", 3, NOW + 1, 1, 3).with_spare(2)).await.unwrap();
+    assert_eq!((p.held, p.taken, p.spare), (2, 5, 1), "one of its spares went to node 3");
+    // Node 5 wants two: the last spare, then refused.
+    let p = s.acquire_places(&call("t", 2, NOW + 1, 5, 1)).await.unwrap();
+    assert_eq!((p.held, p.taken, p.spare), (1, 5, 0));
+    assert_eq!(s.renew_places(&call("t", 2, NOW + 2, 1, 4)).await.unwrap().held, 1, "its request's place");
+    h.restart().await;
+    let p = h.s().release_places(&call("t", 1, NOW + 2, 2, 2).with_spare(1)).await.unwrap();
+    assert_eq!((p.held, p.taken, p.spare), (1, 4, 1), "marked spares outlive a restart");
+}
