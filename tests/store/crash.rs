@@ -125,12 +125,17 @@ fn sigkill(mut child: Child) {
 }
 
 async fn engine(db: &Path, plan: &str, at: i64, sink: Option<Collect>) -> Harness {
+    // A generous store timeout: on a loaded machine a quota call may take longer than the
+    // default 250 ms, and fail-open would then admit past the limit (documented), which is not
+    // what these tests are about.
+    engine_with(db, "store_timeout = \"4s\"\n", plan, at, sink).await
+}
+
+/// The same, `usage` the end of its `[usage]` table (and any tables after it).
+async fn engine_with(db: &Path, usage: &str, plan: &str, at: i64, sink: Option<Collect>) -> Harness {
     let store = open(db).await;
     let config = Config::from_toml_str(&format!(
-        // A generous store timeout: on a loaded machine a quota call may take longer than the
-        // default 250 ms, and fail-open would then admit past the limit (documented), which
-        // is not what these tests are about.
-        "[usage]\nwindow = \"1h\"\ngrace = \"5m\"\nstore_timeout = \"4s\"\n{}",
+        "{}[usage]\nwindow = \"1h\"\ngrace = \"5m\"\n{usage}",
         common::one_tenant(&format!("rate = \"100000/s\"\n{plan}"))
     ))
     .unwrap();
@@ -569,12 +574,17 @@ async fn postgres_a_process_killed_holding_places_frees_them_within_the_place_tt
 /// The plan of the places tests: 3 requests in flight for the fleet.
 const PLACES: &str = "concurrency = 3\nconcurrency_scope = \"fleet\"";
 
+/// The places tests' store timeout and the shortest TTL it allows: PostgreSQL keeps places on
+/// its own clock, which the test waits on.
+const PLACES_USAGE: &str = "store_timeout = \"1s\"\n[limits]\nplace_ttl = \"10s\"\n";
+
 /// A node holds all 3 places of a fleet concurrency (3 requests in flight) and is killed: its
-/// places stay taken until `limits.place_ttl` (30 s) after its last call, then another node
-/// gets all three.
+/// places stay taken until `limits.place_ttl` (10 s) after its last call, then another node
+/// gets all three. On SQLite the places expire on the nodes' clock (a fake one here, moved);
+/// on PostgreSQL on the server's, which the test waits past.
 async fn frees_its_places_within_the_ttl(kind: Kind, test: &str) {
     if let Some((_, db)) = role() {
-        let h = engine(&db, PLACES, NOON, None).await;
+        let h = engine_with(&db, PLACES_USAGE, PLACES, NOON, None).await;
         let mut running = Vec::new();
         for _ in 0..3 {
             running.push(common::places::admit_key(&h, "key-t").await.unwrap());
@@ -586,13 +596,20 @@ async fn frees_its_places_within_the_ttl(kind: Kind, test: &str) {
     let Some((db, _dir)) = location(kind).await else { return };
     let (child, mut lines) = spawn(test, "places", &db);
     assert_eq!(read_until(&mut lines, "running"), vec![("running".to_owned(), 3)]);
+    let killed = std::time::Instant::now();
     sigkill(child);
     // Within the TTL: the dead node's places still hold.
-    let h = engine(&db, PLACES, NOON + 20, None).await;
+    let h = engine_with(&db, PLACES_USAGE, PLACES, NOON + 5, None).await;
     let refused = common::places::admit_key(&h, "key-t").await.unwrap_err();
     assert_eq!(refused.kind(), tollgate::RejectionKind::ConcurrencyLimited);
     // Past it: all three come back.
-    h.clock.advance(Duration::from_secs(11));
+    h.clock.advance(Duration::from_secs(5));
+    #[cfg(feature = "postgres")]
+    if kind == Kind::Postgres {
+        // The server's clock: past the TTL of the dead node's last call (made before the kill).
+        tokio::time::sleep(Duration::from_millis(10_500).saturating_sub(killed.elapsed())).await;
+    }
+    let _ = killed;
     let mut running = Vec::new();
     for _ in 0..3 {
         running.push(common::places::admit_key(&h, "key-t").await.expect("the dead node's places came back"));

@@ -11,7 +11,12 @@ const TTL: i64 = 30_000_000_000;
 const NOW: i64 = DAY0 * 1_000_000_000;
 
 fn call(tenant: &str, count: u32, now: i64, node: u64, seq: u64) -> PlaceCall {
-    PlaceCall::new(tenant.into(), count, 5, TTL, now, ReserveToken::new(node, seq).at(now / 1_000_000_000))
+    short(tenant, count, now, node, seq, TTL)
+}
+
+/// The same with a TTL of `ttl` nanoseconds.
+fn short(tenant: &str, count: u32, now: i64, node: u64, seq: u64, ttl: i64) -> PlaceCall {
+    PlaceCall::new(tenant.into(), count, 5, ttl, now, ReserveToken::new(node, seq).at(now / 1_000_000_000))
 }
 
 /// Eight nodes each take places at once, one at a time, until none is left: together they
@@ -50,20 +55,26 @@ pub async fn places_are_never_held_past_the_limit<S: ?Sized + PlaceStore>(h: &mu
 /// A node's places expire `ttl` after its last call unless it renews them: a node that died
 /// frees its places then; a renewal keeps them, and a node whose places expired and were taken
 /// does not get them back by renewing. The places outlive a restart of the store.
+///
+/// The time passes on both clocks a store may keep places on: the callers' (`now` moves) and
+/// its own (the test waits past the short TTL of node 1's last call), so that it holds either
+/// way without racing a clock.
 pub async fn places_expire_unless_renewed<S: ?Sized + PlaceStore>(h: &mut StoreUnderTest<S>) {
     let s = h.s();
     assert_eq!(s.acquire_places(&call("t", 3, NOW, 1, 1)).await.unwrap(), Places::new(3, 3));
     assert_eq!(s.acquire_places(&call("t", 2, NOW, 2, 1)).await.unwrap(), Places::new(2, 5));
     h.restart().await;
     let s = h.s();
-    // Node 2 renews; node 1 (dead) does not.
-    let later = NOW + TTL / 2;
+    // Node 2 renews; node 1 does, with a TTL of 1 ms, and then dies.
+    let later = NOW + 1_000_000;
     assert_eq!(s.renew_places(&call("t", 2, later, 2, 2)).await.unwrap(), Places::new(2, 5));
     assert_eq!(s.acquire_places(&call("t", 1, later, 3, 1)).await.unwrap(), Places::new(0, 5), "node 1's still hold");
-    let expired = NOW + TTL + 1;
+    assert_eq!(s.renew_places(&short("t", 3, later, 1, 2, 1_000_000)).await.unwrap(), Places::new(3, 5));
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let expired = later + 2_000_000;
     assert_eq!(s.acquire_places(&call("t", 3, expired, 3, 2)).await.unwrap(), Places::new(3, 5), "node 1's freed");
     // Node 1 comes back and renews: its places went to node 3.
-    assert_eq!(s.renew_places(&call("t", 3, expired, 1, 2)).await.unwrap(), Places::new(0, 5));
+    assert_eq!(s.renew_places(&call("t", 3, expired, 1, 3)).await.unwrap(), Places::new(0, 5));
 }
 
 /// A call re-sent with its token is answered as it was (counts are totals: no harm done), and
