@@ -17,6 +17,8 @@ use tollgate::{Config, Tollgate, TollgateLayer};
 use tower::{Layer, ServiceExt};
 
 const TOML: &str = r#"
+[limits]
+fleet_size_hint = 1
 [plans.p]
 rate = "1000000/s"
 SCOPE

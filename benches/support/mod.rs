@@ -165,6 +165,7 @@ pub(crate) fn tollgate_service_on(
         r#"
         [limits]
         headers = "{headers}"
+        fleet_size_hint = 1
         max_tenants = 2000000
         directory_ttl = "{ttl}"
         idle_timeout = "{idle}"

@@ -382,6 +382,31 @@ impl Validator<'_, '_> {
         let clients = self.clients(&raw.identify)?;
         let limits = self.limits(&raw.limits)?;
         let usage = self.usage(&raw.usage)?;
+        // A fleet scope that fails open serves, while its store is down, each node's share of
+        // the limit: `fleet_size_hint` must say how many nodes share it (unset, each node
+        // would serve the whole limit, N times it in all).
+        if raw.limits.fleet_size_hint.is_none() {
+            let fails_open = |p: &super::plans::PlanSpec| {
+                p.on_store_error.or(usage.on_store_error_set.then_some(usage.on_store_error))
+                    != Some(super::StoreErrorPolicy::FailClosed)
+            };
+            for p in plans.values().filter(|p| fails_open(p)) {
+                let (key, what) = match (p.rate_scope, p.concurrency_scope) {
+                    (super::Scope::Fleet, _) => ("rate_scope", "fleet rate"),
+                    (_, super::Scope::Fleet) => ("concurrency_scope", "fleet concurrency"),
+                    _ => continue,
+                };
+                return Err(self.invalid(
+                    &format!("plans.{}.{key}", p.id),
+                    format!(
+                        "a {what} that fails open needs `limits.fleet_size_hint` (the nodes sharing it: \
+                         while the store is down each node serves its share of the limit, and without \
+                         the hint it would serve the whole of it); set it, or \
+                         `on_store_error = \"fail-closed\"`"
+                    ),
+                ));
+            }
+        }
         // A node renews its places a third of `place_ttl` after the last renewal, in a pass a
         // second, each renewal waiting up to `usage.store_timeout` for its tenant's lock and its
         // call as long again, and it admits on them for two thirds of it: the renewal must be

@@ -273,14 +273,33 @@ mod validation {
         assert_eq!(at("[limits]\nplace_ttl = \"5s\"\n"), ("limits.place_ttl".to_owned(), Some(2)));
         // A TTL a renewal cannot land within, given the store calls' time limit: refused where
         // a plan counts its concurrency for the fleet, accepted where none does.
-        let slow = "[usage]\nstore_timeout = \"5s\"\n[limits]\nplace_ttl = \"30s\"\n";
+        let slow = "[usage]\nstore_timeout = \"5s\"\n[limits]\nplace_ttl = \"30s\"\nfleet_size_hint = 2\n";
         let e = err(&format!("[plans.p]\nconcurrency = 3\nconcurrency_scope = \"fleet\"\n{slow}"));
         assert_eq!((e.key(), e.line()), ("limits.place_ttl", Some(7)), "{e}");
         assert!(e.to_string().contains("33s"), "{e}");
         assert!(parse(&format!("[plans.p]\nconcurrency = 3\n{slow}")).is_ok());
         // Without `place_ttl` in the file, the timeout that makes the default too short.
-        let e = err("[usage]\nstore_timeout = \"5s\"\n[plans.p]\nconcurrency = 3\nconcurrency_scope = \"fleet\"\n");
+        let e = err("[usage]\nstore_timeout = \"5s\"\n[limits]\nfleet_size_hint = 2\n[plans.p]\nconcurrency = 3\n\
+             concurrency_scope = \"fleet\"\n");
         assert_eq!((e.key(), e.line()), ("usage.store_timeout", Some(2)), "{e}");
+        // A fleet scope that fails open needs the fleet's size: each node's share while the
+        // store is down (issue 53); refused where the file leaves it out, naming the plan's
+        // scope and the missing key; accepted with it, or failing closed.
+        for (plan, key, line) in [
+            ("rate = \"10/s\"\nrate_scope = \"fleet\"\n", "plans.p.rate_scope", 3),
+            ("concurrency = 3\nconcurrency_scope = \"fleet\"\n", "plans.p.concurrency_scope", 3),
+        ] {
+            let e = err(&format!("[plans.p]\n{plan}"));
+            assert_eq!((e.key(), e.line()), (key, Some(line)), "{e}");
+            assert!(e.to_string().contains("limits.fleet_size_hint"), "{e}");
+            assert!(parse(&format!("[limits]\nfleet_size_hint = 3\n[plans.p]\n{plan}")).is_ok());
+            assert!(parse(&format!("[plans.p]\non_store_error = \"fail-closed\"\n{plan}")).is_ok());
+            let closed = format!("[usage]\non_store_error = \"fail-closed\"\n[plans.p]\n{plan}");
+            assert!(parse(&closed).is_ok(), "fail-closed for every plan");
+            let open =
+                format!("[usage]\non_store_error = \"fail-closed\"\n[plans.p]\non_store_error = \"fail-open\"\n{plan}");
+            assert!(err(&open).to_string().contains("limits.fleet_size_hint"));
+        }
         // The anonymous plan keeps its requests in flight per client address: no fleet scope.
         let e = err("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"free\"\n\
              [plans.free]\nconcurrency = 2\nconcurrency_scope = \"fleet\"\n");

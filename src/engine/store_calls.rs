@@ -79,6 +79,27 @@ impl StoreCalls {
         &self.policy
     }
 
+    /// `fut` (calls made on the [request](Self::request) handles) within
+    /// `usage.store_timeout` in all, failing fast while the breaker is open and feeding it: a
+    /// request's own call, with nothing it waited for.
+    pub(crate) async fn guarded<T>(&self, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let deadline = Instant::now() + self.policy.limit(Path::Request);
+        within_deadline(deadline, fut).await
+    }
+
+    /// Whether a request-path call that failed with `e` finds the store down, rather than the
+    /// tenant busy: a lost race ([`StoreError::Conflict`], a row locked past the store's short
+    /// lock wait) is busy; a timeout is too until the breaker's run of failures opens it (one
+    /// row held by other nodes' calls times out a call as a store down would, and one busy
+    /// tenant must not make a node count alone); any other failure is down.
+    pub(crate) fn down(&self, e: &StoreError) -> bool {
+        match e {
+            StoreError::Conflict(_) => false,
+            StoreError::Timeout(_) => self.policy.failing_fast(),
+            _ => true,
+        }
+    }
+
     /// Takes the time limits of a reloaded configuration.
     pub(crate) fn configure(&self, config: &Config) {
         self.policy.configure(config);

@@ -21,6 +21,8 @@ plan = "p"
 keys = ["key-t"]
 [usage]
 store_timeout = "30s"
+[limits]
+fleet_size_hint = 4
 "#;
 
 /// One cell's time of [`TOML`]'s rate, in nanoseconds.

@@ -22,6 +22,8 @@ plan = "p"
 keys = ["key-t"]
 [usage]
 store_timeout = "4s"
+[limits]
+fleet_size_hint = 4
 "#;
 
 pub async fn admit(h: &Harness) -> Result<Ticket, tollgate::Rejection> {

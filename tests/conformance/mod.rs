@@ -47,6 +47,7 @@ unknown = "reject"
 
 [limits]
 headers = "draft"
+fleet_size_hint = 2
 
 [usage]
 window = "1h"

@@ -54,7 +54,7 @@ async fn store_calls_follow_the_pace_not_the_requests() {
 /// and in `RateLimit`; a refused request's cells go back to its node's lease.
 #[tokio::test]
 async fn a_refusal_says_when_the_fleets_cells_come_back() {
-    let toml = TOML.replace("SCOPE", "fleet") + "[limits]\nfleet_size_hint = 4\n";
+    let toml = TOML.replace("SCOPE", "fleet");
     let h = Harness::new(&toml);
     for _ in 0..20 {
         let reply = h.get("/", "key-t").await;
@@ -77,7 +77,7 @@ async fn a_refusal_says_when_the_fleets_cells_come_back() {
 /// answers 503.
 #[tokio::test]
 async fn a_failing_rate_store_falls_back_to_the_nodes_share_or_refuses() {
-    let toml = TOML.replace("SCOPE", "fleet") + "[limits]\nfleet_size_hint = 4\n";
+    let toml = TOML.replace("SCOPE", "fleet");
     let store = Arc::new(Faulty::default());
     store.rate_down.store(true, Ordering::SeqCst);
     let h = Harness::with_store(&toml, store.clone(), NOON);
@@ -198,4 +198,52 @@ async fn waiters_on_a_slow_store_never_fall_back_while_it_answers() {
     }
     // The engine clock does not move: the shared bucket has its burst to give, no more.
     assert!(served <= 20, "{served} served: the node's own bucket served beside the fleet's");
+}
+
+/// Busy is not down (issue 53, item 2): a rate call that times out (a row other nodes' calls
+/// hold answers as late as a store down) is answered busy, 429, until the breaker's run of
+/// failures takes the store for down; only then does the node count alone, its share.
+///
+/// One thread, its clock paused: the store's delay and the time limit are virtual.
+#[tokio::test(start_paused = true)]
+async fn a_timeout_is_busy_until_the_breaker_opens() {
+    let toml = TOML.replace("SCOPE", "fleet").replace("store_timeout = \"30s\"", "store_timeout = \"250ms\"");
+    let store = Arc::new(Faulty::default());
+    store.rate_delay_ms.store(1_000, Ordering::SeqCst);
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    for i in 0..2 {
+        let r = send(&h).await.expect_err("a timeout is busy");
+        assert_eq!(r.kind(), RejectionKind::RateLimited, "timeout {i}: {r:?}");
+    }
+    // The third timeout in a row: the store is taken as down, and the node's share serves.
+    let mut ok = 0;
+    for _ in 0..20 {
+        if send(&h).await.is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5, "the node's share of the burst, once the breaker opened");
+}
+
+/// The same for a fleet concurrency: a places call that times out is busy (429) until the
+/// breaker opens; then the node counts alone, its share.
+#[tokio::test(start_paused = true)]
+async fn a_places_timeout_is_busy_until_the_breaker_opens() {
+    let toml = common::places::TOML
+        .replace("store_timeout = \"4s\"", "store_timeout = \"250ms\"")
+        .replace("fleet_size_hint = 4", "fleet_size_hint = 5");
+    let store = Arc::new(Faulty::default());
+    store.place_delay_ms.store(1_000, Ordering::SeqCst);
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    for i in 0..2 {
+        let r = common::places::admit(&h).await.expect_err("a timeout is busy");
+        assert_eq!(r.kind(), RejectionKind::ConcurrencyLimited, "timeout {i}: {r:?}");
+    }
+    let mut running = Vec::new();
+    for _ in 0..5 {
+        if let Ok(t) = common::places::admit(&h).await {
+            running.push(t);
+        }
+    }
+    assert_eq!(running.len(), 1, "the node's share (5 / 5), once the breaker opened");
 }

@@ -88,7 +88,7 @@ async fn freed_places_go_back_to_the_fleet() {
 /// (`concurrency / limits.fleet_size_hint`); set to fail closed, 503.
 #[tokio::test]
 async fn a_failing_places_store_falls_back_to_the_nodes_share_or_refuses() {
-    let toml = format!("{TOML}[limits]\nfleet_size_hint = 2\n");
+    let toml = TOML.replace("fleet_size_hint = 4", "fleet_size_hint = 2");
     let store = Arc::new(Faulty::default());
     store.places_down.store(true, Ordering::SeqCst);
     let h = Harness::with_store(&toml, store.clone(), NOON);
@@ -245,7 +245,7 @@ async fn a_place_asked_for_a_request_that_gave_up_goes_back() {
 #[tokio::test(start_paused = true)]
 async fn renewals_of_many_tenants_land_before_their_places_expire() {
     let mut toml =
-        String::from("[usage]\nstore_timeout = \"1s\"\n[plans.p]\nconcurrency = 1\nconcurrency_scope = \"fleet\"\n");
+        String::from("[usage]\nstore_timeout = \"1s\"\n[limits]\nfleet_size_hint = 2\n[plans.p]\nconcurrency = 1\nconcurrency_scope = \"fleet\"\n");
     for i in 0..50 {
         toml.push_str(&format!("[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n"));
     }
@@ -452,4 +452,75 @@ async fn a_spare_taken_elsewhere_is_not_used_again() {
     handle.advance(std::time::Duration::from_millis(1_100));
     assert_eq!(admit(&b).await.unwrap_err().kind(), RejectionKind::ConcurrencyLimited);
     assert!(back.complete(200));
+}
+
+/// An outage's share replaces the fleet's places, never adds to them (issue 53, item 5): four
+/// nodes, `concurrency = 4`, `fleet_size_hint = 4`, failing open. Each node served a request
+/// and gave its place back; the store goes down for ten seconds, requests keep coming to every
+/// node, and it comes back: never more than 4 in flight, during the outage or after it (the
+/// requests admitted meanwhile run on, and the nodes must not add places on top of them).
+///
+/// One thread, its clock paused, the workers running: each sleep returns once every task is
+/// idle.
+#[tokio::test(start_paused = true)]
+async fn an_outage_share_replaces_the_fleets_places() {
+    let toml = TOML.replace("concurrency = 5", "concurrency = 4");
+    let store = Arc::new(Faulty::default());
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let nodes: Vec<Harness> =
+        (0..4).map(|_| node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())).collect();
+    let settle = || tokio::time::sleep(std::time::Duration::from_millis(1));
+    for node in &nodes {
+        assert!(admit(node).await.unwrap().complete(200));
+        assert!(node.tollgate.places_released(std::time::Duration::from_secs(5)).await);
+    }
+    let mut running: Vec<Ticket> = Vec::new();
+    let mut most = 0;
+    store.places_down.store(true, std::sync::atomic::Ordering::SeqCst);
+    for step in 0..20 {
+        for (i, t) in admit_each(&nodes).await {
+            running.push(t);
+            assert!(running.len() <= 4, "the store down, step {step}: {} in flight (node {i})", running.len());
+        }
+        most = most.max(running.len());
+        handle.advance(std::time::Duration::from_millis(500));
+        settle().await;
+    }
+    assert_eq!(most, 4, "each node its share");
+    store.places_down.store(false, std::sync::atomic::Ordering::SeqCst);
+    for step in 0..20 {
+        for (i, t) in admit_each(&nodes).await {
+            running.push(t);
+            assert!(running.len() <= 4, "the store back, step {step}: {} in flight (node {i})", running.len());
+        }
+        handle.advance(std::time::Duration::from_millis(300));
+        settle().await;
+    }
+    // The requests of the outage end: the fleet's 4 places serve again.
+    for t in running.drain(..) {
+        assert!(t.complete(200));
+    }
+    settle().await;
+    handle.advance(std::time::Duration::from_millis(1_100));
+    settle().await;
+    for step in 0..6 {
+        for (_, t) in admit_each(&nodes).await {
+            running.push(t);
+        }
+        assert!(running.len() <= 4, "after, step {step}: {} in flight", running.len());
+        handle.advance(std::time::Duration::from_millis(1_100));
+        settle().await;
+    }
+    assert_eq!(running.len(), 4, "the fleet's places serve again");
+}
+
+/// One request at each node: those admitted, with their node.
+async fn admit_each(nodes: &[Harness]) -> Vec<(usize, Ticket)> {
+    let mut got = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if let Ok(t) = admit(node).await {
+            got.push((i, t));
+        }
+    }
+    got
 }

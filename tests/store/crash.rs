@@ -576,7 +576,7 @@ const PLACES: &str = "concurrency = 3\nconcurrency_scope = \"fleet\"";
 
 /// The places tests' store timeout and the shortest TTL it allows: PostgreSQL keeps places on
 /// its own clock, which the test waits on.
-const PLACES_USAGE: &str = "store_timeout = \"1s\"\n[limits]\nplace_ttl = \"10s\"\n";
+const PLACES_USAGE: &str = "store_timeout = \"1s\"\n[limits]\nplace_ttl = \"10s\"\nfleet_size_hint = 2\n";
 
 /// A node holds all 3 places of a fleet concurrency (3 requests in flight) and is killed: its
 /// places stay taken until `limits.place_ttl` (10 s) after its last call, then another node

@@ -13,7 +13,7 @@ use crate::{
     config::{HeaderStyle, StoreErrorPolicy},
     plan::{fleet_key, RouteCost, Runtime},
     response::{HeaderState, Rejection, RejectionKind},
-    store::{CellCall, ReserveToken, StoreError},
+    store::{CellCall, ReserveToken},
     tenant::{FleetCells, Tenant},
 };
 
@@ -191,9 +191,10 @@ impl Gate {
                 // Shadow mode: counted, admitted without cells.
                 route.client = fleet_key(0);
             }
-            Err(StoreError::Conflict(why)) => {
-                // The bucket is written by other nodes all along: a busy tenant, not an outage.
-                tracing::debug!(tenant = %state.id, why, "a fleet rate's bucket stayed contended");
+            Err(e) if !self.shared.stores().down(&e) => {
+                // The bucket is written (or locked) by other nodes all along: a busy tenant,
+                // not an outage.
+                tracing::debug!(tenant = %state.id, error = %e, "a fleet rate's bucket stayed contended");
                 let now = self.shared.clock().unix_nanos();
                 let r = Self::fleet_refusal(
                     &state,

@@ -133,13 +133,14 @@ impl TenantPlaces {
 
     /// A request left its place at `now`: the places to keep (its requests' and one spare,
     /// marked as such in the store: the rest given back at once), when a free place is not
-    /// yet marked.
-    fn leave(&self, now: i64) -> Option<u32> {
+    /// yet marked. `outage` requests admitted while the store was down still run here.
+    fn leave(&self, now: i64, outage: u32) -> Option<u32> {
         let mut l = self.local();
         l.in_flight = l.in_flight.saturating_sub(1);
         // The one spare left goes after a second.
         l.note_spare(now);
-        (l.held > l.in_flight.saturating_add(l.marked)).then_some(l.in_flight + 1)
+        let busy = l.in_flight.saturating_add(outage);
+        (l.held > busy.saturating_add(l.marked)).then_some(busy + 1)
     }
 
     /// What the store said this node holds, at `now`, valid `valid` nanoseconds.
@@ -252,7 +253,7 @@ impl PlacesNode {
     pub(crate) fn enter(self: &Arc<Self>, state: &Tenant) -> Result<Option<Box<Slot>>, ()> {
         let places = self.of(&state.id);
         let now = self.shared.clock().unix_nanos();
-        if places.local().fallback_until > now {
+        if self.in_outage(&places, now) {
             return Ok(self.node_share(state, &places));
         }
         if places.enter(now, state.plan.concurrency) {
@@ -263,6 +264,21 @@ impl PlacesNode {
             return Ok(None);
         }
         Err(())
+    }
+
+    /// Requests of the tenant admitted while the places store was taken as down, still running
+    /// on this node (counted on its own, never in its places).
+    fn outage_running(&self, tenant: &TenantId) -> u32 {
+        self.in_flight.get(tenant).map_or(0, |n| *n)
+    }
+
+    /// Whether the node counts the tenant's requests alone: the store taken as down (for a
+    /// second after a failure), or requests admitted meanwhile still running. An outage's
+    /// share replaces the node's places, never adds to them: until those requests end the node
+    /// admits within its share (its requests on places counted in it), and its worker's next
+    /// pass counts them in its places once the store answers.
+    fn in_outage(&self, places: &TenantPlaces, now: i64) -> bool {
+        places.local().fallback_until > now || self.outage_running(&places.tenant) > 0
     }
 
     /// Whether the store's last answer (within a second) found every place taken by requests
@@ -287,7 +303,7 @@ impl PlacesNode {
         let node = self.clone();
         Slot::on_drop(Box::new(move || {
             let now = node.shared.clock().unix_nanos();
-            if let Some(keep) = places.leave(now) {
+            if let Some(keep) = places.leave(now, node.outage_running(&places.tenant)) {
                 node.release_later(places, keep);
             }
         }))
@@ -326,19 +342,24 @@ impl PlacesNode {
         // A renewal asks within the tenant's limit as its plan says now (a plan changed since
         // the node's last request would otherwise renew within the old one).
         let current = self.table.state(tenant).map(|s| s.plan.concurrency).filter(|c| *c > 0);
+        let outage = self.outage_running(tenant);
         let (count, spare, limit) = {
             let mut l = places.local();
             if let Some(c) = current {
                 l.limit = c;
             }
+            // The requests running here: on places, and admitted while the store was down.
+            let busy = l.in_flight.saturating_add(outage);
             let (count, spare) = match set {
                 // Never fewer than the requests on them; what is kept past them is spare.
                 Set::ReleaseTo(keep) => {
-                    let count = keep.max(l.in_flight).min(l.held);
-                    (count, count - l.in_flight.min(count))
+                    let count = keep.max(busy).min(l.held);
+                    (count, count - busy.min(count))
                 }
-                Set::Spares => (l.in_flight.min(l.held), 0),
-                Set::Renew => (l.held, l.marked),
+                Set::Spares => (busy.min(l.held), 0),
+                // A renewal also asks for places for the requests admitted while the store
+                // was down: the fleet counts them from then on.
+                Set::Renew => (l.held.max(busy), l.marked.min(l.held)),
             };
             if matches!(set, Set::Renew) && count == 0 {
                 return;
@@ -371,7 +392,7 @@ impl PlacesNode {
                     // Renewed: what the store says is held (fewer, if some expired and were
                     // taken meanwhile), valid from now.
                     Set::Renew => {
-                        if now > l.renewed_at.saturating_add(ttl) {
+                        if l.held > 0 && now > l.renewed_at.saturating_add(ttl) {
                             tracing::warn!(tenant = %tenant, "places renewed after they expired in the store: \
                                 renewals run late (a slow store, or many tenants holding places)");
                         }
@@ -404,7 +425,7 @@ impl PlacesNode {
                 return Ok(Acquired::Full);
             };
             let now = self.shared.clock().unix_nanos();
-            if places.local().fallback_until > now {
+            if self.in_outage(&places, now) {
                 waiting.done();
                 return Ok(Acquired::Fallback);
             }
@@ -428,7 +449,9 @@ impl PlacesNode {
             let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
             let call = PlaceCall::new(state.id.clone(), count, limit, ttl, now, token);
             let stores = self.shared.stores();
-            let answer = stores.within(stores.request().places.acquire_places(&call)).await;
+            // A request's own call: it fails fast while the store is taken as down, and its
+            // timeouts count toward that.
+            let answer = stores.guarded(stores.request().places.acquire_places(&call)).await;
             // No longer waiting, before the lock goes: the next caller counts it no more.
             waiting.done();
             places.answered(answer?, now, valid);
@@ -440,8 +463,12 @@ impl PlacesNode {
         match acquired {
             Ok(Acquired::Place) => Leased::Place(self.slot(places)),
             Ok(Acquired::Fallback) => free(self.node_share(state, &places)),
-            // None free (or the tenant's row written by other nodes all along: busy).
-            Ok(Acquired::Full) | Err(crate::store::StoreError::Conflict(_)) => Leased::NoneFree,
+            Ok(Acquired::Full) => Leased::NoneFree,
+            // The tenant's row written (or locked) by other nodes all along: busy.
+            Err(e) if !self.shared.stores().down(&e) => {
+                tracing::debug!(tenant = %state.id, error = %e, "a fleet concurrency's row stayed contended");
+                Leased::NoneFree
+            }
             Err(e) => {
                 tracing::debug!(tenant = %state.id, error = %e, "the places store failed");
                 if state.plan.on_store_error_set && state.plan.on_store_error == StoreErrorPolicy::FailClosed {
@@ -471,11 +498,15 @@ impl PlacesNode {
                 self.set(&places, Set::Spares).await;
             }
             let l = *places.local();
-            if l.held > 0 && now >= l.renewed_at.saturating_add(ttl / 3) {
+            // Requests admitted while the store was down, once it may answer again: counted
+            // in the node's places at once.
+            let outage = self.outage_running(&tenant);
+            let uncounted = l.fallback_until <= now && l.held < l.in_flight.saturating_add(outage);
+            if (l.held > 0 && now >= l.renewed_at.saturating_add(ttl / 3)) || uncounted {
                 self.set(&places, Set::Renew).await;
             }
             let l = *places.local();
-            if l.held == 0 && l.in_flight == 0 {
+            if l.held == 0 && l.in_flight == 0 && self.outage_running(&tenant) == 0 {
                 // Only while nobody else holds it (a request taking a place, a release under
                 // way): a later request then makes a new entry, never a second one beside it.
                 drop(places);

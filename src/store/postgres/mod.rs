@@ -54,6 +54,12 @@ const PRUNE_EVERY_SECS: i64 = 3600;
 /// unique key taken meanwhile) is run again before the call fails.
 const ATTEMPTS: u32 = 6;
 
+/// How long a call on a row every node of a busy tenant writes (a shared rate bucket, places)
+/// waits for the row's lock before it answers busy ([`StoreError::Conflict`]): a call holds
+/// it for a few round trips, so a wait this long means other nodes queue on the row, and the
+/// call would otherwise wait into its caller's time limit and be taken for a store down.
+const LOCK_WAIT: Duration = Duration::from_millis(100);
+
 use crate::config::Migrate;
 
 /// How to reach the database: what `[store] kind = "postgres"` holds. Its `Debug` form never
@@ -180,6 +186,8 @@ struct Inner {
     timeout: Duration,
     /// `BEGIN`'s companion: `SET LOCAL statement_timeout = …`.
     set_timeout: String,
+    /// The same, and the short lock wait of [`PostgresStore::begin_contended`].
+    set_contended: String,
     /// The reserve statement (built once: it is long).
     reserve_sql: String,
     /// The same rule over many releases at once (`sql::release_batch_sql`).
@@ -253,6 +261,10 @@ impl Fail {
         match self {
             Fail::Store(e) => e,
             Fail::Pg(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => StoreError::Timeout(timeout),
+            // A row lock not granted within the call's lock wait: other nodes' calls hold it.
+            Fail::Pg(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                StoreError::Conflict("a row locked by other calls past the lock wait: busy")
+            }
             // The connection closed under the call (a restart, a failover, a network fault), or
             // the server ended the session: the call may or may not have been applied. As a
             // call with no answer in time, its caller sends it again with its token (a lease),
@@ -473,6 +485,10 @@ impl PostgresStore {
                 schema,
                 timeout: options.statement_timeout,
                 set_timeout: format!("SET LOCAL statement_timeout = {millis}"),
+                set_contended: format!(
+                    "SET LOCAL statement_timeout = {millis}; SET LOCAL lock_timeout = {}",
+                    LOCK_WAIT.as_millis().min(millis).max(1)
+                ),
                 newest_window: AtomicI64::new(i64::MIN / 2),
                 pruned: Mutex::new(None),
                 id_cap: AtomicI64::new(i64::try_from(contract::EVENT_IDS_MAX).unwrap_or(i64::MAX)),
@@ -529,6 +545,18 @@ impl PostgresStore {
     async fn begin<'c>(&self, client: &'c mut deadpool_postgres::Object) -> Pg<deadpool_postgres::Transaction<'c>> {
         let tx = client.transaction().await?;
         tx.batch_execute(&self.inner.set_timeout).await?;
+        Ok(tx)
+    }
+
+    /// [`begin`](Self::begin) for a call on a row every node of a busy tenant writes (its
+    /// shared rate bucket, its places): a row lock not granted within [`LOCK_WAIT`] fails the
+    /// call as [`StoreError::Conflict`] (busy), not as a timeout taken for a store down.
+    async fn begin_contended<'c>(
+        &self,
+        client: &'c mut deadpool_postgres::Object,
+    ) -> Pg<deadpool_postgres::Transaction<'c>> {
+        let tx = client.transaction().await?;
+        tx.batch_execute(&self.inner.set_contended).await?;
         Ok(tx)
     }
 

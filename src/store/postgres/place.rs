@@ -19,7 +19,7 @@ impl PostgresStore {
         // been empty a while): a call racing the deletion would find no row to lock.
         self.retrying(|| async {
             let mut client = self.client().await?;
-            let tx = self.begin(&mut client).await?;
+            let tx = self.begin_contended(&mut client).await?;
             tx.query_typed(&insert, args![tenant]).await?;
             let Some(found) = tx.query_typed_opt(&read, args![tenant]).await? else {
                 // Deleted by the prune between the insert and the lock: a race lost.

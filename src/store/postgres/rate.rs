@@ -19,7 +19,7 @@ impl PostgresStore {
         let write = self.sql("UPDATE {s}.rate_cells SET tat = $2, senders = $3 WHERE tenant = $1");
         self.retrying(|| async {
             let mut client = self.client().await?;
-            let tx = self.begin(&mut client).await?;
+            let tx = self.begin_contended(&mut client).await?;
             if create {
                 tx.query_typed(&insert, args![tenant]).await?;
             }
