@@ -686,3 +686,41 @@ async fn a_locked_rate_row_is_busy_not_down() {
     assert!(busy >= 40, "answered busy: {busy}");
     drop(lock);
 }
+
+/// A statement the engine gave up on does not keep its connection (issue 53, item 3): one
+/// tenant's quota row is locked (a long transaction elsewhere) while 8 of its requests come
+/// and give up at the 250 ms limit, twice the pool's 4 connections; then 100 requests of 100
+/// other tenants arrive. They are all served (their plan fails closed: a connection handed out
+/// with the given-up statement still waiting on it would answer 503), and the pool stays
+/// usable once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_row_does_not_take_the_pool() {
+    use std::fmt::Write as _;
+    let Some((store, options)) = postgres::store().await else { return };
+    let store: Arc<dyn tollgate::store::Store> = Arc::new(store);
+    let mut toml = String::from(
+        "[usage]\nstore_timeout = \"250ms\"\non_store_error = \"fail-closed\"\n[plans.p]\n\
+         quotas.requests = { limit = 1000, period = \"day\", mode = \"hard\", lease = 1 }\n",
+    );
+    for i in 0..=100 {
+        let _ = write!(toml, "[tenants.t{i}]\nplan = \"p\"\nkeys = [\"key-{i}\"]\n");
+    }
+    let h = Arc::new(Harness::with_store(&toml, store.clone(), NOON));
+    assert_eq!(h.status("/", "key-0").await, 200, "t0's quota row is made");
+    let lock = lock_row(&options, "quota", "t0").await;
+    let mut given_up = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let h = h.clone();
+        given_up.spawn(async move { h.status("/", "key-0").await });
+    }
+    while let Some(status) = given_up.join_next().await {
+        assert_eq!(status.unwrap(), 503, "t0's calls wait on its locked row past the limit");
+    }
+    let started = std::time::Instant::now();
+    for i in 1..=100 {
+        assert_eq!(h.status("/", &format!("key-{i}")).await, 200, "tenant t{i}, beside t0's locked row");
+    }
+    eprintln!("100 other tenants beside a locked row: {:?}", started.elapsed());
+    drop(lock);
+    assert_eq!(h.status("/", "key-0").await, 200, "the lock gone, t0 served again");
+}

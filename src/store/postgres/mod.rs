@@ -8,8 +8,9 @@
 
 use std::{
     future::Future,
+    ops::{Deref, DerefMut},
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -180,6 +181,8 @@ pub struct PostgresStore {
 
 struct Inner {
     pool: Pool,
+    /// The connector of the pool's connections, for the cancel requests of calls given up.
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     schema: String,
     /// The schema as statements name it: `"name"`.
     quoted: String,
@@ -277,6 +280,87 @@ impl Fail {
                 StoreError::Timeout(timeout)
             }
             Fail::Pg(e) => StoreError::Backend(Box::new(e)),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// The connections the running attempt of a [`PostgresStore::retrying`] call took.
+    static CALL: Arc<CallConns>;
+}
+
+/// A pooled connection taken by a call. Dropped inside a call of
+/// [`retrying`](PostgresStore::retrying), it waits in the call's [`CallConns`] until the call's
+/// attempt has ended; elsewhere it goes back to the pool at once.
+struct Conn(Option<deadpool_postgres::Object>);
+
+impl Deref for Conn {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("a connection until dropped")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("a connection until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(object) = self.0.take() else { return };
+        match CALL.try_with(Arc::clone) {
+            Ok(call) => call.parked.lock().unwrap_or_else(|e| e.into_inner()).push(object),
+            Err(_) => drop(object),
+        }
+    }
+}
+
+/// The connections one attempt of a call took. Once the attempt has ended (answered, or
+/// failed with the server's answer) no statement runs on them, and they go back to the pool.
+/// When the caller gave up first (its time limit: the attempt's future dropped), a statement
+/// may still run on one (waiting for a row's lock, say): the server is asked to cancel it, and
+/// the connection is closed rather than handed to the next caller, who would wait behind it
+/// (one locked row would otherwise take every pooled connection in turn).
+struct CallConns {
+    parked: Mutex<Vec<deadpool_postgres::Object>>,
+    ended: AtomicBool,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+}
+
+impl CallConns {
+    fn new(tls: tokio_postgres_rustls::MakeRustlsConnect) -> Self {
+        Self { parked: Mutex::new(Vec::new()), ended: AtomicBool::new(false), tls }
+    }
+
+    /// The attempt has ended: its connections are idle, back to the pool.
+    fn ended(&self) {
+        self.ended.store(true, Ordering::Release);
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(parked);
+    }
+}
+
+impl Drop for CallConns {
+    fn drop(&mut self) {
+        let parked = std::mem::take(self.parked.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if self.ended.load(Ordering::Acquire) || parked.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        for object in parked {
+            // Out of the pool: it makes room for a new connection at once.
+            let client = deadpool_postgres::Object::take(object);
+            let token = client.cancel_token();
+            let tls = self.tls.clone();
+            rt.spawn(async move {
+                if let Err(e) = token.cancel_query(tls).await {
+                    tracing::debug!(error = %e, "a statement given up on could not be cancelled");
+                }
+                drop(client);
+            });
         }
     }
 }
@@ -460,11 +544,13 @@ impl PostgresStore {
         if config.get_tcp_user_timeout().is_none() {
             config.tcp_user_timeout(Duration::from_secs(30));
         }
+        let tls = tls(options.ca_file.as_deref())?;
         let manager = Manager::from_config(
             config,
-            tls(options.ca_file.as_deref())?,
+            tls.clone(),
             // Fast: a connection back in the pool is reused as it is (a broken one is dropped).
-            // No statement cache, nothing on the session to reset.
+            // No statement cache, nothing on the session to reset; and none comes back with a
+            // statement still running (a call given up on closes its connections: `CallConns`).
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
@@ -479,6 +565,7 @@ impl PostgresStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
+                tls,
                 reserve_sql: sql::reserve_sql(&format!("\"{schema}\"")),
                 release_batch_sql: sql::release_batch_sql(&format!("\"{schema}\"")),
                 quoted: format!("\"{schema}\""),
@@ -502,13 +589,14 @@ impl PostgresStore {
         sql.replace("{s}", &self.inner.quoted)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, Fail> {
-        self.inner.pool.get().await.map_err(|e| match e {
+    async fn client(&self) -> Result<Conn, Fail> {
+        let object = self.inner.pool.get().await.map_err(|e| match e {
             // No connection: nothing was sent.
             deadpool_postgres::PoolError::Backend(e) => Fail::Store(StoreError::Backend(Box::new(e))),
             deadpool_postgres::PoolError::Timeout(_) => Fail::Store(StoreError::Timeout(self.inner.timeout)),
             other => Fail::Store(StoreError::Backend(Box::new(other))),
-        })
+        })?;
+        Ok(Conn(Some(object)))
     }
 
     /// Runs `f` (one transaction or one statement) again while it loses races, and maps its
@@ -520,7 +608,12 @@ impl PostgresStore {
     {
         let mut tries = 0;
         loop {
-            match f().await {
+            // The attempt's connections go back to the pool once it has ended (each idle
+            // then); given up on before (this future dropped), they are cancelled and closed.
+            let call = Arc::new(CallConns::new(self.inner.tls.clone()));
+            let attempt = CALL.scope(call.clone(), f()).await;
+            call.ended();
+            match attempt {
                 Err(e) if e.is_retryable() && tries + 1 < ATTEMPTS => {
                     tries += 1;
                     tracing::debug!(tries, error = ?e, "a PostgreSQL transaction lost a race; running it again");
