@@ -17,9 +17,14 @@ use crate::tenant::lru;
 ///   (429) only once none is in flight.
 /// - **Shared by the node** for every other request (behind a load balancer that is not a
 ///   trusted proxy, every client has its address): at most [`SHARED_IN_FLIGHT`] lookups at
-///   once, in arrival order, and store reads of unknown keys held to [`SHARED_UNKNOWN_RATE`] a
-///   second (a burst of as many). A lookup waits for its turn, in a queue of at most
-///   [`SHARED_WAITING`] (past it, 503: memory is bounded whatever a flood sends).
+///   once, in arrival order. A node cannot tell a valid key from a random one before it looks
+///   it up (after a restart it knows none), so no lookup waits on the budget of unknown keys:
+///   the budget ([`SHARED_UNKNOWN_RATE`] a second, a burst of as many) is charged by each
+///   lookup that found nothing, and while it is spent the lookups run [`SPENT_IN_FLIGHT`] at
+///   a time (a flood's store reads held to a few at once, a valid key's lookup still taking
+///   its turn at the store's pace). A lookup waits for its turn at most [`SHARED_WAIT`], in a
+///   queue of at most [`SHARED_WAITING`] (past either, 503: memory and waits are bounded
+///   whatever a flood sends).
 /// - **Keys found valid before on this node** (at most [`KNOWN_KEYS`], the most recent) take
 ///   neither: a tenant evicted while idle, or after a reload, is looked up at once whatever
 ///   others send. (After a restart the node knows none yet.)
@@ -28,6 +33,8 @@ pub(crate) struct KeyLookups {
     /// Digests of API keys the directory knew, as the tenant table keys them.
     known: moka::sync::Cache<(u64, u64), ()>,
     shared: tokio::sync::Semaphore,
+    /// The turns of lookups while the shared budget's unknown keys are spent.
+    spent: tokio::sync::Semaphore,
     /// Lookups waiting for the shared budget.
     waiting: std::sync::atomic::AtomicUsize,
     /// The theoretical arrival time of the shared budget's unknown keys (the runtime's
@@ -41,8 +48,18 @@ pub(crate) const SHARED_IN_FLIGHT: usize = 64;
 pub(crate) const SHARED_UNKNOWN_RATE: u32 = 100;
 /// The most lookups waiting for the shared budget.
 pub(crate) const SHARED_WAITING: usize = 4096;
+/// The most lookups in flight at once in the shared budget while its unknown keys are spent.
+pub(crate) const SPENT_IN_FLIGHT: usize = 4;
+/// The longest a lookup waits for its turn in the shared budget.
+pub(crate) const SHARED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// The most API keys remembered as found valid.
 pub(crate) const KNOWN_KEYS: u64 = 100_000;
+
+/// A lookup's turn in the node's shared budget ([`KeyLookups::shared_turn`]), until dropped.
+pub(crate) struct SharedTurn<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    _spent: Option<tokio::sync::SemaphorePermit<'a>>,
+}
 
 /// One client address's lookups: its bucket's theoretical arrival time (Unix nanoseconds),
 /// the lookups in flight, and a wake-up when one ends.
@@ -78,6 +95,7 @@ impl KeyLookups {
             known: lru(KNOWN_KEYS).build(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             shared: tokio::sync::Semaphore::new(SHARED_IN_FLIGHT),
+            spent: tokio::sync::Semaphore::new(SPENT_IN_FLIGHT),
             shared_tat: std::sync::Mutex::new(None),
         }
     }
@@ -142,10 +160,11 @@ impl KeyLookups {
         }
     }
 
-    /// A turn in the node's shared budget: one of [`SHARED_IN_FLIGHT`] lookups, in arrival
-    /// order, once the unknown keys read before it are within [`SHARED_UNKNOWN_RATE`]; `None`
-    /// when [`SHARED_WAITING`] lookups wait already.
-    pub(crate) async fn shared_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    /// A turn in the node's shared budget: one of [`SHARED_IN_FLIGHT`] lookups in arrival
+    /// order (one of [`SPENT_IN_FLIGHT`] while the unknown keys read lately passed
+    /// [`SHARED_UNKNOWN_RATE`]); `None` when [`SHARED_WAITING`] lookups wait already, or when
+    /// the turn did not come within [`SHARED_WAIT`].
+    pub(crate) async fn shared_turn(&self) -> Option<SharedTurn<'_>> {
         use std::sync::atomic::Ordering;
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
         impl Drop for Waiting<'_> {
@@ -158,16 +177,19 @@ impl KeyLookups {
             return None;
         }
         let _waiting = Waiting(&self.waiting);
-        let permit = self.shared.acquire().await.expect("the shared budget is never closed");
-        let (_, tolerance) = Self::shared_shape();
-        loop {
+        let turn = async {
+            let permit = self.shared.acquire().await.expect("the shared budget is never closed");
+            let (_, tolerance) = Self::shared_shape();
             let now = tokio::time::Instant::now();
             let tat = self.shared_tat.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(now);
-            if tat <= now + tolerance {
-                return Some(permit);
-            }
-            tokio::time::sleep_until(tat - tolerance).await;
-        }
+            let spent = if tat > now + tolerance {
+                Some(self.spent.acquire().await.expect("the spent lane is never closed"))
+            } else {
+                None
+            };
+            SharedTurn { _permit: permit, _spent: spent }
+        };
+        tokio::time::timeout(SHARED_WAIT, turn).await.ok()
     }
 
     /// Counts a store read of an unknown key in the node's shared budget.

@@ -84,8 +84,9 @@ impl Gate {
                             // key may be valid). Only keys the directory did not know count.
                             // Other requests (behind a balancer that is not a trusted proxy,
                             // without an address) share the node's budget, where they wait
-                            // their turn and are never refused: one bucket for them all would
-                            // let anyone lock every tenant the node does not hold out.
+                            // their turn (at most a second) and are never refused for unknown
+                            // keys: one bucket for them all would let anyone lock every tenant
+                            // the node does not hold out.
                             let lookups = &self.key_lookups;
                             let rate = rt.config.clients.unknown_key_rate;
                             let clock = self.shared.clock();
@@ -118,8 +119,7 @@ impl Gate {
                                         Some(turn) => Some(turn),
                                         None => return Err(Rejection::new(
                                             RejectionKind::StoreUnavailable,
-                                            "too many lookups of unknown API keys are waiting on this node: try again \
-                                             later",
+                                            "too many lookups of API keys are waiting on this node: try again later",
                                         )
                                         .with_retry_after(1)),
                                     },
