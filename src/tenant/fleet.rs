@@ -8,7 +8,8 @@ use std::sync::{
 };
 
 /// The longest a leased cell may wait to be spent: past it, it is dropped (the other nodes
-/// then under-admit by it for at most this long).
+/// then under-admit by it for at most this long). Also the window the node's pace is
+/// measured over.
 pub(crate) const CELL_LIFE_NANOS: i64 = 50_000_000;
 
 /// A fleet rate's parameters, as the plan compiled them: one cell's time and the burst.
@@ -49,11 +50,37 @@ pub(crate) struct Local {
     /// The size of the last lease, and when it was granted.
     pub(crate) granted: u32,
     pub(crate) granted_at: i64,
-    /// The size of the next lease: follows the tenant's pace on this node.
-    pub(crate) next: u32,
+    /// The tenant's pace on this node: the cells it spent in the window that began at
+    /// `window_from` (Unix nanoseconds), and in the whole window of [`CELL_LIFE_NANOS`]
+    /// before it (0 when that one was quiet).
+    pub(crate) window_from: i64,
+    pub(crate) window_spent: u32,
+    pub(crate) last_window: u32,
+    /// Whether the last lease was sized on a measured pace: its cells live the whole
+    /// [`CELL_LIFE_NANOS`] (the pace spends them over it), not only `k·T`.
+    pub(crate) paced: bool,
     /// Until then the store is taken as down and the plan's own bucket (rate / N) serves
     /// (a fail-open fleet rate whose store failed).
     pub(crate) fallback_until: i64,
+}
+
+impl Local {
+    /// Moves the pace's window on to `now`: a whole window past, it becomes the last one (a
+    /// quiet one, two windows past: none spent).
+    fn roll(&mut self, now: i64) {
+        let age = now.saturating_sub(self.window_from);
+        if age >= CELL_LIFE_NANOS {
+            self.last_window = if age >= 2 * CELL_LIFE_NANOS { 0 } else { self.window_spent };
+            self.window_spent = 0;
+            self.window_from = now;
+        }
+    }
+
+    /// `cost` cells spent at `now`: counted in the pace.
+    fn spent(&mut self, cost: u32, now: i64) {
+        self.roll(now);
+        self.window_spent = self.window_spent.saturating_add(cost);
+    }
 }
 
 impl FleetCells {
@@ -67,6 +94,7 @@ impl FleetCells {
         let mut l = self.local();
         if now < l.expires && l.cells >= cost {
             l.cells -= cost;
+            l.spent(cost, now);
             return Some(l.generation);
         }
         None
@@ -127,28 +155,24 @@ impl FleetCells {
         }
     }
 
-    /// How many cells to ask for at `now`, the request waiting needing `need`: as many as
-    /// the tenant spent here in about [`CELL_LIFE_NANOS`] (its pace), at least `need`, at most
-    /// the burst.
+    /// How many cells to ask for at `now`, the request waiting needing `need`: what the
+    /// tenant spent here over the last [`CELL_LIFE_NANOS`] or so (its pace, measured over whole
+    /// windows of that time: a clump is counted with the quiet after it, never taken for the
+    /// pace itself) beside `need`; twice the last lease when it ran out within its life faster
+    /// than the pace says (a pace rising); at most the burst.
     pub(crate) fn want(&self, need: u32, now: i64, bucket: FleetBucket) -> u32 {
         let mut l = self.local();
-        if l.granted > 0 && now >= l.expires.saturating_add(CELL_LIFE_NANOS) {
-            // Quiet for longer than a cell's life: the pace starts again.
-            l.next = 1;
-        } else if l.granted > 0 {
-            let spent = l.granted.saturating_sub(if now < l.expires { l.cells } else { l.cells.min(l.granted) });
-            let life = (l.expires - l.granted_at).max(1);
-            let took = (now.min(l.expires) - l.granted_at).max(1);
-            l.next = if now < l.expires && l.cells < need {
-                // Ran out within its life: twice as many next time.
-                l.granted.saturating_mul(2)
-            } else {
-                // Expired: what was spent over the life, scaled to a whole life.
-                let scaled = i128::from(spent) * i128::from(CELL_LIFE_NANOS) / i128::from(took.max(life).max(1));
-                u32::try_from(scaled).unwrap_or(u32::MAX).max(1)
-            };
+        l.roll(now);
+        let pace = l.last_window.max(l.window_spent);
+        let ran_out = l.granted > 0 && now < l.expires && l.cells < need;
+        let mut next = pace.saturating_add(need);
+        if ran_out {
+            next = next.max(l.granted.saturating_mul(2));
         }
-        l.next.max(need).max(1).min(bucket.burst.max(need))
+        // Sized on a pace the lease's cells live the window it is measured over; the first
+        // lease (or the first after a quiet spell) lives its own time, k·T.
+        l.paced = pace > 0 || ran_out;
+        next.max(need).max(1).min(bucket.burst.max(need))
     }
 
     /// A lease of `granted` cells came at `now` (the bucket's TAT then `tat`); `cost` of them
@@ -156,10 +180,12 @@ impl FleetCells {
     /// costs) is dropped: a lease's cells live at most its own life. Returns its generation.
     pub(crate) fn leased(&self, granted: u32, cost: u32, tat: i64, now: i64, bucket: FleetBucket) -> u32 {
         let mut l = self.local();
-        let life = i128::from(granted) * i128::from(bucket.interval);
+        let own = i128::from(granted) * i128::from(bucket.interval);
+        let life = if l.paced { i128::from(CELL_LIFE_NANOS) } else { own.min(i128::from(CELL_LIFE_NANOS)) };
         l.generation = l.generation.wrapping_add(1).max(1);
         l.cells = granted.saturating_sub(cost);
-        l.expires = now.saturating_add(life.min(i128::from(CELL_LIFE_NANOS)) as i64);
+        l.spent(cost.min(granted), now);
+        l.expires = now.saturating_add(life as i64);
         l.lease_end = tat;
         l.tat = tat;
         l.granted = granted;
@@ -183,7 +209,9 @@ impl FleetCells {
         // no more than they need).
         l.expires = 0;
         l.granted = 0;
-        l.next = 1;
+        l.window_spent = 0;
+        l.last_window = 0;
+        l.paced = false;
         // The reading counted this lease's cells as taken: forgotten, so that no request is
         // refused by cells now given back (the next one asks the store).
         l.tat = 0;
@@ -234,22 +262,29 @@ mod tests {
         assert_eq!(f.peek(later + 50_000_000).0, 0, "past its time: nothing to spend");
     }
 
-    /// A lease's life is min(50 ms, k·T); its size follows the pace and starts again after a
-    /// quiet spell, or once the lease was given back (a state let go).
+    /// A lease's size follows the pace over whole windows of 50 ms (a clump counted with the
+    /// quiet after it), doubles when the lease ran out within its life, and starts again after a
+    /// quiet spell, or once the lease was given back (a state let go). The first lease lives
+    /// its own time (k·T); one sized on a pace lives the window.
     #[test]
     fn leases_follow_the_pace_and_start_again() {
         let f = FleetCells::default();
         assert_eq!(f.want(1, NOW, B), 1);
         f.leased(1, 1, NOW + 10_000_000, NOW, B);
-        // Spent at once, expired 10 ms later: its pace fills 50 ms with 5.
-        assert_eq!(f.want(1, NOW + 10_000_000, B), 5);
-        f.leased(5, 1, NOW + 60_000_000, NOW + 10_000_000, B);
-        // Spent within its life: twice as many.
-        for _ in 0..4 {
-            f.take(1, NOW + 20_000_000).unwrap();
-        }
-        assert_eq!(f.want(1, NOW + 20_000_000, B), 10);
-        // Quiet longer than a cell's life: from one again.
+        assert_eq!(f.local().expires, NOW + 10_000_000, "its own time: 1 × 10 ms");
+        // A clump of 4 at 20 ms (the lease spent): one call for the first, the pace so far 1.
+        assert_eq!(f.want(1, NOW + 20_000_000, B), 2);
+        f.leased(2, 1, NOW + 40_000_000, NOW + 20_000_000, B);
+        assert_eq!(f.local().expires, NOW + 70_000_000, "sized on a pace: the window");
+        f.take(1, NOW + 20_000_000).unwrap();
+        // Ran out within its life: twice the last lease at least.
+        assert_eq!(f.want(1, NOW + 20_000_000, B), 4);
+        f.leased(4, 1, NOW + 60_000_000, NOW + 20_000_000, B);
+        f.take(1, NOW + 20_000_000).unwrap();
+        // The clump is measured with the quiet after it: 5 spent in the window that ends at
+        // 50 ms, and nothing more until 90 ms: the pace is 5, not the clump's rate.
+        assert_eq!(f.want(1, NOW + 90_000_000, B), 6);
+        // Quiet for two windows: from one again.
         assert_eq!(f.want(1, NOW + 10_000_000_000, B), 1);
         // Given back (a state let go): from one again, and a give-back of it reaches nothing.
         let g = f.leased(20, 1, NOW + 11_000_000_000, NOW + 10_000_000_000, B);

@@ -247,3 +247,15 @@ async fn a_places_timeout_is_busy_until_the_breaker_opens() {
     }
     assert_eq!(running.len(), 1, "the node's share (5 / 5), once the breaker opened");
 }
+
+/// Leases fit clumpy traffic (issue 53, item 6): 2,000 requests a second, 20 at once every
+/// 10 ms, make at most twice the lease calls of smooth arrivals at the same average pace (a
+/// lease is sized on the pace over the last lease's time, not on the last clump), on one node
+/// and on four behind round robin, for a rate well above the pace and one near it.
+#[tokio::test]
+async fn clumpy_arrivals_cost_at_most_twice_the_lease_calls_of_smooth_ones() {
+    common::fleet::clumpy_arrivals_within_twice("memory", || async {
+        Arc::new(tollgate::store::MemoryStore::new()) as Arc<dyn tollgate::store::StoreInspect>
+    })
+    .await;
+}

@@ -423,6 +423,19 @@ async fn fleet_rate_store_calls_follow_the_pace() {
     common::fleet::store_calls_per_thousand(Arc::new(store), "dynamodb").await;
 }
 
+/// Clumpy arrivals cost at most twice the lease calls of smooth ones, on DynamoDB
+/// (tests/common/fleet.rs; each case on a table of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rate_leases_fit_clumpy_traffic() {
+    if dynamo::table().await.is_none() {
+        return;
+    }
+    common::fleet::clumpy_arrivals_within_twice("dynamodb", || async {
+        Arc::new(dynamo::table().await.expect("the local server")) as Arc<dyn tollgate::store::StoreInspect>
+    })
+    .await;
+}
+
 /// Four engines on one DynamoDB table run at most a fleet concurrency's requests at once
 /// (tests/common/places.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -568,6 +568,20 @@ async fn fleet_rate_store_calls_follow_the_pace() {
     common::fleet::store_calls_per_thousand(Arc::new(store), "postgres").await;
 }
 
+/// Clumpy arrivals cost at most twice the lease calls of smooth ones, on PostgreSQL
+/// (tests/common/fleet.rs; each case on a schema of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rate_leases_fit_clumpy_traffic() {
+    if postgres::fresh().is_none() {
+        return;
+    }
+    common::fleet::clumpy_arrivals_within_twice("postgres", || async {
+        let (store, _) = postgres::store().await.expect("the test server");
+        Arc::new(store) as Arc<dyn tollgate::store::StoreInspect>
+    })
+    .await;
+}
+
 /// Four engines on one PostgreSQL schema run at most a fleet concurrency's requests at once
 /// (tests/common/places.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -579,6 +579,21 @@ async fn fleet_rate_store_calls_follow_the_pace() {
     common::fleet::store_calls_per_thousand(Arc::new(store), "sqlite").await;
 }
 
+/// Clumpy arrivals cost at most twice the lease calls of smooth ones, on a SQLite file
+/// (tests/common/fleet.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_rate_leases_fit_clumpy_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    common::fleet::clumpy_arrivals_within_twice("sqlite", || {
+        let path = dir.path().join(format!("clumpy-{}.db", n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+        async move {
+            Arc::new(tollgate::store::SqliteStore::open(path).await.unwrap()) as Arc<dyn tollgate::store::StoreInspect>
+        }
+    })
+    .await;
+}
+
 /// Four engines on one SQLite file, each with its own handle (processes sharing the file), run
 /// at most a fleet concurrency's requests at once (tests/common/places.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
