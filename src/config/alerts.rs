@@ -345,4 +345,26 @@ mod tests {
         assert!(loopback_host("LOCALHOST") && loopback_host("127.0.0.2") && loopback_host("::1"));
         assert!(!loopback_host("example.com") && !loopback_host("10.0.0.1"));
     }
+
+    /// A tenant's endpoint is `https`; plain `http` only to a loopback address the operator
+    /// allowed with `allow_private` (issue 53): never to a loopback address outside it, nor
+    /// to another private range it allows, nor to a public name.
+    #[test]
+    fn a_tenant_endpoint_is_https_or_http_only_inside_allowed_loopback() {
+        let range = |r: &str| crate::config::IpRange::parse(r).unwrap();
+        let none = AlertSettings::default();
+        let allowed = AlertSettings {
+            allow_private: vec![range("127.0.0.1/32"), range("::1/128"), range("10.0.0.0/8")],
+            ..AlertSettings::default()
+        };
+        for url in ["http://127.0.0.1:9/x", "http://[::1]:9/x", "https://127.0.0.1/x"] {
+            assert!(none.tenant_url(url).is_err(), "{url}: no private range allowed");
+            assert!(allowed.tenant_url(url).is_ok(), "{url}: allowed");
+        }
+        assert!(allowed.tenant_url("http://127.0.0.2:9/x").is_err(), "loopback outside the range");
+        assert_eq!(allowed.tenant_url("http://10.1.2.3/x").unwrap_err(), "an https URL");
+        assert!(allowed.tenant_url("https://10.1.2.3/x").is_ok());
+        assert_eq!(none.tenant_url("http://hooks.example.com/x").unwrap_err(), "an https URL");
+        assert!(none.tenant_url("https://hooks.example.com/x").is_ok());
+    }
 }
