@@ -269,9 +269,10 @@ impl Tollgate {
     }
 
     /// Waits, at most `limit`, for the places given back in the background (after requests'
-    /// bodies went) to reach the store: `true` when none is left. A front door whose process
-    /// is frozen after each response (Lambda on-demand) awaits them before it returns, so
-    /// that the other nodes get the places at once.
+    /// bodies went) to reach the store, and the node's one spare marked so in it: `true` when
+    /// none is left. A front door whose process is frozen after each response (Lambda
+    /// on-demand) awaits them before it returns, so that the other nodes get the places at
+    /// once (a marked spare is another node's to take before it is refused).
     pub async fn places_released(&self, limit: Duration) -> bool {
         self.gate().places().released(limit).await
     }

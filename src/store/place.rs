@@ -122,11 +122,8 @@ pub enum PlaceMode {
 }
 
 /// One node's places, as a row keeps them: how many, until when (Unix nanoseconds), the
-/// sequence number of its last call, and how many of them are spares. Written as a JSON array
-/// of three numbers when none is spare (as rows were before spares were marked), of four
-/// otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(from = "HolderWire")]
+/// sequence number of its last call, and how many of them are spares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Holder {
     count: u32,
     until: i64,
@@ -134,34 +131,13 @@ struct Holder {
     spare: u32,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(untagged)]
-enum HolderWire {
-    Spares(u32, i64, u64, u32),
-    Plain(u32, i64, u64),
-}
-
-impl From<HolderWire> for Holder {
-    fn from(w: HolderWire) -> Self {
-        match w {
-            HolderWire::Spares(count, until, seq, spare) => Self { count, until, seq, spare: spare.min(count) },
-            HolderWire::Plain(count, until, seq) => Self { count, until, seq, spare: 0 },
-        }
-    }
-}
-
-impl serde::Serialize for Holder {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.spare {
-            0 => HolderWire::Plain(self.count, self.until, self.seq),
-            spare => HolderWire::Spares(self.count, self.until, self.seq, spare),
-        }
-        .serialize(s)
-    }
-}
-
 /// One tenant's places as a store keeps them (JSON of [`to_json`](Self::to_json)), with the
 /// rules of the role applied to it.
+///
+/// The JSON is an object: per node (its sender id as the key) `[count, until, seq]`, and for a
+/// node holding spares `"s<node>": [spare, until, seq]` beside it. A reader of a version
+/// before spares were marked skips the keys it cannot read as a number: it counts a spare as a
+/// place taken (never more admitted), and a row it writes back has none marked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlaceRow {
     holders: BTreeMap<u64, Holder>,
@@ -176,16 +152,33 @@ impl PlaceRow {
         if text.is_empty() {
             return Ok(Self::default());
         }
-        let holders: BTreeMap<String, Holder> = serde_json::from_str(text)
+        let entries: BTreeMap<String, (u32, i64, u64)> = serde_json::from_str(text)
             .map_err(|e| StoreError::Backend(format!("a places row does not read: {e}").into()))?;
-        Ok(Self { holders: holders.into_iter().filter_map(|(k, v)| Some((k.parse().ok()?, v))).collect() })
+        let mut holders: BTreeMap<u64, Holder> = entries
+            .iter()
+            .filter_map(|(k, &(count, until, seq))| Some((k.parse().ok()?, Holder { count, until, seq, spare: 0 })))
+            .collect();
+        for (k, &(spare, _, seq)) in &entries {
+            let Some(node) = k.strip_prefix('s').and_then(|n| n.parse::<u64>().ok()) else { continue };
+            // Spares marked by the holder's last call (not by an older one a reader wrote over).
+            if let Some(h) = holders.get_mut(&node).filter(|h| h.seq == seq) {
+                h.spare = spare.min(h.count);
+            }
+        }
+        Ok(Self { holders })
     }
 
     /// The row, as stored.
     #[must_use]
     pub fn to_json(&self) -> String {
-        let holders: BTreeMap<String, Holder> = self.holders.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        serde_json::to_string(&holders).unwrap_or_default()
+        let mut entries: BTreeMap<String, (u32, i64, u64)> = BTreeMap::new();
+        for (node, h) in &self.holders {
+            entries.insert(node.to_string(), (h.count, h.until, h.seq));
+            if h.spare > 0 {
+                entries.insert(format!("s{node}"), (h.spare, h.until, h.seq));
+            }
+        }
+        serde_json::to_string(&entries).unwrap_or_default()
     }
 
     /// Whether the row remembers no node (it can go): none holds a place, and none gave its
@@ -297,13 +290,22 @@ mod tests {
         assert_eq!(row.apply(&call(3, 1, 1, 0), PlaceMode::Hold), Places::new(1, 5), "the last spare");
         assert_eq!(row.apply(&call(4, 1, 1, 0), PlaceMode::Hold), Places::new(0, 5), "none left");
         assert_eq!(row.apply(&call(1, 3, 2, 0).with_spare(2), PlaceMode::Hold), Places::new(0, 5));
-        // Written as three numbers while none is spare, four otherwise; both read.
-        assert!(!row.to_json().contains(",0]"), "{}", row.to_json());
+        // A node's entry is three numbers, as before spares were marked; its spares beside it
+        // under a key an older reader skips.
+        assert!(!row.to_json().contains("\"s"), "{}", row.to_json());
         let older = PlaceRow::from_json(r#"{"7":[2,100,3]}"#).unwrap();
         assert_eq!(older.to_json(), r#"{"7":[2,100,3]}"#);
         let mut spared = row.clone();
         spared.apply(&call(2, 2, 4, 0).with_spare(1), PlaceMode::Release);
-        assert!(spared.to_json().contains(",1]"), "{}", spared.to_json());
-        assert_eq!(PlaceRow::from_json(&spared.to_json()).unwrap(), spared);
+        let text = spared.to_json();
+        assert!(text.contains("\"s2\":[1,"), "{text}");
+        assert_eq!(PlaceRow::from_json(&text).unwrap(), spared);
+        // What an older reader sees: the entries of numbered keys, spares counted as taken.
+        let old: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
+        let counted: u64 = old.iter().filter(|(k, _)| k.parse::<u64>().is_ok()).map(|(_, v)| v[0].as_u64().unwrap()).sum();
+        assert_eq!(counted, 5);
+        // A spare mark of another call than its node's entry's is not read.
+        let stale = r#"{"2":[4,100,9],"s2":[1,100,8]}"#;
+        assert_eq!(PlaceRow::from_json(stale).unwrap().answer(2), Places::new(4, 4));
     }
 }

@@ -127,8 +127,9 @@ async fn places_not_renewed_in_time_are_not_admitted_on() {
     assert!(first.complete(200));
 }
 
-/// On Lambda an invocation gives back the places its requests freed before it ends, the spare
-/// too (`Tollgate::places_released`): another node gets them at once, not after the TTL.
+/// On Lambda an invocation gives back the places its requests freed before it ends, its spare
+/// marked so (`Tollgate::places_released`): another node gets them all at once, the spare
+/// taken, not after the TTL.
 #[tokio::test]
 async fn places_released_gives_back_the_spare_too() {
     let store: Arc<dyn tollgate::store::Store> = Arc::new(tollgate::store::MemoryStore::new());
@@ -458,10 +459,11 @@ async fn a_spare_taken_elsewhere_is_not_used_again() {
 /// nodes, `concurrency = 4`, `fleet_size_hint = 4`, failing open. Each node served a request
 /// and gave its place back; the store goes down for ten seconds, requests keep coming to every
 /// node, and it comes back: never more than 4 in flight, during the outage or after it (the
-/// requests admitted meanwhile run on, and the nodes must not add places on top of them).
+/// requests admitted meanwhile run on, and the nodes must not add places on top of them: they
+/// keep to their shares while their workers count those requests in their places).
 ///
-/// One thread, its clock paused, the workers running: each sleep returns once every task is
-/// idle.
+/// One thread, its clock paused, the workers running and both clocks moving together: each
+/// sleep returns once every task is idle.
 #[tokio::test(start_paused = true)]
 async fn an_outage_share_replaces_the_fleets_places() {
     let toml = TOML.replace("concurrency = 5", "concurrency = 4");
@@ -470,6 +472,11 @@ async fn an_outage_share_replaces_the_fleets_places() {
     let nodes: Vec<Harness> =
         (0..4).map(|_| node_with_worker(&toml, store.clone(), clock.clone(), handle.clone())).collect();
     let settle = || tokio::time::sleep(std::time::Duration::from_millis(1));
+    // Both clocks move together, as on a deployed node: the engine's and the workers' timers.
+    let pass = |by: u64| {
+        handle.advance(std::time::Duration::from_millis(by));
+        tokio::time::sleep(std::time::Duration::from_millis(by))
+    };
     for node in &nodes {
         assert!(admit(node).await.unwrap().complete(200));
         assert!(node.tollgate.places_released(std::time::Duration::from_secs(5)).await);
@@ -483,8 +490,7 @@ async fn an_outage_share_replaces_the_fleets_places() {
             assert!(running.len() <= 4, "the store down, step {step}: {} in flight (node {i})", running.len());
         }
         most = most.max(running.len());
-        handle.advance(std::time::Duration::from_millis(500));
-        settle().await;
+        pass(500).await;
     }
     assert_eq!(most, 4, "each node its share");
     store.places_down.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -493,23 +499,20 @@ async fn an_outage_share_replaces_the_fleets_places() {
             running.push(t);
             assert!(running.len() <= 4, "the store back, step {step}: {} in flight (node {i})", running.len());
         }
-        handle.advance(std::time::Duration::from_millis(300));
-        settle().await;
+        pass(300).await;
     }
     // The requests of the outage end: the fleet's 4 places serve again.
     for t in running.drain(..) {
         assert!(t.complete(200));
     }
     settle().await;
-    handle.advance(std::time::Duration::from_millis(1_100));
-    settle().await;
+    pass(1_100).await;
     for step in 0..6 {
         for (_, t) in admit_each(&nodes).await {
             running.push(t);
         }
         assert!(running.len() <= 4, "after, step {step}: {} in flight", running.len());
-        handle.advance(std::time::Duration::from_millis(1_100));
-        settle().await;
+        pass(1_100).await;
     }
     assert_eq!(running.len(), 4, "the fleet's places serve again");
 }

@@ -32,6 +32,11 @@ const TENDED_AT_ONCE: usize = 64;
 /// store failed, before it asks the store again.
 const FALLBACK_NANOS: i64 = 1_000_000_000;
 
+/// How long after the store is asked again a node that counted alone keeps to its share: its
+/// worker's passes (one a second) count the requests it admitted meanwhile in its places, as
+/// the other nodes' count theirs, before any node's new requests take places beside them.
+const SETTLE_NANOS: i64 = 2_000_000_000;
+
 /// This node's places of each tenant with a fleet concurrency, while it holds some or has a
 /// request on one (the map is bounded by the tenants with requests in flight, and those
 /// whose places wait to be given back).
@@ -120,10 +125,13 @@ impl TenantPlaces {
     /// A place for a request at `now`, if a held one is free and still valid.
     /// A place for a request at `now`, if a held one is free and still valid, within the
     /// tenant's `limit` as its plan says now (the limit the node's calls carry from now on).
-    fn enter(&self, now: i64, limit: u32) -> bool {
+    /// `outage` requests admitted while the store was down still run here: they take places
+    /// first (the outage's share replaces the node's places, never adds to them).
+    fn enter(&self, now: i64, limit: u32, outage: u32) -> bool {
         let mut l = self.local();
         l.limit = limit;
-        if now < l.valid_until && l.in_flight < l.held.saturating_sub(l.marked).min(limit) {
+        let busy = l.in_flight.saturating_add(outage);
+        if now < l.valid_until && busy < l.held.saturating_sub(l.marked).min(limit) {
             l.in_flight += 1;
             l.note_spare(now);
             return true;
@@ -256,7 +264,7 @@ impl PlacesNode {
         if self.in_outage(&places, now) {
             return Ok(self.node_share(state, &places));
         }
-        if places.enter(now, state.plan.concurrency) {
+        if places.enter(now, state.plan.concurrency, self.outage_running(&state.id)) {
             return Ok(Some(self.slot(places)));
         }
         // Every place taken as last read (within a second): refused without asking the store.
@@ -273,12 +281,14 @@ impl PlacesNode {
     }
 
     /// Whether the node counts the tenant's requests alone: the store taken as down (for a
-    /// second after a failure), or requests admitted meanwhile still running. An outage's
-    /// share replaces the node's places, never adds to them: until those requests end the node
-    /// admits within its share (its requests on places counted in it), and its worker's next
-    /// pass counts them in its places once the store answers.
+    /// second after a failure), and [`SETTLE_NANOS`] more while the nodes count the requests
+    /// they admitted meanwhile in their places (the worker's passes). An outage's share
+    /// replaces the node's places, never adds to them: within it the requests on places count
+    /// toward the share, and after it the requests it admitted take places first (a request
+    /// enters only when the node's places cover them and it; its calls ask for them too).
     fn in_outage(&self, places: &TenantPlaces, now: i64) -> bool {
-        places.local().fallback_until > now || self.outage_running(&places.tenant) > 0
+        let until = places.local().fallback_until;
+        until != 0 && now < until.saturating_add(SETTLE_NANOS)
     }
 
     /// Whether the store's last answer (within a second) found every place taken by requests
@@ -429,7 +439,8 @@ impl PlacesNode {
                 waiting.done();
                 return Ok(Acquired::Fallback);
             }
-            if places.enter(now, limit) {
+            let outage = self.outage_running(&state.id);
+            if places.enter(now, limit, outage) {
                 waiting.done();
                 return Ok(Acquired::Place);
             }
@@ -443,7 +454,7 @@ impl PlacesNode {
             let count = {
                 let mut l = places.local();
                 l.limit = limit;
-                l.in_flight.saturating_add(l.waiting.max(1))
+                l.in_flight.saturating_add(outage).saturating_add(l.waiting.max(1))
             };
             let sender = self.sender();
             let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
@@ -455,7 +466,7 @@ impl PlacesNode {
             // No longer waiting, before the lock goes: the next caller counts it no more.
             waiting.done();
             places.answered(answer?, now, valid);
-            Ok(if places.enter(now, limit) { Acquired::Place } else { Acquired::Full })
+            Ok(if places.enter(now, limit, outage) { Acquired::Place } else { Acquired::Full })
         }
         .await;
         drop(waiting);
@@ -555,13 +566,14 @@ impl PlacesNode {
     }
 
     /// Waits, at most `limit`, for the places given back in the background (after requests'
-    /// bodies went) to reach the store: `true` when none is left. A front door whose process
-    /// is frozen after each response (Lambda on-demand) awaits them before it returns, so
-    /// that the other nodes get the places at once.
+    /// bodies went) to reach the store, the node's spare marked: `true` when none is left. A
+    /// front door whose process is frozen after each response (Lambda on-demand) awaits them
+    /// before it returns, so that the other nodes get the places at once (a marked spare is
+    /// theirs to take).
     pub(crate) async fn released(&self, limit: std::time::Duration) -> bool {
         let node = self;
-        // The spares too: a process frozen after the invocation would keep them until their
-        // TTL.
+        // Free places not yet marked: given back but one, marked spare (a process frozen after
+        // the invocation would otherwise keep them from the others until their TTL).
         let spares: Vec<Arc<TenantPlaces>> = node
             .map
             .iter()
@@ -574,7 +586,13 @@ impl PlacesNode {
         let release = futures_util::StreamExt::for_each_concurrent(
             futures_util::stream::iter(spares),
             TENDED_AT_ONCE,
-            |places| async move { self.set(&places, Set::Spares).await },
+            |places| async move {
+                let keep = {
+                    let l = places.local();
+                    l.in_flight.saturating_add(self.outage_running(&places.tenant)) + 1
+                };
+                self.set(&places, Set::ReleaseTo(keep)).await;
+            },
         );
         if tokio::time::timeout(limit, release).await.is_err() {
             return false;
