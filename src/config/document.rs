@@ -202,6 +202,9 @@ impl Config {
         if o.burst.is_some() && merged.rate.is_none() {
             return Err("a burst needs a rate (the plan has none, and the overrides set none)".into());
         }
+        if let Some((_, why)) = fleet_without_hint(&merged, &self.usage, &self.limits) {
+            return Err(why);
+        }
         if merged.rate_scope == super::Scope::Fleet && merged.rate.is_none() {
             return Err("a fleet rate needs a rate (the plan has none, and the overrides set none)".into());
         }
@@ -385,26 +388,9 @@ impl Validator<'_, '_> {
         // A fleet scope that fails open serves, while its store is down, each node's share of
         // the limit: `fleet_size_hint` must say how many nodes share it (unset, each node
         // would serve the whole limit, N times it in all).
-        if raw.limits.fleet_size_hint.is_none() {
-            let fails_open = |p: &super::plans::PlanSpec| {
-                p.on_store_error.or(usage.on_store_error_set.then_some(usage.on_store_error))
-                    != Some(super::StoreErrorPolicy::FailClosed)
-            };
-            for p in plans.values().filter(|p| fails_open(p)) {
-                let (key, what) = match (p.rate_scope, p.concurrency_scope) {
-                    (super::Scope::Fleet, _) => ("rate_scope", "fleet rate"),
-                    (_, super::Scope::Fleet) => ("concurrency_scope", "fleet concurrency"),
-                    _ => continue,
-                };
-                return Err(self.invalid(
-                    &format!("plans.{}.{key}", p.id),
-                    format!(
-                        "a {what} that fails open needs `limits.fleet_size_hint` (the nodes sharing it: \
-                         while the store is down each node serves its share of the limit, and without \
-                         the hint it would serve the whole of it); set it, or \
-                         `on_store_error = \"fail-closed\"`"
-                    ),
-                ));
+        for p in plans.values() {
+            if let Some((key, why)) = fleet_without_hint(p, &usage, &limits) {
+                return Err(self.invalid(&format!("plans.{}.{key}", p.id), why));
             }
         }
         // A node renews its places a third of `place_ttl` after the last renewal, in a pass a
@@ -490,6 +476,12 @@ impl Validator<'_, '_> {
         let alerts = self.alerts(&raw.alerts)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
         let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events, &billing)?;
+        for t in &tenants {
+            let Some(o) = &t.overrides else { continue };
+            if let Some((key, why)) = fleet_without_hint(&plans[&t.plan].with_override(o), &usage, &limits) {
+                return Err(self.invalid(&format!("tenants.{}.overrides.{key}", t.id), why));
+            }
+        }
         if matches!(on_unknown, OnUnknown::Anonymous(_)) && tenants.iter().any(|t| t.id.as_str() == ANONYMOUS_TENANT) {
             return Err(self.loc.error(
                 Kind::Conflict,
@@ -603,4 +595,34 @@ fn parse_override(json: &str, config: &Config) -> Result<PlanOverride, ConfigErr
     })?;
     let loc = Located { text: "", root: None };
     Validator { loc: &loc }.plan_override("overrides", &raw, &config.meters, &config.billing)
+}
+
+/// Whether `plan` keeps a rate or concurrency for the fleet and fails open without
+/// `limits.fleet_size_hint` in the file: while the store is down each node serves its share
+/// of the limit, and without the hint it would serve the whole of it. The scope's key and why.
+fn fleet_without_hint(
+    plan: &super::plans::PlanSpec,
+    usage: &super::UsageSettings,
+    limits: &super::Limits,
+) -> Option<(&'static str, String)> {
+    if limits.fleet_size_hint_set {
+        return None;
+    }
+    let policy = plan.on_store_error.or(usage.on_store_error_set.then_some(usage.on_store_error));
+    if policy == Some(super::StoreErrorPolicy::FailClosed) {
+        return None;
+    }
+    let (key, what) = match (plan.rate_scope, plan.concurrency_scope) {
+        (super::Scope::Fleet, _) => ("rate_scope", "fleet rate"),
+        (_, super::Scope::Fleet) => ("concurrency_scope", "fleet concurrency"),
+        _ => return None,
+    };
+    Some((
+        key,
+        format!(
+            "a {what} that fails open needs `limits.fleet_size_hint` (the nodes sharing it: while the store \
+             is down each node serves its share of the limit, and without the hint it would serve the whole \
+             of it); set it, or `on_store_error = \"fail-closed\"`"
+        ),
+    ))
 }

@@ -151,6 +151,8 @@ pub struct Limits {
     /// a fleet rate fails open, each node falls back to a bucket of its own at rate / N and
     /// burst / N (never below the largest route cost).
     pub fleet_size_hint: u32,
+    /// Whether the file sets `fleet_size_hint` (a fleet scope failing open needs it).
+    pub(crate) fleet_size_hint_set: bool,
     /// How long a node's places of a fleet concurrency hold without a renewal (30 s by
     /// default): a node that dies frees them then. A node renews them every third of it, and
     /// stops admitting on places it could not renew within two thirds of it.
@@ -332,6 +334,7 @@ impl Validator<'_, '_> {
                 }
                 d
             },
+            fleet_size_hint_set: l.fleet_size_hint.is_some(),
             fleet_size_hint: match l.fleet_size_hint {
                 None => 1,
                 Some(n @ 1..=10_000) => n as u32,

@@ -300,6 +300,17 @@ mod validation {
                 format!("[usage]\non_store_error = \"fail-closed\"\n[plans.p]\non_store_error = \"fail-open\"\n{plan}");
             assert!(err(&open).to_string().contains("limits.fleet_size_hint"));
         }
+        // A tenant's override that makes the scope the fleet's: in the file, and through the
+        // directory (`tollgate tenants set-override`).
+        let e = err("[plans.p]\nrate = \"10/s\"\n[tenants.t]\nplan = \"p\"\nkeys = [\"k\"]\n[tenants.t.overrides]\nrate_scope = \"fleet\"\n");
+        assert_eq!(e.key(), "tenants.t.overrides.rate_scope", "{e}");
+        assert!(e.to_string().contains("limits.fleet_size_hint"), "{e}");
+        let c = crate::Config::from_toml_str("[plans.p]\nrate = \"10/s\"\n").unwrap();
+        let o = crate::config::PlanOverride { rate_scope: Some(crate::config::Scope::Fleet), ..Default::default() };
+        let why = c.check_override(&"p".into(), &o).unwrap_err();
+        assert!(why.contains("limits.fleet_size_hint"), "{why}");
+        let c = crate::Config::from_toml_str("[limits]\nfleet_size_hint = 2\n[plans.p]\nrate = \"10/s\"\n").unwrap();
+        assert!(c.check_override(&"p".into(), &o).is_ok());
         // The anonymous plan keeps its requests in flight per client address: no fleet scope.
         let e = err("[identify]\nunknown = \"anonymous\"\nanonymous_plan = \"free\"\n\
              [plans.free]\nconcurrency = 2\nconcurrency_scope = \"fleet\"\n");

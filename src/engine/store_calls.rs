@@ -30,6 +30,10 @@ fn wrapped(roles: &Roles, policy: &Arc<Policy>, path: Path) -> Roles {
     }
 }
 
+/// Timeouts in a row of one caller's calls (a tenant's fleet rate or places on a node) after
+/// which its store is taken as down ([`StoreCalls::down`]), as the breaker does for the engine's.
+pub(crate) const TIMEOUTS_DOWN: u32 = 3;
+
 /// The stores an engine calls: the handles of each path, and the stores as given (for the
 /// engine's accessors, never called here).
 #[derive(Debug)]
@@ -89,13 +93,16 @@ impl StoreCalls {
 
     /// Whether a request-path call that failed with `e` finds the store down, rather than the
     /// tenant busy: a lost race ([`StoreError::Conflict`], a row locked past the store's short
-    /// lock wait) is busy; a timeout is too until the breaker's run of failures opens it (one
-    /// row held by other nodes' calls times out a call as a store down would, and one busy
-    /// tenant must not make a node count alone); any other failure is down.
-    pub(crate) fn down(&self, e: &StoreError) -> bool {
+    /// lock wait) is busy; a timeout is too until a run of failures says otherwise: the
+    /// breaker's (the engine's calls timing out), or `run` timeouts in a row of the caller's
+    /// own calls ([`TIMEOUTS_DOWN`] of them: a role on a store of its own, whose timeouts the
+    /// other roles' answers would keep the breaker from seeing). One row held by other nodes'
+    /// calls times out a call as a store down would, and one busy tenant must not make a node
+    /// count alone. Any other failure is down.
+    pub(crate) fn down(&self, e: &StoreError, run: u32) -> bool {
         match e {
             StoreError::Conflict(_) => false,
-            StoreError::Timeout(_) => self.policy.failing_fast(),
+            StoreError::Timeout(_) => run >= TIMEOUTS_DOWN || self.policy.failing_fast(),
             _ => true,
         }
     }

@@ -302,7 +302,8 @@ mod tests {
         assert_eq!(PlaceRow::from_json(&text).unwrap(), spared);
         // What an older reader sees: the entries of numbered keys, spares counted as taken.
         let old: BTreeMap<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
-        let counted: u64 = old.iter().filter(|(k, _)| k.parse::<u64>().is_ok()).map(|(_, v)| v[0].as_u64().unwrap()).sum();
+        let counted: u64 =
+            old.iter().filter(|(k, _)| k.parse::<u64>().is_ok()).map(|(_, v)| v[0].as_u64().unwrap()).sum();
         assert_eq!(counted, 5);
         // A spare mark of another call than its node's entry's is not read.
         let stale = r#"{"2":[4,100,9],"s2":[1,100,8]}"#;

@@ -575,3 +575,41 @@ async fn a_flood_of_unknown_keys_never_starves_a_valid_ones_first_lookup() {
     let statuses = flood.await.unwrap();
     assert!(statuses.iter().all(|s| *s == 401 || *s == 503), "the flood: unknown keys, or turned away");
 }
+
+/// After a flood of unknown keys the shared lookups are back to their full width within a
+/// second, however long the flood lasted (issue 53 review: the budget's debt was unbounded).
+#[tokio::test(start_paused = true)]
+async fn the_shared_budget_recovers_a_second_after_a_flood() {
+    use std::sync::{atomic::Ordering, Arc};
+    use tollgate::store::{KeyHash, TenantRecord};
+    use tower::ServiceExt;
+    let store = Arc::new(common::Faulty::default());
+    for i in 0..64 {
+        let record = TenantRecord::new(format!("t{i}").as_str().into(), "paid".into());
+        store.inner.put_tenant(&record, &[KeyHash::of(format!("key-{i}").as_bytes())]).await.unwrap();
+    }
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = Harness::build("[plans.paid]\nrate = \"1000/s\"\n", store.clone(), clock, handle);
+    let from_lb = |key: String| {
+        let mut r = req("GET", "/", Some(&key), None);
+        r.extensions_mut().insert(ClientAddr("10.0.3.7".parse::<IpAddr>().unwrap()));
+        r
+    };
+    // 20,000 unknown keys, one after another: the budget of 100 a second spent 200 times over.
+    for i in 0..20_000 {
+        assert_eq!(h.send(from_lb(format!("random-{i}"))).await.status, 401);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    // 64 valid first lookups at once, each 100 ms at the store: all in one turn (64 wide),
+    // not 4 at a time.
+    store.lookup_delay_ms.store(100, Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let mut at_once = tokio::task::JoinSet::new();
+    for i in 0..64 {
+        let svc = h.svc.clone();
+        let r = from_lb(format!("key-{i}"));
+        at_once.spawn(async move { svc.oneshot(r).await.unwrap().status().as_u16() });
+    }
+    assert!(at_once.join_all().await.iter().all(|s| *s == 200));
+    assert!(started.elapsed() < std::time::Duration::from_millis(200), "{:?}", started.elapsed());
+}

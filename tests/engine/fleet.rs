@@ -259,3 +259,34 @@ async fn clumpy_arrivals_cost_at_most_twice_the_lease_calls_of_smooth_ones() {
     })
     .await;
 }
+
+/// A rate store that times out while the engine's other calls answer (a rate role on a store
+/// of its own): the breaker never opens, yet after three timeouts in a row of the tenant's own
+/// rate calls the store is taken as down and the node's share serves, not 429 for ever.
+#[tokio::test(start_paused = true)]
+async fn a_rate_store_timing_out_alone_is_down_after_three_timeouts() {
+    let toml = TOML.replace("SCOPE", "fleet").replace("store_timeout = \"30s\"", "store_timeout = \"250ms\"")
+        + "[plans.q]\nquotas.requests = { limit = 1000, period = \"day\", lease = 1 }\n\
+           [tenants.u]\nplan = \"q\"\nkeys = [\"key-u\"]\n";
+    let store = Arc::new(Faulty::default());
+    store.rate_delay_ms.store(1_000, Ordering::SeqCst);
+    let h = Harness::with_store(&toml, store.clone(), NOON);
+    let other = |h: &Harness| {
+        let info = tollgate::door::RequestInfo::new("GET", "/", tollgate::door::Credential::ApiKey(b"key-u"));
+        let engine = h.tollgate.clone();
+        async move {
+            match engine.admit(&info) {
+                tollgate::door::Admission::Admitted(t) => assert!(t.complete(200)),
+                tollgate::door::Admission::Pending(p) => assert!(engine.resolve(p).await.unwrap().complete(200)),
+                tollgate::door::Admission::Rejected(r) => panic!("{r:?}"),
+            }
+        }
+    };
+    for i in 0..2 {
+        let r = send(&h).await.expect_err("a timeout is busy");
+        assert_eq!(r.kind(), RejectionKind::RateLimited, "timeout {i}: {r:?}");
+        // Another tenant's quota call answers: the breaker's run starts again.
+        other(&h).await;
+    }
+    assert!(send(&h).await.is_ok(), "the third timeout in a row: down, the node's share serves");
+}

@@ -192,12 +192,15 @@ impl KeyLookups {
         tokio::time::timeout(SHARED_WAIT, turn).await.ok()
     }
 
-    /// Counts a store read of an unknown key in the node's shared budget.
+    /// Counts a store read of an unknown key in the node's shared budget: never more than one
+    /// cell past spent, so that the budget is whole again a second after a flood ends,
+    /// however long it lasted.
     pub(crate) fn shared_unknown(&self) {
-        let (t, _) = Self::shared_shape();
+        let (t, tolerance) = Self::shared_shape();
         let now = tokio::time::Instant::now();
         let mut tat = self.shared_tat.lock().unwrap_or_else(|e| e.into_inner());
-        *tat = Some(tat.map_or(now, |tat| tat.max(now)) + t);
+        let next = tat.map_or(now, |tat| tat.max(now)) + t;
+        *tat = Some(next.min(now + tolerance + t + t));
     }
 
     fn shared_shape() -> (std::time::Duration, std::time::Duration) {

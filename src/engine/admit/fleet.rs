@@ -163,6 +163,7 @@ impl Gate {
             })
             .await
             .map(|lease| lease.unwrap_or(Lease::Busy));
+        let run = fleet.timed_out(matches!(leased, Err(crate::store::StoreError::Timeout(_))));
         match leased {
             Ok(Lease::Taken(generation)) => {
                 route.client = fleet_key(generation);
@@ -191,7 +192,7 @@ impl Gate {
                 // Shadow mode: counted, admitted without cells.
                 route.client = fleet_key(0);
             }
-            Err(e) if !self.shared.stores().down(&e) => {
+            Err(e) if !self.shared.stores().down(&e, run) => {
                 // The bucket is written (or locked) by other nodes all along: a busy tenant,
                 // not an outage.
                 tracing::debug!(tenant = %state.id, error = %e, "a fleet rate's bucket stayed contended");

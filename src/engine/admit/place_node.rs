@@ -18,7 +18,7 @@ use crate::{
     config::StoreErrorPolicy,
     plan::Runtime,
     response::{Rejection, RejectionKind},
-    store::{PlaceCall, Places, ReserveToken},
+    store::{PlaceCall, Places, ReserveToken, StoreError},
     tenant::{InFlightCounts, Slot, Tenant},
 };
 
@@ -104,6 +104,8 @@ struct Local {
     fallback_until: i64,
     /// Requests waiting for a place (one acquire asks for all of them).
     waiting: u32,
+    /// Acquires that timed out in a row.
+    timeouts: u32,
 }
 
 /// What a call of [`PlacesNode::set`] sets.
@@ -261,7 +263,7 @@ impl PlacesNode {
     pub(crate) fn enter(self: &Arc<Self>, state: &Tenant) -> Result<Option<Box<Slot>>, ()> {
         let places = self.of(&state.id);
         let now = self.shared.clock().unix_nanos();
-        if self.in_outage(&places, now) {
+        if Self::in_outage(&places, now) {
             return Ok(self.node_share(state, &places));
         }
         if places.enter(now, state.plan.concurrency, self.outage_running(&state.id)) {
@@ -286,7 +288,7 @@ impl PlacesNode {
     /// replaces the node's places, never adds to them: within it the requests on places count
     /// toward the share, and after it the requests it admitted take places first (a request
     /// enters only when the node's places cover them and it; its calls ask for them too).
-    fn in_outage(&self, places: &TenantPlaces, now: i64) -> bool {
+    fn in_outage(places: &TenantPlaces, now: i64) -> bool {
         let until = places.local().fallback_until;
         until != 0 && now < until.saturating_add(SETTLE_NANOS)
     }
@@ -435,7 +437,7 @@ impl PlacesNode {
                 return Ok(Acquired::Full);
             };
             let now = self.shared.clock().unix_nanos();
-            if self.in_outage(&places, now) {
+            if Self::in_outage(&places, now) {
                 waiting.done();
                 return Ok(Acquired::Fallback);
             }
@@ -463,6 +465,11 @@ impl PlacesNode {
             // A request's own call: it fails fast while the store is taken as down, and its
             // timeouts count toward that.
             let answer = stores.guarded(stores.request().places.acquire_places(&call)).await;
+            {
+                let mut l = places.local();
+                l.timeouts =
+                    if matches!(answer, Err(StoreError::Timeout(_))) { l.timeouts.saturating_add(1) } else { 0 };
+            }
             // No longer waiting, before the lock goes: the next caller counts it no more.
             waiting.done();
             places.answered(answer?, now, valid);
@@ -476,7 +483,7 @@ impl PlacesNode {
             Ok(Acquired::Fallback) => free(self.node_share(state, &places)),
             Ok(Acquired::Full) => Leased::NoneFree,
             // The tenant's row written (or locked) by other nodes all along: busy.
-            Err(e) if !self.shared.stores().down(&e) => {
+            Err(e) if !self.shared.stores().down(&e, places.local().timeouts) => {
                 tracing::debug!(tenant = %state.id, error = %e, "a fleet concurrency's row stayed contended");
                 Leased::NoneFree
             }

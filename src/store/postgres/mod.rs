@@ -349,17 +349,23 @@ impl Drop for CallConns {
         if self.ended.load(Ordering::Acquire) || parked.is_empty() {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let rt = tokio::runtime::Handle::try_current().ok();
         for object in parked {
             // Out of the pool: it makes room for a new connection at once.
             let client = deadpool_postgres::Object::take(object);
             let token = client.cancel_token();
             let tls = self.tls.clone();
+            // No runtime to send the cancel on: the connection is closed all the same.
+            let Some(rt) = &rt else { continue };
+            // Closed at once: the cancel goes on its own connection, within a bound (a stalled
+            // server would hold it).
+            drop(client);
             rt.spawn(async move {
-                if let Err(e) = token.cancel_query(tls).await {
-                    tracing::debug!(error = %e, "a statement given up on could not be cancelled");
+                match tokio::time::timeout(Duration::from_secs(5), token.cancel_query(tls)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "a statement given up on could not be cancelled"),
+                    Err(_) => tracing::debug!("the cancel of a statement given up on did not land in 5 s"),
                 }
-                drop(client);
             });
         }
     }
@@ -610,9 +616,7 @@ impl PostgresStore {
         loop {
             // The attempt's connections go back to the pool once it has ended (each idle
             // then); given up on before (this future dropped), they are cancelled and closed.
-            let call = Arc::new(CallConns::new(self.inner.tls.clone()));
-            let attempt = CALL.scope(call.clone(), f()).await;
-            call.ended();
+            let attempt = self.scoped(f()).await;
             match attempt {
                 Err(e) if e.is_retryable() && tries + 1 < ATTEMPTS => {
                     tries += 1;
@@ -632,6 +636,15 @@ impl PostgresStore {
                 Ok(v) => return Ok(v),
             }
         }
+    }
+
+    /// Runs `fut` (one attempt of a call) with its connections in a [`CallConns`]: back to the
+    /// pool once it has ended; cancelled and closed when it is dropped first.
+    async fn scoped<T>(&self, fut: impl Future<Output = T>) -> T {
+        let call = Arc::new(CallConns::new(self.inner.tls.clone()));
+        let out = CALL.scope(call.clone(), fut).await;
+        call.ended();
+        out
     }
 
     /// Begins a transaction on `client`, with the statement timeout.

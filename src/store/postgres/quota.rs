@@ -291,7 +291,7 @@ impl PostgresStore {
         };
         batch.sort_by(|a, b| order(a).cmp(&order(b)));
         let mut applied = vec![false; releases.len()];
-        if let Ok(done) = self.release_many(releases, &batch).await {
+        if let Ok(done) = self.scoped(self.release_many(releases, &batch)).await {
             for i in done {
                 if let Some(at) = usize::try_from(i).ok().and_then(|i| i.checked_sub(1)).and_then(|i| batch.get(i)) {
                     applied[*at] = true;
