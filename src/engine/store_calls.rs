@@ -30,15 +30,28 @@ fn wrapped(roles: &Roles, policy: &Arc<Policy>, path: Path) -> Roles {
     }
 }
 
-/// Timeouts in a row of one caller's calls (a tenant's fleet rate or places on a node) after
-/// which its store is taken as down ([`StoreCalls::down`]), as the breaker does for the engine's.
+/// Timeouts in a row of one role's request-path calls on a node (the rate role's, the places
+/// role's) after which its store is taken as down ([`StoreCalls::down`]), as the breaker does
+/// for the engine's calls.
 pub(crate) const TIMEOUTS_DOWN: u32 = 3;
+
+/// A role whose request-path calls count their own timeouts in a row ([`StoreCalls::answered`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Counted {
+    /// Fleet rates' lease calls.
+    Rate = 0,
+    /// Fleet concurrencies' acquires.
+    Places = 1,
+}
 
 /// The stores an engine calls: the handles of each path, and the stores as given (for the
 /// engine's accessors, never called here).
 #[derive(Debug)]
 pub(crate) struct StoreCalls {
     policy: Arc<Policy>,
+    /// Each [`Counted`] role's calls that timed out in a row on this node (0 after any answer
+    /// of its store, to any tenant).
+    timeouts: [std::sync::atomic::AtomicU32; 2],
     given: Roles,
     request: Roles,
     background: Roles,
@@ -50,6 +63,7 @@ impl StoreCalls {
         let policy = Arc::new(Policy::new(totals, clock));
         policy.configure(config);
         Self {
+            timeouts: Default::default(),
             request: wrapped(&given, &policy, Path::Request),
             background: wrapped(&given, &policy, Path::Background),
             events: Arc::new(Limited::new(given.usage.clone(), policy.clone(), Path::Events)),
@@ -94,16 +108,32 @@ impl StoreCalls {
     /// Whether a request-path call that failed with `e` finds the store down, rather than the
     /// tenant busy: a lost race ([`StoreError::Conflict`], a row locked past the store's short
     /// lock wait) is busy; a timeout is too until a run of failures says otherwise: the
-    /// breaker's (the engine's calls timing out), or `run` timeouts in a row of the caller's
-    /// own calls ([`TIMEOUTS_DOWN`] of them: a role on a store of its own, whose timeouts the
-    /// other roles' answers would keep the breaker from seeing). One row held by other nodes'
+    /// breaker's (the engine's calls timing out), or [`TIMEOUTS_DOWN`] timeouts in a row of
+    /// `role`'s calls on this node, whatever tenant made them (a role on a store of its own,
+    /// whose timeouts the other roles' answers would keep the breaker from seeing; one tenant's
+    /// busy row is not a run, the store answering the others). One row held by other nodes'
     /// calls times out a call as a store down would, and one busy tenant must not make a node
     /// count alone. Any other failure is down.
-    pub(crate) fn down(&self, e: &StoreError, run: u32) -> bool {
+    pub(crate) fn down(&self, e: &StoreError, role: Counted) -> bool {
         match e {
             StoreError::Conflict(_) => false,
-            StoreError::Timeout(_) => run >= TIMEOUTS_DOWN || self.policy.failing_fast(),
+            StoreError::Timeout(_) => {
+                self.timeouts[role as usize].load(std::sync::atomic::Ordering::Relaxed) >= TIMEOUTS_DOWN
+                    || self.policy.failing_fast()
+            }
             _ => true,
+        }
+    }
+
+    /// Counts the outcome of a call `role` made to its store: a timeout adds to the run of
+    /// timeouts in a row, any answer (an error included) ends it. Only calls that were made
+    /// count: a request answered busy, or from what its node held, tells nothing of the store.
+    pub(crate) fn answered<T>(&self, role: Counted, outcome: &Result<T, StoreError>) {
+        let run = &self.timeouts[role as usize];
+        if matches!(outcome, Err(StoreError::Timeout(_))) {
+            run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            run.store(0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -31,8 +31,6 @@ pub(crate) struct FleetCells {
     lock: tokio::sync::Mutex<()>,
     /// The sender id of this tenant's rate calls (0: not drawn yet).
     sender: AtomicU64,
-    /// This tenant's rate calls that timed out in a row.
-    timeouts: std::sync::atomic::AtomicU32,
 }
 
 /// A lease of cells, as this node spends it.
@@ -136,16 +134,6 @@ impl FleetCells {
     /// The store failed: the plan's own bucket serves until `until`.
     pub(crate) fn fall_back(&self, until: i64) {
         self.local().fallback_until = until;
-    }
-
-    /// Counts a rate call's outcome: the timeouts in a row so far (0 after any answer).
-    pub(crate) fn timed_out(&self, timeout: bool) -> u32 {
-        if timeout {
-            self.timeouts.fetch_add(1, Ordering::Relaxed).saturating_add(1)
-        } else {
-            self.timeouts.store(0, Ordering::Relaxed);
-            0
-        }
     }
 
     /// The lock one lease call at a time holds.

@@ -290,3 +290,23 @@ async fn a_rate_store_timing_out_alone_is_down_after_three_timeouts() {
     }
     assert!(send(&h).await.is_ok(), "the third timeout in a row: down, the node's share serves");
 }
+
+/// The same with requests at once: the waiters answered busy behind a call that timed out do
+/// not end its run (they made no call), so three rounds of timeouts take the store for down.
+#[tokio::test(start_paused = true)]
+async fn concurrent_requests_on_a_rate_store_timing_out_reach_the_fallback() {
+    let toml = TOML.replace("SCOPE", "fleet").replace("store_timeout = \"30s\"", "store_timeout = \"250ms\"");
+    let store = Arc::new(Faulty::default());
+    store.rate_delay_ms.store(1_000, Ordering::SeqCst);
+    let h = Arc::new(Harness::with_store(&toml, store.clone(), NOON));
+    let mut served = 0;
+    for _round in 0..5 {
+        let mut at_once = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let h = h.clone();
+            at_once.spawn(async move { send(&h).await.is_ok() });
+        }
+        served += at_once.join_all().await.into_iter().filter(|ok| *ok).count();
+    }
+    assert!(served > 0, "the rate store taken for down after three timeouts in a row: the node's share serves");
+}

@@ -9,6 +9,7 @@ use crate::engine::admit::{
     gate::Gate,
     stage::{Admission, RateWait, Stage},
 };
+use crate::engine::store_calls::Counted;
 use crate::{
     config::{HeaderStyle, StoreErrorPolicy},
     plan::{fleet_key, RouteCost, Runtime},
@@ -154,7 +155,9 @@ impl Gate {
                 let sender = fleet.sender(|| self.shared.ids().new_sender());
                 let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
                 let call = CellCall::new(state.id.clone(), want, cost, bucket.interval, bucket.burst, now, token);
-                let grant = self.shared.stores().request().rate.take_cells(&call).await?;
+                let grant = self.shared.stores().request().rate.take_cells(&call).await;
+                self.shared.stores().answered(Counted::Rate, &grant);
+                let grant = grant?;
                 if grant.granted >= cost {
                     return Ok(Lease::Taken(fleet.leased(grant.granted, cost, grant.tat, now, bucket)));
                 }
@@ -163,7 +166,6 @@ impl Gate {
             })
             .await
             .map(|lease| lease.unwrap_or(Lease::Busy));
-        let run = fleet.timed_out(matches!(leased, Err(crate::store::StoreError::Timeout(_))));
         match leased {
             Ok(Lease::Taken(generation)) => {
                 route.client = fleet_key(generation);
@@ -192,7 +194,7 @@ impl Gate {
                 // Shadow mode: counted, admitted without cells.
                 route.client = fleet_key(0);
             }
-            Err(e) if !self.shared.stores().down(&e, run) => {
+            Err(e) if !self.shared.stores().down(&e, Counted::Rate) => {
                 // The bucket is written (or locked) by other nodes all along: a busy tenant,
                 // not an outage.
                 tracing::debug!(tenant = %state.id, error = %e, "a fleet rate's bucket stayed contended");

@@ -12,13 +12,13 @@ use std::sync::{
 
 use dashmap::DashMap;
 
-use crate::engine::{shared::Shared, table::TenantTable};
+use crate::engine::{shared::Shared, store_calls::Counted, table::TenantTable};
 use crate::{
     base::TenantId,
     config::StoreErrorPolicy,
     plan::Runtime,
     response::{Rejection, RejectionKind},
-    store::{PlaceCall, Places, ReserveToken, StoreError},
+    store::{PlaceCall, Places, ReserveToken},
     tenant::{InFlightCounts, Slot, Tenant},
 };
 
@@ -104,8 +104,6 @@ struct Local {
     fallback_until: i64,
     /// Requests waiting for a place (one acquire asks for all of them).
     waiting: u32,
-    /// Acquires that timed out in a row.
-    timeouts: u32,
 }
 
 /// What a call of [`PlacesNode::set`] sets.
@@ -465,11 +463,7 @@ impl PlacesNode {
             // A request's own call: it fails fast while the store is taken as down, and its
             // timeouts count toward that.
             let answer = stores.guarded(stores.request().places.acquire_places(&call)).await;
-            {
-                let mut l = places.local();
-                l.timeouts =
-                    if matches!(answer, Err(StoreError::Timeout(_))) { l.timeouts.saturating_add(1) } else { 0 };
-            }
+            stores.answered(Counted::Places, &answer);
             // No longer waiting, before the lock goes: the next caller counts it no more.
             waiting.done();
             places.answered(answer?, now, valid);
@@ -483,7 +477,7 @@ impl PlacesNode {
             Ok(Acquired::Fallback) => free(self.node_share(state, &places)),
             Ok(Acquired::Full) => Leased::NoneFree,
             // The tenant's row written (or locked) by other nodes all along: busy.
-            Err(e) if !self.shared.stores().down(&e, places.local().timeouts) => {
+            Err(e) if !self.shared.stores().down(&e, Counted::Places) => {
                 tracing::debug!(tenant = %state.id, error = %e, "a fleet concurrency's row stayed contended");
                 Leased::NoneFree
             }

@@ -357,8 +357,9 @@ impl Drop for CallConns {
             let tls = self.tls.clone();
             // No runtime to send the cancel on: the connection is closed all the same.
             let Some(rt) = &rt else { continue };
-            // Closed at once: the cancel goes on its own connection, within a bound (a stalled
-            // server would hold it).
+            // Out of the pool at once (its socket closes once the cancelled statement answers);
+            // the cancel goes on a connection of its own, within a bound (a stalled server would
+            // hold it).
             drop(client);
             rt.spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(5), token.cancel_query(tls)).await {
