@@ -219,10 +219,9 @@ impl Config {
             }
         }
         for (meter, q) in &merged.quotas {
-            let enforced = *meter == self.default_meter
-                || self.routes.iter().any(|r| r.meter == *meter || r.reports.contains(meter))
-                || self.events.products.values().any(|m| m == meter);
-            if q.mode == QuotaMode::Hard && !enforced {
+            if q.mode == QuotaMode::Hard
+                && !super::routes::enforced(meter, &self.default_meter, &self.routes, &self.events)
+            {
                 return Err(format!(
                     "a hard quota on `{meter}`, but no route charges or reports it and no event product records it"
                 ));

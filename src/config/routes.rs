@@ -382,16 +382,9 @@ impl Validator<'_, '_> {
         default_meter: &MeterId,
         events: &EventSettings,
     ) -> Result<(), ConfigError> {
-        // The spend meter is fed by every priced meter, not charged by a route.
-        let enforced = |m: &MeterId| {
-            m.as_str() == crate::base::SPEND_METER
-                || m == default_meter
-                || routes.iter().any(|r| &r.meter == m || r.reports.contains(m))
-                || events.products.values().any(|e| e == m)
-        };
         for plan in plans.values() {
             for (meter, quota) in &plan.quotas {
-                if quota.mode == QuotaMode::Hard && !enforced(meter) {
+                if quota.mode == QuotaMode::Hard && !enforced(meter, default_meter, routes, events) {
                     return Err(self.invalid(
                         &format!("plans.{}.quotas.{meter}", plan.id),
                         format!(
@@ -406,4 +399,14 @@ impl Validator<'_, '_> {
         }
         Ok(())
     }
+}
+
+/// Whether some request or event would be refused by a hard quota on `meter`: a route charges
+/// or reports it, an event product records it, it is the default meter, or it is the spend
+/// meter (fed by every priced meter, never charged by a route itself).
+pub(super) fn enforced(meter: &MeterId, default_meter: &MeterId, routes: &[RouteSpec], events: &EventSettings) -> bool {
+    meter.as_str() == crate::base::SPEND_METER
+        || meter == default_meter
+        || routes.iter().any(|r| &r.meter == meter || r.reports.contains(meter))
+        || events.products.values().any(|e| e == meter)
 }

@@ -519,3 +519,39 @@ async fn a_request_dropped_while_its_quota_waits_gives_its_spend_back() {
     use tollgate::store::QuotaInspect;
     assert_eq!(store.reserved(&spend_key("t")).await.unwrap(), 1_000, "one request's price, in nano-dollars");
 }
+
+/// Overrides work on a plan with a spend cap (issue 54, item 0): a file tenant's
+/// `quotas.requests = { limit = 3 }` on a plan with a hard spend cap is applied (the fourth
+/// request refused), not dropped at its first request; an override that adds a spend cap to a
+/// plan without one holds too; both pass `Config::check_override`, as
+/// `tollgate tenants set-override` calls it.
+#[tokio::test]
+async fn overrides_hold_on_a_plan_with_a_spend_cap() {
+    let toml = TOML.replace(
+        "[tenants.u]\nplan = \"p\"\nkeys = [\"key-u\"]\n",
+        "[tenants.u]\nplan = \"p\"\nkeys = [\"key-u\"]\n[tenants.u.overrides]\n\
+         quotas.requests = { limit = 3, period = \"day\", mode = \"hard\" }\n\
+         [plans.free]\n[tenants.v]\nplan = \"free\"\nkeys = [\"key-v\"]\n[tenants.v.overrides]\n\
+         spend = { limit = \"0.000002\", period = \"month\", mode = \"hard\" }\n",
+    );
+    let config = tollgate::Config::from_toml_str(&toml).unwrap();
+    for t in config.tenants() {
+        if let Some(o) = t.overrides() {
+            config.check_override(t.plan(), o).unwrap_or_else(|e| panic!("{}: {e}", t.id()));
+        }
+    }
+    let h = Harness::new(&toml);
+    for i in 0..3 {
+        let (ticket, _) = admit(&h, "key-u").await.unwrap_or_else(|r| panic!("request {i}: {r:?}"));
+        assert!(ticket.complete(200));
+    }
+    let refused = admit(&h, "key-u").await.expect_err("the override's 3 a day");
+    assert_eq!(refused.kind(), tollgate::RejectionKind::QuotaExceeded, "{refused:?}");
+    // v's own cap: two requests at 0.000001 each, then 402.
+    for _ in 0..2 {
+        let (ticket, _) = admit(&h, "key-v").await.unwrap();
+        assert!(ticket.complete(200));
+    }
+    let refused = admit(&h, "key-v").await.expect_err("the override's cap");
+    assert_eq!(refused.kind(), tollgate::RejectionKind::SpendCapReached, "{refused:?}");
+}
