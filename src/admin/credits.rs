@@ -99,9 +99,10 @@ impl Admin {
         Ok(self.quota()?.credit_grants(&tenant, None).await?)
     }
 
-    /// Revokes an open grant at once: the units it still holds (units used are taken from the
-    /// soonest-to-expire grants first) leave the balance. `meter` may be left out when the id
-    /// names one grant of the tenant.
+    /// Revokes an open grant at once: its units leave the balance, taken from what the balance
+    /// still holds first (its granted units less those used or leased), only the rest from the
+    /// units counted used, as a refund takes them ([`CreditClosure::lost`] says how many were
+    /// unspent). `meter` may be left out when the id names one grant of the tenant.
     ///
     /// # Errors
     /// No such open grant, an id that names grants on several meters without `meter`, no quota

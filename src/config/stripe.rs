@@ -83,8 +83,8 @@ pub struct StripeSettings {
 }
 
 /// Top-ups of prepaid balances from Stripe payments (`[stripe.credits]`): a paid checkout
-/// session or invoice grants units, once per payment; a refund takes back what it refunds of
-/// what the grant still holds.
+/// session or invoice grants units, once per payment; a refund takes back what the refunded
+/// money bought, from what the balance still holds first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CreditSettings {
@@ -110,7 +110,8 @@ pub struct CreditSettings {
 #[non_exhaustive]
 pub enum RefundPolicy {
     /// `"proportional"` (the default): the units that the money refunded of the credit lines
-    /// bought, at the grant's price per unit, at most what the grant still holds (see
+    /// bought, at the grant's price per unit, at most the grant's units, from what the balance
+    /// still holds first (see
     /// [`CreditRefund::units_for`](crate::store::CreditRefund::units_for)).
     Proportional,
     /// `"unspent"`: now the same as `"proportional"` (it took everything the grant held

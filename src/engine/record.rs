@@ -288,8 +288,10 @@ impl Tollgate {
         // not taken again (a retry is never refused for the units of its own first attempt).
         let events = self.units().events();
         let leases = self.units().leases();
-        let (state, meter, units) = match events.take_held(&id) {
-            Some(held) if held.quantity == e.quantity => (state, meter, EventUnits::Held),
+        let held = events.take_held(&id).filter(|held| held.quantity == e.quantity);
+        let charged = held.is_some();
+        let (state, meter, units) = match held {
+            Some(held) => (state, meter, if held.units { EventUnits::Held } else { EventUnits::None }),
             _ => match events.take_reserved(&id) {
                 // The units reserved for this work are the event's, for good: even if the event
                 // turns out a duplicate (recorded on another node first, which charged it), they
@@ -338,6 +340,7 @@ impl Tollgate {
             meter,
             quantity: e.quantity,
             units,
+            charged,
             taken_at: now,
             event: UsageEvent::new(id, record, at),
         })

@@ -695,8 +695,10 @@ pub struct CreditClosure {
     pub at: i64,
     /// Whether it was revoked (else it expired).
     pub revoked: bool,
-    /// Units it still held, taken from the balance: its units less those spent from it
-    /// (soonest-to-expire first), counting units leased to nodes as spent.
+    /// Units the balance lost with it, beside those counted used that left with it (units
+    /// leased to nodes count as used): an expiry, what the grant still held (its units less
+    /// those spent from it, soonest-to-expire first); a revoke, what the balance still held,
+    /// up to the grant's units (the rest leave as used units).
     pub lost: u64,
 }
 
@@ -764,21 +766,41 @@ pub(crate) fn fits(granted: u64, units: u64) -> bool {
 }
 
 /// Closes one credit grant of `grants` (open ones, of one tenant and meter) against `balance`:
-/// what the grant still holds when the units used are spent soonest-to-expire first, the
-/// balance after it (the grant's units leave the granted total, the part of it used leaves
-/// the used total), and where in the used total that part was (see [`forgive`]: the stores
-/// forgive the part of it still leased). Every store closes by this rule.
+/// what it loses, the balance after it (the grant's units leave the granted total, the part of
+/// them counted used leaves the used total), and where in the used total that part was (see
+/// [`forgive`]: the stores forgive the part of it still leased). An expiry loses what the grant
+/// still holds when the units used are spent soonest-to-expire first; a revoke (`revoke`) takes
+/// what the balance still holds first ([`taking_unspent_first`]), as a refund does, so that
+/// revoking either of two identical grants leaves the same balance. Every store closes by this
+/// rule.
 #[must_use]
 pub(crate) fn close_against(
     grants: &[CreditGrant],
     id: &str,
     balance: CreditBalance,
+    revoke: bool,
 ) -> Option<(u64, CreditBalance, UsedTaken)> {
     let grant = grants.iter().find(|g| g.id == id && g.closed.is_none())?;
-    let (lo, spent) = spent_of(grants, grant, balance);
-    let lost = grant.units - spent;
+    let (lost, spent, used) = if revoke {
+        taking_unspent_first(grant.units, balance)
+    } else {
+        let (lo, spent) = spent_of(grants, grant, balance);
+        (grant.units - spent, spent, UsedTaken { lo, hi: lo + spent })
+    };
     let after = CreditBalance::new(balance.granted.saturating_sub(grant.units), balance.reserved.saturating_sub(spent));
-    Some((lost, after, UsedTaken { lo, hi: lo + spent }))
+    Some((lost, after, used))
+}
+
+/// `units` of a grant taken out of `balance` by a refund or a revoke: first from what the
+/// balance still holds (its granted units less those used or leased), only the rest from the
+/// units counted used, the last used first (they leave the used total, forgiven where still
+/// leased: [`forgive`]). `(from unspent, from used, where those were in the used total)`. So a
+/// refund takes the same from either of two identical grants, and never the same units twice:
+/// what is taken from the unspent units no longer counts in the balance a later close reads.
+fn taking_unspent_first(units: u64, balance: CreditBalance) -> (u64, u64, UsedTaken) {
+    let unspent = units.min(balance.granted.saturating_sub(balance.reserved));
+    let used = (units - unspent).min(balance.reserved);
+    (unspent, used, UsedTaken { lo: balance.reserved - used, hi: balance.reserved })
 }
 
 /// Where `grant`'s units counted used start in the used total, and how many they are: the
@@ -1066,12 +1088,13 @@ impl CreditRefund {
 
 /// Applies `refund` to its grant among `grants` (open ones, of one tenant and meter) against
 /// `balance`: `Some((units, removed, taken, after, used))`, the units taken from what the
-/// grant still held, the units it loses in all, the grant's new [`taken`](CreditGrant::taken),
-/// the balance after it, and where its units counted used that left were in the used total
-/// (to [`forgive`]); `None` when it takes nothing more (a redelivery, or less refunded than
-/// before). The units to take are `units_for − taken`: first from what the grant still holds,
-/// then from its units counted used, the last used first, which leave it as a close's do.
-/// Every store refunds by this rule.
+/// balance still held, the units the grant loses in all, the grant's new
+/// [`taken`](CreditGrant::taken), the balance after it, and where its units counted used that
+/// left were in the used total (to [`forgive`]); `None` when it takes nothing more (a
+/// redelivery, or less refunded than before). The units to take are `units_for − taken`, at
+/// most what the grant has: first from what the balance still holds, then from the units
+/// counted used, the last used first, which leave it as a close's do
+/// ([`taking_unspent_first`]). Every store refunds by this rule.
 #[must_use]
 pub(crate) fn refund_against(
     grants: &[CreditGrant],
@@ -1083,15 +1106,12 @@ pub(crate) fn refund_against(
     if target <= grant.taken {
         return None;
     }
-    let delta = target - grant.taken;
-    let (lo, spent) = spent_of(grants, grant, balance);
-    let held = grant.units - spent;
-    let from_held = delta.min(held);
-    let from_spent = (delta - from_held).min(spent);
+    let delta = (target - grant.taken).min(grant.units);
+    let (from_held, from_spent, used) = taking_unspent_first(delta, balance);
     let removed = from_held + from_spent;
     let after =
         CreditBalance::new(balance.granted.saturating_sub(removed), balance.reserved.saturating_sub(from_spent));
-    Some((from_held, removed, target, after, UsedTaken { lo: lo + spent - from_spent, hi: lo + spent }))
+    Some((from_held, removed, target, after, used))
 }
 
 /// The answer to [`QuotaStore::refund_credits`].
@@ -1099,8 +1119,8 @@ pub(crate) fn refund_against(
 #[non_exhaustive]
 pub enum RefundOutcome {
     /// The refund took units back from the grant `grant` of `tenant` on `meter`: `units` of
-    /// what it still held (it may also lose units counted used, which leave the balance with
-    /// it).
+    /// what the balance still held (it may also take units counted used, which leave the
+    /// balance with it).
     Taken {
         /// The tenant.
         tenant: TenantId,
@@ -1108,7 +1128,8 @@ pub enum RefundOutcome {
         meter: MeterId,
         /// The grant's id.
         grant: String,
-        /// Units taken from what the grant held.
+        /// Units taken from what the balance still held (its granted units less those used
+        /// or leased); the rest of what the refund takes leaves as used units.
         units: u64,
     },
     /// The grant took this much back already (a redelivery, a late refund), or it has closed.
@@ -1224,10 +1245,10 @@ pub trait QuotaStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<(Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>), StoreError>;
 
     /// Closes an open grant, once: with `revoke`, at once; without, only if it has expired by
-    /// `now` (the worker's expiry). Its units leave the balance (units used are taken from the
-    /// soonest-to-expire grants first, so it loses what it still holds by that rule, and its
-    /// units counted used that nodes' last leases hold are forgiven:
-    /// [`CreditBalance::forgiven`]); its closure is returned,
+    /// `now` (the worker's expiry). Its units leave the balance: an expiry loses what the grant
+    /// still holds when units used are taken from the soonest-to-expire grants first; a revoke
+    /// takes what the balance still holds first, as a refund does. Its units counted used that
+    /// nodes' last leases hold are forgiven ([`CreditBalance::forgiven`]); its closure is returned,
     /// or `None` if there is no such open grant (or it has not expired).
     async fn close_credits(
         &self,

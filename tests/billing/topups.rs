@@ -403,6 +403,30 @@ async fn a_refund_takes_back_what_its_money_bought_once(s: Setup) {
     assert_eq!(s.signed(&other).await, (200, WebhookOutcome::RefundKept { payment: "pi_other".into() }));
 }
 
+// Two packs of 100 units, 100 used, the older (spent first) refunded in full: the refund takes
+// the 100 the balance still holds, so nothing is left, as when the newer one is refunded (on
+// main it took the older pack's 100 "spent" units back from the used total and left 100 to
+// serve).
+on_stores!(refunding_either_of_two_packs_takes_what_the_balance_still_holds);
+async fn refunding_either_of_two_packs_takes_what_the_balance_still_holds(s: Setup) {
+    for (n, intent) in ["pi_a", "pi_b"].into_iter().enumerate() {
+        let mut paid = session(&format!("cs_{intent}"), "cus_acme", true, None, Some(intent));
+        paid["metadata"] = json!({ "tollgate_units": "100" });
+        let paid = event(&format!("evt_{n}"), "checkout.session.completed", paid);
+        assert_eq!(s.signed(&paid).await, (200, credited(100, intent)));
+    }
+    assert_eq!(s.admitted(100).await, 100);
+    let refund = event("evt_r", "charge.refunded", charge("cus_acme", "pi_a", 1000, 1000));
+    let (status, outcome) = s.signed(&refund).await;
+    assert_eq!(status, 200);
+    assert!(matches!(outcome, WebhookOutcome::Refunded { .. }), "{outcome:?}");
+    assert_eq!(s.admitted(10).await, 0, "the refunded pack's units were the unused ones");
+    assert_eq!(s.signed(&refund).await, (200, WebhookOutcome::Duplicate), "once");
+    s.h.tollgate.shutdown().await.unwrap();
+    let b = s.balance().await;
+    assert_eq!((b.granted, b.left()), (100, 0), "{b:?}");
+}
+
 // The worked examples of docs/credits.md over signed webhooks: on a mixed invoice, the seats'
 // credit note takes nothing and the pack's all of it; a 1-cent refund takes nothing; a refund
 // whose metadata says `tollgate_units` takes that many.

@@ -97,6 +97,34 @@ async fn spend_is_rounded_once_per_request_and_once_per_hold() {
     assert_eq!(h.reserved(&spend_key("t")).await, 1_528);
 }
 
+/// A usage event whose write landed but whose answer was lost (a timeout) is charged its
+/// spend once: its retry answers `Duplicate`, which on main left its cost never charged. One
+/// whose write failed before landing and whose retry applies it is charged once too, not twice.
+#[tokio::test]
+async fn an_event_whose_write_may_have_landed_is_charged_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tollgate::{events::Event, store::EventOutcome};
+    let faulty = Arc::new(common::Faulty::default());
+    let h = Harness::with_store(TOML, faulty.clone(), NOON);
+    let job = |id: &str| {
+        Event::new(id, "t".into(), "tokens".into(), 1_000, std::time::UNIX_EPOCH + std::time::Duration::from_secs(NOON as u64))
+    };
+    let cost = common::money::nanos(1_000, TOKEN_PRICE);
+    faulty.lose_event_answers.store(1, SeqCst);
+    let lost = h.tollgate.record_event(job("landed")).await.unwrap_err();
+    assert!(lost.is_retryable(), "{lost}");
+    assert_eq!(h.tollgate.record_event(job("landed")).await.unwrap(), EventOutcome::Duplicate, "the write landed");
+    assert_eq!(spend_recorded(&h, "t").await, cost, "charged once though its retry is a duplicate");
+    faulty.usage_down.store(true, SeqCst);
+    assert!(h.tollgate.record_event(job("failed")).await.unwrap_err().is_retryable());
+    assert!(h.tollgate.record_event(job("failed")).await.unwrap_err().is_retryable(), "failed again");
+    faulty.usage_down.store(false, SeqCst);
+    assert_eq!(h.tollgate.record_event(job("failed")).await.unwrap(), EventOutcome::Applied);
+    assert_eq!(spend_recorded(&h, "t").await, 2 * cost, "charged once over three attempts");
+    assert_eq!(h.tollgate.record_event(job("failed")).await.unwrap(), EventOutcome::Duplicate);
+    assert_eq!(spend_recorded(&h, "t").await, 2 * cost);
+}
+
 /// A route's priced cost is taken before the work: once the cap cannot cover it, 402 with
 /// `Retry-After` and `t` at the month's end, and the spend policy in the headers.
 #[tokio::test]

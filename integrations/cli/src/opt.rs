@@ -186,7 +186,8 @@ pub(crate) enum CreditCommand {
         /// The tenant id.
         tenant: String,
     },
-    /// Revokes an open grant: the units it still holds leave the balance.
+    /// Revokes an open grant: its units leave the balance, taken from what the balance still
+    /// holds first.
     Revoke {
         /// The tenant id.
         tenant: String,

@@ -630,7 +630,7 @@ async fn export_to_metronome_sends_once_and_draws_a_new_namespace() {
 }
 
 /// `tollgate credits`: a grant applies once per id (a drawn id is printed), the list shows the
-/// grants and the balance, a revoke takes what the grant still holds, bad input changes nothing.
+/// grants and the balance, a revoke takes what the balance still holds, bad input changes nothing.
 #[test]
 fn credits_are_granted_once_listed_and_revoked() {
     let dir = tempfile::tempdir().unwrap();

@@ -267,6 +267,9 @@ pub(crate) struct Prepared {
     /// Its units taken anew (those of a reservation of the work are its own for good): given
     /// back if the write does not apply them.
     pub(crate) units: EventUnits,
+    /// Its spend charged already, by an earlier attempt whose write may have landed: not
+    /// charged again when this one applies.
+    pub(crate) charged: bool,
     /// When they were taken (the clock, not the event's time).
     pub(crate) taken_at: i64,
     pub(crate) event: UsageEvent,
@@ -413,8 +416,11 @@ impl EventRecorder {
                     for ((p, units), outcome) in ready.into_iter().zip(units).zip(outcomes) {
                         if outcome == EventOutcome::Applied {
                             // A priced meter feeds the spend, as work done (rounded per event,
-                            // past a hard cap if need be: counted).
-                            charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.prefetcher);
+                            // past a hard cap if need be: counted), unless an earlier attempt
+                            // charged it.
+                            if !p.charged {
+                                charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.prefetcher);
+                            }
                             if matches!(units, Writing::Taken { past_limit: true, .. }) {
                                 self.totals.events_past_limit.add(1);
                                 tracing::info!(tenant = %p.state.id, quantity = p.quantity,
@@ -439,13 +445,16 @@ impl EventRecorder {
                         }
                     };
                     // The write may have landed (a timeout, a batch applied in part): the
-                    // units stay taken, so a hard quota is never passed, and are held for the
-                    // event's retry on this node (which reuses them; a retry of an event
-                    // already stored answers `Duplicate`).
+                    // units stay taken, so a hard quota is never passed, and its spend is
+                    // charged now, as work done (its retry answers `Duplicate` if it landed,
+                    // and is not charged then). Both are held for the event's retry on this
+                    // node, which reuses the units and does not charge again.
                     for (p, units) in ready.into_iter().zip(units) {
-                        if !matches!(units, Writing::None) {
-                            self.held.insert(p.event.id.clone(), HeldUnits { quantity: p.quantity });
+                        if !p.charged {
+                            charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.prefetcher);
                         }
+                        let units = !matches!(units, Writing::None);
+                        self.held.insert(p.event.id.clone(), HeldUnits { quantity: p.quantity, units });
                         out[p.index] = Some(Err(EventError::Store(clone_error(&e))));
                     }
                 }
@@ -595,11 +604,14 @@ impl moka::Expiry<String, Arc<Reserved>> for HoldFor {
     }
 }
 
-/// Quota units taken for an event whose write may have landed, held for its retry: never
-/// given back (they belong to the event, stored or about to be).
+/// What an event whose write may have landed took, held for its retry: its quota units
+/// (never given back: they belong to the event, stored or about to be) and its spend, charged
+/// (not charged again).
 #[derive(Clone, Copy)]
 pub(crate) struct HeldUnits {
     pub(crate) quantity: u64,
+    /// Whether it took quota units (else its meter has no quota, or its period was over).
+    pub(crate) units: bool,
 }
 
 /// An event's quota units taken anew (for work done, or a reservation). Dropped before its

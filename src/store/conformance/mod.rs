@@ -65,6 +65,7 @@ macro_rules! store_conformance {
             a_prepaid_balance_leaves_the_calendar_periods_beside_it,
             racing_grants_and_closes_apply_once,
             a_refund_takes_back_what_the_refunded_money_bought_once,
+            a_refund_or_revoke_takes_what_the_balance_still_holds_first,
             refunds_are_attributed_to_the_credit_lines,
             a_refund_before_its_grant_is_applied_when_the_grant_lands,
             one_payment_grants_once_on_any_meter,

@@ -486,8 +486,8 @@ pub async fn an_expired_grant_closes_once_losing_what_it_still_holds<S: ?Sized +
     assert_eq!(h.s().reserve(&ask(&key, 80, None, 1, 2)).await.unwrap().granted, 50);
 }
 
-/// Units used are taken from the soonest-to-expire grants first: revoking a later grant
-/// takes only what it still holds.
+/// Units used are taken from the soonest-to-expire grants first: each grant that expires loses
+/// only what it still holds by that order.
 pub async fn grants_are_spent_soonest_to_expire_first<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
     use crate::store::CreditBalance;
     let key = prepaid_key("s", "tokens");
@@ -497,13 +497,13 @@ pub async fn grants_are_spent_soonest_to_expire_first<S: ?Sized + QuotaInspect>(
     assert_eq!(h.s().reserve(&ask(&key, 150, None, 1, 1)).await.unwrap().granted, 150);
     let (t, m) = (&"s".into(), &"tokens".into());
     // soon: 100 spent; late: 50 spent, 50 held; never: 100 held.
-    let late = h.s().close_credits(t, m, "late", true, DAY0).await.unwrap().unwrap();
-    assert_eq!((late.revoked, late.lost), (true, 50));
-    assert_eq!(balance(h.s(), "s").await, CreditBalance::new(200, 100));
-    let never = h.s().close_credits(t, m, "never", true, DAY0).await.unwrap().unwrap();
-    assert_eq!(never.lost, 100);
-    assert_eq!(balance(h.s(), "s").await, CreditBalance::new(100, 100));
-    assert_eq!(h.s().reserve(&ask(&key, 1, None, 1, 2)).await.unwrap().granted, 0);
+    let soon = h.s().close_credits(t, m, "soon", false, DAY0 + DAY).await.unwrap().unwrap();
+    assert_eq!((soon.revoked, soon.lost), (false, 0));
+    assert_eq!(balance(h.s(), "s").await, CreditBalance::new(200, 50));
+    let late = h.s().close_credits(t, m, "late", false, DAY0 + 2 * DAY).await.unwrap().unwrap();
+    assert_eq!(late.lost, 50);
+    assert_eq!(balance(h.s(), "s").await, CreditBalance::new(100, 0));
+    assert_eq!(h.s().reserve(&ask(&key, 150, None, 1, 2)).await.unwrap().granted, 100);
     let (grants, _) = h.s().credit_grants(t, Some(m)).await.unwrap();
     let order: Vec<&str> = grants.iter().map(|g| g.id.as_str()).collect();
     assert_eq!(order, ["soon", "late", "never"], "listed in spending order");
@@ -551,6 +551,82 @@ pub async fn a_refund_takes_back_what_the_refunded_money_bought_once<S: ?Sized +
     assert_eq!(h.s().refund_credits(&CreditRefund::new("pi_2", 1, 100, at)).await.unwrap(), RefundOutcome::Nothing);
     let all = h.s().refund_credits(&CreditRefund::new("pi_2", 100, 100, at)).await.unwrap();
     assert!(matches!(all, RefundOutcome::Taken { units: 10, .. }), "{all:?}");
+}
+
+/// A refund or a revoke takes first from what the balance still holds (its granted units less
+/// those used or leased), and only the rest from the units counted used, so the answer does not
+/// depend on which of two identical packs it names: packs A (expiring first, so spent first)
+/// and B of 1,000 each with 1,000 used, either refunded in full, leave 0 with 1,000 taken; so
+/// does a revoke of either. The same units are never taken twice: after A's refund, B's expiry
+/// or revoke takes nothing more (its units were the ones used), and a release of the lease
+/// after them does not bring units back.
+pub async fn a_refund_or_revoke_takes_what_the_balance_still_holds_first<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::{CreditBalance, CreditRefund, RefundOutcome};
+    let at = DAY0 + 60;
+    let ends = DAY0 + DAY;
+    let packs = |tenant: &str, a: &str, b: &str| {
+        let a = credit(tenant, a, 1000, Some(ends)).paid_by(a).costing(1000);
+        let b = credit(tenant, b, 1000, Some(ends + DAY)).paid_by(b).costing(1000);
+        (a, b)
+    };
+    let taken = |o: RefundOutcome| match o {
+        RefundOutcome::Taken { units, .. } => units,
+        other => panic!("{other:?}"),
+    };
+    for (n, (refunded, other)) in [("pi_a", "pi_b"), ("pi_b", "pi_a")].into_iter().enumerate() {
+        let t = format!("two{n}");
+        let key = prepaid_key(&t, "tokens");
+        let (a, b) = packs(&t, &format!("{t}_pi_a"), &format!("{t}_pi_b"));
+        h.s().grant_credits(&a).await.unwrap();
+        h.s().grant_credits(&b).await.unwrap();
+        let used = Reservation::new(key.clone(), 1000, 0, None, ReserveToken::new(1, 1).at(at));
+        assert_eq!(h.s().reserve(&used).await.unwrap().granted, 1000);
+        let (refunded, other) = (format!("{t}_{refunded}"), format!("{t}_{other}"));
+        let full = CreditRefund::new(&refunded, 1000, 1000, at);
+        assert_eq!(taken(h.s().refund_credits(&full).await.unwrap()), 1000, "refunding {refunded}");
+        assert_eq!(balance(h.s(), &t).await.left(), 0, "refunding {refunded} leaves nothing");
+        assert_eq!(h.s().refund_credits(&full).await.unwrap(), RefundOutcome::Nothing, "once");
+        h.restart().await;
+        // The other pack's units were the ones used: its close takes nothing more.
+        let (tn, m) = (&t.as_str().into(), &"tokens".into());
+        let revoke = n == 1;
+        let close_at = if revoke { at } else { ends + 2 * DAY };
+        let closed = h.s().close_credits(tn, m, &other, revoke, close_at).await.unwrap().unwrap();
+        assert_eq!(closed.lost, 0, "{other} after {refunded}: nothing taken twice");
+        assert_eq!(balance(h.s(), &t).await.left(), 0);
+        let more = Reservation::new(key.clone(), 1, 0, None, ReserveToken::new(2, 1).at(at + 60));
+        assert_eq!(h.s().reserve(&more).await.unwrap().granted, 0, "nothing left to spend");
+    }
+    // A revoke of the older (first spent) pack, as a manual answer to a chargeback.
+    let key = prepaid_key("rv", "tokens");
+    let (a, b) = packs("rv", "rv_a", "rv_b");
+    h.s().grant_credits(&a).await.unwrap();
+    h.s().grant_credits(&b).await.unwrap();
+    let used = Reservation::new(key.clone(), 1000, 0, None, ReserveToken::new(1, 1).at(at));
+    assert_eq!(h.s().reserve(&used).await.unwrap().granted, 1000);
+    let (t, m) = (&"rv".into(), &"tokens".into());
+    let closed = h.s().close_credits(t, m, "rv_a", true, at).await.unwrap().unwrap();
+    assert_eq!(closed.lost, 1000, "the unused 1,000 leave with the revoke");
+    assert_eq!(balance(h.s(), "rv").await, CreditBalance::new(1000, 1000));
+    // Then B expires: its units were used, it loses nothing.
+    let closed = h.s().close_credits(t, m, "rv_b", false, at + 3 * DAY).await.unwrap().unwrap();
+    assert_eq!(closed.lost, 0);
+    assert_eq!(balance(h.s(), "rv").await, CreditBalance::new(0, 0));
+    // Part used, part leased: a refund of one of two packs, 500 used and 700 leased unused by
+    // a node (1,200 counted used), takes the 800 unspent and 200 of the counted used, which
+    // the node's release of its lease does not bring back.
+    let key = prepaid_key("ls", "tokens");
+    let (a, b) = packs("ls", "ls_a", "ls_b");
+    h.s().grant_credits(&a).await.unwrap();
+    h.s().grant_credits(&b).await.unwrap();
+    let lease = Reservation::new(key.clone(), 1200, 0, None, ReserveToken::new(1, 1).at(at));
+    assert_eq!(h.s().reserve(&lease).await.unwrap().granted, 1200);
+    assert_eq!(taken(h.s().refund_credits(&CreditRefund::new("ls_b", 1000, 1000, at)).await.unwrap()), 800);
+    assert_eq!(balance(h.s(), "ls").await, CreditBalance::new(1000, 1000));
+    h.s().release_units(&key, 700, ReserveToken::new(1, 2).at(at + 60)).await.unwrap();
+    assert_eq!(balance(h.s(), "ls").await.left(), 500, "700 unused come back less the 200 taken");
 }
 
 /// The worked examples of docs/credits.md, as a store applies them: a refund of the other

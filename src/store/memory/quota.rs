@@ -198,7 +198,7 @@ impl QuotaStore for MemoryStore {
         let key = prepaid(tenant, meter);
         let c = inner.quotas.entry(pair.clone()).or_default().get(&key).expect("the prepaid period never ends");
         let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved).forgiving(c.forgiven, c.forgiven_until);
-        let Some((lost, after, used)) = close_against(&grants, id, balance) else { return Ok(None) };
+        let Some((lost, after, used)) = close_against(&grants, id, balance, revoke) else { return Ok(None) };
         let (after, by) = forgive(balance, after, std::mem::take(&mut c.forgiven_by), used, &c.sender_calls(), now);
         c.forgiven_by = by;
         c.granted = Some(after.granted);

@@ -615,7 +615,7 @@ impl QuotaStore for PostgresStore {
             let open = &locked.open;
             let due =
                 open.iter().find(|g| g.id == id).is_some_and(|g| revoke || g.expires_at.is_some_and(|at| at <= now));
-            let closing = if due { close_against(open, id, locked.balance) } else { None };
+            let closing = if due { close_against(open, id, locked.balance, revoke) } else { None };
             let Some((lost, after, used)) = closing else {
                 tx.commit().await?;
                 return Ok(None);

@@ -194,7 +194,7 @@ impl QuotaStore for SqliteStore {
             if !revoke && grant.expires_at.is_none_or(|at| at > now) {
                 return Ok(None);
             }
-            let Some((lost, after, used)) = close_against(&b.open, &id, b.now) else { return Ok(None) };
+            let Some((lost, after, used)) = close_against(&b.open, &id, b.now, revoke) else { return Ok(None) };
             b.write(tx, after, used, now)?;
             tx.prepare_cached(
                 "UPDATE credit SET closed_at = ?4, revoked = ?5, lost = ?6 WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
