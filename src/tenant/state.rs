@@ -174,6 +174,20 @@ impl TenantState {
         Some(self.view(meter, index))
     }
 
+    /// What a request gets when the store does not answer for the quota on `meter`: the
+    /// plan's policy ([`Plan::quota_policy`](crate::plan::Plan::quota_policy)), except that a
+    /// spend cap held as hard for this tenant (a hard cap of its own, or one not read yet) on a
+    /// plan whose cap is soft fails closed when `on_store_error` is not set, as every hard
+    /// limit does.
+    pub(crate) fn quota_policy(&self, meter: usize) -> crate::config::StoreErrorPolicy {
+        match self.quota(meter) {
+            Some(cell) if cell.spec.capped && !self.plan.on_store_error_set && cell.hard() => {
+                crate::config::StoreErrorPolicy::FailClosed
+            }
+            _ => self.plan.quota_policy(meter),
+        }
+    }
+
     #[inline]
     fn view(&self, meter: usize, index: usize) -> QuotaRef<'_> {
         QuotaRef {

@@ -472,6 +472,29 @@ async fn a_hard_cap_set_on_a_soft_plan_holds_on_every_node() {
     assert!(spent <= NANOS / 2 + 2 * NANOS / 32, "{spent}: at most a lease of c's past the cap");
 }
 
+/// A hard cap the tenant set on a plan whose cap is soft is held as hard while the quota store
+/// does not answer: 503, as every hard limit (main admitted such requests and billed them past
+/// the cap). A tenant the node knows has no cap of its own on that plan is still admitted (the
+/// plan's soft cap fails open).
+#[tokio::test]
+async fn a_tenants_own_hard_cap_fails_closed_when_the_store_fails() {
+    let toml = moving_plans()
+        .replace("[tenants.u]\nplan = \"p\"", "[tenants.u]\nplan = \"softly\"")
+        .replace("[tenants.t]\nplan = \"p\"", "[tenants.t]\nplan = \"softly\"");
+    let faulty = Arc::new(common::Faulty::default());
+    let h = Harness::with_store(&toml, faulty.clone(), NOON);
+    Admin::for_engine(&h.tollgate).set_spend_cap("u", Some("5.00"), QuotaMode::Hard).await.unwrap();
+    for key in ["key-t", "key-u"] {
+        assert_eq!(h.status("/anything", key).await, 200, "{key} while the store answers");
+    }
+    *faulty.refuse_tenant.lock().unwrap() = Some("u".into());
+    let r = h.get("/anything", "key-u").await;
+    assert_eq!(r.status, 503, "the tenant's own hard cap fails closed");
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    *faulty.refuse_tenant.lock().unwrap() = Some("t".into());
+    assert_eq!(h.status("/anything", "key-t").await, 200, "no cap of its own: the soft plan fails open");
+}
+
 /// A record whose spend is past any lease (10¹² tokens at 0.01: 10¹⁹ nano-dollars, past a
 /// signed 64-bit count) through a hold that refuses to overrun: refused, nothing recorded, the
 /// cap intact (it once wrapped to a negative cost and was taken).

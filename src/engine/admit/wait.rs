@@ -99,7 +99,7 @@ impl Gate {
                 Ok((spent(Taken::force(&state, spend, need, at)), p))
             }
             Ok(Err(())) => Err(self.count(Self::spend_cap_reached(p))),
-            Err(_) => match state.plan.quota_policy(spend) {
+            Err(_) => match state.quota_policy(spend) {
                 // Admitted without a lease: its spend is owed, and charged (past the cap if
                 // need be) once the store answers again.
                 StoreErrorPolicy::FailOpen => Ok((spent(Taken::force(&state, spend, need, at)), p)),
@@ -185,7 +185,7 @@ impl Gate {
             }
             Ok(Err(())) => Admission::Rejected(self.count(Self::quota_exceeded(p, meter))),
             Err(_) => {
-                match state.plan.quota_policy(meter) {
+                match state.quota_policy(meter) {
                     StoreErrorPolicy::FailOpen => {
                         // Admitted without a lease: its units are owed, and charged to the
                         // period (past the limit if need be) once the store answers again.
@@ -241,7 +241,7 @@ impl Gate {
                 Ok(Err(Take::Exhausted)) => return Err(self.count(Self::quota_exceeded(p, m))),
                 Ok(_) => {}
                 Err(_) => {
-                    if state.plan.quota_policy(m) == StoreErrorPolicy::FailClosed {
+                    if state.quota_policy(m) == StoreErrorPolicy::FailClosed {
                         // Refused: its rate cells go back and its key is released (the drop).
                         drop(p);
                         let r =

@@ -617,7 +617,7 @@ async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) 
 
 /// The store did not answer: the quota's policy decides. Failing open, nothing is held.
 fn failed(state: &Tenant, meter: usize) -> Result<Option<Taken>, Rejection> {
-    match state.plan.quota_policy(meter) {
+    match state.quota_policy(meter) {
         StoreErrorPolicy::FailOpen => Ok(None),
         StoreErrorPolicy::FailClosed => Err(unavailable(state)),
     }
