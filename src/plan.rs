@@ -332,7 +332,7 @@ pub(crate) fn policy_item(out: &mut String, meter: &str, quota: &QuotaSpec, w: u
     if !out.is_empty() {
         out.push_str(", ");
     }
-    let _ = write!(out, "\"{meter}-{}\";q={};w={w}", quota.period().name(), quota.limit());
+    let _ = write!(out, "\"{meter}-{}\";q={};w={w}", quota.period().name(), quota.in_header(quota.limit().get()));
     // A spend cap counts nano-units of the currency (its own unit, not the registry's).
     let unit = quota.unit.as_deref().unwrap_or(meter);
     match meter {

@@ -46,8 +46,11 @@ pub struct QuotaSpec {
     /// A spend cap's quota: the most a tenant's own hard cap holds it to (`spend.max_limit`
     /// in force); 0 otherwise.
     pub(crate) cap_max: u64,
-    /// Its unit in headers when it is not its meter's name (a spend cap's: `nano-usd`).
+    /// Its unit in headers when it is not its meter's name (a spend cap's: `nano-usd`, or a
+    /// coarser one its caps fit in: [`header_scale`](crate::base::header_scale)).
     pub(crate) unit: Option<Box<str>>,
+    /// Its units in one unit of its headers (a spend cap's shown in micro-units: 1,000; else 1).
+    pub(crate) unit_scale: u64,
 }
 
 impl QuotaSpec {
@@ -77,6 +80,12 @@ impl QuotaSpec {
         self.lease
     }
 
+    /// `value` of this quota as its headers show it: in their unit, at most
+    /// [`HEADER_INTEGER_MAX`](crate::base::HEADER_INTEGER_MAX).
+    pub(crate) fn in_header(&self, value: u64) -> u64 {
+        (value / self.unit_scale.max(1)).min(crate::base::HEADER_INTEGER_MAX)
+    }
+
     /// A spend cap's quota: the tenant's own cap `own` if it is the one in force (a hard one,
     /// or a soft one on a plan whose cap is soft: a soft cap of the tenant's never lifts a
     /// hard one of the plan's), as the store holds it (`store::capped_limit`): a hard one at
@@ -102,6 +111,8 @@ pub(crate) fn spend_quota(limit: u64, max: u64, period: Period, mode: QuotaMode,
     // A thirty-second of the cap a lease (within a lease's largest), so that a fleet's leases
     // strand little of it.
     let lease = (limit / 32).clamp(1, 1 << 44);
+    // Headers show it in a unit its caps fit in (RFC 8941's 15 digits).
+    let (unit_scale, prefix) = crate::base::header_scale(limit.max(max));
     QuotaSpec {
         limit: NonZeroU64::new(limit).unwrap_or(NonZeroU64::MIN),
         period,
@@ -109,7 +120,8 @@ pub(crate) fn spend_quota(limit: u64, max: u64, period: Period, mode: QuotaMode,
         lease: NonZeroU64::new(lease).unwrap_or(NonZeroU64::MIN),
         capped: true,
         cap_max: max,
-        unit: Some(format!("nano-{currency}").into()),
+        unit: Some(format!("{prefix}-{currency}").into()),
+        unit_scale,
     }
 }
 
@@ -162,7 +174,18 @@ impl Validator<'_, '_> {
         };
         let limit = match (period, q.limit) {
             (Period::Prepaid, _) => NonZeroU64::new(crate::base::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
-            (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
+            (_, Some(limit)) => {
+                let path = format!("{base}.limit");
+                let limit = self.positive(&path, limit)?;
+                if limit.get() > crate::base::HEADER_INTEGER_MAX {
+                    // Its headers could not carry it (RFC 8941: 15 digits).
+                    return Err(self.invalid(
+                        &path,
+                        format!("at most {} (15 digits, as headers carry it)", crate::base::HEADER_INTEGER_MAX),
+                    ));
+                }
+                limit
+            }
             (_, None) => {
                 return Err(
                     self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)")
@@ -186,7 +209,7 @@ impl Validator<'_, '_> {
             // A sixteenth of the limit, between 1 and 10,000 units.
             None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
         };
-        Ok(QuotaSpec { limit, period, mode, lease, capped: false, cap_max: 0, unit: None })
+        Ok(QuotaSpec { limit, period, mode, lease, capped: false, cap_max: 0, unit: None, unit_scale: 1 })
     }
 
     /// A spend cap (`spend = { … }`) at `key`: its quota on the spend meter and its

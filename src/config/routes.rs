@@ -255,7 +255,7 @@ impl Validator<'_, '_> {
                     Some(f.clone())
                 }
             };
-            let hold = self.route_hold(&base, r, &reports, plans)?;
+            let hold = self.route_hold(&base, r, &reports, meters, plans)?;
             routes.push(RouteSpec { method, pattern, meter, cost, reports, feature, hold });
         }
         if routes.iter().filter(|r| r.hold.is_some()).count() > 255 {
@@ -270,6 +270,7 @@ impl Validator<'_, '_> {
         base: &str,
         r: &RawRoute,
         reports: &[MeterId],
+        meters: &[MeterSpec],
         plans: &BTreeMap<PlanId, PlanSpec>,
     ) -> Result<Option<RouteHold>, ConfigError> {
         let Some((name, raw)) = r.hold.iter().next() else {
@@ -295,13 +296,24 @@ impl Validator<'_, '_> {
                 format!("`{name}` is not in this route's `reports`: a route holds a meter its handler reports"),
             )
         })?;
-        let limited = plans
-            .values()
-            .any(|p| p.quotas.get(&meter).is_some_and(|q| q.mode == QuotaMode::Hard || q.period == Period::Prepaid));
+        // A hold holds the meter's units against a hard quota or a balance, or their cost
+        // against a spend cap on a plan that prices the meter (a tenant's own hard cap may
+        // hold it on a plan whose cap is soft).
+        let priced = |p: &PlanSpec| {
+            p.prices.get(&meter).is_some_and(|price| !price.is_zero())
+                || meters.iter().any(|m| m.id == meter && m.price.is_some_and(|price| !price.is_zero()))
+        };
+        let limited = plans.values().any(|p| {
+            p.quotas.get(&meter).is_some_and(|q| q.mode == QuotaMode::Hard || q.period == Period::Prepaid)
+                || (p.spend_max.is_some() && priced(p))
+        });
         if !limited {
             return Err(self.invalid(
                 &path,
-                format!("no plan has a hard quota or a prepaid balance on `{meter}`: the hold would hold nothing"),
+                format!(
+                    "no plan has a hard quota or a prepaid balance on `{meter}`, or a spend cap and a price for it: \
+                     the hold would hold nothing"
+                ),
             ));
         }
         let units = |key: &str, n: i64| -> Result<u64, ConfigError> {

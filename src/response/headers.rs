@@ -331,9 +331,11 @@ fn emit_fields(
                         .quotas
                         .iter()
                         .any(|(m, s)| *m == state.meter() && s.period() == crate::base::Period::Prepaid);
-                let limit = match tenant.and_then(|t| t.quota(state.meter())).filter(|_| balance) {
-                    Some(cell) => cell.limit(),
-                    None => p.limit,
+                let limit = match tenant.and_then(|t| t.quota(state.meter())) {
+                    Some(cell) if balance => cell.limit(),
+                    // A spend cap's, in its headers' unit (its remaining is).
+                    Some(cell) if quota.as_ref().is_some_and(|q| std::ptr::eq(p, q)) => cell.spec.in_header(p.limit),
+                    _ => p.limit,
                 };
                 put(Field::XRateLimitLimit, Value::Borrowed(num.format(limit)));
                 put(Field::XRateLimitRemaining, Value::Borrowed(num.format(p.remaining)));
@@ -362,7 +364,8 @@ fn item(out: &mut String, name: &str, period: &str, status: &PolicyStatus, prepa
         out.push_str(period);
     }
     out.push_str("\";r=");
-    out.push_str(num.format(status.remaining));
+    // A prepaid balance may hold more than a structured field's 15 digits.
+    out.push_str(num.format(status.remaining.min(crate::base::HEADER_INTEGER_MAX)));
     if !prepaid {
         out.push_str(";t=");
         out.push_str(num.format(status.reset_secs));

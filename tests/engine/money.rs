@@ -107,7 +107,13 @@ async fn an_event_whose_write_may_have_landed_is_charged_once() {
     let faulty = Arc::new(common::Faulty::default());
     let h = Harness::with_store(TOML, faulty.clone(), NOON);
     let job = |id: &str| {
-        Event::new(id, "t".into(), "tokens".into(), 1_000, std::time::UNIX_EPOCH + std::time::Duration::from_secs(NOON as u64))
+        Event::new(
+            id,
+            "t".into(),
+            "tokens".into(),
+            1_000,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(NOON as u64),
+        )
     };
     let cost = common::money::nanos(1_000, TOKEN_PRICE);
     faulty.lose_event_answers.store(1, SeqCst);
@@ -126,7 +132,8 @@ async fn an_event_whose_write_may_have_landed_is_charged_once() {
 }
 
 /// A route's priced cost is taken before the work: once the cap cannot cover it, 402 with
-/// `Retry-After` and `t` at the month's end, and the spend policy in the headers.
+/// `Retry-After` and `t` at the month's end, and the spend policy in the headers, its `r` what
+/// remains of the cap (main said 0 while 0.10 remained for cheaper work).
 #[tokio::test]
 async fn a_spent_cap_refuses_before_the_work_until_the_period_ends() {
     // A request costs 0.30: three fit in 1.00.
@@ -147,7 +154,8 @@ async fn a_spent_cap_refuses_before_the_work_until_the_period_ends() {
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     assert_eq!(r.header("retry-after"), Some(TO_MONTH_END.to_string().as_str()));
     let limit = r.header("ratelimit").unwrap();
-    assert!(limit.contains(&format!("\"spend-month\";r=0;t={TO_MONTH_END}")), "{limit}");
+    // What remains for cheaper work (0.10), not 0.
+    assert!(limit.contains(&format!("\"spend-month\";r=100000000;t={TO_MONTH_END}")), "{limit}");
     let body = r.json();
     assert_eq!(body["title"], "Spend cap reached");
     assert_eq!(body["policy"], "spend-month");
@@ -521,6 +529,74 @@ async fn the_spend_unit_is_a_vendor_parameter_in_every_header_style() {
     let policy = r.header("ratelimit-policy").unwrap();
     assert!(policy.contains("\"spend-month\";q=1000000000;w=2678400;tollgate-unit=\"nano-usd\""), "{policy}");
     assert!(!policy.contains("qu=\"nano-usd\""), "{policy}");
+}
+
+/// Money edges of the configuration: a currency that is not an ISO 4217 code is refused,
+/// naming its key and position; a route `hold` on a priced meter is taken where a plan's spend
+/// cap holds its cost (main refused it, "would hold nothing"), and refused with the right
+/// reason where nothing would hold it.
+#[tokio::test]
+async fn a_currency_is_iso_4217_and_a_hold_on_a_priced_meter_is_held_by_the_spend_cap() {
+    use tollgate::config::Config;
+    let err = Config::from_toml_str(&TOML.replace("currency = \"usd\"", "currency = \"zzz\"")).unwrap_err().to_string();
+    assert!(err.contains("billing.currency") && err.contains("ISO 4217") && err.contains(":3:"), "{err}");
+    for code in ["eur", "jpy", "gbp", "chf", "brl", "inr"] {
+        Config::from_toml_str(&TOML.replace("currency = \"usd\"", &format!("currency = \"{code}\""))).unwrap();
+    }
+    let held = TOML.replace("reports = [\"tokens\"]", "reports = [\"tokens\"]\nhold = { tokens = 100 }");
+    Config::from_toml_str(&held).unwrap();
+    let h = Harness::new(&held);
+    assert_eq!(h.status("/generate", "key-t").await, 200, "the route's hold holds its cost");
+    // Without the spend cap, and without a price, nothing would hold it.
+    let unpriced =
+        held.replace("spend = { limit = \"1.00\", period = \"month\", mode = \"hard\", max_limit = \"10.00\" }\n", "");
+    let err = Config::from_toml_str(&unpriced).unwrap_err().to_string();
+    assert!(err.contains("routes[0].hold.tokens") && err.contains("spend cap"), "{err}");
+}
+
+/// Every integer of `value` (a structured header field) fits RFC 8941's 15 digits.
+fn fits_rfc8941(value: &str) -> bool {
+    value.split(|c: char| !c.is_ascii_digit()).all(|digits| digits.len() <= 15)
+}
+
+/// RFC 8941 integers have at most 15 digits: a spend cap of 1,000,000.00 (10¹⁵ nano-units) is
+/// shown in a unit that fits (`micro-usd`), in the policy and in a refusal's `RateLimit`; a
+/// cap that fits in nano-units keeps them. A day quota past 15 digits is refused at load,
+/// naming its key.
+#[tokio::test]
+async fn spend_caps_fit_the_15_digits_of_structured_headers() {
+    let toml = TOML
+        .replace(
+            "limit = \"1.00\", period = \"month\", mode = \"hard\", max_limit = \"10.00\"",
+            "limit = \"1000000.00\", period = \"month\", mode = \"hard\", max_limit = \"2000000.00\"",
+        )
+        .replace("price = \"0.000001\"", "price = \"60000\"");
+    let h = Harness::new(&toml);
+    for _ in 0..16 {
+        let r = h.get("/anything", "key-t").await;
+        assert_eq!(r.status, 200);
+        let policy = r.header("ratelimit-policy").unwrap();
+        assert!(policy.contains("\"spend-month\";q=1000000000000;"), "{policy}");
+        assert!(policy.contains("tollgate-unit=\"micro-usd\""), "{policy}");
+        assert!(fits_rfc8941(policy), "{policy}");
+    }
+    let r = h.get("/anything", "key-t").await;
+    assert_eq!(r.status, 402);
+    let limit = r.header("ratelimit").unwrap();
+    assert!(limit.contains("\"spend-month\";r=40000000000;"), "what remains, in micro-usd: {limit}");
+    assert!(fits_rfc8941(limit), "{limit}");
+    // A request costing more than 2⁴⁶ nano-units (100,000) is refused, as money.md says.
+    let h = Harness::new(&toml.replace("price = \"60000\"", "price = \"100000\""));
+    assert_eq!(h.status("/anything", "key-t").await, 402, "past the bound of one request's cost");
+    assert_eq!(spend_recorded(&h, "t").await, 0, "nothing charged");
+    // A cap that fits in nano-units keeps them.
+    let h = Harness::new(TOML);
+    let policy = h.get("/anything", "key-t").await.header("ratelimit-policy").unwrap().to_owned();
+    assert!(policy.contains("q=1000000000;") && policy.contains("nano-usd"), "{policy}");
+    let big =
+        TOML.replace("[plans.p]\n", "[plans.p]\nquotas.requests = { limit = 1000000000000000, period = \"day\" }\n");
+    let err = tollgate::config::Config::from_toml_str(&big).unwrap_err().to_string();
+    assert!(err.contains("plans.p.quotas.requests.limit") && err.contains("999999999999999"), "{err}");
 }
 
 /// A tenant's own cap leaves the spend item out of `RateLimit-Policy`, and only it: a meter

@@ -71,6 +71,10 @@ impl Gate {
         let exact =
             crate::engine::usage::spend::cost_of(&state, route.meter, u64::from(route.cost)).unwrap_or_default();
         let need = crate::config::ceil_nanos(exact);
+        if need > crate::base::LEASE_MAX {
+            // No lease can hold it (2⁴⁶ nano-units): refused as past the cap, as a hold is.
+            return Err(self.count(Self::spend_cap_reached(p)));
+        }
         let outcome = self
             .shared
             .stores()

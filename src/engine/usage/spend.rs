@@ -177,6 +177,8 @@ pub(crate) fn cap_reached(state: &Tenant, at: i64) -> Rejection {
     r.inner.policy = Some(format!("spend-{period}"));
     // The spend meter's own policy (each meter alone is the shape of its index).
     r.inner.headers = crate::response::HeaderState::new(spend, spend as u8);
-    r.inner.headers.set_quota(0, (end - at).max(0) as u64);
+    // What remains of the cap for cheaper work (in the headers' unit), not 0.
+    let (remaining, _) = cell.estimate(cell.lease());
+    r.inner.headers.set_quota(cell.spec.in_header(remaining), (end - at).max(0) as u64);
     r.with_retry_after((end - at).max(1) as u64).for_tenant(state)
 }

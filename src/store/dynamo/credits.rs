@@ -211,7 +211,9 @@ impl DynamoStore {
                 if !due {
                     return Ok(Race::Won(None));
                 }
-                let Some((lost, after, used)) = close_against(&open, id, balance, revoke) else { return Ok(Race::Won(None)) };
+                let Some((lost, after, used)) = close_against(&open, id, balance, revoke) else {
+                    return Ok(Race::Won(None));
+                };
                 let (after, by) = forgive(balance, after, forgiving.0, used, &forgiving.1, now);
                 let payment = open.iter().find(|g| g.id == id).and_then(|g| g.payment.clone());
                 let close = Update::builder()
