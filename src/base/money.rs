@@ -17,13 +17,13 @@ pub const MAX_CAP_NANOS: u64 = 1_000_000_000 * NANOS;
 /// The largest integer a structured header field carries (RFC 8941 §3.3.1: at most 15
 /// digits): quota limits are bounded by it, spend caps are shown in a unit that fits
 /// ([`header_scale`]), and a value past it (a prepaid balance's) is shown as it.
-pub const HEADER_INTEGER_MAX: u64 = 999_999_999_999_999;
+pub(crate) const HEADER_INTEGER_MAX: u64 = 999_999_999_999_999;
 
 /// The nano-units of a spend cap's header unit, for caps up to `max` nano-units: the finest of
 /// nano-, micro-, milli-units of the currency in which `max` fits
 /// [`HEADER_INTEGER_MAX`], with its prefix (`"nano"`, `"micro"`, `"milli"`).
 #[must_use]
-pub fn header_scale(max: u64) -> (u64, &'static str) {
+pub(crate) fn header_scale(max: u64) -> (u64, &'static str) {
     [(1, "nano"), (1_000, "micro"), (1_000_000, "milli")]
         .into_iter()
         .find(|(scale, _)| max / scale <= HEADER_INTEGER_MAX)
