@@ -133,7 +133,13 @@ impl WebhookHandler {
                 "paid checkout session without an invoice or a payment intent: no payment to grant credits for");
             return None;
         };
-        let units = match &o["metadata"][UNITS_KEY] {
+        // The object's own metadata, else a subscription invoice's copy of its subscription's
+        // (`parent.subscription_details.metadata`): a renewal invoice's own is empty.
+        let metadata = |key: &str| match &o["metadata"][key] {
+            Value::Null if !session => &o["parent"]["subscription_details"]["metadata"][key],
+            own => own,
+        };
+        let units = match metadata(UNITS_KEY) {
             Value::Null => None,
             v => {
                 match v.as_str().and_then(|s| s.trim().parse::<u64>().ok()).filter(|u| (1..=MAX_BALANCE).contains(u)) {
@@ -244,7 +250,7 @@ impl WebhookHandler {
                 }
             }
         };
-        let meter = match o["metadata"][METER_KEY].as_str() {
+        let meter = match metadata(METER_KEY).as_str() {
             Some(m) => MeterId::from(m),
             None => credits.meter.clone(),
         };

@@ -427,6 +427,31 @@ async fn refunding_either_of_two_packs_takes_what_the_balance_still_holds(s: Set
     assert_eq!((b.granted, b.left()), (100, 0), "{b:?}");
 }
 
+// A subscription that sells credits by its metadata: each renewal invoice carries the
+// subscription's metadata under `parent.subscription_details.metadata` (Stripe's API
+// reference, "The Invoice object": `parent.subscription_details.metadata`, "a snapshot of the
+// subscription's metadata at the time of invoice finalization"), not in its own `metadata`.
+// Every period's invoice is credited (main credited none: it read only the invoice's own).
+on_stores!(a_subscription_selling_credits_by_metadata_credits_every_period);
+async fn a_subscription_selling_credits_by_metadata_credits_every_period(s: Setup) {
+    for (n, id) in ["in_p1", "in_p2"].into_iter().enumerate() {
+        let mut inv = invoice(id, "cus_acme", &[("price_plan_monthly", 1)]);
+        inv["billing_reason"] = json!(if n == 0 { "subscription_create" } else { "subscription_cycle" });
+        inv["metadata"] = json!({});
+        inv["parent"] = json!({ "type": "subscription_details", "quote_details": null,
+            "subscription_details": { "metadata": { "tollgate_units": "250" }, "subscription": "sub_1" } });
+        let paid = event(&format!("evt_{id}"), "invoice.paid", inv);
+        assert_eq!(s.signed(&paid).await, (200, credited(250, id)), "period {n}");
+    }
+    assert_eq!(s.balance().await.granted, 500);
+    // The invoice's own metadata, when it says so, wins.
+    let mut inv = invoice("in_p3", "cus_acme", &[("price_plan_monthly", 1)]);
+    inv["metadata"] = json!({ "tollgate_units": "10" });
+    inv["parent"] = json!({ "type": "subscription_details", "quote_details": null,
+        "subscription_details": { "metadata": { "tollgate_units": "250" }, "subscription": "sub_1" } });
+    assert_eq!(s.signed(&event("evt_p3", "invoice.paid", inv)).await, (200, credited(10, "in_p3")));
+}
+
 // The worked examples of docs/credits.md over signed webhooks: on a mixed invoice, the seats'
 // credit note takes nothing and the pack's all of it; a 1-cent refund takes nothing; a refund
 // whose metadata says `tollgate_units` takes that many.
