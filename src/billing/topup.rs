@@ -57,18 +57,35 @@ struct Line {
     id: Option<String>,
     keys: Vec<String>,
     quantity: u64,
-    /// What the line charged (an invoice line's `amount`, a session line's `amount_total`).
+    /// What the line charged: an invoice line's `amount` less its discounts and pre-tax
+    /// credits, plus its exclusive tax; a session line's `amount_total`.
     amount: u64,
     skipped: Vec<String>,
 }
 
 /// A line item of a checkout session (`item`) or an invoice (`line_item`), in any API version:
 /// `price` (an id or an object with `id` and `lookup_key`) or, from 2025, `pricing.price_details.price`.
-/// A line that charges nothing (an amount of 0 or less: a credit for unused time, a free
-/// trial) or prorates buys nothing: proration lines carry the full quantity for part of the
+/// A line that charges nothing (an amount of 0 or less after its discounts: a credit for
+/// unused time, a free trial, a pack given away) or prorates buys nothing: proration lines carry the full quantity for part of the
 /// price.
 fn line_of(v: &Value) -> Line {
-    let amount = v["amount"].as_i64().or_else(|| v["amount_total"].as_i64());
+    // What the customer paid for it: an invoice line's `amount` is before its discounts, its
+    // pre-tax credits and its exclusive tax; a checkout line's `amount_total` counts them.
+    let sum = |list: &Value, counted: &dyn Fn(&Value) -> bool| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| counted(a))
+            .fold(0i64, |t, a| t.saturating_add(a["amount"].as_i64().unwrap_or(0).max(0)))
+    };
+    let amount = match v["amount"].as_i64() {
+        Some(a) => Some(
+            a.saturating_sub(sum(&v["discount_amounts"], &|_| true))
+                .saturating_sub(sum(&v["pretax_credit_amounts"], &|_| true))
+                .saturating_add(sum(&v["taxes"], &|t| t["tax_behavior"] == "exclusive")),
+        ),
+        None => v["amount_total"].as_i64(),
+    };
     let parent = &v["parent"];
     let prorated = v["proration"] == true
         || parent["subscription_item_details"]["proration"] == true
@@ -83,6 +100,7 @@ fn line_of(v: &Value) -> Line {
         }
     }
     let id = id_of(&v["id"]).map(str::to_owned);
+    // A line that charges nothing (a free or fully discounted one) buys nothing.
     if amount.is_some_and(|a| a <= 0) || prorated {
         return Line { id, keys: Vec::new(), quantity: 0, amount: 0, skipped: keys };
     }

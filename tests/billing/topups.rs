@@ -452,6 +452,55 @@ async fn a_subscription_selling_credits_by_metadata_credits_every_period(s: Setu
     assert_eq!(s.signed(&event("evt_p3", "invoice.paid", inv)).await, (200, credited(10, "in_p3")));
 }
 
+// What a pack cost is what the customer paid: an invoice line's `amount` is before its
+// discounts and tax (Stripe's API reference, "The Invoice Line Item object": `amount`, "the
+// amount, in cents, before discounts and taxes"; `discount_amounts`, `pretax_credit_amounts`,
+// `taxes` with `tax_behavior`). A pack of 100 units listed at 10.00, 2.00 off and 0.80 of
+// exclusive tax, was paid 8.80: refunded in full (the charge's 8.80), it takes all 100 units
+// back under either attribution (main counted its cost as 10.00, so `credits_first` took 88).
+async fn a_discounted_pack_refunded_in_full_takes_all_its_units(s: Setup) {
+    let mut inv = invoice("in_d", "cus_acme", &[("price_pack", 1)]);
+    let line = &mut inv["lines"]["data"][0];
+    line["amount"] = json!(1000);
+    line["discount_amounts"] = json!([{ "amount": 200, "discount": "di_1" }]);
+    line["pretax_credit_amounts"] = json!([]);
+    line["taxes"] = json!([{ "amount": 80, "tax_behavior": "exclusive", "tax_rate_details": null,
+        "taxability_reason": "standard_rated", "taxable_amount": 800, "type": "tax_rate_details" }]);
+    inv["total"] = json!(880);
+    inv["amount_paid"] = json!(880);
+    let mut payment = fixtures()["invoice_payment"].clone();
+    payment["id"] = json!("inpay_d");
+    payment["invoice"] = json!("in_d");
+    payment["status"] = json!("paid");
+    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_d" });
+    s.stripe.add_invoice_payments("in_d", vec![payment]);
+    assert_eq!(s.signed(&event("evt_d1", "invoice.paid", inv)).await, (200, credited(100, "in_d")));
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    assert_eq!(grants[0].paid, Some(880), "what the customer paid for the pack");
+    let refund = event("evt_d2", "charge.refunded", charge("cus_acme", "pi_d", 880, 880));
+    let all = WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 100 };
+    assert_eq!(s.signed(&refund).await, (200, all));
+    assert_eq!(s.balance().await.granted, 0);
+}
+
+mod a_discounted_pack_refunded_in_full_takes_all_its_units {
+    use super::*;
+    #[tokio::test]
+    async fn pro_rata_on_memory() {
+        super::a_discounted_pack_refunded_in_full_takes_all_its_units(
+            setup(Arc::new(MemoryStore::new()), "proportional").await,
+        )
+        .await;
+    }
+    #[tokio::test]
+    async fn credits_first_on_sqlite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+        let toml = "proportional\"\nrefund_attribution = \"credits_first";
+        super::a_discounted_pack_refunded_in_full_takes_all_its_units(setup(Arc::new(store), toml).await).await;
+    }
+}
+
 // The worked examples of docs/credits.md over signed webhooks: on a mixed invoice, the seats'
 // credit note takes nothing and the pack's all of it; a 1-cent refund takes nothing; a refund
 // whose metadata says `tollgate_units` takes that many.
