@@ -82,8 +82,10 @@ impl QuotaSpec {
 
     /// `value` of this quota as its headers show it: in their unit, at most
     /// [`HEADER_INTEGER_MAX`](crate::base::HEADER_INTEGER_MAX).
+    #[inline]
     pub(crate) fn in_header(&self, value: u64) -> u64 {
-        (value / self.unit_scale.max(1)).min(crate::base::HEADER_INTEGER_MAX)
+        let value = if self.unit_scale > 1 { value / self.unit_scale } else { value };
+        value.min(crate::base::HEADER_INTEGER_MAX)
     }
 
     /// A spend cap's quota: the tenant's own cap `own` if it is the one in force (a hard one,
@@ -174,18 +176,7 @@ impl Validator<'_, '_> {
         };
         let limit = match (period, q.limit) {
             (Period::Prepaid, _) => NonZeroU64::new(crate::base::MAX_BALANCE).unwrap_or(NonZeroU64::MAX),
-            (_, Some(limit)) => {
-                let path = format!("{base}.limit");
-                let limit = self.positive(&path, limit)?;
-                if limit.get() > crate::base::HEADER_INTEGER_MAX {
-                    // Its headers could not carry it (RFC 8941: 15 digits).
-                    return Err(self.invalid(
-                        &path,
-                        format!("at most {} (15 digits, as headers carry it)", crate::base::HEADER_INTEGER_MAX),
-                    ));
-                }
-                limit
-            }
+            (_, Some(limit)) => self.positive(&format!("{base}.limit"), limit)?,
             (_, None) => {
                 return Err(
                     self.invalid(&format!("{base}.limit"), "a day or month quota needs a limit (units per period)")

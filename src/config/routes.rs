@@ -299,10 +299,8 @@ impl Validator<'_, '_> {
         // A hold holds the meter's units against a hard quota or a balance, or their cost
         // against a spend cap on a plan that prices the meter (a tenant's own hard cap may
         // hold it on a plan whose cap is soft).
-        let priced = |p: &PlanSpec| {
-            p.prices.get(&meter).is_some_and(|price| !price.is_zero())
-                || meters.iter().any(|m| m.id == meter && m.price.is_some_and(|price| !price.is_zero()))
-        };
+        let own_price = meters.iter().find(|m| m.id == meter).and_then(|m| m.price);
+        let priced = |p: &PlanSpec| p.prices.get(&meter).copied().or(own_price).is_some_and(|price| !price.is_zero());
         let limited = plans.values().any(|p| {
             p.quotas.get(&meter).is_some_and(|q| q.mode == QuotaMode::Hard || q.period == Period::Prepaid)
                 || (p.spend_max.is_some() && priced(p))

@@ -307,9 +307,10 @@ fn emit_fields(
                         let now = tenant.map_or(0, |t| t.clock.unix_secs());
                         let (_, end) = cell.period();
                         let (remaining, _) = cell.estimate(cell.lease());
+                        // In the policy's unit (a large spend cap's: micro-units).
                         let status = PolicyStatus {
-                            limit: cell.limit(),
-                            remaining: if now < end { remaining } else { cell.limit() },
+                            limit: cell.spec.in_header(cell.limit()),
+                            remaining: cell.spec.in_header(if now < end { remaining } else { cell.limit() }),
                             reset_secs: (end - now).max(0) as u64,
                         };
                         let name = cell.spec.period().name();
@@ -331,11 +332,14 @@ fn emit_fields(
                         .quotas
                         .iter()
                         .any(|(m, s)| *m == state.meter() && s.period() == crate::base::Period::Prepaid);
-                let limit = match tenant.and_then(|t| t.quota(state.meter())) {
-                    Some(cell) if balance => cell.limit(),
-                    // A spend cap's, in its headers' unit (its remaining is).
-                    Some(cell) if quota.as_ref().is_some_and(|q| std::ptr::eq(p, q)) => cell.spec.in_header(p.limit),
-                    _ => p.limit,
+                let spec = plan.quotas.iter().find(|(m, _)| *m == state.meter()).map(|(_, s)| s);
+                let limit = match tenant.and_then(|t| t.quota(state.meter())).filter(|_| balance) {
+                    Some(cell) => cell.limit(),
+                    // In its remaining's unit (a large spend cap's: micro-units).
+                    None => match spec.filter(|_| quota.as_ref().is_some_and(|q| std::ptr::eq(p, q))) {
+                        Some(spec) => spec.in_header(p.limit),
+                        None => p.limit,
+                    },
                 };
                 put(Field::XRateLimitLimit, Value::Borrowed(num.format(limit)));
                 put(Field::XRateLimitRemaining, Value::Borrowed(num.format(p.remaining)));

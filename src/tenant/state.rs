@@ -175,7 +175,7 @@ impl TenantState {
     }
 
     /// What a request gets when the store does not answer for the quota on `meter`: the
-    /// plan's policy ([`Plan::quota_policy`](crate::plan::Plan::quota_policy)), except that a
+    /// plan's policy (`CompiledPlan::quota_policy`), except that a
     /// spend cap held as hard for this tenant (a hard cap of its own, or one not read yet) on a
     /// plan whose cap is soft fails closed when `on_store_error` is not set, as every hard
     /// limit does.
@@ -185,6 +185,22 @@ impl TenantState {
                 crate::config::StoreErrorPolicy::FailClosed
             }
             _ => self.plan.quota_policy(meter),
+        }
+    }
+
+    /// What this tenant's requests get where no quota is involved and the store fails (a full
+    /// usage buffer): the plan's `on_store_error`, or fail-closed for a tenant holding a hard
+    /// spend cap of its own (or one not read yet) on a plan that does not set it, as a plan
+    /// with a hard quota does.
+    pub(crate) fn usage_policy(&self) -> crate::config::StoreErrorPolicy {
+        match self.plan.spend {
+            Some(spend)
+                if !self.plan.on_store_error_set
+                    && self.plan.on_store_error == crate::config::StoreErrorPolicy::FailOpen =>
+            {
+                self.quota_policy(spend)
+            }
+            _ => self.plan.on_store_error,
         }
     }
 

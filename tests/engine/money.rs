@@ -97,9 +97,10 @@ async fn spend_is_rounded_once_per_request_and_once_per_hold() {
     assert_eq!(h.reserved(&spend_key("t")).await, 1_528);
 }
 
-/// A usage event whose write landed but whose answer was lost (a timeout) is charged its
-/// spend once: its retry answers `Duplicate`, which on main left its cost never charged. One
-/// whose write failed before landing and whose retry applies it is charged once too, not twice.
+/// A usage event whose write landed but whose answer was lost (a timeout), or whose caller
+/// was gone before the answer, is charged its spend once: its retry answers `Duplicate`, which
+/// on main left its cost never charged. One whose write failed before landing and whose retry
+/// applies it is charged once too, not twice.
 #[tokio::test]
 async fn an_event_whose_write_may_have_landed_is_charged_once() {
     use std::sync::atomic::Ordering::SeqCst;
@@ -129,6 +130,22 @@ async fn an_event_whose_write_may_have_landed_is_charged_once() {
     assert_eq!(spend_recorded(&h, "t").await, 2 * cost, "charged once over three attempts");
     assert_eq!(h.tollgate.record_event(job("failed")).await.unwrap(), EventOutcome::Duplicate);
     assert_eq!(spend_recorded(&h, "t").await, 2 * cost);
+    // Its caller gone while the write is under way (a job's deadline): the write landed, the
+    // retry is a duplicate, and the spend is charged once all the same.
+    faulty.hang_event_answers.store(true, SeqCst);
+    let cut = tokio::spawn({
+        let tollgate = h.tollgate.clone();
+        let e = job("cut");
+        async move { tollgate.record_event(e).await }
+    });
+    while faulty.hung_event_writes.load(SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    cut.abort();
+    assert!(cut.await.unwrap_err().is_cancelled());
+    faulty.hang_event_answers.store(false, SeqCst);
+    assert_eq!(h.tollgate.record_event(job("cut")).await.unwrap(), EventOutcome::Duplicate, "the write landed");
+    assert_eq!(spend_recorded(&h, "t").await, 3 * cost, "charged once though its caller was gone");
 }
 
 /// A route's priced cost is taken before the work: once the cap cannot cover it, 402 with
@@ -547,6 +564,13 @@ async fn a_currency_is_iso_4217_and_a_hold_on_a_priced_meter_is_held_by_the_spen
     Config::from_toml_str(&held).unwrap();
     let h = Harness::new(&held);
     assert_eq!(h.status("/generate", "key-t").await, 200, "the route's hold holds its cost");
+    // 100 tokens at 0.02 hold 2.00, more than the cap of 1.00: refused before the work.
+    let h = Harness::new(&held.replace(TOKEN_PRICE, "0.02"));
+    assert_eq!(h.status("/generate", "key-t").await, 402, "the hold's cost is held against the cap");
+    // A plan price of 0 over the meter's is not a price.
+    let free = held.replace("[plans.p]\n", "[plans.p]\nprices.tokens = \"0\"\n");
+    let err = Config::from_toml_str(&free).unwrap_err().to_string();
+    assert!(err.contains("routes[0].hold.tokens"), "{err}");
     // Without the spend cap, and without a price, nothing would hold it.
     let unpriced =
         held.replace("spend = { limit = \"1.00\", period = \"month\", mode = \"hard\", max_limit = \"10.00\" }\n", "");
@@ -560,9 +584,9 @@ fn fits_rfc8941(value: &str) -> bool {
 }
 
 /// RFC 8941 integers have at most 15 digits: a spend cap of 1,000,000.00 (10¹⁵ nano-units) is
-/// shown in a unit that fits (`micro-usd`), in the policy and in a refusal's `RateLimit`; a
-/// cap that fits in nano-units keeps them. A day quota past 15 digits is refused at load,
-/// naming its key.
+/// shown in a unit that fits (`micro-usd`), in the policy and in `RateLimit` (served or
+/// refused); a cap that fits in nano-units keeps them. A day quota past 15 digits is shown as
+/// the largest integer a field carries.
 #[tokio::test]
 async fn spend_caps_fit_the_15_digits_of_structured_headers() {
     let toml = TOML
@@ -572,31 +596,43 @@ async fn spend_caps_fit_the_15_digits_of_structured_headers() {
         )
         .replace("price = \"0.000001\"", "price = \"60000\"");
     let h = Harness::new(&toml);
-    for _ in 0..16 {
+    for n in 1..=16u64 {
         let r = h.get("/anything", "key-t").await;
         assert_eq!(r.status, 200);
         let policy = r.header("ratelimit-policy").unwrap();
         assert!(policy.contains("\"spend-month\";q=1000000000000;"), "{policy}");
         assert!(policy.contains("tollgate-unit=\"micro-usd\""), "{policy}");
         assert!(fits_rfc8941(policy), "{policy}");
+        let limit = r.header("ratelimit").unwrap();
+        let left = 1_000_000_000_000 - n * 60_000_000_000;
+        assert!(limit.contains(&format!("\"spend-month\";r={left};")), "request {n}, in micro-usd: {limit}");
     }
     let r = h.get("/anything", "key-t").await;
     assert_eq!(r.status, 402);
     let limit = r.header("ratelimit").unwrap();
     assert!(limit.contains("\"spend-month\";r=40000000000;"), "what remains, in micro-usd: {limit}");
     assert!(fits_rfc8941(limit), "{limit}");
-    // A request costing more than 2⁴⁶ nano-units (100,000) is refused, as money.md says.
+    // A request costing more than 2⁴⁶ nano-units (100,000) is refused as no period can cover
+    // it (400, no `Retry-After`), charged nothing.
     let h = Harness::new(&toml.replace("price = \"60000\"", "price = \"100000\""));
-    assert_eq!(h.status("/anything", "key-t").await, 402, "past the bound of one request's cost");
+    let r = h.get("/anything", "key-t").await;
+    assert_eq!(r.status, 400, "past the bound of one request's cost");
+    assert_eq!(r.header("retry-after"), None);
     assert_eq!(spend_recorded(&h, "t").await, 0, "nothing charged");
     // A cap that fits in nano-units keeps them.
     let h = Harness::new(TOML);
     let policy = h.get("/anything", "key-t").await.header("ratelimit-policy").unwrap().to_owned();
     assert!(policy.contains("q=1000000000;") && policy.contains("nano-usd"), "{policy}");
+    // A quota past 15 digits is shown as the largest integer a field carries (the limit holds).
     let big =
         TOML.replace("[plans.p]\n", "[plans.p]\nquotas.requests = { limit = 1000000000000000, period = \"day\" }\n");
-    let err = tollgate::config::Config::from_toml_str(&big).unwrap_err().to_string();
-    assert!(err.contains("plans.p.quotas.requests.limit") && err.contains("999999999999999"), "{err}");
+    let h = Harness::new(&big);
+    let r = h.get("/anything", "key-t").await;
+    assert_eq!(r.status, 200);
+    for field in ["ratelimit-policy", "ratelimit"] {
+        let value = r.header(field).unwrap();
+        assert!(fits_rfc8941(value) && value.contains("999999999999999"), "{field}: {value}");
+    }
 }
 
 /// A tenant's own cap leaves the spend item out of `RateLimit-Policy`, and only it: a meter

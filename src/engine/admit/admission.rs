@@ -57,7 +57,7 @@ impl Gate {
                 return self.reject(r);
             }
         }
-        if state.plan.on_store_error == StoreErrorPolicy::FailClosed && self.units.pipeline().is_full() {
+        if self.units.pipeline().is_full() && state.usage_policy() == StoreErrorPolicy::FailClosed {
             let r = Rejection::new(
                 RejectionKind::StoreUnavailable,
                 "usage cannot be recorded: the store has not taken it and the usage buffer is full",
@@ -372,7 +372,7 @@ impl Gate {
             Ok(IdempotencyState::Mismatch) => self.reject(Self::key_mismatch(state)),
             Ok(IdempotencyState::Full) => unreachable!("answered above"),
             Err(_) => {
-                if state.plan.on_store_error == StoreErrorPolicy::FailClosed {
+                if state.usage_policy() == StoreErrorPolicy::FailClosed {
                     let r = Rejection::new(RejectionKind::StoreUnavailable, "the quota store did not answer in time");
                     self.reject(r.with_retry_after(1).for_tenant(state))
                 } else {

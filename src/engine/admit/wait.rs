@@ -72,8 +72,15 @@ impl Gate {
             crate::engine::usage::spend::cost_of(&state, route.meter, u64::from(route.cost)).unwrap_or_default();
         let need = crate::config::ceil_nanos(exact);
         if need > crate::base::LEASE_MAX {
-            // No lease can hold it (2⁴⁶ nano-units): refused as past the cap, as a hold is.
-            return Err(self.count(Self::spend_cap_reached(p)));
+            // No lease can hold it (2⁴⁶ nano-units): no period can ever cover it, as a hold
+            // past it (400, no `Retry-After`); shadow mode counts it.
+            let r = crate::engine::usage::hold::spent(&state, spend, at, false);
+            if state.plan.shadow {
+                self.would_refuse(&r);
+                return Ok((RouteSpend { exact, taken: Taken::force(&state, spend, need, at), at }, p));
+            }
+            drop(p);
+            return Err(self.count(r));
         }
         let outcome = self
             .shared

@@ -17,7 +17,7 @@ use crate::engine::store_calls::StoreCalls;
 use crate::engine::usage::{
     held::OpenHolds,
     lease::Leases,
-    spend::charge_units,
+    spend::{charge_units, cost_of},
     taken::{Prefetcher, Source, Taken},
 };
 use crate::{
@@ -411,8 +411,28 @@ impl EventRecorder {
             // the write did not apply them.
             let mut ready = ready;
             let units: Vec<Writing> = ready.iter_mut().map(|p| std::mem::take(&mut p.units).writing()).collect();
+            // Until the store answers, each write may have landed: if this future is dropped
+            // (its caller gone) or the answer is an error, the guard charges the events'
+            // spend and holds what they took for their retry on this node.
+            let mut unsure = Unsure {
+                recorder: self,
+                events: ready
+                    .iter()
+                    .zip(&units)
+                    .map(|(p, units)| Pending {
+                        state: p.state.clone(),
+                        meter: p.meter,
+                        quantity: p.quantity,
+                        taken_at: p.taken_at,
+                        id: p.event.id.clone(),
+                        units: !matches!(units, Writing::None),
+                        charged: p.charged,
+                    })
+                    .collect(),
+            };
             match self.stores.events().commit_events(&batch).await {
                 Ok(outcomes) if outcomes.len() == ready.len() => {
+                    unsure.events.clear();
                     for ((p, units), outcome) in ready.into_iter().zip(units).zip(outcomes) {
                         if outcome == EventOutcome::Applied {
                             // A priced meter feeds the spend, as work done (rounded per event,
@@ -445,18 +465,13 @@ impl EventRecorder {
                         }
                     };
                     // The write may have landed (a timeout, a batch applied in part): the
-                    // units stay taken, so a hard quota is never passed, and its spend is
-                    // charged now, as work done (its retry answers `Duplicate` if it landed,
-                    // and is not charged then). Both are held for the event's retry on this
-                    // node, which reuses the units and does not charge again.
-                    for (p, units) in ready.into_iter().zip(units) {
-                        if !p.charged {
-                            charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.prefetcher);
-                        }
-                        let units = !matches!(units, Writing::None);
-                        self.held.insert(p.event.id.clone(), HeldUnits { quantity: p.quantity, units });
+                    // units stay taken, so a hard quota is never passed, and the spend is
+                    // charged, as work done (its retry answers `Duplicate` if it landed); the
+                    // guard does both as it drops.
+                    for p in &ready {
                         out[p.index] = Some(Err(EventError::Store(clone_error(&e))));
                     }
+                    drop(unsure);
                 }
             }
         }
@@ -601,6 +616,40 @@ impl moka::Expiry<String, Arc<Reserved>> for HoldFor {
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(r.hold)
+    }
+}
+
+/// The events of a write not answered yet ([`EventRecorder::commit`]): dropped with events
+/// left (an error, or the future dropped with its write under way), each may have landed, so
+/// its spend is charged now (once: an earlier attempt's charge is not repeated) and what it
+/// took is held for its retry on this node, which does not take or charge again.
+struct Unsure<'a> {
+    recorder: &'a EventRecorder,
+    events: Vec<Pending>,
+}
+
+struct Pending {
+    state: Tenant,
+    meter: usize,
+    quantity: u64,
+    taken_at: i64,
+    id: String,
+    units: bool,
+    charged: bool,
+}
+
+impl Drop for Unsure<'_> {
+    fn drop(&mut self) {
+        for p in self.events.drain(..) {
+            let priced = cost_of(&p.state, p.meter, p.quantity).is_some();
+            if priced && !p.charged {
+                charge_units(&p.state, p.meter, p.quantity, p.taken_at, &self.recorder.prefetcher);
+            }
+            // Held only when there is something to hold: its units, or its charge.
+            if p.units || priced {
+                self.recorder.held.insert(p.id, HeldUnits { quantity: p.quantity, units: p.units });
+            }
+        }
     }
 }
 

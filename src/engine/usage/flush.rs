@@ -288,7 +288,7 @@ impl Pipeline {
             if let Some((q, b)) = staged.get_mut(&key) {
                 *q = q.saturating_add(quantity);
                 *b |= billable;
-            } else if room > 0 || s.plan.on_store_error == StoreErrorPolicy::FailClosed {
+            } else if room > 0 || s.usage_policy() == StoreErrorPolicy::FailClosed {
                 // Fail-closed usage is always kept: its tenants are refused while the buffer
                 // is full, so only requests already admitted can pass the bound.
                 room = room.saturating_sub(1);

@@ -674,7 +674,7 @@ fn units_held(state: &Tenant, meter: usize, units: u64, own: u64, at: i64) -> Op
     let (_, end) = cell.period();
     // The held meter's own policy (each meter alone is the shape of its index).
     r.inner.headers = HeaderState::new(meter, meter as u8);
-    r.inner.headers.set_quota(free, if cell.prepaid() { 0 } else { (end - at).max(0) as u64 });
+    r.inner.headers.set_quota(cell.spec.in_header(free), if cell.prepaid() { 0 } else { (end - at).max(0) as u64 });
     Some(r.for_tenant(state))
 }
 

@@ -557,9 +557,8 @@ pub async fn a_refund_takes_back_what_the_refunded_money_bought_once<S: ?Sized +
 /// those used or leased), and only the rest from the units counted used, so the answer does not
 /// depend on which of two identical packs it names: packs A (expiring first, so spent first)
 /// and B of 1,000 each with 1,000 used, either refunded in full, leave 0 with 1,000 taken; so
-/// does a revoke of either. The same units are never taken twice: after A's refund, B's expiry
-/// or revoke takes nothing more (its units were the ones used), and a release of the lease
-/// after them does not bring units back.
+/// does a revoke of either. The same units are never taken twice: after either's refund, the
+/// other's expiry or revoke takes nothing more (its units were the ones used).
 pub async fn a_refund_or_revoke_takes_what_the_balance_still_holds_first<S: ?Sized + QuotaInspect>(
     h: &mut StoreUnderTest<S>,
 ) {
@@ -575,7 +574,9 @@ pub async fn a_refund_or_revoke_takes_what_the_balance_still_holds_first<S: ?Siz
         RefundOutcome::Taken { units, .. } => units,
         other => panic!("{other:?}"),
     };
-    for (n, (refunded, other)) in [("pi_a", "pi_b"), ("pi_b", "pi_a")].into_iter().enumerate() {
+    // (refunded, then closed, by a revoke or else by its expiry)
+    let cases = [("pi_a", "pi_b", false), ("pi_a", "pi_b", true), ("pi_b", "pi_a", true), ("pi_b", "pi_a", false)];
+    for (n, (refunded, other, revoke)) in cases.into_iter().enumerate() {
         let t = format!("two{n}");
         let key = prepaid_key(&t, "tokens");
         let (a, b) = packs(&t, &format!("{t}_pi_a"), &format!("{t}_pi_b"));
@@ -591,8 +592,7 @@ pub async fn a_refund_or_revoke_takes_what_the_balance_still_holds_first<S: ?Siz
         h.restart().await;
         // The other pack's units were the ones used: its close takes nothing more.
         let (tn, m) = (&t.as_str().into(), &"tokens".into());
-        let revoke = n == 1;
-        let close_at = if revoke { at } else { ends + 2 * DAY };
+        let close_at = if revoke { at } else { ends + 3 * DAY };
         let closed = h.s().close_credits(tn, m, &other, revoke, close_at).await.unwrap().unwrap();
         assert_eq!(closed.lost, 0, "{other} after {refunded}: nothing taken twice");
         assert_eq!(balance(h.s(), &t).await.left(), 0);
