@@ -183,6 +183,7 @@ pub(crate) struct Totals {
     pub(crate) webhooks_ignored: Tally,
     pub(crate) webhooks_rejected: Tally,
     pub(crate) webhooks_not_credited: Tally,
+    pub(crate) webhooks_api_refused: Tally,
     pub(crate) meter_errors: Tally,
     pub(crate) evictions: Tally,
     pub(crate) overrides_not_served: Tally,
@@ -217,6 +218,7 @@ impl Totals {
             webhooks_ignored: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "ignored")),
             webhooks_rejected: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "rejected")),
             webhooks_not_credited: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "not_credited")),
+            webhooks_api_refused: Tally::new(counter!("tollgate_webhook_events_total", "outcome" => "api_refused")),
             meter_errors: Tally::new(counter!("tollgate_billing_meter_errors_total")),
             evictions: Tally::new(counter!("tollgate_tenants_evicted_total")),
             overrides_not_served: Tally::new(counter!("tollgate_overrides_not_served_total")),
@@ -309,6 +311,10 @@ pub struct Stats {
     /// their paid lines is on a price of `[stripe.credits.prices]`
     /// ([`WebhookOutcome::NotCredited`](crate::billing::WebhookOutcome::NotCredited)).
     pub webhooks_not_credited: u64,
+    /// Verified payments whose details Stripe refused to read for the key (401, 403, 404),
+    /// answered 500 so Stripe delivers them again
+    /// ([`WebhookOutcome::ApiRefused`](crate::billing::WebhookOutcome::ApiRefused)).
+    pub webhooks_api_refused: u64,
     /// Stripe's meter error events received (meter events it refused after taking them),
     /// verified with the event destination's secret.
     pub meter_errors: u64,
@@ -399,6 +405,7 @@ impl Totals {
             webhooks_ignored: self.webhooks_ignored.get(),
             webhooks_rejected: self.webhooks_rejected.get(),
             webhooks_not_credited: self.webhooks_not_credited.get(),
+            webhooks_api_refused: self.webhooks_api_refused.get(),
             meter_errors: self.meter_errors.get(),
             evictions: self.evictions.get(),
             overrides_not_served: self.overrides_not_served.get(),

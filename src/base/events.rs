@@ -39,4 +39,7 @@ pub enum WebhookCount {
     /// A verified payment that granted no credits: none of its paid lines is on a credit
     /// price.
     NotCredited,
+    /// A payment whose details Stripe refused to read for the key (401, 403, 404): answered
+    /// 500, delivered again once the key can read them.
+    ApiRefused,
 }

@@ -31,10 +31,13 @@ pub use metronome::{MetronomeSetupError, MetronomeSink};
 #[cfg_attr(docsrs, doc(cfg(any(feature = "stripe", feature = "metronome"))))]
 pub use secret::Secret;
 #[cfg(feature = "stripe")]
-pub(crate) use webhook::read_secrets;
-#[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
 pub use webhook::{WebhookHandler, WebhookOutcome, WebhookReply};
+#[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
+pub use {reader::StripeAccess, topup::check_stripe_access};
+#[cfg(feature = "stripe")]
+pub(crate) use {topup::probe_in_background, webhook::read_secrets};
 
 /// Why the sink the configuration names could not be set up. The sink's own error is kept,
 /// to match on:

@@ -64,9 +64,7 @@ async fn read_lookup_keys(
         for chunk in missing.chunks(LOOKUP_KEYS_PER_CALL) {
             let query: Vec<String> = chunk.iter().map(|k| format!("lookup_keys%5B%5D={}", query_encode(k))).collect();
             let page = reader.get(&format!("v1/prices?active={active}&limit=100&{}", query.join("&"))).await?;
-            let data = page["data"]
-                .as_array()
-                .ok_or_else(|| ReadError { permanent: true, why: "a list of prices without data".into() })?;
+            let data = page["data"].as_array().ok_or_else(|| ReadError::permanent("a list of prices without data"))?;
             for price in data {
                 if let (Some(id), Some(key)) = (price["id"].as_str(), price["lookup_key"].as_str()) {
                     if chunk.iter().any(|k| *k == key) {
@@ -114,11 +112,9 @@ impl LookupKeys {
             return Ok(Default::default());
         }
         let Some(reader) = reader else {
-            return Err(ReadError {
-                permanent: true,
-                why: "[stripe.credits.prices] names lookup keys, and there is no Stripe secret key to resolve them"
-                    .into(),
-            });
+            return Err(ReadError::permanent(
+                "[stripe.credits.prices] names lookup keys, and there is no Stripe secret key to resolve them",
+            ));
         };
         let mut ids = {
             // One reading at a time: a burst of renewals makes one.

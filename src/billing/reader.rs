@@ -28,6 +28,9 @@ pub(crate) struct StripeReader {
     api_base: String,
     timeout: std::time::Duration,
     client: std::sync::OnceLock<HttpsClient>,
+    /// When each refusal of the key (by what it lacks) was last logged: once a minute each, a
+    /// burst of retried deliveries logs it once (a few kinds: bounded).
+    refusals_logged: std::sync::Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl fmt::Debug for StripeReader {
@@ -40,7 +43,23 @@ impl StripeReader {
     pub(crate) fn new(api_key: Secret, api_base: Option<&str>, timeout: std::time::Duration) -> Self {
         let base = api_base.unwrap_or("https://api.stripe.com/");
         let api_base = if base.ends_with('/') { base.to_owned() } else { format!("{base}/") };
-        Self { api_key, api_base, timeout, client: std::sync::OnceLock::new() }
+        Self { api_key, api_base, timeout, client: std::sync::OnceLock::new(), refusals_logged: Default::default() }
+    }
+
+    /// Whether a refusal of the key for `lacking` is to be logged at `now`: the first in a
+    /// minute.
+    pub(crate) fn log_refusal(&self, lacking: &str, now: i64) -> bool {
+        let mut logged = self.refusals_logged.lock().unwrap_or_else(|e| e.into_inner());
+        match logged.get(lacking) {
+            Some(at) if now - at < 60 => false,
+            _ => {
+                if logged.len() >= 64 {
+                    logged.clear();
+                }
+                logged.insert(lacking.to_owned(), now);
+                true
+            }
+        }
     }
 
     /// `GET {api_base}{path}` (a path and query, without a leading `/`) at
@@ -52,12 +71,12 @@ impl StripeReader {
                 hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
         });
-        let passing = |e: &dyn fmt::Display| ReadError { permanent: false, why: e.to_string() };
+        let passing = |e: &dyn fmt::Display| ReadError { permanent: false, why: e.to_string(), refused: None };
         let request = http::Request::get(format!("{}{path}", self.api_base))
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
             .header("stripe-version", STRIPE_VERSION)
             .body(http_body_util::Empty::new())
-            .map_err(|e| ReadError { permanent: true, why: e.to_string() })?;
+            .map_err(|e| ReadError::permanent(e.to_string()))?;
         let read = async {
             let response = client.request(request).await.map_err(|e| passing(&e))?;
             let status = response.status();
@@ -67,13 +86,18 @@ impl StripeReader {
                 .map_err(|e| passing(&e))?
                 .to_bytes();
             if !status.is_success() {
-                // A refusal (a key that may not read it, an object of another account) stays
-                // one; a rate limit or a server error may pass.
-                let permanent = status.is_client_error() && status != http::StatusCode::TOO_MANY_REQUESTS;
                 let why = format!("{status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
-                return Err(ReadError { permanent, why });
+                // The key may not read it (401: rolled or revoked; 403: a restricted key without
+                // the permission; 404: a key of another account or mode, the object being one
+                // of a signed event): it will pass once the key is right, so never final.
+                if let Some(refused) = refusal(status, path) {
+                    return Err(ReadError { permanent: false, why, refused: Some(refused) });
+                }
+                // Another client error stays one; a rate limit or a server error may pass.
+                let permanent = status.is_client_error() && status != http::StatusCode::TOO_MANY_REQUESTS;
+                return Err(ReadError { permanent, why, refused: None });
             }
-            serde_json::from_slice(&body).map_err(|e| ReadError { permanent: true, why: e.to_string() })
+            serde_json::from_slice(&body).map_err(|e| ReadError::permanent(e.to_string()))
         };
         let limit = self.timeout.min(std::time::Duration::from_secs(10));
         tokio::time::timeout(limit, read).await.map_err(|_| passing(&"timed out"))?
@@ -83,9 +107,47 @@ impl StripeReader {
 /// Why a read of Stripe's API failed, and whether trying again later may succeed.
 #[derive(Debug)]
 pub(crate) struct ReadError {
-    /// A 4xx (but 429) or an answer that cannot be read: trying again will not help.
+    /// A 4xx (but 429, 401, 403 and 404) or an answer that cannot be read: trying again will
+    /// not help.
     pub(crate) permanent: bool,
     pub(crate) why: String,
+    /// Refused for the key (401, 403, 404): what it lacks, as a person fixes it.
+    pub(crate) refused: Option<String>,
+}
+
+impl ReadError {
+    /// A failure that trying again will not mend (not the key's).
+    pub(crate) fn permanent(why: impl Into<String>) -> Self {
+        Self { permanent: true, why: why.into(), refused: None }
+    }
+}
+
+/// The permission a restricted key needs for a read of `path` (a path and query without the
+/// leading `/`), named as the Dashboard's restricted key form names it.
+pub(crate) fn permission_of(path: &str) -> &'static str {
+    const BY_PATH: [(&str, &str); 8] = [
+        ("v1/checkout/sessions", "Checkout Sessions: read"),
+        ("v1/invoice_payments", "Invoices: read (invoice payments)"),
+        ("v1/invoices", "Invoices: read"),
+        ("v1/prices", "Prices: read"),
+        ("v1/refunds", "Refunds: read"),
+        ("v1/credit_notes", "Credit notes: read"),
+        ("v1/billing/meters", "Billing meters: read"),
+        ("v2/core/events", "Event destinations and events: read"),
+    ];
+    BY_PATH.iter().find(|(prefix, _)| path.starts_with(prefix)).map_or("the API", |(_, p)| p)
+}
+
+/// What a refusal of a read of `path` with `status` says the key lacks (`None`: not a refusal
+/// of the key).
+fn refusal(status: http::StatusCode, path: &str) -> Option<String> {
+    let permission = permission_of(path);
+    match status.as_u16() {
+        401 => Some(format!("a valid secret key (401: rolled or revoked), for {permission}")),
+        403 => Some(format!("{permission} (403: the restricted key lacks it)")),
+        404 => Some(format!("{permission} on this account and mode (404: a key of another account, or test for live)")),
+        _ => None,
+    }
 }
 
 impl fmt::Display for ReadError {
@@ -97,4 +159,58 @@ impl fmt::Display for ReadError {
 /// The id of an expandable field: a string, or an object's `id`.
 pub(crate) fn id_of(v: &Value) -> Option<&str> {
     v.as_str().or_else(|| v["id"].as_str()).filter(|s| !s.is_empty())
+}
+
+/// What a Stripe secret key may read of what `[stripe.credits]` needs, as
+/// [`check_stripe_access`](crate::billing::check_stripe_access) found by asking (Stripe cannot
+/// list a key's permissions).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StripeAccess {
+    /// What the key lacks, one entry per read refused (401, 403 or 404), as the Dashboard's
+    /// restricted key form names the permission (`"Refunds: read (403: …)"`).
+    pub refused: Vec<String>,
+    /// Why Stripe could not be asked (unreachable, timed out, a server error): nothing is
+    /// known of the key then.
+    pub unreachable: Option<String>,
+}
+
+impl StripeAccess {
+    /// Whether every read asked was answered.
+    #[must_use]
+    pub fn is_ok(&self) -> bool {
+        self.refused.is_empty() && self.unreachable.is_none()
+    }
+}
+
+impl StripeReader {
+    /// Asks for one item of each list in `paths` (without the leading `/`): what is refused,
+    /// and whether Stripe could be asked at all.
+    pub(crate) async fn probe(&self, paths: &[&str]) -> StripeAccess {
+        let mut access = StripeAccess::default();
+        for path in paths {
+            match self.get(&format!("{path}?limit=1")).await {
+                Ok(_) => {}
+                Err(ReadError { refused: Some(lacking), .. }) => access.refused.push(lacking),
+                Err(ReadError { permanent: true, .. }) => {}
+                Err(ReadError { why, .. }) => {
+                    access.unreachable = Some(why);
+                    break;
+                }
+            }
+        }
+        access
+    }
+}
+
+/// The lists a key must read for `[stripe.credits]` with `refunds` taken back (`false`: the
+/// refunds are left to the seller).
+pub(crate) fn credit_reads(refunds: bool) -> &'static [&'static str] {
+    const ALL: [&str; 6] =
+        ["v1/checkout/sessions", "v1/invoices", "v1/invoice_payments", "v1/prices", "v1/refunds", "v1/credit_notes"];
+    if refunds {
+        &ALL
+    } else {
+        &ALL[..4]
+    }
 }

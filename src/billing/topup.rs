@@ -16,10 +16,12 @@
 //!   (`GET /v1/invoices/{id}/lines`); metadata `tollgate_units` on the object grants that many
 //!   units instead.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use super::{
-    reader::{id_of, ReadError},
+    reader::{id_of, ReadError, StripeAccess, StripeReader},
     webhook::{WebhookHandler, WebhookOutcome},
 };
 use crate::{
@@ -109,6 +111,47 @@ fn line_of(v: &Value) -> Line {
     Line { id, keys, quantity: v["quantity"].as_u64().unwrap_or(0), amount, skipped: Vec::new() }
 }
 
+/// What the secret key (`stripe.secret_key_file` or `STRIPE_SECRET_KEY`) may read of what
+/// `[stripe.credits]` needs: Stripe cannot list a key's permissions, so one list call each
+/// (`limit=1`) of checkout sessions, invoices, invoice payments and prices, and of refunds and
+/// credit notes unless `refunds = "ignore"`. A read refused (401, 403, 404) is named in
+/// [`StripeAccess::refused`]: payments that need it are answered 500 until the key can read
+/// it. `tollgate check` prints it; a node logs it when it builds its webhook handler.
+///
+/// # Errors
+/// No `[stripe.credits]`, or no secret key.
+pub async fn check_stripe_access(config: &Config) -> Result<StripeAccess, super::StripeSetupError> {
+    use super::StripeSetupError;
+    let missing = || StripeSetupError::MissingSecret { env: "STRIPE_SECRET_KEY", file_key: "secret_key_file" };
+    let stripe = config.stripe().ok_or_else(missing)?;
+    let credits = stripe.credits.as_ref().ok_or_else(missing)?;
+    let key = super::read_secrets(stripe.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")?
+        .into_iter()
+        .next()
+        .ok_or_else(missing)?;
+    let reader = StripeReader::new(key, stripe.api_base.as_deref(), stripe.timeout);
+    Ok(reader.probe(super::reader::credit_reads(credits.refunds != RefundPolicy::Ignore)).await)
+}
+
+/// Asks, in the background, what `reader` may read of what `credits` needs, and logs what is
+/// refused (an error) or that Stripe could not be asked (a warning: a start without Stripe is
+/// no fault).
+pub(crate) fn probe_in_background(reader: Arc<StripeReader>, credits: &CreditSettings) {
+    let paths = super::reader::credit_reads(credits.refunds != RefundPolicy::Ignore);
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        let access = reader.probe(paths).await;
+        if !access.refused.is_empty() {
+            tracing::error!(lacking = ?access.refused,
+                "the Stripe secret key cannot read what [stripe.credits] needs: payments that need it are \
+                 answered 500 (Stripe delivers them again for 3 days) until the key can; see docs/stripe.md");
+        }
+        if let Some(why) = access.unreachable {
+            tracing::warn!(error = %why, "Stripe could not be asked what the secret key may read; payments are read when they come");
+        }
+    });
+}
+
 impl WebhookHandler {
     /// A verified event that may be a payment topping up a prepaid balance: `Some` with what
     /// it did, `None` when it is not one (it goes on to the plan transitions).
@@ -193,19 +236,15 @@ impl WebhookHandler {
                             "a payment of more than {} line items: no credits granted; grant by hand", MAX_PAGES * 100);
                         return Some(WebhookOutcome::Ignored);
                     }
-                    Err(LinesError::Read(ReadError { permanent: true, why })) => {
-                        // A key that cannot read them (restricted, another account): not retried.
+                    Err(LinesError::Read(ReadError { permanent: true, why, .. })) => {
+                        // An answer that will never do (not the key's: a refused key is
+                        // answered 500 below, until it can read them).
                         tracing::error!(%event, %kind, object = %object, error = %why,
-                            "the payment's line items cannot be read with this key: no credits granted; \
-                             it goes on to the plans");
+                            "the payment's line items cannot be read: no credits granted; grant by hand \
+                             (tollgate credits grant); it goes on to the plans");
                         return None;
                     }
-                    Err(LinesError::Read(ReadError { why, .. })) => {
-                        tracing::error!(%event, %kind, object = %object, error = %why,
-                            "the payment's line items could not be read from Stripe: answered 500, so Stripe \
-                             delivers it again");
-                        return Some(WebhookOutcome::ApiFailed(why));
-                    }
+                    Err(LinesError::Read(e)) => return Some(self.unreadable(event, "the payment's line items", e)),
                 };
                 // Lines that name no configured key but a price id: their lookup keys, if the
                 // map has any, come from the API.
@@ -220,11 +259,8 @@ impl WebhookHandler {
                     Ok(ids) => ids,
                     // A paid line is never taken for one on no credit price unread: answered
                     // 500 (Stripe delivers it again), whatever the cause, logged for a person.
-                    Err(ReadError { why, .. }) => {
-                        tracing::error!(%event, %kind, object = %object, error = %why,
-                            "the prices of [stripe.credits.prices]'s lookup keys could not be read from Stripe: \
-                             answered 500, so Stripe delivers it again");
-                        return Some(WebhookOutcome::ApiFailed(why));
+                    Err(e) => {
+                        return Some(self.unreadable(event, "the prices of [stripe.credits.prices]'s lookup keys", e))
                     }
                 };
                 let credit = |keys: &[String]| {
@@ -329,11 +365,8 @@ impl WebhookHandler {
             }
             (None, Some(invoice)) => match self.invoice_payment(invoice).await {
                 Ok(p) => p,
-                Err(ReadError { permanent: false, why }) => {
-                    tracing::error!(%event, %invoice, error = %why,
-                        "the invoice's payment intent could not be read (for refunds): answered 500 so Stripe \
-                         delivers it again");
-                    return Some(WebhookOutcome::ApiFailed(why));
+                Err(e @ ReadError { permanent: false, .. }) => {
+                    return Some(self.unreadable(event, "the invoice's payment intent (for refunds)", e))
                 }
                 Err(ReadError { why, .. }) => {
                     tracing::error!(%event, %invoice, error = %why,
@@ -440,12 +473,7 @@ impl WebhookHandler {
                     refund.refunded = plain;
                     refund = refund.of_credit_lines(of_credits).naming_units(units);
                 }
-                Err(ReadError { why, .. }) => {
-                    tracing::error!(%event, %payment, error = %why,
-                        "the payment's refunds or credit notes could not be read from Stripe: answered 500, so \
-                         Stripe delivers it again");
-                    return Some(WebhookOutcome::ApiFailed(why));
-                }
+                Err(e) => return Some(self.unreadable(event, "the payment's refunds or credit notes", e)),
             }
         }
         match quota.refund_credits(&refund).await {
@@ -472,6 +500,32 @@ impl WebhookHandler {
         }
     }
 
+    /// The answer to a read of Stripe's API that must succeed and failed (`what` it read):
+    /// 500, so Stripe delivers the event again. A refusal of the key (401, 403, 404) is
+    /// [`WebhookOutcome::ApiRefused`], counted apart and logged once a minute per permission
+    /// with what the key lacks (a burst of redeliveries logs it once).
+    fn unreadable(&self, event: &str, what: &str, e: ReadError) -> WebhookOutcome {
+        match e.refused {
+            Some(permission) => {
+                let now = self.clock.unix_secs();
+                if self.reader.as_ref().is_some_and(|r| r.log_refusal(&permission, now)) {
+                    tracing::error!(%event, lacking = %permission, error = %e.why,
+                        "{what} could not be read: Stripe refused the key. Answered 500, so Stripe delivers the \
+                         event again (for 3 days); give the key what it lacks, then resend the events of the \
+                         meantime past those days (docs/stripe.md)");
+                } else {
+                    tracing::debug!(%event, lacking = %permission, "{what}: Stripe refused the key again");
+                }
+                WebhookOutcome::ApiRefused { permission }
+            }
+            None => {
+                tracing::error!(%event, error = %e.why,
+                    "{what} could not be read from Stripe: answered 500, so Stripe delivers the event again");
+                WebhookOutcome::ApiFailed(e.why)
+            }
+        }
+    }
+
     /// What Stripe holds of a payment's refunds, all cumulative: the money refunded that
     /// nothing attributes, the money refunded of credit lines as the invoice's credit notes
     /// name them, and the units named by refunds' `tollgate_units` metadata.
@@ -482,7 +536,7 @@ impl WebhookHandler {
         invoice: Option<&str>,
         refunded: u64,
     ) -> Result<(u64, u64, u64), ReadError> {
-        let reader = self.reader.as_ref().ok_or_else(|| ReadError { permanent: true, why: "no secret key".into() })?;
+        let reader = self.reader.as_ref().ok_or_else(|| ReadError::permanent("no secret key"))?;
         let safe = |id: &str| id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         let mut plain = refunded;
         let mut units = 0u64;
@@ -508,7 +562,7 @@ impl WebhookHandler {
                 let lines = match self.lines(&Value::Null, invoice, false).await {
                     Ok(lines) => lines,
                     Err(LinesError::Read(e)) => return Err(e),
-                    Err(e) => return Err(ReadError { permanent: true, why: format!("the invoice's lines: {e:?}") }),
+                    Err(e) => return Err(ReadError::permanent(format!("the invoice's lines: {e:?}"))),
                 };
                 let ids = self
                     .lookup_ids(
@@ -574,7 +628,7 @@ impl WebhookHandler {
             format!("v1/invoices/{id}/lines?limit=100")
         };
         if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(LinesError::Read(ReadError { permanent: true, why: format!("`{id}` is not an object id") }));
+            return Err(LinesError::Read(ReadError::permanent(format!("`{id}` is not an object id"))));
         }
         let mut lines = Vec::new();
         let mut after: Option<String> = None;
@@ -584,9 +638,8 @@ impl WebhookHandler {
                 Some(last) => reader.get(&format!("{path}&starting_after={last}")).await,
             }
             .map_err(LinesError::Read)?;
-            let data = page["data"]
-                .as_array()
-                .ok_or_else(|| LinesError::Read(ReadError { permanent: true, why: "a list without data".into() }))?;
+            let data =
+                page["data"].as_array().ok_or_else(|| LinesError::Read(ReadError::permanent("a list without data")))?;
             lines.extend(data.iter().map(line_of));
             match (page["has_more"] == true, data.last().and_then(|l| id_of(&l["id"]))) {
                 (true, Some(last)) if last.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => {

@@ -563,6 +563,11 @@ impl Tollgate {
             .and_then(|k| k.into_iter().next());
         if let Some(key) = key.clone() {
             handler = handler.with_api_key(key, stripe.api_base.as_deref(), stripe.timeout);
+            // Stripe cannot list a key's permissions: what [stripe.credits] needs is asked
+            // once, in the background, and what is refused logged.
+            if let (Some(credits), Some(reader)) = (&stripe.credits, handler.reader()) {
+                crate::billing::probe_in_background(reader, credits);
+            }
         } else if let Some(lookup) =
             stripe.credits.as_ref().and_then(|c| c.prices.keys().find(|k| crate::billing::prices::is_lookup_key(k)))
         {

@@ -50,6 +50,7 @@ impl DirectoryEvents for Tollgate {
             WebhookCount::Rejected => &totals.webhooks_rejected,
             WebhookCount::MeterError => &totals.meter_errors,
             WebhookCount::NotCredited => &totals.webhooks_not_credited,
+            WebhookCount::ApiRefused => &totals.webhooks_api_refused,
             _ => &totals.webhooks_ignored,
         };
         tally.add(1);

@@ -501,6 +501,92 @@ mod a_discounted_pack_refunded_in_full_takes_all_its_units {
     }
 }
 
+// A key that cannot read what a payment needs never drops the top-up: a 401 (a rolled key),
+// a 403 (a restricted key without the permission) or a 404 (a key of another account or mode)
+// on a read that must succeed answers 500, so Stripe delivers the event again, counted and
+// naming the permission; once the key can read, the redelivery grants once. On main, a
+// refused line-items read answered 200 (nothing granted, never delivered again), and a
+// refused invoice-payments read granted without the payment intent (never refundable).
+on_stores!(a_key_that_cannot_read_never_drops_a_paid_top_up);
+async fn a_key_that_cannot_read_never_drops_a_paid_top_up(s: Setup) {
+    s.stripe.add_lines("/v1/checkout/sessions/cs_1/line_items", vec![item("li_1", "price_pack", None, 2)]);
+    let paid = event("evt_1", "checkout.session.completed", session("cs_1", "cus_acme", true, None, Some("pi_1")));
+    for status in [403, 401, 404] {
+        s.stripe.refuse_reads(Some(("/v1/checkout/sessions", status)));
+        let (code, outcome) = s.signed(&paid).await;
+        assert_eq!(code, 500, "{status}: {outcome:?}");
+        let WebhookOutcome::ApiRefused { permission } = &outcome else { panic!("{status}: {outcome:?}") };
+        assert!(permission.contains("Checkout Sessions"), "{status}: {permission}");
+        s.stripe.refuse_reads(None);
+    }
+    assert_eq!(s.h.tollgate.stats().webhooks_api_refused, 3);
+    assert_eq!(s.balance().await.granted, 0);
+    assert_eq!(s.signed(&paid).await, (200, credited(200, "pi_1")), "granted once the key can read");
+    // An invoice whose payment intent must be read: refused, never granted without it.
+    let mut payment = fixtures()["invoice_payment"].clone();
+    payment["id"] = json!("inpay_2");
+    payment["invoice"] = json!("in_2");
+    payment["status"] = json!("paid");
+    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_2" });
+    s.stripe.add_invoice_payments("in_2", vec![payment]);
+    let inv = event("evt_2", "invoice.paid", invoice("in_2", "cus_acme", &[("price_pack", 1)]));
+    s.stripe.refuse_reads(Some(("/v1/invoice_payments", 403)));
+    let (code, outcome) = s.signed(&inv).await;
+    assert_eq!(code, 500, "{outcome:?}");
+    assert!(
+        matches!(&outcome, WebhookOutcome::ApiRefused { permission } if permission.contains("Invoices")),
+        "{outcome:?}"
+    );
+    assert_eq!(s.balance().await.granted, 200, "nothing granted without the payment");
+    s.stripe.refuse_reads(None);
+    assert_eq!(s.signed(&inv).await, (200, credited(100, "in_2")));
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    let g = grants.iter().find(|g| g.id == "in_2").unwrap();
+    assert_eq!(g.payment.as_deref(), Some("pi_2"), "refundable");
+    // A refund whose refunds cannot be read: 500 too, counted.
+    s.stripe.refuse_reads(Some(("/v1/refunds", 403)));
+    let refund = event("evt_3", "charge.refunded", charge("cus_acme", "pi_2", 1000, 1000));
+    let (code, outcome) = s.signed(&refund).await;
+    assert_eq!(code, 500);
+    assert!(
+        matches!(&outcome, WebhookOutcome::ApiRefused { permission } if permission.contains("Refunds")),
+        "{outcome:?}"
+    );
+    assert_eq!(s.h.tollgate.stats().webhooks_api_refused, 5);
+}
+
+// Stripe cannot list a key's permissions: `check_stripe_access` asks for one item of each list
+// `[stripe.credits]` needs, and names what the key lacks; an unreachable Stripe is said apart.
+#[tokio::test]
+async fn what_the_key_lacks_is_named_before_a_payment_needs_it() {
+    let stripe = StandIn::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("stripe-key");
+    std::fs::write(&key, common::stripe::SECRET).unwrap();
+    let with = |base: &str| {
+        let stripe = format!(
+            "[stripe]\napi_base = \"{base}\"\nsecret_key_file = {:?}\n[stripe.credits]",
+            key.display().to_string()
+        );
+        tollgate::Config::from_toml_str(&config("proportional").replace("[stripe.credits]", &stripe)).unwrap()
+    };
+    let access = tollgate::billing::check_stripe_access(&with(&stripe.url)).await.unwrap();
+    assert!(access.is_ok(), "{access:?}");
+    stripe.refuse_reads(Some(("/v1/refunds", 403)));
+    stripe.refuse_reads(Some(("/v1/invoice_payments", 401)));
+    let access = tollgate::billing::check_stripe_access(&with(&stripe.url)).await.unwrap();
+    assert_eq!(access.refused.len(), 2, "{access:?}");
+    assert!(access.refused.iter().any(|r| r.starts_with("Refunds: read")), "{access:?}");
+    assert!(access.refused.iter().any(|r| r.contains("invoice payments")), "{access:?}");
+    assert_eq!(access.unreachable, None);
+    // Nothing listens there: unreachable, nothing named.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let access = tollgate::billing::check_stripe_access(&with(&base)).await.unwrap();
+    assert!(access.refused.is_empty() && access.unreachable.is_some(), "{access:?}");
+}
+
 // The worked examples of docs/credits.md over signed webhooks: on a mixed invoice, the seats'
 // credit note takes nothing and the pack's all of it; a 1-cent refund takes nothing; a refund
 // whose metadata says `tollgate_units` takes that many.

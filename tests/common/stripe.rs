@@ -45,7 +45,8 @@
 //!   PaymentIntent specified by this ID") and `GET /v1/credit_notes?invoice=…` ("List all credit
 //!   notes": "Only return credit notes for the invoice specified by this invoice ID"): those a
 //!   test added ([`StandIn::add_refunds`], [`StandIn::add_credit_notes`]), else an empty list;
-//!   the filter is required here (tollgate never lists an account's refunds whole).
+//!   without its filter, a list is answered with an empty page (tollgate asks for one item of
+//!   each list only, to learn what its key may read).
 //!   [`StandIn::fail_reads`] makes the next reads of these answer 500 `api_error`.
 //! - `GET /v1/prices` (Stripe's API reference, "List all prices": "Returns a list of your
 //!   active prices … For the list of inactive prices, set active to false"; `lookup_keys`:
@@ -131,6 +132,9 @@ struct State {
     credit_notes: HashMap<String, Vec<serde_json::Value>>,
     list_reads: u64,
     failing_reads: u32,
+    /// Reads refused by path prefix, with their status (401: a key rolled or revoked; 403: a
+    /// restricted key without the permission; 404: a key of another account or mode).
+    refused_reads: Vec<(String, u16)>,
     /// Prices (complete `price` objects), and the reads of their list.
     prices: Vec<serde_json::Value>,
     price_reads: u64,
@@ -336,6 +340,17 @@ impl StandIn {
     }
 
     /// The next `n` reads of line items answer 500.
+    /// Refuses the reads whose path starts with `prefix` (`/v1/invoice_payments`) with
+    /// `status` (401, 403 or 404), as Stripe answers a key that may not read them; `None`
+    /// lifts every refusal.
+    pub fn refuse_reads(&self, refusal: Option<(&str, u16)>) {
+        let mut s = self.lock();
+        match refusal {
+            Some((prefix, status)) => s.refused_reads.push((prefix.to_owned(), status)),
+            None => s.refused_reads.clear(),
+        }
+    }
+
     pub fn fail_reads(&self, n: u32) {
         self.lock().failing_reads = n;
     }
@@ -632,6 +647,22 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
         .filter_map(|p| p.split_once('=').map(|(k, v)| (decode(k), decode(v))))
         .collect();
     let invalid = |m: &str| error(400, "invalid_request_error", "parameter_invalid", m);
+    // Stripe's documented refusals ("Errors": 401 "No valid API key provided", 403 "The API key
+    // doesn't have permissions to perform the request", 404 "The requested resource doesn't
+    // exist"; a restricted key's 403 names the permission that would allow the request).
+    if let Some((_, status)) = s.refused_reads.iter().find(|(prefix, _)| path.starts_with(prefix.as_str())) {
+        return match status {
+            401 => error(401, "invalid_request_error", "", "Invalid API Key provided: rk_test_****************cdef"),
+            403 => error(
+                403,
+                "invalid_request_error",
+                "",
+                "The provided key 'rk_test_****cdef' does not have the required permissions for this endpoint on \
+                 account 'acct_1'. Having the 'rak_read' permission would allow this request to continue.",
+            ),
+            other => error(*other, "invalid_request_error", "resource_missing", "No such object"),
+        };
+    }
     let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
         None => 10,
         Some(Ok(l)) if (1..=100).contains(&l) => l,
@@ -687,6 +718,18 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
             .map(|p| (p["id"].as_str().unwrap_or_default().to_owned(), p.clone()))
             .collect();
         return page(items, "/v1/prices");
+    }
+    // The lists themselves ("List all Checkout Sessions", "List all invoices", and the others
+    // without their filter, which each reference gives as optional): tollgate asks for one
+    // item of each to learn what its key may read. The stand-in keeps no account-wide list:
+    // an empty page, as an account without such objects answers.
+    if ["/v1/checkout/sessions", "/v1/invoices"].contains(&path)
+        || (path == "/v1/invoice_payments" && !q.contains_key("invoice"))
+        || (path == "/v1/refunds" && !q.contains_key("payment_intent"))
+        || (path == "/v1/credit_notes" && !q.contains_key("invoice"))
+    {
+        s.list_reads += 1;
+        return page(Vec::new(), path);
     }
     if path.starts_with("/v1/checkout/sessions/")
         || path.starts_with("/v1/invoices/")

@@ -50,6 +50,40 @@ pub(crate) async fn check(config: &Config) -> Result<()> {
         u.on_store_error
     );
     println!("meter event identifier namespace: {}", namespace(config).await);
+    stripe_access(config).await
+}
+
+/// With `[stripe.credits]`, what the secret key may read of what it needs (Stripe cannot list
+/// a key's permissions: one list call each): a read refused fails the check, naming it; an
+/// unreachable Stripe is a warning.
+#[cfg(feature = "stripe")]
+async fn stripe_access(config: &Config) -> Result<()> {
+    if config.stripe().is_none_or(|s| s.credits.is_none()) {
+        return Ok(());
+    }
+    match tollgate::billing::check_stripe_access(config).await {
+        Ok(access) if !access.refused.is_empty() => Err(format!(
+            "the Stripe secret key cannot read what [stripe.credits] needs (payments that need it are answered 500 \
+             until it can): {}",
+            access.refused.join("; ")
+        )
+        .into()),
+        Ok(access) => {
+            match access.unreachable {
+                Some(why) => println!("warning: Stripe could not be asked what the secret key may read: {why}"),
+                None => println!("stripe: the secret key reads what [stripe.credits] needs"),
+            }
+            Ok(())
+        }
+        Err(e) => {
+            println!("warning: [stripe.credits]: {e}");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(not(feature = "stripe"))]
+async fn stripe_access(_: &Config) -> Result<()> {
     Ok(())
 }
 

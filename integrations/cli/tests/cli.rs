@@ -58,6 +58,42 @@ fn fails(dir: &Path, args: &[&str]) -> String {
     err
 }
 
+/// `tollgate check` with `[stripe.credits]` asks Stripe what the secret key may read (it cannot
+/// list a key's permissions) and fails naming what the key lacks; an unreachable Stripe is a
+/// warning.
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_the_stripe_key_cannot_read() {
+    let stripe = common::stripe::StandIn::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |base: &str| {
+        let toml = format!(
+            "[store]\nkind = \"memory\"\n[stripe]\napi_base = \"{base}\"\n[stripe.credits]\nmeter = \"requests\"\n\
+             prices = {{ price_pack = 100 }}\n[plans.p]\nquotas.requests = {{ period = \"prepaid\" }}\n"
+        );
+        std::fs::write(dir.path().join("tollgate.toml"), toml).unwrap();
+    };
+    write(&stripe.url);
+    let out = with_key(dir.path(), &["check"]);
+    assert!(out.contains("the secret key reads what [stripe.credits] needs"), "{out}");
+    stripe.refuse_reads(Some(("/v1/credit_notes", 403)));
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("check")
+        .current_dir(dir.path())
+        .env_remove("TOLLGATE_CONFIG")
+        .env("STRIPE_SECRET_KEY", common::stripe::SECRET)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Credit notes: read"), "{err}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    write(&base);
+    let out = with_key(dir.path(), &["check"]);
+    assert!(out.contains("warning: Stripe could not be asked"), "{out}");
+}
+
 #[test]
 fn check_summarizes_a_configuration_and_names_the_place_of_an_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -154,6 +154,11 @@ impl WebhookHandler {
         self
     }
 
+    /// The reader of Stripe's API, when a secret key was given.
+    pub(crate) fn reader(&self) -> Option<Arc<StripeReader>> {
+        self.reader.clone()
+    }
+
     /// Also takes the thin events of an event destination (Stripe's meter errors,
     /// `v1.billing.meter.error_report_triggered` and `v1.billing.meter.no_meter_found`),
     /// verified with its signing `secrets`: each is fetched in full (`GET /v2/core/events/{id}`,
@@ -199,6 +204,7 @@ impl WebhookHandler {
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
             WebhookOutcome::NotCredited { .. } | WebhookOutcome::PaymentUnknown { .. } => WebhookCount::NotCredited,
+            WebhookOutcome::ApiRefused { .. } => WebhookCount::ApiRefused,
             WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => return WebhookReply { outcome },
             _ => WebhookCount::Ignored,
         };
@@ -274,7 +280,10 @@ impl WebhookHandler {
             if let Some(outcome) = self.payment_event(&config, credits, &fields.id, &fields.kind, payload).await {
                 // A payment whose event is also a configured plan transition moves the plan too
                 // (once its credits are settled: a failure is delivered again, whole).
-                let failed = matches!(outcome, WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_));
+                let failed = matches!(
+                    outcome,
+                    WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. }
+                );
                 if failed || !settings.events.contains_key(&fields.kind) {
                     return outcome;
                 }

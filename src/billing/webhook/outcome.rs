@@ -99,6 +99,15 @@ pub enum WebhookOutcome {
     /// secret key, a timeout, an error): 500, so Stripe delivers the event again. Nothing
     /// changed.
     ApiFailed(String),
+    /// Stripe refused a read the event needs for the key (401: rolled or revoked; 403: a
+    /// restricted key without the permission; 404: a key of another account or mode): 500, so
+    /// Stripe delivers the event again once the key can read it. Nothing changed; counted
+    /// (`Stats::webhooks_api_refused`) and logged, once a minute per permission, with what the
+    /// key lacks.
+    ApiRefused {
+        /// What the key lacks (`"Checkout Sessions: read (403: the restricted key lacks it)"`).
+        permission: String,
+    },
     /// A meter error event of Stripe's (a thin event from the event destination, verified with
     /// its secret): Stripe refused meter events after taking them. Logged, counted, and the
     /// hours it names reconciled (a report).
@@ -126,7 +135,9 @@ impl WebhookReply {
         match self.outcome {
             WebhookOutcome::Rejected(_) => StatusCode::BAD_REQUEST,
             WebhookOutcome::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             _ => StatusCode::OK,
         }
     }
@@ -163,6 +174,15 @@ impl WebhookReply {
                     "title": "Webhook too large",
                     "status": 413,
                     "detail": format!("the body is longer than {MAX_BODY} bytes"),
+                })
+                .to_string()
+            }
+            WebhookOutcome::ApiRefused { permission } => {
+                return serde_json::json!({
+                    "type": "https://tollgate.rs/problems/stripe-refused",
+                    "title": "Stripe API refused the key",
+                    "status": 500,
+                    "detail": format!("the payment's details could not be read with this key, which lacks {permission}; deliver it again once it can"),
                 })
                 .to_string()
             }
