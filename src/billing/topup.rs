@@ -62,7 +62,27 @@ struct Line {
     /// What the line charged: an invoice line's `amount` less its discounts and pre-tax
     /// credits, plus its exclusive tax; a session line's `amount_total`.
     amount: u64,
+    /// Of `amount`, what pre-payment credit notes credited (it buys that much less).
+    credited: u64,
     skipped: Vec<String>,
+}
+
+impl Line {
+    /// The units it buys at `per` a quantity: less the share its pre-payment credit notes
+    /// credited.
+    fn units(&self, per: u64) -> u128 {
+        let whole = u128::from(per) * u128::from(self.quantity);
+        match self.credited {
+            0 => whole,
+            c if c >= self.amount => 0,
+            c => whole * u128::from(self.amount - c) / u128::from(self.amount),
+        }
+    }
+
+    /// What the customer paid for it.
+    fn paid(&self) -> u64 {
+        self.amount.saturating_sub(self.credited)
+    }
 }
 
 /// A line item of a checkout session (`item`) or an invoice (`line_item`), in any API version:
@@ -104,11 +124,36 @@ fn line_of(v: &Value) -> Line {
     let id = id_of(&v["id"]).map(str::to_owned);
     // A line that charges nothing (a free or fully discounted one) buys nothing.
     if amount.is_some_and(|a| a <= 0) || prorated {
-        return Line { id, keys: Vec::new(), quantity: 0, amount: 0, skipped: keys };
+        return Line { id, keys: Vec::new(), quantity: 0, amount: 0, credited: 0, skipped: keys };
     }
     let amount = amount.and_then(|a| u64::try_from(a).ok()).unwrap_or(0);
     // A line without a quantity (usage-based) buys no pack.
-    Line { id, keys, quantity: v["quantity"].as_u64().unwrap_or(0), amount, skipped: Vec::new() }
+    Line { id, keys, quantity: v["quantity"].as_u64().unwrap_or(0), amount, credited: 0, skipped: Vec::new() }
+}
+
+/// What the pre-payment credit notes of `invoice` credited, by invoice line (void notes, and
+/// post-payment ones, which refunds handle, left out).
+async fn pre_payment_credits(
+    reader: &StripeReader,
+    invoice: &str,
+) -> Result<std::collections::HashMap<String, u64>, ReadError> {
+    if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(ReadError::permanent(format!("`{invoice}` is not an object id")));
+    }
+    let notes = reader.get(&format!("v1/credit_notes?invoice={invoice}&limit=100")).await?;
+    let mut credited = std::collections::HashMap::new();
+    for note in notes["data"].as_array().into_iter().flatten() {
+        if note["status"] == "void" || note["type"] != "pre_payment" {
+            continue;
+        }
+        for line in note["lines"]["data"].as_array().into_iter().flatten() {
+            if let Some(il) = id_of(&line["invoice_line_item"]) {
+                let c: &mut u64 = credited.entry(il.to_owned()).or_default();
+                *c = c.saturating_add(line["amount"].as_u64().unwrap_or(0));
+            }
+        }
+    }
+    Ok(credited)
 }
 
 /// What the secret key (`stripe.secret_key_file` or `STRIPE_SECRET_KEY`) may read of what
@@ -167,17 +212,37 @@ impl WebhookHandler {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => true,
             "invoice.paid" => false,
             "charge.refunded" => return self.refund(config, credits, event, payload).await,
+            "charge.dispute.funds_withdrawn" | "charge.dispute.closed" | "charge.dispute.funds_reinstated" => {
+                return self.dispute(credits, event, kind, payload).await
+            }
             _ => return None,
         };
         let body: Value = serde_json::from_str(payload).ok()?;
         let o = &body["data"]["object"];
+        // A payment only authorized (manual capture) is not paid, whatever the session says,
+        // and no checkout event follows its capture: never credited here.
+        let held = o["payment_method_options"]
+            .as_object()
+            .is_some_and(|options| options.values().any(|method| method["capture_method"] == "manual"));
+        if session && held {
+            let session = id_of(&o["id"]).unwrap_or("-").to_owned();
+            tracing::error!(%event, %kind, %session,
+                "a checkout session with manual capture: no credits granted (nothing is paid until the capture, and \
+                 no checkout event follows it); sell credits with automatic capture, or grant by hand once captured \
+                 (tollgate credits grant)");
+            return Some(WebhookOutcome::NotCaptured { session });
+        }
+        // Pre-payment credit notes lower what an invoice asks to be paid.
+        let credited_before =
+            if session { 0 } else { o["pre_payment_credit_notes_amount"].as_i64().unwrap_or(0).max(0) };
         // Paid, and for money: a free trial's or a fully discounted invoice is paid too.
         let paid = if session {
             o["payment_status"] == "paid" && o["amount_total"].as_i64().is_some_and(|a| a > 0)
         } else {
             // `total`, not `amount_paid`: an invoice paid from the customer's credit balance has
-            // nothing left to pay, and was paid for all the same.
-            o["status"] == "paid" && o["total"].as_i64().is_some_and(|a| a > 0)
+            // nothing left to pay, and was paid for all the same; less its pre-payment credit
+            // notes, which paid nothing.
+            o["status"] == "paid" && o["total"].as_i64().is_some_and(|a| a.saturating_sub(credited_before) > 0)
         };
         if !paid {
             // A delayed payment method: `checkout.session.async_payment_succeeded` follows.
@@ -222,7 +287,7 @@ impl WebhookHandler {
             Some(u) => (u, whole),
             None if credits.prices.is_empty() => return None,
             None => {
-                let lines = match self.lines(o, object, session).await {
+                let mut lines = match self.lines(o, object, session).await {
                     Ok(lines) => lines,
                     Err(LinesError::NoKey) => {
                         // Not retried: a delivery cannot succeed until a key is set.
@@ -246,6 +311,25 @@ impl WebhookHandler {
                     }
                     Err(LinesError::Read(e)) => return Some(self.unreadable(event, "the payment's line items", e)),
                 };
+                // Lines its pre-payment credit notes credited buy that much less: read them.
+                if credited_before > 0 {
+                    let Some(reader) = self.reader.as_ref() else {
+                        tracing::error!(%event, object = %object,
+                            "an invoice with pre-payment credit notes, and no Stripe secret key to read which lines \
+                             they credit: no credits granted; grant by hand (tollgate credits grant)");
+                        return Some(WebhookOutcome::Ignored);
+                    };
+                    match pre_payment_credits(reader, object).await {
+                        Ok(credited) => {
+                            for line in &mut lines {
+                                if let Some(c) = line.id.as_ref().and_then(|id| credited.get(id)) {
+                                    line.credited = *c;
+                                }
+                            }
+                        }
+                        Err(e) => return Some(self.unreadable(event, "the invoice's credit notes", e)),
+                    }
+                }
                 // Lines that name no configured key but a price id: their lookup keys, if the
                 // map has any, come from the API.
                 let unmatched: Vec<&str> = lines
@@ -268,14 +352,13 @@ impl WebhookHandler {
                         credits.prices.get(k).or_else(|| ids.get(k).and_then(|key| credits.prices.get(key)))
                     })
                 };
-                let total = lines.iter().fold(0u128, |total, line| {
-                    let per = credit(&line.keys).copied().unwrap_or(0);
-                    total + u128::from(per) * u128::from(line.quantity)
-                });
+                let total = lines
+                    .iter()
+                    .fold(0u128, |total, line| total + line.units(credit(&line.keys).copied().unwrap_or(0)));
                 let paid = lines
                     .iter()
                     .filter(|l| credit(&l.keys).is_some_and(|per| *per > 0) && l.quantity > 0)
-                    .fold(0u64, |paid, l| paid.saturating_add(l.amount));
+                    .fold(0u64, |paid, l| paid.saturating_add(l.paid()));
                 let skipped = lines.iter().filter(|l| credit(&l.skipped).is_some()).count();
                 match u64::try_from(total) {
                     Ok(0) if skipped > 0 => {
@@ -430,8 +513,11 @@ impl WebhookHandler {
         let o = &body["data"]["object"];
         let intent = id_of(&o["payment_intent"]);
         let (Some(amount), Some(refunded)) = (o["amount"].as_u64(), o["amount_refunded"].as_u64()) else {
-            return None;
+            return Some(WebhookOutcome::Rejected("a refunded charge without its amounts".into()));
         };
+        if refunded > amount {
+            return Some(WebhookOutcome::Rejected("a charge refunded more than its amount".into()));
+        }
         let quota = self.quota.as_ref()?;
         let tenant = match id_of(&o["customer"]) {
             Some(customer) => match self.tenant_of(config, customer).await {
@@ -500,6 +586,63 @@ impl WebhookHandler {
         }
     }
 
+    /// A dispute of a payment that bought credits: `charge.dispute.funds_withdrawn`, or
+    /// `charge.dispute.closed` lost, takes back what the payment bought, as a full refund
+    /// would (from what the balance still holds first), once per payment (the second of the
+    /// two, and a redelivery, take nothing more); only from a grant already made, nothing
+    /// kept otherwise. A dispute won after its funds were withdrawn
+    /// (`charge.dispute.funds_reinstated`) is logged for a person to grant back by hand: what
+    /// the withdrawal took of the balance is in its log line.
+    async fn dispute(
+        &self,
+        credits: &CreditSettings,
+        event: &str,
+        kind: &str,
+        payload: &str,
+    ) -> Option<WebhookOutcome> {
+        if credits.refunds == RefundPolicy::Ignore {
+            return None;
+        }
+        let body: Value = serde_json::from_str(payload).ok()?;
+        let o = &body["data"]["object"];
+        let dispute = id_of(&o["id"])?.to_owned();
+        let intent = id_of(&o["payment_intent"]).map(str::to_owned);
+        match kind {
+            // Won, or an inquiry closed: nothing was taken (funds withdrawn are reinstated
+            // by their own event).
+            "charge.dispute.closed" if o["status"] != "lost" => return Some(WebhookOutcome::Ignored),
+            "charge.dispute.funds_reinstated" => {
+                tracing::error!(%event, %dispute, payment = ?intent,
+                    "a dispute was won after its funds were withdrawn: the credits its withdrawal took back are \
+                     not granted again by themselves; grant them by hand (tollgate credits grant), as its \
+                     withdrawal's log line names them");
+                return Some(WebhookOutcome::Ignored);
+            }
+            _ => {}
+        }
+        let Some(amount) = o["amount"].as_u64().filter(|a| *a > 0) else {
+            return Some(WebhookOutcome::Rejected("a dispute without a positive amount".into()));
+        };
+        let Some(intent) = intent else {
+            tracing::info!(%event, %dispute, "a dispute of a charge without a payment intent: no credits to take back");
+            return Some(WebhookOutcome::Ignored);
+        };
+        let quota = self.quota.as_ref()?;
+        // The whole payment disputed: everything it bought, as a full refund takes it.
+        let refund = CreditRefund::new(intent.clone(), amount, amount, self.clock.unix_secs()).only_if_granted();
+        match quota.refund_credits(&refund).await {
+            Ok(RefundOutcome::Taken { tenant, meter, grant, units }) => {
+                self.node.tenant_changed(&tenant);
+                tracing::warn!(%event, %dispute, %tenant, %meter, %grant, units, payment = %intent,
+                    "a dispute took back the prepaid credits its payment bought ({units} of what the balance held)");
+                Some(WebhookOutcome::Refunded { tenant, meter, units })
+            }
+            // Taken already (the other event of the dispute, a redelivery), or no grant of it.
+            Ok(_) => Some(WebhookOutcome::Duplicate),
+            Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
+        }
+    }
+
     /// The answer to a read of Stripe's API that must succeed and failed (`what` it read):
     /// 500, so Stripe delivers the event again. A refusal of the key (401, 403, 404) is
     /// [`WebhookOutcome::ApiRefused`], counted apart and logged once a minute per permission
@@ -556,8 +699,14 @@ impl WebhookHandler {
         let mut of_credits = 0u64;
         if let Some(invoice) = invoice.filter(|i| safe(i)) {
             let notes = reader.get(&format!("v1/credit_notes?invoice={invoice}&limit=100")).await?;
-            let notes: Vec<&Value> =
-                notes["data"].as_array().into_iter().flatten().filter(|n| n["status"] != "void").collect();
+            // Post-payment notes refund; pre-payment ones lowered what was paid, and the grant
+            // already counts only what was paid.
+            let notes: Vec<&Value> = notes["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["status"] != "void" && n["type"] != "pre_payment")
+                .collect();
             if !notes.is_empty() {
                 let lines = match self.lines(&Value::Null, invoice, false).await {
                     Ok(lines) => lines,

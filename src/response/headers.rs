@@ -117,7 +117,8 @@ impl HeaderState {
     }
 
     pub(crate) fn set_quota(&mut self, remaining: u64, reset_secs: u64) {
-        self.quota_remaining = remaining;
+        // A structured field carries at most 15 digits (a balance, or a limit, past them).
+        self.quota_remaining = remaining.min(crate::base::HEADER_INTEGER_MAX);
         self.quota_reset = secs32(reset_secs);
         self.has |= QUOTA;
     }
@@ -368,8 +369,8 @@ fn item(out: &mut String, name: &str, period: &str, status: &PolicyStatus, prepa
         out.push_str(period);
     }
     out.push_str("\";r=");
-    // A prepaid balance may hold more than a structured field's 15 digits.
-    out.push_str(num.format(status.remaining.min(crate::base::HEADER_INTEGER_MAX)));
+    // At most 15 digits: `set_quota` and the reported meters' items bound it.
+    out.push_str(num.format(status.remaining));
     if !prepaid {
         out.push_str(";t=");
         out.push_str(num.format(status.reset_secs));

@@ -978,6 +978,9 @@ pub struct CreditRefund {
     /// The tenant whose customer paid, when known: a store that finds grants by tenant looks
     /// there for grants made before it recorded payments apart.
     pub tenant: Option<TenantId>,
+    /// Whether it is kept until its grant lands when no grant of its payment has landed yet
+    /// (`false`: a dispute, which only concerns a grant already made: nothing is stored).
+    pub keep: bool,
 }
 
 impl CreditRefund {
@@ -994,7 +997,16 @@ impl CreditRefund {
             units: 0,
             at,
             tenant: None,
+            keep: true,
         }
+    }
+
+    /// Applied only to a grant already made: without one, nothing is kept
+    /// ([`RefundOutcome::Nothing`]).
+    #[must_use]
+    pub fn only_if_granted(mut self) -> Self {
+        self.keep = false;
+        self
     }
 
     /// Paid by `tenant`'s customer.
@@ -1132,9 +1144,11 @@ pub enum RefundOutcome {
         /// or leased); the rest of what the refund takes leaves as used units.
         units: u64,
     },
-    /// The grant took this much back already (a redelivery, a late refund), or it has closed.
+    /// The grant took this much back already (a redelivery, a late refund), or it has closed;
+    /// or no grant of the payment exists and the refund is not to be kept.
     Nothing,
-    /// No grant of this payment yet: kept, and applied by the grant's own write when it lands
+    /// No grant of this payment yet: kept (unless [`CreditRefund::keep`] is off), and applied
+    /// by the grant's own write when it lands
     /// (within [`REFUNDS_KEPT_SECS`](super::contract::REFUNDS_KEPT_SECS)).
     Kept,
     /// No grant of this payment yet, and [`REFUNDS_KEPT_MAX`](super::contract::REFUNDS_KEPT_MAX)

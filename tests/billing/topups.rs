@@ -129,6 +129,9 @@ fn credit_note(id: &str, invoice: &str, lines: &[(&str, u64)], refunded: u64) ->
     n["id"] = json!(id);
     n["invoice"] = json!(invoice);
     n["status"] = json!("issued");
+    // Issued after the payment (Stripe's "The Credit Note object": `type` `post_payment`): a
+    // refund's note.
+    n["type"] = json!("post_payment");
     n["refund_amount"] = json!(refunded);
     let template = n["lines"]["data"][0].clone();
     let data: Vec<Value> = lines
@@ -585,6 +588,117 @@ async fn what_the_key_lacks_is_named_before_a_payment_needs_it() {
     drop(closed);
     let access = tollgate::billing::check_stripe_access(&with(&base)).await.unwrap();
     assert!(access.refused.is_empty() && access.unreachable.is_some(), "{access:?}");
+}
+
+// Nothing is granted that was not paid (Stripe's API reference, "The Invoice object":
+// `pre_payment_credit_notes_amount`, "the sum of all pre-payment credit notes issued for this
+// invoice", which lower what is due; "The Credit Note object": `type` `pre_payment` or
+// `post_payment`). An invoice a pre-payment credit note brought to zero is "paid" for nothing:
+// it grants nothing (main granted its 100 units). One whose credit note covers one of two
+// pack lines grants the other's units alone.
+on_stores!(an_invoice_credited_before_payment_grants_only_what_was_paid);
+async fn an_invoice_credited_before_payment_grants_only_what_was_paid(s: Setup) {
+    let mut inv = invoice("in_z", "cus_acme", &[("price_pack", 1)]);
+    inv["pre_payment_credit_notes_amount"] = json!(1000);
+    inv["amount_paid"] = json!(0);
+    inv["amount_due"] = json!(0);
+    let (status, outcome) = s.signed(&event("evt_z", "invoice.paid", inv)).await;
+    assert_eq!(status, 200);
+    assert!(!matches!(outcome, WebhookOutcome::Credited { .. }), "{outcome:?}");
+    assert_eq!(s.balance().await.granted, 0, "paid for nothing");
+    // Two pack lines of 5.00 each; a pre-payment credit note of 5.00 on the second.
+    let mut payment = fixtures()["invoice_payment"].clone();
+    payment["id"] = json!("inpay_h");
+    payment["invoice"] = json!("in_h");
+    payment["status"] = json!("paid");
+    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_h" });
+    s.stripe.add_invoice_payments("in_h", vec![payment]);
+    let mut inv = invoice("in_h", "cus_acme", &[("price_pack", 1), ("pack_large", 1)]);
+    inv["pre_payment_credit_notes_amount"] = json!(500);
+    inv["amount_paid"] = json!(500);
+    s.stripe.add_lines("/v1/invoices/in_h/lines", inv["lines"]["data"].as_array().unwrap().clone());
+    let mut note = credit_note("cn_h", "in_h", &[("il_in_h_1", 500)], 0);
+    note["type"] = json!("pre_payment");
+    s.stripe.add_credit_notes("in_h", vec![note]);
+    assert_eq!(
+        s.signed(&event("evt_h", "invoice.paid", inv)).await,
+        (200, credited(100, "in_h")),
+        "the large pack was credited"
+    );
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    assert_eq!(grants.iter().find(|g| g.id == "in_h").unwrap().paid, Some(500));
+}
+
+// A checkout session whose payment is only authorized (manual capture: Stripe's "Place a hold
+// on a payment method"; the session's `payment_method_options.card.capture_method` is
+// `manual`) is not credited, whatever its `payment_status` says: counted and logged, so that
+// credits are sold with automatic capture (main credited a "paid" one before any capture).
+on_stores!(a_checkout_with_manual_capture_is_not_credited);
+async fn a_checkout_with_manual_capture_is_not_credited(s: Setup) {
+    for (n, status) in ["paid", "unpaid"].into_iter().enumerate() {
+        let mut held = session(&format!("cs_m{n}"), "cus_acme", status == "paid", None, Some(&format!("pi_m{n}")));
+        held["metadata"] = json!({ "tollgate_units": "100" });
+        held["payment_method_options"] = json!({ "card": { "capture_method": "manual" } });
+        let (code, outcome) = s.signed(&event(&format!("evt_m{n}"), "checkout.session.completed", held)).await;
+        assert_eq!(code, 200);
+        assert!(matches!(outcome, WebhookOutcome::NotCaptured { .. }), "{status}: {outcome:?}");
+    }
+    assert_eq!(s.balance().await.granted, 0);
+    assert_eq!(s.h.tollgate.stats().webhooks_not_credited, 2, "counted");
+}
+
+/// Stripe's example dispute of `intent` (Stripe's "The Dispute object"; a lost dispute sends
+/// no `charge.refunded`).
+fn dispute(id: &str, intent: Option<&str>, amount: Value, status: &str) -> Value {
+    let mut d = fixtures()["dispute"].clone();
+    d["id"] = json!(id);
+    d["payment_intent"] = json!(intent);
+    d["amount"] = amount;
+    d["status"] = json!(status);
+    d
+}
+
+// Disputes: funds withdrawn take back what the payment bought, as a full refund does, once
+// (the lost close after it, and a redelivery, take nothing more; main ignored disputes, so a
+// customer who charged back kept the units). A dispute of a payment no grant has changes and
+// keeps nothing; a malformed amount is refused (400) and changes nothing.
+on_stores!(a_dispute_takes_back_what_the_payment_bought_once);
+async fn a_dispute_takes_back_what_the_payment_bought_once(s: Setup) {
+    let mut paid = session("cs_d", "cus_acme", true, None, Some("pi_d"));
+    paid["metadata"] = json!({ "tollgate_units": "100" });
+    assert_eq!(s.signed(&event("evt_1", "checkout.session.completed", paid)).await, (200, credited(100, "pi_d")));
+    assert_eq!(s.admitted(30).await, 30);
+    let bad = event(
+        "evt_b",
+        "charge.dispute.funds_withdrawn",
+        dispute("dp_1", Some("pi_d"), json!("lots"), "needs_response"),
+    );
+    assert_eq!(s.signed(&bad).await.0, 400, "a malformed amount");
+    let withdrawn =
+        event("evt_2", "charge.dispute.funds_withdrawn", dispute("dp_1", Some("pi_d"), json!(1000), "needs_response"));
+    let (code, outcome) = s.signed(&withdrawn).await;
+    assert_eq!(code, 200);
+    assert!(matches!(outcome, WebhookOutcome::Refunded { .. }), "{outcome:?}");
+    assert_eq!(s.admitted(10).await, 0, "nothing left of what the disputed payment bought");
+    assert_eq!(s.signed(&withdrawn).await, (200, WebhookOutcome::Duplicate), "a redelivery");
+    let lost = event("evt_3", "charge.dispute.closed", dispute("dp_1", Some("pi_d"), json!(1000), "lost"));
+    assert_eq!(s.signed(&lost).await, (200, WebhookOutcome::Duplicate), "applied once per dispute");
+    s.h.tollgate.shutdown().await.unwrap();
+    let b = s.balance().await;
+    assert_eq!((b.granted, b.left()), (0, 0), "the 30 used left with the rest: {b:?}");
+    // A dispute of a payment no grant has: nothing taken, nothing kept for a grant to come.
+    let unknown = event("evt_4", "charge.dispute.closed", dispute("dp_2", Some("pi_u"), json!(1000), "lost"));
+    let (code, outcome) = s.signed(&unknown).await;
+    assert_eq!(code, 200);
+    assert!(!matches!(outcome, WebhookOutcome::Refunded { .. } | WebhookOutcome::RefundKept { .. }), "{outcome:?}");
+    let mut later = session("cs_u", "cus_acme", true, None, Some("pi_u"));
+    later["metadata"] = json!({ "tollgate_units": "50" });
+    assert_eq!(s.signed(&event("evt_5", "checkout.session.completed", later)).await, (200, credited(50, "pi_u")));
+    assert_eq!(s.balance().await.granted, 50, "the grant keeps its units");
+    // A refund larger than its charge: refused, nothing changed.
+    let over = event("evt_6", "charge.refunded", charge("cus_acme", "pi_u", 1000, 2000));
+    assert_eq!(s.signed(&over).await.0, 400);
+    assert_eq!(s.balance().await.granted, 50);
 }
 
 // The worked examples of docs/credits.md over signed webhooks: on a mixed invoice, the seats'

@@ -203,7 +203,9 @@ impl WebhookHandler {
             | WebhookOutcome::RefundKept { .. } => WebhookCount::Applied,
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,
-            WebhookOutcome::NotCredited { .. } | WebhookOutcome::PaymentUnknown { .. } => WebhookCount::NotCredited,
+            WebhookOutcome::NotCredited { .. }
+            | WebhookOutcome::PaymentUnknown { .. }
+            | WebhookOutcome::NotCaptured { .. } => WebhookCount::NotCredited,
             WebhookOutcome::ApiRefused { .. } => WebhookCount::ApiRefused,
             WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) => return WebhookReply { outcome },
             _ => WebhookCount::Ignored,

@@ -64,6 +64,15 @@ pub enum WebhookOutcome {
         /// The price ids of the payment's lines.
         prices: Vec<String>,
     },
+    /// A checkout session whose payment is only authorized (manual capture: a
+    /// `capture_method` of `manual` in its `payment_method_options`), whatever its
+    /// `payment_status`: nothing granted, as nothing was paid yet and no event says when it is.
+    /// Counted as [`NotCredited`](Self::NotCredited) is, and logged: sell credits with
+    /// automatic capture, or grant by hand once captured.
+    NotCaptured {
+        /// The checkout session.
+        session: String,
+    },
     /// A paid invoice (or a subscription's checkout session, which names its invoice alone)
     /// whose payment intent could not be read: there is no Stripe secret key. Nothing granted,
     /// since one payment's shapes could not be told apart by their payment. Counted as
@@ -159,6 +168,7 @@ impl WebhookReply {
             WebhookOutcome::MeterError { .. } => "meter_error",
             WebhookOutcome::NotCredited { .. } => "not_credited",
             WebhookOutcome::PaymentUnknown { .. } => "payment_unknown",
+            WebhookOutcome::NotCaptured { .. } => "not_captured",
             WebhookOutcome::Rejected(reason) => {
                 return serde_json::json!({
                     "type": "https://tollgate.rs/problems/bad-webhook",

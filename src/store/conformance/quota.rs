@@ -690,6 +690,15 @@ pub async fn a_refund_before_its_grant_is_applied_when_the_grant_lands<S: ?Sized
     let landed = h.s().grant_credits(&credit("early", "in_f", 50, None).costing(1000)).await.unwrap();
     assert_eq!(landed, GrantOutcome::Granted(CreditBalance::new(40, 0)), "refunded in full before it landed");
     assert_eq!(balance(h.s(), "early").await, CreditBalance::new(40, 0));
+    // A dispute concerns a grant already made: of a payment no grant has, nothing is kept,
+    // and the grant that lands later keeps all its units.
+    let dispute = CreditRefund::new("pi_g", 1000, 1000, at).only_if_granted();
+    assert_eq!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Nothing);
+    let landed = h.s().grant_credits(&credit("early", "pi_g", 10, None).paid_by("pi_g").costing(1000)).await.unwrap();
+    assert_eq!(landed, GrantOutcome::Granted(CreditBalance::new(50, 0)), "nothing was kept for it");
+    // Once granted, the dispute takes it all back, once.
+    assert!(matches!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Taken { units: 10, .. }));
+    assert_eq!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Nothing);
 }
 
 /// One grant per payment: a second grant of a payment, under another id or on another meter,

@@ -785,6 +785,9 @@ impl DynamoStore {
     /// two copies winning, on the condition that no grant of the payment has landed:
     /// `Some(Kept)` or `Some(Full)`, `None` when a condition failed (read again).
     async fn keep_refund(&self, refund: &CreditRefund) -> Result<Option<RefundOutcome>, StoreError> {
+        if !refund.keep {
+            return Ok(Some(RefundOutcome::Nothing));
+        }
         let mut keys = vec![refund.payment.clone()];
         if let Some(i) = refund.invoice.as_ref().filter(|i| **i != refund.payment) {
             keys.push(i.clone());

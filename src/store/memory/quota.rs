@@ -229,7 +229,7 @@ impl QuotaStore for MemoryStore {
                 None => RefundOutcome::Nothing,
             });
         }
-        if of.next().is_some() {
+        if of.next().is_some() || !refund.keep {
             return Ok(RefundOutcome::Nothing);
         }
         inner.kept_refunds.retain(|_, r| r.at >= refund.at - REFUNDS_KEPT_SECS);

@@ -658,6 +658,7 @@ impl QuotaStore for PostgresStore {
                     }
                 }
                 Some(_) => RefundOutcome::Nothing,
+                None if !refund.keep => RefundOutcome::Nothing,
                 None => {
                     tx.query_typed(&prune, args![refund.at - contract::REFUNDS_KEPT_SECS]).await?;
                     let prior = tx.query_typed_opt(&before, args![refund.payment.as_str()]).await?;

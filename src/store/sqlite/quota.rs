@@ -228,7 +228,8 @@ impl QuotaStore for SqliteStore {
                     })
                 }
                 Some(_) => Ok(RefundOutcome::Nothing),
-                None => keep_refund(tx, &refund),
+                None if refund.keep => keep_refund(tx, &refund),
+                None => Ok(RefundOutcome::Nothing),
             }
         })
         .await
