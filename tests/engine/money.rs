@@ -683,6 +683,61 @@ async fn a_request_dropped_while_its_quota_waits_gives_its_spend_back() {
     assert_eq!(store.reserved(&spend_key("t")).await.unwrap(), 1_000, "one request's price, in nano-dollars");
 }
 
+/// Overrides work on a plan with a spend cap for tenants of the store's directory too (issue
+/// 54, item 0): each documented override, set through `Admin::set_overrides` (as
+/// `tollgate tenants set-override` does), on the plan with a hard spend cap and on one
+/// without, is taken and served (main refused `rate`, `prices` and `spend` on the capped plan,
+/// and `spend` on any plan).
+#[tokio::test]
+async fn directory_overrides_hold_on_plans_with_and_without_a_spend_cap() {
+    let toml = TOML.to_owned()
+        + "[plans.free]\n[meters.account]\n[[routes]]\npath = \"/sso\"\nmeter = \"account\"\nfeature = \"sso\"\n";
+    let h = Harness::new(&toml);
+    let admin = Admin::for_engine(&h.tollgate);
+    let mut n = 0;
+    let mut tenant = |plan: &'static str, overrides: &'static str| {
+        n += 1;
+        let admin = admin.clone();
+        async move {
+            let id = format!("d{n}");
+            admin.add_tenant(&id, plan, None).await.unwrap();
+            admin.set_overrides(&id, Some(overrides)).await.unwrap_or_else(|e| panic!("{plan}: {overrides}: {e}"));
+            admin.issue_key(&id, Default::default()).await.unwrap().key
+        }
+    };
+    let served = |key: String, path: &'static str| {
+        let h = &h;
+        async move {
+            let mut served = 0;
+            while served < 20 {
+                match h.status(path, &key).await {
+                    200 => served += 1,
+                    _ => break,
+                }
+            }
+            served
+        }
+    };
+    for plan in ["p", "free"] {
+        let key = tenant(plan, r#"{"quotas": {"requests": {"limit": 3, "period": "day", "mode": "hard"}}}"#).await;
+        assert_eq!(served(key, "/anything").await, 3, "{plan}: quotas");
+        let key = tenant(plan, r#"{"rate": "2/m"}"#).await;
+        assert_eq!(served(key, "/anything").await, 2, "{plan}: rate");
+        let key = tenant(plan, r#"{"rate": "5/m", "burst": 4}"#).await;
+        assert_eq!(served(key, "/anything").await, 4, "{plan}: burst");
+        let key = tenant(plan, r#"{"features": ["sso"]}"#).await;
+        assert_eq!(served(key, "/sso").await, 20, "{plan}: features");
+        let key = tenant(plan, r#"{"spend": {"limit": "0.000003", "period": "month", "mode": "hard"}}"#).await;
+        assert_eq!(served(key, "/anything").await, 3, "{plan}: spend");
+        let key = tenant(
+            plan,
+            r#"{"prices": {"requests": "0.25"}, "spend": {"limit": "1.00", "period": "month", "mode": "hard"}}"#,
+        )
+        .await;
+        assert_eq!(served(key, "/anything").await, 4, "{plan}: prices");
+    }
+}
+
 /// Overrides work on a plan with a spend cap (issue 54, item 0): a file tenant's
 /// `quotas.requests = { limit = 3 }` on a plan with a hard spend cap is applied (the fourth
 /// request refused), not dropped at its first request; an override that adds a spend cap to a
