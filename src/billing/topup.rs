@@ -131,6 +131,22 @@ fn line_of(v: &Value) -> Line {
     Line { id, keys, quantity: v["quantity"].as_u64().unwrap_or(0), amount, credited: 0, skipped: Vec::new() }
 }
 
+/// The invoice `intent` paid, from the invoices' payments (API versions from 2025-03-31 name
+/// it nowhere else); `None` for a payment of no invoice (a checkout in payment mode).
+async fn invoice_of_payment(reader: &StripeReader, intent: &str) -> Result<Option<String>, ReadError> {
+    if !intent.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Ok(None);
+    }
+    let page = reader
+        .get(&format!(
+            "v1/invoice_payments?payment%5Btype%5D=payment_intent&payment%5Bpayment_intent%5D={intent}&limit=10"
+        ))
+        .await?;
+    Ok(page["data"].as_array().and_then(|payments| {
+        payments.iter().find(|p| p["status"] == "paid").and_then(|p| id_of(&p["invoice"]).map(str::to_owned))
+    }))
+}
+
 /// What the pre-payment credit notes of `invoice` credited, by invoice line (void notes, and
 /// post-payment ones, which refunds handle, left out).
 async fn pre_payment_credits(
@@ -538,6 +554,15 @@ impl WebhookHandler {
                         .map(|g| g.id.clone());
                 }
                 Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
+            }
+        }
+        // No grant names it yet (its grant may land later): the invoice the payment paid, if
+        // any, read from its payments, so that its credit notes attribute the refund now and
+        // when it is kept for its grant.
+        if let (None, Some(intent), Some(reader)) = (&invoice, intent, self.reader.as_ref()) {
+            match invoice_of_payment(reader, intent).await {
+                Ok(found) => invoice = found,
+                Err(e) => return Some(self.unreadable(event, "the invoice a refunded payment paid", e)),
             }
         }
         let Some(payment) = intent.or(invoice.as_deref()).map(str::to_owned) else {

@@ -701,6 +701,36 @@ async fn a_dispute_takes_back_what_the_payment_bought_once(s: Setup) {
     assert_eq!(s.balance().await.granted, 50);
 }
 
+// A refund that arrives before its grant keeps its credit-note attribution: the charge names
+// no invoice on the current API, so the invoice is read from its payments, and the credit note
+// on the seats of a mixed invoice then takes no credits when the grant lands (main kept the
+// refund without its invoice and took half the pack, pro rata).
+on_stores!(a_refund_before_its_grant_keeps_its_credit_note_attribution);
+async fn a_refund_before_its_grant_keeps_its_credit_note_attribution(s: Setup) {
+    s.store
+        .put_tenant(&TenantRecord::new("newco".into(), "credits".into()), &[KeyHash::of(b"key-newco")])
+        .await
+        .unwrap();
+    let mut payment = fixtures()["invoice_payment"].clone();
+    payment["id"] = json!("inpay_k");
+    payment["invoice"] = json!("in_k");
+    payment["status"] = json!("paid");
+    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_k" });
+    s.stripe.add_invoice_payments("in_k", vec![payment]);
+    let inv = invoice("in_k", "cus_new", &[("price_pack", 3), ("seat", 4)]);
+    s.stripe.add_lines("/v1/invoices/in_k/lines", inv["lines"]["data"].as_array().unwrap().clone());
+    let paid = event("evt_1", "invoice.paid", inv);
+    assert_eq!(s.signed(&paid).await.0, 500, "no tenant has the customer yet");
+    s.stripe.add_credit_notes("in_k", vec![credit_note("cn_k", "in_k", &[("il_in_k_1", 500)], 500)]);
+    let seats = event("evt_2", "charge.refunded", charge("cus_new", "pi_k", 1000, 500));
+    assert_eq!(s.signed(&seats).await, (200, WebhookOutcome::RefundKept { payment: "pi_k".into() }));
+    Admin::new(s.store.clone()).set_customer("newco", Some("cus_new"), false).await.unwrap();
+    let (status, outcome) = s.signed(&paid).await;
+    assert_eq!(status, 200, "{outcome:?}");
+    let (_, balances) = Admin::new(s.store.clone()).credits("newco").await.unwrap();
+    assert_eq!(balances[0].1.granted, 300, "the seats' credit note took no credits");
+}
+
 // The worked examples of docs/credits.md over signed webhooks: on a mixed invoice, the seats'
 // credit note takes nothing and the pack's all of it; a 1-cent refund takes nothing; a refund
 // whose metadata says `tollgate_units` takes that many.

@@ -723,6 +723,23 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
     // without their filter, which each reference gives as optional): tollgate asks for one
     // item of each to learn what its key may read. The stand-in keeps no account-wide list:
     // an empty page, as an account without such objects answers.
+    // "List all payments for an invoice" by payment (`payment[type]`, `payment[payment_intent]`:
+    // "Only return invoice payments associated by this payment intent ID"): across invoices.
+    if path == "/v1/invoice_payments" && !q.contains_key("invoice") && q.contains_key("payment[payment_intent]") {
+        if q.get("payment[type]").map(String::as_str) != Some("payment_intent") {
+            return invalid("payment[type] is required with payment[payment_intent]");
+        }
+        s.list_reads += 1;
+        let intent = &q["payment[payment_intent]"];
+        let items = s
+            .invoice_payments
+            .values()
+            .flatten()
+            .filter(|p| p["payment"]["payment_intent"].as_str() == Some(intent.as_str()))
+            .map(|p| (p["id"].as_str().unwrap_or_default().to_owned(), p.clone()))
+            .collect();
+        return page(items, path);
+    }
     if ["/v1/checkout/sessions", "/v1/invoices"].contains(&path)
         || (path == "/v1/invoice_payments" && !q.contains_key("invoice"))
         || (path == "/v1/refunds" && !q.contains_key("payment_intent"))
