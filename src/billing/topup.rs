@@ -545,13 +545,17 @@ impl WebhookHandler {
         // The invoice: the charge's (API versions before 2025-03-31), else the grant's id when
         // the grant of this payment was made for an invoice.
         let mut invoice = id_of(&o["invoice"]).map(str::to_owned);
-        if let (None, Some(tenant), Some(intent)) = (&invoice, &tenant, intent) {
+        let mut granted = false;
+        if let (Some(tenant), Some(intent)) = (&tenant, intent) {
             match quota.credit_grants(tenant, None).await {
                 Ok((grants, _)) => {
-                    invoice = grants
-                        .iter()
-                        .find(|g| g.payment.as_deref() == Some(intent) && g.id.starts_with("in_"))
-                        .map(|g| g.id.clone());
+                    let of = |g: &&CreditGrant| {
+                        g.payment.as_deref() == Some(intent) || invoice.as_deref().is_some_and(|i| g.id == i)
+                    };
+                    granted = grants.iter().any(|g| of(&g));
+                    if invoice.is_none() {
+                        invoice = grants.iter().find(|g| of(g) && g.id.starts_with("in_")).map(|g| g.id.clone());
+                    }
                 }
                 Err(e) => return Some(WebhookOutcome::StoreFailed(e.to_string())),
             }
@@ -569,6 +573,21 @@ impl WebhookHandler {
             tracing::info!(%event, "a refund of a charge without a payment intent: no credits to take back");
             return None;
         };
+        // No grant of it yet: kept for its grant only if the payment bought credits (read from
+        // its invoice or checkout session), so that the account's other refunds are never
+        // stored (a customer not linked yet is no reason: its grant may land later).
+        if !granted {
+            if let Some(reader) = self.reader.as_ref() {
+                match self.bought_credits(credits, reader, intent, invoice.as_deref()).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(%event, %payment, "a refund of a payment that bought no credits: nothing kept");
+                        return Some(WebhookOutcome::Ignored);
+                    }
+                    Err(e) => return Some(self.unreadable(event, "what the refunded payment bought", e)),
+                }
+            }
+        }
         let now = self.clock.unix_secs();
         let mut refund =
             CreditRefund::new(payment.clone(), refunded, amount, now).attributed(credits.refund_attribution);
@@ -609,6 +628,51 @@ impl WebhookHandler {
             }
             Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
         }
+    }
+
+    /// Whether the payment `intent` (of `invoice`, if it paid one) bought credits: its invoice,
+    /// else its checkout session, says `tollgate_units` in its metadata or has a line on a
+    /// price of `[stripe.credits.prices]`. A payment of neither (made outside Checkout and
+    /// Invoicing) never grants credits.
+    async fn bought_credits(
+        &self,
+        credits: &CreditSettings,
+        reader: &StripeReader,
+        intent: Option<&str>,
+        invoice: Option<&str>,
+    ) -> Result<bool, ReadError> {
+        let safe = |id: &str| id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let (object, session) = match (invoice, intent) {
+            (Some(invoice), _) if safe(invoice) => (reader.get(&format!("v1/invoices/{invoice}")).await?, false),
+            (None, Some(intent)) if safe(intent) => {
+                let page = reader.get(&format!("v1/checkout/sessions?payment_intent={intent}&limit=1")).await?;
+                match page["data"].as_array().and_then(|d| d.first()) {
+                    Some(session) => (session.clone(), true),
+                    None => return Ok(false),
+                }
+            }
+            _ => return Ok(false),
+        };
+        let o = &object;
+        let named = |key: &str| match &o["metadata"][key] {
+            Value::Null if !session => o["parent"]["subscription_details"]["metadata"][key].clone(),
+            own => own.clone(),
+        };
+        if !named(UNITS_KEY).is_null() {
+            return Ok(true);
+        }
+        let Some(id) = id_of(&o["id"]) else { return Ok(false) };
+        let lines = match self.lines(o, id, session).await {
+            Ok(lines) => lines,
+            Err(LinesError::Read(e)) => return Err(e),
+            Err(e) => return Err(ReadError::permanent(format!("the payment's lines: {e:?}"))),
+        };
+        let keys: Vec<&str> = lines.iter().flat_map(|l| l.keys.iter().chain(&l.skipped)).map(String::as_str).collect();
+        if keys.iter().any(|k| credits.prices.contains_key(*k)) {
+            return Ok(true);
+        }
+        let ids = self.lookup_ids(credits, &keys).await?;
+        Ok(keys.iter().any(|k| ids.get(*k).is_some_and(|key| credits.prices.contains_key(key))))
     }
 
     /// A dispute of a payment that bought credits: `charge.dispute.funds_withdrawn`, or

@@ -400,10 +400,10 @@ async fn a_refund_takes_back_what_its_money_bought_once(s: Setup) {
     s.h.tollgate.shutdown().await.unwrap();
     let b = s.balance().await;
     assert_eq!((b.granted, b.left()), (0, 0), "{b:?}");
-    // A refund of a payment that bought no credits, by a known customer, is kept for a grant
-    // that may still land (nothing here).
+    // A refund of a payment of neither a checkout session nor an invoice (no grant can come of
+    // it) is not kept.
     let other = event("evt_4", "charge.refunded", charge("cus_acme", "pi_other", 1000, 1000));
-    assert_eq!(s.signed(&other).await, (200, WebhookOutcome::RefundKept { payment: "pi_other".into() }));
+    assert_eq!(s.signed(&other).await, (200, WebhookOutcome::Ignored));
 }
 
 // Two packs of 100 units, 100 used, the older (spent first) refunded in full: the refund takes
@@ -719,6 +719,7 @@ async fn a_refund_before_its_grant_keeps_its_credit_note_attribution(s: Setup) {
     s.stripe.add_invoice_payments("in_k", vec![payment]);
     let inv = invoice("in_k", "cus_new", &[("price_pack", 3), ("seat", 4)]);
     s.stripe.add_lines("/v1/invoices/in_k/lines", inv["lines"]["data"].as_array().unwrap().clone());
+    s.stripe.add_invoice(inv.clone());
     let paid = event("evt_1", "invoice.paid", inv);
     assert_eq!(s.signed(&paid).await.0, 500, "no tenant has the customer yet");
     s.stripe.add_credit_notes("in_k", vec![credit_note("cn_k", "in_k", &[("il_in_k_1", 500)], 500)]);
@@ -729,6 +730,29 @@ async fn a_refund_before_its_grant_keeps_its_credit_note_attribution(s: Setup) {
     assert_eq!(status, 200, "{outcome:?}");
     let (_, balances) = Admin::new(s.store.clone()).credits("newco").await.unwrap();
     assert_eq!(balances[0].1.granted, 300, "the seats' credit note took no credits");
+}
+
+// Only refunds that concern credits are kept until their grant lands: a refund of a payment
+// that bought no credit price (read from its checkout session's lines) is answered 200
+// `ignored` and never stored, whether its customer is linked or not (main kept every refund
+// of the account, 35 days, counted as applied, and answered 500 to all of them past 10,000
+// kept). One that bought credits, by a customer not linked yet, is kept.
+on_stores!(only_refunds_of_credit_payments_are_kept);
+async fn only_refunds_of_credit_payments_are_kept(s: Setup) {
+    for (n, customer) in ["cus_acme", "cus_nobody"].into_iter().enumerate() {
+        let seats = session(&format!("cs_s{n}"), customer, true, None, Some(&format!("pi_s{n}")));
+        s.stripe.add_session(seats);
+        s.stripe
+            .add_lines(&format!("/v1/checkout/sessions/cs_s{n}/line_items"), vec![item("li_s", "price_seat", None, 3)]);
+        let refund = event(&format!("evt_s{n}"), "charge.refunded", charge(customer, &format!("pi_s{n}"), 1000, 1000));
+        assert_eq!(s.signed(&refund).await, (200, WebhookOutcome::Ignored), "{customer}");
+    }
+    // A credit pack's payment, its customer not linked yet: kept for its grant.
+    let pack = session("cs_p", "cus_later", true, None, Some("pi_p"));
+    s.stripe.add_session(pack);
+    s.stripe.add_lines("/v1/checkout/sessions/cs_p/line_items", vec![item("li_p", "price_pack", None, 1)]);
+    let refund = event("evt_p", "charge.refunded", charge("cus_later", "pi_p", 1000, 1000));
+    assert_eq!(s.signed(&refund).await, (200, WebhookOutcome::RefundKept { payment: "pi_p".into() }));
 }
 
 // The worked examples of docs/credits.md over signed webhooks: on a mixed invoice, the seats'
@@ -787,6 +811,7 @@ async fn a_refund_before_its_grant_is_applied_when_the_grant_lands(s: Setup) {
         .unwrap();
     let mut paid = session("cs_n", "cus_new", true, None, Some("pi_n"));
     paid["metadata"] = json!({ "tollgate_units": "100" });
+    s.stripe.add_session(paid.clone());
     let paid = event("evt_1", "checkout.session.completed", paid);
     assert_eq!(s.signed(&paid).await.0, 500, "no tenant has the customer yet");
     let refund = event("evt_2", "charge.refunded", charge("cus_new", "pi_n", 1000, 1000));

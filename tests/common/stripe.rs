@@ -132,6 +132,10 @@ struct State {
     credit_notes: HashMap<String, Vec<serde_json::Value>>,
     list_reads: u64,
     failing_reads: u32,
+    /// Objects by path (`/v1/invoices/{id}`, `/v1/checkout/sessions/{id}`), and checkout
+    /// sessions to list by payment intent.
+    objects: HashMap<String, serde_json::Value>,
+    sessions: Vec<serde_json::Value>,
     /// Reads refused by path prefix, with their status (401: a key rolled or revoked; 403: a
     /// restricted key without the permission; 404: a key of another account or mode).
     refused_reads: Vec<(String, u16)>,
@@ -340,6 +344,23 @@ impl StandIn {
     }
 
     /// The next `n` reads of line items answer 500.
+    /// An invoice (an `invoice` object), retrieved at `/v1/invoices/{id}` ("Retrieve an
+    /// invoice").
+    pub fn add_invoice(&self, invoice: serde_json::Value) {
+        let id = invoice["id"].as_str().unwrap_or_default().to_owned();
+        self.lock().objects.insert(format!("/v1/invoices/{id}"), invoice);
+    }
+
+    /// A checkout session, retrieved at `/v1/checkout/sessions/{id}` and listed by its payment
+    /// intent ("List all Checkout Sessions": `payment_intent`, "Only return the Checkout
+    /// Session for the PaymentIntent specified").
+    pub fn add_session(&self, session: serde_json::Value) {
+        let id = session["id"].as_str().unwrap_or_default().to_owned();
+        let mut s = self.lock();
+        s.objects.insert(format!("/v1/checkout/sessions/{id}"), session.clone());
+        s.sessions.push(session);
+    }
+
     /// Refuses the reads whose path starts with `prefix` (`/v1/invoice_payments`) with
     /// `status` (401, 403 or 404), as Stripe answers a key that may not read them; `None`
     /// lifts every refusal.
@@ -723,6 +744,21 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
     // without their filter, which each reference gives as optional): tollgate asks for one
     // item of each to learn what its key may read. The stand-in keeps no account-wide list:
     // an empty page, as an account without such objects answers.
+    if let Some(object) = s.objects.get(path) {
+        s.list_reads += 1;
+        return (200, object.to_string(), "application/json");
+    }
+    if path == "/v1/checkout/sessions" && q.contains_key("payment_intent") {
+        s.list_reads += 1;
+        let intent = &q["payment_intent"];
+        let items = s
+            .sessions
+            .iter()
+            .filter(|v| v["payment_intent"].as_str() == Some(intent.as_str()))
+            .map(|v| (v["id"].as_str().unwrap_or_default().to_owned(), v.clone()))
+            .collect();
+        return page(items, path);
+    }
     // "List all payments for an invoice" by payment (`payment[type]`, `payment[payment_intent]`:
     // "Only return invoice payments associated by this payment intent ID"): across invoices.
     if path == "/v1/invoice_payments" && !q.contains_key("invoice") && q.contains_key("payment[payment_intent]") {
