@@ -145,8 +145,9 @@ impl LookupKeys {
                     }
                     let key = match reader.get(&format!("v1/prices/{id}")).await {
                         Ok(price) => price["lookup_key"].as_str().map(str::to_owned),
-                        // A price id Stripe does not know: no lookup key.
-                        Err(ReadError { why, .. }) if why.starts_with("404") => None,
+                        // A price can be archived, never deleted: a 404 on the id of a signed
+                        // event's line is a key of another account or mode (a refusal,
+                        // answered 500), never "no lookup key".
                         Err(e) => return Err(e),
                     };
                     let mut prices = self.prices.lock().unwrap_or_else(|e| e.into_inner());

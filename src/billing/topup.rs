@@ -802,12 +802,13 @@ impl WebhookHandler {
                     Err(LinesError::Read(e)) => return Err(e),
                     Err(e) => return Err(ReadError::permanent(format!("the invoice's lines: {e:?}"))),
                 };
-                let ids = self
-                    .lookup_ids(
-                        credits,
-                        &lines.iter().flat_map(|l| l.keys.iter().map(String::as_str)).collect::<Vec<_>>(),
-                    )
-                    .await?;
+                // The lines on no key of the map: their prices' lookup keys, if it has any.
+                let unmatched: Vec<&str> = lines
+                    .iter()
+                    .filter(|l| !l.keys.iter().any(|k| credits.prices.contains_key(k)))
+                    .flat_map(|l| l.keys.iter().map(String::as_str))
+                    .collect();
+                let ids = self.lookup_ids(credits, &unmatched).await?;
                 let credit_lines: Vec<&str> = lines
                     .iter()
                     .filter(|l| {

@@ -175,6 +175,11 @@ async fn setup(store: Arc<dyn Store>, refunds: &str) -> Setup {
     let toml = config(refunds);
     let h = Harness::with_store(&toml, store.clone(), NOON);
     let stripe = StandIn::start(&[]).await;
+    // The account's other prices, which the tests' payments name beside the packs (Stripe
+    // knows every price a payment names: a 404 on one is a key of another account).
+    for price in ["seat", "price_seat", "price_plan_monthly"] {
+        stripe.add_price(price, None, true);
+    }
     let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
         Secret::new(common::stripe::SECRET),
         Some(&stripe.url),
@@ -902,11 +907,20 @@ async fn an_invoice_on_a_lookup_key_price_is_credited() {
     assert_eq!(s.balance().await.granted, 5000);
     // A price that cannot be read now: 500, delivered again; never taken for no credit.
     s.stripe.fail_reads(1);
-    let failing = event("evt_7", "invoice.paid", invoice("in_7", "cus_acme", &[("price_unknown_x", 1)]));
+    let failing = event("evt_7", "invoice.paid", invoice("in_7", "cus_acme", &[("price_other_x", 1)]));
     let (status, outcome) = s.signed(&failing).await;
     assert_eq!(status, 500, "{outcome:?}");
-    let unknown = WebhookOutcome::NotCredited { prices: vec!["price_unknown_x".into()] };
-    assert_eq!(s.signed(&failing).await, (200, unknown), "a price Stripe does not know has no lookup key");
+    // Stripe knows every price a signed payment names (prices are archived, never deleted): a
+    // 404 on one is a key of another account or mode, answered 500 until the key is right.
+    let (status, outcome) = s.signed(&failing).await;
+    assert_eq!(status, 500, "{outcome:?}");
+    assert!(
+        matches!(&outcome, WebhookOutcome::ApiRefused { permission } if permission.contains("Prices")),
+        "{outcome:?}"
+    );
+    s.stripe.add_price("price_other_x", None, true);
+    let other = WebhookOutcome::NotCredited { prices: vec!["price_other_x".into()] };
+    assert_eq!(s.signed(&failing).await, (200, other), "a price without a lookup key of the map");
 }
 
 /// A lookup key whose prices cannot be read now answers 500 (Stripe delivers it again); the
