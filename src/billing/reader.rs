@@ -71,7 +71,7 @@ impl StripeReader {
                 hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
         });
-        let passing = |e: &dyn fmt::Display| ReadError { permanent: false, why: e.to_string(), refused: None };
+        let passing = |e: &dyn fmt::Display| ReadError { why: e.to_string(), refused: None };
         let request = http::Request::get(format!("{}{path}", self.api_base))
             .header(http::header::AUTHORIZATION, format!("Bearer {}", self.api_key.expose()))
             .header("stripe-version", STRIPE_VERSION)
@@ -91,11 +91,11 @@ impl StripeReader {
                 // the permission; 404: a key of another account or mode, the object being one
                 // of a signed event): it will pass once the key is right, so never final.
                 if let Some(refused) = refusal(status, path) {
-                    return Err(ReadError { permanent: false, why, refused: Some(refused) });
+                    return Err(ReadError { why, refused: Some(refused) });
                 }
-                // Another client error stays one; a rate limit or a server error may pass.
-                let permanent = status.is_client_error() && status != http::StatusCode::TOO_MANY_REQUESTS;
-                return Err(ReadError { permanent, why, refused: None });
+                // Another client error, a rate limit or a server error: answered 500 by the
+                // caller, so Stripe delivers the event again.
+                return Err(ReadError { why, refused: None });
             }
             serde_json::from_slice(&body).map_err(|e| ReadError::permanent(e.to_string()))
         };
@@ -104,29 +104,28 @@ impl StripeReader {
     }
 }
 
-/// Why a read of Stripe's API failed, and whether trying again later may succeed.
+/// Why a read of Stripe's API failed: every failure of a read a payment needs answers 500
+/// (Stripe delivers the event again), never "no credits".
 #[derive(Debug)]
 pub(crate) struct ReadError {
-    /// A 4xx (but 429, 401, 403 and 404) or an answer that cannot be read: trying again will
-    /// not help.
-    pub(crate) permanent: bool,
     pub(crate) why: String,
     /// Refused for the key (401, 403, 404): what it lacks, as a person fixes it.
     pub(crate) refused: Option<String>,
 }
 
 impl ReadError {
-    /// A failure that trying again will not mend (not the key's).
+    /// A failure that is not the key's (an answer that cannot be read, no key at all).
     pub(crate) fn permanent(why: impl Into<String>) -> Self {
-        Self { permanent: true, why: why.into(), refused: None }
+        Self { why: why.into(), refused: None }
     }
 }
 
 /// The permission a restricted key needs for a read of `path` (a path and query without the
 /// leading `/`), named as the Dashboard's restricted key form names it.
 pub(crate) fn permission_of(path: &str) -> &'static str {
-    const BY_PATH: [(&str, &str); 8] = [
+    const BY_PATH: [(&str, &str); 9] = [
         ("v1/checkout/sessions", "Checkout Sessions: read"),
+        ("v1/payment_intents", "PaymentIntents: read (sessions with manual capture)"),
         ("v1/invoice_payments", "Invoices: read (invoice payments)"),
         ("v1/invoices", "Invoices: read"),
         ("v1/prices", "Prices: read"),
@@ -192,7 +191,8 @@ impl StripeReader {
             match self.get(&format!("{path}?limit=1")).await {
                 Ok(_) => {}
                 Err(ReadError { refused: Some(lacking), .. }) => access.refused.push(lacking),
-                Err(ReadError { permanent: true, .. }) => {}
+                // Not an answer of Stripe's (a wrong `api_base`), or a server error: the key
+                // could not be checked.
                 Err(ReadError { why, .. }) => {
                     access.unreachable = Some(why);
                     break;
@@ -203,14 +203,16 @@ impl StripeReader {
     }
 }
 
-/// The lists a key must read for `[stripe.credits]` with `refunds` taken back (`false`: the
-/// refunds are left to the seller).
-pub(crate) fn credit_reads(refunds: bool) -> &'static [&'static str] {
-    const ALL: [&str; 6] =
-        ["v1/checkout/sessions", "v1/invoices", "v1/invoice_payments", "v1/prices", "v1/refunds", "v1/credit_notes"];
+/// The lists a key must read for `[stripe.credits]`: checkout sessions, invoices (and their
+/// payments) and credit notes (pre-payment ones lower what an invoice grants); refunds when
+/// they are taken back (`refunds`); prices when the map names lookup keys (`lookup_keys`).
+pub(crate) fn credit_reads(refunds: bool, lookup_keys: bool) -> Vec<&'static str> {
+    let mut reads = vec!["v1/checkout/sessions", "v1/invoices", "v1/invoice_payments", "v1/credit_notes"];
     if refunds {
-        &ALL
-    } else {
-        &ALL[..4]
+        reads.push("v1/refunds");
     }
+    if lookup_keys {
+        reads.push("v1/prices");
+    }
+    reads
 }

@@ -90,9 +90,10 @@ impl Line {
 /// A line that charges nothing (an amount of 0 or less after its discounts: a credit for
 /// unused time, a free trial, a pack given away) or prorates buys nothing: proration lines carry the full quantity for part of the
 /// price.
-fn line_of(v: &Value) -> Line {
-    // What the customer paid for it: an invoice line's `amount` is before its discounts, its
-    // pre-tax credits and its exclusive tax; a checkout line's `amount_total` counts them.
+/// What an invoice line (or a credit note's line) comes to: its `amount` (gross) less its
+/// `discount_amounts` and `pretax_credit_amounts`, plus its exclusive `taxes`; `None` without
+/// an `amount`.
+fn net_amount(v: &Value) -> Option<i64> {
     let sum = |list: &Value, counted: &dyn Fn(&Value) -> bool| {
         list.as_array()
             .into_iter()
@@ -100,14 +101,17 @@ fn line_of(v: &Value) -> Line {
             .filter(|a| counted(a))
             .fold(0i64, |t, a| t.saturating_add(a["amount"].as_i64().unwrap_or(0).max(0)))
     };
-    let amount = match v["amount"].as_i64() {
-        Some(a) => Some(
-            a.saturating_sub(sum(&v["discount_amounts"], &|_| true))
-                .saturating_sub(sum(&v["pretax_credit_amounts"], &|_| true))
-                .saturating_add(sum(&v["taxes"], &|t| t["tax_behavior"] == "exclusive")),
-        ),
-        None => v["amount_total"].as_i64(),
-    };
+    v["amount"].as_i64().map(|a| {
+        a.saturating_sub(sum(&v["discount_amounts"], &|_| true))
+            .saturating_sub(sum(&v["pretax_credit_amounts"], &|_| true))
+            .saturating_add(sum(&v["taxes"], &|t| t["tax_behavior"] == "exclusive"))
+    })
+}
+
+fn line_of(v: &Value) -> Line {
+    // What the customer paid for it: an invoice line's `amount` is before its discounts, its
+    // pre-tax credits and its exclusive tax; a checkout line's `amount_total` counts them.
+    let amount = net_amount(v).or_else(|| v["amount_total"].as_i64());
     let parent = &v["parent"];
     let prorated = v["proration"] == true
         || parent["subscription_item_details"]["proration"] == true
@@ -147,6 +151,17 @@ async fn invoice_of_payment(reader: &StripeReader, intent: &str) -> Result<Optio
     }))
 }
 
+/// The answer to a checkout session whose payment is only authorized (manual capture):
+/// nothing granted, logged, counted as not credited.
+fn not_captured(event: &str, kind: &str, o: &Value) -> WebhookOutcome {
+    let session = id_of(&o["id"]).unwrap_or("-").to_owned();
+    tracing::warn!(%event, %kind, %session,
+        "a checkout session whose payment is only authorized (manual capture): no credits granted, and no checkout \
+         event follows the capture; sell credits with automatic capture, or grant by hand once captured \
+         (tollgate credits grant)");
+    WebhookOutcome::NotCaptured { session }
+}
+
 /// What the pre-payment credit notes of `invoice` credited, by invoice line (void notes, and
 /// post-payment ones, which refunds handle, left out).
 async fn pre_payment_credits(
@@ -159,17 +174,33 @@ async fn pre_payment_credits(
     let notes = reader.get(&format!("v1/credit_notes?invoice={invoice}&limit=100")).await?;
     let mut credited = std::collections::HashMap::new();
     for note in notes["data"].as_array().into_iter().flatten() {
-        if note["status"] == "void" || note["type"] != "pre_payment" {
+        let (pre, of) = note_share(note, true);
+        if note["status"] == "void" || pre == 0 {
             continue;
         }
         for line in note["lines"]["data"].as_array().into_iter().flatten() {
             if let Some(il) = id_of(&line["invoice_line_item"]) {
+                let amount = u128::try_from(net_amount(line).unwrap_or(0).max(0)).unwrap_or(0);
+                let share = (amount * u128::from(pre) / u128::from(of.max(1))) as u64;
                 let c: &mut u64 = credited.entry(il.to_owned()).or_default();
-                *c = c.saturating_add(line["amount"].as_u64().unwrap_or(0));
+                *c = c.saturating_add(share);
             }
         }
     }
     Ok(credited)
+}
+
+/// The part of a credit note issued before the invoice was paid (`pre`) or after it, as
+/// `(part, of)`: `type` `pre_payment` all of it, `post_payment` none, `mixed` its
+/// `pre_payment_amount` (or `post_payment_amount`) of its `amount`.
+fn note_share(note: &Value, pre: bool) -> (u64, u64) {
+    let amount = note["amount"].as_u64().unwrap_or(0);
+    match (note["type"].as_str(), pre) {
+        (Some("pre_payment"), true) | (Some("post_payment"), false) => (1, 1),
+        (Some("pre_payment"), false) | (Some("post_payment"), true) => (0, 1),
+        (_, true) => (note["pre_payment_amount"].as_u64().unwrap_or(0).min(amount), amount),
+        (_, false) => (note["post_payment_amount"].as_u64().unwrap_or(amount).min(amount), amount),
+    }
 }
 
 /// What the secret key (`stripe.secret_key_file` or `STRIPE_SECRET_KEY`) may read of what
@@ -191,17 +222,28 @@ pub async fn check_stripe_access(config: &Config) -> Result<StripeAccess, super:
         .next()
         .ok_or_else(missing)?;
     let reader = StripeReader::new(key, stripe.api_base.as_deref(), stripe.timeout);
-    Ok(reader.probe(super::reader::credit_reads(credits.refunds != RefundPolicy::Ignore)).await)
+    Ok(reader.probe(&credit_reads_of(credits)).await)
+}
+
+/// The lists `credits` needs a key to read.
+fn credit_reads_of(credits: &CreditSettings) -> Vec<&'static str> {
+    super::reader::credit_reads(
+        credits.refunds != RefundPolicy::Ignore,
+        credits.prices.keys().any(|k| super::prices::is_lookup_key(k)),
+    )
 }
 
 /// Asks, in the background, what `reader` may read of what `credits` needs, and logs what is
 /// refused (an error) or that Stripe could not be asked (a warning: a start without Stripe is
 /// no fault).
 pub(crate) fn probe_in_background(reader: Arc<StripeReader>, credits: &CreditSettings) {
-    let paths = super::reader::credit_reads(credits.refunds != RefundPolicy::Ignore);
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    let paths = credit_reads_of(credits);
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("no async runtime: what the Stripe secret key may read is not asked (tollgate check asks)");
+        return;
+    };
     runtime.spawn(async move {
-        let access = reader.probe(paths).await;
+        let access = reader.probe(&paths).await;
         if !access.refused.is_empty() {
             tracing::error!(lacking = ?access.refused,
                 "the Stripe secret key cannot read what [stripe.credits] needs: payments that need it are \
@@ -234,19 +276,22 @@ impl WebhookHandler {
             _ => return None,
         };
         let body: Value = serde_json::from_str(payload).ok()?;
+        if body["account"].is_string() {
+            // A connected account's payment (Stripe Connect): not this account's credits, and
+            // its objects are read with that account's header, which tollgate does not send.
+            tracing::info!(%event, %kind, "a payment of a connected account: no credits granted");
+            return None;
+        }
         let o = &body["data"]["object"];
-        // A payment only authorized (manual capture) is not paid, whatever the session says,
-        // and no checkout event follows its capture: never credited here.
-        let held = o["payment_method_options"]
-            .as_object()
-            .is_some_and(|options| options.values().any(|method| method["capture_method"] == "manual"));
-        if session && held {
-            let session = id_of(&o["id"]).unwrap_or("-").to_owned();
-            tracing::error!(%event, %kind, %session,
-                "a checkout session with manual capture: no credits granted (nothing is paid until the capture, and \
-                 no checkout event follows it); sell credits with automatic capture, or grant by hand once captured \
-                 (tollgate credits grant)");
-            return Some(WebhookOutcome::NotCaptured { session });
+        // A payment that may be only authorized (manual capture for some payment method): no
+        // checkout event follows its capture, so it is credited here only once its payment
+        // intent says it succeeded (below), and counted when it was not paid.
+        let manual = session
+            && o["payment_method_options"]
+                .as_object()
+                .is_some_and(|options| options.values().any(|method| method["capture_method"] == "manual"));
+        if manual && o["payment_status"] != "paid" {
+            return Some(not_captured(event, kind, o));
         }
         // Pre-payment credit notes lower what an invoice asks to be paid.
         let credited_before =
@@ -300,6 +345,16 @@ impl WebhookHandler {
         // amounts of its credit lines.
         let whole = o["amount_total"].as_u64().or_else(|| o["amount_paid"].as_u64());
         let (units, paid) = match units {
+            // Units named for the whole invoice: a pre-payment credit note took its share back.
+            Some(u) if credited_before > 0 => {
+                let total = o["total"].as_i64().unwrap_or(0).max(1);
+                let left = total.saturating_sub(credited_before).max(0);
+                let scaled = (u128::from(u) * left as u128 / total as u128) as u64;
+                if scaled == 0 {
+                    return Some(WebhookOutcome::Ignored);
+                }
+                (scaled, whole)
+            }
             Some(u) => (u, whole),
             None if credits.prices.is_empty() => return None,
             None => {
@@ -317,14 +372,9 @@ impl WebhookHandler {
                             "a payment of more than {} line items: no credits granted; grant by hand", MAX_PAGES * 100);
                         return Some(WebhookOutcome::Ignored);
                     }
-                    Err(LinesError::Read(ReadError { permanent: true, why, .. })) => {
-                        // An answer that will never do (not the key's: a refused key is
-                        // answered 500 below, until it can read them).
-                        tracing::error!(%event, %kind, object = %object, error = %why,
-                            "the payment's line items cannot be read: no credits granted; grant by hand \
-                             (tollgate credits grant); it goes on to the plans");
-                        return None;
-                    }
+                    // Never taken for "no credits": a paid top-up is answered 500 until its
+                    // lines can be read (a wrong `api_base` or key is fixed, then the event
+                    // comes again).
                     Err(LinesError::Read(e)) => return Some(self.unreadable(event, "the payment's line items", e)),
                 };
                 // Lines its pre-payment credit notes credited buy that much less: read them.
@@ -337,10 +387,20 @@ impl WebhookHandler {
                     };
                     match pre_payment_credits(reader, object).await {
                         Ok(credited) => {
+                            let mut attributed = 0u64;
                             for line in &mut lines {
                                 if let Some(c) = line.id.as_ref().and_then(|id| credited.get(id)) {
                                     line.credited = *c;
+                                    attributed = attributed.saturating_add(*c);
                                 }
+                            }
+                            // Credit on no line read here (a custom line of the note, a line
+                            // past those listed): which units it took back cannot be told.
+                            if i64::try_from(attributed).unwrap_or(i64::MAX) < credited_before {
+                                tracing::error!(%event, object = %object, credited = credited_before, attributed,
+                                    "an invoice whose pre-payment credit notes credit lines that cannot be told \
+                                     apart: no credits granted; grant by hand (tollgate credits grant)");
+                                return Some(WebhookOutcome::Ignored);
                             }
                         }
                         Err(e) => return Some(self.unreadable(event, "the invoice's credit notes", e)),
@@ -416,6 +476,23 @@ impl WebhookHandler {
                 "metadata `{METER_KEY}` names a meter no plan has a prepaid balance on: nothing granted");
             return Some(WebhookOutcome::Ignored);
         }
+        if manual {
+            // Captured, or only authorized: its payment intent says.
+            let intent =
+                id_of(&o["payment_intent"]).filter(|i| i.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            let succeeded = match (self.reader.as_ref(), intent) {
+                (Some(reader), Some(intent)) => match reader.get(&format!("v1/payment_intents/{intent}")).await {
+                    Ok(pi) => pi["status"] == "succeeded",
+                    Err(e) => {
+                        return Some(self.unreadable(event, "the payment intent of a session with manual capture", e))
+                    }
+                },
+                _ => false,
+            };
+            if !succeeded {
+                return Some(not_captured(event, kind, o));
+            }
+        }
         let Some(customer) = id_of(&o["customer"]) else {
             tracing::error!(%event, object = %object, units,
                 "a payment for prepaid credits without a customer: nothing granted; grant by hand");
@@ -464,14 +541,8 @@ impl WebhookHandler {
             }
             (None, Some(invoice)) => match self.invoice_payment(invoice).await {
                 Ok(p) => p,
-                Err(e @ ReadError { permanent: false, .. }) => {
-                    return Some(self.unreadable(event, "the invoice's payment intent (for refunds)", e))
-                }
-                Err(ReadError { why, .. }) => {
-                    tracing::error!(%event, %invoice, error = %why,
-                        "the invoice's payment intent cannot be read (for refunds): granted without it");
-                    None
-                }
+                // Never granted without it (it could not be refunded): 500 until it can be read.
+                Err(e) => return Some(self.unreadable(event, "the invoice's payment intent (for refunds)", e)),
             },
             (None, None) => None,
         };
@@ -788,13 +859,13 @@ impl WebhookHandler {
         let mut of_credits = 0u64;
         if let Some(invoice) = invoice.filter(|i| safe(i)) {
             let notes = reader.get(&format!("v1/credit_notes?invoice={invoice}&limit=100")).await?;
-            // Post-payment notes refund; pre-payment ones lowered what was paid, and the grant
-            // already counts only what was paid.
+            // Post-payment notes (or parts of mixed ones) refund; pre-payment ones lowered what
+            // was paid, and the grant already counts only what was paid.
             let notes: Vec<&Value> = notes["data"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|n| n["status"] != "void" && n["type"] != "pre_payment")
+                .filter(|n| n["status"] != "void" && note_share(n, false).0 > 0)
                 .collect();
             if !notes.is_empty() {
                 let lines = match self.lines(&Value::Null, invoice, false).await {
@@ -820,11 +891,15 @@ impl WebhookHandler {
                     .filter_map(|l| l.id.as_deref())
                     .collect();
                 for note in notes {
-                    // The note's refunds are attributed by its lines, not shared.
+                    // The note's refunds are attributed by its lines, not shared (of a mixed
+                    // note, its post-payment part).
+                    let (post, of) = note_share(note, false);
+                    let part = |a: u64| (u128::from(a) * u128::from(post) / u128::from(of.max(1))) as u64;
                     plain = plain.saturating_sub(note["refund_amount"].as_u64().unwrap_or(0));
                     for line in note["lines"]["data"].as_array().into_iter().flatten() {
                         if id_of(&line["invoice_line_item"]).is_some_and(|il| credit_lines.contains(&il)) {
-                            of_credits = of_credits.saturating_add(line["amount"].as_u64().unwrap_or(0));
+                            let amount = u64::try_from(net_amount(line).unwrap_or(0).max(0)).unwrap_or(0);
+                            of_credits = of_credits.saturating_add(part(amount));
                         }
                     }
                 }

@@ -142,10 +142,17 @@ fn credit_note(id: &str, invoice: &str, lines: &[(&str, u64)], refunded: u64) ->
             l["id"] = json!(format!("cnli_{id}_{i}"));
             l["invoice_line_item"] = json!(line);
             l["amount"] = json!(amount);
+            // Neither discounted nor taxed, as the lines it credits.
+            l["discount_amounts"] = json!([]);
+            l["pretax_credit_amounts"] = json!([]);
+            l["taxes"] = json!([]);
             l
         })
         .collect();
-    n["amount"] = json!(lines.iter().map(|(_, a)| a).sum::<u64>());
+    let total = lines.iter().map(|(_, a)| a).sum::<u64>();
+    n["amount"] = json!(total);
+    n["pre_payment_amount"] = json!(0);
+    n["post_payment_amount"] = json!(total);
     n["lines"]["data"] = json!(data);
     n["lines"]["has_more"] = json!(false);
     n
@@ -624,6 +631,8 @@ async fn an_invoice_credited_before_payment_grants_only_what_was_paid(s: Setup) 
     s.stripe.add_lines("/v1/invoices/in_h/lines", inv["lines"]["data"].as_array().unwrap().clone());
     let mut note = credit_note("cn_h", "in_h", &[("il_in_h_1", 500)], 0);
     note["type"] = json!("pre_payment");
+    note["pre_payment_amount"] = json!(500);
+    note["post_payment_amount"] = json!(0);
     s.stripe.add_credit_notes("in_h", vec![note]);
     assert_eq!(
         s.signed(&event("evt_h", "invoice.paid", inv)).await,
@@ -634,21 +643,30 @@ async fn an_invoice_credited_before_payment_grants_only_what_was_paid(s: Setup) 
     assert_eq!(grants.iter().find(|g| g.id == "in_h").unwrap().paid, Some(500));
 }
 
-// A checkout session whose payment is only authorized (manual capture: Stripe's "Place a hold
-// on a payment method"; the session's `payment_method_options.card.capture_method` is
-// `manual`) is not credited, whatever its `payment_status` says: counted and logged, so that
-// credits are sold with automatic capture (main credited a "paid" one before any capture).
-on_stores!(a_checkout_with_manual_capture_is_not_credited);
-async fn a_checkout_with_manual_capture_is_not_credited(s: Setup) {
-    for (n, status) in ["paid", "unpaid"].into_iter().enumerate() {
-        let mut held = session(&format!("cs_m{n}"), "cus_acme", status == "paid", None, Some(&format!("pi_m{n}")));
+// A checkout session whose payment may be only authorized (manual capture: Stripe's "Place a
+// hold on a payment method"; the session's `payment_method_options.card.capture_method` is
+// `manual`) is credited only once its payment intent succeeded (captured, or paid by a
+// method captured at once): an authorized one (`requires_capture`), or an unpaid one, is
+// not credited, counted and logged (main credited a "paid" one before any capture).
+on_stores!(a_checkout_with_manual_capture_is_credited_only_once_captured);
+async fn a_checkout_with_manual_capture_is_credited_only_once_captured(s: Setup) {
+    for (n, (status, intent)) in
+        [("paid", "requires_capture"), ("unpaid", "requires_capture"), ("paid", "succeeded")].into_iter().enumerate()
+    {
+        let pi = format!("pi_m{n}");
+        s.stripe.add_payment_intent(&pi, intent);
+        let mut held = session(&format!("cs_m{n}"), "cus_acme", status == "paid", None, Some(&pi));
         held["metadata"] = json!({ "tollgate_units": "100" });
         held["payment_method_options"] = json!({ "card": { "capture_method": "manual" } });
         let (code, outcome) = s.signed(&event(&format!("evt_m{n}"), "checkout.session.completed", held)).await;
         assert_eq!(code, 200);
-        assert!(matches!(outcome, WebhookOutcome::NotCaptured { .. }), "{status}: {outcome:?}");
+        if intent == "succeeded" {
+            assert_eq!(outcome, credited(100, &pi), "captured");
+        } else {
+            assert!(matches!(outcome, WebhookOutcome::NotCaptured { .. }), "{status}: {outcome:?}");
+        }
     }
-    assert_eq!(s.balance().await.granted, 0);
+    assert_eq!(s.balance().await.granted, 100);
     assert_eq!(s.h.tollgate.stats().webhooks_not_credited, 2, "counted");
 }
 

@@ -343,12 +343,18 @@ impl StandIn {
         self.lock().price_reads
     }
 
-    /// The next `n` reads of line items answer 500.
     /// An invoice (an `invoice` object), retrieved at `/v1/invoices/{id}` ("Retrieve an
     /// invoice").
     pub fn add_invoice(&self, invoice: serde_json::Value) {
         let id = invoice["id"].as_str().unwrap_or_default().to_owned();
         self.lock().objects.insert(format!("/v1/invoices/{id}"), invoice);
+    }
+
+    /// A payment intent with this `status` (`succeeded`, `requires_capture`), retrieved at
+    /// `/v1/payment_intents/{id}` ("Retrieve a PaymentIntent").
+    pub fn add_payment_intent(&self, id: &str, status: &str) {
+        let intent = serde_json::json!({ "id": id, "object": "payment_intent", "status": status });
+        self.lock().objects.insert(format!("/v1/payment_intents/{id}"), intent);
     }
 
     /// A checkout session, retrieved at `/v1/checkout/sessions/{id}` and listed by its payment
@@ -372,6 +378,7 @@ impl StandIn {
         }
     }
 
+    /// The next `n` reads of line items answer 500.
     pub fn fail_reads(&self, n: u32) {
         self.lock().failing_reads = n;
     }
@@ -442,8 +449,12 @@ async fn connection(socket: TcpStream, state: Arc<Mutex<State>>) {
 }
 
 fn error(status: u16, kind: &str, code: &str, message: &str) -> (u16, String, &'static str) {
-    let body = serde_json::json!({ "error": { "type": kind, "code": code, "message": message } }).to_string();
-    (status, body, "application/json")
+    // Stripe leaves `code` out when there is none.
+    let mut error = serde_json::json!({ "type": kind, "message": message });
+    if !code.is_empty() {
+        error["code"] = serde_json::json!(code);
+    }
+    (status, serde_json::json!({ "error": error }).to_string(), "application/json")
 }
 
 fn decode(s: &str) -> String {
@@ -671,7 +682,19 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
     // Stripe's documented refusals ("Errors": 401 "No valid API key provided", 403 "The API key
     // doesn't have permissions to perform the request", 404 "The requested resource doesn't
     // exist"; a restricted key's 403 names the permission that would allow the request).
-    if let Some((_, status)) = s.refused_reads.iter().find(|(prefix, _)| path.starts_with(prefix.as_str())) {
+    // A key of another account (404) lists that account's objects: an empty page.
+    let list = [
+        "/v1/checkout/sessions",
+        "/v1/invoices",
+        "/v1/invoice_payments",
+        "/v1/refunds",
+        "/v1/credit_notes",
+        "/v1/prices",
+    ]
+    .contains(&path);
+    if let Some((_, status)) =
+        s.refused_reads.iter().find(|(prefix, status)| path.starts_with(prefix.as_str()) && !(list && *status == 404))
+    {
         return match status {
             401 => error(401, "invalid_request_error", "", "Invalid API Key provided: rk_test_****************cdef"),
             403 => error(
