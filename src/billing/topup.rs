@@ -65,6 +65,23 @@ struct Line {
     /// Of `amount`, what pre-payment credit notes credited (it buys that much less).
     credited: u64,
     skipped: Vec<String>,
+    /// A proration line: what it charges (a credit: less than 0), its subscription item, and
+    /// the invoice a credit credits.
+    proration: Option<Proration>,
+}
+
+/// A proration line of an invoice: a change of quantity or price mid-period is a credit for
+/// the unused time of the old (naming the invoice it credits) and a charge for the rest of the
+/// new, on the same subscription item.
+#[derive(Debug)]
+struct Proration {
+    /// What it charges, net of its discounts, pre-tax credits and exclusive tax: a credit is
+    /// negative.
+    money: i64,
+    /// The subscription item (else the subscription) it prorates.
+    item: Option<String>,
+    /// The invoice it credits (`proration_details.credited_items.invoice`).
+    invoice: Option<String>,
 }
 
 impl Line {
@@ -128,11 +145,57 @@ fn line_of(v: &Value) -> Line {
     let id = id_of(&v["id"]).map(str::to_owned);
     // A line that charges nothing (a free or fully discounted one) buys nothing.
     if amount.is_some_and(|a| a <= 0) || prorated {
-        return Line { id, keys: Vec::new(), quantity: 0, amount: 0, credited: 0, skipped: keys };
+        let proration = prorated.then(|| proration_of(v)).flatten();
+        return Line { id, keys: Vec::new(), quantity: 0, amount: 0, credited: 0, skipped: keys, proration };
     }
     let amount = amount.and_then(|a| u64::try_from(a).ok()).unwrap_or(0);
     // A line without a quantity (usage-based) buys no pack.
-    Line { id, keys, quantity: v["quantity"].as_u64().unwrap_or(0), amount, credited: 0, skipped: Vec::new() }
+    Line {
+        id,
+        keys,
+        quantity: v["quantity"].as_u64().unwrap_or(0),
+        amount,
+        credited: 0,
+        skipped: Vec::new(),
+        proration: None,
+    }
+}
+
+/// A proration line's [`Proration`], in any API version (`None` without an `amount`). A
+/// credit's discounts and pre-tax credits lower it, its exclusive tax raises it, as they do a
+/// charge.
+fn proration_of(v: &Value) -> Option<Proration> {
+    let parent = &v["parent"];
+    let sum = |list: &Value, counted: &dyn Fn(&Value) -> bool| {
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| counted(a))
+            .fold(0i64, |t, a| t.saturating_add(a["amount"].as_i64().unwrap_or(0).saturating_abs()))
+    };
+    let amount = v["amount"].as_i64()?;
+    let money = if amount >= 0 {
+        net_amount(v)?
+    } else {
+        let credit = amount
+            .saturating_abs()
+            .saturating_sub(sum(&v["discount_amounts"], &|_| true))
+            .saturating_sub(sum(&v["pretax_credit_amounts"], &|_| true))
+            .saturating_add(sum(&v["taxes"], &|t| t["tax_behavior"] == "exclusive"));
+        -credit.max(0)
+    };
+    let details = [&parent["subscription_item_details"], &parent["invoice_item_details"], v];
+    let invoice = details.iter().find_map(|d| id_of(&d["proration_details"]["credited_items"]["invoice"]));
+    let item = [
+        &parent["subscription_item_details"]["subscription_item"],
+        &v["subscription_item"],
+        &parent["subscription_item_details"]["subscription"],
+        &parent["invoice_item_details"]["subscription"],
+        &v["subscription"],
+    ]
+    .into_iter()
+    .find_map(id_of);
+    Some(Proration { money, item: item.map(str::to_owned), invoice: invoice.map(str::to_owned) })
 }
 
 /// The invoice `intent` paid, from the invoices' payments (API versions from 2025-03-31 name
@@ -282,6 +345,179 @@ impl WebhookHandler {
             tracing::info!(%event, %kind, "a payment of a connected account: no credits granted");
             return None;
         }
+        // Proration credits on the invoice take back what they credit, before its grant.
+        let prorated = if session {
+            None
+        } else {
+            match self.prorations(config, credits, event, &body).await {
+                Ok(taken) => taken,
+                Err(outcome) => return Some(outcome),
+            }
+        };
+        let outcome = self.payment(config, credits, event, kind, session, &body).await;
+        match (prorated, outcome) {
+            (
+                Some((tenant, meter, units)),
+                None | Some(WebhookOutcome::Ignored | WebhookOutcome::NotCredited { .. }),
+            ) => Some(WebhookOutcome::Refunded { tenant, meter, units }),
+            (_, outcome) => outcome,
+        }
+    }
+
+    /// The proration credits of an invoice (negative proration lines on a price of
+    /// `[stripe.credits.prices]`, a downgrade's or a cancel's credit for unused time), net of
+    /// the proration charges on a credit price of the same subscription item (a quantity
+    /// raised, a price switched: the charge for the rest of the period): each takes back from
+    /// the grant of the invoice it credits what its net money bought there
+    /// (`bought × credit / paid`), once per credit line, as a take apart from the payment's
+    /// refunds. `Ok(Some(..))`: units taken (the last tenant and meter, the units in all);
+    /// `Err`: the answer (a read or the store failed, or the credited invoice's grant has not
+    /// landed yet: 500, delivered again).
+    async fn prorations(
+        &self,
+        config: &Config,
+        credits: &CreditSettings,
+        event: &str,
+        body: &Value,
+    ) -> Result<Option<(TenantId, MeterId, u64)>, WebhookOutcome> {
+        let o = &body["data"]["object"];
+        if credits.refunds == RefundPolicy::Ignore || credits.prices.is_empty() {
+            return Ok(None);
+        }
+        let Some(quota) = self.quota.as_ref() else { return Ok(None) };
+        let (Some(object), Some(customer)) = (id_of(&o["id"]), id_of(&o["customer"])) else { return Ok(None) };
+        // Only an invoice whose embedded lines show a proration credit, or whose lines are not
+        // all embedded, is read further.
+        let is_credit = |p: &Proration| p.money < 0 && p.invoice.is_some();
+        let may = o["lines"]["has_more"] == true
+            || o["lines"]["data"]
+                .as_array()
+                .is_some_and(|lines| lines.iter().any(|l| line_of(l).proration.as_ref().is_some_and(is_credit)));
+        if !may {
+            return Ok(None);
+        }
+        let lines = match self.lines(o, object, false).await {
+            Ok(lines) => lines,
+            Err(LinesError::NoKey) => return Ok(None),
+            Err(LinesError::TooMany) => {
+                tracing::error!(%event, invoice = %object,
+                    "an invoice of more than {} line items: its proration credits are not taken back; revoke by hand",
+                    MAX_PAGES * 100);
+                return Ok(None);
+            }
+            Err(LinesError::Read(e)) => return Err(self.unreadable(event, "the invoice's line items (prorations)", e)),
+        };
+        let prorated: Vec<(&Line, &Proration)> =
+            lines.iter().filter_map(|l| l.proration.as_ref().map(|p| (l, p))).collect();
+        if !prorated.iter().any(|(_, p)| is_credit(p)) {
+            return Ok(None);
+        }
+        let unmatched: Vec<&str> = prorated
+            .iter()
+            .flat_map(|(l, _)| l.skipped.iter())
+            .filter(|k| !credits.prices.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        let ids = self
+            .lookup_ids(credits, &unmatched)
+            .await
+            .map_err(|e| self.unreadable(event, "the prices of [stripe.credits.prices]'s lookup keys", e))?;
+        let on_credit_price = |l: &Line| {
+            l.skipped.iter().any(|k| {
+                credits.prices.contains_key(k) || ids.get(k).is_some_and(|key| credits.prices.contains_key(key))
+            })
+        };
+        let prorated: Vec<&Proration> =
+            prorated.into_iter().filter(|(l, _)| on_credit_price(l)).map(|(_, p)| p).collect();
+        // What the new quantity or price charges for the rest of the period, per item: it
+        // offsets the credit of the old.
+        let mut charged: std::collections::HashMap<Option<&str>, u64> = std::collections::HashMap::new();
+        for p in prorated.iter().filter(|p| p.money > 0) {
+            let c = charged.entry(p.item.as_deref()).or_default();
+            *c = c.saturating_add(p.money.unsigned_abs());
+        }
+        let tenant = match self.tenant_of(config, customer).await {
+            Ok(Some(t)) => t,
+            // No tenant: no grant of its to take from.
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(WebhookOutcome::StoreFailed(e.to_string())),
+        };
+        let grants = match quota.credit_grants(&tenant, None).await {
+            Ok((grants, _)) => grants,
+            Err(e) => return Err(WebhookOutcome::StoreFailed(e.to_string())),
+        };
+        let now = self.clock.unix_secs();
+        let age = now - body["created"].as_i64().unwrap_or(0);
+        let mut taken: Option<(TenantId, MeterId, u64)> = None;
+        for (line, p) in lines.iter().filter_map(|l| l.proration.as_ref().map(|p| (l, p))) {
+            let (Some(invoice), Some(id)) = (p.invoice.as_deref(), line.id.as_deref()) else { continue };
+            if p.money >= 0 || !on_credit_price(line) {
+                continue;
+            }
+            let offset = charged.get_mut(&p.item.as_deref()).map_or(0, |c| {
+                let o = (*c).min(p.money.unsigned_abs());
+                *c -= o;
+                o
+            });
+            let money = p.money.unsigned_abs() - offset;
+            if money == 0 {
+                continue;
+            }
+            match grants.iter().find(|g| g.id == invoice) {
+                Some(g) if g.closed.is_some() => continue,
+                Some(g) if g.paid.is_none() => {
+                    tracing::error!(%event, %tenant, grant = %g.id, line = %id, credit = money,
+                        "a proration credit of a grant made before its cost was recorded: nothing taken back; \
+                         revoke its share by hand (tollgate credits revoke)");
+                    continue;
+                }
+                Some(_) => {}
+                // Its grant may still be on its way (its invoice answered 500): delivered again
+                // for a day, as a payment of an unknown customer is; then logged.
+                None if age <= UNKNOWN_CUSTOMER_GRACE_SECS => {
+                    tracing::warn!(%event, %invoice, line = %id,
+                        "a proration credit of an invoice no grant has yet: answered 500 so Stripe delivers it again");
+                    return Err(WebhookOutcome::StoreFailed(format!("no grant of {invoice} yet")));
+                }
+                None => {
+                    tracing::info!(%event, %invoice, line = %id,
+                        "a proration credit of an invoice no grant has: nothing taken back");
+                    continue;
+                }
+            }
+            let take =
+                CreditRefund::new(invoice, 0, 0, now).of_credit_lines(money).for_tenant(tenant.clone()).taking_once(id);
+            match quota.refund_credits(&take).await {
+                Ok(RefundOutcome::Taken { tenant, meter, grant, units }) => {
+                    self.node.tenant_changed(&tenant);
+                    tracing::info!(%event, %tenant, %meter, %grant, units, line = %id, credit = money,
+                        "a proration credit took back prepaid credits");
+                    let total = taken.as_ref().map_or(0, |t| t.2).saturating_add(units);
+                    taken = Some((tenant, meter, total));
+                }
+                Ok(RefundOutcome::Full) => {
+                    tracing::error!(%event, %invoice, line = %id,
+                        "a proration credit of a grant holding too many takes: nothing taken back; revoke by hand");
+                }
+                // Taken before (a redelivery), or the grant has closed meanwhile.
+                Ok(_) => {}
+                Err(e) => return Err(WebhookOutcome::StoreFailed(e.to_string())),
+            }
+        }
+        Ok(taken)
+    }
+
+    /// A verified checkout session or invoice event: the grant it makes, if any (see
+    /// [`payment_event`](Self::payment_event)).
+    async fn payment(
+        &self,
+        config: &Config,
+        credits: &CreditSettings,
+        event: &str,
+        kind: &str,
+        session: bool,
+        body: &Value,
+    ) -> Option<WebhookOutcome> {
         let o = &body["data"]["object"];
         // A payment that may be only authorized (manual capture for some payment method): no
         // checkout event follows its capture, so it is credited here only once its payment
@@ -685,7 +921,8 @@ impl WebhookHandler {
                 Some(WebhookOutcome::Refunded { tenant, meter, units })
             }
             // That much was taken back already, or the grant has closed.
-            Ok(RefundOutcome::Nothing) => Some(WebhookOutcome::Duplicate),
+            Ok(RefundOutcome::Nothing | RefundOutcome::GivenBack { .. }) => Some(WebhookOutcome::Duplicate),
+            Ok(RefundOutcome::Unknown) => Some(WebhookOutcome::Ignored),
             Ok(RefundOutcome::Kept) => {
                 tracing::info!(%event, %payment, refunded, amount,
                     "a refund of a payment no grant has yet: kept, and applied when its grant lands");
@@ -746,13 +983,13 @@ impl WebhookHandler {
         Ok(keys.iter().any(|k| ids.get(*k).is_some_and(|key| credits.prices.contains_key(key))))
     }
 
-    /// A dispute of a payment that bought credits: `charge.dispute.funds_withdrawn`, or
-    /// `charge.dispute.closed` lost, takes back what the payment bought, as a full refund
-    /// would (from what the balance still holds first), once per payment (the second of the
-    /// two, and a redelivery, take nothing more); only from a grant already made, nothing
-    /// kept otherwise. A dispute won after its funds were withdrawn
-    /// (`charge.dispute.funds_reinstated`) is logged for a person to grant back by hand: what
-    /// the withdrawal took of the balance is in its log line.
+    /// A dispute of a payment that bought credits, applied once per dispute id whatever the
+    /// order its events come in: `charge.dispute.funds_withdrawn`, or `charge.dispute.closed`
+    /// lost, takes back what the payment bought, as a full refund would (from what the balance
+    /// still holds first); `charge.dispute.funds_reinstated`, or `charge.dispute.closed` won,
+    /// gives back what the withdrawal took of what the balance held (and, come first, leaves
+    /// the withdrawal nothing to take). Only a grant already made is concerned: a dispute of a
+    /// payment no grant has is `ignored`, nothing kept.
     async fn dispute(
         &self,
         credits: &CreditSettings,
@@ -767,19 +1004,14 @@ impl WebhookHandler {
         let o = &body["data"]["object"];
         let dispute = id_of(&o["id"])?.to_owned();
         let intent = id_of(&o["payment_intent"]).map(str::to_owned);
-        match kind {
-            // Won, or an inquiry closed: nothing was taken (funds withdrawn are reinstated
-            // by their own event).
-            "charge.dispute.closed" if o["status"] != "lost" => return Some(WebhookOutcome::Ignored),
-            "charge.dispute.funds_reinstated" => {
-                tracing::error!(%event, %dispute, payment = ?intent,
-                    "a dispute was won after its funds were withdrawn: the credits its withdrawal took back are \
-                     not granted again by themselves; grant them by hand (tollgate credits grant), as its \
-                     withdrawal's log line names them");
-                return Some(WebhookOutcome::Ignored);
-            }
-            _ => {}
-        }
+        let lost = match kind {
+            "charge.dispute.funds_withdrawn" => true,
+            "charge.dispute.funds_reinstated" => false,
+            _ if o["status"] == "lost" => true,
+            _ if o["status"] == "won" => false,
+            // An inquiry closed, or a dispute closed in review: nothing was withdrawn.
+            _ => return Some(WebhookOutcome::Ignored),
+        };
         let Some(amount) = o["amount"].as_u64().filter(|a| *a > 0) else {
             return Some(WebhookOutcome::Rejected("a dispute without a positive amount".into()));
         };
@@ -788,8 +1020,13 @@ impl WebhookHandler {
             return Some(WebhookOutcome::Ignored);
         };
         let quota = self.quota.as_ref()?;
+        let now = self.clock.unix_secs();
         // The whole payment disputed: everything it bought, as a full refund takes it.
-        let refund = CreditRefund::new(intent.clone(), amount, amount, self.clock.unix_secs()).only_if_granted();
+        let refund = if lost {
+            CreditRefund::new(intent.clone(), amount, amount, now).taking_once(dispute.clone())
+        } else {
+            CreditRefund::new(intent.clone(), 0, amount, now).giving_back(dispute.clone())
+        };
         match quota.refund_credits(&refund).await {
             Ok(RefundOutcome::Taken { tenant, meter, grant, units }) => {
                 self.node.tenant_changed(&tenant);
@@ -797,7 +1034,24 @@ impl WebhookHandler {
                     "a dispute took back the prepaid credits its payment bought ({units} of what the balance held)");
                 Some(WebhookOutcome::Refunded { tenant, meter, units })
             }
-            // Taken already (the other event of the dispute, a redelivery), or no grant of it.
+            Ok(RefundOutcome::GivenBack { tenant, meter, grant, units }) => {
+                self.node.tenant_changed(&tenant);
+                tracing::info!(%event, %dispute, %tenant, %meter, %grant, units, payment = %intent,
+                    "a dispute won: the prepaid credits its withdrawal took back were given back");
+                Some(WebhookOutcome::Reinstated { tenant, meter, units })
+            }
+            // No grant of the payment: not a credit purchase (or one granted by hand).
+            Ok(RefundOutcome::Unknown) => {
+                tracing::info!(%event, %dispute, payment = %intent, "a dispute of a payment no grant has: nothing taken");
+                Some(WebhookOutcome::Ignored)
+            }
+            Ok(RefundOutcome::Full) => {
+                tracing::error!(%event, %dispute, payment = %intent,
+                    "a dispute of a grant that holds too many takes already: answered 500; revoke the grant by hand");
+                Some(WebhookOutcome::StoreFailed("the grant holds too many takes".into()))
+            }
+            // Applied already (the other event of the dispute, a redelivery), or the grant has
+            // closed.
             Ok(_) => Some(WebhookOutcome::Duplicate),
             Err(e) => Some(WebhookOutcome::StoreFailed(e.to_string())),
         }

@@ -75,8 +75,9 @@ pub use place::{PlaceCall, PlaceMode, PlaceRow, PlaceStore, Places};
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::{PostgresOptions, PostgresStore, POSTGRES_SCHEMA_VERSION};
 pub use quota::{
-    capped_limit, CapMode, CreditBalance, CreditClosure, CreditGrant, CreditRefund, Grant, GrantOutcome, Kept,
-    QuotaCounter, QuotaKey, QuotaStore, RefundOutcome, Release, Reservation, ReserveToken, SpendCap, SHRINK,
+    capped_limit, Apart, CapMode, CreditBalance, CreditClosure, CreditGrant, CreditRefund, CreditTake, Grant,
+    GrantOutcome, Kept, QuotaCounter, QuotaKey, QuotaStore, RefundOutcome, Release, Reservation, ReserveToken,
+    SpendCap, SHRINK, TAKES_MAX,
 };
 pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
 #[cfg(feature = "sqlite")]

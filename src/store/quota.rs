@@ -633,8 +633,80 @@ pub struct CreditGrant {
     /// payment was enforced (schema upgrades keep such grants as they were, marked): listed
     /// for a person to revoke.
     pub duplicate: bool,
+    /// The takes applied to it apart from the payment's cumulative refunds, once per id: a
+    /// dispute's, a proration credit's (at most [`TAKES_MAX`]).
+    pub takes: Vec<CreditTake>,
     /// How it closed, once expired or revoked.
     pub closed: Option<CreditClosure>,
+}
+
+/// The most takes one grant records ([`CreditGrant::takes`]): past it, a new take is refused
+/// ([`RefundOutcome::Full`]) for a person to look at.
+pub const TAKES_MAX: usize = 32;
+
+/// A take of a grant's units applied apart from its payment's cumulative refunds, once per
+/// id: a dispute's withdrawal (its id the dispute's), a proration credit (its id the credit
+/// line's). What it took of the balance's unspent units is given back once if the take is
+/// reversed (a dispute won after its funds were withdrawn), at most what the grant's other
+/// takes and refunds leave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreditTake {
+    /// The dispute's or the credit line's id.
+    pub id: String,
+    /// Units it takes back in all (what its money bought, at most the units bought), whether
+    /// the grant still held them or not.
+    pub units: u64,
+    /// Of them, units the grant lost to it (at most what the grant held then).
+    pub removed: u64,
+    /// Of those, units taken from what the balance still held (the rest were counted used).
+    pub unspent: u64,
+    /// Whether it was reversed (its unspent units given back).
+    pub given_back: bool,
+}
+
+impl CreditTake {
+    /// A take of `units`, `removed` of them from the grant, `unspent` of those from what the
+    /// balance still held.
+    #[must_use]
+    pub fn new(id: impl Into<String>, units: u64, removed: u64, unspent: u64) -> Self {
+        Self { id: id.into(), units, removed, unspent, given_back: false }
+    }
+}
+
+/// A grant's takes as a store holds them (JSON; `[]` for none).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
+pub(crate) fn takes_json(takes: &[CreditTake]) -> String {
+    serde_json::Value::Array(
+        takes
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id, "units": t.units, "removed": t.removed, "unspent": t.unspent, "back": t.given_back,
+                })
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+/// A grant's takes read back (nothing from what is not a list of takes).
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
+pub(crate) fn takes_of(json: &str) -> Vec<CreditTake> {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            Some(CreditTake {
+                id: t["id"].as_str()?.to_owned(),
+                units: t["units"].as_u64()?,
+                removed: t["removed"].as_u64()?,
+                unspent: t["unspent"].as_u64()?,
+                given_back: t["back"] == true,
+            })
+        })
+        .collect()
 }
 
 impl CreditGrant {
@@ -654,6 +726,7 @@ impl CreditGrant {
             taken: 0,
             refunded: 0,
             duplicate: false,
+            takes: Vec::new(),
             closed: None,
         }
     }
@@ -981,6 +1054,23 @@ pub struct CreditRefund {
     /// Whether it is kept until its grant lands when no grant of its payment has landed yet
     /// (`false`: a dispute, which only concerns a grant already made: nothing is stored).
     pub keep: bool,
+    /// Applied apart from the payment's cumulative refunds, once per id (a dispute, a
+    /// proration credit), or the reversal of such a take; `None`: a refund.
+    pub apart: Option<Apart>,
+}
+
+/// A take applied apart from a payment's cumulative refunds ([`CreditRefund::apart`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Apart {
+    /// Takes what the refund's money bought ([`CreditRefund::units_for`]), at most what the
+    /// grant holds, once per id (recorded as a [`CreditTake`]); it moves no cumulative refund.
+    Take(String),
+    /// Gives back, once, the unspent units the take of this id took, at most what the grant's
+    /// refunds and other takes leave it (units bought less what they take, less what it holds,
+    /// less the units this take removed that were counted used); before its take, records it
+    /// as given back, so that the take takes nothing.
+    GiveBack(String),
 }
 
 impl CreditRefund {
@@ -998,11 +1088,29 @@ impl CreditRefund {
             at,
             tenant: None,
             keep: true,
+            apart: None,
         }
     }
 
+    /// Taken once under `id` (a dispute's, a proration credit line's), apart from the
+    /// payment's cumulative refunds, and only from a grant already made (never kept): see
+    /// [`Apart::Take`].
+    #[must_use]
+    pub fn taking_once(mut self, id: impl Into<String>) -> Self {
+        self.apart = Some(Apart::Take(id.into()));
+        self.only_if_granted()
+    }
+
+    /// Gives back what the take `id` took of the balance's unspent units, once, to a grant
+    /// already made (never kept): see [`Apart::GiveBack`].
+    #[must_use]
+    pub fn giving_back(mut self, id: impl Into<String>) -> Self {
+        self.apart = Some(Apart::GiveBack(id.into()));
+        self.only_if_granted()
+    }
+
     /// Applied only to a grant already made: without one, nothing is kept
-    /// ([`RefundOutcome::Nothing`]).
+    /// ([`RefundOutcome::Unknown`]).
     #[must_use]
     pub fn only_if_granted(mut self) -> Self {
         self.keep = false;
@@ -1098,32 +1206,105 @@ impl CreditRefund {
     }
 }
 
+/// What [`refund_against`] did: the units taken from what the balance still held (or given
+/// back), the grant as it is now (its units, [`taken`](CreditGrant::taken) and
+/// [`takes`](CreditGrant::takes)), the balance after it, and where the units counted used that
+/// left were in the used total (to [`forgive`]).
+#[derive(Debug, Clone)]
+pub(crate) struct RefundApplied {
+    pub(crate) units: u64,
+    pub(crate) grant: CreditGrant,
+    pub(crate) after: CreditBalance,
+    pub(crate) used: UsedTaken,
+    /// A take reversed: `units` were given back.
+    pub(crate) given_back: bool,
+}
+
 /// Applies `refund` to its grant among `grants` (open ones, of one tenant and meter) against
-/// `balance`: `Some((units, removed, taken, after, used))`, the units taken from what the
-/// balance still held, the units the grant loses in all, the grant's new
-/// [`taken`](CreditGrant::taken), the balance after it, and where its units counted used that
-/// left were in the used total (to [`forgive`]); `None` when it takes nothing more (a
-/// redelivery, or less refunded than before). The units to take are `units_for − taken`, at
-/// most what the grant has: first from what the balance still holds, then from the units
-/// counted used, the last used first, which leave it as a close's do
-/// ([`taking_unspent_first`]). Every store refunds by this rule.
-#[must_use]
+/// `balance`; `None` when it changes nothing (a redelivery, less refunded than before, a take
+/// applied or given back before). A refund takes `units_for − taken`, at most what the grant
+/// has: first from what the balance still holds, then from the units counted used, the last
+/// used first, which leave it as a close's do ([`taking_unspent_first`]). A take apart
+/// ([`Apart::Take`]) takes `units_for` by the same rule once per id and records it; its
+/// reversal ([`Apart::GiveBack`]) adds back the unspent units it took (never past
+/// [`MAX_BALANCE`](super::contract::MAX_BALANCE)), to the grant and the balance. Every store
+/// refunds by this rule.
 pub(crate) fn refund_against(
     grants: &[CreditGrant],
     refund: &CreditRefund,
     balance: CreditBalance,
-) -> Option<(u64, u64, u64, CreditBalance, UsedTaken)> {
-    let grant = grants.iter().find(|g| g.closed.is_none() && refund.is_of(g))?;
-    let target = refund.units_for(grant);
-    if target <= grant.taken {
-        return None;
+) -> Result<RefundApplied, RefundOutcome> {
+    let grant = grants.iter().find(|g| g.closed.is_none() && refund.is_of(g)).ok_or(RefundOutcome::Nothing)?;
+    let mut now = grant.clone();
+    let take = |units: u64| {
+        let (from_held, from_spent, used) = taking_unspent_first(units, balance);
+        let after =
+            CreditBalance::new(balance.granted.saturating_sub(from_held + from_spent), balance.reserved - from_spent);
+        (from_held, from_held + from_spent, after, used)
+    };
+    match &refund.apart {
+        None => {
+            let target = refund.units_for(grant);
+            if target <= grant.taken {
+                return Err(RefundOutcome::Nothing);
+            }
+            let (units, removed, after, used) = take((target - grant.taken).min(grant.units));
+            now.units -= removed;
+            now.taken = target;
+            Ok(RefundApplied { units, grant: now, after, used, given_back: false })
+        }
+        Some(Apart::Take(id)) => {
+            if grant.takes.iter().any(|t| t.id == *id) {
+                return Err(RefundOutcome::Nothing);
+            }
+            if grant.takes.len() >= TAKES_MAX {
+                return Err(RefundOutcome::Full);
+            }
+            let meant = refund.units_for(grant);
+            let (units, removed, after, used) = take(meant.min(grant.units));
+            now.units -= removed;
+            now.takes.push(CreditTake::new(id.clone(), meant, removed, units));
+            Ok(RefundApplied { units, grant: now, after, used, given_back: false })
+        }
+        Some(Apart::GiveBack(id)) => {
+            if !now.takes.iter().any(|t| t.id == *id) {
+                // Reversed before its take came (events out of order): recorded as given back,
+                // so that the take, when it comes, takes nothing.
+                if now.takes.len() >= TAKES_MAX {
+                    return Err(RefundOutcome::Full);
+                }
+                now.takes.push(CreditTake::new(id.clone(), 0, 0, 0));
+            }
+            // What the grant may hold back at most: its units bought less what its refunds and
+            // its other takes take (whether it still held them when they came), less what it
+            // holds, less the units this take removed that were counted used (they stay used).
+            let others =
+                now.takes.iter().filter(|t| t.id != *id && !t.given_back).fold(0u64, |a, t| a.saturating_add(t.units));
+            let t = now.takes.iter_mut().find(|t| t.id == *id && !t.given_back).ok_or(RefundOutcome::Nothing)?;
+            let room = now.bought.saturating_sub(
+                now.taken.saturating_add(others).saturating_add(now.units).saturating_add(t.removed - t.unspent),
+            );
+            let back = t.unspent.min(room).min(super::contract::MAX_BALANCE.saturating_sub(balance.granted));
+            t.given_back = true;
+            now.units += back;
+            let after = CreditBalance { granted: balance.granted + back, ..balance };
+            let used = UsedTaken { lo: balance.reserved, hi: balance.reserved };
+            Ok(RefundApplied { units: back, grant: now, after, used, given_back: true })
+        }
     }
-    let delta = (target - grant.taken).min(grant.units);
-    let (from_held, from_spent, used) = taking_unspent_first(delta, balance);
-    let removed = from_held + from_spent;
-    let after =
-        CreditBalance::new(balance.granted.saturating_sub(removed), balance.reserved.saturating_sub(from_spent));
-    Some((from_held, removed, target, after, used))
+}
+
+impl RefundApplied {
+    /// The answer to the refund.
+    pub(crate) fn outcome(&self) -> RefundOutcome {
+        let (tenant, meter, grant, units) =
+            (self.grant.tenant.clone(), self.grant.meter.clone(), self.grant.id.clone(), self.units);
+        if self.given_back {
+            RefundOutcome::GivenBack { tenant, meter, grant, units }
+        } else {
+            RefundOutcome::Taken { tenant, meter, grant, units }
+        }
+    }
 }
 
 /// The answer to [`QuotaStore::refund_credits`].
@@ -1144,15 +1325,32 @@ pub enum RefundOutcome {
         /// or leased); the rest of what the refund takes leaves as used units.
         units: u64,
     },
-    /// The grant took this much back already (a redelivery, a late refund), or it has closed;
-    /// or no grant of the payment exists and the refund is not to be kept.
+    /// The grant took this much back already (a redelivery, a late refund, a take applied
+    /// or given back before), or it has closed.
     Nothing,
+    /// A take apart ([`CreditRefund::taking_once`]) reversed
+    /// ([`CreditRefund::giving_back`]): `units` it had taken of what the balance held came
+    /// back to the grant `grant` of `tenant` on `meter`.
+    GivenBack {
+        /// The tenant.
+        tenant: TenantId,
+        /// The meter.
+        meter: MeterId,
+        /// The grant's id.
+        grant: String,
+        /// Units given back.
+        units: u64,
+    },
+    /// No grant of the payment exists, and the refund is not to be kept
+    /// ([`CreditRefund::only_if_granted`]): nothing changed.
+    Unknown,
     /// No grant of this payment yet: kept (unless [`CreditRefund::keep`] is off), and applied
     /// by the grant's own write when it lands
     /// (within [`REFUNDS_KEPT_SECS`](super::contract::REFUNDS_KEPT_SECS)).
     Kept,
     /// No grant of this payment yet, and [`REFUNDS_KEPT_MAX`](super::contract::REFUNDS_KEPT_MAX)
-    /// refunds are kept already: nothing was kept (ask again later).
+    /// refunds are kept already: nothing was kept (ask again later); or a take apart found its
+    /// grant holding [`TAKES_MAX`] takes (a person must look).
     Full,
 }
 

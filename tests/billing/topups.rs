@@ -112,6 +112,17 @@ fn invoice(id: &str, customer: &str, lines: &[(&str, u64)]) -> Value {
     inv
 }
 
+/// The stand-in lists `intent` as the paid payment of `invoice` (Stripe's invoice payments: the
+/// only place API versions from 2025 name an invoice's payment intent).
+fn paid_by(s: &Setup, invoice: &str, intent: &str) {
+    let mut payment = fixtures()["invoice_payment"].clone();
+    payment["id"] = json!(format!("inpay_{invoice}"));
+    payment["invoice"] = json!(invoice);
+    payment["status"] = json!("paid");
+    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": intent });
+    s.stripe.add_invoice_payments(invoice, vec![payment]);
+}
+
 fn charge(customer: &str, intent: &str, amount: u64, refunded: u64) -> Value {
     let mut c = fixtures()["charge"].clone();
     c["customer"] = json!(customer);
@@ -295,12 +306,7 @@ async fn one_payment_grants_once_whatever_shapes_of_it_arrive(s: Setup) {
 on_stores!(an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_prices_grants_nothing);
 async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_prices_grants_nothing(s: Setup) {
     // The invoice names its payment intent only in its payments (API versions from 2025).
-    let mut payment = fixtures()["invoice_payment"].clone();
-    payment["id"] = json!("inpay_1");
-    payment["invoice"] = json!("in_9");
-    payment["status"] = json!("paid");
-    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_9" });
-    s.stripe.add_invoice_payments("in_9", vec![payment]);
+    paid_by(&s, "in_9", "pi_9");
     let inv = event("evt_1", "invoice.paid", invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]));
     assert_eq!(s.signed(&inv).await, (200, credited(300, "in_9")));
     assert_eq!(s.stripe.list_reads(), 1, "only its payment intent was read");
@@ -339,6 +345,104 @@ async fn an_invoice_grants_from_its_embedded_lines_and_a_session_without_credit_
     let signature = stripe_webhook::Webhook::generate_test_header(&forged, "whsec_forger", Some(NOON));
     assert_eq!(s.handler.handle(Some(&signature), forged.as_bytes()).await.status().as_u16(), 400);
     assert_eq!(s.balance().await.granted, 100);
+}
+
+/// An invoice of proration lines of customer acme's subscription item `si_1`: `(price, net
+/// amount, the line it credits)`, a negative amount a credit for unused time, a positive one a
+/// charge for the rest of the period (Stripe's invoice line item: `parent.subscription_item_details`
+/// with `proration` and `proration_details.credited_items`).
+fn prorations(id: &str, lines: &[(&str, i64, &str)]) -> Value {
+    let shape: Vec<(&str, u64)> = lines.iter().map(|(price, _, _)| (*price, 1)).collect();
+    let mut inv = invoice(id, "cus_acme", &shape);
+    for (n, (_, amount, credited_line)) in lines.iter().enumerate() {
+        let credited = (*amount < 0).then(|| json!({ "invoice": "in_9", "invoice_line_items": [credited_line] }));
+        inv["lines"]["data"][n]["amount"] = json!(amount);
+        inv["lines"]["data"][n]["parent"] = json!({ "type": "subscription_item_details",
+            "invoice_item_details": null,
+            "subscription_item_details": { "invoice_item": null, "proration": true,
+                "proration_details": { "credited_items": credited },
+                "subscription": "sub_1", "subscription_item": "si_1" } });
+    }
+    let total: i64 = lines.iter().map(|(_, a, _)| a).sum();
+    inv["total"] = json!(total);
+    inv["amount_paid"] = json!(total.max(0));
+    inv
+}
+
+// A proration credit (a downgrade or a cancel with proration: a negative proration line whose
+// `proration_details.credited_items` names the invoice it credits, as Stripe's invoice line
+// item documents it) on a credit price takes back `bought × credit / paid` from that
+// invoice's grant, once per credit line; a credit on another price takes nothing (main took
+// nothing: the customer kept the units of the money credited back).
+on_stores!(a_proration_credit_takes_back_what_it_credits);
+async fn a_proration_credit_takes_back_what_it_credits(s: Setup) {
+    paid_by(&s, "in_9", "pi_9");
+    // 300 units for 5.00, beside seats.
+    let paid = invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]);
+    s.stripe.add_lines("/v1/invoices/in_9/lines", paid["lines"]["data"].as_array().unwrap().clone());
+    assert_eq!(s.signed(&event("evt_1", "invoice.paid", paid)).await, (200, credited(300, "in_9")));
+    assert_eq!(s.admitted(20).await, 20);
+    // The downgrade's invoice: 2.50 of the pack and 1.00 of the seats credited for unused time.
+    let credit = event(
+        "evt_2",
+        "invoice.paid",
+        prorations("in_dn", &[("price_pack", -250, "il_in_9_0"), ("seat", -100, "il_in_9_1")]),
+    );
+    let (code, outcome) = s.signed(&credit).await;
+    assert_eq!(code, 200);
+    assert_eq!(outcome, WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 150 });
+    assert_eq!(s.balance().await.granted, 150, "300 × 2.50 / 5.00 taken back; the seats' credit takes nothing");
+    let (code, outcome) = s.signed(&credit).await;
+    assert_eq!(code, 200);
+    assert!(!matches!(outcome, WebhookOutcome::Refunded { .. }), "{outcome:?}");
+    assert_eq!(s.balance().await.granted, 150, "once per credit line");
+    // A refund of the rest of the pack later takes what the grant still holds.
+    s.stripe.add_credit_notes("in_9", vec![credit_note("cn_9", "in_9", &[("il_in_9_0", 500)], 500)]);
+    let refund = event("evt_3", "charge.refunded", charge("cus_acme", "pi_9", 1000, 500));
+    let (code, outcome) = s.signed(&refund).await;
+    assert!(matches!(outcome, WebhookOutcome::Refunded { .. }), "{code} {outcome:?}");
+    assert_eq!(s.balance().await.granted, 0);
+}
+
+// A proration credit is net of the proration charge on the same subscription item: a quantity
+// raised (credit of the old 3 packs, charge of the new 6) takes nothing, one lowered (3 to 2)
+// takes what the net credit bought; a credit's discount lowers it. A proration credit of an
+// invoice whose grant has not landed yet is answered 500 (Stripe delivers it again), and taken
+// once the grant lands.
+on_stores!(a_proration_credit_is_net_of_the_charge_of_the_new_quantity);
+async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
+    paid_by(&s, "in_9", "pi_9");
+    let paid = event("evt_1", "invoice.paid", invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]));
+    // The downgrade comes first: the grant it credits has not landed.
+    let down = event(
+        "evt_2",
+        "invoice.paid",
+        prorations("in_dn", &[("price_pack", -375, "il_in_9_0"), ("price_pack", 250, "")]),
+    );
+    assert_eq!(s.signed(&down).await.0, 500, "the grant it credits is still on its way");
+    assert_eq!(s.signed(&paid).await, (200, credited(300, "in_9")));
+    let up = event(
+        "evt_3",
+        "invoice.paid",
+        prorations("in_up", &[("price_pack", -250, "il_in_9_0"), ("price_pack", 500, "")]),
+    );
+    let (code, outcome) = s.signed(&up).await;
+    assert_eq!(code, 200);
+    assert!(!matches!(outcome, WebhookOutcome::Refunded { .. }), "an upgrade takes nothing: {outcome:?}");
+    assert_eq!(s.balance().await.granted, 300);
+    let (code, outcome) = s.signed(&down).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        outcome,
+        WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 75 },
+        "300 × (3.75 − 2.50) / 5.00"
+    );
+    // A credit of 2.00 with 1.00 of it discounted: 1.00 credited.
+    let mut discounted = prorations("in_ds", &[("price_pack", -200, "il_in_9_0")]);
+    discounted["lines"]["data"][0]["discount_amounts"] = json!([{ "amount": 100, "discount": "di_1" }]);
+    let (_, outcome) = s.signed(&event("evt_4", "invoice.paid", discounted)).await;
+    assert_eq!(outcome, WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 60 });
+    assert_eq!(s.balance().await.granted, 165);
 }
 
 on_stores!(the_shapes_of_one_payment_grant_once_even_on_different_meters);
@@ -483,12 +587,7 @@ async fn a_discounted_pack_refunded_in_full_takes_all_its_units(s: Setup) {
         "taxability_reason": "standard_rated", "taxable_amount": 800, "type": "tax_rate_details" }]);
     inv["total"] = json!(880);
     inv["amount_paid"] = json!(880);
-    let mut payment = fixtures()["invoice_payment"].clone();
-    payment["id"] = json!("inpay_d");
-    payment["invoice"] = json!("in_d");
-    payment["status"] = json!("paid");
-    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_d" });
-    s.stripe.add_invoice_payments("in_d", vec![payment]);
+    paid_by(&s, "in_d", "pi_d");
     assert_eq!(s.signed(&event("evt_d1", "invoice.paid", inv)).await, (200, credited(100, "in_d")));
     let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
     assert_eq!(grants[0].paid, Some(880), "what the customer paid for the pack");
@@ -538,12 +637,7 @@ async fn a_key_that_cannot_read_never_drops_a_paid_top_up(s: Setup) {
     assert_eq!(s.balance().await.granted, 0);
     assert_eq!(s.signed(&paid).await, (200, credited(200, "pi_1")), "granted once the key can read");
     // An invoice whose payment intent must be read: refused, never granted without it.
-    let mut payment = fixtures()["invoice_payment"].clone();
-    payment["id"] = json!("inpay_2");
-    payment["invoice"] = json!("in_2");
-    payment["status"] = json!("paid");
-    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_2" });
-    s.stripe.add_invoice_payments("in_2", vec![payment]);
+    paid_by(&s, "in_2", "pi_2");
     let inv = event("evt_2", "invoice.paid", invoice("in_2", "cus_acme", &[("price_pack", 1)]));
     s.stripe.refuse_reads(Some(("/v1/invoice_payments", 403)));
     let (code, outcome) = s.signed(&inv).await;
@@ -619,12 +713,7 @@ async fn an_invoice_credited_before_payment_grants_only_what_was_paid(s: Setup) 
     assert!(!matches!(outcome, WebhookOutcome::Credited { .. }), "{outcome:?}");
     assert_eq!(s.balance().await.granted, 0, "paid for nothing");
     // Two pack lines of 5.00 each; a pre-payment credit note of 5.00 on the second.
-    let mut payment = fixtures()["invoice_payment"].clone();
-    payment["id"] = json!("inpay_h");
-    payment["invoice"] = json!("in_h");
-    payment["status"] = json!("paid");
-    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_h" });
-    s.stripe.add_invoice_payments("in_h", vec![payment]);
+    paid_by(&s, "in_h", "pi_h");
     let mut inv = invoice("in_h", "cus_acme", &[("price_pack", 1), ("pack_large", 1)]);
     inv["pre_payment_credit_notes_amount"] = json!(500);
     inv["amount_paid"] = json!(500);
@@ -711,9 +800,7 @@ async fn a_dispute_takes_back_what_the_payment_bought_once(s: Setup) {
     assert_eq!((b.granted, b.left()), (0, 0), "the 30 used left with the rest: {b:?}");
     // A dispute of a payment no grant has: nothing taken, nothing kept for a grant to come.
     let unknown = event("evt_4", "charge.dispute.closed", dispute("dp_2", Some("pi_u"), json!(1000), "lost"));
-    let (code, outcome) = s.signed(&unknown).await;
-    assert_eq!(code, 200);
-    assert!(!matches!(outcome, WebhookOutcome::Refunded { .. } | WebhookOutcome::RefundKept { .. }), "{outcome:?}");
+    assert_eq!(s.signed(&unknown).await, (200, WebhookOutcome::Ignored), "a dispute of an unknown payment");
     let mut later = session("cs_u", "cus_acme", true, None, Some("pi_u"));
     later["metadata"] = json!({ "tollgate_units": "50" });
     assert_eq!(s.signed(&event("evt_5", "checkout.session.completed", later)).await, (200, credited(50, "pi_u")));
@@ -722,6 +809,50 @@ async fn a_dispute_takes_back_what_the_payment_bought_once(s: Setup) {
     let over = event("evt_6", "charge.refunded", charge("cus_acme", "pi_u", 1000, 2000));
     assert_eq!(s.signed(&over).await.0, 400);
     assert_eq!(s.balance().await.granted, 50);
+}
+
+// A dispute won after its funds were withdrawn gives back what the withdrawal took of what the
+// balance held (a node's lease unused at the withdrawal stays counted used: docs/credits.md),
+// once per dispute (`charge.dispute.funds_reinstated`, or the close as won); a
+// win delivered before its withdrawal leaves the withdrawal nothing to take (main logged the
+// win for a person, and the customer who won kept nothing).
+on_stores!(a_won_dispute_gives_back_what_its_withdrawal_took);
+async fn a_won_dispute_gives_back_what_its_withdrawal_took(s: Setup) {
+    let mut paid = session("cs_w", "cus_acme", true, None, Some("pi_w"));
+    paid["metadata"] = json!({ "tollgate_units": "100" });
+    assert_eq!(s.signed(&event("evt_1", "checkout.session.completed", paid)).await, (200, credited(100, "pi_w")));
+    assert_eq!(s.admitted(30).await, 30);
+    let withdrawn =
+        event("evt_2", "charge.dispute.funds_withdrawn", dispute("dp_w", Some("pi_w"), json!(1000), "needs_response"));
+    let took = match s.signed(&withdrawn).await {
+        (200, WebhookOutcome::Refunded { units, .. }) => units,
+        other => panic!("{other:?}"),
+    };
+    // What the balance held unspent; the node's lease unused at the withdrawal counted used.
+    assert!((60..=70).contains(&took), "{took}");
+    assert_eq!(s.admitted(1).await, 0);
+    let reinstated =
+        event("evt_3", "charge.dispute.funds_reinstated", dispute("dp_w", Some("pi_w"), json!(1000), "won"));
+    let (code, outcome) = s.signed(&reinstated).await;
+    assert_eq!(code, 200);
+    assert!(matches!(outcome, WebhookOutcome::Reinstated { units, .. } if units == took), "{outcome:?}");
+    assert_eq!(s.signed(&reinstated).await, (200, WebhookOutcome::Duplicate), "a redelivery");
+    let closed = event("evt_4", "charge.dispute.closed", dispute("dp_w", Some("pi_w"), json!(1000), "won"));
+    assert_eq!(s.signed(&closed).await, (200, WebhookOutcome::Duplicate), "the close as won: given back once");
+    assert_eq!(s.signed(&withdrawn).await, (200, WebhookOutcome::Duplicate), "a late withdrawal takes nothing");
+    assert_eq!(s.admitted(80).await, took as usize, "what the balance held unspent before the dispute");
+    s.h.tollgate.shutdown().await.unwrap();
+    assert_eq!(s.balance().await.left(), 0);
+    // Won before its withdrawal was delivered (events come in any order).
+    let mut paid = session("cs_o", "cus_acme", true, None, Some("pi_o"));
+    paid["metadata"] = json!({ "tollgate_units": "50" });
+    assert_eq!(s.signed(&event("evt_5", "checkout.session.completed", paid)).await, (200, credited(50, "pi_o")));
+    let won = event("evt_6", "charge.dispute.funds_reinstated", dispute("dp_o", Some("pi_o"), json!(500), "won"));
+    assert!(matches!(s.signed(&won).await, (200, WebhookOutcome::Reinstated { units: 0, .. })));
+    let late = event("evt_7", "charge.dispute.funds_withdrawn", dispute("dp_o", Some("pi_o"), json!(500), "won"));
+    assert_eq!(s.signed(&late).await, (200, WebhookOutcome::Duplicate));
+    assert_eq!(s.balance().await.left(), 50, "the won dispute took nothing");
+    assert_eq!(s.h.tollgate.stats().webhooks_applied, 5, "grants, the withdrawal and the wins are counted");
 }
 
 // A refund that arrives before its grant keeps its credit-note attribution: the charge names
@@ -734,12 +865,7 @@ async fn a_refund_before_its_grant_keeps_its_credit_note_attribution(s: Setup) {
         .put_tenant(&TenantRecord::new("newco".into(), "credits".into()), &[KeyHash::of(b"key-newco")])
         .await
         .unwrap();
-    let mut payment = fixtures()["invoice_payment"].clone();
-    payment["id"] = json!("inpay_k");
-    payment["invoice"] = json!("in_k");
-    payment["status"] = json!("paid");
-    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_k" });
-    s.stripe.add_invoice_payments("in_k", vec![payment]);
+    paid_by(&s, "in_k", "pi_k");
     let inv = invoice("in_k", "cus_new", &[("price_pack", 3), ("seat", 4)]);
     s.stripe.add_lines("/v1/invoices/in_k/lines", inv["lines"]["data"].as_array().unwrap().clone());
     s.stripe.add_invoice(inv.clone());
@@ -783,12 +909,7 @@ async fn only_refunds_of_credit_payments_are_kept(s: Setup) {
 // whose metadata says `tollgate_units` takes that many.
 on_stores!(refunds_take_back_what_the_refunded_lines_bought);
 async fn refunds_take_back_what_the_refunded_lines_bought(s: Setup) {
-    let mut payment = fixtures()["invoice_payment"].clone();
-    payment["id"] = json!("inpay_1");
-    payment["invoice"] = json!("in_9");
-    payment["status"] = json!("paid");
-    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_9" });
-    s.stripe.add_invoice_payments("in_9", vec![payment]);
+    paid_by(&s, "in_9", "pi_9");
     let inv = invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]);
     s.stripe.add_lines("/v1/invoices/in_9/lines", inv["lines"]["data"].as_array().unwrap().clone());
     assert_eq!(s.signed(&event("evt_1", "invoice.paid", inv)).await, (200, credited(300, "in_9")));

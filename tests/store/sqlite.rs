@@ -308,11 +308,11 @@ async fn a_file_of_a_newer_tollgate_is_refused() {
     drop(SqliteStore::open(&db).await.unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 17);
-    conn.execute_batch("PRAGMA user_version = 18").unwrap();
+    assert_eq!(version, 18);
+    conn.execute_batch("PRAGMA user_version = 19").unwrap();
     drop(conn);
     let e = open_err(&db).await;
-    assert!(e.contains("newer tollgate") && e.contains("schema version 18"), "{e}");
+    assert!(e.contains("newer tollgate") && e.contains("schema version 19"), "{e}");
     // Through the builder, the same error, naming the file.
     let config = toml(&db, "");
     let err = Tollgate::builder(Config::from_toml_str(&config).unwrap()).open().await.unwrap_err();
@@ -468,7 +468,7 @@ async fn a_file_of_schema_version_1_is_migrated_keeping_its_directory() {
     drop(store);
     let conn = rusqlite::Connection::open(&db).unwrap();
     let version: i32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 17);
+    assert_eq!(version, 18);
     let overrides: Option<String> =
         rusqlite::OptionalExtension::optional(conn.query_row("SELECT overrides FROM tenant LIMIT 1", [], |r| r.get(0)))
             .unwrap()
@@ -531,7 +531,7 @@ async fn grants_of_one_payment_made_twice_before_version_12_are_kept_and_marked(
          ALTER TABLE quota DROP COLUMN forgiven; ALTER TABLE quota DROP COLUMN forgiven_until; ALTER TABLE quota DROP COLUMN forgiven_by; ALTER TABLE quota DROP COLUMN senders_forgotten_at; \
          DROP INDEX credit_payment; DROP INDEX credit_by_payment; DROP INDEX credit_id; \
          ALTER TABLE credit DROP COLUMN paid; ALTER TABLE credit DROP COLUMN bought; \
-         ALTER TABLE credit DROP COLUMN taken; ALTER TABLE credit DROP COLUMN duplicate; \
+         ALTER TABLE credit DROP COLUMN taken; ALTER TABLE credit DROP COLUMN duplicate; ALTER TABLE credit DROP COLUMN takes; \
          INSERT INTO credit (tenant, meter, id, units, granted_at, payment) VALUES \
              ('t', 'tokens', 'cs_1', 100, 10, 'pi_1'), ('t', 'images', 'in_1', 100, 20, 'pi_1'); \
          PRAGMA user_version = 11;",

@@ -200,6 +200,7 @@ impl WebhookHandler {
             WebhookOutcome::Applied { .. }
             | WebhookOutcome::Credited { .. }
             | WebhookOutcome::Refunded { .. }
+            | WebhookOutcome::Reinstated { .. }
             | WebhookOutcome::RefundKept { .. } => WebhookCount::Applied,
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,

@@ -97,6 +97,18 @@ pub enum WebhookOutcome {
         /// Units taken back (0: all of it was spent).
         units: u64,
     },
+    /// A dispute was won (`charge.dispute.funds_reinstated`, or `charge.dispute.closed` won):
+    /// the units its withdrawal took from what the balance held were given back to the grant
+    /// of its payment, once per dispute.
+    Reinstated {
+        /// The tenant.
+        tenant: TenantId,
+        /// The balance's meter.
+        meter: MeterId,
+        /// Units given back (0: the withdrawal took none of what the balance held, or has not
+        /// come; it then takes nothing).
+        units: u64,
+    },
     /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
     /// not an event. Nothing changed.
     Rejected(String),
@@ -158,6 +170,7 @@ impl WebhookReply {
             WebhookOutcome::Applied { .. } => "applied",
             WebhookOutcome::Credited { .. } => "credited",
             WebhookOutcome::Refunded { .. } => "refunded",
+            WebhookOutcome::Reinstated { .. } => "reinstated",
             WebhookOutcome::RefundKept { .. } => "refund_kept",
             WebhookOutcome::Duplicate => "duplicate",
             WebhookOutcome::Stale => "stale",

@@ -693,12 +693,94 @@ pub async fn a_refund_before_its_grant_is_applied_when_the_grant_lands<S: ?Sized
     // A dispute concerns a grant already made: of a payment no grant has, nothing is kept,
     // and the grant that lands later keeps all its units.
     let dispute = CreditRefund::new("pi_g", 1000, 1000, at).only_if_granted();
-    assert_eq!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Nothing);
+    assert_eq!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Unknown);
     let landed = h.s().grant_credits(&credit("early", "pi_g", 10, None).paid_by("pi_g").costing(1000)).await.unwrap();
     assert_eq!(landed, GrantOutcome::Granted(CreditBalance::new(50, 0)), "nothing was kept for it");
     // Once granted, the dispute takes it all back, once.
     assert!(matches!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Taken { units: 10, .. }));
     assert_eq!(h.s().refund_credits(&dispute).await.unwrap(), RefundOutcome::Nothing);
+}
+
+/// Takes apart from a payment's refunds (a dispute's withdrawal, a proration credit), once per
+/// id: a dispute takes what the payment bought from what the balance holds first, and its
+/// reversal gives back once what it took of the unspent units; a reversal that comes first
+/// leaves the take nothing; proration credits take what their money bought, each once, and a
+/// later refund takes only what the grant still holds. Restarts between them lose nothing.
+pub async fn a_take_apart_is_applied_once_and_given_back_once<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::{CreditBalance, CreditRefund, CreditTake, RefundOutcome};
+    let at = DAY0 + 60;
+    let units = |o: RefundOutcome| match o {
+        RefundOutcome::Taken { units, .. } => ("taken", units),
+        RefundOutcome::GivenBack { units, .. } => ("given back", units),
+        other => panic!("{other:?}"),
+    };
+    let key = prepaid_key("dp", "tokens");
+    h.s().grant_credits(&credit("dp", "pi_1", 1000, None).paid_by("pi_1").costing(1000)).await.unwrap();
+    let used = Reservation::new(key.clone(), 300, 0, None, ReserveToken::new(1, 1).at(at));
+    assert_eq!(h.s().reserve(&used).await.unwrap().granted, 300);
+    let withdrawn = CreditRefund::new("pi_1", 1000, 1000, at).only_if_granted().taking_once("dp_1");
+    assert_eq!(units(h.s().refund_credits(&withdrawn).await.unwrap()), ("taken", 700));
+    assert_eq!(balance(h.s(), "dp").await, CreditBalance::new(0, 0));
+    assert_eq!(h.s().refund_credits(&withdrawn).await.unwrap(), RefundOutcome::Nothing, "once per dispute");
+    h.restart().await;
+    let won = CreditRefund::new("pi_1", 0, 1000, at + 60).only_if_granted().giving_back("dp_1");
+    assert_eq!(units(h.s().refund_credits(&won).await.unwrap()), ("given back", 700));
+    assert_eq!(balance(h.s(), "dp").await.left(), 700, "the balance as before the dispute");
+    assert_eq!(h.s().refund_credits(&won).await.unwrap(), RefundOutcome::Nothing, "given back once");
+    assert_eq!(h.s().refund_credits(&withdrawn).await.unwrap(), RefundOutcome::Nothing, "a late redelivery");
+    let (grants, _) = h.s().credit_grants(&"dp".into(), None).await.unwrap();
+    let g = grants.iter().find(|g| g.id == "pi_1").unwrap();
+    assert_eq!((g.units, g.taken), (700, 0));
+    let mut take = CreditTake::new("dp_1", 1000, 1000, 700);
+    take.given_back = true;
+    assert_eq!(g.takes, vec![take]);
+    // A refund after it takes what the grant holds, never more.
+    assert_eq!(units(h.s().refund_credits(&CreditRefund::new("pi_1", 1000, 1000, at)).await.unwrap()), ("taken", 700));
+    assert_eq!(balance(h.s(), "dp").await.left(), 0);
+    // A proration credit and a refund while the withdrawal held the grant empty: the win gives
+    // back only what they leave (1,000 less 300 used, 250 credited and 100 refunded).
+    let key = prepaid_key("cap", "tokens");
+    h.s().grant_credits(&credit("cap", "pi_4", 1000, None).paid_by("pi_4").costing(1000)).await.unwrap();
+    let used = Reservation::new(key.clone(), 300, 0, None, ReserveToken::new(1, 1).at(at));
+    assert_eq!(h.s().reserve(&used).await.unwrap().granted, 300);
+    let withdrawn = CreditRefund::new("pi_4", 1000, 1000, at).taking_once("dp_4");
+    assert_eq!(units(h.s().refund_credits(&withdrawn).await.unwrap()), ("taken", 700));
+    let credit_line = CreditRefund::new("pi_4", 0, 0, at).of_credit_lines(250).taking_once("il_4");
+    assert_eq!(units(h.s().refund_credits(&credit_line).await.unwrap()), ("taken", 0));
+    let _ = h.s().refund_credits(&CreditRefund::new("pi_4", 100, 1000, at)).await.unwrap();
+    let won = CreditRefund::new("pi_4", 0, 1000, at).giving_back("dp_4");
+    assert_eq!(units(h.s().refund_credits(&won).await.unwrap()), ("given back", 350));
+    assert_eq!(balance(h.s(), "cap").await.left(), 350);
+    // Won before its withdrawal was delivered: the withdrawal then takes nothing.
+    h.s().grant_credits(&credit("dp", "pi_2", 500, None).paid_by("pi_2").costing(500)).await.unwrap();
+    let won = CreditRefund::new("pi_2", 0, 500, at).only_if_granted().giving_back("dp_2");
+    assert_eq!(units(h.s().refund_credits(&won).await.unwrap()), ("given back", 0));
+    let withdrawn = CreditRefund::new("pi_2", 500, 500, at).only_if_granted().taking_once("dp_2");
+    assert_eq!(h.s().refund_credits(&withdrawn).await.unwrap(), RefundOutcome::Nothing);
+    assert_eq!(balance(h.s(), "dp").await.left(), 500);
+    // Proration credits on an invoice's grant: each line once, by the money it credits.
+    h.s().grant_credits(&credit("pr", "in_3", 1000, None).paid_by("pi_3").costing(1000)).await.unwrap();
+    // (By the grant's id, the credited invoice, of the tenant: a store that finds grants by
+    // payment looks among the tenant's.)
+    let prorated = |line: &str| {
+        CreditRefund::new("in_3", 0, 0, at)
+            .of_credit_lines(250)
+            .for_tenant("pr".into())
+            .only_if_granted()
+            .taking_once(line)
+    };
+    assert_eq!(units(h.s().refund_credits(&prorated("il_a")).await.unwrap()), ("taken", 250));
+    assert_eq!(h.s().refund_credits(&prorated("il_a")).await.unwrap(), RefundOutcome::Nothing);
+    h.restart().await;
+    assert_eq!(units(h.s().refund_credits(&prorated("il_b")).await.unwrap()), ("taken", 250));
+    assert_eq!(balance(h.s(), "pr").await, CreditBalance::new(500, 0));
+    // A refund of half the payment: what the grant still holds, at most.
+    let half = CreditRefund::new("pi_3", 500, 1000, at).of_invoice("in_3");
+    assert_eq!(units(h.s().refund_credits(&half).await.unwrap()), ("taken", 500));
+    assert_eq!(balance(h.s(), "pr").await, CreditBalance::new(0, 0));
+    // Of a payment no grant has: nothing, nothing kept.
+    let unknown = CreditRefund::new("pi_x", 0, 500, at).only_if_granted().giving_back("dp_x");
+    assert_eq!(h.s().refund_credits(&unknown).await.unwrap(), RefundOutcome::Unknown);
 }
 
 /// One grant per payment: a second grant of a payment, under another id or on another meter,

@@ -13,7 +13,8 @@ use crate::{
         contract,
         quota::{
             close_against, fits, forgive, forgiven_by_json, forgiven_by_of, kept_refund_json, kept_refund_of,
-            newer_refund, refund_against, release_against, CreditRefund, ForgivenBy, Keeping, SenderCall,
+            newer_refund, refund_against, release_against, takes_json, takes_of, CreditRefund, ForgivenBy, Keeping,
+            SenderCall,
         },
         CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release,
     },
@@ -74,10 +75,11 @@ impl DynamoStore {
                     open.retain(|g| g.closed.is_none());
                     open.push(landed.clone());
                     let with = CreditBalance { granted: before.granted.saturating_add(grant.units), ..before };
-                    if let Some((_, removed, taken, after, used)) = refund_against(&open, refund, with) {
-                        let (after, by) = forgive(before, after, forgiving.0, used, &forgiving.1, refund.at);
-                        landed.units -= removed;
-                        landed.taken = taken;
+                    if let Ok(applied) = refund_against(&open, refund, with) {
+                        let (after, by) =
+                            forgive(before, applied.after, forgiving.0, applied.used, &forgiving.1, refund.at);
+                        landed.units = applied.grant.units;
+                        landed.taken = applied.grant.taken;
                         balance_write = Some(self.set_balance(key, before, after, &by)?);
                     }
                 }
@@ -308,12 +310,9 @@ impl DynamoStore {
                     if grant.closed.is_some() {
                         return Ok(Race::Won(RefundOutcome::Nothing));
                     }
-                    return Ok(Race::Won(match self.apply_refund_to(&grant.tenant, &grant.meter, refund).await? {
-                        Some((id, units)) => {
-                            RefundOutcome::Taken { tenant: grant.tenant, meter: grant.meter, grant: id, units }
-                        }
-                        None => RefundOutcome::Nothing,
-                    }));
+                    return Ok(Race::Won(
+                        self.apply_refund_to(&grant.tenant, &grant.meter, refund).await?.unwrap_or_else(|o| o),
+                    ));
                 }
                 // No grant yet: kept, on the condition that no grant of the payment landed meanwhile.
                 Ok(match self.keep_refund(refund).await? {
@@ -522,6 +521,7 @@ fn credit_of(item: &Item) -> Option<CreditGrant> {
     // Written before the units bought were recorded: its units then.
     g.bought = if item.contains_key("bought") { get_u(item, "bought") } else { g.units };
     g.taken = get_u(item, "taken");
+    g.takes = get_s(item, "takes").map(takes_of).unwrap_or_default();
     if let Some(at) = get_i(item, "closed_at") {
         let revoked = item.get("revoked").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
         g.closed = Some(CreditClosure { at, revoked, lost: get_u(item, "lost") });
@@ -717,7 +717,7 @@ impl DynamoStore {
         }
         let Some(refund) = kept.iter().map(|(_, _, r)| r.clone()).reduce(newer_refund) else { return Ok(()) };
         if grant.closed.is_none() {
-            self.apply_refund_to(&grant.tenant, &grant.meter, &refund.landing(grant)).await?;
+            let _ = self.apply_refund_to(&grant.tenant, &grant.meter, &refund.landing(grant)).await?;
         }
         for (k, item, _) in kept {
             // Only as read: a newer copy kept meanwhile stays, for the next delivery.
@@ -743,37 +743,46 @@ impl DynamoStore {
         tenant: &TenantId,
         meter: &MeterId,
         refund: &CreditRefund,
-    ) -> Result<Option<(String, u64)>, StoreError> {
+    ) -> Result<Result<RefundOutcome, RefundOutcome>, StoreError> {
         let key = &prepaid_key(tenant, meter);
         self.until_won("a prepaid balance changed under every attempt", Retries::BACKING_OFF, (), |(), _| {
             Box::pin(async move {
-                let Some((balance, all, forgiving)) = self.read_balance(key).await? else { return Ok(Race::Won(None)) };
-                let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
-                let Some(grant) = open.iter().find(|g| refund.is_of(g)) else { return Ok(Race::Won(None)) };
-                let Some((units, removed, taken, after, used)) = refund_against(&open, refund, balance) else {
-                    return Ok(Race::Won(None));
+                let Some((balance, all, forgiving)) = self.read_balance(key).await? else {
+                    return Ok(Race::Won(Err(RefundOutcome::Nothing)));
                 };
-                let (after, by) = forgive(balance, after, forgiving.0, used, &forgiving.1, refund.at);
+                let open: Vec<CreditGrant> = all.into_iter().filter(|g| g.closed.is_none()).collect();
+                let Some(grant) = open.iter().find(|g| refund.is_of(g)) else {
+                    return Ok(Race::Won(Err(RefundOutcome::Nothing)));
+                };
+                let applied = match refund_against(&open, refund, balance) {
+                    Ok(applied) => applied,
+                    Err(outcome) => return Ok(Race::Won(Err(outcome))),
+                };
+                let (after, by) = forgive(balance, applied.after, forgiving.0, applied.used, &forgiving.1, refund.at);
+                let now = &applied.grant;
                 let take = Update::builder()
                     .table_name(&self.table)
                     .key("pk", s(credit_pk(tenant)))
                     .key("sk", s(credit_sk(meter.as_str(), &grant.id)))
                     // Written by an earlier build without its units bought: they are its units now.
-                    .update_expression("SET units = :u, taken = :t, bought = if_not_exists(bought, :u0)")
+                    .update_expression("SET units = :u, taken = :t, takes = :k, bought = if_not_exists(bought, :u0)")
                     .condition_expression(
                         "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
-                     AND (attribute_not_exists(taken) OR taken = :t0)",
+                     AND (attribute_not_exists(taken) OR taken = :t0) \
+                     AND (attribute_not_exists(takes) OR takes = :k0)",
                     )
-                    .expression_attribute_values(":u", n(grant.units - removed))
-                    .expression_attribute_values(":t", n(taken))
+                    .expression_attribute_values(":u", n(now.units))
+                    .expression_attribute_values(":t", n(now.taken))
+                    .expression_attribute_values(":k", s(takes_json(&now.takes)))
                     .expression_attribute_values(":u0", n(grant.units))
-                    .expression_attribute_values(":t0", n(grant.taken));
+                    .expression_attribute_values(":t0", n(grant.taken))
+                    .expression_attribute_values(":k0", s(takes_json(&grant.takes)));
                 let actions = vec![
                     TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
                     self.set_balance(key, balance, after, &by)?,
                 ];
                 Ok(match self.transact(actions, "a credit grant's refund").await? {
-                    None => Race::Won(Some((grant.id.clone(), units))),
+                    None => Race::Won(Ok(applied.outcome())),
                     Some(_) => Race::Lost(()),
                 })
             })
@@ -786,7 +795,7 @@ impl DynamoStore {
     /// `Some(Kept)` or `Some(Full)`, `None` when a condition failed (read again).
     async fn keep_refund(&self, refund: &CreditRefund) -> Result<Option<RefundOutcome>, StoreError> {
         if !refund.keep {
-            return Ok(Some(RefundOutcome::Nothing));
+            return Ok(Some(RefundOutcome::Unknown));
         }
         let mut keys = vec![refund.payment.clone()];
         if let Some(i) = refund.invoice.as_ref().filter(|i| **i != refund.payment) {

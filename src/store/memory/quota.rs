@@ -145,7 +145,7 @@ impl QuotaStore for MemoryStore {
             .collect();
         let refund = kept.iter().filter_map(|p| inner.kept_refunds.remove(p)).reduce(newer_refund);
         if let Some(refund) = refund {
-            apply_refund(&mut inner, &pair, &refund.landing(grant));
+            let _ = apply_refund(&mut inner, &pair, &refund.landing(grant));
         }
         let c = inner.quotas.entry(pair).or_default().get(&key).expect("the prepaid period never ends");
         Ok(GrantOutcome::Granted(CreditBalance::new(c.granted.unwrap_or(0), c.reserved)))
@@ -224,13 +224,13 @@ impl QuotaStore for MemoryStore {
             .filter(|(_, g)| refund.is_of(g));
         let open = of.clone().find(|(_, g)| g.closed.is_none()).map(|(pair, _)| pair.clone());
         if let Some(pair) = open {
-            return Ok(match apply_refund(&mut inner, &pair, refund) {
-                Some((grant, units)) => RefundOutcome::Taken { tenant: pair.0, meter: pair.1, grant, units },
-                None => RefundOutcome::Nothing,
-            });
+            return Ok(apply_refund(&mut inner, &pair, refund).unwrap_or_else(|outcome| outcome));
         }
-        if of.next().is_some() || !refund.keep {
+        if of.next().is_some() {
             return Ok(RefundOutcome::Nothing);
+        }
+        if !refund.keep {
+            return Ok(RefundOutcome::Unknown);
         }
         inner.kept_refunds.retain(|_, r| r.at >= refund.at - REFUNDS_KEPT_SECS);
         let kept = match inner.kept_refunds.remove(&refund.payment) {
@@ -282,22 +282,30 @@ impl QuotaStore for MemoryStore {
     }
 }
 
-/// Applies `refund` to its open grant of `pair`: the grant's id and the units taken from what
-/// it held, or `None` when it takes nothing more.
-fn apply_refund(inner: &mut Inner, pair: &(TenantId, MeterId), refund: &CreditRefund) -> Option<(String, u64)> {
-    let grants: Vec<CreditGrant> = inner.credits.get(pair)?.iter().filter(|g| g.closed.is_none()).cloned().collect();
+/// Applies `refund` to its open grant of `pair` (`Err`: the answer when it changes nothing).
+fn apply_refund(
+    inner: &mut Inner,
+    pair: &(TenantId, MeterId),
+    refund: &CreditRefund,
+) -> Result<RefundOutcome, RefundOutcome> {
+    let grants: Vec<CreditGrant> =
+        inner.credits.get(pair).ok_or(RefundOutcome::Nothing)?.iter().filter(|g| g.closed.is_none()).cloned().collect();
     let key = prepaid(&pair.0, &pair.1);
-    let c = inner.quotas.entry(pair.clone()).or_default().get(&key)?;
+    let c = inner.quotas.entry(pair.clone()).or_default().get(&key).ok_or(RefundOutcome::Nothing)?;
     let balance = CreditBalance::new(c.granted.unwrap_or(0), c.reserved).forgiving(c.forgiven, c.forgiven_until);
-    let (units, removed, taken, after, used) = refund_against(&grants, refund, balance)?;
+    let applied = refund_against(&grants, refund, balance)?;
+    let (after, used) = (applied.after, applied.used);
     let (after, by) = forgive(balance, after, std::mem::take(&mut c.forgiven_by), used, &c.sender_calls(), refund.at);
     c.forgiven_by = by;
     c.granted = Some(after.granted);
     c.reserved = after.reserved;
     c.forgiven = after.forgiven;
     c.forgiven_until = after.forgiven_until;
-    let g = inner.credits.get_mut(pair)?.iter_mut().find(|g| g.closed.is_none() && refund.is_of(g))?;
-    g.units -= removed;
-    g.taken = taken;
-    Some((g.id.clone(), units))
+    let g = inner
+        .credits
+        .get_mut(pair)
+        .and_then(|l| l.iter_mut().find(|g| g.closed.is_none() && g.id == applied.grant.id))
+        .expect("found above");
+    *g = applied.grant.clone();
+    Ok(applied.outcome())
 }

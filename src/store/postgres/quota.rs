@@ -6,8 +6,8 @@ use crate::{
     store::{
         quota::{
             close_against, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten,
-            kept_refund_json, kept_refund_of, mark, newer_refund, refund_against, revive, CreditRefund, ForgivenBy,
-            Keeping, SenderCall, UsedTaken,
+            kept_refund_json, kept_refund_of, mark, newer_refund, refund_against, revive, takes_json, takes_of,
+            CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
     },
@@ -550,7 +550,7 @@ impl QuotaStore for PostgresStore {
                 .filter_map(|r| kept_refund_of(&r.get::<_, String>(0)))
                 .reduce(newer_refund);
             if let Some(refund) = refund {
-                self.apply_refund(&tx, t, m, &refund.landing(grant)).await?;
+                let _ = self.apply_refund(&tx, t, m, &refund.landing(grant)).await?;
             }
             let balance = self.locked_balance(&tx, t, m).await?.expect("locked above").balance;
             tx.commit().await?;
@@ -650,15 +650,10 @@ impl QuotaStore for PostgresStore {
             let outcome = match found {
                 Some(row) if row.get::<_, bool>(2) => {
                     let (t, m): (String, String) = (row.get(0), row.get(1));
-                    match self.apply_refund(&tx, &t, &m, refund).await? {
-                        Some((grant, units)) => {
-                            RefundOutcome::Taken { tenant: t.as_str().into(), meter: m.as_str().into(), grant, units }
-                        }
-                        None => RefundOutcome::Nothing,
-                    }
+                    self.apply_refund(&tx, &t, &m, refund).await?.unwrap_or_else(|outcome| outcome)
                 }
                 Some(_) => RefundOutcome::Nothing,
-                None if !refund.keep => RefundOutcome::Nothing,
+                None if !refund.keep => RefundOutcome::Unknown,
                 None => {
                     tx.query_typed(&prune, args![refund.at - contract::REFUNDS_KEPT_SECS]).await?;
                     let prior = tx.query_typed_opt(&before, args![refund.payment.as_str()]).await?;
@@ -758,25 +753,30 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Applies `refund` to its open grant of `(t, m)`, in `tx`: the grant's id and the units
-    /// taken from what it held, or `None` when it takes nothing more.
+    /// Applies `refund` to its open grant of `(t, m)`, in `tx`: its answer, `Err` with the
+    /// answer when it changes nothing.
     async fn apply_refund(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         t: &str,
         m: &str,
         refund: &CreditRefund,
-    ) -> Pg<Option<(String, u64)>> {
-        let take = self
-            .sql("UPDATE {s}.credit SET bought = coalesce(bought, units), units = units - $4, taken = $5 WHERE tenant = $1 AND meter = $2 AND id = $3");
-        let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(None) };
-        let Some((units, removed, taken, after, used)) = refund_against(&locked.open, refund, locked.balance) else {
-            return Ok(None);
+    ) -> Pg<Result<RefundOutcome, RefundOutcome>> {
+        let write = self.sql(
+            "UPDATE {s}.credit SET bought = coalesce(bought, $6), units = $4, taken = $5, takes = $7 \
+             WHERE tenant = $1 AND meter = $2 AND id = $3",
+        );
+        let Some(locked) = self.locked_balance(tx, t, m).await? else { return Ok(Err(RefundOutcome::Nothing)) };
+        let applied = match refund_against(&locked.open, refund, locked.balance) {
+            Ok(applied) => applied,
+            Err(outcome) => return Ok(Err(outcome)),
         };
-        let id = locked.open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
-        self.set_locked(tx, t, m, locked, after, used, refund.at).await?;
-        tx.query_typed(&take, args![t, m, id.as_str(), int(removed), int(taken)]).await?;
-        Ok(Some((id, units)))
+        self.set_locked(tx, t, m, locked, applied.after, applied.used, refund.at).await?;
+        let g = &applied.grant;
+        let takes = takes_json(&g.takes);
+        tx.query_typed(&write, args![t, m, g.id.as_str(), int(g.units), int(g.taken), int(g.bought), takes.as_str()])
+            .await?;
+        Ok(Ok(applied.outcome()))
     }
 
     /// Locks `(t, m)`'s balance row and reads it with its open grants, in `tx`: grants, closes
@@ -854,7 +854,7 @@ fn sender_calls(json: &str) -> Vec<SenderCall> {
 }
 
 const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, \
-     refunded, paid, bought, taken, duplicate";
+     refunded, paid, bought, taken, duplicate, takes";
 
 fn credit_row(r: &Row) -> CreditGrant {
     let mut g = CreditGrant::new(
@@ -872,6 +872,7 @@ fn credit_row(r: &Row) -> CreditGrant {
     g.bought = r.get::<_, Option<i64>>(12).map_or(g.units, uint);
     g.taken = uint(r.get(13));
     g.duplicate = r.get(14);
+    g.takes = takes_of(&r.get::<_, String>(15));
     if let Some(at) = r.get::<_, Option<i64>>(7) {
         g.closed = Some(CreditClosure {
             at,

@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 9;
+pub const SCHEMA_VERSION: u32 = 10;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -248,6 +248,11 @@ CREATE TABLE {s}.quota_cap (
     r#"
 ALTER TABLE {s}.quota ADD COLUMN next_expiry bigint;
 ALTER TABLE {s}.quota ADD COLUMN answer_expired boolean NOT NULL DEFAULT false;
+"#,
+    // 9 -> 10: a credit grant's takes apart from its payment's refunds (disputes, proration
+    // credits), once per id (`store::quota::takes_json`); none by default.
+    r#"
+ALTER TABLE {s}.credit ADD COLUMN takes text NOT NULL DEFAULT '[]';
 "#,
 ];
 

@@ -7,7 +7,7 @@ use crate::{
         quota::{
             close_against, expire, expire_against, fits, forgive, forgiven_by_json, forgiven_by_of, forgotten,
             kept_refund_json, kept_refund_of, mark, mark_after, newer_refund, refund_against, release_against,
-            standing, CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
+            standing, takes_json, takes_of, CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
         CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
     },
@@ -126,7 +126,7 @@ impl QuotaStore for SqliteStore {
                 }
             }
             if let Some(refund) = refund {
-                apply_refund(tx, &grant.tenant, &grant.meter, &refund.landing(&grant))?;
+                let _ = apply_refund(tx, &grant.tenant, &grant.meter, &refund.landing(&grant))?;
             }
             let b = Balance::read(tx, &grant.tenant, &grant.meter)?;
             Ok(GrantOutcome::Granted(CreditBalance::new(b.now.granted, b.now.reserved)))
@@ -222,14 +222,11 @@ impl QuotaStore for SqliteStore {
             match found {
                 Some((tenant, meter, true)) => {
                     let (tenant, meter) = (TenantId::from(tenant.as_str()), MeterId::from(meter.as_str()));
-                    Ok(match apply_refund(tx, &tenant, &meter, &refund)? {
-                        Some((grant, units)) => RefundOutcome::Taken { tenant, meter, grant, units },
-                        None => RefundOutcome::Nothing,
-                    })
+                    Ok(apply_refund(tx, &tenant, &meter, &refund)?.unwrap_or_else(|outcome| outcome))
                 }
                 Some(_) => Ok(RefundOutcome::Nothing),
                 None if refund.keep => keep_refund(tx, &refund),
-                None => Ok(RefundOutcome::Nothing),
+                None => Ok(RefundOutcome::Unknown),
             }
         })
         .await
@@ -284,23 +281,35 @@ fn prepaid_key(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
     QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
 }
 
-/// Applies `refund` to its open grant of `(tenant, meter)`: the grant's id and the units taken
-/// from what it held, or `None` when it takes nothing more.
+/// Applies `refund` to its open grant of `(tenant, meter)`: its answer, `Err` with the answer
+/// when it changes nothing.
 fn apply_refund(
     tx: &Transaction<'_>,
     tenant: &TenantId,
     meter: &MeterId,
     refund: &CreditRefund,
-) -> Sql<Option<(String, u64)>> {
+) -> Sql<Result<RefundOutcome, RefundOutcome>> {
     let b = Balance::read(tx, tenant, meter)?;
-    let Some((units, removed, taken, after, used)) = refund_against(&b.open, refund, b.now) else {
-        return Ok(None);
+    let applied = match refund_against(&b.open, refund, b.now) {
+        Ok(applied) => applied,
+        Err(outcome) => return Ok(Err(outcome)),
     };
-    let id = b.open.iter().find(|g| refund.is_of(g)).map(|g| g.id.clone()).expect("refund_against found it");
-    b.write(tx, after, used, refund.at)?;
-    tx.prepare_cached("UPDATE credit SET bought = coalesce(bought, units), units = units - ?4, taken = ?5 WHERE tenant = ?1 AND meter = ?2 AND id = ?3")?
-        .execute(params![tenant.as_str(), meter.as_str(), id, int(removed), int(taken)])?;
-    Ok(Some((id, units)))
+    b.write(tx, applied.after, applied.used, refund.at)?;
+    let g = &applied.grant;
+    tx.prepare_cached(
+        "UPDATE credit SET bought = coalesce(bought, ?6), units = ?4, taken = ?5, takes = ?7 \
+         WHERE tenant = ?1 AND meter = ?2 AND id = ?3",
+    )?
+    .execute(params![
+        tenant.as_str(),
+        meter.as_str(),
+        g.id,
+        int(g.units),
+        int(g.taken),
+        int(g.bought),
+        takes_json(&g.takes)
+    ])?;
+    Ok(Ok(applied.outcome()))
 }
 
 /// Keeps a refund whose grant has not landed (the newer copy of one payment's refund wins).
@@ -426,7 +435,7 @@ fn set_balance(tx: &Transaction<'_>, key: &QuotaKey, period: &str, granted: u64,
 }
 
 const CREDIT_COLUMNS: &str = "tenant, meter, id, units, granted_at, expires_at, payment, closed_at, revoked, lost, \
-     refunded, paid, bought, taken, duplicate";
+     refunded, paid, bought, taken, duplicate, takes";
 
 fn credit_row(r: &rusqlite::Row<'_>) -> Sql<CreditGrant> {
     let (tenant, meter, id): (String, String, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
@@ -438,6 +447,7 @@ fn credit_row(r: &rusqlite::Row<'_>) -> Sql<CreditGrant> {
     g.bought = r.get::<_, Option<i64>>(12)?.map_or(g.units, uint);
     g.taken = uint(r.get(13)?);
     g.duplicate = r.get::<_, i64>(14)? != 0;
+    g.takes = takes_of(&r.get::<_, String>(15)?);
     let closed_at: Option<i64> = r.get(7)?;
     if let Some(at) = closed_at {
         let revoked: Option<bool> = r.get(8)?;

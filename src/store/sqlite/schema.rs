@@ -13,7 +13,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 17;
+pub(super) const SCHEMA_VERSION: i32 = 18;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -278,6 +278,11 @@ ALTER TABLE quota_sender ADD COLUMN held INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE quota_sender ADD COLUMN jobs INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE quota_sender ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE quota_sender ADD COLUMN gone INTEGER NOT NULL DEFAULT 0;
+",
+    // 17 -> 18: a credit grant's takes apart from its payment's refunds (disputes, proration
+    // credits), once per id, as JSON (`store::quota::takes_json`); none by default.
+    r"
+ALTER TABLE credit ADD COLUMN takes TEXT NOT NULL DEFAULT '[]';
 ",
 ];
 
