@@ -371,8 +371,8 @@ impl WebhookHandler {
     /// the grant of the invoice it credits what its net money bought there
     /// (`bought × credit / paid`), once per credit line, as a take apart from the payment's
     /// refunds. `Ok(Some(..))`: units taken (the last tenant and meter, the units in all);
-    /// `Err`: the answer (a read or the store failed, or the credited invoice's grant has not
-    /// landed yet: 500, delivered again).
+    /// `Err`: the answer (a read or the store failed, or the grant of a credited invoice a day
+    /// old or less has not landed yet: 500, delivered again).
     async fn prorations(
         &self,
         config: &Config,
@@ -472,9 +472,11 @@ impl WebhookHandler {
                     continue;
                 }
                 Some(_) => {}
-                // Its grant may still be on its way (its invoice answered 500): delivered again
-                // for a day, as a payment of an unknown customer is; then logged.
-                None if age <= UNKNOWN_CUSTOMER_GRACE_SECS => {
+                // Its grant may still be on its way, if the credited invoice is a day old or
+                // less (its own event answered 500 meanwhile, as a payment of an unknown customer
+                // is): delivered again. An older one never granted (bought before credits were
+                // sold, or granted by hand) is only logged.
+                None if age <= UNKNOWN_CUSTOMER_GRACE_SECS && self.recent_invoice(event, invoice, now).await? => {
                     tracing::warn!(%event, %invoice, line = %id,
                         "a proration credit of an invoice no grant has yet: answered 500 so Stripe delivers it again");
                     return Err(WebhookOutcome::StoreFailed(format!("no grant of {invoice} yet")));
@@ -505,6 +507,19 @@ impl WebhookHandler {
             }
         }
         Ok(taken)
+    }
+
+    /// Whether `invoice` was created a day ago or less (read from the API; `false` without a
+    /// key); `Err`: the answer to a failed read (500).
+    async fn recent_invoice(&self, event: &str, invoice: &str, now: i64) -> Result<bool, WebhookOutcome> {
+        let Some(reader) = self.reader.as_ref() else { return Ok(false) };
+        if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Ok(false);
+        }
+        match reader.get(&format!("v1/invoices/{invoice}")).await {
+            Ok(inv) => Ok(now - inv["created"].as_i64().unwrap_or(0) <= UNKNOWN_CUSTOMER_GRACE_SECS),
+            Err(e) => Err(self.unreadable(event, "the invoice a proration credits", e)),
+        }
     }
 
     /// A verified checkout session or invoice event: the grant it makes, if any (see
@@ -1036,8 +1051,17 @@ impl WebhookHandler {
             }
             Ok(RefundOutcome::GivenBack { tenant, meter, grant, units }) => {
                 self.node.tenant_changed(&tenant);
-                tracing::info!(%event, %dispute, %tenant, %meter, %grant, units, payment = %intent,
-                    "a dispute won: the prepaid credits its withdrawal took back were given back");
+                if units == 0 {
+                    // A win before its withdrawal, a withdrawal that found nothing unspent, or
+                    // one applied by an earlier version (which kept no record of it).
+                    tracing::warn!(%event, %dispute, %tenant, %meter, %grant, payment = %intent,
+                        "a dispute won: nothing to give back (the withdrawal took nothing of what the balance \
+                         held, has not come yet and now takes nothing, or was applied by an earlier version \
+                         that kept no record of it: then grant its units back by hand)");
+                } else {
+                    tracing::info!(%event, %dispute, %tenant, %meter, %grant, units, payment = %intent,
+                        "a dispute won: the prepaid credits its withdrawal took back were given back");
+                }
                 Some(WebhookOutcome::Reinstated { tenant, meter, units })
             }
             // No grant of the payment: not a credit purchase (or one granted by hand).

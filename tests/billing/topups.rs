@@ -412,7 +412,10 @@ async fn a_proration_credit_takes_back_what_it_credits(s: Setup) {
 on_stores!(a_proration_credit_is_net_of_the_charge_of_the_new_quantity);
 async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
     paid_by(&s, "in_9", "pi_9");
-    let paid = event("evt_1", "invoice.paid", invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]));
+    let mut first = invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]);
+    first["created"] = json!(NOON - 3_600);
+    s.stripe.add_invoice(first.clone());
+    let paid = event("evt_1", "invoice.paid", first);
     // The downgrade comes first: the grant it credits has not landed.
     let down = event(
         "evt_2",
@@ -443,6 +446,20 @@ async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
     let (_, outcome) = s.signed(&event("evt_4", "invoice.paid", discounted)).await;
     assert_eq!(outcome, WebhookOutcome::Refunded { tenant: "acme".into(), meter: "requests".into(), units: 60 });
     assert_eq!(s.balance().await.granted, 165);
+    // A credit of an older invoice no grant has (bought before credits were sold): nothing to
+    // take, and the invoice's own pack is granted.
+    let mut old = invoice("in_old", "cus_acme", &[("price_pack", 1)]);
+    old["created"] = json!(NOON - 40 * 86_400);
+    s.stripe.add_invoice(old);
+    paid_by(&s, "in_re", "pi_re");
+    let mut renewal = prorations("in_re", &[("price_pack", -100, "il_in_old_0"), ("price_pack", 0, "")]);
+    renewal["lines"]["data"][0]["parent"]["subscription_item_details"]["proration_details"]["credited_items"]
+        ["invoice"] = json!("in_old");
+    renewal["lines"]["data"][1] = invoice("in_re", "cus_acme", &[("price_pack", 2)])["lines"]["data"][0].clone();
+    renewal["lines"]["data"][1]["id"] = json!("il_in_re_1");
+    renewal["total"] = json!(400);
+    renewal["amount_paid"] = json!(400);
+    assert_eq!(s.signed(&event("evt_5", "invoice.paid", renewal)).await, (200, credited(200, "in_re")));
 }
 
 on_stores!(the_shapes_of_one_payment_grant_once_even_on_different_meters);
