@@ -16,7 +16,7 @@
 //!   (`GET /v1/invoices/{id}/lines`); metadata `tollgate_units` on the object grants that many
 //!   units instead.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use serde_json::Value;
 
@@ -78,8 +78,10 @@ struct Proration {
     /// What it charges, net of its discounts, pre-tax credits and exclusive tax: a credit is
     /// negative.
     money: i64,
-    /// The subscription item (else the subscription) it prorates.
+    /// The subscription item it prorates.
     item: Option<String>,
+    /// Its subscription.
+    subscription: Option<String>,
     /// The invoice it credits (`proration_details.credited_items.invoice`).
     invoice: Option<String>,
 }
@@ -186,16 +188,22 @@ fn proration_of(v: &Value) -> Option<Proration> {
     };
     let details = [&parent["subscription_item_details"], &parent["invoice_item_details"], v];
     let invoice = details.iter().find_map(|d| id_of(&d["proration_details"]["credited_items"]["invoice"]));
-    let item = [
-        &parent["subscription_item_details"]["subscription_item"],
-        &v["subscription_item"],
+    let item = [&parent["subscription_item_details"]["subscription_item"], &v["subscription_item"]]
+        .into_iter()
+        .find_map(id_of);
+    let subscription = [
         &parent["subscription_item_details"]["subscription"],
         &parent["invoice_item_details"]["subscription"],
         &v["subscription"],
     ]
     .into_iter()
     .find_map(id_of);
-    Some(Proration { money, item: item.map(str::to_owned), invoice: invoice.map(str::to_owned) })
+    Some(Proration {
+        money,
+        item: item.map(str::to_owned),
+        subscription: subscription.map(str::to_owned),
+        invoice: invoice.map(str::to_owned),
+    })
 }
 
 /// The invoice `intent` paid, from the invoices' payments (API versions from 2025-03-31 name
@@ -346,21 +354,24 @@ impl WebhookHandler {
             return None;
         }
         // Proration credits on the invoice take back what they credit, before its grant.
-        let prorated = if session {
-            None
-        } else {
-            match self.prorations(config, credits, event, &body).await {
-                Ok(taken) => taken,
-                Err(outcome) => return Some(outcome),
-            }
-        };
         let outcome = self.payment(config, credits, event, kind, session, &body).await;
-        match (prorated, outcome) {
+        if session
+            || matches!(
+                outcome,
+                Some(WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. })
+            )
+        {
+            return outcome;
+        }
+        // Proration credits on the invoice take back what they credit, after its own grant (a
+        // credit waiting for its grant never holds the invoice's back).
+        match (self.prorations(config, credits, event, &body).await, outcome) {
+            (Err(failed), _) => Some(failed),
             (
-                Some((tenant, meter, units)),
-                None | Some(WebhookOutcome::Ignored | WebhookOutcome::NotCredited { .. }),
+                Ok(Some((tenant, meter, units))),
+                None | Some(WebhookOutcome::Ignored | WebhookOutcome::NotCredited { .. } | WebhookOutcome::Duplicate),
             ) => Some(WebhookOutcome::Refunded { tenant, meter, units }),
-            (_, outcome) => outcome,
+            (Ok(_), outcome) => outcome,
         }
     }
 
@@ -427,66 +438,96 @@ impl WebhookHandler {
                 credits.prices.contains_key(k) || ids.get(k).is_some_and(|key| credits.prices.contains_key(key))
             })
         };
-        let prorated: Vec<&Proration> =
-            prorated.into_iter().filter(|(l, _)| on_credit_price(l)).map(|(_, p)| p).collect();
-        // What the new quantity or price charges for the rest of the period, per item: it
-        // offsets the credit of the old.
-        let mut charged: std::collections::HashMap<Option<&str>, u64> = std::collections::HashMap::new();
-        for p in prorated.iter().filter(|p| p.money > 0) {
-            let c = charged.entry(p.item.as_deref()).or_default();
-            *c = c.saturating_add(p.money.unsigned_abs());
+        let prorated: Vec<(&Line, &Proration)> = prorated.into_iter().filter(|(l, _)| on_credit_price(l)).collect();
+        // Each credit net of what the new quantity or price charges for the rest of the period:
+        // first the charges of its own subscription item, then what is left of the charges of
+        // its subscription (an item replaced by another, a charge naming no item).
+        let mut by_item: HashMap<&str, (u64, Option<&str>)> = HashMap::new();
+        let mut by_subscription: HashMap<Option<&str>, u64> = HashMap::new();
+        for (_, p) in prorated.iter().filter(|(_, p)| p.money > 0) {
+            let money = p.money.unsigned_abs();
+            match p.item.as_deref() {
+                Some(item) => {
+                    let e = by_item.entry(item).or_insert((0, p.subscription.as_deref()));
+                    e.0 = e.0.saturating_add(money);
+                }
+                None => {
+                    let e = by_subscription.entry(p.subscription.as_deref()).or_default();
+                    *e = e.saturating_add(money);
+                }
+            }
         }
-        let tenant = match self.tenant_of(config, customer).await {
-            Ok(Some(t)) => t,
-            // No tenant: no grant of its to take from.
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(WebhookOutcome::StoreFailed(e.to_string())),
-        };
-        let grants = match quota.credit_grants(&tenant, None).await {
-            Ok((grants, _)) => grants,
-            Err(e) => return Err(WebhookOutcome::StoreFailed(e.to_string())),
-        };
+        let mut net: Vec<(&str, &str, u64)> = Vec::new();
+        for (line, p) in prorated.iter().filter(|(_, p)| p.money < 0) {
+            let (Some(invoice), Some(id)) = (p.invoice.as_deref(), line.id.as_deref()) else { continue };
+            let mut money = p.money.unsigned_abs();
+            if let Some((charged, _)) = p.item.as_deref().and_then(|i| by_item.get_mut(i)) {
+                let o = (*charged).min(money);
+                *charged -= o;
+                money -= o;
+            }
+            net.push((invoice, id, money));
+        }
+        for (_, (charged, subscription)) in by_item {
+            let e = by_subscription.entry(subscription).or_default();
+            *e = e.saturating_add(charged);
+        }
+        for ((_, p), n) in
+            prorated.iter().filter(|(l, p)| p.money < 0 && p.invoice.is_some() && l.id.is_some()).zip(&mut net)
+        {
+            if let Some(charged) = by_subscription.get_mut(&p.subscription.as_deref()) {
+                let o = (*charged).min(n.2);
+                *charged -= o;
+                n.2 -= o;
+            }
+        }
+        // Never the invoice itself: its own lines are granted (or not) by its payment.
+        net.retain(|(invoice, _, money)| *money > 0 && *invoice != object);
+        if net.is_empty() {
+            return Ok(None);
+        }
         let now = self.clock.unix_secs();
         let age = now - body["created"].as_i64().unwrap_or(0);
+        let tenant = match self.tenant_of(config, customer).await {
+            Ok(Some(t)) => Some(t),
+            Ok(None) => None,
+            Err(e) => return Err(WebhookOutcome::StoreFailed(e.to_string())),
+        };
+        let grants = match &tenant {
+            Some(tenant) => match quota.credit_grants(tenant, None).await {
+                Ok((grants, _)) => grants,
+                Err(e) => return Err(WebhookOutcome::StoreFailed(e.to_string())),
+            },
+            None => Vec::new(),
+        };
         let mut taken: Option<(TenantId, MeterId, u64)> = None;
-        for (line, p) in lines.iter().filter_map(|l| l.proration.as_ref().map(|p| (l, p))) {
-            let (Some(invoice), Some(id)) = (p.invoice.as_deref(), line.id.as_deref()) else { continue };
-            if p.money >= 0 || !on_credit_price(line) {
-                continue;
-            }
-            let offset = charged.get_mut(&p.item.as_deref()).map_or(0, |c| {
-                let o = (*c).min(p.money.unsigned_abs());
-                *c -= o;
-                o
-            });
-            let money = p.money.unsigned_abs() - offset;
-            if money == 0 {
-                continue;
-            }
+        for (invoice, id, money) in net {
             match grants.iter().find(|g| g.id == invoice) {
                 Some(g) if g.closed.is_some() => continue,
                 Some(g) if g.paid.is_none() => {
-                    tracing::error!(%event, %tenant, grant = %g.id, line = %id, credit = money,
+                    tracing::error!(%event, grant = %g.id, line = %id, credit = money,
                         "a proration credit of a grant made before its cost was recorded: nothing taken back; \
                          revoke its share by hand (tollgate credits revoke)");
                     continue;
                 }
                 Some(_) => {}
-                // Its grant may still be on its way, if the credited invoice is a day old or
-                // less (its own event answered 500 meanwhile, as a payment of an unknown customer
-                // is): delivered again. An older one never granted (bought before credits were
-                // sold, or granted by hand) is only logged.
-                None if age <= UNKNOWN_CUSTOMER_GRACE_SECS && self.recent_invoice(event, invoice, now).await? => {
+                // Its grant may still be on its way (its invoice paid a day ago or less, its own
+                // event answered 500 meanwhile, as a payment of an unknown customer is):
+                // delivered again. An invoice never granted (bought before credits were sold,
+                // granted by hand, not paid) is logged.
+                None if age <= UNKNOWN_CUSTOMER_GRACE_SECS && self.recently_paid(event, invoice, now).await? => {
                     tracing::warn!(%event, %invoice, line = %id,
                         "a proration credit of an invoice no grant has yet: answered 500 so Stripe delivers it again");
                     return Err(WebhookOutcome::StoreFailed(format!("no grant of {invoice} yet")));
                 }
                 None => {
-                    tracing::info!(%event, %invoice, line = %id,
-                        "a proration credit of an invoice no grant has: nothing taken back");
+                    tracing::error!(%event, %invoice, line = %id, credit = money,
+                        "a proration credit on a credit price of an invoice no grant has: nothing taken back; \
+                         if its units were granted by hand, revoke their share by hand");
                     continue;
                 }
             }
+            let Some(tenant) = &tenant else { continue };
             let take =
                 CreditRefund::new(invoice, 0, 0, now).of_credit_lines(money).for_tenant(tenant.clone()).taking_once(id);
             match quota.refund_credits(&take).await {
@@ -509,15 +550,19 @@ impl WebhookHandler {
         Ok(taken)
     }
 
-    /// Whether `invoice` was created a day ago or less (read from the API; `false` without a
-    /// key); `Err`: the answer to a failed read (500).
-    async fn recent_invoice(&self, event: &str, invoice: &str, now: i64) -> Result<bool, WebhookOutcome> {
+    /// Whether `invoice` was paid a day ago or less (read from the API: its
+    /// `status_transitions.paid_at`; `false` without a key, or not paid); `Err`: the answer to
+    /// a failed read (500).
+    async fn recently_paid(&self, event: &str, invoice: &str, now: i64) -> Result<bool, WebhookOutcome> {
         let Some(reader) = self.reader.as_ref() else { return Ok(false) };
         if !invoice.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Ok(false);
         }
         match reader.get(&format!("v1/invoices/{invoice}")).await {
-            Ok(inv) => Ok(now - inv["created"].as_i64().unwrap_or(0) <= UNKNOWN_CUSTOMER_GRACE_SECS),
+            Ok(inv) => Ok(inv["status"] == "paid"
+                && inv["status_transitions"]["paid_at"]
+                    .as_i64()
+                    .is_some_and(|at| now - at <= UNKNOWN_CUSTOMER_GRACE_SECS)),
             Err(e) => Err(self.unreadable(event, "the invoice a proration credits", e)),
         }
     }

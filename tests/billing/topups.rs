@@ -413,7 +413,7 @@ on_stores!(a_proration_credit_is_net_of_the_charge_of_the_new_quantity);
 async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
     paid_by(&s, "in_9", "pi_9");
     let mut first = invoice("in_9", "cus_acme", &[("price_pack", 3), ("seat", 4)]);
-    first["created"] = json!(NOON - 3_600);
+    first["status_transitions"]["paid_at"] = json!(NOON - 3_600);
     s.stripe.add_invoice(first.clone());
     let paid = event("evt_1", "invoice.paid", first);
     // The downgrade comes first: the grant it credits has not landed.
@@ -432,6 +432,16 @@ async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
     let (code, outcome) = s.signed(&up).await;
     assert_eq!(code, 200);
     assert!(!matches!(outcome, WebhookOutcome::Refunded { .. }), "an upgrade takes nothing: {outcome:?}");
+    // A price switched by replacing the item (credit on si_1, charge on si_2), and a charge
+    // naming no item: netted within the subscription.
+    for (n, item) in [json!("si_2"), json!(null)].into_iter().enumerate() {
+        let mut switch =
+            prorations(&format!("in_sw{n}"), &[("price_pack", -250, "il_in_9_0"), ("pack_large", 300, "")]);
+        switch["lines"]["data"][1]["parent"]["subscription_item_details"]["subscription_item"] = item;
+        let (code, outcome) = s.signed(&event(&format!("evt_sw{n}"), "invoice.paid", switch)).await;
+        assert_eq!(code, 200);
+        assert!(!matches!(outcome, WebhookOutcome::Refunded { .. }), "a switch up takes nothing: {outcome:?}");
+    }
     assert_eq!(s.balance().await.granted, 300);
     let (code, outcome) = s.signed(&down).await;
     assert_eq!(code, 200);
@@ -449,7 +459,7 @@ async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
     // A credit of an older invoice no grant has (bought before credits were sold): nothing to
     // take, and the invoice's own pack is granted.
     let mut old = invoice("in_old", "cus_acme", &[("price_pack", 1)]);
-    old["created"] = json!(NOON - 40 * 86_400);
+    old["status_transitions"]["paid_at"] = json!(NOON - 40 * 86_400);
     s.stripe.add_invoice(old);
     paid_by(&s, "in_re", "pi_re");
     let mut renewal = prorations("in_re", &[("price_pack", -100, "il_in_old_0"), ("price_pack", 0, "")]);
@@ -460,6 +470,16 @@ async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
     renewal["total"] = json!(400);
     renewal["amount_paid"] = json!(400);
     assert_eq!(s.signed(&event("evt_5", "invoice.paid", renewal)).await, (200, credited(200, "in_re")));
+    // A credit of a customer not linked yet, of an invoice paid an hour ago: its grant is on its
+    // way (answered 500 until the tenant is linked), so the credit waits too.
+    let mut theirs = invoice("in_n", "cus_new", &[("price_pack", 1)]);
+    theirs["status_transitions"]["paid_at"] = json!(NOON - 3_600);
+    s.stripe.add_invoice(theirs);
+    let mut credit = prorations("in_nd", &[("price_pack", -50, "il_in_n_0")]);
+    credit["customer"] = json!("cus_new");
+    credit["lines"]["data"][0]["parent"]["subscription_item_details"]["proration_details"]["credited_items"]
+        ["invoice"] = json!("in_n");
+    assert_eq!(s.signed(&event("evt_6", "invoice.paid", credit)).await.0, 500);
 }
 
 on_stores!(the_shapes_of_one_payment_grant_once_even_on_different_meters);

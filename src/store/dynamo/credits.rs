@@ -760,23 +760,33 @@ impl DynamoStore {
                 };
                 let (after, by) = forgive(balance, applied.after, forgiving.0, applied.used, &forgiving.1, refund.at);
                 let now = &applied.grant;
+                // The takes as stored, compared as written (not as read back and written again).
+                let stored = self.get(credit_pk(tenant), &credit_sk(meter.as_str(), &grant.id)).await?;
+                let takes = stored.as_ref().and_then(|i| get_s(i, "takes")).map(str::to_owned);
+                if takes.as_deref().map(takes_of).unwrap_or_default() != grant.takes {
+                    // Changed since the balance was read: read again.
+                    return Ok(Race::Lost(()));
+                }
                 let take = Update::builder()
                     .table_name(&self.table)
                     .key("pk", s(credit_pk(tenant)))
                     .key("sk", s(credit_sk(meter.as_str(), &grant.id)))
                     // Written by an earlier build without its units bought: they are its units now.
                     .update_expression("SET units = :u, taken = :t, takes = :k, bought = if_not_exists(bought, :u0)")
-                    .condition_expression(
+                    .condition_expression(format!(
                         "attribute_exists(pk) AND attribute_not_exists(closed_at) AND units = :u0 \
-                     AND (attribute_not_exists(taken) OR taken = :t0) \
-                     AND (attribute_not_exists(takes) OR takes = :k0)",
-                    )
+                         AND (attribute_not_exists(taken) OR taken = :t0) AND {}",
+                        if takes.is_some() { "takes = :k0" } else { "attribute_not_exists(takes)" }
+                    ))
                     .expression_attribute_values(":u", n(now.units))
                     .expression_attribute_values(":t", n(now.taken))
                     .expression_attribute_values(":k", s(takes_json(&now.takes)))
                     .expression_attribute_values(":u0", n(grant.units))
-                    .expression_attribute_values(":t0", n(grant.taken))
-                    .expression_attribute_values(":k0", s(takes_json(&grant.takes)));
+                    .expression_attribute_values(":t0", n(grant.taken));
+                let take = match takes {
+                    Some(k0) => take.expression_attribute_values(":k0", s(k0)),
+                    None => take,
+                };
                 let actions = vec![
                     TransactWriteItem::builder().update(take.build().map_err(backend)?).build(),
                     self.set_balance(key, balance, after, &by)?,
