@@ -353,7 +353,6 @@ impl WebhookHandler {
             tracing::info!(%event, %kind, "a payment of a connected account: no credits granted");
             return None;
         }
-        // Proration credits on the invoice take back what they credit, before its grant.
         let outcome = self.payment(config, credits, event, kind, session, &body).await;
         if session
             || matches!(

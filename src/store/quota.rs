@@ -1116,6 +1116,13 @@ impl CreditRefund {
         self.only_if_granted()
     }
 
+    /// Whether it is kept until its grant lands when none has landed: [`keep`](Self::keep),
+    /// and never a take apart or its reversal (they concern a grant already made).
+    #[must_use]
+    pub fn kept(&self) -> bool {
+        self.keep && self.apart.is_none()
+    }
+
     /// Applied only to a grant already made: without one, nothing is kept
     /// ([`RefundOutcome::Unknown`]).
     #[must_use]

@@ -781,6 +781,12 @@ pub async fn a_take_apart_is_applied_once_and_given_back_once<S: ?Sized + QuotaI
     // Of a payment no grant has: nothing, nothing kept.
     let unknown = CreditRefund::new("pi_x", 0, 500, at).only_if_granted().giving_back("dp_x");
     assert_eq!(h.s().refund_credits(&unknown).await.unwrap(), RefundOutcome::Unknown);
+    // A take is never kept for a grant to come, whatever `keep` says.
+    let mut take = CreditRefund::new("pi_y", 500, 500, at).taking_once("dp_y");
+    take.keep = true;
+    assert_eq!(h.s().refund_credits(&take).await.unwrap(), RefundOutcome::Unknown);
+    h.s().grant_credits(&credit("dp", "pi_y", 50, None).paid_by("pi_y").costing(500)).await.unwrap();
+    assert_eq!(balance(h.s(), "dp").await.left(), 550, "nothing was kept for it");
 }
 
 /// One grant per payment: a second grant of a payment, under another id or on another meter,

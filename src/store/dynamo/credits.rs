@@ -804,7 +804,7 @@ impl DynamoStore {
     /// two copies winning, on the condition that no grant of the payment has landed:
     /// `Some(Kept)` or `Some(Full)`, `None` when a condition failed (read again).
     async fn keep_refund(&self, refund: &CreditRefund) -> Result<Option<RefundOutcome>, StoreError> {
-        if !refund.keep {
+        if !refund.kept() {
             return Ok(Some(RefundOutcome::Unknown));
         }
         let mut keys = vec![refund.payment.clone()];

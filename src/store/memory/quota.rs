@@ -229,7 +229,7 @@ impl QuotaStore for MemoryStore {
         if of.next().is_some() {
             return Ok(RefundOutcome::Nothing);
         }
-        if !refund.keep {
+        if !refund.kept() {
             return Ok(RefundOutcome::Unknown);
         }
         inner.kept_refunds.retain(|_, r| r.at >= refund.at - REFUNDS_KEPT_SECS);

@@ -653,7 +653,7 @@ impl QuotaStore for PostgresStore {
                     self.apply_refund(&tx, &t, &m, refund).await?.unwrap_or_else(|outcome| outcome)
                 }
                 Some(_) => RefundOutcome::Nothing,
-                None if !refund.keep => RefundOutcome::Unknown,
+                None if !refund.kept() => RefundOutcome::Unknown,
                 None => {
                     tx.query_typed(&prune, args![refund.at - contract::REFUNDS_KEPT_SECS]).await?;
                     let prior = tx.query_typed_opt(&before, args![refund.payment.as_str()]).await?;

@@ -225,7 +225,7 @@ impl QuotaStore for SqliteStore {
                     Ok(apply_refund(tx, &tenant, &meter, &refund)?.unwrap_or_else(|outcome| outcome))
                 }
                 Some(_) => Ok(RefundOutcome::Nothing),
-                None if refund.keep => keep_refund(tx, &refund),
+                None if refund.kept() => keep_refund(tx, &refund),
                 None => Ok(RefundOutcome::Unknown),
             }
         })
