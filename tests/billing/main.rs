@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod invoices;
 mod metronome;
 mod stripe;
 mod topups;

@@ -480,6 +480,59 @@ async fn a_proration_credit_is_net_of_the_charge_of_the_new_quantity(s: Setup) {
     credit["lines"]["data"][0]["parent"]["subscription_item_details"]["proration_details"]["credited_items"]
         ["invoice"] = json!("in_n");
     assert_eq!(s.signed(&event("evt_6", "invoice.paid", credit)).await.0, 500);
+    // A credit naming the invoice that carries it: left to that invoice's own payment.
+    let mut own = prorations("in_own", &[("price_pack", -100, "il_in_own_1"), ("price_pack", 0, "")]);
+    own["lines"]["data"][0]["parent"]["subscription_item_details"]["proration_details"]["credited_items"]["invoice"] =
+        json!("in_own");
+    let (code, outcome) = s.signed(&event("evt_7", "invoice.paid", own)).await;
+    assert_eq!(code, 200);
+    assert!(!matches!(outcome, WebhookOutcome::Refunded { .. }), "{outcome:?}");
+    assert_eq!(s.balance().await.granted, 365, "165 and the renewal's 200");
+}
+
+// An invoice created, finalized and paid through the API (what a recharge will do), as the
+// stand-in emits its `invoice.paid`, grants once through the top-up path: its lines, its
+// payment and its metadata are read as they are of any paid invoice.
+on_stores!(an_invoice_paid_through_the_api_grants_once);
+async fn an_invoice_paid_through_the_api_grants_once(s: Setup) {
+    use stripe_billing::{
+        invoice::{CreateInvoice, CreateInvoicePendingInvoiceItemsBehavior, FinalizeInvoiceInvoice, PayInvoice},
+        invoice_item::{CreateInvoiceItem, PricingParam},
+    };
+    s.stripe.add_price("price_pack", None, true);
+    s.stripe.set_unit_amount("price_pack", 500);
+    let client = stripe::ClientBuilder::new(super::common::stripe::SECRET)
+        .url(s.stripe.url.as_str())
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let invoice = CreateInvoice::new()
+        .customer("cus_acme")
+        .pending_invoice_items_behavior(CreateInvoicePendingInvoiceItemsBehavior::Exclude)
+        .send(&client)
+        .await
+        .unwrap();
+    let id = invoice.id.clone().unwrap();
+    let mut pricing = PricingParam::new();
+    pricing.price = Some("price_pack".into());
+    CreateInvoiceItem::new()
+        .customer("cus_acme")
+        .invoice(id.as_str())
+        .pricing(pricing)
+        .quantity(2u64)
+        .send(&client)
+        .await
+        .unwrap();
+    FinalizeInvoiceInvoice::new(id.clone()).send(&client).await.unwrap();
+    PayInvoice::new(id.clone()).send(&client).await.unwrap();
+    let events = s.stripe.take_emitted();
+    assert_eq!(events.len(), 1);
+    let paid = events[0].to_string();
+    assert_eq!(s.signed(&paid).await, (200, credited(200, id.as_str())), "2 packs of 100");
+    assert_eq!(s.signed(&paid).await, (200, WebhookOutcome::Duplicate), "a redelivery grants once");
+    let (grants, _) = Admin::new(s.store.clone()).credits("acme").await.unwrap();
+    assert_eq!(grants[0].paid, Some(1000));
+    assert!(grants[0].payment.as_deref().is_some_and(|p| p.starts_with("pi_")), "its payment intent, for refunds");
 }
 
 on_stores!(the_shapes_of_one_payment_grant_once_even_on_different_meters);

@@ -56,6 +56,23 @@
 //!   is a 400. `GET /v1/prices/{id}` ("Retrieve a price"): the price, or 404
 //!   `resource_missing`. Counted by [`StandIn::price_reads`]; [`StandIn::fail_reads`] fails
 //!   these too.
+//! - Invoices written through the API (Stripe's API reference, "Create an invoice", "Create
+//!   an invoice item", "Finalize an invoice", "Pay an invoice", "List all invoices"):
+//!   `POST /v1/invoices` makes a draft (`customer` required; `metadata[…]`,
+//!   `collection_method`, `auto_advance` kept); `POST /v1/invoiceitems` adds a line of a
+//!   price's `unit_amount` × `quantity` to a draft invoice of the same customer (an unknown
+//!   price: 404 "No such price"; a finalized invoice: 400); `POST /v1/invoices/{id}/finalize`
+//!   opens a draft; `POST /v1/invoices/{id}/pay` pays an open invoice with the customer's
+//!   default payment method ([`StandIn::set_card`]): it pays (status `paid`,
+//!   `status_transitions.paid_at`, a payment intent in its payments, its lines listed, an
+//!   `invoice.paid` event emitted), is declined (402 `card_error` `card_declined`: the changelog
+//!   of 2017-12-14 "Invoice payment failures now return a card_error"; the invoice stays open,
+//!   `invoice.payment_failed` emitted), or there is none (400 "This customer has no attached
+//!   payment source or default payment method.", nothing emitted); paying a paid invoice is a
+//!   400. Every one of these writes honours `Idempotency-Key` as the meter events do (the first
+//!   answer replayed, failures included). `GET /v1/invoices?customer=…` lists the customer's
+//!   invoices newest first (`created[gte]` honoured). Emitted events are taken by
+//!   [`StandIn::take_emitted`], for a test to sign and deliver as Stripe would.
 //! - Test hooks: [`StandIn::lose`] drops an accepted event from the summaries (Stripe lost
 //!   it; its identifier stays taken), [`StandIn::inject`] adds one sent outside tollgate.
 //!
@@ -144,6 +161,14 @@ struct State {
     price_reads: u64,
     /// Idempotency key -> (parameters, status, body, first used at).
     idempotency: HashMap<String, (String, u16, String, i64)>,
+    /// What each customer's default payment method does when an invoice is paid (none named:
+    /// a card that pays).
+    cards: HashMap<String, Card>,
+    /// Invoices and invoice items created through the API, and the events their payment
+    /// emitted (`invoice.paid`, `invoice.payment_failed`), oldest first.
+    created: u64,
+    created_invoices: Vec<String>,
+    emitted: Vec<serde_json::Value>,
     in_flight: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
     /// A fault applied to every call for a customer (a 429 storm for one of them).
@@ -166,6 +191,16 @@ impl State {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
         })
     }
+}
+
+/// A customer's default payment method, as Stripe's test cards behave ("Testing": 4242…
+/// succeeds, 4000 0000 0000 0002 is declined with `card_declined`), or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Card {
+    Pays,
+    Declined,
+    /// No default payment method, nor source.
+    Missing,
 }
 
 /// The stand-in; stops when dropped.
@@ -322,6 +357,31 @@ impl StandIn {
         price["lookup_key"] = serde_json::json!(lookup_key);
         price["active"] = serde_json::json!(active);
         self.lock().prices.push(price);
+    }
+
+    /// Sets the price `id`'s `unit_amount` (smallest currency unit; the fixture's otherwise).
+    pub fn set_unit_amount(&self, id: &str, amount: i64) {
+        for price in self.lock().prices.iter_mut().filter(|p| p["id"] == id) {
+            price["unit_amount"] = serde_json::json!(amount);
+            price["unit_amount_decimal"] = serde_json::json!(amount.to_string());
+        }
+    }
+
+    /// What `customer`'s default payment method does when an invoice is paid.
+    pub fn set_card(&self, customer: &str, card: Card) {
+        self.lock().cards.insert(customer.to_owned(), card);
+    }
+
+    /// The events payments emitted since the last call (`invoice.paid`,
+    /// `invoice.payment_failed`), as Stripe sends them, oldest first.
+    pub fn take_emitted(&self) -> Vec<serde_json::Value> {
+        std::mem::take(&mut self.lock().emitted)
+    }
+
+    /// The invoices created through the API.
+    pub fn invoices_created(&self) -> Vec<serde_json::Value> {
+        let s = self.lock();
+        s.created_invoices.iter().filter_map(|id| s.objects.get(&format!("/v1/invoices/{id}")).cloned()).collect()
     }
 
     /// Moves `lookup_key` to the price `to` (`transfer_lookup_key`), archiving the price
@@ -485,6 +545,13 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
         }
         return Some(read(req, &mut lock()));
     }
+    if req.path == "/v1/invoices" || req.path.starts_with("/v1/invoices/") || req.path == "/v1/invoiceitems" {
+        // Invoice writes take no injected fault either (those are for the meter events).
+        if req.headers.get("authorization").map(String::as_str) != Some(&format!("Bearer {SECRET}")) {
+            return Some(error(401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided"));
+        }
+        return Some(idempotent(req, &mut lock()));
+    }
     let fault = {
         let mut s = lock();
         s.calls += 1;
@@ -584,6 +651,239 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
         return None;
     }
     Some(answer)
+}
+
+/// A form body's parameters.
+fn form_of(req: &Request) -> BTreeMap<String, String> {
+    std::str::from_utf8(&req.body)
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| p.split_once('=').map(|(k, v)| (decode(k), decode(v))))
+        .collect()
+}
+
+/// An invoice write ([`write`]) under Stripe's idempotency rules ("Idempotent requests"): a key seen before with
+/// the same parameters answers the first answer again (failures included); with other
+/// parameters, 400 `idempotency_error`; keys are forgotten 24 hours after their first use.
+fn idempotent(req: &Request, s: &mut State) -> (u16, String, &'static str) {
+    let form = form_of(req);
+    let fingerprint = format!("{} {form:?}", req.path);
+    let now = s.now();
+    let key = req.headers.get("idempotency-key").cloned();
+    if let Some(key) = &key {
+        s.idempotency.retain(|_, (_, _, _, at)| *at + 86_400 > now);
+        if let Some((seen, status, body, _)) = s.idempotency.get(key).cloned() {
+            if seen != fingerprint {
+                return error(
+                    400,
+                    "idempotency_error",
+                    "idempotency_key_in_use",
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with",
+                );
+            }
+            s.replays += 1;
+            return (status, body, "application/json");
+        }
+    }
+    let answer = write(&req.path, &form, s);
+    if let Some(key) = key {
+        s.idempotency.insert(key, (fingerprint, answer.0, answer.1.clone(), now));
+    }
+    answer
+}
+
+/// The invoice writes of Stripe's API reference: "Create an invoice" (`POST /v1/invoices`: a
+/// draft), "Create an invoice item" (`POST /v1/invoiceitems` on a draft invoice of the same
+/// customer, `pricing[price]` or `price`, `quantity`), "Finalize an invoice" (draft → open),
+/// "Pay an invoice" (open → paid, with a payment intent, the invoice's payments and lines
+/// listed, and `invoice.paid` emitted; a declined card answers 402 `card_error`
+/// `card_declined` (changelog 2017-12-14) and emits `invoice.payment_failed`; a customer
+/// without a payment method answers 400 "This customer has no attached payment source or
+/// default payment method."; an invoice already paid answers 400 `invoice_already_paid`).
+fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, String, &'static str) {
+    let invalid = |code: &str, m: &str| error(400, "invalid_request_error", code, m);
+    let now = s.now();
+    let get = |k: &str| form.get(k).cloned();
+    if path == "/v1/invoices" {
+        let Some(customer) = get("customer") else {
+            return invalid("parameter_missing", "Missing required param: customer.");
+        };
+        s.created += 1;
+        let id = format!("in_api{}", s.created);
+        let mut inv = fixture("invoice");
+        let metadata: serde_json::Map<String, serde_json::Value> = form
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("metadata[")
+                    .and_then(|k| k.strip_suffix(']'))
+                    .map(|k| (k.to_owned(), serde_json::json!(v)))
+            })
+            .collect();
+        inv["id"] = serde_json::json!(id);
+        inv["customer"] = serde_json::json!(customer);
+        inv["status"] = serde_json::json!("draft");
+        inv["created"] = serde_json::json!(now);
+        inv["metadata"] = serde_json::Value::Object(metadata);
+        s.created_invoices.push(id.clone());
+        inv["collection_method"] = serde_json::json!(get("collection_method").unwrap_or("charge_automatically".into()));
+        inv["auto_advance"] = serde_json::json!(get("auto_advance").as_deref() != Some("false"));
+        for k in ["total", "subtotal", "amount_due", "amount_paid", "amount_remaining"] {
+            inv[k] = serde_json::json!(0);
+        }
+        inv["lines"] = serde_json::json!({ "object": "list", "data": [], "has_more": false,
+            "url": format!("/v1/invoices/{id}/lines") });
+        inv["status_transitions"] = serde_json::json!({ "finalized_at": null, "paid_at": null,
+            "marked_uncollectible_at": null, "voided_at": null });
+        s.objects.insert(format!("/v1/invoices/{id}"), inv.clone());
+        return (200, inv.to_string(), "application/json");
+    }
+    if path == "/v1/invoiceitems" {
+        let Some(customer) = get("customer") else {
+            return invalid("parameter_missing", "Missing required param: customer.");
+        };
+        let Some(price) = get("pricing[price]").or_else(|| get("price")) else {
+            return invalid("parameter_missing", "Missing required param: pricing[price] or amount.");
+        };
+        let Some(unit) =
+            s.prices.iter().find(|p| p["id"] == price.as_str()).map(|p| p["unit_amount"].as_i64().unwrap_or(0))
+        else {
+            return error(404, "invalid_request_error", "resource_missing", &format!("No such price: '{price}'"));
+        };
+        let quantity = get("quantity").map_or(Ok(1), |q| q.parse::<i64>()).unwrap_or(-1);
+        if quantity < 1 {
+            return invalid("parameter_invalid_integer", "Invalid integer: quantity");
+        }
+        let invoice = get("invoice");
+        let target = invoice.as_ref().map(|i| format!("/v1/invoices/{i}"));
+        if let Some(t) = &target {
+            match s.objects.get(t) {
+                None => return error(404, "invalid_request_error", "resource_missing", "No such invoice"),
+                Some(inv) if inv["customer"] != customer.as_str() => {
+                    return invalid("parameter_invalid", "The invoice belongs to another customer.")
+                }
+                Some(inv) if inv["status"] != "draft" => {
+                    return invalid("invoice_not_editable", "You can only add invoice items to draft invoices.")
+                }
+                _ => {}
+            }
+        }
+        s.created += 1;
+        let item_id = format!("ii_api{}", s.created);
+        let amount = unit * quantity;
+        let mut item = fixture("invoiceitem");
+        item["id"] = serde_json::json!(item_id);
+        item["customer"] = serde_json::json!(customer);
+        item["invoice"] = serde_json::json!(invoice);
+        item["amount"] = serde_json::json!(amount);
+        item["net_amount"] = serde_json::json!(amount);
+        item["quantity"] = serde_json::json!(quantity);
+        item["quantity_decimal"] = serde_json::json!(quantity.to_string());
+        item["date"] = serde_json::json!(now);
+        item["parent"] = serde_json::Value::Null;
+        item["pricing"] = serde_json::json!({ "type": "price_details",
+            "price_details": { "price": price, "product": "prod_1" }, "unit_amount_decimal": unit.to_string() });
+        if let Some(t) = target {
+            let inv = s.objects.get_mut(&t).expect("checked above");
+            let mut line = fixture("line_item");
+            line["id"] = serde_json::json!(format!("il_api{}", s.created));
+            line["invoice"] = inv["id"].clone();
+            line["amount"] = serde_json::json!(amount);
+            line["quantity"] = serde_json::json!(quantity);
+            line["pricing"] = serde_json::json!({ "type": "price_details",
+                "price_details": { "price": price, "product": "prod_1" }, "unit_amount_decimal": unit.to_string() });
+            line["parent"] = serde_json::json!({ "type": "invoice_item_details", "invoice_item_details":
+                { "invoice_item": item_id, "proration": false, "proration_details": { "credited_items": null },
+                  "subscription": null }, "subscription_item_details": null });
+            line["discount_amounts"] = serde_json::json!([]);
+            line["pretax_credit_amounts"] = serde_json::json!([]);
+            line["taxes"] = serde_json::json!([]);
+            inv["lines"]["data"].as_array_mut().expect("a list").push(line);
+            for k in ["total", "subtotal", "amount_due", "amount_remaining"] {
+                inv[k] = serde_json::json!(inv[k].as_i64().unwrap_or(0) + amount);
+            }
+        }
+        return (200, item.to_string(), "application/json");
+    }
+    let (id, action) = path.trim_start_matches("/v1/invoices/").split_once('/').unwrap_or(("", ""));
+    let key = format!("/v1/invoices/{id}");
+    let Some(mut inv) = s.objects.get(&key).cloned() else {
+        return error(404, "invalid_request_error", "resource_missing", &format!("No such invoice: '{id}'"));
+    };
+    match action {
+        "finalize" => {
+            if inv["status"] != "draft" {
+                return invalid(
+                    "invoice_not_editable",
+                    "This invoice is already finalized, you can't re-finalize a non-draft invoice.",
+                );
+            }
+            inv["status"] = serde_json::json!("open");
+            inv["status_transitions"]["finalized_at"] = serde_json::json!(now);
+        }
+        "pay" => {
+            if inv["status"] == "paid" {
+                return invalid("invoice_already_paid", "Invoice is already paid");
+            }
+            if inv["status"] != "open" {
+                return invalid("invoice_not_open", "You can only pay an open invoice.");
+            }
+            let customer = inv["customer"].as_str().unwrap_or_default().to_owned();
+            match s.cards.get(&customer).copied().unwrap_or(Card::Pays) {
+                Card::Missing => {
+                    return invalid("", "This customer has no attached payment source or default payment method.")
+                }
+                Card::Declined => {
+                    inv["attempt_count"] = serde_json::json!(inv["attempt_count"].as_i64().unwrap_or(0) + 1);
+                    inv["attempted"] = serde_json::json!(true);
+                    s.objects.insert(key, inv.clone());
+                    let event = emitted_event(s, "invoice.payment_failed", &inv, now);
+                    s.emitted.push(event);
+                    let body = serde_json::json!({ "error": { "type": "card_error", "code": "card_declined",
+                        "decline_code": "generic_decline", "message": "Your card was declined." } });
+                    return (402, body.to_string(), "application/json");
+                }
+                Card::Pays => {
+                    s.created += 1;
+                    let intent = format!("pi_api{}", s.created);
+                    inv["status"] = serde_json::json!("paid");
+                    inv["amount_paid"] = inv["amount_due"].clone();
+                    inv["amount_remaining"] = serde_json::json!(0);
+                    inv["attempted"] = serde_json::json!(true);
+                    inv["attempt_count"] = serde_json::json!(inv["attempt_count"].as_i64().unwrap_or(0) + 1);
+                    inv["status_transitions"]["paid_at"] = serde_json::json!(now);
+                    let mut payment = fixture("invoice_payment");
+                    payment["id"] = serde_json::json!(format!("inpay_api{}", s.created));
+                    payment["invoice"] = serde_json::json!(id);
+                    payment["status"] = serde_json::json!("paid");
+                    payment["payment"] = serde_json::json!({ "type": "payment_intent", "payment_intent": intent });
+                    s.invoice_payments.insert(id.to_owned(), vec![payment]);
+                    s.lists.insert(
+                        format!("/v1/invoices/{id}/lines"),
+                        inv["lines"]["data"].as_array().cloned().unwrap_or_default(),
+                    );
+                    s.objects.insert(key, inv.clone());
+                    let event = emitted_event(s, "invoice.paid", &inv, now);
+                    s.emitted.push(event);
+                    return (200, inv.to_string(), "application/json");
+                }
+            }
+        }
+        _ => return error(404, "invalid_request_error", "resource_missing", "Unrecognized request URL"),
+    }
+    s.objects.insert(key, inv.clone());
+    (200, inv.to_string(), "application/json")
+}
+
+/// An event of `kind` about `object`, as Stripe sends it to a webhook endpoint.
+fn emitted_event(s: &mut State, kind: &str, object: &serde_json::Value, now: i64) -> serde_json::Value {
+    s.created += 1;
+    let mut event = fixture("event");
+    event["id"] = serde_json::json!(format!("evt_api{}", s.created));
+    event["type"] = serde_json::json!(kind);
+    event["created"] = serde_json::json!(now);
+    event["data"] = serde_json::json!({ "object": object });
+    event
 }
 
 fn execute(
@@ -797,6 +1097,20 @@ fn read(req: &Request, s: &mut State) -> (u16, String, &'static str) {
             .filter(|p| p["payment"]["payment_intent"].as_str() == Some(intent.as_str()))
             .map(|p| (p["id"].as_str().unwrap_or_default().to_owned(), p.clone()))
             .collect();
+        return page(items, path);
+    }
+    if path == "/v1/invoices" && q.contains_key("customer") {
+        // "List all invoices" of a customer, newest first, `created[gte]` honoured.
+        s.list_reads += 1;
+        let since = q.get("created[gte]").and_then(|c| c.parse::<i64>().ok()).unwrap_or(i64::MIN);
+        let mut items: Vec<(String, serde_json::Value)> = s
+            .objects
+            .values()
+            .filter(|o| o["object"] == "invoice" && o["customer"] == q["customer"].as_str())
+            .filter(|o| o["created"].as_i64().unwrap_or(0) >= since)
+            .map(|o| (o["id"].as_str().unwrap_or_default().to_owned(), o.clone()))
+            .collect();
+        items.sort_by_key(|(id, o)| (std::cmp::Reverse(o["created"].as_i64()), id.clone()));
         return page(items, path);
     }
     if ["/v1/checkout/sessions", "/v1/invoices"].contains(&path)

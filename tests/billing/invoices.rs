@@ -1,0 +1,121 @@
+//! The Stripe stand-in's invoices, through the real async-stripe client, answer as Stripe's API
+//! reference documents them ("Create an invoice", "Create an invoice item", "Finalize an
+//! invoice", "Pay an invoice", "List all invoices", "Idempotent requests"), failures included:
+//! what a recharge (issue 55) will call.
+
+use std::time::Duration;
+
+use stripe::{IdempotencyKey, RequestStrategy, StripeRequest};
+use stripe_billing::{
+    invoice::{
+        CreateInvoice, CreateInvoicePendingInvoiceItemsBehavior, FinalizeInvoiceInvoice, ListInvoice, PayInvoice,
+    },
+    invoice_item::{CreateInvoiceItem, PricingParam},
+    Invoice, InvoiceCollectionMethod, InvoiceStatus,
+};
+
+use super::common::stripe::{Card, StandIn, SECRET};
+
+async fn stand_in() -> (StandIn, stripe::Client) {
+    let stripe = StandIn::start(&[]).await;
+    stripe.add_price("price_pack", None, true);
+    stripe.set_unit_amount("price_pack", 1000);
+    let client =
+        stripe::ClientBuilder::new(SECRET).url(stripe.url.as_str()).timeout(Duration::from_secs(5)).build().unwrap();
+    (stripe, client)
+}
+
+/// A draft invoice of `packs` packs for `customer`, excluding its pending items, finalized:
+/// each call under its own idempotency key, derived from `n`.
+async fn open_invoice(client: &stripe::Client, customer: &str, packs: u64, n: u32) -> Invoice {
+    let key = |step: &str| RequestStrategy::Idempotent(IdempotencyKey::new(format!("recharge-{n}-{step}")).unwrap());
+    let create = CreateInvoice::new()
+        .customer(customer)
+        .collection_method(InvoiceCollectionMethod::ChargeAutomatically)
+        .pending_invoice_items_behavior(CreateInvoicePendingInvoiceItemsBehavior::Exclude)
+        .auto_advance(false)
+        .metadata(
+            [("tollgate_recharge".to_owned(), n.to_string())].into_iter().collect::<std::collections::HashMap<_, _>>(),
+        );
+    let invoice = create.customize().request_strategy(key("invoice")).send(client).await.unwrap();
+    let mut pricing = PricingParam::new();
+    pricing.price = Some("price_pack".into());
+    let id = invoice.id.clone().unwrap();
+    CreateInvoiceItem::new()
+        .customer(customer)
+        .invoice(id.as_str())
+        .pricing(pricing)
+        .quantity(packs)
+        .customize()
+        .request_strategy(key("item"))
+        .send(client)
+        .await
+        .unwrap();
+    FinalizeInvoiceInvoice::new(id).customize().request_strategy(key("finalize")).send(client).await.unwrap()
+}
+
+#[tokio::test]
+async fn an_invoice_is_created_finalized_and_paid_once_and_emits_invoice_paid() {
+    let (stripe, client) = stand_in().await;
+    let invoice = open_invoice(&client, "cus_1", 3, 1).await;
+    assert_eq!(invoice.status, Some(InvoiceStatus::Open));
+    assert_eq!(invoice.amount_due, 3000);
+    // The same calls again (a retry after a lost answer): answered as the first, nothing new.
+    let again = open_invoice(&client, "cus_1", 3, 1).await;
+    assert_eq!(again.id, invoice.id);
+    assert_eq!(stripe.invoices_created().len(), 1);
+    let id = invoice.id.clone().unwrap();
+    let pay = |key: &str| {
+        PayInvoice::new(id.clone())
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(IdempotencyKey::new(key).unwrap()))
+            .send(&client)
+    };
+    let paid = pay("recharge-1-pay").await.unwrap();
+    assert_eq!((paid.status, paid.amount_paid), (Some(InvoiceStatus::Paid), 3000));
+    assert!(paid.status_transitions.paid_at.is_some());
+    assert_eq!(pay("recharge-1-pay").await.unwrap().id, paid.id, "a retried pay charges once");
+    let err = pay("another-key").await.unwrap_err().to_string();
+    assert!(err.contains("already paid"), "{err}");
+    let events = stripe.take_emitted();
+    assert_eq!(events.len(), 1, "one payment, one event");
+    assert_eq!(events[0]["type"], "invoice.paid");
+    assert_eq!(events[0]["data"]["object"]["metadata"]["tollgate_recharge"], "1");
+    // The same key with other parameters: Stripe's idempotency_error.
+    let other = CreateInvoice::new()
+        .customer("cus_2")
+        .customize()
+        .request_strategy(RequestStrategy::Idempotent(IdempotencyKey::new("recharge-1-invoice").unwrap()))
+        .send(&client)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(other.contains("idempotent"), "{other}");
+    // Listed by customer, its payment and lines readable as the grant path reads them.
+    let listed = ListInvoice::new().customer("cus_1").send(&client).await.unwrap();
+    assert_eq!(listed.data.len(), 1);
+}
+
+#[tokio::test]
+async fn a_declined_card_and_a_customer_without_a_payment_method_fail_as_stripe_answers() {
+    let (stripe, client) = stand_in().await;
+    stripe.set_card("cus_d", Card::Declined);
+    let invoice = open_invoice(&client, "cus_d", 1, 2).await;
+    let err = PayInvoice::new(invoice.id.clone().unwrap()).send(&client).await.unwrap_err();
+    let text = format!("{err:?}");
+    assert!(text.contains("card_declined"), "{text}");
+    let events = stripe.take_emitted();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["type"], "invoice.payment_failed");
+    assert_eq!(events[0]["data"]["object"]["status"], "open", "still open, to be paid again");
+    stripe.set_card("cus_n", Card::Missing);
+    let invoice = open_invoice(&client, "cus_n", 1, 3).await;
+    let err = PayInvoice::new(invoice.id.clone().unwrap()).send(&client).await.unwrap_err();
+    assert!(format!("{err:?}").contains("no attached payment source or default payment method"), "{err:?}");
+    assert!(stripe.take_emitted().is_empty(), "no attempt was made");
+    // An item on an invoice already finalized, or of a price Stripe has not: refused.
+    let mut pricing = PricingParam::new();
+    pricing.price = Some("price_none".into());
+    let err = CreateInvoiceItem::new().customer("cus_n").pricing(pricing).send(&client).await.unwrap_err();
+    assert!(format!("{err:?}").contains("No such price"), "{err:?}");
+}
