@@ -78,9 +78,9 @@ async fn an_invoice_is_created_finalized_and_paid_once_and_emits_invoice_paid() 
     let err = pay("another-key").await.unwrap_err().to_string();
     assert!(err.contains("already paid"), "{err}");
     let events = stripe.take_emitted();
-    assert_eq!(events.len(), 1, "one payment, one event");
-    assert_eq!(events[0]["type"], "invoice.paid");
-    assert_eq!(events[0]["data"]["object"]["metadata"]["tollgate_recharge"], "1");
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["invoice.finalized", "invoice.paid", "invoice.payment_succeeded"], "one payment");
+    assert_eq!(events[1]["data"]["object"]["metadata"]["tollgate_recharge"], "1");
     // The same key with other parameters: Stripe's idempotency_error.
     let other = CreateInvoice::new()
         .customer("cus_2")
@@ -105,17 +105,45 @@ async fn a_declined_card_and_a_customer_without_a_payment_method_fail_as_stripe_
     let text = format!("{err:?}");
     assert!(text.contains("card_declined"), "{text}");
     let events = stripe.take_emitted();
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0]["type"], "invoice.payment_failed");
-    assert_eq!(events[0]["data"]["object"]["status"], "open", "still open, to be paid again");
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["invoice.finalized", "invoice.payment_failed"]);
+    assert_eq!(events[1]["data"]["object"]["status"], "open", "still open, to be paid again");
     stripe.set_card("cus_n", Card::Missing);
     let invoice = open_invoice(&client, "cus_n", 1, 3).await;
     let err = PayInvoice::new(invoice.id.clone().unwrap()).send(&client).await.unwrap_err();
     assert!(format!("{err:?}").contains("no attached payment source or default payment method"), "{err:?}");
-    assert!(stripe.take_emitted().is_empty(), "no attempt was made");
+    let kinds: Vec<String> = stripe.take_emitted().iter().map(|e| e["type"].to_string()).collect();
+    assert_eq!(kinds, ["\"invoice.finalized\""], "no attempt was made");
     // An item on an invoice already finalized, or of a price Stripe has not: refused.
     let mut pricing = PricingParam::new();
     pricing.price = Some("price_none".into());
     let err = CreateInvoiceItem::new().customer("cus_n").pricing(pricing).send(&client).await.unwrap_err();
     assert!(format!("{err:?}").contains("No such price"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_credit_balance_pays_at_finalization_and_a_lost_answer_is_replayed() {
+    let (stripe, client) = stand_in().await;
+    // A credit balance covering the invoice: paid when finalized, without a payment.
+    stripe.set_credit_balance("cus_b", 5000);
+    let invoice = open_invoice(&client, "cus_b", 2, 4).await;
+    assert_eq!((invoice.status, invoice.amount_due, invoice.amount_paid), (Some(InvoiceStatus::Paid), 0, 0));
+    let err = PayInvoice::new(invoice.id.clone().unwrap()).send(&client).await.unwrap_err();
+    assert!(format!("{err:?}").contains("already paid"), "{err:?}");
+    // A pay whose answer is lost (executed, the connection closed): the retry under its key
+    // gets the first answer, and the customer was charged once.
+    let invoice = open_invoice(&client, "cus_c", 1, 5).await;
+    stripe.take_emitted();
+    stripe.fail_next_invoice_writes(&[super::common::stripe::Fault::TakeAndHang]);
+    let pay = || {
+        PayInvoice::new(invoice.id.clone().unwrap())
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(IdempotencyKey::new("recharge-5-pay").unwrap()))
+            .send(&client)
+    };
+    assert!(pay().await.is_err(), "the answer was lost");
+    let paid = pay().await.unwrap();
+    assert_eq!(paid.status, Some(InvoiceStatus::Paid));
+    let paid_events = stripe.take_emitted().iter().filter(|e| e["type"] == "invoice.paid").count();
+    assert_eq!(paid_events, 1, "charged once");
 }

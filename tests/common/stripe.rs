@@ -59,18 +59,24 @@
 //! - Invoices written through the API (Stripe's API reference, "Create an invoice", "Create
 //!   an invoice item", "Finalize an invoice", "Pay an invoice", "List all invoices"):
 //!   `POST /v1/invoices` makes a draft (`customer` required; `metadata[…]`,
-//!   `collection_method`, `auto_advance` kept); `POST /v1/invoiceitems` adds a line of a
-//!   price's `unit_amount` × `quantity` to a draft invoice of the same customer (an unknown
-//!   price: 404 "No such price"; a finalized invoice: 400); `POST /v1/invoices/{id}/finalize`
-//!   opens a draft; `POST /v1/invoices/{id}/pay` pays an open invoice with the customer's
+//!   `collection_method` kept; `auto_advance` false unless asked: "Defaults to false");
+//!   `POST /v1/invoiceitems` adds a line of a price's `unit_amount` × `quantity` to a draft
+//!   invoice of the same customer (an unknown price: 404 "No such price"; a finalized invoice:
+//!   400); `POST /v1/invoices/{id}/finalize` opens a draft (`invoice.finalized` emitted),
+//!   applying the customer's credit balance first ([`StandIn::set_credit_balance`], "Customer
+//!   credit balance"): an invoice it covers, or whose amount due is under the minimum charge
+//!   (0.50), is paid then and there without a payment (`invoice.paid` emitted), and a later pay
+//!   is refused; `POST /v1/invoices/{id}/pay` pays an open invoice with the customer's
 //!   default payment method ([`StandIn::set_card`]): it pays (status `paid`,
-//!   `status_transitions.paid_at`, a payment intent in its payments, its lines listed, an
-//!   `invoice.paid` event emitted), is declined (402 `card_error` `card_declined`: the changelog
+//!   `status_transitions.paid_at`, a payment intent in its payments, its lines listed,
+//!   `invoice.paid` and `invoice.payment_succeeded` emitted), is declined (402 `card_error` `card_declined`: the changelog
 //!   of 2017-12-14 "Invoice payment failures now return a card_error"; the invoice stays open,
 //!   `invoice.payment_failed` emitted), or there is none (400 "This customer has no attached
 //!   payment source or default payment method.", nothing emitted); paying a paid invoice is a
 //!   400. Every one of these writes honours `Idempotency-Key` as the meter events do (the first
-//!   answer replayed, failures included). `GET /v1/invoices?customer=…` lists the customer's
+//!   answer replayed, failures included; "results are only saved if an API endpoint started
+//!   executing", so a refusal of the parameters is not), and takes its own injected faults
+//!   ([`StandIn::fail_next_invoice_writes`]: a lost answer of an executed pay, a saved 500). `GET /v1/invoices?customer=…` lists the customer's
 //!   invoices newest first (`created[gte]` honoured). Emitted events are taken by
 //!   [`StandIn::take_emitted`], for a test to sign and deliver as Stripe would.
 //! - Test hooks: [`StandIn::lose`] drops an accepted event from the summaries (Stripe lost
@@ -168,6 +174,10 @@ struct State {
     /// emitted (`invoice.paid`, `invoice.payment_failed`), oldest first.
     created: u64,
     created_invoices: Vec<String>,
+    /// Faults for the next invoice writes, and customers' credit balances (smallest unit;
+    /// Stripe applies them when an invoice is finalized).
+    invoice_faults: VecDeque<Fault>,
+    credit_balances: HashMap<String, i64>,
     emitted: Vec<serde_json::Value>,
     in_flight: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
@@ -367,6 +377,18 @@ impl StandIn {
         }
     }
 
+    /// Faults for the next invoice writes, in order: `Status` answers without executing,
+    /// `Saved` fails while executing (replayed under its key), `Drop` closes the connection
+    /// unexecuted, `TakeAndHang` executes and loses the answer (the connection closes).
+    pub fn fail_next_invoice_writes(&self, faults: &[Fault]) {
+        self.lock().invoice_faults.extend(faults.iter().copied());
+    }
+
+    /// `customer`'s credit balance (what Stripe applies to its next finalized invoice).
+    pub fn set_credit_balance(&self, customer: &str, amount: i64) {
+        self.lock().credit_balances.insert(customer.to_owned(), amount);
+    }
+
     /// What `customer`'s default payment method does when an invoice is paid.
     pub fn set_card(&self, customer: &str, card: Card) {
         self.lock().cards.insert(customer.to_owned(), card);
@@ -550,7 +572,7 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
         if req.headers.get("authorization").map(String::as_str) != Some(&format!("Bearer {SECRET}")) {
             return Some(error(401, "invalid_request_error", "api_key_invalid", "Invalid API Key provided"));
         }
-        return Some(idempotent(req, &mut lock()));
+        return idempotent(req, &mut lock());
     }
     let fault = {
         let mut s = lock();
@@ -582,25 +604,8 @@ async fn handle(req: &Request, state: &Arc<Mutex<State>>) -> Option<(u16, String
     let key = req.headers.get("idempotency-key").cloned();
     *lock().sends.entry(form.get("identifier").cloned().unwrap_or_default()).or_default() += 1;
     let now = lock().now();
-    if let Some(key) = &key {
-        let seen = {
-            let mut s = lock();
-            // Forgotten 24 hours after its first use.
-            s.idempotency.retain(|_, (_, _, _, at)| *at + 86_400 > now);
-            s.idempotency.get(key).cloned()
-        };
-        if let Some((seen, status, body, _)) = seen {
-            if seen != fingerprint {
-                return Some(error(
-                    400,
-                    "idempotency_error",
-                    "idempotency_key_in_use",
-                    "Keys for idempotent requests can only be used with the same parameters they were first used with",
-                ));
-            }
-            lock().replays += 1;
-            return Some((status, body, "application/json"));
-        }
+    if let Some(answer) = key.as_deref().and_then(|key| replayed(&mut lock(), key, &fingerprint, now)) {
+        return Some(answer);
     }
     let get = |k: &str| form.get(k).cloned().unwrap_or_default();
     let (event_name, identifier, customer) = (get("event_name"), get("identifier"), get("payload[stripe_customer_id]"));
@@ -663,34 +668,52 @@ fn form_of(req: &Request) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The answer saved under `key` (keys are forgotten 24 hours after their first use): the
+/// first answer again for the same parameters, 400 `idempotency_error` for others.
+fn replayed(s: &mut State, key: &str, fingerprint: &str, now: i64) -> Option<(u16, String, &'static str)> {
+    s.idempotency.retain(|_, (_, _, _, at)| *at + 86_400 > now);
+    let (seen, status, body, _) = s.idempotency.get(key).cloned()?;
+    if seen != fingerprint {
+        return Some(error(
+            400,
+            "idempotency_error",
+            "idempotency_key_in_use",
+            "Keys for idempotent requests can only be used with the same parameters they were first used with",
+        ));
+    }
+    s.replays += 1;
+    Some((status, body, "application/json"))
+}
+
 /// An invoice write ([`write`]) under Stripe's idempotency rules ("Idempotent requests"): a key seen before with
 /// the same parameters answers the first answer again (failures included); with other
 /// parameters, 400 `idempotency_error`; keys are forgotten 24 hours after their first use.
-fn idempotent(req: &Request, s: &mut State) -> (u16, String, &'static str) {
+fn idempotent(req: &Request, s: &mut State) -> Option<(u16, String, &'static str)> {
     let form = form_of(req);
     let fingerprint = format!("{} {form:?}", req.path);
     let now = s.now();
     let key = req.headers.get("idempotency-key").cloned();
-    if let Some(key) = &key {
-        s.idempotency.retain(|_, (_, _, _, at)| *at + 86_400 > now);
-        if let Some((seen, status, body, _)) = s.idempotency.get(key).cloned() {
-            if seen != fingerprint {
-                return error(
-                    400,
-                    "idempotency_error",
-                    "idempotency_key_in_use",
-                    "Keys for idempotent requests can only be used with the same parameters they were first used with",
-                );
-            }
-            s.replays += 1;
-            return (status, body, "application/json");
-        }
+    if let Some(answer) = key.as_deref().and_then(|key| replayed(s, key, &fingerprint, now)) {
+        return Some(answer);
     }
-    let answer = write(&req.path, &form, s);
-    if let Some(key) = key {
+    let fault = s.invoice_faults.pop_front();
+    let answer = match fault {
+        Some(Fault::Status(st)) => return Some(error(st, "api_error", "api_error", "injected fault")),
+        Some(Fault::NotJson(st)) => return Some((st, "<html>bad gateway</html>".into(), "text/html")),
+        Some(Fault::Drop) => return None,
+        Some(Fault::Saved(st)) => error(st, "api_error", "api_error", "injected failure while executing"),
+        Some(Fault::TakeAndHang) | None => write(&req.path, &form, s),
+    };
+    // "Results are only saved if an API endpoint started executing": a request refused by its
+    // parameters' validation is not, and may be sent again under its key.
+    let validation = answer.0 == 404 || (answer.0 == 400 && answer.1.contains("\"parameter_"));
+    if let (Some(key), false) = (key, validation) {
         s.idempotency.insert(key, (fingerprint, answer.0, answer.1.clone(), now));
     }
-    answer
+    match fault {
+        Some(Fault::TakeAndHang) => None,
+        _ => Some(answer),
+    }
 }
 
 /// The invoice writes of Stripe's API reference: "Create an invoice" (`POST /v1/invoices`: a
@@ -727,7 +750,9 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
         inv["metadata"] = serde_json::Value::Object(metadata);
         s.created_invoices.push(id.clone());
         inv["collection_method"] = serde_json::json!(get("collection_method").unwrap_or("charge_automatically".into()));
-        inv["auto_advance"] = serde_json::json!(get("auto_advance").as_deref() != Some("false"));
+        // "Defaults to false" for an invoice created through the API.
+        inv["auto_advance"] = serde_json::json!(get("auto_advance").as_deref() == Some("true"));
+        inv["next_payment_attempt"] = serde_json::Value::Null;
         for k in ["total", "subtotal", "amount_due", "amount_paid", "amount_remaining"] {
             inv[k] = serde_json::json!(0);
         }
@@ -820,6 +845,33 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
             }
             inv["status"] = serde_json::json!("open");
             inv["status_transitions"]["finalized_at"] = serde_json::json!(now);
+            // The customer's credit balance is applied at finalization ("Customer credit
+            // balance"); an invoice it covers, or whose amount due is under the minimum charge
+            // (0.50), is paid at once without a payment (the rest debited to the balance).
+            let customer = inv["customer"].as_str().unwrap_or_default().to_owned();
+            let total = inv["total"].as_i64().unwrap_or(0);
+            let credit = s.credit_balances.get(&customer).copied().unwrap_or(0).clamp(0, total.max(0));
+            let due = total - credit;
+            *s.credit_balances.entry(customer).or_default() -= credit;
+            inv["starting_balance"] = serde_json::json!(-credit);
+            inv["amount_due"] = serde_json::json!(due);
+            inv["amount_remaining"] = serde_json::json!(due);
+            let finalized = emitted_event(s, "invoice.finalized", &inv, now);
+            s.emitted.push(finalized);
+            if due < 50 {
+                let customer = inv["customer"].as_str().unwrap_or_default().to_owned();
+                *s.credit_balances.entry(customer).or_default() -= due;
+                inv["status"] = serde_json::json!("paid");
+                inv["amount_paid"] = serde_json::json!(0);
+                inv["amount_remaining"] = serde_json::json!(0);
+                inv["status_transitions"]["paid_at"] = serde_json::json!(now);
+                s.lists.insert(
+                    format!("/v1/invoices/{id}/lines"),
+                    inv["lines"]["data"].as_array().cloned().unwrap_or_default(),
+                );
+                let paid = emitted_event(s, "invoice.paid", &inv, now);
+                s.emitted.push(paid);
+            }
         }
         "pay" => {
             if inv["status"] == "paid" {
@@ -834,7 +886,6 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
                     return invalid("", "This customer has no attached payment source or default payment method.")
                 }
                 Card::Declined => {
-                    inv["attempt_count"] = serde_json::json!(inv["attempt_count"].as_i64().unwrap_or(0) + 1);
                     inv["attempted"] = serde_json::json!(true);
                     s.objects.insert(key, inv.clone());
                     let event = emitted_event(s, "invoice.payment_failed", &inv, now);
@@ -864,6 +915,8 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
                     );
                     s.objects.insert(key, inv.clone());
                     let event = emitted_event(s, "invoice.paid", &inv, now);
+                    s.emitted.push(event);
+                    let event = emitted_event(s, "invoice.payment_succeeded", &inv, now);
                     s.emitted.push(event);
                     return (200, inv.to_string(), "application/json");
                 }
