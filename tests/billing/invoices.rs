@@ -114,6 +114,13 @@ async fn a_declined_card_and_a_customer_without_a_payment_method_fail_as_stripe_
     assert!(format!("{err:?}").contains("no attached payment source or default payment method"), "{err:?}");
     let kinds: Vec<String> = stripe.take_emitted().iter().map(|e| e["type"].to_string()).collect();
     assert_eq!(kinds, ["\"invoice.finalized\""], "no attempt was made");
+    // A card that needs 3-D Secure: the customer must act; the invoice stays open.
+    stripe.set_card("cus_3ds", Card::RequiresAction);
+    let invoice = open_invoice(&client, "cus_3ds", 1, 6).await;
+    let err = PayInvoice::new(invoice.id.clone().unwrap()).send(&client).await.unwrap_err();
+    assert!(format!("{err:?}").contains("invoice_payment_intent_requires_action"), "{err:?}");
+    let kinds: Vec<String> = stripe.take_emitted().iter().map(|e| e["type"].to_string()).collect();
+    assert_eq!(kinds, ["\"invoice.finalized\"", "\"invoice.payment_action_required\""]);
     // An item on an invoice already finalized, or of a price Stripe has not: refused.
     let mut pricing = PricingParam::new();
     pricing.price = Some("price_none".into());
@@ -146,4 +153,22 @@ async fn a_credit_balance_pays_at_finalization_and_a_lost_answer_is_replayed() {
     assert_eq!(paid.status, Some(InvoiceStatus::Paid));
     let paid_events = stripe.take_emitted().iter().filter(|e| e["type"] == "invoice.paid").count();
     assert_eq!(paid_events, 1, "charged once");
+}
+
+#[tokio::test]
+async fn an_item_without_its_invoice_waits_for_an_invoice_that_includes_pending_items() {
+    let (_stripe, client) = stand_in().await;
+    let mut pricing = PricingParam::new();
+    pricing.price = Some("price_pack".into());
+    CreateInvoiceItem::new().customer("cus_p").pricing(pricing).quantity(2u64).send(&client).await.unwrap();
+    // Excluded (the default, and what a recharge asks): the invoice holds only its own items.
+    let invoice = open_invoice(&client, "cus_p", 1, 7).await;
+    assert_eq!(invoice.amount_due, 1000, "the pending item stayed out");
+    let included = CreateInvoice::new()
+        .customer("cus_p")
+        .pending_invoice_items_behavior(CreateInvoicePendingInvoiceItemsBehavior::Include)
+        .send(&client)
+        .await
+        .unwrap();
+    assert_eq!(included.amount_due, 2000, "the pending item, on the next invoice that includes it");
 }

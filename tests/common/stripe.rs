@@ -62,7 +62,8 @@
 //!   `collection_method` kept; `auto_advance` false unless asked: "Defaults to false");
 //!   `POST /v1/invoiceitems` adds a line of a price's `unit_amount` × `quantity` to a draft
 //!   invoice of the same customer (an unknown price: 404 "No such price"; a finalized invoice:
-//!   400); `POST /v1/invoices/{id}/finalize` opens a draft (`invoice.finalized` emitted),
+//!   400), or, without `invoice`, leaves it pending for the customer's next invoice created
+//!   with `pending_invoice_items_behavior=include` ("Defaults to exclude"); `POST /v1/invoices/{id}/finalize` opens a draft (`invoice.finalized` emitted),
 //!   applying the customer's credit balance first ([`StandIn::set_credit_balance`], "Customer
 //!   credit balance"): an invoice it covers, or whose amount due is under the minimum charge
 //!   (0.50), is paid then and there without a payment (`invoice.paid` emitted), and a later pay
@@ -71,7 +72,9 @@
 //!   `status_transitions.paid_at`, a payment intent in its payments, its lines listed,
 //!   `invoice.paid` and `invoice.payment_succeeded` emitted), is declined (402 `card_error` `card_declined`: the changelog
 //!   of 2017-12-14 "Invoice payment failures now return a card_error"; the invoice stays open,
-//!   `invoice.payment_failed` emitted), or there is none (400 "This customer has no attached
+//!   `invoice.payment_failed` emitted), needs 3-D Secure (402 `card_error`
+//!   `invoice_payment_intent_requires_action`, still open, `invoice.payment_action_required`
+//!   emitted), or there is none (400 "This customer has no attached
 //!   payment source or default payment method.", nothing emitted); paying a paid invoice is a
 //!   400. Every one of these writes honours `Idempotency-Key` as the meter events do (the first
 //!   answer replayed, failures included; "results are only saved if an API endpoint started
@@ -178,6 +181,9 @@ struct State {
     /// Stripe applies them when an invoice is finalized).
     invoice_faults: VecDeque<Fault>,
     credit_balances: HashMap<String, i64>,
+    /// Invoice items created without an invoice, pending for their customer's next one:
+    /// (customer, the line they become).
+    pending_items: Vec<(String, serde_json::Value)>,
     emitted: Vec<serde_json::Value>,
     in_flight: HashSet<(String, String)>,
     faults: VecDeque<Fault>,
@@ -209,6 +215,8 @@ impl State {
 pub enum Card {
     Pays,
     Declined,
+    /// A card that needs 3-D Secure: off-session payment requires the customer's action.
+    RequiresAction,
     /// No default payment method, nor source.
     Missing,
 }
@@ -756,10 +764,23 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
         for k in ["total", "subtotal", "amount_due", "amount_paid", "amount_remaining"] {
             inv[k] = serde_json::json!(0);
         }
+        // "pending_invoice_items_behavior: … Defaults to exclude if the parameter is omitted."
+        let pulled: Vec<serde_json::Value> = if get("pending_invoice_items_behavior").as_deref() == Some("include") {
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut s.pending_items).into_iter().partition(|(c, _)| *c == customer);
+            s.pending_items = rest;
+            mine.into_iter().map(|(_, line)| line).collect()
+        } else {
+            Vec::new()
+        };
         inv["lines"] = serde_json::json!({ "object": "list", "data": [], "has_more": false,
             "url": format!("/v1/invoices/{id}/lines") });
         inv["status_transitions"] = serde_json::json!({ "finalized_at": null, "paid_at": null,
             "marked_uncollectible_at": null, "voided_at": null });
+        for mut line in pulled {
+            line["invoice"] = serde_json::json!(id);
+            add_line(&mut inv, line);
+        }
         s.objects.insert(format!("/v1/invoices/{id}"), inv.clone());
         return (200, inv.to_string(), "application/json");
     }
@@ -808,25 +829,23 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
         item["parent"] = serde_json::Value::Null;
         item["pricing"] = serde_json::json!({ "type": "price_details",
             "price_details": { "price": price, "product": "prod_1" }, "unit_amount_decimal": unit.to_string() });
-        if let Some(t) = target {
-            let inv = s.objects.get_mut(&t).expect("checked above");
-            let mut line = fixture("line_item");
-            line["id"] = serde_json::json!(format!("il_api{}", s.created));
-            line["invoice"] = inv["id"].clone();
-            line["amount"] = serde_json::json!(amount);
-            line["quantity"] = serde_json::json!(quantity);
-            line["pricing"] = serde_json::json!({ "type": "price_details",
-                "price_details": { "price": price, "product": "prod_1" }, "unit_amount_decimal": unit.to_string() });
-            line["parent"] = serde_json::json!({ "type": "invoice_item_details", "invoice_item_details":
-                { "invoice_item": item_id, "proration": false, "proration_details": { "credited_items": null },
-                  "subscription": null }, "subscription_item_details": null });
-            line["discount_amounts"] = serde_json::json!([]);
-            line["pretax_credit_amounts"] = serde_json::json!([]);
-            line["taxes"] = serde_json::json!([]);
-            inv["lines"]["data"].as_array_mut().expect("a list").push(line);
-            for k in ["total", "subtotal", "amount_due", "amount_remaining"] {
-                inv[k] = serde_json::json!(inv[k].as_i64().unwrap_or(0) + amount);
-            }
+        let mut line = fixture("line_item");
+        line["id"] = serde_json::json!(format!("il_api{}", s.created));
+        line["invoice"] = serde_json::json!(invoice);
+        line["amount"] = serde_json::json!(amount);
+        line["quantity"] = serde_json::json!(quantity);
+        line["pricing"] = serde_json::json!({ "type": "price_details",
+            "price_details": { "price": price, "product": "prod_1" }, "unit_amount_decimal": unit.to_string() });
+        line["parent"] = serde_json::json!({ "type": "invoice_item_details", "invoice_item_details":
+            { "invoice_item": item_id, "proration": false, "proration_details": { "credited_items": null },
+              "subscription": null }, "subscription_item_details": null });
+        line["discount_amounts"] = serde_json::json!([]);
+        line["pretax_credit_amounts"] = serde_json::json!([]);
+        line["taxes"] = serde_json::json!([]);
+        match target {
+            Some(t) => add_line(s.objects.get_mut(&t).expect("checked above"), line),
+            // No invoice: pending, for the customer's next invoice that includes them.
+            None => s.pending_items.push((customer, line)),
         }
         return (200, item.to_string(), "application/json");
     }
@@ -885,6 +904,20 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
                 Card::Missing => {
                     return invalid("", "This customer has no attached payment source or default payment method.")
                 }
+                Card::RequiresAction => {
+                    // Error code `invoice_payment_intent_requires_action` ("Error codes"): the
+                    // invoice stays open for the customer to authenticate.
+                    inv["attempted"] = serde_json::json!(true);
+                    s.objects.insert(key, inv.clone());
+                    let event = emitted_event(s, "invoice.payment_action_required", &inv, now);
+                    s.emitted.push(event);
+                    let body = serde_json::json!({ "error": { "type": "card_error",
+                        "code": "invoice_payment_intent_requires_action",
+                        "message": "This payment requires additional user action before it can be completed \
+                                    successfully. Payment can be completed using the PaymentIntent associated \
+                                    with the invoice." } });
+                    return (402, body.to_string(), "application/json");
+                }
                 Card::Declined => {
                     inv["attempted"] = serde_json::json!(true);
                     s.objects.insert(key, inv.clone());
@@ -926,6 +959,15 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
     }
     s.objects.insert(key, inv.clone());
     (200, inv.to_string(), "application/json")
+}
+
+/// `line` added to the draft `inv`, its amounts with it.
+fn add_line(inv: &mut serde_json::Value, line: serde_json::Value) {
+    let amount = line["amount"].as_i64().unwrap_or(0);
+    inv["lines"]["data"].as_array_mut().expect("a list").push(line);
+    for k in ["total", "subtotal", "amount_due", "amount_remaining"] {
+        inv[k] = serde_json::json!(inv[k].as_i64().unwrap_or(0) + amount);
+    }
 }
 
 /// An event of `kind` about `object`, as Stripe sends it to a webhook endpoint.
