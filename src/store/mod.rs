@@ -43,6 +43,7 @@ mod place;
 mod postgres;
 mod quota;
 mod rate;
+pub(crate) mod recharge;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod usage;
@@ -80,6 +81,10 @@ pub use quota::{
     SpendCap, SHRINK, TAKES_MAX,
 };
 pub use rate::{CellCall, CellGrant, CellReturn, RateRow, RateStore};
+pub use recharge::{
+    month_of, RechargeClaim, RechargeFailure, RechargeMode, RechargePack, RechargeSeen, RechargeSetting, RechargeState,
+    CLAIM_TAKEN_SECS, FAILURES_BEFORE_OFF, RETRY_AFTER_FAILURE_SECS,
+};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;

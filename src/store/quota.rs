@@ -5,7 +5,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use super::StoreError;
+use super::{RechargeMode, RechargeSeen, RechargeState, StoreError};
 pub use crate::base::SpendCap;
 use crate::base::{MeterId, Period, RefundAttribution, TenantId};
 
@@ -135,6 +135,9 @@ pub struct Reservation {
     /// Of the units granted, how many the caller uses at once (the request waiting on the
     /// call): they are used, not kept in its lease.
     pub taking: u64,
+    /// What the call does with the tenant's recharge of the meter ([`RechargeMode`], on a
+    /// [`Period::Prepaid`] key only): the answer's [`Grant::recharge`] says what it saw.
+    pub recharge: RechargeMode,
 }
 
 /// What a sender keeps of a counter besides what it used, as it says with each call: the
@@ -414,13 +417,16 @@ pub struct QuotaCounter {
     /// Of `reserved`, what the nodes keep and have not used, as their last calls said: in
     /// their leases, held by their requests' holds, held by their jobs' reservations.
     pub kept: Kept,
+    /// On a prepaid balance's counter: the tenant's recharge of the meter, if it ever set one
+    /// (a balance with no counter yet is listed with 0 units when a recharge is kept).
+    pub recharge: Option<RechargeState>,
 }
 
 impl QuotaCounter {
     /// `key` holding `reserved`, with a prepaid balance's `granted`.
     #[must_use]
     pub fn new(key: QuotaKey, reserved: u64, granted: Option<u64>) -> Self {
-        Self { key, reserved, granted, cap: None, kept: Kept::default() }
+        Self { key, reserved, granted, cap: None, kept: Kept::default(), recharge: None }
     }
 
     /// With what the nodes keep of it.
@@ -442,6 +448,32 @@ impl QuotaCounter {
         self.cap = cap;
         self
     }
+
+    /// With the tenant's recharge of the meter.
+    #[must_use]
+    pub fn with_recharge(mut self, recharge: Option<RechargeState>) -> Self {
+        self.recharge = recharge;
+        self
+    }
+}
+
+/// Lists `state` (the tenant's recharge of the meter, if kept) on the prepaid balance's counter
+/// among `counters` of `(tenant, meter)`, or beside them on a balance with no counter yet
+/// (0 units granted). Every store's `counters` lists a recharge by this rule.
+pub(crate) fn recharge_listed(
+    counters: &mut Vec<QuotaCounter>,
+    tenant: &crate::base::TenantId,
+    meter: &crate::base::MeterId,
+    state: Option<RechargeState>,
+) {
+    let Some(state) = state else { return };
+    if let Some(c) = counters.iter_mut().find(|c| c.key.period == crate::base::Period::Prepaid) {
+        c.recharge = Some(state);
+        return;
+    }
+    let (start, end) = crate::base::Period::Prepaid.bounds(0);
+    let key = QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end);
+    counters.push(QuotaCounter::new(key, 0, Some(0)).with_recharge(Some(state)));
 }
 
 /// Near a hard limit a grant is at most `1 / SHRINK` of the units left.
@@ -463,6 +495,7 @@ impl Reservation {
             kept: Kept::default(),
             expires_at: 0,
             taking: 0,
+            recharge: RechargeMode::Ignored,
         }
     }
 
@@ -485,6 +518,13 @@ impl Reservation {
     #[must_use]
     pub fn capped(mut self, cap: CapMode) -> Self {
         self.cap = cap;
+        self
+    }
+
+    /// Reads or writes the tenant's recharge of the meter ([`RechargeMode`]).
+    #[must_use]
+    pub fn recharging(mut self, mode: RechargeMode) -> Self {
+        self.recharge = mode;
         self
     }
 
@@ -557,13 +597,23 @@ pub struct Grant {
     /// The caller's earlier reservation of the counter expired before this call (the store
     /// gave back its lease and holds): it must drop what it keeps, its holds owed as used.
     pub expired: bool,
+    /// For a call with a [`RechargeMode`]: what it saw of the tenant's recharge.
+    pub recharge: RechargeSeen,
 }
 
 impl Grant {
     /// A grant of `granted` units, leaving `reserved` reserved in all (and as many used).
     #[must_use]
     pub fn new(granted: u64, reserved: u64) -> Self {
-        Self { granted, reserved, limit: None, cap: None, used: reserved, expired: false }
+        Self {
+            granted,
+            reserved,
+            limit: None,
+            cap: None,
+            used: reserved,
+            expired: false,
+            recharge: RechargeSeen::Nothing,
+        }
     }
 
     /// Of the reserved, `used` used.
@@ -584,6 +634,13 @@ impl Grant {
     #[must_use]
     pub fn with_cap(mut self, cap: Option<SpendCap>) -> Self {
         self.cap = cap;
+        self
+    }
+
+    /// What the call saw of the tenant's recharge.
+    #[must_use]
+    pub fn with_recharge(mut self, seen: RechargeSeen) -> Self {
+        self.recharge = seen;
         self
     }
 

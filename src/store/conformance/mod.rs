@@ -85,6 +85,8 @@ macro_rules! store_conformance {
             an_expired_lease_of_a_closed_grant_is_not_given_back_twice,
             reservations_expire_one_after_another,
             a_sender_keeping_jobs_is_remembered_for_its_late_releases,
+            a_recharge_is_claimed_once_per_crossing_beside_the_balance,
+            callers_crossing_together_claim_one_recharge,
         );
     };
     (@role usage, $make:expr) => {

@@ -1292,3 +1292,128 @@ pub async fn a_batch_of_releases_applies_each_once<S: ?Sized + QuotaInspect>(h: 
     assert_eq!(reserved(h.s(), &missing).await, 0, "never below zero");
     assert_eq!(reserved(h.s(), &keys[3]).await, 6, "untouched");
 }
+
+/// The tenant's recharge of a prepaid meter ([`RechargeMode`](crate::store::RechargeMode)) is
+/// kept beside the balance and survives a restart: a call that watches the balance claims
+/// recharge n once when the balance it leaves (granted − reserved) is below `below`, of the
+/// packs that bring it to `to`; one is open at a time; a lapsed claim is taken again with its
+/// number; paid closes it, a failure gives its amount back to the month and waits
+/// [`RETRY_AFTER_FAILURE_SECS`](crate::store::RETRY_AFTER_FAILURE_SECS); turning it off
+/// claims nothing more; a balance with no grant yet is listed with the recharge.
+pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Sized + QuotaInspect>(
+    h: &mut StoreUnderTest<S>,
+) {
+    use crate::store::{
+        RechargeFailure, RechargeMode, RechargePack, RechargeSeen, RechargeSetting, CLAIM_TAKEN_SECS,
+        RETRY_AFTER_FAILURE_SECS,
+    };
+    let key = prepaid_key("topped", "tokens");
+    let pack = RechargePack::new(1000, 500);
+    let watch = |units, seq, now| ask(&key, units, None, 1, seq).recharging(RechargeMode::Watch { now });
+    let mode = |seq, mode| ask(&key, 0, None, 2, seq).recharging(mode);
+    h.s().grant_credits(&credit("topped", "first", 10_000, None)).await.unwrap();
+    let setting = RechargeSetting::new(2000, 5000, 10_000, pack);
+    let g = h.s().reserve(&mode(1, RechargeMode::Set(Some(setting)))).await.unwrap();
+    assert_eq!((g.granted, g.recharge), (0, RechargeSeen::Nothing));
+    let listed = |cs: Vec<crate::store::QuotaCounter>| cs.into_iter().find_map(|c| c.recharge).expect("listed");
+    let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
+    assert_eq!((state.setting, state.n, state.open), (Some(setting), 0, None));
+    let g = h.s().reserve(&watch(7000, 1, DAY0)).await.unwrap();
+    assert_eq!((g.granted, g.recharge), (7000, RechargeSeen::Nothing), "3,000 left: not below");
+    h.restart().await;
+    let g = h.s().reserve(&watch(1500, 2, DAY0)).await.unwrap();
+    assert_eq!(g.granted, 1500);
+    assert_eq!(g.recharge, RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 }, "1,500 left: 4 packs reach 5,000");
+    assert_eq!(h.s().reserve(&watch(10, 3, DAY0 + 1)).await.unwrap().recharge, RechargeSeen::Open { n: 1 });
+    let plain = h.s().reserve(&ask(&key, 10, None, 3, 1)).await.unwrap();
+    assert_eq!((plain.granted, plain.recharge), (10, RechargeSeen::Nothing), "a call that does not watch sees nothing");
+    // Its node died: taken again, with its number, once its delivery lapsed.
+    let later = DAY0 + CLAIM_TAKEN_SECS;
+    assert_eq!(
+        h.s().reserve(&watch(0, 4, later)).await.unwrap().recharge,
+        RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 }
+    );
+    assert_eq!(h.s().reserve(&watch(0, 5, later)).await.unwrap().recharge, RechargeSeen::Open { n: 1 });
+    h.s().reserve(&mode(2, RechargeMode::Paid { n: 1 })).await.unwrap();
+    h.restart().await;
+    let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
+    assert_eq!((state.n, state.open, state.spent, state.count), (1, None, 2000, 1));
+    // Paid: the grant lands, and the next crossing claims number 2.
+    h.s().grant_credits(&credit("topped", "recharge-1", 4000, None)).await.unwrap();
+    let g = h.s().reserve(&watch(3600, 6, later)).await.unwrap();
+    assert_eq!(g.recharge, RechargeSeen::Claimed { n: 2, packs: 4, amount: 2000 }, "{g:?}");
+    let failed = RechargeMode::Failed { n: 2, why: RechargeFailure::Declined, now: later };
+    assert_eq!(h.s().reserve(&mode(3, failed)).await.unwrap().recharge, RechargeSeen::Failed { n: 2, off: false });
+    assert_eq!(h.s().reserve(&mode(4, failed)).await.unwrap().recharge, RechargeSeen::Nothing, "once per recharge");
+    let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
+    assert_eq!((state.failures, state.open, state.spent), (1, None, 2000), "a failed one is not spent");
+    assert_eq!(h.s().reserve(&watch(0, 7, later + 1)).await.unwrap().recharge, RechargeSeen::Nothing, "it waits");
+    let retry = later + RETRY_AFTER_FAILURE_SECS;
+    let g = h.s().reserve(&watch(0, 8, retry)).await.unwrap();
+    assert_eq!(g.recharge, RechargeSeen::Claimed { n: 3, packs: 4, amount: 2000 });
+    h.s().reserve(&mode(5, RechargeMode::Paid { n: 3 })).await.unwrap();
+    // Turned off: nothing more is claimed.
+    h.s().reserve(&mode(6, RechargeMode::Set(None))).await.unwrap();
+    assert_eq!(h.s().reserve(&watch(0, 9, retry)).await.unwrap().recharge, RechargeSeen::Nothing);
+    let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
+    assert_eq!((state.setting, state.failures, state.n, state.open), (None, 0, 3, None));
+    // A tenant that turns recharge on before any grant: listed on a balance of nothing, and
+    // its first watch claims the packs that reach `to`.
+    let bare = prepaid_key("bare", "tokens");
+    let set = ask(&bare, 0, None, 2, 1).recharging(RechargeMode::Set(Some(setting)));
+    h.s().reserve(&set).await.unwrap();
+    let counters = h.s().counters(&"bare".into(), &"tokens".into()).await.unwrap();
+    assert_eq!(counters.len(), 1);
+    assert_eq!((counters[0].key.clone(), counters[0].granted, counters[0].reserved), (bare.clone(), Some(0), 0));
+    assert_eq!(counters[0].recharge.and_then(|r| r.setting), Some(setting));
+    let g = h.s().reserve(&ask(&bare, 5, None, 1, 1).recharging(RechargeMode::Watch { now: DAY0 })).await.unwrap();
+    assert_eq!((g.granted, g.recharge), (0, RechargeSeen::Claimed { n: 1, packs: 5, amount: 2500 }));
+}
+
+/// Many callers spend a balance across `below` at once: exactly one of them claims the
+/// recharge, and every other call that watches after it sees it open.
+pub async fn callers_crossing_together_claim_one_recharge<S: ?Sized + QuotaInspect>(h: &mut StoreUnderTest<S>) {
+    use crate::store::{RechargeMode, RechargePack, RechargeSeen, RechargeSetting};
+    const TASKS: u64 = 8;
+    const CALLS: u64 = 12;
+    let key = prepaid_key("crossing", "tokens");
+    h.s().grant_credits(&credit("crossing", "first", 1000, None)).await.unwrap();
+    let setting = RechargeSetting::new(600, 2000, 1_000_000, RechargePack::new(100, 1));
+    let set = ask(&key, 0, None, 1, 1).recharging(RechargeMode::Set(Some(setting)));
+    h.s().reserve(&set).await.unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = h.shared();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for seq in 1..=CALLS {
+                let watch = RechargeMode::Watch { now: DAY0 };
+                let g = store.reserve(&ask(&key, 10, None, 700 + task, seq).recharging(watch)).await.unwrap();
+                seen.push((g.reserved, g.recharge));
+                tokio::task::yield_now().await;
+            }
+            seen
+        }));
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.extend(t.await.unwrap());
+    }
+    let claims: Vec<_> = seen.iter().filter(|(_, r)| matches!(r, RechargeSeen::Claimed { .. })).collect();
+    assert_eq!(claims.len(), 1, "one claim among {} calls: {claims:?}", seen.len());
+    let (reserved, RechargeSeen::Claimed { n, packs, amount }) = *claims[0] else { unreachable!() };
+    assert_eq!(n, 1);
+    // The packs that reach `to` from a balance below 600: what the claiming call left, or
+    // less (a store that writes the claim apart from the reserve reads the balance again and
+    // claims only if it is still below).
+    assert!((15..=20).contains(&packs), "{packs} packs after {reserved} reserved");
+    if reserved > 400 {
+        assert!(packs >= (2000 - (1000 - reserved)).div_ceil(100), "{packs} packs after {reserved} reserved");
+    }
+    assert_eq!(amount, packs);
+    assert!(
+        seen.iter().all(|(r, s)| *r <= 400 || matches!(s, RechargeSeen::Claimed { .. } | RechargeSeen::Open { n: 1 })),
+        "every call that left the balance below 600 saw the claim or made it"
+    );
+}

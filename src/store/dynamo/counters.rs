@@ -14,6 +14,7 @@ impl DynamoStore {
         let any = QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Day, 0, 0);
         let mut out = Vec::new();
         let mut cap = None;
+        let mut recharge = None;
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let page = self
@@ -33,6 +34,10 @@ impl DynamoStore {
                     cap = super::quota::cap_of(&item);
                     continue;
                 }
+                if sk == super::recharge::RECHARGE_SK {
+                    recharge = super::recharge::recharge_of(&item);
+                    continue;
+                }
                 let mut parts = sk.split(SEP);
                 let (Some(tag), Some(from), Some(to)) = (parts.next(), parts.next(), parts.next()) else { continue };
                 let window = |t: &str| u64::from_str_radix(t, 16).ok().map(|w| (w ^ (1 << 63)) as i64);
@@ -49,6 +54,8 @@ impl DynamoStore {
             }
         }
         out.sort_by_key(|c| c.key.start);
-        Ok(out.into_iter().map(|c| c.with_cap(cap)).collect())
+        let mut out: Vec<_> = out.into_iter().map(|c| c.with_cap(cap)).collect();
+        crate::store::quota::recharge_listed(&mut out, tenant, meter, recharge);
+        Ok(out)
     }
 }

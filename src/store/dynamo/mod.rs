@@ -41,6 +41,7 @@ mod place;
 mod quota;
 mod race;
 mod rate;
+mod recharge;
 mod schema;
 mod usage;
 

@@ -29,6 +29,14 @@ pub(super) fn cap_of(item: &Item) -> Option<SpendCap> {
 #[async_trait]
 impl QuotaStore for DynamoStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
+        if r.recharge != crate::store::RechargeMode::Ignored {
+            // The reserve's own write first; then the tenant's recharge, beside the balance,
+            // checks the balance that write left (or a later one).
+            let mut plain = r.clone();
+            plain.recharge = crate::store::RechargeMode::Ignored;
+            let grant = Box::pin(self.reserve(&plain)).await?;
+            return Ok(grant.with_recharge(self.recharge(&r.key, r.recharge).await?));
+        }
         if r.cap != CapMode::Ignored {
             // The tenant's own cap, an item beside the meter's counters: set (or read) first,
             // then the counter's conditional write holds the call to it. A reserve racing a

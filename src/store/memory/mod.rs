@@ -61,6 +61,8 @@ struct Inner {
     quotas: HashMap<(TenantId, MeterId), Counters>,
     /// (tenant, meter) -> the tenant's own cap on the meter (a spend cap), if it set one.
     caps: HashMap<(TenantId, MeterId), crate::store::SpendCap>,
+    /// (tenant, meter) -> the tenant's recharge of its prepaid balance, if it ever set one.
+    recharges: HashMap<(TenantId, MeterId), crate::store::RechargeState>,
     /// (tenant, meter) -> its credit grants, open and recently closed.
     credits: BTreeMap<(TenantId, MeterId), Vec<CreditGrant>>,
     /// Refunds that came before their grant, by payment.

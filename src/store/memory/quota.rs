@@ -51,49 +51,68 @@ fn prepaid(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
     QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end)
 }
 
+/// A reserve under the store's lock ([`QuotaStore::reserve`] without its recharge).
+fn reserve_locked(inner: &mut Inner, r: &Reservation) -> Grant {
+    let pair = (r.key.tenant.clone(), r.key.meter.clone());
+    // The tenant's own cap, set first in the same step (under the lock).
+    let cap = match r.cap {
+        CapMode::Ignored => None,
+        CapMode::Stored => inner.caps.get(&pair).copied(),
+        CapMode::Set(Some(cap)) => {
+            inner.caps.insert(pair.clone(), cap);
+            Some(cap)
+        }
+        CapMode::Set(None) => {
+            inner.caps.remove(&pair);
+            None
+        }
+    };
+    let counters = inner.quotas.entry(pair).or_default();
+    let Some(c) = counters.get(&r.key) else {
+        // A late call for a period long over: nothing is left to reserve in it.
+        return Grant::new(0, 0).with_cap(cap);
+    };
+    if let Some(grant) = c.seen(r.token) {
+        return grant.with_cap(cap);
+    }
+    let (kept, expired) = c.expire_for(r.token, r.kept);
+    c.reserved = c.reserved.saturating_add(r.owed);
+    // A prepaid balance is held to its grants, whatever the caller says; a spend cap to
+    // the tenant's own cap when it set one.
+    let granted = match c.granted.or(r.limit_under(cap)) {
+        Some(limit) => r.grant_for(limit.saturating_sub(c.reserved)),
+        None => r.units,
+    };
+    c.reserved = c.reserved.saturating_add(granted);
+    let keeping = crate::store::quota::Keeping::after(kept, granted, r.taking, r.expires_at);
+    let mut grant = Grant::new(granted, c.reserved).with_limit(c.granted).with_expired(expired);
+    c.applied(r.token, grant, keeping, crate::store::quota::mark_after(expired, true));
+    grant = grant.with_used(c.used());
+    if let Some(s) = c.applied.get_mut(&r.token.node) {
+        s.grant = grant;
+    }
+    grant.with_cap(cap)
+}
+
 #[async_trait]
 impl QuotaStore for MemoryStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         let mut inner = self.lock();
+        let grant = reserve_locked(&mut inner, r);
+        if r.recharge == crate::store::RechargeMode::Ignored {
+            return Ok(grant);
+        }
+        // The tenant's recharge, in the same step as the reserve (under the lock): the balance
+        // it checks is the one the reserve left.
         let pair = (r.key.tenant.clone(), r.key.meter.clone());
-        // The tenant's own cap, set first in the same step (under the lock).
-        let cap = match r.cap {
-            CapMode::Ignored => None,
-            CapMode::Stored => inner.caps.get(&pair).copied(),
-            CapMode::Set(Some(cap)) => {
-                inner.caps.insert(pair.clone(), cap);
-                Some(cap)
-            }
-            CapMode::Set(None) => {
-                inner.caps.remove(&pair);
-                None
-            }
-        };
-        let counters = inner.quotas.entry(pair).or_default();
-        let Some(c) = counters.get(&r.key) else {
-            // A late call for a period long over: nothing is left to reserve in it.
-            return Ok(Grant::new(0, 0).with_cap(cap));
-        };
-        if let Some(grant) = c.seen(r.token) {
-            return Ok(grant.with_cap(cap));
-        }
-        let (kept, expired) = c.expire_for(r.token, r.kept);
-        c.reserved = c.reserved.saturating_add(r.owed);
-        // A prepaid balance is held to its grants, whatever the caller says; a spend cap to
-        // the tenant's own cap when it set one.
-        let granted = match c.granted.or(r.limit_under(cap)) {
-            Some(limit) => r.grant_for(limit.saturating_sub(c.reserved)),
-            None => r.units,
-        };
-        c.reserved = c.reserved.saturating_add(granted);
-        let keeping = crate::store::quota::Keeping::after(kept, granted, r.taking, r.expires_at);
-        let mut grant = Grant::new(granted, c.reserved).with_limit(c.granted).with_expired(expired);
-        c.applied(r.token, grant, keeping, crate::store::quota::mark_after(expired, true));
-        grant = grant.with_used(c.used());
-        if let Some(s) = c.applied.get_mut(&r.token.node) {
-            s.grant = grant;
-        }
-        Ok(grant.with_cap(cap))
+        let key = prepaid(&pair.0, &pair.1);
+        let balance = inner
+            .quotas
+            .get(&pair)
+            .and_then(|c| c.periods.iter().find(|p| p.key == key))
+            .and_then(|c| c.granted.map(|g| g.saturating_sub(c.reserved)));
+        let state = inner.recharges.entry(pair).or_default();
+        Ok(grant.with_recharge(state.apply(r.recharge, balance)))
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
@@ -264,6 +283,8 @@ impl QuotaStore for MemoryStore {
             })
             .unwrap_or_default();
         out.sort_by_key(|c| c.key.start);
+        let recharge = inner.recharges.get(&(tenant.clone(), meter.clone())).copied();
+        crate::store::quota::recharge_listed(&mut out, tenant, meter, recharge);
         Ok(out)
     }
 

@@ -9,7 +9,8 @@ use crate::{
             kept_refund_json, kept_refund_of, mark, newer_refund, refund_against, revive, takes_json, takes_of,
             CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
-        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RechargeMode, RechargeSeen,
+        RechargeState, RefundOutcome, Release, SpendCap,
     },
 };
 
@@ -376,6 +377,52 @@ impl PostgresStore {
         .await
     }
 
+    /// Applies a recharge mode to the tenant's recharge of the key's meter, after the
+    /// reserve's statement: in a transaction that locks the recharge's row, then the balance's
+    /// row for share (a reserve or grant of the balance waits for it), so that the balance it
+    /// checks is the one the write sees and callers crossing together claim once.
+    async fn recharge(&self, key: &QuotaKey, mode: RechargeMode) -> Result<RechargeSeen, StoreError> {
+        let (t, m) = (key.tenant.as_str(), key.meter.as_str());
+        let state = self.sql("SELECT state FROM {s}.quota_recharge WHERE tenant = $1 AND meter = $2 FOR UPDATE");
+        let balance = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR SHARE"));
+        let upsert = self.sql(
+            "INSERT INTO {s}.quota_recharge (tenant, meter, state) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant, meter) DO UPDATE SET state = excluded.state",
+        );
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = self.begin(&mut client).await?;
+            let mut stored = tx
+                .query_typed_opt(&state, args![t, m])
+                .await?
+                .map(|r| RechargeState::of_json(r.get::<_, &str>(0)))
+                .unwrap_or_default();
+            let before = stored;
+            let left = tx
+                .query_typed_opt(&balance, args![t, m])
+                .await?
+                .and_then(|r| r.get::<_, Option<i64>>(1).map(|g| uint(g).saturating_sub(uint(r.get::<_, i64>(0)))));
+            let seen = stored.apply(mode, left);
+            if stored != before {
+                tx.query_typed(&upsert, args![t, m, stored.to_json()]).await?;
+            }
+            tx.commit().await?;
+            Ok(seen)
+        })
+        .await
+    }
+
+    /// The tenant's recharge of `(tenant, meter)`, if it ever set one.
+    async fn stored_recharge(&self, client: &tokio_postgres::Client, t: &str, m: &str) -> Pg<Option<RechargeState>> {
+        let row = client
+            .query_typed_opt(
+                &self.sql("SELECT state FROM {s}.quota_recharge WHERE tenant = $1 AND meter = $2"),
+                args![t, m],
+            )
+            .await?;
+        Ok(row.map(|r| RechargeState::of_json(r.get::<_, &str>(0))))
+    }
+
     /// The cap stored for the key's tenant and meter, if any.
     async fn stored_cap<C: tokio_postgres::GenericClient + Sync>(
         &self,
@@ -471,7 +518,11 @@ impl QuotaStore for PostgresStore {
             taking: r.taking,
             answered: true,
         };
-        self.quota_call(&call).await
+        let grant = self.quota_call(&call).await?;
+        if r.recharge == RechargeMode::Ignored {
+            return Ok(grant);
+        }
+        Ok(grant.with_recharge(self.recharge(&r.key, r.recharge).await?))
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {
@@ -700,7 +751,7 @@ impl QuotaStore for PostgresStore {
             let rows = client.query_typed(&sql, args![tenant.as_str(), meter.as_str()]).await?;
             let probe = QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Day, 0, 0);
             let cap = self.stored_cap::<tokio_postgres::Client>(&client, &probe).await?;
-            Ok(rows
+            let mut out = rows
                 .iter()
                 .filter_map(|r| {
                     let key =
@@ -709,7 +760,10 @@ impl QuotaStore for PostgresStore {
                     let kept = Kept::new(uint(r.get(5)), uint(r.get(6)), uint(r.get(7)));
                     Some(crate::store::QuotaCounter::new(key, uint(r.get(3)), granted).with_cap(cap).keeping(kept))
                 })
-                .collect())
+                .collect::<Vec<_>>();
+            let recharge = self.stored_recharge(&client, tenant.as_str(), meter.as_str()).await?;
+            crate::store::quota::recharge_listed(&mut out, tenant, meter, recharge);
+            Ok(out)
         })
         .await
     }

@@ -4,7 +4,7 @@ use super::*;
 
 /// The PostgreSQL schema version this build writes (`meta.schema_version`); a schema of a
 /// newer version is refused.
-pub const SCHEMA_VERSION: u32 = 10;
+pub const SCHEMA_VERSION: u32 = 11;
 
 /// The schema, one step per version: step `i` takes a schema from version `i` to `i + 1`.
 /// `{s}` is the schema's name. Text keys are compared byte by byte (`COLLATE "C"`), as Rust
@@ -253,6 +253,16 @@ ALTER TABLE {s}.quota ADD COLUMN answer_expired boolean NOT NULL DEFAULT false;
     // credits), once per id (`store::quota::takes_json`); none by default.
     r#"
 ALTER TABLE {s}.credit ADD COLUMN takes text NOT NULL DEFAULT '[]';
+"#,
+    // 10 -> 11: a tenant's recharge of a prepaid meter, beside its balance
+    // (`store::RechargeState`, as JSON).
+    r#"
+CREATE TABLE {s}.quota_recharge (
+    tenant text COLLATE "C" NOT NULL,
+    meter  text COLLATE "C" NOT NULL,
+    state  text NOT NULL,
+    PRIMARY KEY (tenant, meter)
+);
 "#,
 ];
 

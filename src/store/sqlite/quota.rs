@@ -9,44 +9,60 @@ use crate::{
             kept_refund_json, kept_refund_of, mark, mark_after, newer_refund, refund_against, release_against,
             standing, takes_json, takes_of, CreditRefund, ForgivenBy, Keeping, SenderCall, UsedTaken,
         },
-        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RefundOutcome, Release, SpendCap,
+        CapMode, CreditBalance, CreditClosure, CreditGrant, GrantOutcome, Kept, RechargeMode, RechargeState,
+        RefundOutcome, Release, SpendCap,
     },
 };
+
+/// A reserve in its transaction ([`QuotaStore::reserve`] without its recharge).
+fn reserve_in(tx: &Transaction<'_>, r: &Reservation) -> Sql<Grant> {
+    // The tenant's own cap, set first in the same transaction.
+    let cap = cap_of(tx, r)?;
+    let period = r.key.period_tag();
+    let Some((reserved, limit)) = counter(tx, &r.key, &period)? else {
+        // A late call for a period long over: nothing is left to reserve in it.
+        return Ok(Grant::new(0, 0).with_cap(cap));
+    };
+    if let Some(grant) = seen(tx, &r.key, &period, r.token, reserved)? {
+        return Ok(grant.with_limit(limit).with_cap(cap));
+    }
+    let (reserved, kept, expired) = expire_for(tx, &r.key, &period, r.token, uint(reserved), r.kept)?;
+    let reserved = reserved.saturating_add(r.owed);
+    // A prepaid balance is held to its grants, whatever the caller says; a spend cap
+    // to the tenant's own cap when it set one.
+    let granted = match limit.or(r.limit_under(cap)) {
+        Some(limit) => r.grant_for(limit.saturating_sub(reserved)),
+        None => r.units,
+    };
+    let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit).with_expired(expired);
+    let grant =
+        applied(tx, &r.key, &period, r.token, grant, Keeping::after(kept, granted, r.taking, r.expires_at), true)?;
+    Ok(grant.with_cap(cap))
+}
 
 #[async_trait]
 impl QuotaStore for SqliteStore {
     async fn reserve(&self, r: &Reservation) -> Result<Grant, StoreError> {
         let r = r.clone();
         self.write(move |tx, _| {
-            // The tenant's own cap, set first in the same transaction.
-            let cap = cap_of(tx, &r)?;
-            let period = r.key.period_tag();
-            let Some((reserved, limit)) = counter(tx, &r.key, &period)? else {
-                // A late call for a period long over: nothing is left to reserve in it.
-                return Ok(Grant::new(0, 0).with_cap(cap));
-            };
-            if let Some(grant) = seen(tx, &r.key, &period, r.token, reserved)? {
-                return Ok(grant.with_limit(limit).with_cap(cap));
+            let grant = reserve_in(tx, &r)?;
+            if r.recharge == RechargeMode::Ignored {
+                return Ok(grant);
             }
-            let (reserved, kept, expired) = expire_for(tx, &r.key, &period, r.token, uint(reserved), r.kept)?;
-            let reserved = reserved.saturating_add(r.owed);
-            // A prepaid balance is held to its grants, whatever the caller says; a spend cap
-            // to the tenant's own cap when it set one.
-            let granted = match limit.or(r.limit_under(cap)) {
-                Some(limit) => r.grant_for(limit.saturating_sub(reserved)),
-                None => r.units,
-            };
-            let grant = Grant::new(granted, reserved.saturating_add(granted)).with_limit(limit).with_expired(expired);
-            let grant = applied(
-                tx,
-                &r.key,
-                &period,
-                r.token,
-                grant,
-                Keeping::after(kept, granted, r.taking, r.expires_at),
-                true,
-            )?;
-            Ok(grant.with_cap(cap))
+            // The tenant's recharge, in the reserve's transaction: the balance it checks is
+            // the one the reserve left.
+            let (t, m) = (r.key.tenant.as_str(), r.key.meter.as_str());
+            let mut state = stored_recharge(tx, &r.key.tenant, &r.key.meter)?.unwrap_or_default();
+            let before = state;
+            let seen = state.apply(r.recharge, prepaid_balance(tx, &r.key.tenant, &r.key.meter)?);
+            if state != before {
+                tx.prepare_cached(
+                    "INSERT INTO quota_recharge (tenant, meter, state) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (tenant, meter) DO UPDATE SET state = excluded.state",
+                )?
+                .execute(params![t, m, state.to_json()])?;
+            }
+            Ok(grant.with_recharge(seen))
         })
         .await
     }
@@ -257,6 +273,7 @@ impl QuotaStore for SqliteStore {
                     crate::store::QuotaCounter::new(key, uint(reserved), granted.map(uint)).with_cap(cap).keeping(kept),
                 );
             }
+            crate::store::quota::recharge_listed(&mut out, &tenant, &meter, stored_recharge(tx, &tenant, &meter)?);
             Ok(out)
         })
         .await
@@ -794,6 +811,28 @@ fn cap_of(tx: &Transaction<'_>, r: &Reservation) -> Sql<Option<SpendCap>> {
             Ok(None)
         }
     }
+}
+
+/// The tenant's recharge of `(tenant, meter)`, if it ever set one.
+fn stored_recharge(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> Sql<Option<RechargeState>> {
+    tx.prepare_cached("SELECT state FROM quota_recharge WHERE tenant = ?1 AND meter = ?2")?
+        .query_row(params![tenant.as_str(), meter.as_str()], |row| row.get::<_, String>(0))
+        .optional()
+        .map(|s| s.map(|s| RechargeState::of_json(&s)))
+}
+
+/// The balance of `(tenant, meter)` (granted − reserved), if it has a counter.
+fn prepaid_balance(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> Sql<Option<u64>> {
+    let (start, end) = crate::base::Period::Prepaid.bounds(0);
+    let period = crate::base::Period::Prepaid.name();
+    let row: Option<(i64, Option<i64>)> = tx
+        .prepare_cached(
+            "SELECT reserved, granted FROM quota WHERE tenant = ?1 AND meter = ?2 AND period = ?3 \
+             AND start = ?4 AND end = ?5",
+        )?
+        .query_row(params![tenant.as_str(), meter.as_str(), period, start, end], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.and_then(|(reserved, granted)| granted.map(|g| uint(g).saturating_sub(uint(reserved)))))
 }
 
 /// The cap stored for `(tenant, meter)`, if any.

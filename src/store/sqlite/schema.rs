@@ -13,7 +13,7 @@ use crate::{config::Synchronous, store::StoreError};
 pub(super) const APPLICATION_ID: i32 = 0x5447_4C31;
 
 /// The schema version this build writes (`PRAGMA user_version`); see [`MIGRATIONS`].
-pub(super) const SCHEMA_VERSION: i32 = 18;
+pub(super) const SCHEMA_VERSION: i32 = 19;
 
 /// The schema, one step per version: step `i` takes a database from version `i` to `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -283,6 +283,16 @@ ALTER TABLE quota_sender ADD COLUMN gone INTEGER NOT NULL DEFAULT 0;
     // credits), once per id, as JSON (`store::quota::takes_json`); none by default.
     r"
 ALTER TABLE credit ADD COLUMN takes TEXT NOT NULL DEFAULT '[]';
+",
+    // 18 -> 19: a tenant's recharge of a prepaid meter, beside its balance
+    // (`store::RechargeState`, as JSON).
+    r"
+CREATE TABLE quota_recharge (
+    tenant TEXT NOT NULL,
+    meter  TEXT NOT NULL,
+    state  TEXT NOT NULL,
+    PRIMARY KEY (tenant, meter)
+) WITHOUT ROWID;
 ",
 ];
 

@@ -1,0 +1,405 @@
+//! A tenant's auto-recharge of a prepaid balance, as every store keeps it beside the balance
+//! (as it keeps a spend cap): the tenant's setting, the recharges claimed (numbered, at most
+//! one open at a time), the payment failures in a row and the month's spending.
+//!
+//! It is a mode of [`QuotaStore::reserve`](super::QuotaStore::reserve) on the
+//! [`Period::Prepaid`](crate::base::Period::Prepaid) key ([`RechargeMode`]): a call that
+//! watches the balance claims recharge number n when the balance it leaves (granted −
+//! reserved) is below the tenant's `below`, in a write that checks the balance (so nodes
+//! crossing together make one claim). Every store applies a mode by one rule,
+//! [`RechargeState::apply`]; the answer says what the call saw ([`RechargeSeen`]).
+
+use serde::{Deserialize, Serialize};
+
+/// Payment failures in a row that turn a tenant's recharge off (`failures_before_off`).
+pub const FAILURES_BEFORE_OFF: u32 = 3;
+
+/// How long the node that claims a recharge (or takes it again) has to deliver it (seconds):
+/// past it, the next call that watches the balance takes it again, with the same keys. Well
+/// under the 24 hours Stripe keeps an idempotency key.
+pub const CLAIM_TAKEN_SECS: i64 = 600;
+
+/// After a failed payment, no recharge is claimed for this long (seconds), so that a declined
+/// card is not charged again at every request.
+pub const RETRY_AFTER_FAILURE_SECS: i64 = 3600;
+
+/// A tenant's recharge of a prepaid meter: when the balance goes below `below` units, buy the
+/// packs that bring it to at least `to`, spending at most `monthly_limit` a calendar month
+/// (UTC, in the smallest unit of the billing currency). It keeps the pack as it was when set
+/// (what the plan's credit price grants, and Stripe's `unit_amount` of it), so that every node
+/// claims by the same numbers without asking Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RechargeSetting {
+    /// The balance under which a recharge is claimed.
+    pub below: u64,
+    /// The balance a recharge brings it to, at least.
+    pub to: u64,
+    /// The most spent on recharges in a calendar month (UTC), smallest currency unit.
+    pub monthly_limit: u64,
+    /// What one pack buys and costs.
+    pub pack: RechargePack,
+}
+
+impl RechargeSetting {
+    /// Below `below`, recharge to `to` in packs of `pack`, at most `monthly_limit` a month.
+    #[must_use]
+    pub fn new(below: u64, to: u64, monthly_limit: u64, pack: RechargePack) -> Self {
+        Self { below, to, monthly_limit, pack }
+    }
+}
+
+/// What one pack of the recharge's credit price buys (units of the meter) and costs (smallest
+/// currency unit): a recharge buys whole packs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RechargePack {
+    /// Units of the meter one pack grants.
+    pub units: u64,
+    /// What one pack costs.
+    pub amount: u64,
+}
+
+impl RechargePack {
+    /// A pack of `units` for `amount`.
+    #[must_use]
+    pub fn new(units: u64, amount: u64) -> Self {
+        Self { units, amount }
+    }
+}
+
+/// Why a recharge's payment failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RechargeFailure {
+    /// The card was declined (`invoice.payment_failed`).
+    Declined,
+    /// The bank asks for 3-D Secure, which an automatic charge cannot give
+    /// (`invoice.payment_action_required`).
+    ActionRequired,
+    /// The customer has no default payment method.
+    NoPaymentMethod,
+    /// Stripe refused the charge otherwise.
+    Refused,
+}
+
+impl RechargeFailure {
+    /// Its name in reports, alerts and metrics.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Declined => "declined",
+            Self::ActionRequired => "action_required",
+            Self::NoPaymentMethod => "no_payment_method",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// A recharge claimed and not yet paid nor failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RechargeClaim {
+    /// Its number for the tenant and meter (from 1): the payment's keys derive from it.
+    pub n: u64,
+    /// Packs bought.
+    pub packs: u64,
+    /// What they cost (smallest currency unit).
+    pub amount: u64,
+    /// When it was claimed (Unix seconds).
+    pub claimed_at: i64,
+    /// Until when the node that claimed it (or took it last) delivers it.
+    pub taken_until: i64,
+}
+
+/// A tenant's recharge of a meter as a store keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RechargeState {
+    /// The tenant's setting; `None`: recharge off (never turned on, or turned off by it).
+    pub setting: Option<RechargeSetting>,
+    /// Turned off by payment failures ([`FAILURES_BEFORE_OFF`] in a row): the last one's
+    /// reason. Turning recharge on again clears it.
+    #[serde(default)]
+    pub off: Option<RechargeFailure>,
+    /// Payment failures in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// When the last failure was counted (Unix seconds).
+    #[serde(default)]
+    pub failed_at: i64,
+    /// The number of the last recharge claimed (0: none yet).
+    #[serde(default)]
+    pub n: u64,
+    /// The recharge open, if any.
+    #[serde(default)]
+    pub open: Option<RechargeClaim>,
+    /// The month (its first second, UTC) that `spent` and `count` count.
+    #[serde(default)]
+    pub month: i64,
+    /// Spent on the month's recharges, open or paid (a failed one gives its amount back).
+    #[serde(default)]
+    pub spent: u64,
+    /// The month's recharges, open or paid.
+    #[serde(default)]
+    pub count: u32,
+    /// The last month whose limit stopped a recharge (its alert goes out once).
+    #[serde(default)]
+    pub limit_month: i64,
+}
+
+/// What a [`Reservation`](super::Reservation) of a prepaid key does with the tenant's
+/// recharge of the meter: a mode of [`QuotaStore::reserve`](super::QuotaStore::reserve), as
+/// the spend cap's [`CapMode`](super::CapMode) is. Every mode but `Ignored` writes, if
+/// anything, the record beside the balance only; the reserve itself goes on as it would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[non_exhaustive]
+pub enum RechargeMode {
+    /// Nothing read or written.
+    #[default]
+    Ignored,
+    /// Stores the tenant's setting (`None`: turns recharge off), clearing failures and an off
+    /// state: turning recharge on again is this explicit call. An open recharge stays open.
+    Set(Option<RechargeSetting>),
+    /// After the call, if the balance it leaves (granted − reserved) is below the tenant's
+    /// `below`, recharge is on, none is open, no failure was counted in the last
+    /// [`RETRY_AFTER_FAILURE_SECS`] and the month's limit allows it: claims the next recharge
+    /// of the setting's packs that bring the balance to at least `to`, in a write that checks
+    /// that the balance is still below. An open one whose delivery lapsed
+    /// ([`CLAIM_TAKEN_SECS`]) is taken again. `now` by the caller's clock.
+    Watch {
+        /// The caller's time (Unix seconds).
+        now: i64,
+    },
+    /// Recharge `n` was paid (its grant landed): it is closed, and the failures in a row end.
+    Paid {
+        /// The recharge.
+        n: u64,
+    },
+    /// Recharge `n`'s payment failed: it is closed and gives its amount back to the month,
+    /// and one failure is counted (once per recharge); the [`FAILURES_BEFORE_OFF`]th in a row
+    /// turns recharge off.
+    Failed {
+        /// The recharge.
+        n: u64,
+        /// Why.
+        why: RechargeFailure,
+        /// The caller's time (Unix seconds).
+        now: i64,
+    },
+}
+
+/// What a call with a [`RechargeMode`] saw ([`Grant::recharge`](super::Grant::recharge)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[non_exhaustive]
+pub enum RechargeSeen {
+    /// Nothing to do or tell.
+    #[default]
+    Nothing,
+    /// This call claimed recharge `n` (or took it again once its delivery lapsed): the caller
+    /// delivers it.
+    Claimed {
+        /// The recharge.
+        n: u64,
+        /// Packs to buy.
+        packs: u64,
+        /// What they cost.
+        amount: u64,
+    },
+    /// Recharge `n` is open (claimed, not yet paid nor failed).
+    Open {
+        /// The recharge.
+        n: u64,
+    },
+    /// The month's limit stopped a recharge; `first` for the first time in `month` (its
+    /// alert goes out once).
+    LimitReached {
+        /// The month (its first second, UTC).
+        month: i64,
+        /// The first time this month.
+        first: bool,
+    },
+    /// This call counted a failure of recharge `n`; `off` when it turned recharge off.
+    Failed {
+        /// The recharge.
+        n: u64,
+        /// Recharge turned off by it.
+        off: bool,
+    },
+}
+
+/// The first second (UTC) of the calendar month holding `at`.
+#[must_use]
+pub fn month_of(at: i64) -> i64 {
+    use chrono::Datelike as _;
+    let Some(t) = chrono::DateTime::from_timestamp(at, 0) else { return 0 };
+    chrono::NaiveDate::from_ymd_opt(t.year(), t.month(), 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map_or(0, |d| d.and_utc().timestamp())
+}
+
+impl RechargeState {
+    /// Whether recharge is on: set, and not turned off by failures.
+    #[must_use]
+    pub fn on(&self) -> bool {
+        self.setting.is_some() && self.off.is_none()
+    }
+
+    /// Applies `mode` to the record, the balance after the call being `balance` (granted −
+    /// reserved; `None`: no balance yet, 0). Every store applies a recharge mode by this
+    /// rule, and writes the record back when it changed.
+    pub fn apply(&mut self, mode: RechargeMode, balance: Option<u64>) -> RechargeSeen {
+        match mode {
+            RechargeMode::Ignored => RechargeSeen::Nothing,
+            RechargeMode::Set(setting) => {
+                self.setting = setting;
+                self.off = None;
+                self.failures = 0;
+                RechargeSeen::Nothing
+            }
+            RechargeMode::Watch { now } => self.watch(now, balance.unwrap_or(0)),
+            RechargeMode::Paid { n } => {
+                if self.open.is_some_and(|c| c.n == n) {
+                    self.open = None;
+                    self.failures = 0;
+                }
+                RechargeSeen::Nothing
+            }
+            RechargeMode::Failed { n, why, now } => {
+                let Some(claim) = self.open.filter(|c| c.n == n) else { return RechargeSeen::Nothing };
+                self.open = None;
+                if self.month == month_of(claim.claimed_at) {
+                    self.spent = self.spent.saturating_sub(claim.amount);
+                    self.count = self.count.saturating_sub(1);
+                }
+                self.failures = self.failures.saturating_add(1);
+                self.failed_at = now;
+                let off = self.failures >= FAILURES_BEFORE_OFF && self.off.is_none() && self.setting.is_some();
+                if off {
+                    self.off = Some(why);
+                }
+                RechargeSeen::Failed { n, off }
+            }
+        }
+    }
+
+    fn watch(&mut self, now: i64, balance: u64) -> RechargeSeen {
+        if let Some(claim) = self.open.as_mut() {
+            if claim.taken_until > now {
+                return RechargeSeen::Open { n: claim.n };
+            }
+            // Its node died or lost it: taken again, with the same number (and keys).
+            claim.taken_until = now.saturating_add(CLAIM_TAKEN_SECS);
+            return RechargeSeen::Claimed { n: claim.n, packs: claim.packs, amount: claim.amount };
+        }
+        let Some(setting) = self.setting.filter(|_| self.off.is_none()) else { return RechargeSeen::Nothing };
+        let pack = setting.pack;
+        if balance >= setting.below || pack.units == 0 {
+            return RechargeSeen::Nothing;
+        }
+        if self.failures > 0 && now < self.failed_at.saturating_add(RETRY_AFTER_FAILURE_SECS) {
+            return RechargeSeen::Nothing;
+        }
+        let packs = setting.to.saturating_sub(balance).div_ceil(pack.units).max(1);
+        let amount = packs.saturating_mul(pack.amount);
+        let month = month_of(now);
+        if self.month != month {
+            (self.month, self.spent, self.count) = (month, 0, 0);
+        }
+        if self.spent.saturating_add(amount) > setting.monthly_limit {
+            let first = self.limit_month != month;
+            self.limit_month = month;
+            return RechargeSeen::LimitReached { month, first };
+        }
+        self.n = self.n.saturating_add(1);
+        self.spent = self.spent.saturating_add(amount);
+        self.count = self.count.saturating_add(1);
+        self.open = Some(RechargeClaim {
+            n: self.n,
+            packs,
+            amount,
+            claimed_at: now,
+            taken_until: now.saturating_add(CLAIM_TAKEN_SECS),
+        });
+        RechargeSeen::Claimed { n: self.n, packs, amount }
+    }
+
+    /// The record as stores keep it (JSON text).
+    #[must_use]
+    pub(crate) fn to_json(self) -> String {
+        serde_json::to_string(&self).unwrap_or_default()
+    }
+
+    /// A record kept as JSON text; an unreadable one reads as none.
+    #[must_use]
+    pub(crate) fn of_json(text: &str) -> Self {
+        serde_json::from_str(text).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_773_446_400; // 2026-03-14
+    const PACK: RechargePack = RechargePack { units: 1000, amount: 500 };
+
+    fn on() -> RechargeState {
+        let mut s = RechargeState::default();
+        s.apply(RechargeMode::Set(Some(RechargeSetting::new(2000, 5000, 2500, PACK))), None);
+        s
+    }
+
+    #[test]
+    fn a_crossing_claims_the_packs_that_reach_to_once() {
+        let mut s = on();
+        let watch = RechargeMode::Watch { now: NOW };
+        assert_eq!(s.apply(watch, Some(2000)), RechargeSeen::Nothing, "not below");
+        assert_eq!(s.apply(watch, Some(1999)), RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 });
+        assert_eq!(s.apply(watch, Some(10)), RechargeSeen::Open { n: 1 }, "one open at a time");
+        let later = RechargeMode::Watch { now: NOW + CLAIM_TAKEN_SECS };
+        assert_eq!(s.apply(later, Some(10)), RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 }, "taken again");
+        s.apply(RechargeMode::Paid { n: 1 }, None);
+        assert_eq!(s.open, None);
+        // 20.00 of the month's 25.00 are spent: the next one waits for the next month.
+        assert_eq!(s.apply(watch, Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: true });
+        assert_eq!(s.apply(watch, Some(1999)), RechargeSeen::LimitReached { month: month_of(NOW), first: false });
+        let april = RechargeMode::Watch { now: NOW + 20 * 86_400 };
+        assert_eq!(s.apply(april, Some(0)), RechargeSeen::Claimed { n: 2, packs: 5, amount: 2500 });
+    }
+
+    #[test]
+    fn three_failures_in_a_row_turn_recharge_off_until_it_is_set_again() {
+        let mut s = on();
+        s.setting = Some(RechargeSetting::new(2000, 5000, 100_000, PACK));
+        let mut now = NOW;
+        for k in 1..=3u64 {
+            assert_eq!(
+                s.apply(RechargeMode::Watch { now }, Some(0)),
+                RechargeSeen::Claimed { n: k, packs: 5, amount: 2500 }
+            );
+            let failed = RechargeMode::Failed { n: k, why: RechargeFailure::Declined, now };
+            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3 });
+            assert_eq!(s.apply(failed, None), RechargeSeen::Nothing, "once per recharge");
+            assert_eq!(s.apply(RechargeMode::Watch { now: now + 1 }, Some(0)), RechargeSeen::Nothing, "waits");
+            now += RETRY_AFTER_FAILURE_SECS;
+        }
+        assert_eq!((s.off, s.spent, s.count), (Some(RechargeFailure::Declined), 0, 0), "failed ones are not spent");
+        assert_eq!(s.apply(RechargeMode::Watch { now }, Some(0)), RechargeSeen::Nothing, "off");
+        s.apply(RechargeMode::Set(s.setting), None);
+        assert!(s.on());
+        assert_eq!(
+            s.apply(RechargeMode::Watch { now }, Some(0)),
+            RechargeSeen::Claimed { n: 4, packs: 5, amount: 2500 }
+        );
+        assert_eq!(RechargeState::of_json(&s.to_json()), s);
+    }
+
+    #[test]
+    fn months_start_at_midnight_utc_on_the_first() {
+        assert_eq!(month_of(NOW), 1_772_323_200); // 2026-03-01
+        assert_eq!(month_of(1_772_323_200), 1_772_323_200);
+        assert_eq!(month_of(1_772_323_199), 1_769_904_000); // 2026-02-01
+    }
+}
