@@ -457,6 +457,24 @@ impl QuotaCounter {
     }
 }
 
+/// The answer of a recharge written apart from its reserve (a store whose reserve is one
+/// write and its recharge another), once the reserve went through: an error of a watch is
+/// logged and answered [`RechargeSeen::Nothing`] (the reserve's units are the caller's; the
+/// next watch tries again), an error of any other mode is the call's.
+#[cfg_attr(not(any(feature = "postgres", feature = "dynamodb")), allow(dead_code))]
+pub(crate) fn recharge_after(
+    r: &Reservation,
+    seen: Result<RechargeSeen, StoreError>,
+) -> Result<RechargeSeen, StoreError> {
+    match seen {
+        Err(e) if matches!(r.recharge, RechargeMode::Watch { .. }) => {
+            tracing::warn!(tenant = %r.key.tenant, meter = %r.key.meter, error = %e, "the balance's recharge could not be watched");
+            Ok(RechargeSeen::Nothing)
+        }
+        seen => seen,
+    }
+}
+
 /// Lists `state` (the tenant's recharge of the meter, if kept) on the prepaid balance's counter
 /// among `counters` of `(tenant, meter)`, or beside them on a balance with no counter yet
 /// (0 units granted). Every store's `counters` lists a recharge by this rule.

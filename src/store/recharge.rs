@@ -28,7 +28,8 @@ pub const RETRY_AFTER_FAILURE_SECS: i64 = 3600;
 /// (UTC, in the smallest unit of the billing currency). It keeps the pack as it was when set
 /// (what the plan's credit price grants, and Stripe's `unit_amount` of it), so that every node
 /// claims by the same numbers without asking Stripe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct RechargeSetting {
     /// The balance under which a recharge is claimed.
@@ -51,7 +52,8 @@ impl RechargeSetting {
 
 /// What one pack of the recharge's credit price buys (units of the meter) and costs (smallest
 /// currency unit): a recharge buys whole packs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct RechargePack {
     /// Units of the meter one pack grants.
@@ -98,7 +100,8 @@ impl RechargeFailure {
 }
 
 /// A recharge claimed and not yet paid nor failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, Serialize, Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct RechargeClaim {
     /// Its number for the tenant and meter (from 1): the payment's keys derive from it.
@@ -147,6 +150,15 @@ pub struct RechargeState {
     /// The last month whose limit stopped a recharge (its alert goes out once).
     #[serde(default)]
     pub limit_month: i64,
+    /// The last recharge closed unpaid (its payment failed, or it was dropped once its
+    /// delivery lapsed with recharge off or the balance no longer below): a late payment of it
+    /// (`Paid`) counts it spent again.
+    #[serde(default)]
+    pub unpaid: Option<RechargeClaim>,
+    /// Whether `unpaid` closed by a failure counted (a repeated failure of it is answered as
+    /// the first was, and not counted again).
+    #[serde(default)]
+    pub unpaid_failed: bool,
 }
 
 /// What a [`Reservation`](super::Reservation) of a prepaid key does with the tenant's
@@ -159,20 +171,24 @@ pub enum RechargeMode {
     /// Nothing read or written.
     #[default]
     Ignored,
-    /// Stores the tenant's setting (`None`: turns recharge off), clearing failures and an off
-    /// state: turning recharge on again is this explicit call. An open recharge stays open.
+    /// Stores the tenant's setting (`None`: turns recharge off). Turning recharge on again
+    /// (after it was off, or with other values) clears the failures in a row and the off state:
+    /// the same setting stored again while on leaves them. An open recharge stays open (its
+    /// payment may be under way).
     Set(Option<RechargeSetting>),
     /// After the call, if the balance it leaves (granted − reserved) is below the tenant's
     /// `below`, recharge is on, none is open, no failure was counted in the last
     /// [`RETRY_AFTER_FAILURE_SECS`] and the month's limit allows it: claims the next recharge
     /// of the setting's packs that bring the balance to at least `to`, in a write that checks
     /// that the balance is still below. An open one whose delivery lapsed
-    /// ([`CLAIM_TAKEN_SECS`]) is taken again. `now` by the caller's clock.
+    /// ([`CLAIM_TAKEN_SECS`]) is taken again, by the same checks (recharge on, the balance
+    /// below `below`; else it is dropped, unpaid). `now` by the caller's clock.
     Watch {
         /// The caller's time (Unix seconds).
         now: i64,
     },
-    /// Recharge `n` was paid (its grant landed): it is closed, and the failures in a row end.
+    /// Recharge `n` was paid (its grant landed): it is closed (or, closed unpaid before,
+    /// counted spent again), and the failures in a row end.
     Paid {
         /// The recharge.
         n: u64,
@@ -198,7 +214,7 @@ pub enum RechargeSeen {
     #[default]
     Nothing,
     /// This call claimed recharge `n` (or took it again once its delivery lapsed): the caller
-    /// delivers it.
+    /// delivers it. Its answer lost, the claim is taken again once its delivery lapses.
     Claimed {
         /// The recharge.
         n: u64,
@@ -220,7 +236,8 @@ pub enum RechargeSeen {
         /// The first time this month.
         first: bool,
     },
-    /// This call counted a failure of recharge `n`; `off` when it turned recharge off.
+    /// A failure of recharge `n` is counted (by this call, or by an earlier one of the same
+    /// failure: answered alike); `off` when recharge is off since.
     Failed {
         /// The recharge.
         n: u64,
@@ -253,9 +270,11 @@ impl RechargeState {
         match mode {
             RechargeMode::Ignored => RechargeSeen::Nothing,
             RechargeMode::Set(setting) => {
+                if self.off.is_some() || self.setting != setting {
+                    self.off = None;
+                    self.failures = 0;
+                }
                 self.setting = setting;
-                self.off = None;
-                self.failures = 0;
                 RechargeSeen::Nothing
             }
             RechargeMode::Watch { now } => self.watch(now, balance.unwrap_or(0)),
@@ -263,41 +282,77 @@ impl RechargeState {
                 if self.open.is_some_and(|c| c.n == n) {
                     self.open = None;
                     self.failures = 0;
+                } else if let Some(late) = self.unpaid.filter(|c| c.n == n) {
+                    // Paid after all (a payment retried, or paid by hand): spent again.
+                    if self.month == month_of(late.claimed_at) {
+                        self.spent = self.spent.saturating_add(late.amount);
+                        self.count = self.count.saturating_add(1);
+                    }
+                    (self.unpaid, self.unpaid_failed, self.failures) = (None, false, 0);
                 }
                 RechargeSeen::Nothing
             }
             RechargeMode::Failed { n, why, now } => {
-                let Some(claim) = self.open.filter(|c| c.n == n) else { return RechargeSeen::Nothing };
-                self.open = None;
-                if self.month == month_of(claim.claimed_at) {
-                    self.spent = self.spent.saturating_sub(claim.amount);
-                    self.count = self.count.saturating_sub(1);
+                if self.unpaid_failed && self.unpaid.is_some_and(|c| c.n == n) {
+                    return RechargeSeen::Failed { n, off: self.turned_off() };
                 }
+                let claim = match (self.open, self.unpaid) {
+                    (Some(c), _) if c.n == n => {
+                        self.close_unpaid(c);
+                        c
+                    }
+                    // Dropped once its delivery lapsed, then its payment failed after all.
+                    (_, Some(c)) if c.n == n => c,
+                    _ => return RechargeSeen::Nothing,
+                };
+                self.unpaid = Some(claim);
+                self.unpaid_failed = true;
                 self.failures = self.failures.saturating_add(1);
                 self.failed_at = now;
-                let off = self.failures >= FAILURES_BEFORE_OFF && self.off.is_none() && self.setting.is_some();
-                if off {
+                if self.failures >= FAILURES_BEFORE_OFF && self.off.is_none() && self.setting.is_some() {
                     self.off = Some(why);
                 }
-                RechargeSeen::Failed { n, off }
+                RechargeSeen::Failed { n, off: self.turned_off() }
             }
         }
     }
 
+    /// Whether the last failure counted is the one that turned recharge off (the
+    /// [`FAILURES_BEFORE_OFF`]th in a row: after it, no recharge is claimed).
+    fn turned_off(&self) -> bool {
+        self.off.is_some() && self.failures == FAILURES_BEFORE_OFF
+    }
+
+    /// Closes the open claim `claim` unpaid: its amount leaves the month's spending.
+    fn close_unpaid(&mut self, claim: RechargeClaim) {
+        self.open = None;
+        if self.month == month_of(claim.claimed_at) {
+            self.spent = self.spent.saturating_sub(claim.amount);
+            self.count = self.count.saturating_sub(1);
+        }
+        (self.unpaid, self.unpaid_failed) = (Some(claim), false);
+    }
+
     fn watch(&mut self, now: i64, balance: u64) -> RechargeSeen {
-        if let Some(claim) = self.open.as_mut() {
+        let wanted = self.setting.filter(|s| self.off.is_none() && balance < s.below && s.pack.units > 0);
+        if let Some(mut claim) = self.open {
             if claim.taken_until > now {
                 return RechargeSeen::Open { n: claim.n };
             }
+            if wanted.is_none() {
+                // Its node died or lost it, and recharge is off or the balance no longer
+                // below: dropped, never charged by another node (a payment its node made
+                // still grants, and counts it spent again).
+                self.close_unpaid(claim);
+                return RechargeSeen::Nothing;
+            }
             // Its node died or lost it: taken again, with the same number (and keys).
             claim.taken_until = now.saturating_add(CLAIM_TAKEN_SECS);
+            self.open = Some(claim);
             return RechargeSeen::Claimed { n: claim.n, packs: claim.packs, amount: claim.amount };
         }
-        let Some(setting) = self.setting.filter(|_| self.off.is_none()) else { return RechargeSeen::Nothing };
+        let Some(setting) = wanted else { return RechargeSeen::Nothing };
         let pack = setting.pack;
-        if balance >= setting.below || pack.units == 0 {
-            return RechargeSeen::Nothing;
-        }
         if self.failures > 0 && now < self.failed_at.saturating_add(RETRY_AFTER_FAILURE_SECS) {
             return RechargeSeen::Nothing;
         }
@@ -325,16 +380,24 @@ impl RechargeState {
         RechargeSeen::Claimed { n: self.n, packs, amount }
     }
 
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres", feature = "dynamodb")), allow(dead_code))]
     /// The record as stores keep it (JSON text).
     #[must_use]
     pub(crate) fn to_json(self) -> String {
         serde_json::to_string(&self).unwrap_or_default()
     }
 
-    /// A record kept as JSON text; an unreadable one reads as none.
-    #[must_use]
-    pub(crate) fn of_json(text: &str) -> Self {
-        serde_json::from_str(text).unwrap_or_default()
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres", feature = "dynamodb")), allow(dead_code))]
+    /// A record kept as JSON text. An unreadable one is an error, never a fresh record (its
+    /// recharge number must never go back: the payments' keys derive from it).
+    pub(crate) fn of_json(text: &str) -> Result<Self, String> {
+        serde_json::from_str(text).map_err(|e| format!("a recharge record that does not read ({e}): {text}"))
+    }
+
+    #[cfg_attr(not(any(feature = "postgres", feature = "dynamodb")), allow(dead_code))]
+    /// [`of_json`](Self::of_json), its error a store's.
+    pub(crate) fn read(text: &str) -> Result<Self, super::StoreError> {
+        Self::of_json(text).map_err(|e| super::StoreError::Backend(e.into()))
     }
 }
 
@@ -381,7 +444,8 @@ mod tests {
             );
             let failed = RechargeMode::Failed { n: k, why: RechargeFailure::Declined, now };
             assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3 });
-            assert_eq!(s.apply(failed, None), RechargeSeen::Nothing, "once per recharge");
+            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3 }, "answered alike");
+            assert_eq!(s.failures, u32::try_from(k).unwrap(), "counted once");
             assert_eq!(s.apply(RechargeMode::Watch { now: now + 1 }, Some(0)), RechargeSeen::Nothing, "waits");
             now += RETRY_AFTER_FAILURE_SECS;
         }
@@ -393,7 +457,31 @@ mod tests {
             s.apply(RechargeMode::Watch { now }, Some(0)),
             RechargeSeen::Claimed { n: 4, packs: 5, amount: 2500 }
         );
-        assert_eq!(RechargeState::of_json(&s.to_json()), s);
+        assert_eq!(RechargeState::of_json(&s.to_json()), Ok(s));
+        assert!(RechargeState::of_json("{\"n\": \"x\"}").is_err());
+    }
+
+    #[test]
+    fn a_lapsed_claim_is_taken_again_only_while_still_wanted() {
+        let lapse = NOW + CLAIM_TAKEN_SECS;
+        // Turned off meanwhile: dropped, its amount back to the month.
+        let mut s = on();
+        assert!(matches!(s.apply(RechargeMode::Watch { now: NOW }, Some(0)), RechargeSeen::Claimed { n: 1, .. }));
+        s.apply(RechargeMode::Set(None), None);
+        assert_eq!(s.apply(RechargeMode::Watch { now: lapse }, Some(0)), RechargeSeen::Nothing);
+        assert_eq!((s.open, s.unpaid.map(|c| c.n), s.spent), (None, Some(1), 0));
+        // Its payment failed after all: counted once, answered alike.
+        let failed = RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: lapse };
+        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false });
+        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false });
+        assert_eq!(s.failures, 1);
+        // Still wanted: taken again with its number.
+        let mut s = on();
+        s.apply(RechargeMode::Watch { now: NOW }, Some(0));
+        assert_eq!(
+            s.apply(RechargeMode::Watch { now: lapse }, Some(10)),
+            RechargeSeen::Claimed { n: 1, packs: 5, amount: 2500 }
+        );
     }
 
     #[test]

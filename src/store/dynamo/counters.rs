@@ -35,7 +35,7 @@ impl DynamoStore {
                     continue;
                 }
                 if sk == super::recharge::RECHARGE_SK {
-                    recharge = super::recharge::recharge_of(&item);
+                    recharge = super::recharge::recharge_of(&item)?;
                     continue;
                 }
                 let mut parts = sk.split(SEP);

@@ -35,7 +35,8 @@ impl QuotaStore for DynamoStore {
             let mut plain = r.clone();
             plain.recharge = crate::store::RechargeMode::Ignored;
             let grant = Box::pin(self.reserve(&plain)).await?;
-            return Ok(grant.with_recharge(self.recharge(&r.key, r.recharge).await?));
+            let seen = crate::store::quota::recharge_after(r, self.recharge(&r.key, r.recharge).await)?;
+            return Ok(grant.with_recharge(seen));
         }
         if r.cap != CapMode::Ignored {
             // The tenant's own cap, an item beside the meter's counters: set (or read) first,

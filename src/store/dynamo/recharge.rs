@@ -14,8 +14,8 @@ use crate::store::{RechargeMode, RechargeSeen, RechargeState};
 pub(super) const RECHARGE_SK: &str = "RECHARGE";
 
 /// A recharge item read back.
-pub(super) fn recharge_of(item: &Item) -> Option<RechargeState> {
-    get_s(item, "state").map(RechargeState::of_json)
+pub(super) fn recharge_of(item: &Item) -> Result<Option<RechargeState>, StoreError> {
+    get_s(item, "state").map(RechargeState::read).transpose()
 }
 
 impl DynamoStore {
@@ -29,7 +29,7 @@ impl DynamoStore {
         self.until_won("a recharge, written by other nodes all along", Retries::QUICK_FIRST, (), |(), _| {
             Box::pin(async move {
                 let read = self.get(pk.clone(), RECHARGE_SK).await?;
-                let before = read.as_ref().and_then(recharge_of).unwrap_or_default();
+                let before = read.as_ref().map(recharge_of).transpose()?.flatten().unwrap_or_default();
                 let counter = self.get(pk.clone(), balance_sk).await?;
                 let left = counter
                     .as_ref()
@@ -53,8 +53,9 @@ impl DynamoStore {
                     None => put.condition_expression("attribute_not_exists(pk)"),
                 };
                 let mut actions = vec![TransactWriteItem::builder().put(put.build().map_err(backend)?).build()];
-                if matches!(seen, RechargeSeen::Claimed { .. }) && before.open.is_none() {
-                    // A new claim: only while the balance is still below `below` as written.
+                if matches!(seen, RechargeSeen::Claimed { .. }) {
+                    // A claim (new, or taken again): only while the balance is still below
+                    // `below` as written.
                     let below = after.setting.map_or(0, |s| s.below);
                     let check = ConditionCheck::builder()
                         .table_name(&self.table)

@@ -378,31 +378,43 @@ impl PostgresStore {
     }
 
     /// Applies a recharge mode to the tenant's recharge of the key's meter, after the
-    /// reserve's statement: in a transaction that locks the recharge's row, then the balance's
-    /// row for share (a reserve or grant of the balance waits for it), so that the balance it
-    /// checks is the one the write sees and callers crossing together claim once.
+    /// reserve's statement. Read first without a lock: a call that changes nothing (recharge
+    /// off, the balance above `below`, a claim open) writes nothing. One that does runs in a
+    /// transaction that locks the recharge's row, then the balance's row for share (a reserve
+    /// or grant of the balance waits for it), and applies the rule again to what it reads
+    /// there, so that the balance a claim checks is the one its write sees and callers
+    /// crossing together claim once.
     async fn recharge(&self, key: &QuotaKey, mode: RechargeMode) -> Result<RechargeSeen, StoreError> {
         let (t, m) = (key.tenant.as_str(), key.meter.as_str());
+        let read = self.sql(&format!(
+            "SELECT (SELECT state FROM {{s}}.quota_recharge WHERE tenant = $1 AND meter = $2), \
+             (SELECT granted - reserved FROM {{s}}.quota WHERE {PREPAID})"
+        ));
         let state = self.sql("SELECT state FROM {s}.quota_recharge WHERE tenant = $1 AND meter = $2 FOR UPDATE");
-        let balance = self.sql(&format!("SELECT reserved, granted FROM {{s}}.quota WHERE {PREPAID} FOR SHARE"));
+        let balance = self.sql(&format!("SELECT granted - reserved FROM {{s}}.quota WHERE {PREPAID} FOR SHARE"));
         let upsert = self.sql(
             "INSERT INTO {s}.quota_recharge (tenant, meter, state) VALUES ($1, $2, $3) \
              ON CONFLICT (tenant, meter) DO UPDATE SET state = excluded.state",
         );
+        let left = |v: Option<i64>| v.map(|v| u64::try_from(v).unwrap_or(0));
+        let of = |text: Option<&str>| text.map(RechargeState::read).transpose().map(Option::unwrap_or_default);
         self.retrying(|| async {
             let mut client = self.client().await?;
+            let row = client.query_typed_one(&read, args![t, m]).await?;
+            let mut seen_state = of(row.get::<_, Option<&str>>(0))?;
+            let before = seen_state;
+            let seen = seen_state.apply(mode, left(row.get(1)));
+            if seen_state == before {
+                return Ok(seen);
+            }
+            // Locks held only by the few calls that would claim (or close) at once: waited for
+            // within the statement timeout (an error of a watch answers nothing, and its next
+            // watch tries again).
             let tx = self.begin(&mut client).await?;
-            let mut stored = tx
-                .query_typed_opt(&state, args![t, m])
-                .await?
-                .map(|r| RechargeState::of_json(r.get::<_, &str>(0)))
-                .unwrap_or_default();
+            let mut stored = of(tx.query_typed_opt(&state, args![t, m]).await?.as_ref().map(|r| r.get::<_, &str>(0)))?;
             let before = stored;
-            let left = tx
-                .query_typed_opt(&balance, args![t, m])
-                .await?
-                .and_then(|r| r.get::<_, Option<i64>>(1).map(|g| uint(g).saturating_sub(uint(r.get::<_, i64>(0)))));
-            let seen = stored.apply(mode, left);
+            let balance = tx.query_typed_opt(&balance, args![t, m]).await?.and_then(|r| left(r.get(0)));
+            let seen = stored.apply(mode, balance);
             if stored != before {
                 tx.query_typed(&upsert, args![t, m, stored.to_json()]).await?;
             }
@@ -420,7 +432,7 @@ impl PostgresStore {
                 args![t, m],
             )
             .await?;
-        Ok(row.map(|r| RechargeState::of_json(r.get::<_, &str>(0))))
+        Ok(row.map(|r| RechargeState::read(r.get::<_, &str>(0))).transpose()?)
     }
 
     /// The cap stored for the key's tenant and meter, if any.
@@ -522,7 +534,8 @@ impl QuotaStore for PostgresStore {
         if r.recharge == RechargeMode::Ignored {
             return Ok(grant);
         }
-        Ok(grant.with_recharge(self.recharge(&r.key, r.recharge).await?))
+        let seen = crate::store::quota::recharge_after(r, self.recharge(&r.key, r.recharge).await)?;
+        Ok(grant.with_recharge(seen))
     }
 
     async fn release(&self, releases: &[Release]) -> Vec<Result<(), StoreError>> {

@@ -817,8 +817,12 @@ fn cap_of(tx: &Transaction<'_>, r: &Reservation) -> Sql<Option<SpendCap>> {
 fn stored_recharge(tx: &Transaction<'_>, tenant: &TenantId, meter: &MeterId) -> Sql<Option<RechargeState>> {
     tx.prepare_cached("SELECT state FROM quota_recharge WHERE tenant = ?1 AND meter = ?2")?
         .query_row(params![tenant.as_str(), meter.as_str()], |row| row.get::<_, String>(0))
-        .optional()
-        .map(|s| s.map(|s| RechargeState::of_json(&s)))
+        .optional()?
+        .map(|s| {
+            RechargeState::of_json(&s)
+                .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, e.into()))
+        })
+        .transpose()
 }
 
 /// The balance of `(tenant, meter)` (granted − reserved), if it has a counter.
