@@ -63,7 +63,7 @@ pub mod money {
     pub use crate::base::SpendCap;
     pub use crate::base::{amount_of, ceil_nanos, cost_nanos, nanos_of, parse_cap, MAX_CAP_NANOS, NANOS, SPEND_METER};
     pub use crate::config::BillingSettings;
-    pub use crate::engine::{CapError, SpendCapView};
+    pub use crate::engine::{CapError, RechargeAsk, RechargeError, RechargeView, SpendCapView};
     pub use rust_decimal::Decimal;
 }
 pub mod alerts {

@@ -44,6 +44,9 @@ pub enum AdminError {
     /// A tenant's spend cap was refused (or could not be read): nothing was stored.
     #[error(transparent)]
     SpendCap(crate::engine::CapError),
+    /// A tenant's recharge was refused (or could not be read): nothing was stored.
+    #[error(transparent)]
+    Recharge(crate::engine::RechargeError),
     /// A line of an import is not valid: nothing was imported.
     #[error("line {line}: {message}")]
     Import {

@@ -27,6 +27,7 @@ mod exports;
 mod import;
 mod keys;
 mod open;
+mod recharge;
 mod tenants;
 
 pub use error::AdminError;

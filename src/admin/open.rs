@@ -37,6 +37,8 @@ pub struct Admin {
     /// The engine's clock when administering a running engine (the system's otherwise): what
     /// requeued alerts are due by.
     pub(super) clock: crate::clock::Clock,
+    /// What reads recharge prices, when given ([`with_recharge_charger`](Self::with_recharge_charger)).
+    pub(super) charger: Option<Arc<crate::engine::recharge::Charger>>,
 }
 
 impl Admin {
@@ -63,6 +65,7 @@ impl Admin {
             config: None,
             node: None,
             clock: crate::clock::Clock::system(),
+            charger: None,
         }
     }
 
@@ -95,6 +98,8 @@ impl Admin {
             config: Some(engine.config()),
             node: Some(Arc::new(engine.clone())),
             clock: engine.clock().clone(),
+            // The engine's own charger reads the price as the engine charges it.
+            charger: engine.recharge_charger(),
         }
     }
 

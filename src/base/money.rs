@@ -43,6 +43,32 @@ pub fn nanos_of(amount: Decimal) -> Option<u64> {
     u64::try_from(n).ok()
 }
 
+/// The decimals of `currency`'s smallest unit as Stripe counts amounts (ISO 4217 code, lower
+/// case): 0 for Stripe's zero-decimal currencies, 3 for its three-decimal ones, else 2
+/// (<https://docs.stripe.com/currencies#zero-decimal>, `#three-decimal`).
+#[must_use]
+pub(crate) fn minor_digits(currency: &str) -> u32 {
+    const ZERO: &[&str] = &[
+        "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf",
+    ];
+    const THREE: &[&str] = &["bhd", "jod", "kwd", "omr", "tnd"];
+    if ZERO.contains(&currency) {
+        0
+    } else if THREE.contains(&currency) {
+        3
+    } else {
+        2
+    }
+}
+
+/// Nano-units of `currency` in its smallest unit as Stripe counts amounts (cents of `usd`),
+/// when they are a whole number of it.
+#[must_use]
+pub(crate) fn minor_units_of(nanos: u64, currency: &str) -> Option<u64> {
+    let per = 10u64.pow(9 - minor_digits(currency));
+    nanos.is_multiple_of(per).then_some(nanos / per)
+}
+
 /// Nano-units as a decimal of the currency (`1500000000` → `1.5`).
 #[must_use]
 pub fn amount_of(nanos: u64) -> Decimal {

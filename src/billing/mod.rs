@@ -9,6 +9,8 @@ mod metronome;
 pub(crate) mod prices;
 #[cfg(feature = "stripe")]
 mod reader;
+#[cfg(feature = "stripe")]
+pub(crate) mod recharge;
 #[cfg(any(feature = "stripe", feature = "metronome"))]
 mod secret;
 #[cfg(feature = "stripe")]
@@ -27,6 +29,9 @@ pub use jsonl::JsonlSink;
 #[cfg(feature = "metronome")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metronome")))]
 pub use metronome::{MetronomeSetupError, MetronomeSink};
+#[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
+pub use recharge::RechargeCharger;
 #[cfg(any(feature = "stripe", feature = "metronome"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "stripe", feature = "metronome"))))]
 pub use secret::Secret;

@@ -344,6 +344,9 @@ impl WebhookHandler {
             "charge.dispute.funds_withdrawn" | "charge.dispute.closed" | "charge.dispute.funds_reinstated" => {
                 return self.dispute(credits, event, kind, payload).await
             }
+            "invoice.payment_failed" | "invoice.payment_action_required" => {
+                return self.recharge_failed(config, event, kind, payload).await
+            }
             _ => return None,
         };
         let body: Value = serde_json::from_str(payload).ok()?;
@@ -354,6 +357,12 @@ impl WebhookHandler {
             return None;
         }
         let outcome = self.payment(config, credits, event, kind, session, &body).await;
+        // A recharge's invoice, granted (now or before): its recharge is closed, paid.
+        if !session && matches!(outcome, Some(WebhookOutcome::Credited { .. } | WebhookOutcome::Duplicate)) {
+            if let Err(failed) = self.recharge_paid(config, &body).await {
+                return Some(failed);
+            }
+        }
         if session
             || matches!(
                 outcome,
@@ -1241,7 +1250,11 @@ impl WebhookHandler {
     }
 
     /// The tenant of a Stripe customer: the directory's, else the configuration file's.
-    async fn tenant_of(&self, config: &Config, customer: &str) -> Result<Option<TenantId>, crate::store::StoreError> {
+    pub(super) async fn tenant_of(
+        &self,
+        config: &Config,
+        customer: &str,
+    ) -> Result<Option<TenantId>, crate::store::StoreError> {
         if let Some(record) = self.directory.tenant_by_customer(customer).await? {
             return Ok(Some(record.id));
         }

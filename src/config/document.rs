@@ -379,7 +379,7 @@ impl Validator<'_, '_> {
         let meters = self.meters(&raw.meters, &billing)?;
         let default_meter =
             self.meter_ref(&meters, "usage.default_meter", raw.usage.default_meter.as_deref().unwrap_or("requests"))?;
-        let plans = self.plans(&raw.plans, &meters, &billing)?;
+        let mut plans = self.plans(&raw.plans, &meters, &billing)?;
         let (identify, on_unknown) = self.identify(&raw.identify, &plans)?;
         let clients = self.clients(&raw.identify)?;
         let limits = self.limits(&raw.limits)?;
@@ -429,6 +429,11 @@ impl Validator<'_, '_> {
         }
         let export = self.export(&raw.export)?;
         let stripe = raw.stripe.as_ref().map(|s| self.stripe(s, &plans)).transpose()?;
+        self.recharge_prices(
+            &mut plans,
+            stripe.is_some(),
+            stripe.as_ref().and_then(|s| s.credits.as_ref()).map(|c| &c.prices),
+        )?;
         let metronome = raw.metronome.as_ref().map(|m| self.metronome(m)).transpose()?;
         // Metronome's timeout applies with its sink even without a `[metronome]` section.
         let metronome_timeout = metronome

@@ -29,6 +29,8 @@ pub(crate) struct RawPlan {
     #[serde(default)]
     pub(crate) prices: BTreeMap<String, String>,
     pub(crate) spend: Option<RawSpend>,
+    #[serde(default)]
+    pub(crate) recharge: BTreeMap<String, super::recharge::RawRecharge>,
 }
 
 /// A tenant's overrides of its plan: in the TOML (`[tenants.X.overrides]`), and as JSON in the
@@ -69,6 +71,9 @@ pub struct PlanSpec {
     /// The most a tenant may set its spend cap to (`spend.max_limit`), in nano-units; `None`
     /// without a spend cap.
     pub(crate) spend_max: Option<u64>,
+    /// The prepaid meters this plan allows auto-recharge of (`recharge.METER`), with their
+    /// bounds.
+    pub(crate) recharge: BTreeMap<MeterId, super::RechargeSpec>,
 }
 
 /// Whose limit a plan's `rate` or `concurrency` is (`rate_scope`, `concurrency_scope`).
@@ -111,6 +116,17 @@ impl PlanSpec {
     #[must_use]
     pub fn spend(&self) -> Option<&QuotaSpec> {
         self.spend_max.and_then(|_| self.quotas.get(crate::base::SPEND_METER))
+    }
+
+    /// The meters the plan recharges, with their recharge.
+    pub fn recharges(&self) -> impl Iterator<Item = (&MeterId, &super::RechargeSpec)> {
+        self.recharge.iter()
+    }
+
+    /// The plan's recharge of `meter`, if it allows one (`recharge.METER`).
+    #[must_use]
+    pub fn recharge(&self, meter: &MeterId) -> Option<&super::RechargeSpec> {
+        self.recharge.get(meter)
     }
 
     /// The most a tenant may set its spend cap to, in nano-units (`spend.max_limit`, else the
@@ -173,7 +189,9 @@ impl PlanSpec {
             merged.rate_scope = scope;
         }
         for (m, q) in &o.quotas {
-            merged.quotas.insert(m.clone(), q.clone());
+            // A balance the plan recharges stays recharged under an override of its quota.
+            let recharged = q.period == Period::Prepaid && merged.recharge.contains_key(m);
+            merged.quotas.insert(m.clone(), QuotaSpec { recharged, ..q.clone() });
         }
         merged.features.extend(o.features.iter().cloned());
         for (m, p) in &o.prices {
@@ -437,7 +455,14 @@ impl Validator<'_, '_> {
             }
         };
         let features = self.features(&format!("{base}.features"), &p.features)?;
+        let recharge = self.recharges(&base, &p.recharge, &quotas, billing)?;
+        for meter in recharge.keys() {
+            if let Some(q) = quotas.get_mut(meter) {
+                q.recharged = true;
+            }
+        }
         Ok(PlanSpec {
+            recharge,
             id: name.into(),
             rate,
             burst,

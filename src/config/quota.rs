@@ -51,6 +51,9 @@ pub struct QuotaSpec {
     pub(crate) unit: Option<Box<str>>,
     /// Its units in one unit of its headers (a spend cap's shown in micro-units: 1,000; else 1).
     pub(crate) unit_scale: u64,
+    /// A prepaid balance whose plan allows auto-recharge of it (`recharge.METER`): its
+    /// refills watch the tenant's recharge in the store.
+    pub(crate) recharged: bool,
 }
 
 impl QuotaSpec {
@@ -124,6 +127,7 @@ pub(crate) fn spend_quota(limit: u64, max: u64, period: Period, mode: QuotaMode,
         cap_max: max,
         unit: Some(format!("{prefix}-{currency}").into()),
         unit_scale,
+        recharged: false,
     }
 }
 
@@ -200,7 +204,17 @@ impl Validator<'_, '_> {
             // A sixteenth of the limit, between 1 and 10,000 units.
             None => NonZeroU64::new((limit.get() / 16).clamp(1, 10_000)).unwrap_or(NonZeroU64::MIN),
         };
-        Ok(QuotaSpec { limit, period, mode, lease, capped: false, cap_max: 0, unit: None, unit_scale: 1 })
+        Ok(QuotaSpec {
+            limit,
+            period,
+            mode,
+            lease,
+            capped: false,
+            cap_max: 0,
+            unit: None,
+            unit_scale: 1,
+            recharged: false,
+        })
     }
 
     /// A spend cap (`spend = { … }`) at `key`: its quota on the spend meter and its

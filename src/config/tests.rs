@@ -388,6 +388,66 @@ mod validation {
     }
 
     #[test]
+    fn a_plans_recharge_is_checked_with_its_line_and_key() {
+        const STRIPE: &str =
+            "[stripe]\n[stripe.credits]\nmeter = \"credits\"\n[stripe.credits.prices]\nprice_pack = 1000\n";
+        const ROUTE: &str = "[[routes]]\npath = \"/g\"\nreports = [\"credits\", \"tokens\"]\n";
+        let plan = |recharge: &str| {
+            format!(
+                "{BILLING}[meters.credits]\n[meters.tokens]\n[plans.p]\nquotas.credits = {{ period = \"prepaid\" }}\n\
+                 quotas.tokens = {{ limit = 5, period = \"day\" }}\n[plans.p.recharge.credits]\n{recharge}{STRIPE}{ROUTE}"
+            )
+        };
+        let good = "price = \"price_pack\"\nbelow = 1000\nto = 5000\nmonthly_limit = \"200.00\"\n";
+        let c = parse(&plan(good)).unwrap();
+        let r = c.plans()[&crate::base::PlanId::from("p")].recharge(&MeterId::from("credits")).unwrap().clone();
+        assert_eq!(
+            (r.price.as_str(), r.pack_units, r.below, r.to, r.monthly_limit),
+            ("price_pack", 1000, 1000, 5000, 20_000)
+        );
+        // `to` at or under `below` (line 9: `to`).
+        let e = err(&plan("price = \"price_pack\"\nbelow = 1000\nto = 1000\nmonthly_limit = \"200.00\"\n"));
+        assert_eq!((e.key(), e.line()), ("plans.p.recharge.credits.to", Some(11)), "{e}");
+        assert!(e.to_string().contains("more than `below`"), "{e}");
+        // A price that is not a credit price.
+        let e = err(&plan("price = \"price_other\"\nbelow = 1000\nto = 5000\nmonthly_limit = \"200.00\"\n"));
+        assert_eq!((e.key(), e.line()), ("plans.p.recharge.credits.price", Some(9)), "{e}");
+        assert!(e.to_string().contains("[stripe.credits]"), "{e}");
+        // A negative, a non-decimal monthly limit, and one finer than a cent.
+        for bad in ["\"-5.00\"", "\"lots\"", "200", "\"200.001\""] {
+            let e = err(&plan(&format!("price = \"price_pack\"\nbelow = 1000\nto = 5000\nmonthly_limit = {bad}\n")));
+            assert_eq!(e.key(), "plans.p.recharge.credits.monthly_limit", "{bad}: {e}");
+            assert_eq!(e.line(), Some(12), "{bad}: {e}");
+        }
+        // Zero units.
+        let e = err(&plan("price = \"price_pack\"\nbelow = 0\nto = 5000\nmonthly_limit = \"200.00\"\n"));
+        assert_eq!(e.key(), "plans.p.recharge.credits.below", "{e}");
+        // A meter the plan does not hold prepaid.
+        let e = err(&plan("price = \"price_pack\"\nbelow = 1\nto = 5\nmonthly_limit = \"2.00\"\n")
+            .replace("recharge.credits]", "recharge.tokens]"));
+        assert_eq!((e.key(), e.line()), ("plans.p.recharge.tokens", Some(8)), "{e}");
+        assert!(e.to_string().contains("prepaid"), "{e}");
+        // Without [stripe].
+        let e = err(&plan(good).replace(STRIPE, ""));
+        assert_eq!((e.key(), e.line()), ("plans.p.recharge.credits", Some(8)), "{e}");
+        assert!(e.to_string().contains("[stripe]"), "{e}");
+        // Without [billing].
+        let e = err(&plan(good).replace(BILLING, ""));
+        assert_eq!(e.key(), "plans.p.recharge.credits.monthly_limit", "{e}");
+        assert!(e.to_string().contains("currency"), "{e}");
+        // An unknown key.
+        let e = err(&plan(&format!("{good}threshold = 5\n")));
+        assert!(e.to_string().contains("threshold"), "{e}");
+        // A zero-decimal currency: yen are whole.
+        let yen = plan(good).replace("currency = \"usd\"", "currency = \"jpy\"");
+        let c = parse(&yen).unwrap();
+        assert_eq!(
+            c.plans()[&crate::base::PlanId::from("p")].recharge(&MeterId::from("credits")).unwrap().monthly_limit,
+            200
+        );
+    }
+
+    #[test]
     fn routes_declare_the_meters_their_handler_reports() {
         let c = parse(&format!("{TOKENS}[[routes]]\npath = \"/g\"\nreports = [\"tokens\", \"images\"]\n")).unwrap();
         assert_eq!(c.routes()[0].reports(), [MeterId::from("tokens"), MeterId::from("images")]);
@@ -666,6 +726,7 @@ mod reference {
         let parts: Vec<&str> = path.split('.').collect();
         match parts.as_slice() {
             ["plans", _, "quotas", ..] | ["tenants", _, "overrides", "quotas", ..] => "### `quotas.METER`",
+            ["plans", _, "recharge", ..] => "### `recharge.METER`",
             ["tenants", _, "overrides", ..] => "### Per-tenant overrides",
             ["stripe", "credits", ..] => "### `[stripe.credits]`",
             ["plans", ..] => "## `[plans.NAME]`",

@@ -188,6 +188,8 @@ pub struct Builder {
     /// Whether `store` was opened from the configuration.
     configured: bool,
     on_threshold: Option<ThresholdHook>,
+    /// What charges recharges; `None`: built from `[stripe]` when a plan recharges.
+    recharge_charger: Option<Arc<crate::engine::recharge::Charger>>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -225,6 +227,7 @@ impl Tollgate {
             clock: None,
             configured: false,
             on_threshold: None,
+            recharge_charger: None,
         }
     }
 }
@@ -317,6 +320,16 @@ impl Builder {
     fn lacks_a_store(&self) -> bool {
         self.store.is_none()
             && (self.quota.is_none() || self.usage.is_none() || self.directory.is_none() || self.idempotency.is_none())
+    }
+
+    /// What charges auto-recharges of prepaid balances (`[plans.X.recharge.METER]`). Without
+    /// it, one is built from `[stripe]` (its secret key, `api_base` and `timeout`) when a plan
+    /// recharges; no secret key is logged as an error, and claimed recharges wait for one.
+    #[cfg(feature = "stripe")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
+    pub fn recharge_charger(mut self, charger: crate::billing::RechargeCharger) -> Self {
+        self.recharge_charger = Some(Arc::new(charger));
+        self
     }
 
     /// Where closed usage windows are exported.
@@ -474,6 +487,9 @@ impl Builder {
             clock.clone(),
             &runtime.config,
         ));
+        if let Some(charger) = self.recharge_charger.clone().or_else(|| recharge_charger_of(&runtime.config)) {
+            leases.recharges().charge_with(charger);
+        }
         let needs_customer = self.sink.as_ref().map(|s| s.needs_customer());
         let customer_field =
             self.sink.as_ref().map_or_else(|| customer_field_of(&runtime.config), |s| s.customer_field());
@@ -591,4 +607,21 @@ impl Tollgate {
         // The full event is fetched with the API key, when there is one.
         Ok(handler.with_event_destination(destination, key, stripe.api_base.as_deref(), stripe.timeout))
     }
+}
+
+/// The recharge charger `[stripe]` describes, when a plan recharges (none without a secret
+/// key: logged, as claimed recharges then wait).
+fn recharge_charger_of(config: &Config) -> Option<Arc<crate::engine::recharge::Charger>> {
+    if config.plans().values().all(|p| p.recharges().next().is_none()) {
+        return None;
+    }
+    #[cfg(feature = "stripe")]
+    match crate::billing::RechargeCharger::from_config(config) {
+        Ok(charger) => return Some(Arc::new(charger)),
+        Err(e) => tracing::error!(error = %e,
+            "a plan recharges prepaid balances, but no Stripe charger could be set up: recharges are claimed and wait"),
+    }
+    #[cfg(not(feature = "stripe"))]
+    tracing::error!("a plan recharges prepaid balances, but this build has no `stripe` feature: nothing is charged");
+    None
 }

@@ -59,7 +59,8 @@ impl Worker {
         let places = Self::places(self.tollgate.clone(), self.shutdown.clone());
         let stale = Self::stale_leases(self.tollgate.clone(), self.shutdown.clone());
         let alerts = Self::alerts(self.tollgate.clone(), self.shutdown.clone());
-        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places, alerts, stale);
+        let recharges = Self::recharges(self.tollgate.clone(), self.shutdown.clone());
+        tokio::join!(self.background(), exports, reconciliations, expiries, holds, places, alerts, stale, recharges);
         tracing::debug!("tollgate worker stopped");
     }
 
@@ -155,6 +156,27 @@ impl Worker {
             }
         })
         .await;
+    }
+
+    /// Delivers the recharges this node's refills claim, as they are claimed
+    /// ([`Tollgate::deliver_recharges`]).
+    async fn recharges(tollgate: Tollgate, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                () = tollgate.recharge_claimed() => {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => return,
+                        _ = tollgate.deliver_recharges() => {}
+                    }
+                }
+            }
+        }
     }
 
     /// A pass closing expired credit grants every minute ([`Tollgate::expire_credits`]): on

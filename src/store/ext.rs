@@ -135,6 +135,24 @@ pub trait QuotaStoreExt: QuotaStore {
             .pop()
             .unwrap_or_else(|| Err(StoreError::Backend("the store answered no release".into())))
     }
+
+    /// Applies a recharge `mode` to `(tenant, meter)`'s balance: a
+    /// [`reserve`](QuotaStore::reserve) of nothing on its prepaid key. Each call is a sender
+    /// of its own (a random id), so that calls of several processes (a node's worker, another's
+    /// webhook) are never taken for one sender's older call; the recharge modes apply once by
+    /// their own rule (a failure once per recharge), so a call sent again is harmless.
+    async fn apply_recharge(
+        &self,
+        tenant: &crate::base::TenantId,
+        meter: &crate::base::MeterId,
+        mode: super::RechargeMode,
+        now: i64,
+    ) -> Result<super::RechargeSeen, StoreError> {
+        let (start, end) = crate::base::Period::Prepaid.bounds(0);
+        let key = QuotaKey::new(tenant.clone(), meter.clone(), crate::base::Period::Prepaid, start, end);
+        let token = ReserveToken::new(crate::base::draw_u64(), 1).at(now);
+        Ok(self.reserve(&super::Reservation::new(key, 0, 0, None, token).recharging(mode)).await?.recharge)
+    }
 }
 
 impl<T: QuotaStore + ?Sized> QuotaStoreExt for T {}

@@ -418,7 +418,8 @@ struct QuotaCold {
     reported_at: AtomicI64,
     /// A spend cap's quota: the tenant's own cap as the store's last answer said (0: none, the
     /// plan's holds; [`CAP_UNKNOWN`]: no answer yet): its limit, with [`CAP_SOFT`] set for a
-    /// soft one.
+    /// soft one. A prepaid balance (never capped): the number of the tenant's recharge the
+    /// store's last watching answer said is open (0: none).
     cap: AtomicU64,
 
     /// Touched only with `lock` held: the previous period, and the store call sent but not
@@ -642,6 +643,23 @@ impl<'a> QuotaRef<'a> {
         }
         let word = cap.map_or(0, |c| c.limit.clamp(1, CAP_LIMIT_MAX) | if c.hard { 0 } else { CAP_SOFT });
         self.cold().cap.store(word, Ordering::Relaxed);
+    }
+
+    /// Records what the store's answer to a call watching this balance's recharge said is
+    /// open: recharge `n` (0: none).
+    pub(crate) fn recharge_open(&self, n: u64) {
+        if self.prepaid() && !self.spec.capped {
+            self.cold().cap.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The recharge of this balance open as the store last said (a request finding the balance
+    /// empty meanwhile is told to come back in a few seconds).
+    pub(crate) fn recharge_pending(&self) -> Option<u64> {
+        if !self.prepaid() || self.spec.capped {
+            return None;
+        }
+        Some(self.cold().cap.load(Ordering::Relaxed)).filter(|n| *n != 0)
     }
 
     /// Whether this is a prepaid balance ([`Period::Prepaid`](crate::base::Period::Prepaid)).

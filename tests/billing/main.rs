@@ -6,6 +6,7 @@ mod common;
 
 mod invoices;
 mod metronome;
+mod recharge;
 mod stripe;
 mod topups;
 mod webhooks;

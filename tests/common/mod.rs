@@ -12,6 +12,8 @@ pub mod money;
 pub mod places;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "stripe")]
+pub mod recharge;
 pub mod stripe;
 
 use std::{

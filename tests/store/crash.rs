@@ -745,3 +745,121 @@ async fn a_node_killed_before_it_wrote_a_crossing_loses_no_alert() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert!(got[0].verified && got[0].valid && got[0].kind.as_deref() == Some("quota.threshold_crossed"), "{got:?}");
 }
+
+/// The child of the recharge test: spends acme's balance of 500 across its recharge threshold
+/// (its refills claim recharge 1 in the store), says so, then delivers it: its invoice write
+/// is taken by Stripe and never answered, and the child is killed meanwhile.
+#[cfg(feature = "stripe")]
+async fn claim_then_die(url: &str, db: &Path) {
+    use tollgate::billing::{RechargeCharger, Secret};
+    let store = open(db).await;
+    let config = Config::from_toml_str(common::recharge::CONFIG).unwrap();
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let key = Secret::new(common::stripe::SECRET);
+    let charger = RechargeCharger::new(&key, Some(url), Duration::from_secs(60)).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store).clock(clock).recharge_charger(charger).build();
+    let h = Harness::from_layer(TollgateLayer::new(engine), handle);
+    for _ in 0..350 {
+        assert_eq!(h.status("/", "key-acme").await, 200);
+    }
+    say("claimed", 1);
+    h.tollgate.deliver_recharges().await;
+    say("delivered", 1);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    unreachable!("killed before this");
+}
+
+/// A node SIGKILLed after its recharge claim, while its invoice write is under way (Stripe
+/// took it, the answer never came): once the claim lapses
+/// ([`CLAIM_TAKEN_SECS`](tollgate::store::CLAIM_TAKEN_SECS)), another node's refill takes it
+/// again and delivers it under the same keys: Stripe answers the invoice already made, so
+/// there is still one invoice, paid once, granted once.
+#[cfg(feature = "stripe")]
+async fn sigkill_after_a_recharge_claim(kind: Kind, test: &str) {
+    use tollgate::{
+        admin::Admin,
+        billing::{RechargeCharger, Secret, WebhookOutcome},
+        money::RechargeAsk,
+        store::{KeyHash, TenantRecord},
+    };
+    let Some((db, _dir)) = location(kind).await else { return };
+    let stripe = common::stripe::StandIn::start(&[]).await;
+    stripe.add_price("price_pack", None, true);
+    stripe.set_unit_amount("price_pack", 500);
+    stripe.set_card("cus_acme", common::stripe::Card::Pays);
+    let key = Secret::new(common::stripe::SECRET);
+    let node = |at: i64| {
+        let db = db.clone();
+        let (key, url) = (key.clone(), stripe.url.clone());
+        async move {
+            let config = Config::from_toml_str(common::recharge::CONFIG).unwrap();
+            let (clock, handle) = Clock::fake_at_unix(at);
+            let charger = RechargeCharger::new(&key, Some(&url), Duration::from_secs(5)).unwrap();
+            let builder = Tollgate::builder(config).store_arc(open(&db).await).clock(clock);
+            let (engine, _worker) = builder.recharge_charger(charger).build();
+            Harness::from_layer(TollgateLayer::new(engine), handle)
+        }
+    };
+    {
+        let h = node(NOON).await;
+        let acme = TenantRecord::new("acme".into(), "payg".into()).with_customer("cus_acme");
+        h.tollgate.directory_store().put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+        let admin = Admin::for_engine(&h.tollgate);
+        admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+        admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    }
+    stripe.fail_next_invoice_writes(&[common::stripe::Fault::TakeAndHang]);
+    let (child, mut lines) = spawn(test, &format!("recharge {}", stripe.url), &db);
+    read_until(&mut lines, "claimed");
+    common::eventually("the child's invoice write", Duration::from_secs(30), || async {
+        !stripe.invoices_created().is_empty()
+    })
+    .await;
+    sigkill(child);
+    let invoice = stripe.invoices_created()[0]["id"].clone();
+    // Within its claim, another node leaves it alone.
+    let h = node(NOON + 60).await;
+    assert_eq!(h.status("/", "key-acme").await, 200);
+    assert_eq!(h.tollgate.deliver_recharges().await, 0, "claimed by a node that may still deliver it");
+    // Past it, taken again by the next refill, and delivered under the same keys.
+    let h = node(NOON + tollgate::store::CLAIM_TAKEN_SECS + 60).await;
+    assert_eq!(h.status("/", "key-acme").await, 200);
+    assert_eq!(h.tollgate.deliver_recharges().await, 1);
+    let invoices = stripe.invoices_created();
+    assert_eq!(invoices.len(), 1, "still one invoice");
+    assert_eq!((invoices[0]["id"].clone(), invoices[0]["status"].as_str()), (invoice, Some("paid")));
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new("whsec_crash")]).with_api_key(
+        key.clone(),
+        Some(&stripe.url),
+        Duration::from_secs(5),
+    );
+    let mut credited = 0;
+    for e in stripe.take_emitted() {
+        let payload = e.to_string();
+        let now = h.clock.unix_secs();
+        let signature = stripe_webhook::Webhook::generate_test_header(&payload, "whsec_crash", Some(now));
+        let reply = handler.handle(Some(&signature), payload.as_bytes()).await;
+        credited += u32::from(matches!(reply.outcome, WebhookOutcome::Credited { .. }));
+    }
+    assert_eq!(credited, 1, "granted once");
+    let view = Admin::for_engine(&h.tollgate).recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.n, view.state.open), (1, None));
+}
+
+#[cfg(feature = "stripe")]
+#[tokio::test]
+async fn sigkill_after_a_recharge_claim_charges_once() {
+    if let Some((role, db)) = role() {
+        return claim_then_die(role.strip_prefix("recharge ").unwrap(), &db).await;
+    }
+    sigkill_after_a_recharge_claim(Kind::Sqlite, "sigkill_after_a_recharge_claim_charges_once").await;
+}
+
+#[cfg(all(feature = "stripe", feature = "postgres"))]
+#[tokio::test]
+async fn postgres_sigkill_after_a_recharge_claim_charges_once() {
+    if let Some((role, db)) = role() {
+        return claim_then_die(role.strip_prefix("recharge ").unwrap(), &db).await;
+    }
+    sigkill_after_a_recharge_claim(Kind::Postgres, "postgres_sigkill_after_a_recharge_claim_charges_once").await;
+}

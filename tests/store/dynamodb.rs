@@ -491,3 +491,13 @@ async fn tenants_give_their_leases_back_in_transactions_of_a_hundred() {
     .await;
     assert!((3..=8).contains(&calls), "300 cells in 3 transactions, and a few calls besides: {calls}");
 }
+
+/// Four engines on one DynamoDB table (the local server, one call at a time) spend a balance
+/// across the tenant's recharge threshold together: one recharge, one invoice, paid once,
+/// granted once (`common::recharge`).
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_crossing_a_recharge_threshold_charge_once() {
+    let Some(store) = dynamo::table().await else { return };
+    common::recharge::four_engines_crossing_together_charge_once(Arc::new(store)).await;
+}

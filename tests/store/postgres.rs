@@ -752,3 +752,13 @@ async fn a_locked_row_does_not_take_the_pool() {
     drop(lock);
     assert_eq!(h.status("/", "key-100").await, 200, "the lock gone, t100 served again");
 }
+
+/// Four engines on one PostgreSQL schema spend a balance across the tenant's recharge
+/// threshold together: one recharge, one invoice, paid once, granted once
+/// (`common::recharge`).
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_crossing_a_recharge_threshold_charge_once() {
+    let Some((store, _)) = postgres::store().await else { return };
+    common::recharge::four_engines_crossing_together_charge_once(Arc::new(store)).await;
+}

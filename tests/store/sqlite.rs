@@ -621,3 +621,13 @@ async fn ten_thousand_tenants_give_their_leases_back_at_shutdown() {
     common::tenants_give_their_leases_back_at_shutdown(Arc::new(store), 10_000, "shutdown_timeout = \"60s\"", &|| 0)
         .await;
 }
+
+/// Four engines on one SQLite file spend a balance across the tenant's recharge threshold
+/// together: one recharge, one invoice, paid once, granted once (`common::recharge`).
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_crossing_a_recharge_threshold_charge_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tollgate::store::SqliteStore::open(dir.path().join("recharge.db")).await.unwrap();
+    common::recharge::four_engines_crossing_together_charge_once(Arc::new(store)).await;
+}

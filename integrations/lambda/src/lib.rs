@@ -392,6 +392,10 @@ where
             if flush.flush_if_due().await {
                 engine.deliver_alerts_within(ALERTS_BUDGET).await;
             }
+            // The recharges this invocation's refills claimed: charged now, as no worker runs
+            // while the environment is frozen (one not delivered is taken again by the next
+            // refill once its claim lapses, under the same keys).
+            engine.deliver_recharges().await;
             result
         })
     }

@@ -201,6 +201,7 @@ impl WebhookHandler {
             | WebhookOutcome::Credited { .. }
             | WebhookOutcome::Refunded { .. }
             | WebhookOutcome::Reinstated { .. }
+            | WebhookOutcome::RechargeFailed { .. }
             | WebhookOutcome::RefundKept { .. } => WebhookCount::Applied,
             WebhookOutcome::Rejected(_) | WebhookOutcome::TooLarge => WebhookCount::Rejected,
             WebhookOutcome::MeterError { .. } => WebhookCount::MeterError,

@@ -109,6 +109,19 @@ pub enum WebhookOutcome {
         /// come; it then takes nothing).
         units: u64,
     },
+    /// A recharge's payment failed (`invoice.payment_failed`, or
+    /// `invoice.payment_action_required`: 3-D Secure needed): counted against the tenant's
+    /// recharge, once per recharge; `off` when the failures in a row turned it off.
+    RechargeFailed {
+        /// The tenant.
+        tenant: TenantId,
+        /// The balance's meter.
+        meter: MeterId,
+        /// The recharge's number.
+        n: u64,
+        /// Recharge is off since (the failures in a row reached `FAILURES_BEFORE_OFF`).
+        off: bool,
+    },
     /// Refused with 400: a missing, malformed, wrong or expired signature, or a body that is
     /// not an event. Nothing changed.
     Rejected(String),
@@ -171,6 +184,7 @@ impl WebhookReply {
             WebhookOutcome::Credited { .. } => "credited",
             WebhookOutcome::Refunded { .. } => "refunded",
             WebhookOutcome::Reinstated { .. } => "reinstated",
+            WebhookOutcome::RechargeFailed { .. } => "recharge_failed",
             WebhookOutcome::RefundKept { .. } => "refund_kept",
             WebhookOutcome::Duplicate => "duplicate",
             WebhookOutcome::Stale => "stale",

@@ -883,6 +883,9 @@ impl Gate {
 
     /// The refusal of a spent quota (of the route's meter, or of a meter its handler
     /// reports): its rate cells go back and its key is released.
+    /// `Retry-After` of a refusal of an empty balance while a recharge of it is under way.
+    pub(crate) const RECHARGE_RETRY_AFTER_SECS: u64 = 5;
+
     #[cold]
     #[inline(never)]
     pub(crate) fn quota_exceeded(p: Partial, meter: usize) -> Rejection {
@@ -892,8 +895,20 @@ impl Gate {
         let cell = state.quota(meter).expect("a quota rejection names a meter with a quota");
         let (_, end) = cell.period();
         let policy = format!("{}-{}", cell.meter_id(), cell.spec.period().name());
-        // An empty balance comes back with a payment, not with time: no Retry-After.
-        let (mut r, retry) = if cell.prepaid() {
+        // An empty balance comes back with a payment, not with time: no Retry-After; but for
+        // a recharge under way, a few seconds (its grant reaches every node within a second
+        // of `invoice.paid`).
+        let (mut r, retry) = if let Some(n) = cell.recharge_pending() {
+            let r = Rejection::new(
+                state.plan.balance_refusal,
+                Cow::Owned(format!(
+                    "the prepaid {} balance is spent, and recharge {n} is under way: its units are granted once \
+                     its payment goes through; try again in a few seconds",
+                    cell.meter_id(),
+                )),
+            );
+            (r, Some(Self::RECHARGE_RETRY_AFTER_SECS))
+        } else if cell.prepaid() {
             let r = Rejection::new(
                 state.plan.balance_refusal,
                 // No count: this node's last answer from the store may be stale (a top-up

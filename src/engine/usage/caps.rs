@@ -91,18 +91,32 @@ impl SpendCapView {
     }
 }
 
+/// A tenant's plan, as [`plan_of`] finds it.
+pub(crate) enum PlanOf {
+    /// Its plan with its overrides merged.
+    Plan(PlanSpec),
+    /// No such tenant (in the file nor the directory).
+    UnknownTenant,
+    /// Its plan is not in the configuration.
+    UnknownPlan(String),
+}
+
 /// The tenant's plan with its overrides merged, from the file or the directory.
-async fn plan_of(directory: &dyn DirectoryStore, config: &Config, tenant: &TenantId) -> Result<PlanSpec, CapError> {
+pub(crate) async fn plan_of(
+    directory: &dyn DirectoryStore,
+    config: &Config,
+    tenant: &TenantId,
+) -> Result<PlanOf, StoreError> {
     if let Some(t) = config.tenants().iter().find(|t| t.id() == tenant) {
-        let plan = config.plans().get(t.plan()).ok_or_else(|| CapError::NoSpendCap(t.plan().to_string()))?;
-        return Ok(t.overrides().map_or_else(|| plan.clone(), |o| plan.with_override(o)));
+        let Some(plan) = config.plans().get(t.plan()) else { return Ok(PlanOf::UnknownPlan(t.plan().to_string())) };
+        return Ok(PlanOf::Plan(t.overrides().map_or_else(|| plan.clone(), |o| plan.with_override(o))));
     }
-    let record = directory.tenant(tenant).await?.ok_or_else(|| CapError::UnknownTenant(tenant.to_string()))?;
-    let plan = config.plans().get(&record.plan).ok_or_else(|| CapError::NoSpendCap(record.plan.to_string()))?;
+    let Some(record) = directory.tenant(tenant).await? else { return Ok(PlanOf::UnknownTenant) };
+    let Some(plan) = config.plans().get(&record.plan) else { return Ok(PlanOf::UnknownPlan(record.plan.to_string())) };
     // Overrides that no longer parse under this configuration are left out (as the engine
     // does: the plan alone).
     let o = record.overrides.as_deref().and_then(|json| PlanOverride::from_json(json, config).ok());
-    Ok(o.map_or_else(|| plan.clone(), |o| plan.with_override(&o)))
+    Ok(PlanOf::Plan(o.map_or_else(|| plan.clone(), |o| plan.with_override(&o))))
 }
 
 /// What a call does with a tenant's own cap.
@@ -127,7 +141,11 @@ pub(crate) async fn spend_cap(
     act: CapAct,
     now: i64,
 ) -> Result<SpendCapView, CapError> {
-    let plan = plan_of(directory, config, tenant).await?;
+    let plan = match plan_of(directory, config, tenant).await? {
+        PlanOf::Plan(plan) => plan,
+        PlanOf::UnknownTenant => return Err(CapError::UnknownTenant(tenant.to_string())),
+        PlanOf::UnknownPlan(plan) => return Err(CapError::NoSpendCap(plan)),
+    };
     let Some(spec) = plan.spend() else { return Err(CapError::NoSpendCap(plan.id().to_string())) };
     let currency = config.billing().currency.clone().unwrap_or_default();
     let max = plan.spend_max().unwrap_or(spec.limit().get());

@@ -108,6 +108,8 @@ pub(crate) struct Leases {
     /// `limits.reservation_expiry`, in seconds: how long what a call says this node keeps
     /// stays reserved without another call.
     expiry: std::sync::atomic::AtomicI64,
+    /// The recharges this node's refills claimed, for the worker to deliver.
+    recharges: Arc<crate::engine::recharge::Recharges>,
 }
 
 impl Leases {
@@ -125,6 +127,7 @@ impl Leases {
             clock,
             stopped: std::sync::atomic::AtomicBool::new(false),
             expiry: std::sync::atomic::AtomicI64::new(0),
+            recharges: Arc::default(),
         };
         leases.configure(config);
         leases
@@ -205,6 +208,31 @@ impl Leases {
         crate::store::Release::new(call.key.clone(), units, call.token).keeping(sent.kept, sent.expires_at)
     }
 
+    /// The recharges this node's refills claimed.
+    pub(crate) fn recharges(&self) -> &Arc<crate::engine::recharge::Recharges> {
+        &self.recharges
+    }
+
+    /// What a call watching `cell`'s recharge saw: the open one is marked on the cell, a claim
+    /// queued for the worker.
+    fn recharge_seen(&self, cell: QuotaRef<'_>, seen: crate::store::RechargeSeen) {
+        use crate::store::RechargeSeen;
+        match seen {
+            RechargeSeen::Claimed { n, packs, amount } => {
+                cell.recharge_open(n);
+                self.recharges.claimed(crate::engine::recharge::Claimed {
+                    tenant: cell.tenant().clone(),
+                    meter: cell.meter_id().clone(),
+                    n,
+                    packs,
+                    amount,
+                });
+            }
+            RechargeSeen::Open { n } => cell.recharge_open(n),
+            _ => cell.recharge_open(0),
+        }
+    }
+
     /// Sends one store call of `cell` ([`begin`](Self::begin), then [`finish`](Self::finish)).
     async fn send(&self, cell: QuotaRef<'_>, mut call: Call) -> Result<Grant, StoreError> {
         let sent = self.begin(cell, &mut call);
@@ -217,7 +245,15 @@ impl Leases {
                     .taking(taking);
                 // A spend cap's counters are held to the tenant's own cap when it set one.
                 let r = if cell.spec.capped { r.capped(CapMode::Stored).cap_within(cell.spec.cap_max) } else { r };
-                store.reserve(&r).await
+                // A balance the plan recharges: each call watches the tenant's recharge (the
+                // store claims one when the balance it leaves is below the tenant's `below`).
+                let watch = cell.spec.recharged && cell.prepaid();
+                let r = if watch { r.recharging(crate::store::RechargeMode::Watch { now: call.token.at }) } else { r };
+                let answer = store.reserve(&r).await;
+                if let (true, Ok(grant)) = (watch, &answer) {
+                    self.recharge_seen(cell, grant.recharge);
+                }
+                answer
             }
             CallKind::Release { .. } => {
                 store.release_one(Self::release_of(&call, &sent)).await.map(|()| Grant::new(0, 0))

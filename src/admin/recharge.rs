@@ -1,0 +1,84 @@
+//! Auto-recharge of tenants' prepaid balances, within their plans' bounds
+//! (`[plans.X.recharge.METER]`).
+
+use crate::{
+    base::MeterId,
+    engine::recharge::settings::{recharge, Parts, RechargeAct, RechargeAsk, RechargeView},
+};
+
+use super::{Admin, AdminError};
+
+impl Admin {
+    /// Turns `tenant`'s recharge of `meter` on with its own values (`ask`: each value left
+    /// out is the plan's; `to` and `monthly_limit` at most the plan's, `below` under `to`), or
+    /// off (`None`). Turning it on again after payment failures turned it off is this call.
+    /// The credit price's amount is read from Stripe with the secret key (`[stripe]`
+    /// `secret_key_file` or `STRIPE_SECRET_KEY`) and kept with the setting. Kept in the quota
+    /// store beside the balance: every node's next refill watches it.
+    ///
+    /// # Errors
+    /// A bad tenant id, no configuration or quota store, an unknown tenant, a plan that does
+    /// not recharge `meter`, a value outside the plan's bounds, a price Stripe could not say
+    /// ([`AdminError::Recharge`]; nothing is stored), or the store failed.
+    pub async fn set_recharge(
+        &self,
+        tenant: &str,
+        meter: &str,
+        ask: Option<RechargeAsk>,
+    ) -> Result<RechargeView, AdminError> {
+        let act = ask.map_or(RechargeAct::Off, RechargeAct::Set);
+        let charging = matches!(act, RechargeAct::Set(_));
+        self.recharge_act(tenant, meter, act, charging).await
+    }
+
+    /// `tenant`'s recharge of `meter`: the plan's bounds, its own settings, whether it is on
+    /// (and why not), the recharge under way, failures in a row, the month's spending.
+    ///
+    /// # Errors
+    /// As [`set_recharge`](Self::set_recharge), without the values'.
+    pub async fn recharge(&self, tenant: &str, meter: &str) -> Result<RechargeView, AdminError> {
+        self.recharge_act(tenant, meter, RechargeAct::Read, false).await
+    }
+
+    async fn recharge_act(
+        &self,
+        tenant: &str,
+        meter: &str,
+        act: RechargeAct,
+        charging: bool,
+    ) -> Result<RechargeView, AdminError> {
+        let id = Self::tenant_id(tenant)?;
+        let config =
+            self.config.as_ref().ok_or_else(|| AdminError::Invalid("no configuration to read plans from".into()))?;
+        let charger = if charging { self.charger(config) } else { None };
+        let quota = self.quota()?;
+        let parts =
+            Parts { quota: quota.as_ref(), directory: self.directory.as_ref(), config, charger: charger.as_deref() };
+        recharge(&parts, &id, &MeterId::from(meter), act, self.clock.unix_secs()).await.map_err(AdminError::Recharge)
+    }
+
+    /// What reads the price's amount: the one given, else `[stripe]`'s.
+    fn charger(&self, config: &crate::config::Config) -> Option<std::sync::Arc<crate::engine::recharge::Charger>> {
+        if let Some(c) = &self.charger {
+            return Some(c.clone());
+        }
+        #[cfg(feature = "stripe")]
+        {
+            crate::billing::RechargeCharger::from_config(config).ok().map(std::sync::Arc::new)
+        }
+        #[cfg(not(feature = "stripe"))]
+        {
+            let _ = config;
+            None
+        }
+    }
+
+    /// Reads recharge prices with `charger` (a stand-in's, a proxy's) rather than `[stripe]`'s.
+    #[cfg(feature = "stripe")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
+    #[must_use]
+    pub fn with_recharge_charger(mut self, charger: crate::billing::RechargeCharger) -> Self {
+        self.charger = Some(std::sync::Arc::new(charger));
+        self
+    }
+}

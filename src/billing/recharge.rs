@@ -1,0 +1,368 @@
+//! Charging a recharge through Stripe (docs/credits.md, "Recharge"): an invoice of the credit
+//! price's packs, created with `collection_method = "charge_automatically"`, without the
+//! customer's pending items, finalized and paid at once (an auto-advancing invoice would be
+//! finalized about an hour later). Every call carries an idempotency key derived from the
+//! recharge (tenant, meter, number), so a retried or raced delivery charges once; a claim taken
+//! again past Stripe's 24 hours of keys first looks its invoice up by its metadata. The units
+//! are granted by `invoice.paid` (the top-up path), never here.
+
+use std::{collections::HashMap, time::Duration};
+
+use sha2::{Digest, Sha256};
+use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_billing::{
+    invoice::{
+        CreateInvoice, CreateInvoicePendingInvoiceItemsBehavior, FinalizeInvoiceInvoice, ListInvoice, PayInvoice,
+    },
+    invoice_item::{CreateInvoiceItem, PricingParam},
+    Invoice, InvoiceCollectionMethod, InvoiceStatus,
+};
+
+use super::{reader::StripeReader, Secret, StripeSetupError};
+use crate::{config::Config, store::RechargeFailure};
+
+/// Past this age of a claim (its first claim), Stripe may have forgotten its idempotency keys
+/// (kept 24 hours): its invoice is looked up by its metadata before one is created.
+pub(crate) const KEYS_TRUSTED_SECS: i64 = 23 * 3600;
+
+/// The metadata key naming a recharge's number on its invoice.
+pub(crate) const RECHARGE_KEY: &str = "tollgate_recharge";
+/// The metadata key naming a recharge's meter on its invoice.
+pub(crate) const METER_KEY: &str = "tollgate_meter";
+/// The metadata key naming a recharge's tenant on its invoice.
+pub(crate) const TENANT_KEY: &str = "tollgate_tenant";
+/// The metadata key of a recharge's identity (the stem of its idempotency keys).
+pub(crate) const ID_KEY: &str = "tollgate_recharge_id";
+
+/// What a recharge's delivery asks of Stripe.
+#[derive(Debug, Clone)]
+pub(crate) struct Order<'a> {
+    /// The deployment's identifier namespace (two deployments on one account never share keys).
+    pub(crate) namespace: &'a str,
+    pub(crate) customer: &'a str,
+    pub(crate) tenant: &'a str,
+    pub(crate) meter: &'a str,
+    pub(crate) n: u64,
+    pub(crate) price: &'a str,
+    pub(crate) packs: u64,
+    /// When it was first claimed (Unix seconds).
+    pub(crate) claimed_at: i64,
+    pub(crate) now: i64,
+}
+
+impl Order<'_> {
+    /// The recharge's identity: the stem of its idempotency keys, and its invoice's metadata.
+    pub(crate) fn id(&self) -> String {
+        let digest = Sha256::new()
+            .chain_update(b"tollgate recharge\0")
+            .chain_update(self.namespace.as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.tenant.as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.meter.as_bytes())
+            .chain_update(b"\0")
+            .chain_update(self.n.to_string().as_bytes())
+            .finalize();
+        format!("tgr_{}", hex::encode(&digest[..16]))
+    }
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Charged {
+    /// Stripe says the invoice is paid: `invoice.paid` grants it.
+    Paid(String),
+    /// The payment failed, as Stripe said: counted against the tenant's recharge.
+    Failed(RechargeFailure, String),
+    /// Not known (Stripe unreachable, a server error, a refusal of the key): delivered again
+    /// once the claim lapses, under the same keys.
+    Retry(String),
+}
+
+/// Charges recharges through Stripe with the secret key.
+pub struct RechargeCharger {
+    client: stripe::Client,
+    reader: StripeReader,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for RechargeCharger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RechargeCharger").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl RechargeCharger {
+    /// A charger calling Stripe with this secret key; `api_base` replaces
+    /// `https://api.stripe.com/` (a local stand-in, a proxy).
+    ///
+    /// # Errors
+    /// The client cannot be built.
+    pub fn new(secret_key: &Secret, api_base: Option<&str>, timeout: Duration) -> Result<Self, StripeSetupError> {
+        let mut builder = stripe::ClientBuilder::new(secret_key.expose()).timeout(timeout);
+        if let Some(base) = api_base {
+            builder = builder.url(base);
+        }
+        let client = builder.build().map_err(|e| StripeSetupError::Client(e.to_string()))?;
+        Ok(Self { client, reader: StripeReader::new(secret_key.clone(), api_base, timeout), timeout })
+    }
+
+    /// The charger the configuration's `[stripe]` section describes, with the secret key from
+    /// `stripe.secret_key_file` or `STRIPE_SECRET_KEY`.
+    ///
+    /// # Errors
+    /// No `[stripe]` section, no secret key, or the client cannot be built.
+    pub fn from_config(config: &Config) -> Result<Self, StripeSetupError> {
+        let settings = config
+            .stripe()
+            .ok_or(StripeSetupError::MissingSecret { env: "STRIPE_SECRET_KEY", file_key: "secret_key_file" })?;
+        let key = super::read_secrets(settings.secret_key_file.as_deref(), "STRIPE_SECRET_KEY", "secret_key_file")?;
+        Self::new(&key[0], settings.api_base.as_deref(), settings.timeout)
+    }
+
+    /// The price's `unit_amount` (smallest unit) and currency, as Stripe says.
+    pub(crate) async fn unit_amount(&self, price: &str) -> Result<(u64, String), String> {
+        let v = self.reader.get(&format!("v1/prices/{price}")).await.map_err(|e| e.why)?;
+        let amount = v["unit_amount"].as_u64().filter(|a| *a > 0).ok_or_else(|| {
+            format!("price `{price}` has no unit_amount (a recharge buys a price of a fixed amount per unit)")
+        })?;
+        Ok((amount, v["currency"].as_str().unwrap_or_default().to_owned()))
+    }
+
+    /// Delivers `order`: its invoice (found by its metadata past [`KEYS_TRUSTED_SECS`], else
+    /// created), its item, finalized, paid.
+    pub(crate) async fn charge(&self, order: &Order<'_>) -> Charged {
+        let id = order.id();
+        let key = |step: &str| IdempotencyKey::new(format!("{id}-{step}")).map(RequestStrategy::Idempotent);
+        let Ok(k) = key("invoice") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
+        let found = if order.now - order.claimed_at > KEYS_TRUSTED_SECS {
+            match self.find(order, &id).await {
+                Ok(found) => found,
+                Err(why) => return Charged::Retry(why),
+            }
+        } else {
+            None
+        };
+        let invoice = match found {
+            Some(invoice) => invoice,
+            None => {
+                let metadata: HashMap<String, String> = [
+                    (RECHARGE_KEY.to_owned(), order.n.to_string()),
+                    (METER_KEY.to_owned(), order.meter.to_owned()),
+                    (TENANT_KEY.to_owned(), order.tenant.to_owned()),
+                    (ID_KEY.to_owned(), id.clone()),
+                ]
+                .into_iter()
+                .collect();
+                let create = CreateInvoice::new()
+                    .customer(order.customer)
+                    .collection_method(InvoiceCollectionMethod::ChargeAutomatically)
+                    .pending_invoice_items_behavior(CreateInvoicePendingInvoiceItemsBehavior::Exclude)
+                    .auto_advance(false)
+                    .metadata(metadata);
+                let invoice =
+                    match create.customize().request_strategy(k).timeout(self.timeout).send(&self.client).await {
+                        Ok(invoice) => invoice,
+                        Err(e) => return Self::failed(e),
+                    };
+                let Some(invoice_id) = invoice.id.clone() else {
+                    return Charged::Retry("an invoice without an id".into());
+                };
+                let mut pricing = PricingParam::new();
+                pricing.price = Some(order.price.to_owned());
+                let item = CreateInvoiceItem::new()
+                    .customer(order.customer)
+                    .invoice(invoice_id.as_str())
+                    .pricing(pricing)
+                    .quantity(order.packs);
+                let Ok(k) = key("item") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
+                if let Err(e) = item.customize().request_strategy(k).timeout(self.timeout).send(&self.client).await {
+                    return Self::failed(e);
+                }
+                invoice
+            }
+        };
+        let Some(invoice_id) = invoice.id.clone() else { return Charged::Retry("an invoice without an id".into()) };
+        let mut status = invoice.status.clone();
+        if status == Some(InvoiceStatus::Draft) {
+            let Ok(k) = key("finalize") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
+            let finalize = FinalizeInvoiceInvoice::new(invoice_id.clone()).customize().request_strategy(k);
+            match finalize.timeout(self.timeout).send(&self.client).await {
+                Ok(finalized) => status = finalized.status,
+                Err(e) => return Self::failed(e),
+            }
+        }
+        match status {
+            // Paid by the customer's credit balance at finalization, or earlier.
+            Some(InvoiceStatus::Paid) => return Charged::Paid(invoice_id.to_string()),
+            Some(InvoiceStatus::Void | InvoiceStatus::Uncollectible) => {
+                return Charged::Failed(RechargeFailure::Refused, format!("invoice {invoice_id} is {status:?}"))
+            }
+            _ => {}
+        }
+        let Ok(k) = key("pay") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
+        let pay = PayInvoice::new(invoice_id.clone()).off_session(true).customize().request_strategy(k);
+        match pay.timeout(self.timeout).send(&self.client).await {
+            Ok(_) => Charged::Paid(invoice_id.to_string()),
+            Err(StripeError::Stripe(err, 400))
+                if err.message.as_deref().is_some_and(|m| m.contains("already paid")) =>
+            {
+                Charged::Paid(invoice_id.to_string())
+            }
+            Err(e) => Self::failed(e),
+        }
+    }
+
+    /// The recharge's invoice, if one was created (by its metadata, among the customer's
+    /// invoices created since its claim).
+    async fn find(&self, order: &Order<'_>, id: &str) -> Result<Option<Invoice>, String> {
+        let mut after: Option<String> = None;
+        for _ in 0..10 {
+            // Newest first: those created before the claim end the search.
+            let mut list = ListInvoice::new().customer(order.customer).limit(100);
+            if let Some(a) = &after {
+                list = list.starting_after(a.as_str());
+            }
+            let page = list.customize().timeout(self.timeout).send(&self.client).await.map_err(|e| e.to_string())?;
+            let since = order.claimed_at.saturating_sub(300);
+            let mine = |i: &&Invoice| i.metadata.as_ref().and_then(|m| m.get(ID_KEY)).is_some_and(|v| v == id);
+            if let Some(found) = page.data.iter().take_while(|i| i.created >= since).find(mine) {
+                return Ok(Some(found.clone()));
+            }
+            match page.data.last() {
+                Some(last) if page.has_more && last.created >= since => {
+                    after = last.id.as_ref().map(ToString::to_string);
+                }
+                _ => return Ok(None),
+            }
+        }
+        Err("too many invoices to look the recharge's up".into())
+    }
+
+    /// A failure as Stripe answered it: a payment refused (counted), or not known (retried).
+    fn failed(e: StripeError) -> Charged {
+        match &e {
+            StripeError::Stripe(err, status) => {
+                let code = err.code.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
+                let message = err.message.clone().unwrap_or_default();
+                let detail = format!("{status} {code}: {message}");
+                match *status {
+                    402 if code == "invoice_payment_intent_requires_action" => {
+                        Charged::Failed(RechargeFailure::ActionRequired, detail)
+                    }
+                    402 => Charged::Failed(RechargeFailure::Declined, detail),
+                    400 if message.contains("no attached payment source or default payment method") => {
+                        Charged::Failed(RechargeFailure::NoPaymentMethod, detail)
+                    }
+                    // A lock or a rate limit, a server error: tried again.
+                    409 | 429 | 500.. => Charged::Retry(detail),
+                    // The key refused (rolled, restricted): it passes once it is right.
+                    401 | 403 => Charged::Retry(detail),
+                    _ => Charged::Failed(RechargeFailure::Refused, detail),
+                }
+            }
+            _ => Charged::Retry(e.to_string()),
+        }
+    }
+}
+
+/// A recharge named by an invoice's metadata: its tenant (the customer's, as the directory
+/// says: the metadata must agree), meter and number.
+pub(crate) struct Named {
+    pub(crate) tenant: crate::base::TenantId,
+    pub(crate) meter: crate::base::MeterId,
+    pub(crate) n: u64,
+}
+
+impl super::WebhookHandler {
+    /// The recharge the invoice of an event names (`data.object.metadata`), if it is one of
+    /// the customer's tenant.
+    async fn recharge_of(
+        &self,
+        config: &Config,
+        body: &serde_json::Value,
+    ) -> Result<Option<Named>, crate::store::StoreError> {
+        let o = &body["data"]["object"];
+        let m = &o["metadata"];
+        let (Some(n), Some(meter), Some(tenant), Some(customer)) = (
+            m[RECHARGE_KEY].as_str().and_then(|n| n.parse::<u64>().ok()),
+            m[METER_KEY].as_str(),
+            m[TENANT_KEY].as_str(),
+            o["customer"].as_str(),
+        ) else {
+            return Ok(None);
+        };
+        let owner = self.tenant_of(config, customer).await?;
+        if owner.as_ref().map(crate::base::TenantId::as_str) != Some(tenant) {
+            tracing::warn!(%customer, tenant, "a recharge's invoice whose customer is not its tenant's: ignored");
+            return Ok(None);
+        }
+        Ok(owner.map(|tenant| Named { tenant, meter: meter.into(), n }))
+    }
+
+    /// `invoice.paid` of a recharge's invoice, granted: its recharge is closed, paid (once;
+    /// a redelivery closes nothing more). `Err`: the answer (the store failed: 500).
+    pub(super) async fn recharge_paid(
+        &self,
+        config: &Config,
+        body: &serde_json::Value,
+    ) -> Result<(), super::WebhookOutcome> {
+        use crate::store::QuotaStoreExt as _;
+        let failed = |e: crate::store::StoreError| super::WebhookOutcome::StoreFailed(e.to_string());
+        let Some(named) = self.recharge_of(config, body).await.map_err(failed)? else { return Ok(()) };
+        let Some(quota) = &self.quota else { return Ok(()) };
+        let now = self.clock.unix_secs();
+        quota
+            .apply_recharge(&named.tenant, &named.meter, crate::store::RechargeMode::Paid { n: named.n }, now)
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
+    /// `invoice.payment_failed` or `invoice.payment_action_required` of a recharge's invoice:
+    /// one failure of its recharge (once per recharge, whoever counts it first: this event or
+    /// the worker's pay call). Another invoice's: not a payment event (`None`).
+    pub(super) async fn recharge_failed(
+        &self,
+        config: &Config,
+        event: &str,
+        kind: &str,
+        payload: &str,
+    ) -> Option<super::WebhookOutcome> {
+        use crate::store::QuotaStoreExt as _;
+        let body: serde_json::Value = serde_json::from_str(payload).ok()?;
+        let named = match self.recharge_of(config, &body).await {
+            Ok(named) => named?,
+            Err(e) => return Some(super::WebhookOutcome::StoreFailed(e.to_string())),
+        };
+        let quota = self.quota.as_ref()?;
+        let why = if kind == "invoice.payment_action_required" {
+            RechargeFailure::ActionRequired
+        } else {
+            // The payment intent's last error names a missing payment method apart.
+            let code = body["data"]["object"]["last_finalization_error"]["code"].as_str().unwrap_or_default();
+            if code == "payment_method_missing" {
+                RechargeFailure::NoPaymentMethod
+            } else {
+                RechargeFailure::Declined
+            }
+        };
+        let now = self.clock.unix_secs();
+        let mode = crate::store::RechargeMode::Failed { n: named.n, why, now };
+        match quota.apply_recharge(&named.tenant, &named.meter, mode, now).await {
+            Ok(crate::store::RechargeSeen::Failed { off, .. }) => {
+                tracing::warn!(%event, tenant = %named.tenant, meter = %named.meter, n = named.n, reason = why.as_str(), off,
+                    "a recharge's payment failed");
+                Some(super::WebhookOutcome::RechargeFailed {
+                    tenant: named.tenant,
+                    meter: named.meter,
+                    n: named.n,
+                    off,
+                })
+            }
+            // Not open (paid, or counted and answered before): nothing more.
+            Ok(_) => Some(super::WebhookOutcome::Duplicate),
+            Err(e) => Some(super::WebhookOutcome::StoreFailed(e.to_string())),
+        }
+    }
+}

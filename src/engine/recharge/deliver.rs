@@ -1,0 +1,141 @@
+//! Delivering a claimed recharge: the worker charges it through Stripe, once per claim on this
+//! node, under keys derived from the recharge (a claim taken again by another node charges
+//! under the same keys). A payment refused counts a failure in the store
+//! ([`RechargeMode::Failed`](crate::store::RechargeMode::Failed)); a paid one is closed by its
+//! `invoice.paid`, which grants the units.
+
+use super::Claimed;
+use crate::{
+    engine::usage::caps::{plan_of, PlanOf},
+    store::{RechargeFailure, RechargeMode, RechargeSeen, StoreError},
+};
+
+/// How a delivery ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Delivered {
+    /// Stripe says paid: `invoice.paid` grants it.
+    #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
+    Paid,
+    /// The payment failed: counted (`off`: recharge turned off by it).
+    Failed(RechargeFailure, bool),
+    /// No longer open in the store (paid, failed or dropped meanwhile): nothing charged.
+    Closed,
+    /// Not known: delivered again once the claim lapses.
+    Retry(String),
+}
+
+/// What a delivery uses.
+pub(crate) struct Parts<'a> {
+    pub(crate) quota: &'a dyn crate::store::QuotaStore,
+    pub(crate) directory: &'a dyn crate::store::DirectoryStore,
+    pub(crate) usage: &'a dyn crate::store::UsageExportStore,
+    pub(crate) config: &'a crate::config::Config,
+    pub(crate) charger: Option<&'a super::Charger>,
+    pub(crate) now: i64,
+}
+
+/// Delivers `claim`.
+pub(crate) async fn deliver(parts: &Parts<'_>, claim: &Claimed) -> Delivered {
+    match attempt(parts, claim).await {
+        Ok(d) => d,
+        Err(e) => Delivered::Retry(e.to_string()),
+    }
+}
+
+async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreError> {
+    // Still open, as claimed: a claim paid, failed or dropped meanwhile is never charged.
+    let state = parts.quota.counters(&claim.tenant, &claim.meter).await?.into_iter().find_map(|c| c.recharge);
+    let Some(open) = state.and_then(|s| s.open).filter(|o| o.n == claim.n) else { return Ok(Delivered::Closed) };
+    let price = match plan_of(parts.directory, parts.config, &claim.tenant).await? {
+        PlanOf::Plan(plan) => plan.recharge(&claim.meter).map(|r| r.price.clone()),
+        PlanOf::UnknownTenant | PlanOf::UnknownPlan(_) => None,
+    };
+    let Some(price) = price else {
+        // Moved to a plan that recharges nothing: never charged.
+        return failed(parts, claim, RechargeFailure::Refused, "the tenant's plan no longer recharges this meter")
+            .await;
+    };
+    let customer = parts.directory.tenant(&claim.tenant).await?.and_then(|t| t.customer);
+    let Some(customer) = customer else {
+        return failed(parts, claim, RechargeFailure::NoPaymentMethod, "the tenant has no Stripe customer").await;
+    };
+    let Some(charger) = parts.charger else {
+        return Ok(Delivered::Retry(
+            "no Stripe secret key to charge with (STRIPE_SECRET_KEY or secret_key_file)".into(),
+        ));
+    };
+    let namespace = parts.usage.identifier_namespace().await?;
+    charge(parts, claim, charger, &namespace, &customer, &price, open.claimed_at).await
+}
+
+#[cfg(feature = "stripe")]
+async fn charge(
+    parts: &Parts<'_>,
+    claim: &Claimed,
+    charger: &super::Charger,
+    namespace: &str,
+    customer: &str,
+    price: &str,
+    claimed_at: i64,
+) -> Result<Delivered, StoreError> {
+    use crate::billing::recharge::{Charged, Order};
+    let order = Order {
+        namespace,
+        customer,
+        tenant: claim.tenant.as_str(),
+        meter: claim.meter.as_str(),
+        n: claim.n,
+        price,
+        packs: claim.packs,
+        claimed_at,
+        now: parts.now,
+    };
+    match charger.charge(&order).await {
+        Charged::Paid(_) => Ok(Delivered::Paid),
+        Charged::Failed(why, detail) => failed(parts, claim, why, &detail).await,
+        Charged::Retry(why) => Ok(Delivered::Retry(why)),
+    }
+}
+
+#[cfg(not(feature = "stripe"))]
+#[allow(clippy::unused_async)]
+async fn charge(
+    _: &Parts<'_>,
+    _: &Claimed,
+    charger: &super::Charger,
+    _: &str,
+    _: &str,
+    _: &str,
+    _: i64,
+) -> Result<Delivered, StoreError> {
+    match *charger {}
+}
+
+/// Counts a failure of `claim` in the store (once per recharge, whoever counts it: this
+/// delivery or the invoice's webhook).
+async fn failed(
+    parts: &Parts<'_>,
+    claim: &Claimed,
+    why: RechargeFailure,
+    detail: &str,
+) -> Result<Delivered, StoreError> {
+    tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), detail,
+        "a recharge's payment failed");
+    let off = fail(parts.quota, &claim.tenant, &claim.meter, claim.n, why, parts.now).await?;
+    Ok(Delivered::Failed(why, off))
+}
+
+/// Counts a failure of recharge `n` of `(tenant, meter)` (once per recharge): whether
+/// recharge is off since.
+pub(crate) async fn fail(
+    quota: &dyn crate::store::QuotaStore,
+    tenant: &crate::base::TenantId,
+    meter: &crate::base::MeterId,
+    n: u64,
+    why: RechargeFailure,
+    now: i64,
+) -> Result<bool, StoreError> {
+    use crate::store::QuotaStoreExt as _;
+    let seen = quota.apply_recharge(tenant, meter, RechargeMode::Failed { n, why, now }, now).await?;
+    Ok(matches!(seen, RechargeSeen::Failed { off: true, .. }))
+}

@@ -1,0 +1,188 @@
+//! Auto-recharge of prepaid balances (docs/credits.md, "Recharge"): a tenant's own settings
+//! within its plan's bounds ([`settings`]), the claims this node's refills make in the store
+//! (a mode of `reserve`: [`RechargeMode::Watch`](crate::store::RechargeMode::Watch)), and their
+//! delivery through Stripe by the worker ([`deliver`]).
+
+pub(crate) mod deliver;
+pub(crate) mod settings;
+
+use std::{collections::VecDeque, sync::Mutex};
+
+use crate::base::{MeterId, TenantId};
+
+/// What charges a recharge: Stripe's, with the secret key.
+#[cfg(feature = "stripe")]
+pub(crate) type Charger = crate::billing::RechargeCharger;
+/// Without Stripe, nothing charges a recharge.
+#[cfg(not(feature = "stripe"))]
+#[derive(Debug)]
+pub(crate) enum Charger {}
+
+/// The most claims waiting for the worker on a node: past it, a claim is dropped (logged), and
+/// taken again by the next refill once its delivery lapses
+/// ([`CLAIM_TAKEN_SECS`](crate::store::CLAIM_TAKEN_SECS)).
+const QUEUE_MAX: usize = 1024;
+
+/// A recharge this node claimed (or took again), to deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Claimed {
+    pub(crate) tenant: TenantId,
+    pub(crate) meter: MeterId,
+    /// Its number for the tenant and meter: its payment's keys derive from it.
+    pub(crate) n: u64,
+    /// Packs to buy.
+    pub(crate) packs: u64,
+    /// What they cost (smallest unit of the currency).
+    pub(crate) amount: u64,
+}
+
+/// The claims of this node waiting for the worker.
+#[derive(Debug, Default)]
+pub(crate) struct Recharges {
+    queue: Mutex<VecDeque<Claimed>>,
+    wake: tokio::sync::Notify,
+    /// What charges them (none: the configuration recharges nothing, or no secret key).
+    charger: std::sync::OnceLock<std::sync::Arc<Charger>>,
+}
+
+impl Recharges {
+    /// Charges recharges with `charger` (set once, at build).
+    pub(crate) fn charge_with(&self, charger: std::sync::Arc<Charger>) {
+        let _ = self.charger.set(charger);
+    }
+
+    /// What charges recharges, if anything.
+    pub(crate) fn charger(&self) -> Option<&Charger> {
+        self.charger.get().map(std::sync::Arc::as_ref)
+    }
+
+    /// A claim the store answered this node: queued for the worker (once per recharge).
+    pub(crate) fn claimed(&self, c: Claimed) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.iter().any(|q| q.n == c.n && q.tenant == c.tenant && q.meter == c.meter) {
+            return;
+        }
+        if queue.len() >= QUEUE_MAX {
+            tracing::warn!(tenant = %c.tenant, meter = %c.meter, n = c.n,
+                "too many recharges waiting on this node: this one is taken again once its claim lapses");
+            return;
+        }
+        queue.push_back(c);
+        drop(queue);
+        self.wake.notify_one();
+    }
+
+    /// The next claim to deliver, if any.
+    pub(crate) fn next(&self) -> Option<Claimed> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+    }
+
+    /// Waits until a claim is queued (or one was queued since the last call).
+    pub(crate) async fn queued(&self) {
+        self.wake.notified().await;
+    }
+}
+
+impl crate::Tollgate {
+    /// The parts a recharge setting uses.
+    fn recharge_parts<'a>(
+        &'a self,
+        config: &'a crate::config::Config,
+        stores: &'a crate::store::Roles,
+    ) -> settings::Parts<'a> {
+        settings::Parts {
+            quota: stores.quota.as_ref(),
+            directory: stores.directory.as_ref(),
+            config,
+            charger: self.units().leases().recharges().charger(),
+        }
+    }
+
+    /// `tenant`'s recharge of `meter`: its plan's bounds and what the store keeps (its own
+    /// settings, the recharge open, failures, the month's spending).
+    ///
+    /// # Errors
+    /// An unknown tenant, a plan that recharges nothing on `meter`, a store that failed.
+    pub async fn recharge(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+    ) -> Result<settings::RechargeView, settings::RechargeError> {
+        let config = self.shared().runtime().load().config.clone();
+        let stores = self.shared().stores().background();
+        let now = self.shared().clock().unix_secs();
+        settings::recharge(&self.recharge_parts(&config, stores), tenant, meter, settings::RechargeAct::Read, now).await
+    }
+
+    /// Turns `tenant`'s recharge of `meter` on with its own values within its plan's bounds
+    /// (`ask`: each value left out is the plan's), or off (`None`). Turning it on again after
+    /// failures turned it off is this call. The price's amount is read from Stripe (kept with
+    /// the setting). Every node's next refill of the balance watches the new setting.
+    ///
+    /// # Errors
+    /// As [`recharge`](Self::recharge); a value outside the plan's bounds
+    /// ([`RechargeError::Invalid`](settings::RechargeError::Invalid)); the price not readable
+    /// ([`RechargeError::Price`](settings::RechargeError::Price)). Nothing is stored then.
+    pub async fn set_recharge(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        ask: Option<settings::RechargeAsk>,
+    ) -> Result<settings::RechargeView, settings::RechargeError> {
+        let config = self.shared().runtime().load().config.clone();
+        let stores = self.shared().stores().background();
+        let now = self.shared().clock().unix_secs();
+        let act = ask.map_or(settings::RechargeAct::Off, settings::RechargeAct::Set);
+        settings::recharge(&self.recharge_parts(&config, stores), tenant, meter, act, now).await
+    }
+
+    /// Delivers the recharges this node claimed (the worker calls it as they come; a front
+    /// door whose process is frozen between invocations, after each): each is charged through
+    /// Stripe, once per recharge, and its units granted by `invoice.paid`. Returns how many
+    /// were delivered (paid or failed).
+    pub async fn deliver_recharges(&self) -> usize {
+        let leases = self.units().leases().clone();
+        let recharges = leases.recharges();
+        let config = self.shared().runtime().load().config.clone();
+        let stores = self.shared().stores().background();
+        let mut delivered = 0;
+        while let Some(claim) = recharges.next() {
+            let parts = deliver::Parts {
+                quota: stores.quota.as_ref(),
+                directory: stores.directory.as_ref(),
+                usage: stores.usage.as_ref(),
+                config: &config,
+                charger: recharges.charger(),
+                now: self.shared().clock().unix_secs(),
+            };
+            match deliver::deliver(&parts, &claim).await {
+                deliver::Delivered::Paid => {
+                    tracing::info!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, packs = claim.packs,
+                        "recharge paid; its units are granted by invoice.paid");
+                    delivered += 1;
+                }
+                deliver::Delivered::Failed(why, off) => {
+                    tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), off,
+                        "recharge failed");
+                    delivered += 1;
+                }
+                deliver::Delivered::Closed => {}
+                deliver::Delivered::Retry(why) => {
+                    tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, error = %why,
+                        "recharge not delivered; taken again once its claim lapses (10 minutes)");
+                }
+            }
+        }
+        delivered
+    }
+
+    /// What charges this engine's recharges, if anything.
+    pub(crate) fn recharge_charger(&self) -> Option<std::sync::Arc<Charger>> {
+        self.units().leases().recharges().charger.get().cloned()
+    }
+
+    /// Waits until this node claimed a recharge to deliver.
+    pub(crate) async fn recharge_claimed(&self) {
+        self.units().leases().recharges().queued().await;
+    }
+}

@@ -1,0 +1,303 @@
+//! Auto-recharge (issue 55) end to end against the Stripe stand-in: a balance crossing the
+//! tenant's `below` claims one recharge in the store, the node's worker charges it (an invoice
+//! of the credit price's packs, finalized and paid at once), and `invoice.paid` grants it
+//! through the top-up path, once. Deliveries are driven by the test
+//! (`Tollgate::deliver_recharges`), the clock is the engine's fake one.
+#![cfg(feature = "stripe")]
+
+use crate::common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::{
+    stripe::{Card, StandIn, SECRET as API_KEY},
+    Harness, NOON,
+};
+use tollgate::{
+    admin::Admin,
+    billing::{RechargeCharger, Secret, WebhookHandler, WebhookOutcome},
+    config::Config,
+    money::RechargeAsk,
+    store::{KeyHash, MemoryStore, SqliteStore, Store, TenantRecord},
+    Tollgate,
+};
+
+const SECRET: &str = "whsec_recharge";
+
+/// A plan whose balance on `requests` recharges in packs of 100 units (5.00 each) below 300,
+/// to 1,000, at most 50.00 a month.
+const CONFIG: &str = r#"
+[usage]
+store_timeout = "10s"
+[limits]
+directory_ttl = "30s"
+[billing]
+currency = "usd"
+[plans.payg]
+quotas.requests = { period = "prepaid" }
+[plans.payg.recharge.requests]
+price = "price_pack"
+below = 300
+to = 1000
+monthly_limit = "50.00"
+[stripe]
+[stripe.credits]
+meter = "requests"
+prices = { price_pack = 100 }
+"#;
+
+struct Setup {
+    h: Harness,
+    store: Arc<dyn Store>,
+    handler: WebhookHandler,
+    stripe: StandIn,
+}
+
+async fn setup(store: Arc<dyn Store>) -> Setup {
+    let acme = TenantRecord::new("acme".into(), "payg".into()).with_customer("cus_acme");
+    store.put_tenant(&acme, &[KeyHash::of(b"key-acme")]).await.unwrap();
+    let stripe = StandIn::start(&[]).await;
+    stripe.add_price("price_pack", None, true);
+    stripe.set_unit_amount("price_pack", 500);
+    stripe.set_card("cus_acme", Card::Pays);
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let charger = RechargeCharger::new(&Secret::new(API_KEY), Some(&stripe.url), Duration::from_secs(5)).unwrap();
+    let config = Config::from_toml_str(CONFIG).unwrap();
+    let (engine, _worker) =
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock).recharge_charger(charger).build();
+    let h = Harness::from_layer(tollgate::TollgateLayer::new(engine), handle);
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
+        Secret::new(API_KEY),
+        Some(&stripe.url),
+        Duration::from_secs(5),
+    );
+    Setup { h, store, handler, stripe }
+}
+
+impl Setup {
+    async fn signed(&self, payload: &str) -> (u16, WebhookOutcome) {
+        // Signed now, by the engine's clock (the handler's).
+        let now = self.h.clock.unix_secs();
+        let signature = stripe_webhook::Webhook::generate_test_header(payload, SECRET, Some(now));
+        let reply = self.handler.handle(Some(&signature), payload.as_bytes()).await;
+        (reply.status().as_u16(), reply.outcome)
+    }
+
+    /// How many of `n` requests acme gets through now.
+    async fn admitted(&self, n: usize) -> usize {
+        let mut ok = 0;
+        for _ in 0..n {
+            match self.h.status("/", "key-acme").await {
+                200 => ok += 1,
+                402 => {}
+                s => panic!("status {s}"),
+            }
+        }
+        ok
+    }
+
+    /// Delivers every event the stand-in emitted to the webhook handler: their outcomes.
+    async fn deliver_events(&self) -> Vec<(String, WebhookOutcome)> {
+        let mut out = Vec::new();
+        for e in self.stripe.take_emitted() {
+            let (code, outcome) = self.signed(&e.to_string()).await;
+            assert_eq!(code, 200, "{}: {outcome:?}", e["type"]);
+            out.push((e["type"].as_str().unwrap().to_owned(), outcome));
+        }
+        out
+    }
+
+    async fn granted(&self) -> u64 {
+        let (_, balances) = Admin::new(self.store.clone()).credits("acme").await.unwrap();
+        balances.into_iter().map(|(_, b)| b.granted).sum()
+    }
+}
+
+macro_rules! on_stores {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test]
+            async fn memory() {
+                super::$test(super::setup(std::sync::Arc::new(super::MemoryStore::new())).await).await;
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let store = super::SqliteStore::open(dir.path().join("t.db")).await.unwrap();
+                super::$test(super::setup(std::sync::Arc::new(store)).await).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                #[cfg(feature = "postgres")]
+                if let Some((store, _)) = crate::common::postgres::store().await {
+                    super::$test(super::setup(std::sync::Arc::new(store)).await).await;
+                }
+                #[cfg(not(feature = "postgres"))]
+                assert!(std::env::var_os("CI").is_none(), "CI runs the billing tests with the postgres feature");
+            }
+        }
+    };
+}
+
+on_stores!(a_crossing_is_charged_once_and_granted_when_paid);
+async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    // Off until the tenant turns it on: nothing is claimed however low the balance goes.
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.off_reason(), Some("not_turned_on"));
+    let view = admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    let own = view.state.setting.expect("on");
+    assert_eq!((own.below, own.to, own.monthly_limit, own.pack.units, own.pack.amount), (300, 1000, 5000, 100, 500));
+    // Spending: each refill watches the balance; the one that leaves it below 300 claims.
+    assert_eq!(s.admitted(150).await, 150);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "3xx left: nothing claimed yet");
+    assert!(s.stripe.invoices_created().is_empty());
+    assert_eq!(s.admitted(200).await, 200);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    let open = view.state.open.expect("a recharge is open");
+    assert_eq!(open.n, 1);
+    assert!((7..=10).contains(&open.packs), "{} packs", open.packs);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "delivered once");
+    let invoices = s.stripe.invoices_created();
+    assert_eq!(invoices.len(), 1, "one invoice");
+    let invoice = &invoices[0];
+    assert_eq!(invoice["status"], "paid");
+    assert_eq!(invoice["collection_method"], "charge_automatically");
+    assert_eq!(invoice["metadata"]["tollgate_recharge"], "1");
+    assert_eq!(invoice["metadata"]["tollgate_tenant"], "acme");
+    assert_eq!(invoice["amount_paid"], serde_json::json!(open.packs * 500));
+    // Not granted before Stripe says paid: the webhook grants it, once.
+    assert_eq!(s.granted().await, 500);
+    let outcomes = s.deliver_events().await;
+    let credited: Vec<_> = outcomes.iter().filter(|(_, o)| matches!(o, WebhookOutcome::Credited { .. })).collect();
+    assert_eq!(credited.len(), 1, "{outcomes:?}");
+    assert_eq!(credited[0].0, "invoice.paid");
+    assert_eq!(s.granted().await, 500 + open.packs * 100);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.open, view.state.n, view.month_count, view.month_spent), (None, 1, 1, open.packs * 500));
+    // Spending on: the balance never refused meanwhile, and the next crossing claims 2.
+    assert_eq!(s.admitted(300).await, 300);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "above 300 again");
+}
+
+// A declined card three times in a row: no grant, recharge off (why: declined), each failure
+// counted once whether the worker's pay call or `invoice.payment_failed` says it first; the
+// balance then runs out with a plain 402 (no recharge under way). Turning it on again is an
+// explicit call, which clears the failures.
+on_stores!(three_declines_in_a_row_turn_recharge_off);
+async fn three_declines_in_a_row_turn_recharge_off(s: Setup) {
+    s.stripe.set_card("cus_acme", Card::Declined);
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(s.admitted(350).await, 350);
+    for k in 1..=3u64 {
+        assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "recharge {k} delivered");
+        let outcomes = s.deliver_events().await;
+        let kinds: Vec<&str> = outcomes.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(kinds, ["invoice.finalized", "invoice.payment_failed"]);
+        // Counted by the worker's pay call first; the event is answered alike, not counted again.
+        let failed =
+            WebhookOutcome::RechargeFailed { tenant: "acme".into(), meter: "requests".into(), n: k, off: k == 3 };
+        assert_eq!(outcomes[1].1, failed);
+        let view = admin.recharge("acme", "requests").await.unwrap();
+        assert_eq!((view.state.failures, view.state.open), (u32::try_from(k).unwrap(), None));
+        assert_eq!(s.granted().await, 500, "nothing granted without payment");
+        // The next claim waits an hour after a failure.
+        assert_eq!(s.admitted(5).await, 5);
+        assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "no claim within the hour");
+        s.h.clock.advance(Duration::from_secs(3600));
+        // The next refill (leases are small this near the end) claims again.
+        assert_eq!(s.admitted(25).await, 25);
+    }
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.off_reason(), Some("declined"));
+    assert!(!view.state.on());
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "off: nothing claimed");
+    assert_eq!(s.stripe.invoices_created().len(), 3);
+    // Spent to the end: a plain 402, no recharge under way.
+    let left = 500 - 350 - 90;
+    assert_eq!(s.admitted(left + 20).await, left);
+    let refused = s.h.get("/", "key-acme").await;
+    assert_eq!(refused.status, 402);
+    assert!(refused.headers.get("retry-after").is_none(), "no recharge under way");
+    // Turned on again by hand: failures cleared.
+    let view = admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!((view.state.on(), view.state.failures, view.off_reason()), (true, 0, None));
+}
+
+/// Four engines on one memory store (the other stores: tests/store) cross together: one
+/// recharge, one invoice, granted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_engines_on_one_memory_store_charge_once() {
+    common::recharge::four_engines_crossing_together_charge_once(Arc::new(MemoryStore::new())).await;
+}
+
+impl Setup {
+    /// Spends until a refill claims a recharge, then delivers it and the events it emitted
+    /// (at most `max` requests): whether one was delivered.
+    async fn spend_until_recharged(&self, max: usize) -> bool {
+        for _ in 0..max / 10 {
+            assert_eq!(self.admitted(10).await, 10);
+            if self.h.tollgate.deliver_recharges().await > 0 {
+                self.deliver_events().await;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+// The monthly limit (UTC calendar month) stops the fourth recharge of a month: no claim while
+// the month's recharges would pass it; the next month recharges again.
+on_stores!(the_monthly_limit_stops_the_fourth_recharge_until_the_next_month);
+async fn the_monthly_limit_stops_the_fourth_recharge_until_the_next_month(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    // Below 300, to 500: 3 packs (15.00) a recharge; 50.00 a month holds three.
+    let ask = RechargeAsk::new(Some(300), Some(500), Some("50.00".into()));
+    admin.set_recharge("acme", "requests", Some(ask)).await.unwrap();
+    for k in 1..=3 {
+        assert!(s.spend_until_recharged(400).await, "recharge {k}");
+    }
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.n, view.month_count, view.month_spent), (3, 3, 4500));
+    assert_eq!(s.granted().await, 500 + 3 * 300);
+    assert!(!s.spend_until_recharged(300).await, "the fourth would pass 50.00");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    let march = tollgate::store::month_of(NOON);
+    assert_eq!((view.state.n, view.state.open, view.state.limit_month), (3, None, march), "stopped by the limit");
+    // The next month (UTC): recharged again.
+    s.h.clock.set_unix(1_775_001_600 + 3600); // 2026-04-01T01:00Z
+    let recharged = s.spend_until_recharged(100).await;
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert!(recharged, "a new month: {view:?} granted {}", s.granted().await);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.n, view.month_count), (4, 1));
+}
+
+// A tenant's own values outside its plan's bounds are refused, nothing stored.
+on_stores!(values_outside_the_plans_bounds_are_refused);
+async fn values_outside_the_plans_bounds_are_refused(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    for ask in [
+        RechargeAsk::new(None, Some(1001), None),
+        RechargeAsk::new(Some(500), Some(400), None),
+        RechargeAsk::new(None, None, Some("50.01".into())),
+        RechargeAsk::new(None, None, Some("ten".into())),
+        RechargeAsk::new(None, None, Some("1.001".into())),
+        RechargeAsk::new(Some(0), None, None),
+    ] {
+        let e = admin.set_recharge("acme", "requests", Some(ask.clone())).await.unwrap_err();
+        assert!(
+            matches!(e, tollgate::admin::AdminError::Recharge(tollgate::money::RechargeError::Invalid(_))),
+            "{ask:?}: {e}"
+        );
+    }
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.state.setting, None, "nothing stored");
+    let e = admin.set_recharge("acme", "tokens", Some(RechargeAsk::default())).await.unwrap_err();
+    assert!(e.to_string().contains("allows no recharge"), "{e}");
+}
