@@ -24,6 +24,9 @@ pub mod door {
     /// The most bytes of a body [`Tollgate::tenant_spend_cap`](crate::Tollgate::tenant_spend_cap)
     /// reads (a longer one is answered 413).
     pub const SPEND_CAP_MAX_BODY: usize = crate::engine::usage::caps::MAX_BODY;
+    /// The most bytes of a body [`Tollgate::tenant_recharge`](crate::Tollgate::tenant_recharge)
+    /// reads (a longer one is answered 413).
+    pub const RECHARGE_MAX_BODY: usize = crate::engine::recharge::settings::MAX_BODY;
 }
 pub mod guide {
     //! The guides, from the repository's `docs/` folder: their Rust examples are compiled as

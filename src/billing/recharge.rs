@@ -72,8 +72,9 @@ impl Order<'_> {
 pub(crate) enum Charged {
     /// Stripe says the invoice is paid: `invoice.paid` grants it.
     Paid(String),
-    /// The payment failed, as Stripe said: counted against the tenant's recharge.
-    Failed(RechargeFailure, String),
+    /// The payment failed, as Stripe said: counted against the tenant's recharge (its invoice,
+    /// if one is open: voided once the failure is counted).
+    Failed(RechargeFailure, String, Option<String>),
     /// Not known (Stripe unreachable, a server error, a refusal of the key): delivered again
     /// once the claim lapses, under the same keys.
     Retry(String),
@@ -130,9 +131,14 @@ impl RechargeCharger {
     }
 
     /// Delivers `order`: its invoice (found by its metadata past [`KEYS_TRUSTED_SECS`], else
-    /// created), its item, finalized, paid.
+    /// created under the recharge's key: two deliveries of one recharge make one invoice), its
+    /// item (added to a found draft that lacks it), finalized, paid. Finalizing and paying act
+    /// on the invoice's status as Stripe says it, under keys of the delivery's 10-minute
+    /// window (an invoice is paid at most once whatever the key; a failure Stripe saved under
+    /// one key is not replayed to the next delivery).
     pub(crate) async fn charge(&self, order: &Order<'_>) -> Charged {
         let id = order.id();
+        let window = order.now.div_euclid(crate::store::CLAIM_TAKEN_SECS);
         let key = |step: &str| IdempotencyKey::new(format!("{id}-{step}")).map(RequestStrategy::Idempotent);
         let Ok(k) = key("invoice") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
         let found = if order.now - order.claimed_at > KEYS_TRUSTED_SECS {
@@ -143,8 +149,8 @@ impl RechargeCharger {
         } else {
             None
         };
-        let invoice = match found {
-            Some(invoice) => invoice,
+        let (invoice, item_key) = match found {
+            Some(invoice) => (invoice, "item-late"),
             None => {
                 let metadata: HashMap<String, String> = [
                     (RECHARGE_KEY.to_owned(), order.n.to_string()),
@@ -160,56 +166,83 @@ impl RechargeCharger {
                     .pending_invoice_items_behavior(CreateInvoicePendingInvoiceItemsBehavior::Exclude)
                     .auto_advance(false)
                     .metadata(metadata);
-                let invoice =
-                    match create.customize().request_strategy(k).timeout(self.timeout).send(&self.client).await {
-                        Ok(invoice) => invoice,
-                        Err(e) => return Self::failed(e),
-                    };
-                let Some(invoice_id) = invoice.id.clone() else {
-                    return Charged::Retry("an invoice without an id".into());
-                };
-                let mut pricing = PricingParam::new();
-                pricing.price = Some(order.price.to_owned());
-                let item = CreateInvoiceItem::new()
-                    .customer(order.customer)
-                    .invoice(invoice_id.as_str())
-                    .pricing(pricing)
-                    .quantity(order.packs);
-                let Ok(k) = key("item") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
-                if let Err(e) = item.customize().request_strategy(k).timeout(self.timeout).send(&self.client).await {
-                    return Self::failed(e);
+                match create.customize().request_strategy(k).timeout(self.timeout).send(&self.client).await {
+                    Ok(invoice) => (invoice, "item"),
+                    Err(e) => return Self::failed(e),
                 }
-                invoice
             }
         };
         let Some(invoice_id) = invoice.id.clone() else { return Charged::Retry("an invoice without an id".into()) };
         let mut status = invoice.status.clone();
-        if status == Some(InvoiceStatus::Draft) {
-            let Ok(k) = key("finalize") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
-            let finalize = FinalizeInvoiceInvoice::new(invoice_id.clone()).customize().request_strategy(k);
-            match finalize.timeout(self.timeout).send(&self.client).await {
-                Ok(finalized) => status = finalized.status,
-                Err(e) => return Self::failed(e),
+        // A draft without its item (a node died between the two calls): the item, once.
+        if status == Some(InvoiceStatus::Draft) && (item_key == "item" || invoice.lines.data.is_empty()) {
+            let mut pricing = PricingParam::new();
+            pricing.price = Some(order.price.to_owned());
+            let item = CreateInvoiceItem::new()
+                .customer(order.customer)
+                .invoice(invoice_id.as_str())
+                .pricing(pricing)
+                .quantity(order.packs);
+            let Ok(k) = key(item_key) else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
+            if let Err(e) = item.customize().request_strategy(k).timeout(self.timeout).send(&self.client).await {
+                return Self::failed(e);
             }
+        }
+        if status == Some(InvoiceStatus::Draft) {
+            let Ok(k) = key(&format!("finalize-{window}")) else {
+                return Charged::Retry("an idempotency key that Stripe refuses".into());
+            };
+            let finalize = FinalizeInvoiceInvoice::new(invoice_id.clone()).customize().request_strategy(k);
+            status = match finalize.timeout(self.timeout).send(&self.client).await {
+                Ok(finalized) => finalized.status,
+                // Finalized meanwhile (another delivery): as Stripe says it now.
+                Err(StripeError::Stripe(_, 400)) => match self.status(invoice_id.as_str()).await {
+                    Ok(status) => status,
+                    Err(why) => return Charged::Retry(why),
+                },
+                Err(e) => return Self::failed(e),
+            };
         }
         match status {
             // Paid by the customer's credit balance at finalization, or earlier.
             Some(InvoiceStatus::Paid) => return Charged::Paid(invoice_id.to_string()),
             Some(InvoiceStatus::Void | InvoiceStatus::Uncollectible) => {
-                return Charged::Failed(RechargeFailure::Refused, format!("invoice {invoice_id} is {status:?}"))
+                return Charged::Failed(RechargeFailure::Refused, format!("invoice {invoice_id} is {status:?}"), None)
             }
-            _ => {}
+            Some(InvoiceStatus::Open) => {}
+            other => return Charged::Retry(format!("invoice {invoice_id} is {other:?}")),
         }
-        let Ok(k) = key("pay") else { return Charged::Retry("an idempotency key that Stripe refuses".into()) };
+        let Ok(k) = key(&format!("pay-{window}")) else {
+            return Charged::Retry("an idempotency key that Stripe refuses".into());
+        };
         let pay = PayInvoice::new(invoice_id.clone()).off_session(true).customize().request_strategy(k);
         match pay.timeout(self.timeout).send(&self.client).await {
             Ok(_) => Charged::Paid(invoice_id.to_string()),
-            Err(StripeError::Stripe(err, 400))
-                if err.message.as_deref().is_some_and(|m| m.contains("already paid")) =>
-            {
-                Charged::Paid(invoice_id.to_string())
-            }
-            Err(e) => Self::failed(e),
+            // Paid meanwhile (another delivery, the customer)?
+            Err(e @ StripeError::Stripe(_, 400)) => match self.status(invoice_id.as_str()).await {
+                Ok(Some(InvoiceStatus::Paid)) => Charged::Paid(invoice_id.to_string()),
+                Ok(_) => Self::failed(e).on(invoice_id.as_str()),
+                Err(why) => Charged::Retry(why),
+            },
+            Err(e) => Self::failed(e).on(invoice_id.as_str()),
+        }
+    }
+
+    /// The invoice's status as Stripe says it now.
+    async fn status(&self, invoice: &str) -> Result<Option<InvoiceStatus>, String> {
+        let v = self.reader.get(&format!("v1/invoices/{invoice}")).await.map_err(|e| e.why)?;
+        Ok(v["status"].as_str().and_then(|s| s.parse().ok()))
+    }
+
+    /// Voids the invoice of a recharge whose payment failed (counted), so that the customer
+    /// never pays it later beside the next recharge of the same crossing. An invoice paid
+    /// meanwhile is left paid (its `invoice.paid` grants it). Best effort: logged.
+    pub(crate) async fn void(&self, invoice: &str) {
+        let key = IdempotencyKey::new(format!("{invoice}-void")).map(RequestStrategy::Idempotent);
+        let Ok(key) = key else { return };
+        let void = stripe_billing::invoice::VoidInvoiceInvoice::new(invoice).customize().request_strategy(key);
+        if let Err(e) = void.timeout(self.timeout).send(&self.client).await {
+            tracing::warn!(%invoice, error = %e, "a failed recharge's invoice could not be voided");
         }
     }
 
@@ -224,7 +257,7 @@ impl RechargeCharger {
                 list = list.starting_after(a.as_str());
             }
             let page = list.customize().timeout(self.timeout).send(&self.client).await.map_err(|e| e.to_string())?;
-            let since = order.claimed_at.saturating_sub(300);
+            let since = order.claimed_at.saturating_sub(3600);
             let mine = |i: &&Invoice| i.metadata.as_ref().and_then(|m| m.get(ID_KEY)).is_some_and(|v| v == id);
             if let Some(found) = page.data.iter().take_while(|i| i.created >= since).find(mine) {
                 return Ok(Some(found.clone()));
@@ -244,24 +277,36 @@ impl RechargeCharger {
         match &e {
             StripeError::Stripe(err, status) => {
                 let code = err.code.as_ref().map(|c| c.as_str().to_owned()).unwrap_or_default();
+                let decline = err.decline_code.clone().unwrap_or_default();
                 let message = err.message.clone().unwrap_or_default();
-                let detail = format!("{status} {code}: {message}");
+                let detail = format!("{status} {code} {decline}: {message}");
+                let action = ["invoice_payment_intent_requires_action", "authentication_required"];
                 match *status {
-                    402 if code == "invoice_payment_intent_requires_action" => {
-                        Charged::Failed(RechargeFailure::ActionRequired, detail)
+                    // 3-D Secure: an automatic charge cannot give it.
+                    402 | 400 if action.contains(&code.as_str()) || action.contains(&decline.as_str()) => {
+                        Charged::Failed(RechargeFailure::ActionRequired, detail, None)
                     }
-                    402 => Charged::Failed(RechargeFailure::Declined, detail),
+                    402 => Charged::Failed(RechargeFailure::Declined, detail, None),
                     400 if message.contains("no attached payment source or default payment method") => {
-                        Charged::Failed(RechargeFailure::NoPaymentMethod, detail)
+                        Charged::Failed(RechargeFailure::NoPaymentMethod, detail, None)
                     }
-                    // A lock or a rate limit, a server error: tried again.
-                    409 | 429 | 500.. => Charged::Retry(detail),
-                    // The key refused (rolled, restricted): it passes once it is right.
-                    401 | 403 => Charged::Retry(detail),
-                    _ => Charged::Failed(RechargeFailure::Refused, detail),
+                    // Not a payment refused: a lock or a rate limit, a server error, the key
+                    // refused (it passes once it is right), a key reused with other parameters,
+                    // an object missing: tried again, never counted.
+                    _ => Charged::Retry(detail),
                 }
             }
             _ => Charged::Retry(e.to_string()),
+        }
+    }
+}
+
+impl Charged {
+    /// A failure of `invoice`'s payment: its invoice named (to void once counted).
+    fn on(self, invoice: &str) -> Self {
+        match self {
+            Charged::Failed(why, detail, None) => Charged::Failed(why, detail, Some(invoice.to_owned())),
+            other => other,
         }
     }
 }
@@ -339,13 +384,7 @@ impl super::WebhookHandler {
         let why = if kind == "invoice.payment_action_required" {
             RechargeFailure::ActionRequired
         } else {
-            // The payment intent's last error names a missing payment method apart.
-            let code = body["data"]["object"]["last_finalization_error"]["code"].as_str().unwrap_or_default();
-            if code == "payment_method_missing" {
-                RechargeFailure::NoPaymentMethod
-            } else {
-                RechargeFailure::Declined
-            }
+            RechargeFailure::Declined
         };
         let now = self.clock.unix_secs();
         let mode = crate::store::RechargeMode::Failed { n: named.n, why, now };

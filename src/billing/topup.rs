@@ -357,8 +357,14 @@ impl WebhookHandler {
             return None;
         }
         let outcome = self.payment(config, credits, event, kind, session, &body).await;
-        // A recharge's invoice, granted (now or before): its recharge is closed, paid.
-        if !session && matches!(outcome, Some(WebhookOutcome::Credited { .. } | WebhookOutcome::Duplicate)) {
+        // A recharge's invoice, paid: its recharge is closed (granted now or before, or nothing
+        // to grant: a zero invoice), unless the grant is still to come (500, delivered again).
+        if !session
+            && !matches!(
+                outcome,
+                Some(WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. })
+            )
+        {
             if let Err(failed) = self.recharge_paid(config, &body).await {
                 return Some(failed);
             }

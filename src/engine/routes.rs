@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
-use crate::engine::{alerts::endpoint, usage::caps, TenantContext, Tollgate};
+use crate::engine::{alerts::endpoint, recharge::settings, usage::caps, TenantContext, Tollgate};
 use crate::response::route::{json, no_content, not_get_put_delete, problem, too_large};
 
 impl Tollgate {
@@ -83,6 +83,82 @@ impl Tollgate {
             Ok(_) if removing => no_content(),
             Ok(view) => json(StatusCode::OK, &view.to_json()),
             Err(e) => caps::cap_problem(&e),
+        }
+    }
+
+    /// The route an application mounts for its tenants' own auto-recharge, behind tollgate's
+    /// layer (the calling tenant's; any key of the tenant may set it): `GET` answers its
+    /// recharge (`{"meter", "currency", "on", "off_reason", "settings", "plan", "failures",
+    /// "open", "month"}`, money as decimal strings of the currency), `PUT` with `{"below":
+    /// 10000, "to": 50000, "monthly_limit": "200.00"}` (each optional: the plan's) turns it on
+    /// within the plan's bounds (`to` and `monthly_limit` at most the plan's, `below` under
+    /// `to`) and answers the same, `DELETE` turns it off (204). Each body may name the meter
+    /// (`"meter": "tokens"`); without one, the plan's one recharged meter. A refusal is a
+    /// problem+json 4xx and stores nothing: 422 for values outside the bounds or not numbers
+    /// (or a body that is not that JSON), 403 when the plan recharges nothing there, 503 when
+    /// Stripe could not say the price's amount or the store failed. The door crates mount it
+    /// (`tollgate_axum::recharge`, `tollgate_actix::recharge`).
+    pub async fn tenant_recharge(&self, tenant: &TenantContext, method: &Method, body: &[u8]) -> http::Response<Bytes> {
+        if body.len() > settings::MAX_BODY {
+            return too_large("1 KiB");
+        }
+        #[derive(serde::Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            meter: Option<String>,
+            below: Option<u64>,
+            to: Option<u64>,
+            monthly_limit: Option<String>,
+        }
+        let invalid =
+            |why: &str| problem(StatusCode::UNPROCESSABLE_ENTITY, "recharge-invalid", "Recharge settings refused", why);
+        let body: Body = if body.iter().all(u8::is_ascii_whitespace) {
+            Body::default()
+        } else {
+            match serde_json::from_slice(body) {
+                Ok(b) => b,
+                Err(e) => {
+                    return invalid(&format!(
+                        "expected {{\"below\": 10000, \"to\": 50000, \"monthly_limit\": \"200.00\"}} (each \
+                         optional, `meter` too): {e}"
+                    ))
+                }
+            }
+        };
+        if *method != Method::PUT && (body.below.is_some() || body.to.is_some() || body.monthly_limit.is_some()) {
+            return invalid("values are set with PUT");
+        }
+        let config = self.shared().runtime().load().config.clone();
+        let meter = match body.meter {
+            Some(m) => crate::base::MeterId::from(m.as_str()),
+            None => {
+                let plan = config
+                    .plans()
+                    .get(tenant.plan())
+                    .map(|p| p.recharges().map(|(m, _)| m.clone()).collect::<Vec<_>>());
+                match plan.as_deref() {
+                    Some([only]) => only.clone(),
+                    Some([]) | None => {
+                        return settings::recharge_problem(&settings::RechargeError::NoRecharge {
+                            plan: tenant.plan().to_string(),
+                            meter: "any meter".into(),
+                        })
+                    }
+                    Some(_) => return invalid("this plan recharges several meters: name one (\"meter\": \"…\")"),
+                }
+            }
+        };
+        let ask = settings::RechargeAsk::new(body.below, body.to, body.monthly_limit);
+        let answer = match *method {
+            Method::GET => self.recharge(tenant.tenant(), &meter).await,
+            Method::PUT => self.set_recharge(tenant.tenant(), &meter, Some(ask)).await,
+            Method::DELETE => self.set_recharge(tenant.tenant(), &meter, None).await,
+            _ => return not_get_put_delete(),
+        };
+        match answer {
+            Ok(_) if *method == Method::DELETE => no_content(),
+            Ok(view) => json(StatusCode::OK, &view.to_json()),
+            Err(e) => settings::recharge_problem(&e),
         }
     }
 

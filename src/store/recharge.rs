@@ -359,7 +359,8 @@ impl RechargeState {
         let packs = setting.to.saturating_sub(balance).div_ceil(pack.units).max(1);
         let amount = packs.saturating_mul(pack.amount);
         let month = month_of(now);
-        if self.month != month {
+        // A call of an earlier month (a node's clock behind) never takes the month back.
+        if month > self.month {
             (self.month, self.spent, self.count) = (month, 0, 0);
         }
         if self.spent.saturating_add(amount) > setting.monthly_limit {

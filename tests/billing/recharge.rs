@@ -158,6 +158,18 @@ async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
     let open = view.state.open.expect("a recharge is open");
     assert_eq!(open.n, 1);
     assert!((7..=10).contains(&open.packs), "{} packs", open.packs);
+    // Before it is charged, the balance runs out: 402, to come back in a few seconds.
+    let mut refused = None;
+    for _ in 0..200 {
+        let reply = s.h.get("/", "key-acme").await;
+        if reply.status == 402 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let refused = refused.expect("the balance runs out");
+    assert_eq!(refused.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("5"));
+    assert!(String::from_utf8_lossy(&refused.body).contains("recharge 1 is under way"), "{:?}", refused.body);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "delivered once");
     let invoices = s.stripe.invoices_created();
@@ -177,7 +189,7 @@ async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
     assert_eq!(s.granted().await, 500 + open.packs * 100);
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.state.open, view.state.n, view.month_count, view.month_spent), (None, 1, 1, open.packs * 500));
-    // Spending on: the balance never refused meanwhile, and the next crossing claims 2.
+    // Served again at once on this node (its next refill finds the grant), above 300 again.
     assert_eq!(s.admitted(300).await, 300);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "above 300 again");
 }
@@ -197,13 +209,17 @@ async fn three_declines_in_a_row_turn_recharge_off(s: Setup) {
         assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "recharge {k} delivered");
         let outcomes = s.deliver_events().await;
         let kinds: Vec<&str> = outcomes.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(kinds, ["invoice.finalized", "invoice.payment_failed"]);
+        assert_eq!(kinds, ["invoice.finalized", "invoice.payment_failed", "invoice.voided"]);
+        assert_eq!(outcomes[2].1, WebhookOutcome::Ignored, "a voided invoice changes nothing");
         // Counted by the worker's pay call first; the event is answered alike, not counted again.
         let failed =
             WebhookOutcome::RechargeFailed { tenant: "acme".into(), meter: "requests".into(), n: k, off: k == 3 };
         assert_eq!(outcomes[1].1, failed);
         let view = admin.recharge("acme", "requests").await.unwrap();
         assert_eq!((view.state.failures, view.state.open), (u32::try_from(k).unwrap(), None));
+        // Its invoice voided: never paid later beside the next one.
+        let invoices = s.stripe.invoices_created();
+        assert_eq!(invoices.last().unwrap()["status"], "void");
         assert_eq!(s.granted().await, 500, "nothing granted without payment");
         // The next claim waits an hour after a failure.
         assert_eq!(s.admitted(5).await, 5);
@@ -300,4 +316,110 @@ async fn values_outside_the_plans_bounds_are_refused(s: Setup) {
     assert_eq!(view.state.setting, None, "nothing stored");
     let e = admin.set_recharge("acme", "tokens", Some(RechargeAsk::default())).await.unwrap_err();
     assert!(e.to_string().contains("allows no recharge"), "{e}");
+}
+
+/// A request of the tenant with `key`, admitted: its context (for the tenant's own routes).
+async fn context(h: &Harness, key: &'static str) -> tollgate::TenantContext {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let info = RequestInfo::new("GET", "/", Credential::ApiKey(key.as_bytes()));
+    let ticket = match h.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+        Admission::Rejected(r) => panic!("{r}"),
+    };
+    let ctx = ticket.context();
+    ticket.give_back();
+    ctx
+}
+
+// The tenant's own route (behind the layer): PUT within the plan's bounds turns it on (the
+// price read from Stripe), outside them or not numbers 422 problem+json and nothing stored;
+// GET shows the caller's own only; DELETE turns it off.
+on_stores!(the_tenants_route_sets_its_own_recharge_within_the_plans_bounds);
+async fn the_tenants_route_sets_its_own_recharge_within_the_plans_bounds(s: Setup) {
+    let bob = TenantRecord::new("bob".into(), "payg".into()).with_customer("cus_bob");
+    s.store.put_tenant(&bob, &[KeyHash::of(b"key-bob")]).await.unwrap();
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "a").await.unwrap();
+    admin.grant_credits("bob", "requests", 500, None, "b").await.unwrap();
+    let acme = context(&s.h, "key-acme").await;
+    let bob = context(&s.h, "key-bob").await;
+    let call = |ctx: &tollgate::TenantContext, method: &str, body: &'static str| {
+        let (engine, ctx) = (s.h.tollgate.clone(), ctx.clone());
+        let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+        async move {
+            let r = engine.tenant_recharge(&ctx, &method, body.as_bytes()).await;
+            let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), ct, serde_json::from_slice::<serde_json::Value>(r.body()).unwrap_or_default())
+        }
+    };
+    for body in [
+        r#"{"to": 1001}"#,
+        r#"{"below": 600, "to": 500}"#,
+        r#"{"monthly_limit": "50.01"}"#,
+        r#"{"monthly_limit": "ten"}"#,
+        r#"{"below": "ten"}"#,
+        r#"{"below": -1}"#,
+        r#"{"to": 500, "extra": 1}"#,
+        "not json",
+    ] {
+        let (status, ct, _) = call(&acme, "PUT", body).await;
+        assert_eq!((status, ct.as_deref()), (422, Some("application/problem+json")), "{body}");
+    }
+    let (status, _, v) = call(&acme, "GET", "").await;
+    assert_eq!((status, v["on"].as_bool(), v["off_reason"].as_str()), (200, Some(false), Some("not_turned_on")));
+    assert_eq!(v["plan"]["monthly_limit"], "50.00");
+    let (status, _, v) = call(&acme, "PUT", r#"{"below": 200, "to": 800, "monthly_limit": "20.00"}"#).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!((v["on"].as_bool(), v["settings"]["to"].as_u64()), (Some(true), Some(800)));
+    assert_eq!(v["settings"]["pack"]["amount"], "5.00", "the price's amount, read from Stripe");
+    // Bob sees his own, off; acme's is acme's alone.
+    let (_, _, v) = call(&bob, "GET", "").await;
+    assert_eq!((v["on"].as_bool(), v["settings"].is_null()), (Some(false), true));
+    let (status, _, _) = call(&acme, "DELETE", "").await;
+    assert_eq!(status, 204);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!(view.state.setting, None, "off");
+    let (status, _, _) = call(&acme, "POST", "").await;
+    assert_eq!(status, 405);
+}
+
+// 3-D Secure needed and a customer without a payment method fail with their reasons, each
+// counted once; a server error is no failure: the claim stays open and the next delivery,
+// once the claim lapses, charges it (the failures in a row end with its payment).
+on_stores!(failures_are_counted_with_their_reasons_and_server_errors_never_are);
+async fn failures_are_counted_with_their_reasons_and_server_errors_never_are(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    s.stripe.set_card("cus_acme", Card::RequiresAction);
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let outcomes = s.deliver_events().await;
+    let failed = WebhookOutcome::RechargeFailed { tenant: "acme".into(), meter: "requests".into(), n: 1, off: false };
+    assert!(outcomes.iter().any(|(k, o)| k == "invoice.payment_action_required" && *o == failed), "{outcomes:?}");
+    s.stripe.set_card("cus_acme", Card::Missing);
+    s.h.clock.advance(Duration::from_secs(3600));
+    assert_eq!(s.admitted(30).await, 30);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.failures, view.state.n, view.state.open), (2, 2, None));
+    assert_eq!(s.stripe.invoices_created().iter().filter(|i| i["status"] == "void").count(), 2, "both voided");
+    s.deliver_events().await;
+    // A server error (not executed): no failure; the claim stays open.
+    s.stripe.set_card("cus_acme", Card::Pays);
+    s.stripe.fail_next_invoice_writes(&[common::stripe::Fault::Status(500)]);
+    s.h.clock.advance(Duration::from_secs(3600));
+    assert_eq!(s.admitted(30).await, 30);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "not delivered");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.failures, view.state.open.map(|o| o.n)), (2, Some(3)), "not counted, still open");
+    // Taken again once its claim lapses: charged, paid, granted; the failures end.
+    s.h.clock.advance(Duration::from_secs(tollgate::store::CLAIM_TAKEN_SECS as u64));
+    assert_eq!(s.admitted(30).await, 30);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    s.deliver_events().await;
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.failures, view.state.open, view.state.n), (0, None, 3));
+    assert!(s.granted().await > 500, "granted once paid");
 }

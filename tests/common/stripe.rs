@@ -63,7 +63,9 @@
 //!   `POST /v1/invoiceitems` adds a line of a price's `unit_amount` × `quantity` to a draft
 //!   invoice of the same customer (an unknown price: 404 "No such price"; a finalized invoice:
 //!   400), or, without `invoice`, leaves it pending for the customer's next invoice created
-//!   with `pending_invoice_items_behavior=include` ("Defaults to exclude"); `POST /v1/invoices/{id}/finalize` opens a draft (`invoice.finalized` emitted),
+//!   with `pending_invoice_items_behavior=include` ("Defaults to exclude"); `POST /v1/invoices/{id}/void`
+//!   ("Void an invoice") voids an open invoice only (`invoice.voided` emitted; a paid or draft
+//!   one: 400); `POST /v1/invoices/{id}/finalize` opens a draft (`invoice.finalized` emitted),
 //!   applying the customer's credit balance first ([`StandIn::set_credit_balance`], "Customer
 //!   credit balance"): an invoice it covers, or whose amount due is under the minimum charge
 //!   (0.50), is paid then and there without a payment (`invoice.paid` emitted), and a later pay
@@ -954,6 +956,17 @@ fn write(path: &str, form: &BTreeMap<String, String>, s: &mut State) -> (u16, St
                     return (200, inv.to_string(), "application/json");
                 }
             }
+        }
+        // "Void an invoice": only an open one (a draft is deleted instead, a paid one cannot
+        // be voided); it is then `void`, never paid, and `invoice.voided` is emitted.
+        "void" => {
+            if inv["status"] != "open" {
+                return invalid("invoice_not_open", "You can only void an open invoice.");
+            }
+            inv["status"] = serde_json::json!("void");
+            inv["status_transitions"]["voided_at"] = serde_json::json!(now);
+            let voided = emitted_event(s, "invoice.voided", &inv, now);
+            s.emitted.push(voided);
         }
         _ => return error(404, "invalid_request_error", "resource_missing", "Unrecognized request URL"),
     }

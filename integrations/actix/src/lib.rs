@@ -730,6 +730,35 @@ pub fn spend_cap(engine: tollgate::Tollgate) -> actix_web::Route {
     })
 }
 
+/// The route an application mounts for its tenants' own auto-recharge
+/// ([`Tollgate::tenant_recharge`](tollgate::Tollgate::tenant_recharge)), inside the
+/// middleware: the calling tenant turns its own recharge on or off (any key of the tenant may:
+/// mount it only where every key of a tenant may decide its spending). `GET` answers it, `PUT`
+/// with `{"below": 10000, "to": 50000, "monthly_limit": "200.00"}` turns it on within the
+/// plan's bounds, `DELETE` turns it off; refusals are problem+json 4xx (422 outside the
+/// bounds) and store nothing.
+///
+/// ```no_run
+/// # fn app(engine: tollgate::Tollgate) {
+/// use actix_web::{web, App};
+/// let app = App::new().service(
+///     web::scope("/v1")
+///         .wrap(tollgate_actix::TollgateMiddleware::new(engine.clone()))
+///         .route("/credits/recharge", tollgate_actix::recharge(engine)),
+/// );
+/// # }
+/// ```
+#[must_use]
+pub fn recharge(engine: tollgate::Tollgate) -> actix_web::Route {
+    actix_web::web::route().to(move |tenant: Tenant, request: HttpRequest, payload: actix_web::web::Payload| {
+        let engine = engine.clone();
+        async move {
+            let (method, body) = tenant_route_call(&request, payload, tollgate::door::RECHARGE_MAX_BODY).await;
+            to_actix(engine.tenant_recharge(&tenant, &method, &body).await)
+        }
+    })
+}
+
 /// A `POST` route for Stripe webhooks over tollgate's
 /// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
 /// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store

@@ -492,3 +492,50 @@ async fn tenants_set_their_own_spend_cap_through_the_route() {
     assert_eq!((body["limit"].as_str(), body["mode"].as_str()), (Some("4"), Some("hard")));
     assert_eq!(admin.spend_cap("acme").await.unwrap().limit, 4_000_000_000);
 }
+
+/// The tenants' recharge route inside the middleware: outside the plan's bounds 422
+/// problem+json and nothing stored; GET answers the caller's own; DELETE 204.
+#[actix_web::test]
+async fn tenants_reach_their_own_recharge_through_the_route() {
+    use tollgate::store::MemoryStore;
+    let config = tollgate::Config::from_toml_str(
+        "[billing]\ncurrency = \"usd\"\n\
+         [plans.payg]\nquotas.requests = { period = \"prepaid\" }\n\
+         [plans.payg.recharge.requests]\nprice = \"price_pack\"\nbelow = 300\nto = 1000\nmonthly_limit = \"50.00\"\n\
+         [stripe]\n[stripe.credits]\nmeter = \"requests\"\nprices = { price_pack = 100 }\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    let admin = tollgate::admin::Admin::for_engine(&engine);
+    admin.add_tenant("acme", "payg", None).await.unwrap();
+    admin.grant_credits("acme", "requests", 100, None, "g").await.unwrap();
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let app = test::init_service(
+        App::new().service(
+            web::scope("/v1")
+                .wrap(TollgateMiddleware::new(engine.clone()))
+                .route("/credits/recharge", tollgate_actix::recharge(engine)),
+        ),
+    )
+    .await;
+    let call = |method: Method, body: &str| {
+        TestRequest::default()
+            .method(method)
+            .uri("/v1/credits/recharge")
+            .insert_header(("x-api-key", acme.clone()))
+            .set_payload(body.to_owned())
+            .to_request()
+    };
+    for bad in [r#"{"to": 5000}"#, r#"{"monthly_limit": "nine"}"#, "{"] {
+        let r = test::call_service(&app, call(Method::PUT, bad)).await;
+        assert_eq!(r.status().as_u16(), 422, "{bad}");
+        assert_eq!(r.headers().get("content-type").unwrap(), "application/problem+json");
+    }
+    let r = test::call_service(&app, call(Method::GET, "")).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&test::read_body(r).await).unwrap();
+    assert_eq!((body["on"].as_bool(), body["settings"].is_null()), (Some(false), true), "nothing stored");
+    let r = test::call_service(&app, call(Method::DELETE, "")).await;
+    assert_eq!(r.status().as_u16(), 204);
+}

@@ -264,6 +264,36 @@ where
     axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
 }
 
+/// The route an application mounts for its tenants' own auto-recharge
+/// ([`Tollgate::tenant_recharge`](tollgate::Tollgate::tenant_recharge)), behind tollgate's
+/// layer: the calling tenant turns its own recharge on or off (any key of the tenant may:
+/// mount it only where every key of a tenant may decide its spending). `GET` answers it, `PUT`
+/// with `{"below": 10000, "to": 50000, "monthly_limit": "200.00"}` turns it on within the
+/// plan's bounds, `DELETE` turns it off; refusals are problem+json 4xx (422 outside the
+/// bounds) and store nothing.
+///
+/// ```no_run
+/// # async fn run(engine: tollgate::Tollgate, api: axum::Router) {
+/// let app = api
+///     .route("/v1/credits/recharge", tollgate_axum::recharge(engine.clone()))
+///     .layer(tollgate::TollgateLayer::new(engine));
+/// # let _: axum::Router = app;
+/// # }
+/// ```
+pub fn recharge<S>(engine: tollgate::Tollgate) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let handler = move |tenant: Tenant, method: http::Method, body: axum::body::Body| {
+        let engine = engine.clone();
+        async move {
+            let body = bounded_body(body, tollgate::door::RECHARGE_MAX_BODY).await;
+            engine.tenant_recharge(&tenant, &method, &body).await.map(axum::body::Body::from)
+        }
+    };
+    axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
+}
+
 /// A `POST` route for Stripe webhooks over tollgate's
 /// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
 /// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store

@@ -550,3 +550,64 @@ async fn tenants_set_their_own_spend_cap_through_the_route() {
     assert_eq!(send(call("GET", "/v1/work", &acme, "")).await.0, StatusCode::OK, "raised: seen at once on this node");
     assert_eq!(send(call("DELETE", "/v1/spend/cap", &acme, "")).await.0, StatusCode::NO_CONTENT);
 }
+
+/// The tenant's own recharge route, mounted behind the layer: GET answers the caller's
+/// (off until it turns it on), PUT outside the plan's bounds or not numbers is 422
+/// problem+json and stores nothing, DELETE 204, a plan that recharges nothing 403. (Turning it
+/// on reads the price from Stripe: the root crate's tests, against the stand-in.)
+#[tokio::test]
+async fn tenants_reach_their_own_recharge_through_the_route() {
+    use tollgate::store::MemoryStore;
+    let config = tollgate::Config::from_toml_str(
+        "[billing]\ncurrency = \"usd\"\n[meters.account]\n\
+         [plans.payg]\nquotas.requests = { period = \"prepaid\" }\n\
+         [plans.payg.recharge.requests]\nprice = \"price_pack\"\nbelow = 300\nto = 1000\nmonthly_limit = \"50.00\"\n\
+         [plans.free]\nrate = \"100/s\"\n\
+         [stripe]\n[stripe.credits]\nmeter = \"requests\"\nprices = { price_pack = 100 }\n\
+         [[routes]]\npath = \"/v1/credits/recharge\"\nmeter = \"account\"\n",
+    )
+    .unwrap();
+    let store = std::sync::Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config).store_arc(store.clone()).build();
+    let admin = tollgate::admin::Admin::for_engine(&engine);
+    admin.add_tenant("acme", "payg", None).await.unwrap();
+    admin.add_tenant("bob", "free", None).await.unwrap();
+    let acme = admin.issue_key("acme", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let bob = admin.issue_key("bob", tollgate::admin::KeyOptions::default()).await.unwrap().key;
+    let app = Router::new()
+        .route("/v1/credits/recharge", tollgate_axum::recharge(engine.clone()))
+        .layer(TollgateLayer::new(engine));
+    let call = |method: &str, key: &str, body: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri("/v1/credits/recharge")
+            .header("x-api-key", key)
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(req).await.unwrap();
+            let status = response.status();
+            let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, content_type, serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default())
+        }
+    };
+    let (status, _, body) = call("GET", &acme, "").await;
+    assert_eq!(
+        (status, body["on"].as_bool(), body["off_reason"].as_str()),
+        (StatusCode::OK, Some(false), Some("not_turned_on"))
+    );
+    for bad in [r#"{"to": 1001}"#, r#"{"below": "lots"}"#, r#"{"monthly_limit": "99.00"}"#] {
+        let (status, ct, _) = call("PUT", &acme, bad).await;
+        assert_eq!(
+            (status, ct.as_deref()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("application/problem+json")),
+            "{bad}"
+        );
+    }
+    let (status, ct, _) = call("GET", &bob, "").await;
+    assert_eq!((status, ct.as_deref()), (StatusCode::FORBIDDEN, Some("application/problem+json")));
+    assert_eq!(call("DELETE", &acme, "").await.0, StatusCode::NO_CONTENT);
+    assert_eq!(admin.recharge("acme", "requests").await.unwrap().state.setting, None, "nothing stored");
+}

@@ -395,7 +395,7 @@ where
             // The recharges this invocation's refills claimed: charged now, as no worker runs
             // while the environment is frozen (one not delivered is taken again by the next
             // refill once its claim lapses, under the same keys).
-            engine.deliver_recharges().await;
+            engine.deliver_recharges_within(ALERTS_BUDGET).await;
             result
         })
     }

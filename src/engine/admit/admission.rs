@@ -881,11 +881,11 @@ impl Gate {
         }
     }
 
-    /// The refusal of a spent quota (of the route's meter, or of a meter its handler
-    /// reports): its rate cells go back and its key is released.
     /// `Retry-After` of a refusal of an empty balance while a recharge of it is under way.
     pub(crate) const RECHARGE_RETRY_AFTER_SECS: u64 = 5;
 
+    /// The refusal of a spent quota (of the route's meter, or of a meter its handler
+    /// reports): its rate cells go back and its key is released.
     #[cold]
     #[inline(never)]
     pub(crate) fn quota_exceeded(p: Partial, meter: usize) -> Rejection {

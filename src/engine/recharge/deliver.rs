@@ -46,16 +46,28 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
     // Still open, as claimed: a claim paid, failed or dropped meanwhile is never charged.
     let state = parts.quota.counters(&claim.tenant, &claim.meter).await?.into_iter().find_map(|c| c.recharge);
     let Some(open) = state.and_then(|s| s.open).filter(|o| o.n == claim.n) else { return Ok(Delivered::Closed) };
+    // Turned off since it was claimed: never charged (the next watch drops it once it lapses).
+    if !state.is_some_and(|s| s.on()) {
+        return Ok(Delivered::Closed);
+    }
     let price = match plan_of(parts.directory, parts.config, &claim.tenant).await? {
         PlanOf::Plan(plan) => plan.recharge(&claim.meter).map(|r| r.price.clone()),
         PlanOf::UnknownTenant | PlanOf::UnknownPlan(_) => None,
     };
     let Some(price) = price else {
-        // Moved to a plan that recharges nothing: never charged.
-        return failed(parts, claim, RechargeFailure::Refused, "the tenant's plan no longer recharges this meter")
-            .await;
+        // Moved to a plan that recharges nothing: never charged, and recharge turned off (not a
+        // failure of the card's); the claim is dropped by the next watch, if the tenant ever
+        // comes back to a plan that recharges.
+        use crate::store::QuotaStoreExt as _;
+        parts.quota.apply_recharge(&claim.tenant, &claim.meter, RechargeMode::Set(None), parts.now).await?;
+        return Ok(Delivered::Closed);
     };
-    let customer = parts.directory.tenant(&claim.tenant).await?.and_then(|t| t.customer);
+    // The customer as the configuration file declares it, else as the directory says.
+    let declared = parts.config.tenants().iter().find(|t| t.id() == &claim.tenant).and_then(|t| t.stripe_customer());
+    let customer = match declared {
+        Some(c) => Some(c.to_owned()),
+        None => parts.directory.tenant(&claim.tenant).await?.and_then(|t| t.customer),
+    };
     let Some(customer) = customer else {
         return failed(parts, claim, RechargeFailure::NoPaymentMethod, "the tenant has no Stripe customer").await;
     };
@@ -92,7 +104,14 @@ async fn charge(
     };
     match charger.charge(&order).await {
         Charged::Paid(_) => Ok(Delivered::Paid),
-        Charged::Failed(why, detail) => failed(parts, claim, why, &detail).await,
+        Charged::Failed(why, detail, invoice) => {
+            let counted = failed(parts, claim, why, &detail).await;
+            // Counted: its invoice is voided, so that it is never paid beside the next one.
+            if let (Ok(_), Some(invoice)) = (&counted, invoice) {
+                charger.void(&invoice).await;
+            }
+            counted
+        }
         Charged::Retry(why) => Ok(Delivered::Retry(why)),
     }
 }

@@ -181,6 +181,13 @@ impl crate::Tollgate {
         self.units().leases().recharges().charger.get().cloned()
     }
 
+    /// [`deliver_recharges`](Self::deliver_recharges) within `budget` (a front door whose
+    /// process is frozen after each invocation): a delivery cut short is taken again by a
+    /// refill once its claim lapses, under the same keys.
+    pub async fn deliver_recharges_within(&self, budget: std::time::Duration) -> usize {
+        tokio::time::timeout(budget, self.deliver_recharges()).await.unwrap_or(0)
+    }
+
     /// Waits until this node claimed a recharge to deliver.
     pub(crate) async fn recharge_claimed(&self) {
         self.units().leases().recharges().queued().await;

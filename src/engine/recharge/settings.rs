@@ -260,3 +260,26 @@ async fn unit_amount(charger: Option<&super::Charger>, price: &str, currency: &s
         Err(RechargeError::Price("recharge charges through Stripe: it needs the cargo feature `stripe`".into()))
     }
 }
+
+/// The most bytes of a body the recharge route reads.
+pub(crate) const MAX_BODY: usize = 1024;
+
+/// A refusal as the tenant's route answers it (problem+json).
+pub(crate) fn recharge_problem(e: &RechargeError) -> http::Response<bytes::Bytes> {
+    use crate::response::route::problem;
+    use http::StatusCode;
+    let detail = e.to_string();
+    match e {
+        RechargeError::UnknownTenant(_) => problem(StatusCode::NOT_FOUND, "unknown-tenant", "Unknown tenant", &detail),
+        RechargeError::NoRecharge { .. } => problem(StatusCode::FORBIDDEN, "no-recharge", "No recharge", &detail),
+        RechargeError::Invalid(_) => {
+            problem(StatusCode::UNPROCESSABLE_ENTITY, "recharge-invalid", "Recharge settings refused", &detail)
+        }
+        RechargeError::Price(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "recharge-price", "Recharge price unavailable", &detail)
+        }
+        RechargeError::Store(_) => {
+            problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", "Store unavailable", "try again")
+        }
+    }
+}
