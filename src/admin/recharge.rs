@@ -40,6 +40,29 @@ impl Admin {
         self.recharge_act(tenant, meter, RechargeAct::Read, false).await
     }
 
+    /// The one meter `tenant`'s plan recharges (for a caller that names none).
+    ///
+    /// # Errors
+    /// A bad tenant id, no configuration, an unknown tenant, a plan that recharges no meter or
+    /// several ([`AdminError::Invalid`]: name one).
+    pub async fn recharged_meter(&self, tenant: &str) -> Result<MeterId, AdminError> {
+        use crate::engine::usage::caps::{plan_of, PlanOf};
+        let id = Self::tenant_id(tenant)?;
+        let config =
+            self.config.as_ref().ok_or_else(|| AdminError::Invalid("no configuration to read plans from".into()))?;
+        let plan = match plan_of(self.directory.as_ref(), config, &id).await? {
+            PlanOf::Plan(plan) => plan,
+            PlanOf::UnknownTenant => return Err(AdminError::Invalid(format!("no tenant `{tenant}`"))),
+            PlanOf::UnknownPlan(plan) => return Err(AdminError::Invalid(format!("no plan `{plan}`"))),
+        };
+        let meters: Vec<&MeterId> = plan.recharges().map(|(m, _)| m).collect();
+        match meters.as_slice() {
+            [only] => Ok((*only).clone()),
+            [] => Err(AdminError::Invalid(format!("plan `{}` of `{tenant}` recharges no meter", plan.id()))),
+            _ => Err(AdminError::Invalid(format!("plan `{}` recharges several meters: name one", plan.id()))),
+        }
+    }
+
     async fn recharge_act(
         &self,
         tenant: &str,

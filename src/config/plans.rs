@@ -554,3 +554,39 @@ impl Validator<'_, '_> {
         Ok(PlanOverride { rate, burst, rate_scope, quotas, features, prices, spend })
     }
 }
+
+impl Validator<'_, '_> {
+    /// Every plan's recharge names a credit price of `[stripe.credits]` (`credits`: price id →
+    /// units granted per unit bought; `None` without `[stripe]` or `[stripe.credits]`): its
+    /// units are filled in.
+    pub(super) fn recharge_prices(
+        &self,
+        plans: &mut BTreeMap<crate::base::PlanId, PlanSpec>,
+        stripe: bool,
+        credits: Option<&BTreeMap<String, u64>>,
+    ) -> Result<(), ConfigError> {
+        for (plan, spec) in plans.iter_mut() {
+            for (meter, r) in &mut spec.recharge {
+                let key = format!("plans.{plan}.recharge.{meter}");
+                if !stripe {
+                    return Err(self.invalid(
+                        &key,
+                        "recharge charges the customer through Stripe: it needs a [stripe] section with [stripe.credits]",
+                    ));
+                }
+                let Some(units) = credits.and_then(|c| c.get(&r.price)) else {
+                    return Err(self.invalid(
+                        &format!("{key}.price"),
+                        format!(
+                            "`{}` is not a credit price of [stripe.credits] prices: a recharge buys a price whose \
+                             payment grants units (add it there, with the units one buys)",
+                            r.price
+                        ),
+                    ));
+                };
+                r.pack_units = *units;
+            }
+        }
+        Ok(())
+    }
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{validator::Validator, ConfigError, PlanSpec, QuotaSpec};
+use super::{validator::Validator, ConfigError, QuotaSpec};
 use crate::base::{MeterId, Period};
 
 /// A plan's recharge of one meter as written.
@@ -42,7 +42,7 @@ pub struct RechargeSpec {
 
 impl Validator<'_, '_> {
     /// A plan's `recharge` tables: each on a meter the plan holds prepaid, `below < to`, a
-    /// price named (checked against `[stripe.credits]` by [`Self::recharge_prices`]), a
+    /// price named (checked against `[stripe.credits]` once it is read), a
     /// monthly limit in the billing currency.
     pub(super) fn recharges(
         &self,
@@ -101,39 +101,5 @@ impl Validator<'_, '_> {
             out.insert(id, RechargeSpec { price: price.to_owned(), pack_units: 0, below, to, monthly_limit });
         }
         Ok(out)
-    }
-
-    /// Every plan's recharge names a credit price of `[stripe.credits]` (`credits`: price id →
-    /// units granted per unit bought; `None` without `[stripe]` or `[stripe.credits]`): its
-    /// units are filled in.
-    pub(super) fn recharge_prices(
-        &self,
-        plans: &mut BTreeMap<crate::base::PlanId, PlanSpec>,
-        stripe: bool,
-        credits: Option<&BTreeMap<String, u64>>,
-    ) -> Result<(), ConfigError> {
-        for (plan, spec) in plans.iter_mut() {
-            for (meter, r) in &mut spec.recharge {
-                let key = format!("plans.{plan}.recharge.{meter}");
-                if !stripe {
-                    return Err(self.invalid(
-                        &key,
-                        "recharge charges the customer through Stripe: it needs a [stripe] section with [stripe.credits]",
-                    ));
-                }
-                let Some(units) = credits.and_then(|c| c.get(&r.price)) else {
-                    return Err(self.invalid(
-                        &format!("{key}.price"),
-                        format!(
-                            "`{}` is not a credit price of [stripe.credits] prices: a recharge buys a price whose \
-                             payment grants units (add it there, with the units one buys)",
-                            r.price
-                        ),
-                    ));
-                };
-                r.pack_units = *units;
-            }
-        }
-        Ok(())
     }
 }

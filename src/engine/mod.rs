@@ -14,6 +14,7 @@ mod lifecycle;
 mod node;
 mod rates;
 pub(crate) mod recharge;
+mod recharges;
 mod record;
 mod report;
 mod routes;

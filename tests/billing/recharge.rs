@@ -24,27 +24,7 @@ use tollgate::{
 
 const SECRET: &str = "whsec_recharge";
 
-/// A plan whose balance on `requests` recharges in packs of 100 units (5.00 each) below 300,
-/// to 1,000, at most 50.00 a month.
-const CONFIG: &str = r#"
-[usage]
-store_timeout = "10s"
-[limits]
-directory_ttl = "30s"
-[billing]
-currency = "usd"
-[plans.payg]
-quotas.requests = { period = "prepaid" }
-[plans.payg.recharge.requests]
-price = "price_pack"
-below = 300
-to = 1000
-monthly_limit = "50.00"
-[stripe]
-[stripe.credits]
-meter = "requests"
-prices = { price_pack = 100 }
-"#;
+use common::recharge::CONFIG;
 
 struct Setup {
     h: Harness,

@@ -77,10 +77,57 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
                 println!("`{tenant}` has no credit grants");
             }
         }
+        CreditCommand::Recharge { tenant, show, meter, below, to, monthly_limit, off } => {
+            let meter = match meter {
+                Some(m) => m,
+                None => admin.recharged_meter(&tenant).await?.to_string(),
+            };
+            let view = if show.is_some() {
+                admin.recharge(&tenant, &meter).await?
+            } else if off {
+                admin.set_recharge(&tenant, &meter, None).await?
+            } else {
+                let ask = tollgate::money::RechargeAsk::new(below, to, monthly_limit);
+                admin.set_recharge(&tenant, &meter, Some(ask)).await?
+            };
+            print_recharge(&view);
+        }
         CreditCommand::Revoke { tenant, grant_id, meter } => {
             let c = admin.revoke_credits(&tenant, meter.as_deref(), &grant_id).await?;
             println!("grant {grant_id} of `{tenant}` revoked: {} units it still held left the balance", c.lost);
         }
     }
     Ok(())
+}
+
+/// A tenant's recharge, as `tollgate credits recharge` prints it.
+fn print_recharge(view: &tollgate::money::RechargeView) {
+    let money = |minor: u64| format!("{} {}", view.money(minor), view.currency);
+    match view.off_reason() {
+        None => println!("recharge of `{}` for `{}`: on", view.meter, view.tenant),
+        Some(why) => println!("recharge of `{}` for `{}`: off ({why})", view.meter, view.tenant),
+    }
+    if let Some(s) = view.state.setting {
+        println!(
+            "  below {} units, to {} units, at most {} a month; packs of {} units at {}",
+            s.below,
+            s.to,
+            money(s.monthly_limit),
+            s.pack.units,
+            money(s.pack.amount)
+        );
+    }
+    let p = &view.plan;
+    println!(
+        "  plan: price {}, below {}, to at most {}, at most {} a month",
+        p.price,
+        p.below,
+        p.to,
+        money(p.monthly_limit)
+    );
+    println!("  failures in a row: {}", view.state.failures);
+    if let Some(o) = view.state.open {
+        println!("  under way: recharge {} of {} packs ({})", o.n, o.packs, money(o.amount));
+    }
+    println!("  this month: {} recharges, {}", view.month_count, money(view.month_spent));
 }

@@ -197,6 +197,32 @@ pub(crate) enum CreditCommand {
         #[arg(long)]
         meter: Option<String>,
     },
+    /// A tenant's auto-recharge of a prepaid balance (`[plans.X.recharge.METER]`): `show`, or
+    /// turned on with its own values within the plan's bounds (each left out is the plan's;
+    /// the price's amount is read from Stripe with the secret key), or `--off`. Turning it on
+    /// again after payment failures turned it off is this command.
+    Recharge {
+        /// The tenant id.
+        tenant: String,
+        /// `show` prints it and changes nothing.
+        #[arg(value_parser = ["show"])]
+        show: Option<String>,
+        /// The meter (default: the plan's one recharged meter).
+        #[arg(long)]
+        meter: Option<String>,
+        /// The balance under which a recharge is claimed (units).
+        #[arg(long, conflicts_with_all = ["off", "show"])]
+        below: Option<u64>,
+        /// The balance a recharge brings it to, at least (units).
+        #[arg(long, conflicts_with_all = ["off", "show"])]
+        to: Option<u64>,
+        /// The most recharges spend in a calendar month (UTC), a decimal of [billing] currency.
+        #[arg(long, conflicts_with_all = ["off", "show"])]
+        monthly_limit: Option<String>,
+        /// Turns it off.
+        #[arg(long, conflicts_with = "show")]
+        off: bool,
+    },
 }
 
 #[derive(Subcommand)]

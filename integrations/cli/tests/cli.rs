@@ -835,3 +835,51 @@ async fn quota_show_tells_leased_held_and_used_apart() {
     hold.settle();
     assert!(ticket.complete(200));
 }
+
+/// `tollgate credits recharge`: `show` (off until turned on), values outside the plan's
+/// bounds refused naming why (nothing stored), turned on with the price read from Stripe
+/// (the stand-in), shown, `--off`.
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recharge_from_the_command_line() {
+    let stripe = common::stripe::StandIn::start(&[]).await;
+    stripe.add_price("price_pack", None, true);
+    stripe.set_unit_amount("price_pack", 500);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("tollgate.toml"),
+        format!(
+            "[store]\nkind = \"sqlite\"\npath = \"t.db\"\n[billing]\ncurrency = \"usd\"\n\
+             [plans.payg]\nquotas.requests = {{ period = \"prepaid\" }}\n\
+             [plans.payg.recharge.requests]\nprice = \"price_pack\"\nbelow = 300\nto = 1000\nmonthly_limit = \"50.00\"\n\
+             [plans.free]\nrate = \"10/s\"\n\
+             [stripe]\napi_base = \"{}\"\n[stripe.credits]\nmeter = \"requests\"\nprices = {{ price_pack = 100 }}\n",
+            stripe.url
+        ),
+    )
+    .unwrap();
+    ok(d, &["tenants", "add", "acme", "--plan", "payg"]);
+    ok(d, &["tenants", "add", "bob", "--plan", "free"]);
+    let shown = ok(d, &["credits", "recharge", "acme", "show"]);
+    assert!(shown.contains("recharge of `requests` for `acme`: off (not_turned_on)"), "{shown}");
+    assert!(shown.contains("at most 50.00 usd a month"), "{shown}");
+    for (args, why) in [
+        (&["--to", "1001"][..], "above the most"),
+        (&["--below", "900", "--to", "800"][..], "must be under"),
+        (&["--monthly-limit", "lots"][..], "not a decimal"),
+    ] {
+        let mut all = vec!["credits", "recharge", "acme"];
+        all.extend_from_slice(args);
+        let err = fails(d, &all);
+        assert!(err.starts_with("error:") && err.contains(why), "{args:?}: {err}");
+    }
+    assert!(fails(d, &["credits", "recharge", "bob", "show"]).contains("recharges no meter"));
+    assert!(ok(d, &["credits", "recharge", "acme", "show"]).contains("off (not_turned_on)"), "nothing stored");
+    let out =
+        with_key(d, &["credits", "recharge", "acme", "--below", "200", "--to", "800", "--monthly-limit", "20.00"]);
+    assert!(out.contains(": on") && out.contains("below 200 units, to 800 units, at most 20.00 usd a month"), "{out}");
+    assert!(out.contains("packs of 100 units at 5.00 usd"), "{out}");
+    let out = ok(d, &["credits", "recharge", "acme", "--off"]);
+    assert!(out.contains("off (not_turned_on)"), "{out}");
+}

@@ -4,7 +4,7 @@
 //! ([`RechargeMode::Failed`](crate::store::RechargeMode::Failed)); a paid one is closed by its
 //! `invoice.paid`, which grants the units.
 
-use super::Claimed;
+use super::queue::Claimed;
 use crate::{
     engine::usage::caps::{plan_of, PlanOf},
     store::{RechargeFailure, RechargeMode, RechargeSeen, StoreError},
@@ -30,7 +30,7 @@ pub(crate) struct Parts<'a> {
     pub(crate) directory: &'a dyn crate::store::DirectoryStore,
     pub(crate) usage: &'a dyn crate::store::UsageExportStore,
     pub(crate) config: &'a crate::config::Config,
-    pub(crate) charger: Option<&'a super::Charger>,
+    pub(crate) charger: Option<&'a super::queue::Charger>,
     pub(crate) now: i64,
 }
 
@@ -84,7 +84,7 @@ async fn attempt(parts: &Parts<'_>, claim: &Claimed) -> Result<Delivered, StoreE
 async fn charge(
     parts: &Parts<'_>,
     claim: &Claimed,
-    charger: &super::Charger,
+    charger: &super::queue::Charger,
     namespace: &str,
     customer: &str,
     price: &str,
@@ -121,7 +121,7 @@ async fn charge(
 async fn charge(
     _: &Parts<'_>,
     _: &Claimed,
-    charger: &super::Charger,
+    charger: &super::queue::Charger,
     _: &str,
     _: &str,
     _: &str,

@@ -94,6 +94,13 @@ impl RechargeView {
         }
     }
 
+    /// `minor` units of the currency (its smallest unit, as Stripe counts) as a decimal
+    /// (`2000` cents → `"20.00"`).
+    #[must_use]
+    pub fn money(&self, minor: u64) -> String {
+        money_text(minor, &self.currency)
+    }
+
     /// As the tenant's route answers it (money as decimal strings of the currency).
     #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
@@ -153,7 +160,7 @@ pub(crate) struct Parts<'a> {
     pub(crate) quota: &'a dyn QuotaStore,
     pub(crate) directory: &'a dyn DirectoryStore,
     pub(crate) config: &'a Config,
-    pub(crate) charger: Option<&'a super::Charger>,
+    pub(crate) charger: Option<&'a super::queue::Charger>,
 }
 
 /// Reads, sets or turns off `tenant`'s recharge of `meter` (`act`), at `now` (Unix seconds).
@@ -237,7 +244,11 @@ fn within(spec: &RechargeSpec, ask: &RechargeAsk, currency: &str) -> Result<(u64
 
 /// The price's amount per unit, as Stripe says, in `currency`.
 #[cfg_attr(not(feature = "stripe"), allow(clippy::unused_async))]
-async fn unit_amount(charger: Option<&super::Charger>, price: &str, currency: &str) -> Result<u64, RechargeError> {
+async fn unit_amount(
+    charger: Option<&super::queue::Charger>,
+    price: &str,
+    currency: &str,
+) -> Result<u64, RechargeError> {
     #[cfg(feature = "stripe")]
     {
         let Some(charger) = charger else {

@@ -1,0 +1,121 @@
+//! The engine's recharge verbs (docs/credits.md, "Recharge"): a tenant's settings, and the
+//! delivery of the recharges this node claimed. Their rules are the recharge part's
+//! (`recharge/`).
+
+use std::sync::Arc;
+
+use crate::{
+    base::{MeterId, TenantId},
+    engine::recharge::{deliver, settings, Charger},
+};
+
+impl crate::Tollgate {
+    /// The parts a recharge setting uses.
+    fn recharge_parts<'a>(
+        &'a self,
+        config: &'a crate::config::Config,
+        stores: &'a crate::store::Roles,
+    ) -> settings::Parts<'a> {
+        settings::Parts {
+            quota: stores.quota.as_ref(),
+            directory: stores.directory.as_ref(),
+            config,
+            charger: self.units().leases().recharges().charger(),
+        }
+    }
+
+    /// `tenant`'s recharge of `meter`: its plan's bounds and what the store keeps (its own
+    /// settings, the recharge open, failures, the month's spending).
+    ///
+    /// # Errors
+    /// An unknown tenant, a plan that recharges nothing on `meter`, a store that failed.
+    pub async fn recharge(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+    ) -> Result<settings::RechargeView, settings::RechargeError> {
+        let config = self.shared().runtime().load().config.clone();
+        let stores = self.shared().stores().background();
+        let now = self.shared().clock().unix_secs();
+        settings::recharge(&self.recharge_parts(&config, stores), tenant, meter, settings::RechargeAct::Read, now).await
+    }
+
+    /// Turns `tenant`'s recharge of `meter` on with its own values within its plan's bounds
+    /// (`ask`: each value left out is the plan's), or off (`None`). Turning it on again after
+    /// failures turned it off is this call. The price's amount is read from Stripe (kept with
+    /// the setting). Every node's next refill of the balance watches the new setting.
+    ///
+    /// # Errors
+    /// As [`recharge`](Self::recharge); a value outside the plan's bounds
+    /// ([`RechargeError::Invalid`](settings::RechargeError::Invalid)); the price not readable
+    /// ([`RechargeError::Price`](settings::RechargeError::Price)). Nothing is stored then.
+    pub async fn set_recharge(
+        &self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        ask: Option<settings::RechargeAsk>,
+    ) -> Result<settings::RechargeView, settings::RechargeError> {
+        let config = self.shared().runtime().load().config.clone();
+        let stores = self.shared().stores().background();
+        let now = self.shared().clock().unix_secs();
+        let act = ask.map_or(settings::RechargeAct::Off, settings::RechargeAct::Set);
+        settings::recharge(&self.recharge_parts(&config, stores), tenant, meter, act, now).await
+    }
+
+    /// Delivers the recharges this node claimed (the worker calls it as they come; a front
+    /// door whose process is frozen between invocations, after each): each is charged through
+    /// Stripe, once per recharge, and its units granted by `invoice.paid`. Returns how many
+    /// were delivered (paid or failed).
+    pub async fn deliver_recharges(&self) -> usize {
+        let leases = self.units().leases().clone();
+        let recharges = leases.recharges();
+        let config = self.shared().runtime().load().config.clone();
+        let stores = self.shared().stores().background();
+        let mut delivered = 0;
+        while let Some(claim) = recharges.next() {
+            let parts = deliver::Parts {
+                quota: stores.quota.as_ref(),
+                directory: stores.directory.as_ref(),
+                usage: stores.usage.as_ref(),
+                config: &config,
+                charger: recharges.charger(),
+                now: self.shared().clock().unix_secs(),
+            };
+            match deliver::deliver(&parts, &claim).await {
+                deliver::Delivered::Paid => {
+                    tracing::info!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, packs = claim.packs,
+                        "recharge paid; its units are granted by invoice.paid");
+                    delivered += 1;
+                }
+                deliver::Delivered::Failed(why, off) => {
+                    tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), off,
+                        "recharge failed");
+                    delivered += 1;
+                }
+                deliver::Delivered::Closed => {}
+                deliver::Delivered::Retry(why) => {
+                    tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, error = %why,
+                        "recharge not delivered; taken again once its claim lapses (10 minutes)");
+                }
+            }
+        }
+        delivered
+    }
+
+    /// What charges this engine's recharges, if anything.
+    pub(crate) fn recharge_charger(&self) -> Option<Arc<Charger>> {
+        self.units().leases().recharges().charger_arc()
+    }
+
+    /// [`deliver_recharges`](Self::deliver_recharges) within `budget` (a front door whose
+    /// process is frozen after each invocation): a delivery cut short is taken again by a
+    /// refill once its claim lapses, under the same keys.
+    pub async fn deliver_recharges_within(&self, budget: std::time::Duration) -> usize {
+        tokio::time::timeout(budget, self.deliver_recharges()).await.unwrap_or(0)
+    }
+
+    /// Waits until this node claimed a recharge to deliver.
+    pub(crate) async fn recharge_claimed(&self) {
+        self.units().leases().recharges().queued().await;
+    }
+}
