@@ -210,6 +210,10 @@ impl RechargeCharger {
                 return Charged::Failed(RechargeFailure::Refused, format!("invoice {invoice_id} is {status:?}"), None)
             }
             Some(InvoiceStatus::Open) => {}
+            // Still a draft: Stripe refused to finalize it.
+            Some(InvoiceStatus::Draft) => {
+                return Charged::Failed(RechargeFailure::Refused, format!("invoice {invoice_id} stays a draft"), None)
+            }
             other => return Charged::Retry(format!("invoice {invoice_id} is {other:?}")),
         }
         let Ok(k) = key(&format!("pay-{window}")) else {
@@ -290,9 +294,16 @@ impl RechargeCharger {
                     400 if message.contains("no attached payment source or default payment method") => {
                         Charged::Failed(RechargeFailure::NoPaymentMethod, detail, None)
                     }
-                    // Not a payment refused: a lock or a rate limit, a server error, the key
-                    // refused (it passes once it is right), a key reused with other parameters,
-                    // an object missing: tried again, never counted.
+                    // Stripe refused the request itself (a price archived, a customer deleted,
+                    // a currency it cannot charge): sending it again changes nothing, so it
+                    // counts, and three in a row turn recharge off rather than keeping a claim
+                    // open for good.
+                    400 | 404 if err.type_ == stripe::ApiErrorsType::InvalidRequestError => {
+                        Charged::Failed(RechargeFailure::Refused, detail, None)
+                    }
+                    // Not a refusal of the request: a lock or a rate limit, a server error, the
+                    // key refused (it passes once it is right), a key reused with other
+                    // parameters (`idempotency_error`): tried again, never counted.
                     _ => Charged::Retry(detail),
                 }
             }

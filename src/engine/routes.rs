@@ -90,7 +90,8 @@ impl Tollgate {
     /// layer (the calling tenant's; any key of the tenant may set it): `GET` answers its
     /// recharge (`{"meter", "currency", "on", "off_reason", "settings", "plan", "failures",
     /// "open", "month"}`, money as decimal strings of the currency), `PUT` with `{"below":
-    /// 10000, "to": 50000, "monthly_limit": "200.00"}` (each optional: the plan's) turns it on
+    /// 10000, "to": 50000, "monthly_limit": "200.00"}` (each optional: the plan's; `{}` for all
+    /// of the plan's; an empty body is refused) turns it on
     /// within the plan's bounds (`to` and `monthly_limit` at most the plan's, `below` under
     /// `to`) and answers the same, `DELETE` turns it off (204). Each body may name the meter
     /// (`"meter": "tokens"`); without one, the plan's one recharged meter. A refusal is a
@@ -99,6 +100,9 @@ impl Tollgate {
     /// Stripe could not say the price's amount or the store failed. The door crates mount it
     /// (`tollgate_axum::recharge`, `tollgate_actix::recharge`).
     pub async fn tenant_recharge(&self, tenant: &TenantContext, method: &Method, body: &[u8]) -> http::Response<Bytes> {
+        if ![Method::GET, Method::PUT, Method::DELETE].contains(method) {
+            return not_get_put_delete();
+        }
         if body.len() > settings::MAX_BODY {
             return too_large("1 KiB");
         }
@@ -112,7 +116,8 @@ impl Tollgate {
         }
         let invalid =
             |why: &str| problem(StatusCode::UNPROCESSABLE_ENTITY, "recharge-invalid", "Recharge settings refused", why);
-        let body: Body = if body.iter().all(u8::is_ascii_whitespace) {
+        let raw_empty = body.iter().all(u8::is_ascii_whitespace);
+        let body: Body = if raw_empty {
             Body::default()
         } else {
             match serde_json::from_slice(body) {
@@ -127,6 +132,10 @@ impl Tollgate {
         };
         if *method != Method::PUT && (body.below.is_some() || body.to.is_some() || body.monthly_limit.is_some()) {
             return invalid("values are set with PUT");
+        }
+        // Turning on charges the tenant's card: never on a body that was not sent (or not read).
+        if *method == Method::PUT && raw_empty {
+            return invalid("a PUT needs a body: the values, or {} for the plan's");
         }
         let config = self.shared().runtime().load().config.clone();
         let meter = match body.meter {

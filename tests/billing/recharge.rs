@@ -342,6 +342,7 @@ async fn the_tenants_route_sets_its_own_recharge_within_the_plans_bounds(s: Setu
         r#"{"below": -1}"#,
         r#"{"to": 500, "extra": 1}"#,
         "not json",
+        "",
     ] {
         let (status, ct, _) = call(&acme, "PUT", body).await;
         assert_eq!((status, ct.as_deref()), (422, Some("application/problem+json")), "{body}");
@@ -402,4 +403,30 @@ async fn failures_are_counted_with_their_reasons_and_server_errors_never_are(s: 
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.state.failures, view.state.open, view.state.n), (0, None, 3));
     assert!(s.granted().await > 500, "granted once paid");
+}
+
+// A request Stripe refuses as such (`invalid_request_error`: a customer deleted) counts as a
+// failure once, like a declined card: the claim is closed rather than held open for good (a
+// tenant then told "recharge under way" by every 402), and three turn recharge off.
+on_stores!(a_request_stripe_refuses_counts_as_a_failure);
+async fn a_request_stripe_refuses_counts_as_a_failure(s: Setup) {
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    s.stripe.fail_next_invoice_writes(&[common::stripe::Fault::Invalid(404)]);
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "delivered: a failure");
+    let view = admin.recharge("acme", "requests").await.unwrap();
+    assert_eq!((view.state.failures, view.state.open, view.state.n), (1, None, 1));
+    assert!(s.stripe.invoices_created().is_empty(), "nothing made");
+    // Not under way any more: the balance runs out with a plain 402.
+    let mut refused = None;
+    for _ in 0..200 {
+        let reply = s.h.get("/", "key-acme").await;
+        if reply.status == 402 {
+            refused = Some(reply);
+            break;
+        }
+    }
+    assert!(refused.expect("the balance runs out").headers.get("retry-after").is_none());
 }

@@ -123,6 +123,9 @@ pub enum Fault {
     /// Fail while executing, with this status: Stripe saves the answer under the
     /// idempotency key, so every retry with the key gets it again (for 24 hours).
     Saved(u16),
+    /// Refuse the request itself with this status, an `invalid_request_error` (a price
+    /// archived, a customer deleted: "Errors", error types); not executed.
+    Invalid(u16),
 }
 
 /// Seconds after its acceptance that an event counts in the event summaries.
@@ -709,6 +712,9 @@ fn idempotent(req: &Request, s: &mut State) -> Option<(u16, String, &'static str
     let fault = s.invoice_faults.pop_front();
     let answer = match fault {
         Some(Fault::Status(st)) => return Some(error(st, "api_error", "api_error", "injected fault")),
+        Some(Fault::Invalid(st)) => {
+            return Some(error(st, "invalid_request_error", "resource_missing", "No such customer: 'cus_gone'"))
+        }
         Some(Fault::NotJson(st)) => return Some((st, "<html>bad gateway</html>".into(), "text/html")),
         Some(Fault::Drop) => return None,
         Some(Fault::Saved(st)) => error(st, "api_error", "api_error", "injected failure while executing"),

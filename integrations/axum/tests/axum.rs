@@ -606,8 +606,15 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
             "{bad}"
         );
     }
+    let (status, ct, _) = call("PUT", &acme, "").await;
+    assert_eq!(
+        (status, ct.as_deref()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("application/problem+json")),
+        "no body"
+    );
+    assert_eq!(admin.recharge("acme", "requests").await.unwrap().state.setting, None, "nothing stored");
     let (status, ct, _) = call("GET", &bob, "").await;
     assert_eq!((status, ct.as_deref()), (StatusCode::FORBIDDEN, Some("application/problem+json")));
+    assert_eq!(call("POST", &acme, "{}").await.0, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(call("DELETE", &acme, "").await.0, StatusCode::NO_CONTENT);
-    assert_eq!(admin.recharge("acme", "requests").await.unwrap().state.setting, None, "nothing stored");
 }

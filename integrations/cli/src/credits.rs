@@ -77,7 +77,14 @@ pub(crate) async fn credits(admin: &Admin, command: CreditCommand) -> Result<()>
                 println!("`{tenant}` has no credit grants");
             }
         }
-        CreditCommand::Recharge { tenant, show, meter, below, to, monthly_limit, off } => {
+        CreditCommand::Recharge { tenant, show, meter, below, to, monthly_limit, on, off } => {
+            if show.is_none() && !off && !on && below.is_none() && to.is_none() && monthly_limit.is_none() {
+                return Err(
+                    "say `show`, `--off`, or what to turn on: --below, --to, --monthly-limit, or --on for the \
+                            plan's values"
+                        .into(),
+                );
+            }
             let meter = match meter {
                 Some(m) => m,
                 None => admin.recharged_meter(&tenant).await?.to_string(),

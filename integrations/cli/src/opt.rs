@@ -219,6 +219,9 @@ pub(crate) enum CreditCommand {
         /// The most recharges spend in a calendar month (UTC), a decimal of [billing] currency.
         #[arg(long, conflicts_with_all = ["off", "show"])]
         monthly_limit: Option<String>,
+        /// Turns it on with the plan's values for those not given.
+        #[arg(long, conflicts_with_all = ["off", "show"])]
+        on: bool,
         /// Turns it off.
         #[arg(long, conflicts_with = "show")]
         off: bool,

@@ -875,6 +875,7 @@ async fn recharge_from_the_command_line() {
         assert!(err.starts_with("error:") && err.contains(why), "{args:?}: {err}");
     }
     assert!(fails(d, &["credits", "recharge", "bob", "show"]).contains("recharges no meter"));
+    assert!(fails(d, &["credits", "recharge", "acme"]).contains("--on for the plan's values"), "never on by default");
     assert!(ok(d, &["credits", "recharge", "acme", "show"]).contains("off (not_turned_on)"), "nothing stored");
     let out =
         with_key(d, &["credits", "recharge", "acme", "--below", "200", "--to", "800", "--monthly-limit", "20.00"]);

@@ -107,7 +107,7 @@ async fn charge(
         Charged::Failed(why, detail, invoice) => {
             let counted = failed(parts, claim, why, &detail).await;
             // Counted: its invoice is voided, so that it is never paid beside the next one.
-            if let (Ok(_), Some(invoice)) = (&counted, invoice) {
+            if let (Ok(Delivered::Failed(..)), Some(invoice)) = (&counted, invoice) {
                 charger.void(&invoice).await;
             }
             counted
@@ -140,21 +140,11 @@ async fn failed(
 ) -> Result<Delivered, StoreError> {
     tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), detail,
         "a recharge's payment failed");
-    let off = fail(parts.quota, &claim.tenant, &claim.meter, claim.n, why, parts.now).await?;
-    Ok(Delivered::Failed(why, off))
-}
-
-/// Counts a failure of recharge `n` of `(tenant, meter)` (once per recharge): whether
-/// recharge is off since.
-pub(crate) async fn fail(
-    quota: &dyn crate::store::QuotaStore,
-    tenant: &crate::base::TenantId,
-    meter: &crate::base::MeterId,
-    n: u64,
-    why: RechargeFailure,
-    now: i64,
-) -> Result<bool, StoreError> {
     use crate::store::QuotaStoreExt as _;
-    let seen = quota.apply_recharge(tenant, meter, RechargeMode::Failed { n, why, now }, now).await?;
-    Ok(matches!(seen, RechargeSeen::Failed { off: true, .. }))
+    let mode = RechargeMode::Failed { n: claim.n, why, now: parts.now };
+    match parts.quota.apply_recharge(&claim.tenant, &claim.meter, mode, parts.now).await? {
+        RechargeSeen::Failed { off, .. } => Ok(Delivered::Failed(why, off)),
+        // Not open any more (paid meanwhile): nothing counted.
+        _ => Ok(Delivered::Closed),
+    }
 }
