@@ -87,6 +87,17 @@ impl Setup {
         out
     }
 
+    /// Requests until one is refused (at most 200): the refusal (402).
+    async fn until_refused(&self) -> common::Reply {
+        for _ in 0..200 {
+            let reply = self.h.get("/", "key-acme").await;
+            if reply.status == 402 {
+                return reply;
+            }
+        }
+        panic!("the balance never ran out");
+    }
+
     async fn granted(&self) -> u64 {
         let (_, balances) = Admin::new(self.store.clone()).credits("acme").await.unwrap();
         balances.into_iter().map(|(_, b)| b.granted).sum()
@@ -139,15 +150,7 @@ async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
     assert_eq!(open.n, 1);
     assert!((7..=10).contains(&open.packs), "{} packs", open.packs);
     // Before it is charged, the balance runs out: 402, to come back in a few seconds.
-    let mut refused = None;
-    for _ in 0..200 {
-        let reply = s.h.get("/", "key-acme").await;
-        if reply.status == 402 {
-            refused = Some(reply);
-            break;
-        }
-    }
-    let refused = refused.expect("the balance runs out");
+    let refused = s.until_refused().await;
     assert_eq!(refused.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("5"));
     assert!(String::from_utf8_lossy(&refused.body).contains("recharge 1 is under way"), "{:?}", refused.body);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
@@ -420,13 +423,5 @@ async fn a_request_stripe_refuses_counts_as_a_failure(s: Setup) {
     assert_eq!((view.state.failures, view.state.open, view.state.n), (1, None, 1));
     assert!(s.stripe.invoices_created().is_empty(), "nothing made");
     // Not under way any more: the balance runs out with a plain 402.
-    let mut refused = None;
-    for _ in 0..200 {
-        let reply = s.h.get("/", "key-acme").await;
-        if reply.status == 402 {
-            refused = Some(reply);
-            break;
-        }
-    }
-    assert!(refused.expect("the balance runs out").headers.get("retry-after").is_none());
+    assert!(s.until_refused().await.headers.get("retry-after").is_none());
 }
