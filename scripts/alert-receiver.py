@@ -5,7 +5,7 @@ docs/alerts.schema.json, records it, and answers as the test tells it.
     python scripts/alert-receiver.py PORT SECRET [SECRET ...]
 
 It prints `ready` once it listens. Control:
-    GET  /received      -> [{"id", "type", "path", "verified", "valid", "error"}] in arrival order
+    GET  /received      -> [{"id", "type", "data", "path", "verified", "valid", "error"}] in arrival order
     POST /mode          -> {"mode": "ok" | "down" | "slow" | "slowbody" | "redirect" | "huge", "seconds": N}
     POST /secret        -> {"secret": "whsec_..."}: verified with it too
 Every other POST is a delivery.
@@ -67,8 +67,9 @@ class Handler(BaseHTTPRequestHandler):
                 break
             except WebhookVerificationError as e:
                 error = str(e)
-        valid = False
+        valid, data = False, None
         try:
+            data = json.loads(body).get("data")
             jsonschema.validate(json.loads(body), SCHEMA)
             valid = True
         except Exception as e:  # noqa: BLE001 - recorded for the test to show
@@ -79,6 +80,7 @@ class Handler(BaseHTTPRequestHandler):
                 {
                     "id": headers.get("webhook-id"),
                     "type": json.loads(body).get("type") if body else None,
+                    "data": data,
                     "path": self.path,
                     "verified": verified,
                     "valid": valid,

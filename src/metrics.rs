@@ -196,6 +196,26 @@ pub(crate) struct Totals {
     pub(crate) events_refused: AtomicU64,
     pub(crate) shadow_would_refuse: AtomicU64,
     pub(crate) anonymous_without_address: Tally,
+    /// Recharges by what happened to them ([`RECHARGE_OUTCOMES`]).
+    pub(crate) recharges: [Tally; 5],
+}
+
+/// What happened to a recharge, as labelled in `tollgate_recharges_total{outcome}`.
+const RECHARGE_OUTCOMES: [&str; 5] = ["claimed", "charged", "paid", "failed", "limited"];
+
+/// What happened to a recharge, for [`Totals::recharge`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RechargeOutcome {
+    /// Claimed by a refill of this node (or taken again once its delivery lapsed).
+    Claimed = 0,
+    /// Charged by this node's worker: Stripe says its invoice is paid.
+    Charged = 1,
+    /// Closed by its `invoice.paid` (handled by this node): its units granted.
+    Paid = 2,
+    /// A payment failure counted by this node (its worker's charge, or a webhook).
+    Failed = 3,
+    /// The month's limit stopped a recharge (once per tenant, meter and month).
+    Limited = 4,
 }
 
 impl Totals {
@@ -227,12 +247,18 @@ impl Totals {
             buffer_full: Tally::new(counter!("tollgate_usage_buffer_full_total")),
             dropped_units: Tally::new(counter!("tollgate_usage_dropped_units_total")),
             anonymous_without_address: Tally::new(counter!("tollgate_anonymous_without_address_total")),
+            recharges: RECHARGE_OUTCOMES.map(|o| Tally::new(counter!("tollgate_recharges_total", "outcome" => o))),
             exported_units: AtomicU64::new(0),
             events_applied: AtomicU64::new(0),
             events_duplicate: AtomicU64::new(0),
             events_refused: AtomicU64::new(0),
             shadow_would_refuse: AtomicU64::new(0),
         }
+    }
+
+    /// A recharge's outcome: its total and its metric at once.
+    pub(crate) fn recharge(&self, outcome: RechargeOutcome) {
+        self.recharges[outcome as usize].add(1);
     }
 
     /// Adds `n` to a total that has no metric of its own.
@@ -381,6 +407,16 @@ pub struct Stats {
     /// its estimate. Where they happen, the limit holds only as far as the lease covers them;
     /// the metric is `tollgate_holds_total{outcome="overrun"}`.
     pub hold_overruns: u64,
+    /// Recharges this node's refills claimed (or took again once their delivery lapsed).
+    pub recharges_claimed: u64,
+    /// Recharges this node's worker charged: Stripe said their invoice was paid.
+    pub recharges_charged: u64,
+    /// Recharges closed by their `invoice.paid` on this node (their units granted).
+    pub recharges_paid: u64,
+    /// Payment failures of recharges this node counted (its worker's, or a webhook's).
+    pub recharges_failed: u64,
+    /// Recharges the month's limit stopped (once per tenant, meter and month).
+    pub recharges_limited: u64,
 }
 
 impl Totals {
@@ -430,6 +466,11 @@ impl Totals {
             records_after_settle: 0,
             holds_refused_full: 0,
             hold_overruns: 0,
+            recharges_claimed: self.recharges[RechargeOutcome::Claimed as usize].get(),
+            recharges_charged: self.recharges[RechargeOutcome::Charged as usize].get(),
+            recharges_paid: self.recharges[RechargeOutcome::Paid as usize].get(),
+            recharges_failed: self.recharges[RechargeOutcome::Failed as usize].get(),
+            recharges_limited: self.recharges[RechargeOutcome::Limited as usize].get(),
         }
     }
 }

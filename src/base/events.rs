@@ -1,6 +1,6 @@
 //! What a change of the directory made outside the engine tells the node that made it.
 
-use super::TenantId;
+use super::{MeterId, TenantId};
 
 /// Told by whoever changes the directory outside the engine's own lookups (a Stripe webhook, an
 /// administration call), so that the node that made the change serves it at once; the other
@@ -22,6 +22,51 @@ pub trait DirectoryEvents: Send + Sync + std::fmt::Debug + 'static {
     fn meter_error(&self, from: i64, to: i64) {
         let _ = (from, to);
     }
+
+    /// A Stripe webhook closed or failed a tenant's recharge (docs/credits.md, "Recharge"):
+    /// counted, and alerted (`balance.recharged`; `balance.recharge_failed` once recharge is
+    /// off). Nothing by default.
+    fn recharge(&self, news: RechargeNews) {
+        let _ = news;
+    }
+}
+
+/// What a Stripe webhook did to a tenant's recharge ([`DirectoryEvents::recharge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RechargeNews {
+    /// Recharge `n`'s invoice is paid (`invoice.paid`): the recharge is closed, its units
+    /// granted. Told once per recharge.
+    Paid {
+        /// The tenant.
+        tenant: TenantId,
+        /// The prepaid meter.
+        meter: MeterId,
+        /// The recharge's number.
+        n: u64,
+        /// Its invoice.
+        invoice: String,
+        /// What was paid, in the currency's smallest unit (`amount_paid`).
+        amount_paid: u64,
+        /// The invoice's currency (lowercase ISO code).
+        currency: String,
+    },
+    /// Recharge `n`'s payment failed (`invoice.payment_failed`,
+    /// `invoice.payment_action_required`), a failure counted.
+    Failed {
+        /// The tenant.
+        tenant: TenantId,
+        /// The prepaid meter.
+        meter: MeterId,
+        /// The recharge's number.
+        n: u64,
+        /// Why, as the store keeps it (`declined`, `action_required`, ...).
+        reason: &'static str,
+        /// Recharge is off since (the last failure in a row).
+        off: bool,
+        /// Counted by this delivery (a repeat of a failure already counted: `false`).
+        first: bool,
+    },
 }
 
 /// How a webhook delivery is counted ([`DirectoryEvents::webhook_handled`]).

@@ -61,6 +61,11 @@ pub(crate) fn minor_digits(currency: &str) -> u32 {
     }
 }
 
+/// `minor` units of `currency` as a decimal string (`2000` cents → `"20.00"`).
+pub(crate) fn money_text(minor: u64, currency: &str) -> String {
+    Decimal::from_i128_with_scale(i128::from(minor), minor_digits(currency)).to_string()
+}
+
 /// Nano-units of `currency` in its smallest unit as Stripe counts amounts (cents of `usd`),
 /// when they are a whole number of it.
 #[must_use]

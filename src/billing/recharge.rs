@@ -368,10 +368,22 @@ impl super::WebhookHandler {
         let Some(named) = self.recharge_of(config, body).await.map_err(failed)? else { return Ok(()) };
         let Some(quota) = &self.quota else { return Ok(()) };
         let now = self.clock.unix_secs();
-        quota
+        let seen = quota
             .apply_recharge(&named.tenant, &named.meter, crate::store::RechargeMode::Paid { n: named.n }, now)
             .await
             .map_err(failed)?;
+        // Closed by this delivery: told once per recharge (a redelivery closes nothing).
+        if let crate::store::RechargeSeen::Paid { n } = seen {
+            let o = &body["data"]["object"];
+            self.node.recharge(crate::base::RechargeNews::Paid {
+                tenant: named.tenant,
+                meter: named.meter,
+                n,
+                invoice: o["id"].as_str().unwrap_or_default().to_owned(),
+                amount_paid: o["amount_paid"].as_u64().unwrap_or(0),
+                currency: o["currency"].as_str().unwrap_or_default().to_owned(),
+            });
+        }
         Ok(())
     }
 
@@ -400,9 +412,17 @@ impl super::WebhookHandler {
         let now = self.clock.unix_secs();
         let mode = crate::store::RechargeMode::Failed { n: named.n, why, now };
         match quota.apply_recharge(&named.tenant, &named.meter, mode, now).await {
-            Ok(crate::store::RechargeSeen::Failed { off, .. }) => {
+            Ok(crate::store::RechargeSeen::Failed { off, first, .. }) => {
                 tracing::warn!(%event, tenant = %named.tenant, meter = %named.meter, n = named.n, reason = why.as_str(), off,
                     "a recharge's payment failed");
+                self.node.recharge(crate::base::RechargeNews::Failed {
+                    tenant: named.tenant.clone(),
+                    meter: named.meter.clone(),
+                    n: named.n,
+                    reason: why.as_str(),
+                    off,
+                    first,
+                });
                 Some(super::WebhookOutcome::RechargeFailed {
                     tenant: named.tenant,
                     meter: named.meter,

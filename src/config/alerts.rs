@@ -33,11 +33,14 @@ pub(crate) struct RawEndpoint {
 
 /// The event types of alerts (the `type` of their JSON body), each with a documented,
 /// versioned schema (the [alerts guide](crate::guide::alerts)).
-pub const EVENT_TYPES: [&str; 6] = [
+pub const EVENT_TYPES: [&str; 9] = [
     "quota.threshold_crossed",
     "quota.exhausted",
     "balance.low",
     "balance.exhausted",
+    "balance.recharged",
+    "balance.recharge_failed",
+    "balance.recharge_limit_reached",
     "spend.threshold_crossed",
     "spend.cap_reached",
 ];

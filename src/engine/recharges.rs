@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use crate::{
     base::{MeterId, TenantId},
-    engine::recharge::{deliver, settings, Charger},
+    engine::{
+        alerts::{RechargeAlert, RechargeEvent},
+        recharge::{deliver, settings, Charger},
+    },
+    metrics::RechargeOutcome,
 };
 
 impl crate::Tollgate {
@@ -85,11 +89,13 @@ impl crate::Tollgate {
                 deliver::Delivered::Paid => {
                     tracing::info!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, packs = claim.packs,
                         "recharge paid; its units are granted by invoice.paid");
+                    self.shared().totals().recharge(RechargeOutcome::Charged);
                     delivered += 1;
                 }
-                deliver::Delivered::Failed(why, off) => {
+                deliver::Delivered::Failed { why, off, first } => {
                     tracing::warn!(tenant = %claim.tenant, meter = %claim.meter, n = claim.n, reason = why.as_str(), off,
                         "recharge failed");
+                    self.recharge_failed(claim.tenant.clone(), claim.meter.clone(), claim.n, why.as_str(), off, first);
                     delivered += 1;
                 }
                 deliver::Delivered::Closed => {}
@@ -100,6 +106,34 @@ impl crate::Tollgate {
             }
         }
         delivered
+    }
+
+    /// A failure of recharge `n` counted in the store (by this node's delivery or a webhook):
+    /// counted here when this node counted it first; alerted once recharge is off (the alert's
+    /// id names the recharge: told again, it is written once).
+    pub(crate) fn recharge_failed(
+        &self,
+        tenant: TenantId,
+        meter: MeterId,
+        n: u64,
+        reason: &'static str,
+        off: bool,
+        first: bool,
+    ) {
+        if first {
+            self.shared().totals().recharge(RechargeOutcome::Failed);
+        }
+        if off {
+            let at = self.shared().clock().unix_secs();
+            self.alerts().recharge(RechargeAlert { tenant, meter, event: RechargeEvent::Failed { n, reason }, at });
+        }
+    }
+
+    /// Recharge `n`'s `invoice.paid` closed it (a webhook on this node): counted and alerted.
+    pub(crate) fn recharge_paid(&self, tenant: TenantId, meter: MeterId, event: RechargeEvent) {
+        self.shared().totals().recharge(RechargeOutcome::Paid);
+        let at = self.shared().clock().unix_secs();
+        self.alerts().recharge(RechargeAlert { tenant, meter, event, at });
     }
 
     /// What charges this engine's recharges, if anything.

@@ -4,7 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use crate::engine::{usage::events::EventError, Tollgate};
+use crate::engine::{
+    recharge::settings::{RechargeError, RechargeView},
+    usage::events::EventError,
+    Tollgate,
+};
 use crate::{
     config::{MeterId, Period, PlanId, QuotaMode, TenantId},
     store::StoreError,
@@ -28,6 +32,11 @@ pub struct UsageReport {
     /// [`quotas`](Self::quotas)) counts nano-units of it (`tollgate::money::amount_of` gives
     /// the amount), and its limit is the tenant's own cap when it set one.
     pub currency: Option<String>,
+    /// Its auto-recharges, one per prepaid meter its plan recharges (docs/credits.md,
+    /// "Recharge"): its settings within the plan's bounds, whether it is on (and why not:
+    /// [`RechargeView::off_reason`]), the recharge open, failures, and this calendar month's
+    /// recharges and spending.
+    pub recharges: Vec<RechargeView>,
 }
 
 /// A quota in its current period.
@@ -220,6 +229,17 @@ impl Tollgate {
             .map(|((meter, window_start), quantity)| WindowUsage { meter, window_start, quantity })
             .collect();
         let currency = state.plan.spend.and_then(|_| rt.config.billing().currency.clone());
-        Ok(UsageReport { tenant: state.id.clone(), plan: state.plan.id.clone(), quotas, usage, currency })
+        // Recharges as the store keeps them (every node's claims and payments), with the
+        // plan's bounds.
+        let mut recharges = Vec::new();
+        for cell in state.quotas().filter(|c| c.prepaid() && c.spec.recharged) {
+            match self.recharge(tenant, cell.meter_id()).await {
+                Ok(view) => recharges.push(view),
+                Err(RechargeError::Store(e)) => return Err(e.into()),
+                // Its plan changed meanwhile: nothing to show.
+                Err(_) => {}
+            }
+        }
+        Ok(UsageReport { tenant: state.id.clone(), plan: state.plan.id.clone(), quotas, usage, currency, recharges })
     }
 }

@@ -4,7 +4,7 @@
 use crate::engine::Tollgate;
 use crate::{
     config::TenantId,
-    store::{DirectoryEvents, WebhookCount},
+    store::{DirectoryEvents, RechargeNews, WebhookCount},
 };
 
 impl Tollgate {
@@ -54,6 +54,18 @@ impl DirectoryEvents for Tollgate {
             _ => &totals.webhooks_ignored,
         };
         tally.add(1);
+    }
+
+    fn recharge(&self, news: RechargeNews) {
+        match news {
+            RechargeNews::Paid { tenant, meter, n, invoice, amount_paid, currency } => {
+                let event = crate::engine::alerts::RechargeEvent::Recharged { n, invoice, amount_paid, currency };
+                self.recharge_paid(tenant, meter, event);
+            }
+            RechargeNews::Failed { tenant, meter, n, reason, off, first } => {
+                self.recharge_failed(tenant, meter, n, reason, off, first);
+            }
+        }
     }
 
     fn meter_error(&self, from: i64, to: i64) {

@@ -111,6 +111,11 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl Policy {
+    /// The engine's totals its errors are counted in.
+    pub(crate) fn totals(&self) -> &Arc<Totals> {
+        &self.totals
+    }
+
     pub(crate) fn new(totals: Arc<Totals>, clock: Clock) -> Self {
         Self {
             limits: [nanos(Duration::from_millis(250)), nanos(Duration::from_secs(10)), nanos(BACKGROUND_TIMEOUT)]

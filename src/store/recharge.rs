@@ -237,12 +237,19 @@ pub enum RechargeSeen {
         first: bool,
     },
     /// A failure of recharge `n` is counted (by this call, or by an earlier one of the same
-    /// failure: answered alike); `off` when recharge is off since.
+    /// failure: answered alike, but for `first`); `off` when recharge is off since.
     Failed {
         /// The recharge.
         n: u64,
         /// Recharge turned off by it.
         off: bool,
+        /// Counted by this call (a repeat of the same failure: `false`).
+        first: bool,
+    },
+    /// Recharge `n` is paid: closed by this call (a repeat answers [`Nothing`](Self::Nothing)).
+    Paid {
+        /// The recharge.
+        n: u64,
     },
 }
 
@@ -289,12 +296,14 @@ impl RechargeState {
                         self.count = self.count.saturating_add(1);
                     }
                     (self.unpaid, self.unpaid_failed, self.failures) = (None, false, 0);
+                } else {
+                    return RechargeSeen::Nothing;
                 }
-                RechargeSeen::Nothing
+                RechargeSeen::Paid { n }
             }
             RechargeMode::Failed { n, why, now } => {
                 if self.unpaid_failed && self.unpaid.is_some_and(|c| c.n == n) {
-                    return RechargeSeen::Failed { n, off: self.turned_off() };
+                    return RechargeSeen::Failed { n, off: self.turned_off(), first: false };
                 }
                 let claim = match (self.open, self.unpaid) {
                     (Some(c), _) if c.n == n => {
@@ -312,7 +321,7 @@ impl RechargeState {
                 if self.failures >= FAILURES_BEFORE_OFF && self.off.is_none() && self.setting.is_some() {
                     self.off = Some(why);
                 }
-                RechargeSeen::Failed { n, off: self.turned_off() }
+                RechargeSeen::Failed { n, off: self.turned_off(), first: true }
             }
         }
     }
@@ -444,8 +453,8 @@ mod tests {
                 RechargeSeen::Claimed { n: k, packs: 5, amount: 2500 }
             );
             let failed = RechargeMode::Failed { n: k, why: RechargeFailure::Declined, now };
-            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3 });
-            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3 }, "answered alike");
+            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: true });
+            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: false }, "alike");
             assert_eq!(s.failures, u32::try_from(k).unwrap(), "counted once");
             assert_eq!(s.apply(RechargeMode::Watch { now: now + 1 }, Some(0)), RechargeSeen::Nothing, "waits");
             now += RETRY_AFTER_FAILURE_SECS;
@@ -473,8 +482,8 @@ mod tests {
         assert_eq!((s.open, s.unpaid.map(|c| c.n), s.spent), (None, Some(1), 0));
         // Its payment failed after all: counted once, answered alike.
         let failed = RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: lapse };
-        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false });
-        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false });
+        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: true });
+        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: false });
         assert_eq!(s.failures, 1);
         // Still wanted: taken again with its number.
         let mut s = on();

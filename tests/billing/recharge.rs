@@ -31,6 +31,30 @@ struct Setup {
     store: Arc<dyn Store>,
     handler: WebhookHandler,
     stripe: StandIn,
+    /// Every event delivered to the handler so far.
+    sent: std::sync::Mutex<Vec<serde_json::Value>>,
+    /// The alerts' receiver (the operator's endpoint `/ops`, the tenant's `/tenant`), verifying
+    /// each delivery with the official Standard Webhooks library; `None` only outside CI
+    /// without its Python (skipped loudly).
+    #[cfg(feature = "alerts")]
+    receiver: Option<(common::alerts::Receiver, tempfile::TempDir)>,
+}
+
+/// An engine on `store` under the configuration `toml`, charging through the stand-in, on a
+/// fake clock at noon; the webhook handler of its node, reading with the stand-in's key.
+fn engine(toml: &str, store: &Arc<dyn Store>, stripe: &StandIn) -> (Harness, WebhookHandler) {
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let charger = RechargeCharger::new(&Secret::new(API_KEY), Some(&stripe.url), Duration::from_secs(5)).unwrap();
+    let config = Config::from_toml_str(toml).unwrap();
+    let (engine, _worker) =
+        Tollgate::builder(config).store_arc(store.clone()).clock(clock).recharge_charger(charger).build();
+    let h = Harness::from_layer(tollgate::TollgateLayer::new(engine), handle);
+    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
+        Secret::new(API_KEY),
+        Some(&stripe.url),
+        Duration::from_secs(5),
+    );
+    (h, handler)
 }
 
 async fn setup(store: Arc<dyn Store>) -> Setup {
@@ -40,18 +64,32 @@ async fn setup(store: Arc<dyn Store>) -> Setup {
     stripe.add_price("price_pack", None, true);
     stripe.set_unit_amount("price_pack", 500);
     stripe.set_card("cus_acme", Card::Pays);
-    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let charger = RechargeCharger::new(&Secret::new(API_KEY), Some(&stripe.url), Duration::from_secs(5)).unwrap();
-    let config = Config::from_toml_str(CONFIG).unwrap();
-    let (engine, _worker) =
-        Tollgate::builder(config).store_arc(store.clone()).clock(clock).recharge_charger(charger).build();
-    let h = Harness::from_layer(tollgate::TollgateLayer::new(engine), handle);
-    let handler = h.tollgate.webhook_handler_with_secrets(vec![Secret::new(SECRET)]).with_api_key(
-        Secret::new(API_KEY),
-        Some(&stripe.url),
-        Duration::from_secs(5),
-    );
-    Setup { h, store, handler, stripe }
+    #[cfg_attr(not(feature = "alerts"), allow(unused_mut))]
+    let mut toml = CONFIG.to_owned();
+    // Alerts to the operator's endpoint, and to the tenant's own (its plan allows them).
+    #[cfg(feature = "alerts")]
+    let receiver = common::alerts::Receiver::start().map(|r| {
+        let (dir, secret) = common::alerts::secret_file();
+        toml = toml.replace("[plans.payg]\n", "[plans.payg]\ntenant_alerts = true\n");
+        toml.push_str(&common::alerts::section(&r.url("/ops"), &secret, "allow_private = [\"127.0.0.1/32\"]"));
+        (r, dir)
+    });
+    let (h, handler) = engine(&toml, &store, &stripe);
+    #[cfg(feature = "alerts")]
+    if let Some((r, _)) = &receiver {
+        let admin = Admin::for_engine(&h.tollgate);
+        let secret = admin.set_alert_endpoint("acme", Some(&r.url("/tenant"))).await.unwrap().unwrap();
+        r.add_secret(&secret).await;
+    }
+    Setup {
+        h,
+        store,
+        handler,
+        stripe,
+        sent: std::sync::Mutex::default(),
+        #[cfg(feature = "alerts")]
+        receiver,
+    }
 }
 
 impl Setup {
@@ -83,6 +121,7 @@ impl Setup {
             let (code, outcome) = self.signed(&e.to_string()).await;
             assert_eq!(code, 200, "{}: {outcome:?}", e["type"]);
             out.push((e["type"].as_str().unwrap().to_owned(), outcome));
+            self.sent.lock().unwrap().push(e);
         }
         out
     }
@@ -96,6 +135,26 @@ impl Setup {
             }
         }
         panic!("the balance never ran out");
+    }
+
+    /// The recharge alerts of type `kind` the receiver got once the node wrote and delivered
+    /// what it saw: each verified by the Standard Webhooks library and valid by the schema, as
+    /// (path, body's data). `None`: no receiver (skipped loudly).
+    #[cfg(feature = "alerts")]
+    async fn alerts(&self, kind: &str) -> Option<Vec<(String, serde_json::Value)>> {
+        let (receiver, _) = self.receiver.as_ref()?;
+        self.h.tollgate.flush().await.unwrap();
+        self.h.tollgate.deliver_alerts().await;
+        let got = receiver.received().await;
+        Some(
+            got.iter()
+                .filter(|d| d.kind.as_deref() == Some(kind))
+                .map(|d| {
+                    assert!(d.verified && d.valid, "{d:?}");
+                    (d.path.clone(), d.data.clone())
+                })
+                .collect(),
+        )
     }
 
     async fn granted(&self) -> u64 {
@@ -149,6 +208,11 @@ async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
     let open = view.state.open.expect("a recharge is open");
     assert_eq!(open.n, 1);
     assert!((7..=10).contains(&open.packs), "{} packs", open.packs);
+    // The tenant's usage report shows it: on, the one open, the month's spending.
+    let report = s.h.tollgate.usage_report(&"acme".into(), NOON - 3600, NOON + 3600).await.unwrap();
+    let [recharge] = report.recharges.as_slice() else { panic!("{:?}", report.recharges) };
+    assert_eq!((recharge.meter.as_str(), recharge.off_reason(), recharge.state.open), ("requests", None, Some(open)));
+    assert_eq!((recharge.month_count, recharge.month_spent), (1, open.packs * 500));
     // Before it is charged, the balance runs out: 402, to come back in a few seconds.
     let refused = s.until_refused().await;
     assert_eq!(refused.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("5"));
@@ -172,6 +236,25 @@ async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
     assert_eq!(s.granted().await, 500 + open.packs * 100);
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!((view.state.open, view.state.n, view.month_count, view.month_spent), (None, 1, 1, open.packs * 500));
+    // `invoice.paid` delivered again: granted once, closed once.
+    let paid = s.sent.lock().unwrap().iter().find(|e| e["type"] == "invoice.paid").cloned().unwrap();
+    assert_eq!(s.signed(&paid.to_string()).await.1, WebhookOutcome::Duplicate);
+    assert_eq!(s.granted().await, 500 + open.packs * 100);
+    let stats = s.h.tollgate.stats();
+    let counted = (stats.recharges_claimed, stats.recharges_charged, stats.recharges_paid, stats.recharges_failed);
+    assert_eq!(counted, (1, 1, 1, 0), "claimed, charged, paid once");
+    // One `balance.recharged`, to the operator's endpoint and the tenant's.
+    #[cfg(feature = "alerts")]
+    if let Some(got) = s.alerts("balance.recharged").await {
+        let mut paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(paths, ["/ops", "/tenant"], "{got:?}");
+        let data = &got[0].1;
+        assert_eq!((data["tenant"].as_str(), data["recharge"].as_u64()), (Some("acme"), Some(1)));
+        let amount = format!("{}.00", open.packs * 5);
+        assert_eq!((data["amount_paid"].as_str(), data["currency"].as_str()), (Some(amount.as_str()), Some("usd")));
+        assert_eq!(s.alerts("balance.recharged").await.unwrap().len(), 2, "written and delivered once");
+    }
     // Served again at once on this node (its next refill finds the grant), above 300 again.
     assert_eq!(s.admitted(300).await, 300);
     assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "above 300 again");
@@ -214,7 +297,28 @@ async fn three_declines_in_a_row_turn_recharge_off(s: Setup) {
     let view = admin.recharge("acme", "requests").await.unwrap();
     assert_eq!(view.off_reason(), Some("declined"));
     assert!(!view.state.on());
+    let report = s.h.tollgate.usage_report(&"acme".into(), NOON - 3600, NOON + 3600).await.unwrap();
+    let off: Vec<_> = report.recharges.iter().map(|r| (r.off_reason(), r.state.failures)).collect();
+    assert_eq!(off, [(Some("declined"), 3)], "the report says why recharge is off");
     assert_eq!(s.h.tollgate.deliver_recharges().await, 0, "off: nothing claimed");
+    // Each failure counted once (by the pay call; its webhook answered alike), never paid.
+    let stats = s.h.tollgate.stats();
+    let counted = (stats.recharges_claimed, stats.recharges_charged, stats.recharges_paid, stats.recharges_failed);
+    assert_eq!(counted, (3, 0, 0, 3));
+    // One `balance.recharge_failed` (told by the worker and the webhook: one alert), to the
+    // operator's endpoint and the tenant's, verified by the official library.
+    #[cfg(feature = "alerts")]
+    if let Some(got) = s.alerts("balance.recharge_failed").await {
+        let mut paths: Vec<&str> = got.iter().map(|(p, _)| p.as_str()).collect();
+        paths.sort_unstable();
+        assert_eq!(paths, ["/ops", "/tenant"], "{got:?}");
+        let data = &got[0].1;
+        assert_eq!(
+            (data["recharge"].as_u64(), data["reason"].as_str(), data["failures"].as_u64()),
+            (Some(3), Some("declined"), Some(3))
+        );
+        assert!(s.alerts("balance.recharged").await.unwrap().is_empty());
+    }
     assert_eq!(s.stripe.invoices_created().len(), 3);
     // Spent to the end: a plain 402, no recharge under way.
     let left = 500 - 350 - 90;
@@ -268,6 +372,12 @@ async fn the_monthly_limit_stops_the_fourth_recharge_until_the_next_month(s: Set
     let view = admin.recharge("acme", "requests").await.unwrap();
     let march = tollgate::store::month_of(NOON);
     assert_eq!((view.state.n, view.state.open, view.state.limit_month), (3, None, march), "stopped by the limit");
+    assert_eq!(s.h.tollgate.stats().recharges_limited, 1, "once a month, however many refills it stopped");
+    #[cfg(feature = "alerts")]
+    if let Some(got) = s.alerts("balance.recharge_limit_reached").await {
+        assert_eq!(got.len(), 2, "once, to the operator and the tenant: {got:?}");
+        assert_eq!(got[0].1["month"], "2026-03");
+    }
     // The next month (UTC): recharged again.
     s.h.clock.set_unix(1_775_001_600 + 3600); // 2026-04-01T01:00Z
     let recharged = s.spend_until_recharged(100).await;
@@ -424,4 +534,53 @@ async fn a_request_stripe_refuses_counts_as_a_failure(s: Setup) {
     assert!(s.stripe.invoices_created().is_empty(), "nothing made");
     // Not under way any more: the balance runs out with a plain 402.
     assert!(s.until_refused().await.headers.get("retry-after").is_none());
+}
+
+/// The quickstart's prepaid plan recharges (examples/quickstart.toml, its `#recharge#` lines on
+/// as the file says, with a `[stripe]` section), against the stand-in: initech turns it on,
+/// spends its balance below 200, one invoice is paid and `invoice.paid` grants its packs.
+#[tokio::test]
+async fn the_quickstarts_prepaid_plan_recharges() {
+    let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.toml")).unwrap();
+    let on: Vec<&str> = file.lines().map(|l| l.strip_prefix("#recharge# ").unwrap_or(l)).collect();
+    assert_ne!(on.join("\n"), file.trim_end(), "the quickstart has recharge lines to turn on");
+    let stripe = StandIn::start(&[]).await;
+    stripe.add_price("price_quickstart_tokens", None, true);
+    stripe.set_unit_amount("price_quickstart_tokens", 200);
+    stripe.set_card("cus_QuickstartInitech", Card::Pays);
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("t.db")).await.unwrap());
+    let (h, handler) = engine(&format!("{}\n[stripe]\n", on.join("\n")), &store, &stripe);
+    let admin = Admin::for_engine(&h.tollgate);
+    admin.grant_credits("initech", "tokens", 300, None, "first").await.unwrap();
+    let view = admin.set_recharge("initech", "tokens", Some(RechargeAsk::default())).await.unwrap();
+    let own = view.state.setting.expect("on");
+    assert_eq!((own.below, own.to, own.monthly_limit, own.pack.units, own.pack.amount), (200, 1000, 5000, 100, 200));
+    let mut spent = 0;
+    while h.tollgate.deliver_recharges().await == 0 {
+        assert!(spent < 300, "no recharge claimed below 200");
+        // A completion as the quickstart's route makes it: its tokens held, then recorded.
+        h.clock.advance(Duration::from_millis(100)); // the plan's rate: 10/s
+        let ctx = context(&h, "tg_test_prepaid_initech").await;
+        let mut hold = ctx.hold("tokens", 10).await.unwrap();
+        hold.record(10).unwrap();
+        drop(hold);
+        spent += 10;
+    }
+    let invoices = stripe.invoices_created();
+    assert_eq!((invoices.len(), invoices[0]["status"].as_str()), (1, Some("paid")));
+    let packs = invoices[0]["amount_paid"].as_u64().unwrap() / 200;
+    let mut credited = 0;
+    for e in stripe.take_emitted() {
+        let payload = e.to_string();
+        let signature = stripe_webhook::Webhook::generate_test_header(&payload, SECRET, Some(h.clock.unix_secs()));
+        let reply = handler.handle(Some(&signature), payload.as_bytes()).await;
+        assert_eq!(reply.status().as_u16(), 200, "{}", e["type"]);
+        credited += usize::from(matches!(reply.outcome, WebhookOutcome::Credited { .. }));
+    }
+    assert_eq!(credited, 1, "granted once");
+    let (_, balances) = Admin::new(store).credits("initech").await.unwrap();
+    let granted: u64 = balances.into_iter().map(|(_, b)| b.granted).sum();
+    assert_eq!(granted, 300 + packs * 100);
+    assert!(300 + packs * 100 - spent >= 1000 - 100, "brought to about 1,000: {packs} packs, {spent} spent");
 }

@@ -20,6 +20,8 @@ pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 pub struct Delivery {
     pub id: Option<String>,
     pub kind: Option<String>,
+    /// The body's `data`.
+    pub data: serde_json::Value,
     pub path: String,
     pub verified: bool,
     pub valid: bool,
@@ -106,6 +108,7 @@ impl Receiver {
             .map(|v| Delivery {
                 id: text(v, "id"),
                 kind: text(v, "type"),
+                data: v["data"].clone(),
                 path: text(v, "path").unwrap_or_default(),
                 verified: v["verified"].as_bool().unwrap_or(false),
                 valid: v["valid"].as_bool().unwrap_or(false),

@@ -11,6 +11,7 @@
 mod deliver;
 pub(crate) mod endpoint;
 mod queue;
+mod recharge;
 
 #[cfg(feature = "alerts")]
 pub(crate) use deliver::Deliverer;
@@ -25,6 +26,7 @@ use queue::TENANT as TENANT_DESTINATION;
 #[cfg(feature = "alerts")]
 use queue::TENANT;
 pub(crate) use queue::{AlertQueue, Crossing, Threshold};
+pub(crate) use recharge::{RechargeAlert, RechargeEvent};
 
 use std::sync::Arc;
 
@@ -137,7 +139,7 @@ impl Alerts {
     /// was cut short (shutdown's deadline) stays queued.
     pub(crate) async fn write(&self) -> usize {
         let queue = &self.queue;
-        if queue.next().is_none() {
+        if queue.is_empty() {
             return 0;
         }
         // One writer at a time (the worker's flush, a caller's, Lambda's): each takes the
@@ -199,7 +201,51 @@ impl Alerts {
             }
             queue.written(seq);
         }
+        written + self.write_recharges(&namespace).await
+    }
+
+    /// Writes the recharges' alerts waiting (under the write's lock): one whose write failed
+    /// stays queued for the next flush (it is told once).
+    async fn write_recharges(&self, namespace: &str) -> usize {
+        let stores = self.shared.stores().background();
+        let mut written = 0;
+        while let Some(alert) = self.queue.next_recharge() {
+            let config = self.shared.runtime().load().config.clone();
+            let record = match stores.directory.tenant(&alert.tenant).await {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::warn!(tenant = %alert.tenant, error = %e, "a recharge's alert was not written; tried at the next flush");
+                    return written;
+                }
+            };
+            let declared = config.tenants().iter().find(|t| t.id() == &alert.tenant).map(|t| t.plan().clone());
+            let Some(plan) = declared.or_else(|| record.as_ref().map(|r| r.plan.clone())) else {
+                self.queue.recharge_written(&alert);
+                continue;
+            };
+            let tenant_alerts = config.plans().get(&plan).is_some_and(crate::config::PlanSpec::tenant_alerts)
+                && record.as_ref().is_some_and(|r| r.alert_endpoint.is_some());
+            let to = alert.destinations(config.alerts(), tenant_alerts);
+            if !to.is_empty() {
+                match stores.alerts.put_alerts(&alert.rows(namespace, &plan, &to)).await {
+                    Ok(n) => {
+                        written += n;
+                        self.shared.metrics().alerts_written.increment(n as u64);
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %alert.tenant, error = %e, "a recharge's alert was not written; tried at the next flush");
+                        return written;
+                    }
+                }
+            }
+            self.queue.recharge_written(&alert);
+        }
         written
+    }
+
+    /// Queues a recharge's alert for the next write.
+    pub(crate) fn recharge(&self, alert: RechargeAlert) {
+        self.queue.offer_recharge(alert);
     }
 
     /// Whether any alert can have a destination under the configuration in force.

@@ -94,22 +94,9 @@ impl Crossing {
     /// threshold), in the deployment's identifier namespace (two deployments sending to one
     /// receiver never share an id).
     pub(crate) fn id(&self, namespace: &str) -> String {
-        let digest = Sha256::new()
-            .chain_update(b"tollgate alert\0")
-            .chain_update(namespace.as_bytes())
-            .chain_update(b"\0")
-            .chain_update(self.tenant.as_str().as_bytes())
-            .chain_update(b"\0")
-            .chain_update(self.meter.as_str().as_bytes())
-            .chain_update(b"\0")
-            .chain_update(self.start.to_string().as_bytes())
-            .chain_update(b"\0")
-            .chain_update(self.limit.to_string().as_bytes())
-            .chain_update(b"\0")
-            .chain_update(self.threshold.tag().as_bytes())
-            .chain_update(self.episode.as_bytes())
-            .finalize();
-        format!("alert_{}", hex::encode(&digest[..16]))
+        let tagged = format!("{}{}", self.threshold.tag(), self.episode);
+        let (start, limit) = (self.start.to_string(), self.limit.to_string());
+        alert_id(namespace, &[self.tenant.as_str(), self.meter.as_str(), &start, &limit, &tagged])
     }
 
     /// Its JSON body (schema version 1): what every delivery of it sends.
@@ -167,34 +154,85 @@ impl Crossing {
     /// Where it goes under `settings` and its tenant's plan (`tenant_alerts`): the operator's
     /// endpoints that take its event type (`endpoint:NAME`), and the tenant's own (`tenant`).
     pub(crate) fn destinations(&self, settings: &AlertSettings, config: &Config) -> Vec<String> {
-        let mut to: Vec<String> = settings
-            .endpoints
-            .iter()
-            .filter(|e| e.wants(self.event()))
-            .map(|e| format!("{ENDPOINT}{}", e.name))
-            .collect();
-        if config.plans().get(&self.plan).is_some_and(crate::config::PlanSpec::tenant_alerts) {
-            to.push(TENANT.to_owned());
-        }
-        to
+        let tenant_alerts = config.plans().get(&self.plan).is_some_and(crate::config::PlanSpec::tenant_alerts);
+        destinations(settings, self.event(), tenant_alerts)
     }
 
     /// Its outbox rows, one per destination.
     pub(crate) fn rows(&self, namespace: &str, destinations: &[String]) -> Vec<OutboxEntry> {
-        let (id, body) = (self.id(namespace), self.body());
+        let row = Row { tenant: &self.tenant, event: self.event(), at: self.at, keep_until: self.keep_until() };
+        row.to(&self.id(namespace), &self.body(), destinations)
+    }
+}
+
+/// What an alert's outbox rows share, whatever the alert.
+struct Row<'a> {
+    tenant: &'a TenantId,
+    event: &'static str,
+    at: i64,
+    keep_until: i64,
+}
+
+impl Row<'_> {
+    /// The rows of the alert `id` with `body`, one per destination.
+    fn to(&self, id: &str, body: &str, destinations: &[String]) -> Vec<OutboxEntry> {
         destinations
             .iter()
             .map(|to| {
                 OutboxEntry::new(
-                    AlertKey::new(id.clone(), to.clone()),
+                    AlertKey::new(id.to_owned(), to.clone()),
                     self.tenant.clone(),
-                    self.event(),
-                    body.clone(),
+                    self.event,
+                    body.to_owned(),
                     self.at,
-                    self.keep_until(),
+                    self.keep_until,
                 )
             })
             .collect()
+    }
+}
+
+/// An alert's id: the digest of what names it (`parts`, in order), in the deployment's
+/// identifier namespace (two deployments sending to one receiver never share an id).
+fn alert_id(namespace: &str, parts: &[&str]) -> String {
+    let mut digest = Sha256::new().chain_update(b"tollgate alert\0").chain_update(namespace.as_bytes());
+    for part in parts {
+        digest.update(b"\0");
+        digest.update(part.as_bytes());
+    }
+    format!("alert_{}", hex::encode(&digest.finalize()[..16]))
+}
+
+/// Where an alert of type `event` goes: the operator's endpoints that take it
+/// (`endpoint:NAME`), and the tenant's own (`tenant`) when its plan sends tenants theirs.
+fn destinations(settings: &AlertSettings, event: &str, tenant_alerts: bool) -> Vec<String> {
+    let mut to: Vec<String> =
+        settings.endpoints.iter().filter(|e| e.wants(event)).map(|e| format!("{ENDPOINT}{}", e.name)).collect();
+    if tenant_alerts {
+        to.push(TENANT.to_owned());
+    }
+    to
+}
+
+/// A recharge's alert as the outbox holds it (its event, id and body: `recharge.rs`).
+impl super::recharge::RechargeAlert {
+    /// Its id: the same wherever it is told (tenant, meter, event type, the recharge or the
+    /// month it is about).
+    pub(crate) fn id(&self, namespace: &str) -> String {
+        alert_id(namespace, &[self.tenant.as_str(), self.meter.as_str(), self.event(), &self.about()])
+    }
+
+    /// Where it goes: as a crossing's, the tenant's own endpoint when its plan sends tenants
+    /// their alerts and it registered one (`tenant_alerts`).
+    pub(crate) fn destinations(&self, settings: &AlertSettings, tenant_alerts: bool) -> Vec<String> {
+        destinations(settings, self.event(), tenant_alerts)
+    }
+
+    /// Its outbox rows, one per destination, the tenant being on `plan`.
+    pub(crate) fn rows(&self, namespace: &str, plan: &PlanId, destinations: &[String]) -> Vec<OutboxEntry> {
+        let keep_until = self.at.saturating_add(KEPT_FOR_BALANCE_SECS);
+        let row = Row { tenant: &self.tenant, event: self.event(), at: self.at, keep_until };
+        row.to(&self.id(namespace), &self.body(plan), destinations)
     }
 }
 
@@ -225,6 +263,9 @@ pub(crate) struct AlertQueue {
     /// The number of the next crossing queued.
     next_seq: std::sync::atomic::AtomicU64,
     marked: Mutex<HashMap<(TenantId, MeterId), Marks>>,
+    /// Recharges' alerts waiting to be written (told once, never seen again: kept until
+    /// written).
+    recharges: Mutex<VecDeque<super::recharge::RechargeAlert>>,
     /// Held by the one write of the queue at a time.
     pub(crate) writing: tokio::sync::Mutex<()>,
 }
@@ -270,6 +311,40 @@ impl AlertQueue {
             pending.push_back((seq, c, to));
         }
         dropped
+    }
+
+    /// Offers a recharge's alert (told once, by a store's answer or a webhook): it waits to be
+    /// written, unless [`MAX_PENDING`] wait (dropped, logged).
+    pub(crate) fn offer_recharge(&self, alert: super::recharge::RechargeAlert) {
+        let mut waiting = self.recharges.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting.contains(&alert) {
+            return;
+        }
+        if waiting.len() >= MAX_PENDING {
+            tracing::warn!(tenant = %alert.tenant, event = alert.event(), "alerts: a recharge's alert dropped, too many waiting to be written");
+            return;
+        }
+        waiting.push_back(alert);
+    }
+
+    /// The oldest recharge's alert waiting to be written, left in the queue until
+    /// [`recharge_written`](Self::recharge_written) takes it out.
+    pub(crate) fn next_recharge(&self) -> Option<super::recharge::RechargeAlert> {
+        self.recharges.lock().unwrap_or_else(|e| e.into_inner()).front().cloned()
+    }
+
+    /// `alert` was written (or has nowhere to go): out of the queue.
+    pub(crate) fn recharge_written(&self, alert: &super::recharge::RechargeAlert) {
+        let mut waiting = self.recharges.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = waiting.iter().position(|a| a == alert) {
+            waiting.remove(i);
+        }
+    }
+
+    /// Whether anything waits to be written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+            && self.recharges.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
     /// The oldest crossing waiting to be written, with its number, left in the queue until
@@ -336,6 +411,8 @@ mod tests {
         assert_ne!(c.id("ns"), c.id("other"), "per deployment");
         assert_ne!(c.id("ns"), crossing(Threshold::Percent(90), false).id("ns"));
         assert!(c.id("ns").starts_with("alert_") && c.id("ns").len() == 38);
+        // Pinned: nodes of every version name a crossing alike (put-if-absent dedups by it).
+        assert_eq!(c.id("ns"), "alert_dfa4c85d62f3cf9d785518b27aa9f231");
         let body: serde_json::Value = serde_json::from_str(&c.body()).unwrap();
         assert_eq!(body["type"], "quota.threshold_crossed");
         assert_eq!(body["timestamp"], "2026-03-14T12:00:00Z");

@@ -16,8 +16,9 @@ pub(crate) enum Delivered {
     /// Stripe says paid: `invoice.paid` grants it.
     #[cfg_attr(not(feature = "stripe"), allow(dead_code))]
     Paid,
-    /// The payment failed: counted (`off`: recharge turned off by it).
-    Failed(RechargeFailure, bool),
+    /// The payment failed: counted (`off`: recharge is off since; `first`: counted by this
+    /// delivery, not before by the invoice's webhook).
+    Failed { why: RechargeFailure, off: bool, first: bool },
     /// No longer open in the store (paid, failed or dropped meanwhile): nothing charged.
     Closed,
     /// Not known: delivered again once the claim lapses.
@@ -107,7 +108,7 @@ async fn charge(
         Charged::Failed(why, detail, invoice) => {
             let counted = failed(parts, claim, why, &detail).await;
             // Counted: its invoice is voided, so that it is never paid beside the next one.
-            if let (Ok(Delivered::Failed(..)), Some(invoice)) = (&counted, invoice) {
+            if let (Ok(Delivered::Failed { .. }), Some(invoice)) = (&counted, invoice) {
                 charger.void(&invoice).await;
             }
             counted
@@ -143,7 +144,7 @@ async fn failed(
     use crate::store::QuotaStoreExt as _;
     let mode = RechargeMode::Failed { n: claim.n, why, now: parts.now };
     match parts.quota.apply_recharge(&claim.tenant, &claim.meter, mode, parts.now).await? {
-        RechargeSeen::Failed { off, .. } => Ok(Delivered::Failed(why, off)),
+        RechargeSeen::Failed { off, first, .. } => Ok(Delivered::Failed { why, off, first }),
         // Not open any more (paid meanwhile): nothing counted.
         _ => Ok(Delivered::Closed),
     }

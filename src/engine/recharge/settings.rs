@@ -98,13 +98,13 @@ impl RechargeView {
     /// (`2000` cents → `"20.00"`).
     #[must_use]
     pub fn money(&self, minor: u64) -> String {
-        money_text(minor, &self.currency)
+        crate::base::money_text(minor, &self.currency)
     }
 
     /// As the tenant's route answers it (money as decimal strings of the currency).
     #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
-        let money = |minor: u64| money_text(minor, &self.currency);
+        let money = |minor: u64| crate::base::money_text(minor, &self.currency);
         let own = self.state.setting.map(|s| {
             serde_json::json!({
                 "below": s.below,
@@ -136,12 +136,6 @@ impl RechargeView {
             },
         })
     }
-}
-
-/// `minor` units of `currency` as a decimal string (`2000` cents → `"20.00"`).
-pub(crate) fn money_text(minor: u64, currency: &str) -> String {
-    let digits = crate::base::minor_digits(currency);
-    rust_decimal::Decimal::from_i128_with_scale(i128::from(minor), digits).to_string()
 }
 
 /// What a call does with a tenant's recharge.
@@ -235,8 +229,8 @@ fn within(spec: &RechargeSpec, ask: &RechargeAsk, currency: &str) -> Result<(u64
     if limit > spec.monthly_limit {
         return Err(RechargeError::Invalid(format!(
             "`monthly_limit` ({}) is above the most this plan allows: {}",
-            money_text(limit, currency),
-            money_text(spec.monthly_limit, currency)
+            crate::base::money_text(limit, currency),
+            crate::base::money_text(spec.monthly_limit, currency)
         )));
     }
     Ok((below, to, limit))

@@ -217,8 +217,10 @@ impl Leases {
     /// queued for the worker.
     fn recharge_seen(&self, cell: QuotaRef<'_>, seen: crate::store::RechargeSeen) {
         use crate::store::RechargeSeen;
+        let totals = self.stores.policy().totals();
         match seen {
             RechargeSeen::Claimed { n, packs, amount } => {
+                totals.recharge(crate::metrics::RechargeOutcome::Claimed);
                 cell.recharge_open(n);
                 self.recharges.claimed(crate::engine::recharge::Claimed {
                     tenant: cell.tenant().clone(),
@@ -229,6 +231,19 @@ impl Leases {
                 });
             }
             RechargeSeen::Open { n } => cell.recharge_open(n),
+            RechargeSeen::LimitReached { month, first } => {
+                // Told once per month across the fleet (the store's `first`): alerted.
+                if first {
+                    totals.recharge(crate::metrics::RechargeOutcome::Limited);
+                    self.thresholds.recharge(crate::engine::alerts::RechargeAlert {
+                        tenant: cell.tenant().clone(),
+                        meter: cell.meter_id().clone(),
+                        event: crate::engine::alerts::RechargeEvent::LimitReached { month },
+                        at: self.clock.unix_secs(),
+                    });
+                }
+                cell.recharge_open(0);
+            }
             _ => cell.recharge_open(0),
         }
     }

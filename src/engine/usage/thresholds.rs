@@ -158,6 +158,11 @@ impl Thresholds {
         }
     }
 
+    /// Queues a recharge's alert a store's answer told (written by the next flush).
+    pub(crate) fn recharge(&self, alert: crate::engine::alerts::RechargeAlert) {
+        self.queue.offer_recharge(alert);
+    }
+
     pub(crate) fn new(hook: Option<ThresholdHook>, queue: std::sync::Arc<crate::engine::alerts::AlertQueue>) -> Self {
         Self { hook, queue, marks: Mutex::default() }
     }

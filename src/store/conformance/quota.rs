@@ -1334,8 +1334,12 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
         RechargeSeen::Claimed { n: 1, packs: 4, amount: 2000 }
     );
     assert_eq!(h.s().reserve(&watch(0, 5, later)).await.unwrap().recharge, RechargeSeen::Open { n: 1 });
-    h.s().reserve(&mode(2, RechargeMode::Paid { n: 1 })).await.unwrap();
+    let paid = h.s().reserve(&mode(2, RechargeMode::Paid { n: 1 })).await.unwrap().recharge;
+    assert_eq!(paid, RechargeSeen::Paid { n: 1 }, "closed by this call");
     h.restart().await;
+    let repeat = ask(&key, 0, None, 12, 1).recharging(RechargeMode::Paid { n: 1 });
+    let again = h.s().reserve(&repeat).await.unwrap().recharge;
+    assert_eq!(again, RechargeSeen::Nothing, "paid once: a repeat closes nothing");
     let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
     assert_eq!((state.n, state.open, state.spent, state.count), (1, None, 2000, 1));
     // Paid: the grant lands, and the next crossing claims number 2.
@@ -1343,9 +1347,10 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     let g = h.s().reserve(&watch(3600, 6, later)).await.unwrap();
     assert_eq!(g.recharge, RechargeSeen::Claimed { n: 2, packs: 4, amount: 2000 }, "{g:?}");
     let failed = RechargeMode::Failed { n: 2, why: RechargeFailure::Declined, now: later };
-    assert_eq!(h.s().reserve(&mode(3, failed)).await.unwrap().recharge, RechargeSeen::Failed { n: 2, off: false });
+    let first = h.s().reserve(&mode(3, failed)).await.unwrap().recharge;
+    assert_eq!(first, RechargeSeen::Failed { n: 2, off: false, first: true });
     let again = h.s().reserve(&mode(4, failed)).await.unwrap().recharge;
-    assert_eq!(again, RechargeSeen::Failed { n: 2, off: false }, "answered alike, counted once");
+    assert_eq!(again, RechargeSeen::Failed { n: 2, off: false, first: false }, "answered alike, counted once");
     let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
     assert_eq!((state.failures, state.open, state.spent), (1, None, 2000), "a failed one is not spent");
     assert_eq!(h.s().reserve(&watch(0, 7, later + 1)).await.unwrap().recharge, RechargeSeen::Nothing, "it waits");

@@ -1,0 +1,113 @@
+//! A tenant's recharge, as alerts tell it (docs/credits.md, "Recharge"): paid
+//! (`balance.recharged`), turned off by payment failures (`balance.recharge_failed`), stopped
+//! by the month's limit (`balance.recharge_limit_reached`). Each is named by what it is about
+//! (the recharge's number, or the month), so however many nodes and webhook deliveries tell
+//! it, the fleet's outbox holds one row per destination.
+
+use crate::base::{MeterId, PlanId, TenantId};
+
+/// What happened to a tenant's recharge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RechargeEvent {
+    /// Recharge `n`'s invoice is paid: its units granted.
+    Recharged { n: u64, invoice: String, amount_paid: u64, currency: String },
+    /// Recharge `n`'s payment failed, the last of failures in a row: recharge is off.
+    Failed { n: u64, reason: &'static str },
+    /// The month (its first second, UTC) whose limit stopped a recharge.
+    LimitReached { month: i64 },
+}
+
+/// A recharge's alert, waiting to be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RechargeAlert {
+    pub(crate) tenant: TenantId,
+    pub(crate) meter: MeterId,
+    pub(crate) event: RechargeEvent,
+    /// When it was seen (engine clock, Unix seconds).
+    pub(crate) at: i64,
+}
+
+fn time(secs: i64) -> String {
+    chrono::DateTime::from_timestamp(secs, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default()
+}
+
+impl RechargeAlert {
+    /// Its event type (a documented, versioned schema each: docs/alerts.schema.json).
+    pub(crate) fn event(&self) -> &'static str {
+        match self.event {
+            RechargeEvent::Recharged { .. } => "balance.recharged",
+            RechargeEvent::Failed { .. } => "balance.recharge_failed",
+            RechargeEvent::LimitReached { .. } => "balance.recharge_limit_reached",
+        }
+    }
+
+    /// What it is about: the recharge's number, or the month.
+    pub(super) fn about(&self) -> String {
+        match self.event {
+            RechargeEvent::Recharged { n, .. } | RechargeEvent::Failed { n, .. } => format!("recharge:{n}"),
+            RechargeEvent::LimitReached { month } => format!("month:{month}"),
+        }
+    }
+
+    /// Its JSON body (schema version 1), the tenant being on `plan`.
+    pub(crate) fn body(&self, plan: &PlanId) -> String {
+        let mut data = serde_json::json!({
+            "version": 1,
+            "tenant": self.tenant.as_str(),
+            "plan": plan.as_str(),
+            "meter": self.meter.as_str(),
+        });
+        match &self.event {
+            RechargeEvent::Recharged { n, invoice, amount_paid, currency } => {
+                data["recharge"] = (*n).into();
+                data["invoice"] = invoice.as_str().into();
+                data["amount_paid"] = crate::base::money_text(*amount_paid, currency).into();
+                data["currency"] = currency.as_str().into();
+            }
+            RechargeEvent::Failed { n, reason } => {
+                data["recharge"] = (*n).into();
+                data["reason"] = (*reason).into();
+                data["failures"] = crate::store::FAILURES_BEFORE_OFF.into();
+            }
+            RechargeEvent::LimitReached { month } => {
+                data["month"] = time(*month).get(..7).unwrap_or_default().into();
+            }
+        }
+        serde_json::json!({ "type": self.event(), "timestamp": time(self.at), "data": data }).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(event: RechargeEvent) -> RechargeAlert {
+        RechargeAlert { tenant: "acme".into(), meter: "tokens".into(), event, at: 1_773_489_600 }
+    }
+
+    #[test]
+    fn a_recharge_alert_is_named_by_its_recharge_or_month_and_has_a_body_of_schema_1() {
+        let paid = |invoice: &str| {
+            alert(RechargeEvent::Recharged { n: 3, invoice: invoice.into(), amount_paid: 2000, currency: "usd".into() })
+        };
+        assert_eq!(paid("in_1").id("ns"), paid("in_2").id("ns"), "the recharge names it");
+        let failed = alert(RechargeEvent::Failed { n: 3, reason: "declined" });
+        assert_ne!(paid("in_1").id("ns"), failed.id("ns"), "another event of the same recharge");
+        assert_ne!(paid("in_1").id("ns"), paid("in_1").id("other"), "per deployment");
+        let body: serde_json::Value = serde_json::from_str(&paid("in_1").body(&"pro".into())).unwrap();
+        assert_eq!(body["type"], "balance.recharged");
+        assert_eq!(body["timestamp"], "2026-03-14T12:00:00Z");
+        assert_eq!(body["data"]["version"], 1);
+        assert_eq!((body["data"]["recharge"].as_u64(), body["data"]["amount_paid"].as_str()), (Some(3), Some("20.00")));
+        let body: serde_json::Value = serde_json::from_str(&failed.body(&"pro".into())).unwrap();
+        assert_eq!((body["data"]["reason"].as_str(), body["data"]["failures"].as_u64()), (Some("declined"), Some(3)));
+        let month = alert(RechargeEvent::LimitReached { month: 1_772_323_200 });
+        let body: serde_json::Value = serde_json::from_str(&month.body(&"pro".into())).unwrap();
+        assert_eq!(
+            (body["type"].as_str(), body["data"]["month"].as_str()),
+            (Some("balance.recharge_limit_reached"), Some("2026-03"))
+        );
+        let next = alert(RechargeEvent::LimitReached { month: 1_775_001_600 });
+        assert_ne!(month.id("ns"), next.id("ns"), "each month once");
+    }
+}
