@@ -164,8 +164,12 @@ fi
 
 # With [stripe], never a file and Stripe both: a build without Stripe support refuses to start;
 # with it, closed windows go to Stripe when the key is set, and nowhere (said) when it is not.
-cp examples/quickstart.toml "$work/stripe.toml"
+# The prepaid plan's auto-recharge is on in this one (its commented lines, as the file says).
+sed 's/^#recharge# //' examples/quickstart.toml >"$work/stripe.toml"
 printf '\n[stripe]\napi_base = "http://127.0.0.1:9"\n' >>"$work/stripe.toml"
+check "[stripe]: the prepaid plan recharges, off until the tenant turns it on" \
+  "recharge of \`tokens\` for \`initech\`: off (not_turned_on)" \
+  "$(cd "$work" && "$cli" --config "$work/stripe.toml" credits recharge initech show | head -1)"
 refused=$(cd "$work" && PORT=$port TOLLGATE_CONFIG="$work/stripe.toml" timeout 20 "$bin" 2>&1; echo "exit $?")
 check "[stripe] without Stripe support: refused" yes \
   "$(echo "$refused" | grep -q 'features stripe' && echo "$refused" | grep -q 'exit 2' && echo yes || echo no)"
