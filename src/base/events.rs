@@ -24,19 +24,26 @@ pub trait DirectoryEvents: Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// A Stripe webhook closed or failed a tenant's recharge (docs/credits.md, "Recharge"):
-    /// counted, and alerted (`balance.recharged`; `balance.recharge_failed` once recharge is
-    /// off). Nothing by default.
-    fn recharge(&self, news: RechargeNews) {
+    /// counted, and its alert written to the outbox (`balance.recharged`;
+    /// `balance.recharge_failed` once recharge is off) before the webhook is answered. `Err`:
+    /// the alert could not be written, and the webhook answers 500 so that Stripe delivers it
+    /// again (the store tells the recharge's news again, `first` no more). Nothing by default.
+    fn recharge(&self, news: RechargeNews) -> Told<'_> {
         let _ = news;
+        Box::pin(std::future::ready(Ok(())))
     }
 }
+
+/// What telling the engine a recharge's news came to ([`DirectoryEvents::recharge`]): `Err`
+/// says why its alert was not written.
+pub type Told<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// What a Stripe webhook did to a tenant's recharge ([`DirectoryEvents::recharge`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RechargeNews {
     /// Recharge `n`'s invoice is paid (`invoice.paid`): the recharge is closed, its units
-    /// granted. Told once per recharge.
+    /// granted.
     Paid {
         /// The tenant.
         tenant: TenantId,
@@ -50,6 +57,9 @@ pub enum RechargeNews {
         amount_paid: u64,
         /// The invoice's currency (lowercase ISO code).
         currency: String,
+        /// Closed by this delivery (else told again: a redelivery, or a retry after the
+        /// alert could not be written).
+        first: bool,
     },
     /// Recharge `n`'s payment failed (`invoice.payment_failed`,
     /// `invoice.payment_action_required`), a failure counted.
@@ -60,7 +70,8 @@ pub enum RechargeNews {
         meter: MeterId,
         /// The recharge's number.
         n: u64,
-        /// Why, as the store keeps it (`declined`, `action_required`, ...).
+        /// Why, as the store keeps it (`declined`, `action_required`, `no_payment_method`,
+        /// `refused`): the reason that turned recharge off when `off`.
         reason: &'static str,
         /// Recharge is off since (the last failure in a row).
         off: bool,

@@ -15,7 +15,7 @@ mod rejection;
 mod signing;
 mod sink;
 
-pub use events::{DirectoryEvents, RechargeNews, WebhookCount};
+pub use events::{DirectoryEvents, RechargeNews, Told, WebhookCount};
 pub use ids::{InvalidTenantId, MeterId, PlanId, TenantId};
 pub use key::KeyHash;
 pub(crate) use key::{check_api_key, COMMA_IN_KEY, MAX_KEY_LEN};

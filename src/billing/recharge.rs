@@ -356,12 +356,15 @@ impl super::WebhookHandler {
         Ok(owner.map(|tenant| Named { tenant, meter: meter.into(), n }))
     }
 
-    /// `invoice.paid` of a recharge's invoice, granted: its recharge is closed, paid (once;
-    /// a redelivery closes nothing more). `Err`: the answer (the store failed: 500).
+    /// `invoice.paid` of a recharge's invoice: its recharge is closed, paid (once; a
+    /// redelivery closes nothing more), and, when its units are granted (now or before:
+    /// `granted`), the engine told, which writes its `balance.recharged` alert. `Err`: the
+    /// answer (the store failed, or the alert could not be written: 500).
     pub(super) async fn recharge_paid(
         &self,
         config: &Config,
         body: &serde_json::Value,
+        granted: bool,
     ) -> Result<(), super::WebhookOutcome> {
         use crate::store::QuotaStoreExt as _;
         let failed = |e: crate::store::StoreError| super::WebhookOutcome::StoreFailed(e.to_string());
@@ -372,17 +375,20 @@ impl super::WebhookHandler {
             .apply_recharge(&named.tenant, &named.meter, crate::store::RechargeMode::Paid { n: named.n }, now)
             .await
             .map_err(failed)?;
-        // Closed by this delivery: told once per recharge (a redelivery closes nothing).
-        if let crate::store::RechargeSeen::Paid { n } = seen {
+        // Told whenever it is paid, first or again (its alert's id names the recharge: written
+        // once), so that a delivery answered 500 for want of its alert carries it next time.
+        if let (crate::store::RechargeSeen::Paid { n, first }, true) = (seen, granted) {
             let o = &body["data"]["object"];
-            self.node.recharge(crate::base::RechargeNews::Paid {
+            let news = crate::base::RechargeNews::Paid {
                 tenant: named.tenant,
                 meter: named.meter,
                 n,
                 invoice: o["id"].as_str().unwrap_or_default().to_owned(),
                 amount_paid: o["amount_paid"].as_u64().unwrap_or(0),
                 currency: o["currency"].as_str().unwrap_or_default().to_owned(),
-            });
+                first,
+            };
+            self.node.recharge(news).await.map_err(super::WebhookOutcome::StoreFailed)?;
         }
         Ok(())
     }
@@ -412,17 +418,20 @@ impl super::WebhookHandler {
         let now = self.clock.unix_secs();
         let mode = crate::store::RechargeMode::Failed { n: named.n, why, now };
         match quota.apply_recharge(&named.tenant, &named.meter, mode, now).await {
-            Ok(crate::store::RechargeSeen::Failed { off, first, .. }) => {
+            Ok(crate::store::RechargeSeen::Failed { off, first, why: kept, .. }) => {
                 tracing::warn!(%event, tenant = %named.tenant, meter = %named.meter, n = named.n, reason = why.as_str(), off,
                     "a recharge's payment failed");
-                self.node.recharge(crate::base::RechargeNews::Failed {
+                let news = crate::base::RechargeNews::Failed {
                     tenant: named.tenant.clone(),
                     meter: named.meter.clone(),
                     n: named.n,
-                    reason: why.as_str(),
+                    reason: kept.as_str(),
                     off,
                     first,
-                });
+                };
+                if let Err(e) = self.node.recharge(news).await {
+                    return Some(super::WebhookOutcome::StoreFailed(e));
+                }
                 Some(super::WebhookOutcome::RechargeFailed {
                     tenant: named.tenant,
                     meter: named.meter,

@@ -365,7 +365,8 @@ impl WebhookHandler {
                 Some(WebhookOutcome::StoreFailed(_) | WebhookOutcome::ApiFailed(_) | WebhookOutcome::ApiRefused { .. })
             )
         {
-            if let Err(failed) = self.recharge_paid(config, &body).await {
+            let granted = matches!(outcome, Some(WebhookOutcome::Credited { .. } | WebhookOutcome::Duplicate));
+            if let Err(failed) = self.recharge_paid(config, &body, granted).await {
                 return Some(failed);
             }
         }

@@ -105,12 +105,17 @@ impl crate::Tollgate {
                 }
             }
         }
+        // Their alerts (recharge turned off) written now: a front door frozen after its
+        // invocation flushes before this.
+        if delivered > 0 {
+            self.alerts().write_recharges_now().await;
+        }
         delivered
     }
 
     /// A failure of recharge `n` counted in the store (by this node's delivery or a webhook):
     /// counted here when this node counted it first; alerted once recharge is off (the alert's
-    /// id names the recharge: told again, it is written once).
+    /// id names the recharge: told again, it is written once). The alert queued, if any.
     pub(crate) fn recharge_failed(
         &self,
         tenant: TenantId,
@@ -119,21 +124,35 @@ impl crate::Tollgate {
         reason: &'static str,
         off: bool,
         first: bool,
-    ) {
+    ) -> Option<RechargeAlert> {
         if first {
             self.shared().totals().recharge(RechargeOutcome::Failed);
         }
-        if off {
+        off.then(|| {
             let at = self.shared().clock().unix_secs();
-            self.alerts().recharge(RechargeAlert { tenant, meter, event: RechargeEvent::Failed { n, reason }, at });
-        }
+            let alert = RechargeAlert { tenant, meter, event: RechargeEvent::Failed { n, reason }, at };
+            self.alerts().recharge(alert.clone());
+            alert
+        })
     }
 
-    /// Recharge `n`'s `invoice.paid` closed it (a webhook on this node): counted and alerted.
-    pub(crate) fn recharge_paid(&self, tenant: TenantId, meter: MeterId, event: RechargeEvent) {
-        self.shared().totals().recharge(RechargeOutcome::Paid);
+    /// Recharge `n`'s `invoice.paid` closed it (a webhook on this node; `first`: closed by
+    /// it, else told again): counted once, alerted (the alert's id names the recharge). The
+    /// alert queued.
+    pub(crate) fn recharge_paid(
+        &self,
+        tenant: TenantId,
+        meter: MeterId,
+        event: RechargeEvent,
+        first: bool,
+    ) -> RechargeAlert {
+        if first {
+            self.shared().totals().recharge(RechargeOutcome::Paid);
+        }
         let at = self.shared().clock().unix_secs();
-        self.alerts().recharge(RechargeAlert { tenant, meter, event, at });
+        let alert = RechargeAlert { tenant, meter, event, at };
+        self.alerts().recharge(alert.clone());
+        alert
     }
 
     /// What charges this engine's recharges, if anything.

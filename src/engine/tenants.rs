@@ -4,7 +4,7 @@
 use crate::engine::Tollgate;
 use crate::{
     config::TenantId,
-    store::{DirectoryEvents, RechargeNews, WebhookCount},
+    store::{DirectoryEvents, RechargeNews, Told, WebhookCount},
 };
 
 impl Tollgate {
@@ -56,16 +56,27 @@ impl DirectoryEvents for Tollgate {
         tally.add(1);
     }
 
-    fn recharge(&self, news: RechargeNews) {
-        match news {
-            RechargeNews::Paid { tenant, meter, n, invoice, amount_paid, currency } => {
-                let event = crate::engine::alerts::RechargeEvent::Recharged { n, invoice, amount_paid, currency };
-                self.recharge_paid(tenant, meter, event);
+    fn recharge(&self, news: RechargeNews) -> Told<'_> {
+        Box::pin(async move {
+            let alert = match news {
+                RechargeNews::Paid { tenant, meter, n, invoice, amount_paid, currency, first } => {
+                    let event = crate::engine::alerts::RechargeEvent::Recharged { n, invoice, amount_paid, currency };
+                    Some(self.recharge_paid(tenant, meter, event, first))
+                }
+                RechargeNews::Failed { tenant, meter, n, reason, off, first } => {
+                    self.recharge_failed(tenant, meter, n, reason, off, first)
+                }
+            };
+            // Written before the webhook is answered: a node frozen or killed after its answer
+            // would lose it, and nothing would tell it again (a 500 makes Stripe deliver it
+            // again, and the store tells it again).
+            let Some(alert) = alert else { return Ok(()) };
+            self.alerts().write_recharges_now().await;
+            match self.alerts().waiting(&alert) {
+                false => Ok(()),
+                true => Err(format!("the {} alert could not be written to the outbox", alert.event())),
             }
-            RechargeNews::Failed { tenant, meter, n, reason, off, first } => {
-                self.recharge_failed(tenant, meter, n, reason, off, first);
-            }
-        }
+        })
     }
 
     fn meter_error(&self, from: i64, to: i64) {

@@ -50,7 +50,7 @@ mod usage;
 
 use std::sync::Arc;
 
-pub use crate::base::{DirectoryEvents, KeyHash, RechargeNews, RefundAttribution, WebhookCount};
+pub use crate::base::{DirectoryEvents, KeyHash, RechargeNews, RefundAttribution, Told, WebhookCount};
 pub use directory::{
     ApiKeyRecord, DirectoryStore, PlanChange, PlanChangeOutcome, SubscriptionsChange, TenantRecord, TenantUpdate,
     UpdateWhen,

@@ -159,6 +159,10 @@ pub struct RechargeState {
     /// the first was, and not counted again).
     #[serde(default)]
     pub unpaid_failed: bool,
+    /// The number of the last recharge closed paid (0: none): its payment told again is
+    /// answered [`RechargeSeen::Paid`] again, not `first`.
+    #[serde(default)]
+    pub paid: u64,
 }
 
 /// What a [`Reservation`](super::Reservation) of a prepaid key does with the tenant's
@@ -245,11 +249,17 @@ pub enum RechargeSeen {
         off: bool,
         /// Counted by this call (a repeat of the same failure: `false`).
         first: bool,
+        /// The reason the store keeps: the one that turned recharge off when `off`, else the
+        /// failure's as first counted.
+        why: RechargeFailure,
     },
-    /// Recharge `n` is paid: closed by this call (a repeat answers [`Nothing`](Self::Nothing)).
+    /// Recharge `n` is paid: closed by this call (`first`), or by an earlier one (the last
+    /// recharge paid, told again).
     Paid {
         /// The recharge.
         n: u64,
+        /// Closed by this call.
+        first: bool,
     },
 }
 
@@ -296,14 +306,18 @@ impl RechargeState {
                         self.count = self.count.saturating_add(1);
                     }
                     (self.unpaid, self.unpaid_failed, self.failures) = (None, false, 0);
+                } else if self.paid == n && n > 0 {
+                    return RechargeSeen::Paid { n, first: false };
                 } else {
                     return RechargeSeen::Nothing;
                 }
-                RechargeSeen::Paid { n }
+                self.paid = self.paid.max(n);
+                RechargeSeen::Paid { n, first: true }
             }
             RechargeMode::Failed { n, why, now } => {
                 if self.unpaid_failed && self.unpaid.is_some_and(|c| c.n == n) {
-                    return RechargeSeen::Failed { n, off: self.turned_off(), first: false };
+                    let why = self.off.unwrap_or(why);
+                    return RechargeSeen::Failed { n, off: self.turned_off(), first: false, why };
                 }
                 let claim = match (self.open, self.unpaid) {
                     (Some(c), _) if c.n == n => {
@@ -321,7 +335,7 @@ impl RechargeState {
                 if self.failures >= FAILURES_BEFORE_OFF && self.off.is_none() && self.setting.is_some() {
                     self.off = Some(why);
                 }
-                RechargeSeen::Failed { n, off: self.turned_off(), first: true }
+                RechargeSeen::Failed { n, off: self.turned_off(), first: true, why: self.off.unwrap_or(why) }
             }
         }
     }
@@ -453,8 +467,9 @@ mod tests {
                 RechargeSeen::Claimed { n: k, packs: 5, amount: 2500 }
             );
             let failed = RechargeMode::Failed { n: k, why: RechargeFailure::Declined, now };
-            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: true });
-            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: false }, "alike");
+            let why = RechargeFailure::Declined;
+            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: true, why });
+            assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: k, off: k == 3, first: false, why }, "alike");
             assert_eq!(s.failures, u32::try_from(k).unwrap(), "counted once");
             assert_eq!(s.apply(RechargeMode::Watch { now: now + 1 }, Some(0)), RechargeSeen::Nothing, "waits");
             now += RETRY_AFTER_FAILURE_SECS;
@@ -482,9 +497,16 @@ mod tests {
         assert_eq!((s.open, s.unpaid.map(|c| c.n), s.spent), (None, Some(1), 0));
         // Its payment failed after all: counted once, answered alike.
         let failed = RechargeMode::Failed { n: 1, why: RechargeFailure::Declined, now: lapse };
-        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: true });
-        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: false });
+        let why = RechargeFailure::Declined;
+        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: true, why });
+        assert_eq!(s.apply(failed, None), RechargeSeen::Failed { n: 1, off: false, first: false, why });
         assert_eq!(s.failures, 1);
+        // Then paid after all (the customer paid the open invoice): closed paid once, told
+        // again as paid (not first), and never counted twice.
+        assert_eq!(s.apply(RechargeMode::Paid { n: 1 }, None), RechargeSeen::Paid { n: 1, first: true });
+        assert_eq!((s.unpaid, s.failures, s.paid), (None, 0, 1));
+        assert_eq!(s.apply(RechargeMode::Paid { n: 1 }, None), RechargeSeen::Paid { n: 1, first: false });
+        assert_eq!(s.apply(RechargeMode::Paid { n: 2 }, None), RechargeSeen::Nothing, "never claimed");
         // Still wanted: taken again with its number.
         let mut s = on();
         s.apply(RechargeMode::Watch { now: NOW }, Some(0));

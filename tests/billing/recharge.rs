@@ -273,6 +273,9 @@ async fn three_declines_in_a_row_turn_recharge_off(s: Setup) {
     assert_eq!(s.admitted(350).await, 350);
     for k in 1..=3u64 {
         assert_eq!(s.h.tollgate.deliver_recharges().await, 1, "recharge {k} delivered");
+        // The webhook comes a second later: the third failure's alert is told twice (the
+        // worker wrote it, the webhook writes it again, with another time): one alert.
+        s.h.clock.advance(Duration::from_secs(1));
         let outcomes = s.deliver_events().await;
         let kinds: Vec<&str> = outcomes.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(kinds, ["invoice.finalized", "invoice.payment_failed", "invoice.voided"]);
@@ -583,4 +586,44 @@ async fn the_quickstarts_prepaid_plan_recharges() {
     let granted: u64 = balances.into_iter().map(|(_, b)| b.granted).sum();
     assert_eq!(granted, 300 + packs * 100);
     assert!(300 + packs * 100 - spent >= 1000 - 100, "brought to about 1,000: {packs} packs, {spent} spent");
+}
+
+/// A recharge's `invoice.paid` whose alert cannot be written (the outbox down) is answered
+/// 500, its grant kept; Stripe's next delivery, once the outbox is back, writes the alert
+/// once, and neither grants nor counts the recharge again.
+#[cfg(feature = "alerts")]
+#[tokio::test]
+async fn a_paid_recharge_whose_alert_cannot_be_written_is_delivered_again() {
+    use std::sync::atomic::Ordering;
+    let faulty = Arc::new(common::Faulty::default());
+    let s = setup(faulty.clone()).await;
+    if s.receiver.is_none() {
+        return; // skipped loudly by the receiver (never in CI)
+    }
+    let admin = Admin::for_engine(&s.h.tollgate);
+    admin.grant_credits("acme", "requests", 500, None, "first").await.unwrap();
+    admin.set_recharge("acme", "requests", Some(RechargeAsk::default())).await.unwrap();
+    assert_eq!(s.admitted(350).await, 350);
+    assert_eq!(s.h.tollgate.deliver_recharges().await, 1);
+    let packs = s.stripe.invoices_created()[0]["amount_paid"].as_u64().unwrap() / 500;
+    faulty.alerts_down.store(true, Ordering::SeqCst);
+    let mut paid = None;
+    for e in s.stripe.take_emitted() {
+        let (code, outcome) = s.signed(&e.to_string()).await;
+        if e["type"] == "invoice.paid" {
+            assert_eq!(code, 500, "{outcome:?}");
+            paid = Some(e);
+        } else {
+            assert_eq!(code, 200, "{}: {outcome:?}", e["type"]);
+        }
+    }
+    let paid = paid.expect("invoice.paid emitted");
+    assert_eq!(s.granted().await, 500 + packs * 100, "granted before its alert failed, and kept");
+    faulty.alerts_down.store(false, Ordering::SeqCst);
+    let (code, outcome) = s.signed(&paid.to_string()).await;
+    assert_eq!((code, outcome), (200, WebhookOutcome::Duplicate));
+    assert_eq!(s.granted().await, 500 + packs * 100, "granted once");
+    assert_eq!(s.h.tollgate.stats().recharges_paid, 1, "counted once");
+    let got = s.alerts("balance.recharged").await.unwrap();
+    assert_eq!(got.len(), 2, "once, to the operator and the tenant: {got:?}");
 }

@@ -98,7 +98,9 @@ impl WebhookHandler {
     /// [`Tollgate::webhook_handler`](crate::Tollgate::webhook_handler)), the
     /// configuration in force (read at each delivery, so a reload applies), the clock
     /// signatures are checked against, and the signing secrets. Each store call is bounded by
-    /// the configuration's `limits.background_timeout` as it was at this call.
+    /// the configuration's `limits.background_timeout` as it was at this call. A `node` of
+    /// its own writes recharges' alerts only if its
+    /// [`recharge`](crate::store::DirectoryEvents::recharge) does (the default does nothing).
     pub fn from_parts(
         directory: Arc<dyn DirectoryStore>,
         node: Arc<dyn DirectoryEvents>,

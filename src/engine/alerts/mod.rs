@@ -204,18 +204,18 @@ impl Alerts {
         written + self.write_recharges(&namespace).await
     }
 
-    /// Writes the recharges' alerts waiting (under the write's lock): one whose write failed
-    /// stays queued for the next flush (it is told once).
+    /// Writes the recharges' alerts waiting (under the write's lock), each tried once: one
+    /// whose write failed stays queued for the next flush (it is told once).
     async fn write_recharges(&self, namespace: &str) -> usize {
         let stores = self.shared.stores().background();
         let mut written = 0;
-        while let Some(alert) = self.queue.next_recharge() {
+        for alert in self.queue.recharges_waiting() {
             let config = self.shared.runtime().load().config.clone();
             let record = match stores.directory.tenant(&alert.tenant).await {
                 Ok(record) => record,
                 Err(e) => {
                     tracing::warn!(tenant = %alert.tenant, error = %e, "a recharge's alert was not written; tried at the next flush");
-                    return written;
+                    continue;
                 }
             };
             let declared = config.tenants().iter().find(|t| t.id() == &alert.tenant).map(|t| t.plan().clone());
@@ -234,13 +234,32 @@ impl Alerts {
                     }
                     Err(e) => {
                         tracing::warn!(tenant = %alert.tenant, error = %e, "a recharge's alert was not written; tried at the next flush");
-                        return written;
+                        continue;
                     }
                 }
             }
             self.queue.recharge_written(&alert);
         }
         written
+    }
+
+    /// Writes the recharges' alerts waiting now (a webhook before its answer, the worker after
+    /// its deliveries), as a flush does; one not written stays queued.
+    pub(crate) async fn write_recharges_now(&self) {
+        let _one = self.queue.writing.lock().await;
+        match self.shared.stores().background().usage.identifier_namespace().await {
+            Ok(namespace) => {
+                self.write_recharges(&namespace).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "recharges' alerts not written: the identifier namespace could not be read; tried at the next flush");
+            }
+        }
+    }
+
+    /// Whether `alert` still waits to be written.
+    pub(crate) fn waiting(&self, alert: &RechargeAlert) -> bool {
+        self.queue.recharges_waiting().contains(alert)
     }
 
     /// Queues a recharge's alert for the next write.

@@ -266,6 +266,10 @@ pub(crate) struct AlertQueue {
     /// Recharges' alerts waiting to be written (told once, never seen again: kept until
     /// written).
     recharges: Mutex<VecDeque<super::recharge::RechargeAlert>>,
+    /// The months whose limit this node saw stop a tenant's recharge (each offered once per
+    /// node: the store tells the fleet's first only once, and a first answer lost would lose
+    /// the alert). Bounded: cleared when full (offered again: a no-op in the outbox).
+    limited: Mutex<std::collections::HashSet<(TenantId, MeterId, i64)>>,
     /// Held by the one write of the queue at a time.
     pub(crate) writing: tokio::sync::Mutex<()>,
 }
@@ -327,10 +331,24 @@ impl AlertQueue {
         waiting.push_back(alert);
     }
 
-    /// The oldest recharge's alert waiting to be written, left in the queue until
-    /// [`recharge_written`](Self::recharge_written) takes it out.
-    pub(crate) fn next_recharge(&self) -> Option<super::recharge::RechargeAlert> {
-        self.recharges.lock().unwrap_or_else(|e| e.into_inner()).front().cloned()
+    /// Offers the alert of a month's limit that stopped a recharge, once per node and month
+    /// (`cap`: the most months remembered).
+    pub(crate) fn offer_limited(&self, alert: super::recharge::RechargeAlert, cap: usize) {
+        let super::recharge::RechargeEvent::LimitReached { month } = alert.event else { return };
+        let mut seen = self.limited.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= cap {
+            seen.clear();
+        }
+        if seen.insert((alert.tenant.clone(), alert.meter.clone(), month)) {
+            drop(seen);
+            self.offer_recharge(alert);
+        }
+    }
+
+    /// The recharges' alerts waiting to be written, oldest first, left in the queue until
+    /// [`recharge_written`](Self::recharge_written) takes each out.
+    pub(crate) fn recharges_waiting(&self) -> Vec<super::recharge::RechargeAlert> {
+        self.recharges.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
     }
 
     /// `alert` was written (or has nowhere to go): out of the queue.
@@ -431,6 +449,30 @@ mod tests {
             (balance["type"].as_str(), balance["data"]["left"].as_u64()),
             (Some("balance.exhausted"), Some(188))
         );
+    }
+
+    #[test]
+    fn a_months_limit_is_offered_once_per_node_and_the_memo_is_bounded() {
+        use super::super::recharge::{RechargeAlert, RechargeEvent};
+        let q = AlertQueue::default();
+        let limited = |tenant: &str, month: i64, at: i64| RechargeAlert {
+            tenant: tenant.into(),
+            meter: "tokens".into(),
+            event: RechargeEvent::LimitReached { month },
+            at,
+        };
+        q.offer_limited(limited("a", 1, 10), 3);
+        q.offer_limited(limited("a", 1, 11), 3);
+        assert_eq!(q.recharges_waiting().len(), 1, "once per node and month, whenever seen");
+        q.recharge_written(&limited("a", 1, 10));
+        q.offer_limited(limited("a", 1, 12), 3);
+        assert!(q.recharges_waiting().is_empty(), "written: not offered again");
+        q.offer_limited(limited("a", 2, 13), 3);
+        assert_eq!(q.recharges_waiting().len(), 1, "the next month");
+        for t in 0..10 {
+            q.offer_limited(limited(&format!("t{t}"), 1, 14), 3);
+        }
+        assert!(q.limited.lock().unwrap().len() <= 3, "bounded");
     }
 
     #[test]

@@ -109,5 +109,9 @@ mod tests {
         );
         let next = alert(RechargeEvent::LimitReached { month: 1_775_001_600 });
         assert_ne!(month.id("ns"), next.id("ns"), "each month once");
+        // Pinned: nodes of every version name a recharge's alert alike.
+        assert_eq!(paid("in_1").id("ns"), "alert_99d7b0bac43091c217062236b9c79708");
+        assert_eq!(failed.id("ns"), "alert_3841a37bddcb9dc7a6f6b1009b2e43f6");
+        assert_eq!(month.id("ns"), "alert_c8fe08912a86581aefbe8863b0c32d94");
     }
 }

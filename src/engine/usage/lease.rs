@@ -232,16 +232,18 @@ impl Leases {
             }
             RechargeSeen::Open { n } => cell.recharge_open(n),
             RechargeSeen::LimitReached { month, first } => {
-                // Told once per month across the fleet (the store's `first`): alerted.
+                // Counted once per month across the fleet (the store's `first`); alerted by
+                // each node that sees it, once (one id: written once), so that a first answer
+                // lost loses nothing.
                 if first {
                     totals.recharge(crate::metrics::RechargeOutcome::Limited);
-                    self.thresholds.recharge(crate::engine::alerts::RechargeAlert {
-                        tenant: cell.tenant().clone(),
-                        meter: cell.meter_id().clone(),
-                        event: crate::engine::alerts::RechargeEvent::LimitReached { month },
-                        at: self.clock.unix_secs(),
-                    });
                 }
+                self.thresholds.recharge_limited(crate::engine::alerts::RechargeAlert {
+                    tenant: cell.tenant().clone(),
+                    meter: cell.meter_id().clone(),
+                    event: crate::engine::alerts::RechargeEvent::LimitReached { month },
+                    at: self.clock.unix_secs(),
+                });
                 cell.recharge_open(0);
             }
             _ => cell.recharge_open(0),

@@ -59,6 +59,9 @@ pub(crate) struct Marks {
 /// The threshold hook.
 pub(crate) type ThresholdHook = std::sync::Arc<dyn Fn(&ThresholdCrossed) + Send + Sync>;
 
+/// The most (tenant, meter, month) a node remembers offering a recharge limit's alert for.
+const MAX_LIMITED_MONTHS: usize = 10_000;
+
 /// The hook and what it was told, and the queue of crossings for the alerts outbox: kept by
 /// the engine, not the tenants' states.
 pub(crate) struct Thresholds {
@@ -158,9 +161,10 @@ impl Thresholds {
         }
     }
 
-    /// Queues a recharge's alert a store's answer told (written by the next flush).
-    pub(crate) fn recharge(&self, alert: crate::engine::alerts::RechargeAlert) {
-        self.queue.offer_recharge(alert);
+    /// Queues the alert of a month's limit that stopped a recharge, as a store's answer told
+    /// it (once per node and month; written by the next flush).
+    pub(crate) fn recharge_limited(&self, alert: crate::engine::alerts::RechargeAlert) {
+        self.queue.offer_limited(alert, MAX_LIMITED_MONTHS);
     }
 
     pub(crate) fn new(hook: Option<ThresholdHook>, queue: std::sync::Arc<crate::engine::alerts::AlertQueue>) -> Self {

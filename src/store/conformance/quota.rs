@@ -1335,11 +1335,11 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     );
     assert_eq!(h.s().reserve(&watch(0, 5, later)).await.unwrap().recharge, RechargeSeen::Open { n: 1 });
     let paid = h.s().reserve(&mode(2, RechargeMode::Paid { n: 1 })).await.unwrap().recharge;
-    assert_eq!(paid, RechargeSeen::Paid { n: 1 }, "closed by this call");
+    assert_eq!(paid, RechargeSeen::Paid { n: 1, first: true }, "closed by this call");
     h.restart().await;
     let repeat = ask(&key, 0, None, 12, 1).recharging(RechargeMode::Paid { n: 1 });
     let again = h.s().reserve(&repeat).await.unwrap().recharge;
-    assert_eq!(again, RechargeSeen::Nothing, "paid once: a repeat closes nothing");
+    assert_eq!(again, RechargeSeen::Paid { n: 1, first: false }, "paid once: a repeat is told, not first");
     let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
     assert_eq!((state.n, state.open, state.spent, state.count), (1, None, 2000, 1));
     // Paid: the grant lands, and the next crossing claims number 2.
@@ -1348,9 +1348,10 @@ pub async fn a_recharge_is_claimed_once_per_crossing_beside_the_balance<S: ?Size
     assert_eq!(g.recharge, RechargeSeen::Claimed { n: 2, packs: 4, amount: 2000 }, "{g:?}");
     let failed = RechargeMode::Failed { n: 2, why: RechargeFailure::Declined, now: later };
     let first = h.s().reserve(&mode(3, failed)).await.unwrap().recharge;
-    assert_eq!(first, RechargeSeen::Failed { n: 2, off: false, first: true });
+    let why = RechargeFailure::Declined;
+    assert_eq!(first, RechargeSeen::Failed { n: 2, off: false, first: true, why });
     let again = h.s().reserve(&mode(4, failed)).await.unwrap().recharge;
-    assert_eq!(again, RechargeSeen::Failed { n: 2, off: false, first: false }, "answered alike, counted once");
+    assert_eq!(again, RechargeSeen::Failed { n: 2, off: false, first: false, why }, "alike, counted once");
     let state = listed(h.s().counters(&"topped".into(), &"tokens".into()).await.unwrap());
     assert_eq!((state.failures, state.open, state.spent), (1, None, 2000), "a failed one is not spent");
     assert_eq!(h.s().reserve(&watch(0, 7, later + 1)).await.unwrap().recharge, RechargeSeen::Nothing, "it waits");
@@ -1448,4 +1449,22 @@ pub async fn callers_crossing_together_claim_one_recharge<S: ?Sized + QuotaInspe
         .filter(|(r, s)| *r > 400 && !matches!(s, RechargeSeen::Claimed { .. } | RechargeSeen::Open { n: 1 }))
         .collect();
     assert!(missed.is_empty(), "every call that left the balance below 600 saw the claim or made it: {missed:?}");
+    // Its payment told by several callers at once (a webhook redelivered while the worker
+    // reports): one is first, the others are told it was paid.
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = h.shared();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            store.reserve(&ask(&key, 0, None, 800 + task, 1).recharging(RechargeMode::Paid { n: 1 })).await.unwrap()
+        }));
+    }
+    let mut firsts = 0;
+    for t in tasks {
+        match t.await.unwrap().recharge {
+            RechargeSeen::Paid { n: 1, first } => firsts += usize::from(first),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(firsts, 1, "paid first once");
 }
