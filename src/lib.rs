@@ -44,6 +44,8 @@ pub mod guide {
     pub mod dynamodb {}
     #[doc = include_str!("../docs/postgres.md")]
     pub mod postgres {}
+    #[doc = include_str!("../docs/redis.md")]
+    pub mod redis {}
     #[doc = include_str!("../docs/stripe.md")]
     pub mod stripe {}
     #[doc = include_str!("../docs/metronome.md")]

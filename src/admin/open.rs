@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::{
     config::StoreRole,
     config::{Config, PlanId, TenantId},
-    engine::{BuildError, OpenStores},
+    engine::{BuildError, OpenStores, Opened},
     store::{
         limited::{Limited, Path, Policy},
         DirectoryEvents, DirectoryStore, OutboxStore, QuotaStore, Store, TenantRecord, UsageExportStore,
@@ -129,10 +129,10 @@ impl Admin {
     /// The store could not be opened, or its kind needs a cargo feature this build lacks.
     pub async fn open(config: &Config) -> Result<Self, BuildError> {
         let mut open = OpenStores::default();
-        let directory = open.role(config, StoreRole::Directory).await?;
-        let usage = open.role(config, StoreRole::Usage).await?;
-        let quota = open.role(config, StoreRole::Quota).await?;
-        let alerts = open.role(config, StoreRole::Alerts).await?;
+        let directory = open.serving(config, StoreRole::Directory, Opened::directory).await?;
+        let usage = open.serving(config, StoreRole::Usage, Opened::usage).await?;
+        let quota = open.serving(config, StoreRole::Quota, Opened::quota).await?;
+        let alerts = open.serving(config, StoreRole::Alerts, Opened::alerts).await?;
         let calls = Policy::standalone();
         Ok(Self::limited(directory, usage, calls).with_quota(quota).with_alerts(alerts).with_config(config.clone()))
     }

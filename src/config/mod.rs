@@ -61,7 +61,7 @@ pub use recharge::RechargeSpec;
 pub(crate) use route::normalize_path;
 pub use route::RoutePattern;
 pub use routes::{HoldEstimate, HoldSettle, Overrun, RouteHold, RouteSpec};
-pub use store::{Migrate, PostgresSettings, StoreRole, StoreSettings, Synchronous};
+pub use store::{Migrate, PostgresSettings, RedisSettings, StoreRole, StoreSettings, Synchronous};
 pub use stripe::{CreditSettings, RefundPolicy, StatusOutcome, StripeSettings};
 pub use tenants::TenantSpec;
 pub(crate) use tenants::ANONYMOUS_TENANT;

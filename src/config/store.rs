@@ -22,6 +22,8 @@ pub(crate) struct RawStore {
     pub(crate) statement_timeout: Option<String>,
     pub(crate) migrate: Option<String>,
     pub(crate) ca_file: Option<String>,
+    /// `kind = "redis"`: the prefix of its keys.
+    pub(crate) prefix: Option<String>,
     /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
     /// `[store.rate]`, `[store.places]`: a store of that role's own (only under `[store]`).
     pub(crate) quota: Option<Box<RawStore>>,
@@ -62,6 +64,43 @@ pub enum StoreSettings {
     /// `kind = "postgres"`: one schema of a PostgreSQL database shared by a fleet (cargo
     /// feature `postgres`).
     Postgres(PostgresSettings),
+    /// `kind = "redis"`: a Redis (or Valkey) server a fleet shares, for the rate, places and
+    /// idempotency roles only, beside a durable store for the others (cargo feature `redis`).
+    Redis(RedisSettings),
+}
+
+/// The keys of `kind = "redis"`.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisSettings {
+    /// The server's URL (`url`: `redis://` or `rediss://`, a user and password in it if any);
+    /// without it, the `REDIS_URL` environment variable is read when the store opens. Never
+    /// shown: it may hold a password.
+    pub url: Option<String>,
+    /// The prefix of every key the store writes or reads (`prefix`, default `tollgate`): keys
+    /// outside it are never touched.
+    pub prefix: String,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self { url: None, prefix: "tollgate".to_owned() }
+    }
+}
+
+impl RedisSettings {
+    /// The roles a Redis store serves: what a fleet shares in the request path and may lose
+    /// at worst a second or two of in a server crash (docs/redis.md).
+    pub const ROLES: [StoreRole; 3] = [StoreRole::Rate, StoreRole::Places, StoreRole::Idempotency];
 }
 
 /// The keys of `[store] kind = "postgres"`.
@@ -134,6 +173,7 @@ impl StoreSettings {
             StoreSettings::Sqlite { .. } => "sqlite",
             StoreSettings::Dynamodb { .. } => "dynamodb",
             StoreSettings::Postgres(_) => "postgres",
+            StoreSettings::Redis(_) => "redis",
         }
     }
 
@@ -143,7 +183,7 @@ impl StoreSettings {
     pub fn is_shared(&self) -> bool {
         match self {
             StoreSettings::Memory | StoreSettings::Sqlite { .. } => false,
-            StoreSettings::Dynamodb { .. } | StoreSettings::Postgres(_) => true,
+            StoreSettings::Dynamodb { .. } | StoreSettings::Postgres(_) | StoreSettings::Redis(_) => true,
         }
     }
 
@@ -155,6 +195,7 @@ impl StoreSettings {
             StoreSettings::Sqlite { .. } => Some("sqlite"),
             StoreSettings::Dynamodb { .. } => Some("dynamodb"),
             StoreSettings::Postgres(_) => Some("postgres"),
+            StoreSettings::Redis(_) => Some("redis"),
         }
     }
 }
@@ -175,6 +216,7 @@ impl std::fmt::Display for StoreSettings {
             StoreSettings::Dynamodb { table, endpoint: Some(e) } => write!(f, "dynamodb table {table} at {e}"),
             // The URL is never shown (it may hold a password).
             StoreSettings::Postgres(p) => write!(f, "postgres schema {}", p.schema),
+            StoreSettings::Redis(r) => write!(f, "redis keys under {}", r.prefix),
         }
     }
 }
@@ -332,6 +374,37 @@ impl Validator<'_, '_> {
             alerts: role("alerts", &raw.alerts)?,
         };
         self.one_kind_of_sharing(&store, &roles)?;
+        // Redis serves the roles a fleet shares in the request path; the others need a durable
+        // store (billing reads them back), placed at the section that names Redis.
+        for role in StoreRole::ALL {
+            if matches!(roles.of(role, &store), StoreSettings::Redis(_)) && !RedisSettings::ROLES.contains(&role) {
+                let at = if roles.get(role).is_some() {
+                    format!("store.{}.kind", role.name())
+                } else if matches!(role, StoreRole::Alerts) && roles.usage.is_some() {
+                    "store.usage.kind".to_owned()
+                } else {
+                    "store.kind".to_owned()
+                };
+                return Err(self.invalid(
+                    &at,
+                    format!(
+                        "the {} role cannot be kept on Redis: {}; Redis serves [store.rate], [store.places] and \
+                         [store.idempotency] beside a durable [store] (PostgreSQL, DynamoDB or SQLite): see \
+                         docs/redis.md",
+                        role.name(),
+                        match role {
+                            StoreRole::Quota =>
+                                "its hard quotas, prepaid balances and credit grants are money and \
+                                 limits that a Redis crash may lose the last second of (the quota role on Redis \
+                                 is not built yet)",
+                            _ =>
+                                "usage, exports, the ledger, the directory and the alerts outbox are what billing \
+                                 reads back, and need a durable store",
+                        }
+                    ),
+                ));
+            }
+        }
         // A fleet rate or concurrency on SQLite is the processes sharing the file's: kept in
         // one process's memory beside it, each process would keep its own. The alerts outbox
         // is durable as usage is: in memory beside a durable usage store, a crash would lose
@@ -431,6 +504,7 @@ impl Validator<'_, '_> {
                 v => Ok(v.clone()),
             }
         };
+        let redis_only = || only("prefix", raw.prefix.is_some(), "\"redis\"");
         let postgres_only = || {
             for (key, set) in [
                 ("url", raw.url.is_some()),
@@ -451,12 +525,14 @@ impl Validator<'_, '_> {
                 only("table", raw.table.is_some(), "\"dynamodb\"")?;
                 only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
                 postgres_only()?;
+                redis_only()?;
                 Ok(StoreSettings::Memory)
             }
             "sqlite" => {
                 only("table", raw.table.is_some(), "\"dynamodb\"")?;
                 only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
                 postgres_only()?;
+                redis_only()?;
                 let path = text("path", &raw.path)?.unwrap_or_else(|| "tollgate.db".to_owned());
                 let synchronous = match raw.synchronous.as_deref() {
                     None | Some("full") => Synchronous::Full,
@@ -471,6 +547,7 @@ impl Validator<'_, '_> {
                 only("path", raw.path.is_some(), "\"sqlite\"")?;
                 only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
                 postgres_only()?;
+                redis_only()?;
                 let Some(table) = text("table", &raw.table)? else {
                     return Err(self.invalid(
                         &format!("{at}.table"),
@@ -484,6 +561,7 @@ impl Validator<'_, '_> {
                 only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
                 only("table", raw.table.is_some(), "\"dynamodb\"")?;
                 only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                redis_only()?;
                 let mut p = PostgresSettings { url: text("url", &raw.url)?, ..PostgresSettings::default() };
                 if let Some(schema) = text("schema", &raw.schema)? {
                     let plain = schema.len() <= 63
@@ -522,9 +600,38 @@ impl Validator<'_, '_> {
                 p.ca_file = text("ca_file", &raw.ca_file)?.map(Into::into);
                 Ok(StoreSettings::Postgres(p))
             }
+            "redis" => {
+                only("path", raw.path.is_some(), "\"sqlite\"")?;
+                only("synchronous", raw.synchronous.is_some(), "\"sqlite\"")?;
+                only("table", raw.table.is_some(), "\"dynamodb\"")?;
+                only("endpoint", raw.endpoint.is_some(), "\"dynamodb\"")?;
+                for (key, set) in [
+                    ("schema", raw.schema.is_some()),
+                    ("pool_size", raw.pool_size.is_some()),
+                    ("statement_timeout", raw.statement_timeout.is_some()),
+                    ("migrate", raw.migrate.is_some()),
+                    ("ca_file", raw.ca_file.is_some()),
+                ] {
+                    only(key, set, "\"postgres\"")?;
+                }
+                let mut r = RedisSettings { url: text("url", &raw.url)?, ..RedisSettings::default() };
+                if let Some(prefix) = text("prefix", &raw.prefix)? {
+                    // A hash tag in the prefix would put every key in one slot of a cluster.
+                    if prefix.len() > 64 || prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {
+                        return Err(self.invalid(
+                            &format!("{at}.prefix"),
+                            "a key prefix is at most 64 bytes, without braces or spaces",
+                        ));
+                    }
+                    r.prefix = prefix;
+                }
+                Ok(StoreSettings::Redis(r))
+            }
             other => Err(self.invalid(
                 &format!("{at}.kind"),
-                format!("unknown store kind `{other}`: expected \"sqlite\", \"memory\", \"dynamodb\" or \"postgres\""),
+                format!(
+                    "unknown store kind `{other}`: expected \"sqlite\", \"memory\", \"dynamodb\", \"postgres\" or \"redis\""
+                ),
             )),
         }
     }

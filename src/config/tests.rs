@@ -789,6 +789,7 @@ mod reference {
         feature = "metronome",
         feature = "dynamodb",
         feature = "postgres",
+        feature = "redis",
         feature = "alerts"
     ))]
     #[test]
@@ -826,11 +827,22 @@ mod reference {
         let anonymous = identify.remove("anonymous_plan").expect("identify.anonymous_plan");
         main.insert("identify".into(), identify.clone().into());
         load(&main, "as one configuration");
-        // Each role's section, as the store of every role.
+        // Each role's section, as the store of every role; a Redis one (which serves a few
+        // roles only) as its role's, beside the PostgreSQL section as `[store]`.
+        let kind = |section: &toml::Value| section.get("kind").and_then(toml::Value::as_str).map(str::to_owned);
+        let durable =
+            roles.iter().find(|(_, s)| kind(s).as_deref() == Some("postgres")).expect("a postgres role").1.clone();
         for (role, section) in roles {
             let mut t = main.clone();
-            t.insert("store".into(), section);
-            load(&t, &format!("[store.{role}] as [store]"));
+            if kind(&section).as_deref() == Some("redis") {
+                let mut store = durable.as_table().cloned().unwrap();
+                store.insert(role.into(), section);
+                t.insert("store".into(), store.into());
+                load(&t, &format!("[store.{role}] beside [store] on postgres"));
+            } else {
+                t.insert("store".into(), section);
+                load(&t, &format!("[store.{role}] as [store]"));
+            }
         }
         // `export.file`, with the sink that takes it.
         let mut t = main.clone();

@@ -45,6 +45,15 @@ pub enum BuildError {
     /// The store named by the configuration could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[source] crate::store::StoreError),
+    /// The configuration names, for a role, a store that does not serve it (the
+    /// configuration refuses it at load: a configuration built in code may not).
+    #[error("the {role} role cannot be kept on a {kind} store (docs/redis.md)")]
+    NotServed {
+        /// The store kind.
+        kind: &'static str,
+        /// The role.
+        role: &'static str,
+    },
     /// The configuration names a store whose cargo feature is not compiled in.
     #[error(
         "the store kind \"{kind}\" (`[store] kind`; \"sqlite\" without a [store] section) needs tollgate's \
@@ -60,7 +69,30 @@ pub enum BuildError {
 }
 
 /// Opens the store `settings` name.
-pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store>, BuildError> {
+pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Opened, BuildError> {
+    #[cfg(feature = "redis")]
+    if let StoreSettings::Redis(r) = settings {
+        let url = match &r.url {
+            Some(url) => url.clone(),
+            None => std::env::var("REDIS_URL").map_err(|_| {
+                BuildError::Store(crate::store::StoreError::Backend(
+                    "kind = \"redis\" without `url` reads REDIS_URL, which is not set".into(),
+                ))
+            })?,
+        };
+        let store = crate::store::RedisStore::open(&url, &r.prefix, REDIS_TIMEOUT).await.map_err(BuildError::Store)?;
+        return Ok(Opened::Redis(Arc::new(store)));
+    }
+    open_whole(settings).await.map(Opened::Whole)
+}
+
+/// How long connecting to a Redis server, and each of its calls, may take (the engine bounds
+/// the calls of each path tighter).
+#[cfg(feature = "redis")]
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens the store of every role `settings` name.
+async fn open_whole(settings: &StoreSettings) -> Result<Arc<dyn Store>, BuildError> {
     match settings {
         StoreSettings::Memory => Ok(Arc::new(MemoryStore::new())),
         #[cfg(feature = "sqlite")]
@@ -85,17 +117,65 @@ pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Arc<dyn Store
     }
 }
 
+/// A store opened for some roles: one of every role, or one of the roles a Redis server
+/// serves.
+#[derive(Debug, Clone)]
+pub(crate) enum Opened {
+    /// A store of every role.
+    Whole(Arc<dyn Store>),
+    /// A Redis store: rate, places and idempotency.
+    #[cfg(feature = "redis")]
+    Redis(Arc<crate::store::RedisStore>),
+}
+
+/// Each role of an opened store, as the engine holds it: `None` when the store does not serve
+/// it (the configuration refuses such a store at load).
+macro_rules! role_of {
+    ($name:ident, $trait:path, $redis:expr) => {
+        pub(crate) fn $name(&self) -> Option<Arc<dyn $trait>> {
+            match self {
+                Opened::Whole(s) => Some(s.clone()),
+                #[cfg(feature = "redis")]
+                #[allow(clippy::redundant_closure_call)]
+                Opened::Redis(r) => ($redis)(r.clone()),
+            }
+        }
+    };
+}
+
+impl Opened {
+    role_of!(quota, QuotaStore, |_| None);
+    role_of!(usage, UsageExportStore, |_| None);
+    role_of!(directory, DirectoryStore, |_| None);
+    role_of!(alerts, OutboxStore, |_| None);
+    role_of!(idempotency, IdempotencyStore, |r| Some(r as Arc<dyn IdempotencyStore>));
+    role_of!(rate, RateStore, |r| Some(r as Arc<dyn RateStore>));
+    role_of!(places, PlaceStore, |r| Some(r as Arc<dyn PlaceStore>));
+}
+
 /// Opens the stores a configuration names, one per distinct setting: the store of each role
 /// (`[store]`'s, or a role's own section), a setting named by several roles opened once.
 #[derive(Debug, Default)]
 pub(crate) struct OpenStores {
-    opened: Vec<(StoreSettings, Arc<dyn Store>)>,
+    opened: Vec<(StoreSettings, Opened)>,
 }
 
 impl OpenStores {
+    /// The store of `role` in `config` as the role is served, or a [`BuildError::NotServed`]
+    /// (a configuration refuses it at load).
+    pub(crate) async fn serving<T: ?Sized>(
+        &mut self,
+        config: &Config,
+        role: StoreRole,
+        of: impl FnOnce(&Opened) -> Option<Arc<T>>,
+    ) -> Result<Arc<T>, BuildError> {
+        let opened = self.role(config, role).await?;
+        of(&opened).ok_or(BuildError::NotServed { kind: config.store_of(role).kind(), role: role.name() })
+    }
+
     /// The store of `role` in `config`, opened if no role opened it yet: a SQLite file is the
     /// same store however its path is spelled (`./`, `..`, relative or absolute, a link).
-    pub(crate) async fn role(&mut self, config: &Config, role: StoreRole) -> Result<Arc<dyn Store>, BuildError> {
+    pub(crate) async fn role(&mut self, config: &Config, role: StoreRole) -> Result<Opened, BuildError> {
         let settings = config.store_of(role);
         let wanted = identity(settings);
         if let Some((opened, store)) = self.opened.iter().find(|(s, _)| identity(s) == wanted) {
@@ -383,26 +463,27 @@ impl Builder {
     pub async fn open(mut self) -> Result<(Tollgate, Worker), BuildError> {
         if self.lacks_a_store() {
             let mut open = OpenStores::default();
+            let config = &self.config;
             if self.quota.is_none() {
-                self.quota = Some(open.role(&self.config, StoreRole::Quota).await?);
+                self.quota = Some(open.serving(config, StoreRole::Quota, Opened::quota).await?);
             }
             if self.usage.is_none() {
-                self.usage = Some(open.role(&self.config, StoreRole::Usage).await?);
+                self.usage = Some(open.serving(config, StoreRole::Usage, Opened::usage).await?);
             }
             if self.directory.is_none() {
-                self.directory = Some(open.role(&self.config, StoreRole::Directory).await?);
+                self.directory = Some(open.serving(config, StoreRole::Directory, Opened::directory).await?);
             }
             if self.idempotency.is_none() {
-                self.idempotency = Some(open.role(&self.config, StoreRole::Idempotency).await?);
+                self.idempotency = Some(open.serving(config, StoreRole::Idempotency, Opened::idempotency).await?);
             }
             if self.rate.is_none() {
-                self.rate = Some(open.role(&self.config, StoreRole::Rate).await?);
+                self.rate = Some(open.serving(config, StoreRole::Rate, Opened::rate).await?);
             }
             if self.places.is_none() {
-                self.places = Some(open.role(&self.config, StoreRole::Places).await?);
+                self.places = Some(open.serving(config, StoreRole::Places, Opened::places).await?);
             }
             if self.alerts.is_none() {
-                self.alerts = Some(open.role(&self.config, StoreRole::Alerts).await?);
+                self.alerts = Some(open.serving(config, StoreRole::Alerts, Opened::alerts).await?);
             }
             self.configured = true;
         }

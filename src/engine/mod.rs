@@ -29,8 +29,8 @@ pub use admit::capture::{is_stored_header, BodyPrint, ResponseCapture, DRAIN_LIM
 pub use admit::stage::{Admission, PendingAdmission, RequestInfo};
 pub use admit::ticket::{InFlight, Ticket};
 pub use alerts::{AlertReport, EndpointError};
-pub(crate) use builder::OpenStores;
 pub use builder::{BuildError, Builder};
+pub(crate) use builder::{OpenStores, Opened};
 pub(crate) use door::credential_by;
 pub use door::{replay_response, ClientAddr, FrontDoor, RequestView};
 pub use engine::Tollgate;

@@ -42,8 +42,12 @@ mod place;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod quota;
+#[cfg(any(feature = "dynamodb", feature = "redis"))]
+pub(crate) mod race;
 mod rate;
 pub(crate) mod recharge;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 mod usage;
@@ -85,6 +89,9 @@ pub use recharge::{
     month_of, RechargeClaim, RechargeFailure, RechargeMode, RechargePack, RechargeSeen, RechargeSetting, RechargeState,
     CLAIM_TAKEN_SECS, FAILURES_BEFORE_OFF, RETRY_AFTER_FAILURE_SECS,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{RedisStore, LAYOUT_VERSION as REDIS_LAYOUT_VERSION};
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteStore;

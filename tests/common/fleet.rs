@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{node_with_worker, Harness, NOON};
+use super::{node_on, node_with_worker, Harness, NodeStore, NOON};
 use tollgate::{
     door::{Admission, Credential, RequestInfo},
     RejectionKind,
@@ -34,10 +34,15 @@ pub const D: i64 = 50_000_000;
 
 /// A request of tenant `t`: admitted (its ticket completed), or why not.
 pub async fn send(h: &Harness) -> Result<(), tollgate::Rejection> {
-    let info = RequestInfo::new("GET", "/", Credential::ApiKey(b"key-t"));
-    let ticket = match h.tollgate.admit(&info) {
+    send_key(&h.tollgate, "key-t").await
+}
+
+/// A request with the API key `key` to `engine`: admitted (its ticket completed), or why not.
+pub async fn send_key(engine: &tollgate::Tollgate, key: &str) -> Result<(), tollgate::Rejection> {
+    let info = RequestInfo::new("GET", "/", Credential::ApiKey(key.as_bytes()));
+    let ticket = match engine.admit(&info) {
         Admission::Admitted(t) => t,
-        Admission::Pending(p) => h.tollgate.resolve(p).await?,
+        Admission::Pending(p) => engine.resolve(p).await?,
         Admission::Rejected(r) => return Err(r),
     };
     assert!(ticket.complete(200));
@@ -65,12 +70,20 @@ pub async fn four_nodes_send_each(
     secs: i64,
     step: std::time::Duration,
 ) -> (Vec<(i64, i64)>, Vec<Arc<Harness>>) {
+    four_nodes_send_on(stores.map(NodeStore::from), scope, secs, step).await
+}
+
+/// [`four_nodes_send`], each node on its own stores.
+pub async fn four_nodes_send_on(
+    stores: [NodeStore; 4],
+    scope: &str,
+    secs: i64,
+    step: std::time::Duration,
+) -> (Vec<(i64, i64)>, Vec<Arc<Harness>>) {
     let toml = TOML.replace("SCOPE", scope);
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let nodes: Vec<Arc<Harness>> = stores
-        .into_iter()
-        .map(|store| Arc::new(node_with_worker(&toml, store, clock.clone(), handle.clone())))
-        .collect();
+    let nodes: Vec<Arc<Harness>> =
+        stores.iter().map(|stores| Arc::new(node_on(&toml, stores, clock.clone(), handle.clone()))).collect();
     let admitted = Arc::new(Mutex::new(Vec::new()));
     let end = NOON * 1_000_000_000 + secs * 1_000_000_000;
     let mut tasks = tokio::task::JoinSet::new();
@@ -140,8 +153,13 @@ pub async fn four_nodes_share_one_rate_each(
     stores: [Arc<dyn tollgate::store::StoreInspect>; 4],
     step: std::time::Duration,
 ) {
+    four_nodes_share_one_rate_on(stores.map(NodeStore::from), step).await;
+}
+
+/// [`four_nodes_share_one_rate`], each node on its own stores.
+pub async fn four_nodes_share_one_rate_on(stores: [NodeStore; 4], step: std::time::Duration) {
     let secs = 2;
-    let (admitted, nodes) = four_nodes_send_each(stores, "fleet", secs, step).await;
+    let (admitted, nodes) = four_nodes_send_on(stores, "fleet", secs, step).await;
     assert_eq!(excess_over_bound(&admitted), 0, "the fleet passed its bound");
     let ideal = BURST + secs * 1_000_000_000 / T;
     assert!(admitted.len() as i64 > ideal / 2, "the fleet under-admits: {} of about {ideal}", admitted.len());

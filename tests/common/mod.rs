@@ -14,6 +14,8 @@ pub mod places;
 pub mod postgres;
 #[cfg(feature = "stripe")]
 pub mod recharge;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod stripe;
 
 use std::{
@@ -216,8 +218,47 @@ pub fn one_tenant(plan: &str) -> String {
 
 /// A node of a fleet: a harness whose worker runs in the background.
 pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Harness {
+    node_on(toml, &NodeStore::Whole(store), clock, handle)
+}
+
+/// The stores of a node in a fleet test: one of every role, or the fleet roles a Redis server
+/// serves (rate, places, idempotency) on it beside one of every other role.
+#[derive(Clone)]
+pub enum NodeStore {
+    /// One store of every role.
+    Whole(Arc<dyn Store>),
+    /// `rest`, with the rate, places and idempotency roles on `fleet`.
+    Beside { rest: Arc<dyn Store>, fleet: Arc<dyn FleetRoles> },
+}
+
+/// The roles a Redis store serves.
+pub trait FleetRoles:
+    tollgate::store::RateStore + tollgate::store::PlaceStore + tollgate::store::IdempotencyStore
+{
+}
+impl<T> FleetRoles for T where
+    T: tollgate::store::RateStore + tollgate::store::PlaceStore + tollgate::store::IdempotencyStore
+{
+}
+
+impl From<Arc<dyn StoreInspect>> for NodeStore {
+    fn from(store: Arc<dyn StoreInspect>) -> Self {
+        NodeStore::Whole(store)
+    }
+}
+
+/// A node on `stores`, its worker running, on the fake clock.
+pub fn node_on(toml: &str, stores: &NodeStore, clock: Clock, handle: FakeClock) -> Harness {
     let config = Config::from_toml_str(toml).expect("valid test configuration");
-    let (engine, worker) = Tollgate::builder(config).store_arc(store).clock(clock).build();
+    let builder = match stores {
+        NodeStore::Whole(store) => Tollgate::builder(config).store_arc(store.clone()),
+        NodeStore::Beside { rest, fleet } => Tollgate::builder(config)
+            .store_arc(rest.clone())
+            .rate_store(fleet.clone())
+            .places_store(fleet.clone())
+            .idempotency_store(fleet.clone()),
+    };
+    let (engine, worker) = builder.clock(clock).build();
     let layer = tollgate::TollgateLayer::new(engine).streamed_bodies();
     tokio::spawn(worker.run());
     let tollgate = layer.handle().clone();

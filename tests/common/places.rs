@@ -6,7 +6,7 @@ use std::sync::{
     Arc,
 };
 
-use super::{node_with_worker, Harness, NOON};
+use super::{node_on, Harness, NodeStore, NOON};
 use tollgate::{
     door::{Admission, Credential, RequestInfo, Ticket},
     RejectionKind,
@@ -53,11 +53,14 @@ pub async fn four_nodes_run_at_most_with(store: Arc<dyn tollgate::store::StoreIn
 /// [`four_nodes_run_at_most_with`], each node with its own handle of the store (processes
 /// sharing a SQLite file: each its own connections).
 pub async fn four_nodes_run_at_most_each(stores: [Arc<dyn tollgate::store::StoreInspect>; 4], toml: &str) {
+    four_nodes_run_at_most_on(stores.map(NodeStore::from), toml).await;
+}
+
+/// [`four_nodes_run_at_most_with`], each node on its own stores.
+pub async fn four_nodes_run_at_most_on(stores: [NodeStore; 4], toml: &str) {
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let nodes: Vec<Arc<Harness>> = stores
-        .into_iter()
-        .map(|store| Arc::new(node_with_worker(toml, store, clock.clone(), handle.clone())))
-        .collect();
+    let nodes: Vec<Arc<Harness>> =
+        stores.iter().map(|stores| Arc::new(node_on(toml, stores, clock.clone(), handle.clone()))).collect();
     let inside = Arc::new(AtomicU32::new(0));
     let most = Arc::new(AtomicU32::new(0));
     let mut tasks = tokio::task::JoinSet::new();

@@ -10,5 +10,6 @@ mod crash;
 mod dynamodb;
 mod ids;
 mod postgres;
+mod redis;
 mod sqlite;
 mod store_conformance;

@@ -2,7 +2,7 @@
 //! `test-util` feature for stores written elsewhere), run against every store of this crate:
 //! adding a store is one maker and one `store_conformance!` line.
 
-#[cfg(any(feature = "dynamodb", feature = "postgres"))]
+#[cfg(any(feature = "dynamodb", feature = "postgres", feature = "redis"))]
 use crate::common;
 
 use std::sync::Arc;
@@ -85,3 +85,25 @@ async fn pgbouncer_store() -> Option<Made> {
 }
 #[cfg(feature = "postgres")]
 tollgate::store_conformance!(postgres_behind_pgbouncer, pgbouncer_store());
+
+/// Redis: keys under a prefix of its own per test on the local server that `scripts/test.sh`
+/// starts (`TOLLGATE_REDIS_URL`), for the roles a Redis store serves; every restart point opens
+/// a new connection (what the server holds stays). Without a server the tests skip loudly, and
+/// fail under CI.
+#[cfg(feature = "redis")]
+async fn redis_store() -> Option<StoreUnderTest<tollgate::store::RedisStore>> {
+    let (store, prefix) = common::redis::store().await?;
+    let url = common::redis::url()?;
+    Some(StoreUnderTest::new(Arc::new(store), move |old| {
+        drop(old);
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move {
+            let timeout = std::time::Duration::from_secs(5);
+            Arc::new(
+                tollgate::store::RedisStore::open(&url, &prefix, timeout).await.expect("the Redis store opens again"),
+            )
+        }
+    }))
+}
+#[cfg(feature = "redis")]
+tollgate::store_conformance!(redis, redis_store(), idempotency, rate, place);

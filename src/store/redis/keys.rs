@@ -1,0 +1,90 @@
+//! The RedisStore's keys (docs/redis.md, "Keys"), layout version 1:
+//!
+//! - `PREFIX:layout`: the layout version of the keys under the prefix;
+//! - `PREFIX:1:{TENANT}:rate`: a tenant's shared GCRA bucket (`tat`, `senders`);
+//! - `PREFIX:1:{TENANT}:places`: a tenant's places in flight (`holders`);
+//! - `PREFIX:1:{KEY}:idem`: an `Idempotency-Key` binding (`request`, `owner`, `completed`,
+//!   `until`, `expires`, `response`), KEY the digest the engine gives;
+//! - `PREFIX:1:{idem-bytes}:BUCKET:SHARD`: the bytes of stored responses counted per window
+//!   bucket, in shards;
+//! - `PREFIX:probe`: the key the check at open writes nothing to.
+//!
+//! Every row is a hash with its version `v`. The braces are a hash tag: a tenant's keys share a
+//! slot of a Redis Cluster. `{`, `}` and `%` in a tenant's id are written `%7B`, `%7D` and
+//! `%25`, so that the tag is the whole id.
+
+use crate::base::TenantId;
+
+/// The version of the key layout this tollgate writes and reads.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// The keys under one prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+/// `text` as a hash tag's content: braces and `%` escaped.
+fn tag(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('{');
+    for c in text.chars() {
+        match c {
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    out.push('}');
+    out
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(crate) fn layout(&self) -> String {
+        format!("{}:layout", self.prefix)
+    }
+
+    pub(crate) fn probe(&self) -> String {
+        format!("{}:probe", self.prefix)
+    }
+
+    pub(crate) fn rate(&self, tenant: &TenantId) -> String {
+        format!("{}:{LAYOUT_VERSION}:{}:rate", self.prefix, tag(tenant.as_str()))
+    }
+
+    pub(crate) fn places(&self, tenant: &TenantId) -> String {
+        format!("{}:{LAYOUT_VERSION}:{}:places", self.prefix, tag(tenant.as_str()))
+    }
+
+    pub(crate) fn idempotency(&self, key: &str) -> String {
+        format!("{}:{LAYOUT_VERSION}:{}:idem", self.prefix, tag(key))
+    }
+
+    pub(crate) fn idempotency_bytes(&self, bucket: i64, shard: u64) -> String {
+        format!("{}:{LAYOUT_VERSION}:{{idem-bytes}}:{bucket}:{shard}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_keys_share_one_hash_tag_whatever_its_id() {
+        let keys = Keys::new("tg");
+        assert_eq!(keys.rate(&"acme".into()), "tg:1:{acme}:rate");
+        assert_eq!(keys.places(&"a}b{c%".into()), "tg:1:{a%7Db%7Bc%25}:places");
+        // Escaped, the tag is the whole id: two ids never share it unless equal.
+        assert_ne!(tag("a}"), tag("a"));
+        assert_eq!(keys.idempotency_bytes(3, 7), "tg:1:{idem-bytes}:3:7");
+    }
+}

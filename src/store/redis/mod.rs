@@ -1,0 +1,238 @@
+//! [`RedisStore`]: the roles a fleet shares on a Redis (or Valkey) server it already runs,
+//! beside a durable store for the rest (docs/redis.md).
+//!
+//! The rules stay in Rust, written once beside each role's trait ([`RateRow`](super::RateRow),
+//! [`PlaceRow`](super::PlaceRow), the idempotency rules): a call reads its row (one hash, with a
+//! version field `v`), applies them, and writes the row back with one small Lua script that
+//! compares the version and writes (a compare-and-set; EVALSHA, loaded again on NOSCRIPT),
+//! read again when another node wrote in between ([`race`](super::race)). Lua carries no rule
+//! of a role. Every key is one tenant's (or one `Idempotency-Key`'s), hash-tagged by it, so
+//! every script touches one slot.
+
+mod idempotency;
+mod keys;
+mod place;
+mod rate;
+
+use std::{collections::HashMap, fmt, time::Duration};
+
+use redis::{aio::ConnectionManager, AsyncCommands as _};
+
+use super::StoreError;
+
+pub use keys::LAYOUT_VERSION;
+
+/// The compare-and-set every write runs: the row's version (`v`) must be the one read
+/// (`ARGV[1]`, empty when the row was absent); the row is then replaced by the fields given
+/// (`ARGV[3..]`, name and value pairs; none: the row is deleted), its version the next, and
+/// expires `ARGV[2]` milliseconds later (0: never; -1: when it would have). 1 when written, 0
+/// when another write came first.
+const CAS: &str = r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if (v or '') ~= ARGV[1] then return 0 end
+local ttl = ARGV[2]
+if ttl == '-1' then ttl = tostring(redis.call('PTTL', KEYS[1])) end
+redis.call('DEL', KEYS[1])
+if #ARGV > 2 then
+  redis.call('HSET', KEYS[1], 'v', tostring((tonumber(v) or 0) + 1), unpack(ARGV, 3))
+  if tonumber(ttl) > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
+return 1
+";
+
+/// How long a row written is kept.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Ttl {
+    /// This long from the write (on the server's clock).
+    For(Duration),
+    /// As long as the row read would have been.
+    AsItWas,
+}
+
+/// A store of tollgate's fleet roles on Redis: tenants' shared rates, places in flight and
+/// `Idempotency-Key` bindings. Cheap to clone (one multiplexed connection, re-established by
+/// redis-rs's connection manager).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    keys: keys::Keys,
+    cas: redis::Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("RedisStore").field("prefix", &self.keys.prefix()).finish_non_exhaustive()
+    }
+}
+
+/// A Redis error as a store error: its kind and message, never the URL (a password).
+fn backend(e: &redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: {e}").into())
+}
+
+/// One row read: its fields (`v`, the version, among them).
+#[derive(Debug, Default)]
+pub(super) struct Row(HashMap<String, Vec<u8>>);
+
+impl Row {
+    /// Whether it exists.
+    pub(super) fn exists(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// Its version, as the compare-and-set compares it (empty: absent).
+    pub(super) fn version(&self) -> String {
+        self.text("v").unwrap_or_default().to_owned()
+    }
+
+    /// A field's text.
+    pub(super) fn text(&self, field: &str) -> Option<&str> {
+        self.0.get(field).and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    /// A field's bytes.
+    pub(super) fn bytes(&self, field: &str) -> Option<&[u8]> {
+        self.0.get(field).map(Vec::as_slice)
+    }
+
+    /// A field's integer (absent: `None`).
+    ///
+    /// # Errors
+    /// A field that is not an integer: the row is not one this store wrote.
+    pub(super) fn int(&self, field: &str) -> Result<Option<i64>, StoreError> {
+        match self.text(field) {
+            None => Ok(None),
+            Some(t) => t
+                .parse()
+                .map(Some)
+                .map_err(|_| StoreError::Backend(format!("redis: a row's `{field}` is not an integer").into())),
+        }
+    }
+}
+
+impl RedisStore {
+    /// Connects to the server at `url` (`redis://` or `rediss://`, with a user and password if
+    /// any), its keys under `prefix`, each call bounded by `timeout` (connecting too); checks
+    /// that the server runs Lua scripts and that the keys' layout is this version's (writing
+    /// the version when the prefix is empty), and warns when the server may lose or evict
+    /// counters (`appendonly no`, a `maxmemory-policy` other than `noeviction`).
+    ///
+    /// # Errors
+    /// An unreadable URL, an unreachable server (within `timeout`), a refused password (the
+    /// error never holds the URL), a server that refuses scripts, keys of a newer layout.
+    pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| StoreError::Backend(format!("redis: the URL does not read ({:?})", e.kind()).into()))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+            .await
+            .map_err(|_| StoreError::Backend(format!("redis: no connection within {timeout:?}").into()))?
+            .map_err(|e| backend(&e))?;
+        let store = Self { conn, keys: keys::Keys::new(prefix), cas: redis::Script::new(CAS) };
+        store.check().await?;
+        Ok(store)
+    }
+
+    /// The checks at open: scripts run, the layout is this version's, the server keeps what
+    /// it is told (warned).
+    async fn check(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        // A compare-and-set of a key nobody writes: refused when the server (or a proxy) does
+        // not run scripts.
+        let probe = self.keys.probe();
+        let _: i64 = self.cas.key(&probe).arg("").arg(0).invoke_async(&mut conn).await.map_err(|e| {
+            StoreError::Backend(format!("redis: the server does not run tollgate's Lua scripts (EVALSHA): {e}").into())
+        })?;
+        let layout = self.keys.layout();
+        let _: bool = conn.set_nx(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
+        let found: Option<String> = conn.get(&layout).await.map_err(|e| backend(&e))?;
+        match found.as_deref().map(str::parse::<u32>) {
+            Some(Ok(LAYOUT_VERSION)) => {}
+            Some(Ok(newer)) if newer > LAYOUT_VERSION => {
+                return Err(StoreError::Backend(
+                    format!(
+                    "redis: the keys under `{}` are of layout {newer}, newer than this tollgate's ({LAYOUT_VERSION}): \
+                         upgrade tollgate, or use another prefix",
+                    self.keys.prefix()
+                )
+                    .into(),
+                ))
+            }
+            other => {
+                return Err(StoreError::Backend(
+                    format!("redis: `{layout}` holds {other:?}, not a layout version this tollgate wrote").into(),
+                ))
+            }
+        }
+        // Said, never refused: managed services refuse CONFIG.
+        let config = |name: &'static str| {
+            let mut conn = self.conn.clone();
+            async move {
+                let got: redis::RedisResult<Vec<String>> =
+                    redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
+                got.ok().and_then(|v| v.get(1).cloned())
+            }
+        };
+        if config("appendonly").await.as_deref() == Some("no") {
+            tracing::warn!(
+                "redis: appendonly is no: a server restart loses every counter (hard quotas, shared rates, \
+                 places, idempotency keys); set appendonly yes (docs/redis.md)"
+            );
+        }
+        if let Some(policy) = config("maxmemory-policy").await.filter(|p| p != "noeviction") {
+            tracing::warn!(
+                policy,
+                "redis: maxmemory-policy is not noeviction: a full server may evict counters; set noeviction \
+                 (docs/redis.md)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The row at `key`.
+    pub(super) async fn row(&self, key: &str) -> Result<Row, StoreError> {
+        let mut conn = self.conn.clone();
+        let fields: HashMap<String, Vec<u8>> = conn.hgetall(key).await.map_err(|e| backend(&e))?;
+        Ok(Row(fields))
+    }
+
+    /// Replaces the row at `key` by `fields` (none: deletes it) if its version is still
+    /// `read` (the version of the row read; empty: it was absent), kept as `kept` says.
+    /// Whether it was written (else another write came first).
+    pub(super) async fn put(
+        &self,
+        key: &str,
+        read: &str,
+        kept: Ttl,
+        fields: &[(&str, &[u8])],
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut call = self.cas.key(key);
+        let ms = match kept {
+            Ttl::For(t) => t.as_millis().clamp(1, i64::MAX as u128) as i64,
+            Ttl::AsItWas => -1,
+        };
+        call.arg(read).arg(ms);
+        for (name, value) in fields {
+            call.arg(*name).arg(*value);
+        }
+        let written: i64 = call.invoke_async(&mut conn).await.map_err(|e| backend(&e))?;
+        Ok(written == 1)
+    }
+
+    /// The key layout and prefix this store writes.
+    pub(super) fn keys(&self) -> &keys::Keys {
+        &self.keys
+    }
+}
+
+/// A duration of `secs` seconds from a caller's `now` to an instant `until` (both its clock):
+/// how long a row is kept, at least a second. Rows expire on the server's clock by this
+/// duration, never at the caller's instant (the two clocks may differ).
+pub(super) fn kept_for(now_secs: i64, until_secs: i64) -> Duration {
+    Duration::from_secs(u64::try_from(until_secs.saturating_sub(now_secs)).unwrap_or(0).max(1))
+}

@@ -1,0 +1,49 @@
+//! Keys of its own per test (a prefix) on the local Redis server that `scripts/test.sh` starts
+//! (`scripts/redis-server.sh`) and names in `TOLLGATE_REDIS_URL`.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use tollgate::store::RedisStore;
+
+/// The server's URL. Without one a test skips loudly; under CI it fails.
+pub fn url() -> Option<String> {
+    match std::env::var("TOLLGATE_REDIS_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => panic!(
+            "CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_REDIS_URL is not: the Redis tests must run \
+             (scripts/test.sh starts a local server)"
+        ),
+        _ => {
+            eprintln!(
+                "SKIPPED: no local Redis server (TOLLGATE_REDIS_URL is not set); scripts/test.sh starts one \
+                 (scripts/redis-server.sh)"
+            );
+            None
+        }
+    }
+}
+
+/// A prefix of the test's own (its keys apart from every other test's).
+pub fn fresh_prefix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("t{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), tollgate_draw())
+}
+
+fn tollgate_draw() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish() % 1_000_000
+}
+
+/// A store under a prefix of its own, or `None` (skipped) without a server: the prefix too,
+/// to open it again.
+pub async fn store() -> Option<(RedisStore, String)> {
+    let url = url()?;
+    let prefix = fresh_prefix();
+    let store = RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.expect("the Redis store opens");
+    Some((store, prefix))
+}
