@@ -21,7 +21,10 @@ start)
     [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >&2
+    # The package may start a server of its own on 6379: the tests never use it.
+    { $sudo service redis-server stop || true; } >/dev/null 2>&1
   fi
+  command -v redis-cli >/dev/null || { echo "redis-cli is missing (Debian's redis-tools)" >&2; exit 1; }
   mkdir -p "$dir"
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   redis-server --bind 127.0.0.1 --port "$port" --dir "$dir" --daemonize yes --pidfile "$dir/redis.pid" \
@@ -36,8 +39,10 @@ start)
   ;;
 stop)
   if [ -f "$dir/redis.pid" ]; then
-    kill "$(cat "$dir/redis.pid")" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null || break; sleep 0.1; done
+    pid=$(cat "$dir/redis.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
   fi
   rm -rf "$dir"
   ;;

@@ -355,6 +355,8 @@ impl Config {
                     "ca_file"
                 }
             }
+            (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.url != b.url => "url",
+            (StoreSettings::Redis(_), StoreSettings::Redis(_)) => "prefix",
             _ => "kind",
         };
         let origin = next.store_written.as_ref();
@@ -510,6 +512,7 @@ impl Validator<'_, '_> {
                     "statement_timeout",
                     "migrate",
                     "ca_file",
+                    "prefix",
                 ] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
                         origin.keys.insert(key, pos);
@@ -523,11 +526,13 @@ impl Validator<'_, '_> {
                 (store, roles, Some(origin))
             }
         };
-        let dynamo =
-            matches!(store_roles.get(StoreRole::Idempotency).unwrap_or(&store), StoreSettings::Dynamodb { .. });
-        // A window's share of the store's bytes (DynamoDB's in 16 counters) must hold one
-        // response of the longest stored body with its headers (allowed 8 KiB), or every such
-        // response is refused.
+        let dynamo = matches!(
+            store_roles.get(StoreRole::Idempotency).unwrap_or(&store),
+            StoreSettings::Dynamodb { .. } | StoreSettings::Redis(_)
+        );
+        // A window's share of the store's bytes (DynamoDB's and Redis's in 16 counters) must
+        // hold one response of the longest stored body with its headers (allowed 8 KiB), or
+        // every such response is refused.
         let parts = if dynamo { 32 } else { 2 };
         let longest = limits.idempotency_max_body.saturating_add(HEADERS_ALLOWANCE);
         if limits.idempotency_store_bytes / parts < longest {

@@ -389,8 +389,8 @@ impl Validator<'_, '_> {
                     &at,
                     format!(
                         "the {} role cannot be kept on Redis: {}; Redis serves [store.rate], [store.places] and \
-                         [store.idempotency] beside a durable [store] (PostgreSQL, DynamoDB or SQLite): see \
-                         docs/redis.md",
+                         [store.idempotency] beside a durable store a fleet shares as [store] (PostgreSQL or \
+                         DynamoDB): see docs/redis.md",
                         role.name(),
                         match role {
                             StoreRole::Quota =>
@@ -506,8 +506,8 @@ impl Validator<'_, '_> {
         };
         let redis_only = || only("prefix", raw.prefix.is_some(), "\"redis\"");
         let postgres_only = || {
+            only("url", raw.url.is_some(), "\"postgres\" or \"redis\"")?;
             for (key, set) in [
-                ("url", raw.url.is_some()),
                 ("schema", raw.schema.is_some()),
                 ("pool_size", raw.pool_size.is_some()),
                 ("statement_timeout", raw.statement_timeout.is_some()),

@@ -86,7 +86,7 @@ pub(crate) async fn until_won<'a, S, T>(
             Race::Won(answer) => return Ok(answer),
             Race::Lost(next) => {
                 state = next;
-                if retries.backs_off_after(n) {
+                if retries.backs_off_after(n) && n + 1 < retries.attempts {
                     backoff(n).await;
                 }
             }

@@ -14,8 +14,7 @@ use tollgate::{
 
 /// `redis-cli` against the test server: its output.
 fn cli(url: &str, args: &[&str]) -> String {
-    let port = url.rsplit(':').next().unwrap().trim_end_matches('/');
-    let out = std::process::Command::new("redis-cli").args(["-p", port]).args(args).output().expect("redis-cli runs");
+    let out = std::process::Command::new("redis-cli").args(["-u", url]).args(args).output().expect("redis-cli runs");
     assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
@@ -91,8 +90,11 @@ async fn the_configuration_puts_the_fleet_roles_on_redis() {
     );
     let config = Config::from_toml_str(&toml).unwrap();
     assert_eq!(config.store_of(tollgate::config::StoreRole::Rate).kind(), "redis");
-    let (a, _) = tollgate::Tollgate::builder(config.clone()).open().await.expect("opens postgres and redis");
-    let (b, _) = tollgate::Tollgate::builder(config).open().await.unwrap();
+    // The engines' clock stands still: a lease's spare cells stay spendable.
+    let (clock, _handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
+    let open = |config: Config| tollgate::Tollgate::builder(config).clock(clock.clone()).open();
+    let (a, _) = open(config.clone()).await.expect("opens postgres and redis");
+    let (b, _) = open(config).await.unwrap();
     let mut served = 0;
     for engine in [&a, &b, &a, &b, &a, &b] {
         if common::fleet::send_key(engine, "key-t").await.is_ok() {

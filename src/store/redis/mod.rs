@@ -24,17 +24,24 @@ pub use keys::LAYOUT_VERSION;
 
 /// The compare-and-set every write runs: the row's version (`v`) must be the one read
 /// (`ARGV[1]`, empty when the row was absent); the row is then replaced by the fields given
-/// (`ARGV[3..]`, name and value pairs; none: the row is deleted), its version the next, and
-/// expires `ARGV[2]` milliseconds later (0: never; -1: when it would have). 1 when written, 0
-/// when another write came first.
-const CAS: &str = r"
+/// (`ARGV[4..]`, name and value pairs; none: the row is deleted), its version `ARGV[3]` (a
+/// token drawn by the caller: a row deleted and made again never takes a version a stale read
+/// could match), and expires `ARGV[2]` milliseconds later (0: never; -1: when it would have).
+/// 1 when written, 0 when another write came first. The shebang gives it no flag: a server out
+/// of memory refuses it whole (a script's later writes would pass `maxmemory`).
+const CAS: &str = r"#!lua
 local v = redis.call('HGET', KEYS[1], 'v')
 if (v or '') ~= ARGV[1] then return 0 end
 local ttl = ARGV[2]
-if ttl == '-1' then ttl = tostring(redis.call('PTTL', KEYS[1])) end
+if ttl == '-1' then
+  local left = redis.call('PTTL', KEYS[1])
+  if left == -2 then return 0 end
+  if left == 0 then left = 1 end
+  ttl = tostring(left)
+end
 redis.call('DEL', KEYS[1])
-if #ARGV > 2 then
-  redis.call('HSET', KEYS[1], 'v', tostring((tonumber(v) or 0) + 1), unpack(ARGV, 3))
+if #ARGV > 3 then
+  redis.call('HSET', KEYS[1], 'v', ARGV[3], unpack(ARGV, 4))
   if tonumber(ttl) > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 end
 return 1
@@ -179,8 +186,8 @@ impl RedisStore {
         };
         if config("appendonly").await.as_deref() == Some("no") {
             tracing::warn!(
-                "redis: appendonly is no: a server restart loses every counter (hard quotas, shared rates, \
-                 places, idempotency keys); set appendonly yes (docs/redis.md)"
+                "redis: appendonly is no: a server restart loses what was written since its last snapshot \
+                 (shared rates, places, idempotency keys); set appendonly yes (docs/redis.md)"
             );
         }
         if let Some(policy) = config("maxmemory-policy").await.filter(|p| p != "noeviction") {
@@ -216,7 +223,8 @@ impl RedisStore {
             Ttl::For(t) => t.as_millis().clamp(1, i64::MAX as u128) as i64,
             Ttl::AsItWas => -1,
         };
-        call.arg(read).arg(ms);
+        // A fresh version each write: 64 random bits (a stale read never matches it again).
+        call.arg(read).arg(ms).arg(format!("{:016x}", crate::base::draw_u64()));
         for (name, value) in fields {
             call.arg(*name).arg(*value);
         }
