@@ -163,3 +163,164 @@ async fn a_newer_layout_is_refused_and_flushed_scripts_reload() {
     let e = RedisStore::open(&url, &prefix, Duration::from_secs(2)).await.unwrap_err().to_string();
     assert!(e.contains("layout 2"), "{e}");
 }
+
+/// A Redis server of the test's own, on `dir`'s files, `appendfsync` as given: killed with
+/// SIGKILL when dropped.
+struct OwnServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl OwnServer {
+    async fn start(dir: &std::path::Path, fsync: &str, port: u16) -> Self {
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir"])
+            .arg(dir)
+            .args(["--appendonly", "yes", "--appendfsync", fsync, "--save", "", "--maxmemory-policy", "noeviction"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts (scripts/redis-server.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        // Up (its files loaded) once it answers: at most 10 s.
+        for _ in 0..200 {
+            let up = std::process::Command::new("redis-cli").args(["-u", &url, "ping"]).output();
+            if up.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG") {
+                return Self { child, url };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the test's own redis-server did not answer");
+    }
+
+    /// Killed with SIGKILL: no shutdown, nothing written on the way out.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A server killed with SIGKILL and started again on its files, `appendfsync always`: every
+/// write it acknowledged is there (the cells leased stay leased, a call answered before is
+/// answered alike, an `Idempotency-Key` claimed stays claimed).
+#[tokio::test]
+async fn a_server_killed_with_appendfsync_always_keeps_what_it_acknowledged() {
+    use tollgate::store::{IdempotencyClaim, IdempotencyState, IdempotencyStore};
+    if common::redis::url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = OwnServer::start(dir.path(), "always", port).await;
+    let store = RedisStore::open(&server.url, "crash", Duration::from_secs(5)).await.unwrap();
+    let now = 1_773_446_400_000_000_000;
+    let take =
+        |seq: u64, want: u32| CellCall::new("t".into(), want, 1, 100_000_000, 10, now, ReserveToken::new(1, seq));
+    let mut leased = 0;
+    for seq in 1..=4 {
+        leased += store.take_cells(&take(seq, 2)).await.unwrap().granted;
+    }
+    assert_eq!(leased, 8);
+    let claim = IdempotencyClaim::new(
+        "key",
+        "r",
+        7,
+        now / 1_000_000_000,
+        now / 1_000_000_000 + 300,
+        now / 1_000_000_000 + 86_400,
+    );
+    assert_eq!(store.claim_idempotency(&claim).await.unwrap(), IdempotencyState::Claimed);
+    drop(store);
+    server.kill();
+    let server = OwnServer::start(dir.path(), "always", port).await;
+    let store = RedisStore::open(&server.url, "crash", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(store.take_cells(&take(4, 2)).await.unwrap().granted, 2, "its answer kept: not applied again");
+    assert_eq!(store.take_cells(&take(5, 10)).await.unwrap().granted, 2, "the 8 leased are still leased");
+    let retry = IdempotencyClaim::new(
+        "key",
+        "r",
+        8,
+        now / 1_000_000_000 + 1,
+        now / 1_000_000_000 + 301,
+        now / 1_000_000_000 + 86_400,
+    );
+    assert_eq!(store.claim_idempotency(&retry).await.unwrap(), IdempotencyState::InFlight, "still claimed");
+}
+
+/// The server paused (SIGSTOP) before a node leases cells of a fleet rate: no request is
+/// served while it cannot answer (fail-closed: each is refused, 503 or, while the engine takes
+/// the timeouts for a contended bucket, 429); once it runs again (SIGCONT) the calls it queued
+/// meanwhile apply, and the fleet never passes its burst. Cells granted to a call whose answer
+/// was lost are spent for good (the engine does not send a timed-out lease call again with its
+/// token): they come back as the bucket refills, and then the tenant gets exactly them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_follows_the_policy_and_the_limit_is_exact_after() {
+    use tollgate::RejectionKind;
+    if common::redis::url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = OwnServer::start(dir.path(), "everysec", port).await;
+    let redis = Arc::new(RedisStore::open(&server.url, "paused", Duration::from_secs(5)).await.unwrap());
+    let toml = r#"
+        [usage]
+        store_timeout = "500ms"
+        on_store_error = "fail-closed"
+        [plans.p]
+        rate = "1/min"
+        burst = 10
+        rate_scope = "fleet"
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+    "#;
+    // The engine clock stands still: nothing comes back to the bucket during the test.
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
+    let (engine, _worker) = tollgate::Tollgate::builder(Config::from_toml_str(toml).unwrap())
+        .store_arc(Arc::new(tollgate::store::MemoryStore::new()))
+        .rate_store(redis)
+        .clock(clock)
+        .build();
+    // Paused before the tenant's first lease: every request must wait on it.
+    let pid = server.child.id().to_string();
+    let signal = |sig: &str| assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    let mut served = 0;
+    for _ in 0..4 {
+        match common::fleet::send_key(&engine, "key-t").await {
+            Ok(()) => panic!("served while the store cannot answer"),
+            Err(r) => assert!(matches!(r.kind(), RejectionKind::StoreUnavailable | RejectionKind::RateLimited), "{r}"),
+        }
+    }
+    signal("-CONT");
+    // Running again: what it queued applies; never more than the burst however the engine
+    // answers meanwhile (the clock stands still: nothing comes back yet).
+    let send_all = async |tries: usize| {
+        let mut served = 0;
+        for _ in 0..tries {
+            match common::fleet::send_key(&engine, "key-t").await {
+                Ok(()) => served += 1,
+                Err(r) => {
+                    assert!(matches!(r.kind(), RejectionKind::StoreUnavailable | RejectionKind::RateLimited), "{r}");
+                }
+            }
+        }
+        served
+    };
+    served += send_all(100).await;
+    assert!(served <= 10, "{served} served: past the burst");
+    // The bucket refilled (ten minutes at 1/min): exactly the burst again, each cell once.
+    handle.advance(Duration::from_secs(600));
+    assert_eq!(send_all(100).await, 10, "the burst, each cell once");
+    engine.shutdown().await.unwrap();
+    drop(server);
+}
