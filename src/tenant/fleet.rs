@@ -31,6 +31,10 @@ pub(crate) struct FleetCells {
     lock: tokio::sync::Mutex<()>,
     /// The sender id of this tenant's rate calls (0: not drawn yet).
     sender: AtomicU64,
+    /// The lease call sent and not answered (its answer lost: a timeout, an error): sent
+    /// again, with its token, before any other, so that the cells the store granted it are
+    /// this node's, never stranded.
+    unanswered: Mutex<Option<crate::store::CellCall>>,
 }
 
 /// A lease of cells, as this node spends it.
@@ -134,6 +138,18 @@ impl FleetCells {
     /// The store failed: the plan's own bucket serves until `until`.
     pub(crate) fn fall_back(&self, until: i64) {
         self.local().fallback_until = until;
+    }
+
+    /// The lease call to send: the one whose answer was lost, if any (under the lock), else
+    /// `new()`; marked as sent until [`answered`](Self::answered).
+    pub(crate) fn to_send(&self, new: impl FnOnce() -> crate::store::CellCall) -> crate::store::CellCall {
+        let mut unanswered = self.unanswered.lock().unwrap_or_else(|e| e.into_inner());
+        unanswered.get_or_insert_with(new).clone()
+    }
+
+    /// The lease call sent was answered.
+    pub(crate) fn answered(&self) {
+        *self.unanswered.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The lock one lease call at a time holds.

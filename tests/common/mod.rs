@@ -335,6 +335,8 @@ pub struct Faulty {
     pub rate_down: AtomicBool,
     /// Rate calls take this many milliseconds, then apply (a slow store, or a far one).
     pub rate_delay_ms: AtomicU64,
+    /// Rate lease calls are applied, then their answer never comes in time.
+    pub lose_rate_answers: AtomicBool,
     /// Places calls (acquire, renew, release) that reached the store.
     pub place_calls: AtomicU64,
     /// Places calls fail (the places role's store down alone).
@@ -380,6 +382,7 @@ impl Default for Faulty {
             rate_calls: Default::default(),
             rate_down: Default::default(),
             rate_delay_ms: Default::default(),
+            lose_rate_answers: Default::default(),
             place_calls: Default::default(),
             places_down: Default::default(),
             place_delay_ms: Default::default(),
@@ -793,7 +796,11 @@ impl tollgate::store::RateStore for Faulty {
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
-        self.inner.take_cells(call).await
+        let grant = self.inner.take_cells(call).await;
+        if self.lose_rate_answers.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
+        grant
     }
 
     async fn return_cells(&self, call: &tollgate::store::CellReturn) -> Result<(), StoreError> {

@@ -310,3 +310,39 @@ async fn concurrent_requests_on_a_rate_store_timing_out_reach_the_fallback() {
     }
     assert!(served > 0, "the rate store taken for down after three timeouts in a row: the node's share serves");
 }
+
+/// A lease call the store applied but whose answer never came in time (a timeout after the
+/// write) strands nothing: the node sends it again with its token before any other call of
+/// the tenant, and is answered its cells. The engine clock stands still: the tenant gets
+/// exactly its burst.
+#[tokio::test]
+async fn a_lease_whose_answer_was_lost_is_asked_again_and_strands_no_cell() {
+    let store = Arc::new(Faulty::default());
+    let toml = r#"
+        [usage]
+        store_timeout = "200ms"
+        on_store_error = "fail-closed"
+        [plans.p]
+        rate = "1/min"
+        burst = 10
+        rate_scope = "fleet"
+        [tenants.t]
+        plan = "p"
+        keys = ["key-t"]
+    "#;
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
+    let h = node_with_worker(toml, store.clone(), clock, handle);
+    store.lose_rate_answers.store(true, Ordering::SeqCst);
+    // Refused (a timeout: 503, or 429 while the engine takes it for a contended bucket).
+    let r = send(&h).await.expect_err("its lease's answer never came");
+    assert!(matches!(r.kind(), RejectionKind::StoreUnavailable | RejectionKind::RateLimited), "{r}");
+    assert_eq!(store.rate_calls.load(Ordering::SeqCst), 1);
+    store.lose_rate_answers.store(false, Ordering::SeqCst);
+    let mut served = 0;
+    for _ in 0..50 {
+        if send(&h).await.is_ok() {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 10, "the burst, the lost lease's cells among it");
+}

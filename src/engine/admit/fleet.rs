@@ -151,15 +151,26 @@ impl Gate {
                 if began.elapsed() > half {
                     return Ok(Lease::Busy);
                 }
-                let want = fleet.want(cost, now, bucket);
-                let sender = fleet.sender(|| self.shared.ids().new_sender());
-                let token = ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
-                let call = CellCall::new(state.id.clone(), want, cost, bucket.interval, bucket.burst, now, token);
+                // A call whose answer was lost goes again first, with its token: the cells the
+                // store granted it are answered again, never stranded.
+                let call = fleet.to_send(|| {
+                    let want = fleet.want(cost, now, bucket);
+                    let sender = fleet.sender(|| self.shared.ids().new_sender());
+                    let token =
+                        ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
+                    CellCall::new(state.id.clone(), want, cost, bucket.interval, bucket.burst, now, token)
+                });
                 let grant = self.shared.stores().request().rate.take_cells(&call).await;
                 self.shared.stores().answered(Counted::Rate, &grant);
                 let grant = grant?;
+                fleet.answered();
                 if grant.granted >= cost {
                     return Ok(Lease::Taken(fleet.leased(grant.granted, cost, grant.tat, now, bucket)));
+                }
+                if grant.granted > 0 {
+                    // An earlier request's call, answered again: its cells serve the next
+                    // requests (this one costs more).
+                    fleet.leased(grant.granted, 0, grant.tat, now, bucket);
                 }
                 fleet.read(grant.tat);
                 Ok(Lease::Refused(grant.tat, now))
