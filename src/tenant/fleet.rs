@@ -31,10 +31,10 @@ pub(crate) struct FleetCells {
     lock: tokio::sync::Mutex<()>,
     /// The sender id of this tenant's rate calls (0: not drawn yet).
     sender: AtomicU64,
-    /// The lease call sent and not answered (its answer lost: a timeout, an error): sent
-    /// again, with its token, before any other, so that the cells the store granted it are
-    /// this node's, never stranded.
-    unanswered: Mutex<Option<crate::store::CellCall>>,
+    /// The token of the lease call sent and not answered (its answer lost: a timeout, an
+    /// error): the next call goes with it, before any other, so that the cells the store
+    /// granted it serve this node while their time is ahead.
+    unanswered: Mutex<Option<crate::store::ReserveToken>>,
 }
 
 /// A lease of cells, as this node spends it.
@@ -140,16 +140,27 @@ impl FleetCells {
         self.local().fallback_until = until;
     }
 
-    /// The lease call to send: the one whose answer was lost, if any (under the lock), else
-    /// `new()`; marked as sent until [`answered`](Self::answered).
-    pub(crate) fn to_send(&self, new: impl FnOnce() -> crate::store::CellCall) -> crate::store::CellCall {
+    /// The token of the next lease call (under the lock): the one whose answer was lost, if
+    /// any (`true`), else `new()`'s; kept as sent until [`answered`](Self::answered).
+    pub(crate) fn token(&self, new: impl FnOnce() -> crate::store::ReserveToken) -> (crate::store::ReserveToken, bool) {
         let mut unanswered = self.unanswered.lock().unwrap_or_else(|e| e.into_inner());
-        unanswered.get_or_insert_with(new).clone()
+        match *unanswered {
+            Some(token) => (token, true),
+            None => (*unanswered.insert(new()), false),
+        }
     }
 
     /// The lease call sent was answered.
     pub(crate) fn answered(&self) {
         *self.unanswered.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Of `granted` cells of a lease ending at `tat` (the bucket's TAT after it), those whose
+    /// time is still ahead at `now`: a lease answered late serves no cell whose time passed.
+    pub(crate) fn ahead(granted: u32, tat: i64, now: i64, bucket: FleetBucket) -> u32 {
+        let t = i128::from(bucket.interval.max(1));
+        let left = (i128::from(tat) - i128::from(now) + t - 1).div_euclid(t).max(0);
+        u32::try_from(left).unwrap_or(u32::MAX).min(granted)
     }
 
     /// The lock one lease call at a time holds.

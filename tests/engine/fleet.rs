@@ -311,13 +311,9 @@ async fn concurrent_requests_on_a_rate_store_timing_out_reach_the_fallback() {
     assert!(served > 0, "the rate store taken for down after three timeouts in a row: the node's share serves");
 }
 
-/// A lease call the store applied but whose answer never came in time (a timeout after the
-/// write) strands nothing: the node sends it again with its token before any other call of
-/// the tenant, and is answered its cells. The engine clock stands still: the tenant gets
-/// exactly its burst.
-#[tokio::test]
-async fn a_lease_whose_answer_was_lost_is_asked_again_and_strands_no_cell() {
-    let store = Arc::new(Faulty::default());
+/// A fleet rate of 1/min, burst 10, failing closed, on `store` (the engine clock standing
+/// still unless the test moves it).
+fn one_per_minute(store: Arc<Faulty>) -> (Harness, tollgate::clock::FakeClock) {
     let toml = r#"
         [usage]
         store_timeout = "200ms"
@@ -331,18 +327,58 @@ async fn a_lease_whose_answer_was_lost_is_asked_again_and_strands_no_cell() {
         keys = ["key-t"]
     "#;
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
-    let h = node_with_worker(toml, store.clone(), clock, handle);
-    store.lose_rate_answers.store(true, Ordering::SeqCst);
-    // Refused (a timeout: 503, or 429 while the engine takes it for a contended bucket).
-    let r = send(&h).await.expect_err("its lease's answer never came");
-    assert!(matches!(r.kind(), RejectionKind::StoreUnavailable | RejectionKind::RateLimited), "{r}");
-    assert_eq!(store.rate_calls.load(Ordering::SeqCst), 1);
-    store.lose_rate_answers.store(false, Ordering::SeqCst);
+    (node_with_worker(toml, store, clock, handle.clone()), handle)
+}
+
+/// Requests until `tries` were sent: how many were served (refusals are 429 or 503).
+async fn served_of(h: &Harness, tries: usize) -> usize {
     let mut served = 0;
-    for _ in 0..50 {
-        if send(&h).await.is_ok() {
-            served += 1;
+    for _ in 0..tries {
+        match send(h).await {
+            Ok(()) => served += 1,
+            Err(r) => assert!(matches!(r.kind(), RejectionKind::StoreUnavailable | RejectionKind::RateLimited), "{r}"),
         }
     }
-    assert_eq!(served, 10, "the burst, the lost lease's cells among it");
+    served
+}
+
+/// A lease call the store applied but whose answer never came in time (a timeout after the
+/// write) strands nothing: the node's next call goes with its token, and is answered its
+/// cells (one call, not two). The engine clock stands still: the tenant gets exactly its
+/// burst.
+#[tokio::test]
+async fn a_lease_whose_answer_was_lost_is_asked_again_and_strands_no_cell() {
+    let store = Arc::new(Faulty::default());
+    let (h, _handle) = one_per_minute(store.clone());
+    store.lose_rate_answers.store(true, Ordering::SeqCst);
+    // Refused (a timeout: 503, or 429 while the engine takes it for a contended bucket).
+    assert_eq!(served_of(&h, 1).await, 0, "its lease's answer never came");
+    assert_eq!(store.rate_calls.load(Ordering::SeqCst), 1);
+    store.lose_rate_answers.store(false, Ordering::SeqCst);
+    assert_eq!(served_of(&h, 1).await, 1);
+    assert_eq!(store.rate_calls.load(Ordering::SeqCst), 2, "answered by the call sent again");
+    assert_eq!(served_of(&h, 50).await, 9, "the burst, the lost lease's cells among it");
+}
+
+/// Asked again later, a lost lease serves only its cells whose time is still ahead, and a
+/// call the store never applied is weighed when it is sent again: the fleet never passes its
+/// bound (the burst, and a cell a minute).
+#[tokio::test]
+async fn a_lost_lease_asked_again_late_never_passes_the_bound() {
+    // Applied, its answer lost; asked again a minute later.
+    let store = Arc::new(Faulty::default());
+    let (h, handle) = one_per_minute(store.clone());
+    store.lose_rate_answers.store(true, Ordering::SeqCst);
+    assert_eq!(served_of(&h, 1).await, 0);
+    store.lose_rate_answers.store(false, Ordering::SeqCst);
+    handle.advance(std::time::Duration::from_secs(61));
+    assert_eq!(served_of(&h, 50).await, 10, "the burst: the lost cell's time has passed");
+    // Never applied (the store down); asked again a minute later.
+    let store = Arc::new(Faulty::default());
+    let (h, handle) = one_per_minute(store.clone());
+    store.rate_down.store(true, Ordering::SeqCst);
+    assert_eq!(served_of(&h, 1).await, 0);
+    store.rate_down.store(false, Ordering::SeqCst);
+    handle.advance(std::time::Duration::from_secs(61));
+    assert_eq!(served_of(&h, 50).await, 10, "the burst, weighed now");
 }

@@ -151,29 +151,37 @@ impl Gate {
                 if began.elapsed() > half {
                     return Ok(Lease::Busy);
                 }
-                // A call whose answer was lost goes again first, with its token: the cells the
-                // store granted it are answered again, never stranded.
-                let call = fleet.to_send(|| {
-                    let want = fleet.want(cost, now, bucket);
-                    let sender = fleet.sender(|| self.shared.ids().new_sender());
-                    let token =
-                        ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000));
-                    CellCall::new(state.id.clone(), want, cost, bucket.interval, bucket.burst, now, token)
-                });
-                let grant = self.shared.stores().request().rate.take_cells(&call).await;
-                self.shared.stores().answered(Counted::Rate, &grant);
-                let grant = grant?;
-                fleet.answered();
-                if grant.granted >= cost {
-                    return Ok(Lease::Taken(fleet.leased(grant.granted, cost, grant.tat, now, bucket)));
+                let want = fleet.want(cost, now, bucket);
+                let sender = fleet.sender(|| self.shared.ids().new_sender());
+                // A call whose answer was lost goes again first, with its token (made anew at
+                // `now`): a store that applied it answers what it granted then, else weighs it
+                // now. Then, if that left this request short, a call of its own.
+                for attempt in 0..2 {
+                    let (token, resent) = fleet.token(|| {
+                        ReserveToken::new(sender, self.shared.ids().next_seq()).at(now.div_euclid(1_000_000_000))
+                    });
+                    let call = CellCall::new(state.id.clone(), want, cost, bucket.interval, bucket.burst, now, token);
+                    let grant = self.shared.stores().request().rate.take_cells(&call).await;
+                    self.shared.stores().answered(Counted::Rate, &grant);
+                    let grant = grant?;
+                    fleet.answered();
+                    // Answered again, the grant may be an old one: only its cells whose time in
+                    // the shared bucket is still ahead serve (as a return gives back only those).
+                    let granted =
+                        if resent { FleetCells::ahead(grant.granted, grant.tat, now, bucket) } else { grant.granted };
+                    if granted >= cost {
+                        return Ok(Lease::Taken(fleet.leased(granted, cost, grant.tat, now, bucket)));
+                    }
+                    if resent && granted > 0 {
+                        // The lost call's cells serve the next requests (this one costs more).
+                        fleet.leased(granted, 0, grant.tat, now, bucket);
+                    }
+                    if !resent || attempt == 1 || began.elapsed() > half {
+                        fleet.read(grant.tat);
+                        return Ok(Lease::Refused(grant.tat, now));
+                    }
                 }
-                if grant.granted > 0 {
-                    // An earlier request's call, answered again: its cells serve the next
-                    // requests (this one costs more).
-                    fleet.leased(grant.granted, 0, grant.tat, now, bucket);
-                }
-                fleet.read(grant.tat);
-                Ok(Lease::Refused(grant.tat, now))
+                Ok(Lease::Busy)
             })
             .await
             .map(|lease| lease.unwrap_or(Lease::Busy));
