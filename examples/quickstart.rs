@@ -25,6 +25,8 @@
 //! ```
 //! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
 //! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README). With
+//! `--features redis`, `TOLLGATE_STORE=redis` and `REDIS_URL` keep its quotas, fleet rates,
+//! places and `Idempotency-Key`s on Redis, beside its SQLite file.
 //! `--features postgres`, `TOLLGATE_STORE=postgres` and `DATABASE_URL` run it on PostgreSQL
 //! (schema `tollgate`, created at start).
 //!
@@ -137,6 +139,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if store_env != "dynamodb" && store_env != "postgres" {
         println!("  store:   {store} (usage flushed every {:?})", config.usage().flush_interval);
     }
+    if store_env == "redis" {
+        println!(
+            "  store:   quotas, fleet rates, places and Idempotency-Keys on Redis (TOLLGATE_STORE=redis, REDIS_URL)"
+        );
+    }
     let destination = match config.stripe() {
         None => usage_file.display().to_string(),
         Some(_) => "Stripe".to_owned(),
@@ -162,6 +169,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `tollgate`, created or migrated at start). Needs `--features postgres`.
     if store_env == "postgres" {
         builder = builder.store_arc(postgres_store().await?);
+    }
+    // TOLLGATE_STORE=redis with REDIS_URL: the quotas, fleet rates, places and
+    // `Idempotency-Key`s on Redis (keys under `tollgate:`), beside the SQLite file for the
+    // rest, so that several quickstarts share one tenant's quota. A fleet in production keeps
+    // the rest on a store it shares too (docs/redis.md). Needs `--features redis`.
+    if store_env == "redis" {
+        builder = redis_roles(builder).await?;
     }
     let (tollgate, worker) = builder.open().await?;
     let layer = tollgate::TollgateLayer::new(tollgate.clone());
@@ -293,6 +307,24 @@ async fn postgres_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, 
 #[cfg(not(feature = "postgres"))]
 async fn postgres_store() -> Result<std::sync::Arc<dyn tollgate::store::Store>, Box<dyn std::error::Error>> {
     Err("TOLLGATE_STORE=postgres needs the cargo feature: cargo run --features postgres --example quickstart".into())
+}
+
+#[cfg(feature = "redis")]
+async fn redis_roles(builder: tollgate::Builder) -> Result<tollgate::Builder, Box<dyn std::error::Error>> {
+    let url = std::env::var("REDIS_URL").map_err(|_| "TOLLGATE_STORE=redis needs REDIS_URL (redis://host:6379)")?;
+    let store = std::sync::Arc::new(
+        tollgate::store::RedisStore::open(&url, "tollgate", std::time::Duration::from_secs(5)).await?,
+    );
+    Ok(builder
+        .quota_store(store.clone())
+        .rate_store(store.clone())
+        .places_store(store.clone())
+        .idempotency_store(store))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_roles(_: tollgate::Builder) -> Result<tollgate::Builder, Box<dyn std::error::Error>> {
+    Err("TOLLGATE_STORE=redis needs the cargo feature: cargo run --features redis --example quickstart".into())
 }
 
 async fn items(Extension(ctx): Extension<TenantContext>) -> Json<Value> {

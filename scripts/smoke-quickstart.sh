@@ -162,6 +162,15 @@ if [ -n "${TOLLGATE_POSTGRES_URL:-}" ]; then
     "$(psql -qtA "$TOLLGATE_POSTGRES_URL" -c 'SELECT sum(quantity) FROM tollgate.usage')"
 fi
 
+# Redis: the README's three commands, on the test script's server: the quotas on Redis (keys
+# under `tollgate:`, cleared first), each node's usage in the SQLite file of its own directory.
+if [ -n "${TOLLGATE_REDIS_URL:-}" ]; then
+  redis-cli -u "$TOLLGATE_REDIS_URL" --scan --pattern 'tollgate:*' | xargs -r redis-cli -u "$TOLLGATE_REDIS_URL" del >/dev/null
+  shared_quota redis redis TOLLGATE_STORE=redis REDIS_URL="$TOLLGATE_REDIS_URL"
+  check "redis: the free tenant's quota is one hash on Redis" hash \
+    "$(redis-cli -u "$TOLLGATE_REDIS_URL" type 'tollgate:1:{acme}:quota')"
+fi
+
 # With [stripe], never a file and Stripe both: a build without Stripe support refuses to start;
 # with it, closed windows go to Stripe when the key is set, and nowhere (said) when it is not.
 # The prepaid plan's auto-recharge is on in this one (its commented lines, as the file says).

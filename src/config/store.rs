@@ -64,8 +64,8 @@ pub enum StoreSettings {
     /// `kind = "postgres"`: one schema of a PostgreSQL database shared by a fleet (cargo
     /// feature `postgres`).
     Postgres(PostgresSettings),
-    /// `kind = "redis"`: a Redis (or Valkey) server a fleet shares, for the rate, places and
-    /// idempotency roles only, beside a durable store for the others (cargo feature `redis`).
+    /// `kind = "redis"`: a Redis (or Valkey) server a fleet shares, for the quota, rate, places
+    /// and idempotency roles only, beside a durable store for the others (cargo feature `redis`).
     Redis(RedisSettings),
 }
 
@@ -98,9 +98,9 @@ impl Default for RedisSettings {
 }
 
 impl RedisSettings {
-    /// The roles a Redis store serves: what a fleet shares in the request path and may lose
+    /// The roles a Redis store serves: what a fleet shares in the request path, and may lose
     /// at worst a second or two of in a server crash (docs/redis.md).
-    pub const ROLES: [StoreRole; 3] = [StoreRole::Rate, StoreRole::Places, StoreRole::Idempotency];
+    pub const ROLES: [StoreRole; 4] = [StoreRole::Quota, StoreRole::Rate, StoreRole::Places, StoreRole::Idempotency];
 }
 
 /// The keys of `[store] kind = "postgres"`.
@@ -388,19 +388,11 @@ impl Validator<'_, '_> {
                 return Err(self.invalid(
                     &at,
                     format!(
-                        "the {} role cannot be kept on Redis: {}; Redis serves [store.rate], [store.places] and \
-                         [store.idempotency] beside a durable store a fleet shares as [store] (PostgreSQL or \
-                         DynamoDB): see docs/redis.md",
+                        "the {} role cannot be kept on Redis: usage, exports, the ledger, the directory and the \
+                         alerts outbox are what billing reads back, and need a durable store; Redis serves \
+                         [store.quota], [store.rate], [store.places] and [store.idempotency] beside a durable \
+                         store as [store] (PostgreSQL, DynamoDB or SQLite): see docs/redis.md",
                         role.name(),
-                        match role {
-                            StoreRole::Quota =>
-                                "its hard quotas, prepaid balances and credit grants are money and \
-                                 limits that a Redis crash may lose the last second of (the quota role on Redis \
-                                 is not built yet)",
-                            _ =>
-                                "usage, exports, the ledger, the directory and the alerts outbox are what billing \
-                                 reads back, and need a durable store",
-                        }
                     ),
                 ));
             }

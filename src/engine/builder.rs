@@ -123,7 +123,7 @@ async fn open_whole(settings: &StoreSettings) -> Result<Arc<dyn Store>, BuildErr
 pub(crate) enum Opened {
     /// A store of every role.
     Whole(Arc<dyn Store>),
-    /// A Redis store: rate, places and idempotency.
+    /// A Redis store: quota, rate, places and idempotency.
     #[cfg(feature = "redis")]
     Redis(Arc<crate::store::RedisStore>),
 }
@@ -144,7 +144,7 @@ macro_rules! role_of {
 }
 
 impl Opened {
-    role_of!(quota, QuotaStore, |_| None);
+    role_of!(quota, QuotaStore, |r| Some(r as Arc<dyn QuotaStore>));
     role_of!(usage, UsageExportStore, |_| None);
     role_of!(directory, DirectoryStore, |_| None);
     role_of!(alerts, OutboxStore, |_| None);

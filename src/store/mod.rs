@@ -50,6 +50,7 @@ pub(crate) mod recharge;
 mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+pub(crate) mod tenant_quota;
 mod usage;
 
 use std::sync::Arc;

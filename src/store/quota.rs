@@ -750,7 +750,7 @@ impl CreditTake {
 }
 
 /// A grant's takes as a store holds them (JSON; `[]` for none).
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb", feature = "redis"))]
 pub(crate) fn takes_json(takes: &[CreditTake]) -> String {
     serde_json::Value::Array(
         takes
@@ -766,7 +766,7 @@ pub(crate) fn takes_json(takes: &[CreditTake]) -> String {
 }
 
 /// A grant's takes read back (nothing from what is not a list of takes).
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb", feature = "redis"))]
 pub(crate) fn takes_of(json: &str) -> Vec<CreditTake> {
     let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
     let all = v.as_array().map_or(0, Vec::len);
@@ -1447,7 +1447,7 @@ pub enum RefundOutcome {
 }
 
 /// A refund kept until its grant lands, as a store holds it.
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb", feature = "redis"))]
 pub(crate) fn kept_refund_json(refund: &CreditRefund) -> String {
     serde_json::json!({
         "payment": refund.payment, "invoice": refund.invoice, "amount": refund.amount,
@@ -1459,7 +1459,7 @@ pub(crate) fn kept_refund_json(refund: &CreditRefund) -> String {
 }
 
 /// A kept refund read back (`None`: not one).
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb", feature = "redis"))]
 pub(crate) fn kept_refund_of(json: &str) -> Option<CreditRefund> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     let mut r =

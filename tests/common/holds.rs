@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{committed, node_with_worker, Harness, NOON};
+use super::{committed, node_on, node_with_worker, Harness, NodeStore, NOON};
 use tollgate::{
     door::{Admission, Credential, RequestInfo, Ticket},
     store::QuotaKey,
@@ -68,15 +68,24 @@ impl Rng {
 /// shut down (their leases given back), the store's counter holds exactly what was recorded,
 /// and so does the usage billed.
 pub async fn four_nodes_never_record_past_the_limit(store: Arc<dyn tollgate::store::StoreInspect>) {
-    four_nodes_holding(store, false).await;
+    let (quota, usage) = (store.clone() as Arc<dyn tollgate::store::QuotaInspect>, store.clone());
+    four_nodes_holding(std::array::from_fn(|_| NodeStore::Whole(store.clone())), quota, usage, false).await;
 }
 
 /// [`four_nodes_never_record_past_the_limit`], on a prepaid balance of L granted before.
 pub async fn four_nodes_never_spend_past_the_balance(store: Arc<dyn tollgate::store::StoreInspect>) {
-    four_nodes_holding(store, true).await;
+    let (quota, usage) = (store.clone() as Arc<dyn tollgate::store::QuotaInspect>, store.clone());
+    four_nodes_holding(std::array::from_fn(|_| NodeStore::Whole(store.clone())), quota, usage, true).await;
 }
 
-async fn four_nodes_holding(store: Arc<dyn tollgate::store::StoreInspect>, balance: bool) {
+/// [`four_nodes_never_record_past_the_limit`] (or, with `balance`, past a prepaid balance) on
+/// `stores`, the quota role's counter read from `quota`, the usage billed from `usage`.
+pub async fn four_nodes_holding(
+    stores: [NodeStore; 4],
+    quota_store: Arc<dyn tollgate::store::QuotaInspect>,
+    store: Arc<dyn tollgate::store::StoreInspect>,
+    balance: bool,
+) {
     const L: u64 = 2_000;
     // Fail-closed with a long store timeout: on a loaded machine (the local DynamoDB server
     // answers one call at a time) a slow answer must not refuse a hold, which is not what this
@@ -90,7 +99,7 @@ async fn four_nodes_holding(store: Arc<dyn tollgate::store::StoreInspect>, balan
         + "[usage]\nstore_timeout = \"30s\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =
-        (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();
+        stores.iter().map(|s| Arc::new(node_on(&toml, s, clock.clone(), handle.clone()))).collect();
     let admin = tollgate::admin::Admin::for_engine(&nodes[0].tollgate);
     if balance {
         admin.grant_credits("t", "tokens", L, None, "pi_fleet").await.unwrap();
@@ -187,7 +196,7 @@ async fn four_nodes_holding(store: Arc<dyn tollgate::store::StoreInspect>, balan
     } else {
         let month = tollgate::config::Period::Month { anchor_day: 1 };
         let (start, end) = month.bounds(NOON);
-        store.reserved(&QuotaKey::new("t".into(), "tokens".into(), month, start, end)).await.unwrap()
+        quota_store.reserved(&QuotaKey::new("t".into(), "tokens".into(), month, start, end)).await.unwrap()
     };
     assert_eq!(taken, recorded, "taken = recorded, nothing stranded or lost");
     let billed = committed(&*store, "t", "tokens", NOON - 40 * 86_400, NOON + 86_400, 3600).await;

@@ -221,23 +221,29 @@ pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle:
     node_on(toml, &NodeStore::Whole(store), clock, handle)
 }
 
-/// The stores of a node in a fleet test: one of every role, or the fleet roles a Redis server
-/// serves (rate, places, idempotency) on it beside one of every other role.
+/// The stores of a node in a fleet test: one of every role, or the roles a Redis server serves
+/// (quota, rate, places, idempotency) on it beside one of every other role.
 #[derive(Clone)]
 pub enum NodeStore {
     /// One store of every role.
     Whole(Arc<dyn Store>),
-    /// `rest`, with the rate, places and idempotency roles on `fleet`.
+    /// `rest`, with the quota, rate, places and idempotency roles on `fleet`.
     Beside { rest: Arc<dyn Store>, fleet: Arc<dyn FleetRoles> },
 }
 
 /// The roles a Redis store serves.
 pub trait FleetRoles:
-    tollgate::store::RateStore + tollgate::store::PlaceStore + tollgate::store::IdempotencyStore
+    tollgate::store::QuotaInspect
+    + tollgate::store::RateStore
+    + tollgate::store::PlaceStore
+    + tollgate::store::IdempotencyStore
 {
 }
 impl<T> FleetRoles for T where
-    T: tollgate::store::RateStore + tollgate::store::PlaceStore + tollgate::store::IdempotencyStore
+    T: tollgate::store::QuotaInspect
+        + tollgate::store::RateStore
+        + tollgate::store::PlaceStore
+        + tollgate::store::IdempotencyStore
 {
 }
 
@@ -254,6 +260,7 @@ pub fn node_on(toml: &str, stores: &NodeStore, clock: Clock, handle: FakeClock) 
         NodeStore::Whole(store) => Tollgate::builder(config).store_arc(store.clone()),
         NodeStore::Beside { rest, fleet } => Tollgate::builder(config)
             .store_arc(rest.clone())
+            .quota_store(fleet.clone())
             .rate_store(fleet.clone())
             .places_store(fleet.clone())
             .idempotency_store(fleet.clone()),

@@ -22,16 +22,83 @@ fn cli(url: &str, args: &[&str]) -> String {
 /// Four nodes, each its own connection to the server under one prefix, beside one memory
 /// store of the other roles.
 async fn four_nodes_on_redis() -> Option<[NodeStore; 4]> {
+    four_nodes_with_stores().await.map(|(nodes, _, _)| nodes)
+}
+
+/// [`four_nodes_on_redis`], with the store of the other roles and one more connection to the
+/// server to read it.
+async fn four_nodes_with_stores() -> Option<([NodeStore; 4], Arc<tollgate::store::MemoryStore>, Arc<RedisStore>)> {
     let (first, prefix) = common::redis::store().await?;
     let url = common::redis::url()?;
-    let rest: Arc<dyn Store> = Arc::new(tollgate::store::MemoryStore::new());
+    let memory = Arc::new(tollgate::store::MemoryStore::new());
+    let rest: Arc<dyn Store> = memory.clone();
     let mut fleets = vec![Arc::new(first)];
     for _ in 1..4 {
         fleets.push(Arc::new(RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap()));
     }
+    let reader = fleets[0].clone();
     let nodes: Vec<NodeStore> =
         fleets.into_iter().map(|fleet| NodeStore::Beside { rest: rest.clone(), fleet }).collect();
-    Some(nodes.try_into().unwrap_or_else(|_| unreachable!()))
+    Some((nodes.try_into().unwrap_or_else(|_| unreachable!()), memory, reader))
+}
+
+/// Four engines on one Redis, each with its own connection, hammer one tenant whose hard daily
+/// quota is L, each sent more than L: the fleet admits exactly L, and the usage stored is what
+/// was admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_admit_exactly_a_hard_quota() {
+    const L: u64 = 400;
+    let Some((stores, memory, _)) = four_nodes_with_stores().await else { return };
+    let toml = common::one_tenant(&format!(
+        "rate = \"1000000/s\"\non_store_error = \"fail-closed\"\n\
+         quotas.requests = {{ limit = {L}, period = \"day\", mode = \"hard\", lease = 4 }}"
+    )) + "[usage]\nstore_timeout = \"30s\"\n";
+    let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
+    let nodes: Vec<Arc<common::Harness>> =
+        stores.iter().map(|s| Arc::new(common::node_on(&toml, s, clock.clone(), handle.clone()))).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let h = nodes[i % 4].clone();
+        tasks.spawn(async move {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            for _ in 0..L / 2 + 10 {
+                match h.status("/", "key-t").await {
+                    200 => ok += 1,
+                    429 => refused += 1,
+                    other => panic!("status {other}"),
+                }
+            }
+            (ok, refused)
+        });
+    }
+    let (mut admitted, mut refused) = (0, 0);
+    while let Some(done) = tasks.join_next().await {
+        let (ok, no) = done.unwrap();
+        (admitted, refused) = (admitted + ok, refused + no);
+    }
+    assert_eq!((admitted, refused), (L, 8 * (L / 2 + 10) - L));
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let stored = common::committed(&*memory, "t", "requests", common::NOON - 3600, common::NOON + 3600, 3600).await;
+    assert_eq!(stored, L, "the usage stored is the requests admitted");
+}
+
+/// Four engines on one Redis hold, record and give back against a hard quota, the clock moving
+/// (tests/common/holds.rs): never more than L recorded, and the counter on Redis ends at what
+/// was recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_holding_never_pass_a_hard_quota() {
+    let Some((nodes, memory, reader)) = four_nodes_with_stores().await else { return };
+    common::holds::four_nodes_holding(nodes, reader, memory, false).await;
+}
+
+/// The same against a prepaid balance granted on Redis: it never goes below zero, and ends at
+/// what was recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_nodes_holding_never_spend_past_a_prepaid_balance() {
+    let Some((nodes, memory, reader)) = four_nodes_with_stores().await else { return };
+    common::holds::four_nodes_holding(nodes, reader, memory, true).await;
 }
 
 /// Four engines, each with its own connection to one Redis, share a fleet rate within its
@@ -116,8 +183,11 @@ fn roles_redis_does_not_serve_are_refused_at_load() {
     let refused = |toml: &str| Config::from_toml_str(toml).unwrap_err().to_string();
     let alone = refused("[store]\nkind = \"redis\"\n[plans.p]\nrate = \"1/s\"\n");
     assert!(alone.contains("store.kind") && alone.contains("durable"), "{alone}");
-    let quota = refused("[store]\nkind = \"postgres\"\n[store.quota]\nkind = \"redis\"\n[plans.p]\nrate = \"1/s\"\n");
-    assert!(quota.contains("store.quota.kind") && quota.contains("quota role"), "{quota}");
+    let usage = refused("[store]\nkind = \"postgres\"\n[store.usage]\nkind = \"redis\"\n[plans.p]\nrate = \"1/s\"\n");
+    assert!(usage.contains("store.usage.kind") && usage.contains("usage role"), "{usage}");
+    // The quota role is served: beside a durable store, it loads.
+    Config::from_toml_str("[store]\nkind = \"postgres\"\n[store.quota]\nkind = \"redis\"\n[plans.p]\nrate = \"1/s\"\n")
+        .expect("the quota role on Redis, beside PostgreSQL");
     let prefix = refused("[store.rate]\nkind = \"redis\"\nprefix = \"a{b}\"\n[plans.p]\nrate = \"1/s\"\n");
     assert!(prefix.contains("store.rate.prefix"), "{prefix}");
     let key = refused("[store.rate]\nkind = \"redis\"\ntable = \"x\"\n[plans.p]\nrate = \"1/s\"\n");
@@ -253,6 +323,61 @@ async fn a_server_killed_with_appendfsync_always_keeps_what_it_acknowledged() {
         now / 1_000_000_000 + 86_400,
     );
     assert_eq!(store.claim_idempotency(&retry).await.unwrap(), IdempotencyState::InFlight, "still claimed");
+}
+
+/// A server with `appendfsync everysec` (the documented setup) killed with SIGKILL and started
+/// again: what it wrote to its append-only file is there. Redis writes its buffer to the file
+/// before it answers, or at most two seconds later when a slow fsync makes it wait (its
+/// documented worst case); the test waits until the server says its buffer is written
+/// (`aof_buffer_length:0`, no fsync pending; never a fixed sleep), then kills it: the quota
+/// reserved, the credits granted and the cells leased are all still there.
+#[tokio::test]
+async fn a_server_killed_with_appendfsync_everysec_keeps_what_it_wrote_to_its_file() {
+    use tollgate::store::{CreditGrant, QuotaInspect, QuotaKey, QuotaStore, Reservation};
+    if common::redis::url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = OwnServer::start(dir.path(), "everysec", port).await;
+    let store = RedisStore::open(&server.url, "crash", Duration::from_secs(5)).await.unwrap();
+    let now = 1_773_446_400_i64;
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(now);
+    let key = QuotaKey::new("t".into(), "requests".into(), day, start, end);
+    let mut granted = 0;
+    for seq in 1..=50 {
+        let r = Reservation::new(key.clone(), 7, 0, Some(300), ReserveToken::new(1, seq).at(now));
+        granted += store.reserve(&r).await.unwrap().granted;
+    }
+    assert_eq!(granted, 300, "the limit reached");
+    store.grant_credits(&CreditGrant::new("t".into(), "tokens".into(), "in_1", 500, now)).await.unwrap();
+    let take = |seq: u64| {
+        CellCall::new("t".into(), 4, 1, 100_000_000, 10, now * 1_000_000_000, ReserveToken::new(1, 100 + seq))
+    };
+    assert_eq!(store.take_cells(&take(1)).await.unwrap().granted, 4);
+    // Written to its file: the buffer empty, no fsync pending (at most 10 s).
+    let mut written = false;
+    for _ in 0..200 {
+        let info = cli(&server.url, &["info", "persistence"]);
+        if info.contains("aof_buffer_length:0") && info.contains("aof_pending_bio_fsync:0") {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(written, "the server never said its append-only buffer was written");
+    drop(store);
+    server.kill();
+    let server = OwnServer::start(dir.path(), "everysec", port).await;
+    let store = RedisStore::open(&server.url, "crash", Duration::from_secs(5)).await.unwrap();
+    assert_eq!(store.reserved(&key).await.unwrap(), 300, "every unit reserved is still reserved");
+    let again = Reservation::new(key.clone(), 7, 0, Some(300), ReserveToken::new(2, 1).at(now));
+    assert_eq!(store.reserve(&again).await.unwrap().granted, 0, "the limit is still reached");
+    let (grants, _) = store.credit_grants(&"t".into(), None).await.unwrap();
+    assert_eq!(grants.iter().map(|g| g.units).sum::<u64>(), 500, "the grant is there");
+    assert_eq!(store.take_cells(&take(2)).await.unwrap().granted, 4);
+    assert_eq!(store.take_cells(&take(3)).await.unwrap().granted, 2, "10 cells in all: the 4 leased still leased");
 }
 
 /// The server paused (SIGSTOP) before a node leases cells of a fleet rate: no request is

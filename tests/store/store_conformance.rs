@@ -106,4 +106,4 @@ async fn redis_store() -> Option<StoreUnderTest<tollgate::store::RedisStore>> {
     }))
 }
 #[cfg(feature = "redis")]
-tollgate::store_conformance!(redis, redis_store(), idempotency, rate, place);
+tollgate::store_conformance!(redis, redis_store(), quota, idempotency, rate, place);

@@ -50,8 +50,37 @@ pub(crate) async fn check(config: &Config) -> Result<()> {
         u.on_store_error
     );
     println!("meter event identifier namespace: {}", namespace(config).await);
+    redis_durability(config).await;
     stripe_access(config).await
 }
+
+/// For each Redis server the roles name, what it may lose or evict (read with `CONFIG GET`;
+/// nothing said when the server will not tell); an unreachable server is a warning.
+#[cfg(feature = "redis")]
+async fn redis_durability(config: &Config) {
+    let mut seen = Vec::new();
+    for role in StoreRole::ALL {
+        let StoreSettings::Redis(r) = config.store_of(role) else { continue };
+        let Some(url) = r.url.clone().or_else(|| std::env::var("REDIS_URL").ok()) else {
+            println!("warning: [store.{}] is on Redis without `url`, and REDIS_URL is not set", role.name());
+            continue;
+        };
+        if seen.contains(&url) {
+            continue;
+        }
+        seen.push(url.clone());
+        match tollgate::store::RedisStore::durability_warnings(&url, std::time::Duration::from_secs(5)).await {
+            Ok(warnings) if warnings.is_empty() => {
+                println!("redis: appendonly on, maxmemory-policy noeviction (or not told)")
+            }
+            Ok(warnings) => warnings.iter().for_each(|w| println!("warning: {w}")),
+            Err(e) => println!("warning: {e}"),
+        }
+    }
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_durability(_: &Config) {}
 
 /// With `[stripe.credits]`, what the secret key may read of what it needs (Stripe cannot list
 /// a key's permissions: one list call each): a read refused fails the check, naming it; an

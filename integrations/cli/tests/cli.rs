@@ -884,3 +884,76 @@ async fn recharge_from_the_command_line() {
     let out = ok(d, &["credits", "recharge", "acme", "--off"]);
     assert!(out.contains("off (not_turned_on)"), "{out}");
 }
+
+/// A Redis server of the test's own on a free loopback port, started with `args` (no
+/// persistence files), killed when dropped.
+#[cfg(feature = "redis")]
+struct OwnRedis(std::process::Child, String);
+
+#[cfg(feature = "redis")]
+impl OwnRedis {
+    fn start(dir: &Path, args: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--dir"])
+            .arg(dir)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/redis-server.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self(child, url)
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tollgate check` says what a Redis server the roles name may lose or evict (`appendonly no`,
+/// a `maxmemory-policy` other than `noeviction`), says nothing of a setting the server will
+/// not tell (`CONFIG` refused, as managed services do), and says the settings are safe when
+/// they are.
+#[cfg(feature = "redis")]
+#[test]
+fn check_warns_of_a_redis_server_that_may_lose_or_evict_counters() {
+    // The servers are the test's own; the shared one says whether Redis runs here at all.
+    if common::redis::url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = |url: &str| {
+        format!(
+            "[store]\nkind = \"postgres\"\nurl = \"postgres://tollgate@127.0.0.1:1/none\"\n\
+             [store.rate]\nkind = \"redis\"\nurl = \"{url}\"\n{PLANS}"
+        )
+    };
+    let check = |url: &str| {
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, config(url)).unwrap();
+        ok(dir.path(), &["--config", path.to_str().unwrap(), "check"])
+    };
+    let unsafe_server = OwnRedis::start(dir.path(), &["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]);
+    let out = check(&unsafe_server.1);
+    assert!(out.contains("warning: redis: appendonly is no"), "{out}");
+    assert!(out.contains("warning: redis: maxmemory-policy is allkeys-lru, not noeviction"), "{out}");
+    let managed = OwnRedis::start(
+        dir.path(),
+        &["--appendonly", "no", "--maxmemory-policy", "allkeys-lru", "--rename-command", "CONFIG", ""],
+    );
+    let out = check(&managed.1);
+    assert!(!out.contains("warning: redis"), "{out}");
+    let safe = OwnRedis::start(dir.path(), &["--appendonly", "yes", "--maxmemory-policy", "noeviction"]);
+    let out = check(&safe.1);
+    assert!(out.contains("redis: appendonly on, maxmemory-policy noeviction") && !out.contains("warning"), "{out}");
+}

@@ -5,16 +5,13 @@ use std::{
 
 use async_trait::async_trait;
 
-use super::contract::{
-    EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, RETENTION_SECS, SENDERS_KEPT,
-    SENDER_QUIET_SECS,
-};
+use super::contract::{EVENT_IDS_KEPT_SECS, EVENT_IDS_MAX, IDEMPOTENCY_KEYS_MAX, MEMORY_FLUSH_IDS, RETENTION_SECS};
 use super::{
     ApiKeyRecord, CommitOutcome, CreditBalance, CreditClosure, CreditGrant, DeadLetter, Deferral, DirectoryStore,
     EventOutcome, ExportClaim, ExportKey, ExportSend, ExportStore, FlushId, Grant, GrantOutcome, IdempotencyClaim,
     IdempotencySettle, IdempotencyState, IdempotencyStore, LedgerEntry, LedgerStore, PlanChange, PlanChangeOutcome,
-    QuotaKey, QuotaStore, Reservation, ReserveToken, StoreError, TenantRecord, TenantUpdate, UpdateWhen,
-    UsageAggregate, UsageBatch, UsageEvent, UsageStore, LEDGER_KEPT_SECS,
+    QuotaStore, Reservation, StoreError, TenantRecord, TenantUpdate, UpdateWhen, UsageAggregate, UsageBatch,
+    UsageEvent, UsageStore, LEDGER_KEPT_SECS,
 };
 use crate::base::{KeyHash, MeterId, TenantId};
 
@@ -57,14 +54,8 @@ impl Default for MemoryStore {
 struct Inner {
     /// See [`ExportStore::identifier_namespace`].
     namespace: String,
-    /// (tenant, meter) -> its counters, one per period still of use.
-    quotas: HashMap<(TenantId, MeterId), Counters>,
-    /// (tenant, meter) -> the tenant's own cap on the meter (a spend cap), if it set one.
-    caps: HashMap<(TenantId, MeterId), crate::store::SpendCap>,
-    /// (tenant, meter) -> the tenant's recharge of its prepaid balance, if it ever set one.
-    recharges: HashMap<(TenantId, MeterId), crate::store::RechargeState>,
-    /// (tenant, meter) -> its credit grants, open and recently closed.
-    credits: BTreeMap<(TenantId, MeterId), Vec<CreditGrant>>,
+    /// Tenants' quotas: every meter's counters, caps, recharges and credit grants.
+    quota: HashMap<TenantId, crate::store::tenant_quota::TenantQuota>,
     /// Refunds that came before their grant, by payment.
     kept_refunds: BTreeMap<String, crate::store::CreditRefund>,
     usage: BTreeMap<ExportKey, Aggregate>,
@@ -197,161 +188,6 @@ impl Inner {
     }
 }
 
-/// The counters of one (tenant, meter): a few periods at most (the current one, the one
-/// before, and another kind of period after a plan change).
-#[derive(Debug, Default)]
-struct Counters {
-    periods: Vec<Counter>,
-    /// Periods that ended before this have been dropped: calls for them change nothing.
-    dropped_before: i64,
-}
-
-/// A sender's last call applied to a counter: its sequence number, its grant, its time (the
-/// latest of its calls), and the reservation it keeps.
-#[derive(Debug, Clone, Copy)]
-struct Sender {
-    seq: u64,
-    grant: Grant,
-    at: i64,
-    keeping: crate::store::quota::Keeping,
-    /// What its record says of its next call (`store::quota::mark`).
-    mark: i64,
-}
-
-#[derive(Debug)]
-struct Counter {
-    key: QuotaKey,
-    reserved: u64,
-    /// A prepaid balance's granted units (its limit); `None` for a calendar period.
-    granted: Option<u64>,
-    /// Per node: its last call applied.
-    applied: HashMap<u64, Sender>,
-    /// A prepaid balance's forgiven units, per sender, and until when they hold.
-    forgiven: u64,
-    forgiven_until: i64,
-    forgiven_by: crate::store::quota::ForgivenBy,
-    /// The latest last-call time of a sender forgotten (0: none): a call from a sender not
-    /// remembered that is no later may have been applied before it was forgotten.
-    forgotten_at: i64,
-}
-
-impl Counters {
-    /// The counter of `key`, created if its period is still of use; drops the periods that
-    /// ended before `key`'s started.
-    fn get(&mut self, key: &QuotaKey) -> Option<&mut Counter> {
-        if key.end <= self.dropped_before {
-            return None;
-        }
-        if let Some(i) = self.periods.iter().position(|c| c.key == *key) {
-            return Some(&mut self.periods[i]);
-        }
-        // A prepaid balance ends nothing: the calendar periods beside it stay.
-        let start = if key.period == crate::base::Period::Prepaid { i64::MIN } else { key.start };
-        let before = self.periods.len();
-        let mut dropped = self.dropped_before;
-        self.periods.retain(|c| {
-            let keep = c.key.end >= start;
-            if !keep {
-                dropped = dropped.max(c.key.end);
-            }
-            keep
-        });
-        debug_assert!(self.periods.len() <= before);
-        self.dropped_before = dropped;
-        let granted = (key.period == crate::base::Period::Prepaid).then_some(0);
-        self.periods.push(Counter {
-            key: key.clone(),
-            reserved: 0,
-            granted,
-            applied: HashMap::new(),
-            forgiven: 0,
-            forgiven_until: 0,
-            forgiven_by: Default::default(),
-            forgotten_at: 0,
-        });
-        self.periods.last_mut()
-    }
-
-    fn find(&self, key: &QuotaKey) -> Option<&Counter> {
-        self.periods.iter().find(|c| c.key == *key)
-    }
-}
-
-impl Counter {
-    /// Its senders' last calls, as [`forgive`](crate::store::quota::forgive) reads them.
-    fn sender_calls(&self) -> Vec<crate::store::quota::SenderCall> {
-        self.applied.iter().map(|(node, c)| (node.to_string(), c.seq, c.grant.granted, c.grant.reserved)).collect()
-    }
-
-    /// The reservations of other senders expired at `now` give back their lease and holds
-    /// (`store::quota::expire`); the call from `token` then, if the store gave its own back,
-    /// owes what it used since (`store::quota::standing`). What the caller keeps before its
-    /// call, and whether its reservation had been given back.
-    fn expire_for(&mut self, token: ReserveToken, kept: crate::store::Kept) -> (crate::store::Kept, bool) {
-        if self.granted.is_some() {
-            // A prepaid balance: each expiry draws first on what is forgiven to its sender.
-            let senders = self.applied.iter_mut().map(|(n, c)| (n.to_string(), c.seq, &mut c.keeping));
-            let held = (self.reserved, self.forgiven, self.forgiven_until);
-            (self.reserved, self.forgiven) =
-                crate::store::quota::expire_against(senders, token.at, held, &mut self.forgiven_by);
-        } else {
-            let back = crate::store::quota::expire(self.applied.values_mut().map(|c| &mut c.keeping), token.at);
-            self.reserved = self.reserved.saturating_sub(back);
-        }
-        let own = self.applied.get(&token.node);
-        let mark = own.map_or(crate::store::quota::mark::NONE, |c| c.mark);
-        match crate::store::quota::standing(own.map(|c| &c.keeping), mark, kept) {
-            Some((owed, kept)) => {
-                self.reserved = self.reserved.saturating_add(owed);
-                (kept, true)
-            }
-            None => (kept, false),
-        }
-    }
-
-    /// What every sender keeps, and the units used.
-    fn used(&self) -> u64 {
-        crate::store::quota::used_of(self.reserved, self.applied.values().map(|c| &c.keeping))
-    }
-
-    /// Records the answer to `token`'s call and the reservation its sender keeps, forgetting
-    /// the senders past [`SENDERS_KEPT`] by the time of their last call, never one within
-    /// [`SENDER_QUIET_SECS`] of this call nor one whose reservation is live (it expires first).
-    fn applied(&mut self, token: ReserveToken, grant: Grant, keeping: crate::store::quota::Keeping, mark: i64) {
-        let at = self.applied.get(&token.node).map_or(token.at, |c| token.at.max(c.at));
-        self.applied.insert(token.node, Sender { seq: token.seq, grant, at, keeping, mark });
-        let quiet_since = token.at.saturating_sub(SENDER_QUIET_SECS);
-        while self.applied.len() > SENDERS_KEPT {
-            let oldest = self
-                .applied
-                .iter()
-                .filter(|(_, c)| c.at < quiet_since && !c.keeping.unforgettable(c.at, token.at))
-                .min_by_key(|(n, c)| (c.at, **n));
-            let Some(oldest) = oldest.map(|(n, _)| *n) else { break };
-            if let Some(c) = self.applied.remove(&oldest) {
-                self.forgotten_at = self.forgotten_at.max(c.at);
-            }
-        }
-    }
-
-    /// Whether a call with `token` was applied already; `Some(grant)` answers it again. A
-    /// call from a sender no longer remembered, no later than the last call of a sender
-    /// forgotten, may have been applied: it is answered as an older call, never applied.
-    fn seen(&self, token: ReserveToken) -> Option<Grant> {
-        match self.applied.get(&token.node) {
-            Some(c) if token.seq <= c.seq => Some(if token.seq == c.seq {
-                c.grant
-            } else {
-                Grant::new(0, self.reserved).with_limit(self.granted).with_used(self.used())
-            }),
-            None if crate::store::quota::forgotten(token.at, self.forgotten_at) => {
-                Some(Grant::new(0, self.reserved).with_limit(self.granted).with_used(self.used()))
-            }
-            _ => None,
-        }
-    }
-}
-
 #[derive(Debug, Default, Clone)]
 struct Aggregate {
     quantity: u64,
@@ -458,10 +294,9 @@ impl MemoryStore {
 #[cfg(any(test, feature = "test-util"))]
 #[async_trait]
 impl crate::store::QuotaInspect for MemoryStore {
-    async fn reserved(&self, key: &QuotaKey) -> Result<u64, StoreError> {
+    async fn reserved(&self, key: &crate::store::QuotaKey) -> Result<u64, StoreError> {
         let inner = self.lock();
-        let counters = inner.quotas.get(&(key.tenant.clone(), key.meter.clone()));
-        Ok(counters.and_then(|c| c.find(key)).map_or(0, |c| c.reserved))
+        Ok(inner.quota.get(&key.tenant).map_or(0, |q| q.reserved(key)))
     }
 }
 
@@ -477,7 +312,9 @@ impl crate::store::UsageInspect for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{QuotaInspect, QuotaStoreExt, UsageInspect, UsageRecord};
+    use crate::store::{
+        contract::SENDERS_KEPT, QuotaInspect, QuotaKey, QuotaStoreExt, ReserveToken, UsageInspect, UsageRecord,
+    };
 
     fn qk(p: i64) -> QuotaKey {
         QuotaKey::new("t".into(), "requests".into(), crate::base::Period::Day, p, p + 86_400)
@@ -547,7 +384,7 @@ mod tests {
             s.reserve(&r).await.unwrap();
         }
         let inner = s.lock();
-        let counters = &inner.quotas[&(TenantId::from("t"), MeterId::from("requests"))];
+        let counters = inner.quota[&TenantId::from("t")].counters_of(&MeterId::from("requests"));
         assert_eq!(counters.periods[0].applied.len(), SENDERS_KEPT);
         assert_eq!(counters.periods[0].reserved, 200);
     }

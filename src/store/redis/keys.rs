@@ -7,6 +7,12 @@
 //!   `until`, `expires`, `response`), KEY the digest the engine gives;
 //! - `PREFIX:1:{idem-bytes}:BUCKET:SHARD`: the bytes of stored responses counted per window
 //!   bucket, in shards;
+//! - `PREFIX:1:{TENANT}:quota`: a tenant's whole quota (`state`: every meter's counters with
+//!   their senders' last calls, its caps, recharges and credit grants);
+//! - `PREFIX:1:{PAYMENT}:payment`: a payment's (or an invoice's) refund kept until its grant
+//!   lands (`refund`), then the grant it bought (`grant`);
+//! - `PREFIX:1:{credits-due}`: a sorted set of the credit grants that expire, by expiry;
+//! - `PREFIX:1:{refunds-kept}:DAY`: how many refunds were kept that day (a counter);
 //! - `PREFIX:probe`: the key the check at open writes nothing to.
 //!
 //! Every row is a hash with its version `v`. The braces are a hash tag: a tenant's keys share a
@@ -63,6 +69,22 @@ impl Keys {
 
     pub(crate) fn places(&self, tenant: &TenantId) -> String {
         format!("{}:{LAYOUT_VERSION}:{}:places", self.prefix, tag(tenant.as_str()))
+    }
+
+    pub(crate) fn quota(&self, tenant: &TenantId) -> String {
+        format!("{}:{LAYOUT_VERSION}:{}:quota", self.prefix, tag(tenant.as_str()))
+    }
+
+    pub(crate) fn payment(&self, payment: &str) -> String {
+        format!("{}:{LAYOUT_VERSION}:{}:payment", self.prefix, tag(payment))
+    }
+
+    pub(crate) fn credits_due(&self) -> String {
+        format!("{}:{LAYOUT_VERSION}:{{credits-due}}", self.prefix)
+    }
+
+    pub(crate) fn refunds_kept(&self, day: i64) -> String {
+        format!("{}:{LAYOUT_VERSION}:{{refunds-kept}}:{day}", self.prefix)
     }
 
     pub(crate) fn idempotency(&self, key: &str) -> String {

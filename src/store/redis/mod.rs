@@ -1,17 +1,19 @@
 //! [`RedisStore`]: the roles a fleet shares on a Redis (or Valkey) server it already runs,
 //! beside a durable store for the rest (docs/redis.md).
 //!
-//! The rules stay in Rust, written once beside each role's trait ([`RateRow`](super::RateRow),
-//! [`PlaceRow`](super::PlaceRow), the idempotency rules): a call reads its row (one hash, with a
-//! version field `v`), applies them, and writes the row back with one small Lua script that
+//! The rules stay in Rust, written once beside each role's trait (the quota rules applied to a
+//! tenant's whole quota, [`TenantQuota`](super::tenant_quota), [`RateRow`](super::RateRow),
+//! [`PlaceRow`](super::PlaceRow), the idempotency rules): a call reads its row (one hash, with
+//! a version field `v`), applies them, and writes the row back with one small Lua script that
 //! compares the version and writes (a compare-and-set; EVALSHA, loaded again on NOSCRIPT),
 //! read again when another node wrote in between ([`race`](super::race)). Lua carries no rule
-//! of a role. Every key is one tenant's (or one `Idempotency-Key`'s), hash-tagged by it, so
-//! every script touches one slot.
+//! of a role. Every row is one tenant's (or one `Idempotency-Key`'s, one payment's), hash-tagged
+//! by it, and every script touches one key.
 
 mod idempotency;
 mod keys;
 mod place;
+mod quota;
 mod rate;
 
 use std::{collections::HashMap, fmt, time::Duration};
@@ -54,10 +56,13 @@ pub(super) enum Ttl {
     For(Duration),
     /// As long as the row read would have been.
     AsItWas,
+    /// Until it is written again or deleted.
+    Never,
 }
 
-/// A store of tollgate's fleet roles on Redis: tenants' shared rates, places in flight and
-/// `Idempotency-Key` bindings. Cheap to clone (one multiplexed connection, re-established by
+/// A store of the roles a fleet shares in the request path, on Redis: tenants' quotas (hard
+/// and soft quotas, prepaid balances and their grants, spend caps, recharges), shared rates,
+/// places in flight and `Idempotency-Key` bindings. Cheap to clone (one multiplexed connection, re-established by
 /// redis-rs's connection manager).
 #[derive(Clone)]
 pub struct RedisStore {
@@ -129,19 +134,22 @@ impl RedisStore {
     /// An unreadable URL, an unreachable server (within `timeout`), a refused password (the
     /// error never holds the URL), a server that refuses scripts, keys of a newer layout.
     pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| StoreError::Backend(format!("redis: the URL does not read ({:?})", e.kind()).into()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|_| StoreError::Backend(format!("redis: no connection within {timeout:?}").into()))?
-            .map_err(|e| backend(&e))?;
+        let conn = connect(url, timeout).await?;
         let store = Self { conn, keys: keys::Keys::new(prefix), cas: redis::Script::new(CAS) };
         store.check().await?;
         Ok(store)
+    }
+
+    /// What the server at `url` may lose or evict of what the store keeps, as `open` warns
+    /// and `tollgate check` says: `appendonly no`, a `maxmemory-policy` other than
+    /// `noeviction`; nothing for a setting the server will not tell (managed services refuse
+    /// `CONFIG`). Reads only.
+    ///
+    /// # Errors
+    /// An unreadable URL, an unreachable server (within `timeout`), a refused password (the
+    /// error never holds the URL).
+    pub async fn durability_warnings(url: &str, timeout: Duration) -> Result<Vec<String>, StoreError> {
+        Ok(warnings(&connect(url, timeout).await?).await)
     }
 
     /// The checks at open: scripts run, the layout is this version's, the server keeps what
@@ -175,27 +183,9 @@ impl RedisStore {
                 ))
             }
         }
-        // Said, never refused: managed services refuse CONFIG.
-        let config = |name: &'static str| {
-            let mut conn = self.conn.clone();
-            async move {
-                let got: redis::RedisResult<Vec<String>> =
-                    redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
-                got.ok().and_then(|v| v.get(1).cloned())
-            }
-        };
-        if config("appendonly").await.as_deref() == Some("no") {
-            tracing::warn!(
-                "redis: appendonly is no: a server restart loses what was written since its last snapshot \
-                 (shared rates, places, idempotency keys); set appendonly yes (docs/redis.md)"
-            );
-        }
-        if let Some(policy) = config("maxmemory-policy").await.filter(|p| p != "noeviction") {
-            tracing::warn!(
-                policy,
-                "redis: maxmemory-policy is not noeviction: a full server may evict counters; set noeviction \
-                 (docs/redis.md)"
-            );
+        // Said, never refused.
+        for warning in warnings(&self.conn).await {
+            tracing::warn!("{warning}");
         }
         Ok(())
     }
@@ -222,6 +212,7 @@ impl RedisStore {
         let ms = match kept {
             Ttl::For(t) => t.as_millis().clamp(1, i64::MAX as u128) as i64,
             Ttl::AsItWas => -1,
+            Ttl::Never => 0,
         };
         // A fresh version each write: 64 random bits (a stale read never matches it again).
         call.arg(read).arg(ms).arg(format!("{:016x}", crate::base::draw_u64()));
@@ -236,6 +227,48 @@ impl RedisStore {
     pub(super) fn keys(&self) -> &keys::Keys {
         &self.keys
     }
+}
+
+/// A connection to the server at `url`, within `timeout`, each call bounded by it too.
+async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| StoreError::Backend(format!("redis: the URL does not read ({:?})", e.kind()).into()))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1);
+    tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+        .await
+        .map_err(|_| StoreError::Backend(format!("redis: no connection within {timeout:?}").into()))?
+        .map_err(|e| backend(&e))
+}
+
+/// What the server says of its settings that may lose or evict what the store keeps (nothing
+/// of a setting it will not tell: managed services refuse `CONFIG`).
+async fn warnings(conn: &ConnectionManager) -> Vec<String> {
+    let config = |name: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let got: redis::RedisResult<Vec<String>> =
+                redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
+            got.ok().and_then(|v| v.get(1).cloned())
+        }
+    };
+    let mut out = Vec::new();
+    if config("appendonly").await.as_deref() == Some("no") {
+        out.push(
+            "redis: appendonly is no: a server restart loses what was written since its last snapshot (quotas, \
+             shared rates, places, idempotency keys); set appendonly yes (docs/redis.md)"
+                .to_owned(),
+        );
+    }
+    if let Some(policy) = config("maxmemory-policy").await.filter(|p| p != "noeviction") {
+        out.push(format!(
+            "redis: maxmemory-policy is {policy}, not noeviction: a full server may evict counters; set noeviction \
+             (docs/redis.md)"
+        ));
+    }
+    out
 }
 
 /// A duration of `secs` seconds from a caller's `now` to an instant `until` (both its clock):

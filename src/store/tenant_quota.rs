@@ -1,0 +1,682 @@
+//! A tenant's quota state as one value, and the quota role's rules applied to it: every meter's
+//! counters (one per period still of use, each with its senders' last calls), the tenant's own
+//! caps, its recharges and its credit grants. The rules themselves are those of
+//! [`quota`](super::quota); this is how a store that keeps a tenant's quota whole applies them:
+//! the [`MemoryStore`](super::MemoryStore) keeps one per tenant in a map, under its lock; the
+//! [`RedisStore`](super::RedisStore) keeps one per tenant as a row, read, changed here, and
+//! written back under a compare-and-set of its version.
+//!
+//! What concerns several tenants (a refund that arrives before its grant, the grants due to
+//! expire) stays with each store.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{
+    contract::{CLOSED_GRANTS_KEPT_SECS, OPEN_GRANTS_MAX, SENDERS_KEPT, SENDER_QUIET_SECS},
+    quota::{
+        close_against, expire, expire_against, fits, forgive, forgotten, kept_of, mark, mark_after, release_against,
+        standing, used_of, CreditRefund, ForgivenBy, Keeping, SenderCall,
+    },
+    CapMode, CreditBalance, CreditClosure, CreditGrant, Grant, GrantOutcome, Kept, QuotaCounter, QuotaKey,
+    RechargeMode, RechargeState, RefundOutcome, Release, Reservation, ReserveToken,
+};
+use crate::base::{MeterId, Period, SpendCap, TenantId};
+
+/// A tenant's quota: its meters' state.
+#[derive(Debug, Default)]
+pub(crate) struct TenantQuota {
+    meters: BTreeMap<MeterId, MeterQuota>,
+}
+
+/// One meter's quota state of a tenant.
+#[derive(Debug, Default)]
+struct MeterQuota {
+    counters: Counters,
+    /// The tenant's own cap on the meter (a spend cap), if it set one.
+    cap: Option<SpendCap>,
+    /// The tenant's recharge of its prepaid balance, if it ever set one.
+    recharge: Option<RechargeState>,
+    /// Its credit grants, open and recently closed.
+    credits: Vec<CreditGrant>,
+}
+
+/// The counters of one (tenant, meter): a few periods at most (the current one, the one
+/// before, and another kind of period after a plan change).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) periods: Vec<Counter>,
+    /// Periods that ended before this have been dropped: calls for them change nothing.
+    dropped_before: i64,
+}
+
+/// A sender's last call applied to a counter: its sequence number, its grant, its time (the
+/// latest of its calls), and the reservation it keeps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sender {
+    seq: u64,
+    grant: Grant,
+    at: i64,
+    keeping: Keeping,
+    /// What its record says of its next call (`store::quota::mark`).
+    mark: i64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Counter {
+    key: QuotaKey,
+    pub(crate) reserved: u64,
+    /// A prepaid balance's granted units (its limit); `None` for a calendar period.
+    granted: Option<u64>,
+    /// Per node: its last call applied.
+    pub(crate) applied: HashMap<u64, Sender>,
+    /// A prepaid balance's forgiven units, per sender, and until when they hold.
+    forgiven: u64,
+    forgiven_until: i64,
+    forgiven_by: ForgivenBy,
+    /// The latest last-call time of a sender forgotten (0: none): a call from a sender not
+    /// remembered that is no later may have been applied before it was forgotten.
+    forgotten_at: i64,
+}
+
+/// The key of `(tenant, meter)`'s prepaid balance.
+fn prepaid(tenant: &TenantId, meter: &MeterId) -> QuotaKey {
+    let (start, end) = Period::Prepaid.bounds(0);
+    QuotaKey::new(tenant.clone(), meter.clone(), Period::Prepaid, start, end)
+}
+
+impl Counters {
+    /// The counter of `key`, created if its period is still of use; drops the periods that
+    /// ended before `key`'s started.
+    fn get(&mut self, key: &QuotaKey) -> Option<&mut Counter> {
+        if key.end <= self.dropped_before {
+            return None;
+        }
+        if let Some(i) = self.periods.iter().position(|c| c.key == *key) {
+            return Some(&mut self.periods[i]);
+        }
+        // A prepaid balance ends nothing: the calendar periods beside it stay.
+        let start = if key.period == Period::Prepaid { i64::MIN } else { key.start };
+        let mut dropped = self.dropped_before;
+        self.periods.retain(|c| {
+            let keep = c.key.end >= start;
+            if !keep {
+                dropped = dropped.max(c.key.end);
+            }
+            keep
+        });
+        self.dropped_before = dropped;
+        let granted = (key.period == Period::Prepaid).then_some(0);
+        self.periods.push(Counter {
+            key: key.clone(),
+            reserved: 0,
+            granted,
+            applied: HashMap::new(),
+            forgiven: 0,
+            forgiven_until: 0,
+            forgiven_by: ForgivenBy::default(),
+            forgotten_at: 0,
+        });
+        self.periods.last_mut()
+    }
+
+    fn find(&self, key: &QuotaKey) -> Option<&Counter> {
+        self.periods.iter().find(|c| c.key == *key)
+    }
+}
+
+impl Counter {
+    /// Its senders' last calls, as [`forgive`] reads them.
+    fn sender_calls(&self) -> Vec<SenderCall> {
+        self.applied.iter().map(|(node, c)| (node.to_string(), c.seq, c.grant.granted, c.grant.reserved)).collect()
+    }
+
+    /// Its balance, as the credit rules read it.
+    fn balance(&self) -> CreditBalance {
+        CreditBalance::new(self.granted.unwrap_or(0), self.reserved).forgiving(self.forgiven, self.forgiven_until)
+    }
+
+    /// Sets its balance after a close or a refund, what it forgives to each sender with it.
+    fn set_balance(&mut self, before: CreditBalance, after: CreditBalance, used: super::quota::UsedTaken, now: i64) {
+        let (after, by) =
+            forgive(before, after, std::mem::take(&mut self.forgiven_by), used, &self.sender_calls(), now);
+        self.forgiven_by = by;
+        self.granted = Some(after.granted);
+        self.reserved = after.reserved;
+        self.forgiven = after.forgiven;
+        self.forgiven_until = after.forgiven_until;
+    }
+
+    /// The reservations of other senders expired at `now` give back their lease and holds
+    /// (`store::quota::expire`); the call from `token` then, if the store gave its own back,
+    /// owes what it used since (`store::quota::standing`). What the caller keeps before its
+    /// call, and whether its reservation had been given back.
+    fn expire_for(&mut self, token: ReserveToken, kept: Kept) -> (Kept, bool) {
+        if self.granted.is_some() {
+            // A prepaid balance: each expiry draws first on what is forgiven to its sender.
+            let senders = self.applied.iter_mut().map(|(n, c)| (n.to_string(), c.seq, &mut c.keeping));
+            let held = (self.reserved, self.forgiven, self.forgiven_until);
+            (self.reserved, self.forgiven) = expire_against(senders, token.at, held, &mut self.forgiven_by);
+        } else {
+            let back = expire(self.applied.values_mut().map(|c| &mut c.keeping), token.at);
+            self.reserved = self.reserved.saturating_sub(back);
+        }
+        let own = self.applied.get(&token.node);
+        let mark = own.map_or(mark::NONE, |c| c.mark);
+        match standing(own.map(|c| &c.keeping), mark, kept) {
+            Some((owed, kept)) => {
+                self.reserved = self.reserved.saturating_add(owed);
+                (kept, true)
+            }
+            None => (kept, false),
+        }
+    }
+
+    /// What every sender keeps, and the units used.
+    fn used(&self) -> u64 {
+        used_of(self.reserved, self.applied.values().map(|c| &c.keeping))
+    }
+
+    /// Records the answer to `token`'s call and the reservation its sender keeps, forgetting
+    /// the senders past [`SENDERS_KEPT`] by the time of their last call, never one within
+    /// [`SENDER_QUIET_SECS`] of this call nor one whose reservation is live (it expires first).
+    fn applied(&mut self, token: ReserveToken, grant: Grant, keeping: Keeping, mark: i64) {
+        let at = self.applied.get(&token.node).map_or(token.at, |c| token.at.max(c.at));
+        self.applied.insert(token.node, Sender { seq: token.seq, grant, at, keeping, mark });
+        let quiet_since = token.at.saturating_sub(SENDER_QUIET_SECS);
+        while self.applied.len() > SENDERS_KEPT {
+            let oldest = self
+                .applied
+                .iter()
+                .filter(|(_, c)| c.at < quiet_since && !c.keeping.unforgettable(c.at, token.at))
+                .min_by_key(|(n, c)| (c.at, **n));
+            let Some(oldest) = oldest.map(|(n, _)| *n) else { break };
+            if let Some(c) = self.applied.remove(&oldest) {
+                self.forgotten_at = self.forgotten_at.max(c.at);
+            }
+        }
+    }
+
+    /// Whether a call with `token` was applied already; `Some(grant)` answers it again. A
+    /// call from a sender no longer remembered, no later than the last call of a sender
+    /// forgotten, may have been applied: it is answered as an older call, never applied.
+    fn seen(&self, token: ReserveToken) -> Option<Grant> {
+        match self.applied.get(&token.node) {
+            Some(c) if token.seq <= c.seq => Some(if token.seq == c.seq {
+                c.grant
+            } else {
+                Grant::new(0, self.reserved).with_limit(self.granted).with_used(self.used())
+            }),
+            None if forgotten(token.at, self.forgotten_at) => {
+                Some(Grant::new(0, self.reserved).with_limit(self.granted).with_used(self.used()))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl TenantQuota {
+    fn meter(&mut self, meter: &MeterId) -> &mut MeterQuota {
+        self.meters.entry(meter.clone()).or_default()
+    }
+
+    /// [`QuotaStore::reserve`](super::QuotaStore::reserve), the tenant's cap and recharge read
+    /// and written in the same step.
+    pub(crate) fn reserve(&mut self, r: &Reservation) -> Grant {
+        let m = self.meter(&r.key.meter);
+        // The tenant's own cap, set first in the same step.
+        let cap = match r.cap {
+            CapMode::Ignored => None,
+            CapMode::Stored => m.cap,
+            CapMode::Set(cap) => {
+                m.cap = cap;
+                cap
+            }
+        };
+        let grant = m.reserve_counter(r, cap);
+        if r.recharge == RechargeMode::Ignored {
+            return grant;
+        }
+        // The tenant's recharge checks the balance the reserve left.
+        let key = prepaid(&r.key.tenant, &r.key.meter);
+        let balance = m.counters.find(&key).and_then(|c| c.granted.map(|g| g.saturating_sub(c.reserved)));
+        let state = m.recharge.get_or_insert_with(RechargeState::default);
+        grant.with_recharge(state.apply(r.recharge, balance))
+    }
+
+    /// One release of [`QuotaStore::release`](super::QuotaStore::release).
+    pub(crate) fn release(&mut self, r: &Release) {
+        let token = r.token;
+        let Some(c) = self.meter(&r.key.meter).counters.get(&r.key) else { return };
+        if c.seen(token).is_some() {
+            return;
+        }
+        // What it kept before the release: what it keeps after, and what it gives back.
+        let before = Kept { lease: r.kept.lease.saturating_add(r.units), ..r.kept };
+        let (dropped, expired) = c.expire_for(token, before);
+        let kept = if expired { dropped } else { r.kept };
+        if expired {
+            // Given back at its expiry already: not again.
+        } else if c.granted.is_some() {
+            // A prepaid balance draws on its forgiven units first.
+            let last = c.applied.get(&token.node).map(|s| s.seq);
+            (c.reserved, c.forgiven) = release_against(
+                c.reserved,
+                c.forgiven,
+                c.forgiven_until,
+                &mut c.forgiven_by,
+                (&token.node.to_string(), last),
+                r.units,
+                token.at,
+            );
+        } else {
+            c.reserved = c.reserved.saturating_sub(r.units);
+        }
+        let keeping = Keeping::after(kept, 0, 0, r.expires_at);
+        let grant = Grant::new(0, c.reserved).with_limit(c.granted).with_expired(expired);
+        c.applied(token, grant, keeping, mark_after(expired, false));
+        let used = c.used();
+        if let Some(s) = c.applied.get_mut(&token.node) {
+            s.grant = grant.with_used(used);
+        }
+    }
+
+    /// A grant of the tenant under `grant`'s id or payment, on any meter.
+    pub(crate) fn granted_before(&self, grant: &CreditGrant) -> Option<&CreditGrant> {
+        let same = |g: &&CreditGrant| g.id == grant.id || (g.payment.is_some() && g.payment == grant.payment);
+        let own = self.meters.get(&grant.meter).and_then(|m| m.credits.iter().find(same));
+        own.or_else(|| self.meters.values().flat_map(|m| &m.credits).find(same))
+    }
+
+    /// [`QuotaStore::grant_credits`](super::QuotaStore::grant_credits), with `kept`, a refund
+    /// of its payment that came first, applied in the same step.
+    pub(crate) fn grant(&mut self, grant: &CreditGrant, kept: Option<&CreditRefund>) -> GrantOutcome {
+        if let Some(seen) = self.granted_before(grant) {
+            return GrantOutcome::Duplicate(seen.clone());
+        }
+        let m = self.meter(&grant.meter);
+        if m.credits.iter().filter(|g| g.closed.is_none()).count() >= OPEN_GRANTS_MAX {
+            return GrantOutcome::TooMany;
+        }
+        let key = prepaid(&grant.tenant, &grant.meter);
+        let c = m.counters.get(&key).expect("the prepaid period never ends");
+        if !fits(c.granted.unwrap_or(0), grant.units) {
+            return GrantOutcome::TooLarge;
+        }
+        c.granted = Some(c.granted.unwrap_or(0) + grant.units);
+        let mut stored = grant.clone();
+        stored.closed = None;
+        stored.bought = grant.units;
+        stored.taken = 0;
+        stored.refunded = 0;
+        stored.duplicate = false;
+        m.credits.push(stored);
+        if let Some(refund) = kept {
+            let _ = m.refund(&key, &refund.landing(grant));
+        }
+        let c = m.counters.find(&key).expect("made above");
+        GrantOutcome::Granted(CreditBalance::new(c.granted.unwrap_or(0), c.reserved))
+    }
+
+    /// [`QuotaStore::credit_grants`](super::QuotaStore::credit_grants) of this tenant.
+    pub(crate) fn grants(
+        &self,
+        tenant: &TenantId,
+        meter: Option<&MeterId>,
+    ) -> (Vec<CreditGrant>, Vec<(MeterId, CreditBalance)>) {
+        let mut grants = Vec::new();
+        let mut balances = Vec::new();
+        for (m, q) in &self.meters {
+            if meter.is_some_and(|x| x != m) || q.credits.is_empty() {
+                continue;
+            }
+            let mut list = q.credits.clone();
+            list.sort_by(|a, b| a.spending_order().cmp(&b.spending_order()));
+            grants.extend(list);
+            let balance = q
+                .counters
+                .find(&prepaid(tenant, m))
+                .map_or_else(CreditBalance::default, |c| CreditBalance::new(c.granted.unwrap_or(0), c.reserved));
+            balances.push((m.clone(), balance));
+        }
+        (grants, balances)
+    }
+
+    /// [`QuotaStore::close_credits`](super::QuotaStore::close_credits).
+    pub(crate) fn close(
+        &mut self,
+        tenant: &TenantId,
+        meter: &MeterId,
+        id: &str,
+        revoke: bool,
+        now: i64,
+    ) -> Option<CreditClosure> {
+        let m = self.meters.get_mut(meter)?;
+        let grant = m.credits.iter().find(|g| g.id == id && g.closed.is_none())?;
+        if !revoke && grant.expires_at.is_none_or(|at| at > now) {
+            return None;
+        }
+        let key = prepaid(tenant, meter);
+        let c = m.counters.get(&key).expect("the prepaid period never ends");
+        let balance = c.balance();
+        let (lost, after, used) = close_against(&m.credits, id, balance, revoke)?;
+        c.set_balance(balance, after, used, now);
+        let closure = CreditClosure { at: now, revoked: revoke, lost };
+        if let Some(g) = m.credits.iter_mut().find(|g| g.id == id) {
+            g.closed = Some(closure);
+        }
+        // Closed grants are kept a while (their ids, for duplicates), then dropped.
+        m.credits.retain(|g| g.closed.is_none_or(|c| c.at + CLOSED_GRANTS_KEPT_SECS > now));
+        Some(closure)
+    }
+
+    /// The grants of the tenant `refund` is of: `None` when it has none; else what applying it
+    /// to the open one came to (nothing when they are all closed).
+    pub(crate) fn refund(&mut self, refund: &CreditRefund) -> Option<RefundOutcome> {
+        let of = |g: &CreditGrant| refund.is_of(g);
+        let open = self.meters.iter().find(|(_, m)| m.credits.iter().any(|g| g.closed.is_none() && of(g)));
+        if let Some(meter) = open.map(|(m, _)| m.clone()) {
+            let tenant = self.meters[&meter].credits.iter().find(|g| of(g)).map(|g| g.tenant.clone())?;
+            let key = prepaid(&tenant, &meter);
+            let m = self.meters.get_mut(&meter).expect("found above");
+            return Some(m.refund(&key, refund).unwrap_or_else(|outcome| outcome));
+        }
+        self.meters.values().flat_map(|m| &m.credits).any(of).then_some(RefundOutcome::Nothing)
+    }
+
+    /// [`QuotaStore::counters`](super::QuotaStore::counters) of this tenant.
+    pub(crate) fn counters(&self, tenant: &TenantId, meter: &MeterId) -> Vec<QuotaCounter> {
+        let Some(m) = self.meters.get(meter) else {
+            return Vec::new();
+        };
+        let mut out: Vec<QuotaCounter> = m
+            .counters
+            .periods
+            .iter()
+            .map(|p| {
+                QuotaCounter::new(p.key.clone(), p.reserved, p.granted)
+                    .with_cap(m.cap)
+                    .keeping(kept_of(p.applied.values().map(|c| &c.keeping)))
+            })
+            .collect();
+        out.sort_by_key(|c| c.key.start);
+        super::quota::recharge_listed(&mut out, tenant, meter, m.recharge);
+        out
+    }
+
+    /// The open grants expired at `now`.
+    pub(crate) fn expired(&self, now: i64) -> impl Iterator<Item = &CreditGrant> + '_ {
+        self.meters
+            .values()
+            .flat_map(|m| &m.credits)
+            .filter(move |g| g.closed.is_none() && g.expires_at.is_some_and(|at| at <= now))
+    }
+
+    /// Units reserved of `key`.
+    #[cfg(any(test, feature = "test-util"))]
+    pub(crate) fn reserved(&self, key: &QuotaKey) -> u64 {
+        self.meters.get(&key.meter).and_then(|m| m.counters.find(key)).map_or(0, |c| c.reserved)
+    }
+
+    /// The counters of `meter` (tests).
+    #[cfg(test)]
+    pub(crate) fn counters_of(&self, meter: &MeterId) -> &Counters {
+        &self.meters[meter].counters
+    }
+
+    /// Whether it holds nothing that outlives its calendar periods (no prepaid balance, cap,
+    /// recharge or grant): the latest end of its periods then, else `None`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn periods_end(&self) -> Option<i64> {
+        let mut end = 0;
+        for m in self.meters.values() {
+            if m.cap.is_some() || m.recharge.is_some() || !m.credits.is_empty() {
+                return None;
+            }
+            for c in &m.counters.periods {
+                if c.key.period == Period::Prepaid {
+                    return None;
+                }
+                end = end.max(c.key.end);
+            }
+        }
+        Some(end)
+    }
+}
+
+impl MeterQuota {
+    /// A reserve of one counter, held to `cap` when it is the tenant's.
+    fn reserve_counter(&mut self, r: &Reservation, cap: Option<SpendCap>) -> Grant {
+        let Some(c) = self.counters.get(&r.key) else {
+            // A late call for a period long over: nothing is left to reserve in it.
+            return Grant::new(0, 0).with_cap(cap);
+        };
+        if let Some(grant) = c.seen(r.token) {
+            return grant.with_cap(cap);
+        }
+        let (kept, expired) = c.expire_for(r.token, r.kept);
+        c.reserved = c.reserved.saturating_add(r.owed);
+        // A prepaid balance is held to its grants, whatever the caller says; a spend cap to
+        // the tenant's own cap when it set one.
+        let granted = match c.granted.or(r.limit_under(cap)) {
+            Some(limit) => r.grant_for(limit.saturating_sub(c.reserved)),
+            None => r.units,
+        };
+        c.reserved = c.reserved.saturating_add(granted);
+        let keeping = Keeping::after(kept, granted, r.taking, r.expires_at);
+        let mut grant = Grant::new(granted, c.reserved).with_limit(c.granted).with_expired(expired);
+        c.applied(r.token, grant, keeping, mark_after(expired, true));
+        grant = grant.with_used(c.used());
+        if let Some(s) = c.applied.get_mut(&r.token.node) {
+            s.grant = grant;
+        }
+        grant.with_cap(cap)
+    }
+
+    /// Applies `refund` to its open grant of the balance `key` (`Err`: the answer when it
+    /// changes nothing).
+    fn refund(&mut self, key: &QuotaKey, refund: &CreditRefund) -> Result<RefundOutcome, RefundOutcome> {
+        let grants: Vec<CreditGrant> = self.credits.iter().filter(|g| g.closed.is_none()).cloned().collect();
+        let c = self.counters.get(key).ok_or(RefundOutcome::Nothing)?;
+        let balance = c.balance();
+        let applied = super::quota::refund_against(&grants, refund, balance)?;
+        c.set_balance(balance, applied.after, applied.used, refund.at);
+        let g = self
+            .credits
+            .iter_mut()
+            .find(|g| g.closed.is_none() && g.id == applied.grant.id)
+            .expect("found by refund_against");
+        *g = applied.grant.clone();
+        Ok(applied.outcome())
+    }
+}
+
+/// A tenant's quota as a store writes it down: JSON, short field names (it is read and written
+/// whole at each call).
+#[cfg(feature = "redis")]
+mod stored {
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::store::quota::{takes_json, takes_of};
+
+    #[derive(Serialize, Deserialize)]
+    struct TenantForm {
+        m: BTreeMap<String, MeterForm>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct MeterForm {
+        p: Vec<CounterForm>,
+        d: i64,
+        c: Option<(u64, bool)>,
+        r: Option<RechargeState>,
+        g: Vec<GrantForm>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct CounterForm {
+        /// Period tag, start, end.
+        k: (String, i64, i64),
+        r: u64,
+        g: Option<u64>,
+        a: Vec<SenderForm>,
+        f: (u64, i64, i64),
+        fb: ForgivenBy,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct SenderForm {
+        /// Node, seq, at, mark.
+        n: (u64, u64, i64, i64),
+        /// Granted, reserved, limit, used, expired.
+        g: (u64, u64, Option<u64>, u64, bool),
+        /// Lease, held, jobs, expires at, gone.
+        k: (u64, u64, u64, i64, u64),
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct GrantForm {
+        id: String,
+        /// Units, bought, taken, refunded.
+        u: (u64, u64, u64, u64),
+        /// Granted at, expires at.
+        t: (i64, Option<i64>),
+        p: Option<String>,
+        pd: Option<u64>,
+        dup: bool,
+        tk: String,
+        /// Closed: at, revoked, lost.
+        c: Option<(i64, bool, u64)>,
+    }
+
+    impl TenantQuota {
+        /// Written down.
+        pub(crate) fn to_json(&self) -> String {
+            let m = self
+                .meters
+                .iter()
+                .map(|(meter, q)| {
+                    let p = q
+                        .counters
+                        .periods
+                        .iter()
+                        .map(|c| CounterForm {
+                            k: (c.key.period_tag(), c.key.start, c.key.end),
+                            r: c.reserved,
+                            g: c.granted,
+                            a: c.applied
+                                .iter()
+                                .map(|(n, s)| SenderForm {
+                                    n: (*n, s.seq, s.at, s.mark),
+                                    g: (
+                                        s.grant.granted,
+                                        s.grant.reserved,
+                                        s.grant.limit,
+                                        s.grant.used,
+                                        s.grant.expired,
+                                    ),
+                                    k: (
+                                        s.keeping.kept.lease,
+                                        s.keeping.kept.held,
+                                        s.keeping.kept.jobs,
+                                        s.keeping.expires_at,
+                                        s.keeping.gone,
+                                    ),
+                                })
+                                .collect(),
+                            f: (c.forgiven, c.forgiven_until, c.forgotten_at),
+                            fb: c.forgiven_by.clone(),
+                        })
+                        .collect();
+                    let g = q
+                        .credits
+                        .iter()
+                        .map(|g| GrantForm {
+                            id: g.id.clone(),
+                            u: (g.units, g.bought, g.taken, g.refunded),
+                            t: (g.granted_at, g.expires_at),
+                            p: g.payment.clone(),
+                            pd: g.paid,
+                            dup: g.duplicate,
+                            tk: takes_json(&g.takes),
+                            c: g.closed.map(|c| (c.at, c.revoked, c.lost)),
+                        })
+                        .collect();
+                    let form = MeterForm {
+                        p,
+                        d: q.counters.dropped_before,
+                        c: q.cap.map(|c| (c.limit, c.hard)),
+                        r: q.recharge,
+                        g,
+                    };
+                    (meter.as_str().to_owned(), form)
+                })
+                .collect();
+            serde_json::to_string(&TenantForm { m }).expect("plain data")
+        }
+
+        /// Read back from [`to_json`](Self::to_json) for `tenant`.
+        ///
+        /// # Errors
+        /// Not what `to_json` writes.
+        pub(crate) fn from_json(tenant: &TenantId, json: &str) -> Result<Self, String> {
+            let form: TenantForm = serde_json::from_str(json).map_err(|e| e.to_string())?;
+            let mut meters = BTreeMap::new();
+            for (meter, q) in form.m {
+                let meter = MeterId::from(meter.as_str());
+                let mut periods = Vec::with_capacity(q.p.len());
+                for c in q.p {
+                    let (tag, start, end) = c.k;
+                    let key = QuotaKey::from_tag(tenant.clone(), meter.clone(), &tag, start, end)
+                        .ok_or_else(|| format!("a period of kind `{tag}`"))?;
+                    let applied = c
+                        .a
+                        .into_iter()
+                        .map(|s| {
+                            let (node, seq, at, mark) = s.n;
+                            let (granted, reserved, limit, used, expired) = s.g;
+                            let grant =
+                                Grant::new(granted, reserved).with_limit(limit).with_used(used).with_expired(expired);
+                            let (lease, held, jobs, expires_at, gone) = s.k;
+                            let keeping = Keeping { kept: Kept::new(lease, held, jobs), expires_at, gone };
+                            (node, Sender { seq, grant, at, keeping, mark })
+                        })
+                        .collect();
+                    let (forgiven, forgiven_until, forgotten_at) = c.f;
+                    periods.push(Counter {
+                        key,
+                        reserved: c.r,
+                        granted: c.g,
+                        applied,
+                        forgiven,
+                        forgiven_until,
+                        forgiven_by: c.fb,
+                        forgotten_at,
+                    });
+                }
+                let credits =
+                    q.g.into_iter()
+                        .map(|g| {
+                            let mut grant = CreditGrant::new(tenant.clone(), meter.clone(), g.id, g.u.0, g.t.0);
+                            grant.expires_at = g.t.1;
+                            grant.payment = g.p;
+                            grant.paid = g.pd;
+                            (grant.bought, grant.taken, grant.refunded) = (g.u.1, g.u.2, g.u.3);
+                            grant.duplicate = g.dup;
+                            grant.takes = takes_of(&g.tk);
+                            grant.closed = g.c.map(|(at, revoked, lost)| CreditClosure { at, revoked, lost });
+                            grant
+                        })
+                        .collect();
+                let quota = MeterQuota {
+                    counters: Counters { periods, dropped_before: q.d },
+                    cap: q.c.map(|(limit, hard)| SpendCap::new(limit, hard)),
+                    recharge: q.r,
+                    credits,
+                };
+                meters.insert(meter, quota);
+            }
+            Ok(Self { meters })
+        }
+    }
+}
