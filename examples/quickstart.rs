@@ -25,10 +25,10 @@
 //! ```
 //! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
 //! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README). With
-//! `--features redis`, `TOLLGATE_STORE=redis` and `REDIS_URL` keep its quotas, fleet rates,
-//! places and `Idempotency-Key`s on Redis, beside its SQLite file.
 //! `--features postgres`, `TOLLGATE_STORE=postgres` and `DATABASE_URL` run it on PostgreSQL
-//! (schema `tollgate`, created at start).
+//! (schema `tollgate`, created at start). With `--features redis`, `TOLLGATE_STORE=redis` and
+//! `REDIS_URL` keep its quotas, fleet rates, places and `Idempotency-Key`s on Redis, beside its
+//! SQLite file.
 //!
 //! Edit the configuration and send SIGHUP (`kill -HUP <pid>`) to reload it without losing
 //! counters. Stop it with Ctrl-C: it flushes, exports closed windows and prints what it did.

@@ -391,7 +391,7 @@ impl Validator<'_, '_> {
                         "the {} role cannot be kept on Redis: usage, exports, the ledger, the directory and the \
                          alerts outbox are what billing reads back, and need a durable store; Redis serves \
                          [store.quota], [store.rate], [store.places] and [store.idempotency] beside a durable \
-                         store as [store] (PostgreSQL, DynamoDB or SQLite): see docs/redis.md",
+                         store a fleet shares as [store] (PostgreSQL or DynamoDB): see docs/redis.md",
                         role.name(),
                     ),
                 ));

@@ -341,7 +341,8 @@ impl TenantQuota {
         (grants, balances)
     }
 
-    /// [`QuotaStore::close_credits`](super::QuotaStore::close_credits).
+    /// [`QuotaStore::close_credits`](super::QuotaStore::close_credits), with the grants
+    /// dropped by it (closed ones kept long enough).
     pub(crate) fn close(
         &mut self,
         tenant: &TenantId,
@@ -349,38 +350,54 @@ impl TenantQuota {
         id: &str,
         revoke: bool,
         now: i64,
-    ) -> Option<CreditClosure> {
-        let m = self.meters.get_mut(meter)?;
-        let grant = m.credits.iter().find(|g| g.id == id && g.closed.is_none())?;
+    ) -> (Option<CreditClosure>, Vec<CreditGrant>) {
+        let Some(m) = self.meters.get_mut(meter) else { return (None, Vec::new()) };
+        let Some(grant) = m.credits.iter().find(|g| g.id == id && g.closed.is_none()) else {
+            return (None, Vec::new());
+        };
         if !revoke && grant.expires_at.is_none_or(|at| at > now) {
-            return None;
+            return (None, Vec::new());
         }
         let key = prepaid(tenant, meter);
         let c = m.counters.get(&key).expect("the prepaid period never ends");
         let balance = c.balance();
-        let (lost, after, used) = close_against(&m.credits, id, balance, revoke)?;
+        let Some((lost, after, used)) = close_against(&m.credits, id, balance, revoke) else {
+            return (None, Vec::new());
+        };
         c.set_balance(balance, after, used, now);
         let closure = CreditClosure { at: now, revoked: revoke, lost };
         if let Some(g) = m.credits.iter_mut().find(|g| g.id == id) {
             g.closed = Some(closure);
         }
         // Closed grants are kept a while (their ids, for duplicates), then dropped.
-        m.credits.retain(|g| g.closed.is_none_or(|c| c.at + CLOSED_GRANTS_KEPT_SECS > now));
-        Some(closure)
+        let kept = |g: &CreditGrant| g.closed.is_none_or(|c| c.at + CLOSED_GRANTS_KEPT_SECS > now);
+        let dropped = m.credits.iter().filter(|g| !kept(g)).cloned().collect();
+        m.credits.retain(kept);
+        (Some(closure), dropped)
     }
 
-    /// The grants of the tenant `refund` is of: `None` when it has none; else what applying it
-    /// to the open one came to (nothing when they are all closed).
+    /// Applies `refund` to the tenant's open grant of its payment: what it came to, or `None`
+    /// when the tenant has no open grant of it.
     pub(crate) fn refund(&mut self, refund: &CreditRefund) -> Option<RefundOutcome> {
-        let of = |g: &CreditGrant| refund.is_of(g);
-        let open = self.meters.iter().find(|(_, m)| m.credits.iter().any(|g| g.closed.is_none() && of(g)));
-        if let Some(meter) = open.map(|(m, _)| m.clone()) {
-            let tenant = self.meters[&meter].credits.iter().find(|g| of(g)).map(|g| g.tenant.clone())?;
-            let key = prepaid(&tenant, &meter);
-            let m = self.meters.get_mut(&meter).expect("found above");
-            return Some(m.refund(&key, refund).unwrap_or_else(|outcome| outcome));
-        }
-        self.meters.values().flat_map(|m| &m.credits).any(of).then_some(RefundOutcome::Nothing)
+        let of = |g: &CreditGrant| g.closed.is_none() && refund.is_of(g);
+        let (meter, tenant) = self
+            .meters
+            .iter()
+            .find_map(|(meter, m)| m.credits.iter().find(|g| of(g)).map(|g| (meter.clone(), g.tenant.clone())))?;
+        let key = prepaid(&tenant, &meter);
+        let m = self.meters.get_mut(&meter).expect("found above");
+        Some(m.refund(&key, refund).unwrap_or_else(|outcome| outcome))
+    }
+
+    /// Whether the tenant has a grant of `refund`'s payment, open or closed.
+    pub(crate) fn has_grant_of(&self, refund: &CreditRefund) -> bool {
+        self.meters.values().flat_map(|m| &m.credits).any(|g| refund.is_of(g))
+    }
+
+    /// Whether it holds nothing at all (a tenant never reserved, granted nor capped).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.meters.is_empty()
     }
 
     /// [`QuotaStore::counters`](super::QuotaStore::counters) of this tenant.
@@ -564,26 +581,31 @@ mod stored {
                             k: (c.key.period_tag(), c.key.start, c.key.end),
                             r: c.reserved,
                             g: c.granted,
-                            a: c.applied
-                                .iter()
-                                .map(|(n, s)| SenderForm {
-                                    n: (*n, s.seq, s.at, s.mark),
-                                    g: (
-                                        s.grant.granted,
-                                        s.grant.reserved,
-                                        s.grant.limit,
-                                        s.grant.used,
-                                        s.grant.expired,
-                                    ),
-                                    k: (
-                                        s.keeping.kept.lease,
-                                        s.keeping.kept.held,
-                                        s.keeping.kept.jobs,
-                                        s.keeping.expires_at,
-                                        s.keeping.gone,
-                                    ),
-                                })
-                                .collect(),
+                            a: {
+                                // By node: the same state is always written the same.
+                                let mut senders: Vec<_> = c.applied.iter().collect();
+                                senders.sort_by_key(|(n, _)| **n);
+                                senders
+                                    .into_iter()
+                                    .map(|(n, s)| SenderForm {
+                                        n: (*n, s.seq, s.at, s.mark),
+                                        g: (
+                                            s.grant.granted,
+                                            s.grant.reserved,
+                                            s.grant.limit,
+                                            s.grant.used,
+                                            s.grant.expired,
+                                        ),
+                                        k: (
+                                            s.keeping.kept.lease,
+                                            s.keeping.kept.held,
+                                            s.keeping.kept.jobs,
+                                            s.keeping.expires_at,
+                                            s.keeping.gone,
+                                        ),
+                                    })
+                                    .collect()
+                            },
                             f: (c.forgiven, c.forgiven_until, c.forgotten_at),
                             fb: c.forgiven_by.clone(),
                         })

@@ -234,6 +234,95 @@ async fn a_newer_layout_is_refused_and_flushed_scripts_reload() {
     assert!(e.contains("layout 2"), "{e}");
 }
 
+/// A tenant's quota row lives 35 days past its latest period's end, and at least 35 days past
+/// its last write (a call on a period long over, by the caller's clock, never makes it expire
+/// under the calls in flight); a row holding a prepaid balance, or a grant, never expires.
+#[tokio::test]
+async fn a_tenants_quota_row_expires_by_its_periods_and_never_while_it_holds_money() {
+    use tollgate::store::{CreditGrant, QuotaKey, QuotaStore, Reservation};
+    let Some((store, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let day = tollgate::config::Period::Day;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let old = QuotaKey::new("old".into(), "requests".into(), day, 86_400, 2 * 86_400);
+    store.reserve(&Reservation::new(old, 1, 0, Some(10), ReserveToken::new(1, 1).at(now))).await.unwrap();
+    let ttl = |tenant: &str| cli(&url, &["pttl", &format!("{prefix}:1:{{{tenant}}}:quota")]).parse::<i64>().unwrap();
+    let month_ms = 35 * 86_400 * 1000;
+    assert!(ttl("old") > month_ms - 60_000, "35 days from the write: {}", ttl("old"));
+    let (start, end) = day.bounds(now);
+    let current = QuotaKey::new("cur".into(), "requests".into(), day, start, end);
+    store.reserve(&Reservation::new(current, 1, 0, Some(10), ReserveToken::new(1, 1).at(now))).await.unwrap();
+    let expected = (end + 35 * 86_400 - now) * 1000;
+    assert!((expected - 60_000..=expected).contains(&ttl("cur")), "35 days past the period's end: {}", ttl("cur"));
+    store.grant_credits(&CreditGrant::new("cur".into(), "tokens".into(), "in_1", 5, now)).await.unwrap();
+    assert_eq!(ttl("cur"), -1, "a balance is kept");
+}
+
+/// A grant delivered again with a later expiry (Stripe's redelivery computes it anew) still
+/// expires at the time it was written with; the due list never holds it back.
+#[tokio::test]
+async fn a_grant_delivered_again_expires_at_its_own_time() {
+    use tollgate::store::{CreditGrant, GrantOutcome, QuotaStore};
+    let Some((store, _)) = common::redis::store().await else { return };
+    let now = 1_773_446_400_i64;
+    let grant = CreditGrant::new("t".into(), "tokens".into(), "in_1", 50, now).expiring(Some(now + 100));
+    assert!(matches!(store.grant_credits(&grant).await.unwrap(), GrantOutcome::Granted(_)));
+    let again = CreditGrant::new("t".into(), "tokens".into(), "in_1", 50, now + 50).expiring(Some(now + 150));
+    assert!(matches!(store.grant_credits(&again).await.unwrap(), GrantOutcome::Duplicate(_)));
+    let due = store.expired_credits(now + 100, 10).await.unwrap();
+    assert_eq!(due.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["in_1"], "due at its own expiry");
+}
+
+/// A dispute names only its payment. Arriving while its grant is named in the payment's row but
+/// not yet written to its tenant's (a grant in flight, or one whose write failed and Stripe will
+/// deliver again), it is answered a conflict (its webhook 500, delivered again), never taken
+/// as unknown; once the grant lands, the same dispute takes it.
+#[tokio::test]
+async fn a_dispute_waits_for_a_grant_named_but_not_written() {
+    use tollgate::store::{CreditGrant, CreditRefund, QuotaStore, RefundOutcome, StoreError};
+    let Some((store, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let now = 1_773_446_400_i64;
+    // The grant's first step, as a crash right after it leaves it.
+    let row = format!("{prefix}:1:{{pi_9}}:payment");
+    cli(&url, &["hset", &row, "v", "x", "grant", r#"["t","tokens","in_9"]"#, "at", &now.to_string()]);
+    let dispute = CreditRefund::new("pi_9", 1000, 1000, now + 60).taking_once("dp_1");
+    match store.refund_credits(&dispute).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("a dispute of a grant in flight: {other:?}"),
+    }
+    let grant = CreditGrant::new("t".into(), "tokens".into(), "in_9", 100, now).paid_by("pi_9").costing(1000);
+    store.grant_credits(&grant).await.unwrap();
+    match store.refund_credits(&dispute).await.unwrap() {
+        RefundOutcome::Taken { units, .. } => assert_eq!(units, 100),
+        other => panic!("the dispute once the grant landed: {other:?}"),
+    }
+}
+
+/// A call that changes nothing writes nothing: a reserve sent again is answered from the row,
+/// whose version stays as it was.
+#[tokio::test]
+async fn a_call_answered_again_writes_nothing() {
+    use tollgate::store::{QuotaKey, QuotaStore, Reservation};
+    let Some((store, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let now = 1_773_446_400_i64;
+    let day = tollgate::config::Period::Day;
+    let (start, end) = day.bounds(now);
+    let key = QuotaKey::new("t".into(), "requests".into(), day, start, end);
+    for node in 1..=5 {
+        store
+            .reserve(&Reservation::new(key.clone(), 3, 0, Some(100), ReserveToken::new(node, 1).at(now)))
+            .await
+            .unwrap();
+    }
+    let version = || cli(&url, &["hget", &format!("{prefix}:1:{{t}}:quota"), "v"]);
+    let before = version();
+    let again = Reservation::new(key.clone(), 3, 0, Some(100), ReserveToken::new(3, 1).at(now));
+    assert_eq!(store.reserve(&again).await.unwrap().granted, 3, "answered again");
+    assert_eq!(version(), before, "nothing written");
+}
+
 /// A Redis server of the test's own, on `dir`'s files, `appendfsync` as given: killed with
 /// SIGKILL when dropped.
 struct OwnServer {
@@ -326,11 +415,12 @@ async fn a_server_killed_with_appendfsync_always_keeps_what_it_acknowledged() {
 }
 
 /// A server with `appendfsync everysec` (the documented setup) killed with SIGKILL and started
-/// again: what it wrote to its append-only file is there. Redis writes its buffer to the file
-/// before it answers, or at most two seconds later when a slow fsync makes it wait (its
-/// documented worst case); the test waits until the server says its buffer is written
-/// (`aof_buffer_length:0`, no fsync pending; never a fixed sleep), then kills it: the quota
-/// reserved, the credits granted and the cells leased are all still there.
+/// again: what it wrote to its append-only file is there, for every role (the quota reserved,
+/// the credits granted, the cells leased). Redis writes its buffer to the file before it
+/// answers, or at most two seconds later when a slow fsync makes it wait (its documented worst
+/// case); the test waits until the server says its buffer is written (`aof_buffer_length:0`, no
+/// fsync pending; never a fixed sleep), then kills it. A SIGKILL leaves the operating system's
+/// cache: the loss `everysec` allows on a machine's crash is not simulated here.
 #[tokio::test]
 async fn a_server_killed_with_appendfsync_everysec_keeps_what_it_wrote_to_its_file() {
     use tollgate::store::{CreditGrant, QuotaInspect, QuotaKey, QuotaStore, Reservation};

@@ -66,18 +66,21 @@ impl QuotaStore for MemoryStore {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
         let mut inner = self.lock();
-        Ok(inner.quota.get_mut(tenant).and_then(|q| q.close(tenant, meter, id, revoke, now)))
+        Ok(inner.quota.get_mut(tenant).and_then(|q| q.close(tenant, meter, id, revoke, now).0))
     }
 
     async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
         let mut inner = self.lock();
-        // The tenant that paid first, then any (one grant per payment and tenant).
+        // An open grant of the payment: the tenant that paid first, then any; else one closed.
         let mut outcome = refund.tenant.as_ref().and_then(|t| inner.quota.get_mut(t)).and_then(|q| q.refund(refund));
         if outcome.is_none() {
             outcome = inner.quota.values_mut().find_map(|q| q.refund(refund));
         }
         if let Some(outcome) = outcome {
             return Ok(outcome);
+        }
+        if inner.quota.values().any(|q| q.has_grant_of(refund)) {
+            return Ok(RefundOutcome::Nothing);
         }
         if !refund.kept() {
             return Ok(RefundOutcome::Unknown);

@@ -3,11 +3,12 @@
 //! rules every store applies ([`TenantQuota`]) and written back under a compare-and-set of its
 //! version; so each call is one slot and one write, whatever it touches of the tenant.
 //!
-//! What concerns a payment rather than a tenant has a row per payment (and invoice): the refund
-//! kept until its grant lands, and once it landed, which grant it is (a dispute names only the
-//! payment). A grant writes its tenant's row first, then settles its payment's rows: a refund
-//! kept meanwhile is applied then (refunds are cumulative: applied twice, they take once).
-//! Grants due to expire are listed in one sorted set, added to before the grant is written.
+//! What concerns a payment rather than a tenant has a row per payment (and invoice): which grant
+//! it bought (a dispute names only the payment), and a refund kept until that grant lands. A
+//! grant names itself there first (pending), then writes its tenant's row, then settles its
+//! payment's rows (landed): a refund kept meanwhile is applied then (refunds are cumulative:
+//! applied twice, they take once). Grants due to expire are listed in one sorted set, added to
+//! before the grant is written.
 
 use std::time::Duration;
 
@@ -27,9 +28,10 @@ use crate::{
     },
 };
 
-/// How long a payment's row says which grant it bought: refunds and disputes come within
-/// months of a payment; past this, a refund finds the grant through the tenant it names.
-pub(crate) const PAYMENT_KEPT_SECS: i64 = 400 * 86_400;
+/// How long a grant may stay pending in its payment's rows (named, its tenant's row not written
+/// yet) before a dispute of the payment stops waiting for it: a grant whose write failed is
+/// delivered again by Stripe within this.
+const PENDING_SECS: i64 = 86_400;
 
 /// Now, by this node's clock (Unix seconds): rows expire on the server's clock by durations
 /// drawn from it.
@@ -78,13 +80,19 @@ impl RedisStore {
                 };
                 let out = apply(&mut quota);
                 let state = quota.to_json();
-                if state == read {
+                if state == read || (!found.exists() && quota.is_empty()) {
+                    // Nothing changed (a call answered again, a refund of another tenant's): no write.
                     return Ok(Race::Won(out));
                 }
-                // Calendar periods alone: gone when their counters would be dropped; a
-                // balance, a cap, a recharge or a grant: kept.
+                // Calendar periods alone: gone when their counters would be dropped, 35 days
+                // past the latest one's end, and never sooner than 35 days after this write
+                // (a call on a period long over must not see the row vanish under the next);
+                // a balance, a cap, a recharge or a grant: kept.
                 let ttl = match quota.periods_end() {
-                    Some(end) => Ttl::For(kept_for(now, end.saturating_add(RETENTION_SECS))),
+                    Some(end) => Ttl::For(
+                        kept_for(now, end.saturating_add(RETENTION_SECS))
+                            .max(Duration::from_secs(RETENTION_SECS as u64)),
+                    ),
                     None => Ttl::Never,
                 };
                 match self.put(key, &found.version(), ttl, &[("state", state.as_bytes())]).await? {
@@ -111,31 +119,119 @@ impl RedisStore {
         row.text("refund").and_then(kept_refund_of)
     }
 
-    /// The grant a payment's row names, if it names one.
-    fn grant_in(row: &Row) -> Option<(TenantId, MeterId, String)> {
+    /// The grant a payment's row names, if it names one, and whether it landed.
+    fn grant_in(row: &Row) -> Option<((TenantId, MeterId, String), bool)> {
         let v: serde_json::Value = serde_json::from_str(row.text("grant")?).ok()?;
-        Some((v[0].as_str()?.into(), v[1].as_str()?.into(), v[2].as_str()?.to_owned()))
+        let named = (v[0].as_str()?.into(), v[1].as_str()?.into(), v[2].as_str()?.to_owned());
+        Some((named, row.text("landed") == Some("1")))
     }
 
-    /// After `grant` was written (or found written): each of its payment's rows names it, and
-    /// a refund kept there meanwhile is applied to it, then forgotten.
-    async fn settle_payment(&self, grant: &CreditGrant) -> Result<(), StoreError> {
+    /// Writes a payment's row at `key` as `read` was, naming a grant (its name, whether it
+    /// landed, since when) or none, the refund kept there as `refund` says: whether it was
+    /// written.
+    async fn put_payment(
+        &self,
+        key: &str,
+        read: &Row,
+        named: Option<(&str, bool, i64)>,
+        refund: KeptRefund<'_>,
+    ) -> Result<bool, StoreError> {
+        let at;
+        let mut fields: Vec<(&str, &[u8])> = Vec::new();
+        if let Some((grant, landed, since)) = named {
+            at = since.to_string();
+            fields.push(("grant", grant.as_bytes()));
+            fields.push(("at", at.as_bytes()));
+            if landed {
+                fields.push(("landed", b"1"));
+            }
+        }
+        let refund = match refund {
+            KeptRefund::AsRead => read.text("refund"),
+            KeptRefund::Set(r) => Some(r),
+            KeptRefund::Dropped => None,
+        };
+        if let Some(r) = refund {
+            fields.push(("refund", r.as_bytes()));
+        }
+        // Kept while it names a grant (its grant's rows are bounded, and drop it); a refund
+        // alone, for its time.
+        let ttl = match (named.is_some(), refund.and_then(kept_refund_of)) {
+            (false, Some(r)) => Ttl::For(kept_for(now_secs(), r.at.saturating_add(REFUNDS_KEPT_SECS))),
+            _ => Ttl::Never,
+        };
+        self.put(key, &read.version(), ttl, &fields).await
+    }
+
+    /// Before `grant` is written: each of its payment's rows names it, pending (a row naming
+    /// another grant of the payment keeps it). The refunds kept there, the newest.
+    async fn claim_payment(&self, grant: &CreditGrant) -> Result<Option<CreditRefund>, StoreError> {
         let payment = grant.payment.as_deref().unwrap_or(&grant.id);
-        let named = serde_json::json!([grant.tenant.as_str(), grant.meter.as_str(), grant.id]).to_string();
+        let named = named_json(&grant.tenant, &grant.meter, &grant.id);
+        let mut kept: Option<CreditRefund> = None;
+        for k in payment_keys(payment, Some(&grant.id)) {
+            let key = &self.keys().payment(&k);
+            let named = &named;
+            let found =
+                until_won("a payment's row, written by its refunds all along", Retries::BACKING_OFF, (), |(), _| {
+                    Box::pin(async move {
+                        let found = self.row(key).await?;
+                        if Self::grant_in(&found).is_some() {
+                            return Ok(Race::Won(found));
+                        }
+                        match self
+                            .put_payment(key, &found, Some((named, false, grant.granted_at)), KeptRefund::AsRead)
+                            .await?
+                        {
+                            true => Ok(Race::Won(found)),
+                            false => Ok(Race::Lost(())),
+                        }
+                    })
+                })
+                .await?;
+            if let Some(r) = Self::kept_in(&found) {
+                kept = Some(match kept {
+                    Some(before) => newer_refund(before, r),
+                    None => r,
+                });
+            }
+        }
+        Ok(kept)
+    }
+
+    /// After `grant` was written (or found written): each of its payment's rows names it,
+    /// landed, and a refund kept there meanwhile is applied to it, then forgotten. With
+    /// `refused`, it was not written: the rows stop naming it.
+    async fn settle_payment(&self, grant: &CreditGrant, refused: bool) -> Result<(), StoreError> {
+        let payment = grant.payment.as_deref().unwrap_or(&grant.id);
+        let named = named_json(&grant.tenant, &grant.meter, &grant.id);
         for k in payment_keys(payment, Some(&grant.id)) {
             let key = &self.keys().payment(&k);
             let named = &named;
             until_won("a payment's row, written by its refunds all along", Retries::BACKING_OFF, (), |(), _| {
                 Box::pin(async move {
                     let found = self.row(key).await?;
-                    if let Some(refund) = Self::kept_in(&found) {
-                        let refund = refund.landing(grant);
-                        self.with_quota(&grant.tenant, refund.at, Retries::BACKING_OFF, |q| q.refund(&refund)).await?;
-                    } else if found.text("grant") == Some(named.as_str()) {
+                    let ours = found.text("grant").is_none_or(|g| g == named.as_str());
+                    if !ours {
                         return Ok(Race::Won(()));
                     }
-                    let ttl = Ttl::For(Duration::from_secs(PAYMENT_KEPT_SECS as u64));
-                    match self.put(key, &found.version(), ttl, &[("grant", named.as_bytes())]).await? {
+                    if refused {
+                        return match self.put_payment(key, &found, None, KeptRefund::AsRead).await? {
+                            true => Ok(Race::Won(())),
+                            false => Ok(Race::Lost(())),
+                        };
+                    }
+                    if let Some(refund) = Self::kept_in(&found) {
+                        let refund = refund.landing(grant);
+                        let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
+                        self.with_quota(&grant.tenant, refund.at, retries, |q| q.refund(&refund)).await?;
+                    } else if Self::grant_in(&found).is_some_and(|(_, landed)| landed) {
+                        return Ok(Race::Won(()));
+                    }
+                    match self
+                        .put_payment(key, &found, Some((named, true, grant.granted_at)), KeptRefund::Dropped)
+                        .await?
+                    {
                         true => Ok(Race::Won(())),
                         false => Ok(Race::Lost(())),
                     }
@@ -146,14 +242,31 @@ impl RedisStore {
         Ok(())
     }
 
+    /// The payment's rows of grants a close dropped: deleted if they still name them.
+    async fn drop_payments(&self, dropped: &[CreditGrant]) -> Result<(), StoreError> {
+        for grant in dropped {
+            let payment = grant.payment.as_deref().unwrap_or(&grant.id);
+            let named = named_json(&grant.tenant, &grant.meter, &grant.id);
+            for k in payment_keys(payment, Some(&grant.id)) {
+                let key = self.keys().payment(&k);
+                let found = self.row(&key).await?;
+                if found.text("grant") == Some(named.as_str()) {
+                    // Lost to a refund written meanwhile: it goes with the next close.
+                    let _ = self.put(&key, &found.version(), Ttl::Never, &[]).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps `refund` in its payment's rows until its grant lands, on the condition that each
-    /// is as `read` (no grant named it meanwhile): `None` when one changed (read again).
+    /// is as `read` (no grant landed meanwhile): `None` when one changed (read again).
     async fn keep_refund(
         &self,
         refund: &CreditRefund,
         read: &[(String, Row)],
     ) -> Result<Option<RefundOutcome>, StoreError> {
-        let new = read.iter().all(|(_, row)| Self::kept_in(row).is_none());
+        let new = read.iter().any(|(_, row)| Self::kept_in(row).is_none());
         let mut counted = None;
         if new {
             // At most REFUNDS_KEPT_MAX kept: shared out over the days they are kept.
@@ -173,23 +286,57 @@ impl RedisStore {
             }
             counted = Some(day_key);
         }
+        let mut kept_all = true;
         for (key, row) in read {
             let kept = match Self::kept_in(row) {
                 Some(before) => newer_refund(before, refund.clone()),
                 None => refund.clone(),
             };
             let json = kept_refund_json(&kept);
-            let ttl = kept_for(refund.at, kept.at.saturating_add(REFUNDS_KEPT_SECS));
-            if !self.put(key, &row.version(), Ttl::For(ttl), &[("refund", json.as_bytes())]).await? {
-                if let Some(day_key) = counted {
-                    let mut conn = self.conn.clone();
-                    let _: i64 = conn.decr(&day_key, 1).await.map_err(|e| backend(&e))?;
+            let named = Self::grant_in(row)
+                .map(|_| (row.text("grant").unwrap_or(""), false, row.int("at").ok().flatten().unwrap_or(0)));
+            match self.put_payment(key, row, named, KeptRefund::Set(&json)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    kept_all = false;
+                    break;
                 }
-                return Ok(None);
+                Err(e) => {
+                    self.uncount(counted.as_deref()).await;
+                    return Err(e);
+                }
             }
+        }
+        if !kept_all {
+            self.uncount(counted.as_deref()).await;
+            return Ok(None);
         }
         Ok(Some(RefundOutcome::Kept))
     }
+
+    /// Takes back the count of a refund not kept after all.
+    async fn uncount(&self, day_key: Option<&str>) {
+        if let Some(day_key) = day_key {
+            let mut conn = self.conn.clone();
+            let _: redis::RedisResult<i64> = conn.decr(day_key, 1).await;
+        }
+    }
+}
+
+/// What a payment's row written keeps of the refund kept there.
+#[derive(Debug, Clone, Copy)]
+enum KeptRefund<'a> {
+    /// As read.
+    AsRead,
+    /// This one (JSON).
+    Set(&'a str),
+    /// None: applied.
+    Dropped,
+}
+
+/// A grant's name in its payment's rows.
+fn named_json(tenant: &TenantId, meter: &MeterId, id: &str) -> String {
+    serde_json::json!([tenant.as_str(), meter.as_str(), id]).to_string()
 }
 
 #[async_trait]
@@ -219,7 +366,7 @@ impl QuotaStore for RedisStore {
                 .await;
             if let Err(e) = written {
                 for i in &mine {
-                    out[*i] = Err(StoreError::Backend(e.to_string().into()));
+                    out[*i] = Err(e.duplicate());
                 }
             }
         }
@@ -227,33 +374,50 @@ impl QuotaStore for RedisStore {
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
-        let payment = grant.payment.as_deref().unwrap_or(&grant.id);
-        // Refunds kept for its payment first: applied in the grant's own write.
-        let mut kept = None;
-        for k in payment_keys(payment, Some(&grant.id)) {
-            if let Some(r) = Self::kept_in(&self.row(&self.keys().payment(&k)).await?) {
-                kept = Some(match kept {
-                    Some(before) => newer_refund(before, r),
-                    None => r,
-                });
-            }
-        }
+        // Named in its payment's rows first, the refunds kept there read: applied in the grant's
+        // own write.
+        let kept = self.claim_payment(grant).await?;
+        let due = self.keys().credits_due();
+        let member = due_member(&grant.tenant, &grant.meter, &grant.id);
+        let mut conn = self.conn.clone();
         if let Some(at) = grant.expires_at {
-            // Listed before it is written: the list may name a grant that is not, never the
-            // other way round.
-            let mut conn = self.conn.clone();
-            let member = due_member(&grant.tenant, &grant.meter, &grant.id);
-            let _: i64 = conn.zadd(self.keys().credits_due(), member, at).await.map_err(|e| backend(&e))?;
+            // Listed before it is written (the list may name a grant that is not, never the
+            // other way round); a grant listed already keeps its time.
+            let _: i64 = redis::cmd("ZADD")
+                .arg(&due)
+                .arg("NX")
+                .arg(at)
+                .arg(&member)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| backend(&e))?;
         }
-        let outcome = self
-            .with_quota(&grant.tenant, grant.granted_at, Retries::BACKING_OFF, |q| q.grant(grant, kept.as_ref()))
-            .await?;
+        let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
+        let outcome =
+            self.with_quota(&grant.tenant, grant.granted_at, retries, |q| q.grant(grant, kept.as_ref())).await?;
         match &outcome {
-            GrantOutcome::Granted(_) => self.settle_payment(grant).await?,
-            // Its payment's rows settled again: a crash between the grant and them is repaired
-            // by the grant's next delivery.
-            GrantOutcome::Duplicate(seen) if seen.closed.is_none() => self.settle_payment(seen).await?,
-            _ => {}
+            GrantOutcome::Granted(_) => self.settle_payment(grant, false).await?,
+            GrantOutcome::Duplicate(seen) => {
+                // Listed as it was written (a delivery again may carry a later expiry).
+                if grant.expires_at.is_some() && due_member(&seen.tenant, &seen.meter, &seen.id) != member {
+                    let _: i64 = conn.zrem(&due, &member).await.map_err(|e| backend(&e))?;
+                }
+                if let (Some(at), None) = (seen.expires_at, seen.closed) {
+                    let seen_member = due_member(&seen.tenant, &seen.meter, &seen.id);
+                    let _: i64 = conn.zadd(&due, seen_member, at).await.map_err(|e| backend(&e))?;
+                }
+                // Its payment's rows settled again: a crash between the grant and them is
+                // repaired by the grant's next delivery.
+                if seen.closed.is_none() {
+                    self.settle_payment(seen, false).await?;
+                }
+            }
+            _ => {
+                if grant.expires_at.is_some() {
+                    let _: i64 = conn.zrem(&due, &member).await.map_err(|e| backend(&e))?;
+                }
+                self.settle_payment(grant, true).await?;
+            }
         }
         Ok(match outcome {
             GrantOutcome::Granted(_) => {
@@ -281,20 +445,23 @@ impl QuotaStore for RedisStore {
         revoke: bool,
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
-        let closed =
-            self.with_quota(tenant, now, Retries::BACKING_OFF, |q| q.close(tenant, meter, id, revoke, now)).await?;
+        let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
+        let (closed, dropped) =
+            self.with_quota(tenant, now, retries, |q| q.close(tenant, meter, id, revoke, now)).await?;
         if closed.is_some() {
             let mut conn = self.conn.clone();
             let _: i64 =
                 conn.zrem(self.keys().credits_due(), due_member(tenant, meter, id)).await.map_err(|e| backend(&e))?;
         }
+        self.drop_payments(&dropped).await?;
         Ok(closed)
     }
 
     async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {
         let keys = payment_keys(&refund.payment, refund.invoice.as_deref());
         let keys = &keys;
-        until_won("a refund raced with its grant under every attempt", Retries::BACKING_OFF, (), |(), _| {
+        let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
+        until_won("a refund raced with its grant under every attempt", retries, (), |(), _| {
             Box::pin(async move {
                 let mut read = Vec::with_capacity(keys.len());
                 for k in keys {
@@ -302,22 +469,33 @@ impl QuotaStore for RedisStore {
                     let row = self.row(&key).await?;
                     read.push((key, row));
                 }
-                // The grant its payment's row names, else the grants of the tenant that paid.
+                // The tenant of the grant its payment's rows name, and the tenant that paid:
+                // an open grant of the payment first, else one closed.
                 let mut tenants: Vec<TenantId> =
-                    read.iter().filter_map(|(_, row)| Self::grant_in(row)).map(|g| g.0).collect();
+                    read.iter().filter_map(|(_, row)| Self::grant_in(row)).map(|((t, _, _), _)| t).collect();
                 tenants.extend(refund.tenant.clone());
-                for tenant in tenants {
-                    if let Some(outcome) =
-                        self.with_quota(&tenant, refund.at, Retries::BACKING_OFF, |q| q.refund(refund)).await?
-                    {
+                tenants.dedup();
+                for tenant in &tenants {
+                    let outcome = self.with_quota(tenant, refund.at, retries, |q| q.refund(refund)).await?;
+                    if let Some(outcome) = outcome {
                         return Ok(Race::Won(outcome));
                     }
                 }
-                if read.iter().any(|(_, row)| Self::grant_in(row).is_some()) {
-                    // Named, and gone since (closed long ago): nothing to take.
-                    return Ok(Race::Won(RefundOutcome::Nothing));
+                for tenant in &tenants {
+                    if self.quota_of(tenant).await?.has_grant_of(refund) {
+                        return Ok(Race::Won(RefundOutcome::Nothing));
+                    }
                 }
+                // A grant named and not written yet (or not written at all, its write failed
+                // within the day): a refund is kept for it, a dispute waits for it.
+                let pending = read.iter().any(|(_, row)| {
+                    Self::grant_in(row).is_some_and(|(_, landed)| !landed)
+                        && row.int("at").ok().flatten().is_some_and(|at| at > refund.at - PENDING_SECS)
+                });
                 if !refund.kept() {
+                    if pending {
+                        return Err(StoreError::Conflict("a grant of the payment is being written"));
+                    }
                     return Ok(Race::Won(RefundOutcome::Unknown));
                 }
                 Ok(match self.keep_refund(refund, &read).await? {
@@ -334,52 +512,89 @@ impl QuotaStore for RedisStore {
     }
 
     async fn expired_credits(&self, now: i64, limit: usize) -> Result<Vec<CreditGrant>, StoreError> {
+        /// Pages of the due list read at most, per call.
+        const PAGES: usize = 8;
         let mut conn = self.conn.clone();
         let due_key = self.keys().credits_due();
-        let listed: Vec<String> = redis::cmd("ZRANGE")
-            .arg(&due_key)
-            .arg("-inf")
-            .arg(now)
-            .arg("BYSCORE")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit.saturating_mul(2).max(16))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| backend(&e))?;
+        let page = limit.saturating_mul(2).max(16);
         let mut out: Vec<CreditGrant> = Vec::new();
-        let mut read: std::collections::HashMap<TenantId, TenantQuota> = std::collections::HashMap::new();
-        for member in listed {
-            let Ok(serde_json::Value::Array(v)) = serde_json::from_str::<serde_json::Value>(&member) else {
-                continue;
-            };
-            let (Some(t), Some(m), Some(id)) = (v[0].as_str(), v[1].as_str(), v[2].as_str()) else { continue };
-            let tenant = TenantId::from(t);
-            if !read.contains_key(&tenant) {
-                let q = self.quota_of(&tenant).await?;
-                read.insert(tenant.clone(), q);
-            }
-            let q = &read[&tenant];
-            let (grants, _) = q.grants(&tenant, Some(&MeterId::from(m)));
-            match grants.into_iter().find(|g| g.id == id) {
-                Some(g) if g.closed.is_none() && g.expires_at.is_some_and(|at| at <= now) => out.push(g),
-                // Closed: no longer due. Absent an hour past its expiry: its write failed.
-                Some(g) if g.closed.is_some() => {
+        let mut read: std::collections::HashMap<TenantId, Option<TenantQuota>> = std::collections::HashMap::new();
+        let mut offset = 0;
+        for _ in 0..PAGES {
+            let listed: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&due_key)
+                .arg("-inf")
+                .arg(now)
+                .arg("BYSCORE")
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(page)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| backend(&e))?;
+            let len = listed.len();
+            // Entries taken off the list (or listed later) this page: the next starts that much
+            // earlier.
+            let mut gone = 0;
+            for member in listed {
+                let named: Option<(String, String, String)> = serde_json::from_str(&member).ok();
+                let Some((t, m, id)) = named else {
                     let _: i64 = conn.zrem(&due_key, &member).await.map_err(|e| backend(&e))?;
+                    gone += 1;
+                    continue;
+                };
+                let tenant = TenantId::from(t.as_str());
+                if !read.contains_key(&tenant) {
+                    let q = match self.quota_of(&tenant).await {
+                        Ok(q) => Some(q),
+                        Err(StoreError::Backend(e)) => {
+                            tracing::error!(tenant = %tenant, error = %e, "a tenant's quota on Redis does not read: its grants are not expired");
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    read.insert(tenant.clone(), q);
                 }
-                None if v.len() == 3 => {
-                    let score: Option<f64> = conn.zscore(&due_key, &member).await.map_err(|e| backend(&e))?;
-                    if score.is_some_and(|s| (s as i64) < now - 3_600) {
+                let Some(q) = &read[&tenant] else { continue };
+                let (grants, _) = q.grants(&tenant, Some(&MeterId::from(m.as_str())));
+                match grants.into_iter().find(|g| g.id == id) {
+                    Some(g) if g.closed.is_none() => match g.expires_at {
+                        Some(at) if at <= now => out.push(g),
+                        // Listed at another time than it expires: listed again, at its own.
+                        Some(at) => {
+                            let _: i64 = conn.zadd(&due_key, &member, at).await.map_err(|e| backend(&e))?;
+                            gone += 1;
+                        }
+                        None => {
+                            let _: i64 = conn.zrem(&due_key, &member).await.map_err(|e| backend(&e))?;
+                            gone += 1;
+                        }
+                    },
+                    // Closed: no longer due.
+                    Some(_) => {
                         let _: i64 = conn.zrem(&due_key, &member).await.map_err(|e| backend(&e))?;
+                        gone += 1;
+                    }
+                    // Not written an hour past its listed expiry: its write failed.
+                    None => {
+                        let score: Option<f64> = conn.zscore(&due_key, &member).await.map_err(|e| backend(&e))?;
+                        if score.is_some_and(|s| (s as i64) < now - 3_600) {
+                            let _: i64 = conn.zrem(&due_key, &member).await.map_err(|e| backend(&e))?;
+                            gone += 1;
+                        }
                     }
                 }
-                _ => {}
+                if out.len() >= limit {
+                    break;
+                }
             }
-            if out.len() >= limit {
+            if out.len() >= limit || len < page {
                 break;
             }
+            offset += len - gone;
         }
         out.sort_by_key(|g| g.expires_at);
+        out.truncate(limit);
         Ok(out)
     }
 }
