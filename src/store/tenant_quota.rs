@@ -341,8 +341,7 @@ impl TenantQuota {
         (grants, balances)
     }
 
-    /// [`QuotaStore::close_credits`](super::QuotaStore::close_credits), with the grants
-    /// dropped by it (closed ones kept long enough).
+    /// [`QuotaStore::close_credits`](super::QuotaStore::close_credits).
     pub(crate) fn close(
         &mut self,
         tenant: &TenantId,
@@ -350,30 +349,24 @@ impl TenantQuota {
         id: &str,
         revoke: bool,
         now: i64,
-    ) -> (Option<CreditClosure>, Vec<CreditGrant>) {
-        let Some(m) = self.meters.get_mut(meter) else { return (None, Vec::new()) };
-        let Some(grant) = m.credits.iter().find(|g| g.id == id && g.closed.is_none()) else {
-            return (None, Vec::new());
-        };
+    ) -> Option<CreditClosure> {
+        let m = self.meters.get_mut(meter)?;
+        let grant = m.credits.iter().find(|g| g.id == id && g.closed.is_none())?;
         if !revoke && grant.expires_at.is_none_or(|at| at > now) {
-            return (None, Vec::new());
+            return None;
         }
         let key = prepaid(tenant, meter);
         let c = m.counters.get(&key).expect("the prepaid period never ends");
         let balance = c.balance();
-        let Some((lost, after, used)) = close_against(&m.credits, id, balance, revoke) else {
-            return (None, Vec::new());
-        };
+        let (lost, after, used) = close_against(&m.credits, id, balance, revoke)?;
         c.set_balance(balance, after, used, now);
         let closure = CreditClosure { at: now, revoked: revoke, lost };
         if let Some(g) = m.credits.iter_mut().find(|g| g.id == id) {
             g.closed = Some(closure);
         }
         // Closed grants are kept a while (their ids, for duplicates), then dropped.
-        let kept = |g: &CreditGrant| g.closed.is_none_or(|c| c.at + CLOSED_GRANTS_KEPT_SECS > now);
-        let dropped = m.credits.iter().filter(|g| !kept(g)).cloned().collect();
-        m.credits.retain(kept);
-        (Some(closure), dropped)
+        m.credits.retain(|g| g.closed.is_none_or(|c| c.at + CLOSED_GRANTS_KEPT_SECS > now));
+        Some(closure)
     }
 
     /// Applies `refund` to the tenant's open grant of its payment: what it came to, or `None`

@@ -273,10 +273,10 @@ async fn a_grant_delivered_again_expires_at_its_own_time() {
     assert_eq!(due.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(), ["in_1"], "due at its own expiry");
 }
 
-/// A dispute names only its payment. Arriving while its grant is named in the payment's row but
-/// not yet written to its tenant's (a grant in flight, or one whose write failed and Stripe will
-/// deliver again), it is answered a conflict (its webhook 500, delivered again), never taken
-/// as unknown; once the grant lands, the same dispute takes it.
+/// A dispute names only its payment. Arriving while its grant's tenant is hinted in the
+/// payment's row but the grant is not yet written there (a grant in flight, or one whose write
+/// failed and Stripe will deliver again), it is answered a conflict (its webhook 500, delivered
+/// again), never taken as unknown; once the grant lands, the same dispute takes it.
 #[tokio::test]
 async fn a_dispute_waits_for_a_grant_named_but_not_written() {
     use tollgate::store::{CreditGrant, CreditRefund, QuotaStore, RefundOutcome, StoreError};
@@ -285,7 +285,7 @@ async fn a_dispute_waits_for_a_grant_named_but_not_written() {
     let now = 1_773_446_400_i64;
     // The grant's first step, as a crash right after it leaves it.
     let row = format!("{prefix}:1:{{pi_9}}:payment");
-    cli(&url, &["hset", &row, "v", "x", "grant", r#"["t","tokens","in_9"]"#, "at", &now.to_string()]);
+    cli(&url, &["hset", &row, "v", "x", "tenant", "t", "at", &now.to_string()]);
     let dispute = CreditRefund::new("pi_9", 1000, 1000, now + 60).taking_once("dp_1");
     match store.refund_credits(&dispute).await {
         Err(StoreError::Conflict(_)) => {}
@@ -297,6 +297,30 @@ async fn a_dispute_waits_for_a_grant_named_but_not_written() {
         RefundOutcome::Taken { units, .. } => assert_eq!(units, 100),
         other => panic!("the dispute once the grant landed: {other:?}"),
     }
+}
+
+/// A refund that names no tenant, arriving after its grant hinted its tenant in the payment's
+/// row and before the grant is written there, waits in that tenant's row: the grant applies it
+/// as it lands (the two meet in one row, whichever comes first), and nothing is taken twice.
+#[tokio::test]
+async fn a_refund_between_a_grants_hint_and_its_write_is_applied_as_it_lands() {
+    use tollgate::store::{CreditGrant, CreditRefund, QuotaStore, RefundOutcome};
+    let Some((store, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let now = 1_773_446_400_i64;
+    let row = format!("{prefix}:1:{{pi_7}}:payment");
+    cli(&url, &["hset", &row, "v", "x", "tenant", "t", "at", &now.to_string()]);
+    let refund = CreditRefund::new("pi_7", 500, 1000, now + 10);
+    assert_eq!(store.refund_credits(&refund).await.unwrap(), RefundOutcome::Kept);
+    let grant = CreditGrant::new("t".into(), "tokens".into(), "cs_7", 100, now).paid_by("pi_7").costing(1000);
+    store.grant_credits(&grant).await.unwrap();
+    let (grants, balances) = store.credit_grants(&"t".into(), None).await.unwrap();
+    assert_eq!(grants[0].units, 50, "half the money refunded: half the units taken as it landed");
+    assert_eq!(balances[0].1.granted, 50);
+    // Delivered again, the refund takes nothing more.
+    store.refund_credits(&refund).await.unwrap();
+    let (grants, _) = store.credit_grants(&"t".into(), None).await.unwrap();
+    assert_eq!(grants[0].units, 50);
 }
 
 /// A call that changes nothing writes nothing: a reserve sent again is answered from the row,
@@ -468,6 +492,100 @@ async fn a_server_killed_with_appendfsync_everysec_keeps_what_it_wrote_to_its_fi
     assert_eq!(grants.iter().map(|g| g.units).sum::<u64>(), 500, "the grant is there");
     assert_eq!(store.take_cells(&take(2)).await.unwrap().granted, 4);
     assert_eq!(store.take_cells(&take(3)).await.unwrap().granted, 2, "10 cells in all: the 4 leased still leased");
+}
+
+/// The commands a Redis server answered since it started, by name (`INFO commandstats`).
+fn commands(url: &str) -> std::collections::HashMap<String, u64> {
+    cli(url, &["info", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// The figures of docs/performance.md ("Redis"): the commands a server of the test's own
+/// answers for 1,000 requests of one tenant at 2/s, 100/s and 5,000/s (the engine clock moving),
+/// its quota (a month's hard quota, its default lease) and its fleet rate (the pace's own rate,
+/// a burst of a fiftieth of a second, at least 2) on Redis: each store call is one `HGETALL`
+/// and one `EVALSHA` (no other node writes the tenant between them), a call that changes
+/// nothing only the read. Printed, and held to the engine's lease rules: at 2/s a fleet rate's
+/// cell lives 50 ms (one lease per request, as a central limiter), a quota's lease serves many.
+#[tokio::test]
+async fn store_calls_per_thousand_requests_on_redis() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    if common::redis::url().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = OwnServer::start(dir.path(), "everysec", port).await;
+    let fleet = Arc::new(RedisStore::open(&server.url, "calls", Duration::from_secs(5)).await.unwrap());
+    let stores = NodeStore::Beside { rest: Arc::new(tollgate::store::MemoryStore::new()), fleet };
+    for (per_second, burst) in [(2u64, 2u64), (100, 20), (5_000, 100)] {
+        for role in ["quota", "rate"] {
+            let plan = match role {
+                "quota" => {
+                    "quotas.requests = { limit = 1000000, period = \"month\", mode = \"hard\", lease = 100 }".to_owned()
+                }
+                _ => format!("rate = \"{per_second}/s\"\nburst = {burst}\nrate_scope = \"fleet\""),
+            };
+            let tenant = format!("{role}{per_second}");
+            let toml = format!(
+                "[plans.p]\n{plan}\n[tenants.{tenant}]\nplan = \"p\"\nkeys = [\"key-{tenant}\"]\n\
+                 [usage]\nstore_timeout = \"30s\"\n[limits]\nfleet_size_hint = 4\n"
+            );
+            let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
+            let h = common::node_on(&toml, &stores, clock, handle);
+            let key = format!("key-{tenant}");
+            let step = Duration::from_nanos(1_000_000_000 / per_second);
+            // The first request warms the tenant (its directory read, its first lease).
+            let send = || async {
+                let info = RequestInfo::new("GET", "/", Credential::ApiKey(key.as_bytes()));
+                let ticket = match h.tollgate.admit(&info) {
+                    Admission::Admitted(t) => t,
+                    Admission::Pending(p) => h.tollgate.resolve(p).await.unwrap(),
+                    Admission::Rejected(r) => panic!("{r}"),
+                };
+                assert!(ticket.complete(200));
+            };
+            send().await;
+            let before = commands(&server.url);
+            for _ in 0..1_000 {
+                send().await;
+                h.clock.advance(step);
+            }
+            let after = commands(&server.url);
+            let delta = |name: &str| after.get(name).unwrap_or(&0) - before.get(name).unwrap_or(&0);
+            let (reads, writes) = (delta("hgetall"), delta("evalsha"));
+            eprintln!(
+                "redis: {role} at {per_second}/s: {reads} HGETALL, {writes} EVALSHA for 1,000 requests \
+                 (others: {:?})",
+                after
+                    .iter()
+                    .map(|(n, c)| (n, c - before.get(n).unwrap_or(&0)))
+                    // The script's own commands are counted too: not round trips.
+                    .filter(|(n, c)| {
+                        *c > 0
+                            && !["hgetall", "evalsha", "info", "hget", "hset", "del", "pexpire", "pttl"]
+                                .contains(&n.as_str())
+                    })
+                    .collect::<Vec<_>>()
+            );
+            match (role, per_second) {
+                ("rate", 2) => assert_eq!(writes, 1_000, "one lease per request at 2/s"),
+                ("rate", 100) => assert!(writes <= 250, "{writes}"),
+                ("rate", _) => assert!(writes <= 20, "{writes}"),
+                // A quota's lease of 100 units, doubling while it lasts under a second: far
+                // fewer calls than requests, fewer as the pace grows.
+                _ => assert!(writes <= 12, "{writes}"),
+            }
+            assert!(reads >= writes, "every write after its read");
+            h.tollgate.shutdown().await.unwrap();
+        }
+    }
 }
 
 /// The server paused (SIGSTOP) before a node leases cells of a fleet rate: no request is

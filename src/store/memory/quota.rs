@@ -66,7 +66,7 @@ impl QuotaStore for MemoryStore {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
         let mut inner = self.lock();
-        Ok(inner.quota.get_mut(tenant).and_then(|q| q.close(tenant, meter, id, revoke, now).0))
+        Ok(inner.quota.get_mut(tenant).and_then(|q| q.close(tenant, meter, id, revoke, now)))
     }
 
     async fn refund_credits(&self, refund: &CreditRefund) -> Result<RefundOutcome, StoreError> {

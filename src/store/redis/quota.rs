@@ -3,12 +3,14 @@
 //! rules every store applies ([`TenantQuota`]) and written back under a compare-and-set of its
 //! version; so each call is one slot and one write, whatever it touches of the tenant.
 //!
-//! What concerns a payment rather than a tenant has a row per payment (and invoice): which grant
-//! it bought (a dispute names only the payment), and a refund kept until that grant lands. A
-//! grant names itself there first (pending), then writes its tenant's row, then settles its
-//! payment's rows (landed): a refund kept meanwhile is applied then (refunds are cumulative:
-//! applied twice, they take once). Grants due to expire are listed in one sorted set, added to
-//! before the grant is written.
+//! A refund names a payment, and may come before its grant; a dispute names nothing else. A
+//! grant first writes a hint in its payment's rows (the payment's, and its own id's): the tenant
+//! it is written to. A refund goes to the tenant it names or the hints name, and is applied, or
+//! kept in that tenant's row until the grant lands there: the grant and its refund meet in one
+//! row, whichever comes first. A refund that names no tenant and finds no hint waits in the
+//! payment's rows, which the grant's hint reads as it is written (one compare-and-set of the
+//! same row: the refund comes before it, or finds it). Grants due to expire are listed in one
+//! sorted set, added to before the grant is written.
 
 use std::time::Duration;
 
@@ -28,10 +30,17 @@ use crate::{
     },
 };
 
-/// How long a grant may stay pending in its payment's rows (named, its tenant's row not written
-/// yet) before a dispute of the payment stops waiting for it: a grant whose write failed is
-/// delivered again by Stripe within this.
-const PENDING_SECS: i64 = 86_400;
+/// How long after a grant's delivery a dispute of its payment waits for it when the grant is not
+/// in the tenant its hint names (a grant whose write failed, delivered again by Stripe for up
+/// to three days): answered a conflict, so that its webhook is delivered again.
+const PENDING_SECS: i64 = 3 * 86_400 + 3_600;
+
+/// How long a payment's hint names its grant's tenant: disputes come within months of a
+/// payment (120 days for most card networks); a refund names its tenant.
+const HINT_KEPT_SECS: u64 = 730 * 86_400;
+
+/// Refunds kept in one tenant's row at most (each until its grant lands, at most 35 days).
+const TENANT_REFUNDS_MAX: usize = 100;
 
 /// Now, by this node's clock (Unix seconds): rows expire on the server's clock by durations
 /// drawn from it.
@@ -66,21 +75,36 @@ impl RedisStore {
         retries: Retries,
         apply: impl Fn(&mut TenantQuota) -> T + Sync,
     ) -> Result<T, StoreError> {
+        self.with_row(tenant, now, retries, |q, _| apply(q)).await
+    }
+
+    /// [`with_quota`](Self::with_quota), with the refunds kept in the tenant's row for grants
+    /// not landed yet.
+    async fn with_row<T: Send>(
+        &self,
+        tenant: &TenantId,
+        now: i64,
+        retries: Retries,
+        apply: impl Fn(&mut TenantQuota, &mut Vec<CreditRefund>) -> T + Sync,
+    ) -> Result<T, StoreError> {
         let key = &self.keys().quota(tenant);
         let apply = &apply;
         until_won("a tenant's quota, written by other calls all along", retries, (), |(), _| {
             Box::pin(async move {
                 let found = self.row(key).await?;
-                let read = found.text("state").unwrap_or("");
+                let read = (found.text("state").unwrap_or(""), found.text("refunds").unwrap_or("[]"));
                 let mut quota = match found.exists() {
-                    true => TenantQuota::from_json(tenant, read).map_err(|e| {
-                        StoreError::Backend(format!("redis: a tenant's quota does not read ({e})").into())
-                    })?,
+                    true => TenantQuota::from_json(tenant, read.0).map_err(unreadable)?,
                     false => TenantQuota::default(),
                 };
-                let out = apply(&mut quota);
-                let state = quota.to_json();
-                if state == read || (!found.exists() && quota.is_empty()) {
+                let mut refunds = refunds_of(read.1).map_err(unreadable)?;
+                let out = apply(&mut quota, &mut refunds);
+                // Kept 35 days at most, the newest first past the bound.
+                refunds.retain(|r| r.at > now.saturating_sub(REFUNDS_KEPT_SECS));
+                refunds.sort_by_key(|r| std::cmp::Reverse(r.at));
+                refunds.truncate(TENANT_REFUNDS_MAX);
+                let (state, kept) = (quota.to_json(), refunds_json(&refunds));
+                if (state == read.0 && kept == read.1) || (!found.exists() && quota.is_empty() && refunds.is_empty()) {
                     // Nothing changed (a call answered again, a refund of another tenant's): no write.
                     return Ok(Race::Won(out));
                 }
@@ -95,7 +119,11 @@ impl RedisStore {
                     ),
                     None => Ttl::Never,
                 };
-                match self.put(key, &found.version(), ttl, &[("state", state.as_bytes())]).await? {
+                let mut fields: Vec<(&str, &[u8])> = vec![("state", state.as_bytes())];
+                if !refunds.is_empty() {
+                    fields.push(("refunds", kept.as_bytes()));
+                }
+                match self.put(key, &found.version(), ttl, &fields).await? {
                     true => Ok(Race::Won(out)),
                     false => Ok(Race::Lost(())),
                 }
@@ -110,8 +138,7 @@ impl RedisStore {
         if !found.exists() {
             return Ok(TenantQuota::default());
         }
-        TenantQuota::from_json(tenant, found.text("state").unwrap_or(""))
-            .map_err(|e| StoreError::Backend(format!("redis: a tenant's quota does not read ({e})").into()))
+        TenantQuota::from_json(tenant, found.text("state").unwrap_or("")).map_err(unreadable)
     }
 
     /// The refund kept in a payment's row, if any.
@@ -119,70 +146,31 @@ impl RedisStore {
         row.text("refund").and_then(kept_refund_of)
     }
 
-    /// The grant a payment's row names, if it names one, and whether it landed.
-    fn grant_in(row: &Row) -> Option<((TenantId, MeterId, String), bool)> {
-        let v: serde_json::Value = serde_json::from_str(row.text("grant")?).ok()?;
-        let named = (v[0].as_str()?.into(), v[1].as_str()?.into(), v[2].as_str()?.to_owned());
-        Some((named, row.text("landed") == Some("1")))
+    /// The tenant a payment's row says its grant is written to, and since when.
+    fn hint_in(row: &Row) -> Option<(TenantId, i64)> {
+        Some((row.text("tenant")?.into(), row.int("at").ok().flatten().unwrap_or(0)))
     }
 
-    /// Writes a payment's row at `key` as `read` was, naming a grant (its name, whether it
-    /// landed, since when) or none, the refund kept there as `refund` says: whether it was
-    /// written.
-    async fn put_payment(
-        &self,
-        key: &str,
-        read: &Row,
-        named: Option<(&str, bool, i64)>,
-        refund: KeptRefund<'_>,
-    ) -> Result<bool, StoreError> {
-        let at;
-        let mut fields: Vec<(&str, &[u8])> = Vec::new();
-        if let Some((grant, landed, since)) = named {
-            at = since.to_string();
-            fields.push(("grant", grant.as_bytes()));
-            fields.push(("at", at.as_bytes()));
-            if landed {
-                fields.push(("landed", b"1"));
-            }
-        }
-        let refund = match refund {
-            KeptRefund::AsRead => read.text("refund"),
-            KeptRefund::Set(r) => Some(r),
-            KeptRefund::Dropped => None,
-        };
-        if let Some(r) = refund {
-            fields.push(("refund", r.as_bytes()));
-        }
-        // Kept while it names a grant (its grant's rows are bounded, and drop it); a refund
-        // alone, for its time.
-        let ttl = match (named.is_some(), refund.and_then(kept_refund_of)) {
-            (false, Some(r)) => Ttl::For(kept_for(now_secs(), r.at.saturating_add(REFUNDS_KEPT_SECS))),
-            _ => Ttl::Never,
-        };
-        self.put(key, &read.version(), ttl, &fields).await
-    }
-
-    /// Before `grant` is written: each of its payment's rows names it, pending (a row naming
-    /// another grant of the payment keeps it). The refunds kept there, the newest.
-    async fn claim_payment(&self, grant: &CreditGrant) -> Result<Option<CreditRefund>, StoreError> {
+    /// Before `grant` is written: each of its payment's rows names its tenant (a hint). The
+    /// refunds waiting there, the newest: the grant applies it as it lands.
+    async fn hint_payment(&self, grant: &CreditGrant) -> Result<Option<CreditRefund>, StoreError> {
         let payment = grant.payment.as_deref().unwrap_or(&grant.id);
-        let named = named_json(&grant.tenant, &grant.meter, &grant.id);
         let mut kept: Option<CreditRefund> = None;
         for k in payment_keys(payment, Some(&grant.id)) {
             let key = &self.keys().payment(&k);
-            let named = &named;
             let found =
                 until_won("a payment's row, written by its refunds all along", Retries::BACKING_OFF, (), |(), _| {
                     Box::pin(async move {
                         let found = self.row(key).await?;
-                        if Self::grant_in(&found).is_some() {
-                            return Ok(Race::Won(found));
+                        let at = grant.granted_at.to_string();
+                        let mut fields: Vec<(&str, &[u8])> =
+                            vec![("tenant", grant.tenant.as_str().as_bytes()), ("at", at.as_bytes())];
+                        if let Some(r) = found.bytes("refund") {
+                            fields.push(("refund", r));
                         }
-                        match self
-                            .put_payment(key, &found, Some((named, false, grant.granted_at)), KeptRefund::AsRead)
-                            .await?
-                        {
+                        // Kept as long as a dispute of the payment may come.
+                        let ttl = Ttl::For(Duration::from_secs(HINT_KEPT_SECS));
+                        match self.put(key, &found.version(), ttl, &fields).await? {
                             true => Ok(Race::Won(found)),
                             false => Ok(Race::Lost(())),
                         }
@@ -199,119 +187,24 @@ impl RedisStore {
         Ok(kept)
     }
 
-    /// After `grant` was written (or found written): each of its payment's rows names it,
-    /// landed, and a refund kept there meanwhile is applied to it, then forgotten. With
-    /// `refused`, it was not written: the rows stop naming it.
-    async fn settle_payment(&self, grant: &CreditGrant, refused: bool) -> Result<(), StoreError> {
-        let payment = grant.payment.as_deref().unwrap_or(&grant.id);
-        let named = named_json(&grant.tenant, &grant.meter, &grant.id);
-        for k in payment_keys(payment, Some(&grant.id)) {
-            let key = &self.keys().payment(&k);
-            let named = &named;
-            until_won("a payment's row, written by its refunds all along", Retries::BACKING_OFF, (), |(), _| {
-                Box::pin(async move {
-                    let found = self.row(key).await?;
-                    let ours = found.text("grant").is_none_or(|g| g == named.as_str());
-                    if !ours {
-                        return Ok(Race::Won(()));
-                    }
-                    if refused {
-                        return match self.put_payment(key, &found, None, KeptRefund::AsRead).await? {
-                            true => Ok(Race::Won(())),
-                            false => Ok(Race::Lost(())),
-                        };
-                    }
-                    if let Some(refund) = Self::kept_in(&found) {
-                        let refund = refund.landing(grant);
-                        let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
-                        self.with_quota(&grant.tenant, refund.at, retries, |q| q.refund(&refund)).await?;
-                    } else if Self::grant_in(&found).is_some_and(|(_, landed)| landed) {
-                        return Ok(Race::Won(()));
-                    }
-                    match self
-                        .put_payment(key, &found, Some((named, true, grant.granted_at)), KeptRefund::Dropped)
-                        .await?
-                    {
-                        true => Ok(Race::Won(())),
-                        false => Ok(Race::Lost(())),
-                    }
-                })
-            })
-            .await?;
-        }
-        Ok(())
-    }
-
-    /// The payment's rows of grants a close dropped: deleted if they still name them.
-    async fn drop_payments(&self, dropped: &[CreditGrant]) -> Result<(), StoreError> {
-        for grant in dropped {
-            let payment = grant.payment.as_deref().unwrap_or(&grant.id);
-            let named = named_json(&grant.tenant, &grant.meter, &grant.id);
-            for k in payment_keys(payment, Some(&grant.id)) {
-                let key = self.keys().payment(&k);
-                let found = self.row(&key).await?;
-                if found.text("grant") == Some(named.as_str()) {
-                    // Lost to a refund written meanwhile: it goes with the next close.
-                    let _ = self.put(&key, &found.version(), Ttl::Never, &[]).await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Keeps `refund` in its payment's rows until its grant lands, on the condition that each
-    /// is as `read` (no grant landed meanwhile): `None` when one changed (read again).
-    async fn keep_refund(
-        &self,
-        refund: &CreditRefund,
-        read: &[(String, Row)],
-    ) -> Result<Option<RefundOutcome>, StoreError> {
-        let new = read.iter().any(|(_, row)| Self::kept_in(row).is_none());
-        let mut counted = None;
-        if new {
-            // At most REFUNDS_KEPT_MAX kept: shared out over the days they are kept.
-            let per_day = (REFUNDS_KEPT_MAX as u64).div_ceil((REFUNDS_KEPT_SECS / 86_400) as u64);
-            let day_key = self.keys().refunds_kept(refund.at.div_euclid(86_400));
-            let mut conn = self.conn.clone();
-            let (n, _): (u64, bool) = redis::pipe()
-                .atomic()
-                .incr(&day_key, 1)
-                .expire(&day_key, REFUNDS_KEPT_SECS + 86_400)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| backend(&e))?;
-            if n > per_day {
-                let _: i64 = conn.decr(&day_key, 1).await.map_err(|e| backend(&e))?;
-                return Ok(Some(RefundOutcome::Full));
-            }
-            counted = Some(day_key);
-        }
-        let mut kept_all = true;
-        for (key, row) in read {
-            let kept = match Self::kept_in(row) {
-                Some(before) => newer_refund(before, refund.clone()),
-                None => refund.clone(),
-            };
-            let json = kept_refund_json(&kept);
-            let named = Self::grant_in(row)
-                .map(|_| (row.text("grant").unwrap_or(""), false, row.int("at").ok().flatten().unwrap_or(0)));
-            match self.put_payment(key, row, named, KeptRefund::Set(&json)).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    kept_all = false;
-                    break;
-                }
-                Err(e) => {
-                    self.uncount(counted.as_deref()).await;
-                    return Err(e);
-                }
-            }
-        }
-        if !kept_all {
-            self.uncount(counted.as_deref()).await;
+    /// Counts a refund kept against the day's share of [`REFUNDS_KEPT_MAX`]: whether it fits
+    /// (else nothing is counted).
+    async fn count_kept(&self, at: i64) -> Result<Option<String>, StoreError> {
+        let per_day = (REFUNDS_KEPT_MAX as u64).div_ceil((REFUNDS_KEPT_SECS / 86_400) as u64);
+        let day_key = self.keys().refunds_kept(at.div_euclid(86_400));
+        let mut conn = self.conn.clone();
+        let (n, _): (u64, bool) = redis::pipe()
+            .atomic()
+            .incr(&day_key, 1)
+            .expire(&day_key, REFUNDS_KEPT_SECS + 86_400)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| backend(&e))?;
+        if n > per_day {
+            self.uncount(Some(&day_key)).await;
             return Ok(None);
         }
-        Ok(Some(RefundOutcome::Kept))
+        Ok(Some(day_key))
     }
 
     /// Takes back the count of a refund not kept after all.
@@ -321,22 +214,66 @@ impl RedisStore {
             let _: redis::RedisResult<i64> = conn.decr(day_key, 1).await;
         }
     }
+
+    /// Keeps `refund`, which names no tenant and found no hint, in its payment's rows until a
+    /// grant's hint reads it, on the condition that each is as `read` (no hint written
+    /// meanwhile): `None` when one changed (read again).
+    async fn keep_in_payment(
+        &self,
+        refund: &CreditRefund,
+        read: &[(String, Row)],
+    ) -> Result<Option<RefundOutcome>, StoreError> {
+        let counted = match read.iter().any(|(_, row)| Self::kept_in(row).is_none()) {
+            true => match self.count_kept(refund.at).await? {
+                Some(day_key) => Some(day_key),
+                None => return Ok(Some(RefundOutcome::Full)),
+            },
+            false => None,
+        };
+        for (key, row) in read {
+            let kept = match Self::kept_in(row) {
+                Some(before) => newer_refund(before, refund.clone()),
+                None => refund.clone(),
+            };
+            let json = kept_refund_json(&kept);
+            let ttl = Ttl::For(kept_for(refund.at, kept.at.saturating_add(REFUNDS_KEPT_SECS)));
+            match self.put(key, &row.version(), ttl, &[("refund", json.as_bytes())]).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.uncount(counted.as_deref()).await;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.uncount(counted.as_deref()).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Some(RefundOutcome::Kept))
+    }
 }
 
-/// What a payment's row written keeps of the refund kept there.
-#[derive(Debug, Clone, Copy)]
-enum KeptRefund<'a> {
-    /// As read.
-    AsRead,
-    /// This one (JSON).
-    Set(&'a str),
-    /// None: applied.
-    Dropped,
+/// A tenant's row that does not read: not one this store wrote.
+fn unreadable(e: String) -> StoreError {
+    StoreError::Unusable(format!("redis: a tenant's quota does not read ({e})"))
 }
 
-/// A grant's name in its payment's rows.
-fn named_json(tenant: &TenantId, meter: &MeterId, id: &str) -> String {
-    serde_json::json!([tenant.as_str(), meter.as_str(), id]).to_string()
+/// The refunds kept in a tenant's row, as written there.
+fn refunds_json(refunds: &[CreditRefund]) -> String {
+    serde_json::Value::Array(refunds.iter().map(|r| serde_json::Value::String(kept_refund_json(r))).collect())
+        .to_string()
+}
+
+/// [`refunds_json`] read back.
+fn refunds_of(json: &str) -> Result<Vec<CreditRefund>, String> {
+    let list: Vec<String> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    list.iter().map(|r| kept_refund_of(r).ok_or_else(|| "a kept refund".to_owned())).collect()
+}
+
+/// Whether a refund kept for a grant is of `grant`'s payment.
+fn kept_for_grant(refund: &CreditRefund, grant: &CreditGrant) -> bool {
+    let payment = grant.payment.as_deref().unwrap_or(&grant.id);
+    refund.payment == payment || refund.payment == grant.id || refund.invoice.as_deref() == Some(grant.id.as_str())
 }
 
 #[async_trait]
@@ -374,15 +311,14 @@ impl QuotaStore for RedisStore {
     }
 
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<GrantOutcome, StoreError> {
-        // Named in its payment's rows first, the refunds kept there read: applied in the grant's
-        // own write.
-        let kept = self.claim_payment(grant).await?;
+        // Its tenant hinted in its payment's rows first, the refunds waiting there read.
+        let outside = self.hint_payment(grant).await?;
         let due = self.keys().credits_due();
         let member = due_member(&grant.tenant, &grant.meter, &grant.id);
         let mut conn = self.conn.clone();
         if let Some(at) = grant.expires_at {
             // Listed before it is written (the list may name a grant that is not, never the
-            // other way round); a grant listed already keeps its time.
+            // other way round); a grant listed already keeps its time until it is written.
             let _: i64 = redis::cmd("ZADD")
                 .arg(&due)
                 .arg("NX")
@@ -392,31 +328,43 @@ impl QuotaStore for RedisStore {
                 .await
                 .map_err(|e| backend(&e))?;
         }
+        // With the refunds kept in its tenant's row for it: applied in the grant's own write.
         let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
-        let outcome =
-            self.with_quota(&grant.tenant, grant.granted_at, retries, |q| q.grant(grant, kept.as_ref())).await?;
+        let outcome = self
+            .with_row(&grant.tenant, grant.granted_at, retries, |q, refunds| {
+                let kept = refunds
+                    .iter()
+                    .filter(|r| kept_for_grant(r, grant))
+                    .cloned()
+                    .chain(outside.clone())
+                    .reduce(newer_refund);
+                let outcome = q.grant(grant, kept.as_ref());
+                if matches!(outcome, GrantOutcome::Granted(_)) {
+                    refunds.retain(|r| !kept_for_grant(r, grant));
+                }
+                outcome
+            })
+            .await?;
         match &outcome {
-            GrantOutcome::Granted(_) => self.settle_payment(grant, false).await?,
+            GrantOutcome::Granted(_) => {
+                if let Some(at) = grant.expires_at {
+                    let _: i64 = conn.zadd(&due, &member, at).await.map_err(|e| backend(&e))?;
+                }
+            }
             GrantOutcome::Duplicate(seen) => {
                 // Listed as it was written (a delivery again may carry a later expiry).
-                if grant.expires_at.is_some() && due_member(&seen.tenant, &seen.meter, &seen.id) != member {
+                let seen_member = due_member(&seen.tenant, &seen.meter, &seen.id);
+                if grant.expires_at.is_some() && seen_member != member {
                     let _: i64 = conn.zrem(&due, &member).await.map_err(|e| backend(&e))?;
                 }
                 if let (Some(at), None) = (seen.expires_at, seen.closed) {
-                    let seen_member = due_member(&seen.tenant, &seen.meter, &seen.id);
                     let _: i64 = conn.zadd(&due, seen_member, at).await.map_err(|e| backend(&e))?;
-                }
-                // Its payment's rows settled again: a crash between the grant and them is
-                // repaired by the grant's next delivery.
-                if seen.closed.is_none() {
-                    self.settle_payment(seen, false).await?;
                 }
             }
             _ => {
                 if grant.expires_at.is_some() {
                     let _: i64 = conn.zrem(&due, &member).await.map_err(|e| backend(&e))?;
                 }
-                self.settle_payment(grant, true).await?;
             }
         }
         Ok(match outcome {
@@ -446,14 +394,12 @@ impl QuotaStore for RedisStore {
         now: i64,
     ) -> Result<Option<CreditClosure>, StoreError> {
         let retries = Retries::BACKING_OFF.attempts(2 * ATTEMPTS);
-        let (closed, dropped) =
-            self.with_quota(tenant, now, retries, |q| q.close(tenant, meter, id, revoke, now)).await?;
+        let closed = self.with_quota(tenant, now, retries, |q| q.close(tenant, meter, id, revoke, now)).await?;
         if closed.is_some() {
             let mut conn = self.conn.clone();
             let _: i64 =
                 conn.zrem(self.keys().credits_due(), due_member(tenant, meter, id)).await.map_err(|e| backend(&e))?;
         }
-        self.drop_payments(&dropped).await?;
         Ok(closed)
     }
 
@@ -469,36 +415,72 @@ impl QuotaStore for RedisStore {
                     let row = self.row(&key).await?;
                     read.push((key, row));
                 }
-                // The tenant of the grant its payment's rows name, and the tenant that paid:
-                // an open grant of the payment first, else one closed.
-                let mut tenants: Vec<TenantId> =
-                    read.iter().filter_map(|(_, row)| Self::grant_in(row)).map(|((t, _, _), _)| t).collect();
-                tenants.extend(refund.tenant.clone());
-                tenants.dedup();
-                for tenant in &tenants {
-                    let outcome = self.with_quota(tenant, refund.at, retries, |q| q.refund(refund)).await?;
-                    if let Some(outcome) = outcome {
-                        return Ok(Race::Won(outcome));
+                let hints: Vec<(TenantId, i64)> = read.iter().filter_map(|(_, row)| Self::hint_in(row)).collect();
+                // The tenant that paid first, then those the hints name.
+                let mut tenants: Vec<TenantId> = refund.tenant.iter().cloned().collect();
+                for (t, _) in &hints {
+                    if !tenants.contains(t) {
+                        tenants.push(t.clone());
                     }
                 }
+                // Where a refund waits for its grant: a hinted tenant (the grant is being
+                // written there), else the tenant that paid.
+                let keeper = hints.first().map(|(t, _)| t.clone()).or_else(|| refund.tenant.clone());
                 for tenant in &tenants {
-                    if self.quota_of(tenant).await?.has_grant_of(refund) {
-                        return Ok(Race::Won(RefundOutcome::Nothing));
+                    let keep_here = refund.kept() && keeper.as_ref() == Some(tenant);
+                    let counted = match keep_here {
+                        true => match self.count_kept(refund.at).await? {
+                            Some(day_key) => Some(day_key),
+                            None => return Ok(Race::Won(RefundOutcome::Full)),
+                        },
+                        false => None,
+                    };
+                    // In one write of the tenant's row: applied to its open grant, or nothing
+                    // for a closed one, or kept there until the grant lands.
+                    let outcome = self
+                        .with_row(tenant, refund.at, retries, |q, refunds| {
+                            if let Some(outcome) = q.refund(refund) {
+                                return Some(outcome);
+                            }
+                            if q.has_grant_of(refund) {
+                                return Some(RefundOutcome::Nothing);
+                            }
+                            if keep_here {
+                                let before = refunds.iter().position(|r| r.payment == refund.payment);
+                                let kept = match before.map(|i| refunds.remove(i)) {
+                                    Some(before) => newer_refund(before, refund.clone()),
+                                    None => refund.clone(),
+                                };
+                                refunds.push(kept);
+                                return Some(RefundOutcome::Kept);
+                            }
+                            None
+                        })
+                        .await;
+                    match outcome {
+                        Ok(Some(outcome)) => {
+                            if outcome != RefundOutcome::Kept {
+                                self.uncount(counted.as_deref()).await;
+                            }
+                            return Ok(Race::Won(outcome));
+                        }
+                        Ok(None) => self.uncount(counted.as_deref()).await,
+                        Err(e) => {
+                            self.uncount(counted.as_deref()).await;
+                            return Err(e);
+                        }
                     }
                 }
-                // A grant named and not written yet (or not written at all, its write failed
-                // within the day): a refund is kept for it, a dispute waits for it.
-                let pending = read.iter().any(|(_, row)| {
-                    Self::grant_in(row).is_some_and(|(_, landed)| !landed)
-                        && row.int("at").ok().flatten().is_some_and(|at| at > refund.at - PENDING_SECS)
-                });
                 if !refund.kept() {
-                    if pending {
+                    // A dispute: its grant hinted and not written yet (delivered again by
+                    // Stripe for up to three days) is waited for.
+                    if hints.iter().any(|(_, at)| *at > refund.at.saturating_sub(PENDING_SECS)) {
                         return Err(StoreError::Conflict("a grant of the payment is being written"));
                     }
                     return Ok(Race::Won(RefundOutcome::Unknown));
                 }
-                Ok(match self.keep_refund(refund, &read).await? {
+                // No tenant, no hint: kept in the payment's rows, as read.
+                Ok(match self.keep_in_payment(refund, &read).await? {
                     Some(outcome) => Race::Won(outcome),
                     None => Race::Lost(()),
                 })
@@ -547,7 +529,7 @@ impl QuotaStore for RedisStore {
                 if !read.contains_key(&tenant) {
                     let q = match self.quota_of(&tenant).await {
                         Ok(q) => Some(q),
-                        Err(StoreError::Backend(e)) => {
+                        Err(StoreError::Unusable(e)) => {
                             tracing::error!(tenant = %tenant, error = %e, "a tenant's quota on Redis does not read: its grants are not expired");
                             None
                         }
@@ -559,7 +541,11 @@ impl QuotaStore for RedisStore {
                 let (grants, _) = q.grants(&tenant, Some(&MeterId::from(m.as_str())));
                 match grants.into_iter().find(|g| g.id == id) {
                     Some(g) if g.closed.is_none() => match g.expires_at {
-                        Some(at) if at <= now => out.push(g),
+                        Some(at) if at <= now => {
+                            if !out.iter().any(|o| o.tenant == g.tenant && o.meter == g.meter && o.id == g.id) {
+                                out.push(g);
+                            }
+                        }
                         // Listed at another time than it expires: listed again, at its own.
                         Some(at) => {
                             let _: i64 = conn.zadd(&due_key, &member, at).await.map_err(|e| backend(&e))?;
