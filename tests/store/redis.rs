@@ -323,6 +323,28 @@ async fn a_refund_between_a_grants_hint_and_its_write_is_applied_as_it_lands() {
     assert_eq!(grants[0].units, 50);
 }
 
+/// Refunds waiting in one tenant's row for grants hinted there are bounded: the 101st is
+/// answered full (never kept and then dropped), a refund delivered again replaces its copy and
+/// is counted once against the day's share.
+#[tokio::test]
+async fn refunds_waiting_in_a_tenants_row_are_bounded_and_counted_once() {
+    use tollgate::store::{CreditRefund, QuotaStore, RefundOutcome};
+    let Some((store, prefix)) = common::redis::store().await else { return };
+    let url = common::redis::url().unwrap();
+    let now = 1_773_446_400_i64;
+    for i in 0..=100 {
+        let row = format!("{prefix}:1:{{pi_{i}}}:payment");
+        cli(&url, &["hset", &row, "v", "x", "tenant", "t", "at", &now.to_string()]);
+        let outcome = store.refund_credits(&CreditRefund::new(format!("pi_{i}"), 5, 10, now)).await.unwrap();
+        let expected = if i < 100 { RefundOutcome::Kept } else { RefundOutcome::Full };
+        assert_eq!(outcome, expected, "refund {i}");
+    }
+    let again = store.refund_credits(&CreditRefund::new("pi_0", 6, 10, now + 1)).await.unwrap();
+    assert_eq!(again, RefundOutcome::Kept, "a copy replaced");
+    let day = format!("{prefix}:1:{{refunds-kept}}:{}", now.div_euclid(86_400));
+    assert_eq!(cli(&url, &["get", &day]), "100", "each kept refund counted once");
+}
+
 /// A call that changes nothing writes nothing: a reserve sent again is answered from the row,
 /// whose version stays as it was.
 #[tokio::test]

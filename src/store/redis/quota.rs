@@ -98,11 +98,10 @@ impl RedisStore {
                     false => TenantQuota::default(),
                 };
                 let mut refunds = refunds_of(read.1).map_err(unreadable)?;
-                let out = apply(&mut quota, &mut refunds);
-                // Kept 35 days at most, the newest first past the bound.
+                // Kept 35 days at most: gone before anything reads them.
                 refunds.retain(|r| r.at > now.saturating_sub(REFUNDS_KEPT_SECS));
+                let out = apply(&mut quota, &mut refunds);
                 refunds.sort_by_key(|r| std::cmp::Reverse(r.at));
-                refunds.truncate(TENANT_REFUNDS_MAX);
                 let (state, kept) = (quota.to_json(), refunds_json(&refunds));
                 if (state == read.0 && kept == read.1) || (!found.exists() && quota.is_empty() && refunds.is_empty()) {
                     // Nothing changed (a call answered again, a refund of another tenant's): no write.
@@ -165,7 +164,10 @@ impl RedisStore {
                         let at = grant.granted_at.to_string();
                         let mut fields: Vec<(&str, &[u8])> =
                             vec![("tenant", grant.tenant.as_str().as_bytes()), ("at", at.as_bytes())];
-                        if let Some(r) = found.bytes("refund") {
+                        // A refund waiting there stays (this grant's write may fail), while it is kept.
+                        let waiting = Self::kept_in(&found)
+                            .is_some_and(|r| r.at > grant.granted_at.saturating_sub(REFUNDS_KEPT_SECS));
+                        if let Some(r) = found.bytes("refund").filter(|_| waiting) {
                             fields.push(("refund", r));
                         }
                         // Kept as long as a dispute of the payment may come.
@@ -416,59 +418,22 @@ impl QuotaStore for RedisStore {
                     read.push((key, row));
                 }
                 let hints: Vec<(TenantId, i64)> = read.iter().filter_map(|(_, row)| Self::hint_in(row)).collect();
-                // The tenant that paid first, then those the hints name.
+                // The tenant that paid first, then those the hints name: an open grant of the
+                // payment in any of them first, then a closed one.
                 let mut tenants: Vec<TenantId> = refund.tenant.iter().cloned().collect();
                 for (t, _) in &hints {
                     if !tenants.contains(t) {
                         tenants.push(t.clone());
                     }
                 }
-                // Where a refund waits for its grant: a hinted tenant (the grant is being
-                // written there), else the tenant that paid.
-                let keeper = hints.first().map(|(t, _)| t.clone()).or_else(|| refund.tenant.clone());
                 for tenant in &tenants {
-                    let keep_here = refund.kept() && keeper.as_ref() == Some(tenant);
-                    let counted = match keep_here {
-                        true => match self.count_kept(refund.at).await? {
-                            Some(day_key) => Some(day_key),
-                            None => return Ok(Race::Won(RefundOutcome::Full)),
-                        },
-                        false => None,
-                    };
-                    // In one write of the tenant's row: applied to its open grant, or nothing
-                    // for a closed one, or kept there until the grant lands.
-                    let outcome = self
-                        .with_row(tenant, refund.at, retries, |q, refunds| {
-                            if let Some(outcome) = q.refund(refund) {
-                                return Some(outcome);
-                            }
-                            if q.has_grant_of(refund) {
-                                return Some(RefundOutcome::Nothing);
-                            }
-                            if keep_here {
-                                let before = refunds.iter().position(|r| r.payment == refund.payment);
-                                let kept = match before.map(|i| refunds.remove(i)) {
-                                    Some(before) => newer_refund(before, refund.clone()),
-                                    None => refund.clone(),
-                                };
-                                refunds.push(kept);
-                                return Some(RefundOutcome::Kept);
-                            }
-                            None
-                        })
-                        .await;
-                    match outcome {
-                        Ok(Some(outcome)) => {
-                            if outcome != RefundOutcome::Kept {
-                                self.uncount(counted.as_deref()).await;
-                            }
-                            return Ok(Race::Won(outcome));
-                        }
-                        Ok(None) => self.uncount(counted.as_deref()).await,
-                        Err(e) => {
-                            self.uncount(counted.as_deref()).await;
-                            return Err(e);
-                        }
+                    if let Some(outcome) = self.with_quota(tenant, refund.at, retries, |q| q.refund(refund)).await? {
+                        return Ok(Race::Won(outcome));
+                    }
+                }
+                for tenant in &tenants {
+                    if self.quota_of(tenant).await?.has_grant_of(refund) {
+                        return Ok(Race::Won(RefundOutcome::Nothing));
                     }
                 }
                 if !refund.kept() {
@@ -479,11 +444,51 @@ impl QuotaStore for RedisStore {
                     }
                     return Ok(Race::Won(RefundOutcome::Unknown));
                 }
-                // No tenant, no hint: kept in the payment's rows, as read.
-                Ok(match self.keep_in_payment(refund, &read).await? {
-                    Some(outcome) => Race::Won(outcome),
-                    None => Race::Lost(()),
-                })
+                let Some((hinted, _)) = hints.first() else {
+                    // No grant hinted: kept in the payment's rows, as read (a grant's hint reads
+                    // it there, or makes this write fail and the refund read again).
+                    return Ok(match self.keep_in_payment(refund, &read).await? {
+                        Some(outcome) => Race::Won(outcome),
+                        None => Race::Lost(()),
+                    });
+                };
+                // Its grant is being written to the tenant hinted: kept in that tenant's row,
+                // where the grant applies it as it lands (or applied now, if it landed).
+                let Some(day_key) = self.count_kept(refund.at).await? else {
+                    return Ok(Race::Won(RefundOutcome::Full));
+                };
+                let kept = self
+                    .with_row(hinted, refund.at, retries, |q, refunds| {
+                        if let Some(outcome) = q.refund(refund) {
+                            return (outcome, false);
+                        }
+                        if q.has_grant_of(refund) {
+                            return (RefundOutcome::Nothing, false);
+                        }
+                        if let Some(i) = refunds.iter().position(|r| r.payment == refund.payment) {
+                            let before = refunds.remove(i);
+                            refunds.push(newer_refund(before, refund.clone()));
+                            return (RefundOutcome::Kept, false);
+                        }
+                        if refunds.len() >= TENANT_REFUNDS_MAX {
+                            return (RefundOutcome::Full, false);
+                        }
+                        refunds.push(refund.clone());
+                        (RefundOutcome::Kept, true)
+                    })
+                    .await;
+                match kept {
+                    Ok((outcome, new)) => {
+                        if !new {
+                            self.uncount(Some(&day_key)).await;
+                        }
+                        Ok(Race::Won(outcome))
+                    }
+                    Err(e) => {
+                        self.uncount(Some(&day_key)).await;
+                        Err(e)
+                    }
+                }
             })
         })
         .await
