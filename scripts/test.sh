@@ -8,9 +8,9 @@
 # for the DynamoDB tests, and stops it at the end; it starts a throwaway PostgreSQL cluster
 # (scripts/postgres-server.sh, which installs PostgreSQL from Debian's packages if it is
 # missing) for the PostgreSQL tests, and removes it at the end; and a throwaway Redis server
-# (scripts/redis-server.sh, Debian's package) for the Redis tests. The Stripe tests start their own Stripe
-# stand-in (tests/common/stripe.rs) on a free loopback port and talk to it with the real
-# async-stripe client.
+# and a Redis Cluster of three masters (scripts/redis-server.sh, Debian's package) for the Redis
+# tests. The Stripe tests start their own Stripe stand-in (tests/common/stripe.rs) on a free
+# loopback port and talk to it with the real async-stripe client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -74,12 +74,16 @@ bouncer_env=$(scripts/pgbouncer.sh start "$bouncer_dir" "$TOLLGATE_POSTGRES_PORT
 eval "$bouncer_env"
 echo "PgBouncer (transaction mode) on $TOLLGATE_PGBOUNCER_URL"
 
-step "local Redis server (Debian's redis-server, the append-only file on)"
+step "local Redis server and Redis Cluster (Debian's redis-server, the append-only file on)"
 redis_dir=$(mktemp -d -u "${TMPDIR:-/tmp}/tollgate-redis.XXXXXX")
-trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; stop_postgres; scripts/redis-server.sh stop "$redis_dir" || true' EXIT
+cluster_dir=$(mktemp -d -u "${TMPDIR:-/tmp}/tollgate-redis-cluster.XXXXXX")
+trap 'kill $moto_pid 2>/dev/null || true; rm -f "$moto_log"; stop_postgres; scripts/redis-server.sh stop "$redis_dir" || true; scripts/redis-server.sh stop "$cluster_dir" || true' EXIT
 redis_env=$(scripts/redis-server.sh start "$redis_dir")
 eval "$redis_env"
 echo "Redis on $TOLLGATE_REDIS_URL"
+cluster_env=$(scripts/redis-server.sh start-cluster "$cluster_dir")
+eval "$cluster_env"
+echo "Redis Cluster (three masters) at $TOLLGATE_REDIS_CLUSTER_URL"
 
 step "format"
 cargo fmt --all -- --check

@@ -356,6 +356,7 @@ impl Config {
                 }
             }
             (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.url != b.url => "url",
+            (StoreSettings::Redis(a), StoreSettings::Redis(b)) if a.cluster != b.cluster => "cluster",
             (StoreSettings::Redis(_), StoreSettings::Redis(_)) => "prefix",
             _ => "kind",
         };
@@ -513,6 +514,7 @@ impl Validator<'_, '_> {
                     "migrate",
                     "ca_file",
                     "prefix",
+                    "cluster",
                 ] {
                     if let Some(pos) = self.loc.find_exact(&format!("store.{key}")) {
                         origin.keys.insert(key, pos);

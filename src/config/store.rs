@@ -24,6 +24,8 @@ pub(crate) struct RawStore {
     pub(crate) ca_file: Option<String>,
     /// `kind = "redis"`: the prefix of its keys.
     pub(crate) prefix: Option<String>,
+    /// `kind = "redis"`: whether `url` names a node of a Redis Cluster.
+    pub(crate) cluster: Option<bool>,
     /// `[store.quota]`, `[store.usage]`, `[store.directory]`, `[store.idempotency]`,
     /// `[store.rate]`, `[store.places]`: a store of that role's own (only under `[store]`).
     pub(crate) quota: Option<Box<RawStore>>,
@@ -80,6 +82,9 @@ pub struct RedisSettings {
     /// The prefix of every key the store writes or reads (`prefix`, default `tollgate`): keys
     /// outside it are never touched.
     pub prefix: String,
+    /// Whether the server is a Redis Cluster, `url` one of its nodes (`cluster`, default
+    /// false): the store follows its slots ([`RedisStore::open_cluster`](crate::store::RedisStore::open_cluster)).
+    pub cluster: bool,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -87,13 +92,14 @@ impl std::fmt::Debug for RedisSettings {
         f.debug_struct("RedisSettings")
             .field("url", &self.url.as_ref().map(|_| "<redacted>"))
             .field("prefix", &self.prefix)
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
 
 impl Default for RedisSettings {
     fn default() -> Self {
-        Self { url: None, prefix: "tollgate".to_owned() }
+        Self { url: None, prefix: "tollgate".to_owned(), cluster: false }
     }
 }
 
@@ -216,6 +222,7 @@ impl std::fmt::Display for StoreSettings {
             StoreSettings::Dynamodb { table, endpoint: Some(e) } => write!(f, "dynamodb table {table} at {e}"),
             // The URL is never shown (it may hold a password).
             StoreSettings::Postgres(p) => write!(f, "postgres schema {}", p.schema),
+            StoreSettings::Redis(r) if r.cluster => write!(f, "redis cluster, keys under {}", r.prefix),
             StoreSettings::Redis(r) => write!(f, "redis keys under {}", r.prefix),
         }
     }
@@ -496,7 +503,10 @@ impl Validator<'_, '_> {
                 v => Ok(v.clone()),
             }
         };
-        let redis_only = || only("prefix", raw.prefix.is_some(), "\"redis\"");
+        let redis_only = || {
+            only("prefix", raw.prefix.is_some(), "\"redis\"")?;
+            only("cluster", raw.cluster.is_some(), "\"redis\"")
+        };
         let postgres_only = || {
             only("url", raw.url.is_some(), "\"postgres\" or \"redis\"")?;
             for (key, set) in [
@@ -606,7 +616,11 @@ impl Validator<'_, '_> {
                 ] {
                     only(key, set, "\"postgres\"")?;
                 }
-                let mut r = RedisSettings { url: text("url", &raw.url)?, ..RedisSettings::default() };
+                let mut r = RedisSettings {
+                    url: text("url", &raw.url)?,
+                    cluster: raw.cluster.unwrap_or(false),
+                    ..RedisSettings::default()
+                };
                 if let Some(prefix) = text("prefix", &raw.prefix)? {
                     // A hash tag in the prefix would put every key in one slot of a cluster.
                     if prefix.len() > 64 || prefix.contains(['{', '}']) || prefix.chars().any(char::is_whitespace) {

@@ -80,7 +80,11 @@ pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Opened, Build
                 ))
             })?,
         };
-        let store = crate::store::RedisStore::open(&url, &r.prefix, REDIS_TIMEOUT).await.map_err(BuildError::Store)?;
+        let store = match r.cluster {
+            true => crate::store::RedisStore::open_cluster(&url, &r.prefix, REDIS_TIMEOUT).await,
+            false => crate::store::RedisStore::open(&url, &r.prefix, REDIS_TIMEOUT).await,
+        }
+        .map_err(BuildError::Store)?;
         return Ok(Opened::Redis(Arc::new(store)));
     }
     open_whole(settings).await.map(Opened::Whole)

@@ -26,6 +26,35 @@ pub fn url() -> Option<String> {
     }
 }
 
+/// The URL of a node of the local Redis Cluster (three masters) that `scripts/test.sh` starts
+/// (`scripts/redis-server.sh start-cluster`) and names in `TOLLGATE_REDIS_CLUSTER_URL`. Without
+/// one a test skips loudly; under CI it fails.
+pub fn cluster_url() -> Option<String> {
+    match std::env::var("TOLLGATE_REDIS_CLUSTER_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => panic!(
+            "CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_REDIS_CLUSTER_URL is not: the Redis Cluster \
+             tests must run (scripts/test.sh starts a local cluster)"
+        ),
+        _ => {
+            eprintln!(
+                "SKIPPED: no local Redis Cluster (TOLLGATE_REDIS_CLUSTER_URL is not set); scripts/test.sh starts \
+                 one (scripts/redis-server.sh start-cluster)"
+            );
+            None
+        }
+    }
+}
+
+/// A store on the local cluster under a prefix of its own, or `None` (skipped) without one:
+/// the prefix too, to open it again.
+pub async fn cluster_store() -> Option<(RedisStore, String)> {
+    let url = cluster_url()?;
+    let prefix = fresh_prefix();
+    let store = RedisStore::open_cluster(&url, &prefix, Duration::from_secs(5)).await.expect("the cluster store opens");
+    Some((store, prefix))
+}
+
 /// A prefix of the test's own (its keys apart from every other test's).
 pub fn fresh_prefix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);

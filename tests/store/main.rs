@@ -11,5 +11,6 @@ mod dynamodb;
 mod ids;
 mod postgres;
 mod redis;
+mod redis_cluster;
 mod sqlite;
 mod store_conformance;

@@ -19,22 +19,44 @@ fn cli(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Where a fleet test's Redis is: the local server, or the local cluster of three masters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum On {
+    Server,
+    Cluster,
+}
+
 /// Four nodes, each its own connection to the server under one prefix, beside one memory
 /// store of the other roles.
 async fn four_nodes_on_redis() -> Option<[NodeStore; 4]> {
-    four_nodes_with_stores().await.map(|(nodes, _, _)| nodes)
+    four_nodes_with_stores(On::Server).await.map(|(nodes, _, _)| nodes)
 }
 
-/// [`four_nodes_on_redis`], with the store of the other roles and one more connection to the
-/// server to read it.
-async fn four_nodes_with_stores() -> Option<([NodeStore; 4], Arc<tollgate::store::MemoryStore>, Arc<RedisStore>)> {
-    let (first, prefix) = common::redis::store().await?;
-    let url = common::redis::url()?;
+/// Four nodes on the Redis `on` names, with the store of the other roles and one more
+/// connection to the server to read it.
+pub(crate) async fn four_nodes_with_stores(
+    on: On,
+) -> Option<([NodeStore; 4], Arc<tollgate::store::MemoryStore>, Arc<RedisStore>)> {
+    let (first, prefix, url) = match on {
+        On::Server => {
+            let (store, prefix) = common::redis::store().await?;
+            (store, prefix, common::redis::url()?)
+        }
+        On::Cluster => {
+            let (store, prefix) = common::redis::cluster_store().await?;
+            (store, prefix, common::redis::cluster_url()?)
+        }
+    };
     let memory = Arc::new(tollgate::store::MemoryStore::new());
     let rest: Arc<dyn Store> = memory.clone();
     let mut fleets = vec![Arc::new(first)];
     for _ in 1..4 {
-        fleets.push(Arc::new(RedisStore::open(&url, &prefix, Duration::from_secs(5)).await.unwrap()));
+        let timeout = Duration::from_secs(5);
+        let store = match on {
+            On::Server => RedisStore::open(&url, &prefix, timeout).await,
+            On::Cluster => RedisStore::open_cluster(&url, &prefix, timeout).await,
+        };
+        fleets.push(Arc::new(store.unwrap()));
     }
     let reader = fleets[0].clone();
     let nodes: Vec<NodeStore> =
@@ -48,20 +70,37 @@ async fn four_nodes_with_stores() -> Option<([NodeStore; 4], Arc<tollgate::store
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_admit_exactly_a_hard_quota() {
     const L: u64 = 400;
-    let Some((stores, memory, _)) = four_nodes_with_stores().await else { return };
+    let Some((stores, memory, _)) = four_nodes_with_stores(On::Server).await else { return };
+    let nodes = hard_quota_nodes(&stores, L);
+    let (admitted, refused) = burst(&nodes, 8, L / 2 + 10).await;
+    assert_eq!((admitted, refused), (L, 8 * (L / 2 + 10) - L));
+    for h in &nodes {
+        h.tollgate.shutdown().await.unwrap();
+    }
+    let stored = common::committed(&*memory, "t", "requests", common::NOON - 3600, common::NOON + 3600, 3600).await;
+    assert_eq!(stored, L, "the usage stored is the requests admitted");
+}
+
+/// Four engines on `stores`, tenant `t` with a hard daily quota of `limit` leased 4 at a time,
+/// failing closed; the clock stands still.
+pub(crate) fn hard_quota_nodes(stores: &[NodeStore], limit: u64) -> Vec<Arc<common::Harness>> {
     let toml = common::one_tenant(&format!(
         "rate = \"1000000/s\"\non_store_error = \"fail-closed\"\n\
-         quotas.requests = {{ limit = {L}, period = \"day\", mode = \"hard\", lease = 4 }}"
+         quotas.requests = {{ limit = {limit}, period = \"day\", mode = \"hard\", lease = 4 }}"
     )) + "[usage]\nstore_timeout = \"30s\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
-    let nodes: Vec<Arc<common::Harness>> =
-        stores.iter().map(|s| Arc::new(common::node_on(&toml, s, clock.clone(), handle.clone()))).collect();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..8 {
-        let h = nodes[i % 4].clone();
-        tasks.spawn(async move {
+    stores.iter().map(|s| Arc::new(common::node_on(&toml, s, clock.clone(), handle.clone()))).collect()
+}
+
+/// `tasks` tasks, spread over the nodes, each sending `each` requests of tenant `t`: how many
+/// were admitted and how many refused (429); any other answer fails the test.
+pub(crate) async fn burst(nodes: &[Arc<common::Harness>], tasks: usize, each: u64) -> (u64, u64) {
+    let mut running = tokio::task::JoinSet::new();
+    for i in 0..tasks {
+        let h = nodes[i % nodes.len()].clone();
+        running.spawn(async move {
             let (mut ok, mut refused) = (0u64, 0u64);
-            for _ in 0..L / 2 + 10 {
+            for _ in 0..each {
                 match h.status("/", "key-t").await {
                     200 => ok += 1,
                     429 => refused += 1,
@@ -72,16 +111,11 @@ async fn four_nodes_admit_exactly_a_hard_quota() {
         });
     }
     let (mut admitted, mut refused) = (0, 0);
-    while let Some(done) = tasks.join_next().await {
+    while let Some(done) = running.join_next().await {
         let (ok, no) = done.unwrap();
         (admitted, refused) = (admitted + ok, refused + no);
     }
-    assert_eq!((admitted, refused), (L, 8 * (L / 2 + 10) - L));
-    for h in &nodes {
-        h.tollgate.shutdown().await.unwrap();
-    }
-    let stored = common::committed(&*memory, "t", "requests", common::NOON - 3600, common::NOON + 3600, 3600).await;
-    assert_eq!(stored, L, "the usage stored is the requests admitted");
+    (admitted, refused)
 }
 
 /// Four engines on one Redis hold, record and give back against a hard quota, the clock moving
@@ -89,7 +123,7 @@ async fn four_nodes_admit_exactly_a_hard_quota() {
 /// was recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_holding_never_pass_a_hard_quota() {
-    let Some((nodes, memory, reader)) = four_nodes_with_stores().await else { return };
+    let Some((nodes, memory, reader)) = four_nodes_with_stores(On::Server).await else { return };
     common::holds::four_nodes_holding(nodes, reader, memory, false).await;
 }
 
@@ -97,7 +131,7 @@ async fn four_nodes_holding_never_pass_a_hard_quota() {
 /// what was recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_nodes_holding_never_spend_past_a_prepaid_balance() {
-    let Some((nodes, memory, reader)) = four_nodes_with_stores().await else { return };
+    let Some((nodes, memory, reader)) = four_nodes_with_stores(On::Server).await else { return };
     common::holds::four_nodes_holding(nodes, reader, memory, true).await;
 }
 
@@ -123,7 +157,19 @@ async fn four_nodes_run_at_most_the_fleets_concurrency() {
 #[tokio::test]
 async fn the_configuration_puts_the_fleet_roles_on_redis() {
     let Some(url) = common::redis::url() else { return };
+    fleet_roles_from_the_configuration(&url, On::Server).await;
+}
+
+/// [`the_configuration_puts_the_fleet_roles_on_redis`] on the cluster, `cluster = true`.
+#[tokio::test]
+async fn the_configuration_puts_the_fleet_roles_on_a_redis_cluster() {
+    let Some(url) = common::redis::cluster_url() else { return };
+    fleet_roles_from_the_configuration(&url, On::Cluster).await;
+}
+
+async fn fleet_roles_from_the_configuration(url: &str, on: On) {
     let Some(pg) = common::postgres::url() else { return };
+    let cluster = on == On::Cluster;
     let prefix = common::redis::fresh_prefix();
     let schema = prefix.replace('-', "_");
     let toml = format!(
@@ -136,14 +182,17 @@ async fn the_configuration_puts_the_fleet_roles_on_redis() {
         kind = "redis"
         url = "{url}"
         prefix = "{prefix}"
+        cluster = {cluster}
         [store.places]
         kind = "redis"
         url = "{url}"
         prefix = "{prefix}"
+        cluster = {cluster}
         [store.idempotency]
         kind = "redis"
         url = "{url}"
         prefix = "{prefix}"
+        cluster = {cluster}
         [limits]
         fleet_size_hint = 2
         [plans.p]
@@ -171,8 +220,13 @@ async fn the_configuration_puts_the_fleet_roles_on_redis() {
     assert_eq!(served, 4, "the burst, once for both engines");
     // The tenant's bucket is a hash under the prefix, tagged by the tenant, with a TTL.
     let key = format!("{prefix}:1:{{t}}:rate");
-    assert_eq!(cli(&url, &["exists", &key]), "1");
-    assert!(cli(&url, &["pttl", &key]).parse::<i64>().unwrap() > 0, "it expires");
+    let cli = |args: &[&str]| match on {
+        On::Server => cli(url, args),
+        // The cluster's node for the key's slot (`-c` follows MOVED).
+        On::Cluster => cli(url, &[&["-c"], args].concat()),
+    };
+    assert_eq!(cli(&["exists", &key]), "1");
+    assert!(cli(&["pttl", &key]).parse::<i64>().unwrap() > 0, "it expires");
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
@@ -192,6 +246,8 @@ fn roles_redis_does_not_serve_are_refused_at_load() {
     assert!(prefix.contains("store.rate.prefix"), "{prefix}");
     let key = refused("[store.rate]\nkind = \"redis\"\ntable = \"x\"\n[plans.p]\nrate = \"1/s\"\n");
     assert!(key.contains("store.rate.table"), "{key}");
+    let cluster = refused("[store]\nkind = \"postgres\"\ncluster = true\n[plans.p]\nrate = \"1/s\"\n");
+    assert!(cluster.contains("store.cluster") && cluster.contains("redis"), "{cluster}");
 }
 
 /// An unreachable server is a clear error within the connect timeout, never a hang, and never

@@ -69,7 +69,12 @@ async fn redis_durability(config: &Config) {
             continue;
         }
         seen.push(url.clone());
-        match tollgate::store::RedisStore::durability_warnings(&url, std::time::Duration::from_secs(5)).await {
+        let timeout = std::time::Duration::from_secs(5);
+        let read = match r.cluster {
+            true => tollgate::store::RedisStore::cluster_durability_warnings(&url, timeout).await,
+            false => tollgate::store::RedisStore::durability_warnings(&url, timeout).await,
+        };
+        match read {
             Ok(warnings) if warnings.is_empty() => {
                 println!("redis: appendonly on, maxmemory-policy noeviction (or not told)")
             }

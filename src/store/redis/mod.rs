@@ -18,33 +18,43 @@ mod rate;
 
 use std::{collections::HashMap, fmt, time::Duration};
 
-use redis::{aio::ConnectionManager, AsyncCommands as _};
+use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, AsyncCommands as _};
 
 use super::StoreError;
 
 pub use keys::LAYOUT_VERSION;
 
 /// The compare-and-set every write runs: the row's version (`v`) must be the one read
-/// (`ARGV[1]`, empty when the row was absent); the row is then replaced by the fields given
-/// (`ARGV[4..]`, name and value pairs; none: the row is deleted), its version `ARGV[3]` (a
+/// (`ARGV[1]`, empty when the row was absent); the row then holds the fields given (`ARGV[4..]`,
+/// name and value pairs; none: the row is deleted) and no other, its version `ARGV[3]` (a
 /// token drawn by the caller: a row deleted and made again never takes a version a stale read
 /// could match), and expires `ARGV[2]` milliseconds later (0: never; -1: when it would have).
-/// 1 when written, 0 when another write came first. The shebang gives it no flag: a server out
-/// of memory refuses it whole (a script's later writes would pass `maxmemory`).
+/// 1 when written, 0 when another write came first.
+///
+/// A row written is changed in place, never deleted and made again: while its slot moves
+/// between a cluster's masters, the first master refuses a script that writes a key it no
+/// longer holds (the key would belong to the second), and a script refused halfway keeps what
+/// it wrote before. The shebang gives it no flag: a server out of memory refuses it whole (a
+/// script's later writes would pass `maxmemory`).
 const CAS: &str = r"#!lua
 local v = redis.call('HGET', KEYS[1], 'v')
 if (v or '') ~= ARGV[1] then return 0 end
-local ttl = ARGV[2]
-if ttl == '-1' then
-  local left = redis.call('PTTL', KEYS[1])
-  if left == -2 then return 0 end
-  if left == 0 then left = 1 end
-  ttl = tostring(left)
+if #ARGV <= 3 then
+  redis.call('DEL', KEYS[1])
+  return 1
 end
-redis.call('DEL', KEYS[1])
-if #ARGV > 3 then
-  redis.call('HSET', KEYS[1], 'v', ARGV[3], unpack(ARGV, 4))
-  if tonumber(ttl) > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+local ttl = ARGV[2]
+if ttl == '-1' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local keep = {v = true}
+for i = 4, #ARGV, 2 do keep[ARGV[i]] = true end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if not keep[f] then redis.call('HDEL', KEYS[1], f) end
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[3], unpack(ARGV, 4))
+if ttl == '0' then
+  redis.call('PERSIST', KEYS[1])
+elseif ttl ~= '-1' then
+  redis.call('PEXPIRE', KEYS[1], ttl)
 end
 return 1
 ";
@@ -62,11 +72,13 @@ pub(super) enum Ttl {
 
 /// A store of the roles a fleet shares in the request path, on Redis: tenants' quotas (hard
 /// and soft quotas, prepaid balances and their grants, spend caps, recharges), shared rates,
-/// places in flight and `Idempotency-Key` bindings. Cheap to clone (one multiplexed connection, re-established by
-/// redis-rs's connection manager).
+/// places in flight and `Idempotency-Key` bindings, on one server ([`open`](Self::open)) or a
+/// Redis Cluster ([`open_cluster`](Self::open_cluster)). Cheap to clone: one multiplexed
+/// connection (re-established by redis-rs's connection manager), or one per node of a cluster
+/// (redis-rs's cluster client, which follows the slots as they move).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: keys::Keys,
     cas: redis::Script,
 }
@@ -134,7 +146,21 @@ impl RedisStore {
     /// An unreadable URL, an unreachable server (within `timeout`), a refused password (the
     /// error never holds the URL), a server that refuses scripts, keys of a newer layout.
     pub async fn open(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let conn = connect(url, timeout).await?;
+        Self::opened(connect(url, timeout).await?, prefix).await
+    }
+
+    /// As [`open`](Self::open), on the Redis Cluster whose node `url` names (any node: the
+    /// others and the slots each serves are read from it, and followed as they move: `MOVED`
+    /// and `ASK` redirects, nodes added or failed over). Every script touches one key, and a
+    /// tenant's keys share one slot (a hash tag, docs/redis.md "Keys").
+    ///
+    /// # Errors
+    /// As [`open`](Self::open); a server that is not in cluster mode.
+    pub async fn open_cluster(url: &str, prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        Self::opened(connect_cluster(url, timeout).await?, prefix).await
+    }
+
+    async fn opened(conn: Conn, prefix: &str) -> Result<Self, StoreError> {
         let store = Self { conn, keys: keys::Keys::new(prefix), cas: redis::Script::new(CAS) };
         store.check().await?;
         Ok(store)
@@ -150,6 +176,16 @@ impl RedisStore {
     /// error never holds the URL).
     pub async fn durability_warnings(url: &str, timeout: Duration) -> Result<Vec<String>, StoreError> {
         Ok(warnings(&connect(url, timeout).await?).await)
+    }
+
+    /// As [`durability_warnings`](Self::durability_warnings), of every master of the Redis
+    /// Cluster whose node `url` names, each warning naming its node.
+    ///
+    /// # Errors
+    /// As [`durability_warnings`](Self::durability_warnings); a server that is not in cluster
+    /// mode.
+    pub async fn cluster_durability_warnings(url: &str, timeout: Duration) -> Result<Vec<String>, StoreError> {
+        Ok(warnings(&connect_cluster(url, timeout).await?).await)
     }
 
     /// The checks at open: scripts run, the layout is this version's, the server keeps what
@@ -229,45 +265,200 @@ impl RedisStore {
     }
 }
 
-/// A connection to the server at `url`, within `timeout`, each call bounded by it too.
-async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(url)
-        .map_err(|e| StoreError::Backend(format!("redis: the URL does not read ({:?})", e.kind()).into()))?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(1);
-    tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+/// The store's connection: to one server (or a proxy that routes by key), or to a cluster.
+/// Every call of the store goes through it as one command (a script, a read) of one key, so
+/// the cluster client routes each by its key's slot.
+#[derive(Clone)]
+enum Conn {
+    One(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// How many times one command on a cluster is sent, at most: redirected (`MOVED`, `ASK`) or
+/// refused unexecuted while the cluster changes (`TRYAGAIN`, `CLUSTERDOWN`, `LOADING`, a
+/// master become a replica). A slot moving while a command runs redirects it once or twice;
+/// the later attempts wait 40, 80, 160 and 320 ms before they go (600 ms in all).
+const CLUSTER_ATTEMPTS: u32 = 6;
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::One(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => Box::pin(routed(c, cmd)),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::One(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::One(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// `cmd` on the cluster, redirected and sent again here rather than by the cluster client
+/// (built with no retries of its own), for one reason: the client answers `ASK` (the key's
+/// slot moving between masters, the key moved already) by sending `ASKING`, awaiting it, then
+/// the command, so on the connection other calls share another command may take the one-time
+/// flag in between. The command is then refused (`MOVED` back), again on every retry, until
+/// the call times out: every call of a tenant whose slot moves fails. Here `ASKING` and the
+/// command go as one pipeline to the node the redirect names, nothing between them
+/// (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/, "ASK
+/// redirection").
+///
+/// A command is sent again only when the server refused it without running it (a redirect,
+/// `TRYAGAIN`, `CLUSTERDOWN`, a replica's `READONLY`, a node not connected yet), as the
+/// client would have; a connection lost is an error, as on one server (the client reconnects
+/// in the background, and the store's caller decides: every write is a compare-and-set of
+/// the version read, so a call made again is applied once).
+async fn routed(c: &mut ClusterConnection, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+    use redis::{
+        aio::ConnectionLike as _,
+        cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
+        ErrorKind, RetryMethod,
+    };
+    let at = |e: &redis::RedisError| {
+        e.redirect_node().and_then(|(node, _)| {
+            let (host, port) = node.rsplit_once(':')?;
+            Some(SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port: port.parse().ok()? })
+        })
+    };
+    let mut answer = c.req_packed_command(cmd).await;
+    for attempt in 1..CLUSTER_ATTEMPTS {
+        let Err(e) = &answer else { break };
+        // A redirect followed at once; one that comes back (the cluster's nodes disagree for
+        // the moment a slot changes hands) after a pause that doubles each time.
+        if attempt > 1 {
+            tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+        }
+        answer = match (e.retry_method(), at(e)) {
+            (RetryMethod::AskRedirect, Some(to)) => {
+                let mut both = redis::pipe();
+                both.cmd("ASKING").add_command(cmd.clone());
+                match c.route_pipeline(both, 1, 1, to).await {
+                    Ok(values) => values.into_iter().next().map_or_else(
+                        || Err(redis::RedisError::from((ErrorKind::Client, "no answer after ASKING"))),
+                        redis::Value::extract_error,
+                    ),
+                    Err(e) => Err(e),
+                }
+            }
+            // The client reads the slots again meanwhile; this command goes where it was told.
+            (RetryMethod::MovedRedirect, Some(to)) => c.route_command(cmd.clone(), RoutingInfo::SingleNode(to)).await,
+            (RetryMethod::RetryImmediately, _) => c.req_packed_command(cmd).await,
+            (RetryMethod::WaitAndRetry, _) if matches!(e.kind(), ErrorKind::Server(_)) => {
+                c.req_packed_command(cmd).await
+            }
+            (RetryMethod::RefreshSlotsAndRetry | RetryMethod::ReconnectFromInitialConnections, _) => {
+                c.req_packed_command(cmd).await
+            }
+            _ => break,
+        };
+    }
+    answer
+}
+
+/// The error of a URL that does not read: its kind only (the URL may hold a password).
+fn unreadable(e: &redis::RedisError) -> StoreError {
+    StoreError::Backend(format!("redis: the URL does not read ({:?})", e.kind()).into())
+}
+
+/// `connecting` within `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    connecting: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| StoreError::Backend(format!("redis: no connection within {timeout:?}").into()))?
         .map_err(|e| backend(&e))
 }
 
+/// A connection to the server at `url`, within `timeout`, each call bounded by it too.
+async fn connect(url: &str, timeout: Duration) -> Result<Conn, StoreError> {
+    let client = redis::Client::open(url).map_err(|e| unreadable(&e))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1);
+    within(timeout, ConnectionManager::new_with_config(client, config)).await.map(Conn::One)
+}
+
+/// A connection to the cluster whose node is at `url`, within `timeout`; each command sent
+/// bounded by it too (a call follows at most [`CLUSTER_ATTEMPTS`] redirects).
+async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreError> {
+    let client = redis::cluster::ClusterClient::builder([url])
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        // Redirects and refusals are followed by `routed`, the ASK redirect with its ASKING.
+        .retries(0)
+        .build()
+        .map_err(|e| unreadable(&e))?;
+    within(timeout, client.get_async_connection()).await.map(Conn::Cluster)
+}
+
 /// What the server says of its settings that may lose or evict what the store keeps (nothing
 /// of a setting it will not tell: managed services refuse `CONFIG`).
-async fn warnings(conn: &ConnectionManager) -> Vec<String> {
+async fn warnings(conn: &Conn) -> Vec<String> {
+    // Each node's answer to `CONFIG GET name`, named by the node on a cluster (every master).
     let config = |name: &'static str| {
-        let mut conn = conn.clone();
+        let conn = conn.clone();
         async move {
-            let got: redis::RedisResult<Vec<String>> =
-                redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut conn).await;
-            got.ok().and_then(|v| v.get(1).cloned())
+            let mut get = redis::cmd("CONFIG");
+            get.arg("GET").arg(name);
+            let answers: Vec<(Option<String>, redis::Value)> = match conn {
+                Conn::One(mut c) => get.query_async(&mut c).await.map(|v| vec![(None, v)]).unwrap_or_default(),
+                Conn::Cluster(mut c) => {
+                    use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                    let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                    match c.route_command(get, all).await {
+                        Ok(redis::Value::Map(by_node)) => by_node
+                            .into_iter()
+                            .map(|(node, v)| (redis::from_redis_value::<String>(node).ok(), v))
+                            .collect(),
+                        _ => Vec::new(),
+                    }
+                }
+            };
+            answers
+                .into_iter()
+                .filter_map(|(node, v)| {
+                    // A node that refuses `CONFIG` (a managed service) tells nothing.
+                    let pair: Vec<String> = redis::from_redis_value(v).ok()?;
+                    Some((node, pair.get(1)?.clone()))
+                })
+                .collect::<Vec<_>>()
         }
     };
+    let of = |node: &Option<String>| node.as_ref().map(|n| format!(" (node {n})")).unwrap_or_default();
     let mut out = Vec::new();
-    if config("appendonly").await.as_deref() == Some("no") {
-        out.push(
-            "redis: appendonly is no: a server restart loses what was written since its last snapshot (quotas, \
-             shared rates, places, idempotency keys); set appendonly yes (docs/redis.md)"
-                .to_owned(),
-        );
-    }
-    if let Some(policy) = config("maxmemory-policy").await.filter(|p| p != "noeviction") {
+    for (node, _) in config("appendonly").await.into_iter().filter(|(_, v)| v == "no") {
         out.push(format!(
-            "redis: maxmemory-policy is {policy}, not noeviction: a full server may evict counters; set noeviction \
-             (docs/redis.md)"
+            "redis: appendonly is no{}: a server restart loses what was written since its last snapshot (quotas, \
+             shared rates, places, idempotency keys); set appendonly yes (docs/redis.md)",
+            of(&node)
         ));
     }
+    for (node, policy) in config("maxmemory-policy").await.into_iter().filter(|(_, p)| p != "noeviction") {
+        out.push(format!(
+            "redis: maxmemory-policy is {policy}{}, not noeviction: a full server may evict counters; set \
+             noeviction (docs/redis.md)",
+            of(&node)
+        ));
+    }
+    out.sort();
     out
 }
 

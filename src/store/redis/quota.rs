@@ -195,13 +195,19 @@ impl RedisStore {
         let per_day = (REFUNDS_KEPT_MAX as u64).div_ceil((REFUNDS_KEPT_SECS / 86_400) as u64);
         let day_key = self.keys().refunds_kept(at.div_euclid(86_400));
         let mut conn = self.conn.clone();
-        let (n, _): (u64, bool) = redis::pipe()
-            .atomic()
-            .incr(&day_key, 1)
-            .expire(&day_key, REFUNDS_KEPT_SECS + 86_400)
+        // Made with its time to live, then counted (INCR keeps it): two commands of one key
+        // each, never a transaction (one a cluster would refuse while the key's slot moves).
+        let ttl = u64::try_from(REFUNDS_KEPT_SECS + 86_400).unwrap_or(u64::MAX);
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&day_key)
+            .arg(0)
+            .arg("EX")
+            .arg(ttl)
+            .arg("NX")
             .query_async(&mut conn)
             .await
             .map_err(|e| backend(&e))?;
+        let n: u64 = conn.incr(&day_key, 1).await.map_err(|e| backend(&e))?;
         if n > per_day {
             self.uncount(Some(&day_key)).await;
             return Ok(None);
