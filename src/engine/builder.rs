@@ -90,8 +90,8 @@ pub(crate) async fn open_store(settings: &StoreSettings) -> Result<Opened, Build
     open_whole(settings).await.map(Opened::Whole)
 }
 
-/// How long connecting to a Redis server, and each of its calls, may take (the engine bounds
-/// the calls of each path tighter).
+/// How long connecting to a Redis server, and each command, may take (the engine bounds the
+/// calls of each path tighter).
 #[cfg(feature = "redis")]
 const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 

@@ -71,7 +71,7 @@ pub(crate) async fn four_nodes_with_stores(
 async fn four_nodes_admit_exactly_a_hard_quota() {
     const L: u64 = 400;
     let Some((stores, memory, _)) = four_nodes_with_stores(On::Server).await else { return };
-    let nodes = hard_quota_nodes(&stores, L);
+    let nodes = hard_quota_nodes(&stores, "t", L);
     let (admitted, refused) = burst(&nodes, 8, L / 2 + 10).await;
     assert_eq!((admitted, refused), (L, 8 * (L / 2 + 10) - L));
     for h in &nodes {
@@ -81,18 +81,20 @@ async fn four_nodes_admit_exactly_a_hard_quota() {
     assert_eq!(stored, L, "the usage stored is the requests admitted");
 }
 
-/// Four engines on `stores`, tenant `t` with a hard daily quota of `limit` leased 4 at a time,
-/// failing closed; the clock stands still.
-pub(crate) fn hard_quota_nodes(stores: &[NodeStore], limit: u64) -> Vec<Arc<common::Harness>> {
+/// Four engines on `stores`, tenant `tenant` (key `key-t`) with a hard daily quota of `limit`
+/// leased 4 at a time, failing closed; the clock stands still.
+pub(crate) fn hard_quota_nodes(stores: &[NodeStore], tenant: &str, limit: u64) -> Vec<Arc<common::Harness>> {
     let toml = common::one_tenant(&format!(
         "rate = \"1000000/s\"\non_store_error = \"fail-closed\"\n\
          quotas.requests = {{ limit = {limit}, period = \"day\", mode = \"hard\", lease = 4 }}"
-    )) + "[usage]\nstore_timeout = \"30s\"\n";
+    ))
+    .replace("[tenants.t]", &format!("[tenants.{tenant}]"))
+        + "[usage]\nstore_timeout = \"30s\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(common::NOON);
     stores.iter().map(|s| Arc::new(common::node_on(&toml, s, clock.clone(), handle.clone()))).collect()
 }
 
-/// `tasks` tasks, spread over the nodes, each sending `each` requests of tenant `t`: how many
+/// `tasks` tasks, spread over the nodes, each sending `each` requests with key `key-t`: how many
 /// were admitted and how many refused (429); any other answer fails the test.
 pub(crate) async fn burst(nodes: &[Arc<common::Harness>], tasks: usize, each: u64) -> (u64, u64) {
     let mut running = tokio::task::JoinSet::new();

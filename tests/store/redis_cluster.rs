@@ -174,10 +174,14 @@ async fn a_hard_quota_holds_exactly_while_its_slot_moves_between_masters() {
     const TASKS: u64 = 8;
     let Some((stores, memory, _)) = four_nodes_with_stores(On::Cluster).await else { return };
     let url = common::redis::cluster_url().unwrap();
-    let nodes = hard_quota_nodes(&stores, L);
+    // A tenant of its own, whose slot no other test's tenant shares: the move redirects
+    // nobody else's calls.
+    let tenant = "slot-mover";
+    let nodes = hard_quota_nodes(&stores, tenant, L);
     let burst = |each: u64| burst(&nodes, TASKS as usize, each);
     let all = masters(&url);
-    let slot = slot_of(&all[0], "t");
+    let slot = slot_of(&all[0], tenant);
+    assert!(["t", "u", "asked-0"].iter().all(|other| slot_of(&all[0], other) != slot), "a slot of its own");
     let (from, to) = move_from_to(&all, slot);
 
     let mut total = burst(L / 4 / TASKS).await;
@@ -201,7 +205,7 @@ async fn a_hard_quota_holds_exactly_while_its_slot_moves_between_masters() {
     for h in &nodes {
         h.tollgate.shutdown().await.unwrap();
     }
-    let stored = common::committed(&*memory, "t", "requests", common::NOON - 3600, common::NOON + 3600, 3600).await;
+    let stored = common::committed(&*memory, tenant, "requests", common::NOON - 3600, common::NOON + 3600, 3600).await;
     assert_eq!(stored, L, "the usage stored is the requests admitted");
 }
 
@@ -249,32 +253,51 @@ async fn every_masters_durability_is_told() {
     assert!(warnings.is_empty(), "{warnings:?}");
 }
 
-/// Many calls of one connection to a tenant whose slot is moving, its keys moved already: each
-/// is redirected with ASK, and each goes to the second master with `ASKING` right before it
-/// (another call's command between the two would take the one-time flag and be refused). Every
-/// call is answered, each cell once.
+/// The slot of a hash tag, as the cluster computes it: CRC16 (XMODEM) mod 16384
+/// (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/, "Key
+/// distribution model").
+fn slot_by_crc(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in tag.as_bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+/// Many calls at once on one connection, each of its own tenant, the tenants sharing one slot
+/// whose keys moved already: each is redirected with ASK, and each goes to the second master
+/// with `ASKING` right before it (another call's command between the two would take the
+/// one-time flag, and the call would be refused until it timed out). Every call is answered,
+/// each cell once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn calls_sharing_a_connection_follow_ask_while_a_slot_moves() {
-    const CALLS: u64 = 64;
+    const CALLS: usize = 64;
     let Some((store, _prefix)) = common::redis::cluster_store().await else { return };
     let store = Arc::new(store);
     let url = common::redis::cluster_url().unwrap();
-    let tenant = "asked";
-    let now = common::NOON * 1_000_000_000;
-    let call = |i: u64| {
-        let token = ReserveToken::new(i + 1, 1).at(common::NOON);
-        CellCall::new(tenant.into(), 1, 1, 1_000_000, 1_000, now, token)
-    };
-    // The tenant's row exists, then its slot's keys move.
-    assert_eq!(store.take_cells(&call(CALLS)).await.unwrap().granted, 1);
     let all = masters(&url);
-    let slot = slot_of(&all[0], tenant);
+    assert_eq!(slot_by_crc("asked-0"), slot_of(&all[0], "asked-0"), "the cluster's own slot function");
+    let slot = slot_by_crc("asked-0");
+    let tenants: Vec<String> =
+        (0..).map(|i| format!("asked-{i}")).filter(|t| slot_by_crc(t) == slot).take(CALLS).collect();
+    let now = common::NOON * 1_000_000_000;
+    let call = |tenant: &str, node: u64, want: u32| {
+        let token = ReserveToken::new(node, 1).at(common::NOON);
+        CellCall::new(tenant.into(), want, 1, 1_000_000, 1_000, now, token)
+    };
+    // Each tenant's row exists, then the slot's keys move.
+    for tenant in &tenants {
+        assert_eq!(store.take_cells(&call(tenant, 1, 1)).await.unwrap().granted, 1);
+    }
     let (from, to) = move_from_to(&all, slot);
     begin_move(&from, &to, slot);
     move_keys(&from, &to, slot);
     let mut calls = tokio::task::JoinSet::new();
-    for i in 0..CALLS {
-        let (store, call) = (store.clone(), call(i));
+    for tenant in &tenants {
+        let (store, call) = (store.clone(), call(tenant, 2, 1));
         calls.spawn(async move { store.take_cells(&call).await.map(|g| g.granted) });
     }
     let mut granted = 0u64;
@@ -282,10 +305,21 @@ async fn calls_sharing_a_connection_follow_ask_while_a_slot_moves() {
         granted += u64::from(done.unwrap().expect("every call is answered while the slot moves"));
     }
     end_move(&all, &from, &to, slot);
-    assert_eq!(granted, CALLS, "each call its cell");
-    // Asked again now the slot is moved: each answered from its token, nothing granted twice.
-    assert_eq!(store.take_cells(&call(0)).await.unwrap().granted, 1, "a re-sent call is answered its cell");
-    let next =
-        CellCall::new(tenant.into(), 1_000, 1, 1_000_000, 1_000, now, ReserveToken::new(999, 1).at(common::NOON));
-    assert_eq!(u64::from(store.take_cells(&next).await.unwrap().granted), 1_000 - CALLS - 1, "the rest of the burst");
+    assert_eq!(granted, CALLS as u64, "each call its cell");
+    // Asked again now the slot is moved: answered from its token, nothing granted twice.
+    assert_eq!(store.take_cells(&call(&tenants[0], 2, 1)).await.unwrap().granted, 1, "a re-sent call, its cell");
+    assert_eq!(store.take_cells(&call(&tenants[0], 3, 1_000)).await.unwrap().granted, 998, "the rest of the burst");
+}
+
+/// A node of a cluster opened as one server is refused at open, saying what to set (it would
+/// answer MOVED for most tenants' keys, later); a server that is not a cluster opened as one
+/// is refused too.
+#[tokio::test]
+async fn a_cluster_opened_as_one_server_is_refused_naming_the_setting() {
+    let Some(cluster) = common::redis::cluster_url() else { return };
+    let e = RedisStore::open(&cluster, "p", Duration::from_secs(5)).await.unwrap_err().to_string();
+    assert!(e.contains("cluster = true"), "{e}");
+    let Some(one) = common::redis::url() else { return };
+    let e = RedisStore::open_cluster(&one, "p", Duration::from_secs(5)).await.unwrap_err().to_string();
+    assert!(e.contains("cluster"), "{e}");
 }

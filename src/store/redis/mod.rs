@@ -150,9 +150,9 @@ impl RedisStore {
     }
 
     /// As [`open`](Self::open), on the Redis Cluster whose node `url` names (any node: the
-    /// others and the slots each serves are read from it, and followed as they move: `MOVED`
-    /// and `ASK` redirects, nodes added or failed over). Every script touches one key, and a
-    /// tenant's keys share one slot (a hash tag, docs/redis.md "Keys").
+    /// others and the slots each serves are read from it, and followed as they move between
+    /// masters: `MOVED` and `ASK` redirects, docs/redis.md "Redis Cluster"). Every script
+    /// touches one key, and a tenant's keys share one slot (a hash tag, docs/redis.md "Keys").
     ///
     /// # Errors
     /// As [`open`](Self::open); a server that is not in cluster mode.
@@ -192,6 +192,17 @@ impl RedisStore {
     /// it is told (warned).
     async fn check(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
+        // A cluster's node opened as one server would answer MOVED for most tenants' keys, and
+        // only later: refused now (nothing said when the server will not tell).
+        if matches!(self.conn, Conn::One(_)) {
+            let info: redis::RedisResult<String> = redis::cmd("INFO").arg("cluster").query_async(&mut conn).await;
+            if info.is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_enabled:1")) {
+                return Err(StoreError::Backend(
+                    "redis: the server is a node of a Redis Cluster: set `cluster = true` (RedisStore::open_cluster)"
+                        .into(),
+                ));
+            }
+        }
         // A compare-and-set of a key nobody writes: refused when the server (or a proxy) does
         // not run scripts.
         let probe = self.keys.probe();
@@ -277,7 +288,8 @@ enum Conn {
 /// How many times one command on a cluster is sent, at most: redirected (`MOVED`, `ASK`) or
 /// refused unexecuted while the cluster changes (`TRYAGAIN`, `CLUSTERDOWN`, `LOADING`, a
 /// master become a replica). A slot moving while a command runs redirects it once or twice;
-/// the later attempts wait 40, 80, 160 and 320 ms before they go (600 ms in all).
+/// the later attempts wait 40, 80, 160 and 320 ms before they go (600 ms in all), a refusal's
+/// first 20 ms.
 const CLUSTER_ATTEMPTS: u32 = 6;
 
 impl redis::aio::ConnectionLike for Conn {
@@ -308,6 +320,36 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
+/// What to do after a cluster answered a command with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// `ASKING` and the command, as one pipeline, to the node the redirect names.
+    Ask,
+    /// The command to the node the redirect names.
+    Moved,
+    /// The command again by its slot, after a pause: the server refused it without running it
+    /// while the cluster changes (`TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, a
+    /// replica's `READONLY` after a failover), or the client had no connection to send it on.
+    Again,
+    /// The answer stands: anything else, a lost connection and a timeout among them (the
+    /// command may have run: it is never sent again here).
+    Stop,
+}
+
+/// How `routed` follows an error: by its kind, never by redis-rs's retry advice (which sends
+/// a timed-out command again, and it may have run).
+fn next_after(e: &redis::RedisError) -> Next {
+    use redis::{ErrorKind, ServerErrorKind as S};
+    match e.kind() {
+        ErrorKind::Server(S::Ask) => Next::Ask,
+        ErrorKind::Server(S::Moved) => Next::Moved,
+        ErrorKind::Server(S::TryAgain | S::ClusterDown | S::MasterDown | S::BusyLoading | S::ReadOnly) => Next::Again,
+        // Raised before anything is sent.
+        ErrorKind::ClusterConnectionNotFound => Next::Again,
+        _ => Next::Stop,
+    }
+}
+
 /// `cmd` on the cluster, redirected and sent again here rather than by the cluster client
 /// (built with no retries of its own), for one reason: the client answers `ASK` (the key's
 /// slot moving between masters, the key moved already) by sending `ASKING`, awaiting it, then
@@ -318,16 +360,15 @@ impl redis::aio::ConnectionLike for Conn {
 /// (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/, "ASK
 /// redirection").
 ///
-/// A command is sent again only when the server refused it without running it (a redirect,
-/// `TRYAGAIN`, `CLUSTERDOWN`, a replica's `READONLY`, a node not connected yet), as the
-/// client would have; a connection lost is an error, as on one server (the client reconnects
-/// in the background, and the store's caller decides: every write is a compare-and-set of
-/// the version read, so a call made again is applied once).
+/// A command is sent again only when the server refused it without running it ([`Next`]): a
+/// timeout or a lost connection is an error, as on one server (the client reconnects in the
+/// background, and the store's caller decides). The client keeps the connections, and reads
+/// the slots again after a `MOVED`.
 async fn routed(c: &mut ClusterConnection, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
     use redis::{
         aio::ConnectionLike as _,
         cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
-        ErrorKind, RetryMethod,
+        ErrorKind,
     };
     let at = |e: &redis::RedisError| {
         e.redirect_node().and_then(|(node, _)| {
@@ -338,13 +379,17 @@ async fn routed(c: &mut ClusterConnection, cmd: &redis::Cmd) -> redis::RedisResu
     let mut answer = c.req_packed_command(cmd).await;
     for attempt in 1..CLUSTER_ATTEMPTS {
         let Err(e) = &answer else { break };
+        let next = next_after(e);
+        if next == Next::Stop {
+            break;
+        }
         // A redirect followed at once; one that comes back (the cluster's nodes disagree for
-        // the moment a slot changes hands) after a pause that doubles each time.
-        if attempt > 1 {
+        // the moment a slot changes hands), or a refusal, after a pause that doubles each time.
+        if attempt > 1 || next == Next::Again {
             tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
         }
-        answer = match (e.retry_method(), at(e)) {
-            (RetryMethod::AskRedirect, Some(to)) => {
+        answer = match (next, at(e)) {
+            (Next::Ask, Some(to)) => {
                 let mut both = redis::pipe();
                 both.cmd("ASKING").add_command(cmd.clone());
                 match c.route_pipeline(both, 1, 1, to).await {
@@ -355,16 +400,8 @@ async fn routed(c: &mut ClusterConnection, cmd: &redis::Cmd) -> redis::RedisResu
                     Err(e) => Err(e),
                 }
             }
-            // The client reads the slots again meanwhile; this command goes where it was told.
-            (RetryMethod::MovedRedirect, Some(to)) => c.route_command(cmd.clone(), RoutingInfo::SingleNode(to)).await,
-            (RetryMethod::RetryImmediately, _) => c.req_packed_command(cmd).await,
-            (RetryMethod::WaitAndRetry, _) if matches!(e.kind(), ErrorKind::Server(_)) => {
-                c.req_packed_command(cmd).await
-            }
-            (RetryMethod::RefreshSlotsAndRetry | RetryMethod::ReconnectFromInitialConnections, _) => {
-                c.req_packed_command(cmd).await
-            }
-            _ => break,
+            (Next::Moved, Some(to)) => c.route_command(cmd.clone(), RoutingInfo::SingleNode(to)).await,
+            _ => c.req_packed_command(cmd).await,
         };
     }
     answer
@@ -386,7 +423,7 @@ async fn within<T>(
         .map_err(|e| backend(&e))
 }
 
-/// A connection to the server at `url`, within `timeout`, each call bounded by it too.
+/// A connection to the server at `url`, within `timeout`, each command bounded by it too.
 async fn connect(url: &str, timeout: Duration) -> Result<Conn, StoreError> {
     let client = redis::Client::open(url).map_err(|e| unreadable(&e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
@@ -397,7 +434,7 @@ async fn connect(url: &str, timeout: Duration) -> Result<Conn, StoreError> {
 }
 
 /// A connection to the cluster whose node is at `url`, within `timeout`; each command sent
-/// bounded by it too (a call follows at most [`CLUSTER_ATTEMPTS`] redirects).
+/// bounded by it too (a call is sent at most [`CLUSTER_ATTEMPTS`] times).
 async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreError> {
     let client = redis::cluster::ClusterClient::builder([url])
         .connection_timeout(timeout)
@@ -408,6 +445,9 @@ async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreErro
         .map_err(|e| unreadable(&e))?;
     within(timeout, client.get_async_connection()).await.map(Conn::Cluster)
 }
+
+/// A setting a cluster's master did not answer for.
+const UNREAD: &str = "\u{0}unread";
 
 /// What the server says of its settings that may lose or evict what the store keeps (nothing
 /// of a setting it will not tell: managed services refuse `CONFIG`).
@@ -428,30 +468,44 @@ async fn warnings(conn: &Conn) -> Vec<String> {
                             .into_iter()
                             .map(|(node, v)| (redis::from_redis_value::<String>(node).ok(), v))
                             .collect(),
-                        _ => Vec::new(),
+                        // A master that did not answer: said, never taken for a good setting.
+                        Ok(_) | Err(_) => vec![(None, redis::Value::Nil)],
                     }
                 }
             };
             answers
                 .into_iter()
-                .filter_map(|(node, v)| {
+                .filter_map(|(node, v)| match v {
+                    // Not every master of the cluster answered.
+                    redis::Value::Nil => Some((None, UNREAD.to_owned())),
                     // A node that refuses `CONFIG` (a managed service) tells nothing.
-                    let pair: Vec<String> = redis::from_redis_value(v).ok()?;
-                    Some((node, pair.get(1)?.clone()))
+                    v => {
+                        let pair: Vec<String> = redis::from_redis_value(v).ok()?;
+                        Some((node, pair.get(1)?.clone()))
+                    }
                 })
                 .collect::<Vec<_>>()
         }
     };
     let of = |node: &Option<String>| node.as_ref().map(|n| format!(" (node {n})")).unwrap_or_default();
     let mut out = Vec::new();
-    for (node, _) in config("appendonly").await.into_iter().filter(|(_, v)| v == "no") {
+    let (appendonly, policy) = (config("appendonly").await, config("maxmemory-policy").await);
+    if appendonly.iter().chain(&policy).any(|(_, v)| v == UNREAD) {
+        out.push(
+            "redis: not every master of the cluster answered CONFIG GET: its durability is not known (docs/redis.md)"
+                .to_owned(),
+        );
+    }
+    let appendonly = appendonly.into_iter().filter(|(_, v)| v != UNREAD);
+    let policy = policy.into_iter().filter(|(_, v)| v != UNREAD);
+    for (node, _) in appendonly.filter(|(_, v)| v == "no") {
         out.push(format!(
             "redis: appendonly is no{}: a server restart loses what was written since its last snapshot (quotas, \
              shared rates, places, idempotency keys); set appendonly yes (docs/redis.md)",
             of(&node)
         ));
     }
-    for (node, policy) in config("maxmemory-policy").await.into_iter().filter(|(_, p)| p != "noeviction") {
+    for (node, policy) in policy.filter(|(_, p)| p != "noeviction") {
         out.push(format!(
             "redis: maxmemory-policy is {policy}{}, not noeviction: a full server may evict counters; set \
              noeviction (docs/redis.md)",
@@ -467,4 +521,33 @@ async fn warnings(conn: &Conn) -> Vec<String> {
 /// duration, never at the caller's instant (the two clocks may differ).
 pub(super) fn kept_for(now_secs: i64, until_secs: i64) -> Duration {
     Duration::from_secs(u64::try_from(until_secs.saturating_sub(now_secs)).unwrap_or(0).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{next_after, Next};
+
+    /// The error a server's reply `line` makes.
+    fn replied(line: &str) -> redis::RedisError {
+        match redis::parse_redis_value(format!("{line}\r\n").as_bytes()).expect("a reply") {
+            redis::Value::ServerError(e) => e.into(),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cluster_command_is_sent_again_only_when_the_server_did_not_run_it() {
+        assert_eq!(next_after(&replied("-ASK 15891 127.0.0.1:7001")), Next::Ask);
+        assert_eq!(next_after(&replied("-MOVED 15891 127.0.0.1:7001")), Next::Moved);
+        for refused in ["-TRYAGAIN keys moving", "-CLUSTERDOWN down", "-LOADING loading", "-READONLY replica"] {
+            assert_eq!(next_after(&replied(refused)), Next::Again, "{refused}");
+        }
+        // It may have run: never again.
+        let timed_out: redis::RedisError = std::io::Error::from(std::io::ErrorKind::TimedOut).into();
+        assert_eq!(next_after(&timed_out), Next::Stop);
+        let dropped: redis::RedisError = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        assert_eq!(next_after(&dropped), Next::Stop);
+        assert_eq!(next_after(&replied("-NOSCRIPT no script")), Next::Stop, "answered above, by loading it");
+        assert_eq!(next_after(&replied("-ERR something")), Next::Stop);
+    }
 }
