@@ -22,17 +22,29 @@ struct Master {
     slots: Vec<(u16, u16)>,
 }
 
+/// Held by the tests that move slots, add a master or change a master's settings: one at a
+/// time, each seeing the cluster as the script made it (the conformance modules on the same
+/// cluster go on meanwhile: their tenants' slots are not the ones moved).
+static TOPOLOGY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Master {
     /// `redis-cli` against this master: its output.
     fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args).unwrap_or_else(|e| panic!("redis-cli {args:?}: {e}"))
+    }
+
+    /// [`cli`](Self::cli), its failure returned (for what runs while a test unwinds).
+    fn try_cli(&self, args: &[&str]) -> Result<String, String> {
         let port = self.port.to_string();
         let out = std::process::Command::new("redis-cli")
             .args(["-h", &self.host, "-p", &port])
             .args(args)
             .output()
-            .expect("redis-cli runs");
-        assert!(out.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            .map_err(|e| e.to_string())?;
+        match out.status.success() {
+            true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+            false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        }
     }
 
     fn serves(&self, slot: u16) -> bool {
@@ -70,7 +82,7 @@ fn masters(url: &str) -> Vec<Master> {
         })
         .collect();
     masters.sort_by_key(|m| m.port);
-    assert_eq!(masters.len(), 3, "three masters: {text}");
+    assert!(masters.len() >= 3, "three masters: {text}");
     masters
 }
 
@@ -122,6 +134,54 @@ fn move_keys(from: &Master, to: &Master, slot: u16) {
     }
 }
 
+/// A slot being moved: finished on drop if the test stops halfway (a panic), so that the
+/// cluster stays whole for the other tests (every key moved, every master told; nothing
+/// asserted while unwinding).
+struct Moving {
+    all: Vec<Master>,
+    from: Master,
+    to: Master,
+    slot: u16,
+    done: bool,
+}
+
+impl Moving {
+    /// Begins moving `slot` from `from` to `to` ([`begin_move`]).
+    fn begin(all: &[Master], from: &Master, to: &Master, slot: u16) -> Self {
+        begin_move(from, to, slot);
+        Self { all: all.to_vec(), from: from.clone(), to: to.clone(), slot, done: false }
+    }
+
+    /// Ends the move ([`end_move`]).
+    fn end(mut self) {
+        end_move(&self.all, &self.from, &self.to, self.slot);
+        self.done = true;
+    }
+}
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let slot = self.slot.to_string();
+        let port = self.to.port.to_string();
+        for _ in 0..100 {
+            let Ok(keys) = self.from.try_cli(&["cluster", "getkeysinslot", &slot, "100"]) else { break };
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["migrate", self.to.host.as_str(), port.as_str(), "", "0", "5000", "REPLACE", "KEYS"];
+            args.extend(keys);
+            let _ = self.from.try_cli(&args);
+        }
+        for m in [&self.to, &self.from].into_iter().chain(&self.all) {
+            let _ = m.try_cli(&["cluster", "setslot", &slot, "node", &self.to.id]);
+        }
+    }
+}
+
 /// `slot` given to `to`, every master told, `to` first and `from` next (the order of
 /// https://redis.io/docs/latest/commands/cluster-setslot/, "Redis Cluster live resharding
 /// explained", as `redis-cli --cluster reshard` does: the other way round, for a moment each
@@ -138,6 +198,7 @@ fn end_move(all: &[Master], from: &Master, to: &Master, slot: u16) {
 #[tokio::test]
 async fn tenants_spread_over_the_masters_each_in_its_own_slot() {
     let Some((store, prefix)) = common::redis::cluster_store().await else { return };
+    let _topology = TOPOLOGY.lock().await;
     let url = common::redis::cluster_url().unwrap();
     let tenants: Vec<String> = (0..24).map(|i| format!("tenant-{i}")).collect();
     let now = common::NOON * 1_000_000_000;
@@ -161,6 +222,16 @@ async fn tenants_spread_over_the_masters_each_in_its_own_slot() {
         let holder = masters.iter().find(|m| m.serves(slot)).expect("a master serves every slot");
         assert_eq!(holder.cli(&["exists", &key]), "1", "{key} is on {}, which serves slot {slot}", holder.addr());
     }
+    // Every master's scripts flushed (a restart, a failover): each write loads the script on
+    // the node that answers NOSCRIPT, and goes on.
+    for master in &masters {
+        assert_eq!(master.cli(&["script", "flush"]), "OK");
+    }
+    for (i, tenant) in tenants.iter().enumerate() {
+        let token = ReserveToken::new(2, i as u64 + 1).at(common::NOON);
+        let call = CellCall::new(tenant.as_str().into(), 1, 1, 100_000_000, 10, now, token);
+        assert_eq!(store.take_cells(&call).await.unwrap().granted, 1, "after SCRIPT FLUSH");
+    }
 }
 
 /// Four engines, each with its own connection to the cluster, hammer one tenant whose hard
@@ -173,6 +244,7 @@ async fn a_hard_quota_holds_exactly_while_its_slot_moves_between_masters() {
     const L: u64 = 384;
     const TASKS: u64 = 8;
     let Some((stores, memory, _)) = four_nodes_with_stores(On::Cluster).await else { return };
+    let _topology = TOPOLOGY.lock().await;
     let url = common::redis::cluster_url().unwrap();
     // A tenant of its own, whose slot no other test's tenant shares: the move redirects
     // nobody else's calls.
@@ -186,7 +258,7 @@ async fn a_hard_quota_holds_exactly_while_its_slot_moves_between_masters() {
 
     let mut total = burst(L / 4 / TASKS).await;
     // Importing on the second master, migrating on the first: the keys are still on the first.
-    begin_move(&from, &to, slot);
+    let moving = Moving::begin(&all, &from, &to, slot);
     let b = burst(L / 4 / TASKS).await;
     total = (total.0 + b.0, total.1 + b.1);
     // Every key of the slot moved: the first master answers each call with ASK.
@@ -194,7 +266,7 @@ async fn a_hard_quota_holds_exactly_while_its_slot_moves_between_masters() {
     let c = burst(L / 4 / TASKS).await;
     total = (total.0 + c.0, total.1 + c.1);
     // The slot is the second master's: every node is told (MOVED from the first).
-    end_move(&all, &from, &to, slot);
+    moving.end();
     let d = burst(L / 4 / TASKS + L / TASKS).await;
     total = (total.0 + d.0, total.1 + d.1);
 
@@ -231,13 +303,14 @@ async fn four_nodes_holding_never_spend_past_a_prepaid_balance_on_a_cluster() {
 #[tokio::test]
 async fn every_masters_durability_is_told() {
     let Some(url) = common::redis::cluster_url() else { return };
+    let _topology = TOPOLOGY.lock().await;
     let all = masters(&url);
     let odd = &all[1];
     // Put back whatever the test ends with.
     struct Restore(Master);
     impl Drop for Restore {
         fn drop(&mut self) {
-            self.0.cli(&["config", "set", "maxmemory-policy", "noeviction"]);
+            let _ = self.0.try_cli(&["config", "set", "maxmemory-policy", "noeviction"]);
         }
     }
     odd.cli(&["config", "set", "maxmemory-policy", "volatile-lru"]);
@@ -276,6 +349,7 @@ fn slot_by_crc(tag: &str) -> u16 {
 async fn calls_sharing_a_connection_follow_ask_while_a_slot_moves() {
     const CALLS: usize = 64;
     let Some((store, _prefix)) = common::redis::cluster_store().await else { return };
+    let _topology = TOPOLOGY.lock().await;
     let store = Arc::new(store);
     let url = common::redis::cluster_url().unwrap();
     let all = masters(&url);
@@ -293,7 +367,7 @@ async fn calls_sharing_a_connection_follow_ask_while_a_slot_moves() {
         assert_eq!(store.take_cells(&call(tenant, 1, 1)).await.unwrap().granted, 1);
     }
     let (from, to) = move_from_to(&all, slot);
-    begin_move(&from, &to, slot);
+    let moving = Moving::begin(&all, &from, &to, slot);
     move_keys(&from, &to, slot);
     let mut calls = tokio::task::JoinSet::new();
     for tenant in &tenants {
@@ -304,7 +378,7 @@ async fn calls_sharing_a_connection_follow_ask_while_a_slot_moves() {
     while let Some(done) = calls.join_next().await {
         granted += u64::from(done.unwrap().expect("every call is answered while the slot moves"));
     }
-    end_move(&all, &from, &to, slot);
+    moving.end();
     assert_eq!(granted, CALLS as u64, "each call its cell");
     // Asked again now the slot is moved: answered from its token, nothing granted twice.
     assert_eq!(store.take_cells(&call(&tenants[0], 2, 1)).await.unwrap().granted, 1, "a re-sent call, its cell");
@@ -322,4 +396,142 @@ async fn a_cluster_opened_as_one_server_is_refused_naming_the_setting() {
     let Some(one) = common::redis::url() else { return };
     let e = RedisStore::open_cluster(&one, "p", Duration::from_secs(5)).await.unwrap_err().to_string();
     assert!(e.contains("cluster"), "{e}");
+}
+
+/// A server of its own, in cluster mode: on drop, forgotten by the masters (once met), killed,
+/// and its directory removed.
+struct Spare {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// Its id, once the masters met it.
+    met: Option<(String, Vec<Master>)>,
+    /// A slot it may hold, and the master to give it back to (a test stopped halfway: the
+    /// keys moved to it are lost, the cluster whole again).
+    slot: Option<(u16, Master)>,
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some((id, masters)) = &self.met {
+            for m in masters {
+                let _ = m.try_cli(&["cluster", "forget", id]);
+            }
+        }
+        if let Some((slot, owner)) = &self.slot {
+            let _ = owner.try_cli(&["cluster", "setslot", &slot.to_string(), "stable"]);
+            let _ = owner.try_cli(&["cluster", "addslots", &slot.to_string()]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free loopback port whose cluster bus (the port plus 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if port <= 55_000
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// Polls `done` every 100 ms, up to 20 s: whether it came true.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A master added empty (a scale-out) is given its first slot while a connection opened before
+/// it joined keeps calling: the keys moved to it already are answered `ASK` towards a node the
+/// cluster client has no connection to, and the store asks it on a connection of its own; once
+/// the slot is its, `MOVED` brings the client to it. Every call is answered, each cell once.
+/// Then the slot goes back and the node leaves the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_added_empty_takes_a_slot_while_calls_go_on() {
+    const CALLS: u64 = 16;
+    let Some((store, _prefix)) = common::redis::cluster_store().await else { return };
+    let _topology = TOPOLOGY.lock().await;
+    let url = common::redis::cluster_url().unwrap();
+    let all = masters(&url);
+    let tenant = "scale-out";
+    let slot = slot_by_crc(tenant);
+    assert!(["t", "u", "asked-0", "slot-mover"].iter().all(|other| slot_by_crc(other) != slot), "a slot of its own");
+    let now = common::NOON * 1_000_000_000;
+    let call = |node: u64, want: u32| {
+        CellCall::new(tenant.into(), want, 1, 1_000_000, 1_000, now, ReserveToken::new(node, 1).at(common::NOON))
+    };
+    assert_eq!(store.take_cells(&call(1, 1)).await.unwrap().granted, 1, "the tenant's row, on its master");
+
+    // The fourth master: a server of its own, met by the cluster, serving nothing yet.
+    let port = free_cluster_port();
+    let dir = std::env::temp_dir().join(format!("tollgate-spare-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let child = std::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir", dir.to_str().unwrap()])
+        .args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"])
+        // Given its slot back, it stays an empty master (not a replica of the taker), to leave.
+        .args(["--cluster-allow-replica-migration", "no"])
+        .args(["--appendonly", "yes", "--maxmemory-policy", "noeviction", "--save", ""])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server runs");
+    let mut spare = Spare { child, dir, met: None, slot: None };
+    let mut new = Master { id: String::new(), host: "127.0.0.1".to_owned(), port, slots: Vec::new() };
+    assert!(eventually(|| new.try_cli(&["ping"]).is_ok_and(|p| p == "PONG")).await, "the spare server starts");
+    new.id = new.cli(&["cluster", "myid"]);
+    spare.met = Some((new.id.clone(), all.clone()));
+    assert_eq!(all[0].cli(&["cluster", "meet", "127.0.0.1", &port.to_string()]), "OK");
+    // Met: every node sees the four as masters, past their handshake.
+    let settled = |m: &Master| {
+        m.try_cli(&["cluster", "nodes"]).is_ok_and(|nodes| {
+            let masters = nodes.lines().filter(|l| l.split_whitespace().nth(2).is_some_and(|f| f.contains("master")));
+            masters.clone().count() == 4 && masters.clone().all(|l| !l.contains("handshake") && !l.contains("noaddr"))
+        })
+    };
+    assert!(eventually(|| all.iter().chain([&new]).all(settled)).await, "every master knows the new one, and it them");
+    let up = || new.try_cli(&["cluster", "info"]).is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_state:ok"));
+    assert!(eventually(up).await, "the new master sees the cluster whole");
+    let with_new: Vec<Master> = all.iter().cloned().chain([new.clone()]).collect();
+
+    // Its first slot: the tenant's keys moved to it, then the slot given.
+    let from = all.iter().find(|m| m.serves(slot)).unwrap().clone();
+    spare.slot = Some((slot, from.clone()));
+    let moving = Moving::begin(&with_new, &from, &new, slot);
+    move_keys(&from, &new, slot);
+    let store = Arc::new(store);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..CALLS {
+        let (store, call) = (store.clone(), call(100 + i, 1));
+        calls.spawn(async move { store.take_cells(&call).await.map(|g| g.granted) });
+    }
+    let mut granted = 0u64;
+    while let Some(done) = calls.join_next().await {
+        granted += u64::from(done.unwrap().expect("a call to a key on the new master, asked"));
+    }
+    assert_eq!(granted, CALLS, "each call its cell");
+    moving.end();
+    assert_eq!(store.take_cells(&call(200, 1)).await.unwrap().granted, 1, "the slot is the new master's: MOVED");
+
+    // Back to where it was, and the node gone from the cluster.
+    let back = Moving::begin(&with_new, &new, &from, slot);
+    move_keys(&new, &from, slot);
+    back.end();
+    assert_eq!(store.take_cells(&call(201, 1)).await.unwrap().granted, 1, "back on its first master: MOVED");
+    for m in &all {
+        assert_eq!(m.cli(&["cluster", "forget", &new.id]), "OK");
+    }
+    drop(spare);
+    assert_eq!(masters(&url).len(), 3, "the cluster is three masters again");
+    let rest = u64::from(store.take_cells(&call(202, 1_000)).await.unwrap().granted);
+    assert_eq!(rest, 1_000 - CALLS - 3, "each cell granted once, the node gone");
 }

@@ -5,7 +5,7 @@
 //! tenant's whole quota, [`TenantQuota`](super::tenant_quota), [`RateRow`](super::RateRow),
 //! [`PlaceRow`](super::PlaceRow), the idempotency rules): a call reads its row (one hash, with
 //! a version field `v`), applies them, and writes the row back with one small Lua script that
-//! compares the version and writes (a compare-and-set; EVALSHA, loaded again on NOSCRIPT),
+//! compares the version and writes (a compare-and-set; EVALSHA, its text by EVAL on NOSCRIPT),
 //! read again when another node wrote in between ([`race`](super::race)). Lua carries no rule
 //! of a role. Every row is one tenant's (or one `Idempotency-Key`'s, one payment's), hash-tagged
 //! by it, and every script touches one key.
@@ -206,9 +206,16 @@ impl RedisStore {
         // A compare-and-set of a key nobody writes: refused when the server (or a proxy) does
         // not run scripts.
         let probe = self.keys.probe();
-        let _: i64 = self.cas.key(&probe).arg("").arg(0).invoke_async(&mut conn).await.map_err(|e| {
-            StoreError::Backend(format!("redis: the server does not run tollgate's Lua scripts (EVALSHA): {e}").into())
-        })?;
+        let _: i64 = self
+            .cas(&probe, |call| {
+                call.arg("").arg(0);
+            })
+            .await
+            .map_err(|e| {
+                StoreError::Backend(
+                    format!("redis: the server does not run tollgate's Lua scripts (EVALSHA): {e}").into(),
+                )
+            })?;
         let layout = self.keys.layout();
         let _: bool = conn.set_nx(&layout, LAYOUT_VERSION).await.map_err(|e| backend(&e))?;
         let found: Option<String> = conn.get(&layout).await.map_err(|e| backend(&e))?;
@@ -254,20 +261,43 @@ impl RedisStore {
         kept: Ttl,
         fields: &[(&str, &[u8])],
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut call = self.cas.key(key);
         let ms = match kept {
             Ttl::For(t) => t.as_millis().clamp(1, i64::MAX as u128) as i64,
             Ttl::AsItWas => -1,
             Ttl::Never => 0,
         };
         // A fresh version each write: 64 random bits (a stale read never matches it again).
-        call.arg(read).arg(ms).arg(format!("{:016x}", crate::base::draw_u64()));
-        for (name, value) in fields {
-            call.arg(*name).arg(*value);
-        }
-        let written: i64 = call.invoke_async(&mut conn).await.map_err(|e| backend(&e))?;
+        let version = format!("{:016x}", crate::base::draw_u64());
+        let written: i64 = self
+            .cas(key, |call| {
+                call.arg(read).arg(ms).arg(&version);
+                for (name, value) in fields {
+                    call.arg(*name).arg(*value);
+                }
+            })
+            .await
+            .map_err(|e| backend(&e))?;
         Ok(written == 1)
+    }
+
+    /// The compare-and-set on `key`, its arguments added by `args`: by its digest (`EVALSHA`),
+    /// and by its text (`EVAL`, which loads it) on the node that answers `NOSCRIPT` (after a
+    /// restart, a failover, a `SCRIPT FLUSH`). Never `SCRIPT LOAD`, which a cluster client
+    /// sends to every node and fails while one of them is down.
+    async fn cas<T: redis::FromRedisValue>(&self, key: &str, args: impl Fn(&mut redis::Cmd)) -> redis::RedisResult<T> {
+        let mut conn = self.conn.clone();
+        let mut by_digest = redis::cmd("EVALSHA");
+        by_digest.arg(self.cas.get_hash()).arg(1).arg(key);
+        args(&mut by_digest);
+        match by_digest.query_async(&mut conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut by_text = redis::cmd("EVAL");
+                by_text.arg(CAS).arg(1).arg(key);
+                args(&mut by_text);
+                by_text.query_async(&mut conn).await
+            }
+            answer => answer,
+        }
     }
 
     /// The key layout and prefix this store writes.
@@ -282,7 +312,53 @@ impl RedisStore {
 #[derive(Clone)]
 enum Conn {
     One(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Box<Cluster>),
+}
+
+/// A cluster: redis-rs's cluster client, and a connection of the store's own to each node an
+/// `ASK` redirect names (the client's connections cannot send `ASKING` with the command; a
+/// master added empty has none from the client until it serves a slot). A few nodes at most,
+/// the map bounded all the same.
+#[derive(Clone)]
+struct Cluster {
+    client: ClusterConnection,
+    /// The URL's connection settings (TLS, user, password), its address replaced per node.
+    info: redis::ConnectionInfo,
+    timeout: Duration,
+    asked: std::sync::Arc<tokio::sync::Mutex<HashMap<(String, u16), redis::aio::MultiplexedConnection>>>,
+}
+
+/// The most nodes the store keeps a connection of its own to, for `ASK` redirects.
+const ASKED_NODES_MAX: usize = 64;
+
+impl Cluster {
+    /// The store's own connection to the node at `host:port`, made on first use.
+    async fn asked(&self, host: &str, port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let mut nodes = self.asked.lock().await;
+        if let Some(conn) = nodes.get(&(host.to_owned(), port)) {
+            return Ok(conn.clone());
+        }
+        let addr = match self.info.addr() {
+            redis::ConnectionAddr::TcpTls { insecure, tls_params, .. } => redis::ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let conn = redis::Client::open(self.info.clone().set_addr(addr))?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        if nodes.len() >= ASKED_NODES_MAX {
+            nodes.clear();
+        }
+        nodes.insert((host.to_owned(), port), conn.clone());
+        Ok(conn)
+    }
 }
 
 /// How many times one command on a cluster is sent, at most: redirected (`MOVED`, `ASK`) or
@@ -308,14 +384,14 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
             Self::One(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.client.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::One(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(c) => c.client.get_db(),
         }
     }
 }
@@ -325,11 +401,10 @@ impl redis::aio::ConnectionLike for Conn {
 enum Next {
     /// `ASKING` and the command, as one pipeline, to the node the redirect names.
     Ask,
-    /// The command to the node the redirect names.
-    Moved,
-    /// The command again by its slot, after a pause: the server refused it without running it
-    /// while the cluster changes (`TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, a
-    /// replica's `READONLY` after a failover), or the client had no connection to send it on.
+    /// The command again by its slot, after a pause: the slot moved (`MOVED`; the client
+    /// reads the slots again), or the server refused it without running it while the cluster
+    /// changes (`TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, a replica's `READONLY`
+    /// after a failover).
     Again,
     /// The answer stands: anything else, a lost connection and a timeout among them (the
     /// command may have run: it is never sent again here).
@@ -342,10 +417,9 @@ fn next_after(e: &redis::RedisError) -> Next {
     use redis::{ErrorKind, ServerErrorKind as S};
     match e.kind() {
         ErrorKind::Server(S::Ask) => Next::Ask,
-        ErrorKind::Server(S::Moved) => Next::Moved,
-        ErrorKind::Server(S::TryAgain | S::ClusterDown | S::MasterDown | S::BusyLoading | S::ReadOnly) => Next::Again,
-        // Raised before anything is sent.
-        ErrorKind::ClusterConnectionNotFound => Next::Again,
+        ErrorKind::Server(S::Moved | S::TryAgain | S::ClusterDown | S::MasterDown | S::BusyLoading | S::ReadOnly) => {
+            Next::Again
+        }
         _ => Next::Stop,
     }
 }
@@ -356,52 +430,46 @@ fn next_after(e: &redis::RedisError) -> Next {
 /// the command, so on the connection other calls share another command may take the one-time
 /// flag in between. The command is then refused (`MOVED` back), again on every retry, until
 /// the call times out: every call of a tenant whose slot moves fails. Here `ASKING` and the
-/// command go as one pipeline to the node the redirect names, nothing between them
-/// (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/, "ASK
-/// redirection").
+/// command go as one pipeline, on the store's own connection to the node the redirect names,
+/// nothing between them (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/,
+/// "ASK redirection"). Every other command goes by its slot, on the client's connections.
 ///
 /// A command is sent again only when the server refused it without running it ([`Next`]): a
 /// timeout or a lost connection is an error, as on one server (the client reconnects in the
-/// background, and the store's caller decides). The client keeps the connections, and reads
-/// the slots again after a `MOVED`.
-async fn routed(c: &mut ClusterConnection, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
-    use redis::{
-        aio::ConnectionLike as _,
-        cluster_routing::{RoutingInfo, SingleNodeRoutingInfo},
-        ErrorKind,
-    };
-    let at = |e: &redis::RedisError| {
-        e.redirect_node().and_then(|(node, _)| {
-            let (host, port) = node.rsplit_once(':')?;
-            Some(SingleNodeRoutingInfo::ByAddress { host: host.to_owned(), port: port.parse().ok()? })
-        })
-    };
-    let mut answer = c.req_packed_command(cmd).await;
+/// background, and the store's caller decides).
+async fn routed(c: &mut Cluster, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+    use redis::aio::ConnectionLike as _;
+    let mut answer = c.client.req_packed_command(cmd).await;
     for attempt in 1..CLUSTER_ATTEMPTS {
         let Err(e) = &answer else { break };
         let next = next_after(e);
-        if next == Next::Stop {
-            break;
-        }
-        // A redirect followed at once; one that comes back (the cluster's nodes disagree for
-        // the moment a slot changes hands), or a refusal, after a pause that doubles each time.
-        if attempt > 1 || next == Next::Again {
-            tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
-        }
-        answer = match (next, at(e)) {
-            (Next::Ask, Some(to)) => {
-                let mut both = redis::pipe();
-                both.cmd("ASKING").add_command(cmd.clone());
-                match c.route_pipeline(both, 1, 1, to).await {
-                    Ok(values) => values.into_iter().next().map_or_else(
-                        || Err(redis::RedisError::from((ErrorKind::Client, "no answer after ASKING"))),
-                        redis::Value::extract_error,
-                    ),
-                    Err(e) => Err(e),
+        let asked = e.redirect_node().and_then(|(node, _)| {
+            let (host, port) = node.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse::<u16>().ok()?))
+        });
+        answer = match (next, asked) {
+            // Followed at once the first time.
+            (Next::Ask, Some((host, port))) => {
+                if attempt > 1 {
+                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
                 }
+                let mut conn = match c.asked(&host, port).await {
+                    Ok(conn) => conn,
+                    Err(e) => return Err(e),
+                };
+                let mut both = redis::pipe();
+                both.cmd("ASKING").ignore().add_command(cmd.clone());
+                both.query_async::<Vec<redis::Value>>(&mut conn).await.and_then(|mut values| {
+                    values.pop().map_or_else(|| Err((redis::ErrorKind::Client, "no answer after ASKING").into()), Ok)
+                })
             }
-            (Next::Moved, Some(to)) => c.route_command(cmd.clone(), RoutingInfo::SingleNode(to)).await,
-            _ => c.req_packed_command(cmd).await,
+            // After a pause that doubles each time (the cluster's nodes may disagree for the
+            // moment a slot changes hands; the client reads the slots again meanwhile).
+            (Next::Again, _) => {
+                tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                c.client.req_packed_command(cmd).await
+            }
+            _ => break,
         };
     }
     answer
@@ -443,7 +511,9 @@ async fn connect_cluster(url: &str, timeout: Duration) -> Result<Conn, StoreErro
         .retries(0)
         .build()
         .map_err(|e| unreadable(&e))?;
-    within(timeout, client.get_async_connection()).await.map(Conn::Cluster)
+    let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(|e| unreadable(&e))?;
+    let client = within(timeout, client.get_async_connection()).await?;
+    Ok(Conn::Cluster(Box::new(Cluster { client, info, timeout, asked: Default::default() })))
 }
 
 /// A setting a cluster's master did not answer for.
@@ -460,7 +530,8 @@ async fn warnings(conn: &Conn) -> Vec<String> {
             get.arg("GET").arg(name);
             let answers: Vec<(Option<String>, redis::Value)> = match conn {
                 Conn::One(mut c) => get.query_async(&mut c).await.map(|v| vec![(None, v)]).unwrap_or_default(),
-                Conn::Cluster(mut c) => {
+                Conn::Cluster(cluster) => {
+                    let mut c = cluster.client;
                     use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
                     let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                     match c.route_command(get, all).await {
@@ -538,8 +609,14 @@ mod tests {
     #[test]
     fn a_cluster_command_is_sent_again_only_when_the_server_did_not_run_it() {
         assert_eq!(next_after(&replied("-ASK 15891 127.0.0.1:7001")), Next::Ask);
-        assert_eq!(next_after(&replied("-MOVED 15891 127.0.0.1:7001")), Next::Moved);
-        for refused in ["-TRYAGAIN keys moving", "-CLUSTERDOWN down", "-LOADING loading", "-READONLY replica"] {
+        for refused in [
+            "-MOVED 15891 127.0.0.1:7001",
+            "-TRYAGAIN keys moving",
+            "-CLUSTERDOWN down",
+            "-MASTERDOWN down",
+            "-LOADING loading",
+            "-READONLY replica",
+        ] {
             assert_eq!(next_after(&replied(refused)), Next::Again, "{refused}");
         }
         // It may have run: never again.
@@ -549,5 +626,7 @@ mod tests {
         assert_eq!(next_after(&dropped), Next::Stop);
         assert_eq!(next_after(&replied("-NOSCRIPT no script")), Next::Stop, "answered above, by loading it");
         assert_eq!(next_after(&replied("-ERR something")), Next::Stop);
+        let not_connected: redis::RedisError = (redis::ErrorKind::ClusterConnectionNotFound, "not found").into();
+        assert_eq!(next_after(&not_connected), Next::Stop, "a refresh's error may fail a command already sent");
     }
 }
