@@ -22,6 +22,8 @@
 //! curl -i localhost:3000/v1/items                                                # 401
 //! for i in $(seq 25); do curl -s -o /dev/null -w '%{http_code} ' localhost:3000/v1/items \
 //!     -H 'x-api-key: tg_test_free_acme'; sleep 0.5; done                          # 200s, then 429s
+//! for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' -X POST localhost:3000/v1/generate/slow \
+//!     -H 'x-api-key: tg_test_pro_globex' & done; wait        # 429 at once, then 200 200 (2 s)
 //! ```
 //! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
 //! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README). With
@@ -185,6 +187,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/", get(|| async { "hello from behind tollgate\n" }))
         .route("/v1/items", get(items))
         .route("/v1/generate", post(generate))
+        .route("/v1/generate/slow", post(generate_slow))
         .route("/v1/complete", post(complete))
         .layer(layer)
         // The client's address, for callers limited per address (anonymous callers, lookups of
@@ -336,6 +339,15 @@ async fn generate(Extension(ctx): Extension<TenantContext>) -> Json<Value> {
     let tokens = 120;
     ctx.record("tokens", tokens).expect("the tokens meter is declared");
     Json(json!({ "tenant": ctx.tenant(), "tokens": tokens, "text": "lorem ipsum" }))
+}
+
+/// A generation that takes about two seconds, for trying a plan's `concurrency`: its place is
+/// held until it answers.
+async fn generate_slow(Extension(ctx): Extension<TenantContext>) -> Json<Value> {
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let tokens = 120;
+    ctx.record("tokens", tokens).expect("the tokens meter is declared");
+    Json(json!({ "tenant": ctx.tenant(), "tokens": tokens, "text": "lorem ipsum, slowly" }))
 }
 
 /// Holds the request's `x-max-tokens` (a route rule) and records the 40 tokens it

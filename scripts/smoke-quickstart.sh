@@ -86,6 +86,8 @@ check "quota kept across restart" 429 "$(code "$base/v1/items" "${free[@]}")"
 check "remaining after restart" '"requests-day";r=0' \
   "$(curl -s -D - -o /dev/null "$base/v1/items" "${free[@]}" | tr -d '\r' | sed -n 's/^ratelimit: .*\("requests-day";r=[0-9]*\).*/\1/p')"
 check "pro tenant after restart" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
+check "a slow generation (1 request, 120 tokens)" 200 \
+  "$(code -X POST "$base/v1/generate/slow" -H 'x-api-key: tg_test_pro_globex')"
 # A prepaid balance: nothing granted, nothing served; a grant with the CLI (on the running
 # node's file) is spent by completions that hold their `x-max-tokens` first, and the one the
 # balance cannot cover is refused before any work, so it never goes below zero.
@@ -102,7 +104,7 @@ check "prepaid: the balance in the headers" '"tokens-prepaid";r=20' \
   "$(curl -s -D - -o /dev/null -X POST "$base/v1/complete" "${prepaid[@]}" -H 'x-max-tokens: 50' | tr -d '\r' | sed -n 's/^ratelimit: .*\("tokens-prepaid";r=[0-9]*\).*/\1/p')"
 kill -TERM $pid
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-check "second stop (1 + 2 request units, 80 tokens)" "stopped: flushed 83 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
+check "second stop (2 + 2 request units, 80 + 120 tokens)" "stopped: flushed 204 units" "$(grep -o 'stopped: flushed [0-9]* units' "$work/out2.log" || true)"
 check "prepaid: the balance's counter holds exactly what was recorded (80 of 100)" "80 100" \
   "$(cd "$work" && "$cli" --config "$OLDPWD/examples/quickstart.toml" quota show initech | awk '$1 == "tokens" && $2 == "prepaid" { print $(NF-1), $NF }')"
 
@@ -208,6 +210,56 @@ check "[stripe] webhooks: a forged signature gets 400" 400 \
   "$(code -X POST "$base/stripe/webhook" -H 'stripe-signature: t=1,v1=00' -d '{}')"
 kill -TERM $pid 2>/dev/null || true
 for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+
+# The AI example (tollgate-axum's ai_stream), as its comment says: a balance of 300 tokens
+# streams 120 and `done`, 120 and `done`, the 60 left and `stopped`, then 402.
+cargo build --locked -p tollgate-axum --example ai_stream
+ai="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/debug/examples/ai_stream"
+ai_node() { # log [env...]: starts ai_stream on a free port, sets $ai_url and $pid
+  local log=$1 p
+  shift
+  p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  (cd "$work" && exec env "$@" PORT=$p RUST_LOG=warn "$ai") >"$log" 2>&1 &
+  pid=$!
+  ai_url="http://127.0.0.1:$p"
+  for _ in $(seq 150); do grep -q listening "$log" && return; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  echo "ai_stream did not start:"; cat "$log"
+}
+completion() { # url: one completion of 120 tokens: "<last event> <tokens>", or the status
+  local out status
+  out=$(curl -sN -w '\n%{http_code}' "$1/v1/completions" -H 'x-api-key: tg_prepaid_acme' \
+    -H 'content-type: application/json' -d '{"prompt": "tell me a story", "max_tokens": 120}')
+  status=$(tail -1 <<<"$out")
+  [ "$status" = 200 ] || { echo "$status"; return; }
+  echo "$(grep -o '^event: [a-z]*' <<<"$out" | tail -1 | cut -d' ' -f2) $(grep -c '^data: [^{]' <<<"$out")"
+}
+ai_node "$work/ai.log"
+session=""
+for _ in 1 2 3 4; do session+="$(completion "$ai_url"), "; done
+check "ai_stream: the session its comment describes" "done 120, done 120, stopped 60, 402, " "$session"
+kill -TERM $pid 2>/dev/null || true
+for _ in $(seq 100); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+# TOLLGATE_CONFIG and PORT: two processes on one PostgreSQL schema stream from one balance,
+# granted once; A and B alternate.
+if [ -n "${TOLLGATE_POSTGRES_URL:-}" ]; then
+  psql -q "$TOLLGATE_POSTGRES_URL" -c 'SET client_min_messages = warning' -c 'DROP SCHEMA IF EXISTS ai_smoke CASCADE' >/dev/null
+  python3 - "$work/ai.toml" <<'PY'
+import re, sys
+source = open("integrations/axum/examples/ai_stream.rs").read()
+config = re.search(r'CONFIG: &str = r#"(.*?)"#;', source, re.S).group(1)
+config = config.replace('[store]\nkind = "memory"', '[store]\nkind = "postgres"\nschema = "ai_smoke"')
+open(sys.argv[1], "w").write(config)
+PY
+  cargo build --locked -p tollgate-axum --example ai_stream --features tollgate/postgres
+  ai_node "$work/ai-a.log" TOLLGATE_CONFIG="$work/ai.toml" DATABASE_URL="$TOLLGATE_POSTGRES_URL"
+  pid_a=$pid url_a=$ai_url
+  ai_node "$work/ai-b.log" TOLLGATE_CONFIG="$work/ai.toml" DATABASE_URL="$TOLLGATE_POSTGRES_URL"
+  pid_b=$pid url_b=$ai_url
+  session="$(completion "$url_a"), $(completion "$url_b"), $(completion "$url_a"), $(completion "$url_b")"
+  check "ai_stream: two nodes on PostgreSQL share one balance, granted once" "done 120, done 120, stopped 60, 402" "$session"
+  kill -TERM $pid_a $pid_b 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 $pid_a 2>/dev/null || kill -0 $pid_b 2>/dev/null || break; sleep 0.1; done
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

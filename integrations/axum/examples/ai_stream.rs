@@ -9,13 +9,20 @@
 //! cargo run -p tollgate-axum --example ai_stream
 //! ```
 //!
-//! and try, from another terminal (the demo tenant starts with a balance of 300 tokens):
+//! It listens on `127.0.0.1:$PORT` (3000 by default) with the configuration below (its balance
+//! in this process's memory), or the file named by `TOLLGATE_CONFIG`: on a store a fleet
+//! shares (`[store] kind = "postgres"` with `DATABASE_URL`, built with `--features
+//! tollgate/postgres`; docs/postgres.md), several processes on their own ports stream from one
+//! balance, and the demo grant is made once whichever starts first (its id is `demo-grant`).
+//!
+//! Try, from another terminal (the demo tenant starts with a balance of 300 tokens):
 //!
 //! ```text
 //! curl -N localhost:3000/v1/completions -H 'x-api-key: tg_prepaid_acme' \
 //!     -H 'content-type: application/json' -d '{"prompt": "tell me a story", "max_tokens": 120}'
-//! # 120 token events, then a `done` event; three more such calls spend the balance: the
-//! # fourth streams what is left and ends with a `stopped` event, the next gets 402.
+//! # 120 token events, then `done` with {"tokens":120}; the same again: 120 and `done`; the
+//! # third call holds the 60 tokens left, streams them, and ends with `stopped` (the balance
+//! # is spent); the fourth gets 402 before any work.
 //! ```
 #![allow(missing_docs)]
 
@@ -140,14 +147,19 @@ fn model(prompt: &str) -> impl Iterator<Item = String> + Send + 'static {
 #[allow(dead_code)]
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let config = tollgate::Config::from_toml_str(CONFIG)?;
+    // `TOLLGATE_CONFIG` names a file (a store the fleet shares); else the one above.
+    let config = match std::env::var_os("TOLLGATE_CONFIG") {
+        Some(path) => tollgate::Config::from_path(std::path::Path::new(&path))?,
+        None => tollgate::Config::from_toml_str(CONFIG)?,
+    };
+    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
     let (engine, worker) = tollgate::Tollgate::builder(config).open().await?;
     let worker = tokio::spawn(worker.run());
     // The demo tenant's balance: in production, a payment grants it (`[stripe.credits]`), or
     // `tollgate credits grant acme tokens 300`.
     tollgate::admin::Admin::for_engine(&engine).grant_credits("acme", "tokens", 300, None, "demo-grant").await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-    println!("listening on http://127.0.0.1:3000 (Ctrl-C or SIGTERM to stop)");
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    println!("listening on http://127.0.0.1:{port} (Ctrl-C or SIGTERM to stop)");
     axum::serve(listener, app(engine.clone())).with_graceful_shutdown(tollgate_axum::shutdown_signal()).await?;
     let report = engine.shutdown().await?;
     println!("flushed {} usage records", report.flush.records);
