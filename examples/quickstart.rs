@@ -22,8 +22,8 @@
 //! curl -i localhost:3000/v1/items                                                # 401
 //! for i in $(seq 25); do curl -s -o /dev/null -w '%{http_code} ' localhost:3000/v1/items \
 //!     -H 'x-api-key: tg_test_free_acme'; sleep 0.5; done                          # 200s, then 429s
-//! for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' -X POST localhost:3000/v1/generate/slow \
-//!     -H 'x-api-key: tg_test_pro_globex' & done; wait        # 429 at once, then 200 200 (2 s)
+//! (for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' -X POST localhost:3000/v1/generate/slow \
+//!     -H 'x-api-key: tg_test_pro_globex' & done; wait)       # 429 at once, then 200 200 (2 s)
 //! ```
 //! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
 //! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README). With

@@ -29,7 +29,9 @@ start() { # log file
 }
 base="http://127.0.0.1:$port"
 pid=
-trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
+pid_a=
+pid_b=
+trap 'kill $pid $pid_a $pid_b 2>/dev/null || true; rm -rf "$work"' EXIT
 start "$work/out.log"
 
 passed=0
@@ -247,6 +249,7 @@ if [ -n "${TOLLGATE_POSTGRES_URL:-}" ]; then
 import re, sys
 source = open("integrations/axum/examples/ai_stream.rs").read()
 config = re.search(r'CONFIG: &str = r#"(.*?)"#;', source, re.S).group(1)
+assert '[store]\nkind = "memory"' in config, "ai_stream's CONFIG changed: update the smoke script"
 config = config.replace('[store]\nkind = "memory"', '[store]\nkind = "postgres"\nschema = "ai_smoke"')
 open(sys.argv[1], "w").write(config)
 PY

@@ -83,7 +83,7 @@ pub struct RedisSettings {
     /// outside it are never touched.
     pub prefix: String,
     /// Whether the server is a Redis Cluster, `url` one of its nodes (`cluster`, default
-    /// false): the store follows its slots ([`RedisStore::open_cluster`](crate::store::RedisStore::open_cluster)).
+    /// false): the store follows its slots (`RedisStore::open_cluster`).
     pub cluster: bool,
 }
 

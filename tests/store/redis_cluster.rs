@@ -412,17 +412,20 @@ struct Spare {
 
 impl Drop for Spare {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Its slot given back first, every master told (no master left without an owner for
+        // it, which would take the whole cluster down), then forgotten and stopped.
+        if let (Some((slot, owner)), Some((_, masters))) = (&self.slot, &self.met) {
+            for m in masters {
+                let _ = m.try_cli(&["cluster", "setslot", &slot.to_string(), "node", &owner.id]);
+            }
+        }
         if let Some((id, masters)) = &self.met {
             for m in masters {
                 let _ = m.try_cli(&["cluster", "forget", id]);
             }
         }
-        if let Some((slot, owner)) = &self.slot {
-            let _ = owner.try_cli(&["cluster", "setslot", &slot.to_string(), "stable"]);
-            let _ = owner.try_cli(&["cluster", "addslots", &slot.to_string()]);
-        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -519,6 +522,11 @@ async fn a_master_added_empty_takes_a_slot_while_calls_go_on() {
         granted += u64::from(done.unwrap().expect("a call to a key on the new master, asked"));
     }
     assert_eq!(granted, CALLS, "each call its cell");
+    // The store's connection to the new master lost (the server's `timeout`, a restart): the
+    // call on it fails, never sent again (it may have run), and the next connects again.
+    assert_ne!(new.cli(&["client", "kill", "type", "normal"]), "0", "the store's connection killed");
+    assert!(store.take_cells(&call(150, 1)).await.is_err(), "its connection lost");
+    assert_eq!(store.take_cells(&call(151, 1)).await.unwrap().granted, 1, "connected again");
     moving.end();
     assert_eq!(store.take_cells(&call(200, 1)).await.unwrap().granted, 1, "the slot is the new master's: MOVED");
 
@@ -533,5 +541,6 @@ async fn a_master_added_empty_takes_a_slot_while_calls_go_on() {
     drop(spare);
     assert_eq!(masters(&url).len(), 3, "the cluster is three masters again");
     let rest = u64::from(store.take_cells(&call(202, 1_000)).await.unwrap().granted);
-    assert_eq!(rest, 1_000 - CALLS - 3, "each cell granted once, the node gone");
+    // Call 150 may have run on the new master before its connection went: its cell, once.
+    assert!([1_000 - CALLS - 4, 1_000 - CALLS - 5].contains(&rest), "each cell granted once, the node gone: {rest}");
 }

@@ -332,10 +332,10 @@ struct Cluster {
 const ASKED_NODES_MAX: usize = 64;
 
 impl Cluster {
-    /// The store's own connection to the node at `host:port`, made on first use.
+    /// The store's own connection to the node at `host:port`, made on first use (outside the
+    /// lock: a node slow to answer holds up no redirect to another).
     async fn asked(&self, host: &str, port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-        let mut nodes = self.asked.lock().await;
-        if let Some(conn) = nodes.get(&(host.to_owned(), port)) {
+        if let Some(conn) = self.asked.lock().await.get(&(host.to_owned(), port)) {
             return Ok(conn.clone());
         }
         let addr = match self.info.addr() {
@@ -353,11 +353,20 @@ impl Cluster {
         let conn = redis::Client::open(self.info.clone().set_addr(addr))?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        let mut nodes = self.asked.lock().await;
         if nodes.len() >= ASKED_NODES_MAX {
             nodes.clear();
         }
-        nodes.insert((host.to_owned(), port), conn.clone());
-        Ok(conn)
+        Ok(nodes.entry((host.to_owned(), port)).or_insert(conn).clone())
+    }
+
+    /// Drops the connection to `host:port` after `e`, when `e` says it is lost (a node
+    /// restarted, the server's `timeout`, a network fault: a multiplexed connection does not
+    /// reconnect), so that the next redirect there connects again.
+    async fn lost(&self, host: &str, port: u16, e: &redis::RedisError) {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+            self.asked.lock().await.remove(&(host.to_owned(), port));
+        }
     }
 }
 
@@ -453,15 +462,16 @@ async fn routed(c: &mut Cluster, cmd: &redis::Cmd) -> redis::RedisResult<redis::
                 if attempt > 1 {
                     tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
                 }
-                let mut conn = match c.asked(&host, port).await {
-                    Ok(conn) => conn,
-                    Err(e) => return Err(e),
-                };
+                let mut conn = c.asked(&host, port).await?;
                 let mut both = redis::pipe();
                 both.cmd("ASKING").ignore().add_command(cmd.clone());
-                both.query_async::<Vec<redis::Value>>(&mut conn).await.and_then(|mut values| {
+                let answer = both.query_async::<Vec<redis::Value>>(&mut conn).await.and_then(|mut values| {
                     values.pop().map_or_else(|| Err((redis::ErrorKind::Client, "no answer after ASKING").into()), Ok)
-                })
+                });
+                if let Err(e) = &answer {
+                    c.lost(&host, port, e).await;
+                }
+                answer
             }
             // After a pause that doubles each time (the cluster's nodes may disagree for the
             // moment a slot changes hands; the client reads the slots again meanwhile).
