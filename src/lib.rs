@@ -60,6 +60,8 @@ pub mod guide {
     pub mod alerts {}
     #[doc = include_str!("../docs/money.md")]
     pub mod money {}
+    #[doc = include_str!("../docs/usage.md")]
+    pub mod usage {}
 }
 pub mod money {
     //! Money: prices on meters and spend caps, exact decimals ([`Decimal`], never floats),

@@ -189,6 +189,7 @@ pub(crate) struct Totals {
     pub(crate) overrides_not_served: Tally,
     pub(crate) store_fast_failures: Tally,
     pub(crate) negative_hits: Tally,
+    pub(crate) usage_refreshes: Tally,
     pub(crate) buffer_full: Tally,
     pub(crate) dropped_units: Tally,
     pub(crate) events_applied: AtomicU64,
@@ -244,6 +245,7 @@ impl Totals {
             overrides_not_served: Tally::new(counter!("tollgate_overrides_not_served_total")),
             store_fast_failures: Tally::new(counter!("tollgate_store_fast_failures_total")),
             negative_hits: Tally::new(counter!("tollgate_unknown_credential_cache_hits_total")),
+            usage_refreshes: Tally::new(counter!("tollgate_usage_view_refreshes_total")),
             buffer_full: Tally::new(counter!("tollgate_usage_buffer_full_total")),
             dropped_units: Tally::new(counter!("tollgate_usage_dropped_units_total")),
             anonymous_without_address: Tally::new(counter!("tollgate_anonymous_without_address_total")),
@@ -355,6 +357,10 @@ pub struct Stats {
     /// Requests with a credential the directory had just said it did not know, answered
     /// without asking it again.
     pub negative_hits: u64,
+    /// Refreshes of tenants' own usage views (the usage route,
+    /// [`Tollgate::tenant_usage`](crate::Tollgate::tenant_usage)): at most one per tenant per
+    /// second on a node, however often it is polled.
+    pub usage_refreshes: u64,
     /// Flushes that found the usage buffer (`usage.max_buffered_records`) full.
     pub buffer_full: u64,
     /// Units of fail-open usage dropped because the buffer was full (never under fail-closed,
@@ -447,6 +453,7 @@ impl Totals {
             overrides_not_served: self.overrides_not_served.get(),
             store_fast_failures: self.store_fast_failures.get(),
             negative_hits: self.negative_hits.get(),
+            usage_refreshes: self.usage_refreshes.get(),
             buffer_full: self.buffer_full.get(),
             dropped_units: self.dropped_units.get(),
             events_applied: l(&self.events_applied),

@@ -63,6 +63,52 @@ pub trait RequestView {
     }
 }
 
+/// An [`http::Request`] as the engine reads it: the tower layer (and the routes the doors
+/// mount outside it, such as [`Tollgate::tenant_usage`]) describe requests through
+/// [`RequestView`], as the other front doors do.
+impl<B> RequestView for http::Request<B> {
+    #[inline]
+    fn method(&self) -> &str {
+        http::Request::method(self).as_str()
+    }
+
+    #[inline]
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+
+    #[inline]
+    fn query(&self) -> Option<&str> {
+        self.uri().query()
+    }
+
+    #[inline]
+    fn header_values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s [u8]> {
+        self.headers().get_all(name).iter().map(http::HeaderValue::as_bytes)
+    }
+
+    #[inline]
+    fn header_values_named<'s>(&'s self, name: &http::HeaderName) -> impl Iterator<Item = &'s [u8]> {
+        self.headers().get_all(name).iter().map(http::HeaderValue::as_bytes)
+    }
+
+    #[inline]
+    fn method_is(&self, method: &http::Method) -> bool {
+        http::Request::method(self) == method
+    }
+
+    #[inline]
+    fn identity(&self) -> Option<&Identity> {
+        self.extensions().get::<Identity>()
+    }
+
+    /// The [`ClientAddr`] the front door put in the request.
+    #[inline]
+    fn client_addr(&self) -> Option<std::net::IpAddr> {
+        self.extensions().get::<ClientAddr>().map(|a| a.0)
+    }
+}
+
 /// The header of the `Idempotency-Key`.
 static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 

@@ -37,6 +37,10 @@ pub struct UsageReport {
     /// [`RechargeView::off_reason`]), the recharge open, failures, and this calendar month's
     /// recharges and spending.
     pub recharges: Vec<RechargeView>,
+    /// The tenant's own spend cap as the store holds it.
+    pub(crate) own_cap: Option<crate::store::SpendCap>,
+    /// Its credit grants, open and closed (the closed kept 35 days), on every meter.
+    pub(crate) grants: Vec<crate::store::CreditGrant>,
 }
 
 /// A quota in its current period.
@@ -106,12 +110,22 @@ impl Tollgate {
     /// # Errors
     /// The tenant is unknown, or the store did not answer.
     pub async fn usage_report(&self, tenant: &TenantId, from: i64, to: i64) -> Result<UsageReport, ReportError> {
-        let rt = self.shared().runtime().load_full();
         let state = self.known_tenant(tenant).await.map_err(|e| match e {
             EventError::UnknownTenant(t) => ReportError::UnknownTenant(t),
             EventError::Store(e) => ReportError::Store(e),
             other => ReportError::Store(StoreError::Backend(other.to_string().into())),
         })?;
+        Ok(self.report_of(&state, from, to).await?)
+    }
+
+    /// [`usage_report`](Self::usage_report) of a tenant found: its store calls are at most
+    /// one read of its spend cap's counters, one or two of its usage (one when the range
+    /// covers its quotas' periods), one of its credit grants (with a prepaid balance), and per
+    /// recharged meter one of its counters (and one of the directory for a tenant the
+    /// configuration does not declare).
+    pub(crate) async fn report_of(&self, state: &Tenant, from: i64, to: i64) -> Result<UsageReport, StoreError> {
+        let rt = self.shared().runtime().load_full();
+        let tenant = &state.id;
         let now = self.shared().clock().unix_secs();
         // A spend cap: the tenant's own, as the store holds it (this node may not have asked
         // since it was set; without counters, as this node last read it).
@@ -182,8 +196,12 @@ impl Tollgate {
         // A prepaid balance's periods hold no usage windows: its period is the grants.
         let period_lo = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.2).min().unwrap_or(0);
         let period_hi = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.3).max().unwrap_or(0);
-        let in_periods = read(period_lo, period_hi).await?;
         let in_range = read(from, to).await?;
+        let in_periods = match period_lo >= from && period_hi <= to {
+            // The range read holds every window of the periods.
+            true => in_range.clone(),
+            false => read(period_lo, period_hi).await?,
+        };
         drop(pipeline);
         // This node's holds, in every state of the tenant.
         let held = |meter: &MeterId| -> u64 {
@@ -193,10 +211,13 @@ impl Tollgate {
         // (spent, or leased by a node and not used yet: this node's own lease is not used, nor
         // what its holds hold, in any state of the tenant).
         let mut balances: BTreeMap<MeterId, (u64, u64)> = BTreeMap::new();
+        let (grants, found) = match state.quotas().any(|c| c.prepaid()) {
+            true => self.shared().stores().request().quota.credit_grants(tenant, None).await?,
+            false => (Vec::new(), Vec::new()),
+        };
         for cell in state.quotas().filter(|c| c.prepaid()) {
             let meter = cell.meter_id();
-            let (_, found) = self.shared().stores().request().quota.credit_grants(tenant, Some(meter)).await?;
-            let b = found.into_iter().find(|(m, _)| m == meter).map(|(_, b)| b).unwrap_or_default();
+            let b = found.iter().find(|(m, _)| m == meter).map(|(_, b)| *b).unwrap_or_default();
             let (_, end) = cell.period();
             let leased = if now < end { cell.lease().max(0) as u64 } else { 0 };
             balances.insert(meter.clone(), (b.granted, b.reserved.saturating_sub(leased).saturating_sub(held(meter))));
@@ -235,11 +256,163 @@ impl Tollgate {
         for cell in state.quotas().filter(|c| c.prepaid() && c.spec.recharged) {
             match self.recharge(tenant, cell.meter_id()).await {
                 Ok(view) => recharges.push(view),
-                Err(RechargeError::Store(e)) => return Err(e.into()),
+                Err(RechargeError::Store(e)) => return Err(e),
                 // Its plan changed meanwhile: nothing to show.
                 Err(_) => {}
             }
         }
-        Ok(UsageReport { tenant: state.id.clone(), plan: state.plan.id.clone(), quotas, usage, currency, recharges })
+        Ok(UsageReport {
+            tenant: state.id.clone(),
+            plan: state.plan.id.clone(),
+            quotas,
+            usage,
+            currency,
+            recharges,
+            own_cap,
+            grants,
+        })
+    }
+}
+
+/// The version of the usage route's JSON (docs/usage.schema.json).
+pub(crate) const USAGE_VERSION: u64 = 1;
+
+impl Tollgate {
+    /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the
+    /// JSON docs/usage.schema.json describes: its report from the start of its previous
+    /// billing period, with each quota's `remaining` as the `RateLimit` header says it on this
+    /// node (the store's count when this node holds no lease of the quota's period).
+    pub(crate) async fn usage_body(&self, state: &Tenant) -> Result<bytes::Bytes, StoreError> {
+        use serde_json::json;
+        let now = self.shared().clock().unix_secs();
+        // The billing period: that of the plan's first monthly quota, else the calendar month.
+        let period = state
+            .quotas()
+            .map(|c| c.spec.period())
+            .find(|p| matches!(p, Period::Month { .. }))
+            .unwrap_or(Period::Month { anchor_day: 1 });
+        let (start, end) = period.bounds(now);
+        let (previous, _) = period.bounds(start - 1);
+        let report = self.report_of(state, previous, end).await?;
+        let spend_meter = MeterId::from(crate::base::SPEND_METER);
+        let cell_of = |meter: &MeterId| state.quotas().find(|c| c.meter_id() == meter);
+        // As the header says it, when this node leases the quota's current period.
+        let live = |q: &QuotaUsage| {
+            cell_of(&q.meter).and_then(|c| c.status_at(now).map(|s| (c.limit(), s.0))).unwrap_or((q.limit, q.remaining))
+        };
+        let mode = |m: QuotaMode| if m == QuotaMode::Hard { "hard" } else { "soft" };
+        let quotas: Vec<serde_json::Value> = report
+            .quotas
+            .iter()
+            .filter(|q| q.meter != spend_meter)
+            .map(|q| {
+                let prepaid = q.period == Period::Prepaid;
+                let (limit, remaining) = live(q);
+                json!({
+                    "meter": q.meter.as_str(),
+                    "period": q.period.name(),
+                    "start": (!prepaid).then_some(q.start),
+                    "reset": (!prepaid).then_some(q.end),
+                    "limit": limit,
+                    "mode": mode(q.mode),
+                    "used": q.used,
+                    "held": q.held,
+                    "remaining": remaining,
+                })
+            })
+            .collect();
+        let balances: Vec<serde_json::Value> = report
+            .quotas
+            .iter()
+            .filter(|q| q.period == Period::Prepaid)
+            .map(|q| {
+                let grants: Vec<serde_json::Value> = report
+                    .grants
+                    .iter()
+                    .filter(|g| g.meter == q.meter)
+                    .map(|g| {
+                        json!({
+                            "id": g.id,
+                            "units": g.units,
+                            "bought": g.bought,
+                            "granted_at": g.granted_at,
+                            "expires_at": g.expires_at,
+                            "refunded": g.taken,
+                            "takes": g.takes.iter().map(|t| json!({
+                                "id": t.id, "units": t.units, "given_back": t.given_back,
+                            })).collect::<Vec<_>>(),
+                            "closed": g.closed.map(|c| json!({
+                                "at": c.at,
+                                "reason": if c.revoked { "revoked" } else { "expired" },
+                                "lost": c.lost,
+                            })),
+                        })
+                    })
+                    .collect();
+                let recharge = report.recharges.iter().find(|r| r.meter == q.meter).map(RechargeView::to_json);
+                json!({ "meter": q.meter.as_str(), "grants": grants, "recharge": recharge })
+            })
+            .collect();
+        let spend = report.quotas.iter().find(|q| q.meter == spend_meter).and_then(|q| {
+            let spec = cell_of(&q.meter)?.spec;
+            let cap = crate::engine::usage::caps::view(
+                spec,
+                report.currency.clone().unwrap_or_default(),
+                spec.cap_max,
+                report.own_cap,
+            );
+            let (_, remaining) = live(q);
+            let money = |nanos: u64| crate::base::amount_of(nanos).to_string();
+            let mut cap = cap.to_json();
+            cap["spent"] = money(q.used).into();
+            cap["remaining"] = money(remaining).into();
+            cap["period"] = q.period.name().into();
+            cap["start"] = q.start.into();
+            cap["reset"] = q.end.into();
+            Some(cap)
+        });
+        // Per meter: each UTC day's usage, and the totals of both periods.
+        let mut days: BTreeMap<&MeterId, BTreeMap<i64, u64>> = BTreeMap::new();
+        for w in &report.usage {
+            if w.meter != spend_meter {
+                *days.entry(&w.meter).or_default().entry(w.window_start.div_euclid(86_400) * 86_400).or_default() +=
+                    w.quantity;
+            }
+        }
+        let day_name = |day: i64| {
+            chrono::DateTime::from_timestamp(day, 0).map_or_else(String::new, |d| d.format("%Y-%m-%d").to_string())
+        };
+        let usage: Vec<serde_json::Value> = days
+            .iter()
+            .map(|(meter, days)| {
+                let total = |lo: i64, hi: i64| -> u64 { days.range(lo..hi).map(|(_, q)| *q).sum() };
+                json!({
+                    "meter": meter.as_str(),
+                    "current": total(start, end),
+                    "previous": total(previous, start),
+                    "daily": days.iter().map(|(d, q)| json!({ "day": day_name(*d), "quantity": q })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let body = json!({
+            "version": USAGE_VERSION,
+            "tenant": report.tenant.as_str(),
+            "plan": report.plan.as_str(),
+            "as_of": now,
+            "periods": {
+                "current": { "start": start, "end": end },
+                // Usage is kept 35 days: an older start is not all there.
+                "previous": {
+                    "start": previous,
+                    "end": start,
+                    "complete": previous >= now - crate::store::contract::RETENTION_SECS,
+                },
+            },
+            "quotas": quotas,
+            "balances": balances,
+            "spend": spend,
+            "usage": usage,
+        });
+        Ok(bytes::Bytes::from(body.to_string()))
     }
 }

@@ -1,13 +1,28 @@
-//! The routes an application mounts for its tenants behind tollgate's layer: their own spend
-//! cap ([`Tollgate::tenant_spend_cap`]) and their own alert endpoint
-//! ([`Tollgate::tenant_alert_endpoint`]). Their rules are the usage part's (`usage/caps.rs`)
-//! and the alerts part's (`alerts/endpoint.rs`); the answers are `response::route`'s.
+//! The routes an application mounts for its tenants: behind tollgate's layer, their own spend
+//! cap ([`Tollgate::tenant_spend_cap`]), recharge ([`Tollgate::tenant_recharge`]) and alert
+//! endpoint ([`Tollgate::tenant_alert_endpoint`]); outside it, their own usage
+//! ([`Tollgate::tenant_usage`]), which identifies its caller without charging it. Their rules
+//! are the usage part's (`usage/caps.rs`, `usage/views.rs`) and the alerts part's
+//! (`alerts/endpoint.rs`); the answers are `response::route`'s.
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
 
-use crate::engine::{alerts::endpoint, recharge::settings, usage::caps, TenantContext, Tollgate};
-use crate::response::route::{json, no_content, not_get_put_delete, problem, too_large};
+use crate::engine::{
+    alerts::endpoint,
+    door::{credential_by, RequestView},
+    recharge::settings,
+    usage::caps,
+    TenantContext, Tollgate,
+};
+use crate::response::route::{json, no_content, not_get, not_get_put_delete, problem, too_large};
+
+/// `If-None-Match` as RFC 9110 reads it: `*`, or a list of entity tags compared weakly.
+fn none_match(values: &[u8], etag: &str) -> bool {
+    let Ok(values) = std::str::from_utf8(values) else { return false };
+    let strip = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    values.split(',').any(|t| t.trim() == "*" || strip(t) == strip(etag))
+}
 
 impl Tollgate {
     /// The route an application mounts for its tenants' own spend cap, behind tollgate's
@@ -84,6 +99,126 @@ impl Tollgate {
             Ok(view) => json(StatusCode::OK, &view.to_json()),
             Err(e) => caps::cap_problem(&e),
         }
+    }
+
+    /// The route an application mounts for its tenants' own usage, **outside** tollgate's
+    /// layer, so that reading it spends no quota unit nor rate cell: `GET` (or `HEAD`) answers
+    /// the calling tenant's plan, quotas (used, held, limit, remaining, period start and
+    /// reset), balances (grants with their expiry, refunds, takes and closures; recharge
+    /// settings), spend cap and spending, and usage per meter in the current and previous
+    /// billing period with a daily series, as JSON of docs/usage.schema.json (`version` 1).
+    ///
+    /// The caller is identified as the layer identifies a request (`[identify]`: the API key
+    /// header or an [`Identity`](crate::tenant::Identity) in the request), through the same
+    /// table, negative cache and limits on unknown keys, and the answer is only ever its own
+    /// tenant's. Refusals are the layer's problem+json: 401 without a credential (even where
+    /// anonymous callers are served) or with an unknown one, 400 for a malformed one, 405
+    /// for a method other than `GET` and `HEAD` (`Allow: GET, HEAD`), 503 when the store does
+    /// not answer.
+    ///
+    /// A quota's `remaining` is what the `RateLimit` header of this node says of it: its
+    /// next request that takes `c` units of the quota says `remaining − c` (the route's view
+    /// is up to a second old). The view is made at most once per tenant per second on a node
+    /// ([`Stats::usage_refreshes`](crate::Stats::usage_refreshes)), however often it is
+    /// polled, with a bounded number of store calls (docs/usage.md); answers carry
+    /// `Cache-Control: private, max-age=1` and an `ETag`, and an `If-None-Match` that matches
+    /// the view kept is answered 304 without reading anything. The door crates mount it
+    /// (`tollgate_axum::usage`, `tollgate_actix::usage`, `tollgate_lambda::usage_handler`).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let config = tollgate::Config::from_toml_str(
+    ///     "[plans.free]\nrate = \"5/s\"\nquotas.requests = { limit = 100, period = \"day\" }\n\
+    ///      [tenants.acme]\nplan = \"free\"\nkeys = [\"tg_acme\"]",
+    /// ).unwrap();
+    /// let (tollgate, _worker) = tollgate::Tollgate::builder(config).build();
+    /// let request = http::Request::get("/v1/usage").header("x-api-key", "tg_acme").body(()).unwrap();
+    /// let response = tollgate.tenant_usage(&request).await;
+    /// assert_eq!(response.status(), 200);
+    /// let usage: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+    /// assert_eq!(usage["quotas"][0]["remaining"], 100);
+    /// # }
+    /// ```
+    pub fn tenant_usage(
+        &self,
+        request: &impl RequestView,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<Bytes>> + Send + 'static>> {
+        let engine = self.clone();
+        let head = request.method_is(&Method::HEAD);
+        let get = head || request.method_is(&Method::GET);
+        let who = get.then(|| {
+            let rt = self.shared().runtime().load_full();
+            let credential =
+                credential_by(&rt.config.identify, |h| request.header_values_named(h), || request.identity());
+            self.gate()
+                .identify(&rt, credential, || rt.client_ip(request.client_addr(), |name| request.header_values(name)))
+        });
+        let if_none_match: Option<Vec<u8>> = {
+            let mut values = request.header_values_named(&http::header::IF_NONE_MATCH).peekable();
+            values.peek().is_some().then(|| values.collect::<Vec<_>>().join(&b","[..]))
+        };
+        Box::pin(async move {
+            let Some(who) = who else { return not_get() };
+            let refused = |r| crate::response::respond(&crate::response::ProblemJson, r);
+            let who = match who {
+                Ok(who) => who,
+                Err(r) => return refused(r),
+            };
+            let state = match engine.gate().identified(who).await {
+                Ok(state) => state,
+                Err(r) => return refused(r),
+            };
+            let views = engine.units().views();
+            let clock = engine.shared().clock();
+            let matches = |etag: &str| if_none_match.as_deref().is_some_and(|v| none_match(v, etag));
+            // A view kept that the client has: nothing to read nor send.
+            let kept = if_none_match.as_ref().and_then(|_| views.fresh(&state.id, clock.unix_nanos()));
+            let view = match kept {
+                Some(view) if matches(&view.etag) => view,
+                _ => {
+                    let made = views
+                        .view(
+                            &state.id,
+                            || clock.unix_nanos(),
+                            || {
+                                engine.shared().totals().usage_refreshes.add(1);
+                                engine.usage_body(&state)
+                            },
+                        )
+                        .await;
+                    match made {
+                        Ok(view) => view,
+                        Err(e) => {
+                            tracing::debug!(tenant = %state.id, "usage view not made: {e}");
+                            let mut r = problem(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "store-unavailable",
+                                "Store unavailable",
+                                "the store did not answer; try again",
+                            );
+                            r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                            return r;
+                        }
+                    }
+                }
+            };
+            let mut response = if matches(&view.etag) {
+                let mut r = http::Response::new(Bytes::new());
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                r
+            } else {
+                let mut r = http::Response::new(if head { Bytes::new() } else { view.body.clone() });
+                r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                r
+            };
+            let headers = response.headers_mut();
+            headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("private, max-age=1"));
+            if let Ok(etag) = http::HeaderValue::from_str(&view.etag) {
+                headers.insert(http::header::ETAG, etag);
+            }
+            response
+        })
     }
 
     /// The route an application mounts for its tenants' own auto-recharge, behind tollgate's

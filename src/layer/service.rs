@@ -1,6 +1,6 @@
 use std::task::{Context, Poll};
 
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{Request, Response};
 use tower_service::Service;
 
 use super::{
@@ -9,7 +9,7 @@ use super::{
     FromConfig, TenantResolver,
 };
 use crate::{
-    engine::{Admission, FrontDoor, RequestView, Tollgate},
+    engine::{Admission, FrontDoor, Tollgate},
     response::{reject_for, ProblemJson, RejectionResponder},
 };
 
@@ -75,53 +75,6 @@ where
     ResponseFuture::inner(inner.call(hand_on::<B, M>(request, &mut ticket)), ticket)
 }
 
-/// An [`http::Request`] as the engine reads it: the tower layer describes requests through
-/// [`RequestView`], as the other front doors do.
-struct HttpRequest<'r, B>(&'r Request<B>);
-
-impl<B> RequestView for HttpRequest<'_, B> {
-    #[inline]
-    fn method(&self) -> &str {
-        self.0.method().as_str()
-    }
-
-    #[inline]
-    fn path(&self) -> &str {
-        self.0.uri().path()
-    }
-
-    #[inline]
-    fn query(&self) -> Option<&str> {
-        self.0.uri().query()
-    }
-
-    #[inline]
-    fn header_values<'s>(&'s self, name: &str) -> impl Iterator<Item = &'s [u8]> {
-        self.0.headers().get_all(name).iter().map(HeaderValue::as_bytes)
-    }
-
-    #[inline]
-    fn header_values_named<'s>(&'s self, name: &HeaderName) -> impl Iterator<Item = &'s [u8]> {
-        self.0.headers().get_all(name).iter().map(HeaderValue::as_bytes)
-    }
-
-    #[inline]
-    fn method_is(&self, method: &http::Method) -> bool {
-        self.0.method() == method
-    }
-
-    #[inline]
-    fn identity(&self) -> Option<&crate::tenant::Identity> {
-        self.0.extensions().get::<crate::tenant::Identity>()
-    }
-
-    /// Read only for a request served as the anonymous tenant (limited per address).
-    #[inline]
-    fn client_addr(&self) -> Option<std::net::IpAddr> {
-        self.0.extensions().get::<crate::engine::ClientAddr>().map(|a| a.0)
-    }
-}
-
 impl<S, B, ResBody, R, P, M> Service<Request<B>> for TollgateService<S, R, P, M>
 where
     M: BodyMode<B>,
@@ -144,7 +97,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let resolver = &self.resolver;
-        let admission = self.door.admit_view(&HttpRequest(&request), |identify| resolver.resolve(&request, identify));
+        let admission = self.door.admit_view(&request, |identify| resolver.resolve(&request, identify));
         match admission {
             Admission::Admitted(ticket) => {
                 // One test for requests without an `Idempotency-Key`.

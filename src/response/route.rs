@@ -42,6 +42,13 @@ pub(crate) fn not_get_put_delete() -> http::Response<Bytes> {
     r
 }
 
+/// 405 for a method other than `GET` (or `HEAD`), naming them in `Allow`.
+pub(crate) fn not_get() -> http::Response<Bytes> {
+    let mut r = problem(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", "GET or HEAD");
+    r.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+    r
+}
+
 /// 413 for a `PUT` body past `max` bytes (`max` as people read it).
 pub(crate) fn too_large(max: &str) -> http::Response<Bytes> {
     problem(StatusCode::PAYLOAD_TOO_LARGE, "bad-request", "Body too large", &format!("at most {max}"))

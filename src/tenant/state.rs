@@ -1201,6 +1201,15 @@ impl<'a> QuotaRef<'a> {
         (limit.saturating_sub(used), used > limit)
     }
 
+    /// What the `RateLimit` header says of this quota at `now` for a request that takes
+    /// nothing of it (a request that takes `c` units says `c` fewer): the units remaining
+    /// across nodes as this node knows them and the end of the period; `None` when this node
+    /// holds no lease of the current period (its next request leases first).
+    pub(crate) fn status_at(&self, now: i64) -> Option<(u64, i64)> {
+        let (_, end) = self.period();
+        (now < end).then(|| (self.estimate(self.lease()).0, end))
+    }
+
     /// The bounds of the period of the lease held ((0, 0) before the first lease).
     pub(crate) fn period(&self) -> (i64, i64) {
         PeriodBits::bounds(self.hot.period.load(Ordering::Acquire))

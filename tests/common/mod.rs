@@ -332,6 +332,10 @@ pub struct Faulty {
     pub lookup_delay_ms: AtomicU64,
     /// Quota calls that reached the store.
     pub quota_calls: AtomicU64,
+    /// Reads of usage (`usage_range`).
+    pub usage_reads: AtomicU64,
+    /// Reads of quota counters (`counters`).
+    pub counter_reads: AtomicU64,
     /// `Idempotency-Key` writes (claims and settlements) that reached the store.
     pub idempotency_writes: AtomicU64,
     /// Idempotency reads (`read_idempotency`).
@@ -384,6 +388,8 @@ impl Default for Faulty {
             tenant_reads: Default::default(),
             lookup_delay_ms: Default::default(),
             quota_calls: Default::default(),
+            usage_reads: Default::default(),
+            counter_reads: Default::default(),
             idempotency_writes: Default::default(),
             idempotency_reads: Default::default(),
             rate_calls: Default::default(),
@@ -544,6 +550,7 @@ impl QuotaStore for Faulty {
         tenant: &tollgate::config::TenantId,
         meter: &tollgate::config::MeterId,
     ) -> Result<Vec<tollgate::store::QuotaCounter>, StoreError> {
+        self.counter_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.counters(tenant, meter).await
     }
 }
@@ -584,6 +591,8 @@ impl UsageStore for Faulty {
         from: i64,
         to: i64,
     ) -> Result<Vec<UsageAggregate>, StoreError> {
+        self.usage_reads.fetch_add(1, Ordering::SeqCst);
+        self.check()?;
         self.inner.usage_range(tenant, from, to).await
     }
 }

@@ -18,7 +18,9 @@
 //!   the handler in the process ([`echo`]): a replay answered by the handler again would carry
 //!   a new one;
 //! - `POST /v1/slow` → 201 `created` once [`RELEASE`] is notified (it notifies [`ENTERED`]);
-//! - `POST /stripe/webhook` → the Stripe webhook handler (feature `stripe`).
+//! - `POST /stripe/webhook` → the Stripe webhook handler (feature `stripe`);
+//! - `/v1/usage` → the tenant's own usage route (`Tollgate::tenant_usage`), outside the
+//!   layer (every method reaches it: it answers 405 itself).
 //!
 //! Every response the handlers make has `content-type: text/plain`.
 #![allow(dead_code, unreachable_pub)]
@@ -296,6 +298,10 @@ impl Scenario {
                 OtherNode(req, status) => OtherNode(resolve(req), status),
                 OverlapOther(a, b, sa, sb) => OverlapOther(resolve(a), resolve(b), sa, sb),
                 Advance(by) => Advance(by),
+                UsageOf(req, tenant) => UsageOf(resolve(req), tenant),
+                Revalidate(req, status) => Revalidate(resolve(req), status),
+                UsageMatches(usage, next, item, cost) => UsageMatches(resolve(usage), resolve(next), item, cost),
+                Polls(keys, rounds, refreshes) => Polls(keys, rounds, refreshes),
             })
             .collect();
         Scenario { steps, ..self.clone() }
@@ -324,6 +330,19 @@ pub enum Step {
     OtherNode(Req, u16),
     /// [`Overlap`](Step::Overlap), the second request sent through the second node.
     OverlapOther(Req, Req, u16, u16),
+    /// Send a request of the usage route: 200, the JSON of docs/usage.schema.json, of this
+    /// tenant.
+    UsageOf(Req, &'static str),
+    /// Send a request with the `ETag` of the last response as its `If-None-Match`; the
+    /// status expected (304: not modified, and no view made).
+    Revalidate(Req, u16),
+    /// Send the usage request, then the next request: the next response's `RateLimit` item
+    /// (named) says the usage's `remaining` of its meter less the request's cost.
+    UsageMatches(Req, Req, &'static str, u64),
+    /// Poll the usage route with each key in turn, this many rounds (all in one second of
+    /// the clock): every answer 200 and of the key's own tenant, and exactly this many
+    /// views made on the node.
+    Polls(&'static [&'static str], u32, u64),
 }
 
 #[derive(Debug, Clone)]
@@ -355,11 +374,44 @@ fn post(path: &'static str) -> Req {
     Req::new("POST", path)
 }
 
-use Step::{Advance, Cancel, OtherNode, Overlap, OverlapOther, Replay, Send};
+use Step::{Advance, Cancel, OtherNode, Overlap, OverlapOther, Polls, Replay, Revalidate, Send, UsageMatches, UsageOf};
 
 /// The table.
 pub fn scenarios() -> Vec<Scenario> {
     let mut table = vec![
+        Scenario {
+            name: "the tenant's own usage: its own numbers, as the headers say them, charging nothing",
+            steps: vec![
+                Send(get("/v1/items").key("key-free"), 200),
+                UsageOf(get("/v1/usage").key("key-free"), "acme"),
+                // Past the plan's burst (5) in one second: the route charges nothing.
+                Send(get("/v1/usage").key("key-free"), 200),
+                Send(get("/v1/usage").key("key-free"), 200),
+                Send(get("/v1/usage").key("key-free"), 200),
+                Send(get("/v1/usage").key("key-free"), 200),
+                Send(get("/v1/usage").key("key-free"), 200),
+                // A tenant of the directory, looked up.
+                UsageOf(get("/v1/usage").key("key-beta"), "beta"),
+                Revalidate(get("/v1/usage").key("key-beta"), 304),
+                Send(post("/v1/usage").key("key-free"), 405),
+                Send(Req::new("DELETE", "/v1/usage").key("key-free"), 405),
+                Send(get("/v1/usage"), 401),
+                Send(get("/v1/usage").key("key-nobody"), 401),
+                Send(get("/v1/usage").key(""), 400),
+                Send(get("/v1/usage").key("key-free").key("key-soft"), 400),
+                Advance(Duration::from_secs(1)),
+                // 1,000 polls in one second: one view made per tenant.
+                Polls(&["key-free", "key-beta", "key-soft", "key-capped"], 250, 4),
+                Advance(Duration::from_secs(1)),
+                UsageMatches(get("/v1/usage").key("key-free"), get("/v1/items").key("key-free"), "requests-day", 1),
+                Advance(Duration::from_secs(1)),
+                UsageMatches(get("/v1/usage").key("key-free"), post("/v1/reports").key("key-free"), "requests-day", 5),
+                Advance(Duration::from_secs(1)),
+                Send(get("/v1/items").key("key-free"), 200),
+            ],
+            usage: vec![("acme", "requests", 8)],
+            same_responses: true,
+        },
         Scenario {
             name: "missing, unknown and malformed keys",
             steps: vec![
@@ -757,6 +809,27 @@ fn stripe_signature(_: &str, _: &str, _: i64) -> String {
     unreachable!("the webhook scenario needs the stripe feature")
 }
 
+/// The body of a usage route's answer: 200, JSON, valid against docs/usage.schema.json (its
+/// required fields and types, checked here; the whole schema by `scripts/check-json.py` in
+/// the engine's tests).
+pub fn usage_json(scenario: &str, i: usize, resp: &Resp) -> serde_json::Value {
+    assert_eq!(resp.status, 200, "{scenario}: step {i}: {resp:?}");
+    assert_eq!(resp.headers.get("content-type").map(String::as_str), Some("application/json"), "{scenario}: {i}");
+    assert_eq!(
+        resp.headers.get("cache-control").map(String::as_str),
+        Some("private, max-age=1"),
+        "{scenario}: step {i}"
+    );
+    assert!(resp.headers.contains_key("etag"), "{scenario}: step {i}: an ETag");
+    assert!(!resp.headers.contains_key("ratelimit"), "{scenario}: step {i}: not through the layer");
+    let body: serde_json::Value = serde_json::from_str(&resp.body).unwrap();
+    assert_eq!(body["version"], 1, "{scenario}: step {i}: {body}");
+    for field in ["quotas", "balances", "usage"] {
+        assert!(body[field].is_array(), "{scenario}: step {i}: {field}: {body}");
+    }
+    body
+}
+
 /// The webhook handler of a door over `engine`, verifying with [`WEBHOOK_SECRET`].
 #[cfg(feature = "stripe")]
 pub fn webhooks(engine: &Tollgate) -> Arc<tollgate::billing::WebhookHandler> {
@@ -874,6 +947,15 @@ impl Door for Tower {
             builder = builder.header(*name, value.as_str());
         }
         let request = builder.body(http_body_util::Full::new(bytes::Bytes::from(req.body))).unwrap();
+        if req.path == "/v1/usage" {
+            let reply = self.engine.tenant_usage(&request).await;
+            let (parts, body) = reply.into_parts();
+            return Resp::new(
+                parts.status.as_u16(),
+                parts.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+                body.to_vec(),
+            );
+        }
         if req.path == "/stripe/webhook" {
             #[cfg(feature = "stripe")]
             {
@@ -1088,6 +1170,89 @@ pub async fn run<D: Door>(scenario: &Scenario, make: &impl Fn(Tollgate) -> D, ch
                 responses.push(resp);
             }
             Advance(by) => clock.advance(by),
+            UsageOf(req, tenant) => {
+                let resp = door.send(req).await;
+                if check_statuses {
+                    let body = usage_json(scenario.name, i, &resp);
+                    assert_eq!(body["tenant"], tenant, "{}: step {i}: another tenant's usage", scenario.name);
+                }
+                responses.push(resp);
+            }
+            Revalidate(req, status) => {
+                let etag = responses.last().and_then(|r: &Resp| r.headers.get("etag")).expect("an ETag").clone();
+                let made = engine.stats().usage_refreshes;
+                let resp = door.send(req.header("if-none-match", &etag)).await;
+                if check_statuses {
+                    assert_eq!(resp.status, status, "{}: step {i}: {resp:?}", scenario.name);
+                    assert_eq!(
+                        engine.stats().usage_refreshes,
+                        made,
+                        "{}: step {i}: a 304 reads nothing",
+                        scenario.name
+                    );
+                }
+                responses.push(resp);
+            }
+            UsageMatches(usage, next, item, cost) => {
+                let resp = door.send(usage).await;
+                let next = door.send(next).await;
+                if check_statuses {
+                    let body = usage_json(scenario.name, i, &resp);
+                    let meter = item.rsplit_once('-').map_or(item, |(m, _)| m);
+                    let quota = body["quotas"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|q| q["meter"] == meter)
+                        .unwrap_or_else(|| panic!("{}: step {i}: no quota of {meter}: {body}", scenario.name));
+                    let remaining = quota["remaining"].as_u64().unwrap();
+                    let header = next.headers.get("ratelimit").map(String::as_str).unwrap_or_default();
+                    let r: u64 = header
+                        .split(", ")
+                        .find(|it| it.starts_with(&format!("\"{item}\";")))
+                        .and_then(|it| it.split(';').find_map(|p| p.strip_prefix("r=")))
+                        .unwrap_or_else(|| panic!("{}: step {i}: no {item} in RateLimit: {header}", scenario.name))
+                        .parse()
+                        .unwrap();
+                    assert_eq!(
+                        r,
+                        remaining - cost,
+                        "{}: step {i}: the route said {remaining} remaining; the next request ({cost}) {header}",
+                        scenario.name
+                    );
+                }
+                responses.push(resp);
+                responses.push(next);
+            }
+            Polls(keys, rounds, refreshes) => {
+                let made = engine.stats().usage_refreshes;
+                let mut tenants: BTreeMap<&str, String> = BTreeMap::new();
+                let mut last = None;
+                for _ in 0..rounds {
+                    for key in keys {
+                        let resp = door.send(get("/v1/usage").key(key)).await;
+                        if check_statuses {
+                            let body = usage_json(scenario.name, i, &resp);
+                            let tenant = body["tenant"].as_str().unwrap().to_owned();
+                            let first = tenants.entry(key).or_insert_with(|| tenant.clone());
+                            assert_eq!(*first, tenant, "{}: step {i}: {key} answered another tenant", scenario.name);
+                        }
+                        last = Some(resp);
+                    }
+                }
+                if check_statuses {
+                    let distinct: std::collections::BTreeSet<&String> = tenants.values().collect();
+                    assert_eq!(distinct.len(), keys.len(), "{}: step {i}: each key its own tenant", scenario.name);
+                }
+                assert_eq!(
+                    engine.stats().usage_refreshes - made,
+                    refreshes,
+                    "{}: step {i}: views made for {} polls",
+                    scenario.name,
+                    rounds as usize * keys.len()
+                );
+                responses.extend(last);
+            }
         }
     }
     for (i, resp) in responses.iter().enumerate() {

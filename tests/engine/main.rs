@@ -26,3 +26,4 @@ mod reports;
 mod shadow;
 mod shutdown;
 mod usage_report;
+mod usage_route;

@@ -125,7 +125,7 @@ pub struct TollgateService<S, P = ProblemJson> {
 
 /// An actix-web request as the engine reads it.
 struct View<'a> {
-    request: &'a ServiceRequest,
+    request: &'a HttpRequest,
     extensions: std::cell::Ref<'a, Extensions>,
 }
 
@@ -150,8 +150,9 @@ impl RequestView for View<'_> {
         self.extensions.get::<Identity>()
     }
 
+    /// The [`ClientAddr`] an outer middleware put there, else the connection's peer.
     fn client_addr(&self) -> Option<std::net::IpAddr> {
-        self.extensions.get::<ClientAddr>().map(|a| a.0)
+        self.extensions.get::<ClientAddr>().map(|a| a.0).or_else(|| self.request.peer_addr().map(|p| p.ip()))
     }
 }
 
@@ -176,7 +177,7 @@ where
             }
         }
         let admission = {
-            let view = View { request: &request, extensions: request.extensions() };
+            let view = View { request: request.request(), extensions: request.extensions() };
             self.door.borrow_mut().admit_request(&view)
         };
         match admission {
@@ -756,6 +757,32 @@ pub fn recharge(engine: tollgate::Tollgate) -> actix_web::Route {
             let (method, body) = tenant_route_call(&request, payload, tollgate::door::RECHARGE_MAX_BODY).await;
             to_actix(engine.tenant_recharge(&tenant, &method, &body).await)
         }
+    })
+}
+
+/// The route an application mounts for its tenants' own usage
+/// ([`Tollgate::tenant_usage`](tollgate::Tollgate::tenant_usage)): `GET` answers the calling
+/// tenant's plan, quotas, balances, spend and usage as JSON (docs/usage.schema.json), with
+/// `ETag` and `Cache-Control: private, max-age=1`; other methods are 405 (`Allow: GET,
+/// HEAD`), a request without a known credential the middleware's 401.
+///
+/// Mount it **outside** the middleware, registered before the scope the middleware wraps:
+/// it identifies its caller itself and charges nothing (inside, every poll would spend a rate
+/// cell and a unit of the route's meter).
+///
+/// ```no_run
+/// # fn app(engine: tollgate::Tollgate) {
+/// use actix_web::{web, App};
+/// let app = App::new()
+///     .route("/v1/usage", tollgate_actix::usage(engine.clone()))
+///     .service(web::scope("/v1").wrap(tollgate_actix::TollgateMiddleware::new(engine)));
+/// # }
+/// ```
+#[must_use]
+pub fn usage(engine: tollgate::Tollgate) -> actix_web::Route {
+    actix_web::web::route().to(move |request: HttpRequest| {
+        let answer = engine.tenant_usage(&View { request: &request, extensions: request.extensions() });
+        async move { to_actix(answer.await) }
     })
 }
 

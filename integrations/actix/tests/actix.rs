@@ -85,7 +85,8 @@ struct Actix {
 
 impl Door for Actix {
     async fn send(&self, req: Req) -> Resp {
-        let app = App::new();
+        // Outside the middleware: it charges nothing.
+        let app = App::new().route("/v1/usage", tollgate_actix::usage(self.engine.clone()));
         #[cfg(feature = "stripe")]
         let app = app.route("/stripe/webhook", tollgate_actix::stripe_webhook(conformance::webhooks(&self.engine)));
         let app = test::init_service(

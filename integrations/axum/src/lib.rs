@@ -294,6 +294,37 @@ where
     axum::routing::get(handler.clone()).put(handler.clone()).delete(handler)
 }
 
+/// The route an application mounts for its tenants' own usage
+/// ([`Tollgate::tenant_usage`](tollgate::Tollgate::tenant_usage)): `GET` answers the calling
+/// tenant's plan, quotas, balances, spend and usage as JSON (docs/usage.schema.json), with
+/// `ETag` and `Cache-Control: private, max-age=1`; other methods are 405 (`Allow: GET,
+/// HEAD`), a request without a known credential the layer's 401.
+///
+/// Mount it **outside** tollgate's layer, as below: it identifies its caller itself and
+/// charges nothing (inside the layer every poll would spend a rate cell and a unit of the
+/// route's meter). It reads the credential as the layer does (`[identify]`); an application
+/// whose tenants are identified by a [`TenantResolver`](tollgate::TenantResolver) of its own
+/// gives the route the [`Identity`](tollgate::tenant::Identity) in the request's extensions.
+///
+/// ```no_run
+/// # async fn run(engine: tollgate::Tollgate, api: axum::Router) {
+/// let app = axum::Router::new()
+///     .merge(api.layer(tollgate::TollgateLayer::new(engine.clone())))
+///     .route("/v1/usage", tollgate_axum::usage(engine));
+/// # let _: axum::Router = app;
+/// # }
+/// ```
+pub fn usage<S>(engine: tollgate::Tollgate) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    // Every method reaches the engine, which answers 405 itself (as every door does).
+    axum::routing::any(move |request: axum::extract::Request| {
+        let answer = engine.tenant_usage(&request);
+        async move { answer.await.map(axum::body::Body::from) }
+    })
+}
+
 /// A `POST` route for Stripe webhooks over tollgate's
 /// [`WebhookHandler`](tollgate::billing::WebhookHandler): the `Stripe-Signature` header and the
 /// raw body in; 200 for every verified event, 400 for a bad signature, 500 when the store

@@ -259,7 +259,9 @@ fn conformance_app(engine: Tollgate) -> Router {
                 text(201, "created")
             }),
         )
-        .layer(TollgateLayer::new(engine.clone()));
+        .layer(TollgateLayer::new(engine.clone()))
+        // Outside the layer: it charges nothing.
+        .route("/v1/usage", tollgate_axum::usage(engine.clone()));
     #[cfg(feature = "stripe")]
     let api = api.route("/stripe/webhook", tollgate_axum::stripe_webhook(conformance::webhooks(&engine)));
     api

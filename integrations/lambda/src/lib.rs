@@ -477,6 +477,47 @@ pub fn export_handler(
     })
 }
 
+/// The future of [`usage_handler`]'s service.
+pub type UsageFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<lambda_http::Body>, std::convert::Infallible>> + Send>>;
+
+/// The tenants' own usage route ([`Tollgate::tenant_usage`]) as a Lambda HTTP service: `GET`
+/// answers the calling tenant's plan, quotas, balances, spend and usage as JSON
+/// (docs/usage.schema.json). It reads the event as [`service`] does ([`FromEventLayer`]: the
+/// path without the stage, the caller's address) and identifies its caller itself, charging
+/// nothing: keep it **outside** [`service`], as its own function behind its own API Gateway
+/// route (`GET /v1/usage`), or call it first for that path in a function of your own that
+/// hands every other request to [`service`]. Its function is its own node: it keeps its own
+/// views, at most one made per tenant per second.
+///
+/// ```no_run
+/// # async fn f(engine: tollgate::Tollgate) -> Result<(), lambda_http::Error> {
+/// lambda_http::run(tollgate_lambda::usage_handler(engine)).await
+/// # }
+/// ```
+#[must_use]
+pub fn usage_handler(
+    engine: Tollgate,
+) -> FromEventService<
+    impl Service<
+            Request,
+            Response = http::Response<lambda_http::Body>,
+            Error = std::convert::Infallible,
+            Future = UsageFuture,
+        > + Clone,
+> {
+    FromEventLayer.layer(tower::service_fn(move |request: Request| {
+        let answer = engine.tenant_usage(&request);
+        Box::pin(async move {
+            let reply = answer.await;
+            Ok(reply.map(|body| match body.is_empty() {
+                true => lambda_http::Body::Empty,
+                false => lambda_http::Body::Text(String::from_utf8_lossy(&body).into_owned()),
+            }))
+        }) as UsageFuture
+    }))
+}
+
 /// The future of [`webhook_handler`]'s service.
 #[cfg(feature = "stripe")]
 #[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]

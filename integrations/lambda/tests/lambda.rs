@@ -180,6 +180,9 @@ impl Door for Lambda {
 
     async fn send(&self, req: Req) -> Resp {
         let payload = event(self.kind, &req);
+        if req.path == "/v1/usage" {
+            return invoke(tollgate_lambda::usage_handler(self.engine.clone()), &payload).await;
+        }
         if req.path == "/stripe/webhook" {
             #[cfg(feature = "stripe")]
             return invoke(tollgate_lambda::webhook_handler(conformance::webhooks(&self.engine)), &payload).await;

@@ -805,9 +805,7 @@ impl Gate {
             return;
         }
         if let Some(cell) = state.quota(meter) {
-            let (_, end) = cell.period();
-            let (remaining, _) = if at < end { cell.estimate(cell.lease()) } else { (cell.limit(), false) };
-            let end = if at < end { end } else { cell.window(at).1 };
+            let (remaining, end) = cell.status_at(at).unwrap_or_else(|| (cell.limit(), cell.window(at).1));
             headers.set_quota(remaining, (end - at).max(0) as u64);
         }
     }

@@ -17,6 +17,14 @@ use crate::{
     tenant::{check_api_key, Credential},
 };
 
+/// Who a request is, as [`Gate::identify`] found it: known to the table, or to look up.
+pub(crate) enum Identified {
+    /// A tenant the table holds.
+    Known(crate::tenant::Tenant),
+    /// To look up in the directory: the credential, and its client address's key (0: none).
+    Lookup(OwnedCredential, u64),
+}
+
 impl Gate {
     /// Decides on a request described against `rt`, whose `idempotency_key` is only set on
     /// methods that honour it.
@@ -38,34 +46,9 @@ impl Gate {
                 return self.reject(Rejection::new(RejectionKind::MalformedIdempotencyKey, why));
             }
         }
-        let lookup = match req.credential {
-            Credential::ApiKey(key) => {
-                // Its length bounds the digest's work; its characters are checked only when
-                // the table does not hold it: a key reaches the table only through the
-                // directory's lookup, which checks it first, and a match of the 128-bit keyed
-                // digest stands for the key.
-                if key.is_empty() || key.len() > crate::base::MAX_KEY_LEN {
-                    return self.malformed_key(key);
-                }
-                Lookup::ApiKey(key)
-            }
-            Credential::Tenant(id) => {
-                if !TenantId::is_valid(id) {
-                    return self.reject(Rejection::new(
-                        RejectionKind::MalformedCredentials,
-                        "a tenant identity is 1 to 128 visible ASCII characters",
-                    ));
-                }
-                Lookup::Identity(id)
-            }
-            Credential::Missing if rt.anonymous.is_some() => Lookup::Identity(ANONYMOUS),
-            Credential::Missing => {
-                let mut r =
-                    Rejection::new(RejectionKind::MissingCredentials, "the request does not identify its tenant");
-                r.inner.challenge = Some(rt.challenge.clone());
-                return self.reject(r);
-            }
-            Credential::Malformed(why) => return self.reject(Rejection::new(RejectionKind::MalformedCredentials, why)),
+        let lookup = match Self::lookup_of(rt, req.credential, rt.anonymous.is_some()) {
+            Ok(lookup) => lookup,
+            Err(rejection) => return self.reject(rejection),
         };
         // The path as the routers match it: rules are matched, and idempotent requests told
         // apart, on what the application serves.
@@ -182,6 +165,107 @@ impl Gate {
         }
     }
 
+    /// How the table and the directory find the tenant of `credential`, or its refusal: an
+    /// empty or overlong key, an identity outside the tenant id grammar, a malformed
+    /// credential, or none (401 with the challenge, unless `anonymous` callers are served).
+    #[inline(always)]
+    fn lookup_of<'a>(rt: &Runtime, credential: Credential<'a>, anonymous: bool) -> Result<Lookup<'a>, Rejection> {
+        match credential {
+            Credential::ApiKey(key) => {
+                // Its length bounds the digest's work; its characters are checked only when
+                // the table does not hold it: a key reaches the table only through the
+                // directory's lookup, which checks it first, and a match of the 128-bit keyed
+                // digest stands for the key.
+                if key.is_empty() || key.len() > crate::base::MAX_KEY_LEN {
+                    return Err(Self::malformed_key_rejection(key));
+                }
+                Ok(Lookup::ApiKey(key))
+            }
+            Credential::Tenant(id) => {
+                if !TenantId::is_valid(id) {
+                    return Err(Rejection::new(
+                        RejectionKind::MalformedCredentials,
+                        "a tenant identity is 1 to 128 visible ASCII characters",
+                    ));
+                }
+                Ok(Lookup::Identity(id))
+            }
+            Credential::Missing if anonymous => Ok(Lookup::Identity(ANONYMOUS)),
+            Credential::Missing => {
+                Err(Self::challenged(rt, RejectionKind::MissingCredentials, "the request does not identify its tenant"))
+            }
+            Credential::Malformed(why) => Err(Rejection::new(RejectionKind::MalformedCredentials, why)),
+        }
+    }
+
+    /// A 401 of `kind` with the configuration's challenge (`WWW-Authenticate`).
+    #[cold]
+    fn challenged(rt: &Runtime, kind: RejectionKind, why: &'static str) -> Rejection {
+        let mut r = Rejection::new(kind, why);
+        r.inner.challenge = Some(rt.challenge.clone());
+        r
+    }
+
+    /// Who sent a request, without admitting it (the tenant's own routes mounted outside the
+    /// layer, such as its usage): nothing is taken, no rate cell nor unit. A tenant the table
+    /// holds is known at once; another is looked up as a request's would be
+    /// ([`identified`](Self::identified)), with the same negative cache and limits on unknown
+    /// keys. A request without credentials is refused (401) even where anonymous callers are
+    /// served: they have no usage of their own to see.
+    pub(crate) fn identify(
+        &self,
+        rt: &Runtime,
+        credential: Credential<'_>,
+        client: impl FnOnce() -> Option<crate::tenant::Client>,
+    ) -> Result<Identified, Rejection> {
+        if self.shared.stopping().load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(self.count(
+                Rejection::new(RejectionKind::StoreUnavailable, "the server is stopping; send the request again")
+                    .with_retry_after(1),
+            ));
+        }
+        let lookup = Self::lookup_of(rt, credential, false).map_err(|r| self.count(r))?;
+        if let Some(state) = self.table.get(lookup) {
+            return Ok(Identified::Known(state));
+        }
+        let credential = match lookup {
+            Lookup::ApiKey(key) => {
+                if check_api_key(key).is_err() {
+                    return Err(self.count(Self::malformed_key_rejection(key)));
+                }
+                OwnedCredential::ApiKey(key.into())
+            }
+            Lookup::Identity(t) => OwnedCredential::Tenant(t.into()),
+        };
+        // Lookups of unknown keys are limited per client address when it is the client's own,
+        // as a request's are (else the node's shared budget).
+        let address = match (client(), &rt.client_keys) {
+            (Some(c), Some(keys)) if c.identifies => keys.key(Some(c.ip)),
+            _ => 0,
+        };
+        Ok(Identified::Lookup(credential, address))
+    }
+
+    /// The tenant [`identify`](Self::identify) found, or looked up in the directory: never the
+    /// anonymous tenant (an unknown key served as it is refused as unknown, 401).
+    pub(crate) async fn identified(&self, who: Identified) -> Result<crate::tenant::Tenant, Rejection> {
+        let state = match who {
+            Identified::Known(state) => state,
+            Identified::Lookup(credential, address) => {
+                self.lookup(credential, address).await.map_err(|r| self.count(r))?
+            }
+        };
+        if state.id.as_str() == crate::config::ANONYMOUS_TENANT {
+            let rt = self.shared.runtime().load();
+            return Err(self.count(Self::challenged(
+                &rt,
+                RejectionKind::UnknownCredentials,
+                "the credential does not match any tenant",
+            )));
+        }
+        Ok(state)
+    }
+
     /// The units a route's hold holds for a request: its estimate, or read from the header
     /// it names (its `default` without one; refused, 400, when it does not parse, is zero or
     /// is above its `max`).
@@ -233,9 +317,16 @@ impl Gate {
     #[cold]
     #[inline(never)]
     fn malformed_key(&self, key: &[u8]) -> Admission {
+        self.reject(Self::malformed_key_rejection(key))
+    }
+
+    /// The refusal of an API key that cannot be one.
+    #[cold]
+    #[inline(never)]
+    fn malformed_key_rejection(key: &[u8]) -> Rejection {
         let why = check_api_key(key).err().unwrap_or("the API key is malformed");
         // A comma: a repeated header a proxy joined; answered as a repeated one.
         let why = if why == crate::tenant::COMMA_IN_KEY { crate::response::REPEATED_KEY } else { why };
-        self.reject(Rejection::new(RejectionKind::MalformedCredentials, why))
+        Rejection::new(RejectionKind::MalformedCredentials, why)
     }
 }

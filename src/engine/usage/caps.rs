@@ -196,7 +196,7 @@ pub(crate) async fn spend_cap(
 
 /// The view of a tenant's cap under its plan's spend quota `spec` (its maximum `max`) with
 /// its own cap `own`, as stored.
-fn view(spec: &crate::config::QuotaSpec, currency: String, max: u64, own: Option<SpendCap>) -> SpendCapView {
+pub(crate) fn view(spec: &crate::config::QuotaSpec, currency: String, max: u64, own: Option<SpendCap>) -> SpendCapView {
     let (limit, hard) = spec.in_force(own);
     let in_force = spec.own_in_force(own).is_some();
     SpendCapView {

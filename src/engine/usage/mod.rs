@@ -1,6 +1,6 @@
 //! Usage: the quota leases of tenants and their thresholds, units taken and given back
 //! ([`Taken`](taken::Taken)), holds of units while work runs, usage events of jobs and queues,
-//! the pipeline that flushes usage to the store, and the expiry of prepaid credits. The part
+//! the pipeline that flushes usage to the store, the expiry of prepaid credits, and the tenants' own usage views. The part
 //! is [`Units`](units::Units) (`units.rs`); handlers reach it through their
 //! [`TenantContext`](context::TenantContext).
 
@@ -16,3 +16,4 @@ pub(crate) mod spend;
 pub(crate) mod taken;
 pub(crate) mod thresholds;
 pub(crate) mod units;
+pub(crate) mod views;

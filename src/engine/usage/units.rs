@@ -14,6 +14,7 @@ use crate::engine::{
         held::OpenHolds,
         lease::Leases,
         taken::{Prefetch, Prefetcher},
+        views::UsageViews,
     },
 };
 use crate::store::StoreError;
@@ -32,6 +33,8 @@ pub(crate) struct Units {
     /// Expired credit grants whose close failed here, waiting to be tried again.
     credit_expiry: CreditExpiry,
     prefetcher: Prefetcher,
+    /// The tenants' own usage views, made at most once a second each.
+    views: UsageViews,
 }
 
 impl std::fmt::Debug for Units {
@@ -49,7 +52,21 @@ impl Units {
         holds: Arc<OpenHolds>,
         prefetcher: Prefetcher,
     ) -> Self {
-        Self { shared, leases, pipeline, events, holds, credit_expiry: CreditExpiry::default(), prefetcher }
+        Self {
+            shared,
+            leases,
+            pipeline,
+            events,
+            holds,
+            credit_expiry: CreditExpiry::default(),
+            prefetcher,
+            views: UsageViews::default(),
+        }
+    }
+
+    /// The tenants' own usage views.
+    pub(crate) fn views(&self) -> &UsageViews {
+        &self.views
     }
 
     /// What every part shares.

@@ -1,0 +1,314 @@
+//! The tenant's own usage route (`Tollgate::tenant_usage`), mounted outside the layer: every
+//! part of its answer, valid against docs/usage.schema.json; its numbers those of the
+//! headers; one view per tenant per second, with the store calls the guide lists; never
+//! another tenant's; nothing charged; the layer's refusals.
+
+use crate::common;
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::{Duration, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use common::{Faulty, Harness, NOON};
+use tollgate::{admin::Admin, clock::Clock, events::Event, store::MemoryStore};
+
+const DAY: i64 = 86_400;
+/// 2100-01-01: an expiry after any clock of the tests.
+const FAR: i64 = 4_102_444_800;
+
+/// A plan with every part the route shows: a daily quota, a prepaid balance spent by a
+/// route's reports, a monthly soft quota of usage events, a spend cap.
+const TOML: &str = r#"
+[billing]
+currency = "usd"
+[meters.requests]
+price = "0.01"
+[meters.tokens]
+[meters.images]
+price = "0.10"
+[[routes]]
+path = "/tokens/{n}"
+reports = ["tokens"]
+[plans.p]
+rate = "100/s"
+quotas.requests = { limit = 100, period = "day", mode = "hard" }
+quotas.tokens = { period = "prepaid", lease = 10 }
+quotas.images = { limit = 50, period = "month", mode = "soft" }
+spend = { limit = "10.00", period = "month", mode = "hard", max_limit = "50.00" }
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+[tenants.u]
+plan = "p"
+keys = ["key-u"]
+"#;
+
+/// A request of the usage route.
+fn usage(method: &str, key: Option<&str>) -> http::Request<()> {
+    let mut b = http::Request::builder().method(method).uri("/v1/usage");
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    b.body(()).unwrap()
+}
+
+/// Validates `bodies` against docs/usage.schema.json with Python's `jsonschema`
+/// (scripts/check-json.py; skipped loudly without `TOLLGATE_MOTO_PYTHON`, required in CI).
+fn check_schema(bodies: &[Bytes]) {
+    let python = match std::env::var("TOLLGATE_MOTO_PYTHON") {
+        Ok(p) => p,
+        _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => {
+            panic!("CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)")
+        }
+        _ => {
+            eprintln!("SKIPPED: the schema check: TOLLGATE_MOTO_PYTHON (a Python with jsonschema) is not set");
+            return;
+        }
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new(python)
+        .arg(root.join("scripts/check-json.py"))
+        .arg(root.join("docs/usage.schema.json"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for body in bodies {
+            stdin.write_all(body).unwrap();
+            stdin.write_all(b"\n").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "not valid against docs/usage.schema.json:\n{text}");
+    assert_eq!(text.trim(), format!("ok {}", bodies.len()));
+}
+
+fn json(body: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap()
+}
+
+fn find<'a>(list: &'a serde_json::Value, meter: &str) -> &'a serde_json::Value {
+    list.as_array().unwrap().iter().find(|q| q["meter"] == meter).unwrap_or_else(|| panic!("no {meter} in {list}"))
+}
+
+/// The `r` of the item `name` in a `RateLimit` header.
+fn r_of(header: &str, name: &str) -> u64 {
+    header
+        .split(", ")
+        .find(|i| i.starts_with(&format!("\"{name}\";")))
+        .and_then(|i| i.split(';').find_map(|p| p.strip_prefix("r=")))
+        .unwrap_or_else(|| panic!("no {name} in {header}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_route_answers_every_part_with_the_numbers_of_the_headers_valid_against_its_schema() {
+    let h = Harness::new(TOML);
+    let admin = Admin::for_engine(&h.tollgate);
+    admin.grant_credits("t", "tokens", 1000, None, "pack-1").await.unwrap();
+    admin.grant_credits("t", "tokens", 100, Some(FAR), "pack-2").await.unwrap();
+    // Images: 4 in the previous month (February), 2 yesterday.
+    let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(secs as u64);
+    h.tollgate.record_event(Event::new("e1", "t".into(), "images".into(), 4, at(NOON - 20 * DAY))).await.unwrap();
+    h.tollgate.record_event(Event::new("e2", "t".into(), "images".into(), 2, at(NOON - DAY))).await.unwrap();
+    // The second pack revoked: closed, its unspent units lost. (Before the requests: a change
+    // of credits makes this node read the tenant again.)
+    admin.revoke_credits("t", Some("tokens"), "pack-2").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    assert_eq!(h.status("/tokens/30", "key-t").await, 200);
+    h.clock.advance(Duration::from_secs(120));
+
+    let response = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.headers()["cache-control"], "private, max-age=1");
+    let body = json(response.body());
+    assert_eq!((&body["version"], &body["tenant"], &body["plan"]), (&1.into(), &"t".into(), &"p".into()));
+    assert_eq!(body["as_of"], NOON + 120);
+    // March 2026: the current period; February the previous one, older than 35 days in part.
+    assert_eq!(body["periods"]["current"]["start"], 1_772_323_200);
+    assert_eq!(body["periods"]["previous"]["start"], 1_769_904_000);
+    assert_eq!(body["periods"]["previous"]["complete"], false);
+
+    let requests = find(&body["quotas"], "requests");
+    assert_eq!((&requests["period"], &requests["limit"], &requests["used"]), (&"day".into(), &100.into(), &4.into()));
+    assert_eq!(requests["reset"], NOON - NOON % DAY + DAY);
+    let tokens = find(&body["quotas"], "tokens");
+    assert_eq!((&tokens["period"], &tokens["start"], &tokens["reset"]), (&"prepaid".into(), &().into(), &().into()));
+    let images = find(&body["quotas"], "images");
+    assert_eq!((&images["mode"], &images["used"], &images["remaining"]), (&"soft".into(), &2.into(), &48.into()));
+    assert!(body["quotas"].as_array().unwrap().iter().all(|q| q["meter"] != "spend"), "the cap is apart");
+
+    // The next request's header says what the route said, less its own unit.
+    let next = h.get("/", "key-t").await;
+    let header = next.header("ratelimit").unwrap();
+    assert_eq!(r_of(header, "requests-day"), requests["remaining"].as_u64().unwrap() - 1, "{header}");
+
+    let balance = find(&body["balances"], "tokens");
+    let grants = balance["grants"].as_array().unwrap();
+    let pack = |id: &str| grants.iter().find(|g| g["id"] == id).unwrap();
+    assert_eq!((&pack("pack-1")["bought"], &pack("pack-1")["closed"]), (&1000.into(), &().into()));
+    assert_eq!(pack("pack-2")["expires_at"], FAR);
+    assert_eq!(pack("pack-2")["closed"]["reason"], "revoked");
+    assert!(pack("pack-2")["closed"]["at"].is_i64(), "when the operator revoked it");
+    assert_eq!(balance["recharge"], serde_json::Value::Null, "the plan recharges nothing");
+
+    let spend = &body["spend"];
+    assert_eq!((&spend["currency"], &spend["limit"], &spend["max_limit"]), (&"usd".into(), &"10".into(), &"50".into()));
+    assert_eq!((&spend["mode"], &spend["set_by"], &spend["period"]), (&"hard".into(), &"plan".into(), &"month".into()));
+
+    let images = find(&body["usage"], "images");
+    assert_eq!((&images["previous"], &images["current"]), (&4.into(), &2.into()));
+    let days: Vec<(String, u64)> = images["daily"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["day"].as_str().unwrap().to_owned(), d["quantity"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(days, [("2026-02-22".to_owned(), 4), ("2026-03-13".to_owned(), 2)]);
+    assert_eq!(find(&body["usage"], "requests")["current"], 4);
+
+    // A tenant without usage, and the one above, both valid.
+    let other = h.tollgate.tenant_usage(&usage("GET", Some("key-u"))).await;
+    check_schema(&[response.body().clone(), other.body().clone()]);
+}
+
+/// 1,000 polls in a second make one view, with the store calls docs/usage.md lists; a
+/// matching `If-None-Match` is 304 and reads nothing; a store that fails is 503, kept nothing.
+#[tokio::test]
+async fn polls_make_one_view_a_second_with_the_store_calls_the_guide_lists() {
+    let store = Arc::new(Faulty::over(Arc::new(MemoryStore::new())));
+    let h = Harness::with_store(TOML, store.clone(), NOON);
+    let calls = || {
+        store.quota_calls.load(Ordering::SeqCst)
+            + store.usage_reads.load(Ordering::SeqCst)
+            + store.counter_reads.load(Ordering::SeqCst)
+            + store.tenant_reads.load(Ordering::SeqCst)
+            + store.lookups.load(Ordering::SeqCst)
+    };
+    assert_eq!(h.status("/", "key-t").await, 200);
+    let before = (calls(), h.tollgate.stats().usage_refreshes);
+    let first = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+    assert_eq!(first.status(), 200);
+    // The spend cap's counters, the usage of both periods, the credit grants.
+    assert_eq!((calls() - before.0, h.tollgate.stats().usage_refreshes - before.1), (3, 1));
+    let etag = first.headers()["etag"].clone();
+    let before = calls();
+    for _ in 0..1000 {
+        let again = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+        assert_eq!((again.status(), again.body()), (http::StatusCode::OK, first.body()));
+    }
+    let mut revalidate = usage("GET", Some("key-t"));
+    revalidate.headers_mut().insert("if-none-match", etag.clone());
+    let not_modified = h.tollgate.tenant_usage(&revalidate).await;
+    assert_eq!(not_modified.status(), 304);
+    assert!(not_modified.body().is_empty());
+    assert_eq!(not_modified.headers()["etag"], etag);
+    let head = h.tollgate.tenant_usage(&usage("HEAD", Some("key-t"))).await;
+    assert_eq!((head.status(), head.body().is_empty(), &head.headers()["etag"]), (http::StatusCode::OK, true, &etag));
+    assert_eq!((calls() - before, h.tollgate.stats().usage_refreshes), (0, 1), "nothing read within the second");
+
+    // The next second: one view made again; the same numbers, the same tag.
+    h.clock.advance(Duration::from_secs(1));
+    let again = h.tollgate.tenant_usage(&revalidate).await;
+    assert_eq!((again.status(), h.tollgate.stats().usage_refreshes), (http::StatusCode::OK, 2));
+    assert_ne!(again.headers()["etag"], etag, "its `as_of` moved");
+    // A store that does not answer: 503, and the next poll tries again.
+    h.clock.advance(Duration::from_secs(1));
+    store.down.store(true, Ordering::SeqCst);
+    let down = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+    assert_eq!(
+        (down.status(), down.headers().get("retry-after").map(|v| v.to_str().unwrap())),
+        (http::StatusCode::SERVICE_UNAVAILABLE, Some("1"))
+    );
+    store.down.store(false, Ordering::SeqCst);
+    assert_eq!(h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.status(), 200);
+    assert_eq!(h.tollgate.stats().usage_refreshes, 4);
+}
+
+/// Polls of two tenants in the same second, interleaved, concurrently: each gets its own
+/// tenant's view, never the other's, and one view each is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_polls_of_two_tenants_get_their_own_views_one_made_each() {
+    let h = Harness::new(TOML);
+    let engine = h.tollgate.clone();
+    let mut polls = Vec::new();
+    for i in 0..200 {
+        let engine = engine.clone();
+        let key = if i % 2 == 0 { "key-t" } else { "key-u" };
+        polls.push(tokio::spawn(async move {
+            let r = engine.tenant_usage(&usage("GET", Some(key))).await;
+            (key, r.status(), json(r.body())["tenant"].as_str().unwrap().to_owned(), r.headers()["etag"].clone())
+        }));
+    }
+    let mut tags = std::collections::BTreeMap::new();
+    for poll in polls {
+        let (key, status, tenant, etag) = poll.await.unwrap();
+        assert_eq!((status, tenant.as_str()), (http::StatusCode::OK, &key[4..]), "{key}");
+        tags.entry(key).or_insert_with(std::collections::BTreeSet::new).insert(etag);
+    }
+    assert_eq!(engine.stats().usage_refreshes, 2, "one view per tenant");
+    assert!(tags.values().all(|t| t.len() == 1));
+    // Another tenant's tag is not this tenant's: its view is answered whole.
+    let mut theirs = usage("GET", Some("key-u"));
+    theirs.headers_mut().insert("if-none-match", tags["key-t"].first().unwrap().clone());
+    let r = engine.tenant_usage(&theirs).await;
+    assert_eq!((r.status(), json(r.body())["tenant"].as_str()), (http::StatusCode::OK, Some("u")));
+}
+
+/// The route charges nothing (a plan's rate and quota untouched by polls), and refuses as
+/// the layer does: 401 without credentials even where anonymous callers are served, 401 for
+/// a key served as the anonymous tenant, 400 for a malformed key, 405 for another method.
+#[tokio::test]
+async fn the_route_charges_nothing_and_refuses_as_the_layer_does() {
+    let toml = r#"
+[identify]
+unknown = "anonymous"
+anonymous_plan = "anon"
+[plans.anon]
+rate = "1/s"
+burst = 1
+[plans.p]
+rate = "2/s"
+burst = 2
+quotas.requests = { limit = 3, period = "day", mode = "hard" }
+[tenants.t]
+plan = "p"
+keys = ["key-t"]
+"#;
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let h = Harness::build(toml, Arc::new(MemoryStore::new()), clock, handle);
+    for _ in 0..50 {
+        assert_eq!(h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.status(), 200);
+    }
+    // The burst and the quota are whole.
+    assert_eq!(h.status("/", "key-t").await, 200);
+    assert_eq!(h.status("/", "key-t").await, 200);
+    let body = json(h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.body());
+    assert_eq!(find(&body["quotas"], "requests")["limit"], 3);
+
+    let missing = h.tollgate.tenant_usage(&usage("GET", None)).await;
+    assert_eq!(missing.status(), 401, "no usage of its own to show an anonymous caller");
+    assert!(missing.headers().contains_key("www-authenticate"));
+    assert_eq!(missing.headers()["content-type"], "application/problem+json");
+    let unknown = h.tollgate.tenant_usage(&usage("GET", Some("key-nobody"))).await;
+    assert_eq!(unknown.status(), 401, "an unknown key is not the anonymous tenant's view");
+    let malformed = h.tollgate.tenant_usage(&usage("GET", Some("key t"))).await;
+    assert_eq!(malformed.status(), 400);
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        let r = h.tollgate.tenant_usage(&usage(method, Some("key-t"))).await;
+        assert_eq!((r.status().as_u16(), r.headers()["allow"].to_str().unwrap()), (405, "GET, HEAD"), "{method}");
+    }
+    let repeated =
+        http::Request::get("/v1/usage").header("x-api-key", "key-t").header("x-api-key", "key-t").body(()).unwrap();
+    assert_eq!(h.tollgate.tenant_usage(&repeated).await.status(), 400);
+}
