@@ -24,6 +24,10 @@
 //!     -H 'x-api-key: tg_test_free_acme'; sleep 0.5; done                          # 200s, then 429s
 //! (for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' -X POST localhost:3000/v1/generate/slow \
 //!     -H 'x-api-key: tg_test_pro_globex' & done; wait)       # 429 at once, then 200 200 (2 s)
+//! curl -s localhost:3000/v1/usage -H 'x-api-key: tg_test_free_acme'   # its own usage, charged nothing
+//! curl -s localhost:3000/v1/spend/cap -H 'x-api-key: tg_test_free_acme'        # 403: no cap on free
+//! curl -s localhost:3000/v1/alerts/endpoint -H 'x-api-key: tg_test_free_acme'  # 404: none registered
+//! curl -s localhost:3000/metrics | grep tollgate_                                # the operator's metrics
 //! ```
 //! With `--features dynamodb`, `TOLLGATE_STORE=dynamodb` (and `TOLLGATE_DYNAMODB_TABLE`, default
 //! `tollgate`) runs it on DynamoDB with the standard AWS environment (see the README). With
@@ -104,6 +108,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
+    // tollgate's metrics (`tollgate_*`), served at `/metrics`: the recorder is installed before
+    // the engine registers them.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+
     let config_path = std::env::var_os("TOLLGATE_CONFIG")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.toml")));
@@ -181,6 +189,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let (tollgate, worker) = builder.open().await?;
     let layer = tollgate::TollgateLayer::new(tollgate.clone());
+    let usage_engine = tollgate.clone();
     let worker = tokio::spawn(worker.run());
 
     let app = Router::new()
@@ -189,10 +198,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/v1/generate", post(generate))
         .route("/v1/generate/slow", post(generate_slow))
         .route("/v1/complete", post(complete))
+        // The tenant's own spend cap and alert endpoint, behind the layer (what
+        // `tollgate_axum::spend_cap` and `tollgate_axum::alert_endpoint` mount).
+        .route("/v1/spend/cap", get(spend_cap).put(spend_cap).delete(spend_cap))
+        .route("/v1/alerts/endpoint", get(alert_endpoint).put(alert_endpoint).delete(alert_endpoint))
         .layer(layer)
+        // The tenant's own usage, outside the layer: polling it charges nothing (what
+        // `tollgate_axum::usage` mounts).
+        .route(
+            "/v1/usage",
+            axum::routing::any(move |request: axum::extract::Request| {
+                let answer = usage_engine.tenant_usage(&request);
+                async move { answer.await.map(axum::body::Body::from) }
+            }),
+        )
+        // The operator's metrics in Prometheus' text format (keep it off the public listener in
+        // production).
+        .route("/metrics", get(move || std::future::ready(prometheus.render())))
         // The client's address, for callers limited per address (anonymous callers, lookups of
         // unknown keys) and their `Idempotency-Key`s: what `tollgate_axum::client_addr` does.
-        .layer(axum::middleware::from_fn(client_addr));
+        .layer(axum::middleware::from_fn(client_addr))
+        .layer(Extension(tollgate.clone()));
     // The whole Stripe path: with `[stripe]` and a webhook signing secret, plans follow Stripe's
     // subscriptions through `POST /stripe/webhook` (outside the layer: Stripe is not a tenant),
     // and the worker reconciles what Stripe holds with what was exported.
@@ -328,6 +354,40 @@ async fn redis_roles(builder: tollgate::Builder) -> Result<tollgate::Builder, Bo
 #[cfg(not(feature = "redis"))]
 async fn redis_roles(_: tollgate::Builder) -> Result<tollgate::Builder, Box<dyn std::error::Error>> {
     Err("TOLLGATE_STORE=redis needs the cargo feature: cargo run --features redis --example quickstart".into())
+}
+
+/// The body of a call of a tenant's own route, up to `max` bytes (one more: the route answers
+/// 413).
+async fn bounded(body: axum::body::Body, max: usize) -> bytes::Bytes {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, max + 1).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => bytes::Bytes::from(vec![0; max + 1]),
+    }
+}
+
+/// `GET`, `PUT {"limit": "25.00"}` or `DELETE` the calling tenant's own spend cap (403 on a
+/// plan without one).
+async fn spend_cap(
+    Extension(ctx): Extension<TenantContext>,
+    Extension(tollgate): Extension<Tollgate>,
+    method: axum::http::Method,
+    body: axum::body::Body,
+) -> axum::response::Response {
+    let body = bounded(body, tollgate::door::SPEND_CAP_MAX_BODY).await;
+    tollgate.tenant_spend_cap(&ctx, &method, &body).await.map(axum::body::Body::from)
+}
+
+/// `GET`, `PUT {"url": "https://…"}` or `DELETE` the calling tenant's own alert endpoint (403
+/// on a plan without `tenant_alerts`).
+async fn alert_endpoint(
+    Extension(ctx): Extension<TenantContext>,
+    Extension(tollgate): Extension<Tollgate>,
+    method: axum::http::Method,
+    body: axum::body::Body,
+) -> axum::response::Response {
+    let body = bounded(body, tollgate::door::ALERT_ENDPOINT_MAX_BODY).await;
+    tollgate.tenant_alert_endpoint(&ctx, &method, &body).await.map(axum::body::Body::from)
 }
 
 async fn items(Extension(ctx): Extension<TenantContext>) -> Json<Value> {

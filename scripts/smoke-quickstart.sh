@@ -51,13 +51,31 @@ check "unknown key" 401 "$(code "$base/v1/items" -H 'x-api-key: nope')"
 check "bad key" 400 "$(code "$base/v1/items" -H 'x-api-key: a b')"
 check "policy header" '"rate";q=10;w=5, "requests-day";q=20;w=86400' \
   "$(curl -s -D - -o /dev/null "$base/v1/items" "${free[@]}" | tr -d '\r' | sed -n 's/^ratelimit-policy: //p')"
-# 5 + 1 + 1 units spent: 13 more pass, then the daily quota of 20 is spent.
+# The tenant's own routes. Its usage, outside the layer, charges nothing: polled 20 times, the
+# quota below still lets 13 more pass.
+usage=$(curl -s -D "$work/usage.head" "$base/v1/usage" "${free[@]}")
+check "usage route" 200 "$(code "$base/v1/usage" "${free[@]}")"
+check "usage is the tenant's own" '"tenant":"acme"' "$(grep -o '"tenant":"acme"' <<<"$usage")"
+check "usage remaining, as the next request's header will say it (+1)" '"remaining":13' \
+  "$(grep -o '"meter":"requests","mode":"hard","period":"day","remaining":[0-9]*' <<<"$usage" | grep -o '"remaining":[0-9]*')"
+check "usage cache header" "private, max-age=1" "$(tr -d '\r' < "$work/usage.head" | sed -n 's/^cache-control: //p')"
+etag=$(tr -d '\r' < "$work/usage.head" | sed -n 's/^etag: //p')
+check "usage not modified" 304 "$(code "$base/v1/usage" "${free[@]}" -H "if-none-match: $etag")"
+check "usage without key" 401 "$(code "$base/v1/usage")"
+check "usage POST" 405 "$(code -X POST "$base/v1/usage" "${free[@]}")"
+for _ in $(seq 17); do code "$base/v1/usage" "${free[@]}" > /dev/null; done
+check "spend cap route (no cap on free)" 403 "$(code "$base/v1/spend/cap" "${free[@]}")"
+check "alert endpoint route (none registered)" 404 "$(code "$base/v1/alerts/endpoint" "${free[@]}")"
+check "metrics" yes "$(curl -s "$base/metrics" | grep -q '^tollgate_usage_view_refreshes_total' && echo yes || echo no)"
+
+# 5 + 1 + 1 units spent, and one by each of the two routes behind the layer (the usage route
+# none): 11 more pass, then the daily quota of 20 is spent.
 statuses=""
 for _ in $(seq 14); do
   statuses+="$(code "$base/v1/items" "${free[@]}") "
   sleep 0.5
 done
-check "quota" "200 200 200 200 200 200 200 200 200 200 200 200 200 429 " "$statuses"
+check "quota" "200 200 200 200 200 200 200 200 200 200 200 429 429 429 " "$statuses"
 check "problem type" "application/problem+json" \
   "$(curl -s -o /dev/null -w '%{content_type}' "$base/v1/items" "${free[@]}")"
 check "pro tenant" 200 "$(code "$base/v1/items" -H 'x-api-key: tg_test_pro_globex')"
