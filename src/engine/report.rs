@@ -4,11 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::engine::{
-    recharge::settings::{RechargeError, RechargeView},
-    usage::events::EventError,
-    Tollgate,
-};
+use crate::engine::{recharge::settings::RechargeView, usage::events::EventError, Tollgate};
 use crate::{
     config::{MeterId, Period, PlanId, QuotaMode, TenantId},
     store::StoreError,
@@ -121,8 +117,7 @@ impl Tollgate {
     /// [`usage_report`](Self::usage_report) of a tenant found: its store calls are at most
     /// one read of its spend cap's counters, one or two of its usage (one when the range
     /// covers its quotas' periods), one of its credit grants (with a prepaid balance), and per
-    /// recharged meter one of its counters (and one of the directory for a tenant the
-    /// configuration does not declare).
+    /// recharged meter one of its counters: the request path's store calls (fail fast).
     pub(crate) async fn report_of(&self, state: &Tenant, from: i64, to: i64) -> Result<UsageReport, StoreError> {
         let rt = self.shared().runtime().load_full();
         let tenant = &state.id;
@@ -158,8 +153,33 @@ impl Tollgate {
             Some((_, c)) => w - w.rem_euclid(*c),
             None => w,
         };
-        // Held while reading: no flush moves usage from this node into the store meanwhile,
-        // so nothing is counted twice or missed.
+        let read = |lo: i64, hi: i64| async move {
+            let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
+            if lo < hi {
+                for a in self.shared().stores().request().usage.usage_range(tenant, lo, hi).await? {
+                    *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
+                }
+            }
+            Ok::<_, StoreError>(out)
+        };
+        // A prepaid balance's periods hold no usage windows: its period is the grants.
+        let period_lo = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.2).min().unwrap_or(0);
+        let period_hi = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.3).max().unwrap_or(0);
+        let reads = || async move {
+            let in_range = read(from, to).await?;
+            let in_periods = match period_lo >= from && period_hi <= to {
+                // The range read holds every window of the periods.
+                true => in_range.clone(),
+                false => read(period_lo, period_hi).await?,
+            };
+            Ok::<_, StoreError>((in_range, in_periods))
+        };
+        // The store read without holding the pipeline (a flush is never held up by a read),
+        // then this node's usage not committed read under it: if no batch of this node was
+        // committed in between, nothing is counted twice or missed; else the store is read
+        // again under it.
+        let commits = self.units().pipeline().commits();
+        let unlocked = reads().await?;
         let pipeline = self.units().pipeline().lock().await;
         let mut local: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
         for ((t, meter, window), q) in pipeline.staged_of(tenant) {
@@ -184,23 +204,9 @@ impl Tollgate {
         for s in &states {
             peek(s);
         }
-        let read = |lo: i64, hi: i64| async move {
-            let mut out: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
-            if lo < hi {
-                for a in self.shared().stores().request().usage.usage_range(tenant, lo, hi).await? {
-                    *out.entry((a.key.meter.clone(), a.key.window_start)).or_default() += a.quantity;
-                }
-            }
-            Ok::<_, StoreError>(out)
-        };
-        // A prepaid balance's periods hold no usage windows: its period is the grants.
-        let period_lo = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.2).min().unwrap_or(0);
-        let period_hi = periods.iter().filter(|p| p.1 != Period::Prepaid).map(|p| p.3).max().unwrap_or(0);
-        let in_range = read(from, to).await?;
-        let in_periods = match period_lo >= from && period_hi <= to {
-            // The range read holds every window of the periods.
-            true => in_range.clone(),
-            false => read(period_lo, period_hi).await?,
+        let (in_range, in_periods) = match self.units().pipeline().commits() == commits {
+            true => unlocked,
+            false => reads().await?,
         };
         drop(pipeline);
         // This node's holds, in every state of the tenant.
@@ -253,13 +259,21 @@ impl Tollgate {
         // Recharges as the store keeps them (every node's claims and payments), with the
         // plan's bounds.
         let mut recharges = Vec::new();
+        let plan = rt.config.plans().get(&state.plan.id);
         for cell in state.quotas().filter(|c| c.prepaid() && c.spec.recharged) {
-            match self.recharge(tenant, cell.meter_id()).await {
-                Ok(view) => recharges.push(view),
-                Err(RechargeError::Store(e)) => return Err(e),
-                // Its plan changed meanwhile: nothing to show.
-                Err(_) => {}
-            }
+            let meter = cell.meter_id();
+            // Its plan changed meanwhile: nothing to show.
+            let Some(spec) = plan.and_then(|p| p.recharge(meter)) else { continue };
+            let counters = self.shared().stores().request().quota.counters(tenant, meter).await?;
+            let currency = rt.config.billing().currency.clone().unwrap_or_default();
+            recharges.push(crate::engine::recharge::settings::view_of(
+                tenant,
+                meter,
+                currency,
+                spec.clone(),
+                &counters,
+                now,
+            ));
         }
         Ok(UsageReport {
             tenant: state.id.clone(),
@@ -277,12 +291,17 @@ impl Tollgate {
 /// The version of the usage route's JSON (docs/usage.schema.json).
 pub(crate) const USAGE_VERSION: u64 = 1;
 
+/// The most grants of one balance the usage route lists.
+pub(crate) const MAX_GRANTS_SHOWN: usize = 100;
+
 impl Tollgate {
     /// The body of a tenant's own usage route ([`tenant_usage`](Self::tenant_usage)), in the
     /// JSON docs/usage.schema.json describes: its report from the start of its previous
     /// billing period, with each quota's `remaining` as the `RateLimit` header says it on this
     /// node (the store's count when this node holds no lease of the quota's period).
-    pub(crate) async fn usage_body(&self, state: &Tenant) -> Result<bytes::Bytes, StoreError> {
+    ///
+    /// Also gives the body's numbers without `as_of` (what its entity tag hashes).
+    pub(crate) async fn usage_body(&self, state: &Tenant) -> Result<(bytes::Bytes, Vec<u8>), StoreError> {
         use serde_json::json;
         let now = self.shared().clock().unix_secs();
         // The billing period: that of the plan's first monthly quota, else the calendar month.
@@ -326,10 +345,18 @@ impl Tollgate {
             .iter()
             .filter(|q| q.period == Period::Prepaid)
             .map(|q| {
-                let grants: Vec<serde_json::Value> = report
-                    .grants
-                    .iter()
-                    .filter(|g| g.meter == q.meter)
+                // Open grants in spending order, then closed ones, the latest closed first; at
+                // most `MAX_GRANTS_SHOWN` (the body of a view stays bounded).
+                let mut listed: Vec<&crate::store::CreditGrant> =
+                    report.grants.iter().filter(|g| g.meter == q.meter && g.closed.is_none()).collect();
+                let mut closed: Vec<&crate::store::CreditGrant> =
+                    report.grants.iter().filter(|g| g.meter == q.meter && g.closed.is_some()).collect();
+                closed.sort_by_key(|g| std::cmp::Reverse(g.closed.map_or(0, |c| c.at)));
+                listed.extend(closed);
+                let omitted = listed.len().saturating_sub(MAX_GRANTS_SHOWN);
+                listed.truncate(MAX_GRANTS_SHOWN);
+                let grants: Vec<serde_json::Value> = listed
+                    .into_iter()
                     .map(|g| {
                         json!({
                             "id": g.id,
@@ -350,7 +377,7 @@ impl Tollgate {
                     })
                     .collect();
                 let recharge = report.recharges.iter().find(|r| r.meter == q.meter).map(RechargeView::to_json);
-                json!({ "meter": q.meter.as_str(), "grants": grants, "recharge": recharge })
+                json!({ "meter": q.meter.as_str(), "grants": grants, "grants_omitted": omitted, "recharge": recharge })
             })
             .collect();
         let spend = report.quotas.iter().find(|q| q.meter == spend_meter).and_then(|q| {
@@ -394,11 +421,10 @@ impl Tollgate {
                 })
             })
             .collect();
-        let body = json!({
+        let mut body = json!({
             "version": USAGE_VERSION,
             "tenant": report.tenant.as_str(),
             "plan": report.plan.as_str(),
-            "as_of": now,
             "periods": {
                 "current": { "start": start, "end": end },
                 // Usage is kept 35 days: an older start is not all there.
@@ -413,6 +439,8 @@ impl Tollgate {
             "spend": spend,
             "usage": usage,
         });
-        Ok(bytes::Bytes::from(body.to_string()))
+        let numbers = body.to_string().into_bytes();
+        body["as_of"] = now.into();
+        Ok((bytes::Bytes::from(body.to_string()), numbers))
     }
 }

@@ -12,7 +12,7 @@ use crate::engine::{
     alerts::endpoint,
     door::{credential_by, RequestView},
     recharge::settings,
-    usage::caps,
+    usage::{caps, views::NoView},
     TenantContext, Tollgate,
 };
 use crate::response::route::{json, no_content, not_get, not_get_put_delete, problem, too_large};
@@ -147,6 +147,10 @@ impl Tollgate {
         let engine = self.clone();
         let head = request.method_is(&Method::HEAD);
         let get = head || request.method_is(&Method::GET);
+        let vary = match &self.shared().runtime().load().config.identify {
+            crate::config::Identify::ApiKey { header } => Some(header.clone()),
+            crate::config::Identify::Extension => None,
+        };
         let who = get.then(|| {
             let rt = self.shared().runtime().load_full();
             let credential =
@@ -190,7 +194,9 @@ impl Tollgate {
                     match made {
                         Ok(view) => view,
                         Err(e) => {
-                            tracing::debug!(tenant = %state.id, "usage view not made: {e}");
+                            if let NoView::Failed(e) = e {
+                                tracing::debug!(tenant = %state.id, "usage view not made: {e}");
+                            }
                             let mut r = problem(
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "store-unavailable",
@@ -214,6 +220,10 @@ impl Tollgate {
             };
             let headers = response.headers_mut();
             headers.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("private, max-age=1"));
+            // The answer depends on the credential: a cache keeps one per key.
+            if let Some(name) = vary {
+                headers.insert(http::header::VARY, http::HeaderValue::from(name));
+            }
             if let Ok(etag) = http::HeaderValue::from_str(&view.etag) {
                 headers.insert(http::header::ETAG, etag);
             }

@@ -213,6 +213,15 @@ async fn a_crossing_is_charged_once_and_granted_when_paid(s: Setup) {
     let [recharge] = report.recharges.as_slice() else { panic!("{:?}", report.recharges) };
     assert_eq!((recharge.meter.as_str(), recharge.off_reason(), recharge.state.open), ("requests", None, Some(open)));
     assert_eq!((recharge.month_count, recharge.month_spent), (1, open.packs * 500));
+    // And its own usage route: the recharge on, the one open, valid against the schema.
+    let request = http::Request::get("/v1/usage").header("x-api-key", "key-acme").body(()).unwrap();
+    let usage = s.h.tollgate.tenant_usage(&request).await;
+    assert_eq!(usage.status(), 200, "{:?}", usage.body());
+    let body: serde_json::Value = serde_json::from_slice(usage.body()).unwrap();
+    let balance = body["balances"].as_array().unwrap().iter().find(|b| b["meter"] == "requests").unwrap();
+    assert_eq!((&balance["recharge"]["on"], &balance["recharge"]["open"]["n"]), (&true.into(), &1.into()), "{body}");
+    assert_eq!(balance["recharge"]["month"]["recharges"], 1);
+    common::check_usage_schema(&[usage.body().clone()]);
     // Before it is charged, the balance runs out: 402, to come back in a few seconds.
     let refused = s.until_refused().await;
     assert_eq!(refused.headers.get("retry-after").map(|v| v.to_str().unwrap()), Some("5"));

@@ -216,6 +216,41 @@ pub fn one_tenant(plan: &str) -> String {
     format!("[plans.p]\n{plan}\n[tenants.t]\nplan = \"p\"\nkeys = [\"key-t\"]\n")
 }
 
+/// Validates `bodies` against docs/usage.schema.json with Python's `jsonschema`
+/// (scripts/check-json.py; skipped loudly without `TOLLGATE_MOTO_PYTHON`, required in CI).
+pub fn check_usage_schema(bodies: &[bytes::Bytes]) {
+    let python = match std::env::var("TOLLGATE_MOTO_PYTHON") {
+        Ok(p) => p,
+        _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => {
+            panic!("CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)")
+        }
+        _ => {
+            eprintln!("SKIPPED: the schema check: TOLLGATE_MOTO_PYTHON (a Python with jsonschema) is not set");
+            return;
+        }
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new(python)
+        .arg(root.join("scripts/check-json.py"))
+        .arg(root.join("docs/usage.schema.json"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for body in bodies {
+            stdin.write_all(body).unwrap();
+            stdin.write_all(b"\n").unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "not valid against docs/usage.schema.json:\n{text}");
+    assert_eq!(text.trim(), format!("ok {}", bodies.len()));
+}
+
 /// A node of a fleet: a harness whose worker runs in the background.
 pub fn node_with_worker(toml: &str, store: Arc<dyn Store>, clock: Clock, handle: FakeClock) -> Harness {
     node_on(toml, &NodeStore::Whole(store), clock, handle)

@@ -54,41 +54,6 @@ fn usage(method: &str, key: Option<&str>) -> http::Request<()> {
     b.body(()).unwrap()
 }
 
-/// Validates `bodies` against docs/usage.schema.json with Python's `jsonschema`
-/// (scripts/check-json.py; skipped loudly without `TOLLGATE_MOTO_PYTHON`, required in CI).
-fn check_schema(bodies: &[Bytes]) {
-    let python = match std::env::var("TOLLGATE_MOTO_PYTHON") {
-        Ok(p) => p,
-        _ if std::env::var_os("CI").is_some() || std::env::var_os("TOLLGATE_REQUIRE_SERVERS").is_some() => {
-            panic!("CI (or TOLLGATE_REQUIRE_SERVERS) is set but TOLLGATE_MOTO_PYTHON is not (scripts/test.sh sets it)")
-        }
-        _ => {
-            eprintln!("SKIPPED: the schema check: TOLLGATE_MOTO_PYTHON (a Python with jsonschema) is not set");
-            return;
-        }
-    };
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut child = std::process::Command::new(python)
-        .arg(root.join("scripts/check-json.py"))
-        .arg(root.join("docs/usage.schema.json"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python runs");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        for body in bodies {
-            stdin.write_all(body).unwrap();
-            stdin.write_all(b"\n").unwrap();
-        }
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "not valid against docs/usage.schema.json:\n{text}");
-    assert_eq!(text.trim(), format!("ok {}", bodies.len()));
-}
-
 fn json(body: &Bytes) -> serde_json::Value {
     serde_json::from_slice(body).unwrap()
 }
@@ -131,6 +96,8 @@ async fn the_route_answers_every_part_with_the_numbers_of_the_headers_valid_agai
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/json");
     assert_eq!(response.headers()["cache-control"], "private, max-age=1");
+    assert_eq!(response.headers()["vary"], "x-api-key", "a cache keeps one answer per key");
+    assert!(response.headers()["etag"].to_str().unwrap().starts_with("W/\""));
     let body = json(response.body());
     assert_eq!((&body["version"], &body["tenant"], &body["plan"]), (&1.into(), &"t".into(), &"p".into()));
     assert_eq!(body["as_of"], NOON + 120);
@@ -179,7 +146,7 @@ async fn the_route_answers_every_part_with_the_numbers_of_the_headers_valid_agai
 
     // A tenant without usage, and the one above, both valid.
     let other = h.tollgate.tenant_usage(&usage("GET", Some("key-u"))).await;
-    check_schema(&[response.body().clone(), other.body().clone()]);
+    common::check_usage_schema(&[response.body().clone(), other.body().clone()]);
 }
 
 /// 1,000 polls in a second make one view, with the store calls docs/usage.md lists; a
@@ -217,22 +184,37 @@ async fn polls_make_one_view_a_second_with_the_store_calls_the_guide_lists() {
     assert_eq!((head.status(), head.body().is_empty(), &head.headers()["etag"]), (http::StatusCode::OK, true, &etag));
     assert_eq!((calls() - before, h.tollgate.stats().usage_refreshes), (0, 1), "nothing read within the second");
 
-    // The next second: one view made again; the same numbers, the same tag.
+    // The next second: one view made again; the same numbers, the same tag (its `as_of` is
+    // not in the tag): still 304.
     h.clock.advance(Duration::from_secs(1));
     let again = h.tollgate.tenant_usage(&revalidate).await;
-    assert_eq!((again.status(), h.tollgate.stats().usage_refreshes), (http::StatusCode::OK, 2));
-    assert_ne!(again.headers()["etag"], etag, "its `as_of` moved");
-    // A store that does not answer: 503, and the next poll tries again.
+    assert_eq!((again.status(), h.tollgate.stats().usage_refreshes), (http::StatusCode::NOT_MODIFIED, 2));
+    assert_eq!(again.headers()["etag"], etag);
+    // New numbers, a new tag.
+    assert_eq!(h.status("/", "key-t").await, 200);
+    h.clock.advance(Duration::from_secs(1));
+    let changed = h.tollgate.tenant_usage(&revalidate).await;
+    assert_eq!(changed.status(), 200);
+    assert_ne!(changed.headers()["etag"], etag);
+    // A store that does not answer: 503; the polls of the next second are refused without
+    // asking it again, then it is asked again.
     h.clock.advance(Duration::from_secs(1));
     store.down.store(true, Ordering::SeqCst);
-    let down = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
-    assert_eq!(
-        (down.status(), down.headers().get("retry-after").map(|v| v.to_str().unwrap())),
-        (http::StatusCode::SERVICE_UNAVAILABLE, Some("1"))
-    );
+    let before = calls();
+    for _ in 0..100 {
+        let down = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+        assert_eq!(
+            (down.status(), down.headers().get("retry-after").map(|v| v.to_str().unwrap())),
+            (http::StatusCode::SERVICE_UNAVAILABLE, Some("1"))
+        );
+    }
+    assert_eq!(h.tollgate.stats().usage_refreshes, 4, "one refresh tried in the second");
+    assert!(calls() - before <= 3, "{} store calls for 100 polls of a store that is down", calls() - before);
     store.down.store(false, Ordering::SeqCst);
+    assert_eq!(h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.status(), 503, "within the second");
+    h.clock.advance(Duration::from_secs(1));
     assert_eq!(h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.status(), 200);
-    assert_eq!(h.tollgate.stats().usage_refreshes, 4);
+    assert_eq!(h.tollgate.stats().usage_refreshes, 5);
 }
 
 /// Polls of two tenants in the same second, interleaved, concurrently: each gets its own
@@ -311,4 +293,61 @@ keys = ["key-t"]
     let repeated =
         http::Request::get("/v1/usage").header("x-api-key", "key-t").header("x-api-key", "key-t").body(()).unwrap();
     assert_eq!(h.tollgate.tenant_usage(&repeated).await.status(), 400);
+}
+
+/// A prepaid balance on two nodes, a hold open on the one that answers: the route's
+/// `remaining` is what that node's next header says of the balance (`"tokens-prepaid";r=`,
+/// which counts the other node's lease as taken: docs/usage.md), its held units are shown,
+/// and nothing is counted twice (`used + held + remaining` at most the grants).
+#[tokio::test]
+async fn a_fleet_balance_shows_what_the_header_says_and_this_nodes_hold() {
+    use tollgate::door::{Admission, Credential, RequestInfo};
+    let store = Arc::new(MemoryStore::new());
+    let (clock, handle) = Clock::fake_at_unix(NOON);
+    let a = Harness::build(TOML, store.clone(), clock.clone(), handle.clone());
+    let b = Harness::build(TOML, store.clone(), clock, handle);
+    Admin::for_engine(&a.tollgate).grant_credits("t", "tokens", 1000, None, "pack-1").await.unwrap();
+    assert_eq!(a.status("/tokens/5", "key-t").await, 200);
+    assert_eq!(b.status("/tokens/7", "key-t").await, 200);
+    let info = RequestInfo::new("GET", "/tokens/0", Credential::ApiKey(b"key-t"));
+    let ticket = match a.tollgate.admit(&info) {
+        Admission::Admitted(t) => t,
+        Admission::Pending(p) => a.tollgate.resolve(p).await.unwrap(),
+        Admission::Rejected(r) => panic!("{r}"),
+    };
+    let hold = ticket.context().hold_with("tokens", 30, tollgate::config::Overrun::Refuse).await.unwrap();
+    let body = json(a.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await.body());
+    let tokens = find(&body["quotas"], "tokens");
+    let (limit, used, held, remaining) = (
+        tokens["limit"].as_u64().unwrap(),
+        tokens["used"].as_u64().unwrap(),
+        tokens["held"].as_u64().unwrap(),
+        tokens["remaining"].as_u64().unwrap(),
+    );
+    assert_eq!((limit, held), (1000, 30), "{tokens}");
+    assert!(used >= 12 && used + held + remaining <= limit, "{tokens}");
+    // A request that only reports the balance (0 tokens) says `remaining` itself.
+    let next = a.get("/tokens/0", "key-t").await;
+    let header = next.header("ratelimit").unwrap();
+    assert_eq!(r_of(header, "tokens-prepaid"), remaining, "{header}; the route said {tokens}");
+    drop(hold);
+    assert!(ticket.complete(200));
+}
+
+/// A balance's grants are listed up to 100, the open ones first; the rest are counted.
+#[tokio::test]
+async fn at_most_a_hundred_grants_are_listed_the_rest_counted() {
+    let h = Harness::new(TOML);
+    let admin = Admin::for_engine(&h.tollgate);
+    for i in 0..103 {
+        admin.grant_credits("t", "tokens", 1, None, &format!("pack-{i}")).await.unwrap();
+    }
+    admin.revoke_credits("t", Some("tokens"), "pack-0").await.unwrap();
+    let response = h.tollgate.tenant_usage(&usage("GET", Some("key-t"))).await;
+    let body = json(response.body());
+    let balance = find(&body["balances"], "tokens");
+    let grants = balance["grants"].as_array().unwrap();
+    assert_eq!((grants.len(), &balance["grants_omitted"]), (100, &3.into()));
+    assert!(grants.iter().all(|g| g["closed"].is_null()), "the open ones first");
+    common::check_usage_schema(&[response.body().clone()]);
 }

@@ -302,9 +302,9 @@ where
 ///
 /// Mount it **outside** tollgate's layer, as below: it identifies its caller itself and
 /// charges nothing (inside the layer every poll would spend a rate cell and a unit of the
-/// route's meter). It reads the credential as the layer does (`[identify]`); an application
-/// whose tenants are identified by a [`TenantResolver`](tollgate::TenantResolver) of its own
-/// gives the route the [`Identity`](tollgate::tenant::Identity) in the request's extensions.
+/// route's meter). It reads the credential as `[identify]` says: the API key header, or with
+/// `source = "extension"` the [`Identity`](tollgate::tenant::Identity) an authentication layer
+/// put in the request (mount that layer over the route too).
 ///
 /// ```no_run
 /// # async fn run(engine: tollgate::Tollgate, api: axum::Router) {

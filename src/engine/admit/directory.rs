@@ -32,6 +32,18 @@ impl Gate {
     /// `address`: the client address's key (0: none), whose directory lookups of API keys are
     /// limited (`identify.unknown_key_rate`).
     pub(crate) async fn lookup(&self, credential: OwnedCredential, address: u64) -> Result<Tenant, Rejection> {
+        self.lookup_serving(credential, address, true).await
+    }
+
+    /// [`lookup`](Self::lookup); with `fail_open` false, a directory that does not answer is
+    /// refused (503) even under an anonymous plan that fails open (a caller that must be
+    /// told apart from the anonymous tenant).
+    pub(crate) async fn lookup_serving(
+        &self,
+        credential: OwnedCredential,
+        address: u64,
+        fail_open: bool,
+    ) -> Result<Tenant, Rejection> {
         let rt = self.shared.runtime().load_full();
         let now = self.shared.clock().unix_secs();
         let lookup = match &credential {
@@ -154,7 +166,9 @@ impl Gate {
             Err(_) => {
                 // Without a tenant nothing can be billed: only an anonymous plan can fail open.
                 return match &rt.anonymous {
-                    Some(plan) if plan.on_store_error == StoreErrorPolicy::FailOpen => Ok(self.anonymous(&rt, plan)),
+                    Some(plan) if fail_open && plan.on_store_error == StoreErrorPolicy::FailOpen => {
+                        Ok(self.anonymous(&rt, plan))
+                    }
                     _ => Err(Rejection::new(
                         RejectionKind::StoreUnavailable,
                         "the tenant directory did not answer in time",

@@ -247,16 +247,17 @@ impl Gate {
     }
 
     /// The tenant [`identify`](Self::identify) found, or looked up in the directory: never the
-    /// anonymous tenant (an unknown key served as it is refused as unknown, 401).
+    /// anonymous tenant (an unknown key served as it is refused as unknown, 401; a directory
+    /// that does not answer is 503, never the anonymous plan's failing open).
     pub(crate) async fn identified(&self, who: Identified) -> Result<crate::tenant::Tenant, Rejection> {
         let state = match who {
             Identified::Known(state) => state,
             Identified::Lookup(credential, address) => {
-                self.lookup(credential, address).await.map_err(|r| self.count(r))?
+                self.lookup_serving(credential, address, false).await.map_err(|r| self.count(r))?
             }
         };
-        if state.id.as_str() == crate::config::ANONYMOUS_TENANT {
-            let rt = self.shared.runtime().load();
+        let rt = self.shared.runtime().load();
+        if rt.anonymous.is_some() && state.id.as_str() == crate::config::ANONYMOUS_TENANT {
             return Err(self.count(Self::challenged(
                 &rt,
                 RejectionKind::UnknownCredentials,

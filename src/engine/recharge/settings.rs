@@ -183,24 +183,27 @@ pub(crate) async fn recharge(
             Some(RechargeMode::Set(Some(RechargeSetting::new(setting.0, setting.1, setting.2, pack))))
         }
     };
-    let state = match mode {
-        None => parts.quota.counters(tenant, meter).await?.into_iter().find_map(|c| c.recharge).unwrap_or_default(),
-        Some(mode) => {
-            crate::store::QuotaStoreExt::apply_recharge(parts.quota, tenant, meter, mode, now).await?;
-            parts.quota.counters(tenant, meter).await?.into_iter().find_map(|c| c.recharge).unwrap_or_default()
-        }
-    };
+    if let Some(mode) = mode {
+        crate::store::QuotaStoreExt::apply_recharge(parts.quota, tenant, meter, mode, now).await?;
+    }
+    let counters = parts.quota.counters(tenant, meter).await?;
+    Ok(view_of(tenant, meter, currency, spec, &counters, now))
+}
+
+/// The view of `tenant`'s recharge of `meter` under its plan's `spec`, from the meter's
+/// counters as the quota store holds them.
+pub(crate) fn view_of(
+    tenant: &TenantId,
+    meter: &MeterId,
+    currency: String,
+    spec: RechargeSpec,
+    counters: &[crate::store::QuotaCounter],
+    now: i64,
+) -> RechargeView {
+    let state = counters.iter().find_map(|c| c.recharge).unwrap_or_default();
     let this_month = state.month == crate::store::month_of(now);
     let (month_spent, month_count) = if this_month { (state.spent, state.count) } else { (0, 0) };
-    Ok(RechargeView {
-        tenant: tenant.clone(),
-        meter: meter.clone(),
-        currency,
-        plan: spec,
-        state,
-        month_spent,
-        month_count,
-    })
+    RechargeView { tenant: tenant.clone(), meter: meter.clone(), currency, plan: spec, state, month_spent, month_count }
 }
 
 /// The tenant's values (its plan's where it leaves one out), checked against the plan's

@@ -25,6 +25,10 @@ use crate::{
 /// it, committed in batches exactly once each. One flush at a time (`batches` is its lock).
 pub(crate) struct Pipeline {
     batches: tokio::sync::Mutex<Batches>,
+    /// Batches committed by this node (bumped under the lock, after the store took one): a
+    /// read of the store made without the lock is known to miss none of them if it is the
+    /// same once the lock is taken.
+    commits: std::sync::atomic::AtomicU64,
     /// The usage buffer is at `usage.max_buffered_records`: fail-closed tenants are refused.
     buffer_full: AtomicBool,
     stores: Arc<StoreCalls>,
@@ -131,6 +135,7 @@ impl Pipeline {
     ) -> Self {
         Self {
             batches: tokio::sync::Mutex::new(Batches::new()),
+            commits: std::sync::atomic::AtomicU64::new(0),
             buffer_full: AtomicBool::new(false),
             stores,
             totals,
@@ -147,6 +152,11 @@ impl Pipeline {
         !needs_customer
             || tenant.customer.is_some()
             || rt.config.plan(&tenant.plan.id).is_some_and(crate::config::PlanSpec::billed)
+    }
+
+    /// The batches this node committed so far (see [`lock`](Self::lock)).
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Holds the pipeline: no flush runs meanwhile (what is drained and not committed can be
@@ -247,6 +257,7 @@ impl Pipeline {
                     let t = &self.totals;
                     t.flushes.add(1);
                     t.flushed_units.add(units);
+                    self.commits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                     p.pending.pop_front();
                     p.formed.pop_front();
                 }

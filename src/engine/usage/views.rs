@@ -20,31 +20,39 @@ pub(crate) const FRESH_NANOS: i64 = 1_000_000_000;
 pub(crate) struct UsageView {
     /// The JSON body.
     pub(crate) body: Bytes,
-    /// Its strong entity tag, quoted: a hash of the body.
+    /// Its weak entity tag, quoted: a hash of the body without the time it was made, so that
+    /// a view made again with the same numbers keeps its tag (a client revalidating gets 304).
     pub(crate) etag: String,
-    /// When it was made (the engine's clock, Unix nanoseconds).
-    made_at: i64,
 }
 
 impl UsageView {
-    /// The view of `body`, made at `made_at`.
-    pub(crate) fn new(body: Bytes, made_at: i64) -> Self {
+    /// The view of `body`, whose numbers without the time they were read are `numbers`.
+    pub(crate) fn new(body: Bytes, numbers: &[u8]) -> Self {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(&body);
+        let digest = sha2::Sha256::digest(numbers);
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        let etag = format!("\"{hex}\"");
-        Self { body, etag, made_at }
-    }
-
-    /// Whether it may still be served at `now` (Unix nanoseconds).
-    fn fresh(&self, now: i64) -> bool {
-        (0..FRESH_NANOS).contains(&now.saturating_sub(self.made_at))
+        Self { body, etag: format!("W/\"{hex}\"") }
     }
 }
 
-/// One tenant's slot: its view, behind a lock its refresh holds (the polls meanwhile wait
+/// What a tenant's slot keeps: its last view, or the time its last refresh failed (the polls
+/// of the next second are refused without asking the store again).
+enum Kept {
+    View(Arc<UsageView>, i64),
+    Failed(i64),
+}
+
+impl Kept {
+    /// Whether it may still be answered at `now`: made (or failed) less than a second before.
+    fn fresh(&self, now: i64) -> bool {
+        let (Kept::View(_, at) | Kept::Failed(at)) = self;
+        (0..FRESH_NANOS).contains(&now.saturating_sub(*at))
+    }
+}
+
+/// One tenant's slot: what it keeps, behind a lock its refresh holds (the polls meanwhile wait
 /// for it rather than read the store too).
-type Slot = Arc<tokio::sync::Mutex<Option<Arc<UsageView>>>>;
+type Slot = Arc<tokio::sync::Mutex<Option<Kept>>>;
 
 /// The views of this node's tenants.
 pub(crate) struct UsageViews {
@@ -63,39 +71,64 @@ impl Default for UsageViews {
     }
 }
 
+/// Why no view was answered.
+#[derive(Debug)]
+pub(crate) enum NoView<E> {
+    /// `make` failed now.
+    Failed(E),
+    /// A refresh failed less than a second before: not tried again yet.
+    FailedRecently,
+}
+
 impl UsageViews {
-    /// `tenant`'s view at `now` (Unix nanoseconds): the last one made if it is less than a
-    /// second old, else one `make` makes (one call at a time per tenant: the others wait for
-    /// it and take its view). A view `make` fails to make is not kept.
+    /// `tenant`'s view at `now` (Unix nanoseconds): the last one made if it was read less than
+    /// a second before, else one `make` makes (one call at a time per tenant: the others wait
+    /// for it and take its view). `make` gives the body and its numbers without the time.
+    /// A refresh that fails is remembered for a second: the polls meanwhile are refused
+    /// without asking the store again.
     ///
     /// # Errors
-    /// What `make` returns.
+    /// What `make` returns, or [`NoView::FailedRecently`].
     pub(crate) async fn view<E, F>(
         &self,
         tenant: &TenantId,
         now: impl Fn() -> i64,
         make: impl FnOnce() -> F,
-    ) -> Result<Arc<UsageView>, E>
+    ) -> Result<Arc<UsageView>, NoView<E>>
     where
-        F: std::future::Future<Output = Result<Bytes, E>>,
+        F: std::future::Future<Output = Result<(Bytes, Vec<u8>), E>>,
     {
         let slot = self.slots.get_with_by_ref(tenant, Slot::default);
         let mut kept = slot.lock().await;
         // Read after the lock: a refresh that held it has just made one.
-        if let Some(view) = kept.as_ref().filter(|v| v.fresh(now())) {
-            return Ok(view.clone());
+        match kept.as_ref().filter(|k| k.fresh(now())) {
+            Some(Kept::View(view, _)) => return Ok(view.clone()),
+            Some(Kept::Failed(_)) => return Err(NoView::FailedRecently),
+            None => {}
         }
-        let body = make().await?;
-        let view = Arc::new(UsageView::new(body, now()));
-        *kept = Some(view.clone());
-        Ok(view)
+        // Its numbers are those of when the refresh started.
+        let started = now();
+        match make().await {
+            Ok((body, numbers)) => {
+                let view = Arc::new(UsageView::new(body, &numbers));
+                *kept = Some(Kept::View(view.clone(), started));
+                Ok(view)
+            }
+            Err(e) => {
+                *kept = Some(Kept::Failed(started));
+                Err(NoView::Failed(e))
+            }
+        }
     }
 
-    /// `tenant`'s view if one less than a second old is kept, without waiting for a refresh
-    /// under way.
+    /// `tenant`'s view if one read less than a second before is kept, without waiting for a
+    /// refresh under way.
     pub(crate) fn fresh(&self, tenant: &TenantId, now: i64) -> Option<Arc<UsageView>> {
         let slot = self.slots.get(tenant)?;
         let kept = slot.try_lock().ok()?;
-        kept.as_ref().filter(|v| v.fresh(now)).cloned()
+        match kept.as_ref().filter(|k| k.fresh(now)) {
+            Some(Kept::View(view, _)) => Some(view.clone()),
+            _ => None,
+        }
     }
 }
