@@ -109,7 +109,7 @@ impl Tollgate {
     /// billing period with a daily series, as JSON of docs/usage.schema.json (`version` 1).
     ///
     /// The caller is identified as the layer identifies a request (`[identify]`: the API key
-    /// header or an [`Identity`](crate::tenant::Identity) in the request), through the same
+    /// header or an [`Identity`](crate::Identity) in the request), through the same
     /// table, negative cache and limits on unknown keys, and the answer is only ever its own
     /// tenant's. Refusals are the layer's problem+json: 401 without a credential (even where
     /// anonymous callers are served) or with an unknown one, 400 for a malformed one, 405
@@ -119,7 +119,7 @@ impl Tollgate {
     /// A quota's `remaining` is what the `RateLimit` header of this node says of it: its
     /// next request that takes `c` units of the quota says `remaining − c` (the route's view
     /// is up to a second old). The view is made at most once per tenant per second on a node
-    /// ([`Stats::usage_refreshes`](crate::Stats::usage_refreshes)), however often it is
+    /// ([`Stats::usage_refreshes`](crate::report::Stats::usage_refreshes)), however often it is
     /// polled, with a bounded number of store calls (docs/usage.md); answers carry
     /// `Cache-Control: private, max-age=1` and an `ETag`, and an `If-None-Match` that matches
     /// the view kept is answered 304 without reading anything. The door crates mount it

@@ -303,7 +303,7 @@ where
 /// Mount it **outside** tollgate's layer, as below: it identifies its caller itself and
 /// charges nothing (inside the layer every poll would spend a rate cell and a unit of the
 /// route's meter). It reads the credential as `[identify]` says: the API key header, or with
-/// `source = "extension"` the [`Identity`](tollgate::tenant::Identity) an authentication layer
+/// `source = "extension"` the [`Identity`](tollgate::Identity) an authentication layer
 /// put in the request (mount that layer over the route too).
 ///
 /// ```no_run
