@@ -2,7 +2,7 @@
 //! used and remaining in the current period; and usage over a date range. Read from the
 //! store, with this node's usage not flushed yet included.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use crate::engine::{recharge::settings::RechargeView, usage::events::EventError, Tollgate};
 use crate::{
@@ -28,7 +28,8 @@ pub struct UsageReport {
     /// [`quotas`](Self::quotas)) counts nano-units of it (`tollgate::money::amount_of` gives
     /// the amount), and its limit is the tenant's own cap when it set one.
     pub currency: Option<String>,
-    /// Its auto-recharges, one per prepaid meter its plan recharges (docs/credits.md,
+    /// Its auto-recharges, one per prepaid meter its plan recharges (the plan of the tenant's
+    /// state on this node, revalidated within `limits.directory_ttl`; docs/credits.md,
     /// "Recharge"): its settings within the plan's bounds, whether it is on (and why not:
     /// [`RechargeView::off_reason`]), the recharge open, failures, and this calendar month's
     /// recharges and spending.
@@ -116,9 +117,16 @@ impl Tollgate {
 
     /// [`usage_report`](Self::usage_report) of a tenant found: its store calls are at most
     /// one read of its spend cap's counters, one or two of its usage (one when the range
-    /// covers its quotas' periods), one of its credit grants (with a prepaid balance), and per
-    /// recharged meter one of its counters: the request path's store calls (fail fast).
+    /// covers its quotas' periods; as many again when this node committed usage meanwhile),
+    /// one of its credit grants (with a prepaid balance), and per recharged meter one of its
+    /// counters, made as [`reading`](crate::store::limited::reading) says.
     pub(crate) async fn report_of(&self, state: &Tenant, from: i64, to: i64) -> Result<UsageReport, StoreError> {
+        crate::store::limited::reading(self.report_in(state, from, to)).await
+    }
+
+    /// [`report_of`](Self::report_of), its calls made as [`reading`](crate::store::limited::reading)
+    /// says.
+    async fn report_in(&self, state: &Tenant, from: i64, to: i64) -> Result<UsageReport, StoreError> {
         let rt = self.shared().runtime().load_full();
         let tenant = &state.id;
         let now = self.shared().clock().unix_secs();
@@ -180,7 +188,14 @@ impl Tollgate {
         // again under it.
         let commits = self.units().pipeline().commits();
         let unlocked = reads().await?;
-        let pipeline = self.units().pipeline().lock().await;
+        // A flush holds the pipeline while it commits: waited for no longer than a request
+        // waits on the store (at least a second).
+        let wait =
+            self.shared().stores().policy().limit(crate::store::limited::Path::Request).max(Duration::from_secs(1));
+        let pipeline = match tokio::time::timeout(wait, self.units().pipeline().lock()).await {
+            Ok(pipeline) => pipeline,
+            Err(_) => return Err(StoreError::Timeout(wait)),
+        };
         let mut local: BTreeMap<(MeterId, i64), u64> = BTreeMap::new();
         for ((t, meter, window), q) in pipeline.staged_of(tenant) {
             debug_assert_eq!(t, tenant);

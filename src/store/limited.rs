@@ -88,6 +88,19 @@ pub(crate) async fn within_deadline_unguarded<T>(deadline: Instant, fut: impl Fu
     UNGUARDED.scope((), DEADLINE.scope(deadline, fut)).await
 }
 
+tokio::task_local! {
+    /// Set by [`reading`]: the request path's calls made under it fail fast while the breaker
+    /// is open, but never probe it nor count towards opening it.
+    static READING: ();
+}
+
+/// `fut`, its calls of the request path reads for a tenant's own view of its usage (made once
+/// a second per tenant, heavier than a request's calls): failing fast while the store does,
+/// never taken as the probe, and their timeouts not counted against the requests' breaker.
+pub(crate) async fn reading<T>(fut: impl Future<Output = T>) -> T {
+    READING.scope((), fut).await
+}
+
 /// What every [`Limited`] store of an engine shares: the time limits of each path, the
 /// breaker of the request path, and the count and log of errors.
 #[derive(Debug)]
@@ -242,7 +255,13 @@ impl Policy {
         op: &'static str,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let fast = path == Path::Request && UNGUARDED.try_with(|()| ()).is_err();
+        let reading = path == Path::Request && READING.try_with(|()| ()).is_ok();
+        if reading && self.failing_fast() {
+            let e = self.fast_failure();
+            self.failed(op, &e);
+            return Err(e);
+        }
+        let fast = path == Path::Request && !reading && UNGUARDED.try_with(|()| ()).is_err();
         if fast {
             if let Err(e) = self.before() {
                 self.failed(op, &e);

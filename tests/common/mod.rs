@@ -371,6 +371,9 @@ pub struct Faulty {
     pub usage_reads: AtomicU64,
     /// Reads of quota counters (`counters`).
     pub counter_reads: AtomicU64,
+    /// The next usage read (`usage_range`) reads the store, then notifies the first and waits
+    /// for the second before it answers (a read overtaken by a flush).
+    pub hold_usage_read: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
     /// `Idempotency-Key` writes (claims and settlements) that reached the store.
     pub idempotency_writes: AtomicU64,
     /// Idempotency reads (`read_idempotency`).
@@ -425,6 +428,7 @@ impl Default for Faulty {
             quota_calls: Default::default(),
             usage_reads: Default::default(),
             counter_reads: Default::default(),
+            hold_usage_read: Default::default(),
             idempotency_writes: Default::default(),
             idempotency_reads: Default::default(),
             rate_calls: Default::default(),
@@ -628,7 +632,13 @@ impl UsageStore for Faulty {
     ) -> Result<Vec<UsageAggregate>, StoreError> {
         self.usage_reads.fetch_add(1, Ordering::SeqCst);
         self.check()?;
-        self.inner.usage_range(tenant, from, to).await
+        let read = self.inner.usage_range(tenant, from, to).await;
+        let gate = self.hold_usage_read.lock().unwrap().take();
+        if let Some((entered, release)) = gate {
+            entered.notify_one();
+            release.notified().await;
+        }
+        read
     }
 }
 

@@ -130,6 +130,8 @@ async fn the_route_answers_every_part_with_the_numbers_of_the_headers_valid_agai
     assert_eq!(balance["recharge"], serde_json::Value::Null, "the plan recharges nothing");
 
     let spend = &body["spend"];
+    // 4 requests at 0.01 and 6 images at 0.10, charged as they were recorded.
+    assert_eq!(spend["spent"], "0.64", "{spend}");
     assert_eq!((&spend["currency"], &spend["limit"], &spend["max_limit"]), (&"usd".into(), &"10".into(), &"50".into()));
     assert_eq!((&spend["mode"], &spend["set_by"], &spend["period"]), (&"hard".into(), &"plan".into(), &"month".into()));
 
@@ -350,4 +352,85 @@ async fn at_most_a_hundred_grants_are_listed_the_rest_counted() {
     assert_eq!((grants.len(), &balance["grants_omitted"]), (100, &3.into()));
     assert!(grants.iter().all(|g| g["closed"].is_null()), "the open ones first");
     common::check_usage_schema(&[response.body().clone()]);
+}
+
+/// A flush that commits while the route reads the store: the route read the store without
+/// holding the pipeline, so it reads again; the usage is counted once, neither missed nor
+/// twice.
+#[tokio::test]
+async fn usage_committed_while_the_route_reads_is_counted_once() {
+    let store = Arc::new(Faulty::over(Arc::new(MemoryStore::new())));
+    let h = Harness::with_store(TOML, store.clone(), NOON);
+    for _ in 0..3 {
+        assert_eq!(h.status("/", "key-t").await, 200);
+    }
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *store.hold_usage_read.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let engine = h.tollgate.clone();
+    let poll = tokio::spawn(async move { json(engine.tenant_usage(&usage("GET", Some("key-t"))).await.body()) });
+    entered.notified().await;
+    // The route's read saw none of the 3 requests; the flush commits them now.
+    let flushed = h.tollgate.flush().await.unwrap();
+    assert!(flushed.units >= 3, "{flushed:?}");
+    release.notify_one();
+    let body = poll.await.unwrap();
+    assert_eq!(find(&body["quotas"], "requests")["used"], 3, "{body}");
+    assert_eq!(find(&body["usage"], "requests")["current"], 3, "{body}");
+}
+
+/// Polls that waited for a refresh that took longer than a second (the clock moved while it
+/// read the store) take its view: one refresh, not one per poll.
+#[tokio::test(flavor = "current_thread")]
+async fn polls_that_waited_for_a_slow_refresh_take_its_view() {
+    let store = Arc::new(Faulty::over(Arc::new(MemoryStore::new())));
+    let h = Harness::with_store(TOML, store.clone(), NOON);
+    assert_eq!(h.status("/", "key-t").await, 200);
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *store.hold_usage_read.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let polls: Vec<_> = (0..6)
+        .map(|_| {
+            let engine = h.tollgate.clone();
+            tokio::spawn(async move { engine.tenant_usage(&usage("GET", Some("key-t"))).await.status() })
+        })
+        .collect();
+    entered.notified().await;
+    // On one thread, each other poll runs until it waits for the tenant's view.
+    tokio::task::yield_now().await;
+    h.clock.advance(Duration::from_secs(2));
+    release.notify_one();
+    for poll in polls {
+        assert_eq!(poll.await.unwrap(), 200);
+    }
+    assert_eq!(h.tollgate.stats().usage_refreshes, 1);
+}
+
+/// A directory that does not answer is 503 on the route, even where an anonymous plan fails
+/// open (the layer then serves the request as the anonymous tenant): a tenant is never shown
+/// the anonymous tenant's usage, nor told its key is unknown.
+#[tokio::test]
+async fn a_directory_outage_is_503_even_where_the_anonymous_plan_fails_open() {
+    let toml = r#"
+[identify]
+unknown = "anonymous"
+anonymous_plan = "anon"
+[plans.anon]
+rate = "100/s"
+on_store_error = "fail-open"
+[plans.p]
+rate = "100/s"
+"#;
+    let memory = Arc::new(MemoryStore::new());
+    let record = tollgate::store::TenantRecord::new("d".into(), "p".into());
+    tollgate::store::DirectoryStore::put_tenant(memory.as_ref(), &record, &[tollgate::store::KeyHash::of(b"key-d")])
+        .await
+        .unwrap();
+    let store = Arc::new(Faulty::over(memory));
+    let h = Harness::with_store(toml, store.clone(), NOON);
+    store.down.store(true, Ordering::SeqCst);
+    let down = h.tollgate.tenant_usage(&usage("GET", Some("key-d"))).await;
+    assert_eq!(down.status(), 503, "{:?}", down.body());
+    assert_eq!(h.status("/", "key-d").await, 200, "the layer serves it as the anonymous tenant");
+    store.down.store(false, Ordering::SeqCst);
+    let up = h.tollgate.tenant_usage(&usage("GET", Some("key-d"))).await;
+    assert_eq!((up.status(), json(up.body())["tenant"].as_str()), (http::StatusCode::OK, Some("d")));
 }

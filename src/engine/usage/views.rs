@@ -51,8 +51,15 @@ impl Kept {
 }
 
 /// One tenant's slot: what it keeps, behind a lock its refresh holds (the polls meanwhile wait
-/// for it rather than read the store too).
-type Slot = Arc<tokio::sync::Mutex<Option<Kept>>>;
+/// for it rather than read the store too), and how many refreshes ended (a poll that waited
+/// for one takes its outcome, however long it took).
+#[derive(Default)]
+struct SlotInner {
+    refreshes: std::sync::atomic::AtomicU64,
+    kept: tokio::sync::Mutex<Option<Kept>>,
+}
+
+type Slot = Arc<SlotInner>;
 
 /// The views of this node's tenants.
 pub(crate) struct UsageViews {
@@ -99,16 +106,20 @@ impl UsageViews {
         F: std::future::Future<Output = Result<(Bytes, Vec<u8>), E>>,
     {
         let slot = self.slots.get_with_by_ref(tenant, Slot::default);
-        let mut kept = slot.lock().await;
-        // Read after the lock: a refresh that held it has just made one.
-        match kept.as_ref().filter(|k| k.fresh(now())) {
+        let seen = slot.refreshes.load(std::sync::atomic::Ordering::Acquire);
+        let mut kept = slot.kept.lock().await;
+        // Read after the lock: a refresh that held it meanwhile has just ended, and its outcome
+        // is this poll's, even if it took more than a second.
+        let waited = slot.refreshes.load(std::sync::atomic::Ordering::Acquire) != seen;
+        match kept.as_ref().filter(|k| waited || k.fresh(now())) {
             Some(Kept::View(view, _)) => return Ok(view.clone()),
             Some(Kept::Failed(_)) => return Err(NoView::FailedRecently),
             None => {}
         }
         // Its numbers are those of when the refresh started.
         let started = now();
-        match make().await {
+        let made = make().await;
+        let answer = match made {
             Ok((body, numbers)) => {
                 let view = Arc::new(UsageView::new(body, &numbers));
                 *kept = Some(Kept::View(view.clone(), started));
@@ -118,14 +129,16 @@ impl UsageViews {
                 *kept = Some(Kept::Failed(started));
                 Err(NoView::Failed(e))
             }
-        }
+        };
+        slot.refreshes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        answer
     }
 
     /// `tenant`'s view if one read less than a second before is kept, without waiting for a
     /// refresh under way.
     pub(crate) fn fresh(&self, tenant: &TenantId, now: i64) -> Option<Arc<UsageView>> {
         let slot = self.slots.get(tenant)?;
-        let kept = slot.try_lock().ok()?;
+        let kept = slot.kept.try_lock().ok()?;
         match kept.as_ref().filter(|k| k.fresh(now)) {
             Some(Kept::View(view, _)) => Some(view.clone()),
             _ => None,
