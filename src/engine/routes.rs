@@ -147,17 +147,18 @@ impl Tollgate {
         let engine = self.clone();
         let head = request.method_is(&Method::HEAD);
         let get = head || request.method_is(&Method::GET);
-        let vary = match &self.shared().runtime().load().config.identify {
+        let rt = self.shared().runtime().load_full();
+        let vary = match &rt.config.identify {
             crate::config::Identify::ApiKey { header } => Some(header.clone()),
             crate::config::Identify::Extension => None,
         };
         let who = get.then(|| {
-            let rt = self.shared().runtime().load_full();
             let credential =
                 credential_by(&rt.config.identify, |h| request.header_values_named(h), || request.identity());
             self.gate()
                 .identify(&rt, credential, || rt.client_ip(request.client_addr(), |name| request.header_values(name)))
         });
+        drop(rt);
         let if_none_match: Option<Vec<u8>> = {
             let mut values = request.header_values_named(&http::header::IF_NONE_MATCH).peekable();
             values.peek().is_some().then(|| values.collect::<Vec<_>>().join(&b","[..]))
@@ -197,14 +198,14 @@ impl Tollgate {
                             if let NoView::Failed(e) = e {
                                 tracing::debug!(tenant = %state.id, "usage view not made: {e}");
                             }
-                            let mut r = problem(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "store-unavailable",
-                                "Store unavailable",
-                                "the store did not answer; try again",
+                            // The layer's refusal of a store that did not answer.
+                            return refused(
+                                crate::response::Rejection::new(
+                                    crate::response::RejectionKind::StoreUnavailable,
+                                    "the store did not answer; try again",
+                                )
+                                .with_retry_after(1),
                             );
-                            r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-                            return r;
                         }
                     }
                 }
