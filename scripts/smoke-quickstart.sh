@@ -128,6 +128,19 @@ check "second stop (2 + 2 request units, 80 + 120 tokens)" "stopped: flushed 204
 check "prepaid: the balance's counter holds exactly what was recorded (80 of 100)" "80 100" \
   "$(cd "$work" && "$cli" --config "$OLDPWD/examples/quickstart.toml" quota show initech | awk '$1 == "tokens" && $2 == "prepaid" { print $(NF-1), $NF }')"
 
+# README, "Try it": the dashboard over the quickstart's file, on loopback without a token.
+dash_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+(cd "$work" && exec "$cli" --config "$OLDPWD/examples/quickstart.toml" dashboard --listen "127.0.0.1:$dash_port") >"$work/dashboard.log" 2>&1 &
+dash_pid=$!
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$dash_port/" && break; sleep 0.1; done
+check "README: the dashboard lists the quickstart's tenants" yes \
+  "$(curl -s "http://127.0.0.1:$dash_port/" | grep -q 'href="/tenants/initech"' && echo yes || echo no)"
+check "README: the dashboard shows initech's balance (20 of 100 left)" yes \
+  "$(curl -s "http://127.0.0.1:$dash_port/" | grep -q 'tokens 20 of 100' && echo yes || echo no)"
+kill -TERM $dash_pid 2>/dev/null || true
+for _ in $(seq 100); do kill -0 $dash_pid 2>/dev/null || break; sleep 0.1; done
+check "the dashboard stops on SIGTERM" stopped "$(kill -0 $dash_pid 2>/dev/null && echo running || echo stopped)"
+
 # On a store a fleet shares (DynamoDB, PostgreSQL; when the test script runs a local server):
 # quickstart processes on one table or schema share the free tenant's daily quota of 20. Node A
 # spends 6 and stops (its lease goes back, its usage is flushed to the store); node B then gets

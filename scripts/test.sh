@@ -11,6 +11,8 @@
 # and a Redis Cluster of three masters (scripts/redis-server.sh, Debian's package) for the Redis
 # tests. The Stripe tests start their own Stripe stand-in (tests/common/stripe.rs) on a free
 # loopback port and talk to it with the real async-stripe client.
+# The dashboard's browser test installs Debian's chromium and chromium-driver when missing, and
+# Selenium in a venv (.venv/browser) (scripts/dashboard-browser.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -143,6 +145,9 @@ scripts/instruction-budget.sh
 
 step "quickstart smoke test"
 scripts/smoke-quickstart.sh
+
+step "the operator dashboard in a real browser (headless Chromium, Selenium)"
+scripts/dashboard-browser.sh
 
 step "disk used by the build"
 du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null || true

@@ -6,6 +6,9 @@ mod base;
 pub mod billing;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "dashboard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dashboard")))]
+pub mod dashboard;
 pub mod door {
     //! For authors of a new front door (a framework's middleware over the engine): a request
     //! as the engine sees it, the engine's answer, and the ticket that completes an admitted
@@ -62,6 +65,8 @@ pub mod guide {
     pub mod money {}
     #[doc = include_str!("../docs/usage.md")]
     pub mod usage {}
+    #[doc = include_str!("../docs/dashboard.md")]
+    pub mod dashboard {}
 }
 pub mod money {
     //! Money: prices on meters and spend caps, exact decimals ([`Decimal`], never floats),

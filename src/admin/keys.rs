@@ -6,7 +6,7 @@ use crate::store::{unix_now, ApiKeyRecord};
 use super::{Admin, AdminError};
 
 /// How many characters of a key are kept to recognise it by (`tg_live_ab12`).
-const PREFIX_CHARS: usize = 12;
+pub(super) const PREFIX_CHARS: usize = 12;
 
 /// How a key is issued.
 #[derive(Debug, Clone, Default)]

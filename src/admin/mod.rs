@@ -28,10 +28,12 @@ mod import;
 mod keys;
 mod open;
 mod recharge;
+mod search;
 mod tenants;
 
 pub use error::AdminError;
 pub use import::ImportReport;
 pub use keys::{IssuedKey, KeyOptions};
 pub use open::Admin;
+pub use search::{TenantSearch, KEY_SCAN_TENANTS, MAX_SEARCH_LEN};
 pub use tenants::CopyReport;

@@ -24,7 +24,7 @@ pub(crate) use money::{header_scale, minor_units_of, money_text, HEADER_INTEGER_
 pub use period::{Period, QuotaMode};
 pub(crate) use random::draw_u64;
 pub use rejection::RejectionKind;
-#[cfg(feature = "stripe")]
+#[cfg(any(feature = "stripe", feature = "dashboard"))]
 pub(crate) use signing::hmac_sha256;
 pub(crate) use signing::is_loopback;
 pub use signing::{is_public, signature_header, BadSecret, WebhookSecret};

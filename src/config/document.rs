@@ -45,6 +45,8 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     pub(crate) alerts: RawAlerts,
     pub(crate) billing: Option<super::billing::RawBilling>,
+    #[serde(default)]
+    pub(crate) dashboard: super::dashboard::RawDashboard,
 }
 
 pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -107,6 +109,7 @@ pub struct Config {
     pub(crate) events: EventSettings,
     pub(crate) alerts: super::AlertSettings,
     pub(crate) billing: super::BillingSettings,
+    pub(crate) dashboard: super::DashboardSettings,
     pub(crate) clients: ClientSettings,
     /// Whether the file has a `[store]` section, and where its keys are (for reload errors).
     pub(crate) store_written: Option<StoreOrigin>,
@@ -146,6 +149,11 @@ impl Config {
     /// Where alerts go and how they are delivered (`[alerts]`).
     pub fn alerts(&self) -> &super::AlertSettings {
         &self.alerts
+    }
+
+    /// The operator dashboard's access token (`[dashboard]`).
+    pub fn dashboard(&self) -> &super::DashboardSettings {
+        &self.dashboard
     }
 
     /// How tenants are identified.
@@ -481,6 +489,7 @@ impl Validator<'_, '_> {
         let routes = self.routes(&raw.routes, &meters, &default_meter, &plans)?;
         let events = self.events(&raw.events, &meters)?;
         let alerts = self.alerts(&raw.alerts)?;
+        let dashboard = self.dashboard(&raw.dashboard)?;
         self.hard_quotas_are_reachable(&plans, &routes, &default_meter, &events)?;
         let tenants = self.tenants(&raw.tenants, &plans, &meters, &routes, &default_meter, &events, &billing)?;
         for t in &tenants {
@@ -578,6 +587,7 @@ impl Validator<'_, '_> {
             events,
             alerts,
             billing,
+            dashboard,
             clients,
             file: None,
         })

@@ -16,6 +16,7 @@
 
 mod alerts;
 mod billing;
+mod dashboard;
 mod document;
 mod error;
 mod events;
@@ -45,6 +46,7 @@ pub use crate::base::{InvalidTenantId, MeterId, Period, PlanId, QuotaMode, SinkK
 pub use crate::base::{MAX_CAP_NANOS, NANOS, SPEND_METER};
 pub use alerts::{AlertEndpoint, AlertSettings, EVENT_TYPES};
 pub use billing::BillingSettings;
+pub use dashboard::{DashboardSettings, DashboardToken, MIN_TOKEN_LEN};
 pub use document::Config;
 pub use error::{ConfigError, ConfigErrorKind};
 pub use events::EventSettings;

@@ -743,6 +743,7 @@ mod reference {
             ["metronome", ..] => "## `[metronome]`",
             ["alerts", ..] => "## `[alerts]`",
             ["billing", ..] => "## `[billing]`",
+            ["dashboard", ..] => "## `[dashboard]`",
             _ => panic!("no table in the guide for `{path}`"),
         }
     }
@@ -815,6 +816,11 @@ mod reference {
         endpoints.insert("billing".into(), billing.into());
         alerts.insert("endpoints".into(), endpoints.into());
         main.insert("alerts".into(), alerts.into());
+        // The dashboard's token, in a file of its own.
+        let token = tempfile_in_target("tollgate-dashboard", "an-access-token-of-32-characters\n");
+        let mut dashboard = table(&main, "dashboard");
+        dashboard.insert("token_file".into(), token.to_string_lossy().into_owned().into());
+        main.insert("dashboard".into(), dashboard.into());
         let mut store = table(&main, "store");
         let roles: Vec<(&str, toml::Value)> =
             ROLES.iter().filter_map(|r| store.remove(*r).map(|section| (*r, section))).collect();

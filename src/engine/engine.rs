@@ -338,6 +338,16 @@ impl Tollgate {
         stats
     }
 
+    /// `tenant`'s refusals among the last ones of identified tenants on this node, by kind,
+    /// with the time of the oldest kept (the operator dashboard's).
+    #[cfg(feature = "dashboard")]
+    pub(crate) fn recent_rejections(
+        &self,
+        tenant: &crate::base::TenantId,
+    ) -> (Vec<(crate::base::RejectionKind, u64)>, Option<i64>) {
+        self.gate().recent().of(tenant)
+    }
+
     /// The clock the engine reads.
     #[must_use]
     pub fn clock(&self) -> &Clock {

@@ -4,6 +4,8 @@
 //! all share (`shared.rs`); [`Tollgate`] is the facade that holds them.
 
 mod admit;
+#[cfg(feature = "dashboard")]
+pub(crate) use admit::recent::RECENT_REJECTIONS;
 pub(crate) mod alerts;
 mod builder;
 mod door;

@@ -10,6 +10,8 @@ mod alerts;
 mod balances;
 mod clients;
 mod credits;
+#[cfg(feature = "dashboard")]
+mod dashboard;
 mod directory;
 mod events;
 mod features;

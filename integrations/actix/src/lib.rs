@@ -832,3 +832,63 @@ pub fn stripe_webhook(handler: impl Into<std::sync::Arc<tollgate::billing::Webho
 
 #[doc = include_str!("../docs/guide.md")]
 pub mod guide {}
+
+/// The operator dashboard ([`Dashboard`](tollgate::dashboard::Dashboard), feature
+/// `dashboard`) as a scope at `path` (`"/ops/tollgate"`): read-only pages of the tenants,
+/// billing, alerts and the node, rendered on the server with their stylesheet compiled in.
+///
+/// Register it **outside** the middleware's scope (operators are not tenants), and give it a
+/// token (`[dashboard] token_file`, [`Access::from_config`](tollgate::dashboard::Access::from_config))
+/// unless the application authenticates the path itself ([`Access::Open`](tollgate::dashboard::Access::Open)).
+///
+/// ```no_run
+/// # fn app(engine: tollgate::Tollgate) -> Result<(), Box<dyn std::error::Error>> {
+/// use actix_web::{web, App};
+/// use tollgate::dashboard::{Access, Dashboard};
+/// let dashboard = Dashboard::for_engine(&engine, Access::from_config(&engine.config())?);
+/// let app = App::new()
+///     .service(tollgate_actix::dashboard("/ops/tollgate", dashboard))
+///     .service(web::scope("/v1").wrap(tollgate_actix::TollgateMiddleware::new(engine)));
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(feature = "dashboard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dashboard")))]
+#[must_use]
+pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix_web::Scope {
+    let base = path.trim_end_matches('/').to_owned();
+    actix_web::web::scope(&base.clone()).default_service(actix_web::web::to(
+        move |request: HttpRequest, mut payload: actix_web::web::Payload| {
+            let dashboard = dashboard.clone();
+            let base = base.clone();
+            async move {
+                let cap = tollgate::dashboard::MAX_BODY + 1;
+                let mut body = bytes::BytesMut::new();
+                while body.len() < cap {
+                    match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
+                        Some(Ok(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
+                        _ => break,
+                    }
+                }
+                let rest = request.path().strip_prefix(base.as_str()).unwrap_or("/");
+                let rest = if rest.is_empty() { "/" } else { rest };
+                let uri = match request.query_string() {
+                    "" => rest.to_owned(),
+                    q => format!("{rest}?{q}"),
+                };
+                let mut out = http::Request::new(body.freeze());
+                *out.method_mut() = http::Method::from_bytes(request.method().as_str().as_bytes()).unwrap_or_default();
+                *out.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+                for (name, value) in request.headers() {
+                    if let (Ok(name), Ok(value)) = (
+                        http::HeaderName::from_bytes(name.as_str().as_bytes()),
+                        http::HeaderValue::from_bytes(value.as_bytes()),
+                    ) {
+                        out.headers_mut().append(name, value);
+                    }
+                }
+                to_actix(dashboard.respond(&base, out).await)
+            }
+        },
+    ))
+}

@@ -409,3 +409,61 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// The operator dashboard ([`Dashboard`](tollgate::dashboard::Dashboard), feature
+/// `dashboard`) as a router of the paths under `path` (`"/ops/tollgate"`; `""` for the root),
+/// to merge into the application's: read-only pages of the tenants, billing, alerts and the
+/// node, rendered on the server with their stylesheet compiled in.
+///
+/// Merge it **outside** tollgate's layer (operators are not tenants), and give it a token
+/// (`[dashboard] token_file`, [`Access::from_config`](tollgate::dashboard::Access::from_config))
+/// unless the application authenticates the path itself ([`Access::Open`](tollgate::dashboard::Access::Open)).
+///
+/// ```no_run
+/// # fn run(engine: tollgate::Tollgate, api: axum::Router) -> Result<(), Box<dyn std::error::Error>> {
+/// use tollgate::dashboard::{Access, Dashboard};
+/// let dashboard = Dashboard::for_engine(&engine, Access::from_config(&engine.config())?);
+/// let app = axum::Router::new()
+///     .merge(api.layer(tollgate::TollgateLayer::new(engine)))
+///     .merge(tollgate_axum::dashboard("/ops/tollgate", dashboard));
+/// # let _: axum::Router = app;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Panics
+/// When `path` is not empty and does not start with `/`, as axum's `route` does.
+#[cfg(feature = "dashboard")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dashboard")))]
+pub fn dashboard<S>(path: &str, dashboard: tollgate::dashboard::Dashboard) -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    let base = path.trim_end_matches('/').to_owned();
+    let at = base.clone();
+    let handler = move |request: axum::extract::Request| {
+        let dashboard = dashboard.clone();
+        let base = base.clone();
+        async move {
+            let (mut parts, body) = request.into_parts();
+            // The path under the dashboard, its query kept.
+            let rest = parts.uri.path().strip_prefix(base.as_str()).unwrap_or("/");
+            let rest = if rest.is_empty() { "/" } else { rest };
+            let uri = match parts.uri.query() {
+                Some(q) => format!("{rest}?{q}"),
+                None => rest.to_owned(),
+            };
+            parts.uri = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+            let body = bounded_body(body, tollgate::dashboard::MAX_BODY).await;
+            let answer = dashboard.respond(&base, http::Request::from_parts(parts, body)).await;
+            answer.map(axum::body::Body::from)
+        }
+    };
+    let mut router = axum::Router::new()
+        .route(&format!("{at}/"), axum::routing::any(handler.clone()))
+        .route(&format!("{at}/{{*rest}}"), axum::routing::any(handler.clone()));
+    if !at.is_empty() {
+        router = router.route(&at, axum::routing::any(handler));
+    }
+    router
+}

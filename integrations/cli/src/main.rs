@@ -5,6 +5,7 @@
 
 mod alerts;
 mod credits;
+mod dashboard;
 mod dead_letters;
 mod export;
 mod keys;
@@ -96,6 +97,9 @@ async fn run(cli: Cli) -> Result<()> {
                 request = request.tenant(t.as_str().into());
             }
             reconcile(load(&cli.config)?, &request).await
+        }
+        Command::Dashboard { listen, token_file } => {
+            dashboard::serve(load(&cli.config)?, listen, token_file.as_deref()).await
         }
         Command::Usage { tenant, meter, from, to } => usage(&cli.config, tenant, meter, from, to).await,
     }

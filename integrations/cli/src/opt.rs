@@ -67,6 +67,19 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: QuotaCommand,
     },
+    /// Serves the read-only operator dashboard over this configuration's stores: tenants,
+    /// billing (pending windows, dead letters, reconciliation's findings) and alerts, until
+    /// SIGINT or SIGTERM. Off loopback it needs an access token (`--token-file` or
+    /// `[dashboard] token_file`).
+    Dashboard {
+        /// The address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: std::net::SocketAddr,
+        /// A file holding the access token (at least 16 characters), instead of the
+        /// configuration's `dashboard.token_file`.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// A tenant's usage per meter and window, with what was exported of it.
     Usage {
         /// The tenant.

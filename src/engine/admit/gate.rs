@@ -9,6 +9,9 @@
 use crate::engine::table::TenantTable;
 use std::sync::Arc;
 
+#[cfg(feature = "dashboard")]
+use crate::engine::admit::recent::RecentRejections;
+
 use crate::engine::{
     admit::{
         clients::KeyLookups,
@@ -48,6 +51,9 @@ pub(crate) struct Gate {
     /// Which of a tenant's billing customers its usage is billed to (a tenant's state carries
     /// it from its lookup).
     pub(super) customer_field: CustomerField,
+    /// The last refusals of identified tenants, for the operator dashboard.
+    #[cfg(feature = "dashboard")]
+    pub(super) recent: RecentRejections,
 }
 
 impl std::fmt::Debug for Gate {
@@ -70,13 +76,31 @@ impl Gate {
         let GateParts { table, idempotency, unknown, key_lookups, customer_field } = parts;
         let in_flight = InFlightCounts::default();
         let places = Arc::new(PlacesNode::new(shared.clone(), table.clone(), in_flight.clone()));
-        Self { shared, units, table, idempotency, unknown, key_lookups, in_flight, places, customer_field }
+        Self {
+            shared,
+            units,
+            table,
+            idempotency,
+            unknown,
+            key_lookups,
+            in_flight,
+            places,
+            customer_field,
+            #[cfg(feature = "dashboard")]
+            recent: RecentRejections::default(),
+        }
     }
 
     /// The tenant table.
     #[inline]
     pub(crate) fn table(&self) -> &Arc<TenantTable> {
         &self.table
+    }
+
+    /// The last refusals of identified tenants on this node.
+    #[cfg(feature = "dashboard")]
+    pub(crate) fn recent(&self) -> &RecentRejections {
+        &self.recent
     }
 
     /// The `Idempotency-Key`s this node saw.
@@ -213,6 +237,10 @@ impl Gate {
             return rejection;
         }
         self.shared.metrics().rejected(rejection.kind()).increment(1);
+        #[cfg(feature = "dashboard")]
+        if let Some(tenant) = rejection.tenant() {
+            self.recent.note(tenant, rejection.kind(), self.shared.clock().unix_secs());
+        }
         tracing::debug!(
             reason = rejection.kind().label(),
             tenant = rejection.tenant().map(|t| t.as_str()),

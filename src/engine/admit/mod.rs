@@ -15,6 +15,8 @@ pub(crate) mod gate;
 pub(crate) mod idempotency;
 pub(crate) mod place_node;
 pub(crate) mod places;
+#[cfg(feature = "dashboard")]
+pub(crate) mod recent;
 pub(crate) mod stage;
 pub(crate) mod ticket;
 pub(crate) mod wait;

@@ -1,0 +1,147 @@
+//! The operator dashboard mounted in an axum API: tenants seeded, a few requests served (some
+//! refused), usage flushed, a dead letter and an alert written, then the API and the dashboard
+//! served on one port. The browser test (`scripts/dashboard-browser.sh`) drives it.
+//!
+//! Run it:
+//!
+//! ```text
+//! echo 'an-access-token-for-the-dashboard' > /tmp/dashboard-token
+//! TOLLGATE_DASHBOARD_TOKEN_FILE=/tmp/dashboard-token \
+//!   cargo run -p tollgate-axum --features dashboard --example dashboard
+//! ```
+//!
+//! and open <http://127.0.0.1:3000/ops/> (the token signs you in). With `TOLLGATE_DB` the
+//! SQLite file is chosen (default `dashboard.db`); `tollgate dashboard` reads the same file.
+#![allow(missing_docs)]
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{routing::get, Router};
+use tollgate::{
+    admin::{Admin, KeyOptions},
+    dashboard::{Access, Dashboard},
+    store::{AlertKey, ExportStore, OutboxEntry, OutboxStore, SqliteStore},
+    Config, Tollgate, TollgateLayer,
+};
+use tower::ServiceExt as _;
+
+/// The tenant whose id is markup: the dashboard shows it as text.
+pub const HOSTILE: &str = "<script>alert(1)</script>";
+
+fn config(db: &str, token_file: &str) -> String {
+    format!(
+        r#"
+[store]
+kind = "sqlite"
+path = "{db}"
+
+[identify]
+source = "api-key"
+header = "x-api-key"
+unknown = "reject"
+
+[usage]
+flush_interval = "1s"
+window = "1h"
+
+[export]
+sink = "jsonl"
+file = "{db}.usage.jsonl"
+
+[meters.requests]
+[meters.credits]
+
+[plans.free]
+rate = "2/s"
+burst = 2
+quotas.requests = {{ limit = 100, period = "day", mode = "hard" }}
+
+[plans.pro]
+rate = "50/s"
+burst = 50
+quotas.requests = {{ limit = 1000, period = "day", mode = "soft" }}
+quotas.credits = {{ period = "prepaid" }}
+features = ["generate"]
+
+[[routes]]
+method = "POST"
+path = "/v1/generate"
+meter = "credits"
+cost = 2
+feature = "generate"
+
+[dashboard]
+token_file = "{token_file}"
+"#
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let db = std::env::var("TOLLGATE_DB").unwrap_or_else(|_| "dashboard.db".to_owned());
+    let token_file = std::env::var("TOLLGATE_DASHBOARD_TOKEN_FILE")?;
+    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(3000);
+    let text = config(&db, &token_file);
+    let config = Config::from_toml_str(&text)?;
+    // Beside the database, for `tollgate --config <db>.toml dashboard` over the same stores.
+    std::fs::write(format!("{db}.toml"), &text)?;
+    let (engine, worker) = Tollgate::builder(config.clone()).open().await?;
+    tokio::spawn(worker.run());
+
+    // Tenants and keys, as `tollgate tenants add` and `tollgate keys issue` would.
+    let admin = Admin::for_engine(&engine);
+    let mut keys = Vec::new();
+    for (id, plan, customer) in [("acme", "pro", Some("cus_acme")), (HOSTILE, "free", None), ("globex", "free", None)] {
+        if admin.tenant(id).await?.is_none() {
+            admin.add_tenant(id, plan, customer).await?;
+        }
+        keys.push(admin.issue_key(id, KeyOptions::default()).await?.key);
+    }
+    admin.grant_credits("acme", "credits", 500, None, "pack-1").await?;
+
+    // Requests through the layer: acme spends 7 requests and 3 generations (6 credits); the
+    // hostile tenant sends 5 at once on a rate of 2/s with a burst of 2, and 3 are refused.
+    let api = Router::new()
+        .route("/v1/items", get(|| async { "items\n" }))
+        .route("/v1/generate", axum::routing::post(|| async { "generated\n" }))
+        .layer(TollgateLayer::new(engine.clone()));
+    let call = |method: &str, path: &str, key: &str| {
+        http::Request::builder().method(method).uri(path).header("x-api-key", key).body(axum::body::Body::empty())
+    };
+    for _ in 0..7 {
+        api.clone().oneshot(call("GET", "/v1/items", &keys[0])?).await?;
+    }
+    for _ in 0..3 {
+        api.clone().oneshot(call("POST", "/v1/generate", &keys[0])?).await?;
+    }
+    for _ in 0..5 {
+        api.clone().oneshot(call("GET", "/v1/items", &keys[1])?).await?;
+    }
+    engine.flush().await?;
+
+    // A dead letter (the hostile tenant's window, refused with markup in its reason) and an
+    // alert waiting for delivery, written to the store as the exporter and a flush would.
+    let store = Arc::new(SqliteStore::open(&db).await?);
+    let now = engine.clock().unix_secs();
+    let pending = store.pending_exports(now + 3600, None, 100).await?;
+    if let Some(window) = pending.iter().find(|a| a.key.tenant.as_str() == HOSTILE) {
+        store.dead_letter(window, "refused: <b>No such customer</b>").await?;
+    }
+    let alert = OutboxEntry::new(
+        AlertKey::new("quota.threshold_crossed:acme:requests:80", "https://ops.example.com/hooks?token=secret"),
+        "acme".into(),
+        "quota.threshold_crossed",
+        "{}",
+        now,
+        now + 86_400,
+    );
+    store.put_alerts(&[alert]).await?;
+
+    let dashboard = Dashboard::for_engine(&engine, Access::from_config(&config)?);
+    let app = api.merge(tollgate_axum::dashboard("/ops", dashboard));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    println!("dashboard on http://{}/ops/", listener.local_addr()?);
+    axum::serve(listener, app).with_graceful_shutdown(tollgate_axum::shutdown_signal()).await?;
+    engine.shutdown().await?;
+    Ok(())
+}

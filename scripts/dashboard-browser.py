@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""The operator dashboard in a real browser: headless Chromium driven by Selenium.
+
+Opens each page of the dashboard mounted in the axum example (seeded by it: tenants, keys,
+credits, requests, a dead letter, an alert), checks the figures shown against the SQLite store
+the example wrote (read here with Python's sqlite3, not through tollgate), checks that a tenant
+id written as markup renders as text, and keeps a screenshot of each page under target/.
+
+Usage: dashboard-browser.py BASE_URL TOKEN DB SHOTS_DIR [CLI_BASE_URL]
+"""
+import os
+import sqlite3
+import sys
+import tempfile
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+base, token, db, shots = sys.argv[1:5]
+cli_base = sys.argv[5] if len(sys.argv) > 5 else None
+HOSTILE = "<script>alert(1)</script>"
+passed, failed = 0, 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name} {detail}")
+
+
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='tollgate-chromium-')}")
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+def shot(driver, name):
+    height = driver.execute_script("return document.body.scrollHeight")
+    driver.set_window_size(1200, min(max(height + 40, 600), 2400))
+    driver.save_screenshot(os.path.join(shots, f"dashboard-{name}.png"))
+
+
+def sign_in(driver, at):
+    driver.get(at + "/")
+    check(f"{at}: without the token, the login form and nothing else",
+          driver.find_elements(By.NAME, "token") and not driver.find_elements(By.CSS_SELECTOR, "table.tenants"))
+    driver.find_element(By.NAME, "token").send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "form button").click()
+    # The form posts, and the answer redirects: wait for the page it leads to (bounded).
+    try:
+        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.tenants"))
+        check(f"{at}: signed in, the tenants page", True)
+    except TimeoutException:
+        check(f"{at}: signed in, the tenants page", False, driver.title)
+
+
+store = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+used = dict(((t, m), q) for t, m, q in store.execute("SELECT tenant, meter, SUM(quantity) FROM usage GROUP BY tenant, meter"))
+granted = store.execute("SELECT SUM(units) FROM credit WHERE tenant = 'acme' AND closed_at IS NULL").fetchone()[0]
+prefixes = [p for (p,) in store.execute("SELECT prefix FROM api_key WHERE tenant = 'acme'")]
+dead = store.execute("SELECT COUNT(*) FROM usage WHERE dead IS NOT NULL").fetchone()[0]
+pending = store.execute(
+    "SELECT COUNT(*) FROM usage WHERE dead IS NULL AND (quantity > exported OR in_flight IS NOT NULL)").fetchone()[0]
+
+driver = browser()
+try:
+    sign_in(driver, base)
+    driver.get(base + "/")
+    rows = {r.find_element(By.CSS_SELECTOR, "a.tenant").text: r for r in driver.find_elements(By.CSS_SELECTOR, "table.tenants tbody tr")}
+    check("every tenant of the store listed", set(rows) == {"acme", "globex", HOSTILE}, sorted(rows))
+    check("a tenant id written as markup renders as text", HOSTILE in rows)
+    check("no script element came from the store", not driver.find_elements(By.TAG_NAME, "script"))
+    balance = rows["acme"].find_element(By.CSS_SELECTOR, "td.balance").text if "acme" in rows else ""
+    left = granted - used.get(("acme", "credits"), 0)
+    check("acme's balance as the store holds it", f"credits {left:,} of {granted:,}" in balance, balance)
+    shot(driver, "tenants")
+
+    driver.find_element(By.NAME, "q").send_keys(prefixes[0])
+    driver.find_element(By.CSS_SELECTOR, "form.search button").click()
+    WebDriverWait(driver, 20).until(lambda d: "q=" in d.current_url)
+    found = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "table.tenants a.tenant")]
+    check("a key prefix finds its tenant", found == ["acme"], found)
+    driver.get(base + "/?q=" + "x" * 8_000)
+    check("a huge search string is cut, answered",
+          len(driver.find_element(By.NAME, "q").get_attribute("value")) == 128)
+
+    driver.get(base + "/")
+    driver.find_element(By.LINK_TEXT, "acme").click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith("acme"))
+    values = {g.find_element(By.XPATH, "..").get_attribute("class"): g.find_element(By.CSS_SELECTOR, ".value").text
+              for g in driver.find_elements(By.CSS_SELECTOR, ".gauge")}
+    check("acme's requests gauge: its usage in the store",
+          values.get("meter-requests") == f"{used[('acme', 'requests')]:,}", values)
+    check("acme's credits gauge: its units used",
+          values.get("meter-credits") == f"{used[('acme', 'credits')]:,}", values)
+    bars = sum(int(r.get_attribute("data-value")) for r in driver.find_elements(By.CSS_SELECTOR, "figure.hourly rect"))
+    check("the hourly charts add up to its usage", bars == used[("acme", "requests")] + used[("acme", "credits")], bars)
+    keys = [k.text for k in driver.find_elements(By.CSS_SELECTOR, "td.prefix")]
+    check("keys by prefix only", keys == [p + "…" for p in prefixes], keys)
+    check("no key of the store in the page", "tg_live_" not in driver.page_source.replace(prefixes[0], ""))
+    shot(driver, "tenant")
+
+    driver.get(base + "/")
+    driver.find_element(By.LINK_TEXT, HOSTILE).click()
+    WebDriverWait(driver, 20).until(lambda d: d.title.startswith(HOSTILE))
+    check("the markup tenant's page titles it as text", driver.find_element(By.TAG_NAME, "h1").text == HOSTILE)
+    refusals = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.rejections td")]
+    check("its refusals on this node, by kind", refusals == ["rate_limited", "3"], refusals)
+
+    driver.get(base + "/tenants/nobody")
+    check("an unknown tenant: not found", "Not found" in driver.title)
+
+    driver.get(base + "/billing")
+    check("billing: the sink", driver.find_element(By.CSS_SELECTOR, ".sink").text == "jsonl")
+    shown = len(driver.find_elements(By.CSS_SELECTOR, "table.pending tbody tr"))
+    check("billing: the windows pending export", shown == pending, (shown, pending))
+    reasons = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "table.dead td.reason")]
+    check("billing: the dead letter, its reason as text", reasons == ["refused: <b>No such customer</b>"] and dead == 1, reasons)
+    shot(driver, "billing")
+
+    driver.get(base + "/alerts")
+    rows = driver.find_elements(By.CSS_SELECTOR, "table.pending tbody tr")
+    check("alerts: the pending alert", len(rows) == 1)
+    check("alerts: a destination's query (a receiver's token) is not shown", "secret" not in driver.page_source)
+    shot(driver, "alerts")
+
+    driver.get(base + "/node")
+    check("node: the store answers", len(driver.find_elements(By.CSS_SELECTOR, "table.health td.ok")) == 3)
+    stats = {r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
+             for r in driver.find_elements(By.CSS_SELECTOR, "table.stats tr")}
+    check("node: its stats", stats.get("tracked_tenants") == "2", stats.get("tracked_tenants"))
+    shot(driver, "node")
+
+    if cli_base:
+        sign_in(driver, cli_base)
+        listed = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "table.tenants a.tenant")]
+        check("tollgate dashboard: the same tenants", sorted(listed) == sorted(["acme", "globex", HOSTILE]), listed)
+        driver.get(cli_base + "/node")
+        check("tollgate dashboard: no node page without an engine", "Not found" in driver.title)
+finally:
+    driver.quit()
+
+print(f"{passed} passed, {failed} failed")
+sys.exit(1 if failed else 0)

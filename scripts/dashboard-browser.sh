@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The operator dashboard in a real browser: Debian's chromium and chromium-driver (installed
+# when missing, as scripts/postgres-server.sh installs PostgreSQL), Selenium from PyPI in a
+# venv. Starts the axum example that seeds a SQLite store and mounts the dashboard, checks the
+# rules of `tollgate dashboard`'s token, then drives both in headless Chromium
+# (scripts/dashboard-browser.py). Screenshots go to target/dashboard-screenshots/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >&2
+fi
+venv=.venv/browser
+if ! "$venv/bin/python" -c 'import selenium' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'selenium==4.27.1'
+fi
+
+cargo build --locked -p tollgate-axum --features dashboard --example dashboard
+cargo build --locked -p tollgate-cli
+target="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
+work=$(mktemp -d)
+shots="$target/dashboard-screenshots"
+mkdir -p "$shots"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+cli_port=$(free_port)
+token="dashboard-token-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+echo "$token" >"$work/token"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+wait_for() { # url pid log
+  for _ in $(seq 300); do
+    if curl -s -o /dev/null "$1"; then return 0; fi
+    kill -0 "$2" 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "did not start:"; cat "$3"; exit 1
+}
+
+TOLLGATE_DB="$work/dashboard.db" TOLLGATE_DASHBOARD_TOKEN_FILE="$work/token" PORT=$port RUST_LOG=warn \
+  "$target/debug/examples/dashboard" >"$work/example.log" 2>&1 &
+pids+=($!)
+wait_for "http://127.0.0.1:$port/ops/" "${pids[-1]}" "$work/example.log"
+
+# `tollgate dashboard`: off loopback without a token it refuses to start.
+config="$work/dashboard.db.toml"
+grep -v '^token_file' "$config" >"$work/no-token.toml"
+if out=$("$target/debug/tollgate" --config "$work/no-token.toml" dashboard --listen 0.0.0.0:0 2>&1); then
+  echo "FAIL tollgate dashboard started on 0.0.0.0 without a token"; exit 1
+fi
+grep -q "without an access token" <<<"$out" || { echo "FAIL unexpected refusal: $out"; exit 1; }
+echo "ok   tollgate dashboard refuses 0.0.0.0 without a token"
+"$target/debug/tollgate" --config "$work/no-token.toml" dashboard --listen "127.0.0.1:$cli_port" \
+  --token-file "$work/token" >"$work/cli.log" 2>&1 &
+pids+=($!)
+wait_for "http://127.0.0.1:$cli_port/" "${pids[-1]}" "$work/cli.log"
+status=$(curl -s -o "$work/401.html" -w '%{http_code}' "http://127.0.0.1:$cli_port/")
+[ "$status" = 401 ] || { echo "FAIL without the token: $status"; exit 1; }
+if grep -q 'acme' "$work/401.html"; then echo "FAIL the 401 page shows a tenant"; exit 1; fi
+echo "ok   tollgate dashboard with a token: 401 without it, nothing rendered"
+
+"$venv/bin/python" scripts/dashboard-browser.py "http://127.0.0.1:$port/ops" "$token" "$work/dashboard.db" "$shots" \
+  "http://127.0.0.1:$cli_port"

@@ -1,0 +1,159 @@
+//! Reads for people looking at the whole: tenants found by id, billing customer or key prefix
+//! (the last through a bounded scan), the windows waiting for export, and the hours where
+//! reconciliation found the billing system lacking.
+
+use crate::{
+    config::TenantId,
+    store::{ApiKeyRecord, LedgerEntry, TenantRecord, UsageAggregate},
+};
+
+use super::{Admin, AdminError};
+
+/// The longest search text taken: longer text is cut (a tenant id has at most 128 characters).
+pub const MAX_SEARCH_LEN: usize = 128;
+
+/// The most tenants a search by key prefix reads the keys of: the directory is indexed by key
+/// hash, not prefix, so a prefix is found by reading tenants' keys, at most this many.
+pub const KEY_SCAN_TENANTS: usize = 500;
+
+/// What [`Admin::search_tenants`] found.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct TenantSearch {
+    /// The text searched, cut to [`MAX_SEARCH_LEN`] (and, for a key prefix, to a key's
+    /// prefix: a search never echoes a whole key).
+    pub text: String,
+    /// Tenants found, each once, with why: `id`, `id prefix`, `customer`, or `key` (with the
+    /// matching key's prefix).
+    pub found: Vec<(TenantRecord, String)>,
+    /// How many tenants' keys a key prefix search read.
+    pub scanned: usize,
+    /// Whether the key prefix scan stopped at [`KEY_SCAN_TENANTS`] with tenants left unread.
+    pub cut: bool,
+}
+
+impl Admin {
+    /// Tenants matching `text`, at most `limit` of them: the tenant of that id, tenants whose
+    /// id starts with it, the tenant whose billing customer (Stripe, or Metronome's) it is,
+    /// and, for text shaped as a key (`tg_live_…`, `tg_test_…`), tenants holding a key whose
+    /// recorded prefix starts with it, found by reading the keys of at most
+    /// [`KEY_SCAN_TENANTS`] tenants. Text longer than [`MAX_SEARCH_LEN`] is cut first; text
+    /// longer than a key's recorded prefix is cut to it, so a whole key given is never kept.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn search_tenants(&self, text: &str, limit: usize) -> Result<TenantSearch, AdminError> {
+        let mut text: String = text.trim().chars().take(MAX_SEARCH_LEN).collect();
+        let keyish = text.starts_with("tg_live_") || text.starts_with("tg_test_");
+        if keyish {
+            text.truncate(super::keys::PREFIX_CHARS.min(text.len()));
+        }
+        let mut out = TenantSearch { text: text.clone(), ..TenantSearch::default() };
+        if text.is_empty() || limit == 0 {
+            return Ok(out);
+        }
+        let push = |out: &mut TenantSearch, t: TenantRecord, why: String| {
+            if out.found.len() < limit && !out.found.iter().any(|(f, _)| f.id == t.id) {
+                out.found.push((t, why));
+            }
+        };
+        if TenantId::is_valid(&text) {
+            let id = TenantId::from(text.as_str());
+            if let Some(t) = self.directory.tenant(&id).await? {
+                push(&mut out, t, "id".to_owned());
+            }
+            for t in self.directory.list_tenants(Some(&id), limit).await? {
+                if !t.id.as_str().starts_with(&text) {
+                    break;
+                }
+                push(&mut out, t, "id prefix".to_owned());
+            }
+        }
+        if let Some(t) = self.directory.tenant_by_customer(&text).await? {
+            push(&mut out, t, "customer".to_owned());
+        }
+        if keyish {
+            let mut after: Option<TenantId> = None;
+            'scan: while out.scanned < KEY_SCAN_TENANTS {
+                let page = self.directory.list_tenants(after.as_ref(), 100.min(KEY_SCAN_TENANTS - out.scanned)).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.clone());
+                for t in page {
+                    out.scanned += 1;
+                    let keys: Vec<ApiKeyRecord> = self.directory.list_keys(&t.id).await?;
+                    if let Some(k) = keys.iter().find(|k| !k.prefix.is_empty() && k.prefix.starts_with(&text)) {
+                        let why = format!("key {}", k.prefix);
+                        push(&mut out, t, why);
+                        if out.found.len() >= limit {
+                            break 'scan;
+                        }
+                    }
+                }
+            }
+            if out.scanned >= KEY_SCAN_TENANTS {
+                out.cut = !self.directory.list_tenants(after.as_ref(), 1).await?.is_empty();
+            }
+        }
+        Ok(out)
+    }
+
+    /// A page of the directory's tenants in id order after `after`, at most `limit`.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn list_tenants(&self, after: Option<&str>, limit: usize) -> Result<Vec<TenantRecord>, AdminError> {
+        let after = after.filter(|a| TenantId::is_valid(a)).map(TenantId::from);
+        Ok(self.directory.list_tenants(after.as_ref(), limit).await?)
+    }
+
+    /// The usage windows waiting for export (or with an export in flight), not dead-lettered,
+    /// that started before `before` (Unix seconds), in key order, at most `limit`.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn pending_exports(&self, before: i64, limit: usize) -> Result<Vec<UsageAggregate>, AdminError> {
+        Ok(self.usage.pending_exports(before, None, limit).await?)
+    }
+
+    /// The ledger entries of the `hours` hours before `until` (Unix seconds, rounded up to
+    /// an hour) that reconciliation found the billing system lacking, newest hour first, at
+    /// most `limit`; each hour's ledger is read in pages of 100.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn lacking(&self, until: i64, hours: u32, limit: usize) -> Result<Vec<LedgerEntry>, AdminError> {
+        let top = until - until.rem_euclid(3600);
+        let mut out = Vec::new();
+        for h in 0..i64::from(hours) {
+            let hour = top - h * 3600;
+            let mut after: Option<(crate::store::ExportKey, u32)> = None;
+            loop {
+                let page = self.usage.ledger(hour, after.as_ref().map(|(k, r)| (k, *r)), 100).await?;
+                let Some(last) = page.last() else { break };
+                after = Some((last.key.clone(), last.revision));
+                let full = page.len() == 100;
+                out.extend(page.into_iter().filter(|e| e.lacking_since.is_some() && !e.superseded));
+                if out.len() >= limit {
+                    out.truncate(limit);
+                    return Ok(out);
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The configuration, when given.
+    #[cfg(feature = "dashboard")]
+    pub(crate) fn config(&self) -> Option<&crate::config::Config> {
+        self.config.as_ref()
+    }
+
+    /// The clock the administration reads (the engine's for an engine's).
+    #[cfg(feature = "dashboard")]
+    pub(crate) fn clock(&self) -> &crate::clock::Clock {
+        &self.clock
+    }
+}

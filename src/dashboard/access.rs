@@ -1,0 +1,143 @@
+//! Who may read the dashboard: an access token, compared in constant time, given as
+//! `Authorization: Bearer` or through the login form, which sets a session cookie derived from
+//! it; or nobody checked, when the application says so.
+
+use crate::config::{Config, DashboardToken};
+
+/// The session cookie's name.
+pub(crate) const COOKIE: &str = "tollgate_dashboard";
+
+/// Who may read the dashboard.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Access {
+    /// Whoever shows this token: `Authorization: Bearer <token>`, or the login form, which sets
+    /// a session cookie (`HttpOnly`, `SameSite=Strict`) derived from it.
+    Token(DashboardToken),
+    /// Everyone who reaches the router: for an application that puts its own authentication in
+    /// front of it. An explicit choice: no constructor falls back to it.
+    Open,
+}
+
+/// Why [`Access::from_config`] gave no access rule.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccessError {
+    /// The configuration names no token file.
+    #[error(
+        "the dashboard needs an access token: set dashboard.token_file, or pass Access::Open if the application \
+         authenticates the dashboard's routes itself"
+    )]
+    NoToken,
+}
+
+impl Access {
+    /// The token of the configuration's `[dashboard] token_file`.
+    ///
+    /// # Errors
+    /// [`AccessError::NoToken`] when the configuration names none: a dashboard is never open
+    /// by default.
+    pub fn from_config(config: &Config) -> Result<Self, AccessError> {
+        config.dashboard().token.clone().map(Access::Token).ok_or(AccessError::NoToken)
+    }
+
+    /// Whether `headers` carry the token (or the rule is [`Open`](Self::Open)).
+    pub(crate) fn allows(&self, headers: &http::HeaderMap) -> bool {
+        let Access::Token(token) = self else { return true };
+        let bearer = headers
+            .get_all(http::header::AUTHORIZATION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .any(|given| same(given.trim().as_bytes(), token.expose().as_bytes()));
+        bearer || cookie_of(headers).is_some_and(|c| same(c.as_bytes(), session(token).as_bytes()))
+    }
+
+    /// Whether `given` (the login form's) is the token.
+    pub(crate) fn accepts(&self, given: &str) -> bool {
+        match self {
+            Access::Token(token) => same(given.trim().as_bytes(), token.expose().as_bytes()),
+            Access::Open => true,
+        }
+    }
+
+    /// The session cookie's value once the login form gave the token.
+    pub(crate) fn session(&self) -> Option<String> {
+        match self {
+            Access::Token(token) => Some(session(token)),
+            Access::Open => None,
+        }
+    }
+}
+
+/// The session cookie's value: a MAC of the token, so the cookie is not the token itself (a
+/// cookie read from a browser cannot be used as a bearer token), and changes with it.
+fn session(token: &DashboardToken) -> String {
+    hex::encode(crate::base::hmac_sha256(token.expose().as_bytes(), &[b"tollgate dashboard session v1"]))
+}
+
+/// The session cookie among `headers`' `Cookie` fields, if any.
+fn cookie_of(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// `a == b` in time that depends on neither's content: both are hashed with a key drawn once,
+/// and the digests compared byte by byte without stopping early.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let mut key = [0u8; 32];
+        for chunk in key.chunks_mut(8) {
+            chunk.copy_from_slice(&crate::base::draw_u64().to_le_bytes());
+        }
+        key
+    });
+    let (x, y) = (crate::base::hmac_sha256(key, &[a]), crate::base::hmac_sha256(key, &[b]));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_token_rule() {
+        let access = Access::Token(DashboardToken::new("0123456789abcdef-token\n").unwrap());
+        assert!(!access.allows(&headers(&[])), "nothing given");
+        assert!(access.allows(&headers(&[("authorization", "Bearer 0123456789abcdef-token")])));
+        assert!(!access.allows(&headers(&[("authorization", "Bearer 0123456789abcdef-toke")])), "a prefix");
+        assert!(!access.allows(&headers(&[("authorization", "Bearer 0123456789abcdef-tokenX")])), "longer");
+        assert!(!access.allows(&headers(&[("authorization", "Basic 0123456789abcdef-token")])));
+        let cookie = access.session().unwrap();
+        assert_ne!(cookie, "0123456789abcdef-token", "the cookie is not the token");
+        assert!(access.allows(&headers(&[("cookie", &format!("a=b; {COOKIE}={cookie}"))])));
+        assert!(!access.allows(&headers(&[("cookie", &format!("{COOKIE}=0123456789abcdef-token"))])));
+        assert!(!access.allows(&headers(&[("cookie", &format!("x{COOKIE}={cookie}"))])));
+        assert!(access.accepts("0123456789abcdef-token"));
+        assert!(!access.accepts(""));
+        assert!(Access::Open.allows(&headers(&[])));
+        assert!(DashboardToken::new("short").is_err(), "at least 16 characters");
+        assert!(DashboardToken::new("0123456789abcdef ghij").is_err(), "no space inside");
+    }
+
+    #[test]
+    fn a_configuration_without_a_token_opens_nothing() {
+        let config = Config::from_toml_str("[plans.free]\nrate = \"1/s\"\n").unwrap();
+        assert!(matches!(Access::from_config(&config), Err(AccessError::NoToken)));
+    }
+}

@@ -1,0 +1,435 @@
+//! What each page shows, read through [`Admin`] (and, for a mounted router, the engine's own
+//! counters): typed values the pages render, tested apart from the HTML.
+
+use std::time::{Duration, Instant};
+
+use crate::{
+    admin::{Admin, AdminError, TenantSearch},
+    base::{MeterId, Period, QuotaMode, RejectionKind, TenantId},
+    config::{Config, PlanOverride, PlanSpec},
+    engine::{RechargeView, SpendCapView, Tollgate},
+    metrics::Stats,
+    store::{AlertQuery, AlertState, ApiKeyRecord, CreditGrant, DeadLetter, LedgerEntry, OutboxEntry, QuotaCounter},
+    store::{TenantRecord, UsageAggregate},
+};
+
+/// Tenants per page of the list.
+pub(crate) const PAGE: usize = 25;
+/// Rows per table of the billing and alerts pages.
+pub(crate) const ROWS: usize = 100;
+/// Hours of the hourly chart.
+pub(crate) const HOURS: i64 = 48;
+/// Days of the daily chart.
+pub(crate) const DAYS: i64 = 30;
+/// Hours of the ledger the billing page reads for reconciliation's findings.
+pub(crate) const LEDGER_HOURS: u32 = 48;
+
+/// A tenant's quota or balance in its current period, as the quota store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gauge {
+    pub(crate) meter: MeterId,
+    pub(crate) period: Period,
+    pub(crate) mode: QuotaMode,
+    /// The limit (a balance: its granted units).
+    pub(crate) limit: u64,
+    /// Units used: reserved by the fleet, less what nodes keep unspent (leased, held, jobs).
+    pub(crate) used: u64,
+    /// Units the nodes keep and have not used: reserved, not spent.
+    pub(crate) kept: u64,
+    /// The period's bounds (a balance: none shown).
+    pub(crate) start: i64,
+    pub(crate) end: i64,
+}
+
+impl Gauge {
+    /// Whether nothing is left: used (never what is only reserved) at or past the limit.
+    pub(crate) fn reached(&self) -> bool {
+        self.used >= self.limit
+    }
+}
+
+/// One row of the tenants' list.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantRow {
+    pub(crate) record: TenantRecord,
+    /// Why a search found it.
+    pub(crate) why: Option<String>,
+    /// Each prepaid balance: (meter, units left, granted).
+    pub(crate) balances: Vec<(MeterId, u64, u64)>,
+    /// `active`, `unknown plan`, `quota reached`, `balance empty`.
+    pub(crate) state: &'static str,
+}
+
+/// The tenants page.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TenantsData {
+    pub(crate) search: Option<TenantSearch>,
+    pub(crate) rows: Vec<TenantRow>,
+    /// The last id of a full page: where the next page starts.
+    pub(crate) next: Option<TenantId>,
+}
+
+/// One tenant's page.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantData {
+    pub(crate) record: TenantRecord,
+    pub(crate) plan_known: bool,
+    pub(crate) keys: Vec<ApiKeyRecord>,
+    pub(crate) gauges: Vec<Gauge>,
+    pub(crate) grants: Vec<CreditGrant>,
+    pub(crate) cap: Option<SpendCapView>,
+    pub(crate) recharges: Vec<RechargeView>,
+    /// Per meter, its usage in each of the last [`HOURS`] hours.
+    pub(crate) hourly: Vec<(MeterId, Vec<(i64, u64)>)>,
+    /// Per meter, its usage in each of the last [`DAYS`] days.
+    pub(crate) daily: Vec<(MeterId, Vec<(i64, u64)>)>,
+    /// This node's refusals of it among its last ones, by kind, and since when (a mounted
+    /// router's only).
+    pub(crate) rejections: Option<Refusals>,
+}
+
+/// A tenant's refusals among this node's last ones, by kind, with the time of the oldest kept.
+pub(crate) type Refusals = (Vec<(RejectionKind, u64)>, Option<i64>);
+
+/// The billing page.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BillingData {
+    pub(crate) sink: String,
+    pub(crate) pending: Vec<UsageAggregate>,
+    pub(crate) dead: Vec<DeadLetter>,
+    pub(crate) lacking: Vec<LedgerEntry>,
+}
+
+/// The alerts page: each state's rows, at most [`ROWS`] each.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AlertsData {
+    pub(crate) pending: Vec<OutboxEntry>,
+    pub(crate) delivered: Vec<OutboxEntry>,
+    pub(crate) dead: Vec<OutboxEntry>,
+}
+
+/// The node's page.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeData {
+    pub(crate) stats: Stats,
+    /// Each role's store: how long a read took, or why it failed.
+    pub(crate) health: Vec<(&'static str, Result<Duration, String>)>,
+}
+
+/// The tenant `id` as the configuration file declares it (`[tenants.ID]`), as a record.
+fn file_tenant(config: Option<&Config>, id: &str) -> Option<TenantRecord> {
+    let spec = config?.tenants().iter().find(|t| t.id().as_str() == id)?;
+    let mut record = TenantRecord::new(spec.id().clone(), spec.plan().clone());
+    if let Some(c) = spec.stripe_customer() {
+        record = record.with_customer(c);
+    }
+    if let Some(c) = spec.metronome_customer() {
+        record = record.with_metronome_customer(c);
+    }
+    record.overrides = spec.overrides().map(PlanOverride::to_json);
+    Some(record)
+}
+
+/// The tenants the configuration file declares that the directory does not hold, matching
+/// `keep` (the file's tenants are few: one directory read each).
+async fn file_tenants(admin: &Admin, keep: impl Fn(&TenantRecord) -> bool) -> Result<Vec<TenantRecord>, AdminError> {
+    let mut out = Vec::new();
+    let Some(config) = admin.config() else { return Ok(out) };
+    for spec in config.tenants() {
+        let Some(record) = file_tenant(Some(config), spec.id().as_str()) else { continue };
+        if keep(&record) && admin.tenant(spec.id().as_str()).await?.is_none() {
+            out.push(record);
+        }
+    }
+    Ok(out)
+}
+
+/// The plan `record` is served, with its overrides (`None`: the configuration has no such plan).
+fn plan_of(config: Option<&Config>, record: &TenantRecord) -> Option<PlanSpec> {
+    let config = config?;
+    let plan = config.plan(&record.plan)?;
+    match record.overrides.as_deref().map(|o| PlanOverride::from_json(o, config)) {
+        Some(Ok(o)) => Some(plan.with_override(&o)),
+        _ => Some(plan.clone()),
+    }
+}
+
+/// The gauges of `plan`'s quotas from `counters` at `now`; a balance's limit is its granted
+/// units, a spend quota's the cap in force (`cap`).
+pub(crate) fn gauges(plan: &PlanSpec, counters: &[QuotaCounter], cap: Option<&SpendCapView>, now: i64) -> Vec<Gauge> {
+    let mut out = Vec::new();
+    for (meter, spec) in plan.quotas() {
+        let period = spec.period();
+        let (start, end) = period.bounds(now);
+        let counter = counters
+            .iter()
+            .find(|c| c.key.meter == *meter && (c.granted.is_some() || (c.key.start <= now && now < c.key.end)));
+        let (used, kept) = counter.map_or((0, 0), |c| (c.used(), c.kept.total()));
+        let (limit, mode) = match (period, cap.filter(|_| meter.as_str() == crate::base::SPEND_METER)) {
+            (Period::Prepaid, _) => (counter.and_then(|c| c.granted).unwrap_or(0), spec.mode()),
+            (_, Some(cap)) => (cap.limit, if cap.hard { QuotaMode::Hard } else { QuotaMode::Soft }),
+            _ => (spec.limit().get(), spec.mode()),
+        };
+        out.push(Gauge { meter: meter.clone(), period, mode, limit, used, kept, start, end });
+    }
+    out
+}
+
+/// The tenants page: a search's findings, or a page of the directory after `after`.
+pub(crate) async fn tenants(
+    admin: &Admin,
+    search: Option<&str>,
+    after: Option<&str>,
+) -> Result<TenantsData, AdminError> {
+    let mut data = TenantsData::default();
+    let records: Vec<(TenantRecord, Option<String>)> = match search.filter(|s| !s.trim().is_empty()) {
+        Some(text) => {
+            let found = admin.search_tenants(text, PAGE).await?;
+            let mut records: Vec<_> = found.found.iter().map(|(t, why)| (t.clone(), Some(why.clone()))).collect();
+            let cut = found.text.as_str();
+            let matching = |t: &TenantRecord| {
+                t.id.as_str().starts_with(cut)
+                    || t.customer.as_deref() == Some(cut)
+                    || t.metronome_customer.as_deref() == Some(cut)
+            };
+            for t in file_tenants(admin, matching).await? {
+                records.push((t, Some("declared in the configuration file".to_owned())));
+            }
+            data.search = Some(found);
+            records
+        }
+        None => {
+            let page = admin.list_tenants(after, PAGE).await?;
+            if page.len() == PAGE {
+                data.next = page.last().map(|t| t.id.clone());
+            }
+            let mut records: Vec<_> = match after {
+                // The file's tenants the directory lacks head the first page.
+                None => file_tenants(admin, |_| true)
+                    .await?
+                    .into_iter()
+                    .map(|t| (t, Some("declared in the configuration file".to_owned())))
+                    .collect(),
+                Some(_) => Vec::new(),
+            };
+            records.extend(page.into_iter().map(|t| (t, None)));
+            records
+        }
+    };
+    let now = admin.clock().unix_secs();
+    for (record, why) in records {
+        let plan = plan_of(admin.config(), &record);
+        let counters = match plan {
+            Some(_) => admin.quota_counters(record.id.as_str()).await?,
+            None => Vec::new(),
+        };
+        let balances = counters
+            .iter()
+            .filter_map(|c| c.granted.map(|g| (c.key.meter.clone(), g.saturating_sub(c.used()), g)))
+            .collect::<Vec<_>>();
+        let state = match &plan {
+            None => "unknown plan",
+            Some(plan) => {
+                let gauges = gauges(plan, &counters, None, now);
+                if gauges.iter().any(|g| g.period == Period::Prepaid && g.reached()) {
+                    "balance empty"
+                } else if gauges.iter().any(|g| g.period != Period::Prepaid && g.mode == QuotaMode::Hard && g.reached())
+                {
+                    "quota reached"
+                } else {
+                    "active"
+                }
+            }
+        };
+        data.rows.push(TenantRow { record, why, balances, state });
+    }
+    Ok(data)
+}
+
+/// Sums `rows` into windows of `width` seconds: the `n` windows ending with the one holding
+/// `now`, for each meter with usage in them (in meter order).
+pub(crate) fn buckets(rows: &[UsageAggregate], now: i64, width: i64, n: i64) -> Vec<(MeterId, Vec<(i64, u64)>)> {
+    let last = now - now.rem_euclid(width);
+    let first = last - (n - 1) * width;
+    let mut meters: Vec<(MeterId, Vec<(i64, u64)>)> = Vec::new();
+    for a in rows.iter().filter(|a| a.key.window_start >= first && a.key.window_start < last + width) {
+        let i = match meters.iter().position(|(m, _)| *m == a.key.meter) {
+            Some(i) => i,
+            None => {
+                meters.push((a.key.meter.clone(), (0..n).map(|k| (first + k * width, 0)).collect()));
+                meters.len() - 1
+            }
+        };
+        let slot = ((a.key.window_start - first) / width) as usize;
+        meters[i].1[slot].1 += a.quantity;
+    }
+    meters.sort_by(|a, b| a.0.cmp(&b.0));
+    meters
+}
+
+/// One tenant's page (`None`: no such tenant).
+pub(crate) async fn tenant(
+    admin: &Admin,
+    engine: Option<&Tollgate>,
+    id: &str,
+) -> Result<Option<TenantData>, AdminError> {
+    if !TenantId::is_valid(id) {
+        return Ok(None);
+    }
+    let Some(record) = (match admin.tenant(id).await? {
+        Some(record) => Some(record),
+        None => file_tenant(admin.config(), id),
+    }) else {
+        return Ok(None);
+    };
+    let now = admin.clock().unix_secs();
+    let plan = plan_of(admin.config(), &record);
+    let keys = match admin.keys(id).await {
+        Ok(keys) => keys,
+        // A tenant of the file only: its keys are the file's, never shown.
+        Err(AdminError::UnknownTenant(_)) => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let (mut gauges_, mut grants, mut cap, mut recharges) = (Vec::new(), Vec::new(), None, Vec::new());
+    if let Some(plan) = &plan {
+        let counters = admin.quota_counters(id).await?;
+        if plan.spend().is_some() {
+            cap = Some(admin.spend_cap(id).await?);
+        }
+        gauges_ = gauges(plan, &counters, cap.as_ref(), now);
+        if plan.quotas().values().any(|q| q.period() == Period::Prepaid) {
+            grants = admin.credits(id).await?.0;
+        }
+        for meter in plan.quotas().keys() {
+            if plan.recharge(meter).is_some() {
+                recharges.push(admin.recharge(id, meter.as_str()).await?);
+            }
+        }
+    }
+    let rows = admin.usage(id, None, now - now.rem_euclid(86_400) - (DAYS - 1) * 86_400, now + 1).await?;
+    Ok(Some(TenantData {
+        plan_known: plan.is_some(),
+        keys,
+        gauges: gauges_,
+        grants,
+        cap,
+        recharges,
+        hourly: buckets(&rows, now, 3600, HOURS),
+        daily: buckets(&rows, now, 86_400, DAYS),
+        rejections: engine.map(|e| e.recent_rejections(&record.id)),
+        record,
+    }))
+}
+
+/// The billing page.
+pub(crate) async fn billing(admin: &Admin) -> Result<BillingData, AdminError> {
+    let now = admin.clock().unix_secs();
+    let sink = match admin.config().and_then(|c| c.export().sink_kind(c.stripe().is_some())) {
+        Some(kind) => format!("{kind:?}").to_lowercase(),
+        None => "none (usage is recorded, not exported)".to_owned(),
+    };
+    Ok(BillingData {
+        sink,
+        pending: admin.pending_exports(now + 1, ROWS).await?,
+        dead: admin.dead_letters(None, ROWS).await?,
+        lacking: admin.lacking(now, LEDGER_HOURS, ROWS).await?,
+    })
+}
+
+/// The alerts page (empty without an alerts store).
+pub(crate) async fn alerts(admin: &Admin) -> Result<AlertsData, AdminError> {
+    let mut found = Vec::new();
+    for state in [AlertState::Pending, AlertState::Delivered, AlertState::Dead] {
+        match admin.alerts(&AlertQuery::new(ROWS).state(state)).await {
+            Ok(rows) => found.push(rows),
+            // No alerts store: nothing to show.
+            Err(AdminError::Invalid(_)) => return Ok(AlertsData::default()),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut found = found.into_iter();
+    Ok(AlertsData {
+        pending: found.next().unwrap_or_default(),
+        delivered: found.next().unwrap_or_default(),
+        dead: found.next().unwrap_or_default(),
+    })
+}
+
+/// The node's page: the engine's counters, and one read of each role's store timed.
+pub(crate) async fn node(admin: &Admin, engine: &Tollgate) -> NodeData {
+    let probe = TenantId::from("tollgate-dashboard-probe");
+    let mut health = Vec::new();
+    let started = Instant::now();
+    let directory = admin.tenant(probe.as_str()).await.map(|_| started.elapsed()).map_err(|e| e.to_string());
+    health.push(("directory", directory));
+    let started = Instant::now();
+    let usage = admin.pending_exports(0, 1).await.map(|_| started.elapsed()).map_err(|e| e.to_string());
+    health.push(("usage", usage));
+    let started = Instant::now();
+    let quota = admin.quota_counters(probe.as_str()).await.map(|_| started.elapsed()).map_err(|e| e.to_string());
+    health.push(("quota", quota));
+    NodeData { stats: engine.stats(), health }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ExportKey, Kept, QuotaKey};
+
+    fn aggregate(meter: &str, window: i64, quantity: u64) -> UsageAggregate {
+        let mut a = UsageAggregate::new(ExportKey::new(TenantId::from("t"), MeterId::from(meter), window), quantity);
+        a.quantity = quantity;
+        a
+    }
+
+    #[test]
+    fn usage_is_summed_into_hours_and_days_ending_now() {
+        let now = 10 * 86_400 + 5 * 3600 + 1800;
+        let rows = [
+            aggregate("requests", now - 60, 3),
+            aggregate("requests", now - 120, 4),
+            aggregate("requests", now - 3600, 5),
+            aggregate("tokens", now - 2 * 86_400, 7),
+            aggregate("requests", now - 60 * 86_400, 100),
+        ];
+        let hours = buckets(&rows, now, 3600, HOURS);
+        assert_eq!(hours.len(), 1, "tokens had nothing in the last 48 hours");
+        let (meter, bars) = &hours[0];
+        assert_eq!((meter.as_str(), bars.len()), ("requests", HOURS as usize));
+        assert_eq!(bars.last().unwrap(), &(now - now % 3600, 7));
+        assert_eq!(bars[bars.len() - 2].1, 5);
+        let days = buckets(&rows, now, 86_400, DAYS);
+        assert_eq!(
+            days.iter().map(|(m, b)| (m.as_str(), b.iter().map(|x| x.1).sum::<u64>())).collect::<Vec<_>>(),
+            [("requests", 12), ("tokens", 7)]
+        );
+    }
+
+    #[test]
+    fn a_gauge_counts_used_units_not_those_only_kept() {
+        let config = Config::from_toml_str(
+            "[store]\nkind = \"memory\"\n[meters.credits]\n[plans.p]\nrate = \"10/s\"\n\
+             quotas.requests = { limit = 100, period = \"day\" }\nquotas.credits = { period = \"prepaid\" }\n\
+             [[routes]]\nmethod = \"POST\"\npath = \"/g\"\nmeter = \"credits\"\n",
+        )
+        .unwrap();
+        let plan = config.plan(&"p".into()).unwrap();
+        let now = 50 * 86_400 + 10;
+        let t = TenantId::from("t");
+        let day = QuotaKey::new(t.clone(), "requests".into(), Period::Day, 50 * 86_400, 51 * 86_400);
+        let yesterday = QuotaKey::new(t.clone(), "requests".into(), Period::Day, 49 * 86_400, 50 * 86_400);
+        let (a, b) = Period::Prepaid.bounds(now);
+        let balance = QuotaKey::new(t, "credits".into(), Period::Prepaid, a, b);
+        let counters = [
+            QuotaCounter::new(yesterday, 90, None),
+            QuotaCounter::new(day, 60, None).keeping(Kept { lease: 20, held: 10, jobs: 0 }),
+            QuotaCounter::new(balance, 40, Some(50)).keeping(Kept { lease: 30, held: 0, jobs: 0 }),
+        ];
+        let g = gauges(plan, &counters, None, now);
+        let credits = g.iter().find(|g| g.meter.as_str() == "credits").unwrap();
+        assert_eq!((credits.limit, credits.used, credits.kept), (50, 10, 30));
+        let requests = g.iter().find(|g| g.meter.as_str() == "requests").unwrap();
+        assert_eq!((requests.limit, requests.used, requests.kept), (100, 30, 30), "today's counter, not yesterday's");
+        assert!(!requests.reached());
+    }
+}

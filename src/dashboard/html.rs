@@ -1,0 +1,216 @@
+//! HTML written on the server: every value from the store goes through [`Esc`], the markup
+//! itself is `'static` text; gauges are `<meter>` elements and charts plain SVG, so the pages
+//! need no script and no inline style (the Content-Security-Policy allows neither).
+
+use std::fmt::{self, Write as _};
+
+/// A value written into HTML text or a quoted attribute, escaped: `&`, `<`, `>`, `"` and `'`
+/// become entities, so that no value from the store can open a tag or leave an attribute.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Esc<'a>(pub(crate) &'a str);
+
+impl fmt::Display for Esc<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(i) = rest.find(['&', '<', '>', '"', '\'']) {
+            f.write_str(&rest[..i])?;
+            f.write_str(match rest.as_bytes()[i] {
+                b'&' => "&amp;",
+                b'<' => "&lt;",
+                b'>' => "&gt;",
+                b'"' => "&quot;",
+                _ => "&#39;",
+            })?;
+            rest = &rest[i + 1..];
+        }
+        f.write_str(rest)
+    }
+}
+
+/// A path segment percent-encoded (every byte but unreserved ones), for a tenant id in a link.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seg<'a>(pub(crate) &'a str);
+
+/// Bytes a path segment or query value keeps as they are: RFC 3986's unreserved characters.
+const SEGMENT: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+impl fmt::Display for Seg<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only unreserved characters and `%` are left: nothing to escape in HTML.
+        write!(f, "{}", percent_encoding::utf8_percent_encode(self.0, SEGMENT))
+    }
+}
+
+/// A count with thousands separated (`12,345`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Num(pub(crate) u64);
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits = self.0.to_string();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                f.write_char(',')?;
+            }
+            f.write_char(c)?;
+        }
+        Ok(())
+    }
+}
+
+/// A Unix time as UTC text (`2026-11-27 14:00`), or `-`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct When(pub(crate) Option<i64>);
+
+impl fmt::Display for When {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.and_then(|t| chrono::DateTime::from_timestamp(t, 0)) {
+            Some(t) => write!(f, "{}", t.format("%Y-%m-%d %H:%M")),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// A page being written.
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub(crate) out: String,
+}
+
+/// The pages of the navigation bar: (path under the dashboard, label).
+const NAV: [(&str, &str); 4] = [("/", "Tenants"), ("/billing", "Billing"), ("/alerts", "Alerts"), ("/node", "Node")];
+
+impl Page {
+    /// A page titled `title`, under the dashboard mounted at `base`, with `current` (a path of
+    /// [`NAV`]) marked; `node` says whether the node's page exists (a mounted router's).
+    pub(crate) fn new(base: &str, title: &str, current: &str, node: bool) -> Self {
+        let mut out = String::with_capacity(8192);
+        let _ = write!(
+            out,
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+             <title>{} · tollgate</title><link rel=\"stylesheet\" href=\"{}/assets/dashboard.css\"></head>\
+             <body><header><a class=\"brand\" href=\"{}/\">tollgate</a><nav>",
+            Esc(title),
+            Esc(base),
+            Esc(base)
+        );
+        for (path, label) in NAV {
+            if path == "/node" && !node {
+                continue;
+            }
+            let class = if path == current { " class=\"current\"" } else { "" };
+            let _ = write!(out, "<a{class} href=\"{}{path}\">{label}</a>", Esc(base));
+        }
+        let _ = write!(out, "</nav><span class=\"ro\">read-only</span></header><main><h1>{}</h1>", Esc(title));
+        Self { out }
+    }
+
+    /// Ends the page.
+    pub(crate) fn finish(mut self) -> String {
+        self.out.push_str("</main></body></html>\n");
+        self.out
+    }
+
+    /// Static markup.
+    pub(crate) fn raw(&mut self, markup: &'static str) -> &mut Self {
+        self.out.push_str(markup);
+        self
+    }
+
+    /// Formatted markup: every value from the store must be [`Esc`], [`Seg`], [`Num`] or [`When`].
+    pub(crate) fn fmt(&mut self, args: fmt::Arguments<'_>) -> &mut Self {
+        let _ = self.out.write_fmt(args);
+        self
+    }
+
+    /// A `<meter>` gauge of `value` out of `max` with its figures beside it, `class` naming
+    /// what it is (for the tests and the style).
+    pub(crate) fn gauge(&mut self, class: &'static str, value: u64, max: u64, caption: &str) -> &mut Self {
+        let high = max - max / 5;
+        self.fmt(format_args!(
+            "<div class=\"gauge {class}\"><meter min=\"0\" max=\"{max}\" low=\"{high}\" high=\"{high}\" \
+             optimum=\"0\" value=\"{}\"></meter> <span class=\"figures\"><span class=\"value\">{}</span> of \
+             <span class=\"max\">{}</span></span> <span class=\"caption\">{}</span></div>",
+            value.min(max),
+            Num(value),
+            Num(max),
+            Esc(caption)
+        ))
+    }
+
+    /// A bar chart of `bars` (each a window's start and its quantity), `width` seconds apart,
+    /// drawn as SVG: each bar with its figure as a title, the highest figure and the range as
+    /// text.
+    pub(crate) fn chart(&mut self, class: &'static str, label: &str, bars: &[(i64, u64)], width: i64) -> &mut Self {
+        const W: u64 = 720;
+        const H: u64 = 160;
+        let max = bars.iter().map(|b| b.1).max().unwrap_or(0).max(1);
+        let n = bars.len().max(1) as u64;
+        let step = W / n;
+        self.fmt(format_args!(
+            "<figure class=\"chart {class}\"><figcaption>{}</figcaption>\
+             <svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {W} {}\" role=\"img\" aria-label=\"{}\">\
+             <text x=\"2\" y=\"12\" class=\"axis\">{}</text>\
+             <line x1=\"0\" y1=\"{H}\" x2=\"{W}\" y2=\"{H}\" class=\"base\"/>",
+            Esc(label),
+            H + 18,
+            Esc(label),
+            Num(max)
+        ));
+        for (i, (start, q)) in bars.iter().enumerate() {
+            let h = (q * (H - 16)).div_ceil(max);
+            let x = i as u64 * step;
+            self.fmt(format_args!(
+                "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{h}\" data-start=\"{start}\" data-value=\"{q}\">\
+                 <title>{}: {}</title></rect>",
+                x + 1,
+                H - h,
+                step.saturating_sub(2).max(1),
+                When(Some(*start)),
+                Num(*q)
+            ));
+        }
+        if let (Some(first), Some(last)) = (bars.first(), bars.last()) {
+            self.fmt(format_args!(
+                "<text x=\"2\" y=\"{}\" class=\"axis\">{}</text><text x=\"{W}\" y=\"{}\" class=\"axis end\">{}</text>",
+                H + 14,
+                When(Some(first.0)),
+                H + 14,
+                When(Some(last.0 + width))
+            ));
+        }
+        self.raw("</svg></figure>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_leaves_no_tag_and_no_way_out_of_an_attribute() {
+        let hostile = "<script>alert(1)</script>\"'&";
+        let text = Esc(hostile).to_string();
+        assert_eq!(text, "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;&amp;");
+        assert_eq!(Esc("plain").to_string(), "plain");
+        assert_eq!(Seg("a/b c<").to_string(), "a%2Fb%20c%3C");
+        assert_eq!(Num(1_234_567).to_string(), "1,234,567");
+        assert_eq!(Num(12).to_string(), "12");
+        assert_eq!(When(Some(0)).to_string(), "1970-01-01 00:00");
+        assert_eq!(When(None).to_string(), "-");
+    }
+
+    #[test]
+    fn charts_and_gauges_carry_their_figures() {
+        let mut page = Page::new("/ops\"", "t<", "/", false);
+        page.gauge("quota", 30, 100, "<b>").chart("hourly", "req<", &[(0, 5), (3600, 10)], 3600);
+        let html = page.finish();
+        assert!(html.contains("value=\"30\""));
+        assert!(html.contains("data-value=\"10\""));
+        assert!(!html.contains("<b>") && !html.contains("req<") && !html.contains("t<"));
+        assert!(html.contains("/ops&quot;/assets/dashboard.css"));
+        assert!(!html.contains("href=\"/ops\"/node"), "the node's page is left out without an engine");
+    }
+}

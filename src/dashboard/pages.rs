@@ -1,0 +1,337 @@
+//! Each page's HTML, from its data ([`super::data`]).
+
+use super::data::{AlertsData, BillingData, NodeData, TenantData, TenantsData, DAYS, HOURS, LEDGER_HOURS, ROWS};
+use super::html::{Esc, Num, Page, Seg, When};
+use crate::{base::Period, store::OutboxEntry};
+
+/// The tenants page.
+pub(crate) fn tenants(base: &str, node: bool, data: &TenantsData) -> String {
+    let mut p = Page::new(base, "Tenants", "/", node);
+    let text = data.search.as_ref().map_or("", |s| s.text.as_str());
+    p.fmt(format_args!(
+        "<form class=\"search\" method=\"get\" action=\"{}/\"><input type=\"search\" name=\"q\" value=\"{}\" \
+         maxlength=\"128\" placeholder=\"tenant id, billing customer or key prefix (tg_live_…)\" \
+         aria-label=\"search\"><button type=\"submit\">Search</button></form>",
+        Esc(base),
+        Esc(text)
+    ));
+    if let Some(s) = &data.search {
+        p.fmt(format_args!("<p class=\"found\">{} found for <q>{}</q>", Num(data.rows.len() as u64), Esc(&s.text)));
+        if s.scanned > 0 {
+            p.fmt(format_args!("; the keys of {} tenants read", Num(s.scanned as u64)));
+        }
+        if s.cut {
+            p.raw(" (the scan stopped there: search by id or customer to reach the others)");
+        }
+        p.raw("</p>");
+    }
+    p.raw(
+        "<table class=\"tenants\"><thead><tr><th>tenant</th><th>plan</th><th>billing customer</th>\
+         <th>balance</th><th>state</th></tr></thead><tbody>",
+    );
+    for row in &data.rows {
+        let r = &row.record;
+        p.fmt(format_args!(
+            "<tr><td><a class=\"tenant\" href=\"{}/tenants/{}\">{}</a>",
+            Esc(base),
+            Seg(r.id.as_str()),
+            Esc(r.id.as_str())
+        ));
+        if let Some(why) = &row.why {
+            p.fmt(format_args!(" <small>({})</small>", Esc(why)));
+        }
+        p.fmt(format_args!(
+            "</td><td class=\"plan\">{}</td><td>{}</td><td class=\"balance\">",
+            Esc(r.plan.as_str()),
+            Esc(r.customer.as_deref().or(r.metronome_customer.as_deref()).unwrap_or("-"))
+        ));
+        if row.balances.is_empty() {
+            p.raw("-");
+        }
+        for (meter, left, granted) in &row.balances {
+            p.fmt(format_args!("<span>{} {} of {}</span> ", Esc(meter.as_str()), Num(*left), Num(*granted)));
+        }
+        p.fmt(format_args!("</td><td class=\"state\">{}</td></tr>", Esc(row.state)));
+    }
+    if data.rows.is_empty() {
+        p.raw("<tr><td colspan=\"5\">no tenant</td></tr>");
+    }
+    p.raw("</tbody></table>");
+    if let Some(next) = &data.next {
+        p.fmt(format_args!(
+            "<p><a rel=\"next\" href=\"{}/?after={}\">next page</a></p>",
+            Esc(base),
+            Seg(next.as_str())
+        ));
+    }
+    p.finish()
+}
+
+/// One tenant's page.
+pub(crate) fn tenant(base: &str, node: bool, d: &TenantData) -> String {
+    let r = &d.record;
+    let mut p = Page::new(base, r.id.as_str(), "", node);
+    p.raw("<section class=\"facts\"><dl>");
+    p.fmt(format_args!("<dt>plan</dt><dd class=\"plan\">{}", Esc(r.plan.as_str())));
+    if !d.plan_known {
+        p.raw(" <strong>(not in the configuration)</strong>");
+    }
+    p.fmt(format_args!(
+        "</dd><dt>billing customer</dt><dd class=\"customer\">{}</dd><dt>Metronome customer</dt><dd>{}</dd>\
+         <dt>last billing event</dt><dd>{}</dd><dt>overrides</dt><dd><code>{}</code></dd></dl></section>",
+        Esc(r.customer.as_deref().unwrap_or("-")),
+        Esc(r.metronome_customer.as_deref().unwrap_or("-")),
+        When(r.last_event_at),
+        Esc(r.overrides.as_deref().unwrap_or("-"))
+    ));
+    p.raw("<section><h2>Quotas and balances</h2>");
+    if d.gauges.is_empty() {
+        p.raw("<p>no quota on its plan</p>");
+    }
+    for g in &d.gauges {
+        let caption = match g.period {
+            Period::Prepaid => format!("{} balance, {} kept unspent by nodes", g.meter, g.kept),
+            _ => format!(
+                "{} per {} ({}), {} kept unspent by nodes, {} to {}",
+                g.meter,
+                g.period.name(),
+                if g.mode == crate::base::QuotaMode::Hard { "hard" } else { "soft" },
+                g.kept,
+                When(Some(g.start)),
+                When(Some(g.end))
+            ),
+        };
+        let class = if g.period == Period::Prepaid { "balance" } else { "quota" };
+        p.fmt(format_args!("<div class=\"meter-{}\">", Esc(g.meter.as_str())));
+        p.gauge(class, g.used, g.limit, &caption);
+        p.raw("</div>");
+    }
+    p.raw("</section><section><h2>Usage</h2>");
+    if d.hourly.is_empty() && d.daily.is_empty() {
+        p.raw("<p>no usage in the last 30 days</p>");
+    }
+    for (meter, bars) in &d.hourly {
+        p.chart("hourly", &format!("{meter}, per hour, last {HOURS} hours (UTC)"), bars, 3600);
+    }
+    for (meter, bars) in &d.daily {
+        p.chart("daily", &format!("{meter}, per day, last {DAYS} days (UTC)"), bars, 86_400);
+    }
+    p.raw(
+        "</section><section><h2>API keys</h2><table class=\"keys\"><thead><tr><th>id</th><th>prefix</th>\
+         <th>created</th><th>expires</th></tr></thead><tbody>",
+    );
+    for k in &d.keys {
+        p.fmt(format_args!(
+            "<tr><td>{}</td><td class=\"prefix\"><code>{}…</code></td><td>{}</td><td>{}</td></tr>",
+            Esc(&k.id),
+            Esc(&k.prefix),
+            When(Some(k.created_at)),
+            When(k.expires_at)
+        ));
+    }
+    if d.keys.is_empty() {
+        p.raw("<tr><td colspan=\"4\">no key</td></tr>");
+    }
+    p.raw("</tbody></table></section>");
+    if !d.grants.is_empty() {
+        p.raw(
+            "<section><h2>Credit grants</h2><table class=\"grants\"><thead><tr><th>meter</th><th>grant</th>\
+             <th>units</th><th>bought</th><th>refunded</th><th>granted</th><th>expires</th><th>closed</th></tr>\
+             </thead><tbody>",
+        );
+        for g in &d.grants {
+            p.fmt(format_args!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                Esc(g.meter.as_str()),
+                Esc(&g.id),
+                Num(g.units),
+                Num(g.bought),
+                Num(g.refunded),
+                When(Some(g.granted_at)),
+                When(g.expires_at),
+                Esc(&g.closed.as_ref().map_or_else(|| "open".to_owned(), |c| format!("{c:?}")))
+            ));
+        }
+        p.raw("</tbody></table></section>");
+    }
+    if let Some(cap) = &d.cap {
+        p.fmt(format_args!(
+            "<section><h2>Spend cap</h2><p class=\"cap\">{} {} ({}), the plan's {}; the tenant's own: {}</p></section>",
+            Esc(&cap.currency),
+            Esc(&crate::base::amount_of(cap.limit).to_string()),
+            if cap.hard { "hard" } else { "soft" },
+            Esc(&crate::base::amount_of(cap.plan_limit).to_string()),
+            Esc(&cap.own.map_or_else(|| "none".to_owned(), |c| crate::base::amount_of(c.limit).to_string()))
+        ));
+    }
+    for view in &d.recharges {
+        p.fmt(format_args!("<section><h2>Auto-recharge of {}</h2><dl class=\"recharge\">", Esc(view.meter.as_str())));
+        if let serde_json::Value::Object(fields) = view.to_json() {
+            for (k, v) in fields {
+                let v = match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                p.fmt(format_args!("<dt>{}</dt><dd>{}</dd>", Esc(&k), Esc(&v)));
+            }
+        }
+        p.raw("</dl></section>");
+    }
+    if let Some((kinds, since)) = &d.rejections {
+        p.raw("<section><h2>Recent rejections on this node</h2>");
+        match since {
+            Some(since) => p.fmt(format_args!(
+                "<p>among this node's last {} refusals of identified tenants, since {} UTC</p>",
+                Num(crate::engine::RECENT_REJECTIONS as u64),
+                When(Some(*since))
+            )),
+            None => p.raw("<p>this node refused no identified tenant since it started</p>"),
+        };
+        p.raw("<table class=\"rejections\"><tbody>");
+        for (kind, n) in kinds {
+            p.fmt(format_args!("<tr><td>{}</td><td class=\"n\">{}</td></tr>", Esc(kind.label()), Num(*n)));
+        }
+        if kinds.is_empty() {
+            p.raw("<tr><td colspan=\"2\">none</td></tr>");
+        }
+        p.raw("</tbody></table></section>");
+    }
+    p.finish()
+}
+
+/// The billing page.
+pub(crate) fn billing(base: &str, node: bool, d: &BillingData) -> String {
+    let mut p = Page::new(base, "Billing", "/billing", node);
+    p.fmt(format_args!("<p>sink: <strong class=\"sink\">{}</strong></p>", Esc(&d.sink)));
+    p.fmt(format_args!(
+        "<section><h2>Windows pending export ({})</h2><table class=\"pending\"><thead><tr><th>tenant</th><th>meter</th>\
+         <th>window (UTC)</th><th>quantity</th><th>exported</th><th>in flight</th><th>attempts</th></tr></thead><tbody>",
+        count(d.pending.len())
+    ));
+    for a in &d.pending {
+        p.fmt(format_args!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
+            Esc(a.key.tenant.as_str()),
+            Esc(a.key.meter.as_str()),
+            When(Some(a.key.window_start)),
+            Num(a.quantity),
+            Num(a.exported),
+            a.in_flight.map_or_else(|| "-".to_owned(), |q| Num(q).to_string()),
+            a.attempts
+        ));
+    }
+    p.fmt(format_args!(
+        "</tbody></table></section><section><h2>Dead letters ({})</h2><table class=\"dead\"><thead><tr><th>tenant</th>\
+         <th>meter</th><th>window (UTC)</th><th>units</th><th>reason</th></tr></thead><tbody>",
+        count(d.dead.len())
+    ));
+    for l in &d.dead {
+        p.fmt(format_args!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"reason\">{}</td></tr>",
+            Esc(l.key.tenant.as_str()),
+            Esc(l.key.meter.as_str()),
+            When(Some(l.key.window_start)),
+            Num(l.units),
+            Esc(&l.reason)
+        ));
+    }
+    p.fmt(format_args!(
+        "</tbody></table></section><section><h2>Lacking in the billing system ({})</h2><p>what reconciliation found \
+         the billing system's hourly totals lacking, in the last {LEDGER_HOURS} hours</p><table class=\"lacking\">\
+         <thead><tr><th>hour (UTC)</th><th>tenant</th><th>meter</th><th>window (UTC)</th><th>value</th>\
+         <th>lacking since</th></tr></thead><tbody>",
+        count(d.lacking.len())
+    ));
+    for e in &d.lacking {
+        p.fmt(format_args!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+            When(Some(e.hour())),
+            Esc(e.key.tenant.as_str()),
+            Esc(e.key.meter.as_str()),
+            When(Some(e.key.window_start)),
+            Num(e.send.value),
+            When(e.lacking_since)
+        ));
+    }
+    p.raw("</tbody></table></section>");
+    p.finish()
+}
+
+/// A table's count, `100+` when it is full.
+fn count(n: usize) -> String {
+    if n >= ROWS {
+        format!("{ROWS}+")
+    } else {
+        n.to_string()
+    }
+}
+
+/// The alerts page.
+pub(crate) fn alerts(base: &str, node: bool, d: &AlertsData) -> String {
+    let mut p = Page::new(base, "Alerts", "/alerts", node);
+    for (title, class, rows) in [
+        ("Pending", "pending", &d.pending),
+        ("Delivered", "delivered", &d.delivered),
+        ("Dead letters", "dead", &d.dead),
+    ] {
+        p.fmt(format_args!(
+            "<section><h2>{title} ({})</h2><table class=\"alerts {class}\"><thead><tr><th>alert</th><th>tenant</th>\
+             <th>event</th><th>destination</th><th>written</th><th>attempts</th><th>last error</th></tr></thead><tbody>",
+            count(rows.len())
+        ));
+        for a in rows.iter() {
+            alert_row(&mut p, a);
+        }
+        p.raw("</tbody></table></section>");
+    }
+    p.finish()
+}
+
+fn alert_row(p: &mut Page, a: &OutboxEntry) {
+    // A tenant's own endpoint is named by its URL; its query may carry a token of the
+    // receiver's: shown without it.
+    let destination = a.key.destination.split(['?', '#']).next().unwrap_or("");
+    p.fmt(format_args!(
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+        Esc(&a.key.id),
+        Esc(a.tenant.as_str()),
+        Esc(&a.event),
+        Esc(destination),
+        When(Some(a.created_at)),
+        a.attempts,
+        Esc(a.last_error.as_deref().unwrap_or("-"))
+    ));
+}
+
+/// The node's page.
+pub(crate) fn node(base: &str, d: &NodeData) -> String {
+    let mut p = Page::new(base, "Node", "/node", true);
+    p.raw("<section><h2>Store health</h2><table class=\"health\"><tbody>");
+    for (role, result) in &d.health {
+        match result {
+            Ok(took) => {
+                p.fmt(format_args!("<tr><td>{role}</td><td class=\"ok\">answered in {} ms</td></tr>", took.as_millis()))
+            }
+            Err(e) => p.fmt(format_args!("<tr><td>{role}</td><td class=\"error\">{}</td></tr>", Esc(e))),
+        };
+    }
+    p.raw("</tbody></table></section><section><h2>Open holds</h2>");
+    p.fmt(format_args!(
+        "<p class=\"holds\"><span class=\"n\">{}</span> holds open, holding {} units; {} expired, {} refused (full)</p>",
+        Num(d.stats.holds_open),
+        Num(d.stats.units_held),
+        Num(d.stats.holds_expired),
+        Num(d.stats.holds_refused_full)
+    ));
+    p.raw("</section><section><h2>Stats</h2><table class=\"stats\"><tbody>");
+    // `Stats` as its Debug lists it: every counter, named as in its documentation.
+    let text = format!("{:?}", d.stats);
+    let fields = text.trim_start_matches("Stats").trim_matches(|c| c == ' ' || c == '{' || c == '}');
+    for field in fields.split(", ") {
+        if let Some((name, value)) = field.split_once(": ") {
+            p.fmt(format_args!("<tr><td>{}</td><td class=\"n\">{}</td></tr>", Esc(name), Esc(value)));
+        }
+    }
+    p.raw("</tbody></table></section>");
+    p.finish()
+}

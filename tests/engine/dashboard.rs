@@ -1,0 +1,268 @@
+//! The operator dashboard through its public API (`Dashboard::respond`): the token rule, each
+//! page over a seeded store, every string from the store escaped, bad input.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tollgate::{
+    admin::{Admin, KEY_SCAN_TENANTS, MAX_SEARCH_LEN},
+    config::DashboardToken,
+    dashboard::{Access, Dashboard, CONTENT_SECURITY_POLICY},
+    store::{
+        AlertKey, ApiKeyRecord, CreditGrant, DirectoryStore, ExportStore, FlushId, MemoryStore, OutboxEntry,
+        OutboxStore, QuotaStore, TenantRecord, UsageBatch, UsageRecord, UsageStore,
+    },
+    Config, Tollgate,
+};
+
+const TOKEN: &str = "dashboard-token-0123456789";
+/// Markup in every string a store may hold: shown as text, it never opens a tag.
+const MARK: &str = "<i>x</i>\"'";
+
+fn config() -> Config {
+    Config::from_toml_str(
+        r#"
+[store]
+kind = "memory"
+[meters.requests]
+[meters.credits]
+[plans.free]
+rate = "2/s"
+burst = 2
+quotas.requests = { limit = 100, period = "day", mode = "hard" }
+[plans.pro]
+rate = "50/s"
+quotas.credits = { period = "prepaid" }
+[[routes]]
+method = "POST"
+path = "/v1/generate"
+meter = "credits"
+"#,
+    )
+    .unwrap()
+}
+
+fn token() -> Access {
+    Access::Token(DashboardToken::new(TOKEN).unwrap())
+}
+
+async fn get(d: &Dashboard, path: &str, auth: bool) -> http::Response<Bytes> {
+    let mut r = http::Request::get(path);
+    if auth {
+        r = r.header("authorization", format!("Bearer {TOKEN}"));
+    }
+    d.respond("/ops", r.body(Bytes::new()).unwrap()).await
+}
+
+fn text(r: &http::Response<Bytes>) -> String {
+    String::from_utf8(r.body().to_vec()).unwrap()
+}
+
+/// A store holding markup in every string it keeps, with the engine over it.
+async fn seeded() -> (Tollgate, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::new());
+    let (engine, _worker) = Tollgate::builder(config()).store_arc(store.clone()).build();
+    let now = engine.clock().unix_secs();
+    let hostile = TenantRecord::new(MARK.into(), "pro".into())
+        .with_customer(format!("cus{MARK}"))
+        .with_metronome_customer(format!("m{MARK}"));
+    store.put_tenant(&hostile, &[]).await.unwrap();
+    store.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[]).await.unwrap();
+    let hash = tollgate::store::KeyHash::of(b"tg_live_0123456789abcdefghijklmnopqrstuv");
+    store.put_key(&ApiKeyRecord::new(hash, MARK.into(), now).with_prefix(format!("tg_live_{MARK}"))).await.unwrap();
+    store.grant_credits(&CreditGrant::new(MARK.into(), "credits".into(), format!("g{MARK}"), 50, now)).await.unwrap();
+    let batch = UsageBatch::new(
+        FlushId::new("b1"),
+        vec![
+            UsageRecord::new(MARK.into(), "requests".into(), now - now % 3600, 7),
+            UsageRecord::new("acme".into(), "requests".into(), now - now % 3600 - 3600, 3),
+        ],
+    );
+    store.commit_usage(&batch).await.unwrap();
+    let pending = store.pending_exports(now + 3600, None, 10).await.unwrap();
+    let window = pending.iter().find(|a| a.key.tenant.as_str() == MARK).unwrap();
+    store.dead_letter(window, &format!("refused: {MARK}")).await.unwrap();
+    let alert = OutboxEntry::new(
+        AlertKey::new(format!("a{MARK}"), format!("https://h.example/{MARK}?token=secret")),
+        MARK.into(),
+        format!("quota.{MARK}"),
+        "{}",
+        now,
+        now + 86_400,
+    );
+    store.put_alerts(&[alert]).await.unwrap();
+    (engine, store)
+}
+
+#[tokio::test]
+async fn without_the_token_nothing_is_rendered_and_the_login_sets_a_session() {
+    let (engine, _store) = seeded().await;
+    let d = Dashboard::for_engine(&engine, token());
+    for path in ["/", "/billing", "/alerts", "/node", "/tenants/acme"] {
+        let r = get(&d, path, false).await;
+        assert_eq!(r.status(), 401, "{path}");
+        assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Bearer"));
+        let body = text(&r);
+        assert!(body.contains("name=\"token\"") && !body.contains("acme") && !body.contains("&lt;i&gt;"), "{path}");
+        assert_eq!(r.headers()["content-security-policy"], CONTENT_SECURITY_POLICY);
+    }
+    let login = |body: &'static str| {
+        http::Request::post("/login")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Bytes::from(body))
+            .unwrap()
+    };
+    assert_eq!(d.respond("/ops", login("token=wrong-token-0123456789")).await.status(), 401);
+    assert_eq!(d.respond("/ops", login("other=1")).await.status(), 401);
+    let big = Bytes::from(vec![b'a'; tollgate::dashboard::MAX_BODY + 1]);
+    assert_eq!(d.respond("/ops", http::Request::post("/login").body(big).unwrap()).await.status(), 413);
+    let r = d.respond("/ops", login("token=dashboard-token-0123456789")).await;
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/ops/");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Path=/ops"));
+    assert!(!cookie.contains(TOKEN), "the cookie is not the token");
+    let session = cookie.split(';').next().unwrap().to_owned();
+    let r = d.respond("/ops", http::Request::get("/").header("cookie", session).body(Bytes::new()).unwrap()).await;
+    assert_eq!(r.status(), 200);
+    // The stylesheet has no data: served to anyone.
+    let css = get(&d, "/assets/dashboard.css", false).await;
+    assert_eq!(
+        (css.status().as_u16(), css.headers()["content-type"].to_str().unwrap()),
+        (200, "text/css; charset=utf-8")
+    );
+    // Read-only: no other method.
+    let put = d.respond("/ops", http::Request::put("/").body(Bytes::new()).unwrap()).await;
+    assert_eq!((put.status().as_u16(), put.headers()["allow"].to_str().unwrap()), (405, "GET, HEAD"));
+    let head = d
+        .respond(
+            "/ops",
+            http::Request::head("/").header("authorization", format!("Bearer {TOKEN}")).body(Bytes::new()).unwrap(),
+        )
+        .await;
+    assert_eq!(head.status(), 200);
+    assert!(head.body().is_empty());
+}
+
+#[tokio::test]
+async fn every_string_from_the_store_is_escaped_on_every_page() {
+    let (engine, _store) = seeded().await;
+    let d = Dashboard::for_engine(&engine, token());
+    let id = "%3Ci%3Ex%3C%2Fi%3E%22%27";
+    let escaped = "&lt;i&gt;x&lt;/i&gt;&quot;&#39;";
+    for path in
+        ["/".to_owned(), "/billing".to_owned(), "/alerts".to_owned(), "/node".to_owned(), format!("/tenants/{id}")]
+    {
+        let r = get(&d, &path, true).await;
+        assert_eq!(r.status(), 200, "{path}");
+        let body = text(&r);
+        assert!(!body.contains("<i>") && !body.contains("</i>"), "{path}: markup from the store");
+        assert!(!body.contains("<script"), "{path}");
+        if path != "/node" {
+            assert!(body.contains(escaped), "{path}: the value shown as text");
+        }
+    }
+    let tenant = text(&get(&d, &format!("/tenants/{id}"), true).await);
+    for shown in [format!("cus{escaped}"), format!("m{escaped}"), format!("tg_live_{escaped}"), format!("g{escaped}")] {
+        assert!(tenant.contains(&shown), "{shown}");
+    }
+    let billing = text(&get(&d, "/billing", true).await);
+    assert!(billing.contains(&format!("refused: {escaped}")));
+    let alerts = text(&get(&d, "/alerts", true).await);
+    assert!(alerts.contains(&format!("a{escaped}")) && alerts.contains(&format!("quota.{escaped}")));
+    assert!(!alerts.contains("secret"), "a destination's query is not shown");
+}
+
+#[tokio::test]
+async fn figures_are_the_stores() {
+    let (engine, _store) = seeded().await;
+    let d = Dashboard::for_engine(&engine, token());
+    let list = text(&get(&d, "/", true).await);
+    assert!(list.contains("credits 50 of 50"), "the hostile tenant's balance: 50 granted, none used");
+    let acme = text(&get(&d, "/tenants/acme", true).await);
+    assert!(acme.contains("value=\"3\""), "acme's 3 requests of the last hour on its gauge");
+    assert!(acme.contains("data-value=\"3\""), "and on its hourly chart");
+    let billing = text(&get(&d, "/billing", true).await);
+    assert!(billing.contains("Windows pending export (1)") && billing.contains("Dead letters (1)"));
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let (engine, _store) = seeded().await;
+    let d = Dashboard::for_engine(&engine, token());
+    assert_eq!(get(&d, "/tenants/nobody", true).await.status(), 404);
+    assert_eq!(get(&d, "/tenants/%FF", true).await.status(), 404, "not UTF-8");
+    assert_eq!(get(&d, "/tenants/", true).await.status(), 404);
+    assert_eq!(get(&d, "/nothing", true).await.status(), 404);
+    let huge = format!("/?q={}", "y".repeat(50_000));
+    let r = get(&d, &huge, true).await;
+    assert_eq!(r.status(), 200);
+    assert!(text(&r).contains(&format!("value=\"{}\"", "y".repeat(MAX_SEARCH_LEN))), "cut to the bound");
+    assert!(!text(&r).contains(&"y".repeat(MAX_SEARCH_LEN + 1)));
+    // Without an engine (`tollgate dashboard`), no node page.
+    let offline = Dashboard::new(Admin::for_engine(&engine), token());
+    assert_eq!(get(&offline, "/node", true).await.status(), 404);
+    assert!(!text(&get(&offline, "/", true).await).contains("/ops/node"));
+}
+
+#[tokio::test]
+async fn a_key_prefix_is_found_by_a_bounded_scan_and_a_whole_key_is_never_echoed() {
+    let store = Arc::new(MemoryStore::new());
+    let admin = Admin::new(store.clone());
+    for i in 0..KEY_SCAN_TENANTS + 20 {
+        store.put_tenant(&TenantRecord::new(format!("t{i:04}").into(), "free".into()), &[]).await.unwrap();
+    }
+    let hash = tollgate::store::KeyHash::of(b"k");
+    store.put_key(&ApiKeyRecord::new(hash, "t0003".into(), 0).with_prefix("tg_live_AbCd")).await.unwrap();
+    let found = admin.search_tenants("tg_live_AbC", 25).await.unwrap();
+    assert_eq!(found.found.iter().map(|(t, _)| t.id.as_str()).collect::<Vec<_>>(), ["t0003"]);
+    let missing = admin.search_tenants("tg_live_Zz", 25).await.unwrap();
+    assert!(missing.found.is_empty());
+    assert_eq!((missing.scanned, missing.cut), (KEY_SCAN_TENANTS, true), "the scan stops at its bound");
+    let whole = admin.search_tenants("tg_live_AbCdEFGHIJKLMNOPQRSTUVWXYZ012345", 25).await.unwrap();
+    assert_eq!(whole.text, "tg_live_AbCd", "a whole key is cut to a prefix");
+    assert_eq!(whole.found.len(), 1);
+    let by_id = admin.search_tenants("t001", 25).await.unwrap();
+    assert_eq!(by_id.found.len(), 10, "t0010 to t0019 by id prefix");
+    assert_eq!(by_id.scanned, 0, "no key scan for text that is not a key");
+}
+
+#[tokio::test]
+async fn a_configuration_without_a_token_needs_an_explicit_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "short\n").unwrap();
+    let text = format!("[plans.free]\nrate = \"1/s\"\n[dashboard]\ntoken_file = \"{}\"\n", file.display());
+    let err = Config::from_toml_str(&text).unwrap_err();
+    assert_eq!(err.key(), "dashboard.token_file");
+    std::fs::write(&file, format!("{TOKEN}\n")).unwrap();
+    let config = Config::from_toml_str(&text).unwrap();
+    assert!(matches!(Access::from_config(&config), Ok(Access::Token(_))));
+    let bare = Config::from_toml_str("[plans.free]\nrate = \"1/s\"\n").unwrap();
+    assert!(Access::from_config(&bare).is_err());
+}
+
+#[tokio::test]
+async fn tenants_declared_in_the_file_are_shown_without_their_keys() {
+    let mut text = String::from(
+        "[store]\nkind = \"memory\"\n[plans.free]\nrate = \"2/s\"\n[tenants.filed]\nplan = \"free\"\n\
+         keys = [\"tg_live_filed_secret_key_0123\"]\nstripe_customer = \"cus_filed\"\n",
+    );
+    text.push_str("[tenants.other]\nplan = \"free\"\n");
+    let config = Config::from_toml_str(&text).unwrap();
+    let (engine, _worker) = Tollgate::builder(config).build();
+    let d = Dashboard::for_engine(&engine, token());
+    let list = text_of(&get(&d, "/", true).await);
+    assert!(list.contains("href=\"/ops/tenants/filed\"") && list.contains("href=\"/ops/tenants/other\""));
+    let found = text_of(&get(&d, "/?q=cus_filed", true).await);
+    assert!(found.contains("href=\"/ops/tenants/filed\"") && !found.contains("/tenants/other"));
+    let page = get(&d, "/tenants/filed", true).await;
+    assert_eq!(page.status(), 200);
+    let page = text_of(&page);
+    assert!(page.contains("cus_filed"));
+    assert!(!page.contains("secret_key") && !list.contains("secret_key"), "a key of the file is never shown");
+}
+
+fn text_of(r: &http::Response<Bytes>) -> String {
+    text(r)
+}
