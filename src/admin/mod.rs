@@ -35,5 +35,5 @@ pub use error::AdminError;
 pub use import::ImportReport;
 pub use keys::{IssuedKey, KeyOptions};
 pub use open::Admin;
-pub use search::{TenantSearch, KEY_SCAN_TENANTS, MAX_SEARCH_LEN};
+pub use search::{search_text, TenantSearch, KEY_SCAN_TENANTS, LEDGER_SCAN, MAX_SEARCH_LEN};
 pub use tenants::CopyReport;

@@ -16,6 +16,20 @@ pub const MAX_SEARCH_LEN: usize = 128;
 /// hash, not prefix, so a prefix is found by reading tenants' keys, at most this many.
 pub const KEY_SCAN_TENANTS: usize = 500;
 
+/// The most ledger entries [`Admin::lacking`] reads in one call.
+pub const LEDGER_SCAN: usize = 5_000;
+
+/// Search text as [`Admin::search_tenants`] takes it: trimmed, cut to [`MAX_SEARCH_LEN`]
+/// characters, and text shaped as a key (`tg_live_…`, `tg_test_…`) cut to a key's recorded
+/// prefix, so that a whole key given is never kept or shown.
+#[must_use]
+pub fn search_text(text: &str) -> String {
+    let text = text.trim();
+    let keyish = text.starts_with("tg_live_") || text.starts_with("tg_test_");
+    let most = if keyish { super::keys::PREFIX_CHARS } else { MAX_SEARCH_LEN };
+    text.chars().take(most).collect()
+}
+
 /// What [`Admin::search_tenants`] found.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -43,11 +57,8 @@ impl Admin {
     /// # Errors
     /// The store failed.
     pub async fn search_tenants(&self, text: &str, limit: usize) -> Result<TenantSearch, AdminError> {
-        let mut text: String = text.trim().chars().take(MAX_SEARCH_LEN).collect();
+        let text = search_text(text);
         let keyish = text.starts_with("tg_live_") || text.starts_with("tg_test_");
-        if keyish {
-            text.truncate(super::keys::PREFIX_CHARS.min(text.len()));
-        }
         let mut out = TenantSearch { text: text.clone(), ..TenantSearch::default() };
         if text.is_empty() || limit == 0 {
             return Ok(out);
@@ -115,34 +126,41 @@ impl Admin {
         Ok(self.usage.pending_exports(before, None, limit).await?)
     }
 
-    /// The ledger entries of the `hours` hours before `until` (Unix seconds, rounded up to
-    /// an hour) that reconciliation found the billing system lacking, newest hour first, at
-    /// most `limit`; each hour's ledger is read in pages of 100.
+    /// The ledger entries of the `hours` hours before `until` (Unix seconds, its hour
+    /// included) that reconciliation found the billing system lacking, newest hour first, at
+    /// most `limit`; each hour's ledger is read in pages of 100, and at most [`LEDGER_SCAN`]
+    /// entries in all. Returns them, and whether the scan stopped at that bound with hours
+    /// left unread.
     ///
     /// # Errors
     /// The store failed.
-    pub async fn lacking(&self, until: i64, hours: u32, limit: usize) -> Result<Vec<LedgerEntry>, AdminError> {
+    pub async fn lacking(&self, until: i64, hours: u32, limit: usize) -> Result<(Vec<LedgerEntry>, bool), AdminError> {
         let top = until - until.rem_euclid(3600);
         let mut out = Vec::new();
+        let mut read = 0usize;
         for h in 0..i64::from(hours) {
             let hour = top - h * 3600;
             let mut after: Option<(crate::store::ExportKey, u32)> = None;
             loop {
+                if read >= LEDGER_SCAN {
+                    return Ok((out, true));
+                }
                 let page = self.usage.ledger(hour, after.as_ref().map(|(k, r)| (k, *r)), 100).await?;
+                read += page.len();
                 let Some(last) = page.last() else { break };
                 after = Some((last.key.clone(), last.revision));
                 let full = page.len() == 100;
                 out.extend(page.into_iter().filter(|e| e.lacking_since.is_some() && !e.superseded));
                 if out.len() >= limit {
                     out.truncate(limit);
-                    return Ok(out);
+                    return Ok((out, false));
                 }
                 if !full {
                     break;
                 }
             }
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     /// The configuration, when given.

@@ -23,6 +23,9 @@ pub(crate) const HOURS: i64 = 48;
 pub(crate) const DAYS: i64 = 30;
 /// Hours of the ledger the billing page reads for reconciliation's findings.
 pub(crate) const LEDGER_HOURS: u32 = 48;
+/// About the most usage rows a tenant's page reads: its daily chart covers fewer days when
+/// the usage window is short.
+pub(crate) const MAX_ROWS: i64 = 50_000;
 
 /// A tenant's quota or balance in its current period, as the quota store holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +84,7 @@ pub(crate) struct TenantData {
     pub(crate) recharges: Vec<RechargeView>,
     /// Per meter, its usage in each of the last [`HOURS`] hours.
     pub(crate) hourly: Vec<(MeterId, Vec<(i64, u64)>)>,
-    /// Per meter, its usage in each of the last [`DAYS`] days.
+    /// Per meter, its usage in each of the last [`DAYS`] days (fewer with a short usage window).
     pub(crate) daily: Vec<(MeterId, Vec<(i64, u64)>)>,
     /// This node's refusals of it among its last ones, by kind, and since when (a mounted
     /// router's only).
@@ -98,6 +101,8 @@ pub(crate) struct BillingData {
     pub(crate) pending: Vec<UsageAggregate>,
     pub(crate) dead: Vec<DeadLetter>,
     pub(crate) lacking: Vec<LedgerEntry>,
+    /// Whether the ledger scan stopped at its bound with hours left unread.
+    pub(crate) lacking_cut: bool,
 }
 
 /// The alerts page: each state's rows, at most [`ROWS`] each.
@@ -144,14 +149,18 @@ async fn file_tenants(admin: &Admin, keep: impl Fn(&TenantRecord) -> bool) -> Re
     Ok(out)
 }
 
-/// The plan `record` is served, with its overrides (`None`: the configuration has no such plan).
+/// The plan `record` is served, with its overrides, as the engine serves it (`None`: the
+/// configuration has no such plan).
 fn plan_of(config: Option<&Config>, record: &TenantRecord) -> Option<PlanSpec> {
-    let config = config?;
-    let plan = config.plan(&record.plan)?;
-    match record.overrides.as_deref().map(|o| PlanOverride::from_json(o, config)) {
-        Some(Ok(o)) => Some(plan.with_override(&o)),
-        _ => Some(plan.clone()),
+    match crate::engine::usage::caps::served_plan(config?, &record.id, Some(record)) {
+        crate::engine::usage::caps::PlanOf::Plan(plan) => Some(plan),
+        _ => None,
     }
+}
+
+/// Units added without overflow.
+fn add(a: u64, b: u64) -> u64 {
+    a.saturating_add(b)
 }
 
 /// The gauges of `plan`'s quotas from `counters` at `now`; a balance's limit is its granted
@@ -220,7 +229,7 @@ pub(crate) async fn tenants(
     for (record, why) in records {
         let plan = plan_of(admin.config(), &record);
         let counters = match plan {
-            Some(_) => admin.quota_counters(record.id.as_str()).await?,
+            Some(_) => counters_of(admin, record.id.as_str()).await?,
             None => Vec::new(),
         };
         let balances = counters
@@ -246,6 +255,15 @@ pub(crate) async fn tenants(
     Ok(data)
 }
 
+/// A tenant's quota counters; none when the administration has no quota store (an `Admin`
+/// built without one): the page shows its quotas empty rather than failing.
+async fn counters_of(admin: &Admin, id: &str) -> Result<Vec<QuotaCounter>, AdminError> {
+    match admin.quota_counters(id).await {
+        Err(AdminError::Invalid(_)) => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 /// Sums `rows` into windows of `width` seconds: the `n` windows ending with the one holding
 /// `now`, for each meter with usage in them (in meter order).
 pub(crate) fn buckets(rows: &[UsageAggregate], now: i64, width: i64, n: i64) -> Vec<(MeterId, Vec<(i64, u64)>)> {
@@ -261,7 +279,7 @@ pub(crate) fn buckets(rows: &[UsageAggregate], now: i64, width: i64, n: i64) -> 
             }
         };
         let slot = ((a.key.window_start - first) / width) as usize;
-        meters[i].1[slot].1 += a.quantity;
+        meters[i].1[slot].1 = add(meters[i].1[slot].1, a.quantity);
     }
     meters.sort_by(|a, b| a.0.cmp(&b.0));
     meters
@@ -292,7 +310,7 @@ pub(crate) async fn tenant(
     };
     let (mut gauges_, mut grants, mut cap, mut recharges) = (Vec::new(), Vec::new(), None, Vec::new());
     if let Some(plan) = &plan {
-        let counters = admin.quota_counters(id).await?;
+        let counters = counters_of(admin, id).await?;
         if plan.spend().is_some() {
             cap = Some(admin.spend_cap(id).await?);
         }
@@ -306,7 +324,12 @@ pub(crate) async fn tenant(
             }
         }
     }
-    let rows = admin.usage(id, None, now - now.rem_euclid(86_400) - (DAYS - 1) * 86_400, now + 1).await?;
+    // A usage row per window: the days read are as many as keep the rows near MAX_ROWS
+    // (30 with an hourly window; fewer with a window of seconds), at least 2.
+    let window = admin.config().map_or(3600, |c| c.usage().window.as_secs().max(1) as i64);
+    let meters = admin.config().map_or(1, |c| c.meters().len().max(1)) as i64;
+    let days = (MAX_ROWS * window / (86_400 * meters)).clamp(2, DAYS);
+    let rows = admin.usage(id, None, now - now.rem_euclid(86_400) - (days - 1) * 86_400, now + 1).await?;
     Ok(Some(TenantData {
         plan_known: plan.is_some(),
         keys,
@@ -314,8 +337,9 @@ pub(crate) async fn tenant(
         grants,
         cap,
         recharges,
-        hourly: buckets(&rows, now, 3600, HOURS),
-        daily: buckets(&rows, now, 86_400, DAYS),
+        // A window longer than an hour has no hourly figures.
+        hourly: if window <= 3600 { buckets(&rows, now, 3600, HOURS) } else { Vec::new() },
+        daily: buckets(&rows, now, 86_400, days),
         rejections: engine.map(|e| e.recent_rejections(&record.id)),
         record,
     }))
@@ -328,11 +352,13 @@ pub(crate) async fn billing(admin: &Admin) -> Result<BillingData, AdminError> {
         Some(kind) => format!("{kind:?}").to_lowercase(),
         None => "none (usage is recorded, not exported)".to_owned(),
     };
+    let (lacking, lacking_cut) = admin.lacking(now, LEDGER_HOURS, ROWS + 1).await?;
     Ok(BillingData {
+        lacking,
+        lacking_cut,
         sink,
-        pending: admin.pending_exports(now + 1, ROWS).await?,
-        dead: admin.dead_letters(None, ROWS).await?,
-        lacking: admin.lacking(now, LEDGER_HOURS, ROWS).await?,
+        pending: admin.pending_exports(now + 1, ROWS + 1).await?,
+        dead: admin.dead_letters(None, ROWS + 1).await?,
     })
 }
 
@@ -340,7 +366,7 @@ pub(crate) async fn billing(admin: &Admin) -> Result<BillingData, AdminError> {
 pub(crate) async fn alerts(admin: &Admin) -> Result<AlertsData, AdminError> {
     let mut found = Vec::new();
     for state in [AlertState::Pending, AlertState::Delivered, AlertState::Dead] {
-        match admin.alerts(&AlertQuery::new(ROWS).state(state)).await {
+        match admin.alerts(&AlertQuery::new(ROWS + 1).state(state)).await {
             Ok(rows) => found.push(rows),
             // No alerts store: nothing to show.
             Err(AdminError::Invalid(_)) => return Ok(AlertsData::default()),

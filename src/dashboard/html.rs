@@ -160,7 +160,7 @@ impl Page {
             Num(max)
         ));
         for (i, (start, q)) in bars.iter().enumerate() {
-            let h = (q * (H - 16)).div_ceil(max);
+            let h = (u128::from(*q) * u128::from(H - 16)).div_ceil(u128::from(max)) as u64;
             let x = i as u64 * step;
             self.fmt(format_args!(
                 "<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{h}\" data-start=\"{start}\" data-value=\"{q}\">\

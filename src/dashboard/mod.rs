@@ -12,5 +12,5 @@ mod html;
 mod pages;
 mod serve;
 
-pub use access::{Access, AccessError};
+pub use access::{Access, AccessError, SESSION_SECS};
 pub use serve::{Dashboard, CONTENT_SECURITY_POLICY, MAX_BODY};

@@ -1,6 +1,6 @@
 //! Each page's HTML, from its data ([`super::data`]).
 
-use super::data::{AlertsData, BillingData, NodeData, TenantData, TenantsData, DAYS, HOURS, LEDGER_HOURS, ROWS};
+use super::data::{AlertsData, BillingData, NodeData, TenantData, TenantsData, HOURS, LEDGER_HOURS, ROWS};
 use super::html::{Esc, Num, Page, Seg, When};
 use crate::{base::Period, store::OutboxEntry};
 
@@ -108,13 +108,13 @@ pub(crate) fn tenant(base: &str, node: bool, d: &TenantData) -> String {
     }
     p.raw("</section><section><h2>Usage</h2>");
     if d.hourly.is_empty() && d.daily.is_empty() {
-        p.raw("<p>no usage in the last 30 days</p>");
+        p.raw("<p>no usage in the days read</p>");
     }
     for (meter, bars) in &d.hourly {
         p.chart("hourly", &format!("{meter}, per hour, last {HOURS} hours (UTC)"), bars, 3600);
     }
     for (meter, bars) in &d.daily {
-        p.chart("daily", &format!("{meter}, per day, last {DAYS} days (UTC)"), bars, 86_400);
+        p.chart("daily", &format!("{meter}, per day, last {} days (UTC)", bars.len()), bars, 86_400);
     }
     p.raw(
         "</section><section><h2>API keys</h2><table class=\"keys\"><thead><tr><th>id</th><th>prefix</th>\
@@ -208,7 +208,7 @@ pub(crate) fn billing(base: &str, node: bool, d: &BillingData) -> String {
          <th>window (UTC)</th><th>quantity</th><th>exported</th><th>in flight</th><th>attempts</th></tr></thead><tbody>",
         count(d.pending.len())
     ));
-    for a in &d.pending {
+    for a in d.pending.iter().take(ROWS) {
         p.fmt(format_args!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
             Esc(a.key.tenant.as_str()),
@@ -225,7 +225,7 @@ pub(crate) fn billing(base: &str, node: bool, d: &BillingData) -> String {
          <th>meter</th><th>window (UTC)</th><th>units</th><th>reason</th></tr></thead><tbody>",
         count(d.dead.len())
     ));
-    for l in &d.dead {
+    for l in d.dead.iter().take(ROWS) {
         p.fmt(format_args!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td class=\"reason\">{}</td></tr>",
             Esc(l.key.tenant.as_str()),
@@ -242,7 +242,7 @@ pub(crate) fn billing(base: &str, node: bool, d: &BillingData) -> String {
          <th>lacking since</th></tr></thead><tbody>",
         count(d.lacking.len())
     ));
-    for e in &d.lacking {
+    for e in d.lacking.iter().take(ROWS) {
         p.fmt(format_args!(
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
             When(Some(e.hour())),
@@ -253,13 +253,20 @@ pub(crate) fn billing(base: &str, node: bool, d: &BillingData) -> String {
             When(e.lacking_since)
         ));
     }
-    p.raw("</tbody></table></section>");
+    p.raw("</tbody></table>");
+    if d.lacking_cut {
+        p.fmt(format_args!(
+            "<p class=\"cut\">the scan stopped after {} ledger entries: older hours were not read</p>",
+            Num(crate::admin::LEDGER_SCAN as u64)
+        ));
+    }
+    p.raw("</section>");
     p.finish()
 }
 
-/// A table's count, `100+` when it is full.
+/// A table's count, `100+` when there are more than it shows.
 fn count(n: usize) -> String {
-    if n >= ROWS {
+    if n > ROWS {
         format!("{ROWS}+")
     } else {
         n.to_string()
@@ -279,7 +286,7 @@ pub(crate) fn alerts(base: &str, node: bool, d: &AlertsData) -> String {
              <th>event</th><th>destination</th><th>written</th><th>attempts</th><th>last error</th></tr></thead><tbody>",
             count(rows.len())
         ));
-        for a in rows.iter() {
+        for a in rows.iter().take(ROWS) {
             alert_row(&mut p, a);
         }
         p.raw("</tbody></table></section>");

@@ -120,6 +120,13 @@ impl Dashboard {
         if !is_read(&parts.method) {
             return not_allowed("GET, HEAD");
         }
+        if !self.inner.access.answers_host(&parts.headers) {
+            return answer(
+                StatusCode::MISDIRECTED_REQUEST,
+                "text/plain; charset=utf-8",
+                "this dashboard answers to localhost only\n".to_owned(),
+            );
+        }
         if !self.inner.access.allows(&parts.headers) {
             return login_page(base, StatusCode::UNAUTHORIZED);
         }
@@ -128,6 +135,19 @@ impl Dashboard {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.chars().take(crate::admin::MAX_SEARCH_LEN).collect::<String>())
         };
+        // A whole API key pasted in the search box: answered with a redirect to its prefix, so
+        // the key leaves the address bar and the history at once (the page never echoes it).
+        if let Some(q) = query("q") {
+            let cut = crate::admin::search_text(&q);
+            if (cut.starts_with("tg_live_") || cut.starts_with("tg_test_")) && cut != q.trim() {
+                let mut r = answer(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", String::new());
+                let location = format!("{base}/?q={}", super::html::Seg(&cut));
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                return r;
+            }
+        }
         let admin = &self.inner.admin;
         let engine = self.inner.engine.as_ref();
         let node = engine.is_some();
@@ -178,7 +198,10 @@ impl Dashboard {
         }
         if let Some(session) = self.inner.access.session() {
             let path = if base.is_empty() { "/" } else { base };
-            let cookie = format!("{COOKIE}={session}; Path={path}; HttpOnly; SameSite=Strict");
+            let cookie = format!(
+                "{COOKIE}={session}; Path={path}; Max-Age={}; HttpOnly; SameSite=Strict",
+                super::access::SESSION_SECS
+            );
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
             }

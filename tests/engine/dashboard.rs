@@ -180,8 +180,10 @@ async fn figures_are_the_stores() {
     let list = text(&get(&d, "/", true).await);
     assert!(list.contains("credits 50 of 50"), "the hostile tenant's balance: 50 granted, none used");
     let acme = text(&get(&d, "/tenants/acme", true).await);
-    assert!(acme.contains("value=\"3\""), "acme's 3 requests of the last hour on its gauge");
-    assert!(acme.contains("data-value=\"3\""), "and on its hourly chart");
+    // Usage committed without a quota counter (the counters are the quota store's): its
+    // gauge shows the counter, none here, and its charts the usage.
+    assert!(acme.contains("optimum=\"0\" value=\"0\""), "no counter, nothing used on the gauge");
+    assert!(acme.contains("data-value=\"3\""), "its 3 requests of the last hour on its hourly chart");
     let billing = text(&get(&d, "/billing", true).await);
     assert!(billing.contains("Windows pending export (1)") && billing.contains("Dead letters (1)"));
 }
@@ -199,6 +201,16 @@ async fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(r.status(), 200);
     assert!(text(&r).contains(&format!("value=\"{}\"", "y".repeat(MAX_SEARCH_LEN))), "cut to the bound");
     assert!(!text(&r).contains(&"y".repeat(MAX_SEARCH_LEN + 1)));
+    // A search cut inside a character is cut at the character.
+    let r = get(&d, "/?q=tg_live_abc%C3%A9%C3%A9", true).await;
+    assert_eq!(r.headers()["location"], "/ops/?q=tg_live_abc%C3%A9", "cut after the first é, not inside it");
+    assert_eq!(get(&d, "/?q=tg_live_abc%C3%A9", true).await.status(), 200);
+    assert_eq!(Admin::for_engine(&engine).search_tenants("tg_live_abcéé", 5).await.unwrap().text, "tg_live_abcé");
+    let long = format!("/?q={}", "é".repeat(MAX_SEARCH_LEN + 5));
+    assert_eq!(get(&d, &long, true).await.status(), 200);
+    // A whole key pasted: redirected to its prefix, never echoed.
+    let r = get(&d, "/?q=tg_live_0123456789abcdefghijklmnopqrstuv", true).await;
+    assert_eq!((r.status().as_u16(), r.headers()["location"].to_str().unwrap()), (303, "/ops/?q=tg_live_0123"));
     // Without an engine (`tollgate dashboard`), no node page.
     let offline = Dashboard::new(Admin::for_engine(&engine), token());
     assert_eq!(get(&offline, "/node", true).await.status(), 404);
@@ -265,4 +277,17 @@ async fn tenants_declared_in_the_file_are_shown_without_their_keys() {
 
 fn text_of(r: &http::Response<Bytes>) -> String {
     text(r)
+}
+
+#[tokio::test]
+async fn a_loopback_dashboard_answers_loopback_host_names_only() {
+    let (engine, _store) = seeded().await;
+    let d = Dashboard::new(Admin::for_engine(&engine), Access::Loopback);
+    let with_host = |host: &'static str| http::Request::get("/").header("host", host).body(Bytes::new()).unwrap();
+    assert_eq!(d.respond("", with_host("127.0.0.1:9090")).await.status(), 200, "no token on loopback");
+    assert_eq!(d.respond("", with_host("localhost:9090")).await.status(), 200);
+    // A page whose name was pointed at 127.0.0.1 (DNS rebinding) reads nothing.
+    let rebound = d.respond("", with_host("attacker.example:9090")).await;
+    assert_eq!(rebound.status(), 421);
+    assert!(!text(&rebound).contains("acme"));
 }

@@ -856,11 +856,9 @@ pub mod guide {}
 #[cfg_attr(docsrs, doc(cfg(feature = "dashboard")))]
 #[must_use]
 pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix_web::Scope {
-    let base = path.trim_end_matches('/').to_owned();
-    actix_web::web::scope(&base.clone()).default_service(actix_web::web::to(
+    actix_web::web::scope(path.trim_end_matches('/')).default_service(actix_web::web::to(
         move |request: HttpRequest, mut payload: actix_web::web::Payload| {
             let dashboard = dashboard.clone();
-            let base = base.clone();
             async move {
                 let cap = tollgate::dashboard::MAX_BODY + 1;
                 let mut body = bytes::BytesMut::new();
@@ -870,7 +868,11 @@ pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix
                         _ => break,
                     }
                 }
-                let rest = request.path().strip_prefix(base.as_str()).unwrap_or("/");
+                // What the scopes matched (this one's path, and any it is nested in) is the base
+                // of the dashboard's links; the rest is the page.
+                let matched = request.match_info().as_str();
+                let rest = request.match_info().unprocessed();
+                let base = matched[..matched.len() - rest.len()].trim_end_matches('/').to_owned();
                 let rest = if rest.is_empty() { "/" } else { rest };
                 let uri = match request.query_string() {
                     "" => rest.to_owned(),

@@ -540,3 +540,64 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
     let r = test::call_service(&app, call(Method::DELETE, "")).await;
     assert_eq!(r.status().as_u16(), 204);
 }
+
+/// The dashboard's scope: its pages under the path given, the token required, the links
+/// starting with the path, the login form's cookie working.
+#[cfg(feature = "dashboard")]
+#[actix_web::test]
+async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() {
+    use tollgate::{
+        config::DashboardToken,
+        dashboard::{Access, Dashboard},
+    };
+    let config =
+        tollgate::Config::from_toml_str("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"10/s\"\n").unwrap();
+    let (engine, _worker) = Tollgate::builder(config).build();
+    tollgate::admin::Admin::for_engine(&engine).add_tenant("acme", "free", None).await.unwrap();
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let app = test::init_service(
+        App::new()
+            .service(tollgate_actix::dashboard("/ops/", Dashboard::for_engine(&engine, access)))
+            .service(web::scope("/v1").wrap(TollgateMiddleware::new(engine.clone()))),
+    )
+    .await;
+    let bearer = ("authorization", "Bearer dashboard-token-0123456789");
+    let resp = test::call_service(&app, TestRequest::get().uri("/ops/").to_request()).await;
+    assert_eq!(resp.status(), 401);
+    for uri in ["/ops", "/ops/", "/ops/billing", "/ops/alerts", "/ops/node", "/ops/tenants/acme", "/ops/?q=ac"] {
+        let resp = test::call_service(&app, TestRequest::get().uri(uri).insert_header(bearer).to_request()).await;
+        assert_eq!(resp.status(), 200, "{uri}");
+        assert!(resp.headers().contains_key("content-security-policy"));
+        let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+        assert!(body.contains("href=\"/ops/billing\""), "{uri}: links under the scope");
+    }
+    let resp =
+        test::call_service(&app, TestRequest::get().uri("/ops/tenants/nobody").insert_header(bearer).to_request())
+            .await;
+    assert_eq!(resp.status(), 404);
+    let login = TestRequest::post()
+        .uri("/ops/login")
+        .insert_header(("content-type", "application/x-www-form-urlencoded"))
+        .set_payload("token=dashboard-token-0123456789")
+        .to_request();
+    let resp = test::call_service(&app, login).await;
+    assert_eq!(resp.status(), 303);
+    let cookie = resp.headers().get("set-cookie").unwrap().to_str().unwrap().split(';').next().unwrap().to_owned();
+    let resp =
+        test::call_service(&app, TestRequest::get().uri("/ops/").insert_header(("cookie", cookie)).to_request()).await;
+    assert_eq!(resp.status(), 200);
+    let put = test::call_service(&app, TestRequest::put().uri("/ops/").insert_header(bearer).to_request()).await;
+    assert_eq!(put.status(), 405);
+    // Inside a scope of the application, its links start with that scope's path too.
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let nested = test::init_service(App::new().service(
+        web::scope("/admin").service(tollgate_actix::dashboard("/ops", Dashboard::for_engine(&engine, access))),
+    ))
+    .await;
+    let resp =
+        test::call_service(&nested, TestRequest::get().uri("/admin/ops/billing").insert_header(bearer).to_request())
+            .await;
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+    assert!(body.contains("href=\"/admin/ops/alerts\""), "links under the outer scope");
+}

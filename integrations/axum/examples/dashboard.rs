@@ -52,7 +52,7 @@ file = "{db}.usage.jsonl"
 [meters.credits]
 
 [plans.free]
-rate = "2/s"
+rate = "2/h"
 burst = 2
 quotas.requests = {{ limit = 100, period = "day", mode = "hard" }}
 
@@ -100,7 +100,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     admin.grant_credits("acme", "credits", 500, None, "pack-1").await?;
 
     // Requests through the layer: acme spends 7 requests and 3 generations (6 credits); the
-    // hostile tenant sends 5 at once on a rate of 2/s with a burst of 2, and 3 are refused.
+    // hostile tenant sends 5 on a rate of 2 an hour with a burst of 2, and 3 are refused.
     let api = Router::new()
         .route("/v1/items", get(|| async { "items\n" }))
         .route("/v1/generate", axum::routing::post(|| async { "generated\n" }))

@@ -446,6 +446,12 @@ where
         let base = base.clone();
         async move {
             let (mut parts, body) = request.into_parts();
+            // Nested in a router (`Router::nest`), the links start with the outer prefix too.
+            let outer = parts
+                .extensions
+                .get::<axum::extract::OriginalUri>()
+                .and_then(|o| o.0.path().strip_suffix(parts.uri.path()).map(str::to_owned))
+                .unwrap_or_default();
             // The path under the dashboard, its query kept.
             let rest = parts.uri.path().strip_prefix(base.as_str()).unwrap_or("/");
             let rest = if rest.is_empty() { "/" } else { rest };
@@ -455,7 +461,7 @@ where
             };
             parts.uri = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
             let body = bounded_body(body, tollgate::dashboard::MAX_BODY).await;
-            let answer = dashboard.respond(&base, http::Request::from_parts(parts, body)).await;
+            let answer = dashboard.respond(&format!("{outer}{base}"), http::Request::from_parts(parts, body)).await;
             answer.map(axum::body::Body::from)
         }
     };

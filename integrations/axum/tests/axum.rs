@@ -620,3 +620,48 @@ async fn tenants_reach_their_own_recharge_through_the_route() {
     assert_eq!(call("POST", &acme, "{}").await.0, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(call("DELETE", &acme, "").await.0, StatusCode::NO_CONTENT);
 }
+
+/// The dashboard's router merged beside a layered API: its pages under its path (with and
+/// without the trailing slash), outside the layer, the token required.
+#[cfg(feature = "dashboard")]
+#[tokio::test]
+async fn the_dashboard_router_serves_its_pages_under_its_path_outside_the_layer() {
+    use tollgate::{
+        config::DashboardToken,
+        dashboard::{Access, Dashboard},
+    };
+    let engine = engine();
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let app = Router::new()
+        .route("/v1/items", get(|| async { "items" }))
+        .layer(TollgateLayer::new(engine.clone()))
+        .merge(tollgate_axum::dashboard("/ops", Dashboard::for_engine(&engine, access)));
+    let call = |uri: &str, auth: bool| {
+        let mut r = Request::get(uri);
+        if auth {
+            r = r.header("authorization", "Bearer dashboard-token-0123456789");
+        }
+        app.clone().oneshot(r.body(Body::empty()).unwrap())
+    };
+    assert_eq!(call("/ops/", false).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    for uri in ["/ops", "/ops/", "/ops/billing", "/ops/alerts", "/ops/node", "/ops/?q=a", "/ops/assets/dashboard.css"] {
+        let resp = call(uri, true).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+        let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        assert!(!body.contains("Missing credentials"), "{uri}: not behind the layer");
+    }
+    let page = call("/ops/", true).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&page).contains("href=\"/ops/billing\""), "links under its path");
+    assert_eq!(call("/ops/tenants/nobody", true).await.unwrap().status(), StatusCode::NOT_FOUND);
+    // The API is still behind the layer.
+    assert_eq!(call("/v1/items", false).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // Nested in a router, its links start with the outer prefix too.
+    let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
+    let nested: Router =
+        Router::new().nest("/admin", tollgate_axum::dashboard("/ops", Dashboard::for_engine(&engine, access)));
+    let req = Request::get("/admin/ops/").header("authorization", "Bearer dashboard-token-0123456789");
+    let resp = nested.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let page = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&page).contains("href=\"/admin/ops/billing\""), "links under the nest");
+}

@@ -25,7 +25,7 @@ pub(crate) fn access(config: &Config, listen: SocketAddr, token_file: Option<&Pa
     };
     match token {
         Some(token) => Ok(Access::Token(token)),
-        None if listen.ip().is_loopback() => Ok(Access::Open),
+        None if listen.ip().is_loopback() => Ok(Access::Loopback),
         None => Err(format!(
             "refusing to serve the dashboard on {listen} without an access token: every tenant's figures would be \
              open to the network; give --token-file (or [dashboard] token_file), or listen on a loopback address"
@@ -36,7 +36,7 @@ pub(crate) fn access(config: &Config, listen: SocketAddr, token_file: Option<&Pa
 
 pub(crate) async fn serve(config: Config, listen: SocketAddr, token_file: Option<&Path>) -> Result<()> {
     let access = access(&config, listen, token_file)?;
-    let open = matches!(access, Access::Open);
+    let open = matches!(access, Access::Loopback);
     let dashboard = Dashboard::new(Admin::open(&config).await?, access);
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;

@@ -957,3 +957,21 @@ fn check_warns_of_a_redis_server_that_may_lose_or_evict_counters() {
     let out = check(&safe.1);
     assert!(out.contains("redis: appendonly on, maxmemory-policy noeviction") && !out.contains("warning"), "{out}");
 }
+
+/// `tollgate dashboard` off loopback without a token refuses to start, before opening
+/// anything; a token file that is too short is refused with its path.
+#[test]
+fn the_dashboard_refuses_a_network_address_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tollgate.toml"), format!("[store]\nkind = \"memory\"\n{PLANS}")).unwrap();
+    let err = fails(dir.path(), &["--config", "tollgate.toml", "dashboard", "--listen", "0.0.0.0:0"]);
+    assert!(err.contains("without an access token"), "{err}");
+    let err = fails(dir.path(), &["--config", "tollgate.toml", "dashboard", "--listen", "[::]:0"]);
+    assert!(err.contains("without an access token"), "{err}");
+    std::fs::write(dir.path().join("short"), "abc\n").unwrap();
+    let err = fails(
+        dir.path(),
+        &["--config", "tollgate.toml", "dashboard", "--listen", "0.0.0.0:0", "--token-file", "short"],
+    );
+    assert!(err.contains("short must hold a token of at least 16 characters"), "{err}");
+}

@@ -11,7 +11,9 @@ use crate::response::route::problem;
 use crate::{
     base::{QuotaMode, TenantId},
     config::{amount_of, Config, PlanOverride, PlanSpec, SPEND_METER},
-    store::{CapMode, DirectoryStore, QuotaKey, QuotaStore, Reservation, ReserveToken, SpendCap, StoreError},
+    store::{
+        CapMode, DirectoryStore, QuotaKey, QuotaStore, Reservation, ReserveToken, SpendCap, StoreError, TenantRecord,
+    },
 };
 
 /// The sender of every cap's store call: one entry in the counter's senders, however many
@@ -107,16 +109,25 @@ pub(crate) async fn plan_of(
     config: &Config,
     tenant: &TenantId,
 ) -> Result<PlanOf, StoreError> {
-    if let Some(t) = config.tenants().iter().find(|t| t.id() == tenant) {
-        let Some(plan) = config.plans().get(t.plan()) else { return Ok(PlanOf::UnknownPlan(t.plan().to_string())) };
-        return Ok(PlanOf::Plan(t.overrides().map_or_else(|| plan.clone(), |o| plan.with_override(o))));
+    if config.tenants().iter().any(|t| t.id() == tenant) {
+        return Ok(served_plan(config, tenant, None));
     }
-    let Some(record) = directory.tenant(tenant).await? else { return Ok(PlanOf::UnknownTenant) };
-    let Some(plan) = config.plans().get(&record.plan) else { return Ok(PlanOf::UnknownPlan(record.plan.to_string())) };
+    let record = directory.tenant(tenant).await?;
+    Ok(served_plan(config, tenant, record.as_ref()))
+}
+
+/// [`plan_of`] with the tenant's directory record read (`None`: the directory has none).
+pub(crate) fn served_plan(config: &Config, tenant: &TenantId, record: Option<&TenantRecord>) -> PlanOf {
+    if let Some(t) = config.tenants().iter().find(|t| t.id() == tenant) {
+        let Some(plan) = config.plans().get(t.plan()) else { return PlanOf::UnknownPlan(t.plan().to_string()) };
+        return PlanOf::Plan(t.overrides().map_or_else(|| plan.clone(), |o| plan.with_override(o)));
+    }
+    let Some(record) = record else { return PlanOf::UnknownTenant };
+    let Some(plan) = config.plans().get(&record.plan) else { return PlanOf::UnknownPlan(record.plan.to_string()) };
     // Overrides that no longer parse under this configuration are left out (as the engine
     // does: the plan alone).
     let o = record.overrides.as_deref().and_then(|json| PlanOverride::from_json(json, config).ok());
-    Ok(PlanOf::Plan(o.map_or_else(|| plan.clone(), |o| plan.with_override(&o))))
+    PlanOf::Plan(o.map_or_else(|| plan.clone(), |o| plan.with_override(&o)))
 }
 
 /// What a call does with a tenant's own cap.
