@@ -23,7 +23,8 @@ pub enum Access {
     /// No token, for a dashboard listening on a loopback address only (`tollgate dashboard`
     /// without one): requests must name a loopback host (`localhost`, `127.0.0.1`, `[::1]`,
     /// any port) in `Host`, so that a web page whose name an attacker points at 127.0.0.1 (DNS
-    /// rebinding) is answered 421 rather than read.
+    /// rebinding) is answered 421 rather than read. HTTP/1.1 only: an HTTP/2 request carries
+    /// its host as `:authority`, not `Host`, and is answered 421.
     Loopback,
 }
 
@@ -112,7 +113,8 @@ fn session(token: &DashboardToken, issued: i64) -> String {
 /// Whether `cookie` is a session of `token` still in force at `now`.
 fn session_holds(token: &DashboardToken, cookie: &str, now: i64) -> bool {
     let Some(issued) = cookie.split_once('.').and_then(|(t, _)| t.parse::<i64>().ok()) else { return false };
-    (0..SESSION_SECS).contains(&(now - issued)) && same(cookie.as_bytes(), session(token, issued).as_bytes())
+    now.checked_sub(issued).is_some_and(|age| (0..SESSION_SECS).contains(&age))
+        && same(cookie.as_bytes(), session(token, issued).as_bytes())
 }
 
 /// The session cookie among `headers`' `Cookie` fields, if any.
@@ -181,6 +183,8 @@ mod tests {
         assert!(!session_holds(&token, &forged, at + 200), "its time is under the MAC");
         let other = DashboardToken::new("another-token-0123456789").unwrap();
         assert!(!session_holds(&other, &session(&token, at), at + 1), "a new token ends every session");
+        assert!(!session_holds(&token, "-9223372036854775808.00", at), "no overflow");
+        assert!(!session_holds(&token, "9223372036854775807.00", i64::MIN), "no overflow");
     }
 
     #[test]

@@ -255,6 +255,16 @@ pub(crate) async fn tenants(
     Ok(data)
 }
 
+/// The hours of the hourly chart (at most [`HOURS`], at least 1) and the days of the daily
+/// chart (at most [`DAYS`]; 0: none) that keep the usage rows a tenant's page reads, one per
+/// window and meter, under about [`MAX_ROWS`].
+pub(crate) fn chart_spans(config: Option<&Config>) -> (i64, i64) {
+    let window = config.map_or(3600, |c| i64::try_from(c.usage().window.as_secs()).unwrap_or(i64::MAX).max(1));
+    let meters = config.map_or(1, |c| c.meters().len().max(1)) as i64;
+    let span = MAX_ROWS.saturating_mul(window) / meters;
+    ((span / 3600).clamp(1, HOURS), (span / 86_400).min(DAYS))
+}
+
 /// A tenant's quota counters; none when the administration has no quota store (an `Admin`
 /// built without one): the page shows its quotas empty rather than failing.
 async fn counters_of(admin: &Admin, id: &str) -> Result<Vec<QuotaCounter>, AdminError> {
@@ -324,12 +334,17 @@ pub(crate) async fn tenant(
             }
         }
     }
-    // A usage row per window: the days read are as many as keep the rows near MAX_ROWS
-    // (30 with an hourly window; fewer with a window of seconds), at least 2.
-    let window = admin.config().map_or(3600, |c| c.usage().window.as_secs().max(1) as i64);
-    let meters = admin.config().map_or(1, |c| c.meters().len().max(1)) as i64;
-    let days = (MAX_ROWS * window / (86_400 * meters)).clamp(2, DAYS);
-    let rows = admin.usage(id, None, now - now.rem_euclid(86_400) - (days - 1) * 86_400, now + 1).await?;
+    // A usage row per window and meter: the time read keeps the rows under about MAX_ROWS
+    // (30 days with an hourly window; hours only with a window of seconds).
+    let (hours, days) = chart_spans(admin.config());
+    let window = admin.config().map_or(3600, |c| i64::try_from(c.usage().window.as_secs()).unwrap_or(i64::MAX).max(1));
+    let hour = now - now.rem_euclid(3600);
+    let day = now - now.rem_euclid(86_400);
+    let from = match days {
+        0 => hour - (hours - 1) * 3600,
+        _ => (hour - (hours - 1) * 3600).min(day - (days - 1) * 86_400),
+    };
+    let rows = admin.usage(id, None, from, now + 1).await?;
     Ok(Some(TenantData {
         plan_known: plan.is_some(),
         keys,
@@ -338,8 +353,8 @@ pub(crate) async fn tenant(
         cap,
         recharges,
         // A window longer than an hour has no hourly figures.
-        hourly: if window <= 3600 { buckets(&rows, now, 3600, HOURS) } else { Vec::new() },
-        daily: buckets(&rows, now, 86_400, days),
+        hourly: if window <= 3600 { buckets(&rows, now, 3600, hours) } else { Vec::new() },
+        daily: if days > 0 { buckets(&rows, now, 86_400, days) } else { Vec::new() },
         rejections: engine.map(|e| e.recent_rejections(&record.id)),
         record,
     }))
@@ -429,6 +444,31 @@ mod tests {
             days.iter().map(|(m, b)| (m.as_str(), b.iter().map(|x| x.1).sum::<u64>())).collect::<Vec<_>>(),
             [("requests", 12), ("tokens", 7)]
         );
+    }
+
+    #[test]
+    fn the_charts_read_a_bounded_number_of_rows() {
+        let with = |window: &str, meters: usize| {
+            let mut text =
+                format!("[store]\nkind = \"memory\"\n[usage]\nwindow = \"{window}\"\nflush_interval = \"1s\"\n[plans.p]\nrate = \"1/s\"\n");
+            for m in 0..meters {
+                text.push_str(&format!("[meters.m{m}]\n"));
+            }
+            Config::from_toml_str(&text).unwrap()
+        };
+        assert_eq!(chart_spans(Some(&with("1h", 0))), (HOURS, DAYS), "hourly windows: 48 hours, 30 days");
+        assert_eq!(chart_spans(Some(&with("1m", 0))), (HOURS, 30), "50,000 minutes: 34 days");
+        assert_eq!(chart_spans(Some(&with("1m", 9))), (HOURS, 3));
+        assert_eq!(chart_spans(Some(&with("5s", 0))), (HOURS, 2), "250,000 seconds: 69 hours");
+        assert_eq!(chart_spans(Some(&with("5s", 9))), (6, 0), "25,000 seconds: 6 hours, no daily chart");
+        for (window, meters) in [("5s", 0), ("5s", 20), ("1m", 9), ("1m", 0), ("1h", 0)] {
+            let config = with(window, meters);
+            let (hours, days) = chart_spans(Some(&config));
+            let w = config.usage().window.as_secs() as i64;
+            let read = (hours * 3600).max(days * 86_400);
+            let rows = read / w * (meters as i64 + 1);
+            assert!(rows <= MAX_ROWS + 86_400 / w, "{window} × {meters}: {rows} rows");
+        }
     }
 
     #[test]

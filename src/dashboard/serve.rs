@@ -80,12 +80,22 @@ impl Dashboard {
     /// the links of its pages start: `""` at the root, `/ops` under `/ops`). Pages answer `GET`
     /// and `HEAD`; `POST /login` takes the login form (at most [`MAX_BODY`] bytes). Without the
     /// token: 401 and the login form, nothing else rendered.
+    ///
+    /// A `base` holding anything but letters, digits, `/`, `-`, `.`, `_`, `~` and `%` (a door
+    /// that derives it from a path a client chose) is answered 404: it goes into links, the
+    /// login's redirect and its cookie's `Path`.
     pub async fn respond(&self, base: &str, request: http::Request<Bytes>) -> Response<Bytes> {
         let base = base.trim_end_matches('/');
         let (parts, body) = request.into_parts();
         let path = parts.uri.path();
         let head = parts.method == Method::HEAD;
-        let mut response = self.route(base, &parts, path, &body).await;
+        let safe = base.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-._~%".contains(&b))
+            && (base.is_empty() || base.starts_with('/'))
+            && !base.starts_with("//");
+        let mut response = match safe {
+            true => self.route(base, &parts, path, &body).await,
+            false => answer(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n".to_owned()),
+        };
         let h = response.headers_mut();
         h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
         h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));

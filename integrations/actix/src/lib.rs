@@ -869,10 +869,15 @@ pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix
                     }
                 }
                 // What the scopes matched (this one's path, and any it is nested in) is the base
-                // of the dashboard's links; the rest is the page.
-                let matched = request.match_info().as_str();
-                let rest = request.match_info().unprocessed();
-                let base = matched[..matched.len() - rest.len()].trim_end_matches('/').to_owned();
+                // of the dashboard's links; the rest is the page, taken from the raw path (the
+                // router's is decoded, and a tenant id may hold `%3F`): as many segments as
+                // the scopes matched are skipped, `/` being the one character never decoded.
+                let info = request.match_info();
+                let matched = info.as_str().len().saturating_sub(info.unprocessed().len());
+                let segments = info.as_str().get(..matched).unwrap_or("").trim_end_matches('/').matches('/').count();
+                let raw = request.path();
+                let cut = raw.match_indices('/').nth(segments).map_or(raw.len(), |(i, _)| i);
+                let (base, rest) = raw.split_at(cut);
                 let rest = if rest.is_empty() { "/" } else { rest };
                 let uri = match request.query_string() {
                     "" => rest.to_owned(),
@@ -889,7 +894,7 @@ pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix
                         out.headers_mut().append(name, value);
                     }
                 }
-                to_actix(dashboard.respond(&base, out).await)
+                to_actix(dashboard.respond(base, out).await)
             }
         },
     ))

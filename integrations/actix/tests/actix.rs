@@ -554,6 +554,7 @@ async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() 
         tollgate::Config::from_toml_str("[store]\nkind = \"memory\"\n[plans.free]\nrate = \"10/s\"\n").unwrap();
     let (engine, _worker) = Tollgate::builder(config).build();
     tollgate::admin::Admin::for_engine(&engine).add_tenant("acme", "free", None).await.unwrap();
+    tollgate::admin::Admin::for_engine(&engine).add_tenant("a?b", "free", None).await.unwrap();
     let access = Access::Token(DashboardToken::new("dashboard-token-0123456789").unwrap());
     let app = test::init_service(
         App::new()
@@ -571,6 +572,15 @@ async fn the_dashboard_scope_serves_its_pages_under_its_path_behind_the_token() 
         let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
         assert!(body.contains("href=\"/ops/billing\""), "{uri}: links under the scope");
     }
+    // A tenant id holding `?`, percent-encoded in its link: that tenant's page.
+    let resp =
+        test::call_service(&app, TestRequest::get().uri("/ops/tenants/a%3Fb").insert_header(bearer).to_request()).await;
+    assert_eq!(resp.status(), 200);
+    let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+    assert!(body.contains("<h1>a?b</h1>"), "the tenant a?b, not a");
+    let resp =
+        test::call_service(&app, TestRequest::get().uri("/ops/tenants/a").insert_header(bearer).to_request()).await;
+    assert_eq!(resp.status(), 404);
     let resp =
         test::call_service(&app, TestRequest::get().uri("/ops/tenants/nobody").insert_header(bearer).to_request())
             .await;

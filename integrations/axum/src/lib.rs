@@ -447,11 +447,14 @@ where
         async move {
             let (mut parts, body) = request.into_parts();
             // Nested in a router (`Router::nest`), the links start with the outer prefix too.
-            let outer = parts
-                .extensions
-                .get::<axum::extract::OriginalUri>()
-                .and_then(|o| o.0.path().strip_suffix(parts.uri.path()).map(str::to_owned))
-                .unwrap_or_default();
+            let outer = parts.extensions.get::<axum::extract::OriginalUri>().map_or_else(String::new, |o| {
+                match o.0.path().strip_suffix(parts.uri.path()) {
+                    Some(outer) => outer.to_owned(),
+                    // `/admin` reaching a dashboard at the root of a router nested there as `/`.
+                    None if parts.uri.path() == "/" => o.0.path().to_owned(),
+                    None => String::new(),
+                }
+            });
             // The path under the dashboard, its query kept.
             let rest = parts.uri.path().strip_prefix(base.as_str()).unwrap_or("/");
             let rest = if rest.is_empty() { "/" } else { rest };
