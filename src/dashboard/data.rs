@@ -255,11 +255,16 @@ pub(crate) async fn tenants(
     Ok(data)
 }
 
+/// The usage window in seconds (an hour without a configuration).
+fn window_of(config: Option<&Config>) -> i64 {
+    config.map_or(3600, |c| i64::try_from(c.usage().window.as_secs()).unwrap_or(i64::MAX).max(1))
+}
+
 /// The hours of the hourly chart (at most [`HOURS`], at least 1) and the days of the daily
 /// chart (at most [`DAYS`]; 0: none) that keep the usage rows a tenant's page reads, one per
 /// window and meter, under about [`MAX_ROWS`].
 pub(crate) fn chart_spans(config: Option<&Config>) -> (i64, i64) {
-    let window = config.map_or(3600, |c| i64::try_from(c.usage().window.as_secs()).unwrap_or(i64::MAX).max(1));
+    let window = window_of(config);
     let meters = config.map_or(1, |c| c.meters().len().max(1)) as i64;
     let span = MAX_ROWS.saturating_mul(window) / meters;
     ((span / 3600).clamp(1, HOURS), (span / 86_400).min(DAYS))
@@ -337,7 +342,7 @@ pub(crate) async fn tenant(
     // A usage row per window and meter: the time read keeps the rows under about MAX_ROWS
     // (30 days with an hourly window; hours only with a window of seconds).
     let (hours, days) = chart_spans(admin.config());
-    let window = admin.config().map_or(3600, |c| i64::try_from(c.usage().window.as_secs()).unwrap_or(i64::MAX).max(1));
+    let window = window_of(admin.config());
     let hour = now - now.rem_euclid(3600);
     let day = now - now.rem_euclid(86_400);
     let from = match days {

@@ -857,17 +857,10 @@ pub mod guide {}
 #[must_use]
 pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix_web::Scope {
     actix_web::web::scope(path.trim_end_matches('/')).default_service(actix_web::web::to(
-        move |request: HttpRequest, mut payload: actix_web::web::Payload| {
+        move |request: HttpRequest, payload: actix_web::web::Payload| {
             let dashboard = dashboard.clone();
             async move {
-                let cap = tollgate::dashboard::MAX_BODY + 1;
-                let mut body = bytes::BytesMut::new();
-                while body.len() < cap {
-                    match std::future::poll_fn(|cx| std::pin::Pin::new(&mut payload).poll_next(cx)).await {
-                        Some(Ok(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(cap - body.len())]),
-                        _ => break,
-                    }
-                }
+                let (method, body) = tenant_route_call(&request, payload, tollgate::dashboard::MAX_BODY).await;
                 // What the scopes matched (this one's path, and any it is nested in) is the base
                 // of the dashboard's links; the rest is the page, taken from the raw path (the
                 // router's is decoded, and a tenant id may hold `%3F`): as many segments as
@@ -884,7 +877,7 @@ pub fn dashboard(path: &str, dashboard: tollgate::dashboard::Dashboard) -> actix
                     q => format!("{rest}?{q}"),
                 };
                 let mut out = http::Request::new(body.freeze());
-                *out.method_mut() = http::Method::from_bytes(request.method().as_str().as_bytes()).unwrap_or_default();
+                *out.method_mut() = method;
                 *out.uri_mut() = uri.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
                 for (name, value) in request.headers() {
                     if let (Ok(name), Ok(value)) = (
