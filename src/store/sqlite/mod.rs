@@ -2,7 +2,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -57,8 +60,10 @@ const PRUNE_EVERY_SECS: i64 = 3600;
 ///   IMMEDIATE`); a busy database is waited for (busy timeout) and the call retried, so
 ///   several engines and processes can share one file.
 /// - Calls run on tokio's blocking pool (`spawn_blocking`), never on the runtime's worker
-///   threads; the store starts no thread of its own. One store holds two connections, one
-///   that writes and one that reads, and at most two calls of each on the pool at once.
+///   threads; the store starts no thread of its own. One store holds three connections, one
+///   that writes and one that reads, with at most two calls of each on the pool at once, and
+///   one that checkpoints the log into the file every 256 writes, on the pool too, one
+///   checkpoint at a time: no call waits for a checkpoint (the writer's automatic one is off).
 /// - The schema is versioned (`user_version`) and migrated on open; a file of a newer
 ///   tollgate, a file that is not a tollgate database (an empty or foreign file included) and
 ///   a file that fails `PRAGMA quick_check` are refused with [`StoreError::Unusable`].
@@ -87,6 +92,16 @@ struct Inner {
     /// write under way on `conn`. Declared (so dropped) before `conn`: the writer, closed
     /// last, checkpoints the log into the file and removes it.
     reader: Mutex<Connection>,
+    /// The connection that checkpoints the log into the file, on the blocking pool after
+    /// every [`CHECKPOINT_EVERY`] writes, never waited for by a call: the writer commits with
+    /// `wal_autocheckpoint = 0`, so no call (a request's lease among them) pays for copying
+    /// the log and its fsyncs, which grow with the file. Dropped before `conn`, as `reader`.
+    checkpointer: Mutex<Connection>,
+    /// Writes committed, counted to start a checkpoint every [`CHECKPOINT_EVERY`].
+    commits: AtomicU32,
+    /// A checkpoint of the checkpointer ended: the next write copies what was written
+    /// meanwhile, then starts the log afresh.
+    catch_up: AtomicBool,
     /// The writing connection (every write is one `BEGIN IMMEDIATE` transaction on it).
     conn: Mutex<Conn>,
     /// Bound the calls of each kind on the blocking pool at once (a permit is held until the
@@ -95,6 +110,10 @@ struct Inner {
     reads: Arc<tokio::sync::Semaphore>,
     writes: Arc<tokio::sync::Semaphore>,
 }
+
+/// Writes between two checkpoints: a few pages each, so the log stays within about a
+/// thousand pages (SQLite's own automatic checkpoint's size) between them.
+const CHECKPOINT_EVERY: u32 = 256;
 
 /// The most calls of one kind (reads, writes) of one store on the blocking pool at once: each
 /// kind has one connection, so more would only wait for it.
@@ -160,7 +179,7 @@ impl SqliteStore {
             // switch to WAL, its migration); one that finds it busy past the busy timeout (or
             // at once, where SQLite does not wait) tries again.
             let mut tries = 0;
-            let (conn, reader) = loop {
+            let (conn, reader, checkpointer) = loop {
                 match open_blocking(&path, synchronous) {
                     Err(StoreError::Backend(e))
                         if tries < BUSY_RETRIES && e.downcast_ref::<rusqlite::Error>().is_some_and(is_busy) =>
@@ -176,6 +195,9 @@ impl SqliteStore {
             let inner = Inner {
                 path,
                 reader: Mutex::new(reader),
+                checkpointer: Mutex::new(checkpointer),
+                commits: AtomicU32::new(0),
+                catch_up: AtomicBool::new(false),
                 conn: Mutex::new(conn),
                 reads: Arc::new(reads),
                 writes: Arc::new(writes),
@@ -204,7 +226,16 @@ impl SqliteStore {
         let inner = Arc::clone(&self.inner);
         let call = move || {
             let _permit = permit;
-            inner.write(f)
+            let out = inner.write(f);
+            if inner.commits.fetch_add(1, Ordering::Relaxed) % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 {
+                // Started, not awaited: this call returns now. The blocking pool's threads
+                // carry the runtime's handle.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let inner = Arc::clone(&inner);
+                    drop(runtime.spawn_blocking(move || inner.checkpoint()));
+                }
+            }
+            out
         };
         tokio::task::spawn_blocking(call).await.map_err(|e| StoreError::Backend(Box::new(e)))?
     }
@@ -282,10 +313,33 @@ impl Progress {
 }
 
 impl Inner {
+    /// Copies the log's committed pages into the file (a passive checkpoint: it waits for no
+    /// reader or writer, and the writer goes on committing meanwhile). One at a time: a
+    /// checkpoint still running makes this one unneeded. A failure is logged; the log keeps
+    /// everything until the next one.
+    fn checkpoint(&self) {
+        let Ok(db) = self.checkpointer.try_lock() else { return };
+        match db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => self.catch_up.store(true, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "checkpoint failed; the next one tries again")
+            }
+        }
+    }
+
     fn write<T>(&self, mut f: impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Result<T, StoreError> {
         // A panic inside a call rolls its transaction back (the transaction is dropped), so
         // the connection is still consistent: poisoning is ignored.
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        if self.catch_up.swap(false, Ordering::Relaxed) {
+            // The log starts afresh only from a write that finds every frame of it copied,
+            // which writes made while the checkpointer ran prevent: those few frames are
+            // copied here, so that this write starts the log again and it stays within about
+            // `CHECKPOINT_EVERY` writes (unbounded else, under steady writes).
+            if let Err(e) = conn.db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(path = %self.path.display(), error = %e, "checkpoint failed; the next one tries again");
+            }
+        }
         self.retried(|| conn.attempt(&mut f))
     }
 
@@ -479,5 +533,65 @@ impl crate::store::UsageInspect for SqliteStore {
     async fn usage(&self, key: &ExportKey) -> Result<Option<UsageAggregate>, StoreError> {
         let key = key.clone();
         self.read(move |tx| usage_of(tx, &key)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(i: u32) -> (TenantRecord, [KeyHash; 1]) {
+        (TenantRecord::new(format!("t{i}").into(), "p".into()), [KeyHash::of(format!("key-{i}").as_bytes())])
+    }
+
+    /// (frames in the log, frames copied) by a passive checkpoint of another connection.
+    fn log_frames(path: &Path) -> (i64, i64) {
+        let db = Connection::open(path).unwrap();
+        let (busy, log, copied): (i64, i64, i64) =
+            db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!(busy, 0);
+        (log, copied)
+    }
+
+    /// No commit checkpoints (SQLite's automatic checkpoint would run inside a request's lease
+    /// write, fsyncs included): the checkpointer's connection copies the log, and the next
+    /// write copies what came meanwhile and starts the log afresh, so that it stays bounded
+    /// under steady writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn commits_never_checkpoint_the_log_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let auto: i64 = {
+            let conn = store.inner.conn.lock().unwrap();
+            conn.db.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap()
+        };
+        assert_eq!(auto, 0, "the writer commits without checkpointing");
+        // Fewer writes than start a checkpoint on their own: the test starts it.
+        for i in 0..CHECKPOINT_EVERY / 2 {
+            let (record, keys) = put(i);
+            store.put_tenant(&record, &keys).await.unwrap();
+        }
+        let inner = Arc::clone(&store.inner);
+        tokio::task::spawn_blocking(move || inner.checkpoint()).await.unwrap();
+        let (log, copied) = log_frames(&path);
+        assert!(log > 0, "the writes went to the log");
+        assert_eq!(log, copied, "the checkpointer copied the whole log");
+        // Writes while a checkpoint runs: it copies what was there when it started, and the
+        // log cannot start afresh from a write while frames wait to be copied.
+        let running = store.inner.checkpointer.lock().unwrap();
+        running.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).unwrap();
+        for i in CHECKPOINT_EVERY..CHECKPOINT_EVERY + 16 {
+            let (record, keys) = put(i);
+            store.put_tenant(&record, &keys).await.unwrap();
+        }
+        drop(running);
+        store.inner.catch_up.store(true, Ordering::Relaxed);
+        // The next write copies those writes' frames first, then starts the log again: it
+        // holds that write's frames only.
+        let (record, keys) = put(2 * CHECKPOINT_EVERY);
+        store.put_tenant(&record, &keys).await.unwrap();
+        let (after, _) = log_frames(&path);
+        assert!(after * 10 < log, "the log started afresh: {after} frames after the write, {log} before");
     }
 }

@@ -298,7 +298,10 @@ CREATE TABLE quota_recharge (
 
 /// Opens the file, checks it is a sound tollgate database of a schema this build knows, and
 /// migrates it to [`SCHEMA_VERSION`]; returns the writing connection and a reading one.
-pub(super) fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<(Conn, Connection), StoreError> {
+pub(super) fn open_blocking(
+    path: &Path,
+    synchronous: Synchronous,
+) -> Result<(Conn, Connection, Connection), StoreError> {
     match std::fs::metadata(path) {
         Ok(m) if m.len() == 0 => {
             return Err(unusable(
@@ -340,10 +343,20 @@ pub(super) fn open_blocking(path: &Path, synchronous: Synchronous) -> Result<(Co
     let mut db = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous).map_err(not_ours)?;
     migrate(path, &mut db)?;
     let reader = connect(path, OpenFlags::SQLITE_OPEN_READ_ONLY, synchronous).map_err(not_ours)?;
+    // The writer commits without checkpointing (SQLite's automatic checkpoint runs in the
+    // committing call, fsyncs included, past 1,000 pages of log): the checkpoints run on a
+    // connection of their own, off every caller's path (see `Inner::checkpoint`).
+    db.pragma_update(None, "wal_autocheckpoint", 0).map_err(backend)?;
+    let checkpointer = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous).map_err(not_ours)?;
+    checkpointer.pragma_update(None, "wal_autocheckpoint", 0).map_err(backend)?;
     let newest_window: Option<i64> =
         db.query_row("SELECT max(window_start) FROM usage", [], |r| r.get(0)).map_err(backend)?;
     let newest_window = newest_window.unwrap_or(i64::MIN / 2);
-    Ok((Conn { db, newest_window, pruned_window: newest_window, pruned_at: None, ids: IdCounts::default() }, reader))
+    Ok((
+        Conn { db, newest_window, pruned_window: newest_window, pruned_at: None, ids: IdCounts::default() },
+        reader,
+        checkpointer,
+    ))
 }
 
 /// A connection to a tollgate database, set up for this store.
