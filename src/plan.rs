@@ -269,6 +269,10 @@ pub(crate) struct CompiledPlan {
     pub(crate) prices: Box<[Option<rust_decimal::Decimal>]>,
     /// The priced meters, as bits (by index).
     pub(crate) priced: u64,
+    /// No fleet rate, concurrency limit or spend cap: a request is decided by its rate and
+    /// its route meter's quota alone (on a route that needs no feature, reports no meter and
+    /// holds nothing, without an `Idempotency-Key`), in one step.
+    pub(crate) straight: bool,
 }
 
 impl CompiledPlan {
@@ -556,6 +560,7 @@ impl CompiledPlan {
                 })
             })
             .collect();
+        let straight = fleet.is_none() && spec.concurrency.is_none() && spend_index.is_none();
         Self {
             id: spec.id.clone(),
             rate,
@@ -598,6 +603,7 @@ impl CompiledPlan {
             shadow: spec.shadow || config.limits.shadow,
             overrides,
             clients: None,
+            straight,
             spend: spend_index,
             prices,
             priced,

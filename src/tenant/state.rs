@@ -603,6 +603,7 @@ impl<'a> QuotaRef<'a> {
         &self.state.plan.id
     }
 
+    #[inline]
     pub(crate) fn hard(&self) -> bool {
         // A spend cap: hard when the tenant set a hard cap of its own, or may have (not known
         // yet). A soft one of its own never makes the plan's hard cap soft

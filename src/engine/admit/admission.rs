@@ -37,7 +37,47 @@ impl Gate {
     /// Rate, idempotency and quota for a known tenant, without waiting.
     #[inline]
     pub(crate) fn decide(&self, state: Tenant, route: RouteCost, idem: Option<(&[u8], u128)>) -> Admission {
+        // The common request, decided in one step: a plan with nothing beyond its rate and its
+        // quotas (`CompiledPlan::straight`), a route that needs no feature, reports no meter
+        // and holds nothing, no `Idempotency-Key`.
+        if idem.is_none() && state.plan.straight && route.reports == 0 && route.feature == 0 && route.hold == 0 {
+            return self.decide_straight(state, route);
+        }
         self.decide_charged(RateCharge::new(state, &route), route, idem)
+    }
+
+    /// [`decide`](Self::decide) of the common request: its rate, then its route meter's units,
+    /// as [`decide_charged`](Self::decide_charged) would decide it with nothing else to check.
+    #[inline(always)]
+    fn decide_straight(&self, state: Tenant, route: RouteCost) -> Admission {
+        if let Some(refused) = self.usage_buffer_full(&state) {
+            return refused;
+        }
+        let mut charge = RateCharge::new(state, &route);
+        if let Err(r) = self.check_rate(&mut charge, &route) {
+            return self.reject(r);
+        }
+        self.take_and_ticket(charge, route, true, None, None, None)
+    }
+
+    /// The refusal of a request whose usage could not be recorded (the usage buffer full, on
+    /// a plan that fails closed).
+    #[inline(always)]
+    fn usage_buffer_full(&self, state: &Tenant) -> Option<Admission> {
+        if self.units.pipeline().is_full() && state.usage_policy() == StoreErrorPolicy::FailClosed {
+            return Some(self.buffer_full(state));
+        }
+        None
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn buffer_full(&self, state: &Tenant) -> Admission {
+        let r = Rejection::new(
+            RejectionKind::StoreUnavailable,
+            "usage cannot be recorded: the store has not taken it and the usage buffer is full",
+        );
+        self.reject(r.with_retry_after(1).for_tenant(state))
     }
 
     /// [`decide`](Self::decide) with the request's rate charge, which may hold cells already
@@ -57,12 +97,8 @@ impl Gate {
                 return self.reject(r);
             }
         }
-        if self.units.pipeline().is_full() && state.usage_policy() == StoreErrorPolicy::FailClosed {
-            let r = Rejection::new(
-                RejectionKind::StoreUnavailable,
-                "usage cannot be recorded: the store has not taken it and the usage buffer is full",
-            );
-            return self.reject(r.with_retry_after(1).for_tenant(state));
+        if let Some(refused) = self.usage_buffer_full(state) {
+            return refused;
         }
         // A fleet rate: the request's cells come from its tenant's lease (waiting for one when
         // it is empty); its rate check then reports them, and its charge gives them back.
@@ -577,13 +613,13 @@ impl Gate {
     #[inline(always)]
     pub(crate) fn decide_placed(
         &self,
-        mut charge: RateCharge,
+        charge: RateCharge,
         route: RouteCost,
         charged: bool,
         claim: Option<Claim>,
         slot: Option<Box<Slot>>,
     ) -> Admission {
-        let (meter, cost, now) = (route.meter, route.cost, charge.at);
+        let now = charge.at;
         let state = charge.state();
         let plan = &state.plan;
         if route.reports != 0 {
@@ -612,6 +648,23 @@ impl Gate {
             },
             _ => None,
         };
+        self.take_and_ticket(charge, route, charged, claim, slot, spend)
+    }
+
+    /// The end of every admission without waiting: the route meter's units taken, and the
+    /// ticket (or the request ready for its hold); or the quota's refusal, or the wait for the
+    /// store.
+    #[inline(always)]
+    fn take_and_ticket(
+        &self,
+        mut charge: RateCharge,
+        route: RouteCost,
+        charged: bool,
+        claim: Option<Claim>,
+        slot: Option<Box<Slot>>,
+        spend: Option<RouteSpend>,
+    ) -> Admission {
+        let (meter, cost, now) = (route.meter, route.cost, charge.at);
         let (state, headers) = charge.split();
         match self.take_units(state, headers, meter, cost, charged, now) {
             Ok(source) => {
@@ -768,7 +821,7 @@ impl Gate {
     }
 
     /// Headers, overage and prefetch after units were taken, `left` remaining in the lease.
-    #[inline]
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn taken(
         &self,
