@@ -62,8 +62,10 @@ const PRUNE_EVERY_SECS: i64 = 3600;
 /// - Calls run on tokio's blocking pool (`spawn_blocking`), never on the runtime's worker
 ///   threads; the store starts no thread of its own. One store holds three connections, one
 ///   that writes and one that reads, with at most two calls of each on the pool at once, and
-///   one that checkpoints the log into the file every 256 writes, on the pool too, one
-///   checkpoint at a time: no call waits for a checkpoint (the writer's automatic one is off).
+///   one that checkpoints the log into the file once it holds 1,000 pages, on the pool too,
+///   one checkpoint at a time, which no call waits for (the writer's automatic checkpoint is
+///   off); the first write after it copies the few pages written meanwhile (at most 64, and
+///   those since), so that the log starts afresh.
 /// - The schema is versioned (`user_version`) and migrated on open; a file of a newer
 ///   tollgate, a file that is not a tollgate database (an empty or foreign file included) and
 ///   a file that fails `PRAGMA quick_check` are refused with [`StoreError::Unusable`].
@@ -92,15 +94,17 @@ struct Inner {
     /// write under way on `conn`. Declared (so dropped) before `conn`: the writer, closed
     /// last, checkpoints the log into the file and removes it.
     reader: Mutex<Connection>,
-    /// The connection that checkpoints the log into the file, on the blocking pool after
-    /// every [`CHECKPOINT_EVERY`] writes, never waited for by a call: the writer commits with
+    /// The connection that checkpoints the log into the file, on the blocking pool once the
+    /// log holds [`CHECKPOINT_PAGES`], never waited for by a call: the writer commits with
     /// `wal_autocheckpoint = 0`, so no call (a request's lease among them) pays for copying
     /// the log and its fsyncs, which grow with the file. Dropped before `conn`, as `reader`.
     checkpointer: Mutex<Connection>,
-    /// Writes committed, counted to start a checkpoint every [`CHECKPOINT_EVERY`].
-    commits: AtomicU32,
-    /// A checkpoint of the checkpointer ended: the next write copies what was written
-    /// meanwhile, then starts the log afresh.
+    /// The pages in the log after the writer's last commit (its commit hook keeps it).
+    log_pages: Arc<AtomicU32>,
+    /// A checkpoint is under way (one at a time).
+    checkpointing: AtomicBool,
+    /// A checkpoint left at most [`CATCH_UP_PAGES`] to copy: the next write copies them, then
+    /// starts the log afresh.
     catch_up: AtomicBool,
     /// The writing connection (every write is one `BEGIN IMMEDIATE` transaction on it).
     conn: Mutex<Conn>,
@@ -111,9 +115,13 @@ struct Inner {
     writes: Arc<tokio::sync::Semaphore>,
 }
 
-/// Writes between two checkpoints: a few pages each, so the log stays within about a
-/// thousand pages (SQLite's own automatic checkpoint's size) between them.
-const CHECKPOINT_EVERY: u32 = 256;
+/// The log's size, in pages, that starts a checkpoint: SQLite's own automatic checkpoint's.
+const CHECKPOINT_PAGES: u32 = 1000;
+/// What a checkpoint may leave for the next write to copy before that write starts the log
+/// afresh: the checkpointer passes over the log again while more was written meanwhile.
+const CATCH_UP_PAGES: i64 = 64;
+/// The most passes of one checkpoint (a log written faster than it is copied ends it).
+const CHECKPOINT_PASSES: u32 = 8;
 
 /// The most calls of one kind (reads, writes) of one store on the blocking pool at once: each
 /// kind has one connection, so more would only wait for it.
@@ -179,8 +187,9 @@ impl SqliteStore {
             // switch to WAL, its migration); one that finds it busy past the busy timeout (or
             // at once, where SQLite does not wait) tries again.
             let mut tries = 0;
+            let log_pages = Arc::new(AtomicU32::new(0));
             let (conn, reader, checkpointer) = loop {
-                match open_blocking(&path, synchronous) {
+                match open_blocking(&path, synchronous, &log_pages) {
                     Err(StoreError::Backend(e))
                         if tries < BUSY_RETRIES && e.downcast_ref::<rusqlite::Error>().is_some_and(is_busy) =>
                     {
@@ -196,7 +205,8 @@ impl SqliteStore {
                 path,
                 reader: Mutex::new(reader),
                 checkpointer: Mutex::new(checkpointer),
-                commits: AtomicU32::new(0),
+                log_pages,
+                checkpointing: AtomicBool::new(false),
                 catch_up: AtomicBool::new(false),
                 conn: Mutex::new(conn),
                 reads: Arc::new(reads),
@@ -227,12 +237,17 @@ impl SqliteStore {
         let call = move || {
             let _permit = permit;
             let out = inner.write(f);
-            if inner.commits.fetch_add(1, Ordering::Relaxed) % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 {
+            if inner.log_pages.load(Ordering::Relaxed) >= CHECKPOINT_PAGES
+                && !inner.checkpointing.swap(true, Ordering::Relaxed)
+            {
                 // Started, not awaited: this call returns now. The blocking pool's threads
                 // carry the runtime's handle.
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let inner = Arc::clone(&inner);
-                    drop(runtime.spawn_blocking(move || inner.checkpoint()));
+                match tokio::runtime::Handle::try_current() {
+                    Ok(runtime) => {
+                        let inner = Arc::clone(&inner);
+                        drop(runtime.spawn_blocking(move || inner.checkpoint()));
+                    }
+                    Err(_) => inner.checkpointing.store(false, Ordering::Relaxed),
                 }
             }
             out
@@ -313,18 +328,36 @@ impl Progress {
 }
 
 impl Inner {
-    /// Copies the log's committed pages into the file (a passive checkpoint: it waits for no
-    /// reader or writer, and the writer goes on committing meanwhile). One at a time: a
-    /// checkpoint still running makes this one unneeded. A failure is logged; the log keeps
-    /// everything until the next one.
+    /// Copies the log's committed pages into the file: passive checkpoints, which wait for no
+    /// reader or writer (the writer goes on committing meanwhile), again while more than
+    /// [`CATCH_UP_PAGES`] were written during the last one (at most [`CHECKPOINT_PASSES`]).
+    /// Then the next write copies the rest and starts the log afresh. A failure is logged; the
+    /// log keeps everything, and the next commit past [`CHECKPOINT_PAGES`] starts another.
     fn checkpoint(&self) {
-        let Ok(db) = self.checkpointer.try_lock() else { return };
-        match db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            Ok(()) => self.catch_up.store(true, Ordering::Relaxed),
-            Err(e) => {
-                tracing::debug!(path = %self.path.display(), error = %e, "checkpoint failed; the next one tries again")
+        {
+            // A panic inside a checkpoint leaves nothing half-done: poisoning is ignored.
+            let db = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
+            for _ in 0..CHECKPOINT_PASSES {
+                let pass = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match pass {
+                    // (busy, pages in the log, pages copied)
+                    Ok((0, log, copied)) if log - copied <= CATCH_UP_PAGES => {
+                        self.catch_up.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    // More was written meanwhile: another pass.
+                    Ok((0, _, _)) => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(path = %self.path.display(), error = %e, "checkpoint failed; the log keeps everything until the next");
+                        break;
+                    }
+                }
             }
         }
+        self.checkpointing.store(false, Ordering::Relaxed);
     }
 
     fn write<T>(&self, mut f: impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Result<T, StoreError> {
@@ -332,10 +365,12 @@ impl Inner {
         // the connection is still consistent: poisoning is ignored.
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if self.catch_up.swap(false, Ordering::Relaxed) {
-            // The log starts afresh only from a write that finds every frame of it copied,
-            // which writes made while the checkpointer ran prevent: those few frames are
-            // copied here, so that this write starts the log again and it stays within about
-            // `CHECKPOINT_EVERY` writes (unbounded else, under steady writes).
+            // The log starts afresh only from a write that finds every page of it copied,
+            // which writes made while the checkpointer ran prevent: those few pages (at most
+            // `CATCH_UP_PAGES`, and what came since) are copied here, so that this write starts
+            // the log again (it would grow without bound under steady writes). A log that did
+            // not start afresh (a reader still on an old snapshot) stays past
+            // `CHECKPOINT_PAGES`, and the next commit starts another checkpoint.
             if let Err(e) = conn.db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::debug!(path = %self.path.display(), error = %e, "checkpoint failed; the next one tries again");
             }
@@ -544,19 +579,10 @@ mod tests {
         (TenantRecord::new(format!("t{i}").into(), "p".into()), [KeyHash::of(format!("key-{i}").as_bytes())])
     }
 
-    /// (frames in the log, frames copied) by a passive checkpoint of another connection.
-    fn log_frames(path: &Path) -> (i64, i64) {
-        let db = Connection::open(path).unwrap();
-        let (busy, log, copied): (i64, i64, i64) =
-            db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
-        assert_eq!(busy, 0);
-        (log, copied)
-    }
-
     /// No commit checkpoints (SQLite's automatic checkpoint would run inside a request's lease
-    /// write, fsyncs included): the checkpointer's connection copies the log, and the next
-    /// write copies what came meanwhile and starts the log afresh, so that it stays bounded
-    /// under steady writes.
+    /// write, fsyncs included); a checkpoint of the checkpointer's connection copies the log,
+    /// and the first write after it copies what came meanwhile and starts the log afresh, so
+    /// that it stays bounded under steady writes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn commits_never_checkpoint_the_log_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
@@ -567,31 +593,49 @@ mod tests {
             conn.db.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap()
         };
         assert_eq!(auto, 0, "the writer commits without checkpointing");
-        // Fewer writes than start a checkpoint on their own: the test starts it.
-        for i in 0..CHECKPOINT_EVERY / 2 {
+        let pages = || store.inner.log_pages.load(Ordering::Relaxed);
+        // Fewer pages than start a checkpoint on their own: the test runs it.
+        let mut i = 0;
+        while pages() < CHECKPOINT_PAGES / 2 {
             let (record, keys) = put(i);
             store.put_tenant(&record, &keys).await.unwrap();
+            i += 1;
         }
+        let written = pages();
         let inner = Arc::clone(&store.inner);
         tokio::task::spawn_blocking(move || inner.checkpoint()).await.unwrap();
-        let (log, copied) = log_frames(&path);
-        assert!(log > 0, "the writes went to the log");
-        assert_eq!(log, copied, "the checkpointer copied the whole log");
-        // Writes while a checkpoint runs: it copies what was there when it started, and the
-        // log cannot start afresh from a write while frames wait to be copied.
-        let running = store.inner.checkpointer.lock().unwrap();
-        running.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())).unwrap();
-        for i in CHECKPOINT_EVERY..CHECKPOINT_EVERY + 16 {
-            let (record, keys) = put(i);
+        assert!(store.inner.catch_up.load(Ordering::Relaxed), "the checkpoint left little for the next write");
+        // The next write starts the log again: it holds that write's pages only.
+        let (record, keys) = put(i);
+        store.put_tenant(&record, &keys).await.unwrap();
+        let one = pages();
+        assert!(one * 10 < written, "the log started afresh: {one} pages after the write, {written} before");
+        // Pages written after a checkpoint's pass (here: with no pass since the log started
+        // again) keep the log from starting afresh, unless the write that catches up copies
+        // them first.
+        let mut j = i + 1;
+        while pages() < CHECKPOINT_PAGES / 4 {
+            let (record, keys) = put(j);
+            store.put_tenant(&record, &keys).await.unwrap();
+            j += 1;
+        }
+        let between = pages();
+        store.inner.catch_up.store(true, Ordering::Relaxed);
+        let (record, keys) = put(j);
+        store.put_tenant(&record, &keys).await.unwrap();
+        let after = pages();
+        assert!(
+            after * 10 < between,
+            "the write that caught up started the log afresh: {after} pages, {between} before"
+        );
+        // The write that takes the log past `CHECKPOINT_PAGES` starts a checkpoint: under way,
+        // or done (it left the next write to catch up).
+        while pages() < CHECKPOINT_PAGES {
+            j += 1;
+            let (record, keys) = put(j);
             store.put_tenant(&record, &keys).await.unwrap();
         }
-        drop(running);
-        store.inner.catch_up.store(true, Ordering::Relaxed);
-        // The next write copies those writes' frames first, then starts the log again: it
-        // holds that write's frames only.
-        let (record, keys) = put(2 * CHECKPOINT_EVERY);
-        store.put_tenant(&record, &keys).await.unwrap();
-        let (after, _) = log_frames(&path);
-        assert!(after * 10 < log, "the log started afresh: {after} frames after the write, {log} before");
+        let started = store.inner.checkpointing.load(Ordering::Relaxed) || store.inner.catch_up.load(Ordering::Relaxed);
+        assert!(started, "a checkpoint started at {} pages", pages());
     }
 }

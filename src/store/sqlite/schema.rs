@@ -1,7 +1,13 @@
 //! The schema of the SqliteStore: its tables, their migrations, and opening a file (checked,
 //! created or migrated).
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
 
@@ -298,9 +304,12 @@ CREATE TABLE quota_recharge (
 
 /// Opens the file, checks it is a sound tollgate database of a schema this build knows, and
 /// migrates it to [`SCHEMA_VERSION`]; returns the writing connection and a reading one.
+/// `log_pages` is kept at the number of pages in the write-ahead log after each of the
+/// writer's commits.
 pub(super) fn open_blocking(
     path: &Path,
     synchronous: Synchronous,
+    log_pages: &Arc<AtomicU32>,
 ) -> Result<(Conn, Connection, Connection), StoreError> {
     match std::fs::metadata(path) {
         Ok(m) if m.len() == 0 => {
@@ -346,7 +355,14 @@ pub(super) fn open_blocking(
     // The writer commits without checkpointing (SQLite's automatic checkpoint runs in the
     // committing call, fsyncs included, past 1,000 pages of log): the checkpoints run on a
     // connection of their own, off every caller's path (see `Inner::checkpoint`).
+    // (The pragma replaces the commit hook: set first.)
     db.pragma_update(None, "wal_autocheckpoint", 0).map_err(backend)?;
+    let pages = Arc::clone(log_pages);
+    db.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
+        pages.store(u32::try_from(n).unwrap_or(0), Ordering::Relaxed);
+        Ok(())
+    }))
+    .map_err(backend)?;
     let checkpointer = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE, synchronous).map_err(not_ours)?;
     checkpointer.pragma_update(None, "wal_autocheckpoint", 0).map_err(backend)?;
     let newest_window: Option<i64> =
