@@ -238,16 +238,14 @@ impl SqliteStore {
             let _permit = permit;
             let out = inner.write(f);
             if inner.log_pages.load(Ordering::Relaxed) >= CHECKPOINT_PAGES
-                && !inner.checkpointing.swap(true, Ordering::Relaxed)
+                && !inner.checkpointing.swap(true, Ordering::AcqRel)
             {
                 // Started, not awaited: this call returns now. The blocking pool's threads
-                // carry the runtime's handle.
-                match tokio::runtime::Handle::try_current() {
-                    Ok(runtime) => {
-                        let inner = Arc::clone(&inner);
-                        drop(runtime.spawn_blocking(move || inner.checkpoint()));
-                    }
-                    Err(_) => inner.checkpointing.store(false, Ordering::Relaxed),
+                // carry the runtime's handle. The guard ends it whatever happens: run,
+                // panicked, or dropped unrun by a runtime shutting down.
+                let running = Checkpointing(Arc::clone(&inner));
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    drop(runtime.spawn_blocking(move || running.0.checkpoint()));
                 }
             }
             out
@@ -327,6 +325,15 @@ impl Progress {
     }
 }
 
+/// A checkpoint under way: dropped, it lets the next one start.
+struct Checkpointing(Arc<Inner>);
+
+impl Drop for Checkpointing {
+    fn drop(&mut self) {
+        self.0.checkpointing.store(false, Ordering::Release);
+    }
+}
+
 impl Inner {
     /// Copies the log's committed pages into the file: passive checkpoints, which wait for no
     /// reader or writer (the writer goes on committing meanwhile), again while more than
@@ -334,37 +341,40 @@ impl Inner {
     /// Then the next write copies the rest and starts the log afresh. A failure is logged; the
     /// log keeps everything, and the next commit past [`CHECKPOINT_PAGES`] starts another.
     fn checkpoint(&self) {
-        {
-            // A panic inside a checkpoint leaves nothing half-done: poisoning is ignored.
-            let db = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
-            for _ in 0..CHECKPOINT_PASSES {
-                let pass = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                });
-                match pass {
-                    // (busy, pages in the log, pages copied)
-                    Ok((0, log, copied)) if log - copied <= CATCH_UP_PAGES => {
-                        self.catch_up.store(true, Ordering::Relaxed);
-                        break;
-                    }
-                    // More was written meanwhile: another pass.
-                    Ok((0, _, _)) => {}
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(path = %self.path.display(), error = %e, "checkpoint failed; the log keeps everything until the next");
-                        break;
-                    }
+        // A panic inside a checkpoint leaves nothing half-done: poisoning is ignored.
+        let db = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut copied_some = false;
+        for _ in 0..CHECKPOINT_PASSES {
+            let pass = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            });
+            match pass {
+                // (busy, pages in the log, pages copied)
+                Ok((0, log, copied)) if log - copied <= CATCH_UP_PAGES => {
+                    copied_some = true;
+                    break;
+                }
+                // More was written meanwhile: another pass.
+                Ok((0, _, _)) => copied_some = true,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "checkpoint failed; the log keeps everything until the next");
+                    break;
                 }
             }
         }
-        self.checkpointing.store(false, Ordering::Relaxed);
+        // Even when writes outran every pass, the next write copies what the last pass left
+        // (what was written during it), so that the log starts afresh under any write rate.
+        if copied_some {
+            self.catch_up.store(true, Ordering::Release);
+        }
     }
 
     fn write<T>(&self, mut f: impl FnMut(&Transaction<'_>, &mut Progress) -> Sql<T>) -> Result<T, StoreError> {
         // A panic inside a call rolls its transaction back (the transaction is dropped), so
         // the connection is still consistent: poisoning is ignored.
         let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        if self.catch_up.swap(false, Ordering::Relaxed) {
+        if self.catch_up.swap(false, Ordering::AcqRel) {
             // The log starts afresh only from a write that finds every page of it copied,
             // which writes made while the checkpointer ran prevent: those few pages (at most
             // `CATCH_UP_PAGES`, and what came since) are copied here, so that this write starts
@@ -604,7 +614,7 @@ mod tests {
         let written = pages();
         let inner = Arc::clone(&store.inner);
         tokio::task::spawn_blocking(move || inner.checkpoint()).await.unwrap();
-        assert!(store.inner.catch_up.load(Ordering::Relaxed), "the checkpoint left little for the next write");
+        assert!(store.inner.catch_up.load(Ordering::Acquire), "the checkpoint left little for the next write");
         // The next write starts the log again: it holds that write's pages only.
         let (record, keys) = put(i);
         store.put_tenant(&record, &keys).await.unwrap();
@@ -620,7 +630,7 @@ mod tests {
             j += 1;
         }
         let between = pages();
-        store.inner.catch_up.store(true, Ordering::Relaxed);
+        store.inner.catch_up.store(true, Ordering::Release);
         let (record, keys) = put(j);
         store.put_tenant(&record, &keys).await.unwrap();
         let after = pages();
@@ -635,7 +645,7 @@ mod tests {
             let (record, keys) = put(j);
             store.put_tenant(&record, &keys).await.unwrap();
         }
-        let started = store.inner.checkpointing.load(Ordering::Relaxed) || store.inner.catch_up.load(Ordering::Relaxed);
+        let started = store.inner.checkpointing.load(Ordering::Acquire) || store.inner.catch_up.load(Ordering::Acquire);
         assert!(started, "a checkpoint started at {} pages", pages());
     }
 }

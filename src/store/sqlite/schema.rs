@@ -355,8 +355,10 @@ pub(super) fn open_blocking(
     // The writer commits without checkpointing (SQLite's automatic checkpoint runs in the
     // committing call, fsyncs included, past 1,000 pages of log): the checkpoints run on a
     // connection of their own, off every caller's path (see `Inner::checkpoint`).
-    // (The pragma replaces the commit hook: set first.)
+    // (The pragma replaces the commit hook: set first.) The log's file is cut back to 16 MiB
+    // when the log starts afresh, so a burst does not leave it large on disk.
     db.pragma_update(None, "wal_autocheckpoint", 0).map_err(backend)?;
+    db.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024).map_err(backend)?;
     let pages = Arc::clone(log_pages);
     db.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
         pages.store(u32::try_from(n).unwrap_or(0), Ordering::Relaxed);
