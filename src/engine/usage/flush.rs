@@ -203,6 +203,10 @@ impl Pipeline {
                 })
                 .collect();
             let max = self.stores.background().usage.max_batch_records().max(1);
+            // Drained, the map keeps its capacity: after a flush of many tenants (a million
+            // let go by the idle sweep: about 120 bytes each) it is given back, down to room
+            // for 4,096 records.
+            p.staged.shrink_to(4096);
             for chunk in records.chunks(max) {
                 p.seq += 1;
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
