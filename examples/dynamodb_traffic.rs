@@ -17,7 +17,6 @@ use std::{
         atomic::{AtomicI64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
 };
 
 use tollgate::store::prelude::*;
@@ -34,7 +33,11 @@ use tollgate::{
     store::{DynamoStore, TenantRecord},
     Config, Tollgate, TollgateLayer,
 };
-use tower::{Layer, ServiceExt};
+use tower::Layer;
+use traffic::Run;
+
+#[path = "support/traffic.rs"]
+mod traffic;
 
 /// Counts the requests the SDK sends, by operation (`X-Amz-Target`), and the writes to each
 /// item (by partition key) in each second of the run's clock.
@@ -124,35 +127,8 @@ async fn main() {
     let svc = layer.layer(tower::service_fn(|_req: http::Request<axum::body::Body>| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
     }));
-    let keys: Vec<String> = (0..tenants).map(|i| format!("key-{i}")).collect();
-    let step = Duration::from_nanos(run * 1_000_000_000 / requests);
-    let (mut flushed_at, mut revalidated_at) = (0u64, 0u64);
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    for i in 0..requests {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let key = &keys[(rng % tenants) as usize];
-        let req = http::Request::get("/").header("x-api-key", key).body(axum::body::Body::empty()).unwrap();
-        let res = svc.clone().oneshot(req).await.unwrap();
-        assert_eq!(res.status(), 200, "request {i}");
-        fake.advance(step);
-        count.2.store(((i + 1) * run / requests) as i64, Ordering::Relaxed);
-        let elapsed = (i + 1) * run / requests;
-        if elapsed >= flushed_at + flush {
-            flushed_at = elapsed;
-            // As the worker does: a flush that fails keeps its usage and is tried again.
-            let mut tries = 0;
-            while let Err(e) = engine.flush().await {
-                tries += 1;
-                assert!(tries < 20, "the flush keeps failing: {e}");
-            }
-        }
-        if elapsed >= revalidated_at + 15 {
-            revalidated_at = elapsed;
-            engine.revalidate().await;
-        }
-    }
+    let second = |elapsed: u64| count.2.store(elapsed as i64, Ordering::Relaxed);
+    Run { tenants, requests, flush, run }.drive(&engine, svc, &fake, "/", second).await;
     engine.shutdown().await.unwrap();
     let counts = count.0.lock().unwrap().clone();
     let total: u64 = counts.values().sum();

@@ -26,7 +26,11 @@ use std::{
 use tollgate::store::prelude::*;
 use tollgate::store::{Grant, KeyHash, PostgresOptions, PostgresStore, QuotaKey, Reservation, StoreError};
 use tollgate::{clock::Clock, store::TenantRecord, Config, Tollgate, TollgateLayer};
-use tower::{Layer, ServiceExt};
+use tower::Layer;
+use traffic::Run;
+
+#[path = "support/traffic.rs"]
+mod traffic;
 
 /// The quota role of a store, timed: each reserve's latency, and the writes to each counter
 /// row (tenant, meter, period) in each second of the run's clock.
@@ -181,39 +185,9 @@ async fn main() {
         eprintln!("pg_stat_statements is not loaded (shared_preload_libraries): statements are not counted");
     }
 
-    let keys: Vec<String> = (0..tenants).map(|i| format!("key-{i}")).collect();
-    let step = Duration::from_nanos(run * 1_000_000_000 / requests);
-    let (mut flushed_at, mut revalidated_at) = (0u64, 0u64);
-    let mut flushes = Vec::new();
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    for i in 0..requests {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let key = &keys[(rng % tenants) as usize];
-        let path = if held { "/complete" } else { "/" };
-        let req = http::Request::get(path).header("x-api-key", key).body(axum::body::Body::empty()).unwrap();
-        let res = svc.clone().oneshot(req).await.unwrap();
-        assert_eq!(res.status(), 200, "request {i}");
-        fake.advance(step);
-        let elapsed = (i + 1) * run / requests;
-        quota.second.store(elapsed as i64, Ordering::Relaxed);
-        if elapsed >= flushed_at + flush {
-            flushed_at = elapsed;
-            // As the worker does: a flush that fails keeps its usage and is tried again.
-            let started = Instant::now();
-            let mut tries = 0;
-            while let Err(e) = engine.flush().await {
-                tries += 1;
-                assert!(tries < 20, "the flush keeps failing: {e}");
-            }
-            flushes.push(started.elapsed());
-        }
-        if elapsed >= revalidated_at + 15 {
-            revalidated_at = elapsed;
-            engine.revalidate().await;
-        }
-    }
+    let path = if held { "/complete" } else { "/" };
+    let second = |elapsed: u64| quota.second.store(elapsed as i64, Ordering::Relaxed);
+    let mut flushes = Run { tenants, requests, flush, run }.drive(&engine, svc, &fake, path, second).await;
     engine.shutdown().await.unwrap();
 
     let mut by_kind: BTreeMap<String, i64> = BTreeMap::new();

@@ -11,12 +11,16 @@
 //!  <run time, s>` (defaults 1000 1000000 10 600). Under `strace -f -c -e trace=fdatasync,fsync`
 //! the same run also counts the syncs.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+#[path = "support/traffic.rs"]
+mod traffic;
 
 use tollgate::store::prelude::*;
 use tollgate::store::{KeyHash, SqliteStore, TenantRecord};
 use tollgate::{clock::Clock, Config, Tollgate, TollgateLayer};
-use tower::{Layer, ServiceExt};
+use tower::Layer;
+use traffic::Run;
 
 /// (write calls, bytes written) of this process so far.
 fn written() -> (u64, u64) {
@@ -58,38 +62,9 @@ async fn main() {
         Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
     }));
 
-    let keys: Vec<String> = (0..tenants).map(|i| format!("key-{i}")).collect();
-    let step = Duration::from_nanos(run * 1_000_000_000 / requests);
-    let (mut flushed_at, mut revalidated_at) = (0u64, 0u64);
-    let mut flushes = Vec::new();
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
     let (calls_before, bytes_before) = written();
     let began = Instant::now();
-    for i in 0..requests {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let key = &keys[(rng % tenants) as usize];
-        let req = http::Request::get("/").header("x-api-key", key).body(axum::body::Body::empty()).unwrap();
-        let res = svc.clone().oneshot(req).await.unwrap();
-        assert_eq!(res.status(), 200, "request {i}");
-        fake.advance(step);
-        let elapsed = (i + 1) * run / requests;
-        if elapsed >= flushed_at + flush {
-            flushed_at = elapsed;
-            let started = Instant::now();
-            let mut tries = 0;
-            while let Err(e) = engine.flush().await {
-                tries += 1;
-                assert!(tries < 20, "the flush keeps failing: {e}");
-            }
-            flushes.push(started.elapsed());
-        }
-        if elapsed >= revalidated_at + 15 {
-            revalidated_at = elapsed;
-            engine.revalidate().await;
-        }
-    }
+    let mut flushes = Run { tenants, requests, flush, run }.drive(&engine, svc, &fake, "/", |_| {}).await;
     engine.shutdown().await.unwrap();
     let wall = began.elapsed();
     let (calls_after, bytes_after) = written();
