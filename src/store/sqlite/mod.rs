@@ -325,6 +325,12 @@ impl Progress {
     }
 }
 
+/// Copies what it can of the log into the file without waiting for any reader or writer:
+/// `(busy, pages in the log, pages copied)`, as SQLite answers `wal_checkpoint(PASSIVE)`.
+fn passive_checkpoint(db: &rusqlite::Connection) -> rusqlite::Result<(i64, i64, i64)> {
+    db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+}
+
 /// A checkpoint under way: dropped, it lets the next one start.
 struct Checkpointing(Arc<Inner>);
 
@@ -345,11 +351,7 @@ impl Inner {
         let db = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner());
         let mut copied_some = false;
         for _ in 0..CHECKPOINT_PASSES {
-            let pass = db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            });
-            match pass {
-                // (busy, pages in the log, pages copied)
+            match passive_checkpoint(&db) {
                 Ok((0, log, copied)) if log - copied <= CATCH_UP_PAGES => {
                     copied_some = true;
                     break;
@@ -381,7 +383,7 @@ impl Inner {
             // the log again (it would grow without bound under steady writes). A log that did
             // not start afresh (a reader still on an old snapshot) stays past
             // `CHECKPOINT_PAGES`, and the next commit starts another checkpoint.
-            if let Err(e) = conn.db.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            if let Err(e) = passive_checkpoint(&conn.db) {
                 tracing::debug!(path = %self.path.display(), error = %e, "checkpoint failed; the next one tries again");
             }
         }
