@@ -194,9 +194,7 @@ impl Pipeline {
         // holds up the usage for long: a pass stops after a few timeouts.
         leases.tend(rt, tend).await;
         self.commit_pending(&mut p, &mut report).await?;
-        let staged = p.staged.len();
-        trim_staged(&mut p.staged, staged);
-        if staged > 0 {
+        if !p.staged.is_empty() {
             let records: Vec<UsageRecord> = p
                 .staged
                 .drain()
@@ -205,6 +203,10 @@ impl Pipeline {
                 })
                 .collect();
             let max = self.stores.background().usage.max_batch_records().max(1);
+            // Drained, the map keeps its capacity: after a flush of many tenants (a million
+            // let go by the idle sweep: about 120 bytes each) it is given back, down to room
+            // for 4,096 records.
+            p.staged.shrink_to(4096);
             for chunk in records.chunks(max) {
                 p.seq += 1;
                 let id = FlushId::new(format!("{}-{:010}", p.node, p.seq));
@@ -354,51 +356,5 @@ impl Pipeline {
             tracing::warn!("the usage buffer has room again");
         }
         (dropped, spare)
-    }
-}
-
-/// Gives back what a burst left in the staged records' map, `staged` records staged by this
-/// flush: drained, a map keeps its capacity, which after a flush of many tenants (a million
-/// let go by the idle sweep, about 120 bytes each) is given back at the next flush, down to
-/// room for what that one staged (at least 4,096). A map within four times that is kept as it
-/// is, so that a busy node's flushes of about as many records each do not shrink and grow it
-/// again every time.
-fn trim_staged<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, staged: usize) {
-    let room = staged.max(4096);
-    if map.capacity() > room.saturating_mul(4) {
-        map.shrink_to(room);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    #[test]
-    fn the_staged_map_is_kept_for_flushes_alike_and_given_back_after_a_burst() {
-        let mut map = HashMap::new();
-        // A busy node's flushes of 20,000 records: the room is kept from one to the next.
-        map.extend((0..20_000u32).map(|i| (i, ())));
-        super::trim_staged(&mut map, 20_000);
-        map.clear();
-        let kept = map.capacity();
-        assert!(kept >= 20_000);
-        map.extend((0..20_000u32).map(|i| (i, ())));
-        super::trim_staged(&mut map, 20_000);
-        assert_eq!(map.capacity(), kept, "not shrunk and grown again");
-        // A burst of a million, then a flush of 10 records: down to room for 4,096.
-        map.clear();
-        map.extend((0..1_000_000u32).map(|i| (i, ())));
-        super::trim_staged(&mut map, 1_000_000);
-        assert!(map.capacity() >= 1_000_000, "the burst's own flush keeps it");
-        map.clear();
-        map.extend((0..10u32).map(|i| (i, ())));
-        super::trim_staged(&mut map, 10);
-        assert!((4_096..16_384).contains(&map.capacity()), "{}", map.capacity());
-        // An idle node's flushes stage nothing: the room for 4,096 stays.
-        map.clear();
-        let small = map.capacity();
-        super::trim_staged(&mut map, 0);
-        assert_eq!(map.capacity(), small);
     }
 }
