@@ -95,8 +95,10 @@ pub async fn four_nodes_holding(
     } else {
         format!("limit = {L}, period = \"month\", mode = \"hard\", lease = 100")
     };
+    // The clock moves a second every 5 ms: with the default `hold_timeout` (15 minutes) a hold
+    // whose store call took 4.5 s of a loaded machine's time would be settled under its task.
     let toml = TOML.replace("limit = 500, period = \"month\", mode = \"hard\", lease = 100", &quota)
-        + "[usage]\nstore_timeout = \"30s\"\n";
+        + "[usage]\nstore_timeout = \"30s\"\n[limits]\nhold_timeout = \"24h\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =
         stores.iter().map(|s| Arc::new(node_on(&toml, s, clock.clone(), handle.clone()))).collect();

@@ -1007,8 +1007,11 @@ pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<
     use tollgate::door::Credential;
     use tollgate::door::RequestInfo;
     use tollgate::RejectionKind;
+    // Both nodes' calls wait for each other's (on one SQLite file, its write lock): on a loaded
+    // machine a call passes the default 250 ms and its request is answered 503.
     let toml = format!(
-        "[plans.p]\nquotas.requests = {{ limit = 100, period = \"day\", mode = \"hard\" }}\n\
+        "[usage]\nstore_timeout = \"30s\"\n\
+         [plans.p]\nquotas.requests = {{ limit = 100, period = \"day\", mode = \"hard\" }}\n\
          [tenants.{tenant}]\nplan = \"p\"\nkeys = [\"{key}\"]\n"
     );
     let (clock, handle) = Clock::fake_at_unix(NOON);
@@ -1034,7 +1037,7 @@ pub async fn idempotency_holds_across_nodes(store: Arc<dyn Store>, store_b: Arc<
     capture.finish();
     // The claim is settled in the store right after the response.
     let mut replay = b.send(post("/orders")).await;
-    for _ in 0..100 {
+    for _ in 0..1500 {
         if replay.status != 409 {
             break;
         }
@@ -1070,7 +1073,7 @@ pub async fn tenants_give_their_leases_back_at_shutdown(
     let step = (tenants / 10).max(1);
     // A generous store timeout for the many first calls made at once on a small pool, or on
     // moto, whose transactions copy the table (on a loaded machine 64 of them pass 5 s); the
-    // shutdown keeps its default timeout, 10 s.
+    // shutdown's timeout is the caller's (`usage`).
     let toml = String::from(
         "[usage]\nstore_timeout = \"60s\"\n{usage}\n[meters.images]\n[plans.p]\nrate = \"100000/s\"\n\
          quotas.requests = { limit = 100000, period = \"day\", mode = \"hard\", lease = 50 }\n\

@@ -79,7 +79,9 @@ pub async fn admit(h: &Harness, key: &'static str) -> Result<(Ticket, TenantCont
 /// cost, to the nano-dollar, and so does the spend usage.
 pub async fn four_engines_never_pass_a_hard_spend_cap(store: Arc<dyn tollgate::store::StoreInspect>, tasks: u64) {
     const CAP: u64 = NANOS;
-    let toml = TOML.to_owned() + "[usage]\nstore_timeout = \"30s\"\n";
+    // The clock moves a second every 5 ms: with the default `hold_timeout` (15 minutes) a hold
+    // whose store call took 4.5 s of a loaded machine's time would be settled under its task.
+    let toml = TOML.to_owned() + "[usage]\nstore_timeout = \"30s\"\n[limits]\nhold_timeout = \"24h\"\n";
     let (clock, handle) = tollgate::clock::Clock::fake_at_unix(NOON);
     let nodes: Vec<Arc<Harness>> =
         (0..4).map(|_| Arc::new(node_with_worker(&toml, store.clone(), clock.clone(), handle.clone()))).collect();

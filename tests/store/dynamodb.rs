@@ -179,9 +179,10 @@ async fn directory_changes_reach_every_node_within_the_ttl() {
     let Some(store) = dynamo::table().await else { return };
     let endpoint = dynamo::endpoint().unwrap();
     aws_env();
+    // Lookups are asked within `usage.store_timeout`: moto on a loaded machine passes 250 ms.
     let toml = format!(
         "[store]\nkind = \"dynamodb\"\ntable = \"{}\"\nendpoint = \"{endpoint}\"\n[limits]\ndirectory_ttl = \"60s\"\n\
-         [plans.free]\nrate = \"1000/s\"\n[plans.pro]\nrate = \"5000/s\"\n",
+         [usage]\nstore_timeout = \"20s\"\n[plans.free]\nrate = \"1000/s\"\n[plans.pro]\nrate = \"5000/s\"\n",
         store.table()
     );
     let record = tollgate::store::TenantRecord::new("acme".into(), "free".into());
