@@ -18,8 +18,10 @@
 //! their usage (a state let go is kept until then). What is left of the heap over N is an idle
 //! tenant's cost: the tables keep their capacity (they do not shrink), the states are freed.
 //!
-//! `cargo run --release --example memory_per_tenant -- [tenants]` (100,000 by default; the
-//! issue's figure is at 1,000,000, several minutes).
+//! `cargo run --release --example memory_per_tenant -- [tenants] [billed]` (100,000 by default;
+//! the issue's figure is at 1,000,000, several minutes). With `billed`, each tenant has a
+//! billing customer and the configuration a second meter (`tokens`), as a billed deployment
+//! has: what a tenant's state holds beyond its line of the request path and its cold line.
 // A global allocator is an `unsafe impl`: it only counts and passes every call on to `System`.
 #![allow(unsafe_code)]
 
@@ -96,12 +98,16 @@ fn key(i: usize) -> String {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let tenants: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);
+    let billed = std::env::args().nth(2).as_deref() == Some("billed");
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store =
         SqliteStore::open_with(dir.path().join("memory.db"), Synchronous::Normal).await.expect("a SQLite store");
     for chunk in (0..tenants).collect::<Vec<_>>().chunks(10_000) {
         for &i in chunk {
-            let record = TenantRecord::new(format!("t{i}").into(), "p".into());
+            let mut record = TenantRecord::new(format!("t{i}").into(), "p".into());
+            if billed {
+                record.customer = Some(format!("cus_{i:014}"));
+            }
             store.put_tenant(&record, &[KeyHash::of(key(i).as_bytes())]).await.expect("a tenant");
         }
     }
@@ -116,8 +122,10 @@ async fn main() {
         [plans.p]
         rate = "1000/s"
         quotas.requests = {{ limit = 1000000000, period = "month", lease = 1000 }}
+        {meters}
         "#,
-        max = tenants * 2
+        max = tenants * 2,
+        meters = if billed { "[meters.tokens]" } else { "" },
     ))
     .expect("a configuration");
     let (clock, time) = Clock::fake();

@@ -32,7 +32,7 @@ use governor::nanos::Nanos;
 /// ```
 #[derive(Clone)]
 pub struct Clock {
-    // One pointer: every tenant's token bucket holds a clone.
+    // One pointer: each compiled plan and its limiters hold a clone.
     inner: Arc<Inner>,
 }
 

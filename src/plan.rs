@@ -273,6 +273,8 @@ pub(crate) struct CompiledPlan {
     /// its route meter's quota alone (on a route that needs no feature, reports no meter and
     /// holds nothing, without an `Idempotency-Key`), in one step.
     pub(crate) straight: bool,
+    /// The engine's clock, which the plan's tenants read (kept here, not in each tenant).
+    pub(crate) clock: Clock,
 }
 
 impl CompiledPlan {
@@ -604,6 +606,7 @@ impl CompiledPlan {
             overrides,
             clients: None,
             straight,
+            clock: clock.clone(),
             spend: spend_index,
             prices,
             priced,

@@ -249,7 +249,7 @@ fn emit_fields(
                     Some((start, end)) if end > start => (end - start) / 86_400,
                     _ => {
                         let (start, end) =
-                            t.quota(*meter).map_or((0, 0), |c| c.spec.period().bounds(t.clock.unix_secs()));
+                            t.quota(*meter).map_or((0, 0), |c| c.spec.period().bounds(t.clock().unix_secs()));
                         (end - start) / 86_400
                     }
                 });
@@ -257,7 +257,7 @@ fn emit_fields(
                 put(Field::RateLimitPolicy, Value::Prebuilt(&by_days[i]));
             } else if let Some(crate::plan::MonthPolicy::Many(months)) = months {
                 // A month quota's window is the length of its current period.
-                let now = tenant.map_or(0, |t| t.clock.unix_secs());
+                let now = tenant.map_or(0, |t| t.clock().unix_secs());
                 let mut value = String::with_capacity(96);
                 if let Some((q, w)) = plan.rate_q_w() {
                     value.push_str("\"rate\";q=");
@@ -305,7 +305,7 @@ fn emit_fields(
                     let m = reported.trailing_zeros() as usize;
                     reported &= reported - 1;
                     if let Some(cell) = tenant.and_then(|t| t.quota(m)) {
-                        let now = tenant.map_or(0, |t| t.clock.unix_secs());
+                        let now = tenant.map_or(0, |t| t.clock().unix_secs());
                         let (_, end) = cell.period();
                         let (remaining, _) = cell.estimate(cell.lease());
                         // In the policy's unit (a large spend cap's: micro-units).

@@ -178,7 +178,7 @@ mod tests {
         let clock = Clock::fake_at_unix(1_700_000_000).0;
         let rt = Runtime::compile(config, &Arc::new(Metrics::register()), &clock);
         let plan = rt.plans.values().next().unwrap().clone();
-        (TenantState::new("t".into(), plan.clone(), None, clock), plan)
+        (TenantState::new("t".into(), plan.clone(), None), plan)
     }
 
     #[test]

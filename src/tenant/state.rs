@@ -18,8 +18,11 @@ use crate::{
 ///
 /// Laid out for the request path: everything a request on the plan's first meter reads or
 /// writes (the handle count, the last-seen second, the GCRA cell, the plan, that meter's lease
-/// and usage slots) fills the first cache line; the rest is cold. Aligned to a cache line, so
-/// that no other allocation shares it.
+/// and usage slots) fills the first cache line; the rest is one cold line. Aligned to a cache
+/// line, so that no other allocation shares it. What few tenants need (the cells of a plan's
+/// other meters, a fleet rate's cells, a billing customer) is one allocation of its own, made
+/// only for a tenant that has it ([`Extra`]); usage moved out of a slot by a new window is
+/// kept in one made on first use.
 #[repr(C, align(64))]
 pub(crate) struct TenantState {
     /// The number of [`Tenant`](super::Tenant) handles; only they touch it.
@@ -29,22 +32,36 @@ pub(crate) struct TenantState {
     pub(crate) gcra: GcraCell,
     pub(crate) plan: Arc<CompiledPlan>,
     first: MeterCell,
-    // Cold from here.
-    /// The cells of meters 1.. of the plan's meter table.
-    more: Box<[MeterCell]>,
+    // The cold line from here.
     /// One per quota of the plan, in the plan's order.
     quotas: Box<[QuotaCold]>,
-    /// The cells of the tenant's fleet rate this node holds (a plan with `rate_scope =
-    /// "fleet"`).
-    fleet: Option<Box<super::FleetCells>>,
-    evicted: AtomicBool,
-    /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
-    /// (no flush drained it for two windows): (meter, window index, quantity).
-    stale: std::sync::Mutex<Vec<(usize, u32, u64)>>,
     pub(crate) id: TenantId,
-    pub(crate) customer: Option<Arc<str>>,
-    pub(crate) clock: Clock,
+    /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
+    /// (no flush drained it for two windows): (meter, window index, quantity). Made on first
+    /// use, given back by the drain that takes it.
+    stale: std::sync::Mutex<Option<Box<Moved>>>,
+    /// The cells of meters 1.., the fleet rate's cells and the customer: `None` for a tenant
+    /// whose plan has one meter and no fleet rate and who has no customer.
+    extra: Option<Box<Extra>>,
+    evicted: AtomicBool,
 }
+
+/// What a tenant's state holds only when the tenant has it: 40 bytes.
+struct Extra {
+    /// The cells of meters 1.. of the configuration's meter table (every meter has a cell,
+    /// so a configuration of two meters gives each tenant one).
+    more: Box<[MeterCell]>,
+    /// The cells of the tenant's fleet rate this node holds (a plan with `rate_scope =
+    /// "fleet"`): boxed, so that a tenant with more meters or a customer does not pay for
+    /// them.
+    fleet: Option<Box<super::FleetCells>>,
+    customer: Option<Arc<str>>,
+}
+
+/// Usage moved out of its slot by a new window before a flush took it: (meter, window index,
+/// quantity). Boxed in the state, a pointer where a vector is three words.
+#[derive(Default)]
+struct Moved(Vec<(usize, u32, u64)>);
 
 impl TenantState {
     /// The tenant's own rate bucket as a theoretical arrival time on the engine clock's
@@ -70,7 +87,7 @@ impl TenantState {
     /// The engine clock's monotonic reading, in nanoseconds (what [`rate_tat`](Self::rate_tat)
     /// is measured on).
     pub(crate) fn rate_now(&self) -> u64 {
-        governor::clock::Clock::now(&self.clock).into()
+        governor::clock::Clock::now(&self.plan.clock).into()
     }
 
     /// Gives back the `cost` cells a request refused after its rate check took from its rate
@@ -101,9 +118,8 @@ impl std::fmt::Debug for TenantState {
 }
 
 impl TenantState {
-    pub(crate) fn new(id: TenantId, plan: Arc<CompiledPlan>, customer: Option<Arc<str>>, clock: Clock) -> Self {
+    pub(crate) fn new(id: TenantId, plan: Arc<CompiledPlan>, customer: Option<Arc<str>>) -> Self {
         let meters = plan.meters.ids.len().max(1);
-        let more = (1..meters).map(|_| MeterCell::default()).collect();
         let quotas = plan
             .quotas
             .iter()
@@ -113,23 +129,38 @@ impl TenantState {
                 ..QuotaCold::default()
             })
             .collect();
-        let now = clock.unix_secs();
-        let fleet = plan.fleet.is_some().then(Box::default);
+        let now = plan.clock.unix_secs();
+        let extra = (meters > 1 || plan.fleet.is_some() || customer.is_some()).then(|| {
+            Box::new(Extra {
+                more: (1..meters).map(|_| MeterCell::default()).collect(),
+                fleet: plan.fleet.is_some().then(Box::default),
+                customer,
+            })
+        });
         Self {
             refs: AtomicU32::new(1),
             last_seen: AtomicU32::new(now as u32),
             gcra: GcraCell::default(),
             plan,
             first: MeterCell::default(),
-            more,
             quotas,
-            fleet,
-            evicted: AtomicBool::new(false),
-            stale: std::sync::Mutex::new(Vec::new()),
             id,
-            customer,
-            clock,
+            stale: std::sync::Mutex::new(None),
+            extra,
+            evicted: AtomicBool::new(false),
         }
+    }
+
+    /// The engine's clock.
+    #[inline]
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.plan.clock
+    }
+
+    /// The tenant's billing customer, if it has one.
+    #[inline]
+    pub(crate) fn customer(&self) -> Option<&Arc<str>> {
+        self.extra.as_deref()?.customer.as_ref()
     }
 
     #[inline]
@@ -137,7 +168,7 @@ impl TenantState {
         if meter == 0 {
             Some(&self.first)
         } else {
-            self.more.get(meter - 1)
+            self.extra.as_deref()?.more.get(meter - 1)
         }
     }
 
@@ -156,7 +187,7 @@ impl TenantState {
 
     /// The cells of the tenant's fleet rate this node holds (`rate_scope = "fleet"`).
     pub(crate) fn fleet(&self) -> Option<&super::FleetCells> {
-        self.fleet.as_deref()
+        self.extra.as_deref()?.fleet.as_deref()
     }
 
     pub(crate) fn is_evicted(&self) -> bool {
@@ -226,21 +257,27 @@ impl TenantState {
         if let Some(cell) = self.meter(meter) {
             let window = self.plan.window_index(now);
             if !cell.add(window, quantity) {
-                // The slot belongs to another window: move it over (once a window), keeping
-                // whatever usage it still has in its own window.
-                let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
-                let slot = (window & 1) as usize;
-                let old = cell.windows[slot].load(Ordering::Acquire);
-                if old != window {
-                    let left = cell.quantity[slot].swap(0, Ordering::AcqRel);
-                    if left > 0 {
-                        stale.push((meter, old, left));
-                    }
-                    cell.windows[slot].store(window, Ordering::Release);
-                }
-                cell.quantity[slot].fetch_add(quantity, Ordering::AcqRel);
+                self.move_slot(cell, meter, window, quantity);
             }
         }
+    }
+
+    /// Adds usage to a slot that belongs to another window: moves it over (once a window),
+    /// keeping whatever usage it still has in its own window. Off the request path's line.
+    #[cold]
+    #[inline(never)]
+    fn move_slot(&self, cell: &MeterCell, meter: usize, window: u32, quantity: u64) {
+        let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (window & 1) as usize;
+        let old = cell.windows[slot].load(Ordering::Acquire);
+        if old != window {
+            let left = cell.quantity[slot].swap(0, Ordering::AcqRel);
+            if left > 0 {
+                stale.get_or_insert_with(Box::default).0.push((meter, old, left));
+            }
+            cell.windows[slot].store(window, Ordering::Release);
+        }
+        cell.quantity[slot].fetch_add(quantity, Ordering::AcqRel);
     }
 
     /// Reads the recorded usage without taking it: (meter index, window start in Unix seconds,
@@ -259,14 +296,14 @@ impl TenantState {
         let window_secs = self.plan.window_secs;
         // Held meanwhile: no slot moves to another window.
         let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
-        for &(meter, window, quantity) in stale.iter() {
+        for &(meter, window, quantity) in stale.iter().flat_map(|moved| moved.0.iter()) {
             out(meter, i64::from(window) * window_secs, quantity);
         }
         if take {
-            stale.clear();
-            stale.shrink_to(4);
+            *stale = None;
         }
-        let cells = std::iter::once(&self.first).chain(self.more.iter());
+        let more = self.extra.as_deref().map_or(&[][..], |e| &e.more[..]);
+        let cells = std::iter::once(&self.first).chain(more.iter());
         for (meter, cell) in cells.enumerate() {
             for slot in 0..2 {
                 let window = cell.windows[slot].load(Ordering::Acquire);
@@ -384,7 +421,7 @@ struct QuotaCold {
     /// Usage taken while no lease of its period was held, per period (packed by
     /// [`PeriodBits`], oldest first, at most [`UNLEASED_PERIODS`]): owed to that period's
     /// counter by the next store calls.
-    unleased: std::sync::Mutex<Vec<(u32, u64)>>,
+    unleased: std::sync::Mutex<Owed>,
     reserved: AtomicU64,
     /// A prepaid balance's limit, as the store's last answer said: the units of its open
     /// grants (0 before an answer).
@@ -427,12 +464,12 @@ struct QuotaCold {
     locked: std::sync::Mutex<Locked>,
 }
 
-/// Held for every quota of every tenant: kept small (the previous period as its bounds, the
-/// call in flight boxed: there is one only while the store has not answered).
+/// Held for every quota of every tenant: kept small (the previous period packed, the call in
+/// flight boxed: there is one only while the store has not answered).
 #[derive(Default)]
 pub(crate) struct Locked {
-    /// The previous period's bounds (its key: [`QuotaRef::key`]).
-    pub(crate) prev: Option<(i64, i64)>,
+    /// The previous period, packed by [`PeriodBits`] (its key: [`QuotaRef::key`]); 0: none.
+    prev: u32,
     pub(crate) inflight: Option<Box<Call>>,
     /// Whether the lease was given back ([`QuotaRef::take_all`], on eviction, reload and
     /// shutdown) and none leased since: units a hold gives back then go to the store, not to
@@ -443,6 +480,36 @@ pub(crate) struct Locked {
     /// renewed a reservation yet). A flush reports what changed since, and renews it before
     /// it expires; past its expiry less the clock-skew bound the node stops spending it.
     pub(crate) reported: crate::store::Kept,
+}
+
+impl Locked {
+    /// The previous period's bounds, if the cell rolled since it was made.
+    pub(crate) fn prev(&self) -> Option<(i64, i64)> {
+        (self.prev != 0).then(|| PeriodBits::bounds(self.prev))
+    }
+}
+
+/// Units taken outside any lease, per period (packed by [`PeriodBits`], oldest first, at
+/// most [`UNLEASED_PERIODS`]): boxed, made on first use and let go once empty, so that a
+/// quota that never takes outside its lease keeps one pointer.
+#[derive(Default)]
+#[allow(clippy::box_collection, reason = "one pointer in every quota's cold part, where a vector is three words")]
+struct Owed(Option<Box<Vec<(u32, u64)>>>);
+
+impl Owed {
+    fn list(&self) -> &[(u32, u64)] {
+        self.0.as_deref().map_or(&[], |v| &v[..])
+    }
+
+    /// Takes the `i`th period's entry out; the list is let go once empty.
+    fn remove(&mut self, i: usize) -> (u32, u64) {
+        let list = self.0.as_mut().expect("an entry to remove");
+        let entry = list.remove(i);
+        if list.is_empty() {
+            self.0 = None;
+        }
+        entry
+    }
 }
 
 /// A store call of one quota cell.
@@ -830,7 +897,8 @@ impl<'a> QuotaRef<'a> {
     fn owe_unleased(&self, now: i64, units: u64) {
         let (start, end) = self.window(now);
         let bits = PeriodBits::pack(start, end);
-        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        let owed = guard.0.get_or_insert_with(Box::default);
         match owed.iter_mut().find(|(b, _)| *b == bits) {
             Some((_, u)) => *u = u.saturating_add(units),
             None => owed.push((bits, units)),
@@ -845,7 +913,7 @@ impl<'a> QuotaRef<'a> {
 
     /// Units used outside any lease, not yet owed to the store.
     pub(crate) fn unleased(&self) -> u64 {
-        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(_, u)| *u).sum()
+        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).list().iter().map(|(_, u)| *u).sum()
     }
 
     /// Gives back units taken outside any lease at `at` ([`force_take`](Self::force_take)
@@ -854,10 +922,12 @@ impl<'a> QuotaRef<'a> {
         let (start, end) = self.window(at);
         let bits = PeriodBits::pack(start, end);
         let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = owed.iter().position(|(b, _)| *b == bits) {
-            owed[i].1 = owed[i].1.saturating_sub(cost);
-            if owed[i].1 == 0 {
+        if let Some(i) = owed.list().iter().position(|(b, _)| *b == bits) {
+            let left = owed.list()[i].1.saturating_sub(cost);
+            if left == 0 {
                 owed.remove(i);
+            } else if let Some(list) = owed.0.as_mut() {
+                list[i].1 = left;
             }
         }
     }
@@ -867,7 +937,7 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn pop_unleased_elsewhere(&self) -> Option<(i64, i64, u64)> {
         let current = self.hot.period.load(Ordering::Acquire);
         let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
-        let i = owed.iter().position(|(b, _)| *b != current)?;
+        let i = owed.list().iter().position(|(b, _)| *b != current)?;
         let (bits, units) = owed.remove(i);
         let (start, end) = PeriodBits::bounds(bits);
         Some((start, end, units))
@@ -1293,7 +1363,8 @@ impl<'a> QuotaRef<'a> {
     /// Starts the period `[start, end)`: the lease of the old one is emptied in the same
     /// atomic step that tags the word with the new period. Returns the old period's key (if a
     /// lease of it was held) and the units left in it (negative: a debt), to settle with the
-    /// store. Call with the lock held.
+    /// store; the old period is kept as the previous one ([`Locked::prev`]), which its late
+    /// refunds go to. Call with the lock held.
     pub(crate) fn roll_period(&self, start: i64, end: i64) -> Option<(QuotaKey, i64)> {
         let cold = self.cold();
         let bits = PeriodBits::pack(start, end);
@@ -1313,6 +1384,8 @@ impl<'a> QuotaRef<'a> {
         if old_bits == 0 {
             return None;
         }
+        // The previous period, as the lease's own word packed it: a late refund's key.
+        self.locked().prev = old_bits;
         let (old_start, old_end) = PeriodBits::bounds(old_bits);
         let left = if Lease::tag(old) == old_tag { Lease::value(old) } else { 0 };
         Some((self.key(old_start, old_end), left))
@@ -1323,7 +1396,7 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn take_unleased(&self) -> u64 {
         let current = self.hot.period.load(Ordering::Acquire);
         let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
-        match owed.iter().position(|(b, _)| *b == current) {
+        match owed.list().iter().position(|(b, _)| *b == current) {
             Some(i) => owed.remove(i).1,
             None => 0,
         }
@@ -1331,7 +1404,7 @@ impl<'a> QuotaRef<'a> {
 
     /// Forgets every unit owed outside a lease (state left in a snapshot).
     pub(crate) fn forget_unleased(&self) {
-        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
     }
 
     /// Units refunded to the previous period since the last call. Call with the lock held.
@@ -1411,8 +1484,115 @@ mod tests {
     #[test]
     fn the_request_path_fields_fill_one_cache_line() {
         assert_eq!(std::mem::size_of::<MeterCell>(), 40);
-        assert_eq!(std::mem::offset_of!(TenantState, more), 64);
+        assert_eq!(std::mem::offset_of!(TenantState, quotas), 64);
         assert_eq!(std::mem::offset_of!(TenantState, refs), 0);
-        assert_eq!(std::mem::size_of::<TenantState>(), 192, "one hot line, two cold ones");
+        assert_eq!(std::mem::size_of::<TenantState>(), 128, "one hot line, one cold one");
+    }
+
+    /// A quota's cold part, held for every quota of every tenant: the units owed outside a
+    /// lease and the previous period take a pointer and a packed period.
+    #[test]
+    fn a_quota_keeps_its_rare_parts_small() {
+        assert_eq!(std::mem::size_of::<QuotaCold>(), 216);
+        let mut locked = Locked::default();
+        assert_eq!(locked.prev(), None);
+        for (start, end) in [
+            (1_701_388_800, 1_704_067_200), // December 2023
+            (1_700_000_000 / 86_400 * 86_400, 1_700_000_000 / 86_400 * 86_400 + 86_400), // a day
+            crate::base::Period::Prepaid.bounds(0),
+        ] {
+            locked.prev = PeriodBits::pack(start, end);
+            assert_eq!(locked.prev(), Some((start, end)));
+        }
+        let mut owed = Owed::default();
+        owed.0.get_or_insert_with(Box::default).extend([(1, 5), (2, 7)]);
+        assert_eq!(owed.remove(0), (1, 5));
+        assert!(owed.0.is_some(), "one period still owed");
+        assert_eq!(owed.remove(0), (2, 7));
+        assert!(owed.0.is_none() && owed.list().is_empty(), "let go once empty");
+    }
+
+    /// Units taken outside any lease are owed per period, at most four periods (the oldest
+    /// folded into the next), a period refunded to nothing is gone, and the storage is let go
+    /// once everything owed was taken.
+    #[test]
+    fn units_owed_outside_a_lease_fold_refund_and_let_go() {
+        let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
+        let q = s.quota(0).expect("a quota");
+        let day = |d: i64| 1_700_006_400 + d * 86_400; // midnight UTC, then d days on
+        let owed = |q: &QuotaRef<'_>| q.cold().unleased.lock().unwrap().list().to_vec();
+        assert!(q.cold().unleased.lock().unwrap().0.is_none(), "nothing owed, nothing made");
+        for d in 0..5 {
+            assert_eq!(q.force_take(1, day(d) + 60), None, "no lease: owed");
+        }
+        assert_eq!(q.unleased(), 5);
+        let list = owed(&q);
+        assert_eq!(list.len(), UNLEASED_PERIODS);
+        assert_eq!(list[0], (PeriodBits::pack(day(1), day(2)), 2), "the oldest folded into the next");
+        q.refund_unleased(1, day(2) + 60);
+        assert_eq!(q.unleased(), 4);
+        assert!(!owed(&q).iter().any(|(b, _)| *b == PeriodBits::pack(day(2), day(3))), "refunded to nothing: gone");
+        let mut popped = 0;
+        while let Some((_, _, units)) = q.pop_unleased_elsewhere() {
+            popped += units;
+        }
+        assert_eq!(popped, 4);
+        assert!(q.cold().unleased.lock().unwrap().0.is_none(), "let go once empty");
+    }
+
+    fn state(toml: &str, customer: Option<&str>) -> TenantState {
+        let config = crate::config::Config::from_toml_str(toml).unwrap();
+        let clock = Clock::fake_at_unix(1_700_000_000).0;
+        let rt = crate::plan::Runtime::compile(config, &Arc::new(crate::metrics::Metrics::register()), &clock);
+        let plan = rt.plans.values().next().unwrap().clone();
+        TenantState::new("t".into(), plan, customer.map(Arc::from))
+    }
+
+    /// A tenant with one meter, no fleet rate and no customer is its 128 bytes and its
+    /// quotas' cold parts; the others get what they have, and read it back.
+    #[test]
+    fn what_few_tenants_need_is_made_only_for_them() {
+        assert_eq!(std::mem::size_of::<Extra>(), 40, "a tenant with more meters or a customer pays for no fleet cells");
+        let plain = state("[plans.p]\nrate = \"10/s\"\nquotas.requests = { limit = 10, period = \"day\" }", None);
+        assert!(plain.extra.is_none() && plain.fleet().is_none() && plain.customer().is_none());
+        assert!(plain.meter(0).is_some() && plain.meter(1).is_none());
+        let billed = state("[plans.p]\nrate = \"10/s\"", Some("cus_1"));
+        assert_eq!(billed.customer().map(|c| &**c), Some("cus_1"));
+        assert!(billed.extra.as_ref().is_some_and(|e| e.more.is_empty() && e.fleet.is_none()));
+        let two = state(
+            "[meters.tokens]\n[plans.p]\nquotas.tokens = { limit = 10, period = \"day\", mode = \"soft\" }",
+            None,
+        );
+        assert!(two.meter(1).is_some() && two.meter(2).is_none() && two.customer().is_none());
+        let fleet = state("[limits]\nfleet_size_hint = 2\n[plans.p]\nrate = \"10/s\"\nrate_scope = \"fleet\"", None);
+        assert!(fleet.fleet().is_some() && fleet.customer().is_none());
+    }
+
+    /// Usage a slot still had when a new window took it is kept in storage made on first use,
+    /// reported with the rest, and given back by the drain that takes it.
+    #[test]
+    fn usage_moved_by_a_new_window_is_kept_until_drained_then_let_go() {
+        let two = state("[meters.tokens]\n[usage]\nwindow = \"1m\"\n[plans.p]\nrate = \"10/s\"", None);
+        let t0 = 1_700_000_040; // a window's start
+        two.record(0, t0, 3);
+        two.record(1, t0, 5);
+        let moved = |s: &TenantState| s.stale.lock().unwrap().as_ref().map(|m| m.0.len());
+        assert_eq!(moved(&two), None, "nothing moved yet, nothing made");
+        // Two windows on, undrained: both slots of window t0 are taken by window t0 + 120.
+        two.record(0, t0 + 120, 1);
+        two.record(1, t0 + 120, 2);
+        assert_eq!(moved(&two), Some(2));
+        let mut seen = Vec::new();
+        two.peek_usage(|m, w, q| seen.push((m, w, q)));
+        seen.sort_unstable();
+        assert_eq!(seen, [(0, t0, 3), (0, t0 + 120, 1), (1, t0, 5), (1, t0 + 120, 2)]);
+        let mut taken = Vec::new();
+        two.drain_usage(|m, w, q| taken.push((m, w, q)));
+        taken.sort_unstable();
+        assert_eq!(taken, seen, "the drain takes what the peek saw");
+        assert!(two.stale.lock().unwrap().is_none(), "given back by the drain");
+        let mut after = Vec::new();
+        two.drain_usage(|m, w, q| after.push((m, w, q)));
+        assert!(after.is_empty(), "taken once");
     }
 }

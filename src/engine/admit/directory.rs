@@ -215,7 +215,7 @@ impl Gate {
             if let Some(why) = &unfit {
                 self.overrides_not_served(&record, why);
             }
-            self.new_state(record.id.clone(), &plan, self.customer_of(&record))
+            TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
         });
         self.after_insert(&rt);
         Ok(state)
@@ -223,9 +223,9 @@ impl Gate {
 
     fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
         let id = TenantId::from(ANONYMOUS_TENANT);
-        let state = self
-            .table
-            .attach(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, || self.new_state(id.clone(), plan, None));
+        let state = self.table.attach(Lookup::Identity(ANONYMOUS), None, &id, i64::MAX, || {
+            TenantState::new(id.clone(), plan.clone(), None)
+        });
         self.after_insert(rt);
         state
     }
@@ -233,10 +233,6 @@ impl Gate {
     /// The tenant's customer in the billing system its usage is exported to.
     fn customer_of(&self, record: &TenantRecord) -> Option<String> {
         record.customer_in(self.customer_field).map(str::to_owned)
-    }
-
-    pub(crate) fn new_state(&self, id: TenantId, plan: &Arc<CompiledPlan>, customer: Option<String>) -> TenantState {
-        TenantState::new(id, plan.clone(), customer.map(Arc::from), self.shared.clock().clone())
     }
 
     /// Holds the tenant cap on insertion, so that it holds where no worker runs (AWS Lambda):
@@ -335,7 +331,7 @@ impl Gate {
         // that fits it (then already served so: nothing changed).
         let served = plan.overrides.as_deref();
         let changed = current.plan.id != record.plan
-            || current.customer.as_deref() != record.customer_in(self.customer_field)
+            || current.customer().map(|c| &**c) != record.customer_in(self.customer_field)
             || current.plan.overrides.as_deref() != served;
         if !changed {
             self.table.confirmed(&record.id, now);
@@ -344,8 +340,9 @@ impl Gate {
         if let Some(why) = &unfit {
             self.overrides_not_served(&record, why);
         }
-        let old =
-            self.table.replace(&record.id, now, || self.new_state(record.id.clone(), &plan, self.customer_of(&record)));
+        let old = self.table.replace(&record.id, now, || {
+            TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
+        });
         if let Some(old) = old {
             tracing::info!(tenant = %record.id, from = %old.plan.id, to = %record.plan, overrides, "tenant plan changed");
             self.units.leases().return_leases(vec![old]).await;

@@ -109,7 +109,7 @@ impl TenantContext {
     /// The tenant's billing customer, if the directory knows it.
     #[must_use]
     pub fn customer(&self) -> Option<&str> {
-        self.state.customer.as_deref()
+        self.state.customer().map(|c| &**c)
     }
 
     /// Whether the tenant's plan (with its overrides) includes `feature`.
@@ -172,7 +172,7 @@ impl TenantContext {
     /// [`RecordError::SpendCap`]: crate::RecordError::SpendCap
     #[must_use]
     pub fn refusal(&self, meter: &str, e: &crate::RecordError) -> Option<crate::response::Rejection> {
-        let at = self.state.clock.unix_secs();
+        let at = self.state.clock().unix_secs();
         let r = match e {
             crate::RecordError::SpendCap(_) if self.state.plan.spend.is_some() => {
                 crate::engine::usage::spend::cap_reached(&self.state, at)
@@ -200,7 +200,7 @@ impl TenantContext {
     #[must_use]
     pub fn quota(&self, meter: &str) -> Option<QuotaStatus> {
         let cell = self.state.quota(self.state.plan.meters.index(meter)?)?;
-        let now = self.state.clock.unix_secs();
+        let now = self.state.clock().unix_secs();
         let limit = cell.limit();
         // Units used outside any lease (recorded before a lease came) count until the store is
         // told; they are charged to the period in force when it is.
@@ -253,7 +253,7 @@ impl TenantContext {
         if let Some(result) = self.hold.as_ref().and_then(|h| h.record(index, quantity)) {
             return result;
         }
-        let now = self.state.clock.unix_secs();
+        let now = self.state.clock().unix_secs();
         self.state.record(index, now, quantity);
         if let Some(cell) = self.state.quota(index) {
             cell.force_take(quantity, now);

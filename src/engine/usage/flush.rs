@@ -150,7 +150,7 @@ impl Pipeline {
     pub(crate) fn billable(&self, rt: &Runtime, tenant: &Tenant) -> bool {
         let needs_customer = self.sink_needs_customer.unwrap_or_else(|| rt.config.sink_needs_customer());
         !needs_customer
-            || tenant.customer.is_some()
+            || tenant.customer().is_some()
             || rt.config.plan(&tenant.plan.id).is_some_and(crate::config::PlanSpec::billed)
     }
 

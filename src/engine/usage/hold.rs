@@ -391,7 +391,7 @@ impl Hold {
         if !inner.charged || units == 0 {
             return Ok(());
         }
-        let now = inner.state.clock.unix_secs();
+        let now = inner.state.clock().unix_secs();
         let mut open = inner.lock();
         if open.closed.is_some() {
             self.units.holds().records_after_settle.fetch_add(1, Ordering::Relaxed);
@@ -459,7 +459,7 @@ impl Hold {
                     let rt = self.units.shared().runtime().load();
                     (rt.config.limits.max_holds, rt.config.limits.max_holds_per_tenant)
                 };
-                let deadline = state.clock.unix_secs().saturating_add(self.inner.timeout);
+                let deadline = state.clock().unix_secs().saturating_add(self.inner.timeout);
                 self.inner.deadline.store(deadline, Ordering::Relaxed);
                 match self.units.holds().enter(self.inner.clone(), max, per_tenant) {
                     Ok(()) => {}
@@ -569,7 +569,7 @@ impl std::fmt::Debug for Hold {
 /// when; `None` when the store did not answer and the quota fails open (nothing held).
 async fn take(hold: &Units, state: &Tenant, meter: usize, units: u64, own: u64) -> Result<Option<Taken>, Rejection> {
     let cell = state.quota(meter).expect("a hold takes from a quota");
-    let at = state.clock.unix_secs();
+    let at = state.clock().unix_secs();
     // A hold no period could ever cover is refused before anything is asked: a calendar
     // quota's limit, or the largest balance a store keeps.
     let most = if cell.prepaid() {

@@ -354,7 +354,7 @@ impl Leases {
         if late == 0 {
             return Ok(());
         }
-        let prev = cell.locked().prev;
+        let prev = cell.locked().prev();
         if let Some((start, end)) = prev {
             let key = cell.key(start, end);
             let call = self.call(cell, key, CallKind::Release { units: late });
@@ -397,7 +397,6 @@ impl Leases {
         let Some((old, left)) = cell.roll_period(start, end) else {
             return Ok(());
         };
-        cell.locked().prev = Some((old.start, old.end));
         // The old counter's record of what this node keeps is settled by this call (it keeps
         // nothing of it now); the new one has none yet. (A balance's windows share a counter.)
         let told = !cell.prepaid() && cell.reported_kept().total() > 0;
