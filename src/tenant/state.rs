@@ -39,7 +39,7 @@ pub(crate) struct TenantState {
     /// Serializes moving a usage slot to a new window; holds the usage a slot still had then
     /// (no flush drained it for two windows): (meter, window index, quantity). Made on first
     /// use, given back by the drain that takes it.
-    stale: std::sync::Mutex<Option<Box<Moved>>>,
+    stale: std::sync::Mutex<Rare<(usize, u32, u64)>>,
     /// The cells of meters 1.., the fleet rate's cells and the customer: `None` for a tenant
     /// whose plan has one meter and no fleet rate and who has no customer.
     extra: Option<Box<Extra>>,
@@ -57,11 +57,6 @@ struct Extra {
     fleet: Option<Box<super::FleetCells>>,
     customer: Option<Arc<str>>,
 }
-
-/// Usage moved out of its slot by a new window before a flush took it: (meter, window index,
-/// quantity). Boxed in the state, a pointer where a vector is three words.
-#[derive(Default)]
-struct Moved(Vec<(usize, u32, u64)>);
 
 impl TenantState {
     /// The tenant's own rate bucket as a theoretical arrival time on the engine clock's
@@ -145,7 +140,7 @@ impl TenantState {
             first: MeterCell::default(),
             quotas,
             id,
-            stale: std::sync::Mutex::new(None),
+            stale: std::sync::Mutex::new(Rare::default()),
             extra,
             evicted: AtomicBool::new(false),
         }
@@ -159,8 +154,8 @@ impl TenantState {
 
     /// The tenant's billing customer, if it has one.
     #[inline]
-    pub(crate) fn customer(&self) -> Option<&Arc<str>> {
-        self.extra.as_deref()?.customer.as_ref()
+    pub(crate) fn customer(&self) -> Option<&str> {
+        self.extra.as_deref()?.customer.as_deref()
     }
 
     #[inline]
@@ -273,7 +268,7 @@ impl TenantState {
         if old != window {
             let left = cell.quantity[slot].swap(0, Ordering::AcqRel);
             if left > 0 {
-                stale.get_or_insert_with(Box::default).0.push((meter, old, left));
+                stale.make().push((meter, old, left));
             }
             cell.windows[slot].store(window, Ordering::Release);
         }
@@ -296,11 +291,11 @@ impl TenantState {
         let window_secs = self.plan.window_secs;
         // Held meanwhile: no slot moves to another window.
         let mut stale = self.stale.lock().unwrap_or_else(|e| e.into_inner());
-        for &(meter, window, quantity) in stale.iter().flat_map(|moved| moved.0.iter()) {
+        for &(meter, window, quantity) in stale.list() {
             out(meter, i64::from(window) * window_secs, quantity);
         }
         if take {
-            *stale = None;
+            stale.clear();
         }
         let more = self.extra.as_deref().map_or(&[][..], |e| &e.more[..]);
         let cells = std::iter::once(&self.first).chain(more.iter());
@@ -421,7 +416,7 @@ struct QuotaCold {
     /// Usage taken while no lease of its period was held, per period (packed by
     /// [`PeriodBits`], oldest first, at most [`UNLEASED_PERIODS`]): owed to that period's
     /// counter by the next store calls.
-    unleased: std::sync::Mutex<Owed>,
+    unleased: std::sync::Mutex<Rare<(u32, u64)>>,
     reserved: AtomicU64,
     /// A prepaid balance's limit, as the store's last answer said: the units of its open
     /// grants (0 before an answer).
@@ -489,26 +484,43 @@ impl Locked {
     }
 }
 
-/// Units taken outside any lease, per period (packed by [`PeriodBits`], oldest first, at
-/// most [`UNLEASED_PERIODS`]): boxed, made on first use and let go once empty, so that a
-/// quota that never takes outside its lease keeps one pointer.
-#[derive(Default)]
-#[allow(clippy::box_collection, reason = "one pointer in every quota's cold part, where a vector is three words")]
-struct Owed(Option<Box<Vec<(u32, u64)>>>);
+/// A list most tenants never fill, one pointer until they do: made on first use
+/// ([`make`](Self::make)), let go once empty (by [`remove`](Self::remove)) or cleared. What a
+/// new window moved out of a usage slot; a quota's units taken outside any lease.
+#[allow(
+    clippy::box_collection,
+    reason = "one pointer in the state's and the quotas' cold parts, where a vector is three words"
+)]
+struct Rare<T>(Option<Box<Vec<T>>>);
 
-impl Owed {
-    fn list(&self) -> &[(u32, u64)] {
+impl<T> Default for Rare<T> {
+    fn default() -> Self {
+        Self(None)
+    }
+}
+
+impl<T> Rare<T> {
+    fn list(&self) -> &[T] {
         self.0.as_deref().map_or(&[], |v| &v[..])
     }
 
-    /// Takes the `i`th period's entry out; the list is let go once empty.
-    fn remove(&mut self, i: usize) -> (u32, u64) {
+    /// The list, made if it was not.
+    fn make(&mut self) -> &mut Vec<T> {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    /// Takes the `i`th entry out; the list is let go once empty.
+    fn remove(&mut self, i: usize) -> T {
         let list = self.0.as_mut().expect("an entry to remove");
         let entry = list.remove(i);
         if list.is_empty() {
             self.0 = None;
         }
         entry
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
     }
 }
 
@@ -898,7 +910,7 @@ impl<'a> QuotaRef<'a> {
         let (start, end) = self.window(now);
         let bits = PeriodBits::pack(start, end);
         let mut guard = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
-        let owed = guard.0.get_or_insert_with(Box::default);
+        let owed = guard.make();
         match owed.iter_mut().find(|(b, _)| *b == bits) {
             Some((_, u)) => *u = u.saturating_add(units),
             None => owed.push((bits, units)),
@@ -926,8 +938,8 @@ impl<'a> QuotaRef<'a> {
             let left = owed.list()[i].1.saturating_sub(cost);
             if left == 0 {
                 owed.remove(i);
-            } else if let Some(list) = owed.0.as_mut() {
-                list[i].1 = left;
+            } else {
+                owed.make()[i].1 = left;
             }
         }
     }
@@ -1404,7 +1416,7 @@ impl<'a> QuotaRef<'a> {
 
     /// Forgets every unit owed outside a lease (state left in a snapshot).
     pub(crate) fn forget_unleased(&self) {
-        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).0 = None;
+        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Units refunded to the previous period since the last call. Call with the lock held.
@@ -1504,8 +1516,8 @@ mod tests {
             locked.prev = PeriodBits::pack(start, end);
             assert_eq!(locked.prev(), Some((start, end)));
         }
-        let mut owed = Owed::default();
-        owed.0.get_or_insert_with(Box::default).extend([(1, 5), (2, 7)]);
+        let mut owed = Rare::default();
+        owed.make().extend([(1, 5), (2, 7)]);
         assert_eq!(owed.remove(0), (1, 5));
         assert!(owed.0.is_some(), "one period still owed");
         assert_eq!(owed.remove(0), (2, 7));
@@ -1557,7 +1569,7 @@ mod tests {
         assert!(plain.extra.is_none() && plain.fleet().is_none() && plain.customer().is_none());
         assert!(plain.meter(0).is_some() && plain.meter(1).is_none());
         let billed = state("[plans.p]\nrate = \"10/s\"", Some("cus_1"));
-        assert_eq!(billed.customer().map(|c| &**c), Some("cus_1"));
+        assert_eq!(billed.customer(), Some("cus_1"));
         assert!(billed.extra.as_ref().is_some_and(|e| e.more.is_empty() && e.fleet.is_none()));
         let two = state(
             "[meters.tokens]\n[plans.p]\nquotas.tokens = { limit = 10, period = \"day\", mode = \"soft\" }",
@@ -1576,7 +1588,7 @@ mod tests {
         let t0 = 1_700_000_040; // a window's start
         two.record(0, t0, 3);
         two.record(1, t0, 5);
-        let moved = |s: &TenantState| s.stale.lock().unwrap().as_ref().map(|m| m.0.len());
+        let moved = |s: &TenantState| s.stale.lock().unwrap().0.as_ref().map(|m| m.len());
         assert_eq!(moved(&two), None, "nothing moved yet, nothing made");
         // Two windows on, undrained: both slots of window t0 are taken by window t0 + 120.
         two.record(0, t0 + 120, 1);
@@ -1590,7 +1602,7 @@ mod tests {
         two.drain_usage(|m, w, q| taken.push((m, w, q)));
         taken.sort_unstable();
         assert_eq!(taken, seen, "the drain takes what the peek saw");
-        assert!(two.stale.lock().unwrap().is_none(), "given back by the drain");
+        assert!(two.stale.lock().unwrap().0.is_none(), "given back by the drain");
         let mut after = Vec::new();
         two.drain_usage(|m, w, q| after.push((m, w, q)));
         assert!(after.is_empty(), "taken once");

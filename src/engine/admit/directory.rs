@@ -331,7 +331,7 @@ impl Gate {
         // that fits it (then already served so: nothing changed).
         let served = plan.overrides.as_deref();
         let changed = current.plan.id != record.plan
-            || current.customer().map(|c| &**c) != record.customer_in(self.customer_field)
+            || current.customer() != record.customer_in(self.customer_field)
             || current.plan.overrides.as_deref() != served;
         if !changed {
             self.table.confirmed(&record.id, now);

@@ -109,7 +109,7 @@ impl TenantContext {
     /// The tenant's billing customer, if the directory knows it.
     #[must_use]
     pub fn customer(&self) -> Option<&str> {
-        self.state.customer().map(|c| &**c)
+        self.state.customer()
     }
 
     /// Whether the tenant's plan (with its overrides) includes `feature`.
