@@ -15,6 +15,7 @@ use crate::{
         limited::{within_deadline, within_deadline_unguarded, Limited, Path, Policy},
         Roles, StoreError, UsageExportStore,
     },
+    tenant::Turn,
 };
 
 /// Each role's store wrapped for one path.
@@ -149,7 +150,7 @@ impl StoreCalls {
     /// the store fails fast, the lock is not waited for.
     pub(crate) async fn under_lock<T>(
         &self,
-        lock: &tokio::sync::Mutex<()>,
+        lock: &impl Turn,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         match self.under_lock_or_busy(lock, fut).await {
@@ -168,19 +169,19 @@ impl StoreCalls {
     /// held the lock) from a store that failed.
     pub(crate) async fn under_lock_or_busy<T>(
         &self,
-        lock: &tokio::sync::Mutex<()>,
+        lock: &impl Turn,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<Option<T>, StoreError> {
         let limit = self.policy.limit(Path::Request);
         let deadline = Instant::now() + limit;
-        let _guard = match lock.try_lock() {
-            Ok(guard) => guard,
-            Err(_) if self.policy.failing_fast() => {
+        let _guard = match lock.try_turn() {
+            Some(guard) => guard,
+            None if self.policy.failing_fast() => {
                 let e = self.policy.fast_failure();
                 self.policy.failed("wait for a quota cell's lock", &e);
                 return Err(e);
             }
-            Err(_) => match tokio::time::timeout_at(deadline, lock.lock()).await {
+            None => match tokio::time::timeout_at(deadline, lock.turn()).await {
                 Ok(guard) => guard,
                 Err(_) => return Ok(None),
             },

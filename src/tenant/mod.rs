@@ -5,6 +5,7 @@ mod fleet;
 mod gcra;
 mod handle;
 mod key;
+mod lock;
 mod state;
 
 pub(crate) use crate::base::{check_api_key, draw_u64, KeyHash, COMMA_IN_KEY};
@@ -14,4 +15,5 @@ pub(crate) use gcra::{GcraCell, TenantCells};
 pub(crate) use handle::Tenant;
 pub use key::{Credential, Identity};
 pub(crate) use key::{Fingerprinter, TAG_API_KEY, TAG_TENANT};
+pub(crate) use lock::{CallLock, Turn};
 pub(crate) use state::{Call, CallKind, InFlightCounts, PeriodBits, QuotaRef, Slot, Take, TenantState};

@@ -6,7 +6,7 @@ use std::sync::{
     Arc,
 };
 
-use super::GcraCell;
+use super::{CallLock, GcraCell};
 use crate::{
     clock::Clock,
     config::{MeterId, QuotaMode, QuotaSpec, TenantId},
@@ -405,8 +405,8 @@ impl MeterCell {
 #[derive(Default)]
 struct QuotaCold {
     /// Serializes the store calls of this cell (refills, returns, period rolls): a slow store
-    /// call for one tenant never holds up another.
-    lock: tokio::sync::Mutex<()>,
+    /// call for one tenant never holds up another. One byte, beside the flags.
+    lock: CallLock,
     exhausted: AtomicBool,
     prefetching: AtomicBool,
     /// The size of the next lease (0: the configured one); grows while refills come fast.
@@ -431,17 +431,6 @@ struct QuotaCold {
     spare: AtomicU64,
     /// The sender id of this cell's store calls (0: not drawn yet).
     sender: AtomicU64,
-    /// Units this node holds for open holds of the current period: taken from its lease,
-    /// not recorded yet (jobs' reservations among them).
-    held: AtomicU64,
-    /// Of `held`, the units held by jobs' reservations (`reserve_event`): they stay spent if
-    /// their hold ends unrecorded, and a store never gives them back at an expiry.
-    jobs: AtomicU64,
-    /// `held` and `jobs` of earlier periods (holds open across a roll of a calendar period):
-    /// never told to the current period's counter. Counted with `locked` held, so that a roll
-    /// moves them in one step.
-    held_old: AtomicU64,
-    jobs_old: AtomicU64,
     /// The lease is not to be spent: its reservation was not renewed in time ([`QuotaRef::stash`]).
     /// Units given back go to the spare ones meanwhile; a call that renews it lifts it.
     stopped: AtomicBool,
@@ -475,6 +464,42 @@ pub(crate) struct Locked {
     /// renewed a reservation yet). A flush reports what changed since, and renews it before
     /// it expires; past its expiry less the clock-skew bound the node stops spending it.
     pub(crate) reported: crate::store::Kept,
+    /// The units this node holds for open holds; made by the first hold, let go when none
+    /// holds anything (most tenants never hold).
+    holds: Option<Box<Holds>>,
+}
+
+/// The units a quota's open holds hold on this node, counted under [`QuotaRef::locked`] so
+/// that a roll of the period moves them in one step.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+struct Holds {
+    /// Held for open holds of the current period: taken from its lease, not recorded yet
+    /// (jobs' reservations among them).
+    held: u64,
+    /// Of `held`, the units held by jobs' reservations (`reserve_event`): they stay spent if
+    /// their hold ends unrecorded, and a store never gives them back at an expiry.
+    jobs: u64,
+    /// `held` and `jobs` of earlier periods (holds open across a roll of a calendar period):
+    /// never told to the current period's counter.
+    held_old: u64,
+    jobs_old: u64,
+}
+
+impl Locked {
+    /// The open holds' units (none: all zero).
+    fn holds(&self) -> Holds {
+        self.holds.as_deref().copied().unwrap_or_default()
+    }
+
+    /// Changes the open holds' units by `change`; their storage is made on first use and let
+    /// go once they hold nothing.
+    fn change_holds(&mut self, change: impl FnOnce(&mut Holds)) {
+        let holds = self.holds.get_or_insert_with(Box::default);
+        change(holds);
+        if **holds == Holds::default() {
+            self.holds = None;
+        }
+    }
 }
 
 impl Locked {
@@ -778,7 +803,7 @@ impl<'a> QuotaRef<'a> {
     }
 
     /// The lock serializing this cell's store calls.
-    pub(crate) fn lock(&self) -> &'a tokio::sync::Mutex<()> {
+    pub(crate) fn lock(&self) -> &'a CallLock {
         &self.cold().lock
     }
 
@@ -1101,8 +1126,8 @@ impl<'a> QuotaRef<'a> {
 
     /// Units this node holds for open holds (jobs' among them), of any period.
     pub(crate) fn held(&self) -> u64 {
-        let cold = self.cold();
-        cold.held.load(Ordering::Relaxed).saturating_add(cold.held_old.load(Ordering::Relaxed))
+        let holds = self.locked().holds();
+        holds.held.saturating_add(holds.held_old)
     }
 
     /// Whether units taken from the lease of the period tagged `tag` (`None`: outside any
@@ -1115,32 +1140,31 @@ impl<'a> QuotaRef<'a> {
     /// `units` more held (`true`) or no longer held (`false`) by an open hold, taken from the
     /// lease of the period tagged `tag`.
     pub(crate) fn count_held(&self, units: u64, more: bool, tag: Option<u16>) {
-        let cold = self.cold();
-        let _one = self.locked();
-        let held = if self.of_current(tag) { &cold.held } else { &cold.held_old };
-        count(held, units, more);
+        let current = self.of_current(tag);
+        self.locked().change_holds(|h| count(if current { &mut h.held } else { &mut h.held_old }, units, more));
     }
 
     /// `units` more held (`true`) or no longer held (`false`) by a job's reservation: counted
     /// held, and apart as jobs'.
     pub(crate) fn count_jobs(&self, units: u64, more: bool, tag: Option<u16>) {
-        let cold = self.cold();
-        let _one = self.locked();
-        let (held, jobs) =
-            if self.of_current(tag) { (&cold.held, &cold.jobs) } else { (&cold.held_old, &cold.jobs_old) };
-        count(held, units, more);
-        count(jobs, units, more);
+        let current = self.of_current(tag);
+        self.locked().change_holds(|h| {
+            let (held, jobs) = if current { (&mut h.held, &mut h.jobs) } else { (&mut h.held_old, &mut h.jobs_old) };
+            count(held, units, more);
+            count(jobs, units, more);
+        });
     }
 
     /// The holds of the current period become an earlier period's (at a roll, with the lock
     /// held).
     fn age_holds(&self) {
-        let cold = self.cold();
-        let _one = self.locked();
-        let held = cold.held.swap(0, Ordering::Relaxed);
-        cold.held_old.fetch_add(held, Ordering::Relaxed);
-        let jobs = cold.jobs.swap(0, Ordering::Relaxed);
-        cold.jobs_old.fetch_add(jobs, Ordering::Relaxed);
+        let mut locked = self.locked();
+        if locked.holds.is_some() {
+            locked.change_holds(|h| {
+                h.held_old = h.held_old.saturating_add(std::mem::take(&mut h.held));
+                h.jobs_old = h.jobs_old.saturating_add(std::mem::take(&mut h.jobs));
+            });
+        }
     }
 
     /// What this node keeps of the current period's counter, as it tells the store with each
@@ -1150,9 +1174,8 @@ impl<'a> QuotaRef<'a> {
     /// used, and a store that gives the holds back at an expiry must keep them. A lease given
     /// back (eviction, reload, shutdown) keeps its open holds as jobs' reservations are kept:
     /// they never expire (no call renews a returned cell), and come back as they settle.
-    pub(crate) fn kept(&self, debt: bool, returned: bool) -> crate::store::Kept {
-        let cold = self.cold();
-        let (held, jobs) = (cold.held.load(Ordering::Relaxed), cold.jobs.load(Ordering::Relaxed));
+    pub(crate) fn kept(&self, locked: &Locked, debt: bool, returned: bool) -> crate::store::Kept {
+        let Holds { held, jobs, .. } = locked.holds();
         if returned {
             return crate::store::Kept::new(0, 0, held);
         }
@@ -1171,7 +1194,7 @@ impl<'a> QuotaRef<'a> {
     /// lease must not be spent until a call renews it.
     pub(crate) fn report_due(&self, now: i64, expiry: i64, skew: i64) -> Option<bool> {
         let locked = self.locked();
-        let kept = self.kept(true, locked.returned);
+        let kept = self.kept(&locked, true, locked.returned);
         let at = self.cold().reported_at.load(Ordering::Acquire);
         let keeps = kept.total() > 0 || locked.reported.total() > 0;
         if at > 0 && keeps && now >= at.saturating_add(expiry - skew) {
@@ -1244,7 +1267,8 @@ impl<'a> QuotaRef<'a> {
     /// Call with the lock held.
     pub(crate) fn drop_kept(&self, debt: bool) -> u64 {
         let cold = self.cold();
-        let holds = cold.held.load(Ordering::Relaxed).saturating_sub(cold.jobs.load(Ordering::Relaxed));
+        let Holds { held, jobs, .. } = self.locked().holds();
+        let holds = held.saturating_sub(jobs);
         let holds = i64::try_from(holds).unwrap_or(Lease::MAX).min(Lease::MAX);
         let mut word = self.hot.lease.load(Ordering::Acquire);
         loop {
@@ -1474,12 +1498,8 @@ impl<'a> QuotaRef<'a> {
 }
 
 /// Adds `units` to `counter` (`more`) or takes them off it (never below 0).
-fn count(counter: &AtomicU64, units: u64, more: bool) {
-    if more {
-        counter.fetch_add(units, Ordering::Relaxed);
-    } else {
-        let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| Some(h.saturating_sub(units)));
-    }
+fn count(counter: &mut u64, units: u64, more: bool) {
+    *counter = if more { counter.saturating_add(units) } else { counter.saturating_sub(units) };
 }
 
 #[cfg(test)]
@@ -1505,7 +1525,11 @@ mod tests {
     /// lease and the previous period take a pointer and a packed period.
     #[test]
     fn a_quota_keeps_its_rare_parts_small() {
-        assert_eq!(std::mem::size_of::<QuotaCold>(), 216);
+        assert_eq!(
+            std::mem::size_of::<QuotaCold>(),
+            152,
+            "its call lock in the flags' padding, its holds made on first use"
+        );
         let mut locked = Locked::default();
         assert_eq!(locked.prev(), None);
         for (start, end) in [
@@ -1550,6 +1574,29 @@ mod tests {
         }
         assert_eq!(popped, 4);
         assert!(q.cold().unleased.lock().unwrap().0.is_none(), "let go once empty");
+    }
+
+    /// A quota's open holds are counted in storage made by the first hold, moved to the
+    /// earlier period at a roll, and let go once no hold holds anything.
+    #[test]
+    fn holds_are_counted_in_storage_made_on_first_use_and_let_go() {
+        let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
+        let q = s.quota(0).expect("a quota");
+        let made = |q: &QuotaRef<'_>| q.locked().holds.is_some();
+        assert!(!made(&q), "no hold, nothing made");
+        q.count_held(5, true, None);
+        q.count_jobs(2, true, None);
+        assert!(made(&q));
+        assert_eq!((q.held(), q.kept(&q.locked(), false, false).held), (7, 5));
+        let midnight = 1_700_006_400;
+        q.roll_period(midnight, midnight + 86_400);
+        assert_eq!(q.held(), 7, "of the day before now");
+        assert_eq!(q.kept(&q.locked(), false, false).held, 0, "never told to the new day");
+        let before = PeriodBits::tag(PeriodBits::pack(midnight - 86_400, midnight));
+        q.count_held(5, false, Some(before));
+        q.count_jobs(2, false, Some(before));
+        assert_eq!(q.held(), 0);
+        assert!(!made(&q), "let go once nothing is held");
     }
 
     fn state(toml: &str, customer: Option<&str>) -> TenantState {

@@ -189,8 +189,8 @@ impl Leases {
         let (kept, expires_at, at) = *call.keeping.get_or_insert_with(|| {
             let now = self.clock.unix_secs();
             if current {
-                let returned = cell.locked().returned;
-                (cell.kept(!refill, returned), now.saturating_add(self.expiry().0), now)
+                let locked = cell.locked();
+                (cell.kept(&locked, !refill, locked.returned), now.saturating_add(self.expiry().0), now)
             } else {
                 (crate::store::Kept::default(), 0, now)
             }
@@ -609,11 +609,18 @@ impl Leases {
             },
             // Nothing to give back or owe: what it keeps is told if the store's
             // record of it differs (its holds, now kept as jobs' are).
-            std::cmp::Ordering::Equal if cell.locked().reported == cell.kept(true, true) => return Ok(None),
+            std::cmp::Ordering::Equal if Self::told(cell) => return Ok(None),
             std::cmp::Ordering::Equal => CallKind::Release { units: 0 },
         };
         let call = self.call(cell, cell.key(start, end), kind);
         Ok(Some(call))
+    }
+
+    /// Whether the store's record of what `cell` keeps is what it keeps once its lease is
+    /// given back.
+    fn told(cell: QuotaRef<'_>) -> bool {
+        let locked = cell.locked();
+        locked.reported == cell.kept(&locked, true, true)
     }
 
     /// Logs a lease that could not be given back.
@@ -768,7 +775,7 @@ impl Leases {
         for (state, i) in cells {
             let Some(cell) = state.quotas().nth(*i) else { continue };
             // A cell busy meanwhile (a request's call tells the store) is passed over.
-            let Ok(guard) = cell.lock().try_lock() else { continue };
+            let Some(guard) = cell.lock().try_lock() else { continue };
             // Still due, and nothing in flight (its next call sends that first).
             if cell.locked().inflight.is_some() || cell.locked().returned || cell.stale(now, expiry, skew) {
                 continue;
