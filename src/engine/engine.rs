@@ -118,17 +118,30 @@ impl Tollgate {
     /// Lambda environment between invocations) calls it before it serves again, so that it
     /// never spends units the store may have given to the fleet meanwhile. Returns the leases
     /// stopped.
+    ///
+    /// It visits the tenants only once the earliest renewal of a resident lease may have
+    /// lapsed: until then it returns at once, whatever the number of tenants.
     #[must_use = "the leases stopped, for a log"]
     pub fn stop_stale_leases(&self) -> usize {
         let now = self.clock().unix_secs();
-        let (expiry, skew) = self.units().leases().expiry();
+        let leases = self.units().leases();
+        let (expiry, skew) = leases.expiry();
         let mut stopped = 0;
-        self.gate().table().for_each(|s| {
-            for cell in s.quotas().filter(|c| c.stale(now, expiry, skew)) {
-                if cell.stash() > 0 {
-                    stopped += 1;
+        // Every tenant is visited only once the earliest renewal may have lapsed.
+        leases.renewals().pass(now, expiry - skew, || {
+            let mut earliest = i64::MAX;
+            self.gate().table().for_each(|s| {
+                for cell in s.quotas() {
+                    let at = cell.reported_at();
+                    if at > 0 {
+                        earliest = earliest.min(at);
+                    }
+                    if cell.stale(now, expiry, skew) && cell.stash() > 0 {
+                        stopped += 1;
+                    }
                 }
-            }
+            });
+            earliest
         });
         stopped
     }

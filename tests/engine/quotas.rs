@@ -628,3 +628,31 @@ async fn leases_are_given_back_at_shutdown_while_requests_fail_fast() {
     let key = common::day_key("u", common::NOON);
     assert_eq!(store.reserved(&key).await.unwrap(), 1, "u's unused units went back");
 }
+
+/// A lease whose reservation was not renewed is stopped at its own lapse
+/// (`limits.reservation_expiry` less the clock skew: 27 minutes by default), not a second
+/// earlier nor later, though the per-second passes before it visit no tenant (they skip
+/// until the earliest renewal may have lapsed): two tenants leasing a minute apart are
+/// stopped a minute apart.
+#[tokio::test]
+async fn each_lease_is_stopped_when_its_reservation_lapses_though_passes_skipped_before() {
+    let toml = "[plans.p]\nquotas.requests = { limit = 1000, period = \"month\", mode = \"hard\", lease = 10 }\n\
+        [tenants.a]\nplan = \"p\"\nkeys = [\"key-a\"]\n[tenants.b]\nplan = \"p\"\nkeys = [\"key-b\"]\n";
+    let h = Harness::new(toml);
+    assert_eq!(h.status("/", "key-a").await, 200, "a leases at noon");
+    let mut stopped = Vec::new();
+    for second in 1..=1_800u64 {
+        h.clock.advance(Duration::from_secs(1));
+        if second == 60 {
+            assert_eq!(h.status("/", "key-b").await, 200, "b leases a minute later");
+        }
+        let n = h.tollgate.stop_stale_leases();
+        if n > 0 {
+            stopped.push((second, n));
+        }
+    }
+    assert_eq!(stopped, [(1_620, 1), (1_680, 1)], "each at its own lapse");
+    // Stopped: a request asks the store, which renews the reservation, and is served.
+    assert_eq!(h.status("/", "key-a").await, 200);
+    h.tollgate.shutdown().await.unwrap();
+}

@@ -110,6 +110,71 @@ pub(crate) struct Leases {
     expiry: std::sync::atomic::AtomicI64,
     /// The recharges this node's refills claimed, for the worker to deliver.
     recharges: Arc<crate::engine::recharge::Recharges>,
+    /// The earliest renewal of a resident cell's reservation: the stale-lease pass visits the
+    /// tenants only once one may have lapsed.
+    renewals: Renewals,
+}
+
+/// A lower bound of the times the calls of this node's resident cells last renewed their
+/// reservations ([`QuotaRef::reported_at`]), so that the per-second pass stopping stale
+/// leases ([`Renewals::pass`]) visits every tenant only when a reservation may have lapsed,
+/// not every second at a million tenants.
+///
+/// Each answered call lowers it after it wrote its cell's time; each pass that visits counts
+/// it again, from what it saw and what calls said meanwhile. A pass that starts beside one
+/// under way visits every cell and publishes nothing; a pass after one that panicked counts
+/// again from scratch.
+#[derive(Debug)]
+pub(crate) struct Renewals {
+    /// Unix seconds; `i64::MAX`: no renewal known.
+    earliest: std::sync::atomic::AtomicI64,
+    /// Held by the pass that counts.
+    counting: std::sync::Mutex<()>,
+}
+
+impl Default for Renewals {
+    fn default() -> Self {
+        Self { earliest: std::sync::atomic::AtomicI64::new(i64::MAX), counting: std::sync::Mutex::new(()) }
+    }
+}
+
+impl Renewals {
+    /// A call renewed a cell's reservation at `at` (its cell's time already written).
+    fn renewed(&self, at: i64) {
+        if at > 0 {
+            self.earliest.fetch_min(at, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Runs `visit` over the resident cells unless none can be stale at `now`: every
+    /// reservation was renewed less than `lapse` seconds ago. `visit` returns the earliest
+    /// renewal it saw (`i64::MAX`: none). Returns whether it ran.
+    pub(crate) fn pass(&self, now: i64, lapse: i64, visit: impl FnOnce() -> i64) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (guard, trusted) = match self.counting.try_lock() {
+            Ok(guard) => (guard, true),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                // The pass before panicked midway: what it left is not a bound.
+                self.counting.clear_poison();
+                (p.into_inner(), false)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Beside a pass that counts (and may have reset the bound): every cell.
+                visit();
+                return true;
+            }
+        };
+        if trusted && now < self.earliest.load(SeqCst).saturating_add(lapse) {
+            return false;
+        }
+        // Counted afresh: calls answered from here lower it as well. (A swap, not a store:
+        // it reads the last call's lowering, and with it that call's cell time.)
+        self.earliest.swap(i64::MAX, SeqCst);
+        let seen = visit();
+        self.earliest.fetch_min(seen, SeqCst);
+        drop(guard);
+        true
+    }
 }
 
 impl Leases {
@@ -128,6 +193,7 @@ impl Leases {
             stopped: std::sync::atomic::AtomicBool::new(false),
             expiry: std::sync::atomic::AtomicI64::new(0),
             recharges: Arc::default(),
+            renewals: Renewals::default(),
         };
         leases.configure(config);
         leases
@@ -137,6 +203,11 @@ impl Leases {
     pub(crate) fn configure(&self, config: &crate::config::Config) {
         let secs = i64::try_from(config.limits.reservation_expiry.as_secs()).unwrap_or(i64::MAX);
         self.expiry.store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The earliest renewal of a resident cell's reservation, for the stale-lease pass.
+    pub(crate) fn renewals(&self) -> &Renewals {
+        &self.renewals
     }
 
     /// `limits.reservation_expiry` and the clock skew it tolerates, in seconds.
@@ -276,12 +347,12 @@ impl Leases {
                 store.release_one(Self::release_of(&call, &sent)).await.map(|()| Grant::new(0, 0))
             }
         };
-        Self::finish(cell, &call, &sent, &answer);
+        self.finish(cell, &call, &sent, &answer);
         answer
     }
 
     /// Applies the store's answer to a call of `cell` to what the cell knows of it.
-    fn finish(cell: QuotaRef<'_>, call: &Call, sent: &Sent, answer: &Result<Grant, StoreError>) {
+    fn finish(&self, cell: QuotaRef<'_>, call: &Call, sent: &Sent, answer: &Result<Grant, StoreError>) {
         let Sent { kept, at, current, refill, .. } = *sent;
         match answer {
             Ok(grant) => {
@@ -307,6 +378,7 @@ impl Leases {
                         crate::store::Kept::new(kept.lease.saturating_add(grant.granted - taking), kept.held, kept.jobs)
                     };
                     cell.reported(reported, at);
+                    self.renewals.renewed(at);
                 }
                 // Every answer of a spend cap's reservation says the tenant's own cap: a node
                 // learns it from its debts' calls too, not only from its refills.
@@ -799,7 +871,7 @@ impl Leases {
         for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
             // Unanswered: in flight, sent again by the cell's next call.
             let answer = answer.unwrap_or_else(|| Err(StoreError::Timeout(std::time::Duration::ZERO)));
-            Self::finish(cell, &call, s, &answer.map(|()| Grant::new(0, 0)));
+            self.finish(cell, &call, s, &answer.map(|()| Grant::new(0, 0)));
             drop(guard);
         }
         answered
@@ -932,10 +1004,10 @@ impl Leases {
         let mut timeouts = 0;
         for (((cell, guard, call), s), answer) in ready.into_iter().zip(&sent).zip(answers) {
             match answer {
-                Some(Ok(())) => Self::finish(cell, &call, s, &Ok(Grant::new(0, 0))),
+                Some(Ok(())) => self.finish(cell, &call, s, &Ok(Grant::new(0, 0))),
                 other => {
                     if let Some(Err(e)) = other {
-                        Self::finish(cell, &call, s, &Err(e));
+                        self.finish(cell, &call, s, &Err(e));
                     }
                     // That one alone, again with its token (the others are returned); not
                     // once the store stopped answering.
@@ -974,5 +1046,70 @@ impl Leases {
         if let Err(e) = self.stores.within(self.stores.request().rate.return_cells(&call)).await {
             tracing::debug!(tenant = %state.id, error = %e, "unspent fleet rate cells could not be given back");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Renewals;
+    use std::cell::Cell;
+
+    #[test]
+    fn a_pass_skips_until_the_earliest_renewal_may_have_lapsed_then_counts_it_again() {
+        let r = Renewals::default();
+        let visits = Cell::new(0);
+        let visit = |seen: i64| {
+            visits.set(visits.get() + 1);
+            seen
+        };
+        assert!(!r.pass(1_000, 100, || visit(i64::MAX)), "no renewal known: nothing can be stale");
+        r.renewed(500);
+        r.renewed(700);
+        assert!(!r.pass(599, 100, || visit(i64::MAX)), "the earliest, 500, lapses at 600");
+        assert_eq!(visits.get(), 0);
+        // The visit finds 500 renewed since (at 650): the earliest is now 650.
+        assert!(r.pass(600, 100, || visit(650)));
+        assert_eq!(visits.get(), 1);
+        assert!(!r.pass(749, 100, || visit(i64::MAX)));
+        assert!(r.pass(750, 100, || visit(i64::MAX)), "lapsed at 750");
+        // That visit saw nothing: the bound is gone until a renewal says one.
+        assert!(!r.pass(10_000, 100, || visit(i64::MAX)));
+        assert_eq!(visits.get(), 2);
+    }
+
+    #[test]
+    fn a_renewal_the_counting_pass_did_not_see_is_kept() {
+        let r = Renewals::default();
+        r.renewed(100);
+        // A cell first renewed (at 150) while the pass visits, after the pass read it.
+        assert!(r.pass(1_000, 100, || {
+            r.renewed(150);
+            i64::MAX
+        }));
+        assert!(!r.pass(249, 100, || i64::MAX), "150 is the earliest");
+        assert!(r.pass(250, 100, || i64::MAX));
+    }
+
+    #[test]
+    fn a_pass_beside_another_visits_every_cell_and_one_after_a_panic_counts_again() {
+        let r = Renewals::default();
+        r.renewed(100);
+        let mut inner = false;
+        assert!(r.pass(1_000, 100, || {
+            // Beside the counting pass, whose bound is reset: it visits, publishing nothing.
+            inner = r.pass(101, 100, || 5);
+            100
+        }));
+        assert!(inner, "a pass beside one under way visits");
+        assert!(!r.pass(199, 100, || i64::MAX), "the counting pass's bound stands, not the inner one's 5");
+
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            r.pass(1_000, 100, || panic!("a visit that panics"));
+        }));
+        assert!(panicked.is_err());
+        // Its bound was reset midway: the next pass counts again, whatever the time.
+        assert!(r.pass(0, 100, || 900), "after a panic, a pass counts again");
+        assert!(!r.pass(999, 100, || i64::MAX));
+        assert!(r.pass(1_000, 100, || i64::MAX));
     }
 }
