@@ -3,39 +3,50 @@
 //! Every quota of every resident tenant holds one, and it is taken only off the request's
 //! fast path (refills, returns, reports, a request that finds its lease short while a refill
 //! is under way). A `tokio::sync::Mutex<()>` costs 40 bytes there; this lock is one
-//! `AtomicU8`, placed in the padding of the cell's flags. Its waiters park as `parking_lot`'s
-//! do, on a table shared by every lock: one of [`PARKING`] `Notify`s chosen by the lock's
-//! address. A release wakes that `Notify`'s waiters only if one said it waits, and each woken
-//! waiter tries again (waiters of another lock on the same `Notify` go back to sleep).
-//!
-//! It is not fair: a caller that arrives as the lock is released may take it before a woken
-//! waiter. The cell's callers do not need turns (each call tells the store everything the
-//! cell owes, whoever makes it); a fleet rate's lease, whose waiters weigh the time they have
-//! left in turn, keeps tokio's fair mutex. [`Turn`] is what both give the store-call wrapper.
+//! `AtomicU8`, placed in the padding of the cell's flags. Its waiters queue as `parking_lot`'s
+//! do, in a table shared by every lock: one of [`PARKING`] queues chosen by the lock's
+//! address, each entry naming its lock. Like tokio's mutex it is fair: a release with waiters
+//! hands the lock to the first of them (it stays held, so no newcomer takes it first) and
+//! wakes that one alone; a waiter dropped after the lock was handed to it passes it on.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// The lock is held.
 const HELD: u8 = 1;
-/// A waiter is parked, or about to park, on the lock's `Notify`: the release wakes it.
+/// Waiters of the lock are queued: a release hands it on under its queue's mutex. Set and
+/// cleared only under that mutex, and only while the lock is held.
 const WAITING: u8 = 2;
 
-/// How many `Notify`s the waiters of every lock share.
+/// How many queues the waiters of every lock share.
 const PARKING: usize = 64;
 
-/// Where waiters park, chosen by a lock's address.
-static PARKED: [Notify; PARKING] = [const { Notify::const_new() }; PARKING];
+/// A waiter: told by the release that handed it the lock.
+#[derive(Debug, Default)]
+struct Waiter {
+    handed: AtomicBool,
+    waker: AtomicWaker,
+}
 
-/// A one-byte asynchronous lock (see the module's documentation).
+/// Waiters of the locks whose address picks this queue, first come first: (lock, waiter).
+type Queue = Mutex<VecDeque<(usize, Arc<Waiter>)>>;
+
+/// Where waiters queue, chosen by a lock's address.
+static PARKED: [Queue; PARKING] = [const { Mutex::new(VecDeque::new()) }; PARKING];
+
+/// A one-byte, fair asynchronous lock (see the module's documentation).
 #[derive(Debug, Default)]
 pub(crate) struct CallLock {
     state: AtomicU8,
 }
 
-/// The lock held; released when dropped.
+/// The lock held; released (or handed to its first waiter) when dropped.
 #[derive(Debug)]
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub(crate) struct CallGuard<'a> {
@@ -50,50 +61,118 @@ impl CallLock {
         (self.state.fetch_or(HELD, Ordering::Acquire) & HELD == 0).then(|| CallGuard { lock: self })
     }
 
-    /// The lock, waited for. Cancel-safe: a waiter dropped before its turn takes nothing and
-    /// leaves the others woken as they would have been. Each call spends a unit of the task's
-    /// cooperative budget, as tokio's own locks do.
+    /// The lock, waited for in turn. Cancel-safe: a waiter dropped before its turn leaves
+    /// the queue; one dropped after the lock was handed to it passes it on. Each call spends
+    /// a unit of the task's cooperative budget, as tokio's own locks do.
     pub(crate) async fn lock(&self) -> CallGuard<'_> {
         tokio::task::coop::consume_budget().await;
-        loop {
-            if let Some(guard) = self.try_lock() {
-                return guard;
-            }
-            let notified = self.parking().notified();
-            let mut notified = std::pin::pin!(notified);
-            // Registered before saying it waits: a release after that says so wakes it.
-            notified.as_mut().enable();
+        if let Some(guard) = self.try_lock() {
+            return guard;
+        }
+        let waiter = {
+            let mut queue = self.queue();
+            // Under the queue's mutex: free now, or held with this waiter queued before the
+            // holder's release looks (it takes the same mutex once it sees `WAITING`).
             let mut seen = self.state.load(Ordering::Acquire);
-            let parked = loop {
-                if seen & HELD == 0 {
-                    // Released meanwhile: try again without parking.
-                    break false;
-                }
-                match self.state.compare_exchange_weak(seen, seen | WAITING, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => break true,
+            loop {
+                let (next, taken) = if seen & HELD == 0 { (seen | HELD, true) } else { (seen | WAITING, false) };
+                match self.state.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) if taken => return CallGuard { lock: self },
+                    Ok(_) => break,
                     Err(now) => seen = now,
                 }
-            };
-            if parked {
-                notified.await;
             }
-        }
+            let waiter = Arc::new(Waiter::default());
+            queue.push_back((self.address(), waiter.clone()));
+            waiter
+        };
+        Queued { lock: self, waiter, done: false }.await
     }
 
-    /// The `Notify` this lock's waiters park on.
-    fn parking(&self) -> &'static Notify {
+    /// Releases the lock, or hands it to its first waiter and wakes that one.
+    fn release(&self) {
+        if self.state.compare_exchange(HELD, 0, Ordering::Release, Ordering::Relaxed).is_ok() {
+            return;
+        }
+        // Waiters are queued (and none can queue or leave while the queue is locked).
+        let mut queue = self.queue();
+        let at = self.address();
+        let Some(first) = queue.iter().position(|(lock, _)| *lock == at) else {
+            // They left meanwhile.
+            self.state.store(0, Ordering::Release);
+            return;
+        };
+        let (_, waiter) = queue.remove(first).expect("found");
+        if !queue.iter().any(|(lock, _)| *lock == at) {
+            // Handed on, still held: the last waiter.
+            self.state.store(HELD, Ordering::Release);
+        }
+        // Told before the queue is let go: a waiter dropped meanwhile finds itself either
+        // queued or handed the lock, never neither.
+        waiter.handed.store(true, Ordering::Release);
+        drop(queue);
+        waiter.waker.wake();
+    }
+
+    /// The queue this lock's waiters wait in.
+    fn queue(&self) -> MutexGuard<'static, VecDeque<(usize, Arc<Waiter>)>> {
+        let at = self.address();
         // A lock is one byte: neighbouring cells' locks are apart by their cells' size, so
         // the low bits of the address spread them.
-        let at = std::ptr::from_ref(self) as usize;
-        &PARKED[(at ^ (at >> 6) ^ (at >> 12)) % PARKING]
+        PARKED[(at ^ (at >> 6) ^ (at >> 12)) % PARKING].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 }
 
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
-        // AcqRel: a waiter's registration, made before its WAITING bit, is seen by the wake.
-        if self.lock.state.swap(0, Ordering::AcqRel) & WAITING != 0 {
-            self.lock.parking().notify_waiters();
+        self.lock.release();
+    }
+}
+
+/// A queued waiter's wait for its turn.
+struct Queued<'a> {
+    lock: &'a CallLock,
+    waiter: Arc<Waiter>,
+    /// The guard was given out: nothing to undo when dropped.
+    done: bool,
+}
+
+impl<'a> Future for Queued<'a> {
+    type Output = CallGuard<'a>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CallGuard<'a>> {
+        if !self.waiter.handed.load(Ordering::Acquire) {
+            self.waiter.waker.register(cx.waker());
+            if !self.waiter.handed.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+        self.done = true;
+        Poll::Ready(CallGuard { lock: self.lock })
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut queue = self.lock.queue();
+        if self.waiter.handed.load(Ordering::Acquire) {
+            // Handed the lock, never taken: passed on.
+            drop(queue);
+            self.lock.release();
+            return;
+        }
+        let at = self.lock.address();
+        queue.retain(|(_, w)| !Arc::ptr_eq(w, &self.waiter));
+        if !queue.iter().any(|(lock, _)| *lock == at) {
+            // The last waiter left: a release finds none to hand the lock to.
+            self.lock.state.fetch_and(!WAITING, Ordering::AcqRel);
         }
     }
 }
@@ -159,7 +238,7 @@ mod tests {
         assert!(lock.try_lock().is_some(), "released");
     }
 
-    /// Waits until `lock` says a waiter is parked on it.
+    /// Waits until `lock` says a waiter is queued on it.
     async fn until_parked(lock: &CallLock) {
         while lock.state.load(Ordering::Acquire) & WAITING == 0 {
             tokio::task::yield_now().await;
@@ -176,14 +255,14 @@ mod tests {
                 let _g = lock.lock().await;
             }
         });
-        tokio::time::timeout(HANG, until_parked(&lock)).await.expect("the waiter parks");
+        tokio::time::timeout(HANG, until_parked(&lock)).await.expect("the waiter queues");
         assert!(!waiter.is_finished());
         drop(guard);
         tokio::time::timeout(HANG, waiter).await.expect("woken").expect("no panic");
         assert!(lock.try_lock().is_some(), "the waiter released it");
     }
 
-    /// Polls `fut` once: `true` when it is pending (a waiter on the lock is then registered).
+    /// Polls `fut` once: `true` when it is pending (a waiter on the lock is then queued).
     async fn pending<F: Future>(fut: std::pin::Pin<&mut F>) -> bool {
         let mut fut = fut;
         std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx).is_pending())).await
@@ -194,22 +273,53 @@ mod tests {
         let lock = CallLock::default();
         let guard = lock.try_lock().expect("free");
         {
-            // Parks, then gives up (dropped, as a timeout drops it).
+            // Queues, then gives up (dropped, as a timeout drops it).
             let first = std::pin::pin!(lock.lock());
-            assert!(pending(first).await, "held: the first waiter parks");
+            assert!(pending(first).await, "held: the first waiter queues");
         }
         let mut second = std::pin::pin!(lock.lock());
-        assert!(pending(second.as_mut()).await, "held: the second waiter parks");
+        assert!(pending(second.as_mut()).await, "held: the second waiter queues");
         drop(guard);
-        let _g = tokio::time::timeout(HANG, second).await.expect("the second waiter is woken");
+        let g = tokio::time::timeout(HANG, second).await.expect("the second waiter is woken");
         assert!(lock.try_lock().is_none(), "the second waiter holds it");
+        drop(g);
+        assert!(lock.try_lock().is_some(), "no waiter left: free");
+    }
+
+    /// Fair: a release hands the lock to the first waiter (a newcomer cannot take it first),
+    /// waiters take it in the order they came, and one handed the lock but dropped before it
+    /// took it passes it on.
+    #[tokio::test]
+    async fn waiters_take_the_lock_in_turn_and_one_dropped_after_its_turn_came_passes_it_on() {
+        let lock = CallLock::default();
+        let guard = lock.try_lock().expect("free");
+        let mut first = std::pin::pin!(lock.lock());
+        // Boxed: dropped below (a `pin!`ned future lives to the end of its scope).
+        let mut second = Box::pin(lock.lock());
+        let mut third = std::pin::pin!(lock.lock());
+        for w in [first.as_mut(), second.as_mut()] {
+            assert!(pending(w).await);
+        }
+        assert!(pending(third.as_mut()).await);
+        drop(guard);
+        assert!(lock.try_lock().is_none(), "handed to the first waiter, not to a newcomer");
+        assert!(pending(second.as_mut()).await, "not the second's turn");
+        assert!(pending(third.as_mut()).await, "nor the third's");
+        let g = tokio::time::timeout(HANG, first).await.expect("the first waiter's turn");
+        drop(g);
+        // The second's turn came; it is dropped without taking it.
+        drop(second);
+        let g = tokio::time::timeout(HANG, third).await.expect("passed on to the third");
+        assert!(lock.try_lock().is_none());
+        drop(g);
+        assert!(lock.try_lock().is_some(), "free once every waiter had its turn");
     }
 
     #[test]
-    fn many_tasks_on_two_threads_over_locks_that_share_their_parking_hold_each_lock_alone() {
+    fn many_tasks_on_two_threads_over_locks_that_share_their_queues_hold_each_lock_alone_and_lose_no_turn() {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
         rt.block_on(async {
-            // Locks in one array: 8 neighbouring bytes, so several share a `Notify`.
+            // Locks in one array: 8 neighbouring bytes, so several share a queue.
             let locks: Arc<[CallLock; 8]> = Arc::new(Default::default());
             let inside: Arc<[AtomicUsize; 8]> = Arc::new(Default::default());
             let tasks: Vec<_> = (0..64)
@@ -218,7 +328,16 @@ mod tests {
                     tokio::spawn(async move {
                         for round in 0..200 {
                             let i = (t + round) % 8;
-                            let _g = locks[i].lock().await;
+                            let _g = if round % 4 == 0 {
+                                // Some give up soon (a store call's deadline): their drop
+                                // leaves the queue, or passes on a turn that just came.
+                                match tokio::time::timeout(Duration::from_micros(20), locks[i].lock()).await {
+                                    Ok(g) => g,
+                                    Err(_) => continue,
+                                }
+                            } else {
+                                locks[i].lock().await
+                            };
                             assert_eq!(inside[i].fetch_add(1, Ordering::SeqCst), 0, "one holder at a time");
                             tokio::task::yield_now().await;
                             inside[i].fetch_sub(1, Ordering::SeqCst);
@@ -228,6 +347,9 @@ mod tests {
                 .collect();
             for task in tasks {
                 tokio::time::timeout(HANG, task).await.expect("no waiter lost").expect("no panic");
+            }
+            for lock in locks.iter() {
+                assert!(lock.try_lock().is_some(), "every lock free at the end: no turn left handed to nobody");
             }
         });
     }

@@ -491,11 +491,24 @@ impl Locked {
         self.holds.as_deref().copied().unwrap_or_default()
     }
 
-    /// Changes the open holds' units by `change`; their storage is made on first use and let
-    /// go once they hold nothing.
-    fn change_holds(&mut self, change: impl FnOnce(&mut Holds)) {
+    /// `units` more (`more`) or fewer on the counter `held` picks, and on the one `jobs`
+    /// picks if any. Their storage is made by the first units counted and let go once they
+    /// hold nothing; counting nothing, or fewer where nothing is held, makes none.
+    fn change_holds(
+        &mut self,
+        units: u64,
+        more: bool,
+        held: impl FnOnce(&mut Holds) -> &mut u64,
+        jobs: impl FnOnce(&mut Holds) -> Option<&mut u64>,
+    ) {
+        if units == 0 || (!more && self.holds.is_none()) {
+            return;
+        }
         let holds = self.holds.get_or_insert_with(Box::default);
-        change(holds);
+        count(held(holds), units, more);
+        if let Some(jobs) = jobs(holds) {
+            count(jobs, units, more);
+        }
         if **holds == Holds::default() {
             self.holds = None;
         }
@@ -1140,30 +1153,32 @@ impl<'a> QuotaRef<'a> {
     /// `units` more held (`true`) or no longer held (`false`) by an open hold, taken from the
     /// lease of the period tagged `tag`.
     pub(crate) fn count_held(&self, units: u64, more: bool, tag: Option<u16>) {
+        // The period read under the lock: a roll moves the holds under it after it changed
+        // the period, so a count never lands in the period that just ended's place.
+        let mut locked = self.locked();
         let current = self.of_current(tag);
-        self.locked().change_holds(|h| count(if current { &mut h.held } else { &mut h.held_old }, units, more));
+        locked.change_holds(units, more, |h| if current { &mut h.held } else { &mut h.held_old }, |_| None);
     }
 
     /// `units` more held (`true`) or no longer held (`false`) by a job's reservation: counted
     /// held, and apart as jobs'.
     pub(crate) fn count_jobs(&self, units: u64, more: bool, tag: Option<u16>) {
+        let mut locked = self.locked();
         let current = self.of_current(tag);
-        self.locked().change_holds(|h| {
-            let (held, jobs) = if current { (&mut h.held, &mut h.jobs) } else { (&mut h.held_old, &mut h.jobs_old) };
-            count(held, units, more);
-            count(jobs, units, more);
-        });
+        locked.change_holds(
+            units,
+            more,
+            |h| if current { &mut h.held } else { &mut h.held_old },
+            |h| Some(if current { &mut h.jobs } else { &mut h.jobs_old }),
+        );
     }
 
     /// The holds of the current period become an earlier period's (at a roll, with the lock
     /// held).
     fn age_holds(&self) {
-        let mut locked = self.locked();
-        if locked.holds.is_some() {
-            locked.change_holds(|h| {
-                h.held_old = h.held_old.saturating_add(std::mem::take(&mut h.held));
-                h.jobs_old = h.jobs_old.saturating_add(std::mem::take(&mut h.jobs));
-            });
+        if let Some(h) = self.locked().holds.as_deref_mut() {
+            h.held_old = h.held_old.saturating_add(std::mem::take(&mut h.held));
+            h.jobs_old = h.jobs_old.saturating_add(std::mem::take(&mut h.jobs));
         }
     }
 
