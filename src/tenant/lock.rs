@@ -4,12 +4,17 @@
 //! fast path (refills, returns, reports, a request that finds its lease short while a refill
 //! is under way). A `tokio::sync::Mutex<()>` costs 40 bytes there; this lock is one
 //! `AtomicU8`, placed in the padding of the cell's flags. Its waiters queue as `parking_lot`'s
-//! do, in a table shared by every lock: one of [`PARKING`] queues chosen by the lock's
-//! address, each entry naming its lock. Like tokio's mutex it is fair: a release with waiters
-//! hands the lock to the first of them (it stays held, so no newcomer takes it first) and
-//! wakes that one alone; a waiter dropped after the lock was handed to it passes it on.
+//! do, in a table shared by every lock: one of [`PARKING`] slots chosen by the lock's address,
+//! each a map from a lock's address to its waiters, a lock's entry there only while it has
+//! some. Like tokio's mutex it is fair: a release with waiters hands the lock to the first of
+//! them (it stays held, so no newcomer takes it first) and wakes that one alone; a waiter
+//! dropped after the lock was handed to it passes it on.
+//!
+//! A waiter that is leaked (`mem::forget` of a polled `lock()`) stays queued: a lock made
+//! later at the same address would hand its first contended turn to it. Nothing here leaks
+//! one (clippy's `mem_forget` lint is on, and CI denies warnings).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -34,11 +39,18 @@ struct Waiter {
     waker: AtomicWaker,
 }
 
-/// Waiters of the locks whose address picks this queue, first come first: (lock, waiter).
-type Queue = Mutex<VecDeque<(usize, Arc<Waiter>)>>;
+/// The waiters of the locks whose address picks this slot, by lock, first come first; a
+/// lock's entry is removed with its last waiter.
+type Waiters = BTreeMap<usize, VecDeque<Arc<Waiter>>>;
 
 /// Where waiters queue, chosen by a lock's address.
-static PARKED: [Queue; PARKING] = [const { Mutex::new(VecDeque::new()) }; PARKING];
+static PARKED: [Mutex<Waiters>; PARKING] = [const { Mutex::new(BTreeMap::new()) }; PARKING];
+
+/// The slot of the lock at `at`. A lock is one byte: neighbouring cells' locks are apart by
+/// their cells' size, so the low bits of the address spread them.
+fn slot(at: usize) -> usize {
+    (at ^ (at >> 6) ^ (at >> 12)) % PARKING
+}
 
 /// A one-byte, fair asynchronous lock (see the module's documentation).
 #[derive(Debug, Default)]
@@ -83,7 +95,7 @@ impl CallLock {
                 }
             }
             let waiter = Arc::new(Waiter::default());
-            queue.push_back((self.address(), waiter.clone()));
+            queue.entry(self.address()).or_default().push_back(waiter.clone());
             waiter
         };
         Queued { lock: self, waiter, done: false }.await
@@ -97,14 +109,15 @@ impl CallLock {
         // Waiters are queued (and none can queue or leave while the queue is locked).
         let mut queue = self.queue();
         let at = self.address();
-        let Some(first) = queue.iter().position(|(lock, _)| *lock == at) else {
+        let Some(mine) = queue.get_mut(&at) else {
             // They left meanwhile.
             self.state.store(0, Ordering::Release);
             return;
         };
-        let (_, waiter) = queue.remove(first).expect("found");
-        if !queue.iter().any(|(lock, _)| *lock == at) {
+        let waiter = mine.pop_front().expect("a lock's entry has waiters");
+        if mine.is_empty() {
             // Handed on, still held: the last waiter.
+            queue.remove(&at);
             self.state.store(HELD, Ordering::Release);
         }
         // Told before the queue is let go: a waiter dropped meanwhile finds itself either
@@ -115,11 +128,8 @@ impl CallLock {
     }
 
     /// The queue this lock's waiters wait in.
-    fn queue(&self) -> MutexGuard<'static, VecDeque<(usize, Arc<Waiter>)>> {
-        let at = self.address();
-        // A lock is one byte: neighbouring cells' locks are apart by their cells' size, so
-        // the low bits of the address spread them.
-        PARKED[(at ^ (at >> 6) ^ (at >> 12)) % PARKING].lock().unwrap_or_else(|e| e.into_inner())
+    fn queue(&self) -> MutexGuard<'static, Waiters> {
+        PARKED[slot(self.address())].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn address(&self) -> usize {
@@ -169,9 +179,13 @@ impl Drop for Queued<'_> {
             return;
         }
         let at = self.lock.address();
-        queue.retain(|(_, w)| !Arc::ptr_eq(w, &self.waiter));
-        if !queue.iter().any(|(lock, _)| *lock == at) {
+        let mine = queue.get_mut(&at).expect("a waiter not handed the lock is queued");
+        // Waiters give up in about the order they came (their deadlines): near the front.
+        let i = mine.iter().position(|w| Arc::ptr_eq(w, &self.waiter)).expect("queued");
+        mine.remove(i);
+        if mine.is_empty() {
             // The last waiter left: a release finds none to hand the lock to.
+            queue.remove(&at);
             self.lock.state.fetch_and(!WAITING, Ordering::AcqRel);
         }
     }
@@ -238,15 +252,20 @@ mod tests {
         assert!(lock.try_lock().is_some(), "released");
     }
 
+    /// Free, with nothing of it left in its slot.
+    fn idle(lock: &CallLock) -> bool {
+        lock.state.load(Ordering::Acquire) == 0 && !lock.queue().contains_key(&lock.address())
+    }
+
     /// Waits until `lock` says a waiter is queued on it.
-    async fn until_parked(lock: &CallLock) {
+    async fn until_queued(lock: &CallLock) {
         while lock.state.load(Ordering::Acquire) & WAITING == 0 {
             tokio::task::yield_now().await;
         }
     }
 
     #[tokio::test]
-    async fn a_parked_waiter_is_woken_by_the_release() {
+    async fn a_queued_waiter_is_woken_by_the_release() {
         let lock = Arc::new(CallLock::default());
         let guard = lock.try_lock().expect("free");
         let waiter = tokio::spawn({
@@ -255,35 +274,39 @@ mod tests {
                 let _g = lock.lock().await;
             }
         });
-        tokio::time::timeout(HANG, until_parked(&lock)).await.expect("the waiter queues");
+        tokio::time::timeout(HANG, until_queued(&lock)).await.expect("the waiter queues");
         assert!(!waiter.is_finished());
         drop(guard);
         tokio::time::timeout(HANG, waiter).await.expect("woken").expect("no panic");
-        assert!(lock.try_lock().is_some(), "the waiter released it");
+        assert!(idle(&lock), "the waiter released it");
     }
 
-    /// Polls `fut` once: `true` when it is pending (a waiter on the lock is then queued).
-    async fn pending<F: Future>(fut: std::pin::Pin<&mut F>) -> bool {
+    /// Polls `fut` once: its output if it is ready (a pending waiter is then queued).
+    async fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> Option<F::Output> {
         let mut fut = fut;
-        std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx).is_pending())).await
+        std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+            Poll::Ready(out) => Poll::Ready(Some(out)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
     }
 
     #[tokio::test]
-    async fn a_waiter_that_gave_up_leaves_the_next_one_woken() {
+    async fn a_waiter_that_gave_up_leaves_the_next_one_its_turn() {
         let lock = CallLock::default();
         let guard = lock.try_lock().expect("free");
         {
             // Queues, then gives up (dropped, as a timeout drops it).
             let first = std::pin::pin!(lock.lock());
-            assert!(pending(first).await, "held: the first waiter queues");
+            assert!(poll_once(first).await.is_none(), "held: the first waiter queues");
         }
         let mut second = std::pin::pin!(lock.lock());
-        assert!(pending(second.as_mut()).await, "held: the second waiter queues");
+        assert!(poll_once(second.as_mut()).await.is_none(), "held: the second waiter queues");
         drop(guard);
-        let g = tokio::time::timeout(HANG, second).await.expect("the second waiter is woken");
+        let g = poll_once(second).await.expect("handed to the second waiter");
         assert!(lock.try_lock().is_none(), "the second waiter holds it");
         drop(g);
-        assert!(lock.try_lock().is_some(), "no waiter left: free");
+        assert!(idle(&lock), "no waiter left: free");
     }
 
     /// Fair: a release hands the lock to the first waiter (a newcomer cannot take it first),
@@ -297,46 +320,50 @@ mod tests {
         // Boxed: dropped below (a `pin!`ned future lives to the end of its scope).
         let mut second = Box::pin(lock.lock());
         let mut third = std::pin::pin!(lock.lock());
-        for w in [first.as_mut(), second.as_mut()] {
-            assert!(pending(w).await);
-        }
-        assert!(pending(third.as_mut()).await);
+        assert!(poll_once(first.as_mut()).await.is_none());
+        assert!(poll_once(second.as_mut()).await.is_none());
+        assert!(poll_once(third.as_mut()).await.is_none());
         drop(guard);
         assert!(lock.try_lock().is_none(), "handed to the first waiter, not to a newcomer");
-        assert!(pending(second.as_mut()).await, "not the second's turn");
-        assert!(pending(third.as_mut()).await, "nor the third's");
-        let g = tokio::time::timeout(HANG, first).await.expect("the first waiter's turn");
-        drop(g);
+        assert!(poll_once(second.as_mut()).await.is_none(), "not the second's turn");
+        assert!(poll_once(third.as_mut()).await.is_none(), "nor the third's");
+        drop(poll_once(first).await.expect("the first waiter's turn"));
         // The second's turn came; it is dropped without taking it.
         drop(second);
-        let g = tokio::time::timeout(HANG, third).await.expect("passed on to the third");
+        let g = poll_once(third).await.expect("passed on to the third");
         assert!(lock.try_lock().is_none());
         drop(g);
-        assert!(lock.try_lock().is_some(), "free once every waiter had its turn");
+        assert!(idle(&lock), "free once every waiter had its turn");
     }
 
     #[test]
-    fn many_tasks_on_two_threads_over_locks_that_share_their_queues_hold_each_lock_alone_and_lose_no_turn() {
+    fn many_tasks_on_two_threads_over_locks_that_share_a_slot_hold_each_lock_alone_and_lose_no_turn() {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
         rt.block_on(async {
-            // Locks in one array: 8 neighbouring bytes, so several share a queue.
-            let locks: Arc<[CallLock; 8]> = Arc::new(Default::default());
+            // Eight locks whose waiters share one slot, out of 4,096 neighbouring bytes.
+            let all: Arc<Vec<CallLock>> = Arc::new((0..4096).map(|_| CallLock::default()).collect());
+            let shared = slot(all[0].address());
+            let picked: Arc<Vec<usize>> =
+                Arc::new((0..all.len()).filter(|&i| slot(all[i].address()) == shared).take(8).collect());
+            assert_eq!(picked.len(), 8, "eight locks in one slot");
             let inside: Arc<[AtomicUsize; 8]> = Arc::new(Default::default());
             let tasks: Vec<_> = (0..64)
                 .map(|t| {
-                    let (locks, inside) = (locks.clone(), inside.clone());
+                    let (all, picked, inside) = (all.clone(), picked.clone(), inside.clone());
                     tokio::spawn(async move {
                         for round in 0..200 {
                             let i = (t + round) % 8;
+                            let lock = &all[picked[i]];
                             let _g = if round % 4 == 0 {
-                                // Some give up soon (a store call's deadline): their drop
-                                // leaves the queue, or passes on a turn that just came.
-                                match tokio::time::timeout(Duration::from_micros(20), locks[i].lock()).await {
+                                // Some give up soon (a store call's deadline, here the timer's
+                                // next tick): their drop leaves the queue, or passes on a turn
+                                // that just came.
+                                match tokio::time::timeout(Duration::from_micros(20), lock.lock()).await {
                                     Ok(g) => g,
                                     Err(_) => continue,
                                 }
                             } else {
-                                locks[i].lock().await
+                                lock.lock().await
                             };
                             assert_eq!(inside[i].fetch_add(1, Ordering::SeqCst), 0, "one holder at a time");
                             tokio::task::yield_now().await;
@@ -348,8 +375,8 @@ mod tests {
             for task in tasks {
                 tokio::time::timeout(HANG, task).await.expect("no waiter lost").expect("no panic");
             }
-            for lock in locks.iter() {
-                assert!(lock.try_lock().is_some(), "every lock free at the end: no turn left handed to nobody");
+            for &i in picked.iter() {
+                assert!(idle(&all[i]), "every lock free at the end: no turn left handed to nobody");
             }
         });
     }
