@@ -127,7 +127,6 @@ impl Tollgate {
         let leases = self.units().leases();
         let (expiry, skew) = leases.expiry();
         let mut stopped = 0;
-        // Every tenant is visited only once the earliest renewal may have lapsed.
         leases.renewals().pass(now, expiry - skew, || {
             let mut earliest = i64::MAX;
             self.gate().table().for_each(|s| {

@@ -10,9 +10,10 @@
 //! them (it stays held, so no newcomer takes it first) and wakes that one alone; a waiter
 //! dropped after the lock was handed to it passes it on.
 //!
-//! A waiter that is leaked (`mem::forget` of a polled `lock()`) stays queued: a lock made
-//! later at the same address would hand its first contended turn to it. Nothing here leaks
-//! one (clippy's `mem_forget` lint is on, and CI denies warnings).
+//! A waiter that is leaked (`mem::forget` of a polled `lock()`) stays queued: once its turn
+//! comes the lock stays held for good (the cell's calls time out until it is let go), and a
+//! lock made later at the same address would hand its first contended turn to it. Nothing
+//! here leaks one (clippy's `mem_forget` lint is on, and CI denies warnings).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -232,7 +233,6 @@ impl Turn for tokio::sync::Mutex<()> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
-    use std::sync::Arc;
     use std::time::Duration;
 
     /// A lost wake-up would hang a test: it fails after this instead (they take microseconds).

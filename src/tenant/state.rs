@@ -443,8 +443,9 @@ struct QuotaCold {
     /// store's last watching answer said is open (0: none).
     cap: AtomicU64,
 
-    /// Touched only with `lock` held: the previous period, and the store call sent but not
-    /// answered (it is sent again, with its token, before any other call of this cell).
+    /// The call lock's bookkeeping, touched with `lock` held: the previous period, and the
+    /// store call sent but not answered (it is sent again, with its token, before any other
+    /// call of this cell); and the open holds' units, which any thread counts under this mutex.
     locked: std::sync::Mutex<Locked>,
 }
 
@@ -835,7 +836,8 @@ impl<'a> QuotaRef<'a> {
         }
     }
 
-    /// What only the holder of [`lock`](Self::lock) touches.
+    /// The cell's bookkeeping: what the holder of [`lock`](Self::lock) touches, and the open
+    /// holds' units, which any thread counts under it.
     pub(crate) fn locked(&self) -> std::sync::MutexGuard<'a, Locked> {
         self.cold().locked.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1153,8 +1155,8 @@ impl<'a> QuotaRef<'a> {
     /// `units` more held (`true`) or no longer held (`false`) by an open hold, taken from the
     /// lease of the period tagged `tag`.
     pub(crate) fn count_held(&self, units: u64, more: bool, tag: Option<u16>) {
-        // The period read under the lock: a roll moves the holds under it after it changed
-        // the period, so a count never lands in the period that just ended's place.
+        // The period read under the mutex, which a roll changes it and ages the holds under:
+        // units counted land on the side of the roll they were taken on.
         let mut locked = self.locked();
         let current = self.of_current(tag);
         locked.change_holds(units, more, |h| if current { &mut h.held } else { &mut h.held_old }, |_| None);
@@ -1171,15 +1173,6 @@ impl<'a> QuotaRef<'a> {
             |h| if current { &mut h.held } else { &mut h.held_old },
             |h| Some(if current { &mut h.jobs } else { &mut h.jobs_old }),
         );
-    }
-
-    /// The holds of the current period become an earlier period's (at a roll, with the lock
-    /// held).
-    fn age_holds(&self) {
-        if let Some(h) = self.locked().holds.as_deref_mut() {
-            h.held_old = h.held_old.saturating_add(std::mem::take(&mut h.held));
-            h.jobs_old = h.jobs_old.saturating_add(std::mem::take(&mut h.jobs));
-        }
     }
 
     /// What this node keeps of the current period's counter, as it tells the store with each
@@ -1426,17 +1419,22 @@ impl<'a> QuotaRef<'a> {
         let old = self.hot.lease.swap(Lease::word(PeriodBits::tag(bits), 0), Ordering::AcqRel);
         cold.exhausted.store(false, Ordering::Release);
         cold.reserved.store(0, Ordering::Release);
+        // The period changes under the bookkeeping mutex, with the holds aged in the same
+        // step: a hold counted or given back meanwhile reads the period under it too, so it
+        // finds its units on the side of the roll they are on.
+        let mut locked = self.locked();
         self.hot.period.store(bits, Ordering::Release);
         if !self.prepaid() {
             // Holds open now belong to the period that ends (a hold counted from now on is
             // counted by its own tag).
-            self.age_holds();
+            age_holds(&mut locked);
         }
         if old_bits == 0 {
             return None;
         }
         // The previous period, as the lease's own word packed it: a late refund's key.
-        self.locked().prev = old_bits;
+        locked.prev = old_bits;
+        drop(locked);
         let (old_start, old_end) = PeriodBits::bounds(old_bits);
         let left = if Lease::tag(old) == old_tag { Lease::value(old) } else { 0 };
         Some((self.key(old_start, old_end), left))
@@ -1513,6 +1511,15 @@ impl<'a> QuotaRef<'a> {
 }
 
 /// Adds `units` to `counter` (`more`) or takes them off it (never below 0).
+/// The holds of the current period become an earlier period's (at a roll, under the
+/// bookkeeping mutex that the period changed under).
+fn age_holds(locked: &mut Locked) {
+    if let Some(h) = locked.holds.as_deref_mut() {
+        h.held_old = h.held_old.saturating_add(std::mem::take(&mut h.held));
+        h.jobs_old = h.jobs_old.saturating_add(std::mem::take(&mut h.jobs));
+    }
+}
+
 fn count(counter: &mut u64, units: u64, more: bool) {
     *counter = if more { counter.saturating_add(units) } else { counter.saturating_sub(units) };
 }
