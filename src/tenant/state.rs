@@ -492,25 +492,20 @@ impl Locked {
         self.holds.as_deref().copied().unwrap_or_default()
     }
 
-    /// `units` more (`more`) or fewer on the counter `held` picks, and on the one `jobs`
-    /// picks if any. Their storage is made by the first units counted and let go once they
-    /// hold nothing; counting nothing, or fewer where nothing is held, makes none.
-    fn change_holds(
-        &mut self,
-        units: u64,
-        more: bool,
-        held: impl FnOnce(&mut Holds) -> &mut u64,
-        jobs: impl FnOnce(&mut Holds) -> Option<&mut u64>,
-    ) {
+    /// `units` more (`more`) or fewer held, of the current period or an earlier one, and
+    /// among them a job's (`job`). Their storage is made by the first units counted and let
+    /// go once they hold nothing; counting nothing, or fewer where nothing is held, makes none.
+    fn change_holds(&mut self, units: u64, more: bool, current: bool, job: bool) {
         if units == 0 || (!more && self.holds.is_none()) {
             return;
         }
-        let holds = self.holds.get_or_insert_with(Box::default);
-        count(held(holds), units, more);
-        if let Some(jobs) = jobs(holds) {
+        let h = self.holds.get_or_insert_with(Box::default);
+        let (held, jobs) = if current { (&mut h.held, &mut h.jobs) } else { (&mut h.held_old, &mut h.jobs_old) };
+        count(held, units, more);
+        if job {
             count(jobs, units, more);
         }
-        if **holds == Holds::default() {
+        if **h == Holds::default() {
             self.holds = None;
         }
     }
@@ -1159,7 +1154,7 @@ impl<'a> QuotaRef<'a> {
         // units counted land on the side of the roll they were taken on.
         let mut locked = self.locked();
         let current = self.of_current(tag);
-        locked.change_holds(units, more, |h| if current { &mut h.held } else { &mut h.held_old }, |_| None);
+        locked.change_holds(units, more, current, false);
     }
 
     /// `units` more held (`true`) or no longer held (`false`) by a job's reservation: counted
@@ -1167,12 +1162,7 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn count_jobs(&self, units: u64, more: bool, tag: Option<u16>) {
         let mut locked = self.locked();
         let current = self.of_current(tag);
-        locked.change_holds(
-            units,
-            more,
-            |h| if current { &mut h.held } else { &mut h.held_old },
-            |h| Some(if current { &mut h.jobs } else { &mut h.jobs_old }),
-        );
+        locked.change_holds(units, more, current, true);
     }
 
     /// What this node keeps of the current period's counter, as it tells the store with each
