@@ -1,12 +1,13 @@
 //! The tenant table: credential -> tenant state, in one map lookup.
 
 use std::{
-    hash::{BuildHasherDefault, Hasher},
-    sync::Mutex,
+    hash::{BuildHasher, BuildHasherDefault, Hasher},
+    sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
 
 use dashmap::DashMap;
 use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 
 use crate::engine::rates::RateMemory;
 use crate::{
@@ -64,14 +65,14 @@ impl std::hash::Hash for Digest {
 /// an identity).
 pub(crate) type Creds = Vec<(Digest, Option<KeyHash>)>;
 
-/// A tenant held by the table: its state, the credentials that reach it, and when the
-/// directory last confirmed them.
-pub(crate) struct Entry {
-    pub(crate) state: Tenant,
-    pub(crate) creds: Creds,
-    /// When the directory last confirmed this tenant (Unix seconds); `i64::MAX`: declared in
-    /// the configuration (never revalidated: a reload replaces it).
-    pub(crate) validated: i64,
+/// A tenant held by the table: its state and the credentials that reach it, 24 bytes. Its
+/// id is its state's, and when the directory last confirmed it is in the state's cold line
+/// too ([`TenantState::validated`]): the table's buckets, about half of them empty, each
+/// cost an entry's size.
+struct Entry {
+    state: Tenant,
+    /// Sized for what it holds: most tenants have one credential (56 bytes).
+    creds: Box<[(Digest, Option<KeyHash>)]>,
 }
 
 /// Credentials map to tenant states by a 128-bit SipHash-1-3 digest keyed by secrets drawn at
@@ -81,7 +82,7 @@ pub(crate) struct Entry {
 pub(crate) struct TenantTable {
     digest: Fingerprinter,
     credentials: DashMap<Digest, Tenant, BuildHasherDefault<PassThrough>>,
-    tenants: DashMap<TenantId, Entry, RandomState>,
+    tenants: Tenants,
     /// States taken out of the maps (evicted, or replaced by a reload) that may still receive
     /// usage from requests in flight: drained at every flush until nobody else holds them.
     retired: Mutex<Vec<Tenant>>,
@@ -89,6 +90,77 @@ pub(crate) struct TenantTable {
     rates: RateMemory,
     /// Lookups under way, one per credential.
     flights: Flights,
+}
+
+/// The tenants by id, in shards each behind its own lock (as `DashMap` shards, so that a
+/// lookup by id on one shard never waits for another's writer). An entry keeps no key: the
+/// id is read from its state, so a tenant's id is stored once and an entry takes 24 bytes
+/// (a `DashMap<TenantId, _>` entry would take 16 more for the key's handle, and 16 for when
+/// the directory confirmed it and the spare room of a vector).
+struct Tenants {
+    shards: Box<[RwLock<HashTable<Entry>>]>,
+    hasher: RandomState,
+}
+
+impl Tenants {
+    fn new(shards: usize, capacity: usize) -> Self {
+        let per = capacity.div_ceil(shards);
+        Self {
+            shards: (0..shards).map(|_| RwLock::new(HashTable::with_capacity(per))).collect(),
+            hasher: RandomState::default(),
+        }
+    }
+
+    fn hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// The shard of `hash`: bits the table's own buckets (the low bits) and control bytes (the
+    /// top seven) do not use.
+    fn shard(&self, hash: u64) -> &RwLock<HashTable<Entry>> {
+        // Truncation intended: the shard count is a power of two below 2³².
+        #[allow(clippy::cast_possible_truncation)]
+        let i = (hash >> 32) as usize & (self.shards.len() - 1);
+        &self.shards[i]
+    }
+
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, HashTable<Entry>> {
+        self.shard(hash).read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, HashTable<Entry>> {
+        self.shard(hash).write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the entry of `id`.
+    fn with<T>(&self, id: &str, f: impl FnOnce(&Entry) -> T) -> Option<T> {
+        let hash = self.hash(id);
+        self.read(hash).find(hash, |e| e.state.id.as_str() == id).map(f)
+    }
+
+    /// Changes the entry of `id`.
+    fn with_mut<T>(&self, id: &str, f: impl FnOnce(&mut Entry) -> T) -> Option<T> {
+        let hash = self.hash(id);
+        self.write(hash).find_mut(hash, |e| e.state.id.as_str() == id).map(f)
+    }
+
+    /// Takes the entry of `id` out.
+    fn remove(&self, id: &str) -> Option<Entry> {
+        let hash = self.hash(id);
+        let mut shard = self.write(hash);
+        shard.find_entry(hash, |e| e.state.id.as_str() == id).ok().map(|e| e.remove().0)
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len()).sum()
+    }
+
+    /// Every entry, a shard at a time (each read-locked while `f` runs on its entries).
+    fn for_each(&self, mut f: impl FnMut(&Entry)) {
+        for shard in &self.shards {
+            shard.read().unwrap_or_else(PoisonError::into_inner).iter().for_each(&mut f);
+        }
+    }
 }
 
 impl TenantTable {
@@ -115,7 +187,7 @@ impl TenantTable {
         Self {
             digest: Fingerprinter::random(),
             credentials: DashMap::with_capacity_and_hasher_and_shard_amount(cap, Default::default(), shards),
-            tenants: DashMap::with_capacity_and_hasher_and_shard_amount(cap, RandomState::default(), shards),
+            tenants: Tenants::new(shards, cap),
             retired: Mutex::new(Vec::new()),
             rates: RateMemory::new(capacity_hint, rate_states_dropped),
             flights: Flights::default(),
@@ -156,26 +228,34 @@ impl TenantTable {
         make: impl FnOnce() -> TenantState,
     ) -> Tenant {
         let digest = self.digest(lookup);
-        // The credential is mapped while the tenant's entry is held, so an eviction or a
+        let h = self.tenants.hash(id.as_str());
+        // The credential is mapped while the tenant's shard is held, so an eviction or a
         // replacement (which take the entry first) cannot slip in between and leave the
         // credential on a state the table no longer holds.
-        let mut entry = self.tenants.entry(id.clone()).or_insert_with(|| {
-            let state = make();
-            // A tenant let go before its bucket was full again finds it as it left it.
-            let now = state.rate_now();
-            if let Some(tat) = self.rates.take(self.rate_key(id), now) {
-                state.restore_rate(tat);
-            }
-            // Room for the one credential most tenants have: a vector's first push would make
-            // room for four (224 bytes, three of them unused).
-            Entry { state: Tenant::new(state), creds: Vec::with_capacity(1), validated }
-        });
+        let mut shard = self.tenants.write(h);
+        let entry = shard
+            .entry(h, |e| e.state.id == *id, |e| self.tenants.hash(e.state.id.as_str()))
+            .or_insert_with(|| {
+                let state = make();
+                state.set_validated(validated);
+                // A tenant let go before its bucket was full again finds it as it left it.
+                let now = state.rate_now();
+                if let Some(tat) = self.rates.take(self.rate_key(id), now) {
+                    state.restore_rate(tat);
+                }
+                Entry { state: Tenant::new(state), creds: Box::default() }
+            })
+            .into_mut();
         if !entry.creds.iter().any(|(d, _)| *d == digest) {
-            entry.creds.push((digest, hash));
+            // Sized exactly: the boxed slice keeps this allocation as it is.
+            let mut creds = Vec::with_capacity(entry.creds.len() + 1);
+            creds.extend_from_slice(&entry.creds);
+            creds.push((digest, hash));
+            entry.creds = creds.into_boxed_slice();
         }
         let state = entry.state.clone();
         self.credentials.insert(digest, state.clone());
-        drop(entry);
+        drop(shard);
         state
     }
 
@@ -184,62 +264,65 @@ impl TenantTable {
     }
 
     pub(crate) fn for_each(&self, mut f: impl FnMut(&Tenant)) {
-        for entry in self.tenants.iter() {
-            f(&entry.value().state);
-        }
+        self.tenants.for_each(|e| f(&e.state));
     }
 
     /// (last seen, tenant) of every tenant.
     pub(crate) fn last_seen(&self) -> Vec<(i64, TenantId)> {
-        self.tenants.iter().map(|e| (e.value().state.last_seen(), e.key().clone())).collect()
+        let mut out = Vec::with_capacity(self.len());
+        self.tenants.for_each(|e| out.push((e.state.last_seen(), e.state.id.clone())));
+        out
     }
 
     /// Tenants last confirmed before `before` (declared ones excepted): (tenant, last seen,
     /// its credentials).
     pub(crate) fn stale(&self, before: i64) -> Vec<(TenantId, i64, Creds)> {
-        self.tenants
-            .iter()
-            .filter(|e| e.value().validated < before)
-            .map(|e| (e.key().clone(), e.value().state.last_seen(), e.value().creds.clone()))
-            .collect()
+        let mut out = Vec::new();
+        self.tenants.for_each(|e| {
+            if e.state.validated() < before {
+                out.push((e.state.id.clone(), e.state.last_seen(), e.creds.to_vec()));
+            }
+        });
+        out
     }
 
     /// The state held for `id`.
     pub(crate) fn state(&self, id: &TenantId) -> Option<Tenant> {
-        self.tenants.get(id).map(|e| e.state.clone())
+        self.tenants.with(id.as_str(), |e| e.state.clone())
     }
 
     /// Records that the directory confirmed `id` at `now`.
     pub(crate) fn confirmed(&self, id: &TenantId, now: i64) {
-        if let Some(mut e) = self.tenants.get_mut(id) {
-            e.validated = now;
-        }
+        self.tenants.with(id.as_str(), |e| e.state.set_validated(now));
     }
 
     /// Takes one credential out of the table.
     pub(crate) fn forget(&self, digest: Digest) {
         if let Some((_, state)) = self.credentials.remove(&digest) {
-            if let Some(mut e) = self.tenants.get_mut(&state.id) {
-                e.creds.retain(|(d, _)| *d != digest);
-            }
+            self.tenants.with_mut(state.id.as_str(), |e| {
+                if e.creds.iter().any(|(d, _)| *d == digest) {
+                    e.creds = e.creds.iter().filter(|(d, _)| *d != digest).copied().collect();
+                }
+            });
         }
     }
 
     /// Replaces the state of `id` (its plan or customer changed): its credentials reach `make`'s
     /// state from now on; the old one is retired (its usage is kept, its leases go back).
     pub(crate) fn replace(&self, id: &TenantId, now: i64, make: impl FnOnce() -> TenantState) -> Option<Tenant> {
-        let mut e = self.tenants.get_mut(id)?;
-        let new = make();
-        if let Some(tat) = e.state.rate_tat() {
-            // The same tenant: its bucket carries over to its new state.
-            new.restore_rate(tat);
-        }
-        let old = std::mem::replace(&mut e.state, Tenant::new(new));
-        e.validated = now;
-        for (digest, _) in &e.creds {
-            self.credentials.insert(*digest, e.state.clone());
-        }
-        drop(e);
+        let old = self.tenants.with_mut(id.as_str(), |e| {
+            let new = make();
+            if let Some(tat) = e.state.rate_tat() {
+                // The same tenant: its bucket carries over to its new state.
+                new.restore_rate(tat);
+            }
+            new.set_validated(now);
+            let old = std::mem::replace(&mut e.state, Tenant::new(new));
+            for (digest, _) in &*e.creds {
+                self.credentials.insert(*digest, e.state.clone());
+            }
+            old
+        })?;
         old.mark_evicted();
         self.retired.lock().unwrap_or_else(|e| e.into_inner()).push(old.clone());
         Some(old)
@@ -249,8 +332,8 @@ impl TenantTable {
     pub(crate) fn evict(&self, ids: impl IntoIterator<Item = TenantId>) -> Vec<Tenant> {
         let mut out = Vec::new();
         for id in ids {
-            if let Some((_, entry)) = self.tenants.remove(&id) {
-                for (digest, _) in &entry.creds {
+            if let Some(entry) = self.tenants.remove(id.as_str()) {
+                for (digest, _) in &*entry.creds {
                     self.credentials.remove_if(digest, |_, s| Tenant::ptr_eq(s, &entry.state));
                 }
                 entry.state.mark_evicted();
@@ -274,7 +357,8 @@ impl TenantTable {
 
     /// Takes every tenant out of the table.
     pub(crate) fn evict_all(&self) -> Vec<Tenant> {
-        let ids: Vec<TenantId> = self.tenants.iter().map(|e| e.key().clone()).collect();
+        let mut ids = Vec::with_capacity(self.len());
+        self.tenants.for_each(|e| ids.push(e.state.id.clone()));
         self.evict(ids)
     }
 }
@@ -370,7 +454,8 @@ mod tests {
     }
 
     #[test]
-    fn a_credential_entry_takes_24_bytes() {
+    fn a_credential_entry_and_a_tenant_entry_take_24_bytes() {
         assert_eq!(size_of::<(Digest, Tenant)>(), 24);
+        assert_eq!(size_of::<Entry>(), 24, "the id is the state's");
     }
 }
