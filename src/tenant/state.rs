@@ -486,13 +486,15 @@ pub(crate) struct Locked {
     /// shutdown) and none leased since: units a hold gives back then go to the store, not to
     /// a lease nobody returns. Also read, without the cell's lock, by a hold giving back.
     pub(crate) returned: bool,
-    /// What the last answered call of the current period told the store this node keeps
-    /// (lease, holds, jobs), and when it was sent (Unix seconds, this node's clock; 0: no call
+    /// The lease's part of what the last answered call of the current period told the store
+    /// this node keeps ([`reported`](Self::reported): the holds' parts are kept with the
+    /// holds), and when it was sent (Unix seconds, this node's clock; 0: no call
     /// renewed a reservation yet). A flush reports what changed since, and renews it before
     /// it expires; past its expiry less the clock-skew bound the node stops spending it.
-    pub(crate) reported: crate::store::Kept,
-    /// The units this node holds for open holds; made by the first hold, let go when none
-    /// holds anything (most tenants never hold).
+    reported_lease: u64,
+    /// The units this node holds for open holds, and what the store was last told of them;
+    /// made by the first hold, let go when none holds anything and the store was told so
+    /// (most tenants never hold).
     holds: Option<Box<Holds>>,
 }
 
@@ -510,12 +512,36 @@ struct Holds {
     /// never told to the current period's counter.
     held_old: u64,
     jobs_old: u64,
+    /// What the last answered call of the current period told the store of holds and jobs
+    /// ([`Locked::reported`]).
+    reported_held: u64,
+    reported_jobs: u64,
 }
 
 impl Locked {
     /// The open holds' units (none: all zero).
     fn holds(&self) -> Holds {
         self.holds.as_deref().copied().unwrap_or_default()
+    }
+
+    /// What the last answered call of the current period told the store this node keeps
+    /// (lease, holds, jobs).
+    pub(crate) fn reported(&self) -> crate::store::Kept {
+        let h = self.holds();
+        crate::store::Kept::new(self.reported_lease, h.reported_held, h.reported_jobs)
+    }
+
+    /// Records what a call told the store this node keeps.
+    fn set_reported(&mut self, kept: crate::store::Kept) {
+        self.reported_lease = kept.lease;
+        if kept.held == 0 && kept.jobs == 0 && self.holds.is_none() {
+            return;
+        }
+        let h = self.holds.get_or_insert_with(Box::default);
+        (h.reported_held, h.reported_jobs) = (kept.held, kept.jobs);
+        if **h == Holds::default() {
+            self.holds = None;
+        }
     }
 
     /// `units` more (`more`) or fewer held, of the current period or an earlier one, and
@@ -1220,11 +1246,12 @@ impl<'a> QuotaRef<'a> {
         let locked = self.locked();
         let kept = self.kept(&locked, true, locked.returned);
         let at = self.cold().reported_at.load(Ordering::Acquire);
-        let keeps = kept.total() > 0 || locked.reported.total() > 0;
+        let reported = locked.reported();
+        let keeps = kept.total() > 0 || reported.total() > 0;
         if at > 0 && keeps && now >= at.saturating_add(expiry - skew) {
             return Some(true);
         }
-        (kept != locked.reported || (keeps && now >= at.saturating_add(expiry / 2))).then_some(false)
+        (kept != reported || (keeps && now >= at.saturating_add(expiry / 2))).then_some(false)
     }
 
     /// Whether the reservation of what this node keeps was last renewed `expiry − skew` ago
@@ -1238,14 +1265,14 @@ impl<'a> QuotaRef<'a> {
     /// Records that a call sent at `at` told the store `kept` (what it now counts this node
     /// keeps). Call with the lock held.
     pub(crate) fn reported(&self, kept: crate::store::Kept, at: i64) {
-        self.locked().reported = kept;
+        self.locked().set_reported(kept);
         self.cold().reported_at.store(at, Ordering::Release);
     }
 
     /// Forgets what the store was told of the period that ended (its counter's record was
     /// settled by the roll's call).
     pub(crate) fn forget_reported(&self) {
-        self.locked().reported = crate::store::Kept::default();
+        self.locked().set_reported(crate::store::Kept::default());
         self.cold().reported_at.store(0, Ordering::Release);
     }
 
@@ -1256,7 +1283,7 @@ impl<'a> QuotaRef<'a> {
 
     /// What the store was last told this node keeps.
     pub(crate) fn reported_kept(&self) -> crate::store::Kept {
-        self.locked().reported
+        self.locked().reported()
     }
 
     /// Stops spending the lease: its unused units move to the spare ones (they go back to the
@@ -1565,8 +1592,8 @@ mod tests {
     fn a_quota_keeps_its_rare_parts_small() {
         assert_eq!(
             std::mem::size_of::<QuotaCold>(),
-            152,
-            "its call lock in the flags' padding, its holds made on first use"
+            136,
+            "its call lock in the flags' padding, its holds and what the store was told of them made on first use"
         );
         let mut locked = Locked::default();
         assert_eq!(locked.prev(), None);
@@ -1635,6 +1662,41 @@ mod tests {
         q.count_jobs(2, false, Some(before));
         assert_eq!(q.held(), 0);
         assert!(!made(&q), "let go once nothing is held");
+    }
+
+    /// What the store was last told of holds lives with the holds: it keeps their storage
+    /// until the store is told they are gone, and reads back whole.
+    #[test]
+    fn what_the_store_was_told_of_holds_keeps_their_storage_until_it_is_told_none() {
+        let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
+        let q = s.quota(0).expect("a quota");
+        let made = |q: &QuotaRef<'_>| q.locked().holds.is_some();
+        let kept = |q: &QuotaRef<'_>| q.kept(&q.locked(), false, false);
+        q.reported(crate::store::Kept::new(9, 0, 0), 1_700_000_000);
+        assert!(!made(&q), "a lease alone makes nothing");
+        assert_eq!(q.reported_kept(), crate::store::Kept::new(9, 0, 0));
+        q.count_held(5, true, None);
+        q.count_jobs(2, true, None);
+        let told = kept(&q);
+        q.reported(told, 1_700_000_001);
+        assert_eq!(q.reported_kept(), crate::store::Kept::new(0, 5, 2));
+        q.count_held(5, false, None);
+        q.count_jobs(2, false, None);
+        assert_eq!(q.held(), 0);
+        assert!(made(&q), "the store still counts the holds: kept to compare with");
+        assert_eq!(q.report_due(1_700_000_002, 60, 5), Some(false), "what it keeps changed");
+        let told = kept(&q);
+        q.reported(told, 1_700_000_002);
+        assert!(!made(&q), "let go once the store was told");
+        assert_eq!(q.reported_kept(), crate::store::Kept::default());
+        assert_eq!(q.report_due(1_700_000_003, 60, 5), None, "nothing to tell");
+        q.count_held(1, true, None);
+        let told = kept(&q);
+        q.reported(told, 1_700_000_003);
+        assert_eq!(q.reported_kept(), crate::store::Kept::new(0, 1, 0));
+        q.forget_reported();
+        assert_eq!(q.reported_kept(), crate::store::Kept::default(), "forgotten at a roll");
+        assert!(made(&q), "the hold is still open");
     }
 
     fn state(toml: &str, customer: Option<&str>) -> TenantState {

@@ -692,7 +692,7 @@ impl Leases {
     /// given back.
     fn told(cell: QuotaRef<'_>) -> bool {
         let locked = cell.locked();
-        locked.reported == cell.kept(&locked, true, true)
+        locked.reported() == cell.kept(&locked, true, true)
     }
 
     /// Logs a lease that could not be given back.
