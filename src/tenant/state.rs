@@ -6,6 +6,8 @@ use std::sync::{
     Arc,
 };
 
+use once_cell::race::OnceBox;
+
 use super::{CallLock, GcraCell};
 use crate::{
     clock::Clock,
@@ -126,10 +128,14 @@ impl TenantState {
         let quotas = plan
             .quotas
             .iter()
-            .map(|(_, spec)| QuotaCold {
-                // A spend cap's: the tenant's own cap is not known until the store answers.
-                cap: AtomicU64::new(if spec.capped { CAP_UNKNOWN } else { 0 }),
-                ..QuotaCold::default()
+            .map(|(_, spec)| {
+                let cold = QuotaCold::default();
+                if spec.capped || spec.period() == crate::base::Period::Prepaid {
+                    // A spend cap's: the tenant's own cap is not known until the store answers.
+                    let cap = if spec.capped { CAP_UNKNOWN } else { 0 };
+                    cold.rare_made().cap.store(cap, Ordering::Relaxed);
+                }
+                cold
             })
             .collect();
         let now = plan.clock.unix_secs();
@@ -439,22 +445,13 @@ struct QuotaCold {
     size: AtomicU64,
     /// When the lease was last refilled, in Unix nanoseconds.
     refilled_at: AtomicI64,
-    /// Usage taken while no lease of its period was held, per period (packed by
-    /// [`PeriodBits`], oldest first, at most [`UNLEASED_PERIODS`]): owed to that period's
-    /// counter by the next store calls.
-    unleased: std::sync::Mutex<Rare<(u32, u64)>>,
     reserved: AtomicU64,
-    /// A prepaid balance's limit, as the store's last answer said: the units of its open
-    /// grants (0 before an answer).
-    balance: AtomicU64,
-    /// The tag of the period before the current one (`u32::MAX`: none), and the units of its
-    /// requests refunded after the roll: given back to that period by the next store call.
+    /// The tag of the period before the current one (`u32::MAX`: none): its requests
+    /// refunded after the roll are given back to that period ([`QuotaRare::late_refunds`]).
     prev_tag: AtomicU32,
-    late_refunds: AtomicU64,
-    /// Units given back past the lease's cap ([`QuotaRef::trim`]), tagged with their period as
-    /// a lease word: not spendable here, they go back to the store with the cell's next call
-    /// (or the worker's, asked at once).
-    spare: AtomicU64,
+    /// What only some quotas use, or use only at some moments: made on first use, kept with
+    /// the cell (one pointer here instead of 48 bytes).
+    rare: OnceBox<QuotaRare>,
     /// The sender id of this cell's store calls (0: not drawn yet).
     sender: AtomicU64,
     /// The lease is not to be spent: its reservation was not renewed in time ([`QuotaRef::stash`]).
@@ -463,16 +460,62 @@ struct QuotaCold {
     /// When the last answered call of the current period renewed what the node keeps (Unix
     /// seconds, this node's clock; 0: none). Read without the lock by the stop pass.
     reported_at: AtomicI64,
-    /// A spend cap's quota: the tenant's own cap as the store's last answer said (0: none, the
-    /// plan's holds; [`CAP_UNKNOWN`]: no answer yet): its limit, with [`CAP_SOFT`] set for a
-    /// soft one. A prepaid balance (never capped): the number of the tenant's recharge the
-    /// store's last watching answer said is open (0: none).
-    cap: AtomicU64,
 
     /// The call lock's bookkeeping, touched with `lock` held: the previous period, and the
     /// store call sent but not answered (it is sent again, with its token, before any other
     /// call of this cell); and the open holds' units, which any thread counts under this mutex.
     locked: std::sync::Mutex<Locked>,
+}
+
+/// The parts of a quota's cold part that only some quotas use (a prepaid balance, a spend
+/// cap), or that others use only at some moments (the store unreachable, a refund after a
+/// roll or past the lease's cap). Made by the first write that needs it (at once for a
+/// prepaid balance or a spend cap, which always do), and kept with the cell: a read finds
+/// nothing (zero, none) until then, which is what every field starts as.
+#[derive(Default)]
+struct QuotaRare {
+    /// Usage taken while no lease of its period was held, per period (packed by
+    /// [`PeriodBits`], oldest first, at most [`UNLEASED_PERIODS`]): owed to that period's
+    /// counter by the next store calls.
+    unleased: std::sync::Mutex<Rare<(u32, u64)>>,
+    /// A prepaid balance's limit, as the store's last answer said: the units of its open
+    /// grants (0 before an answer).
+    balance: AtomicU64,
+    /// A spend cap's quota: the tenant's own cap as the store's last answer said (0: none, the
+    /// plan's holds; [`CAP_UNKNOWN`]: no answer yet): its limit, with [`CAP_SOFT`] set for a
+    /// soft one. A prepaid balance (never capped): the number of the tenant's recharge the
+    /// store's last watching answer said is open (0: none).
+    cap: AtomicU64,
+    /// The units of the previous period's requests refunded after the roll: given back to that
+    /// period by the next store call.
+    late_refunds: AtomicU64,
+    /// Units given back past the lease's cap ([`QuotaRef::trim`]), tagged with their period as
+    /// a lease word: not spendable here, they go back to the store with the cell's next call
+    /// (or the worker's, asked at once).
+    spare: AtomicU64,
+}
+
+impl QuotaRare {
+    fn unleased(&self) -> std::sync::MutexGuard<'_, Rare<(u32, u64)>> {
+        self.unleased.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl QuotaCold {
+    /// The rare parts, if anything made them.
+    fn rare(&self) -> Option<&QuotaRare> {
+        self.rare.get()
+    }
+
+    /// The rare parts, made now if nothing made them yet.
+    fn rare_made(&self) -> &QuotaRare {
+        self.rare.get_or_init(Box::default)
+    }
+
+    /// A rare part's value (zero until made).
+    fn rare_load(&self, field: fn(&QuotaRare) -> &AtomicU64) -> u64 {
+        self.rare().map_or(0, |r| field(r).load(Ordering::Acquire))
+    }
 }
 
 /// Held for every quota of every tenant: kept small (the previous period packed, the call in
@@ -775,14 +818,14 @@ impl<'a> QuotaRef<'a> {
         // (`store::capped_limit`).
         self.spec.mode() == QuotaMode::Hard
             || (self.spec.capped && {
-                let cap = self.cold().cap.load(Ordering::Relaxed);
+                let cap = self.cold().rare_load(|r| &r.cap);
                 cap == CAP_UNKNOWN || (cap != 0 && cap & CAP_SOFT == 0)
             })
     }
 
     /// The tenant's own cap on this spend cap's quota, as the store last said.
     pub(crate) fn tenant_cap(&self) -> Option<crate::store::SpendCap> {
-        match self.cold().cap.load(Ordering::Relaxed) {
+        match self.cold().rare_load(|r| &r.cap) {
             0 | CAP_UNKNOWN => None,
             cap => Some(crate::store::SpendCap::new(cap & !CAP_SOFT, cap & CAP_SOFT == 0)),
         }
@@ -808,14 +851,14 @@ impl<'a> QuotaRef<'a> {
             return;
         }
         let word = cap.map_or(0, |c| c.limit.clamp(1, CAP_LIMIT_MAX) | if c.hard { 0 } else { CAP_SOFT });
-        self.cold().cap.store(word, Ordering::Relaxed);
+        self.cold().rare_made().cap.store(word, Ordering::Relaxed);
     }
 
     /// Records what the store's answer to a call watching this balance's recharge said is
     /// open: recharge `n` (0: none).
     pub(crate) fn recharge_open(&self, n: u64) {
         if self.prepaid() && !self.spec.capped {
-            self.cold().cap.store(n, Ordering::Relaxed);
+            self.cold().rare_made().cap.store(n, Ordering::Relaxed);
         }
     }
 
@@ -825,7 +868,7 @@ impl<'a> QuotaRef<'a> {
         if !self.prepaid() || self.spec.capped {
             return None;
         }
-        Some(self.cold().cap.load(Ordering::Relaxed)).filter(|n| *n != 0)
+        Some(self.cold().rare_load(|r| &r.cap)).filter(|n| *n != 0)
     }
 
     /// Whether this is a prepaid balance ([`Period::Prepaid`](crate::base::Period::Prepaid)).
@@ -853,7 +896,7 @@ impl<'a> QuotaRef<'a> {
     #[inline]
     pub(crate) fn limit(&self) -> u64 {
         if self.prepaid() {
-            self.cold().balance.load(Ordering::Relaxed)
+            self.cold().rare_load(|r| &r.balance)
         } else if let Some(cap) = self.spec.capped.then(|| self.own_cap_in_force()).flatten() {
             // As the store holds it (`store::capped_limit`): a hard cap of the tenant's within
             // the maximum in force; a soft one on a plan whose cap is soft (its warnings).
@@ -996,7 +1039,7 @@ impl<'a> QuotaRef<'a> {
     fn owe_unleased(&self, now: i64, units: u64) {
         let (start, end) = self.window(now);
         let bits = PeriodBits::pack(start, end);
-        let mut guard = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.cold().rare_made().unleased();
         let owed = guard.make();
         match owed.iter_mut().find(|(b, _)| *b == bits) {
             Some((_, u)) => *u = u.saturating_add(units),
@@ -1012,7 +1055,7 @@ impl<'a> QuotaRef<'a> {
 
     /// Units used outside any lease, not yet owed to the store.
     pub(crate) fn unleased(&self) -> u64 {
-        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).list().iter().map(|(_, u)| *u).sum()
+        self.cold().rare().map_or(0, |r| r.unleased().list().iter().map(|(_, u)| *u).sum())
     }
 
     /// Gives back units taken outside any lease at `at` ([`force_take`](Self::force_take)
@@ -1020,7 +1063,8 @@ impl<'a> QuotaRef<'a> {
     pub(crate) fn refund_unleased(&self, cost: u64, at: i64) {
         let (start, end) = self.window(at);
         let bits = PeriodBits::pack(start, end);
-        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rare) = self.cold().rare() else { return };
+        let mut owed = rare.unleased();
         if let Some(i) = owed.list().iter().position(|(b, _)| *b == bits) {
             let left = owed.list()[i].1.saturating_sub(cost);
             if left == 0 {
@@ -1035,7 +1079,7 @@ impl<'a> QuotaRef<'a> {
     /// lease is held): `(start, end, units)`. Call with the lock held.
     pub(crate) fn pop_unleased_elsewhere(&self) -> Option<(i64, i64, u64)> {
         let current = self.hot.period.load(Ordering::Acquire);
-        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owed = self.cold().rare()?.unleased();
         let i = owed.list().iter().position(|(b, _)| *b != current)?;
         let (bits, units) = owed.remove(i);
         let (start, end) = PeriodBits::bounds(bits);
@@ -1063,8 +1107,8 @@ impl<'a> QuotaRef<'a> {
                 Err(w) => word = w,
             }
         }
-        if cold.prev_tag.load(Ordering::Acquire) == u32::from(tag) {
-            cold.late_refunds.fetch_add(cost, Ordering::AcqRel);
+        if cold.prev_tag.load(Ordering::Acquire) == u32::from(tag) && cost > 0 {
+            cold.rare_made().late_refunds.fetch_add(cost, Ordering::AcqRel);
         }
     }
 
@@ -1109,7 +1153,7 @@ impl<'a> QuotaRef<'a> {
 
     /// Adds `units` of the period tagged `tag` to the spare units.
     fn add_spare(&self, tag: u16, excess: u64) {
-        let spare = &self.cold().spare;
+        let spare = &self.cold().rare_made().spare;
         let mut word = spare.load(Ordering::Acquire);
         loop {
             // Spare units of an older period (not gone back yet) go to that period's late
@@ -1133,13 +1177,13 @@ impl<'a> QuotaRef<'a> {
 
     /// The spare units waiting to go back ([`trim`](Self::trim)).
     pub(crate) fn spare(&self) -> u64 {
-        Lease::value(self.cold().spare.load(Ordering::Acquire)).max(0) as u64
+        Lease::value(self.cold().rare_load(|r| &r.spare)).max(0) as u64
     }
 
     /// Takes the spare units of the current period (those of the period before go to its late
     /// refunds). Call with the lock held.
     pub(crate) fn take_spare(&self) -> u64 {
-        let word = self.cold().spare.swap(0, Ordering::AcqRel);
+        let word = self.cold().rare().map_or(0, |r| r.spare.swap(0, Ordering::AcqRel));
         let units = Lease::value(word).max(0) as u64;
         if units == 0 {
             return 0;
@@ -1156,8 +1200,8 @@ impl<'a> QuotaRef<'a> {
     /// the late refunds, if it is the period before; else (older) its counter is settled.
     fn late_spare(&self, tag: u16, units: u64) {
         let cold = self.cold();
-        if cold.prev_tag.load(Ordering::Acquire) == u32::from(tag) {
-            cold.late_refunds.fetch_add(units, Ordering::AcqRel);
+        if cold.prev_tag.load(Ordering::Acquire) == u32::from(tag) && units > 0 {
+            cold.rare_made().late_refunds.fetch_add(units, Ordering::AcqRel);
         }
     }
 
@@ -1330,7 +1374,9 @@ impl<'a> QuotaRef<'a> {
             match self.hot.lease.compare_exchange_weak(word, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     // After the lease: a stash meanwhile finds nothing to move.
-                    cold.spare.store(0, Ordering::Release);
+                    if let Some(rare) = cold.rare() {
+                        rare.spare.store(0, Ordering::Release);
+                    }
                     cold.stopped.store(false, Ordering::Release);
                     return u64::try_from(left.max(0)).unwrap_or(0);
                 }
@@ -1487,7 +1533,8 @@ impl<'a> QuotaRef<'a> {
     /// lease in it. Call with the lock held.
     pub(crate) fn take_unleased(&self) -> u64 {
         let current = self.hot.period.load(Ordering::Acquire);
-        let mut owed = self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rare) = self.cold().rare() else { return 0 };
+        let mut owed = rare.unleased();
         match owed.list().iter().position(|(b, _)| *b == current) {
             Some(i) => owed.remove(i).1,
             None => 0,
@@ -1496,12 +1543,14 @@ impl<'a> QuotaRef<'a> {
 
     /// Forgets every unit owed outside a lease (state left in a snapshot).
     pub(crate) fn forget_unleased(&self) {
-        self.cold().unleased.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        if let Some(rare) = self.cold().rare() {
+            rare.unleased().clear();
+        }
     }
 
     /// Units refunded to the previous period since the last call. Call with the lock held.
     pub(crate) fn take_late_refunds(&self) -> u64 {
-        self.cold().late_refunds.swap(0, Ordering::AcqRel)
+        self.cold().rare().map_or(0, |r| r.late_refunds.swap(0, Ordering::AcqRel))
     }
 
     /// Adds `units` to the lease of the current period (units granted by the store, and the
@@ -1531,7 +1580,7 @@ impl<'a> QuotaRef<'a> {
     /// is spendable at once, and leases grow again.
     pub(crate) fn granted(&self, reserved: u64, limit: Option<u64>, short: bool) {
         if let Some(limit) = limit {
-            self.cold().balance.store(limit, Ordering::Relaxed);
+            self.cold().rare_made().balance.store(limit, Ordering::Relaxed);
         }
         self.cold().reserved.store(reserved, Ordering::Release);
         if self.hard() {
@@ -1592,8 +1641,8 @@ mod tests {
     fn a_quota_keeps_its_rare_parts_small() {
         assert_eq!(
             std::mem::size_of::<QuotaCold>(),
-            136,
-            "its call lock in the flags' padding, its holds and what the store was told of them made on first use"
+            96,
+            "its call lock in the flags' padding; its holds, what the store was told of them and its rare parts made on first use"
         );
         let mut locked = Locked::default();
         assert_eq!(locked.prev(), None);
@@ -1621,8 +1670,8 @@ mod tests {
         let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
         let q = s.quota(0).expect("a quota");
         let day = |d: i64| 1_700_006_400 + d * 86_400; // midnight UTC, then d days on
-        let owed = |q: &QuotaRef<'_>| q.cold().unleased.lock().unwrap().list().to_vec();
-        assert!(q.cold().unleased.lock().unwrap().0.is_none(), "nothing owed, nothing made");
+        let owed = |q: &QuotaRef<'_>| q.cold().rare().map(|r| r.unleased().list().to_vec()).unwrap_or_default();
+        assert!(q.cold().rare().is_none(), "nothing owed, nothing made");
         for d in 0..5 {
             assert_eq!(q.force_take(1, day(d) + 60), None, "no lease: owed");
         }
@@ -1638,7 +1687,7 @@ mod tests {
             popped += units;
         }
         assert_eq!(popped, 4);
-        assert!(q.cold().unleased.lock().unwrap().0.is_none(), "let go once empty");
+        assert!(q.cold().rare().unwrap().unleased().0.is_none(), "let go once empty");
     }
 
     /// A quota's open holds are counted in storage made by the first hold, moved to the
@@ -1697,6 +1746,25 @@ mod tests {
         q.forget_reported();
         assert_eq!(q.reported_kept(), crate::store::Kept::default(), "forgotten at a roll");
         assert!(made(&q), "the hold is still open");
+    }
+
+    /// A plain quota's rare parts are not made by reading them; a prepaid balance's are made
+    /// with the cell, as it always uses them.
+    #[test]
+    fn a_quotas_rare_parts_are_made_only_where_they_are_used() {
+        let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
+        let q = s.quota(0).expect("a quota");
+        assert_eq!((q.spare(), q.take_spare(), q.take_late_refunds(), q.unleased(), q.take_unleased()), (0, 0, 0, 0, 0));
+        assert_eq!((q.limit(), q.tenant_cap(), q.recharge_pending(), q.pop_unleased_elsewhere()), (100, None, None, None));
+        q.refund_unleased(1, 1_700_000_000);
+        q.forget_unleased();
+        assert!(q.cold().rare().is_none(), "reads make nothing");
+        let prepaid = state("[plans.p]\nquotas.requests = { period = \"prepaid\" }", None);
+        let b = prepaid.quota(0).expect("a balance");
+        assert!(b.cold().rare().is_some());
+        assert_eq!((b.limit(), b.recharge_pending()), (0, None), "nothing granted, no recharge open");
+        b.recharge_open(3);
+        assert_eq!(b.recharge_pending(), Some(3));
     }
 
     fn state(toml: &str, customer: Option<&str>) -> TenantState {
