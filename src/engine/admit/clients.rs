@@ -25,13 +25,13 @@ use crate::tenant::lru;
 ///   its turn at the store's pace). A lookup waits for its turn at most [`SHARED_WAIT`], in a
 ///   queue of at most [`SHARED_WAITING`] (past either, 503: memory and waits are bounded
 ///   whatever a flood sends).
-/// - **Keys found valid before on this node** (at most [`KNOWN_KEYS`], the most recent) take
+/// - **Keys found valid before on this node** (the most recent, in [`KNOWN_KEYS`] slots) take
 ///   neither: a tenant evicted while idle, or after a reload, is looked up at once whatever
 ///   others send. (After a restart the node knows none yet.)
 pub(crate) struct KeyLookups {
     cells: moka::sync::Cache<u64, Arc<AddressLookups>>,
     /// Digests of API keys the directory knew, as the tenant table keys them.
-    known: moka::sync::Cache<(u64, u64), ()>,
+    known: KnownKeys,
     shared: tokio::sync::Semaphore,
     /// The turns of lookups while the shared budget's unknown keys are spent.
     spent: tokio::sync::Semaphore,
@@ -52,8 +52,50 @@ pub(crate) const SHARED_WAITING: usize = 4096;
 pub(crate) const SPENT_IN_FLIGHT: usize = 4;
 /// The longest a lookup waits for its turn in the shared budget.
 pub(crate) const SHARED_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-/// The most API keys remembered as found valid.
-pub(crate) const KNOWN_KEYS: u64 = 100_000;
+/// The slots of API keys remembered as found valid (a power of two): 1 MiB.
+pub(crate) const KNOWN_KEYS: usize = 1 << 17;
+
+/// API keys found valid lately, by their table digest: one slot per key in a direct-mapped
+/// table of [`KNOWN_KEYS`] fingerprints (the digest's low word picks the slot, its high word
+/// is kept there), a later key taking an earlier one's slot. 8 bytes a key, fixed, where an
+/// LRU cache of as many keys took about 200 each (20 bytes per tenant at a million).
+///
+/// What it grants is small, so what it may get wrong is too: a key it holds is looked up at
+/// once, ahead of the shared budget, and looked up all the same. A key pushed out of its slot
+/// waits in the budget, as after a restart; a key whose digest's slot and high word match a
+/// remembered one by chance (about 2⁻⁶³ for a key nobody chose: the digest is keyed by
+/// secrets drawn at start-up) is looked up at once.
+struct KnownKeys(Box<[std::sync::atomic::AtomicU64]>);
+
+impl KnownKeys {
+    fn new() -> Self {
+        Self((0..KNOWN_KEYS).map(|_| std::sync::atomic::AtomicU64::new(0)).collect())
+    }
+
+    /// The slot of `digest` and what it holds when the key is remembered (never 0: empty).
+    fn slot(&self, digest: (u64, u64)) -> (&std::sync::atomic::AtomicU64, u64) {
+        // Truncation intended: the slot is the digest's low bits.
+        #[allow(clippy::cast_possible_truncation)]
+        let i = digest.0 as usize & (KNOWN_KEYS - 1);
+        (&self.0[i], digest.1 | 1)
+    }
+
+    fn contains(&self, digest: (u64, u64)) -> bool {
+        let (slot, mark) = self.slot(digest);
+        slot.load(std::sync::atomic::Ordering::Relaxed) == mark
+    }
+
+    fn insert(&self, digest: (u64, u64)) {
+        let (slot, mark) = self.slot(digest);
+        slot.store(mark, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Forgets `digest`, if its slot still holds it.
+    fn remove(&self, digest: (u64, u64)) {
+        let (slot, mark) = self.slot(digest);
+        let _ = slot.compare_exchange(mark, 0, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// A lookup's turn in the node's shared budget ([`KeyLookups::shared_turn`]), until dropped.
 pub(crate) struct SharedTurn<'a> {
@@ -92,7 +134,7 @@ impl KeyLookups {
     pub(crate) fn new(capacity: u64) -> Self {
         Self {
             cells: lru(capacity).build(),
-            known: lru(KNOWN_KEYS).build(),
+            known: KnownKeys::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             shared: tokio::sync::Semaphore::new(SHARED_IN_FLIGHT),
             spent: tokio::sync::Semaphore::new(SPENT_IN_FLIGHT),
@@ -148,15 +190,15 @@ impl KeyLookups {
 
     /// Whether the key of this digest was found valid lately: looked up at once.
     pub(crate) fn is_known(&self, digest: (u64, u64)) -> bool {
-        self.known.contains_key(&digest)
+        self.known.contains(digest)
     }
 
     /// Remembers (or, when the directory no longer knows it, forgets) a key found valid.
     pub(crate) fn found(&self, digest: (u64, u64), valid: bool) {
         if valid {
-            self.known.insert(digest, ());
+            self.known.insert(digest);
         } else {
-            self.known.invalidate(&digest);
+            self.known.remove(digest);
         }
     }
 
@@ -218,5 +260,30 @@ impl KeyLookups {
 impl std::fmt::Debug for KeyLookups {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyLookups").field("addresses", &self.cells.entry_count()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A key is remembered in its slot until forgotten or pushed out by a later key of the
+    /// same slot; forgetting a key pushed out leaves the later one.
+    #[test]
+    fn known_keys_hold_the_latest_key_of_each_slot() {
+        let known = KnownKeys::new();
+        let (a, b, c) = ((7, 1), (7 + KNOWN_KEYS as u64, 2), (8, 1));
+        assert!(!known.contains(a), "nothing remembered yet");
+        known.insert(a);
+        known.insert(c);
+        assert!(known.contains(a) && known.contains(c));
+        assert!(!known.contains((7, 4)), "another key of the slot is not taken for it");
+        known.insert(b);
+        assert!(known.contains(b) && !known.contains(a), "the later key of the slot");
+        known.remove(a);
+        assert!(known.contains(b), "forgetting the key pushed out leaves the later one");
+        known.remove(b);
+        assert!(!known.contains(b) && known.contains(c));
+        assert!(!known.contains((9, 0)), "an empty slot holds no key, not even a zero one");
     }
 }
