@@ -518,13 +518,12 @@ impl QuotaCold {
     }
 }
 
-/// Held for every quota of every tenant: kept small (the previous period packed, the call in
-/// flight boxed: there is one only while the store has not answered).
+/// Held for every quota of every tenant: kept small (the previous period packed; the call in
+/// flight and the holds in one allocation, made only while there is one or the other).
 #[derive(Default)]
 pub(crate) struct Locked {
     /// The previous period, packed by [`PeriodBits`] (its key: [`QuotaRef::key`]); 0: none.
     prev: u32,
-    pub(crate) inflight: Option<Box<Call>>,
     /// Whether the lease was given back ([`QuotaRef::take_all`], on eviction, reload and
     /// shutdown) and none leased since: units a hold gives back then go to the store, not to
     /// a lease nobody returns. Also read, without the cell's lock, by a hold giving back.
@@ -535,10 +534,21 @@ pub(crate) struct Locked {
     /// renewed a reservation yet). A flush reports what changed since, and renews it before
     /// it expires; past its expiry less the clock-skew bound the node stops spending it.
     reported_lease: u64,
-    /// The units this node holds for open holds, and what the store was last told of them;
-    /// made by the first hold, let go when none holds anything and the store was told so
-    /// (most tenants never hold).
-    holds: Option<Box<Holds>>,
+    /// The call in flight and the open holds: made by the first call or hold, let go once
+    /// neither is left (most tenants never hold, and a call is in flight only while the
+    /// store has not answered).
+    rare: Option<Box<LockedRare>>,
+}
+
+/// What a quota's bookkeeping holds only at times ([`Locked::rare`]).
+#[derive(Default)]
+struct LockedRare {
+    /// The units this node holds for open holds, and what the store was last told of them
+    /// (kept until the store is told they are gone).
+    holds: Holds,
+    /// The store call sent but not answered: sent again, with its token, before any other
+    /// call of this cell.
+    inflight: Option<Call>,
 }
 
 /// The units a quota's open holds hold on this node, counted under [`QuotaRef::locked`] so
@@ -564,7 +574,41 @@ struct Holds {
 impl Locked {
     /// The open holds' units (none: all zero).
     fn holds(&self) -> Holds {
-        self.holds.as_deref().copied().unwrap_or_default()
+        self.rare.as_deref().map(|r| r.holds).unwrap_or_default()
+    }
+
+    /// The rare part, made now if need be.
+    fn rare_made(&mut self) -> &mut LockedRare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Lets the rare part go if it holds nothing.
+    fn tidy(&mut self) {
+        if self.rare.as_deref().is_some_and(|r| r.holds == Holds::default() && r.inflight.is_none()) {
+            self.rare = None;
+        }
+    }
+
+    /// The store call sent but not answered, if any.
+    pub(crate) fn inflight(&self) -> Option<&Call> {
+        self.rare.as_deref()?.inflight.as_ref()
+    }
+
+    pub(crate) fn inflight_mut(&mut self) -> Option<&mut Call> {
+        self.rare.as_deref_mut()?.inflight.as_mut()
+    }
+
+    /// Records the call sent (`Some`) or that none is in flight any more (`None`).
+    pub(crate) fn set_inflight(&mut self, call: Option<Call>) {
+        match call {
+            Some(call) => self.rare_made().inflight = Some(call),
+            None => {
+                if let Some(r) = self.rare.as_deref_mut() {
+                    r.inflight = None;
+                }
+                self.tidy();
+            }
+        }
     }
 
     /// What the last answered call of the current period told the store this node keeps
@@ -577,32 +621,28 @@ impl Locked {
     /// Records what a call told the store this node keeps.
     fn set_reported(&mut self, kept: crate::store::Kept) {
         self.reported_lease = kept.lease;
-        if kept.held == 0 && kept.jobs == 0 && self.holds.is_none() {
+        if kept.held == 0 && kept.jobs == 0 && self.rare.is_none() {
             return;
         }
-        let h = self.holds.get_or_insert_with(Box::default);
+        let h = &mut self.rare_made().holds;
         (h.reported_held, h.reported_jobs) = (kept.held, kept.jobs);
-        if **h == Holds::default() {
-            self.holds = None;
-        }
+        self.tidy();
     }
 
     /// `units` more (`more`) or fewer held, of the current period or an earlier one, and
     /// among them a job's (`job`). Their storage is made by the first units counted and let
     /// go once they hold nothing; counting nothing, or fewer where nothing is held, makes none.
     fn change_holds(&mut self, units: u64, more: bool, current: bool, job: bool) {
-        if units == 0 || (!more && self.holds.is_none()) {
+        if units == 0 || (!more && self.rare.is_none()) {
             return;
         }
-        let h = self.holds.get_or_insert_with(Box::default);
+        let h = &mut self.rare_made().holds;
         let (held, jobs) = if current { (&mut h.held, &mut h.jobs) } else { (&mut h.held_old, &mut h.jobs_old) };
         count(held, units, more);
         if job {
             count(jobs, units, more);
         }
-        if **h == Holds::default() {
-            self.holds = None;
-        }
+        self.tidy();
     }
 }
 
@@ -1606,7 +1646,7 @@ impl<'a> QuotaRef<'a> {
 /// The holds of the current period become an earlier period's (at a roll, under the
 /// bookkeeping mutex that the period changed under).
 fn age_holds(locked: &mut Locked) {
-    if let Some(h) = locked.holds.as_deref_mut() {
+    if let Some(h) = locked.rare.as_deref_mut().map(|r| &mut r.holds) {
         h.held_old = h.held_old.saturating_add(std::mem::take(&mut h.held));
         h.jobs_old = h.jobs_old.saturating_add(std::mem::take(&mut h.jobs));
     }
@@ -1641,7 +1681,7 @@ mod tests {
     fn a_quota_keeps_its_rare_parts_small() {
         assert_eq!(
             std::mem::size_of::<QuotaCold>(),
-            96,
+            88,
             "its call lock in the flags' padding; its holds, what the store was told of them and its rare parts made on first use"
         );
         let mut locked = Locked::default();
@@ -1696,7 +1736,7 @@ mod tests {
     fn holds_are_counted_in_storage_made_on_first_use_and_let_go() {
         let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
         let q = s.quota(0).expect("a quota");
-        let made = |q: &QuotaRef<'_>| q.locked().holds.is_some();
+        let made = |q: &QuotaRef<'_>| q.locked().rare.is_some();
         assert!(!made(&q), "no hold, nothing made");
         q.count_held(5, true, None);
         q.count_jobs(2, true, None);
@@ -1719,7 +1759,7 @@ mod tests {
     fn what_the_store_was_told_of_holds_keeps_their_storage_until_it_is_told_none() {
         let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
         let q = s.quota(0).expect("a quota");
-        let made = |q: &QuotaRef<'_>| q.locked().holds.is_some();
+        let made = |q: &QuotaRef<'_>| q.locked().rare.is_some();
         let kept = |q: &QuotaRef<'_>| q.kept(&q.locked(), false, false);
         q.reported(crate::store::Kept::new(9, 0, 0), 1_700_000_000);
         assert!(!made(&q), "a lease alone makes nothing");

@@ -266,7 +266,7 @@ impl Leases {
                 (crate::store::Kept::default(), 0, now)
             }
         });
-        cell.locked().inflight = Some(Box::new(call.clone()));
+        cell.locked().set_inflight(Some(call.clone()));
         Sent { kept, expires_at, at, current, refill }
     }
 
@@ -356,7 +356,7 @@ impl Leases {
         let Sent { kept, at, current, refill, .. } = *sent;
         match answer {
             Ok(grant) => {
-                cell.locked().inflight = None;
+                cell.locked().set_inflight(None);
                 if grant.expired && current {
                     // The store gave back what this node kept before this call (it was cut
                     // off or paused past its expiry): the lease is dropped, and its holds'
@@ -390,15 +390,19 @@ impl Leases {
             Err(StoreError::Timeout(_)) => {}
             Err(e) => {
                 let mut locked = cell.locked();
-                if let Some(kept) = locked.inflight.as_mut() {
+                let given_up = locked.inflight_mut().is_some_and(|kept| {
                     kept.errors += 1;
                     // Only a call every attempt of which was answered with an error: one that
                     // ever timed out may have been applied, and is kept.
-                    if kept.errors >= MAX_ATTEMPTS && kept.errors == kept.attempts {
+                    let given_up = kept.errors >= MAX_ATTEMPTS && kept.errors == kept.attempts;
+                    if given_up {
                         tracing::error!(key = ?kept.key, kind = ?kept.kind, error = %e,
                             "the store refused a quota call {MAX_ATTEMPTS} times; given up");
-                        locked.inflight = None;
                     }
+                    given_up
+                });
+                if given_up {
+                    locked.set_inflight(None);
                 }
             }
         }
@@ -408,7 +412,7 @@ impl Leases {
     /// A call in flight always belongs to the cell's current period: nothing else is sent, and
     /// so no period rolls, until it is answered.
     pub(crate) async fn settle_inflight(&self, cell: QuotaRef<'_>) -> Result<(), StoreError> {
-        let Some(call) = cell.locked().inflight.as_deref().cloned() else {
+        let Some(call) = cell.locked().inflight().cloned() else {
             return Ok(());
         };
         let grant = self.send(cell, call.clone()).await?;
@@ -698,7 +702,7 @@ impl Leases {
     /// Logs a lease that could not be given back.
     fn unreturned(cell: QuotaRef<'_>, e: &StoreError) {
         tracing::debug!(error = %e, "a lease could not be given back");
-        if let Some(call) = cell.locked().inflight.clone() {
+        if let Some(call) = cell.locked().inflight().cloned() {
             // Reported: the store may hold units this node never used nor gave back.
             tracing::error!(key = ?call.key, kind = ?call.kind, attempts = call.attempts,
                 "a quota call is still unanswered as the lease is given back: the store may count its units");
@@ -849,7 +853,7 @@ impl Leases {
             // A cell busy meanwhile (a request's call tells the store) is passed over.
             let Some(guard) = cell.lock().try_lock() else { continue };
             // Still due, and nothing in flight (its next call sends that first).
-            if cell.locked().inflight.is_some() || cell.locked().returned || cell.stale(now, expiry, skew) {
+            if cell.locked().inflight().is_some() || cell.locked().returned || cell.stale(now, expiry, skew) {
                 continue;
             }
             if cell.report_due(now, expiry, skew) != Some(false) {
