@@ -11,7 +11,7 @@ use hashbrown::HashTable;
 
 use crate::engine::rates::RateMemory;
 use crate::{
-    config::TenantId,
+    config::{TenantId, ANONYMOUS_TENANT},
     tenant::{Fingerprinter, KeyHash, Tenant, TenantState, TAG_API_KEY, TAG_TENANT},
 };
 
@@ -65,14 +65,16 @@ impl std::hash::Hash for Digest {
 /// an identity).
 pub(crate) type Creds = Vec<(Digest, Option<KeyHash>)>;
 
-/// A tenant held by the table: its state and the credentials that reach it, 24 bytes. Its
-/// id is its state's, and when the directory last confirmed it is in the state's cold line
-/// too ([`TenantState::validated`]): the table's buckets, about half of them empty, each
-/// cost an entry's size.
+/// A tenant held by the table: its state and the API keys that reach it, 24 bytes. Its id is
+/// its state's, and when the directory last confirmed it is in the state's cold line too
+/// ([`TenantState::validated`]): the table's buckets, about half of them empty, each cost an
+/// entry's size. The identity that reaches a tenant is not kept: it is the tenant's id
+/// ([`TenantTable::identities`]), mapped or not in the credential map.
 struct Entry {
     state: Tenant,
-    /// Sized for what it holds: most tenants have one credential (56 bytes).
-    creds: Box<[(Digest, Option<KeyHash>)]>,
+    /// Each key's digest and hash, sized for what it holds: most tenants have one key (48
+    /// bytes), a tenant reached only by its identity none.
+    keys: Box<[(Digest, KeyHash)]>,
 }
 
 /// Credentials map to tenant states by a 128-bit SipHash-1-3 digest keyed by secrets drawn at
@@ -228,6 +230,19 @@ impl TenantTable {
         make: impl FnOnce() -> TenantState,
     ) -> Tenant {
         let digest = self.digest(lookup);
+        // What reaches the tenant again: an API key (kept with its hash, for revalidation), or
+        // its own identity (the anonymous one for the anonymous tenant), found from its id.
+        let (key, mapped) = match (lookup, hash) {
+            (Lookup::ApiKey(_), Some(hash)) => (Some(hash), true),
+            (Lookup::Identity(name), _) if Self::identity_of(name, id) => (None, true),
+            _ => {
+                // No directory of this crate answers so. A credential the entry could not
+                // account for is not mapped (each request with it is looked up again), so
+                // that no eviction leaves it on a state the table no longer holds.
+                tracing::warn!(tenant = %id, "a credential reached a tenant under another identity: not kept");
+                (None, false)
+            }
+        };
         let h = self.tenants.hash(id.as_str());
         // The credential is mapped while the tenant's shard is held, so an eviction or a
         // replacement (which take the entry first) cannot slip in between and leave the
@@ -243,18 +258,20 @@ impl TenantTable {
                 if let Some(tat) = self.rates.take(self.rate_key(id), now) {
                     state.restore_rate(tat);
                 }
-                Entry { state: Tenant::new(state), creds: Box::default() }
+                Entry { state: Tenant::new(state), keys: Box::default() }
             })
             .into_mut();
-        if !entry.creds.iter().any(|(d, _)| *d == digest) {
+        if let Some(hash) = key.filter(|_| !entry.keys.iter().any(|(d, _)| *d == digest)) {
             // Sized exactly: the boxed slice keeps this allocation as it is.
-            let mut creds = Vec::with_capacity(entry.creds.len() + 1);
-            creds.extend_from_slice(&entry.creds);
-            creds.push((digest, hash));
-            entry.creds = creds.into_boxed_slice();
+            let mut keys = Vec::with_capacity(entry.keys.len() + 1);
+            keys.extend_from_slice(&entry.keys);
+            keys.push((digest, hash));
+            entry.keys = keys.into_boxed_slice();
         }
         let state = entry.state.clone();
-        self.credentials.insert(digest, state.clone());
+        if mapped {
+            self.credentials.insert(digest, state.clone());
+        }
         drop(shard);
         state
     }
@@ -280,7 +297,9 @@ impl TenantTable {
         let mut out = Vec::new();
         self.tenants.for_each(|e| {
             if e.state.validated() < before {
-                out.push((e.state.id.clone(), e.state.last_seen(), e.creds.to_vec()));
+                let mut creds: Creds = e.keys.iter().map(|&(d, h)| (d, Some(h))).collect();
+                creds.extend(self.identities(&e.state.id).filter(|d| self.maps(*d, &e.state)).map(|d| (d, None)));
+                out.push((e.state.id.clone(), e.state.last_seen(), creds));
             }
         });
         out
@@ -300,8 +319,8 @@ impl TenantTable {
     pub(crate) fn forget(&self, digest: Digest) {
         if let Some((_, state)) = self.credentials.remove(&digest) {
             self.tenants.with_mut(state.id.as_str(), |e| {
-                if e.creds.iter().any(|(d, _)| *d == digest) {
-                    e.creds = e.creds.iter().filter(|(d, _)| *d != digest).copied().collect();
+                if e.keys.iter().any(|(d, _)| *d == digest) {
+                    e.keys = e.keys.iter().filter(|(d, _)| *d != digest).copied().collect();
                 }
             });
         }
@@ -318,8 +337,15 @@ impl TenantTable {
             }
             new.set_validated(now);
             let old = std::mem::replace(&mut e.state, Tenant::new(new));
-            for (digest, _) in &*e.creds {
+            for (digest, _) in &*e.keys {
                 self.credentials.insert(*digest, e.state.clone());
+            }
+            for digest in self.identities(id) {
+                if let Some(mut mapped) = self.credentials.get_mut(&digest) {
+                    if Tenant::ptr_eq(&mapped, &old) {
+                        *mapped = e.state.clone();
+                    }
+                }
             }
             old
         })?;
@@ -333,8 +359,9 @@ impl TenantTable {
         let mut out = Vec::new();
         for id in ids {
             if let Some(entry) = self.tenants.remove(id.as_str()) {
-                for (digest, _) in &*entry.creds {
-                    self.credentials.remove_if(digest, |_, s| Tenant::ptr_eq(s, &entry.state));
+                let identities = self.identities(&id);
+                for digest in entry.keys.iter().map(|(d, _)| *d).chain(identities) {
+                    self.credentials.remove_if(&digest, |_, s| Tenant::ptr_eq(s, &entry.state));
                 }
                 entry.state.mark_evicted();
                 if let Some(tat) = entry.state.rate_tat() {
@@ -347,6 +374,23 @@ impl TenantTable {
             self.retired.lock().unwrap_or_else(|e| e.into_inner()).extend(out.iter().cloned());
         }
         out
+    }
+
+    /// Whether the identity `name` reaches the tenant `id`: its own id, or the anonymous
+    /// identity the anonymous tenant.
+    fn identity_of(name: &str, id: &TenantId) -> bool {
+        name == id.as_str() || (name == ANONYMOUS && id.as_str() == ANONYMOUS_TENANT)
+    }
+
+    /// The digests of the identities that may reach the tenant `id` ([`identity_of`](Self::identity_of)).
+    fn identities(&self, id: &TenantId) -> impl Iterator<Item = Digest> {
+        let anonymous = (id.as_str() == ANONYMOUS_TENANT).then(|| self.digest(Lookup::Identity(ANONYMOUS)));
+        std::iter::once(self.digest(Lookup::Identity(id.as_str()))).chain(anonymous)
+    }
+
+    /// Whether the credential `digest` reaches `state`.
+    fn maps(&self, digest: Digest, state: &Tenant) -> bool {
+        self.credentials.get(&digest).is_some_and(|s| Tenant::ptr_eq(&s, state))
     }
 
     /// The key of a tenant's bucket in [`TenantTable::rates`]: its id's digest.
@@ -453,9 +497,77 @@ mod tests {
         .await
     }
 
+    fn table_and_state() -> (TenantTable, impl Fn(&str) -> TenantState) {
+        let config = crate::config::Config::from_toml_str("[plans.p]\nrate = \"10/s\"").unwrap();
+        let clock = crate::clock::Clock::fake_at_unix(1_700_000_000).0;
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::register());
+        let rt = crate::plan::Runtime::compile(config, &metrics, &clock);
+        let plan = rt.plans.values().next().unwrap().clone();
+        let table = TenantTable::new(16, metrics::Counter::noop());
+        (table, move |id: &str| TenantState::new(id.into(), plan.clone(), None))
+    }
+
+    /// A tenant's identity is not kept in its entry: it is found from its id wherever the
+    /// entry's credentials are (revalidation, a replacement, an eviction), as its keys are.
+    #[test]
+    fn a_tenants_identity_is_found_from_its_id_as_its_keys_are_kept() {
+        let (table, make) = table_and_state();
+        let t1 = TenantId::from("t1");
+        let hash = KeyHash::of(b"key-1");
+        let by_key = table.attach(Lookup::ApiKey(b"key-1"), Some(hash), &t1, 5, || make("t1"));
+        let by_id = table.attach(Lookup::Identity("t1"), None, &t1, 5, || make("t1"));
+        assert!(Tenant::ptr_eq(&by_key, &by_id));
+        assert_eq!(table.tenants.with("t1", |e| e.keys.len()), Some(1), "the key kept, not the identity");
+        let (key, identity) = (table.digest(Lookup::ApiKey(b"key-1")), table.digest(Lookup::Identity("t1")));
+        let stale = table.stale(i64::MAX);
+        assert_eq!(stale.len(), 1);
+        assert_eq!(stale[0].2, vec![(key, Some(hash)), (identity, None)], "revalidated by key and by id");
+
+        let old = table.replace(&t1, 6, || make("t1")).expect("held");
+        assert!(Tenant::ptr_eq(&old, &by_key));
+        let new = table.state(&t1).unwrap();
+        assert!(!Tenant::ptr_eq(&new, &old));
+        for lookup in [Lookup::ApiKey(b"key-1"), Lookup::Identity("t1")] {
+            assert!(Tenant::ptr_eq(&table.get(lookup).unwrap(), &new), "{lookup:?} reaches the new state");
+        }
+
+        table.forget(key);
+        assert!(table.get(Lookup::ApiKey(b"key-1")).is_none());
+        assert_eq!(table.stale(i64::MAX)[0].2, vec![(identity, None)]);
+        table.forget(identity);
+        assert!(table.stale(i64::MAX)[0].2.is_empty(), "an identity forgotten is not revalidated");
+        table.attach(Lookup::Identity("t1"), None, &t1, 5, || make("t1"));
+        assert_eq!(table.tenants.with("t1", |e| e.keys.len()), Some(0), "reached by its identity alone");
+
+        assert_eq!(table.evict([t1.clone()]).len(), 1);
+        assert!(table.get(Lookup::Identity("t1")).is_none(), "an eviction takes the identity out");
+        assert_eq!(table.len(), 0);
+    }
+
+    /// The anonymous tenant is reached by the anonymous identity, found from its id too; an
+    /// identity that is not the tenant's own reaches it for this request only.
+    #[test]
+    fn the_anonymous_identity_and_a_foreign_one() {
+        let (table, make) = table_and_state();
+        let anonymous = TenantId::from(ANONYMOUS_TENANT);
+        table.attach(Lookup::Identity(ANONYMOUS), None, &anonymous, i64::MAX, || make(ANONYMOUS_TENANT));
+        assert!(table.get(Lookup::Identity(ANONYMOUS)).is_some());
+        assert!(table.stale(i64::MAX).is_empty(), "declared: never revalidated");
+        let old = table.replace(&anonymous, 7, || make(ANONYMOUS_TENANT)).unwrap();
+        assert!(!Tenant::ptr_eq(&table.get(Lookup::Identity(ANONYMOUS)).unwrap(), &old));
+        table.evict([anonymous]);
+        assert!(table.get(Lookup::Identity(ANONYMOUS)).is_none());
+
+        let t2 = TenantId::from("t2");
+        let state = table.attach(Lookup::Identity("other"), None, &t2, 5, || make("t2"));
+        assert!(Tenant::ptr_eq(&state, &table.state(&t2).unwrap()), "held, so its usage is flushed");
+        assert!(table.get(Lookup::Identity("other")).is_none(), "not mapped: nothing could take it out");
+    }
+
     #[test]
     fn a_credential_entry_and_a_tenant_entry_take_24_bytes() {
         assert_eq!(size_of::<(Digest, Tenant)>(), 24);
         assert_eq!(size_of::<Entry>(), 24, "the id is the state's");
+        assert_eq!(size_of::<(Digest, KeyHash)>(), 48, "a key kept for revalidation");
     }
 }
