@@ -324,13 +324,13 @@ impl Tollgate {
     pub async fn after_restore(&self) {
         self.shared().ids().renew();
         self.units().pipeline().lock().await.renew_node();
-        self.gate().table().reseed();
-        // Normally none (`before_snapshot` let every tenant go, and nothing ran since). What
-        // is left was in the snapshot, so it is in every copy: none may give its leases back
-        // or flush its usage (each would). It is forgotten: its leases under-admit until
-        // their period ends rather than over-admit, its usage is not billed rather than
-        // billed once per copy.
-        drop(self.gate().table().evict_all());
+        // New credential secrets, every tenant let go first with the secrets that keyed its
+        // credentials. Normally none is left (`before_snapshot` let every tenant go, and
+        // nothing ran since). What is left was in the snapshot, so it is in every copy: none
+        // may give its leases back or flush its usage (each would). It is forgotten: its
+        // leases under-admit until their period ends rather than over-admit, its usage is not
+        // billed rather than billed once per copy.
+        drop(self.gate().table().reseed());
         let left = std::mem::take(&mut *self.gate().table().retired());
         let mut units = 0u64;
         for state in &left {

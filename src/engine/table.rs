@@ -196,11 +196,13 @@ impl TenantTable {
         }
     }
 
-    #[inline]
-    /// Draws new credential secrets (after a snapshot restore). Evict every tenant after:
-    /// their credentials were digested with the old ones.
-    pub(crate) fn reseed(&self) {
+    /// Draws new credential secrets (after a snapshot restore), letting every tenant go first
+    /// (returned, and kept as retired): their credentials were digested with the old secrets,
+    /// and an identity's digest is found again only with them.
+    pub(crate) fn reseed(&self) -> Vec<Tenant> {
+        let out = self.evict_all();
         self.digest.reseed();
+        out
     }
 
     pub(crate) fn digest(&self, lookup: Lookup<'_>) -> Digest {
@@ -220,7 +222,9 @@ impl TenantTable {
     }
 
     /// The state of `id`, created by `make` if absent; `lookup` (whose key hashes to `hash`,
-    /// for an API key) then reaches it directly. `validated`: when the directory confirmed it.
+    /// for an API key) then reaches it directly, unless it is an identity other than the
+    /// tenant's own (see [`identity_of`](Self::identity_of)). `validated`: when the directory
+    /// confirmed it.
     pub(crate) fn attach(
         &self,
         lookup: Lookup<'_>,
@@ -239,7 +243,11 @@ impl TenantTable {
                 // No directory of this crate answers so. A credential the entry could not
                 // account for is not mapped (each request with it is looked up again), so
                 // that no eviction leaves it on a state the table no longer holds.
-                tracing::warn!(tenant = %id, "a credential reached a tenant under another identity: not kept");
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(tenant = %id, "the tenant directory answered a tenant id with another tenant's record: \
+                        such credentials are looked up on every request (said once)");
+                });
                 (None, false)
             }
         };
@@ -315,14 +323,22 @@ impl TenantTable {
         self.tenants.with(id.as_str(), |e| e.state.set_validated(now));
     }
 
-    /// Takes one credential out of the table.
+    /// Takes one credential out of the table. Under its tenant's shard, where `attach` and
+    /// `replace` map credentials: neither can map it again between its removal from the
+    /// credential map and from the tenant's keys (which would leave it mapped, and listed
+    /// nowhere an eviction or a revalidation finds it).
     pub(crate) fn forget(&self, digest: Digest) {
-        if let Some((_, state)) = self.credentials.remove(&digest) {
-            self.tenants.with_mut(state.id.as_str(), |e| {
-                if e.keys.iter().any(|(d, _)| *d == digest) {
-                    e.keys = e.keys.iter().filter(|(d, _)| *d != digest).copied().collect();
-                }
-            });
+        let Some(state) = self.credentials.get(&digest).map(|s| s.value().clone()) else {
+            return;
+        };
+        let held = self.tenants.with_mut(state.id.as_str(), |e| {
+            self.credentials.remove(&digest);
+            if e.keys.iter().any(|(d, _)| *d == digest) {
+                e.keys = e.keys.iter().filter(|(d, _)| *d != digest).copied().collect();
+            }
+        });
+        if held.is_none() {
+            self.credentials.remove(&digest);
         }
     }
 
@@ -337,10 +353,8 @@ impl TenantTable {
             }
             new.set_validated(now);
             let old = std::mem::replace(&mut e.state, Tenant::new(new));
-            for (digest, _) in &*e.keys {
-                self.credentials.insert(*digest, e.state.clone());
-            }
-            for digest in self.identities(id) {
+            // Only what still reaches the old state: a credential forgotten meanwhile stays so.
+            for digest in e.keys.iter().map(|(d, _)| *d).chain(self.identities(id)) {
                 if let Some(mut mapped) = self.credentials.get_mut(&digest) {
                     if Tenant::ptr_eq(&mapped, &old) {
                         *mapped = e.state.clone();
@@ -542,6 +556,19 @@ mod tests {
         assert_eq!(table.evict([t1.clone()]).len(), 1);
         assert!(table.get(Lookup::Identity("t1")).is_none(), "an eviction takes the identity out");
         assert_eq!(table.len(), 0);
+    }
+
+    /// New secrets let every tenant go first: each credential, an identity's too, is found
+    /// and taken out with the secrets that digested it.
+    #[test]
+    fn reseeding_takes_every_credential_out() {
+        let (table, make) = table_and_state();
+        let (t1, t2) = (TenantId::from("t1"), TenantId::from("t2"));
+        table.attach(Lookup::ApiKey(b"key-1"), Some(KeyHash::of(b"key-1")), &t1, 5, || make("t1"));
+        table.attach(Lookup::Identity("t2"), None, &t2, 5, || make("t2"));
+        assert_eq!(table.credentials.len(), 2);
+        assert_eq!(table.reseed().len(), 2);
+        assert_eq!((table.len(), table.credentials.len()), (0, 0), "no credential left on a state let go");
     }
 
     /// The anonymous tenant is reached by the anonymous identity, found from its id too; an
