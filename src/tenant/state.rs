@@ -805,15 +805,15 @@ impl std::fmt::Debug for Slot {
     }
 }
 
-/// The bit of [`QuotaCold::cap`] that marks a soft cap.
+/// The bit of [`QuotaRare::cap`] that marks a soft cap.
 const CAP_SOFT: u64 = 1 << 63;
 
-/// [`QuotaCold::cap`] before the store's first answer: the tenant may have set a hard cap of
+/// [`QuotaRare::cap`] before the store's first answer: the tenant may have set a hard cap of
 /// its own (on any node), so the quota is held as a hard one until the store says (its holds
 /// and checks ask the store).
 const CAP_UNKNOWN: u64 = u64::MAX;
 
-/// The largest limit [`QuotaCold::cap`] holds (a cap's largest is far below).
+/// The largest limit [`QuotaRare::cap`] holds (a cap's largest is far below).
 const CAP_LIMIT_MAX: u64 = 1 << 62;
 
 /// The length of a prepaid balance's lease windows: 512 hours (a packed period is at most
