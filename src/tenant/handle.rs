@@ -137,6 +137,17 @@ impl<T: Counted> Drop for Handle<T> {
         if self.refs().fetch_sub(1, Ordering::Release) != 1 {
             return;
         }
+        self.free();
+    }
+}
+
+impl<T: Counted> Handle<T> {
+    /// Frees the state, once its last handle is dropped: out of line, so that a handle's
+    /// drop (on every request) stays a decrement and a compare wherever it is inlined,
+    /// whatever the state's drop takes.
+    #[cold]
+    #[inline(never)]
+    fn free(&mut self) {
         T::Count::acquire_fence();
         // SAFETY: this was the last reference: nobody else can reach the state, and `ptr`
         // comes from `Box::leak` in `new`.

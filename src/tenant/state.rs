@@ -503,6 +503,7 @@ impl QuotaRare {
 
 impl QuotaCold {
     /// The rare parts, if anything made them.
+    #[inline]
     fn rare(&self) -> Option<&QuotaRare> {
         self.rare.get()
     }
@@ -513,7 +514,8 @@ impl QuotaCold {
     }
 
     /// A rare part's value (zero until made).
-    fn rare_load(&self, field: fn(&QuotaRare) -> &AtomicU64) -> u64 {
+    #[inline]
+    fn rare_load(&self, field: impl FnOnce(&QuotaRare) -> &AtomicU64) -> u64 {
         self.rare().map_or(0, |r| field(r).load(Ordering::Acquire))
     }
 }
@@ -856,11 +858,16 @@ impl<'a> QuotaRef<'a> {
         // A spend cap: hard when the tenant set a hard cap of its own, or may have (not known
         // yet). A soft one of its own never makes the plan's hard cap soft
         // (`store::capped_limit`).
-        self.spec.mode() == QuotaMode::Hard
-            || (self.spec.capped && {
-                let cap = self.cold().rare_load(|r| &r.cap);
-                cap == CAP_UNKNOWN || (cap != 0 && cap & CAP_SOFT == 0)
-            })
+        self.spec.mode() == QuotaMode::Hard || (self.spec.capped && self.hard_cap())
+    }
+
+    /// Whether this spend cap's quota is hard by the tenant's own cap ([`hard`](Self::hard)):
+    /// out of line, as only spend caps ask.
+    #[cold]
+    #[inline(never)]
+    fn hard_cap(&self) -> bool {
+        let cap = self.cold().rare_load(|r| &r.cap);
+        cap == CAP_UNKNOWN || (cap != 0 && cap & CAP_SOFT == 0)
     }
 
     /// The tenant's own cap on this spend cap's quota, as the store last said.
@@ -999,13 +1006,26 @@ impl<'a> QuotaRef<'a> {
                 return Take::NeedLease;
             }
             if left < cost {
-                return if self.hard() && self.spent(now) { Take::Exhausted } else { Take::NeedLease };
+                return self.short(now);
             }
             // `left >= cost >= 0`: the subtraction cannot borrow from the tag.
             match h.lease.compare_exchange_weak(word, word - cost as u64, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Take::Taken { left: left - cost, tag },
                 Err(now_word) => word = now_word,
             }
+        }
+    }
+
+    /// What a request finding the lease short gets: refused if the store said this hard
+    /// quota is spent this second, else sent to the store. Out of line: most requests find
+    /// their units, and the request path stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn short(&self, now: i64) -> Take {
+        if self.hard() && self.spent(now) {
+            Take::Exhausted
+        } else {
+            Take::NeedLease
         }
     }
 
@@ -1216,6 +1236,7 @@ impl<'a> QuotaRef<'a> {
     }
 
     /// The spare units waiting to go back ([`trim`](Self::trim)).
+    #[inline]
     pub(crate) fn spare(&self) -> u64 {
         Lease::value(self.cold().rare_load(|r| &r.spare)).max(0) as u64
     }
