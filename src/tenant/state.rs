@@ -1815,8 +1815,14 @@ mod tests {
     fn a_quotas_rare_parts_are_made_only_where_they_are_used() {
         let s = state("[plans.p]\nquotas.requests = { limit = 100, period = \"day\" }", None);
         let q = s.quota(0).expect("a quota");
-        assert_eq!((q.spare(), q.take_spare(), q.take_late_refunds(), q.unleased(), q.take_unleased()), (0, 0, 0, 0, 0));
-        assert_eq!((q.limit(), q.tenant_cap(), q.recharge_pending(), q.pop_unleased_elsewhere()), (100, None, None, None));
+        assert_eq!(
+            (q.spare(), q.take_spare(), q.take_late_refunds(), q.unleased(), q.take_unleased()),
+            (0, 0, 0, 0, 0)
+        );
+        assert_eq!(
+            (q.limit(), q.tenant_cap(), q.recharge_pending(), q.pop_unleased_elsewhere()),
+            (100, None, None, None)
+        );
         q.refund_unleased(1, 1_700_000_000);
         q.forget_unleased();
         assert!(q.cold().rare().is_none(), "reads make nothing");

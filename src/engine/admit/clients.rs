@@ -96,7 +96,8 @@ impl KnownKeys {
     /// Forgets `digest`, if its slot still holds it.
     fn remove(&self, digest: (u64, u64)) {
         let (slot, mark) = self.slot(digest);
-        let _ = slot.compare_exchange(mark, 0, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed);
+        let _ =
+            slot.compare_exchange(mark, 0, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
