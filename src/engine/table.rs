@@ -196,13 +196,14 @@ impl TenantTable {
         }
     }
 
-    /// Draws new credential secrets (after a snapshot restore), letting every tenant go first
-    /// (returned, and kept as retired): their credentials were digested with the old secrets,
-    /// and an identity's digest is found again only with them.
+    /// Draws new credential secrets (after a snapshot restore) and lets every tenant go
+    /// (returned, and kept as retired). Every credential is taken out first: each was digested
+    /// with the old secrets, and an identity's digest is found again only with them. The
+    /// tenants are let go after, so that their rate buckets are kept under the new secrets.
     pub(crate) fn reseed(&self) -> Vec<Tenant> {
-        let out = self.evict_all();
+        self.credentials.clear();
         self.digest.reseed();
-        out
+        self.evict_all()
     }
 
     pub(crate) fn digest(&self, lookup: Lookup<'_>) -> Digest {
@@ -338,6 +339,8 @@ impl TenantTable {
             }
         });
         if held.is_none() {
+            // Its tenant is gone from the table: no shard to take. An attach of the tenant
+            // meanwhile maps it again and lists it, or lists it unmapped (one more lookup).
             self.credentials.remove(&digest);
         }
     }

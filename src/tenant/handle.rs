@@ -137,7 +137,8 @@ impl<T: Counted> Drop for Handle<T> {
         if self.refs().fetch_sub(1, Ordering::Release) != 1 {
             return;
         }
-        self.free();
+        // SAFETY: this drop made the last decrement.
+        unsafe { self.free() };
     }
 }
 
@@ -145,9 +146,14 @@ impl<T: Counted> Handle<T> {
     /// Frees the state, once its last handle is dropped: out of line, so that a handle's
     /// drop (on every request) stays a decrement and a compare wherever it is inlined,
     /// whatever the state's drop takes.
+    ///
+    /// # Safety
+    ///
+    /// Only from [`Drop::drop`], after its decrement found this the last reference; `self` is
+    /// not used after.
     #[cold]
     #[inline(never)]
-    fn free(&mut self) {
+    unsafe fn free(&mut self) {
         T::Count::acquire_fence();
         // SAFETY: this was the last reference: nobody else can reach the state, and `ptr`
         // comes from `Box::leak` in `new`.

@@ -58,7 +58,7 @@ pub(crate) const KNOWN_KEYS: usize = 1 << 17;
 /// API keys found valid lately, by their table digest: one slot per key in a direct-mapped
 /// table of [`KNOWN_KEYS`] fingerprints (the digest's low word picks the slot, its high word
 /// is kept there), a later key taking an earlier one's slot. 8 bytes a slot, 1 MiB fixed,
-/// where an LRU cache of the last 100,000 keys took about 200 bytes each (20 MB, 20 bytes
+/// where an LRU cache of the last 100,000 keys took about 230 bytes each (23 MB, 23 bytes
 /// per tenant at a million). Recent keys are held by chance rather than all: a key found
 /// valid n keys ago is still held with probability about e^(−n/131,072) (93% at 10,000, 47%
 /// at 100,000).
