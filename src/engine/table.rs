@@ -2,7 +2,10 @@
 
 use std::{
     hash::{BuildHasher, BuildHasherDefault, Hasher},
-    sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    },
 };
 
 use dashmap::DashMap;
@@ -92,6 +95,43 @@ pub(crate) struct TenantTable {
     rates: RateMemory,
     /// Lookups under way, one per credential.
     flights: Flights,
+    /// Changes of the directory this node was told of, so that a lookup that read the
+    /// directory before one does not attach what it removed ([`Changes`]).
+    changes: Changes,
+}
+
+/// Changes of the directory made while lookups read it: a key removed, a tenant's plan or
+/// customer changed, a tenant gone. Each change takes the next number of a sequence and marks
+/// one of [`STRIPES`] stripes with it (by the key's digest, or the tenant id's) before the
+/// table lets go of what it changed. A lookup takes the sequence's number before it reads the
+/// directory, and once it has attached what it read, asks whether its credential's or its
+/// tenant's stripe was marked since ([`TenantTable::changed_since`]): if so, the change may
+/// have come after its read, and it reads again. Either the change's mark comes before that
+/// question (and the lookup reads again), or its removal comes after the attach (and removes
+/// what the lookup attached). Striped so that changes of other tenants seldom make a lookup
+/// read twice; 8 KiB, whatever the number of tenants.
+struct Changes {
+    seq: AtomicU64,
+    stripes: Box<[AtomicU64]>,
+}
+
+const STRIPES: usize = 1024;
+
+impl Changes {
+    fn new() -> Self {
+        Self { seq: AtomicU64::new(0), stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect() }
+    }
+
+    fn stripe(&self, digest: Digest) -> &AtomicU64 {
+        // Truncation intended: the low bits pick the stripe.
+        #[allow(clippy::cast_possible_truncation)]
+        &self.stripes[digest.lo as usize & (STRIPES - 1)]
+    }
+
+    fn mark(&self, digest: Digest) {
+        let n = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.stripe(digest).fetch_max(n, Ordering::SeqCst);
+    }
 }
 
 /// The tenants by id, in shards each behind its own lock (as `DashMap` shards, so that a
@@ -193,7 +233,28 @@ impl TenantTable {
             retired: Mutex::new(Vec::new()),
             rates: RateMemory::new(capacity_hint, rate_states_dropped),
             flights: Flights::default(),
+            changes: Changes::new(),
         }
+    }
+
+    /// Where the sequence of directory changes stands: taken before a lookup reads the
+    /// directory, for [`changed_since`](Self::changed_since).
+    pub(crate) fn changes_seen(&self) -> u64 {
+        self.changes.seq.load(Ordering::SeqCst)
+    }
+
+    /// Whether the credential `lookup` or the tenant `id` changed in the directory after
+    /// [`changes_seen`](Self::changes_seen) answered `seen` (or another credential or tenant
+    /// of the same stripe did).
+    pub(crate) fn changed_since(&self, seen: u64, lookup: Lookup<'_>, id: &TenantId) -> bool {
+        self.changes.stripe(self.digest(lookup)).load(Ordering::SeqCst) > seen
+            || self.changes.stripe(self.digest(Lookup::Identity(id.as_str()))).load(Ordering::SeqCst) > seen
+    }
+
+    /// Marks a change of the tenant `id` in the directory (its plan or customer changed, or
+    /// it is gone), before the table lets go of what it holds of it.
+    pub(crate) fn tenant_changed(&self, id: &TenantId) {
+        self.changes.mark(self.digest(Lookup::Identity(id.as_str())));
     }
 
     /// Draws new credential secrets (after a snapshot restore) and lets every tenant go
@@ -329,6 +390,9 @@ impl TenantTable {
     /// credential map and from the tenant's keys (which would leave it mapped, and listed
     /// nowhere an eviction or a revalidation finds it).
     pub(crate) fn forget(&self, digest: Digest) {
+        // Marked first, so that a lookup of the credential that read the directory before
+        // reads it again (see [`Changes`]).
+        self.changes.mark(digest);
         let Some(state) = self.credentials.get(&digest).map(|s| s.value().clone()) else {
             return;
         };
@@ -348,6 +412,7 @@ impl TenantTable {
     /// Replaces the state of `id` (its plan or customer changed): its credentials reach `make`'s
     /// state from now on; the old one is retired (its usage is kept, its leases go back).
     pub(crate) fn replace(&self, id: &TenantId, now: i64, make: impl FnOnce() -> TenantState) -> Option<Tenant> {
+        self.tenant_changed(id);
         let old = self.tenants.with_mut(id.as_str(), |e| {
             let new = make();
             if let Some(tat) = e.state.rate_tat() {

@@ -374,6 +374,9 @@ pub struct Faulty {
     /// The next usage read (`usage_range`) reads the store, then notifies the first and waits
     /// for the second before it answers (a read overtaken by a flush).
     pub hold_usage_read: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
+    /// The next key lookup (`find_key`) reads the store, then notifies the first and waits for
+    /// the second before it answers (a lookup overtaken by a change of the directory).
+    pub hold_key_lookup: std::sync::Mutex<Option<(Arc<tokio::sync::Notify>, Arc<tokio::sync::Notify>)>>,
     /// `Idempotency-Key` writes (claims and settlements) that reached the store.
     pub idempotency_writes: AtomicU64,
     /// Idempotency reads (`read_idempotency`).
@@ -429,6 +432,7 @@ impl Default for Faulty {
             usage_reads: Default::default(),
             counter_reads: Default::default(),
             hold_usage_read: Default::default(),
+            hold_key_lookup: Default::default(),
             idempotency_writes: Default::default(),
             idempotency_reads: Default::default(),
             rate_calls: Default::default(),
@@ -772,7 +776,13 @@ impl DirectoryStore for Faulty {
         if delay > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         }
-        self.inner.find_key(key).await
+        let found = self.inner.find_key(key).await;
+        let gate = self.hold_key_lookup.lock().unwrap().take();
+        if let Some((entered, release)) = gate {
+            entered.notify_one();
+            release.notified().await;
+        }
+        found
     }
 
     async fn tenant(&self, id: &tollgate::config::TenantId) -> Result<Option<TenantRecord>, StoreError> {

@@ -157,6 +157,88 @@ async fn removed_keys_and_plan_changes_reach_a_running_node() {
     assert_eq!(billed, 9);
 }
 
+/// A key lookup that read the directory before the key was removed there, and before the
+/// node was told (`invalidate_key`), must not leave the key working: the request in flight
+/// may be served (it was sent before the removal), the next one is refused.
+#[tokio::test]
+async fn a_key_removed_while_its_lookup_is_in_flight_stops_working() {
+    let (h, store) = node(PLANS);
+    let key = KeyHash::of(b"key-acme");
+    store.inner.put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[key]).await.unwrap();
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let (first, ()) = tokio::join!(h.status("/", "key-acme"), async {
+        // The lookup has the record; the key is removed and the node told before it answers.
+        entered.notified().await;
+        store.inner.remove_key(&key).await.unwrap();
+        h.tollgate.invalidate_key(b"key-acme");
+        release.notify_one();
+    });
+    assert!(first == 200 || first == 401, "{first}");
+    assert_eq!(h.status("/", "key-acme").await, 401, "the removed key stops working at once");
+    assert_eq!(h.status("/", "key-acme").await, 401);
+}
+
+/// The same for a plan changed while a lookup of one of the tenant's keys is in flight, the
+/// node told (`invalidate_tenant`): the next request is served on the new plan, not on the
+/// record the lookup read before the change.
+#[tokio::test]
+async fn a_plan_changed_while_a_lookup_is_in_flight_is_served_at_once() {
+    let (h, store) = node(PLANS);
+    store
+        .inner
+        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
+        .await
+        .unwrap();
+    let (entered, release) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+    *store.hold_key_lookup.lock().unwrap() = Some((entered.clone(), release.clone()));
+    let (first, ()) = tokio::join!(h.get("/", "key-acme"), async {
+        entered.notified().await;
+        store.inner.put_tenant(&TenantRecord::new("acme".into(), "pro".into()), &[]).await.unwrap();
+        h.tollgate.invalidate_tenant(&"acme".into());
+        release.notify_one();
+    });
+    let first = first.body;
+    assert!(&first[..] == b"acme on free" || &first[..] == b"acme on pro", "{first:?}");
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on pro", "the change applies at once");
+}
+
+/// A tenant that changes in the directory during every read of a lookup (three reads) is
+/// refused with a 503 to send again, and nothing of it is held: the next request reads it
+/// once and is served.
+#[tokio::test]
+async fn a_lookup_overtaken_by_a_change_at_every_read_is_refused_to_send_again() {
+    let (h, store) = node(PLANS);
+    store
+        .inner
+        .put_tenant(&TenantRecord::new("acme".into(), "free".into()), &[KeyHash::of(b"key-acme")])
+        .await
+        .unwrap();
+    let gate = || {
+        let pair = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
+        *store.hold_key_lookup.lock().unwrap() = Some(pair.clone());
+        pair
+    };
+    let (mut entered, mut release) = gate();
+    let lookups = store.lookups.load(Ordering::SeqCst);
+    let (refused, ()) = tokio::join!(h.send(common::req("GET", "/", Some("key-acme"), None)), async {
+        for read in 0..3 {
+            entered.notified().await;
+            h.tollgate.invalidate_tenant(&"acme".into());
+            let this = release.clone();
+            if read < 2 {
+                (entered, release) = gate();
+            }
+            this.notify_one();
+        }
+    });
+    assert_eq!(refused.status.as_u16(), 503);
+    assert!(refused.headers.get("retry-after").is_some());
+    assert_eq!(store.lookups.load(Ordering::SeqCst) - lookups, 3, "three reads");
+    assert_eq!(&h.get("/", "key-acme").await.body[..], b"acme on free");
+    assert_eq!(store.lookups.load(Ordering::SeqCst) - lookups, 4, "nothing was held of it");
+}
+
 /// A directory record named like the anonymous tenant (or outside the tenant id grammar) is
 /// never served as another tenant: unknown callers keep the anonymous tenant to themselves.
 #[tokio::test]

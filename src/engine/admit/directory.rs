@@ -27,6 +27,10 @@ fn declared(t: &StaticTenant) -> TenantRecord {
 /// How many tenants one revalidation pass reads before it yields.
 const BATCH: usize = 100;
 
+/// How many times a lookup reads the directory when the tenant changes there while it reads
+/// (each change told to this node); then 503.
+const LOOKUP_READS: usize = 3;
+
 impl Gate {
     /// Finds (or creates) the state of a tenant the table does not know yet.
     /// `address`: the client address's key (0: none), whose directory lookups of API keys are
@@ -44,9 +48,32 @@ impl Gate {
         address: u64,
         fail_open: bool,
     ) -> Result<Tenant, Rejection> {
+        // A change of the directory this node is told of while a lookup reads it (a key
+        // removed, a plan changed: `invalidate_*`, revalidation) may come after the read: the
+        // lookup then reads again, so that what the change removed is not attached after it.
+        for _ in 0..LOOKUP_READS {
+            if let Some(state) = self.lookup_once(&credential, address, fail_open).await? {
+                return Ok(state);
+            }
+        }
+        Err(Rejection::new(
+            RejectionKind::StoreUnavailable,
+            "the tenant changed in the directory while it was read; send the request again",
+        )
+        .with_retry_after(1))
+    }
+
+    /// One read of [`lookup_serving`](Self::lookup_serving): `None` when the tenant changed in
+    /// the directory meanwhile (what was attached is let go), to be read again.
+    async fn lookup_once(
+        &self,
+        credential: &OwnedCredential,
+        address: u64,
+        fail_open: bool,
+    ) -> Result<Option<Tenant>, Rejection> {
         let rt = self.shared.runtime().load_full();
         let now = self.shared.clock().unix_secs();
-        let lookup = match &credential {
+        let lookup = match credential {
             OwnedCredential::ApiKey(key) => {
                 // The request path checks a key's characters only when the table does not
                 // hold it, so a key must never reach the table without this check: every key
@@ -68,8 +95,11 @@ impl Gate {
         let now_nanos = self.shared.clock().unix_nanos();
         let known_unknown = self.unknown.get(&unknown_key).is_some_and(|until| now_nanos < until);
         let _turn = if known_unknown { None } else { Some(self.table.lookup_turn(unknown_key).await) };
+        // Before the directory is read (and before the table is asked: a credential it holds
+        // now was attached by a read that began after any change it missed).
+        let seen = self.table.changes_seen();
         if let Some(state) = self.table.get(lookup) {
-            return Ok(state);
+            return Ok(Some(state));
         }
         let mut hash = None;
         let mut validated = now;
@@ -81,7 +111,7 @@ impl Gate {
             self.shared.totals().negative_hits.add(1);
             Ok(None)
         } else {
-            match &credential {
+            match credential {
                 OwnedCredential::ApiKey(key) => {
                     let h = KeyHash::of(key);
                     hash = Some(h);
@@ -167,7 +197,7 @@ impl Gate {
                 // Without a tenant nothing can be billed: only an anonymous plan can fail open.
                 return match &rt.anonymous {
                     Some(plan) if fail_open && plan.on_store_error == StoreErrorPolicy::FailOpen => {
-                        Ok(self.anonymous(&rt, plan))
+                        Ok(Some(self.anonymous(&rt, plan)))
                     }
                     _ => Err(Rejection::new(
                         RejectionKind::StoreUnavailable,
@@ -183,7 +213,7 @@ impl Gate {
                 self.unknown.insert(unknown_key, now_nanos.saturating_add(ttl));
             }
             return match &rt.anonymous {
-                Some(plan) => Ok(self.anonymous(&rt, plan)),
+                Some(plan) => Ok(Some(self.anonymous(&rt, plan))),
                 None => {
                     let mut r =
                         Rejection::new(RejectionKind::UnknownCredentials, "the credential does not match any tenant");
@@ -217,8 +247,15 @@ impl Gate {
             }
             TenantState::new(record.id.clone(), plan.clone(), self.customer_of(&record).map(Arc::from))
         });
+        if self.table.changed_since(seen, lookup, &record.id) {
+            // The record may predate the change: the tenant goes (with every credential that
+            // reaches it; its usage is kept and billed), to be read again.
+            self.table.evict([record.id.clone()]);
+            tracing::debug!(tenant = %record.id, "the tenant changed in the directory while it was read: read again");
+            return Ok(None);
+        }
         self.after_insert(&rt);
-        Ok(state)
+        Ok(Some(state))
     }
 
     fn anonymous(&self, rt: &Runtime, plan: &Arc<CompiledPlan>) -> Tenant {
@@ -301,6 +338,7 @@ impl Gate {
                 }
                 match record {
                     None => {
+                        self.table.tenant_changed(id);
                         let gone = self.table.evict([id.clone()]);
                         self.units.leases().return_leases(gone).await;
                     }
@@ -361,6 +399,7 @@ impl Gate {
     /// (after a plan change made on this node, for example). Usage recorded so far is kept
     /// and billed; its leases go back at the next flush.
     pub(crate) fn invalidate_tenant(&self, tenant: &TenantId) {
+        self.table.tenant_changed(tenant);
         self.table.evict([tenant.clone()]);
     }
 
